@@ -1,0 +1,3 @@
+"""daemon layer."""
+
+from __future__ import annotations

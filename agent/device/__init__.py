@@ -1,0 +1,3 @@
+"""device layer."""
+
+from __future__ import annotations

@@ -1,0 +1,61 @@
+"""The transport seam: how a ``Device`` moves ioctl buffers to a driver and back.
+
+A transport is one open device session (one file descriptor of ``/dev/vboxguest``, one
+connection to a simulated host). Its contract:
+
+- ``ioctl(code, buffer, user_buffers)`` performs one ioctl. ``buffer`` is mutated in place
+  with what the driver copied back. Each :class:`~agent.protocol.UserBuffer` names an 8-byte
+  field of ``buffer`` where the transport stores the address of that buffer's memory; the
+  driver reads the memory and writes results into ``UserBuffer.data``.
+- A driver failure that returns an errno raises ``OSError`` with that errno (``EINVAL``,
+  ``EPERM``, ``ENOTTY``, ``EINTR``, ``ETIMEDOUT``, ...), exactly as ``fcntl.ioctl`` does, and
+  leaves ``buffer`` as it was. VBox status failures are not errors here: they travel in the
+  buffer's ``rc`` and the protocol layer decodes them.
+- Several ioctls may be in flight on one transport at once (a blocked wait and the interrupt
+  that ends it).
+- A session whose other side vanished raises :class:`~agent.device.errors.DeviceLostError`.
+- ``aclose()`` ends the session: the driver releases its HGCM clients and event filter.
+
+A :class:`DeviceOpener` opens new sessions, so the ``Device`` can give each blocking waiter
+a session of its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from agent.protocol import UserBuffer
+
+
+class Transport(Protocol):
+    """One open device session."""
+
+    async def ioctl(
+        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+    ) -> None:
+        """Perform one ioctl; see the module docstring for the contract."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the session. Idempotent."""
+        ...
+
+
+class DeviceOpener(Protocol):
+    """Opens device sessions on one device."""
+
+    @property
+    def description(self) -> str:
+        """Where the sessions lead, for logs and errors (``/dev/vboxguest``, ``unix:PATH``)."""
+        ...
+
+    async def open_session(self) -> Transport:
+        """Open a new session.
+
+        Raises:
+            DeviceUnavailableError: the device is missing or may not be opened.
+        """
+        ...

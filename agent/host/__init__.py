@@ -1,0 +1,3 @@
+"""host layer."""
+
+from __future__ import annotations

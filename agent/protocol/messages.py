@@ -1,0 +1,979 @@
+"""Typed requests and replies, and their byte encodings.
+
+A request encodes itself into an :class:`IoctlCall` (ioctl number, buffer, user buffers)
+and decodes the buffer the driver handed back into its reply type. Decoding checks the
+header, sizes and value ranges: a reply that breaks the ABI raises
+:class:`RemoteProtocolError`; a well-formed reply with a failing VBox status raises
+:class:`VBoxStatusError`. Requests that break the ABI raise :class:`LocalProtocolError`
+when they are built.
+
+VMMDev requests (the passthrough ioctl) follow the recipe of Oracle's VbglR3: the ioctl
+header overlays the request header, ``reserved1`` carries the size as ``size_out``, the
+requestor is 0 (the driver stamps its own), and ``rc`` starts as ``VERR_GENERAL_FAILURE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Final, Generic, TypeVar
+
+from agent.protocol import layouts as L  # noqa: N812 - short name for the layout table
+from agent.protocol.constants import (
+    AGC_FLAGS_VALID_MASK,
+    BALLOON_CHUNK_PAGES,
+    GUEST_CAPABILITIES_MASK,
+    HEADER_SIZE,
+    HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_PARMS,
+    HGCM_MAX_USER_PARM,
+    HGCM_PARM64_SIZE,
+    HGCM_SERVICE_NAME_SIZE,
+    IOC_VERSION,
+    IOCTL_HDR_VERSION,
+    MAX_IOCTL_SIZE,
+    PAGE_SIZE,
+    REQUEST_HEADER_VERSION,
+    TIMEOUT_INFINITE,
+    VALID_EVENT_MASK,
+    VMMDEV_REQUEST_SMALL_LIMIT,
+    Event,
+    Facility,
+    FacilityStatus,
+    HgcmLocationType,
+    HgcmParmType,
+    Ioctl,
+    RequestType,
+)
+from agent.protocol.errors import LocalProtocolError, RemoteProtocolError, VBoxStatusError
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERNAL_ERROR
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+_U32_MAX: Final = 0xFFFFFFFF
+_U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class UserBuffer:
+    """User memory an ioctl points to: the transport stores its address in the buffer.
+
+    Attributes:
+        address_offset: offset of the u64 linear-address field inside the ioctl buffer.
+        data: the memory itself; the driver reads it and writes results into it.
+    """
+
+    address_offset: int
+    data: bytearray
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class IoctlCall(Generic[R]):
+    """One encoded ioctl: what a transport needs to perform it and the request it came from."""
+
+    code: int
+    buffer: bytearray
+    request: Request[R]
+    user_buffers: tuple[UserBuffer, ...] = ()
+
+
+class Request(Generic[R_co]):
+    """A typed request: ``encode`` builds the call, ``decode`` reads the reply buffer."""
+
+    __slots__ = ()
+    operation: ClassVar[str]
+    """The C name of the ioctl or VMMDev request, for errors and logs."""
+
+    def encode(self) -> IoctlCall[R_co]:
+        """Return the ioctl that performs this request."""
+        raise NotImplementedError
+
+    def decode(self, call: IoctlCall[R_co]) -> R_co:
+        """Return the reply read from ``call.buffer`` after the driver handled it."""
+        raise NotImplementedError
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def ioctl_buffer(size_in: int, size_out: int) -> bytearray:
+    """Return a zeroed ioctl buffer of ``max(size_in, size_out)`` bytes with its header set.
+
+    ``rc`` starts as ``VERR_INTERNAL_ERROR``, as VbglR3 presets it, so a driver that does not
+    write it back is noticed.
+    """
+    buf = bytearray(max(size_in, size_out))
+    L.IoctlHeader.size_in.set(buf, size_in)
+    L.IoctlHeader.version.set(buf, IOCTL_HDR_VERSION)
+    L.IoctlHeader.rc.set(buf, VERR_INTERNAL_ERROR)
+    L.IoctlHeader.size_out.set(buf, size_out)
+    return buf
+
+
+def vmmdev_request_buffer(request_type: RequestType, size: int) -> bytearray:
+    """Return a zeroed VMMDev request of ``size`` bytes with its header set for passthrough."""
+    buf = bytearray(size)
+    L.RequestHeader.size_.set(buf, size)
+    L.RequestHeader.version.set(buf, REQUEST_HEADER_VERSION)
+    L.RequestHeader.request_type.set(buf, request_type)
+    L.RequestHeader.rc.set(buf, VERR_GENERAL_FAILURE)
+    L.RequestHeader.reserved1.set(buf, size)
+    return buf
+
+
+def vmmdev_request_code(size: int) -> int:
+    """Return the ioctl that carries a VMMDev request of ``size`` bytes."""
+    if size < VMMDEV_REQUEST_SMALL_LIMIT:
+        return Ioctl.vmmdev_request(size)
+    return Ioctl.VMMDEV_REQUEST_BIG
+
+
+def check_ioctl_reply(call: IoctlCall[R], size_in: int, size_out: int) -> int:
+    """Validate the header of an ioctl reply and return its ``rc``.
+
+    Raises:
+        RemoteProtocolError: wrong buffer length, header version, ``size_in`` or ``size_out``.
+        VBoxStatusError: ``rc`` is a failure.
+    """
+    buf = call.buffer
+    operation = call.request.operation
+    expected_len = max(size_in, size_out)
+    if len(buf) != expected_len:
+        msg = f"{operation}: reply buffer has {len(buf)} bytes, expected {expected_len}"
+        raise RemoteProtocolError(msg)
+    got = (L.IoctlHeader.size_in.get(buf), L.IoctlHeader.version.get(buf))
+    if got != (size_in, IOCTL_HDR_VERSION):
+        msg = f"{operation}: reply header (size_in, version) is {got}"
+        raise RemoteProtocolError(msg)
+    got_out = L.IoctlHeader.size_out.get(buf)
+    if got_out != size_out:
+        msg = f"{operation}: reply size_out {got_out}, expected {size_out}"
+        raise RemoteProtocolError(msg)
+    rc = L.IoctlHeader.rc.get(buf)
+    if rc < 0:
+        raise VBoxStatusError(rc, operation)
+    return rc
+
+
+def _check_mask(name: str, value: int, valid: int) -> None:
+    if not 0 <= value <= _U32_MAX or value & ~valid:
+        msg = f"{name} {value:#x} has bits outside {valid:#x}"
+        raise LocalProtocolError(msg)
+
+
+def _check_u32(name: str, value: int) -> None:
+    if not 0 <= value <= _U32_MAX:
+        msg = f"{name} {value} does not fit in 32 bits"
+        raise LocalProtocolError(msg)
+
+
+# --- driver ioctls -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DriverVersion:
+    """Reply to :class:`DriverVersionInfo`."""
+
+    session_version: int
+    driver_version: int
+    driver_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class DriverVersionInfo(Request[DriverVersion]):
+    """``VBG_IOCTL_DRIVER_VERSION_INFO``: agree on the ioctl interface version."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_DRIVER_VERSION_INFO"
+    req_version: int = IOC_VERSION
+    min_version: int = IOC_VERSION
+
+    def encode(self) -> IoctlCall[DriverVersion]:
+        """Encode with ``size_in`` 40 and ``size_out`` 44."""
+        _check_u32("req_version", self.req_version)
+        _check_u32("min_version", self.min_version)
+        buf = ioctl_buffer(40, 44)
+        L.DriverVersionInfo.req_version.set(buf, self.req_version)
+        L.DriverVersionInfo.min_version.set(buf, self.min_version)
+        return IoctlCall(Ioctl.DRIVER_VERSION_INFO, buf, self)
+
+    def decode(self, call: IoctlCall[DriverVersion]) -> DriverVersion:
+        """Decode the versions; the session version's major half must match ours."""
+        check_ioctl_reply(call, 40, 44)
+        buf = call.buffer
+        reply = DriverVersion(
+            L.DriverVersionInfo.session_version.get(buf),
+            L.DriverVersionInfo.driver_version.get(buf),
+            L.DriverVersionInfo.driver_revision.get(buf),
+        )
+        if reply.session_version >> 16 != self.req_version >> 16:
+            msg = f"{self.operation}: session version {reply.session_version:#x} is foreign"
+            raise RemoteProtocolError(msg)
+        return reply
+
+
+@dataclass(frozen=True, slots=True)
+class EventsReceived:
+    """Reply to :class:`WaitForEvents`: the events this waiter consumed."""
+
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForEvents(Request[EventsReceived]):
+    """``VBG_IOCTL_WAIT_FOR_EVENTS``: block until one of ``mask``'s events is pending."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_WAIT_FOR_EVENTS"
+    mask: int
+    timeout_ms: int = TIMEOUT_INFINITE
+
+    def encode(self) -> IoctlCall[EventsReceived]:
+        """Encode with ``size_in`` 32 and ``size_out`` 28."""
+        _check_mask("event mask", self.mask, VALID_EVENT_MASK)
+        _check_u32("timeout_ms", self.timeout_ms)
+        buf = ioctl_buffer(32, 28)
+        L.WaitForEventsIoctl.timeout_ms.set(buf, self.timeout_ms)
+        L.WaitForEventsIoctl.events_in.set(buf, self.mask)
+        return IoctlCall(Ioctl.WAIT_FOR_EVENTS, buf, self)
+
+    def decode(self, call: IoctlCall[EventsReceived]) -> EventsReceived:
+        """Decode the consumed events, which must be a non-empty subset of ``mask``."""
+        check_ioctl_reply(call, 32, 28)
+        events = L.WaitForEventsIoctl.events_out.get(call.buffer)
+        if events == 0 or events & ~self.mask:
+            msg = f"{self.operation}: events {events:#x} are not within the mask {self.mask:#x}"
+            raise RemoteProtocolError(msg)
+        return EventsReceived(events)
+
+
+def _decode_empty(call: IoctlCall[None], size_in: int, size_out: int) -> None:
+    check_ioctl_reply(call, size_in, size_out)
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptAllWaits(Request[None]):
+    """``VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS``: end every wait on this session, for good."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS"
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode a bare header (24/24)."""
+        return IoctlCall(Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS, ioctl_buffer(24, 24), self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, 24, 24)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFilterMask(Request[None]):
+    """``VBG_IOCTL_CHANGE_FILTER_MASK``: add and remove events this session asks the host for."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_CHANGE_FILTER_MASK"
+    or_mask: int
+    not_mask: int
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode with ``size_in`` 32 and ``size_out`` 24."""
+        _check_mask("or_mask", self.or_mask, VALID_EVENT_MASK)
+        _check_mask("not_mask", self.not_mask, VALID_EVENT_MASK)
+        buf = ioctl_buffer(32, 24)
+        L.ChangeFilterIoctl.or_mask.set(buf, self.or_mask)
+        L.ChangeFilterIoctl.not_mask.set(buf, self.not_mask)
+        return IoctlCall(Ioctl.CHANGE_FILTER_MASK, buf, self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, 32, 24)
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireGuestCapabilities(Request[None]):
+    """``VBG_IOCTL_ACQUIRE_GUEST_CAPABILITIES``: take exclusive guest capabilities."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_ACQUIRE_GUEST_CAPABILITIES"
+    or_mask: int
+    not_mask: int
+    flags: int = 0
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode with ``size_in`` 36 and ``size_out`` 24."""
+        _check_mask("flags", self.flags, AGC_FLAGS_VALID_MASK)
+        _check_mask("or_mask", self.or_mask, GUEST_CAPABILITIES_MASK)
+        _check_mask("not_mask", self.not_mask, GUEST_CAPABILITIES_MASK)
+        buf = ioctl_buffer(36, 24)
+        L.AcquireGuestCapsIoctl.flags.set(buf, self.flags)
+        L.AcquireGuestCapsIoctl.or_mask.set(buf, self.or_mask)
+        L.AcquireGuestCapsIoctl.not_mask.set(buf, self.not_mask)
+        return IoctlCall(Ioctl.ACQUIRE_GUEST_CAPABILITIES, buf, self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, 36, 24)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestCapabilities:
+    """Reply to :class:`ChangeGuestCapabilities`."""
+
+    session_caps: int
+    global_caps: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeGuestCapabilities(Request[GuestCapabilities]):
+    """``VBG_IOCTL_CHANGE_GUEST_CAPABILITIES``: set or clear capabilities for this session."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_CHANGE_GUEST_CAPABILITIES"
+    or_mask: int
+    not_mask: int
+
+    def encode(self) -> IoctlCall[GuestCapabilities]:
+        """Encode with ``size_in`` 32 and ``size_out`` 32."""
+        _check_mask("or_mask", self.or_mask, GUEST_CAPABILITIES_MASK)
+        _check_mask("not_mask", self.not_mask, GUEST_CAPABILITIES_MASK)
+        buf = ioctl_buffer(32, 32)
+        L.SetGuestCapsIoctl.or_mask.set(buf, self.or_mask)
+        L.SetGuestCapsIoctl.not_mask.set(buf, self.not_mask)
+        return IoctlCall(Ioctl.CHANGE_GUEST_CAPABILITIES, buf, self)
+
+    def decode(self, call: IoctlCall[GuestCapabilities]) -> GuestCapabilities:
+        """Decode the session's and the device's capabilities."""
+        check_ioctl_reply(call, 32, 32)
+        session = L.SetGuestCapsIoctl.session_caps.get(call.buffer)
+        if session & ~GUEST_CAPABILITIES_MASK:
+            msg = f"{self.operation}: session capabilities {session:#x} are out of range"
+            raise RemoteProtocolError(msg)
+        return GuestCapabilities(session, L.SetGuestCapsIoctl.global_caps.get(call.buffer))
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonStatus:
+    """Reply to :class:`CheckBalloon`.
+
+    Attributes:
+        chunks: balloon size in 1 MiB chunks (the driver's count, or the host target when
+            userspace handles the balloon).
+        handle_in_r3: userspace must allocate chunks and hand them over with
+            :class:`ChangeBalloon` (Oracle's driver only).
+    """
+
+    chunks: int
+    handle_in_r3: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CheckBalloon(Request[BalloonStatus]):
+    """``VBG_IOCTL_CHECK_BALLOON``: ask the driver about the balloon."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_CHECK_BALLOON"
+
+    def encode(self) -> IoctlCall[BalloonStatus]:
+        """Encode with ``size_in`` 24 and ``size_out`` 32."""
+        return IoctlCall(Ioctl.CHECK_BALLOON, ioctl_buffer(24, 32), self)
+
+    def decode(self, call: IoctlCall[BalloonStatus]) -> BalloonStatus:
+        """Decode the chunk count and the ring-3 flag (0 or 1)."""
+        check_ioctl_reply(call, 24, 32)
+        flag = L.CheckBalloonIoctl.handle_in_r3.get(call.buffer)
+        if flag > 1:
+            msg = f"{self.operation}: handle_in_r3 is {flag}, expected 0 or 1"
+            raise RemoteProtocolError(msg)
+        return BalloonStatus(L.CheckBalloonIoctl.balloon_chunks.get(call.buffer), flag == 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBalloon(Request[None]):
+    """``VBGL_IOCTL_CHANGE_BALLOON`` (Oracle's driver): hand a 1 MiB user chunk to the host."""
+
+    operation: ClassVar[str] = "VBGL_IOCTL_CHANGE_BALLOON"
+    chunk_address: int
+    inflate: bool
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode with ``size_in`` 40 and ``size_out`` 24; padding stays zero."""
+        if not 0 < self.chunk_address <= _U64_MAX or self.chunk_address % PAGE_SIZE:
+            msg = f"chunk address {self.chunk_address:#x} must be a non-zero page address"
+            raise LocalProtocolError(msg)
+        buf = ioctl_buffer(40, 24)
+        L.ChangeBalloonIoctl.chunk_address.set(buf, self.chunk_address)
+        L.ChangeBalloonIoctl.inflate.set(buf, int(self.inflate))
+        return IoctlCall(Ioctl.CHANGE_BALLOON, buf, self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, 40, 24)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCoreDump(Request[None]):
+    """``VBG_IOCTL_WRITE_CORE_DUMP``: ask the host to write a guest core dump."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_WRITE_CORE_DUMP"
+    flags: int = 0
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode with ``size_in`` 28 and ``size_out`` 24 (flags must be zero)."""
+        _check_mask("flags", self.flags, 0)
+        return IoctlCall(Ioctl.WRITE_CORE_DUMP, ioctl_buffer(28, 24), self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, 28, 24)
+
+
+@dataclass(frozen=True, slots=True)
+class Log(Request[None]):
+    """``VBG_IOCTL_LOG``: write a message to the kernel log and the host's guest log."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_LOG"
+    message: bytes
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode the message after the header; ``size_out`` must be exactly 24."""
+        if not self.message or len(self.message) > MAX_IOCTL_SIZE - HEADER_SIZE:
+            msg = f"log message of {len(self.message)} bytes is empty or too long"
+            raise LocalProtocolError(msg)
+        size_in = HEADER_SIZE + len(self.message)
+        buf = ioctl_buffer(size_in, HEADER_SIZE)
+        buf[HEADER_SIZE:] = self.message
+        return IoctlCall(Ioctl.LOG, buf, self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, HEADER_SIZE + len(self.message), HEADER_SIZE)
+
+
+# --- HGCM --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmConnected:
+    """Reply to :class:`HgcmConnect`."""
+
+    client_id: int
+
+
+def encode_service_name(service: str) -> bytes:
+    """Return the NUL-terminated service name, checking it fits the 128-byte field.
+
+    Raises:
+        LocalProtocolError: empty, containing NUL, or longer than 127 UTF-8 bytes.
+    """
+    raw = service.encode()
+    if not raw or b"\0" in raw or len(raw) >= HGCM_SERVICE_NAME_SIZE:
+        msg = f"HGCM service name {service!r} must be 1..127 bytes without NUL"
+        raise LocalProtocolError(msg)
+    return raw + b"\0"
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmConnect(Request[HgcmConnected]):
+    """``VBG_IOCTL_HGCM_CONNECT``: connect to an existing host service by name."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_HGCM_CONNECT"
+    service: str
+
+    def encode(self) -> IoctlCall[HgcmConnected]:
+        """Encode with location type LOCALHOST_EXISTING; ``size_in`` 156, ``size_out`` 28."""
+        buf = ioctl_buffer(156, 28)
+        L.HgcmConnectIoctl.loc_type.set(buf, HgcmLocationType.LOCALHOST_EXISTING)
+        L.HgcmConnectIoctl.service_name.set(buf, encode_service_name(self.service))
+        return IoctlCall(Ioctl.HGCM_CONNECT, buf, self)
+
+    def decode(self, call: IoctlCall[HgcmConnected]) -> HgcmConnected:
+        """Decode the client id, which must be a usable id (not 0 or 0xFFFFFFFF)."""
+        check_ioctl_reply(call, 156, 28)
+        client_id = L.HgcmConnectIoctl.client_id.get(call.buffer)
+        if client_id in (0, _U32_MAX):
+            msg = f"{self.operation}: host returned the invalid client id {client_id:#x}"
+            raise RemoteProtocolError(msg)
+        return HgcmConnected(client_id)
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmDisconnect(Request[None]):
+    """``VBG_IOCTL_HGCM_DISCONNECT``: drop an HGCM client of this session."""
+
+    operation: ClassVar[str] = "VBG_IOCTL_HGCM_DISCONNECT"
+    client_id: int
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode with ``size_in`` 28 and ``size_out`` 24."""
+        _check_client_id(self.client_id)
+        buf = ioctl_buffer(28, 24)
+        L.HgcmDisconnectIoctl.client_id.set(buf, self.client_id)
+        return IoctlCall(Ioctl.HGCM_DISCONNECT, buf, self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header."""
+        _decode_empty(call, 28, 24)
+
+
+def _check_client_id(client_id: int) -> None:
+    if client_id in (0, _U32_MAX) or not 0 < client_id < _U32_MAX:
+        msg = f"HGCM client id {client_id:#x} is not a valid id"
+        raise LocalProtocolError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmU32:
+    """A 32-bit HGCM parameter (``VMMDEV_HGCM_PARM_TYPE_32BIT``), in and out."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmU64:
+    """A 64-bit HGCM parameter (``VMMDEV_HGCM_PARM_TYPE_64BIT``), in and out."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmBufferIn:
+    """A buffer the host reads (``LINADDR_IN``), such as a property name with its NUL."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmBufferOut:
+    """A buffer of ``size`` bytes the host writes (``LINADDR_OUT``)."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmBuffer:
+    """A buffer the host reads and writes (``LINADDR``), starting as ``data``."""
+
+    data: bytes
+
+
+HgcmParam = HgcmU32 | HgcmU64 | HgcmBufferIn | HgcmBufferOut | HgcmBuffer
+"""A parameter of an HGCM call as the caller gives it."""
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmData:
+    """A buffer parameter after the call: the bytes the host reported (its ``size``)."""
+
+    data: bytes
+
+
+HgcmValue = HgcmU32 | HgcmU64 | HgcmData
+"""A parameter of an HGCM call as the host handed it back."""
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmReply:
+    """Reply to :class:`HgcmCall`: the service's status and the parameters it returned."""
+
+    status: int
+    params: tuple[HgcmValue, ...]
+
+
+class HgcmCallError(VBoxStatusError):
+    """An HGCM call completed with a failing service status; ``reply`` holds what came back.
+
+    Services use the returned parameters even on failure (a required size with
+    ``VERR_BUFFER_OVERFLOW``, for example).
+    """
+
+    def __init__(self, reply: HgcmReply, operation: str) -> None:
+        super().__init__(reply.status, operation)
+        self.reply = reply
+
+
+_PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
+    HgcmU32: HgcmParmType.U32,
+    HgcmU64: HgcmParmType.U64,
+    HgcmBufferIn: HgcmParmType.LINADDR_IN,
+    HgcmBufferOut: HgcmParmType.LINADDR_OUT,
+    HgcmBuffer: HgcmParmType.LINADDR,
+}
+
+
+def _buffer_bytes(param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer) -> bytearray:
+    if isinstance(param, HgcmBufferOut):
+        if param.size < 0:
+            msg = f"HGCM out buffer size {param.size} is negative"
+            raise LocalProtocolError(msg)
+        return bytearray(param.size)
+    return bytearray(param.data)
+
+
+@dataclass(frozen=True, slots=True)
+class HgcmCall(Request[HgcmReply]):
+    """``VBG_IOCTL_HGCM_CALL_64``: call ``function`` of a connected host service.
+
+    The host's answer comes back as :class:`HgcmReply`; a failing service status raises
+    :class:`HgcmCallError` with the reply attached.
+    """
+
+    operation: ClassVar[str] = "VBG_IOCTL_HGCM_CALL"
+    client_id: int
+    function: int
+    params: tuple[HgcmParam, ...] = field(default=())
+    timeout_ms: int = TIMEOUT_INFINITE
+
+    @property
+    def size(self) -> int:
+        """Size of the ioctl buffer: the call header and 16 bytes per parameter."""
+        return HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * len(self.params)
+
+    def encode(self) -> IoctlCall[HgcmReply]:
+        """Encode the call; buffer parameters become user buffers the transport maps."""
+        _check_client_id(self.client_id)
+        _check_u32("function", self.function)
+        _check_u32("timeout_ms", self.timeout_ms)
+        if len(self.params) > HGCM_MAX_PARMS:
+            msg = f"HGCM call with {len(self.params)} parameters; the limit is {HGCM_MAX_PARMS}"
+            raise LocalProtocolError(msg)
+        size = self.size
+        buf = ioctl_buffer(size, size)
+        L.HgcmCallIoctl.client_id.set(buf, self.client_id)
+        L.HgcmCallIoctl.function.set(buf, self.function)
+        L.HgcmCallIoctl.timeout_ms.set(buf, self.timeout_ms)
+        L.HgcmCallIoctl.interruptible.set(buf, 1)
+        L.HgcmCallIoctl.parm_count.set(buf, len(self.params))
+        user_buffers: list[UserBuffer] = []
+        for index, param in enumerate(self.params):
+            base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
+            view = memoryview(buf)[base : base + HGCM_PARM64_SIZE]
+            L.HgcmParameter64.type.set(view, _PARM_TYPES[type(param)])
+            if isinstance(param, HgcmU32):
+                _check_u32(f"parameter {index}", param.value)
+                L.HgcmParameter64.value32.set(view, param.value)
+            elif isinstance(param, HgcmU64):
+                if not 0 <= param.value <= _U64_MAX:
+                    msg = f"parameter {index}: {param.value} does not fit in 64 bits"
+                    raise LocalProtocolError(msg)
+                L.HgcmParameter64.value64.set(view, param.value)
+            else:
+                data = _buffer_bytes(param)
+                if len(data) > HGCM_MAX_USER_PARM:
+                    msg = f"parameter {index}: {len(data)} bytes exceed {HGCM_MAX_USER_PARM}"
+                    raise LocalProtocolError(msg)
+                L.HgcmParameter64.pointer_size.set(view, len(data))
+                if data:
+                    user_buffers.append(UserBuffer(base + 8, data))
+        return IoctlCall(Ioctl.hgcm_call_64(size), buf, self, tuple(user_buffers))
+
+    def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
+        """Decode the status and the returned parameters."""
+        size = self.size
+        try:
+            rc = check_ioctl_reply(call, size, size)
+        except VBoxStatusError as exc:
+            reply = HgcmReply(exc.rc, self._decode_params(call))
+            raise HgcmCallError(reply, self.operation) from None
+        return HgcmReply(rc, self._decode_params(call))
+
+    def _decode_params(self, call: IoctlCall[HgcmReply]) -> tuple[HgcmValue, ...]:
+        buf = call.buffer
+        if len(buf) != self.size or L.HgcmCallIoctl.parm_count.get(buf) != len(self.params):
+            msg = f"{self.operation}: reply does not hold {len(self.params)} parameters"
+            raise RemoteProtocolError(msg)
+        user = iter(call.user_buffers)
+        values: list[HgcmValue] = []
+        for index, param in enumerate(self.params):
+            base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
+            view = memoryview(buf)[base : base + HGCM_PARM64_SIZE]
+            got_type = L.HgcmParameter64.type.get(view)
+            if got_type != _PARM_TYPES[type(param)]:
+                msg = f"{self.operation}: parameter {index} came back as type {got_type}"
+                raise RemoteProtocolError(msg)
+            if isinstance(param, HgcmU32):
+                values.append(HgcmU32(L.HgcmParameter64.value32.get(view)))
+            elif isinstance(param, HgcmU64):
+                values.append(HgcmU64(L.HgcmParameter64.value64.get(view)))
+            else:
+                values.append(self._decode_buffer(index, param, view, user))
+        return tuple(values)
+
+    def _decode_buffer(
+        self,
+        index: int,
+        param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer,
+        view: memoryview,
+        user: Iterator[UserBuffer],
+    ) -> HgcmData:
+        capacity = param.size if isinstance(param, HgcmBufferOut) else len(param.data)
+        returned = L.HgcmParameter64.pointer_size.get(view)
+        if returned > capacity:
+            msg = f"{self.operation}: parameter {index} reports {returned} bytes of {capacity}"
+            raise RemoteProtocolError(msg)
+        if capacity == 0:
+            return HgcmData(b"")
+        data = next(user).data
+        if isinstance(param, HgcmBufferIn):
+            return HgcmData(param.data[:returned])
+        return HgcmData(bytes(data[:returned]))
+
+
+# --- VMMDev requests (passthrough) -------------------------------------------------------
+
+
+def check_vmmdev_reply(call: IoctlCall[R], request_type: RequestType, size: int) -> int:
+    """Validate a VMMDev request the driver handed back and return its ``rc``.
+
+    Raises:
+        RemoteProtocolError: wrong length, header version, type or size.
+        VBoxStatusError: the host answered with a failure.
+    """
+    buf = call.buffer
+    operation = call.request.operation
+    if len(buf) != size:
+        msg = f"{operation}: reply has {len(buf)} bytes, expected {size}"
+        raise RemoteProtocolError(msg)
+    got = (
+        L.RequestHeader.size_.get(buf),
+        L.RequestHeader.version.get(buf),
+        L.RequestHeader.request_type.get(buf),
+    )
+    if got != (size, REQUEST_HEADER_VERSION, request_type):
+        msg = f"{operation}: reply header (size, version, type) is {got}"
+        raise RemoteProtocolError(msg)
+    rc = L.RequestHeader.rc.get(buf)
+    if rc < 0:
+        raise VBoxStatusError(rc, operation)
+    return rc
+
+
+class _VmmdevRequest(Request[R_co]):
+    """Shared encode/decode for fixed-size VMMDev requests."""
+
+    __slots__ = ()
+    request_type: ClassVar[RequestType]
+    layout_size: ClassVar[int]
+
+    def encode(self) -> IoctlCall[R_co]:
+        """Build the request with its header and let ``fill`` write the body."""
+        buf = vmmdev_request_buffer(self.request_type, self.layout_size)
+        self.fill(buf)
+        return IoctlCall(vmmdev_request_code(self.layout_size), buf, self)
+
+    def decode(self, call: IoctlCall[R_co]) -> R_co:
+        """Check the header and let ``read`` decode the body."""
+        check_vmmdev_reply(call, self.request_type, self.layout_size)
+        return self.read(call.buffer)
+
+    def fill(self, buf: bytearray) -> None:
+        """Write the request body (nothing by default)."""
+
+    def read(self, buf: bytearray) -> R_co:
+        """Decode the reply body."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class HostVersion:
+    """Reply to :class:`GetHostVersion`."""
+
+    major: int
+    minor: int
+    build: int
+    revision: int
+    features: int
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.build}r{self.revision}"
+
+
+@dataclass(frozen=True, slots=True)
+class GetHostVersion(_VmmdevRequest[HostVersion]):
+    """``VMMDEVREQ_GET_HOST_VERSION`` (40 bytes)."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_GET_HOST_VERSION"
+    request_type: ClassVar[RequestType] = RequestType.GET_HOST_VERSION
+    layout_size: ClassVar[int] = L.HostVersionRequest.size
+
+    def read(self, buf: bytearray) -> HostVersion:
+        """Decode the version and feature bits."""
+        layout = L.HostVersionRequest
+        return HostVersion(
+            layout.major.get(buf),
+            layout.minor.get(buf),
+            layout.build.get(buf),
+            layout.revision.get(buf),
+            layout.features.get(buf),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HostTime:
+    """Reply to :class:`GetHostTime`: host UTC in milliseconds since the Unix epoch."""
+
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetHostTime(_VmmdevRequest[HostTime]):
+    """``VMMDEVREQ_GET_HOST_TIME`` (32 bytes)."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_GET_HOST_TIME"
+    request_type: ClassVar[RequestType] = RequestType.GET_HOST_TIME
+    layout_size: ClassVar[int] = L.HostTimeRequest.size
+
+    def fill(self, buf: bytearray) -> None:
+        """Preset the time to UINT64_MAX, as VbglR3 does."""
+        L.HostTimeRequest.time_ms.set(buf, _U64_MAX)
+
+    def read(self, buf: bytearray) -> HostTime:
+        """Decode the time; UINT64_MAX means the host never wrote it."""
+        ms = L.HostTimeRequest.time_ms.get(buf)
+        if ms == _U64_MAX:
+            msg = f"{self.operation}: host succeeded but left the time unset"
+            raise RemoteProtocolError(msg)
+        return HostTime(ms)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionId:
+    """Reply to :class:`GetSessionId`: changes at every VM start, restore and reset."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetSessionId(_VmmdevRequest[SessionId]):
+    """``VMMDEVREQ_GET_SESSION_ID`` (32 bytes)."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_GET_SESSION_ID"
+    request_type: ClassVar[RequestType] = RequestType.GET_SESSION_ID
+    layout_size: ClassVar[int] = L.SessionIdRequest.size
+
+    def read(self, buf: bytearray) -> SessionId:
+        """Decode the session id."""
+        return SessionId(L.SessionIdRequest.session_id.get(buf))
+
+
+@dataclass(frozen=True, slots=True)
+class ReportGuestStatus(_VmmdevRequest[None]):
+    """``VMMDEVREQ_REPORT_GUEST_STATUS`` (36 bytes): a facility's state for the host."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_REPORT_GUEST_STATUS"
+    request_type: ClassVar[RequestType] = RequestType.REPORT_GUEST_STATUS
+    layout_size: ClassVar[int] = L.GuestStatusRequest.size
+    facility: Facility
+    status: FacilityStatus
+    flags: int = 0
+
+    def fill(self, buf: bytearray) -> None:
+        """Write facility, status and flags."""
+        L.GuestStatusRequest.facility.set(buf, self.facility)
+        L.GuestStatusRequest.status.set(buf, self.status)
+        L.GuestStatusRequest.flags.set(buf, self.flags)
+
+    def read(self, buf: bytearray) -> None:
+        """Nothing comes back."""
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonTarget:
+    """Reply to :class:`GetMemBalloonChangeRequest`: the host's target and guest RAM, in MiB."""
+
+    chunks: int
+    phys_mem_chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetMemBalloonChangeRequest(_VmmdevRequest[BalloonTarget]):
+    """``VMMDEVREQ_GET_MEMBALLOON_CHANGE_REQ`` (36 bytes); acknowledges event 0x40."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_GET_MEMBALLOON_CHANGE_REQ"
+    request_type: ClassVar[RequestType] = RequestType.GET_MEMBALLOON_CHANGE_REQ
+    layout_size: ClassVar[int] = L.MemBalloonInfoRequest.size
+    acknowledge: bool = True
+
+    def fill(self, buf: bytearray) -> None:
+        """Set ``event_ack`` to BALLOON_CHANGE_REQUEST when acknowledging."""
+        ack = Event.BALLOON_CHANGE_REQUEST if self.acknowledge else 0
+        L.MemBalloonInfoRequest.event_ack.set(buf, ack)
+
+    def read(self, buf: bytearray) -> BalloonTarget:
+        """Decode target and RAM; a target above the RAM is a host error."""
+        target = BalloonTarget(
+            L.MemBalloonInfoRequest.balloon_chunks.get(buf),
+            L.MemBalloonInfoRequest.phys_mem_chunks.get(buf),
+        )
+        if target.chunks > target.phys_mem_chunks:
+            msg = (
+                f"{self.operation}: target {target.chunks} MiB exceeds guest RAM "
+                f"{target.phys_mem_chunks} MiB"
+            )
+            raise RemoteProtocolError(msg)
+        return target
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMemBalloon(_VmmdevRequest[None]):
+    """``VMMDEVREQ_CHANGE_MEMBALLOON`` (2080 bytes): inflate or deflate one 256-page chunk."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_CHANGE_MEMBALLOON"
+    request_type: ClassVar[RequestType] = RequestType.CHANGE_MEMBALLOON
+    layout_size: ClassVar[int] = L.MemBalloonChangeRequest.size
+    inflate: bool
+    pages: tuple[int, ...]
+
+    def fill(self, buf: bytearray) -> None:
+        """Write 256 distinct page-aligned physical addresses."""
+        if len(self.pages) != BALLOON_CHUNK_PAGES or len(set(self.pages)) != BALLOON_CHUNK_PAGES:
+            msg = f"a balloon chunk needs {BALLOON_CHUNK_PAGES} distinct pages"
+            raise LocalProtocolError(msg)
+        L.MemBalloonChangeRequest.pages.set(buf, BALLOON_CHUNK_PAGES)
+        L.MemBalloonChangeRequest.inflate.set(buf, int(self.inflate))
+        base = L.MemBalloonChangeRequest.phys_page.offset
+        for index, address in enumerate(self.pages):
+            if not 0 < address <= _U64_MAX or address % PAGE_SIZE:
+                msg = f"page {index} address {address:#x} is not a non-zero page address"
+                raise LocalProtocolError(msg)
+            buf[base + 8 * index : base + 8 * index + 8] = address.to_bytes(8, "little")
+
+    def read(self, buf: bytearray) -> None:
+        """Nothing comes back."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSettings:
+    """Reply to :class:`HeartbeatConfigure`: the interval the host expects beats at."""
+
+    interval_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatConfigure(_VmmdevRequest[HeartbeatSettings]):
+    """``VMMDEVREQ_HEARTBEAT_CONFIGURE`` (36 bytes): switch the host's flat-line check."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_HEARTBEAT_CONFIGURE"
+    request_type: ClassVar[RequestType] = RequestType.HEARTBEAT_CONFIGURE
+    layout_size: ClassVar[int] = L.HeartbeatRequest.size
+    enabled: bool
+
+    def fill(self, buf: bytearray) -> None:
+        """Write the enabled flag."""
+        L.HeartbeatRequest.enabled.set(buf, int(self.enabled))
+
+    def read(self, buf: bytearray) -> HeartbeatSettings:
+        """Decode the interval, which must be positive."""
+        interval = L.HeartbeatRequest.interval_ns.get(buf)
+        if interval == 0:
+            msg = f"{self.operation}: host reported a zero heartbeat interval"
+            raise RemoteProtocolError(msg)
+        return HeartbeatSettings(interval)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestHeartbeat(_VmmdevRequest[None]):
+    """``VMMDEVREQ_GUEST_HEARTBEAT`` (24 bytes, header only)."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_GUEST_HEARTBEAT"
+    request_type: ClassVar[RequestType] = RequestType.GUEST_HEARTBEAT
+    layout_size: ClassVar[int] = L.RequestHeader.size
+
+    def read(self, buf: bytearray) -> None:
+        """Nothing comes back."""

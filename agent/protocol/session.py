@@ -1,0 +1,94 @@
+"""``Session``: the protocol state of one open device session, without any I/O.
+
+Rules it enforces (each breach raises :class:`LocalProtocolError` before anything is sent):
+
+- After INTERRUPT_ALL_WAIT_FOR_EVENTS the mainline driver fails every later wait on the
+  same descriptor, so a session that was interrupted refuses to encode another wait.
+- HGCM calls and disconnects name a client this session connected; a session holds at
+  most 64 clients, as the driver's ``hgcm_client_ids`` table does.
+
+It records what the driver confirmed: the negotiated version, the session's event filter
+mask and its HGCM clients. A call whose outcome is unknown (the transport failed) is
+reported with :meth:`Session.call_failed`.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from agent.protocol.constants import HGCM_CLIENTS_PER_SESSION
+from agent.protocol.errors import LocalProtocolError
+from agent.protocol.messages import (
+    ChangeFilterMask,
+    DriverVersion,
+    DriverVersionInfo,
+    HgcmCall,
+    HgcmConnect,
+    HgcmConnected,
+    HgcmDisconnect,
+    InterruptAllWaits,
+    IoctlCall,
+    Request,
+    WaitForEvents,
+)
+
+R = TypeVar("R")
+
+
+class Session:
+    """The state of one device session (one open file descriptor)."""
+
+    __slots__ = ("_clients", "driver_version", "filter_mask", "interrupted")
+
+    def __init__(self) -> None:
+        self.driver_version: DriverVersion | None = None
+        self.filter_mask = 0
+        self.interrupted = False
+        self._clients: set[int] = set()
+
+    @property
+    def hgcm_clients(self) -> frozenset[int]:
+        """The HGCM client ids this session holds."""
+        return frozenset(self._clients)
+
+    def encode(self, request: Request[R]) -> IoctlCall[R]:
+        """Check ``request`` against the session's rules and encode it."""
+        if isinstance(request, WaitForEvents) and self.interrupted:
+            msg = "this session was interrupted; open a new session to wait again"
+            raise LocalProtocolError(msg)
+        if (
+            isinstance(request, HgcmCall | HgcmDisconnect)
+            and request.client_id not in self._clients
+        ):
+            msg = f"HGCM client {request.client_id} is not connected in this session"
+            raise LocalProtocolError(msg)
+        if isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:
+            msg = f"this session already holds {HGCM_CLIENTS_PER_SESSION} HGCM clients"
+            raise LocalProtocolError(msg)
+        return request.encode()
+
+    def decode(self, call: IoctlCall[R]) -> R:
+        """Decode the reply in ``call.buffer`` and record what it confirms."""
+        request = call.request
+        if isinstance(request, InterruptAllWaits):
+            # The flag is set by the driver before it answers; once asked, treat it as set.
+            self.interrupted = True
+        reply = request.decode(call)
+        if isinstance(request, ChangeFilterMask):
+            self.filter_mask = (self.filter_mask | request.or_mask) & ~request.not_mask
+        elif isinstance(reply, HgcmConnected):
+            self._clients.add(reply.client_id)
+        elif isinstance(request, HgcmDisconnect):
+            self._clients.discard(request.client_id)
+        elif isinstance(reply, DriverVersion) and isinstance(request, DriverVersionInfo):
+            self.driver_version = reply
+        return reply
+
+    def call_failed(self, call: IoctlCall[R]) -> None:
+        """Record that the transport failed ``call`` and its outcome is unknown.
+
+        An interrupt that may have reached the driver is treated as done, since the flag is
+        sticky; every other request leaves the confirmed state as it was.
+        """
+        if isinstance(call.request, InterruptAllWaits):
+            self.interrupted = True
