@@ -1,0 +1,114 @@
+"""How a simulated host service plugs into the simulated HGCM framework.
+
+The framework (``agent.host.hgcm``) owns clients, ids, limits and completion; a service sees
+only connects, disconnects and calls, and answers each call now or later through
+:meth:`HgcmCallHandle.complete`, exactly once. Parameters arrive as :class:`HostParm` values
+that the service reads and updates in place; the framework copies them back to the guest
+when the call completes (and copies nothing for a call the guest cancelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class HostU32:
+    """A 32-bit parameter; the service may change ``value``."""
+
+    value: int
+
+
+@dataclass(slots=True)
+class HostU64:
+    """A 64-bit parameter; the service may change ``value``."""
+
+    value: int
+
+
+@dataclass(slots=True)
+class HostBuffer:
+    """A buffer parameter: ``data`` is what the guest passed (zeros for an out buffer).
+
+    ``size`` starts as ``len(data)``. A service writes output into ``data`` (never beyond
+    its length) and may set ``size`` to the number of bytes it produced or needs, as the
+    host does (GET_PROP reports the needed size with ``VERR_BUFFER_OVERFLOW``).
+    ``readable``/``writable`` follow the guest's direction (LINADDR_IN is not writable,
+    LINADDR_OUT not readable).
+    """
+
+    data: bytearray
+    readable: bool = True
+    writable: bool = True
+    size: int = field(default=-1)
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.data)
+
+
+HostParm = HostU32 | HostU64 | HostBuffer
+
+
+class HgcmCallHandle(Protocol):
+    """One guest call as a service sees it."""
+
+    @property
+    def client_id(self) -> int:
+        """The calling client."""
+        ...
+
+    @property
+    def function(self) -> int:
+        """The function number."""
+        ...
+
+    @property
+    def params(self) -> list[HostParm]:
+        """The parameters, updated in place by the service."""
+        ...
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the guest cancelled the call (complete it anyway; nothing is copied)."""
+        ...
+
+    def complete(self, status: int) -> None:
+        """Finish the call with a VBox status. Exactly once per call."""
+        ...
+
+
+class HgcmService(Protocol):
+    """A host service (``VBoxGuestPropSvc``, ...) registered with the framework."""
+
+    @property
+    def name(self) -> str:
+        """The name guests connect to."""
+        ...
+
+    @property
+    def max_calls_per_client(self) -> int:
+        """Pending calls one client may have; one more gets VERR_HGCM_TOO_MANY_CLIENT_CALLS."""
+        ...
+
+    def connect(self, client_id: int, requestor: int) -> int:
+        """A guest connects; return a VBox status (< 0 refuses the client)."""
+        ...
+
+    def disconnect(self, client_id: int) -> None:
+        """The client is gone; complete its pending calls (the framework discards them)."""
+        ...
+
+    def call(self, call: HgcmCallHandle) -> None:
+        """Handle a guest call: complete it now, or keep it and complete it later."""
+        ...
+
+    def cancel(self, call: HgcmCallHandle) -> None:
+        """The guest cancelled a pending call; forget it (its completion is discarded)."""
+        ...
+
+    def reset(self) -> None:
+        """The VM was reset or restored; drop per-client state as the real service does."""
+        ...
+
