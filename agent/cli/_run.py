@@ -1,0 +1,160 @@
+"""``vbox-agent run``: the daemon, against a device or the built-in simulated host."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.daemon import Daemon, ServiceFailedError
+from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
+from agent.host import PERSONALITIES, SimOpener, SimulatedHost, load_scenario, play_scenario
+from agent.logconfig import configure_logging
+from agent.protocol import AgentError
+
+if TYPE_CHECKING:
+    from agent.device import DeviceOpener
+
+log = structlog.get_logger(__name__)
+
+EX_OK: Final = 0
+EX_SOFTWARE: Final = 70
+EX_UNAVAILABLE: Final = 69
+EX_CONFIG: Final = 78
+DEMO_SCENARIO: Final = "demo.toml"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``run`` to the command line."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run the agent",
+        description=(
+            "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
+            "simulated VirtualBox host that plays the bundled demo scenario."
+        ),
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--device",
+        metavar="SPEC",
+        help="device path (/dev/vboxguest) or unix:PATH of a simulated host; overrides device.path",
+    )
+    target.add_argument(
+        "--simulate", action="store_true", help="run against an in-process simulated host"
+    )
+    parser.add_argument(
+        "--personality",
+        choices=PERSONALITIES,
+        default="passthrough",
+        help="driver the simulated host models (with --simulate; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scenario",
+        type=Path,
+        help="host scenario TOML to play (with --simulate; default: the bundled demo)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_seconds,
+        metavar="S",
+        help="stop cleanly after S seconds (default: run until signalled)",
+    )
+    parser.set_defaults(handler=run_command)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"{text!r} is not a number of seconds"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 < value < float("inf"):
+        msg = f"{text!r} must be a positive number of seconds"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the agent; return 0 after a clean shutdown, non-zero on failure."""
+    if not args.simulate and (args.scenario is not None or args.personality != "passthrough"):
+        print("vbox-agent run: --personality and --scenario need --simulate", file=sys.stderr)
+        return 64
+    try:
+        config = load_config(args.config) if args.config is not None else AgentConfig()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(config.log)
+    opener: DeviceOpener | None = None
+    if not args.simulate:
+        spec = args.device if args.device is not None else config.device.path
+        try:
+            opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
+        except ValueError as exc:
+            print(f"vbox-agent run: {exc}", file=sys.stderr)
+            return 64
+    try:
+        trio.run(_main, args, config, opener)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code
+        return _report_failure(exc)
+    return EX_OK
+
+
+async def _main(args: argparse.Namespace, config: AgentConfig, opener: DeviceOpener | None) -> None:
+    async with trio.open_nursery() as nursery:
+        if opener is None:
+            scenario = load_scenario(args.scenario or _demo_scenario_path())
+            host = SimulatedHost(personality=args.personality)
+            await nursery.start(host.run)
+            opener = SimOpener(host)
+            nursery.start_soon(play_scenario, host, scenario)
+        daemon = Daemon(config, opener, config_path=args.config)
+        if args.duration is not None:
+            nursery.start_soon(_stop_after, daemon, args.duration)
+        await daemon.run()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_after(daemon: Daemon, seconds: float) -> None:
+    await trio.sleep(seconds)
+    daemon.request_shutdown(f"--duration {seconds:g} s elapsed")
+
+
+def _demo_scenario_path() -> Path:
+    """The bundled demo: packaged in the wheel, or ``config/`` of a source checkout."""
+    packaged = resources.files("agent").joinpath("data", DEMO_SCENARIO)
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "config" / DEMO_SCENARIO
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _report_failure(exc: BaseException) -> int:
+    leaves = _leaves(exc)
+    if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return 130
+    for leaf in leaves:
+        if isinstance(leaf, DeviceUnavailableError | DeviceLostError):
+            print(f"vbox-agent: {leaf}", file=sys.stderr)
+            return EX_UNAVAILABLE
+    for leaf in leaves:
+        if isinstance(leaf, ServiceFailedError | AgentError | OSError):
+            log.critical("agent_failed", error=repr(leaf))
+            print(f"vbox-agent: fatal: {leaf}", file=sys.stderr)
+            return EX_SOFTWARE
+    log.critical("agent_crashed", exc_info=exc)
+    return EX_SOFTWARE

@@ -1,0 +1,41 @@
+"""Reports the agent's facility status to the host, as VBoxService does (facility 100).
+
+The host shows it as the guest's run level ("Userland" once the service is Active). A
+failed report is logged and ignored: the status is informational. Once Failed has been
+reported nothing else is sent (the host keeps Failed, as VBoxService does).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, final
+
+import structlog
+
+from agent.protocol import Facility, FacilityStatus, ReportGuestStatus, VBoxStatusError
+
+if TYPE_CHECKING:
+    from agent.device import Device
+
+log = structlog.get_logger(__name__)
+
+
+@final
+class FacilityReporter:
+    """Sends REPORT_GUEST_STATUS for the agent's facility."""
+
+    def __init__(self, device: Device, facility: Facility = Facility.VBOX_SERVICE) -> None:
+        self._device = device
+        self._facility = facility
+        self.last: FacilityStatus | None = None
+
+    async def report(self, status: FacilityStatus) -> None:
+        """Report ``status`` unless Failed was reported before."""
+        if self.last is FacilityStatus.FAILED:
+            return
+        try:
+            await self._device.request(ReportGuestStatus(self._facility, status))
+        except (VBoxStatusError, OSError) as exc:
+            log.warning("facility_status_not_reported", status=status.name, error=str(exc))
+            return
+        self.last = status
+        log.debug("facility_status_reported", status=status.name)

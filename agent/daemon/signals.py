@@ -1,0 +1,43 @@
+"""The one task that owns SIGTERM, SIGINT and SIGHUP and turns them into daemon calls."""
+
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING, NoReturn, Protocol
+
+import structlog
+import trio
+
+log = structlog.get_logger(__name__)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+
+class SignalTarget(Protocol):
+    """What signals control."""
+
+    def request_shutdown(self, reason: str) -> None:
+        """Begin a clean shutdown."""
+        ...
+
+    def reload(self) -> Awaitable[None]:
+        """Re-read the configuration."""
+        ...
+
+
+async def handle_signals(
+    target: SignalTarget, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    """SIGTERM/SIGINT request a shutdown; SIGHUP reloads. Must run in the main thread."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            log.info("signal_received", signal=name)
+            if signum == signal.SIGHUP:
+                await target.reload()
+            else:
+                target.request_shutdown(name)
+    msg = "the signal receiver ended"  # pragma: no cover - trio's iterator never ends
+    raise RuntimeError(msg)  # pragma: no cover

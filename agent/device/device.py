@@ -1,0 +1,268 @@
+"""``Device``: the async facade over the protocol codec and a transport.
+
+One *main* session carries short requests (VMMDev requests, balloon checks, capability and
+filter changes). Anything that blocks gets a session of its own, because a blocked ioctl
+must be ended by something the driver honours:
+
+- an :class:`EventWaiter` owns a session whose filter mask is the waiter's mask; it waits
+  without a timeout and, when cancelled, ends its wait with INTERRUPT_ALL on its own
+  descriptor. That flag is sticky on mainline, so an interrupted waiter is closed, never
+  reused; the other sessions are not affected.
+- an :class:`HgcmClient` owns a session with one HGCM client on it, so long calls
+  (property notifications) never hold up anything else.
+"""
+
+from __future__ import annotations
+
+import errno
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar, final
+
+import trio
+
+from agent.protocol import (
+    VALID_EVENT_MASK,
+    AgentError,
+    BalloonStatus,
+    ChangeBalloon,
+    ChangeFilterMask,
+    CheckBalloon,
+    DriverVersion,
+    DriverVersionInfo,
+    HgcmCall,
+    HgcmConnect,
+    HgcmDisconnect,
+    HgcmParam,
+    HgcmReply,
+    InterruptAllWaits,
+    Request,
+    Session,
+    WaitForEvents,
+)
+from agent.protocol.constants import TIMEOUT_INFINITE
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from agent.device.transport import DeviceOpener, Transport
+
+R = TypeVar("R")
+
+CLEANUP_TIMEOUT_S: Final = 2.0
+"""How long teardown work (interrupts, disconnects, closes) may take when shielded."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatistics:
+    """Counters of one :class:`Device`."""
+
+    requests: int
+    failures: int
+    open_sessions: int
+
+
+class _Channel:
+    """A transport with its session state: the unit every request goes through."""
+
+    __slots__ = ("_device", "session", "transport")
+
+    def __init__(self, device: Device, transport: Transport) -> None:
+        self._device = device
+        self.transport = transport
+        self.session = Session()
+
+    async def perform(self, request: Request[R]) -> R:
+        call = self.session.encode(request)
+        self._device._requests += 1
+        try:
+            await self.transport.ioctl(call.code, call.buffer, call.user_buffers)
+        except BaseException:
+            self._device._failures += 1
+            self.session.call_failed(call)
+            raise
+        try:
+            return self.session.decode(call)
+        except Exception:
+            self._device._failures += 1
+            raise
+
+
+@final
+class Device:
+    """An open vboxguest device: the main session plus the sessions it hands out.
+
+    Use :func:`open_device`; close with :meth:`aclose`.
+    """
+
+    def __init__(self, opener: DeviceOpener, main: Transport) -> None:
+        self._opener = opener
+        self._main = _Channel(self, main)
+        self._requests = 0
+        self._failures = 0
+        self._open_sessions = 1
+        self.driver_version: DriverVersion | None = None
+
+    @property
+    def description(self) -> str:
+        """Where the device's sessions lead (``/dev/vboxguest``, ``unix:PATH``, ...)."""
+        return self._opener.description
+
+    def statistics(self) -> DeviceStatistics:
+        """Return the request and session counters."""
+        return DeviceStatistics(self._requests, self._failures, self._open_sessions)
+
+    async def request(self, request: Request[R]) -> R:
+        """Perform a short request on the main session and return its decoded reply."""
+        return await self._main.perform(request)
+
+    async def check_balloon(self) -> BalloonStatus:
+        """Ask the driver about the balloon (``VBG_IOCTL_CHECK_BALLOON``)."""
+        return await self.request(CheckBalloon())
+
+    async def change_balloon(self, chunk_address: int, *, inflate: bool) -> None:
+        """Hand a 1 MiB user chunk to the host or take it back (Oracle's driver only)."""
+        await self.request(ChangeBalloon(chunk_address, inflate))
+
+    async def _open_channel(self) -> _Channel:
+        transport = await self._opener.open_session()
+        self._open_sessions += 1
+        return _Channel(self, transport)
+
+    async def _close_channel(self, channel: _Channel) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+            await channel.transport.aclose()
+        self._open_sessions -= 1
+
+    @asynccontextmanager
+    async def open_event_waiter(self, mask: int) -> AsyncIterator[EventWaiter]:
+        """Open a session that asks the host for ``mask`` and waits for those events."""
+        if not mask or mask & ~VALID_EVENT_MASK:
+            msg = f"event mask {mask:#x} must be non-zero and within {VALID_EVENT_MASK:#x}"
+            raise ValueError(msg)
+        channel = await self._open_channel()
+        try:
+            await channel.perform(ChangeFilterMask(mask, VALID_EVENT_MASK & ~mask))
+            waiter = EventWaiter(channel, mask)
+            yield waiter
+        finally:
+            await self._close_channel(channel)
+
+    @asynccontextmanager
+    async def open_hgcm_client(self, service: str) -> AsyncIterator[HgcmClient]:
+        """Connect to an HGCM host service on a session of its own; disconnect on exit."""
+        channel = await self._open_channel()
+        try:
+            connected = await channel.perform(HgcmConnect(service))
+            client = HgcmClient(channel, service, connected.client_id)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                    await channel.perform(HgcmDisconnect(connected.client_id))
+        finally:
+            await self._close_channel(channel)
+
+    async def aclose(self) -> None:
+        """Close the main session."""
+        if self._main.transport is not None:
+            await self._close_channel(self._main)
+
+
+class WaiterInterruptedError(AgentError):
+    """The wait ended because :meth:`EventWaiter.interrupt` was called."""
+
+
+@final
+class EventWaiter:
+    """Waits for host events on a session of its own; see :meth:`Device.open_event_waiter`."""
+
+    def __init__(self, channel: _Channel, mask: int) -> None:
+        self._channel = channel
+        self._interrupt_requested = False
+        self.mask = mask
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether this waiter was interrupted and can no longer wait."""
+        return self._interrupt_requested
+
+    async def wait(self) -> int:
+        """Block until events of the mask are pending and return those consumed.
+
+        No timeout and no polling: the call sleeps in the driver until the host raises an
+        event. It ends early in two ways:
+
+        - :meth:`interrupt` makes it raise :class:`WaiterInterruptedError`, unless events
+          were consumed first, which are then returned (nothing is lost);
+        - cancellation interrupts the session and raises ``Cancelled``; events consumed in
+          that same instant are dropped, so cancel only to tear down.
+        """
+        channel = self._channel
+        finished = False
+
+        async def interrupt_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not finished:
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                        await self.interrupt()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt_when_cancelled)
+            try:
+                with trio.CancelScope(shield=True):
+                    received = await channel.perform(WaitForEvents(self.mask))
+            except OSError as exc:
+                if exc.errno != errno.EINTR or not self._interrupt_requested:
+                    raise
+                await trio.lowlevel.checkpoint()  # delivers a pending cancellation first
+                raise WaiterInterruptedError(self.mask) from None
+            finally:
+                finished = True
+                nursery.cancel_scope.cancel()
+        return received.mask
+
+    async def interrupt(self) -> None:
+        """End the current wait and every later one on this session (INTERRUPT_ALL)."""
+        if not self._interrupt_requested:
+            # Set before sending: the woken wait may see EINTR before this call returns.
+            self._interrupt_requested = True
+            await self._channel.perform(InterruptAllWaits())
+
+
+@final
+class HgcmClient:
+    """One HGCM client connected to a host service; see :meth:`Device.open_hgcm_client`."""
+
+    def __init__(self, channel: _Channel, service: str, client_id: int) -> None:
+        self._channel = channel
+        self.service = service
+        self.client_id = client_id
+
+    async def call(
+        self, function: int, params: tuple[HgcmParam, ...], *, timeout_ms: int = TIMEOUT_INFINITE
+    ) -> HgcmReply:
+        """Call ``function`` and return the reply; a failing service status raises.
+
+        ``timeout_ms`` is the driver's backstop: the host call is cancelled after it.
+        """
+        return await self._channel.perform(HgcmCall(self.client_id, function, params, timeout_ms))
+
+
+@asynccontextmanager
+async def open_device(opener: DeviceOpener) -> AsyncIterator[Device]:
+    """Open the device's main session, agree on the ioctl version and yield the Device.
+
+    Raises:
+        DeviceUnavailableError: the device cannot be opened.
+        VBoxStatusError: the driver refused our interface version.
+    """
+    transport = await opener.open_session()
+    device = Device(opener, transport)
+    try:
+        device.driver_version = await device.request(DriverVersionInfo())
+        yield device
+    finally:
+        await device.aclose()
