@@ -111,4 +111,3 @@ class HgcmService(Protocol):
     def reset(self) -> None:
         """The VM was reset or restored; drop per-client state as the real service does."""
         ...
-

@@ -865,6 +865,9 @@ class ReportGuestStatus(_VmmdevRequest[None]):
 
     def fill(self, buf: bytearray) -> None:
         """Write facility, status and flags."""
+        _check_u32("facility", self.facility)
+        _check_u32("status", self.status)
+        _check_u32("flags", self.flags)
         L.GuestStatusRequest.facility.set(buf, self.facility)
         L.GuestStatusRequest.status.set(buf, self.status)
         L.GuestStatusRequest.flags.set(buf, self.flags)

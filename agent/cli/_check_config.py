@@ -1,0 +1,45 @@
+"""``vbox-agent check-config FILE``: validate a configuration file without starting anything.
+
+Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and exits 78
+(``EX_CONFIG``), the same lines ``run`` logs for a bad file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from agent.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    import argparse
+
+EX_OK: Final = 0
+EX_CONFIG: Final = 78
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``check-config`` command."""
+    parser = subparsers.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description=(
+            "Load FILE as the agent would and report every problem, one per line naming the "
+            "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise."
+        ),
+    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="the TOML file to check")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check ``args.file``; return the exit code."""
+    path: Path = args.file
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
+        return EX_CONFIG
+    sys.stdout.write(f"{path}: ok\n")
+    return EX_OK

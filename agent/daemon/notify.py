@@ -1,0 +1,118 @@
+"""sd_notify: tell systemd about readiness, reloads, shutdown and liveness.
+
+The protocol (``sd_notify(3)``): one ``AF_UNIX``/``SOCK_DGRAM`` datagram of newline-separated
+``KEY=VALUE`` lines to the socket named by ``$NOTIFY_SOCKET``; a leading ``@`` there means the
+abstract namespace. Without the variable every method does nothing, so the daemon runs the same
+outside systemd. Sending never fails the daemon: errors are logged at debug and dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+logger = structlog.get_logger(__name__)
+
+WATCHDOG_FRACTION: Final = 0.5
+"""Ping at this fraction of ``WATCHDOG_USEC``, as ``sd_watchdog_enabled(3)`` recommends."""
+_USEC_PER_S: Final = 1_000_000
+
+
+class Notifier:
+    """Sends sd_notify messages to one socket (or nowhere).
+
+    Build it with ``from_environ``; the socket is opened on the first message and closed by
+    ``aclose``, after which messages are dropped.
+    """
+
+    def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
+        """``address``: a socket path, or ``\\0name`` (abstract); ``None`` disables sending."""
+        self._address = address
+        self._watchdog_usec = watchdog_usec
+        self._socket: trio.socket.SocketType | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
+        """Read ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` from ``environ``."""
+        return cls(_socket_address(environ), watchdog_usec=_watchdog_usec(environ))
+
+    def watchdog_interval(self) -> float | None:
+        """Seconds between ``watchdog()`` calls, or ``None`` when systemd wants none for us."""
+        if self._watchdog_usec is None:
+            return None
+        return self._watchdog_usec * WATCHDOG_FRACTION / _USEC_PER_S
+
+    async def ready(self, status: str | None = None) -> None:
+        """Startup (or a reload) is complete: ``READY=1``, with an optional status line."""
+        await self._send("READY=1", *([] if status is None else [_status(status)]))
+
+    async def reloading(self) -> None:
+        """A reload begins: ``RELOADING=1`` with the ``CLOCK_MONOTONIC`` time in µs."""
+        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        await self._send("RELOADING=1", f"MONOTONIC_USEC={now_us}")
+
+    async def stopping(self) -> None:
+        """Shutdown begins: ``STOPPING=1``."""
+        await self._send("STOPPING=1")
+
+    async def status(self, text: str) -> None:
+        """Set the line ``systemctl status`` shows: ``STATUS=text``."""
+        await self._send(_status(text))
+
+    async def watchdog(self) -> None:
+        """Tell the service manager we are alive: ``WATCHDOG=1``."""
+        await self._send("WATCHDOG=1")
+
+    async def aclose(self) -> None:
+        """Close the socket; later messages are dropped."""
+        self._address = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        await trio.lowlevel.checkpoint()
+
+    async def _send(self, *lines: str) -> None:
+        if self._address is None:
+            await trio.lowlevel.checkpoint()
+            return
+        message = "\n".join(lines)
+        try:
+            if self._socket is None:
+                self._socket = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+            await self._socket.sendto(message.encode(), self._address)
+        except OSError as exc:
+            logger.debug("sd_notify_failed", message=message, error=str(exc))
+
+
+def _socket_address(environ: Mapping[str, str]) -> str | None:
+    address = environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        return "\0" + address[1:]
+    if address.startswith("/"):
+        return address
+    if address:  # vsock: and other families are not supported
+        logger.debug("sd_notify_unsupported", address=address)
+    return None
+
+
+def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
+    pid = environ.get("WATCHDOG_PID")
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+        if pid is not None and int(pid) != os.getpid():
+            return None
+    except ValueError:
+        return None
+    return usec if usec > 0 else None
+
+
+def _status(text: str) -> str:
+    """One ``STATUS=`` line: a newline would start a new (bogus) assignment."""
+    return "STATUS=" + " ".join(text.splitlines())

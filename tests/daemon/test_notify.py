@@ -1,0 +1,178 @@
+"""Tests of ``agent.daemon.notify.Notifier`` against a real datagram socket.
+
+Rules of this test module:
+- The "service manager" is a ``trio.socket`` ``AF_UNIX`` datagram socket bound in
+  ``tmp_path`` (or under a random abstract name); nothing else is contacted.
+- Every receive runs under ``fail_after(RECEIVE_TIMEOUT_S)`` on the real clock, so a missing
+  message fails fast instead of hanging.
+- "Nothing more was sent" is shown by a sentinel datagram from another socket arriving next.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from agent.daemon.notify import Notifier
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+RECEIVE_TIMEOUT_S = 5
+SENTINEL = "SENTINEL=1"
+
+
+class Manager:
+    """The receiving end: a bound datagram socket and its address."""
+
+    def __init__(self, sock: trio.socket.SocketType, address: str) -> None:
+        self.sock = sock
+        self.address = address
+
+    async def receive(self, count: int) -> list[str]:
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            return [(await self.sock.recv(4096)).decode() for _ in range(count)]
+
+    async def assert_nothing_more(self) -> None:
+        with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as other:
+            await other.sendto(SENTINEL.encode(), self.address)
+        assert await self.receive(1) == [SENTINEL]
+
+
+async def open_manager(address: str) -> Manager:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    await sock.bind(address)
+    return Manager(sock, address)
+
+
+@pytest.fixture(name="manager")
+async def fixture_manager(tmp_path: Path) -> AsyncIterator[Manager]:
+    manager = await open_manager(str(tmp_path / "notify"))
+    with manager.sock:
+        yield manager
+
+
+def forbid_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_socket(*args: object) -> None:
+        pytest.fail("no socket may be opened")
+
+    monkeypatch.setattr(trio.socket, "socket", no_socket)
+
+
+class TestMessages:
+    async def test_sequence(self, manager: Manager) -> None:
+        """Each method sends exactly its datagram, in call order."""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        await notifier.ready("3 services up")
+        await notifier.status("balloon 512 MiB")
+        before_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        await notifier.reloading()
+        after_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        await notifier.ready()
+        await notifier.watchdog()
+        await notifier.stopping()
+        await notifier.aclose()
+        ready, status, reloading, ready_again, watchdog, stopping = await manager.receive(6)
+        assert ready == "READY=1\nSTATUS=3 services up"
+        assert status == "STATUS=balloon 512 MiB"
+        head, usec = reloading.split("\nMONOTONIC_USEC=")
+        assert head == "RELOADING=1"
+        assert before_us <= int(usec) <= after_us
+        assert (ready_again, watchdog, stopping) == ("READY=1", "WATCHDOG=1", "STOPPING=1")
+        await manager.assert_nothing_more()
+
+    async def test_status_stays_one_line(self, manager: Manager) -> None:
+        """A multi-line status is joined into one STATUS= line."""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        await notifier.status("balloon\nREADY=1")
+        await notifier.aclose()
+        assert await manager.receive(1) == ["STATUS=balloon READY=1"]
+
+    async def test_reads_the_process_environment(
+        self, manager: Manager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """By default the socket comes from the process's own environment."""
+        monkeypatch.setenv("NOTIFY_SOCKET", manager.address)
+        notifier = Notifier.from_environ()
+        await notifier.stopping()
+        await notifier.aclose()
+        assert await manager.receive(1) == ["STOPPING=1"]
+
+    async def test_abstract_socket(self) -> None:
+        """A leading @ names a socket in the abstract namespace."""
+        name = f"vbox-agent-test-{uuid.uuid4().hex}"
+        manager = await open_manager("\0" + name)
+        with manager.sock:
+            notifier = Notifier.from_environ({"NOTIFY_SOCKET": "@" + name})
+            await notifier.ready()
+            await notifier.aclose()
+            assert await manager.receive(1) == ["READY=1"]
+
+    async def test_dropped_after_aclose(self, manager: Manager) -> None:
+        """Messages after aclose are dropped."""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        await notifier.aclose()
+        await notifier.ready()
+        await manager.assert_nothing_more()
+
+
+class TestWithoutSocket:
+    async def test_no_notify_socket_sends_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without NOTIFY_SOCKET every method returns without opening a socket."""
+        forbid_sockets(monkeypatch)
+        notifier = Notifier.from_environ({})
+        await notifier.ready("up")
+        await notifier.reloading()
+        await notifier.status("x")
+        await notifier.watchdog()
+        await notifier.stopping()
+        await notifier.aclose()
+
+    async def test_unsupported_address_sends_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A NOTIFY_SOCKET that is neither a path nor @name disables notification."""
+        forbid_sockets(monkeypatch)
+        with capture_logs() as logs:
+            notifier = Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:1234"})
+        await notifier.ready()
+        assert logs == [
+            {"event": "sd_notify_unsupported", "address": "vsock:2:1234", "log_level": "debug"}
+        ]
+
+    async def test_vanished_socket_is_logged_and_ignored(self, tmp_path: Path) -> None:
+        """When the socket is gone, sending logs at debug and does not raise."""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+        with capture_logs() as logs:
+            await notifier.ready()
+            await notifier.watchdog()
+        await notifier.aclose()
+        assert [(log["event"], log["log_level"], log["message"]) for log in logs] == [
+            ("sd_notify_failed", "debug", "READY=1"),
+            ("sd_notify_failed", "debug", "WATCHDOG=1"),
+        ]
+
+
+class TestWatchdogInterval:
+    @pytest.mark.parametrize(
+        ("environ", "expected"),
+        [
+            ({"WATCHDOG_USEC": "30000000"}, 15.0),
+            ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+            ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
+            ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "self"}, None),
+            ({}, None),
+            ({"WATCHDOG_USEC": "0"}, None),
+            ({"WATCHDOG_USEC": "soon"}, None),
+        ],
+    )
+    def test_half_the_interval_for_our_pid(
+        self, environ: dict[str, str], expected: float | None
+    ) -> None:
+        """The interval is half of WATCHDOG_USEC, and only when WATCHDOG_PID (if set) is ours."""
+        assert Notifier.from_environ(environ).watchdog_interval() == expected

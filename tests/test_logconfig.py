@@ -1,0 +1,207 @@
+"""Tests of ``agent.logconfig.configure_logging``.
+
+Rules of this test module:
+- Output is captured from the ``stream`` argument (a StringIO, a fake terminal, or a file in
+  ``tmp_path`` for the journal), never from the real stdout.
+- The ``reset`` fixture (autouse) restores structlog's defaults, the root logger and the
+  context variables, so no test leaks its configuration into another.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import structlog
+
+from agent.config import LogConfig
+from agent.logconfig import configure_logging
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True, name="reset")
+def fixture_reset(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def fail(token: str) -> None:
+    raise ValueError(len(token))
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+class TestJSON:
+    def test_line_has_timestamp_level_event(self) -> None:
+        """A non-terminal stream gets one JSON object per line with an ISO UTC timestamp."""
+        out = io.StringIO()
+        configure_logging(LogConfig(), stream=out)
+        structlog.get_logger().info("balloon_resized", chunks=3)
+        [line] = json_lines(out.getvalue())
+        assert line["event"] == "balloon_resized"
+        assert line["level"] == "info"
+        assert line["chunks"] == 3
+        assert ISO_UTC.match(line["timestamp"]), line["timestamp"]
+
+    def test_forced_on_a_terminal(self) -> None:
+        """format = "json" writes JSON even to a terminal."""
+        out = FakeTTY()
+        configure_logging(LogConfig(format="json"), stream=out)
+        structlog.get_logger().info("hgcm_connected")
+        assert json_lines(out.getvalue())[0]["event"] == "hgcm_connected"
+
+    def test_merges_context_variables(self) -> None:
+        """Context variables bound by a service appear in its lines."""
+        out = io.StringIO()
+        configure_logging(LogConfig(), stream=out)
+        structlog.contextvars.bind_contextvars(service="heartbeat")
+        structlog.get_logger().info("heartbeat_sent")
+        assert json_lines(out.getvalue())[0]["service"] == "heartbeat"
+
+    def test_exception_is_a_dict_traceback_without_locals(self) -> None:
+        """An exception is rendered as structured frames, with no local variables."""
+        out = io.StringIO()
+        configure_logging(LogConfig(), stream=out)
+        try:
+            fail("token-123")
+        except ValueError:
+            structlog.get_logger().exception("service_failed")
+        [line] = json_lines(out.getvalue())
+        [exception] = line["exception"]
+        assert exception["exc_type"] == "ValueError"
+        assert exception["frames"][-1]["name"] == "fail"
+        assert "token-123" not in json.dumps(exception["frames"])
+        assert line["level"] == "error"
+
+    def test_loggers_are_not_cached_under_pytest(self) -> None:
+        """Under pytest, loggers are not cached, so tests can reconfigure logging."""
+        configure_logging(LogConfig(), stream=io.StringIO())
+        assert structlog.get_config()["cache_logger_on_first_use"] is False
+
+
+class TestJournal:
+    @pytest.mark.parametrize(
+        ("method", "prefix"),
+        [
+            ("debug", "<7>"),
+            ("info", "<6>"),
+            ("warning", "<4>"),
+            ("error", "<3>"),
+            ("critical", "<2>"),
+        ],
+    )
+    def test_priority_prefix(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, prefix: str
+    ) -> None:
+        """On the journal stream each line starts with its syslog priority."""
+        with (tmp_path / "journal").open("w") as out:
+            status = os.fstat(out.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+            configure_logging(LogConfig(level="debug"), stream=out)
+            getattr(structlog.get_logger(), method)("agent_started")
+        text = (tmp_path / "journal").read_text()
+        assert text.startswith(prefix)
+        assert json.loads(text.removeprefix(prefix))["event"] == "agent_started"
+
+    def test_other_stream_gets_no_prefix(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A JOURNAL_STREAM naming another file leaves the lines plain JSON."""
+        other = os.stat(tmp_path)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{other.st_dev}:{other.st_ino}")
+        with (tmp_path / "out").open("w") as out:
+            configure_logging(LogConfig(), stream=out)
+            structlog.get_logger().info("agent_started")
+        assert (tmp_path / "out").read_text().startswith("{")
+
+    def test_malformed_variable_is_ignored(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A malformed JOURNAL_STREAM is not the journal."""
+        monkeypatch.setenv("JOURNAL_STREAM", "not-a-stream")
+        out = io.StringIO()
+        configure_logging(LogConfig(), stream=out)
+        structlog.get_logger().info("agent_started")
+        assert out.getvalue().startswith("{")
+
+
+class TestConsole:
+    def test_on_a_terminal(self) -> None:
+        """A terminal gets human-readable console lines, not JSON."""
+        out = FakeTTY()
+        configure_logging(LogConfig(), stream=out)
+        structlog.get_logger().info("agent_started", version="1.0")
+        line = ANSI.sub("", out.getvalue())
+        assert "[info" in line
+        assert "agent_started" in line
+        assert "version=1.0" in line
+        assert not line.startswith("{")
+
+    def test_forced_without_colours_off_a_terminal(self) -> None:
+        """format = "console" off a terminal writes console lines without colour codes."""
+        out = io.StringIO()
+        configure_logging(LogConfig(format="console"), stream=out)
+        structlog.get_logger().warning("balloon_stuck")
+        assert "[warning  ] balloon_stuck" in out.getvalue()
+        assert "\x1b[" not in out.getvalue()
+
+
+class TestLevels:
+    def test_filters_below_the_level(self) -> None:
+        """Events below the configured level are dropped."""
+        out = io.StringIO()
+        configure_logging(LogConfig(level="warning"), stream=out)
+        log = structlog.get_logger()
+        log.debug("a")
+        log.info("b")
+        log.warning("c")
+        log.error("d")
+        assert [line["event"] for line in json_lines(out.getvalue())] == ["c", "d"]
+
+
+class TestStdlib:
+    def test_routed_at_warning(self) -> None:
+        """Stdlib logging records of warning and above reach the same stream as JSON."""
+        out = io.StringIO()
+        configure_logging(LogConfig(level="debug"), stream=out)
+        third_party = logging.getLogger("third_party")
+        third_party.info("chatty")
+        third_party.warning("disk %s", "slow")
+        [line] = json_lines(out.getvalue())
+        assert line["event"] == "disk slow"
+        assert line["level"] == "warning"
+        assert line["logger"] == "third_party"
+        assert ISO_UTC.match(line["timestamp"])
+
+    def test_reconfiguring_replaces_the_handler(self) -> None:
+        """Calling configure_logging again writes each stdlib record once, to the new stream."""
+        first, second = io.StringIO(), io.StringIO()
+        configure_logging(LogConfig(), stream=first)
+        configure_logging(LogConfig(), stream=second)
+        logging.getLogger("third_party").error("failed")
+        assert first.getvalue() == ""
+        assert len(json_lines(second.getvalue())) == 1
