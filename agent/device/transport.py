@@ -13,6 +13,10 @@ connection to a simulated host). Its contract:
   buffer's ``rc`` and the protocol layer decodes them.
 - Several ioctls may be in flight on one transport at once (a blocked wait and the interrupt
   that ends it).
+- Cancelling the task that awaits ``ioctl`` makes the driver give the call up promptly (the
+  character device signals its worker thread, so the driver cancels the call at the host
+  and returns EINTR; the simulated transports cancel natively) and raises ``Cancelled``; a
+  call that completed first returns normally.
 - A session whose other side vanished raises :class:`~agent.device.errors.DeviceLostError`.
 - ``aclose()`` ends the session: the driver releases its HGCM clients and event filter.
 

@@ -1,0 +1,474 @@
+"""The production transport: ioctls on ``/dev/vboxguest`` (or ``/dev/vboxuser``).
+
+One :class:`CharDevTransport` is one open file descriptor, which the driver treats as one
+session. Design points:
+
+- **Threads.** Every ioctl runs in ``trio.to_thread.run_sync`` with the transport's own
+  ``CapacityLimiter`` (at least 2, so a blocked call and the ioctl that ends it fit) and the
+  default ``abandon_on_cancel=False``: the kernel owns the buffer until the call returns.
+- **GIL.** Buffers up to 1 KiB go through ``fcntl.ioctl``; larger ones through libc
+  ``ioctl`` via ctypes, because on 3.11-3.13 ``fcntl.ioctl`` keeps the GIL for them.
+- **User buffers.** The address of each :class:`~agent.protocol.UserBuffer`'s memory is
+  written as a little-endian u64 into the ioctl buffer; the memory stays pinned (exported)
+  for the whole call, so the driver reads and writes it in place.
+- **Cancellation.** Cancelling the task that awaits :meth:`CharDevTransport.ioctl` sends
+  :data:`INTERRUPT_SIGNAL` to the worker thread, again with backoff until the call returns
+  (a signal that lands just before the thread enters the kernel is lost). The driver ends
+  interruptible waits (WAIT_FOR_EVENTS, userspace HGCM calls, which it also cancels at the
+  host) with EINTR, and the task then raises ``Cancelled``. A call that completes anyway
+  returns normally. Uninterruptible calls (HGCM connect and disconnect) finish first.
+- **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
+  when the transport interrupted the call itself, is closing, or has passed
+  INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
+  so a retry would spin).
+- **Signal.** ``SIGURG``: its default action is to ignore it, so a stray one never kills the
+  process, and the agent uses no out-of-band socket data. An ignored signal does not
+  interrupt a system call, so the opener installs a no-op Python handler (unless one is
+  already installed) and clears ``SA_RESTART``.
+- **Handshake.** :meth:`CharDevOpener.open_session` performs DRIVER_VERSION_INFO on every
+  fd it opens, as VbglR3 does once per fd: a refusal then fails the open with a
+  :class:`DeviceUnavailableError` naming the path. The query changes no driver state, so
+  the ``Device`` may repeat it on its own session. :meth:`CharDevTransport.ioctl` itself
+  stays a pure byte mover.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import grp
+import os
+import pwd
+import signal
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.device.errors import DeviceUnavailableError
+from agent.protocol import (
+    DriverVersion,
+    DriverVersionInfo,
+    Ioctl,
+    LocalProtocolError,
+    RemoteProtocolError,
+    VBoxStatusError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from types import FrameType
+
+    from agent.protocol import UserBuffer
+
+    IoctlFn = Callable[[int, int, bytearray], None]
+    """``ioctl_fn(fd, code, buffer)``: one blocking ioctl, run in a worker thread."""
+
+DEFAULT_PATH: Final = "/dev/vboxguest"
+FCNTL_BUFFER_LIMIT: Final = 1024
+"""Largest buffer ``fcntl.ioctl`` handles with the GIL released on Python 3.11-3.13."""
+INTERRUPT_SIGNAL: Final = signal.SIGURG
+EINTR_RETRIES: Final = 3
+CLOSE_TIMEOUT: Final = 5.0
+"""Seconds ``aclose`` waits for interrupted calls before it closes the fd anyway."""
+_RESIGNAL_FIRST: Final = 0.01
+_RESIGNAL_MAX: Final = 1.0
+
+
+# --- the system calls, typed ---------------------------------------------------------------
+
+_libc: Final = ctypes.CDLL(None, use_errno=True)
+_libc_ioctl: Final = _libc.ioctl
+_libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_libc_ioctl.restype = ctypes.c_int
+
+
+def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:
+    """Return a ctypes view of ``data``; while it lives, ``data`` cannot move or resize."""
+    return (ctypes.c_char * len(data)).from_buffer(data)
+
+
+def libc_ioctl(fd: int, code: int, buffer: bytearray) -> None:
+    """Call libc ``ioctl(fd, code, buffer)`` through ctypes, which releases the GIL.
+
+    Raises:
+        OSError: the call failed; ``InterruptedError`` for EINTR, as ``fcntl.ioctl`` raises.
+    """
+    view = _pin(buffer)
+    result = int(_libc_ioctl(fd, code, ctypes.addressof(view)))
+    if result < 0:
+        code_ = ctypes.get_errno()
+        raise OSError(code_, os.strerror(code_))
+
+
+def native_ioctl(fd: int, code: int, buffer: bytearray) -> None:
+    """Perform one ioctl, mutating ``buffer``: ``fcntl`` up to 1 KiB, libc above."""
+    if len(buffer) <= FCNTL_BUFFER_LIMIT:
+        fcntl.ioctl(fd, code, buffer, True)
+    else:
+        libc_ioctl(fd, code, buffer)
+
+
+def signal_thread(thread_id: int) -> None:
+    """Send :data:`INTERRUPT_SIGNAL` to one thread of this process."""
+    signal.pthread_kill(thread_id, INTERRUPT_SIGNAL)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """Do nothing: the signal exists to make a blocked system call return EINTR."""
+
+
+def install_interrupt_handler() -> None:
+    """Make :data:`INTERRUPT_SIGNAL` interrupt system calls; call from the main thread.
+
+    A Python or C handler already installed is kept; ``SIG_DFL`` and ``SIG_IGN`` are
+    replaced by a no-op handler. ``SA_RESTART`` is cleared either way.
+    """
+    if signal.getsignal(INTERRUPT_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN):
+        signal.signal(INTERRUPT_SIGNAL, _ignore_signal)
+    signal.siginterrupt(INTERRUPT_SIGNAL, True)
+
+
+# --- the transport -------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """One ioctl in flight; ``thread`` and ``interrupted`` are guarded by the transport lock."""
+
+    code: int
+    buffer: bytearray
+    scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
+    done: trio.Event = field(default_factory=trio.Event)
+    thread: int | None = None
+    """Ident of the worker thread while it is inside ``ioctl_fn``."""
+    interrupted: bool = False
+    """The transport interrupted this call (cancellation, ``interrupt_ioctls``, close)."""
+    cancelled: bool = False
+    """The awaiting task was cancelled."""
+    outcome: Exception | None = None
+
+
+class CharDevTransport:
+    """One open descriptor of a vboxguest character device.
+
+    Attributes:
+        driver_version: the driver's answer to the version handshake, set by the opener.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        threads: int = 4,
+        ioctl_fn: IoctlFn = native_ioctl,
+        close_fn: Callable[[int], None] = os.close,
+        interrupt_fn: Callable[[int], None] = signal_thread,
+    ) -> None:
+        if threads < 2:
+            msg = f"threads must be at least 2 (a blocked call and its interrupt), not {threads}"
+            raise ValueError(msg)
+        self.driver_version: DriverVersion | None = None
+        self._fd = fd
+        self._ioctl_fn = ioctl_fn
+        self._close_fn = close_fn
+        self._interrupt_fn = interrupt_fn
+        self._limiter = trio.CapacityLimiter(threads)
+        self._lock = threading.Lock()
+        self._calls: set[_Call] = set()
+        self._closing = False
+        self._closed = trio.Event()
+        self._waits_interrupted = False
+
+    async def ioctl(
+        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+    ) -> None:
+        """Perform one ioctl in a worker thread; see :mod:`agent.device.transport`.
+
+        Raises:
+            OSError: the driver returned an errno (``InterruptedError`` when interrupted).
+            trio.ClosedResourceError: the transport is closed or closing.
+        """
+        if self._closing:
+            msg = "the vboxguest session is closed"
+            raise trio.ClosedResourceError(msg)
+        saved, pinned = _map_user_buffers(buffer, user_buffers)
+        if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
+            self._waits_interrupted = True
+        call = _Call(code, buffer)
+        self._calls.add(call)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._interrupt_if_cancelled, call)
+                try:
+                    with call.scope:
+                        call.outcome = await trio.to_thread.run_sync(
+                            self._perform, call, limiter=self._limiter, thread_name="vbox-ioctl"
+                        )
+                    if call.scope.cancelled_caught:  # cancelled before it got a thread
+                        call.outcome = InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
+                finally:
+                    call.done.set()
+        finally:
+            self._calls.discard(call)
+            del pinned  # a traceback holding this frame must not keep the data exported
+        if call.outcome is None:
+            return
+        for offset, original in saved:
+            buffer[offset : offset + 8] = original
+        if call.cancelled and isinstance(call.outcome, InterruptedError):
+            await trio.lowlevel.checkpoint()  # the caller's scope is cancelled: raises Cancelled
+        raise call.outcome
+
+    async def interrupt_ioctls(self) -> None:
+        """Interrupt every ioctl now in flight and return once all of them have returned.
+
+        Each is signalled (again, with backoff, until it returns); an interruptible one
+        raises ``InterruptedError`` to its caller, one that had not entered the driver yet
+        does not run. Ioctls started later are not affected. Bound this with a cancel scope:
+        an uninterruptible call returns only when the host answers.
+        """
+        await self._interrupt_until_done(list(self._calls))
+
+    async def aclose(self) -> None:
+        """Interrupt pending ioctls, wait for their threads (bounded), close the fd.
+
+        Idempotent and shielded. After :data:`CLOSE_TIMEOUT` seconds the fd is closed even if
+        a thread is still in an uninterruptible call; the kernel keeps the file alive until
+        it returns. ``close(2)`` runs in a thread too, since the driver disconnects the
+        session's HGCM clients there, waiting for the host; it is abandoned after another
+        :data:`CLOSE_TIMEOUT` seconds (it shares no buffer).
+        """
+        with trio.CancelScope(shield=True):
+            if self._closing:
+                await self._closed.wait()
+                return
+            with self._lock:
+                self._closing = True
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.interrupt_ioctls()
+            try:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await trio.to_thread.run_sync(
+                        self._close_fn, self._fd, thread_name="vbox-close", abandon_on_cancel=True
+                    )
+            finally:
+                self._closed.set()
+
+    async def _interrupt_if_cancelled(self, call: _Call) -> None:
+        try:
+            await call.done.wait()
+        except trio.Cancelled:
+            # Swallowed on purpose: cancellation is level-triggered, so ioctl() raises a
+            # fresh Cancelled after the nursery, outside any exception group.
+            call.cancelled = True
+            call.scope.cancel()  # a call still waiting for a thread never starts
+            with trio.CancelScope(shield=True):
+                await self._interrupt_until_done([call])
+
+    async def _interrupt_until_done(self, calls: Iterable[_Call]) -> None:
+        pending = [call for call in calls if not call.done.is_set()]
+        delay = _RESIGNAL_FIRST
+        while pending:
+            with self._lock:
+                for call in pending:
+                    call.interrupted = True
+                    if call.thread is not None:
+                        self._interrupt_fn(call.thread)
+            with trio.move_on_after(delay):
+                for call in pending:
+                    await call.done.wait()
+            pending = [call for call in pending if not call.done.is_set()]
+            delay = min(2 * delay, _RESIGNAL_MAX)
+
+    def _perform(self, call: _Call) -> Exception | None:
+        """Run in the worker thread: the ioctl with the EINTR policy; return its error."""
+        with self._lock:
+            if self._closing:
+                return trio.ClosedResourceError("the vboxguest session was closed")
+            if call.interrupted:
+                return InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
+            call.thread = threading.get_ident()
+        try:
+            retries = 0
+            while True:
+                try:
+                    self._ioctl_fn(self._fd, call.code, call.buffer)
+                except InterruptedError as exc:
+                    if retries >= EINTR_RETRIES or not self._may_retry(call):
+                        return exc
+                    retries += 1
+                except OSError as exc:
+                    return exc
+                else:
+                    return None
+        finally:
+            with self._lock:
+                call.thread = None
+
+    def _may_retry(self, call: _Call) -> bool:
+        """Whether an EINTR of ``call`` came from a stray signal, not from this transport."""
+        return not (call.interrupted or self._closing or self._waits_interrupted)
+
+
+def _map_user_buffers(
+    buffer: bytearray, user_buffers: Sequence[UserBuffer]
+) -> tuple[list[tuple[int, bytes]], list[ctypes.Array[ctypes.c_char]]]:
+    """Store each user buffer's address in ``buffer``; return the old bytes and the pins.
+
+    The old bytes restore ``buffer`` when the call fails; the pins keep the memory in place
+    until the caller drops them.
+    """
+    saved: list[tuple[int, bytes]] = []
+    for user in user_buffers:
+        offset = user.address_offset
+        if not 0 <= offset <= len(buffer) - 8:
+            msg = f"user buffer address field at {offset} is outside the {len(buffer)}-byte buffer"
+            raise LocalProtocolError(msg)
+        saved.append((offset, bytes(buffer[offset : offset + 8])))
+    pinned = [_pin(user.data) for user in user_buffers]
+    for (offset, _), view in zip(saved, pinned, strict=True):
+        buffer[offset : offset + 8] = ctypes.addressof(view).to_bytes(8, "little")
+    return saved, pinned
+
+
+# --- the opener ----------------------------------------------------------------------------
+
+
+class CharDevOpener:
+    """Opens sessions on a vboxguest character device, one fd each."""
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PATH,
+        *,
+        threads: int = 4,
+        ioctl_fn: IoctlFn = native_ioctl,
+        open_fn: Callable[[str, int], int] = os.open,
+        close_fn: Callable[[int], None] = os.close,
+        interrupt_fn: Callable[[int], None] = signal_thread,
+    ) -> None:
+        """Create the opener; the ``*_fn`` arguments replace the system calls in tests.
+
+        Args:
+            path: the device node.
+            threads: worker threads per session (at least 2).
+            ioctl_fn: ``ioctl_fn(fd, code, buffer)``, blocking, run in a worker thread.
+            open_fn: ``open_fn(path, flags) -> fd``, as ``os.open``.
+            close_fn: ``close_fn(fd)``, as ``os.close``.
+            interrupt_fn: makes the ioctl of the worker thread with that ident return
+                EINTR (default: :func:`signal_thread`).
+        """
+        if threads < 2:
+            msg = f"threads must be at least 2 (a blocked call and its interrupt), not {threads}"
+            raise ValueError(msg)
+        self._path = path
+        self._threads = threads
+        self._ioctl_fn = ioctl_fn
+        self._open_fn = open_fn
+        self._close_fn = close_fn
+        self._interrupt_fn = interrupt_fn
+
+    @property
+    def description(self) -> str:
+        """The device path."""
+        return self._path
+
+    async def open_session(self) -> CharDevTransport:
+        """Open the node, agree on the ioctl interface version and return the session.
+
+        Raises:
+            DeviceUnavailableError: the node is missing, not accessible, not backed by a
+                VirtualBox device, or its driver refuses our interface version.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._interrupt_fn is signal_thread:
+            install_interrupt_handler()
+        try:
+            fd = self._open_fn(self._path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
+        transport = CharDevTransport(
+            fd,
+            threads=self._threads,
+            ioctl_fn=self._ioctl_fn,
+            close_fn=self._close_fn,
+            interrupt_fn=self._interrupt_fn,
+        )
+        try:
+            transport.driver_version = await self._handshake(transport)
+        except BaseException:
+            await transport.aclose()
+            raise
+        return transport
+
+    async def _handshake(self, transport: CharDevTransport) -> DriverVersion:
+        request = DriverVersionInfo()
+        call = request.encode()
+        path = self._path
+        try:
+            await transport.ioctl(call.code, call.buffer)
+            return request.decode(call)
+        except (VBoxStatusError, OSError) as exc:
+            refused = isinstance(exc, VBoxStatusError) or exc.errno == errno.EINVAL
+            if not refused:
+                msg = f"{path} did not answer the vboxguest version handshake ({_reason(exc)})"
+                raise DeviceUnavailableError(msg) from exc
+            msg = (
+                f"the vboxguest driver behind {path} refused ioctl interface version "
+                f"{request.req_version:#010x} ({_reason(exc)}): its ioctl interface is "
+                "incompatible with this agent"
+            )
+            raise DeviceUnavailableError(msg) from exc
+        except RemoteProtocolError as exc:
+            msg = f"the vboxguest driver behind {path} broke the version handshake: {exc}"
+            raise DeviceUnavailableError(msg) from exc
+
+
+def _reason(exc: VBoxStatusError | OSError) -> str:
+    if isinstance(exc, VBoxStatusError):
+        return exc.name
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def open_failure(path: str, exc: OSError) -> str:
+    """Return the one-line reason ``os.open(path)`` failed with ``exc`` and what to do."""
+    if exc.errno == errno.ENOENT:
+        return (
+            f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest) "
+            "or pass --device"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"permission denied opening {path}{_node_owner(path)}: run as root or add the "
+            "user to the node's group (/dev/vboxuser is for unprivileged use)"
+        )
+    if exc.errno in (errno.ENXIO, errno.ENODEV):
+        return f"no VirtualBox device behind {path} (not running in VirtualBox?)"
+    return f"cannot open {path}: {exc.strerror or exc}"
+
+
+def _node_owner(path: str) -> str:
+    """Return `` (mode 0600, owner root:root)`` for ``path``, or nothing if stat fails."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {_user(st.st_uid)}:{_group(st.st_gid)})"
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

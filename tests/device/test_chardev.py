@@ -1,0 +1,770 @@
+"""The character-device transport: threads, limiter, descriptors, user memory, cancellation.
+
+Rules of this test module:
+
+- The transport runs for real: real worker threads, its own limiter, its EINTR policy and
+  its cancellation. Only the system calls are injected: ``open_fn``/``close_fn``/
+  ``ioctl_fn``/``interrupt_fn`` lead to :class:`Kernel`, which hands each ioctl to a driver
+  on the trio thread (``trio.from_thread.run`` with the token, so the driver runs outside
+  the caller's cancel scopes, as a kernel does) and turns an interrupt of a worker thread
+  into EINTR for the call that thread is blocked in, as a signal does.
+- User buffers travel as real addresses: :class:`CtypesMemory` reads and writes this
+  process's memory at the addresses the transport stored, as ``copy_from_user`` would.
+- The real signal path (``SIGURG`` into a thread blocked in a real system call) and the
+  ``fcntl``/libc split run against pipes, since CI has no ``/dev/vboxguest``; the real
+  device gets one smoke test, skipped without the node.
+- Real clock, never ``autojump_clock`` (threads); every test is bounded by ``fail_after``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import stat
+import termios
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import chardev
+from agent.device.chardev import CharDevOpener, CharDevTransport
+from agent.device.errors import DeviceUnavailableError
+from agent.protocol import (
+    ChangeBalloon,
+    ChangeMemBalloon,
+    DriverVersion,
+    GetHostVersion,
+    HgcmBuffer,
+    HgcmBufferIn,
+    HgcmBufferOut,
+    HgcmCall,
+    HgcmConnect,
+    HgcmData,
+    HgcmU32,
+    InterruptAllWaits,
+    Ioctl,
+    LocalProtocolError,
+    Request,
+    Session,
+    UserBuffer,
+    WaitForEvents,
+    layouts as L,  # noqa: N812 - the layout table
+)
+from agent.protocol.constants import HGCM_CALL_HEADER_SIZE, HGCM_PARM64_SIZE, HgcmParmType
+from agent.protocol.status import VERR_VERSION_MISMATCH
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from agent.protocol import IoctlCall
+
+R = TypeVar("R")
+BOUND = 5.0
+"""Seconds any test may take."""
+PROMPT = 1.0
+"""Seconds within which a cancellation or close must take effect."""
+ECHO_FUNCTION = 1
+"""Fake HGCM function: reverse every LINADDR buffer in place, return its length in param 0."""
+BLOCK_FUNCTION = 2
+"""Fake HGCM function: never completes unless cancelled."""
+HAS_DEVICE = Path(chardev.DEFAULT_PATH).exists()
+NO_DEVICE = f"{chardev.DEFAULT_PATH} does not exist (not a VirtualBox guest)"
+
+
+# --- the guest side: real memory and a kernel made of injected system calls ---------------
+
+
+class CtypesMemory:
+    """``GuestMemory`` over this process's own memory, as the kernel's copy_*_user sees it."""
+
+    def read(self, address: int, size: int) -> bytes:
+        """Return ``size`` bytes at the real address ``address``."""
+        return ctypes.string_at(address, size)
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at the real address ``address``."""
+        ctypes.memmove(address, bytes(data), len(data))
+
+
+@dataclass(eq=False)
+class FakeSession:
+    """One open fd of :class:`FakeDriver`."""
+
+    cancel_waiters: bool = False
+    clients: set[int] = field(default_factory=set)
+
+
+class FakeDriver:
+    """A few ioctls of the mainline driver, with ``SimulatedHost``'s entry points.
+
+    Versions, waits with the sticky INTERRUPT_ALL, GET_HOST_VERSION, the EPERM passthrough
+    policy for CHANGE_MEMBALLOON, ENOTTY for unknown ioctls and a two-function HGCM service
+    that reaches user buffers only through ``memory``. Errors leave the buffer untouched.
+    """
+
+    def __init__(self) -> None:
+        self.pending_events = 0
+        self.cancelled_calls = 0
+        self.refuse_version = False
+        self.closed: list[FakeSession] = []
+        self._changed = trio.Event()
+        self._client_ids = itertools.count(1)
+
+    def open_session(self) -> FakeSession:
+        """Open a session (an fd)."""
+        return FakeSession()
+
+    async def close_session(self, session: FakeSession) -> None:
+        """Release the session."""
+        await trio.lowlevel.checkpoint()
+        self.closed.append(session)
+
+    def raise_events(self, mask: int) -> None:
+        """Make ``mask`` pending and wake the waiters."""
+        self.pending_events |= mask
+        self._wake()
+
+    async def ioctl(
+        self, session: FakeSession, code: int, buffer: bytearray, memory: CtypesMemory
+    ) -> None:
+        """Handle one ioctl like the kernel: an errno as ``OSError``, else ``rc`` in place."""
+        await trio.lowlevel.checkpoint()
+        work = bytearray(buffer)
+        L.IoctlHeader.rc.set(work, 0)
+        if code == Ioctl.DRIVER_VERSION_INFO:
+            self._version(work)
+        elif code == Ioctl.WAIT_FOR_EVENTS:
+            await self._wait(session, work)
+        elif code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
+            session.cancel_waiters = True
+            self._wake()
+        elif code == Ioctl.HGCM_CONNECT:
+            client_id = next(self._client_ids)
+            session.clients.add(client_id)
+            L.HgcmConnectIoctl.client_id.set(work, client_id)
+        elif code == Ioctl.hgcm_call_64(len(work)):
+            await self._hgcm_call(session, work, memory)
+        elif code == Ioctl.vmmdev_request(len(work)) or code == Ioctl.VMMDEV_REQUEST_BIG:
+            self._vmmdev_request(work)
+        else:
+            raise OSError(errno.ENOTTY, "unknown ioctl")
+        buffer[:] = work
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _version(self, work: bytearray) -> None:
+        if self.refuse_version:
+            L.IoctlHeader.rc.set(work, VERR_VERSION_MISMATCH)
+            L.DriverVersionInfo.session_version.set(work, 0xFFFFFFFF)
+        else:
+            L.DriverVersionInfo.session_version.set(work, 0x10000)
+        L.DriverVersionInfo.driver_version.set(work, 0x10000)
+
+    async def _wait(self, session: FakeSession, work: bytearray) -> None:
+        mask = L.WaitForEventsIoctl.events_in.get(work)
+        while not session.cancel_waiters and not self.pending_events & mask:
+            await self._changed.wait()
+        if session.cancel_waiters:
+            raise OSError(errno.EINTR, "waits cancelled")
+        events = self.pending_events & mask
+        self.pending_events &= ~events
+        L.WaitForEventsIoctl.events_out.set(work, events)
+
+    def _vmmdev_request(self, work: bytearray) -> None:
+        request_type = L.RequestHeader.request_type.get(work)
+        if request_type != GetHostVersion.request_type:
+            raise OSError(errno.EPERM, "denied passthrough")
+        L.HostVersionRequest.major.set(work, 7)
+        L.HostVersionRequest.minor.set(work, 1)
+        L.RequestHeader.rc.set(work, 0)
+
+    async def _hgcm_call(self, session: FakeSession, work: bytearray, memory: CtypesMemory) -> None:
+        if L.HgcmCallIoctl.client_id.get(work) not in session.clients:
+            raise OSError(errno.EINVAL, "not this session's client")
+        if L.HgcmCallIoctl.function.get(work) == BLOCK_FUNCTION:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled_calls += 1
+        total = 0
+        for index in range(L.HgcmCallIoctl.parm_count.get(work)):
+            base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
+            view = memoryview(work)[base : base + HGCM_PARM64_SIZE]
+            if L.HgcmParameter64.type.get(view) != HgcmParmType.LINADDR:
+                continue
+            size = L.HgcmParameter64.pointer_size.get(view)
+            address = L.HgcmParameter64.pointer_linear_addr.get(view)
+            memory.write(address, memory.read(address, size)[::-1])
+            total += size
+        if total:
+            first = memoryview(work)[HGCM_CALL_HEADER_SIZE : HGCM_CALL_HEADER_SIZE + 16]
+            L.HgcmParameter64.value32.set(first, total)
+
+
+class Kernel:
+    """The injected system calls: fds lead to driver sessions, interrupts become EINTR."""
+
+    def __init__(self, driver: FakeDriver) -> None:
+        self.driver = driver
+        self.sessions: dict[int, FakeSession] = {}
+        self.in_driver = 0
+        self.peak = 0
+        self.codes: list[int] = []
+        self._token = trio.lowlevel.current_trio_token()
+        self._fds = itertools.count(100)
+        self._blocked: dict[int, trio.CancelScope] = {}
+        self._moved = trio.Event()
+
+    async def wait_in_driver(self, count: int) -> None:
+        """Wait until exactly ``count`` ioctls are inside the driver, and it is idle."""
+        while self.in_driver != count:
+            await self._moved.wait()
+        await trio.testing.wait_all_tasks_blocked()
+
+    def _count(self, delta: int) -> None:
+        self.in_driver += delta
+        self.peak = max(self.peak, self.in_driver)
+        self._moved.set()
+        self._moved = trio.Event()
+
+    def opener(self, *, threads: int = 4) -> CharDevOpener:
+        """Return an opener whose system calls lead here."""
+        return CharDevOpener(
+            "/dev/vboxguest",
+            threads=threads,
+            ioctl_fn=self.ioctl,
+            open_fn=self.open,
+            close_fn=self.close,
+            interrupt_fn=self.interrupt,
+        )
+
+    def open(self, path: str, flags: int) -> int:
+        """``open(2)``: a new session."""
+        assert path == "/dev/vboxguest"
+        assert flags == os.O_RDWR | os.O_CLOEXEC
+        fd = next(self._fds)
+        self.sessions[fd] = self.driver.open_session()
+        return fd
+
+    def close(self, fd: int) -> None:
+        """``close(2)``, from a worker thread: the driver releases the session."""
+        session = self.sessions.pop(fd)
+        trio.from_thread.run(self.driver.close_session, session, trio_token=self._token)
+
+    def ioctl(self, fd: int, code: int, buffer: bytearray) -> None:
+        """``ioctl(2)``, from a worker thread: blocks until the driver answers."""
+        session = self.sessions.get(fd)
+        if session is None:
+            raise OSError(errno.EBADF, "bad fd")
+        self.codes.append(code)
+        thread = threading.get_ident()
+        trio.from_thread.run(self._in_driver, thread, session, code, buffer, trio_token=self._token)
+
+    def interrupt(self, thread: int) -> None:
+        """A signal to ``thread``: the call it is blocked in ends with EINTR."""
+        scope = self._blocked.get(thread)
+        if scope is not None:
+            scope.cancel()
+
+    async def _in_driver(
+        self, thread: int, session: FakeSession, code: int, buffer: bytearray
+    ) -> None:
+        self._count(1)
+        try:
+            with trio.CancelScope() as scope:
+                self._blocked[thread] = scope
+                await self.driver.ioctl(session, code, buffer, CtypesMemory())
+                return
+            raise OSError(errno.EINTR, "interrupted by a signal")
+        finally:
+            del self._blocked[thread]
+            self._count(-1)
+
+
+@pytest.fixture(name="kernel")
+async def _kernel() -> Kernel:
+    return Kernel(FakeDriver())
+
+
+async def _call(transport: CharDevTransport, session: Session, request: Request[R]) -> R:
+    """Encode ``request``, move it through ``transport`` and decode the reply."""
+    call: IoctlCall[R] = session.encode(request)
+    await transport.ioctl(call.code, call.buffer, call.user_buffers)
+    return session.decode(call)
+
+
+async def _open_connected(
+    kernel: Kernel, *, threads: int = 4
+) -> tuple[CharDevTransport, Session, int]:
+    transport = await kernel.opener(threads=threads).open_session()
+    session = Session()
+    connected = await _call(transport, session, HgcmConnect("VBoxGuestPropSvc"))
+    return transport, session, connected.client_id
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _read_ioctl(fd: int, code: int, buffer: bytearray) -> None:
+    """An ``ioctl_fn`` blocking in ``read(2)`` through ctypes, which retries no EINTR."""
+    view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    if _libc.read(fd, view, len(buffer)) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _version_then_read(fd: int, code: int, buffer: bytearray) -> None:
+    """Answer the version handshake like the driver; block in ``read(2)`` for anything else."""
+    if code != Ioctl.DRIVER_VERSION_INFO:
+        _read_ioctl(fd, code, buffer)
+        return
+    L.IoctlHeader.rc.set(buffer, 0)
+    L.DriverVersionInfo.session_version.set(buffer, 0x10000)
+
+
+def raises_errno(code: int) -> pytest.RaisesExc[OSError]:
+    """Expect an ``OSError`` carrying ``code``."""
+    return pytest.raises(OSError, match=rf"^\[Errno {code}\] ")
+
+
+def _ioctl_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+class TestOpen:
+    """Opening a session: the open flags, the version handshake and one-line failures."""
+
+    async def test_handshake_result_is_exposed(self, kernel: Kernel) -> None:
+        """Each session agrees on interface version 1.0 and keeps the driver's answer."""
+        with trio.fail_after(BOUND):
+            transport = await kernel.opener().open_session()
+            assert transport.driver_version == DriverVersion(0x10000, 0x10000, 0)
+            assert kernel.opener().description == "/dev/vboxguest"
+            await transport.aclose()
+        assert kernel.sessions == {}
+
+    async def test_refused_version_is_unavailable_and_closes_the_fd(self, kernel: Kernel) -> None:
+        """A driver answering VERR_VERSION_MISMATCH fails the open and leaves no fd open."""
+        kernel.driver.refuse_version = True
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await kernel.opener().open_session()
+        message = str(caught.value)
+        assert "/dev/vboxguest" in message
+        assert "VERR_VERSION_MISMATCH" in message
+        assert "incompatible" in message
+        assert kernel.sessions == {}
+
+    async def test_einval_handshake_is_incompatible(self) -> None:
+        """A driver answering the handshake with EINVAL has an incompatible interface."""
+
+        def ioctl_fn(fd: int, code: int, buffer: bytearray) -> None:
+            raise OSError(errno.EINVAL, "bad version")
+
+        closed: list[int] = []
+        opener = CharDevOpener(
+            "/dev/vboxguest",
+            ioctl_fn=ioctl_fn,
+            open_fn=lambda path, flags: 7,
+            close_fn=closed.append,
+            interrupt_fn=lambda thread: None,
+        )
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError, match="EINVAL"):
+            await opener.open_session()
+        assert closed == [7]
+
+    async def test_missing_node_names_the_fix(self, tmp_path: Path) -> None:
+        """A missing node (a real ``os.open``) says to load the module or pass --device."""
+        path = tmp_path / "vboxguest"
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await CharDevOpener(str(path)).open_session()
+        message = str(caught.value)
+        assert message.startswith(str(path))
+        assert "modprobe vboxguest" in message
+        assert "--device" in message
+        assert "\n" not in message
+
+    async def test_permission_denied_names_mode_owner_and_fix(self, tmp_path: Path) -> None:
+        """EACCES names the node's mode and owner, root or the group, and /dev/vboxuser."""
+        node = tmp_path / "vboxguest"
+        node.touch(mode=0o600)
+        node.chmod(0o600)
+
+        def open_fn(path: str, flags: int) -> int:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+
+        opener = CharDevOpener(str(node), open_fn=open_fn)
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await opener.open_session()
+        message = str(caught.value)
+        st = node.stat()
+        assert f"permission denied opening {node} (mode 0600, owner " in message
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert "run as root" in message
+        assert "/dev/vboxuser" in message
+
+    @pytest.mark.parametrize("code", [errno.ENXIO, errno.ENODEV])
+    async def test_no_device_behind_node(self, code: int) -> None:
+        """ENXIO and ENODEV mean no VirtualBox device is behind the node."""
+
+        def open_fn(path: str, flags: int) -> int:
+            raise OSError(code, os.strerror(code), path)
+
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await CharDevOpener("/dev/vboxguest", open_fn=open_fn).open_session()
+        assert str(caught.value) == (
+            "no VirtualBox device behind /dev/vboxguest (not running in VirtualBox?)"
+        )
+
+    async def test_node_that_is_not_vboxguest(self) -> None:
+        """A real node that answers ENOTTY (``--device /dev/null``) fails the handshake."""
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await CharDevOpener("/dev/null").open_session()
+        assert str(caught.value) == (
+            "/dev/null did not answer the vboxguest version handshake (ENOTTY)"
+        )
+
+    async def test_other_open_errors_name_the_path(self, tmp_path: Path) -> None:
+        """Any other open failure (a directory: EISDIR) names the path and the reason."""
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await CharDevOpener(str(tmp_path)).open_session()
+        assert str(caught.value) == f"cannot open {tmp_path}: Is a directory"
+
+    def test_fewer_than_two_threads_is_refused(self) -> None:
+        """One thread could not carry a blocked call and the interrupt that ends it."""
+        with pytest.raises(ValueError, match="at least 2"):
+            CharDevOpener(threads=1)
+        with pytest.raises(ValueError, match="at least 2"):
+            CharDevTransport(3, threads=1)
+
+
+class TestIoctl:
+    """Buffers in place, errnos as ``OSError`` and user memory at real addresses."""
+
+    async def test_vmmdev_request_round_trips(self, kernel: Kernel) -> None:
+        """A GET_HOST_VERSION passthrough comes back decoded."""
+        with trio.fail_after(BOUND):
+            transport = await kernel.opener().open_session()
+            version = await _call(transport, Session(), GetHostVersion())
+            await transport.aclose()
+        assert (version.major, version.minor) == (7, 1)
+
+    async def test_errno_propagates_and_leaves_buffer(self, kernel: Kernel) -> None:
+        """ENOTTY (ioctl 18 on mainline) and EPERM (denied passthrough) raise as they are."""
+        with trio.fail_after(BOUND):
+            transport = await kernel.opener().open_session()
+            for request, code in (
+                (ChangeBalloon(0x10000, inflate=True), errno.ENOTTY),
+                (
+                    ChangeMemBalloon(inflate=True, pages=tuple(range(4096, 4096 * 257, 4096))),
+                    errno.EPERM,
+                ),
+            ):
+                call = request.encode()
+                before = bytes(call.buffer)
+                with raises_errno(code):
+                    await transport.ioctl(call.code, call.buffer)
+                assert bytes(call.buffer) == before
+            await transport.aclose()
+
+    async def test_hgcm_linaddr_buffers_use_real_memory(self, kernel: Kernel) -> None:
+        """The driver reads and writes user buffers at the addresses the transport stored."""
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel)
+            params = (HgcmU32(0), HgcmBuffer(b"abcdef"), HgcmBufferIn(b"in"), HgcmBufferOut(3))
+            reply = await _call(transport, session, HgcmCall(client, ECHO_FUNCTION, params))
+            await transport.aclose()
+        assert reply.params == (
+            HgcmU32(6),
+            HgcmData(b"fedcba"),
+            HgcmData(b"in"),
+            HgcmData(b"\0\0\0"),
+        )
+
+    async def test_address_fields_are_restored_on_failure(self, kernel: Kernel) -> None:
+        """A failed call leaves the buffer as it was, address fields included."""
+        with trio.fail_after(BOUND):
+            transport, _, client = await _open_connected(kernel)
+            call = HgcmCall(client + 1, ECHO_FUNCTION, (HgcmBuffer(b"xy"),)).encode()
+            before = bytes(call.buffer)
+            with raises_errno(errno.EINVAL):
+                await transport.ioctl(call.code, call.buffer, call.user_buffers)
+            await transport.aclose()
+        assert bytes(call.buffer) == before
+
+    async def test_address_field_outside_the_buffer_is_refused(self, kernel: Kernel) -> None:
+        """A user buffer whose address field lies outside the buffer is our own misuse."""
+        with trio.fail_after(BOUND):
+            transport = await kernel.opener().open_session()
+            buffer = bytearray(24)
+            with pytest.raises(LocalProtocolError, match="outside the 24-byte buffer"):
+                await transport.ioctl(1, buffer, (UserBuffer(20, bytearray(b"x")),))
+            await transport.aclose()
+        assert buffer == bytearray(24)
+
+    async def test_closed_transport_refuses_ioctls(self, kernel: Kernel) -> None:
+        """After ``aclose`` (twice: idempotent) an ioctl raises ClosedResourceError."""
+        with trio.fail_after(BOUND):
+            transport = await kernel.opener().open_session()
+            await transport.aclose()
+            await transport.aclose()
+            call = InterruptAllWaits().encode()
+            with pytest.raises(trio.ClosedResourceError):
+                await transport.ioctl(call.code, call.buffer)
+        assert len(kernel.driver.closed) == 1
+
+
+class TestWaits:
+    """Blocking waits run concurrently with the ioctl that ends them, on one fd."""
+
+    async def test_interrupt_all_ends_the_wait_on_its_fd_only(self, kernel: Kernel) -> None:
+        """INTERRUPT_ALL ends one fd's wait with EINTR for good; another fd keeps waiting."""
+        with trio.fail_after(BOUND):
+            first = await kernel.opener().open_session()
+            second = await kernel.opener().open_session()
+            first_session, second_session = Session(), Session()
+            first_ended = trio.Event()
+            received: list[int] = []
+
+            async def wait_first() -> None:
+                with pytest.raises(InterruptedError):
+                    await _call(first, first_session, WaitForEvents(0x10))
+                first_ended.set()
+
+            async def wait_second() -> None:
+                events = await _call(second, second_session, WaitForEvents(0x10))
+                received.append(events.mask)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_first)
+                nursery.start_soon(wait_second)
+                await kernel.wait_in_driver(2)
+                await _call(first, first_session, InterruptAllWaits())
+                with trio.fail_after(PROMPT):
+                    await first_ended.wait()
+                assert kernel.in_driver == 1
+                kernel.driver.raise_events(0x10)
+            assert received == [0x10]
+
+            call = WaitForEvents(0x10).encode()  # the Session would refuse: ask the driver
+            with trio.fail_after(PROMPT), pytest.raises(InterruptedError):
+                await first.ioctl(call.code, call.buffer)
+            assert kernel.codes.count(Ioctl.WAIT_FOR_EVENTS) == 3  # EINTR was not retried
+            await first.aclose()
+            await second.aclose()
+
+    async def test_limiter_bounds_threads_per_session(self, kernel: Kernel) -> None:
+        """No more ioctls of one session are in the driver at once than it has threads."""
+        with trio.fail_after(BOUND):
+            transport = await kernel.opener(threads=2).open_session()
+            done: list[int] = []
+
+            async def wait(mask: int) -> None:
+                done.append((await _call(transport, Session(), WaitForEvents(mask))).mask)
+
+            async with trio.open_nursery() as nursery:
+                for bit in (1, 2, 4, 8):
+                    nursery.start_soon(wait, bit)
+                await kernel.wait_in_driver(2)
+                await trio.sleep(0.05)
+                assert kernel.in_driver == 2
+                kernel.driver.raise_events(0xF)
+            await transport.aclose()
+        assert sorted(done) == [1, 2, 4, 8]
+        assert kernel.peak == 2
+
+
+class TestCancellation:
+    """Cancelling or closing ends blocked calls promptly and leaves no thread behind."""
+
+    async def test_cancelling_a_blocked_hgcm_call_cancels_it_in_the_driver(
+        self, kernel: Kernel
+    ) -> None:
+        """The caller's cancel interrupts the worker thread and raises Cancelled promptly."""
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel)
+            with trio.move_on_after(0.05) as scope:
+                await _call(transport, session, HgcmCall(client, BLOCK_FUNCTION))
+            assert scope.cancelled_caught
+            assert kernel.driver.cancelled_calls == 1
+            assert kernel.in_driver == 0
+            reply = await _call(transport, session, HgcmCall(client, ECHO_FUNCTION, (HgcmU32(0),)))
+            assert reply.params == (HgcmU32(0),)
+            await transport.aclose()
+
+    async def test_cancel_before_a_thread_is_free_never_runs_the_call(self, kernel: Kernel) -> None:
+        """A call cancelled while waiting for the limiter never reaches the driver."""
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel, threads=2)
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(_call, transport, session, HgcmCall(client, BLOCK_FUNCTION))
+                await kernel.wait_in_driver(2)
+                with trio.move_on_after(0.05) as scope:
+                    await _call(transport, session, HgcmCall(client, ECHO_FUNCTION))
+                assert scope.cancelled_caught
+                assert kernel.peak == 2
+                nursery.cancel_scope.cancel()
+            await transport.aclose()
+        assert kernel.driver.cancelled_calls == 2
+
+    async def test_aclose_interrupts_blocked_calls_and_leaves_no_thread(
+        self, kernel: Kernel
+    ) -> None:
+        """Closing with calls blocked ends them with EINTR promptly, then closes the fd."""
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel)
+            errors: list[type[BaseException]] = []
+
+            async def blocked(request: Request[object]) -> None:
+                with pytest.raises(InterruptedError) as caught:
+                    await _call(transport, session, request)
+                errors.append(caught.type)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked, HgcmCall(client, BLOCK_FUNCTION))
+                nursery.start_soon(blocked, WaitForEvents(0x10))
+                await kernel.wait_in_driver(2)
+                assert len(_ioctl_threads()) == 2
+                with trio.fail_after(PROMPT):
+                    await transport.aclose()
+                assert kernel.sessions == {}
+        assert errors == [InterruptedError, InterruptedError]
+        assert kernel.driver.cancelled_calls == 1
+        assert _ioctl_threads() == []
+
+    async def test_stray_eintr_is_retried_a_bounded_number_of_times(self) -> None:
+        """EINTR the transport did not cause is retried, but not forever."""
+        attempts: list[int] = []
+
+        def flaky(fd: int, code: int, buffer: bytearray) -> None:
+            attempts.append(code)
+            if len(attempts) < 3:
+                raise InterruptedError(errno.EINTR, "stray signal")
+
+        def always(fd: int, code: int, buffer: bytearray) -> None:
+            attempts.append(code)
+            raise InterruptedError(errno.EINTR, "stray signal")
+
+        with trio.fail_after(BOUND):
+            transport = CharDevTransport(3, ioctl_fn=flaky, close_fn=lambda fd: None)
+            await transport.ioctl(1, bytearray(24))
+            assert attempts == [1, 1, 1]
+            attempts.clear()
+            transport = CharDevTransport(3, ioctl_fn=always, close_fn=lambda fd: None)
+            with pytest.raises(InterruptedError):
+                await transport.ioctl(1, bytearray(24))
+            assert len(attempts) == chardev.EINTR_RETRIES + 1
+
+
+class TestRealSignals:
+    """The default interrupt: SIGURG into a thread blocked in a real system call."""
+
+    @pytest.fixture(name="pipe")
+    def _pipe(self) -> Iterator[tuple[int, int]]:
+        read_fd, write_fd = os.pipe()
+        yield read_fd, write_fd
+        os.close(write_fd)
+
+    async def test_cancel_interrupts_a_real_system_call(self, pipe: tuple[int, int]) -> None:
+        """Cancelling the caller signals its thread; the read returns EINTR; Cancelled follows."""
+        read_fd, write_fd = pipe
+        transport = CharDevTransport(read_fd, ioctl_fn=_read_ioctl)
+        chardev.install_interrupt_handler()
+        with trio.fail_after(BOUND):
+            with trio.move_on_after(0.05) as scope:
+                await transport.ioctl(0, bytearray(24))
+            assert scope.cancelled_caught
+            os.write(write_fd, b"x")
+            buffer = bytearray(24)
+            await transport.ioctl(0, buffer)
+            assert buffer[0:1] == b"x"
+            await transport.aclose()
+
+    async def test_aclose_interrupts_a_real_system_call(self, pipe: tuple[int, int]) -> None:
+        """``aclose`` signals a thread blocked in the kernel and closes the fd promptly."""
+        read_fd, _ = pipe
+        opener = CharDevOpener(
+            "pipe", open_fn=lambda path, flags: read_fd, ioctl_fn=_version_then_read
+        )
+        with trio.fail_after(BOUND):
+            transport = await opener.open_session()
+            errors: list[type[BaseException]] = []
+
+            async def blocked() -> None:
+                with pytest.raises(InterruptedError) as caught:
+                    await transport.ioctl(0, bytearray(24))
+                errors.append(caught.type)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked)
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.05)
+                assert len(_ioctl_threads()) == 1
+                with trio.fail_after(PROMPT):
+                    await transport.aclose()
+        assert errors == [InterruptedError]
+        assert _ioctl_threads() == []
+        with raises_errno(errno.EBADF):
+            os.fstat(read_fd)
+
+
+class TestNativeIoctl:
+    """The real ioctl: ``fcntl`` up to 1 KiB, libc through ctypes above, errno either way."""
+
+    async def test_small_and_large_buffers_take_their_paths(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """FIONREAD on a pipe fills the buffer through fcntl (1 KiB) and libc (1 KiB + 1)."""
+        used: list[int] = []
+        real = chardev.libc_ioctl
+
+        def spy(fd: int, code: int, buffer: bytearray) -> None:
+            used.append(len(buffer))
+            real(fd, code, buffer)
+
+        monkeypatch.setattr(chardev, "libc_ioctl", spy)
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, b"12345")
+            transport = CharDevTransport(read_fd)
+            with trio.fail_after(BOUND):
+                for size in (1024, 1025, 16 << 10):
+                    buffer = bytearray(size)
+                    await transport.ioctl(termios.FIONREAD, buffer)
+                    assert int.from_bytes(buffer[:4], "little") == 5
+                with raises_errno(errno.ENOTTY):
+                    await transport.ioctl(Ioctl.vmmdev_request(2080), bytearray(2080))
+                with raises_errno(errno.ENOTTY):
+                    await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                await transport.aclose()
+        finally:
+            os.close(write_fd)
+        assert used == [1025, 16 << 10, 2080]
+
+
+@pytest.mark.device
+@pytest.mark.skipif(
+    not HAS_DEVICE, reason=f"{chardev.DEFAULT_PATH} does not exist (not a VirtualBox guest)"
+)
+class TestRealDevice:
+    """The real driver: open, version handshake, close."""
+
+    async def test_open_handshake_close(self) -> None:
+        """``/dev/vboxguest`` opens, agrees on interface version 1.0 and closes."""
+        with trio.fail_after(BOUND):
+            transport = await CharDevOpener().open_session()
+            assert transport.driver_version is not None
+            assert transport.driver_version.session_version == 0x10000
+            await transport.aclose()
