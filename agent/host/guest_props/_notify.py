@@ -1,0 +1,138 @@
+"""The notification queue and the pending GET_NOTIFICATION waits (``doNotifications``)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from agent.protocol.status import (
+    VERR_BUFFER_OVERFLOW,
+    VERR_INTERRUPTED,
+    VERR_OUT_OF_RESOURCES,
+    VINF_SUCCESS,
+    VWRN_NOT_FOUND,
+)
+
+from ._flags import format_flags
+from ._limits import MAX_CONCURRENT_WAITS, MAX_GUEST_NOTIFICATIONS
+from ._params import buffer, u32, u64
+from ._patterns import patterns_match
+
+if TYPE_CHECKING:
+    from agent.host.hgcm_service import HgcmCallHandle, HostParm
+
+    from ._store import Property
+
+
+@dataclass(slots=True, eq=False)
+class _Wait:
+    """A pending GET_NOTIFICATION and the status it completes with (0, or +78 for an old one)."""
+
+    call: HgcmCallHandle
+    patterns: bytes
+    status: int
+
+
+def write_out(params: list[HostParm], entry: Property, *, deleted: bool) -> int:
+    """Write ``entry`` into GET_NOTIFICATION's parameters; return the call's status.
+
+    The timestamp and the size are set even when the buffer is too small.
+    """
+    u64(params[1]).value = entry.timestamp
+    data = b"%s\0%s\0%s\0%s\0" % (
+        entry.name.encode(),
+        entry.value.encode(),
+        format_flags(entry.flags).encode(),
+        b"1" if deleted else b"0",
+    )
+    u32(params[3]).value = len(data)
+    out = buffer(params[2])
+    if len(data) > len(out.data):
+        return VERR_BUFFER_OVERFLOW
+    out.data[: len(data)] = data
+    return VINF_SUCCESS
+
+
+class Notifier:
+    """The last changes (snapshots, oldest first) and the guests waiting for the next ones."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Property] = deque(maxlen=MAX_GUEST_NOTIFICATIONS)
+        self._waits: list[_Wait] = []
+
+    def find_old(self, patterns: bytes, timestamp: int) -> tuple[int, Property | None]:
+        """Return the first matching change after ``timestamp`` (``getOldNotificationInternal``).
+
+        The status is VWRN_NOT_FOUND when no change had that timestamp; the search then
+        starts at the oldest change the queue still holds.
+        """
+        status, start = VWRN_NOT_FOUND, 0
+        for index in range(len(self._queue) - 1, -1, -1):
+            if self._queue[index].timestamp == timestamp:
+                status, start = VINF_SUCCESS, index + 1
+                break
+        for entry in islice(self._queue, start, None):
+            if patterns_match(patterns, entry.name.encode()):
+                return status, entry
+        return status, None
+
+    def add_wait(self, call: HgcmCallHandle, patterns: bytes, status: int) -> int | None:
+        """Queue ``call`` to complete with the next matching change; None, or a failure status.
+
+        An older wait of the same client with the same patterns, and cancelled ones, are
+        completed with VERR_INTERRUPTED first; past the per-client limit the call fails.
+        """
+        pending = 0
+        for wait in list(self._waits):
+            if wait.call.client_id != call.client_id:
+                continue
+            if wait.patterns == patterns or wait.call.cancelled:
+                self._finish(wait, VERR_INTERRUPTED)
+            else:
+                pending += 1
+        if pending >= MAX_CONCURRENT_WAITS:
+            return VERR_OUT_OF_RESOURCES
+        self._waits.append(_Wait(call, patterns, status))
+        return None
+
+    def publish(self, entry: Property, *, deleted: bool) -> None:
+        """Complete the waits that match ``entry``, then remember it.
+
+        Each wait is matched against its own patterns. The real service (the version the
+        reference describes, §5.8) reads the patterns of the *first* wait and applies them to
+        every wait: a known upstream bug that wakes waits with changes they did not ask for
+        and leaves others asleep, depending on the order of unrelated waits. We do not
+        reproduce it: the agent must work with hosts that match correctly, and a test that
+        passes only through the bug would hide an agent that filters its own notifications
+        wrongly.
+        """
+        name = entry.name.encode()
+        for wait in list(self._waits):
+            if patterns_match(wait.patterns, name):
+                status = write_out(wait.call.params, entry, deleted=deleted)
+                self._finish(wait, status if status < 0 else wait.status)
+        self._queue.append(entry)
+
+    def cancel(self, call: HgcmCallHandle) -> None:
+        """Drop the wait of a call the guest cancelled, completing it with VERR_INTERRUPTED."""
+        for wait in self._waits:
+            if wait.call is call:
+                self._finish(wait, VERR_INTERRUPTED)
+                return
+
+    def interrupt(self, client_id: int | None = None) -> None:
+        """Complete the waits of ``client_id`` (or all) with VERR_INTERRUPTED."""
+        for wait in list(self._waits):
+            if client_id is None or wait.call.client_id == client_id:
+                self._finish(wait, VERR_INTERRUPTED)
+
+    def restart(self) -> None:
+        """Forget the queue and, without completing them, the waits (a new service instance)."""
+        self._queue.clear()
+        self._waits.clear()
+
+    def _finish(self, wait: _Wait, status: int) -> None:
+        self._waits.remove(wait)
+        wait.call.complete(status)

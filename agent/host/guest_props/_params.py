@@ -1,0 +1,84 @@
+"""Reading guest call parameters the way ``HGCMSvcGet*`` does, and the name and value checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
+from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
+
+from ._limits import MAX_NAME_SIZE, MIN_NAME_SIZE
+
+_NAME_FORBIDDEN = b"*?|"
+
+
+class GuestCallError(Exception):
+    """A guest call fails with the VBox status ``rc``."""
+
+    def __init__(self, rc: int) -> None:
+        super().__init__(rc)
+        self.rc = rc
+
+
+@dataclass(frozen=True, slots=True)
+class CString:
+    """A string parameter: ``text`` up to the first NUL, ``raw`` the whole buffer."""
+
+    text: str
+    raw: bytes
+
+
+def check_count(params: list[HostParm], *counts: int) -> None:
+    """Fail with VERR_INVALID_PARAMETER unless there are ``counts`` parameters."""
+    if len(params) not in counts:
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+
+
+def c_string(parm: HostParm) -> CString:
+    """Return a string parameter: a non-empty buffer, a NUL inside, UTF-8 up to the NUL."""
+    if not isinstance(parm, HostBuffer):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    raw = bytes(parm.data)
+    end = raw.find(0)
+    if end < 0:
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    try:
+        text = raw[:end].decode()
+    except UnicodeDecodeError:
+        raise GuestCallError(VERR_INVALID_PARAMETER) from None
+    return CString(text, raw)
+
+
+def buffer(parm: HostParm) -> HostBuffer:
+    """Return a buffer parameter (empty ones included, as ``HGCMSvcGetBuf`` allows)."""
+    if not isinstance(parm, HostBuffer):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    return parm
+
+
+def u32(parm: HostParm) -> HostU32:
+    """Return a 32-bit parameter."""
+    if not isinstance(parm, HostU32):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    return parm
+
+
+def u64(parm: HostParm) -> HostU64:
+    """Return a 64-bit parameter."""
+    if not isinstance(parm, HostU64):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    return parm
+
+
+def check_name(name: CString) -> None:
+    """``GuestPropValidateName``: buffer size 2..64, no ``*?|`` anywhere in the buffer."""
+    if not MIN_NAME_SIZE <= len(name.raw) <= MAX_NAME_SIZE:
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    if any(byte in _NAME_FORBIDDEN for byte in name.raw):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+
+
+def check_value(value: CString, max_size: int) -> None:
+    """``GuestPropValidateValue``: the buffer, NUL included, holds at most ``max_size`` bytes."""
+    if len(value.raw) > max_size:
+        raise GuestCallError(VERR_TOO_MUCH_DATA)

@@ -1,0 +1,376 @@
+"""``GuestPropertyService``: the simulated host's VBoxGuestPropSvc."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from agent.protocol.status import (
+    VERR_BUFFER_OVERFLOW,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
+    VERR_PARSE_ERROR,
+    VERR_PERMISSION_DENIED,
+    VERR_TOO_MUCH_DATA,
+    VINF_SUCCESS,
+    status_name,
+)
+
+from . import _host, _params
+from ._flags import (
+    ALLFLAGS,
+    NILFLAG,
+    RDONLYGUEST,
+    TRANSIENT,
+    TRANSRESET,
+    FlagsParseError,
+    format_flags,
+    parse_flags,
+)
+from ._limits import (
+    ENUM_TERMINATOR,
+    MAX_CALLS_PER_CLIENT,
+    MAX_PATTERN_SIZE,
+    MAX_PROPS,
+    MAX_VALUE_SIZE,
+    RESET_COUNTER,
+    RESUME_COUNTER,
+    SERVICE_NAME,
+    SYSPREP_ARGS,
+    SYSPREP_EXEC,
+    VBOX_REV,
+    VBOX_VER,
+    VBOX_VER_EXT,
+    GuestFunction,
+)
+from ._notify import write_out
+from ._params import GuestCallError
+from ._patterns import patterns_match
+from ._store import PropertyStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.host.hgcm_service import HgcmCallHandle, HostParm
+
+_HOST_PROP_FLAGS: Final = TRANSIENT | RDONLYGUEST
+"""The flags of every property the service sets itself (§5.9)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostVersion:
+    """What the ``/VirtualBox/HostInfo/VBox*`` properties report."""
+
+    version: str = "7.0.20"
+    version_ext: str = "7.0.20"
+    revision: str = "163906"
+
+
+class GuestPropertyService:
+    """The guest-property HGCM service, with the host-side calls of Main and VBoxManage.
+
+    Guest calls arrive through the :class:`~agent.host.hgcm_service.HgcmService` methods.
+    VM life-cycle events come from the simulated host:
+
+    - :meth:`power_on` at VM start (and again after a power-off), before any guest call;
+    - :meth:`reset` for a VM reset only (the RESET notification plus Console's TRANSRESET
+      cleanup). It must not be called for a restore: it bumps ResetCounter;
+    - :meth:`restore` when the VM is restored from a saved state, *before* the framework
+      re-submits the pending calls through :meth:`call`. It forgets pending waits without
+      completing them; the re-submitted GET_NOTIFICATION calls then wait again (timestamp
+      0) or get VWRN_NOT_FOUND (any other timestamp, as the new queue does not know it);
+    - :meth:`resume` after the re-submission and whenever else the VM resumes.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        max_value_size: int = MAX_VALUE_SIZE,
+        host_version: HostVersion = HostVersion(),
+    ) -> None:
+        self._max_value_size = max_value_size
+        self._host_version = host_version
+        self._store = PropertyStore(clock)
+        self._host_version_set = False
+
+    # -- HgcmService -----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name guests connect to."""
+        return SERVICE_NAME
+
+    @property
+    def max_calls_per_client(self) -> int:
+        """Pending calls one client may have."""
+        return MAX_CALLS_PER_CLIENT
+
+    def connect(self, client_id: int, requestor: int) -> int:
+        """Accept every client: the service keeps no per-client data."""
+        return VINF_SUCCESS
+
+    def disconnect(self, client_id: int) -> None:
+        """Complete the client's waits with VERR_INTERRUPTED."""
+        self._store.notifier.interrupt(client_id)
+
+    def call(self, call: HgcmCallHandle) -> None:
+        """Run a guest call; GET_NOTIFICATION may stay pending."""
+        try:
+            status = self._dispatch(call)
+        except GuestCallError as exc:
+            status = exc.rc
+        if status is not None:
+            call.complete(status)
+
+    def cancel(self, call: HgcmCallHandle) -> None:
+        """Drop a cancelled wait, completing it with VERR_INTERRUPTED."""
+        self._store.notifier.cancel(call)
+
+    def reset(self) -> None:
+        """VM reset: waits end with VERR_INTERRUPTED, TRANSRESET properties go, ResetCounter + 1.
+
+        Console deletes TRANSRESET properties through the host API, so one that is also
+        RDONLYHOST is refused and stays.
+        """
+        self._store.notifier.interrupt()
+        for prop in self._store.in_order():
+            if prop.flags & TRANSRESET:
+                self._store.delete(prop.name, is_guest=False)
+        self._increment(RESET_COUNTER)
+
+    # -- VM life cycle ---------------------------------------------------------------------
+
+    def power_on(self) -> None:
+        """VM start: TRANSIENT properties are gone, a new instance sets the host properties."""
+        self._store.notifier.interrupt()
+        self._store.drop(TRANSIENT | TRANSRESET)
+        self._restart()
+        self._ensure_host_version()
+
+    def restore(self) -> None:
+        """Restore from a saved state: a new instance, properties reloaded as they were.
+
+        Pending waits are forgotten without completion: the framework re-submits them.
+        """
+        self._restart()
+
+    def resume(self) -> None:
+        """The VM resumes: version properties unless set since the restart; ResumeCounter + 1."""
+        self._ensure_host_version()
+        self._increment(RESUME_COUNTER)
+
+    # -- host side (Main, VBoxManage) ------------------------------------------------------
+
+    def host_set(self, name: str, value: str, flags: str = "") -> None:
+        """Set a property as the host; its flags are replaced by ``flags``.
+
+        Raises:
+            ValueError: invalid name, value or flags, or the service is full.
+            PermissionError: the property is RDONLYHOST.
+        """
+        _host.check_name(name)
+        _host.check_value(value, self._max_value_size)
+        bits = parse_flags(flags)
+        _raise_for_host(name, self._store.set(name, value, bits, is_guest=False))
+
+    def host_get(self, name: str) -> tuple[str, str, int] | None:
+        """Return ``(value, flags, timestamp)`` of a property, or None when it does not exist.
+
+        Raises:
+            ValueError: invalid name.
+        """
+        _host.check_name(name)
+        prop = self._store.get(name)
+        if prop is None:
+            return None
+        return prop.value, format_flags(prop.flags), prop.timestamp
+
+    def host_delete(self, name: str) -> None:
+        """Delete a property as the host; deleting a missing one does nothing.
+
+        Raises:
+            ValueError: invalid name.
+            PermissionError: the property is RDONLYHOST.
+        """
+        _host.check_name(name)
+        _raise_for_host(name, self._store.delete(name, is_guest=False))
+
+    def host_enumerate(self, patterns: str = "") -> list[tuple[str, str, int, str]]:
+        """Return ``(name, value, timestamp, flags)`` of the properties matching ``patterns``.
+
+        ``patterns`` is a ``|``-separated list of ``*``/``?`` patterns; empty matches all.
+
+        Raises:
+            ValueError: ``patterns`` is too long.
+        """
+        raw = _host.check_patterns(patterns)
+        return [
+            (prop.name, prop.value, prop.timestamp, format_flags(prop.flags))
+            for prop in self._store.in_order()
+            if patterns_match(raw, prop.name.encode())
+        ]
+
+    def set_global_flags(self, flags: int) -> None:
+        """Set the service-wide flags; RDONLYGUEST makes guest writes succeed as no-ops.
+
+        Raises:
+            ValueError: ``flags`` has unknown bits.
+        """
+        if flags < 0 or flags & ~ALLFLAGS:
+            msg = f"unknown global flags {flags:#x}: only {ALLFLAGS:#x} are defined"
+            raise ValueError(msg)
+        self._store.global_flags = flags
+
+    # -- guest functions -------------------------------------------------------------------
+
+    def _dispatch(self, call: HgcmCallHandle) -> int | None:
+        params = call.params
+        match call.function:
+            case GuestFunction.GET_PROP:
+                return self._get_prop(params)
+            case GuestFunction.SET_PROP | GuestFunction.SET_PROP_VALUE:
+                return self._set_prop(params)
+            case GuestFunction.DEL_PROP:
+                _params.check_count(params, 1)
+                name = _params.c_string(params[0])
+                _params.check_name(name)
+                return self._store.delete(name.text, is_guest=True)
+            case GuestFunction.ENUM_PROPS:
+                return self._enum_props(params)
+            case GuestFunction.GET_NOTIFICATION:
+                return self._get_notification(call)
+        return VERR_NOT_IMPLEMENTED
+
+    def _get_prop(self, params: list[HostParm]) -> int:
+        _params.check_count(params, 4)
+        name = _params.c_string(params[0])
+        out = _params.buffer(params[1])
+        timestamp = _params.u64(params[2])
+        size = _params.u32(params[3])
+        _params.check_name(name)
+        prop = self._store.get(name.text)
+        if prop is None:
+            return VERR_NOT_FOUND
+        data = b"%s\0%s\0" % (prop.value.encode(), format_flags(prop.flags).encode())
+        size.value = len(data)
+        if len(data) > len(out.data):
+            return VERR_BUFFER_OVERFLOW
+        out.data[: len(data)] = data
+        timestamp.value = prop.timestamp
+        return VINF_SUCCESS
+
+    def _set_prop(self, params: list[HostParm]) -> int:
+        _params.check_count(params, 2, 3)
+        strings = [_params.c_string(parm) for parm in params]
+        name, value = strings[0], strings[1]
+        _params.check_name(name)
+        _params.check_value(value, self._max_value_size)
+        flags = NILFLAG  # the two-parameter form resets the flags
+        if len(strings) == 3:
+            try:
+                flags = parse_flags(strings[2].text)
+            except FlagsParseError:
+                return VERR_PARSE_ERROR
+        return self._store.set(name.text, value.text, flags, is_guest=True)
+
+    def _enum_props(self, params: list[HostParm]) -> int:
+        _params.check_count(params, 3)
+        patterns = _params.c_string(params[0])
+        out = _params.buffer(params[1])
+        size = _params.u32(params[2])
+        if len(patterns.raw) > MAX_PATTERN_SIZE:
+            return VERR_TOO_MUCH_DATA
+        # Inner NULs separate patterns too (double-NUL lists); the last byte ends the string.
+        packed = patterns.raw[:-1].replace(b"\0", b"|")
+        try:
+            packed.decode()
+        except UnicodeDecodeError:
+            # Upstream returns the IPRT encoding status here; status.py has no such code.
+            return VERR_INVALID_PARAMETER
+        needed = offset = 0
+        room = len(out.data)
+        for prop in self._store.in_order():
+            if not patterns_match(packed, prop.name.encode()):
+                continue
+            entry = b"%s\0%s\0%d\0%s\0" % (
+                prop.name.encode(),
+                prop.value.encode(),
+                prop.timestamp,
+                format_flags(prop.flags).encode(),
+            )
+            needed += len(entry)
+            if len(entry) > room:
+                room = 0  # entries after the first that does not fit are skipped too
+                continue
+            out.data[offset : offset + len(entry)] = entry
+            offset += len(entry)
+            room -= len(entry)
+        size.value = needed + len(ENUM_TERMINATOR)
+        if room < len(ENUM_TERMINATOR):
+            return VERR_BUFFER_OVERFLOW
+        out.data[offset : offset + len(ENUM_TERMINATOR)] = ENUM_TERMINATOR
+        return VINF_SUCCESS
+
+    def _get_notification(self, call: HgcmCallHandle) -> int | None:
+        params = call.params
+        _params.check_count(params, 4)
+        patterns = _params.c_string(params[0]).text.encode()
+        timestamp = _params.u64(params[1])
+        _params.buffer(params[2])
+        _params.u32(params[3])
+        status, entry = VINF_SUCCESS, None
+        if timestamp.value != 0:
+            status, entry = self._store.notifier.find_old(patterns, timestamp.value)
+        if entry is None:
+            return self._store.notifier.add_wait(call, patterns, status)
+        written = write_out(params, entry, deleted=self._store.get(entry.name) is None)
+        return written if written < 0 else status
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _increment(self, name: str) -> None:
+        prop = self._store.get(name)
+        count = int(prop.value) if prop and prop.value.isascii() and prop.value.isdigit() else 0
+        self._store.set(name, str(count + 1), _HOST_PROP_FLAGS, is_guest=False)
+
+    def _ensure_host_version(self) -> None:
+        """The POWER_ON/RESUME notification: set the version properties once per instance."""
+        if not self._host_version_set:
+            self._set_host_version()
+            self._host_version_set = True
+
+    def _set_host_version(self) -> None:
+        version = self._host_version
+        for name, value in (
+            (VBOX_VER, version.version),
+            (VBOX_VER_EXT, version.version_ext),
+            (VBOX_REV, version.revision),
+        ):
+            self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
+
+    def _restart(self) -> None:
+        """A new service instance: ``initialize()`` sets the host properties, then Main
+        bulk-loads the properties the old instance held."""
+        saved = self._store.restart()
+        self._set_host_version()
+        for name, value in (
+            (RESET_COUNTER, "0"),
+            (RESUME_COUNTER, "0"),
+            (SYSPREP_EXEC, ""),
+            (SYSPREP_ARGS, ""),
+        ):
+            self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
+        self._store.bulk_load(saved)
+        self._host_version_set = False
+
+
+def _raise_for_host(name: str, status: int) -> None:
+    if status == VERR_PERMISSION_DENIED:
+        msg = f"{name}: {status_name(status)} ({status}): the property is read-only for the host"
+        raise PermissionError(msg)
+    if status == VERR_TOO_MUCH_DATA:
+        msg = f"{name}: {status_name(status)} ({status}): the service holds {MAX_PROPS} properties"
+        raise ValueError(msg)

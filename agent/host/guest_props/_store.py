@@ -1,0 +1,136 @@
+"""The property store: properties, permissions, timestamps and change notification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from agent.protocol.status import (
+    VERR_PERMISSION_DENIED,
+    VERR_TOO_MUCH_DATA,
+    VINF_PERMISSION_DENIED,
+    VINF_SUCCESS,
+)
+
+from ._flags import NILFLAG, RDONLYGUEST, RDONLYHOST
+from ._limits import MAX_PROPS, is_host_reserved
+from ._notify import Notifier
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+
+@dataclass(frozen=True, slots=True)
+class Property:
+    """A property, or a snapshot of one in the notification queue (a delete has no value)."""
+
+    name: str
+    value: str = ""
+    flags: int = NILFLAG
+    timestamp: int = 0
+
+
+class Timestamps:
+    """Nanosecond timestamps from ``clock``, made strictly increasing (``getCurrentTimestamp``).
+
+    Upstream bumps a repeated or slightly older reading to last + 1 but follows a clock that
+    jumps back far; this one always bumps, so every change gets a unique, rising timestamp.
+    """
+
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self._clock = clock
+        self._last = 0
+
+    def next(self) -> int:
+        """Return a timestamp later than every one returned before."""
+        self._last = max(self._clock(), self._last + 1)
+        return self._last
+
+    def restart(self) -> None:
+        """Forget the last timestamp, as a new service instance does."""
+        self._last = 0
+
+
+class PropertyStore:
+    """The properties by name, the global flags, and the notifier every change goes through."""
+
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self.notifier = Notifier()
+        self.global_flags = NILFLAG
+        self._timestamps = Timestamps(clock)
+        self._props: dict[str, Property] = {}
+
+    def get(self, name: str) -> Property | None:
+        """Return the property ``name``, or None."""
+        return self._props.get(name)
+
+    def in_order(self) -> list[Property]:
+        """Return every property by name.
+
+        Upstream walks a hash-keyed tree (an order of no use); name order is deterministic.
+        """
+        return sorted(self._props.values(), key=lambda prop: prop.name)
+
+    def set(self, name: str, value: str, flags: int, *, is_guest: bool) -> int:
+        """``setPropertyInternal``: check, store with ``flags`` replacing the old ones, notify."""
+        timestamp = self._timestamps.next()
+        old = self._props.get(name)
+        status = self._check_permission(old.flags if old else NILFLAG, is_guest=is_guest)
+        if status == VINF_SUCCESS and is_host_reserved(name):
+            if is_guest:
+                status = VERR_PERMISSION_DENIED
+            else:
+                flags |= RDONLYGUEST
+        if status != VINF_SUCCESS:
+            return status
+        if old is None and len(self._props) >= MAX_PROPS:
+            # Upstream notifies anyway: waiters see the name as deleted.
+            status = VERR_TOO_MUCH_DATA
+        else:
+            self._props[name] = Property(name, value, flags, timestamp)
+        self._publish(name, timestamp)
+        return status
+
+    def delete(self, name: str, *, is_guest: bool) -> int:
+        """``delProperty``: a missing property is a success without notification."""
+        old = self._props.get(name)
+        if old is None:
+            return VINF_SUCCESS
+        status = self._check_permission(old.flags, is_guest=is_guest)
+        if status == VINF_SUCCESS:
+            timestamp = self._timestamps.next()
+            del self._props[name]
+            self._publish(name, timestamp)
+        return status
+
+    def drop(self, flags: int) -> None:
+        """Forget, without notifications, every property with any of ``flags``."""
+        self._props = {name: prop for name, prop in self._props.items() if not prop.flags & flags}
+
+    def restart(self) -> list[Property]:
+        """Empty the store, queue and waits as a new instance starts; return the old properties."""
+        saved = list(self._props.values())
+        self._props.clear()
+        self.notifier.restart()
+        self._timestamps.restart()
+        return saved
+
+    def bulk_load(self, props: Iterable[Property]) -> None:
+        """Main's SET_PROPS: store ``props`` as they are (RDONLYGUEST added under reserved
+        prefixes), keeping their timestamps and notifying nobody."""
+        for prop in props:
+            reserved = RDONLYGUEST if is_host_reserved(prop.name) else NILFLAG
+            self._props[prop.name] = replace(prop, flags=prop.flags | reserved)
+
+    def _check_permission(self, flags: int, *, is_guest: bool) -> int:
+        if flags & (RDONLYGUEST if is_guest else RDONLYHOST):
+            return VERR_PERMISSION_DENIED
+        if is_guest and self.global_flags & RDONLYGUEST:
+            return VINF_PERMISSION_DENIED
+        return VINF_SUCCESS
+
+    def _publish(self, name: str, timestamp: int) -> None:
+        # Timestamps are unique, so upstream's "+1 when equal to the last entry" never applies.
+        prop = self._props.get(name)
+        entry = prop if prop is not None else Property(name, timestamp=timestamp)
+        self.notifier.publish(entry, deleted=prop is None)
