@@ -95,7 +95,7 @@ class Daemon:
             await facility.report(FacilityStatus.INIT)
             try:
                 await self._serve(device, facility, task_status)
-            except BaseException:
+            except Exception:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await facility.report(FacilityStatus.FAILED)
                 raise

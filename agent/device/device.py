@@ -30,6 +30,7 @@ from agent.protocol import (
     CheckBalloon,
     DriverVersion,
     DriverVersionInfo,
+    EventsReceived,
     HgcmCall,
     HgcmConnect,
     HgcmDisconnect,
@@ -206,29 +207,41 @@ class EventWaiter:
                 await trio.sleep_forever()
             finally:
                 if not finished:
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
-                        await self.interrupt()
+                    await self.interrupt()
 
+        received: EventsReceived | None = None
+        error: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(interrupt_when_cancelled)
             try:
                 with trio.CancelScope(shield=True):
                     received = await channel.perform(WaitForEvents(self.mask))
-            except OSError as exc:
-                if exc.errno != errno.EINTR or not self._interrupt_requested:
-                    raise
-                await trio.lowlevel.checkpoint()  # delivers a pending cancellation first
-                raise WaiterInterruptedError(self.mask) from None
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                error = exc
             finally:
                 finished = True
                 nursery.cancel_scope.cancel()
+        # Raised here, not in the nursery, so callers see the error itself, not a group.
+        if isinstance(error, OSError) and error.errno == errno.EINTR and self._interrupt_requested:
+            raise WaiterInterruptedError(self.mask) from None
+        if error is not None:
+            raise error
+        if received is None:  # pragma: no cover - either a reply or an error exists
+            msg = "wait ended without a reply"
+            raise RuntimeError(msg)
         return received.mask
 
     async def interrupt(self) -> None:
-        """End the current wait and every later one on this session (INTERRUPT_ALL)."""
-        if not self._interrupt_requested:
-            # Set before sending: the woken wait may see EINTR before this call returns.
-            self._interrupt_requested = True
+        """End the current wait and every later one on this session (INTERRUPT_ALL).
+
+        Shielded: once asked for, the interrupt reaches the driver even if the caller is
+        cancelled meanwhile, or a blocked wait would never end.
+        """
+        if self._interrupt_requested:
+            return
+        # Set before sending: the woken wait may see EINTR before this call returns.
+        self._interrupt_requested = True
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
             await self._channel.perform(InterruptAllWaits())
 
 

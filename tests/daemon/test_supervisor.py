@@ -31,7 +31,9 @@ class FlakyService:
     def statistics(self) -> object:
         return len(self.starts)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         self.starts.append(trio.current_time())
         task_status.started()
         if len(self.starts) <= self.failures:
@@ -51,7 +53,9 @@ class FailsBeforeReady:
     def statistics(self) -> object:
         return self.attempts
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         self.attempts += 1
         if self.attempts <= self.failures:
             msg = "not yet"
@@ -74,7 +78,9 @@ def _config(**changes: object) -> DaemonConfig:
 class TestSupervisor:
     """Restart policy of :class:`Supervisor`."""
 
-    async def test_restarts_failed_service_with_doubling_backoff(self, autojump_clock: trio.abc.Clock) -> None:
+    async def test_restarts_failed_service_with_doubling_backoff(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
         """A failing service is restarted after 1, 2, 4 and then 4 seconds (the ceiling)."""
         service = FlakyService(failures=4)
         supervisor = Supervisor(_config())
@@ -83,8 +89,8 @@ class TestSupervisor:
                 await nursery.start(supervisor.supervise, service)
                 await trio.sleep(20)
                 nursery.cancel_scope.cancel()
-        assert [0.0, 1.0, 3.0, 7.0, 11.0] == service.starts
-        assert {"flaky": 4} == supervisor.restarts()
+        assert service.starts == [0.0, 1.0, 3.0, 7.0, 11.0]
+        assert supervisor.restarts() == {"flaky": 4}
 
     async def test_gives_up_after_budget(self, autojump_clock: trio.abc.Clock) -> None:
         """More failures than the budget within the window raise ServiceFailedError."""
@@ -93,9 +99,11 @@ class TestSupervisor:
         with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
-        assert 3 == len(service.starts)
+        assert len(service.starts) == 3
 
-    async def test_failures_outside_window_do_not_count(self, autojump_clock: trio.abc.Clock) -> None:
+    async def test_failures_outside_window_do_not_count(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
         """Failures older than the window are forgotten, so a slow failer runs on."""
         service = FlakyService(failures=6)
         supervisor = Supervisor(_config(restart_budget=1, restart_window_s=0.5))
@@ -104,7 +112,7 @@ class TestSupervisor:
                 await nursery.start(supervisor.supervise, service)
                 await trio.sleep(30)
                 nursery.cancel_scope.cancel()
-        assert 7 == len(service.starts)
+        assert len(service.starts) == 7
 
     async def test_fatal_error_propagates_at_once(self, autojump_clock: trio.abc.Clock) -> None:
         """A lost device is not retried: it ends the supervisor."""
@@ -113,9 +121,11 @@ class TestSupervisor:
         with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(DeviceLostError)):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
-        assert 1 == len(service.starts)
+        assert len(service.starts) == 1
 
-    async def test_ready_only_after_first_successful_start(self, autojump_clock: trio.abc.Clock) -> None:
+    async def test_ready_only_after_first_successful_start(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
         """A service failing during start-up is retried, and readiness waits for it."""
         service = FailsBeforeReady(failures=2)
         supervisor = Supervisor(_config())
@@ -124,8 +134,8 @@ class TestSupervisor:
                 await nursery.start(supervisor.supervise, service)
                 ready_at = trio.current_time()
                 nursery.cancel_scope.cancel()
-        assert 3.0 == ready_at
-        assert 3 == service.attempts
+        assert ready_at == 3.0
+        assert service.attempts == 3
 
     async def test_requested_restart_is_not_a_failure(self, autojump_clock: trio.abc.Clock) -> None:
         """``restart(name)`` restarts at once without backoff or budget."""
@@ -140,4 +150,4 @@ class TestSupervisor:
                 supervisor.restart("flaky")
                 await trio.sleep(1)
                 nursery.cancel_scope.cancel()
-        assert [0.0, 1.0, 2.0] == service.starts
+        assert service.starts == [0.0, 1.0, 2.0]

@@ -1,0 +1,190 @@
+"""``vbox-agent host --socket PATH COMMAND``: control a running simulated host.
+
+The commands mirror what VBoxManage does to a running VM (resize the balloon, set guest
+properties, raise events, restore a snapshot) plus test hooks (faults, delays, dropping the
+device connections) and ``status``. Each invocation sends one control command
+(``docs/simulator-socket.md``). Exit codes: 0 done, 1 the host refused (the reason is printed
+on one line), 64 bad arguments, 69 no host answers at the path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.host.control import ControlCommandError, HostUnreachableError, call_control
+from agent.protocol.constants import parse_event_mask, parse_request_type
+from agent.protocol.status import parse_status
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+EX_OK: Final = 0
+EX_REFUSED: Final = 1
+EX_USAGE: Final = 64
+EX_UNAVAILABLE: Final = 69
+CONTROL_TIMEOUT_S: Final = 10.0
+"""How long the CLI waits for the host to answer one command."""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``host`` to the command line."""
+    parser = subparsers.add_parser(
+        "host",
+        help="control a running simulated host (vbox-agent simulate)",
+        description="Send one control command to a simulated host, as VBoxManage would.",
+    )
+    parser.add_argument("--socket", required=True, metavar="PATH", help="the host's socket")
+    commands = parser.add_subparsers(dest="host_command", required=True, metavar="COMMAND")
+    balloon = commands.add_parser("balloon", help="set the balloon target (MiB)")
+    balloon.add_argument("mb", metavar="MB")
+    balloon.set_defaults(build=_balloon)
+
+    prop = commands.add_parser("prop", help="set, get or delete a guest property")
+    prop_commands = prop.add_subparsers(dest="prop_command", required=True, metavar="ACTION")
+    prop_set = prop_commands.add_parser("set", help="set a property")
+    prop_set.add_argument("name", metavar="NAME")
+    prop_set.add_argument("value", metavar="VALUE")
+    prop_set.add_argument("--flags", default="", help="e.g. TRANSIENT,RDONLYGUEST")
+    prop_set.set_defaults(build=_prop_set)
+    prop_get = prop_commands.add_parser("get", help="print a property's value")
+    prop_get.add_argument("name", metavar="NAME")
+    prop_get.add_argument("--json", action="store_true", help="print value, flags, timestamp")
+    prop_get.set_defaults(build=_prop_get, show=_show_value)
+    prop_delete = prop_commands.add_parser("delete", help="delete a property")
+    prop_delete.add_argument("name", metavar="NAME")
+    prop_delete.set_defaults(build=_prop_delete)
+
+    event = commands.add_parser("event", help="raise host events (RESTORED, 0x10, A|B)")
+    event.add_argument("mask", metavar="NAME|MASK")
+    event.set_defaults(build=_event)
+    commands.add_parser("restore", help="simulate a VM restore").set_defaults(
+        build=lambda _: {"command": "restore"}
+    )
+    fault = commands.add_parser("fault", help="fail the next VMMDev requests of a type")
+    fault.add_argument("request", metavar="REQUEST", help="e.g. CHANGE_MEMBALLOON or 113")
+    fault.add_argument("status", metavar="STATUS", help="e.g. VERR_NO_MEMORY or -8")
+    fault.add_argument("--count", default="1", metavar="N", help="how many (default: 1)")
+    fault.set_defaults(build=_fault)
+    delay = commands.add_parser("delay", help="delay every VMMDev request of a type")
+    delay.add_argument("request", metavar="REQUEST")
+    delay.add_argument("seconds", metavar="SECONDS")
+    delay.set_defaults(build=_delay)
+    commands.add_parser("drop", help="drop every device connection").set_defaults(
+        build=lambda _: {"command": "drop"}, show=_show_dropped
+    )
+    status = commands.add_parser("status", help="print the host's state")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(build=lambda _: {"command": "status"}, show=_show_status)
+    parser.set_defaults(handler=host_command, show=None)
+
+
+def host_command(args: argparse.Namespace) -> int:
+    """Send the command ``args`` names; return the exit code."""
+    build: Callable[[argparse.Namespace], dict[str, object]] = args.build
+    try:
+        payload = build(args)
+    except ValueError as exc:
+        print(f"vbox-agent host: {exc}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        result = trio.run(_call, args.socket, payload)
+    except HostUnreachableError as exc:
+        print(f"vbox-agent host: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except ControlCommandError as exc:
+        print(f"vbox-agent host: {exc}", file=sys.stderr)
+        return EX_REFUSED
+    show: Callable[[argparse.Namespace, object], None] | None = args.show
+    if show is not None:
+        show(args, result)
+    return EX_OK
+
+
+async def _call(path: str, payload: dict[str, object]) -> object:
+    try:
+        with trio.fail_after(CONTROL_TIMEOUT_S):
+            return await call_control(path, payload)
+    except trio.TooSlowError:
+        msg = f"the simulated host at {path} did not answer within {CONTROL_TIMEOUT_S:g} s"
+        raise HostUnreachableError(msg) from None
+
+
+def _balloon(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "balloon", "mb": _count(args.mb, "MB")}
+
+
+def _prop_set(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "prop_set", "name": args.name, "value": args.value, "flags": args.flags}
+
+
+def _prop_get(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "prop_get", "name": args.name}
+
+
+def _prop_delete(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "prop_delete", "name": args.name}
+
+
+def _event(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "event", "mask": parse_event_mask(args.mask)}
+
+
+def _fault(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "command": "fault",
+        "request": int(parse_request_type(args.request)),
+        "status": parse_status(args.status),
+        "count": _count(args.count, "--count", minimum=1),
+    }
+
+
+def _delay(args: argparse.Namespace) -> dict[str, object]:
+    try:
+        seconds = float(args.seconds)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        msg = f"SECONDS must be a non-negative number, not {args.seconds!r}"
+        raise ValueError(msg)
+    return {
+        "command": "delay",
+        "request": int(parse_request_type(args.request)),
+        "seconds": seconds,
+    }
+
+
+def _count(text: str, name: str, *, minimum: int = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        msg = f"{name} must be an integer >= {minimum}, not {text!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _show_value(args: argparse.Namespace, result: object) -> None:
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    elif isinstance(result, dict):
+        print(result["value"])
+
+
+def _show_dropped(_: argparse.Namespace, result: object) -> None:
+    if isinstance(result, dict):
+        print(f"dropped {result['dropped']} device connection(s)")
+
+
+def _show_status(args: argparse.Namespace, result: object) -> None:
+    if args.json or not isinstance(result, dict):
+        print(json.dumps(result, sort_keys=True))
+        return
+    for key, value in sorted(result.items()):
+        shown = value if isinstance(value, str | int | float | bool) else json.dumps(value)
+        print(f"{key}: {shown}")

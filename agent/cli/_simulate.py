@@ -1,0 +1,110 @@
+"""``vbox-agent simulate --socket PATH``: run a simulated VirtualBox host for other processes.
+
+The host (``agent.host``) serves device sessions and control commands on a Unix socket
+(``docs/simulator-socket.md``) until SIGINT or SIGTERM, then exits 0 and removes the socket.
+Agents reach it with ``--device unix:PATH``; ``vbox-agent host --socket PATH ...`` controls
+it. Exit codes: 0 clean stop, 64 bad arguments, 69 the socket path is unusable.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.host import PERSONALITIES, SimulatedHost
+from agent.host.server import HostSocketError, serve_simulated_host
+
+if TYPE_CHECKING:
+    import argparse
+
+EX_OK: Final = 0
+EX_USAGE: Final = 64
+EX_UNAVAILABLE: Final = 69
+MIN_RAM_MB: Final = 1
+MIN_HEARTBEAT_INTERVAL_MS: Final = 50
+"""The host's own minimum heartbeat interval (``HEARTBEAT_DEFAULT_INTERVAL`` floor)."""
+NS_PER_MS: Final = 1_000_000
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``simulate`` to the command line."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run a simulated VirtualBox host on a Unix socket",
+        description=(
+            "Run a simulated VirtualBox host until SIGINT/SIGTERM. Agents connect with "
+            "--device unix:PATH; `vbox-agent host --socket PATH` controls it."
+        ),
+    )
+    parser.add_argument("--socket", required=True, metavar="PATH", help="socket to create")
+    parser.add_argument(
+        "--personality",
+        choices=PERSONALITIES,
+        default="passthrough",
+        help="kernel driver the host models (default: %(default)s)",
+    )
+    parser.add_argument("--ram-mb", default="2048", metavar="N", help="guest RAM (default: 2048)")
+    parser.add_argument(
+        "--heartbeat-interval-ms",
+        default="2000",
+        metavar="N",
+        help=f"heartbeat interval the host asks for (>= {MIN_HEARTBEAT_INTERVAL_MS}; default 2000)",
+    )
+    parser.set_defaults(handler=simulate_command)
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    """Run the host until signalled; return the exit code."""
+    try:
+        ram_mb = _integer(args.ram_mb, "--ram-mb", MIN_RAM_MB)
+        interval_ms = _integer(
+            args.heartbeat_interval_ms, "--heartbeat-interval-ms", MIN_HEARTBEAT_INTERVAL_MS
+        )
+    except ValueError as exc:
+        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        return EX_USAGE
+    host = SimulatedHost(
+        personality=args.personality,
+        ram_mb=ram_mb,
+        heartbeat_interval_ns=interval_ms * NS_PER_MS,
+    )
+    failures: list[str] = []
+    try:
+        trio.run(_serve_until_signalled, host, args.socket)
+    except* HostSocketError as group:
+        failures += _messages(group)
+    if failures:
+        print(f"vbox-agent simulate: {failures[0]}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+def _messages(error: BaseException) -> list[str]:
+    if isinstance(error, BaseExceptionGroup):
+        return [text for inner in error.exceptions for text in _messages(inner)]
+    return [str(error)]
+
+
+async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            await nursery.start(serve_simulated_host, host, path)
+            print(f"simulated host listening at {path}", file=sys.stderr, flush=True)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
+
+
+def _integer(text: str, name: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        msg = f"{name} must be an integer >= {minimum}, not {text!r}"
+        raise ValueError(msg)
+    return value

@@ -1,0 +1,319 @@
+"""Device sessions on a simulated host in another process, over a Unix stream socket.
+
+One connection is one device session (one open file descriptor of the driver). The framing
+is :mod:`agent.protocol.wire`; the protocol is described in ``docs/simulator-socket.md``.
+
+Several ioctls may be in flight on one connection (a blocked WAIT_FOR_EVENTS and the
+INTERRUPT_ALL that ends it), so each request carries a sequence number and replies may come
+back in any order. The transport has no reader task, hence needs no nursery from its
+owner: every ``ioctl`` sends its frame under a send lock, then waits for its reply. The
+first waiter with no reader running becomes the reader: it receives frames and hands each
+reply to the waiter it belongs to, until its own reply arrives; then it steps down and wakes
+the other waiters, one of which takes over. The frame decoder is shared, so bytes a reader
+received stay buffered for the next one.
+
+Cancellation:
+
+- while waiting for a reply: the transport sends a CANCEL frame and the host abandons the
+  call (a blocked wait ends, an HGCM call is cancelled at the host), as the driver does when
+  a signal interrupts the calling thread. A reply already on its way is dropped. Nothing of
+  the stream is torn (trio's ``receive_some`` never loses received bytes to a
+  cancellation), so the connection stays usable.
+- while waiting for the send lock: nothing was sent; nothing happens.
+- while sending: a half-sent frame would desynchronise the stream, so a frame is sent
+  shielded from cancellation. A host that stops reading for ``SEND_GRACE_S`` is declared
+  lost and the connection is closed.
+
+A host that goes away (EOF, a broken socket, a malformed or ERROR frame) makes every pending
+and later ``ioctl`` raise :class:`DeviceLostError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import struct
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.protocol import LocalProtocolError
+from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.wire import (
+    Cancel,
+    ErrorFrame,
+    FrameDecoder,
+    Hello,
+    IoctlReply,
+    IoctlRequest,
+    Role,
+    UserMemory,
+    WireError,
+    WireLimitError,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from agent.protocol import UserBuffer
+    from agent.protocol.wire import Frame
+
+USER_ADDRESS_BASE: Final = 0x7F00_0000_0000
+"""Synthetic address of an ioctl's first user buffer; the next ones follow page by page."""
+SEND_GRACE_S: Final = 10.0
+"""How long a frame may take to send before the host counts as gone (it reads constantly)."""
+RECEIVE_SIZE: Final = 256 << 10
+"""Bytes asked of the socket per receive."""
+_SEQ_MASK: Final = 0xFFFFFFFF
+_ADDRESS: Final = struct.Struct("<Q")
+
+
+class _Pending:
+    """An ioctl waiting for its reply; ``wake`` is set when the reply came or the reader left."""
+
+    __slots__ = ("reply", "wake")
+
+    def __init__(self) -> None:
+        self.reply: IoctlReply | None = None
+        self.wake = trio.Event()
+
+
+@final
+class UnixSocketTransport:
+    """One device session on a simulated host. Open it with :class:`UnixSocketOpener`."""
+
+    def __init__(self, stream: trio.SocketStream, path: str) -> None:
+        self._stream = stream
+        self._path = path
+        self._decoder = FrameDecoder()
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._seq = 0
+        self._reading = False
+        self._lost: str | None = None
+        self._closed = False
+
+    async def ioctl(
+        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+    ) -> None:
+        """Perform one ioctl on the host (see :mod:`agent.device.transport`).
+
+        Raises:
+            OSError: the driver returned an errno; ``E2BIG`` for a call too large for a frame.
+            DeviceLostError: the host went away.
+            WireError: the host's reply does not match the request.
+            trio.ClosedResourceError: the session was closed.
+        """
+        self._check_usable()
+        wire_buffer, memories = _place_user_buffers(buffer, user_buffers)
+        seq = self._next_seq()
+        try:
+            frame = encode_frame(IoctlRequest(seq, code, wire_buffer, memories))
+        except WireLimitError as exc:
+            raise OSError(errno.E2BIG, f"ioctl {code:#x} too large for the socket: {exc}") from exc
+        pending = self._pending[seq] = _Pending()
+        try:
+            await self._send(frame)
+            try:
+                reply = await self._wait_reply(pending)
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await self._cancel_on_host(seq)
+                raise
+        finally:
+            del self._pending[seq]
+        if reply.errno:
+            raise OSError(reply.errno, os.strerror(reply.errno))
+        sizes = [len(user_buffer.data) for user_buffer in user_buffers]
+        if len(reply.buffer) != len(buffer) or [len(d) for d in reply.user_buffers] != sizes:
+            msg = f"reply to ioctl {code:#x} does not match the sizes of its buffers"
+            raise WireError(msg)
+        buffer[:] = reply.buffer
+        for user_buffer, data in zip(user_buffers, reply.user_buffers, strict=True):
+            user_buffer.data[:] = data
+
+    async def aclose(self) -> None:
+        """Close the session; the host releases its HGCM clients and filter. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_all()
+        await trio.aclose_forcefully(self._stream)
+
+    async def _handshake(self, *, user_device: bool) -> None:
+        """Say HELLO as a device session and wait for the host's HELLO.
+
+        Raises:
+            DeviceUnavailableError: the host refused the session or is not a simulated host.
+        """
+        try:
+            await self._send(encode_frame(Hello(Role.DEVICE, user_device=user_device)))
+            frame = await self._receive_frame()
+        except DeviceLostError as exc:
+            raise DeviceUnavailableError(str(exc)) from exc
+        if frame != Hello(Role.HOST):
+            why = frame.message if isinstance(frame, ErrorFrame) else f"it answered {frame}"
+            msg = f"simulated host at {self._path} refused the session: {why}"
+            raise DeviceUnavailableError(msg)
+
+    async def _cancel_on_host(self, seq: int) -> None:
+        """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait."""
+        if self._closed or self._lost is not None:
+            return
+        with contextlib.suppress(DeviceLostError):
+            await self._send(encode_frame(Cancel(seq)))
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            msg = "the device session is closed"
+            raise trio.ClosedResourceError(msg)
+        if self._lost is not None:
+            raise DeviceLostError(self._lost)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & _SEQ_MASK
+        while self._seq in self._pending:
+            self._seq = (self._seq + 1) & _SEQ_MASK
+        return self._seq
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._send_lock:
+            self._check_usable()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_GRACE_S) as cs:
+                try:
+                    await self._stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    await self._lose(f"sending failed: {exc}")
+                    raise DeviceLostError(self._lost) from exc
+            if cs.cancelled_caught:
+                await self._lose(f"it read nothing for {SEND_GRACE_S} s")
+                raise DeviceLostError(self._lost)
+
+    async def _wait_reply(self, pending: _Pending) -> IoctlReply:
+        while pending.reply is None:
+            self._check_usable()
+            if self._reading:
+                pending.wake = trio.Event()
+                await pending.wake.wait()
+                continue
+            self._reading = True
+            try:
+                await self._read_until(pending)
+            finally:
+                self._reading = False
+                self._wake_all()
+        return pending.reply
+
+    async def _read_until(self, pending: _Pending) -> None:
+        while pending.reply is None:
+            frame = await self._receive_frame()
+            if isinstance(frame, IoctlReply):
+                waiter = self._pending.get(frame.seq)
+                if waiter is not None:  # else the caller was cancelled: drop the reply
+                    waiter.reply = frame
+                    waiter.wake.set()
+                continue
+            if isinstance(frame, ErrorFrame):
+                await self._lose(f"it reported an error: {frame.message}")
+            else:
+                await self._lose(f"it sent an unexpected {type(frame).__name__} frame")
+            raise DeviceLostError(self._lost)
+
+    async def _receive_frame(self) -> Frame:
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except WireError as exc:
+                await self._lose(f"it sent a malformed frame: {exc}")
+                raise DeviceLostError(self._lost) from exc
+            if frame is not None:
+                return frame
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except trio.BrokenResourceError as exc:
+                await self._lose(f"receiving failed: {exc}")
+                raise DeviceLostError(self._lost) from exc
+            except trio.ClosedResourceError:
+                self._check_usable()
+                raise
+            if not data:
+                await self._lose("it closed the connection")
+                raise DeviceLostError(self._lost)
+            self._decoder.feed(data)
+
+    async def _lose(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost = f"simulated host at {self._path} is gone: {reason}"
+        self._wake_all()
+        await trio.aclose_forcefully(self._stream)
+
+    def _wake_all(self) -> None:
+        for waiter in self._pending.values():
+            waiter.wake.set()
+
+
+def _place_user_buffers(
+    buffer: bytearray, user_buffers: Sequence[UserBuffer]
+) -> tuple[bytes, tuple[UserMemory, ...]]:
+    """Return a copy of ``buffer`` with synthetic addresses stored, and the user memory.
+
+    Addresses are page-aligned and distinct; the caller's buffer is left as it was until
+    the host's reply (which carries the addresses back) arrives.
+    """
+    wire_buffer = bytearray(buffer)
+    memories = []
+    address = USER_ADDRESS_BASE
+    for user_buffer in user_buffers:
+        if not 0 <= user_buffer.address_offset <= len(buffer) - _ADDRESS.size:
+            msg = f"user buffer address field at {user_buffer.address_offset} is outside the buffer"
+            raise LocalProtocolError(msg)
+        _ADDRESS.pack_into(wire_buffer, user_buffer.address_offset, address)
+        memories.append(UserMemory(address, bytes(user_buffer.data)))
+        pages = max(1, -(-len(user_buffer.data) // PAGE_SIZE))
+        address += pages * PAGE_SIZE
+    return bytes(wire_buffer), tuple(memories)
+
+
+@final
+class UnixSocketOpener:
+    """Opens device sessions on the simulated host listening at ``path``.
+
+    Args:
+        path: the host's socket (``vbox-agent simulate --socket PATH``).
+        user_device: open sessions as ``/dev/vboxuser`` would (untrusted userspace).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, user_device: bool = False) -> None:
+        self._path = os.fspath(path)
+        self._user_device = user_device
+
+    @property
+    def description(self) -> str:
+        """``unix:PATH``."""
+        return f"unix:{self._path}"
+
+    async def open_session(self) -> UnixSocketTransport:
+        """Connect, say HELLO and return the new session.
+
+        Raises:
+            DeviceUnavailableError: nothing listens at the path, or the host refused.
+        """
+        try:
+            stream = await trio.open_unix_socket(self._path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            msg = (
+                f"no simulated host at {self._path} ({reason}): "
+                f"start one with `vbox-agent simulate --socket {self._path}`"
+            )
+            raise DeviceUnavailableError(msg) from exc
+        transport = UnixSocketTransport(stream, self._path)
+        try:
+            await transport._handshake(user_device=self._user_device)
+        except BaseException:
+            await transport.aclose()
+            raise
+        return transport

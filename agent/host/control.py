@@ -1,0 +1,176 @@
+"""Control commands for a running simulated host, as VBoxManage controls a VM.
+
+A command is a JSON object ``{"command": NAME, ...arguments}``; the answer is
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``. The commands:
+
+=============  ================================================  =========================
+command        arguments                                         result
+=============  ================================================  =========================
+``balloon``    ``mb`` (int)                                      null
+``prop_set``   ``name``, ``value`` (str), ``flags`` (str, "")    null
+``prop_get``   ``name``                                          ``{value, flags, timestamp}``
+``prop_delete`` ``name``                                         null
+``event``      ``mask`` (int)                                    null
+``restore``    (none)                                            null
+``fault``      ``request`` (int), ``status`` (int), ``count``    null
+``delay``      ``request`` (int), ``seconds`` (float)            null
+``drop``       (none)                                            ``{dropped: int}``
+``status``     (none)                                            ``host.status()``
+=============  ================================================  =========================
+
+:func:`execute_control` runs one command on the host (server side); :func:`call_control`
+sends one from another process (client side).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import trio
+
+from agent.protocol import AgentError, RequestType
+from agent.protocol.wire import (
+    ControlReply,
+    ControlRequest,
+    ErrorFrame,
+    FrameDecoder,
+    Hello,
+    Role,
+    WireError,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from agent.host.host import SimulatedHost
+    from agent.protocol.wire import Frame
+
+_T = TypeVar("_T")
+
+RECEIVE_SIZE: Final = 64 << 10
+"""Bytes asked of the socket per receive on a control connection."""
+
+
+class HostUnreachableError(AgentError):
+    """No simulated host answers on the control socket (not running, or not a host)."""
+
+
+class ControlCommandError(AgentError):
+    """The host refused a control command; the message is the host's one-line reason."""
+
+
+class _BadCommandError(AgentError):
+    """A control command is malformed (unknown name, missing or mistyped argument)."""
+
+
+async def execute_control(
+    host: SimulatedHost, payload: dict[str, object], *, drop: Callable[[], Awaitable[int]]
+) -> dict[str, object]:
+    """Run one control command on ``host`` and return the answer object.
+
+    ``drop`` closes every device connection and returns how many it closed. Errors the
+    host raises for a bad value (``ValueError``, ``LookupError``, :class:`AgentError`)
+    become ``{"ok": false}`` answers; anything else is a host bug and propagates.
+    """
+    try:
+        if payload.get("command") == "drop":
+            return {"ok": True, "result": {"dropped": await drop()}}
+        result = _dispatch(host, payload)
+    except (ValueError, LookupError, AgentError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        return {"ok": False, "error": str(text)}
+    return {"ok": True, "result": result}
+
+
+def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
+    command = payload.get("command")
+    match command:
+        case "balloon":
+            host.set_balloon_target(_arg(payload, "mb", int))
+        case "prop_set":
+            flags = _arg(payload, "flags", str) if "flags" in payload else ""
+            host.prop_set(_arg(payload, "name", str), _arg(payload, "value", str), flags)
+        case "prop_get":
+            name = _arg(payload, "name", str)
+            found = host.prop_get(name)
+            if found is None:
+                msg = f"guest property {name!r} is not set"
+                raise _BadCommandError(msg)
+            value, flags, timestamp = found
+            return {"value": value, "flags": flags, "timestamp": timestamp}
+        case "prop_delete":
+            host.prop_delete(_arg(payload, "name", str))
+        case "event":
+            host.raise_events(_arg(payload, "mask", int))
+        case "restore":
+            host.restore()
+        case "fault":
+            request = RequestType(_arg(payload, "request", int))
+            host.add_fault(request, _arg(payload, "status", int), _arg(payload, "count", int))
+        case "delay":
+            seconds = _arg(payload, "seconds", float)
+            host.add_delay(RequestType(_arg(payload, "request", int)), seconds)
+        case "status":
+            return host.status()
+        case _:
+            msg = f"unknown control command {command!r}"
+            raise _BadCommandError(msg)
+    return None
+
+
+def _arg(payload: dict[str, object], name: str, kind: type[_T]) -> _T:
+    value = payload.get(name)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        msg = f"control command {payload.get('command')!r} needs {name} as {kind.__name__}"
+        raise _BadCommandError(msg)
+    return value
+
+
+async def call_control(path: str | os.PathLike[str], payload: dict[str, object]) -> object:
+    """Send one control command to the host listening at ``path`` and return its result.
+
+    Raises:
+        HostUnreachableError: nothing (or no simulated host) answers at ``path``.
+        ControlCommandError: the host refused the command.
+    """
+    where = os.fspath(path)
+    try:
+        stream = await trio.open_unix_socket(where)
+    except OSError as exc:
+        msg = f"no simulated host at {where} ({exc.strerror or exc})"
+        raise HostUnreachableError(msg) from exc
+    async with stream:
+        try:
+            await stream.send_all(encode_frame(Hello(Role.CONTROL)))
+            decoder = FrameDecoder()
+            if await _receive(stream, decoder) != Hello(Role.HOST):
+                msg = f"{where} is not a simulated host"
+                raise HostUnreachableError(msg)
+            await stream.send_all(encode_frame(ControlRequest(payload)))
+            reply = await _receive(stream, decoder)
+        except (trio.BrokenResourceError, WireError) as exc:
+            msg = f"simulated host at {where} dropped the control connection: {exc}"
+            raise HostUnreachableError(msg) from exc
+    if not isinstance(reply, ControlReply):
+        msg = f"simulated host at {where} answered {reply}"
+        raise HostUnreachableError(msg)
+    if reply.payload.get("ok") is not True:
+        raise ControlCommandError(str(reply.payload.get("error")))
+    return reply.payload.get("result")
+
+
+async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Frame:
+    while (frame := decoder.next_frame()) is None:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            msg = "the host closed the connection"
+            raise trio.BrokenResourceError(msg)
+        decoder.feed(data)
+    if isinstance(frame, ErrorFrame):
+        msg = f"the host reported an error: {frame.message}"
+        raise trio.BrokenResourceError(msg)
+    return frame

@@ -1,0 +1,53 @@
+"""Kernel-driver personalities in front of the simulated VMMDev.
+
+``mainline`` is the Linux in-tree driver, ``oracle`` Oracle's out-of-tree driver with the
+balloon handled in ring 3, ``passthrough`` a driver that lets trusted userspace own the
+balloon and the heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from agent.host.driver._core import Driver, DriverLoadError
+from agent.host.driver._session import DriverSession
+from agent.host.driver.mainline import MainlineDriver
+from agent.host.driver.oracle import OracleDriver
+from agent.host.driver.passthrough import PassthroughDriver
+
+if TYPE_CHECKING:
+    from agent.host.memory import DictMemory
+    from agent.host.vmmdev import VMMDev
+
+PERSONALITIES: Final[dict[str, type[Driver]]] = {
+    MainlineDriver.personality: MainlineDriver,
+    OracleDriver.personality: OracleDriver,
+    PassthroughDriver.personality: PassthroughDriver,
+}
+
+
+def make_driver(personality: str, vmmdev: VMMDev, ram: DictMemory) -> Driver:
+    """Return a driver of ``personality`` bound to ``vmmdev``.
+
+    Raises:
+        ValueError: unknown personality.
+    """
+    try:
+        driver_type = PERSONALITIES[personality]
+    except KeyError:
+        names = ", ".join(PERSONALITIES)
+        msg = f"unknown driver personality {personality!r}: expected one of {names}"
+        raise ValueError(msg) from None
+    return driver_type(vmmdev, ram)
+
+
+__all__ = [
+    "PERSONALITIES",
+    "Driver",
+    "DriverLoadError",
+    "DriverSession",
+    "MainlineDriver",
+    "OracleDriver",
+    "PassthroughDriver",
+    "make_driver",
+]

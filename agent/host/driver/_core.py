@@ -1,0 +1,454 @@
+"""What every simulated vboxguest driver does: load, the ioctl entry, the ISR, close.
+
+The ioctl entry follows ``vbg_misc_device_ioctl`` and ``vbg_core_ioctl`` (errno values, the
+order of the checks, no copy-back on failure). Requests the driver sends to the host are
+real VMMDev request buffers placed in guest "RAM" (a :class:`DictMemory` below 4 GiB) and
+submitted through the device's port, as ``vbg_req_perform`` does.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
+
+import structlog
+import trio
+
+from agent.host.driver import _caps, _events, _hgcm, _misc
+from agent.host.driver._policy import req_allowed
+from agent.host.driver._session import BitTracker, DriverSession
+from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.protocol import (
+    AgentError,
+    layouts as L,  # noqa: N812 - the layout table
+)
+from agent.protocol._ioc import ioc_size, without_size
+from agent.protocol.constants import (
+    HEADER_SIZE,
+    HOST_FEATURE_HGCM_PHYS_PAGE_LIST,
+    IOCTL_HDR_VERSION,
+    MAX_IOCTL_SIZE,
+    MAX_VMMDEV_REQUEST_SIZE,
+    OSTYPE_LINUX26,
+    OSTYPE_X64,
+    REQUEST_HEADER_VERSION,
+    REQUESTOR_KERNEL,
+    VMMDEV_VERSION,
+    Event,
+    Facility,
+    FacilityStatus,
+    Ioctl,
+    RequestType,
+)
+from agent.protocol.status import (
+    VERR_GENERAL_FAILURE,
+    VERR_INTERNAL_ERROR,
+    VERR_NOT_IMPLEMENTED,
+    VERR_NOT_SUPPORTED,
+    VINF_SUCCESS,
+    status_name,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from agent.host.memory import DictMemory, GuestMemory
+    from agent.host.vmmdev import VMMDev
+
+    IoctlHandler = Callable[["Driver", DriverSession, bytearray, GuestMemory], Awaitable[None]]
+    BoundHandler = Callable[[DriverSession, bytearray, GuestMemory], Awaitable[None]]
+
+FILL_BYTE: Final = 0xAA
+"""``vbg_req_alloc`` fills every new request with this byte before setting the header."""
+FIXED_EVENTS: Final = Event.MOUSE_POSITION_CHANGED | Event.HGCM
+"""Events the driver always asks the host for."""
+LOG_HISTORY: Final = 64
+"""LOG ioctl messages kept for inspection."""
+ISR_RETRY_S: Final = 0.01
+"""After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
+ADDITIONS_VERSION: Final = (6, 0, 0, 127566)
+"""What mainline's ``vboxguest_version.h`` reports (6.0.0 r127566)."""
+ADDITIONS_NAME: Final = b"6.0.0"
+ADDITIONS_FEATURE_REQUESTOR_INFO: Final = 0x1
+NS_PER_S: Final = 1_000_000_000
+
+_log = structlog.get_logger("agent.host")
+
+
+class DriverLoadError(AgentError):
+    """The simulated driver refused to load (as ``vbg_core_init`` failing probe)."""
+
+
+class Driver:
+    """The shared driver model; personalities override the class variables and hooks."""
+
+    personality: ClassVar[str]
+    kernel_events: ClassVar[int] = (
+        Event.HGCM | Event.MOUSE_POSITION_CHANGED | Event.BALLOON_CHANGE_REQUEST
+    )
+    """Events the ISR keeps for the kernel: userspace waiters never receive them."""
+    owns_heartbeat: ClassVar[bool] = True
+    """Whether the driver configures the heartbeat at load and beats itself."""
+    trusted_requests: ClassVar[frozenset[int]] = frozenset()
+    """Extra VMMDev request types trusted (non-vboxuser) sessions may pass through."""
+
+    def __init__(self, vmmdev: VMMDev, ram: DictMemory) -> None:
+        self.vmmdev = vmmdev
+        self.ram = ram
+        self.loaded = False
+        self.lost = False
+        self.sessions: set[DriverSession] = set()
+        self.fixed_events = FIXED_EVENTS
+        self.pending_events = 0
+        self.event_wq = trio.lowlevel.ParkingLot()
+        self.hgcm_wq = trio.lowlevel.ParkingLot()
+        self.session_mutex = trio.Lock()
+        self.cancel_req_mutex = trio.Lock()
+        self.filter_tracker = BitTracker()
+        self.event_filter_host = U32_MAX
+        self.set_caps_tracker = BitTracker()
+        self.guest_caps_host = U32_MAX
+        self.acquire_mode_caps = 0
+        self.acquired_caps = 0
+        self.heartbeat_interval_ns = 0
+        self.host_features = 0
+        self.log_messages: deque[bytes] = deque(maxlen=LOG_HISTORY)
+        self._fixed: dict[int, IoctlHandler] = {
+            Ioctl.DRIVER_VERSION_INFO: _misc.driver_version_info,
+            Ioctl.HGCM_CONNECT: _hgcm.connect,
+            Ioctl.HGCM_DISCONNECT: _hgcm.disconnect,
+            Ioctl.WAIT_FOR_EVENTS: _events.wait_for_events,
+            Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS: _events.interrupt_all,
+            Ioctl.CHANGE_FILTER_MASK: _events.change_filter_mask,
+            Ioctl.ACQUIRE_GUEST_CAPABILITIES: _caps.acquire,
+            Ioctl.CHANGE_GUEST_CAPABILITIES: _caps.change,
+            Ioctl.CHECK_BALLOON: Driver._check_balloon_ioctl,
+            Ioctl.WRITE_CORE_DUMP: _misc.write_core_dump,
+        }
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    @property
+    def balloon_chunks(self) -> int:
+        """Chunks the driver itself holds in the balloon."""
+        return 0
+
+    async def check_balloon(self, session: DriverSession, kbuf: bytearray) -> None:
+        """CHECK_BALLOON (mainline): report the kernel's count; userspace does nothing."""
+        del session
+        L.CheckBalloonIoctl.balloon_chunks.set(kbuf, self.balloon_chunks)
+        L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 0)
+        await trio.lowlevel.checkpoint()
+
+    def extra_ioctls(self) -> dict[int, BoundHandler]:
+        """Fixed-size ioctls only this personality implements."""
+        return {}
+
+    def balloon_event(self) -> None:
+        """The ISR took BALLOON_CHANGE_REQUEST for the kernel."""
+
+    def start_background(self, nursery: trio.Nursery) -> None:
+        """Start personality-specific kernel work (after load)."""
+
+    async def session_closed(self, session: DriverSession) -> None:
+        """Personality cleanup when a session closes (after the common cleanup)."""
+
+    # --- requests to the host ------------------------------------------------------------------
+
+    def alloc_request(
+        self, request_type: int, size: int, requestor: int = REQUESTOR_KERNEL
+    ) -> bytearray:
+        """``vbg_req_alloc``: a request of ``size`` bytes filled with 0xAA and a fresh header."""
+        req = bytearray([FILL_BYTE]) * size
+        L.RequestHeader.size_.set(req, size)
+        L.RequestHeader.version.set(req, REQUEST_HEADER_VERSION)
+        L.RequestHeader.request_type.set(req, request_type)
+        L.RequestHeader.rc.set(req, VERR_GENERAL_FAILURE)
+        L.RequestHeader.reserved1.set(req, 0)
+        L.RequestHeader.requestor.set(req, requestor)
+        return req
+
+    async def perform(self, req: bytearray) -> int:
+        """``vbg_req_perform``: place ``req`` in guest RAM, hit the port, return ``rc``."""
+        phys = self.ram.map(req)
+        try:
+            await self.vmmdev.submit(phys)
+        finally:
+            self.ram.unmap(phys)
+        return L.RequestHeader.rc.get(req)
+
+    # --- load ----------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """``vbg_core_init``: introduce the additions to the host, in the driver's order.
+
+        Raises:
+            DriverLoadError: a step whose failure aborts the probe failed.
+        """
+        version = self.alloc_request(RequestType.GET_HOST_VERSION, L.HostVersionRequest.size)
+        rc = await self.perform(version)
+        self.host_features = L.HostVersionRequest.features.get(version)
+        if rc < 0 or not self.host_features & HOST_FEATURE_HGCM_PHYS_PAGE_LIST:
+            msg = f"host too old or unreachable: GET_HOST_VERSION {status_name(rc)}"
+            raise DriverLoadError(msg)
+        await self._report_guest_info()
+        await self._must(self._mask_request(RequestType.CTL_GUEST_FILTER_MASK, FIXED_EVENTS))
+        await self._must(self._mask_request(RequestType.SET_GUEST_CAPABILITIES, 0))
+        await self._must(self.alloc_mouse_status(0))
+        if self.owns_heartbeat:
+            await self._heartbeat_configure(enabled=False)
+            await self._heartbeat_configure(enabled=True)
+        status = self.alloc_request(RequestType.REPORT_GUEST_STATUS, L.GuestStatusRequest.size)
+        L.GuestStatusRequest.facility.set(status, Facility.VBOXGUEST_DRIVER)
+        L.GuestStatusRequest.status.set(status, FacilityStatus.ACTIVE)
+        L.GuestStatusRequest.flags.set(status, 0)
+        rc = await self.perform(status)
+        if rc < 0 and rc != VERR_NOT_IMPLEMENTED:
+            _log.warning("driver_status_report_failed", rc=rc)
+        self.loaded = True
+
+    async def _must(self, req: bytearray) -> None:
+        rc = await self.perform(req)
+        if rc < 0:
+            name = RequestType(L.RequestHeader.request_type.get(req)).name
+            msg = f"driver load failed: {name} {status_name(rc)}"
+            raise DriverLoadError(msg)
+
+    def _mask_request(self, request_type: int, value: int) -> bytearray:
+        req = self.alloc_request(request_type, L.MaskRequest.size)
+        L.MaskRequest.or_mask.set(req, value)
+        L.MaskRequest.not_mask.set(req, ~value & U32_MAX)
+        return req
+
+    def alloc_mouse_status(self, features: int) -> bytearray:
+        """A SET_MOUSE_STATUS request with ``features`` and a zero position."""
+        req = self.alloc_request(RequestType.SET_MOUSE_STATUS, 36)
+        req[HEADER_SIZE:36] = features.to_bytes(4, "little") + bytes(8)
+        return req
+
+    async def _report_guest_info(self) -> None:
+        info2 = self.alloc_request(RequestType.REPORT_GUEST_INFO2, L.GuestInfo2Request.size)
+        major, minor, build, revision = ADDITIONS_VERSION
+        L.GuestInfo2Request.additions_major.set(info2, major)
+        L.GuestInfo2Request.additions_minor.set(info2, minor)
+        L.GuestInfo2Request.additions_build.set(info2, build)
+        L.GuestInfo2Request.additions_revision.set(info2, revision)
+        L.GuestInfo2Request.additions_features.set(info2, ADDITIONS_FEATURE_REQUESTOR_INFO)
+        name_at = L.GuestInfo2Request.name.offset
+        info2[name_at : name_at + len(ADDITIONS_NAME) + 1] = ADDITIONS_NAME + b"\0"
+        info1 = self.alloc_request(RequestType.REPORT_GUEST_INFO, L.GuestInfoRequest.size)
+        L.GuestInfoRequest.interface_version.set(info1, VMMDEV_VERSION)
+        L.GuestInfoRequest.os_type.set(info1, OSTYPE_LINUX26 | OSTYPE_X64)
+        rc = await self.perform(info2)
+        if rc >= 0:
+            rc = await self.perform(info1)
+        elif rc in (VERR_NOT_SUPPORTED, VERR_NOT_IMPLEMENTED):
+            rc = await self.perform(info1)
+            if rc >= 0:
+                rc = await self.perform(info2)
+                rc = VINF_SUCCESS if rc == VERR_NOT_IMPLEMENTED else rc
+        if rc < 0:
+            msg = f"driver load failed: reporting the guest info gave {status_name(rc)}"
+            raise DriverLoadError(msg)
+
+    async def _heartbeat_configure(self, *, enabled: bool) -> int:
+        req = self.alloc_request(RequestType.HEARTBEAT_CONFIGURE, L.HeartbeatRequest.size)
+        L.HeartbeatRequest.enabled.set(req, int(enabled))
+        L.HeartbeatRequest.interval_ns.set(req, 0)
+        rc = await self.perform(req)
+        self.heartbeat_interval_ns = L.HeartbeatRequest.interval_ns.get(req)
+        return rc
+
+    # --- background ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Load the driver, then serve interrupts and kernel timers until cancelled.
+
+        Raises:
+            DriverLoadError: the load failed (before ``started``).
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._isr_loop)
+            await self.load()
+            if self.owns_heartbeat and self.heartbeat_interval_ns > 0:
+                nursery.start_soon(self._heartbeat_loop, self.heartbeat_interval_ns)
+            self.start_background(nursery)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _isr_loop(self) -> NoReturn:
+        """``vbg_core_isr``: acknowledge the host's events and route them."""
+        ack = self.alloc_request(RequestType.ACKNOWLEDGE_EVENTS, L.EventsRequest.size)
+        while True:
+            await self.vmmdev.wait_for_irq()
+            L.RequestHeader.rc.set(ack, VERR_INTERNAL_ERROR)
+            L.EventsRequest.events.set(ack, 0)
+            rc = await self.perform(ack)
+            if rc < 0:
+                _log.warning("isr_ack_failed", rc=rc)
+                await trio.sleep(ISR_RETRY_S)
+                continue
+            self.route_events(L.EventsRequest.events.get(ack))
+
+    def route_events(self, events: int) -> None:
+        """Hand acknowledged events to the kernel's consumers and to userspace waiters.
+
+        MOUSE_POSITION_CHANGED would feed the input device, which the simulated guest lacks.
+        """
+        if events & Event.HGCM:
+            self.hgcm_wq.unpark_all()
+        if events & Event.BALLOON_CHANGE_REQUEST & self.kernel_events:
+            self.balloon_event()
+        user = events & ~self.kernel_events
+        if user:
+            self.pending_events |= user
+            self.event_wq.unpark_all()
+
+    async def _heartbeat_loop(self, interval_ns: int) -> NoReturn:
+        """Beat once per host interval, drift-free, starting at once.
+
+        Real mainline re-arms its timer with a relative expiry passed as an absolute jiffies
+        value, so a mainline guest beats about once per tick (HZ times a second). The simulator
+        beats at the interval, as Oracle's driver does; the host tolerates both.
+        """
+        beat = self.alloc_request(RequestType.GUEST_HEARTBEAT, HEADER_SIZE)
+        start = trio.current_time()
+        tick = 0
+        while True:
+            await trio.sleep_until(start + tick * interval_ns / NS_PER_S)
+            await self.perform(beat)
+            tick += 1
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
+        """Open ``/dev/vboxguest`` (or ``/dev/vboxuser``) as ``uid``."""
+        session = DriverSession(user_device=user_device, uid=uid)
+        self.sessions.add(session)
+        return session
+
+    def shutdown(self) -> None:
+        """The VM was reset under this driver: every session and waiter fails with ENODEV."""
+        self.lost = True
+        for session in self.sessions:
+            session.lost = session.cancel_waiters = True
+        self.event_wq.unpark_all()
+        self.hgcm_wq.unpark_all()
+
+    async def close_session(self, session: DriverSession) -> None:
+        """``vbg_core_close_session``: release caps, filter bits and HGCM clients."""
+        if session.closed:
+            return
+        session.closed = True
+        if session.lost:
+            return
+        session.cancel_waiters = True
+        self.event_wq.unpark_all()
+        self.sessions.discard(session)
+        with trio.CancelScope(shield=True):
+            await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
+            await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
+            await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
+            for client_id in session.hgcm_client_ids:
+                if client_id not in (0, U32_MAX):
+                    await _hgcm.host_disconnect(self, client_id, REQUESTOR_KERNEL)
+            await self.session_closed(session)
+
+    # --- the ioctl entry -------------------------------------------------------------------------
+
+    async def ioctl(
+        self, session: DriverSession, code: int, buf: bytearray, memory: GuestMemory
+    ) -> None:
+        """Perform one ioctl on ``session``: ``buf`` is the user's buffer.
+
+        Raises:
+            OSError: the errno the driver returns; ``buf`` is then left untouched.
+        """
+        await trio.lowlevel.checkpoint()
+        if session.lost:
+            raise fail(errno.ENODEV)
+        if session.closed:
+            raise fail(errno.EBADF)
+        if not self.loaded:
+            raise fail(errno.ENODEV)
+        kbuf = _copy_in(code, buf)
+        await self._dispatch(session, code, kbuf, memory)
+        count = min(L.IoctlHeader.size_out.get(kbuf), len(kbuf))
+        if len(buf) < count:
+            raise fail(errno.EFAULT)
+        buf[:count] = kbuf[:count]
+
+    async def _dispatch(
+        self, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
+    ) -> None:
+        L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+        if L.IoctlHeader.size_out.get(kbuf) == 0:
+            L.IoctlHeader.size_out.set(kbuf, L.IoctlHeader.size_in.get(kbuf))
+        stripped = without_size(code)
+        if stripped == without_size(Ioctl.vmmdev_request(0)) or code in (
+            Ioctl.VMMDEV_REQUEST_BIG,
+            Ioctl.VMMDEV_REQUEST_BIG_ALT,
+        ):
+            await self._vmmdev_request(session, kbuf)
+            return
+        if L.IoctlHeader.type.get(kbuf) != 0:
+            raise fail(errno.EINVAL)
+        handler = self._fixed.get(code)
+        extra = self.extra_ioctls().get(code)
+        if handler is not None:
+            await handler(self, session, kbuf, memory)
+        elif extra is not None:
+            await extra(session, kbuf, memory)
+        elif stripped == without_size(Ioctl.hgcm_call_64(0)):
+            await _hgcm.call(self, session, kbuf, memory)
+        elif code == Ioctl.LOG or stripped == without_size(Ioctl.log_alt(0)):
+            await _misc.log(self, session, kbuf, memory)
+        else:
+            _log.debug("unknown_ioctl", code=f"{code:#x}")
+            raise fail(errno.ENOTTY)
+
+    async def _check_balloon_ioctl(
+        self, session: DriverSession, kbuf: bytearray, _memory: GuestMemory
+    ) -> None:
+        check_sizes(kbuf, HEADER_SIZE, L.CheckBalloonIoctl.size)
+        await self.check_balloon(session, kbuf)
+
+    async def _vmmdev_request(self, session: DriverSession, kbuf: bytearray) -> None:
+        """``vbg_ioctl_vmmrequest``: the buffer is the request, handed over as it is."""
+        size_in = L.IoctlHeader.size_in.get(kbuf)
+        if size_in != L.IoctlHeader.size_out.get(kbuf):
+            raise fail(errno.EINVAL)
+        if size_in > MAX_VMMDEV_REQUEST_SIZE:
+            raise fail(errno.E2BIG)
+        request_type = L.IoctlHeader.type.get(kbuf)
+        if request_type == 0:
+            raise fail(errno.EINVAL)
+        if not req_allowed(session, request_type, kbuf, self.trusted_requests):
+            _log.info("vmm_request_denied", request_type=request_type, session=repr(session))
+            raise fail(errno.EPERM)
+        await self.perform(kbuf)
+
+
+def _copy_in(code: int, buf: bytearray) -> bytearray:
+    """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input."""
+    if len(buf) < HEADER_SIZE:
+        raise fail(errno.EFAULT)
+    size_in = L.IoctlHeader.size_in.get(buf)
+    size_out = L.IoctlHeader.size_out.get(buf)
+    if L.IoctlHeader.version.get(buf) != IOCTL_HDR_VERSION:
+        raise fail(errno.EINVAL)
+    if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):
+        raise fail(errno.EINVAL)
+    size = max(size_in, size_out)
+    if ioc_size(code) not in (0, size):
+        raise fail(errno.EINVAL)
+    if size > MAX_IOCTL_SIZE:
+        raise fail(errno.E2BIG)
+    if len(buf) < size_in:
+        raise fail(errno.EFAULT)
+    kbuf = bytearray(size)
+    kbuf[:size_in] = buf[:size_in]
+    return kbuf

@@ -1,0 +1,366 @@
+"""HGCM ioctls: CONNECT and DISCONNECT (64 client slots per session) and CALL.
+
+A call is rebuilt as the driver does: user buffers are copied into bounce buffers in guest
+RAM and described by page lists appended to the VMMDev request; the driver waits for the
+host's DONE flag (woken by the ISR on the HGCM event), cancels at the host on timeout or
+interruption, and copies results back to user memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import (
+    HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_PARMS,
+    HGCM_MAX_USER_PARM,
+    HGCM_PARM64_SIZE,
+    HGCM_REQ_CANCELLED,
+    HGCM_REQ_DONE,
+    PAGE_SIZE,
+    TIMEOUT_INFINITE,
+    USER_HGCM_PARM_TYPES,
+    HgcmParmType,
+    PageListDirection,
+    RequestType,
+)
+from agent.protocol.status import (
+    STATUS_CODES,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
+    VERR_OUT_OF_RANGE,
+    VINF_HGCM_ASYNC_EXECUTE,
+)
+
+if TYPE_CHECKING:
+    from agent.host.driver._core import Driver
+    from agent.host.driver._session import DriverSession
+    from agent.host.memory import GuestMemory
+
+CLIENT_SLOT_BUSY: Final = U32_MAX
+MS_PER_S: Final = 1000
+CANCEL_GRACE_NOT_FOUND_S: Final = 0.5
+"""How long to wait for DONE after a cancel the host could not find (VERR_NOT_FOUND)."""
+CANCEL_GRACE_OTHER_S: Final = 2.0
+"""How long to wait for DONE after any other failed cancel."""
+VERR_SEM_DESTROYED: Final = STATUS_CODES["VERR_SEM_DESTROYED"]
+PAGE_LIST_HEADER_SIZE: Final = 8
+_BUFFER_TYPES: Final = {
+    HgcmParmType.LINADDR: PageListDirection.BOTH,
+    HgcmParmType.LINADDR_IN: PageListDirection.TO_HOST,
+    HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
+}
+_P = L.HgcmParameter64
+
+
+class _Outcome(enum.Enum):
+    DONE = enum.auto()
+    CANCELLED = enum.auto()
+    LEAKED = enum.auto()
+
+
+# --- connect / disconnect ----------------------------------------------------------------------
+
+
+async def connect(
+    drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> None:
+    """Connect to a host service; ``hdr.rc`` carries the host's answer (-2900 if unknown)."""
+    del memory
+    check_sizes(kbuf, L.HgcmConnectIoctl.size, L.HgcmConnectIoctl.client_id.end)
+    async with drv.session_mutex:
+        try:
+            slot = session.hgcm_client_ids.index(0)
+        except ValueError:
+            raise fail(errno.EMFILE) from None
+        session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
+    req = drv.alloc_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size, session.requestor)
+    L.HgcmConnectRequest.flags.set(req, 0)
+    loc_at = L.HgcmConnectRequest.loc_type.offset
+    src_at = L.HgcmConnectIoctl.loc_type.offset
+    req[loc_at : loc_at + L.HgcmServiceLocation.size] = kbuf[
+        src_at : src_at + L.HgcmServiceLocation.size
+    ]
+    L.HgcmConnectRequest.client_id.set(req, 0)
+    status = await _perform_uninterruptible(drv, req)
+    client_id = L.HgcmConnectRequest.client_id.get(req) if status >= 0 else 0
+    async with drv.session_mutex:
+        session.hgcm_client_ids[slot] = client_id
+    L.IoctlHeader.rc.set(kbuf, status)
+    L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
+
+
+async def disconnect(
+    drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> None:
+    """Disconnect one of this session's clients."""
+    del memory
+    check_sizes(kbuf, L.HgcmDisconnectIoctl.size, L.HgcmDisconnectIoctl.client_id.offset)
+    client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
+    if client_id in (0, U32_MAX):
+        raise fail(errno.EINVAL)
+    async with drv.session_mutex:
+        try:
+            slot = session.hgcm_client_ids.index(client_id)
+        except ValueError:
+            raise fail(errno.EINVAL) from None
+        session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
+    status = await host_disconnect(drv, client_id, session.requestor)
+    async with drv.session_mutex:
+        session.hgcm_client_ids[slot] = 0 if status >= 0 else client_id
+    L.IoctlHeader.rc.set(kbuf, status)
+
+
+async def host_disconnect(drv: Driver, client_id: int, requestor: int) -> int:
+    """``vbg_hgcm_disconnect``: return the host's status."""
+    req = drv.alloc_request(RequestType.HGCM_DISCONNECT, L.HgcmDisconnectRequest.size, requestor)
+    L.HgcmDisconnectRequest.flags.set(req, 0)
+    L.HgcmDisconnectRequest.client_id.set(req, client_id)
+    return await _perform_uninterruptible(drv, req)
+
+
+async def _perform_uninterruptible(drv: Driver, req: bytearray) -> int:
+    """Submit an HGCM request and wait, untimed and uninterruptible, for DONE."""
+    phys = drv.ram.map(req)
+    try:
+        with trio.CancelScope(shield=True):
+            await drv.vmmdev.submit(phys)
+            rc = L.RequestHeader.rc.get(req)
+            if rc == VINF_HGCM_ASYNC_EXECUTE:
+                await _wait_done(drv, req)
+    finally:
+        drv.ram.unmap(phys)
+    return L.HgcmRequestHeader.result.get(req) if rc >= 0 else rc
+
+
+# --- call --------------------------------------------------------------------------------------
+
+
+class _TooBigError(Exception):
+    """A user buffer exceeds VBG_MAX_HGCM_USER_PARM (-E2BIG inside the driver)."""
+
+
+async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
+    """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
+    size_in = L.IoctlHeader.size_in.get(kbuf)
+    if size_in < HGCM_CALL_HEADER_SIZE or size_in != L.IoctlHeader.size_out.get(kbuf):
+        raise fail(errno.EINVAL)
+    count = L.HgcmCallIoctl.parm_count.get(kbuf)
+    if count > HGCM_MAX_PARMS:
+        raise fail(errno.E2BIG)
+    client_id = L.HgcmCallIoctl.client_id.get(kbuf)
+    if client_id in (0, U32_MAX):
+        raise fail(errno.EINVAL)
+    needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
+    if size_in < needed:
+        raise fail(errno.EINVAL)
+    L.IoctlHeader.size_out.set(kbuf, needed)
+    if any(_P.type.get(_parm(kbuf, i)) not in USER_HGCM_PARM_TYPES for i in range(count)):
+        raise fail(errno.EINVAL)
+    async with drv.session_mutex:
+        if client_id not in session.hgcm_client_ids:
+            raise fail(errno.EINVAL)
+    try:
+        status = await _call(drv, session, kbuf, count, memory)
+    except _TooBigError:
+        status = VERR_OUT_OF_RANGE
+    L.IoctlHeader.rc.set(kbuf, status)
+
+
+def _parm(buf: bytearray, index: int, base: int = HGCM_CALL_HEADER_SIZE) -> memoryview:
+    at = base + HGCM_PARM64_SIZE * index
+    return memoryview(buf)[at : at + HGCM_PARM64_SIZE]
+
+
+def _page_count(length: int) -> int:
+    return -(-length // PAGE_SIZE)
+
+
+async def _call(
+    drv: Driver, session: DriverSession, kbuf: bytearray, count: int, memory: GuestMemory
+) -> int:
+    bounce = _bounce_buffers(kbuf, count, memory)
+    mapped = {index: drv.ram.map(data) for index, data in bounce.items()}
+    try:
+        req = _build_request(drv, session, kbuf, count, bounce=bounce, mapped=mapped)
+        timeout_ms = L.HgcmCallIoctl.timeout_ms.get(kbuf)
+        deadline = (
+            math.inf
+            if timeout_ms == TIMEOUT_INFINITE
+            else trio.current_time() + timeout_ms / MS_PER_S
+        )
+        error = await _do_call(drv, req, deadline)
+        if error:
+            raise fail(error)
+        _copy_back(kbuf, req, count, bounce, memory)
+        return L.HgcmRequestHeader.result.get(req)
+    finally:
+        for address in mapped.values():
+            drv.ram.unmap(address)
+
+
+def _bounce_buffers(kbuf: bytearray, count: int, memory: GuestMemory) -> dict[int, bytearray]:
+    """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order."""
+    bounce: dict[int, bytearray] = {}
+    for index in range(count):
+        view = _parm(kbuf, index)
+        kind = _P.type.get(view)
+        if kind not in _BUFFER_TYPES:
+            continue
+        length = _P.pointer_size.get(view)
+        if length > HGCM_MAX_USER_PARM:
+            raise _TooBigError
+        if length == 0:
+            continue
+        if kind == HgcmParmType.LINADDR_OUT:
+            bounce[index] = bytearray(length)
+        else:
+            bounce[index] = bytearray(memory.read(_P.pointer_linear_addr.get(view), length))
+    return bounce
+
+
+def _build_request(
+    drv: Driver,
+    session: DriverSession,
+    kbuf: bytearray,
+    count: int,
+    *,
+    bounce: dict[int, bytearray],
+    mapped: dict[int, int],
+) -> bytearray:
+    lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
+    size = lists_at + sum(
+        PAGE_LIST_HEADER_SIZE + 8 * _page_count(len(data)) for data in bounce.values()
+    )
+    req = drv.alloc_request(RequestType.HGCM_CALL64, size, session.requestor)
+    L.HgcmCallRequest.flags.set(req, 0)
+    L.HgcmCallRequest.result.set(req, 0)
+    L.HgcmCallRequest.client_id.set(req, L.HgcmCallIoctl.client_id.get(kbuf))
+    L.HgcmCallRequest.function.set(req, L.HgcmCallIoctl.function.get(kbuf))
+    L.HgcmCallRequest.parm_count.set(req, count)
+    for index in range(count):
+        src = _parm(kbuf, index)
+        dst = _parm(req, index, L.HgcmCallRequest.size)
+        kind = _P.type.get(src)
+        if kind not in _BUFFER_TYPES:
+            dst[:] = src
+            continue
+        if index not in bounce:
+            _P.type.set(dst, kind)
+            _P.pointer_size.set(dst, 0)
+            _P.pointer_linear_addr.set(dst, 0)
+            continue
+        length, address = len(bounce[index]), mapped[index]
+        _P.type.set(dst, HgcmParmType.PAGELIST)
+        _P.page_list_size.set(dst, length)
+        _P.page_list_offset.set(dst, lists_at)
+        entry = memoryview(req)[lists_at:]
+        pages = _page_count(length + address % PAGE_SIZE)
+        L.HgcmPageList.flags.set(entry, _BUFFER_TYPES[HgcmParmType(kind)])
+        L.HgcmPageList.offset_first_page.set(entry, address % PAGE_SIZE)
+        L.HgcmPageList.page_count.set(entry, pages)
+        first_page = address - address % PAGE_SIZE
+        for page in range(pages):
+            at = lists_at + PAGE_LIST_HEADER_SIZE + 8 * page
+            req[at : at + 8] = (first_page + page * PAGE_SIZE).to_bytes(8, "little")
+        lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
+    return req
+
+
+def _copy_back(
+    kbuf: bytearray, req: bytearray, count: int, bounce: dict[int, bytearray], memory: GuestMemory
+) -> None:
+    for index in range(count):
+        src = _parm(req, index, L.HgcmCallRequest.size)
+        dst = _parm(kbuf, index)
+        kind = _P.type.get(dst)
+        if kind not in _BUFFER_TYPES:
+            dst[:] = src
+            continue
+        returned = _P.page_list_size.get(src)
+        _P.pointer_size.set(dst, returned)
+        if kind == HgcmParmType.LINADDR_IN or index not in bounce:
+            continue
+        memory.write(_P.pointer_linear_addr.get(dst), bounce[index][:returned])
+
+
+# --- waiting and cancelling ------------------------------------------------------------------
+
+
+def _done(req: bytearray) -> bool:
+    return bool(L.HgcmRequestHeader.flags.get(req) & HGCM_REQ_DONE)
+
+
+async def _wait_done(drv: Driver, req: bytearray) -> None:
+    while not _done(req):
+        if drv.lost:
+            raise fail(errno.ENODEV)
+        await drv.hgcm_wq.park()
+
+
+async def _do_call(drv: Driver, req: bytearray, deadline: float) -> int:
+    """``vbg_hgcm_do_call`` for a user caller: return 0 or an errno.
+
+    A trio cancellation plays the signal: the call is cancelled at the host, then the
+    cancellation propagates. A request whose cancel failed and that never completed is
+    leaked, as the kernel does, because the host may still write to it.
+    """
+    phys = drv.ram.map(req)
+    outcome = _Outcome.DONE
+    try:
+        await drv.vmmdev.submit(phys)
+        rc = L.RequestHeader.rc.get(req)
+        if rc < 0:
+            L.HgcmRequestHeader.result.set(req, rc)
+            return 0
+        if rc != VINF_HGCM_ASYNC_EXECUTE:
+            return 0
+        try:
+            with trio.move_on_at(deadline):
+                await _wait_done(drv, req)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                outcome = await _cancel(drv, req, phys)
+            raise
+        if _done(req):
+            return 0
+        outcome = await _cancel(drv, req, phys)
+        return 0 if outcome is _Outcome.DONE else errno.ETIMEDOUT
+    finally:
+        if outcome is not _Outcome.LEAKED:
+            drv.ram.unmap(phys)
+
+
+async def _cancel(drv: Driver, req: bytearray, phys: int) -> _Outcome:
+    """``hgcm_cancel_call`` plus the grace wait for a call the host could not cancel."""
+    async with drv.cancel_req_mutex:
+        cancel = drv.alloc_request(RequestType.HGCM_CANCEL2, L.HgcmCancel2Request.size)
+        L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys)
+        rc = await drv.perform(cancel)
+        if rc == VERR_NOT_IMPLEMENTED:
+            flags = L.HgcmRequestHeader.flags.get(req) | HGCM_REQ_CANCELLED
+            L.HgcmRequestHeader.flags.set(req, flags)
+            L.RequestHeader.request_type.set(req, RequestType.HGCM_CANCEL)
+            await drv.vmmdev.submit(phys)
+            rc = L.RequestHeader.rc.get(req)
+            rc = VERR_NOT_FOUND if rc == VERR_INVALID_PARAMETER else rc
+    if rc >= 0:
+        flags = L.HgcmRequestHeader.flags.get(req) | HGCM_REQ_CANCELLED
+        L.HgcmRequestHeader.flags.set(req, flags)
+        return _Outcome.CANCELLED
+    grace = (
+        CANCEL_GRACE_NOT_FOUND_S
+        if rc in (VERR_NOT_FOUND, VERR_SEM_DESTROYED)
+        else CANCEL_GRACE_OTHER_S
+    )
+    with trio.move_on_after(grace):
+        await _wait_done(drv, req)
+    return _Outcome.DONE if _done(req) else _Outcome.LEAKED

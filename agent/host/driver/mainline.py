@@ -1,0 +1,124 @@
+"""The Linux in-tree driver (``drivers/virt/vboxguest``): kernel-owned balloon and heartbeat.
+
+The ISR keeps BALLOON_CHANGE_REQUEST for itself and schedules the balloon work item, which
+asks the host for the target and (de)inflates chunk by chunk with pages it allocates. The
+host only sends that event while some session filters 0x40, so ballooning happens only
+while a userspace agent asks for the event it will never receive.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, NoReturn
+
+import structlog
+import trio
+
+from agent.host.driver._core import Driver
+from agent.host.driver._pages import PageAllocator
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import BALLOON_CHUNK_PAGES, Event, RequestType
+from agent.protocol.status import status_name
+
+if TYPE_CHECKING:
+    from agent.host.memory import DictMemory
+    from agent.host.vmmdev import VMMDev
+
+_log = structlog.get_logger("agent.host")
+
+
+class MainlineDriver(Driver):
+    """Mainline Linux: passthrough policy of ``vbg_req_allowed``, balloon in the kernel."""
+
+    personality: ClassVar[str] = "mainline"
+
+    def __init__(self, vmmdev: VMMDev, ram: DictMemory) -> None:
+        super().__init__(vmmdev, ram)
+        self.pages = PageAllocator(vmmdev.ram_mb * BALLOON_CHUNK_PAGES)
+        self.chunks: list[list[int]] = []
+        self.max_chunks = 0
+        self._balloon_kick = trio.Event()
+        self._info = self.alloc_request(
+            RequestType.GET_MEMBALLOON_CHANGE_REQ, L.MemBalloonInfoRequest.size
+        )
+        self._change = self.alloc_request(
+            RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size
+        )
+
+    @property
+    def balloon_chunks(self) -> int:
+        """Chunks the kernel holds in the balloon."""
+        return len(self.chunks)
+
+    def balloon_event(self) -> None:
+        """``schedule_work``: run the balloon work (once more, if it is running)."""
+        self._balloon_kick.set()
+
+    def start_background(self, nursery: trio.Nursery) -> None:
+        """Start the balloon work queue."""
+        nursery.start_soon(self._balloon_worker)
+
+    async def _balloon_worker(self) -> NoReturn:
+        while True:
+            await self._balloon_kick.wait()
+            self._balloon_kick = trio.Event()
+            await self.balloon_work()
+
+    async def balloon_work(self) -> None:
+        """``vbg_balloon_work``: move the balloon to the host's target; stop at the first error."""
+        L.MemBalloonInfoRequest.event_ack.set(self._info, Event.BALLOON_CHANGE_REQUEST)
+        rc = await self.perform(self._info)
+        if rc < 0:
+            _log.warning("balloon_query_failed", rc=status_name(rc))
+            return
+        if self.max_chunks == 0:
+            self.max_chunks = L.MemBalloonInfoRequest.phys_mem_chunks.get(self._info)
+        target = L.MemBalloonInfoRequest.balloon_chunks.get(self._info)
+        if target > self.max_chunks:
+            _log.warning("balloon_size_illegal", chunks=target, max_chunks=self.max_chunks)
+            return
+        while len(self.chunks) < target:
+            if not await self._inflate():
+                return
+        while len(self.chunks) > target:
+            if not await self._deflate():
+                return
+
+    async def _inflate(self) -> bool:
+        pages: list[int] = []
+        for _ in range(BALLOON_CHUNK_PAGES):
+            page = self.pages.alloc()
+            if page is None:
+                self.pages.free(pages)
+                _log.warning("balloon_inflate_no_memory", chunks=len(self.chunks))
+                return False
+            pages.append(page)
+        rc = await self._change_chunk(pages, inflate=True)
+        if rc < 0:
+            self.pages.free(pages)
+            _log.warning("balloon_inflate_failed", rc=status_name(rc))
+            return False
+        self.chunks.append(pages)
+        return True
+
+    async def _deflate(self) -> bool:
+        rc = await self._change_chunk(self.chunks[-1], inflate=False)
+        if rc < 0:
+            _log.warning("balloon_deflate_failed", rc=status_name(rc))
+            return False
+        self.pages.free(self.chunks.pop())
+        return True
+
+    async def _change_chunk(self, pages: list[int], *, inflate: bool) -> int:
+        return await change_memballoon(self, self._change, pages, inflate=inflate)
+
+
+async def change_memballoon(
+    driver: Driver, req: bytearray, pages: list[int], *, inflate: bool
+) -> int:
+    """Fill the CHANGE_MEMBALLOON request ``req`` with one chunk and perform it."""
+    L.MemBalloonChangeRequest.header_size.set(req, L.MemBalloonChangeRequest.size)
+    L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
+    L.MemBalloonChangeRequest.pages.set(req, BALLOON_CHUNK_PAGES)
+    base = L.MemBalloonChangeRequest.phys_page.offset
+    req[base : base + 8 * len(pages)] = b"".join(page.to_bytes(8, "little") for page in pages)
+    return await driver.perform(req)

@@ -1,0 +1,152 @@
+"""Oracle's out-of-tree driver (``VBoxGuest.cpp``) on a build without the kernel balloon API.
+
+The first session to call CHECK_BALLOON (or CHANGE_BALLOON) owns the balloon until it
+closes; others get VERR_PERMISSION_DENIED in ``hdr.rc``. CHECK_BALLOON asks the host for
+the target and answers ``handle_in_r3 = 1``: userspace allocates 1 MiB chunks and hands
+each to the driver with CHANGE_BALLOON (ioctl 18), which locks it and tells the host the
+chunk's pages. Closing the owner's session deflates every chunk. BALLOON_CHANGE_REQUEST is
+delivered to userspace waiters; the heartbeat stays with the driver.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import trio
+
+from agent.host.driver._core import Driver
+from agent.host.driver._pages import PageAllocator
+from agent.host.driver._util import check_sizes
+from agent.host.driver.mainline import change_memballoon
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import (
+    BALLOON_CHUNK_PAGES,
+    HEADER_SIZE,
+    Event,
+    Ioctl,
+    RequestType,
+)
+from agent.protocol.status import (
+    VERR_ALREADY_EXISTS,
+    VERR_INVALID_PARAMETER,
+    VERR_NO_MEMORY,
+    VERR_NOT_FOUND,
+    VERR_PERMISSION_DENIED,
+    VINF_SUCCESS,
+)
+
+if TYPE_CHECKING:
+    from agent.host.driver._core import BoundHandler
+    from agent.host.driver._session import DriverSession
+    from agent.host.memory import DictMemory, GuestMemory
+    from agent.host.vmmdev import VMMDev
+
+
+class OracleDriver(Driver):
+    """Oracle's driver: session-owned balloon handled in ring 3."""
+
+    personality: ClassVar[str] = "oracle"
+    kernel_events: ClassVar[int] = Event.HGCM | Event.MOUSE_POSITION_CHANGED
+
+    def __init__(self, vmmdev: VMMDev, ram: DictMemory) -> None:
+        super().__init__(vmmdev, ram)
+        self.pages = PageAllocator(vmmdev.ram_mb * BALLOON_CHUNK_PAGES)
+        self.owner: DriverSession | None = None
+        self.max_chunks = 0
+        self.chunks: dict[int, list[int]] = {}
+        """User chunk address -> the guest pages locked for it, in inflate order."""
+        self._balloon_mutex = trio.Lock()
+
+    @property
+    def balloon_chunks(self) -> int:
+        """Chunks userspace handed to the balloon."""
+        return len(self.chunks)
+
+    def extra_ioctls(self) -> dict[int, BoundHandler]:
+        """CHANGE_BALLOON exists only in Oracle's driver."""
+        return {Ioctl.CHANGE_BALLOON: self._change_balloon_ioctl}
+
+    def _claim(self, session: DriverSession) -> bool:
+        if self.owner is None:
+            self.owner = session
+        return self.owner is session
+
+    async def check_balloon(self, session: DriverSession, kbuf: bytearray) -> None:
+        """Query the host (acknowledging 0x40) and let userspace handle the chunks."""
+        async with self._balloon_mutex:
+            if not self._claim(session):
+                L.IoctlHeader.rc.set(kbuf, VERR_PERMISSION_DENIED)
+                return
+            info = self.alloc_request(
+                RequestType.GET_MEMBALLOON_CHANGE_REQ, L.MemBalloonInfoRequest.size
+            )
+            L.MemBalloonInfoRequest.event_ack.set(info, Event.BALLOON_CHANGE_REQUEST)
+            rc = await self.perform(info)
+            if rc < 0:
+                L.IoctlHeader.rc.set(kbuf, rc)
+                return
+            self.max_chunks = L.MemBalloonInfoRequest.phys_mem_chunks.get(info)
+            chunks = L.MemBalloonInfoRequest.balloon_chunks.get(info)
+            L.CheckBalloonIoctl.balloon_chunks.set(kbuf, chunks)
+            L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 1)
+            L.CheckBalloonIoctl.padding.set(kbuf, b"")
+
+    async def _change_balloon_ioctl(
+        self, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+    ) -> None:
+        del memory
+        check_sizes(kbuf, L.ChangeBalloonIoctl.size, HEADER_SIZE)
+        if any(L.ChangeBalloonIoctl.padding.get(kbuf)):
+            L.IoctlHeader.rc.set(kbuf, VERR_INVALID_PARAMETER)
+            return
+        address = L.ChangeBalloonIoctl.chunk_address.get(kbuf)
+        inflate = L.ChangeBalloonIoctl.inflate.get(kbuf) != 0
+        async with self._balloon_mutex:
+            if not self._claim(session):
+                rc = VERR_PERMISSION_DENIED
+            elif inflate:
+                rc = await self._inflate(address)
+            else:
+                rc = await self._deflate(address)
+        L.IoctlHeader.rc.set(kbuf, rc)
+
+    async def _inflate(self, address: int) -> int:
+        if self.max_chunks == 0 or len(self.chunks) >= self.max_chunks:
+            return VERR_INVALID_PARAMETER
+        if address in self.chunks:
+            return VERR_ALREADY_EXISTS
+        pages: list[int] = []
+        for _ in range(BALLOON_CHUNK_PAGES):
+            page = self.pages.alloc()
+            if page is None:
+                self.pages.free(pages)
+                return VERR_NO_MEMORY
+            pages.append(page)
+        rc = await self._change(pages, inflate=True)
+        if rc < 0:
+            self.pages.free(pages)
+            return rc
+        self.chunks[address] = pages
+        return VINF_SUCCESS
+
+    async def _deflate(self, address: int) -> int:
+        pages = self.chunks.get(address)
+        if pages is None:
+            return VERR_NOT_FOUND
+        rc = await self._change(pages, inflate=False)
+        if rc >= 0:
+            self.pages.free(self.chunks.pop(address))
+        return rc
+
+    async def _change(self, pages: list[int], *, inflate: bool) -> int:
+        req = self.alloc_request(RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size)
+        return await change_memballoon(self, req, pages, inflate=inflate)
+
+    async def session_closed(self, session: DriverSession) -> None:
+        """The owner went away: deflate every chunk and free the balloon for others."""
+        async with self._balloon_mutex:
+            if self.owner is not session:
+                return
+            for address in reversed(list(self.chunks)):
+                await self._deflate(address)
+            self.owner = None

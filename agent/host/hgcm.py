@@ -1,0 +1,352 @@
+"""The host's HGCM framework: services by name, clients, pending calls, completion, cancel.
+
+Requests arrive from the VMMDev port handler as byte copies with their guest-physical
+address. A request the framework accepts is answered ``VINF_HGCM_ASYNC_EXECUTE`` in the
+guest's header and is not written back at submit time. Completion writes the updated
+request (results, ``result``; for connect the client id) to guest memory, then sets
+``VMMDEV_HGCM_REQ_DONE`` in a second write, then raises ``VMMDEV_EVENT_HGCM``. A cancelled
+command is never written back.
+
+Save/restore and reset follow VMMDev: a restore keeps client ids, reconnects them to the
+(restarted) services and re-submits every pending call from guest memory; a reset
+disconnects every client and drops every command.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+
+import structlog
+
+from agent.host._hgcm_parms import (
+    ParmError,
+    ParmLayout,
+    parm_layout,
+    parms_end,
+    parse_parms,
+    write_back as write_back_parms,
+)
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import (
+    HGCM_REQ_DONE,
+    Event,
+    HgcmLocationType,
+    RequestType,
+)
+from agent.protocol.status import (
+    STATUS_CODES,
+    VERR_HGCM_INVALID_CLIENT_ID,
+    VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_HGCM_TOO_MANY_CLIENT_CALLS,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+    VINF_HGCM_ASYNC_EXECUTE,
+    VINF_SUCCESS,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.host._hgcm_parms import ParmSlot
+    from agent.host.hgcm_service import HgcmService, HostParm
+    from agent.host.memory import GuestMemory
+
+VERR_HGCM_INVALID_CMD_ADDRESS: Final = STATUS_CODES["VERR_HGCM_INVALID_CMD_ADDRESS"]
+NIL_PHYS32: Final = 0xFFFFFFFF
+"""``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
+CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
+"""Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
+_RC: Final = struct.Struct("<i")
+_FLAGS: Final = struct.Struct("<I")
+
+_log = structlog.get_logger("agent.host")
+
+
+@runtime_checkable
+class VmLifecycle(Protocol):
+    """Optional VM life-cycle hooks a service may have besides ``reset``.
+
+    A service with them hears ``power_on`` at VM start, ``restore`` (instead of ``reset``)
+    before a restore re-submits its pending calls, and ``resume`` afterwards.
+    """
+
+    def power_on(self) -> None:
+        """The VM starts."""
+        ...
+
+    def restore(self) -> None:
+        """The VM was restored from a saved state."""
+        ...
+
+    def resume(self) -> None:
+        """The VM resumes running."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class _Client:
+    client_id: int
+    service: HgcmService
+    requestor: int
+    calls: set[_Command] = field(default_factory=set)
+
+
+@dataclass(eq=False, slots=True)
+class _Command:
+    """A call the framework accepted and has not finished."""
+
+    host: HgcmHost
+    phys: int
+    req: bytearray
+    client: _Client
+    layout: ParmLayout
+    slots: list[ParmSlot]
+    cancelled: bool = False
+    completed: bool = False
+    stale: bool = False
+
+    @property
+    def client_id(self) -> int:
+        """The calling client."""
+        return self.client.client_id
+
+    @property
+    def function(self) -> int:
+        """The function number."""
+        return L.HgcmCallRequest.function.get(self.req)
+
+    @property
+    def params(self) -> list[HostParm]:
+        """The parameters, updated in place by the service."""
+        return [slot.parm for slot in self.slots]
+
+    def complete(self, status: int) -> None:
+        """Finish the call with a VBox status (see :class:`HgcmHost`)."""
+        self.host.complete(self, status)
+
+
+class HgcmHost:
+    """Registered services, connected clients and pending calls of one VM."""
+
+    __slots__ = ("_clients", "_commands", "_memory", "_next_id", "_notify", "_services")
+
+    def __init__(self, memory: GuestMemory, notify: Callable[[int], None]) -> None:
+        self._memory = memory
+        self._notify = notify
+        self._services: dict[str, HgcmService] = {}
+        self._clients: dict[int, _Client] = {}
+        self._commands: dict[int, _Command] = {}
+        self._next_id = 1
+
+    def register(self, service: HgcmService) -> None:
+        """Add a service guests can connect to by its name.
+
+        Raises:
+            ValueError: a service of that name exists (``VERR_HGCM_SERVICE_EXISTS``).
+        """
+        if service.name in self._services:
+            msg = f"HGCM service {service.name!r} is already registered"
+            raise ValueError(msg)
+        self._services[service.name] = service
+
+    def service(self, name: str) -> HgcmService | None:
+        """Return the service registered as ``name``."""
+        return self._services.get(name)
+
+    @property
+    def client_count(self) -> int:
+        """Connected clients, over all services."""
+        return len(self._clients)
+
+    @property
+    def pending_calls(self) -> int:
+        """Calls accepted and not yet completed or cancelled."""
+        return len(self._commands)
+
+    # --- requests from the port handler ---------------------------------------------------
+
+    def connect(self, req: bytearray, phys: int) -> int | None:
+        """HGCM_CONNECT; ``None`` means accepted (answered asynchronously)."""
+        if L.HgcmConnectRequest.loc_type.get(req) not in (
+            HgcmLocationType.LOCALHOST,
+            HgcmLocationType.LOCALHOST_EXISTING,
+        ):
+            return VERR_INVALID_PARAMETER
+        raw = L.HgcmConnectRequest.service_name.get(req)
+        end = raw.find(b"\0")
+        if end <= 0:
+            return VERR_INVALID_PARAMETER
+        self._accept(req, phys)
+        service = self._services.get(raw[:end].decode("utf-8", "replace"))
+        if service is None:
+            self._finish(req, phys, VERR_HGCM_SERVICE_NOT_FOUND)
+            return None
+        client_id = self._new_client_id()
+        requestor = L.HgcmConnectRequest.header_requestor.get(req)
+        status = service.connect(client_id, requestor)
+        if status >= 0:
+            self._clients[client_id] = _Client(client_id, service, requestor)
+            L.HgcmConnectRequest.client_id.set(req, client_id)
+            _log.debug("hgcm_connected", service=service.name, client_id=client_id)
+        self._finish(req, phys, status)
+        return None
+
+    def disconnect(self, req: bytearray, phys: int) -> int | None:
+        """HGCM_DISCONNECT; pending calls the service leaves open are discarded."""
+        client = self._clients.get(L.HgcmDisconnectRequest.client_id.get(req))
+        if client is None:
+            return VERR_HGCM_INVALID_CLIENT_ID
+        self._accept(req, phys)
+        del self._clients[client.client_id]
+        client.service.disconnect(client.client_id)
+        self._discard(list(client.calls))
+        self._finish(req, phys, VINF_SUCCESS)
+        return None
+
+    def call(self, req: bytearray, phys: int) -> int | None:
+        """HGCM_CALL32/64: parse the parameters and hand the call to the service."""
+        layout = parm_layout(L.RequestHeader.request_type.get(req) == RequestType.HGCM_CALL64)
+        if parms_end(req, layout) > len(req):
+            return VERR_INVALID_PARAMETER
+        client = self._clients.get(L.HgcmCallRequest.client_id.get(req))
+        if client is None:
+            return VERR_HGCM_INVALID_CLIENT_ID
+        if phys in self._commands:
+            return VERR_HGCM_INVALID_CMD_ADDRESS
+        try:
+            slots = parse_parms(req, self._memory, layout)
+        except ParmError as exc:
+            _log.debug("hgcm_call_refused", reason=str(exc))
+            return VERR_INVALID_PARAMETER
+        if len(client.calls) >= client.service.max_calls_per_client:
+            return VERR_HGCM_TOO_MANY_CLIENT_CALLS
+        self._accept(req, phys)
+        self._start(_Command(self, phys, req, client, layout, slots))
+        return None
+
+    def cancel(self, phys: int) -> int:
+        """Cancel the pending call whose request is at ``phys`` (CANCEL2, legacy CANCEL)."""
+        if phys in (0, NIL_PHYS32):
+            return VERR_INVALID_PARAMETER
+        command = self._commands.pop(phys, None)
+        if command is None:
+            return VERR_NOT_FOUND
+        command.cancelled = True
+        command.client.calls.discard(command)
+        command.client.service.cancel(command)
+        return VINF_SUCCESS
+
+    # --- completion ------------------------------------------------------------------------
+
+    def complete(self, command: _Command, status: int) -> None:
+        """Finish ``command``: write results back (unless cancelled) and raise the event.
+
+        Raises:
+            RuntimeError: the service completed the call twice.
+        """
+        if command.stale:
+            return
+        if command.completed:
+            msg = f"HGCM call of client {command.client_id} completed twice"
+            raise RuntimeError(msg)
+        command.completed = True
+        if command.cancelled:
+            return
+        self._commands.pop(command.phys, None)
+        command.client.calls.discard(command)
+        write_back_parms(command.req, command.slots, self._memory, command.layout)
+        self._finish(command.req, command.phys, status)
+
+    # --- VM life cycle ---------------------------------------------------------------------
+
+    def power_on(self) -> None:
+        """The VM starts: tell the services that have life-cycle hooks."""
+        for service in self._services.values():
+            if isinstance(service, VmLifecycle):
+                service.power_on()
+
+    def restore(self) -> None:
+        """Saved state loaded: services restart, clients stay, pending calls are re-sent."""
+        pending = list(self._commands.values())
+        self._discard(pending)
+        for service in self._services.values():
+            if isinstance(service, VmLifecycle):
+                service.restore()
+            else:
+                service.reset()
+        for client in list(self._clients.values()):
+            if client.service.connect(client.client_id, client.requestor) < 0:
+                del self._clients[client.client_id]
+        for old in pending:
+            self._resubmit(old)
+        for service in self._services.values():
+            if isinstance(service, VmLifecycle):
+                service.resume()
+
+    def reset(self) -> None:
+        """VM reset: every client is disconnected and every command dropped."""
+        self._discard(list(self._commands.values()))
+        clients = list(self._clients.values())
+        self._clients.clear()
+        for client in clients:
+            client.service.disconnect(client.client_id)
+        for service in self._services.values():
+            service.reset()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _start(self, command: _Command) -> None:
+        self._commands[command.phys] = command
+        command.client.calls.add(command)
+        command.client.service.call(command)
+
+    def _resubmit(self, old: _Command) -> None:
+        if old.client.client_id not in self._clients:
+            return
+        try:
+            req = bytearray(self._memory.read(old.phys, len(old.req)))
+            slots = parse_parms(req, self._memory, old.layout)
+        except (OSError, ParmError):
+            return
+        self._start(_Command(self, old.phys, req, old.client, old.layout, slots))
+
+    def _discard(self, commands: list[_Command]) -> None:
+        for command in commands:
+            command.stale = True
+            self._commands.pop(command.phys, None)
+            command.client.calls.discard(command)
+
+    def _accept(self, req: bytearray, phys: int) -> None:
+        L.RequestHeader.rc.set(req, VINF_HGCM_ASYNC_EXECUTE)
+        self._write(phys + L.RequestHeader.rc.offset, _RC.pack(VINF_HGCM_ASYNC_EXECUTE))
+
+    def _finish(self, req: bytearray, phys: int, result: int) -> None:
+        L.HgcmRequestHeader.result.set(req, result)
+        L.HgcmRequestHeader.flags.set(req, self._guest_flags(phys, req))
+        self._write(phys, req)
+        flags = self._guest_flags(phys, req) | HGCM_REQ_DONE
+        self._write(phys + L.HgcmRequestHeader.flags.offset, _FLAGS.pack(flags))
+        self._notify(Event.HGCM)
+
+    def _guest_flags(self, phys: int, req: bytearray) -> int:
+        try:
+            raw = self._memory.read(phys + L.HgcmRequestHeader.flags.offset, _FLAGS.size)
+        except OSError:
+            return L.HgcmRequestHeader.flags.get(req)
+        value: int = _FLAGS.unpack(raw)[0]
+        return value
+
+    def _write(self, phys: int, data: bytes | bytearray) -> None:
+        try:
+            self._memory.write(phys, data)
+        except OSError:
+            return  # the guest freed the request; the write goes nowhere
+
+    def _new_client_id(self) -> int:
+        while True:
+            client_id = self._next_id
+            self._next_id = self._next_id % (CLIENT_ID_LIMIT - 1) + 1
+            if client_id not in self._clients:
+                return client_id

@@ -1,0 +1,272 @@
+"""``SimulatedHost``: one simulated VM (VMMDev, HGCM services, a driver personality).
+
+Synopsis::
+
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)          # the driver loads, as at guest boot
+        session = host.open_session()
+        await host.ioctl(session, code, buffer, memory)
+        host.set_balloon_target(256)           # as VBoxManage controlvm ... guestmemoryballoon
+
+Device sessions go through the driver personality; the control methods act as VBoxManage
+and Main would.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol, runtime_checkable
+
+import trio
+
+from agent.host._heartbeat import NS_PER_S
+from agent.host.driver import PERSONALITIES, Driver, DriverSession, make_driver
+from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
+from agent.host.memory import DictMemory
+from agent.host.vmmdev import HOST_VERSION, VMMDev
+from agent.protocol.constants import VALID_EVENT_MASK
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from agent.host.hgcm_service import HgcmService
+    from agent.host.memory import GuestMemory
+
+__all__ = ["DriverSession", "GuestPropertyControl", "SimulatedHost"]
+
+REQUEST_RAM_BASE: Final = 0x0010_0000
+REQUEST_RAM_LIMIT: Final = 0xFFFF_F000
+"""Request and bounce buffers live below 4 GiB, as ``vbg_req_alloc`` (GFP_DMA32) places them."""
+
+
+@runtime_checkable
+class GuestPropertyControl(Protocol):
+    """The host-side calls of the guest-property service (as Main makes them)."""
+
+    def host_set(self, name: str, value: str, flags: str = "") -> None:
+        """Set a property as the host."""
+        ...
+
+    def host_get(self, name: str) -> tuple[str, str, int] | None:
+        """Return ``(value, flags, timestamp)`` or ``None``."""
+        ...
+
+    def host_delete(self, name: str) -> None:
+        """Delete a property as the host."""
+        ...
+
+
+class SimulatedHost:
+    """A simulated VirtualBox VM as the guest's userspace sees it.
+
+    Args:
+        personality: the kernel driver in front of the device (``mainline``, ``oracle``,
+            ``passthrough``).
+        ram_mb: guest RAM in MiB.
+        heartbeat_interval_ns: the host's ``HeartbeatInterval``.
+        heartbeat_timeout_ns: ``HeartbeatTimeout`` (default twice the interval).
+        host_time_enabled: whether GET_HOST_TIME answers (else VERR_NOT_SUPPORTED).
+        core_dump_enabled: whether WRITE_COREDUMP is allowed (else VERR_ACCESS_DENIED).
+        seed: seeds the session ids, for reproducible runs.
+        services: HGCM services to register; by default the guest-property service.
+    """
+
+    def __init__(
+        self,
+        *,
+        personality: str = "mainline",
+        ram_mb: int = 2048,
+        heartbeat_interval_ns: int = 2 * NS_PER_S,
+        heartbeat_timeout_ns: int | None = None,
+        host_time_enabled: bool = True,
+        core_dump_enabled: bool = False,
+        seed: int | None = None,
+        services: Iterable[HgcmService] | None = None,
+    ) -> None:
+        if personality not in PERSONALITIES:
+            names = ", ".join(PERSONALITIES)
+            msg = f"unknown driver personality {personality!r}: expected one of {names}"
+            raise ValueError(msg)
+        self.personality = personality
+        self.ram = DictMemory(base=REQUEST_RAM_BASE, limit=REQUEST_RAM_LIMIT)
+        self.vmmdev = VMMDev(
+            self.ram,
+            ram_mb=ram_mb,
+            heartbeat_interval_ns=heartbeat_interval_ns,
+            heartbeat_timeout_ns=heartbeat_timeout_ns,
+            host_time_enabled=host_time_enabled,
+            core_dump_enabled=core_dump_enabled,
+            seed=seed,
+        )
+        self.driver: Driver = make_driver(personality, self.vmmdev, self.ram)
+        for service in (GuestPropertyService(),) if services is None else services:
+            self.register_hgcm_service(service)
+        self._nursery: trio.Nursery | None = None
+        self._driver_scope = trio.CancelScope()
+
+    # --- set-up and running ----------------------------------------------------------------
+
+    def register_hgcm_service(self, service: HgcmService) -> None:
+        """Make ``service`` available to HGCM_CONNECT by its name.
+
+        Raises:
+            ValueError: a service of that name is registered.
+        """
+        self.vmmdev.hgcm.register(service)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Power the VM on, load the driver, then run the host's timers until cancelled.
+
+        ``started()`` comes once the driver has loaded (the additions reported in).
+
+        Raises:
+            RuntimeError: the host is already running.
+            DriverLoadError: the driver refused to load (an injected fault, for example).
+        """
+        if self._nursery is not None:
+            msg = "this simulated host is already running"
+            raise RuntimeError(msg)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.vmmdev.hgcm.power_on()
+                nursery.start_soon(self.vmmdev.run)
+                self._driver_scope = await nursery.start(self._run_driver, self.driver)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    @staticmethod
+    async def _run_driver(
+        driver: Driver, *, task_status: trio.TaskStatus[trio.CancelScope]
+    ) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(driver.run)
+                task_status.started(scope)
+
+    # --- device sessions ---------------------------------------------------------------------
+
+    def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
+        """Open ``/dev/vboxguest`` (or ``/dev/vboxuser`` with ``user_device``) as ``uid``.
+
+        Raises:
+            FileNotFoundError: the driver is not loaded (the host is not running).
+        """
+        if not self.driver.loaded or self.driver.lost:
+            node = "vboxuser" if user_device else "vboxguest"
+            raise FileNotFoundError(errno.ENOENT, "the simulated host is not running", node)
+        return self.driver.open_session(user_device=user_device, uid=uid)
+
+    async def ioctl(
+        self, session: DriverSession, code: int, buffer: bytearray, memory: GuestMemory
+    ) -> None:
+        """Perform one ioctl; raises ``OSError(errno)`` as the kernel returns it."""
+        await self.driver.ioctl(session, code, buffer, memory)
+
+    async def close_session(self, session: DriverSession) -> None:
+        """Close the session: its filter bits, capabilities, HGCM clients (and balloon) go."""
+        await self.driver.close_session(session)
+
+    # --- control, as VBoxManage ------------------------------------------------------------------
+
+    def set_balloon_target(self, mb: int) -> None:
+        """``controlvm guestmemoryballoon``: raise 0x40 if ``mb`` differs from the acknowledged.
+
+        Raises:
+            ValueError: ``mb`` is negative or not below 90 % of guest RAM.
+        """
+        self.vmmdev.set_balloon_target(mb)
+
+    def raise_events(self, mask: int) -> None:
+        """Raise host events (``VMMDEV_EVENT_*`` bits).
+
+        Raises:
+            ValueError: ``mask`` is zero or has bits outside 0x7FF.
+        """
+        if mask <= 0 or mask & ~VALID_EVENT_MASK:
+            msg = f"event mask {mask:#x} must be non-zero and within {VALID_EVENT_MASK:#x}"
+            raise ValueError(msg)
+        self.vmmdev.raise_events(mask)
+
+    def restore(self) -> None:
+        """Restore from a saved state: new session id, HGCM calls re-sent, RESTORED raised."""
+        self.vmmdev.restore()
+
+    async def reset(self) -> None:
+        """Reset the VM: the guest reboots, so every open session is lost (ENODEV) and a fresh
+        driver loads; HGCM clients are disconnected and facilities go inactive.
+
+        Raises:
+            RuntimeError: the host is not running.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            msg = "the simulated host is not running"
+            raise RuntimeError(msg)
+        self._driver_scope.cancel()
+        self.driver.shutdown()
+        self.vmmdev.reset()
+        self.driver = make_driver(self.personality, self.vmmdev, self.ram)
+        self._driver_scope = await nursery.start(self._run_driver, self.driver)
+
+    def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
+        """Answer the next ``count`` VMMDev requests of ``request_type`` with ``status``."""
+        self.vmmdev.add_fault(request_type, status, count)
+
+    def set_delay(self, request_type: int, seconds: float) -> None:
+        """Hold every request of ``request_type`` for ``seconds`` (0 clears): a slow host."""
+        self.vmmdev.set_delay(request_type, seconds)
+
+    add_delay = set_delay
+    """The name the control socket's ``delay`` command uses."""
+
+    def prop_set(self, name: str, value: str, flags: str = "") -> None:
+        """Set a guest property as the host (``guestproperty set``)."""
+        self._properties().host_set(name, value, flags)
+
+    def prop_get(self, name: str) -> tuple[str, str, int] | None:
+        """Return ``(value, flags, timestamp)`` of a guest property, or ``None``."""
+        return self._properties().host_get(name)
+
+    def prop_delete(self, name: str) -> None:
+        """Delete a guest property as the host (``guestproperty delete``)."""
+        self._properties().host_delete(name)
+
+    def _properties(self) -> GuestPropertyControl:
+        service: object = self.vmmdev.hgcm.service(GUEST_PROP_SERVICE)
+        if isinstance(service, GuestPropertyControl):
+            return service
+        msg = f"no guest property service ({GUEST_PROP_SERVICE}) is registered"
+        raise LookupError(msg)
+
+    def status(self) -> dict[str, object]:
+        """Return the host's state as a JSON-ready dict (``vbox-agent host status``)."""
+        dev = self.vmmdev
+        major, minor, build, revision = HOST_VERSION
+        return {
+            "personality": self.personality,
+            "host_version": f"{major}.{minor}.{build}r{revision}",
+            "session_id": dev.session_id,
+            "ram_mb": dev.ram_mb,
+            "additions_reported": dev.guest.additions_ok,
+            "filter_mask": dev.guest_filter,
+            "pending_events": dev.pending_events,
+            "guest_capabilities": dev.guest.capabilities,
+            "balloon": {
+                "target_mb": dev.balloon.target_mb,
+                "acked_mb": dev.balloon.acked_mb,
+                "max_mb": dev.balloon.max_mb,
+                "chunks": dev.balloon.chunks,
+            },
+            "heartbeat": dev.heartbeat.snapshot(),
+            "facilities": dev.facilities.snapshot(),
+            "hgcm_clients": dev.hgcm.client_count,
+            "hgcm_pending_calls": dev.hgcm.pending_calls,
+            "sessions": len(self.driver.sessions),
+            "core_dumps": dev.core_dumps,
+        }

@@ -1,0 +1,135 @@
+"""Guest memory as the simulated driver and host see it: addresses that map to byte arrays.
+
+``GuestMemory`` is what the kernel reaches through ``copy_from_user``/``copy_to_user`` (user
+memory of one ioctl) and what the host reaches through guest-physical reads and writes (request
+buffers, HGCM bounce buffers). ``DictMemory`` maps synthetic addresses onto ``bytearray``
+objects *by reference*, so a write through the memory lands in the caller's own buffer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from typing import Final, Protocol
+
+from agent.protocol.constants import PAGE_SIZE
+
+USER_BASE: Final = 0x7F00_0000_0000
+"""Where synthetic user addresses start (a typical x86-64 mmap area)."""
+USER_LIMIT: Final = 0x7FFF_FFFF_F000
+GUARD_BYTES: Final = PAGE_SIZE
+"""Unmapped gap after each region, so an overrun faults instead of reading a neighbour."""
+
+
+class GuestMemory(Protocol):
+    """Memory reachable by address; unknown or out-of-range addresses raise ``EFAULT``."""
+
+    def read(self, address: int, size: int) -> bytes:
+        """Return ``size`` bytes at ``address``."""
+        ...
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``address``."""
+        ...
+
+
+def _fault(address: int, size: int) -> OSError:
+    return OSError(errno.EFAULT, f"bad address {address:#x} (+{size})")
+
+
+class DictMemory:
+    """Synthetic address space: page-aligned regions, each backed by a caller's bytearray.
+
+    Addresses are handed out from ``[base, limit)``; freed space is reused. A region starts
+    ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``).
+    """
+
+    __slots__ = ("_base", "_limit", "_next", "_regions", "_starts")
+
+    def __init__(self, *, base: int = USER_BASE, limit: int = USER_LIMIT) -> None:
+        if base % PAGE_SIZE or limit <= base:
+            msg = f"bad memory range [{base:#x}, {limit:#x})"
+            raise ValueError(msg)
+        self._base = base
+        self._limit = limit
+        self._next = base
+        self._starts: list[int] = []
+        self._regions: dict[int, bytearray] = {}
+
+    def map(self, data: bytearray, *, offset: int = 0) -> int:
+        """Give ``data`` an address (``offset`` bytes into its first page) and return it.
+
+        Raises:
+            OSError: ``ENOMEM`` when the range has no room left.
+        """
+        if not 0 <= offset < PAGE_SIZE:
+            msg = f"offset {offset} is not within a page"
+            raise ValueError(msg)
+        need = offset + max(len(data), 1) + GUARD_BYTES
+        start = self._find_room(need)
+        address = start + offset
+        index = bisect.bisect(self._starts, address)
+        self._starts.insert(index, address)
+        self._regions[address] = data
+        self._next = start + need
+        return address
+
+    def unmap(self, address: int) -> None:
+        """Forget the region that starts at ``address`` (no-op if there is none)."""
+        if self._regions.pop(address, None) is not None:
+            self._starts.remove(address)
+
+    def read(self, address: int, size: int) -> bytes:
+        """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""
+        if size == 0:
+            return b""
+        data, offset = self._locate(address, size)
+        return bytes(data[offset : offset + size])
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped region."""
+        if not data:
+            return
+        region, offset = self._locate(address, len(data))
+        region[offset : offset + len(data)] = data
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def _locate(self, address: int, size: int) -> tuple[bytearray, int]:
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or size < 0:
+            raise _fault(address, size)
+        start = self._starts[index]
+        data = self._regions[start]
+        offset = address - start
+        if offset + size > len(data):
+            raise _fault(address, size)
+        return data, offset
+
+    def _find_room(self, need: int) -> int:
+        candidate = _page_align(self._next)
+        wrapped = False
+        while True:
+            if candidate + need > self._limit:
+                if wrapped:
+                    raise OSError(errno.ENOMEM, "simulated address space exhausted")
+                candidate, wrapped = self._base, True
+                continue
+            clash = self._first_region_in(candidate, candidate + need)
+            if clash is None:
+                return candidate
+            candidate = _page_align(clash + len(self._regions[clash]) + GUARD_BYTES)
+
+    def _first_region_in(self, low: int, high: int) -> int | None:
+        index = max(bisect.bisect_right(self._starts, low) - 1, 0)
+        for start in self._starts[index:]:
+            if start >= high:
+                return None
+            if start + len(self._regions[start]) + GUARD_BYTES > low:
+                return start
+        return None
+
+
+def _page_align(address: int) -> int:
+    return -(-address // PAGE_SIZE) * PAGE_SIZE

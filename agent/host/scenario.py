@@ -1,0 +1,316 @@
+"""Scenario files: a timed script of what the "host operator" does to a simulated VM.
+
+A scenario is TOML with an optional ``[host]`` table (how to build the host) and a list of
+``[[steps]]``, each with ``at`` (seconds after the start, non-decreasing) and an ``action``
+plus that action's keys:
+
+=============  =====================================================  ===================
+action         keys                                                   host call
+=============  =====================================================  ===================
+``balloon``    ``mb`` (int)                                           ``set_balloon_target``
+``event``      ``events`` (``"RESTORED|VRDP"`` or a number)           ``raise_events``
+``prop_set``   ``name``, ``value``, optional ``flags`` (str)          ``prop_set``
+``prop_delete`` ``name``                                              ``prop_delete``
+``restore``    (none)                                                 ``restore``
+``reset``      (none)                                                 ``reset``
+``fault``      ``request`` (name or number), ``status``, opt. ``count``  ``add_fault``
+``delay``      ``request``, ``seconds`` (float)                       ``set_delay``
+=============  =====================================================  ===================
+
+Errors name the step (counting from 1), the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import structlog
+import trio
+
+from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
+from agent.host.driver import PERSONALITIES
+from agent.protocol.constants import parse_event_mask, parse_request_type
+from agent.protocol.status import parse_status
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
+    from agent.host.host import SimulatedHost
+
+NS_PER_MS: Final = 1_000_000
+Value = int | float | str
+T = TypeVar("T")
+_log = structlog.get_logger("agent.host")
+
+
+class ScenarioError(ValueError):
+    """A scenario file is malformed; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    """How to build the host a scenario runs against (the ``[host]`` table)."""
+
+    personality: str = "mainline"
+    ram_mb: int = 2048
+    heartbeat_interval_ms: int = 2000
+    host_time: bool = True
+    core_dumps: bool = False
+    seed: int | None = None
+
+    def options(self) -> dict[str, object]:
+        """Keyword arguments for :class:`~agent.host.host.SimulatedHost`."""
+        return {
+            "personality": self.personality,
+            "ram_mb": self.ram_mb,
+            "heartbeat_interval_ns": self.heartbeat_interval_ms * NS_PER_MS,
+            "host_time_enabled": self.host_time,
+            "core_dump_enabled": self.core_dumps,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One action at ``at`` seconds after the scenario starts."""
+
+    at: float
+    action: str
+    args: Mapping[str, Value] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A validated scenario."""
+
+    host: HostSettings
+    steps: tuple[Step, ...]
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an integer"
+        raise TypeError(expected)
+    return value
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        expected = "a non-negative number"
+        raise TypeError(expected)
+    return float(value)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        expected = "a string"
+        raise TypeError(expected)
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        expected = "true or false"
+        raise TypeError(expected)
+    return value
+
+
+def _text(value: object) -> str:
+    """Names stay text; numbers become their decimal text for the parsers."""
+    return value if isinstance(value, str) else str(_int(value))
+
+
+def _events(value: object) -> int:
+    return int(parse_event_mask(_text(value)))
+
+
+def _request(value: object) -> int:
+    return int(parse_request_type(_text(value)))
+
+
+def _status(value: object) -> int:
+    return parse_status(_text(value))
+
+
+def _count(value: object) -> int:
+    count = _int(value)
+    if count <= 0:
+        expected = "a positive integer"
+        raise TypeError(expected)
+    return count
+
+
+ACTIONS: Final[dict[str, tuple[dict[str, Callable[[object], Value]], dict[str, Value]]]] = {
+    "balloon": ({"mb": _int}, {}),
+    "event": ({"events": _events}, {}),
+    "prop_set": ({"name": _str, "value": _str, "flags": _str}, {"flags": ""}),
+    "prop_delete": ({"name": _str}, {}),
+    "restore": ({}, {}),
+    "reset": ({}, {}),
+    "fault": ({"request": _request, "status": _status, "count": _count}, {"count": 1}),
+    "delay": ({"request": _request, "seconds": _number}, {}),
+}
+"""Action -> (its keys with their checks, defaults of the optional keys)."""
+_HOST_KEYS: Final[dict[str, Callable[[object], object]]] = {
+    "personality": _str,
+    "ram_mb": _int,
+    "heartbeat_interval_ms": _int,
+    "host_time": _bool,
+    "core_dumps": _bool,
+    "seed": _int,
+}
+
+
+def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
+    """Parse and validate a scenario.
+
+    Raises:
+        ScenarioError: bad TOML, unknown keys or actions, wrong types, steps out of order.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"{source}: not valid TOML: {exc}"
+        raise ScenarioError(msg) from None
+    extra = set(data) - {"host", "steps"}
+    if extra:
+        msg = f"{source}: unknown top-level key {min(extra)!r} (expected host, steps)"
+        raise ScenarioError(msg)
+    host = _host_settings(data.get("host", {}), source)
+    raw_steps = data.get("steps", [])
+    if not isinstance(raw_steps, list):
+        msg = f"{source}: 'steps' must be an array of tables ([[steps]])"
+        raise ScenarioError(msg)
+    steps: list[Step] = []
+    for number, raw in enumerate(raw_steps, start=1):
+        step = _step(raw, f"{source}: step {number}", host)
+        if steps and step.at < steps[-1].at:
+            msg = f"{source}: step {number}: key 'at': {step.at} is before the previous step"
+            raise ScenarioError(msg)
+        steps.append(step)
+    return Scenario(host, tuple(steps))
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate the scenario file at ``path``.
+
+    Raises:
+        ScenarioError: the file cannot be read or is invalid.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"{path}: cannot read the scenario: {exc}"
+        raise ScenarioError(msg) from None
+    return parse_scenario(text, source=str(path))
+
+
+def _host_settings(raw: object, source: str) -> HostSettings:
+    if not isinstance(raw, dict):
+        msg = f"{source}: 'host' must be a table"
+        raise ScenarioError(msg)
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        check = _HOST_KEYS.get(key)
+        if check is None:
+            msg = f"{source}: host: unknown key {key!r} (expected {', '.join(_HOST_KEYS)})"
+            raise ScenarioError(msg)
+        values[key] = _checked(check, value, f"{source}: host: key {key!r}")
+    settings = HostSettings(**values)  # type: ignore[arg-type]
+    if settings.personality not in PERSONALITIES:
+        msg = (
+            f"{source}: host: key 'personality': {settings.personality!r} is not one of "
+            f"{', '.join(PERSONALITIES)}"
+        )
+        raise ScenarioError(msg)
+    if settings.ram_mb <= 0 or settings.heartbeat_interval_ms <= 0:
+        msg = f"{source}: host: ram_mb and heartbeat_interval_ms must be positive"
+        raise ScenarioError(msg)
+    return settings
+
+
+def _step(raw: object, where: str, host: HostSettings) -> Step:
+    if not isinstance(raw, dict):
+        msg = f"{where}: must be a table"
+        raise ScenarioError(msg)
+    at = _checked(_number, raw.get("at"), f"{where}: key 'at'")
+    action = raw.get("action")
+    if action not in ACTIONS:
+        msg = f"{where}: key 'action': {action!r} is not one of {', '.join(ACTIONS)}"
+        raise ScenarioError(msg)
+    checks, defaults = ACTIONS[action]
+    where = f"{where} ({action})"
+    args: dict[str, Value] = dict(defaults)
+    for key, value in raw.items():
+        if key in ("at", "action"):
+            continue
+        check = checks.get(key)
+        if check is None:
+            expected = ", ".join(checks) or "no other keys"
+            msg = f"{where}: unknown key {key!r} (expected {expected})"
+            raise ScenarioError(msg)
+        args[key] = _checked(check, value, f"{where}: key {key!r}")
+    missing = [key for key in checks if key not in args]
+    if missing:
+        msg = f"{where}: missing key {missing[0]!r}"
+        raise ScenarioError(msg)
+    limit = host.ram_mb * BALLOON_MAX_NUMERATOR // BALLOON_MAX_DENOMINATOR
+    if action == "balloon" and not 0 <= int(args["mb"]) < limit:
+        msg = f"{where}: key 'mb': {args['mb']} is not in [0, {limit}) for {host.ram_mb} MB RAM"
+        raise ScenarioError(msg)
+    return Step(float(at), action, args)
+
+
+def _checked(check: Callable[[object], T], value: object, where: str) -> T:
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        msg = f"{where}: expected {exc}, got {value!r}"
+        raise ScenarioError(msg) from None
+
+
+# --- playing ---------------------------------------------------------------------------------
+
+
+async def play_scenario(host: SimulatedHost, scenario: Scenario) -> None:
+    """Run the steps of ``scenario`` on ``host`` at their times (from now, on trio's clock).
+
+    Raises:
+        ValueError, LookupError: the host refused a step (the message names the step).
+    """
+    start = trio.current_time()
+    for number, step in enumerate(scenario.steps, start=1):
+        await trio.sleep_until(start + step.at)
+        try:
+            await _apply(host, step)
+        except (ValueError, LookupError) as exc:
+            msg = f"scenario step {number} ({step.action}) failed: {exc}"
+            raise type(exc)(msg) from exc
+        _log.info("scenario_step", step=number, action=step.action, **dict(step.args))
+
+
+async def _apply(host: SimulatedHost, step: Step) -> None:
+    args = step.args
+    match step.action:
+        case "balloon":
+            host.set_balloon_target(int(args["mb"]))
+        case "event":
+            host.raise_events(int(args["events"]))
+        case "prop_set":
+            host.prop_set(str(args["name"]), str(args["value"]), str(args["flags"]))
+        case "prop_delete":
+            host.prop_delete(str(args["name"]))
+        case "restore":
+            host.restore()
+        case "reset":
+            await host.reset()
+        case "fault":
+            host.add_fault(int(args["request"]), int(args["status"]), int(args["count"]))
+        case _:
+            host.set_delay(int(args["request"]), float(args["seconds"]))

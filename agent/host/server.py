@@ -1,0 +1,311 @@
+"""The simulated host's Unix-socket server: device sessions and control for other processes.
+
+Protocol and framing: ``docs/simulator-socket.md`` and :mod:`agent.protocol.wire`.
+
+Each connection starts with a HELLO. A ``device`` connection is one open device session:
+its ioctls run concurrently, each in a task of its own, and replies go back tagged with the
+request's sequence number, under a send lock. A CANCEL frame cancels that ioctl's task (the
+host model ends the call as the driver does for a signal) and no reply is sent. When the
+connection ends, for whatever reason, its tasks are cancelled and the session is closed, so
+a vanished client releases its HGCM clients, filter bits and capabilities. A ``control``
+connection runs control commands (:mod:`agent.host.control`) one after the other.
+
+A malformed frame gets an ERROR frame and its connection is closed; the server goes on.
+An exception raised by the host model itself is a bug of the simulator and ends the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import trio
+
+from agent.host.control import execute_control
+from agent.protocol import AgentError
+from agent.protocol.wire import (
+    Cancel,
+    ControlReply,
+    ControlRequest,
+    ErrorFrame,
+    FrameDecoder,
+    Hello,
+    IoctlReply,
+    IoctlRequest,
+    Role,
+    WireError,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from agent.host.host import DriverSession, SimulatedHost
+    from agent.protocol.wire import Frame, UserMemory
+
+SOCKET_MODE: Final = 0o600
+"""Permissions of the socket file: only its owner may drive the simulated VM."""
+LISTEN_BACKLOG: Final = 64
+SEND_GRACE_S: Final = 10.0
+"""How long a frame may take to send before the client counts as gone."""
+RECEIVE_SIZE: Final = 256 << 10
+"""Bytes asked of a connection's socket per receive."""
+
+
+class HostSocketError(AgentError):
+    """The server cannot listen at the path (in use, not a socket, no permission)."""
+
+
+async def serve_simulated_host(
+    host: SimulatedHost,
+    socket_path: str | os.PathLike[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``host`` on a Unix stream socket at ``socket_path`` until cancelled.
+
+    Resource handling: the socket file is created with mode 0600 (under a umask, so it is
+    never more open than that); a stale socket left by a dead host is replaced; the file is
+    removed on exit unless another process replaced it meanwhile. ``task_status.started()``
+    is called once the socket listens.
+
+    Raises:
+        HostSocketError: the path is taken by a live host or by something that is no socket,
+            or cannot be bound.
+    """
+    path = os.fspath(socket_path)
+    listener_socket = await _bind(path)
+    identity = _identity(path)
+    try:
+        listener = trio.SocketListener(listener_socket)
+        server = _Server(host)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(server.serve_connection, stream)
+    finally:
+        listener_socket.close()
+        if _identity(path) == identity:
+            os.unlink(path)
+
+
+async def _bind(path: str) -> trio.socket.SocketType:
+    await _remove_stale_socket(path)
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~SOCKET_MODE)
+    try:
+        await listener.bind(path)
+    except OSError as exc:
+        listener.close()
+        msg = f"cannot listen at {path}: {exc.strerror or exc}"
+        raise HostSocketError(msg) from exc
+    finally:
+        os.umask(old_umask)
+    listener.listen(LISTEN_BACKLOG)
+    return listener
+
+
+async def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        msg = f"{path} exists and is not a socket; refusing to replace it"
+        raise HostSocketError(msg)
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            await probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: its host is gone
+            return
+        except OSError as exc:
+            msg = f"cannot check the existing socket {path}: {exc.strerror or exc}"
+            raise HostSocketError(msg) from exc
+    msg = f"a simulated host is already listening at {path}"
+    raise HostSocketError(msg)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+class _Server:
+    """The connections of one host, and the device connections ``drop`` may close."""
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self._host = host
+        self._devices: dict[trio.CancelScope, trio.Event] = {}
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            connection = _Connection(stream)
+            try:
+                hello = await connection.receive()
+                if hello is None:
+                    return
+                if not isinstance(hello, Hello) or hello.role is Role.HOST:
+                    await connection.send_error(f"expected a device or control HELLO: {hello}")
+                    return
+                if hello.role is Role.DEVICE:
+                    await self._serve_device(connection, user_device=hello.user_device)
+                else:
+                    await self._serve_control(connection)
+            except WireError as exc:
+                await connection.send_error(str(exc))
+            except trio.BrokenResourceError:
+                pass  # the client vanished
+
+    async def drop(self) -> int:
+        """Close every device connection, wait until their sessions closed, return how many."""
+        dropped = list(self._devices.items())
+        for scope, _ in dropped:
+            scope.cancel()
+        for _, closed in dropped:
+            await closed.wait()
+        return len(dropped)
+
+    async def _serve_device(self, connection: _Connection, *, user_device: bool) -> None:
+        try:
+            session = self._host.open_session(user_device=user_device)
+        except OSError as exc:  # the driver is not loaded: open(2) fails
+            await connection.send_error(f"cannot open the device: {exc.strerror or exc}")
+            return
+        scope = trio.CancelScope()
+        closed = self._devices[scope] = trio.Event()
+        try:
+            with scope:
+                await connection.send(Hello(Role.HOST))
+                calls: dict[int, trio.CancelScope] = {}
+                async with trio.open_nursery() as nursery:
+                    while (frame := await connection.receive()) is not None:
+                        if isinstance(frame, Cancel):
+                            if (call := calls.get(frame.seq)) is not None:
+                                call.cancel()
+                            continue
+                        if not isinstance(frame, IoctlRequest) or frame.seq in calls:
+                            await connection.send_error(f"expected a new IOCTL request: {frame}")
+                            break
+                        calls[frame.seq] = trio.CancelScope()
+                        nursery.start_soon(self._ioctl, connection, session, frame, calls, scope)
+                    nursery.cancel_scope.cancel()
+        finally:
+            del self._devices[scope]
+            with trio.CancelScope(shield=True):
+                await self._host.close_session(session)
+            closed.set()
+
+    async def _ioctl(
+        self,
+        connection: _Connection,
+        session: DriverSession,
+        request: IoctlRequest,
+        calls: dict[int, trio.CancelScope],
+        scope: trio.CancelScope,
+    ) -> None:
+        memory = _CallMemory(request.user_buffers)
+        buffer = bytearray(request.buffer)
+        try:
+            with calls[request.seq]:
+                await self._host.ioctl(session, request.code, buffer, memory)
+        except OSError as exc:
+            reply = IoctlReply(request.seq, exc.errno or errno.EIO)
+        else:
+            reply = IoctlReply(request.seq, 0, bytes(buffer), memory.contents())
+        finally:
+            cancelled = calls.pop(request.seq).cancelled_caught
+        if cancelled:
+            return  # the client gave up on this call and expects no reply
+        try:
+            await connection.send(reply)
+        except trio.BrokenResourceError:
+            scope.cancel()  # the client vanished: end the connection and close the session
+
+    async def _serve_control(self, connection: _Connection) -> None:
+        await connection.send(Hello(Role.HOST))
+        while (frame := await connection.receive()) is not None:
+            if not isinstance(frame, ControlRequest):
+                await connection.send_error(f"expected a CONTROL request: {frame}")
+                return
+            answer = await execute_control(self._host, frame.payload, drop=self.drop)
+            await connection.send(ControlReply(answer))
+
+
+class _Connection:
+    """Frames in and out of one client socket; sends are serialised by a lock."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._decoder = FrameDecoder()
+        self._send_lock = trio.Lock()
+
+    async def receive(self) -> Frame | None:
+        """Return the next frame, or ``None`` when the client closed the connection.
+
+        Raises:
+            WireError: the client sent a malformed frame.
+            trio.BrokenResourceError: the connection broke.
+        """
+        while (frame := self._decoder.next_frame()) is None:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return None
+            self._decoder.feed(data)
+        return frame
+
+    async def send(self, frame: Frame) -> None:
+        """Send one frame whole (shielded: a torn frame would desynchronise the client).
+
+        Raises:
+            trio.BrokenResourceError: the client vanished or stopped reading.
+        """
+        data = encode_frame(frame)
+        async with self._send_lock:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_GRACE_S) as cs:
+                try:
+                    await self._stream.send_all(data)
+                except trio.ClosedResourceError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+            if cs.cancelled_caught:
+                msg = f"the client read nothing for {SEND_GRACE_S} s"
+                raise trio.BrokenResourceError(msg)
+
+    async def send_error(self, message: str) -> None:
+        """Tell the client what was malformed; the caller then closes the connection."""
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self.send(ErrorFrame(message))
+
+
+class _CallMemory:
+    """The user memory of one ioctl, at the addresses the client stored in the buffer."""
+
+    def __init__(self, user_buffers: tuple[UserMemory, ...]) -> None:
+        self._regions = [(memory.address, bytearray(memory.data)) for memory in user_buffers]
+
+    def read(self, address: int, size: int) -> bytes:
+        """Return ``size`` bytes at ``address``; ``EFAULT`` outside the call's buffers."""
+        region, offset = self._locate(address, size)
+        return bytes(region[offset : offset + size])
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``address``; ``EFAULT`` outside the call's buffers."""
+        region, offset = self._locate(address, len(data))
+        region[offset : offset + len(data)] = data
+
+    def contents(self) -> tuple[bytes, ...]:
+        """The buffers' contents now, in the request's order."""
+        return tuple(bytes(region) for _, region in self._regions)
+
+    def _locate(self, address: int, size: int) -> tuple[bytearray, int]:
+        for start, region in self._regions:
+            offset = address - start
+            if offset >= 0 and offset + size <= len(region) and size >= 0:
+                return region, offset
+        raise OSError(errno.EFAULT, f"bad address {address:#x} (+{size})")

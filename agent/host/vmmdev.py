@@ -1,0 +1,453 @@
+"""The simulated VMMDev PCI device: the request port, the event line and the host's state.
+
+The guest writes the physical address of a request to the port (:meth:`VMMDev.submit`); the
+device handles it exactly as the host's port handler does:
+
+1. header unreadable, ``size < 24`` or ``version != 0x10001``: ignored, nothing written;
+2. ``size > 1 MiB``: ``VERR_NOT_SUPPORTED`` in the header;
+3. before a good REPORT_GUEST_INFO only types 4, 50, 58 and 218 are served, the rest get
+   ``VERR_NOT_SUPPORTED``;
+4. an injected fault answers instead of the handler;
+5. unknown type: ``VERR_NOT_IMPLEMENTED``; wrong size: ``VERR_INVALID_PARAMETER``;
+6. the handler runs and the whole request is written back (HGCM requests answer later).
+
+Events follow VMMDevNotifyGuest: pending events outside the guest filter stay pending; the
+interrupt line (``have_events``) rises when ``pending & filter`` becomes non-zero and falls
+at ACKNOWLEDGE_EVENTS; a filter change while events are deliverable waits for the next ack;
+the guest can never clear the HGCM bit; nothing is delivered before the additions reported.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import trio
+
+from agent.host._balloon import HostBalloon, read_chunk_pages
+from agent.host._facilities import FacilityTable
+from agent.host._guest_info import GuestInfo
+from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
+from agent.host.hgcm import HgcmHost
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import (
+    BALLOON_CHUNK_PAGES,
+    HEADER_SIZE,
+    HOST_FEATURE_HGCM_PHYS_PAGE_LIST,
+    MAX_VMMDEV_REQUEST_SIZE,
+    REQUEST_HEADER_VERSION,
+    Event,
+    GuestCapability,
+    RequestType,
+)
+from agent.protocol.status import (
+    STATUS_CODES,
+    VERR_ACCESS_DENIED,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_IMPLEMENTED,
+    VERR_NOT_SUPPORTED,
+    VINF_SUCCESS,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.host.memory import GuestMemory
+
+HOST_VERSION: Final = (7, 0, 18, 162988)
+"""The VirtualBox release the simulated host claims to be (major, minor, build, revision)."""
+HOST_FEATURES: Final = HOST_FEATURE_HGCM_PHYS_PAGE_LIST | 0x2 | 0x4 | 0x8 | 0x8000_0000
+"""PHYS_PAGE_LIST, EMBEDDED_BUFFERS, CONTIGUOUS_PAGE_LIST, NO_BOUNCE_PAGE_LIST, FAST_IRQ_ACK."""
+PRE_ADDITIONS_TYPES: Final = frozenset(
+    {
+        RequestType.GET_HOST_VERSION,
+        RequestType.REPORT_GUEST_INFO,
+        RequestType.REPORT_GUEST_INFO2,
+        RequestType.WRITE_COREDUMP,
+    }
+)
+"""Requests the host serves before the guest additions reported in."""
+RESET_KEPT_EVENTS: Final = Event.DISPLAY_CHANGE_REQUEST
+"""A VM reset clears every pending event but this one."""
+VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
+_U32_MAX: Final = 0xFFFFFFFF
+_U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+_MS_PER_S: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    size: int
+    exact: bool
+    handle: Callable[[bytearray, int], int | None]
+
+
+@dataclass(slots=True)
+class _Fault:
+    status: int
+    remaining: int
+
+
+class VMMDev:
+    """The VMMDev device of one VM, with its event model, balloon, heartbeat and HGCM."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        *,
+        ram_mb: int = 2048,
+        heartbeat_interval_ns: int = 2 * NS_PER_S,
+        heartbeat_timeout_ns: int | None = None,
+        host_time_enabled: bool = True,
+        core_dump_enabled: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if ram_mb <= 0:
+            msg = f"guest RAM must be positive, got {ram_mb} MB"
+            raise ValueError(msg)
+        self.memory = memory
+        self.ram_mb = ram_mb
+        self.host_time_enabled = host_time_enabled
+        self.core_dump_enabled = core_dump_enabled
+        self.hgcm = HgcmHost(memory, self.raise_events)
+        self.balloon = HostBalloon(ram_mb)
+        self.heartbeat = HeartbeatMonitor(
+            heartbeat_interval_ns,
+            2 * heartbeat_interval_ns if heartbeat_timeout_ns is None else heartbeat_timeout_ns,
+        )
+        self.facilities = FacilityTable()
+        self.guest = GuestInfo()
+        self.request_counts: Counter[int] = Counter()
+        self.core_dumps = 0
+        self._rng = random.Random(seed)  # noqa: S311 - session ids, not secrets
+        self.session_id = self._rng.getrandbits(64)
+        self.pending_events = 0
+        self.guest_filter = 0
+        self.have_events = False
+        self._new_filter: int | None = None
+        self._hgcm_filter_enabled = False
+        self._irq = trio.lowlevel.ParkingLot()
+        self._faults: dict[int, list[_Fault]] = {}
+        self._delays: dict[int, float] = {}
+        self._clock_origin: tuple[float, float] | None = None
+        self._handlers = self._handler_table()
+
+    # --- the request port ------------------------------------------------------------------
+
+    async def submit(self, phys: int) -> None:
+        """The guest wrote ``phys`` to the request port; handle the request it points to.
+
+        A configured delay holds the "vCPU" in the port write (uninterruptibly) first.
+        """
+        delay = self._delay_for(phys)
+        if delay > 0:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(delay)
+        self.process(phys)
+
+    def process(self, phys: int) -> None:
+        """Handle the request at ``phys`` synchronously (the port handler proper)."""
+        try:
+            header = bytearray(self.memory.read(phys, HEADER_SIZE))
+        except OSError:
+            return
+        size = L.RequestHeader.size_.get(header)
+        if size < HEADER_SIZE or L.RequestHeader.version.get(header) != REQUEST_HEADER_VERSION:
+            return
+        if size > MAX_VMMDEV_REQUEST_SIZE:
+            L.RequestHeader.rc.set(header, VERR_NOT_SUPPORTED)
+            self._write(phys, header)
+            return
+        try:
+            req = bytearray(self.memory.read(phys, size))
+        except OSError:
+            return
+        request_type = L.RequestHeader.request_type.get(req)
+        self.request_counts[request_type] += 1
+        rc = self._dispatch(request_type, req, phys)
+        if rc is not None:
+            L.RequestHeader.rc.set(req, rc)
+            self._write(phys, req)
+
+    def _dispatch(self, request_type: int, req: bytearray, phys: int) -> int | None:
+        if not self.guest.additions_ok and request_type not in PRE_ADDITIONS_TYPES:
+            return VERR_NOT_SUPPORTED
+        fault = self._take_fault(request_type)
+        if fault is not None:
+            return fault
+        entry = self._handlers.get(request_type)
+        if entry is None:
+            return VERR_NOT_IMPLEMENTED
+        if len(req) < entry.size or (entry.exact and len(req) != entry.size):
+            return VERR_INVALID_PARAMETER
+        return entry.handle(req, phys)
+
+    def _write(self, phys: int, data: bytes | bytearray) -> None:
+        try:
+            self.memory.write(phys, data)
+        except OSError:
+            return
+
+    # --- fault injection and delays ----------------------------------------------------------
+
+    def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
+        """Answer the next ``count`` requests of ``request_type`` with ``status``, unexecuted."""
+        if count <= 0:
+            msg = f"fault count must be positive, got {count}"
+            raise ValueError(msg)
+        self._faults.setdefault(request_type, []).append(_Fault(status, count))
+
+    def set_delay(self, request_type: int, seconds: float) -> None:
+        """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
+        if seconds < 0:
+            msg = f"delay must not be negative, got {seconds}"
+            raise ValueError(msg)
+        if seconds:
+            self._delays[request_type] = seconds
+        else:
+            self._delays.pop(request_type, None)
+
+    def _take_fault(self, request_type: int) -> int | None:
+        queue = self._faults.get(request_type)
+        if not queue:
+            return None
+        fault = queue[0]
+        fault.remaining -= 1
+        if fault.remaining == 0:
+            queue.pop(0)
+        return fault.status
+
+    def _delay_for(self, phys: int) -> float:
+        if not self._delays:
+            return 0.0
+        try:
+            header = self.memory.read(phys, HEADER_SIZE)
+        except OSError:
+            return 0.0
+        return self._delays.get(L.RequestHeader.request_type.get(header), 0.0)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def raise_events(self, mask: int) -> None:
+        """VMMDevNotifyGuest: add ``mask`` to the pending events and raise the line if due."""
+        mask = int(mask)
+        if not self.guest.additions_ok:
+            self.pending_events |= mask
+            return
+        had_events = self.pending_events & self.guest_filter
+        self.pending_events |= mask
+        if not had_events:
+            self._maybe_set_irq()
+
+    async def wait_for_irq(self) -> None:
+        """Return once the interrupt line is raised."""
+        while not self.have_events:
+            await self._irq.park()
+
+    def _maybe_set_irq(self) -> None:
+        if self.guest.additions_ok and self.pending_events & self.guest_filter:
+            self.have_events = True
+            self._irq.unpark_all()
+
+    def _ctl_filter(self, or_mask: int, not_mask: int) -> None:
+        if self.pending_events & self.guest_filter:
+            base = self.guest_filter if self._new_filter is None else self._new_filter
+            self._new_filter = (base | or_mask) & ~not_mask
+        else:
+            self.guest_filter = (self.guest_filter | or_mask) & ~not_mask & _U32_MAX
+            self._maybe_set_irq()
+
+    def _acknowledge(self, req: bytearray, _phys: int) -> int:
+        if self._new_filter is not None:
+            self.guest_filter, self._new_filter = self._new_filter & _U32_MAX, None
+        events = self.pending_events & self.guest_filter
+        self.pending_events &= ~self.guest_filter
+        self.have_events = False
+        L.EventsRequest.events.set(req, events)
+        return VINF_SUCCESS
+
+    def _filter_mask(self, req: bytearray, _phys: int) -> int:
+        not_mask = L.MaskRequest.not_mask.get(req) & ~int(Event.HGCM)
+        self._ctl_filter(L.MaskRequest.or_mask.get(req), not_mask)
+        return VINF_SUCCESS
+
+    # --- VM life cycle -----------------------------------------------------------------------
+
+    def set_balloon_target(self, mb: int) -> None:
+        """Management: ask the guest for a balloon of ``mb`` MiB (see HostBalloon.set_target)."""
+        if self.balloon.set_target(mb):
+            self.raise_events(Event.BALLOON_CHANGE_REQUEST)
+
+    def restore(self) -> None:
+        """A saved state was loaded: new session id, HGCM re-submission, RESTORED event."""
+        self.session_id = self._rng.getrandbits(64)
+        self.hgcm.restore()
+        self.raise_events(Event.RESTORED)
+
+    def reset(self) -> None:
+        """VM reset: the additions must report again; host state goes back to power-on."""
+        self.hgcm.reset()
+        self.session_id = self._rng.getrandbits(64)
+        self.pending_events &= int(RESET_KEPT_EVENTS)
+        self.guest_filter = 0
+        self._new_filter = None
+        self.have_events = False
+        self._hgcm_filter_enabled = False
+        self.guest.reset()
+        self.facilities.reset()
+        self.heartbeat.reset()
+        self.balloon.reset()
+
+    async def run(self) -> NoReturn:
+        """Run the device's timers (the heartbeat flat-line check)."""
+        await self.heartbeat.run()
+
+    def host_time_ms(self) -> int:
+        """Host UTC in ms since the epoch, advancing with trio's clock."""
+        if self._clock_origin is None:
+            self._clock_origin = (time.time(), trio.current_time())
+        wall, origin = self._clock_origin
+        return round((wall + trio.current_time() - origin) * _MS_PER_S)
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    def _handler_table(self) -> dict[int, _Entry]:
+        t = RequestType
+        exact: dict[int, tuple[int, Callable[[bytearray, int], int | None]]] = {
+            t.GET_MOUSE_STATUS: (36, self.guest.get_mouse_status),
+            t.SET_MOUSE_STATUS: (36, self.guest.set_mouse_status),
+            t.GET_HOST_VERSION: (L.HostVersionRequest.size, _host_version),
+            t.IDLE: (HEADER_SIZE, _idle),
+            t.GET_HOST_TIME: (L.HostTimeRequest.size, self._host_time),
+            t.GET_HYPERVISOR_INFO: (32, _get_hypervisor_info),
+            t.SET_HYPERVISOR_INFO: (32, _set_hypervisor_info),
+            t.ACKNOWLEDGE_EVENTS: (L.EventsRequest.size, self._acknowledge),
+            t.CTL_GUEST_FILTER_MASK: (L.MaskRequest.size, self._filter_mask),
+            t.REPORT_GUEST_INFO: (L.GuestInfoRequest.size, self.guest.report_info),
+            t.REPORT_GUEST_INFO2: (L.GuestInfo2Request.size, self.guest.report_info2),
+            t.REPORT_GUEST_CAPABILITIES: (28, self._report_capabilities),
+            t.SET_GUEST_CAPABILITIES: (L.MaskRequest.size, self._set_capabilities),
+            t.REPORT_GUEST_STATUS: (L.GuestStatusRequest.size, self._guest_status),
+            t.GET_MEMBALLOON_CHANGE_REQ: (L.MemBalloonInfoRequest.size, self._balloon_info),
+            t.GET_SESSION_ID: (L.SessionIdRequest.size, self._session_id),
+            t.WRITE_COREDUMP: (L.WriteCoreDumpRequest.size, self._core_dump),
+            t.HEARTBEAT_CONFIGURE: (L.HeartbeatRequest.size, self._heartbeat_configure),
+        }
+        at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None]]] = {
+            t.GUEST_HEARTBEAT: (HEADER_SIZE, self._guest_heartbeat),
+            t.CHANGE_MEMBALLOON: (L.MemBalloonChangeRequest.phys_page.end, self._change_balloon),
+            t.HGCM_CONNECT: (L.HgcmConnectRequest.size, self._hgcm(self.hgcm.connect)),
+            t.HGCM_DISCONNECT: (L.HgcmDisconnectRequest.size, self._hgcm(self.hgcm.disconnect)),
+            t.HGCM_CALL32: (L.HgcmCallRequest.size, self._hgcm(self.hgcm.call)),
+            t.HGCM_CALL64: (L.HgcmCallRequest.size, self._hgcm(self.hgcm.call)),
+            t.HGCM_CANCEL: (L.HgcmRequestHeader.size, self._hgcm_cancel),
+            t.HGCM_CANCEL2: (L.HgcmCancel2Request.size, self._hgcm_cancel2),
+        }
+        table = {k: _Entry(size, True, fn) for k, (size, fn) in exact.items()}
+        table.update({k: _Entry(size, False, fn) for k, (size, fn) in at_least.items()})
+        return table
+
+    def _host_time(self, req: bytearray, _phys: int) -> int:
+        if not self.host_time_enabled:
+            return VERR_NOT_SUPPORTED
+        L.HostTimeRequest.time_ms.set(req, self.host_time_ms() & _U64_MAX)
+        return VINF_SUCCESS
+
+    def _report_capabilities(self, req: bytearray, _phys: int) -> int:
+        # The legacy request has one u32 ``caps`` at offset 24, where vmmdev_events has events.
+        self.guest.capabilities = L.EventsRequest.events.get(req) | int(GuestCapability.GRAPHICS)
+        return VINF_SUCCESS
+
+    def _set_capabilities(self, req: bytearray, _phys: int) -> int:
+        caps = self.guest.capabilities | L.MaskRequest.or_mask.get(req)
+        self.guest.capabilities = caps & ~L.MaskRequest.not_mask.get(req)
+        return VINF_SUCCESS
+
+    def _guest_status(self, req: bytearray, _phys: int) -> int:
+        return self.facilities.report(
+            L.GuestStatusRequest.facility.get(req),
+            L.GuestStatusRequest.status.get(req),
+            L.GuestStatusRequest.flags.get(req),
+        )
+
+    def _balloon_info(self, req: bytearray, _phys: int) -> int:
+        L.MemBalloonInfoRequest.balloon_chunks.set(req, self.balloon.target_mb)
+        L.MemBalloonInfoRequest.phys_mem_chunks.set(req, self.ram_mb)
+        if L.MemBalloonInfoRequest.event_ack.get(req) == Event.BALLOON_CHANGE_REQUEST:
+            self.balloon.acked_mb = self.balloon.target_mb
+        return VINF_SUCCESS
+
+    def _change_balloon(self, req: bytearray, _phys: int) -> int:
+        pages = L.MemBalloonChangeRequest.pages.get(req)
+        if pages != BALLOON_CHUNK_PAGES or len(req) != L.MemBalloonChangeRequest.size:
+            return VERR_INVALID_PARAMETER
+        inflate = L.MemBalloonChangeRequest.inflate.get(req) != 0
+        return self.balloon.change(inflate, read_chunk_pages(req))
+
+    def _session_id(self, req: bytearray, _phys: int) -> int:
+        L.SessionIdRequest.session_id.set(req, self.session_id)
+        return VINF_SUCCESS
+
+    def _core_dump(self, _req: bytearray, _phys: int) -> int:
+        if not self.core_dump_enabled:
+            return VERR_ACCESS_DENIED
+        self.core_dumps += 1
+        return VINF_SUCCESS
+
+    def _heartbeat_configure(self, req: bytearray, _phys: int) -> int:
+        enabled = L.HeartbeatRequest.enabled.get(req) != 0
+        L.HeartbeatRequest.interval_ns.set(req, self.heartbeat.configure(enabled))
+        return VINF_SUCCESS
+
+    def _guest_heartbeat(self, _req: bytearray, _phys: int) -> int:
+        self.heartbeat.beat()
+        return VINF_SUCCESS
+
+    def _hgcm(
+        self, handler: Callable[[bytearray, int], int | None]
+    ) -> Callable[[bytearray, int], int | None]:
+        def handle(req: bytearray, phys: int) -> int | None:
+            if not self._hgcm_filter_enabled:
+                self._hgcm_filter_enabled = True
+                self._ctl_filter(int(Event.HGCM), 0)
+            return handler(req, phys)
+
+        return handle
+
+    def _hgcm_cancel(self, _req: bytearray, phys: int) -> int:
+        rc = self.hgcm.cancel(phys)
+        return VERR_INVALID_PARAMETER if rc == STATUS_CODES["VERR_NOT_FOUND"] else rc
+
+    def _hgcm_cancel2(self, req: bytearray, _phys: int) -> int:
+        return self.hgcm.cancel(L.HgcmCancel2Request.phys_req_to_cancel.get(req))
+
+
+def _host_version(req: bytearray, _phys: int) -> int:
+    major, minor, build, revision = HOST_VERSION
+    L.HostVersionRequest.major.set(req, major)
+    L.HostVersionRequest.minor.set(req, minor)
+    L.HostVersionRequest.build.set(req, build)
+    L.HostVersionRequest.revision.set(req, revision)
+    L.HostVersionRequest.features.set(req, HOST_FEATURES)
+    return VINF_SUCCESS
+
+
+def _idle(_req: bytearray, _phys: int) -> None:
+    """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone."""
+
+
+_HYPERVISOR_START: Final = struct.Struct("<II")
+
+
+def _get_hypervisor_info(req: bytearray, _phys: int) -> int:
+    _HYPERVISOR_START.pack_into(req, HEADER_SIZE, 0, 0)
+    return VINF_SUCCESS
+
+
+def _set_hypervisor_info(req: bytearray, _phys: int) -> int:
+    start, size = _HYPERVISOR_START.unpack_from(req, HEADER_SIZE)
+    return VERR_TRY_AGAIN if start or size else VINF_SUCCESS

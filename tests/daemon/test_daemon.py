@@ -1,0 +1,206 @@
+"""Tests of the daemon root: readiness, facility status, signals, reload and restores.
+
+Rules of this test module:
+- The host is a real in-process ``SimulatedHost``; sd_notify goes to a real datagram
+  socket under a short /tmp directory, so these tests use the real clock, each bounded by
+  ``trio.fail_after`` (a few seconds).
+- Signals are real (``signal.raise_signal``); the tests check the old handlers return.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.config import AgentConfig
+from agent.daemon import Daemon
+from agent.daemon.notify import Notifier
+from agent.device import DeviceUnavailableError
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import Facility, FacilityStatus
+from agent.services import SessionMonitorStatistics
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+LIMIT_S = 10.0
+SERVICE = str(int(Facility.VBOX_SERVICE))
+
+
+@pytest.fixture(name="short_dir")
+def _short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vbx-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+class NotifyReader:
+    """The systemd side of sd_notify: collects every datagram."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+
+    async def next(self) -> set[str]:
+        data = await self._sock.recv(4096)
+        return set(data.decode().split("\n"))
+
+    async def until(self, line: str) -> set[str]:
+        while True:
+            message = await self.next()
+            if line in message:
+                return message
+
+
+@pytest.fixture(name="notify")
+async def _notify(short_dir: Path) -> AsyncIterator[tuple[Notifier, NotifyReader]]:
+    path = short_dir / "notify.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    await sock.bind(str(path))
+    notifier = Notifier(str(path))
+    yield notifier, NotifyReader(sock)
+    await notifier.aclose()
+    sock.close()
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+def _facility(host: SimulatedHost) -> int:
+    facilities = host.status()["facilities"]
+    assert isinstance(facilities, dict)
+    status = facilities[SERVICE]["status"]
+    assert isinstance(status, int)
+    return status
+
+
+class TestDaemonLifecycle:
+    """Start, readiness, shutdown."""
+
+    async def test_ready_then_stopping(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]
+    ) -> None:
+        """READY=1 comes after the services start and STOPPING=1 on shutdown."""
+        notifier, reader = notify
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                ready = await reader.until("READY=1")
+                assert any(line.startswith("STATUS=2 services running") for line in ready)
+                assert daemon.statistics().ready
+                assert _facility(host) == FacilityStatus.ACTIVE
+                daemon.request_shutdown("test")
+            assert "STOPPING=1" in await reader.next()
+        assert _facility(host) == FacilityStatus.TERMINATED
+
+    async def test_sigterm_stops_cleanly(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]
+    ) -> None:
+        """SIGTERM ends ``run`` normally and the old handler is back afterwards."""
+        notifier, reader = notify
+        before = signal.getsignal(signal.SIGTERM)
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                started = trio.current_time()
+                signal.raise_signal(signal.SIGTERM)
+            stopped_in = trio.current_time() - started
+        assert stopped_in < AgentConfig().daemon.shutdown_timeout_s
+        assert before == signal.getsignal(signal.SIGTERM)
+        assert "STOPPING=1" in await reader.until("STOPPING=1")
+
+    async def test_missing_device_is_fatal(self, notify: tuple[Notifier, NotifyReader]) -> None:
+        """A device that cannot be opened ends ``run`` with DeviceUnavailableError."""
+        notifier, _ = notify
+
+        class Missing:
+            description = "/dev/missing"
+
+            async def open_session(self) -> SimOpener:
+                msg = "cannot open /dev/missing"
+                raise DeviceUnavailableError(msg)
+
+        daemon = Daemon(AgentConfig(), Missing(), notifier=notifier)  # type: ignore[arg-type]
+        with trio.fail_after(LIMIT_S), pytest.raises(DeviceUnavailableError):
+            await daemon.run()
+
+
+class TestReload:
+    """SIGHUP re-reads the config file."""
+
+    async def test_invalid_config_keeps_the_old_one(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A broken file is rejected: RELOADING=1, READY=1, and the config stays."""
+        notifier, reader = notify
+        path = short_dir / "agent.toml"
+        path.write_text("[events]\nsubscriber_queue = 16\n")
+        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                path.write_text("[events]\nsubscriber_queue = 0\n")
+                signal.raise_signal(signal.SIGHUP)
+                reloading = await reader.until("RELOADING=1")
+                assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+                await reader.until("READY=1")
+                assert AgentConfig() == daemon.config
+                assert daemon.statistics().reloads == 0
+                daemon.request_shutdown("test")
+
+    async def test_valid_config_is_applied(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A changed event queue size applies and restarts the subscribing services."""
+        notifier, reader = notify
+        path = short_dir / "agent.toml"
+        path.write_text("[events]\nsubscriber_queue = 16\n")
+        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                path.write_text("[events]\nsubscriber_queue = 4\n")
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                assert daemon.config.events.subscriber_queue == 4
+                assert daemon.statistics().reloads == 1
+                assert daemon.statistics().restarts == {"session-monitor": 1}
+                daemon.request_shutdown("test")
+
+
+class TestRestore:
+    """The session monitor follows VM restores."""
+
+    async def test_restore_is_noticed(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]
+    ) -> None:
+        """After a host restore the monitor has read the new session id."""
+        notifier, reader = notify
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                host.restore()
+                await trio.testing.wait_all_tasks_blocked()
+                stats = daemon.statistics().services["session-monitor"]
+                assert isinstance(stats, SessionMonitorStatistics)
+                assert stats.restores == 1
+                assert host.status()["session_id"] == stats.session_id
+                daemon.request_shutdown("test")

@@ -1,0 +1,194 @@
+"""Tests of the ``Device`` facade against the in-process simulated host.
+
+Rules of this test module:
+- The host is a real ``SimulatedHost`` behind ``SimOpener`` (pure trio, no threads), so
+  the virtual clock (``autojump_clock``, an argument of every test) drives every
+  wait; each test is bounded by ``trio.fail_after`` on that clock.
+- Synchronisation uses ``wait_all_tasks_blocked``, never sleeps for ordering.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import WaiterInterruptedError, open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import (
+    Event,
+    GetHostVersion,
+    HgcmBufferIn,
+    HgcmBufferOut,
+    HgcmData,
+    HgcmU32,
+    HgcmU64,
+    LocalProtocolError,
+    VBoxStatusError,
+)
+from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VERR_NOT_FOUND
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+RESTORED = int(Event.RESTORED)
+GET_PROP = 1
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+class TestOpenDevice:
+    """Opening, requests and statistics."""
+
+    async def test_agrees_on_the_interface_version(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """The handshake records the driver's session version."""
+        async with open_device(SimOpener(host)) as device:
+            assert device.driver_version is not None
+            assert device.driver_version.session_version == 0x00010000
+            version = await device.request(GetHostVersion())
+            assert version.features & 0x1
+            assert (
+                device.statistics().requests,
+                device.statistics().failures,
+                device.statistics().open_sessions,
+            ) == (2, 0, 1)
+
+    async def test_counts_failed_requests(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A request the driver refuses raises and is counted."""
+        async with open_device(SimOpener(host)) as device:
+            with pytest.raises(OSError, match="Inappropriate ioctl"):
+                await device.change_balloon(0x10000, inflate=True)
+            assert device.statistics().failures == 1
+
+
+class TestEventWaiter:
+    """Waiting, interrupting and cancelling on a session of its own."""
+
+    async def test_returns_raised_events(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A wait returns the event once the host raises it."""
+        async with (
+            open_device(SimOpener(host)) as device,
+            device.open_event_waiter(RESTORED) as waiter,
+        ):
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_raise_later, host, RESTORED)
+                    assert await waiter.wait() == RESTORED
+            assert device.statistics().open_sessions == 2
+        assert device.statistics().open_sessions == 0
+
+    async def test_interrupt_ends_the_wait_for_good(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """After ``interrupt`` the wait raises, and the session refuses further waits."""
+        async with (
+            open_device(SimOpener(host)) as device,
+            device.open_event_waiter(RESTORED) as waiter,
+        ):
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+
+                    async def interrupt() -> None:
+                        await trio.testing.wait_all_tasks_blocked()
+                        await waiter.interrupt()
+
+                    nursery.start_soon(interrupt)
+                    with pytest.raises(WaiterInterruptedError):
+                        await waiter.wait()
+                assert waiter.interrupted
+                with pytest.raises(LocalProtocolError, match="interrupted"):
+                    await waiter.wait()
+
+    async def test_cancel_ends_the_wait_promptly(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """Cancelling a blocked wait returns at once and leaves other sessions alone."""
+        async with open_device(SimOpener(host)) as device:
+            async with device.open_event_waiter(RESTORED) as waiter:
+                with trio.move_on_after(5) as scope:
+                    await waiter.wait()
+                assert scope.cancelled_caught
+                assert trio.current_time() == 5.0
+            async with device.open_event_waiter(RESTORED) as fresh:
+                host.raise_events(RESTORED)
+                with trio.fail_after(60):
+                    assert await fresh.wait() == RESTORED
+
+    async def test_rejects_an_empty_mask(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A waiter needs at least one valid event bit."""
+        async with open_device(SimOpener(host)) as device:
+            with pytest.raises(ValueError, match="non-zero"):
+                async with device.open_event_waiter(0):
+                    pass
+
+
+class TestHgcmClient:
+    """HGCM clients on sessions of their own."""
+
+    async def test_unknown_service_is_refused(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """Connecting to a service the host lacks fails with VERR_HGCM_SERVICE_NOT_FOUND."""
+        async with open_device(SimOpener(host)) as device:
+            with trio.fail_after(60), pytest.raises(VBoxStatusError) as info:
+                async with device.open_hgcm_client("NoSuchService"):
+                    pass
+            assert info.value.rc == VERR_HGCM_SERVICE_NOT_FOUND
+            assert device.statistics().open_sessions == 1
+
+    async def test_calls_the_guest_property_service(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A property the host set is read back through GET_PROP, and the client is released."""
+        host.prop_set("/VirtualBox/Test/Answer", "42", "")
+        async with open_device(SimOpener(host)) as device:
+            with trio.fail_after(60):
+                async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
+                    assert host.status()["hgcm_clients"] == 1
+                    reply = await client.call(
+                        GET_PROP,
+                        (
+                            HgcmBufferIn(b"/VirtualBox/Test/Answer\0"),
+                            HgcmBufferOut(128),
+                            HgcmU64(0),
+                            HgcmU32(0),
+                        ),
+                    )
+                    value, size = reply.params[1], reply.params[3]
+                    assert HgcmU32(4) == size
+                    assert isinstance(value, HgcmData)
+                    assert value.data[:4] == b"42\0\0"
+                    with pytest.raises(VBoxStatusError) as info:
+                        await client.call(
+                            GET_PROP,
+                            (
+                                HgcmBufferIn(b"/VirtualBox/Test/Missing\0"),
+                                HgcmBufferOut(128),
+                                HgcmU64(0),
+                                HgcmU32(0),
+                            ),
+                        )
+                    assert info.value.rc == VERR_NOT_FOUND
+            assert host.status()["hgcm_clients"] == 0
+
+
+async def _raise_later(host: SimulatedHost, mask: int) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    host.raise_events(mask)

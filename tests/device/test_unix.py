@@ -1,0 +1,384 @@
+"""Tests of the Unix-socket transport (``agent.device.unix``) against a scripted host.
+
+Rules of this test module:
+- the real server (``serve_simulated_host``) runs in the test's own nursery, on a socket in a
+  short private directory under /tmp (``sun_path`` holds 108 bytes; ``tmp_path`` may be longer);
+- the host behind it is ``ScriptedHost``: ioctl numbers pick a behaviour, so each test sees
+  exactly the concurrency it sets up (the real host is exercised in tests/host/test_server.py);
+- real clock, every test bounded by ``fail_after(10)``;
+- nurseries are explicit in the test body; the server is stopped by cancelling its nursery.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+import tempfile
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.unix import USER_ADDRESS_BASE, UnixSocketOpener
+from agent.host.server import serve_simulated_host
+from agent.protocol import UserBuffer
+from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, Role, encode_frame
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from agent.host.memory import GuestMemory
+
+ECHO = 1  # each 16-byte slot of the buffer: u64 address, u64 size -> uppercase that memory
+WAIT = 2  # blocks until INTERRUPT on the same session, then fails with EINTR
+INTERRUPT = 3
+FAIL = 4  # EINVAL
+BLOCK = 5  # blocks until cancelled; records the cancellation
+_SLOT = struct.Struct("<QQ")
+
+
+class ScriptedSession:
+    """One session of the scripted host."""
+
+    def __init__(self, *, user_device: bool) -> None:
+        self.user_device = user_device
+        self.interrupted = trio.Event()
+        self.closed = trio.Event()
+
+
+class ScriptedHost:
+    """A stand-in for ``SimulatedHost`` whose ioctls do what their number says."""
+
+    def __init__(self) -> None:
+        self.sessions: list[ScriptedSession] = []
+        self.cancelled_calls = 0
+
+    def open_session(self, *, user_device: bool = False) -> ScriptedSession:
+        session = ScriptedSession(user_device=user_device)
+        self.sessions.append(session)
+        return session
+
+    async def close_session(self, session: ScriptedSession) -> None:
+        await trio.lowlevel.checkpoint()
+        session.closed.set()
+
+    async def ioctl(
+        self, session: ScriptedSession, code: int, buffer: bytearray, memory: GuestMemory
+    ) -> None:
+        if code == ECHO:
+            for offset in range(0, len(buffer), _SLOT.size):
+                address, size = _SLOT.unpack_from(buffer, offset)
+                memory.write(address, memory.read(address, size).upper())
+            buffer[-1] = 0xEE
+        elif code == WAIT:
+            await session.interrupted.wait()
+            raise OSError(errno.EINTR, "interrupted")
+        elif code == INTERRUPT:
+            session.interrupted.set()
+        elif code == BLOCK:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled_calls += 1
+        else:
+            raise OSError(errno.EINVAL, "bad ioctl")
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.fixture(name="socket_dir")
+def _socket_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(dir="/tmp", prefix="vbx-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(name="host")
+def _host() -> ScriptedHost:
+    return ScriptedHost()
+
+
+async def start_host(nursery: trio.Nursery, host: ScriptedHost, path: str) -> None:
+    """Serve ``host`` at ``path`` in ``nursery`` and return once it listens."""
+    await nursery.start(serve_simulated_host, host, path)
+
+
+def echo_call(*contents: bytes) -> tuple[bytearray, list[UserBuffer]]:
+    """An ECHO buffer with one slot per user buffer (the size set, the address left 0)."""
+    buffer = bytearray(_SLOT.size * len(contents))
+    user_buffers = []
+    for index, data in enumerate(contents):
+        _SLOT.pack_into(buffer, index * _SLOT.size, 0, len(data))
+        user_buffers.append(UserBuffer(index * _SLOT.size, bytearray(data)))
+    return buffer, user_buffers
+
+
+class TestIoctl:
+    """Ioctls travel to the host and back."""
+
+    async def test_user_buffers_round_trip(self, socket_dir: str, host: ScriptedHost) -> None:
+        """User memory reaches the host at page-aligned distinct addresses and comes back."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                buffer, user_buffers = echo_call(b"abc", b"x" * 5000, b"")
+                await transport.ioctl(ECHO, buffer, user_buffers)
+                assert [bytes(u.data) for u in user_buffers] == [b"ABC", b"X" * 5000, b""]
+                addresses = [_SLOT.unpack_from(buffer, i * 16)[0] for i in range(3)]
+                assert addresses[:2] == [USER_ADDRESS_BASE, USER_ADDRESS_BASE + PAGE_SIZE]
+                assert addresses[2] == USER_ADDRESS_BASE + 3 * PAGE_SIZE
+                assert buffer[-1] == 0xEE
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_errno(self, socket_dir: str, host: ScriptedHost) -> None:
+        """A driver errno raises OSError and leaves the buffer as it was."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                buffer, user_buffers = echo_call(b"abc")
+                before = bytes(buffer)
+                with pytest.raises(OSError, match="Invalid argument") as caught:
+                    await transport.ioctl(FAIL, buffer, user_buffers)
+                assert caught.value.errno == errno.EINVAL
+                assert before == bytes(buffer)
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_wait_ended_by_interrupt_on_same_session(
+        self, socket_dir: str, host: ScriptedHost
+    ) -> None:
+        """A blocked wait and the interrupt that ends it share one connection."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                outcome: list[int | None] = []
+
+                async def wait() -> None:
+                    try:
+                        await transport.ioctl(WAIT, bytearray(8))
+                    except OSError as exc:
+                        outcome.append(exc.errno)
+
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await transport.ioctl(INTERRUPT, bytearray(8))
+                assert outcome == [errno.EINTR]
+                assert len(host.sessions) == 1
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_many_concurrent_calls(self, socket_dir: str, host: ScriptedHost) -> None:
+        """Concurrent calls on one session each get their own reply."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                results: dict[int, bytes] = {}
+
+                async def echo(index: int) -> None:
+                    buffer, user_buffers = echo_call(f"call {index}".encode() * (index + 1))
+                    await transport.ioctl(ECHO, buffer, user_buffers)
+                    results[index] = bytes(user_buffers[0].data)
+
+                async with trio.open_nursery() as callers:
+                    for index in range(30):
+                        callers.start_soon(echo, index)
+                expected = {i: f"CALL {i}".encode() * (i + 1) for i in range(30)}
+                assert expected == results
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_too_large_for_a_frame(self, socket_dir: str, host: ScriptedHost) -> None:
+        """A call above the frame limit fails with E2BIG and the session stays usable."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                buffer, user_buffers = echo_call(*[bytes(24 << 20)] * 3)
+                with pytest.raises(OSError, match="MAX_FRAME_SIZE") as caught:
+                    await transport.ioctl(ECHO, buffer, user_buffers)
+                assert caught.value.errno == errno.E2BIG
+                buffer, user_buffers = echo_call(b"ok")
+                await transport.ioctl(ECHO, buffer, user_buffers)
+                assert user_buffers[0].data == b"OK"
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+
+class TestCancellation:
+    """A cancelled ioctl is abandoned at the host and the session stays usable."""
+
+    async def test_cancelled_call_is_cancelled_at_the_host(
+        self, socket_dir: str, host: ScriptedHost
+    ) -> None:
+        """The host cancels the call; later calls on the session still work."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                with trio.move_on_after(0.1) as scope:
+                    await transport.ioctl(BLOCK, bytearray(8))
+                assert scope.cancelled_caught
+                buffer, user_buffers = echo_call(b"after")
+                await transport.ioctl(ECHO, buffer, user_buffers)
+                assert user_buffers[0].data == b"AFTER"
+                assert host.cancelled_calls == 1
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_cancelled_reader_hands_over(self, socket_dir: str, host: ScriptedHost) -> None:
+        """When the task reading replies is cancelled, another waiter takes over."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                outcome: list[int | None] = []
+
+                async def wait() -> None:
+                    try:
+                        await transport.ioctl(WAIT, bytearray(8))
+                    except OSError as exc:
+                        outcome.append(exc.errno)
+
+                reader_scope = trio.CancelScope()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(_call_in, reader_scope, transport.ioctl, BLOCK)
+                    await trio.testing.wait_all_tasks_blocked()
+                    callers.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    reader_scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    await transport.ioctl(INTERRUPT, bytearray(8))
+                assert outcome == [errno.EINTR]
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+
+async def _call_in(scope: trio.CancelScope, ioctl: object, code: int) -> None:
+    """Run ``ioctl(code, buffer)`` inside ``scope``."""
+    with scope:
+        await ioctl(code, bytearray(8))  # type: ignore[operator]
+
+
+class TestLifecycle:
+    """Opening, closing and losing sessions."""
+
+    async def test_description(self) -> None:
+        """The opener describes itself as unix:PATH."""
+        assert UnixSocketOpener("/run/h.sock").description == "unix:/run/h.sock"
+
+    async def test_missing_socket(self, socket_dir: str) -> None:
+        """No socket at the path: DeviceUnavailableError says how to start a host."""
+        path = os.path.join(socket_dir, "missing.sock")
+        with pytest.raises(DeviceUnavailableError, match="vbox-agent simulate --socket"):
+            await UnixSocketOpener(path).open_session()
+
+    async def test_refused_connection(self, socket_dir: str) -> None:
+        """A stale socket nobody listens on: DeviceUnavailableError naming the path."""
+        path = os.path.join(socket_dir, "stale.sock")
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.close()
+        with pytest.raises(DeviceUnavailableError, match=f"no simulated host at {path}"):
+            await UnixSocketOpener(path).open_session()
+
+    async def test_user_device_and_close(self, socket_dir: str, host: ScriptedHost) -> None:
+        """The HELLO carries user_device; aclose closes the host session and is idempotent."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                transport = await UnixSocketOpener(path, user_device=True).open_session()
+                await transport.aclose()
+                await transport.aclose()
+                with pytest.raises(trio.ClosedResourceError):
+                    await transport.ioctl(ECHO, bytearray(16))
+                await host.sessions[0].closed.wait()
+                assert host.sessions[0].user_device
+                nursery.cancel_scope.cancel()
+
+    async def test_host_vanishes(self, socket_dir: str, host: ScriptedHost) -> None:
+        """A host that goes away fails the pending and every later call with DeviceLostError."""
+        path = os.path.join(socket_dir, "h.sock")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as outer, trio.open_nursery() as server:
+                await start_host(server, host, path)
+                transport = await UnixSocketOpener(path).open_session()
+                lost: list[str] = []
+
+                async def wait() -> None:
+                    try:
+                        await transport.ioctl(WAIT, bytearray(8))
+                    except DeviceLostError as exc:
+                        lost.append(str(exc))
+
+                outer.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                server.cancel_scope.cancel()
+            assert len(lost) == 1
+            assert f"simulated host at {path} is gone" in lost[0]
+            with pytest.raises(DeviceLostError):
+                await transport.ioctl(ECHO, bytearray(16))
+            assert not await trio.Path(path).exists()
+            await transport.aclose()
+
+    async def test_host_sends_garbage(self, socket_dir: str) -> None:
+        """A malformed frame from the host counts as losing it."""
+        path = os.path.join(socket_dir, "raw.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def garbage_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.send(encode_frame(Hello(Role.HOST)) + b"\xff\xff\xff\xff")
+                await trio.sleep_forever()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(garbage_host)
+                transport = await UnixSocketOpener(path).open_session()
+                with pytest.raises(DeviceLostError, match="malformed frame"):
+                    await transport.ioctl(ECHO, bytearray(16))
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+
+    async def test_refused_hello(self, socket_dir: str) -> None:
+        """A host that answers HELLO with ERROR makes open_session fail with its message."""
+        path = os.path.join(socket_dir, "raw.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def refusing_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                decoder = FrameDecoder()
+                while decoder.next_frame() is None:
+                    decoder.feed(await connection.recv(4096))
+                await connection.send(encode_frame(ErrorFrame("no sessions today")))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refusing_host)
+                with pytest.raises(DeviceUnavailableError, match="no sessions today"):
+                    await UnixSocketOpener(path).open_session()
+        listener.close()

@@ -1,0 +1,345 @@
+"""Tests of the host's HGCM framework through raw VMMDev HGCM requests.
+
+Rules of this test module:
+
+- A bare VMMDev (no driver) receives hand-built CONNECT/DISCONNECT/CALL/CANCEL2 requests
+  whose buffers live in the device's guest memory; page lists name those buffers.
+- ``EchoService`` (conftest) stands in for a real service; it completes at once or holds
+  calls until the test completes them.
+- Completion is checked in guest memory: result, DONE flag, written-back parameters.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from agent.host.hgcm_service import HostBuffer
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import (
+    HGCM_REQ_DONE,
+    Event,
+    HgcmLocationType,
+    HgcmParmType,
+    PageListDirection,
+    RequestType,
+)
+from agent.protocol.status import (
+    STATUS_CODES,
+    VERR_HGCM_INVALID_CLIENT_ID,
+    VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_HGCM_TOO_MANY_CLIENT_CALLS,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+    VINF_HGCM_ASYNC_EXECUTE,
+    VINF_SUCCESS,
+)
+from tests.host.conftest import (
+    ECHO,
+    FN_ECHO,
+    FN_FAIL,
+    FN_HOLD,
+    Device,
+    EchoService,
+    make_device as _make_device,
+    vmmdev_request,
+)
+
+P = L.HgcmParameter64
+
+
+@pytest.fixture(name="hgcm")
+def _hgcm(echo: EchoService) -> Device:
+    device = _make_device()
+    device.vmmdev.hgcm.register(echo)
+    device.report_additions()
+    return device
+
+
+def submit(device: Device, req: bytearray) -> int:
+    """Map ``req`` (it stays mapped: the host may complete it later) and hit the port."""
+    phys = device.ram.map(req)
+    device.vmmdev.process(phys)
+    return phys
+
+
+def connect(device: Device, name: bytes = ECHO.encode()) -> bytearray:
+    """Send HGCM_CONNECT for ``name``."""
+    req = vmmdev_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size)
+    L.HgcmConnectRequest.loc_type.set(req, HgcmLocationType.LOCALHOST_EXISTING)
+    L.HgcmConnectRequest.service_name.set(req, name + b"\0")
+    submit(device, req)
+    return req
+
+
+def client(device: Device) -> int:
+    """Connect to the echo service and return the client id."""
+    req = connect(device)
+    assert L.HgcmConnectRequest.result.get(req) == VINF_SUCCESS
+    return L.HgcmConnectRequest.client_id.get(req)
+
+
+def page_list_call(
+    device: Device, client_id: int, function: int, buffers: list[tuple[bytearray, int]], *tail: int
+) -> bytearray:
+    """An HGCM_CALL64 with page-list buffer parameters (data, direction) then u32 values."""
+    count = len(buffers) + len(tail)
+    lists_at = 44 + 16 * count
+    size = lists_at + 16 * len(buffers)
+    req = vmmdev_request(RequestType.HGCM_CALL64, size)
+    L.HgcmCallRequest.client_id.set(req, client_id)
+    L.HgcmCallRequest.function.set(req, function)
+    L.HgcmCallRequest.parm_count.set(req, count)
+    for index, (data, direction) in enumerate(buffers):
+        view = memoryview(req)[44 + 16 * index :]
+        address = device.ram.map(data, offset=100)
+        P.type.set(view, HgcmParmType.PAGELIST)
+        P.page_list_size.set(view, len(data))
+        P.page_list_offset.set(view, lists_at)
+        struct.pack_into("<IHHQ", req, lists_at, direction, 100, 1, address - 100)
+        lists_at += 16
+    for index, value in enumerate(tail, start=len(buffers)):
+        view = memoryview(req)[44 + 16 * index :]
+        P.type.set(view, HgcmParmType.U32)
+        P.value32.set(view, value & 0xFFFFFFFF)
+    return req
+
+
+def done(req: bytearray) -> bool:
+    """Whether the host set DONE on ``req``."""
+    return bool(L.HgcmRequestHeader.flags.get(req) & HGCM_REQ_DONE)
+
+
+class TestConnect:
+    """Connecting and disconnecting clients."""
+
+    def test_connect_completes_asynchronously(self, hgcm: Device, echo: EchoService) -> None:
+        """CONNECT answers 2903, then writes the client id and result and sets DONE."""
+        req = connect(hgcm)
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+        assert done(req)
+        assert echo.connected == [L.HgcmConnectRequest.client_id.get(req)]
+        assert hgcm.vmmdev.pending_events & Event.HGCM
+
+    def test_unknown_service_is_a_result(self, hgcm: Device) -> None:
+        """An unknown service is VERR_HGCM_SERVICE_NOT_FOUND as the HGCM result."""
+        req = connect(hgcm, b"NoSuchSvc")
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+        assert L.HgcmConnectRequest.result.get(req) == VERR_HGCM_SERVICE_NOT_FOUND
+        assert done(req)
+        assert L.HgcmConnectRequest.client_id.get(req) == 0
+
+    def test_client_ids_are_unique_and_non_zero(self, hgcm: Device) -> None:
+        """Every connect gets a fresh non-zero id."""
+        ids = [client(hgcm) for _ in range(10)]
+        assert 0 not in ids
+        assert len(set(ids)) == 10
+        assert hgcm.vmmdev.hgcm.client_count == 10
+
+    def test_service_refusal_is_a_result(self, hgcm: Device, echo: EchoService) -> None:
+        """A service refusing the client answers its status as the result."""
+        echo.refuse = STATUS_CODES["VERR_ACCESS_DENIED"]
+        req = connect(hgcm)
+        assert echo.refuse == L.HgcmConnectRequest.result.get(req)
+        assert hgcm.vmmdev.hgcm.client_count == 0
+
+    @pytest.mark.parametrize("loc_type", [HgcmLocationType.INVALID, 7])
+    def test_bad_location(self, hgcm: Device, loc_type: int) -> None:
+        """A location type other than 1 or 2 is an invalid parameter."""
+        req = vmmdev_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size)
+        L.HgcmConnectRequest.loc_type.set(req, loc_type)
+        assert hgcm.send(req) == VERR_INVALID_PARAMETER
+
+    def test_unterminated_name(self, hgcm: Device) -> None:
+        """A service name without NUL is an invalid parameter."""
+        req = vmmdev_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size)
+        L.HgcmConnectRequest.loc_type.set(req, HgcmLocationType.LOCALHOST)
+        req[36:164] = b"x" * 128
+        assert hgcm.send(req) == VERR_INVALID_PARAMETER
+
+    def test_first_hgcm_command_enables_the_hgcm_event(self, hgcm: Device) -> None:
+        """The filter gains the HGCM bit with the first HGCM request."""
+        assert not hgcm.vmmdev.guest_filter & Event.HGCM
+        connect(hgcm)
+        assert hgcm.vmmdev.guest_filter & Event.HGCM
+        assert hgcm.vmmdev.have_events
+
+    def test_disconnect(self, hgcm: Device, echo: EchoService) -> None:
+        """DISCONNECT drops the client; a second one names an invalid client."""
+        client_id = client(hgcm)
+        for expected in (VINF_HGCM_ASYNC_EXECUTE, VERR_HGCM_INVALID_CLIENT_ID):
+            req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
+            L.HgcmDisconnectRequest.client_id.set(req, client_id)
+            submit(hgcm, req)
+            assert expected == L.RequestHeader.rc.get(req)
+        assert [client_id] == echo.disconnected
+
+    def test_disconnect_discards_pending_calls(self, hgcm: Device, echo: EchoService) -> None:
+        """Calls still pending at disconnect are never written back."""
+        client_id = client(hgcm)
+        call = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, call)
+        req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
+        L.HgcmDisconnectRequest.client_id.set(req, client_id)
+        submit(hgcm, req)
+        echo.held[0].complete(VINF_SUCCESS)
+        assert not done(call)
+        assert hgcm.vmmdev.hgcm.pending_calls == 0
+
+
+class TestCall:
+    """Calls, parameters, completion, limits and cancellation."""
+
+    def test_page_list_buffers_round_trip(self, hgcm: Device) -> None:
+        """In-buffers reach the service; out-buffers and values are written back."""
+        client_id = client(hgcm)
+        src, dst = bytearray(b"hello world"), bytearray(64)
+        req = page_list_call(
+            hgcm,
+            client_id,
+            FN_ECHO,
+            [(src, PageListDirection.TO_HOST), (dst, PageListDirection.FROM_HOST)],
+            0,
+        )
+        submit(hgcm, req)
+        assert done(req)
+        assert L.HgcmCallRequest.result.get(req) == VINF_SUCCESS
+        assert dst.startswith(b"hello world")
+        assert P.page_list_size.get(memoryview(req)[60:]) == 11
+        assert P.value32.get(memoryview(req)[76:]) == 11
+
+    def test_failing_status_is_the_result(self, hgcm: Device) -> None:
+        """The service's failure travels in ``result`` with DONE."""
+        req = page_list_call(hgcm, client(hgcm), FN_FAIL, [], VERR_NOT_FOUND)
+        submit(hgcm, req)
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, VERR_NOT_FOUND)
+
+    def test_unknown_client(self, hgcm: Device) -> None:
+        """A call for an unknown client is refused at once."""
+        req = page_list_call(hgcm, 4242, FN_ECHO, [])
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_HGCM_INVALID_CLIENT_ID
+
+    def test_parameter_array_must_fit(self, hgcm: Device) -> None:
+        """A parameter count beyond the request's size is an invalid parameter."""
+        req = page_list_call(hgcm, client(hgcm), FN_ECHO, [])
+        L.HgcmCallRequest.parm_count.set(req, 3)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    @pytest.mark.parametrize(
+        "kind", [HgcmParmType.LINADDR_KERNEL, HgcmParmType.PHYSADDR, HgcmParmType.INVALID]
+    )
+    def test_unsupported_parameter_types(self, hgcm: Device, kind: int) -> None:
+        """Kernel, physical and invalid parameter types are refused."""
+        req = page_list_call(hgcm, client(hgcm), FN_ECHO, [], 0)
+        P.type.set(memoryview(req)[44:], kind)
+        P.pointer_size.set(memoryview(req)[44:], 8)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    def test_page_list_outside_the_request(self, hgcm: Device) -> None:
+        """A page list offset past the request is refused."""
+        req = page_list_call(hgcm, client(hgcm), FN_ECHO, [(bytearray(4), 1)])
+        P.page_list_offset.set(memoryview(req)[44:], 4000)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    def test_pending_call_limit(self, hgcm: Device, echo: EchoService) -> None:
+        """One call more than the service's per-client limit is refused."""
+        client_id = client(hgcm)
+        for _ in range(echo.max_calls):
+            submit(hgcm, page_list_call(hgcm, client_id, FN_HOLD, []))
+        extra = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, extra)
+        assert L.RequestHeader.rc.get(extra) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+        echo.held.pop().complete(VINF_SUCCESS)
+        again = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, again)
+        assert L.RequestHeader.rc.get(again) == VINF_HGCM_ASYNC_EXECUTE
+
+    def test_held_call_completes_later(self, hgcm: Device, echo: EchoService) -> None:
+        """A held call is answered 2903 and gets DONE only when the service completes it."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
+        submit(hgcm, req)
+        assert (L.RequestHeader.rc.get(req), done(req)) == (VINF_HGCM_ASYNC_EXECUTE, False)
+        echo.held[0].complete(7)
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
+        with pytest.raises(RuntimeError, match="twice"):
+            echo.held[0].complete(0)
+
+    def test_cancel2(self, hgcm: Device, echo: EchoService) -> None:
+        """CANCEL2 finds the call by address; its later completion writes nothing."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
+        phys = submit(hgcm, req)
+        handle = echo.held[0]
+        statuses = []
+        for _ in range(2):
+            cancel = vmmdev_request(RequestType.HGCM_CANCEL2, 28)
+            L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys)
+            statuses.append(hgcm.send(cancel))
+        assert statuses == [VINF_SUCCESS, VERR_NOT_FOUND]
+        assert [handle] == echo.cancelled
+        assert handle.cancelled
+        handle.complete(VINF_SUCCESS)
+        assert not done(req)
+
+    @pytest.mark.parametrize("phys", [0, 0xFFFFFFFF])
+    def test_cancel2_bad_address(self, hgcm: Device, phys: int) -> None:
+        """CANCEL2 of address 0 or NIL is an invalid parameter."""
+        cancel = vmmdev_request(RequestType.HGCM_CANCEL2, 28)
+        L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys)
+        assert hgcm.send(cancel) == VERR_INVALID_PARAMETER
+
+    def test_legacy_cancel(self, hgcm: Device, echo: EchoService) -> None:
+        """HGCM_CANCEL re-sent at the call's own address cancels it; unknown is invalid."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
+        phys = submit(hgcm, req)
+        L.RequestHeader.request_type.set(req, RequestType.HGCM_CANCEL)
+        hgcm.vmmdev.process(phys)
+        assert L.RequestHeader.rc.get(req) == VINF_SUCCESS
+        hgcm.vmmdev.process(phys)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+        assert len(echo.cancelled) == 1
+
+
+class TestLifeCycle:
+    """Restore and reset."""
+
+    def test_restore_resubmits_pending_calls(self, hgcm: Device, echo: EchoService) -> None:
+        """A restore keeps the client and hands the pending call to the service again."""
+        client_id = client(hgcm)
+        src = bytearray(b"abc")
+        req = page_list_call(hgcm, client_id, FN_HOLD, [(src, PageListDirection.BOTH)])
+        submit(hgcm, req)
+        old = echo.held[0]
+        hgcm.vmmdev.restore()
+        assert echo.resets == 1
+        assert [client_id, client_id] == echo.connected
+        new = echo.held[0]
+        assert new is not old
+        buffer = new.params[0]
+        assert isinstance(buffer, HostBuffer)
+        assert bytes(buffer.data) == b"abc"
+        old.complete(1)
+        assert not done(req)
+        buffer.data[:] = b"xyz"
+        new.complete(VINF_SUCCESS)
+        assert done(req)
+        assert src == b"xyz"
+        assert hgcm.vmmdev.pending_events & Event.RESTORED
+
+    def test_reset_disconnects_everyone(self, hgcm: Device, echo: EchoService) -> None:
+        """A reset disconnects every client and drops every pending call."""
+        ids = [client(hgcm) for _ in range(3)]
+        submit(hgcm, page_list_call(hgcm, ids[0], FN_HOLD, []))
+        hgcm.vmmdev.reset()
+        assert ids == echo.disconnected
+        assert (hgcm.vmmdev.hgcm.client_count, hgcm.vmmdev.hgcm.pending_calls) == (0, 0)
+        assert echo.resets == 1
+
+    def test_duplicate_service(self, hgcm: Device, echo: EchoService) -> None:
+        """Registering a second service of the same name is refused."""
+        with pytest.raises(ValueError, match="already registered"):
+            hgcm.vmmdev.hgcm.register(echo)

@@ -1,0 +1,198 @@
+"""Tests of scenario files and the scenario player.
+
+Rules of this test module:
+
+- ``config/demo.toml`` is the scenario under test; broken scenarios are inline TOML.
+- The player runs against a real host under ``autojump_clock``; each step is checked at
+  its exact virtual time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import pytest
+import trio
+
+from agent.host import SimulatedHost
+from agent.host.scenario import (
+    HostSettings,
+    ScenarioError,
+    Step,
+    load_scenario,
+    parse_scenario,
+    play_scenario,
+)
+from agent.protocol.constants import Event, RequestType
+
+DEMO: Final = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
+GREETING: Final = "/VirtualBox/GuestAdd/Demo/Greeting"
+
+
+class TestParse:
+    """Validation of scenario files."""
+
+    def test_demo_is_valid(self) -> None:
+        """The shipped demo parses into timed steps with a default-ish host."""
+        scenario = load_scenario(DEMO)
+        assert HostSettings() == scenario.host
+        assert [step.action for step in scenario.steps] == [
+            "prop_set",
+            "balloon",
+            "balloon",
+            "event",
+            "restore",
+            "prop_delete",
+        ]
+        assert Step(20.0, "event", {"events": Event.VRDP}) == scenario.steps[3]
+
+    def test_names_and_numbers(self) -> None:
+        """Requests, statuses and events accept names or numbers; optional keys default."""
+        scenario = parse_scenario(
+            """
+            [[steps]]
+            at = 0
+            action = "fault"
+            request = "CHANGE_MEMBALLOON"
+            status = "VERR_NO_MEMORY"
+            [[steps]]
+            at = 1
+            action = "fault"
+            request = 217
+            status = -2
+            count = 3
+            [[steps]]
+            at = 1
+            action = "event"
+            events = 16
+            """
+        )
+        assert dict(scenario.steps[0].args) == {
+            "request": RequestType.CHANGE_MEMBALLOON,
+            "status": -8,
+            "count": 1,
+        }
+        assert dict(scenario.steps[1].args) == {"request": 217, "status": -2, "count": 3}
+        assert dict(scenario.steps[2].args) == {"events": 16}
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("steps = [", "not valid TOML"),
+            ("colour = 1", "unknown top-level key 'colour'"),
+            ("[host]\nram = 1", "host: unknown key 'ram'"),
+            ('[host]\npersonality = "windows"', "'windows' is not one of"),
+            ('[host]\nram_mb = "big"', "host: key 'ram_mb': expected an integer, got 'big'"),
+            ("[[steps]]\nat = 1", "step 1: key 'action': None is not one of"),
+            ('[[steps]]\naction = "restore"', "step 1: key 'at': expected a non-negative number"),
+            ('[[steps]]\nat = -1\naction = "restore"', "step 1: key 'at'"),
+            ('[[steps]]\nat = 1\naction = "balloon"', r"step 1 \(balloon\): missing key 'mb'"),
+            (
+                '[[steps]]\nat = 1\naction = "balloon"\nmb = "abc"',
+                r"step 1 \(balloon\): key 'mb': expected an integer, got 'abc'",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "balloon"\nmb = 1900',
+                r"'mb': 1900 is not in \[0, 1843\)",
+            ),
+            ('[[steps]]\nat = 1\naction = "restore"\nmb = 1', "unknown key 'mb'"),
+            ('[[steps]]\nat = 1\naction = "event"\nevents = "NOPE"', "unknown event 'NOPE'"),
+            (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = "X"\nstatus = 0',
+                "unknown VMMDev request type",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = 4\nstatus = 0\ncount = 0',
+                "expected a positive integer",
+            ),
+            (
+                '[[steps]]\nat = 2\naction = "restore"\n[[steps]]\nat = 1\naction = "restore"',
+                "step 2: key 'at': 1.0 is before the previous step",
+            ),
+        ],
+    )
+    def test_errors_name_the_problem(self, text: str, message: str) -> None:
+        """Each malformed scenario is refused with the step, key and value at fault."""
+        with pytest.raises(ScenarioError, match=message):
+            parse_scenario(text, source="demo")
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        """A missing file is a ScenarioError naming the path."""
+        with pytest.raises(ScenarioError, match="cannot read"):
+            load_scenario(tmp_path / "missing.toml")
+
+
+class TestPlay:
+    """Playing the demo scenario against a running host."""
+
+    async def test_demo_runs_at_its_times(self, autojump_clock: object) -> None:
+        """Each step takes effect at its time: property, balloon targets, event, restore."""
+        scenario = load_scenario(DEMO)
+        host = SimulatedHost(**scenario.host.options())  # type: ignore[arg-type]
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                start = trio.current_time()
+                nursery.start_soon(play_scenario, host, scenario)
+                session_id = host.vmmdev.session_id
+                await trio.sleep_until(start + 1.5)
+                found = host.prop_get(GREETING)
+                assert found is not None
+                assert found[:2] == ("hello from the simulated host", "TRANSIENT, RDONLYGUEST")
+                await trio.sleep_until(start + 5.5)
+                assert host.vmmdev.balloon.target_mb == 256
+                await trio.sleep_until(start + 15.5)
+                assert host.vmmdev.balloon.target_mb == 64
+                await trio.sleep_until(start + 20.5)
+                assert host.vmmdev.pending_events & Event.VRDP
+                await trio.sleep_until(start + 25.5)
+                assert session_id != host.vmmdev.session_id
+                await trio.sleep_until(start + 30.5)
+                assert host.prop_get(GREETING) is None
+                nursery.cancel_scope.cancel()
+
+    async def test_refused_step_names_itself(self, autojump_clock: object) -> None:
+        """A step the host refuses fails with its number and action."""
+        scenario = parse_scenario('[[steps]]\nat = 0\naction = "prop_delete"\nname = "x"')
+        host = SimulatedHost(services=())
+        with (
+            trio.fail_after(60),
+            pytest.RaisesGroup(
+                pytest.RaisesExc(LookupError, match=r"step 1 \(prop_delete\)"),
+            ),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                await play_scenario(host, scenario)
+
+    async def test_reset_and_faults(self, autojump_clock: object) -> None:
+        """reset reloads the driver; fault and delay reach the device."""
+        scenario = parse_scenario(
+            """
+            [[steps]]
+            at = 1
+            action = "fault"
+            request = "GET_SESSION_ID"
+            status = "VERR_ACCESS_DENIED"
+            [[steps]]
+            at = 1
+            action = "delay"
+            request = "GET_HOST_TIME"
+            seconds = 0.5
+            [[steps]]
+            at = 2
+            action = "reset"
+            """
+        )
+        host = SimulatedHost()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                old_driver = host.driver
+                await play_scenario(host, scenario)
+                assert host.driver is not old_driver
+                assert host.driver.loaded
+                assert host.vmmdev.guest.additions_ok
+                assert host.vmmdev.request_counts[RequestType.GET_HOST_VERSION] == 2
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,325 @@
+"""Tests of the simulated host's Unix-socket server (``agent.host.server``) with the real host.
+
+Rules of this test module:
+- server and client run in one trio test process, over a socket in a short private directory
+  under /tmp (``sun_path`` holds 108 bytes; ``tmp_path`` may be longer);
+- ioctls are built and read with the real protocol layer (``Session.encode``/``decode``), so
+  the bytes are exactly what the agent sends;
+- real clock; every test is bounded by ``fail_after(10)``; nurseries are explicit and the
+  server is stopped by cancelling its nursery.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import struct
+import tempfile
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device.errors import DeviceLostError
+from agent.device.unix import UnixSocketOpener, UnixSocketTransport
+from agent.host import SimulatedHost
+from agent.host.control import ControlCommandError, call_control
+from agent.host.guest_props import SERVICE_NAME, GuestFunction
+from agent.host.server import HostSocketError, serve_simulated_host
+from agent.protocol import (
+    ChangeFilterMask,
+    Event,
+    GetHostVersion,
+    HgcmBufferIn,
+    HgcmBufferOut,
+    HgcmCall,
+    HgcmConnect,
+    HgcmU32,
+    HgcmU64,
+    InterruptAllWaits,
+    Request,
+    Session,
+    WaitForEvents,
+)
+from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, Role, encode_frame
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from agent.protocol.wire import Frame
+
+R = TypeVar("R")
+
+
+@pytest.fixture(name="socket_path")
+def _socket_path() -> Iterator[str]:
+    directory = tempfile.mkdtemp(dir="/tmp", prefix="vbx-")
+    yield os.path.join(directory, "host.sock")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(name="host")
+def _host() -> SimulatedHost:
+    return SimulatedHost(personality="mainline")
+
+
+async def start(nursery: trio.Nursery, host: SimulatedHost, path: str) -> None:
+    """Run ``host`` and its server in ``nursery``; return once the socket listens."""
+    await nursery.start(host.run)
+    await nursery.start(serve_simulated_host, host, path)
+
+
+async def request(session: Session, transport: UnixSocketTransport, req: Request[R]) -> R:
+    """Encode ``req``, perform it through ``transport`` and decode the reply."""
+    call = session.encode(req)
+    try:
+        await transport.ioctl(call.code, call.buffer, call.user_buffers)
+    except BaseException:
+        session.call_failed(call)
+        raise
+    return session.decode(call)
+
+
+async def raw_exchange(path: str, data: bytes) -> list[Frame]:
+    """Send ``data`` on a fresh connection; return every frame the host sends until EOF."""
+    stream = await trio.open_unix_socket(path)
+    frames: list[Frame] = []
+    async with stream:
+        await stream.send_all(data)
+        decoder = FrameDecoder()
+        while chunk := await stream.receive_some(4096):
+            decoder.feed(chunk)
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+    return frames
+
+
+class TestDeviceSessions:
+    """Device connections carry real ioctls."""
+
+    async def test_host_version(self, socket_path: str, host: SimulatedHost) -> None:
+        """GET_HOST_VERSION travels encoded by the protocol layer and decodes."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                version = await request(Session(), transport, GetHostVersion())
+                assert version.major >= 6
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_wait_ended_by_interrupt_all(self, socket_path: str, host: SimulatedHost) -> None:
+        """A blocked WAIT_FOR_EVENTS ends with EINTR when INTERRUPT_ALL arrives on its session."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                failures: list[int | None] = []
+
+                async def wait() -> None:
+                    try:
+                        await request(session, transport, WaitForEvents(Event.RESTORED))
+                    except OSError as exc:
+                        failures.append(exc.errno)
+
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await request(session, transport, InterruptAllWaits())
+                assert failures == [errno.EINTR]
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_cancelled_wait_leaves_no_orphan(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A cancelled wait ends at the host too, so the next wait gets the event."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                await request(session, transport, ChangeFilterMask(Event.RESTORED, 0))
+                with trio.move_on_after(0.05):
+                    await request(session, transport, WaitForEvents(Event.RESTORED))
+                await trio.testing.wait_all_tasks_blocked()
+                assert host.status()["sessions"] == 1
+                host.raise_events(Event.RESTORED)
+                received = await request(session, transport, WaitForEvents(Event.RESTORED))
+                assert received.mask & Event.RESTORED
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_hgcm_call_with_user_buffers(self, socket_path: str, host: SimulatedHost) -> None:
+        """A guest-property GET_PROP reads the name and writes the value through user buffers."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                await call_control(
+                    socket_path, {"command": "prop_set", "name": "/VM/x", "value": "hello"}
+                )
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                client = await request(session, transport, HgcmConnect(SERVICE_NAME))
+                params = (
+                    HgcmBufferIn(b"/VM/x\0"),
+                    HgcmBufferOut(64),
+                    HgcmU64(0),
+                    HgcmU32(0),
+                )
+                reply = await request(
+                    session, transport, HgcmCall(client.client_id, GuestFunction.GET_PROP, params)
+                )
+                assert reply.params[1].data.startswith(b"hello\0")  # type: ignore[union-attr]
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_vanished_client_releases_its_session(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A client that disappears mid-wait loses its HGCM clients and filter bits."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                before = host.status()
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                await request(session, transport, HgcmConnect(SERVICE_NAME))
+                await request(session, transport, ChangeFilterMask(Event.RESTORED, 0))
+                busy = host.status()
+                assert isinstance(clients := before["hgcm_clients"], int)
+                assert busy["hgcm_clients"] == clients + 1
+                assert isinstance(mask := busy["filter_mask"], int)
+                assert mask & Event.RESTORED
+
+                async def wait() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await request(session, transport, WaitForEvents(Event.RESTORED))
+
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await transport.aclose()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert host.status() == before
+                nursery.cancel_scope.cancel()
+
+    async def test_drop_loses_device_connections(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """The drop control command closes device connections; their calls see DeviceLostError."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                lost: list[DeviceLostError] = []
+
+                async def wait() -> None:
+                    try:
+                        await request(session, transport, WaitForEvents(Event.RESTORED))
+                    except DeviceLostError as exc:
+                        lost.append(exc)
+
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    result = await call_control(socket_path, {"command": "drop"})
+                assert result == {"dropped": 1}
+                assert len(lost) == 1
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+
+class TestRobustness:
+    """The server survives misbehaving clients."""
+
+    async def test_garbage_gets_an_error_frame(self, socket_path: str, host: SimulatedHost) -> None:
+        """Garbage gets an ERROR frame and a closed connection; the server serves on."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                [error] = await raw_exchange(socket_path, b"\x05\x00\x00\x00\x09garbage")
+                assert error == ErrorFrame("unknown frame kind 9")
+                [error] = await raw_exchange(socket_path, struct.pack("<I", 1 << 30))
+                assert isinstance(error, ErrorFrame)
+                hello = encode_frame(Hello(Role.DEVICE))
+                frames = await raw_exchange(socket_path, hello + hello)
+                assert frames[0] == Hello(Role.HOST)
+                assert isinstance(frames[1], ErrorFrame)
+                assert "expected a new IOCTL request" in frames[1].message
+                control = encode_frame(Hello(Role.CONTROL))
+                frames = await raw_exchange(socket_path, control + hello)
+                assert [Hello(Role.HOST)] == frames[:1]
+                assert isinstance(frames[1], ErrorFrame)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                await request(Session(), transport, GetHostVersion())
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_control_errors(self, socket_path: str, host: SimulatedHost) -> None:
+        """Refused and unknown control commands answer with one-line errors."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with pytest.raises(ControlCommandError, match="unknown control command"):
+                    await call_control(socket_path, {"command": "explode"})
+                with pytest.raises(ControlCommandError, match="needs mb as int"):
+                    await call_control(socket_path, {"command": "balloon", "mb": "x"})
+                with pytest.raises(ControlCommandError, match="90%"):
+                    await call_control(socket_path, {"command": "balloon", "mb": 1 << 20})
+                with pytest.raises(ControlCommandError, match="not set"):
+                    await call_control(socket_path, {"command": "prop_get", "name": "/nope"})
+                await call_control(socket_path, {"command": "balloon", "mb": 128})
+                status = await call_control(socket_path, {"command": "status"})
+                assert isinstance(status, dict)
+                nursery.cancel_scope.cancel()
+
+
+class TestSocketFile:
+    """The socket file is private, replaces stale ones and is removed on exit."""
+
+    async def test_mode_and_removal(self, socket_path: str, host: SimulatedHost) -> None:
+        """The socket is mode 0600 while serving and gone afterwards."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                mode = (await trio.Path(socket_path).lstat()).st_mode
+                assert stat.S_ISSOCK(mode)
+                assert stat.S_IMODE(mode) == 0o600
+                nursery.cancel_scope.cancel()
+            assert not await trio.Path(socket_path).exists()
+
+    async def test_stale_socket_is_replaced(self, socket_path: str, host: SimulatedHost) -> None:
+        """A socket nobody listens on is replaced."""
+        stale = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await stale.bind(socket_path)
+        stale.close()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_live_socket_is_refused(self, socket_path: str, host: SimulatedHost) -> None:
+        """A second server on a live socket fails and leaves the first one serving."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with pytest.raises(HostSocketError, match="already listening"):
+                    await serve_simulated_host(host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_non_socket_is_refused(self, socket_path: str, host: SimulatedHost) -> None:
+        """A regular file at the path is never replaced."""
+        await trio.Path(socket_path).write_text("keep me")
+        with pytest.raises(HostSocketError, match="not a socket"):
+            await serve_simulated_host(host, socket_path)
+        assert await trio.Path(socket_path).read_text() == "keep me"

@@ -1,0 +1,198 @@
+"""Tests of the in-process transport and opener, and of host-level life-cycle control.
+
+Rules of this test module:
+
+- ``SimOpener``/``SimTransport`` against a running host (fixture ``host``); no threads.
+- ``autojump_clock`` for anything that waits.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+import trio.testing
+
+from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
+from agent.protocol import (
+    ChangeFilterMask,
+    GetSessionId,
+    HgcmBuffer,
+    HgcmCall,
+    HgcmConnect,
+    HgcmU32,
+    UserBuffer,
+    WaitForEvents,
+)
+from agent.protocol.constants import PAGE_SIZE, Event
+from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD, EchoService, open_client
+
+
+class TestSimTransport:
+    """Addresses, user memory and closing."""
+
+    async def test_user_buffers_get_distinct_addresses(self, host: SimulatedHost) -> None:
+        """Each user buffer's address is stored in its field and results land in its data."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        call = client.session.encode(
+            HgcmCall(client_id, FN_ECHO, (HgcmBuffer(b"abc"), HgcmBuffer(b"\0" * 8), HgcmU32(0)))
+        )
+        await client.transport.ioctl(call.code, call.buffer, call.user_buffers)
+        addresses = [
+            int.from_bytes(call.buffer[u.address_offset : u.address_offset + 8], "little")
+            for u in call.user_buffers
+        ]
+        assert len(set(addresses)) == 2
+        assert all(address % PAGE_SIZE == 0 for address in addresses)
+        assert call.user_buffers[1].data.startswith(b"abc")
+
+    async def test_concurrent_ioctls(self, host: SimulatedHost, autojump_clock: object) -> None:
+        """A blocked wait and other requests share one transport."""
+        client = await open_client(host)
+        await client.request(ChangeFilterMask(Event.VRDP, 0))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.request, WaitForEvents(Event.VRDP))
+                await trio.testing.wait_all_tasks_blocked()
+                await client.request(GetSessionId())
+                host.raise_events(Event.VRDP)
+
+    async def test_close_releases_the_session(self, host: SimulatedHost) -> None:
+        """Closing drops the session's clients; later ioctls are EBADF."""
+        transport = await SimOpener(host).open_session()
+        assert isinstance(transport, SimTransport)
+        client = await open_client(host)
+        await client.request(HgcmConnect(ECHO))
+        await client.transport.aclose()
+        assert host.status()["hgcm_clients"] == 0
+        with pytest.raises(OSError, match=r".") as info:
+            await client.request(GetSessionId())
+        assert info.value.errno == errno.EBADF
+        await transport.aclose()
+
+    async def test_description(self, host: SimulatedHost) -> None:
+        """The opener names the personality and the node."""
+        assert "mainline" in SimOpener(host).description
+        assert "/dev/vboxuser" in SimOpener(host, user_device=True).description
+
+    async def test_host_not_running(self) -> None:
+        """Opening a session before the host runs fails like a missing device node."""
+        with pytest.raises(FileNotFoundError):
+            await SimOpener(SimulatedHost()).open_session()
+
+    def test_memory_faults(self) -> None:
+        """Unknown addresses and overruns are EFAULT; unmapped space is reused."""
+        memory = DictMemory()
+        data = bytearray(b"0123456789")
+        address = memory.map(data, offset=12)
+        assert memory.read(address + 2, 3) == b"234"
+        memory.write(address, b"ab")
+        assert data.startswith(b"ab")
+        for bad in ((address - 1, 1), (address + 8, 4), (0, 1)):
+            with pytest.raises(OSError, match="bad address") as info:
+                memory.read(*bad)
+            assert info.value.errno == errno.EFAULT
+        assert memory.read(0, 0) == b""
+        memory.unmap(address)
+        assert len(memory) == 0
+
+    def test_memory_wraps_around(self) -> None:
+        """A small address space reuses freed room and reports exhaustion."""
+        memory = DictMemory(base=0x1000, limit=0x1000 + 6 * PAGE_SIZE)
+        first = memory.map(bytearray(PAGE_SIZE))
+        second = memory.map(bytearray(PAGE_SIZE))
+        with pytest.raises(OSError, match="exhausted"):
+            memory.map(bytearray(3 * PAGE_SIZE))
+        memory.unmap(first)
+        tail = memory.map(bytearray(PAGE_SIZE))
+        assert first == memory.map(bytearray(PAGE_SIZE))
+        assert len({first, second, tail}) == 3
+
+
+class TestHostControl:
+    """Restore, reset and guest-property control on a running host."""
+
+    async def test_restore_keeps_hgcm_calls(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A call pending across a restore is re-submitted and completes afterwards."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        old_id = (await client.request(GetSessionId())).value
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def restore_then_complete() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.restore()
+                    echo.held[0].complete(5)
+
+                nursery.start_soon(restore_then_complete)
+                reply = await client.request(HgcmCall(client_id, FN_HOLD, ()))
+        assert reply.status == 5
+        assert old_id != (await client.request(GetSessionId())).value
+
+    async def test_reset_loses_sessions(self, host: SimulatedHost, autojump_clock: object) -> None:
+        """After a reset old sessions fail with ENODEV and new ones work."""
+        client = await open_client(host)
+        await client.request(ChangeFilterMask(Event.VRDP, 0))
+        errors: list[int] = []
+
+        async def wait() -> None:
+            try:
+                await client.request(WaitForEvents(Event.VRDP))
+            except OSError as exc:
+                errors.append(exc.errno or 0)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await host.reset()
+        assert errors == [errno.ENODEV]
+        await client.transport.aclose()
+        fresh = await open_client(host)
+        await fresh.request(GetSessionId())
+        assert host.status()["hgcm_clients"] == 0
+
+    async def test_properties_and_events(self, host: SimulatedHost) -> None:
+        """Property control goes to the property service; bad event masks are refused."""
+        host.prop_set("/Test/Name", "value")
+        found = host.prop_get("/Test/Name")
+        assert found is not None
+        assert found[0] == "value"
+        host.prop_delete("/Test/Name")
+        assert host.prop_get("/Test/Name") is None
+        for mask in (0, 0x800):
+            with pytest.raises(ValueError, match="event mask"):
+                host.raise_events(mask)
+
+    async def test_without_property_service(self) -> None:
+        """A host without the property service says so."""
+        with pytest.raises(LookupError, match="no guest property service"):
+            SimulatedHost(services=()).prop_get("/x")
+
+    async def test_running_twice(self, host: SimulatedHost) -> None:
+        """A host runs once at a time."""
+        with pytest.RaisesGroup(RuntimeError), trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+
+    def test_bad_options(self) -> None:
+        """Unknown personalities and non-positive RAM are refused."""
+        with pytest.raises(ValueError, match="personality"):
+            SimulatedHost(personality="windows")
+        with pytest.raises(ValueError, match="RAM"):
+            SimulatedHost(ram_mb=0)
+
+    async def test_reset_needs_a_running_host(self) -> None:
+        """reset() outside run() is an error."""
+        with pytest.raises(RuntimeError, match="not running"):
+            await SimulatedHost().reset()
+
+
+def test_user_buffer_shape() -> None:
+    """UserBuffer is what the transport maps (a guard against protocol drift)."""
+    assert UserBuffer(8, bytearray(1)).address_offset == 8

@@ -1,0 +1,549 @@
+"""Tests of the simulated VMMDev device, driven with raw request buffers.
+
+Rules of this test module:
+
+- Requests are built byte by byte (``vmmdev_request``) and submitted through the port
+  handler synchronously; no driver is involved.
+- Timing tests run under ``autojump_clock`` and assert exact virtual times.
+- Every expected status is the one the real host's port handler gives.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+import pytest
+import trio
+from hypothesis import given, strategies as st
+
+from agent.host._heartbeat import NS_PER_S
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import (
+    BALLOON_CHUNK_PAGES,
+    MAX_VMMDEV_REQUEST_SIZE,
+    Event,
+    Facility,
+    FacilityStatus,
+    RequestType,
+)
+from agent.protocol.status import (
+    STATUS_CODES,
+    VERR_ACCESS_DENIED,
+    VERR_ALREADY_EXISTS,
+    VERR_GENERAL_FAILURE,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
+    VERR_NOT_SUPPORTED,
+    VERR_OUT_OF_RANGE,
+    VERR_OUT_OF_RESOURCES,
+    VERR_VERSION_MISMATCH,
+    VINF_SUCCESS,
+)
+from tests.host.conftest import Device, make_device, vmmdev_request
+
+T = RequestType
+EXACT_SIZES: Final = {
+    T.GET_MOUSE_STATUS: 36,
+    T.SET_MOUSE_STATUS: 36,
+    T.GET_HOST_VERSION: 40,
+    T.GET_HOST_TIME: 32,
+    T.GET_HYPERVISOR_INFO: 32,
+    T.SET_HYPERVISOR_INFO: 32,
+    T.ACKNOWLEDGE_EVENTS: 28,
+    T.CTL_GUEST_FILTER_MASK: 32,
+    T.REPORT_GUEST_INFO: 32,
+    T.REPORT_GUEST_CAPABILITIES: 28,
+    T.SET_GUEST_CAPABILITIES: 32,
+    T.REPORT_GUEST_INFO2: 168,
+    T.REPORT_GUEST_STATUS: 36,
+    T.GET_MEMBALLOON_CHANGE_REQ: 36,
+    T.GET_SESSION_ID: 32,
+    T.WRITE_COREDUMP: 28,
+    T.HEARTBEAT_CONFIGURE: 36,
+}
+"""The checklist's exact sizes (linux-vboxguest.md §14)."""
+
+
+def irq(device: Device) -> bool:
+    """Whether the device's interrupt line is raised."""
+    return device.vmmdev.have_events
+
+
+def flatlined(device: Device) -> bool:
+    """Whether the host considers the guest flat-lined."""
+    return device.vmmdev.heartbeat.flatlined
+
+
+def balloon_change(pages: list[int], *, inflate: bool = True, count: int = 256) -> bytearray:
+    """A CHANGE_MEMBALLOON request for ``pages``."""
+    req = vmmdev_request(T.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size)
+    L.MemBalloonChangeRequest.pages.set(req, count)
+    L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
+    base = L.MemBalloonChangeRequest.phys_page.offset
+    for index, page in enumerate(pages):
+        struct.pack_into("<Q", req, base + 8 * index, page)
+    return req
+
+
+def chunk(start: int) -> list[int]:
+    """256 distinct page addresses from ``start``."""
+    return [start + 4096 * i for i in range(BALLOON_CHUNK_PAGES)]
+
+
+def filter_mask(device: Device, or_mask: int, not_mask: int) -> None:
+    """Send CTL_GUEST_FILTER_MASK."""
+    req = vmmdev_request(T.CTL_GUEST_FILTER_MASK, 32)
+    L.MaskRequest.or_mask.set(req, or_mask)
+    L.MaskRequest.not_mask.set(req, not_mask)
+    assert device.send(req) == VINF_SUCCESS
+
+
+def acknowledge(device: Device) -> int:
+    """Send ACKNOWLEDGE_EVENTS and return the events."""
+    req = vmmdev_request(T.ACKNOWLEDGE_EVENTS, 28)
+    assert device.send(req) == VINF_SUCCESS
+    return L.EventsRequest.events.get(req)
+
+
+class TestPortHandler:
+    """Header checks, the additions gate, dispatch and size checks."""
+
+    @pytest.mark.parametrize(("size", "version"), [(23, 0x10001), (24, 0x10000), (0, 0)])
+    def test_bad_header_is_ignored(self, device: Device, size: int, version: int) -> None:
+        """A header with size < 24 or a wrong version is not answered at all."""
+        req = vmmdev_request(T.GET_HOST_VERSION, 40, header_size=size)
+        L.RequestHeader.version.set(req, version)
+        assert device.send(req) == VERR_GENERAL_FAILURE
+
+    def test_oversized_request_is_not_supported(self, device: Device) -> None:
+        """A request over 1 MiB gets VERR_NOT_SUPPORTED in its header."""
+        req = vmmdev_request(T.GET_HOST_VERSION, 40, header_size=MAX_VMMDEV_REQUEST_SIZE + 1)
+        assert device.send(req) == VERR_NOT_SUPPORTED
+
+    def test_unreadable_body_is_ignored(self, device: Device) -> None:
+        """A header claiming more bytes than guest memory holds is not answered."""
+        req = vmmdev_request(T.GET_HOST_VERSION, 40, header_size=4096)
+        assert device.send(req) == VERR_GENERAL_FAILURE
+
+    @pytest.mark.parametrize(
+        "request_type", [T.GET_HOST_VERSION, T.REPORT_GUEST_INFO2, T.WRITE_COREDUMP]
+    )
+    def test_gate_lets_early_requests_through(self, device: Device, request_type: int) -> None:
+        """Before the additions report in, types 4, 58 and 218 are still handled."""
+        rc = device.send(vmmdev_request(request_type, EXACT_SIZES[RequestType(request_type)]))
+        assert rc != VERR_NOT_SUPPORTED
+
+    @pytest.mark.parametrize(
+        "request_type", [T.GET_SESSION_ID, T.ACKNOWLEDGE_EVENTS, T.HGCM_CONNECT, 9999]
+    )
+    def test_gate_refuses_everything_else(self, device: Device, request_type: int) -> None:
+        """Before REPORT_GUEST_INFO every other request gets VERR_NOT_SUPPORTED."""
+        assert device.send(vmmdev_request(request_type, 168)) == VERR_NOT_SUPPORTED
+
+    def test_unknown_type_is_not_implemented(self, device: Device) -> None:
+        """An unknown request type gets VERR_NOT_IMPLEMENTED once the gate is open."""
+        device.report_additions()
+        assert device.send(vmmdev_request(9999, 24)) == VERR_NOT_IMPLEMENTED
+        assert device.send(vmmdev_request(T.LOG_STRING, 32)) == VERR_NOT_IMPLEMENTED
+
+    @pytest.mark.parametrize(("request_type", "size"), list(EXACT_SIZES.items()))
+    def test_exact_sizes(self, device: Device, request_type: int, size: int) -> None:
+        """Each fixed-size request is refused one byte short and one byte long."""
+        device.report_additions()
+        for wrong in (size - 1, size + 1):
+            assert device.send(vmmdev_request(request_type, wrong)) == VERR_INVALID_PARAMETER
+
+    @pytest.mark.parametrize(
+        ("request_type", "minimum"),
+        [(T.HGCM_CONNECT, 168), (T.HGCM_DISCONNECT, 36), (T.HGCM_CALL64, 44), (T.HGCM_CANCEL2, 28)],
+    )
+    def test_hgcm_minimum_sizes(self, device: Device, request_type: int, minimum: int) -> None:
+        """HGCM requests need at least their struct size."""
+        device.report_additions()
+        assert device.send(vmmdev_request(request_type, minimum - 1)) == VERR_INVALID_PARAMETER
+
+    def test_guest_heartbeat_takes_any_size(self, device: Device) -> None:
+        """GUEST_HEARTBEAT is a bare header but larger requests are fine too."""
+        device.report_additions()
+        assert device.send(vmmdev_request(T.GUEST_HEARTBEAT, 24)) == VINF_SUCCESS
+        assert device.send(vmmdev_request(T.GUEST_HEARTBEAT, 64)) == VINF_SUCCESS
+
+    def test_idle_leaves_rc_alone(self, device: Device) -> None:
+        """IDLE halts the vCPU and does not touch rc."""
+        device.report_additions()
+        assert device.send(vmmdev_request(T.IDLE, 24)) == VERR_GENERAL_FAILURE
+
+    def test_host_version(self, device: Device) -> None:
+        """GET_HOST_VERSION reports a 7.0 host with PHYS_PAGE_LIST."""
+        req = vmmdev_request(T.GET_HOST_VERSION, 40)
+        assert device.send(req) == VINF_SUCCESS
+        assert (L.HostVersionRequest.major.get(req), L.HostVersionRequest.minor.get(req)) == (7, 0)
+        assert L.HostVersionRequest.features.get(req) & 0x1
+
+    def test_fault_answers_without_executing(self, device: Device) -> None:
+        """An injected fault answers the next N requests of its type, then the host works."""
+        device.report_additions()
+        device.vmmdev.add_fault(T.GET_SESSION_ID, VERR_ACCESS_DENIED, count=2)
+        statuses = [device.send(vmmdev_request(T.GET_SESSION_ID, 32)) for _ in range(3)]
+        assert statuses == [VERR_ACCESS_DENIED, VERR_ACCESS_DENIED, VINF_SUCCESS]
+
+    def test_fault_count_must_be_positive(self, device: Device) -> None:
+        """A fault for zero requests is refused."""
+        with pytest.raises(ValueError, match="positive"):
+            device.vmmdev.add_fault(T.GET_SESSION_ID, -1, count=0)
+
+    async def test_delay_holds_the_port(self, device: Device, autojump_clock: object) -> None:
+        """A delayed request type is answered after the configured virtual time."""
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 1.5)
+        req = vmmdev_request(T.GET_HOST_VERSION, 40)
+        phys = device.ram.map(req)
+        start = trio.current_time()
+        await device.vmmdev.submit(phys)
+        assert trio.current_time() - start == 1.5
+        assert L.RequestHeader.rc.get(req) == VINF_SUCCESS
+
+    @given(st.binary(min_size=24, max_size=3000))
+    def test_garbage_never_crashes(self, data: bytes) -> None:
+        """Arbitrary bytes with a valid version never raise from the port handler."""
+        device = make_device()
+        device.report_additions()
+        req = bytearray(data)
+        L.RequestHeader.version.set(req, 0x10001)
+        L.RequestHeader.size_.set(req, min(L.RequestHeader.size_.get(req), len(req)))
+        device.send(req)
+
+
+class TestGuestInfo:
+    """REPORT_GUEST_INFO and REPORT_GUEST_INFO2 validation."""
+
+    @pytest.mark.parametrize(
+        ("version", "rc"),
+        [(0x00010004, VINF_SUCCESS), (0x00010000, VINF_SUCCESS), (0x00010005, -11), (0x20000, -11)],
+    )
+    def test_interface_version(self, device: Device, version: int, rc: int) -> None:
+        """Only interface 1.x with x <= 4 opens the gate."""
+        req = vmmdev_request(T.REPORT_GUEST_INFO, 32)
+        L.GuestInfoRequest.interface_version.set(req, version)
+        assert rc == device.send(req)
+        assert (rc == VINF_SUCCESS) is device.vmmdev.guest.additions_ok
+        assert VERR_VERSION_MISMATCH == -11
+
+    @pytest.mark.parametrize(
+        ("version", "name", "rc"),
+        [
+            ((6, 0, 0), b"6.0.0\0" + b"\xaa" * 10, VINF_SUCCESS),
+            ((7, 0, 18), b"7.0.18_OSE\0", VINF_SUCCESS),
+            ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER),
+            ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER),
+            ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER),
+            ((3, 0, 0), b"anything\0", VINF_SUCCESS),
+            ((6, 0, 0), b"6.0.0" + b"x" * 123, VERR_INVALID_PARAMETER),
+            ((6, 256, 0), b"6.256.0\0", VERR_INVALID_PARAMETER),
+        ],
+    )
+    def test_info2(
+        self, device: Device, version: tuple[int, int, int], name: bytes, rc: int
+    ) -> None:
+        """INFO2 needs major >= 3, a packable version and a matching NUL-terminated name."""
+        req = vmmdev_request(T.REPORT_GUEST_INFO2, 168)
+        L.GuestInfo2Request.additions_major.set(req, version[0])
+        L.GuestInfo2Request.additions_minor.set(req, version[1])
+        L.GuestInfo2Request.additions_build.set(req, version[2])
+        req[40 : 40 + len(name)] = name
+        assert rc == device.send(req)
+
+
+class TestEvents:
+    """Pending events, the filter, the interrupt line and acknowledgement."""
+
+    def test_events_wait_for_the_additions(self, device: Device) -> None:
+        """Events raised before the additions report stay pending without an interrupt."""
+        device.vmmdev.raise_events(Event.RESTORED)
+        assert not irq(device)
+        device.report_additions()
+        filter_mask(device, Event.RESTORED, 0)
+        assert irq(device)
+        assert acknowledge(device) == Event.RESTORED
+
+    def test_masked_events_stay_pending(self, device: Device) -> None:
+        """An event outside the filter is kept and delivered when the filter includes it."""
+        device.report_additions()
+        device.vmmdev.raise_events(Event.VRDP)
+        assert not irq(device)
+        assert acknowledge(device) == 0
+        filter_mask(device, Event.VRDP, 0)
+        assert irq(device)
+        assert acknowledge(device) == Event.VRDP
+        assert not irq(device)
+        assert device.vmmdev.pending_events == 0
+
+    def test_filter_change_is_deferred_while_events_are_deliverable(self, device: Device) -> None:
+        """With events deliverable, a filter change waits for the next acknowledgement."""
+        device.report_additions()
+        filter_mask(device, Event.RESTORED, 0)
+        device.vmmdev.raise_events(Event.RESTORED | Event.VRDP)
+        filter_mask(device, Event.VRDP, Event.RESTORED)
+        assert device.vmmdev.guest_filter == Event.RESTORED
+        assert acknowledge(device) == Event.VRDP
+        assert device.vmmdev.guest_filter == Event.VRDP
+        assert device.vmmdev.pending_events == Event.RESTORED
+
+    def test_hgcm_bit_cannot_be_cleared(self, device: Device) -> None:
+        """The NOT mask never clears the HGCM bit."""
+        device.report_additions()
+        filter_mask(device, 0x7FF, 0)
+        filter_mask(device, 0, 0xFFFFFFFF)
+        assert device.vmmdev.guest_filter == Event.HGCM
+
+    def test_line_rises_only_on_a_new_deliverable_event(self, device: Device) -> None:
+        """Raising more events while some are deliverable keeps the line as it is."""
+        device.report_additions()
+        filter_mask(device, Event.RESTORED | Event.VRDP, 0)
+        device.vmmdev.raise_events(Event.RESTORED)
+        device.vmmdev.raise_events(Event.VRDP)
+        assert acknowledge(device) == Event.RESTORED | Event.VRDP
+
+    def test_reset_keeps_only_display_change(self, device: Device) -> None:
+        """A VM reset clears the filter and every pending event but DISPLAY_CHANGE_REQUEST."""
+        device.report_additions()
+        device.vmmdev.raise_events(Event.RESTORED | Event.DISPLAY_CHANGE_REQUEST)
+        old = device.vmmdev.session_id
+        device.vmmdev.reset()
+        assert device.vmmdev.pending_events == Event.DISPLAY_CHANGE_REQUEST
+        assert device.vmmdev.guest_filter == 0
+        assert not device.vmmdev.guest.additions_ok
+        assert old != device.vmmdev.session_id
+
+
+class TestHostRequests:
+    """Time, session id, capabilities, facilities and core dumps."""
+
+    async def test_host_time(self, device: Device) -> None:
+        """GET_HOST_TIME returns milliseconds since the epoch."""
+        device.report_additions()
+        req = vmmdev_request(T.GET_HOST_TIME, 32)
+        assert device.send(req) == VINF_SUCCESS
+        assert L.HostTimeRequest.time_ms.get(req) > 1_600_000_000_000
+
+    def test_host_time_disabled(self) -> None:
+        """A host with time sync off answers VERR_NOT_SUPPORTED."""
+        device = make_device(host_time_enabled=False)
+        device.report_additions()
+        assert device.send(vmmdev_request(T.GET_HOST_TIME, 32)) == VERR_NOT_SUPPORTED
+
+    def test_session_id_changes_on_restore(self, device: Device) -> None:
+        """The session id is stable until a restore."""
+        device.report_additions()
+        ids = []
+        for restore in (False, False, True):
+            if restore:
+                device.vmmdev.restore()
+            req = vmmdev_request(T.GET_SESSION_ID, 32)
+            assert device.send(req) == VINF_SUCCESS
+            ids.append(L.SessionIdRequest.session_id.get(req))
+        assert ids[0] == ids[1] != ids[2]
+
+    def test_capabilities(self, device: Device) -> None:
+        """SET_GUEST_CAPABILITIES applies or/not; the legacy report adds GRAPHICS."""
+        device.report_additions()
+        req = vmmdev_request(T.SET_GUEST_CAPABILITIES, 32)
+        L.MaskRequest.or_mask.set(req, 0x3)
+        L.MaskRequest.not_mask.set(req, 0x1)
+        assert device.send(req) == VINF_SUCCESS
+        assert device.vmmdev.guest.capabilities == 0x2
+        legacy = vmmdev_request(T.REPORT_GUEST_CAPABILITIES, 28)
+        assert device.send(legacy) == VINF_SUCCESS
+        assert device.vmmdev.guest.capabilities == 0x4
+
+    @pytest.mark.parametrize(
+        ("facility", "status", "rc"),
+        [
+            (Facility.VBOX_SERVICE, FacilityStatus.ACTIVE, VINF_SUCCESS),
+            (0, FacilityStatus.ACTIVE, VERR_INVALID_PARAMETER),
+            (0x7FFFFFFF, FacilityStatus.ACTIVE, VERR_INVALID_PARAMETER),
+            (Facility.VBOX_SERVICE, 0x10000, VERR_OUT_OF_RANGE),
+        ],
+    )
+    def test_guest_status(self, device: Device, facility: int, status: int, rc: int) -> None:
+        """Facilities must be 1..ALL and statuses fit 16 bits."""
+        device.report_additions()
+        assert rc == report_status(device, facility, status)
+
+    def test_facility_table_is_bounded(self, device: Device) -> None:
+        """At 32 entries an inactive non-fixed one is expunged, else the table is full."""
+        device.report_additions()
+        for facility in range(2000, 2027):
+            assert report_status(device, facility, FacilityStatus.ACTIVE) == VINF_SUCCESS
+        assert report_status(device, 3000, FacilityStatus.ACTIVE) == VERR_OUT_OF_RESOURCES
+        assert report_status(device, 2000, FacilityStatus.INACTIVE) == VINF_SUCCESS
+        assert report_status(device, 3000, FacilityStatus.ACTIVE) == VINF_SUCCESS
+        assert "2000" not in device.vmmdev.facilities.snapshot()
+
+    def test_facility_all_updates_every_entry(self, device: Device) -> None:
+        """Facility ALL sets every entry's status."""
+        device.report_additions()
+        report_status(device, Facility.ALL, FacilityStatus.TERMINATED)
+        statuses = {e["status"] for e in device.vmmdev.facilities.snapshot().values()}
+        assert {FacilityStatus.TERMINATED} == statuses
+
+    def test_core_dump_needs_permission(self) -> None:
+        """WRITE_COREDUMP is refused unless core dumps are enabled for the VM."""
+        assert make_device().send(vmmdev_request(T.WRITE_COREDUMP, 28)) == VERR_ACCESS_DENIED
+        allowed = make_device(core_dump_enabled=True)
+        assert allowed.send(vmmdev_request(T.WRITE_COREDUMP, 28)) == VINF_SUCCESS
+        assert allowed.vmmdev.core_dumps == 1
+
+    def test_hypervisor_info(self, device: Device) -> None:
+        """The host has no hypervisor window; setting one is retried by the guest."""
+        device.report_additions()
+        assert device.send(vmmdev_request(T.GET_HYPERVISOR_INFO, 32)) == VINF_SUCCESS
+        req = vmmdev_request(T.SET_HYPERVISOR_INFO, 32)
+        struct.pack_into("<II", req, 24, 0x1000_0000, 0x40_0000)
+        assert STATUS_CODES["VERR_TRY_AGAIN"] == device.send(req)
+
+
+def report_status(device: Device, facility: int, status: int) -> int:
+    """Send REPORT_GUEST_STATUS."""
+    req = vmmdev_request(T.REPORT_GUEST_STATUS, 36)
+    L.GuestStatusRequest.facility.set(req, facility)
+    L.GuestStatusRequest.status.set(req, status)
+    return device.send(req)
+
+
+class TestBalloon:
+    """The target, its acknowledgement and CHANGE_MEMBALLOON validation."""
+
+    def test_target_notifies_only_when_it_differs_from_the_acknowledged(
+        self, device: Device
+    ) -> None:
+        """0x40 is raised for a new target, not for the acknowledged one."""
+        device.report_additions()
+        filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+        assert device.send(req) == VINF_SUCCESS
+        assert (
+            L.MemBalloonInfoRequest.balloon_chunks.get(req),
+            L.MemBalloonInfoRequest.phys_mem_chunks.get(req),
+        ) == (100, 2048)
+        assert device.vmmdev.balloon.acked_mb == 100
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == 0
+
+    def test_query_without_ack_leaves_the_acknowledgement(self, device: Device) -> None:
+        """Only event_ack 0x40 records the acknowledgement."""
+        device.report_additions()
+        device.vmmdev.set_balloon_target(10)
+        assert device.send(vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)) == VINF_SUCCESS
+        assert device.vmmdev.balloon.acked_mb == 0
+
+    @pytest.mark.parametrize("mb", [-1, 1843, 2048])
+    def test_target_cap(self, device: Device, mb: int) -> None:
+        """Targets at or above 90 % of RAM (1843 of 2048 MB) are refused as Main does."""
+        with pytest.raises(ValueError, match=r"must be in range \[0, 1843\] MB"):
+            device.vmmdev.set_balloon_target(mb)
+
+    def test_inflate_and_deflate(self, device: Device) -> None:
+        """A valid chunk inflates once and deflates once."""
+        device.report_additions()
+        assert device.send(balloon_change(chunk(0x1000_0000))) == VINF_SUCCESS
+        assert device.vmmdev.balloon.chunks == 1
+        again = balloon_change(chunk(0x1000_0000))
+        assert device.send(again) == VERR_ALREADY_EXISTS
+        assert device.send(balloon_change(chunk(0x1000_0000), inflate=False)) == VINF_SUCCESS
+        assert device.send(balloon_change(chunk(0x1000_0000), inflate=False)) == VERR_NOT_FOUND
+        assert device.vmmdev.balloon.chunks == 0
+
+    def test_bad_chunks(self, device: Device) -> None:
+        """Wrong page count, size, misaligned or duplicate pages are invalid parameters."""
+        device.report_additions()
+        pages = chunk(0x2000_0000)
+        assert device.send(balloon_change(pages, count=255)) == VERR_INVALID_PARAMETER
+        misaligned = [*pages[:-1], pages[-1] + 8]
+        assert device.send(balloon_change(misaligned)) == VERR_INVALID_PARAMETER
+        duplicate = [*pages[:-1], pages[0]]
+        assert device.send(balloon_change(duplicate)) == VERR_INVALID_PARAMETER
+        longer = balloon_change(pages) + bytearray(8)
+        L.RequestHeader.size_.set(longer, len(longer))
+        assert device.send(longer) == VERR_INVALID_PARAMETER
+        short = vmmdev_request(T.CHANGE_MEMBALLOON, 40)
+        L.MemBalloonChangeRequest.pages.set(short, 1)
+        assert device.send(short) == VERR_INVALID_PARAMETER
+        assert device.vmmdev.balloon.chunks == 0
+
+
+class TestHeartbeat:
+    """Configure, beats and flat-line detection on virtual time."""
+
+    def configure(self, device: Device, *, enabled: bool) -> int:
+        """Send HEARTBEAT_CONFIGURE and return the interval."""
+        req = vmmdev_request(T.HEARTBEAT_CONFIGURE, 36)
+        L.HeartbeatRequest.enabled.set(req, int(enabled))
+        assert device.send(req) == VINF_SUCCESS
+        return L.HeartbeatRequest.interval_ns.get(req)
+
+    async def test_flatline_after_the_timeout(self, autojump_clock: object) -> None:
+        """Without beats the guest is flat-lined exactly at the 4 s timeout, once."""
+        device = make_device()
+        device.report_additions()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            start = trio.current_time()
+            assert self.configure(device, enabled=True) == 2 * NS_PER_S
+            await trio.sleep(3.999)
+            assert not flatlined(device)
+            await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()
+            assert flatlined(device)
+            assert trio.current_time() - start == 4.0
+            await trio.sleep(10)
+            assert device.vmmdev.heartbeat.flatline_count == 1
+            device.send(vmmdev_request(T.GUEST_HEARTBEAT, 24))
+            assert not flatlined(device)
+            assert device.vmmdev.heartbeat.max_gap_ns == 14 * NS_PER_S
+            nursery.cancel_scope.cancel()
+
+    async def test_beats_keep_the_guest_alive(self, autojump_clock: object) -> None:
+        """Beats every 3 s re-arm the timer; the gap is tracked in ns."""
+        device = make_device()
+        device.report_additions()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            self.configure(device, enabled=True)
+            for _ in range(5):
+                await trio.sleep(3)
+                device.send(vmmdev_request(T.GUEST_HEARTBEAT, 24))
+            await trio.testing.wait_all_tasks_blocked()
+            state = device.vmmdev.heartbeat.snapshot()
+            assert (
+                state["flatlined"],
+                state["beats"],
+                state["max_gap_ns"],
+            ) == (False, 5, 3 * NS_PER_S)
+            nursery.cancel_scope.cancel()
+
+    async def test_disabled_check_never_flatlines(self, autojump_clock: object) -> None:
+        """Disabling the check stops the timer; configuring the same state changes nothing."""
+        device = make_device(heartbeat_interval_ns=NS_PER_S)
+        device.report_additions()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            assert self.configure(device, enabled=False) == NS_PER_S
+            self.configure(device, enabled=True)
+            self.configure(device, enabled=False)
+            await trio.sleep(60)
+            assert not flatlined(device)
+            nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("interval", "timeout"),
+        [(10_000_000, None), (NS_PER_S, NS_PER_S), (NS_PER_S, 50_000_000)],
+    )
+    def test_bad_configuration(self, interval: int, timeout: int | None) -> None:
+        """Intervals below 50 ms and timeouts not above interval + 10 ms are refused."""
+        with pytest.raises(ValueError, match="heartbeat"):
+            make_device(heartbeat_interval_ns=interval, heartbeat_timeout_ns=timeout)  # type: ignore[arg-type]

@@ -1,0 +1,161 @@
+"""Tests of the event pump against the in-process simulated host.
+
+Rules of this test module:
+- The host is a real ``SimulatedHost`` behind ``SimOpener`` (pure trio, no threads), so
+  the virtual clock (``autojump_clock``, an argument of every test) drives every
+  wait; each test is bounded by ``trio.fail_after`` on that clock.
+- Synchronisation uses ``wait_all_tasks_blocked``, never sleeps for ordering.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import Event
+from agent.services import EventPump
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from agent.device import Device
+
+RESTORED = int(Event.RESTORED)
+VRDP = int(Event.VRDP)
+CPU_HOTPLUG = int(Event.CPU_HOTPLUG)
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(name="device")
+async def _device(host: SimulatedHost) -> AsyncIterator[Device]:
+    async with open_device(SimOpener(host)) as device:
+        yield device
+
+
+def _filter_mask(host: SimulatedHost) -> int:
+    mask = host.status()["filter_mask"]
+    assert isinstance(mask, int)
+    return mask
+
+
+class TestEventPump:
+    """Fan-out, masks and back-pressure of :class:`EventPump`."""
+
+    async def test_delivers_events_to_matching_subscribers(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """Each subscriber receives only the bits of its own mask."""
+        pump = EventPump(device)
+        with (
+            trio.fail_after(60),
+            pump.subscribe("restore", RESTORED) as restore,
+            pump.subscribe("both", RESTORED | VRDP) as both,
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                host.raise_events(RESTORED | VRDP)
+                assert await restore.receive() == RESTORED
+                assert await both.receive() == RESTORED | VRDP
+                nursery.cancel_scope.cancel()
+
+    async def test_host_filter_is_the_union_of_subscriptions(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """The host is asked for exactly the subscribed events (plus the fixed ones)."""
+        pump = EventPump(device)
+        with trio.fail_after(60), pump.subscribe("restore", RESTORED):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                await trio.testing.wait_all_tasks_blocked()
+                assert RESTORED & _filter_mask(host)
+                assert not VRDP & _filter_mask(host)
+                with pump.subscribe("vrdp", VRDP) as vrdp:
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert VRDP & _filter_mask(host)
+                    host.raise_events(VRDP)
+                    assert await vrdp.receive() == VRDP
+                await trio.testing.wait_all_tasks_blocked()
+                assert not VRDP & _filter_mask(host)
+                assert pump.mask == RESTORED
+                nursery.cancel_scope.cancel()
+
+    async def test_slow_subscriber_drops_without_blocking_others(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A full channel drops (and counts) events for that subscriber only."""
+        pump = EventPump(device, queue_size=2)
+        with (
+            trio.fail_after(60),
+            pump.subscribe("slow", RESTORED) as slow,
+            pump.subscribe("fast", RESTORED) as fast,
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                for _ in range(5):
+                    host.raise_events(RESTORED)
+                    assert await fast.receive() == RESTORED
+                stats = {s.name: s for s in pump.statistics().subscribers}
+                assert (stats["slow"].delivered, stats["slow"].dropped) == (2, 3)
+                assert (stats["fast"].delivered, stats["fast"].dropped) == (5, 0)
+                assert slow.receive_nowait() == RESTORED
+                nursery.cancel_scope.cancel()
+
+    async def test_events_raised_before_subscription_are_kept(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """An event pending at the host is delivered once somebody asks for it."""
+        pump = EventPump(device)
+        host.raise_events(CPU_HOTPLUG)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                with pump.subscribe("hotplug", CPU_HOTPLUG) as hotplug:
+                    assert await hotplug.receive() == CPU_HOTPLUG
+                nursery.cancel_scope.cancel()
+
+    async def test_idle_pump_sleeps_in_one_wait(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A silent host costs one blocked wait, however long it stays silent."""
+        pump = EventPump(device)
+        with trio.fail_after(7200), pump.subscribe("restore", RESTORED):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                await trio.sleep(3600)
+                assert pump.statistics().waits == 1
+                assert pump.statistics().events_received == 0
+                nursery.cancel_scope.cancel()
+
+    async def test_no_subscribers_means_no_waiter(
+        self, autojump_clock: trio.abc.Clock, device: Device
+    ) -> None:
+        """Without subscriptions the pump opens no session and never waits."""
+        pump = EventPump(device)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                await trio.sleep(10)
+                assert pump.statistics().waits == 0
+                assert device.statistics().open_sessions == 1
+                nursery.cancel_scope.cancel()
+
+    async def test_rejects_invalid_masks(
+        self, autojump_clock: trio.abc.Clock, device: Device
+    ) -> None:
+        """Masks outside the valid event bits are refused at subscription."""
+        pump = EventPump(device)
+        with pytest.raises(ValueError, match="must be within"), pump.subscribe("bad", 0x800):
+            pass
