@@ -14,7 +14,8 @@ import trio
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
-from agent.host import PERSONALITIES, SimOpener, SimulatedHost, load_scenario, play_scenario
+from agent.host import PERSONALITIES, SimOpener, SimulatedHost
+from agent.host.scenario import Scenario, ScenarioError, load_scenario, play_scenario
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 EX_OK: Final = 0
+EX_USAGE: Final = 64
 EX_SOFTWARE: Final = 70
 EX_UNAVAILABLE: Final = 69
 EX_CONFIG: Final = 78
@@ -53,8 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--personality",
         choices=PERSONALITIES,
-        default="passthrough",
-        help="driver the simulated host models (with --simulate; default: %(default)s)",
+        help="driver the simulated host models (with --simulate; default: the scenario's)",
     )
     parser.add_argument(
         "--scenario",
@@ -84,9 +85,9 @@ def _positive_seconds(text: str) -> float:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the agent; return 0 after a clean shutdown, non-zero on failure."""
-    if not args.simulate and (args.scenario is not None or args.personality != "passthrough"):
+    if not args.simulate and (args.scenario is not None or args.personality is not None):
         print("vbox-agent run: --personality and --scenario need --simulate", file=sys.stderr)
-        return 64
+        return EX_USAGE
     try:
         config = load_config(args.config) if args.config is not None else AgentConfig()
     except ConfigError as exc:
@@ -94,29 +95,47 @@ def run_command(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.log)
-    opener: DeviceOpener | None = None
-    if not args.simulate:
-        spec = args.device if args.device is not None else config.device.path
-        try:
-            opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
-        except ValueError as exc:
-            print(f"vbox-agent run: {exc}", file=sys.stderr)
-            return 64
+    target: DeviceOpener | Scenario
     try:
-        trio.run(_main, args, config, opener)
+        if args.simulate:
+            target = load_scenario(args.scenario or _demo_scenario_path())
+        else:
+            spec = args.device if args.device is not None else config.device.path
+            target = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
+    except ScenarioError as exc:
+        print(f"vbox-agent run: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except ValueError as exc:
+        print(f"vbox-agent run: {exc}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        trio.run(_main, args, config, target)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code
         return _report_failure(exc)
     return EX_OK
 
 
-async def _main(args: argparse.Namespace, config: AgentConfig, opener: DeviceOpener | None) -> None:
+async def _main(
+    args: argparse.Namespace, config: AgentConfig, target: DeviceOpener | Scenario
+) -> None:
     async with trio.open_nursery() as nursery:
-        if opener is None:
-            scenario = load_scenario(args.scenario or _demo_scenario_path())
-            host = SimulatedHost(personality=args.personality)
-            await nursery.start(host.run)
-            opener = SimOpener(host)
-            nursery.start_soon(play_scenario, host, scenario)
+        if isinstance(target, Scenario):
+            settings = target.host
+            host = SimulatedHost(
+                personality=args.personality or settings.personality,
+                ram_mb=settings.ram_mb,
+                heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
+                host_time_enabled=settings.host_time,
+                core_dump_enabled=settings.core_dumps,
+                seed=settings.seed,
+            )
+            # The host's tasks inherit this binding, so its lines say where they come from.
+            with structlog.contextvars.bound_contextvars(component="simulated-host"):
+                await nursery.start(host.run)
+                nursery.start_soon(play_scenario, host, target)
+            opener: DeviceOpener = SimOpener(host)
+        else:
+            opener = target
         daemon = Daemon(config, opener, config_path=args.config)
         if args.duration is not None:
             nursery.start_soon(_stop_after, daemon, args.duration)

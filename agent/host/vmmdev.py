@@ -30,6 +30,7 @@ import trio
 
 from agent.host._balloon import HostBalloon, read_chunk_pages
 from agent.host._facilities import FacilityTable
+from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host.hgcm import HgcmHost
@@ -86,12 +87,6 @@ class _Entry:
     handle: Callable[[bytearray, int], int | None]
 
 
-@dataclass(slots=True)
-class _Fault:
-    status: int
-    remaining: int
-
-
 class VMMDev:
     """The VMMDev device of one VM, with its event model, balloon, heartbeat and HGCM."""
 
@@ -131,8 +126,7 @@ class VMMDev:
         self._new_filter: int | None = None
         self._hgcm_filter_enabled = False
         self._irq = trio.lowlevel.ParkingLot()
-        self._faults: dict[int, list[_Fault]] = {}
-        self._delays: dict[int, float] = {}
+        self.faults = FaultInjector()
         self._clock_origin: tuple[float, float] | None = None
         self._handlers = self._handler_table()
 
@@ -176,7 +170,7 @@ class VMMDev:
     def _dispatch(self, request_type: int, req: bytearray, phys: int) -> int | None:
         if not self.guest.additions_ok and request_type not in PRE_ADDITIONS_TYPES:
             return VERR_NOT_SUPPORTED
-        fault = self._take_fault(request_type)
+        fault = self.faults.take_fault(request_type)
         if fault is not None:
             return fault
         entry = self._handlers.get(request_type)
@@ -196,39 +190,20 @@ class VMMDev:
 
     def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
         """Answer the next ``count`` requests of ``request_type`` with ``status``, unexecuted."""
-        if count <= 0:
-            msg = f"fault count must be positive, got {count}"
-            raise ValueError(msg)
-        self._faults.setdefault(request_type, []).append(_Fault(status, count))
+        self.faults.add_fault(request_type, status, count)
 
     def set_delay(self, request_type: int, seconds: float) -> None:
         """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
-        if seconds < 0:
-            msg = f"delay must not be negative, got {seconds}"
-            raise ValueError(msg)
-        if seconds:
-            self._delays[request_type] = seconds
-        else:
-            self._delays.pop(request_type, None)
-
-    def _take_fault(self, request_type: int) -> int | None:
-        queue = self._faults.get(request_type)
-        if not queue:
-            return None
-        fault = queue[0]
-        fault.remaining -= 1
-        if fault.remaining == 0:
-            queue.pop(0)
-        return fault.status
+        self.faults.set_delay(request_type, seconds)
 
     def _delay_for(self, phys: int) -> float:
-        if not self._delays:
+        if not self.faults.has_delays:
             return 0.0
         try:
             header = self.memory.read(phys, HEADER_SIZE)
         except OSError:
             return 0.0
-        return self._delays.get(L.RequestHeader.request_type.get(header), 0.0)
+        return self.faults.delay(L.RequestHeader.request_type.get(header))
 
     # --- events ----------------------------------------------------------------------------
 

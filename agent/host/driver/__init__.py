@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from agent.host.driver._core import Driver, DriverLoadError
+from agent.host.driver._core import Driver
+from agent.host.driver._load import DriverLoadError
 from agent.host.driver._session import DriverSession
 from agent.host.driver.mainline import MainlineDriver
 from agent.host.driver.oracle import OracleDriver

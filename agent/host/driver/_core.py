@@ -16,38 +16,29 @@ import structlog
 import trio
 
 from agent.host.driver import _caps, _events, _hgcm, _misc
+from agent.host.driver._load import FIXED_EVENTS, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
 from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import (
-    AgentError,
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol._ioc import ioc_size, without_size
 from agent.protocol.constants import (
     HEADER_SIZE,
-    HOST_FEATURE_HGCM_PHYS_PAGE_LIST,
     IOCTL_HDR_VERSION,
     MAX_IOCTL_SIZE,
     MAX_VMMDEV_REQUEST_SIZE,
-    OSTYPE_LINUX26,
-    OSTYPE_X64,
     REQUEST_HEADER_VERSION,
     REQUESTOR_KERNEL,
-    VMMDEV_VERSION,
     Event,
-    Facility,
-    FacilityStatus,
     Ioctl,
     RequestType,
 )
 from agent.protocol.status import (
     VERR_GENERAL_FAILURE,
     VERR_INTERNAL_ERROR,
-    VERR_NOT_IMPLEMENTED,
-    VERR_NOT_SUPPORTED,
     VINF_SUCCESS,
-    status_name,
 )
 
 if TYPE_CHECKING:
@@ -61,23 +52,13 @@ if TYPE_CHECKING:
 
 FILL_BYTE: Final = 0xAA
 """``vbg_req_alloc`` fills every new request with this byte before setting the header."""
-FIXED_EVENTS: Final = Event.MOUSE_POSITION_CHANGED | Event.HGCM
-"""Events the driver always asks the host for."""
 LOG_HISTORY: Final = 64
 """LOG ioctl messages kept for inspection."""
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
-ADDITIONS_VERSION: Final = (6, 0, 0, 127566)
-"""What mainline's ``vboxguest_version.h`` reports (6.0.0 r127566)."""
-ADDITIONS_NAME: Final = b"6.0.0"
-ADDITIONS_FEATURE_REQUESTOR_INFO: Final = 0x1
 NS_PER_S: Final = 1_000_000_000
 
 _log = structlog.get_logger("agent.host")
-
-
-class DriverLoadError(AgentError):
-    """The simulated driver refused to load (as ``vbg_core_init`` failing probe)."""
 
 
 class Driver:
@@ -178,88 +159,6 @@ class Driver:
             self.ram.unmap(phys)
         return L.RequestHeader.rc.get(req)
 
-    # --- load ----------------------------------------------------------------------------------
-
-    async def load(self) -> None:
-        """``vbg_core_init``: introduce the additions to the host, in the driver's order.
-
-        Raises:
-            DriverLoadError: a step whose failure aborts the probe failed.
-        """
-        version = self.alloc_request(RequestType.GET_HOST_VERSION, L.HostVersionRequest.size)
-        rc = await self.perform(version)
-        self.host_features = L.HostVersionRequest.features.get(version)
-        if rc < 0 or not self.host_features & HOST_FEATURE_HGCM_PHYS_PAGE_LIST:
-            msg = f"host too old or unreachable: GET_HOST_VERSION {status_name(rc)}"
-            raise DriverLoadError(msg)
-        await self._report_guest_info()
-        await self._must(self._mask_request(RequestType.CTL_GUEST_FILTER_MASK, FIXED_EVENTS))
-        await self._must(self._mask_request(RequestType.SET_GUEST_CAPABILITIES, 0))
-        await self._must(self.alloc_mouse_status(0))
-        if self.owns_heartbeat:
-            await self._heartbeat_configure(enabled=False)
-            await self._heartbeat_configure(enabled=True)
-        status = self.alloc_request(RequestType.REPORT_GUEST_STATUS, L.GuestStatusRequest.size)
-        L.GuestStatusRequest.facility.set(status, Facility.VBOXGUEST_DRIVER)
-        L.GuestStatusRequest.status.set(status, FacilityStatus.ACTIVE)
-        L.GuestStatusRequest.flags.set(status, 0)
-        rc = await self.perform(status)
-        if rc < 0 and rc != VERR_NOT_IMPLEMENTED:
-            _log.warning("driver_status_report_failed", rc=rc)
-        self.loaded = True
-
-    async def _must(self, req: bytearray) -> None:
-        rc = await self.perform(req)
-        if rc < 0:
-            name = RequestType(L.RequestHeader.request_type.get(req)).name
-            msg = f"driver load failed: {name} {status_name(rc)}"
-            raise DriverLoadError(msg)
-
-    def _mask_request(self, request_type: int, value: int) -> bytearray:
-        req = self.alloc_request(request_type, L.MaskRequest.size)
-        L.MaskRequest.or_mask.set(req, value)
-        L.MaskRequest.not_mask.set(req, ~value & U32_MAX)
-        return req
-
-    def alloc_mouse_status(self, features: int) -> bytearray:
-        """A SET_MOUSE_STATUS request with ``features`` and a zero position."""
-        req = self.alloc_request(RequestType.SET_MOUSE_STATUS, 36)
-        req[HEADER_SIZE:36] = features.to_bytes(4, "little") + bytes(8)
-        return req
-
-    async def _report_guest_info(self) -> None:
-        info2 = self.alloc_request(RequestType.REPORT_GUEST_INFO2, L.GuestInfo2Request.size)
-        major, minor, build, revision = ADDITIONS_VERSION
-        L.GuestInfo2Request.additions_major.set(info2, major)
-        L.GuestInfo2Request.additions_minor.set(info2, minor)
-        L.GuestInfo2Request.additions_build.set(info2, build)
-        L.GuestInfo2Request.additions_revision.set(info2, revision)
-        L.GuestInfo2Request.additions_features.set(info2, ADDITIONS_FEATURE_REQUESTOR_INFO)
-        name_at = L.GuestInfo2Request.name.offset
-        info2[name_at : name_at + len(ADDITIONS_NAME) + 1] = ADDITIONS_NAME + b"\0"
-        info1 = self.alloc_request(RequestType.REPORT_GUEST_INFO, L.GuestInfoRequest.size)
-        L.GuestInfoRequest.interface_version.set(info1, VMMDEV_VERSION)
-        L.GuestInfoRequest.os_type.set(info1, OSTYPE_LINUX26 | OSTYPE_X64)
-        rc = await self.perform(info2)
-        if rc >= 0:
-            rc = await self.perform(info1)
-        elif rc in (VERR_NOT_SUPPORTED, VERR_NOT_IMPLEMENTED):
-            rc = await self.perform(info1)
-            if rc >= 0:
-                rc = await self.perform(info2)
-                rc = VINF_SUCCESS if rc == VERR_NOT_IMPLEMENTED else rc
-        if rc < 0:
-            msg = f"driver load failed: reporting the guest info gave {status_name(rc)}"
-            raise DriverLoadError(msg)
-
-    async def _heartbeat_configure(self, *, enabled: bool) -> int:
-        req = self.alloc_request(RequestType.HEARTBEAT_CONFIGURE, L.HeartbeatRequest.size)
-        L.HeartbeatRequest.enabled.set(req, int(enabled))
-        L.HeartbeatRequest.interval_ns.set(req, 0)
-        rc = await self.perform(req)
-        self.heartbeat_interval_ns = L.HeartbeatRequest.interval_ns.get(req)
-        return rc
-
     # --- background ------------------------------------------------------------------------
 
     async def run(
@@ -272,7 +171,7 @@ class Driver:
         """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._isr_loop)
-            await self.load()
+            await load(self)
             if self.owns_heartbeat and self.heartbeat_interval_ns > 0:
                 nursery.start_soon(self._heartbeat_loop, self.heartbeat_interval_ns)
             self.start_background(nursery)

@@ -1,0 +1,58 @@
+"""Fault injection and slow-host delays for the simulated VMMDev, by request type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Fault:
+    status: int
+    remaining: int
+
+
+class FaultInjector:
+    """Queued answers that replace the handler, and per-type delays."""
+
+    __slots__ = ("_delays", "_faults")
+
+    def __init__(self) -> None:
+        self._faults: dict[int, list[_Fault]] = {}
+        self._delays: dict[int, float] = {}
+
+    def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
+        """Answer the next ``count`` requests of ``request_type`` with ``status``, unexecuted."""
+        if count <= 0:
+            msg = f"fault count must be positive, got {count}"
+            raise ValueError(msg)
+        self._faults.setdefault(request_type, []).append(_Fault(status, count))
+
+    def take_fault(self, request_type: int) -> int | None:
+        """Return the status a queued fault answers with, consuming one use of it."""
+        queue = self._faults.get(request_type)
+        if not queue:
+            return None
+        fault = queue[0]
+        fault.remaining -= 1
+        if fault.remaining == 0:
+            queue.pop(0)
+        return fault.status
+
+    def set_delay(self, request_type: int, seconds: float) -> None:
+        """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
+        if seconds < 0:
+            msg = f"delay must not be negative, got {seconds}"
+            raise ValueError(msg)
+        if seconds:
+            self._delays[request_type] = seconds
+        else:
+            self._delays.pop(request_type, None)
+
+    def delay(self, request_type: int) -> float:
+        """Return the delay for ``request_type`` (0 if none)."""
+        return self._delays.get(request_type, 0.0)
+
+    @property
+    def has_delays(self) -> bool:
+        """Whether any request type is delayed."""
+        return bool(self._delays)
