@@ -90,15 +90,18 @@ def _workdir() -> Iterator[Path]:
 @pytest.fixture(name="host_socket")
 def _host_socket(workdir: Path) -> Iterator[Path]:
     socket_path = workdir / "host.sock"
-    host = subprocess.Popen(
-        [PYTHON, "-m", "agent", "simulate", "--socket", str(socket_path), "--personality", "mainline"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (workdir / "host.log").open("wb") as log:
+        host = subprocess.Popen(
+            [PYTHON, "-m", "agent", "simulate", "--socket", str(socket_path), "--personality", "mainline"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     _wait_for(socket_path.exists, "the host socket")
     yield socket_path
+    exited = host.poll()
     host.kill()
     host.wait(timeout=WAIT_S)
+    assert exited is None, (workdir / "host.log").read_text()[-3000:]
 
 
 @pytest.fixture(name="agent")

@@ -158,10 +158,12 @@ class _Server:
                     await self._serve_device(connection, user_device=hello.user_device)
                 else:
                     await self._serve_control(connection)
-            except WireError as exc:
-                await connection.send_error(str(exc))
-            except trio.BrokenResourceError:
-                pass  # the client vanished
+            # Errors raised in the per-call tasks arrive wrapped in groups, hence except*.
+            except* WireError as group:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await connection.send_error(str(group.exceptions[0]))
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client vanished; its session is closed below
 
     async def drop(self) -> int:
         """Close every device connection, wait until their sessions closed, return how many."""

@@ -44,7 +44,7 @@ from agent.protocol import (
     Session,
     WaitForEvents,
 )
-from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, Role, encode_frame
+from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, IoctlRequest, Role, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -206,6 +206,29 @@ class TestDeviceSessions:
                     await transport.aclose()
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 assert host.status() == before
+                nursery.cancel_scope.cancel()
+
+    async def test_reset_connection_does_not_stop_the_host(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A client that closes with the host's replies unread (ECONNRESET) leaves it serving."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                before = host.status()
+                wait = Session().encode(WaitForEvents(Event.RESTORED))
+                stream = await trio.open_unix_socket(socket_path)
+                await stream.send_all(
+                    encode_frame(Hello(Role.DEVICE))
+                    + encode_frame(IoctlRequest(1, wait.code, bytes(wait.buffer), ()))
+                )
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                await stream.aclose()  # the host's HELLO is unread: the kernel resets
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert host.status() == before
+                transport = await UnixSocketOpener(socket_path).open_session()
+                assert (await request(Session(), transport, GetHostVersion())).features & 1
+                await transport.aclose()
                 nursery.cancel_scope.cancel()
 
     async def test_drop_loses_device_connections(

@@ -57,7 +57,11 @@ frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Hello, st.sampled_from(Role), st.booleans()),
     st.builds(IoctlRequest, u32, u32, st.binary(max_size=64), user_memories()),
     st.builds(
-        IoctlReply, u32, st.just(0), st.binary(max_size=64), st.lists(st.binary()).map(tuple)
+        IoctlReply,
+        u32,
+        st.just(0),
+        st.binary(max_size=64),
+        st.lists(st.binary(max_size=64), max_size=4).map(tuple),
     ),
     st.builds(IoctlReply, u32, st.integers(1, 4095)),
     st.builds(ControlRequest, json_objects),
