@@ -75,8 +75,16 @@ def main() -> None:
     notify.bind(str(notify_path))
     python = sys.executable
     host = subprocess.Popen(
-        [python, "-m", "agent", "simulate", "--socket", str(host_socket),
-         "--personality", args.personality],
+        [
+            python,
+            "-m",
+            "agent",
+            "simulate",
+            "--socket",
+            str(host_socket),
+            "--personality",
+            args.personality,
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -85,7 +93,8 @@ def main() -> None:
         started = time.perf_counter()
         agent = subprocess.Popen(
             [python, "-m", "agent", "run", "--device", f"unix:{host_socket}"],
-            env=env, stdout=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
         _wait_for_message(notify, b"READY=1")
         ready_s = time.perf_counter() - started

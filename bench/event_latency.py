@@ -51,8 +51,10 @@ def main() -> None:
     p50 = ordered[len(ordered) // 2] / 1000
     p99 = ordered[int(len(ordered) * 0.99) - 1] / 1000
     print(f"event latency host->subscriber, {len(ordered)} events, {args.personality}:")
-    print(f"  p50 {p50:.1f} us  p99 {p99:.1f} us  max {ordered[-1] / 1000:.1f} us  "
-          f"mean {statistics.fmean(ordered) / 1000:.1f} us")
+    print(
+        f"  p50 {p50:.1f} us  p99 {p99:.1f} us  max {ordered[-1] / 1000:.1f} us  "
+        f"mean {statistics.fmean(ordered) / 1000:.1f} us"
+    )
     print(f"  target p99 < 1000 us: {'met' if p99 < 1000 else 'MISSED'}")
 
 

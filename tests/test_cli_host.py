@@ -32,7 +32,7 @@ COMMAND_TIMEOUT_S: Final = 30.0
 
 def agent(*args: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -m agent ARGS`` to completion."""
-    return subprocess.run(  # noqa: S603 - our own interpreter and module
+    return subprocess.run(
         [sys.executable, "-m", "agent", *args],
         capture_output=True,
         text=True,
@@ -51,7 +51,7 @@ class Simulator:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "simulate", "--socket", path, "--ram-mb", "1024"],
             stdout=subprocess.DEVNULL,  # the host's logs; never read, so never a full pipe
             stderr=subprocess.PIPE,

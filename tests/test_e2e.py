@@ -68,7 +68,9 @@ class AgentProcess:
                     return line
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                pytest.fail(f"agent never logged {event!r}; saw {[e['event'] for e in self.events]}")
+                pytest.fail(
+                    f"agent never logged {event!r}; saw {[e['event'] for e in self.events]}"
+                )
             assert self.process.stdout is not None
             ready, _, _ = select.select([self.process.stdout], [], [], remaining)
             if ready:
@@ -92,7 +94,16 @@ def _host_socket(workdir: Path) -> Iterator[Path]:
     socket_path = workdir / "host.sock"
     with (workdir / "host.log").open("wb") as log:
         host = subprocess.Popen(
-            [PYTHON, "-m", "agent", "simulate", "--socket", str(socket_path), "--personality", "mainline"],
+            [
+                PYTHON,
+                "-m",
+                "agent",
+                "simulate",
+                "--socket",
+                str(socket_path),
+                "--personality",
+                "mainline",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
