@@ -59,7 +59,7 @@ class TestCheckConfig:
         """``python -m agent check-config`` exits 78 with the problem on stderr."""
         path = tmp_path / "agent.toml"
         path.write_text("[daemon]\nshutdown_timeout_s = -1\n")
-        result = subprocess.run(  # noqa: S603 (our own interpreter and module)
+        result = subprocess.run(
             [sys.executable, "-m", "agent", "check-config", str(path)],
             capture_output=True,
             text=True,

@@ -73,7 +73,7 @@ def _gcc() -> str:
 
 
 def _run(argv: list[str], what: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         hint = ""
         if "No such file" in result.stderr:
@@ -97,7 +97,7 @@ def _header_paths(gcc: str) -> dict[str, Path]:
     """Return the uapi headers gcc actually includes, by include name."""
     source = "".join(f"#include <{name}>\n" for name in UAPI_HEADERS)
     argv = [gcc, "-M", "-x", "c", "-", "-o", "-"]
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         argv, input=source, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
