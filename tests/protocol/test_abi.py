@@ -97,9 +97,7 @@ def _header_paths(gcc: str) -> dict[str, Path]:
     """Return the uapi headers gcc actually includes, by include name."""
     source = "".join(f"#include <{name}>\n" for name in UAPI_HEADERS)
     argv = [gcc, "-M", "-x", "c", "-", "-o", "-"]
-    result = subprocess.run(
-        argv, input=source, capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(argv, input=source, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         _fail(
             "gcc cannot find the vboxguest uapi headers (apt-get install linux-libc-dev):\n"
