@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from agent.cli._exit import EX_CONFIG, EX_OK
 from agent.config import ConfigError, load_config
 
 if TYPE_CHECKING:
     import argparse
-
-EX_OK: Final = 0
-EX_CONFIG: Final = 78
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

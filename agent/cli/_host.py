@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
 from agent.host.control import ControlCommandError, HostUnreachableError, call_control
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.status import parse_status
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
 
-EX_OK: Final = 0
-EX_REFUSED: Final = 1
-EX_USAGE: Final = 64
-EX_UNAVAILABLE: Final = 69
 CONTROL_TIMEOUT_S: Final = 10.0
 """How long the CLI waits for the host to answer one command."""
 

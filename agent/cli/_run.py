@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
+from agent.cli._exit import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-EX_OK: Final = 0
-EX_USAGE: Final = 64
-EX_SOFTWARE: Final = 70
-EX_UNAVAILABLE: Final = 69
-EX_CONFIG: Final = 78
 DEMO_SCENARIO: Final = "demo.toml"
 
 

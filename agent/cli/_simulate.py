@@ -14,15 +14,13 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.cli._exit import EX_OK, EX_UNAVAILABLE, EX_USAGE
 from agent.host import PERSONALITIES, SimulatedHost
 from agent.host.server import HostSocketError, serve_simulated_host
 
 if TYPE_CHECKING:
     import argparse
 
-EX_OK: Final = 0
-EX_USAGE: Final = 64
-EX_UNAVAILABLE: Final = 69
 MIN_RAM_MB: Final = 1
 MIN_HEARTBEAT_INTERVAL_MS: Final = 50
 """The host's own minimum heartbeat interval (``HEARTBEAT_DEFAULT_INTERVAL`` floor)."""

@@ -1,0 +1,16 @@
+"""Exit codes of every ``vbox-agent`` command (``sysexits.h`` values where one fits)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+EX_OK: Final = 0
+EX_REFUSED: Final = 1
+"""The simulated host refused a control command (``vbox-agent host``)."""
+EX_USAGE: Final = 64
+EX_UNAVAILABLE: Final = 69
+"""The device (or simulated host) cannot be reached."""
+EX_SOFTWARE: Final = 70
+"""A fatal error inside the agent."""
+EX_CONFIG: Final = 78
+"""The config file is invalid."""
