@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +112,7 @@ def main() -> None:
         host.send_signal(signal.SIGTERM)
         host.wait(timeout=WAIT_LIMIT_S)
         notify.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"daemon idle benchmark ({args.personality} host over unix socket):")
     print(f"  start-to-READY     {ready_s * 1000:.0f} ms")
     print(f"  wake-ups in {args.idle:g} s  {wakeups}  (target 0 with no heartbeat)")
