@@ -123,6 +123,31 @@ class TestDaemonLifecycle:
         assert before == signal.getsignal(signal.SIGTERM)
         assert "STOPPING=1" in await reader.until("STOPPING=1")
 
+    async def test_watchdog_pings_while_the_device_answers(
+        self, host: SimulatedHost, short_dir: Path
+    ) -> None:
+        """With WATCHDOG_USEC set, WATCHDOG=1 arrives every half interval after READY=1."""
+        path = short_dir / "watchdog.sock"
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+        await sock.bind(str(path))
+        notifier = Notifier(str(path), watchdog_usec=200_000)
+        reader = NotifyReader(sock)
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        try:
+            with trio.fail_after(LIMIT_S):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(daemon.run)
+                    await reader.until("READY=1")
+                    first = trio.current_time()
+                    await reader.until("WATCHDOG=1")
+                    await reader.until("WATCHDOG=1")
+                    elapsed = trio.current_time() - first
+                    daemon.request_shutdown("test")
+        finally:
+            await notifier.aclose()
+            sock.close()
+        assert 0.05 < elapsed < 1.0
+
     async def test_missing_device_is_fatal(self, notify: tuple[Notifier, NotifyReader]) -> None:
         """A device that cannot be opened ends ``run`` with DeviceUnavailableError."""
         notifier, _ = notify
