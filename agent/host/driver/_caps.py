@@ -118,13 +118,11 @@ async def _push_caps(drv: Driver, session: DriverSession, *, termination: bool) 
     caps = drv.acquired_caps | drv.set_caps_tracker.mask
     if caps == drv.guest_caps_host:
         return
-    req = drv.alloc_request(
+    req = drv.mask_request(
         RequestType.SET_GUEST_CAPABILITIES,
-        L.MaskRequest.size,
+        caps,
         REQUESTOR_KERNEL if termination else session.requestor,
     )
-    L.MaskRequest.or_mask.set(req, caps)
-    L.MaskRequest.not_mask.set(req, ~caps & U32_MAX)
     rc = await drv.perform(req)
     drv.guest_caps_host = caps if rc >= 0 else U32_MAX
     if rc < 0:

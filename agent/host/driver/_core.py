@@ -150,6 +150,15 @@ class Driver:
         L.RequestHeader.requestor.set(req, requestor)
         return req
 
+    def mask_request(
+        self, request_type: int, mask: int, requestor: int = REQUESTOR_KERNEL
+    ) -> bytearray:
+        """A ``vmmdev_mask`` request that sets ``mask`` absolutely (or = mask, not = ~mask)."""
+        req = self.alloc_request(request_type, L.MaskRequest.size, requestor)
+        L.MaskRequest.or_mask.set(req, mask)
+        L.MaskRequest.not_mask.set(req, ~mask & U32_MAX)
+        return req
+
     async def perform(self, req: bytearray) -> int:
         """``vbg_req_perform``: place ``req`` in guest RAM, hit the port, return ``rc``."""
         phys = self.ram.map(req)

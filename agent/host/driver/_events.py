@@ -118,13 +118,11 @@ async def set_session_event_filter(
         host_mask = drv.fixed_events | drv.filter_tracker.mask
         if host_mask == drv.event_filter_host:
             return
-        req = drv.alloc_request(
+        req = drv.mask_request(
             RequestType.CTL_GUEST_FILTER_MASK,
-            L.MaskRequest.size,
+            host_mask,
             REQUESTOR_KERNEL if termination else session.requestor,
         )
-        L.MaskRequest.or_mask.set(req, host_mask)
-        L.MaskRequest.not_mask.set(req, ~host_mask & U32_MAX)
         rc = await drv.perform(req)
         if rc >= 0:
             drv.event_filter_host = host_mask

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
-from agent.host.driver._util import U32_MAX
 from agent.protocol import (
     AgentError,
     layouts as L,  # noqa: N812 - the layout table
@@ -60,8 +59,8 @@ async def load(drv: Driver) -> None:
         msg = f"host too old or unreachable: GET_HOST_VERSION {status_name(rc)}"
         raise DriverLoadError(msg)
     await _report_guest_info(drv)
-    await _must(drv, _mask_request(drv, RequestType.CTL_GUEST_FILTER_MASK, FIXED_EVENTS))
-    await _must(drv, _mask_request(drv, RequestType.SET_GUEST_CAPABILITIES, 0))
+    await _must(drv, drv.mask_request(RequestType.CTL_GUEST_FILTER_MASK, FIXED_EVENTS))
+    await _must(drv, drv.mask_request(RequestType.SET_GUEST_CAPABILITIES, 0))
     await _must(drv, _mouse_status(drv, 0))
     if drv.owns_heartbeat:
         await _heartbeat_configure(drv, enabled=False)
@@ -82,13 +81,6 @@ async def _must(drv: Driver, req: bytearray) -> None:
         name = RequestType(L.RequestHeader.request_type.get(req)).name
         msg = f"driver load failed: {name} {status_name(rc)}"
         raise DriverLoadError(msg)
-
-
-def _mask_request(drv: Driver, request_type: int, value: int) -> bytearray:
-    req = drv.alloc_request(request_type, L.MaskRequest.size)
-    L.MaskRequest.or_mask.set(req, value)
-    L.MaskRequest.not_mask.set(req, ~value & U32_MAX)
-    return req
 
 
 def _mouse_status(drv: Driver, features: int) -> bytearray:
