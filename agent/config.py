@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
 )
 
+from agent.device.spec import UNIX_PREFIX
 from agent.protocol import AgentError
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
-UNIX_PREFIX: Final = "unix:"
 MAX_IOCTL_THREADS: Final = 64
 MAX_SUBSCRIBER_QUEUE: Final = 1024
 MAX_SHUTDOWN_TIMEOUT_S: Final = 60.0

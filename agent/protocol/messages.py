@@ -513,7 +513,7 @@ class HgcmDisconnect(Request[None]):
 
 
 def _check_client_id(client_id: int) -> None:
-    if client_id in (0, _U32_MAX) or not 0 < client_id < _U32_MAX:
+    if not 0 < client_id < _U32_MAX:
         msg = f"HGCM client id {client_id:#x} is not a valid id"
         raise LocalProtocolError(msg)
 
