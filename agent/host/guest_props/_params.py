@@ -50,8 +50,12 @@ def c_string(parm: HostParm) -> CString:
 
 
 def buffer(parm: HostParm) -> HostBuffer:
-    """Return a buffer parameter (empty ones included, as ``HGCMSvcGetBuf`` allows)."""
-    if not isinstance(parm, HostBuffer):
+    """Return a non-empty buffer parameter: ``HGCMSvcGetBuf`` refuses size 0.
+
+    So a guest cannot ask for the needed size with an empty buffer; it must offer at least
+    one byte and read the size that comes back with VERR_BUFFER_OVERFLOW.
+    """
+    if not isinstance(parm, HostBuffer) or not parm.data:
         raise GuestCallError(VERR_INVALID_PARAMETER)
     return parm
 

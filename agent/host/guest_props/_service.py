@@ -126,8 +126,11 @@ class GuestPropertyService:
             call.complete(status)
 
     def cancel(self, call: HgcmCallHandle) -> None:
-        """Drop a cancelled wait, completing it with VERR_INTERRUPTED."""
-        self._store.notifier.cancel(call)
+        """Do nothing: the real service has no cancel hook (``pfnCancelled`` is NULL).
+
+        A cancelled wait stays queued, and counted by the framework, until the client's
+        next GET_NOTIFICATION sweeps it, a change matches it, or the client disconnects.
+        """
 
     def reset(self) -> None:
         """VM reset: waits end with VERR_INTERRUPTED, TRANSRESET properties go, ResetCounter + 1.
