@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
 
+from agent.protocol.guest_props import (
+    MAX_CONCURRENT_WAITS,
+    MAX_GUEST_NOTIFICATIONS,
+    format_flags,
+)
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
@@ -15,8 +20,6 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
 )
 
-from ._flags import format_flags
-from ._limits import MAX_CONCURRENT_WAITS, MAX_GUEST_NOTIFICATIONS
 from ._params import buffer, u32, u64
 from ._patterns import patterns_match
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
+from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
 
-from ._limits import MAX_NAME_SIZE, MIN_NAME_SIZE
-
-_NAME_FORBIDDEN = b"*?|"
+_NAME_FORBIDDEN = NAME_FORBIDDEN.encode()
 
 
 class GuestCallError(Exception):

@@ -6,6 +6,23 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from agent.protocol.guest_props import (
+    ALLFLAGS,
+    ENUM_TERMINATOR,
+    MAX_CALLS_PER_CLIENT,
+    MAX_PATTERN_SIZE,
+    MAX_PROPS,
+    MAX_VALUE_SIZE,
+    NILFLAG,
+    RDONLYGUEST,
+    SERVICE_NAME,
+    TRANSIENT,
+    TRANSRESET,
+    FlagsParseError,
+    GuestFunction,
+    format_flags,
+    parse_flags,
+)
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INVALID_PARAMETER,
@@ -19,31 +36,14 @@ from agent.protocol.status import (
 )
 
 from . import _host, _params
-from ._flags import (
-    ALLFLAGS,
-    NILFLAG,
-    RDONLYGUEST,
-    TRANSIENT,
-    TRANSRESET,
-    FlagsParseError,
-    format_flags,
-    parse_flags,
-)
 from ._limits import (
-    ENUM_TERMINATOR,
-    MAX_CALLS_PER_CLIENT,
-    MAX_PATTERN_SIZE,
-    MAX_PROPS,
-    MAX_VALUE_SIZE,
     RESET_COUNTER,
     RESUME_COUNTER,
-    SERVICE_NAME,
     SYSPREP_ARGS,
     SYSPREP_EXEC,
     VBOX_REV,
     VBOX_VER,
     VBOX_VER_EXT,
-    GuestFunction,
 )
 from ._notify import write_out
 from ._params import GuestCallError
