@@ -1,7 +1,8 @@
 """The guest-property client: get, set, delete, enumerate and follow host properties.
 
 ``async with open_guest_properties(device) as props:`` connects a client of the host's
-``VBoxGuestPropSvc`` for the short calls (GET_PROP, SET_PROP, DEL_PROP, ENUM_PROPS). Waits
+``VBoxGuestPropSvc`` for the short calls (GET_PROP, SET_PROP, DEL_PROP, ENUM_PROPS), which
+any number of tasks may make at once (beyond the host's 15 per client they queue). Waits
 for changes (GET_NOTIFICATION) each get a channel of their own (:meth:`GuestProperties.wait`,
 :meth:`GuestProperties.watch`): the service ends a client's older wait with identical
 patterns (``VERR_INTERRUPTED``), and a blocked wait must not hold up the short calls.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, Self, final
 
 import structlog
+import trio
 
 from agent.protocol import RemoteProtocolError
 from agent.protocol.guest_props import (
@@ -103,6 +105,8 @@ class GuestProperties:
     def __init__(self, device: Device, channel: HgcmChannel) -> None:
         self._device = device
         self._channel = channel
+        self._slots = trio.Semaphore(channel.max_pending)
+        """Short calls beyond the host's per-client limit queue here instead of failing."""
 
     @property
     def channel(self) -> HgcmChannel:
@@ -192,7 +196,8 @@ class GuestProperties:
             yield watch
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
-        return await self._channel.call(function, *params, lingers_when_cancelled=False)
+        async with self._slots:
+            return await self._channel.call(function, *params, lingers_when_cancelled=False)
 
 
 @final
