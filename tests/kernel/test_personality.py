@@ -55,7 +55,7 @@ async def test_probe_reports_to_the_host(host: SimulatedHost) -> None:
     """The real load sequence reports the additions and the driver's facility to the host."""
     status = host.status()
     assert status["additions_reported"]
-    assert status["facilities"]["20"]["status"] == 50  # VBoxGuest driver: Active
+    assert host.vmmdev.facilities.snapshot()["20"]["status"] == 50  # VBoxGuest driver: Active
     assert status["filter_mask"] == Event.MOUSE_POSITION_CHANGED | Event.HGCM
     assert kernel(host).heartbeat_interval_ms == 2000
     assert "vboxguest: host-version: 7.0.18r162988" in kernel(host).dmesg()
@@ -128,7 +128,7 @@ async def test_reset_loses_sessions_and_reloads(host: SimulatedHost) -> None:
         assert failure.value.errno == errno.ENODEV
         fresh = await open_client(host)
         await fresh.request(ChangeFilterMask(Event.RESTORED, 0))
-    assert host.status()["filter_mask"] & Event.RESTORED
+    assert host.vmmdev.guest_filter & Event.RESTORED
 
 
 def test_simulate_without_the_library_says_why(tmp_path: Path) -> None:
