@@ -156,7 +156,7 @@ class Driver:
         """A ``vmmdev_mask`` request that sets ``mask`` absolutely (or = mask, not = ~mask)."""
         req = self.alloc_request(request_type, L.MaskRequest.size, requestor)
         L.MaskRequest.or_mask.set(req, mask)
-        L.MaskRequest.not_mask.set(req, ~mask & U32_MAX)
+        L.MaskRequest.not_mask.set(req, ~int(mask) & U32_MAX)  # an IntFlag would stop at 0x7FF
         return req
 
     async def perform(self, req: bytearray) -> int:
