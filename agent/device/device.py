@@ -6,15 +6,19 @@ must be ended by something the driver honours:
 
 - an :class:`EventWaiter` owns a session whose filter mask is the waiter's mask; it waits
   without a timeout and, when cancelled, ends its wait with INTERRUPT_ALL on its own
-  descriptor. That flag is sticky on mainline, so an interrupted waiter is closed, never
-  reused; the other sessions are not affected.
+  descriptor. That is sticky on mainline and one-shot on Oracle's driver, so an
+  interrupted waiter is closed, never reused; the other sessions are not affected.
 - an :class:`HgcmClient` owns a session with one HGCM client on it, so long calls
   (property notifications) never hold up anything else.
+
+Both drivers' error conventions end in one exception: a failure mainline returns as an
+errno and one Oracle's driver puts in the header's ``rc`` both raise
+:class:`~agent.protocol.VBoxStatusError` with the VBox status (``rc``, ``name``); the
+errno, if any, is kept in its ``errno``.
 """
 
 from __future__ import annotations
 
-import errno
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar, final
@@ -39,9 +43,11 @@ from agent.protocol import (
     InterruptAllWaits,
     Request,
     Session,
+    VBoxStatusError,
     WaitForEvents,
 )
 from agent.protocol.constants import TIMEOUT_INFINITE
+from agent.protocol.status import VERR_INTERRUPTED
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -52,6 +58,8 @@ R = TypeVar("R")
 
 CLEANUP_TIMEOUT_S: Final = 2.0
 """How long teardown work (interrupts, disconnects, closes) may take when shielded."""
+STRAY_INTERRUPTS: Final = 3
+"""Waits a waiter repeats after an interruption it did not ask for (a stray signal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +82,30 @@ class _Channel:
         self.session = Session()
 
     async def perform(self, request: Request[R]) -> R:
+        """Encode, move and decode ``request``; every driver failure is a VBoxStatusError.
+
+        An interruption (VERR_INTERRUPTED in ``rc``, Oracle's answer to the signal that
+        cancels a call) raises ``Cancelled`` when the caller is being cancelled.
+        """
         call = self.session.encode(request)
         self._device._requests += 1
         try:
             await self.transport.ioctl(call.code, call.buffer, call.user_buffers)
+        except OSError as exc:
+            self._device._failures += 1
+            self.session.call_failed(call)
+            raise VBoxStatusError.from_errno(exc.errno or 0, request.operation) from exc
         except BaseException:
             self._device._failures += 1
             self.session.call_failed(call)
             raise
         try:
             return self.session.decode(call)
+        except VBoxStatusError as exc:
+            self._device._failures += 1
+            if exc.rc == VERR_INTERRUPTED:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            raise
         except Exception:
             self._device._failures += 1
             raise
@@ -198,7 +220,32 @@ class EventWaiter:
           were consumed first, which are then returned (nothing is lost);
         - cancellation interrupts the session and raises ``Cancelled``; events consumed in
           that same instant are dropped, so cancel only to tear down.
+
+        Both drivers' interrupts count: mainline's EINTR, Oracle's VERR_INTERRUPTED, and
+        Oracle's success with no events (an interrupt sent before the wait reached the
+        driver). An interruption nobody asked for (a stray signal) repeats the wait, at
+        most :data:`STRAY_INTERRUPTS` times.
         """
+        strays = 0
+        while True:
+            try:
+                received = await self._wait_once()
+            except VBoxStatusError as exc:
+                if exc.rc != VERR_INTERRUPTED:
+                    raise
+                if self._interrupt_requested:
+                    raise WaiterInterruptedError(self.mask) from None
+                strays += 1
+                if strays > STRAY_INTERRUPTS:
+                    raise
+                continue
+            if not received.mask:
+                self._interrupt_requested = True
+                raise WaiterInterruptedError(self.mask)
+            return received.mask
+
+    async def _wait_once(self) -> EventsReceived:
+        """One shielded WAIT_FOR_EVENTS; cancellation sends the interrupt that ends it."""
         channel = self._channel
         finished = False
 
@@ -222,14 +269,12 @@ class EventWaiter:
                 finished = True
                 nursery.cancel_scope.cancel()
         # Raised here, not in the nursery, so callers see the error itself, not a group.
-        if isinstance(error, OSError) and error.errno == errno.EINTR and self._interrupt_requested:
-            raise WaiterInterruptedError(self.mask) from None
         if error is not None:
             raise error
         if received is None:  # pragma: no cover - either a reply or an error exists
             msg = "wait ended without a reply"
             raise RuntimeError(msg)
-        return received.mask
+        return received
 
     async def interrupt(self) -> None:
         """End the current wait and every later one on this session (INTERRUPT_ALL).
