@@ -20,7 +20,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event
-from agent.services import EventPump, SessionMonitor
+from agent.services import EventPump, ServiceContext, SessionMonitor
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -47,7 +47,7 @@ async def test_pump_and_session_monitor(
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
             pump = EventPump(device)
-            monitor = SessionMonitor(device, pump)
+            monitor = SessionMonitor(ServiceContext(device, pump))
             await nursery.start(pump.run)
             await nursery.start(monitor.run)
             host.restore()
