@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from agent.protocol import (
-    AgentError,
+    DeviceUnavailableError,
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import (
@@ -44,8 +44,11 @@ HYPERVISOR_INFO_SIZE: Final = 32
 _log = structlog.get_logger("agent.host")
 
 
-class DriverLoadError(AgentError):
-    """The simulated driver refused to load (as ``vbg_core_init`` failing probe)."""
+class DriverLoadError(DeviceUnavailableError):
+    """The simulated driver refused to load (as ``vbg_core_init`` failing probe).
+
+    As on a real guest, there is then no device to open: the CLI exits 69.
+    """
 
 
 async def load(drv: Driver) -> None:
