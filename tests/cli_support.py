@@ -44,7 +44,9 @@ def host(path: str, *args: str) -> subprocess.CompletedProcess[str]:
 class Simulator:
     """A ``vbox-agent simulate`` process, started and waited for until it listens."""
 
-    def __init__(self, path: str, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self, path: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.path = path
         self.log_path = log_path
         with log_path.open("wb") as log:
@@ -53,6 +55,7 @@ class Simulator:
                 stdout=log,
                 stderr=subprocess.PIPE,
                 text=True,
+                env=env,
             )
         announced = self._first_stderr_line()
         if not announced.startswith(LISTENING):

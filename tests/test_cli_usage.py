@@ -12,7 +12,7 @@ import pytest
 
 from agent import host as simulated_host
 from agent.cli import main
-from agent.cli._arguments import DEFAULT_PERSONALITY, PERSONALITIES
+from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
 from agent.cli._exit import EX_USAGE
 from agent.cli._run import _demo_scenario_path
 from agent.host.scenario import load_scenario
@@ -103,6 +103,7 @@ def test_bad_values(argv: list[str], message: str, capsys: pytest.CaptureFixture
 def test_personalities_are_the_simulators() -> None:
     """The command line offers exactly the personalities the simulated host has."""
     assert tuple(simulated_host.PERSONALITIES) == PERSONALITIES
+    assert tuple(simulated_host.ALL_PERSONALITIES) == ALL_PERSONALITIES
 
 
 def test_simulate_and_the_demo_default_to_the_same_personality() -> None:

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent.device.unix import HOST_START_WAIT_S
+from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
+from tests.conftest import KERNEL_PERSONALITY
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -103,9 +105,13 @@ def _workdir() -> Iterator[Path]:
 
 
 @pytest.fixture(name="host_socket")
-def _host_socket(workdir: Path) -> Iterator[Path]:
+def _host_socket(workdir: Path, personality: str, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A ``simulate`` process of each personality under test (``tests/conftest.py``)."""
     socket_path = workdir / "host.sock"
-    host = Simulator(str(socket_path), workdir / "host.log")
+    env = dict(os.environ)
+    if personality == KERNEL_PERSONALITY:
+        env[ENV_LIBRARY] = str(request.getfixturevalue("kernel_library"))
+    host = Simulator(str(socket_path), workdir / "host.log", "--personality", personality, env=env)
     yield socket_path
     exited = host.process.poll()
     host.stop(signal.SIGKILL)
@@ -139,11 +145,13 @@ def _status(socket_path: Path) -> dict[str, Any]:
 class TestTwoProcesses:
     """The agent and the simulated host as separate processes."""
 
-    def test_host_sees_what_the_agent_did(self, agent: AgentProcess, host_socket: Path) -> None:
+    def test_host_sees_what_the_agent_did(
+        self, agent: AgentProcess, host_socket: Path, personality: str
+    ) -> None:
         """Once ready, the host shows the agent's facility Active and its event filter."""
         agent.read_until("agent_ready")
         status = _status(host_socket)
-        assert status["personality"] == "mainline"
+        assert status["personality"] == personality
         assert status["facilities"]["100"]["status"] == 50
         assert status["filter_mask"] & 0x10
 

@@ -1,11 +1,11 @@
 """``vbox-agent host --socket PATH COMMAND``: control a running simulated host.
 
 The commands mirror what VBoxManage does to a running VM (resize the balloon, set guest
-properties, raise events, restore a snapshot) plus test hooks (faults, delays, dropping the
-device connections) and ``status``. Each invocation sends one control command
-(``docs/simulator-socket.md``), waiting up to ``HOST_START_WAIT_S`` for a host that is still
-starting. Exit codes: 0 done, 1 the host refused (the reason is printed on one line), 64 bad
-arguments, 69 no host answers at the path.
+properties, set the guest statistics interval, raise events, restore a snapshot) plus test
+hooks (faults, delays, dropping the device connections) and ``status``. Each invocation
+sends one control command (``docs/simulator-socket.md``), waiting up to ``HOST_START_WAIT_S``
+for a host that is still starting. Exit codes: 0 done, 1 the host refused (the reason is
+printed on one line), 64 bad arguments, 69 no host answers at the path.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ CONTROL_TIMEOUT_S: Final = 10.0
 HOST_START_WAIT_S: Final = 5.0
 """How long the CLI waits for a host whose socket is missing or refuses connections: one
 started a moment ago (``vbox-agent simulate ... &``) may not listen yet."""
+MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
+"""The statistics interval is a u32 of seconds."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,6 +67,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     event = commands.add_parser("event", help="raise host events (RESTORED, 0x10, A|B)")
     event.add_argument("mask", type=argument_type(parse_event_mask), metavar="NAME|MASK")
     event.set_defaults(build=_event)
+    stats = commands.add_parser(
+        "stats-interval", help="ask for a guest statistics report every SECONDS (0 stops them)"
+    )
+    stats.add_argument(
+        "seconds", type=integer_at_least(0, at_most=MAX_STATS_INTERVAL_S), metavar="SECONDS"
+    )
+    stats.set_defaults(build=_stats_interval)
     commands.add_parser("restore", help="simulate a VM restore").set_defaults(
         build=lambda _: {"command": "restore"}
     )
@@ -142,6 +151,10 @@ def _seconds(text: str) -> float:
 
 def _balloon(args: argparse.Namespace) -> dict[str, object]:
     return {"command": "balloon", "mb": args.mb}
+
+
+def _stats_interval(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "stats_interval", "seconds": args.seconds}
 
 
 def _prop_set(args: argparse.Namespace) -> dict[str, object]:

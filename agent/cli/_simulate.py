@@ -4,8 +4,10 @@ The host (``agent.host``) serves device sessions and control commands on a Unix 
 (``docs/simulator-socket.md``) until SIGINT or SIGTERM, then exits 0 and removes the socket.
 Agents reach it with ``--device unix:PATH``; ``vbox-agent host --socket PATH ...`` controls
 it. It logs what it does (each control command served, among others) as the agent does:
-JSON lines on stdout, console lines on a terminal. Exit codes: 0 clean stop, 64 bad
-arguments, 69 the socket path is unusable.
+JSON lines on stdout, console lines on a terminal. ``--personality kernel`` runs the real
+Linux driver from the source checkout's test bed (``testbed/``, see
+``docs/personalities.md``), imported only then. Exit codes: 0 clean stop, 64 bad arguments,
+69 the socket path is unusable or the personality cannot run here.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import structlog
 import trio
 
 from agent.cli._arguments import (
+    ALL_PERSONALITIES,
     DEFAULT_PERSONALITY,
-    PERSONALITIES,
     integer_at_least,
     socket_path,
 )
-from agent.cli._exit import EX_OK, EX_UNAVAILABLE
+from agent.cli._exit import EX_OK, EX_UNAVAILABLE, EX_USAGE
 
 if TYPE_CHECKING:
     import argparse
@@ -53,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--personality",
-        choices=PERSONALITIES,
+        choices=ALL_PERSONALITIES,
         default=DEFAULT_PERSONALITY,
         help="kernel driver the host models (default: %(default)s)",
     )
@@ -80,16 +82,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def simulate_command(args: argparse.Namespace) -> int:
     """Run the host until signalled; return the exit code."""
     from agent.config import LogConfig  # noqa: PLC0415 - the simulator's imports stay lazy
-    from agent.host import SimulatedHost  # noqa: PLC0415
+    from agent.host import PersonalityUnavailableError, SimulatedHost  # noqa: PLC0415
     from agent.host.server import HostSocketError  # noqa: PLC0415
     from agent.logconfig import configure_logging  # noqa: PLC0415
 
     configure_logging(LogConfig())
-    host = SimulatedHost(
-        personality=args.personality,
-        ram_mb=args.ram_mb,
-        heartbeat_interval_ns=args.heartbeat_interval_ms * NS_PER_MS,
-    )
+    try:
+        host = SimulatedHost(
+            personality=args.personality,
+            ram_mb=args.ram_mb,
+            heartbeat_interval_ns=args.heartbeat_interval_ms * NS_PER_MS,
+        )
+    except PersonalityUnavailableError as exc:
+        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except ValueError as exc:
+        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        return EX_USAGE
     failures: list[str] = []
     try:
         trio.run(_serve_until_signalled, host, args.socket)
