@@ -1,0 +1,86 @@
+"""The heartbeat and statistics services on the real Linux driver (``kernel`` personality).
+
+Real threads and real time (the library's timers run on CLOCK_MONOTONIC): every wait is
+bounded by ``WAIT_S`` and polls the host's own counters at ``POLL_S``, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import RequestType
+from agent.services import EventPump
+from agent.services._base import ServiceContext
+from agent.services.guest_stats import GuestStatsService
+from agent.services.heartbeat import HeartbeatSection, HeartbeatService
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+WAIT_S: Final = 10.0
+POLL_S: Final = 0.02
+INTERVAL_NS: Final = 100_000_000
+
+
+@asynccontextmanager
+async def services(library: Path) -> AsyncIterator[SimulatedHost]:
+    """The real driver behind a host with a 100 ms heartbeat, and both services running."""
+    del library
+    host = SimulatedHost(personality="kernel", heartbeat_interval_ns=INTERVAL_NS, seed=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        async with open_device(SimOpener(host)) as device:
+            pump = EventPump(device)
+            context = ServiceContext(device, pump)
+            await nursery.start(pump.run)
+            await nursery.start(HeartbeatService(context, HeartbeatSection()).run)
+            await nursery.start(GuestStatsService(context).run)
+            yield host
+            nursery.cancel_scope.cancel()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds, for at most ``WAIT_S``."""
+    with trio.fail_after(WAIT_S):
+        while not condition():
+            await trio.sleep(POLL_S)
+
+
+def counter(host: SimulatedHost, section: str, key: str) -> int:
+    """An integer of ``host status``."""
+    part = host.status()[section]
+    assert isinstance(part, dict)
+    value = part[key]
+    assert isinstance(value, int)
+    return value
+
+
+async def test_kernel_beats_reach_the_host_and_the_service_stays_out(
+    kernel_library: Path,
+) -> None:
+    """The real driver refuses the agent's configure (EPERM) and its own beats reach the host."""
+    with structlog.testing.capture_logs() as logs:
+        async with services(kernel_library) as host:
+            configures = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+            beats = counter(host, "heartbeat", "beats")
+            await wait_until(lambda: counter(host, "heartbeat", "beats") >= beats + 5)
+            assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == configures
+            assert host.status()["heartbeat"] == host.status()["heartbeat"] | {
+                "enabled": True,
+                "flatlined": False,
+            }
+    assert [entry["event"] for entry in logs].count("heartbeat_kept_by_driver") == 1
+
+
+async def test_statistics_reach_the_host_through_the_real_driver(kernel_library: Path) -> None:
+    """Mainline lets the trusted session read the interval and report."""
+    async with services(kernel_library) as host:
+        host.set_statistics_interval(1)
+        await wait_until(lambda: counter(host, "guest_stats", "reports") >= 2)
