@@ -1,7 +1,8 @@
 """The heartbeat and statistics services on the real Linux driver (``kernel`` personality).
 
 Real threads and real time (the library's timers run on CLOCK_MONOTONIC): every wait is
-bounded by ``WAIT_S`` and polls the host's own counters at ``POLL_S``, never a fixed sleep.
+bounded by ``WAIT_S`` and ends on an event the host's port handler sets once its counters
+reach the expected value, never on a sleep.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 WAIT_S: Final = 10.0
-POLL_S: Final = 0.02
 INTERVAL_NS: Final = 100_000_000
 
 
@@ -46,11 +46,22 @@ async def services(library: Path) -> AsyncIterator[SimulatedHost]:
             nursery.cancel_scope.cancel()
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` until it holds, for at most ``WAIT_S``."""
-    with trio.fail_after(WAIT_S):
-        while not condition():
-            await trio.sleep(POLL_S)
+async def wait_until(host: SimulatedHost, condition: Callable[[], bool]) -> None:
+    """Wait (at most ``WAIT_S``) until ``condition`` holds after a request the host handled."""
+    reached = trio.Event()
+    handle = host.vmmdev.process
+
+    def process(phys: int) -> None:
+        handle(phys)
+        if condition():
+            reached.set()
+
+    host.vmmdev.process = process  # type: ignore[method-assign]
+    try:
+        with trio.fail_after(WAIT_S):
+            await reached.wait()
+    finally:
+        del host.vmmdev.process
 
 
 def counter(host: SimulatedHost, section: str, key: str) -> int:
@@ -70,12 +81,10 @@ async def test_kernel_beats_reach_the_host_and_the_service_stays_out(
         async with services(kernel_library) as host:
             configures = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
             beats = counter(host, "heartbeat", "beats")
-            await wait_until(lambda: counter(host, "heartbeat", "beats") >= beats + 5)
+            await wait_until(host, lambda: counter(host, "heartbeat", "beats") >= beats + 5)
             assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == configures
-            assert host.status()["heartbeat"] == host.status()["heartbeat"] | {
-                "enabled": True,
-                "flatlined": False,
-            }
+            state = host.vmmdev.heartbeat
+            assert (state.active, state.flatlined) == (True, False)
     assert [entry["event"] for entry in logs].count("heartbeat_kept_by_driver") == 1
 
 
@@ -83,4 +92,4 @@ async def test_statistics_reach_the_host_through_the_real_driver(kernel_library:
     """Mainline lets the trusted session read the interval and report."""
     async with services(kernel_library) as host:
         host.set_statistics_interval(1)
-        await wait_until(lambda: counter(host, "guest_stats", "reports") >= 2)
+        await wait_until(host, lambda: counter(host, "guest_stats", "reports") >= 2)
