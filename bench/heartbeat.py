@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.config import LogConfig
 from agent.host import SimulatedHost
 from agent.host.server import serve_simulated_host
+from agent.logconfig import configure_logging
 from agent.protocol import ReportGuestStats, RequestType
 from agent.services._procstats import ProcStats
 
@@ -177,6 +179,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
     parser.add_argument("--reports", type=int, default=500, help="reports timed (default 500)")
     args = parser.parse_args()
+    configure_logging(LogConfig(level="warning"), stream=sys.stderr)
     print(f"heartbeat: passthrough host, interval {INTERVAL_S * 1e3:.0f} ms, {os.cpu_count()} CPUs")
     trio.run(heartbeat_phases, args.seconds)
     report_cost(args.reports)

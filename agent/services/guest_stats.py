@@ -6,9 +6,10 @@ new interval. The service reads the interval with GET_STATISTICS_CHANGE_REQ, ack
 event, at start, at every 0x80 and after every restore; while the interval is not zero it
 sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`. Each report is one
 ``/proc`` sample (:mod:`agent.services._procstats`) as CPU 0, the load being that of all CPUs;
-the balloon figure is the balloon service's count, or the driver's (CHECK_BALLOON) while no
-balloon service publishes one. Mainline and Oracle's driver let trusted sessions send both
-requests, so this works on every real guest. Config section: ``[statistics]``.
+the balloon figure is the balloon service's count (``ServiceContext.balloon``), or the
+driver's (CHECK_BALLOON) while no balloon service publishes one. Mainline and Oracle's driver
+let trusted sessions send both requests, so this works on every real guest. Config section:
+``[statistics]``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class GuestStatsService:
         self._device: Device = context.device
         self._pump: EventPump = context.pump
         self._status_changed = context.status_changed
+        self._balloon = context.balloon
         self._proc = ProcStats(proc)
         self._metronome = Metronome(self._read_interval, self._report, late_after_s=LATE_AFTER_S)
         self._failures = 0
@@ -123,6 +125,9 @@ class GuestStatsService:
         self._last = stats
 
     async def _balloon_chunks(self) -> int | None:
+        """The balloon service's count; without one, the driver's (mainline: the kernel's)."""
+        if self._balloon.chunks is not None:
+            return self._balloon.chunks
         try:
             return (await self._device.check_balloon()).chunks
         except VBoxStatusError:
