@@ -50,7 +50,8 @@ PRIORITY: Final = -10
 
 def status(socket_path: Path) -> dict[str, Any]:
     """The host's ``status()`` through the control socket."""
-    result = trio.run(call_control, socket_path, {"command": "status"})
+    payload: dict[str, object] = {"command": "status"}
+    result = trio.run(call_control, socket_path, payload)
     assert isinstance(result, dict)
     return result
 
