@@ -178,12 +178,11 @@ class Rig:
         driver = self.host.driver
         served = driver.interrupts_served if isinstance(driver, KernelDriver) else 0
         self.host.raise_events(mask)
-        if not self.host.vmmdev.have_events:
-            pass  # nothing deliverable: no interrupt
-        elif isinstance(driver, KernelDriver):
-            await self.settle(lambda: driver.interrupts_served > served)
-        else:  # the model's ISR is a trio task
-            await trio.testing.wait_all_tasks_blocked()
+        if self.host.vmmdev.have_events:  # deliverable: an interrupt is due
+            if isinstance(driver, KernelDriver):
+                await self.settle(lambda: driver.interrupts_served > served)
+            else:  # the model's ISR is a trio task
+                await trio.testing.wait_all_tasks_blocked()
         return self.finish(step)
 
     async def settle(self, condition: Callable[[], bool]) -> None:
