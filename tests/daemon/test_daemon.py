@@ -99,9 +99,8 @@ class TestDaemonLifecycle:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 ready = await reader.until("READY=1")
-                assert (
-                    "STATUS=vm session 0x" + f"{host.status()['session_id']:x}, 0 restores" in ready
-                )
+                session = f"vm session {host.status()['session_id']:#x}, 0 restores"
+                assert f"STATUS={session}; heartbeat (kernel); statistics off" in ready
                 assert daemon.statistics().ready
                 assert _facility(host) == FacilityStatus.ACTIVE
                 daemon.request_shutdown("test")
@@ -226,7 +225,9 @@ class TestRestore:
                 host.restore()
                 new_id = host.status()["session_id"]
                 assert isinstance(new_id, int)
-                await reader.until(f"STATUS=vm session {new_id:#x}, 1 restores")
+                await reader.until(
+                    f"STATUS=vm session {new_id:#x}, 1 restores; heartbeat (kernel); statistics off"
+                )
                 stats = daemon.statistics().services["session_monitor"]
                 assert isinstance(stats, SessionMonitorStatistics)
                 assert (stats.restores, stats.session_id) == (1, new_id)
