@@ -39,7 +39,8 @@ DEFAULT_DEVICE: Final = "/dev/vboxguest"
 MIN_IOCTL_THREADS: Final = 2
 """What the character-device transport needs: a blocked call and the call that ends it."""
 MAX_IOCTL_THREADS: Final = 64
-MAX_SHUTDOWN_TIMEOUT_S: Final = 60.0
+MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
+"""The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
 
 
 class _Model(BaseModel):

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 
 from agent.config import (
     CORE_SECTIONS,
+    MAX_SHUTDOWN_TIMEOUT_S,
     AgentConfig,
     ConfigError,
     DaemonConfig,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 SHIPPED = Path(__file__).parents[1] / "config" / "agent.toml"
+UNIT = Path(__file__).parents[1] / "systemd" / "vbox-agent.service"
 
 
 class GadgetSection(ServiceSection):
@@ -152,8 +154,8 @@ class TestProblems:
             ("[device]\nioctl_threads = 65\n", "device.ioctl_threads = 65: must be <= 64"),
             ("[device]\nioctl_threads = 1\n", "device.ioctl_threads = 1: must be >= 2"),
             (
-                "[daemon]\nshutdown_timeout_s = 61\n",
-                "daemon.shutdown_timeout_s = 61: must be <= 60",
+                "[daemon]\nshutdown_timeout_s = 14\n",
+                "daemon.shutdown_timeout_s = 14: must be <= 13",
             ),
             (
                 "[daemon]\nrestart_window_s = inf\n",
@@ -277,3 +279,11 @@ class TestServiceSections:
         """A service section's problems name the section, the key and what is allowed."""
         path = write(tmp_path, text)
         assert problems_of(path, GADGET) == [f"{path}: {expected}"]
+
+
+def test_the_unit_waits_longer_than_the_longest_drain() -> None:
+    """systemd must not SIGKILL an agent that drains for the longest time the config allows."""
+    lines = UNIT.read_text().splitlines()
+    (timeout,) = [line.partition("=")[2] for line in lines if line.startswith("TimeoutStopSec=")]
+    assert timeout.endswith("s")
+    assert float(timeout.removesuffix("s")) > MAX_SHUTDOWN_TIMEOUT_S + 1
