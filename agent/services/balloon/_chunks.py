@@ -1,0 +1,183 @@
+"""Balloon chunks the agent allocates itself: 1 MiB of locked anonymous memory each.
+
+A chunk is its own mapping (``mmap``), kept out of children (``MADV_DONTFORK``) and locked
+(``mlock``, which also faults every page in), as Oracle's ``CHANGE_BALLOON`` and the
+passthrough ``CHANGE_MEMBALLOON`` expect. While the host holds it the chunk is made
+inaccessible (``PROT_NONE``), so a stray pointer faults instead of touching host memory.
+It is unmapped only after the host gave it back.
+
+``ChunkAllocator`` is the seam: :class:`MmapAllocator` is the real one; tests may inject
+their own. ``physical_pages`` turns a chunk into the guest-physical addresses of its 256
+pages (``/proc/self/pagemap`` on a real guest).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import resource
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
+
+from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PAGEMAP_PATH: Final = "/proc/self/pagemap"
+_PAGEMAP_ENTRY: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
+_PFN_MASK: Final = (1 << 55) - 1
+_PAGE_PRESENT: Final = 1 << 63
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+_PROT_READ_WRITE: Final = mmap.PROT_READ | mmap.PROT_WRITE
+_PROT_NONE: Final = 0
+
+
+class ChunkError(OSError):
+    """A chunk could not be allocated, locked or released (``errno`` says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One 1 MiB chunk: its address in this process and, where known, its page frames."""
+
+    address: int
+    pages: tuple[int, ...] = ()
+
+
+class ChunkAllocator(Protocol):
+    """Gives out and takes back 1 MiB chunks of this process's memory."""
+
+    def allocate(self) -> int:
+        """Map, lock and fault in a chunk; return its address.
+
+        Raises:
+            ChunkError: no memory, or the lock was refused (``RLIMIT_MEMLOCK``).
+        """
+        ...
+
+    def seal(self, address: int) -> None:
+        """The host holds the chunk now: make it inaccessible."""
+        ...
+
+    def unseal(self, address: int) -> None:
+        """The host is about to give the chunk back: make it accessible again."""
+        ...
+
+    def release(self, address: int) -> None:
+        """Unlock and unmap a chunk the host does not hold."""
+        ...
+
+    def physical_pages(self, address: int) -> Sequence[int]:
+        """Return the guest-physical address of each of the chunk's 256 pages.
+
+        Raises:
+            ChunkError: the addresses cannot be read.
+        """
+        ...
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    )
+    for name in ("munmap", "mlock", "munlock"):
+        function = getattr(libc, name)
+        function.restype = ctypes.c_int
+        function.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    for name in ("madvise", "mprotect"):
+        function = getattr(libc, name)
+        function.restype = ctypes.c_int
+        function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def _error(call: str) -> ChunkError:
+    code = ctypes.get_errno()
+    return ChunkError(code, f"{call} of a {BALLOON_CHUNK_SIZE >> 20} MiB chunk failed: {os.strerror(code)}")
+
+
+class MmapAllocator:
+    """Real chunks: ``mmap`` + ``MADV_DONTFORK`` + ``mlock``; page frames from pagemap."""
+
+    __slots__ = ("_libc", "_pagemap_path")
+
+    def __init__(self, *, pagemap_path: str = PAGEMAP_PATH) -> None:
+        self._libc = _libc()
+        self._pagemap_path = pagemap_path
+
+    def allocate(self) -> int:
+        """Map, keep out of forks, and lock (faulting every page in)."""
+        libc = self._libc
+        address = libc.mmap(
+            None,
+            BALLOON_CHUNK_SIZE,
+            _PROT_READ_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+        if address is None or address == _MAP_FAILED:
+            raise _error("mmap")
+        if libc.madvise(address, BALLOON_CHUNK_SIZE, mmap.MADV_DONTFORK) != 0:
+            error = _error("madvise(MADV_DONTFORK)")
+            libc.munmap(address, BALLOON_CHUNK_SIZE)
+            raise error
+        if libc.mlock(address, BALLOON_CHUNK_SIZE) != 0:
+            error = _error("mlock")
+            libc.munmap(address, BALLOON_CHUNK_SIZE)
+            raise error
+        return int(address)
+
+    def seal(self, address: int) -> None:
+        """``PROT_NONE`` (best effort, as the pages stay locked either way)."""
+        self._libc.mprotect(address, BALLOON_CHUNK_SIZE, _PROT_NONE)
+
+    def unseal(self, address: int) -> None:
+        """Back to read/write (best effort)."""
+        self._libc.mprotect(address, BALLOON_CHUNK_SIZE, _PROT_READ_WRITE)
+
+    def release(self, address: int) -> None:
+        """Unmap (which unlocks)."""
+        if self._libc.munmap(address, BALLOON_CHUNK_SIZE) != 0:
+            raise _error("munmap")
+
+    def physical_pages(self, address: int) -> list[int]:
+        """Read the chunk's page frames from pagemap (needs ``CAP_SYS_ADMIN`` to see them)."""
+        page_size = mmap.PAGESIZE
+        try:
+            with open(self._pagemap_path, "rb", buffering=0) as pagemap:  # noqa: PTH123
+                raw = os.pread(
+                    pagemap.fileno(), _PAGEMAP_ENTRY.size, address // page_size * 8
+                )
+        except OSError as exc:
+            raise ChunkError(exc.errno, f"cannot read {self._pagemap_path}: {exc.strerror}") from exc
+        if len(raw) != _PAGEMAP_ENTRY.size:
+            raise ChunkError(0, f"{self._pagemap_path}: short read at {address:#x}")
+        pages = []
+        for entry in _PAGEMAP_ENTRY.unpack(raw):
+            frame = entry & _PFN_MASK
+            if not entry & _PAGE_PRESENT or frame == 0:
+                msg = (
+                    f"{self._pagemap_path} shows no page frame for {address:#x}: "
+                    "reading frames needs CAP_SYS_ADMIN"
+                )
+                raise ChunkError(0, msg)
+            pages.append(frame * page_size)
+        return pages
+
+
+def memlock_limit() -> int | None:
+    """Return ``RLIMIT_MEMLOCK`` in bytes, or None when unlimited."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft
