@@ -137,31 +137,38 @@ class PsiMonitor:
             self._fd = None
 
     def _try_trigger(self) -> None:
+        """Register ``some STALL WINDOW`` on a fd of its own; keep polling if refused."""
         window_us = round(self.interval_s * US_PER_S)
         stall_us = max(1, round(window_us * self.threshold_pct / PERCENT))
+        epoll = select.epoll()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            log.info("psi_trigger_unavailable", path=self.path, reason=exc.strerror)
+            epoll.close()
+            self._log_polling(exc)
             return
         try:
+            # Regular files refuse epoll (EPERM): only PSI files get a trigger written.
+            epoll.register(fd, select.EPOLLPRI)
             os.write(fd, f"some {stall_us} {window_us}".encode() + b"\0")
         except OSError as exc:
+            epoll.close()
             os.close(fd)
-            log.info(
-                "psi_trigger_unavailable",
-                path=self.path,
-                reason=exc.strerror,
-                polling_every_s=self.interval_s,
-            )
+            self._log_polling(exc)
             return
         if self._fd is not None:
             os.close(self._fd)
         self._fd = fd
-        epoll = select.epoll()
-        epoll.register(fd, select.EPOLLPRI)
         self._epoll = epoll
         log.info("psi_trigger_set", path=self.path, stall_us=stall_us, window_us=window_us)
+
+    def _log_polling(self, exc: OSError) -> None:
+        log.info(
+            "psi_trigger_unavailable",
+            path=self.path,
+            reason=exc.strerror,
+            polling_every_s=self.interval_s,
+        )
 
     def _read(self) -> tuple[float, int]:
         if self._fd is None:
