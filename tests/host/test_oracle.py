@@ -1,4 +1,4 @@
-"""Tests of the Oracle driver personality: the session-owned, ring-3 balloon.
+"""Tests of the Oracle driver personality: its error convention, events, policy and balloon.
 
 Rules of this test module:
 
@@ -23,23 +23,40 @@ from agent.protocol import (
     ChangeBalloon,
     ChangeFilterMask,
     CheckBalloon,
+    DriverVersionInfo,
+    HgcmCall,
+    HgcmConnect,
+    HgcmDisconnect,
+    HgcmU32,
+    InterruptAllWaits,
     VBoxStatusError,
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import Event, Ioctl, RequestType
+from agent.protocol.constants import HEADER_SIZE, Event, Ioctl, RequestType
 from agent.protocol.status import (
+    STATUS_CODES,
     VERR_ALREADY_EXISTS,
+    VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VERR_NOT_SUPPORTED,
     VERR_PERMISSION_DENIED,
+    VERR_TIMEOUT,
+    VERR_VERSION_MISMATCH,
+    VINF_SUCCESS,
 )
-from tests.host.conftest import open_client
+from tests.host.conftest import ECHO, FN_ECHO, Client, open_client, vmmdev_request
 
 PERSONALITY: Final = "oracle"
 CHUNK: Final = 0x7F00_1000_0000
 MIB: Final = 1 << 20
+
+
+VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
+VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
+UNTOUCHED: Final = 0x5A
+"""Filler of buffers whose bytes must come back unchanged."""
 
 
 async def status_of(coro: object) -> int:
@@ -47,6 +64,220 @@ async def status_of(coro: object) -> int:
     with pytest.raises(VBoxStatusError) as info:
         await coro  # type: ignore[misc]
     return info.value.rc
+
+
+async def expect_einval(client: Client, code: int, buffer: bytearray) -> None:
+    """The ioctl fails with EINVAL and copies nothing back."""
+    before = bytes(buffer)
+    with pytest.raises(OSError, match=r".") as info:
+        await client.raw(code, buffer)
+    assert info.value.errno == errno.EINVAL
+    assert bytes(buffer) == before
+
+
+async def wait_raw(client: Client, mask: int, timeout_ms: int) -> tuple[int, int]:
+    """WAIT_FOR_EVENTS by hand; return ``(hdr.rc, events)`` (the ioctl itself succeeds)."""
+    call = WaitForEvents(mask, timeout_ms=timeout_ms).encode()
+    await client.raw(call.code, call.buffer)
+    return L.IoctlHeader.rc.get(call.buffer), L.WaitForEventsIoctl.events_out.get(call.buffer)
+
+
+async def passthrough(client: Client, request_type: int, size: int = 32) -> bytearray:
+    """Send a zeroed VMMDev request of ``request_type`` through VMMDEV_REQUEST."""
+    buf = vmmdev_request(request_type, size)
+    L.RequestHeader.reserved1.set(buf, size)
+    code = Ioctl.vmmdev_request(size) if size < 1024 else Ioctl.VMMDEV_REQUEST_BIG
+    return await client.raw(code, buf)
+
+
+class TestHeaderRc:
+    """Handlers report failures in hdr.rc with the ioctl succeeding; malformed calls are EINVAL."""
+
+    async def test_handler_failure_is_in_rc(self, host: SimulatedHost) -> None:
+        """A bad filter mask is VERR_INVALID_PARAMETER in hdr.rc, not an errno."""
+        client = await open_client(host)
+        call = ChangeFilterMask(0, 0).encode()
+        L.ChangeFilterIoctl.or_mask.set(call.buffer, 1 << 31)
+        await client.raw(call.code, call.buffer)
+        assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_PARAMETER
+
+    async def test_wrong_sizes_are_einval(self, host: SimulatedHost) -> None:
+        """REQ_CHECK_SIZES failures make the entry return EINVAL, buffer untouched."""
+        client = await open_client(host)
+        call = WaitForEvents(Event.MOUSE_CAPABILITIES_CHANGED).encode()
+        L.IoctlHeader.size_out.set(call.buffer, 32)
+        await expect_einval(client, call.code, call.buffer)
+        change = ChangeFilterMask(Event.HGCM, 0).encode()
+        L.IoctlHeader.size_out.set(change.buffer, 32)
+        await expect_einval(client, change.code, change.buffer)
+
+    @pytest.mark.parametrize(
+        "code", [Ioctl.hgcm_call_32(HEADER_SIZE), 0xC018_5699, Ioctl.VMMDEV_REQUEST_BIG_ALT]
+    )
+    async def test_unknown_ioctls_are_einval(self, host: SimulatedHost, code: int) -> None:
+        """Unknown functions (VERR_NOT_SUPPORTED inside) fail with EINVAL, not ENOTTY."""
+        client = await open_client(host)
+        buf = bytearray([UNTOUCHED]) * HEADER_SIZE
+        L.IoctlHeader.size_in.set(buf, HEADER_SIZE)
+        L.IoctlHeader.version.set(buf, 0x10001)
+        L.IoctlHeader.size_out.set(buf, HEADER_SIZE)
+        L.IoctlHeader.type.set(buf, 0)
+        await expect_einval(client, code, buf)
+
+    async def test_version_mismatch_fills_the_reply(self, host: SimulatedHost) -> None:
+        """A foreign major version is VERR_VERSION_MISMATCH in rc with the driver's version."""
+        client = await open_client(host)
+        call = DriverVersionInfo(req_version=0x0002_0000, min_version=0x0002_0000).encode()
+        await client.raw(call.code, call.buffer)
+        assert L.IoctlHeader.rc.get(call.buffer) == VERR_VERSION_MISMATCH
+        assert L.DriverVersionInfo.session_version.get(call.buffer) == 0xFFFF_FFFF
+        assert L.DriverVersionInfo.driver_version.get(call.buffer) == 0x0001_0000
+        call = DriverVersionInfo(req_version=0x0001_0000, min_version=0x0001_0001).encode()
+        await client.raw(call.code, call.buffer)
+        assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_PARAMETER
+
+    async def test_hgcm_failures_are_statuses(self, host: SimulatedHost) -> None:
+        """Unknown client ids are VERR_INVALID_HANDLE; the 65th client VERR_TOO_MANY_OPEN_FILES."""
+        client = await open_client(host)
+        for _ in range(64):
+            await client.request(HgcmConnect(ECHO))
+        connect = HgcmConnect(ECHO).encode()
+        await client.raw(connect.code, connect.buffer)
+        assert L.IoctlHeader.rc.get(connect.buffer) == VERR_TOO_MANY_OPEN_FILES
+        disconnect = HgcmDisconnect(0x7777).encode()
+        await client.raw(disconnect.code, disconnect.buffer)
+        assert L.IoctlHeader.rc.get(disconnect.buffer) == VERR_INVALID_HANDLE
+        call = HgcmCall(0x7777, FN_ECHO, (HgcmU32(0),)).encode()
+        await client.raw(call.code, call.buffer)
+        assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
+
+
+class TestEvents:
+    """WAIT_FOR_EVENTS and the one-shot INTERRUPT_ALL_WAIT_FOR_EVENTS."""
+
+    async def test_empty_mask_is_an_invalid_parameter(self, host: SimulatedHost) -> None:
+        """Mask 0: VERR_INVALID_PARAMETER in hdr.rc, events 0, the ioctl succeeds."""
+        client = await open_client(host)
+        assert await wait_raw(client, 0, 0) == (VERR_INVALID_PARAMETER, 0)
+
+    async def test_timeout_is_in_rc(self, host: SimulatedHost, autojump_clock: object) -> None:
+        """Nothing pending: VERR_TIMEOUT in hdr.rc after the timeout (0 = at once)."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        assert await wait_raw(client, mask, 0) == (VERR_TIMEOUT, 0)
+        start = trio.current_time()
+        assert await wait_raw(client, mask, 1500) == (VERR_TIMEOUT, 0)
+        assert trio.current_time() - start == pytest.approx(1.5)
+
+    async def test_cancel_without_waiter_ends_the_next_wait(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """The cancel is remembered, consumed by the next wait (success, no events), once."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        await client.request(ChangeFilterMask(mask, 0))
+        await client.request(InterruptAllWaits())
+        assert await wait_raw(client, mask, 1000) == (VINF_SUCCESS, 0)
+        assert await wait_raw(client, mask, 1000) == (VERR_TIMEOUT, 0)
+
+    async def test_pending_events_come_with_the_consumed_cancel(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """A wait consuming the cancel still returns the matching pending events."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        await client.request(ChangeFilterMask(mask, 0))
+        await client.request(InterruptAllWaits())
+        host.raise_events(mask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await wait_raw(client, mask, 1000) == (VINF_SUCCESS, mask)
+        assert await wait_raw(client, mask, 0) == (VERR_TIMEOUT, 0)
+
+    async def test_cancel_ends_a_blocked_wait_only(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """A waiting call ends with VERR_INTERRUPTED; nothing is left for the next wait."""
+        client, other = await open_client(host), await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        results: list[tuple[int, int]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait(target: Client) -> None:
+                results.append(await wait_raw(target, mask, 10_000))
+
+            nursery.start_soon(wait, client)
+            nursery.start_soon(wait, other)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.request(InterruptAllWaits())
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == [(VERR_INTERRUPTED, 0)]
+            nursery.cancel_scope.cancel()
+        assert await wait_raw(client, mask, 1000) == (VERR_TIMEOUT, 0)
+
+
+class TestVmmdevRequestPolicy:
+    """``vgdrvCheckIfVmmReqIsAllowed``: refusals are VERR_PERMISSION_DENIED in hdr.rc."""
+
+    @pytest.mark.parametrize(
+        "request_type",
+        [
+            RequestType.GET_STATISTICS_CHANGE_REQ,
+            RequestType.REPORT_GUEST_STATS,
+            RequestType.WRITE_COREDUMP,
+        ],
+    )
+    async def test_trusted_pass_through(self, host: SimulatedHost, request_type: int) -> None:
+        """/dev/vboxguest sessions reach the host; /dev/vboxuser sessions are refused."""
+        trusted = await open_client(host)
+        host.add_fault(request_type, VERR_NOT_SUPPORTED)
+        buf = await passthrough(trusted, request_type)
+        assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED
+        user = await open_client(host, user_device=True)
+        buf = await passthrough(user, request_type)
+        assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
+
+    @pytest.mark.parametrize(
+        ("request_type", "size"),
+        [
+            (RequestType.GET_MEMBALLOON_CHANGE_REQ, L.MemBalloonInfoRequest.size),
+            (RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size),
+            (RequestType.GUEST_HEARTBEAT, HEADER_SIZE),
+            (RequestType.HEARTBEAT_CONFIGURE, 36),
+            (RequestType.SET_GUEST_CAPABILITIES, L.MaskRequest.size),
+            (RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size),
+        ],
+    )
+    @pytest.mark.parametrize("user_device", [False, True])
+    async def test_kernel_only_requests(
+        self, host: SimulatedHost, request_type: int, size: int, user_device: bool
+    ) -> None:
+        """Balloon and heartbeat requests are the kernel's: refused to every user session."""
+        client = await open_client(host, user_device=user_device)
+        buf = await passthrough(client, request_type, size)
+        assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
+
+    async def test_reply_comes_back_only_on_success(self, host: SimulatedHost) -> None:
+        """Success copies the host's reply back; a failure leaves the request with its rc."""
+        client = await open_client(host)
+        buf = await passthrough(client, RequestType.GET_SESSION_ID)
+        assert L.RequestHeader.rc.get(buf) == VINF_SUCCESS
+        assert L.SessionIdRequest.session_id.get(buf) != 0
+        assert L.RequestHeader.reserved1.get(buf) == 32
+        host.add_fault(RequestType.GET_SESSION_ID, VERR_NOT_SUPPORTED)
+        buf = await passthrough(client, RequestType.GET_SESSION_ID)
+        assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED
+        assert L.SessionIdRequest.session_id.get(buf) == 0
+        assert L.RequestHeader.requestor.get(buf) == 0
+
+    async def test_malformed_requests_are_einval(self, host: SimulatedHost) -> None:
+        """Type 0 or size_in != size_out fail the entry with EINVAL."""
+        client = await open_client(host)
+        buf = vmmdev_request(RequestType.GET_SESSION_ID, 32)
+        L.RequestHeader.reserved1.set(buf, 24)
+        await expect_einval(client, Ioctl.vmmdev_request(32), buf)
+        buf = vmmdev_request(RequestType.INVALID_REQUEST, 32)
+        L.RequestHeader.reserved1.set(buf, 32)
+        await expect_einval(client, Ioctl.vmmdev_request(32), buf)
 
 
 class TestOracleBalloon:

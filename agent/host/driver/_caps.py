@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.host.driver._util import U32_MAX, check_sizes, fail, fail_status
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     AGC_FLAGS_CONFIG_ACQUIRE_MODE,
@@ -17,7 +17,6 @@ from agent.protocol.constants import (
     GuestCapability,
     RequestType,
 )
-from agent.protocol.status import status_to_errno
 
 if TYPE_CHECKING:
     from agent.host.driver._core import Driver
@@ -126,4 +125,4 @@ async def _push_caps(drv: Driver, session: DriverSession, *, termination: bool) 
     rc = await drv.perform(req)
     drv.guest_caps_host = caps if rc >= 0 else U32_MAX
     if rc < 0:
-        raise fail(status_to_errno(rc))
+        raise fail_status(rc)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.host.driver._util import U32_MAX, check_sizes, fail, fail_status
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HEADER_SIZE,
@@ -23,7 +23,6 @@ from agent.protocol.constants import (
     GuestCapability,
     RequestType,
 )
-from agent.protocol.status import status_to_errno
 
 if TYPE_CHECKING:
     from agent.host.driver._core import Driver
@@ -131,4 +130,4 @@ async def set_session_event_filter(
         if not termination:
             drv.filter_tracker.update(changed, wanted)
             session.event_filter = previous
-        raise fail(status_to_errno(rc))
+        raise fail_status(rc)

@@ -7,13 +7,32 @@ import os
 from typing import Final
 
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.status import status_to_errno
 
 U32_MAX: Final = 0xFFFFFFFF
 
 
+class DriverError(OSError):
+    """An ioctl failure as mainline returns it (the errno), with the VBox status behind it.
+
+    Attributes:
+        status: the host's status the errno was converted from, or None when the driver
+            chose the errno itself. Oracle's entry reports it in ``hdr.rc`` instead.
+    """
+
+    def __init__(self, code: int, status: int | None = None) -> None:
+        super().__init__(code, os.strerror(code))
+        self.status = status
+
+
 def fail(code: int) -> OSError:
     """Return the ``OSError`` an ioctl raises for ``code`` (a positive errno)."""
-    return OSError(code, os.strerror(code))
+    return DriverError(code)
+
+
+def fail_status(rc: int) -> OSError:
+    """Return the ``OSError`` mainline raises for the host's failing status ``rc``."""
+    return DriverError(status_to_errno(rc), rc)
 
 
 def check_sizes(kbuf: bytearray, size_in: int, size_out: int) -> None:

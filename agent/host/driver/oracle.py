@@ -1,5 +1,10 @@
 """Oracle's out-of-tree driver (``VBoxGuest.cpp``) on a build without the kernel balloon API.
 
+Its ioctl entry (:mod:`agent.host.driver._oracle`) reports a handler's failure as a VBox
+status in ``hdr.rc`` and returns 0; only malformed calls and unknown functions fail with
+EINVAL. INTERRUPT_ALL_WAIT_FOR_EVENTS is one-shot: it ends the session's waits in progress,
+or, when there are none, the session's next wait (which returns success with no events).
+
 The first session to call CHECK_BALLOON (or CHANGE_BALLOON) owns the balloon until it
 closes; others get VERR_PERMISSION_DENIED in ``hdr.rc``. CHECK_BALLOON asks the host for
 the target and answers ``handle_in_r3 = 1``: userspace allocates 1 MiB chunks and hands
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
+from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
 from agent.host.driver._pages import PageAllocator
 from agent.host.driver._util import check_sizes
@@ -37,6 +43,7 @@ from agent.protocol.status import (
 
 if TYPE_CHECKING:
     from agent.host.driver._core import BoundHandler
+    from agent.host.driver._oracle import Wait
     from agent.host.driver._session import DriverSession
     from agent.host.memory import DictMemory, GuestMemory
     from agent.host.vmmdev import VMMDev
@@ -56,6 +63,22 @@ class OracleDriver(Driver):
         self.chunks: dict[int, list[int]] = {}
         """User chunk address -> the guest pages locked for it, in inflate order."""
         self._balloon_mutex = trio.Lock()
+        self.waits: dict[DriverSession, set[Wait]] = {}
+        """Each session's WAIT_FOR_EVENTS calls in progress."""
+        self.pending_cancel: set[DriverSession] = set()
+        """Sessions whose cancel found no waiter (``fPendingCancelWaitEvents``)."""
+
+    async def ioctl(
+        self, session: DriverSession, code: int, buf: bytearray, memory: GuestMemory
+    ) -> None:
+        """Oracle's ioctl entry: see :mod:`agent.host.driver._oracle`."""
+        await _oracle.ioctl(self, session, code, buf, memory)
+
+    async def close_session(self, session: DriverSession) -> None:
+        """Close as the common code does, then forget the session's wait state."""
+        await super().close_session(session)
+        self.waits.pop(session, None)
+        self.pending_cancel.discard(session)
 
     @property
     def balloon_chunks(self) -> int:

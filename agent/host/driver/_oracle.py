@@ -1,0 +1,435 @@
+"""The ioctl entry of Oracle's driver: ``vgdrvLinuxIOCtlSlow`` and ``VGDrvCommonIoCtl``.
+
+Oracle's convention differs from mainline's in where a failure goes:
+
+- The Linux entry returns an errno only for what it checks itself (EFAULT, EINVAL for a bad
+  header version or a size that disagrees with the ioctl number, E2BIG above 16 MiB) and
+  EINVAL for *every* failure ``VGDrvCommonIoCtl`` returns: a malformed header, a size that
+  breaks the ioctl's ``REQ_CHECK_SIZES``, an unknown function (``VERR_NOT_SUPPORTED``
+  inside). Nothing is copied back then.
+- Everything a handler decides (including ``VERR_INVALID_PARAMETER`` for a bad argument,
+  ``VERR_PERMISSION_DENIED``, ``VERR_INTERRUPTED``, ``VERR_TIMEOUT``) goes into ``hdr.rc``;
+  the ioctl returns 0 and ``size_out`` bytes are copied back.
+- Variable-size ioctls are recognised by ``_IOC_NR`` alone (``VBGL_IOCTL_CODE_STRIPPED`` is
+  ``_IOC_NR`` on Linux): VMMDev requests (2, 3), HGCM calls (7) and LOG (9).
+
+Handlers shared with mainline raise the errno mainline would return; this entry reports the
+status Oracle's handler returns for the same failure instead (:func:`status_for`).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.host.driver import _caps, _events, _hgcm, _misc
+from agent.host.driver._policy import req_allowed
+from agent.host.driver._util import U32_MAX, DriverError, fail
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol._ioc import ioc_nr, ioc_size
+from agent.protocol.constants import (
+    HEADER_SIZE,
+    HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_PARMS,
+    HGCM_PARM64_SIZE,
+    IOC_VERSION,
+    IOCTL_HDR_VERSION,
+    MAX_IOCTL_SIZE,
+    MAX_VMMDEV_REQUEST_SIZE,
+    TIMEOUT_INFINITE,
+    Ioctl,
+    IoctlFunction,
+)
+from agent.protocol.status import (
+    STATUS_CODES,
+    VERR_BUFFER_OVERFLOW,
+    VERR_INTERRUPTED,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_SUPPORTED,
+    VERR_PERMISSION_DENIED,
+    VERR_TIMEOUT,
+    VERR_VERSION_MISMATCH,
+    VINF_SUCCESS,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from agent.host.driver._session import DriverSession
+    from agent.host.driver.oracle import OracleDriver
+    from agent.host.memory import GuestMemory
+
+    Handler = Callable[["OracleDriver", DriverSession, bytearray, GuestMemory], Awaitable[int]]
+
+VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
+VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
+VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
+VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
+MS_PER_S: Final = 1000
+
+_STATUS_FOR_ERRNO: Final = {
+    errno.EINVAL: VERR_INVALID_PARAMETER,
+    errno.E2BIG: VERR_INVALID_PARAMETER,
+    errno.EBUSY: VERR_RESOURCE_BUSY,
+    errno.EMFILE: VERR_TOO_MANY_OPEN_FILES,
+    errno.EPERM: VERR_PERMISSION_DENIED,
+    errno.EINTR: VERR_INTERRUPTED,
+    errno.ETIMEDOUT: VERR_TIMEOUT,
+    errno.EFAULT: VERR_INVALID_POINTER,
+}
+"""Oracle's status for a failure a shared (mainline) handler reports with this errno."""
+_PASSED_THROUGH: Final = frozenset({errno.ENODEV, errno.EBADF})
+"""Errnos of a lost or closed session: no handler runs, so they stay errnos."""
+
+
+def status_for(exc: OSError) -> int:
+    """Return the status Oracle's handler returns where mainline's raised ``exc``.
+
+    Raises:
+        OSError: ``exc`` itself when the session is lost or closed.
+    """
+    if isinstance(exc, DriverError) and exc.status is not None:
+        return exc.status
+    if exc.errno in _PASSED_THROUGH or exc.errno not in _STATUS_FOR_ERRNO:
+        raise exc
+    return _STATUS_FOR_ERRNO[exc.errno]
+
+
+@dataclass(eq=False)
+class Wait:
+    """One WAIT_FOR_EVENTS in progress (``VBOXGUESTWAIT``); ``cancelled`` = ``fResEvents`` -1."""
+
+    cancelled: bool = False
+
+
+# --- the Linux entry -----------------------------------------------------------------------------
+
+
+async def ioctl(
+    drv: OracleDriver, session: DriverSession, code: int, buf: bytearray, memory: GuestMemory
+) -> None:
+    """``vgdrvLinuxIOCtlSlow``: errno for the entry's own checks, EINVAL for common failures."""
+    await trio.lowlevel.checkpoint()
+    if session.lost:
+        raise fail(errno.ENODEV)
+    if session.closed:
+        raise fail(errno.EBADF)
+    if not drv.loaded:
+        raise fail(errno.ENODEV)
+    kbuf = _copy_in(code, buf)
+    if await _common_ioctl(drv, session, code, kbuf, memory) < 0:
+        raise fail(errno.EINVAL)
+    count = min(L.IoctlHeader.size_out.get(kbuf), len(kbuf))
+    if len(buf) < count:
+        raise fail(errno.EFAULT)
+    buf[:count] = kbuf[:count]
+
+
+def _copy_in(code: int, buf: bytearray) -> bytearray:
+    if len(buf) < HEADER_SIZE:
+        raise fail(errno.EFAULT)
+    if L.IoctlHeader.version.get(buf) != IOCTL_HDR_VERSION:
+        raise fail(errno.EINVAL)
+    size_in = L.IoctlHeader.size_in.get(buf)
+    size = max(size_in, L.IoctlHeader.size_out.get(buf))
+    if size > MAX_IOCTL_SIZE:
+        raise fail(errno.E2BIG)
+    if size_in < HEADER_SIZE or ioc_size(code) not in (0, size):
+        raise fail(errno.EINVAL)
+    if len(buf) < size_in:
+        raise fail(errno.EFAULT)
+    kbuf = bytearray(size)
+    kbuf[:size_in] = buf[:size_in]
+    return kbuf
+
+
+# --- VGDrvCommonIoCtl -------------------------------------------------------------------------
+
+
+async def _common_ioctl(
+    drv: OracleDriver, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """Return the function's own status; handlers' statuses go to ``hdr.rc``."""
+    hdr = L.IoctlHeader
+    size_in = hdr.size_in.get(kbuf)
+    if hdr.size_out.get(kbuf) == 0:
+        hdr.size_out.set(kbuf, size_in)
+    size_out = hdr.size_out.get(kbuf)
+    if not (HEADER_SIZE <= size_in <= len(kbuf) and HEADER_SIZE <= size_out <= len(kbuf)):
+        return VERR_INVALID_PARAMETER
+    variable = _VARIABLE.get(ioc_nr(code))
+    if variable is not None:
+        return await variable(drv, session, kbuf, memory)
+    if hdr.type.get(kbuf) != 0:
+        return VERR_INVALID_PARAMETER
+    fixed = _FIXED.get(code)
+    if fixed is None:
+        hdr.rc.set(kbuf, VERR_NOT_SUPPORTED)
+        return VERR_NOT_SUPPORTED
+    expected_in, expected_out, handler = fixed
+    if size_in != expected_in or size_out != expected_out:
+        return _refuse(kbuf)
+    hdr.rc.set(kbuf, await handler(drv, session, kbuf, memory))
+    return VINF_SUCCESS
+
+
+async def _vmmdev_request_ioctl(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    del memory
+    hdr = L.IoctlHeader
+    if hdr.type.get(kbuf) == 0 or hdr.size_in.get(kbuf) != hdr.size_out.get(kbuf):
+        return _refuse(kbuf)
+    hdr.rc.set(kbuf, await _vmmdev_request(drv, session, kbuf))
+    return VINF_SUCCESS
+
+
+async def _log_ioctl(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    if L.IoctlHeader.type.get(kbuf) != 0:
+        return VERR_INVALID_PARAMETER
+    if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
+        return _refuse(kbuf)
+    return await _shared(_misc.log, drv, session, kbuf, memory)
+
+
+async def _hgcm_call_ioctl(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    hdr = L.IoctlHeader
+    if hdr.type.get(kbuf) != 0:
+        return VERR_INVALID_PARAMETER
+    size_in = hdr.size_in.get(kbuf)
+    if size_in < HGCM_CALL_HEADER_SIZE or size_in != hdr.size_out.get(kbuf):
+        return _refuse(kbuf)
+    hdr.rc.set(kbuf, await _hgcm_call(drv, session, kbuf, memory))
+    return VINF_SUCCESS
+
+
+def _refuse(kbuf: bytearray) -> int:
+    """``REQ_CHECK_*``: ``return pReqHdr->rc = VERR_INVALID_PARAMETER``."""
+    L.IoctlHeader.rc.set(kbuf, VERR_INVALID_PARAMETER)
+    return VERR_INVALID_PARAMETER
+
+
+async def _shared(
+    handler: Callable[[OracleDriver, DriverSession, bytearray, GuestMemory], Awaitable[None]],
+    drv: OracleDriver,
+    session: DriverSession,
+    kbuf: bytearray,
+    memory: GuestMemory,
+) -> int:
+    """Run a handler shared with mainline; a raised errno becomes Oracle's status in rc."""
+    L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+    try:
+        await handler(drv, session, kbuf, memory)
+    except OSError as exc:
+        L.IoctlHeader.rc.set(kbuf, status_for(exc))
+    return VINF_SUCCESS
+
+
+def _adapt(
+    handler: Callable[[OracleDriver, DriverSession, bytearray, GuestMemory], Awaitable[None]],
+) -> Handler:
+    async def adapted(
+        drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+    ) -> int:
+        await _shared(handler, drv, session, kbuf, memory)
+        return L.IoctlHeader.rc.get(kbuf)
+
+    return adapted
+
+
+# --- handlers of Oracle's own ------------------------------------------------------------------
+
+
+async def _driver_version_info(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_DriverVersionInfo``: the outputs are written whatever the outcome."""
+    del drv, session, memory
+    layout = L.DriverVersionInfo
+    requested, minimum = layout.req_version.get(kbuf), layout.min_version.get(kbuf)
+    if minimum > requested or minimum >> 16 != requested >> 16:
+        rc = VERR_INVALID_PARAMETER
+    elif minimum <= IOC_VERSION and minimum >> 16 == IOC_VERSION >> 16:
+        rc = VINF_SUCCESS
+    else:
+        rc = VERR_VERSION_MISMATCH
+    layout.session_version.set(kbuf, IOC_VERSION if rc == VINF_SUCCESS else U32_MAX)
+    layout.driver_version.set(kbuf, IOC_VERSION)
+    layout.driver_revision.set(kbuf, 0)
+    layout.out_reserved1.set(kbuf, 0)
+    layout.out_reserved2.set(kbuf, 0)
+    await trio.lowlevel.checkpoint()
+    return rc
+
+
+async def _wait_for_events(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_WaitForEvents``: an empty mask is invalid; a pending cancel is consumed.
+
+    A cancel that found no waiter (:func:`_interrupt_all`) ends this wait at once with
+    success and whatever matching events are pending, possibly none.
+    """
+    del memory
+    layout = L.WaitForEventsIoctl
+    timeout_ms, mask = layout.timeout_ms.get(kbuf), layout.events_in.get(kbuf)
+    layout.events_out.set(kbuf, 0)
+    if mask == 0:
+        return VERR_INVALID_PARAMETER
+    deadline = (
+        math.inf if timeout_ms == TIMEOUT_INFINITE else trio.current_time() + timeout_ms / MS_PER_S
+    )
+    wait = Wait()
+    waits = drv.waits.setdefault(session, set())
+    waits.add(wait)
+    try:
+        while True:
+            if session.lost:
+                raise fail(errno.ENODEV)
+            if wait.cancelled or session.cancel_waiters:
+                return VERR_INTERRUPTED
+            matches = drv.pending_events & mask & _events.allowed_events(drv, session)
+            if matches or session in drv.pending_cancel:
+                drv.pending_events &= ~matches
+                drv.pending_cancel.discard(session)
+                layout.events_out.set(kbuf, matches)
+                return VINF_SUCCESS
+            if trio.current_time() >= deadline:
+                return VERR_TIMEOUT
+            with trio.move_on_at(deadline):
+                await drv.event_wq.park()
+    finally:
+        waits.discard(wait)
+
+
+async def _interrupt_all(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_CancelAllWaitEvents``: end this session's waits, or the next one if none."""
+    del kbuf, memory
+    waits = drv.waits.get(session, set())
+    for wait in waits:
+        wait.cancelled = True
+    if waits:
+        drv.event_wq.unpark_all()
+    else:
+        drv.pending_cancel.add(session)
+    await trio.lowlevel.checkpoint()
+    return VINF_SUCCESS
+
+
+async def _hgcm_disconnect(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle."""
+    client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
+    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
+        return VERR_INVALID_HANDLE
+    return await _adapt(_hgcm.disconnect)(drv, session, kbuf, memory)
+
+
+async def _hgcm_call(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_HGCMCallInner``: parameter count, size and client id, then the call."""
+    count = L.HgcmCallIoctl.parm_count.get(kbuf)
+    if count > HGCM_MAX_PARMS:
+        return VERR_INVALID_PARAMETER
+    needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
+    if len(kbuf) < needed:
+        return VERR_INVALID_PARAMETER
+    client_id = L.HgcmCallIoctl.client_id.get(kbuf)
+    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
+        L.IoctlHeader.size_out.set(kbuf, needed)
+        return VERR_INVALID_HANDLE
+    return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
+
+
+async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytearray) -> int:
+    """``vgdrvIoCtl_VMMDevRequest``: check, copy, stamp the requestor, perform, copy back.
+
+    The reply is copied back only when the host succeeded; otherwise the caller's request
+    stays as sent, with the failure in ``rc``.
+    """
+    size = L.RequestHeader.size_.get(kbuf)
+    if not HEADER_SIZE <= size <= len(kbuf):
+        return VERR_INVALID_PARAMETER
+    if len(kbuf) > MAX_VMMDEV_REQUEST_SIZE:
+        return VERR_BUFFER_OVERFLOW
+    request_type = L.RequestHeader.request_type.get(kbuf)
+    if not req_allowed(session, request_type, kbuf, frozenset()):
+        return VERR_PERMISSION_DENIED
+    copy = bytearray(kbuf[:size])
+    L.RequestHeader.reserved1.set(copy, 0)
+    L.RequestHeader.requestor.set(copy, session.requestor)
+    rc = await drv.perform(copy)
+    if rc >= 0:
+        kbuf[:size] = copy
+        L.RequestHeader.reserved1.set(kbuf, size)
+    return rc
+
+
+async def _check_balloon(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_CheckMemoryBalloon``: the personality's balloon answers."""
+    del memory
+    L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+    await drv.check_balloon(session, kbuf)
+    return L.IoctlHeader.rc.get(kbuf)
+
+
+async def _change_balloon(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_ChangeMemoryBalloon``: the personality's balloon answers."""
+    handler = drv.extra_ioctls()[Ioctl.CHANGE_BALLOON]
+    L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+    try:
+        await handler(session, kbuf, memory)
+    except OSError as exc:
+        return status_for(exc)
+    return L.IoctlHeader.rc.get(kbuf)
+
+
+_FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
+    Ioctl.DRIVER_VERSION_INFO: (40, L.DriverVersionInfo.size, _driver_version_info),
+    Ioctl.WAIT_FOR_EVENTS: (L.WaitForEventsIoctl.size, 28, _wait_for_events),
+    Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS: (HEADER_SIZE, HEADER_SIZE, _interrupt_all),
+    Ioctl.CHANGE_FILTER_MASK: (
+        L.ChangeFilterIoctl.size,
+        HEADER_SIZE,
+        _adapt(_events.change_filter_mask),
+    ),
+    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _adapt(_hgcm.connect)),
+    Ioctl.HGCM_DISCONNECT: (L.HgcmDisconnectIoctl.size, HEADER_SIZE, _hgcm_disconnect),
+    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (
+        L.AcquireGuestCapsIoctl.size,
+        HEADER_SIZE,
+        _adapt(_caps.acquire),
+    ),
+    Ioctl.CHANGE_GUEST_CAPABILITIES: (
+        L.SetGuestCapsIoctl.size,
+        L.SetGuestCapsIoctl.size,
+        _adapt(_caps.change),
+    ),
+    Ioctl.CHECK_BALLOON: (HEADER_SIZE, L.CheckBalloonIoctl.size, _check_balloon),
+    Ioctl.CHANGE_BALLOON: (L.ChangeBalloonIoctl.size, HEADER_SIZE, _change_balloon),
+    Ioctl.WRITE_CORE_DUMP: (L.WriteCoreDumpIoctl.size, HEADER_SIZE, _adapt(_misc.write_core_dump)),
+}
+"""Fixed-size ioctls: ``(size_in, size_out, handler)`` (``REQ_CHECK_SIZES``)."""
+_VARIABLE: Final[dict[int, Handler]] = {
+    IoctlFunction.VMMDEV_REQUEST: _vmmdev_request_ioctl,
+    IoctlFunction.VMMDEV_REQUEST_BIG: _vmmdev_request_ioctl,
+    IoctlFunction.HGCM_CALL_64: _hgcm_call_ioctl,
+    IoctlFunction.LOG: _log_ioctl,
+}
+"""Variable-size ioctls by ``_IOC_NR``: they check their own header and return their status."""
