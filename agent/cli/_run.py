@@ -117,8 +117,10 @@ async def _main(
     async with trio.open_nursery() as nursery:
         if isinstance(target, Scenario):
             settings = target.host
+            personality = args.personality or settings.personality
             host = SimulatedHost(
-                personality=args.personality or settings.personality,
+                personality=personality,
+                r3_balloon=settings.r3_balloon and personality == "oracle",
                 ram_mb=settings.ram_mb,
                 heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
                 host_time_enabled=settings.host_time,

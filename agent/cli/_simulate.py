@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="passthrough",
         help="kernel driver the host models (default: %(default)s)",
     )
+    parser.add_argument(
+        "--r3-balloon",
+        action="store_true",
+        help="oracle: the driver has no kernel balloon allocator (CHECK_BALLOON answers "
+        "handle_in_r3; the agent hands over chunks it locks itself)",
+    )
     parser.add_argument("--ram-mb", default="2048", metavar="N", help="guest RAM (default: 2048)")
     parser.add_argument(
         "--heartbeat-interval-ms",
@@ -64,8 +70,12 @@ def simulate_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vbox-agent simulate: {exc}", file=sys.stderr)
         return EX_USAGE
+    if args.r3_balloon and args.personality != "oracle":
+        print("vbox-agent simulate: --r3-balloon needs --personality oracle", file=sys.stderr)
+        return EX_USAGE
     host = SimulatedHost(
         personality=args.personality,
+        r3_balloon=args.r3_balloon,
         ram_mb=ram_mb,
         heartbeat_interval_ns=interval_ms * NS_PER_MS,
     )

@@ -70,6 +70,8 @@ class SimulatedHost:
         core_dump_enabled: whether WRITE_COREDUMP is allowed (else VERR_ACCESS_DENIED).
         seed: seeds the session ids, for reproducible runs.
         services: HGCM services to register; by default the guest-property service.
+        r3_balloon: Oracle's driver without its kernel balloon allocator (CHECK_BALLOON
+            answers ``handle_in_r3``); only with ``personality="oracle"``.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class SimulatedHost:
         core_dump_enabled: bool = False,
         seed: int | None = None,
         services: Iterable[HgcmService] | None = None,
+        r3_balloon: bool = False,
     ) -> None:
         if personality not in PERSONALITIES:
             names = ", ".join(PERSONALITIES)
@@ -99,7 +102,9 @@ class SimulatedHost:
             core_dump_enabled=core_dump_enabled,
             seed=seed,
         )
-        self.driver: Driver = make_driver(personality, self.vmmdev, self.ram)
+        self.driver: Driver = make_driver(
+            personality, self.vmmdev, self.ram, r3_balloon=r3_balloon
+        )
         for service in (GuestPropertyService(),) if services is None else services:
             self.register_hgcm_service(service)
         self._nursery: trio.Nursery | None = None

@@ -1,8 +1,8 @@
 """Kernel-driver personalities in front of the simulated VMMDev.
 
-``mainline`` is the Linux in-tree driver, ``oracle`` Oracle's out-of-tree driver with the
-balloon handled in ring 3, ``passthrough`` a driver that lets trusted userspace own the
-balloon and the heartbeat.
+``mainline`` is the Linux in-tree driver, ``oracle`` Oracle's out-of-tree driver (balloon
+allocated by the kernel, or in ring 3 with ``r3_balloon``), ``passthrough`` a driver that
+lets trusted userspace own the balloon and the heartbeat.
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ PERSONALITIES: Final[dict[str, type[Driver]]] = {
 }
 
 
-def make_driver(personality: str, vmmdev: VMMDev, ram: DictMemory) -> Driver:
+def make_driver(
+    personality: str, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False
+) -> Driver:
     """Return a driver of ``personality`` bound to ``vmmdev``.
 
+    ``r3_balloon`` builds Oracle's driver without its kernel balloon allocator.
+
     Raises:
-        ValueError: unknown personality.
+        ValueError: unknown personality, or ``r3_balloon`` for another personality.
     """
     try:
         driver_type = PERSONALITIES[personality]
@@ -39,6 +43,11 @@ def make_driver(personality: str, vmmdev: VMMDev, ram: DictMemory) -> Driver:
         names = ", ".join(PERSONALITIES)
         msg = f"unknown driver personality {personality!r}: expected one of {names}"
         raise ValueError(msg) from None
+    if driver_type is OracleDriver:
+        return OracleDriver(vmmdev, ram, r3_balloon=r3_balloon)
+    if r3_balloon:
+        msg = f"a ring-3 balloon is an option of the oracle personality, not of {personality!r}"
+        raise ValueError(msg)
     return driver_type(vmmdev, ram)
 
 
