@@ -4,7 +4,7 @@ In one run:
 
 - *engine*: an in-process simulated host asks for a 1 GiB balloon, then for none; the
   balloon service walks there and back with real chunks (map, keep out of forks, lock,
-  hand over, seal; unseal, take back, unmap), each chunk a CHANGE_BALLOON (``allocated``:
+  hand over; take back, unmap), each chunk a CHANGE_BALLOON (``allocated``:
   Oracle's driver with ``handle_in_r3``) or a CHANGE_MEMBALLOON with the pages read from
   pagemap (``owned``: passthrough);
 - *bare*: the same memory work without the agent: map, lock, touch and unmap 1024 x 1 MiB.

@@ -153,14 +153,7 @@ class OracleDriver(Driver):
         return VINF_SUCCESS
 
     def _alloc_chunk_pages(self) -> list[int] | None:
-        pages: list[int] = []
-        for _ in range(BALLOON_CHUNK_PAGES):
-            page = self.pages.alloc()
-            if page is None:
-                self.pages.free(pages)
-                return None
-            pages.append(page)
-        return pages
+        return self.pages.alloc_many(BALLOON_CHUNK_PAGES)
 
     async def _change_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, memory: GuestMemory

@@ -2,9 +2,8 @@
 
 A chunk is its own mapping (``mmap``), kept out of children (``MADV_DONTFORK``) and locked
 (``mlock``, which also faults every page in), as Oracle's ``CHANGE_BALLOON`` and the
-passthrough ``CHANGE_MEMBALLOON`` expect. While the host holds it the chunk is made
-inaccessible (``PROT_NONE``), so a stray pointer faults instead of touching host memory.
-It is unmapped only after the host gave it back.
+passthrough ``CHANGE_MEMBALLOON`` expect. Nothing in the agent ever reads or writes a
+chunk's memory; it is unmapped only after the host gave it back.
 
 ``ChunkAllocator`` is the seam: :class:`MmapAllocator` is the real one; tests may inject
 their own. ``physical_pages`` turns a chunk into the guest-physical addresses of its 256
@@ -33,7 +32,6 @@ _PFN_MASK: Final = (1 << 55) - 1
 _PAGE_PRESENT: Final = 1 << 63
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
 _PROT_READ_WRITE: Final = mmap.PROT_READ | mmap.PROT_WRITE
-_PROT_NONE: Final = 0
 
 
 class ChunkError(OSError):
@@ -57,14 +55,6 @@ class ChunkAllocator(Protocol):
         Raises:
             ChunkError: no memory, or the lock was refused (``RLIMIT_MEMLOCK``).
         """
-        ...
-
-    def seal(self, address: int) -> None:
-        """The host holds the chunk now: make it inaccessible."""
-        ...
-
-    def unseal(self, address: int) -> None:
-        """The host is about to give the chunk back: make it accessible again."""
         ...
 
     def release(self, address: int) -> None:
@@ -95,10 +85,8 @@ def _libc() -> ctypes.CDLL:
         function = getattr(libc, name)
         function.restype = ctypes.c_int
         function.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    for name in ("madvise", "mprotect"):
-        function = getattr(libc, name)
-        function.restype = ctypes.c_int
-        function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.madvise.restype = ctypes.c_int
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return libc
 
 
@@ -138,14 +126,6 @@ class MmapAllocator:
             libc.munmap(address, BALLOON_CHUNK_SIZE)
             raise error
         return int(address)
-
-    def seal(self, address: int) -> None:
-        """``PROT_NONE`` (best effort, as the pages stay locked either way)."""
-        self._libc.mprotect(address, BALLOON_CHUNK_SIZE, _PROT_NONE)
-
-    def unseal(self, address: int) -> None:
-        """Back to read/write (best effort)."""
-        self._libc.mprotect(address, BALLOON_CHUNK_SIZE, _PROT_READ_WRITE)
 
     def release(self, address: int) -> None:
         """Unmap (which unlocks)."""

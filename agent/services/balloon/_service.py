@@ -90,6 +90,7 @@ class BalloonService:
         allocator: where the agent's chunks come from (default: locked anonymous mmaps).
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
+        status_changed: called whenever :meth:`status` would read differently.
     """
 
     name: Final = "balloon"
@@ -103,8 +104,10 @@ class BalloonService:
         allocator: ChunkAllocator | None = None,
         pressure: PressureSource | None = None,
         mem_available_mb: Callable[[], int | None] | None = None,
+        status_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self._device = device
+        self._status_changed = status_changed
         self._pump = pump
         self._section = section
         self._allocator = allocator
@@ -112,6 +115,7 @@ class BalloonService:
         self._mem_available = mem_available_mb or self._read_mem_available
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
+        self._mode_of_walker: BalloonMode | None = None
         self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         self._chunks = 0
         self._target = 0
@@ -194,6 +198,9 @@ class BalloonService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """Decide the mode, then follow the host's target until cancelled."""
         structlog.contextvars.bind_contextvars(service=self.name)
+        self._read_pending = True
+        self._release_at = math.inf
+        self._postponed = False
         with self._pump.subscribe(self.name, EVENTS) as events:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_events, events)
@@ -243,7 +250,9 @@ class BalloonService:
         self._mode = mode
         self._chunks = self._target = detected.chunks
         self._read_pending = mode.agent_holds_chunks
-        if mode.agent_holds_chunks:
+        if self._walker is not None and self._mode_of_walker is mode:
+            self._walker.cap = None  # a restart after a failure: keep the chunks still held
+        elif mode.agent_holds_chunks:
             allocator = self._allocator if self._allocator is not None else MmapAllocator()
             handover = (
                 OracleHandover(self._device)
@@ -256,7 +265,9 @@ class BalloonService:
                 backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
                 mem_available_mb=self._mem_available,
                 min_available_mb=self._section.min_available_mb,
+                settled=self._status_changed,
             )
+            self._mode_of_walker = mode
         limit = memlock_limit()
         log.info(
             "balloon_mode",
@@ -265,6 +276,7 @@ class BalloonService:
             memlock_limit_mb="unlimited" if limit is None else limit >> 20,
         )
         self.mode_known.set()
+        self._status_changed()
 
     async def _forward_events(self, events: trio.MemoryReceiveChannel[int]) -> None:
         async for bits in events:
@@ -320,7 +332,9 @@ class BalloonService:
             )
             return
         status = await self._device.check_balloon()
-        self._chunks = status.chunks
+        if status.chunks != self._chunks:
+            self._chunks = status.chunks
+            self._status_changed()
         log.info("balloon_checked", mode=str(self._mode), chunks=status.chunks)
 
     def _postpone_read(self) -> bool:
@@ -333,6 +347,7 @@ class BalloonService:
         postpone = pressure or at_floor
         if postpone != self._postponed:
             self._postponed = postpone
+            self._status_changed()
             log.info(
                 "balloon_check_postponed" if postpone else "balloon_check_resumed",
                 pressure=pressure,

@@ -46,7 +46,9 @@ class ChunkWalker:
         backoff: Backoff,
         mem_available_mb: Callable[[], int | None],
         min_available_mb: int,
+        settled: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_settled = settled
         self.handover = handover
         self.allocator = allocator
         self.backoff = backoff
@@ -104,6 +106,7 @@ class ChunkWalker:
             if len(self.held) == goal:
                 self._settled.set()
                 self._settled = trio.Event()
+                self._on_settled()
             self._changed = trio.Event()
             deadline = self.backoff.retry_at if len(self.held) != goal else math.inf
             with trio.move_on_at(deadline):
@@ -163,7 +166,6 @@ class ChunkWalker:
             # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
             self.held.append(chunk)
             raise
-        allocator.seal(address)
         self.held.append(chunk)
         self.inflated += 1
 
@@ -177,12 +179,10 @@ class ChunkWalker:
 
         The chunk stays held (and mapped) when the host refused.
         """
-        self.allocator.unseal(chunk.address)
         try:
             await self.handover.deflate(chunk)
         except VBoxStatusError as exc:
             if not self.handover.never_held(exc.rc):
-                self.allocator.seal(chunk.address)
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
         if self.held[-1] is chunk:
