@@ -20,6 +20,7 @@ from agent.protocol.constants import (
     FacilityStatus,
 )
 from agent.protocol.messages import (
+    GUEST_STATISTICS_FIELDS,
     AcquireGuestCapabilities,
     ChangeBalloon,
     ChangeFilterMask,
@@ -31,7 +32,9 @@ from agent.protocol.messages import (
     GetHostVersion,
     GetMemBalloonChangeRequest,
     GetSessionId,
+    GetStatisticsChangeRequest,
     GuestHeartbeat,
+    GuestStatistics,
     HeartbeatConfigure,
     HgcmBuffer,
     HgcmBufferIn,
@@ -44,6 +47,7 @@ from agent.protocol.messages import (
     HgcmU64,
     InterruptAllWaits,
     Log,
+    ReportGuestStats,
     ReportGuestStatus,
     Request,
     WaitForEvents,
@@ -171,6 +175,12 @@ def change_mem_balloons() -> st.SearchStrategy[ChangeMemBalloon]:
     return st.builds(ChangeMemBalloon, inflate=st.booleans(), pages=pages)
 
 
+def report_guest_stats() -> st.SearchStrategy[ReportGuestStats]:
+    """A statistics report with any u32 in every field."""
+    fields = dict.fromkeys(GUEST_STATISTICS_FIELDS, u32s)
+    return st.builds(ReportGuestStats, stats=st.builds(GuestStatistics, **fields))
+
+
 def vmmdev_requests() -> st.SearchStrategy[Request[Any]]:
     """Any VMMDev passthrough request."""
     return st.one_of(
@@ -182,6 +192,8 @@ def vmmdev_requests() -> st.SearchStrategy[Request[Any]]:
         change_mem_balloons(),
         st.builds(HeartbeatConfigure, enabled=st.booleans()),
         st.just(GuestHeartbeat()),
+        st.builds(GetStatisticsChangeRequest, acknowledge=st.booleans()),
+        report_guest_stats(),
     )
 
 
@@ -227,5 +239,7 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Request[Any]]] = {
     "ChangeMemBalloon": change_mem_balloons(),
     "HeartbeatConfigure": st.builds(HeartbeatConfigure, enabled=st.booleans()),
     "GuestHeartbeat": st.just(GuestHeartbeat()),
+    "GetStatisticsChangeRequest": st.builds(GetStatisticsChangeRequest, acknowledge=st.booleans()),
+    "ReportGuestStats": report_guest_stats(),
 }
 """One strategy per request class, by class name (the fuzz tests parametrize over it)."""

@@ -110,6 +110,16 @@ class TestHostCommands:
         assert "personality: passthrough" in plain.stdout.splitlines()
         assert '"target_mb": 512' in plain.stdout
 
+    def test_stats_interval_shows_in_status(self, simulator: Simulator) -> None:
+        """The statistics interval set from the command line shows in ``guest_stats``."""
+        assert host(simulator.path, "stats-interval", "7").returncode == 0
+        status = json.loads(host(simulator.path, "status", "--json").stdout)
+        assert status["guest_stats"] == {"interval_s": 7, "reports": 0, "last": None}
+        for bad in ("-1", "4294967296", "soon"):
+            result = host(simulator.path, "stats-interval", bad)
+            assert result.returncode == 64, (bad, result.stderr)
+            assert "SECONDS must be an integer in [0, 4294967295]" in result.stderr
+
     def test_balloon_too_big(self, simulator: Simulator) -> None:
         """A target of 90 % of RAM or more is refused with one line and exit 1."""
         refused = host(simulator.path, "balloon", "1000")

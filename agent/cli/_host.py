@@ -1,10 +1,10 @@
 """``vbox-agent host --socket PATH COMMAND``: control a running simulated host.
 
 The commands mirror what VBoxManage does to a running VM (resize the balloon, set guest
-properties, raise events, restore a snapshot) plus test hooks (faults, delays, dropping the
-device connections) and ``status``. Each invocation sends one control command
-(``docs/simulator-socket.md``). Exit codes: 0 done, 1 the host refused (the reason is printed
-on one line), 64 bad arguments, 69 no host answers at the path.
+properties, set the guest statistics interval, raise events, restore a snapshot) plus test
+hooks (faults, delays, dropping the device connections) and ``status``. Each invocation
+sends one control command (``docs/simulator-socket.md``). Exit codes: 0 done, 1 the host
+refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 CONTROL_TIMEOUT_S: Final = 10.0
 """How long the CLI waits for the host to answer one command."""
+MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
+"""The statistics interval is a u32 of seconds."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     event = commands.add_parser("event", help="raise host events (RESTORED, 0x10, A|B)")
     event.add_argument("mask", metavar="NAME|MASK")
     event.set_defaults(build=_event)
+    stats = commands.add_parser(
+        "stats-interval", help="ask for a guest statistics report every SECONDS (0 stops them)"
+    )
+    stats.add_argument("seconds", metavar="SECONDS")
+    stats.set_defaults(build=_stats_interval)
     commands.add_parser("restore", help="simulate a VM restore").set_defaults(
         build=lambda _: {"command": "restore"}
     )
@@ -115,6 +122,11 @@ def _balloon(args: argparse.Namespace) -> dict[str, object]:
     return {"command": "balloon", "mb": _count(args.mb, "MB")}
 
 
+def _stats_interval(args: argparse.Namespace) -> dict[str, object]:
+    seconds = _count(args.seconds, "SECONDS", maximum=MAX_STATS_INTERVAL_S)
+    return {"command": "stats_interval", "seconds": seconds}
+
+
 def _prop_set(args: argparse.Namespace) -> dict[str, object]:
     return {"command": "prop_set", "name": args.name, "value": args.value, "flags": args.flags}
 
@@ -155,13 +167,14 @@ def _delay(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _count(text: str, name: str, *, minimum: int = 0) -> int:
+def _count(text: str, name: str, *, minimum: int = 0, maximum: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = minimum - 1
-    if value < minimum:
-        msg = f"{name} must be an integer >= {minimum}, not {text!r}"
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        msg = f"{name} must be an integer {bounds}, not {text!r}"
         raise ValueError(msg)
     return value
 

@@ -102,11 +102,17 @@ class HeartbeatMonitor:
         self._arm()
 
     def reset(self) -> None:
-        """VM reset: stop the timer, clear the flat-line; VMMDev then marks the check active."""
+        """VM reset: an active check stops its timer and forgets the flat-line.
+
+        VMMDev's reset leaves the check's on/off state as it was (its "deactivate" sets the
+        flag it just tested back to true), so a check the guest never configured stays off,
+        and an active one stays active until the guest configures it again.
+        """
+        if not self.active:
+            return
         self._deadline_ns = None
         self._rearmed.unpark_all()
         self.flatlined = False
-        self.active = True
 
     async def run(self) -> NoReturn:
         """Run the one-shot flat-line timer forever (re-armed by beats and configure)."""

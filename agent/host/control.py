@@ -3,20 +3,21 @@
 A command is a JSON object ``{"command": NAME, ...arguments}``; the answer is
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``. The commands:
 
-=============  ================================================  =========================
-command        arguments                                         result
-=============  ================================================  =========================
-``balloon``    ``mb`` (int)                                      null
-``prop_set``   ``name``, ``value`` (str), ``flags`` (str, "")    null
-``prop_get``   ``name``                                          ``{value, flags, timestamp}``
-``prop_delete`` ``name``                                         null
-``event``      ``mask`` (int)                                    null
-``restore``    (none)                                            null
-``fault``      ``request`` (int), ``status`` (int), ``count``    null
-``delay``      ``request`` (int), ``seconds`` (float)            null
-``drop``       (none)                                            ``{dropped: int}``
-``status``     (none)                                            ``host.status()``
-=============  ================================================  =========================
+==================  ==============================================  =============================
+command             arguments                                       result
+==================  ==============================================  =============================
+``balloon``         ``mb`` (int)                                    null
+``prop_set``        ``name``, ``value`` (str), ``flags`` (str, "")  null
+``prop_get``        ``name``                                        ``{value, flags, timestamp}``
+``prop_delete``     ``name``                                        null
+``event``           ``mask`` (int)                                  null
+``restore``         (none)                                          null
+``stats_interval``  ``seconds`` (int)                               null
+``fault``           ``request`` (int), ``status`` (int), ``count``  null
+``delay``           ``request`` (int), ``seconds`` (float)          null
+``drop``            (none)                                          ``{dropped: int}``
+``status``          (none)                                          ``host.status()``
+==================  ==============================================  =============================
 
 :func:`execute_control` runs one command on the host (server side); :func:`call_control`
 sends one from another process (client side).
@@ -106,6 +107,8 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
             host.raise_events(_arg(payload, "mask", int))
         case "restore":
             host.restore()
+        case "stats_interval":
+            host.set_statistics_interval(_arg(payload, "seconds", int))
         case "fault":
             request = RequestType(_arg(payload, "request", int))
             host.add_fault(request, _arg(payload, "status", int), _arg(payload, "count", int))

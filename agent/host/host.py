@@ -198,6 +198,14 @@ class SimulatedHost:
             raise ValueError(msg)
         self.vmmdev.raise_events(mask)
 
+    def set_statistics_interval(self, seconds: int) -> None:
+        """``IGuest::statisticsUpdateInterval``: a report every ``seconds`` (0 stops them).
+
+        Raises:
+            ValueError: ``seconds`` is negative or above a u32.
+        """
+        self.vmmdev.set_statistics_interval(seconds)
+
     def restore(self) -> None:
         """Restore from a saved state: new session id, HGCM calls re-sent, RESTORED raised."""
         self.vmmdev.restore()
@@ -269,6 +277,7 @@ class SimulatedHost:
                 "chunks": dev.balloon.chunks,
             },
             "heartbeat": dev.heartbeat.snapshot(),
+            "guest_stats": dev.guest_stats.snapshot(),
             "facilities": dev.facilities.snapshot(),
             "hgcm_clients": dev.hgcm.client_count,
             "hgcm_pending_calls": dev.hgcm.pending_calls,

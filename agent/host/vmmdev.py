@@ -33,6 +33,7 @@ from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
+from agent.host._stats import HostGuestStats
 from agent.host.hgcm import HgcmHost
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -88,7 +89,7 @@ class _Entry:
 
 
 class VMMDev:
-    """The VMMDev device of one VM, with its event model, balloon, heartbeat and HGCM."""
+    """The VMMDev device of one VM: events, balloon, heartbeat, guest statistics and HGCM."""
 
     def __init__(
         self,
@@ -114,6 +115,7 @@ class VMMDev:
             heartbeat_interval_ns,
             2 * heartbeat_interval_ns if heartbeat_timeout_ns is None else heartbeat_timeout_ns,
         )
+        self.guest_stats = HostGuestStats(self.raise_events)
         self.facilities = FacilityTable()
         self.guest = GuestInfo()
         self.request_counts: Counter[int] = Counter()
@@ -257,6 +259,10 @@ class VMMDev:
         if self.balloon.set_target(mb):
             self.raise_events(Event.BALLOON_CHANGE_REQUEST)
 
+    def set_statistics_interval(self, seconds: int) -> None:
+        """Management: ask for a statistics report every ``seconds`` (0 stops them)."""
+        self.guest_stats.set_interval(seconds)
+
     def restore(self) -> None:
         """A saved state was loaded: new session id, HGCM re-submission, RESTORED event."""
         self.session_id = self._rng.getrandbits(64)
@@ -276,6 +282,7 @@ class VMMDev:
         self.facilities.reset()
         self.heartbeat.reset()
         self.balloon.reset()
+        self.guest_stats.reset()
 
     async def run(self) -> NoReturn:
         """Run the device's timers (the heartbeat flat-line check)."""
@@ -311,6 +318,11 @@ class VMMDev:
             t.GET_SESSION_ID: (L.SessionIdRequest.size, self._session_id),
             t.WRITE_COREDUMP: (L.WriteCoreDumpRequest.size, self._core_dump),
             t.HEARTBEAT_CONFIGURE: (L.HeartbeatRequest.size, self._heartbeat_configure),
+            t.GET_STATISTICS_CHANGE_REQ: (
+                L.StatisticsChangeRequest.size,
+                self.guest_stats.change_request,
+            ),
+            t.REPORT_GUEST_STATS: (L.GuestStatsRequest.size, self.guest_stats.report),
         }
         at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None]]] = {
             t.GUEST_HEARTBEAT: (HEADER_SIZE, self._guest_heartbeat),

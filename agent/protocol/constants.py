@@ -253,6 +253,31 @@ def parse_event_mask(text: str) -> int:
     return mask
 
 
+class StatCap(IntFlag):
+    """Which ``VBoxGuestStatistics`` fields a report fills (``VBOX_GUEST_STAT_*``)."""
+
+    CPU_LOAD_IDLE = 0x0001
+    CPU_LOAD_KERNEL = 0x0002
+    CPU_LOAD_USER = 0x0004
+    THREADS = 0x0008
+    PROCESSES = 0x0010
+    HANDLES = 0x0020
+    MEMORY_LOAD = 0x0040
+    PHYS_MEM_TOTAL = 0x0080
+    PHYS_MEM_AVAIL = 0x0100
+    PHYS_MEM_BALLOON = 0x0200
+    MEM_COMMIT_TOTAL = 0x0400
+    MEM_KERNEL_TOTAL = 0x0800
+    MEM_KERNEL_PAGED = 0x1000
+    MEM_KERNEL_NONPAGED = 0x2000
+    MEM_SYSTEM_CACHE = 0x4000
+    PAGE_FILE_SIZE = 0x8000
+
+
+STAT_PAGE_SIZE: Final = 4096
+"""The unit of every memory figure in a statistics report: 4 KiB pages, whatever the guest's."""
+
+
 class GuestCapability(IntFlag):
     """Guest capability bits (``VMMDEV_GUEST_SUPPORTS_*``)."""
 

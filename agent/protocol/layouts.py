@@ -524,6 +524,51 @@ class HostTimeRequest(_WithRequestHeader):
     time_ms = u64(24, "time")
 
 
+class StatisticsChangeRequest(_WithRequestHeader):
+    """Upstream ``VMMDevGetStatisticsChangeRequest`` (32 bytes), GET_STATISTICS_CHANGE_REQ.
+
+    The host writes the interval (seconds, 0 = no reports); ``event_ack`` set to
+    STATISTICS_INTERVAL_CHANGE_REQUEST marks the interval as seen by the guest.
+    """
+
+    c_name = "vmmdev_statistics_change"
+    size = 32
+    source: ClassVar[Source] = "oracle"
+    interval_s = u32(24, "stat_interval")
+    event_ack = u32(28, "event_ack")
+
+
+class GuestStatsRequest(_WithRequestHeader):
+    """Upstream ``VMMDevReportGuestStats`` (24 + 19 * 4 = 100 bytes), REPORT_GUEST_STATS.
+
+    ``VBoxGuestStatistics`` follows the header: 19 u32 members, memory ones in 4 KiB pages.
+    """
+
+    c_name = "vmmdev_guest_stats"
+    size = 100
+    nested: ClassVar[Mapping[str, int]] = MappingProxyType({"header": 0, "stats": 24})
+    source: ClassVar[Source] = "oracle"
+    cpu_id = u32(24, "stats.cpu_id")
+    stat_caps = u32(28, "stats.stat_caps")
+    cpu_load_idle = u32(32, "stats.cpu_load_idle")
+    cpu_load_kernel = u32(36, "stats.cpu_load_kernel")
+    cpu_load_user = u32(40, "stats.cpu_load_user")
+    threads = u32(44, "stats.threads")
+    processes = u32(48, "stats.processes")
+    handles = u32(52, "stats.handles")
+    memory_load = u32(56, "stats.memory_load")
+    page_size = u32(60, "stats.page_size")
+    phys_mem_total = u32(64, "stats.phys_mem_total")
+    phys_mem_avail = u32(68, "stats.phys_mem_avail")
+    phys_mem_balloon = u32(72, "stats.phys_mem_balloon")
+    mem_commit_total = u32(76, "stats.mem_commit_total")
+    mem_kernel_total = u32(80, "stats.mem_kernel_total")
+    mem_kernel_paged = u32(84, "stats.mem_kernel_paged")
+    mem_kernel_nonpaged = u32(88, "stats.mem_kernel_nonpaged")
+    mem_system_cache = u32(92, "stats.mem_system_cache")
+    page_file_size = u32(96, "stats.page_file_size")
+
+
 class SessionIdRequest(_WithRequestHeader):
     """Upstream ``VMMDevReqSessionId`` (32 bytes), GET_SESSION_ID."""
 
@@ -628,6 +673,8 @@ ALL_LAYOUTS: Final[tuple[type[Layout], ...]] = (
     MemBalloonChangeRequest,
     WriteCoreDumpRequest,
     HeartbeatRequest,
+    StatisticsChangeRequest,
+    GuestStatsRequest,
     HostTimeRequest,
     SessionIdRequest,
     HgcmRequestHeader,

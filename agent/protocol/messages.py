@@ -988,6 +988,89 @@ class GuestHeartbeat(_VmmdevRequest[None]):
         """Nothing comes back."""
 
 
+# --- guest statistics ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StatisticsInterval:
+    """Reply to :class:`GetStatisticsChangeRequest`: seconds between reports (0 = none)."""
+
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetStatisticsChangeRequest(_VmmdevRequest[StatisticsInterval]):
+    """``VMMDEVREQ_GET_STATISTICS_CHANGE_REQ`` (32 bytes); acknowledges event 0x80."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_GET_STATISTICS_CHANGE_REQ"
+    request_type: ClassVar[RequestType] = RequestType.GET_STATISTICS_CHANGE_REQ
+    layout_size: ClassVar[int] = L.StatisticsChangeRequest.size
+    acknowledge: bool = True
+
+    def fill(self, buf: bytearray) -> None:
+        """Set ``event_ack`` to STATISTICS_INTERVAL_CHANGE_REQUEST when acknowledging."""
+        ack = Event.STATISTICS_INTERVAL_CHANGE_REQUEST if self.acknowledge else 0
+        L.StatisticsChangeRequest.event_ack.set(buf, ack)
+
+    def read(self, buf: bytearray) -> StatisticsInterval:
+        """Decode the interval."""
+        return StatisticsInterval(L.StatisticsChangeRequest.interval_s.get(buf))
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStatistics:
+    """``VBoxGuestStatistics``: one report; memory figures in 4 KiB pages, loads in percent.
+
+    ``stat_caps`` (:class:`~agent.protocol.constants.StatCap` bits) says which fields are
+    real; the host ignores the others.
+    """
+
+    cpu_id: int = 0
+    stat_caps: int = 0
+    cpu_load_idle: int = 0
+    cpu_load_kernel: int = 0
+    cpu_load_user: int = 0
+    threads: int = 0
+    processes: int = 0
+    handles: int = 0
+    memory_load: int = 0
+    page_size: int = 0
+    phys_mem_total: int = 0
+    phys_mem_avail: int = 0
+    phys_mem_balloon: int = 0
+    mem_commit_total: int = 0
+    mem_kernel_total: int = 0
+    mem_kernel_paged: int = 0
+    mem_kernel_nonpaged: int = 0
+    mem_system_cache: int = 0
+    page_file_size: int = 0
+
+
+GUEST_STATISTICS_FIELDS: Final = tuple(GuestStatistics.__dataclass_fields__)
+"""The report's fields in ``VBoxGuestStatistics`` order (the layout uses the same names)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportGuestStats(_VmmdevRequest[None]):
+    """``VMMDEVREQ_REPORT_GUEST_STATS`` (100 bytes): one statistics report."""
+
+    operation: ClassVar[str] = "VMMDEVREQ_REPORT_GUEST_STATS"
+    request_type: ClassVar[RequestType] = RequestType.REPORT_GUEST_STATS
+    layout_size: ClassVar[int] = L.GuestStatsRequest.size
+    stats: GuestStatistics
+
+    def fill(self, buf: bytearray) -> None:
+        """Write every field (each must fit in a u32)."""
+        for name in GUEST_STATISTICS_FIELDS:
+            value: int = getattr(self.stats, name)
+            _check_u32(name, value)
+            member: L.IntField = getattr(L.GuestStatsRequest, name)
+            member.set(buf, value)
+
+    def read(self, buf: bytearray) -> None:
+        """Nothing comes back."""
+
+
 def _or_all(values: tuple[int, ...]) -> int:
     """Bitwise OR of ``values`` (an alignment check of many addresses in one C loop)."""
     return functools.reduce(operator.or_, values, 0)

@@ -62,6 +62,8 @@ EXACT_SIZES: Final = {
     T.GET_SESSION_ID: 32,
     T.WRITE_COREDUMP: 28,
     T.HEARTBEAT_CONFIGURE: 36,
+    T.GET_STATISTICS_CHANGE_REQ: 32,
+    T.REPORT_GUEST_STATS: 100,
 }
 """The checklist's exact sizes (linux-vboxguest.md §14)."""
 
@@ -476,6 +478,92 @@ class TestBalloon:
         assert device.vmmdev.balloon.chunks == 0
 
 
+class TestGuestStats:
+    """The statistics interval, its acknowledgement and the reports Main keeps."""
+
+    def query(self, device: Device, *, ack: bool = True) -> int:
+        """Send GET_STATISTICS_CHANGE_REQ and return the interval."""
+        req = vmmdev_request(T.GET_STATISTICS_CHANGE_REQ, 32)
+        L.StatisticsChangeRequest.event_ack.set(req, Event.STATISTICS_INTERVAL_CHANGE_REQUEST * ack)
+        assert device.send(req) == VINF_SUCCESS
+        return L.StatisticsChangeRequest.interval_s.get(req)
+
+    def test_interval_notifies_until_acknowledged(self, device: Device) -> None:
+        """0x80 comes for an interval the guest has not acknowledged, never for the same one."""
+        device.report_additions()
+        filter_mask(device, Event.STATISTICS_INTERVAL_CHANGE_REQUEST, 0)
+        device.vmmdev.set_statistics_interval(5)
+        assert acknowledge(device) == Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        assert self.query(device, ack=False) == 5
+        device.vmmdev.set_statistics_interval(5)
+        assert acknowledge(device) == Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        assert self.query(device) == 5
+        device.vmmdev.set_statistics_interval(5)
+        assert acknowledge(device) == 0
+
+    def test_acknowledged_value_is_not_even_stored(self, device: Device) -> None:
+        """Going back to the acknowledged interval before the guest looked keeps the newer one."""
+        device.report_additions()
+        device.vmmdev.set_statistics_interval(1)
+        assert self.query(device) == 1
+        device.vmmdev.set_statistics_interval(3)
+        device.vmmdev.set_statistics_interval(1)
+        assert self.query(device) == 3
+
+    def test_reset_forgets_the_acknowledgement(self, device: Device) -> None:
+        """After a reset the same interval notifies again."""
+        device.report_additions()
+        device.vmmdev.set_statistics_interval(2)
+        assert self.query(device) == 2
+        device.vmmdev.reset()
+        device.report_additions()
+        filter_mask(device, Event.STATISTICS_INTERVAL_CHANGE_REQUEST, 0)
+        device.vmmdev.set_statistics_interval(2)
+        assert acknowledge(device) == Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+
+    @pytest.mark.parametrize("seconds", [-1, 1 << 32])
+    def test_interval_must_fit_a_u32(self, device: Device, seconds: int) -> None:
+        """Negative or oversized intervals are refused with one line."""
+        with pytest.raises(ValueError, match=r"statistics interval must be in range"):
+            device.vmmdev.set_statistics_interval(seconds)
+
+    def test_report_is_kept_field_by_field(self, device: Device) -> None:
+        """Every u32 of the report lands under its snake-case name; reports are counted."""
+        device.report_additions()
+        assert device.vmmdev.guest_stats.snapshot() == {
+            "interval_s": 0,
+            "reports": 0,
+            "last": None,
+        }
+        req = vmmdev_request(T.REPORT_GUEST_STATS, 100)
+        struct.pack_into("<19I", req, 24, *range(100, 119))
+        assert device.send(req) == VINF_SUCCESS
+        assert device.send(req) == VINF_SUCCESS
+        state = device.vmmdev.guest_stats.snapshot()
+        assert state["reports"] == 2
+        assert state["last"] == {
+            "cpu_id": 100,
+            "stat_caps": 101,
+            "cpu_load_idle": 102,
+            "cpu_load_kernel": 103,
+            "cpu_load_user": 104,
+            "threads": 105,
+            "processes": 106,
+            "handles": 107,
+            "memory_load": 108,
+            "page_size": 109,
+            "phys_mem_total": 110,
+            "phys_mem_avail": 111,
+            "phys_mem_balloon": 112,
+            "mem_commit_total": 113,
+            "mem_kernel_total": 114,
+            "mem_kernel_paged": 115,
+            "mem_kernel_nonpaged": 116,
+            "mem_system_cache": 117,
+            "page_file_size": 118,
+        }
+
+
 class TestHeartbeat:
     """Configure, beats and flat-line detection on virtual time."""
 
@@ -537,6 +625,31 @@ class TestHeartbeat:
             self.configure(device, enabled=False)
             await trio.sleep(60)
             assert not flatlined(device)
+            nursery.cancel_scope.cancel()
+
+    async def test_reset_leaves_an_unconfigured_check_off(self, autojump_clock: object) -> None:
+        """A VM reset never switches on a check the guest did not configure."""
+        device = make_device()
+        device.report_additions()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            device.vmmdev.reset()
+            device.report_additions()
+            await trio.sleep(60)
+            assert (device.vmmdev.heartbeat.active, flatlined(device)) == (False, False)
+            nursery.cancel_scope.cancel()
+
+    async def test_reset_stops_the_timer_of_an_active_check(self, autojump_clock: object) -> None:
+        """An active check stays on across a reset but flat-lines only after a new beat's timer."""
+        device = make_device()
+        device.report_additions()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            self.configure(device, enabled=True)
+            await trio.sleep(1)
+            device.vmmdev.reset()
+            await trio.sleep(60)
+            assert (device.vmmdev.heartbeat.active, flatlined(device)) == (True, False)
             nursery.cancel_scope.cancel()
 
     @pytest.mark.parametrize(

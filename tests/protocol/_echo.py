@@ -27,6 +27,7 @@ from agent.protocol.messages import (
     GetHostVersion,
     GetMemBalloonChangeRequest,
     GetSessionId,
+    GetStatisticsChangeRequest,
     GuestCapabilities,
     GuestHeartbeat,
     HeartbeatConfigure,
@@ -48,8 +49,10 @@ from agent.protocol.messages import (
     InterruptAllWaits,
     IoctlCall,
     Log,
+    ReportGuestStats,
     ReportGuestStatus,
     SessionId,
+    StatisticsInterval,
     WaitForEvents,
     WriteCoreDump,
 )
@@ -63,6 +66,8 @@ _VMMDEV = (
     ChangeMemBalloon,
     HeartbeatConfigure,
     GuestHeartbeat,
+    GetStatisticsChangeRequest,
+    ReportGuestStats,
 )
 _EMPTY_IOCTLS = (
     InterruptAllWaits,
@@ -150,7 +155,7 @@ def _answer_hgcm_call(request: HgcmCall, call: IoctlCall[Any]) -> tuple[HgcmValu
     return tuple(values)
 
 
-def _answer_vmmdev(request: object, buf: bytearray) -> Any:
+def _answer_vmmdev(request: object, buf: bytearray) -> Any:  # noqa: PLR0911 - a branch per type
     if isinstance(request, GetHostVersion):
         struct.pack_into("<HHIII", buf, 24, 7, 1, 4, 165100, 0x1)
         return HostVersion(7, 1, 4, 165100, 0x1)
@@ -168,4 +173,8 @@ def _answer_vmmdev(request: object, buf: bytearray) -> Any:
         interval = 2_000_000_000 if request.enabled else 1
         struct.pack_into("<Q", buf, 24, interval)
         return HeartbeatSettings(interval)
+    if isinstance(request, GetStatisticsChangeRequest):
+        seconds = 5 if request.acknowledge else 0
+        struct.pack_into("<I", buf, 24, seconds)
+        return StatisticsInterval(seconds)
     return None

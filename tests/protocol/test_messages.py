@@ -39,8 +39,10 @@ from agent.protocol.messages import (
     GetHostVersion,
     GetMemBalloonChangeRequest,
     GetSessionId,
+    GetStatisticsChangeRequest,
     GuestCapabilities,
     GuestHeartbeat,
+    GuestStatistics,
     HeartbeatConfigure,
     HeartbeatSettings,
     HgcmBuffer,
@@ -60,9 +62,11 @@ from agent.protocol.messages import (
     InterruptAllWaits,
     IoctlCall,
     Log,
+    ReportGuestStats,
     ReportGuestStatus,
     Request,
     SessionId,
+    StatisticsInterval,
     UserBuffer,
     WaitForEvents,
     WriteCoreDump,
@@ -221,6 +225,24 @@ GOLDEN: list[tuple[str, Request[Any], int, bytes]] = [
         request_header(36, 220) + struct.pack("<QB", 0, 1) + bytes(3),
     ),
     ("guest_heartbeat", GuestHeartbeat(), 0xC0185602, request_header(24, 219)),
+    (
+        "get_statistics_change_req",
+        GetStatisticsChangeRequest(),
+        0xC0205602,
+        request_header(32, 112) + struct.pack("<II", 0, 0x80),
+    ),
+    (
+        "get_statistics_change_req_no_ack",
+        GetStatisticsChangeRequest(acknowledge=False),
+        0xC0205602,
+        request_header(32, 112) + bytes(8),
+    ),
+    (
+        "report_guest_stats",
+        ReportGuestStats(GuestStatistics(*range(1, 20))),
+        0xC0645602,
+        request_header(100, 110) + struct.pack("<19I", *range(1, 20)),
+    ),
 ]
 
 
@@ -376,6 +398,11 @@ class TestDecoding:
         call = _answered(GetMemBalloonChangeRequest(), ("<I", 24, 128), ("<I", 28, 4096))
         assert call.request.decode(call) == BalloonTarget(128, 4096)
 
+    def test_statistics_interval(self) -> None:
+        """The interval in seconds comes from the u32 at 24."""
+        call = _answered(GetStatisticsChangeRequest(), ("<I", 24, 5))
+        assert call.request.decode(call) == StatisticsInterval(5)
+
     def test_heartbeat_settings(self) -> None:
         """The interval comes from the 4-aligned u64 at 24."""
         call = _answered(HeartbeatConfigure(enabled=True), ("<Q", 24, 2_000_000_000))
@@ -430,6 +457,10 @@ class TestLocalProtocolErrors:
             pytest.param(ChangeMemBalloon(True, (*PAGES[:255], 0)), id="memballoon-null"),
             pytest.param(
                 ReportGuestStatus(Facility.ALL, FacilityStatus.ACTIVE, flags=-1), id="status-flags"
+            ),
+            pytest.param(ReportGuestStats(GuestStatistics(threads=-1)), id="stats-negative"),
+            pytest.param(
+                ReportGuestStats(GuestStatistics(phys_mem_total=1 << 32)), id="stats-too-big"
             ),
             pytest.param(
                 ReportGuestStatus(Facility.ALL, FacilityStatus.ACTIVE, flags=1 << 32),

@@ -184,4 +184,39 @@ struct vmmdev_session_id {
 };
 MIRROR_ASSERT_SIZE(vmmdev_session_id, 24 + 8);
 
+/* VMMDevGetStatisticsChangeRequest. */
+struct vmmdev_statistics_change {
+	struct vmmdev_request_header header;
+	__u32 stat_interval;
+	__u32 event_ack;
+};
+MIRROR_ASSERT_SIZE(vmmdev_statistics_change, 24 + 8);
+
+/* VMMDevReportGuestStats: VBoxGuestStatistics (19 u32) after the header. */
+struct vmmdev_guest_stats {
+	struct vmmdev_request_header header;
+	struct {
+		__u32 cpu_id;
+		__u32 stat_caps;
+		__u32 cpu_load_idle;
+		__u32 cpu_load_kernel;
+		__u32 cpu_load_user;
+		__u32 threads;
+		__u32 processes;
+		__u32 handles;
+		__u32 memory_load;
+		__u32 page_size;
+		__u32 phys_mem_total;
+		__u32 phys_mem_avail;
+		__u32 phys_mem_balloon;
+		__u32 mem_commit_total;
+		__u32 mem_kernel_total;
+		__u32 mem_kernel_paged;
+		__u32 mem_kernel_nonpaged;
+		__u32 mem_system_cache;
+		__u32 page_file_size;
+	} stats;
+};
+MIRROR_ASSERT_SIZE(vmmdev_guest_stats, 24 + 19 * 4);
+
 #endif
