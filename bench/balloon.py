@@ -76,21 +76,15 @@ async def engine(chunks: int, mode: str) -> float:
             await nursery.start(pump.run)
             await nursery.start(service.run)
             walker = service.walker
-            assert walker is not None, f"mode {service.mode} does not walk"  # noqa: S101
+            assert walker is not None, f"mode {service.mode} does not walk"
             started = time.perf_counter()
             host.set_balloon_target(chunks)
-            await _until(lambda: len(walker.held) == chunks)
+            await walker.wait_held(chunks)
             host.set_balloon_target(0)
-            await _until(lambda: not walker.held)
+            await walker.wait_held(0)
             elapsed = time.perf_counter() - started
         nursery.cancel_scope.cancel()
     return elapsed
-
-
-async def _until(condition: object) -> None:
-    assert callable(condition)  # noqa: S101
-    while not condition():
-        await trio.sleep(0.001)
 
 
 def main() -> None:

@@ -69,14 +69,23 @@ class Vm:
         )
         config = workdir / "agent.toml"
         config.write_text(
-            f'[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S}\n'
+            f"[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S}\n"
             f'[log]\nformat = "json"\n'
             f'[balloon]\npsi_path = "{workdir / "memory.pressure"}"\n'
             "retry_initial_s = 0.2\nretry_max_s = 1.0\n"
         )
         self._agent_log = (workdir / "agent.log").open("wb")
         self.agent = subprocess.Popen(
-            [PYTHON, "-m", "agent", "run", "--device", f"unix:{self.socket}", "--config", str(config)],
+            [
+                PYTHON,
+                "-m",
+                "agent",
+                "run",
+                "--device",
+                f"unix:{self.socket}",
+                "--config",
+                str(config),
+            ],
             stdout=self._agent_log,
             stderr=subprocess.STDOUT,
         )

@@ -102,9 +102,7 @@ class SimulatedHost:
             core_dump_enabled=core_dump_enabled,
             seed=seed,
         )
-        self.driver: Driver = make_driver(
-            personality, self.vmmdev, self.ram, r3_balloon=r3_balloon
-        )
+        self.driver: Driver = make_driver(personality, self.vmmdev, self.ram, r3_balloon=r3_balloon)
         for service in (GuestPropertyService(),) if services is None else services:
             self.register_hgcm_service(service)
         self._nursery: trio.Nursery | None = None

@@ -25,6 +25,7 @@ USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
 SIM_PAGES_BASE: Final = 1 << 40
 """Guest-physical pages the simulated allocator hands out (far from the kernel's pool)."""
 POLL_S: Final = 0.01
+MAX_POLLS: Final = 60_000
 
 
 @dataclass
@@ -101,9 +102,13 @@ class Running:
         return chunks
 
     async def until(self, condition: Callable[[], bool]) -> None:
-        """Poll ``condition`` on the (virtual) clock; the caller bounds the wait."""
-        while not condition():
+        """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
+        for _ in range(MAX_POLLS):
+            if condition():
+                return
             await trio.sleep(POLL_S)
+        msg = f"condition not met within {MAX_POLLS * POLL_S:g} s"
+        raise AssertionError(msg)
 
     async def settle(self, chunks: int) -> None:
         """Wait until the host shows ``chunks``."""

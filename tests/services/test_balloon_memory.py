@@ -24,11 +24,12 @@ _RANGE: Final = re.compile(r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>
 
 def locked_kb() -> int:
     """``VmLck`` of this process."""
-    with open("/proc/self/status") as status:  # noqa: PTH123
+    with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmLck:"):
                 return int(line.split()[1])
-    raise AssertionError("no VmLck line")
+    msg = "no VmLck line in /proc/self/status"
+    raise AssertionError(msg)
 
 
 def mapping(address: int) -> dict[str, str] | None:
@@ -37,7 +38,7 @@ def mapping(address: int) -> dict[str, str] | None:
     The kernel merges adjacent chunks with the same flags into one entry.
     """
     entry: dict[str, str] | None = None
-    with open("/proc/self/smaps") as smaps:  # noqa: PTH123
+    with open("/proc/self/smaps") as smaps:
         for line in smaps:
             match = _RANGE.match(line)
             if match:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pydantic
 import pytest
@@ -12,6 +10,9 @@ import trio
 
 from agent.services.balloon import BalloonSection, PsiMonitor
 from agent.services.balloon._pressure import PressureFileError, read_mem_available_mb
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 REAL_PSI: Final = "/proc/pressure/memory"
 PSI_TEXT: Final = (
@@ -60,7 +61,7 @@ class TestPsiMonitor:
 
     async def test_reads_the_real_pressure_file(self, autojump_clock: trio.abc.Clock) -> None:
         """This kernel's own PSI file: a trigger is set where supported, else it is polled."""
-        if not os.path.exists(REAL_PSI):  # noqa: PTH110
+        if not await trio.Path(REAL_PSI).exists():
             pytest.skip(f"{REAL_PSI} does not exist: this kernel has no PSI (CONFIG_PSI)")
         with trio.fail_after(60), PsiMonitor(REAL_PSI, interval_s=0.5, threshold_pct=10) as mon:
             if mon.uses_trigger:

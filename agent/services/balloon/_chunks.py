@@ -92,7 +92,9 @@ def _libc() -> ctypes.CDLL:
 
 def _error(call: str) -> ChunkError:
     code = ctypes.get_errno()
-    return ChunkError(code, f"{call} of a {BALLOON_CHUNK_SIZE >> 20} MiB chunk failed: {os.strerror(code)}")
+    return ChunkError(
+        code, f"{call} of a {BALLOON_CHUNK_SIZE >> 20} MiB chunk failed: {os.strerror(code)}"
+    )
 
 
 class MmapAllocator:
@@ -116,7 +118,8 @@ class MmapAllocator:
             0,
         )
         if address is None or address == _MAP_FAILED:
-            raise _error("mmap")
+            error = _error("mmap")
+            raise error
         if libc.madvise(address, BALLOON_CHUNK_SIZE, mmap.MADV_DONTFORK) != 0:
             error = _error("madvise(MADV_DONTFORK)")
             libc.munmap(address, BALLOON_CHUNK_SIZE)
@@ -130,18 +133,19 @@ class MmapAllocator:
     def release(self, address: int) -> None:
         """Unmap (which unlocks)."""
         if self._libc.munmap(address, BALLOON_CHUNK_SIZE) != 0:
-            raise _error("munmap")
+            error = _error("munmap")
+            raise error
 
     def physical_pages(self, address: int) -> list[int]:
         """Read the chunk's page frames from pagemap (needs ``CAP_SYS_ADMIN`` to see them)."""
         page_size = mmap.PAGESIZE
         try:
-            with open(self._pagemap_path, "rb", buffering=0) as pagemap:  # noqa: PTH123
-                raw = os.pread(
-                    pagemap.fileno(), _PAGEMAP_ENTRY.size, address // page_size * 8
-                )
+            with open(self._pagemap_path, "rb", buffering=0) as pagemap:
+                raw = os.pread(pagemap.fileno(), _PAGEMAP_ENTRY.size, address // page_size * 8)
         except OSError as exc:
-            raise ChunkError(exc.errno, f"cannot read {self._pagemap_path}: {exc.strerror}") from exc
+            raise ChunkError(
+                exc.errno, f"cannot read {self._pagemap_path}: {exc.strerror}"
+            ) from exc
         if len(raw) != _PAGEMAP_ENTRY.size:
             raise ChunkError(0, f"{self._pagemap_path}: short read at {address:#x}")
         pages = []

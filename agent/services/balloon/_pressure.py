@@ -14,7 +14,7 @@ import os
 import re
 import select
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, Self
 
 import structlog
 import trio
@@ -27,8 +27,10 @@ log = structlog.get_logger(__name__)
 MEMINFO_PATH: Final = "/proc/meminfo"
 US_PER_S: Final = 1_000_000
 PERCENT: Final = 100.0
-_SOME_LINE: Final = re.compile(rb"^some avg10=(?P<avg10>[\d.]+) .*total=(?P<total>\d+)$", re.M)
-_MEM_AVAILABLE: Final = re.compile(rb"^MemAvailable:\s+(?P<kb>\d+) kB$", re.M)
+_SOME_LINE: Final = re.compile(
+    rb"^some avg10=(?P<avg10>[\d.]+) .*total=(?P<total>\d+)$", re.MULTILINE
+)
+_MEM_AVAILABLE: Final = re.compile(rb"^MemAvailable:\s+(?P<kb>\d+) kB$", re.MULTILINE)
 _KB_PER_MB: Final = 1024
 
 
@@ -67,7 +69,7 @@ def read_mem_available_mb(path: str = MEMINFO_PATH) -> int:
         PressureFileError: unreadable, or no MemAvailable line.
     """
     try:
-        with open(path, "rb") as file:  # noqa: PTH123 - one small read, no pathlib needed
+        with open(path, "rb") as file:
             text = file.read()
     except OSError as exc:
         raise PressureFileError(exc.errno, f"cannot read {path}: {exc.strerror}") from exc
@@ -107,7 +109,7 @@ class PsiMonitor:
         """Whether the kernel accepted the trigger (else the file is polled)."""
         return self._epoll is not None
 
-    def __enter__(self) -> PsiMonitor:
+    def __enter__(self) -> Self:
         """Open the file, read a first figure and try to register the trigger.
 
         Raises:

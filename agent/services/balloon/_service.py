@@ -30,7 +30,7 @@ from agent.protocol import Event, VBoxStatusError
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import MmapAllocator, memlock_limit
 from agent.services.balloon._handover import OracleHandover, PassthroughHandover
-from agent.services.balloon._mode import BalloonMode, detect_mode
+from agent.services.balloon._mode import BalloonMode, Detected, detect_mode
 from agent.services.balloon._pressure import (
     PressureFileError,
     PsiMonitor,
@@ -158,8 +158,7 @@ class BalloonService:
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
         return (
-            f"balloon {len(walker.held) * CHUNK_MB}/{walker.target * CHUNK_MB} MB "
-            f"({mode}{capped})"
+            f"balloon {len(walker.held) * CHUNK_MB}/{walker.target * CHUNK_MB} MB ({mode}{capped})"
         )
 
     def statistics(self) -> BalloonStatistics:
@@ -195,7 +194,9 @@ class BalloonService:
         log.info("balloon_reconfigured", changed=sorted(changed))
         return True
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         """Decide the mode, then follow the host's target until cancelled."""
         structlog.contextvars.bind_contextvars(service=self.name)
         self._read_pending = True
@@ -233,10 +234,10 @@ class BalloonService:
 
     async def _decide_mode(self) -> None:
         backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
-        while True:
+        detected: Detected | None = None
+        while detected is None:
             try:
                 detected = await detect_mode(self._device)
-                break
             except VBoxStatusError as exc:
                 delay = backoff.failed(trio.current_time())
                 log.warning(

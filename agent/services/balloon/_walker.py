@@ -17,12 +17,12 @@ import structlog
 import trio
 
 from agent.protocol import BALLOON_CHUNK_SIZE, VBoxStatusError
-from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import Chunk, ChunkError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from agent.services.balloon._backoff import Backoff
     from agent.services.balloon._chunks import ChunkAllocator
     from agent.services.balloon._handover import Handover, HostTarget
 
@@ -31,7 +31,7 @@ log = structlog.get_logger("agent.services.balloon")
 CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
 
 
-class WalkFailure(Exception):
+class WalkStoppedError(Exception):
     """One step could not be taken; the message names why (with the VBox status name)."""
 
 
@@ -81,9 +81,7 @@ class ChunkWalker:
         if target.max_chunks is not None:
             self.max_chunks = target.max_chunks
         if self.max_chunks is not None and self.target > self.max_chunks:
-            log.warning(
-                "balloon_target_capped", target=self.target, max_chunks=self.max_chunks
-            )
+            log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
         self.backoff.retry_now()
         self.wake()
 
@@ -91,9 +89,9 @@ class ChunkWalker:
         """Re-read the goal (the cap or target changed)."""
         self._changed.set()
 
-    async def wait_settled(self) -> None:
-        """Wait until the balloon holds the goal (for tests and benchmarks)."""
-        while len(self.held) != self.goal:
+    async def wait_held(self, chunks: int) -> None:
+        """Wait until the walk settles holding ``chunks`` (for tests and benchmarks)."""
+        while len(self.held) != chunks:
             await self._settled.wait()
 
     async def run(self) -> NoReturn:
@@ -118,7 +116,7 @@ class ChunkWalker:
                 await self._inflate_one()
             else:
                 await self._deflate_one()
-        except WalkFailure as failure:
+        except WalkStoppedError as failure:
             self._failed(str(failure))
             return
         if self.backoff.succeeded():
@@ -145,23 +143,24 @@ class ChunkWalker:
                 f"MemAvailable {available} MB would fall below the floor of "
                 f"{self.min_available_mb} MB"
             )
-            raise WalkFailure(msg)
+            raise WalkStoppedError(msg)
         allocator = self.allocator
         try:
             address = allocator.allocate()
         except ChunkError as exc:
-            raise WalkFailure(str(exc)) from exc
+            raise WalkStoppedError(str(exc)) from exc
         try:
             pages = tuple(allocator.physical_pages(address)) if self.handover.needs_pages else ()
         except ChunkError as exc:
             allocator.release(address)
-            raise WalkFailure(str(exc)) from exc
+            raise WalkStoppedError(str(exc)) from exc
         chunk = Chunk(address, pages)
         try:
             await self.handover.inflate(chunk)
         except VBoxStatusError as exc:
             allocator.release(address)
-            raise WalkFailure(f"{exc.operation}: {exc.name}") from exc
+            msg = f"{exc.operation}: {exc.name}"
+            raise WalkStoppedError(msg) from exc
         except BaseException:
             # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
             self.held.append(chunk)
@@ -170,9 +169,10 @@ class ChunkWalker:
         self.inflated += 1
 
     async def _deflate_one(self) -> None:
-        if not await self.give_back(self.held[-1]):
-            msg = f"the host did not give chunk {self.held[-1].address:#x} back"
-            raise WalkFailure(msg)
+        chunk = self.held[-1]
+        if not await self.give_back(chunk):
+            msg = f"the host did not give chunk {chunk.address:#x} back: {self.last_failure}"
+            raise WalkStoppedError(msg)
 
     async def give_back(self, chunk: Chunk) -> bool:
         """Take ``chunk`` back from the host and unmap it; return False if the host refused.
