@@ -1,15 +1,53 @@
-"""Shared pytest configuration: Hypothesis profiles.
+"""Shared pytest configuration: Hypothesis profiles and the driver personalities under test.
 
-Select a profile with ``HYPOTHESIS_PROFILE`` (``dev`` by default): ``ci`` has no deadline
-and prints reproduction blobs; ``dev`` keeps Hypothesis' defaults.
+Select a Hypothesis profile with ``HYPOTHESIS_PROFILE`` (``dev`` by default): ``ci`` has no
+deadline and prints reproduction blobs; ``dev`` keeps Hypothesis' defaults.
+
+Tests that should hold for the real Linux driver too take the ``personality`` fixture
+(``mainline`` and ``kernel``); tests only for the real driver take ``kernel_library``. Where
+the library cannot be built, the ``kernel`` cases skip with the build error as the reason,
+except under ``CI=true``, where they fail.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
+import pytest
 from hypothesis import settings
+
+from agent.host import PersonalityUnavailableError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 settings.register_profile("ci", deadline=None, print_blob=True)
 settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+KERNEL_PERSONALITY = "kernel"
+PERSONALITIES_UNDER_TEST = ("mainline", KERNEL_PERSONALITY)
+"""The simulated mainline driver and the real one it models."""
+
+
+@pytest.fixture(scope="session")
+def kernel_library() -> Path:
+    """The real driver library (built or found once per run): skip, or fail in CI, without it."""
+    from testbed.realdriver import locate_library  # noqa: PLC0415 - only when asked for
+
+    try:
+        return locate_library()
+    except PersonalityUnavailableError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the kernel personality is required in CI: {exc}")
+        pytest.skip(f"kernel personality unavailable: {exc}")
+
+
+@pytest.fixture(params=PERSONALITIES_UNDER_TEST)
+def personality(request: pytest.FixtureRequest) -> str:
+    """Each of ``mainline`` and ``kernel`` (which needs :func:`kernel_library`)."""
+    name: str = request.param
+    if name == KERNEL_PERSONALITY:
+        request.getfixturevalue("kernel_library")
+    return name

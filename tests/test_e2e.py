@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from testbed.realdriver import ENV_LIBRARY
+from tests.conftest import KERNEL_PERSONALITY
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -90,8 +93,12 @@ def _workdir() -> Iterator[Path]:
 
 
 @pytest.fixture(name="host_socket")
-def _host_socket(workdir: Path) -> Iterator[Path]:
+def _host_socket(workdir: Path, personality: str, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A ``simulate`` process of each personality under test (``tests/conftest.py``)."""
     socket_path = workdir / "host.sock"
+    env = dict(os.environ)
+    if personality == KERNEL_PERSONALITY:
+        env[ENV_LIBRARY] = str(request.getfixturevalue("kernel_library"))
     with (workdir / "host.log").open("wb") as log:
         host = subprocess.Popen(
             [
@@ -102,10 +109,11 @@ def _host_socket(workdir: Path) -> Iterator[Path]:
                 "--socket",
                 str(socket_path),
                 "--personality",
-                "mainline",
+                personality,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     _wait_for(socket_path.exists, "the host socket")
     yield socket_path
@@ -142,11 +150,13 @@ def _status(socket_path: Path) -> dict[str, Any]:
 class TestTwoProcesses:
     """The agent and the simulated host as separate processes."""
 
-    def test_host_sees_what_the_agent_did(self, agent: AgentProcess, host_socket: Path) -> None:
+    def test_host_sees_what_the_agent_did(
+        self, agent: AgentProcess, host_socket: Path, personality: str
+    ) -> None:
         """Once ready, the host shows the agent's facility Active and its event filter."""
         agent.read_until("agent_ready")
         status = _status(host_socket)
-        assert status["personality"] == "mainline"
+        assert status["personality"] == personality
         assert status["facilities"]["100"]["status"] == 50
         assert status["filter_mask"] & 0x10
 

@@ -3,7 +3,9 @@
 The host (``agent.host``) serves device sessions and control commands on a Unix socket
 (``docs/simulator-socket.md``) until SIGINT or SIGTERM, then exits 0 and removes the socket.
 Agents reach it with ``--device unix:PATH``; ``vbox-agent host --socket PATH ...`` controls
-it. Exit codes: 0 clean stop, 64 bad arguments, 69 the socket path is unusable.
+it. ``--personality kernel`` runs the real Linux driver from the source checkout's test bed
+(``testbed/``, see ``docs/personalities.md``), imported only then. Exit codes: 0 clean stop,
+64 bad arguments, 69 the socket path is unusable or the personality cannot run here.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from agent.cli._exit import EX_OK, EX_UNAVAILABLE, EX_USAGE
-from agent.host import PERSONALITIES, SimulatedHost
+from agent.host import ALL_PERSONALITIES, PersonalityUnavailableError, SimulatedHost
 from agent.host.server import HostSocketError, serve_simulated_host
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--socket", required=True, metavar="PATH", help="socket to create")
     parser.add_argument(
         "--personality",
-        choices=PERSONALITIES,
+        choices=ALL_PERSONALITIES,
         default="passthrough",
         help="kernel driver the host models (default: %(default)s)",
     )
@@ -73,12 +75,19 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.r3_balloon and args.personality != "oracle":
         print("vbox-agent simulate: --r3-balloon needs --personality oracle", file=sys.stderr)
         return EX_USAGE
-    host = SimulatedHost(
-        personality=args.personality,
-        r3_balloon=args.r3_balloon,
-        ram_mb=ram_mb,
-        heartbeat_interval_ns=interval_ms * NS_PER_MS,
-    )
+    try:
+        host = SimulatedHost(
+            personality=args.personality,
+            r3_balloon=args.r3_balloon,
+            ram_mb=ram_mb,
+            heartbeat_interval_ns=interval_ms * NS_PER_MS,
+        )
+    except PersonalityUnavailableError as exc:
+        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except ValueError as exc:
+        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        return EX_USAGE
     failures: list[str] = []
     try:
         trio.run(_serve_until_signalled, host, args.socket)

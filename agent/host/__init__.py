@@ -3,7 +3,13 @@ services, the in-process transport and the scenario player."""
 
 from __future__ import annotations
 
-from agent.host.driver import PERSONALITIES, DriverLoadError, DriverSession
+from agent.host.driver import (
+    ALL_PERSONALITIES,
+    PERSONALITIES,
+    DriverLoadError,
+    DriverSession,
+    PersonalityUnavailableError,
+)
 from agent.host.host import SimulatedHost
 from agent.host.memory import DictMemory, GuestMemory
 from agent.host.scenario import (
@@ -16,11 +22,13 @@ from agent.host.scenario import (
 from agent.host.transport import SimOpener, SimTransport
 
 __all__ = [
+    "ALL_PERSONALITIES",
     "PERSONALITIES",
     "DictMemory",
     "DriverLoadError",
     "DriverSession",
     "GuestMemory",
+    "PersonalityUnavailableError",
     "Scenario",
     "ScenarioError",
     "SimOpener",

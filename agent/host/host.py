@@ -16,14 +16,13 @@ and Main would.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Final, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 import trio
 
 from agent.host._heartbeat import NS_PER_S
-from agent.host.driver import PERSONALITIES, Driver, DriverSession, make_driver
+from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
 from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
-from agent.host.memory import DictMemory
 from agent.host.vmmdev import HOST_VERSION, VMMDev
 from agent.protocol.constants import VALID_EVENT_MASK
 
@@ -34,10 +33,6 @@ if TYPE_CHECKING:
     from agent.host.memory import GuestMemory
 
 __all__ = ["DriverSession", "GuestPropertyControl", "SimulatedHost"]
-
-REQUEST_RAM_BASE: Final = 0x0010_0000
-REQUEST_RAM_LIMIT: Final = 0xFFFF_F000
-"""Request and bounce buffers live below 4 GiB, as ``vbg_req_alloc`` (GFP_DMA32) places them."""
 
 
 @runtime_checkable
@@ -62,7 +57,7 @@ class SimulatedHost:
 
     Args:
         personality: the kernel driver in front of the device (``mainline``, ``oracle``,
-            ``passthrough``).
+            ``passthrough``, or ``kernel``: the real Linux driver from the test bed).
         ram_mb: guest RAM in MiB.
         heartbeat_interval_ns: the host's ``HeartbeatInterval``.
         heartbeat_timeout_ns: ``HeartbeatTimeout`` (default twice the interval).
@@ -72,6 +67,10 @@ class SimulatedHost:
         services: HGCM services to register; by default the guest-property service.
         r3_balloon: Oracle's driver without its kernel balloon allocator (CHECK_BALLOON
             answers ``handle_in_r3``); only with ``personality="oracle"``.
+
+    Raises:
+        ValueError: unknown personality, or ``r3_balloon`` with another one.
+        PersonalityUnavailableError: an external personality that cannot run here.
     """
 
     def __init__(
@@ -87,12 +86,12 @@ class SimulatedHost:
         services: Iterable[HgcmService] | None = None,
         r3_balloon: bool = False,
     ) -> None:
-        if personality not in PERSONALITIES:
-            names = ", ".join(PERSONALITIES)
-            msg = f"unknown driver personality {personality!r}: expected one of {names}"
+        self._spec = personality_spec(personality)
+        if r3_balloon and personality != OracleDriver.personality:
+            msg = f"a ring-3 balloon is an option of the oracle personality, not of {personality!r}"
             raise ValueError(msg)
         self.personality = personality
-        self.ram = DictMemory(base=REQUEST_RAM_BASE, limit=REQUEST_RAM_LIMIT)
+        self.ram = self._spec.make_ram(ram_mb)
         self.vmmdev = VMMDev(
             self.ram,
             ram_mb=ram_mb,
@@ -102,7 +101,11 @@ class SimulatedHost:
             core_dump_enabled=core_dump_enabled,
             seed=seed,
         )
-        self.driver: Driver = make_driver(personality, self.vmmdev, self.ram, r3_balloon=r3_balloon)
+        self.driver: DriverModel = (
+            OracleDriver(self.vmmdev, self.ram, r3_balloon=True)
+            if r3_balloon
+            else self._spec.make_driver(self.vmmdev, self.ram)
+        )
         for service in (GuestPropertyService(),) if services is None else services:
             self.register_hgcm_service(service)
         self._nursery: trio.Nursery | None = None
@@ -145,7 +148,7 @@ class SimulatedHost:
 
     @staticmethod
     async def _run_driver(
-        driver: Driver, *, task_status: trio.TaskStatus[trio.CancelScope]
+        driver: DriverModel, *, task_status: trio.TaskStatus[trio.CancelScope]
     ) -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
@@ -222,7 +225,7 @@ class SimulatedHost:
         self._driver_scope.cancel()
         self.driver.shutdown()
         self.vmmdev.reset()
-        self.driver = make_driver(self.personality, self.vmmdev, self.ram)
+        self.driver = self._spec.make_driver(self.vmmdev, self.ram)
         self._driver_scope = await nursery.start(self._run_driver, self.driver)
 
     def add_fault(self, request_type: int, status: int, count: int = 1) -> None:

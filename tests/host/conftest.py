@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from agent.host import SimOpener, SimTransport, SimulatedHost
+from agent.host.driver import Driver
 from agent.host.hgcm_service import HgcmCallHandle, HostBuffer, HostU32
 from agent.host.memory import DictMemory
 from agent.host.vmmdev import VMMDev
@@ -164,6 +165,12 @@ async def _host(echo: EchoService, request: pytest.FixtureRequest) -> AsyncItera
         await nursery.start(host.run)
         yield host
         nursery.cancel_scope.cancel()
+
+
+def model_driver(host: SimulatedHost) -> Driver:
+    """The host's driver, which must be one of the built-in models (not ``kernel``)."""
+    assert isinstance(host.driver, Driver), host.personality
+    return host.driver
 
 
 class Client:

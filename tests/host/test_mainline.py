@@ -72,6 +72,7 @@ from tests.host.conftest import (
     FN_HOLD,
     Client,
     EchoService,
+    model_driver,
     open_client,
     vmmdev_request,
 )
@@ -270,7 +271,7 @@ class TestIoctlEntry:
         """LOG records the message; size_out other than 24 is EINVAL."""
         client = await open_client(host)
         await client.request(Log(b"hello host"))
-        assert host.driver.log_messages[-1] == b"hello host"
+        assert model_driver(host).log_messages[-1] == b"hello host"
         buf = Log(b"x").encode().buffer
         L.IoctlHeader.size_out.set(buf, 0)
         await expect_errno(errno.EINVAL, client.raw(Ioctl.LOG, buf))
@@ -469,7 +470,7 @@ class TestEvents:
         await expect_errno(errno.EINVAL, client.raw(Ioctl.CHANGE_FILTER_MASK, buf))
         host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_NOT_SUPPORTED)
         await expect_errno(errno.ENOSYS, client.request(ChangeFilterMask(Event.VRDP, 0)))
-        assert host.driver.filter_tracker.mask == 0
+        assert model_driver(host).filter_tracker.mask == 0
         await client.request(ChangeFilterMask(Event.VRDP, 0))
         assert host.status()["filter_mask"] == 0x302
 

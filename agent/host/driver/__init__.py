@@ -1,63 +1,82 @@
 """Kernel-driver personalities in front of the simulated VMMDev.
 
 ``mainline`` is the Linux in-tree driver, ``oracle`` Oracle's out-of-tree driver (balloon
-allocated by the kernel, or in ring 3 with ``r3_balloon``), ``passthrough`` a driver that
-lets trusted userspace own the balloon and the heartbeat.
+allocated by the kernel, or in ring 3 when built without that), ``passthrough`` a driver
+that lets trusted userspace own the balloon and the heartbeat. ``kernel`` (external, loaded
+on demand) is the real Linux driver from the source checkout's test bed.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final
 
 from agent.host.driver._core import Driver
 from agent.host.driver._load import DriverLoadError
+from agent.host.driver._model import (
+    EXTERNAL_PERSONALITIES,
+    DriverModel,
+    PersonalitySpec,
+    PersonalityUnavailableError,
+    load_external,
+)
 from agent.host.driver._session import DriverSession
 from agent.host.driver.mainline import MainlineDriver
 from agent.host.driver.oracle import OracleDriver
 from agent.host.driver.passthrough import PassthroughDriver
-
-if TYPE_CHECKING:
-    from agent.host.memory import DictMemory
-    from agent.host.vmmdev import VMMDev
+from agent.host.memory import DictMemory
 
 PERSONALITIES: Final[dict[str, type[Driver]]] = {
     MainlineDriver.personality: MainlineDriver,
     OracleDriver.personality: OracleDriver,
     PassthroughDriver.personality: PassthroughDriver,
 }
+"""The built-in personalities."""
+ALL_PERSONALITIES: Final = (*PERSONALITIES, *EXTERNAL_PERSONALITIES)
+"""Every personality name, built-in first."""
+REQUEST_RAM_BASE: Final = 0x0010_0000
+REQUEST_RAM_LIMIT: Final = 0xFFFF_F000
+"""Request and bounce buffers live below 4 GiB, as ``vbg_req_alloc`` (GFP_DMA32) places them."""
 
 
-def make_driver(
-    personality: str, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False
-) -> Driver:
-    """Return a driver of ``personality`` bound to ``vmmdev``.
+def _request_ram(_ram_mb: int) -> DictMemory:
+    return DictMemory(base=REQUEST_RAM_BASE, limit=REQUEST_RAM_LIMIT)
 
-    ``r3_balloon`` builds Oracle's driver without its kernel balloon allocator.
+
+def personality_spec(personality: str) -> PersonalitySpec[Any]:
+    """Return how to build ``personality`` (importing an external one on first use).
 
     Raises:
-        ValueError: unknown personality, or ``r3_balloon`` for another personality.
+        ValueError: unknown personality.
+        PersonalityUnavailableError: an external personality that cannot run here.
     """
+    if personality in EXTERNAL_PERSONALITIES:
+        return load_external(personality)
+    driver_type = _builtin(personality)
+    return PersonalitySpec(personality, _request_ram, driver_type)
+
+
+def _builtin(personality: str) -> type[Driver]:
     try:
-        driver_type = PERSONALITIES[personality]
+        return PERSONALITIES[personality]
     except KeyError:
-        names = ", ".join(PERSONALITIES)
+        names = ", ".join(ALL_PERSONALITIES)
         msg = f"unknown driver personality {personality!r}: expected one of {names}"
         raise ValueError(msg) from None
-    if driver_type is OracleDriver:
-        return OracleDriver(vmmdev, ram, r3_balloon=r3_balloon)
-    if r3_balloon:
-        msg = f"a ring-3 balloon is an option of the oracle personality, not of {personality!r}"
-        raise ValueError(msg)
-    return driver_type(vmmdev, ram)
 
 
 __all__ = [
+    "ALL_PERSONALITIES",
     "PERSONALITIES",
+    "REQUEST_RAM_BASE",
+    "REQUEST_RAM_LIMIT",
     "Driver",
     "DriverLoadError",
+    "DriverModel",
     "DriverSession",
     "MainlineDriver",
     "OracleDriver",
     "PassthroughDriver",
-    "make_driver",
+    "PersonalitySpec",
+    "PersonalityUnavailableError",
+    "personality_spec",
 ]

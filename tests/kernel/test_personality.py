@@ -1,0 +1,156 @@
+"""The ``kernel`` personality itself: the real driver loads, serves, is interrupted and resets.
+
+Real threads and real time (the library's timers run on CLOCK_MONOTONIC), so every wait
+here is bounded by ``WAIT_S`` and synchronises on the driver's answers, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import trio
+import trio.testing
+
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol.constants import Event
+from agent.protocol.messages import ChangeFilterMask, InterruptAllWaits, WaitForEvents
+from testbed.kernel import KernelDriver
+from testbed.realdriver import ENV_LIBRARY
+from tests.host.conftest import Client
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+WAIT_S: Final = 10.0
+
+
+@pytest.fixture(name="host")
+async def _host(kernel_library: Path) -> AsyncIterator[SimulatedHost]:
+    del kernel_library
+    host = SimulatedHost(personality="kernel", seed=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+def kernel(host: SimulatedHost) -> KernelDriver:
+    """The host's driver, which is the real one."""
+    assert isinstance(host.driver, KernelDriver)
+    return host.driver
+
+
+async def open_client(host: SimulatedHost, *, uid: int = 0) -> Client:
+    """A session on the real driver through the in-process transport."""
+    return Client(await SimOpener(host, uid=uid).open_session())
+
+
+async def test_probe_reports_to_the_host(host: SimulatedHost) -> None:
+    """The real load sequence reports the additions and the driver's facility to the host."""
+    status = host.status()
+    assert status["additions_reported"]
+    assert host.vmmdev.facilities.snapshot()["20"]["status"] == 50  # VBoxGuest driver: Active
+    assert status["filter_mask"] == Event.MOUSE_POSITION_CHANGED | Event.HGCM
+    assert kernel(host).heartbeat_interval_ms == 2000
+    assert "vboxguest: host-version: 7.0.18r162988" in kernel(host).dmesg()
+
+
+async def test_event_reaches_a_waiter(host: SimulatedHost) -> None:
+    """A host event raises the interrupt; the real ISR wakes the waiting ioctl."""
+    client = await open_client(host)
+    await client.request(ChangeFilterMask(Event.RESTORED, 0))
+    host.raise_events(Event.RESTORED)
+    with trio.fail_after(WAIT_S):
+        received = await client.request(WaitForEvents(Event.RESTORED))
+    assert received.mask == Event.RESTORED
+
+
+async def test_cancelled_wait_is_interrupted(host: SimulatedHost) -> None:
+    """Cancelling a blocked WAIT_FOR_EVENTS signals its task; the session stays usable."""
+    client = await open_client(host)
+    await client.request(ChangeFilterMask(Event.RESTORED, 0))
+    with trio.move_on_after(0.05) as scope:
+        await client.request(WaitForEvents(Event.RESTORED))
+    assert scope.cancelled_caught
+    host.raise_events(Event.RESTORED)
+    with trio.fail_after(WAIT_S):
+        received = await client.request(WaitForEvents(Event.RESTORED))
+    assert received.mask == Event.RESTORED
+
+
+async def test_close_ends_a_blocked_wait(host: SimulatedHost) -> None:
+    """Closing a session interrupts its blocked wait (EINTR) before the real release runs."""
+    client = await open_client(host)
+
+    async def wait() -> None:
+        with pytest.raises(OSError, match="Interrupted") as failure:
+            await client.request(WaitForEvents(Event.RESTORED))
+        assert failure.value.errno == errno.EINTR
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.transport.aclose()
+    assert host.status()["sessions"] == 0
+
+
+async def test_interrupt_all_ends_waits_for_good(host: SimulatedHost) -> None:
+    """INTERRUPT_ALL_WAIT_FOR_EVENTS ends a blocked wait with EINTR."""
+    client = await open_client(host)
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(expect_eintr, client)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.request(InterruptAllWaits())
+
+
+async def expect_eintr(client: Client) -> None:
+    """A wait on ``client`` fails with EINTR."""
+    with pytest.raises(OSError, match="Interrupted") as failure:
+        await client.request(WaitForEvents(Event.RESTORED))
+    assert failure.value.errno == errno.EINTR
+
+
+async def test_reset_loses_sessions_and_reloads(host: SimulatedHost) -> None:
+    """A VM reset makes open sessions fail with ENODEV; a fresh probe serves new ones."""
+    client = await open_client(host)
+    with trio.fail_after(WAIT_S):
+        await host.reset()
+        with pytest.raises(OSError, match="No such device") as failure:
+            await client.request(ChangeFilterMask(Event.RESTORED, 0))
+        assert failure.value.errno == errno.ENODEV
+        fresh = await open_client(host)
+        await fresh.request(ChangeFilterMask(Event.RESTORED, 0))
+    assert host.vmmdev.guest_filter & Event.RESTORED
+
+
+def test_simulate_without_the_library_says_why(tmp_path: Path) -> None:
+    """``simulate --personality kernel`` without a library: one line naming it, exit 69."""
+    missing = tmp_path / "libvbgreal.so"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "simulate",
+            "--socket",
+            str(tmp_path / "h.sock"),
+            "--personality",
+            "kernel",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 3,
+        check=False,
+        env=dict(os.environ, **{ENV_LIBRARY: str(missing)}),
+    )
+    assert result.returncode == 69
+    assert result.stderr.count("\n") == 1
+    assert str(missing) in result.stderr
