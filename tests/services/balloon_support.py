@@ -16,7 +16,7 @@ from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, ChunkError, PressureReading
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from agent.device import Device
     from agent.services.balloon import ChunkAllocator, PressureSource
@@ -124,11 +124,17 @@ async def running_balloon(
     pressure: PressureSource | None = None,
     mem_available_mb: Callable[[], int | None] = lambda: 1 << 20,
     host: SimulatedHost | None = None,
+    before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
 ) -> AsyncIterator[Running]:
-    """Run host, pump and service; on exit cancel the service and drain it, as the daemon does."""
+    """Run host, pump and service; on exit cancel the service and drain it, as the daemon does.
+
+    ``before`` runs once the host runs, before the agent opens its device.
+    """
     host = host if host is not None else SimulatedHost(personality=personality)
     async with trio.open_nursery() as outer:
         await outer.start(host.run)
+        if before is not None:
+            await before(host)
         async with open_device(SimOpener(host)) as device:
             pump = EventPump(device)
             service = BalloonService(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from agent.host import SimulatedHost
-from agent.protocol import RequestType
+from agent.host import SimOpener, SimTransport, SimulatedHost
+from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_NO_MEMORY
 from agent.services.balloon import BalloonMode, BalloonSection
 from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
@@ -180,3 +180,92 @@ class TestPressure:
                 assert run.host_chunks == 0
                 available["mb"] = 10_000
                 await run.settle(64)
+
+
+class TestTriggeredAndKernel:
+    """Where the driver allocates, the agent only decides when to trigger it."""
+
+    async def test_pressure_postpones_check_balloon(self, autojump_clock: trio.abc.Clock) -> None:
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_cooldown_s=30.0)
+        with trio.fail_after(300):
+            async with running_balloon(
+                personality="oracle", section=section, pressure=pressure
+            ) as run:
+                assert run.service.mode is BalloonMode.TRIGGERED
+                pressed = trio.current_time()
+                pressure.send(50.0, high=True)
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                run.host.set_balloon_target(32)
+                await run.until(lambda: run.service.statistics().postponed)
+                assert run.host_chunks == 0
+                assert "postponed" in run.service.status()
+                await run.settle(32)
+                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+
+    async def test_floor_postpones_check_balloon(self, autojump_clock: trio.abc.Clock) -> None:
+        available = {"mb": 100}
+        with trio.fail_after(300):
+            async with running_balloon(
+                personality="oracle", mem_available_mb=lambda: available["mb"]
+            ) as run:
+                run.host.set_balloon_target(16)
+                await run.until(lambda: run.service.statistics().postponed)
+                assert run.host_chunks == 0
+                available["mb"] = 10_000
+                await run.settle(16)
+
+    async def test_kernel_mode_leaves_pressure_to_the_kernel(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        pressure = ScriptedPressure()
+        with trio.fail_after(60):
+            async with running_balloon(personality="mainline", pressure=pressure) as run:
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                pressure.send(90.0, high=True)
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                assert run.host_chunks == 16
+
+    @pytest.mark.parametrize("kind", ["mainline", "oracle", "passthrough"])
+    async def test_restore_reads_the_balloon_again(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                initial_reads = 1 if run.service.walker is not None else 0
+                await run.until(lambda: run.service.reads == initial_reads)
+                run.host.restore()
+                await run.until(lambda: run.service.reads == initial_reads + 1)
+
+    async def test_owner_elsewhere_is_retried(self, autojump_clock: trio.abc.Clock) -> None:
+        """Another session owns Oracle's balloon: the probe is retried until it lets go."""
+        others: list[SimTransport] = []
+
+        async def claim_the_balloon(host: SimulatedHost) -> None:
+            other = await SimOpener(host).open_session()
+            call = CheckBalloon().encode()
+            await other.ioctl(call.code, call.buffer)
+            others.append(other)
+
+        with trio.fail_after(120):
+            async with running_balloon(personality="oracle", before=claim_the_balloon) as run:
+                assert run.service.mode is None
+                assert run.service.status() == "balloon starting"
+                await others[0].aclose()
+                await run.service.mode_known.wait()
+                assert run.service.mode is BalloonMode.TRIGGERED
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+
+
+class TestReconfigure:
+    async def test_live_and_restart_settings(self, autojump_clock: trio.abc.Clock) -> None:
+        with trio.fail_after(60):
+            async with running_balloon(personality="passthrough") as run:
+                service = run.service
+                assert service.reconfigure(BalloonSection(pressure_step_mb=8, retry_max_s=5.0))
+                walker = service.walker
+                assert walker is not None
+                assert walker.backoff.maximum == 5.0
+                assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))

@@ -205,8 +205,9 @@ class BalloonService:
         with self._pump.subscribe(self.name, EVENTS) as events:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_events, events)
-                await self._decide_mode()
-                task_status.started()
+                # Ready after the first probe, even a refused one (another session may own
+                # the balloon): the probe is retried here without holding the daemon up.
+                await self._decide_mode(task_status)
                 nursery.start_soon(self._watch_pressure)
                 if self._walker is not None:
                     nursery.start_soon(self._walker.run)
@@ -232,21 +233,34 @@ class BalloonService:
 
     # --- mode and target --------------------------------------------------------------------
 
-    async def _decide_mode(self) -> None:
+    async def _decide_mode(self, task_status: trio.TaskStatus[None]) -> None:
         backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
-        detected: Detected | None = None
-        while detected is None:
-            try:
-                detected = await detect_mode(self._device)
-            except VBoxStatusError as exc:
-                delay = backoff.failed(trio.current_time())
-                log.warning(
-                    "balloon_check_failed",
-                    operation=exc.operation,
-                    status=exc.name,
-                    retry_in_s=round(delay, 3),
-                )
+        detected = await self._probe(backoff)
+        if detected is None:
+            task_status.started()
+            while detected is None:
                 await trio.sleep_until(backoff.retry_at)
+                detected = await self._probe(backoff)
+            self._adopt(detected)
+        else:
+            self._adopt(detected)
+            task_status.started()
+
+    async def _probe(self, backoff: Backoff) -> Detected | None:
+        try:
+            return await detect_mode(self._device)
+        except VBoxStatusError as exc:
+            first = backoff.failures == 0
+            delay = backoff.failed(trio.current_time())
+            (log.warning if first else log.debug)(
+                "balloon_check_failed",
+                operation=exc.operation,
+                status=exc.name,
+                retry_in_s=round(delay, 3),
+            )
+            return None
+
+    def _adopt(self, detected: Detected) -> None:
         mode = detected.mode
         self._mode = mode
         self._chunks = self._target = detected.chunks
