@@ -250,7 +250,7 @@ class TestTriggeredAndKernel:
 
         with trio.fail_after(120):
             async with running_balloon(personality="oracle", before=claim_the_balloon) as run:
-                assert run.service.mode is None
+                assert run.service.statistics().mode is None
                 assert run.service.status() == "balloon starting"
                 await others[0].aclose()
                 await run.service.mode_known.wait()
