@@ -1,16 +1,21 @@
 """The agent's settings: pydantic models, the TOML loader and readable config errors.
 
 Every section is its own frozen model; ``AgentConfig()`` is the built-in default, and
-``config/agent.toml`` spells out the same values. Services receive their own section, never
-the whole config or its path. TOML values are typed, so validation is strict: ``"5"`` is not
-a number (an integer is still accepted where a float is expected).
+``config/agent.toml`` spells out the same values. The daemon's own sections (``[device]``,
+``[daemon]``, ``[log]``) are fields of :class:`AgentConfig`; every service brings its own
+section model, and the caller passes them to :func:`load_config` by name (the daemon's
+registry), so this module knows no service. Services receive their own section, never the
+whole config or its path. TOML values are typed, so validation is strict: ``"5"`` is not a
+number (an integer is still accepted where a float is expected).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -32,7 +37,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
 MAX_IOCTL_THREADS: Final = 64
-MAX_SUBSCRIBER_QUEUE: Final = 1024
 MAX_SHUTDOWN_TIMEOUT_S: Final = 60.0
 
 
@@ -58,13 +62,6 @@ class DeviceConfig(_Model):
             msg = "must be an absolute path (/dev/vboxguest) or unix:/absolute/socket/path"
             raise ValueError(msg)
         return value
-
-
-class EventsConfig(_Model):
-    """The event pump's fan-out."""
-
-    subscriber_queue: int = Field(default=16, ge=1, le=MAX_SUBSCRIBER_QUEUE)
-    """Events buffered per subscriber before further ones are dropped (and counted)."""
 
 
 class DaemonConfig(_Model):
@@ -100,13 +97,40 @@ class LogConfig(_Model):
     """``auto``: console lines on a terminal, JSON lines otherwise."""
 
 
+M = TypeVar("M", bound=BaseModel)
+
+CORE_SECTIONS: Final = ("device", "daemon", "log")
+"""The daemon's own sections, in file order; every other section belongs to a service."""
+
+
 class AgentConfig(_Model):
-    """The whole configuration file."""
+    """The whole configuration file.
+
+    ``services`` holds each service's section by name (not a table of the file: each is a
+    top-level ``[name]`` table); :func:`load_config` fills in every section it was given.
+    """
 
     device: DeviceConfig = Field(default_factory=DeviceConfig)
-    events: EventsConfig = Field(default_factory=EventsConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    services: Mapping[str, BaseModel] = Field(default_factory=dict)
+
+    def service_section(self, name: str, model: type[M]) -> M:
+        """Return service ``name``'s section, or ``model``'s defaults if it has none.
+
+        Raises:
+            TypeError: the stored section is not a ``model``.
+        """
+        section = self.services.get(name)
+        if section is None:
+            return model()
+        if not isinstance(section, model):
+            msg = f"section [{name}] is a {type(section).__name__}, not a {model.__name__}"
+            raise TypeError(msg)
+        return section
+
+
+NO_SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType({})
 
 
 class ConfigError(AgentError):
@@ -122,11 +146,17 @@ class ConfigError(AgentError):
         super().__init__("\n".join(self.problems))
 
 
-def load_config(path: Path) -> AgentConfig:
+def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTIONS) -> AgentConfig:
     """Read and validate the TOML file at ``path``.
 
+    Args:
+        path: the file.
+        sections: the services' section models by name (``[name]`` tables); a section the
+            file leaves out gets its model's defaults.
+
     Raises:
-        ConfigError: the file is unreadable, not TOML, or breaks the models' rules.
+        ConfigError: the file is unreadable, not TOML, or breaks the models' rules (every
+            problem of the file, one line each).
     """
     try:
         with path.open("rb") as file:
@@ -137,11 +167,35 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {_syntax_problem(exc)}"]) from exc
+    allowed = [*CORE_SECTIONS, *sections]
+    problems = [
+        f"{path}: {name} = {_show(data[name])}: unknown section; allowed sections: "
+        + ", ".join(allowed)
+        for name in data
+        if name not in allowed
+    ]
+    core = {name: value for name, value in data.items() if name in CORE_SECTIONS}
+    config = _validate(path, AgentConfig, core, (), problems)
+    services = {
+        name: _validate(path, model, data.get(name, {}), (name,), problems)
+        for name, model in sections.items()
+    }
+    if config is None or problems:
+        raise ConfigError(problems)
+    return config.model_copy(update={"services": services})
+
+
+def _validate(
+    path: Path, model: type[M], data: object, where: tuple[str, ...], problems: list[str]
+) -> M | None:
+    """Validate ``data`` as ``model``; append its problems (keys prefixed with ``where``)."""
     try:
-        return AgentConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem(path, error) for error in exc.errors(include_url=False)]
-        raise ConfigError(problems) from exc
+        problems.extend(
+            _problem(path, model, where, error) for error in exc.errors(include_url=False)
+        )
+        return None
 
 
 _TOML_POSITION: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
@@ -164,16 +218,18 @@ _BOUNDS: Final = {
 }
 
 
-def _problem(path: Path, error: ErrorDetails) -> str:
+def _problem(
+    path: Path, model: type[BaseModel], where: tuple[str, ...], error: ErrorDetails
+) -> str:
     loc = error["loc"]
-    key = ".".join(str(part) for part in loc)
-    return f"{path}: {key} = {_show(error['input'])}: {_reason(loc, error)}"
+    key = ".".join([*where, *(str(part) for part in loc)])
+    return f"{path}: {key} = {_show(error['input'])}: {_reason(model, loc, error)}"
 
 
-def _reason(loc: tuple[str | int, ...], error: ErrorDetails) -> str:
+def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"unknown key; allowed keys: {', '.join(_allowed_keys(loc[:-1]))}"
+        return f"unknown key; allowed keys: {', '.join(_allowed_keys(model, loc[:-1]))}"
     if kind == "value_error":
         return str(error["ctx"]["error"])
     if kind == "model_type":
@@ -186,11 +242,15 @@ def _reason(loc: tuple[str | int, ...], error: ErrorDetails) -> str:
     return error["msg"].replace("Input should be", "must be", 1)
 
 
-def _allowed_keys(section: tuple[str | int, ...]) -> list[str]:
-    node: BaseModel = AgentConfig()
-    for name in section:
-        node = getattr(node, str(name))
-    return list(type(node).model_fields)
+def _allowed_keys(model: type[BaseModel], table: tuple[str | int, ...]) -> list[str]:
+    """The keys of the table at ``table`` inside ``model`` (the daemon's or a section)."""
+    node = model
+    for name in table:
+        annotation = node.model_fields[str(name)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        node = annotation
+    return list(node.model_fields)
 
 
 def _show(value: object) -> str:

@@ -28,13 +28,13 @@ async def measure(events: int, personality: str) -> list[int]:
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         async with open_device(SimOpener(host)) as device:
-            pump = EventPump(device, queue_size=16)
-            with pump.subscribe("bench", Event.RESTORED) as channel:
+            pump = EventPump(device)
+            with pump.subscribe("bench", Event.RESTORED) as subscription:
                 await nursery.start(pump.run)
                 for _ in range(events):
                     sent = time.perf_counter_ns()
                     host.raise_events(Event.RESTORED)
-                    await channel.receive()
+                    await subscription.receive()
                     latencies.append(time.perf_counter_ns() - sent)
         nursery.cancel_scope.cancel()
     return latencies

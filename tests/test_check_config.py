@@ -40,13 +40,13 @@ class TestCheckConfig:
     def test_invalid_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """An invalid file prints one line per problem to stderr and exits 78."""
         path = tmp_path / "agent.toml"
-        path.write_text('[log]\nlevel = "loud"\n[events]\nsubscriber_queue = 0\n')
+        path.write_text('[log]\nlevel = "loud"\n[session_monitor]\nenable = "yes"\n')
         assert check_config(str(path)) == 78
         out, err = capsys.readouterr()
         assert out == ""
         assert err.splitlines() == [
-            f"{path}: events.subscriber_queue = 0: must be >= 1",
             f"{path}: log.level = \"loud\": must be one of 'debug', 'info', 'warning' or 'error'",
+            f'{path}: session_monitor.enable = "yes": must be a valid boolean',
         ]
 
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,22 +9,38 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from agent.config import (
+    CORE_SECTIONS,
     AgentConfig,
     ConfigError,
     DaemonConfig,
     DeviceConfig,
-    EventsConfig,
     LogConfig,
     load_config,
 )
 from agent.protocol import AgentError
+from agent.services import ServiceSection
+from agent.services.registry import section_models
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 SHIPPED = Path(__file__).parents[1] / "config" / "agent.toml"
+
+
+class GadgetSection(ServiceSection):
+    """A throw-away service section."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    label: str = "gadget"
+
+
+GADGET = {"gadget": GadgetSection}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -33,24 +49,31 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def problems_of(path: Path) -> list[str]:
+def problems_of(
+    path: Path, sections: Mapping[str, type[ServiceSection]] | None = None
+) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_config(path, sections or {})
     return info.value.problems
 
 
 class TestShippedFile:
     def test_equals_the_defaults(self) -> None:
-        """config/agent.toml loads to exactly the built-in defaults."""
-        assert load_config(SHIPPED) == AgentConfig()
+        """config/agent.toml loads to exactly the built-in defaults, services' included."""
+        models = section_models()
+        defaults = AgentConfig(services={name: model() for name, model in models.items()})
+        assert load_config(SHIPPED, models) == defaults
 
     def test_lists_every_field(self) -> None:
-        """config/agent.toml sets every key of every section explicitly."""
+        """config/agent.toml sets every key of every section explicitly, services' too."""
         data = tomllib.loads(SHIPPED.read_text())
-        assert set(data) == set(AgentConfig.model_fields)
-        for name in AgentConfig.model_fields:
+        models = section_models()
+        assert set(data) == {*CORE_SECTIONS, *models}
+        for name in CORE_SECTIONS:
             section = getattr(AgentConfig(), name)
             assert set(data[name]) == set(type(section).model_fields), name
+        for name, model in models.items():
+            assert set(data[name]) == set(model.model_fields), name
 
 
 class TestModels:
@@ -58,7 +81,6 @@ class TestModels:
         """The defaults are the documented values."""
         config = AgentConfig()
         assert config.device == DeviceConfig(path="/dev/vboxguest", ioctl_threads=4)
-        assert config.events == EventsConfig(subscriber_queue=16)
         assert config.daemon == DaemonConfig(
             shutdown_timeout_s=5.0,
             restart_backoff_initial_s=1.0,
@@ -92,7 +114,7 @@ class TestModels:
 class TestProblems:
     def test_is_an_agent_error(self, tmp_path: Path) -> None:
         """ConfigError belongs to the agent's exception tree and lists its problems."""
-        with pytest.raises(AgentError, match="unknown key"):
+        with pytest.raises(AgentError, match="unknown section"):
             load_config(write(tmp_path, "x = 1\n"))
 
     def test_unknown_key(self, tmp_path: Path) -> None:
@@ -108,7 +130,15 @@ class TestProblems:
         """An unknown section names the allowed sections."""
         path = write(tmp_path, "[heartbeat]\ninterval_s = 5\n")
         assert problems_of(path) == [
-            f"{path}: heartbeat = {{...}}: unknown key; allowed keys: device, events, daemon, log"
+            f"{path}: heartbeat = {{...}}: unknown section; allowed sections: device, daemon, log"
+        ]
+
+    def test_unknown_section_names_the_services(self, tmp_path: Path) -> None:
+        """The allowed sections include every service section the loader was given."""
+        path = write(tmp_path, "[events]\nsubscriber_queue = 16\n")
+        assert problems_of(path, GADGET) == [
+            f"{path}: events = {{...}}: unknown section; allowed sections: "
+            "device, daemon, log, gadget"
         ]
 
     def test_out_of_range(self, tmp_path: Path) -> None:
@@ -120,7 +150,6 @@ class TestProblems:
         ("text", "expected"),
         [
             ("[device]\nioctl_threads = 65\n", "device.ioctl_threads = 65: must be <= 64"),
-            ("[events]\nsubscriber_queue = 0\n", "events.subscriber_queue = 0: must be >= 1"),
             (
                 "[daemon]\nshutdown_timeout_s = 61\n",
                 "daemon.shutdown_timeout_s = 61: must be <= 60",
@@ -143,10 +172,6 @@ class TestProblems:
     @pytest.mark.parametrize(
         ("text", "expected"),
         [
-            (
-                '[events]\nsubscriber_queue = "4"\n',
-                'events.subscriber_queue = "4": must be a valid integer',
-            ),
             (
                 "[daemon]\nrestart_budget = true\n",
                 "daemon.restart_budget = true: must be a valid integer",
@@ -174,12 +199,17 @@ class TestProblems:
 
     def test_every_problem_is_reported(self, tmp_path: Path) -> None:
         """All problems of a file are reported at once, one line each."""
-        path = write(tmp_path, '[log]\nlevel = "loud"\nformat = "xml"\n[events]\nx = 1\n')
-        problems = problems_of(path)
+        path = write(
+            tmp_path,
+            '[log]\nlevel = "loud"\nformat = "xml"\n[daemon]\nx = 1\n[gadget]\nlabel = 1\n[y]\n',
+        )
+        problems = problems_of(path, GADGET)
         assert [line.split(" = ")[0] for line in problems] == [
-            f"{path}: events.x",
+            f"{path}: y",
+            f"{path}: daemon.x",
             f"{path}: log.level",
             f"{path}: log.format",
+            f"{path}: gadget.label",
         ]
 
     def test_syntax_error_names_line_and_column(self, tmp_path: Path) -> None:
@@ -202,3 +232,47 @@ class TestProblems:
         path.write_bytes(b'[log]\nlevel = "\xff"\n')
         [problem] = problems_of(path)
         assert problem.startswith(f"{path}: not UTF-8 text:")
+
+
+class TestServiceSections:
+    """Sections of services, given to the loader by name."""
+
+    def test_defaults_when_left_out(self, tmp_path: Path) -> None:
+        """A service section the file leaves out gets its model's defaults."""
+        config = load_config(write(tmp_path, ""), GADGET)
+        assert config.services == {"gadget": GadgetSection()}
+        assert config.service_section("gadget", GadgetSection) == GadgetSection()
+
+    def test_values_are_validated(self, tmp_path: Path) -> None:
+        """A section's values are read into its model."""
+        path = write(tmp_path, '[gadget]\nenable = false\ninterval_s = 3\nlabel = "x"\n')
+        section = load_config(path, GADGET).service_section("gadget", GadgetSection)
+        assert section == GadgetSection(enable=False, interval_s=3.0, label="x")
+
+    def test_built_in_config_falls_back_to_defaults(self) -> None:
+        """``AgentConfig()`` holds no sections: each service gets its model's defaults."""
+        assert AgentConfig().service_section("gadget", GadgetSection) == GadgetSection()
+
+    def test_wrong_model_is_refused(self, tmp_path: Path) -> None:
+        """Asking for a section with another model than it was loaded with is a TypeError."""
+        config = load_config(write(tmp_path, ""), GADGET)
+        with pytest.raises(TypeError, match="GadgetSection, not a LogConfig"):
+            config.service_section("gadget", LogConfig)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (
+                "[gadget]\ninterval = 1\n",
+                "gadget.interval = 1: unknown key; allowed keys: enable, interval_s, label",
+            ),
+            ("[gadget]\ninterval_s = 0\n", "gadget.interval_s = 0: must be > 0"),
+            ("[gadget]\nenable = 1\n", "gadget.enable = 1: must be a valid boolean"),
+            ("gadget = 3\n", "gadget = 3: must be a table"),
+            ("[gadget]\ninterval_s = nan\n", "gadget.interval_s = nan: must be a finite number"),
+        ],
+    )
+    def test_problems_name_the_section(self, tmp_path: Path, text: str, expected: str) -> None:
+        """A service section's problems name the section, the key and what is allowed."""
+        path = write(tmp_path, text)
+        assert problems_of(path, GADGET) == [f"{path}: {expected}"]

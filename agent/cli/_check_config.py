@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from agent.cli._exit import EX_CONFIG, EX_OK
 from agent.config import ConfigError, load_config
+from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     import argparse
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """Check ``args.file``; return the exit code."""
     path: Path = args.file
     try:
-        load_config(path)
+        load_config(path, section_models())
     except ConfigError as exc:
         sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
         return EX_CONFIG

@@ -19,6 +19,7 @@ from agent.host import PERSONALITIES, SimOpener, SimulatedHost
 from agent.host.scenario import Scenario, ScenarioError, load_scenario, play_scenario
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError
+from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     from agent.device import DeviceOpener
@@ -85,7 +86,9 @@ def run_command(args: argparse.Namespace) -> int:
         print("vbox-agent run: --personality and --scenario need --simulate", file=sys.stderr)
         return EX_USAGE
     try:
-        config = load_config(args.config) if args.config is not None else AgentConfig()
+        config = (
+            load_config(args.config, section_models()) if args.config is not None else AgentConfig()
+        )
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

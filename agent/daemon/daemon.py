@@ -1,17 +1,32 @@
 """``Daemon``: the process's root — device, services, readiness, signals, reload, shutdown.
 
 Order of a run: open the device (version handshake) → report the facility as Init → start
-the event pump, then the services that subscribe to it, each with ``nursery.start`` under
-the supervisor → ``READY=1`` and facility Active → wait for a shutdown request →
-``STOPPING=1`` and facility Terminating → cancel the services (their cleanup is shielded
-and bounded) → facility Terminated. The whole shutdown is bounded by
-``daemon.shutdown_timeout_s``.
+the event pump, then every enabled service of the registry, each with ``nursery.start``
+under a supervisor → facility Active, ``READY=1`` with the combined ``STATUS=`` line → wait
+for a shutdown request → the stop:
+
+1. ``STOPPING=1``; the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed;
+   facility Terminating (a report the host does not answer in time is abandoned);
+2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
+   the one deadline ``D`` (services do not depend on each other; the event pump keeps
+   running meanwhile); a drain still running at ``D`` is cancelled;
+3. the final phase, at most ``FINAL_PHASE_S``: the event pump stops, facility Terminated,
+   and the device is closed last.
+
+The device's shielded teardown is bounded by the same deadlines
+(:attr:`agent.device.Device.cleanup_deadline`), so the process ends within
+``shutdown_timeout_s + FINAL_PHASE_S`` whatever the driver or host does: a call that does
+not end in time is abandoned with a log line.
+
+Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
+new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
+of ``enable`` starts or stops the service.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import structlog
 import trio
@@ -24,34 +39,59 @@ from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
 from agent.logconfig import configure_logging
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId, VBoxStatusError
-from agent.services import EventPump, SessionMonitor
+from agent.services import EventPump, ServiceContext
+from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from agent.config import AgentConfig
     from agent.device import Device, DeviceOpener
-    from agent.services import Service
+    from agent.services import EventPumpStatistics, Service, ServiceSection, ServiceSpec, Statistics
 
 log = structlog.get_logger(__name__)
 
-LIVE_SECTIONS: Final = frozenset({"log", "daemon", "events"})
-"""Config sections a reload applies at once; changes elsewhere need a restart."""
+FINAL_PHASE_S: Final = 0.5
+"""Time the stop allows after the drains for the pump, facility Terminated and the close."""
+REPORT_TIMEOUT_S: Final = 1.0
+"""How long a facility status report may take before it is abandoned."""
+STATUS_SEPARATOR: Final = "; "
+"""Between the services' fragments in ``STATUS=``."""
 
 
 @dataclass(frozen=True, slots=True)
 class DaemonStatistics:
-    """What the daemon is doing, for STATUS lines, tests and benchmarks."""
+    """What the daemon is doing, for tests and benchmarks.
+
+    Attributes:
+        ready: READY=1 was sent.
+        reloads: configurations applied by SIGHUP.
+        status: the current ``STATUS=`` text.
+        events: the event pump's counters (None before it exists).
+        services: each supervised service's snapshot, by name.
+        restarts: restarts (after failures, or replaced on reload) by service name.
+    """
 
     ready: bool
     reloads: int
-    services: dict[str, object]
-    restarts: dict[str, int]
+    status: str
+    events: EventPumpStatistics | None
+    services: Mapping[str, Statistics]
+    restarts: Mapping[str, int]
 
 
 @final
 class Daemon:
-    """Runs the agent against one device until asked to stop."""
+    """Runs the agent against one device until asked to stop.
+
+    Args:
+        config: the configuration to start with.
+        opener: opens the device's sessions.
+        config_path: the file SIGHUP re-reads (None: reloads are skipped).
+        notifier: sd_notify (default: from the environment).
+        registry: the services to build (default: :data:`agent.services.registry.SERVICES`).
+    """
 
     def __init__(
         self,
@@ -60,83 +100,147 @@ class Daemon:
         *,
         config_path: Path | None = None,
         notifier: Notifier | None = None,
+        registry: Sequence[ServiceSpec[Any]] = SERVICES,
     ) -> None:
         self.config = config
         self._opener = opener
         self._config_path = config_path
         self._notifier = notifier if notifier is not None else Notifier.from_environ()
-        self._supervisor = Supervisor(config.daemon)
+        self._registry = tuple(registry)
+        self._supervisor: Supervisor[Service[Any]] = Supervisor(
+            config.daemon, on_change=self._status_changed
+        )
+        self._pump_supervisor: Supervisor[EventPump] = Supervisor(config.daemon)
         self._shutdown = trio.Event()
-        self._services: list[Service] = []
+        self._startup = trio.CancelScope()
+        self._status_dirty = trio.Event()
+        self._status = ""
         self._pump: EventPump | None = None
+        self._context: ServiceContext | None = None
+        self._services_nursery: trio.Nursery | None = None
         self._ready = False
         self._reloads = 0
 
     def statistics(self) -> DaemonStatistics:
-        """Return readiness, reload count and each service's statistics."""
+        """Return readiness, reloads, STATUS text and the services' statistics."""
         return DaemonStatistics(
             ready=self._ready,
             reloads=self._reloads,
-            services={service.name: service.statistics() for service in self._services},
+            status=self._status,
+            events=None if self._pump is None else self._pump.statistics(),
+            services={s.name: s.statistics() for s in self._supervisor.services()},
             restarts=self._supervisor.restarts(),
         )
 
     def request_shutdown(self, reason: str) -> None:
-        """Begin a clean shutdown (idempotent)."""
+        """Begin a clean shutdown (idempotent); a start-up in progress is cut short."""
         if not self._shutdown.is_set():
             log.info("shutdown_requested", reason=reason)
             self._shutdown.set()
+            self._startup.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`request_shutdown`, SIGTERM or SIGINT; ready after READY=1."""
         async with open_device(self._opener) as device:
             await self._log_device(device)
             facility = FacilityReporter(device)
-            await facility.report(FacilityStatus.INIT)
+            await _report(facility, FacilityStatus.INIT, trio.current_time() + REPORT_TIMEOUT_S)
             try:
                 await self._serve(device, facility, task_status)
             except Exception:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                with device.cleanup_scope("facility Failed report"):
                     await facility.report(FacilityStatus.FAILED)
                 raise
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await facility.report(FacilityStatus.TERMINATED)
         log.info("agent_stopped")
 
     async def _serve(
         self, device: Device, facility: FacilityReporter, task_status: trio.TaskStatus[None]
     ) -> None:
-        pump = EventPump(device, queue_size=self.config.events.subscriber_queue)
+        pump = EventPump(device)
         self._pump = pump
-        self._services = [pump, SessionMonitor(device, pump)]
+        self._context = ServiceContext(device, pump, self._status_changed)
         async with trio.open_nursery() as nursery:
             await nursery.start(handle_signals, self)
-            for service in self._services:
-                await nursery.start(self._supervisor.supervise, service)
-            self._ready = True
-            await self._notifier.ready(self._status_text(device))
-            await facility.report(FacilityStatus.ACTIVE)
-            log.info("agent_ready", services=[s.name for s in self._services])
-            task_status.started()
-            interval = self._notifier.watchdog_interval()
-            if interval is not None:
-                nursery.start_soon(self._watchdog, device, interval)
-            await self._shutdown.wait()
-            await self._notifier.stopping()
-            await facility.report(FacilityStatus.TERMINATING)
-            nursery.cancel_scope.deadline = (
-                trio.current_time() + self.config.daemon.shutdown_timeout_s
-            )
+            async with trio.open_nursery() as pump_nursery:
+                await pump_nursery.start(self._pump_supervisor.supervise, pump)
+                async with trio.open_nursery() as services:
+                    self._services_nursery = services
+                    with self._startup:
+                        await self._start_services(services)
+                    if not self._shutdown.is_set():
+                        await self._announce_ready(device, facility, nursery)
+                    task_status.started()
+                    await self._shutdown.wait()
+                    await self._stop_services(device, facility)
+                self._services_nursery = None
+                final = trio.current_time() + FINAL_PHASE_S
+                device.cleanup_deadline = final
+                self._pump_supervisor.stop_all(final)
+            await _report(facility, FacilityStatus.TERMINATED, final)
             nursery.cancel_scope.cancel()
 
-    def _status_text(self, device: Device) -> str:
-        return f"{len(self._services)} services running on {device.description}"
+    async def _start_services(self, services: trio.Nursery) -> None:
+        for spec in self._registry:
+            section = self._section(self.config, spec)
+            if section.enable:
+                await services.start(self._supervisor.supervise, self._build(spec, section))
+
+    async def _announce_ready(
+        self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
+    ) -> None:
+        await _report(facility, FacilityStatus.ACTIVE, trio.current_time() + REPORT_TIMEOUT_S)
+        self._ready = True
+        self._status = self._status_text()
+        await self._notifier.ready(self._status)
+        log.info("agent_ready", services=[s.name for s in self._supervisor.services()])
+        nursery.start_soon(self._publish_status)
+        interval = self._notifier.watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(self._watchdog, device, interval)
+
+    async def _stop_services(self, device: Device, facility: FacilityReporter) -> None:
+        """STOPPING=1, facility Terminating, then every service drains until one deadline."""
+        await self._notifier.stopping()
+        deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
+        device.cleanup_deadline = deadline
+        report_by = min(deadline, trio.current_time() + REPORT_TIMEOUT_S)
+        await _report(facility, FacilityStatus.TERMINATING, report_by)
+        log.info("services_draining", deadline_in_s=round(deadline - trio.current_time(), 3))
+        self._supervisor.stop_all(deadline)
+
+    def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:
+        section: ServiceSection = config.service_section(spec.name, spec.section)
+        return section
+
+    def _build(self, spec: ServiceSpec[Any], section: ServiceSection) -> Service[Any]:
+        if self._context is None:  # pragma: no cover - services are built while serving
+            msg = "services are built only while the daemon serves"
+            raise RuntimeError(msg)
+        return spec.build(self._context, section)
+
+    def _status_changed(self) -> None:
+        self._status_dirty.set()
+
+    def _status_text(self) -> str:
+        fragments = [service.status() for service in self._supervisor.services()]
+        return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
+
+    async def _publish_status(self) -> None:
+        """Send ``STATUS=`` whenever a service reports a change (no change, no wake-up)."""
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty = trio.Event()
+            text = self._status_text()
+            if text != self._status:
+                self._status = text
+                await self._notifier.status(text)
 
     async def _log_device(self, device: Device) -> None:
         try:
-            version = await device.request(GetHostVersion())
-        except (VBoxStatusError, OSError) as exc:
-            log.warning("host_version_unavailable", error=str(exc))
+            with trio.fail_after(REPORT_TIMEOUT_S):
+                version = await device.request(GetHostVersion())
+        except (VBoxStatusError, OSError, trio.TooSlowError) as exc:
+            log.warning("host_version_unavailable", error=str(exc) or "timed out")
             return
         log.info(
             "device_opened",
@@ -161,9 +265,14 @@ class Daemon:
 
     async def reload(self) -> None:
         """Re-read the config file: apply what can change live, keep the old one if invalid."""
+        if not self._ready or self._shutdown.is_set():
+            log.warning("config_reload_skipped", reason="the agent is starting or stopping")
+            return
         await self._notifier.reloading()
         try:
-            self._apply(self._read_config())
+            new = self._read_config()
+            if new is not None:
+                self._apply(new)
         finally:
             await self._notifier.ready(None)
 
@@ -172,29 +281,66 @@ class Daemon:
             log.warning("config_reload_skipped", reason="the agent runs without a config file")
             return None
         try:
-            return load_config(self._config_path)
+            return load_config(self._config_path, section_models(self._registry))
         except ConfigError as exc:
             log.error("config_reload_rejected", path=str(self._config_path), errors=exc.problems)
             return None
 
-    def _apply(self, new: AgentConfig | None) -> None:
-        if new is None or new == self.config:
-            return
+    def _apply(self, new: AgentConfig) -> None:
         old, self.config = self.config, new
-        self._reloads += 1
-        changed = sorted(
-            name for name in type(new).model_fields if getattr(old, name) != getattr(new, name)
-        )
+        changed = [
+            name for name in ("device", "daemon", "log") if getattr(old, name) != getattr(new, name)
+        ]
         if "log" in changed:
             configure_logging(new.log)
         if "daemon" in changed:
             self._supervisor.config = new.daemon
-        if "events" in changed and self._pump is not None:
-            self._pump.queue_size = new.events.subscriber_queue
-            for service in self._services:
-                if service is not self._pump:
-                    self._supervisor.restart(service.name)
-        needs_restart = [name for name in changed if name not in LIVE_SECTIONS]
+            self._pump_supervisor.config = new.daemon
+        if "device" in changed:
+            log.warning("config_change_needs_restart", sections=["device"])
+        for spec in self._registry:
+            before, after = self._section(old, spec), self._section(new, spec)
+            if before != after:
+                changed.append(spec.name)
+                self._reconfigure(spec, after)
+        if changed:
+            self._reloads += 1
         log.info("config_reloaded", changed=changed)
-        if needs_restart:
-            log.warning("config_change_needs_restart", sections=needs_restart)
+
+    def _reconfigure(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
+        """Give service ``spec`` its new section: start, stop, apply live or rebuild it."""
+        name = spec.name
+        if not section.enable:
+            deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
+            self._supervisor.stop(name, deadline)
+            log.info("service_disabled", service=name)
+            return
+        service = self._supervisor.current(name)
+        if service is None:
+            self._launch(spec, section)
+            log.info("service_enabled", service=name)
+            return
+        try:
+            applied = service.reconfigure(section)
+        except Exception as exc:  # noqa: BLE001 - a broken reconfigure means a restart
+            log.error("service_reconfigure_failed", service=name, error=repr(exc))
+            applied = False
+        if applied:
+            log.info("service_reconfigured", service=name)
+            self._status_changed()
+        else:
+            log.warning("service_needs_restart", service=name)
+            self._supervisor.replace(name, self._build(spec, section))
+
+    def _launch(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
+        service = self._build(spec, section)
+        if not self._supervisor.replace(spec.name, service) and self._services_nursery is not None:
+            self._services_nursery.start_soon(self._supervisor.supervise, service)
+
+
+async def _report(facility: FacilityReporter, status: FacilityStatus, deadline: float) -> None:
+    """Report the facility ``status``, abandoning the report at ``deadline``."""
+    with trio.move_on_at(deadline) as scope:
+        await facility.report(status)
+    if scope.cancelled_caught:
+        log.warning("facility_report_abandoned", status=status.name)

@@ -1,4 +1,9 @@
-"""``Supervisor``: runs services in their own cancel scopes and restarts the ones that fail.
+"""``Supervisor``: runs services, drains them, restarts or replaces them, and stops them.
+
+Each supervised service is one task (:meth:`Supervisor.supervise`) that goes through phases:
+*run* (``service.run`` in a cancel scope of its own), then *drain* (``service.drain()`` under
+a deadline, unshielded), then, unless it was told to stop, *run* again: the same service after
+a failure (after a back-off), or its replacement (:meth:`Supervisor.replace`) at once.
 
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
@@ -8,8 +13,9 @@ to a ceiling; more failures than the budget within the window are fatal too.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
-from typing import TYPE_CHECKING, Final, NoReturn, final
+from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
 
 import structlog
 import trio
@@ -18,8 +24,9 @@ from agent.device import DeviceLostError, DeviceUnavailableError
 from agent.protocol import AgentError, LocalProtocolError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.config import DaemonConfig
-    from agent.services import Service
 
 log = structlog.get_logger(__name__)
 
@@ -31,73 +38,211 @@ class ServiceFailedError(AgentError):
     """A service failed more often than its restart budget allows."""
 
 
-@final
-class Supervisor:
-    """Starts services, restarts failed ones with backoff, and restarts them on request."""
+class Supervised(Protocol):
+    """What the supervisor runs: a named task that starts, runs until cancelled, and drains."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    @property
+    def name(self) -> str:
+        """Stable name, unique among the services of one supervisor."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Run until cancelled; call ``task_status.started()`` once ready."""
+        ...
+
+    async def drain(self) -> None:
+        """Give back what the service holds; called after each end of :meth:`run`."""
+        ...
+
+
+T = TypeVar("T", bound=Supervised)
+
+
+class _Phase(enum.Enum):
+    RUN = "run"
+    DRAIN = "drain"
+    BACK_OFF = "back-off"
+
+
+@final
+class _Entry(Generic[T]):
+    """One supervised service: what runs, what comes next, and the current phase's scope."""
+
+    __slots__ = ("next", "phase", "scope", "service", "stop_deadline")
+
+    def __init__(self, service: T) -> None:
+        self.service = service
+        self.next: T | None = None
+        self.stop_deadline: float | None = None
+        self.phase = _Phase.RUN
+        self.scope = trio.CancelScope()
+
+    def enter(self, phase: _Phase, deadline: float = float("inf")) -> trio.CancelScope:
+        self.phase = phase
+        self.scope = trio.CancelScope(deadline=deadline)
+        return self.scope
+
+
+@final
+class Supervisor(Generic[T]):
+    """Starts services, drains every run that ends, restarts failed ones, stops on request.
+
+    Args:
+        config: restart policy and the drain time (``shutdown_timeout_s``); may be replaced
+            on reload.
+        on_change: called when a service starts or ends (the daemon refreshes ``STATUS=``).
+    """
+
+    def __init__(
+        self, config: DaemonConfig, *, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.config = config
-        self._scopes: dict[str, trio.CancelScope] = {}
+        self._on_change = on_change
+        self._entries: dict[str, _Entry[T]] = {}
         self._restarts: dict[str, int] = {}
 
     def restarts(self) -> dict[str, int]:
-        """Return how often each service was restarted (after failures or on request)."""
+        """Return how often each service was restarted (after failures or replaced)."""
         return dict(self._restarts)
 
-    def restart(self, name: str) -> None:
-        """Restart the running service ``name`` (its failure budget is not charged)."""
-        scope = self._scopes.get(name)
-        if scope is not None:
-            scope.cancel()
+    def services(self) -> list[T]:
+        """The services supervised now (running, draining or backing off), in start order."""
+        return [entry.service for entry in self._entries.values()]
+
+    def current(self, name: str) -> T | None:
+        """The service supervised under ``name``, unless it is stopping or gone."""
+        entry = self._entries.get(name)
+        if entry is None or entry.stop_deadline is not None:
+            return None
+        return entry.service
+
+    def replace(self, name: str, service: T) -> bool:
+        """Drain the service ``name`` and run ``service`` in its place; False if none runs.
+
+        A stopping service is replaced too: the stop is called off once its drain ends.
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            return False
+        entry.next = service
+        entry.stop_deadline = None
+        if entry.phase is not _Phase.DRAIN:
+            entry.scope.cancel()
+        return True
+
+    def stop(self, name: str, deadline: float) -> None:
+        """Cancel service ``name``'s run, let it drain until ``deadline``, then end its task."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        entry.next = None
+        if entry.stop_deadline is None or deadline < entry.stop_deadline:
+            entry.stop_deadline = deadline
+        if entry.phase is _Phase.DRAIN:
+            entry.scope.deadline = min(entry.scope.deadline, deadline)
+        else:
+            entry.scope.cancel()
+
+    def stop_all(self, deadline: float) -> None:
+        """:meth:`stop` every service, all draining at once until the one ``deadline``."""
+        for name in list(self._entries):
+            self.stop(name, deadline)
 
     async def supervise(
-        self, service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> NoReturn:
-        """Run ``service`` for ever; ready once its first start succeeded."""
+        self, service: T, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``service`` (and its replacements) until stopped; ready once it first started.
+
+        A service still starting when the caller of ``nursery.start`` is cancelled is
+        cancelled with it, without a drain.
+        """
+        if service.name in self._entries:
+            msg = f"service {service.name} is already supervised"
+            raise ValueError(msg)
+        entry = _Entry(service)
+        self._entries[service.name] = entry
+        try:
+            await self._supervise(entry, task_status)
+        finally:
+            del self._entries[service.name]
+            self._changed()
+
+    async def _supervise(self, entry: _Entry[T], task_status: trio.TaskStatus[None]) -> None:
         failures: deque[float] = deque()
         started = False
         while True:
-            scope = trio.CancelScope()
-            self._scopes[service.name] = scope
-            failure: BaseExceptionGroup[Exception] | None = None
+            name = entry.service.name
+            failure: BaseException | None = None
             try:
-                with scope:
+                with entry.enter(_Phase.RUN):
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(service.run)
+                        await nursery.start(entry.service.run)
                         if not started:
                             task_status.started()
                             started = True
-                        log.info("service_started", service=service.name)
+                        log.info("service_started", service=name)
+                        self._changed()
+                    failure = RuntimeError(f"{name}: run() returned")
             except* FATAL_ERRORS:
                 raise
             except* Exception as group:  # noqa: BLE001 - any other failure restarts the service
-                failure = group
-            if failure is not None:
-                await self._back_off(service.name, failures, failure)
-            elif scope.cancelled_caught:
-                self._restarts[service.name] = self._restarts.get(service.name, 0) + 1
-                log.info("service_restarted", service=service.name, reason="requested")
+                failure = group.exceptions[0] if len(group.exceptions) == 1 else group
+            await self._drain(entry)
+            if failure is not None and entry.stop_deadline is None and entry.next is None:
+                with entry.enter(_Phase.BACK_OFF):
+                    await self._back_off(name, failures, failure)
+            if entry.stop_deadline is not None:
+                log.info("service_stopped", service=name)
+                return
+            if entry.next is not None:
+                entry.service, entry.next = entry.next, None
+                failures.clear()
+                self._count_restart(name)
+                log.info("service_replaced", service=name)
 
-    async def _back_off(
-        self, name: str, failures: deque[float], group: BaseExceptionGroup[Exception]
-    ) -> None:
+    async def _drain(self, entry: _Entry[T]) -> None:
+        """Await the service's drain until the stop deadline, or the drain time from now."""
+        name = entry.service.name
+        deadline = entry.stop_deadline
+        if deadline is None:
+            deadline = trio.current_time() + self.config.shutdown_timeout_s
+        began = trio.current_time()
+        with entry.enter(_Phase.DRAIN, deadline) as scope:
+            try:
+                await entry.service.drain()
+            except Exception as exc:  # noqa: BLE001 - a failed drain must not stop the others
+                log.warning("service_drain_failed", service=name, error=repr(exc))
+                return
+        took_ms = round((trio.current_time() - began) * 1000)
+        if scope.cancelled_caught:
+            log.warning("service_drain_abandoned", service=name, after_ms=took_ms)
+        else:
+            log.info("service_drained", service=name, took_ms=took_ms)
+
+    def _count_restart(self, name: str) -> None:
+        self._restarts[name] = self._restarts.get(name, 0) + 1
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    async def _back_off(self, name: str, failures: deque[float], error: BaseException) -> None:
         now = trio.current_time()
         failures.append(now)
         while failures and failures[0] < now - self.config.restart_window_s:
             failures.popleft()
-        error = group.exceptions[0] if len(group.exceptions) == 1 else group
         if len(failures) > self.config.restart_budget:
             log.error("service_gave_up", service=name, failures=len(failures), error=repr(error))
             msg = (
                 f"service {name} failed {len(failures)} times within "
                 f"{self.config.restart_window_s:g} s: {error!r}"
             )
-            raise ServiceFailedError(msg) from group
+            raise ServiceFailedError(msg) from error
         delay = min(
             self.config.restart_backoff_initial_s * 2 ** (len(failures) - 1),
             self.config.restart_backoff_max_s,
         )
-        self._restarts[name] = self._restarts.get(name, 0) + 1
+        self._count_restart(name)
         log.warning(
             "service_failed",
             service=name,
@@ -105,4 +250,5 @@ class Supervisor:
             retry_in_s=delay,
             failures=len(failures),
         )
+        self._changed()
         await trio.sleep(delay)

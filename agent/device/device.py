@@ -10,15 +10,22 @@ must be ended by something the driver honours:
   reused; the other sessions are not affected.
 - an :class:`HgcmClient` owns a session with one HGCM client on it, so long calls
   (property notifications) never hold up anything else.
+
+Teardown (an interrupt, a disconnect, a close) must reach the driver even when its caller was
+cancelled, so it runs shielded, but never for longer than ``CLEANUP_TIMEOUT_S`` nor past
+:attr:`Device.cleanup_deadline`, which the daemon sets when it stops: a call the driver does
+not finish by then is abandoned with a ``device_cleanup_abandoned`` log line.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
+import structlog
 import trio
 
 from agent.protocol import (
@@ -45,13 +52,16 @@ from agent.protocol.constants import TIMEOUT_INFINITE
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from types import TracebackType
 
     from agent.device.transport import DeviceOpener, Transport
+
+log = structlog.get_logger(__name__)
 
 R = TypeVar("R")
 
 CLEANUP_TIMEOUT_S: Final = 2.0
-"""How long teardown work (interrupts, disconnects, closes) may take when shielded."""
+"""How long one piece of teardown (an interrupt, a disconnect, a close) may take, shielded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,8 @@ class Device:
         self._failures = 0
         self._open_sessions = 1
         self.driver_version: DriverVersion | None = None
+        self.cleanup_deadline = math.inf
+        """Trio time after which shielded teardown is abandoned (the daemon's stop sets it)."""
 
     @property
     def description(self) -> str:
@@ -130,8 +142,16 @@ class Device:
         self._open_sessions += 1
         return _Channel(self, transport)
 
+    def teardown_deadline(self) -> float:
+        """When teardown begun now must be abandoned (see the module docstring)."""
+        return min(trio.current_time() + CLEANUP_TIMEOUT_S, self.cleanup_deadline)
+
+    def cleanup_scope(self, what: str) -> _CleanupScope:
+        """A shielded scope for teardown ``what`` until :meth:`teardown_deadline`."""
+        return _CleanupScope(what, self.teardown_deadline(), self.description)
+
     async def _close_channel(self, channel: _Channel) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+        with self.cleanup_scope("close session"):
             await channel.transport.aclose()
         self._open_sessions -= 1
 
@@ -144,7 +164,7 @@ class Device:
         channel = await self._open_channel()
         try:
             await channel.perform(ChangeFilterMask(mask, VALID_EVENT_MASK & ~mask))
-            waiter = EventWaiter(channel, mask)
+            waiter = EventWaiter(self, channel, mask)
             yield waiter
         finally:
             await self._close_channel(channel)
@@ -159,7 +179,7 @@ class Device:
             try:
                 yield client
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                with self.cleanup_scope("HGCM disconnect"):
                     await channel.perform(HgcmDisconnect(connected.client_id))
         finally:
             await self._close_channel(channel)
@@ -170,6 +190,32 @@ class Device:
             await self._close_channel(self._main)
 
 
+@final
+class _CleanupScope:
+    """``with`` a shielded cancel scope with a deadline; logs when teardown is abandoned."""
+
+    __slots__ = ("_description", "_scope", "_what")
+
+    def __init__(self, what: str, deadline: float, description: str) -> None:
+        self._what = what
+        self._description = description
+        self._scope = trio.CancelScope(shield=True, deadline=deadline)
+
+    def __enter__(self) -> trio.CancelScope:
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        handled = self._scope.__exit__(exc_type, exc_value, traceback)
+        if self._scope.cancelled_caught:
+            log.warning("device_cleanup_abandoned", what=self._what, device=self._description)
+        return handled
+
+
 class WaiterInterruptedError(AgentError):
     """The wait ended because :meth:`EventWaiter.interrupt` was called."""
 
@@ -178,7 +224,8 @@ class WaiterInterruptedError(AgentError):
 class EventWaiter:
     """Waits for host events on a session of its own; see :meth:`Device.open_event_waiter`."""
 
-    def __init__(self, channel: _Channel, mask: int) -> None:
+    def __init__(self, device: Device, channel: _Channel, mask: int) -> None:
+        self._device = device
         self._channel = channel
         self._interrupt_requested = False
         self.mask = mask
@@ -197,10 +244,12 @@ class EventWaiter:
         - :meth:`interrupt` makes it raise :class:`WaiterInterruptedError`, unless events
           were consumed first, which are then returned (nothing is lost);
         - cancellation interrupts the session and raises ``Cancelled``; events consumed in
-          that same instant are dropped, so cancel only to tear down.
+          that same instant are dropped, so cancel only to tear down. A driver that does
+          not end the wait after the interrupt is given up on, as teardown is.
         """
         channel = self._channel
         finished = False
+        wait_scope = trio.CancelScope(shield=True)
 
         async def interrupt_when_cancelled() -> None:
             try:
@@ -208,19 +257,25 @@ class EventWaiter:
             finally:
                 if not finished:
                     await self.interrupt()
+                    wait_scope.deadline = self._device.teardown_deadline()
 
         received: EventsReceived | None = None
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(interrupt_when_cancelled)
             try:
-                with trio.CancelScope(shield=True):
+                with wait_scope:
                     received = await channel.perform(WaitForEvents(self.mask))
             except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
                 error = exc
             finally:
                 finished = True
                 nursery.cancel_scope.cancel()
+        if wait_scope.cancelled_caught:
+            log.warning(
+                "device_cleanup_abandoned", what="event wait", device=self._device.description
+            )
+            await trio.lowlevel.checkpoint()  # raises the Cancelled that began the teardown
         # Raised here, not in the nursery, so callers see the error itself, not a group.
         if isinstance(error, OSError) and error.errno == errno.EINTR and self._interrupt_requested:
             raise WaiterInterruptedError(self.mask) from None
@@ -241,7 +296,7 @@ class EventWaiter:
             return
         # Set before sending: the woken wait may see EINTR before this call returns.
         self._interrupt_requested = True
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+        with self._device.cleanup_scope("interrupt"):
             await self._channel.perform(InterruptAllWaits())
 
 

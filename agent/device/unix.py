@@ -21,8 +21,12 @@ Cancellation:
   cancellation), so the connection stays usable.
 - while waiting for the send lock: nothing was sent; nothing happens.
 - while sending: a half-sent frame would desynchronise the stream, so a frame is sent
-  shielded from cancellation. A host that stops reading for ``SEND_GRACE_S`` is declared
-  lost and the connection is closed.
+  shielded from cancellation, but never past the caller's deadline nor for longer than
+  ``SEND_GRACE_S``: a host that has not taken the frame by then is declared lost and the
+  connection is closed.
+- the CANCEL frame itself is sent shielded for at most ``CANCEL_GRACE_S`` (it is a few bytes:
+  a host that cannot take them is not reading and is declared lost), so an abandoned call
+  never holds its caller longer than that.
 
 A host that goes away (EOF, a broken socket, a malformed or ERROR frame) makes every pending
 and later ``ioctl`` raise :class:`DeviceLostError`.
@@ -65,6 +69,8 @@ USER_ADDRESS_BASE: Final = 0x7F00_0000_0000
 """Synthetic address of an ioctl's first user buffer; the next ones follow page by page."""
 SEND_GRACE_S: Final = 10.0
 """How long a frame may take to send before the host counts as gone (it reads constantly)."""
+CANCEL_GRACE_S: Final = 0.25
+"""How long sending a CANCEL frame may hold a cancelled caller before the host counts as gone."""
 RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of the socket per receive."""
 _SEQ_MASK: Final = 0xFFFFFFFF
@@ -120,7 +126,7 @@ class UnixSocketTransport:
             try:
                 reply = await self._wait_reply(pending)
             except trio.Cancelled:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CANCEL_GRACE_S):
                     await self._cancel_on_host(seq)
                 raise
         finally:
@@ -182,14 +188,19 @@ class UnixSocketTransport:
     async def _send(self, frame: bytes) -> None:
         async with self._send_lock:
             self._check_usable()
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_GRACE_S) as cs:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            # From here on nothing yields before the shield: a caller cancelled already got
+            # its Cancelled above, with nothing sent.
+            now = trio.current_time()
+            deadline = min(now + SEND_GRACE_S, trio.current_effective_deadline())
+            with trio.CancelScope(shield=True, deadline=deadline) as cs:
                 try:
                     await self._stream.send_all(frame)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     await self._lose(f"sending failed: {exc}")
                     raise DeviceLostError(self._lost) from exc
             if cs.cancelled_caught:
-                await self._lose(f"it read nothing for {SEND_GRACE_S} s")
+                await self._lose(f"it took no frame for {deadline - now:.3g} s")
                 raise DeviceLostError(self._lost)
 
     async def _wait_reply(self, pending: _Pending) -> IoctlReply:

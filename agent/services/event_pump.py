@@ -1,10 +1,14 @@
 """``EventPump``: the one task that waits for host events and fans them out.
 
-Subscribers get a bounded memory channel each, for as long as their
-``with pump.subscribe(name, mask) as events:`` block lasts. The union of
-their masks is the pump's wait mask, and so the filter mask of the pump's device session:
-the host is asked for exactly the events somebody listens to. The pump never blocks on a
-subscriber: a full channel drops the event for that subscriber, counts it and logs it.
+Subscribers get a :class:`Subscription` each, for as long as their
+``with pump.subscribe(name, mask) as events:`` block lasts. The union of their masks is the
+pump's wait mask, and so the filter mask of the pump's device session: the host is asked for
+exactly the events somebody listens to.
+
+Delivery is lossless and never blocks the pump. Events are bit flags, so a subscription is a
+mailbox of pending bits: bits that arrive while the subscriber is busy are OR-ed into the
+ones it has not received yet, and its next ``receive()`` returns them all at once. Such a
+merge is counted as ``coalesced``; nothing is ever dropped and the mailbox never grows.
 
 While the host is silent the pump sleeps in the driver (no timeout, no polling). When the
 mask changes it interrupts its waiter and opens a new session with the new mask; events
@@ -30,18 +34,22 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_QUEUE_SIZE: Final = 16
-"""Events a subscriber may have unread before further ones are dropped for it."""
-
 
 @dataclass(frozen=True, slots=True)
 class SubscriberStatistics:
-    """Counters of one subscription."""
+    """Counters of one subscription.
+
+    Attributes:
+        posted: host events that carried bits of the subscriber's mask.
+        delivered: ``receive()`` calls that returned bits.
+        coalesced: events whose bits were merged into a delivery still pending.
+    """
 
     name: str
     mask: int
+    posted: int
     delivered: int
-    dropped: int
+    coalesced: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +63,57 @@ class EventPumpStatistics:
     subscribers: tuple[SubscriberStatistics, ...]
 
 
-class _Subscriber:
-    __slots__ = ("delivered", "dropped", "mask", "name", "send")
+@final
+class Subscription:
+    """The receiving end of one subscription: a mailbox of pending event bits."""
 
-    def __init__(self, name: str, mask: int, send: trio.MemorySendChannel[int]) -> None:
+    def __init__(self, name: str, mask: int) -> None:
         self.name = name
         self.mask = mask
-        self.send = send
-        self.delivered = 0
-        self.dropped = 0
+        self._pending = 0
+        self._arrived = trio.Event()
+        self._posted = 0
+        self._delivered = 0
+        self._coalesced = 0
+
+    def statistics(self) -> SubscriberStatistics:
+        """Return this subscription's counters."""
+        return SubscriberStatistics(
+            self.name, self.mask, self._posted, self._delivered, self._coalesced
+        )
+
+    async def receive(self) -> int:
+        """Wait until bits are pending, then return (and clear) all of them.
+
+        Cancellation loses nothing: bits stay pending until a ``receive`` returns them.
+        """
+        while not self._pending:
+            await self._arrived.wait()
+            self._arrived = trio.Event()
+        await trio.lowlevel.checkpoint()
+        return self._take()
+
+    def receive_nowait(self) -> int:
+        """Return (and clear) the pending bits without waiting.
+
+        Raises:
+            trio.WouldBlock: no bits are pending.
+        """
+        if not self._pending:
+            raise trio.WouldBlock
+        return self._take()
+
+    def _take(self) -> int:
+        bits, self._pending = self._pending, 0
+        self._delivered += 1
+        return bits
+
+    def _post(self, bits: int) -> None:
+        self._posted += 1
+        if self._pending:
+            self._coalesced += 1
+        self._pending |= bits
+        self._arrived.set()
 
 
 @final
@@ -72,26 +122,13 @@ class EventPump:
 
     name: Final = "event-pump"
 
-    def __init__(self, device: Device, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(self, device: Device) -> None:
         self._device = device
-        self.queue_size = queue_size
-        self._subscribers: list[_Subscriber] = []
+        self._subscribers: list[Subscription] = []
         self._mask_changed = trio.Event()
         self._waits = 0
         self._events_received = 0
         self._last_event_time: float | None = None
-
-    @property
-    def queue_size(self) -> int:
-        """Channel capacity of subscriptions made from now on."""
-        return self._queue_size
-
-    @queue_size.setter
-    def queue_size(self, value: int) -> None:
-        if value < 1:
-            msg = f"queue_size must be at least 1, got {value}"
-            raise ValueError(msg)
-        self._queue_size = value
 
     @property
     def mask(self) -> int:
@@ -102,24 +139,24 @@ class EventPump:
         return union
 
     @contextmanager
-    def subscribe(self, name: str, mask: int) -> Iterator[trio.MemoryReceiveChannel[int]]:
-        """Receive every event of ``mask`` (each item: the event bits) inside the block.
+    def subscribe(self, name: str, mask: int) -> Iterator[Subscription]:
+        """Receive every event bit of ``mask`` inside the block (see :class:`Subscription`).
 
         Leaving the block ends the subscription and shrinks the pump's mask.
         """
         if mask <= 0 or mask & ~VALID_EVENT_MASK:
             msg = f"subscriber {name!r}: event mask {mask:#x} must be within {VALID_EVENT_MASK:#x}"
             raise ValueError(msg)
-        send, receive = trio.open_memory_channel[int](self.queue_size)
-        subscriber = _Subscriber(name, mask, send)
-        self._change_subscribers(lambda subs: [*subs, subscriber])
+        subscription = Subscription(name, mask)
+        self._change_subscribers(lambda subs: [*subs, subscription])
         try:
-            with send, receive:
-                yield receive
+            yield subscription
         finally:
-            self._change_subscribers(lambda subs: [s for s in subs if s is not subscriber])
+            self._change_subscribers(lambda subs: [s for s in subs if s is not subscription])
 
-    def _change_subscribers(self, change: Callable[[list[_Subscriber]], list[_Subscriber]]) -> None:
+    def _change_subscribers(
+        self, change: Callable[[list[Subscription]], list[Subscription]]
+    ) -> None:
         before = self.mask
         self._subscribers = change(self._subscribers)
         if self.mask != before:
@@ -132,11 +169,12 @@ class EventPump:
             waits=self._waits,
             events_received=self._events_received,
             last_event_time=self._last_event_time,
-            subscribers=tuple(
-                SubscriberStatistics(s.name, s.mask, s.delivered, s.dropped)
-                for s in self._subscribers
-            ),
+            subscribers=tuple(s.statistics() for s in self._subscribers),
         )
+
+    async def drain(self) -> None:
+        """Nothing to give back: the waiter's session closed when :meth:`run` ended."""
+        await trio.lowlevel.checkpoint()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -185,20 +223,5 @@ class EventPump:
         log.debug("events_received", mask=f"{events:#x}")
         for subscriber in self._subscribers:
             wanted = events & subscriber.mask
-            if not wanted:
-                continue
-            try:
-                subscriber.send.send_nowait(wanted)
-            except trio.WouldBlock:
-                subscriber.dropped += 1
-                log.warning(
-                    "event_dropped",
-                    subscriber=subscriber.name,
-                    mask=f"{wanted:#x}",
-                    dropped=subscriber.dropped,
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # The subscriber stopped reading; its block's exit unsubscribes it.
-                subscriber.dropped += 1
-            else:
-                subscriber.delivered += 1
+            if wanted:
+                subscriber._post(wanted)

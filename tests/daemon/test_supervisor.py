@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import pytest
 import trio
+import trio.testing
 
 from agent.config import DaemonConfig
 from agent.daemon import ServiceFailedError, Supervisor
@@ -27,9 +28,11 @@ class FlakyService:
         self.failures = failures
         self.error = error or RuntimeError("boom")
         self.starts: list[float] = []
+        self.drains: list[float] = []
 
-    def statistics(self) -> object:
-        return len(self.starts)
+    async def drain(self) -> None:
+        self.drains.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -50,8 +53,8 @@ class FailsBeforeReady:
         self.failures = failures
         self.attempts = 0
 
-    def statistics(self) -> object:
-        return self.attempts
+    async def drain(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -83,7 +86,7 @@ class TestSupervisor:
     ) -> None:
         """A failing service is restarted after 1, 2, 4 and then 4 seconds (the ceiling)."""
         service = FlakyService(failures=4)
-        supervisor = Supervisor(_config())
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
@@ -95,7 +98,7 @@ class TestSupervisor:
     async def test_gives_up_after_budget(self, autojump_clock: trio.abc.Clock) -> None:
         """More failures than the budget within the window raise ServiceFailedError."""
         service = FlakyService(failures=100)
-        supervisor = Supervisor(_config(restart_budget=2))
+        supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=2))
         with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
@@ -106,7 +109,9 @@ class TestSupervisor:
     ) -> None:
         """Failures older than the window are forgotten, so a slow failer runs on."""
         service = FlakyService(failures=6)
-        supervisor = Supervisor(_config(restart_budget=1, restart_window_s=0.5))
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_budget=1, restart_window_s=0.5)
+        )
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
@@ -117,7 +122,7 @@ class TestSupervisor:
     async def test_fatal_error_propagates_at_once(self, autojump_clock: trio.abc.Clock) -> None:
         """A lost device is not retried: it ends the supervisor."""
         service = FlakyService(failures=1, error=DeviceLostError("gone"))
-        supervisor = Supervisor(_config())
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(DeviceLostError)):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
@@ -128,7 +133,7 @@ class TestSupervisor:
     ) -> None:
         """A service failing during start-up is retried, and readiness waits for it."""
         service = FailsBeforeReady(failures=2)
-        supervisor = Supervisor(_config())
+        supervisor: Supervisor[FailsBeforeReady] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
@@ -137,17 +142,104 @@ class TestSupervisor:
         assert ready_at == 3.0
         assert service.attempts == 3
 
-    async def test_requested_restart_is_not_a_failure(self, autojump_clock: trio.abc.Clock) -> None:
-        """``restart(name)`` restarts at once without backoff or budget."""
-        service = FlakyService(failures=0)
-        supervisor = Supervisor(_config(restart_budget=0))
+    async def test_replacement_is_not_a_failure(self, autojump_clock: trio.abc.Clock) -> None:
+        """``replace(name, service)`` drains the old one and runs the new one at once."""
+        first, second = FlakyService(failures=0), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=0))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.supervise, first)
+                await trio.sleep(1)
+                assert supervisor.replace("flaky", second)
+                await trio.testing.wait_all_tasks_blocked()
+                assert supervisor.current("flaky") is second
+                nursery.cancel_scope.cancel()
+        assert (first.starts, first.drains) == ([0.0], [1.0])
+        assert second.starts == [1.0]
+        assert supervisor.restarts() == {"flaky": 1}
+        assert not supervisor.replace("flaky", first)
+
+    async def test_every_failure_is_drained(self, autojump_clock: trio.abc.Clock) -> None:
+        """A failed run is drained before the back-off, so nothing is held while waiting."""
+        service = FlakyService(failures=2)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
-                await trio.sleep(1)
-                supervisor.restart("flaky")
-                await trio.sleep(1)
-                supervisor.restart("flaky")
-                await trio.sleep(1)
+                await trio.sleep(10)
                 nursery.cancel_scope.cancel()
-        assert service.starts == [0.0, 1.0, 2.0]
+        assert service.drains == [0.0, 1.0]
+        assert service.starts == [0.0, 1.0, 3.0]
+
+    async def test_stop_drains_and_ends_the_task(self, autojump_clock: trio.abc.Clock) -> None:
+        """``stop`` cancels the run, drains once and returns from ``supervise``."""
+        service = FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.supervise, service)
+                await trio.sleep(2)
+                supervisor.stop_all(trio.current_time() + 5)
+        assert service.drains == [2.0]
+        assert supervisor.services() == []
+
+    async def test_stop_during_back_off_ends_at_once(self, autojump_clock: trio.abc.Clock) -> None:
+        """A service waiting for its restart is stopped without running again."""
+        service = FlakyService(failures=1)
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_backoff_initial_s=30, restart_backoff_max_s=30)
+        )
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.supervise, service)
+                await trio.testing.wait_all_tasks_blocked()
+                supervisor.stop("flaky", trio.current_time() + 5)
+            stopped_at = trio.current_time()
+        assert (service.starts, service.drains, stopped_at) == ([0.0], [0.0], 0.0)
+
+    async def test_slow_drain_is_cancelled_at_the_deadline(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A drain still running at the stop deadline is cancelled there."""
+        service = SlowDrain()
+        supervisor: Supervisor[SlowDrain] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.supervise, service)
+                supervisor.stop("slow-drain", trio.current_time() + 3)
+            stopped_at = trio.current_time()
+        assert stopped_at == 3.0
+        assert service.drain_cancelled
+
+    async def test_stop_narrows_a_drain_in_progress(self, autojump_clock: trio.abc.Clock) -> None:
+        """A stop during a replacement's drain applies its (earlier) deadline to that drain."""
+        service = SlowDrain()
+        supervisor: Supervisor[SlowDrain] = Supervisor(_config(shutdown_timeout_s=30))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.supervise, service)
+                supervisor.replace("slow-drain", SlowDrain())
+                await trio.testing.wait_all_tasks_blocked()
+                supervisor.stop("slow-drain", trio.current_time() + 2)
+            stopped_at = trio.current_time()
+        assert stopped_at == 2.0
+        assert service.drain_cancelled
+
+
+class SlowDrain:
+    """Runs for ever; its drain never finishes by itself."""
+
+    name = "slow-drain"
+
+    def __init__(self) -> None:
+        self.drain_cancelled = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.drain_cancelled = True

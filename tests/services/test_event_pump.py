@@ -4,7 +4,8 @@ Rules of this test module:
 - The host is a real ``SimulatedHost`` behind ``SimOpener`` (pure trio, no threads), so
   the virtual clock (``autojump_clock``, an argument of every test) drives every
   wait; each test is bounded by ``trio.fail_after`` on that clock.
-- Synchronisation uses ``wait_all_tasks_blocked``, never sleeps for ordering.
+- Synchronisation uses ``wait_all_tasks_blocked`` and trio Events, never sleeps for ordering
+  (the idle tests sleep on the virtual clock to show that nothing wakes up meanwhile).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event
-from agent.services import EventPump
+from agent.services import EventPump, Subscription
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -92,25 +93,78 @@ class TestEventPump:
                 assert pump.mask == RESTORED
                 nursery.cancel_scope.cancel()
 
-    async def test_slow_subscriber_drops_without_blocking_others(
+    async def test_slow_subscriber_gets_every_bit_coalesced(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
     ) -> None:
-        """A full channel drops (and counts) events for that subscriber only."""
-        pump = EventPump(device, queue_size=2)
+        """A flood for a subscriber that is busy loses no bit: they arrive OR-ed, counted."""
+        pump = EventPump(device)
+        flood = (RESTORED, VRDP, CPU_HOTPLUG) * 40
         with (
             trio.fail_after(60),
-            pump.subscribe("slow", RESTORED) as slow,
+            pump.subscribe("slow", RESTORED | VRDP | CPU_HOTPLUG) as slow,
             pump.subscribe("fast", RESTORED) as fast,
         ):
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)
-                for _ in range(5):
-                    host.raise_events(RESTORED)
-                    assert await fast.receive() == RESTORED
+                for bits in flood:
+                    host.raise_events(bits)
+                    if bits == RESTORED:
+                        assert await fast.receive() == RESTORED
+                    await trio.testing.wait_all_tasks_blocked()
+                assert await slow.receive() == RESTORED | VRDP | CPU_HOTPLUG
+                with pytest.raises(trio.WouldBlock):
+                    slow.receive_nowait()
                 stats = {s.name: s for s in pump.statistics().subscribers}
-                assert (stats["slow"].delivered, stats["slow"].dropped) == (2, 3)
-                assert (stats["fast"].delivered, stats["fast"].dropped) == (5, 0)
-                assert slow.receive_nowait() == RESTORED
+                assert (stats["slow"].posted, stats["slow"].delivered) == (len(flood), 1)
+                assert stats["slow"].coalesced == len(flood) - 1
+                assert (stats["fast"].posted, stats["fast"].delivered) == (40, 40)
+                assert stats["fast"].coalesced == 0
+                nursery.cancel_scope.cancel()
+
+    async def test_bits_arriving_while_busy_reach_the_next_receive(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A subscriber that works between receives sees, next time, all that came meanwhile."""
+        pump = EventPump(device)
+        received: list[int] = []
+        busy = trio.Event()
+        done_working = trio.Event()
+
+        async def subscriber(events: Subscription) -> None:
+            received.append(await events.receive())
+            busy.set()
+            await done_working.wait()  # "working": the pump goes on meanwhile
+            received.append(await events.receive())
+
+        with trio.fail_after(60), pump.subscribe("worker", RESTORED | VRDP) as events:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                nursery.start_soon(subscriber, events)
+                host.raise_events(RESTORED)
+                await busy.wait()
+                host.raise_events(VRDP)
+                await trio.testing.wait_all_tasks_blocked()
+                host.raise_events(RESTORED)
+                await trio.testing.wait_all_tasks_blocked()
+                done_working.set()
+                await trio.testing.wait_all_tasks_blocked()
+                assert received == [RESTORED, RESTORED | VRDP]
+                nursery.cancel_scope.cancel()
+
+    async def test_cancelled_receive_keeps_the_bits(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A receive cancelled before it returns leaves the pending bits for the next one."""
+        pump = EventPump(device)
+        with trio.fail_after(60), pump.subscribe("restore", RESTORED) as events:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                host.raise_events(RESTORED)
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await events.receive()
+                assert events.receive_nowait() == RESTORED
                 nursery.cancel_scope.cancel()
 
     async def test_events_raised_before_subscription_are_kept(

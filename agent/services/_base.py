@@ -1,0 +1,123 @@
+"""The service framework: what a service declares, receives and provides.
+
+A service is one module in ``agent/services/`` that exports ``SPEC``, a :class:`ServiceSpec`
+naming the service, its config section (a :class:`ServiceSection` subclass, ``[name]`` in
+``config/agent.toml``) and how to build it from a :class:`ServiceContext` and that section.
+``agent.services.registry.SERVICES`` lists the specs; the daemon builds every enabled one and
+runs it under its supervisor. See "Writing a service" in ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+import trio
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.device import Device
+    from agent.services.event_pump import EventPump
+
+
+class ServiceSection(BaseModel):
+    """Base of every service's config section: frozen, strict, no unknown keys.
+
+    Subclasses add their settings, each with a documented default, and are named after the
+    service (``[balloon]`` holds ``BalloonSection``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    enable: bool = True
+    """Whether the daemon runs the service; a reload starts or stops it."""
+
+
+S = TypeVar("S", bound=ServiceSection)
+S_contra = TypeVar("S_contra", bound=ServiceSection, contravariant=True)
+
+
+def _status_ignored() -> None:
+    """The default :attr:`ServiceContext.status_changed`: nobody listens."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceContext:
+    """What the daemon hands a service when it builds it.
+
+    Attributes:
+        device: the open device; blocking work takes a session of its own through it.
+        pump: the event pump; subscribe with ``with pump.subscribe(name, mask) as events:``.
+        status_changed: call it after anything that changes :meth:`Service.status`; the
+            daemon then sends the new combined ``STATUS=`` line to systemd (cheap, never
+            blocks; repeated calls coalesce).
+    """
+
+    device: Device
+    pump: EventPump
+    status_changed: Callable[[], None] = field(default=_status_ignored)
+
+
+class Statistics(Protocol):
+    """A service's counters: an instance of a frozen dataclass."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+class Service(Protocol[S_contra]):
+    """A long-lived task of the agent: subscribe, react, report.
+
+    The supervisor calls :meth:`run`; when it ends (stop, restart or failure) it calls
+    :meth:`drain`; after a failure it may call :meth:`run` again on the same object.
+    """
+
+    @property
+    def name(self) -> str:
+        """The spec's name; bind it as ``service`` in every log line of the task."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start, call ``task_status.started()`` once ready, then work until cancelled."""
+        ...
+
+    async def drain(self) -> None:
+        """Give back what the service holds, after :meth:`run` was cancelled or failed.
+
+        Runs under the daemon's drain deadline (``daemon.shutdown_timeout_s``) and is not
+        shielded: it is cancelled if the deadline passes. It must cope with any point
+        :meth:`run` may have reached, including not started at all.
+        """
+        ...
+
+    def reconfigure(self, section: S_contra) -> bool:
+        """Apply a reloaded section live and return True, or return False: "needs restart".
+
+        The daemon restarts a service that returned False with a new instance built from
+        the new section. Called only when the section changed and the service stays enabled.
+        """
+        ...
+
+    def status(self) -> str:
+        """A short fragment of systemd's ``STATUS=`` line, e.g. ``heartbeat 2000 ms``."""
+        ...
+
+    def statistics(self) -> Statistics:
+        """Return a snapshot of the service's counters (a frozen dataclass)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec(Generic[S]):
+    """How the daemon finds, configures and builds one service.
+
+    Attributes:
+        name: the service's name, also its config section ``[name]`` (lowercase, ``_``).
+        section: the section's model; its defaults apply when the file omits the section.
+        build: makes the service from the context and its (enabled) section.
+    """
+
+    name: str
+    section: type[S]
+    build: Callable[[ServiceContext, S], Service[S]]

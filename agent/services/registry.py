@@ -1,0 +1,22 @@
+"""Every service the daemon knows: adding a service is one line here (its module's ``SPEC``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from agent.services import session_monitor
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from agent.services._base import ServiceSection, ServiceSpec
+
+SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (session_monitor.SPEC,)
+"""In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""
+
+
+def section_models(
+    registry: Sequence[ServiceSpec[Any]] = SERVICES,
+) -> dict[str, type[ServiceSection]]:
+    """Each service's section model by name: what ``agent.config.load_config`` takes."""
+    return {spec.name: spec.section for spec in registry}

@@ -1,0 +1,274 @@
+"""Tests of the service framework through the daemon: a throw-away service in the registry.
+
+Rules of this test module:
+- ``Gadget`` is a service defined here and added to the daemon only through its ``registry``
+  argument, with its own ``[gadget]`` section; no daemon code knows it.
+- The host is an in-process ``SimulatedHost`` behind ``SimOpener`` (pure trio) and sd_notify
+  is off, so the virtual clock (``autojump_clock``) drives every wait and drain times are
+  asserted exactly; each test is bounded by ``trio.fail_after`` on that clock.
+- Synchronisation uses the gadgets' trio Events; sleeps only stand for a service's own work.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import pytest
+import trio
+import trio.testing
+from pydantic import Field
+
+from agent.config import AgentConfig, load_config
+from agent.daemon import Daemon
+from agent.daemon.daemon import FINAL_PHASE_S
+from agent.daemon.notify import Notifier
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import Event, GetSessionId
+from agent.services import ServiceContext, ServiceSection, ServiceSpec
+from agent.services.registry import SERVICES, section_models
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+LIMIT_S: Final = 120.0
+VRDP: Final = int(Event.VRDP)
+
+
+class GadgetSection(ServiceSection):
+    """``[gadget]``: ``interval_s`` applies live, ``label`` needs a restart."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    label: str = "one"
+    drain_s: float = Field(default=0.0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class GadgetStatistics:
+    events: int
+
+
+class Gadget:
+    """Subscribes to VRDP events, counts them, and needs ``drain_s`` to give back its work."""
+
+    name: Final = "gadget"
+
+    def __init__(self, context: ServiceContext, section: GadgetSection) -> None:
+        self.context = context
+        self.section = section
+        self.started = trio.Event()
+        self.draining = trio.Event()
+        self.drained = trio.Event()
+        self.drain_cancelled = False
+        self.events = 0
+        BUILT.append(self)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        with self.context.pump.subscribe(self.name, VRDP) as events:
+            task_status.started()
+            self.started.set()
+            while True:
+                await events.receive()
+                self.events += 1
+                self.context.status_changed()
+
+    async def drain(self) -> None:
+        self.draining.set()
+        try:
+            await trio.sleep(self.section.drain_s)  # the service's own clean-up work
+            await self.context.device.request(GetSessionId())  # the device still answers
+        except trio.Cancelled:
+            self.drain_cancelled = True
+            raise
+        self.drained.set()
+
+    def reconfigure(self, section: GadgetSection) -> bool:
+        if section.model_copy(update={"interval_s": self.section.interval_s}) != self.section:
+            return False
+        self.section = section
+        return True
+
+    def status(self) -> str:
+        return f"gadget {self.section.label} {self.section.interval_s:g} s, {self.events} events"
+
+    def statistics(self) -> GadgetStatistics:
+        return GadgetStatistics(self.events)
+
+
+BUILT: list[Gadget] = []
+GADGET: Final = ServiceSpec("gadget", GadgetSection, Gadget)
+REGISTRY: Final = (*SERVICES, GADGET)
+
+
+@pytest.fixture(autouse=True)
+def _clear_built() -> None:
+    BUILT.clear()
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+def _daemon(host: SimulatedHost, path: Path, text: str) -> Daemon:
+    path.write_text(text)
+    config = load_config(path, section_models(REGISTRY))
+    return Daemon(
+        config, SimOpener(host), config_path=path, notifier=Notifier(None), registry=REGISTRY
+    )
+
+
+class TestThrowAwayService:
+    """A service added through the registry alone is started, reloaded and stopped."""
+
+    async def test_started_with_its_section(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """The daemon builds it from its own section, runs it, and reports its status."""
+        daemon = _daemon(host, tmp_path / "agent.toml", '[gadget]\nlabel = "red"\n')
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                assert gadget.section == GadgetSection(label="red")
+                assert gadget.started.is_set()
+                host.raise_events(VRDP)
+                await trio.testing.wait_all_tasks_blocked()
+                stats = daemon.statistics()
+                assert stats.services["gadget"] == GadgetStatistics(events=1)
+                assert stats.status.endswith("; gadget red 2 s, 1 events")
+                daemon.request_shutdown("test")
+        assert gadget.drained.is_set()
+
+    async def test_disabled_is_not_built(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """``enable = false`` keeps it from being built at all."""
+        daemon = _daemon(host, tmp_path / "agent.toml", "[gadget]\nenable = false\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                assert BUILT == []
+                assert set(daemon.statistics().services) == {"session_monitor"}
+                daemon.request_shutdown("test")
+
+    async def test_reload_applies_live_restarts_and_toggles(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """Live: same instance; restart-only: drained and rebuilt; ``enable``: stop, start."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[gadget]\ninterval_s = 2\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [first] = BUILT
+
+                path.write_text("[gadget]\ninterval_s = 5\n")
+                await daemon.reload()
+                assert (BUILT, first.section.interval_s) == ([first], 5.0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert "gadget one 5 s" in daemon.statistics().status
+
+                path.write_text('[gadget]\ninterval_s = 5\nlabel = "two"\n')
+                await daemon.reload()
+                [_, second] = BUILT
+                await second.started.wait()
+                assert first.drained.is_set()
+                assert second.section.label == "two"
+                assert daemon.statistics().restarts == {"gadget": 1}
+
+                path.write_text("[gadget]\nenable = false\n")
+                signal.raise_signal(signal.SIGHUP)
+                await second.drained.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                assert "gadget" not in daemon.statistics().services
+
+                path.write_text('[gadget]\nlabel = "three"\n')
+                await daemon.reload()
+                [_, _, third] = BUILT
+                await third.started.wait()
+                assert daemon.statistics().reloads == 4
+                daemon.request_shutdown("test")
+        assert third.drained.is_set()
+
+
+class TestDrain:
+    """The stop: one drain deadline, then cancellation."""
+
+    async def test_drain_in_progress_finishes_within_the_drain_time(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A drain of 3 s under a 5 s deadline completes; the daemon ends right after it."""
+        path = tmp_path / "agent.toml"
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 3\n"
+        daemon = _daemon(host, path, text)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                signal.raise_signal(signal.SIGTERM)
+                await gadget.draining.wait()
+                began = trio.current_time()
+            stopped = trio.current_time() - began
+        assert gadget.drained.is_set()
+        assert not gadget.drain_cancelled
+        assert stopped == pytest.approx(3.0)
+
+    async def test_stop_during_a_restart_drain(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while a reload's drain runs lets that drain finish by the stop's deadline."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                path.write_text(
+                    '[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\nlabel = "b"\n'
+                )
+                await daemon.reload()
+                await gadget.draining.wait()
+                await trio.sleep(2)
+                daemon.request_shutdown("test")
+            ended = trio.current_time()
+        assert gadget.drained.is_set()
+        assert not BUILT[1].started.is_set()  # the stop called the replacement off
+        assert ended == pytest.approx(4.0)
+
+    async def test_drain_past_the_deadline_is_cancelled(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A drain that needs 30 s is cancelled at the 2 s deadline; the run ends in time."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[daemon]\nshutdown_timeout_s = 2\n[gadget]\ndrain_s = 30\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                began = trio.current_time()
+                daemon.request_shutdown("test")
+            stopped = trio.current_time() - began
+        assert gadget.drain_cancelled
+        assert not gadget.drained.is_set()
+        assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
+
+    async def test_built_in_config_runs_the_registry_defaults(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """``AgentConfig()`` (no file) builds every service with its section's defaults."""
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=Notifier(None), registry=REGISTRY)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                assert gadget.section == GadgetSection()
+                daemon.request_shutdown("test")
