@@ -100,7 +100,8 @@ class TestDaemonLifecycle:
                 await nursery.start(daemon.run)
                 ready = await reader.until("READY=1")
                 assert (
-                    "STATUS=vm session 0x" + f"{host.status()['session_id']:x}, 0 restores" in ready
+                    f"STATUS=vm session {host.status()['session_id']:#x}, 0 restores; "
+                    "balloon 0 MB (kernel)" in ready
                 )
                 assert daemon.statistics().ready
                 assert _facility(host) == FacilityStatus.ACTIVE
@@ -226,7 +227,9 @@ class TestRestore:
                 host.restore()
                 new_id = host.status()["session_id"]
                 assert isinstance(new_id, int)
-                await reader.until(f"STATUS=vm session {new_id:#x}, 1 restores")
+                await reader.until(
+                    f"STATUS=vm session {new_id:#x}, 1 restores; balloon 0 MB (kernel)"
+                )
                 stats = daemon.statistics().services["session_monitor"]
                 assert isinstance(stats, SessionMonitorStatistics)
                 assert (stats.restores, stats.session_id) == (1, new_id)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from agent.services.balloon._chunks import ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._pressure import PressureReading, PressureSource
-    from agent.services.event_pump import EventPump
+    from agent.services.event_pump import EventPump, Subscription
 
 log = structlog.get_logger("agent.services.balloon")
 
@@ -293,8 +293,9 @@ class BalloonService:
         self.mode_known.set()
         self._status_changed()
 
-    async def _forward_events(self, events: trio.MemoryReceiveChannel[int]) -> None:
-        async for bits in events:
+    async def _forward_events(self, events: Subscription) -> NoReturn:
+        while True:
+            bits = await events.receive()
             log.debug("balloon_event", bits=f"{bits:#x}")
             self._request_read()
 
