@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+import socket
 from typing import TYPE_CHECKING, Final
 
 import pydantic
@@ -63,12 +65,29 @@ class TestPsiMonitor:
         """This kernel's own PSI file: a trigger is set where supported, else it is polled."""
         if not await trio.Path(REAL_PSI).exists():
             pytest.skip(f"{REAL_PSI} does not exist: this kernel has no PSI (CONFIG_PSI)")
-        with trio.fail_after(60), PsiMonitor(REAL_PSI, interval_s=0.5, threshold_pct=10) as mon:
+        # 2 s: without CAP_SYS_RESOURCE the kernel takes only whole multiples of 2 s windows.
+        with trio.fail_after(60), PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon:
             if mon.uses_trigger:
-                return  # the next reading comes only when memory stalls
+                return  # registered; the next reading comes only when memory stalls
             reading = await mon.next_reading()
         assert 0.0 <= reading.stall_pct <= 100.0
         assert reading.via == "poll"
+
+    async def test_trigger_wakes_the_monitor(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """POLLPRI on the trigger fd ends the wait; the reading is the file's avg10."""
+        psi = tmp_path / "memory.pressure"
+        _write_psi(psi, 0)
+        stand_in, kernel_side = socket.socketpair()  # OOB data raises POLLPRI, as a trigger
+        with stand_in, kernel_side, PsiMonitor(str(psi), interval_s=2.0, threshold_pct=10) as mon:
+            epoll = select.epoll()
+            epoll.register(stand_in.fileno(), select.EPOLLPRI)
+            mon._epoll = epoll
+            kernel_side.send(b"!", socket.MSG_OOB)
+            with trio.fail_after(10):
+                reading = await mon.next_reading()
+            assert reading == type(reading)(1.5, high=True, via="trigger")
 
 
 class TestMemAvailable:
