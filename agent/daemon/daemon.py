@@ -6,17 +6,18 @@ under a supervisor → facility Active, ``READY=1`` with the combined ``STATUS=`
 for a shutdown request → the stop:
 
 1. ``STOPPING=1``; the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed;
-   facility Terminating (a report the host does not answer in time is abandoned);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
-   running meanwhile); a drain still running at ``D`` is cancelled;
-3. the final phase, at most ``FINAL_PHASE_S``: the event pump stops, facility Terminated,
-   and the device is closed last.
+   running meanwhile), while facility Terminating is reported (abandoned if the host does
+   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled;
+3. the final phase, at most ``FINAL_PHASE_S`` from the end of the drains and never past
+   ``D + FINAL_PHASE_S``: the event pump stops, facility Terminated;
+4. the device is closed last, within ``CLOSE_S``.
 
-The device's shielded teardown is bounded by the same deadlines
+The device's shielded teardown is bounded by the same ends
 (:attr:`agent.device.Device.cleanup_deadline`), so the process ends within
-``shutdown_timeout_s + FINAL_PHASE_S`` whatever the driver or host does: a call that does
-not end in time is abandoned with a log line.
+``shutdown_timeout_s + FINAL_PHASE_S + CLOSE_S`` (under the promised second) whatever the
+driver or host does: a call that does not end in time is abandoned with a log line.
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
@@ -54,7 +55,9 @@ log = structlog.get_logger(__name__)
 
 FINAL_PHASE_S: Final = 0.5
 """Time the stop allows after the drains for the pump, facility Terminated and the close."""
-REPORT_TIMEOUT_S: Final = 1.0
+CLOSE_S: Final = 0.25
+"""Time the stop allows, after the final phase, to close the device's main session."""
+REPORT_TIMEOUT_S: Final = 0.5
 """How long a facility status report may take before it is abandoned."""
 STATUS_SEPARATOR: Final = "; "
 """Between the services' fragments in ``STATUS=``."""
@@ -144,7 +147,7 @@ class Daemon:
         async with open_device(self._opener) as device:
             await self._log_device(device)
             facility = FacilityReporter(device)
-            await _report(facility, FacilityStatus.INIT, trio.current_time() + REPORT_TIMEOUT_S)
+            await _report(facility, FacilityStatus.INIT, _within(REPORT_TIMEOUT_S))
             try:
                 await self._serve(device, facility, task_status)
             except Exception:
@@ -171,12 +174,15 @@ class Daemon:
                         await self._announce_ready(device, facility, nursery)
                     task_status.started()
                     await self._shutdown.wait()
-                    await self._stop_services(device, facility)
+                    terminating = trio.CancelScope()
+                    services.start_soon(_report, facility, FacilityStatus.TERMINATING, terminating)
+                    drain_deadline = await self._stop_services(device, terminating)
                 self._services_nursery = None
-                final = trio.current_time() + FINAL_PHASE_S
+                final = min(trio.current_time(), drain_deadline) + FINAL_PHASE_S
                 device.cleanup_deadline = final
                 self._pump_supervisor.stop_all(final)
-            await _report(facility, FacilityStatus.TERMINATED, final)
+            await _report(facility, FacilityStatus.TERMINATED, trio.CancelScope(deadline=final))
+            device.cleanup_deadline = final + CLOSE_S
             nursery.cancel_scope.cancel()
 
     async def _start_services(self, services: trio.Nursery) -> None:
@@ -188,7 +194,7 @@ class Daemon:
     async def _announce_ready(
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
     ) -> None:
-        await _report(facility, FacilityStatus.ACTIVE, trio.current_time() + REPORT_TIMEOUT_S)
+        await _report(facility, FacilityStatus.ACTIVE, _within(REPORT_TIMEOUT_S))
         self._ready = True
         self._status = self._status_text()
         await self._notifier.ready(self._status)
@@ -198,15 +204,17 @@ class Daemon:
         if interval is not None:
             nursery.start_soon(self._watchdog, device, interval)
 
-    async def _stop_services(self, device: Device, facility: FacilityReporter) -> None:
-        """STOPPING=1, facility Terminating, then every service drains until one deadline."""
+    async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> float:
+        """STOPPING=1; every service drains while ``terminating`` reports; return ``D``."""
         await self._notifier.stopping()
-        deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
-        device.cleanup_deadline = deadline
-        report_by = min(deadline, trio.current_time() + REPORT_TIMEOUT_S)
-        await _report(facility, FacilityStatus.TERMINATING, report_by)
-        log.info("services_draining", deadline_in_s=round(deadline - trio.current_time(), 3))
+        now = trio.current_time()
+        deadline = now + self.config.daemon.shutdown_timeout_s
+        # The device's own teardown inside a drain may run into the final phase, not past it.
+        device.cleanup_deadline = deadline + FINAL_PHASE_S
+        terminating.deadline = min(deadline, now + REPORT_TIMEOUT_S)
+        log.info("services_draining", drain_s=self.config.daemon.shutdown_timeout_s)
         self._supervisor.stop_all(deadline)
+        return deadline
 
     def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:
         section: ServiceSection = config.service_section(spec.name, spec.section)
@@ -338,9 +346,15 @@ class Daemon:
             self._services_nursery.start_soon(self._supervisor.supervise, service)
 
 
-async def _report(facility: FacilityReporter, status: FacilityStatus, deadline: float) -> None:
-    """Report the facility ``status``, abandoning the report at ``deadline``."""
-    with trio.move_on_at(deadline) as scope:
+def _within(seconds: float) -> trio.CancelScope:
+    return trio.CancelScope(deadline=trio.current_time() + seconds)
+
+
+async def _report(
+    facility: FacilityReporter, status: FacilityStatus, scope: trio.CancelScope
+) -> None:
+    """Report the facility ``status`` in ``scope``; log it when the scope abandons it."""
+    with scope:
         await facility.report(status)
     if scope.cancelled_caught:
         log.warning("facility_report_abandoned", status=status.name)

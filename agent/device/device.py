@@ -171,16 +171,18 @@ class Device:
 
     @asynccontextmanager
     async def open_hgcm_client(self, service: str) -> AsyncIterator[HgcmClient]:
-        """Connect to an HGCM host service on a session of its own; disconnect on exit."""
+        """Connect to an HGCM host service on a session of its own; disconnect on exit.
+
+        A normal exit disconnects explicitly, under the caller's cancel scopes. Any other
+        exit (cancellation, an error) only closes the session: the driver disconnects the
+        session's clients itself, so no host round trip runs shielded past the caller's
+        deadline.
+        """
         channel = await self._open_channel()
         try:
             connected = await channel.perform(HgcmConnect(service))
-            client = HgcmClient(channel, service, connected.client_id)
-            try:
-                yield client
-            finally:
-                with self.cleanup_scope("HGCM disconnect"):
-                    await channel.perform(HgcmDisconnect(connected.client_id))
+            yield HgcmClient(channel, service, connected.client_id)
+            await channel.perform(HgcmDisconnect(connected.client_id))
         finally:
             await self._close_channel(channel)
 

@@ -220,21 +220,27 @@ class HgcmHost:
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
             return VERR_INVALID_PARAMETER
-        if len(client.calls) >= client.service.max_calls_per_client:
+        # HGCMService::GuestCall counts the call first and accepts it only while the count
+        # stays below the limit: a limit of 16 leaves room for 15 pending calls.
+        if len(client.calls) + 1 >= client.service.max_calls_per_client:
             return VERR_HGCM_TOO_MANY_CLIENT_CALLS
         self._accept(req, phys)
         self._start(_Command(self, phys, req, client, layout, slots))
         return None
 
     def cancel(self, phys: int) -> int:
-        """Cancel the pending call whose request is at ``phys`` (CANCEL2, legacy CANCEL)."""
+        """Cancel the pending call whose request is at ``phys`` (CANCEL2, legacy CANCEL).
+
+        The guest forgets the request at once, but the call keeps counting against the
+        client's pending-call limit until the service completes it (HGCM decrements the
+        count on completion only), which a service without a cancel hook may do late.
+        """
         if phys in (0, NIL_PHYS32):
             return VERR_INVALID_PARAMETER
         command = self._commands.pop(phys, None)
         if command is None:
             return VERR_NOT_FOUND
         command.cancelled = True
-        command.client.calls.discard(command)
         command.client.service.cancel(command)
         return VINF_SUCCESS
 
@@ -252,10 +258,10 @@ class HgcmHost:
             msg = f"HGCM call of client {command.client_id} completed twice"
             raise RuntimeError(msg)
         command.completed = True
+        command.client.calls.discard(command)
         if command.cancelled:
             return
         self._commands.pop(command.phys, None)
-        command.client.calls.discard(command)
         write_back_parms(command.req, command.slots, self._memory, command.layout)
         self._finish(command.req, command.phys, status)
 
@@ -270,7 +276,8 @@ class HgcmHost:
     def restore(self) -> None:
         """Saved state loaded: services restart, clients stay, pending calls are re-sent."""
         pending = list(self._commands.values())
-        self._discard(pending)
+        for client in self._clients.values():
+            self._discard(list(client.calls))
         for service in self._services.values():
             if isinstance(service, VmLifecycle):
                 service.restore()

@@ -105,7 +105,11 @@ class HgcmService(Protocol):
         ...
 
     def cancel(self, call: HgcmCallHandle) -> None:
-        """The guest cancelled a pending call; forget it (its completion is discarded)."""
+        """The guest cancelled a pending call (``pfnCancelled``).
+
+        The call keeps counting against the client's pending-call limit until the service
+        completes it; that completion writes nothing to the guest.
+        """
         ...
 
     def reset(self) -> None:

@@ -9,6 +9,8 @@ Rules of this test module:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from agent.host.guest_props import (
@@ -50,6 +52,9 @@ from .guest_props_support import (
     u32_value,
     u64_value,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 @pytest.fixture(name="clock")
@@ -158,7 +163,25 @@ class TestGetProp:
         assert call.status == VERR_NOT_FOUND
         assert u32_value(call, 3) == 0
 
-    @pytest.mark.parametrize("size", [0, 5, 15])
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: get_call("/Guest/a", size=0),
+            lambda: enum_call(b"\0", size=0),
+            lambda: notify_call("", size=0),
+        ],
+        ids=["GET_PROP", "ENUM_PROPS", "GET_NOTIFICATION"],
+    )
+    def test_empty_out_buffer_is_invalid(
+        self, svc: GuestPropertyService, make: Callable[[], FakeCall]
+    ) -> None:
+        """An out buffer of size 0 is VERR_INVALID_PARAMETER (``HGCMSvcGetBuf``), no size."""
+        svc.host_set("/Guest/a", "hello")
+        call = run(svc, make())
+        assert call.status == VERR_INVALID_PARAMETER
+        assert u32_value(call, len(call.params) - 1) == 0
+
+    @pytest.mark.parametrize("size", [1, 5, 15])
     def test_overflow_reports_size(self, svc: GuestPropertyService, size: int) -> None:
         """A short buffer gets VERR_BUFFER_OVERFLOW, the needed size, and no timestamp."""
         svc.host_set("/Guest/a", "hello", "TRANSIENT")

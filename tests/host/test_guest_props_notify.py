@@ -2,7 +2,7 @@
 
 Rules of this test module:
 - calls go through the ``HgcmService`` interface; a wait is a ``FakeCall`` that is still
-  pending, and a later change, cancel or disconnect completes it synchronously;
+  pending, and a later change, sweep or disconnect completes it synchronously;
 - the service runs on a ``FakeClock``: the n-th change of a test gets ``START_NS + n``.
 """
 
@@ -197,15 +197,27 @@ class TestWaitEndings:
         assert waits[3].status == VERR_INTERRUPTED
         assert fresh.pending
 
-    def test_cancel(self, svc: GuestPropertyService) -> None:
-        """``cancel`` ends the wait with VERR_INTERRUPTED and forgets it."""
-        wait = run(svc, notify_call())
+    def test_cancel_leaves_the_wait_queued(self, svc: GuestPropertyService) -> None:
+        """The service has no cancel hook: a cancelled wait stays until something ends it."""
+        wait = run(svc, notify_call("/Guest/*"))
         wait.cancelled = True
         svc.cancel(wait)
-        assert wait.status == VERR_INTERRUPTED
+        assert wait.pending
+        other_client = run(svc, notify_call("/Guest/b", client_id=2))
+        assert wait.pending
         guest_set(svc, "/Guest/a", "v")
+        assert wait.status == VINF_SUCCESS
+        assert other_client.pending
+
+    def test_cancelled_wait_swept_by_next_wait_of_its_client(
+        self, svc: GuestPropertyService
+    ) -> None:
+        """The client's next GET_NOTIFICATION, whatever its patterns, ends it."""
+        wait = run(svc, notify_call("/Guest/a"))
+        wait.cancelled = True
         svc.cancel(wait)
-        assert wait.status == VERR_INTERRUPTED
+        fresh = run(svc, notify_call("/Other/*"))
+        assert (wait.status, fresh.pending) == (VERR_INTERRUPTED, True)
 
     def test_disconnect(self, svc: GuestPropertyService) -> None:
         """A disconnect ends only that client's waits with VERR_INTERRUPTED."""

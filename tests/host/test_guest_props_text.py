@@ -9,6 +9,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 
 import pytest
@@ -149,10 +150,27 @@ patterns = st.text("ab/*?", min_size=1, max_size=8).map(str.encode)
 
 class TestPatterns:
     @given(patterns, ascii_names)
-    def test_agrees_with_fnmatch(self, pattern: bytes, name: bytes) -> None:
-        """``*`` and ``?`` match as in ``fnmatch.fnmatchcase``, ``/`` included."""
-        expected = fnmatch.fnmatchcase(name.decode(), pattern.decode())
-        assert expected == pattern_matches(pattern, name)
+    def test_agrees_with_fnmatch_after_swallowing(self, pattern: bytes, name: bytes) -> None:
+        """``*``/``?`` match as ``fnmatch.fnmatchcase`` (``/`` included) once every ``*`` and
+        ``?`` right after a ``*`` is dropped, as IPRT's simple patterns do."""
+        glob = re.sub(r"\*[*?]*", "*", pattern.decode())
+        assert fnmatch.fnmatchcase(name.decode(), glob) == pattern_matches(pattern, name)
+
+    @pytest.mark.parametrize(
+        ("pattern", "name", "matches"),
+        [
+            (b"a*?", b"a", True),
+            (b"*?b", b"b", True),
+            (b"?*", b"", False),
+            (b"a?*", b"a", False),
+            (b"*.?", b"x.", False),
+            (b"[ab]", b"a", False),
+            (b"[ab]", b"[ab]", True),
+        ],
+    )
+    def test_iprt_rules(self, pattern: bytes, name: bytes, matches: bool) -> None:
+        """``?`` after ``*`` matches nothing more; ``?`` before ``*`` needs a byte; no classes."""
+        assert matches == pattern_matches(pattern, name)
 
     @given(names)
     def test_literal_and_star(self, name: bytes) -> None:

@@ -30,6 +30,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
+    VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VINF_HGCM_ASYNC_EXECUTE,
@@ -247,10 +248,12 @@ class TestCall:
         assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
 
     def test_pending_call_limit(self, hgcm: Device, echo: EchoService) -> None:
-        """One call more than the service's per-client limit is refused."""
+        """A limit of N leaves room for N - 1 pending calls (GuestCall counts, then checks)."""
         client_id = client(hgcm)
-        for _ in range(echo.max_calls):
-            submit(hgcm, page_list_call(hgcm, client_id, FN_HOLD, []))
+        for _ in range(echo.max_calls - 1):
+            req = page_list_call(hgcm, client_id, FN_HOLD, [])
+            submit(hgcm, req)
+            assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
         extra = page_list_call(hgcm, client_id, FN_HOLD, [])
         submit(hgcm, extra)
         assert L.RequestHeader.rc.get(extra) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
@@ -284,6 +287,24 @@ class TestCall:
         assert handle.cancelled
         handle.complete(VINF_SUCCESS)
         assert not done(req)
+
+    def test_cancelled_call_counts_until_completed(self, hgcm: Device, echo: EchoService) -> None:
+        """A cancelled call holds its slot of the per-client limit until the service ends it."""
+        client_id = client(hgcm)
+        phys = [
+            submit(hgcm, page_list_call(hgcm, client_id, FN_HOLD, []))
+            for _ in range(echo.max_calls - 1)
+        ]
+        cancel = vmmdev_request(RequestType.HGCM_CANCEL2, 28)
+        L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys[0])
+        assert hgcm.send(cancel) == VINF_SUCCESS
+        refused = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, refused)
+        assert L.RequestHeader.rc.get(refused) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+        echo.held[0].complete(VERR_INTERRUPTED)
+        accepted = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, accepted)
+        assert L.RequestHeader.rc.get(accepted) == VINF_HGCM_ASYNC_EXECUTE
 
     @pytest.mark.parametrize("phys", [0, 0xFFFFFFFF])
     def test_cancel2_bad_address(self, hgcm: Device, phys: int) -> None:

@@ -625,12 +625,12 @@ class TestHgcm:
     async def test_pending_call_limit(
         self, host: SimulatedHost, echo: EchoService, autojump_clock: object
     ) -> None:
-        """One call over the service's per-client limit is -2909 in hdr.rc."""
+        """The call that would make the per-client limit pending is -2909 in hdr.rc."""
         client = await open_client(host)
         client_id = (await client.request(HgcmConnect(ECHO))).client_id
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                for _ in range(echo.max_calls):
+                for _ in range(echo.max_calls - 1):
                     nursery.start_soon(client.request, HgcmCall(client_id, FN_HOLD, ()))
                 await trio.testing.wait_all_tasks_blocked()
                 with pytest.raises(VBoxStatusError) as info:

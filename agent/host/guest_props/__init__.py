@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from ._flags import (
+from agent.protocol.guest_props import (
     ALLFLAGS,
-    NILFLAG,
-    RDONLYGUEST,
-    RDONLYHOST,
-    READONLY,
-    TRANSIENT,
-    TRANSRESET,
-    FlagsParseError,
-    format_flags,
-    parse_flags,
-)
-from ._limits import (
     HOST_RESERVED_PREFIXES,
     MAX_CALLS_PER_CLIENT,
     MAX_CONCURRENT_WAITS,
@@ -24,9 +13,19 @@ from ._limits import (
     MAX_PROPS,
     MAX_VALUE_SIZE,
     MAX_VALUE_SIZE_6_1,
+    NILFLAG,
+    RDONLYGUEST,
+    RDONLYHOST,
+    READONLY,
     SERVICE_NAME,
+    TRANSIENT,
+    TRANSRESET,
+    FlagsParseError,
     GuestFunction,
+    format_flags,
+    parse_flags,
 )
+
 from ._patterns import pattern_matches, patterns_match
 from ._service import GuestPropertyService, HostVersion
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from agent.protocol.guest_props import MAX_NAME_SIZE, MAX_PATTERN_SIZE, MIN_NAME_SIZE
 from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
-
-from ._limits import MAX_NAME_SIZE, MAX_PATTERN_SIZE, MIN_NAME_SIZE
 
 
 def check_name(name: str) -> None:

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
 
+from agent.protocol.guest_props import (
+    MAX_CONCURRENT_WAITS,
+    MAX_GUEST_NOTIFICATIONS,
+    format_flags,
+)
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
@@ -15,8 +20,6 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
 )
 
-from ._flags import format_flags
-from ._limits import MAX_CONCURRENT_WAITS, MAX_GUEST_NOTIFICATIONS
 from ._params import buffer, u32, u64
 from ._patterns import patterns_match
 
@@ -98,15 +101,9 @@ class Notifier:
         return None
 
     def publish(self, entry: Property, *, deleted: bool) -> None:
-        """Complete the waits that match ``entry``, then remember it.
+        """Complete the waits that match ``entry``, each by its own patterns, then remember it.
 
-        Each wait is matched against its own patterns. The real service (the version the
-        reference describes, §5.8) reads the patterns of the *first* wait and applies them to
-        every wait: a known upstream bug that wakes waits with changes they did not ask for
-        and leaves others asleep, depending on the order of unrelated waits. We do not
-        reproduce it: the agent must work with hosts that match correctly, and a test that
-        passes only through the bug would hide an agent that filters its own notifications
-        wrongly.
+        Cancelled waits that match are completed too (the framework discards those).
         """
         name = entry.name.encode()
         for wait in list(self._waits):
@@ -114,13 +111,6 @@ class Notifier:
                 status = write_out(wait.call.params, entry, deleted=deleted)
                 self._finish(wait, status if status < 0 else wait.status)
         self._queue.append(entry)
-
-    def cancel(self, call: HgcmCallHandle) -> None:
-        """Drop the wait of a call the guest cancelled, completing it with VERR_INTERRUPTED."""
-        for wait in self._waits:
-            if wait.call is call:
-                self._finish(wait, VERR_INTERRUPTED)
-                return
 
     def interrupt(self, client_id: int | None = None) -> None:
         """Complete the waits of ``client_id`` (or all) with VERR_INTERRUPTED."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
+from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
 
-from ._limits import MAX_NAME_SIZE, MIN_NAME_SIZE
-
-_NAME_FORBIDDEN = b"*?|"
+_NAME_FORBIDDEN = NAME_FORBIDDEN.encode()
 
 
 class GuestCallError(Exception):
@@ -50,8 +49,12 @@ def c_string(parm: HostParm) -> CString:
 
 
 def buffer(parm: HostParm) -> HostBuffer:
-    """Return a buffer parameter (empty ones included, as ``HGCMSvcGetBuf`` allows)."""
-    if not isinstance(parm, HostBuffer):
+    """Return a non-empty buffer parameter: ``HGCMSvcGetBuf`` refuses size 0.
+
+    So a guest cannot ask for the needed size with an empty buffer; it must offer at least
+    one byte and read the size that comes back with VERR_BUFFER_OVERFLOW.
+    """
+    if not isinstance(parm, HostBuffer) or not parm.data:
         raise GuestCallError(VERR_INVALID_PARAMETER)
     return parm
 

@@ -6,6 +6,23 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from agent.protocol.guest_props import (
+    ALLFLAGS,
+    ENUM_TERMINATOR,
+    MAX_CALLS_PER_CLIENT,
+    MAX_PATTERN_SIZE,
+    MAX_PROPS,
+    MAX_VALUE_SIZE,
+    NILFLAG,
+    RDONLYGUEST,
+    SERVICE_NAME,
+    TRANSIENT,
+    TRANSRESET,
+    FlagsParseError,
+    GuestFunction,
+    format_flags,
+    parse_flags,
+)
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INVALID_PARAMETER,
@@ -19,31 +36,14 @@ from agent.protocol.status import (
 )
 
 from . import _host, _params
-from ._flags import (
-    ALLFLAGS,
-    NILFLAG,
-    RDONLYGUEST,
-    TRANSIENT,
-    TRANSRESET,
-    FlagsParseError,
-    format_flags,
-    parse_flags,
-)
 from ._limits import (
-    ENUM_TERMINATOR,
-    MAX_CALLS_PER_CLIENT,
-    MAX_PATTERN_SIZE,
-    MAX_PROPS,
-    MAX_VALUE_SIZE,
     RESET_COUNTER,
     RESUME_COUNTER,
-    SERVICE_NAME,
     SYSPREP_ARGS,
     SYSPREP_EXEC,
     VBOX_REV,
     VBOX_VER,
     VBOX_VER_EXT,
-    GuestFunction,
 )
 from ._notify import write_out
 from ._params import GuestCallError
@@ -126,8 +126,11 @@ class GuestPropertyService:
             call.complete(status)
 
     def cancel(self, call: HgcmCallHandle) -> None:
-        """Drop a cancelled wait, completing it with VERR_INTERRUPTED."""
-        self._store.notifier.cancel(call)
+        """Do nothing: the real service has no cancel hook (``pfnCancelled`` is NULL).
+
+        A cancelled wait stays queued, and counted by the framework, until the client's
+        next GET_NOTIFICATION sweeps it, a change matches it, or the client disconnects.
+        """
 
     def reset(self) -> None:
         """VM reset: waits end with VERR_INTERRUPTED, TRANSRESET properties go, ResetCounter + 1.

@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from agent.protocol.guest_props import (
+    MAX_PROPS,
+    NILFLAG,
+    RDONLYGUEST,
+    RDONLYHOST,
+    is_host_reserved,
+)
 from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
@@ -12,8 +19,6 @@ from agent.protocol.status import (
     VINF_SUCCESS,
 )
 
-from ._flags import NILFLAG, RDONLYGUEST, RDONLYHOST
-from ._limits import MAX_PROPS, is_host_reserved
 from ._notify import Notifier
 
 if TYPE_CHECKING:

@@ -1,6 +1,10 @@
-"""Property flags (``GUEST_PROP_F_*``) and their text (``GuestPropValidateFlags``, ``WriteFlags``).
+"""The guest-property service's wire contract, shared by the agent and the simulated host.
 
-Parsing is comma separated and ASCII case-insensitive, with spaces (only spaces) allowed
+Function numbers, limits and host-reserved names (``GuestPropertySvc.h``,
+``VBoxGuestPropSvc.cpp``), and the property flags (``GUEST_PROP_F_*``) with their text
+(``GuestPropValidateFlags``, ``GuestPropWriteFlags``).
+
+Flag parsing is comma separated and ASCII case-insensitive, with spaces (only spaces) allowed
 around names and commas; a trailing comma is accepted and an empty string means NIL.
 Formatting lists the flags in a fixed order joined by ``", "``, prints READONLY when both
 RDONLY bits are set, and always adds TRANSIENT to TRANSRESET.
@@ -8,7 +12,61 @@ RDONLY bits are set, and always adds TRANSIENT to TRANSRESET.
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Final
+
+SERVICE_NAME: Final = "VBoxGuestPropSvc"
+MIN_NAME_SIZE: Final = 2
+"""Smallest name buffer: one character and the NUL."""
+MAX_NAME_SIZE: Final = 64
+"""``GUEST_PROP_MAX_NAME_LEN``: the largest name buffer, NUL included."""
+MAX_VALUE_SIZE: Final = 1024
+"""``GUEST_PROP_MAX_VALUE_LEN`` of 7.0: the largest value buffer, NUL included."""
+MAX_VALUE_SIZE_6_1: Final = 128
+"""The same limit on 6.1 and older hosts."""
+MAX_PROPS: Final = 256
+"""``GUEST_PROP_MAX_PROPS``: properties the service holds at most."""
+MAX_PATTERN_SIZE: Final = 1024
+"""``GUEST_PROP_MAX_PATTERN_LEN``: the largest ENUM_PROPS pattern buffer."""
+MAX_GUEST_NOTIFICATIONS: Final = 256
+"""``GUEST_PROP_MAX_GUEST_NOTIFICATIONS``: changes the notification queue remembers."""
+MAX_CONCURRENT_WAITS: Final = 16
+"""``GUEST_PROP_MAX_GUEST_CONCURRENT_WAITS``: pending GET_NOTIFICATION calls per client."""
+MAX_CALLS_PER_CLIENT: Final = 16
+"""``acMaxCallsPerClient``, the same for every client category (so 15 pending calls)."""
+MAX_FLAGS_SIZE: Final = len("TRANSIENT, RDONLYGUEST, TRANSRESET") + 1
+"""``GUEST_PROP_MAX_FLAGS_LEN``: the longest flags text the service writes, NUL included."""
+ENUM_TERMINATOR: Final = b"\0\0\0\0"
+"""What ENUM_PROPS writes after the last entry: four empty strings."""
+NAME_FORBIDDEN: Final = "*?|"
+"""Characters a property name may not contain (``GuestPropValidateName``)."""
+
+HOST_RESERVED_PREFIXES: Final = (
+    "/VirtualBox/GuestAdd/VBoxService/",
+    "/VirtualBox/GuestAdd/PAM/",
+    "/VirtualBox/GuestAdd/Greeter/",
+    "/VirtualBox/GuestAdd/SharedFolders/",
+    "/VirtualBox/HostInfo/",
+    "/VirtualBox/VMInfo/",
+)
+"""Names the guest may never write; host writes there get RDONLYGUEST (``checkHostReserved``)."""
+
+
+class GuestFunction(IntEnum):
+    """``GUEST_PROP_FN_*``: the guest-callable functions ("the numbers may not change")."""
+
+    GET_PROP = 1
+    SET_PROP = 2
+    SET_PROP_VALUE = 3
+    DEL_PROP = 4
+    ENUM_PROPS = 5
+    GET_NOTIFICATION = 6
+
+
+def is_host_reserved(name: str) -> bool:
+    """Return whether ``name`` lies under a host-reserved prefix."""
+    return name.startswith(HOST_RESERVED_PREFIXES)
+
 
 NILFLAG: Final = 0x00
 TRANSIENT: Final = 0x02

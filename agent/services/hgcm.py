@@ -1,0 +1,192 @@
+"""HGCM channels: typed calls to one host service through an HGCM client of its own.
+
+``async with open_hgcm_channel(device, "VBoxGuestPropSvc") as channel:`` connects a client on
+a device session of its own and yields an :class:`HgcmChannel`; leaving the block always
+disconnects (on cancellation by closing the session, which makes the driver disconnect).
+
+Concurrency. Many tasks may call through one channel at once; every call is one ioctl in
+flight, cancelled on its own (the transport interrupts it and the driver cancels it at the
+host, so cancellation takes effect at once and leaves no thread blocked). A channel is one
+session, hence one file descriptor with its own ioctl threads: give each long wait a channel
+of its own, so that waits never hold up short calls or one another.
+
+Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that says which:
+
+- 32 parameters per call and 24 MiB per buffer (the driver's ``VMMDEV_HGCM_MAX_PARMS`` and
+  ``VBG_MAX_HGCM_USER_PARM``); 64 clients per session is the protocol session's check;
+- the host's per-client limit of concurrent calls. ``HGCMService::GuestCall`` counts a call
+  first and accepts it only while the count stays *below* the service's
+  ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
+  cancelled keeps its slot at the host until the service completes it, which a service
+  without a cancel hook may do much later; such calls keep their slot here too
+  (``lingers_when_cancelled``) until the channel closes.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+from agent.protocol import (
+    HgcmBuffer,
+    HgcmBufferIn,
+    HgcmBufferOut,
+    HgcmCallError,
+    HgcmData,
+    HgcmParam,
+    HgcmReply,
+    HgcmU32,
+    HgcmU64,
+    HgcmValue,
+    LocalProtocolError,
+)
+from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from agent.device import Device, HgcmClient
+
+__all__ = [
+    "HOST_CALL_LIMITS",
+    "HgcmBuffer",
+    "HgcmBufferIn",
+    "HgcmBufferOut",
+    "HgcmCallError",
+    "HgcmChannel",
+    "HgcmData",
+    "HgcmLimitError",
+    "HgcmParam",
+    "HgcmReply",
+    "HgcmU32",
+    "HgcmU64",
+    "HgcmValue",
+    "open_hgcm_channel",
+]
+
+HOST_CALL_LIMITS: Final = {"VBoxGuestPropSvc": 16}
+"""``acMaxCallsPerClient`` of the host services the agent uses, by service name."""
+
+
+class HgcmLimitError(LocalProtocolError):
+    """A call would break a limit of the driver or the host; nothing was sent."""
+
+
+@final
+class HgcmChannel:
+    """A connected HGCM client; see :func:`open_hgcm_channel`.
+
+    Attributes:
+        service: the host service's name.
+        client_id: the host's id of this client.
+        max_pending: calls the host accepts at once from this client.
+    """
+
+    def __init__(self, client: HgcmClient, host_call_limit: int) -> None:
+        self._client = client
+        self.service = client.service
+        self.client_id = client.client_id
+        self.max_pending = host_call_limit - 1
+        self._in_flight = 0
+        self._lingering = 0
+        self._calls = 0
+
+    @property
+    def pending(self) -> int:
+        """Calls the host may count for this client now: in flight, plus cancelled ones it
+        may still hold."""
+        return self._in_flight + self._lingering
+
+    @property
+    def calls(self) -> int:
+        """Calls sent through this channel."""
+        return self._calls
+
+    async def call(
+        self, function: int, *params: HgcmParam, lingers_when_cancelled: bool = True
+    ) -> HgcmReply:
+        """Call ``function`` with ``params`` and return the service's reply.
+
+        Args:
+            function: the service's function number.
+            params: typed parameters (``HgcmU32``, ``HgcmU64``, ``HgcmBufferIn``,
+                ``HgcmBufferOut``, ``HgcmBuffer``).
+            lingers_when_cancelled: whether the host may go on counting this call after
+                the guest cancels it (False for functions the service completes at once).
+
+        Raises:
+            HgcmLimitError: a limit would be broken; nothing was sent.
+            HgcmCallError: the service completed the call with a failing status; ``.name``
+                is the status's name and ``.reply`` what came back (a needed size, say).
+            VBoxStatusError: the driver or host refused the call.
+        """
+        self._check(function, params)
+        self._in_flight += 1
+        self._calls += 1
+        try:
+            return await self._client.call(function, params)
+        except trio.Cancelled:
+            if lingers_when_cancelled:
+                self._lingering += 1
+            raise
+        finally:
+            self._in_flight -= 1
+
+    def _check(self, function: int, params: tuple[HgcmParam, ...]) -> None:
+        where = f"{self.service} function {function}"
+        if len(params) > HGCM_MAX_PARMS:
+            msg = f"{where}: {len(params)} parameters; the driver takes at most {HGCM_MAX_PARMS}"
+            raise HgcmLimitError(msg)
+        for index, param in enumerate(params):
+            size = _buffer_size(param)
+            if size > HGCM_MAX_USER_PARM:
+                msg = (
+                    f"{where}: parameter {index} is a {size}-byte buffer; the driver takes "
+                    f"at most {HGCM_MAX_USER_PARM} bytes per buffer"
+                )
+                raise HgcmLimitError(msg)
+        if self.pending >= self.max_pending:
+            msg = (
+                f"{where}: client {self.client_id} already has {self.pending} calls pending; "
+                f"the host accepts {self.max_pending} at once (a limit of {self.max_pending + 1}"
+                " per client counts the new call too)"
+            )
+            raise HgcmLimitError(msg)
+
+
+def _buffer_size(param: HgcmParam) -> int:
+    if isinstance(param, HgcmBufferOut):
+        return param.size
+    if isinstance(param, HgcmBufferIn | HgcmBuffer):
+        return len(param.data)
+    return 0
+
+
+@asynccontextmanager
+async def open_hgcm_channel(
+    device: Device, service: str, *, host_call_limit: int | None = None
+) -> AsyncIterator[HgcmChannel]:
+    """Connect to ``service`` on a session of its own, yield the channel, then disconnect.
+
+    Args:
+        device: the open device.
+        service: the host service's name, e.g. ``VBoxGuestPropSvc``.
+        host_call_limit: the service's ``acMaxCallsPerClient``; known services are looked
+            up in :data:`HOST_CALL_LIMITS`.
+
+    Raises:
+        ValueError: the service is unknown and no ``host_call_limit`` was given, or it is
+            below 2 (no call would fit).
+        VBoxStatusError: the host refused the connection (``VERR_HGCM_SERVICE_NOT_FOUND``).
+    """
+    limit = HOST_CALL_LIMITS.get(service) if host_call_limit is None else host_call_limit
+    if limit is None:
+        msg = f"HGCM service {service!r}: its per-client call limit is unknown; pass it"
+        raise ValueError(msg)
+    if limit < 2:
+        msg = f"HGCM service {service!r}: a per-client call limit of {limit} admits no call"
+        raise ValueError(msg)
+    async with device.open_hgcm_client(service) as client:
+        yield HgcmChannel(client, limit)

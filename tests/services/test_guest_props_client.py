@@ -1,0 +1,283 @@
+"""The guest-property client against the in-process simulated host.
+
+Rules of this test module:
+- a real ``SimulatedHost`` (mainline driver) behind ``SimOpener``: pure trio, virtual clock
+  (``autojump_clock``), each test bounded by ``trio.fail_after`` on it;
+- both sides are checked: what the client returns and what the host then holds;
+- waits synchronise on ``wait_all_tasks_blocked`` (the wait is parked at the host).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
+from agent.protocol.guest_props import MAX_PROPS
+from agent.protocol.status import (
+    VERR_PERMISSION_DENIED,
+    VERR_TOO_MUCH_DATA,
+)
+from agent.services.guest_props import (
+    GuestProperties,
+    PropertyArgumentError,
+    PropertyChange,
+    PropertyWatch,
+    open_guest_properties,
+)
+from agent.services.hgcm import HgcmCallError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+pytestmark = pytest.mark.usefixtures("autojump_clock")
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(name="props")
+async def _props(host: SimulatedHost) -> AsyncIterator[GuestProperties]:
+    async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
+        yield props
+
+
+class TestShortCalls:
+    async def test_set_get_delete(self, host: SimulatedHost, props: GuestProperties) -> None:
+        """A set is visible to the host, flags in canonical order; a delete removes it."""
+        with trio.fail_after(60):
+            await props.set("/Guest/a", "héllo", "transreset,rdonlyhost")
+            got = await props.get("/Guest/a")
+            assert got is not None
+            assert (got.value, got.flags) == ("héllo", "TRANSIENT, RDONLYHOST, TRANSRESET")
+            assert host.prop_get("/Guest/a") == ("héllo", got.flags, got.timestamp)
+            await props.delete("/Guest/a")
+            assert await props.get("/Guest/a") is None
+            assert host.prop_get("/Guest/a") is None
+            await props.delete("/Guest/a")  # a missing property deletes fine
+
+    async def test_set_replaces_flags(self, host: SimulatedHost, props: GuestProperties) -> None:
+        """Every set replaces the flags; without flags they are reset."""
+        with trio.fail_after(60):
+            await props.set("/Guest/a", "1", "TRANSIENT")
+            await props.set("/Guest/a", "2")
+            stored = host.prop_get("/Guest/a")
+            assert stored is not None
+            assert stored[:2] == ("2", "")
+
+    async def test_read_only_for_the_guest(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """RDONLYGUEST and host-reserved names refuse the guest with the status's name."""
+        host.prop_set("/Guest/ro", "x", "RDONLYGUEST")
+        with trio.fail_after(60):
+            for name in ("/Guest/ro", "/VirtualBox/HostInfo/Mine"):
+                with pytest.raises(HgcmCallError) as info:
+                    await props.set(name, "y")
+                assert (info.value.rc, info.value.name) == (
+                    VERR_PERMISSION_DENIED,
+                    "VERR_PERMISSION_DENIED",
+                )
+        assert host.prop_get("/VirtualBox/HostInfo/Mine") is None
+
+    async def test_property_cap(self, host: SimulatedHost, props: GuestProperties) -> None:
+        """The service holds at most 256 properties; one more is VERR_TOO_MUCH_DATA."""
+        with trio.fail_after(600):
+            existing = len(await props.enumerate())
+            for index in range(MAX_PROPS - existing):
+                await props.set(f"/Guest/p{index}", "v")
+            with pytest.raises(HgcmCallError) as info:
+                await props.set("/Guest/one-more", "v")
+            assert info.value.name == "VERR_TOO_MUCH_DATA"
+            assert info.value.rc == VERR_TOO_MUCH_DATA
+            await props.set("/Guest/p0", "replaced")  # existing names still change
+            assert len(await props.enumerate()) == MAX_PROPS
+
+    async def test_enumerate_with_patterns_and_growth(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """Patterns select; a listing larger than the first buffer is fetched whole."""
+        big = "v" * 1000
+        with trio.fail_after(60):
+            for index in range(12):
+                await props.set(f"/Test/big{index:02}", big)
+            await props.set("/Test/small", "s", "TRANSIENT")
+            listed = await props.enumerate(["/Test/big*", "/Test/sm?ll"])
+            assert [prop.name for prop in listed] == [
+                *(f"/Test/big{index:02}" for index in range(12)),
+                "/Test/small",
+            ]
+            assert all(prop.value == big for prop in listed[:-1])
+            assert (listed[-1].value, listed[-1].flags) == ("s", "TRANSIENT")
+            assert await props.enumerate(["/Nothing/*"]) == []
+
+    @pytest.mark.parametrize(
+        ("name", "value", "flags", "message"),
+        [
+            ("", "v", None, "empty"),
+            ("/a" * 32, "v", None, "limit is 63"),
+            ("/a*", "v", None, "'\\*'"),
+            ("/a|b", "v", None, "'\\|'"),
+            ("/a", "v" * 1024, None, "limit is 1023"),
+            ("/a", "v", "TRANSIENT,BOGUS", "unknown flag"),
+            ("/a\0b", "v", None, "NUL"),
+        ],
+    )
+    async def test_local_limits(
+        self,
+        props: GuestProperties,
+        name: str,
+        value: str,
+        flags: str | None,
+        message: str,
+    ) -> None:
+        """Bad names, values and flags never reach the host."""
+        before = props.channel.calls
+        with pytest.raises(PropertyArgumentError, match=message):
+            await props.set(name, value, flags)
+        assert props.channel.calls == before
+
+    async def test_pattern_limit(self, props: GuestProperties) -> None:
+        """A pattern list over 1023 bytes is refused locally."""
+        with pytest.raises(PropertyArgumentError, match="limit is 1023"):
+            await props.enumerate(["x" * 600, "y" * 600])
+
+
+class TestWatch:
+    async def test_wait_returns_the_next_matching_change(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A wait ignores other names and returns the matching change with its timestamp."""
+        got: list[PropertyChange] = []
+
+        async def wait() -> None:
+            got.append(await props.wait(["/Guest/want*"]))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/Guest/other", "x")
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                host.prop_set("/Guest/wanted", "yes", "TRANSIENT")
+        stored = host.prop_get("/Guest/wanted")
+        assert stored is not None
+        assert got == [PropertyChange("/Guest/wanted", "yes", "TRANSIENT", stored[2], False)]
+        assert host.status()["hgcm_clients"] == 1  # the wait's channel is gone
+
+    async def test_watch_reports_in_order_with_deletes(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """Changes arrive oldest first with rising timestamps, deletes marked."""
+        changes = []
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                await props.set("/W/a", "1")
+                changes.append(await watch.next())
+                await props.set("/W/b", "2", "TRANSIENT")
+                changes.append(await watch.next())
+                await props.delete("/W/a")
+                changes.append(await watch.next())
+        assert [(c.name, c.value, c.flags, c.deleted) for c in changes] == [
+            ("/W/a", "1", "", False),
+            ("/W/b", "2", "TRANSIENT", False),
+            ("/W/a", "", "", True),
+        ]
+        assert changes[0].timestamp < changes[1].timestamp < changes[2].timestamp
+
+    async def test_catching_up_reports_a_set_since_deleted_as_a_delete(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """Changes made before the watch reads them come from the host's queue in order; the
+        host marks a set as a delete when the property is gone by then (upstream does)."""
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                await props.set("/W/a", "1")
+                await props.set("/W/b", "2")
+                await props.delete("/W/a")
+                await props.set("/W/c", "3")
+                changes = [await watch.next() for _ in range(3)]
+        assert [(c.name, c.value, c.deleted) for c in changes] == [
+            ("/W/a", "", True),
+            ("/W/b", "2", False),
+            ("/W/c", "3", False),
+        ]
+
+    async def test_changes_before_the_watch_opened_are_not_reported(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """The watch starts at the host's newest change; older ones stay unreported."""
+        with trio.fail_after(60):
+            await props.set("/W/old", "1")
+            await props.delete("/W/old")
+            await props.set("/W/kept", "1")
+            async with props.watch(["/W/*"]) as watch:
+                await props.set("/W/new", "2")
+                assert (await watch.next()).name == "/W/new"
+
+    async def test_watch_follows_a_restore(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A restore re-sends the pending wait to a service that no longer knows the last
+        timestamp seen: at the next matching change the host answers VWRN_NOT_FOUND, and the
+        watch reports what changed meanwhile (from an enumeration), deletes included."""
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+
+        async def follow(watch: PropertyWatch) -> None:
+            async for change in watch:
+                await send.send(change)
+
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(follow, watch)
+                await props.set("/W/gone", "x")
+                assert (await receive.receive()).name == "/W/gone"
+                await trio.testing.wait_all_tasks_blocked()
+                host.restore()
+                host.prop_delete("/W/gone")  # completes the re-sent wait: VWRN_NOT_FOUND
+                host.prop_set("/W/b", "meanwhile")
+                host.prop_set("/W/c", "after")
+                seen = [await receive.receive() for _ in range(3)]
+                await trio.testing.wait_all_tasks_blocked()
+                assert receive.statistics().current_buffer_used == 0
+                nursery.cancel_scope.cancel()
+        assert {(c.name, c.value, c.deleted) for c in seen} == {
+            ("/W/gone", "", True),
+            ("/W/b", "meanwhile", False),
+            ("/W/c", "after", False),
+        }
+        assert seen[-1].name == "/W/c"
+        assert watch.resyncs == 1
+
+    async def test_long_value_overflows_then_fits(self) -> None:
+        """A change larger than the buffer is fetched again with the size the host asks."""
+        host = SimulatedHost(services=[GuestPropertyService(max_value_size=4096)])
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with (
+                    open_device(SimOpener(host)) as device,
+                    open_guest_properties(device) as props,
+                    props.watch(["/W/*"]) as watch,
+                ):
+                    await props.set("/W/first", "x")
+                    assert (await watch.next()).value == "x"
+                    host.prop_set("/W/long", "L" * 3000)
+                    change = await watch.next()
+                    assert (change.name, len(change.value)) == ("/W/long", 3000)
+                    got = await props.get("/W/long")
+                    assert got is not None
+                    assert got.value == "L" * 3000
+                nursery.cancel_scope.cancel()

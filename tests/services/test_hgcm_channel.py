@@ -1,0 +1,191 @@
+"""HGCM channels against the simulated host, in-process and over the Unix socket.
+
+Rules of this test module:
+- the host is a real ``SimulatedHost`` (mainline driver) with the guest-property service and
+  the framework tests' echo service (``FN_HOLD`` keeps a call pending until the test ends it);
+- ``opener`` is parametrized: ``SimOpener`` (pure trio) and ``UnixSocketOpener`` on the real
+  socket server in the test's nursery (socket in a short private directory under /tmp);
+- real clock (the socket needs it); every test is bounded by ``fail_after``; synchronisation
+  is on host state reached (``wait_all_tasks_blocked`` in-process, bounded polling of the host
+  for the socket), never on sleeps for ordering.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.device.unix import UnixSocketOpener
+from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
+from agent.host.server import serve_simulated_host
+from agent.protocol import Event, VBoxStatusError
+from agent.protocol.constants import HGCM_MAX_USER_PARM
+from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
+from agent.services.guest_props import PropertyChange, open_guest_properties
+from agent.services.hgcm import (
+    HgcmBufferOut,
+    HgcmLimitError,
+    HgcmU32,
+    open_hgcm_channel,
+)
+from tests.host.conftest import ECHO, FN_HOLD, EchoService
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from agent.device import DeviceOpener
+
+ECHO_CALL_LIMIT = 16
+LONG_WAITS = 64
+POLL_S = 0.005
+
+
+class Setup:
+    """A running host, its echo service and an opener for the device under test."""
+
+    def __init__(self, host: SimulatedHost, echo: EchoService, opener: DeviceOpener) -> None:
+        self.host = host
+        self.echo = echo
+        self.opener = opener
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Return once ``condition()`` holds (bounded by the test's ``fail_after``).
+
+        Host state reached through another process's socket has no event to wait on.
+        """
+        while not condition():  # noqa: ASYNC110 - polling host state, bounded by fail_after
+            await trio.sleep(POLL_S)
+
+
+@pytest.fixture(name="setup", params=["in-process", "socket"])
+async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(services=[GuestPropertyService(), echo])
+    directory = tempfile.mkdtemp(prefix="vbx-", dir="/tmp")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            opener: DeviceOpener = SimOpener(host)
+            if request.param == "socket":
+                path = f"{directory}/h.sock"
+                await nursery.start(serve_simulated_host, host, path)
+                opener = UnixSocketOpener(path)
+            yield Setup(host, echo, opener)
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory)
+
+
+class TestLimits:
+    async def test_parameters_and_buffers(self, setup: Setup) -> None:
+        """33 parameters or a buffer over 24 MiB are refused before anything is sent."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                with pytest.raises(HgcmLimitError, match="at most 32"):
+                    await channel.call(FN_HOLD, *[HgcmU32(0)] * 33)
+                with pytest.raises(HgcmLimitError, match=r"parameter 1 .* at most 25165824"):
+                    await channel.call(FN_HOLD, HgcmU32(0), HgcmBufferOut(HGCM_MAX_USER_PARM + 1))
+                assert channel.calls == 0
+                assert setup.echo.held == []
+
+    async def test_pending_calls_per_client(self, setup: Setup) -> None:
+        """A limit of 16 admits 15 pending calls; the 16th is refused here, not by the host."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                trio.open_nursery() as nursery,
+            ):
+                assert channel.max_pending == ECHO_CALL_LIMIT - 1
+                for _ in range(channel.max_pending):
+                    nursery.start_soon(channel.call, FN_HOLD)
+                await setup.until(lambda: len(setup.echo.held) == channel.max_pending)
+                with pytest.raises(HgcmLimitError, match="15 calls pending; the host accepts 15"):
+                    await channel.call(FN_HOLD)
+                for call in list(setup.echo.held):
+                    call.complete(VINF_SUCCESS)
+                await setup.until(lambda: channel.pending == 0)
+
+    async def test_unknown_limit_and_service(self, setup: Setup) -> None:
+        """A service of unknown limit needs one; an unknown service is the host's refusal."""
+        with trio.fail_after(10):
+            async with open_device(setup.opener) as device:
+                with pytest.raises(ValueError, match="limit is unknown"):
+                    async with open_hgcm_channel(device, ECHO):
+                        pass
+                with pytest.raises(VBoxStatusError) as info:
+                    async with open_hgcm_channel(device, "NoSuchSvc", host_call_limit=4):
+                        pass
+                assert info.value.rc == VERR_HGCM_SERVICE_NOT_FOUND
+
+
+class TestCancellation:
+    async def test_cancelled_call_lingers_then_disconnects(self, setup: Setup) -> None:
+        """A cancelled call is cancelled at the host at once and keeps its slot (the service
+        may still count it); leaving the block disconnects the client."""
+        with trio.fail_after(10):
+            async with open_device(setup.opener) as device:
+                async with open_hgcm_channel(
+                    device, ECHO, host_call_limit=ECHO_CALL_LIMIT
+                ) as channel:
+                    with trio.move_on_after(0.05):
+                        await channel.call(FN_HOLD)
+                    await setup.until(lambda: len(setup.echo.cancelled) == 1)
+                    assert channel.pending == 1
+                    assert setup.host.status()["hgcm_clients"] == 1
+                assert setup.host.status()["hgcm_clients"] == 0
+
+    async def test_cancelling_the_block_disconnects(self, setup: Setup) -> None:
+        """Cancelling the code inside the block still disconnects, without waiting long."""
+        with trio.fail_after(10):
+            async with open_device(setup.opener) as device:
+                with trio.move_on_after(0.05) as scope:
+                    async with open_hgcm_channel(
+                        device, ECHO, host_call_limit=ECHO_CALL_LIMIT
+                    ) as channel:
+                        await channel.call(FN_HOLD)
+                assert scope.cancelled_caught
+                await setup.until(lambda: setup.host.status()["hgcm_clients"] == 0)
+                assert setup.host.status()["hgcm_pending_calls"] == 0
+
+
+class TestManyWaits:
+    async def test_64_long_waits_leave_short_calls_and_events_alone(self, setup: Setup) -> None:
+        """64 property waits stay open while gets complete and host events arrive; each wait
+        then returns its own property's change."""
+        got: dict[int, PropertyChange] = {}
+        with trio.fail_after(30):
+            async with (
+                open_device(setup.opener) as device,
+                open_guest_properties(device) as props,
+                device.open_event_waiter(int(Event.MOUSE_CAPABILITIES_CHANGED)) as waiter,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def wait(index: int) -> None:
+                    got[index] = await props.wait([f"/W/{index}"])
+
+                for index in range(LONG_WAITS):
+                    nursery.start_soon(wait, index)
+                await setup.until(lambda: setup.host.status()["hgcm_pending_calls"] == LONG_WAITS)
+                for index in range(10):
+                    await props.set(f"/Short/{index}", "v")
+                    assert (await props.get(f"/Short/{index}")) is not None
+                setup.host.raise_events(int(Event.MOUSE_CAPABILITIES_CHANGED))
+                assert await waiter.wait() == int(Event.MOUSE_CAPABILITIES_CHANGED)
+                assert got == {}
+                for index in reversed(range(LONG_WAITS)):
+                    setup.host.prop_set(f"/W/{index}", str(index))
+        assert sorted(got) == list(range(LONG_WAITS))
+        assert all(change.value == str(index) for index, change in got.items())
+        assert setup.host.status()["hgcm_clients"] == 0
