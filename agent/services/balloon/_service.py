@@ -52,7 +52,6 @@ log = structlog.get_logger("agent.services.balloon")
 EVENTS: Final = Event.BALLOON_CHANGE_REQUEST | Event.RESTORED
 _LIVE_FIELDS: Final = frozenset(
     {
-        "pressure_threshold_pct",
         "pressure_step_mb",
         "pressure_cooldown_s",
         "min_available_mb",
@@ -60,7 +59,7 @@ _LIVE_FIELDS: Final = frozenset(
         "retry_max_s",
     }
 )
-"""Settings a reload applies at once; the PSI file and interval need a restart."""
+"""Settings a reload applies at once; the PSI file, interval and threshold need a restart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +176,7 @@ class BalloonService:
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
-        """Apply thresholds, step, cooldown, floor and backoff live; PSI file changes restart."""
+        """Apply step, cooldown, floor and backoff live; PSI settings need a restart."""
         old = self._section
         changed = {
             name
