@@ -11,7 +11,7 @@ import trio
 
 from agent.host import SimOpener, SimTransport, SimulatedHost
 from agent.protocol import CheckBalloon, RequestType
-from agent.protocol.status import VERR_NO_MEMORY
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
 from agent.services.balloon import BalloonMode, BalloonSection
 from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
 
@@ -106,11 +106,23 @@ class TestFailures:
             async with running_balloon(personality="", host=_host(kind)) as run:
                 run.host.set_balloon_target(10)
                 await run.settle(10)
-                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
                 run.host.set_balloon_target(64)
                 await run.until(lambda: run.service.statistics().failures == 1)
                 assert run.host_chunks == 10
                 await run.settle(64)
+
+    async def test_oracle_swallows_out_of_memory(self, autojump_clock: trio.abc.Clock) -> None:
+        """Oracle's driver reports a walk stopped by VERR_NO_MEMORY as success: the agent
+        cannot see it, and the kernel walks on at the next 0x40."""
+        with trio.fail_after(120):
+            async with running_balloon(personality="oracle") as run:
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY)
+                run.host.set_balloon_target(64)
+                await run.until(lambda: run.service.reads == 1)
+                assert (run.host_chunks, run.service.statistics().failures) == (0, 0)
+                run.host.set_balloon_target(65)
+                await run.settle(65)
 
     async def test_mainline_kernel_stops_and_needs_a_new_target(
         self, autojump_clock: trio.abc.Clock

@@ -20,7 +20,7 @@ the heartbeat stays with the driver.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
 
@@ -38,6 +38,7 @@ from agent.protocol.constants import (
     RequestType,
 )
 from agent.protocol.status import (
+    STATUS_CODES,
     VERR_ALREADY_EXISTS,
     VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
@@ -45,6 +46,11 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VINF_SUCCESS,
 )
+
+OUT_OF_MEMORY: Final = frozenset(
+    {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
+)
+"""What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
 
 if TYPE_CHECKING:
     from agent.host.driver._core import BoundHandler
@@ -127,7 +133,8 @@ class OracleDriver(Driver):
             L.CheckBalloonIoctl.padding.set(kbuf, b"")
             if self.use_kernel_api:
                 rc = await self._set_size_kernel(chunks)
-                if rc != VERR_NO_MEMORY:  # running out of memory is not an error here
+                # Out-of-memory is swallowed, whether the guest or the host ran out.
+                if rc not in OUT_OF_MEMORY:
                     L.IoctlHeader.rc.set(kbuf, rc)
 
     async def _set_size_kernel(self, target: int) -> int:
