@@ -84,6 +84,8 @@ class KernelDriver:
         self._in_flight: dict[int, DriverSession] = {}
         self._call_ended = trio.lowlevel.ParkingLot()
         self._limiter = trio.CapacityLimiter(MAX_DRIVER_THREADS)
+        self.interrupts_served = 0
+        """Runs of the real ISR so far (tests wait on it: the ISR runs on a worker thread)."""
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -183,6 +185,7 @@ class KernelDriver:
         while True:
             await self.vmmdev.wait_for_irq()
             await self._thread(self._isr)
+            self.interrupts_served += 1
             if self.vmmdev.have_events:  # the acknowledgement failed: the line is still up
                 await trio.sleep(ISR_RETRY_S)
 

@@ -242,3 +242,21 @@ class TestSimulateDemo:
         assert "agent_ready" in events
         assert "scenario_step" in events
         assert events[-1] == "agent_stopped"
+
+    def test_failing_host_exits_69(self, workdir: Path) -> None:
+        """A simulated VM whose driver fails to load after a reset: exit 69, as no device."""
+        scenario = workdir / "failing.toml"
+        scenario.write_text(
+            "[[steps]]\nat = 0.5\naction = 'fault'\nrequest = 'GET_HOST_VERSION'\n"
+            "status = 'VERR_NOT_SUPPORTED'\n\n"
+            "[[steps]]\nat = 0.5\naction = 'reset'\n"
+        )
+        result = subprocess.run(
+            [PYTHON, "-m", "agent", "run", "--simulate", "--scenario", str(scenario)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+        )
+        assert result.returncode == 69, result.stderr
+        assert "GET_HOST_VERSION VERR_NOT_SUPPORTED" in result.stderr

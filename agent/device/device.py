@@ -6,10 +6,15 @@ must be ended by something the driver honours:
 
 - an :class:`EventWaiter` owns a session whose filter mask is the waiter's mask; it waits
   without a timeout and, when cancelled, ends its wait with INTERRUPT_ALL on its own
-  descriptor. That flag is sticky on mainline, so an interrupted waiter is closed, never
-  reused; the other sessions are not affected.
+  descriptor. That is sticky on mainline and one-shot on Oracle's driver, so an
+  interrupted waiter is closed, never reused; the other sessions are not affected.
 - an :class:`HgcmClient` owns a session with one HGCM client on it, so long calls
   (property notifications) never hold up anything else.
+
+Both drivers' error conventions end in one exception: a failure mainline returns as an
+errno and one Oracle's driver puts in the header's ``rc`` both raise
+:class:`~agent.protocol.VBoxStatusError` with the VBox status (``rc``, ``name``); the
+errno, if any, is kept in its ``errno``.
 
 Teardown (an interrupt, a disconnect, a close) must reach the driver even when its caller was
 cancelled, so it runs shielded, but never for longer than ``CLEANUP_TIMEOUT_S`` nor past
@@ -19,7 +24,6 @@ not finish by then is abandoned with a ``device_cleanup_abandoned`` log line.
 
 from __future__ import annotations
 
-import errno
 import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,9 +50,11 @@ from agent.protocol import (
     InterruptAllWaits,
     Request,
     Session,
+    VBoxStatusError,
     WaitForEvents,
 )
 from agent.protocol.constants import TIMEOUT_INFINITE
+from agent.protocol.status import VERR_INTERRUPTED
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -62,6 +68,8 @@ R = TypeVar("R")
 
 CLEANUP_TIMEOUT_S: Final = 2.0
 """How long one piece of teardown (an interrupt, a disconnect, a close) may take, shielded."""
+STRAY_INTERRUPTS: Final = 3
+"""Waits a waiter repeats after an interruption it did not ask for (a stray signal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +92,30 @@ class _Channel:
         self.session = Session()
 
     async def perform(self, request: Request[R]) -> R:
+        """Encode, move and decode ``request``; every driver failure is a VBoxStatusError.
+
+        An interruption (VERR_INTERRUPTED in ``rc``, Oracle's answer to the signal that
+        cancels a call) raises ``Cancelled`` when the caller is being cancelled.
+        """
         call = self.session.encode(request)
         self._device._requests += 1
         try:
             await self.transport.ioctl(call.code, call.buffer, call.user_buffers)
+        except OSError as exc:
+            self._device._failures += 1
+            self.session.call_failed(call)
+            raise VBoxStatusError.from_errno(exc.errno or 0, request.operation) from exc
         except BaseException:
             self._device._failures += 1
             self.session.call_failed(call)
             raise
         try:
             return self.session.decode(call)
+        except VBoxStatusError as exc:
+            self._device._failures += 1
+            if exc.rc == VERR_INTERRUPTED:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            raise
         except Exception:
             self._device._failures += 1
             raise
@@ -248,7 +270,32 @@ class EventWaiter:
         - cancellation interrupts the session and raises ``Cancelled``; events consumed in
           that same instant are dropped, so cancel only to tear down. A driver that does
           not end the wait after the interrupt is given up on, as teardown is.
+
+        Both drivers' interrupts count: mainline's EINTR, Oracle's VERR_INTERRUPTED, and
+        Oracle's success with no events (an interrupt sent before the wait reached the
+        driver). An interruption nobody asked for (a stray signal) repeats the wait, at
+        most :data:`STRAY_INTERRUPTS` times.
         """
+        strays = 0
+        while True:
+            try:
+                received = await self._wait_once()
+            except VBoxStatusError as exc:
+                if exc.rc != VERR_INTERRUPTED:
+                    raise
+                if self._interrupt_requested:
+                    raise WaiterInterruptedError(self.mask) from None
+                strays += 1
+                if strays > STRAY_INTERRUPTS:
+                    raise
+                continue
+            if not received.mask:
+                self._interrupt_requested = True
+                raise WaiterInterruptedError(self.mask)
+            return received.mask
+
+    async def _wait_once(self) -> EventsReceived:
+        """One shielded WAIT_FOR_EVENTS; cancellation sends the interrupt that ends it."""
         channel = self._channel
         finished = False
         wait_scope = trio.CancelScope(shield=True)
@@ -279,24 +326,22 @@ class EventWaiter:
             )
             await trio.lowlevel.checkpoint()  # raises the Cancelled that began the teardown
         # Raised here, not in the nursery, so callers see the error itself, not a group.
-        if isinstance(error, OSError) and error.errno == errno.EINTR and self._interrupt_requested:
-            raise WaiterInterruptedError(self.mask) from None
         if error is not None:
             raise error
         if received is None:  # pragma: no cover - either a reply or an error exists
             msg = "wait ended without a reply"
             raise RuntimeError(msg)
-        return received.mask
+        return received
 
     async def interrupt(self) -> None:
-        """End the current wait and every later one on this session (INTERRUPT_ALL).
+        """End the current wait on this session (INTERRUPT_ALL); the waiter is then done.
 
         Shielded: once asked for, the interrupt reaches the driver even if the caller is
         cancelled meanwhile, or a blocked wait would never end.
         """
         if self._interrupt_requested:
             return
-        # Set before sending: the woken wait may see EINTR before this call returns.
+        # Set before sending: the woken wait may end before this call returns.
         self._interrupt_requested = True
         with self._device.cleanup_scope("interrupt"):
             await self._channel.perform(InterruptAllWaits())

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 from agent.host.memory import DictMemory
+from agent.protocol.errors import DeviceUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,6 +48,8 @@ class SimTransport:
     ) -> None:
         """Perform one ioctl: map the user buffers, store their addresses, call the driver.
 
+        A failure leaves ``buffer`` as it was (the addresses stored in it are taken back).
+
         Raises:
             OSError: the driver's errno (``EBADF`` after :meth:`aclose`).
         """
@@ -54,9 +57,18 @@ class SimTransport:
             await trio.lowlevel.checkpoint()
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         memory = DictMemory()
+        saved = [
+            (user.address_offset, bytes(buffer[user.address_offset : user.address_offset + 8]))
+            for user in user_buffers
+        ]
         for user in user_buffers:
             _ADDRESS.pack_into(buffer, user.address_offset, memory.map(user.data))
-        await self._host.ioctl(self._session, code, buffer, memory)
+        try:
+            await self._host.ioctl(self._session, code, buffer, memory)
+        except BaseException:
+            for offset, original in saved:
+                buffer[offset : offset + 8] = original
+            raise
 
     async def aclose(self) -> None:
         """Close the session (idempotent); the driver releases what it held."""
@@ -89,8 +101,12 @@ class SimOpener:
         """Open a new session.
 
         Raises:
-            FileNotFoundError: the host is not running (its driver is not loaded).
+            DeviceUnavailableError: the host is not running (its driver is not loaded).
         """
         await trio.lowlevel.checkpoint()
-        session = self._host.open_session(user_device=self._user_device, uid=self._uid)
+        try:
+            session = self._host.open_session(user_device=self._user_device, uid=self._uid)
+        except FileNotFoundError as exc:
+            msg = f"cannot open {self.description}: {exc.strerror}"
+            raise DeviceUnavailableError(msg) from exc
         return SimTransport(self._host, session)

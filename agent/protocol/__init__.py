@@ -20,6 +20,8 @@ from agent.protocol.constants import (
 )
 from agent.protocol.errors import (
     AgentError as AgentError,
+    DeviceLostError as DeviceLostError,
+    DeviceUnavailableError as DeviceUnavailableError,
     LocalProtocolError as LocalProtocolError,
     ProtocolError as ProtocolError,
     RemoteProtocolError as RemoteProtocolError,
@@ -78,6 +80,7 @@ from agent.protocol.messages import (
 from agent.protocol.session import Session as Session
 from agent.protocol.status import (
     parse_status as parse_status,
+    status_for_errno as status_for_errno,
     status_name as status_name,
     status_to_errno as status_to_errno,
 )

@@ -1,8 +1,11 @@
-"""The exception tree: one root, h11's local/remote split, and VBox status failures."""
+"""The exception tree: one root, h11's local/remote split, VBox status failures, and the
+device errors both the device layer and the simulated host raise."""
 
 from __future__ import annotations
 
-from agent.protocol.status import status_name
+import errno as errno_codes
+
+from agent.protocol.status import status_for_errno, status_name
 
 
 class AgentError(Exception):
@@ -22,16 +25,40 @@ class RemoteProtocolError(ProtocolError):
 
 
 class VBoxStatusError(AgentError):
-    """The host or driver completed a request with a failing VBox status (``rc < 0``).
+    """The host or driver failed a request: a VBox status, whichever convention carried it.
+
+    Oracle's driver reports failures in the ioctl header's ``rc``; mainline returns an errno
+    (:meth:`from_errno`), converted back to the status it stands for, so callers test ``rc``
+    or ``name`` and never care which driver runs.
 
     Attributes:
         rc: the VBox status code.
         name: its symbolic name (``VERR_...``).
         operation: what was asked (a request or ioctl name).
+        errno: the errno the driver returned, or None when the status came in ``rc``.
     """
 
-    def __init__(self, rc: int, operation: str) -> None:
+    def __init__(self, rc: int, operation: str, *, errno: int | None = None) -> None:
         self.rc = rc
         self.name = status_name(rc)
         self.operation = operation
-        super().__init__(f"{operation} failed: {self.name} ({rc})")
+        self.errno = errno
+        via = "" if errno is None else f" from errno {errno_codes.errorcode.get(errno, errno)}"
+        super().__init__(f"{operation} failed: {self.name} ({rc}){via}")
+
+    @classmethod
+    def from_errno(cls, code: int, operation: str) -> VBoxStatusError:
+        """Return the error for a driver that failed ``operation`` with errno ``code``."""
+        return cls(status_for_errno(code), operation, errno=code)
+
+
+class DeviceUnavailableError(AgentError):
+    """The device cannot be opened: missing node, no permission, no simulated host running.
+
+    The message is one line that names the path and what to do; the CLI exits 69
+    (``EX_UNAVAILABLE``).
+    """
+
+
+class DeviceLostError(AgentError):
+    """An open session's other side went away (the simulated host exited, the fd was revoked)."""

@@ -175,6 +175,22 @@ def _check_u32(name: str, value: int) -> None:
         raise LocalProtocolError(msg)
 
 
+class _FixedIoctl(Request[R_co]):
+    """A fixed-size ioctl: its sizes are declared once, here, for encode and decode."""
+
+    __slots__ = ()
+    size_in: ClassVar[int]
+    size_out: ClassVar[int]
+
+    def new_buffer(self) -> bytearray:
+        """Return the request's buffer with its header set."""
+        return ioctl_buffer(self.size_in, self.size_out)
+
+    def check_reply(self, call: IoctlCall[R_co]) -> int:
+        """Validate the reply header against the declared sizes; return ``rc``."""
+        return check_ioctl_reply(call, self.size_in, self.size_out)
+
+
 # --- driver ioctls -----------------------------------------------------------------------
 
 
@@ -188,25 +204,27 @@ class DriverVersion:
 
 
 @dataclass(frozen=True, slots=True)
-class DriverVersionInfo(Request[DriverVersion]):
+class DriverVersionInfo(_FixedIoctl[DriverVersion]):
     """``VBG_IOCTL_DRIVER_VERSION_INFO``: agree on the ioctl interface version."""
 
     operation: ClassVar[str] = "VBG_IOCTL_DRIVER_VERSION_INFO"
+    size_in: ClassVar[int] = 40
+    size_out: ClassVar[int] = 44
     req_version: int = IOC_VERSION
     min_version: int = IOC_VERSION
 
     def encode(self) -> IoctlCall[DriverVersion]:
-        """Encode with ``size_in`` 40 and ``size_out`` 44."""
+        """Encode the requested and minimum versions."""
         _check_u32("req_version", self.req_version)
         _check_u32("min_version", self.min_version)
-        buf = ioctl_buffer(40, 44)
+        buf = self.new_buffer()
         L.DriverVersionInfo.req_version.set(buf, self.req_version)
         L.DriverVersionInfo.min_version.set(buf, self.min_version)
         return IoctlCall(Ioctl.DRIVER_VERSION_INFO, buf, self)
 
     def decode(self, call: IoctlCall[DriverVersion]) -> DriverVersion:
         """Decode the versions; the session version's major half must match ours."""
-        check_ioctl_reply(call, 40, 44)
+        self.check_reply(call)
         buf = call.buffer
         reply = DriverVersion(
             L.DriverVersionInfo.session_version.get(buf),
@@ -221,94 +239,108 @@ class DriverVersionInfo(Request[DriverVersion]):
 
 @dataclass(frozen=True, slots=True)
 class EventsReceived:
-    """Reply to :class:`WaitForEvents`: the events this waiter consumed."""
+    """Reply to :class:`WaitForEvents`: the events this waiter consumed (0: interrupted)."""
 
     mask: int
 
 
 @dataclass(frozen=True, slots=True)
-class WaitForEvents(Request[EventsReceived]):
+class WaitForEvents(_FixedIoctl[EventsReceived]):
     """``VBG_IOCTL_WAIT_FOR_EVENTS``: block until one of ``mask``'s events is pending."""
 
     operation: ClassVar[str] = "VBG_IOCTL_WAIT_FOR_EVENTS"
+    size_in: ClassVar[int] = 32
+    size_out: ClassVar[int] = 28
     mask: int
     timeout_ms: int = TIMEOUT_INFINITE
 
     def encode(self) -> IoctlCall[EventsReceived]:
-        """Encode with ``size_in`` 32 and ``size_out`` 28."""
+        """Encode the mask and timeout."""
         _check_mask("event mask", self.mask, VALID_EVENT_MASK)
         _check_u32("timeout_ms", self.timeout_ms)
-        buf = ioctl_buffer(32, 28)
+        buf = self.new_buffer()
         L.WaitForEventsIoctl.timeout_ms.set(buf, self.timeout_ms)
         L.WaitForEventsIoctl.events_in.set(buf, self.mask)
         return IoctlCall(Ioctl.WAIT_FOR_EVENTS, buf, self)
 
     def decode(self, call: IoctlCall[EventsReceived]) -> EventsReceived:
-        """Decode the consumed events, which must be a non-empty subset of ``mask``."""
-        check_ioctl_reply(call, 32, 28)
+        """Decode the consumed events, a subset of ``mask``.
+
+        No events at all is a success on Oracle's driver only: the wait consumed an
+        INTERRUPT_ALL that found no wait in progress (see :class:`InterruptAllWaits`).
+        """
+        self.check_reply(call)
         events = L.WaitForEventsIoctl.events_out.get(call.buffer)
-        if events == 0 or events & ~self.mask:
+        if events & ~self.mask:
             msg = f"{self.operation}: events {events:#x} are not within the mask {self.mask:#x}"
             raise RemoteProtocolError(msg)
         return EventsReceived(events)
 
 
-def _decode_empty(call: IoctlCall[None], size_in: int, size_out: int) -> None:
-    check_ioctl_reply(call, size_in, size_out)
-
-
 @dataclass(frozen=True, slots=True)
-class InterruptAllWaits(Request[None]):
-    """``VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS``: end every wait on this session, for good."""
+class InterruptAllWaits(_FixedIoctl[None]):
+    """``VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS``: end the waits on this session.
+
+    Mainline makes every wait on the session fail with EINTR from then on (sticky). Oracle's
+    driver ends the waits in progress with ``VERR_INTERRUPTED``, or, if there are none, the
+    next wait, which then succeeds with whatever matching events are pending, maybe none
+    (one-shot). Either way a session is not waited on again after it (:class:`Session`).
+    """
 
     operation: ClassVar[str] = "VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS"
+    size_in: ClassVar[int] = 24
+    size_out: ClassVar[int] = 24
 
     def encode(self) -> IoctlCall[None]:
-        """Encode a bare header (24/24)."""
-        return IoctlCall(Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS, ioctl_buffer(24, 24), self)
+        """Encode a bare header."""
+        return IoctlCall(Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS, self.new_buffer(), self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, 24, 24)
+        self.check_reply(call)
 
 
 @dataclass(frozen=True, slots=True)
-class ChangeFilterMask(Request[None]):
+class ChangeFilterMask(_FixedIoctl[None]):
     """``VBG_IOCTL_CHANGE_FILTER_MASK``: add and remove events this session asks the host for."""
 
     operation: ClassVar[str] = "VBG_IOCTL_CHANGE_FILTER_MASK"
+    size_in: ClassVar[int] = 32
+    size_out: ClassVar[int] = 24
     or_mask: int
     not_mask: int
 
     def encode(self) -> IoctlCall[None]:
-        """Encode with ``size_in`` 32 and ``size_out`` 24."""
+        """Encode the masks."""
         _check_mask("or_mask", self.or_mask, VALID_EVENT_MASK)
         _check_mask("not_mask", self.not_mask, VALID_EVENT_MASK)
-        buf = ioctl_buffer(32, 24)
+        buf = self.new_buffer()
         L.ChangeFilterIoctl.or_mask.set(buf, self.or_mask)
         L.ChangeFilterIoctl.not_mask.set(buf, self.not_mask)
         return IoctlCall(Ioctl.CHANGE_FILTER_MASK, buf, self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, 32, 24)
+        self.check_reply(call)
 
 
 @dataclass(frozen=True, slots=True)
-class AcquireGuestCapabilities(Request[None]):
+class AcquireGuestCapabilities(_FixedIoctl[None]):
     """``VBG_IOCTL_ACQUIRE_GUEST_CAPABILITIES``: take exclusive guest capabilities."""
 
     operation: ClassVar[str] = "VBG_IOCTL_ACQUIRE_GUEST_CAPABILITIES"
+    size_in: ClassVar[int] = 36
+    size_out: ClassVar[int] = 24
     or_mask: int
     not_mask: int
     flags: int = 0
 
     def encode(self) -> IoctlCall[None]:
-        """Encode with ``size_in`` 36 and ``size_out`` 24."""
+        """Encode flags and masks."""
         _check_mask("flags", self.flags, AGC_FLAGS_VALID_MASK)
         _check_mask("or_mask", self.or_mask, GUEST_CAPABILITIES_MASK)
         _check_mask("not_mask", self.not_mask, GUEST_CAPABILITIES_MASK)
-        buf = ioctl_buffer(36, 24)
+        buf = self.new_buffer()
         L.AcquireGuestCapsIoctl.flags.set(buf, self.flags)
         L.AcquireGuestCapsIoctl.or_mask.set(buf, self.or_mask)
         L.AcquireGuestCapsIoctl.not_mask.set(buf, self.not_mask)
@@ -316,7 +348,7 @@ class AcquireGuestCapabilities(Request[None]):
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, 36, 24)
+        self.check_reply(call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,25 +360,27 @@ class GuestCapabilities:
 
 
 @dataclass(frozen=True, slots=True)
-class ChangeGuestCapabilities(Request[GuestCapabilities]):
+class ChangeGuestCapabilities(_FixedIoctl[GuestCapabilities]):
     """``VBG_IOCTL_CHANGE_GUEST_CAPABILITIES``: set or clear capabilities for this session."""
 
     operation: ClassVar[str] = "VBG_IOCTL_CHANGE_GUEST_CAPABILITIES"
+    size_in: ClassVar[int] = 32
+    size_out: ClassVar[int] = 32
     or_mask: int
     not_mask: int
 
     def encode(self) -> IoctlCall[GuestCapabilities]:
-        """Encode with ``size_in`` 32 and ``size_out`` 32."""
+        """Encode the masks."""
         _check_mask("or_mask", self.or_mask, GUEST_CAPABILITIES_MASK)
         _check_mask("not_mask", self.not_mask, GUEST_CAPABILITIES_MASK)
-        buf = ioctl_buffer(32, 32)
+        buf = self.new_buffer()
         L.SetGuestCapsIoctl.or_mask.set(buf, self.or_mask)
         L.SetGuestCapsIoctl.not_mask.set(buf, self.not_mask)
         return IoctlCall(Ioctl.CHANGE_GUEST_CAPABILITIES, buf, self)
 
     def decode(self, call: IoctlCall[GuestCapabilities]) -> GuestCapabilities:
         """Decode the session's and the device's capabilities."""
-        check_ioctl_reply(call, 32, 32)
+        self.check_reply(call)
         session = L.SetGuestCapsIoctl.session_caps.get(call.buffer)
         if session & ~GUEST_CAPABILITIES_MASK:
             msg = f"{self.operation}: session capabilities {session:#x} are out of range"
@@ -370,18 +404,20 @@ class BalloonStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class CheckBalloon(Request[BalloonStatus]):
+class CheckBalloon(_FixedIoctl[BalloonStatus]):
     """``VBG_IOCTL_CHECK_BALLOON``: ask the driver about the balloon."""
 
     operation: ClassVar[str] = "VBG_IOCTL_CHECK_BALLOON"
+    size_in: ClassVar[int] = 24
+    size_out: ClassVar[int] = 32
 
     def encode(self) -> IoctlCall[BalloonStatus]:
-        """Encode with ``size_in`` 24 and ``size_out`` 32."""
-        return IoctlCall(Ioctl.CHECK_BALLOON, ioctl_buffer(24, 32), self)
+        """Encode a bare header."""
+        return IoctlCall(Ioctl.CHECK_BALLOON, self.new_buffer(), self)
 
     def decode(self, call: IoctlCall[BalloonStatus]) -> BalloonStatus:
         """Decode the chunk count and the ring-3 flag (0 or 1)."""
-        check_ioctl_reply(call, 24, 32)
+        self.check_reply(call)
         flag = L.CheckBalloonIoctl.handle_in_r3.get(call.buffer)
         if flag > 1:
             msg = f"{self.operation}: handle_in_r3 is {flag}, expected 0 or 1"
@@ -390,43 +426,47 @@ class CheckBalloon(Request[BalloonStatus]):
 
 
 @dataclass(frozen=True, slots=True)
-class ChangeBalloon(Request[None]):
+class ChangeBalloon(_FixedIoctl[None]):
     """``VBGL_IOCTL_CHANGE_BALLOON`` (Oracle's driver): hand a 1 MiB user chunk to the host."""
 
     operation: ClassVar[str] = "VBGL_IOCTL_CHANGE_BALLOON"
+    size_in: ClassVar[int] = 40
+    size_out: ClassVar[int] = 24
     chunk_address: int
     inflate: bool
 
     def encode(self) -> IoctlCall[None]:
-        """Encode with ``size_in`` 40 and ``size_out`` 24; padding stays zero."""
+        """Encode the chunk address and direction; padding stays zero."""
         if not 0 < self.chunk_address <= _U64_MAX or self.chunk_address % PAGE_SIZE:
             msg = f"chunk address {self.chunk_address:#x} must be a non-zero page address"
             raise LocalProtocolError(msg)
-        buf = ioctl_buffer(40, 24)
+        buf = self.new_buffer()
         L.ChangeBalloonIoctl.chunk_address.set(buf, self.chunk_address)
         L.ChangeBalloonIoctl.inflate.set(buf, int(self.inflate))
         return IoctlCall(Ioctl.CHANGE_BALLOON, buf, self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, 40, 24)
+        self.check_reply(call)
 
 
 @dataclass(frozen=True, slots=True)
-class WriteCoreDump(Request[None]):
+class WriteCoreDump(_FixedIoctl[None]):
     """``VBG_IOCTL_WRITE_CORE_DUMP``: ask the host to write a guest core dump."""
 
     operation: ClassVar[str] = "VBG_IOCTL_WRITE_CORE_DUMP"
+    size_in: ClassVar[int] = 28
+    size_out: ClassVar[int] = 24
     flags: int = 0
 
     def encode(self) -> IoctlCall[None]:
-        """Encode with ``size_in`` 28 and ``size_out`` 24 (flags must be zero)."""
+        """Encode the flags (which must be zero)."""
         _check_mask("flags", self.flags, 0)
-        return IoctlCall(Ioctl.WRITE_CORE_DUMP, ioctl_buffer(28, 24), self)
+        return IoctlCall(Ioctl.WRITE_CORE_DUMP, self.new_buffer(), self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, 28, 24)
+        self.check_reply(call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,19 +476,23 @@ class Log(Request[None]):
     operation: ClassVar[str] = "VBG_IOCTL_LOG"
     message: bytes
 
+    @property
+    def size_in(self) -> int:
+        """The header and the message; ``size_out`` is the bare header."""
+        return HEADER_SIZE + len(self.message)
+
     def encode(self) -> IoctlCall[None]:
         """Encode the message after the header; ``size_out`` must be exactly 24."""
         if not self.message or len(self.message) > MAX_IOCTL_SIZE - HEADER_SIZE:
             msg = f"log message of {len(self.message)} bytes is empty or too long"
             raise LocalProtocolError(msg)
-        size_in = HEADER_SIZE + len(self.message)
-        buf = ioctl_buffer(size_in, HEADER_SIZE)
+        buf = ioctl_buffer(self.size_in, HEADER_SIZE)
         buf[HEADER_SIZE:] = self.message
         return IoctlCall(Ioctl.LOG, buf, self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, HEADER_SIZE + len(self.message), HEADER_SIZE)
+        check_ioctl_reply(call, self.size_in, HEADER_SIZE)
 
 
 # --- HGCM --------------------------------------------------------------------------------
@@ -475,22 +519,24 @@ def encode_service_name(service: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class HgcmConnect(Request[HgcmConnected]):
+class HgcmConnect(_FixedIoctl[HgcmConnected]):
     """``VBG_IOCTL_HGCM_CONNECT``: connect to an existing host service by name."""
 
     operation: ClassVar[str] = "VBG_IOCTL_HGCM_CONNECT"
+    size_in: ClassVar[int] = 156
+    size_out: ClassVar[int] = 28
     service: str
 
     def encode(self) -> IoctlCall[HgcmConnected]:
-        """Encode with location type LOCALHOST_EXISTING; ``size_in`` 156, ``size_out`` 28."""
-        buf = ioctl_buffer(156, 28)
+        """Encode the service name with location type LOCALHOST_EXISTING."""
+        buf = self.new_buffer()
         L.HgcmConnectIoctl.loc_type.set(buf, HgcmLocationType.LOCALHOST_EXISTING)
         L.HgcmConnectIoctl.service_name.set(buf, encode_service_name(self.service))
         return IoctlCall(Ioctl.HGCM_CONNECT, buf, self)
 
     def decode(self, call: IoctlCall[HgcmConnected]) -> HgcmConnected:
         """Decode the client id, which must be a usable id (not 0 or 0xFFFFFFFF)."""
-        check_ioctl_reply(call, 156, 28)
+        self.check_reply(call)
         client_id = L.HgcmConnectIoctl.client_id.get(call.buffer)
         if client_id in (0, _U32_MAX):
             msg = f"{self.operation}: host returned the invalid client id {client_id:#x}"
@@ -499,22 +545,24 @@ class HgcmConnect(Request[HgcmConnected]):
 
 
 @dataclass(frozen=True, slots=True)
-class HgcmDisconnect(Request[None]):
+class HgcmDisconnect(_FixedIoctl[None]):
     """``VBG_IOCTL_HGCM_DISCONNECT``: drop an HGCM client of this session."""
 
     operation: ClassVar[str] = "VBG_IOCTL_HGCM_DISCONNECT"
+    size_in: ClassVar[int] = 28
+    size_out: ClassVar[int] = 24
     client_id: int
 
     def encode(self) -> IoctlCall[None]:
-        """Encode with ``size_in`` 28 and ``size_out`` 24."""
+        """Encode the client id."""
         _check_client_id(self.client_id)
-        buf = ioctl_buffer(28, 24)
+        buf = self.new_buffer()
         L.HgcmDisconnectIoctl.client_id.set(buf, self.client_id)
         return IoctlCall(Ioctl.HGCM_DISCONNECT, buf, self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""
-        _decode_empty(call, 28, 24)
+        self.check_reply(call)
 
 
 def _check_client_id(client_id: int) -> None:

@@ -299,6 +299,38 @@ _TO_ERRNO: Final = MappingProxyType(
 )
 
 
+_ERRNO_OF_DRIVER: Final = MappingProxyType(
+    {
+        errno.EPERM: _STATUS["VERR_PERMISSION_DENIED"],
+        errno.EMFILE: _STATUS["VERR_TOO_MANY_OPEN_FILES"],
+    }
+)
+"""Errnos mainline returns by itself where Oracle's driver returns these statuses: a refused
+VMMDev request (the table would say VERR_ACCESS_DENIED) and a session's 65th HGCM client."""
+
+
+def _unambiguous_reverse() -> dict[int, int]:
+    statuses: dict[int, set[int]] = {}
+    for rc, code in _TO_ERRNO.items():
+        statuses.setdefault(code, set()).add(rc)
+    return {code: rcs.pop() for code, rcs in statuses.items() if len(rcs) == 1}
+
+
+_FROM_ERRNO: Final = MappingProxyType({**_unambiguous_reverse(), **_ERRNO_OF_DRIVER})
+
+
+def status_for_errno(code: int) -> int:
+    """Return the VBox status a mainline errno stands for.
+
+    The driver's status->errno table read backwards where one status maps to ``code``
+    (EINVAL: VERR_INVALID_PARAMETER, EINTR: VERR_INTERRUPTED, ETIMEDOUT: VERR_TIMEOUT, ...),
+    except EPERM and EMFILE (:data:`_ERRNO_OF_DRIVER`). An errno several statuses share
+    (ENOENT, ENOTDIR, ENOSYS, ENODATA) or none (ENODEV, EPROTO) is VERR_UNRESOLVED_ERROR;
+    the error keeps the errno itself.
+    """
+    return _FROM_ERRNO.get(code, _STATUS["VERR_UNRESOLVED_ERROR"])
+
+
 def status_to_errno(rc: int) -> int:
     """Return the errno the mainline driver (``vbg_status_code_to_errno``) gives for ``rc``.
 

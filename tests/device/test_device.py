@@ -9,6 +9,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 import pytest
@@ -69,8 +70,9 @@ class TestOpenDevice:
     ) -> None:
         """A request the driver refuses raises and is counted."""
         async with open_device(SimOpener(host)) as device:
-            with pytest.raises(OSError, match="Inappropriate ioctl"):
+            with pytest.raises(VBoxStatusError, match="from errno ENOTTY") as info:
                 await device.change_balloon(0x10000, inflate=True)
+            assert (info.value.name, info.value.errno) == ("VERR_INVALID_FUNCTION", errno.ENOTTY)
             assert device.statistics().failures == 1
 
 

@@ -17,8 +17,11 @@ import trio.testing
 from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
 from agent.protocol import (
     ChangeFilterMask,
+    DeviceUnavailableError,
     GetSessionId,
     HgcmBuffer,
+    HgcmBufferIn,
+    HgcmBufferOut,
     HgcmCall,
     HgcmConnect,
     HgcmU32,
@@ -78,9 +81,19 @@ class TestSimTransport:
         assert "/dev/vboxuser" in SimOpener(host, user_device=True).description
 
     async def test_host_not_running(self) -> None:
-        """Opening a session before the host runs fails like a missing device node."""
-        with pytest.raises(FileNotFoundError):
+        """Opening a session before the host runs fails as every opener does (exit 69)."""
+        with pytest.raises(DeviceUnavailableError, match="simulated host is not running"):
             await SimOpener(SimulatedHost()).open_session()
+
+    async def test_failure_leaves_the_buffer_as_it_was(self, host: SimulatedHost) -> None:
+        """A failed call takes back the user-buffer addresses it stored in the buffer."""
+        client = await open_client(host)
+        call = HgcmCall(0x7777, 1, (HgcmBufferIn(b"abc\0"), HgcmBufferOut(8))).encode()
+        before = bytes(call.buffer)
+        with pytest.raises(OSError, match=r".") as info:
+            await client.transport.ioctl(call.code, call.buffer, call.user_buffers)
+        assert info.value.errno == errno.EINVAL
+        assert bytes(call.buffer) == before
 
     def test_memory_faults(self) -> None:
         """Unknown addresses and overruns are EFAULT; unmapped space is reused."""

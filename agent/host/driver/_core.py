@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from agent.host.driver import _caps, _events, _hgcm, _misc
-from agent.host.driver._load import FIXED_EVENTS, load
+from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
 from agent.host.driver._util import U32_MAX, check_sizes, fail
@@ -156,7 +156,7 @@ class Driver:
         """A ``vmmdev_mask`` request that sets ``mask`` absolutely (or = mask, not = ~mask)."""
         req = self.alloc_request(request_type, L.MaskRequest.size, requestor)
         L.MaskRequest.or_mask.set(req, mask)
-        L.MaskRequest.not_mask.set(req, ~mask & U32_MAX)
+        L.MaskRequest.not_mask.set(req, ~int(mask) & U32_MAX)  # an IntFlag would stop at 0x7FF
         return req
 
     async def perform(self, req: bytearray) -> int:
@@ -188,8 +188,9 @@ class Driver:
             await trio.sleep_forever()
 
     async def _isr_loop(self) -> NoReturn:
-        """``vbg_core_isr``: acknowledge the host's events and route them."""
+        """``vbg_core_isr``: acknowledge the host's events, route them, poll the mouse."""
         ack = self.alloc_request(RequestType.ACKNOWLEDGE_EVENTS, L.EventsRequest.size)
+        mouse = self.alloc_request(RequestType.GET_MOUSE_STATUS, MOUSE_STATUS_SIZE)
         while True:
             await self.vmmdev.wait_for_irq()
             L.RequestHeader.rc.set(ack, VERR_INTERNAL_ERROR)
@@ -199,12 +200,20 @@ class Driver:
                 _log.warning("isr_ack_failed", rc=rc)
                 await trio.sleep(ISR_RETRY_S)
                 continue
-            self.route_events(L.EventsRequest.events.get(ack))
+            events = L.EventsRequest.events.get(ack)
+            self.route_events(events)
+            if events & Event.MOUSE_POSITION_CHANGED:
+                await self._mouse_event(mouse)
+
+    async def _mouse_event(self, req: bytearray) -> None:
+        """``vbg_linux_mouse_event``: fetch the pointer position for the input device."""
+        req[HEADER_SIZE:MOUSE_STATUS_SIZE] = bytes(MOUSE_STATUS_SIZE - HEADER_SIZE)
+        await self.perform(req)
 
     def route_events(self, events: int) -> None:
         """Hand acknowledged events to the kernel's consumers and to userspace waiters.
 
-        MOUSE_POSITION_CHANGED would feed the input device, which the simulated guest lacks.
+        MOUSE_POSITION_CHANGED goes to the input device (see :meth:`_mouse_event`).
         """
         if events & Event.HGCM:
             self.hgcm_wq.unpark_all()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from agent.protocol import (
-    AgentError,
+    DeviceUnavailableError,
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import (
@@ -38,12 +38,17 @@ ADDITIONS_VERSION: Final = (6, 0, 0, 127566)
 ADDITIONS_NAME: Final = b"6.0.0"
 ADDITIONS_FEATURE_REQUESTOR_INFO: Final = 0x1
 MOUSE_STATUS_SIZE: Final = 36
+HYPERVISOR_INFO_SIZE: Final = 32
+"""``struct vmmdev_hypervisorinfo``: the header, ``hypervisor_start`` and ``hypervisor_size``."""
 
 _log = structlog.get_logger("agent.host")
 
 
-class DriverLoadError(AgentError):
-    """The simulated driver refused to load (as ``vbg_core_init`` failing probe)."""
+class DriverLoadError(DeviceUnavailableError):
+    """The simulated driver refused to load (as ``vbg_core_init`` failing probe).
+
+    As on a real guest, there is then no device to open: the CLI exits 69.
+    """
 
 
 async def load(drv: Driver) -> None:
@@ -62,6 +67,7 @@ async def load(drv: Driver) -> None:
     await _must(drv, drv.mask_request(RequestType.CTL_GUEST_FILTER_MASK, FIXED_EVENTS))
     await _must(drv, drv.mask_request(RequestType.SET_GUEST_CAPABILITIES, 0))
     await _must(drv, _mouse_status(drv, 0))
+    await _query_guest_mappings(drv)
     if drv.owns_heartbeat:
         await _heartbeat_configure(drv, enabled=False)
         await _heartbeat_configure(drv, enabled=True)
@@ -88,6 +94,16 @@ def _mouse_status(drv: Driver, features: int) -> bytearray:
     req = drv.alloc_request(RequestType.SET_MOUSE_STATUS, MOUSE_STATUS_SIZE)
     req[HEADER_SIZE:MOUSE_STATUS_SIZE] = features.to_bytes(4, "little") + bytes(8)
     return req
+
+
+async def _query_guest_mappings(drv: Driver) -> None:
+    """``vbg_guest_mappings_init``: ask for the hypervisor's area; failure is not fatal.
+
+    The simulated host (hardware virtualisation) wants no area, so nothing is mapped.
+    """
+    req = drv.alloc_request(RequestType.GET_HYPERVISOR_INFO, HYPERVISOR_INFO_SIZE)
+    req[HEADER_SIZE:HYPERVISOR_INFO_SIZE] = bytes(HYPERVISOR_INFO_SIZE - HEADER_SIZE)
+    await drv.perform(req)
 
 
 async def _report_guest_info(drv: Driver) -> None:

@@ -1,0 +1,246 @@
+"""Differential: HGCM connect, call (every parameter type and limit), disconnect, cancel."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import trio
+import trio.testing
+
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import HGCM_MAX_USER_PARM, HgcmParmType, Ioctl
+from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
+from tests.kernel.builders import ioctl, sessions
+from tests.kernel.differential import FN_SUCCEED, assert_agree, differ
+
+if TYPE_CHECKING:
+    from agent.host import DriverSession
+    from tests.kernel.differential import Rig
+
+pytestmark = pytest.mark.usefixtures("kernel_library")
+
+LOC_LOCALHOST_EXISTING: Final = 2
+FN_FAIL: Final = 3
+T = HgcmParmType
+Parm = tuple[int, int | bytes]
+"""(type, value): an integer for U32/U64, the user bytes for LINADDR types."""
+
+
+def connect(service: str, loc_type: int = LOC_LOCALHOST_EXISTING) -> bytearray:
+    """An HGCM_CONNECT buffer."""
+    buf = ioctl(156, 28)
+    L.HgcmConnectIoctl.loc_type.set(buf, loc_type)
+    name = service.encode()
+    start = L.HgcmConnectIoctl.service_name.offset
+    buf[start : start + len(name)] = name
+    return buf
+
+
+def disconnect(client_id: int) -> bytearray:
+    """An HGCM_DISCONNECT buffer."""
+    buf = ioctl(28, 24)
+    L.HgcmDisconnectIoctl.client_id.set(buf, client_id)
+    return buf
+
+
+def call(
+    client_id: int,
+    function: int,
+    parms: list[Parm],
+    *,
+    timeout_ms: int = 0xFFFFFFFF,
+    count: int | None = None,
+) -> tuple[int, bytearray, list[tuple[int, bytes]]]:
+    """An HGCM_CALL_64 ioctl: its code, buffer and user buffers (address offset, bytes)."""
+    size = L.HgcmCallIoctl.size + 16 * len(parms)
+    buf = ioctl(size, size)
+    L.HgcmCallIoctl.client_id.set(buf, client_id)
+    L.HgcmCallIoctl.function.set(buf, function)
+    L.HgcmCallIoctl.timeout_ms.set(buf, timeout_ms)
+    L.HgcmCallIoctl.interruptible.set(buf, 1)
+    L.HgcmCallIoctl.parm_count.set(buf, len(parms) if count is None else count)
+    user = []
+    for index, (kind, value) in enumerate(parms):
+        at = L.HgcmCallIoctl.size + 16 * index
+        L.HgcmParameter64.type.set(memoryview(buf)[at:], kind)
+        if isinstance(value, bytes):
+            L.HgcmParameter64.pointer_size.set(memoryview(buf)[at:], len(value))
+            user.append((at + 8, value))
+        elif kind == T.U64:
+            L.HgcmParameter64.value64.set(memoryview(buf)[at:], value)
+        else:
+            L.HgcmParameter64.value32.set(memoryview(buf)[at:], value)
+    return Ioctl.hgcm_call_64(size), buf, user
+
+
+async def do_call(
+    rig: Rig, label: str, session: DriverSession, *args: object, **kw: object
+) -> None:
+    """Perform :func:`call` as a step."""
+    code, buf, user = call(*args, **kw)  # type: ignore[arg-type]
+    await rig.ioctl(label, session, code, buf, user)
+
+
+async def connected(rig: Rig, session: DriverSession, label: str = "connect") -> int:
+    """Connect ``session`` to the echo service; return the client id."""
+    step = await rig.ioctl(label, session, Ioctl.HGCM_CONNECT, connect(ECHO))
+    return L.HgcmConnectIoctl.client_id.get(step.buffer)
+
+
+async def test_connect_and_disconnect() -> None:
+    """Connects by every requestor, unknown services and locations, disconnect rules."""
+
+    async def script(rig: Rig) -> None:
+        for label, session in sessions(rig):
+            client = await connected(rig, session, f"{label} connect")
+            await rig.ioctl(
+                f"{label} disconnect", session, Ioctl.HGCM_DISCONNECT, disconnect(client)
+            )
+        session = rig.open()
+        await rig.ioctl("unknown service", session, Ioctl.HGCM_CONNECT, connect("NoSuchSvc"))
+        await rig.ioctl("location 1", session, Ioctl.HGCM_CONNECT, connect(ECHO, 1))
+        await rig.ioctl("location 0", session, Ioctl.HGCM_CONNECT, connect(ECHO, 0))
+        await rig.ioctl("empty name", session, Ioctl.HGCM_CONNECT, connect(""))
+        buf = connect(ECHO)
+        buf[28:156] = b"x" * 128
+        await rig.ioctl("name without NUL", session, Ioctl.HGCM_CONNECT, buf)
+        client = await connected(rig, session)
+        other = rig.open()
+        await rig.ioctl("other's client", other, Ioctl.HGCM_DISCONNECT, disconnect(client))
+        await rig.ioctl("client 0", session, Ioctl.HGCM_DISCONNECT, disconnect(0))
+        await rig.ioctl("client ~0", session, Ioctl.HGCM_DISCONNECT, disconnect(0xFFFFFFFF))
+        await rig.ioctl("disconnect", session, Ioctl.HGCM_DISCONNECT, disconnect(client))
+        await rig.ioctl("twice", session, Ioctl.HGCM_DISCONNECT, disconnect(client))
+        await rig.ioctl("connect sizes", session, Ioctl.HGCM_CONNECT, ioctl(156, 24))
+
+    assert_agree(await differ(script))
+
+
+async def test_client_table_fills_up() -> None:
+    """64 clients per session; the 65th connect fails; closing releases them all."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        for index in range(65):
+            await connected(rig, session, f"connect {index}")
+        rig.note("clients", rig.host.status()["hgcm_clients"])
+        await rig.close("close", session)
+        rig.note("clients", rig.host.status()["hgcm_clients"])
+
+    assert_agree(await differ(script))
+
+
+CALLS: Final[list[tuple[str, int, list[Parm]]]] = [
+    ("in/out", FN_ECHO, [(T.LINADDR_IN, b"hello"), (T.LINADDR_OUT, bytes(16)), (T.U32, 0)]),
+    ("both", FN_ECHO, [(T.LINADDR, b"abc" * 30), (T.LINADDR, b"z" * 90), (T.U32, 7)]),
+    ("out short", FN_ECHO, [(T.LINADDR_IN, b"0123456789"), (T.LINADDR_OUT, bytes(4)), (T.U32, 0)]),
+    (
+        "pages",
+        FN_ECHO,
+        [(T.LINADDR_IN, bytes(range(256)) * 40), (T.LINADDR_OUT, bytes(10240)), (T.U32, 0)],
+    ),
+    ("empty in", FN_ECHO, [(T.LINADDR_IN, b""), (T.LINADDR_OUT, bytes(8)), (T.U32, 0)]),
+    ("fail status", FN_FAIL, [(T.U32, (-42) & 0xFFFFFFFF)]),
+    ("fail success", FN_FAIL, [(T.U32, 0), (T.U64, 5)]),
+    ("no parameters", FN_SUCCEED, []),
+    ("u64 and u32", FN_SUCCEED, [(T.U64, 0x1122334455667788), (T.U32, 0xFFFFFFFF)]),
+]
+"""(label, function, parameters) of calls the echo service answers at once."""
+
+
+async def test_calls_with_every_parameter_type() -> None:
+    """Echo calls through in, out and in/out buffers, 32/64-bit values, empty buffers."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        client = await connected(rig, session)
+        for label, function, parms in CALLS:
+            await do_call(rig, label, session, client, function, parms)
+
+    assert_agree(await differ(script))
+
+
+async def test_call_limits_and_bad_parameters() -> None:
+    """Parameter counts, kinds userspace may not pass, huge and unmapped buffers, clients."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        c = await connected(rig, session)
+        await do_call(rig, "32 parameters", session, c, FN_FAIL, [(T.U32, 0)] * 32)
+        await do_call(rig, "33 parameters", session, c, FN_FAIL, [(T.U32, 0)] * 33)
+        await do_call(rig, "count above size", session, c, FN_FAIL, [(T.U32, 0)], count=2)
+        await do_call(rig, "count below size", session, c, FN_FAIL, [(T.U32, 0)] * 2, count=1)
+        for kind in (
+            T.INVALID,
+            T.PHYSADDR,
+            T.LINADDR_KERNEL,
+            T.LINADDR_KERNEL_IN,
+            T.LINADDR_KERNEL_OUT,
+            T.PAGELIST,
+            11,
+            99,
+        ):
+            await do_call(rig, f"type {kind}", session, c, FN_FAIL, [(kind, 0)])
+        code, buf, user = call(
+            c, FN_ECHO, [(T.LINADDR_IN, b"x"), (T.LINADDR_OUT, bytes(4)), (T.U32, 0)]
+        )
+        L.HgcmParameter64.pointer_size.set(memoryview(buf)[40:], HGCM_MAX_USER_PARM + 1)
+        await rig.ioctl("over 24 MiB", session, code, buf, user)
+        code, buf, _ = call(
+            c, FN_ECHO, [(T.LINADDR_IN, b"x"), (T.LINADDR_OUT, bytes(4)), (T.U32, 0)]
+        )
+        L.HgcmParameter64.pointer_linear_addr.set(memoryview(buf)[40:], 0x1234)
+        await rig.ioctl("unmapped in", session, code, buf, [])
+        code, buf, user = call(
+            c, FN_ECHO, [(T.LINADDR_IN, b"x" * 8), (T.LINADDR_OUT, bytes(4)), (T.U32, 0)]
+        )
+        L.HgcmParameter64.pointer_size.set(memoryview(buf)[40:], 100_000)
+        await rig.ioctl("in runs past its buffer", session, code, buf, user)
+        await do_call(rig, "client 0", session, 0, FN_FAIL, [(T.U32, 0)])
+        await do_call(rig, "unknown client", session, c + 100, FN_FAIL, [(T.U32, 0)])
+        other = rig.open()
+        await do_call(rig, "other's client", other, c, FN_FAIL, [(T.U32, 0)])
+        code, buf, _ = call(c, FN_FAIL, [(T.U32, 0)])
+        L.IoctlHeader.size_out.set(buf, 40)
+        await rig.ioctl("size_out differs", session, code, buf)
+        code, buf, _ = call(c, FN_FAIL, [(T.U32, 0)])
+        await rig.ioctl("header only", session, Ioctl.hgcm_call_64(40), buf[:40])
+
+    assert_agree(await differ(script))
+
+
+async def test_timeouts_and_cancellation() -> None:
+    """A held call times out or is interrupted: CANCEL2 at the host, the errno to the caller."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        c = await connected(rig, session)
+        await do_call(rig, "timeout", session, c, FN_HOLD, [(T.U32, 1)], timeout_ms=20)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancelled_call, rig, session, c)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        rig.note("held calls", len(rig.echo.held))
+        await do_call(rig, "still works", session, c, FN_FAIL, [(T.U32, 0)])
+        rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
+
+    assert_agree(await differ(script))
+
+
+async def _cancelled_call(rig: Rig, session: DriverSession, client: int) -> None:
+    await do_call(rig, "interrupted", session, client, FN_HOLD, [(T.LINADDR_OUT, bytes(8))])
+
+
+async def test_close_with_clients_and_held_calls() -> None:
+    """Closing a session disconnects its clients at the host (and cancels nothing twice)."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open(uid=1000)
+        first = await connected(rig, session)
+        await connected(rig, session, "second")
+        await rig.ioctl("disconnect first", session, Ioctl.HGCM_DISCONNECT, disconnect(first))
+        await rig.close("close", session)
+        rig.note("disconnected", rig.echo.disconnected)
+
+    assert_agree(await differ(script))
