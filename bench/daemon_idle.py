@@ -1,4 +1,4 @@
-"""The real daemon process, idle: start-to-READY, wake-ups over a quiet period, RSS, shutdown.
+"""The real daemon process, idle: start-to-READY, wake-ups, RSS against a baseline, shutdown.
 
 Starts a simulated host process (``vbox-agent simulate``) and the agent process
 (``vbox-agent run --device unix:...``) with ``NOTIFY_SOCKET`` pointing at a datagram socket
@@ -7,8 +7,20 @@ of ours, then:
 - start-to-READY: from spawning the agent to its ``READY=1``;
 - wake-ups: context switches of all the agent's threads (voluntary + involuntary, from
   /proc/PID/task/*/status) over ``--idle`` seconds while the host is silent;
-- idle RSS: VmRSS of the agent after that period;
+- idle RSS: VmRSS of the agent after that period, next to, measured in the same run:
+  - the baseline: a bare Python process that imports trio, structlog and pydantic (with
+    ``pydantic.BaseModel`` loaded: ``import pydantic`` alone defers loading the library);
+  - the baseline with one pydantic model defined (the first model loads pydantic's schema
+    machinery, the largest part of what the agent's config costs);
+  - the agent's modules imported, nothing running (the rest is what running costs);
+  - an empty interpreter, for scale;
 - shutdown: from SIGTERM to exit, and the exit code.
+
+The agent and the processes it is compared with run from a copy of the ``agent`` package
+compiled to ``.pyc`` first, as an installed package is: without that (``PYTHONDONTWRITEBYTECODE``
+or a read-only tree) every start compiles the sources and the compiler's memory would count.
+Every child's output goes to a log file in the work directory (never into the figures); the
+agent's is shown only if it fails.
 
     python bench/daemon_idle.py [--idle 30] [--personality passthrough]
 """
@@ -16,6 +28,7 @@ of ours, then:
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import signal
@@ -24,9 +37,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import agent
+
 WAIT_LIMIT_S = 30.0
+SETTLE_S = 1.0
+TARGET_MIB = 5.0
+"""Idle RSS the agent may use above the baseline."""
+BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
+ONE_MODEL = BASELINE + "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
+AGENT_MODULES = "import agent.cli, agent.cli._run, agent.daemon, agent.device"
+EMPTY = "pass"
 
 
 def _context_switches(pid: int) -> int:
@@ -63,6 +86,110 @@ def _wait_for_message(sock: socket.socket, wanted: bytes) -> None:
             return
 
 
+def _compiled_copy(workdir: Path) -> Path:
+    """Copy the ``agent`` package under ``workdir`` and compile it; return the copy's root."""
+    root = workdir / "compiled"
+    shutil.copytree(Path(agent.__file__).parent, root / "agent")
+    if not compileall.compile_dir(root / "agent", quiet=1):
+        msg = "compiling the agent package failed"
+        raise RuntimeError(msg)
+    return root
+
+
+def _idle_rss_of(code: str, root: Path) -> int:
+    """VmRSS (KiB) of a Python process (run in ``root``) that ran ``code`` and waits on stdin."""
+    script = f"import sys\n{code}\nprint('ready', flush=True)\nsys.stdin.read()\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    assert child.stdout is not None
+    assert child.stdin is not None
+    try:
+        if child.stdout.readline().strip() != "ready":
+            msg = f"baseline process failed: {code}"
+            raise RuntimeError(msg)
+        time.sleep(SETTLE_S)
+        return _rss_kib(child.pid)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=WAIT_LIMIT_S)
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:6.1f} MiB"
+
+
+@dataclass(frozen=True)
+class AgentFigures:
+    ready_s: float
+    wakeups: int
+    rss_kib: int
+    stop_s: float
+    exit_code: int
+
+
+def _measure_agent(workdir: Path, root: Path, idle_s: float, personality: str) -> AgentFigures:
+    """Run host and agent (from ``root``), let the agent idle, stop it; logs go to workdir."""
+    host_socket = workdir / "host.sock"
+    notify_path = workdir / "notify.sock"
+    python = sys.executable
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        (workdir / "host.log").open("wb") as host_log,
+        (workdir / "agent.log").open("wb") as agent_log,
+    ):
+        notify.bind(str(notify_path))
+        host = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "agent",
+                "simulate",
+                "--socket",
+                str(host_socket),
+                "--personality",
+                personality,
+            ],
+            stdout=host_log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for_path(host_socket)
+            started = time.perf_counter()
+            agent = subprocess.Popen(
+                [python, "-m", "agent", "run", "--device", f"unix:{host_socket}"],
+                env=dict(os.environ, NOTIFY_SOCKET=str(notify_path)),
+                cwd=root,
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                _wait_for_message(notify, b"READY=1")
+            except TimeoutError:
+                agent.kill()
+                agent.wait(timeout=WAIT_LIMIT_S)
+                sys.stderr.write((workdir / "agent.log").read_text()[-3000:])
+                raise
+            ready_s = time.perf_counter() - started
+            time.sleep(SETTLE_S)  # let start-up work settle before counting
+            before = _context_switches(agent.pid)
+            time.sleep(idle_s)
+            wakeups = _context_switches(agent.pid) - before
+            rss = _rss_kib(agent.pid)
+            stop_started = time.perf_counter()
+            agent.send_signal(signal.SIGTERM)
+            code = agent.wait(timeout=WAIT_LIMIT_S)
+            stop_s = time.perf_counter() - stop_started
+        finally:
+            host.send_signal(signal.SIGTERM)
+            host.wait(timeout=WAIT_LIMIT_S)
+    return AgentFigures(ready_s, wakeups, rss, stop_s, code)
+
+
 def main() -> None:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,54 +197,27 @@ def main() -> None:
     parser.add_argument("--personality", default="passthrough")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="vbox-bench-", dir="/tmp"))
-    host_socket = workdir / "host.sock"
-    notify_path = workdir / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    python = sys.executable
-    host = subprocess.Popen(
-        [
-            python,
-            "-m",
-            "agent",
-            "simulate",
-            "--socket",
-            str(host_socket),
-            "--personality",
-            args.personality,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
     try:
-        _wait_for_path(host_socket)
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
-        started = time.perf_counter()
-        agent = subprocess.Popen(
-            [python, "-m", "agent", "run", "--device", f"unix:{host_socket}"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        _wait_for_message(notify, b"READY=1")
-        ready_s = time.perf_counter() - started
-        time.sleep(1.0)  # let start-up work settle before counting
-        before = _context_switches(agent.pid)
-        time.sleep(args.idle)
-        wakeups = _context_switches(agent.pid) - before
-        rss = _rss_kib(agent.pid)
-        stop_started = time.perf_counter()
-        agent.send_signal(signal.SIGTERM)
-        code = agent.wait(timeout=WAIT_LIMIT_S)
-        stop_s = time.perf_counter() - stop_started
+        root = _compiled_copy(workdir)
+        figures = _measure_agent(workdir, root, args.idle, args.personality)
+        baseline = _idle_rss_of(BASELINE, root)
+        one_model = _idle_rss_of(ONE_MODEL, root)
+        modules = _idle_rss_of(AGENT_MODULES, root)
+        empty = _idle_rss_of(EMPTY, root)
     finally:
-        host.send_signal(signal.SIGTERM)
-        host.wait(timeout=WAIT_LIMIT_S)
-        notify.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    over = (figures.rss_kib - baseline) / 1024
+    verdict = "met" if over <= TARGET_MIB else "MISSED"
     print(f"daemon idle benchmark ({args.personality} host over unix socket):")
-    print(f"  start-to-READY     {ready_s * 1000:.0f} ms")
-    print(f"  wake-ups in {args.idle:g} s  {wakeups}  (target 0 with no heartbeat)")
-    print(f"  idle RSS           {rss / 1024:.1f} MiB")
-    print(f"  SIGTERM to exit    {stop_s * 1000:.0f} ms, exit code {code}")
+    print(f"  start-to-READY     {figures.ready_s * 1000:.0f} ms")
+    print(f"  wake-ups in {args.idle:g} s  {figures.wakeups}  (target 0 with no heartbeat)")
+    print(f"  idle RSS, agent    {_mib(figures.rss_kib)}")
+    print(f"  baseline           {_mib(baseline)}  (python: {BASELINE})")
+    print(f"  agent - baseline   {over:6.1f} MiB  (target <= {TARGET_MIB:g} MiB: {verdict})")
+    print(f"  baseline + a model {_mib(one_model)}  (pydantic's first model builds its machinery)")
+    print(f"  agent's modules    {_mib(modules)}  (imported, not running: {AGENT_MODULES})")
+    print(f"  empty interpreter  {_mib(empty)}")
+    print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")
 
 
 if __name__ == "__main__":

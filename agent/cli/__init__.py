@@ -20,7 +20,7 @@ EX_USAGE = 64
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from agent.cli import _abi, _check_config, _host, _run, _simulate  # noqa: PLC0415
+    from agent.cli import _abi, _check_config, _host, _prop, _run, _simulate  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="vbox-agent",
@@ -28,7 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_run, _check_config, _abi, _simulate, _host):
+    for module in (_run, _check_config, _abi, _simulate, _host, _prop):
         module.register(subparsers)
     return parser
 

@@ -1,0 +1,210 @@
+"""``vbox-agent prop``: read, write and wait for guest properties, as ``VBoxControl guestproperty``.
+
+``prop [--device SPEC] get NAME | set NAME VALUE [--flags F] | delete NAME | enum [PATTERN ...]
+| wait PATTERN [--timeout S]``, each with ``--json``. ``--device`` takes what ``run`` takes
+(``/dev/vboxguest``, ``unix:PATH`` for a simulated host). Exit codes: 0 done; 1 not found,
+wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
+a name, value, pattern or flags the service would refuse; 69 no device; 70 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.config import DEFAULT_DEVICE, DeviceConfig
+from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
+from agent.protocol import AgentError, VBoxStatusError
+from agent.services.guest_props import (
+    Property,
+    PropertyChange,
+    open_guest_properties,
+)
+
+if TYPE_CHECKING:
+    import argparse
+
+    from agent.device import DeviceOpener
+    from agent.services.guest_props import GuestProperties
+
+PROGRAM: Final = "vbox-agent prop"
+_STATUS_HINTS: Final = {
+    "VERR_PERMISSION_DENIED": "the property is read-only for the guest "
+    "(RDONLYGUEST, or a name under a host-reserved prefix)",
+    "VERR_TOO_MUCH_DATA": "the host holds its maximum of properties, or the value is longer "
+    "than this host allows",
+    "VERR_HGCM_SERVICE_NOT_FOUND": "the host offers no guest-property service",
+}
+
+
+class _NotFoundError(Exception):
+    """The property does not exist or the wait timed out: exit 1 with this message."""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``prop`` to the command line."""
+    parser = subparsers.add_parser(
+        "prop",
+        help="get, set, delete, list or wait for guest properties",
+        description="Guest properties through the host's VBoxGuestPropSvc.",
+    )
+    parser.add_argument(
+        "--device",
+        metavar="SPEC",
+        default=DEFAULT_DEVICE,
+        help=f"device path or unix:PATH of a simulated host (default {DEFAULT_DEVICE})",
+    )
+    actions = parser.add_subparsers(dest="prop_action", required=True, metavar="ACTION")
+    get = actions.add_parser("get", help="print a property's value")
+    get.add_argument("name", metavar="NAME")
+    get.set_defaults(action=_get)
+    set_ = actions.add_parser("set", help="set a property (its flags are replaced)")
+    set_.add_argument("name", metavar="NAME")
+    set_.add_argument("value", metavar="VALUE")
+    set_.add_argument("--flags", help="e.g. TRANSIENT,RDONLYHOST (default: none)")
+    set_.set_defaults(action=_set)
+    delete = actions.add_parser("delete", help="delete a property")
+    delete.add_argument("name", metavar="NAME")
+    delete.set_defaults(action=_delete)
+    enum = actions.add_parser("enum", help="list properties matching patterns (all by default)")
+    enum.add_argument("patterns", nargs="*", metavar="PATTERN", help="'*' and '?' wildcards")
+    enum.set_defaults(action=_enum)
+    wait = actions.add_parser("wait", help="wait for the next change of a matching property")
+    wait.add_argument("pattern", metavar="PATTERN", help="'*', '?', '|' between alternatives")
+    wait.add_argument("--timeout", metavar="S", help="give up after S seconds")
+    wait.set_defaults(action=_wait)
+    for action in (get, set_, delete, enum, wait):
+        action.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(handler=prop_command)
+
+
+def _seconds(text: str | None) -> float:
+    """``--timeout``: positive seconds; none means no limit.
+
+    Raises:
+        ValueError: not a positive finite number.
+    """
+    if text is None:
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        msg = f"--timeout must be a positive number of seconds, not {text!r}"
+        raise ValueError(msg)
+    return value
+
+
+def prop_command(args: argparse.Namespace) -> int:
+    """Run one ``prop`` action; return its exit code."""
+    try:
+        _seconds(getattr(args, "timeout", None))  # a usage error before any connection
+        opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
+        trio.run(_run, args, opener)
+    except (ValueError, _NotFoundError, AgentError, OSError) as exc:
+        message, code = _explain(args, exc)
+        print(f"{PROGRAM} {args.prop_action}: {message}", file=sys.stderr)
+        return code
+    return EX_OK
+
+
+def _explain(args: argparse.Namespace, exc: Exception) -> tuple[str, int]:
+    """The one line and the exit code for a failure."""
+    if isinstance(exc, ValueError):  # PropertyArgumentError included
+        return str(exc), EX_USAGE
+    if isinstance(exc, _NotFoundError):
+        return str(exc), EX_REFUSED
+    if isinstance(exc, VBoxStatusError):
+        hint = _STATUS_HINTS.get(exc.name)
+        detail = f"{exc.name} ({exc.rc})" + (f": {hint}" if hint else "")
+        return f"{_subject(args)}refused by the host: {detail}", EX_REFUSED
+    if isinstance(exc, DeviceUnavailableError | DeviceLostError):
+        return str(exc), EX_UNAVAILABLE
+    return f"failed: {exc}", EX_SOFTWARE
+
+
+def _subject(args: argparse.Namespace) -> str:
+    name = getattr(args, "name", None)
+    return f"{name}: " if name else ""
+
+
+async def _run(args: argparse.Namespace, opener: DeviceOpener) -> None:
+    async with open_device(opener) as device, open_guest_properties(device) as props:
+        await args.action(args, props)
+
+
+async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
+    prop = await props.get(args.name)
+    if prop is None:
+        msg = f"no property {args.name!r}"
+        raise _NotFoundError(msg)
+    print(json.dumps(_property_json(prop)) if args.json else prop.value)
+
+
+async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
+    await props.set(args.name, args.value, args.flags)
+    if args.json:
+        stored = await props.get(args.name)
+        print(json.dumps(_property_json(stored) if stored else {"name": args.name}))
+
+
+async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
+    await props.delete(args.name)
+    if args.json:
+        print(json.dumps({"name": args.name, "deleted": True}))
+
+
+async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:
+    listed = await props.enumerate(args.patterns)
+    if args.json:
+        print(json.dumps([_property_json(prop) for prop in listed]))
+        return
+    for prop in listed:
+        print(
+            f"Name: {prop.name}, value: {prop.value}, timestamp: {prop.timestamp}, "
+            f"flags: {prop.flags}"
+        )
+
+
+async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
+    timeout = _seconds(args.timeout)
+    change: PropertyChange | None = None
+    with trio.move_on_after(timeout):
+        change = await props.wait([args.pattern])
+    if change is None:
+        msg = f"no property matching {args.pattern!r} changed within {timeout:g} s"
+        raise _NotFoundError(msg)
+    if args.json:
+        print(json.dumps(_change_json(change)))
+    elif change.deleted:
+        print(f"Name: {change.name}, deleted, timestamp: {change.timestamp}")
+    else:
+        print(
+            f"Name: {change.name}, value: {change.value}, timestamp: {change.timestamp}, "
+            f"flags: {change.flags}"
+        )
+
+
+def _property_json(prop: Property) -> dict[str, object]:
+    return {
+        "name": prop.name,
+        "value": prop.value,
+        "flags": prop.flags,
+        "timestamp": prop.timestamp,
+    }
+
+
+def _change_json(change: PropertyChange) -> dict[str, object]:
+    return {
+        "name": change.name,
+        "value": change.value,
+        "flags": change.flags,
+        "timestamp": change.timestamp,
+        "deleted": change.deleted,
+    }

@@ -1,0 +1,248 @@
+"""End to end: ``vbox-agent prop`` against ``vbox-agent simulate``, as separate processes.
+
+Rules of this test module:
+- every command is its own ``python -m agent`` process; the host is checked through
+  ``vbox-agent host``, never in-process;
+- the simulator runs each personality under test (``mainline`` and the real Linux driver,
+  ``kernel``; see ``tests/conftest.py``), on a socket in a short private directory in /tmp;
+- every wait is bounded: subprocess timeouts and deadlines on polled host state;
+- processes are always reaped (killed in teardown if still running).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import pytest
+
+from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
+from testbed.realdriver import ENV_LIBRARY
+from tests.conftest import KERNEL_PERSONALITY
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+PYTHON: Final = sys.executable
+WAIT_S: Final = 30.0
+POLL_S: Final = 0.05
+
+
+class Simulator:
+    """A ``vbox-agent simulate`` process and the commands that talk to it."""
+
+    def __init__(self, workdir: Path, personality: str, env: dict[str, str]) -> None:
+        self.socket = workdir / "host.sock"
+        self.log_path = workdir / "host.log"
+        self.env = env
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    PYTHON,
+                    "-m",
+                    "agent",
+                    "simulate",
+                    "--socket",
+                    str(self.socket),
+                    "--personality",
+                    personality,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        until(self.socket.exists, "the host socket")
+
+    @property
+    def device(self) -> str:
+        """The ``--device`` spec of this host."""
+        return f"unix:{self.socket}"
+
+    def prop(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``vbox-agent prop --device unix:SOCKET ARGS``."""
+        return self.run("prop", "--device", self.device, *args)
+
+    def host(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``vbox-agent host --socket SOCKET ARGS``; it must succeed."""
+        done = self.run("host", "--socket", str(self.socket), *args)
+        assert done.returncode == EX_OK, done.stderr
+        return done
+
+    def status(self) -> dict[str, object]:
+        """The host's ``status --json``."""
+        status: dict[str, object] = json.loads(self.host("status", "--json").stdout)
+        return status
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m agent ARGS`` to completion."""
+        return subprocess.run(
+            [PYTHON, "-m", "agent", *args],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+            env=self.env,
+        )
+
+    def stop(self) -> None:
+        """Kill the host; it must not have died on its own."""
+        exited = self.process.poll()
+        self.process.kill()
+        self.process.wait(timeout=WAIT_S)
+        assert exited is None, self.log_path.read_text()[-3000:]
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    """Return once ``condition()`` holds; fail after ``WAIT_S``."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(POLL_S)
+
+
+@pytest.fixture(name="sim")
+def _sim(personality: str, request: pytest.FixtureRequest) -> Iterator[Simulator]:
+    workdir = Path(tempfile.mkdtemp(prefix="vbx-prop-", dir="/tmp"))
+    env = dict(os.environ)
+    if personality == KERNEL_PERSONALITY:
+        env[ENV_LIBRARY] = str(request.getfixturevalue("kernel_library"))
+    sim = Simulator(workdir, personality, env)
+    try:
+        yield sim
+    finally:
+        sim.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failing command printed on stderr."""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+class TestVerbs:
+    def test_set_get_enum_delete(self, sim: Simulator) -> None:
+        """Each verb works and the host sees the result; flags come back canonical."""
+        assert sim.prop("set", "/Guest/a", "hello world", "--flags", "transreset").returncode == 0
+        got = sim.prop("get", "/Guest/a")
+        assert (got.returncode, got.stdout) == (EX_OK, "hello world\n")
+        as_json = json.loads(sim.prop("get", "/Guest/a", "--json").stdout)
+        assert as_json["flags"] == "TRANSIENT, TRANSRESET"
+        host_view = json.loads(sim.host("prop", "get", "/Guest/a", "--json").stdout)
+        assert (host_view["value"], host_view["timestamp"]) == ("hello world", as_json["timestamp"])
+        assert sim.prop("set", "/Guest/b", "2").returncode == EX_OK
+        listed = json.loads(sim.prop("enum", "/Guest/*", "--json").stdout)
+        assert [(p["name"], p["value"]) for p in listed] == [
+            ("/Guest/a", "hello world"),
+            ("/Guest/b", "2"),
+        ]
+        text = sim.prop("enum", "/Guest/?").stdout.splitlines()
+        assert text[1].startswith("Name: /Guest/b, value: 2, timestamp: ")
+        deleted = sim.prop("delete", "/Guest/a", "--json")
+        assert json.loads(deleted.stdout) == {"name": "/Guest/a", "deleted": True}
+        missing = sim.prop("get", "/Guest/a")
+        assert missing.returncode == EX_REFUSED
+        assert "no property '/Guest/a'" in one_line(missing)
+
+    def test_set_replaces_the_flags(self, sim: Simulator) -> None:
+        """A set without --flags leaves the property without flags."""
+        sim.prop("set", "/Guest/f", "1", "--flags", "RDONLYHOST")
+        assert json.loads(sim.prop("get", "/Guest/f", "--json").stdout)["flags"] == "RDONLYHOST"
+        sim.prop("set", "/Guest/f", "2")
+        assert json.loads(sim.prop("get", "/Guest/f", "--json").stdout)["flags"] == ""
+
+
+class TestErrors:
+    def test_read_only_for_the_guest(self, sim: Simulator) -> None:
+        """The host's refusal is one line naming the status; exit 1."""
+        sim.host("prop", "set", "/Guest/ro", "x", "--flags", "RDONLYGUEST")
+        for name in ("/Guest/ro", "/VirtualBox/HostInfo/Mine"):
+            done = sim.prop("set", name, "y")
+            assert done.returncode == EX_REFUSED
+            line = one_line(done)
+            assert f"{name}: refused by the host: VERR_PERMISSION_DENIED (-10)" in line
+            assert "read-only for the guest" in line
+        assert sim.prop("delete", "/Guest/ro").returncode == EX_REFUSED
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (("set", "/" + "n" * 63, "v"), "the limit is 63"),
+            (("set", "/Guest/v", "v" * 1024), "the limit is 1023"),
+            (("set", "/Guest/*", "v"), "'*'"),
+            (("set", "/Guest/x", "v", "--flags", "PERMANENT"), "unknown flag"),
+            (("enum", "p" * 600, "q" * 600), "the limit is 1023"),
+            (("get", ""), "empty"),
+            (("wait", "/x", "--timeout", "-1"), "positive number"),
+        ],
+    )
+    def test_limits_are_usage_errors(
+        self, sim: Simulator, args: tuple[str, ...], message: str
+    ) -> None:
+        """What the service would refuse for its size or shape exits 64 with one line."""
+        done = sim.prop(*args)
+        assert done.returncode == EX_USAGE
+        assert message in done.stderr
+
+    def test_no_host(self, sim: Simulator) -> None:
+        """A device spec that leads nowhere exits 69."""
+        done = sim.run("prop", "--device", f"unix:{sim.socket}.none", "get", "/x")
+        assert done.returncode == EX_UNAVAILABLE
+        assert "no simulated host" in one_line(done)
+
+
+class TestWait:
+    def test_returns_when_the_host_sets_a_match(self, sim: Simulator) -> None:
+        """``prop wait`` parks at the host and returns as soon as a matching property is set."""
+        waiter = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "agent",
+                "prop",
+                "--device",
+                sim.device,
+                "wait",
+                "/W/*|/X",
+                "--timeout",
+                str(WAIT_S),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=sim.env,
+        )
+        try:
+            until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
+            sim.host("prop", "set", "/Other/a", "no")
+            sim.host("prop", "set", "/W/hit", "yes", "--flags", "TRANSIENT")
+            stdout, stderr = waiter.communicate(timeout=WAIT_S)
+        finally:
+            waiter.kill()
+            waiter.wait(timeout=WAIT_S)
+        assert waiter.returncode == EX_OK, stderr
+        change = json.loads(stdout)
+        assert (change["name"], change["value"], change["flags"], change["deleted"]) == (
+            "/W/hit",
+            "yes",
+            "TRANSIENT",
+            False,
+        )
+        assert sim.status()["hgcm_clients"] == 0
+
+    def test_times_out(self, sim: Simulator) -> None:
+        """Nothing matching changes: exit 1 after the timeout, the client released."""
+        done = sim.prop("wait", "/Nothing/*", "--timeout", "0.3")
+        assert done.returncode == EX_REFUSED
+        assert "changed within 0.3 s" in one_line(done)
+        assert sim.status()["hgcm_clients"] == 0
