@@ -70,6 +70,7 @@ _STATUS: Final[dict[str, int]] = {
     "VERR_NO_DIGITS": -56,
     "VERR_NEGATIVE_UNSIGNED": -57,
     "VERR_NO_TRANSLATION": -58,
+    "VERR_INVALID_UTF8_ENCODING": -61,  # IPRT err.h, not in the Linux uapi
     "VERR_NO_PHYS_MEMORY": -73,  # VirtualBox err.h, not in the Linux uapi
     "VERR_NOT_FOUND": -78,
     "VERR_INVALID_STATE": -79,
@@ -185,6 +186,7 @@ VERR_BUFFER_OVERFLOW: Final = -41
 VERR_TOO_MUCH_DATA: Final = -42
 VERR_PARSE_ERROR: Final = -53
 VERR_OUT_OF_RANGE: Final = -54
+VERR_INVALID_UTF8_ENCODING: Final = -61
 VERR_NOT_FOUND: Final = -78
 VERR_OUT_OF_RESOURCES: Final = -80
 VERR_ALREADY_EXISTS: Final = -105

@@ -25,6 +25,7 @@ from agent.host.hgcm_service import HgcmService, HostBuffer, HostParm, HostU32, 
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INVALID_PARAMETER,
+    VERR_INVALID_UTF8_ENCODING,
     VERR_NOT_FOUND,
     VERR_NOT_IMPLEMENTED,
     VERR_PARSE_ERROR,
@@ -447,8 +448,10 @@ class TestEnumProps:
         assert run(svc, enum_call(b"*" * 1024 + b"\0")).status == VERR_TOO_MUCH_DATA
 
     def test_bad_utf8_after_inner_nul(self, svc: GuestPropertyService) -> None:
-        """Every pattern of a NUL-separated list must be UTF-8."""
-        assert run(svc, enum_call(b"a\0\xff\0\0")).status == VERR_INVALID_PARAMETER
+        """Every pattern of a NUL-separated list must be UTF-8: the first is checked as a
+        parameter, the later ones by enumProps itself, with IPRT's own status."""
+        assert run(svc, enum_call(b"\xff\0\0")).status == VERR_INVALID_PARAMETER
+        assert run(svc, enum_call(b"a\0\xff\0\0")).status == VERR_INVALID_UTF8_ENCODING
 
 
 class TestTimestamps:

@@ -144,8 +144,13 @@ class Rig:
         code: int,
         buf: bytearray,
         user: Sequence[tuple[int, bytes]] = (),
+        *,
+        until: Callable[[], bool] | None = None,
     ) -> Step:
-        """Perform one ioctl; ``user`` maps buffers whose addresses go at the given offsets."""
+        """Perform one ioctl; ``user`` maps buffers whose addresses go at the given offsets.
+
+        With ``until``, the step also waits for the driver's asynchronous work it started.
+        """
         memory = DictMemory()
         regions = []
         for offset, data in user:
@@ -157,6 +162,8 @@ class Rig:
             await self.host.ioctl(session, code, buf, memory)
         except OSError as exc:
             step.errno = exc.errno or -1
+        if until is not None:
+            await self.settle(until)
         return self.finish(step, buffer=bytes(buf), user=tuple(bytes(r) for r in regions))
 
     async def close(self, label: str, session: DriverSession) -> Step:

@@ -217,9 +217,10 @@ async def test_timeouts_and_cancellation() -> None:
         session = rig.open()
         c = await connected(rig, session)
         await do_call(rig, "timeout", session, c, FN_HOLD, [(T.U32, 1)], timeout_ms=20)
+        await do_call(rig, "timeout 0", session, c, FN_HOLD, [(T.U32, 2)], timeout_ms=0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancelled_call, rig, session, c)
-            await trio.testing.wait_all_tasks_blocked()
+            await rig.settle(lambda: len(rig.echo.held) == 1)
             nursery.cancel_scope.cancel()
         rig.note("held calls", len(rig.echo.held))
         await do_call(rig, "still works", session, c, FN_FAIL, [(T.U32, 0)])
@@ -242,5 +243,25 @@ async def test_close_with_clients_and_held_calls() -> None:
         await rig.ioctl("disconnect first", session, Ioctl.HGCM_DISCONNECT, disconnect(first))
         await rig.close("close", session)
         rig.note("disconnected", rig.echo.disconnected)
+
+    assert_agree(await differ(script))
+
+
+async def test_restore_with_a_held_call() -> None:
+    """A VM restore while a call is held: the host re-submits it; RESTORED reaches a waiter."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        c = await connected(rig, session)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancelled_call, rig, session, c)
+            await rig.settle(lambda: len(rig.echo.held) == 1)
+            step = rig.begin("restore")
+            rig.host.restore()
+            await rig.settle(lambda: len(rig.echo.held) == 1)
+            rig.finish(step)
+            rig.note("held calls", len(rig.echo.held))
+            nursery.cancel_scope.cancel()
+        rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
 
     assert_agree(await differ(script))

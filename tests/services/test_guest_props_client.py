@@ -18,7 +18,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
-from agent.protocol.guest_props import MAX_PROPS
+from agent.protocol.guest_props import MAX_PROPS, SERVICE_NAME, GuestFunction
 from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
@@ -30,7 +30,16 @@ from agent.services.guest_props import (
     PropertyWatch,
     open_guest_properties,
 )
-from agent.services.hgcm import HgcmCallError
+from agent.services.hgcm import (
+    HgcmBufferIn,
+    HgcmBufferOut,
+    HgcmCallError,
+    HgcmChannel,
+    HgcmParam,
+    HgcmU32,
+    HgcmU64,
+    open_hgcm_channel,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -281,3 +290,59 @@ class TestWatch:
                     assert got is not None
                     assert got.value == "L" * 3000
                 nursery.cancel_scope.cancel()
+
+
+class TestWaitEndings:
+    """How the host ends a GET_NOTIFICATION early, seen through a raw channel."""
+
+    @staticmethod
+    def _wait_params(patterns: bytes) -> tuple[HgcmParam, ...]:
+        return (HgcmBufferIn(patterns + b"\0"), HgcmU64(0), HgcmBufferOut(256), HgcmU32(0))
+
+    async def test_newer_identical_wait_interrupts_the_older(self, host: SimulatedHost) -> None:
+        """The same client waiting again with the same patterns ends the first wait with
+        VERR_INTERRUPTED; a wait with other patterns stays."""
+        errors: list[str] = []
+
+        async def wait(channel: HgcmChannel, patterns: bytes) -> None:
+            try:
+                await channel.call(GuestFunction.GET_NOTIFICATION, *self._wait_params(patterns))
+            except HgcmCallError as exc:
+                errors.append(f"{patterns.decode()} {exc.name}")
+
+        with trio.fail_after(60):
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_hgcm_channel(device, SERVICE_NAME) as channel,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(wait, channel, b"/A/*")
+                nursery.start_soon(wait, channel, b"/B/*")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(wait, channel, b"/A/*")
+                await trio.testing.wait_all_tasks_blocked()
+                assert errors == ["/A/* VERR_INTERRUPTED"]
+                assert host.status()["hgcm_pending_calls"] == 2
+                host.prop_set("/B/x", "1")
+                host.prop_set("/A/x", "1")
+        assert errors == ["/A/* VERR_INTERRUPTED"]
+
+    async def test_disconnect_ends_the_waits(self, host: SimulatedHost) -> None:
+        """Cancelling a block with waits pending disconnects its client: nothing stays."""
+        with trio.fail_after(60):
+            async with open_device(SimOpener(host)) as device:
+                with trio.move_on_after(1):
+                    async with (
+                        open_hgcm_channel(device, SERVICE_NAME) as channel,
+                        trio.open_nursery() as nursery,
+                    ):
+                        for patterns in (b"/A", b"/B", b"/C"):
+                            nursery.start_soon(
+                                channel.call,
+                                GuestFunction.GET_NOTIFICATION,
+                                *self._wait_params(patterns),
+                            )
+                        await trio.testing.wait_all_tasks_blocked()
+                        assert host.status()["hgcm_pending_calls"] == 3
+                assert host.status()["hgcm_pending_calls"] == 0
+                assert host.status()["hgcm_clients"] == 0

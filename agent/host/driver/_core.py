@@ -86,6 +86,8 @@ class Driver:
         self.hgcm_wq = trio.lowlevel.ParkingLot()
         self.session_mutex = trio.Lock()
         self.cancel_req_mutex = trio.Lock()
+        self.cancel_req = self.alloc_request(RequestType.HGCM_CANCEL2, L.HgcmCancel2Request.size)
+        """The one CANCEL2 request, allocated at load and reused (its ``rc`` is the last answer)."""
         self.filter_tracker = BitTracker()
         self.event_filter_host = U32_MAX
         self.set_caps_tracker = BitTracker()

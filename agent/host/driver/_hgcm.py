@@ -342,7 +342,7 @@ async def _do_call(drv: Driver, req: bytearray, deadline: float) -> int:
 async def _cancel(drv: Driver, req: bytearray, phys: int) -> _Outcome:
     """``hgcm_cancel_call`` plus the grace wait for a call the host could not cancel."""
     async with drv.cancel_req_mutex:
-        cancel = drv.alloc_request(RequestType.HGCM_CANCEL2, L.HgcmCancel2Request.size)
+        cancel = drv.cancel_req
         L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys)
         rc = await drv.perform(cancel)
         if rc == VERR_NOT_IMPLEMENTED:

@@ -25,7 +25,7 @@ from agent.protocol.guest_props import (
 )
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
-    VERR_INVALID_PARAMETER,
+    VERR_INVALID_UTF8_ENCODING,
     VERR_NOT_FOUND,
     VERR_NOT_IMPLEMENTED,
     VERR_PARSE_ERROR,
@@ -291,8 +291,9 @@ class GuestPropertyService:
         try:
             packed.decode()
         except UnicodeDecodeError:
-            # Upstream returns the IPRT encoding status here; status.py has no such code.
-            return VERR_INVALID_PARAMETER
+            # The first pattern failed HGCMSvcGetCStr already (VERR_INVALID_PARAMETER); a
+            # later one gets the validation status itself.
+            return VERR_INVALID_UTF8_ENCODING
         needed = offset = 0
         room = len(out.data)
         for prop in self._store.in_order():
