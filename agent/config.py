@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
+MIN_IOCTL_THREADS: Final = 2
+"""What the character-device transport needs: a blocked call and the call that ends it."""
 MAX_IOCTL_THREADS: Final = 64
 MAX_SHUTDOWN_TIMEOUT_S: Final = 60.0
 
@@ -51,8 +53,10 @@ class DeviceConfig(_Model):
 
     path: str = DEFAULT_DEVICE
     """A character device path, or ``unix:PATH`` for a simulated host's socket."""
-    ioctl_threads: int = Field(default=4, ge=1, le=MAX_IOCTL_THREADS)
-    """Worker threads that may sit in a blocking ioctl at once."""
+    ioctl_threads: int = Field(default=4, ge=MIN_IOCTL_THREADS, le=MAX_IOCTL_THREADS)
+    """Worker threads for ioctls, for the whole process. A blocking call (the event pump's
+    wait, a long HGCM call) holds one while it blocks and one thread always stays for short
+    calls; a blocking call beyond that fails with a message naming this setting."""
 
     @field_validator("path")
     @classmethod

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from typing import Final
 
 import trio
 
+from agent.config import LogConfig
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.logconfig import configure_logging
 from agent.protocol import Event
 from agent.services import EventPump
+
+BENCH_LOG_LEVEL: Final = "warning"
+"""Only warnings are logged (to stderr): per-event debug lines would cost time in the
+measured path and clutter the figures on stdout."""
 
 
 async def measure(events: int, personality: str) -> list[int]:
@@ -46,6 +54,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--personality", default="passthrough")
     args = parser.parse_args()
+    configure_logging(LogConfig(level=BENCH_LOG_LEVEL), stream=sys.stderr)
     latencies = trio.run(measure, args.events, args.personality)
     ordered = sorted(latencies)
     p50 = ordered[len(ordered) // 2] / 1000

@@ -47,6 +47,7 @@ MAX_DRIVER_THREADS: Final = 256
 ISR_RETRY_S: Final = 0.01
 """After an ISR whose acknowledgement failed, the level-triggered line fires again this later."""
 QUERY_SIZE: Final = 1024
+NS_PER_MS: Final = 1_000_000
 ERESTARTSYS: Final = 512
 """What an interrupted wait returns inside the kernel; userspace sees EINTR."""
 
@@ -104,9 +105,9 @@ class KernelDriver:
         return int(self.query().get("balloon_chunks", 0))
 
     @property
-    def heartbeat_interval_ms(self) -> int:
+    def heartbeat_interval_ns(self) -> int:
         """The heartbeat interval the driver got from the host (0: no heartbeat)."""
-        return int(self.query().get("heartbeat_interval_ms", 0))
+        return int(self.query().get("heartbeat_interval_ms", 0)) * NS_PER_MS
 
     def dmesg(self) -> str:
         """The driver's log since the last call (its printk lines)."""

@@ -150,6 +150,7 @@ class TestProblems:
         ("text", "expected"),
         [
             ("[device]\nioctl_threads = 65\n", "device.ioctl_threads = 65: must be <= 64"),
+            ("[device]\nioctl_threads = 1\n", "device.ioctl_threads = 1: must be >= 2"),
             (
                 "[daemon]\nshutdown_timeout_s = 61\n",
                 "daemon.shutdown_timeout_s = 61: must be <= 60",

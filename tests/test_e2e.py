@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.device.unix import HOST_START_WAIT_S
 from testbed.realdriver import ENV_LIBRARY
+from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
 
 if TYPE_CHECKING:
@@ -31,6 +34,15 @@ if TYPE_CHECKING:
 
 WAIT_S = 20.0
 PYTHON = sys.executable
+LOADED_SIMULATOR = """
+import json, sys
+from agent.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(name for name in sys.modules if name.split(".")[:2] == ["agent", "host"])
+print(json.dumps(loaded), file=sys.stderr)
+sys.exit(code)
+"""
+"""Runs ``vbox-agent ARGS`` in-process, then prints the agent.host modules it loaded."""
 
 
 def _wait_for(predicate: Any, what: str) -> None:
@@ -99,27 +111,10 @@ def _host_socket(workdir: Path, personality: str, request: pytest.FixtureRequest
     env = dict(os.environ)
     if personality == KERNEL_PERSONALITY:
         env[ENV_LIBRARY] = str(request.getfixturevalue("kernel_library"))
-    with (workdir / "host.log").open("wb") as log:
-        host = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "agent",
-                "simulate",
-                "--socket",
-                str(socket_path),
-                "--personality",
-                personality,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    _wait_for(socket_path.exists, "the host socket")
+    host = Simulator(str(socket_path), workdir / "host.log", "--personality", personality, env=env)
     yield socket_path
-    exited = host.poll()
-    host.kill()
-    host.wait(timeout=WAIT_S)
+    exited = host.process.poll()
+    host.stop(signal.SIGKILL)
     assert exited is None, (workdir / "host.log").read_text()[-3000:]
 
 
@@ -190,30 +185,38 @@ class TestTwoProcesses:
     def test_vanished_host_ends_the_agent(self, workdir: Path) -> None:
         """Killing the host makes the agent exit promptly with EX_UNAVAILABLE (69)."""
         socket_path = workdir / "gone.sock"
-        host = subprocess.Popen(
-            [PYTHON, "-m", "agent", "simulate", "--socket", str(socket_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        host = Simulator(str(socket_path), workdir / "gone.log")
         try:
-            _wait_for(socket_path.exists, "the host socket")
             agent = AgentProcess(socket_path, workdir)
             try:
                 agent.read_until("agent_ready")
-                host.kill()
-                host.wait(timeout=WAIT_S)
+                host.stop(signal.SIGKILL)
                 assert agent.process.wait(timeout=WAIT_S) == 69
             finally:
                 code, stderr = agent.finish()
             assert code == 69
             assert "vbox-agent:" in stderr
         finally:
-            if host.poll() is None:
-                host.kill()
-                host.wait(timeout=WAIT_S)
+            if host.process.poll() is None:
+                host.stop(signal.SIGKILL)
+
+    def test_agent_started_before_the_host(self, workdir: Path) -> None:
+        """An agent started first logs that it waits, then runs once the host listens."""
+        socket_path = workdir / "late.sock"
+        agent = AgentProcess(socket_path, workdir)
+        try:
+            waiting = agent.read_until("waiting_for_simulated_host")
+            assert waiting["limit_s"] == HOST_START_WAIT_S
+            host = Simulator(str(socket_path), workdir / "late.log")
+            try:
+                agent.read_until("agent_ready")
+            finally:
+                host.stop(signal.SIGKILL)
+        finally:
+            agent.finish()
 
     def test_missing_device_exits_69(self, workdir: Path) -> None:
-        """No host listening: one line naming the socket, exit 69."""
+        """No host listening: it waits the bounded time, then one line naming the socket, 69."""
         result = subprocess.run(
             [PYTHON, "-m", "agent", "run", "--device", f"unix:{workdir / 'none.sock'}"],
             capture_output=True,
@@ -222,7 +225,29 @@ class TestTwoProcesses:
             check=False,
         )
         assert result.returncode == 69
+        assert [json.loads(line)["event"] for line in result.stdout.splitlines()] == [
+            "waiting_for_simulated_host"
+        ]
         assert "none.sock" in result.stderr
+        assert f"waited {HOST_START_WAIT_S:g} s for it" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+
+    def test_a_real_agent_loads_no_simulator(self, host_socket: Path) -> None:
+        """``run --device`` imports nothing from agent.host; ``run --simulate`` does (control)."""
+        for args, expect_simulator in (
+            (["--device", f"unix:{host_socket}"], False),
+            (["--simulate"], True),
+        ):
+            result = subprocess.run(
+                [PYTHON, "-c", LOADED_SIMULATOR, "run", *args, "--duration", "1"],
+                capture_output=True,
+                text=True,
+                timeout=WAIT_S,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            loaded = json.loads(result.stderr.splitlines()[-1])
+            assert bool(loaded) is expect_simulator, loaded
 
 
 class TestSimulateDemo:
@@ -260,3 +285,48 @@ class TestSimulateDemo:
         )
         assert result.returncode == 69, result.stderr
         assert "GET_HOST_VERSION VERR_NOT_SUPPORTED" in result.stderr
+
+
+class TestReadme:
+    """The README's two-process example, pasted as written."""
+
+    def test_two_process_example(self, workdir: Path) -> None:
+        """Every paste succeeds: the host serves each command and the agent stops with 0."""
+        socket_path = workdir / "host.sock"
+        script = readme_block(TWO_PROCESS_INTRO).replace(README_SOCKET, str(socket_path))
+        environment = dict(os.environ, PATH=f"{Path(PYTHON).parent}:{os.environ['PATH']}")
+        assert shutil.which("vbox-agent", path=environment["PATH"]) is not None
+        bash = shutil.which("bash")
+        assert bash is not None
+        for attempt in range(README_PASTES):
+            # -e: the paste fails if any command in it does (the agent's own status included).
+            result = subprocess.run(
+                [bash, "-e", "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=4 * WAIT_S,
+                check=False,
+                env=environment,
+            )
+            assert result.returncode == 0, (attempt, result.stdout[-3000:], result.stderr)
+            lines = [json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
+            status = next(line for line in lines if "balloon" in line and "personality" in line)
+            assert status["balloon"]["target_mb"] == 512
+            served = [line["command"] for line in lines if line.get("event") == "control_command"]
+            assert served == ["balloon", "prop_set", "restore", "status"]
+            assert "agent_stopped" in {line.get("event") for line in lines}
+            assert not socket_path.exists()
+
+
+TWO_PROCESS_INTRO = "A simulated host in its own process"
+README_SOCKET = "/tmp/host.sock"
+README_PASTES = 3
+"""How many times the test pastes the example (it once lost a race one time in seven)."""
+
+
+def readme_block(intro: str) -> str:
+    """The first ``sh`` code block of README.md after the paragraph starting with ``intro``."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    found = re.search(re.escape(intro) + r".*?```sh\n(.*?)```", readme, re.DOTALL)
+    assert found is not None, f"README.md has no sh block after {intro!r}"
+    return found.group(1)

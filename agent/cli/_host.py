@@ -3,29 +3,33 @@
 The commands mirror what VBoxManage does to a running VM (resize the balloon, set guest
 properties, set the guest statistics interval, raise events, restore a snapshot) plus test
 hooks (faults, delays, dropping the device connections) and ``status``. Each invocation
-sends one control command (``docs/simulator-socket.md``). Exit codes: 0 done, 1 the host
-refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path.
+sends one control command (``docs/simulator-socket.md``), waiting up to ``HOST_START_WAIT_S``
+for a host that is still starting. Exit codes: 0 done, 1 the host refused (the reason is
+printed on one line), 64 bad arguments, 69 no host answers at the path.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
-from agent.host.control import ControlCommandError, HostUnreachableError, call_control
+from agent.cli._arguments import argument_type, integer_at_least, socket_path
+from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.status import parse_status
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Callable
 
 CONTROL_TIMEOUT_S: Final = 10.0
 """How long the CLI waits for the host to answer one command."""
+HOST_START_WAIT_S: Final = 5.0
+"""How long the CLI waits for a host whose socket is missing or refuses connections: one
+started a moment ago (``vbox-agent simulate ... &``) may not listen yet."""
 MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
 """The statistics interval is a u32 of seconds."""
 
@@ -37,10 +41,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="control a running simulated host (vbox-agent simulate)",
         description="Send one control command to a simulated host, as VBoxManage would.",
     )
-    parser.add_argument("--socket", required=True, metavar="PATH", help="the host's socket")
+    parser.add_argument(
+        "--socket", required=True, type=socket_path, metavar="PATH", help="the host's socket"
+    )
     commands = parser.add_subparsers(dest="host_command", required=True, metavar="COMMAND")
     balloon = commands.add_parser("balloon", help="set the balloon target (MiB)")
-    balloon.add_argument("mb", metavar="MB")
+    balloon.add_argument("mb", type=integer_at_least(0), metavar="MB")
     balloon.set_defaults(build=_balloon)
 
     prop = commands.add_parser("prop", help="set, get or delete a guest property")
@@ -59,24 +65,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     prop_delete.set_defaults(build=_prop_delete)
 
     event = commands.add_parser("event", help="raise host events (RESTORED, 0x10, A|B)")
-    event.add_argument("mask", metavar="NAME|MASK")
+    event.add_argument("mask", type=argument_type(parse_event_mask), metavar="NAME|MASK")
     event.set_defaults(build=_event)
     stats = commands.add_parser(
         "stats-interval", help="ask for a guest statistics report every SECONDS (0 stops them)"
     )
-    stats.add_argument("seconds", metavar="SECONDS")
+    stats.add_argument(
+        "seconds", type=integer_at_least(0, at_most=MAX_STATS_INTERVAL_S), metavar="SECONDS"
+    )
     stats.set_defaults(build=_stats_interval)
     commands.add_parser("restore", help="simulate a VM restore").set_defaults(
         build=lambda _: {"command": "restore"}
     )
     fault = commands.add_parser("fault", help="fail the next VMMDev requests of a type")
-    fault.add_argument("request", metavar="REQUEST", help="e.g. CHANGE_MEMBALLOON or 113")
-    fault.add_argument("status", metavar="STATUS", help="e.g. VERR_NO_MEMORY or -8")
-    fault.add_argument("--count", default="1", metavar="N", help="how many (default: 1)")
+    fault.add_argument(
+        "request", type=_request_type, metavar="REQUEST", help="e.g. CHANGE_MEMBALLOON or 113"
+    )
+    fault.add_argument(
+        "status", type=argument_type(parse_status), metavar="STATUS", help="e.g. VERR_NO_MEMORY"
+    )
+    fault.add_argument(
+        "--count", type=integer_at_least(1), default=1, metavar="N", help="how many (default: 1)"
+    )
     fault.set_defaults(build=_fault)
     delay = commands.add_parser("delay", help="delay every VMMDev request of a type")
-    delay.add_argument("request", metavar="REQUEST")
-    delay.add_argument("seconds", metavar="SECONDS")
+    delay.add_argument("request", type=_request_type, metavar="REQUEST")
+    delay.add_argument("seconds", type=_seconds, metavar="SECONDS")
     delay.set_defaults(build=_delay)
     commands.add_parser("drop", help="drop every device connection").set_defaults(
         build=lambda _: {"command": "drop"}, show=_show_dropped
@@ -89,14 +103,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def host_command(args: argparse.Namespace) -> int:
     """Send the command ``args`` names; return the exit code."""
+    from agent.host.control import ControlCommandError, HostUnreachableError  # noqa: PLC0415
+
     build: Callable[[argparse.Namespace], dict[str, object]] = args.build
     try:
-        payload = build(args)
-    except ValueError as exc:
-        print(f"vbox-agent host: {exc}", file=sys.stderr)
-        return EX_USAGE
-    try:
-        result = trio.run(_call, args.socket, payload)
+        result = trio.run(_call, args.socket, build(args))
     except HostUnreachableError as exc:
         print(f"vbox-agent host: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -110,21 +121,40 @@ def host_command(args: argparse.Namespace) -> int:
 
 
 async def _call(path: str, payload: dict[str, object]) -> object:
+    from agent.host.control import HostUnreachableError, call_control  # noqa: PLC0415
+
     try:
         with trio.fail_after(CONTROL_TIMEOUT_S):
-            return await call_control(path, payload)
+            return await call_control(path, payload, start_wait_s=HOST_START_WAIT_S)
     except trio.TooSlowError:
         msg = f"the simulated host at {path} did not answer within {CONTROL_TIMEOUT_S:g} s"
         raise HostUnreachableError(msg) from None
 
 
+def _request_type(text: str) -> int:
+    try:
+        return int(parse_request_type(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        msg = f"{text!r} is not a non-negative number of seconds"
+        raise argparse.ArgumentTypeError(msg)
+    return seconds
+
+
 def _balloon(args: argparse.Namespace) -> dict[str, object]:
-    return {"command": "balloon", "mb": _count(args.mb, "MB")}
+    return {"command": "balloon", "mb": args.mb}
 
 
 def _stats_interval(args: argparse.Namespace) -> dict[str, object]:
-    seconds = _count(args.seconds, "SECONDS", maximum=MAX_STATS_INTERVAL_S)
-    return {"command": "stats_interval", "seconds": seconds}
+    return {"command": "stats_interval", "seconds": args.seconds}
 
 
 def _prop_set(args: argparse.Namespace) -> dict[str, object]:
@@ -140,43 +170,15 @@ def _prop_delete(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _event(args: argparse.Namespace) -> dict[str, object]:
-    return {"command": "event", "mask": parse_event_mask(args.mask)}
+    return {"command": "event", "mask": args.mask}
 
 
 def _fault(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "command": "fault",
-        "request": int(parse_request_type(args.request)),
-        "status": parse_status(args.status),
-        "count": _count(args.count, "--count", minimum=1),
-    }
+    return {"command": "fault", "request": args.request, "status": args.status, "count": args.count}
 
 
 def _delay(args: argparse.Namespace) -> dict[str, object]:
-    try:
-        seconds = float(args.seconds)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        msg = f"SECONDS must be a non-negative number, not {args.seconds!r}"
-        raise ValueError(msg)
-    return {
-        "command": "delay",
-        "request": int(parse_request_type(args.request)),
-        "seconds": seconds,
-    }
-
-
-def _count(text: str, name: str, *, minimum: int = 0, maximum: int | None = None) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        msg = f"{name} must be an integer {bounds}, not {text!r}"
-        raise ValueError(msg)
-    return value
+    return {"command": "delay", "request": args.request, "seconds": args.seconds}
 
 
 def _show_value(args: argparse.Namespace, result: object) -> None:

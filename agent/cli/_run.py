@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -11,18 +12,20 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
+from agent.cli._arguments import PERSONALITIES
 from agent.cli._exit import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
-from agent.host import PERSONALITIES, SimOpener, SimulatedHost
-from agent.host.scenario import Scenario, ScenarioError, load_scenario, play_scenario
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError
 from agent.services.registry import section_models
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from agent.device import DeviceOpener
+    from agent.host import Scenario
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +55,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--personality",
         choices=PERSONALITIES,
-        help="driver the simulated host models (with --simulate; default: the scenario's)",
+        help=(
+            "driver the simulated host models (with --simulate; default: the scenario's, "
+            "mainline in the bundled demo)"
+        ),
     )
     parser.add_argument(
         "--scenario",
@@ -94,49 +100,58 @@ def run_command(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.log)
-    target: DeviceOpener | Scenario
+    main: Callable[[], Awaitable[None]]
+    if args.simulate:
+        # The simulator is imported only here: a real agent loads none of it.
+        from agent.host.scenario import ScenarioError, load_scenario  # noqa: PLC0415
+
+        try:
+            scenario = load_scenario(args.scenario or _demo_scenario_path())
+        except ScenarioError as exc:
+            print(f"vbox-agent run: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        main = partial(_run_simulated, args, config, scenario)
+    else:
+        spec = args.device if args.device is not None else config.device.path
+        try:
+            opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
+        except ValueError as exc:
+            print(f"vbox-agent run: {exc}", file=sys.stderr)
+            return EX_USAGE
+        main = partial(_run_daemon, args, config, opener)
     try:
-        if args.simulate:
-            target = load_scenario(args.scenario or _demo_scenario_path())
-        else:
-            spec = args.device if args.device is not None else config.device.path
-            target = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
-    except ScenarioError as exc:
-        print(f"vbox-agent run: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except ValueError as exc:
-        print(f"vbox-agent run: {exc}", file=sys.stderr)
-        return EX_USAGE
-    try:
-        trio.run(_main, args, config, target)
+        trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code
         return _report_failure(exc)
     return EX_OK
 
 
-async def _main(
-    args: argparse.Namespace, config: AgentConfig, target: DeviceOpener | Scenario
-) -> None:
+async def _run_simulated(args: argparse.Namespace, config: AgentConfig, scenario: Scenario) -> None:
+    """Start the simulated host ``scenario`` describes, play it, and run the agent against it."""
+    from agent.host import SimOpener, SimulatedHost, play_scenario  # noqa: PLC0415
+
+    settings = scenario.host
+    personality = args.personality or settings.personality
+    host = SimulatedHost(
+        personality=personality,
+        r3_balloon=settings.r3_balloon and personality == "oracle",
+        ram_mb=settings.ram_mb,
+        heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
+        host_time_enabled=settings.host_time,
+        core_dump_enabled=settings.core_dumps,
+        seed=settings.seed,
+    )
     async with trio.open_nursery() as nursery:
-        if isinstance(target, Scenario):
-            settings = target.host
-            personality = args.personality or settings.personality
-            host = SimulatedHost(
-                personality=personality,
-                r3_balloon=settings.r3_balloon and personality == "oracle",
-                ram_mb=settings.ram_mb,
-                heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
-                host_time_enabled=settings.host_time,
-                core_dump_enabled=settings.core_dumps,
-                seed=settings.seed,
-            )
-            # The host's tasks inherit this binding, so its lines say where they come from.
-            with structlog.contextvars.bound_contextvars(component="simulated-host"):
-                await nursery.start(host.run)
-                nursery.start_soon(play_scenario, host, target)
-            opener: DeviceOpener = SimOpener(host)
-        else:
-            opener = target
+        # The host's tasks inherit this binding, so its lines say where they come from.
+        with structlog.contextvars.bound_contextvars(component="simulated-host"):
+            await nursery.start(host.run)
+            nursery.start_soon(play_scenario, host, scenario)
+        await _run_daemon(args, config, SimOpener(host))
+        nursery.cancel_scope.cancel()
+
+
+async def _run_daemon(args: argparse.Namespace, config: AgentConfig, opener: DeviceOpener) -> None:
+    async with trio.open_nursery() as nursery:
         daemon = Daemon(config, opener, config_path=args.config)
         if args.duration is not None:
             nursery.start_soon(_stop_after, daemon, args.duration)

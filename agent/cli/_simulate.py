@@ -3,9 +3,11 @@
 The host (``agent.host``) serves device sessions and control commands on a Unix socket
 (``docs/simulator-socket.md``) until SIGINT or SIGTERM, then exits 0 and removes the socket.
 Agents reach it with ``--device unix:PATH``; ``vbox-agent host --socket PATH ...`` controls
-it. ``--personality kernel`` runs the real Linux driver from the source checkout's test bed
-(``testbed/``, see ``docs/personalities.md``), imported only then. Exit codes: 0 clean stop,
-64 bad arguments, 69 the socket path is unusable or the personality cannot run here.
+it. It logs what it does (each control command served, among others) as the agent does:
+JSON lines on stdout, console lines on a terminal. ``--personality kernel`` runs the real
+Linux driver from the source checkout's test bed (``testbed/``, see
+``docs/personalities.md``), imported only then. Exit codes: 0 clean stop, 64 bad arguments,
+69 the socket path is unusable or the personality cannot run here.
 """
 
 from __future__ import annotations
@@ -14,18 +16,27 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Final
 
+import structlog
 import trio
 
+from agent.cli._arguments import (
+    ALL_PERSONALITIES,
+    DEFAULT_PERSONALITY,
+    integer_at_least,
+    socket_path,
+)
 from agent.cli._exit import EX_OK, EX_UNAVAILABLE, EX_USAGE
-from agent.host import ALL_PERSONALITIES, PersonalityUnavailableError, SimulatedHost
-from agent.host.server import HostSocketError, serve_simulated_host
 
 if TYPE_CHECKING:
     import argparse
 
+    from agent.host import SimulatedHost
+
 MIN_RAM_MB: Final = 1
+DEFAULT_RAM_MB: Final = 2048
 MIN_HEARTBEAT_INTERVAL_MS: Final = 50
 """The host's own minimum heartbeat interval (``HEARTBEAT_DEFAULT_INTERVAL`` floor)."""
+DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 2000
 NS_PER_MS: Final = 1_000_000
 
 
@@ -39,11 +50,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "--device unix:PATH; `vbox-agent host --socket PATH` controls it."
         ),
     )
-    parser.add_argument("--socket", required=True, metavar="PATH", help="socket to create")
+    parser.add_argument(
+        "--socket", required=True, type=socket_path, metavar="PATH", help="socket to create"
+    )
     parser.add_argument(
         "--personality",
         choices=ALL_PERSONALITIES,
-        default="passthrough",
+        default=DEFAULT_PERSONALITY,
         help="kernel driver the host models (default: %(default)s)",
     )
     parser.add_argument(
@@ -52,26 +65,34 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="oracle: the driver has no kernel balloon allocator (CHECK_BALLOON answers "
         "handle_in_r3; the agent hands over chunks it locks itself)",
     )
-    parser.add_argument("--ram-mb", default="2048", metavar="N", help="guest RAM (default: 2048)")
+    parser.add_argument(
+        "--ram-mb",
+        type=integer_at_least(MIN_RAM_MB),
+        default=DEFAULT_RAM_MB,
+        metavar="N",
+        help="guest RAM in MiB (default: %(default)s)",
+    )
     parser.add_argument(
         "--heartbeat-interval-ms",
-        default="2000",
+        type=integer_at_least(MIN_HEARTBEAT_INTERVAL_MS),
+        default=DEFAULT_HEARTBEAT_INTERVAL_MS,
         metavar="N",
-        help=f"heartbeat interval the host asks for (>= {MIN_HEARTBEAT_INTERVAL_MS}; default 2000)",
+        help=(
+            f"heartbeat interval the host asks for (>= {MIN_HEARTBEAT_INTERVAL_MS}; "
+            "default: %(default)s)"
+        ),
     )
     parser.set_defaults(handler=simulate_command)
 
 
 def simulate_command(args: argparse.Namespace) -> int:
     """Run the host until signalled; return the exit code."""
-    try:
-        ram_mb = _integer(args.ram_mb, "--ram-mb", MIN_RAM_MB)
-        interval_ms = _integer(
-            args.heartbeat_interval_ms, "--heartbeat-interval-ms", MIN_HEARTBEAT_INTERVAL_MS
-        )
-    except ValueError as exc:
-        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
-        return EX_USAGE
+    from agent.config import LogConfig  # noqa: PLC0415 - the simulator's imports stay lazy
+    from agent.host import PersonalityUnavailableError, SimulatedHost  # noqa: PLC0415
+    from agent.host.server import HostSocketError  # noqa: PLC0415
+    from agent.logconfig import configure_logging  # noqa: PLC0415
+
+    configure_logging(LogConfig())
     if args.r3_balloon and args.personality != "oracle":
         print("vbox-agent simulate: --r3-balloon needs --personality oracle", file=sys.stderr)
         return EX_USAGE
@@ -79,8 +100,8 @@ def simulate_command(args: argparse.Namespace) -> int:
         host = SimulatedHost(
             personality=args.personality,
             r3_balloon=args.r3_balloon,
-            ram_mb=ram_mb,
-            heartbeat_interval_ns=interval_ms * NS_PER_MS,
+            ram_mb=args.ram_mb,
+            heartbeat_interval_ns=args.heartbeat_interval_ms * NS_PER_MS,
         )
     except PersonalityUnavailableError as exc:
         print(f"vbox-agent simulate: {exc}", file=sys.stderr)
@@ -106,6 +127,10 @@ def _messages(error: BaseException) -> list[str]:
 
 
 async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
+    from agent.host.server import serve_simulated_host  # noqa: PLC0415
+
+    # As under `run --simulate`: the host's lines say where they come from.
+    structlog.contextvars.bind_contextvars(component="simulated-host")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
@@ -114,14 +139,3 @@ async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()
-
-
-def _integer(text: str, name: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        msg = f"{name} must be an integer >= {minimum}, not {text!r}"
-        raise ValueError(msg)
-    return value

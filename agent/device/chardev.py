@@ -3,9 +3,15 @@
 One :class:`CharDevTransport` is one open file descriptor, which the driver treats as one
 session. Design points:
 
-- **Threads.** Every ioctl runs in ``trio.to_thread.run_sync`` with the transport's own
-  ``CapacityLimiter`` (at least 2, so a blocked call and the ioctl that ends it fit) and the
-  default ``abandon_on_cancel=False``: the kernel owns the buffer until the call returns.
+- **Threads.** Every ioctl runs in ``trio.to_thread.run_sync`` under one ``CapacityLimiter``
+  per opener, which the daemon creates once: the budget (``device.ioctl_threads``, at
+  least :data:`MIN_THREADS`) is per process, however many sessions, waiters and HGCM
+  clients exist, so systemd's ``TasksMax`` holds. A blocking call (WAIT_FOR_EVENTS, an HGCM
+  call) holds its thread for as long as it blocks, so the budget must cover the event
+  pump's waiter plus every long HGCM call at once; :data:`RESERVED_THREADS` stay for short
+  calls, among them the INTERRUPT_ALL that ends a blocked wait, so a full budget can never
+  deadlock: a blocking call that would take a reserved thread fails at once with
+  :class:`IoctlThreadsExhaustedError`, naming the setting to raise.
 - **GIL.** Buffers up to 1 KiB go through ``fcntl.ioctl``; larger ones through libc
   ``ioctl`` via ctypes, because on 3.11-3.13 ``fcntl.ioctl`` keeps the GIL for them.
 - **User buffers.** The address of each :class:`~agent.protocol.UserBuffer`'s memory is
@@ -15,16 +21,21 @@ session. Design points:
   :data:`INTERRUPT_SIGNAL` to the worker thread, again with backoff until the call returns
   (a signal that lands just before the thread enters the kernel is lost). The driver ends
   interruptible waits (WAIT_FOR_EVENTS, userspace HGCM calls, which it also cancels at the
-  host) with EINTR, and the task then raises ``Cancelled``. A call that completes anyway
-  returns normally. Uninterruptible calls (HGCM connect and disconnect) finish first.
+  host) with EINTR (Oracle's driver: VERR_INTERRUPTED in ``rc``), and the task then raises
+  ``Cancelled``. A call that completes anyway returns normally. A call the driver does not
+  give back within :data:`ABANDON_AFTER_S` (an uninterruptible HGCM connect or disconnect
+  on a host that never answers) is abandoned with an ``ioctl_abandoned`` log line: its
+  thread stays in the kernel, keeping the buffer and its user memory alive, and the caller
+  is cancelled at once. It is never re-signalled after that.
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
   INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
   so a retry would spin).
 - **Signal.** ``SIGURG``: its default action is to ignore it, so a stray one never kills the
   process, and the agent uses no out-of-band socket data. An ignored signal does not
-  interrupt a system call, so the opener installs a no-op Python handler (unless one is
-  already installed) and clears ``SA_RESTART``.
+  interrupt a system call, so the opener, created once at start in the main thread,
+  installs a no-op Python handler (unless one is already installed) and clears
+  ``SA_RESTART``.
 - **Handshake.** :meth:`CharDevOpener.open_session` performs DRIVER_VERSION_INFO on every
   fd it opens, as VbglR3 does once per fd: a refusal then fails the open with a
   :class:`DeviceUnavailableError` naming the path. The query changes no driver state, so
@@ -46,10 +57,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+import structlog
 import trio
 
 from agent.device.errors import DeviceUnavailableError
 from agent.protocol import (
+    AgentError,
     DriverVersion,
     DriverVersionInfo,
     Ioctl,
@@ -57,6 +70,8 @@ from agent.protocol import (
     RemoteProtocolError,
     VBoxStatusError,
 )
+from agent.protocol._ioc import ioc_nr
+from agent.protocol.constants import IoctlFunction
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -67,13 +82,25 @@ if TYPE_CHECKING:
     IoctlFn = Callable[[int, int, bytearray], None]
     """``ioctl_fn(fd, code, buffer)``: one blocking ioctl, run in a worker thread."""
 
+_log = structlog.get_logger(__name__)
+
 DEFAULT_PATH: Final = "/dev/vboxguest"
+MIN_THREADS: Final = 2
+"""The smallest thread budget: one blocked call and the short call that ends it."""
+DEFAULT_THREADS: Final = 4
+"""The event pump's waiter, a long HGCM call, and room for short calls."""
+RESERVED_THREADS: Final = 1
+"""Threads a blocking call may never take: they keep short calls (interrupts) possible."""
+BLOCKING_FUNCTIONS: Final = frozenset({IoctlFunction.WAIT_FOR_EVENTS, IoctlFunction.HGCM_CALL_64})
+"""Ioctls that may block until the host acts: they hold a thread for that long."""
+ABANDON_AFTER_S: Final = 0.5
+"""How long a cancelled or closing call may take to come back before it is abandoned."""
 FCNTL_BUFFER_LIMIT: Final = 1024
 """Largest buffer ``fcntl.ioctl`` handles with the GIL released on Python 3.11-3.13."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
 EINTR_RETRIES: Final = 3
-CLOSE_TIMEOUT: Final = 5.0
-"""Seconds ``aclose`` waits for interrupted calls before it closes the fd anyway."""
+CLOSE_TIMEOUT: Final = 1.0
+"""Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there)."""
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
 
@@ -121,6 +148,25 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     """Do nothing: the signal exists to make a blocked system call return EINTR."""
 
 
+class IoctlThreadsExhaustedError(AgentError):
+    """A blocking ioctl found every unreserved worker thread taken by other blocking calls."""
+
+
+def thread_budget(threads: int) -> trio.CapacityLimiter:
+    """Return the limiter for ``threads`` ioctl worker threads (at least :data:`MIN_THREADS`).
+
+    Raises:
+        ValueError: ``threads`` is below the minimum.
+    """
+    if threads < MIN_THREADS:
+        msg = (
+            f"ioctl threads must be at least {MIN_THREADS} (a blocked call and the call "
+            f"that ends it), not {threads}"
+        )
+        raise ValueError(msg)
+    return trio.CapacityLimiter(threads)
+
+
 def install_interrupt_handler() -> None:
     """Make :data:`INTERRUPT_SIGNAL` interrupt system calls; call from the main thread.
 
@@ -141,10 +187,17 @@ class _Call:
 
     code: int
     buffer: bytearray
+    pins: list[ctypes.Array[ctypes.c_char]]
+    """User memory the driver may write; the worker thread keeps it alive, even abandoned."""
     scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
+    """Shields the call from its caller; cancelled only to abandon it."""
     done: trio.Event = field(default_factory=trio.Event)
     thread: int | None = None
     """Ident of the worker thread while it is inside ``ioctl_fn``."""
+    started: bool = False
+    """A worker thread took the call (it will not touch the buffer if ``interrupted``)."""
+    abandoned: bool = False
+    """Given up on while its thread is still in the driver."""
     interrupted: bool = False
     """The transport interrupted this call (cancellation, ``interrupt_ioctls``, close)."""
     cancelled: bool = False
@@ -163,20 +216,18 @@ class CharDevTransport:
         self,
         fd: int,
         *,
-        threads: int = 4,
+        limiter: trio.CapacityLimiter | None = None,
         ioctl_fn: IoctlFn = native_ioctl,
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
     ) -> None:
-        if threads < 2:
-            msg = f"threads must be at least 2 (a blocked call and its interrupt), not {threads}"
-            raise ValueError(msg)
+        """Wrap ``fd``; ``limiter`` is the process's thread budget (:func:`thread_budget`)."""
         self.driver_version: DriverVersion | None = None
         self._fd = fd
         self._ioctl_fn = ioctl_fn
         self._close_fn = close_fn
         self._interrupt_fn = interrupt_fn
-        self._limiter = trio.CapacityLimiter(threads)
+        self._limiter = limiter if limiter is not None else thread_budget(DEFAULT_THREADS)
         self._lock = threading.Lock()
         self._calls: set[_Call] = set()
         self._closing = False
@@ -189,16 +240,21 @@ class CharDevTransport:
         """Perform one ioctl in a worker thread; see :mod:`agent.device.transport`.
 
         Raises:
-            OSError: the driver returned an errno (``InterruptedError`` when interrupted).
+            OSError: the driver returned an errno (``InterruptedError`` when interrupted or
+                abandoned).
+            IoctlThreadsExhaustedError: a blocking call found no unreserved thread.
             trio.ClosedResourceError: the transport is closed or closing.
         """
         if self._closing:
             msg = "the vboxguest session is closed"
             raise trio.ClosedResourceError(msg)
-        saved, pinned = _map_user_buffers(buffer, user_buffers)
+        if ioc_nr(code) in BLOCKING_FUNCTIONS:
+            self._check_budget()
+        saved, pins = _map_user_buffers(buffer, user_buffers)
         if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
             self._waits_interrupted = True
-        call = _Call(code, buffer)
+        call = _Call(code, buffer, pins)
+        del pins  # from now on the call (and its worker thread) keeps the memory exported
         self._calls.add(call)
         try:
             async with trio.open_nursery() as nursery:
@@ -206,15 +262,20 @@ class CharDevTransport:
                 try:
                     with call.scope:
                         call.outcome = await trio.to_thread.run_sync(
-                            self._perform, call, limiter=self._limiter, thread_name="vbox-ioctl"
+                            self._perform,
+                            call,
+                            limiter=self._limiter,
+                            thread_name="vbox-ioctl",
+                            abandon_on_cancel=True,
                         )
-                    if call.scope.cancelled_caught:  # cancelled before it got a thread
+                    if call.scope.cancelled_caught:  # not started, or abandoned
                         call.outcome = InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
                 finally:
                     call.done.set()
         finally:
             self._calls.discard(call)
-            del pinned  # a traceback holding this frame must not keep the data exported
+            if not call.abandoned:
+                call.pins.clear()  # a traceback holding this frame must not keep them exported
         if call.outcome is None:
             return
         for offset, original in saved:
@@ -223,23 +284,34 @@ class CharDevTransport:
             await trio.lowlevel.checkpoint()  # the caller's scope is cancelled: raises Cancelled
         raise call.outcome
 
-    async def interrupt_ioctls(self) -> None:
-        """Interrupt every ioctl now in flight and return once all of them have returned.
+    def _check_budget(self) -> None:
+        limiter = self._limiter
+        if limiter.available_tokens > RESERVED_THREADS:
+            return
+        msg = (
+            f"all {int(limiter.total_tokens)} ioctl threads are busy "
+            f"({int(limiter.borrowed_tokens)} in use, {RESERVED_THREADS} kept for short "
+            "calls): a blocking call cannot start; raise device.ioctl_threads"
+        )
+        raise IoctlThreadsExhaustedError(msg)
 
-        Each is signalled (again, with backoff, until it returns); an interruptible one
-        raises ``InterruptedError`` to its caller, one that had not entered the driver yet
-        does not run. Ioctls started later are not affected. Bound this with a cancel scope:
-        an uninterruptible call returns only when the host answers.
+    async def interrupt_ioctls(self) -> None:
+        """Interrupt every ioctl now in flight and return once each has returned or been abandoned.
+
+        Each is signalled (again, with backoff) for up to :data:`ABANDON_AFTER_S`; an
+        interruptible one raises ``InterruptedError`` to its caller, one that had not entered
+        the driver yet does not run, and one still in the driver after that is abandoned
+        (its caller gets ``InterruptedError`` too). Ioctls started later are not affected.
         """
         await self._interrupt_until_done(list(self._calls))
 
     async def aclose(self) -> None:
         """Interrupt pending ioctls, wait for their threads (bounded), close the fd.
 
-        Idempotent and shielded. After :data:`CLOSE_TIMEOUT` seconds the fd is closed even if
-        a thread is still in an uninterruptible call; the kernel keeps the file alive until
-        it returns. ``close(2)`` runs in a thread too, since the driver disconnects the
-        session's HGCM clients there, waiting for the host; it is abandoned after another
+        Idempotent and shielded. A call still in the driver after :data:`ABANDON_AFTER_S` is
+        abandoned and the fd closed anyway; the kernel keeps the file alive until the call
+        returns. ``close(2)`` runs in a thread too, since the driver disconnects the session's
+        HGCM clients there, waiting for the host; it is abandoned after
         :data:`CLOSE_TIMEOUT` seconds (it shares no buffer).
         """
         with trio.CancelScope(shield=True):
@@ -248,8 +320,7 @@ class CharDevTransport:
                 return
             with self._lock:
                 self._closing = True
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await self.interrupt_ioctls()
+            await self.interrupt_ioctls()
             try:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await trio.to_thread.run_sync(
@@ -265,28 +336,42 @@ class CharDevTransport:
             # Swallowed on purpose: cancellation is level-triggered, so ioctl() raises a
             # fresh Cancelled after the nursery, outside any exception group.
             call.cancelled = True
-            call.scope.cancel()  # a call still waiting for a thread never starts
             with trio.CancelScope(shield=True):
                 await self._interrupt_until_done([call])
 
     async def _interrupt_until_done(self, calls: Iterable[_Call]) -> None:
+        """Signal ``calls`` with backoff until they return; abandon them after a bound."""
         pending = [call for call in calls if not call.done.is_set()]
         delay = _RESIGNAL_FIRST
-        while pending:
-            with self._lock:
-                for call in pending:
-                    call.interrupted = True
-                    if call.thread is not None:
-                        self._interrupt_fn(call.thread)
-            with trio.move_on_after(delay):
-                for call in pending:
-                    await call.done.wait()
-            pending = [call for call in pending if not call.done.is_set()]
-            delay = min(2 * delay, _RESIGNAL_MAX)
+        with trio.move_on_after(ABANDON_AFTER_S):
+            while pending:
+                with self._lock:
+                    for call in pending:
+                        call.interrupted = True
+                        if not call.started:
+                            call.scope.cancel()  # waiting for a thread: it never runs
+                        elif call.thread is not None:
+                            self._interrupt_fn(call.thread)
+                with trio.move_on_after(delay):
+                    for call in pending:
+                        await call.done.wait()
+                pending = [call for call in pending if not call.done.is_set()]
+                delay = min(2 * delay, _RESIGNAL_MAX)
+        for call in pending:
+            _log.warning(
+                "ioctl_abandoned",
+                code=f"{call.code:#x}",
+                after_s=ABANDON_AFTER_S,
+                reason="the driver did not give the call back after interrupts",
+            )
+            call.abandoned = True
+            call.scope.cancel()
+            await call.done.wait()
 
     def _perform(self, call: _Call) -> Exception | None:
         """Run in the worker thread: the ioctl with the EINTR policy; return its error."""
         with self._lock:
+            call.started = True
             if self._closing:
                 return trio.ClosedResourceError("the vboxguest session was closed")
             if call.interrupted:
@@ -345,7 +430,7 @@ class CharDevOpener:
         self,
         path: str = DEFAULT_PATH,
         *,
-        threads: int = 4,
+        threads: int = DEFAULT_THREADS,
         ioctl_fn: IoctlFn = native_ioctl,
         open_fn: Callable[[str, int], int] = os.open,
         close_fn: Callable[[int], None] = os.close,
@@ -355,22 +440,22 @@ class CharDevOpener:
 
         Args:
             path: the device node.
-            threads: worker threads per session (at least 2).
+            threads: worker threads for all its sessions together (at least
+                :data:`MIN_THREADS`): the process's budget.
             ioctl_fn: ``ioctl_fn(fd, code, buffer)``, blocking, run in a worker thread.
             open_fn: ``open_fn(path, flags) -> fd``, as ``os.open``.
             close_fn: ``close_fn(fd)``, as ``os.close``.
             interrupt_fn: makes the ioctl of the worker thread with that ident return
                 EINTR (default: :func:`signal_thread`).
         """
-        if threads < 2:
-            msg = f"threads must be at least 2 (a blocked call and its interrupt), not {threads}"
-            raise ValueError(msg)
         self._path = path
-        self._threads = threads
+        self._limiter = thread_budget(threads)
         self._ioctl_fn = ioctl_fn
         self._open_fn = open_fn
         self._close_fn = close_fn
         self._interrupt_fn = interrupt_fn
+        if interrupt_fn is signal_thread:
+            install_interrupt_handler()
 
     @property
     def description(self) -> str:
@@ -385,15 +470,13 @@ class CharDevOpener:
                 VirtualBox device, or its driver refuses our interface version.
         """
         await trio.lowlevel.checkpoint()
-        if self._interrupt_fn is signal_thread:
-            install_interrupt_handler()
         try:
             fd = self._open_fn(self._path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
         transport = CharDevTransport(
             fd,
-            threads=self._threads,
+            limiter=self._limiter,
             ioctl_fn=self._ioctl_fn,
             close_fn=self._close_fn,
             interrupt_fn=self._interrupt_fn,

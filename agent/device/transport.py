@@ -17,6 +17,13 @@ connection to a simulated host). Its contract:
   character device signals its worker thread, so the driver cancels the call at the host
   and returns EINTR; the simulated transports cancel natively) and raises ``Cancelled``; a
   call that completed first returns normally.
+- Deadlines bind the transport too: work it shields (a frame half sent, the signal that
+  ends a blocked call, a close) never runs past the deadline in effect when the caller
+  entered (``trio.current_effective_deadline()``, which inside a
+  :meth:`Device.cleanup_scope <agent.device.Device.cleanup_scope>` is the device's cleanup
+  deadline), and a cancelled call returns within a short bounded grace even if the driver
+  does not end it: such a call is abandoned (with a log line), never waited for, so the
+  daemon's stop stays within ``shutdown_timeout_s + 1 s``.
 - A session whose other side vanished raises :class:`~agent.device.errors.DeviceLostError`.
 - ``aclose()`` ends the session: the driver releases its HGCM clients and event filter.
 

@@ -40,6 +40,7 @@ import os
 import struct
 from typing import TYPE_CHECKING, Final, final
 
+import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from agent.protocol import UserBuffer
     from agent.protocol.wire import Frame
 
+_log = structlog.get_logger(__name__)
+
 USER_ADDRESS_BASE: Final = 0x7F00_0000_0000
 """Synthetic address of an ioctl's first user buffer; the next ones follow page by page."""
 SEND_GRACE_S: Final = 10.0
@@ -73,6 +76,12 @@ CANCEL_GRACE_S: Final = 0.25
 """How long sending a CANCEL frame may hold a cancelled caller before the host counts as gone."""
 RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of the socket per receive."""
+HOST_START_WAIT_S: Final = 5.0
+"""How long the first session waits for a host whose socket is missing or refuses."""
+HOST_START_POLL_S: Final = 0.05
+"""How often a session waiting for a starting host tries to connect again."""
+SOCKET_PATH_MAX_BYTES: Final = 107
+"""Longest Unix socket path: ``sun_path`` holds 108 bytes, the terminating NUL included."""
 _SEQ_MASK: Final = 0xFFFFFFFF
 _ADDRESS: Final = struct.Struct("<Q")
 
@@ -288,6 +297,28 @@ def _place_user_buffers(
     return bytes(wire_buffer), tuple(memories)
 
 
+def check_socket_path(path: str) -> str:
+    """Return ``path`` if it can name a Unix socket.
+
+    Raises:
+        ValueError: the path is empty, holds a NUL byte or is longer than
+            ``SOCKET_PATH_MAX_BYTES`` bytes.
+    """
+    size = len(os.fsencode(path))
+    if not path:
+        msg = "the socket path is empty"
+    elif "\0" in path:
+        msg = f"socket path {path!r} contains a NUL byte"
+    elif size > SOCKET_PATH_MAX_BYTES:
+        msg = (
+            f"socket path {path!r} is {size} bytes long; "
+            f"a Unix socket path holds at most {SOCKET_PATH_MAX_BYTES}"
+        )
+    else:
+        return path
+    raise ValueError(msg)
+
+
 @final
 class UnixSocketOpener:
     """Opens device sessions on the simulated host listening at ``path``.
@@ -295,11 +326,23 @@ class UnixSocketOpener:
     Args:
         path: the host's socket (``vbox-agent simulate --socket PATH``).
         user_device: open sessions as ``/dev/vboxuser`` would (untrusted userspace).
+        start_wait_s: how long the first session waits for a host that is starting.
+
+    Raises:
+        ValueError: ``path`` cannot name a Unix socket (see :func:`check_socket_path`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, user_device: bool = False) -> None:
-        self._path = os.fspath(path)
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        user_device: bool = False,
+        start_wait_s: float = HOST_START_WAIT_S,
+    ) -> None:
+        self._path = check_socket_path(os.fspath(path))
         self._user_device = user_device
+        self._start_wait_s = start_wait_s
+        self._host_seen = False
 
     @property
     def description(self) -> str:
@@ -309,22 +352,49 @@ class UnixSocketOpener:
     async def open_session(self) -> UnixSocketTransport:
         """Connect, say HELLO and return the new session.
 
+        Until a first session is opened, a missing or refusing socket may be a host that is
+        still starting (``vbox-agent simulate ... &`` a moment ago): the opener logs that it
+        waits and tries again every ``HOST_START_POLL_S`` for up to ``start_wait_s``
+        seconds. Once a host answered, a failure to connect means it is gone: no wait.
+
         Raises:
             DeviceUnavailableError: nothing listens at the path, or the host refused.
         """
-        try:
-            stream = await trio.open_unix_socket(self._path)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            msg = (
-                f"no simulated host at {self._path} ({reason}): "
-                f"start one with `vbox-agent simulate --socket {self._path}`"
-            )
-            raise DeviceUnavailableError(msg) from exc
+        stream = await self._connect()
         transport = UnixSocketTransport(stream, self._path)
         try:
             await transport._handshake(user_device=self._user_device)
         except BaseException:
             await transport.aclose()
             raise
+        self._host_seen = True
         return transport
+
+    async def _connect(self) -> trio.SocketStream:
+        wait_s = 0.0 if self._host_seen else self._start_wait_s
+        started = trio.current_time()
+        waiting = False
+        while True:
+            try:
+                stream = await trio.open_unix_socket(self._path)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if trio.current_time() - started >= wait_s:
+                    waited = f", waited {wait_s:g} s for it" if waiting else ""
+                    raise self._unavailable(exc, waited) from exc
+                if not waiting:
+                    _log.info("waiting_for_simulated_host", path=self._path, limit_s=wait_s)
+                    waiting = True
+                await trio.sleep(HOST_START_POLL_S)
+            except OSError as exc:
+                raise self._unavailable(exc, "") from exc
+            else:
+                if waiting:
+                    _log.info("simulated_host_answered", path=self._path)
+                return stream
+
+    def _unavailable(self, exc: OSError, waited: str) -> DeviceUnavailableError:
+        reason = exc.strerror or str(exc)
+        return DeviceUnavailableError(
+            f"no simulated host at {self._path} ({reason}{waited}): "
+            f"start one with `vbox-agent simulate --socket {self._path}`"
+        )

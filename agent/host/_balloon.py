@@ -53,12 +53,13 @@ class HostBalloon:
         (so re-setting the acknowledged value while another is pending changes nothing).
 
         Raises:
-            ValueError: ``mb`` is negative or at least 90 % of RAM, as Main refuses it.
+            ValueError: ``mb`` is negative or at least ``max_mb`` (90 % of RAM), as Main
+                refuses it; the message gives the accepted range.
         """
         if not 0 <= mb < self.max_mb:
             msg = (
-                f"invalid memory balloon size: {mb} MB "
-                f"(must be in range [0, {self.max_mb}] MB, below 90% of {self.ram_mb} MB RAM)"
+                f"invalid memory balloon size: {mb} MB (must be in range [0, {self.max_mb - 1}] "
+                f"MB: below 90% of {self.ram_mb} MB RAM, which is {self.max_mb} MB)"
             )
             raise ValueError(msg)
         if mb == self.acked_mb:

@@ -52,6 +52,8 @@ _T = TypeVar("_T")
 
 RECEIVE_SIZE: Final = 64 << 10
 """Bytes asked of the socket per receive on a control connection."""
+START_POLL_S: Final = 0.05
+"""How often a client waiting for a starting host tries to connect again."""
 
 
 class HostUnreachableError(AgentError):
@@ -133,19 +135,20 @@ def _arg(payload: dict[str, object], name: str, kind: type[_T]) -> _T:
     return value
 
 
-async def call_control(path: str | os.PathLike[str], payload: dict[str, object]) -> object:
+async def call_control(
+    path: str | os.PathLike[str], payload: dict[str, object], *, start_wait_s: float = 0.0
+) -> object:
     """Send one control command to the host listening at ``path`` and return its result.
+
+    A host whose socket is missing or refuses connections may be starting: the call tries
+    again every ``START_POLL_S`` for up to ``start_wait_s`` seconds.
 
     Raises:
         HostUnreachableError: nothing (or no simulated host) answers at ``path``.
         ControlCommandError: the host refused the command.
     """
     where = os.fspath(path)
-    try:
-        stream = await trio.open_unix_socket(where)
-    except OSError as exc:
-        msg = f"no simulated host at {where} ({exc.strerror or exc})"
-        raise HostUnreachableError(msg) from exc
+    stream = await _connect(where, start_wait_s)
     async with stream:
         try:
             await stream.send_all(encode_frame(Hello(Role.CONTROL)))
@@ -164,6 +167,22 @@ async def call_control(path: str | os.PathLike[str], payload: dict[str, object])
     if reply.payload.get("ok") is not True:
         raise ControlCommandError(str(reply.payload.get("error")))
     return reply.payload.get("result")
+
+
+async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:
+    deadline = trio.current_time() + start_wait_s
+    while True:
+        try:
+            return await trio.open_unix_socket(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if trio.current_time() >= deadline:
+                waited = f"; waited {start_wait_s:g} s for it to start" if start_wait_s else ""
+                msg = f"no simulated host at {path} ({exc.strerror or exc}{waited})"
+                raise HostUnreachableError(msg) from exc
+        except OSError as exc:
+            msg = f"no simulated host at {path} ({exc.strerror or exc})"
+            raise HostUnreachableError(msg) from exc
+        await trio.sleep(START_POLL_S)
 
 
 async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Frame:

@@ -8,7 +8,9 @@ request's sequence number, under a send lock. A CANCEL frame cancels that ioctl'
 host model ends the call as the driver does for a signal) and no reply is sent. When the
 connection ends, for whatever reason, its tasks are cancelled and the session is closed, so
 a vanished client releases its HGCM clients, filter bits and capabilities. A ``control``
-connection runs control commands (:mod:`agent.host.control`) one after the other.
+connection runs control commands (:mod:`agent.host.control`) one after the other, and
+logs each one it served (``control_command``, or ``control_command_refused`` with the
+host's reason).
 
 A malformed frame gets an ERROR frame and its connection is closed; the server goes on.
 An exception raised by the host model itself is a bug of the simulator and ends the server.
@@ -23,6 +25,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING, Final, NoReturn
 
+import structlog
 import trio
 
 from agent.host.control import execute_control
@@ -44,6 +47,8 @@ from agent.protocol.wire import (
 if TYPE_CHECKING:
     from agent.host.host import DriverSession, SimulatedHost
     from agent.protocol.wire import Frame, UserMemory
+
+_log = structlog.get_logger(__name__)
 
 SOCKET_MODE: Final = 0o600
 """Permissions of the socket file: only its owner may drive the simulated VM."""
@@ -237,7 +242,19 @@ class _Server:
                 await connection.send_error(f"expected a CONTROL request: {frame}")
                 return
             answer = await execute_control(self._host, frame.payload, drop=self.drop)
+            _log_control(frame.payload, answer)
             await connection.send(ControlReply(answer))
+
+
+def _log_control(payload: dict[str, object], answer: dict[str, object]) -> None:
+    """Log one control command served: its name, its arguments and what came of it."""
+    command = payload.get("command")
+    arguments = {name: value for name, value in payload.items() if name != "command"}
+    if answer.get("ok") is True:
+        _log.info("control_command", command=command, arguments=arguments)
+    else:
+        error = answer.get("error")
+        _log.warning("control_command_refused", command=command, arguments=arguments, error=error)
 
 
 class _Connection:

@@ -3,7 +3,8 @@
 Rules it enforces (each breach raises :class:`LocalProtocolError` before anything is sent):
 
 - After INTERRUPT_ALL_WAIT_FOR_EVENTS the mainline driver fails every later wait on the
-  same descriptor, so a session that was interrupted refuses to encode another wait.
+  same descriptor, and Oracle's ends the next one at once if no wait was in progress, so
+  a session that was interrupted refuses to encode another wait.
 - HGCM calls and disconnects name a client this session connected; a session holds at
   most 64 clients, as the driver's ``hgcm_client_ids`` table does.
 
@@ -87,8 +88,9 @@ class Session:
     def call_failed(self, call: IoctlCall[R]) -> None:
         """Record that the transport failed ``call`` and its outcome is unknown.
 
-        An interrupt that may have reached the driver is treated as done, since the flag is
-        sticky; every other request leaves the confirmed state as it was.
+        An interrupt that may have reached the driver is treated as done (mainline's flag is
+        sticky, Oracle's would end the next wait); every other request leaves the confirmed
+        state as it was.
         """
         if isinstance(call.request, InterruptAllWaits):
             self.interrupted = True

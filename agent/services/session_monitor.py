@@ -76,11 +76,14 @@ class SessionMonitor:
         structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             session_id = await self._read_session_id()
+            self._session_id = session_id
+            self._status_changed()
             log.info("vm_session_read", session_id=f"{session_id:#x}")
             task_status.started()
             while True:
-                await events.receive()
+                await events.receive()  # restores while busy coalesce: one re-read covers them
                 old, session_id = session_id, await self._read_session_id()
+                self._session_id = session_id
                 self._restores += 1
                 self._status_changed()
                 log.info(
@@ -91,11 +94,7 @@ class SessionMonitor:
                 )
 
     async def _read_session_id(self) -> int:
-        session_id = (await self._device.request(GetSessionId())).value
-        if session_id != self._session_id:
-            self._session_id = session_id
-            self._status_changed()
-        return session_id
+        return (await self._device.request(GetSessionId())).value
 
 
 def _build(context: ServiceContext, section: SessionMonitorSection) -> SessionMonitor:

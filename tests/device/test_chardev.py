@@ -22,6 +22,7 @@ import ctypes
 import errno
 import itertools
 import os
+import signal
 import stat
 import termios
 import threading
@@ -32,7 +33,9 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
+from agent.config import MIN_IOCTL_THREADS, DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
 from agent.device.errors import DeviceUnavailableError
@@ -446,7 +449,27 @@ class TestOpen:
         with pytest.raises(ValueError, match="at least 2"):
             CharDevOpener(threads=1)
         with pytest.raises(ValueError, match="at least 2"):
-            CharDevTransport(3, threads=1)
+            chardev.thread_budget(1)
+
+    def test_config_accepts_what_the_transport_accepts(self) -> None:
+        """``device.ioctl_threads`` has the transport's minimum and default."""
+        assert MIN_IOCTL_THREADS == chardev.MIN_THREADS
+        assert DeviceConfig().ioctl_threads == chardev.DEFAULT_THREADS
+        chardev.thread_budget(MIN_IOCTL_THREADS)
+        with pytest.raises(ValueError, match="at least"):
+            chardev.thread_budget(MIN_IOCTL_THREADS - 1)
+
+    def test_signal_handler_is_installed_by_the_opener(self) -> None:
+        """Creating the opener (once, at start) installs the handler; opening does not."""
+        previous = signal.signal(chardev.INTERRUPT_SIGNAL, signal.SIG_DFL)
+        try:
+            CharDevOpener()
+            assert signal.getsignal(chardev.INTERRUPT_SIGNAL) not in (
+                signal.SIG_DFL,
+                signal.SIG_IGN,
+            )
+        finally:
+            signal.signal(chardev.INTERRUPT_SIGNAL, previous)
 
 
 class TestIoctl:
@@ -564,25 +587,29 @@ class TestWaits:
             await first.aclose()
             await second.aclose()
 
-    async def test_limiter_bounds_threads_per_session(self, kernel: Kernel) -> None:
-        """No more ioctls of one session are in the driver at once than it has threads."""
+    async def test_thread_budget_is_per_process(self, kernel: Kernel) -> None:
+        """Blocking calls of all sessions share the budget; the last thread is for short calls."""
         with trio.fail_after(BOUND):
-            transport = await kernel.opener(threads=2).open_session()
+            opener = kernel.opener(threads=3)
+            first, second = await opener.open_session(), await opener.open_session()
             done: list[int] = []
 
-            async def wait(mask: int) -> None:
+            async def wait(transport: CharDevTransport, mask: int) -> None:
                 done.append((await _call(transport, Session(), WaitForEvents(mask))).mask)
 
             async with trio.open_nursery() as nursery:
-                for bit in (1, 2, 4, 8):
-                    nursery.start_soon(wait, bit)
+                nursery.start_soon(wait, first, 1)
+                nursery.start_soon(wait, second, 2)
                 await kernel.wait_in_driver(2)
-                await trio.sleep(0.05)
-                assert kernel.in_driver == 2
-                kernel.driver.raise_events(0xF)
-            await transport.aclose()
-        assert sorted(done) == [1, 2, 4, 8]
-        assert kernel.peak == 2
+                with pytest.raises(chardev.IoctlThreadsExhaustedError, match="ioctl_threads"):
+                    await _call(first, Session(), WaitForEvents(4))
+                version = await _call(second, Session(), GetHostVersion())
+                assert version.major == 7
+                kernel.driver.raise_events(0x3)
+            await first.aclose()
+            await second.aclose()
+        assert sorted(done) == [1, 2]
+        assert kernel.peak == 3
 
 
 class TestCancellation:
@@ -605,19 +632,24 @@ class TestCancellation:
 
     async def test_cancel_before_a_thread_is_free_never_runs_the_call(self, kernel: Kernel) -> None:
         """A call cancelled while waiting for the limiter never reaches the driver."""
+        limiter = trio.CapacityLimiter(2)
         with trio.fail_after(BOUND):
-            transport, session, client = await _open_connected(kernel, threads=2)
-            async with trio.open_nursery() as nursery:
-                for _ in range(2):
-                    nursery.start_soon(_call, transport, session, HgcmCall(client, BLOCK_FUNCTION))
-                await kernel.wait_in_driver(2)
-                with trio.move_on_after(0.05) as scope:
-                    await _call(transport, session, HgcmCall(client, ECHO_FUNCTION))
-                assert scope.cancelled_caught
-                assert kernel.peak == 2
-                nursery.cancel_scope.cancel()
-            await transport.aclose()
-        assert kernel.driver.cancelled_calls == 2
+            transport, session, _ = await _open_connected(kernel)
+            transport = CharDevTransport(
+                next(iter(kernel.sessions)), limiter=limiter, ioctl_fn=kernel.ioctl
+            )
+            holders = [object(), object()]
+            for holder in holders:
+                await limiter.acquire_on_behalf_of(holder)
+            calls = len(kernel.codes)
+            with trio.move_on_after(0.05) as scope:
+                await _call(transport, session, GetHostVersion())
+            assert scope.cancelled_caught
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+            assert len(kernel.codes) == calls
+            await _call(transport, session, GetHostVersion())
+            assert len(kernel.codes) == calls + 1
 
     async def test_aclose_interrupts_blocked_calls_and_leaves_no_thread(
         self, kernel: Kernel
@@ -643,6 +675,58 @@ class TestCancellation:
         assert errors == [InterruptedError, InterruptedError]
         assert kernel.driver.cancelled_calls == 1
         assert _ioctl_threads() == []
+
+    async def test_a_call_the_driver_keeps_is_abandoned(self) -> None:
+        """A call that ignores interrupts is given up after a bound, with a log line, once."""
+        release, finished = threading.Event(), threading.Event()
+        signals: list[int] = []
+
+        def stubborn(fd: int, code: int, buffer: bytearray) -> None:
+            release.wait()
+            finished.set()
+
+        transport = CharDevTransport(
+            3, ioctl_fn=stubborn, close_fn=lambda fd: None, interrupt_fn=signals.append
+        )
+        with trio.fail_after(BOUND):
+            with capture_logs() as logs, trio.move_on_after(0.05) as scope:
+                await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+            assert scope.cancelled_caught
+            assert trio.current_time() - scope.deadline < chardev.ABANDON_AFTER_S + PROMPT
+            assert [entry["event"] for entry in logs] == ["ioctl_abandoned"]
+            sent = len(signals)
+            assert sent > 0
+            release.set()
+            await trio.to_thread.run_sync(finished.wait)
+            assert len(signals) == sent
+            with trio.fail_after(chardev.ABANDON_AFTER_S + chardev.CLOSE_TIMEOUT + PROMPT):
+                await transport.aclose()
+
+    async def test_aclose_abandons_a_call_the_driver_keeps(self) -> None:
+        """Closing does not wait for an uninterruptible call beyond the bound."""
+        release, entered = threading.Event(), threading.Event()
+
+        def stubborn(fd: int, code: int, buffer: bytearray) -> None:
+            entered.set()
+            release.wait()
+
+        transport = CharDevTransport(
+            3, ioctl_fn=stubborn, close_fn=lambda fd: None, interrupt_fn=lambda thread: None
+        )
+        try:
+            with trio.fail_after(BOUND):
+                async with trio.open_nursery() as nursery:
+
+                    async def blocked() -> None:
+                        with pytest.raises(InterruptedError):
+                            await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+
+                    nursery.start_soon(blocked)
+                    await trio.to_thread.run_sync(entered.wait)
+                    with trio.fail_after(chardev.ABANDON_AFTER_S + PROMPT):
+                        await transport.aclose()
+        finally:
+            release.set()
 
     async def test_stray_eintr_is_retried_a_bounded_number_of_times(self) -> None:
         """EINTR the transport did not cause is retried, but not forever."""

@@ -5,7 +5,8 @@ Rules of this test module:
   short private directory under /tmp (``sun_path`` holds 108 bytes; ``tmp_path`` may be longer);
 - the host behind it is ``ScriptedHost``: ioctl numbers pick a behaviour, so each test sees
   exactly the concurrency it sets up (the real host is exercised in tests/host/test_server.py);
-- real clock, every test bounded by ``fail_after(10)``;
+- real clock, every test bounded by ``fail_after(10)``, except the waits for a host that never
+  comes, which run on ``autojump_clock``;
 - nurseries are explicit in the test body; the server is stopped by cancelling its nursery.
 """
 
@@ -19,11 +20,17 @@ import tempfile
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
-from agent.device.unix import USER_ADDRESS_BASE, UnixSocketOpener
+from agent.device.unix import (
+    HOST_START_WAIT_S,
+    USER_ADDRESS_BASE,
+    UnixSocketOpener,
+    UnixSocketTransport,
+)
 from agent.host.server import serve_simulated_host
 from agent.protocol import UserBuffer
 from agent.protocol.constants import PAGE_SIZE
@@ -283,20 +290,82 @@ class TestLifecycle:
         """The opener describes itself as unix:PATH."""
         assert UnixSocketOpener("/run/h.sock").description == "unix:/run/h.sock"
 
-    async def test_missing_socket(self, socket_dir: str) -> None:
-        """No socket at the path: DeviceUnavailableError says how to start a host."""
+    async def test_missing_socket(self, socket_dir: str, autojump_clock: trio.abc.Clock) -> None:
+        """No socket: it logs that it waits, gives up after the limit and says how to start one."""
         path = os.path.join(socket_dir, "missing.sock")
-        with pytest.raises(DeviceUnavailableError, match="vbox-agent simulate --socket"):
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(DeviceUnavailableError, match="vbox-agent simulate --socket"),
+        ):
             await UnixSocketOpener(path).open_session()
+        assert trio.current_time() >= HOST_START_WAIT_S
+        assert logs == [
+            {
+                "event": "waiting_for_simulated_host",
+                "path": path,
+                "limit_s": HOST_START_WAIT_S,
+                "log_level": "info",
+            }
+        ]
 
-    async def test_refused_connection(self, socket_dir: str) -> None:
-        """A stale socket nobody listens on: DeviceUnavailableError naming the path."""
+    async def test_refused_connection(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A stale socket nobody listens on: DeviceUnavailableError naming the path and wait."""
         path = os.path.join(socket_dir, "stale.sock")
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(path)
         sock.close()
-        with pytest.raises(DeviceUnavailableError, match=f"no simulated host at {path}"):
+        with pytest.raises(DeviceUnavailableError, match=f"no simulated host at {path}") as info:
             await UnixSocketOpener(path).open_session()
+        assert f"waited {HOST_START_WAIT_S:g} s" in str(info.value)
+
+    async def test_waits_for_a_starting_host(self, socket_dir: str, host: ScriptedHost) -> None:
+        """A session asked for before the host listens opens once it does."""
+        path = os.path.join(socket_dir, "h.sock")
+        opened: list[UnixSocketTransport] = []
+        done = trio.Event()
+
+        async def open_early() -> None:
+            opened.append(await UnixSocketOpener(path).open_session())
+            done.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                with structlog.testing.capture_logs() as logs:
+                    nursery.start_soon(open_early)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert [line["event"] for line in logs] == ["waiting_for_simulated_host"]
+                    await start_host(nursery, host, path)
+                    await done.wait()
+                assert logs[-1]["event"] == "simulated_host_answered"
+                await opened[0].aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_no_wait_once_a_host_answered(
+        self, socket_dir: str, host: ScriptedHost, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """After a first session, a host that is gone fails the next open at once."""
+        path = os.path.join(socket_dir, "h.sock")
+        opener = UnixSocketOpener(path)
+        async with trio.open_nursery() as server:
+            await start_host(server, host, path)
+            first = await opener.open_session()
+            server.cancel_scope.cancel()
+        await first.aclose()
+        before = trio.current_time()
+        with pytest.raises(DeviceUnavailableError, match="no simulated host"):
+            await opener.open_session()
+        assert trio.current_time() == before
+
+    @pytest.mark.parametrize(
+        ("path", "problem"),
+        [("", "is empty"), ("/tmp/" + "x" * 103, "at most 107"), ("/tmp/a\0b", "NUL byte")],
+    )
+    def test_unusable_path(self, path: str, problem: str) -> None:
+        """A path no Unix socket can have is refused when the opener is made."""
+        with pytest.raises(ValueError, match=problem):
+            UnixSocketOpener(path)
 
     async def test_user_device_and_close(self, socket_dir: str, host: ScriptedHost) -> None:
         """The HELLO carries user_device; aclose closes the host session and is idempotent."""

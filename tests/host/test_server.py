@@ -20,13 +20,14 @@ import tempfile
 from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
 from agent.device.errors import DeviceLostError
 from agent.device.unix import UnixSocketOpener, UnixSocketTransport
 from agent.host import SimulatedHost
-from agent.host.control import ControlCommandError, call_control
+from agent.host.control import ControlCommandError, HostUnreachableError, call_control
 from agent.host.guest_props import SERVICE_NAME, GuestFunction
 from agent.host.server import HostSocketError, serve_simulated_host
 from agent.protocol import (
@@ -301,6 +302,54 @@ class TestRobustness:
                 status = await call_control(socket_path, {"command": "status"})
                 assert isinstance(status, dict)
                 nursery.cancel_scope.cancel()
+
+
+class TestControlClient:
+    """``call_control`` waits a bounded time for a host that is starting."""
+
+    async def test_waits_for_a_starting_host(self, socket_path: str, host: SimulatedHost) -> None:
+        """A command sent before the host listens is served once it does, and logged there."""
+        results: list[object] = []
+        done = trio.Event()
+
+        async def call_early() -> None:
+            command = {"command": "balloon", "mb": 64}
+            results.append(await call_control(socket_path, command, start_wait_s=5))
+            done.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call_early)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not done.is_set()
+                with structlog.testing.capture_logs() as logs:
+                    await start(nursery, host, socket_path)
+                    await done.wait()
+                nursery.cancel_scope.cancel()
+        assert results == [None]
+        assert host.status()["balloon"]["target_mb"] == 64  # type: ignore[index]
+        served = [line for line in logs if line["event"] == "control_command"]
+        assert served == [
+            {
+                "event": "control_command",
+                "command": "balloon",
+                "arguments": {"mb": 64},
+                "log_level": "info",
+            }
+        ]
+
+    async def test_gives_up_after_the_wait(
+        self, socket_path: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """No host within ``start_wait_s``: HostUnreachableError saying how long it waited."""
+        with pytest.raises(HostUnreachableError, match="waited 5 s for it to start"):
+            await call_control(socket_path, {"command": "status"}, start_wait_s=5)
+        assert trio.current_time() >= 5
+
+    async def test_no_wait_by_default(self, socket_path: str) -> None:
+        """Without ``start_wait_s`` a missing host fails at once."""
+        with trio.fail_after(1), pytest.raises(HostUnreachableError, match="no simulated host"):
+            await call_control(socket_path, {"command": "status"})
 
 
 class TestSocketFile:

@@ -446,8 +446,14 @@ class TestBalloon:
     @pytest.mark.parametrize("mb", [-1, 1843, 2048])
     def test_target_cap(self, device: Device, mb: int) -> None:
         """Targets at or above 90 % of RAM (1843 of 2048 MB) are refused as Main does."""
-        with pytest.raises(ValueError, match=r"must be in range \[0, 1843\] MB"):
+        with pytest.raises(ValueError, match=r"must be in range \[0, 1842\] MB"):
             device.vmmdev.set_balloon_target(mb)
+
+    @pytest.mark.parametrize("mb", [0, 1842])
+    def test_target_range_ends(self, device: Device, mb: int) -> None:
+        """Both ends of the range the refusal names are accepted."""
+        device.vmmdev.set_balloon_target(mb)
+        assert device.vmmdev.balloon.target_mb == mb
 
     def test_inflate_and_deflate(self, device: Device) -> None:
         """A valid chunk inflates once and deflates once."""

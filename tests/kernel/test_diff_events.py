@@ -154,3 +154,25 @@ async def test_interrupt_all() -> None:
         await rig.ioctl("after idle interrupt", b, Ioctl.WAIT_FOR_EVENTS, wait(Event.RESTORED, 0))
 
     assert_agree(await differ(script))
+
+
+async def test_event_during_a_wait() -> None:
+    """An event raised while one waiter blocks wakes it; a second waiter times out."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        await filter_(rig, "filter", session, Event.RESTORED, 0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                rig.ioctl,
+                "blocked",
+                session,
+                Ioctl.WAIT_FOR_EVENTS,
+                wait(Event.RESTORED, TIMEOUT_INFINITE),
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            await rig.raise_events("raise", Event.RESTORED)
+        rig.steps[-2:] = sorted(rig.steps[-2:], key=lambda step: step.label)  # concurrent steps
+        await rig.ioctl("second", session, Ioctl.WAIT_FOR_EVENTS, wait(Event.RESTORED, 10))
+
+    assert_agree(await differ(script))

@@ -8,8 +8,10 @@ import pytest
 import trio
 import trio.testing
 
+from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import HGCM_MAX_USER_PARM, HgcmParmType, Ioctl
+from agent.protocol.status import VINF_SUCCESS
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
 from tests.kernel.builders import ioctl, sessions
 from tests.kernel.differential import FN_SUCCEED, assert_agree, differ
@@ -263,5 +265,45 @@ async def test_restore_with_a_held_call() -> None:
             rig.note("held calls", len(rig.echo.held))
             nursery.cancel_scope.cancel()
         rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
+
+    assert_agree(await differ(script))
+
+
+async def test_calls_from_every_requestor() -> None:
+    """The requestor each kind of session stamps on its HGCM requests."""
+
+    async def script(rig: Rig) -> None:
+        for label, session in sessions(rig):
+            client = await connected(rig, session, f"{label} connect")
+            await do_call(rig, f"{label} call", session, client, FN_SUCCEED, [(T.U32, 1)])
+
+    assert_agree(await differ(script))
+
+
+async def test_held_call_completes_later() -> None:
+    """A call the service answers later: the waiter wakes on the HGCM event, output copied."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        client = await connected(rig, session)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                do_call,
+                rig,
+                "held",
+                session,
+                client,
+                FN_HOLD,
+                [(T.LINADDR_OUT, bytes(8)), (T.U32, 5)],
+            )
+            await rig.settle(lambda: len(rig.echo.held) == 1)
+            held = rig.echo.held.pop()
+            output, number = held.params
+            assert isinstance(output, HostBuffer)
+            assert isinstance(number, HostU32)
+            output.data[:3] = b"out"
+            output.size = 3
+            number.value = 77
+            held.complete(VINF_SUCCESS)
 
     assert_agree(await differ(script))

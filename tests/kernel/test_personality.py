@@ -57,7 +57,7 @@ async def test_probe_reports_to_the_host(host: SimulatedHost) -> None:
     assert status["additions_reported"]
     assert host.vmmdev.facilities.snapshot()["20"]["status"] == 50  # VBoxGuest driver: Active
     assert status["filter_mask"] == Event.MOUSE_POSITION_CHANGED | Event.HGCM
-    assert kernel(host).heartbeat_interval_ms == 2000
+    assert kernel(host).heartbeat_interval_ns == 2_000_000_000
     assert "vboxguest: host-version: 7.0.18r162988" in kernel(host).dmesg()
 
 

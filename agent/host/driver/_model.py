@@ -56,6 +56,11 @@ class DriverModel(Protocol):
         """Chunks the driver itself holds in the balloon."""
         ...
 
+    @property
+    def heartbeat_interval_ns(self) -> int:
+        """The heartbeat interval the driver got from the host at load (0: it does not beat)."""
+        ...
+
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:

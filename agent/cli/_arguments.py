@@ -1,0 +1,59 @@
+"""Argument types and choices several commands share.
+
+A type here turns a bad value into ``argparse.ArgumentTypeError``, so the parser reports
+it with the command's usage and exit status 64. The personalities are listed here so that
+building the parser imports no simulator code; a test checks them against ``agent.host``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from agent.device.unix import check_socket_path
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_T = TypeVar("_T")
+
+PERSONALITIES: Final = ("mainline", "oracle", "passthrough")
+"""The built-in personalities (what a scenario may name)."""
+ALL_PERSONALITIES: Final = (*PERSONALITIES, "kernel")
+"""Every personality ``simulate`` offers: the built-in ones, then the external ``kernel``."""
+DEFAULT_PERSONALITY: Final = "mainline"
+"""What a simulated host models unless told otherwise: the kernel's own driver, as real
+guests run it (``simulate`` and the bundled demo of ``run --simulate`` agree on it)."""
+
+
+def argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """Wrap ``parse`` so the ``ValueError`` it raises reaches the user as its message."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+socket_path = argument_type(check_socket_path)
+"""``--socket PATH``: a path that can name a Unix socket."""
+
+
+def integer_at_least(minimum: int, *, at_most: int | None = None) -> Callable[[str], int]:
+    """An argument type: an integer no smaller than ``minimum`` (nor larger than ``at_most``)."""
+    bounds = f">= {minimum}" if at_most is None else f"in [{minimum}, {at_most}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum or (at_most is not None and value > at_most):
+            msg = f"{text!r} is not an integer {bounds}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse

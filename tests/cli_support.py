@@ -1,0 +1,80 @@
+"""Helpers for tests that run ``vbox-agent`` commands as real processes.
+
+- every command runs as its own ``python -m agent`` process;
+- the simulator is ready when it says so: ``simulate`` prints ``simulated host listening at
+  PATH`` on stderr once its socket listens, and ``Simulator`` waits for that line (bounded by
+  ``STARTUP_TIMEOUT_S``), never polling the socket;
+- the simulator's log lines (JSON: stdout is a file) are kept in ``log_path`` for the test.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any, Final
+
+import pytest
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+STARTUP_TIMEOUT_S: Final = 20.0
+COMMAND_TIMEOUT_S: Final = 30.0
+LISTENING: Final = "simulated host listening at"
+
+
+def agent(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m agent ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+    )
+
+
+def host(path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``vbox-agent host --socket PATH ARGS``."""
+    return agent("host", "--socket", path, *args)
+
+
+class Simulator:
+    """A ``vbox-agent simulate`` process, started and waited for until it listens."""
+
+    def __init__(
+        self, path: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.path = path
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent", "simulate", "--socket", path, *extra],
+                stdout=log,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        announced = self._first_stderr_line()
+        if not announced.startswith(LISTENING):
+            self.process.kill()
+            _, rest = self.process.communicate(timeout=COMMAND_TIMEOUT_S)
+            pytest.fail(f"the simulator did not start: {announced}{rest}")
+
+    def _first_stderr_line(self) -> str:
+        assert self.process.stderr is not None
+        ready, _, _ = select.select([self.process.stderr], [], [], STARTUP_TIMEOUT_S)
+        return self.process.stderr.readline() if ready else "(nothing within the timeout)"
+
+    def stop(self, signum: int) -> int:
+        """Send ``signum``, reap the process and return its exit code."""
+        self.process.send_signal(signum)
+        self.process.communicate(timeout=COMMAND_TIMEOUT_S)
+        return self.process.returncode
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The simulator's log lines so far, parsed."""
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]

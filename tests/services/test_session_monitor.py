@@ -1,0 +1,91 @@
+"""Tests of the session monitor as a plug-in: built from its spec, run, reported, drained.
+
+Rules of this test module:
+- The host is a real ``SimulatedHost`` behind ``SimOpener`` (pure trio), so the virtual
+  clock (``autojump_clock``) drives every wait; each test is bounded by ``trio.fail_after``.
+- Synchronisation uses ``wait_all_tasks_blocked``, never sleeps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.services import EventPump, ServiceContext, SessionMonitorStatistics
+from agent.services.registry import SERVICES
+from agent.services.session_monitor import SPEC, SessionMonitorSection
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from agent.device import Device
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(name="device")
+async def _device(host: SimulatedHost) -> AsyncIterator[Device]:
+    async with open_device(SimOpener(host)) as device:
+        yield device
+
+
+def _session_id(host: SimulatedHost) -> int:
+    value = host.status()["session_id"]
+    assert isinstance(value, int)
+    return value
+
+
+class TestSessionMonitor:
+    def test_is_registered_with_its_section(self) -> None:
+        """The registry lists it; its section is ``[session_monitor]`` with ``enable``."""
+        assert SPEC in SERVICES
+        assert (SPEC.name, SPEC.section) == ("session_monitor", SessionMonitorSection)
+        assert SessionMonitorSection() == SessionMonitorSection(enable=True)
+
+    async def test_follows_restores_and_reports_them(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """Each restore is read, counted, shown in ``status()`` and announced as a change."""
+        pump = EventPump(device)
+        changes: list[str] = []
+        monitor = SPEC.build(
+            ServiceContext(device, pump, lambda: changes.append(monitor.status())),
+            SessionMonitorSection(),
+        )
+        assert monitor.status() == "vm session unknown"
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                await nursery.start(monitor.run)
+                first = _session_id(host)
+                assert changes == [f"vm session {first:#x}, 0 restores"]
+                host.restore()
+                await trio.testing.wait_all_tasks_blocked()
+                second = _session_id(host)
+                assert second != first
+                assert monitor.status() == f"vm session {second:#x}, 1 restores"
+                assert changes[-1] == monitor.status()
+                assert monitor.statistics() == SessionMonitorStatistics(second, 1)
+                nursery.cancel_scope.cancel()
+
+    async def test_reconfigure_and_drain(
+        self, autojump_clock: trio.abc.Clock, device: Device
+    ) -> None:
+        """A new section applies live (nothing to change); the drain holds nothing back."""
+        monitor = SPEC.build(ServiceContext(device, EventPump(device)), SessionMonitorSection())
+        assert monitor.reconfigure(SessionMonitorSection())
+        with trio.fail_after(1):
+            await monitor.drain()
+        assert monitor.statistics() == SessionMonitorStatistics(None, 0)

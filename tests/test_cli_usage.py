@@ -1,0 +1,113 @@
+"""Command-line mistakes: every parser exits 64 with the usage of the command that got them.
+
+Rules of this test module:
+- the parser runs in-process (``agent.cli.main``) and stops at the mistake, so nothing
+  starts; output is read with ``capsys``;
+- one test per behaviour, the mistakes themselves are parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import host as simulated_host
+from agent.cli import main
+from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
+from agent.cli._exit import EX_USAGE
+from agent.cli._run import _demo_scenario_path
+from agent.host.scenario import load_scenario
+
+SOCKET = "/tmp/vbx-usage/host.sock"
+"""Never created: every command here stops at its arguments."""
+TOO_LONG = "/tmp/" + "x" * 103
+"""108 bytes: one more than ``sun_path`` holds with its terminating NUL."""
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """Run ``vbox-agent ARGV``, check it exits 64 printing nothing on stdout; return stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == EX_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    return err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "message"),
+    [
+        ([], "vbox-agent", "the following arguments are required: COMMAND"),
+        (["bogus"], "vbox-agent", "invalid choice: 'bogus'"),
+        (["run", "--bogus"], "vbox-agent run", "unrecognized arguments: --bogus"),
+        (["abi", "--nope"], "vbox-agent abi", "unrecognized arguments: --nope"),
+        (["check-config"], "vbox-agent check-config", "required: FILE"),
+        (["simulate", "--socket", SOCKET, "-x"], "vbox-agent simulate", "unrecognized"),
+        (["host", "--socket", SOCKET], "vbox-agent host", "required: COMMAND"),
+        (
+            ["host", "--socket", SOCKET, "balloon", "5", "--bogus"],
+            "vbox-agent host balloon",
+            "unrecognized arguments: --bogus",
+        ),
+        (
+            ["host", "--socket", SOCKET, "prop", "set", "/a", "b", "--bogus"],
+            "vbox-agent host prop set",
+            "unrecognized arguments: --bogus",
+        ),
+    ],
+)
+def test_unknown_commands_and_options(
+    argv: list[str], usage: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unknown or missing words: the usage of the command that got them, then the error."""
+    lines = usage_error(argv, capsys)
+    assert lines[0].startswith(f"usage: {usage} ")
+    assert lines[-1].startswith(f"{usage}: error: ")
+    assert message in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--duration", "0"], "'0' must be a positive number of seconds"),
+        (["run", "--duration", "nan"], "'nan' must be a positive number of seconds"),
+        (["simulate", "--socket", ""], "argument --socket: the socket path is empty"),
+        (["simulate", "--socket", TOO_LONG], "a Unix socket path holds at most 107"),
+        (["simulate", "--socket", SOCKET, "--ram-mb", "0"], "'0' is not an integer >= 1"),
+        (["simulate", "--socket", SOCKET, "--ram-mb", "lots"], "'lots' is not an integer >= 1"),
+        (["simulate", "--socket", SOCKET, "--heartbeat-interval-ms", "10"], ">= 50"),
+        (["simulate", "--socket", SOCKET, "--personality", "nope"], "invalid choice: 'nope'"),
+        (["host", "--socket", "", "status"], "the socket path is empty"),
+        (["host", "--socket", SOCKET, "balloon", "-1"], "'-1' is not an integer >= 0"),
+        (["host", "--socket", SOCKET, "balloon", "lots"], "'lots' is not an integer >= 0"),
+        (["host", "--socket", SOCKET, "event", "NOPE"], "NOPE"),
+        (["host", "--socket", SOCKET, "fault", "NOPE", "VERR_NO_MEMORY"], "NOPE"),
+        (["host", "--socket", SOCKET, "fault", "CHANGE_MEMBALLOON", "VERR_NOPE"], "VERR_NOPE"),
+        (
+            ["host", "--socket", SOCKET, "fault", "CHANGE_MEMBALLOON", "-8", "--count", "0"],
+            "'0' is not an integer >= 1",
+        ),
+        (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "-1"], "'-1' is not a non-neg"),
+        (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "inf"], "'inf' is not a non-neg"),
+    ],
+)
+def test_bad_values(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value: the command's usage, then one error line naming the argument and value."""
+    lines = usage_error(argv, capsys)
+    command = " ".join(word for word in argv[:1] if not word.startswith("-"))
+    assert lines[0].startswith(f"usage: vbox-agent {command}")
+    assert lines[-1].startswith("vbox-agent ")
+    assert ": error: argument " in lines[-1]
+    assert message in lines[-1]
+
+
+def test_personalities_are_the_simulators() -> None:
+    """The command line offers exactly the personalities the simulated host has."""
+    assert tuple(simulated_host.PERSONALITIES) == PERSONALITIES
+    assert tuple(simulated_host.ALL_PERSONALITIES) == ALL_PERSONALITIES
+
+
+def test_simulate_and_the_demo_default_to_the_same_personality() -> None:
+    """``simulate`` and ``run --simulate`` (the bundled demo) both model mainline by default."""
+    assert DEFAULT_PERSONALITY == "mainline"
+    assert load_scenario(_demo_scenario_path()).host.personality == DEFAULT_PERSONALITY
+    assert simulated_host.SimulatedHost().status()["personality"] == DEFAULT_PERSONALITY
