@@ -8,14 +8,19 @@ Rules of this test module:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from agent import host as simulated_host
 from agent.cli import main
 from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
-from agent.cli._exit import EX_USAGE
+from agent.cli._exit import EX_CONFIG, EX_USAGE
 from agent.cli._run import _demo_scenario_path
 from agent.host.scenario import load_scenario
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SOCKET = "/tmp/vbx-usage/host.sock"
 """Never created: every command here stops at its arguments."""
@@ -41,6 +46,7 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
         (["run", "--bogus"], "vbox-agent run", "unrecognized arguments: --bogus"),
         (["abi", "--nope"], "vbox-agent abi", "unrecognized arguments: --nope"),
         (["check-config"], "vbox-agent check-config", "required: FILE"),
+        (["run", "--personality", "oracle"], "vbox-agent run", "need --simulate"),
         (["simulate", "--socket", SOCKET, "-x"], "vbox-agent simulate", "unrecognized"),
         (["host", "--socket", SOCKET], "vbox-agent host", "required: COMMAND"),
         (
@@ -70,11 +76,19 @@ def test_unknown_commands_and_options(
     [
         (["run", "--duration", "0"], "'0' must be a positive number of seconds"),
         (["run", "--duration", "nan"], "'nan' must be a positive number of seconds"),
+        (["run", "--device", "unix:"], "argument --device: device spec 'unix:'"),
+        (["run", "--device", f"unix:{TOO_LONG}"], "a Unix socket path holds at most 107"),
+        (["run", "--device", ""], "argument --device: device spec is empty"),
         (["simulate", "--socket", ""], "argument --socket: the socket path is empty"),
         (["simulate", "--socket", TOO_LONG], "a Unix socket path holds at most 107"),
-        (["simulate", "--socket", SOCKET, "--ram-mb", "0"], "'0' is not an integer >= 1"),
-        (["simulate", "--socket", SOCKET, "--ram-mb", "lots"], "'lots' is not an integer >= 1"),
-        (["simulate", "--socket", SOCKET, "--heartbeat-interval-ms", "10"], ">= 50"),
+        (["simulate", "--socket", SOCKET, "--ram-mb", "3"], "'3' is not an integer in [4, "),
+        (["simulate", "--socket", SOCKET, "--ram-mb", "lots"], "'lots' is not an integer in"),
+        (["simulate", "--socket", SOCKET, "--ram-mb", "2097153"], "in [4, 2097152]"),
+        (["simulate", "--socket", SOCKET, "--heartbeat-interval-ms", "10"], "in [50, "),
+        (
+            ["simulate", "--socket", SOCKET, "--heartbeat-interval-ms", "99999999999999"],
+            "in [50, 9223372036854]",
+        ),
         (["simulate", "--socket", SOCKET, "--personality", "nope"], "invalid choice: 'nope'"),
         (["host", "--socket", "", "status"], "the socket path is empty"),
         (["host", "--socket", SOCKET, "balloon", "-1"], "'-1' is not an integer >= 0"),
@@ -111,3 +125,16 @@ def test_simulate_and_the_demo_default_to_the_same_personality() -> None:
     assert DEFAULT_PERSONALITY == "mainline"
     assert load_scenario(_demo_scenario_path()).host.personality == DEFAULT_PERSONALITY
     assert simulated_host.SimulatedHost().status()["personality"] == DEFAULT_PERSONALITY
+
+
+def test_a_bad_device_in_the_config_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same socket path given by the config file: exit 78, one line naming file and key."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\npath = "unix:{TOO_LONG}"\n')
+    assert main(["run", "--config", str(config)]) == EX_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"{config}: device.path: socket path ")
+    assert len(err.splitlines()) == 1

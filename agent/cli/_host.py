@@ -82,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "request", type=_request_type, metavar="REQUEST", help="e.g. CHANGE_MEMBALLOON or 113"
     )
     fault.add_argument(
-        "status", type=argument_type(parse_status), metavar="STATUS", help="e.g. VERR_NO_MEMORY"
+        "status",
+        type=argument_type(parse_status),
+        metavar="STATUS",
+        help="e.g. VERR_NO_MEMORY or -8",
     )
     fault.add_argument(
         "--count", type=integer_at_least(1), default=1, metavar="N", help="how many (default: 1)"

@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from agent.cli._arguments import PERSONALITIES
-from agent.cli._exit import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._exit import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
@@ -88,9 +88,9 @@ def _positive_seconds(text: str) -> float:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the agent; return 0 after a clean shutdown, non-zero on failure."""
+    usage: argparse.ArgumentParser = args.usage_parser
     if not args.simulate and (args.scenario is not None or args.personality is not None):
-        print("vbox-agent run: --personality and --scenario need --simulate", file=sys.stderr)
-        return EX_USAGE
+        usage.error("--personality and --scenario need --simulate")
     try:
         config = (
             load_config(args.config, section_models()) if args.config is not None else AgentConfig()
@@ -99,7 +99,6 @@ def run_command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
-    configure_logging(config.log)
     main: Callable[[], Awaitable[None]]
     if args.simulate:
         # The simulator is imported only here: a real agent loads none of it.
@@ -116,9 +115,12 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
         except ValueError as exc:
-            print(f"vbox-agent run: {exc}", file=sys.stderr)
-            return EX_USAGE
+            if args.device is not None:
+                usage.error(f"argument --device: {exc}")
+            print(f"{args.config}: device.path: {exc}", file=sys.stderr)
+            return EX_CONFIG
         main = partial(_run_daemon, args, config, opener)
+    configure_logging(config.log)
     try:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code

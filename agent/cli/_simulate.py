@@ -32,12 +32,16 @@ if TYPE_CHECKING:
 
     from agent.host import SimulatedHost
 
-MIN_RAM_MB: Final = 1
+MIN_RAM_MB: Final = 4
+MAX_RAM_MB: Final = 2_097_152
+"""Guest RAM VirtualBox accepts on a 64-bit host (``VBoxManage list systemproperties``)."""
 DEFAULT_RAM_MB: Final = 2048
+NS_PER_MS: Final = 1_000_000
 MIN_HEARTBEAT_INTERVAL_MS: Final = 50
 """The host's own minimum heartbeat interval (``HEARTBEAT_DEFAULT_INTERVAL`` floor)."""
+MAX_HEARTBEAT_INTERVAL_MS: Final = (2**64 - 1) // 2 // NS_PER_MS
+"""VMMDev keeps the interval and its default timeout (twice it) as u64 nanoseconds."""
 DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 2000
-NS_PER_MS: Final = 1_000_000
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,14 +71,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--ram-mb",
-        type=integer_at_least(MIN_RAM_MB),
+        type=integer_at_least(MIN_RAM_MB, at_most=MAX_RAM_MB),
         default=DEFAULT_RAM_MB,
         metavar="N",
         help="guest RAM in MiB (default: %(default)s)",
     )
     parser.add_argument(
         "--heartbeat-interval-ms",
-        type=integer_at_least(MIN_HEARTBEAT_INTERVAL_MS),
+        type=integer_at_least(MIN_HEARTBEAT_INTERVAL_MS, at_most=MAX_HEARTBEAT_INTERVAL_MS),
         default=DEFAULT_HEARTBEAT_INTERVAL_MS,
         metavar="N",
         help=(

@@ -305,8 +305,9 @@ class EventWaiter:
                 await trio.sleep_forever()
             finally:
                 if not finished:
-                    await self.interrupt()
+                    # One teardown budget for the interrupt and the end of the wait.
                     wait_scope.deadline = self._device.teardown_deadline()
+                    await self.interrupt()
 
         received: EventsReceived | None = None
         error: Exception | None = None
@@ -315,16 +316,17 @@ class EventWaiter:
             try:
                 with wait_scope:
                     received = await channel.perform(WaitForEvents(self.mask))
+                if wait_scope.cancelled_caught:  # the nursery then re-raises our Cancelled
+                    log.warning(
+                        "device_cleanup_abandoned",
+                        what="event wait",
+                        device=self._device.description,
+                    )
             except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
                 error = exc
             finally:
                 finished = True
                 nursery.cancel_scope.cancel()
-        if wait_scope.cancelled_caught:
-            log.warning(
-                "device_cleanup_abandoned", what="event wait", device=self._device.description
-            )
-            await trio.lowlevel.checkpoint()  # raises the Cancelled that began the teardown
         # Raised here, not in the nursery, so callers see the error itself, not a group.
         if error is not None:
             raise error

@@ -43,6 +43,7 @@ class GadgetSection(ServiceSection):
     interval_s: float = Field(default=2.0, gt=0)
     label: str = "one"
     drain_s: float = Field(default=0.0, ge=0)
+    start_s: float = Field(default=0.0, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class Gadget:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         with self.context.pump.subscribe(self.name, VRDP) as events:
+            await trio.sleep(self.section.start_s)  # the service's own start-up work
             task_status.started()
             self.started.set()
             while True:
@@ -260,6 +262,24 @@ class TestDrain:
         assert gadget.drain_cancelled
         assert not gadget.drained.is_set()
         assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
+
+    async def test_stop_during_start_up(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while a service still starts cuts the start short; the started ones drain."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[daemon]\nshutdown_timeout_s = 5\n[gadget]\nstart_s = 100\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await trio.testing.wait_all_tasks_blocked()
+                [gadget] = BUILT
+                assert not gadget.started.is_set()
+                daemon.request_shutdown("test")
+            ended = trio.current_time()
+        assert ended < FINAL_PHASE_S  # the start-up was not waited for
+        assert not gadget.started.is_set()
+        assert not daemon.statistics().ready
 
     async def test_built_in_config_runs_the_registry_defaults(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost

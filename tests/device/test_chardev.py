@@ -73,6 +73,8 @@ BOUND = 5.0
 """Seconds any test may take."""
 PROMPT = 1.0
 """Seconds within which a cancellation or close must take effect."""
+POLL_S = 0.001
+"""How often a test checks where a worker thread sleeps in the kernel."""
 ECHO_FUNCTION = 1
 """Fake HGCM function: reverse every LINADDR buffer in place, return its length in param 0."""
 BLOCK_FUNCTION = 2
@@ -341,6 +343,28 @@ def raises_errno(code: int) -> pytest.RaisesExc[OSError]:
 
 def _ioctl_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
+
+
+async def _threads_blocked_in_pipe_read(count: int) -> list[threading.Thread]:
+    """Wait (bounded by ``PROMPT``) until ``count`` ioctl threads sleep in a pipe's read(2).
+
+    The kernel names where a sleeping thread waits (``/proc/self/task/TID/wchan``): a thread
+    blocked in the system call shows the pipe's read function there.
+    """
+    with trio.fail_after(PROMPT):
+        while True:
+            blocked = [thread for thread in _ioctl_threads() if _in_pipe_read(thread)]
+            if len(blocked) == count:
+                return blocked
+            await trio.sleep(POLL_S)
+
+
+def _in_pipe_read(thread: threading.Thread) -> bool:
+    try:
+        wchan = Path(f"/proc/self/task/{thread.native_id}/wchan").read_text()
+    except FileNotFoundError:  # the thread has exited
+        return False
+    return wchan.endswith("pipe_read")
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -793,9 +817,8 @@ class TestRealSignals:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(blocked)
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.sleep(0.05)
-                assert len(_ioctl_threads()) == 1
+                [thread] = await _threads_blocked_in_pipe_read(count=1)
+                assert thread.name == "vbox-ioctl"
                 with trio.fail_after(PROMPT):
                     await transport.aclose()
         assert errors == [InterruptedError]

@@ -375,6 +375,8 @@ class TestSocketFile:
             async with trio.open_nursery() as nursery:
                 await start(nursery, host, socket_path)
                 transport = await UnixSocketOpener(socket_path).open_session()
+                version = await request(Session(), transport, GetHostVersion())
+                assert version.major >= 6
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
 

@@ -55,12 +55,20 @@ class TestSimTransport:
         """A blocked wait and other requests share one transport."""
         client = await open_client(host)
         await client.request(ChangeFilterMask(Event.VRDP, 0))
+        woken: list[int] = []
+
+        async def wait() -> None:
+            woken.append((await client.request(WaitForEvents(Event.VRDP))).mask)
+
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.request, WaitForEvents(Event.VRDP))
+                nursery.start_soon(wait)
                 await trio.testing.wait_all_tasks_blocked()
-                await client.request(GetSessionId())
+                session = await client.request(GetSessionId())
+                assert session.value == host.status()["session_id"]
+                assert woken == []
                 host.raise_events(Event.VRDP)
+        assert woken == [Event.VRDP]
 
     async def test_close_releases_the_session(self, host: SimulatedHost) -> None:
         """Closing drops the session's clients; later ioctls are EBADF."""

@@ -483,8 +483,9 @@ class TestLocalProtocolErrors:
         assert len(HgcmCall(1, 1, (HgcmU32(0),) * 32).encode().buffer) == 40 + 32 * 16
 
     def test_service_name_of_127_bytes_is_accepted(self) -> None:
-        """127 bytes leave room for the NUL."""
-        HgcmConnect("x" * 127).encode()
+        """127 bytes leave room for the NUL that ends the 128-byte field at offset 28."""
+        buffer = HgcmConnect("x" * 127).encode().buffer
+        assert bytes(buffer[28 : 28 + 128]) == b"x" * 127 + b"\0"
 
     def test_oversized_log_is_refused(self) -> None:
         """A message that would make the buffer exceed 16 MiB is refused."""

@@ -1,0 +1,101 @@
+"""Teardown the driver does not honour is abandoned in bounded time, never waited for.
+
+Rules of this test module:
+- The host is a real ``SimulatedHost`` behind ``SimOpener``; ``DeafOpener`` wraps its
+  sessions so that INTERRUPT_ALL_WAIT_FOR_EVENTS never returns, as a wedged driver would.
+- Pure trio, so the virtual clock (``autojump_clock``) measures the bounds exactly; each test
+  is bounded by ``trio.fail_after`` on that clock. Synchronisation uses
+  ``wait_all_tasks_blocked``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import structlog.testing
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.device.device import CLEANUP_TIMEOUT_S
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import Event, Ioctl
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from agent.device import Transport
+    from agent.protocol import UserBuffer
+
+RESTORED = int(Event.RESTORED)
+
+
+class DeafTransport:
+    """A session whose driver never answers INTERRUPT_ALL_WAIT_FOR_EVENTS."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+
+    async def ioctl(
+        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+    ) -> None:
+        if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
+            await trio.sleep_forever()
+        await self._inner.ioctl(code, buffer, user_buffers)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class DeafOpener:
+    def __init__(self, host: SimulatedHost) -> None:
+        self._inner = SimOpener(host)
+        self.description = "deaf simulated driver"
+
+    async def open_session(self) -> DeafTransport:
+        return DeafTransport(await self._inner.open_session())
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+async def _cancel_a_wait(host: SimulatedHost, cleanup_in_s: float | None) -> float:
+    """Cancel a blocked wait on a deaf session; return how long the cancellation took."""
+    async with open_device(DeafOpener(host)) as device:
+        if cleanup_in_s is not None:
+            device.cleanup_deadline = trio.current_time() + cleanup_in_s
+        async with device.open_event_waiter(RESTORED) as waiter:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(waiter.wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    began = trio.current_time()
+                    scope.cancel()
+            return trio.current_time() - began
+
+
+class TestAbandonedTeardown:
+    async def test_cancelled_wait_ends_within_the_cleanup_timeout(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """The interrupt never returns: the wait is abandoned after CLEANUP_TIMEOUT_S, logged."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            took = await _cancel_a_wait(host, None)
+        assert took == pytest.approx(CLEANUP_TIMEOUT_S)
+        abandoned = [e["what"] for e in logs if e["event"] == "device_cleanup_abandoned"]
+        assert abandoned == ["interrupt", "event wait"]
+
+    async def test_cleanup_deadline_shortens_it(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """With the device's cleanup deadline 0.3 s away, the wait is abandoned then."""
+        with trio.fail_after(60):
+            took = await _cancel_a_wait(host, 0.3)
+        assert took == pytest.approx(0.3)
