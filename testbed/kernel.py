@@ -47,6 +47,8 @@ MAX_DRIVER_THREADS: Final = 256
 ISR_RETRY_S: Final = 0.01
 """After an ISR whose acknowledgement failed, the level-triggered line fires again this later."""
 QUERY_SIZE: Final = 1024
+DMESG_SIZE: Final = 1 << 16
+"""The shim's log buffer size."""
 NS_PER_MS: Final = 1_000_000
 ERESTARTSYS: Final = 512
 """What an interrupted wait returns inside the kernel; userspace sees EINTR."""
@@ -111,7 +113,7 @@ class KernelDriver:
 
     def dmesg(self) -> str:
         """The driver's log since the last call (its printk lines)."""
-        text = ctypes.create_string_buffer(1 << 16)
+        text = ctypes.create_string_buffer(DMESG_SIZE)
         self._lib.shim_dmesg_take(text, len(text))
         return text.value.decode(errors="replace")
 

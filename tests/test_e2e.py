@@ -313,7 +313,7 @@ class TestReadme:
             status = next(line for line in lines if "balloon" in line and "personality" in line)
             assert status["balloon"]["target_mb"] == 512
             served = [line["command"] for line in lines if line.get("event") == "control_command"]
-            assert served == ["balloon", "prop_set", "restore", "status"]
+            assert served == ["balloon", "prop_set", "restore", "stats_interval", "status"]
             assert "agent_stopped" in {line.get("event") for line in lines}
             assert not socket_path.exists()
 

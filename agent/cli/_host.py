@@ -3,9 +3,9 @@
 The commands mirror what VBoxManage does to a running VM (resize the balloon, set guest
 properties, set the guest statistics interval, raise events, restore a snapshot) plus test
 hooks (faults, delays, dropping the device connections) and ``status``. Each invocation
-sends one control command (``docs/simulator-socket.md``), waiting up to ``HOST_START_WAIT_S``
-for a host that is still starting. Exit codes: 0 done, 1 the host refused (the reason is
-printed on one line), 64 bad arguments, 69 no host answers at the path.
+sends one control command (``docs/simulator-socket.md``), waiting as the agent does (up to
+``HOST_START_WAIT_S``) for a host that is still starting. Exit codes: 0 done, 1 the host
+refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import trio
 
 from agent.cli._arguments import argument_type, integer_at_least, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
+from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.status import parse_status
 
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
 
 CONTROL_TIMEOUT_S: Final = 10.0
 """How long the CLI waits for the host to answer one command."""
-HOST_START_WAIT_S: Final = 5.0
-"""How long the CLI waits for a host whose socket is missing or refuses connections: one
-started a moment ago (``vbox-agent simulate ... &``) may not listen yet."""
 MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
 """The statistics interval is a u32 of seconds."""
 
@@ -134,11 +132,9 @@ async def _call(path: str, payload: dict[str, object]) -> object:
         raise HostUnreachableError(msg) from None
 
 
+@argument_type
 def _request_type(text: str) -> int:
-    try:
-        return int(parse_request_type(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return int(parse_request_type(text))
 
 
 def _seconds(text: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agent.services._base import (
+    BalloonGauge as BalloonGauge,
     Service as Service,
     ServiceContext as ServiceContext,
     ServiceSection as ServiceSection,

@@ -10,7 +10,7 @@ runs it under its supervisor. See "Writing a service" in ``docs/architecture.md`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, final
 
 import trio
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +43,21 @@ def _status_ignored() -> None:
     """The default :attr:`ServiceContext.status_changed`: nobody listens."""
 
 
+@final
+class BalloonGauge:
+    """The balloon's size as the balloon service last saw it, for services that report it.
+
+    The balloon service sets ``chunks`` (1 MiB chunks in the balloon, counting the driver's
+    or its own) whenever it learns the size, and back to None when it stops; the guest
+    statistics read it. None means "nobody knows": the reader asks the driver instead.
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceContext:
     """What the daemon hands a service when it builds it.
@@ -53,11 +68,14 @@ class ServiceContext:
         status_changed: call it after anything that changes :meth:`Service.status`; the
             daemon then sends the new combined ``STATUS=`` line to systemd (cheap, never
             blocks; repeated calls coalesce).
+        balloon: the balloon's current size, shared by the balloon service (writer) and the
+            guest statistics (reader).
     """
 
     device: Device
     pump: EventPump
     status_changed: Callable[[], None] = field(default=_status_ignored)
+    balloon: BalloonGauge = field(default_factory=BalloonGauge)
 
 
 class Statistics(Protocol):

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.services import balloon, session_monitor
+from agent.services import balloon, guest_stats, heartbeat, session_monitor
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from agent.services._base import ServiceSection, ServiceSpec
 
-SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (session_monitor.SPEC, balloon.SPEC)
+SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (
+    session_monitor.SPEC,
+    heartbeat.SPEC,
+    guest_stats.SPEC,
+    balloon.SPEC,
+)
 """In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""
 
 

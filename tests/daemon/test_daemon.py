@@ -99,9 +99,10 @@ class TestDaemonLifecycle:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 ready = await reader.until("READY=1")
+                session = f"vm session {host.status()['session_id']:#x}, 0 restores"
                 assert (
-                    f"STATUS=vm session {host.status()['session_id']:#x}, 0 restores; "
-                    "balloon 0 MB (kernel)" in ready
+                    f"STATUS={session}; heartbeat (kernel); statistics off; balloon 0 MB (kernel)"
+                    in ready
                 )
                 assert daemon.statistics().ready
                 assert _facility(host) == FacilityStatus.ACTIVE
@@ -228,7 +229,7 @@ class TestRestore:
                 new_id = host.status()["session_id"]
                 assert isinstance(new_id, int)
                 await reader.until(
-                    f"STATUS=vm session {new_id:#x}, 1 restores; balloon 0 MB (kernel)"
+                    f"STATUS=vm session {new_id:#x}, 1 restores; heartbeat (kernel); statistics off; balloon 0 MB (kernel)"
                 )
                 stats = daemon.statistics().services["session_monitor"]
                 assert isinstance(stats, SessionMonitorStatistics)

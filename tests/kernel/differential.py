@@ -13,6 +13,7 @@ Heartbeats and the ISR's acknowledgements are left out of the request stream (``
 
 from __future__ import annotations
 
+import itertools
 import struct
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import trio
 import trio.testing
 
 from agent.host import DictMemory, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import HgcmParmType, RequestType
@@ -45,6 +47,9 @@ SETTLE_S: Final = 5.0
 POLL_S: Final = 0.001
 HOST_TIME_MS: Final = 1_700_000_000_000
 """What GET_HOST_TIME answers on both hosts (the wall clock would differ between runs)."""
+PROPERTY_CLOCK_START_NS: Final = 1_700_000_000_000_000_000
+PROPERTY_CLOCK_STEP_NS: Final = 1_000
+"""The guest-property service's clock: the same readings on both hosts."""
 LEFT_OUT: Final = frozenset({RequestType.GUEST_HEARTBEAT, RequestType.ACKNOWLEDGE_EVENTS})
 """Requests whose number and timing are the scheduler's: the real driver's per-tick heartbeat
 (``docs/personalities.md``) and the ISR's acknowledgements, which follow host events and
@@ -178,12 +183,11 @@ class Rig:
         driver = self.host.driver
         served = driver.interrupts_served if isinstance(driver, KernelDriver) else 0
         self.host.raise_events(mask)
-        if not self.host.vmmdev.have_events:
-            pass  # nothing deliverable: no interrupt
-        elif isinstance(driver, KernelDriver):
-            await self.settle(lambda: driver.interrupts_served > served)
-        else:  # the model's ISR is a trio task
-            await trio.testing.wait_all_tasks_blocked()
+        if self.host.vmmdev.have_events:  # deliverable: an interrupt is due
+            if isinstance(driver, KernelDriver):
+                await self.settle(lambda: driver.interrupts_served > served)
+            else:  # the model's ISR is a trio task
+                await trio.testing.wait_all_tasks_blocked()
         return self.finish(step)
 
     async def settle(self, condition: Callable[[], bool]) -> None:
@@ -259,8 +263,9 @@ def _blank_page_lists(req: bytearray) -> list[str]:
 async def running(personality: str) -> AsyncIterator[Rig]:
     """A host of ``personality`` with the recording echo service, loaded and recording."""
     echo = RecordingEcho()
-    host = SimulatedHost(personality=personality, seed=1)
-    host.register_hgcm_service(echo)
+    clock = itertools.count(PROPERTY_CLOCK_START_NS, PROPERTY_CLOCK_STEP_NS)
+    properties = GuestPropertyService(clock=lambda: next(clock))
+    host = SimulatedHost(personality=personality, seed=1, services=[properties, echo])
     rig = Rig(host, echo)
     async with trio.open_nursery() as nursery:
         step = rig.begin("boot")

@@ -11,7 +11,7 @@ import trio.testing
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import HGCM_MAX_USER_PARM, HgcmParmType, Ioctl
-from agent.protocol.status import VINF_SUCCESS
+from agent.protocol.status import VERR_ACCESS_DENIED, VINF_SUCCESS
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
 from tests.kernel.builders import ioctl, sessions
 from tests.kernel.differential import FN_SUCCEED, assert_agree, differ
@@ -307,3 +307,29 @@ async def test_held_call_completes_later() -> None:
             held.complete(VINF_SUCCESS)
 
     assert_agree(await differ(script))
+
+
+async def test_service_refusals_and_call_limit() -> None:
+    """A service refusing a client; a client's calls beyond the service's pending limit."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        rig.echo.refuse = VERR_ACCESS_DENIED
+        await rig.ioctl("refused", session, Ioctl.HGCM_CONNECT, connect(ECHO))
+        rig.echo.refuse = 0
+        client = await connected(rig, session)
+        room = rig.echo.max_calls - 1  # the host counts the new call before comparing
+        async with trio.open_nursery() as nursery:
+            for index in range(room):
+                nursery.start_soon(
+                    do_call, rig, f"held {index}", session, client, FN_HOLD, [(T.U32, index)]
+                )
+            await rig.settle(lambda: len(rig.echo.held) == room)
+            await do_call(rig, "one too many", session, client, FN_HOLD, [(T.U32, 9)])
+            nursery.cancel_scope.cancel()
+        rig.note("held after cancel", len(rig.echo.held))
+
+    results = await differ(script)
+    for steps in results.values():  # the interrupted calls were never answered: no steps
+        assert [step.label for step in steps][-2:] == ["one too many", "held after cancel: 0"]
+    assert_agree(results)

@@ -16,9 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from agent.host import SimOpener, SimulatedHost
-from agent.protocol.constants import Event
+from agent.host import DriverLoadError, SimOpener, SimulatedHost
+from agent.protocol.constants import Event, RequestType
 from agent.protocol.messages import ChangeFilterMask, InterruptAllWaits, WaitForEvents
+from agent.protocol.status import VERR_NOT_SUPPORTED
 from testbed.kernel import KernelDriver
 from testbed.realdriver import ENV_LIBRARY
 from tests.host.conftest import Client
@@ -59,6 +60,19 @@ async def test_probe_reports_to_the_host(host: SimulatedHost) -> None:
     assert status["filter_mask"] == Event.MOUSE_POSITION_CHANGED | Event.HGCM
     assert kernel(host).heartbeat_interval_ns == 2_000_000_000
     assert "vboxguest: host-version: 7.0.18r162988" in kernel(host).dmesg()
+
+
+async def test_failed_probe_is_a_load_error(kernel_library: Path) -> None:
+    """The real probe failing (GET_HOST_VERSION refused) is DriverLoadError; no device node."""
+    del kernel_library
+    host = SimulatedHost(personality="kernel")
+    host.add_fault(RequestType.GET_HOST_VERSION, VERR_NOT_SUPPORTED)
+    with trio.fail_after(WAIT_S), pytest.RaisesGroup(DriverLoadError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+    with pytest.raises(FileNotFoundError):
+        host.open_session()
+    assert "vbg_query_host_version error" in kernel(host).dmesg()
 
 
 async def test_event_reaches_a_waiter(host: SimulatedHost) -> None:

@@ -1,0 +1,142 @@
+"""``statistics``: report guest statistics to the host at the interval it asks for.
+
+The host (Main's ``IGuest::statisticsUpdateInterval``, set by ``VBoxManage metrics setup`` or
+the host's balloon control) raises STATISTICS_INTERVAL_CHANGE_REQUEST (0x80) when it wants a
+new interval. The service reads the interval with GET_STATISTICS_CHANGE_REQ, acknowledging the
+event, at start, at every 0x80 and after every restore; while the interval is not zero it
+sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`. Each report is one
+``/proc`` sample (:mod:`agent.services._procstats`) as CPU 0, the load being that of all CPUs;
+the balloon figure is the balloon service's count (``ServiceContext.balloon``), or the
+driver's (CHECK_BALLOON) while no balloon service publishes one. Mainline and Oracle's driver
+let trusted sessions send both requests, so this works on every real guest. Config section:
+``[statistics]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, NoReturn, final
+
+import structlog
+import trio
+
+from agent.protocol import Event, GetStatisticsChangeRequest, ReportGuestStats, VBoxStatusError
+from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._paced import Metronome
+from agent.services._procstats import ProcStats, ProcStatsError
+
+if TYPE_CHECKING:
+    from agent.device import Device
+    from agent.protocol import GuestStatistics
+    from agent.services._paced import MetronomeStatistics
+    from agent.services.event_pump import EventPump
+
+log = structlog.get_logger(__name__)
+
+NAME: Final = "statistics"
+PROC: Final = Path("/proc")
+LATE_AFTER_S: Final = 1.0
+"""A report sent more than a second after its deadline is logged as late."""
+EVENTS: Final = Event.RESTORED | Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+
+
+class StatisticsSection(ServiceSection):
+    """``[statistics]``: guest statistics for the host; the host sets the interval."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStatsStatistics:
+    """What the statistics service sent.
+
+    Attributes:
+        failures: reports not sent (``/proc`` unreadable or the host refused).
+        last: the latest report sent, or None.
+        rhythm: the metronome's counters (reports are its ticks).
+    """
+
+    failures: int
+    last: GuestStatistics | None
+    rhythm: MetronomeStatistics
+
+
+@final
+class GuestStatsService:
+    """Reports ``/proc`` statistics at the host's interval."""
+
+    name: Final = NAME
+
+    def __init__(self, context: ServiceContext, *, proc: Path = PROC) -> None:
+        self._device: Device = context.device
+        self._pump: EventPump = context.pump
+        self._status_changed = context.status_changed
+        self._balloon = context.balloon
+        self._proc = ProcStats(proc)
+        self._metronome = Metronome(self._read_interval, self._report, late_after_s=LATE_AFTER_S)
+        self._failures = 0
+        self._last: GuestStatistics | None = None
+
+    def statistics(self) -> GuestStatsStatistics:
+        """Return the report counters and the latest report."""
+        return GuestStatsStatistics(self._failures, self._last, self._metronome.statistics())
+
+    def status(self) -> str:
+        """``statistics every 5 s`` or ``statistics off``."""
+        interval = self._metronome.interval_s
+        return "statistics off" if interval is None else f"statistics every {interval:g} s"
+
+    def reconfigure(self, section: StatisticsSection) -> bool:
+        """Nothing to apply: the host sets the interval."""
+        del section
+        return True
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Read the interval, report on it, and read it again at 0x80 and after restores."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        with self._pump.subscribe(self.name, EVENTS) as events:
+            await self._metronome.run(events, task_status=task_status)
+
+    async def drain(self) -> None:
+        """Nothing to give back: the host keeps no state for the reporter."""
+        await trio.lowlevel.checkpoint()
+
+    async def _read_interval(self) -> float | None:
+        seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
+        log.info("statistics_interval_read", interval_s=seconds)
+        self._proc.forget_cpu()
+        self._status_changed()
+        return float(seconds) if seconds else None
+
+    async def _report(self) -> None:
+        try:
+            stats = self._proc.sample(balloon_chunks=await self._balloon_chunks())
+        except ProcStatsError as exc:
+            self._failures += 1
+            log.warning("statistics_unavailable", error=str(exc), failures=self._failures)
+            return
+        try:
+            await self._device.request(ReportGuestStats(stats))
+        except VBoxStatusError as exc:
+            self._failures += 1
+            log.warning("statistics_report_failed", status=exc.name, failures=self._failures)
+            return
+        self._last = stats
+
+    async def _balloon_chunks(self) -> int | None:
+        """The balloon service's count; without one, the driver's (mainline: the kernel's)."""
+        if self._balloon.chunks is not None:
+            return self._balloon.chunks
+        try:
+            return (await self._device.check_balloon()).chunks
+        except VBoxStatusError:
+            return None
+
+
+def _build(context: ServiceContext, section: StatisticsSection) -> GuestStatsService:
+    del section
+    return GuestStatsService(context)
+
+
+SPEC: Final = ServiceSpec(NAME, StatisticsSection, _build)

@@ -1,0 +1,208 @@
+"""``heartbeat``: keep the host's heartbeat check fed, where the driver lets userspace do it.
+
+The host's flat-line check expects GUEST_HEARTBEAT every interval it chooses. Where the driver
+passes the heartbeat requests through (``passthrough``), the service switches the check off
+and on again with HEARTBEAT_CONFIGURE (a fresh start, whatever an earlier run left), takes the
+interval the host returns and beats on that rhythm with the :class:`Metronome` (absolute
+deadlines, one late beat rather than a burst). After a restore (RESTORED) it configures again;
+at stop (``drain``) it switches the check off, so a stopped agent is not mistaken for a hung
+guest.
+
+Where the driver keeps the heartbeat itself, the requests are refused (mainline: EPERM; Oracle's
+``vgdrvCheckIfVmmReqIsAllowed``: VERR_PERMISSION_DENIED, as neither request is on its list).
+The service then logs once that the kernel owns the heartbeat and does nothing more. A host
+without the heartbeat (VERR_NOT_IMPLEMENTED / VERR_NOT_SUPPORTED) is logged the same way.
+Config section: ``[heartbeat]``.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Final, NoReturn, final
+
+import structlog
+import trio
+from pydantic import Field
+
+from agent.protocol import Event, GuestHeartbeat, HeartbeatConfigure, VBoxStatusError
+from agent.protocol.status import (
+    VERR_ACCESS_DENIED,
+    VERR_NOT_IMPLEMENTED,
+    VERR_NOT_SUPPORTED,
+    VERR_PERMISSION_DENIED,
+)
+from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._paced import Metronome
+
+if TYPE_CHECKING:
+    from agent.device import Device
+    from agent.services._paced import MetronomeStatistics
+    from agent.services.event_pump import EventPump
+
+log = structlog.get_logger(__name__)
+
+NAME: Final = "heartbeat"
+NS_PER_S: Final = 1_000_000_000
+MS_PER_S: Final = 1000
+MAX_LATE_AFTER_S: Final = 60.0
+DRIVER_REFUSALS: Final = frozenset({VERR_PERMISSION_DENIED, VERR_ACCESS_DENIED})
+"""Statuses meaning "the driver keeps the heartbeat" (mainline's EPERM arrives as one too)."""
+HOST_LACKS: Final = frozenset({VERR_NOT_IMPLEMENTED, VERR_NOT_SUPPORTED})
+"""Statuses meaning "this host has no heartbeat check"."""
+
+
+class HeartbeatSection(ServiceSection):
+    """``[heartbeat]``: the guest heartbeat, where the driver leaves it to userspace."""
+
+    late_after_s: float = Field(default=0.05, gt=0, le=MAX_LATE_AFTER_S)
+    """A beat sent more than this many seconds after its deadline is logged (``tick_late``)."""
+
+
+class Owner(Enum):
+    """Who keeps the heartbeat."""
+
+    UNKNOWN = "unknown"
+    AGENT = "agent"
+    DRIVER = "driver"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatStatistics:
+    """The heartbeat as the service keeps it.
+
+    Attributes:
+        owner: ``agent`` (beating), ``driver`` (the kernel keeps it), ``none`` (the host
+            has no heartbeat), ``unknown`` (before the first configure).
+        configures: successful HEARTBEAT_CONFIGURE (on) requests.
+        failures: beats the host refused.
+        rhythm: the metronome's counters (beats are its ticks).
+    """
+
+    owner: str
+    configures: int
+    failures: int
+    rhythm: MetronomeStatistics
+
+
+class _NotOursError(Exception):
+    """The first configure showed that the agent does not keep the heartbeat."""
+
+    def __init__(self, owner: Owner, status: str) -> None:
+        super().__init__(status)
+        self.owner = owner
+        self.status = status
+
+
+@final
+class HeartbeatService:
+    """Configures the host's heartbeat check and beats on its interval."""
+
+    name: Final = NAME
+
+    def __init__(self, context: ServiceContext, section: HeartbeatSection) -> None:
+        self._device: Device = context.device
+        self._pump: EventPump = context.pump
+        self._status_changed = context.status_changed
+        self._metronome = Metronome(self._configure, self._beat, late_after_s=section.late_after_s)
+        self._owner = Owner.UNKNOWN
+        self._host_check_on = False
+        self._configures = 0
+        self._failures = 0
+
+    def statistics(self) -> HeartbeatStatistics:
+        """Return who keeps the heartbeat and the beat counters."""
+        return HeartbeatStatistics(
+            self._owner.value, self._configures, self._failures, self._metronome.statistics()
+        )
+
+    def status(self) -> str:
+        """``heartbeat 2000 ms``, ``heartbeat (kernel)``, ``heartbeat unsupported``..."""
+        interval = self._metronome.interval_s
+        if self._owner is Owner.AGENT and interval is not None:
+            return f"heartbeat {round(interval * MS_PER_S)} ms"
+        return {
+            Owner.DRIVER: "heartbeat (kernel)",
+            Owner.NONE: "heartbeat unsupported by the host",
+        }.get(self._owner, "heartbeat starting")
+
+    def reconfigure(self, section: HeartbeatSection) -> bool:
+        """Apply a new late threshold at once."""
+        self._metronome.late_after_s = section.late_after_s
+        return True
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Configure the host's check and beat; configure again after every restore."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        try:
+            with self._pump.subscribe(self.name, Event.RESTORED) as events:
+                await self._metronome.run(events, task_status=task_status)
+        except _NotOursError as exc:
+            self._owner = exc.owner
+            self._status_changed()
+            if exc.owner is Owner.DRIVER:
+                log.info("heartbeat_kept_by_driver", refused_with=exc.status)
+            else:
+                log.warning("heartbeat_not_supported_by_host", status=exc.status)
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        """Switch the host's check off if this service switched it on."""
+        if not self._host_check_on:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self._device.request(HeartbeatConfigure(enabled=False))
+        except VBoxStatusError as exc:
+            log.warning("heartbeat_disable_failed", status=exc.name)
+            return
+        self._host_check_on = False
+        log.info("heartbeat_stopped")
+
+    async def _configure(self) -> float:
+        """Switch the check off and on again; return the host's interval in seconds."""
+        try:
+            await self._device.request(HeartbeatConfigure(enabled=False))
+            settings = await self._device.request(HeartbeatConfigure(enabled=True))
+        except VBoxStatusError as exc:
+            self._raise_if_not_ours(exc.rc, exc.name)
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self._raise_if_not_ours(VERR_PERMISSION_DENIED, "EPERM")
+            raise
+        self._host_check_on = True
+        self._owner = Owner.AGENT
+        self._configures += 1
+        interval_s = settings.interval_ns / NS_PER_S
+        log.info("heartbeat_configured", interval_ms=settings.interval_ns / 1_000_000)
+        self._status_changed()
+        return interval_s
+
+    def _raise_if_not_ours(self, rc: int, status: str) -> None:
+        """Before the first success, a refusal means the driver (or no host) keeps it."""
+        if self._configures:
+            return
+        if rc in DRIVER_REFUSALS:
+            raise _NotOursError(Owner.DRIVER, status)
+        if rc in HOST_LACKS:
+            raise _NotOursError(Owner.NONE, status)
+
+    async def _beat(self) -> None:
+        try:
+            await self._device.request(GuestHeartbeat())
+        except VBoxStatusError as exc:
+            self._failures += 1
+            log.warning("heartbeat_failed", status=exc.name, failures=self._failures)
+
+
+def _build(context: ServiceContext, section: HeartbeatSection) -> HeartbeatService:
+    return HeartbeatService(context, section)
+
+
+SPEC: Final = ServiceSpec(NAME, HeartbeatSection, _build)

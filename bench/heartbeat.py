@@ -1,0 +1,189 @@
+"""Heartbeat lateness as the host sees it, idle and under a CPU hog; statistics report cost.
+
+A simulated host (``passthrough``, 100 ms heartbeat interval) runs in this process and
+serves a real ``vbox-agent run`` process over a Unix socket; the host stamps every
+GUEST_HEARTBEAT when its port handler sees it. A beat's lateness is how far it arrives after
+its slot on the 100 ms grid, counted from the earliest-arriving beat (so the fixed cost of
+the trip through the socket is not counted as lateness). Baseline, measured in the same
+run: a bare Python process sleeping to the same absolute deadlines, whose own wake-up
+lateness is the floor this machine allows. Each phase runs idle, then with one busy-looping
+process per CPU.
+
+The statistics cost is the CPU time of one report (one ``/proc`` sample plus encoding),
+next to a bare read of ``/proc/meminfo`` measured in the same run.
+
+    python bench/heartbeat.py [--seconds S] [--reports N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.config import LogConfig
+from agent.host import SimulatedHost
+from agent.host.server import serve_simulated_host
+from agent.logconfig import configure_logging
+from agent.protocol import ReportGuestStats, RequestType
+from agent.services._procstats import ProcStats
+
+if TYPE_CHECKING:
+    import subprocess
+
+INTERVAL_NS: Final = 100_000_000
+INTERVAL_S: Final = INTERVAL_NS / 1e9
+SETTLE_S: Final = 2.0
+"""Time the agent gets to start and configure before beats are counted."""
+TARGET_P99_MS: Final = 5.0
+BASELINE: Final = """
+import json, sys, time
+interval, count = float(sys.argv[1]), int(sys.argv[2])
+start = time.monotonic() + interval
+late = []
+for i in range(count):
+    deadline = start + i * interval
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    late.append(time.monotonic() - deadline)
+print(json.dumps(late))
+"""
+HOG: Final = "while True: pass"
+
+
+def percentile(ordered: list[float], share: float) -> float:
+    """The value below which ``share`` of ``ordered`` lies."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
+def grid_lateness(stamps: list[float]) -> list[float]:
+    """Each beat's lateness behind its 100 ms slot, relative to the earliest beat."""
+    first = stamps[0]
+    offsets = [(t - first) - round((t - first) / INTERVAL_S) * INTERVAL_S for t in stamps]
+    floor = min(offsets)
+    return [offset - floor for offset in offsets]
+
+
+def summary(name: str, lateness: list[float]) -> str:
+    """``name: p50 .. p99 .. max ..`` in milliseconds."""
+    ordered = sorted(lateness)
+    p50, p99 = percentile(ordered, 0.5), percentile(ordered, 0.99)
+    return (
+        f"{name:<28} n={len(ordered):<4} p50 {p50 * 1e3:6.2f} ms  p99 {p99 * 1e3:6.2f} ms  "
+        f"max {ordered[-1] * 1e3:6.2f} ms"
+    )
+
+
+async def phase(host: SimulatedHost, stamps: list[float], seconds: float, *, hog: bool) -> None:
+    """Measure one phase and print its figures."""
+    hogs = [
+        await trio.lowlevel.open_process([sys.executable, "-c", HOG])
+        for _ in range((os.cpu_count() or 1) if hog else 0)
+    ]
+    try:
+        count = int(seconds / INTERVAL_S)
+        result: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def run_baseline() -> None:
+            argv = [sys.executable, "-c", BASELINE, str(INTERVAL_S), str(count)]
+            result.append(await trio.run_process(argv, capture_stdout=True))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_baseline)
+            stamps.clear()
+            await trio.sleep(seconds)
+            beats = list(stamps)
+        base_late = json.loads(result[0].stdout)
+    finally:
+        for process in hogs:
+            process.kill()
+            await process.wait()
+    state = host.status()["heartbeat"]
+    assert isinstance(state, dict)
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    agent_late = grid_lateness(beats)
+    label = f"under a CPU hog ({len(hogs)} busy processes)" if hog else "idle"
+    print(f"{label}: {len(beats)} beats in {seconds:g} s (expected {count})")
+    print("  " + summary("agent beats (host clock)", agent_late))
+    print("  " + summary("baseline sleep-to-deadline", base_late))
+    base_p99 = percentile(sorted(base_late), 0.99)
+    agent_p99 = percentile(sorted(agent_late), 0.99)
+    ratio = agent_p99 / base_p99 if base_p99 > 0 else float("inf")
+    print(f"  p99 ratio agent/baseline {ratio:.1f}x")
+    print(
+        f"  max gap {max(gaps) * 1e3:.1f} ms (interval {INTERVAL_S * 1e3:.0f} ms), "
+        f"flatlined {state['flatlined']}"
+    )
+    verdict = "met" if agent_p99 * 1e3 < TARGET_P99_MS else "MISSED"
+    print(f"  target p99 < {TARGET_P99_MS:g} ms: {verdict}")
+
+
+async def heartbeat_phases(seconds: float) -> None:
+    """Run the host and the agent; measure idle, then under a hog."""
+    host = SimulatedHost(personality="passthrough", heartbeat_interval_ns=INTERVAL_NS)
+    stamps: list[float] = []
+    process_request = host.vmmdev.process
+
+    def stamped(phys: int) -> None:
+        before = host.vmmdev.request_counts[RequestType.GUEST_HEARTBEAT]
+        process_request(phys)
+        if host.vmmdev.request_counts[RequestType.GUEST_HEARTBEAT] != before:
+            stamps.append(time.monotonic())
+
+    host.vmmdev.process = stamped  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory(prefix="vbhb-") as workdir:
+        socket = f"{workdir}/host.sock"
+        config = Path(workdir) / "agent.toml"
+        config.write_text('[log]\nlevel = "warning"\n')
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            await nursery.start(serve_simulated_host, host, socket)
+            argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
+            agent = await nursery.start(
+                partial(trio.run_process, check=False), [*argv, "--device", f"unix:{socket}"]
+            )
+            await trio.sleep(SETTLE_S)
+            await phase(host, stamps, seconds, hog=False)
+            await phase(host, stamps, seconds, hog=True)
+            agent.terminate()
+            await agent.wait()
+            nursery.cancel_scope.cancel()
+
+
+def report_cost(reports: int) -> None:
+    """Print the CPU time of one statistics report next to a bare /proc/meminfo read."""
+    stats = ProcStats(Path("/proc"))
+    started = time.process_time()
+    for _ in range(reports):
+        ReportGuestStats(stats.sample(balloon_chunks=0)).encode()
+    per_report = (time.process_time() - started) / reports
+    started = time.process_time()
+    for _ in range(reports):
+        Path("/proc/meminfo").read_bytes()
+    bare = (time.process_time() - started) / reports
+    print(f"statistics report: {per_report * 1e6:.0f} us CPU per report ({reports} reports)")
+    print(f"  baseline bare /proc/meminfo read: {bare * 1e6:.0f} us ({per_report / bare:.1f}x)")
+
+
+def main() -> None:
+    """Run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
+    parser.add_argument("--reports", type=int, default=500, help="reports timed (default 500)")
+    args = parser.parse_args()
+    configure_logging(LogConfig(level="warning"), stream=sys.stderr)
+    print(f"heartbeat: passthrough host, interval {INTERVAL_S * 1e3:.0f} ms, {os.cpu_count()} CPUs")
+    trio.run(heartbeat_phases, args.seconds)
+    report_cost(args.reports)
+
+
+if __name__ == "__main__":
+    main()

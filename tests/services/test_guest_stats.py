@@ -1,0 +1,219 @@
+"""Tests of the guest statistics service against the in-process simulated host.
+
+Rules of this test module:
+- The host is a real ``SimulatedHost`` behind ``SimOpener`` (pure trio, no threads), so the
+  virtual clock (``autojump_clock``, an argument of every test) drives every report; each test
+  is bounded by ``trio.fail_after`` on that clock.
+- Reports are read back from the host's ``guest_stats`` (``host status``). ``/proc`` is this
+  machine's, except where a test needs fixed figures and writes a fake tree in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import structlog
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import ChangeFilterMask, Event, StatCap
+from agent.services import EventPump
+from agent.services._base import ServiceContext
+from agent.services._procstats import CPU_CAPS, MEMORY_CAPS
+from agent.services.guest_stats import GuestStatsService
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+BOUND_S: Final = 600.0
+PERSONALITIES: Final = ("mainline", "passthrough")
+"""Personalities whose event waits the device layer handles today (``oracle``: see below)."""
+
+
+@asynccontextmanager
+async def running(
+    personality: str, *, proc: Path = Path("/proc"), pump_runs: bool = True, interval_s: int = 0
+) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
+    """A host (asking for ``interval_s`` from the start), the pump and a started service."""
+    host = SimulatedHost(personality=personality, seed=1)
+    with trio.fail_after(BOUND_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            host.set_statistics_interval(interval_s)
+            async with open_device(SimOpener(host)) as device:
+                pump = EventPump(device)
+                service = GuestStatsService(ServiceContext(device, pump), proc=proc)
+                if pump_runs:
+                    await nursery.start(pump.run)
+                await nursery.start(service.run)
+                yield host, service
+                nursery.cancel_scope.cancel()
+
+
+def guest_stats(host: SimulatedHost) -> dict[str, object]:
+    """The host's ``guest_stats`` (``host status``)."""
+    state = host.status()["guest_stats"]
+    assert isinstance(state, dict)
+    return state
+
+
+def last_report(host: SimulatedHost) -> dict[str, int]:
+    """The latest report the host kept."""
+    last = guest_stats(host)["last"]
+    assert isinstance(last, dict)
+    return last
+
+
+def mem_total_kib() -> int:
+    """This machine's MemTotal in KiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    msg = "/proc/meminfo has no MemTotal"
+    raise AssertionError(msg)
+
+
+def write_proc(root: Path, *, cpu: tuple[int, ...], processes: int) -> None:
+    """A fake /proc with fixed figures (kB) and ``processes`` process directories."""
+    root.mkdir(exist_ok=True)
+    (root / "stat").write_text("cpu  " + " ".join(map(str, cpu)) + "\ncpu0 1 2 3 4\n")
+    (root / "loadavg").write_text("0.10 0.20 0.30 2/345 6789\n")
+    (root / "meminfo").write_text(
+        "MemTotal:        8000000 kB\nMemFree:          100 kB\nMemAvailable:    2000000 kB\n"
+        "Buffers:           4000 kB\nCached:           40000 kB\nSwapTotal:       1000000 kB\n"
+        "Committed_AS:    3000000 kB\nSReclaimable:      8000 kB\nSUnreclaim:        4000 kB\n"
+        "KernelStack:       2000 kB\nPageTables:        2000 kB\n"
+    )
+    for pid in range(1, processes + 1):
+        (root / str(pid)).mkdir(exist_ok=True)
+    (root / "self").mkdir(exist_ok=True)
+
+
+class TestReports:
+    """The interval from the host, the reports and their figures."""
+
+    @pytest.mark.parametrize("personality", PERSONALITIES)
+    async def test_reports_follow_the_interval(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """No reports at interval 0; one a second at 1; none again after 0."""
+        async with running(personality) as (host, service):
+            await trio.sleep(10.0)
+            assert guest_stats(host)["reports"] == 0
+            assert service.status() == "statistics off"
+            host.set_statistics_interval(1)
+            await trio.sleep(5.5)
+            assert guest_stats(host)["reports"] == 6
+            assert service.status() == "statistics every 1 s"
+            host.set_statistics_interval(0)
+            await trio.sleep(10.0)
+            assert guest_stats(host)["reports"] == 6
+            assert guest_stats(host)["interval_s"] == 0
+
+    async def test_memory_matches_this_machine(self, autojump_clock: trio.abc.Clock) -> None:
+        """phys_mem_total x 4096 is MemTotal within one 4 KiB page; caps name the real fields."""
+        async with running("passthrough") as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            report = last_report(host)
+            assert 0 <= mem_total_kib() * 1024 - report["phys_mem_total"] * 4096 < 4096
+            caps = StatCap(report["stat_caps"])
+            assert MEMORY_CAPS | StatCap.THREADS | StatCap.PROCESSES in caps
+            assert StatCap.HANDLES not in caps
+            assert report["cpu_id"] == 0
+            assert report["processes"] >= 1
+
+    async def test_figures_from_proc(self, autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
+        """Every field is computed from /proc as documented; CPU load only from the 2nd report."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpu=(100, 0, 50, 800, 50, 0, 0, 0), processes=3)
+        async with running("mainline", proc=proc) as (host, _):
+            host.set_statistics_interval(2)
+            await trio.sleep(1.0)
+            first = last_report(host)
+            assert not StatCap(first["stat_caps"]) & CPU_CAPS
+            write_proc(proc, cpu=(160, 20, 60, 890, 50, 5, 5, 10), processes=3)
+            await trio.sleep(2.0)
+            report = last_report(host)
+        assert StatCap(report["stat_caps"]) & CPU_CAPS == CPU_CAPS
+        assert (report["cpu_load_idle"], report["cpu_load_kernel"], report["cpu_load_user"]) == (
+            45,
+            10,
+            40,
+        )
+        assert report | {"stat_caps": 0, "page_size": 0} == {
+            "cpu_id": 0,
+            "stat_caps": 0,
+            "cpu_load_idle": 45,
+            "cpu_load_kernel": 10,
+            "cpu_load_user": 40,
+            "threads": 345,
+            "processes": 3,
+            "handles": 0,
+            "memory_load": 75,
+            "page_size": 0,
+            "phys_mem_total": 2_000_000,
+            "phys_mem_avail": 500_000,
+            "phys_mem_balloon": 0,
+            "mem_commit_total": 750_000,
+            "mem_kernel_total": 4_000,
+            "mem_kernel_paged": 2_000,
+            "mem_kernel_nonpaged": 2_000,
+            "mem_system_cache": 11_000,
+            "page_file_size": 250_000,
+        }
+
+    async def test_balloon_follows_the_kernel_balloon(self, autojump_clock: trio.abc.Clock) -> None:
+        """On mainline the report's balloon is the kernel's chunk count in 4 KiB pages.
+
+        Mainline balloons only while some session filters 0x40, so the test opens one.
+        """
+        async with running("mainline") as (host, _), open_device(SimOpener(host)) as listener:
+            await listener.request(ChangeFilterMask(Event.BALLOON_CHANGE_REQUEST, 0))
+            host.set_statistics_interval(1)
+            host.set_balloon_target(64)
+            await trio.sleep(3.0)
+            balloon = host.status()["balloon"]
+            assert isinstance(balloon, dict)
+            assert balloon["chunks"] == 64
+            assert last_report(host)["phys_mem_balloon"] == 64 * 256
+
+    async def test_restore_reads_the_interval_again(self, autojump_clock: trio.abc.Clock) -> None:
+        """After RESTORED the interval is read again and reports go on."""
+        async with running("passthrough") as (host, service):
+            host.set_statistics_interval(2)
+            await trio.sleep(3.0)
+            host.restore()
+            await trio.sleep(0.5)
+            assert service.statistics().rhythm.rereads == 2
+            assert guest_stats(host)["reports"] == 3
+
+    async def test_unreadable_proc_is_logged_and_counted(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """A missing /proc file skips the report with one log line; the service goes on."""
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", proc=tmp_path / "nothing") as (host, service):
+                host.set_statistics_interval(1)
+                await trio.sleep(2.5)
+                assert guest_stats(host)["reports"] == 0
+                assert service.statistics().failures == 3
+        unavailable = [entry for entry in logs if entry["event"] == "statistics_unavailable"]
+        assert len(unavailable) == 3
+        assert "nothing" in unavailable[0]["error"]
+
+    async def test_oracle_reports_too(self, autojump_clock: trio.abc.Clock) -> None:
+        """Oracle's driver lets the trusted session read the interval and report.
+
+        The host asks for reports before the service starts, so the service needs no event
+        and the pump stays idle.
+        """
+        async with running("oracle", pump_runs=False, interval_s=1) as (host, service):
+            await trio.sleep(2.5)
+            assert guest_stats(host)["reports"] == 3
+            assert service.statistics().failures == 0

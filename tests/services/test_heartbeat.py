@@ -1,0 +1,165 @@
+"""Tests of the heartbeat service against the in-process simulated host.
+
+Rules of this test module:
+- The host is a real ``SimulatedHost`` behind ``SimOpener`` (pure trio, no threads), so the
+  virtual clock (``autojump_clock``, an argument of every test) drives every beat; each test
+  is bounded by ``trio.fail_after`` on that clock.
+- Beat counts and gaps are read from the host's own heartbeat state, as ``host status``
+  shows it; synchronisation uses ``wait_all_tasks_blocked`` and virtual sleeps.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import RequestType
+from agent.services import EventPump
+from agent.services._base import ServiceContext
+from agent.services.heartbeat import HeartbeatSection, HeartbeatService
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+BOUND_S: Final = 600.0
+INTERVAL_NS: Final = 100_000_000
+DRIVER_LOAD: Final = 2
+"""HEARTBEAT_CONFIGURE requests a heartbeat-owning driver sends at load (off, then on)."""
+
+
+@asynccontextmanager
+async def running(
+    personality: str, section: HeartbeatSection | None = None, *, pump_runs: bool = True
+) -> AsyncIterator[tuple[SimulatedHost, HeartbeatService, trio.CancelScope]]:
+    """A host with a 100 ms interval, the pump, and a started service with its cancel scope."""
+    host = SimulatedHost(personality=personality, heartbeat_interval_ns=INTERVAL_NS, seed=1)
+    with trio.fail_after(BOUND_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(SimOpener(host)) as device:
+                pump = EventPump(device)
+                service = HeartbeatService(
+                    ServiceContext(device, pump), section or HeartbeatSection()
+                )
+                if pump_runs:
+                    await nursery.start(pump.run)
+                service_scope = await nursery.start(_run_in_scope, service)
+                yield host, service, service_scope
+                nursery.cancel_scope.cancel()
+
+
+async def _run_in_scope(
+    service: HeartbeatService, *, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as inner:
+            await inner.start(service.run)
+            task_status.started(scope)
+
+
+def heartbeat(host: SimulatedHost) -> dict[str, object]:
+    """The host's heartbeat state (``host status``)."""
+    state = host.status()["heartbeat"]
+    assert isinstance(state, dict)
+    return state
+
+
+class TestAgentKeepsTheHeartbeat:
+    """``passthrough``: the service configures the check and beats."""
+
+    async def test_beats_on_the_host_interval(self, autojump_clock: trio.abc.Clock) -> None:
+        """Over 10 s the host counts one beat per 100 ms, never a gap above the interval."""
+        async with running("passthrough") as (host, service, _):
+            await trio.sleep(10.0 - 1e-9)
+            state = heartbeat(host)
+            assert (state["enabled"], state["beats"], state["flatlined"]) == (True, 100, False)
+            assert state["max_gap_ns"] == INTERVAL_NS
+            assert service.status() == "heartbeat 100 ms"
+            stats = service.statistics()
+            assert (stats.owner, stats.configures, stats.rhythm.late) == ("agent", 1, 0)
+
+    async def test_restore_configures_again_and_beats_go_on(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """After RESTORED the check is switched off and on again and beats continue."""
+        async with running("passthrough") as (host, service, _):
+            await trio.sleep(1.05)
+            configures = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+            host.restore()
+            await trio.sleep(1.0)
+            assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == configures + 2
+            assert service.statistics().configures == 2
+            state = heartbeat(host)
+            assert (state["enabled"], state["flatlined"]) == (True, False)
+            assert state["max_gap_ns"] == INTERVAL_NS
+
+    async def test_drain_switches_the_check_off(self, autojump_clock: trio.abc.Clock) -> None:
+        """The stop leaves the host's check disabled and the guest not flat-lined."""
+        async with running("passthrough") as (host, service, scope):
+            await trio.sleep(0.5)
+            scope.cancel()
+            with structlog.testing.capture_logs() as logs:
+                await service.drain()
+                await service.drain()
+            await trio.sleep(5.0)
+            state = heartbeat(host)
+            assert (state["enabled"], state["flatlined"]) == (False, False)
+            assert [entry["event"] for entry in logs].count("heartbeat_stopped") == 1
+
+    async def test_refused_beats_are_counted_and_the_rhythm_goes_on(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A beat the host fails is logged and counted; the next one goes out on time."""
+        async with running("passthrough") as (host, service, _):
+            await trio.sleep(0.05)
+            host.add_fault(RequestType.GUEST_HEARTBEAT, -1, 2)
+            with structlog.testing.capture_logs() as logs:
+                await trio.sleep(1.0)
+            assert service.statistics().failures == 2
+            assert [entry["event"] for entry in logs].count("heartbeat_failed") == 2
+
+    async def test_late_threshold_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
+        """A reload changes the late threshold without a restart."""
+        async with running("passthrough", HeartbeatSection(late_after_s=0.5)) as (_, service, _):
+            assert service.reconfigure(HeartbeatSection(late_after_s=0.02))
+            assert service.statistics().rhythm.late == 0
+
+
+class TestDriverKeepsTheHeartbeat:
+    """``mainline`` and ``oracle`` keep the heartbeat in the kernel."""
+
+    async def test_mainline_logs_once_and_sends_nothing(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """EPERM: one log line, no request reaches the host, the kernel's beats go on."""
+        with structlog.testing.capture_logs() as logs:
+            async with running("mainline") as (host, service, _):
+                host.restore()
+                await trio.sleep(5.0)
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == DRIVER_LOAD
+                assert heartbeat(host)["flatlined"] is False
+                assert service.status() == "heartbeat (kernel)"
+                await service.drain()
+                assert heartbeat(host)["enabled"] is True
+        kept = [entry for entry in logs if entry["event"] == "heartbeat_kept_by_driver"]
+        assert len(kept) == 1
+
+    async def test_oracle_logs_once_and_sends_nothing(self, autojump_clock: trio.abc.Clock) -> None:
+        """VERR_PERMISSION_DENIED in the header: the same single log line, nothing sent.
+
+        The service never waits for an event here, so the pump stays idle.
+        """
+        with structlog.testing.capture_logs() as logs:
+            async with running("oracle", pump_runs=False) as (host, service, _):
+                await trio.sleep(5.0)
+                assert service.statistics().owner == "driver"
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == DRIVER_LOAD
+                assert heartbeat(host)["flatlined"] is False
+        kept = [entry for entry in logs if entry["event"] == "heartbeat_kept_by_driver"]
+        assert [entry["refused_with"] for entry in kept] == ["VERR_PERMISSION_DENIED"]
