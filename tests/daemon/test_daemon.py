@@ -229,7 +229,8 @@ class TestRestore:
                 new_id = host.status()["session_id"]
                 assert isinstance(new_id, int)
                 await reader.until(
-                    f"STATUS=vm session {new_id:#x}, 1 restores; heartbeat (kernel); statistics off; balloon 0 MB (kernel)"
+                    f"STATUS=vm session {new_id:#x}, 1 restores; heartbeat (kernel); "
+                    "statistics off; balloon 0 MB (kernel)"
                 )
                 stats = daemon.statistics().services["session_monitor"]
                 assert isinstance(stats, SessionMonitorStatistics)
