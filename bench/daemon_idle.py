@@ -215,6 +215,8 @@ def main() -> None:
     print(f"  baseline           {_mib(baseline)}  (python: {BASELINE})")
     print(f"  agent - baseline   {over:6.1f} MiB  (target <= {TARGET_MIB:g} MiB: {verdict})")
     print(f"  baseline + a model {_mib(one_model)}  (pydantic's first model builds its machinery)")
+    beyond = (figures.rss_kib - one_model) / 1024
+    print(f"  agent - that       {beyond:6.1f} MiB  (the agent's own code and state)")
     print(f"  agent's modules    {_mib(modules)}  (imported, not running: {AGENT_MODULES})")
     print(f"  empty interpreter  {_mib(empty)}")
     print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")

@@ -114,8 +114,14 @@ def _host_socket(workdir: Path, personality: str, request: pytest.FixtureRequest
     host = Simulator(str(socket_path), workdir / "host.log", "--personality", personality, env=env)
     yield socket_path
     exited = host.process.poll()
-    host.stop(signal.SIGKILL)
-    assert exited is None, (workdir / "host.log").read_text()[-3000:]
+    try:
+        code = host.stop(signal.SIGTERM) if exited is None else exited
+    finally:
+        if host.process.poll() is None:
+            host.stop(signal.SIGKILL)
+    log = (workdir / "host.log").read_text()[-3000:]
+    assert exited is None, log
+    assert code == 0, f"the host exited {code} on SIGTERM: {log}"
 
 
 @pytest.fixture(name="agent")

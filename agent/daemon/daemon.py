@@ -116,6 +116,7 @@ class Daemon:
         self._pump_supervisor: Supervisor[EventPump] = Supervisor(config.daemon)
         self._shutdown = trio.Event()
         self._startup = trio.CancelScope()
+        self._watchdog_scope = trio.CancelScope()
         self._status_dirty = trio.Event()
         self._status = ""
         self._pump: EventPump | None = None
@@ -207,6 +208,7 @@ class Daemon:
     async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> float:
         """STOPPING=1; every service drains while ``terminating`` reports; return ``D``."""
         await self._notifier.stopping()
+        self._watchdog_scope.cancel()
         now = trio.current_time()
         deadline = now + self.config.daemon.shutdown_timeout_s
         # The device's own teardown inside a drain may run into the final phase, not past it.
@@ -258,7 +260,15 @@ class Daemon:
         )
 
     async def _watchdog(self, device: Device, interval: float) -> None:
-        """Ping systemd's watchdog while a cheap request still goes through the device."""
+        """Ping systemd's watchdog while a cheap request still goes through the device.
+
+        Ends when the stop begins (systemd's stop timeout applies from then on), so no probe
+        is left in flight to hold up the final phase.
+        """
+        with self._watchdog_scope:
+            await self._ping_watchdog(device, interval)
+
+    async def _ping_watchdog(self, device: Device, interval: float) -> None:
         while True:
             with trio.move_on_after(interval) as probe:
                 try:

@@ -129,6 +129,7 @@ class VMMDev:
         self._hgcm_filter_enabled = False
         self._irq = trio.lowlevel.ParkingLot()
         self.faults = FaultInjector()
+        self._held_writes: set[trio.CancelScope] = set()
         self._clock_origin: tuple[float, float] | None = None
         self._handlers = self._handler_table()
 
@@ -137,12 +138,20 @@ class VMMDev:
     async def submit(self, phys: int) -> None:
         """The guest wrote ``phys`` to the request port; handle the request it points to.
 
-        A configured delay holds the "vCPU" in the port write (uninterruptibly) first.
+        A configured delay holds the "vCPU" in the port write first: the guest cannot
+        interrupt it, only powering the VM off (the end of :meth:`run`) does, and then the
+        request is not handled.
         """
         delay = self._delay_for(phys)
         if delay > 0:
-            with trio.CancelScope(shield=True):
-                await trio.sleep(delay)
+            with trio.CancelScope(shield=True) as hold:
+                self._held_writes.add(hold)
+                try:
+                    await trio.sleep(delay)
+                finally:
+                    self._held_writes.discard(hold)
+            if hold.cancelled_caught:
+                return
         self.process(phys)
 
     def process(self, phys: int) -> None:
@@ -285,8 +294,15 @@ class VMMDev:
         self.guest_stats.reset()
 
     async def run(self) -> NoReturn:
-        """Run the device's timers (the heartbeat flat-line check)."""
-        await self.heartbeat.run()
+        """Run the device's timers (the heartbeat flat-line check) while the VM is on.
+
+        When it is cancelled (the VM powers off), port writes held by a delay end too.
+        """
+        try:
+            await self.heartbeat.run()
+        finally:
+            for hold in self._held_writes:
+                hold.cancel()
 
     def host_time_ms(self) -> int:
         """Host UTC in ms since the epoch, advancing with trio's clock."""

@@ -17,7 +17,6 @@ Config section: ``[heartbeat]``.
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final, NoReturn, final
@@ -48,7 +47,7 @@ NS_PER_S: Final = 1_000_000_000
 MS_PER_S: Final = 1000
 MAX_LATE_AFTER_S: Final = 60.0
 DRIVER_REFUSALS: Final = frozenset({VERR_PERMISSION_DENIED, VERR_ACCESS_DENIED})
-"""Statuses meaning "the driver keeps the heartbeat" (mainline's EPERM arrives as one too)."""
+"""Statuses meaning "the driver keeps the heartbeat" (mainline's EPERM arrives as the first)."""
 HOST_LACKS: Final = frozenset({VERR_NOT_IMPLEMENTED, VERR_NOT_SUPPORTED})
 """Statuses meaning "this host has no heartbeat check"."""
 
@@ -171,10 +170,6 @@ class HeartbeatService:
             settings = await self._device.request(HeartbeatConfigure(enabled=True))
         except VBoxStatusError as exc:
             self._raise_if_not_ours(exc.rc, exc.name)
-            raise
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                self._raise_if_not_ours(VERR_PERMISSION_DENIED, "EPERM")
             raise
         self._host_check_on = True
         self._owner = Owner.AGENT

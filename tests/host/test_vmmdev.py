@@ -206,6 +206,23 @@ class TestPortHandler:
         assert trio.current_time() - start == 1.5
         assert L.RequestHeader.rc.get(req) == VINF_SUCCESS
 
+    async def test_power_off_ends_a_held_write(
+        self, device: Device, autojump_clock: object
+    ) -> None:
+        """A port write held by a delay ends, unhandled, when the VM powers off."""
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 1e9)
+        req = vmmdev_request(T.GET_HOST_VERSION, 40)
+        L.RequestHeader.rc.set(req, VERR_GENERAL_FAILURE)
+        phys = device.ram.map(req)
+        start = trio.current_time()
+        async with trio.open_nursery() as vm, trio.open_nursery() as guest:
+            vm.start_soon(device.vmmdev.run)
+            guest.start_soon(device.vmmdev.submit, phys)
+            await trio.testing.wait_all_tasks_blocked()
+            vm.cancel_scope.cancel()
+        assert trio.current_time() == start
+        assert L.RequestHeader.rc.get(req) == VERR_GENERAL_FAILURE
+
     @given(st.binary(min_size=24, max_size=3000))
     def test_garbage_never_crashes(self, data: bytes) -> None:
         """Arbitrary bytes with a valid version never raise from the port handler."""

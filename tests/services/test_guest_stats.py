@@ -31,25 +31,22 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 BOUND_S: Final = 600.0
-PERSONALITIES: Final = ("mainline", "passthrough")
-"""Personalities whose event waits the device layer handles today (``oracle``: see below)."""
+PERSONALITIES: Final = ("mainline", "oracle", "passthrough")
 
 
 @asynccontextmanager
 async def running(
-    personality: str, *, proc: Path = Path("/proc"), pump_runs: bool = True, interval_s: int = 0
+    personality: str, *, proc: Path = Path("/proc")
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
-    """A host (asking for ``interval_s`` from the start), the pump and a started service."""
+    """A host, the pump and a started statistics service."""
     host = SimulatedHost(personality=personality, seed=1)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            host.set_statistics_interval(interval_s)
             async with open_device(SimOpener(host)) as device:
                 pump = EventPump(device)
                 service = GuestStatsService(ServiceContext(device, pump), proc=proc)
-                if pump_runs:
-                    await nursery.start(pump.run)
+                await nursery.start(pump.run)
                 await nursery.start(service.run)
                 yield host, service
                 nursery.cancel_scope.cancel()
@@ -206,14 +203,3 @@ class TestReports:
         unavailable = [entry for entry in logs if entry["event"] == "statistics_unavailable"]
         assert len(unavailable) == 3
         assert "nothing" in unavailable[0]["error"]
-
-    async def test_oracle_reports_too(self, autojump_clock: trio.abc.Clock) -> None:
-        """Oracle's driver lets the trusted session read the interval and report.
-
-        The host asks for reports before the service starts, so the service needs no event
-        and the pump stays idle.
-        """
-        async with running("oracle", pump_runs=False, interval_s=1) as (host, service):
-            await trio.sleep(2.5)
-            assert guest_stats(host)["reports"] == 3
-            assert service.statistics().failures == 0
