@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from agent.device import Device
+    from agent.services._base import BalloonGauge
     from agent.services.balloon import ChunkAllocator, PressureSource
 
 USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
@@ -125,6 +126,7 @@ async def running_balloon(
     mem_available_mb: Callable[[], int | None] = lambda: 1 << 20,
     host: SimulatedHost | None = None,
     before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
+    gauge: BalloonGauge | None = None,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does.
 
@@ -144,6 +146,7 @@ async def running_balloon(
                 allocator=allocator if allocator is not None else SimChunks(),
                 pressure=pressure if pressure is not None else Quiet(),
                 mem_available_mb=mem_available_mb,
+                gauge=gauge,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)

@@ -12,6 +12,7 @@ import trio
 from agent.host import SimOpener, SimTransport, SimulatedHost
 from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
+from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection
 from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
 
@@ -49,15 +50,21 @@ class TestFollowsTarget:
 
     @pytest.mark.parametrize("kind", ["mainline", "oracle", "oracle-r3", "passthrough"])
     async def test_inflate_then_deflate(self, autojump_clock: trio.abc.Clock, kind: str) -> None:
+        gauge = BalloonGauge()
         with trio.fail_after(60):
-            async with running_balloon(personality="", host=_host(kind)) as run:
+            async with running_balloon(personality="", host=_host(kind), gauge=gauge) as run:
+                assert gauge.chunks == 0
                 run.host.set_balloon_target(64)
                 await run.settle(64)
+                if run.service.walker is not None:
+                    assert gauge.chunks == 64
                 run.host.set_balloon_target(16)
                 await run.settle(16)
                 run.service.status()  # in kernel mode this asks the driver for the size
                 await run.until(lambda: run.service.statistics().chunks == 16)
                 assert "16" in run.service.status()
+                assert gauge.chunks == 16
+        assert gauge.chunks is None
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_new_target_redirects_a_walk(

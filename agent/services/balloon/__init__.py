@@ -23,7 +23,9 @@ from agent.services.balloon._service import (
 
 
 def _build(ctx: ServiceContext, section: BalloonSection) -> BalloonService:
-    return BalloonService(ctx.device, ctx.pump, section, status_changed=ctx.status_changed)
+    return BalloonService(
+        ctx.device, ctx.pump, section, status_changed=ctx.status_changed, gauge=ctx.balloon
+    )
 
 
 SPEC: ServiceSpec[BalloonSection] = ServiceSpec("balloon", BalloonSection, _build)

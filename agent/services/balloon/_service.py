@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from agent.protocol import Event, VBoxStatusError
+from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import MmapAllocator, memlock_limit
 from agent.services.balloon._handover import OracleHandover, PassthroughHandover
@@ -90,6 +91,7 @@ class BalloonService:
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
         status_changed: called whenever :meth:`status` would read differently.
+        gauge: where the balloon's size is published for other services (None while stopped).
     """
 
     name: Final = "balloon"
@@ -104,8 +106,10 @@ class BalloonService:
         pressure: PressureSource | None = None,
         mem_available_mb: Callable[[], int | None] | None = None,
         status_changed: Callable[[], None] = lambda: None,
+        gauge: BalloonGauge | None = None,
     ) -> None:
         self._device = device
+        self._gauge = gauge if gauge is not None else BalloonGauge()
         self._status_changed = status_changed
         self._pump = pump
         self._section = section
@@ -216,9 +220,11 @@ class BalloonService:
         """Give back every chunk the agent holds; the driver's chunks go with the session."""
         walker = self._walker
         if walker is None:
+            self._gauge.chunks = None
             return
         held = len(walker.held)
         kept = await walker.drain()
+        self._gauge.chunks = None
         if kept:
             log.error(
                 "balloon_drain_incomplete",
@@ -280,6 +286,7 @@ class BalloonService:
                 mem_available_mb=self._mem_available,
                 min_available_mb=self._section.min_available_mb,
                 settled=self._status_changed,
+                resized=self._publish,
             )
             self._mode_of_walker = mode
         limit = memlock_limit()
@@ -290,6 +297,7 @@ class BalloonService:
             memlock_limit_mb="unlimited" if limit is None else limit >> 20,
         )
         self.mode_known.set()
+        self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
         self._status_changed()
 
     async def _forward_events(self, events: Subscription) -> NoReturn:
@@ -347,6 +355,7 @@ class BalloonService:
             )
             return
         status = await self._device.check_balloon()
+        self._publish(status.chunks)
         if status.chunks != self._chunks:
             self._chunks = status.chunks
             self._status_changed()
@@ -448,6 +457,9 @@ class BalloonService:
         self._poke.set()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _publish(self, chunks: int) -> None:
+        self._gauge.chunks = chunks
 
     def _backoffs(self) -> list[Backoff]:
         backoffs = [self._read_backoff]

@@ -47,8 +47,10 @@ class ChunkWalker:
         mem_available_mb: Callable[[], int | None],
         min_available_mb: int,
         settled: Callable[[], None] = lambda: None,
+        resized: Callable[[int], None] = lambda _chunks: None,
     ) -> None:
         self._on_settled = settled
+        self._on_resized = resized
         self.handover = handover
         self.allocator = allocator
         self.backoff = backoff
@@ -167,6 +169,7 @@ class ChunkWalker:
             raise
         self.held.append(chunk)
         self.inflated += 1
+        self._on_resized(len(self.held))
 
     async def _deflate_one(self) -> None:
         chunk = self.held[-1]
@@ -191,6 +194,7 @@ class ChunkWalker:
             self.held.remove(chunk)
         self.allocator.release(chunk.address)
         self.deflated += 1
+        self._on_resized(len(self.held))
         return True
 
     async def drain(self) -> int:
