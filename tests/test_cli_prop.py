@@ -11,9 +11,11 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import pytest
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
 from testbed.realdriver import ENV_LIBRARY
 from tests.conftest import KERNEL_PERSONALITY
+from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -246,3 +249,51 @@ class TestWait:
         assert done.returncode == EX_REFUSED
         assert "changed within 0.3 s" in one_line(done)
         assert sim.status()["hgcm_clients"] == 0
+
+
+README_INTRO: Final = "Guest properties from the guest's side"
+README_SOCKET: Final = "/tmp/props.sock"
+README_PAUSE: Final = "sleep 3;"
+PARKED_POLLS: Final = 300
+
+
+def test_readme_example() -> None:
+    """The README's ``prop`` example, pasted as written (with a private socket), succeeds.
+
+    Its ``sleep 3`` stands for "once the wait is parked at the host"; on a loaded machine the
+    test waits for exactly that instead (bounded polls of ``host status``).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="vbx-readme-", dir="/tmp"))
+    socket_path = workdir / "p.sock"
+    parked = (
+        f"for _ in $(seq {PARKED_POLLS}); do vbox-agent host --socket {socket_path} status"
+        " --json | grep -q '\"hgcm_pending_calls\": 1' && break; sleep 0.1; done;"
+    )
+    script = readme_block(README_INTRO).replace(README_SOCKET, str(socket_path))
+    assert README_PAUSE in script
+    script = script.replace(README_PAUSE, parked)
+    environment = dict(os.environ, PATH=f"{Path(PYTHON).parent}:{os.environ['PATH']}")
+    bash = shutil.which("bash")
+    assert bash is not None
+    shell = subprocess.Popen(
+        [bash, "-e", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        start_new_session=True,  # its own process group, so teardown reaches every job
+    )
+    try:
+        stdout, stderr = shell.communicate(timeout=4 * WAIT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(timeout=WAIT_S)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert shell.returncode == EX_OK, (stdout[-3000:], stderr[-3000:])
+    assert "Name: /Demo/Reply, value: hello" in stdout
+    listed = next(line for line in stdout.splitlines() if line.startswith("["))
+    assert [(p["name"], p["value"], p["flags"]) for p in json.loads(listed)] == [
+        ("/Demo/Guest", "hi", "TRANSIENT"),
+        ("/Demo/Reply", "hello", ""),
+    ]

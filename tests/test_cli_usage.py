@@ -1,8 +1,8 @@
 """Command-line mistakes: every parser exits 64 with the usage of the command that got them.
 
 Rules of this test module:
-- the parser runs in-process (``agent.cli.main``) and stops at the mistake, so nothing
-  starts; output is read with ``capsys``;
+- the command runs in-process (``agent.cli.main``) and stops at the mistake (in its
+  arguments, config or scenario), so nothing starts; output is read with ``capsys``;
 - one test per behaviour, the mistakes themselves are parameters.
 """
 
@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agent import host as simulated_host
-from agent.cli import main
+from agent.cli import _simulate, main
 from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
 from agent.cli._exit import EX_CONFIG, EX_USAGE
 from agent.cli._run import _demo_scenario_path
+from agent.host import _heartbeat as heartbeat, vmmdev
 from agent.host.scenario import load_scenario
 
 if TYPE_CHECKING:
@@ -120,6 +121,15 @@ def test_personalities_are_the_simulators() -> None:
     assert tuple(simulated_host.ALL_PERSONALITIES) == ALL_PERSONALITIES
 
 
+def test_simulate_checks_the_hosts_own_limits() -> None:
+    """``simulate``'s RAM cap is the VMMDev's; its longest interval is the last one whose
+    default timeout (twice it) fits the host's u64 nanoseconds."""
+    assert _simulate.MAX_RAM_MB == vmmdev.MAX_RAM_MB
+    longest_ns = _simulate.MAX_HEARTBEAT_INTERVAL_MS * _simulate.NS_PER_MS
+    assert 2 * longest_ns <= heartbeat.MAX_NS < 2 * (longest_ns + _simulate.NS_PER_MS)
+    assert _simulate.MIN_HEARTBEAT_INTERVAL_MS * _simulate.NS_PER_MS == heartbeat.MIN_INTERVAL_NS
+
+
 def test_simulate_and_the_demo_default_to_the_same_personality() -> None:
     """``simulate`` and ``run --simulate`` (the bundled demo) both model mainline by default."""
     assert DEFAULT_PERSONALITY == "mainline"
@@ -137,4 +147,26 @@ def test_a_bad_device_in_the_config_is_a_config_error(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(f"{config}: device.path: socket path ")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("host_table", "message"),
+    [
+        ("heartbeat_interval_ms = 10", "heartbeat interval 10000000 ns is below 50000000 ns"),
+        ("heartbeat_interval_ms = 99999999999999", "does not fit in 64 bits"),
+        ("ram_mb = 99999999999", "guest RAM must be in [1, 2097152] MB"),
+    ],
+)
+def test_a_scenario_host_the_model_refuses_is_a_config_error(
+    host_table: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run --simulate``: host settings beyond the host's limits: exit 78, one line."""
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(f"[host]\n{host_table}\n")
+    assert main(["run", "--simulate", "--scenario", str(scenario)]) == EX_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"vbox-agent run: {scenario}: host: ")
+    assert message in err
     assert len(err.splitlines()) == 1

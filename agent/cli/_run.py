@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from agent.device import DeviceOpener
-    from agent.host import Scenario
+    from agent.host import Scenario, SimulatedHost
+    from agent.host.scenario import HostSettings
 
 log = structlog.get_logger(__name__)
 
@@ -104,12 +105,18 @@ def run_command(args: argparse.Namespace) -> int:
         # The simulator is imported only here: a real agent loads none of it.
         from agent.host.scenario import ScenarioError, load_scenario  # noqa: PLC0415
 
+        source = args.scenario or _demo_scenario_path()
         try:
-            scenario = load_scenario(args.scenario or _demo_scenario_path())
+            scenario = load_scenario(source)
         except ScenarioError as exc:
             print(f"vbox-agent run: {exc}", file=sys.stderr)
             return EX_CONFIG
-        main = partial(_run_simulated, args, config, scenario)
+        try:
+            host = _simulated_host(scenario.host, args.personality)
+        except ValueError as exc:  # a value the host model refuses (its own limits)
+            print(f"vbox-agent run: {source}: host: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        main = partial(_run_simulated, args, config, host, scenario)
     else:
         spec = args.device if args.device is not None else config.device.path
         try:
@@ -128,21 +135,32 @@ def run_command(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-async def _run_simulated(args: argparse.Namespace, config: AgentConfig, scenario: Scenario) -> None:
-    """Start the simulated host ``scenario`` describes, play it, and run the agent against it."""
-    from agent.host import SimOpener, SimulatedHost, play_scenario  # noqa: PLC0415
+def _simulated_host(settings: HostSettings, personality: str | None) -> SimulatedHost:
+    """Build the host the scenario's ``[host]`` table describes (``personality`` overrides).
 
-    settings = scenario.host
-    personality = args.personality or settings.personality
-    host = SimulatedHost(
-        personality=personality,
-        r3_balloon=settings.r3_balloon and personality == "oracle",
+    Raises:
+        ValueError: a setting the host model refuses (below or above its limits).
+    """
+    from agent.host import SimulatedHost  # noqa: PLC0415
+
+    chosen = personality or settings.personality
+    return SimulatedHost(
+        personality=chosen,
+        r3_balloon=settings.r3_balloon and chosen == "oracle",
         ram_mb=settings.ram_mb,
         heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
         host_time_enabled=settings.host_time,
         core_dump_enabled=settings.core_dumps,
         seed=settings.seed,
     )
+
+
+async def _run_simulated(
+    args: argparse.Namespace, config: AgentConfig, host: SimulatedHost, scenario: Scenario
+) -> None:
+    """Run ``host``, play ``scenario`` on it, and run the agent against it."""
+    from agent.host import SimOpener, play_scenario  # noqa: PLC0415
+
     async with trio.open_nursery() as nursery:
         # The host's tasks inherit this binding, so its lines say where they come from.
         with structlog.contextvars.bound_contextvars(component="simulated-host"):

@@ -24,6 +24,8 @@ MIN_TIMEOUT_NS: Final = 100_000_000
 """``HeartbeatTimeout`` below 100 ms is a configuration error."""
 TIMEOUT_MARGIN_NS: Final = 10_000_000
 """The timeout must exceed the interval by more than 10 ms."""
+MAX_NS: Final = 2**64 - 1
+"""VMMDev keeps the interval and the timeout as u64 nanoseconds."""
 
 _log = structlog.get_logger("agent.host")
 
@@ -55,6 +57,12 @@ class HeartbeatMonitor:
     ) -> None:
         if interval_ns < MIN_INTERVAL_NS:
             msg = f"heartbeat interval {interval_ns} ns is below {MIN_INTERVAL_NS} ns"
+            raise ValueError(msg)
+        if timeout_ns > MAX_NS:
+            msg = (
+                f"heartbeat timeout {timeout_ns} ns (twice the interval unless set) "
+                "does not fit in 64 bits"
+            )
             raise ValueError(msg)
         if timeout_ns < MIN_TIMEOUT_NS or timeout_ns <= interval_ns + TIMEOUT_MARGIN_NS:
             msg = (

@@ -114,9 +114,7 @@ class TestHeaderRc:
         L.IoctlHeader.size_out.set(change.buffer, 32)
         await expect_einval(client, change.code, change.buffer)
 
-    @pytest.mark.parametrize(
-        "code", [Ioctl.hgcm_call_32(HEADER_SIZE), 0xC018_5699, Ioctl.VMMDEV_REQUEST_BIG_ALT]
-    )
+    @pytest.mark.parametrize("code", [Ioctl.hgcm_call_32(HEADER_SIZE), 0xC018_5699, 0xC018_5614])
     async def test_unknown_ioctls_are_einval(self, host: SimulatedHost, code: int) -> None:
         """Unknown functions (VERR_NOT_SUPPORTED inside) fail with EINVAL, not ENOTTY."""
         client = await open_client(host)
@@ -271,6 +269,15 @@ class TestVmmdevRequestPolicy:
         assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED
         assert L.SessionIdRequest.session_id.get(buf) == 0
         assert L.RequestHeader.requestor.get(buf) == 0
+
+    async def test_request_ioctls_are_known_by_number_alone(self, host: SimulatedHost) -> None:
+        """``VBGL_IOCTL_CODE_STRIPPED`` is ``_IOC_NR``: any code with number 2 or 3 carries one."""
+        client = await open_client(host)
+        for code in (Ioctl.VMMDEV_REQUEST_BIG, Ioctl.VMMDEV_REQUEST_BIG_ALT, 0x0000_5602):
+            buf = vmmdev_request(RequestType.GET_SESSION_ID, 32)
+            L.RequestHeader.reserved1.set(buf, 32)
+            await client.raw(code, buf)
+            assert L.RequestHeader.rc.get(buf) == VINF_SUCCESS
 
     async def test_malformed_requests_are_einval(self, host: SimulatedHost) -> None:
         """Type 0 or size_in != size_out fail the entry with EINVAL."""

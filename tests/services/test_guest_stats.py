@@ -21,7 +21,7 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import ChangeFilterMask, Event, StatCap
+from agent.protocol import ChangeFilterMask, Event, RequestType, StatCap
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS
@@ -36,16 +36,18 @@ PERSONALITIES: Final = ("mainline", "oracle", "passthrough")
 
 @asynccontextmanager
 async def running(
-    personality: str, *, proc: Path = Path("/proc")
+    personality: str, *, proc: Path = Path("/proc"), balloon_chunks: int | None = None
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
-    """A host, the pump and a started statistics service."""
+    """A host, the pump and a started statistics service (``balloon_chunks`` on the gauge)."""
     host = SimulatedHost(personality=personality, seed=1)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             async with open_device(SimOpener(host)) as device:
                 pump = EventPump(device)
-                service = GuestStatsService(ServiceContext(device, pump), proc=proc)
+                context = ServiceContext(device, pump)
+                context.balloon.chunks = balloon_chunks
+                service = GuestStatsService(context, proc=proc)
                 await nursery.start(pump.run)
                 await nursery.start(service.run)
                 yield host, service
@@ -179,6 +181,15 @@ class TestReports:
             assert isinstance(balloon, dict)
             assert balloon["chunks"] == 64
             assert last_report(host)["phys_mem_balloon"] == 64 * 256
+
+    async def test_balloon_service_count_wins(self, autojump_clock: trio.abc.Clock) -> None:
+        """With a count on the balloon gauge, the report carries it and asks no driver."""
+        async with running("oracle", balloon_chunks=10) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            assert last_report(host)["phys_mem_balloon"] == 10 * 256
+            assert StatCap.PHYS_MEM_BALLOON in StatCap(last_report(host)["stat_caps"])
+            assert host.vmmdev.request_counts[RequestType.GET_MEMBALLOON_CHANGE_REQ] == 0
 
     async def test_restore_reads_the_interval_again(self, autojump_clock: trio.abc.Clock) -> None:
         """After RESTORED the interval is read again and reports go on."""

@@ -82,26 +82,29 @@ _STATUS_FOR_ERRNO: Final = {
     errno.EFAULT: VERR_INVALID_POINTER,
 }
 """Oracle's status for a failure a shared (mainline) handler reports with this errno."""
-_PASSED_THROUGH: Final = frozenset({errno.ENODEV, errno.EBADF})
-"""Errnos of a lost or closed session: no handler runs, so they stay errnos."""
 
 
 def status_for(exc: OSError) -> int:
     """Return the status Oracle's handler returns where mainline's raised ``exc``.
 
     Raises:
-        OSError: ``exc`` itself when the session is lost or closed.
+        OSError: ``exc`` itself for an errno no handler failure maps to (ENODEV: the VM
+            was reset under the session).
     """
     if isinstance(exc, DriverError) and exc.status is not None:
         return exc.status
-    if exc.errno in _PASSED_THROUGH or exc.errno not in _STATUS_FOR_ERRNO:
+    if exc.errno not in _STATUS_FOR_ERRNO:
         raise exc
     return _STATUS_FOR_ERRNO[exc.errno]
 
 
 @dataclass(eq=False)
 class Wait:
-    """One WAIT_FOR_EVENTS in progress (``VBOXGUESTWAIT``); ``cancelled`` = ``fResEvents`` -1."""
+    """One WAIT_FOR_EVENTS in progress (``VBOXGUESTWAIT``).
+
+    ``cancelled`` is the cancel's mark (``fResEvents = UINT32_MAX``): the wait ends with
+    VERR_INTERRUPTED.
+    """
 
     cancelled: bool = False
 

@@ -1,0 +1,126 @@
+"""``PropertiesService``: publishes the guest's OS and the agent's version as guest properties.
+
+As VBoxService's VM-info service does at start and after every restore, it writes
+``/VirtualBox/GuestInfo/OS/Product``, ``Release``, ``Version`` (``uname``) and
+``ServicePack`` (empty on Linux), plus the agent's own ``/VirtualBox/GuestAdd/VBoxAgent/Version``
+(not ``/VirtualBox/GuestAdd/Version``, which tools read as the Guest Additions' version). One
+HGCM client, kept across restores (the host restores its clients); a restore is the
+RESTORED event. Config section: ``[properties]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, NoReturn, final
+
+import structlog
+import trio
+
+from agent import __version__
+from agent.protocol import Event, VBoxStatusError
+from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services.guest_props import open_guest_properties
+
+if TYPE_CHECKING:
+    from agent.device import Device
+    from agent.services.event_pump import EventPump
+    from agent.services.guest_props import GuestProperties
+
+log = structlog.get_logger(__name__)
+
+NAME: Final = "properties"
+AGENT_VERSION_PROPERTY: Final = "/VirtualBox/GuestAdd/VBoxAgent/Version"
+OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
+
+
+class PropertiesSection(ServiceSection):
+    """``[properties]``: nothing to tune beyond ``enable``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PropertiesStatistics:
+    """Publications done (one per start and restore), properties the host refused."""
+
+    publications: int
+    refused: int
+
+
+def published_properties() -> dict[str, str]:
+    """The properties the service writes, by name, as VBoxService fills them on Linux."""
+    uname = os.uname()
+    return {
+        f"{OS_PREFIX}Product": uname.sysname,
+        f"{OS_PREFIX}Release": uname.release,
+        f"{OS_PREFIX}Version": uname.version,
+        f"{OS_PREFIX}ServicePack": "",
+        AGENT_VERSION_PROPERTY: __version__,
+    }
+
+
+@final
+class PropertiesService:
+    """Writes the guest-info properties at start and after every restore."""
+
+    name: Final = NAME
+
+    def __init__(self, context: ServiceContext) -> None:
+        self._device: Device = context.device
+        self._pump: EventPump = context.pump
+        self._status_changed = context.status_changed
+        self._publications = 0
+        self._refused: dict[str, str] = {}
+
+    def statistics(self) -> PropertiesStatistics:
+        """Return the counters."""
+        return PropertiesStatistics(self._publications, len(self._refused))
+
+    def status(self) -> str:
+        """``properties ok``, ``properties starting``, or what the host refused."""
+        if self._refused:
+            name, status = next(iter(self._refused.items()))
+            return f"properties: {name} refused ({status})"
+        return "properties ok" if self._publications else "properties starting"
+
+    def reconfigure(self, section: PropertiesSection) -> bool:
+        """Nothing to apply: the section has no settings besides ``enable``."""
+        del section
+        return True
+
+    async def drain(self) -> None:
+        """Nothing to give back: leaving :meth:`run` closed the HGCM client."""
+        await trio.lowlevel.checkpoint()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Publish, then publish again at every RESTORED event, on one client."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        with self._pump.subscribe(self.name, Event.RESTORED) as events:
+            async with open_guest_properties(self._device) as props:
+                await self._publish(props)
+                task_status.started()
+                while True:
+                    await events.receive()
+                    await self._publish(props)
+
+    async def _publish(self, props: GuestProperties) -> None:
+        refused: dict[str, str] = {}
+        for name, value in published_properties().items():
+            try:
+                await props.set(name, value)
+            except VBoxStatusError as exc:
+                refused[name] = exc.name
+                log.warning("property_refused", property=name, status=exc.name)
+        self._refused = refused
+        self._publications += 1
+        self._status_changed()
+        log.info("properties_published", publications=self._publications, refused=len(refused))
+
+
+def _build(context: ServiceContext, section: PropertiesSection) -> PropertiesService:
+    del section
+    return PropertiesService(context)
+
+
+SPEC: Final = ServiceSpec(NAME, PropertiesSection, _build)

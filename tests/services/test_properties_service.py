@@ -1,0 +1,94 @@
+"""The ``properties`` service against the in-process simulated host.
+
+Rules of this test module:
+- a real ``SimulatedHost`` behind ``SimOpener`` with the event pump, virtual clock
+  (``autojump_clock``), each test bounded by ``trio.fail_after``; ordering by
+  ``wait_all_tasks_blocked``;
+- the host's view is checked (``prop_get``, ``status``), not just the service's counters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import trio
+import trio.testing
+
+from agent import __version__
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.services import EventPump, ServiceContext
+from agent.services.properties import (
+    AGENT_VERSION_PROPERTY,
+    PropertiesSection,
+    PropertiesService,
+    published_properties,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+LIMIT_S: Final = 60
+pytestmark = pytest.mark.usefixtures("autojump_clock")
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+async def test_publishes_and_republishes_after_a_restore(host: SimulatedHost) -> None:
+    """OS and agent version are published at start and again after a restore, on the client
+    the service keeps; stopping releases it."""
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            service = PropertiesService(ServiceContext(device, pump))
+            assert service.status() == "properties starting"
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            assert service.status() == "properties ok"
+            product = host.prop_get("/VirtualBox/GuestInfo/OS/Product")
+            assert product is not None
+            assert product[:2] == (os.uname().sysname, "")
+            version = host.prop_get(AGENT_VERSION_PROPERTY)
+            assert version is not None
+            assert version[0] == __version__
+            assert host.status()["hgcm_clients"] == 1
+            host.prop_delete(AGENT_VERSION_PROPERTY)
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().publications == 2
+            assert host.prop_get(AGENT_VERSION_PROPERTY) is not None
+            assert host.status()["hgcm_clients"] == 1
+            nursery.cancel_scope.cancel()
+        await service.drain()
+    assert host.status()["hgcm_clients"] == 0
+    assert service.reconfigure(PropertiesSection()) is True
+
+
+async def test_a_refused_property_shows_in_the_status(host: SimulatedHost) -> None:
+    """A property the host made read-only is reported, the others still published."""
+    host.prop_set(AGENT_VERSION_PROPERTY, "host-owned", "RDONLYGUEST")
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            service = PropertiesService(ServiceContext(device, pump))
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            assert service.status() == (
+                f"properties: {AGENT_VERSION_PROPERTY} refused (VERR_PERMISSION_DENIED)"
+            )
+            assert service.statistics().refused == 1
+            assert all(
+                host.prop_get(name) is not None
+                for name in published_properties()
+                if name != AGENT_VERSION_PROPERTY
+            )
+            nursery.cancel_scope.cancel()
