@@ -18,6 +18,7 @@ import mmap
 import os
 import resource
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -100,11 +101,12 @@ def _error(call: str) -> ChunkError:
 class MmapAllocator:
     """Real chunks: ``mmap`` + ``MADV_DONTFORK`` + ``mlock``; page frames from pagemap."""
 
-    __slots__ = ("_libc", "_pagemap_path")
+    __slots__ = ("__weakref__", "_libc", "_pagemap_fd", "_pagemap_path")
 
     def __init__(self, *, pagemap_path: str = PAGEMAP_PATH) -> None:
         self._libc = _libc()
         self._pagemap_path = pagemap_path
+        self._pagemap_fd: int | None = None
 
     def allocate(self) -> int:
         """Map, keep out of forks, and lock (faulting every page in)."""
@@ -140,25 +142,29 @@ class MmapAllocator:
         """Read the chunk's page frames from pagemap (needs ``CAP_SYS_ADMIN`` to see them)."""
         page_size = mmap.PAGESIZE
         try:
-            with open(self._pagemap_path, "rb", buffering=0) as pagemap:
-                raw = os.pread(pagemap.fileno(), _PAGEMAP_ENTRY.size, address // page_size * 8)
+            raw = os.pread(self._pagemap(), _PAGEMAP_ENTRY.size, address // page_size * 8)
         except OSError as exc:
             raise ChunkError(
                 exc.errno, f"cannot read {self._pagemap_path}: {exc.strerror}"
             ) from exc
         if len(raw) != _PAGEMAP_ENTRY.size:
             raise ChunkError(0, f"{self._pagemap_path}: short read at {address:#x}")
-        pages = []
-        for entry in _PAGEMAP_ENTRY.unpack(raw):
-            frame = entry & _PFN_MASK
-            if not entry & _PAGE_PRESENT or frame == 0:
-                msg = (
-                    f"{self._pagemap_path} shows no page frame for {address:#x}: "
-                    "reading frames needs CAP_SYS_ADMIN"
-                )
-                raise ChunkError(0, msg)
-            pages.append(frame * page_size)
+        entries = _PAGEMAP_ENTRY.unpack(raw)
+        pages = [(entry & _PFN_MASK) * page_size for entry in entries]
+        if min(entries) < _PAGE_PRESENT or 0 in pages:  # not present, or the frame is hidden
+            msg = (
+                f"{self._pagemap_path} shows no page frame for {address:#x}: "
+                "reading frames needs CAP_SYS_ADMIN"
+            )
+            raise ChunkError(0, msg)
         return pages
+
+    def _pagemap(self) -> int:
+        """The pagemap descriptor, opened once and closed with the allocator."""
+        if self._pagemap_fd is None:
+            self._pagemap_fd = os.open(self._pagemap_path, os.O_RDONLY | os.O_CLOEXEC)
+            weakref.finalize(self, os.close, self._pagemap_fd)
+        return self._pagemap_fd
 
 
 def memlock_limit() -> int | None:
