@@ -143,8 +143,10 @@ def _simulated_host(settings: HostSettings, personality: str | None) -> Simulate
     """
     from agent.host import SimulatedHost  # noqa: PLC0415
 
+    chosen = personality or settings.personality
     return SimulatedHost(
-        personality=personality or settings.personality,
+        personality=chosen,
+        r3_balloon=settings.r3_balloon and chosen == "oracle",
         ram_mb=settings.ram_mb,
         heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
         host_time_enabled=settings.host_time,

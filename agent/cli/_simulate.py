@@ -64,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="kernel driver the host models (default: %(default)s)",
     )
     parser.add_argument(
+        "--r3-balloon",
+        action="store_true",
+        help="oracle: the driver has no kernel balloon allocator (CHECK_BALLOON answers "
+        "handle_in_r3; the agent hands over chunks it locks itself)",
+    )
+    parser.add_argument(
         "--ram-mb",
         type=integer_at_least(MIN_RAM_MB, at_most=MAX_RAM_MB),
         default=DEFAULT_RAM_MB,
@@ -91,9 +97,13 @@ def simulate_command(args: argparse.Namespace) -> int:
     from agent.logconfig import configure_logging  # noqa: PLC0415
 
     configure_logging(LogConfig())
+    if args.r3_balloon and args.personality != "oracle":
+        print("vbox-agent simulate: --r3-balloon needs --personality oracle", file=sys.stderr)
+        return EX_USAGE
     try:
         host = SimulatedHost(
             personality=args.personality,
+            r3_balloon=args.r3_balloon,
             ram_mb=args.ram_mb,
             heartbeat_interval_ns=args.heartbeat_interval_ms * NS_PER_MS,
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+import struct
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 BALLOON_MAX_NUMERATOR: Final = 9
 BALLOON_MAX_DENOMINATOR: Final = 10
 """``VMMDEV_MAX_MEMORY_BALLOON``: the balloon may not reach 9/10 of guest RAM."""
-_PAGE_STRIDE: Final = 8
+_CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 
 
 class HostBalloon:
@@ -66,17 +69,18 @@ class HostBalloon:
 
     def change(self, inflate: bool, pages: Sequence[int]) -> int:
         """(De)balloon one chunk of guest pages; return the VBox status."""
-        if len(set(pages)) != len(pages) or any(page % PAGE_SIZE for page in pages):
+        unique = set(pages)
+        if len(unique) != len(pages) or functools.reduce(operator.or_, pages, 0) % PAGE_SIZE:
             return VERR_INVALID_PARAMETER
         if inflate:
-            if not self.pages.isdisjoint(pages):
+            if not self.pages.isdisjoint(unique):
                 return VERR_ALREADY_EXISTS
-            self.pages.update(pages)
+            self.pages.update(unique)
             self.chunks += 1
         else:
-            if not self.pages.issuperset(pages):
+            if not self.pages.issuperset(unique):
                 return VERR_NOT_FOUND
-            self.pages.difference_update(pages)
+            self.pages.difference_update(unique)
             self.chunks -= 1
         return VINF_SUCCESS
 
@@ -88,8 +92,4 @@ class HostBalloon:
 
 def read_chunk_pages(req: bytes | bytearray) -> list[int]:
     """Return the 256 page addresses of a CHANGE_MEMBALLOON request."""
-    base = L.MemBalloonChangeRequest.phys_page.offset
-    return [
-        int.from_bytes(req[base + _PAGE_STRIDE * i : base + _PAGE_STRIDE * (i + 1)], "little")
-        for i in range(BALLOON_CHUNK_PAGES)
-    ]
+    return list(_CHUNK_PAGES.unpack_from(req, L.MemBalloonChangeRequest.phys_page.offset))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 import trio
 
 from agent.host._heartbeat import NS_PER_S
-from agent.host.driver import DriverModel, DriverSession, personality_spec
+from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
 from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
 from agent.host.vmmdev import HOST_VERSION, VMMDev
 from agent.protocol.constants import VALID_EVENT_MASK
@@ -65,9 +65,11 @@ class SimulatedHost:
         core_dump_enabled: whether WRITE_COREDUMP is allowed (else VERR_ACCESS_DENIED).
         seed: seeds the session ids, for reproducible runs.
         services: HGCM services to register; by default the guest-property service.
+        r3_balloon: Oracle's driver without its kernel balloon allocator (CHECK_BALLOON
+            answers ``handle_in_r3``); only with ``personality="oracle"``.
 
     Raises:
-        ValueError: unknown personality.
+        ValueError: unknown personality, or ``r3_balloon`` with another one.
         PersonalityUnavailableError: an external personality that cannot run here.
     """
 
@@ -82,8 +84,12 @@ class SimulatedHost:
         core_dump_enabled: bool = False,
         seed: int | None = None,
         services: Iterable[HgcmService] | None = None,
+        r3_balloon: bool = False,
     ) -> None:
         self._spec = personality_spec(personality)
+        if r3_balloon and personality != OracleDriver.personality:
+            msg = f"a ring-3 balloon is an option of the oracle personality, not of {personality!r}"
+            raise ValueError(msg)
         self.personality = personality
         self.ram = self._spec.make_ram(ram_mb)
         self.vmmdev = VMMDev(
@@ -95,7 +101,11 @@ class SimulatedHost:
             core_dump_enabled=core_dump_enabled,
             seed=seed,
         )
-        self.driver: DriverModel = self._spec.make_driver(self.vmmdev, self.ram)
+        self.driver: DriverModel = (
+            OracleDriver(self.vmmdev, self.ram, r3_balloon=True)
+            if r3_balloon
+            else self._spec.make_driver(self.vmmdev, self.ram)
+        )
         for service in (GuestPropertyService(),) if services is None else services:
             self.register_hgcm_service(service)
         self._nursery: trio.Nursery | None = None

@@ -60,6 +60,7 @@ class HostSettings:
     host_time: bool = True
     core_dumps: bool = False
     seed: int | None = None
+    r3_balloon: bool = False
 
     def options(self) -> dict[str, object]:
         """Keyword arguments for :class:`~agent.host.host.SimulatedHost`."""
@@ -70,6 +71,7 @@ class HostSettings:
             "host_time_enabled": self.host_time,
             "core_dump_enabled": self.core_dumps,
             "seed": self.seed,
+            "r3_balloon": self.r3_balloon,
         }
 
 
@@ -164,6 +166,7 @@ _HOST_KEYS: Final[dict[str, Callable[[object], object]]] = {
     "host_time": _bool,
     "core_dumps": _bool,
     "seed": _int,
+    "r3_balloon": _bool,
 }
 
 
@@ -228,6 +231,9 @@ def _host_settings(raw: object, source: str) -> HostSettings:
             f"{source}: host: key 'personality': {settings.personality!r} is not one of "
             f"{', '.join(PERSONALITIES)}"
         )
+        raise ScenarioError(msg)
+    if settings.r3_balloon and settings.personality != "oracle":
+        msg = f"{source}: host: key 'r3_balloon': only the oracle personality has it"
         raise ScenarioError(msg)
     if settings.ram_mb <= 0 or settings.heartbeat_interval_ms <= 0:
         msg = f"{source}: host: ram_mb and heartbeat_interval_ms must be positive"

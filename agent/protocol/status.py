@@ -71,6 +71,7 @@ _STATUS: Final[dict[str, int]] = {
     "VERR_NEGATIVE_UNSIGNED": -57,
     "VERR_NO_TRANSLATION": -58,
     "VERR_INVALID_UTF8_ENCODING": -61,  # IPRT err.h, not in the Linux uapi
+    "VERR_NO_PHYS_MEMORY": -73,  # VirtualBox err.h, not in the Linux uapi
     "VERR_NOT_FOUND": -78,
     "VERR_INVALID_STATE": -79,
     "VERR_OUT_OF_RESOURCES": -80,

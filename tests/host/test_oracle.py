@@ -12,7 +12,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
@@ -47,6 +47,9 @@ from agent.protocol.status import (
     VINF_SUCCESS,
 )
 from tests.host.conftest import ECHO, FN_ECHO, Client, open_client, vmmdev_request
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 PERSONALITY: Final = "oracle"
 CHUNK: Final = 0x7F00_1000_0000
@@ -287,8 +290,58 @@ class TestVmmdevRequestPolicy:
         await expect_einval(client, Ioctl.vmmdev_request(32), buf)
 
 
+class TestOracleKernelBalloon:
+    """The default Linux build: CHECK_BALLOON moves the driver's own balloon."""
+
+    async def test_check_inflates_and_deflates_in_the_kernel(self, host: SimulatedHost) -> None:
+        owner, other = await open_client(host), await open_client(host)
+        host.set_balloon_target(3)
+        status = await owner.request(CheckBalloon())
+        assert (status.chunks, status.handle_in_r3) == (3, False)
+        assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.acked_mb) == (3, 3)
+        host.set_balloon_target(1)
+        await owner.request(CheckBalloon())
+        assert host.vmmdev.balloon.chunks == 1
+        assert await status_of(other.request(CheckBalloon())) == VERR_PERMISSION_DENIED
+
+    async def test_change_balloon_is_refused(self, host: SimulatedHost) -> None:
+        """With the kernel allocator even the owner may not hand over chunks."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        assert await status_of(owner.request(ChangeBalloon(CHUNK, True))) == VERR_PERMISSION_DENIED
+
+    async def test_host_failure_stops_the_walk(self, host: SimulatedHost) -> None:
+        """The first refused chunk ends the walk with its status; the next check goes on."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        host.set_balloon_target(2)
+        await owner.request(CheckBalloon())
+        host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NOT_SUPPORTED)
+        host.set_balloon_target(5)
+        assert await status_of(owner.request(CheckBalloon())) == VERR_NOT_SUPPORTED
+        assert host.vmmdev.balloon.chunks == 2
+        await owner.request(CheckBalloon())
+        assert host.vmmdev.balloon.chunks == 5
+
+    async def test_owner_close_deflates_the_kernel_chunks(self, host: SimulatedHost) -> None:
+        owner = await open_client(host)
+        host.set_balloon_target(4)
+        await owner.request(CheckBalloon())
+        await owner.transport.aclose()
+        assert host.vmmdev.balloon.chunks == 0
+        assert host.driver.balloon_chunks == 0
+
+
 class TestOracleBalloon:
-    """CHECK_BALLOON ownership and CHANGE_BALLOON."""
+    """A build without the kernel allocator: ring-3 chunks via CHANGE_BALLOON."""
+
+    @pytest.fixture(name="host")
+    async def _r3_host(self) -> AsyncIterator[SimulatedHost]:
+        host = SimulatedHost(personality=PERSONALITY, seed=1, r3_balloon=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            yield host
+            nursery.cancel_scope.cancel()
 
     async def test_check_makes_the_owner(self, host: SimulatedHost) -> None:
         """The first caller owns the balloon; others get VERR_PERMISSION_DENIED."""
@@ -320,7 +373,7 @@ class TestOracleBalloon:
 
     async def test_balloon_cannot_outgrow_guest_ram(self) -> None:
         """Inflating past the RAM's chunk count is VERR_INVALID_PARAMETER."""
-        host = SimulatedHost(personality=PERSONALITY, ram_mb=4)
+        host = SimulatedHost(personality=PERSONALITY, ram_mb=4, r3_balloon=True)
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)

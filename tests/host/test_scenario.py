@@ -107,6 +107,10 @@ class TestParse:
                 "expected a positive integer",
             ),
             (
+                '[host]\npersonality = "mainline"\nr3_balloon = true',
+                "'r3_balloon': only the oracle personality has it",
+            ),
+            (
                 '[[steps]]\nat = 2\naction = "restore"\n[[steps]]\nat = 1\naction = "restore"',
                 "step 2: key 'at': 1.0 is before the previous step",
             ),
@@ -116,6 +120,15 @@ class TestParse:
         """Each malformed scenario is refused with the step, key and value at fault."""
         with pytest.raises(ScenarioError, match=message):
             parse_scenario(text, source="demo")
+
+    def test_r3_balloon_builds_oracle_without_kernel_allocator(self) -> None:
+        scenario = parse_scenario('[host]\npersonality = "oracle"\nr3_balloon = true')
+        host = SimulatedHost(**scenario.host.options())  # type: ignore[arg-type]
+        assert not host.driver.use_kernel_api  # type: ignore[attr-defined]
+
+    def test_r3_balloon_is_oracle_only(self) -> None:
+        with pytest.raises(ValueError, match="option of the oracle personality"):
+            SimulatedHost(personality="passthrough", r3_balloon=True)
 
     def test_unreadable_file(self, tmp_path: Path) -> None:
         """A missing file is a ScenarioError naming the path."""

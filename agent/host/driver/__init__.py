@@ -1,9 +1,9 @@
 """Kernel-driver personalities in front of the simulated VMMDev.
 
-``mainline`` is the Linux in-tree driver, ``oracle`` Oracle's out-of-tree driver with the
-balloon handled in ring 3, ``passthrough`` a driver that lets trusted userspace own the
-balloon and the heartbeat. ``kernel`` (external, loaded on demand) is the real Linux driver
-from the source checkout's test bed.
+``mainline`` is the Linux in-tree driver, ``oracle`` Oracle's out-of-tree driver (balloon
+allocated by the kernel, or in ring 3 when built without that), ``passthrough`` a driver
+that lets trusted userspace own the balloon and the heartbeat. ``kernel`` (external, loaded
+on demand) is the real Linux driver from the source checkout's test bed.
 """
 
 from __future__ import annotations

@@ -30,6 +30,18 @@ class PageAllocator:
         self._next += PAGE_SIZE
         return page
 
+    def alloc_many(self, count: int) -> list[int] | None:
+        """Return ``count`` free page addresses, or ``None`` (taking none) if there are fewer."""
+        if len(self._free) + (self._end - self._next) // PAGE_SIZE < count:
+            return None
+        reused = min(count, len(self._free))
+        pages = self._free[len(self._free) - reused :]
+        del self._free[len(self._free) - reused :]
+        fresh_end = self._next + (count - reused) * PAGE_SIZE
+        pages.extend(range(self._next, fresh_end, PAGE_SIZE))
+        self._next = fresh_end
+        return pages
+
     def free(self, pages: list[int]) -> None:
         """Give ``pages`` back."""
         self._free.extend(pages)

@@ -8,7 +8,8 @@ while a userspace agent asks for the event it will never receive.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, NoReturn
+import struct
+from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import structlog
 import trio
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from agent.host.vmmdev import VMMDev
 
 _log = structlog.get_logger("agent.host")
+_CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 
 
 class MainlineDriver(Driver):
@@ -119,6 +121,5 @@ async def change_memballoon(
     L.MemBalloonChangeRequest.header_size.set(req, L.MemBalloonChangeRequest.size)
     L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
     L.MemBalloonChangeRequest.pages.set(req, BALLOON_CHUNK_PAGES)
-    base = L.MemBalloonChangeRequest.phys_page.offset
-    req[base : base + 8 * len(pages)] = b"".join(page.to_bytes(8, "little") for page in pages)
+    _CHUNK_PAGES.pack_into(req, L.MemBalloonChangeRequest.phys_page.offset, *pages)
     return await driver.perform(req)

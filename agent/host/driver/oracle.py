@@ -1,4 +1,4 @@
-"""Oracle's out-of-tree driver (``VBoxGuest.cpp``) on a build without the kernel balloon API.
+"""Oracle's out-of-tree driver (``VBoxGuest.cpp``), with or without its kernel balloon allocator.
 
 Its ioctl entry (:mod:`agent.host.driver._oracle`) reports a handler's failure as a VBox
 status in ``hdr.rc`` and returns 0; only malformed calls and unknown functions fail with
@@ -7,15 +7,20 @@ or, when there are none, the session's next wait (which returns success with no 
 
 The first session to call CHECK_BALLOON (or CHANGE_BALLOON) owns the balloon until it
 closes; others get VERR_PERMISSION_DENIED in ``hdr.rc``. CHECK_BALLOON asks the host for
-the target and answers ``handle_in_r3 = 1``: userspace allocates 1 MiB chunks and hands
+the target (acknowledging 0x40). On Linux the driver then allocates and hands over the
+chunks itself (``fUseKernelAPI``, ``vgdrvSetBalloonSizeKernel``): it stops at the first
+failure, reports running out of memory as success and answers ``handle_in_r3 = 0``; it
+refuses CHANGE_BALLOON with VERR_PERMISSION_DENIED. Built without that allocator
+(``r3_balloon``) it answers ``handle_in_r3 = 1``: userspace allocates 1 MiB chunks and hands
 each to the driver with CHANGE_BALLOON (ioctl 18), which locks it and tells the host the
-chunk's pages. Closing the owner's session deflates every chunk. BALLOON_CHANGE_REQUEST is
-delivered to userspace waiters; the heartbeat stays with the driver.
+chunk's pages (``vgdrvSetBalloonSizeFromUser``). Closing the owner's session deflates every
+chunk (``vgdrvCloseMemBalloon``). BALLOON_CHANGE_REQUEST is delivered to userspace waiters;
+the heartbeat stays with the driver.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
 
@@ -33,6 +38,7 @@ from agent.protocol.constants import (
     RequestType,
 )
 from agent.protocol.status import (
+    STATUS_CODES,
     VERR_ALREADY_EXISTS,
     VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
@@ -40,6 +46,11 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VINF_SUCCESS,
 )
+
+OUT_OF_MEMORY: Final = frozenset(
+    {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
+)
+"""What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
 
 if TYPE_CHECKING:
     from agent.host.driver._core import BoundHandler
@@ -50,18 +61,25 @@ if TYPE_CHECKING:
 
 
 class OracleDriver(Driver):
-    """Oracle's driver: session-owned balloon handled in ring 3."""
+    """Oracle's driver: a session-owned balloon, allocated by the kernel or by ring 3.
+
+    Args:
+        r3_balloon: the driver cannot allocate chunks itself (``fUseKernelAPI`` false).
+    """
 
     personality: ClassVar[str] = "oracle"
     kernel_events: ClassVar[int] = Event.HGCM | Event.MOUSE_POSITION_CHANGED
 
-    def __init__(self, vmmdev: VMMDev, ram: DictMemory) -> None:
+    def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)
         self.pages = PageAllocator(vmmdev.ram_mb * BALLOON_CHUNK_PAGES)
+        self.use_kernel_api = not r3_balloon
         self.owner: DriverSession | None = None
         self.max_chunks = 0
         self.chunks: dict[int, list[int]] = {}
         """User chunk address -> the guest pages locked for it, in inflate order."""
+        self.kernel_chunks: list[list[int]] = []
+        """Chunks the driver allocated itself (kernel API), in inflate order."""
         self._balloon_mutex = trio.Lock()
         self.waits: dict[DriverSession, set[Wait]] = {}
         """Each session's WAIT_FOR_EVENTS calls in progress."""
@@ -82,8 +100,8 @@ class OracleDriver(Driver):
 
     @property
     def balloon_chunks(self) -> int:
-        """Chunks userspace handed to the balloon."""
-        return len(self.chunks)
+        """Chunks in the balloon (the driver's own or those userspace handed over)."""
+        return len(self.chunks) + len(self.kernel_chunks)
 
     def extra_ioctls(self) -> dict[int, BoundHandler]:
         """CHANGE_BALLOON exists only in Oracle's driver."""
@@ -95,7 +113,7 @@ class OracleDriver(Driver):
         return self.owner is session
 
     async def check_balloon(self, session: DriverSession, kbuf: bytearray) -> None:
-        """Query the host (acknowledging 0x40) and let userspace handle the chunks."""
+        """Query the host (acknowledging 0x40); move the kernel's balloon or leave it to ring 3."""
         async with self._balloon_mutex:
             if not self._claim(session):
                 L.IoctlHeader.rc.set(kbuf, VERR_PERMISSION_DENIED)
@@ -111,8 +129,38 @@ class OracleDriver(Driver):
             self.max_chunks = L.MemBalloonInfoRequest.phys_mem_chunks.get(info)
             chunks = L.MemBalloonInfoRequest.balloon_chunks.get(info)
             L.CheckBalloonIoctl.balloon_chunks.set(kbuf, chunks)
-            L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 1)
+            L.CheckBalloonIoctl.handle_in_r3.set(kbuf, int(not self.use_kernel_api))
             L.CheckBalloonIoctl.padding.set(kbuf, b"")
+            if self.use_kernel_api:
+                rc = await self._set_size_kernel(chunks)
+                # Out-of-memory is swallowed, whether the guest or the host ran out.
+                if rc not in OUT_OF_MEMORY:
+                    L.IoctlHeader.rc.set(kbuf, rc)
+
+    async def _set_size_kernel(self, target: int) -> int:
+        """``vgdrvSetBalloonSizeKernel``: walk the driver's own chunks to ``target``."""
+        if target > self.max_chunks:
+            return VERR_INVALID_PARAMETER
+        if target == self.max_chunks:  # upstream's "nothing to do" test compares with the max
+            return VINF_SUCCESS
+        while len(self.kernel_chunks) < target:
+            pages = self._alloc_chunk_pages()
+            if pages is None:
+                return VERR_NO_MEMORY
+            rc = await self._change(pages, inflate=True)
+            if rc < 0:
+                self.pages.free(pages)
+                return rc
+            self.kernel_chunks.append(pages)
+        while len(self.kernel_chunks) > target:
+            rc = await self._change(self.kernel_chunks[-1], inflate=False)
+            if rc < 0:
+                return rc
+            self.pages.free(self.kernel_chunks.pop())
+        return VINF_SUCCESS
+
+    def _alloc_chunk_pages(self) -> list[int] | None:
+        return self.pages.alloc_many(BALLOON_CHUNK_PAGES)
 
     async def _change_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, memory: GuestMemory
@@ -125,7 +173,7 @@ class OracleDriver(Driver):
         address = L.ChangeBalloonIoctl.chunk_address.get(kbuf)
         inflate = L.ChangeBalloonIoctl.inflate.get(kbuf) != 0
         async with self._balloon_mutex:
-            if not self._claim(session):
+            if self.use_kernel_api or not self._claim(session):
                 rc = VERR_PERMISSION_DENIED
             elif inflate:
                 rc = await self._inflate(address)
@@ -138,13 +186,9 @@ class OracleDriver(Driver):
             return VERR_INVALID_PARAMETER
         if address in self.chunks:
             return VERR_ALREADY_EXISTS
-        pages: list[int] = []
-        for _ in range(BALLOON_CHUNK_PAGES):
-            page = self.pages.alloc()
-            if page is None:
-                self.pages.free(pages)
-                return VERR_NO_MEMORY
-            pages.append(page)
+        pages = self._alloc_chunk_pages()
+        if pages is None:
+            return VERR_NO_MEMORY
         rc = await self._change(pages, inflate=True)
         if rc < 0:
             self.pages.free(pages)
@@ -172,4 +216,8 @@ class OracleDriver(Driver):
                 return
             for address in reversed(list(self.chunks)):
                 await self._deflate(address)
+            while self.kernel_chunks:
+                if await self._change(self.kernel_chunks[-1], inflate=False) < 0:
+                    break  # upstream leaks the rest
+                self.pages.free(self.kernel_chunks.pop())
             self.owner = None

@@ -1,0 +1,31 @@
+"""The memory balloon service (see :mod:`agent.services.balloon._service`)."""
+
+from __future__ import annotations
+
+from agent.services._base import ServiceContext, ServiceSpec
+from agent.services.balloon._chunks import (
+    Chunk as Chunk,
+    ChunkAllocator as ChunkAllocator,
+    ChunkError as ChunkError,
+    MmapAllocator as MmapAllocator,
+)
+from agent.services.balloon._config import BalloonSection as BalloonSection
+from agent.services.balloon._mode import BalloonMode as BalloonMode
+from agent.services.balloon._pressure import (
+    PressureReading as PressureReading,
+    PressureSource as PressureSource,
+    PsiMonitor as PsiMonitor,
+)
+from agent.services.balloon._service import (
+    BalloonService as BalloonService,
+    BalloonStatistics as BalloonStatistics,
+)
+
+
+def _build(ctx: ServiceContext, section: BalloonSection) -> BalloonService:
+    return BalloonService(
+        ctx.device, ctx.pump, section, status_changed=ctx.status_changed, gauge=ctx.balloon
+    )
+
+
+SPEC: ServiceSpec[BalloonSection] = ServiceSpec("balloon", BalloonSection, _build)

@@ -1,0 +1,173 @@
+"""Balloon chunks the agent allocates itself: 1 MiB of locked anonymous memory each.
+
+A chunk is its own mapping (``mmap``), kept out of children (``MADV_DONTFORK``) and locked
+(``mlock``, which also faults every page in), as Oracle's ``CHANGE_BALLOON`` and the
+passthrough ``CHANGE_MEMBALLOON`` expect. Nothing in the agent ever reads or writes a
+chunk's memory; it is unmapped only after the host gave it back.
+
+``ChunkAllocator`` is the seam: :class:`MmapAllocator` is the real one; tests may inject
+their own. ``physical_pages`` turns a chunk into the guest-physical addresses of its 256
+pages (``/proc/self/pagemap`` on a real guest).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import resource
+import struct
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
+
+from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PAGEMAP_PATH: Final = "/proc/self/pagemap"
+_PAGEMAP_ENTRY: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
+_PFN_MASK: Final = (1 << 55) - 1
+_PAGE_PRESENT: Final = 1 << 63
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+_PROT_READ_WRITE: Final = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+class ChunkError(OSError):
+    """A chunk could not be allocated, locked or released (``errno`` says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One 1 MiB chunk: its address in this process and, where known, its page frames."""
+
+    address: int
+    pages: tuple[int, ...] = ()
+
+
+class ChunkAllocator(Protocol):
+    """Gives out and takes back 1 MiB chunks of this process's memory."""
+
+    def allocate(self) -> int:
+        """Map, lock and fault in a chunk; return its address.
+
+        Raises:
+            ChunkError: no memory, or the lock was refused (``RLIMIT_MEMLOCK``).
+        """
+        ...
+
+    def release(self, address: int) -> None:
+        """Unlock and unmap a chunk the host does not hold."""
+        ...
+
+    def physical_pages(self, address: int) -> Sequence[int]:
+        """Return the guest-physical address of each of the chunk's 256 pages.
+
+        Raises:
+            ChunkError: the addresses cannot be read.
+        """
+        ...
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    )
+    for name in ("munmap", "mlock", "munlock"):
+        function = getattr(libc, name)
+        function.restype = ctypes.c_int
+        function.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.madvise.restype = ctypes.c_int
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def _error(call: str) -> ChunkError:
+    code = ctypes.get_errno()
+    return ChunkError(
+        code, f"{call} of a {BALLOON_CHUNK_SIZE >> 20} MiB chunk failed: {os.strerror(code)}"
+    )
+
+
+class MmapAllocator:
+    """Real chunks: ``mmap`` + ``MADV_DONTFORK`` + ``mlock``; page frames from pagemap."""
+
+    __slots__ = ("__weakref__", "_libc", "_pagemap_fd", "_pagemap_path")
+
+    def __init__(self, *, pagemap_path: str = PAGEMAP_PATH) -> None:
+        self._libc = _libc()
+        self._pagemap_path = pagemap_path
+        self._pagemap_fd: int | None = None
+
+    def allocate(self) -> int:
+        """Map, keep out of forks, and lock (faulting every page in)."""
+        libc = self._libc
+        address = libc.mmap(
+            None,
+            BALLOON_CHUNK_SIZE,
+            _PROT_READ_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+        if address is None or address == _MAP_FAILED:
+            error = _error("mmap")
+            raise error
+        if libc.madvise(address, BALLOON_CHUNK_SIZE, mmap.MADV_DONTFORK) != 0:
+            error = _error("madvise(MADV_DONTFORK)")
+            libc.munmap(address, BALLOON_CHUNK_SIZE)
+            raise error
+        if libc.mlock(address, BALLOON_CHUNK_SIZE) != 0:
+            error = _error("mlock")
+            libc.munmap(address, BALLOON_CHUNK_SIZE)
+            raise error
+        return int(address)
+
+    def release(self, address: int) -> None:
+        """Unmap (which unlocks)."""
+        if self._libc.munmap(address, BALLOON_CHUNK_SIZE) != 0:
+            error = _error("munmap")
+            raise error
+
+    def physical_pages(self, address: int) -> list[int]:
+        """Read the chunk's page frames from pagemap (needs ``CAP_SYS_ADMIN`` to see them)."""
+        page_size = mmap.PAGESIZE
+        try:
+            raw = os.pread(self._pagemap(), _PAGEMAP_ENTRY.size, address // page_size * 8)
+        except OSError as exc:
+            raise ChunkError(
+                exc.errno, f"cannot read {self._pagemap_path}: {exc.strerror}"
+            ) from exc
+        if len(raw) != _PAGEMAP_ENTRY.size:
+            raise ChunkError(0, f"{self._pagemap_path}: short read at {address:#x}")
+        entries = _PAGEMAP_ENTRY.unpack(raw)
+        pages = [(entry & _PFN_MASK) * page_size for entry in entries]
+        if min(entries) < _PAGE_PRESENT or 0 in pages:  # not present, or the frame is hidden
+            msg = (
+                f"{self._pagemap_path} shows no page frame for {address:#x}: "
+                "reading frames needs CAP_SYS_ADMIN"
+            )
+            raise ChunkError(0, msg)
+        return pages
+
+    def _pagemap(self) -> int:
+        """The pagemap descriptor, opened once and closed with the allocator."""
+        if self._pagemap_fd is None:
+            self._pagemap_fd = os.open(self._pagemap_path, os.O_RDONLY | os.O_CLOEXEC)
+            weakref.finalize(self, os.close, self._pagemap_fd)
+        return self._pagemap_fd
+
+
+def memlock_limit() -> int | None:
+    """Return ``RLIMIT_MEMLOCK`` in bytes, or None when unlimited."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft

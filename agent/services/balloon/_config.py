@@ -1,0 +1,53 @@
+"""The ``[balloon]`` section of the config file."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from agent.services._base import ServiceSection
+
+DEFAULT_PSI_PATH: Final = "/proc/pressure/memory"
+MIN_PSI_INTERVAL_S: Final = 0.5
+MAX_PSI_INTERVAL_S: Final = 10.0
+"""The window range the kernel accepts for PSI triggers (500 ms to 10 s)."""
+MAX_RETRY_S: Final = 3600.0
+
+
+class BalloonSection(ServiceSection):
+    """How the balloon follows the host and yields to memory pressure."""
+
+    psi_path: str = DEFAULT_PSI_PATH
+    """PSI file to watch (``/proc/pressure/memory`` or a cgroup v2 ``memory.pressure``)."""
+    psi_interval_s: float = Field(default=2.0, ge=MIN_PSI_INTERVAL_S, le=MAX_PSI_INTERVAL_S)
+    """The PSI trigger window, and the polling interval where triggers are unsupported."""
+    pressure_threshold_pct: float = Field(default=10.0, gt=0, le=100)
+    """Stall share (``some``) within one interval at or over which memory is under pressure."""
+    pressure_step_mb: int = Field(default=64, ge=1)
+    """MiB the agent gives back at once when pressure is high (where it holds the chunks)."""
+    pressure_cooldown_s: float = Field(default=30.0, gt=0)
+    """How long pressure must stay low before the balloon grows toward the target again."""
+    min_available_mb: int = Field(default=256, ge=0)
+    """Never inflate when ``MemAvailable`` would drop below this many MiB."""
+    retry_initial_s: float = Field(default=1.0, gt=0, le=MAX_RETRY_S)
+    """Delay before the first retry after a failed step; doubles on each further failure ..."""
+    retry_max_s: float = Field(default=60.0, gt=0, le=MAX_RETRY_S)
+    """... up to this bound."""
+
+    @field_validator("psi_path")
+    @classmethod
+    def _check_psi_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            msg = "must be an absolute path such as /proc/pressure/memory"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("retry_max_s")
+    @classmethod
+    def _check_retry_order(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("retry_initial_s")
+        if initial is not None and value < initial:
+            msg = f"must be >= retry_initial_s ({initial:g})"
+            raise ValueError(msg)
+        return value

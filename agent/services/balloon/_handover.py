@@ -1,0 +1,106 @@
+"""How a chunk the agent allocated reaches the host, per driver.
+
+- Oracle's driver with ``handle_in_r3``: ``CHECK_BALLOON`` reads (and acknowledges) the
+  target; ``CHANGE_BALLOON`` hands over the chunk's user address, the driver locks it.
+- passthrough: ``GET_MEMBALLOON_CHANGE_REQ`` reads the target and guest RAM;
+  ``CHANGE_MEMBALLOON`` carries the chunk's 256 guest-physical page addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from agent.protocol import ChangeMemBalloon, GetMemBalloonChangeRequest
+from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
+
+if TYPE_CHECKING:
+    from agent.device import Device
+    from agent.services.balloon._chunks import Chunk
+
+
+@dataclass(frozen=True, slots=True)
+class HostTarget:
+    """What the host asks for, in chunks; ``max_chunks`` None where the driver keeps it."""
+
+    chunks: int
+    max_chunks: int | None
+
+
+class Handover(Protocol):
+    """Moves chunks between the agent and the host."""
+
+    needs_pages: bool
+    """Whether chunks must carry their guest-physical page addresses."""
+
+    async def read_target(self) -> HostTarget:
+        """Read (and acknowledge) the host's target."""
+        ...
+
+    async def inflate(self, chunk: Chunk) -> None:
+        """Give ``chunk`` to the host.
+
+        Raises:
+            VBoxStatusError: the driver or host refused.
+        """
+        ...
+
+    async def deflate(self, chunk: Chunk) -> None:
+        """Take ``chunk`` back from the host."""
+        ...
+
+    def never_held(self, rc: int) -> bool:
+        """Whether a failed deflate's status means the host never had the chunk."""
+        ...
+
+
+class OracleHandover:
+    """Oracle's driver, balloon handled in ring 3 (``handle_in_r3``)."""
+
+    needs_pages = False
+
+    def __init__(self, device: Device) -> None:
+        self._device = device
+
+    async def read_target(self) -> HostTarget:
+        """``CHECK_BALLOON``: the driver asks the host (acknowledging 0x40)."""
+        status = await self._device.check_balloon()
+        return HostTarget(status.chunks, None)
+
+    async def inflate(self, chunk: Chunk) -> None:
+        """``CHANGE_BALLOON`` with inflate set: the driver locks the chunk and tells the host."""
+        await self._device.change_balloon(chunk.address, inflate=True)
+
+    async def deflate(self, chunk: Chunk) -> None:
+        """``CHANGE_BALLOON`` with inflate clear."""
+        await self._device.change_balloon(chunk.address, inflate=False)
+
+    def never_held(self, rc: int) -> bool:
+        """Unknown address (VERR_NOT_FOUND) or an empty balloon (VERR_INVALID_PARAMETER)."""
+        return rc in (VERR_NOT_FOUND, VERR_INVALID_PARAMETER)
+
+
+class PassthroughHandover:
+    """A driver that passes the VMMDev balloon requests of trusted userspace through."""
+
+    needs_pages = True
+
+    def __init__(self, device: Device) -> None:
+        self._device = device
+
+    async def read_target(self) -> HostTarget:
+        """``GET_MEMBALLOON_CHANGE_REQ``, acknowledging 0x40."""
+        target = await self._device.request(GetMemBalloonChangeRequest(acknowledge=True))
+        return HostTarget(target.chunks, target.phys_mem_chunks)
+
+    async def inflate(self, chunk: Chunk) -> None:
+        """``CHANGE_MEMBALLOON`` with the chunk's pages."""
+        await self._device.request(ChangeMemBalloon(inflate=True, pages=chunk.pages))
+
+    async def deflate(self, chunk: Chunk) -> None:
+        """``CHANGE_MEMBALLOON`` with inflate clear."""
+        await self._device.request(ChangeMemBalloon(inflate=False, pages=chunk.pages))
+
+    def never_held(self, rc: int) -> bool:
+        """The host does not know the pages."""
+        return rc == VERR_NOT_FOUND

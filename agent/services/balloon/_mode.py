@@ -1,0 +1,77 @@
+"""Which balloon the driver lets the agent run, decided from what the device answers.
+
+1. ``GET_MEMBALLOON_CHANGE_REQ`` passes through (without acknowledging): the driver leaves
+   the balloon to trusted userspace, the agent owns it (*owned*).
+2. Otherwise ``CHECK_BALLOON`` (which, on Oracle's driver, makes this session the balloon's
+   owner and applies the target): ``handle_in_r3`` means the agent allocates the chunks
+   and hands them over (*allocated*).
+3. Otherwise the kernel allocates. Oracle's driver has ``CHANGE_BALLOON`` and refuses it
+   with VERR_PERMISSION_DENIED when it uses its kernel allocator: the agent triggers each
+   change with ``CHECK_BALLOON`` (*triggered*). The in-tree driver has no such ioctl: its
+   kernel work item balloons by itself while event 0x40 is in some filter (*kernel*).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agent.protocol import GetMemBalloonChangeRequest, VBoxStatusError
+from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.status import VERR_PERMISSION_DENIED
+
+if TYPE_CHECKING:
+    from agent.device import Device
+
+
+class BalloonMode(enum.StrEnum):
+    """Who allocates the chunks and who moves the balloon."""
+
+    KERNEL = "kernel"
+    """In-tree driver: the kernel balloons while 0x40 is filtered; the agent only holds it."""
+    TRIGGERED = "triggered"
+    """Oracle's driver, kernel allocation: the agent calls CHECK_BALLOON on every 0x40."""
+    ALLOCATED = "allocated"
+    """Oracle's driver, ``handle_in_r3``: the agent locks chunks, CHANGE_BALLOON hands them over."""
+    OWNED = "owned"
+    """Passthrough: the agent sends CHANGE_MEMBALLOON with each chunk's physical pages."""
+
+    @property
+    def agent_holds_chunks(self) -> bool:
+        """Whether the chunks are the agent's own memory (so it can walk and give back)."""
+        return self in (BalloonMode.ALLOCATED, BalloonMode.OWNED)
+
+
+@dataclass(frozen=True, slots=True)
+class Detected:
+    """The mode, and the balloon size the probe saw (chunks; the target where the agent walks)."""
+
+    mode: BalloonMode
+    chunks: int
+
+
+async def detect_mode(device: Device) -> Detected:
+    """Probe the driver (see the module docstring).
+
+    Raises:
+        VBoxStatusError: ``CHECK_BALLOON`` failed (for example another session owns the
+            balloon on Oracle's driver).
+    """
+    try:
+        target = await device.request(GetMemBalloonChangeRequest(acknowledge=False))
+    except (VBoxStatusError, OSError):  # refused, whichever way the driver reports it
+        pass
+    else:
+        return Detected(BalloonMode.OWNED, target.chunks)
+    status = await device.check_balloon()
+    if status.handle_in_r3:
+        return Detected(BalloonMode.ALLOCATED, status.chunks)
+    try:
+        await device.change_balloon(PAGE_SIZE, inflate=False)
+    except VBoxStatusError as exc:
+        if exc.rc == VERR_PERMISSION_DENIED:
+            return Detected(BalloonMode.TRIGGERED, status.chunks)
+    except OSError:  # no such ioctl (ENOTTY)
+        pass
+    return Detected(BalloonMode.KERNEL, status.chunks)

@@ -1,0 +1,202 @@
+"""Memory pressure for the balloon: PSI stall readings and ``MemAvailable``.
+
+A :class:`PsiMonitor` reads a PSI file (``/proc/pressure/memory`` or a cgroup v2
+``memory.pressure``). Where the kernel accepts a trigger on the file (``some STALL WINDOW``)
+it sleeps until the trigger fires (``POLLPRI``), so an idle guest costs no wake-ups;
+otherwise it reads the file every interval and computes the stall share from the ``total``
+counter. Either way :meth:`PsiMonitor.next_reading` returns one :class:`PressureReading`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol, Self
+
+import structlog
+import trio
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+log = structlog.get_logger(__name__)
+
+MEMINFO_PATH: Final = "/proc/meminfo"
+US_PER_S: Final = 1_000_000
+PERCENT: Final = 100.0
+_SOME_LINE: Final = re.compile(
+    rb"^some avg10=(?P<avg10>[\d.]+) .*total=(?P<total>\d+)$", re.MULTILINE
+)
+_MEM_AVAILABLE: Final = re.compile(rb"^MemAvailable:\s+(?P<kb>\d+) kB$", re.MULTILINE)
+_KB_PER_MB: Final = 1024
+
+
+class PressureFileError(OSError):
+    """The PSI or meminfo file cannot be read or has no figures where expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class PressureReading:
+    """One look at memory pressure.
+
+    Attributes:
+        stall_pct: share of time some task stalled on memory (over the last interval when
+            polling; the kernel's ``avg10`` when a trigger fired).
+        high: at or over the threshold (always true when a trigger fired).
+        via: ``"trigger"`` or ``"poll"``.
+    """
+
+    stall_pct: float
+    high: bool
+    via: str
+
+
+class PressureSource(Protocol):
+    """Where the balloon gets pressure readings from (injectable in tests)."""
+
+    async def next_reading(self) -> PressureReading:
+        """Wait for and return the next reading."""
+        ...
+
+
+def read_mem_available_mb(path: str = MEMINFO_PATH) -> int:
+    """Return ``MemAvailable`` from ``path`` in MiB.
+
+    Raises:
+        PressureFileError: unreadable, or no MemAvailable line.
+    """
+    try:
+        with open(path, "rb") as file:
+            text = file.read()
+    except OSError as exc:
+        raise PressureFileError(exc.errno, f"cannot read {path}: {exc.strerror}") from exc
+    match = _MEM_AVAILABLE.search(text)
+    if match is None:
+        raise PressureFileError(errno.EINVAL, f"{path} has no 'MemAvailable: N kB' line")
+    return int(match["kb"]) // _KB_PER_MB
+
+
+def _parse_some(path: str, text: bytes) -> tuple[float, int]:
+    match = _SOME_LINE.search(text)
+    if match is None:
+        raise PressureFileError(
+            errno.EINVAL, f"{path} has no 'some avg10=... total=N' line (not a PSI file?)"
+        )
+    return float(match["avg10"]), int(match["total"])
+
+
+class PsiMonitor:
+    """PSI readings from one file, by kernel trigger where possible, else by polling.
+
+    Use as a context manager: it opens the file (and registers the trigger) on entry and
+    closes it on exit.
+    """
+
+    def __init__(self, path: str, *, interval_s: float, threshold_pct: float) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self.threshold_pct = threshold_pct
+        self._fd: int | None = None
+        self._epoll: select.epoll | None = None
+        self._last_total = 0
+        self._last_time = 0.0
+
+    @property
+    def uses_trigger(self) -> bool:
+        """Whether the kernel accepted the trigger (else the file is polled)."""
+        return self._epoll is not None
+
+    def __enter__(self) -> Self:
+        """Open the file, read a first figure and try to register the trigger.
+
+        Raises:
+            PressureFileError: the file cannot be opened or is not a PSI file.
+        """
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise PressureFileError(exc.errno, f"cannot open {self.path}: {exc.strerror}") from exc
+        self._last_total = self._read()[1]
+        self._last_time = trio.current_time()
+        self._try_trigger()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the file and the trigger."""
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _try_trigger(self) -> None:
+        """Register ``some STALL WINDOW`` on a fd of its own; keep polling if refused."""
+        window_us = round(self.interval_s * US_PER_S)
+        stall_us = max(1, round(window_us * self.threshold_pct / PERCENT))
+        epoll = select.epoll()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            epoll.close()
+            self._log_polling(exc)
+            return
+        try:
+            # Regular files refuse epoll (EPERM): only PSI files get a trigger written.
+            epoll.register(fd, select.EPOLLPRI)
+            os.write(fd, f"some {stall_us} {window_us}".encode() + b"\0")
+        except OSError as exc:
+            epoll.close()
+            os.close(fd)
+            self._log_polling(exc)
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self._epoll = epoll
+        log.info("psi_trigger_set", path=self.path, stall_us=stall_us, window_us=window_us)
+
+    def _log_polling(self, exc: OSError) -> None:
+        log.info(
+            "psi_trigger_unavailable",
+            path=self.path,
+            reason=exc.strerror,
+            polling_every_s=self.interval_s,
+        )
+
+    def _read(self) -> tuple[float, int]:
+        if self._fd is None:
+            msg = "PsiMonitor used outside its 'with' block"
+            raise RuntimeError(msg)
+        try:
+            text = os.pread(self._fd, 4096, 0)
+        except OSError as exc:
+            raise PressureFileError(exc.errno, f"cannot read {self.path}: {exc.strerror}") from exc
+        return _parse_some(self.path, text)
+
+    async def next_reading(self) -> PressureReading:
+        """Sleep until the trigger fires (or the interval passes) and return a reading."""
+        if self._epoll is not None:
+            # The inner epoll becomes readable only on POLLPRI: trio waits on it.
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            self._epoll.poll(0)
+            avg10, self._last_total = self._read()
+            self._last_time = trio.current_time()
+            return PressureReading(avg10, high=True, via="trigger")
+        await trio.sleep(self.interval_s)
+        _avg10, total = self._read()
+        now = trio.current_time()
+        elapsed_us = max((now - self._last_time) * US_PER_S, 1.0)
+        stall_pct = min(PERCENT, (total - self._last_total) * PERCENT / elapsed_us)
+        self._last_total, self._last_time = total, now
+        return PressureReading(
+            round(stall_pct, 2), high=stall_pct >= self.threshold_pct, via="poll"
+        )

@@ -1,0 +1,477 @@
+"""``BalloonService``: the memory balloon on every driver, yielding to memory pressure.
+
+``run`` subscribes to BALLOON_CHANGE_REQUEST (0x40) and RESTORED, decides the mode from the
+device's answers (:mod:`._mode`, logged once) and then:
+
+- *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
+  ``CHECK_BALLOON`` at start, after a restore and after a status report;
+- *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
+  is retried with capped backoff; under memory pressure the call is postponed;
+- *allocated* / *owned*: reads the target on the same occasions and lets a
+  :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory.
+
+Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
+``pressure_step_mb`` at once, and the cap holds until pressure stayed low for
+``pressure_cooldown_s``. ``drain`` gives back every chunk the agent holds; on Oracle's
+driver closing the session deflates whatever the driver holds.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, NoReturn, final
+
+import structlog
+import trio
+
+from agent.protocol import Event, VBoxStatusError
+from agent.services._base import BalloonGauge
+from agent.services.balloon._backoff import Backoff
+from agent.services.balloon._chunks import MmapAllocator, memlock_limit
+from agent.services.balloon._handover import OracleHandover, PassthroughHandover
+from agent.services.balloon._mode import BalloonMode, Detected, detect_mode
+from agent.services.balloon._pressure import (
+    PressureFileError,
+    PsiMonitor,
+    read_mem_available_mb,
+)
+from agent.services.balloon._walker import CHUNK_MB, ChunkWalker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.device import Device
+    from agent.services.balloon._chunks import ChunkAllocator
+    from agent.services.balloon._config import BalloonSection
+    from agent.services.balloon._pressure import PressureReading, PressureSource
+    from agent.services.event_pump import EventPump, Subscription
+
+log = structlog.get_logger("agent.services.balloon")
+
+EVENTS: Final = Event.BALLOON_CHANGE_REQUEST | Event.RESTORED
+_LIVE_FIELDS: Final = frozenset(
+    {
+        "pressure_step_mb",
+        "pressure_cooldown_s",
+        "min_available_mb",
+        "retry_initial_s",
+        "retry_max_s",
+    }
+)
+"""Settings a reload applies at once; the PSI file, interval and threshold need a restart."""
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonStatistics:
+    """The balloon as the agent sees it (sizes in 1 MiB chunks).
+
+    ``chunks`` is what the agent holds (allocated/owned) or the driver's last answer
+    (kernel: its count; triggered: the target it applied). ``cap`` is the pressure cap.
+    """
+
+    mode: str | None
+    target: int
+    chunks: int
+    cap: int | None
+    inflated: int
+    deflated: int
+    failures: int
+    pressure_events: int
+    postponed: bool
+
+
+@final
+class BalloonService:
+    """The balloon service; build it through :data:`SPEC` or directly in tests.
+
+    Args:
+        allocator: where the agent's chunks come from (default: locked anonymous mmaps).
+        pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
+        mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
+        status_changed: called whenever :meth:`status` would read differently.
+        gauge: where the balloon's size is published for other services (None while stopped).
+    """
+
+    name: Final = "balloon"
+
+    def __init__(
+        self,
+        device: Device,
+        pump: EventPump,
+        section: BalloonSection,
+        *,
+        allocator: ChunkAllocator | None = None,
+        pressure: PressureSource | None = None,
+        mem_available_mb: Callable[[], int | None] | None = None,
+        status_changed: Callable[[], None] = lambda: None,
+        gauge: BalloonGauge | None = None,
+    ) -> None:
+        self._device = device
+        self._gauge = gauge if gauge is not None else BalloonGauge()
+        self._status_changed = status_changed
+        self._pump = pump
+        self._section = section
+        self._allocator = allocator
+        self._pressure = pressure
+        self._mem_available = mem_available_mb or self._read_mem_available
+        self._mode: BalloonMode | None = None
+        self._walker: ChunkWalker | None = None
+        self._mode_of_walker: BalloonMode | None = None
+        self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        self._chunks = 0
+        self._target = 0
+        self._read_pending = True
+        self._poke = trio.Event()
+        self._release_at = math.inf
+        self._postponed = False
+        self._pressure_events = 0
+        self._read_failures = 0
+        self._meminfo_warned = False
+        self.mode_known = trio.Event()
+        """Set once the mode is decided (for tests)."""
+        self.reads = 0
+        """Successful target reads (CHECK_BALLOON / GET_MEMBALLOON_CHANGE_REQ) so far."""
+
+    # --- the framework's interface ---------------------------------------------------------
+
+    @property
+    def mode(self) -> BalloonMode | None:
+        """The mode, once decided."""
+        return self._mode
+
+    @property
+    def walker(self) -> ChunkWalker | None:
+        """The chunk walker (allocated and owned modes)."""
+        return self._walker
+
+    def status(self) -> str:
+        """``balloon 64/128 MB (allocated)``; asks the kernel for a fresh size in kernel mode."""
+        mode = self._mode
+        if mode is None:
+            return "balloon starting"
+        if mode is BalloonMode.KERNEL:
+            self._request_read()
+            return f"balloon {self._chunks * CHUNK_MB} MB (kernel)"
+        if mode is BalloonMode.TRIGGERED:
+            postponed = ", postponed" if self._postponed else ""
+            return f"balloon {self._chunks * CHUNK_MB} MB (triggered{postponed})"
+        walker = self._walker
+        assert walker is not None  # noqa: S101 - set together with the mode
+        capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
+        return (
+            f"balloon {len(walker.held) * CHUNK_MB}/{walker.target * CHUNK_MB} MB ({mode}{capped})"
+        )
+
+    def statistics(self) -> BalloonStatistics:
+        """Return the sizes and counters."""
+        walker = self._walker
+        return BalloonStatistics(
+            mode=None if self._mode is None else str(self._mode),
+            target=walker.target if walker is not None else self._target,
+            chunks=len(walker.held) if walker is not None else self._chunks,
+            cap=walker.cap if walker is not None else None,
+            inflated=walker.inflated if walker is not None else 0,
+            deflated=walker.deflated if walker is not None else 0,
+            failures=self._read_failures + (walker.failures if walker is not None else 0),
+            pressure_events=self._pressure_events,
+            postponed=self._postponed,
+        )
+
+    def reconfigure(self, section: BalloonSection) -> bool:
+        """Apply step, cooldown, floor and backoff live; PSI settings need a restart."""
+        old = self._section
+        changed = {
+            name
+            for name in type(section).model_fields
+            if getattr(section, name) != getattr(old, name)
+        }
+        if changed - _LIVE_FIELDS - {"enable"}:
+            return False
+        self._section = section
+        for backoff in self._backoffs():
+            backoff.initial, backoff.maximum = section.retry_initial_s, section.retry_max_s
+        if self._walker is not None:
+            self._walker.min_available_mb = section.min_available_mb
+        log.info("balloon_reconfigured", changed=sorted(changed))
+        return True
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Decide the mode, then follow the host's target until cancelled."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        self._read_pending = True
+        self._release_at = math.inf
+        self._postponed = False
+        with self._pump.subscribe(self.name, EVENTS) as events:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward_events, events)
+                # Ready after the first probe, even a refused one (another session may own
+                # the balloon): the probe is retried here without holding the daemon up.
+                await self._decide_mode(task_status)
+                nursery.start_soon(self._watch_pressure)
+                if self._walker is not None:
+                    nursery.start_soon(self._walker.run)
+                await self._follow()
+
+    async def drain(self) -> None:
+        """Give back every chunk the agent holds; the driver's chunks go with the session."""
+        walker = self._walker
+        if walker is None:
+            self._gauge.chunks = None
+            return
+        held = len(walker.held)
+        kept = await walker.drain()
+        self._gauge.chunks = None
+        if kept:
+            log.error(
+                "balloon_drain_incomplete",
+                returned=held - kept,
+                kept=kept,
+                reason=walker.last_failure,
+                note="left to the session close" if self._mode is BalloonMode.ALLOCATED else "",
+            )
+        else:
+            log.info("balloon_drained", returned=held)
+
+    # --- mode and target --------------------------------------------------------------------
+
+    async def _decide_mode(self, task_status: trio.TaskStatus[None]) -> None:
+        backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
+        detected = await self._probe(backoff)
+        if detected is None:
+            task_status.started()
+            while detected is None:
+                await trio.sleep_until(backoff.retry_at)
+                detected = await self._probe(backoff)
+            self._adopt(detected)
+        else:
+            self._adopt(detected)
+            task_status.started()
+
+    async def _probe(self, backoff: Backoff) -> Detected | None:
+        try:
+            return await detect_mode(self._device)
+        except VBoxStatusError as exc:
+            first = backoff.failures == 0
+            delay = backoff.failed(trio.current_time())
+            (log.warning if first else log.debug)(
+                "balloon_check_failed",
+                operation=exc.operation,
+                status=exc.name,
+                retry_in_s=round(delay, 3),
+            )
+            return None
+
+    def _adopt(self, detected: Detected) -> None:
+        mode = detected.mode
+        self._mode = mode
+        self._chunks = self._target = detected.chunks
+        self._read_pending = mode.agent_holds_chunks
+        if self._walker is not None and self._mode_of_walker is mode:
+            self._walker.cap = None  # a restart after a failure: keep the chunks still held
+        elif mode.agent_holds_chunks:
+            allocator = self._allocator if self._allocator is not None else MmapAllocator()
+            handover = (
+                OracleHandover(self._device)
+                if mode is BalloonMode.ALLOCATED
+                else PassthroughHandover(self._device)
+            )
+            self._walker = ChunkWalker(
+                handover,
+                allocator,
+                backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
+                mem_available_mb=self._mem_available,
+                min_available_mb=self._section.min_available_mb,
+                settled=self._status_changed,
+                resized=self._publish,
+            )
+            self._mode_of_walker = mode
+        limit = memlock_limit()
+        log.info(
+            "balloon_mode",
+            mode=str(mode),
+            chunks=detected.chunks,
+            memlock_limit_mb="unlimited" if limit is None else limit >> 20,
+        )
+        self.mode_known.set()
+        self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
+        self._status_changed()
+
+    async def _forward_events(self, events: Subscription) -> NoReturn:
+        while True:
+            bits = await events.receive()
+            log.debug("balloon_event", bits=f"{bits:#x}")
+            self._request_read()
+
+    def _request_read(self) -> None:
+        self._read_pending = True
+        self._read_backoff.retry_now()
+        self._poke.set()
+
+    async def _follow(self) -> NoReturn:
+        """Read the target (or trigger the driver) whenever an event asked for it."""
+        backoff = self._read_backoff
+        while True:
+            ready = self._read_pending and trio.current_time() >= backoff.retry_at
+            if ready and not self._postpone_read():
+                self._read_pending = False
+                try:
+                    await self._read_target()
+                except VBoxStatusError as exc:
+                    self._read_pending = True
+                    self._read_failures += 1
+                    first = backoff.failures == 0
+                    delay = backoff.failed(trio.current_time())
+                    (log.warning if first else log.debug)(
+                        "balloon_check_failed",
+                        operation=exc.operation,
+                        status=exc.name,
+                        retry_in_s=round(delay, 3),
+                    )
+                else:
+                    self.reads += 1
+                    if backoff.succeeded():
+                        log.info("balloon_check_recovered", chunks=self._chunks)
+                continue
+            self._poke = trio.Event()
+            waiting = self._read_pending and not (self._postponed and self._release_at != math.inf)
+            deadline = backoff.retry_at if waiting else math.inf
+            with trio.move_on_at(deadline):
+                await self._poke.wait()
+
+    async def _read_target(self) -> None:
+        if self._walker is not None:
+            target = await self._walker.handover.read_target()
+            self._target = target.chunks
+            self._walker.set_target(target)
+            log.info(
+                "balloon_target",
+                target=target.chunks,
+                max_chunks=target.max_chunks,
+                chunks=len(self._walker.held),
+            )
+            return
+        status = await self._device.check_balloon()
+        self._publish(status.chunks)
+        if status.chunks != self._chunks:
+            self._chunks = status.chunks
+            self._status_changed()
+        log.info("balloon_checked", mode=str(self._mode), chunks=status.chunks)
+
+    def _postpone_read(self) -> bool:
+        """Triggered mode: hold CHECK_BALLOON back under pressure or at the floor."""
+        if self._mode is not BalloonMode.TRIGGERED:
+            return False
+        available = self._mem_available()
+        pressure = self._release_at != math.inf
+        at_floor = available is not None and available < self._section.min_available_mb
+        postpone = pressure or at_floor
+        if postpone != self._postponed:
+            self._postponed = postpone
+            self._status_changed()
+            log.info(
+                "balloon_check_postponed" if postpone else "balloon_check_resumed",
+                pressure=pressure,
+                mem_available_mb=available,
+                min_available_mb=self._section.min_available_mb,
+            )
+        if at_floor and not pressure:
+            # Nothing wakes us when memory frees up: look again after a backoff.
+            self._read_backoff.failed(trio.current_time())
+        return postpone
+
+    # --- memory pressure --------------------------------------------------------------------
+
+    async def _watch_pressure(self) -> None:
+        async with AsyncExitStack() as stack:
+            source = self._pressure
+            if source is None:
+                section = self._section
+                monitor = PsiMonitor(
+                    section.psi_path,
+                    interval_s=section.psi_interval_s,
+                    threshold_pct=section.pressure_threshold_pct,
+                )
+                try:
+                    source = stack.enter_context(monitor)
+                except PressureFileError as exc:
+                    log.warning("balloon_pressure_off", reason=str(exc))
+                    return
+            while True:
+                with trio.move_on_at(self._release_at) as scope:
+                    reading = await source.next_reading()
+                if scope.cancelled_caught:
+                    self._ease()
+                elif reading.high:
+                    self._press(reading)
+
+    def _press(self, reading: PressureReading) -> None:
+        section = self._section
+        self._pressure_events += 1
+        self._release_at = trio.current_time() + section.pressure_cooldown_s
+        available = self._mem_available()
+        walker = self._walker
+        if walker is None:
+            log.info(
+                "balloon_pressure",
+                stall_pct=reading.stall_pct,
+                threshold_pct=section.pressure_threshold_pct,
+                via=reading.via,
+                mem_available_mb=available,
+                action="postpone CHECK_BALLOON"
+                if self._mode is BalloonMode.TRIGGERED
+                else "none: the kernel owns the balloon",
+            )
+            return
+        held = len(walker.held)
+        base = held if walker.cap is None else min(walker.cap, held)
+        walker.cap = max(0, base - section.pressure_step_mb // CHUNK_MB)
+        log.info(
+            "balloon_pressure",
+            stall_pct=reading.stall_pct,
+            threshold_pct=section.pressure_threshold_pct,
+            via=reading.via,
+            mem_available_mb=available,
+            chunks=held,
+            target=walker.target,
+            action=f"deflate to {walker.cap} and hold for {section.pressure_cooldown_s:g} s",
+        )
+        walker.wake()
+
+    def _ease(self) -> None:
+        self._release_at = math.inf
+        walker = self._walker
+        log.info(
+            "balloon_pressure_eased",
+            cooldown_s=self._section.pressure_cooldown_s,
+            chunks=len(walker.held) if walker is not None else self._chunks,
+            target=walker.target if walker is not None else self._target,
+            action="grow toward the target" if walker is not None else "resume CHECK_BALLOON",
+        )
+        if walker is not None:
+            walker.cap = None
+            walker.wake()
+        self._poke.set()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _publish(self, chunks: int) -> None:
+        self._gauge.chunks = chunks
+
+    def _backoffs(self) -> list[Backoff]:
+        backoffs = [self._read_backoff]
+        if self._walker is not None:
+            backoffs.append(self._walker.backoff)
+        return backoffs
+
+    def _read_mem_available(self) -> int | None:
+        try:
+            return read_mem_available_mb()
+        except PressureFileError as exc:
+            if not self._meminfo_warned:
+                self._meminfo_warned = True
+                log.warning("balloon_floor_unchecked", reason=str(exc))
+            return None

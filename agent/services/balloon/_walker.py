@@ -1,0 +1,205 @@
+"""``ChunkWalker``: moves the agent's own balloon one 1 MiB chunk at a time.
+
+The goal is the host's target, capped by the host's maximum and, under memory pressure, by
+the pressure cap. Every step allocates (or frees) one chunk and hands it to (or takes it
+from) the host; the goal is read again before each step, so a new target redirects a walk
+at once. A failed step (host status, allocation, the ``MemAvailable`` floor) stops the
+walk; it is logged once per run of failures and retried after a capped exponential backoff,
+or at once when a new event arrives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import structlog
+import trio
+
+from agent.protocol import BALLOON_CHUNK_SIZE, VBoxStatusError
+from agent.services.balloon._chunks import Chunk, ChunkError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.services.balloon._backoff import Backoff
+    from agent.services.balloon._chunks import ChunkAllocator
+    from agent.services.balloon._handover import Handover, HostTarget
+
+log = structlog.get_logger("agent.services.balloon")
+
+CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
+
+
+class WalkStoppedError(Exception):
+    """One step could not be taken; the message names why (with the VBox status name)."""
+
+
+class ChunkWalker:
+    """The chunks the agent holds in the balloon, and the walk toward the goal."""
+
+    def __init__(
+        self,
+        handover: Handover,
+        allocator: ChunkAllocator,
+        *,
+        backoff: Backoff,
+        mem_available_mb: Callable[[], int | None],
+        min_available_mb: int,
+        settled: Callable[[], None] = lambda: None,
+        resized: Callable[[int], None] = lambda _chunks: None,
+    ) -> None:
+        self._on_settled = settled
+        self._on_resized = resized
+        self.handover = handover
+        self.allocator = allocator
+        self.backoff = backoff
+        self.min_available_mb = min_available_mb
+        self._mem_available_mb = mem_available_mb
+        self.held: list[Chunk] = []
+        self.target = 0
+        self.max_chunks: int | None = None
+        self.cap: int | None = None
+        self.inflated = 0
+        self.deflated = 0
+        self.failures = 0
+        self.last_failure: str | None = None
+        self._changed = trio.Event()
+        self._settled = trio.Event()
+
+    @property
+    def goal(self) -> int:
+        """Chunks the balloon should hold now."""
+        goal = self.target
+        if self.max_chunks is not None:
+            goal = min(goal, self.max_chunks)
+        if self.cap is not None:
+            goal = min(goal, self.cap)
+        return goal
+
+    def set_target(self, target: HostTarget) -> None:
+        """A new target from the host: walk toward it at once (even after failures)."""
+        self.target = target.chunks
+        if target.max_chunks is not None:
+            self.max_chunks = target.max_chunks
+        if self.max_chunks is not None and self.target > self.max_chunks:
+            log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
+        self.backoff.retry_now()
+        self.wake()
+
+    def wake(self) -> None:
+        """Re-read the goal (the cap or target changed)."""
+        self._changed.set()
+
+    async def wait_held(self, chunks: int) -> None:
+        """Wait until the walk settles holding ``chunks`` (for tests and benchmarks)."""
+        while len(self.held) != chunks:
+            await self._settled.wait()
+
+    async def run(self) -> NoReturn:
+        """Walk toward the goal forever; sleep while there or while backing off."""
+        while True:
+            goal = self.goal
+            if len(self.held) != goal and trio.current_time() >= self.backoff.retry_at:
+                await self._step(inflate=len(self.held) < goal)
+                continue
+            if len(self.held) == goal:
+                self._settled.set()
+                self._settled = trio.Event()
+                self._on_settled()
+            self._changed = trio.Event()
+            deadline = self.backoff.retry_at if len(self.held) != goal else math.inf
+            with trio.move_on_at(deadline):
+                await self._changed.wait()
+
+    async def _step(self, *, inflate: bool) -> None:
+        try:
+            if inflate:
+                await self._inflate_one()
+            else:
+                await self._deflate_one()
+        except WalkStoppedError as failure:
+            self._failed(str(failure))
+            return
+        if self.backoff.succeeded():
+            log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
+            self.last_failure = None
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
+        first = self.backoff.failures == 0
+        delay = self.backoff.failed(trio.current_time())
+        self.last_failure = reason
+        (log.warning if first else log.debug)(
+            "balloon_walk_stopped",
+            reason=reason,
+            chunks=len(self.held),
+            goal=self.goal,
+            retry_in_s=round(delay, 3),
+        )
+
+    async def _inflate_one(self) -> None:
+        available = self._mem_available_mb()
+        if available is not None and available - CHUNK_MB < self.min_available_mb:
+            msg = (
+                f"MemAvailable {available} MB would fall below the floor of "
+                f"{self.min_available_mb} MB"
+            )
+            raise WalkStoppedError(msg)
+        allocator = self.allocator
+        try:
+            address = allocator.allocate()
+        except ChunkError as exc:
+            raise WalkStoppedError(str(exc)) from exc
+        try:
+            pages = tuple(allocator.physical_pages(address)) if self.handover.needs_pages else ()
+        except ChunkError as exc:
+            allocator.release(address)
+            raise WalkStoppedError(str(exc)) from exc
+        chunk = Chunk(address, pages)
+        try:
+            await self.handover.inflate(chunk)
+        except VBoxStatusError as exc:
+            allocator.release(address)
+            msg = f"{exc.operation}: {exc.name}"
+            raise WalkStoppedError(msg) from exc
+        except BaseException:
+            # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
+            self.held.append(chunk)
+            raise
+        self.held.append(chunk)
+        self.inflated += 1
+        self._on_resized(len(self.held))
+
+    async def _deflate_one(self) -> None:
+        chunk = self.held[-1]
+        if not await self.give_back(chunk):
+            msg = f"the host did not give chunk {chunk.address:#x} back: {self.last_failure}"
+            raise WalkStoppedError(msg)
+
+    async def give_back(self, chunk: Chunk) -> bool:
+        """Take ``chunk`` back from the host and unmap it; return False if the host refused.
+
+        The chunk stays held (and mapped) when the host refused.
+        """
+        try:
+            await self.handover.deflate(chunk)
+        except VBoxStatusError as exc:
+            if not self.handover.never_held(exc.rc):
+                self.last_failure = f"{exc.operation}: {exc.name}"
+                return False
+        if self.held[-1] is chunk:
+            self.held.pop()
+        else:
+            self.held.remove(chunk)
+        self.allocator.release(chunk.address)
+        self.deflated += 1
+        self._on_resized(len(self.held))
+        return True
+
+    async def drain(self) -> int:
+        """Give every chunk back, newest first; return how many the host kept."""
+        for chunk in reversed(list(self.held)):
+            if not await self.give_back(chunk):
+                break
+        return len(self.held)

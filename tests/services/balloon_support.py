@@ -1,0 +1,169 @@
+"""Helpers for the balloon tests: a simulated-address allocator, scripted pressure, a runner."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.host.driver._pages import PageAllocator
+from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
+from agent.services import EventPump
+from agent.services.balloon import BalloonSection, BalloonService, ChunkError, PressureReading
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from agent.device import Device
+    from agent.services._base import BalloonGauge
+    from agent.services.balloon import ChunkAllocator, PressureSource
+
+USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
+SIM_PAGES_BASE: Final = 1 << 40
+"""Guest-physical pages the simulated allocator hands out (far from the kernel's pool)."""
+POLL_S: Final = 0.01
+MAX_POLLS: Final = 60_000
+
+
+@dataclass
+class SimChunks:
+    """Chunks with the simulator's own addresses: no real memory is touched.
+
+    ``fail_next`` makes the next allocations fail (ENOMEM); ``live`` are chunks not released.
+    """
+
+    pages: PageAllocator = field(
+        default_factory=lambda: PageAllocator(1 << 24, base=SIM_PAGES_BASE)
+    )
+    live: dict[int, list[int]] = field(default_factory=dict)
+    fail_next: int = 0
+    _next: int = USER_CHUNKS_BASE
+
+    def allocate(self) -> int:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ChunkError(12, "simulated allocation failure")
+        address = self._next
+        self._next += 2 * BALLOON_CHUNK_SIZE
+        pages = []
+        for _ in range(BALLOON_CHUNK_PAGES):
+            page = self.pages.alloc()
+            assert page is not None
+            pages.append(page)
+        self.live[address] = pages
+        return address
+
+    def release(self, address: int) -> None:
+        self.pages.free(self.live.pop(address))
+
+    def physical_pages(self, address: int) -> list[int]:
+        return self.live[address]
+
+
+class ScriptedPressure:
+    """A pressure source the test feeds: each ``send`` is the next reading."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[PressureReading](16)
+
+    def send(self, stall_pct: float, *, high: bool) -> None:
+        self._send.send_nowait(PressureReading(stall_pct, high=high, via="poll"))
+
+    async def next_reading(self) -> PressureReading:
+        return await self._receive.receive()
+
+
+class Quiet:
+    """A pressure source that never reports."""
+
+    async def next_reading(self) -> PressureReading:
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+
+@dataclass
+class Running:
+    """A simulated host with a balloon service running against it."""
+
+    host: SimulatedHost
+    device: Device
+    service: BalloonService
+    nursery: trio.Nursery
+
+    @property
+    def host_chunks(self) -> int:
+        balloon = self.host.status()["balloon"]
+        assert isinstance(balloon, dict)
+        chunks = balloon["chunks"]
+        assert isinstance(chunks, int)
+        return chunks
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
+        for _ in range(MAX_POLLS):
+            if condition():
+                return
+            await trio.sleep(POLL_S)
+        msg = f"condition not met within {MAX_POLLS * POLL_S:g} s"
+        raise AssertionError(msg)
+
+    async def settle(self, chunks: int) -> None:
+        """Wait until the host shows ``chunks``."""
+        await self.until(lambda: self.host_chunks == chunks)
+
+
+@asynccontextmanager
+async def running_balloon(
+    *,
+    personality: str,
+    section: BalloonSection | None = None,
+    allocator: ChunkAllocator | None = None,
+    pressure: PressureSource | None = None,
+    mem_available_mb: Callable[[], int | None] = lambda: 1 << 20,
+    host: SimulatedHost | None = None,
+    before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
+    gauge: BalloonGauge | None = None,
+) -> AsyncIterator[Running]:
+    """Run host, pump and service; on exit cancel the service and drain it, as the daemon does.
+
+    ``before`` runs once the host runs, before the agent opens its device.
+    """
+    host = host if host is not None else SimulatedHost(personality=personality)
+    async with trio.open_nursery() as outer:
+        await outer.start(host.run)
+        if before is not None:
+            await before(host)
+        async with open_device(SimOpener(host)) as device:
+            pump = EventPump(device)
+            service = BalloonService(
+                device,
+                pump,
+                section if section is not None else BalloonSection(),
+                allocator=allocator if allocator is not None else SimChunks(),
+                pressure=pressure if pressure is not None else Quiet(),
+                mem_available_mb=mem_available_mb,
+                gauge=gauge,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                service_scope = trio.CancelScope()
+                stopped = trio.Event()
+
+                async def run_service(task_status: trio.TaskStatus[None]) -> None:
+                    try:
+                        with service_scope:
+                            await service.run(task_status=task_status)
+                    finally:
+                        stopped.set()
+
+                await nursery.start(run_service)
+                yield Running(host, device, service, nursery)
+                service_scope.cancel()
+                await stopped.wait()
+                await service.drain()
+                nursery.cancel_scope.cancel()
+        outer.cancel_scope.cancel()

@@ -1,0 +1,290 @@
+"""The balloon service against the in-process simulated host, in every driver's mode.
+
+Virtual time (``autojump_clock``) drives every wait; each test is bounded by
+``trio.fail_after`` on that clock. Waits for the host's state poll it on that clock.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from agent.host import SimOpener, SimTransport, SimulatedHost
+from agent.protocol import CheckBalloon, RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
+from agent.services._base import BalloonGauge
+from agent.services.balloon import BalloonMode, BalloonSection
+from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
+
+WALKING = [("oracle-r3", BalloonMode.ALLOCATED), ("passthrough", BalloonMode.OWNED)]
+
+
+def _host(kind: str) -> SimulatedHost:
+    if kind == "oracle-r3":
+        return SimulatedHost(personality="oracle", r3_balloon=True)
+    return SimulatedHost(personality=kind)
+
+
+class TestModes:
+    """The mode comes from the driver's answers."""
+
+    @pytest.mark.parametrize(
+        ("kind", "mode"),
+        [
+            ("mainline", BalloonMode.KERNEL),
+            ("oracle", BalloonMode.TRIGGERED),
+            ("oracle-r3", BalloonMode.ALLOCATED),
+            ("passthrough", BalloonMode.OWNED),
+        ],
+    )
+    async def test_mode_from_driver(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                assert run.service.mode is mode
+
+
+class TestFollowsTarget:
+    """`host balloon N` moves the host's chunk count to N, in every mode."""
+
+    @pytest.mark.parametrize("kind", ["mainline", "oracle", "oracle-r3", "passthrough"])
+    async def test_inflate_then_deflate(self, autojump_clock: trio.abc.Clock, kind: str) -> None:
+        gauge = BalloonGauge()
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind), gauge=gauge) as run:
+                assert gauge.chunks == 0
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                if run.service.walker is not None:
+                    assert gauge.chunks == 64
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                run.service.status()  # in kernel mode this asks the driver for the size
+                await run.until(lambda: run.service.statistics().chunks == 16)
+                assert "16" in run.service.status()
+                assert gauge.chunks == 16
+        assert gauge.chunks is None
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_new_target_redirects_a_walk(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A target arriving mid-walk turns the walk around at once."""
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.01)
+                run.host.set_balloon_target(200)
+                await run.until(lambda: run.host_chunks >= 10)
+                run.host.set_balloon_target(5)
+                await run.settle(5)
+                assert walker.inflated < 200
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_stop_gives_every_chunk_back(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        chunks = SimChunks()
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+            assert run.host_chunks == 0
+        assert not chunks.live
+
+    async def test_oracle_session_close_deflates_kernel_chunks(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        with trio.fail_after(60):
+            async with running_balloon(personality="oracle") as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+            assert run.host_chunks == 0
+
+
+class TestFailures:
+    """A failed step stops the walk; the target is reached later."""
+
+    @pytest.mark.parametrize("kind", ["oracle", "oracle-r3", "passthrough"])
+    async def test_host_fault_on_chunk_n(self, autojump_clock: trio.abc.Clock, kind: str) -> None:
+        with trio.fail_after(120):
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                run.host.set_balloon_target(10)
+                await run.settle(10)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
+                run.host.set_balloon_target(64)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                assert run.host_chunks == 10
+                await run.settle(64)
+
+    async def test_oracle_swallows_out_of_memory(self, autojump_clock: trio.abc.Clock) -> None:
+        """Oracle's driver reports a walk stopped by VERR_NO_MEMORY as success: the agent
+        cannot see it, and the kernel walks on at the next 0x40."""
+        with trio.fail_after(120):
+            async with running_balloon(personality="oracle") as run:
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY)
+                run.host.set_balloon_target(64)
+                await run.until(lambda: run.service.reads == 1)
+                assert (run.host_chunks, run.service.statistics().failures) == (0, 0)
+                run.host.set_balloon_target(65)
+                await run.settle(65)
+
+    async def test_mainline_kernel_stops_and_needs_a_new_target(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The in-tree kernel stops at the failure and only walks again at the next 0x40."""
+        with trio.fail_after(120):
+            async with running_balloon(personality="mainline") as run:
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY)
+                run.host.set_balloon_target(64)
+                await trio.sleep(30)
+                assert run.host_chunks == 0
+                run.host.set_balloon_target(65)
+                await run.settle(65)
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_allocation_failure_is_retried(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        chunks = SimChunks()
+        with trio.fail_after(120):
+            async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
+                chunks.fail_next = 3
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+                assert run.service.statistics().failures == 3
+
+
+class TestPressure:
+    """PSI readings deflate, hold, and let the balloon grow back."""
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_deflate_hold_reinflate(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+        with trio.fail_after(600):
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure
+            ) as run:
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                pressed = trio.current_time()
+                pressure.send(40.0, high=True)
+                await run.settle(48)
+                pressure.send(0.5, high=False)
+                await trio.sleep(20)
+                assert run.host_chunks == 48
+                await run.settle(64)
+                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+
+    async def test_floor_stops_inflation(self, autojump_clock: trio.abc.Clock) -> None:
+        available = {"mb": 200}
+        section = BalloonSection(min_available_mb=256)
+
+        def mem_available() -> int:
+            return available["mb"]
+
+        with trio.fail_after(120):
+            async with running_balloon(
+                personality="passthrough", section=section, mem_available_mb=mem_available
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(64)
+                await run.until(lambda: run.service.statistics().failures >= 1)
+                assert run.host_chunks == 0
+                available["mb"] = 10_000
+                await run.settle(64)
+
+
+class TestTriggeredAndKernel:
+    """Where the driver allocates, the agent only decides when to trigger it."""
+
+    async def test_pressure_postpones_check_balloon(self, autojump_clock: trio.abc.Clock) -> None:
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_cooldown_s=30.0)
+        with trio.fail_after(300):
+            async with running_balloon(
+                personality="oracle", section=section, pressure=pressure
+            ) as run:
+                assert run.service.mode is BalloonMode.TRIGGERED
+                pressed = trio.current_time()
+                pressure.send(50.0, high=True)
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                run.host.set_balloon_target(32)
+                await run.until(lambda: run.service.statistics().postponed)
+                assert run.host_chunks == 0
+                assert "postponed" in run.service.status()
+                await run.settle(32)
+                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+
+    async def test_floor_postpones_check_balloon(self, autojump_clock: trio.abc.Clock) -> None:
+        available = {"mb": 100}
+        with trio.fail_after(300):
+            async with running_balloon(
+                personality="oracle", mem_available_mb=lambda: available["mb"]
+            ) as run:
+                run.host.set_balloon_target(16)
+                await run.until(lambda: run.service.statistics().postponed)
+                assert run.host_chunks == 0
+                available["mb"] = 10_000
+                await run.settle(16)
+
+    async def test_kernel_mode_leaves_pressure_to_the_kernel(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        pressure = ScriptedPressure()
+        with trio.fail_after(60):
+            async with running_balloon(personality="mainline", pressure=pressure) as run:
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                pressure.send(90.0, high=True)
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                assert run.host_chunks == 16
+
+    @pytest.mark.parametrize("kind", ["mainline", "oracle", "passthrough"])
+    async def test_restore_reads_the_balloon_again(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                initial_reads = 1 if run.service.walker is not None else 0
+                await run.until(lambda: run.service.reads == initial_reads)
+                run.host.restore()
+                await run.until(lambda: run.service.reads == initial_reads + 1)
+
+    async def test_owner_elsewhere_is_retried(self, autojump_clock: trio.abc.Clock) -> None:
+        """Another session owns Oracle's balloon: the probe is retried until it lets go."""
+        others: list[SimTransport] = []
+
+        async def claim_the_balloon(host: SimulatedHost) -> None:
+            other = await SimOpener(host).open_session()
+            call = CheckBalloon().encode()
+            await other.ioctl(call.code, call.buffer)
+            others.append(other)
+
+        with trio.fail_after(120):
+            async with running_balloon(personality="oracle", before=claim_the_balloon) as run:
+                assert run.service.statistics().mode is None
+                assert run.service.status() == "balloon starting"
+                await others[0].aclose()
+                await run.service.mode_known.wait()
+                assert run.service.mode is BalloonMode.TRIGGERED
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+
+
+class TestReconfigure:
+    async def test_live_and_restart_settings(self, autojump_clock: trio.abc.Clock) -> None:
+        with trio.fail_after(60):
+            async with running_balloon(personality="passthrough") as run:
+                service = run.service
+                assert service.reconfigure(BalloonSection(pressure_step_mb=8, retry_max_s=5.0))
+                walker = service.walker
+                assert walker is not None
+                assert walker.backoff.maximum == 5.0
+                assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))

@@ -1,0 +1,55 @@
+"""Kernel-driven ballooning, against the simulated in-tree driver and the real one.
+
+The ``kernel`` personality runs the real Linux vboxguest code (its ``vbg_balloon_work``), so
+this proves the agent's part: holding 0x40 in the filter is what makes the kernel balloon.
+Real threads and time: every wait is bounded by ``WAIT_S``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+
+from agent.host import SimulatedHost
+from agent.protocol import Event
+from agent.services.balloon import BalloonMode
+from tests.services.balloon_support import running_balloon
+
+WAIT_S: Final = 30.0
+
+
+async def test_kernel_reaches_the_target_while_the_agent_runs(personality: str) -> None:
+    host = SimulatedHost(personality=personality, seed=1)
+    with trio.fail_after(WAIT_S):
+        async with running_balloon(personality=personality, host=host) as run:
+            assert run.service.mode is BalloonMode.KERNEL
+            run.host.set_balloon_target(48)
+            await run.settle(48)
+            run.host.set_balloon_target(8)
+            await run.settle(8)
+            run.service.status()  # asks the driver for the size
+            await run.until(lambda: run.service.statistics().chunks == 8)
+            assert run.service.status() == "balloon 8 MB (kernel)"
+
+
+async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> None:
+    """Nobody filters 0x40: the event stays pending at the host and the kernel never sees it."""
+    host = SimulatedHost(personality=personality, seed=1)
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            host.set_balloon_target(16)
+            status = host.status()
+            filter_mask, pending = status["filter_mask"], status["pending_events"]
+            assert isinstance(filter_mask, int)
+            assert isinstance(pending, int)
+            assert not filter_mask & Event.BALLOON_CHANGE_REQUEST
+            assert pending & Event.BALLOON_CHANGE_REQUEST
+            assert status["balloon"] == {
+                "target_mb": 16,
+                "acked_mb": 0,
+                "max_mb": 1843,
+                "chunks": 0,
+            }
+            nursery.cancel_scope.cancel()

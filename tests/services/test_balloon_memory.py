@@ -1,0 +1,122 @@
+"""The real chunk path: anonymous mappings, locked, out of forks, unmapped when given back.
+
+These tests allocate a few real 1 MiB chunks in this process (small counts, within the
+default 8 MiB ``RLIMIT_MEMLOCK``) and read ``/proc/self/smaps`` and ``VmLck`` to see them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import pytest
+import trio
+
+from agent.host import SimulatedHost
+from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
+from agent.protocol.constants import PAGE_SIZE
+from agent.services.balloon import ChunkError, MmapAllocator
+from tests.services.balloon_support import running_balloon
+
+CHUNKS: Final = 4
+_RANGE: Final = re.compile(r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S+)")
+
+
+def locked_kb() -> int:
+    """``VmLck`` of this process."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1])
+    msg = "no VmLck line in /proc/self/status"
+    raise AssertionError(msg)
+
+
+def mapping(address: int) -> dict[str, str] | None:
+    """The smaps entry holding ``address``: perms, VmFlags... (None if unmapped).
+
+    The kernel merges adjacent chunks with the same flags into one entry.
+    """
+    entry: dict[str, str] | None = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            match = _RANGE.match(line)
+            if match:
+                if entry is not None:
+                    return entry
+                if int(match["start"], 16) <= address < int(match["end"], 16):
+                    entry = {"perms": match["perms"]}
+            elif entry is not None and ":" in line:
+                key, _, value = line.partition(":")
+                entry[key] = value.strip()
+    return entry
+
+
+class TestMmapAllocator:
+    """What one real chunk looks like in the process."""
+
+    def test_chunk_is_locked_out_of_forks_and_unmapped_on_release(self) -> None:
+        allocator = MmapAllocator()
+        before = locked_kb()
+        addresses = [allocator.allocate() for _ in range(CHUNKS)]
+        try:
+            assert locked_kb() - before == CHUNKS * BALLOON_CHUNK_SIZE // 1024
+            for address in addresses:
+                entry = mapping(address)
+                assert entry is not None
+                assert entry["perms"] == "rw-p"
+                flags = entry["VmFlags"].split()
+                assert "lo" in flags  # locked
+                assert "dc" in flags  # MADV_DONTFORK
+                assert entry["Rss"] == entry["Size"]  # faulted in
+        finally:
+            for address in addresses:
+                allocator.release(address)
+        assert locked_kb() == before
+        assert all(mapping(address) is None for address in addresses)
+
+    def test_physical_pages_come_from_pagemap(self) -> None:
+        allocator = MmapAllocator()
+        address = allocator.allocate()
+        try:
+            pages = allocator.physical_pages(address)
+        finally:
+            allocator.release(address)
+        assert len(pages) == BALLOON_CHUNK_PAGES
+        assert len(set(pages)) == BALLOON_CHUNK_PAGES
+        assert all(page > 0 and page % PAGE_SIZE == 0 for page in pages)
+
+    def test_unreadable_pagemap_is_a_chunk_error(self, tmp_path: pytest.TempPathFactory) -> None:
+        allocator = MmapAllocator(pagemap_path=f"{tmp_path}/missing")
+        address = allocator.allocate()
+        try:
+            with pytest.raises(ChunkError, match="cannot read"):
+                allocator.physical_pages(address)
+        finally:
+            allocator.release(address)
+
+
+class TestServiceWithRealChunks:
+    """The whole service with real chunks: nothing stays mapped or locked after the stop."""
+
+    @pytest.mark.parametrize("kind", ["oracle-r3", "passthrough"])
+    async def test_nothing_left_after_stop(self, autojump_clock: trio.abc.Clock, kind: str) -> None:
+        host = (
+            SimulatedHost(personality="oracle", r3_balloon=True)
+            if kind == "oracle-r3"
+            else SimulatedHost(personality="passthrough")
+        )
+        allocator = MmapAllocator()
+        before = locked_kb()
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=host, allocator=allocator) as run:
+                run.host.set_balloon_target(CHUNKS)
+                await run.settle(CHUNKS)
+                walker = run.service.walker
+                assert walker is not None
+                addresses = [chunk.address for chunk in walker.held]
+                assert locked_kb() - before == CHUNKS * BALLOON_CHUNK_SIZE // 1024
+                assert all(mapping(address) is not None for address in addresses)
+            assert run.host_chunks == 0
+        assert locked_kb() == before
+        assert all(mapping(address) is None for address in addresses)

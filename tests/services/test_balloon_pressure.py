@@ -1,0 +1,130 @@
+"""PSI readings, MemAvailable and the ``[balloon]`` section."""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import TYPE_CHECKING, Final
+
+import pydantic
+import pytest
+import trio
+
+from agent.services.balloon import BalloonSection, PsiMonitor
+from agent.services.balloon._pressure import PressureFileError, read_mem_available_mb
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+REAL_PSI: Final = "/proc/pressure/memory"
+PSI_TEXT: Final = (
+    "some avg10=1.50 avg60=0.20 avg300=0.00 total={total}\n"
+    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+)
+
+
+def _write_psi(path: Path, total_us: int) -> None:
+    path.write_text(PSI_TEXT.format(total=total_us))
+
+
+class TestPsiMonitor:
+    """Polling and trigger set-up."""
+
+    async def test_polls_a_file_without_trigger_support(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """A regular file refuses the trigger; the stall share comes from ``total``."""
+        psi = tmp_path / "memory.pressure"
+        _write_psi(psi, 1_000)
+        with trio.fail_after(60), PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10) as mon:
+            assert not mon.uses_trigger
+            _write_psi(psi, 1_000 + 500_000)  # 0.5 s of stall within the 1 s interval
+            high = await mon.next_reading()
+            assert high == type(high)(50.0, high=True, via="poll")
+            low = await mon.next_reading()  # no more stall
+            assert (low.stall_pct, low.high) == (0.0, False)
+        assert psi.read_text() == PSI_TEXT.format(total=501_000)  # nothing written to it
+
+    def test_file_without_psi_figures_is_refused(self, tmp_path: Path) -> None:
+        bogus = tmp_path / "bogus"
+        bogus.write_text("hello\n")
+        with (
+            pytest.raises(PressureFileError, match="not a PSI file"),
+            PsiMonitor(str(bogus), interval_s=1.0, threshold_pct=10),
+        ):
+            pass
+
+    def test_missing_file_is_refused(self, tmp_path: Path) -> None:
+        with (
+            pytest.raises(PressureFileError, match="cannot open"),
+            PsiMonitor(str(tmp_path / "none"), interval_s=1.0, threshold_pct=10),
+        ):
+            pass
+
+    async def test_reads_the_real_pressure_file(self, autojump_clock: trio.abc.Clock) -> None:
+        """This kernel's own PSI file: a trigger is set where supported, else it is polled."""
+        if not await trio.Path(REAL_PSI).exists():
+            pytest.skip(f"{REAL_PSI} does not exist: this kernel has no PSI (CONFIG_PSI)")
+        # 2 s: without CAP_SYS_RESOURCE the kernel takes only whole multiples of 2 s windows.
+        with trio.fail_after(60), PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon:
+            if mon.uses_trigger:
+                return  # registered; the next reading comes only when memory stalls
+            reading = await mon.next_reading()
+        assert 0.0 <= reading.stall_pct <= 100.0
+        assert reading.via == "poll"
+
+    async def test_trigger_wakes_the_monitor(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """POLLPRI on the trigger fd ends the wait; the reading is the file's avg10."""
+        psi = tmp_path / "memory.pressure"
+        _write_psi(psi, 0)
+        stand_in, kernel_side = socket.socketpair()  # OOB data raises POLLPRI, as a trigger
+        with stand_in, kernel_side, PsiMonitor(str(psi), interval_s=2.0, threshold_pct=10) as mon:
+            epoll = select.epoll()
+            epoll.register(stand_in.fileno(), select.EPOLLPRI)
+            mon._epoll = epoll
+            kernel_side.send(b"!", socket.MSG_OOB)
+            with trio.fail_after(10):
+                reading = await mon.next_reading()
+            assert reading == type(reading)(1.5, high=True, via="trigger")
+
+
+class TestMemAvailable:
+    def test_reads_mem_available(self, tmp_path: Path) -> None:
+        meminfo = tmp_path / "meminfo"
+        meminfo.write_text("MemTotal:  2048000 kB\nMemAvailable:    1048576 kB\n")
+        assert read_mem_available_mb(str(meminfo)) == 1024
+
+    def test_missing_line_is_an_error(self, tmp_path: Path) -> None:
+        meminfo = tmp_path / "meminfo"
+        meminfo.write_text("MemTotal:  2048000 kB\n")
+        with pytest.raises(PressureFileError, match="MemAvailable"):
+            read_mem_available_mb(str(meminfo))
+
+    def test_reads_this_machine(self) -> None:
+        assert read_mem_available_mb() > 0
+
+
+class TestSection:
+    def test_defaults(self) -> None:
+        section = BalloonSection()
+        assert section.psi_path == REAL_PSI
+        assert section.enable
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("psi_path", "relative/path", "absolute path"),
+            ("psi_interval_s", 0.1, "greater than or equal to 0.5"),
+            ("psi_interval_s", 11.0, "less than or equal to 10"),
+            ("pressure_threshold_pct", 0, "greater than 0"),
+            ("pressure_step_mb", 0, "greater than or equal to 1"),
+            ("min_available_mb", -1, "greater than or equal to 0"),
+            ("retry_max_s", 0.5, "retry_initial_s"),
+            ("pressure_cooldown_s", float("nan"), "finite"),
+        ],
+    )
+    def test_bad_values(self, field: str, value: object, message: str) -> None:
+        with pytest.raises(pydantic.ValidationError, match=message):
+            BalloonSection.model_validate({field: value})
