@@ -214,7 +214,7 @@ class TestSupervisor:
     async def test_stop_narrows_a_drain_in_progress(self, autojump_clock: trio.abc.Clock) -> None:
         """A stop during a replacement's drain applies its (earlier) deadline to that drain."""
         service = SlowDrain()
-        supervisor: Supervisor[SlowDrain] = Supervisor(_config(shutdown_timeout_s=30))
+        supervisor: Supervisor[SlowDrain] = Supervisor(_config(shutdown_timeout_s=10))
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.supervise, service)
