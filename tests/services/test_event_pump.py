@@ -16,34 +16,16 @@ import pytest
 import trio
 import trio.testing
 
-from agent.device import open_device
-from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event
 from agent.services import EventPump, Subscription
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from agent.device import Device
+    from agent.host import SimulatedHost
 
 RESTORED = int(Event.RESTORED)
 VRDP = int(Event.VRDP)
 CPU_HOTPLUG = int(Event.CPU_HOTPLUG)
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
-
-
-@pytest.fixture(name="device")
-async def _device(host: SimulatedHost) -> AsyncIterator[Device]:
-    async with open_device(SimOpener(host)) as device:
-        yield device
 
 
 def _filter_mask(host: SimulatedHost) -> int:

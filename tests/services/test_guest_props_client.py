@@ -47,15 +47,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.usefixtures("autojump_clock")
 
 
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
-
-
 @pytest.fixture(name="props")
 async def _props(host: SimulatedHost) -> AsyncIterator[GuestProperties]:
     async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:

@@ -10,7 +10,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import pytest
 import trio
@@ -27,20 +27,8 @@ from agent.services.properties import (
     published_properties,
 )
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
 LIMIT_S: Final = 60
 pytestmark = pytest.mark.usefixtures("autojump_clock")
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
 
 
 async def test_publishes_and_republishes_after_a_restore(host: SimulatedHost) -> None:

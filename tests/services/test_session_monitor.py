@@ -10,35 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import pytest
 import trio
 import trio.testing
 
-from agent.device import open_device
-from agent.host import SimOpener, SimulatedHost
 from agent.services import EventPump, ServiceContext, SessionMonitorStatistics
 from agent.services.registry import SERVICES
 from agent.services.session_monitor import SPEC, SessionMonitorSection
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from agent.device import Device
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
-
-
-@pytest.fixture(name="device")
-async def _device(host: SimulatedHost) -> AsyncIterator[Device]:
-    async with open_device(SimOpener(host)) as device:
-        yield device
+    from agent.host import SimulatedHost
 
 
 def _session_id(host: SimulatedHost) -> int:
