@@ -13,7 +13,12 @@ RDONLY bits are set, and always adds TRANSIENT to TRANSRESET.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 SERVICE_NAME: Final = "VBoxGuestPropSvc"
 MIN_NAME_SIZE: Final = 2
@@ -139,3 +144,69 @@ def _skip_spaces(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] == " ":
         pos += 1
     return pos
+
+
+class PropertyArgumentError(ValueError):
+    """A name, value, pattern list or flags string the service would refuse; nothing was sent."""
+
+
+def encode_name(name: str) -> bytes:
+    """Return ``name`` NUL-terminated, as the service's calls take it.
+
+    Raises:
+        PropertyArgumentError: empty, too long, or with a character names may not hold.
+    """
+    raw = _encode_text(name, "property name")
+    if len(raw) + 1 < MIN_NAME_SIZE:
+        msg = "property name is empty"
+        raise PropertyArgumentError(msg)
+    if len(raw) + 1 > MAX_NAME_SIZE:
+        msg = (
+            f"property name {name!r} is {len(raw)} bytes long; "
+            f"the limit is {MAX_NAME_SIZE - 1} bytes of UTF-8"
+        )
+        raise PropertyArgumentError(msg)
+    if any(char in name for char in NAME_FORBIDDEN):
+        msg = f"property name {name!r} contains '*', '?' or '|', which names may not"
+        raise PropertyArgumentError(msg)
+    return raw + b"\0"
+
+
+def encode_value(value: str, max_size: int = MAX_VALUE_SIZE) -> bytes:
+    """Return ``value`` NUL-terminated; raise PropertyArgumentError unless it fits ``max_size``."""
+    raw = _encode_text(value, "property value")
+    if len(raw) + 1 > max_size:
+        msg = (
+            f"property value is {len(raw)} bytes long; the limit is {max_size - 1} bytes "
+            f"of UTF-8 ({status_name(VERR_TOO_MUCH_DATA)})"
+        )
+        raise PropertyArgumentError(msg)
+    return raw + b"\0"
+
+
+def encode_patterns(patterns: Sequence[str], *, nul_separated: bool) -> bytes:
+    """Return a pattern list: NUL-separated for ENUM_PROPS, ``|``-separated for waits.
+
+    Raises:
+        PropertyArgumentError: a pattern holds NUL, or the list exceeds 1023 bytes.
+    """
+    raws = [_encode_text(pattern, "pattern") for pattern in patterns]
+    joined = (b"\0" if nul_separated else b"|").join(raws)
+    if len(joined) + 1 > MAX_PATTERN_SIZE:
+        msg = (
+            f"pattern list is {len(joined)} bytes long; "
+            f"the limit is {MAX_PATTERN_SIZE - 1} bytes of UTF-8"
+        )
+        raise PropertyArgumentError(msg)
+    return joined + b"\0"
+
+
+def _encode_text(text: str, what: str) -> bytes:
+    if "\0" in text:
+        msg = f"{what} {text!r} contains a NUL character"
+        raise PropertyArgumentError(msg)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        msg = f"{what} {text!r} is not valid Unicode text"
+        raise PropertyArgumentError(msg) from None

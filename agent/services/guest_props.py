@@ -8,9 +8,10 @@ for changes (GET_NOTIFICATION) each get a channel of their own (:meth:`GuestProp
 patterns (``VERR_INTERRUPTED``), and a blocked wait must not hold up the short calls.
 
 Everything the service would refuse for its size or shape is refused here first with a
-:class:`PropertyArgumentError` (a ``ValueError``) naming the limit: names of 1..63 bytes of
-UTF-8 without ``*``, ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and
-answers ``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. What the
+:class:`PropertyArgumentError` (a ``ValueError``; the checks are the wire contract's, shared
+with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
+``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
+``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. What the
 host refuses (read-only properties, the 256-property cap) raises ``HgcmCallError`` with the
 VBox status's name.
 """
@@ -28,13 +29,14 @@ from agent.protocol import RemoteProtocolError
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
     MAX_NAME_SIZE,
-    MAX_PATTERN_SIZE,
     MAX_VALUE_SIZE,
-    MIN_NAME_SIZE,
-    NAME_FORBIDDEN,
     SERVICE_NAME,
     FlagsParseError,
     GuestFunction,
+    PropertyArgumentError,
+    encode_name,
+    encode_patterns,
+    encode_value,
     format_flags,
     parse_flags,
 )
@@ -71,10 +73,6 @@ ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
 SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
-
-
-class PropertyArgumentError(ValueError):
-    """A name, value, pattern list or flags string the service would refuse; nothing was sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,68 +352,12 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
 # --- arguments ----------------------------------------------------------------------------
 
 
-def encode_name(name: str) -> bytes:
-    """Return ``name`` NUL-terminated, as GET_PROP, SET_PROP and DEL_PROP take it.
-
-    Raises:
-        PropertyArgumentError: empty, too long, or with a character names may not hold.
-    """
-    raw = _encode(name, "property name")
-    if len(raw) + 1 < MIN_NAME_SIZE:
-        msg = "property name is empty"
-        raise PropertyArgumentError(msg)
-    if len(raw) + 1 > MAX_NAME_SIZE:
-        msg = (
-            f"property name {name!r} is {len(raw)} bytes of UTF-8; the limit is {MAX_NAME_SIZE - 1}"
-        )
-        raise PropertyArgumentError(msg)
-    bad = sorted({char for char in name if char in NAME_FORBIDDEN})
-    if bad:
-        msg = f"property name {name!r} contains {', '.join(map(repr, bad))}, which names may not"
-        raise PropertyArgumentError(msg)
-    return raw + b"\0"
-
-
-def encode_value(value: str) -> bytes:
-    """Return ``value`` NUL-terminated; raise PropertyArgumentError when too long."""
-    raw = _encode(value, "property value")
-    if len(raw) + 1 > MAX_VALUE_SIZE:
-        msg = f"property value is {len(raw)} bytes of UTF-8; the limit is {MAX_VALUE_SIZE - 1}"
-        raise PropertyArgumentError(msg)
-    return raw + b"\0"
-
-
-def encode_patterns(patterns: Sequence[str], *, nul_separated: bool) -> bytes:
-    """Return a pattern list: NUL-separated for ENUM_PROPS, ``|``-separated for waits.
-
-    Raises:
-        PropertyArgumentError: a pattern holds NUL, or the list exceeds 1023 bytes.
-    """
-    raws = [_encode(pattern, "pattern") for pattern in patterns]
-    joined = (b"\0" if nul_separated else b"|").join(raws)
-    if len(joined) + 1 > MAX_PATTERN_SIZE:
-        msg = f"pattern list is {len(joined)} bytes of UTF-8; the limit is {MAX_PATTERN_SIZE - 1}"
-        raise PropertyArgumentError(msg)
-    return joined + b"\0"
-
-
 def canonical_flags(flags: str) -> str:
     """Return ``flags`` as the service prints them; raise PropertyArgumentError if unknown."""
     try:
         return format_flags(parse_flags(flags))
     except FlagsParseError as exc:
         raise PropertyArgumentError(str(exc)) from None
-
-
-def _encode(text: str, what: str) -> bytes:
-    if "\0" in text:
-        msg = f"{what} {text!r} contains a NUL character"
-        raise PropertyArgumentError(msg)
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        msg = f"{what} {text!r} is not valid Unicode text"
-        raise PropertyArgumentError(msg) from None
 
 
 # --- replies ------------------------------------------------------------------------------

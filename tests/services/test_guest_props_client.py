@@ -18,14 +18,18 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
-from agent.protocol.guest_props import MAX_PROPS, SERVICE_NAME, GuestFunction
+from agent.protocol.guest_props import (
+    MAX_PROPS,
+    SERVICE_NAME,
+    GuestFunction,
+    PropertyArgumentError,
+)
 from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
 )
 from agent.services.guest_props import (
     GuestProperties,
-    PropertyArgumentError,
     PropertyChange,
     PropertyWatch,
     open_guest_properties,
