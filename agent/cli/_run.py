@@ -33,15 +33,11 @@ log = structlog.get_logger(__name__)
 DEMO_SCENARIO: Final = "demo.toml"
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``run`` to the command line."""
-    parser = subparsers.add_parser(
-        "run",
-        help="run the agent",
-        description=(
-            "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
-            "simulated VirtualBox host that plays the bundled demo scenario."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``run`` parser its description, arguments and handler."""
+    parser.description = (
+        "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
+        "simulated VirtualBox host that plays the bundled demo scenario."
     )
     parser.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     target = parser.add_mutually_exclusive_group()

@@ -44,15 +44,11 @@ MAX_HEARTBEAT_INTERVAL_MS: Final = (2**64 - 1) // 2 // NS_PER_MS
 DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 2000
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``simulate`` to the command line."""
-    parser = subparsers.add_parser(
-        "simulate",
-        help="run a simulated VirtualBox host on a Unix socket",
-        description=(
-            "Run a simulated VirtualBox host until SIGINT/SIGTERM. Agents connect with "
-            "--device unix:PATH; `vbox-agent host --socket PATH` controls it."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``simulate`` parser its description, arguments and handler."""
+    parser.description = (
+        "Run a simulated VirtualBox host until SIGINT/SIGTERM. Agents connect with "
+        "--device unix:PATH; `vbox-agent host --socket PATH` controls it."
     )
     parser.add_argument(
         "--socket", required=True, type=socket_path, metavar="PATH", help="socket to create"
