@@ -12,9 +12,9 @@ import errno
 from collections import deque
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
-import structlog
 import trio
 
+from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
@@ -57,8 +57,6 @@ LOG_HISTORY: Final = 64
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
 NS_PER_S: Final = 1_000_000_000
-
-_log = structlog.get_logger("agent.host")
 
 
 class Driver:
