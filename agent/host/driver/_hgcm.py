@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.host.driver._util import U32_MAX, check_sizes, fail, pass_mutex
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_CALL_HEADER_SIZE,
@@ -165,9 +165,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     L.IoctlHeader.size_out.set(kbuf, needed)
     if any(_P.type.get(_parm(kbuf, i)) not in USER_HGCM_PARM_TYPES for i in range(count)):
         raise fail(errno.EINVAL)
-    async with drv.session_mutex:
-        if client_id not in session.hgcm_client_ids:
-            raise fail(errno.EINVAL)
+    await pass_mutex(drv.session_mutex)
+    if client_id not in session.hgcm_client_ids:
+        raise fail(errno.EINVAL)
     try:
         status = await _call(drv, session, kbuf, count, memory)
     except _TooBigError:
@@ -321,7 +321,7 @@ async def _do_call(drv: Driver, req: bytearray, deadline: float) -> int:
         if rc < 0:
             L.HgcmRequestHeader.result.set(req, rc)
             return 0
-        if rc != VINF_HGCM_ASYNC_EXECUTE:
+        if rc != VINF_HGCM_ASYNC_EXECUTE or _done(req):
             return 0
         try:
             with trio.move_on_at(deadline):
