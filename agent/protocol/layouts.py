@@ -34,14 +34,14 @@ class IntField:
     c_path: str
     codec: struct.Struct
 
-    def get(self, buf: bytes | bytearray | memoryview) -> int:
-        """Read the member from ``buf``."""
-        value: int = self.codec.unpack_from(buf, self.offset)[0]
+    def get(self, buf: bytes | bytearray | memoryview, base: int = 0) -> int:
+        """Read the member from ``buf`` (of the structure at ``base``)."""
+        value: int = self.codec.unpack_from(buf, base + self.offset)[0]
         return value
 
-    def set(self, buf: bytearray | memoryview, value: int) -> None:
-        """Write the member into ``buf``."""
-        self.codec.pack_into(buf, self.offset, value)
+    def set(self, buf: bytearray | memoryview, value: int, base: int = 0) -> None:
+        """Write the member into ``buf`` (of the structure at ``base``)."""
+        self.codec.pack_into(buf, base + self.offset, value)
 
     @property
     def end(self) -> int:

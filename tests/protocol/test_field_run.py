@@ -33,5 +33,5 @@ def test_a_run_takes_each_fields_own_format() -> None:
     ids=["gap", "overlap", "empty"],
 )
 def test_fields_that_do_not_follow_each_other_are_refused(fields: tuple[L.IntField, ...]) -> None:
-    with pytest.raises(ValueError, match="does not follow|at least one field"):
+    with pytest.raises(ValueError, match=r"does not follow|at least one field"):
         L.run(*fields)

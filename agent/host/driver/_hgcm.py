@@ -59,6 +59,36 @@ _BUFFER_TYPES: Final = {
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
 }
 _P = L.HgcmParameter64
+_IOCTL_HEADER: Final = L.run(
+    L.IoctlHeader.size_in,
+    L.IoctlHeader.version,
+    L.IoctlHeader.type,
+    L.IoctlHeader.rc,
+    L.IoctlHeader.size_out,
+    L.IoctlHeader.reserved,
+)
+_CALL_IOCTL: Final = L.run(
+    L.HgcmCallIoctl.client_id,
+    L.HgcmCallIoctl.function,
+    L.HgcmCallIoctl.timeout_ms,
+    L.HgcmCallIoctl.interruptible,
+    L.HgcmCallIoctl.reserved,
+    L.HgcmCallIoctl.parm_count,
+)
+_CALL_TARGET: Final = L.run(L.HgcmCallIoctl.client_id, L.HgcmCallIoctl.function)
+_CALL_REQUEST: Final = L.run(
+    L.HgcmCallRequest.flags,
+    L.HgcmCallRequest.result,
+    L.HgcmCallRequest.client_id,
+    L.HgcmCallRequest.function,
+    L.HgcmCallRequest.parm_count,
+)
+"""The HGCM call request after its request header: flags, result, client, function, count."""
+_BUFFER_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
+_PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset)
+_PAGE_LIST_HEADER: Final = L.run(
+    L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
+)
 
 
 class _Outcome(enum.Enum):
@@ -150,20 +180,19 @@ class _TooBigError(Exception):
 
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
-    size_in = L.IoctlHeader.size_in.get(kbuf)
-    if size_in < HGCM_CALL_HEADER_SIZE or size_in != L.IoctlHeader.size_out.get(kbuf):
+    size_in, _, _, _, size_out, _ = _IOCTL_HEADER.get(kbuf)
+    if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
-    count = L.HgcmCallIoctl.parm_count.get(kbuf)
+    client_id, _, _, _, _, count = _CALL_IOCTL.get(kbuf)
     if count > HGCM_MAX_PARMS:
         raise fail(errno.E2BIG)
-    client_id = L.HgcmCallIoctl.client_id.get(kbuf)
     if client_id in (0, U32_MAX):
         raise fail(errno.EINVAL)
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if size_in < needed:
         raise fail(errno.EINVAL)
     L.IoctlHeader.size_out.set(kbuf, needed)
-    if any(_P.type.get(_parm(kbuf, i)) not in USER_HGCM_PARM_TYPES for i in range(count)):
+    if any(_P.type.get(kbuf, _parm_at(i)) not in USER_HGCM_PARM_TYPES for i in range(count)):
         raise fail(errno.EINVAL)
     await pass_mutex(drv.session_mutex)
     if client_id not in session.hgcm_client_ids:
@@ -175,9 +204,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     L.IoctlHeader.rc.set(kbuf, status)
 
 
-def _parm(buf: bytearray, index: int, base: int = HGCM_CALL_HEADER_SIZE) -> memoryview:
-    at = base + HGCM_PARM64_SIZE * index
-    return memoryview(buf)[at : at + HGCM_PARM64_SIZE]
+def _parm_at(index: int, base: int = HGCM_CALL_HEADER_SIZE) -> int:
+    """Where parameter ``index`` of an array starting at ``base`` sits."""
+    return base + HGCM_PARM64_SIZE * index
 
 
 def _page_count(length: int) -> int:
@@ -211,11 +240,9 @@ def _bounce_buffers(kbuf: bytearray, count: int, memory: GuestMemory) -> dict[in
     """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order."""
     bounce: dict[int, bytearray] = {}
     for index in range(count):
-        view = _parm(kbuf, index)
-        kind = _P.type.get(view)
+        kind, length, address = _BUFFER_PARM.get(kbuf, _parm_at(index))
         if kind not in _BUFFER_TYPES:
             continue
-        length = _P.pointer_size.get(view)
         if length > HGCM_MAX_USER_PARM:
             raise _TooBigError
         if length == 0:
@@ -223,7 +250,7 @@ def _bounce_buffers(kbuf: bytearray, count: int, memory: GuestMemory) -> dict[in
         if kind == HgcmParmType.LINADDR_OUT:
             bounce[index] = bytearray(length)
         else:
-            bounce[index] = bytearray(memory.read(_P.pointer_linear_addr.get(view), length))
+            bounce[index] = bytearray(memory.read(address, length))
     return bounce
 
 
@@ -241,32 +268,22 @@ def _build_request(
         PAGE_LIST_HEADER_SIZE + 8 * _page_count(len(data)) for data in bounce.values()
     )
     req = drv.alloc_request(RequestType.HGCM_CALL64, size, session.requestor)
-    L.HgcmCallRequest.flags.set(req, 0)
-    L.HgcmCallRequest.result.set(req, 0)
-    L.HgcmCallRequest.client_id.set(req, L.HgcmCallIoctl.client_id.get(kbuf))
-    L.HgcmCallRequest.function.set(req, L.HgcmCallIoctl.function.get(kbuf))
-    L.HgcmCallRequest.parm_count.set(req, count)
+    client_id, function = _CALL_TARGET.get(kbuf)
+    _CALL_REQUEST.set(req, 0, 0, client_id, function, count)
     for index in range(count):
-        src = _parm(kbuf, index)
-        dst = _parm(req, index, L.HgcmCallRequest.size)
-        kind = _P.type.get(src)
+        src, dst = _parm_at(index), _parm_at(index, L.HgcmCallRequest.size)
+        kind = _P.type.get(kbuf, src)
         if kind not in _BUFFER_TYPES:
-            dst[:] = src
+            req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
             continue
         if index not in bounce:
-            _P.type.set(dst, kind)
-            _P.pointer_size.set(dst, 0)
-            _P.pointer_linear_addr.set(dst, 0)
+            _BUFFER_PARM.set(req, kind, 0, 0, base=dst)
             continue
         length, address = len(bounce[index]), mapped[index]
-        _P.type.set(dst, HgcmParmType.PAGELIST)
-        _P.page_list_size.set(dst, length)
-        _P.page_list_offset.set(dst, lists_at)
-        entry = memoryview(req)[lists_at:]
+        _PAGE_LIST_PARM.set(req, HgcmParmType.PAGELIST, length, lists_at, base=dst)
         pages = _page_count(length + address % PAGE_SIZE)
-        L.HgcmPageList.flags.set(entry, _BUFFER_TYPES[HgcmParmType(kind)])
-        L.HgcmPageList.offset_first_page.set(entry, address % PAGE_SIZE)
-        L.HgcmPageList.page_count.set(entry, pages)
+        direction = _BUFFER_TYPES[HgcmParmType(kind)]
+        _PAGE_LIST_HEADER.set(req, direction, address % PAGE_SIZE, pages, base=lists_at)
         first_page = address - address % PAGE_SIZE
         for page in range(pages):
             at = lists_at + PAGE_LIST_HEADER_SIZE + 8 * page
@@ -279,17 +296,16 @@ def _copy_back(
     kbuf: bytearray, req: bytearray, count: int, bounce: dict[int, bytearray], memory: GuestMemory
 ) -> None:
     for index in range(count):
-        src = _parm(req, index, L.HgcmCallRequest.size)
-        dst = _parm(kbuf, index)
-        kind = _P.type.get(dst)
+        src, dst = _parm_at(index, L.HgcmCallRequest.size), _parm_at(index)
+        kind = _P.type.get(kbuf, dst)
         if kind not in _BUFFER_TYPES:
-            dst[:] = src
+            kbuf[dst : dst + HGCM_PARM64_SIZE] = req[src : src + HGCM_PARM64_SIZE]
             continue
-        returned = _P.page_list_size.get(src)
-        _P.pointer_size.set(dst, returned)
+        returned = _P.page_list_size.get(req, src)
+        _P.pointer_size.set(kbuf, returned, dst)
         if kind == HgcmParmType.LINADDR_IN or index not in bounce:
             continue
-        memory.write(_P.pointer_linear_addr.get(dst), bounce[index][:returned])
+        memory.write(_P.pointer_linear_addr.get(kbuf, dst), bounce[index][:returned])
 
 
 # --- waiting and cancelling ------------------------------------------------------------------
