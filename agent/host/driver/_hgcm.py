@@ -192,21 +192,22 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     if size_in < needed:
         raise fail(errno.EINVAL)
     L.IoctlHeader.size_out.set(kbuf, needed)
-    if any(_P.type.get(kbuf, _parm_at(i)) not in USER_HGCM_PARM_TYPES for i in range(count)):
+    kinds = [_P.type.get(kbuf, at) for at in _parm_offsets(count)]
+    if any(kind not in USER_HGCM_PARM_TYPES for kind in kinds):
         raise fail(errno.EINVAL)
     await pass_mutex(drv.session_mutex)
     if client_id not in session.hgcm_client_ids:
         raise fail(errno.EINVAL)
     try:
-        status = await _call(drv, session, kbuf, count, memory)
+        status = await _call(drv, session, kbuf, kinds, memory)
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     L.IoctlHeader.rc.set(kbuf, status)
 
 
-def _parm_at(index: int, base: int = HGCM_CALL_HEADER_SIZE) -> int:
-    """Where parameter ``index`` of an array starting at ``base`` sits."""
-    return base + HGCM_PARM64_SIZE * index
+def _parm_offsets(count: int, base: int = HGCM_CALL_HEADER_SIZE) -> range:
+    """Where each parameter of an array of ``count`` starting at ``base`` sits."""
+    return range(base, base + HGCM_PARM64_SIZE * count, HGCM_PARM64_SIZE)
 
 
 def _page_count(length: int) -> int:
@@ -214,12 +215,13 @@ def _page_count(length: int) -> int:
 
 
 async def _call(
-    drv: Driver, session: DriverSession, kbuf: bytearray, count: int, memory: GuestMemory
+    drv: Driver, session: DriverSession, kbuf: bytearray, kinds: list[int], memory: GuestMemory
 ) -> int:
-    bounce = _bounce_buffers(kbuf, count, memory)
+    """Bounce, build, perform and copy back the call; ``kinds`` are the user's parameter types."""
+    bounce = _bounce_buffers(kbuf, kinds, memory)
     mapped = {index: drv.ram.map(data) for index, data in bounce.items()}
     try:
-        req = _build_request(drv, session, kbuf, count, bounce=bounce, mapped=mapped)
+        req = _build_request(drv, session, kbuf, kinds, bounce=bounce, mapped=mapped)
         timeout_ms = L.HgcmCallIoctl.timeout_ms.get(kbuf)
         deadline = (
             math.inf
@@ -229,20 +231,20 @@ async def _call(
         error = await _do_call(drv, req, deadline)
         if error:
             raise fail(error)
-        _copy_back(kbuf, req, count, bounce, memory)
+        _copy_back(kbuf, req, kinds, bounce, memory)
         return L.HgcmRequestHeader.result.get(req)
     finally:
         for address in mapped.values():
             drv.ram.unmap(address)
 
 
-def _bounce_buffers(kbuf: bytearray, count: int, memory: GuestMemory) -> dict[int, bytearray]:
+def _bounce_buffers(kbuf: bytearray, kinds: list[int], memory: GuestMemory) -> dict[int, bytearray]:
     """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order."""
     bounce: dict[int, bytearray] = {}
-    for index in range(count):
-        kind, length, address = _BUFFER_PARM.get(kbuf, _parm_at(index))
+    for index, (kind, at) in enumerate(zip(kinds, _parm_offsets(len(kinds)), strict=True)):
         if kind not in _BUFFER_TYPES:
             continue
+        _, length, address = _BUFFER_PARM.get(kbuf, at)
         if length > HGCM_MAX_USER_PARM:
             raise _TooBigError
         if length == 0:
@@ -258,11 +260,12 @@ def _build_request(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    count: int,
+    kinds: list[int],
     *,
     bounce: dict[int, bytearray],
     mapped: dict[int, int],
 ) -> bytearray:
+    count = len(kinds)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     size = lists_at + sum(
         PAGE_LIST_HEADER_SIZE + 8 * _page_count(len(data)) for data in bounce.values()
@@ -270,9 +273,8 @@ def _build_request(
     req = drv.alloc_request(RequestType.HGCM_CALL64, size, session.requestor)
     client_id, function = _CALL_TARGET.get(kbuf)
     _CALL_REQUEST.set(req, 0, 0, client_id, function, count)
-    for index in range(count):
-        src, dst = _parm_at(index), _parm_at(index, L.HgcmCallRequest.size)
-        kind = _P.type.get(kbuf, src)
+    offsets = zip(_parm_offsets(count), _parm_offsets(count, L.HgcmCallRequest.size), strict=True)
+    for index, (kind, (src, dst)) in enumerate(zip(kinds, offsets, strict=True)):
         if kind not in _BUFFER_TYPES:
             req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
             continue
@@ -293,11 +295,15 @@ def _build_request(
 
 
 def _copy_back(
-    kbuf: bytearray, req: bytearray, count: int, bounce: dict[int, bytearray], memory: GuestMemory
+    kbuf: bytearray,
+    req: bytearray,
+    kinds: list[int],
+    bounce: dict[int, bytearray],
+    memory: GuestMemory,
 ) -> None:
-    for index in range(count):
-        src, dst = _parm_at(index, L.HgcmCallRequest.size), _parm_at(index)
-        kind = _P.type.get(kbuf, dst)
+    count = len(kinds)
+    offsets = zip(_parm_offsets(count, L.HgcmCallRequest.size), _parm_offsets(count), strict=True)
+    for index, (kind, (src, dst)) in enumerate(zip(kinds, offsets, strict=True)):
         if kind not in _BUFFER_TYPES:
             kbuf[dst : dst + HGCM_PARM64_SIZE] = req[src : src + HGCM_PARM64_SIZE]
             continue
