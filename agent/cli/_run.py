@@ -158,10 +158,8 @@ async def _run_simulated(
     from agent.host import SimOpener, play_scenario  # noqa: PLC0415
 
     async with trio.open_nursery() as nursery:
-        # The host's tasks inherit this binding, so its lines say where they come from.
-        with structlog.contextvars.bound_contextvars(component="simulated-host"):
-            await nursery.start(host.run)
-            nursery.start_soon(play_scenario, host, scenario)
+        await nursery.start(host.run)
+        nursery.start_soon(play_scenario, host, scenario)
         await _run_daemon(args, config, SimOpener(host))
         nursery.cancel_scope.cancel()
 

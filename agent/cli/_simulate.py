@@ -16,7 +16,6 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Final
 
-import structlog
 import trio
 
 from agent.cli._arguments import (
@@ -129,8 +128,6 @@ def _messages(error: BaseException) -> list[str]:
 async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
     from agent.host.server import serve_simulated_host  # noqa: PLC0415
 
-    # As under `run --simulate`: the host's lines say where they come from.
-    structlog.contextvars.bind_contextvars(component="simulated-host")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
