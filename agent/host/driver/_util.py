@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.status import status_to_errno
+
+if TYPE_CHECKING:
+    import trio
 
 U32_MAX: Final = 0xFFFFFFFF
 
@@ -39,3 +42,15 @@ def check_sizes(kbuf: bytearray, size_in: int, size_out: int) -> None:
     """``vbg_ioctl_chk``: the header's sizes must be exactly these, else EINVAL."""
     if L.IoctlHeader.size_in.get(kbuf) != size_in or L.IoctlHeader.size_out.get(kbuf) != size_out:
         raise fail(errno.EINVAL)
+
+
+async def pass_mutex(mutex: trio.Lock) -> None:
+    """``mutex_lock`` then ``mutex_unlock`` around code that does not sleep (run it next).
+
+    The kernel takes an uncontended mutex without scheduling, and so does this: it waits
+    only while another task holds ``mutex`` (``trio.Lock`` itself would always yield). The
+    caller's check then runs before any other task does, as it would under the mutex.
+    """
+    if mutex.locked():
+        async with mutex:
+            pass
