@@ -6,6 +6,8 @@ import errno
 import os
 from typing import Final
 
+import trio
+
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.status import status_to_errno
 
@@ -39,3 +41,25 @@ def check_sizes(kbuf: bytearray, size_in: int, size_out: int) -> None:
     """``vbg_ioctl_chk``: the header's sizes must be exactly these, else EINVAL."""
     if L.IoctlHeader.size_in.get(kbuf) != size_in or L.IoctlHeader.size_out.get(kbuf) != size_out:
         raise fail(errno.EINVAL)
+
+
+class KernelMutex:
+    """A sleeping lock that, like the kernel's ``mutex_lock``, sleeps only when contended.
+
+    An uncontended lock is taken without a trio schedule point: the ioctl entry already had
+    its one. Waiters are served in order (a free lock with waiters queued is not jumped).
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()

@@ -27,6 +27,8 @@ from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from agent.protocol import ChunkPages
+
 PAGEMAP_PATH: Final = "/proc/self/pagemap"
 _PAGEMAP_ENTRY: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 _PFN_MASK: Final = (1 << 55) - 1
@@ -41,10 +43,11 @@ class ChunkError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One 1 MiB chunk: its address in this process and, where known, its page frames."""
+    """One 1 MiB chunk: its address in this process and, where the driver needs them, its
+    pages' guest-physical addresses (checked and packed once, sent to inflate and deflate)."""
 
     address: int
-    pages: tuple[int, ...] = ()
+    pages: ChunkPages | None = None
 
 
 class ChunkAllocator(Protocol):
