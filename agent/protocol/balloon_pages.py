@@ -24,10 +24,15 @@ if TYPE_CHECKING:
 PAGE_SHIFT: Final = PAGE_SIZE.bit_length() - 1
 CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 """The 256 little-endian u64 page addresses of one chunk."""
-_OFFSET_BITS: Final = int.from_bytes(
-    CHUNK_PAGES.pack(*[PAGE_SIZE - 1] * BALLOON_CHUNK_PAGES), "little"
-)
-"""Every address's in-page offset bits, the packed array read as one integer."""
+
+
+def every_page(value: int) -> int:
+    """``value`` in each of the 256 u64 lanes of a packed chunk read as one integer (a mask)."""
+    return int.from_bytes(CHUNK_PAGES.pack(*[value] * BALLOON_CHUNK_PAGES), "little")
+
+
+_OFFSET_BITS: Final = every_page(PAGE_SIZE - 1)
+"""Every address's in-page offset bits."""
 _NOT_DISTINCT: Final = f"a balloon chunk needs {BALLOON_CHUNK_PAGES} distinct pages"
 
 
