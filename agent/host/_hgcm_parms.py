@@ -9,6 +9,7 @@ simulated host refuses them with VERR_INVALID_PARAMETER.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -27,6 +28,9 @@ CALL_PARMS_OFFSET: Final = L.HgcmCallRequest.size
 """Parameters of a VMMDev HGCM call start right after its 44-byte header."""
 PAGE_LIST_HEADER_SIZE: Final = 8
 PAGE_ADDRESS_SIZE: Final = 8
+_PAGE_LIST_HEADER: Final = L.run(
+    L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
+)
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -64,12 +68,10 @@ def parse_parms(req: bytes | bytearray, memory: GuestMemory, layout: ParmLayout)
         ParmError: an unsupported type, a page list outside the request, bad page addresses.
     """
     count = L.HgcmCallRequest.parm_count.get(req)
-    slots = []
-    for index in range(count):
-        offset = CALL_PARMS_OFFSET + layout.size * index
-        view = memoryview(req)[offset : offset + layout.size]
-        slots.append(_parse_one(req, view, offset, memory, layout))
-    return slots
+    return [
+        _parse_one(req, offset, memory, layout)
+        for offset in range(CALL_PARMS_OFFSET, CALL_PARMS_OFFSET + layout.size * count, layout.size)
+    ]
 
 
 def parms_end(req: bytes | bytearray, layout: ParmLayout) -> int:
@@ -78,43 +80,37 @@ def parms_end(req: bytes | bytearray, layout: ParmLayout) -> int:
 
 
 def _parse_one(
-    req: bytes | bytearray, view: memoryview, offset: int, memory: GuestMemory, layout: ParmLayout
+    req: bytes | bytearray, offset: int, memory: GuestMemory, layout: ParmLayout
 ) -> ParmSlot:
-    raw_type = layout.type.get(view)
+    raw_type = layout.type.get(req, offset)
     if raw_type == HgcmParmType.U32:
-        return ParmSlot(offset, HgcmParmType.U32, HostU32(layout.value32.get(view)))
+        return ParmSlot(offset, HgcmParmType.U32, HostU32(layout.value32.get(req, offset)))
     if raw_type == HgcmParmType.U64:
-        return ParmSlot(offset, HgcmParmType.U64, HostU64(layout.value64.get(view)))
-    if raw_type in _LINADDR_TYPES and layout.pointer_size.get(view) == 0:
+        return ParmSlot(offset, HgcmParmType.U64, HostU64(layout.value64.get(req, offset)))
+    if raw_type in _LINADDR_TYPES and layout.pointer_size.get(req, offset) == 0:
         readable, writable = _LINADDR_TYPES[HgcmParmType(raw_type)]
         buffer = HostBuffer(bytearray(), readable=readable, writable=writable)
         return ParmSlot(offset, HgcmParmType(raw_type), buffer)
     if raw_type == HgcmParmType.PAGELIST:
-        return _parse_page_list(req, view, offset, memory, layout)
+        return _parse_page_list(req, offset, memory, layout)
     msg = f"parameter type {raw_type} is not supported by the simulated host"
     raise ParmError(msg)
 
 
 def _parse_page_list(
-    req: bytes | bytearray, view: memoryview, offset: int, memory: GuestMemory, layout: ParmLayout
+    req: bytes | bytearray, offset: int, memory: GuestMemory, layout: ParmLayout
 ) -> ParmSlot:
-    size = layout.page_list_size.get(view)
-    list_at = layout.page_list_offset.get(view)
+    size = layout.page_list_size.get(req, offset)
+    list_at = layout.page_list_offset.get(req, offset)
     if list_at + PAGE_LIST_HEADER_SIZE > len(req):
         msg = f"page list at {list_at} is outside the request"
         raise ParmError(msg)
-    entry = memoryview(req)[list_at:]
-    flags = L.HgcmPageList.flags.get(entry)
-    first = L.HgcmPageList.offset_first_page.get(entry)
-    count = L.HgcmPageList.page_count.get(entry)
+    flags, first, count = _PAGE_LIST_HEADER.get(req, list_at)
     end = list_at + PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * count
     if flags & ~PageListDirection.BOTH or first >= PAGE_SIZE or end > len(req):
         msg = f"bad page list at {list_at}: flags {flags:#x}, first {first}, {count} pages"
         raise ParmError(msg)
-    pages = tuple(
-        int.from_bytes(req[at : at + PAGE_ADDRESS_SIZE], "little")
-        for at in range(list_at + PAGE_LIST_HEADER_SIZE, end, PAGE_ADDRESS_SIZE)
-    )
+    pages: tuple[int, ...] = struct.unpack_from(f"<{count}Q", req, list_at + PAGE_LIST_HEADER_SIZE)
     if count * PAGE_SIZE - first < size or any(page % PAGE_SIZE for page in pages):
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
@@ -159,15 +155,14 @@ def write_back(
     than the guest can receive.
     """
     for slot in slots:
-        view = memoryview(req)[slot.offset : slot.offset + layout.size]
         parm = slot.parm
         if isinstance(parm, HostU32):
-            layout.value32.set(view, parm.value & 0xFFFFFFFF)
+            layout.value32.set(req, parm.value & 0xFFFFFFFF, slot.offset)
         elif isinstance(parm, HostU64):
-            layout.value64.set(view, parm.value & 0xFFFFFFFFFFFFFFFF)
+            layout.value64.set(req, parm.value & 0xFFFFFFFFFFFFFFFF, slot.offset)
         else:
             returned = max(0, min(parm.size, len(parm.data)))
-            layout.page_list_size.set(view, returned)
+            layout.page_list_size.set(req, returned, slot.offset)
             if slot.kind == HgcmParmType.PAGELIST and parm.writable:
                 _scatter(memory, slot, parm.data[:returned])
 

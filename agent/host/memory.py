@@ -68,8 +68,7 @@ class DictMemory:
         need = offset + max(len(data), 1) + GUARD_BYTES
         start = self._find_room(need)
         address = start + offset
-        index = bisect.bisect(self._starts, address)
-        self._starts.insert(index, address)
+        bisect.insort(self._starts, address)
         self._regions[address] = data
         self._next = start + need
         return address
@@ -109,6 +108,8 @@ class DictMemory:
 
     def _find_room(self, need: int) -> int:
         candidate = _page_align(self._next)
+        if candidate >= self._top() and candidate + need <= self._limit:
+            return candidate  # past every region: the usual case, nothing to search
         wrapped = False
         while True:
             if candidate + need > self._limit:
@@ -120,6 +121,13 @@ class DictMemory:
             if clash is None:
                 return candidate
             candidate = _page_align(clash + len(self._regions[clash]) + GUARD_BYTES)
+
+    def _top(self) -> int:
+        """Where the guard after the highest region ends (the base when nothing is mapped)."""
+        if not self._starts:
+            return self._base
+        last = self._starts[-1]
+        return last + len(self._regions[last]) + GUARD_BYTES
 
     def _first_region_in(self, low: int, high: int) -> int | None:
         index = max(bisect.bisect_right(self._starts, low) - 1, 0)

@@ -14,6 +14,7 @@ may sit at an offset that is only 4-aligned.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,14 +34,14 @@ class IntField:
     c_path: str
     codec: struct.Struct
 
-    def get(self, buf: bytes | bytearray | memoryview) -> int:
-        """Read the member from ``buf``."""
-        value: int = self.codec.unpack_from(buf, self.offset)[0]
+    def get(self, buf: bytes | bytearray | memoryview, base: int = 0) -> int:
+        """Read the member from ``buf`` (of the structure at ``base``)."""
+        value: int = self.codec.unpack_from(buf, base + self.offset)[0]
         return value
 
-    def set(self, buf: bytearray | memoryview, value: int) -> None:
-        """Write the member into ``buf``."""
-        self.codec.pack_into(buf, self.offset, value)
+    def set(self, buf: bytearray | memoryview, value: int, base: int = 0) -> None:
+        """Write the member into ``buf`` (of the structure at ``base``)."""
+        self.codec.pack_into(buf, base + self.offset, value)
 
     @property
     def end(self) -> int:
@@ -74,6 +75,45 @@ class BytesField:
 
 
 Field = IntField | BytesField
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRun:
+    """Adjacent integer members read or written with one ``struct`` call.
+
+    Built by :func:`run` from the members' own declarations, so it cannot disagree with
+    them. ``base`` shifts the run, for structures repeated in an array (HGCM parameters).
+    """
+
+    offset: int
+    codec: struct.Struct
+
+    def get(self, buf: bytes | bytearray | memoryview, base: int = 0) -> tuple[int, ...]:
+        """Read the members from ``buf``, in declaration order."""
+        values: tuple[int, ...] = self.codec.unpack_from(buf, base + self.offset)
+        return values
+
+    def set(self, buf: bytearray | memoryview, *values: int, base: int = 0) -> None:
+        """Write the members into ``buf``, in declaration order."""
+        self.codec.pack_into(buf, base + self.offset, *values)
+
+
+def run(*fields: IntField) -> FieldRun:
+    """Declare a :class:`FieldRun` over ``fields``, each starting where the previous ends.
+
+    Raises:
+        ValueError: no fields, or a gap or an overlap between two of them.
+    """
+    if not fields:
+        msg = "a field run needs at least one field"
+        raise ValueError(msg)
+    for before, after in itertools.pairwise(fields):
+        if after.offset != before.end:
+            msg = f"{after.c_path} at {after.offset} does not follow {before.c_path}"
+            raise ValueError(msg)
+    formats = "".join(field.codec.format.lstrip("<") for field in fields)
+    return FieldRun(fields[0].offset, struct.Struct("<" + formats))
+
 
 _U8: Final = struct.Struct("<B")
 _U16: Final = struct.Struct("<H")

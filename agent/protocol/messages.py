@@ -56,6 +56,22 @@ R_co = TypeVar("R_co", covariant=True)
 
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+_IOCTL_HEADER: Final = L.run(
+    L.IoctlHeader.size_in,
+    L.IoctlHeader.version,
+    L.IoctlHeader.type,
+    L.IoctlHeader.rc,
+    L.IoctlHeader.size_out,
+    L.IoctlHeader.reserved,
+)
+_REQUEST_HEADER: Final = L.run(
+    L.RequestHeader.size_,
+    L.RequestHeader.version,
+    L.RequestHeader.request_type,
+    L.RequestHeader.rc,
+    L.RequestHeader.reserved1,
+    L.RequestHeader.requestor,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,15 +161,13 @@ def check_ioctl_reply(call: IoctlCall[R], size_in: int, size_out: int) -> int:
     if len(buf) != expected_len:
         msg = f"{operation}: reply buffer has {len(buf)} bytes, expected {expected_len}"
         raise RemoteProtocolError(msg)
-    got = (L.IoctlHeader.size_in.get(buf), L.IoctlHeader.version.get(buf))
-    if got != (size_in, IOCTL_HDR_VERSION):
-        msg = f"{operation}: reply header (size_in, version) is {got}"
+    got_in, version, _, rc, got_out, _ = _IOCTL_HEADER.get(buf)
+    if (got_in, version) != (size_in, IOCTL_HDR_VERSION):
+        msg = f"{operation}: reply header (size_in, version) is {(got_in, version)}"
         raise RemoteProtocolError(msg)
-    got_out = L.IoctlHeader.size_out.get(buf)
     if got_out != size_out:
         msg = f"{operation}: reply size_out {got_out}, expected {size_out}"
         raise RemoteProtocolError(msg)
-    rc = L.IoctlHeader.rc.get(buf)
     if rc < 0:
         raise VBoxStatusError(rc, operation)
     return rc
@@ -637,13 +651,31 @@ class HgcmCallError(VBoxStatusError):
         self.reply = reply
 
 
-_PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
-    HgcmU32: HgcmParmType.U32,
-    HgcmU64: HgcmParmType.U64,
-    HgcmBufferIn: HgcmParmType.LINADDR_IN,
-    HgcmBufferOut: HgcmParmType.LINADDR_OUT,
-    HgcmBuffer: HgcmParmType.LINADDR,
+_P = L.HgcmParameter64
+_CALL_HEADER: Final = L.run(
+    L.IoctlHeader.size_in,
+    L.IoctlHeader.version,
+    L.IoctlHeader.type,
+    L.IoctlHeader.rc,
+    L.IoctlHeader.size_out,
+    L.IoctlHeader.reserved,
+    L.HgcmCallIoctl.client_id,
+    L.HgcmCallIoctl.function,
+    L.HgcmCallIoctl.timeout_ms,
+    L.HgcmCallIoctl.interruptible,
+    L.HgcmCallIoctl.reserved,
+    L.HgcmCallIoctl.parm_count,
+)
+"""The ioctl header and the call's own header, written in one go."""
+_PARM_RUNS: Final[dict[type[HgcmParam], tuple[HgcmParmType, L.FieldRun]]] = {
+    HgcmU32: (HgcmParmType.U32, L.run(_P.type, _P.value32)),
+    HgcmU64: (HgcmParmType.U64, L.run(_P.type, _P.value64)),
+    HgcmBufferIn: (HgcmParmType.LINADDR_IN, L.run(_P.type, _P.pointer_size)),
+    HgcmBufferOut: (HgcmParmType.LINADDR_OUT, L.run(_P.type, _P.pointer_size)),
+    HgcmBuffer: (HgcmParmType.LINADDR, L.run(_P.type, _P.pointer_size)),
 }
+"""Per parameter class: its type and the members that carry it (type, then value or size;
+a buffer's address is the transport's to store)."""
 
 
 def _buffer_bytes(param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer) -> bytearray:
@@ -675,41 +707,46 @@ class HgcmCall(Request[HgcmReply]):
         return HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * len(self.params)
 
     def encode(self) -> IoctlCall[HgcmReply]:
-        """Encode the call; buffer parameters become user buffers the transport maps."""
+        """Encode the call; buffer parameters become user buffers the transport maps.
+
+        The header is set as :func:`ioctl_buffer` sets it (``rc`` preset to
+        ``VERR_INTERNAL_ERROR``), with the call interruptible.
+        """
         _check_client_id(self.client_id)
         _check_u32("function", self.function)
         _check_u32("timeout_ms", self.timeout_ms)
-        if len(self.params) > HGCM_MAX_PARMS:
-            msg = f"HGCM call with {len(self.params)} parameters; the limit is {HGCM_MAX_PARMS}"
+        count = len(self.params)
+        if count > HGCM_MAX_PARMS:
+            msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
             raise LocalProtocolError(msg)
         size = self.size
-        buf = ioctl_buffer(size, size)
-        L.HgcmCallIoctl.client_id.set(buf, self.client_id)
-        L.HgcmCallIoctl.function.set(buf, self.function)
-        L.HgcmCallIoctl.timeout_ms.set(buf, self.timeout_ms)
-        L.HgcmCallIoctl.interruptible.set(buf, 1)
-        L.HgcmCallIoctl.parm_count.set(buf, len(self.params))
+        buf = bytearray(size)
+        _CALL_HEADER.set(
+            buf,
+            *(size, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size, 0),
+            *(self.client_id, self.function, self.timeout_ms, 1, 0, count),
+        )
         user_buffers: list[UserBuffer] = []
         for index, param in enumerate(self.params):
             base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
-            view = memoryview(buf)[base : base + HGCM_PARM64_SIZE]
-            L.HgcmParameter64.type.set(view, _PARM_TYPES[type(param)])
+            parm_type, members = _PARM_RUNS[type(param)]
             if isinstance(param, HgcmU32):
                 _check_u32(f"parameter {index}", param.value)
-                L.HgcmParameter64.value32.set(view, param.value)
+                members.set(buf, parm_type, param.value, base=base)
             elif isinstance(param, HgcmU64):
                 if not 0 <= param.value <= _U64_MAX:
                     msg = f"parameter {index}: {param.value} does not fit in 64 bits"
                     raise LocalProtocolError(msg)
-                L.HgcmParameter64.value64.set(view, param.value)
+                members.set(buf, parm_type, param.value, base=base)
             else:
                 data = _buffer_bytes(param)
                 if len(data) > HGCM_MAX_USER_PARM:
                     msg = f"parameter {index}: {len(data)} bytes exceed {HGCM_MAX_USER_PARM}"
                     raise LocalProtocolError(msg)
-                L.HgcmParameter64.pointer_size.set(view, len(data))
+                members.set(buf, parm_type, len(data), base=base)
                 if data:
-                    user_buffers.append(UserBuffer(base + 8, data))
+                    address_at = base + _P.pointer_linear_addr.offset
+                    user_buffers.append(UserBuffer(address_at, data))
         return IoctlCall(Ioctl.hgcm_call_64(size), buf, self, tuple(user_buffers))
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
@@ -731,28 +768,27 @@ class HgcmCall(Request[HgcmReply]):
         values: list[HgcmValue] = []
         for index, param in enumerate(self.params):
             base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
-            view = memoryview(buf)[base : base + HGCM_PARM64_SIZE]
-            got_type = L.HgcmParameter64.type.get(view)
-            if got_type != _PARM_TYPES[type(param)]:
+            parm_type, members = _PARM_RUNS[type(param)]
+            got_type, value = members.get(buf, base)
+            if got_type != parm_type:
                 msg = f"{self.operation}: parameter {index} came back as type {got_type}"
                 raise RemoteProtocolError(msg)
             if isinstance(param, HgcmU32):
-                values.append(HgcmU32(L.HgcmParameter64.value32.get(view)))
+                values.append(HgcmU32(value))
             elif isinstance(param, HgcmU64):
-                values.append(HgcmU64(L.HgcmParameter64.value64.get(view)))
+                values.append(HgcmU64(value))
             else:
-                values.append(self._decode_buffer(index, param, view, user))
+                values.append(self._decode_buffer(index, param, value, user))
         return tuple(values)
 
     def _decode_buffer(
         self,
         index: int,
         param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer,
-        view: memoryview,
+        returned: int,
         user: Iterator[UserBuffer],
     ) -> HgcmData:
         capacity = param.size if isinstance(param, HgcmBufferOut) else len(param.data)
-        returned = L.HgcmParameter64.pointer_size.get(view)
         if returned > capacity:
             msg = f"{self.operation}: parameter {index} reports {returned} bytes of {capacity}"
             raise RemoteProtocolError(msg)
@@ -779,15 +815,11 @@ def check_vmmdev_reply(call: IoctlCall[R], request_type: RequestType, size: int)
     if len(buf) != size:
         msg = f"{operation}: reply has {len(buf)} bytes, expected {size}"
         raise RemoteProtocolError(msg)
-    got = (
-        L.RequestHeader.size_.get(buf),
-        L.RequestHeader.version.get(buf),
-        L.RequestHeader.request_type.get(buf),
-    )
+    got_size, version, got_type, rc, _, _ = _REQUEST_HEADER.get(buf)
+    got = (got_size, version, got_type)
     if got != (size, REQUEST_HEADER_VERSION, request_type):
         msg = f"{operation}: reply header (size, version, type) is {got}"
         raise RemoteProtocolError(msg)
-    rc = L.RequestHeader.rc.get(buf)
     if rc < 0:
         raise VBoxStatusError(rc, operation)
     return rc

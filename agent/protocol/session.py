@@ -15,7 +15,7 @@ reported with :meth:`Session.call_failed`.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from agent.protocol.constants import HGCM_CLIENTS_PER_SESSION
 from agent.protocol.errors import LocalProtocolError
@@ -34,6 +34,8 @@ from agent.protocol.messages import (
 )
 
 R = TypeVar("R")
+_NAMES_A_CLIENT: Final = (HgcmCall, HgcmDisconnect)
+"""Requests that must name a client this session connected."""
 
 
 class Session:
@@ -57,10 +59,7 @@ class Session:
         if isinstance(request, WaitForEvents) and self.interrupted:
             msg = "this session was interrupted; open a new session to wait again"
             raise LocalProtocolError(msg)
-        if (
-            isinstance(request, HgcmCall | HgcmDisconnect)
-            and request.client_id not in self._clients
-        ):
+        if isinstance(request, _NAMES_A_CLIENT) and request.client_id not in self._clients:
             msg = f"HGCM client {request.client_id} is not connected in this session"
             raise LocalProtocolError(msg)
         if isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:

@@ -194,8 +194,16 @@ class GuestProperties:
             yield watch
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
-        async with self._slots:
+        # A free slot is taken without yielding (the call itself checkpoints); only a
+        # caller that has to queue waits in the semaphore.
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             return await self._channel.call(function, *params, lingers_when_cancelled=False)
+        finally:
+            self._slots.release()
 
 
 @final

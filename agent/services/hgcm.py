@@ -135,21 +135,24 @@ class HgcmChannel:
             self._in_flight -= 1
 
     def _check(self, function: int, params: tuple[HgcmParam, ...]) -> None:
-        where = f"{self.service} function {function}"
         if len(params) > HGCM_MAX_PARMS:
-            msg = f"{where}: {len(params)} parameters; the driver takes at most {HGCM_MAX_PARMS}"
+            msg = (
+                f"{self.service} function {function}: {len(params)} parameters; "
+                f"the driver takes at most {HGCM_MAX_PARMS}"
+            )
             raise HgcmLimitError(msg)
         for index, param in enumerate(params):
             size = _buffer_size(param)
             if size > HGCM_MAX_USER_PARM:
                 msg = (
-                    f"{where}: parameter {index} is a {size}-byte buffer; the driver takes "
-                    f"at most {HGCM_MAX_USER_PARM} bytes per buffer"
+                    f"{self.service} function {function}: parameter {index} is a {size}-byte "
+                    f"buffer; the driver takes at most {HGCM_MAX_USER_PARM} bytes per buffer"
                 )
                 raise HgcmLimitError(msg)
         if self.pending >= self.max_pending:
             msg = (
-                f"{where}: client {self.client_id} already has {self.pending} calls pending; "
+                f"{self.service} function {function}: client {self.client_id} already has "
+                f"{self.pending} calls pending; "
                 f"the host accepts {self.max_pending} at once (a limit of {self.max_pending + 1}"
                 " per client counts the new call too)"
             )

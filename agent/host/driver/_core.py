@@ -12,14 +12,14 @@ import errno
 from collections import deque
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
-import structlog
 import trio
 
+from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, fail
+from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -57,8 +57,27 @@ LOG_HISTORY: Final = 64
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
 NS_PER_S: Final = 1_000_000_000
-
-_log = structlog.get_logger("agent.host")
+_VMMDEV_REQUEST: Final = without_size(Ioctl.vmmdev_request(0))
+_VMMDEV_REQUEST_BIG: Final = (Ioctl.VMMDEV_REQUEST_BIG, Ioctl.VMMDEV_REQUEST_BIG_ALT)
+_HGCM_CALL_64: Final = without_size(Ioctl.hgcm_call_64(0))
+_LOG_ALT: Final = without_size(Ioctl.log_alt(0))
+"""Ioctl numbers without their size field, for the ioctls that carry one."""
+_IOCTL_HEADER: Final = L.run(
+    L.IoctlHeader.size_in,
+    L.IoctlHeader.version,
+    L.IoctlHeader.type,
+    L.IoctlHeader.rc,
+    L.IoctlHeader.size_out,
+    L.IoctlHeader.reserved,
+)
+_REQUEST_HEADER: Final = L.run(
+    L.RequestHeader.size_,
+    L.RequestHeader.version,
+    L.RequestHeader.request_type,
+    L.RequestHeader.rc,
+    L.RequestHeader.reserved1,
+    L.RequestHeader.requestor,
+)
 
 
 class Driver:
@@ -84,8 +103,8 @@ class Driver:
         self.pending_events = 0
         self.event_wq = trio.lowlevel.ParkingLot()
         self.hgcm_wq = trio.lowlevel.ParkingLot()
-        self.session_mutex = KernelMutex()
-        self.cancel_req_mutex = KernelMutex()
+        self.session_mutex = trio.Lock()
+        self.cancel_req_mutex = trio.Lock()
         self.cancel_req = self.alloc_request(RequestType.HGCM_CANCEL2, L.HgcmCancel2Request.size)
         """The one CANCEL2 request, allocated at load and reused (its ``rc`` is the last answer)."""
         self.filter_tracker = BitTracker()
@@ -144,12 +163,9 @@ class Driver:
     ) -> bytearray:
         """``vbg_req_alloc``: a request of ``size`` bytes filled with 0xAA and a fresh header."""
         req = bytearray([FILL_BYTE]) * size
-        L.RequestHeader.size_.set(req, size)
-        L.RequestHeader.version.set(req, REQUEST_HEADER_VERSION)
-        L.RequestHeader.request_type.set(req, request_type)
-        L.RequestHeader.rc.set(req, VERR_GENERAL_FAILURE)
-        L.RequestHeader.reserved1.set(req, 0)
-        L.RequestHeader.requestor.set(req, requestor)
+        _REQUEST_HEADER.set(
+            req, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, 0, requestor
+        )
         return req
 
     def mask_request(
@@ -307,23 +323,21 @@ class Driver:
         if L.IoctlHeader.size_out.get(kbuf) == 0:
             L.IoctlHeader.size_out.set(kbuf, L.IoctlHeader.size_in.get(kbuf))
         stripped = without_size(code)
-        if stripped == without_size(Ioctl.vmmdev_request(0)) or code in (
-            Ioctl.VMMDEV_REQUEST_BIG,
-            Ioctl.VMMDEV_REQUEST_BIG_ALT,
-        ):
+        if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
             await self._vmmdev_request(session, kbuf)
             return
         if L.IoctlHeader.type.get(kbuf) != 0:
             raise fail(errno.EINVAL)
         handler = self._fixed.get(code)
-        extra = self.extra_ioctls().get(code)
         if handler is not None:
             await handler(self, session, kbuf, memory)
-        elif extra is not None:
+            return
+        extra = self.extra_ioctls().get(code)
+        if extra is not None:
             await extra(session, kbuf, memory)
-        elif stripped == without_size(Ioctl.hgcm_call_64(0)):
+        elif stripped == _HGCM_CALL_64:
             await _hgcm.call(self, session, kbuf, memory)
-        elif code == Ioctl.LOG or stripped == without_size(Ioctl.log_alt(0)):
+        elif code == Ioctl.LOG or stripped == _LOG_ALT:
             await _misc.log(self, session, kbuf, memory)
         else:
             _log.debug("unknown_ioctl", code=f"{code:#x}")
@@ -355,9 +369,8 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
     """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in = L.IoctlHeader.size_in.get(buf)
-    size_out = L.IoctlHeader.size_out.get(buf)
-    if L.IoctlHeader.version.get(buf) != IOCTL_HDR_VERSION:
+    size_in, version, _, _, size_out, _ = _IOCTL_HEADER.get(buf)
+    if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):
         raise fail(errno.EINVAL)

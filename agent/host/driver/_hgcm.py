@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.host.driver._util import U32_MAX, check_sizes, fail, pass_mutex
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_CALL_HEADER_SIZE,
@@ -59,6 +59,36 @@ _BUFFER_TYPES: Final = {
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
 }
 _P = L.HgcmParameter64
+_IOCTL_HEADER: Final = L.run(
+    L.IoctlHeader.size_in,
+    L.IoctlHeader.version,
+    L.IoctlHeader.type,
+    L.IoctlHeader.rc,
+    L.IoctlHeader.size_out,
+    L.IoctlHeader.reserved,
+)
+_CALL_IOCTL: Final = L.run(
+    L.HgcmCallIoctl.client_id,
+    L.HgcmCallIoctl.function,
+    L.HgcmCallIoctl.timeout_ms,
+    L.HgcmCallIoctl.interruptible,
+    L.HgcmCallIoctl.reserved,
+    L.HgcmCallIoctl.parm_count,
+)
+_CALL_TARGET: Final = L.run(L.HgcmCallIoctl.client_id, L.HgcmCallIoctl.function)
+_CALL_REQUEST: Final = L.run(
+    L.HgcmCallRequest.flags,
+    L.HgcmCallRequest.result,
+    L.HgcmCallRequest.client_id,
+    L.HgcmCallRequest.function,
+    L.HgcmCallRequest.parm_count,
+)
+"""The HGCM call request after its request header: flags, result, client, function, count."""
+_BUFFER_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
+_PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset)
+_PAGE_LIST_HEADER: Final = L.run(
+    L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
+)
 
 
 class _Outcome(enum.Enum):
@@ -150,34 +180,34 @@ class _TooBigError(Exception):
 
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
-    size_in = L.IoctlHeader.size_in.get(kbuf)
-    if size_in < HGCM_CALL_HEADER_SIZE or size_in != L.IoctlHeader.size_out.get(kbuf):
+    size_in, _, _, _, size_out, _ = _IOCTL_HEADER.get(kbuf)
+    if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
-    count = L.HgcmCallIoctl.parm_count.get(kbuf)
+    client_id, _, _, _, _, count = _CALL_IOCTL.get(kbuf)
     if count > HGCM_MAX_PARMS:
         raise fail(errno.E2BIG)
-    client_id = L.HgcmCallIoctl.client_id.get(kbuf)
     if client_id in (0, U32_MAX):
         raise fail(errno.EINVAL)
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if size_in < needed:
         raise fail(errno.EINVAL)
     L.IoctlHeader.size_out.set(kbuf, needed)
-    if any(_P.type.get(_parm(kbuf, i)) not in USER_HGCM_PARM_TYPES for i in range(count)):
+    kinds = [_P.type.get(kbuf, at) for at in _parm_offsets(count)]
+    if any(kind not in USER_HGCM_PARM_TYPES for kind in kinds):
         raise fail(errno.EINVAL)
-    async with drv.session_mutex:
-        if client_id not in session.hgcm_client_ids:
-            raise fail(errno.EINVAL)
+    await pass_mutex(drv.session_mutex)
+    if client_id not in session.hgcm_client_ids:
+        raise fail(errno.EINVAL)
     try:
-        status = await _call(drv, session, kbuf, count, memory)
+        status = await _call(drv, session, kbuf, kinds, memory)
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     L.IoctlHeader.rc.set(kbuf, status)
 
 
-def _parm(buf: bytearray, index: int, base: int = HGCM_CALL_HEADER_SIZE) -> memoryview:
-    at = base + HGCM_PARM64_SIZE * index
-    return memoryview(buf)[at : at + HGCM_PARM64_SIZE]
+def _parm_offsets(count: int, base: int = HGCM_CALL_HEADER_SIZE) -> range:
+    """Where each parameter of an array of ``count`` starting at ``base`` sits."""
+    return range(base, base + HGCM_PARM64_SIZE * count, HGCM_PARM64_SIZE)
 
 
 def _page_count(length: int) -> int:
@@ -185,12 +215,13 @@ def _page_count(length: int) -> int:
 
 
 async def _call(
-    drv: Driver, session: DriverSession, kbuf: bytearray, count: int, memory: GuestMemory
+    drv: Driver, session: DriverSession, kbuf: bytearray, kinds: list[int], memory: GuestMemory
 ) -> int:
-    bounce = _bounce_buffers(kbuf, count, memory)
+    """Bounce, build, perform and copy back the call; ``kinds`` are the user's parameter types."""
+    bounce = _bounce_buffers(kbuf, kinds, memory)
     mapped = {index: drv.ram.map(data) for index, data in bounce.items()}
     try:
-        req = _build_request(drv, session, kbuf, count, bounce=bounce, mapped=mapped)
+        req = _build_request(drv, session, kbuf, kinds, bounce=bounce, mapped=mapped)
         timeout_ms = L.HgcmCallIoctl.timeout_ms.get(kbuf)
         deadline = (
             math.inf
@@ -200,22 +231,20 @@ async def _call(
         error = await _do_call(drv, req, deadline)
         if error:
             raise fail(error)
-        _copy_back(kbuf, req, count, bounce, memory)
+        _copy_back(kbuf, req, kinds, bounce, memory)
         return L.HgcmRequestHeader.result.get(req)
     finally:
         for address in mapped.values():
             drv.ram.unmap(address)
 
 
-def _bounce_buffers(kbuf: bytearray, count: int, memory: GuestMemory) -> dict[int, bytearray]:
+def _bounce_buffers(kbuf: bytearray, kinds: list[int], memory: GuestMemory) -> dict[int, bytearray]:
     """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order."""
     bounce: dict[int, bytearray] = {}
-    for index in range(count):
-        view = _parm(kbuf, index)
-        kind = _P.type.get(view)
+    for index, (kind, at) in enumerate(zip(kinds, _parm_offsets(len(kinds)), strict=True)):
         if kind not in _BUFFER_TYPES:
             continue
-        length = _P.pointer_size.get(view)
+        _, length, address = _BUFFER_PARM.get(kbuf, at)
         if length > HGCM_MAX_USER_PARM:
             raise _TooBigError
         if length == 0:
@@ -223,7 +252,7 @@ def _bounce_buffers(kbuf: bytearray, count: int, memory: GuestMemory) -> dict[in
         if kind == HgcmParmType.LINADDR_OUT:
             bounce[index] = bytearray(length)
         else:
-            bounce[index] = bytearray(memory.read(_P.pointer_linear_addr.get(view), length))
+            bounce[index] = bytearray(memory.read(address, length))
     return bounce
 
 
@@ -231,42 +260,32 @@ def _build_request(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    count: int,
+    kinds: list[int],
     *,
     bounce: dict[int, bytearray],
     mapped: dict[int, int],
 ) -> bytearray:
+    count = len(kinds)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     size = lists_at + sum(
         PAGE_LIST_HEADER_SIZE + 8 * _page_count(len(data)) for data in bounce.values()
     )
     req = drv.alloc_request(RequestType.HGCM_CALL64, size, session.requestor)
-    L.HgcmCallRequest.flags.set(req, 0)
-    L.HgcmCallRequest.result.set(req, 0)
-    L.HgcmCallRequest.client_id.set(req, L.HgcmCallIoctl.client_id.get(kbuf))
-    L.HgcmCallRequest.function.set(req, L.HgcmCallIoctl.function.get(kbuf))
-    L.HgcmCallRequest.parm_count.set(req, count)
-    for index in range(count):
-        src = _parm(kbuf, index)
-        dst = _parm(req, index, L.HgcmCallRequest.size)
-        kind = _P.type.get(src)
+    client_id, function = _CALL_TARGET.get(kbuf)
+    _CALL_REQUEST.set(req, 0, 0, client_id, function, count)
+    offsets = zip(_parm_offsets(count), _parm_offsets(count, L.HgcmCallRequest.size), strict=True)
+    for index, (kind, (src, dst)) in enumerate(zip(kinds, offsets, strict=True)):
         if kind not in _BUFFER_TYPES:
-            dst[:] = src
+            req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
             continue
         if index not in bounce:
-            _P.type.set(dst, kind)
-            _P.pointer_size.set(dst, 0)
-            _P.pointer_linear_addr.set(dst, 0)
+            _BUFFER_PARM.set(req, kind, 0, 0, base=dst)
             continue
         length, address = len(bounce[index]), mapped[index]
-        _P.type.set(dst, HgcmParmType.PAGELIST)
-        _P.page_list_size.set(dst, length)
-        _P.page_list_offset.set(dst, lists_at)
-        entry = memoryview(req)[lists_at:]
+        _PAGE_LIST_PARM.set(req, HgcmParmType.PAGELIST, length, lists_at, base=dst)
         pages = _page_count(length + address % PAGE_SIZE)
-        L.HgcmPageList.flags.set(entry, _BUFFER_TYPES[HgcmParmType(kind)])
-        L.HgcmPageList.offset_first_page.set(entry, address % PAGE_SIZE)
-        L.HgcmPageList.page_count.set(entry, pages)
+        direction = _BUFFER_TYPES[HgcmParmType(kind)]
+        _PAGE_LIST_HEADER.set(req, direction, address % PAGE_SIZE, pages, base=lists_at)
         first_page = address - address % PAGE_SIZE
         for page in range(pages):
             at = lists_at + PAGE_LIST_HEADER_SIZE + 8 * page
@@ -276,20 +295,23 @@ def _build_request(
 
 
 def _copy_back(
-    kbuf: bytearray, req: bytearray, count: int, bounce: dict[int, bytearray], memory: GuestMemory
+    kbuf: bytearray,
+    req: bytearray,
+    kinds: list[int],
+    bounce: dict[int, bytearray],
+    memory: GuestMemory,
 ) -> None:
-    for index in range(count):
-        src = _parm(req, index, L.HgcmCallRequest.size)
-        dst = _parm(kbuf, index)
-        kind = _P.type.get(dst)
+    count = len(kinds)
+    offsets = zip(_parm_offsets(count, L.HgcmCallRequest.size), _parm_offsets(count), strict=True)
+    for index, (kind, (src, dst)) in enumerate(zip(kinds, offsets, strict=True)):
         if kind not in _BUFFER_TYPES:
-            dst[:] = src
+            kbuf[dst : dst + HGCM_PARM64_SIZE] = req[src : src + HGCM_PARM64_SIZE]
             continue
-        returned = _P.page_list_size.get(src)
-        _P.pointer_size.set(dst, returned)
+        returned = _P.page_list_size.get(req, src)
+        _P.pointer_size.set(kbuf, returned, dst)
         if kind == HgcmParmType.LINADDR_IN or index not in bounce:
             continue
-        memory.write(_P.pointer_linear_addr.get(dst), bounce[index][:returned])
+        memory.write(_P.pointer_linear_addr.get(kbuf, dst), bounce[index][:returned])
 
 
 # --- waiting and cancelling ------------------------------------------------------------------
@@ -321,7 +343,7 @@ async def _do_call(drv: Driver, req: bytearray, deadline: float) -> int:
         if rc < 0:
             L.HgcmRequestHeader.result.set(req, rc)
             return 0
-        if rc != VINF_HGCM_ASYNC_EXECUTE:
+        if rc != VINF_HGCM_ASYNC_EXECUTE or _done(req):
             return 0
         try:
             with trio.move_on_at(deadline):

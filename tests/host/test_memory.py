@@ -1,0 +1,45 @@
+"""``DictMemory``: regions by reference, guard gaps, reuse of freed space, EFAULT and ENOMEM."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from agent.host.memory import GUARD_BYTES, DictMemory
+from agent.protocol.constants import PAGE_SIZE
+
+BASE = 0x10000
+
+
+def test_regions_are_placed_in_order_with_a_guard_gap_and_written_through() -> None:
+    memory = DictMemory(base=BASE, limit=BASE + 64 * PAGE_SIZE)
+    first, second = bytearray(10), bytearray(b"abc")
+    one, two = memory.map(first), memory.map(second, offset=5)
+    assert one == BASE
+    assert two == BASE + PAGE_SIZE + GUARD_BYTES + 5
+    memory.write(one + 2, b"xy")
+    assert first[2:4] == b"xy"
+    assert memory.read(two, 3) == b"abc"
+
+
+@pytest.mark.parametrize(("at", "size"), [(0, 11), (10, 1), (-1, 1)])
+def test_access_outside_a_region_faults(at: int, size: int) -> None:
+    memory = DictMemory(base=BASE, limit=BASE + 64 * PAGE_SIZE)
+    address = memory.map(bytearray(10))
+    with pytest.raises(OSError, match="bad address") as caught:
+        memory.read(address + at, size)
+    assert caught.value.errno == errno.EFAULT
+
+
+def test_freed_space_is_reused_after_the_range_wraps_and_a_full_range_refuses() -> None:
+    memory = DictMemory(base=BASE, limit=BASE + 4 * PAGE_SIZE)
+    held = memory.map(bytearray(PAGE_SIZE))  # with its guard: two pages
+    freed = memory.map(bytearray(1))
+    memory.unmap(freed)
+    again = memory.map(bytearray(1))  # nothing left past the top: wraps to the free page
+    assert again == freed
+    assert held == BASE
+    with pytest.raises(OSError, match="exhausted") as caught:
+        memory.map(bytearray(PAGE_SIZE))
+    assert caught.value.errno == errno.ENOMEM
