@@ -4,30 +4,32 @@ A simulated host (``passthrough``, 100 ms heartbeat interval) runs in this proce
 serves a real ``vbox-agent run`` process over a Unix socket; the host stamps every
 GUEST_HEARTBEAT when its port handler sees it. A beat's lateness is how far it arrives after
 its slot on the 100 ms grid, counted from the earliest-arriving beat (so the fixed cost of
-the trip through the socket is not counted as lateness). Baseline, measured in the same
-run: a bare Python process sleeping to the same absolute deadlines, whose own wake-up
-lateness is the floor this machine allows. The host process runs at nice -10 where allowed
-(it stands for the hypervisor, which guest load does not slow). Each phase runs idle, then
-with one busy-looping process per CPU. ``--nice`` runs the agent and the baseline at that
-niceness (negative needs root), to see what a unit's ``Nice=`` would buy.
+the trip through the socket is not counted as lateness).
+
+The agent runs as ``systemd/vbox-agent.service`` runs it: in a session of its own, with the
+unit's CPU scheduling (read from the unit file). For comparison, in the same run: the agent
+at plain SCHED_OTHER nice 0, and beside each agent a bare Python process with the agent's
+scheduling sleeping to the same absolute deadlines, whose wake-up lateness is the floor this
+machine allows. The host stands for the hypervisor, which guest load never delays: it runs
+above the agent (one real-time priority higher, or nice -10 beside a non-real-time agent)
+where allowed. Each agent is measured idle, then with one busy-looping process per CPU,
+each in a session of its own like a user's job.
 
 The statistics cost is the CPU time of one report (one ``/proc`` sample plus encoding),
 next to a bare read of ``/proc/meminfo`` measured in the same run.
 
-    python bench/heartbeat.py [--seconds S] [--reports N] [--nice N]
+    python bench/heartbeat.py [--seconds S] [--reports N]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -39,15 +41,21 @@ from agent.host.server import serve_simulated_host
 from agent.logconfig import configure_logging
 from agent.protocol import ReportGuestStats, RequestType
 from agent.services._procstats import ProcStats
+from testbed.unit_scheduling import (
+    PLAIN,
+    UNIT,
+    Scheduling,
+    host_scheduling,
+    unit_scheduling,
+)
 
 INTERVAL_NS: Final = 100_000_000
 INTERVAL_S: Final = INTERVAL_NS / 1e9
 SETTLE_S: Final = 2.0
 """Time the agent gets to start and configure before beats are counted."""
 TARGET_P99_MS: Final = 5.0
-HOST_NICE: Final = -10
-"""The host stands for the hypervisor, which guest load never delays: it runs at this nice
-where allowed, so the hog slows the guest's processes, not the instrument."""
+HOG_MARGIN_S: Final = 30.0
+"""How long a hog outlives its phase at most, should the bench be killed before its cleanup."""
 BASELINE: Final = """
 import json, sys, time
 interval, count, out = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -59,7 +67,12 @@ for i in range(count):
     late.append(time.monotonic() - deadline)
 open(out, "w").write(json.dumps(late))
 """
-HOG: Final = "while True: pass"
+HOG: Final = """
+import sys, time
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+"""
 
 
 def percentile(ordered: list[float], share: float) -> float:
@@ -85,22 +98,38 @@ def summary(name: str, lateness: list[float]) -> str:
     )
 
 
+async def start_as_service(argv: list[str], scheduling: Scheduling) -> trio.Process:
+    """Start ``argv`` in a session of its own with ``scheduling``, as systemd starts a unit."""
+    process = await trio.lowlevel.open_process(argv, start_new_session=True)
+    try:
+        scheduling.apply(process.pid)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process
+
+
 async def phase(
-    host: SimulatedHost, stamps: list[float], seconds: float, *, hog: bool, nice: int, out: Path
+    host: SimulatedHost,
+    stamps: list[float],
+    seconds: float,
+    *,
+    hog: bool,
+    scheduling: Scheduling,
+    out: Path,
 ) -> None:
     """Measure one phase and print its figures."""
+    count = int(seconds / INTERVAL_S)
+    hog_argv = [sys.executable, "-c", HOG, str(seconds + HOG_MARGIN_S)]
     hogs = [
-        await trio.lowlevel.open_process([sys.executable, "-c", HOG])
+        await trio.lowlevel.open_process(hog_argv, start_new_session=True)
         for _ in range((os.cpu_count() or 1) if hog else 0)
     ]
-    for process in hogs:
-        os.setpriority(os.PRIO_PROCESS, process.pid, 0)
     try:
-        count = int(seconds / INTERVAL_S)
-        baseline = await trio.lowlevel.open_process(
-            [sys.executable, "-c", BASELINE, str(INTERVAL_S), str(count), str(out)]
+        baseline = await start_as_service(
+            [sys.executable, "-c", BASELINE, str(INTERVAL_S), str(count), str(out)], scheduling
         )
-        os.setpriority(os.PRIO_PROCESS, baseline.pid, nice)
         stamps.clear()
         await trio.sleep(seconds)
         beats = list(stamps)
@@ -115,26 +144,51 @@ async def phase(
     gaps = [b - a for a, b in itertools.pairwise(beats)]
     agent_late = grid_lateness(beats)
     label = f"under a CPU hog ({len(hogs)} busy processes)" if hog else "idle"
-    print(f"{label}: {len(beats)} beats in {seconds:g} s (expected {count})")
-    print("  " + summary("agent beats (host clock)", agent_late))
-    print("  " + summary("baseline sleep-to-deadline", base_late))
+    print(f"  {label}: {len(beats)} beats in {seconds:g} s (expected {count})")
+    print("    " + summary("agent beats (host clock)", agent_late))
+    print("    " + summary("baseline sleep-to-deadline", base_late))
     base_p99 = percentile(sorted(base_late), 0.99)
     agent_p99 = percentile(sorted(agent_late), 0.99)
     ratio = agent_p99 / base_p99 if base_p99 > 0 else float("inf")
-    print(f"  p99 ratio agent/baseline {ratio:.1f}x")
+    print(f"    p99 ratio agent/baseline {ratio:.1f}x")
     print(
-        f"  max gap {max(gaps) * 1e3:.1f} ms (interval {INTERVAL_S * 1e3:.0f} ms), "
+        f"    max gap {max(gaps) * 1e3:.1f} ms (interval {INTERVAL_S * 1e3:.0f} ms), "
         f"flatlined {state['flatlined']}"
     )
     verdict = "met" if agent_p99 * 1e3 < TARGET_P99_MS else "MISSED"
-    print(f"  target p99 < {TARGET_P99_MS:g} ms: {verdict}")
+    print(f"    target p99 < {TARGET_P99_MS:g} ms: {verdict}")
 
 
-async def heartbeat_phases(seconds: float, nice: int) -> None:
-    """Run the host and the agent; measure idle, then under a hog."""
-    with contextlib.suppress(PermissionError):
-        os.setpriority(os.PRIO_PROCESS, 0, HOST_NICE)
-    print(f"simulated host (this process) at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
+async def measure_agent(
+    host: SimulatedHost, stamps: list[float], seconds: float, scheduling: Scheduling, label: str
+) -> None:
+    """Run one agent with ``scheduling``; measure it idle, then under a hog."""
+    print(f"agent ({label}): {scheduling.describe()}, a session of its own")
+    with tempfile.TemporaryDirectory(prefix="vbhb-") as workdir:
+        socket = f"{workdir}/host.sock"
+        config = Path(workdir) / "agent.toml"
+        config.write_text('[log]\nlevel = "warning"\n')
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_simulated_host, host, socket)
+            argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
+            agent = await start_as_service([*argv, "--device", f"unix:{socket}"], scheduling)
+            await trio.sleep(SETTLE_S)
+            out = Path(workdir) / "baseline.json"
+            for hog in (False, True):
+                await phase(host, stamps, seconds, hog=hog, scheduling=scheduling, out=out)
+            agent.terminate()
+            await agent.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def heartbeat_phases(seconds: float, unit: Scheduling) -> None:
+    """Run the host; measure the agent as the unit runs it, then at plain nice 0."""
+    host_sched = host_scheduling(unit)
+    try:
+        host_sched.apply(0)
+        print(f"simulated host (this process): {host_sched.describe()}")
+    except PermissionError:
+        print(f"simulated host (this process): not allowed {host_sched.describe()}, left as is")
     host = SimulatedHost(personality="passthrough", heartbeat_interval_ns=INTERVAL_NS)
     stamps: list[float] = []
     process_request = host.vmmdev.process
@@ -146,25 +200,11 @@ async def heartbeat_phases(seconds: float, nice: int) -> None:
             stamps.append(time.monotonic())
 
     host.vmmdev.process = stamped  # type: ignore[method-assign]
-    with tempfile.TemporaryDirectory(prefix="vbhb-") as workdir:
-        socket = f"{workdir}/host.sock"
-        config = Path(workdir) / "agent.toml"
-        config.write_text('[log]\nlevel = "warning"\n')
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            await nursery.start(serve_simulated_host, host, socket)
-            argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
-            agent = await nursery.start(
-                partial(trio.run_process, check=False), [*argv, "--device", f"unix:{socket}"]
-            )
-            os.setpriority(os.PRIO_PROCESS, agent.pid, nice)
-            await trio.sleep(SETTLE_S)
-            out = Path(workdir) / "baseline.json"
-            for hog in (False, True):
-                await phase(host, stamps, seconds, hog=hog, nice=nice, out=out)
-            agent.terminate()
-            await agent.wait()
-            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        await measure_agent(host, stamps, seconds, unit, f"as {UNIT.name} runs it")
+        await measure_agent(host, stamps, seconds, PLAIN, "plain, for comparison")
+        nursery.cancel_scope.cancel()
 
 
 def report_cost(reports: int) -> None:
@@ -187,19 +227,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
     parser.add_argument("--reports", type=int, default=500, help="reports timed (default 500)")
-    parser.add_argument(
-        "--nice", type=int, default=0, help="nice of the agent and the baseline (default 0)"
-    )
     args = parser.parse_args()
     configure_logging(LogConfig(level="warning"), stream=sys.stderr)
+    unit = unit_scheduling()
     print(
         f"heartbeat: passthrough host, interval {INTERVAL_S * 1e3:.0f} ms, "
-        f"{os.cpu_count()} CPUs, agent and baseline at nice {args.nice}"
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+        f"{UNIT.name} asks for {unit.describe()}"
     )
     try:
-        trio.run(heartbeat_phases, args.seconds, args.nice)
+        trio.run(heartbeat_phases, args.seconds, unit)
     except PermissionError:
-        sys.exit(f"bench/heartbeat.py: --nice {args.nice} needs the right to raise priority")
+        sys.exit(f"bench/heartbeat.py: giving the agent {unit.describe()} needs root")
     report_cost(args.reports)
 
 

@@ -25,7 +25,7 @@ SHIPPED = Path(__file__).parents[1] / "config" / "agent.toml"
 
 def check_config(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="vbox-agent")
-    _check_config.register(parser.add_subparsers(required=True))
+    _check_config.configure(parser.add_subparsers(required=True).add_parser("check-config"))
     args = parser.parse_args(["check-config", *argv])
     code: int = args.handler(args)
     return code

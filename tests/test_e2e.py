@@ -269,10 +269,16 @@ class TestSimulateDemo:
             check=False,
         )
         assert result.returncode == 0, result.stderr
-        events = [json.loads(line)["event"] for line in result.stdout.splitlines() if line]
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line]
+        events = [line["event"] for line in lines]
         assert "agent_ready" in events
         assert "scenario_step" in events
         assert events[-1] == "agent_stopped"
+        # The simulated driver runs in the calling service's task: its lines carry both.
+        denied = [line for line in lines if line["event"] == "vmm_request_denied"]
+        assert {line["service"] for line in denied} >= {"heartbeat", "balloon"}
+        assert {line.get("component") for line in denied} == {"simulated-host"}
+        assert "component" not in next(line for line in lines if line["event"] == "agent_ready")
 
     def test_failing_host_exits_69(self, workdir: Path) -> None:
         """A simulated VM whose driver fails to load after a reset: exit 69, as no device."""

@@ -1,10 +1,12 @@
 """Command line entry point: ``vbox-agent <command> ...``.
 
-Each command lives in its own ``agent.cli._<command>`` module with a ``register(subparsers)``
-function that adds its parser and sets ``handler`` to a function taking the parsed
-arguments and returning the exit code. A command module imports what only its handler needs
-(the simulated host, above all) inside the handler, so ``vbox-agent run`` on a real device
-loads no simulator code.
+Each command lives in its own ``agent.cli._<command>`` module with a ``configure(parser)``
+function that gives the command's parser its description and arguments and sets ``handler``
+to a function taking the parsed arguments and returning the exit code. Only the chosen
+command's module is imported (:data:`COMMANDS` holds every name and one-line help the
+top-level usage lists), and a command module imports what only its handler needs (the
+simulated host, above all) inside the handler: the daemon (``vbox-agent run``) loads no
+other command's code, and on a real device no simulator code.
 
 Every command-line mistake (unknown command or option, bad or missing value) exits 64
 (``EX_USAGE``) after the usage of the (sub)command that got it.
@@ -13,8 +15,9 @@ Every command-line mistake (unknown command or option, bad or missing value) exi
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
 from agent.cli._exit import EX_USAGE
@@ -41,24 +44,48 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _build_parser() -> CommandParser:
-    from agent.cli import _abi, _check_config, _host, _prop, _run, _simulate  # noqa: PLC0415
+COMMANDS: Final = (
+    ("run", "_run", "run the agent"),
+    ("check-config", "_check_config", "validate a configuration file"),
+    ("abi", "_abi", "print the ioctl numbers and struct layouts of the vboxguest ABI"),
+    ("simulate", "_simulate", "run a simulated VirtualBox host on a Unix socket"),
+    ("host", "_host", "control a running simulated host (vbox-agent simulate)"),
+    ("prop", "_prop", "get, set, delete, list or wait for guest properties"),
+)
+"""Every command: its name, its module in ``agent.cli`` and its line in the usage."""
 
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option.
+
+    The top-level options (``--help``, ``--version``) take no value, so this is the word
+    the parser takes as the command; a word that names none is the parser's error to report.
+    """
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def _build_parser(argv: Sequence[str]) -> CommandParser:
+    """The parser of ``vbox-agent``: every command listed, the chosen one's module loaded."""
     parser = CommandParser(
         prog="vbox-agent",
         description="VirtualBox guest agent for Linux (balloon, heartbeat, HGCM services).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_run, _check_config, _abi, _simulate, _host, _prop):
-        module.register(subparsers)
+    chosen = _chosen_command(argv)
+    for name, module_name, summary in COMMANDS:
+        command_parser = subparsers.add_parser(name, help=summary)
+        if name == chosen:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            configure: Callable[[argparse.ArgumentParser], None] = module.configure
+            configure(command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
-    parser = _build_parser()
-    args, unrecognized = parser.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args, unrecognized = _build_parser(words).parse_known_args(words)
     if unrecognized:
         usage_parser: CommandParser = args.usage_parser
         usage_parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")

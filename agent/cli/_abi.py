@@ -17,15 +17,11 @@ if TYPE_CHECKING:
     import argparse
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``abi`` command."""
-    parser = subparsers.add_parser(
-        "abi",
-        help="print the ioctl numbers and struct layouts of the vboxguest ABI",
-        description=(
-            "Print the ioctl numbers and struct sizes and member offsets the agent encodes "
-            "(64-bit userspace), with where each comes from (uapi, vmmdev, oracle)."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``abi`` parser its description, arguments and handler."""
+    parser.description = (
+        "Print the ioctl numbers and struct sizes and member offsets the agent encodes "
+        "(64-bit userspace), with where each comes from (uapi, vmmdev, oracle)."
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object with sorted keys"

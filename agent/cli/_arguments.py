@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from agent.device.unix import check_socket_path
+from agent.device.spec import check_socket_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable

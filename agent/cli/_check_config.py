@@ -18,15 +18,11 @@ if TYPE_CHECKING:
     import argparse
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``check-config`` command."""
-    parser = subparsers.add_parser(
-        "check-config",
-        help="validate a configuration file",
-        description=(
-            "Load FILE as the agent would and report every problem, one per line naming the "
-            "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``check-config`` parser its description, arguments and handler."""
+    parser.description = (
+        "Load FILE as the agent would and report every problem, one per line naming the "
+        "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise."
     )
     parser.add_argument("file", type=Path, metavar="FILE", help="the TOML file to check")
     parser.set_defaults(handler=run)

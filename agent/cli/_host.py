@@ -32,13 +32,9 @@ MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
 """The statistics interval is a u32 of seconds."""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``host`` to the command line."""
-    parser = subparsers.add_parser(
-        "host",
-        help="control a running simulated host (vbox-agent simulate)",
-        description="Send one control command to a simulated host, as VBoxManage would.",
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``host`` parser its description, arguments and handler."""
+    parser.description = "Send one control command to a simulated host, as VBoxManage would."
     parser.add_argument(
         "--socket", required=True, type=socket_path, metavar="PATH", help="the host's socket"
     )

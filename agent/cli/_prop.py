@@ -46,13 +46,9 @@ class _NotFoundError(Exception):
     """The property does not exist or the wait timed out: exit 1 with this message."""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``prop`` to the command line."""
-    parser = subparsers.add_parser(
-        "prop",
-        help="get, set, delete, list or wait for guest properties",
-        description="Guest properties through the host's VBoxGuestPropSvc.",
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``prop`` parser its description, arguments and handler."""
+    parser.description = "Guest properties through the host's VBoxGuestPropSvc."
     parser.add_argument(
         "--device",
         metavar="SPEC",

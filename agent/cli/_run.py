@@ -33,15 +33,11 @@ log = structlog.get_logger(__name__)
 DEMO_SCENARIO: Final = "demo.toml"
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``run`` to the command line."""
-    parser = subparsers.add_parser(
-        "run",
-        help="run the agent",
-        description=(
-            "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
-            "simulated VirtualBox host that plays the bundled demo scenario."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``run`` parser its description, arguments and handler."""
+    parser.description = (
+        "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
+        "simulated VirtualBox host that plays the bundled demo scenario."
     )
     parser.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     target = parser.add_mutually_exclusive_group()
@@ -162,10 +158,8 @@ async def _run_simulated(
     from agent.host import SimOpener, play_scenario  # noqa: PLC0415
 
     async with trio.open_nursery() as nursery:
-        # The host's tasks inherit this binding, so its lines say where they come from.
-        with structlog.contextvars.bound_contextvars(component="simulated-host"):
-            await nursery.start(host.run)
-            nursery.start_soon(play_scenario, host, scenario)
+        await nursery.start(host.run)
+        nursery.start_soon(play_scenario, host, scenario)
         await _run_daemon(args, config, SimOpener(host))
         nursery.cancel_scope.cancel()
 

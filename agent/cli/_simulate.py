@@ -16,7 +16,6 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Final
 
-import structlog
 import trio
 
 from agent.cli._arguments import (
@@ -44,15 +43,11 @@ MAX_HEARTBEAT_INTERVAL_MS: Final = (2**64 - 1) // 2 // NS_PER_MS
 DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 2000
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``simulate`` to the command line."""
-    parser = subparsers.add_parser(
-        "simulate",
-        help="run a simulated VirtualBox host on a Unix socket",
-        description=(
-            "Run a simulated VirtualBox host until SIGINT/SIGTERM. Agents connect with "
-            "--device unix:PATH; `vbox-agent host --socket PATH` controls it."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Give the ``simulate`` parser its description, arguments and handler."""
+    parser.description = (
+        "Run a simulated VirtualBox host until SIGINT/SIGTERM. Agents connect with "
+        "--device unix:PATH; `vbox-agent host --socket PATH` controls it."
     )
     parser.add_argument(
         "--socket", required=True, type=socket_path, metavar="PATH", help="socket to create"
@@ -133,8 +128,6 @@ def _messages(error: BaseException) -> list[str]:
 async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
     from agent.host.server import serve_simulated_host  # noqa: PLC0415
 
-    # As under `run --simulate`: the host's lines say where they come from.
-    structlog.contextvars.bind_contextvars(component="simulated-host")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)

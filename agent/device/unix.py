@@ -44,6 +44,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.spec import check_socket_path
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.wire import (
@@ -80,8 +81,6 @@ HOST_START_WAIT_S: Final = 5.0
 """How long the first session waits for a host whose socket is missing or refuses."""
 HOST_START_POLL_S: Final = 0.05
 """How often a session waiting for a starting host tries to connect again."""
-SOCKET_PATH_MAX_BYTES: Final = 107
-"""Longest Unix socket path: ``sun_path`` holds 108 bytes, the terminating NUL included."""
 _SEQ_MASK: Final = 0xFFFFFFFF
 _ADDRESS: Final = struct.Struct("<Q")
 
@@ -295,28 +294,6 @@ def _place_user_buffers(
         pages = max(1, -(-len(user_buffer.data) // PAGE_SIZE))
         address += pages * PAGE_SIZE
     return bytes(wire_buffer), tuple(memories)
-
-
-def check_socket_path(path: str) -> str:
-    """Return ``path`` if it can name a Unix socket.
-
-    Raises:
-        ValueError: the path is empty, holds a NUL byte or is longer than
-            ``SOCKET_PATH_MAX_BYTES`` bytes.
-    """
-    size = len(os.fsencode(path))
-    if not path:
-        msg = "the socket path is empty"
-    elif "\0" in path:
-        msg = f"socket path {path!r} contains a NUL byte"
-    elif size > SOCKET_PATH_MAX_BYTES:
-        msg = (
-            f"socket path {path!r} is {size} bytes long; "
-            f"a Unix socket path holds at most {SOCKET_PATH_MAX_BYTES}"
-        )
-    else:
-        return path
-    raise ValueError(msg)
 
 
 @final

@@ -3,6 +3,7 @@ services, the in-process transport and the scenario player."""
 
 from __future__ import annotations
 
+from agent.host._log import LOG_COMPONENT
 from agent.host.driver import (
     ALL_PERSONALITIES,
     PERSONALITIES,
@@ -23,6 +24,7 @@ from agent.host.transport import SimOpener, SimTransport
 
 __all__ = [
     "ALL_PERSONALITIES",
+    "LOG_COMPONENT",
     "PERSONALITIES",
     "DictMemory",
     "DriverLoadError",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Final, NoReturn
 
-import structlog
 import trio
+
+from agent.host._log import host_log as _log
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -26,8 +27,6 @@ TIMEOUT_MARGIN_NS: Final = 10_000_000
 """The timeout must exceed the interval by more than 10 ms."""
 MAX_NS: Final = 2**64 - 1
 """VMMDev keeps the interval and the timeout as u64 nanoseconds."""
-
-_log = structlog.get_logger("agent.host")
 
 
 def now_ns() -> int:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-import structlog
-
+from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import Event
 from agent.protocol.messages import GUEST_STATISTICS_FIELDS
@@ -25,8 +24,6 @@ if TYPE_CHECKING:
 
 MAX_INTERVAL_S: Final = 0xFFFF_FFFF
 """The interval is a u32 of seconds."""
-
-_log = structlog.get_logger("agent.host")
 
 
 class HostGuestStats:

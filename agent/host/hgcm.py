@@ -18,8 +18,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
-import structlog
-
 from agent.host._hgcm_parms import (
     ParmError,
     ParmLayout,
@@ -28,6 +26,7 @@ from agent.host._hgcm_parms import (
     parse_parms,
     write_back as write_back_parms,
 )
+from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_REQ_DONE,
@@ -60,8 +59,6 @@ CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
 """Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
 _RC: Final = struct.Struct("<i")
 _FLAGS: Final = struct.Struct("<I")
-
-_log = structlog.get_logger("agent.host")
 
 
 @runtime_checkable

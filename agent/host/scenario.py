@@ -26,10 +26,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
-import structlog
 import trio
 
 from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
+from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.status import parse_status
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 NS_PER_MS: Final = 1_000_000
 Value = int | float | str
 T = TypeVar("T")
-_log = structlog.get_logger("agent.host")
 
 
 class ScenarioError(ValueError):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
+from agent.host._log import LOG_COMPONENT
 from agent.host.control import execute_control
 from agent.protocol import AgentError
 from agent.protocol.wire import (
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from agent.host.host import DriverSession, SimulatedHost
     from agent.protocol.wire import Frame, UserMemory
 
-_log = structlog.get_logger(__name__)
+_log = structlog.get_logger(__name__, component=LOG_COMPONENT)
 
 SOCKET_MODE: Final = 0o600
 """Permissions of the socket file: only its owner may drive the simulated VM."""

@@ -3,13 +3,9 @@
 Rules of this test module:
 
 - The transport runs for real: real worker threads, its own limiter, its EINTR policy and
-  its cancellation. Only the system calls are injected: ``open_fn``/``close_fn``/
-  ``ioctl_fn``/``interrupt_fn`` lead to :class:`Kernel`, which hands each ioctl to a driver
-  on the trio thread (``trio.from_thread.run`` with the token, so the driver runs outside
-  the caller's cancel scopes, as a kernel does) and turns an interrupt of a worker thread
-  into EINTR for the call that thread is blocked in, as a signal does.
-- User buffers travel as real addresses: :class:`CtypesMemory` reads and writes this
-  process's memory at the addresses the transport stored, as ``copy_from_user`` would.
+  its cancellation. Only the system calls are injected (``tests.device.syscalls.Kernel``
+  over :class:`FakeDriver`: a driver on the trio thread, interrupts as EINTR, user buffers
+  at real addresses).
 - The real signal path (``SIGURG`` into a thread blocked in a real system call) and the
   ``fcntl``/libc split run against pipes, since CI has no ``/dev/vboxguest``; the real
   device gets one smoke test, skipped without the node.
@@ -62,6 +58,7 @@ from agent.protocol import (
 )
 from agent.protocol.constants import HGCM_CALL_HEADER_SIZE, HGCM_PARM64_SIZE, HgcmParmType
 from agent.protocol.status import VERR_VERSION_MISMATCH
+from tests.device.syscalls import CtypesMemory, Kernel
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -84,18 +81,6 @@ NO_DEVICE = f"{chardev.DEFAULT_PATH} does not exist (not a VirtualBox guest)"
 
 
 # --- the guest side: real memory and a kernel made of injected system calls ---------------
-
-
-class CtypesMemory:
-    """``GuestMemory`` over this process's own memory, as the kernel's copy_*_user sees it."""
-
-    def read(self, address: int, size: int) -> bytes:
-        """Return ``size`` bytes at the real address ``address``."""
-        return ctypes.string_at(address, size)
-
-    def write(self, address: int, data: bytes | bytearray) -> None:
-        """Store ``data`` at the real address ``address``."""
-        ctypes.memmove(address, bytes(data), len(data))
 
 
 @dataclass(eq=False)
@@ -215,88 +200,8 @@ class FakeDriver:
             L.HgcmParameter64.value32.set(first, total)
 
 
-class Kernel:
-    """The injected system calls: fds lead to driver sessions, interrupts become EINTR."""
-
-    def __init__(self, driver: FakeDriver) -> None:
-        self.driver = driver
-        self.sessions: dict[int, FakeSession] = {}
-        self.in_driver = 0
-        self.peak = 0
-        self.codes: list[int] = []
-        self._token = trio.lowlevel.current_trio_token()
-        self._fds = itertools.count(100)
-        self._blocked: dict[int, trio.CancelScope] = {}
-        self._moved = trio.Event()
-
-    async def wait_in_driver(self, count: int) -> None:
-        """Wait until exactly ``count`` ioctls are inside the driver, and it is idle."""
-        while self.in_driver != count:
-            await self._moved.wait()
-        await trio.testing.wait_all_tasks_blocked()
-
-    def _count(self, delta: int) -> None:
-        self.in_driver += delta
-        self.peak = max(self.peak, self.in_driver)
-        self._moved.set()
-        self._moved = trio.Event()
-
-    def opener(self, *, threads: int = 4) -> CharDevOpener:
-        """Return an opener whose system calls lead here."""
-        return CharDevOpener(
-            "/dev/vboxguest",
-            threads=threads,
-            ioctl_fn=self.ioctl,
-            open_fn=self.open,
-            close_fn=self.close,
-            interrupt_fn=self.interrupt,
-        )
-
-    def open(self, path: str, flags: int) -> int:
-        """``open(2)``: a new session."""
-        assert path == "/dev/vboxguest"
-        assert flags == os.O_RDWR | os.O_CLOEXEC
-        fd = next(self._fds)
-        self.sessions[fd] = self.driver.open_session()
-        return fd
-
-    def close(self, fd: int) -> None:
-        """``close(2)``, from a worker thread: the driver releases the session."""
-        session = self.sessions.pop(fd)
-        trio.from_thread.run(self.driver.close_session, session, trio_token=self._token)
-
-    def ioctl(self, fd: int, code: int, buffer: bytearray) -> None:
-        """``ioctl(2)``, from a worker thread: blocks until the driver answers."""
-        session = self.sessions.get(fd)
-        if session is None:
-            raise OSError(errno.EBADF, "bad fd")
-        self.codes.append(code)
-        thread = threading.get_ident()
-        trio.from_thread.run(self._in_driver, thread, session, code, buffer, trio_token=self._token)
-
-    def interrupt(self, thread: int) -> None:
-        """A signal to ``thread``: the call it is blocked in ends with EINTR."""
-        scope = self._blocked.get(thread)
-        if scope is not None:
-            scope.cancel()
-
-    async def _in_driver(
-        self, thread: int, session: FakeSession, code: int, buffer: bytearray
-    ) -> None:
-        self._count(1)
-        try:
-            with trio.CancelScope() as scope:
-                self._blocked[thread] = scope
-                await self.driver.ioctl(session, code, buffer, CtypesMemory())
-                return
-            raise OSError(errno.EINTR, "interrupted by a signal")
-        finally:
-            del self._blocked[thread]
-            self._count(-1)
-
-
 @pytest.fixture(name="kernel")
-async def _kernel() -> Kernel:
+async def _kernel() -> Kernel[FakeDriver]:
     return Kernel(FakeDriver())
 
 
@@ -308,7 +213,7 @@ async def _call(transport: CharDevTransport, session: Session, request: Request[
 
 
 async def _open_connected(
-    kernel: Kernel, *, threads: int = 4
+    kernel: Kernel[FakeDriver], *, threads: int = 4
 ) -> tuple[CharDevTransport, Session, int]:
     transport = await kernel.opener(threads=threads).open_session()
     session = Session()
@@ -373,7 +278,7 @@ def _in_pipe_read(thread: threading.Thread) -> bool:
 class TestOpen:
     """Opening a session: the open flags, the version handshake and one-line failures."""
 
-    async def test_handshake_result_is_exposed(self, kernel: Kernel) -> None:
+    async def test_handshake_result_is_exposed(self, kernel: Kernel[FakeDriver]) -> None:
         """Each session agrees on interface version 1.0 and keeps the driver's answer."""
         with trio.fail_after(BOUND):
             transport = await kernel.opener().open_session()
@@ -382,7 +287,9 @@ class TestOpen:
             await transport.aclose()
         assert kernel.sessions == {}
 
-    async def test_refused_version_is_unavailable_and_closes_the_fd(self, kernel: Kernel) -> None:
+    async def test_refused_version_is_unavailable_and_closes_the_fd(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
         """A driver answering VERR_VERSION_MISMATCH fails the open and leaves no fd open."""
         kernel.driver.refuse_version = True
         with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
@@ -499,7 +406,7 @@ class TestOpen:
 class TestIoctl:
     """Buffers in place, errnos as ``OSError`` and user memory at real addresses."""
 
-    async def test_vmmdev_request_round_trips(self, kernel: Kernel) -> None:
+    async def test_vmmdev_request_round_trips(self, kernel: Kernel[FakeDriver]) -> None:
         """A GET_HOST_VERSION passthrough comes back decoded."""
         with trio.fail_after(BOUND):
             transport = await kernel.opener().open_session()
@@ -507,7 +414,7 @@ class TestIoctl:
             await transport.aclose()
         assert (version.major, version.minor) == (7, 1)
 
-    async def test_errno_propagates_and_leaves_buffer(self, kernel: Kernel) -> None:
+    async def test_errno_propagates_and_leaves_buffer(self, kernel: Kernel[FakeDriver]) -> None:
         """ENOTTY (ioctl 18 on mainline) and EPERM (denied passthrough) raise as they are."""
         with trio.fail_after(BOUND):
             transport = await kernel.opener().open_session()
@@ -525,7 +432,7 @@ class TestIoctl:
                 assert bytes(call.buffer) == before
             await transport.aclose()
 
-    async def test_hgcm_linaddr_buffers_use_real_memory(self, kernel: Kernel) -> None:
+    async def test_hgcm_linaddr_buffers_use_real_memory(self, kernel: Kernel[FakeDriver]) -> None:
         """The driver reads and writes user buffers at the addresses the transport stored."""
         with trio.fail_after(BOUND):
             transport, session, client = await _open_connected(kernel)
@@ -539,7 +446,7 @@ class TestIoctl:
             HgcmData(b"\0\0\0"),
         )
 
-    async def test_address_fields_are_restored_on_failure(self, kernel: Kernel) -> None:
+    async def test_address_fields_are_restored_on_failure(self, kernel: Kernel[FakeDriver]) -> None:
         """A failed call leaves the buffer as it was, address fields included."""
         with trio.fail_after(BOUND):
             transport, _, client = await _open_connected(kernel)
@@ -550,7 +457,9 @@ class TestIoctl:
             await transport.aclose()
         assert bytes(call.buffer) == before
 
-    async def test_address_field_outside_the_buffer_is_refused(self, kernel: Kernel) -> None:
+    async def test_address_field_outside_the_buffer_is_refused(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
         """A user buffer whose address field lies outside the buffer is our own misuse."""
         with trio.fail_after(BOUND):
             transport = await kernel.opener().open_session()
@@ -560,7 +469,7 @@ class TestIoctl:
             await transport.aclose()
         assert buffer == bytearray(24)
 
-    async def test_closed_transport_refuses_ioctls(self, kernel: Kernel) -> None:
+    async def test_closed_transport_refuses_ioctls(self, kernel: Kernel[FakeDriver]) -> None:
         """After ``aclose`` (twice: idempotent) an ioctl raises ClosedResourceError."""
         with trio.fail_after(BOUND):
             transport = await kernel.opener().open_session()
@@ -575,7 +484,9 @@ class TestIoctl:
 class TestWaits:
     """Blocking waits run concurrently with the ioctl that ends them, on one fd."""
 
-    async def test_interrupt_all_ends_the_wait_on_its_fd_only(self, kernel: Kernel) -> None:
+    async def test_interrupt_all_ends_the_wait_on_its_fd_only(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
         """INTERRUPT_ALL ends one fd's wait with EINTR for good; another fd keeps waiting."""
         with trio.fail_after(BOUND):
             first = await kernel.opener().open_session()
@@ -611,7 +522,7 @@ class TestWaits:
             await first.aclose()
             await second.aclose()
 
-    async def test_thread_budget_is_per_process(self, kernel: Kernel) -> None:
+    async def test_thread_budget_is_per_process(self, kernel: Kernel[FakeDriver]) -> None:
         """Blocking calls of all sessions share the budget; the last thread is for short calls."""
         with trio.fail_after(BOUND):
             opener = kernel.opener(threads=3)
@@ -640,7 +551,7 @@ class TestCancellation:
     """Cancelling or closing ends blocked calls promptly and leaves no thread behind."""
 
     async def test_cancelling_a_blocked_hgcm_call_cancels_it_in_the_driver(
-        self, kernel: Kernel
+        self, kernel: Kernel[FakeDriver]
     ) -> None:
         """The caller's cancel interrupts the worker thread and raises Cancelled promptly."""
         with trio.fail_after(BOUND):
@@ -654,7 +565,9 @@ class TestCancellation:
             assert reply.params == (HgcmU32(0),)
             await transport.aclose()
 
-    async def test_cancel_before_a_thread_is_free_never_runs_the_call(self, kernel: Kernel) -> None:
+    async def test_cancel_before_a_thread_is_free_never_runs_the_call(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
         """A call cancelled while waiting for the limiter never reaches the driver."""
         limiter = trio.CapacityLimiter(2)
         with trio.fail_after(BOUND):
@@ -676,7 +589,7 @@ class TestCancellation:
             assert len(kernel.codes) == calls + 1
 
     async def test_aclose_interrupts_blocked_calls_and_leaves_no_thread(
-        self, kernel: Kernel
+        self, kernel: Kernel[FakeDriver]
     ) -> None:
         """Closing with calls blocked ends them with EINTR promptly, then closes the fd."""
         with trio.fail_after(BOUND):

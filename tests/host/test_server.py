@@ -331,6 +331,7 @@ class TestControlClient:
         served = [line for line in logs if line["event"] == "control_command"]
         assert served == [
             {
+                "component": "simulated-host",
                 "event": "control_command",
                 "command": "balloon",
                 "arguments": {"mb": 64},

@@ -308,7 +308,7 @@ class TestStatusCodes:
 def _run_abi_command(argv: list[str]) -> int:
     """Run the ``abi`` command through a parser holding only it."""
     parser = argparse.ArgumentParser(prog="vbox-agent")
-    _abi.register(parser.add_subparsers(dest="command", required=True))
+    _abi.configure(parser.add_subparsers(dest="command", required=True).add_parser("abi"))
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)

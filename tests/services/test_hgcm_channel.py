@@ -3,8 +3,11 @@
 Rules of this test module:
 - the host is a real ``SimulatedHost`` (mainline driver) with the guest-property service and
   the framework tests' echo service (``FN_HOLD`` keeps a call pending until the test ends it);
-- ``opener`` is parametrized: ``SimOpener`` (pure trio) and ``UnixSocketOpener`` on the real
-  socket server in the test's nursery (socket in a short private directory under /tmp);
+- ``opener`` is parametrized: ``SimOpener`` (pure trio), ``UnixSocketOpener`` on the real
+  socket server in the test's nursery (socket in a short private directory under /tmp), and
+  the production ``CharDevOpener`` whose system calls reach the host through
+  ``tests.device.syscalls.Kernel`` (real worker threads under its per-process thread budget,
+  user buffers at real addresses, interrupts as EINTR);
 - real clock (the socket needs it); every test is bounded by ``fail_after``; synchronisation
   is on host state reached (``wait_all_tasks_blocked`` in-process, bounded polling of the host
   for the socket), never on sleeps for ordering.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from typing import TYPE_CHECKING
 
 import pytest
@@ -35,6 +39,7 @@ from agent.services.hgcm import (
     HgcmU32,
     open_hgcm_channel,
 )
+from tests.device.syscalls import Kernel
 from tests.host.conftest import ECHO, FN_HOLD, EchoService
 
 if TYPE_CHECKING:
@@ -44,7 +49,11 @@ if TYPE_CHECKING:
 
 ECHO_CALL_LIMIT = 16
 LONG_WAITS = 64
+CHARDEV_THREADS = LONG_WAITS + 3
+"""The 64 waits, the event waiter, and a thread for short calls beside the reserved one."""
 POLL_S = 0.005
+CANCEL_TAKES_EFFECT_S = 0.25
+"""The issue's bound from a call's cancellation to its caller running again."""
 
 
 class Setup:
@@ -64,7 +73,11 @@ class Setup:
             await trio.sleep(POLL_S)
 
 
-@pytest.fixture(name="setup", params=["in-process", "socket"])
+def _ioctl_threads_in_use() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
+
+
+@pytest.fixture(name="setup", params=["in-process", "socket", "chardev"])
 async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
     host = SimulatedHost(services=[GuestPropertyService(), echo])
@@ -77,8 +90,12 @@ async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
                 path = f"{directory}/h.sock"
                 await nursery.start(serve_simulated_host, host, path)
                 opener = UnixSocketOpener(path)
+            elif request.param == "chardev":
+                opener = Kernel(host).opener(threads=CHARDEV_THREADS)
             yield Setup(host, echo, opener)
             nursery.cancel_scope.cancel()
+        if request.param == "chardev":
+            assert _ioctl_threads_in_use() == [], "a worker thread is still inside the driver"
     finally:
         shutil.rmtree(directory)
 
@@ -131,15 +148,16 @@ class TestLimits:
 
 class TestCancellation:
     async def test_cancelled_call_lingers_then_disconnects(self, setup: Setup) -> None:
-        """A cancelled call is cancelled at the host at once and keeps its slot (the service
-        may still count it); leaving the block disconnects the client."""
+        """A cancelled call returns within 250 ms, is cancelled at the host at once and keeps
+        its slot (the service may still count it); leaving the block disconnects the client."""
         with trio.fail_after(10):
             async with open_device(setup.opener) as device:
                 async with open_hgcm_channel(
                     device, ECHO, host_call_limit=ECHO_CALL_LIMIT
                 ) as channel:
-                    with trio.move_on_after(0.05):
+                    with trio.move_on_after(0.05) as scope:
                         await channel.call(FN_HOLD)
+                    assert trio.current_time() - scope.deadline < CANCEL_TAKES_EFFECT_S
                     await setup.until(lambda: len(setup.echo.cancelled) == 1)
                     assert channel.pending == 1
                     assert setup.host.status()["hgcm_clients"] == 1

@@ -12,9 +12,9 @@ import errno
 from collections import deque
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
-import structlog
 import trio
 
+from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
@@ -78,8 +78,6 @@ _REQUEST_HEADER: Final = L.run(
     L.RequestHeader.reserved1,
     L.RequestHeader.requestor,
 )
-
-_log = structlog.get_logger("agent.host")
 
 
 class Driver:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-import structlog
-
+from agent.host._log import host_log as _log
 from agent.protocol import (
     DeviceUnavailableError,
     layouts as L,  # noqa: N812 - the layout table
@@ -40,8 +39,6 @@ ADDITIONS_FEATURE_REQUESTOR_INFO: Final = 0x1
 MOUSE_STATUS_SIZE: Final = 36
 HYPERVISOR_INFO_SIZE: Final = 32
 """``struct vmmdev_hypervisorinfo``: the header, ``hypervisor_start`` and ``hypervisor_size``."""
-
-_log = structlog.get_logger("agent.host")
 
 
 class DriverLoadError(DeviceUnavailableError):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-import structlog
-
+from agent.host._log import host_log as _log
 from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import HEADER_SIZE, IOC_VERSION, RequestType
@@ -16,8 +15,6 @@ if TYPE_CHECKING:
     from agent.host.driver._core import Driver
     from agent.host.driver._session import DriverSession
     from agent.host.memory import GuestMemory
-
-_log = structlog.get_logger("agent.host")
 
 
 async def driver_version_info(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
-import structlog
 import trio
 
+from agent.host._log import host_log as _log
 from agent.host.driver._core import Driver
 from agent.host.driver._pages import PageAllocator
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from agent.host.memory import DictMemory
     from agent.host.vmmdev import VMMDev
 
-_log = structlog.get_logger("agent.host")
 _CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 
 

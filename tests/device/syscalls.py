@@ -1,0 +1,132 @@
+"""The character-device transport's system calls, injected: a kernel made of a driver model.
+
+:class:`Kernel` gives :class:`~agent.device.chardev.CharDevOpener` its ``open_fn``,
+``close_fn``, ``ioctl_fn`` and ``interrupt_fn``. Each ioctl, issued by a real worker thread,
+runs the driver on the trio thread (``trio.from_thread.run`` with the token, so the driver runs
+outside the caller's cancel scopes, as a kernel does); an interrupt of a worker thread ends the
+call that thread is blocked in with EINTR, as a signal does. User buffers travel as real
+addresses, read and written through :class:`CtypesMemory` as ``copy_*_user`` would. The driver
+is any object with ``SimulatedHost``'s entry points, the simulated host itself included.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import threading
+from typing import Any, Generic, Protocol, TypeVar
+
+import trio
+import trio.testing
+
+from agent.device.chardev import CharDevOpener
+
+S = TypeVar("S")
+DEVICE_PATH = "/dev/vboxguest"
+
+
+class CtypesMemory:
+    """``GuestMemory`` over this process's own memory, as the kernel's copy_*_user sees it."""
+
+    def read(self, address: int, size: int) -> bytes:
+        """Return ``size`` bytes at the real address ``address``."""
+        return ctypes.string_at(address, size)
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at the real address ``address``."""
+        ctypes.memmove(address, bytes(data), len(data))
+
+
+class Driver(Protocol[S]):
+    """What :class:`Kernel` calls: ``SimulatedHost``'s session and ioctl entry points."""
+
+    def open_session(self) -> S: ...
+
+    async def close_session(self, session: S) -> None: ...
+
+    async def ioctl(
+        self, session: S, code: int, buffer: bytearray, memory: CtypesMemory
+    ) -> None: ...
+
+
+D = TypeVar("D", bound="Driver[Any]")
+
+
+class Kernel(Generic[D]):
+    """The injected system calls: fds lead to driver sessions, interrupts become EINTR."""
+
+    def __init__(self, driver: D) -> None:
+        self.driver = driver
+        self.sessions: dict[int, Any] = {}
+        self.in_driver = 0
+        self.peak = 0
+        self.codes: list[int] = []
+        self._token = trio.lowlevel.current_trio_token()
+        self._fds = itertools.count(100)
+        self._blocked: dict[int, trio.CancelScope] = {}
+        self._moved = trio.Event()
+
+    async def wait_in_driver(self, count: int) -> None:
+        """Wait until exactly ``count`` ioctls are inside the driver, and it is idle."""
+        while self.in_driver != count:
+            await self._moved.wait()
+        await trio.testing.wait_all_tasks_blocked()
+
+    def _count(self, delta: int) -> None:
+        self.in_driver += delta
+        self.peak = max(self.peak, self.in_driver)
+        self._moved.set()
+        self._moved = trio.Event()
+
+    def opener(self, *, threads: int = 4) -> CharDevOpener:
+        """Return an opener whose system calls lead here."""
+        return CharDevOpener(
+            DEVICE_PATH,
+            threads=threads,
+            ioctl_fn=self.ioctl,
+            open_fn=self.open,
+            close_fn=self.close,
+            interrupt_fn=self.interrupt,
+        )
+
+    def open(self, path: str, flags: int) -> int:
+        """``open(2)``: a new session."""
+        assert path == DEVICE_PATH
+        assert flags == os.O_RDWR | os.O_CLOEXEC
+        fd = next(self._fds)
+        self.sessions[fd] = self.driver.open_session()
+        return fd
+
+    def close(self, fd: int) -> None:
+        """``close(2)``, from a worker thread: the driver releases the session."""
+        session = self.sessions.pop(fd)
+        trio.from_thread.run(self.driver.close_session, session, trio_token=self._token)
+
+    def ioctl(self, fd: int, code: int, buffer: bytearray) -> None:
+        """``ioctl(2)``, from a worker thread: blocks until the driver answers."""
+        session = self.sessions.get(fd)
+        if session is None:
+            raise OSError(errno.EBADF, "bad fd")
+        self.codes.append(code)
+        thread = threading.get_ident()
+        trio.from_thread.run(self._in_driver, thread, session, code, buffer, trio_token=self._token)
+
+    def interrupt(self, thread: int) -> None:
+        """A signal to ``thread``: the call it is blocked in ends with EINTR."""
+        scope = self._blocked.get(thread)
+        if scope is not None:
+            scope.cancel()
+
+    async def _in_driver(self, thread: int, session: object, code: int, buffer: bytearray) -> None:
+        self._count(1)
+        try:
+            with trio.CancelScope() as scope:
+                self._blocked[thread] = scope
+                await self.driver.ioctl(session, code, buffer, CtypesMemory())
+                return
+            raise OSError(errno.EINTR, "interrupted by a signal")
+        finally:
+            del self._blocked[thread]
+            self._count(-1)

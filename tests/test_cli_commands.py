@@ -1,0 +1,67 @@
+"""The command table: every command is reachable, and only the chosen one's module is loaded.
+
+``agent.cli`` imports a command's module only when that command is chosen, so the daemon
+(``run``) carries no other command's code. These tests check both halves: each command still
+gets its full parser, and a fresh interpreter running one command has loaded no other.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.cli import COMMANDS, main
+
+NAMES = [name for name, _, _ in COMMANDS]
+LOADED_COMMANDS = """
+import json, sys
+from agent.cli import COMMANDS, main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+modules = {f"agent.cli.{module}" for _, module, _ in COMMANDS}
+print(json.dumps(sorted(modules & set(sys.modules))), file=sys.stderr)
+"""
+"""Runs ``vbox-agent ARGS`` in-process, then prints the command modules it loaded."""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_command_gets_its_own_parser(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vbox-agent NAME --help`` shows that command's usage, description and options."""
+    with pytest.raises(SystemExit) as exited:
+        main([name, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    usage, _, rest = out.partition("\n\n")
+    assert usage.startswith(f"usage: vbox-agent {name} [-h]")
+    assert len(usage.split()) > 4, "the command's own arguments are missing"
+    description = rest.partition("\n\n")[0]
+    assert description, "the command's description is missing"
+    assert not description.startswith(("positional arguments", "options")), out
+
+
+def test_the_top_level_usage_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """``vbox-agent --help`` names every command with its one-line help."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name, _, summary in COMMANDS:
+        assert f"{name} {summary}" in out
+
+
+@pytest.mark.parametrize(("name", "module"), [(name, module) for name, module, _ in COMMANDS])
+def test_a_command_loads_no_other_commands_module(name: str, module: str) -> None:
+    """A fresh ``vbox-agent NAME --help`` imports NAME's module and no other command's."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED_COMMANDS, name, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(result.stderr.splitlines()[-1]) == [f"agent.cli.{module}"], result.stderr
