@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import math
+import struct
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -287,9 +288,8 @@ def _build_request(
         direction = _BUFFER_TYPES[kind]
         _PAGE_LIST_HEADER.set(req, direction, address % PAGE_SIZE, pages, base=lists_at)
         first_page = address - address % PAGE_SIZE
-        for page in range(pages):
-            at = lists_at + PAGE_LIST_HEADER_SIZE + 8 * page
-            req[at : at + 8] = (first_page + page * PAGE_SIZE).to_bytes(8, "little")
+        addresses = range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
+        struct.pack_into(f"<{pages}Q", req, lists_at + PAGE_LIST_HEADER_SIZE, *addresses)
         lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
     return req
 
