@@ -10,9 +10,12 @@ of ours, then:
 - idle RSS: VmRSS of the agent after that period, next to, measured in the same run:
   - the baseline: a bare Python process that imports trio, structlog and pydantic (with
     ``pydantic.BaseModel`` loaded: ``import pydantic`` alone defers loading the library);
-  - the baseline with one pydantic model defined (the first model loads pydantic's schema
-    machinery, the largest part of what the agent's config costs);
-  - the agent's modules imported, nothing running (the rest is what running costs);
+  - where the difference goes, each step a process of its own that does the previous
+    step's work and more: one pydantic model defined (the first model loads pydantic's
+    schema machinery and, through its plugin lookup, ``importlib.metadata``, shown
+    alone on top of the baseline), then ``agent.protocol`` imported, then every module of
+    the run path (the command line, the daemon, the services, the ``unix:`` transport);
+    the agent's RSS minus the last is what running costs;
   - an empty interpreter, for scale;
 - shutdown: from SIGTERM to exit, and the exit code.
 
@@ -47,8 +50,12 @@ SETTLE_S = 1.0
 TARGET_MIB = 5.0
 """Idle RSS the agent may use above the baseline."""
 BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
+PLUGIN_LOOKUP = BASELINE + "\nimport importlib.metadata"
 ONE_MODEL = BASELINE + "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
-AGENT_MODULES = "import agent.cli, agent.cli._run, agent.daemon, agent.device"
+PROTOCOL = ONE_MODEL + "\nimport agent.protocol"
+AGENT_MODULES = "import agent.cli, agent.cli._run, agent.device.unix"
+"""What ``vbox-agent run --device unix:...`` imports before it runs (``_run`` brings the
+daemon, the services and the config; the device spec imports the chosen transport)."""
 EMPTY = "pass"
 
 
@@ -121,6 +128,10 @@ def _idle_rss_of(code: str, root: Path) -> int:
 
 def _mib(kib: int) -> str:
     return f"{kib / 1024:6.1f} MiB"
+
+
+def _step(kib: int, before_kib: int) -> str:
+    return f"{(kib - before_kib) / 1024:+5.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -201,7 +212,9 @@ def main() -> None:
         root = _compiled_copy(workdir)
         figures = _measure_agent(workdir, root, args.idle, args.personality)
         baseline = _idle_rss_of(BASELINE, root)
+        plugin_lookup = _idle_rss_of(PLUGIN_LOOKUP, root)
         one_model = _idle_rss_of(ONE_MODEL, root)
+        protocol = _idle_rss_of(PROTOCOL, root)
         modules = _idle_rss_of(AGENT_MODULES, root)
         empty = _idle_rss_of(EMPTY, root)
     finally:
@@ -214,10 +227,12 @@ def main() -> None:
     print(f"  idle RSS, agent    {_mib(figures.rss_kib)}")
     print(f"  baseline           {_mib(baseline)}  (python: {BASELINE})")
     print(f"  agent - baseline   {over:6.1f} MiB  (target <= {TARGET_MIB:g} MiB: {verdict})")
-    print(f"  baseline + a model {_mib(one_model)}  (pydantic's first model builds its machinery)")
-    beyond = (figures.rss_kib - one_model) / 1024
-    print(f"  agent - that       {beyond:6.1f} MiB  (the agent's own code and state)")
-    print(f"  agent's modules    {_mib(modules)}  (imported, not running: {AGENT_MODULES})")
+    print("  where the difference goes:")
+    print(f"    pydantic's first model  {_step(one_model, baseline)}  (its schema machinery)")
+    print(f"      of which its plugins  {_step(plugin_lookup, baseline)}  (importlib.metadata)")
+    print(f"    agent.protocol          {_step(protocol, one_model)}")
+    print(f"    the rest of the modules {_step(modules, protocol)}  ({AGENT_MODULES})")
+    print(f"    running                 {_step(figures.rss_kib, modules)}")
     print(f"  empty interpreter  {_mib(empty)}")
     print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")
 
