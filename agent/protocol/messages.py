@@ -755,13 +755,13 @@ class HgcmCall(Request[HgcmReply]):
         try:
             rc = check_ioctl_reply(call, size, size)
         except VBoxStatusError as exc:
-            reply = HgcmReply(exc.rc, self._decode_params(call))
+            reply = HgcmReply(exc.rc, self._decode_params(call, size))
             raise HgcmCallError(reply, self.operation) from None
-        return HgcmReply(rc, self._decode_params(call))
+        return HgcmReply(rc, self._decode_params(call, size))
 
-    def _decode_params(self, call: IoctlCall[HgcmReply]) -> tuple[HgcmValue, ...]:
+    def _decode_params(self, call: IoctlCall[HgcmReply], size: int) -> tuple[HgcmValue, ...]:
         buf = call.buffer
-        if len(buf) != self.size or L.HgcmCallIoctl.parm_count.get(buf) != len(self.params):
+        if len(buf) != size or L.HgcmCallIoctl.parm_count.get(buf) != len(self.params):
             msg = f"{self.operation}: reply does not hold {len(self.params)} parameters"
             raise RemoteProtocolError(msg)
         user = iter(call.user_buffers)
