@@ -327,11 +327,16 @@ class HgcmHost:
         self._write(phys + L.RequestHeader.rc.offset, _RC.pack(VINF_HGCM_ASYNC_EXECUTE))
 
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
+        """Write the request back with the guest's current flags, then DONE in those flags.
+
+        As ``hgcmCompletedWorker`` does: the second write sets DONE in the host's copy of
+        the flags, which the first write stored; it does not read them again.
+        """
+        flags = self._guest_flags(phys, req)
         L.HgcmRequestHeader.result.set(req, result)
-        L.HgcmRequestHeader.flags.set(req, self._guest_flags(phys, req))
+        L.HgcmRequestHeader.flags.set(req, flags)
         self._write(phys, req)
-        flags = self._guest_flags(phys, req) | HGCM_REQ_DONE
-        self._write(phys + L.HgcmRequestHeader.flags.offset, _FLAGS.pack(flags))
+        self._write(phys + L.HgcmRequestHeader.flags.offset, _FLAGS.pack(flags | HGCM_REQ_DONE))
         self._notify(Event.HGCM)
 
     def _guest_flags(self, phys: int, req: bytearray) -> int:

@@ -71,6 +71,26 @@ class TestShortCalls:
             assert host.prop_get("/Guest/a") is None
             await props.delete("/Guest/a")  # a missing property deletes fine
 
+    async def test_callers_beyond_the_host_limit_queue(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """More concurrent gets than the host takes from one client wait for a slot."""
+        host.prop_set("/Guest/a", "x")
+        callers = 3 * props.channel.max_pending
+        values: list[str] = []
+
+        async def get() -> None:
+            got = await props.get("/Guest/a")
+            assert got is not None
+            values.append(got.value)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(callers):
+                    nursery.start_soon(get)
+        assert values == ["x"] * callers
+        assert props.channel.pending == 0
+
     async def test_set_replaces_flags(self, host: SimulatedHost, props: GuestProperties) -> None:
         """Every set replaces the flags; without flags they are reset."""
         with trio.fail_after(60):

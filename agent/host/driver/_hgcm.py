@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import math
+import struct
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -53,7 +54,7 @@ CANCEL_GRACE_OTHER_S: Final = 2.0
 """How long to wait for DONE after any other failed cancel."""
 VERR_SEM_DESTROYED: Final = STATUS_CODES["VERR_SEM_DESTROYED"]
 PAGE_LIST_HEADER_SIZE: Final = 8
-_BUFFER_TYPES: Final = {
+_BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR: PageListDirection.BOTH,
     HgcmParmType.LINADDR_IN: PageListDirection.TO_HOST,
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
@@ -284,12 +285,11 @@ def _build_request(
         length, address = len(bounce[index]), mapped[index]
         _PAGE_LIST_PARM.set(req, HgcmParmType.PAGELIST, length, lists_at, base=dst)
         pages = _page_count(length + address % PAGE_SIZE)
-        direction = _BUFFER_TYPES[HgcmParmType(kind)]
+        direction = _BUFFER_TYPES[kind]
         _PAGE_LIST_HEADER.set(req, direction, address % PAGE_SIZE, pages, base=lists_at)
         first_page = address - address % PAGE_SIZE
-        for page in range(pages):
-            at = lists_at + PAGE_LIST_HEADER_SIZE + 8 * page
-            req[at : at + 8] = (first_page + page * PAGE_SIZE).to_bytes(8, "little")
+        addresses = range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
+        struct.pack_into(f"<{pages}Q", req, lists_at + PAGE_LIST_HEADER_SIZE, *addresses)
         lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
     return req
 
