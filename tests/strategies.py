@@ -10,6 +10,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from agent.protocol.balloon_pages import ChunkPages
 from agent.protocol.constants import (
     AGC_FLAGS_VALID_MASK,
     GUEST_CAPABILITIES_MASK,
@@ -171,7 +172,7 @@ def _chunk(start_and_stride: tuple[int, int]) -> tuple[int, ...]:
 
 def change_mem_balloons() -> st.SearchStrategy[ChangeMemBalloon]:
     """Balloon chunks of 256 distinct page addresses."""
-    pages = st.tuples(st.integers(1, 1 << 30), st.integers(1, 64)).map(_chunk)
+    pages = st.tuples(st.integers(1, 1 << 30), st.integers(1, 64)).map(_chunk).map(ChunkPages.of)
     return st.builds(ChangeMemBalloon, inflate=st.booleans(), pages=pages)
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import operator
-import struct
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.constants import BALLOON_CHUNK_PAGES, PAGE_SIZE
+from agent.protocol.balloon_pages import chunk_frames
+from agent.protocol.constants import BALLOON_CHUNK_PAGES
 from agent.protocol.status import (
     VERR_ALREADY_EXISTS,
     VERR_INVALID_PARAMETER,
@@ -16,30 +13,27 @@ from agent.protocol.status import (
     VINF_SUCCESS,
 )
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
 BALLOON_MAX_NUMERATOR: Final = 9
 BALLOON_MAX_DENOMINATOR: Final = 10
 """``VMMDEV_MAX_MEMORY_BALLOON``: the balloon may not reach 9/10 of guest RAM."""
-_CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 
 
 class HostBalloon:
     """Balloon state of one VM.
 
     ``target_mb`` is what the host asks for, ``acked_mb`` what the guest last acknowledged
-    with GET_MEMBALLOON_CHANGE_REQ (event_ack 0x40), ``pages`` the ballooned guest pages.
+    with GET_MEMBALLOON_CHANGE_REQ (event_ack 0x40), ``frames`` the page frame numbers of
+    the ballooned guest pages.
     """
 
-    __slots__ = ("acked_mb", "chunks", "pages", "ram_mb", "target_mb")
+    __slots__ = ("acked_mb", "chunks", "frames", "ram_mb", "target_mb")
 
     def __init__(self, ram_mb: int) -> None:
         self.ram_mb = ram_mb
         self.target_mb = 0
         self.acked_mb = 0
         self.chunks = 0
-        self.pages: set[int] = set()
+        self.frames: set[int] = set()
 
     @property
     def max_mb(self) -> int:
@@ -67,29 +61,29 @@ class HostBalloon:
         self.target_mb = mb
         return True
 
-    def change(self, inflate: bool, pages: Sequence[int]) -> int:
-        """(De)balloon one chunk of guest pages; return the VBox status."""
-        unique = set(pages)
-        if len(unique) != len(pages) or functools.reduce(operator.or_, pages, 0) % PAGE_SIZE:
+    def change(self, inflate: bool, packed_pages: bytes | bytearray | memoryview) -> int:
+        """(De)balloon one chunk, its 256 page addresses packed; return the VBox status.
+
+        The addresses must be page-aligned and distinct (VERR_INVALID_PARAMETER); an inflated
+        page must not be ballooned yet (VERR_ALREADY_EXISTS), a deflated one must be
+        (VERR_NOT_FOUND). A refused chunk changes nothing.
+        """
+        frames = chunk_frames(packed_pages)
+        if frames is None or len(frames) != BALLOON_CHUNK_PAGES:
             return VERR_INVALID_PARAMETER
         if inflate:
-            if not self.pages.isdisjoint(unique):
+            if not self.frames.isdisjoint(frames):
                 return VERR_ALREADY_EXISTS
-            self.pages.update(unique)
+            self.frames |= frames
             self.chunks += 1
         else:
-            if not self.pages.issuperset(unique):
+            if not self.frames.issuperset(frames):
                 return VERR_NOT_FOUND
-            self.pages.difference_update(unique)
+            self.frames -= frames
             self.chunks -= 1
         return VINF_SUCCESS
 
     def reset(self) -> None:
         """VM reset: guest memory is fresh, nothing is ballooned."""
-        self.pages.clear()
+        self.frames.clear()
         self.chunks = 0
-
-
-def read_chunk_pages(req: bytes | bytearray) -> list[int]:
-    """Return the 256 page addresses of a CHANGE_MEMBALLOON request."""
-    return list(_CHUNK_PAGES.unpack_from(req, L.MemBalloonChangeRequest.phys_page.offset))

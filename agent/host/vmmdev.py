@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import trio
 
-from agent.host._balloon import HostBalloon, read_chunk_pages
+from agent.host._balloon import HostBalloon
 from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
@@ -391,7 +391,9 @@ class VMMDev:
         if pages != BALLOON_CHUNK_PAGES or len(req) != L.MemBalloonChangeRequest.size:
             return VERR_INVALID_PARAMETER
         inflate = L.MemBalloonChangeRequest.inflate.get(req) != 0
-        return self.balloon.change(inflate, read_chunk_pages(req))
+        return self.balloon.change(
+            inflate, memoryview(req)[L.MemBalloonChangeRequest.phys_page.offset :]
+        )
 
     def _session_id(self, req: bytearray, _phys: int) -> int:
         L.SessionIdRequest.session_id.set(req, self.session_id)

@@ -6,6 +6,7 @@ buffers, this package says what they contain.
 
 from __future__ import annotations
 
+from agent.protocol.balloon_pages import ChunkPages as ChunkPages
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES as BALLOON_CHUNK_PAGES,
     BALLOON_CHUNK_SIZE as BALLOON_CHUNK_SIZE,

@@ -14,13 +14,11 @@ requestor is 0 (the driver stamps its own), and ``rc`` starts as ``VERR_GENERAL_
 
 from __future__ import annotations
 
-import functools
-import operator
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Final, Generic, TypeVar
 
 from agent.protocol import layouts as L  # noqa: N812 - short name for the layout table
+from agent.protocol.balloon_pages import CHUNK_PAGES, ChunkPages
 from agent.protocol.constants import (
     AGC_FLAGS_VALID_MASK,
     BALLOON_CHUNK_PAGES,
@@ -58,8 +56,6 @@ R_co = TypeVar("R_co", covariant=True)
 
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-_CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
-"""The 256 page addresses of a CHANGE_MEMBALLOON request."""
 _IOCTL_HEADER: Final = L.run(
     L.IoctlHeader.size_in,
     L.IoctlHeader.version,
@@ -1006,22 +1002,14 @@ class ChangeMemBalloon(_VmmdevRequest[None]):
     request_type: ClassVar[RequestType] = RequestType.CHANGE_MEMBALLOON
     layout_size: ClassVar[int] = L.MemBalloonChangeRequest.size
     inflate: bool
-    pages: tuple[int, ...]
+    pages: ChunkPages
 
     def fill(self, buf: bytearray) -> None:
-        """Write 256 distinct page-aligned physical addresses."""
-        if len(self.pages) != BALLOON_CHUNK_PAGES or len(set(self.pages)) != BALLOON_CHUNK_PAGES:
-            msg = f"a balloon chunk needs {BALLOON_CHUNK_PAGES} distinct pages"
-            raise LocalProtocolError(msg)
-        if min(self.pages) <= 0 or max(self.pages) > _U64_MAX or _or_all(self.pages) % PAGE_SIZE:
-            index, address = next(
-                (i, a) for i, a in enumerate(self.pages) if not 0 < a <= _U64_MAX or a % PAGE_SIZE
-            )
-            msg = f"page {index} address {address:#x} is not a non-zero page address"
-            raise LocalProtocolError(msg)
+        """Write the chunk's 256 addresses (checked when its ``ChunkPages`` was built)."""
         L.MemBalloonChangeRequest.pages.set(buf, BALLOON_CHUNK_PAGES)
         L.MemBalloonChangeRequest.inflate.set(buf, int(self.inflate))
-        _CHUNK_PAGES.pack_into(buf, L.MemBalloonChangeRequest.phys_page.offset, *self.pages)
+        offset = L.MemBalloonChangeRequest.phys_page.offset
+        buf[offset : offset + CHUNK_PAGES.size] = self.pages.packed
 
     def read(self, buf: bytearray) -> None:
         """Nothing comes back."""
@@ -1149,8 +1137,3 @@ class ReportGuestStats(_VmmdevRequest[None]):
 
     def read(self, buf: bytearray) -> None:
         """Nothing comes back."""
-
-
-def _or_all(values: tuple[int, ...]) -> int:
-    """Bitwise OR of ``values`` (an alignment check of many addresses in one C loop)."""
-    return functools.reduce(operator.or_, values, 0)

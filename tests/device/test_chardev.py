@@ -38,6 +38,7 @@ from agent.device.errors import DeviceUnavailableError
 from agent.protocol import (
     ChangeBalloon,
     ChangeMemBalloon,
+    ChunkPages,
     DriverVersion,
     GetHostVersion,
     HgcmBuffer,
@@ -421,7 +422,9 @@ class TestIoctl:
             for request, code in (
                 (ChangeBalloon(0x10000, inflate=True), errno.ENOTTY),
                 (
-                    ChangeMemBalloon(inflate=True, pages=tuple(range(4096, 4096 * 257, 4096))),
+                    ChangeMemBalloon(
+                        inflate=True, pages=ChunkPages.of(range(4096, 4096 * 257, 4096))
+                    ),
                     errno.EPERM,
                 ),
             ):

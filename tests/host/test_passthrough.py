@@ -20,6 +20,7 @@ from agent.protocol import (
     ChangeFilterMask,
     ChangeMemBalloon,
     CheckBalloon,
+    ChunkPages,
     GetMemBalloonChangeRequest,
     GuestHeartbeat,
     HeartbeatConfigure,
@@ -37,10 +38,10 @@ PERSONALITY: Final = "passthrough"
 BASE: Final = 0x1_8000_0000
 
 
-def pages(index: int) -> tuple[int, ...]:
+def pages(index: int) -> ChunkPages:
     """256 distinct page addresses for chunk ``index``."""
     start = BASE + index * (1 << 20)
-    return tuple(start + 4096 * i for i in range(256))
+    return ChunkPages.of(range(start, start + (1 << 20), 4096))
 
 
 class TestPassthrough:

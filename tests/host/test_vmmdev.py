@@ -483,13 +483,28 @@ class TestBalloon:
         assert device.send(balloon_change(chunk(0x1000_0000), inflate=False)) == VERR_NOT_FOUND
         assert device.vmmdev.balloon.chunks == 0
 
+    def test_pages_are_tracked_one_by_one(self, device: Device) -> None:
+        """One shared page refuses an inflate; one missing page refuses a deflate; nothing moves."""
+        device.report_additions()
+        first = chunk(0x1000_0000)
+        assert device.send(balloon_change(first)) == VINF_SUCCESS
+        overlapping = [*chunk(0x3000_0000)[:-1], first[100]]
+        assert device.send(balloon_change(overlapping)) == VERR_ALREADY_EXISTS
+        straddling = [*first[:-1], 0x3000_0000]
+        assert device.send(balloon_change(straddling, inflate=False)) == VERR_NOT_FOUND
+        assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (1, 256)
+        assert device.send(balloon_change(list(reversed(first)), inflate=False)) == VINF_SUCCESS
+        assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (0, 0)
+
     def test_bad_chunks(self, device: Device) -> None:
         """Wrong page count, size, misaligned or duplicate pages are invalid parameters."""
         device.report_additions()
         pages = chunk(0x2000_0000)
         assert device.send(balloon_change(pages, count=255)) == VERR_INVALID_PARAMETER
-        misaligned = [*pages[:-1], pages[-1] + 8]
-        assert device.send(balloon_change(misaligned)) == VERR_INVALID_PARAMETER
+        for index, offset in ((255, 8), (0, 0x800), (128, 1)):
+            misaligned = list(pages)
+            misaligned[index] += offset
+            assert device.send(balloon_change(misaligned)) == VERR_INVALID_PARAMETER
         duplicate = [*pages[:-1], pages[0]]
         assert device.send(balloon_change(duplicate)) == VERR_INVALID_PARAMETER
         longer = balloon_change(pages) + bytearray(8)

@@ -31,6 +31,7 @@ import pytest
 from agent.cli import _abi, main
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.abi import describe_abi, hgcm_call_sizes, vmmdev_request_sizes
+from agent.protocol.balloon_pages import ChunkPages
 from agent.protocol.constants import Ioctl
 from agent.protocol.messages import (
     ChangeMemBalloon,
@@ -281,7 +282,7 @@ class TestIoctls:
         call = HgcmCall(7, 1, (HgcmU32(1), HgcmU32(2)))
         assert call.encode().code == ioctls["VBG_IOCTL_HGCM_CALL_64(72)"]
         assert Log(b"x" * 300).encode().code == ioctls["VBG_IOCTL_LOG(s)"]
-        balloon = ChangeMemBalloon(inflate=True, pages=tuple(range(4096, 4096 * 257, 4096)))
+        balloon = ChangeMemBalloon(inflate=True, pages=ChunkPages.of(range(4096, 4096 * 257, 4096)))
         assert balloon.encode().code == ioctls["VBG_IOCTL_VMMDEV_REQUEST_BIG"]
 
     def test_oracle_ioctl_is_marked(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.balloon_pages import ChunkPages
 from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     MAX_IOCTL_SIZE,
@@ -214,7 +215,7 @@ GOLDEN: list[tuple[str, Request[Any], int, bytes]] = [
     ),
     (
         "change_memballoon",
-        ChangeMemBalloon(inflate=True, pages=PAGES),
+        ChangeMemBalloon(inflate=True, pages=ChunkPages.of(PAGES)),
         0x00005603,
         request_header(2080, 113) + struct.pack("<II256Q", 256, 1, *PAGES),
     ),
@@ -330,7 +331,7 @@ class TestDecoding:
             Log(b"x"),
             HgcmDisconnect(3),
             ReportGuestStatus(Facility.VBOX_SERVICE, FacilityStatus.ACTIVE),
-            ChangeMemBalloon(inflate=False, pages=PAGES),
+            ChangeMemBalloon(inflate=False, pages=ChunkPages.of(PAGES)),
             GuestHeartbeat(),
         ):
             call = _answered(request)
@@ -456,10 +457,6 @@ class TestLocalProtocolErrors:
             pytest.param(HgcmCall(1, 1, (HgcmU64(1 << 64),)), id="call-u64"),
             pytest.param(HgcmCall(1, 1, (HgcmU64(-1),)), id="call-u64-negative"),
             pytest.param(HgcmCall(1, 1, (HgcmBufferOut(-1),)), id="call-out-negative"),
-            pytest.param(ChangeMemBalloon(True, PAGES[:255]), id="memballoon-255"),
-            pytest.param(ChangeMemBalloon(True, (*PAGES[:255], PAGES[0])), id="memballoon-dup"),
-            pytest.param(ChangeMemBalloon(True, (*PAGES[:255], 0x1001)), id="memballoon-unaligned"),
-            pytest.param(ChangeMemBalloon(True, (*PAGES[:255], 0)), id="memballoon-null"),
             pytest.param(
                 ReportGuestStatus(Facility.ALL, FacilityStatus.ACTIVE, flags=-1), id="status-flags"
             ),
@@ -477,6 +474,30 @@ class TestLocalProtocolErrors:
         """Encoding raises ``LocalProtocolError``."""
         with pytest.raises(LocalProtocolError):
             request_.encode()
+
+    @pytest.mark.parametrize(
+        ("pages", "message"),
+        [
+            pytest.param(PAGES[:255], "256 distinct pages", id="255"),
+            pytest.param((*PAGES[:255], PAGES[0]), "256 distinct pages", id="dup"),
+            pytest.param((*PAGES[:255], 0x1001), "page 255 address 0x1001", id="unaligned"),
+            pytest.param((*PAGES[:255], 0), "page 255 address 0x0 ", id="null"),
+            pytest.param((-4096, *PAGES[1:]), "page 0 address -0x1000", id="negative"),
+            pytest.param((*PAGES[:255], 1 << 64), "page 255 address 0x1", id="too-big"),
+        ],
+    )
+    def test_chunk_pages_refused(self, pages: tuple[int, ...], message: str) -> None:
+        """A chunk's pages are checked once, when they are packed; the message names the page."""
+        with pytest.raises(LocalProtocolError, match=message):
+            ChunkPages.of(pages)
+
+    def test_chunk_pages_checked_when_given_packed(self) -> None:
+        """Packed bytes are checked just the same."""
+        assert ChunkPages(struct.pack("<256Q", *PAGES)).addresses == PAGES
+        with pytest.raises(LocalProtocolError, match="page 3 address 0x103008"):
+            ChunkPages(struct.pack("<256Q", *PAGES[:3], PAGES[3] + 8, *PAGES[4:]))
+        with pytest.raises(LocalProtocolError, match="distinct"):
+            ChunkPages(struct.pack("<255Q", *PAGES[:255]))
 
     def test_call_with_32_params_is_accepted(self) -> None:
         """32 parameters is the limit, not past it."""

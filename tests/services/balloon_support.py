@@ -11,7 +11,7 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.driver._pages import PageAllocator
-from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
+from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE, ChunkPages
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, ChunkError, PressureReading
 
@@ -60,8 +60,8 @@ class SimChunks:
     def release(self, address: int) -> None:
         self.pages.free(self.live.pop(address))
 
-    def physical_pages(self, address: int) -> list[int]:
-        return self.live[address]
+    def physical_pages(self, address: int) -> ChunkPages:
+        return ChunkPages.of(self.live[address])
 
 
 class ScriptedPressure:

@@ -7,7 +7,8 @@ default 8 MiB ``RLIMIT_MEMLOCK``) and read ``/proc/self/smaps`` and ``VmLck`` to
 from __future__ import annotations
 
 import re
-from typing import Final
+import struct
+from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
@@ -17,6 +18,9 @@ from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 from agent.protocol.constants import PAGE_SIZE
 from agent.services.balloon import ChunkError, MmapAllocator
 from tests.services.balloon_support import running_balloon
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CHUNKS: Final = 4
 _RANGE: Final = re.compile(r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S+)")
@@ -30,6 +34,13 @@ def locked_kb() -> int:
                 return int(line.split()[1])
     msg = "no VmLck line in /proc/self/status"
     raise AssertionError(msg)
+
+
+def pagemap_entries(address: int) -> bytes:
+    """This process's raw pagemap entries for the chunk at ``address``."""
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(address // PAGE_SIZE * 8)
+        return pagemap.read(BALLOON_CHUNK_PAGES * 8)
 
 
 def mapping(address: int) -> dict[str, str] | None:
@@ -80,11 +91,42 @@ class TestMmapAllocator:
         address = allocator.allocate()
         try:
             pages = allocator.physical_pages(address)
+            raw_entries = pagemap_entries(address)
         finally:
             allocator.release(address)
-        assert len(pages) == BALLOON_CHUNK_PAGES
-        assert len(set(pages)) == BALLOON_CHUNK_PAGES
-        assert all(page > 0 and page % PAGE_SIZE == 0 for page in pages)
+        addresses = pages.addresses
+        assert len(set(addresses)) == BALLOON_CHUNK_PAGES
+        assert all(page > 0 and page % PAGE_SIZE == 0 for page in addresses)
+        frames = {
+            entry & ((1 << 55) - 1)
+            for entry in struct.unpack(f"<{BALLOON_CHUNK_PAGES}Q", raw_entries)
+        }
+        assert {page // PAGE_SIZE for page in addresses} == frames
+
+    @pytest.mark.parametrize(
+        ("entry", "reason"),
+        [
+            pytest.param(1 << 63, "non-zero page address", id="hidden-frame"),
+            pytest.param(0x1234, "not present", id="not-present"),
+            pytest.param(1 << 63 | 1 << 53, "out of range", id="beyond-64-bits"),
+        ],
+    )
+    def test_unusable_pagemap_entries_are_a_chunk_error(
+        self, tmp_path: Path, entry: int, reason: str
+    ) -> None:
+        """Frames hidden (no CAP_SYS_ADMIN), absent or impossible stop the chunk."""
+        allocator = MmapAllocator(pagemap_path=str(tmp_path / "pagemap"))
+        address = allocator.allocate()
+        try:
+            entries = [(1 << 63) | (0x1000 + index) for index in range(BALLOON_CHUNK_PAGES)]
+            entries[7] = entry
+            with (tmp_path / "pagemap").open("wb") as pagemap:  # sparse: only this chunk
+                pagemap.seek(address // PAGE_SIZE * 8)
+                pagemap.write(struct.pack(f"<{BALLOON_CHUNK_PAGES}Q", *entries))
+            with pytest.raises(ChunkError, match=reason):
+                allocator.physical_pages(address)
+        finally:
+            allocator.release(address)
 
     def test_unreadable_pagemap_is_a_chunk_error(self, tmp_path: pytest.TempPathFactory) -> None:
         allocator = MmapAllocator(pagemap_path=f"{tmp_path}/missing")

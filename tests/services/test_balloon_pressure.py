@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from agent.services.balloon import BalloonSection, PsiMonitor
-from agent.services.balloon._pressure import PressureFileError, read_mem_available_mb
+from agent.services.balloon._pressure import MemInfo, PressureFileError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -94,16 +94,29 @@ class TestMemAvailable:
     def test_reads_mem_available(self, tmp_path: Path) -> None:
         meminfo = tmp_path / "meminfo"
         meminfo.write_text("MemTotal:  2048000 kB\nMemAvailable:    1048576 kB\n")
-        assert read_mem_available_mb(str(meminfo)) == 1024
+        assert MemInfo(str(meminfo)).available_mb() == 1024
+
+    def test_every_look_reads_afresh(self, tmp_path: Path) -> None:
+        """The descriptor stays open, yet a changed file is read anew."""
+        meminfo = tmp_path / "meminfo"
+        meminfo.write_text("MemAvailable:    1048576 kB\n")
+        reader = MemInfo(str(meminfo))
+        assert reader.available_mb() == 1024
+        meminfo.write_text("MemAvailable:     524288 kB\n")
+        assert reader.available_mb() == 512
+
+    def test_unreadable_file_is_an_error(self, tmp_path: Path) -> None:
+        with pytest.raises(PressureFileError, match="cannot read"):
+            MemInfo(str(tmp_path / "missing")).available_mb()
 
     def test_missing_line_is_an_error(self, tmp_path: Path) -> None:
         meminfo = tmp_path / "meminfo"
         meminfo.write_text("MemTotal:  2048000 kB\n")
         with pytest.raises(PressureFileError, match="MemAvailable"):
-            read_mem_available_mb(str(meminfo))
+            MemInfo(str(meminfo)).available_mb()
 
     def test_reads_this_machine(self) -> None:
-        assert read_mem_available_mb() > 0
+        assert MemInfo().available_mb() > 0
 
 
 class TestSection:

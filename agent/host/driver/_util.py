@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Final
+from typing import Final
+
+import trio
 
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.status import status_to_errno
-
-if TYPE_CHECKING:
-    import trio
 
 U32_MAX: Final = 0xFFFFFFFF
 
@@ -54,3 +53,25 @@ async def pass_mutex(mutex: trio.Lock) -> None:
     if mutex.locked():
         async with mutex:
             pass
+
+
+class KernelMutex:
+    """A sleeping lock that, like the kernel's ``mutex_lock``, sleeps only when contended.
+
+    An uncontended lock is taken without a trio schedule point: the ioctl entry already had
+    its one. Waiters are served in order (a free lock with waiters queued is not jumped).
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()

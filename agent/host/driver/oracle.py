@@ -22,12 +22,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Final
 
-import trio
-
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
 from agent.host.driver._pages import PageAllocator
-from agent.host.driver._util import check_sizes
+from agent.host.driver._util import KernelMutex, check_sizes
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -80,7 +78,7 @@ class OracleDriver(Driver):
         """User chunk address -> the guest pages locked for it, in inflate order."""
         self.kernel_chunks: list[list[int]] = []
         """Chunks the driver allocated itself (kernel API), in inflate order."""
-        self._balloon_mutex = trio.Lock()
+        self._balloon_mutex = KernelMutex()
         self.waits: dict[DriverSession, set[Wait]] = {}
         """Each session's WAIT_FOR_EVENTS calls in progress."""
         self.pending_cancel: set[DriverSession] = set()

@@ -7,7 +7,7 @@ chunk's memory; it is unmapped only after the host gave it back.
 
 ``ChunkAllocator`` is the seam: :class:`MmapAllocator` is the real one; tests may inject
 their own. ``physical_pages`` turns a chunk into the guest-physical addresses of its 256
-pages (``/proc/self/pagemap`` on a real guest).
+pages (``/proc/self/pagemap`` on a real guest), checked and packed for CHANGE_MEMBALLOON.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import ctypes.util
 import mmap
 import os
 import resource
-import struct
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
-from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+from agent.protocol import BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
+from agent.protocol.balloon_pages import CHUNK_PAGES, PAGE_SHIFT, every_page
 
 PAGEMAP_PATH: Final = "/proc/self/pagemap"
-_PAGEMAP_ENTRY: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
-_PFN_MASK: Final = (1 << 55) - 1
-_PAGE_PRESENT: Final = 1 << 63
+_PAGEMAP_ENTRY_BYTES: Final = 8
+_PRESENT: Final = every_page(1 << 63)
+"""Bit 63 of every pagemap entry: the page is present."""
+_FRAME_NUMBERS: Final = every_page((1 << 55) - 1)
+"""Bits 0-54 of every entry: the page frame number (0 when the reader lacks CAP_SYS_ADMIN)."""
+_BEYOND_64_BITS: Final = every_page(((1 << 55) - 1) >> (64 - PAGE_SHIFT) << (64 - PAGE_SHIFT))
+"""Frame-number bits whose address would not fit in 64 bits (none on any real machine)."""
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
 _PROT_READ_WRITE: Final = mmap.PROT_READ | mmap.PROT_WRITE
 
@@ -41,10 +42,11 @@ class ChunkError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One 1 MiB chunk: its address in this process and, where known, its page frames."""
+    """One 1 MiB chunk: its address in this process and, where the driver needs them, its
+    pages' guest-physical addresses (checked and packed once, sent to inflate and deflate)."""
 
     address: int
-    pages: tuple[int, ...] = ()
+    pages: ChunkPages | None = None
 
 
 class ChunkAllocator(Protocol):
@@ -62,11 +64,11 @@ class ChunkAllocator(Protocol):
         """Unlock and unmap a chunk the host does not hold."""
         ...
 
-    def physical_pages(self, address: int) -> Sequence[int]:
-        """Return the guest-physical address of each of the chunk's 256 pages.
+    def physical_pages(self, address: int) -> ChunkPages:
+        """Return the guest-physical addresses of the chunk's 256 pages, checked and packed.
 
         Raises:
-            ChunkError: the addresses cannot be read.
+            ChunkError: the addresses cannot be read, or are not 256 distinct page addresses.
         """
         ...
 
@@ -138,26 +140,39 @@ class MmapAllocator:
             error = _error("munmap")
             raise error
 
-    def physical_pages(self, address: int) -> list[int]:
-        """Read the chunk's page frames from pagemap (needs ``CAP_SYS_ADMIN`` to see them)."""
-        page_size = mmap.PAGESIZE
+    def physical_pages(self, address: int) -> ChunkPages:
+        """Read the chunk's page frames from pagemap (needs ``CAP_SYS_ADMIN`` to see them).
+
+        The 256 entries are read as one integer, as :mod:`agent.protocol.balloon_pages`
+        reads a chunk: one AND keeps every entry's frame number, one shift by ``PAGE_SHIFT``
+        makes each one its page's address.
+        """
         try:
-            raw = os.pread(self._pagemap(), _PAGEMAP_ENTRY.size, address // page_size * 8)
+            raw = os.pread(
+                self._pagemap(),
+                CHUNK_PAGES.size,
+                address // mmap.PAGESIZE * _PAGEMAP_ENTRY_BYTES,
+            )
         except OSError as exc:
             raise ChunkError(
                 exc.errno, f"cannot read {self._pagemap_path}: {exc.strerror}"
             ) from exc
-        if len(raw) != _PAGEMAP_ENTRY.size:
+        if len(raw) != CHUNK_PAGES.size:
             raise ChunkError(0, f"{self._pagemap_path}: short read at {address:#x}")
-        entries = _PAGEMAP_ENTRY.unpack(raw)
-        pages = [(entry & _PFN_MASK) * page_size for entry in entries]
-        if min(entries) < _PAGE_PRESENT or 0 in pages:  # not present, or the frame is hidden
-            msg = (
-                f"{self._pagemap_path} shows no page frame for {address:#x}: "
-                "reading frames needs CAP_SYS_ADMIN"
-            )
-            raise ChunkError(0, msg)
-        return pages
+        entries = int.from_bytes(raw, "little")
+        frames = entries & _FRAME_NUMBERS
+        if entries & _PRESENT != _PRESENT or frames & _BEYOND_64_BITS:
+            reason = "a page not present, or a frame out of range"
+        else:
+            try:
+                return ChunkPages((frames << PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little"))
+            except LocalProtocolError as exc:  # hidden frames read as 0
+                reason = str(exc)
+        msg = (
+            f"{self._pagemap_path} shows no usable page frames for {address:#x} ({reason}; "
+            "reading frames needs CAP_SYS_ADMIN)"
+        )
+        raise ChunkError(0, msg)
 
     def _pagemap(self) -> int:
         """The pagemap descriptor, opened once and closed with the allocator."""

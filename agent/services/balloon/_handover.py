@@ -16,6 +16,7 @@ from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
 
 if TYPE_CHECKING:
     from agent.device import Device
+    from agent.protocol import ChunkPages
     from agent.services.balloon._chunks import Chunk
 
 
@@ -95,12 +96,20 @@ class PassthroughHandover:
 
     async def inflate(self, chunk: Chunk) -> None:
         """``CHANGE_MEMBALLOON`` with the chunk's pages."""
-        await self._device.request(ChangeMemBalloon(inflate=True, pages=chunk.pages))
+        await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)))
 
     async def deflate(self, chunk: Chunk) -> None:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
-        await self._device.request(ChangeMemBalloon(inflate=False, pages=chunk.pages))
+        await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)))
 
     def never_held(self, rc: int) -> bool:
         """The host does not know the pages."""
         return rc == VERR_NOT_FOUND
+
+
+def _pages(chunk: Chunk) -> ChunkPages:
+    """The chunk's pages, which the walker reads for every chunk where ``needs_pages``."""
+    if chunk.pages is None:
+        msg = f"chunk {chunk.address:#x} was built without its pages"
+        raise ValueError(msg)
+    return chunk.pages

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import select
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, Self
 
@@ -32,6 +33,8 @@ _SOME_LINE: Final = re.compile(
 )
 _MEM_AVAILABLE: Final = re.compile(rb"^MemAvailable:\s+(?P<kb>\d+) kB$", re.MULTILINE)
 _KB_PER_MB: Final = 1024
+_MEMINFO_READ_BYTES: Final = 16384
+"""Enough for all of /proc/meminfo (about 1.5 KiB; MemAvailable is its third line)."""
 
 
 class PressureFileError(OSError):
@@ -62,21 +65,38 @@ class PressureSource(Protocol):
         ...
 
 
-def read_mem_available_mb(path: str = MEMINFO_PATH) -> int:
-    """Return ``MemAvailable`` from ``path`` in MiB.
+class MemInfo:
+    """``MemAvailable`` from ``path``, through a descriptor kept open: one ``pread`` a look.
 
-    Raises:
-        PressureFileError: unreadable, or no MemAvailable line.
+    The balloon looks before every chunk it inflates; /proc files regenerate on every read
+    from offset 0, so the descriptor is opened once (and closed with the object).
     """
-    try:
-        with open(path, "rb") as file:
-            text = file.read()
-    except OSError as exc:
-        raise PressureFileError(exc.errno, f"cannot read {path}: {exc.strerror}") from exc
-    match = _MEM_AVAILABLE.search(text)
-    if match is None:
-        raise PressureFileError(errno.EINVAL, f"{path} has no 'MemAvailable: N kB' line")
-    return int(match["kb"]) // _KB_PER_MB
+
+    __slots__ = ("__weakref__", "_fd", "path")
+
+    def __init__(self, path: str = MEMINFO_PATH) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def available_mb(self) -> int:
+        """Return ``MemAvailable`` in MiB.
+
+        Raises:
+            PressureFileError: unreadable, or no MemAvailable line.
+        """
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                weakref.finalize(self, os.close, self._fd)
+            text = os.pread(self._fd, _MEMINFO_READ_BYTES, 0)
+        except OSError as exc:
+            msg = f"cannot read {self.path}: {exc.strerror}"
+            raise PressureFileError(exc.errno, msg) from exc
+        match = _MEM_AVAILABLE.search(text)
+        if match is None:
+            msg = f"{self.path} has no 'MemAvailable: N kB' line"
+            raise PressureFileError(errno.EINVAL, msg)
+        return int(match["kb"]) // _KB_PER_MB
 
 
 def _parse_some(path: str, text: bytes) -> tuple[float, int]:

@@ -32,11 +32,7 @@ from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import MmapAllocator, memlock_limit
 from agent.services.balloon._handover import OracleHandover, PassthroughHandover
 from agent.services.balloon._mode import BalloonMode, Detected, detect_mode
-from agent.services.balloon._pressure import (
-    PressureFileError,
-    PsiMonitor,
-    read_mem_available_mb,
-)
+from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 from agent.services.balloon._walker import CHUNK_MB, ChunkWalker
 
 if TYPE_CHECKING:
@@ -128,6 +124,7 @@ class BalloonService:
         self._postponed = False
         self._pressure_events = 0
         self._read_failures = 0
+        self._meminfo = MemInfo()
         self._meminfo_warned = False
         self.mode_known = trio.Event()
         """Set once the mode is decided (for tests)."""
@@ -469,7 +466,7 @@ class BalloonService:
 
     def _read_mem_available(self) -> int | None:
         try:
-            return read_mem_available_mb()
+            return self._meminfo.available_mb()
         except PressureFileError as exc:
             if not self._meminfo_warned:
                 self._meminfo_warned = True

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
-from agent.protocol import BALLOON_CHUNK_SIZE, VBoxStatusError
+from agent.protocol import BALLOON_CHUNK_SIZE, LocalProtocolError, VBoxStatusError
 from agent.services.balloon._chunks import Chunk, ChunkError
 
 if TYPE_CHECKING:
@@ -152,8 +152,8 @@ class ChunkWalker:
         except ChunkError as exc:
             raise WalkStoppedError(str(exc)) from exc
         try:
-            pages = tuple(allocator.physical_pages(address)) if self.handover.needs_pages else ()
-        except ChunkError as exc:
+            pages = allocator.physical_pages(address) if self.handover.needs_pages else None
+        except (ChunkError, LocalProtocolError) as exc:
             allocator.release(address)
             raise WalkStoppedError(str(exc)) from exc
         chunk = Chunk(address, pages)

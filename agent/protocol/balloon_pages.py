@@ -1,0 +1,94 @@
+"""The page array of a balloon chunk: 256 guest-physical addresses, as CHANGE_MEMBALLOON carries.
+
+The agent checks a chunk once, when it builds its :class:`ChunkPages`, and sends the same
+bytes to inflate and to deflate it; the simulated host checks every array it receives.
+Both use :func:`chunk_frames`, which never walks the 256 addresses in Python: the packed
+array is read as one little-endian integer, where a single AND tests every address's
+in-page offset bits and, those bits being clear, a single right shift by ``PAGE_SHIFT``
+turns every 64-bit address into its page frame number (the bits a lane receives from its
+neighbour are that neighbour's offset bits, all zero).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from agent.protocol.constants import BALLOON_CHUNK_PAGES, PAGE_SIZE
+from agent.protocol.errors import LocalProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PAGE_SHIFT: Final = PAGE_SIZE.bit_length() - 1
+CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
+"""The 256 little-endian u64 page addresses of one chunk."""
+
+
+def every_page(value: int) -> int:
+    """``value`` in each of the 256 u64 lanes of a packed chunk read as one integer (a mask)."""
+    return int.from_bytes(CHUNK_PAGES.pack(*[value] * BALLOON_CHUNK_PAGES), "little")
+
+
+_OFFSET_BITS: Final = every_page(PAGE_SIZE - 1)
+"""Every address's in-page offset bits."""
+_NOT_DISTINCT: Final = f"a balloon chunk needs {BALLOON_CHUNK_PAGES} distinct pages"
+
+
+def chunk_frames(packed: bytes | bytearray | memoryview) -> set[int] | None:
+    """Return the page frame numbers of a packed chunk, None if an address is not page-aligned.
+
+    Repeated addresses give fewer than 256 frames.
+    """
+    whole = int.from_bytes(packed, "little")
+    if whole & _OFFSET_BITS:
+        return None
+    return set(CHUNK_PAGES.unpack((whole >> PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little")))
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPages:
+    """One chunk's 256 distinct, non-zero, page-aligned addresses, checked and packed once.
+
+    Raises:
+        LocalProtocolError: ``packed`` is not such an array (the message names the page).
+    """
+
+    packed: bytes = field(repr=False)
+    """The addresses as CHANGE_MEMBALLOON carries them."""
+
+    def __post_init__(self) -> None:
+        if len(self.packed) != CHUNK_PAGES.size:
+            raise LocalProtocolError(_NOT_DISTINCT)
+        frames = chunk_frames(self.packed)
+        if frames is None or 0 in frames:
+            index, address = next(
+                (i, a) for i, a in enumerate(self.addresses) if a == 0 or a % PAGE_SIZE
+            )
+            msg = f"page {index} address {address:#x} is not a non-zero page address"
+            raise LocalProtocolError(msg)
+        if len(frames) != BALLOON_CHUNK_PAGES:
+            raise LocalProtocolError(_NOT_DISTINCT)
+
+    @classmethod
+    def of(cls, addresses: Sequence[int]) -> ChunkPages:
+        """Check and pack ``addresses``.
+
+        Raises:
+            LocalProtocolError: not 256 distinct, non-zero, page-aligned u64 addresses.
+        """
+        if len(addresses) != BALLOON_CHUNK_PAGES:
+            raise LocalProtocolError(_NOT_DISTINCT)
+        try:
+            packed = CHUNK_PAGES.pack(*addresses)
+        except struct.error as exc:
+            index, address = next((i, a) for i, a in enumerate(addresses) if not 0 <= a < 1 << 64)
+            msg = f"page {index} address {address:#x} is not a non-zero page address"
+            raise LocalProtocolError(msg) from exc
+        return cls(packed)
+
+    @property
+    def addresses(self) -> tuple[int, ...]:
+        """The 256 addresses, in order."""
+        return CHUNK_PAGES.unpack(self.packed)
