@@ -57,6 +57,10 @@ LOG_HISTORY: Final = 64
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
 NS_PER_S: Final = 1_000_000_000
+_HGCM: Final = int(Event.HGCM)
+_MOUSE: Final = int(Event.MOUSE_POSITION_CHANGED)
+_BALLOON: Final = int(Event.BALLOON_CHANGE_REQUEST)
+"""Event bits as plain ints: IntFlag arithmetic would build a flag member per operation."""
 _VMMDEV_REQUEST: Final = without_size(Ioctl.vmmdev_request(0))
 _VMMDEV_REQUEST_BIG: Final = (Ioctl.VMMDEV_REQUEST_BIG, Ioctl.VMMDEV_REQUEST_BIG_ALT)
 _HGCM_CALL_64: Final = without_size(Ioctl.hgcm_call_64(0))
@@ -84,9 +88,7 @@ class Driver:
     """The shared driver model; personalities override the class variables and hooks."""
 
     personality: ClassVar[str]
-    kernel_events: ClassVar[int] = (
-        Event.HGCM | Event.MOUSE_POSITION_CHANGED | Event.BALLOON_CHANGE_REQUEST
-    )
+    kernel_events: ClassVar[int] = _HGCM | _MOUSE | _BALLOON
     """Events the ISR keeps for the kernel: userspace waiters never receive them."""
     owns_heartbeat: ClassVar[bool] = True
     """Whether the driver configures the heartbeat at load and beats itself."""
@@ -220,7 +222,7 @@ class Driver:
                 continue
             events = L.EventsRequest.events.get(ack)
             self.route_events(events)
-            if events & Event.MOUSE_POSITION_CHANGED:
+            if events & _MOUSE:
                 await self._mouse_event(mouse)
 
     async def _mouse_event(self, req: bytearray) -> None:
@@ -233,9 +235,9 @@ class Driver:
 
         MOUSE_POSITION_CHANGED goes to the input device (see :meth:`_mouse_event`).
         """
-        if events & Event.HGCM:
+        if events & _HGCM:
             self.hgcm_wq.unpark_all()
-        if events & Event.BALLOON_CHANGE_REQUEST & self.kernel_events:
+        if events & _BALLOON & self.kernel_events:
             self.balloon_event()
         user = events & ~self.kernel_events
         if user:

@@ -66,7 +66,7 @@ class OracleDriver(Driver):
     """
 
     personality: ClassVar[str] = "oracle"
-    kernel_events: ClassVar[int] = Event.HGCM | Event.MOUSE_POSITION_CHANGED
+    kernel_events: ClassVar[int] = int(Event.HGCM | Event.MOUSE_POSITION_CHANGED)
 
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)

@@ -18,7 +18,7 @@ class PassthroughDriver(Driver):
     """Mainline plus trusted balloon and heartbeat requests from userspace."""
 
     personality: ClassVar[str] = "passthrough"
-    kernel_events: ClassVar[int] = Event.HGCM | Event.MOUSE_POSITION_CHANGED
+    kernel_events: ClassVar[int] = int(Event.HGCM | Event.MOUSE_POSITION_CHANGED)
     owns_heartbeat: ClassVar[bool] = False
     trusted_requests: ClassVar[frozenset[int]] = frozenset(
         {
