@@ -11,15 +11,17 @@ In one run:
   makes: map, keep out of forks, lock (which faults in, i.e. touches, every page for
   writing) and unmap 1024 x 1 MiB, all mapped before any is unmapped, as the walk does.
 
-One untimed bare pass runs first: a process's first GiB costs more than the next (the
-kernel sets up its page tables), and whichever side ran first would pay for it. Then each
+One untimed bare pass runs first: a process's first GiB can cost far more than the next
+ones (up to three times as much, seen on a 2-core test machine), and whichever side ran
+first would pay for it. Then each
 round times bare and engine back to back; the median of the rounds' ratios is the figure
 (target: engine within 1.15x of bare). Each time is taken twice: wall-clock, the figure,
 and this process's CPU time (user + system), which other processes on a shared machine
 disturb far less; on a quiet machine the two agree.
 
-``--phases`` then walks once more with every phase of a chunk's trip timed (CPU time, so
-the timers' own cost is in the figures) and prints microseconds per chunk, up and down.
+``--phases`` then walks once more with every phase of a chunk's trip timed in CPU time
+(the timers' own cost lands in the figures) and prints microseconds per chunk, inflate
+plus deflate.
 
     python bench/balloon.py [--mb N] [--mode allocated|owned] [--rounds N] [--phases]
 """
