@@ -19,7 +19,7 @@ from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, fail
 from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -105,8 +105,8 @@ class Driver:
         self.pending_events = 0
         self.event_wq = trio.lowlevel.ParkingLot()
         self.hgcm_wq = trio.lowlevel.ParkingLot()
-        self.session_mutex = trio.Lock()
-        self.cancel_req_mutex = trio.Lock()
+        self.session_mutex = KernelMutex()
+        self.cancel_req_mutex = KernelMutex()
         self.cancel_req = self.alloc_request(RequestType.HGCM_CANCEL2, L.HgcmCancel2Request.size)
         """The one CANCEL2 request, allocated at load and reused (its ``rc`` is the last answer)."""
         self.filter_tracker = BitTracker()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host.driver._util import U32_MAX, check_sizes, fail, pass_mutex
+from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_CALL_HEADER_SIZE,
@@ -196,9 +196,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     kinds = [_P.type.get(kbuf, at) for at in _parm_offsets(count)]
     if any(kind not in USER_HGCM_PARM_TYPES for kind in kinds):
         raise fail(errno.EINVAL)
-    await pass_mutex(drv.session_mutex)
-    if client_id not in session.hgcm_client_ids:
-        raise fail(errno.EINVAL)
+    async with drv.session_mutex:
+        if client_id not in session.hgcm_client_ids:
+            raise fail(errno.EINVAL)
     try:
         status = await _call(drv, session, kbuf, kinds, memory)
     except _TooBigError:

@@ -43,18 +43,6 @@ def check_sizes(kbuf: bytearray, size_in: int, size_out: int) -> None:
         raise fail(errno.EINVAL)
 
 
-async def pass_mutex(mutex: trio.Lock) -> None:
-    """``mutex_lock`` then ``mutex_unlock`` around code that does not sleep (run it next).
-
-    The kernel takes an uncontended mutex without scheduling, and so does this: it waits
-    only while another task holds ``mutex`` (``trio.Lock`` itself would always yield). The
-    caller's check then runs before any other task does, as it would under the mutex.
-    """
-    if mutex.locked():
-        async with mutex:
-            pass
-
-
 class KernelMutex:
     """A sleeping lock that, like the kernel's ``mutex_lock``, sleeps only when contended.
 
