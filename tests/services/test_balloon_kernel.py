@@ -7,9 +7,11 @@ Real threads and time: every wait is bounded by ``WAIT_S``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Final
 
 import trio
+from structlog.testing import capture_logs
 
 from agent.host import SimulatedHost
 from agent.protocol import Event
@@ -17,6 +19,7 @@ from agent.services.balloon import BalloonMode
 from tests.services.balloon_support import running_balloon
 
 WAIT_S: Final = 30.0
+REPEATED_READS: Final = 3
 
 
 async def test_kernel_reaches_the_target_while_the_agent_runs(personality: str) -> None:
@@ -53,3 +56,25 @@ async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> No
                 "chunks": 0,
             }
             nursery.cancel_scope.cancel()
+
+
+async def test_a_size_already_logged_is_read_at_debug(personality: str) -> None:
+    """Each read that finds a new size is one info line; reads that find it again are debug."""
+    host = SimulatedHost(personality=personality, seed=1)
+    with trio.fail_after(WAIT_S), capture_logs() as logs:
+        async with running_balloon(personality=personality, host=host) as run:
+            run.host.set_balloon_target(8)
+            await run.settle(8)
+            run.service.status()
+            await run.until(lambda: run.service.statistics().chunks == 8)
+            for _ in range(REPEATED_READS):
+                reads = run.service.reads
+                run.service.status()  # asks the driver for the size
+                await run.until(lambda: run.service.reads > reads)  # noqa: B023 - awaited here
+    checked = [entry for entry in logs if entry["event"] == "balloon_checked"]
+    news = [entry["chunks"] for entry in checked if entry["log_level"] == "info"]
+    assert news[-1] == 8
+    assert all(before != after for before, after in itertools.pairwise(news))
+    repeats = [entry for entry in checked if entry["log_level"] == "debug"]
+    assert len(repeats) >= REPEATED_READS
+    assert {entry["chunks"] for entry in repeats[-REPEATED_READS:]} == {8}

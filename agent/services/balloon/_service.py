@@ -353,10 +353,14 @@ class BalloonService:
             return
         status = await self._device.check_balloon()
         self._publish(status.chunks)
-        if status.chunks != self._chunks:
+        changed = status.chunks != self._chunks
+        if changed:
             self._chunks = status.chunks
             self._status_changed()
-        log.info("balloon_checked", mode=str(self._mode), chunks=status.chunks)
+        # A size the log already shows is no news: repeated reads stay at debug.
+        (log.info if changed else log.debug)(
+            "balloon_checked", mode=str(self._mode), chunks=status.chunks
+        )
 
     def _postpone_read(self) -> bool:
         """Triggered mode: hold CHECK_BALLOON back under pressure or at the floor."""
