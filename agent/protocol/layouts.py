@@ -175,6 +175,20 @@ class Layout:
         }
 
     @classmethod
+    def whole(cls) -> FieldRun:
+        """Return every member as one :class:`FieldRun`: the struct in one pack or unpack.
+
+        Raises:
+            ValueError: a member that is not an integer, or a gap between two members.
+        """
+        members = sorted(cls.fields().values(), key=lambda member: member.offset)
+        integers = [member for member in members if isinstance(member, IntField)]
+        if len(integers) != len(members):
+            msg = f"{cls.c_name} has members that are not integers"
+            raise ValueError(msg)
+        return run(*integers)
+
+    @classmethod
     def offsets(cls) -> dict[str, int]:
         """Return ``{C member path: offset}`` for every declared member."""
         result = dict(cls.nested)

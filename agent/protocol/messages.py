@@ -56,22 +56,8 @@ R_co = TypeVar("R_co", covariant=True)
 
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-_IOCTL_HEADER: Final = L.run(
-    L.IoctlHeader.size_in,
-    L.IoctlHeader.version,
-    L.IoctlHeader.type,
-    L.IoctlHeader.rc,
-    L.IoctlHeader.size_out,
-    L.IoctlHeader.reserved,
-)
-_REQUEST_HEADER: Final = L.run(
-    L.RequestHeader.size_,
-    L.RequestHeader.version,
-    L.RequestHeader.request_type,
-    L.RequestHeader.rc,
-    L.RequestHeader.reserved1,
-    L.RequestHeader.requestor,
-)
+_IOCTL_HEADER: Final = L.IoctlHeader.whole()
+_REQUEST_HEADER: Final = L.RequestHeader.whole()
 
 
 @dataclass(frozen=True, slots=True)
@@ -652,20 +638,7 @@ class HgcmCallError(VBoxStatusError):
 
 
 _P = L.HgcmParameter64
-_CALL_HEADER: Final = L.run(
-    L.IoctlHeader.size_in,
-    L.IoctlHeader.version,
-    L.IoctlHeader.type,
-    L.IoctlHeader.rc,
-    L.IoctlHeader.size_out,
-    L.IoctlHeader.reserved,
-    L.HgcmCallIoctl.client_id,
-    L.HgcmCallIoctl.function,
-    L.HgcmCallIoctl.timeout_ms,
-    L.HgcmCallIoctl.interruptible,
-    L.HgcmCallIoctl.reserved,
-    L.HgcmCallIoctl.parm_count,
-)
+_CALL_HEADER: Final = L.HgcmCallIoctl.whole()
 """The ioctl header and the call's own header, written in one go."""
 _PARM_RUNS: Final[dict[type[HgcmParam], tuple[HgcmParmType, L.FieldRun]]] = {
     HgcmU32: (HgcmParmType.U32, L.run(_P.type, _P.value32)),

@@ -35,3 +35,17 @@ def test_a_run_takes_each_fields_own_format() -> None:
 def test_fields_that_do_not_follow_each_other_are_refused(fields: tuple[L.IntField, ...]) -> None:
     with pytest.raises(ValueError, match=r"does not follow|at least one field"):
         L.run(*fields)
+
+
+@pytest.mark.parametrize("layout", [L.IoctlHeader, L.RequestHeader, L.HgcmCallIoctl])
+def test_whole_reads_every_member_at_once(layout: type[L.Layout]) -> None:
+    whole = layout.whole()
+    buf = bytearray(range(layout.size))
+    members = sorted(layout.fields().values(), key=lambda member: member.offset)
+    assert (whole.offset, whole.codec.size) == (0, layout.size)
+    assert whole.get(buf) == tuple(member.get(buf) for member in members)
+
+
+def test_whole_refuses_a_struct_with_a_string_member() -> None:
+    with pytest.raises(ValueError, match="not integers"):
+        L.HgcmServiceLocation.whole()

@@ -66,22 +66,8 @@ _VMMDEV_REQUEST_BIG: Final = (Ioctl.VMMDEV_REQUEST_BIG, Ioctl.VMMDEV_REQUEST_BIG
 _HGCM_CALL_64: Final = without_size(Ioctl.hgcm_call_64(0))
 _LOG_ALT: Final = without_size(Ioctl.log_alt(0))
 """Ioctl numbers without their size field, for the ioctls that carry one."""
-_IOCTL_HEADER: Final = L.run(
-    L.IoctlHeader.size_in,
-    L.IoctlHeader.version,
-    L.IoctlHeader.type,
-    L.IoctlHeader.rc,
-    L.IoctlHeader.size_out,
-    L.IoctlHeader.reserved,
-)
-_REQUEST_HEADER: Final = L.run(
-    L.RequestHeader.size_,
-    L.RequestHeader.version,
-    L.RequestHeader.request_type,
-    L.RequestHeader.rc,
-    L.RequestHeader.reserved1,
-    L.RequestHeader.requestor,
-)
+_IOCTL_HEADER: Final = L.IoctlHeader.whole()
+_REQUEST_HEADER: Final = L.RequestHeader.whole()
 
 
 class Driver:

@@ -60,14 +60,7 @@ _BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
 }
 _P = L.HgcmParameter64
-_IOCTL_HEADER: Final = L.run(
-    L.IoctlHeader.size_in,
-    L.IoctlHeader.version,
-    L.IoctlHeader.type,
-    L.IoctlHeader.rc,
-    L.IoctlHeader.size_out,
-    L.IoctlHeader.reserved,
-)
+_IOCTL_HEADER: Final = L.IoctlHeader.whole()
 _CALL_IOCTL: Final = L.run(
     L.HgcmCallIoctl.client_id,
     L.HgcmCallIoctl.function,
