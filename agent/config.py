@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
 MIN_IOCTL_THREADS: Final = 2
 """What the character-device transport needs: a blocked call and the call that ends it."""
-MAX_IOCTL_THREADS: Final = 64
+MAX_IOCTL_THREADS: Final = 24
+"""Within the unit's ``TasksMax=32``, with room for the main thread and trio's own threads."""
+OTHER_THREADS: Final = 8
+"""Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
 """The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
 

@@ -174,12 +174,18 @@ async def measure_agent(
             await nursery.start(serve_simulated_host, host, socket)
             argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
             agent = await start_as_service([*argv, "--device", f"unix:{socket}"], scheduling)
-            await trio.sleep(SETTLE_S)
-            out = Path(workdir) / "baseline.json"
-            for hog in (False, True):
-                await phase(host, stamps, seconds, hog=hog, scheduling=scheduling, out=out)
-            agent.terminate()
-            await agent.wait()
+            try:
+                await trio.sleep(SETTLE_S)
+                out = Path(workdir) / "baseline.json"
+                for hog in (False, True):
+                    await phase(host, stamps, seconds, hog=hog, scheduling=scheduling, out=out)
+                agent.terminate()
+            finally:
+                # In a session of its own, a real-time agent would outlive a failed run.
+                if agent.returncode is None:
+                    agent.kill()
+                with trio.CancelScope(shield=True):
+                    await agent.wait()
             nursery.cancel_scope.cancel()
 
 
@@ -239,8 +245,11 @@ def main() -> None:
     )
     try:
         trio.run(heartbeat_phases, args.seconds, unit)
-    except PermissionError:
-        sys.exit(f"bench/heartbeat.py: giving the agent {unit.describe()} needs root")
+    except* PermissionError:
+        sys.exit(
+            f"bench/heartbeat.py: giving the agent {unit.describe()} needs CAP_SYS_NICE"
+            " (root) and a real-time budget (not a CONFIG_RT_GROUP_SCHED cgroup without one)"
+        )
     report_cost(args.reports)
 
 

@@ -16,7 +16,9 @@ from pydantic import Field, ValidationError
 
 from agent.config import (
     CORE_SECTIONS,
+    MAX_IOCTL_THREADS,
     MAX_SHUTDOWN_TIMEOUT_S,
+    OTHER_THREADS,
     AgentConfig,
     ConfigError,
     DaemonConfig,
@@ -151,7 +153,7 @@ class TestProblems:
     @pytest.mark.parametrize(
         ("text", "expected"),
         [
-            ("[device]\nioctl_threads = 65\n", "device.ioctl_threads = 65: must be <= 64"),
+            ("[device]\nioctl_threads = 25\n", "device.ioctl_threads = 25: must be <= 24"),
             ("[device]\nioctl_threads = 1\n", "device.ioctl_threads = 1: must be >= 2"),
             (
                 "[daemon]\nshutdown_timeout_s = 14\n",
@@ -279,6 +281,13 @@ class TestServiceSections:
         """A service section's problems name the section, the key and what is allowed."""
         path = write(tmp_path, text)
         assert problems_of(path, GADGET) == [f"{path}: {expected}"]
+
+
+def test_the_unit_holds_the_most_ioctl_threads_the_config_allows() -> None:
+    """``TasksMax=`` leaves room for every ioctl worker the config allows and the other threads."""
+    lines = UNIT.read_text().splitlines()
+    (tasks,) = [line.partition("=")[2] for line in lines if line.startswith("TasksMax=")]
+    assert int(tasks) >= MAX_IOCTL_THREADS + OTHER_THREADS
 
 
 def test_the_unit_waits_longer_than_the_longest_drain() -> None:

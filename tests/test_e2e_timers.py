@@ -105,7 +105,10 @@ def schedule_as_the_unit(host: int, agent: int) -> None:
         host_scheduling(AGENT_SCHEDULING).apply(host)
         AGENT_SCHEDULING.apply(agent)
     except PermissionError:
-        pytest.fail(f"giving the agent the unit's {AGENT_SCHEDULING.describe()} needs root")
+        pytest.fail(
+            f"giving the agent the unit's {AGENT_SCHEDULING.describe()} needs CAP_SYS_NICE"
+            " (root, as CI runs) and a real-time budget"
+        )
 
 
 class Processes:
@@ -171,21 +174,27 @@ class Loopers:
     """One busy-looping process per CPU, each in a session of its own."""
 
     def __init__(self) -> None:
-        self.processes = [
-            subprocess.Popen(
-                [PYTHON, "-c", LOOPER, str(LOOPER_LIFETIME_S)],
-                stdout=subprocess.PIPE,
-                start_new_session=True,
-            )
-            for _ in range(os.cpu_count() or 1)
-        ]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        try:
+            for _ in range(os.cpu_count() or 1):
+                self.processes.append(
+                    subprocess.Popen(
+                        [PYTHON, "-c", LOOPER, str(LOOPER_LIFETIME_S)],
+                        stdout=subprocess.PIPE,
+                        start_new_session=True,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
 
     def wait_spinning(self) -> None:
         """Wait until every looper said it spins."""
         deadline = time.monotonic() + WAIT_S
         for process in self.processes:
             assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([process.stdout], [], [], left)
             if not ready or process.stdout.readline() != b"spinning\n":
                 pytest.fail("a busy looper did not start")
 
