@@ -83,8 +83,12 @@ class ChunkPages:
         try:
             packed = CHUNK_PAGES.pack(*addresses)
         except struct.error as exc:
-            index, address = next((i, a) for i, a in enumerate(addresses) if not 0 <= a < 1 << 64)
-            msg = f"page {index} address {address:#x} is not a non-zero page address"
+            bad = next((i for i, a in enumerate(addresses) if not 0 <= a < 1 << 64), None)
+            msg = (
+                "page addresses must be u64 integers"
+                if bad is None
+                else f"page {bad} address {addresses[bad]:#x} is not a non-zero page address"
+            )
             raise LocalProtocolError(msg) from exc
         return cls(packed)
 

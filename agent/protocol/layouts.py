@@ -179,7 +179,8 @@ class Layout:
         """Return every member as one :class:`FieldRun`: the struct in one pack or unpack.
 
         Raises:
-            ValueError: a member that is not an integer, or a gap between two members.
+            ValueError: a member that is not an integer, or members that do not follow each
+                other (a gap, or a union's overlapping members).
         """
         members = sorted(cls.fields().values(), key=lambda member: member.offset)
         integers = [member for member in members if isinstance(member, IntField)]

@@ -11,7 +11,7 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.driver._pages import PageAllocator
-from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE, ChunkPages
+from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, ChunkError, PressureReading
 
@@ -61,7 +61,10 @@ class SimChunks:
         self.pages.free(self.live.pop(address))
 
     def physical_pages(self, address: int) -> ChunkPages:
-        return ChunkPages.of(self.live[address])
+        try:
+            return ChunkPages.of(self.live[address])
+        except LocalProtocolError as exc:  # as the real allocator reports it
+            raise ChunkError(0, str(exc)) from exc
 
 
 class ScriptedPressure:

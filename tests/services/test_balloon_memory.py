@@ -106,7 +106,11 @@ class TestMmapAllocator:
     @pytest.mark.parametrize(
         ("entry", "reason"),
         [
-            pytest.param(1 << 63, "non-zero page address", id="hidden-frame"),
+            pytest.param(
+                1 << 63,
+                "non-zero page address; reading frames needs CAP_SYS_ADMIN",
+                id="hidden-frame",
+            ),
             pytest.param(0x1234, "not present", id="not-present"),
             pytest.param(1 << 63 | 1 << 53, "out of range", id="beyond-64-bits"),
         ],

@@ -69,6 +69,7 @@ _CALL_IOCTL: Final = L.run(
     L.HgcmCallIoctl.reserved,
     L.HgcmCallIoctl.parm_count,
 )
+"""The call's own members, read only once the header said the buffer holds them."""
 _CALL_TARGET: Final = L.run(L.HgcmCallIoctl.client_id, L.HgcmCallIoctl.function)
 _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.flags,

@@ -8,8 +8,7 @@ while a userspace agent asks for the event it will never receive.
 
 from __future__ import annotations
 
-import struct
-from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
+from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import trio
 
@@ -17,14 +16,13 @@ from agent.host._log import host_log as _log
 from agent.host.driver._core import Driver
 from agent.host.driver._pages import PageAllocator
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.balloon_pages import CHUNK_PAGES
 from agent.protocol.constants import BALLOON_CHUNK_PAGES, Event, RequestType
 from agent.protocol.status import status_name
 
 if TYPE_CHECKING:
     from agent.host.memory import DictMemory
     from agent.host.vmmdev import VMMDev
-
-_CHUNK_PAGES: Final = struct.Struct(f"<{BALLOON_CHUNK_PAGES}Q")
 
 
 class MainlineDriver(Driver):
@@ -120,5 +118,5 @@ async def change_memballoon(
     L.MemBalloonChangeRequest.header_size.set(req, L.MemBalloonChangeRequest.size)
     L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
     L.MemBalloonChangeRequest.pages.set(req, BALLOON_CHUNK_PAGES)
-    _CHUNK_PAGES.pack_into(req, L.MemBalloonChangeRequest.phys_page.offset, *pages)
+    CHUNK_PAGES.pack_into(req, L.MemBalloonChangeRequest.phys_page.offset, *pages)
     return await driver.perform(req)

@@ -161,17 +161,16 @@ class MmapAllocator:
             raise ChunkError(0, f"{self._pagemap_path}: short read at {address:#x}")
         entries = int.from_bytes(raw, "little")
         frames = entries & _FRAME_NUMBERS
-        if entries & _PRESENT != _PRESENT or frames & _BEYOND_64_BITS:
-            reason = "a page not present, or a frame out of range"
+        if entries & _PRESENT != _PRESENT:
+            reason = "a page is not present"
+        elif frames & _BEYOND_64_BITS:
+            reason = "a frame is out of range of 64-bit addresses"
         else:
             try:
                 return ChunkPages((frames << PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little"))
             except LocalProtocolError as exc:  # hidden frames read as 0
-                reason = str(exc)
-        msg = (
-            f"{self._pagemap_path} shows no usable page frames for {address:#x} ({reason}; "
-            "reading frames needs CAP_SYS_ADMIN)"
-        )
+                reason = f"{exc}; reading frames needs CAP_SYS_ADMIN"
+        msg = f"{self._pagemap_path} shows no usable page frames for {address:#x} ({reason})"
         raise ChunkError(0, msg)
 
     def _pagemap(self) -> int:

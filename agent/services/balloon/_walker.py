@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
-from agent.protocol import BALLOON_CHUNK_SIZE, LocalProtocolError, VBoxStatusError
+from agent.protocol import BALLOON_CHUNK_SIZE, VBoxStatusError
 from agent.services.balloon._chunks import Chunk, ChunkError
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class ChunkWalker:
             raise WalkStoppedError(str(exc)) from exc
         try:
             pages = allocator.physical_pages(address) if self.handover.needs_pages else None
-        except (ChunkError, LocalProtocolError) as exc:
+        except ChunkError as exc:
             allocator.release(address)
             raise WalkStoppedError(str(exc)) from exc
         chunk = Chunk(address, pages)
