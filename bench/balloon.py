@@ -188,6 +188,9 @@ def _is_wait(_host: SimulatedHost, _session: object, code: int, *_args: object) 
     return code == Ioctl.WAIT_FOR_EVENTS
 
 
+_SCHEDULE = "trio: schedule points, with what ran meanwhile"
+
+
 def phase_breakdown(chunks: int, mode: str) -> None:
     """Walk once more with each phase timed; print CPU microseconds per chunk (up and down)."""
     phases: Counter[str] = Counter()
@@ -208,21 +211,20 @@ def phase_breakdown(chunks: int, mode: str) -> None:
         SimulatedHost, "ioctl", _timed_async(phases, "host", SimulatedHost.ioctl, _is_wait)
     )
     checkpoint = trio.lowlevel.checkpoint
-    trio.lowlevel.checkpoint = _timed_async(
-        phases, "trio: schedule points (the driver's ioctl entry)", checkpoint, lambda *_: False
-    )
+    trio.lowlevel.checkpoint = _timed_async(phases, _SCHEDULE, checkpoint, lambda *_: False)
     try:
         walk, _ = trio.run(engine, chunks, mode, phases.clear)
     finally:
         trio.lowlevel.checkpoint = checkpoint
     host = phases.pop("host")
     phases["agent: device layer (encode, transport, decode)"] = phases.pop("device") - host
-    schedule = phases["trio: schedule points (the driver's ioctl entry)"]
+    schedule = phases[_SCHEDULE]
     phases["host: driver"] = host - schedule - phases["host: VMMDev request handling"]
     phases["host: VMMDev request handling"] -= phases["host: ballooned-page bookkeeping"]
     total = walk.cpu * 1e9
     phases["agent: walker, service and trio (the rest)"] = round(total) - sum(phases.values())
     print(f"  phases, CPU us per chunk (inflate + deflate), one walk of {walk.cpu * 1000:.0f} ms:")
+    print("  (a phase that awaits also counts what other tasks ran while it waited: estimates)")
     for name, value in sorted(phases.items()):
         print(f"    {name:50s} {value / 1000 / chunks:7.1f}")
 
