@@ -3,7 +3,9 @@
 Select a Hypothesis profile with ``HYPOTHESIS_PROFILE`` (``dev`` by default): ``ci`` has no
 deadline and prints reproduction blobs; ``dev`` keeps Hypothesis' defaults.
 
-Tests that should hold for the real Linux driver too take the ``personality`` fixture
+``host`` is a running simulated host with the mainline driver (a module or package that needs
+another host defines its own). Tests that should hold for the real Linux driver too take the
+``personality`` fixture
 (``mainline`` and ``kernel``); tests only for the real driver take ``kernel_library``. Where
 the library cannot be built, the ``kernel`` cases skip with the build error as the reason,
 except under ``CI=true``, where they fail.
@@ -15,11 +17,13 @@ import os
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
 from hypothesis import settings
 
-from agent.host import PersonalityUnavailableError
+from agent.host import PersonalityUnavailableError, SimulatedHost
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 settings.register_profile("ci", deadline=None, print_blob=True)
@@ -51,3 +55,12 @@ def personality(request: pytest.FixtureRequest) -> str:
     if name == KERNEL_PERSONALITY:
         request.getfixturevalue("kernel_library")
     return name
+
+
+@pytest.fixture(name="host")
+async def _host() -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality="mainline")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()

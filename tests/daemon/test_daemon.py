@@ -76,15 +76,6 @@ async def _notify(short_dir: Path) -> AsyncIterator[tuple[Notifier, NotifyReader
     sock.close()
 
 
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
-
-
 def _facility(host: SimulatedHost) -> int:
     facilities = host.status()["facilities"]
     assert isinstance(facilities, dict)

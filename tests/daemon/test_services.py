@@ -30,7 +30,6 @@ from agent.services import ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
 LIMIT_S: Final = 120.0
@@ -109,15 +108,6 @@ REGISTRY: Final = (*SERVICES, GADGET)
 @pytest.fixture(autouse=True)
 def _clear_built() -> None:
     BUILT.clear()
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
 
 
 def _daemon(host: SimulatedHost, path: Path, text: str) -> Daemon:

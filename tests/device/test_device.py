@@ -10,7 +10,6 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -31,20 +30,8 @@ from agent.protocol import (
 )
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VERR_NOT_FOUND
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
 RESTORED = int(Event.RESTORED)
 GET_PROP = 1
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
 
 
 class TestOpenDevice:

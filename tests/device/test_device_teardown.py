@@ -23,7 +23,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event, Ioctl
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import Sequence
 
     from agent.device import Transport
     from agent.protocol import UserBuffer
@@ -55,15 +55,6 @@ class DeafOpener:
 
     async def open_session(self) -> DeafTransport:
         return DeafTransport(await self._inner.open_session())
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
 
 
 async def _cancel_a_wait(host: SimulatedHost, cleanup_in_s: float | None) -> float:

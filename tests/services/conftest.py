@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-import trio
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
@@ -18,15 +17,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from agent.device import Device
-
-
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture(name="device")
