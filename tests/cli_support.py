@@ -74,6 +74,14 @@ class Simulator:
         self.process.communicate(timeout=COMMAND_TIMEOUT_S)
         return self.process.returncode
 
+    def kill(self) -> bool:
+        """Kill the process if it still runs and reap it; return whether it had ended by itself."""
+        ended = self.process.poll() is not None
+        if not ended:
+            self.process.kill()
+        self.process.communicate(timeout=COMMAND_TIMEOUT_S)
+        return ended
+
     def log_lines(self) -> list[dict[str, Any]]:
         """The simulator's log lines so far, parsed."""
         lines = self.log_path.read_text().splitlines()

@@ -27,6 +27,7 @@ import pytest
 
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
 from testbed.realdriver import ENV_LIBRARY
+from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
 from tests.test_e2e import readme_block
 
@@ -38,30 +39,16 @@ WAIT_S: Final = 30.0
 POLL_S: Final = 0.05
 
 
-class Simulator:
-    """A ``vbox-agent simulate`` process and the commands that talk to it."""
+class PropHost(Simulator):
+    """A ``vbox-agent simulate`` process (:class:`tests.cli_support.Simulator`) and the
+    ``prop`` and ``host`` commands that talk to it."""
 
     def __init__(self, workdir: Path, personality: str, env: dict[str, str]) -> None:
         self.socket = workdir / "host.sock"
-        self.log_path = workdir / "host.log"
         self.env = env
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    PYTHON,
-                    "-m",
-                    "agent",
-                    "simulate",
-                    "--socket",
-                    str(self.socket),
-                    "--personality",
-                    personality,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        until(self.socket.exists, "the host socket")
+        super().__init__(
+            str(self.socket), workdir / "host.log", "--personality", personality, env=env
+        )
 
     @property
     def device(self) -> str:
@@ -94,12 +81,9 @@ class Simulator:
             env=self.env,
         )
 
-    def stop(self) -> None:
+    def finish(self) -> None:
         """Kill the host; it must not have died on its own."""
-        exited = self.process.poll()
-        self.process.kill()
-        self.process.wait(timeout=WAIT_S)
-        assert exited is None, self.log_path.read_text()[-3000:]
+        assert not self.kill(), self.log_path.read_text()[-3000:]
 
 
 def until(condition: Callable[[], bool], what: str) -> None:
@@ -112,16 +96,16 @@ def until(condition: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture(name="sim")
-def _sim(personality: str, request: pytest.FixtureRequest) -> Iterator[Simulator]:
+def _sim(personality: str, request: pytest.FixtureRequest) -> Iterator[PropHost]:
     workdir = Path(tempfile.mkdtemp(prefix="vbx-prop-", dir="/tmp"))
     env = dict(os.environ)
     if personality == KERNEL_PERSONALITY:
         env[ENV_LIBRARY] = str(request.getfixturevalue("kernel_library"))
-    sim = Simulator(workdir, personality, env)
+    sim = PropHost(workdir, personality, env)
     try:
         yield sim
     finally:
-        sim.stop()
+        sim.finish()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -133,7 +117,7 @@ def one_line(done: subprocess.CompletedProcess[str]) -> str:
 
 
 class TestVerbs:
-    def test_set_get_enum_delete(self, sim: Simulator) -> None:
+    def test_set_get_enum_delete(self, sim: PropHost) -> None:
         """Each verb works and the host sees the result; flags come back canonical."""
         assert sim.prop("set", "/Guest/a", "hello world", "--flags", "transreset").returncode == 0
         got = sim.prop("get", "/Guest/a")
@@ -156,7 +140,7 @@ class TestVerbs:
         assert missing.returncode == EX_REFUSED
         assert "no property '/Guest/a'" in one_line(missing)
 
-    def test_set_replaces_the_flags(self, sim: Simulator) -> None:
+    def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""
         sim.prop("set", "/Guest/f", "1", "--flags", "RDONLYHOST")
         assert json.loads(sim.prop("get", "/Guest/f", "--json").stdout)["flags"] == "RDONLYHOST"
@@ -165,7 +149,7 @@ class TestVerbs:
 
 
 class TestErrors:
-    def test_read_only_for_the_guest(self, sim: Simulator) -> None:
+    def test_read_only_for_the_guest(self, sim: PropHost) -> None:
         """The host's refusal is one line naming the status; exit 1."""
         sim.host("prop", "set", "/Guest/ro", "x", "--flags", "RDONLYGUEST")
         for name in ("/Guest/ro", "/VirtualBox/HostInfo/Mine"):
@@ -189,14 +173,14 @@ class TestErrors:
         ],
     )
     def test_limits_are_usage_errors(
-        self, sim: Simulator, args: tuple[str, ...], message: str
+        self, sim: PropHost, args: tuple[str, ...], message: str
     ) -> None:
         """What the service would refuse for its size or shape exits 64 with one line."""
         done = sim.prop(*args)
         assert done.returncode == EX_USAGE
         assert message in done.stderr
 
-    def test_no_host(self, sim: Simulator) -> None:
+    def test_no_host(self, sim: PropHost) -> None:
         """A device spec that leads nowhere exits 69."""
         done = sim.run("prop", "--device", f"unix:{sim.socket}.none", "get", "/x")
         assert done.returncode == EX_UNAVAILABLE
@@ -204,7 +188,7 @@ class TestErrors:
 
 
 class TestWait:
-    def test_returns_when_the_host_sets_a_match(self, sim: Simulator) -> None:
+    def test_returns_when_the_host_sets_a_match(self, sim: PropHost) -> None:
         """``prop wait`` parks at the host and returns as soon as a matching property is set."""
         waiter = subprocess.Popen(
             [
@@ -243,7 +227,7 @@ class TestWait:
         )
         assert sim.status()["hgcm_clients"] == 0
 
-    def test_times_out(self, sim: Simulator) -> None:
+    def test_times_out(self, sim: PropHost) -> None:
         """Nothing matching changes: exit 1 after the timeout, the client released."""
         done = sim.prop("wait", "/Nothing/*", "--timeout", "0.3")
         assert done.returncode == EX_REFUSED

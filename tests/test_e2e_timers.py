@@ -35,6 +35,7 @@ import trio
 
 from agent.host.control import call_control
 from testbed.unit_scheduling import host_scheduling, unit_scheduling
+from tests.cli_support import Simulator
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -117,25 +118,13 @@ class Processes:
     def __init__(self, workdir: Path, personality: str) -> None:
         self.socket = workdir / "host.sock"
         self.log = workdir / "agent.log"
-        self.host = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "agent",
-                "simulate",
-                "--socket",
-                str(self.socket),
-                "--personality",
-                personality,
-                "--heartbeat-interval-ms",
-                "100",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.host = Simulator(
+            str(self.socket),
+            workdir / "host.log",
+            *("--personality", personality, "--heartbeat-interval-ms", "100"),
         )
         self.agent: subprocess.Popen[bytes] | None = None
         try:
-            wait_for(self.socket.exists, "the host socket")
             with self.log.open("wb") as log:
                 self.agent = subprocess.Popen(
                     [PYTHON, "-m", "agent", "run", "--device", f"unix:{self.socket}"],
@@ -143,7 +132,7 @@ class Processes:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            schedule_as_the_unit(self.host.pid, self.agent.pid)
+            schedule_as_the_unit(self.host.process.pid, self.agent.pid)
         except BaseException:
             self.close()
             raise
@@ -155,12 +144,11 @@ class Processes:
 
     def close(self) -> None:
         """Kill whatever still runs."""
-        for process in (self.agent, self.host):
-            if process is None:
-                continue
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=WAIT_S)
+        if self.agent is not None:
+            if self.agent.poll() is None:
+                self.agent.kill()
+            self.agent.wait(timeout=WAIT_S)
+        self.host.kill()
 
 
 @pytest.fixture(name="workdir")
