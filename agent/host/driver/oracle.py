@@ -142,13 +142,9 @@ class OracleDriver(Driver):
         if target == self.max_chunks:  # upstream's "nothing to do" test compares with the max
             return VINF_SUCCESS
         while len(self.kernel_chunks) < target:
-            pages = self._alloc_chunk_pages()
-            if pages is None:
-                return VERR_NO_MEMORY
-            rc = await self._change(pages, inflate=True)
-            if rc < 0:
-                self.pages.free(pages)
-                return rc
+            pages = await self._balloon_new_chunk()
+            if isinstance(pages, int):
+                return pages
             self.kernel_chunks.append(pages)
         while len(self.kernel_chunks) > target:
             rc = await self._change(self.kernel_chunks[-1], inflate=False)
@@ -157,8 +153,16 @@ class OracleDriver(Driver):
             self.pages.free(self.kernel_chunks.pop())
         return VINF_SUCCESS
 
-    def _alloc_chunk_pages(self) -> list[int] | None:
-        return self.pages.alloc_many(BALLOON_CHUNK_PAGES)
+    async def _balloon_new_chunk(self) -> list[int] | int:
+        """Allocate a chunk's pages and hand them to the host: the pages, or the failure."""
+        pages = self.pages.alloc_many(BALLOON_CHUNK_PAGES)
+        if pages is None:
+            return VERR_NO_MEMORY
+        rc = await self._change(pages, inflate=True)
+        if rc < 0:
+            self.pages.free(pages)
+            return rc
+        return pages
 
     async def _change_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, memory: GuestMemory
@@ -184,13 +188,9 @@ class OracleDriver(Driver):
             return VERR_INVALID_PARAMETER
         if address in self.chunks:
             return VERR_ALREADY_EXISTS
-        pages = self._alloc_chunk_pages()
-        if pages is None:
-            return VERR_NO_MEMORY
-        rc = await self._change(pages, inflate=True)
-        if rc < 0:
-            self.pages.free(pages)
-            return rc
+        pages = await self._balloon_new_chunk()
+        if isinstance(pages, int):
+            return pages
         self.chunks[address] = pages
         return VINF_SUCCESS
 

@@ -252,14 +252,7 @@ class BalloonService:
         try:
             return await detect_mode(self._device)
         except VBoxStatusError as exc:
-            first = backoff.failures == 0
-            delay = backoff.failed(trio.current_time())
-            (log.warning if first else log.debug)(
-                "balloon_check_failed",
-                operation=exc.operation,
-                status=exc.name,
-                retry_in_s=round(delay, 3),
-            )
+            _check_failed(exc, backoff)
             return None
 
     def _adopt(self, detected: Detected) -> None:
@@ -320,14 +313,7 @@ class BalloonService:
                 except VBoxStatusError as exc:
                     self._read_pending = True
                     self._read_failures += 1
-                    first = backoff.failures == 0
-                    delay = backoff.failed(trio.current_time())
-                    (log.warning if first else log.debug)(
-                        "balloon_check_failed",
-                        operation=exc.operation,
-                        status=exc.name,
-                        retry_in_s=round(delay, 3),
-                    )
+                    _check_failed(exc, backoff)
                 else:
                     self.reads += 1
                     if backoff.succeeded():
@@ -476,3 +462,15 @@ class BalloonService:
                 self._meminfo_warned = True
                 log.warning("balloon_floor_unchecked", reason=str(exc))
             return None
+
+
+def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
+    """Back off after a failed balloon check: a warning the first time, then debug lines."""
+    first = backoff.failures == 0
+    delay = backoff.failed(trio.current_time())
+    (log.warning if first else log.debug)(
+        "balloon_check_failed",
+        operation=exc.operation,
+        status=exc.name,
+        retry_in_s=round(delay, 3),
+    )
