@@ -187,7 +187,7 @@ async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
         )
 
 
-def _property_json(prop: Property) -> dict[str, object]:
+def _property_json(prop: Property | PropertyChange) -> dict[str, object]:
     return {
         "name": prop.name,
         "value": prop.value,
@@ -197,10 +197,4 @@ def _property_json(prop: Property) -> dict[str, object]:
 
 
 def _change_json(change: PropertyChange) -> dict[str, object]:
-    return {
-        "name": change.name,
-        "value": change.value,
-        "flags": change.flags,
-        "timestamp": change.timestamp,
-        "deleted": change.deleted,
-    }
+    return {**_property_json(change), "deleted": change.deleted}
