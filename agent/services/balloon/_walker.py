@@ -11,13 +11,14 @@ or at once when a new event arrives.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 import trio
 
-from agent.protocol import BALLOON_CHUNK_SIZE, VBoxStatusError
+from agent.protocol import VBoxStatusError
 from agent.services.balloon._chunks import Chunk, ChunkError
+from agent.services.balloon._mode import CHUNK_MB
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
     from agent.services.balloon._handover import Handover, HostTarget
 
 log = structlog.get_logger("agent.services.balloon")
-
-CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
 
 
 class WalkStoppedError(Exception):
