@@ -40,11 +40,22 @@ _VALUE_WORD: Final = L.HgcmParameter64.value32.offset // WORD_SIZE
 """``value32``, the low half of ``value64``, and a pointer's or page list's ``size``."""
 _HIGH_WORD: Final = L.HgcmParameter64.page_list_offset.offset // WORD_SIZE
 """A page list's ``offset`` and the high half of ``value64``."""
+_VALUE_AT: Final = L.HgcmParameter64.value32.offset
+"""Where ``value32``, ``value64`` and a buffer's ``size`` start in either layout."""
+_U32: Final = L.HgcmParameter64.value32.codec
+_U64: Final = L.HgcmParameter64.value64.codec
 _PAGE_LIST_HEADER: Final = L.run(
     L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
 ).codec
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+_U32_TYPE: Final = HgcmParmType.U32
+_U64_TYPE: Final = HgcmParmType.U64
+_PAGELIST_TYPE: Final = HgcmParmType.PAGELIST
+_BOTH: Final = int(PageListDirection.BOTH)
+_TO_HOST: Final = int(PageListDirection.TO_HOST)
+_FROM_HOST: Final = int(PageListDirection.FROM_HOST)
+"""Enum members read once: an enum attribute lookup costs more than the comparison."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (HgcmParmType.LINADDR, True, True),
     HgcmParmType.LINADDR_IN: (HgcmParmType.LINADDR_IN, True, False),
@@ -93,16 +104,16 @@ def parse_parms(
         raw_type = words[first]
         value = words[first + _VALUE_WORD]
         offset = CALL_PARMS_OFFSET + layout.size * index
-        if raw_type == HgcmParmType.U32:
-            slots.append(ParmSlot(offset, HgcmParmType.U32, HostU32(value)))
-        elif raw_type == HgcmParmType.U64:
+        if raw_type == _U32_TYPE:
+            slots.append(ParmSlot(offset, _U32_TYPE, HostU32(value)))
+        elif raw_type == _U64_TYPE:
             value64 = value | words[first + _HIGH_WORD] << 32
-            slots.append(ParmSlot(offset, HgcmParmType.U64, HostU64(value64)))
+            slots.append(ParmSlot(offset, _U64_TYPE, HostU64(value64)))
         elif raw_type in _LINADDR_TYPES and value == 0:
             kind, readable, writable = _LINADDR_TYPES[raw_type]
             buffer = HostBuffer(bytearray(), readable=readable, writable=writable, size=0)
             slots.append(ParmSlot(offset, kind, buffer))
-        elif raw_type == HgcmParmType.PAGELIST:
+        elif raw_type == _PAGELIST_TYPE:
             list_at = words[first + _HIGH_WORD]
             slots.append(_parse_page_list(req, offset, memory, value, list_at))
         else:
@@ -124,7 +135,7 @@ def _parse_page_list(
         raise ParmError(msg)
     flags, first, count = _PAGE_LIST_HEADER.unpack_from(req, list_at)
     end = list_at + PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * count
-    if flags & ~PageListDirection.BOTH or first >= PAGE_SIZE or end > len(req):
+    if flags & ~_BOTH or first >= PAGE_SIZE or end > len(req):
         msg = f"bad page list at {list_at}: flags {flags:#x}, first {first}, {count} pages"
         raise ParmError(msg)
     pages: tuple[int, ...] = L.page_list_codec(count).unpack_from(req, list_at)[3:]
@@ -132,11 +143,11 @@ def _parse_page_list(
     if count * PAGE_SIZE - first < size or functools.reduce(operator.or_, pages, 0) % PAGE_SIZE:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
-    readable = bool(flags & PageListDirection.TO_HOST)
-    writable = bool(flags & PageListDirection.FROM_HOST)
+    readable = bool(flags & _TO_HOST)
+    writable = bool(flags & _FROM_HOST)
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
     buffer = HostBuffer(data, readable=readable, writable=writable, size=size)
-    return ParmSlot(offset, HgcmParmType.PAGELIST, buffer, pages, first)
+    return ParmSlot(offset, _PAGELIST_TYPE, buffer, pages, first)
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:
@@ -144,24 +155,31 @@ def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int
 
     Pages that follow each other in guest-physical memory make one piece.
     """
-    if size and pages == tuple(range(pages[0], pages[0] + len(pages) * PAGE_SIZE, PAGE_SIZE)):
-        return [(pages[0] + first, 0, size)]
+    if not size:
+        return []
+    needed = -(-(first + size) // PAGE_SIZE)
+    start = pages[0]
+    if needed == 1 or pages[:needed] == tuple(range(start, start + needed * PAGE_SIZE, PAGE_SIZE)):
+        return [(start + first, 0, size)]
     spans = []
     done = 0
     for index, page in enumerate(pages):
         if done >= size:
             break
-        start = first if index == 0 else 0
-        length = min(size - done, PAGE_SIZE - start)
-        spans.append((page + start, done, length))
+        offset = first if index == 0 else 0
+        length = min(size - done, PAGE_SIZE - offset)
+        spans.append((page + offset, done, length))
         done += length
     return spans
 
 
 def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) -> bytearray:
-    data = bytearray(size)
     try:
-        for address, at, length in _spans(pages, first, size):
+        spans = _spans(pages, first, size)
+        if len(spans) == 1:
+            return bytearray(memory.read(spans[0][0], size))
+        data = bytearray(size)
+        for address, at, length in spans:
             data[at : at + length] = memory.read(address, length)
     except OSError as exc:
         msg = f"page list names unreadable guest memory: {exc}"
@@ -169,9 +187,7 @@ def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) 
     return data
 
 
-def write_back(
-    req: bytearray, slots: list[ParmSlot], memory: GuestMemory, layout: ParmLayout
-) -> None:
+def write_back(req: bytearray, slots: list[ParmSlot], memory: GuestMemory) -> None:
     """Store the service's results into ``req`` and the buffers' guest pages.
 
     Buffer sizes are clamped to the buffer the guest gave: the host never reports more bytes
@@ -179,14 +195,15 @@ def write_back(
     """
     for slot in slots:
         parm = slot.parm
+        at = slot.offset + _VALUE_AT
         if isinstance(parm, HostU32):
-            layout.value32.set(req, parm.value & _U32_MAX, slot.offset)
+            _U32.pack_into(req, at, parm.value & _U32_MAX)
         elif isinstance(parm, HostU64):
-            layout.value64.set(req, parm.value & _U64_MAX, slot.offset)
+            _U64.pack_into(req, at, parm.value & _U64_MAX)
         else:
             returned = max(0, min(parm.size, len(parm.data)))
-            layout.page_list_size.set(req, returned, slot.offset)
-            if slot.kind == HgcmParmType.PAGELIST and parm.writable:
+            _U32.pack_into(req, at, returned)
+            if slot.kind == _PAGELIST_TYPE and parm.writable and returned:
                 _scatter(memory, slot, parm.data[:returned])
 
 

@@ -56,6 +56,9 @@ NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
 CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
 """Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
+_HGCM_CALL64: Final = RequestType.HGCM_CALL64
+_HGCM_EVENT: Final = int(Event.HGCM)
+"""Enum members read once: an enum attribute lookup costs more than what it is used for."""
 _RC: Final = L.RequestHeader.rc.codec
 _RC_AT: Final = L.RequestHeader.rc.offset
 _FLAGS: Final = L.HgcmRequestHeader.flags.codec
@@ -106,26 +109,23 @@ class _Command:
     phys: int
     req: bytearray
     client: _Client
+    function: int
+    """The function number."""
     layout: ParmLayout
     slots: list[ParmSlot]
+    params: list[HostParm] = field(init=False)
+    """The parameters, updated in place by the service."""
     cancelled: bool = False
     completed: bool = False
     stale: bool = False
+
+    def __post_init__(self) -> None:
+        self.params = [slot.parm for slot in self.slots]
 
     @property
     def client_id(self) -> int:
         """The calling client."""
         return self.client.client_id
-
-    @property
-    def function(self) -> int:
-        """The function number."""
-        return L.HgcmCallRequest.function.get(self.req)
-
-    @property
-    def params(self) -> list[HostParm]:
-        """The parameters, updated in place by the service."""
-        return [slot.parm for slot in self.slots]
 
     def complete(self, status: int) -> None:
         """Finish the call with a VBox status (see :class:`HgcmHost`)."""
@@ -213,8 +213,8 @@ class HgcmHost:
     def call(self, req: bytearray, phys: int) -> int | None:
         """HGCM_CALL32/64: parse the parameters and hand the call to the service."""
         request_type = _REQUEST_TYPE.unpack_from(req, _REQUEST_TYPE_AT)[0]
-        layout = parm_layout(request_type == RequestType.HGCM_CALL64)
-        client_id, _, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
+        layout = parm_layout(request_type == _HGCM_CALL64)
+        client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         if CALL_PARMS_OFFSET + layout.size * count > len(req):
             return VERR_INVALID_PARAMETER
         client = self._clients.get(client_id)
@@ -232,7 +232,7 @@ class HgcmHost:
         if len(client.calls) + 1 >= client.service.max_calls_per_client:
             return VERR_HGCM_TOO_MANY_CLIENT_CALLS
         self._accept(req, phys)
-        self._start(_Command(self, phys, req, client, layout, slots))
+        self._start(_Command(self, phys, req, client, function, layout, slots))
         return None
 
     def cancel(self, phys: int) -> int:
@@ -269,7 +269,7 @@ class HgcmHost:
         if command.cancelled:
             return
         self._commands.pop(command.phys, None)
-        write_back_parms(command.req, command.slots, self._memory, command.layout)
+        write_back_parms(command.req, command.slots, self._memory)
         self._finish(command.req, command.phys, status)
 
     # --- VM life cycle ---------------------------------------------------------------------
@@ -321,11 +321,11 @@ class HgcmHost:
             return
         try:
             req = bytearray(self._memory.read(old.phys, len(old.req)))
-            count = L.HgcmCallRequest.parm_count.get(req)
+            _, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
             slots = parse_parms(req, self._memory, old.layout, count)
         except (OSError, ParmError):
             return
-        self._start(_Command(self, old.phys, req, old.client, old.layout, slots))
+        self._start(_Command(self, old.phys, req, old.client, function, old.layout, slots))
 
     def _discard(self, commands: list[_Command]) -> None:
         for command in commands:
@@ -347,7 +347,7 @@ class HgcmHost:
         _FLAGS_RESULT.pack_into(req, _FLAGS_AT, flags, result)
         self._write(phys, req)
         self._write(phys + _FLAGS_AT, _FLAGS.pack(flags | HGCM_REQ_DONE))
-        self._notify(Event.HGCM)
+        self._notify(_HGCM_EVENT)
 
     def _guest_flags(self, phys: int, req: bytearray) -> int:
         try:

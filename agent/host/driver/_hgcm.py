@@ -62,6 +62,11 @@ _BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
 }
 _P = L.HgcmParameter64
+_LINADDR_IN: Final = HgcmParmType.LINADDR_IN
+_LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
+_PAGELIST: Final = HgcmParmType.PAGELIST
+_HGCM_CALL64: Final = RequestType.HGCM_CALL64
+"""Enum members read once: an enum attribute lookup costs more than what it is used for."""
 _IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
 _RC: Final = L.IoctlHeader.rc.codec
 _RC_AT: Final = L.IoctlHeader.rc.offset
@@ -291,7 +296,7 @@ def _bounce_buffers(parms: list[_UserParm], memory: GuestMemory) -> None:
             raise _TooBigError
         if length == 0:
             continue
-        if kind == HgcmParmType.LINADDR_OUT:
+        if kind == _LINADDR_OUT:
             parm.bounce = bytearray(length)
         else:
             parm.bounce = bytearray(memory.read(parm.address, length))
@@ -311,7 +316,7 @@ def _build_request(
         for parm in parms
         if parm.bounce is not None
     )
-    req = drv.alloc_request(RequestType.HGCM_CALL64, size, session.requestor)
+    req = drv.alloc_request(_HGCM_CALL64, size, session.requestor)
     client_id, function = _CALL_TARGET.get(kbuf)
     _CALL_REQUEST.set(req, 0, 0, client_id, function, count)
     shift = L.HgcmCallRequest.size - HGCM_CALL_HEADER_SIZE
@@ -327,7 +332,7 @@ def _build_request(
             address = parm.bounce_address
             in_page = address % PAGE_SIZE
             pages = _page_count(parm.size + in_page)
-            _PAGE_LIST_PARM.pack_into(req, dst, HgcmParmType.PAGELIST, parm.size, lists_at)
+            _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, parm.size, lists_at)
             first_page = address - in_page
             _page_list_codec(pages).pack_into(
                 req,
@@ -361,7 +366,7 @@ def _copy_back(
             continue
         returned: int = _PARM_SIZE.unpack_from(req, src + _PARM_SIZE_AT)[0]
         _PARM_SIZE.pack_into(kbuf, dst + _PARM_SIZE_AT, returned)
-        if kind == HgcmParmType.LINADDR_IN or parm.bounce is None:
+        if kind == _LINADDR_IN or parm.bounce is None:
             continue
         memory.write(parm.address, parm.bounce[:returned])
 
