@@ -24,9 +24,15 @@ class HostBalloon:
     ``target_mb`` is what the host asks for, ``acked_mb`` what the guest last acknowledged
     with GET_MEMBALLOON_CHANGE_REQ (event_ack 0x40), ``frames`` the page frame numbers of
     the ballooned guest pages.
+
+    A guest deflates a chunk with the very page array it inflated it with, so each inflated
+    array is kept with its frames (``_arrays``) for as long as all of them stay ballooned: a
+    deflate that sends a known array takes its frames from there instead of unpacking and
+    checking the 256 addresses again. A deflate of any other array is checked page by page
+    and forgets the kept arrays, whose frames it may have taken.
     """
 
-    __slots__ = ("acked_mb", "chunks", "frames", "ram_mb", "target_mb")
+    __slots__ = ("_arrays", "acked_mb", "chunks", "frames", "ram_mb", "target_mb")
 
     def __init__(self, ram_mb: int) -> None:
         self.ram_mb = ram_mb
@@ -34,6 +40,7 @@ class HostBalloon:
         self.acked_mb = 0
         self.chunks = 0
         self.frames: set[int] = set()
+        self._arrays: dict[bytes, set[int]] = {}
 
     @property
     def max_mb(self) -> int:
@@ -68,22 +75,30 @@ class HostBalloon:
         page must not be ballooned yet (VERR_ALREADY_EXISTS), a deflated one must be
         (VERR_NOT_FOUND). A refused chunk changes nothing.
         """
-        frames = chunk_frames(packed_pages)
+        array = bytes(packed_pages)
+        if not inflate and array in self._arrays:
+            self.frames -= self._arrays.pop(array)
+            self.chunks -= 1
+            return VINF_SUCCESS
+        frames = chunk_frames(array)
         if frames is None or len(frames) != BALLOON_CHUNK_PAGES:
             return VERR_INVALID_PARAMETER
         if inflate:
             if not self.frames.isdisjoint(frames):
                 return VERR_ALREADY_EXISTS
             self.frames |= frames
+            self._arrays[array] = frames
             self.chunks += 1
         else:
             if not self.frames.issuperset(frames):
                 return VERR_NOT_FOUND
             self.frames -= frames
+            self._arrays.clear()  # some may have lost frames to this array
             self.chunks -= 1
         return VINF_SUCCESS
 
     def reset(self) -> None:
         """VM reset: guest memory is fresh, nothing is ballooned."""
         self.frames.clear()
+        self._arrays.clear()
         self.chunks = 0

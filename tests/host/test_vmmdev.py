@@ -496,6 +496,22 @@ class TestBalloon:
         assert device.send(balloon_change(list(reversed(first)), inflate=False)) == VINF_SUCCESS
         assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (0, 0)
 
+    def test_pages_given_back_in_another_array_are_gone(self, device: Device) -> None:
+        """Deflating half of two chunks in one array leaves neither whole: their own arrays
+        are then refused, and their remaining halves are taken back."""
+        device.report_additions()
+        first, second = chunk(0x1000_0000), chunk(0x3000_0000)
+        assert device.send(balloon_change(first)) == VINF_SUCCESS
+        assert device.send(balloon_change(second)) == VINF_SUCCESS
+        halves = [*first[:128], *second[:128]]
+        assert device.send(balloon_change(halves, inflate=False)) == VINF_SUCCESS
+        assert device.send(balloon_change(first, inflate=False)) == VERR_NOT_FOUND
+        assert device.send(balloon_change(second, inflate=False)) == VERR_NOT_FOUND
+        assert len(device.vmmdev.balloon.frames) == 256
+        rest = [*first[128:], *second[128:]]
+        assert device.send(balloon_change(rest, inflate=False)) == VINF_SUCCESS
+        assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (0, 0)
+
     def test_bad_chunks(self, device: Device) -> None:
         """Wrong page count, size, misaligned or duplicate pages are invalid parameters."""
         device.report_additions()

@@ -14,6 +14,7 @@ from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
 from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection
+from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
 from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
 
 WALKING = [("oracle-r3", BalloonMode.ALLOCATED), ("passthrough", BalloonMode.OWNED)]
@@ -199,6 +200,31 @@ class TestPressure:
                 assert run.host_chunks == 0
                 available["mb"] = 10_000
                 await run.settle(64)
+
+    async def test_floor_holds_on_shared_readings(self, autojump_clock: trio.abc.Clock) -> None:
+        """Far from the floor one MemAvailable reading serves several chunks; the walk still
+        stops at the first chunk that would take MemAvailable below the floor."""
+        reads = 0
+        host = SimulatedHost(personality="passthrough")
+
+        def mem_available() -> int:
+            nonlocal reads
+            reads += 1
+            return 400 - host.vmmdev.balloon.chunks  # the balloon takes what it holds
+
+        section = BalloonSection(min_available_mb=256)
+        with trio.fail_after(120):
+            async with running_balloon(
+                personality="", host=host, section=section, mem_available_mb=mem_available
+            ) as run:
+                run.host.set_balloon_target(200)
+                await run.until(lambda: run.service.statistics().failures >= 1)
+                # 400 - 144 leaves 256: the 145th chunk would go below the floor.
+                assert run.host_chunks == 144
+                # One reading per MEMINFO_REUSE_CHUNKS chunks, then one before each chunk
+                # within MEMINFO_REUSE_CHUNKS MiB of the floor and before the refused one.
+                far = 144 // MEMINFO_REUSE_CHUNKS
+                assert reads <= far + MEMINFO_REUSE_CHUNKS + 2
 
 
 class TestTriggeredAndKernel:

@@ -108,15 +108,16 @@ class MainlineDriver(Driver):
         return True
 
     async def _change_chunk(self, pages: list[int], *, inflate: bool) -> int:
-        return await change_memballoon(self, self._change, pages, inflate=inflate)
+        return await change_memballoon(
+            self, self._change, CHUNK_PAGES.pack(*pages), inflate=inflate
+        )
 
 
-async def change_memballoon(
-    driver: Driver, req: bytearray, pages: list[int], *, inflate: bool
-) -> int:
-    """Fill the CHANGE_MEMBALLOON request ``req`` with one chunk and perform it."""
+async def change_memballoon(driver: Driver, req: bytearray, pages: bytes, *, inflate: bool) -> int:
+    """Fill the CHANGE_MEMBALLOON request ``req`` with one chunk (its pages packed), perform it."""
     L.MemBalloonChangeRequest.header_size.set(req, L.MemBalloonChangeRequest.size)
     L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
     L.MemBalloonChangeRequest.pages.set(req, BALLOON_CHUNK_PAGES)
-    CHUNK_PAGES.pack_into(req, L.MemBalloonChangeRequest.phys_page.offset, *pages)
+    offset = L.MemBalloonChangeRequest.phys_page.offset
+    req[offset : offset + CHUNK_PAGES.size] = pages
     return await driver.perform(req)

@@ -74,10 +74,10 @@ class OracleDriver(Driver):
         self.use_kernel_api = not r3_balloon
         self.owner: DriverSession | None = None
         self.max_chunks = 0
-        self.chunks: dict[int, list[int]] = {}
-        """User chunk address -> the guest pages locked for it, in inflate order."""
-        self.kernel_chunks: list[list[int]] = []
-        """Chunks the driver allocated itself (kernel API), in inflate order."""
+        self.chunks: dict[int, bytes] = {}
+        """User chunk address -> the guest pages locked for it (packed), in inflate order."""
+        self.kernel_chunks: list[bytes] = []
+        """Chunks the driver allocated itself (kernel API, pages packed), in inflate order."""
         self._balloon_mutex = KernelMutex()
         self.waits: dict[DriverSession, set[Wait]] = {}
         """Each session's WAIT_FOR_EVENTS calls in progress."""
@@ -150,17 +150,17 @@ class OracleDriver(Driver):
             rc = await self._change(self.kernel_chunks[-1], inflate=False)
             if rc < 0:
                 return rc
-            self.pages.free(self.kernel_chunks.pop())
+            self.pages.free_chunk(self.kernel_chunks.pop())
         return VINF_SUCCESS
 
-    async def _balloon_new_chunk(self) -> list[int] | int:
+    async def _balloon_new_chunk(self) -> bytes | int:
         """Allocate a chunk's pages and hand them to the host: the pages, or the failure."""
-        pages = self.pages.alloc_many(BALLOON_CHUNK_PAGES)
+        pages = self.pages.alloc_chunk()
         if pages is None:
             return VERR_NO_MEMORY
         rc = await self._change(pages, inflate=True)
         if rc < 0:
-            self.pages.free(pages)
+            self.pages.free_chunk(pages)
             return rc
         return pages
 
@@ -200,10 +200,10 @@ class OracleDriver(Driver):
             return VERR_NOT_FOUND
         rc = await self._change(pages, inflate=False)
         if rc >= 0:
-            self.pages.free(self.chunks.pop(address))
+            self.pages.free_chunk(self.chunks.pop(address))
         return rc
 
-    async def _change(self, pages: list[int], *, inflate: bool) -> int:
+    async def _change(self, pages: bytes, *, inflate: bool) -> int:
         req = self.alloc_request(RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size)
         return await change_memballoon(self, req, pages, inflate=inflate)
 
@@ -217,5 +217,5 @@ class OracleDriver(Driver):
             while self.kernel_chunks:
                 if await self._change(self.kernel_chunks[-1], inflate=False) < 0:
                     break  # upstream leaks the rest
-                self.pages.free(self.kernel_chunks.pop())
+                self.pages.free_chunk(self.kernel_chunks.pop())
             self.owner = None

@@ -6,6 +6,13 @@ from) the host; the goal is read again before each step, so a new target redirec
 at once. A failed step (host status, allocation, the ``MemAvailable`` floor) stops the
 walk; it is logged once per run of failures and retried after a capped exponential backoff,
 or at once when a new event arrives.
+
+The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
+a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
+most :data:`MEMINFO_REUSE_CHUNKS` chunks and only while it leaves that many MiB above the
+floor; nearer the floor, after a pause, a deflate or a failure, it is read again. A chunk is
+therefore refused exactly where a reading before it would refuse it, unless the rest of the
+guest took more than that many MiB within those few chunks (a few milliseconds).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.services.balloon")
 
 CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
+MEMINFO_REUSE_CHUNKS: Final = 32
+"""Chunks one ``MemAvailable`` reading may serve, and the MiB above the floor it must leave."""
 
 
 class WalkStoppedError(Exception):
@@ -56,6 +65,10 @@ class ChunkWalker:
         self.backoff = backoff
         self.min_available_mb = min_available_mb
         self._mem_available_mb = mem_available_mb
+        self._available_mb = 0
+        """``MemAvailable`` as last read, less the MiB inflated on that reading since."""
+        self._reading_uses = 0
+        """Chunks the last reading may still serve (0: read before the next chunk)."""
         self.held: list[Chunk] = []
         self.target = 0
         self.max_chunks: int | None = None
@@ -103,6 +116,7 @@ class ChunkWalker:
             if len(self.held) != goal and trio.current_time() >= self.backoff.retry_at:
                 await self._step(inflate=len(self.held) < goal)
                 continue
+            self._reading_uses = 0  # a pause: the next walk starts from a fresh reading
             if len(self.held) == goal:
                 self._settled.set()
                 self._settled = trio.Event()
@@ -126,6 +140,7 @@ class ChunkWalker:
             self.last_failure = None
 
     def _failed(self, reason: str) -> None:
+        self._reading_uses = 0
         self.failures += 1
         first = self.backoff.failures == 0
         delay = self.backoff.failed(trio.current_time())
@@ -138,14 +153,28 @@ class ChunkWalker:
             retry_in_s=round(delay, 3),
         )
 
-    async def _inflate_one(self) -> None:
-        available = self._mem_available_mb()
-        if available is not None and available - CHUNK_MB < self.min_available_mb:
-            msg = (
-                f"MemAvailable {available} MB would fall below the floor of "
-                f"{self.min_available_mb} MB"
-            )
+    def _check_floor(self) -> None:
+        """Stop the walk if one more chunk would take MemAvailable below the floor.
+
+        Reads MemAvailable unless the last reading may serve this chunk (module docstring);
+        an unknown MemAvailable (None) is not checked.
+        """
+        floor = self.min_available_mb
+        reusable = self._available_mb - CHUNK_MB - floor >= MEMINFO_REUSE_CHUNKS * CHUNK_MB
+        if self._reading_uses == 0 or not reusable:
+            available = self._mem_available_mb()
+            if available is None:
+                self._reading_uses = 0
+                return
+            self._available_mb, self._reading_uses = available, MEMINFO_REUSE_CHUNKS
+        if self._available_mb - CHUNK_MB < floor:
+            msg = f"MemAvailable {self._available_mb} MB would fall below the floor of {floor} MB"
             raise WalkStoppedError(msg)
+        self._available_mb -= CHUNK_MB
+        self._reading_uses -= 1
+
+    async def _inflate_one(self) -> None:
+        self._check_floor()
         allocator = self.allocator
         try:
             address = allocator.allocate()
@@ -172,6 +201,7 @@ class ChunkWalker:
         self._on_resized(len(self.held))
 
     async def _deflate_one(self) -> None:
+        self._reading_uses = 0
         chunk = self.held[-1]
         if not await self.give_back(chunk):
             msg = f"the host did not give chunk {chunk.address:#x} back: {self.last_failure}"
