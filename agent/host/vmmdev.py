@@ -81,6 +81,7 @@ MAX_RAM_MB: Final = 2_097_152
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _MS_PER_S: Final = 1000
+_REQUEST_HEADER: Final = L.RequestHeader.whole()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +163,8 @@ class VMMDev:
             header = bytearray(self.memory.read(phys, HEADER_SIZE))
         except OSError:
             return
-        size = L.RequestHeader.size_.get(header)
-        if size < HEADER_SIZE or L.RequestHeader.version.get(header) != REQUEST_HEADER_VERSION:
+        size, version, request_type, _, _, _ = _REQUEST_HEADER.get(header)
+        if size < HEADER_SIZE or version != REQUEST_HEADER_VERSION:
             return
         if size > MAX_VMMDEV_REQUEST_SIZE:
             L.RequestHeader.rc.set(header, VERR_NOT_SUPPORTED)
@@ -173,7 +174,6 @@ class VMMDev:
             req = bytearray(self.memory.read(phys, size))
         except OSError:
             return
-        request_type = L.RequestHeader.request_type.get(req)
         self.request_counts[request_type] += 1
         rc = self._dispatch(request_type, req, phys)
         if rc is not None:
