@@ -14,15 +14,14 @@ disconnects every client and drops every command.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from agent.host._hgcm_parms import (
+    CALL_PARMS_OFFSET,
     ParmError,
     ParmLayout,
     parm_layout,
-    parms_end,
     parse_parms,
     write_back as write_back_parms,
 )
@@ -57,8 +56,20 @@ NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
 CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
 """Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
-_RC: Final = struct.Struct("<i")
-_FLAGS: Final = struct.Struct("<I")
+_HGCM_CALL64: Final = RequestType.HGCM_CALL64
+_HGCM_EVENT: Final = int(Event.HGCM)
+"""Enum members read once: an enum attribute lookup costs more than what it is used for."""
+_RC: Final = L.RequestHeader.rc.codec
+_RC_AT: Final = L.RequestHeader.rc.offset
+_FLAGS: Final = L.HgcmRequestHeader.flags.codec
+_FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
+_REQUEST_TYPE: Final = L.RequestHeader.request_type.codec
+_REQUEST_TYPE_AT: Final = L.RequestHeader.request_type.offset
+_CALL_TARGET: Final = L.run(
+    L.HgcmCallRequest.client_id, L.HgcmCallRequest.function, L.HgcmCallRequest.parm_count
+).codec
+_CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
+_FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
 
 
 @runtime_checkable
@@ -98,26 +109,23 @@ class _Command:
     phys: int
     req: bytearray
     client: _Client
+    function: int
+    """The function number."""
     layout: ParmLayout
     slots: list[ParmSlot]
+    params: list[HostParm] = field(init=False)
+    """The parameters, updated in place by the service."""
     cancelled: bool = False
     completed: bool = False
     stale: bool = False
+
+    def __post_init__(self) -> None:
+        self.params = [slot.parm for slot in self.slots]
 
     @property
     def client_id(self) -> int:
         """The calling client."""
         return self.client.client_id
-
-    @property
-    def function(self) -> int:
-        """The function number."""
-        return L.HgcmCallRequest.function.get(self.req)
-
-    @property
-    def params(self) -> list[HostParm]:
-        """The parameters, updated in place by the service."""
-        return [slot.parm for slot in self.slots]
 
     def complete(self, status: int) -> None:
         """Finish the call with a VBox status (see :class:`HgcmHost`)."""
@@ -204,16 +212,18 @@ class HgcmHost:
 
     def call(self, req: bytearray, phys: int) -> int | None:
         """HGCM_CALL32/64: parse the parameters and hand the call to the service."""
-        layout = parm_layout(L.RequestHeader.request_type.get(req) == RequestType.HGCM_CALL64)
-        if parms_end(req, layout) > len(req):
+        request_type = _REQUEST_TYPE.unpack_from(req, _REQUEST_TYPE_AT)[0]
+        layout = parm_layout(request_type == _HGCM_CALL64)
+        client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
+        if CALL_PARMS_OFFSET + layout.size * count > len(req):
             return VERR_INVALID_PARAMETER
-        client = self._clients.get(L.HgcmCallRequest.client_id.get(req))
+        client = self._clients.get(client_id)
         if client is None:
             return VERR_HGCM_INVALID_CLIENT_ID
         if phys in self._commands:
             return VERR_HGCM_INVALID_CMD_ADDRESS
         try:
-            slots = parse_parms(req, self._memory, layout)
+            slots = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
             return VERR_INVALID_PARAMETER
@@ -222,7 +232,7 @@ class HgcmHost:
         if len(client.calls) + 1 >= client.service.max_calls_per_client:
             return VERR_HGCM_TOO_MANY_CLIENT_CALLS
         self._accept(req, phys)
-        self._start(_Command(self, phys, req, client, layout, slots))
+        self._start(_Command(self, phys, req, client, function, layout, slots))
         return None
 
     def cancel(self, phys: int) -> int:
@@ -259,7 +269,7 @@ class HgcmHost:
         if command.cancelled:
             return
         self._commands.pop(command.phys, None)
-        write_back_parms(command.req, command.slots, self._memory, command.layout)
+        write_back_parms(command.req, command.slots, self._memory)
         self._finish(command.req, command.phys, status)
 
     # --- VM life cycle ---------------------------------------------------------------------
@@ -311,10 +321,11 @@ class HgcmHost:
             return
         try:
             req = bytearray(self._memory.read(old.phys, len(old.req)))
-            slots = parse_parms(req, self._memory, old.layout)
+            _, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
+            slots = parse_parms(req, self._memory, old.layout, count)
         except (OSError, ParmError):
             return
-        self._start(_Command(self, old.phys, req, old.client, old.layout, slots))
+        self._start(_Command(self, old.phys, req, old.client, function, old.layout, slots))
 
     def _discard(self, commands: list[_Command]) -> None:
         for command in commands:
@@ -323,8 +334,8 @@ class HgcmHost:
             command.client.calls.discard(command)
 
     def _accept(self, req: bytearray, phys: int) -> None:
-        L.RequestHeader.rc.set(req, VINF_HGCM_ASYNC_EXECUTE)
-        self._write(phys + L.RequestHeader.rc.offset, _RC.pack(VINF_HGCM_ASYNC_EXECUTE))
+        _RC.pack_into(req, _RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        self._write(phys + _RC_AT, _RC.pack(VINF_HGCM_ASYNC_EXECUTE))
 
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
         """Write the request back with the guest's current flags, then DONE in those flags.
@@ -333,17 +344,16 @@ class HgcmHost:
         the flags, which the first write stored; it does not read them again.
         """
         flags = self._guest_flags(phys, req)
-        L.HgcmRequestHeader.result.set(req, result)
-        L.HgcmRequestHeader.flags.set(req, flags)
+        _FLAGS_RESULT.pack_into(req, _FLAGS_AT, flags, result)
         self._write(phys, req)
-        self._write(phys + L.HgcmRequestHeader.flags.offset, _FLAGS.pack(flags | HGCM_REQ_DONE))
-        self._notify(Event.HGCM)
+        self._write(phys + _FLAGS_AT, _FLAGS.pack(flags | HGCM_REQ_DONE))
+        self._notify(_HGCM_EVENT)
 
     def _guest_flags(self, phys: int, req: bytearray) -> int:
         try:
-            raw = self._memory.read(phys + L.HgcmRequestHeader.flags.offset, _FLAGS.size)
+            raw = self._memory.read(phys + _FLAGS_AT, _FLAGS.size)
         except OSError:
-            return L.HgcmRequestHeader.flags.get(req)
+            raw = bytes(req[_FLAGS_AT : _FLAGS_AT + _FLAGS.size])
         value: int = _FLAGS.unpack(raw)[0]
         return value
 

@@ -41,10 +41,12 @@ class DictMemory:
     """Synthetic address space: page-aligned regions, each backed by a caller's bytearray.
 
     Addresses are handed out from ``[base, limit)``; freed space is reused. A region starts
-    ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``).
+    ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``). Regions are kept
+    sorted by address in two parallel lists, so finding one is a bisection, and mapping past
+    every region (the usual case) appends.
     """
 
-    __slots__ = ("_base", "_limit", "_next", "_regions", "_starts")
+    __slots__ = ("_base", "_datas", "_limit", "_next", "_starts", "_top")
 
     def __init__(self, *, base: int = USER_BASE, limit: int = USER_LIMIT) -> None:
         if base % PAGE_SIZE or limit <= base:
@@ -54,7 +56,9 @@ class DictMemory:
         self._limit = limit
         self._next = base
         self._starts: list[int] = []
-        self._regions: dict[int, bytearray] = {}
+        self._datas: list[bytearray] = []
+        self._top = base
+        """Where the guard after the highest region ends (the base when nothing is mapped)."""
 
     def map(self, data: bytearray, *, offset: int = 0) -> int:
         """Give ``data`` an address (``offset`` bytes into its first page) and return it.
@@ -66,50 +70,71 @@ class DictMemory:
             msg = f"offset {offset} is not within a page"
             raise ValueError(msg)
         need = offset + max(len(data), 1) + GUARD_BYTES
-        start = self._find_room(need)
+        start = _page_align(self._next)
+        if start < self._top or start + need > self._limit:
+            start = self._find_room(need)
         address = start + offset
-        bisect.insort(self._starts, address)
-        self._regions[address] = data
+        starts = self._starts
+        if not starts or address > starts[-1]:
+            starts.append(address)
+            self._datas.append(data)
+            self._top = address + len(data) + GUARD_BYTES
+        else:
+            index = bisect.bisect_right(starts, address)
+            starts.insert(index, address)
+            self._datas.insert(index, data)
         self._next = start + need
         return address
 
     def unmap(self, address: int) -> None:
         """Forget the region that starts at ``address`` (no-op if there is none)."""
-        if self._regions.pop(address, None) is not None:
-            self._starts.remove(address)
+        starts = self._starts
+        index = bisect.bisect_left(starts, address)
+        if index == len(starts) or starts[index] != address:
+            return
+        del starts[index]
+        del self._datas[index]
+        if index == len(starts):
+            self._top = self._end_of_last()
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""
         if size == 0:
             return b""
-        data, offset = self._locate(address, size)
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or size < 0:
+            raise _fault(address, size)
+        data = self._datas[index]
+        offset = address - self._starts[index]
+        if offset + size > len(data):
+            raise _fault(address, size)
         return bytes(data[offset : offset + size])
 
     def write(self, address: int, data: bytes | bytearray) -> None:
         """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped region."""
-        if not data:
+        size = len(data)
+        if not size:
             return
-        region, offset = self._locate(address, len(data))
-        region[offset : offset + len(data)] = data
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0:
+            raise _fault(address, size)
+        region = self._datas[index]
+        offset = address - self._starts[index]
+        if offset + size > len(region):
+            raise _fault(address, size)
+        region[offset : offset + size] = data
 
     def __len__(self) -> int:
-        return len(self._regions)
+        return len(self._starts)
 
-    def _locate(self, address: int, size: int) -> tuple[bytearray, int]:
-        index = bisect.bisect_right(self._starts, address) - 1
-        if index < 0 or size < 0:
-            raise _fault(address, size)
-        start = self._starts[index]
-        data = self._regions[start]
-        offset = address - start
-        if offset + size > len(data):
-            raise _fault(address, size)
-        return data, offset
+    def _end_of_last(self) -> int:
+        if not self._starts:
+            return self._base
+        return self._starts[-1] + len(self._datas[-1]) + GUARD_BYTES
 
     def _find_room(self, need: int) -> int:
+        """The first page-aligned start at or after ``_next`` (wrapping once) with room."""
         candidate = _page_align(self._next)
-        if candidate >= self._top() and candidate + need <= self._limit:
-            return candidate  # past every region: the usual case, nothing to search
         wrapped = False
         while True:
             if candidate + need > self._limit:
@@ -120,22 +145,19 @@ class DictMemory:
             clash = self._first_region_in(candidate, candidate + need)
             if clash is None:
                 return candidate
-            candidate = _page_align(clash + len(self._regions[clash]) + GUARD_BYTES)
-
-    def _top(self) -> int:
-        """Where the guard after the highest region ends (the base when nothing is mapped)."""
-        if not self._starts:
-            return self._base
-        last = self._starts[-1]
-        return last + len(self._regions[last]) + GUARD_BYTES
+            end = self._starts[clash] + len(self._datas[clash]) + GUARD_BYTES
+            candidate = _page_align(end)
 
     def _first_region_in(self, low: int, high: int) -> int | None:
-        index = max(bisect.bisect_right(self._starts, low) - 1, 0)
-        for start in self._starts[index:]:
+        """The index of the first region (with its guard) overlapping ``[low, high)``."""
+        starts = self._starts
+        index = max(bisect.bisect_right(starts, low) - 1, 0)
+        for at in range(index, len(starts)):
+            start = starts[at]
             if start >= high:
                 return None
-            if start + len(self._regions[start]) + GUARD_BYTES > low:
-                return start
+            if start + len(self._datas[at]) + GUARD_BYTES > low:
+                return at
         return None
 
 

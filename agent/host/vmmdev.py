@@ -81,7 +81,12 @@ MAX_RAM_MB: Final = 2_097_152
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _MS_PER_S: Final = 1000
-_REQUEST_HEADER: Final = L.RequestHeader.whole()
+_HEADER_START: Final = L.run(
+    L.RequestHeader.size_, L.RequestHeader.version, L.RequestHeader.request_type
+).codec
+"""What the port handler checks first: size, version and type (from offset 0)."""
+_RC: Final = L.RequestHeader.rc.codec
+_RC_AT: Final = L.RequestHeader.rc.offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,25 +164,27 @@ class VMMDev:
 
     def process(self, phys: int) -> None:
         """Handle the request at ``phys`` synchronously (the port handler proper)."""
+        memory = self.memory
         try:
-            header = bytearray(self.memory.read(phys, HEADER_SIZE))
+            header = memory.read(phys, HEADER_SIZE)
         except OSError:
             return
-        size, version, request_type, _, _, _ = _REQUEST_HEADER.get(header)
+        size, version, request_type = _HEADER_START.unpack_from(header)
         if size < HEADER_SIZE or version != REQUEST_HEADER_VERSION:
             return
         if size > MAX_VMMDEV_REQUEST_SIZE:
-            L.RequestHeader.rc.set(header, VERR_NOT_SUPPORTED)
-            self._write(phys, header)
+            answer = bytearray(header)
+            _RC.pack_into(answer, _RC_AT, VERR_NOT_SUPPORTED)
+            self._write(phys, answer)
             return
         try:
-            req = bytearray(self.memory.read(phys, size))
+            req = bytearray(memory.read(phys, size))
         except OSError:
             return
         self.request_counts[request_type] += 1
         rc = self._dispatch(request_type, req, phys)
         if rc is not None:
-            L.RequestHeader.rc.set(req, rc)
+            _RC.pack_into(req, _RC_AT, rc)
             self._write(phys, req)
 
     def _dispatch(self, request_type: int, req: bytearray, phys: int) -> int | None:
@@ -434,12 +441,7 @@ class VMMDev:
 
 
 def _host_version(req: bytearray, _phys: int) -> int:
-    major, minor, build, revision = HOST_VERSION
-    L.HostVersionRequest.major.set(req, major)
-    L.HostVersionRequest.minor.set(req, minor)
-    L.HostVersionRequest.build.set(req, build)
-    L.HostVersionRequest.revision.set(req, revision)
-    L.HostVersionRequest.features.set(req, HOST_FEATURES)
+    _HOST_VERSION_BODY.set(req, *HOST_VERSION, HOST_FEATURES)
     return VINF_SUCCESS
 
 
@@ -447,6 +449,13 @@ def _idle(_req: bytearray, _phys: int) -> None:
     """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone."""
 
 
+_HOST_VERSION_BODY: Final = L.run(
+    L.HostVersionRequest.major,
+    L.HostVersionRequest.minor,
+    L.HostVersionRequest.build,
+    L.HostVersionRequest.revision,
+    L.HostVersionRequest.features,
+)
 _HYPERVISOR_START: Final = struct.Struct("<II")
 
 

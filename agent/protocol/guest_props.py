@@ -12,6 +12,8 @@ RDONLY bits are set, and always adds TRANSIENT to TRANSRESET.
 
 from __future__ import annotations
 
+import functools
+import re
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
@@ -45,6 +47,10 @@ ENUM_TERMINATOR: Final = b"\0\0\0\0"
 """What ENUM_PROPS writes after the last entry: four empty strings."""
 NAME_FORBIDDEN: Final = "*?|"
 """Characters a property name may not contain (``GuestPropValidateName``)."""
+NAME_FORBIDDEN_RE: Final = re.compile(f"[{re.escape(NAME_FORBIDDEN)}]")
+"""Finds a character of :data:`NAME_FORBIDDEN` (in a ``str``)."""
+NAME_FORBIDDEN_BYTES_RE: Final = re.compile(f"[{re.escape(NAME_FORBIDDEN)}]".encode())
+"""Finds a character of :data:`NAME_FORBIDDEN` (in ``bytes``)."""
 
 HOST_RESERVED_PREFIXES: Final = (
     "/VirtualBox/GuestAdd/VBoxService/",
@@ -121,8 +127,9 @@ def parse_flags(text: str) -> int:
     return flags
 
 
+@functools.cache
 def format_flags(flags: int) -> str:
-    """Return the text form of ``flags`` as the service writes it.
+    """Return the text form of ``flags`` as the service writes it (remembered per value).
 
     Raises:
         ValueError: ``flags`` has bits outside ``ALLFLAGS``.
@@ -166,7 +173,7 @@ def encode_name(name: str) -> bytes:
             f"the limit is {MAX_NAME_SIZE - 1} bytes of UTF-8"
         )
         raise PropertyArgumentError(msg)
-    if any(char in name for char in NAME_FORBIDDEN):
+    if NAME_FORBIDDEN_RE.search(name):
         msg = f"property name {name!r} contains '*', '?' or '|', which names may not"
         raise PropertyArgumentError(msg)
     return raw + b"\0"

@@ -14,6 +14,7 @@ may sit at an offset that is only 4-aligned.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from dataclasses import dataclass
@@ -341,6 +342,15 @@ class HgcmPageList(Layout):
     offset_first_page = u16(4, "offset_first_page")
     page_count = u16(6, "page_count")
     first_page = u64(8, "pages")
+
+
+@functools.lru_cache(maxsize=64)
+def page_list_codec(page_count: int) -> struct.Struct:
+    """:class:`HgcmPageList` with ``page_count`` pages, in one pack or unpack: ``flags``,
+    ``offset_first_page``, ``page_count``, then the page addresses."""
+    header = run(HgcmPageList.flags, HgcmPageList.offset_first_page, HgcmPageList.page_count)
+    page = HgcmPageList.first_page.codec.format.lstrip("<")
+    return struct.Struct(header.codec.format + page * page_count)
 
 
 class LogIoctl(_WithIoctlHeader):

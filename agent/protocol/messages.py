@@ -14,6 +14,7 @@ requestor is 0 (the driver stamps its own), and ``rc`` starts as ``VERR_GENERAL_
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Final, Generic, TypeVar
 
@@ -632,18 +633,31 @@ class HgcmCallError(VBoxStatusError):
         self.reply = reply
 
 
-_P = L.HgcmParameter64
 _CALL_HEADER: Final = L.HgcmCallIoctl.whole()
 """The ioctl header and the call's own header, written in one go."""
-_PARM_RUNS: Final[dict[type[HgcmParam], tuple[HgcmParmType, L.FieldRun]]] = {
-    HgcmU32: (HgcmParmType.U32, L.run(_P.type, _P.value32)),
-    HgcmU64: (HgcmParmType.U64, L.run(_P.type, _P.value64)),
-    HgcmBufferIn: (HgcmParmType.LINADDR_IN, L.run(_P.type, _P.pointer_size)),
-    HgcmBufferOut: (HgcmParmType.LINADDR_OUT, L.run(_P.type, _P.pointer_size)),
-    HgcmBuffer: (HgcmParmType.LINADDR, L.run(_P.type, _P.pointer_size)),
+_P = L.HgcmParameter64
+_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
+"""A parameter as three members: its type, the word at offset 4 (``value32``, a buffer's
+size, the low half of ``value64``) and the u64 at offset 8 (a buffer's address; its low half
+is the high half of ``value64``)."""
+_CALLS: Final = tuple(
+    struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
+    for count in range(HGCM_MAX_PARMS + 1)
+)
+"""The whole ioctl buffer of a call with 0..32 parameters, in one pack or unpack."""
+_HGCM_CALL_CODES: Final = tuple(
+    Ioctl.hgcm_call_64(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count)
+    for count in range(HGCM_MAX_PARMS + 1)
+)
+_CALL_HEADER_VALUES: Final = len(_CALL_HEADER.codec.unpack(bytes(_CALL_HEADER.codec.size)))
+_PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
+    HgcmU32: HgcmParmType.U32,
+    HgcmU64: HgcmParmType.U64,
+    HgcmBufferIn: HgcmParmType.LINADDR_IN,
+    HgcmBufferOut: HgcmParmType.LINADDR_OUT,
+    HgcmBuffer: HgcmParmType.LINADDR,
 }
-"""Per parameter class: its type and the members that carry it (type, then value or size;
-a buffer's address is the transport's to store)."""
+_ADDRESS_AT: Final = _P.pointer_linear_addr.offset
 
 
 def _buffer_bytes(param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer) -> bytearray:
@@ -687,67 +701,75 @@ class HgcmCall(Request[HgcmReply]):
         if count > HGCM_MAX_PARMS:
             msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
             raise LocalProtocolError(msg)
-        size = self.size
-        buf = bytearray(size)
-        _CALL_HEADER.set(
-            buf,
-            *(size, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size, 0),
-            *(self.client_id, self.function, self.timeout_ms, 1, 0, count),
-        )
+        size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
+        values = [size, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size, 0]
+        values += (self.client_id, self.function, self.timeout_ms, 1, 0, count)
         user_buffers: list[UserBuffer] = []
         for index, param in enumerate(self.params):
-            base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
-            parm_type, members = _PARM_RUNS[type(param)]
+            kind = _PARM_TYPES[type(param)]
             if isinstance(param, HgcmU32):
                 _check_u32(f"parameter {index}", param.value)
-                members.set(buf, parm_type, param.value, base=base)
+                values += (kind, param.value, 0)
             elif isinstance(param, HgcmU64):
                 if not 0 <= param.value <= _U64_MAX:
                     msg = f"parameter {index}: {param.value} does not fit in 64 bits"
                     raise LocalProtocolError(msg)
-                members.set(buf, parm_type, param.value, base=base)
+                values += (kind, param.value & _U32_MAX, param.value >> 32)
             else:
                 data = _buffer_bytes(param)
                 if len(data) > HGCM_MAX_USER_PARM:
                     msg = f"parameter {index}: {len(data)} bytes exceed {HGCM_MAX_USER_PARM}"
                     raise LocalProtocolError(msg)
-                members.set(buf, parm_type, len(data), base=base)
+                values += (kind, len(data), 0)
                 if data:
-                    address_at = base + _P.pointer_linear_addr.offset
+                    address_at = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index + _ADDRESS_AT
                     user_buffers.append(UserBuffer(address_at, data))
-        return IoctlCall(Ioctl.hgcm_call_64(size), buf, self, tuple(user_buffers))
+        buf = bytearray(size)
+        _CALLS[count].pack_into(buf, 0, *values)
+        return IoctlCall(_HGCM_CALL_CODES[count], buf, self, tuple(user_buffers))
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
         """Decode the status and the returned parameters."""
-        size = self.size
-        try:
-            rc = check_ioctl_reply(call, size, size)
-        except VBoxStatusError as exc:
-            reply = HgcmReply(exc.rc, self._decode_params(call, size))
-            raise HgcmCallError(reply, self.operation) from None
-        return HgcmReply(rc, self._decode_params(call, size))
-
-    def _decode_params(self, call: IoctlCall[HgcmReply], size: int) -> tuple[HgcmValue, ...]:
         buf = call.buffer
-        if len(buf) != size or L.HgcmCallIoctl.parm_count.get(buf) != len(self.params):
+        size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * len(self.params)
+        if len(buf) != size:
+            msg = f"{self.operation}: reply buffer has {len(buf)} bytes, expected {size}"
+            raise RemoteProtocolError(msg)
+        values = _CALLS[len(self.params)].unpack_from(buf)
+        size_in, version, _, rc, size_out, _ = values[:6]
+        if (size_in, version) != (size, IOCTL_HDR_VERSION):
+            msg = f"{self.operation}: reply header (size_in, version) is {(size_in, version)}"
+            raise RemoteProtocolError(msg)
+        if size_out != size:
+            msg = f"{self.operation}: reply size_out {size_out}, expected {size}"
+            raise RemoteProtocolError(msg)
+        reply = HgcmReply(rc, self._decode_params(call, values))
+        if rc < 0:
+            raise HgcmCallError(reply, self.operation)
+        return reply
+
+    def _decode_params(
+        self, call: IoctlCall[HgcmReply], values: tuple[int, ...]
+    ) -> tuple[HgcmValue, ...]:
+        if values[_CALL_HEADER_VALUES - 1] != len(self.params):
             msg = f"{self.operation}: reply does not hold {len(self.params)} parameters"
             raise RemoteProtocolError(msg)
         user = iter(call.user_buffers)
-        values: list[HgcmValue] = []
+        decoded: list[HgcmValue] = []
+        at = _CALL_HEADER_VALUES
         for index, param in enumerate(self.params):
-            base = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index
-            parm_type, members = _PARM_RUNS[type(param)]
-            got_type, value = members.get(buf, base)
-            if got_type != parm_type:
+            got_type, word, high = values[at : at + 3]
+            at += 3
+            if got_type != _PARM_TYPES[type(param)]:
                 msg = f"{self.operation}: parameter {index} came back as type {got_type}"
                 raise RemoteProtocolError(msg)
             if isinstance(param, HgcmU32):
-                values.append(HgcmU32(value))
+                decoded.append(HgcmU32(word))
             elif isinstance(param, HgcmU64):
-                values.append(HgcmU64(value))
+                decoded.append(HgcmU64(word | (high & _U32_MAX) << 32))
             else:
-                values.append(self._decode_buffer(index, param, value, user))
-        return tuple(values)
+                decoded.append(self._decode_buffer(index, param, word, user))
+        return tuple(decoded)
 
     def _decode_buffer(
         self,

@@ -65,7 +65,14 @@ _VMMDEV_REQUEST_BIG: Final = (Ioctl.VMMDEV_REQUEST_BIG, Ioctl.VMMDEV_REQUEST_BIG
 _HGCM_CALL_64: Final = without_size(Ioctl.hgcm_call_64(0))
 _LOG_ALT: Final = without_size(Ioctl.log_alt(0))
 """Ioctl numbers without their size field, for the ioctls that carry one."""
-_IOCTL_HEADER: Final = L.IoctlHeader.whole()
+_IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
+"""The ioctl header (at offset 0) in one unpack."""
+_RC_SIZE_OUT: Final = L.run(L.IoctlHeader.rc, L.IoctlHeader.size_out).codec
+_RC_AT: Final = L.IoctlHeader.rc.offset
+_SIZE_OUT: Final = L.IoctlHeader.size_out.codec
+_SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
+_REQUEST_RC: Final = L.RequestHeader.rc.codec
+_REQUEST_RC_AT: Final = L.RequestHeader.rc.offset
 _REQUEST_HEADER: Final = L.RequestHeader.whole()
 
 
@@ -167,7 +174,8 @@ class Driver:
             await self.vmmdev.submit(phys)
         finally:
             self.ram.unmap(phys)
-        return L.RequestHeader.rc.get(req)
+        rc: int = _REQUEST_RC.unpack_from(req, _REQUEST_RC_AT)[0]
+        return rc
 
     # --- background ------------------------------------------------------------------------
 
@@ -294,7 +302,7 @@ class Driver:
             raise fail(errno.ENODEV)
         kbuf = _copy_in(code, buf)
         await self._dispatch(session, code, kbuf, memory)
-        count = min(L.IoctlHeader.size_out.get(kbuf), len(kbuf))
+        count = min(_SIZE_OUT.unpack_from(kbuf, _SIZE_OUT_AT)[0], len(kbuf))
         if len(buf) < count:
             raise fail(errno.EFAULT)
         buf[:count] = kbuf[:count]
@@ -302,14 +310,13 @@ class Driver:
     async def _dispatch(
         self, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
     ) -> None:
-        L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
-        if L.IoctlHeader.size_out.get(kbuf) == 0:
-            L.IoctlHeader.size_out.set(kbuf, L.IoctlHeader.size_in.get(kbuf))
+        size_in, _, ioctl_type, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
+        _RC_SIZE_OUT.pack_into(kbuf, _RC_AT, VINF_SUCCESS, size_out or size_in)
         stripped = without_size(code)
         if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
             await self._vmmdev_request(session, kbuf)
             return
-        if L.IoctlHeader.type.get(kbuf) != 0:
+        if ioctl_type != 0:
             raise fail(errno.EINVAL)
         handler = self._fixed.get(code)
         if handler is not None:
@@ -331,12 +338,11 @@ class Driver:
 
     async def _vmmdev_request(self, session: DriverSession, kbuf: bytearray) -> None:
         """``vbg_ioctl_vmmrequest``: the buffer is the request, handed over as it is."""
-        size_in = L.IoctlHeader.size_in.get(kbuf)
-        if size_in != L.IoctlHeader.size_out.get(kbuf):
+        size_in, _, request_type, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
+        if size_in != size_out:
             raise fail(errno.EINVAL)
         if size_in > MAX_VMMDEV_REQUEST_SIZE:
             raise fail(errno.E2BIG)
-        request_type = L.IoctlHeader.type.get(kbuf)
         if request_type == 0:
             raise fail(errno.EINVAL)
         if not req_allowed(session, request_type, kbuf, self.trusted_requests):
@@ -349,7 +355,7 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
     """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, _, _, size_out, _ = _IOCTL_HEADER.get(buf)
+    size_in, version, _, _, size_out, _ = _IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):

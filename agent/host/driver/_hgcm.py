@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import math
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -60,7 +62,22 @@ _BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
 }
 _P = L.HgcmParameter64
-_IOCTL_HEADER: Final = L.IoctlHeader.whole()
+_LINADDR_IN: Final = HgcmParmType.LINADDR_IN
+_LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
+_PAGELIST: Final = HgcmParmType.PAGELIST
+_HGCM_CALL64: Final = RequestType.HGCM_CALL64
+"""Enum members read once: an enum attribute lookup costs more than what it is used for."""
+_IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
+_RC: Final = L.IoctlHeader.rc.codec
+_RC_AT: Final = L.IoctlHeader.rc.offset
+_SIZE_OUT: Final = L.IoctlHeader.size_out.codec
+_SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
+_RESULT: Final = L.HgcmRequestHeader.result.codec
+_RESULT_AT: Final = L.HgcmRequestHeader.result.offset
+_FLAGS: Final = L.HgcmRequestHeader.flags.codec
+_FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
+_PARM_SIZE: Final = _P.pointer_size.codec
+_PARM_SIZE_AT: Final = _P.pointer_size.offset
 _CALL_IOCTL: Final = L.run(
     L.HgcmCallIoctl.client_id,
     L.HgcmCallIoctl.function,
@@ -79,8 +96,14 @@ _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.parm_count,
 )
 """The HGCM call request after its request header: flags, result, client, function, count."""
-_BUFFER_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
-_PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset)
+_BUFFER_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr).codec
+"""A parameter (at offset 0 of its 16 bytes) as a buffer: type, size, address."""
+_PARM_ARRAYS: Final = tuple(
+    struct.Struct("<" + _BUFFER_PARM.format.lstrip("<") * count)
+    for count in range(HGCM_MAX_PARMS + 1)
+)
+"""Arrays of 0..32 parameters, each read as a buffer (a value's bytes fill the same words)."""
+_PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec
 _PAGE_LIST_HEADER: Final = L.run(
     L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
 )
@@ -175,7 +198,7 @@ class _TooBigError(Exception):
 
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
-    size_in, _, _, _, size_out, _ = _IOCTL_HEADER.get(kbuf)
+    size_in, _, _, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
     client_id, _, _, _, _, count = _CALL_IOCTL.get(kbuf)
@@ -186,23 +209,40 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if size_in < needed:
         raise fail(errno.EINVAL)
-    L.IoctlHeader.size_out.set(kbuf, needed)
-    kinds = [_P.type.get(kbuf, at) for at in _parm_offsets(count)]
-    if any(kind not in USER_HGCM_PARM_TYPES for kind in kinds):
+    _SIZE_OUT.pack_into(kbuf, _SIZE_OUT_AT, needed)
+    parms = _user_parms(kbuf, count)
+    if not USER_HGCM_PARM_TYPES.issuperset(parm.kind for parm in parms):
         raise fail(errno.EINVAL)
     async with drv.session_mutex:
         if client_id not in session.hgcm_client_ids:
             raise fail(errno.EINVAL)
     try:
-        status = await _call(drv, session, kbuf, kinds, memory)
+        status = await _call(drv, session, kbuf, parms, memory)
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
-    L.IoctlHeader.rc.set(kbuf, status)
+    _RC.pack_into(kbuf, _RC_AT, status)
 
 
-def _parm_offsets(count: int, base: int = HGCM_CALL_HEADER_SIZE) -> range:
-    """Where each parameter of an array of ``count`` starting at ``base`` sits."""
-    return range(base, base + HGCM_PARM64_SIZE * count, HGCM_PARM64_SIZE)
+@dataclass(slots=True)
+class _UserParm:
+    """One parameter of the user's call: where it sits, its type, a buffer's size and address
+    (a value parameter's bytes read the same way), and the bounce buffer the driver gave it."""
+
+    at: int
+    kind: int
+    size: int
+    address: int
+    bounce: bytearray | None = None
+    bounce_address: int = 0
+
+
+def _user_parms(kbuf: bytearray, count: int) -> list[_UserParm]:
+    """The ``count`` parameters after the call header, in one unpack."""
+    words = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
+    return [
+        _UserParm(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index, *words[first : first + 3])
+        for index, first in enumerate(range(0, 3 * count, 3))
+    ]
 
 
 def _page_count(length: int) -> int:
@@ -210,13 +250,20 @@ def _page_count(length: int) -> int:
 
 
 async def _call(
-    drv: Driver, session: DriverSession, kbuf: bytearray, kinds: list[int], memory: GuestMemory
+    drv: Driver,
+    session: DriverSession,
+    kbuf: bytearray,
+    parms: list[_UserParm],
+    memory: GuestMemory,
 ) -> int:
-    """Bounce, build, perform and copy back the call; ``kinds`` are the user's parameter types."""
-    bounce = _bounce_buffers(kbuf, kinds, memory)
-    mapped = {index: drv.ram.map(data) for index, data in bounce.items()}
+    """Bounce, build, perform and copy back the call."""
+    ram = drv.ram
     try:
-        req = _build_request(drv, session, kbuf, kinds, bounce=bounce, mapped=mapped)
+        _bounce_buffers(parms, memory)
+        for parm in parms:
+            if parm.bounce is not None:
+                parm.bounce_address = ram.map(parm.bounce)
+        req = _build_request(drv, session, kbuf, parms)
         timeout_ms = L.HgcmCallIoctl.timeout_ms.get(kbuf)
         deadline = (
             math.inf
@@ -226,93 +273,110 @@ async def _call(
         error = await _do_call(drv, req, deadline)
         if error:
             raise fail(error)
-        _copy_back(kbuf, req, kinds, bounce, memory)
-        return L.HgcmRequestHeader.result.get(req)
+        _copy_back(kbuf, req, parms, memory)
+        result: int = _RESULT.unpack_from(req, _RESULT_AT)[0]
+        return result
     finally:
-        for address in mapped.values():
-            drv.ram.unmap(address)
+        for parm in parms:
+            if parm.bounce_address:
+                ram.unmap(parm.bounce_address)
 
 
-def _bounce_buffers(kbuf: bytearray, kinds: list[int], memory: GuestMemory) -> dict[int, bytearray]:
-    """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order."""
-    bounce: dict[int, bytearray] = {}
-    for index, (kind, at) in enumerate(zip(kinds, _parm_offsets(len(kinds)), strict=True)):
+def _bounce_buffers(parms: list[_UserParm], memory: GuestMemory) -> None:
+    """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order.
+
+    Empty buffers get no bounce buffer.
+    """
+    for parm in parms:
+        kind = parm.kind
         if kind not in _BUFFER_TYPES:
             continue
-        _, length, address = _BUFFER_PARM.get(kbuf, at)
+        length = parm.size
         if length > HGCM_MAX_USER_PARM:
             raise _TooBigError
         if length == 0:
             continue
-        if kind == HgcmParmType.LINADDR_OUT:
-            bounce[index] = bytearray(length)
+        if kind == _LINADDR_OUT:
+            parm.bounce = bytearray(length)
         else:
-            bounce[index] = bytearray(memory.read(address, length))
-    return bounce
+            parm.bounce = bytearray(memory.read(parm.address, length))
 
 
 def _build_request(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    kinds: list[int],
-    *,
-    bounce: dict[int, bytearray],
-    mapped: dict[int, int],
+    parms: list[_UserParm],
 ) -> bytearray:
-    count = len(kinds)
+    """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer."""
+    count = len(parms)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     size = lists_at + sum(
-        PAGE_LIST_HEADER_SIZE + 8 * _page_count(len(data)) for data in bounce.values()
+        PAGE_LIST_HEADER_SIZE + 8 * _page_count(parm.size + parm.bounce_address % PAGE_SIZE)
+        for parm in parms
+        if parm.bounce is not None
     )
-    req = drv.alloc_request(RequestType.HGCM_CALL64, size, session.requestor)
+    req = drv.alloc_request(_HGCM_CALL64, size, session.requestor)
     client_id, function = _CALL_TARGET.get(kbuf)
     _CALL_REQUEST.set(req, 0, 0, client_id, function, count)
-    offsets = zip(_parm_offsets(count), _parm_offsets(count, L.HgcmCallRequest.size), strict=True)
-    for index, (kind, (src, dst)) in enumerate(zip(kinds, offsets, strict=True)):
+    shift = L.HgcmCallRequest.size - HGCM_CALL_HEADER_SIZE
+    for parm in parms:
+        src = parm.at
+        dst = src + shift
+        kind = parm.kind
         if kind not in _BUFFER_TYPES:
             req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
-            continue
-        if index not in bounce:
-            _BUFFER_PARM.set(req, kind, 0, 0, base=dst)
-            continue
-        length, address = len(bounce[index]), mapped[index]
-        _PAGE_LIST_PARM.set(req, HgcmParmType.PAGELIST, length, lists_at, base=dst)
-        pages = _page_count(length + address % PAGE_SIZE)
-        direction = _BUFFER_TYPES[kind]
-        _PAGE_LIST_HEADER.set(req, direction, address % PAGE_SIZE, pages, base=lists_at)
-        first_page = address - address % PAGE_SIZE
-        addresses = range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
-        struct.pack_into(f"<{pages}Q", req, lists_at + PAGE_LIST_HEADER_SIZE, *addresses)
-        lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
+        elif parm.bounce is None:
+            _BUFFER_PARM.pack_into(req, dst, kind, 0, 0)
+        else:
+            address = parm.bounce_address
+            in_page = address % PAGE_SIZE
+            pages = _page_count(parm.size + in_page)
+            _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, parm.size, lists_at)
+            first_page = address - in_page
+            _page_list_codec(pages).pack_into(
+                req,
+                lists_at,
+                _BUFFER_TYPES[kind],
+                in_page,
+                pages,
+                *range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE),
+            )
+            lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
     return req
 
 
+@functools.cache
+def _page_list_codec(pages: int) -> struct.Struct:
+    """A page list of ``pages`` pages: flags, offset in the first page, count, addresses."""
+    return struct.Struct(_PAGE_LIST_HEADER.codec.format + "Q" * pages)
+
+
 def _copy_back(
-    kbuf: bytearray,
-    req: bytearray,
-    kinds: list[int],
-    bounce: dict[int, bytearray],
-    memory: GuestMemory,
+    kbuf: bytearray, req: bytearray, parms: list[_UserParm], memory: GuestMemory
 ) -> None:
-    count = len(kinds)
-    offsets = zip(_parm_offsets(count, L.HgcmCallRequest.size), _parm_offsets(count), strict=True)
-    for index, (kind, (src, dst)) in enumerate(zip(kinds, offsets, strict=True)):
+    """``hgcm_call_copy_back_result``: values, the host's sizes, and out buffers' bytes."""
+    shift = L.HgcmCallRequest.size - HGCM_CALL_HEADER_SIZE
+    for parm in parms:
+        dst = parm.at
+        src = dst + shift
+        kind = parm.kind
         if kind not in _BUFFER_TYPES:
             kbuf[dst : dst + HGCM_PARM64_SIZE] = req[src : src + HGCM_PARM64_SIZE]
             continue
-        returned = _P.page_list_size.get(req, src)
-        _P.pointer_size.set(kbuf, returned, dst)
-        if kind == HgcmParmType.LINADDR_IN or index not in bounce:
+        returned: int = _PARM_SIZE.unpack_from(req, src + _PARM_SIZE_AT)[0]
+        _PARM_SIZE.pack_into(kbuf, dst + _PARM_SIZE_AT, returned)
+        if kind == _LINADDR_IN or parm.bounce is None:
             continue
-        memory.write(_P.pointer_linear_addr.get(kbuf, dst), bounce[index][:returned])
+        memory.write(parm.address, parm.bounce[:returned])
 
 
 # --- waiting and cancelling ------------------------------------------------------------------
 
 
 def _done(req: bytearray) -> bool:
-    return bool(L.HgcmRequestHeader.flags.get(req) & HGCM_REQ_DONE)
+    flags: int = _FLAGS.unpack_from(req, _FLAGS_AT)[0]
+    return bool(flags & HGCM_REQ_DONE)
 
 
 async def _wait_done(drv: Driver, req: bytearray) -> None:

@@ -47,19 +47,24 @@ class KernelMutex:
     """A sleeping lock that, like the kernel's ``mutex_lock``, sleeps only when contended.
 
     An uncontended lock is taken without a trio schedule point: the ioctl entry already had
-    its one. Waiters are served in order (a free lock with waiters queued is not jumped).
+    its one. Waiters are served in order: the holder hands the lock straight to the first
+    waiter, so a free lock never has waiters and is never jumped.
     """
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_locked", "_waiters")
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
+        self._locked = False
+        self._waiters = trio.lowlevel.ParkingLot()
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        if self._locked:
+            await self._waiters.park()  # woken as the new holder
+        else:
+            self._locked = True
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        if self._waiters:
+            self._waiters.unpark()
+        else:
+            self._locked = False

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
-from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN
+from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN_BYTES_RE
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
-
-_NAME_FORBIDDEN = tuple(char.encode() for char in NAME_FORBIDDEN)
 
 
 class GuestCallError(Exception):
@@ -77,7 +75,7 @@ def check_name(name: CString) -> None:
     """``GuestPropValidateName``: buffer size 2..64, no ``*?|`` anywhere in the buffer."""
     if not MIN_NAME_SIZE <= len(name.raw) <= MAX_NAME_SIZE:
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    if any(char in name.raw for char in _NAME_FORBIDDEN):
+    if NAME_FORBIDDEN_BYTES_RE.search(name.raw):
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 

@@ -53,7 +53,7 @@ from ._store import PropertyStore
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host.hgcm_service import HgcmCallHandle, HostParm
+    from agent.host.hgcm_service import HgcmCallHandle
 
 _HOST_PROP_FLAGS: Final = TRANSIENT | RDONLYGUEST
 """The flags of every property the service sets itself (§5.9)."""
@@ -95,6 +95,15 @@ class GuestPropertyService:
         self._host_version = host_version
         self._store = PropertyStore(clock)
         self._host_version_set = False
+        self._functions: dict[int, Callable[[HgcmCallHandle], int | None]] = {
+            GuestFunction.GET_PROP: self._get_prop,
+            GuestFunction.SET_PROP: self._set_prop,
+            GuestFunction.SET_PROP_VALUE: self._set_prop,
+            GuestFunction.DEL_PROP: self._del_prop,
+            GuestFunction.ENUM_PROPS: self._enum_props,
+            GuestFunction.GET_NOTIFICATION: self._get_notification,
+        }
+        """The guest functions by number."""
 
     # -- HgcmService -----------------------------------------------------------------------
 
@@ -230,24 +239,18 @@ class GuestPropertyService:
     # -- guest functions -------------------------------------------------------------------
 
     def _dispatch(self, call: HgcmCallHandle) -> int | None:
-        params = call.params
-        match call.function:
-            case GuestFunction.GET_PROP:
-                return self._get_prop(params)
-            case GuestFunction.SET_PROP | GuestFunction.SET_PROP_VALUE:
-                return self._set_prop(params)
-            case GuestFunction.DEL_PROP:
-                _params.check_count(params, 1)
-                name = _params.c_string(params[0])
-                _params.check_name(name)
-                return self._store.delete(name.text, is_guest=True)
-            case GuestFunction.ENUM_PROPS:
-                return self._enum_props(params)
-            case GuestFunction.GET_NOTIFICATION:
-                return self._get_notification(call)
-        return VERR_NOT_IMPLEMENTED
+        handler = self._functions.get(call.function)
+        return VERR_NOT_IMPLEMENTED if handler is None else handler(call)
 
-    def _get_prop(self, params: list[HostParm]) -> int:
+    def _del_prop(self, call: HgcmCallHandle) -> int:
+        params = call.params
+        _params.check_count(params, 1)
+        name = _params.c_string(params[0])
+        _params.check_name(name)
+        return self._store.delete(name.text, is_guest=True)
+
+    def _get_prop(self, call: HgcmCallHandle) -> int:
+        params = call.params
         _params.check_count(params, 4)
         name = _params.c_string(params[0])
         out = _params.buffer(params[1])
@@ -265,7 +268,8 @@ class GuestPropertyService:
         timestamp.value = prop.timestamp
         return VINF_SUCCESS
 
-    def _set_prop(self, params: list[HostParm]) -> int:
+    def _set_prop(self, call: HgcmCallHandle) -> int:
+        params = call.params
         _params.check_count(params, 2, 3)
         strings = [_params.c_string(parm) for parm in params]
         name, value = strings[0], strings[1]
@@ -279,7 +283,8 @@ class GuestPropertyService:
                 return VERR_PARSE_ERROR
         return self._store.set(name.text, value.text, flags, is_guest=True)
 
-    def _enum_props(self, params: list[HostParm]) -> int:
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        params = call.params
         _params.check_count(params, 3)
         patterns = _params.c_string(params[0])
         out = _params.buffer(params[1])
