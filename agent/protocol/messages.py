@@ -111,21 +111,16 @@ def ioctl_buffer(size_in: int, size_out: int) -> bytearray:
     write it back is noticed.
     """
     buf = bytearray(max(size_in, size_out))
-    L.IoctlHeader.size_in.set(buf, size_in)
-    L.IoctlHeader.version.set(buf, IOCTL_HDR_VERSION)
-    L.IoctlHeader.rc.set(buf, VERR_INTERNAL_ERROR)
-    L.IoctlHeader.size_out.set(buf, size_out)
+    _IOCTL_HEADER.set(buf, size_in, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size_out, 0)
     return buf
 
 
 def vmmdev_request_buffer(request_type: RequestType, size: int) -> bytearray:
     """Return a zeroed VMMDev request of ``size`` bytes with its header set for passthrough."""
     buf = bytearray(size)
-    L.RequestHeader.size_.set(buf, size)
-    L.RequestHeader.version.set(buf, REQUEST_HEADER_VERSION)
-    L.RequestHeader.request_type.set(buf, request_type)
-    L.RequestHeader.rc.set(buf, VERR_GENERAL_FAILURE)
-    L.RequestHeader.reserved1.set(buf, size)
+    _REQUEST_HEADER.set(
+        buf, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, size, 0
+    )
     return buf
 
 
