@@ -14,6 +14,7 @@ requestor is 0 (the driver stamps its own), and ``rc`` starts as ``VERR_GENERAL_
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Final, Generic, TypeVar
@@ -640,11 +641,6 @@ _PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
 """A parameter as three members: its type, the word at offset 4 (``value32``, a buffer's
 size, the low half of ``value64``) and the u64 at offset 8 (a buffer's address; its low half
 is the high half of ``value64``)."""
-_CALLS: Final = tuple(
-    struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
-    for count in range(HGCM_MAX_PARMS + 1)
-)
-"""The whole ioctl buffer of a call with 0..32 parameters, in one pack or unpack."""
 _HGCM_CALL_CODES: Final = tuple(
     Ioctl.hgcm_call_64(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count)
     for count in range(HGCM_MAX_PARMS + 1)
@@ -658,6 +654,16 @@ _PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
     HgcmBuffer: HgcmParmType.LINADDR,
 }
 _ADDRESS_AT: Final = _P.pointer_linear_addr.offset
+
+
+@functools.cache
+def _call_codec(count: int) -> struct.Struct:
+    """The whole ioctl buffer of a call with ``count`` parameters, in one pack or unpack.
+
+    Built on first use: a daemon calls with a few parameter counts, and all 33 would keep
+    about 70 KiB.
+    """
+    return struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
 
 
 def _buffer_bytes(param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer) -> bytearray:
@@ -725,7 +731,7 @@ class HgcmCall(Request[HgcmReply]):
                     address_at = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index + _ADDRESS_AT
                     user_buffers.append(UserBuffer(address_at, data))
         buf = bytearray(size)
-        _CALLS[count].pack_into(buf, 0, *values)
+        _call_codec(count).pack_into(buf, 0, *values)
         return IoctlCall(_HGCM_CALL_CODES[count], buf, self, tuple(user_buffers))
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
@@ -735,7 +741,7 @@ class HgcmCall(Request[HgcmReply]):
         if len(buf) != size:
             msg = f"{self.operation}: reply buffer has {len(buf)} bytes, expected {size}"
             raise RemoteProtocolError(msg)
-        values = _CALLS[len(self.params)].unpack_from(buf)
+        values = _call_codec(len(self.params)).unpack_from(buf)
         size_in, version, _, rc, size_out, _ = values[:6]
         if (size_in, version) != (size, IOCTL_HDR_VERSION):
             msg = f"{self.operation}: reply header (size_in, version) is {(size_in, version)}"
