@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from agent.host.memory import DictMemory
+from agent.host.memory import IoctlMemory
 from agent.protocol.errors import DeviceUnavailableError
 
 if TYPE_CHECKING:
@@ -56,7 +56,10 @@ class SimTransport:
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        memory = DictMemory()
+        memory = IoctlMemory()
+        if not user_buffers:
+            await self._host.ioctl(self._session, code, buffer, memory)
+            return
         saved = [
             (user.address_offset, bytes(buffer[user.address_offset : user.address_offset + 8]))
             for user in user_buffers
