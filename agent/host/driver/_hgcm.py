@@ -197,7 +197,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     size_in, _, _, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
-    client_id, _, timeout_ms, _, _, count = _CALL_IOCTL.get(kbuf)
+    client_id, _, timeout_ms, _, _, count = _CALL_IOCTL.codec.unpack_from(kbuf, _CALL_IOCTL.offset)
     if count > HGCM_MAX_PARMS:
         raise fail(errno.E2BIG)
     if client_id in (0, U32_MAX):
@@ -230,6 +230,7 @@ class _UserParm:
     address: int
     bounce: bytearray | None = None
     bounce_address: int = 0
+    bounce_pages: int = 0
 
 
 def _user_parms(kbuf: bytearray, count: int) -> list[_UserParm]:
@@ -239,10 +240,6 @@ def _user_parms(kbuf: bytearray, count: int) -> list[_UserParm]:
         _UserParm(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index, *words[first : first + 3])
         for index, first in enumerate(range(0, 3 * count, 3))
     ]
-
-
-def _page_count(length: int) -> int:
-    return -(-length // PAGE_SIZE)
 
 
 async def _call(
@@ -260,7 +257,8 @@ async def _call(
         _bounce_buffers(parms, memory)
         for parm in parms:
             if parm.bounce is not None:
-                parm.bounce_address = ram.map(parm.bounce)
+                address = parm.bounce_address = ram.map(parm.bounce)
+                parm.bounce_pages = -(-(parm.size + address % PAGE_SIZE) // PAGE_SIZE)
         req = _build_request(drv, session, kbuf, parms)
         deadline = (
             math.inf
@@ -309,9 +307,7 @@ def _build_request(
     count = len(parms)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     size = lists_at + sum(
-        PAGE_LIST_HEADER_SIZE + 8 * _page_count(parm.size + parm.bounce_address % PAGE_SIZE)
-        for parm in parms
-        if parm.bounce is not None
+        PAGE_LIST_HEADER_SIZE + 8 * parm.bounce_pages for parm in parms if parm.bounce is not None
     )
     req = drv.alloc_request(_HGCM_CALL64, size, session.requestor)
     client_id, function = _CALL_TARGET.get(kbuf)
@@ -328,7 +324,7 @@ def _build_request(
         else:
             address = parm.bounce_address
             in_page = address % PAGE_SIZE
-            pages = _page_count(parm.size + in_page)
+            pages = parm.bounce_pages
             _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, parm.size, lists_at)
             first_page = address - in_page
             L.page_list_codec(pages).pack_into(
