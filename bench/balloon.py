@@ -47,8 +47,8 @@ from agent.host.vmmdev import VMMDev
 from agent.protocol import BALLOON_CHUNK_SIZE
 from agent.protocol.constants import Ioctl
 from agent.services import EventPump
-from agent.services.balloon import BalloonSection, BalloonService, MmapAllocator, PressureReading
-from agent.services.balloon._chunks import _libc
+from agent.services.balloon import BalloonSection, BalloonService, PressureReading
+from agent.services.balloon._chunks import MmapAllocator, _libc
 from agent.services.balloon._pressure import MemInfo
 
 if TYPE_CHECKING:

@@ -14,8 +14,10 @@ of ours, then:
     step's work and more: one pydantic model defined (the first model loads pydantic's
     schema machinery and, through its plugin lookup, ``importlib.metadata``, shown
     alone on top of the baseline), then ``agent.protocol`` imported, then every module of
-    the run path (the command line, the daemon, the services, the ``unix:`` transport);
-    the agent's RSS minus the last is what running costs;
+    the run path (the command line, the daemon, the services, the ``unix:`` transport; of
+    which the standard library modules the command line and the config file need,
+    ``argparse`` and ``tomllib``, shown alone on top of the first model); the agent's RSS
+    minus the last is what running costs (``bench/idle_modules.py`` lists the modules);
   - an empty interpreter, for scale;
 - shutdown: from SIGTERM to exit, and the exit code.
 
@@ -55,6 +57,7 @@ BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
 PLUGIN_LOOKUP = BASELINE + "\nimport importlib.metadata"
 ONE_MODEL = BASELINE + "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
 PROTOCOL = ONE_MODEL + "\nimport agent.protocol"
+CLI_STDLIB = ONE_MODEL + "\nimport argparse, tomllib"
 AGENT_MODULES = "import agent.cli, agent.cli._run, agent.device.unix"
 """What ``vbox-agent run --device unix:...`` imports before it runs (``_run`` brings the
 daemon, the services and the config; the device spec imports the chosen transport)."""
@@ -231,6 +234,7 @@ def main() -> None:
         one_model = _idle_rss_of(ONE_MODEL, root)
         protocol = _idle_rss_of(PROTOCOL, root)
         modules = _idle_rss_of(AGENT_MODULES, root)
+        cli_stdlib = _idle_rss_of(CLI_STDLIB, root)
         empty = _idle_rss_of(EMPTY, root)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -248,6 +252,7 @@ def main() -> None:
     print(f"    the agent's own           {_step(figures.rss_kib, one_model)}  (code and state)")
     print(f"      agent.protocol          {_step(protocol, one_model)}")
     print(f"      the rest of the modules {_step(modules, protocol)}  ({AGENT_MODULES})")
+    print(f"        of which the stdlib's {_step(cli_stdlib, one_model)}  (argparse, tomllib)")
     print(f"      running                 {_step(figures.rss_kib, modules)}")
     print(f"  empty interpreter  {_mib(empty)}")
     print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")

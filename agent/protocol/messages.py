@@ -111,17 +111,15 @@ def ioctl_buffer(size_in: int, size_out: int) -> bytearray:
     write it back is noticed.
     """
     buf = bytearray(max(size_in, size_out))
-    _IOCTL_HEADER.codec.pack_into(
-        buf, 0, size_in, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size_out, 0
-    )
+    _IOCTL_HEADER.set(buf, size_in, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size_out, 0)
     return buf
 
 
 def vmmdev_request_buffer(request_type: RequestType, size: int) -> bytearray:
     """Return a zeroed VMMDev request of ``size`` bytes with its header set for passthrough."""
     buf = bytearray(size)
-    _REQUEST_HEADER.codec.pack_into(
-        buf, 0, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, size, 0
+    _REQUEST_HEADER.set(
+        buf, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, size, 0
     )
     return buf
 
@@ -645,11 +643,6 @@ _PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
 """A parameter as three members: its type, the word at offset 4 (``value32``, a buffer's
 size, the low half of ``value64``) and the u64 at offset 8 (a buffer's address; its low half
 is the high half of ``value64``)."""
-_CALLS: Final = tuple(
-    struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
-    for count in range(HGCM_MAX_PARMS + 1)
-)
-"""The whole ioctl buffer of a call with 0..32 parameters, in one pack or unpack."""
 _HGCM_CALL_CODES: Final = tuple(
     Ioctl.hgcm_call_64(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count)
     for count in range(HGCM_MAX_PARMS + 1)
@@ -663,6 +656,16 @@ _PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
     HgcmBuffer: HgcmParmType.LINADDR,
 }
 _ADDRESS_AT: Final = _P.pointer_linear_addr.offset
+
+
+@functools.cache
+def _call_codec(count: int) -> struct.Struct:
+    """The whole ioctl buffer of a call with ``count`` parameters, in one pack or unpack.
+
+    Built on first use: a daemon calls with a few parameter counts, and all 33 would keep
+    about 70 KiB.
+    """
+    return struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
 
 
 def _buffer_bytes(param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer) -> bytearray:
@@ -737,7 +740,7 @@ class HgcmCall(Request[HgcmReply]):
                     address_at = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index + _ADDRESS_AT
                     user_buffers.append(UserBuffer(address_at, data))
         buf = bytearray(size)
-        _CALLS[count].pack_into(buf, 0, *values)
+        _call_codec(count).pack_into(buf, 0, *values)
         return IoctlCall(_HGCM_CALL_CODES[count], buf, self, tuple(user_buffers))
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
@@ -747,7 +750,7 @@ class HgcmCall(Request[HgcmReply]):
         if len(buf) != size:
             msg = f"{self.operation}: reply buffer has {len(buf)} bytes, expected {size}"
             raise RemoteProtocolError(msg)
-        values = _CALLS[len(self.params)].unpack_from(buf)
+        values = _call_codec(len(self.params)).unpack_from(buf)
         size_in, version, _, rc, size_out, _ = values[:6]
         if (size_in, version) != (size, IOCTL_HDR_VERSION):
             msg = f"{self.operation}: reply header (size_in, version) is {(size_in, version)}"

@@ -13,14 +13,16 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.driver._pages import PageAllocator
 from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
 from agent.services import EventPump
-from agent.services.balloon import BalloonSection, BalloonService, ChunkError, PressureReading
+from agent.services.balloon import BalloonSection, BalloonService, PressureReading
+from agent.services.balloon._chunks import ChunkError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from agent.device import Device
     from agent.services._base import BalloonGauge
-    from agent.services.balloon import ChunkAllocator, PressureSource
+    from agent.services.balloon import PressureSource
+    from agent.services.balloon._chunks import ChunkAllocator
 
 USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
 SIM_PAGES_BASE: Final = 1 << 40

@@ -16,7 +16,7 @@ import trio
 from agent.host import SimulatedHost
 from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 from agent.protocol.constants import PAGE_SIZE
-from agent.services.balloon import ChunkError, MmapAllocator
+from agent.services.balloon._chunks import ChunkError, MmapAllocator
 from tests.services.balloon_support import running_balloon
 
 if TYPE_CHECKING:

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from agent.host.vmmdev import VMMDev
 
     IoctlHandler = Callable[["Driver", DriverSession, bytearray, GuestMemory], Awaitable[None]]
-    BoundHandler = Callable[[DriverSession, bytearray, GuestMemory], Awaitable[None]]
 
 FILL_BYTE: Final = 0xAA
 """``vbg_req_alloc`` fills every new request with this byte before setting the header."""
@@ -137,10 +136,6 @@ class Driver:
         L.CheckBalloonIoctl.balloon_chunks.set(kbuf, self.balloon_chunks)
         L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 0)
         await trio.lowlevel.checkpoint()
-
-    def extra_ioctls(self) -> dict[int, BoundHandler]:
-        """Fixed-size ioctls only this personality implements."""
-        return {}
 
     def balloon_event(self) -> None:
         """The ISR took BALLOON_CHANGE_REQUEST for the kernel."""
@@ -327,10 +322,7 @@ class Driver:
         if handler is not None:
             await handler(self, session, kbuf, memory)
             return
-        extra = self.extra_ioctls().get(code)
-        if extra is not None:
-            await extra(session, kbuf, memory)
-        elif stripped == _HGCM_CALL_64:
+        if stripped == _HGCM_CALL_64:
             await _hgcm.call(self, session, kbuf, memory)
         elif code == Ioctl.LOG or stripped == _LOG_ALT:
             await _misc.log(self, session, kbuf, memory)

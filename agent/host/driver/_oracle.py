@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
     Handler = Callable[["OracleDriver", DriverSession, bytearray, GuestMemory], Awaitable[int]]
 
+_IOCTL_HEADER: Final = L.IoctlHeader.whole()
 VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
 VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
@@ -135,10 +136,10 @@ async def ioctl(
 def _copy_in(code: int, buf: bytearray) -> bytearray:
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    if L.IoctlHeader.version.get(buf) != IOCTL_HDR_VERSION:
+    size_in, version, _, _, size_out, _ = _IOCTL_HEADER.get(buf)
+    if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
-    size_in = L.IoctlHeader.size_in.get(buf)
-    size = max(size_in, L.IoctlHeader.size_out.get(buf))
+    size = max(size_in, size_out)
     if size > MAX_IOCTL_SIZE:
         raise fail(errno.E2BIG)
     if size_in < HEADER_SIZE or ioc_size(code) not in (0, size):
@@ -158,16 +159,16 @@ async def _common_ioctl(
 ) -> int:
     """Return the function's own status; handlers' statuses go to ``hdr.rc``."""
     hdr = L.IoctlHeader
-    size_in = hdr.size_in.get(kbuf)
-    if hdr.size_out.get(kbuf) == 0:
-        hdr.size_out.set(kbuf, size_in)
-    size_out = hdr.size_out.get(kbuf)
+    size_in, _, request_type, _, size_out, _ = _IOCTL_HEADER.get(kbuf)
+    if size_out == 0:
+        size_out = size_in
+        hdr.size_out.set(kbuf, size_out)
     if not (HEADER_SIZE <= size_in <= len(kbuf) and HEADER_SIZE <= size_out <= len(kbuf)):
         return VERR_INVALID_PARAMETER
     variable = _VARIABLE.get(ioc_nr(code))
     if variable is not None:
         return await variable(drv, session, kbuf, memory)
-    if hdr.type.get(kbuf) != 0:
+    if request_type != 0:
         return VERR_INVALID_PARAMETER
     fixed = _FIXED.get(code)
     if fixed is None:
@@ -394,10 +395,9 @@ async def _change_balloon(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
     """``vgdrvIoCtl_ChangeMemoryBalloon``: the personality's balloon answers."""
-    handler = drv.extra_ioctls()[Ioctl.CHANGE_BALLOON]
     L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
     try:
-        await handler(session, kbuf, memory)
+        await drv.change_balloon_ioctl(session, kbuf, memory)
     except OSError as exc:
         return status_for(exc)
     return L.IoctlHeader.rc.get(kbuf)

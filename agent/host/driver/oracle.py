@@ -25,14 +25,12 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
 from agent.host.driver._pages import PageAllocator
-from agent.host.driver._util import KernelMutex, check_sizes
+from agent.host.driver._util import KernelMutex
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
-    HEADER_SIZE,
     Event,
-    Ioctl,
     RequestType,
 )
 from agent.protocol.status import (
@@ -51,7 +49,6 @@ OUT_OF_MEMORY: Final = frozenset(
 """What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
 
 if TYPE_CHECKING:
-    from agent.host.driver._core import BoundHandler
     from agent.host.driver._oracle import Wait
     from agent.host.driver._session import DriverSession
     from agent.host.memory import DictMemory, GuestMemory
@@ -100,10 +97,6 @@ class OracleDriver(Driver):
     def balloon_chunks(self) -> int:
         """Chunks in the balloon (the driver's own or those userspace handed over)."""
         return len(self.chunks) + len(self.kernel_chunks)
-
-    def extra_ioctls(self) -> dict[int, BoundHandler]:
-        """CHANGE_BALLOON exists only in Oracle's driver."""
-        return {Ioctl.CHANGE_BALLOON: self._change_balloon_ioctl}
 
     def _claim(self, session: DriverSession) -> bool:
         if self.owner is None:
@@ -164,11 +157,12 @@ class OracleDriver(Driver):
             return rc
         return pages
 
-    async def _change_balloon_ioctl(
+    async def change_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, memory: GuestMemory
     ) -> None:
+        """CHANGE_BALLOON (sizes checked by the entry): lock a user chunk and balloon it, or
+        deflate and unlock it."""
         del memory
-        check_sizes(kbuf, L.ChangeBalloonIoctl.size, HEADER_SIZE)
         if any(L.ChangeBalloonIoctl.padding.get(kbuf)):
             L.IoctlHeader.rc.set(kbuf, VERR_INVALID_PARAMETER)
             return

@@ -1,14 +1,12 @@
-"""The memory balloon service (see :mod:`agent.services.balloon._service`)."""
+"""The memory balloon service (see :mod:`agent.services.balloon._service`).
+
+The chunks the agent allocates itself (:mod:`._chunks`) are not re-exported here: only the
+modes where the agent holds chunks load that module.
+"""
 
 from __future__ import annotations
 
 from agent.services._base import ServiceContext, ServiceSpec
-from agent.services.balloon._chunks import (
-    Chunk as Chunk,
-    ChunkAllocator as ChunkAllocator,
-    ChunkError as ChunkError,
-    MmapAllocator as MmapAllocator,
-)
 from agent.services.balloon._config import BalloonSection as BalloonSection
 from agent.services.balloon._mode import BalloonMode as BalloonMode
 from agent.services.balloon._pressure import (

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from agent.protocol import GetMemBalloonChangeRequest, VBoxStatusError
-from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.constants import BALLOON_CHUNK_SIZE, PAGE_SIZE
 from agent.protocol.status import VERR_PERMISSION_DENIED
 
 if TYPE_CHECKING:
     from agent.device import Device
+
+CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
+"""MiB in a balloon chunk, the unit every mode counts the balloon in."""
 
 
 class BalloonMode(enum.StrEnum):

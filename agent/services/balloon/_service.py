@@ -29,11 +29,8 @@ import trio
 from agent.protocol import Event, VBoxStatusError
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
-from agent.services.balloon._chunks import MmapAllocator, memlock_limit
-from agent.services.balloon._handover import OracleHandover, PassthroughHandover
-from agent.services.balloon._mode import BalloonMode, Detected, detect_mode
+from agent.services.balloon._mode import CHUNK_MB, BalloonMode, Detected, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
-from agent.services.balloon._walker import CHUNK_MB, ChunkWalker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,6 +39,7 @@ if TYPE_CHECKING:
     from agent.services.balloon._chunks import ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._pressure import PressureReading, PressureSource
+    from agent.services.balloon._walker import ChunkWalker
     from agent.services.event_pump import EventPump, Subscription
 
 log = structlog.get_logger("agent.services.balloon")
@@ -263,32 +261,40 @@ class BalloonService:
         if self._walker is not None and self._mode_of_walker is mode:
             self._walker.cap = None  # a restart after a failure: keep the chunks still held
         elif mode.agent_holds_chunks:
-            allocator = self._allocator if self._allocator is not None else MmapAllocator()
-            handover = (
-                OracleHandover(self._device)
-                if mode is BalloonMode.ALLOCATED
-                else PassthroughHandover(self._device)
-            )
-            self._walker = ChunkWalker(
-                handover,
-                allocator,
-                backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
-                mem_available_mb=self._mem_available,
-                min_available_mb=self._section.min_available_mb,
-                settled=self._status_changed,
-                resized=self._publish,
-            )
+            self._walker = self._new_walker(mode)
             self._mode_of_walker = mode
-        limit = memlock_limit()
-        log.info(
-            "balloon_mode",
-            mode=str(mode),
-            chunks=detected.chunks,
-            memlock_limit_mb="unlimited" if limit is None else limit >> 20,
-        )
+        memlock = {"memlock_limit_mb": _memlock_limit_mb()} if mode.agent_holds_chunks else {}
+        log.info("balloon_mode", mode=str(mode), chunks=detected.chunks, **memlock)
         self.mode_known.set()
         self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
         self._status_changed()
+
+    def _new_walker(self, mode: BalloonMode) -> ChunkWalker:
+        # Imported here: only the modes where the agent holds chunks need them (mmap, mlock,
+        # the pagemap, the walker); with the in-tree and Oracle's kernel allocators they stay
+        # out of the daemon's memory.
+        from agent.services.balloon._chunks import MmapAllocator  # noqa: PLC0415
+        from agent.services.balloon._handover import (  # noqa: PLC0415
+            OracleHandover,
+            PassthroughHandover,
+        )
+        from agent.services.balloon._walker import ChunkWalker  # noqa: PLC0415
+
+        allocator = self._allocator if self._allocator is not None else MmapAllocator()
+        handover = (
+            OracleHandover(self._device)
+            if mode is BalloonMode.ALLOCATED
+            else PassthroughHandover(self._device)
+        )
+        return ChunkWalker(
+            handover,
+            allocator,
+            backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
+            mem_available_mb=self._mem_available,
+            min_available_mb=self._section.min_available_mb,
+            settled=self._status_changed,
+            resized=self._publish,
+        )
 
     async def _forward_events(self, events: Subscription) -> NoReturn:
         while True:
@@ -462,6 +468,14 @@ class BalloonService:
                 self._meminfo_warned = True
                 log.warning("balloon_floor_unchecked", reason=str(exc))
             return None
+
+
+def _memlock_limit_mb() -> int | str:
+    """``RLIMIT_MEMLOCK`` in MiB, which bounds the chunks the agent locks, or "unlimited"."""
+    from agent.services.balloon._chunks import memlock_limit  # noqa: PLC0415 - see _new_walker
+
+    limit = memlock_limit()
+    return "unlimited" if limit is None else limit >> 20
 
 
 def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:

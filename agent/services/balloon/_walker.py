@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
-from agent.protocol import BALLOON_CHUNK_SIZE, VBoxStatusError
+from agent.protocol import VBoxStatusError
 from agent.services.balloon._chunks import Chunk, ChunkError
+from agent.services.balloon._mode import CHUNK_MB
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("agent.services.balloon")
 
-CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
 MEMINFO_REUSE_CHUNKS: Final = 32
 """Chunks one ``MemAvailable`` reading may serve, and the MiB above the floor it must leave."""
 
