@@ -341,21 +341,21 @@ class HgcmHost:
         """Write the request back with the guest's current flags, then DONE in those flags.
 
         As ``hgcmCompletedWorker`` does: the second write sets DONE in the host's copy of
-        the flags, which the first write stored; it does not read them again.
+        the flags, which the first write stored; it does not read them again. A request the
+        guest freed meanwhile takes no write (its flags are the host's copy).
         """
-        flags = self._guest_flags(phys, req)
-        _FLAGS_RESULT.pack_into(req, _FLAGS_AT, flags, result)
-        self._write(phys, req)
-        self._write(phys + _FLAGS_AT, _FLAGS.pack(flags | HGCM_REQ_DONE))
-        self._notify(_HGCM_EVENT)
-
-    def _guest_flags(self, phys: int, req: bytearray) -> int:
+        memory = self._memory
         try:
-            raw = self._memory.read(phys + _FLAGS_AT, _FLAGS.size)
+            flags: int = _FLAGS.unpack(memory.read(phys + _FLAGS_AT, _FLAGS.size))[0]
         except OSError:
-            raw = bytes(req[_FLAGS_AT : _FLAGS_AT + _FLAGS.size])
-        value: int = _FLAGS.unpack(raw)[0]
-        return value
+            flags = _FLAGS.unpack_from(req, _FLAGS_AT)[0]
+        _FLAGS_RESULT.pack_into(req, _FLAGS_AT, flags, result)
+        try:
+            memory.write(phys, req)
+            memory.write(phys + _FLAGS_AT, _FLAGS.pack(flags | HGCM_REQ_DONE))
+        except OSError:
+            pass  # the guest freed the request; the writes go nowhere
+        self._notify(_HGCM_EVENT)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:
         try:

@@ -33,6 +33,58 @@ class GuestMemory(Protocol):
         ...
 
 
+USER_WINDOW: Final = 1 << 32
+"""The address space each user buffer of one ioctl gets (far more than any buffer)."""
+
+
+class IoctlMemory:
+    """The user memory one ioctl points to: buffer ``i`` starts the ``i``-th window of
+    :data:`USER_WINDOW` bytes from :data:`USER_BASE`; the rest of each window is unmapped.
+
+    Buffers are mapped by reference, so the driver's writes land in the caller's bytearray.
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: list[bytearray] = []
+
+    def map(self, data: bytearray) -> int:
+        """Give ``data`` the next window and return its (page-aligned) address.
+
+        Raises:
+            OSError: ``ENOMEM`` when the buffer or the number of buffers does not fit.
+        """
+        address = USER_BASE + USER_WINDOW * len(self._buffers)
+        if len(data) + GUARD_BYTES > USER_WINDOW or address + USER_WINDOW > USER_LIMIT:
+            raise OSError(errno.ENOMEM, "simulated user address space exhausted")
+        self._buffers.append(data)
+        return address
+
+    def read(self, address: int, size: int) -> bytes:
+        """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped buffer."""
+        if size == 0:
+            return b""
+        data, offset = self._locate(address, size)
+        return bytes(data[offset : offset + size])
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped buffer."""
+        if not data:
+            return
+        region, offset = self._locate(address, len(data))
+        region[offset : offset + len(data)] = data
+
+    def _locate(self, address: int, size: int) -> tuple[bytearray, int]:
+        index, offset = divmod(address - USER_BASE, USER_WINDOW)
+        if not 0 <= index < len(self._buffers) or size < 0:
+            raise _fault(address, size)
+        data = self._buffers[index]
+        if offset + size > len(data):
+            raise _fault(address, size)
+        return data, offset
+
+
 def _fault(address: int, size: int) -> OSError:
     return OSError(errno.EFAULT, f"bad address {address:#x} (+{size})")
 
@@ -69,8 +121,8 @@ class DictMemory:
         if not 0 <= offset < PAGE_SIZE:
             msg = f"offset {offset} is not within a page"
             raise ValueError(msg)
-        need = offset + max(len(data), 1) + GUARD_BYTES
-        start = _page_align(self._next)
+        need = offset + (len(data) or 1) + GUARD_BYTES
+        start = -(-self._next // PAGE_SIZE) * PAGE_SIZE  # the next page boundary
         if start < self._top or start + need > self._limit:
             start = self._find_room(need)
         address = start + offset

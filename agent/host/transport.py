@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from agent.host.memory import DictMemory
+from agent.host.memory import IoctlMemory
 from agent.protocol.errors import DeviceUnavailableError
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from agent.protocol import UserBuffer
 
 _ADDRESS: Final = struct.Struct("<Q")
+_NO_USER_MEMORY: Final = IoctlMemory()
+"""The user memory of an ioctl without user buffers: nothing is ever mapped into it."""
 
 
 @final
@@ -56,7 +58,10 @@ class SimTransport:
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        memory = DictMemory()
+        if not user_buffers:
+            await self._host.ioctl(self._session, code, buffer, _NO_USER_MEMORY)
+            return
+        memory = IoctlMemory()
         saved = [
             (user.address_offset, bytes(buffer[user.address_offset : user.address_offset + 8]))
             for user in user_buffers

@@ -150,7 +150,7 @@ class VMMDev:
         interrupt it, only powering the VM off (the end of :meth:`run`) does, and then the
         request is not handled.
         """
-        delay = self._delay_for(phys)
+        delay = self._delay_for(phys) if self.faults.has_delays else 0.0
         if delay > 0:
             with trio.CancelScope(shield=True) as hold:
                 self._held_writes.add(hold)
@@ -217,8 +217,6 @@ class VMMDev:
         self.faults.set_delay(request_type, seconds)
 
     def _delay_for(self, phys: int) -> float:
-        if not self.faults.has_delays:
-            return 0.0
         try:
             header = self.memory.read(phys, HEADER_SIZE)
         except OSError:

@@ -124,6 +124,7 @@ def vmmdev_request_buffer(request_type: RequestType, size: int) -> bytearray:
     return buf
 
 
+@functools.lru_cache(maxsize=64)
 def vmmdev_request_code(size: int) -> int:
     """Return the ioctl that carries a VMMDev request of ``size`` bytes."""
     if size < VMMDEV_REQUEST_SMALL_LIMIT:
@@ -144,7 +145,8 @@ def check_ioctl_reply(call: IoctlCall[R], size_in: int, size_out: int) -> int:
     if len(buf) != expected_len:
         msg = f"{operation}: reply buffer has {len(buf)} bytes, expected {expected_len}"
         raise RemoteProtocolError(msg)
-    got_in, version, _, rc, got_out, _ = _IOCTL_HEADER.get(buf)
+    header: tuple[int, ...] = _IOCTL_HEADER.codec.unpack_from(buf)
+    got_in, version, _, rc, got_out, _ = header
     if (got_in, version) != (size_in, IOCTL_HDR_VERSION):
         msg = f"{operation}: reply header (size_in, version) is {(got_in, version)}"
         raise RemoteProtocolError(msg)
@@ -700,9 +702,14 @@ class HgcmCall(Request[HgcmReply]):
         The header is set as :func:`ioctl_buffer` sets it (``rc`` preset to
         ``VERR_INTERNAL_ERROR``), with the call interruptible.
         """
-        _check_client_id(self.client_id)
-        _check_u32("function", self.function)
-        _check_u32("timeout_ms", self.timeout_ms)
+        if not (
+            0 < self.client_id < _U32_MAX
+            and 0 <= self.function <= _U32_MAX
+            and 0 <= self.timeout_ms <= _U32_MAX
+        ):  # one of these raises, naming the value
+            _check_client_id(self.client_id)
+            _check_u32("function", self.function)
+            _check_u32("timeout_ms", self.timeout_ms)
         count = len(self.params)
         if count > HGCM_MAX_PARMS:
             msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
@@ -714,7 +721,9 @@ class HgcmCall(Request[HgcmReply]):
         for index, param in enumerate(self.params):
             kind = _PARM_TYPES[type(param)]
             if isinstance(param, HgcmU32):
-                _check_u32(f"parameter {index}", param.value)
+                if not 0 <= param.value <= _U32_MAX:
+                    msg = f"parameter {index} {param.value} does not fit in 32 bits"
+                    raise LocalProtocolError(msg)
                 values += (kind, param.value, 0)
             elif isinstance(param, HgcmU64):
                 if not 0 <= param.value <= _U64_MAX:
@@ -811,7 +820,8 @@ def check_vmmdev_reply(call: IoctlCall[R], request_type: RequestType, size: int)
     if len(buf) != size:
         msg = f"{operation}: reply has {len(buf)} bytes, expected {size}"
         raise RemoteProtocolError(msg)
-    got_size, version, got_type, rc, _, _ = _REQUEST_HEADER.get(buf)
+    header: tuple[int, ...] = _REQUEST_HEADER.codec.unpack_from(buf)
+    got_size, version, got_type, rc, _, _ = header
     got = (got_size, version, got_type)
     if got != (size, REQUEST_HEADER_VERSION, request_type):
         msg = f"{operation}: reply header (size, version, type) is {got}"
@@ -871,14 +881,16 @@ class GetHostVersion(_VmmdevRequest[HostVersion]):
 
     def read(self, buf: bytearray) -> HostVersion:
         """Decode the version and feature bits."""
-        layout = L.HostVersionRequest
-        return HostVersion(
-            layout.major.get(buf),
-            layout.minor.get(buf),
-            layout.build.get(buf),
-            layout.revision.get(buf),
-            layout.features.get(buf),
-        )
+        return HostVersion(*_HOST_VERSION_BODY.get(buf))
+
+
+_HOST_VERSION_BODY: Final = L.run(
+    L.HostVersionRequest.major,
+    L.HostVersionRequest.minor,
+    L.HostVersionRequest.build,
+    L.HostVersionRequest.revision,
+    L.HostVersionRequest.features,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,8 @@ __all__ = [
     "open_hgcm_channel",
 ]
 
+_DATA_BUFFERS: Final = (HgcmBufferIn, HgcmBuffer)
+"""Buffer parameters whose size is that of their data."""
 HOST_CALL_LIMITS: Final = {"VBoxGuestPropSvc": 16}
 """``acMaxCallsPerClient`` of the host services the agent uses, by service name."""
 
@@ -142,7 +144,12 @@ class HgcmChannel:
             )
             raise HgcmLimitError(msg)
         for index, param in enumerate(params):
-            size = _buffer_size(param)
+            if isinstance(param, HgcmBufferOut):
+                size = param.size
+            elif isinstance(param, _DATA_BUFFERS):
+                size = len(param.data)
+            else:
+                continue
             if size > HGCM_MAX_USER_PARM:
                 msg = (
                     f"{self.service} function {function}: parameter {index} is a {size}-byte "
@@ -157,14 +164,6 @@ class HgcmChannel:
                 " per client counts the new call too)"
             )
             raise HgcmLimitError(msg)
-
-
-def _buffer_size(param: HgcmParam) -> int:
-    if isinstance(param, HgcmBufferOut):
-        return param.size
-    if isinstance(param, HgcmBufferIn | HgcmBuffer):
-        return len(param.data)
-    return 0
 
 
 @asynccontextmanager

@@ -73,7 +73,7 @@ _SIZE_OUT: Final = L.IoctlHeader.size_out.codec
 _SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
 _REQUEST_RC: Final = L.RequestHeader.rc.codec
 _REQUEST_RC_AT: Final = L.RequestHeader.rc.offset
-_REQUEST_HEADER: Final = L.RequestHeader.whole()
+_REQUEST_HEADER: Final = L.RequestHeader.whole().codec
 
 
 class Driver:
@@ -153,8 +153,8 @@ class Driver:
     ) -> bytearray:
         """``vbg_req_alloc``: a request of ``size`` bytes filled with 0xAA and a fresh header."""
         req = bytearray([FILL_BYTE]) * size
-        _REQUEST_HEADER.set(
-            req, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, 0, requestor
+        _REQUEST_HEADER.pack_into(
+            req, 0, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, 0, requestor
         )
         return req
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -104,9 +103,6 @@ _PARM_ARRAYS: Final = tuple(
 )
 """Arrays of 0..32 parameters, each read as a buffer (a value's bytes fill the same words)."""
 _PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec
-_PAGE_LIST_HEADER: Final = L.run(
-    L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
-)
 
 
 class _Outcome(enum.Enum):
@@ -201,7 +197,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     size_in, _, _, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
-    client_id, _, _, _, _, count = _CALL_IOCTL.get(kbuf)
+    client_id, _, timeout_ms, _, _, count = _CALL_IOCTL.codec.unpack_from(kbuf, _CALL_IOCTL.offset)
     if count > HGCM_MAX_PARMS:
         raise fail(errno.E2BIG)
     if client_id in (0, U32_MAX):
@@ -217,7 +213,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         if client_id not in session.hgcm_client_ids:
             raise fail(errno.EINVAL)
     try:
-        status = await _call(drv, session, kbuf, parms, memory)
+        status = await _call(drv, session, kbuf, parms, memory, timeout_ms=timeout_ms)
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     _RC.pack_into(kbuf, _RC_AT, status)
@@ -234,6 +230,7 @@ class _UserParm:
     address: int
     bounce: bytearray | None = None
     bounce_address: int = 0
+    bounce_pages: int = 0
 
 
 def _user_parms(kbuf: bytearray, count: int) -> list[_UserParm]:
@@ -245,16 +242,14 @@ def _user_parms(kbuf: bytearray, count: int) -> list[_UserParm]:
     ]
 
 
-def _page_count(length: int) -> int:
-    return -(-length // PAGE_SIZE)
-
-
 async def _call(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
     parms: list[_UserParm],
     memory: GuestMemory,
+    *,
+    timeout_ms: int,
 ) -> int:
     """Bounce, build, perform and copy back the call."""
     ram = drv.ram
@@ -262,9 +257,9 @@ async def _call(
         _bounce_buffers(parms, memory)
         for parm in parms:
             if parm.bounce is not None:
-                parm.bounce_address = ram.map(parm.bounce)
+                address = parm.bounce_address = ram.map(parm.bounce)
+                parm.bounce_pages = -(-(parm.size + address % PAGE_SIZE) // PAGE_SIZE)
         req = _build_request(drv, session, kbuf, parms)
-        timeout_ms = L.HgcmCallIoctl.timeout_ms.get(kbuf)
         deadline = (
             math.inf
             if timeout_ms == TIMEOUT_INFINITE
@@ -312,13 +307,11 @@ def _build_request(
     count = len(parms)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     size = lists_at + sum(
-        PAGE_LIST_HEADER_SIZE + 8 * _page_count(parm.size + parm.bounce_address % PAGE_SIZE)
-        for parm in parms
-        if parm.bounce is not None
+        PAGE_LIST_HEADER_SIZE + 8 * parm.bounce_pages for parm in parms if parm.bounce is not None
     )
     req = drv.alloc_request(_HGCM_CALL64, size, session.requestor)
     client_id, function = _CALL_TARGET.get(kbuf)
-    _CALL_REQUEST.set(req, 0, 0, client_id, function, count)
+    _CALL_REQUEST.codec.pack_into(req, _CALL_REQUEST.offset, 0, 0, client_id, function, count)
     shift = L.HgcmCallRequest.size - HGCM_CALL_HEADER_SIZE
     for parm in parms:
         src = parm.at
@@ -331,10 +324,10 @@ def _build_request(
         else:
             address = parm.bounce_address
             in_page = address % PAGE_SIZE
-            pages = _page_count(parm.size + in_page)
+            pages = parm.bounce_pages
             _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, parm.size, lists_at)
             first_page = address - in_page
-            _page_list_codec(pages).pack_into(
+            L.page_list_codec(pages).pack_into(
                 req,
                 lists_at,
                 _BUFFER_TYPES[kind],
@@ -344,12 +337,6 @@ def _build_request(
             )
             lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
     return req
-
-
-@functools.cache
-def _page_list_codec(pages: int) -> struct.Struct:
-    """A page list of ``pages`` pages: flags, offset in the first page, count, addresses."""
-    return struct.Struct(_PAGE_LIST_HEADER.codec.format + "Q" * pages)
 
 
 def _copy_back(

@@ -62,6 +62,8 @@ TRUSTED_ONLY: Final = frozenset(
 )
 """Requests refused to ``/dev/vboxuser`` sessions (USER_DEVICE)."""
 NEVER_FACILITIES: Final = frozenset({Facility.ALL, Facility.VBOXGUEST_DRIVER})
+_REPORT_GUEST_CAPABILITIES: Final = RequestType.REPORT_GUEST_CAPABILITIES
+"""Read once: an enum attribute lookup costs more than the comparison."""
 UNSET_BYTES: Final = 0xAAAAAAAA
 """What a request too short to hold the field has there (``vbg_req_alloc``'s fill)."""
 
@@ -74,7 +76,7 @@ def req_allowed(
     REPORT_GUEST_CAPABILITIES is judged by the u32 at offset 24 read as a *facility*
     (really ``caps``; the check was copied from REPORT_GUEST_STATUS upstream).
     """
-    if request_type == RequestType.REPORT_GUEST_CAPABILITIES:
+    if request_type == _REPORT_GUEST_CAPABILITIES:
         field = L.GuestStatusRequest.facility
         facility = field.get(req) if len(req) >= field.end else UNSET_BYTES
         if facility in NEVER_FACILITIES:
