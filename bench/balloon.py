@@ -123,13 +123,13 @@ async def engine(
         if code == Ioctl.WAIT_FOR_EVENTS:  # the pump's wait blocks; it is no work
             await host_ioctl(session, code, *args)
             return
-        entered = Spent.now()
+        # Bare clock reads: this timer runs twice a chunk, inside the engine's own figure.
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
             await host_ioctl(session, code, *args)
         finally:
-            spent = Spent.since(entered)
-            in_host.wall += spent.wall
-            in_host.cpu += spent.cpu
+            in_host.wall += time.perf_counter() - wall
+            in_host.cpu += time.process_time() - cpu
 
     setattr(host, "ioctl", timed_ioctl)  # noqa: B010 - instance attribute over the method
     async with trio.open_nursery() as nursery:

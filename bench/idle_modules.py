@@ -11,7 +11,9 @@ with the number of classes the agent defines by kind (a frozen slotted dataclass
 10 KiB on Python 3.11: its generated methods and the class that ``slots=True`` replaces).
 The first model's own cost (pydantic's schema machinery and plugin lookup) is measured
 separately, the same way. tracemalloc sees Python's allocations, not pydantic-core's, nor
-the pages of shared libraries the process touches: ``daemon_idle.py`` has the RSS.
+the pages of shared libraries the process touches, nor what the daemon imports once it
+runs (the balloon's chunk walker, in the modes where the agent holds chunks):
+``daemon_idle.py`` has the RSS.
 
 The agent is imported from a copy of the package compiled to ``.pyc`` first, as
 ``daemon_idle.py`` runs it.
