@@ -99,26 +99,23 @@ def parse_parms(
     per_parm = layout.size // WORD_SIZE
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     slots: list[ParmSlot] = []
-    for index in range(count):
-        first = per_parm * index
-        raw_type = words[first]
-        value = words[first + _VALUE_WORD]
-        offset = CALL_PARMS_OFFSET + layout.size * index
+    offset = CALL_PARMS_OFFSET
+    for raw_type, value, high in zip(
+        words[0::per_parm], words[_VALUE_WORD::per_parm], words[_HIGH_WORD::per_parm], strict=True
+    ):
         if raw_type == _U32_TYPE:
             slots.append(ParmSlot(offset, _U32_TYPE, HostU32(value)))
         elif raw_type == _U64_TYPE:
-            value64 = value | words[first + _HIGH_WORD] << 32
-            slots.append(ParmSlot(offset, _U64_TYPE, HostU64(value64)))
+            slots.append(ParmSlot(offset, _U64_TYPE, HostU64(value | high << 32)))
         elif raw_type in _LINADDR_TYPES and value == 0:
             kind, readable, writable = _LINADDR_TYPES[raw_type]
-            buffer = HostBuffer(bytearray(), readable=readable, writable=writable, size=0)
-            slots.append(ParmSlot(offset, kind, buffer))
+            slots.append(ParmSlot(offset, kind, HostBuffer(bytearray(), readable, writable, 0)))
         elif raw_type == _PAGELIST_TYPE:
-            list_at = words[first + _HIGH_WORD]
-            slots.append(_parse_page_list(req, offset, memory, value, list_at))
+            slots.append(_parse_page_list(req, offset, memory, value, high))
         else:
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
+        offset += layout.size
     return slots
 
 
@@ -146,8 +143,9 @@ def _parse_page_list(
     readable = bool(flags & _TO_HOST)
     writable = bool(flags & _FROM_HOST)
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
-    buffer = HostBuffer(data, readable=readable, writable=writable, size=size)
-    return ParmSlot(offset, _PAGELIST_TYPE, buffer, pages, first)
+    return ParmSlot(
+        offset, _PAGELIST_TYPE, HostBuffer(data, readable, writable, size), pages, first
+    )
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:
@@ -155,11 +153,11 @@ def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int
 
     Pages that follow each other in guest-physical memory make one piece.
     """
-    if not size:
-        return []
+    if first + size <= PAGE_SIZE:
+        return [(pages[0] + first, 0, size)] if size else []
     needed = -(-(first + size) // PAGE_SIZE)
     start = pages[0]
-    if needed == 1 or pages[:needed] == tuple(range(start, start + needed * PAGE_SIZE, PAGE_SIZE)):
+    if pages[:needed] == tuple(range(start, start + needed * PAGE_SIZE, PAGE_SIZE)):
         return [(start + first, 0, size)]
     spans = []
     done = 0

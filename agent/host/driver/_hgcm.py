@@ -13,7 +13,7 @@ import errno
 import math
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
@@ -206,8 +206,8 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     if size_in < needed:
         raise fail(errno.EINVAL)
     _SIZE_OUT.pack_into(kbuf, _SIZE_OUT_AT, needed)
-    parms = _user_parms(kbuf, count)
-    if not USER_HGCM_PARM_TYPES.issuperset(parm.kind for parm in parms):
+    parms = _UserParms(_PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE))
+    if not USER_HGCM_PARM_TYPES.issuperset(parms.kinds):
         raise fail(errno.EINVAL)
     async with drv.session_mutex:
         if client_id not in session.hgcm_client_ids:
@@ -219,46 +219,47 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     _RC.pack_into(kbuf, _RC_AT, status)
 
 
+@final
+class _UserParms:
+    """The parameters of the user's call, each read as a buffer (type, size, address: a value
+    parameter's bytes fill the same members), and the bounce buffers the driver made."""
+
+    __slots__ = ("addresses", "bounces", "kinds", "sizes")
+
+    def __init__(self, members: tuple[int, ...]) -> None:
+        self.kinds = members[0::3]
+        self.sizes = members[1::3]
+        self.addresses = members[2::3]
+        self.bounces: list[_Bounce | None] = []
+        """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
+
+
 @dataclass(slots=True)
-class _UserParm:
-    """One parameter of the user's call: where it sits, its type, a buffer's size and address
-    (a value parameter's bytes read the same way), and the bounce buffer the driver gave it."""
+class _Bounce:
+    """A bounce buffer: the kernel copy of a user buffer, and where it sits in guest RAM."""
 
-    at: int
-    kind: int
-    size: int
-    address: int
-    bounce: bytearray | None = None
-    bounce_address: int = 0
-    bounce_pages: int = 0
-
-
-def _user_parms(kbuf: bytearray, count: int) -> list[_UserParm]:
-    """The ``count`` parameters after the call header, in one unpack."""
-    words = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
-    return [
-        _UserParm(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index, *words[first : first + 3])
-        for index, first in enumerate(range(0, 3 * count, 3))
-    ]
+    data: bytearray
+    address: int = 0
+    pages: int = 0
 
 
 async def _call(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    parms: list[_UserParm],
+    parms: _UserParms,
     memory: GuestMemory,
     *,
     timeout_ms: int,
 ) -> int:
     """Bounce, build, perform and copy back the call."""
     ram = drv.ram
+    _bounce_buffers(parms, memory)
     try:
-        _bounce_buffers(parms, memory)
-        for parm in parms:
-            if parm.bounce is not None:
-                address = parm.bounce_address = ram.map(parm.bounce)
-                parm.bounce_pages = -(-(parm.size + address % PAGE_SIZE) // PAGE_SIZE)
+        for bounce in parms.bounces:
+            if bounce is not None:
+                address = bounce.address = ram.map(bounce.data)
+                bounce.pages = -(-(len(bounce.data) + address % PAGE_SIZE) // PAGE_SIZE)
         req = _build_request(drv, session, kbuf, parms)
         deadline = (
             math.inf
@@ -272,60 +273,58 @@ async def _call(
         result: int = _RESULT.unpack_from(req, _RESULT_AT)[0]
         return result
     finally:
-        for parm in parms:
-            if parm.bounce_address:
-                ram.unmap(parm.bounce_address)
+        for bounce in parms.bounces:
+            if bounce is not None and bounce.address:
+                ram.unmap(bounce.address)
 
 
-def _bounce_buffers(parms: list[_UserParm], memory: GuestMemory) -> None:
+def _bounce_buffers(parms: _UserParms, memory: GuestMemory) -> None:
     """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order.
 
-    Empty buffers get no bounce buffer.
+    Values and empty buffers get no bounce buffer.
     """
-    for parm in parms:
-        kind = parm.kind
+    bounces = parms.bounces
+    for kind, size, address in zip(parms.kinds, parms.sizes, parms.addresses, strict=True):
         if kind not in _BUFFER_TYPES:
+            bounces.append(None)
             continue
-        length = parm.size
-        if length > HGCM_MAX_USER_PARM:
+        if size > HGCM_MAX_USER_PARM:
             raise _TooBigError
-        if length == 0:
-            continue
-        if kind == _LINADDR_OUT:
-            parm.bounce = bytearray(length)
+        if size == 0:
+            bounces.append(None)
+        elif kind == _LINADDR_OUT:
+            bounces.append(_Bounce(bytearray(size)))
         else:
-            parm.bounce = bytearray(memory.read(parm.address, length))
+            bounces.append(_Bounce(bytearray(memory.read(address, size))))
 
 
 def _build_request(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    parms: list[_UserParm],
+    parms: _UserParms,
 ) -> bytearray:
     """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer."""
-    count = len(parms)
+    count = len(parms.kinds)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     size = lists_at + sum(
-        PAGE_LIST_HEADER_SIZE + 8 * parm.bounce_pages for parm in parms if parm.bounce is not None
+        PAGE_LIST_HEADER_SIZE + 8 * bounce.pages for bounce in parms.bounces if bounce is not None
     )
     req = drv.alloc_request(_HGCM_CALL64, size, session.requestor)
     client_id, function = _CALL_TARGET.get(kbuf)
     _CALL_REQUEST.codec.pack_into(req, _CALL_REQUEST.offset, 0, 0, client_id, function, count)
-    shift = L.HgcmCallRequest.size - HGCM_CALL_HEADER_SIZE
-    for parm in parms:
-        src = parm.at
-        dst = src + shift
-        kind = parm.kind
+    src = HGCM_CALL_HEADER_SIZE
+    dst = L.HgcmCallRequest.size
+    for kind, bounce in zip(parms.kinds, parms.bounces, strict=True):
         if kind not in _BUFFER_TYPES:
             req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
-        elif parm.bounce is None:
+        elif bounce is None:
             _BUFFER_PARM.pack_into(req, dst, kind, 0, 0)
         else:
-            address = parm.bounce_address
+            address = bounce.address
             in_page = address % PAGE_SIZE
-            pages = parm.bounce_pages
-            _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, parm.size, lists_at)
+            pages = bounce.pages
+            _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, len(bounce.data), lists_at)
             first_page = address - in_page
             L.page_list_codec(pages).pack_into(
                 req,
@@ -336,26 +335,25 @@ def _build_request(
                 *range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE),
             )
             lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
+        src += HGCM_PARM64_SIZE
+        dst += HGCM_PARM64_SIZE
     return req
 
 
-def _copy_back(
-    kbuf: bytearray, req: bytearray, parms: list[_UserParm], memory: GuestMemory
-) -> None:
+def _copy_back(kbuf: bytearray, req: bytearray, parms: _UserParms, memory: GuestMemory) -> None:
     """``hgcm_call_copy_back_result``: values, the host's sizes, and out buffers' bytes."""
-    shift = L.HgcmCallRequest.size - HGCM_CALL_HEADER_SIZE
-    for parm in parms:
-        dst = parm.at
-        src = dst + shift
-        kind = parm.kind
+    dst = HGCM_CALL_HEADER_SIZE
+    src = L.HgcmCallRequest.size
+    for kind, address, bounce in zip(parms.kinds, parms.addresses, parms.bounces, strict=True):
         if kind not in _BUFFER_TYPES:
             kbuf[dst : dst + HGCM_PARM64_SIZE] = req[src : src + HGCM_PARM64_SIZE]
-            continue
-        returned: int = _PARM_SIZE.unpack_from(req, src + _PARM_SIZE_AT)[0]
-        _PARM_SIZE.pack_into(kbuf, dst + _PARM_SIZE_AT, returned)
-        if kind == _LINADDR_IN or parm.bounce is None:
-            continue
-        memory.write(parm.address, parm.bounce[:returned])
+        else:
+            returned: int = _PARM_SIZE.unpack_from(req, src + _PARM_SIZE_AT)[0]
+            _PARM_SIZE.pack_into(kbuf, dst + _PARM_SIZE_AT, returned)
+            if kind != _LINADDR_IN and bounce is not None:
+                memory.write(address, bounce.data[:returned])
+        src += HGCM_PARM64_SIZE
+        dst += HGCM_PARM64_SIZE
 
 
 # --- waiting and cancelling ------------------------------------------------------------------
