@@ -86,12 +86,18 @@ def parm_layout(request_type_is_64: bool) -> ParmLayout:
     return L.HgcmParameter64 if request_type_is_64 else L.HgcmParameter32
 
 
+def parms_end(layout: ParmLayout, count: int) -> int:
+    """Where an array of ``count`` parameters ends (a call whose array ends past the request
+    is refused before its parameters are read)."""
+    return CALL_PARMS_OFFSET + layout.size * count
+
+
 def parse_parms(
     req: bytes | bytearray, memory: GuestMemory, layout: ParmLayout, count: int
 ) -> list[ParmSlot]:
     """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
 
-    The caller has checked that the array lies within ``req``.
+    The caller has checked that the array lies within ``req`` (:func:`parms_end`).
 
     Raises:
         ParmError: an unsupported type, a page list outside the request, bad page addresses.

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from agent.host._hgcm_parms import (
-    CALL_PARMS_OFFSET,
     ParmError,
     ParmLayout,
     parm_layout,
+    parms_end,
     parse_parms,
     write_back as write_back_parms,
 )
@@ -215,7 +215,7 @@ class HgcmHost:
         request_type = _REQUEST_TYPE.unpack_from(req, _REQUEST_TYPE_AT)[0]
         layout = parm_layout(request_type == _HGCM_CALL64)
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
-        if CALL_PARMS_OFFSET + layout.size * count > len(req):
+        if parms_end(layout, count) > len(req):
             return VERR_INVALID_PARAMETER
         client = self._clients.get(client_id)
         if client is None:
@@ -322,6 +322,8 @@ class HgcmHost:
         try:
             req = bytearray(self._memory.read(old.phys, len(old.req)))
             _, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
+            if parms_end(old.layout, count) > len(req):
+                return  # the guest changed the count since: the host reads no further
             slots = parse_parms(req, self._memory, old.layout, count)
         except (OSError, ParmError):
             return

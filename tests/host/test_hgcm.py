@@ -351,6 +351,19 @@ class TestLifeCycle:
         assert src == b"xyz"
         assert hgcm.vmmdev.pending_events & Event.RESTORED
 
+    def test_restore_drops_a_call_whose_count_outgrew_its_request(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A restore reads a pending call again; one whose parameter count the guest raised
+        past the end of its request is dropped, not read beyond it."""
+        client_id = client(hgcm)
+        req = page_list_call(hgcm, client_id, FN_HOLD, [], 7)
+        submit(hgcm, req)
+        L.HgcmCallRequest.parm_count.set(req, 2)  # in guest memory: one parameter too many
+        hgcm.vmmdev.restore()
+        assert echo.connected == [client_id, client_id]
+        assert (echo.held, hgcm.vmmdev.hgcm.pending_calls) == ([], 0)
+
     def test_reset_disconnects_everyone(self, hgcm: Device, echo: EchoService) -> None:
         """A reset disconnects every client and drops every pending call."""
         ids = [client(hgcm) for _ in range(3)]
