@@ -141,20 +141,33 @@ def check_ioctl_reply(call: IoctlCall[R], size_in: int, size_out: int) -> int:
     """
     buf = call.buffer
     operation = call.request.operation
-    expected_len = max(size_in, size_out)
-    if len(buf) != expected_len:
-        msg = f"{operation}: reply buffer has {len(buf)} bytes, expected {expected_len}"
+    _check_reply_length(operation, buf, max(size_in, size_out))
+    rc = _reply_rc(operation, _IOCTL_HEADER.codec.unpack_from(buf), size_in, size_out)
+    if rc < 0:
+        raise VBoxStatusError(rc, operation)
+    return rc
+
+
+def _check_reply_length(operation: str, buf: bytearray, expected: int) -> None:
+    if len(buf) != expected:
+        msg = f"{operation}: reply buffer has {len(buf)} bytes, expected {expected}"
         raise RemoteProtocolError(msg)
-    header: tuple[int, ...] = _IOCTL_HEADER.codec.unpack_from(buf)
-    got_in, version, _, rc, got_out, _ = header
+
+
+def _reply_rc(operation: str, values: tuple[int, ...], size_in: int, size_out: int) -> int:
+    """Check the ioctl header that starts ``values`` (a reply's unpacked words) against the
+    sizes the request gave; return its ``rc``.
+
+    Raises:
+        RemoteProtocolError: wrong header version, ``size_in`` or ``size_out``.
+    """
+    got_in, version, _, rc, got_out, _ = values[:6]
     if (got_in, version) != (size_in, IOCTL_HDR_VERSION):
         msg = f"{operation}: reply header (size_in, version) is {(got_in, version)}"
         raise RemoteProtocolError(msg)
     if got_out != size_out:
         msg = f"{operation}: reply size_out {got_out}, expected {size_out}"
         raise RemoteProtocolError(msg)
-    if rc < 0:
-        raise VBoxStatusError(rc, operation)
     return rc
 
 
@@ -747,17 +760,9 @@ class HgcmCall(Request[HgcmReply]):
         """Decode the status and the returned parameters."""
         buf = call.buffer
         size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * len(self.params)
-        if len(buf) != size:
-            msg = f"{self.operation}: reply buffer has {len(buf)} bytes, expected {size}"
-            raise RemoteProtocolError(msg)
+        _check_reply_length(self.operation, buf, size)
         values = _call_codec(len(self.params)).unpack_from(buf)
-        size_in, version, _, rc, size_out, _ = values[:6]
-        if (size_in, version) != (size, IOCTL_HDR_VERSION):
-            msg = f"{self.operation}: reply header (size_in, version) is {(size_in, version)}"
-            raise RemoteProtocolError(msg)
-        if size_out != size:
-            msg = f"{self.operation}: reply size_out {size_out}, expected {size}"
-            raise RemoteProtocolError(msg)
+        rc = _reply_rc(self.operation, values, size, size)
         reply = HgcmReply(rc, self._decode_params(call, values))
         if rc < 0:
             raise HgcmCallError(reply, self.operation)
