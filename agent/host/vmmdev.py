@@ -439,7 +439,7 @@ class VMMDev:
 
 
 def _host_version(req: bytearray, _phys: int) -> int:
-    _HOST_VERSION_BODY.set(req, *HOST_VERSION, HOST_FEATURES)
+    L.HOST_VERSION_BODY.set(req, *HOST_VERSION, HOST_FEATURES)
     return VINF_SUCCESS
 
 
@@ -447,13 +447,6 @@ def _idle(_req: bytearray, _phys: int) -> None:
     """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone."""
 
 
-_HOST_VERSION_BODY: Final = L.run(
-    L.HostVersionRequest.major,
-    L.HostVersionRequest.minor,
-    L.HostVersionRequest.build,
-    L.HostVersionRequest.revision,
-    L.HostVersionRequest.features,
-)
 _HYPERVISOR_START: Final = struct.Struct("<II")
 
 

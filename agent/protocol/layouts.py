@@ -484,6 +484,16 @@ class HostVersionRequest(_WithRequestHeader):
     features = u32(36, "features")
 
 
+HOST_VERSION_BODY: Final = run(
+    HostVersionRequest.major,
+    HostVersionRequest.minor,
+    HostVersionRequest.build,
+    HostVersionRequest.revision,
+    HostVersionRequest.features,
+)
+"""What GET_HOST_VERSION answers after its header, in one pack or unpack."""
+
+
 class MaskRequest(_WithRequestHeader):
     """``struct vmmdev_mask`` (32 bytes): CTL_GUEST_FILTER_MASK, SET_GUEST_CAPABILITIES."""
 

@@ -886,16 +886,7 @@ class GetHostVersion(_VmmdevRequest[HostVersion]):
 
     def read(self, buf: bytearray) -> HostVersion:
         """Decode the version and feature bits."""
-        return HostVersion(*_HOST_VERSION_BODY.get(buf))
-
-
-_HOST_VERSION_BODY: Final = L.run(
-    L.HostVersionRequest.major,
-    L.HostVersionRequest.minor,
-    L.HostVersionRequest.build,
-    L.HostVersionRequest.revision,
-    L.HostVersionRequest.features,
-)
+        return HostVersion(*L.HOST_VERSION_BODY.get(buf))
 
 
 @dataclass(frozen=True, slots=True)
