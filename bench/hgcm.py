@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.config import LogConfig
 from agent.device import open_device
 from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
+from agent.logconfig import configure_logging
 from agent.protocol import GetHostVersion
 from agent.protocol.guest_props import MAX_CALLS_PER_CLIENT, SERVICE_NAME, GuestFunction
 from agent.services.guest_props import VALUE_BUFFER_SIZE, open_guest_properties
@@ -181,6 +183,7 @@ def main() -> None:
     parser.add_argument("--personality", default="mainline")
     parser.add_argument("--callers", default="1,8,32")
     args = parser.parse_args()
+    configure_logging(LogConfig(), stream=sys.stderr)  # the daemon's level, off the figures
     callers = [int(part) for part in args.callers.split(",")]
     print(
         f"guest-property GET_PROP vs GET_HOST_VERSION, {args.seconds:g} s each, "

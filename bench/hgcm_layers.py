@@ -15,13 +15,16 @@ import argparse
 import cProfile
 import os
 import pstats
+import sys
 import time
 from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.config import LogConfig
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.logconfig import configure_logging
 from agent.protocol import GetHostVersion
 from agent.services.guest_props import open_guest_properties
 
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=8000)
     parser.add_argument("--callers", type=int, default=8)
     args = parser.parse_args()
+    configure_logging(LogConfig(), stream=sys.stderr)  # the daemon's level, off the figures
     results = trio.run(_measure, args.calls, args.callers)
     get_cpu, get_layers = results["GET_PROP"]
     bare_cpu, bare_layers = results["GET_HOST_VERSION"]
