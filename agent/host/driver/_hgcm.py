@@ -224,7 +224,7 @@ class _UserParms:
     """The parameters of the user's call, each read as a buffer (type, size, address: a value
     parameter's bytes fill the same members), and the bounce buffers the driver made."""
 
-    __slots__ = ("addresses", "bounces", "kinds", "sizes")
+    __slots__ = ("addresses", "bounces", "kinds", "page_lists_size", "sizes")
 
     def __init__(self, members: tuple[int, ...]) -> None:
         self.kinds = members[0::3]
@@ -232,6 +232,8 @@ class _UserParms:
         self.addresses = members[2::3]
         self.bounces: list[_Bounce | None] = []
         """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
+        self.page_lists_size = 0
+        """Bytes the bounce buffers' page lists take after the parameters."""
 
 
 @dataclass(slots=True)
@@ -260,6 +262,7 @@ async def _call(
             if bounce is not None:
                 address = bounce.address = ram.map(bounce.data)
                 bounce.pages = -(-(len(bounce.data) + address % PAGE_SIZE) // PAGE_SIZE)
+                parms.page_lists_size += PAGE_LIST_HEADER_SIZE + 8 * bounce.pages
         req = _build_request(drv, session, kbuf, parms)
         deadline = (
             math.inf
@@ -307,11 +310,8 @@ def _build_request(
     """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer."""
     count = len(parms.kinds)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
-    size = lists_at + sum(
-        PAGE_LIST_HEADER_SIZE + 8 * bounce.pages for bounce in parms.bounces if bounce is not None
-    )
-    req = drv.alloc_request(_HGCM_CALL64, size, session.requestor)
-    client_id, function = _CALL_TARGET.get(kbuf)
+    req = drv.alloc_request(_HGCM_CALL64, lists_at + parms.page_lists_size, session.requestor)
+    client_id, function = _CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset)
     _CALL_REQUEST.codec.pack_into(req, _CALL_REQUEST.offset, 0, 0, client_id, function, count)
     src = HGCM_CALL_HEADER_SIZE
     dst = L.HgcmCallRequest.size
