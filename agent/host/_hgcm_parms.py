@@ -61,7 +61,7 @@ _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR_IN: (HgcmParmType.LINADDR_IN, True, False),
     HgcmParmType.LINADDR_OUT: (HgcmParmType.LINADDR_OUT, False, True),
 }
-"""Linear-address types and their (readable, writable) directions."""
+"""Linear-address types: the type as its enum member, then its (readable, writable) directions."""
 
 ParmLayout = type[L.HgcmParameter64] | type[L.HgcmParameter32]
 

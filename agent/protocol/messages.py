@@ -660,7 +660,8 @@ _HGCM_CALL_CODES: Final = tuple(
     Ioctl.hgcm_call_64(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count)
     for count in range(HGCM_MAX_PARMS + 1)
 )
-_CALL_HEADER_VALUES: Final = len(_CALL_HEADER.codec.unpack(bytes(_CALL_HEADER.codec.size)))
+_CALL_HEADER_VALUES: Final = len(L.HgcmCallIoctl.fields())
+"""How many values of a whole-call unpack are the headers' (``parm_count`` is the last)."""
 _PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
     HgcmU32: HgcmParmType.U32,
     HgcmU64: HgcmParmType.U64,
