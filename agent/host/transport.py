@@ -22,11 +22,13 @@ if TYPE_CHECKING:
 
     from agent.host.driver import DriverSession
     from agent.host.host import SimulatedHost
+    from agent.host.memory import GuestMemory
     from agent.protocol import UserBuffer
 
 _ADDRESS: Final = struct.Struct("<Q")
-_NO_USER_MEMORY: Final = IoctlMemory()
-"""The user memory of an ioctl without user buffers: nothing is ever mapped into it."""
+_NO_USER_MEMORY: Final[GuestMemory] = IoctlMemory()
+"""The user memory of every ioctl without user buffers, shared: typed as ``GuestMemory``
+(read and write only), so no buffer can be mapped into it and seen by a later ioctl."""
 
 
 @final
