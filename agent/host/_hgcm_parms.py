@@ -44,6 +44,7 @@ _VALUE_AT: Final = L.HgcmParameter64.value32.offset
 """Where ``value32``, ``value64`` and a buffer's ``size`` start in either layout."""
 _U32: Final = L.HgcmParameter64.value32.codec
 _U64: Final = L.HgcmParameter64.value64.codec
+"""What :func:`write_back` packs at :data:`_VALUE_AT`, without a field's ``set`` per value."""
 _PAGE_LIST_HEADER: Final = L.run(
     L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
 ).codec

@@ -70,6 +70,8 @@ _CALL_TARGET: Final = L.run(
 ).codec
 _CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
 _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
+"""Members as their struct and offset (``_AT``), used with one ``struct`` call each: every
+guest call passes here, and a field's ``get``/``set`` would add a Python call per member."""
 
 
 @runtime_checkable

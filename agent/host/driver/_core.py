@@ -74,6 +74,8 @@ _SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
 _REQUEST_RC: Final = L.RequestHeader.rc.codec
 _REQUEST_RC_AT: Final = L.RequestHeader.rc.offset
 _REQUEST_HEADER: Final = L.RequestHeader.whole().codec
+"""Members as their struct and offset (``_AT``), used with one ``struct`` call each: every
+ioctl passes here, and a field's ``get``/``set`` would add a Python call per member."""
 
 
 class Driver:
