@@ -10,9 +10,9 @@ or at once when a new event arrives.
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
 most :data:`MEMINFO_REUSE_CHUNKS` chunks and only while it leaves that many MiB above the
-floor; nearer the floor, after a pause, a deflate or a failure, it is read again. A chunk is
-therefore refused exactly where a reading before it would refuse it, unless the rest of the
-guest took more than that many MiB within those few chunks (a few milliseconds).
+floor; nearer the floor, after a pause, a restart, a deflate or a failure, it is read again.
+A chunk is therefore refused exactly where a reading before it would refuse it, unless the
+rest of the guest took more than that many MiB within those few chunks (a few milliseconds).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class ChunkWalker:
 
     async def run(self) -> NoReturn:
         """Walk toward the goal forever; sleep while there or while backing off."""
+        self._reading_uses = 0  # a (re)start: the last run's reading may be long out of date
         while True:
             goal = self.goal
             if len(self.held) != goal and trio.current_time() >= self.backoff.retry_at:
