@@ -68,9 +68,9 @@ class SimTransport:
             (user.address_offset, bytes(buffer[user.address_offset : user.address_offset + 8]))
             for user in user_buffers
         ]
-        for user in user_buffers:
-            _ADDRESS.pack_into(buffer, user.address_offset, memory.map(user.data))
         try:
+            for user in user_buffers:
+                _ADDRESS.pack_into(buffer, user.address_offset, memory.map(user.data))
             await self._host.ioctl(self._session, code, buffer, memory)
         except BaseException:
             for offset, original in saved:

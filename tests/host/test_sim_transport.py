@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
+from agent.host.memory import USER_BASE, USER_LIMIT, USER_WINDOW
 from agent.protocol import (
     ChangeFilterMask,
     DeviceUnavailableError,
@@ -102,6 +103,20 @@ class TestSimTransport:
             await client.transport.ioctl(call.code, call.buffer, call.user_buffers)
         assert info.value.errno == errno.EINVAL
         assert bytes(call.buffer) == before
+
+    async def test_user_memory_exhausted_leaves_the_buffer_as_it_was(
+        self, host: SimulatedHost
+    ) -> None:
+        """More user buffers than the user address space has windows for: ENOMEM, and the
+        addresses already stored for the first ones are taken back."""
+        client = await open_client(host)
+        windows = (USER_LIMIT - USER_BASE) // USER_WINDOW
+        buffer = bytearray(b"\x5a" * 8 * (windows + 1))
+        users = [UserBuffer(8 * index, bytearray(1)) for index in range(windows + 1)]
+        with pytest.raises(OSError, match="exhausted") as info:
+            await client.transport.ioctl(0, buffer, users)
+        assert info.value.errno == errno.ENOMEM
+        assert buffer == b"\x5a" * 8 * (windows + 1)
 
     def test_memory_faults(self) -> None:
         """Unknown addresses and overruns are EFAULT; unmapped space is reused."""
