@@ -19,6 +19,7 @@ from agent.host.hgcm_service import HostBuffer
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_REQ_DONE,
+    PAGE_SIZE,
     Event,
     HgcmLocationType,
     HgcmParmType,
@@ -104,6 +105,23 @@ def page_list_call(
         view = memoryview(req)[44 + 16 * index :]
         P.type.set(view, HgcmParmType.U32)
         P.value32.set(view, value & 0xFFFFFFFF)
+    return req
+
+
+def page_list_of(
+    client_id: int, function: int, pages: list[int], *, size: int, first: int = 0, flags: int = 3
+) -> bytearray:
+    """An HGCM_CALL64 with one page-list parameter naming ``pages`` as they are given."""
+    lists_at = 44 + 16
+    req = vmmdev_request(RequestType.HGCM_CALL64, lists_at + 8 + 8 * len(pages))
+    L.HgcmCallRequest.client_id.set(req, client_id)
+    L.HgcmCallRequest.function.set(req, function)
+    L.HgcmCallRequest.parm_count.set(req, 1)
+    view = memoryview(req)[44:]
+    P.type.set(view, HgcmParmType.PAGELIST)
+    P.page_list_size.set(view, size)
+    P.page_list_offset.set(view, lists_at)
+    struct.pack_into(f"<IHH{len(pages)}Q", req, lists_at, flags, first, len(pages), *pages)
     return req
 
 
@@ -244,6 +262,66 @@ class TestCall:
         """A page list offset past the request is refused."""
         req = page_list_call(hgcm, client(hgcm), FN_ECHO, [(bytearray(4), 1)])
         P.page_list_offset.set(memoryview(req)[44:], 4000)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    @pytest.mark.parametrize("scattered", [False, True])
+    def test_page_list_spanning_pages(
+        self, hgcm: Device, echo: EchoService, scattered: bool
+    ) -> None:
+        """A buffer over several pages is read from each page in list order, whether the
+        pages follow each other or not, and written back the same way."""
+        low, high = bytearray(b"a" * PAGE_SIZE), bytearray(b"b" * PAGE_SIZE)
+        if scattered:
+            pages = [hgcm.ram.map(high), hgcm.ram.map(low)]
+            expected = b"b" * (PAGE_SIZE - 100) + b"a" * 50
+        else:
+            both = bytearray(b"a" * PAGE_SIZE + b"b" * PAGE_SIZE)
+            start = hgcm.ram.map(both)
+            pages = [start, start + PAGE_SIZE]
+            low, high = both, both  # one region: check it through ``both``
+            expected = b"a" * (PAGE_SIZE - 100) + b"b" * 50
+        req = page_list_of(client(hgcm), FN_HOLD, pages, size=PAGE_SIZE - 50, first=100)
+        submit(hgcm, req)
+        buffer = echo.held[0].params[0]
+        assert isinstance(buffer, HostBuffer)
+        assert bytes(buffer.data) == expected
+        buffer.data[:] = bytes(range(256)) * ((PAGE_SIZE - 50) // 256) + bytes(206)
+        echo.held[0].complete(VINF_SUCCESS)
+        written = bytes(buffer.data)
+        if scattered:
+            assert (high[100:], low[:50]) == (written[: PAGE_SIZE - 100], written[-50:])
+        else:
+            assert both[100 : PAGE_SIZE + 50] == written
+
+    @pytest.mark.parametrize(
+        ("flags", "first", "size", "shift"),
+        [
+            (3 | 4, 0, 8, 0),  # a direction bit outside TO_HOST | FROM_HOST
+            (3, PAGE_SIZE, 8, 0),  # the first page's offset past the page
+            (3, 100, 2 * PAGE_SIZE - 99, 0),  # one byte more than the two pages hold
+            (3, 0, 8, 8),  # the second page's address is not page-aligned
+            (3, 100, 2 * PAGE_SIZE - 100, 0),  # all fits: accepted
+        ],
+    )
+    def test_page_list_checks(
+        self, hgcm: Device, flags: int, first: int, size: int, shift: int
+    ) -> None:
+        """Direction bits, the first page's offset, the bytes the pages hold and every page's
+        alignment are checked before the service sees the call."""
+        start = hgcm.ram.map(bytearray(2 * PAGE_SIZE))
+        pages = [start, start + PAGE_SIZE + shift]
+        req = page_list_of(client(hgcm), FN_HOLD, pages, size=size, first=first, flags=flags)
+        submit(hgcm, req)
+        fits = (flags, first, size, shift) == (3, 100, 2 * PAGE_SIZE - 100, 0)
+        expected = VINF_HGCM_ASYNC_EXECUTE if fits else VERR_INVALID_PARAMETER
+        assert L.RequestHeader.rc.get(req) == expected
+
+    def test_page_list_longer_than_the_request(self, hgcm: Device) -> None:
+        """A page count whose addresses would run past the request is refused."""
+        start = hgcm.ram.map(bytearray(PAGE_SIZE))
+        req = page_list_of(client(hgcm), FN_HOLD, [start], size=8)
+        struct.pack_into("<H", req, 60 + 6, 2)  # page_count 2, room for 1
         submit(hgcm, req)
         assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
 
