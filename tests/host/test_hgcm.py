@@ -351,6 +351,19 @@ class TestCall:
         with pytest.raises(RuntimeError, match="twice"):
             echo.held[0].complete(0)
 
+    def test_completing_a_freed_request_writes_nothing(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A call whose request the guest freed meanwhile completes without a write (nor an
+        error); the call is gone and the HGCM event is still raised."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
+        hgcm.ram.unmap(submit(hgcm, req))
+        hgcm.vmmdev.pending_events = 0
+        echo.held[0].complete(VINF_SUCCESS)
+        assert (done(req), L.HgcmRequestHeader.result.get(req)) == (False, 0)
+        assert hgcm.vmmdev.hgcm.pending_calls == 0
+        assert hgcm.vmmdev.pending_events & Event.HGCM
+
     def test_cancel2(self, hgcm: Device, echo: EchoService) -> None:
         """CANCEL2 finds the call by address; its later completion writes nothing."""
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
