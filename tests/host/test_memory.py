@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import itertools
+import random
 
 import pytest
 
@@ -79,3 +81,35 @@ def test_ioctl_memory_refuses_more_windows_than_the_user_range_holds() -> None:
     with pytest.raises(OSError, match="exhausted") as caught:
         memory.map(bytearray(1))
     assert caught.value.errno == errno.ENOMEM
+
+
+def test_regions_never_overlap_through_maps_and_unmaps_in_any_order() -> None:
+    """Many maps and unmaps (the highest region's too, and after the range wrapped): no
+    region starts within another's guard, and each region's bytes are its own."""
+    rng = random.Random(8)  # noqa: S311 - a fixed sequence of sizes, not a secret
+    limit = BASE + 48 * PAGE_SIZE
+    memory = DictMemory(base=BASE, limit=limit)
+    live: dict[int, bytearray] = {}
+    refused: set[int | None] = set()
+    for step in range(2000):
+        if live and (rng.random() < 0.45 or len(live) > 12):
+            address = max(live) if rng.random() < 0.3 else rng.choice(list(live))
+            memory.unmap(address)
+            del live[address]
+            continue
+        data = bytearray([step % 251 + 1]) * rng.choice([0, 1, 100, PAGE_SIZE, 3 * PAGE_SIZE])
+        try:
+            address = memory.map(data, offset=rng.choice([0, 0, 7, PAGE_SIZE - 1]))
+        except OSError as exc:
+            refused.add(exc.errno)
+        else:
+            live[address] = data
+        regions = sorted(live.items())
+        for (address, data), (after, _) in itertools.pairwise(regions):
+            assert address + len(data) + GUARD_BYTES <= after
+        assert all(BASE <= address < limit for address in live)
+        assert len(memory) == len(live)
+        for address, data in regions:
+            if data:
+                assert memory.read(address + len(data) - 1, 1) == data[-1:]
+    assert refused <= {errno.ENOMEM}
