@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from agent.host import DriverLoadError, SimulatedHost
+from agent.host.driver.mainline import change_memballoon
 from agent.host.hgcm_service import HostU32
 from agent.protocol import (
     ChangeFilterMask,
@@ -40,6 +41,7 @@ from agent.protocol import (
     WriteCoreDump,
     layouts as L,  # noqa: N812 - the layout table
 )
+from agent.protocol.balloon_pages import CHUNK_PAGES
 from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     MAX_IOCTL_SIZE,
@@ -679,6 +681,16 @@ class TestKernelBalloon:
         balloon = host.status()["balloon"]
         assert isinstance(balloon, dict)
         assert (balloon["target_mb"], balloon["acked_mb"]) == (3, 3)
+
+    async def test_a_chunk_other_than_one_page_array_is_not_sent(self, host: SimulatedHost) -> None:
+        """CHANGE_MEMBALLOON's page array is filled in place: a chunk of another length
+        raises before the request changes size or reaches the host."""
+        driver = model_driver(host)
+        size = L.MemBalloonChangeRequest.size
+        req = driver.alloc_request(RequestType.CHANGE_MEMBALLOON, size)
+        with pytest.raises(ValueError, match="memoryview"):
+            await change_memballoon(driver, req, bytes(CHUNK_PAGES.size - 8), inflate=True)
+        assert (len(req), host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON]) == (size, 0)
 
     async def test_stops_at_the_first_error(
         self, host: SimulatedHost, autojump_clock: object

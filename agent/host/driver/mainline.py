@@ -114,10 +114,15 @@ class MainlineDriver(Driver):
 
 
 async def change_memballoon(driver: Driver, req: bytearray, pages: bytes, *, inflate: bool) -> int:
-    """Fill the CHANGE_MEMBALLOON request ``req`` with one chunk (its pages packed), perform it."""
+    """Fill the CHANGE_MEMBALLOON request ``req`` with one chunk (its pages packed), perform it.
+
+    Raises:
+        ValueError: ``pages`` is not one packed chunk (the request keeps its size).
+    """
+    offset = L.MemBalloonChangeRequest.phys_page.offset
+    # Through a memoryview: a bytearray slice would take another length by resizing ``req``.
+    memoryview(req)[offset : offset + CHUNK_PAGES.size] = pages
     L.MemBalloonChangeRequest.header_size.set(req, L.MemBalloonChangeRequest.size)
     L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
     L.MemBalloonChangeRequest.pages.set(req, BALLOON_CHUNK_PAGES)
-    offset = L.MemBalloonChangeRequest.phys_page.offset
-    req[offset : offset + CHUNK_PAGES.size] = pages
     return await driver.perform(req)
