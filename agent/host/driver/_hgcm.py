@@ -77,6 +77,8 @@ _FLAGS: Final = L.HgcmRequestHeader.flags.codec
 _FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
 _PARM_SIZE: Final = _P.pointer_size.codec
 _PARM_SIZE_AT: Final = _P.pointer_size.offset
+"""Members as their struct and offset (``_AT``), used with one ``struct`` call each: every
+HGCM call passes here, and a field's ``get``/``set`` would add a Python call per member."""
 _CALL_IOCTL: Final = L.run(
     L.HgcmCallIoctl.client_id,
     L.HgcmCallIoctl.function,
