@@ -48,7 +48,8 @@ class KernelMutex:
 
     An uncontended lock is taken without a trio schedule point: the ioctl entry already had
     its one. Waiters are served in order: the holder hands the lock straight to the first
-    waiter, so a free lock never has waiters and is never jumped.
+    waiter, so a free lock never has waiters and is never jumped. It has no owner: a task
+    taking it again while it holds it sleeps for good, as ``mutex_lock`` would.
     """
 
     __slots__ = ("_locked", "_waiters")
