@@ -17,6 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
+from agent.host._header_fields import (
+    HGCM_CALL64,
+    HGCM_FLAGS,
+    HGCM_FLAGS_AT,
+    REQUEST_RC,
+    REQUEST_RC_AT,
+    REQUEST_TYPE,
+    REQUEST_TYPE_AT,
+)
 from agent.host._hgcm_parms import (
     ParmError,
     ParmLayout,
@@ -31,7 +40,6 @@ from agent.protocol.constants import (
     HGCM_REQ_DONE,
     Event,
     HgcmLocationType,
-    RequestType,
 )
 from agent.protocol.status import (
     STATUS_CODES,
@@ -56,22 +64,14 @@ NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
 CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
 """Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
-_HGCM_CALL64: Final = RequestType.HGCM_CALL64
 _HGCM_EVENT: Final = int(Event.HGCM)
-"""Enum members read once: an enum attribute lookup costs more than what it is used for."""
-_RC: Final = L.RequestHeader.rc.codec
-_RC_AT: Final = L.RequestHeader.rc.offset
-_FLAGS: Final = L.HgcmRequestHeader.flags.codec
-_FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
-_REQUEST_TYPE: Final = L.RequestHeader.request_type.codec
-_REQUEST_TYPE_AT: Final = L.RequestHeader.request_type.offset
+"""Read once: an enum attribute lookup costs more than the bit operation it feeds."""
 _CALL_TARGET: Final = L.run(
     L.HgcmCallRequest.client_id, L.HgcmCallRequest.function, L.HgcmCallRequest.parm_count
 ).codec
 _CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
 _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
-"""Members as their struct and offset (``_AT``), used with one ``struct`` call each: every
-guest call passes here, and a field's ``get``/``set`` would add a Python call per member."""
+"""Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
 
 
 @runtime_checkable
@@ -214,8 +214,8 @@ class HgcmHost:
 
     def call(self, req: bytearray, phys: int) -> int | None:
         """HGCM_CALL32/64: parse the parameters and hand the call to the service."""
-        request_type = _REQUEST_TYPE.unpack_from(req, _REQUEST_TYPE_AT)[0]
-        layout = parm_layout(request_type == _HGCM_CALL64)
+        request_type = REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]
+        layout = parm_layout(request_type == HGCM_CALL64)
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         if parms_end(layout, count) > len(req):
             return VERR_INVALID_PARAMETER
@@ -338,8 +338,8 @@ class HgcmHost:
             command.client.calls.discard(command)
 
     def _accept(self, req: bytearray, phys: int) -> None:
-        _RC.pack_into(req, _RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        self._write(phys + _RC_AT, _RC.pack(VINF_HGCM_ASYNC_EXECUTE))
+        REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        self._write(phys + REQUEST_RC_AT, REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE))
 
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
         """Write the request back with the guest's current flags, then DONE in those flags.
@@ -350,13 +350,13 @@ class HgcmHost:
         """
         memory = self._memory
         try:
-            flags: int = _FLAGS.unpack(memory.read(phys + _FLAGS_AT, _FLAGS.size))[0]
+            flags: int = HGCM_FLAGS.unpack(memory.read(phys + HGCM_FLAGS_AT, HGCM_FLAGS.size))[0]
         except OSError:
-            flags = _FLAGS.unpack_from(req, _FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(req, _FLAGS_AT, flags, result)
+            flags = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
+        _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags, result)
         try:
             memory.write(phys, req)
-            memory.write(phys + _FLAGS_AT, _FLAGS.pack(flags | HGCM_REQ_DONE))
+            memory.write(phys + HGCM_FLAGS_AT, HGCM_FLAGS.pack(flags | HGCM_REQ_DONE))
         except OSError:
             pass  # the guest freed the request; the writes go nowhere
         self._notify(_HGCM_EVENT)

@@ -32,6 +32,7 @@ from agent.host._balloon import HostBalloon
 from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
+from agent.host._header_fields import REQUEST_RC, REQUEST_RC_AT
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host._stats import HostGuestStats
 from agent.host.hgcm import HgcmHost
@@ -85,8 +86,6 @@ _HEADER_START: Final = L.run(
     L.RequestHeader.size_, L.RequestHeader.version, L.RequestHeader.request_type
 ).codec
 """What the port handler checks first: size, version and type (from offset 0)."""
-_RC: Final = L.RequestHeader.rc.codec
-_RC_AT: Final = L.RequestHeader.rc.offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +173,7 @@ class VMMDev:
             return
         if size > MAX_VMMDEV_REQUEST_SIZE:
             answer = bytearray(header)
-            _RC.pack_into(answer, _RC_AT, VERR_NOT_SUPPORTED)
+            REQUEST_RC.pack_into(answer, REQUEST_RC_AT, VERR_NOT_SUPPORTED)
             self._write(phys, answer)
             return
         try:
@@ -184,7 +183,7 @@ class VMMDev:
         self.request_counts[request_type] += 1
         rc = self._dispatch(request_type, req, phys)
         if rc is not None:
-            _RC.pack_into(req, _RC_AT, rc)
+            REQUEST_RC.pack_into(req, REQUEST_RC_AT, rc)
             self._write(phys, req)
 
     def _dispatch(self, request_type: int, req: bytearray, phys: int) -> int | None:

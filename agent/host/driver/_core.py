@@ -14,6 +14,15 @@ from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
 
+from agent.host._header_fields import (
+    IOCTL_HEADER,
+    IOCTL_RC_AT,
+    IOCTL_SIZE_OUT,
+    IOCTL_SIZE_OUT_AT,
+    REQUEST_HEADER,
+    REQUEST_RC,
+    REQUEST_RC_AT,
+)
 from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
@@ -65,17 +74,8 @@ _VMMDEV_REQUEST_BIG: Final = (Ioctl.VMMDEV_REQUEST_BIG, Ioctl.VMMDEV_REQUEST_BIG
 _HGCM_CALL_64: Final = without_size(Ioctl.hgcm_call_64(0))
 _LOG_ALT: Final = without_size(Ioctl.log_alt(0))
 """Ioctl numbers without their size field, for the ioctls that carry one."""
-_IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
-"""The ioctl header (at offset 0) in one unpack."""
 _RC_SIZE_OUT: Final = L.run(L.IoctlHeader.rc, L.IoctlHeader.size_out).codec
-_RC_AT: Final = L.IoctlHeader.rc.offset
-_SIZE_OUT: Final = L.IoctlHeader.size_out.codec
-_SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
-_REQUEST_RC: Final = L.RequestHeader.rc.codec
-_REQUEST_RC_AT: Final = L.RequestHeader.rc.offset
-_REQUEST_HEADER: Final = L.RequestHeader.whole().codec
-"""Members as their struct and offset (``_AT``), used with one ``struct`` call each: every
-ioctl passes here, and a field's ``get``/``set`` would add a Python call per member."""
+"""The ioctl's answer (rc, size_out) in one pack, as in :mod:`agent.host._header_fields`."""
 
 
 class Driver:
@@ -155,7 +155,7 @@ class Driver:
     ) -> bytearray:
         """``vbg_req_alloc``: a request of ``size`` bytes filled with 0xAA and a fresh header."""
         req = bytearray([FILL_BYTE]) * size
-        _REQUEST_HEADER.pack_into(
+        REQUEST_HEADER.pack_into(
             req, 0, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, 0, requestor
         )
         return req
@@ -176,7 +176,7 @@ class Driver:
             await self.vmmdev.submit(phys)
         finally:
             self.ram.unmap(phys)
-        rc: int = _REQUEST_RC.unpack_from(req, _REQUEST_RC_AT)[0]
+        rc: int = REQUEST_RC.unpack_from(req, REQUEST_RC_AT)[0]
         return rc
 
     # --- background ------------------------------------------------------------------------
@@ -304,7 +304,7 @@ class Driver:
             raise fail(errno.ENODEV)
         kbuf = _copy_in(code, buf)
         await self._dispatch(session, code, kbuf, memory)
-        count = min(_SIZE_OUT.unpack_from(kbuf, _SIZE_OUT_AT)[0], len(kbuf))
+        count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
         if len(buf) < count:
             raise fail(errno.EFAULT)
         buf[:count] = kbuf[:count]
@@ -312,8 +312,8 @@ class Driver:
     async def _dispatch(
         self, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
     ) -> None:
-        size_in, _, ioctl_type, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
-        _RC_SIZE_OUT.pack_into(kbuf, _RC_AT, VINF_SUCCESS, size_out or size_in)
+        size_in, _, ioctl_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
+        _RC_SIZE_OUT.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
         stripped = without_size(code)
         if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
             await self._vmmdev_request(session, kbuf)
@@ -340,7 +340,7 @@ class Driver:
 
     async def _vmmdev_request(self, session: DriverSession, kbuf: bytearray) -> None:
         """``vbg_ioctl_vmmrequest``: the buffer is the request, handed over as it is."""
-        size_in, _, request_type, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
+        size_in, _, request_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
         if size_in != size_out:
             raise fail(errno.EINVAL)
         if size_in > MAX_VMMDEV_REQUEST_SIZE:
@@ -357,7 +357,7 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
     """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, _, _, size_out, _ = _IOCTL_HEADER.unpack_from(buf)
+    size_in, version, _, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):

@@ -17,6 +17,18 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
+from agent.host._header_fields import (
+    HGCM_CALL64,
+    HGCM_FLAGS,
+    HGCM_FLAGS_AT,
+    HGCM_RESULT,
+    HGCM_RESULT_AT,
+    IOCTL_HEADER,
+    IOCTL_RC,
+    IOCTL_RC_AT,
+    IOCTL_SIZE_OUT,
+    IOCTL_SIZE_OUT_AT,
+)
 from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -64,21 +76,10 @@ _P = L.HgcmParameter64
 _LINADDR_IN: Final = HgcmParmType.LINADDR_IN
 _LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
 _PAGELIST: Final = HgcmParmType.PAGELIST
-_HGCM_CALL64: Final = RequestType.HGCM_CALL64
 """Enum members read once: an enum attribute lookup costs more than what it is used for."""
-_IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
-_RC: Final = L.IoctlHeader.rc.codec
-_RC_AT: Final = L.IoctlHeader.rc.offset
-_SIZE_OUT: Final = L.IoctlHeader.size_out.codec
-_SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
-_RESULT: Final = L.HgcmRequestHeader.result.codec
-_RESULT_AT: Final = L.HgcmRequestHeader.result.offset
-_FLAGS: Final = L.HgcmRequestHeader.flags.codec
-_FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
 _PARM_SIZE: Final = _P.pointer_size.codec
 _PARM_SIZE_AT: Final = _P.pointer_size.offset
-"""Members as their struct and offset (``_AT``), used with one ``struct`` call each: every
-HGCM call passes here, and a field's ``get``/``set`` would add a Python call per member."""
+"""A buffer parameter's size as its struct and offset, as in :mod:`agent.host._header_fields`."""
 _CALL_IOCTL: Final = L.run(
     L.HgcmCallIoctl.client_id,
     L.HgcmCallIoctl.function,
@@ -196,7 +197,7 @@ class _TooBigError(Exception):
 
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
-    size_in, _, _, _, size_out, _ = _IOCTL_HEADER.unpack_from(kbuf)
+    size_in, _, _, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
     client_id, _, timeout_ms, _, _, count = _CALL_IOCTL.codec.unpack_from(kbuf, _CALL_IOCTL.offset)
@@ -207,7 +208,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if size_in < needed:
         raise fail(errno.EINVAL)
-    _SIZE_OUT.pack_into(kbuf, _SIZE_OUT_AT, needed)
+    IOCTL_SIZE_OUT.pack_into(kbuf, IOCTL_SIZE_OUT_AT, needed)
     parms = _UserParms(_PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE))
     if not USER_HGCM_PARM_TYPES.issuperset(parms.kinds):
         raise fail(errno.EINVAL)
@@ -218,7 +219,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         status = await _call(drv, session, kbuf, parms, memory, timeout_ms=timeout_ms)
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
-    _RC.pack_into(kbuf, _RC_AT, status)
+    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
 
 
 @final
@@ -275,7 +276,7 @@ async def _call(
         if error:
             raise fail(error)
         _copy_back(kbuf, req, parms, memory)
-        result: int = _RESULT.unpack_from(req, _RESULT_AT)[0]
+        result: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
         return result
     finally:
         for bounce in parms.bounces:
@@ -312,7 +313,7 @@ def _build_request(
     """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer."""
     count = len(parms.kinds)
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
-    req = drv.alloc_request(_HGCM_CALL64, lists_at + parms.page_lists_size, session.requestor)
+    req = drv.alloc_request(HGCM_CALL64, lists_at + parms.page_lists_size, session.requestor)
     client_id, function = _CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset)
     _CALL_REQUEST.codec.pack_into(req, _CALL_REQUEST.offset, 0, 0, client_id, function, count)
     src = HGCM_CALL_HEADER_SIZE
@@ -362,7 +363,7 @@ def _copy_back(kbuf: bytearray, req: bytearray, parms: _UserParms, memory: Guest
 
 
 def _done(req: bytearray) -> bool:
-    flags: int = _FLAGS.unpack_from(req, _FLAGS_AT)[0]
+    flags: int = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
     return bool(flags & HGCM_REQ_DONE)
 
 

@@ -1,0 +1,33 @@
+"""Header members the simulated host touches on every request, as a struct and an offset.
+
+Each ``NAME`` / ``NAME_AT`` pair is one member's ``struct`` and absolute offset, for one
+``unpack_from`` or ``pack_into`` call: every ioctl and request passes through the driver
+models, the VMMDev port handler and the HGCM host, where a field's ``get``/``set`` would add
+a Python call per member. They are taken from the layouts, so they cannot disagree with them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.constants import RequestType
+
+IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
+"""The whole ioctl header (at offset 0)."""
+IOCTL_RC: Final = L.IoctlHeader.rc.codec
+IOCTL_RC_AT: Final = L.IoctlHeader.rc.offset
+IOCTL_SIZE_OUT: Final = L.IoctlHeader.size_out.codec
+IOCTL_SIZE_OUT_AT: Final = L.IoctlHeader.size_out.offset
+REQUEST_HEADER: Final = L.RequestHeader.whole().codec
+"""The whole VMMDev request header (at offset 0)."""
+REQUEST_RC: Final = L.RequestHeader.rc.codec
+REQUEST_RC_AT: Final = L.RequestHeader.rc.offset
+REQUEST_TYPE: Final = L.RequestHeader.request_type.codec
+REQUEST_TYPE_AT: Final = L.RequestHeader.request_type.offset
+HGCM_FLAGS: Final = L.HgcmRequestHeader.flags.codec
+HGCM_FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
+HGCM_RESULT: Final = L.HgcmRequestHeader.result.codec
+HGCM_RESULT_AT: Final = L.HgcmRequestHeader.result.offset
+HGCM_CALL64: Final = RequestType.HGCM_CALL64
+"""Read once: an enum attribute lookup costs more than the comparison it feeds."""
