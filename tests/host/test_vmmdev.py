@@ -423,6 +423,17 @@ class TestHostRequests:
         assert report_status(device, 3000, FacilityStatus.ACTIVE) == VINF_SUCCESS
         assert "2000" not in device.vmmdev.facilities.snapshot()
 
+    def test_facility_table_expunges_the_highest_inactive_entry(self, device: Device) -> None:
+        """Of several inactive entries, the full table drops the highest-numbered one."""
+        device.report_additions()
+        for facility in (2001, 2005, *range(2010, 2035)):
+            report_status(device, facility, FacilityStatus.ACTIVE)
+        for facility in (2001, 2005):
+            assert report_status(device, facility, FacilityStatus.INACTIVE) == VINF_SUCCESS
+        assert report_status(device, 3000, FacilityStatus.ACTIVE) == VINF_SUCCESS
+        table = device.vmmdev.facilities.snapshot()
+        assert ("2001" in table, "2005" in table) == (True, False)
+
     def test_facility_all_updates_every_entry(self, device: Device) -> None:
         """Facility ALL sets every entry's status."""
         device.report_additions()
@@ -475,6 +486,19 @@ class TestBalloon:
         assert device.vmmdev.balloon.acked_mb == 100
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == 0
+
+    def test_reset_forgets_the_acknowledgement(self, device: Device) -> None:
+        """After a VM reset the acknowledged target counts as unseen: setting it notifies."""
+        device.report_additions()
+        device.vmmdev.set_balloon_target(100)
+        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+        assert device.send(req) == VINF_SUCCESS
+        device.vmmdev.reset()
+        device.report_additions()
+        filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
 
     def test_query_without_ack_leaves_the_acknowledgement(self, device: Device) -> None:
         """Only event_ack 0x40 records the acknowledgement."""
