@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import math
 import struct
 from typing import TYPE_CHECKING, Final
@@ -102,7 +103,15 @@ _PARM_ARRAYS: Final = tuple(
     for count in range(HGCM_MAX_PARMS + 1)
 )
 """Arrays of 0..32 parameters, each read as a buffer (a value's bytes fill the same words)."""
-_PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec
+_PAGE_LIST_PARM_FORMAT: Final = (
+    L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec.format.lstrip("<") + "I"
+)
+"""A parameter as a page list: type, size, offset, and the union's last word, which the
+driver leaves as ``vbg_req_alloc`` filled it."""
+_UNION_FILL: Final = 0xAAAAAAAA
+"""That last word: four fill bytes (0xAA)."""
+_NO_PAGE_LIST: Final = -1
+"""A parameter without a page list (a value, an empty buffer), in a call's shape."""
 
 
 class _Outcome(enum.Enum):
@@ -243,7 +252,7 @@ async def _call(
     """Per parameter: where its bounce buffer sits in guest RAM, or 0 (none)."""
     try:
         placed.extend(0 if bounce is None else ram.map(bounce) for bounce in bounces)
-        req = _build_request(drv, session, kbuf, parms[0::3], bounces=bounces, placed=placed)
+        req = _build_request(drv, session, kbuf, parms, bounces=bounces, placed=placed)
         deadline = (
             math.inf
             if timeout_ms == TIMEOUT_INFINITE
@@ -286,46 +295,56 @@ def _build_request(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    kinds: tuple[int, ...],
+    parms: tuple[int, ...],
     *,
     bounces: list[bytearray | None],
     placed: list[int],
 ) -> bytearray:
-    """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer."""
-    count = len(kinds)
-    pages = [
-        0 if bounce is None else -(-(len(bounce) + address % PAGE_SIZE) // PAGE_SIZE)
-        for bounce, address in zip(bounces, placed, strict=True)
-    ]
-    lists = count - bounces.count(None)
+    """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer.
+
+    Everything after the request header is packed at once, with a codec for the call's
+    shape (which parameters have page lists, and of how many pages).
+    """
+    count = len(bounces)
+    shape: list[int] = []
+    values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
+    lists: list[int] = []
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
-    size = lists_at + PAGE_LIST_HEADER_SIZE * lists + PAGE_ADDRESS_SIZE * sum(pages)
-    req = drv.alloc_request(HGCM_CALL64, size, session.requestor)
-    client_id, function = _CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset)
-    _CALL_REQUEST.codec.pack_into(req, _CALL_REQUEST.offset, 0, 0, client_id, function, count)
-    src = HGCM_CALL_HEADER_SIZE
-    dst = L.HgcmCallRequest.size
-    for kind, bounce, address, page_count in zip(kinds, bounces, placed, pages, strict=True):
-        if kind not in _BUFFER_TYPES:
-            req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
-        elif bounce is None:
-            _BUFFER_PARM.pack_into(req, dst, kind, 0, 0)
-        else:
-            in_page = address % PAGE_SIZE
-            _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, len(bounce), lists_at)
-            first_page = address - in_page
-            L.page_list_codec(page_count).pack_into(
-                req,
-                lists_at,
-                _BUFFER_TYPES[kind],
-                in_page,
-                page_count,
-                *range(first_page, first_page + page_count * PAGE_SIZE, PAGE_SIZE),
-            )
-            lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * page_count
-        src += HGCM_PARM64_SIZE
-        dst += HGCM_PARM64_SIZE
+    for at, bounce, address in zip(range(0, 3 * count, 3), bounces, placed, strict=True):
+        kind = parms[at]
+        if bounce is None:
+            shape.append(_NO_PAGE_LIST)
+            if kind in _BUFFER_TYPES:
+                values += (kind, 0, 0)
+            else:
+                values += parms[at : at + 3]
+            continue
+        in_page = address % PAGE_SIZE
+        pages = -(-(len(bounce) + in_page) // PAGE_SIZE)
+        shape.append(pages)
+        values += (_PAGELIST, len(bounce), lists_at, _UNION_FILL)
+        first_page = address - in_page
+        lists += (_BUFFER_TYPES[kind], in_page, pages)
+        lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
+        lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
+    req = drv.alloc_request(HGCM_CALL64, lists_at, session.requestor)
+    _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
     return req
+
+
+@functools.lru_cache(maxsize=64)
+def _request_codec(shape: tuple[int, ...]) -> struct.Struct:
+    """An HGCM call request from its ``flags`` to its end, for a call of ``shape``: per
+    parameter, the pages of its page list or :data:`_NO_PAGE_LIST`."""
+    parts = [_CALL_REQUEST.codec.format]
+    parts += (
+        _BUFFER_PARM.format.lstrip("<") if pages == _NO_PAGE_LIST else _PAGE_LIST_PARM_FORMAT
+        for pages in shape
+    )
+    parts += (
+        L.page_list_codec(pages).format.lstrip("<") for pages in shape if pages != _NO_PAGE_LIST
+    )
+    return struct.Struct("".join(parts))
 
 
 def _copy_back(
