@@ -26,6 +26,7 @@ from agent.protocol.constants import (
     HgcmParmType,
     PageListDirection,
 )
+from agent.protocol.status import VERR_INVALID_FLAGS, VERR_INVALID_PARAMETER
 
 if TYPE_CHECKING:
     from agent.host.memory import GuestMemory
@@ -47,6 +48,10 @@ _U64: Final = L.HgcmParameter64.value64.codec
 _PAGE_LIST_HEADER: Final = L.run(
     L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
 ).codec
+PAGE_LIST_INFO_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
+"""``sizeof(HGCMPageListInfo)``: the header and the first page's address, which must fit."""
+MAX_HGCM_DATA_SIZE: Final = 128 << 20
+"""``VMMDEV_MAX_HGCM_DATA_SIZE`` (128 MiB): the most bytes one buffer parameter may name."""
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _U32_TYPE: Final = HgcmParmType.U32
@@ -67,7 +72,15 @@ ParmLayout = type[L.HgcmParameter64] | type[L.HgcmParameter32]
 
 
 class ParmError(Exception):
-    """A parameter the host cannot accept (answered with VERR_INVALID_PARAMETER)."""
+    """A parameter the host cannot accept; ``rc`` is what the host answers.
+
+    VERR_INVALID_PARAMETER unless said otherwise (a page list's direction flags that are
+    not 1, 2 or 3 are VERR_INVALID_FLAGS, as ``VBOX_HGCM_F_PARM_ARE_VALID`` fails them).
+    """
+
+    def __init__(self, message: str, rc: int = VERR_INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.rc = rc
 
 
 PageListSpan = tuple[int, tuple[int, ...], int]
@@ -100,6 +113,7 @@ def parse_parms(
         ParmError: an unsupported type, a page list outside the request, bad page addresses.
     """
     per_parm = layout.size // WORD_SIZE
+    extra = parms_end(layout, count)
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
@@ -116,7 +130,7 @@ def parse_parms(
         elif raw_type == _U64_TYPE:
             params.append(HostU64(value | high << 32))
         elif raw_type == _PAGELIST_TYPE:
-            buffer, pages, first = _parse_page_list(req, memory, value, high)
+            buffer, pages, first = _parse_page_list(req, memory, value, high, extra=extra)
             params.append(buffer)
             page_lists.append((index, pages, first))
         elif raw_type in _LINADDR_TYPES and value == 0:
@@ -134,15 +148,30 @@ def _word_array(words: int) -> struct.Struct:
 
 
 def _parse_page_list(
-    req: bytes | bytearray, memory: GuestMemory, size: int, list_at: int
+    req: bytes | bytearray, memory: GuestMemory, size: int, list_at: int, *, extra: int
 ) -> tuple[HostBuffer, tuple[int, ...], int]:
-    if list_at + PAGE_LIST_HEADER_SIZE > len(req):
-        msg = f"page list at {list_at} is outside the request"
+    """Check a page list as ``vmmdevR3HgcmCallFetchGuestParms`` does, in its order, then read it.
+
+    The simulated host is stricter than VMMDev in one respect: it also refuses a list whose
+    pages do not hold ``size`` bytes or name an unaligned page, where VMMDev would read past
+    the listed pages or at odd addresses.
+    """
+    if size > MAX_HGCM_DATA_SIZE:
+        msg = f"page list of {size} bytes is over {MAX_HGCM_DATA_SIZE}"
+        raise ParmError(msg)
+    if list_at < extra or list_at + PAGE_LIST_INFO_SIZE > len(req):
+        msg = f"page list at {list_at} is not between the parameters' end and the request's"
         raise ParmError(msg)
     flags, first, count = _PAGE_LIST_HEADER.unpack_from(req, list_at)
-    end = list_at + PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * count
-    if flags & ~_BOTH or first >= PAGE_SIZE or end > len(req):
-        msg = f"bad page list at {list_at}: flags {flags:#x}, first {first}, {count} pages"
+    room = 1 + (len(req) - list_at - PAGE_LIST_INFO_SIZE) // PAGE_ADDRESS_SIZE
+    if not 0 < count <= room:
+        msg = f"page list at {list_at}: {count} pages, room for {room}"
+        raise ParmError(msg)
+    if not flags or flags & ~_BOTH:
+        msg = f"page list at {list_at}: direction flags {flags:#x}"
+        raise ParmError(msg, VERR_INVALID_FLAGS)
+    if first >= PAGE_SIZE:
+        msg = f"page list at {list_at}: first page offset {first}"
         raise ParmError(msg)
     pages: tuple[int, ...] = L.page_list_codec(count).unpack_from(req, list_at)[3:]
     # An address with a bit below the page size makes the OR of them all unaligned too.

@@ -8,8 +8,9 @@ request (results, ``result``; for connect the client id) to guest memory, then s
 command is never written back.
 
 Save/restore and reset follow VMMDev: a restore keeps client ids, reconnects them to the
-(restarted) services and re-submits every pending call from guest memory; a reset
-disconnects every client and drops every command.
+(restarted) services and re-submits every pending call as it was submitted (answering the
+guest with the failure when that is refused); a reset disconnects every client and drops
+every command.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_REQ_DONE,
     Event,
-    HgcmLocationType,
 )
 from agent.protocol.status import (
     STATUS_CODES,
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 VERR_HGCM_INVALID_CMD_ADDRESS: Final = STATUS_CODES["VERR_HGCM_INVALID_CMD_ADDRESS"]
 NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
+MAX_HGCM_PARMS: Final = 32
+"""``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
 CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
 """Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
 _HGCM_EVENT: Final = int(Event.HGCM)
@@ -175,15 +177,15 @@ class HgcmHost:
     # --- requests from the port handler ---------------------------------------------------
 
     def connect(self, req: bytearray, phys: int) -> int | None:
-        """HGCM_CONNECT; ``None`` means accepted (answered asynchronously)."""
-        if L.HgcmConnectRequest.loc_type.get(req) not in (
-            HgcmLocationType.LOCALHOST,
-            HgcmLocationType.LOCALHOST_EXISTING,
-        ):
-            return VERR_INVALID_PARAMETER
+        """HGCM_CONNECT; ``None`` means accepted (answered asynchronously).
+
+        The location type is not checked: VMMDev makes every location "existing local
+        service" before Main sees it. A name without a NUL in its 128 bytes is refused at
+        once; any other name, the empty one too, is looked up and a miss is the result.
+        """
         raw = L.HgcmConnectRequest.service_name.get(req)
         end = raw.find(b"\0")
-        if end <= 0:
+        if end < 0:
             return VERR_INVALID_PARAMETER
         self._accept(req, phys)
         service = self._services.get(raw[:end].decode("utf-8", "replace"))
@@ -201,38 +203,44 @@ class HgcmHost:
         return None
 
     def disconnect(self, req: bytearray, phys: int) -> int | None:
-        """HGCM_DISCONNECT; pending calls the service leaves open are discarded."""
-        client = self._clients.get(L.HgcmDisconnectRequest.client_id.get(req))
-        if client is None:
-            return VERR_HGCM_INVALID_CLIENT_ID
+        """HGCM_DISCONNECT; pending calls the service leaves open are discarded.
+
+        Client id 0 is refused at once (``HGCMGuestDisconnect``); an unknown id is accepted
+        and answered VERR_HGCM_INVALID_CLIENT_ID as the result, as Main's HGCM thread does.
+        """
+        client_id = L.HgcmDisconnectRequest.client_id.get(req)
+        if client_id == 0:
+            return VERR_INVALID_PARAMETER
         self._accept(req, phys)
-        del self._clients[client.client_id]
-        client.service.disconnect(client.client_id)
+        client = self._clients.pop(client_id, None)
+        if client is None:
+            self._finish(req, phys, VERR_HGCM_INVALID_CLIENT_ID)
+            return None
+        client.service.disconnect(client_id)
         self._discard(list(client.calls))
         self._finish(req, phys, VINF_SUCCESS)
         return None
 
     def call(self, req: bytearray, phys: int) -> int | None:
-        """HGCM_CALL32/64: parse the parameters and hand the call to the service."""
+        """HGCM_CALL32/64: parse the parameters and hand the call to the service.
+
+        In VMMDev's order: the parameter count (it must fit the request and be at most
+        ``VMMDEV_MAX_HGCM_PARMS``), the parameters, then (in Main) the client and its
+        pending-call limit.
+        """
         request_type = REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]
         layout = parm_layout(request_type == HGCM_CALL64)
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
-        if parms_end(layout, count) > len(req):
+        if count > MAX_HGCM_PARMS or parms_end(layout, count) > len(req):
             return VERR_INVALID_PARAMETER
-        client = self._clients.get(client_id)
-        if client is None:
-            return VERR_HGCM_INVALID_CLIENT_ID
-        if phys in self._commands:
-            return VERR_HGCM_INVALID_CMD_ADDRESS
         try:
             params, page_lists = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
-            return VERR_INVALID_PARAMETER
-        # HGCMService::GuestCall counts the call first and accepts it only while the count
-        # stays below the limit: a limit of 16 leaves room for 15 pending calls.
-        if len(client.calls) + 1 >= client.service.max_calls_per_client:
-            return VERR_HGCM_TOO_MANY_CLIENT_CALLS
+            return exc.rc
+        client = self._caller(client_id, phys)
+        if not isinstance(client, _Client):
+            return client
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         command = _Command(self, phys, req, client, function, layout, params, page_lists)
         self._start(command)
@@ -327,19 +335,59 @@ class HgcmHost:
         command.client.service.call(command)
 
     def _resubmit(self, old: _Command) -> None:
-        if old.client.client_id not in self._clients:
-            return
+        """Hand a call pending at save time to the service again, as ``vmmdevR3HgcmLoadStateDone``.
+
+        The call is rebuilt from what the host kept of it (its parameters as submitted; the
+        buffers' bytes are read from the guest's pages again), not from the request in guest
+        memory. A call that cannot be re-submitted is answered with the failure: the header's
+        ``rc`` and ``result`` get the status, DONE is set and the HGCM event raised, so the
+        guest is not left waiting.
+        """
+        req = old.req
+        _, _, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         try:
-            req = bytearray(self._memory.read(old.phys, len(old.req)))
-            _, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
-            if parms_end(old.layout, count) > len(req):
-                return  # the guest changed the count since: the host reads no further
             params, page_lists = parse_parms(req, self._memory, old.layout, count)
-        except (OSError, ParmError):
+        except ParmError as exc:
+            self._fail_resubmit(old.phys, exc.rc)
+            return
+        client = self._caller(old.client.client_id, old.phys)
+        if not isinstance(client, _Client):
+            self._fail_resubmit(old.phys, client)
             return
         self._start(
-            _Command(self, old.phys, req, old.client, function, old.layout, params, page_lists)
+            _Command(self, old.phys, req, client, old.function, old.layout, params, page_lists)
         )
+
+    def _caller(self, client_id: int, phys: int) -> _Client | int:
+        """Return the client a call at ``phys`` goes to, or the status refusing the call.
+
+        Main's checks in its order: client 0 (``HGCMGuestCall``), an unknown client, then the
+        client's pending-call limit. ``HGCMService::GuestCall`` counts the call first and
+        accepts it only while the count stays below the limit: a limit of 16 leaves room for
+        15 pending calls. (The simulated host also refuses a second pending call at one
+        address, which VMMDev would keep twice.)
+        """
+        if client_id == 0:
+            return VERR_INVALID_PARAMETER
+        client = self._clients.get(client_id)
+        if client is None:
+            return VERR_HGCM_INVALID_CLIENT_ID
+        if phys in self._commands:
+            return VERR_HGCM_INVALID_CMD_ADDRESS
+        if len(client.calls) + 1 >= client.service.max_calls_per_client:
+            return VERR_HGCM_TOO_MANY_CLIENT_CALLS
+        return client
+
+    def _fail_resubmit(self, phys: int, status: int) -> None:
+        try:
+            header = bytearray(self._memory.read(phys, L.HgcmRequestHeader.size))
+        except OSError:
+            return  # the guest freed the request; the write goes nowhere
+        REQUEST_RC.pack_into(header, REQUEST_RC_AT, status)
+        flags = HGCM_FLAGS.unpack_from(header, HGCM_FLAGS_AT)[0]
+        _FLAGS_RESULT.pack_into(header, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
+        self._write(phys, header)
+        self._notify(_HGCM_EVENT)
 
     def _discard(self, commands: list[_Command]) -> None:
         for command in commands:

@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from agent.host.hgcm_service import HostBuffer
+from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_REQ_DONE,
@@ -32,6 +32,7 @@ from agent.protocol.status import (
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_INTERRUPTED,
+    VERR_INVALID_FLAGS,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VINF_HGCM_ASYNC_EXECUTE,
@@ -164,11 +165,20 @@ class TestConnect:
         assert hgcm.vmmdev.hgcm.client_count == 0
 
     @pytest.mark.parametrize("loc_type", [HgcmLocationType.INVALID, 7])
-    def test_bad_location(self, hgcm: Device, loc_type: int) -> None:
-        """A location type other than 1 or 2 is an invalid parameter."""
+    def test_location_type_is_not_checked(self, hgcm: Device, loc_type: int) -> None:
+        """VMMDev makes every location "existing local service": any type connects."""
         req = vmmdev_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size)
         L.HgcmConnectRequest.loc_type.set(req, loc_type)
-        assert hgcm.send(req) == VERR_INVALID_PARAMETER
+        L.HgcmConnectRequest.service_name.set(req, ECHO.encode() + b"\0")
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+        assert (done(req), L.HgcmConnectRequest.result.get(req)) == (True, VINF_SUCCESS)
+
+    def test_empty_name_is_an_unknown_service(self, hgcm: Device) -> None:
+        """An empty (terminated) name is looked up like any other and not found."""
+        req = connect(hgcm, b"")
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+        assert L.HgcmConnectRequest.result.get(req) == VERR_HGCM_SERVICE_NOT_FOUND
 
     def test_unterminated_name(self, hgcm: Device) -> None:
         """A service name without NUL is an invalid parameter."""
@@ -185,14 +195,22 @@ class TestConnect:
         assert hgcm.vmmdev.have_events
 
     def test_disconnect(self, hgcm: Device, echo: EchoService) -> None:
-        """DISCONNECT drops the client; a second one names an invalid client."""
+        """DISCONNECT drops the client; a second one is accepted and its result names an
+        invalid client (Main's HGCM thread finds no client)."""
         client_id = client(hgcm)
-        for expected in (VINF_HGCM_ASYNC_EXECUTE, VERR_HGCM_INVALID_CLIENT_ID):
+        for expected in (VINF_SUCCESS, VERR_HGCM_INVALID_CLIENT_ID):
             req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
             L.HgcmDisconnectRequest.client_id.set(req, client_id)
             submit(hgcm, req)
-            assert expected == L.RequestHeader.rc.get(req)
+            assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+            assert (done(req), L.HgcmDisconnectRequest.result.get(req)) == (True, expected)
         assert [client_id] == echo.disconnected
+
+    def test_disconnect_of_client_zero(self, hgcm: Device) -> None:
+        """Client id 0 is refused at once with an invalid parameter."""
+        client(hgcm)
+        req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
+        assert hgcm.send(req) == VERR_INVALID_PARAMETER
 
     def test_disconnect_discards_pending_calls(self, hgcm: Device, echo: EchoService) -> None:
         """Calls still pending at disconnect are never written back."""
@@ -239,6 +257,29 @@ class TestCall:
         req = page_list_call(hgcm, 4242, FN_ECHO, [])
         submit(hgcm, req)
         assert L.RequestHeader.rc.get(req) == VERR_HGCM_INVALID_CLIENT_ID
+
+    def test_client_zero(self, hgcm: Device) -> None:
+        """A call for client 0 is an invalid parameter (``HGCMGuestCall``)."""
+        client(hgcm)
+        req = page_list_call(hgcm, 0, FN_ECHO, [])
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    def test_parameters_are_checked_before_the_client(self, hgcm: Device) -> None:
+        """VMMDev reads the parameters before Main looks the client up: a bad parameter of a
+        call for an unknown client is an invalid parameter."""
+        req = page_list_call(hgcm, 4242, FN_ECHO, [], 0)
+        P.type.set(memoryview(req)[44:], HgcmParmType.INVALID)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    @pytest.mark.parametrize("count", [32, 33])
+    def test_parameter_count_limit(self, hgcm: Device, count: int) -> None:
+        """At most 32 parameters (``VMMDEV_MAX_HGCM_PARMS``), even in a request with room."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], *range(count))
+        submit(hgcm, req)
+        expected = VINF_HGCM_ASYNC_EXECUTE if count == 32 else VERR_INVALID_PARAMETER
+        assert L.RequestHeader.rc.get(req) == expected
 
     def test_parameter_array_must_fit(self, hgcm: Device) -> None:
         """A parameter count beyond the request's size is an invalid parameter."""
@@ -296,27 +337,55 @@ class TestCall:
         assert listed() == (bytes(range(256)) * 16)[:size]
 
     @pytest.mark.parametrize(
-        ("flags", "first", "size", "shift"),
+        ("case", "expected"),
         [
-            (3 | 4, 0, 8, 0),  # a direction bit outside TO_HOST | FROM_HOST
-            (3, PAGE_SIZE, 8, 0),  # the first page's offset past the page
-            (3, 100, 2 * PAGE_SIZE - 99, 0),  # one byte more than the two pages hold
-            (3, 0, 8, 8),  # the second page's address is not page-aligned
-            (3, 100, 2 * PAGE_SIZE - 100, 0),  # all fits: accepted
+            ((3 | 4, 0, 8, 0), VERR_INVALID_FLAGS),  # a bit outside TO_HOST | FROM_HOST
+            ((0, 0, 8, 0), VERR_INVALID_FLAGS),  # no direction at all
+            ((3, PAGE_SIZE, 8, 0), VERR_INVALID_PARAMETER),  # first page's offset past the page
+            ((3, 100, 2 * PAGE_SIZE - 99, 0), VERR_INVALID_PARAMETER),  # one byte too many
+            ((3, 0, 8, 8), VERR_INVALID_PARAMETER),  # the second page is not page-aligned
+            ((3, 0, (128 << 20) + 1, 0), VERR_INVALID_PARAMETER),  # over VMMDEV_MAX_HGCM_DATA_SIZE
+            ((3, 100, 2 * PAGE_SIZE - 100, 0), VINF_HGCM_ASYNC_EXECUTE),  # all fits
         ],
     )
     def test_page_list_checks(
-        self, hgcm: Device, flags: int, first: int, size: int, shift: int
+        self, hgcm: Device, case: tuple[int, int, int, int], expected: int
     ) -> None:
-        """Direction bits, the first page's offset, the bytes the pages hold and every page's
-        alignment are checked before the service sees the call."""
+        """Direction flags (VERR_INVALID_FLAGS), the first page's offset, the size, the bytes
+        the pages hold and every page's alignment are checked before the service sees the
+        call. ``case`` is the list's flags, first page's offset, size and second page's
+        misalignment."""
+        flags, first, size, shift = case
         start = hgcm.ram.map(bytearray(2 * PAGE_SIZE))
         pages = [start, start + PAGE_SIZE + shift]
         req = page_list_of(client(hgcm), FN_HOLD, pages, size=size, first=first, flags=flags)
         submit(hgcm, req)
-        fits = (flags, first, size, shift) == (3, 100, 2 * PAGE_SIZE - 100, 0)
-        expected = VINF_HGCM_ASYNC_EXECUTE if fits else VERR_INVALID_PARAMETER
         assert L.RequestHeader.rc.get(req) == expected
+
+    def test_page_list_inside_the_parameters(self, hgcm: Device) -> None:
+        """A page list must start after the parameter array (VMMDev's ``offExtra``): here it
+        points at a 64-bit parameter whose bytes read as a good out-list of one page."""
+        page = hgcm.ram.map(bytearray(PAGE_SIZE))
+        req = vmmdev_request(RequestType.HGCM_CALL64, 44 + 2 * 16)
+        L.HgcmCallRequest.client_id.set(req, client(hgcm))
+        L.HgcmCallRequest.function.set(req, FN_HOLD)
+        L.HgcmCallRequest.parm_count.set(req, 2)
+        first, second = memoryview(req)[44:], memoryview(req)[60:]
+        P.type.set(first, HgcmParmType.PAGELIST)
+        P.page_list_size.set(first, 8)
+        P.page_list_offset.set(first, 60)
+        P.type.set(second, HgcmParmType.U64)  # = flags FROM_HOST
+        P.value64.set(second, (page << 32) | (1 << 16))  # offset 0, 1 page, then the address
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
+
+    def test_page_list_of_no_pages(self, hgcm: Device) -> None:
+        """A page list must name at least one page, even for an empty buffer."""
+        req = page_list_of(client(hgcm), FN_HOLD, [], size=0)
+        req.extend(bytes(8))  # room for the first address, as sizeof(HGCMPageListInfo) wants
+        L.RequestHeader.size_.set(req, len(req))
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == VERR_INVALID_PARAMETER
 
     def test_page_list_longer_than_the_request(self, hgcm: Device) -> None:
         """A page count whose addresses would run past the request is refused."""
@@ -443,18 +512,45 @@ class TestLifeCycle:
         assert src == b"xyz"
         assert hgcm.vmmdev.pending_events & Event.RESTORED
 
-    def test_restore_drops_a_call_whose_count_outgrew_its_request(
-        self, hgcm: Device, echo: EchoService
-    ) -> None:
-        """A restore reads a pending call again; one whose parameter count the guest raised
-        past the end of its request is dropped, not read beyond it."""
+    def test_restore_resubmits_the_call_as_submitted(self, hgcm: Device, echo: EchoService) -> None:
+        """A restore re-submits a pending call from what the host kept of it, not from the
+        request in guest memory, which the guest may have changed since."""
         client_id = client(hgcm)
         req = page_list_call(hgcm, client_id, FN_HOLD, [], 7)
         submit(hgcm, req)
         L.HgcmCallRequest.parm_count.set(req, 2)  # in guest memory: one parameter too many
         hgcm.vmmdev.restore()
-        assert echo.connected == [client_id, client_id]
-        assert (echo.held, hgcm.vmmdev.hgcm.pending_calls) == ([], 0)
+        assert [[HostU32(7)]] == [held.params for held in echo.held]
+        echo.held[0].complete(VINF_SUCCESS)
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, VINF_SUCCESS)
+
+    def test_restore_answers_a_call_it_cannot_resubmit(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A call whose client did not come back is answered with the failure in ``rc`` and
+        ``result``, DONE and the HGCM event, so the guest does not wait for good."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
+        submit(hgcm, req)
+        hgcm.vmmdev.pending_events = 0
+        echo.refuse = STATUS_CODES["VERR_ACCESS_DENIED"]
+        hgcm.vmmdev.restore()
+        assert echo.held == []
+        assert L.RequestHeader.rc.get(req) == VERR_HGCM_INVALID_CLIENT_ID
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, VERR_HGCM_INVALID_CLIENT_ID)
+        assert hgcm.vmmdev.pending_events & Event.HGCM
+
+    def test_restore_answers_a_call_whose_buffer_is_gone(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A call whose in-buffer can no longer be read is answered with the failure."""
+        src = bytearray(b"abc")
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [(src, PageListDirection.TO_HOST)])
+        submit(hgcm, req)
+        page = struct.unpack_from("<Q", req, 60 + 8)[0]
+        hgcm.ram.unmap(page + 100)  # page_list_call maps each buffer 100 bytes into a page
+        hgcm.vmmdev.restore()
+        assert echo.held == []
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, VERR_INVALID_PARAMETER)
 
     def test_reset_disconnects_everyone(self, hgcm: Device, echo: EchoService) -> None:
         """A reset disconnects every client and drops every pending call."""
