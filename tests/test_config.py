@@ -296,3 +296,13 @@ def test_the_unit_waits_longer_than_the_longest_drain() -> None:
     (timeout,) = [line.partition("=")[2] for line in lines if line.startswith("TimeoutStopSec=")]
     assert timeout.endswith("s")
     assert float(timeout.removesuffix("s")) > MAX_SHUTDOWN_TIMEOUT_S + 1
+
+
+def test_the_unit_lets_the_agent_lock_the_largest_balloon() -> None:
+    """Where the agent holds the balloon it mlock()s every chunk, up to most of the guest's
+    RAM: the unit sets no memory cap that would refuse or OOM-kill that (``MemoryMax=128M``
+    and the default ``RLIMIT_MEMLOCK`` of 8 MiB did)."""
+    settings = [line.partition("=") for line in UNIT.read_text().splitlines()]
+    values = {key: value for key, _, value in settings if not key.startswith("#")}
+    assert values.get("LimitMEMLOCK") == "infinity"
+    assert {"MemoryMax", "MemoryHigh", "MemoryLimit"}.isdisjoint(values)
