@@ -360,3 +360,13 @@ def test_the_unit_lets_the_agent_lock_the_largest_balloon() -> None:
     values = {key: value for key, _, value in settings if not key.startswith("#")}
     assert values.get("LimitMEMLOCK") == "infinity"
     assert {"MemoryMax", "MemoryHigh", "MemoryLimit"}.isdisjoint(values)
+
+
+def test_the_readme_installs_the_command_where_the_unit_runs_it() -> None:
+    """The README's service installation puts ``vbox-agent`` at the path ``ExecStart=`` runs
+    (it said "system-wide", where pip puts it in /usr/local/bin)."""
+    lines = UNIT.read_text().splitlines()
+    (command,) = [line.partition("=")[2] for line in lines if line.startswith("ExecStart=")]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.partition("## Installing as a service")[2].partition("\n## ")[0]
+    assert f"`{command.split()[0]}`" in section
