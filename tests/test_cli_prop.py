@@ -181,10 +181,12 @@ class TestErrors:
         assert message in done.stderr
 
     def test_no_host(self, sim: PropHost) -> None:
-        """A device spec that leads nowhere exits 69."""
+        """A device spec that leads nowhere exits 69 with one line on stderr, nothing on
+        stdout (structlog's default wrote the wait for the host there)."""
         done = sim.run("prop", "--device", f"unix:{sim.socket}.none", "get", "/x")
         assert done.returncode == EX_UNAVAILABLE
         assert "no simulated host" in one_line(done)
+        assert done.stdout == ""
 
 
 class TestWait:

@@ -5,6 +5,8 @@
 (``/dev/vboxguest``, ``unix:PATH`` for a simulated host). Exit codes: 0 done; 1 not found,
 wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
 a name, value, pattern or flags the service would refuse; 69 no device; 70 anything else.
+Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
+line on stderr.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
-from agent.config import DEFAULT_DEVICE, DeviceConfig
+from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
+from agent.logconfig import configure_logging
 from agent.protocol import AgentError, VBoxStatusError
 from agent.services.guest_props import (
     Property,
@@ -99,6 +102,7 @@ def _seconds(text: str | None) -> float:
 
 def prop_command(args: argparse.Namespace) -> int:
     """Run one ``prop`` action; return its exit code."""
+    configure_logging(LogConfig(level="warning"), stream=sys.stderr)
     try:
         _seconds(getattr(args, "timeout", None))  # a usage error before any connection
         opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)

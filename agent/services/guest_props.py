@@ -175,17 +175,20 @@ class GuestProperties:
         """Wait, on a channel of its own, for the next change of a matching property.
 
         Bound it with a cancel scope; cancelling closes the channel, which ends the wait at
-        the host.
+        the host. A delete of a property that did not exist when the wait began is no news:
+        the host cannot tell one set and deleted since from one deleted just before.
         """
-        async with self.watch(patterns) as watch:
+        async with self.watch(patterns, unseen_deletes=False) as watch:
             return await watch.next()
 
     @asynccontextmanager
-    async def watch(self, patterns: Sequence[str] = ()) -> AsyncIterator[PropertyWatch]:
+    async def watch(
+        self, patterns: Sequence[str] = (), *, unseen_deletes: bool = True
+    ) -> AsyncIterator[PropertyWatch]:
         """Follow the changes of matching properties; see :class:`PropertyWatch`."""
         raw = encode_patterns(patterns, nul_separated=False)
         async with AsyncExitStack() as stack:
-            watch = PropertyWatch(self, raw, stack)
+            watch = PropertyWatch(self, raw, stack, unseen_deletes=unseen_deletes)
             await watch.connect()
             await watch.start_from(
                 await self.enumerate(patterns),
@@ -223,10 +226,24 @@ class PropertyWatch:
       for each property the watch reported that is gone;
     - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID`` after a VM reset): a new
       channel is connected, then as for missed changes.
+
+    A property set and deleted before the watch reads its changes comes as a delete (the
+    host marks a set as one when the property is gone by then). Of a property the watch
+    never saw, that delete is yielded unless ``unseen_deletes`` is false: the host dates it
+    after the newest property the watch started from, so it may as well predate the watch
+    (a property deleted just before it opened).
     """
 
-    def __init__(self, props: GuestProperties, patterns: bytes, stack: AsyncExitStack) -> None:
+    def __init__(
+        self,
+        props: GuestProperties,
+        patterns: bytes,
+        stack: AsyncExitStack,
+        *,
+        unseen_deletes: bool = True,
+    ) -> None:
         self._props = props
+        self._unseen_deletes = unseen_deletes
         self._patterns = patterns
         self._stack = stack
         self._channel: HgcmChannel | None = None
@@ -248,8 +265,9 @@ class PropertyWatch:
 
         The first wait asks for the changes after ``latest`` (the newest timestamp the host
         showed), so nothing made after the watch opened can slip by. A set of a property
-        already known at that timestamp, or a delete of a property never seen, happened
-        before and is skipped, as is anything the host dates at or before ``latest``.
+        already known at that timestamp happened before and is skipped, as is anything the
+        host dates at or before ``latest`` (a delete of a property never seen: see the
+        class's ``unseen_deletes``).
         """
         self._last_timestamp = self._opened_at = latest
         self._reported = {prop.name: prop.timestamp for prop in matching}
@@ -275,7 +293,7 @@ class PropertyWatch:
         if change.timestamp <= self._opened_at:
             return False
         if change.name not in self._reported:
-            return True
+            return self._unseen_deletes or not change.deleted
         reported = self._reported[change.name]
         if change.deleted:
             return reported is not None

@@ -251,6 +251,46 @@ class TestWatch:
                 await props.set("/W/new", "2")
                 assert (await watch.next()).name == "/W/new"
 
+    async def test_wait_skips_a_delete_made_before_it_began(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A property set and deleted after the newest one still standing, all before the
+        wait began, is not reported as the wait's change (it returned at once before)."""
+        with trio.fail_after(60):
+            host.prop_set("/W/kept", "1")
+            host.prop_set("/W/gone", "1")
+            host.prop_delete("/W/gone")
+            got: list[PropertyChange] = []
+
+            async def wait() -> None:
+                got.append(await props.wait(["/W/*"]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                host.prop_set("/W/new", "2")
+        assert [(change.name, change.value, change.deleted) for change in got] == [
+            ("/W/new", "2", False)
+        ]
+
+    async def test_wait_reports_the_delete_of_a_property_it_saw(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A property standing when the wait began is reported when deleted."""
+        with trio.fail_after(60):
+            host.prop_set("/W/old", "1")
+            got: list[PropertyChange] = []
+
+            async def wait() -> None:
+                got.append(await props.wait(["/W/*"]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_delete("/W/old")
+        assert [(change.name, change.deleted) for change in got] == [("/W/old", True)]
+
     async def test_watch_follows_a_restore(
         self, host: SimulatedHost, props: GuestProperties
     ) -> None:
