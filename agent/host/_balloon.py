@@ -98,7 +98,12 @@ class HostBalloon:
         return VINF_SUCCESS
 
     def reset(self) -> None:
-        """VM reset: guest memory is fresh, nothing is ballooned."""
+        """VM reset: guest memory is fresh, nothing is ballooned, nothing acknowledged.
+
+        The target stays; forgetting the acknowledgement (VMMDev zeroes
+        ``cMbMemoryBalloonLast``) makes the next setting notify the guest again.
+        """
+        self.acked_mb = 0
         self.frames.clear()
         self._arrays.clear()
         self.chunks = 0

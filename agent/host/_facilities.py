@@ -71,7 +71,10 @@ class FacilityTable:
         return {str(f): {"status": self.entries[f].status} for f in sorted(self.entries)}
 
     def _expunge_one(self) -> bool:
-        for facility, entry in self.entries.items():
+        """Drop the highest-numbered inactive entry that is not fixed (VMMDev's table is
+        sorted by facility and searched from its end)."""
+        for facility in sorted(self.entries, reverse=True):
+            entry = self.entries[facility]
             if facility not in FIXED_FACILITIES and entry.status == FacilityStatus.INACTIVE:
                 del self.entries[facility]
                 return True

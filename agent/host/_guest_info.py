@@ -8,7 +8,12 @@ from typing import Final
 
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import HEADER_SIZE
-from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_VERSION_MISMATCH, VINF_SUCCESS
+from agent.protocol.status import (
+    VERR_INVALID_PARAMETER,
+    VERR_OUT_OF_RANGE,
+    VERR_VERSION_MISMATCH,
+    VINF_SUCCESS,
+)
 
 INTERFACE_MAJOR: Final = 1
 INTERFACE_MAX_MINOR: Final = 4
@@ -20,6 +25,13 @@ MAX_MAJOR: Final = 0xFF
 MAX_MINOR: Final = 0xFF
 MAX_BUILD: Final = 0xFFFF
 """The version must pack into ``VBOX_FULL_VERSION`` (8.8.16 bits)."""
+BUILD_TAG_PREFIXES: Final = (b"RC", b"BETA", b"ALPHA")
+"""A build tag is one of these, optionally followed by a decimal number below 256."""
+MAX_BUILD_TAG_NUMBER: Final = 0xFF
+PUBLISHER_TAG_CHARS: Final = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz()[]{}+-.,"
+)
+"""The characters a publisher tag may have."""
 _MOUSE_STATUS: Final = struct.Struct("<Iii")
 """``vmmdev_mouse_status`` body at 24: features, pointer x, pointer y."""
 
@@ -38,37 +50,46 @@ class GuestInfo:
     mouse_features: int = 0
 
     def report_info(self, req: bytearray, _phys: int) -> int:
-        """REPORT_GUEST_INFO: a compatible interface version lets the additions in."""
+        """REPORT_GUEST_INFO: a compatible interface version lets the additions in.
+
+        Every report decides anew: an incompatible one after a good one shuts the additions
+        out again (VMMDev recomputes ``fu32AdditionsOk`` whenever the report changes).
+        """
         version = L.GuestInfoRequest.interface_version.get(req)
-        if version >> 16 != INTERFACE_MAJOR or version & 0xFFFF > INTERFACE_MAX_MINOR:
-            return VERR_VERSION_MISMATCH
-        self.additions_ok = True
         self.interface_version = version
         self.os_type = L.GuestInfoRequest.os_type.get(req)
-        return VINF_SUCCESS
+        self.additions_ok = (
+            version >> 16 == INTERFACE_MAJOR and version & 0xFFFF <= INTERFACE_MAX_MINOR
+        )
+        return VINF_SUCCESS if self.additions_ok else VERR_VERSION_MISMATCH
 
     def report_info2(self, req: bytearray, _phys: int) -> int:
-        """REPORT_GUEST_INFO2: the additions version, checked against its name."""
+        """REPORT_GUEST_INFO2: the additions version, checked against its name.
+
+        In VMMDev's order: major at least 3 (VERR_INVALID_PARAMETER), a version that packs
+        into 8.8.16 bits (VERR_OUT_OF_RANGE), a NUL in the name and the name starting with
+        "major.minor.build" (VERR_INVALID_PARAMETER). What follows must be empty or "_" and
+        a build tag and/or publisher tag; from 4.1.50 on anything else is refused, before
+        that it is dropped. ``additions_name`` keeps what VMMDev passes on: the tags.
+        """
         r = L.GuestInfo2Request
         major, minor = r.additions_major.get(req), r.additions_minor.get(req)
         build, revision = r.additions_build.get(req), r.additions_revision.get(req)
+        if major < MIN_ADDITIONS_MAJOR:
+            return VERR_INVALID_PARAMETER
+        if major > MAX_MAJOR or minor > MAX_MINOR or build > MAX_BUILD:
+            return VERR_OUT_OF_RANGE
         raw = r.name.get(req)
         end = raw.find(b"\0")
-        if (
-            not MIN_ADDITIONS_MAJOR <= major <= MAX_MAJOR
-            or minor > MAX_MINOR
-            or build > MAX_BUILD
-            or end < 0
-        ):
+        prefix = f"{major}.{minor}.{build}".encode()
+        if end < 0 or not raw.startswith(prefix):
             return VERR_INVALID_PARAMETER
-        name = raw[:end].decode("latin-1")
-        prefix = f"{major}.{minor}.{build}"
-        strict = (major, minor, build) >= STRICT_NAME_VERSION
-        if strict and name != prefix and not name.startswith(prefix + "_"):
+        valid, tags = _version_tags(raw[len(prefix) : end])
+        if not valid and (major, minor, build) >= STRICT_NAME_VERSION:
             return VERR_INVALID_PARAMETER
         self.additions_version = (major, minor, build, revision)
         self.additions_features = r.additions_features.get(req)
-        self.additions_name = name
+        self.additions_name = tags.decode("latin-1")
         return VINF_SUCCESS
 
     def get_mouse_status(self, req: bytearray, _phys: int) -> int:
@@ -84,6 +105,44 @@ class GuestInfo:
     def reset(self) -> None:
         """VM reset: the additions must report again."""
         self.additions_ok = False
+        self.interface_version = 0
+        self.os_type = 0
         self.additions_version = None
+        self.additions_features = 0
+        self.additions_name = ""
         self.capabilities = 0
         self.mouse_features = 0
+
+
+def _version_tags(rest: bytes) -> tuple[bool, bytes]:
+    """Check what follows "major.minor.build"; return (valid, the tags VMMDev keeps).
+
+    Empty is valid. Otherwise "_" and one tag (a build or a publisher tag) or two (a build
+    tag, "_", a publisher tag). Of an invalid pair whose build tag is good, VMMDev keeps
+    the build tag (it matters only where invalid tags are dropped instead of refused).
+    """
+    if not rest:
+        return True, rest
+    if not rest.startswith(b"_"):
+        return False, b""
+    first, sep, second = rest[1:].partition(b"_")
+    if not sep:
+        valid = _is_build_tag(first) or _is_publisher_tag(first)
+        return valid, first if valid else b""
+    if not _is_build_tag(first):
+        return False, b""
+    if not _is_publisher_tag(second):
+        return False, first
+    return True, rest[1:]
+
+
+def _is_build_tag(tag: bytes) -> bool:
+    for prefix in BUILD_TAG_PREFIXES:
+        if tag.startswith(prefix):
+            number = tag[len(prefix) :]
+            return not number or (number.isdigit() and int(number) <= MAX_BUILD_TAG_NUMBER)
+    return False
+
+
+def _is_publisher_tag(tag: bytes) -> bool:
+    return all(char in PUBLISHER_TAG_CHARS for char in tag)

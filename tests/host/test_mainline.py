@@ -173,7 +173,9 @@ class TestLoad:
         facilities = status["facilities"]
         assert isinstance(facilities, dict)
         assert facilities[str(Facility.VBOXGUEST_DRIVER)]["status"] == FacilityStatus.ACTIVE
-        assert host.vmmdev.guest.additions_name == "6.0.0"
+        assert host.vmmdev.guest.additions_version is not None
+        assert host.vmmdev.guest.additions_version[:3] == (6, 0, 0)
+        assert host.vmmdev.guest.additions_name == ""  # "6.0.0": the version, no tags
 
     async def test_failed_host_version_stops_the_load(self) -> None:
         """A failing GET_HOST_VERSION makes the driver refuse to load."""

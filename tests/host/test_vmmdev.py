@@ -249,29 +249,52 @@ class TestGuestInfo:
         assert (rc == VINF_SUCCESS) is device.vmmdev.guest.additions_ok
         assert VERR_VERSION_MISMATCH == -11
 
+    def test_bad_report_after_a_good_one_shuts_the_additions_out(self, device: Device) -> None:
+        """VMMDev recomputes the gate on every changed report: a bad one closes it again."""
+        device.report_additions()
+        req = vmmdev_request(T.REPORT_GUEST_INFO, 32)
+        L.GuestInfoRequest.interface_version.set(req, 0x00020000)
+        assert device.send(req) == VERR_VERSION_MISMATCH
+        assert not device.vmmdev.guest.additions_ok
+        assert device.send(vmmdev_request(T.GET_SESSION_ID, 32)) == VERR_NOT_SUPPORTED
+
     @pytest.mark.parametrize(
-        ("version", "name", "rc"),
+        ("version", "name", "rc", "kept"),
         [
-            ((6, 0, 0), b"6.0.0\0" + b"\xaa" * 10, VINF_SUCCESS),
-            ((7, 0, 18), b"7.0.18_OSE\0", VINF_SUCCESS),
-            ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER),
-            ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER),
-            ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER),
-            ((3, 0, 0), b"anything\0", VINF_SUCCESS),
-            ((6, 0, 0), b"6.0.0" + b"x" * 123, VERR_INVALID_PARAMETER),
-            ((6, 256, 0), b"6.256.0\0", VERR_INVALID_PARAMETER),
+            ((6, 0, 0), b"6.0.0\0" + b"\xaa" * 10, VINF_SUCCESS, ""),
+            ((7, 0, 18), b"7.0.18_OSE\0", VINF_SUCCESS, "OSE"),
+            ((7, 0, 18), b"7.0.18_RC2_Oracle\0", VINF_SUCCESS, "RC2_Oracle"),
+            ((7, 0, 18), b"7.0.18_BETA\0", VINF_SUCCESS, "BETA"),
+            ((7, 0, 18), b"7.0.18_Ubuntu 22\0", VERR_INVALID_PARAMETER, None),  # space
+            ((7, 0, 18), b"7.0.18_OSE_x\0", VERR_INVALID_PARAMETER, None),  # no build tag first
+            ((7, 0, 18), b"7.0.18_RC256_x\0", VERR_INVALID_PARAMETER, None),  # RC above 255
+            ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER, None),
+            ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER, None),
+            ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER, None),
+            ((3, 0, 0), b"anything\0", VERR_INVALID_PARAMETER, None),  # prefix even when relaxed
+            ((3, 0, 0), b"3.0.0 beta\0", VINF_SUCCESS, ""),  # relaxed: the rest is dropped
+            ((4, 1, 49), b"4.1.49_RC1_a b\0", VINF_SUCCESS, "RC1"),  # relaxed: build tag kept
+            ((6, 0, 0), b"6.0.0" + b"x" * 123, VERR_INVALID_PARAMETER, None),
+            ((6, 256, 0), b"6.256.0\0", VERR_OUT_OF_RANGE, None),
+            ((256, 0, 0), b"256.0.0\0", VERR_OUT_OF_RANGE, None),
+            ((6, 0, 0x10000), b"6.0.65536\0", VERR_OUT_OF_RANGE, None),
         ],
     )
     def test_info2(
-        self, device: Device, version: tuple[int, int, int], name: bytes, rc: int
+        self, device: Device, version: tuple[int, int, int], name: bytes, rc: int, kept: str | None
     ) -> None:
-        """INFO2 needs major >= 3, a packable version and a matching NUL-terminated name."""
+        """INFO2 needs major >= 3 (else an invalid parameter), a version packing into 8.8.16
+        bits (else out of range), a NUL-terminated name starting with the version and, from
+        4.1.50 on, nothing after it but "_" and build and/or publisher tags; the host keeps
+        the tags."""
         req = vmmdev_request(T.REPORT_GUEST_INFO2, 168)
         L.GuestInfo2Request.additions_major.set(req, version[0])
         L.GuestInfo2Request.additions_minor.set(req, version[1])
         L.GuestInfo2Request.additions_build.set(req, version[2])
         req[40 : 40 + len(name)] = name
         assert rc == device.send(req)
+        if kept is not None:
+            assert device.vmmdev.guest.additions_name == kept
 
 
 class TestEvents:
@@ -400,6 +423,17 @@ class TestHostRequests:
         assert report_status(device, 3000, FacilityStatus.ACTIVE) == VINF_SUCCESS
         assert "2000" not in device.vmmdev.facilities.snapshot()
 
+    def test_facility_table_expunges_the_highest_inactive_entry(self, device: Device) -> None:
+        """Of several inactive entries, the full table drops the highest-numbered one."""
+        device.report_additions()
+        for facility in (2001, 2005, *range(2010, 2035)):
+            report_status(device, facility, FacilityStatus.ACTIVE)
+        for facility in (2001, 2005):
+            assert report_status(device, facility, FacilityStatus.INACTIVE) == VINF_SUCCESS
+        assert report_status(device, 3000, FacilityStatus.ACTIVE) == VINF_SUCCESS
+        table = device.vmmdev.facilities.snapshot()
+        assert ("2001" in table, "2005" in table) == (True, False)
+
     def test_facility_all_updates_every_entry(self, device: Device) -> None:
         """Facility ALL sets every entry's status."""
         device.report_additions()
@@ -452,6 +486,19 @@ class TestBalloon:
         assert device.vmmdev.balloon.acked_mb == 100
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == 0
+
+    def test_reset_forgets_the_acknowledgement(self, device: Device) -> None:
+        """After a VM reset the acknowledged target counts as unseen: setting it notifies."""
+        device.report_additions()
+        device.vmmdev.set_balloon_target(100)
+        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+        assert device.send(req) == VINF_SUCCESS
+        device.vmmdev.reset()
+        device.report_additions()
+        filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
 
     def test_query_without_ack_leaves_the_acknowledgement(self, device: Device) -> None:
         """Only event_ack 0x40 records the acknowledgement."""
