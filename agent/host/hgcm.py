@@ -62,7 +62,7 @@ from agent.protocol.status import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host._hgcm_parms import ParmSlot
+    from agent.host._hgcm_parms import PageListSpan
     from agent.host.hgcm_service import HgcmService, HostParm
     from agent.host.memory import GuestMemory
 
@@ -81,6 +81,8 @@ _CALL_TARGET: Final = L.run(
 _CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
 _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
+_ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
+"""What accepting a request writes to the guest's ``rc``."""
 
 
 @runtime_checkable
@@ -124,15 +126,13 @@ class _Command:
     function: int
     """The function number."""
     layout: ParmLayout
-    slots: list[ParmSlot]
-    params: list[HostParm] = field(init=False)
+    params: list[HostParm]
     """The parameters, updated in place by the service."""
+    page_lists: list[PageListSpan]
+    """Where the page-list parameters' data goes back to."""
     cancelled: bool = False
     completed: bool = False
     stale: bool = False
-
-    def __post_init__(self) -> None:
-        self.params = [slot.parm for slot in self.slots]
 
     @property
     def client_id(self) -> int:
@@ -265,15 +265,21 @@ class HgcmHost:
         if count > MAX_HGCM_PARMS or parms_end(layout, count) > len(req):
             return VERR_INVALID_PARAMETER
         try:
-            slots = parse_parms(req, self._memory, layout, count)
+            params, page_lists = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
             return exc.rc
         client = self._caller(client_id, phys)
         if not isinstance(client, _Client):
             return client
-        self._accept(req, phys)
-        self._start(_Command(self, phys, req, client, function, layout, slots))
+        REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        command = _Command(self, phys, req, client, function, layout, params, page_lists)
+        self._start(command)
+        if not command.completed:
+            # The guest sees the call accepted. One the service completed at once needs no
+            # such write: its completion wrote the whole request, this rc included, and
+            # nothing could read guest memory in between.
+            self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
         return None
 
     def cancel(self, phys: int) -> int:
@@ -310,7 +316,9 @@ class HgcmHost:
         if command.cancelled:
             return
         self._commands.pop(command.phys, None)
-        write_back_parms(command.req, command.slots, self._memory)
+        write_back_parms(
+            command.req, command.params, command.page_lists, command.layout, self._memory
+        )
         self._finish(command.req, command.phys, status)
 
     # --- VM life cycle ---------------------------------------------------------------------
@@ -369,7 +377,7 @@ class HgcmHost:
         req = old.req
         _, _, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         try:
-            slots = parse_parms(req, self._memory, old.layout, count)
+            params, page_lists = parse_parms(req, self._memory, old.layout, count)
         except ParmError as exc:
             self._fail_resubmit(old.phys, exc.rc)
             return
@@ -377,7 +385,9 @@ class HgcmHost:
         if not isinstance(client, _Client):
             self._fail_resubmit(old.phys, client)
             return
-        self._start(_Command(self, old.phys, req, client, old.function, old.layout, slots))
+        self._start(
+            _Command(self, old.phys, req, client, old.function, old.layout, params, page_lists)
+        )
 
     def _caller(self, client_id: int, phys: int) -> _Client | int:
         """Return the client a call at ``phys`` goes to, or the status refusing the call.
@@ -418,26 +428,23 @@ class HgcmHost:
 
     def _accept(self, req: bytearray, phys: int) -> None:
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        self._write(phys + REQUEST_RC_AT, REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE))
+        self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
 
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
-        """Write the request back with the guest's current flags, then DONE in those flags.
+        """Write the request back with the guest's current flags and DONE in them.
 
-        As ``hgcmCompletedWorker`` does: the second write sets DONE in the host's copy of
-        the flags, which the first write stored; it does not read them again. A request the
-        guest freed meanwhile takes no write (its flags are the host's copy).
+        ``hgcmCompletedWorker`` writes the request with the flags it read, then DONE in
+        its copy of those flags (it does not read them again). Nothing in the simulation
+        runs between those two writes, so they are made as one. A request the guest freed
+        meanwhile takes no write.
         """
         memory = self._memory
         try:
             flags: int = HGCM_FLAGS.unpack(memory.read(phys + HGCM_FLAGS_AT, HGCM_FLAGS.size))[0]
         except OSError:
             flags = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags, result)
-        try:
-            memory.write(phys, req)
-            memory.write(phys + HGCM_FLAGS_AT, HGCM_FLAGS.pack(flags | HGCM_REQ_DONE))
-        except OSError:
-            pass  # the guest freed the request; the writes go nowhere
+        _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, result)
+        self._write(phys, req)
         self._notify(_HGCM_EVENT)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:

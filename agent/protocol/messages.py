@@ -75,9 +75,14 @@ class UserBuffer:
     data: bytearray
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class IoctlCall(Generic[R]):
-    """One encoded ioctl: what a transport needs to perform it and the request it came from."""
+    """One encoded ioctl: what a transport needs to perform it and the request it came from.
+
+    Built for every request and never changed after; not frozen, because a frozen
+    dataclass's ``__init__`` sets each member through ``object.__setattr__``, which made
+    building it cost more than encoding most requests.
+    """
 
     code: int
     buffer: bytearray
@@ -110,18 +115,30 @@ def ioctl_buffer(size_in: int, size_out: int) -> bytearray:
     ``rc`` starts as ``VERR_INTERNAL_ERROR``, as VbglR3 presets it, so a driver that does not
     write it back is noticed.
     """
+    return bytearray(_ioctl_template(size_in, size_out))
+
+
+@functools.lru_cache(maxsize=64)
+def _ioctl_template(size_in: int, size_out: int) -> bytes:
+    """The bytes :func:`ioctl_buffer` copies: built once per pair of sizes."""
     buf = bytearray(max(size_in, size_out))
     _IOCTL_HEADER.set(buf, size_in, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size_out, 0)
-    return buf
+    return bytes(buf)
 
 
 def vmmdev_request_buffer(request_type: RequestType, size: int) -> bytearray:
     """Return a zeroed VMMDev request of ``size`` bytes with its header set for passthrough."""
+    return bytearray(_vmmdev_request_template(request_type, size))
+
+
+@functools.lru_cache(maxsize=64)
+def _vmmdev_request_template(request_type: RequestType, size: int) -> bytes:
+    """The bytes :func:`vmmdev_request_buffer` copies: built once per type and size."""
     buf = bytearray(size)
     _REQUEST_HEADER.set(
         buf, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, size, 0
     )
-    return buf
+    return bytes(buf)
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,12 +157,14 @@ def check_ioctl_reply(call: IoctlCall[R], size_in: int, size_out: int) -> int:
         VBoxStatusError: ``rc`` is a failure.
     """
     buf = call.buffer
-    operation = call.request.operation
+    if len(buf) == max(size_in, size_out):
+        got_in, version, _, rc, got_out, _ = _IOCTL_HEADER.codec.unpack_from(buf)
+        if rc >= 0 and got_in == size_in and got_out == size_out and version == IOCTL_HDR_VERSION:
+            return int(rc)  # the usual reply, checked in one pass
+    operation = call.request.operation  # something is wrong: name it
     _check_reply_length(operation, buf, max(size_in, size_out))
     rc = _reply_rc(operation, _IOCTL_HEADER.codec.unpack_from(buf), size_in, size_out)
-    if rc < 0:
-        raise VBoxStatusError(rc, operation)
-    return rc
+    raise VBoxStatusError(rc, operation)
 
 
 def _check_reply_length(operation: str, buf: bytearray, expected: int) -> None:
