@@ -36,6 +36,7 @@ from agent.protocol.status import (
     VERR_INTERRUPTED,
     VERR_INVALID_FLAGS,
     VERR_INVALID_PARAMETER,
+    VERR_NO_MEMORY,
     VERR_NOT_FOUND,
     VINF_HGCM_ASYNC_EXECUTE,
     VINF_SUCCESS,
@@ -399,6 +400,18 @@ class TestCall:
         start = hgcm.ram.map(bytearray(2 * PAGE_SIZE))
         pages = [start, start + PAGE_SIZE + shift]
         req = page_list_of(client(hgcm), FN_HOLD, pages, size=size, first=first, flags=flags)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == expected
+
+    @pytest.mark.parametrize(
+        ("size", "expected"),
+        [(128 << 20, VERR_NO_MEMORY), ((128 << 20) - (512 << 10), VINF_HGCM_ASYNC_EXECUTE)],
+    )
+    def test_call_cost_limit(self, hgcm: Device, size: int, expected: int) -> None:
+        """A buffer may name 128 MiB, but the call's whole cost (command, page array,
+        buffer) must stay within 128 MiB too, else VERR_NO_MEMORY."""
+        pages = [0x4000_0000 + PAGE_SIZE * index for index in range(-(-size // PAGE_SIZE))]
+        req = page_list_of(client(hgcm), FN_HOLD, pages, size=size, flags=2)
         submit(hgcm, req)
         assert L.RequestHeader.rc.get(req) == expected
 
