@@ -234,10 +234,13 @@ class HgcmHost:
         return None
 
     def disconnect(self, req: bytearray, phys: int) -> int | None:
-        """HGCM_DISCONNECT; pending calls the service leaves open are discarded.
+        """HGCM_DISCONNECT; the client's pending calls stay the guest's.
 
         Client id 0 is refused at once (``HGCMGuestDisconnect``); an unknown id is accepted
         and answered VERR_HGCM_INVALID_CLIENT_ID as the result, as Main's HGCM thread does.
+        The client's pending calls are VMMDev commands like any other: those the service
+        completes (the guest-property service ends its waits with VERR_INTERRUPTED) are
+        written back before the disconnect is; those it leaves open stay pending.
         """
         client_id = L.HgcmDisconnectRequest.client_id.get(req)
         if client_id == 0:
@@ -248,7 +251,6 @@ class HgcmHost:
             self._finish(req, phys, VERR_HGCM_INVALID_CLIENT_ID)
             return None
         client.service.disconnect(client_id)
-        self._discard(list(client.calls))
         self._finish(req, phys, VINF_SUCCESS)
         return None
 
@@ -332,6 +334,7 @@ class HgcmHost:
     def restore(self) -> None:
         """Saved state loaded: services restart, clients stay, pending calls are re-sent."""
         pending = list(self._commands.values())
+        self._discard(pending)
         for client in self._clients.values():
             self._discard(list(client.calls))
         for service in self._services.values():

@@ -253,17 +253,23 @@ class TestConnect:
         req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
         assert hgcm.send(req) == VERR_INVALID_PARAMETER
 
-    def test_disconnect_discards_pending_calls(self, hgcm: Device, echo: EchoService) -> None:
-        """Calls still pending at disconnect are never written back."""
+    def test_calls_pending_at_disconnect_stay_the_guests(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A call still pending when its client disconnects is completed like any other:
+        the service's completion is written back with DONE and the HGCM event."""
         client_id = client(hgcm)
         call = page_list_call(hgcm, client_id, FN_HOLD, [])
         submit(hgcm, call)
         req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
         L.HgcmDisconnectRequest.client_id.set(req, client_id)
         submit(hgcm, req)
-        echo.held[0].complete(VINF_SUCCESS)
-        assert not done(call)
+        assert (done(req), hgcm.vmmdev.hgcm.pending_calls) == (True, 1)
+        hgcm.vmmdev.pending_events = 0
+        echo.held[0].complete(VERR_INTERRUPTED)
+        assert (done(call), L.HgcmCallRequest.result.get(call)) == (True, VERR_INTERRUPTED)
         assert hgcm.vmmdev.hgcm.pending_calls == 0
+        assert hgcm.vmmdev.pending_events & Event.HGCM
 
 
 class TestCall:
