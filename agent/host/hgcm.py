@@ -71,8 +71,9 @@ NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
 MAX_HGCM_PARMS: Final = 32
 """``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
-CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
-"""Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
+MAX_CLIENT_ID: Final = 0x7FFFFFFF
+"""Client ids are 1 .. 0x7FFFFFFF, then 1 again: Main's handles at 0x80000000 and up are its
+own objects', and 0 is none (``hgcmObjGenerateHandle``)."""
 _HGCM_EVENT: Final = int(Event.HGCM)
 """Read once: an enum attribute lookup costs more than the bit operation it feeds."""
 _CALL_TARGET: Final = L.run(
@@ -465,6 +466,11 @@ class HgcmHost:
     def _new_client_id(self) -> int:
         while True:
             client_id = self._next_id
-            self._next_id = self._next_id % (CLIENT_ID_LIMIT - 1) + 1
+            self._next_id = next_client_id(client_id)
             if client_id not in self._clients:
                 return client_id
+
+
+def next_client_id(client_id: int) -> int:
+    """Return the client id Main generates after ``client_id`` (ids in use are skipped)."""
+    return client_id % MAX_CLIENT_ID + 1

@@ -15,6 +15,7 @@ import struct
 
 import pytest
 
+from agent.host.hgcm import next_client_id
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -169,6 +170,13 @@ class TestConnect:
         assert 0 not in ids
         assert len(set(ids)) == 10
         assert hgcm.vmmdev.hgcm.client_count == 10
+
+    @pytest.mark.parametrize(
+        ("current", "following"), [(1, 2), (0x7FFF_FFFE, 0x7FFF_FFFF), (0x7FFF_FFFF, 1)]
+    )
+    def test_client_ids_wrap_below_main_s_own_handles(self, current: int, following: int) -> None:
+        """Client ids run 1 .. 0x7FFFFFFF and wrap to 1; 0x80000000 and up are Main's own."""
+        assert next_client_id(current) == following
 
     def test_service_refusal_is_a_result(self, hgcm: Device, echo: EchoService) -> None:
         """A service refusing the client answers its status as the result."""
