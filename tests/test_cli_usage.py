@@ -146,7 +146,7 @@ def test_a_bad_device_in_the_config_is_a_config_error(
     assert main(["run", "--config", str(config)]) == EX_CONFIG
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith(f"{config}: device.path: socket path ")
+    assert err.startswith(f'{config}: device.path = "unix:{TOO_LONG}": socket path ')
     assert len(err.splitlines()) == 1
 
 
