@@ -9,7 +9,8 @@ simulated host, above all) inside the handler: the daemon (``vbox-agent run``) l
 other command's code, and on a real device no simulator code.
 
 Every command-line mistake (unknown command or option, bad or missing value) exits 64
-(``EX_USAGE``) after the usage of the (sub)command that got it.
+(``EX_USAGE``) after the usage of the (sub)command that got it. Ctrl-C (SIGINT) ends any
+command with 130 and no traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
-from agent.cli._exit import EX_USAGE
+from agent.cli._exit import EX_INTERRUPTED, EX_USAGE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -90,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage_parser: CommandParser = args.usage_parser
         usage_parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:  # Ctrl-C ending `prop wait` or a wait for a host is no failure
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

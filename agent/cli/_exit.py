@@ -14,3 +14,5 @@ EX_SOFTWARE: Final = 70
 """A fatal error inside the agent."""
 EX_CONFIG: Final = 78
 """The config file is invalid."""
+EX_INTERRUPTED: Final = 130
+"""Stopped by SIGINT (Ctrl-C), reported as a shell reports a process the signal ended."""
