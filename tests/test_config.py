@@ -7,12 +7,14 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
+import annotated_types
 import pytest
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from agent.config import (
     CORE_SECTIONS,
@@ -32,6 +34,8 @@ from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from pydantic.fields import FieldInfo
 
 SHIPPED = Path(__file__).parents[1] / "config" / "agent.toml"
 UNIT = Path(__file__).parents[1] / "systemd" / "vbox-agent.service"
@@ -78,6 +82,56 @@ class TestShippedFile:
             assert set(data[name]) == set(type(section).model_fields), name
         for name, model in models.items():
             assert set(data[name]) == set(model.model_fields), name
+
+    def test_states_every_limit(self) -> None:
+        """The comment above each key of config/agent.toml states every bound the model puts
+        on it (``> 0``, ``>= 1``, ``at most 13``, or ``0.5..10``) and every allowed word."""
+        missing = [
+            f"{section}.{key}: {wanted}"
+            for section, key, field in _fields()
+            for wanted in _stated_limits(field)
+            if not any(form in _comment_above(section, key) for form in wanted)
+        ]
+        assert missing == []
+
+
+def _fields() -> list[tuple[str, str, FieldInfo]]:
+    """Every (section, key, field) of the shipped file's models, services' included."""
+    models: dict[str, type[BaseModel]] = {
+        name: type(getattr(AgentConfig(), name)) for name in CORE_SECTIONS
+    }
+    models.update(section_models())
+    return [
+        (section, key, field)
+        for section, model in models.items()
+        for key, field in model.model_fields.items()
+    ]
+
+
+def _stated_limits(field: FieldInfo) -> list[tuple[str, ...]]:
+    """For each bound or allowed word of ``field``: the ways the file may state it."""
+    wanted: list[tuple[str, ...]] = []
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Gt):
+            wanted.append((f"> {bound.gt:g}",))
+        elif isinstance(bound, annotated_types.Ge):
+            wanted.append((f">= {bound.ge:g}", f"({bound.ge:g}.."))
+        elif isinstance(bound, annotated_types.Le):
+            wanted.append((f"at most {bound.le:g}", f"..{bound.le:g}"))
+        elif isinstance(bound, annotated_types.Lt):
+            wanted.append((f"< {bound.lt:g}",))
+    if get_origin(field.annotation) is Literal:
+        wanted.extend((f'"{word}"',) for word in get_args(field.annotation))
+    return wanted
+
+
+def _comment_above(section: str, key: str) -> str:
+    """The comment lines right above ``key = ...`` in section ``[section]`` of the file."""
+    lines = SHIPPED.read_text().splitlines()
+    start = lines.index(f"[{section}]")
+    at = next(i for i in range(start, len(lines)) if lines[i].startswith(f"{key} = "))
+    above = itertools.takewhile(lambda line: line.startswith("#"), reversed(lines[start:at]))
+    return " ".join(line.removeprefix("#").strip() for line in reversed(list(above)))
 
 
 class TestModels:
@@ -195,6 +249,16 @@ class TestProblems:
                 'device.path = "dev/vboxguest": must be an absolute path (/dev/vboxguest) '
                 "or unix:/absolute/socket/path",
             ),
+            (
+                '[device]\npath = "/dev/vboxguest\\u0000"\n',
+                'device.path = "/dev/vboxguest\\u0000": must not contain a NUL character',
+            ),
+            (
+                f'[device]\npath = "unix:/{"s" * 107}"\n',
+                f"device.path = \"unix:/{'s' * 107}\": socket path '/{'s' * 107}' is 108 bytes "
+                "long; a Unix socket path holds at most 107",
+            ),
+            ("[[log]]\n", "log = [...]: must be a table"),
         ],
     )
     def test_wrong_type(self, tmp_path: Path, text: str, expected: str) -> None:
@@ -296,3 +360,23 @@ def test_the_unit_waits_longer_than_the_longest_drain() -> None:
     (timeout,) = [line.partition("=")[2] for line in lines if line.startswith("TimeoutStopSec=")]
     assert timeout.endswith("s")
     assert float(timeout.removesuffix("s")) > MAX_SHUTDOWN_TIMEOUT_S + 1
+
+
+def test_the_unit_lets_the_agent_lock_the_largest_balloon() -> None:
+    """Where the agent holds the balloon it mlock()s every chunk, up to most of the guest's
+    RAM: the unit sets no memory cap that would refuse or OOM-kill that (``MemoryMax=128M``
+    and the default ``RLIMIT_MEMLOCK`` of 8 MiB did)."""
+    settings = [line.partition("=") for line in UNIT.read_text().splitlines()]
+    values = {key: value for key, _, value in settings if not key.startswith("#")}
+    assert values.get("LimitMEMLOCK") == "infinity"
+    assert {"MemoryMax", "MemoryHigh", "MemoryLimit"}.isdisjoint(values)
+
+
+def test_the_readme_installs_the_command_where_the_unit_runs_it() -> None:
+    """The README's service installation puts ``vbox-agent`` at the path ``ExecStart=`` runs
+    (it said "system-wide", where pip puts it in /usr/local/bin)."""
+    lines = UNIT.read_text().splitlines()
+    (command,) = [line.partition("=")[2] for line in lines if line.startswith("ExecStart=")]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.partition("## Installing as a service")[2].partition("\n## ")[0]
+    assert f"`{command.split()[0]}`" in section

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import operator
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
@@ -63,11 +62,11 @@ _TO_HOST: Final = int(PageListDirection.TO_HOST)
 _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
 """Enum members read once: an enum attribute lookup costs more than the comparison."""
 _LINADDR_TYPES: Final = {
-    HgcmParmType.LINADDR: (HgcmParmType.LINADDR, True, True),
-    HgcmParmType.LINADDR_IN: (HgcmParmType.LINADDR_IN, True, False),
-    HgcmParmType.LINADDR_OUT: (HgcmParmType.LINADDR_OUT, False, True),
+    HgcmParmType.LINADDR: (True, True),
+    HgcmParmType.LINADDR_IN: (True, False),
+    HgcmParmType.LINADDR_OUT: (False, True),
 }
-"""Linear-address types: the type as its enum member, then its (readable, writable) directions."""
+"""Linear-address types and their (readable, writable) directions."""
 
 ParmLayout = type[L.HgcmParameter64] | type[L.HgcmParameter32]
 
@@ -84,15 +83,8 @@ class ParmError(Exception):
         self.rc = rc
 
 
-@dataclass(slots=True)
-class ParmSlot:
-    """One parameter: where it sits in the request and what the service sees."""
-
-    offset: int
-    kind: HgcmParmType
-    parm: HostParm
-    pages: tuple[int, ...] = ()
-    first_page_offset: int = 0
+PageListSpan = tuple[int, tuple[int, ...], int]
+"""A page-list parameter's index, its guest-physical pages and the offset into the first."""
 
 
 def parm_layout(request_type_is_64: bool) -> ParmLayout:
@@ -108,10 +100,14 @@ def parms_end(layout: ParmLayout, count: int) -> int:
 
 def parse_parms(
     req: bytes | bytearray, memory: GuestMemory, layout: ParmLayout, count: int
-) -> list[ParmSlot]:
+) -> tuple[list[HostParm], list[PageListSpan]]:
     """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
 
     The caller has checked that the array lies within ``req`` (:func:`parms_end`).
+
+    Returns:
+        the parameters as the service sees them, and where each page list's data lives,
+        for :func:`write_back`.
 
     Raises:
         ParmError: an unsupported type, a page list outside the request, bad page addresses.
@@ -119,25 +115,31 @@ def parse_parms(
     per_parm = layout.size // WORD_SIZE
     extra = parms_end(layout, count)
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
-    slots: list[ParmSlot] = []
-    offset = CALL_PARMS_OFFSET
-    for raw_type, value, high in zip(
-        words[0::per_parm], words[_VALUE_WORD::per_parm], words[_HIGH_WORD::per_parm], strict=True
+    params: list[HostParm] = []
+    page_lists: list[PageListSpan] = []
+    for index, (raw_type, value, high) in enumerate(
+        zip(
+            words[0::per_parm],
+            words[_VALUE_WORD::per_parm],
+            words[_HIGH_WORD::per_parm],
+            strict=True,
+        )
     ):
         if raw_type == _U32_TYPE:
-            slots.append(ParmSlot(offset, _U32_TYPE, HostU32(value)))
+            params.append(HostU32(value))
         elif raw_type == _U64_TYPE:
-            slots.append(ParmSlot(offset, _U64_TYPE, HostU64(value | high << 32)))
-        elif raw_type in _LINADDR_TYPES and value == 0:
-            kind, readable, writable = _LINADDR_TYPES[raw_type]
-            slots.append(ParmSlot(offset, kind, HostBuffer(bytearray(), readable, writable, 0)))
+            params.append(HostU64(value | high << 32))
         elif raw_type == _PAGELIST_TYPE:
-            slots.append(_parse_page_list(req, offset, memory, value, high, extra=extra))
+            buffer, pages, first = _parse_page_list(req, memory, value, high, extra=extra)
+            params.append(buffer)
+            page_lists.append((index, pages, first))
+        elif raw_type in _LINADDR_TYPES and value == 0:
+            readable, writable = _LINADDR_TYPES[raw_type]
+            params.append(HostBuffer(bytearray(), readable, writable, 0))
         else:
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
-        offset += layout.size
-    return slots
+    return params, page_lists
 
 
 @functools.lru_cache(maxsize=64)
@@ -146,8 +148,8 @@ def _word_array(words: int) -> struct.Struct:
 
 
 def _parse_page_list(
-    req: bytes | bytearray, offset: int, memory: GuestMemory, size: int, list_at: int, *, extra: int
-) -> ParmSlot:
+    req: bytes | bytearray, memory: GuestMemory, size: int, list_at: int, *, extra: int
+) -> tuple[HostBuffer, tuple[int, ...], int]:
     """Check a page list as ``vmmdevR3HgcmCallFetchGuestParms`` does, in its order, then read it.
 
     The simulated host is stricter than VMMDev in one respect: it also refuses a list whose
@@ -177,11 +179,8 @@ def _parse_page_list(
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
     readable = bool(flags & _TO_HOST)
-    writable = bool(flags & _FROM_HOST)
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
-    return ParmSlot(
-        offset, _PAGELIST_TYPE, HostBuffer(data, readable, writable, size), pages, first
-    )
+    return HostBuffer(data, readable, bool(flags & _FROM_HOST), size), pages, first
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:
@@ -209,6 +208,8 @@ def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int
 
 def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) -> bytearray:
     try:
+        if first + size <= PAGE_SIZE:  # within the first page, as most strings are
+            return bytearray(memory.read(pages[0] + first, size))
         spans = _spans(pages, first, size)
         if len(spans) == 1:
             return bytearray(memory.read(spans[0][0], size))
@@ -221,29 +222,44 @@ def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) 
     return data
 
 
-def write_back(req: bytearray, slots: list[ParmSlot], memory: GuestMemory) -> None:
-    """Store the service's results into ``req`` and the buffers' guest pages.
+def write_back(
+    req: bytearray,
+    params: list[HostParm],
+    page_lists: list[PageListSpan],
+    layout: ParmLayout,
+    memory: GuestMemory,
+) -> None:
+    """Store the service's results into ``req`` and the page lists' guest pages.
 
     Buffer sizes are clamped to the buffer the guest gave: the host never reports more bytes
     than the guest can receive.
     """
-    for slot in slots:
-        parm = slot.parm
-        at = slot.offset + _VALUE_AT
+    at = CALL_PARMS_OFFSET + _VALUE_AT
+    for parm in params:
         if isinstance(parm, HostU32):
             _U32.pack_into(req, at, parm.value & _U32_MAX)
         elif isinstance(parm, HostU64):
             _U64.pack_into(req, at, parm.value & _U64_MAX)
         else:
-            returned = max(0, min(parm.size, len(parm.data)))
-            _U32.pack_into(req, at, returned)
-            if slot.kind == _PAGELIST_TYPE and parm.writable and returned:
-                _scatter(memory, slot, parm.data[:returned])
+            _U32.pack_into(req, at, max(0, min(parm.size, len(parm.data))))
+        at += layout.size
+    for index, pages, first in page_lists:
+        buffer = params[index]
+        if not isinstance(buffer, HostBuffer) or not buffer.writable:
+            continue
+        returned = max(0, min(buffer.size, len(buffer.data)))
+        if returned:
+            _scatter(memory, pages, first, buffer.data[:returned])
 
 
-def _scatter(memory: GuestMemory, slot: ParmSlot, data: bytes | bytearray) -> None:
+def _scatter(
+    memory: GuestMemory, pages: tuple[int, ...], first: int, data: bytes | bytearray
+) -> None:
     try:
-        for address, at, length in _spans(slot.pages, slot.first_page_offset, len(data)):
+        if first + len(data) <= PAGE_SIZE:
+            memory.write(pages[0] + first, data)
+            return
+        for address, at, length in _spans(pages, first, len(data)):
             memory.write(address, data[at : at + length])
     except OSError:
         return  # the guest freed the pages; the write goes nowhere

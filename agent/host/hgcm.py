@@ -27,6 +27,12 @@ from agent.host._header_fields import (
     REQUEST_TYPE,
     REQUEST_TYPE_AT,
 )
+from agent.host._hgcm_clients import (
+    MAX_CLIENTS,
+    REQUESTOR_LEGACY,
+    ClientCategory,
+    client_category,
+)
 from agent.host._hgcm_parms import (
     ParmError,
     ParmLayout,
@@ -46,6 +52,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
+    VERR_HGCM_TOO_MANY_CLIENTS,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VINF_HGCM_ASYNC_EXECUTE,
@@ -55,7 +62,7 @@ from agent.protocol.status import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host._hgcm_parms import ParmSlot
+    from agent.host._hgcm_parms import PageListSpan
     from agent.host.hgcm_service import HgcmService, HostParm
     from agent.host.memory import GuestMemory
 
@@ -74,6 +81,8 @@ _CALL_TARGET: Final = L.run(
 _CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
 _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
+_ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
+"""What accepting a request writes to the guest's ``rc``."""
 
 
 @runtime_checkable
@@ -102,6 +111,7 @@ class _Client:
     client_id: int
     service: HgcmService
     requestor: int
+    category: ClientCategory
     calls: set[_Command] = field(default_factory=set)
 
 
@@ -116,15 +126,13 @@ class _Command:
     function: int
     """The function number."""
     layout: ParmLayout
-    slots: list[ParmSlot]
-    params: list[HostParm] = field(init=False)
+    params: list[HostParm]
     """The parameters, updated in place by the service."""
+    page_lists: list[PageListSpan]
+    """Where the page-list parameters' data goes back to."""
     cancelled: bool = False
     completed: bool = False
     stale: bool = False
-
-    def __post_init__(self) -> None:
-        self.params = [slot.parm for slot in self.slots]
 
     @property
     def client_id(self) -> int:
@@ -139,11 +147,27 @@ class _Command:
 class HgcmHost:
     """Registered services, connected clients and pending calls of one VM."""
 
-    __slots__ = ("_clients", "_commands", "_memory", "_next_id", "_notify", "_services")
+    __slots__ = (
+        "_clients",
+        "_commands",
+        "_memory",
+        "_next_id",
+        "_notify",
+        "_requestor_info",
+        "_services",
+    )
 
-    def __init__(self, memory: GuestMemory, notify: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        notify: Callable[[int], None],
+        *,
+        requestor_info: Callable[[], bool],
+    ) -> None:
+        """``requestor_info`` says whether the additions send requestor bits (INFO2)."""
         self._memory = memory
         self._notify = notify
+        self._requestor_info = requestor_info
         self._services: dict[str, HgcmService] = {}
         self._clients: dict[int, _Client] = {}
         self._commands: dict[int, _Command] = {}
@@ -181,7 +205,8 @@ class HgcmHost:
 
         The location type is not checked: VMMDev makes every location "existing local
         service" before Main sees it. A name without a NUL in its 128 bytes is refused at
-        once; any other name, the empty one too, is looked up and a miss is the result.
+        once; any other name, the empty one too, is looked up and a miss is the result, as
+        is a full client category of the service (:mod:`agent.host._hgcm_clients`).
         """
         raw = L.HgcmConnectRequest.service_name.get(req)
         end = raw.find(b"\0")
@@ -192,11 +217,17 @@ class HgcmHost:
         if service is None:
             self._finish(req, phys, VERR_HGCM_SERVICE_NOT_FOUND)
             return None
+        requestor = REQUESTOR_LEGACY
+        if self._requestor_info():
+            requestor = L.HgcmConnectRequest.header_requestor.get(req)
+        category = client_category(requestor)
+        if self._client_count(service, category) >= MAX_CLIENTS[category]:
+            self._finish(req, phys, VERR_HGCM_TOO_MANY_CLIENTS)
+            return None
         client_id = self._new_client_id()
-        requestor = L.HgcmConnectRequest.header_requestor.get(req)
         status = service.connect(client_id, requestor)
         if status >= 0:
-            self._clients[client_id] = _Client(client_id, service, requestor)
+            self._clients[client_id] = _Client(client_id, service, requestor, category)
             L.HgcmConnectRequest.client_id.set(req, client_id)
             _log.debug("hgcm_connected", service=service.name, client_id=client_id)
         self._finish(req, phys, status)
@@ -234,15 +265,21 @@ class HgcmHost:
         if count > MAX_HGCM_PARMS or parms_end(layout, count) > len(req):
             return VERR_INVALID_PARAMETER
         try:
-            slots = parse_parms(req, self._memory, layout, count)
+            params, page_lists = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
             return exc.rc
         client = self._caller(client_id, phys)
         if not isinstance(client, _Client):
             return client
-        self._accept(req, phys)
-        self._start(_Command(self, phys, req, client, function, layout, slots))
+        REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        command = _Command(self, phys, req, client, function, layout, params, page_lists)
+        self._start(command)
+        if not command.completed:
+            # The guest sees the call accepted. One the service completed at once needs no
+            # such write: its completion wrote the whole request, this rc included, and
+            # nothing could read guest memory in between.
+            self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
         return None
 
     def cancel(self, phys: int) -> int:
@@ -279,7 +316,9 @@ class HgcmHost:
         if command.cancelled:
             return
         self._commands.pop(command.phys, None)
-        write_back_parms(command.req, command.slots, self._memory)
+        write_back_parms(
+            command.req, command.params, command.page_lists, command.layout, self._memory
+        )
         self._finish(command.req, command.phys, status)
 
     # --- VM life cycle ---------------------------------------------------------------------
@@ -338,7 +377,7 @@ class HgcmHost:
         req = old.req
         _, _, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         try:
-            slots = parse_parms(req, self._memory, old.layout, count)
+            params, page_lists = parse_parms(req, self._memory, old.layout, count)
         except ParmError as exc:
             self._fail_resubmit(old.phys, exc.rc)
             return
@@ -346,7 +385,9 @@ class HgcmHost:
         if not isinstance(client, _Client):
             self._fail_resubmit(old.phys, client)
             return
-        self._start(_Command(self, old.phys, req, client, old.function, old.layout, slots))
+        self._start(
+            _Command(self, old.phys, req, client, old.function, old.layout, params, page_lists)
+        )
 
     def _caller(self, client_id: int, phys: int) -> _Client | int:
         """Return the client a call at ``phys`` goes to, or the status refusing the call.
@@ -387,26 +428,23 @@ class HgcmHost:
 
     def _accept(self, req: bytearray, phys: int) -> None:
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        self._write(phys + REQUEST_RC_AT, REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE))
+        self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
 
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
-        """Write the request back with the guest's current flags, then DONE in those flags.
+        """Write the request back with the guest's current flags and DONE in them.
 
-        As ``hgcmCompletedWorker`` does: the second write sets DONE in the host's copy of
-        the flags, which the first write stored; it does not read them again. A request the
-        guest freed meanwhile takes no write (its flags are the host's copy).
+        ``hgcmCompletedWorker`` writes the request with the flags it read, then DONE in
+        its copy of those flags (it does not read them again). Nothing in the simulation
+        runs between those two writes, so they are made as one. A request the guest freed
+        meanwhile takes no write.
         """
         memory = self._memory
         try:
             flags: int = HGCM_FLAGS.unpack(memory.read(phys + HGCM_FLAGS_AT, HGCM_FLAGS.size))[0]
         except OSError:
             flags = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags, result)
-        try:
-            memory.write(phys, req)
-            memory.write(phys + HGCM_FLAGS_AT, HGCM_FLAGS.pack(flags | HGCM_REQ_DONE))
-        except OSError:
-            pass  # the guest freed the request; the writes go nowhere
+        _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, result)
+        self._write(phys, req)
         self._notify(_HGCM_EVENT)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:
@@ -414,6 +452,12 @@ class HgcmHost:
             self._memory.write(phys, data)
         except OSError:
             return  # the guest freed the request; the write goes nowhere
+
+    def _client_count(self, service: HgcmService, category: ClientCategory) -> int:
+        return sum(
+            client.service is service and client.category is category
+            for client in self._clients.values()
+        )
 
     def _new_client_id(self) -> int:
         while True:

@@ -17,7 +17,10 @@ action         keys                                                   host call
 ``delay``      ``request``, ``seconds`` (float)                       ``set_delay``
 =============  =====================================================  ===================
 
-Errors name the step (counting from 1), the key and the bad value.
+Errors name the step (counting from 1), the key and the bad value; property names, values
+and flags are checked as the guest-property service checks them. A step the host refuses
+while playing (a property the guest made read-only for the host) is logged and the
+scenario goes on, as a failed ``VBoxManage`` command leaves the VM running.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
 from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
 from agent.protocol.constants import parse_event_mask, parse_request_type
+from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
 
 if TYPE_CHECKING:
@@ -139,6 +143,24 @@ def _status(value: object) -> int:
     return parse_status(_text(value))
 
 
+def _prop_name(value: object) -> str:
+    name = _str(value)
+    encode_name(name)
+    return name
+
+
+def _prop_value(value: object) -> str:
+    text = _str(value)
+    encode_value(text)
+    return text
+
+
+def _prop_flags(value: object) -> str:
+    flags = _str(value)
+    parse_flags(flags)
+    return flags
+
+
 def _count(value: object) -> int:
     count = _int(value)
     if count <= 0:
@@ -150,8 +172,8 @@ def _count(value: object) -> int:
 ACTIONS: Final[dict[str, tuple[dict[str, Callable[[object], Value]], dict[str, Value]]]] = {
     "balloon": ({"mb": _int}, {}),
     "event": ({"events": _events}, {}),
-    "prop_set": ({"name": _str, "value": _str, "flags": _str}, {"flags": ""}),
-    "prop_delete": ({"name": _str}, {}),
+    "prop_set": ({"name": _prop_name, "value": _prop_value, "flags": _prop_flags}, {"flags": ""}),
+    "prop_delete": ({"name": _prop_name}, {}),
     "restore": ({}, {}),
     "reset": ({}, {}),
     "fault": ({"request": _request, "status": _status, "count": _count}, {"count": 1}),
@@ -207,8 +229,11 @@ def load_scenario(path: Path) -> Scenario:
     """
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        msg = f"{path}: cannot read the scenario: {exc}"
+    except OSError as exc:
+        msg = f"{path}: cannot read the scenario: {exc.strerror or exc}"
+        raise ScenarioError(msg) from None
+    except UnicodeDecodeError as exc:
+        msg = f"{path}: the scenario is not UTF-8 text: {exc.reason} at byte {exc.start}"
         raise ScenarioError(msg) from None
     return parse_scenario(text, source=str(path))
 
@@ -273,10 +298,14 @@ def _step(raw: object, where: str, host: HostSettings) -> Step:
 
 
 def _checked(check: Callable[[object], T], value: object, where: str) -> T:
+    """``check(value)``; a TypeError says what was expected, a ValueError the whole problem."""
     try:
         return check(value)
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
         msg = f"{where}: expected {exc}, got {value!r}"
+        raise ScenarioError(msg) from None
+    except ValueError as exc:
+        msg = f"{where}: {exc}"
         raise ScenarioError(msg) from None
 
 
@@ -286,8 +315,8 @@ def _checked(check: Callable[[object], T], value: object, where: str) -> T:
 async def play_scenario(host: SimulatedHost, scenario: Scenario) -> None:
     """Run the steps of ``scenario`` on ``host`` at their times (from now, on trio's clock).
 
-    Raises:
-        ValueError, LookupError: the host refused a step (the message names the step).
+    A step the host refuses is logged (``scenario_step_refused``, with its number) and the
+    next one runs at its time.
     """
     start = trio.current_time()
     for number, step in enumerate(scenario.steps, start=1):
@@ -295,8 +324,8 @@ async def play_scenario(host: SimulatedHost, scenario: Scenario) -> None:
         try:
             await _apply(host, step)
         except (ValueError, LookupError) as exc:
-            msg = f"scenario step {number} ({step.action}) failed: {exc}"
-            raise type(exc)(msg) from exc
+            _log.warning("scenario_step_refused", step=number, action=step.action, error=str(exc))
+            continue
         _log.info("scenario_step", step=number, action=step.action, **dict(step.args))
 
 

@@ -73,6 +73,10 @@ ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
 SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
+_VALUE_BUFFER: Final = HgcmBufferOut(VALUE_BUFFER_SIZE)
+_ZERO_U64: Final = HgcmU64(0)
+_ZERO_U32: Final = HgcmU32(0)
+"""Parameters every GET_PROP sends the same (frozen, so shared)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,21 +117,17 @@ class GuestProperties:
 
     async def get(self, name: str) -> Property | None:
         """Return the property ``name``, or None when the host has none of that name."""
-        raw_name = encode_name(name)
-        size = VALUE_BUFFER_SIZE
+        name_param = HgcmBufferIn(encode_name(name))
+        value_buffer = _VALUE_BUFFER
         for _ in range(SIZE_RETRIES):
             try:
                 reply = await self._short_call(
-                    GuestFunction.GET_PROP,
-                    HgcmBufferIn(raw_name),
-                    HgcmBufferOut(size),
-                    HgcmU64(0),
-                    HgcmU32(0),
+                    GuestFunction.GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32
                 )
             except HgcmCallError as exc:
                 if exc.rc == VERR_NOT_FOUND:
                     return None
-                size = _needed_size(exc, 3)
+                value_buffer = HgcmBufferOut(_needed_size(exc, 3))
                 continue
             value, flags = _strings(reply.params[1], reply.params[3], 2)
             return Property(name, value, flags, _u64(reply.params[2]))

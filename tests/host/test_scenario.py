@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 
 from agent.host import SimulatedHost
@@ -100,7 +102,24 @@ class TestParse:
             ('[[steps]]\nat = 1\naction = "event"\nevents = "NOPE"', "unknown event 'NOPE'"),
             (
                 '[[steps]]\nat = 1\naction = "fault"\nrequest = "X"\nstatus = 0',
-                "unknown VMMDev request type",
+                r"^demo: step 1 \(fault\): key 'request': unknown VMMDev request type 'X': "
+                r"expected a name such as CHANGE_MEMBALLOON$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "prop_set"\nname = "/a*"\nvalue = "v"',
+                r"^demo: step 1 \(prop_set\): key 'name': property name '/a\*' contains",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "prop_delete"\nname = ""',
+                r"step 1 \(prop_delete\): key 'name': property name is empty$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "prop_set"\nname = "/a"\nvalue = "v"\nflags = "X"',
+                r"step 1 \(prop_set\): key 'flags': invalid flags 'X'",
+            ),
+            (
+                f'[[steps]]\nat = 1\naction = "prop_set"\nname = "/a"\nvalue = "{"v" * 1024}"',
+                r"step 1 \(prop_set\): key 'value': property value is 1024 bytes long",
             ),
             (
                 '[[steps]]\nat = 1\naction = "fault"\nrequest = 4\nstatus = 0\ncount = 0',
@@ -131,9 +150,22 @@ class TestParse:
             SimulatedHost(personality="passthrough", r3_balloon=True)
 
     def test_unreadable_file(self, tmp_path: Path) -> None:
-        """A missing file is a ScenarioError naming the path."""
-        with pytest.raises(ScenarioError, match="cannot read"):
-            load_scenario(tmp_path / "missing.toml")
+        """A missing file is a ScenarioError naming the path once, with the reason."""
+        path = tmp_path / "missing.toml"
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        assert str(info.value) == f"{path}: cannot read the scenario: No such file or directory"
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        """A file that is not UTF-8 says where it stops being text."""
+        path = tmp_path / "binary.toml"
+        path.write_bytes(b"\xff")
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        assert (
+            str(info.value)
+            == f"{path}: the scenario is not UTF-8 text: invalid start byte at byte 0"
+        )
 
 
 class TestPlay:
@@ -165,19 +197,23 @@ class TestPlay:
                 assert host.prop_get(GREETING) is None
                 nursery.cancel_scope.cancel()
 
-    async def test_refused_step_names_itself(self, autojump_clock: object) -> None:
-        """A step the host refuses fails with its number and action."""
-        scenario = parse_scenario('[[steps]]\nat = 0\naction = "prop_delete"\nname = "x"')
+    async def test_refused_step_is_logged_and_the_next_runs(self, autojump_clock: object) -> None:
+        """A step the host refuses is logged with its number and action, and the scenario
+        goes on (it used to end the run: ``run --simulate`` exited 70 with a traceback)."""
+        scenario = parse_scenario(
+            '[[steps]]\nat = 0\naction = "prop_delete"\nname = "x"\n'
+            '[[steps]]\nat = 1\naction = "balloon"\nmb = 64'
+        )
         host = SimulatedHost(services=())
-        with (
-            trio.fail_after(60),
-            pytest.RaisesGroup(
-                pytest.RaisesExc(LookupError, match=r"step 1 \(prop_delete\)"),
-            ),
-        ):
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
                 await play_scenario(host, scenario)
+                nursery.cancel_scope.cancel()
+        refused = [entry for entry in logs if entry["event"] == "scenario_step_refused"]
+        assert [(entry["step"], entry["action"]) for entry in refused] == [(1, "prop_delete")]
+        assert "no guest property service" in refused[0]["error"]
+        assert host.vmmdev.balloon.target_mb == 64
 
     async def test_reset_and_faults(self, autojump_clock: object) -> None:
         """reset reloads the driver; fault and delay reach the device."""

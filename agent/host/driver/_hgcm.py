@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import math
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -67,6 +67,7 @@ CANCEL_GRACE_OTHER_S: Final = 2.0
 """How long to wait for DONE after any other failed cancel."""
 VERR_SEM_DESTROYED: Final = STATUS_CODES["VERR_SEM_DESTROYED"]
 PAGE_LIST_HEADER_SIZE: Final = 8
+PAGE_ADDRESS_SIZE: Final = 8
 _BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR: PageListDirection.BOTH,
     HgcmParmType.LINADDR_IN: PageListDirection.TO_HOST,
@@ -77,9 +78,6 @@ _LINADDR_IN: Final = HgcmParmType.LINADDR_IN
 _LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
 _PAGELIST: Final = HgcmParmType.PAGELIST
 """Enum members read once: an enum attribute lookup costs more than what it is used for."""
-_PARM_SIZE: Final = _P.pointer_size.codec
-_PARM_SIZE_AT: Final = _P.pointer_size.offset
-"""A buffer parameter's size as its struct and offset, as in :mod:`agent.host._header_fields`."""
 _CALL_IOCTL: Final = L.run(
     L.HgcmCallIoctl.client_id,
     L.HgcmCallIoctl.function,
@@ -105,7 +103,15 @@ _PARM_ARRAYS: Final = tuple(
     for count in range(HGCM_MAX_PARMS + 1)
 )
 """Arrays of 0..32 parameters, each read as a buffer (a value's bytes fill the same words)."""
-_PAGE_LIST_PARM: Final = L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec
+_PAGE_LIST_PARM_FORMAT: Final = (
+    L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec.format.lstrip("<") + "I"
+)
+"""A parameter as a page list: type, size, offset, and the union's last word, which the
+driver leaves as ``vbg_req_alloc`` filled it."""
+_UNION_FILL: Final = 0xAAAAAAAA
+"""That last word: four fill bytes (0xAA)."""
+_NO_PAGE_LIST: Final = -1
+"""A parameter without a page list (a value, an empty buffer), in a call's shape."""
 
 
 class _Outcome(enum.Enum):
@@ -209,12 +215,16 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     if size_in < needed:
         raise fail(errno.EINVAL)
     IOCTL_SIZE_OUT.pack_into(kbuf, IOCTL_SIZE_OUT_AT, needed)
-    parms = _UserParms(_PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE))
-    if not USER_HGCM_PARM_TYPES.issuperset(parms.kinds):
+    parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
+    if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
-    async with drv.session_mutex:
-        if client_id not in session.hgcm_client_ids:
-            raise fail(errno.EINVAL)
+    if drv.session_mutex.locked:
+        async with drv.session_mutex:
+            known = client_id in session.hgcm_client_ids
+    else:  # a free mutex taken for a lookup that cannot sleep: the lookup is the same
+        known = client_id in session.hgcm_client_ids
+    if not known:
+        raise fail(errno.EINVAL)
     try:
         status = await _call(drv, session, kbuf, parms, memory, timeout_ms=timeout_ms)
     except _TooBigError:
@@ -222,51 +232,27 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
 
 
-@final
-class _UserParms:
-    """The parameters of the user's call, each read as a buffer (type, size, address: a value
-    parameter's bytes fill the same members), and the bounce buffers the driver made."""
-
-    __slots__ = ("addresses", "bounces", "kinds", "page_lists_size", "sizes")
-
-    def __init__(self, members: tuple[int, ...]) -> None:
-        self.kinds = members[0::3]
-        self.sizes = members[1::3]
-        self.addresses = members[2::3]
-        self.bounces: list[_Bounce | None] = []
-        """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
-        self.page_lists_size = 0
-        """Bytes the bounce buffers' page lists take after the parameters."""
-
-
-@dataclass(slots=True)
-class _Bounce:
-    """A bounce buffer: the kernel copy of a user buffer, and where it sits in guest RAM."""
-
-    data: bytearray
-    address: int = 0
-    pages: int = 0
-
-
 async def _call(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    parms: _UserParms,
+    parms: tuple[int, ...],
     memory: GuestMemory,
     *,
     timeout_ms: int,
 ) -> int:
-    """Bounce, build, perform and copy back the call."""
+    """Bounce, build, perform and copy back the call.
+
+    ``parms`` are the user's parameters, each read as a buffer (type, size, address: a
+    value parameter's bytes fill the same members).
+    """
     ram = drv.ram
-    _bounce_buffers(parms, memory)
+    bounces = _bounce_buffers(parms, memory)
+    placed: list[int] = []
+    """Per parameter: where its bounce buffer sits in guest RAM, or 0 (none)."""
     try:
-        for bounce in parms.bounces:
-            if bounce is not None:
-                address = bounce.address = ram.map(bounce.data)
-                bounce.pages = -(-(len(bounce.data) + address % PAGE_SIZE) // PAGE_SIZE)
-                parms.page_lists_size += PAGE_LIST_HEADER_SIZE + 8 * bounce.pages
-        req = _build_request(drv, session, kbuf, parms)
+        placed.extend(0 if bounce is None else ram.map(bounce) for bounce in bounces)
+        req = _build_request(drv, session, kbuf, parms, bounces=bounces, placed=placed)
         deadline = (
             math.inf
             if timeout_ms == TIMEOUT_INFINITE
@@ -275,22 +261,22 @@ async def _call(
         error = await _do_call(drv, req, deadline)
         if error:
             raise fail(error)
-        _copy_back(kbuf, req, parms, memory)
+        _copy_back(kbuf, req, parms, bounces, memory)
         result: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
         return result
     finally:
-        for bounce in parms.bounces:
-            if bounce is not None and bounce.address:
-                ram.unmap(bounce.address)
+        for address in placed:
+            if address:
+                ram.unmap(address)
 
 
-def _bounce_buffers(parms: _UserParms, memory: GuestMemory) -> None:
+def _bounce_buffers(parms: tuple[int, ...], memory: GuestMemory) -> list[bytearray | None]:
     """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order.
 
-    Values and empty buffers get no bounce buffer.
+    Values and empty buffers get no bounce buffer (None).
     """
-    bounces = parms.bounces
-    for kind, size, address in zip(parms.kinds, parms.sizes, parms.addresses, strict=True):
+    bounces: list[bytearray | None] = []
+    for kind, size, address in zip(parms[0::3], parms[1::3], parms[2::3], strict=True):
         if kind not in _BUFFER_TYPES:
             bounces.append(None)
             continue
@@ -299,64 +285,92 @@ def _bounce_buffers(parms: _UserParms, memory: GuestMemory) -> None:
         if size == 0:
             bounces.append(None)
         elif kind == _LINADDR_OUT:
-            bounces.append(_Bounce(bytearray(size)))
+            bounces.append(bytearray(size))
         else:
-            bounces.append(_Bounce(bytearray(memory.read(address, size))))
+            bounces.append(bytearray(memory.read(address, size)))
+    return bounces
 
 
 def _build_request(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
-    parms: _UserParms,
+    parms: tuple[int, ...],
+    *,
+    bounces: list[bytearray | None],
+    placed: list[int],
 ) -> bytearray:
-    """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer."""
-    count = len(parms.kinds)
+    """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer.
+
+    Everything after the request header is packed at once, with a codec for the call's
+    shape (which parameters have page lists, and of how many pages).
+    """
+    count = len(bounces)
+    shape: list[int] = []
+    values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
+    lists: list[int] = []
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
-    req = drv.alloc_request(HGCM_CALL64, lists_at + parms.page_lists_size, session.requestor)
-    client_id, function = _CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset)
-    _CALL_REQUEST.codec.pack_into(req, _CALL_REQUEST.offset, 0, 0, client_id, function, count)
-    src = HGCM_CALL_HEADER_SIZE
-    dst = L.HgcmCallRequest.size
-    for kind, bounce in zip(parms.kinds, parms.bounces, strict=True):
-        if kind not in _BUFFER_TYPES:
-            req[dst : dst + HGCM_PARM64_SIZE] = kbuf[src : src + HGCM_PARM64_SIZE]
-        elif bounce is None:
-            _BUFFER_PARM.pack_into(req, dst, kind, 0, 0)
-        else:
-            address = bounce.address
-            in_page = address % PAGE_SIZE
-            pages = bounce.pages
-            _PAGE_LIST_PARM.pack_into(req, dst, _PAGELIST, len(bounce.data), lists_at)
-            first_page = address - in_page
-            L.page_list_codec(pages).pack_into(
-                req,
-                lists_at,
-                _BUFFER_TYPES[kind],
-                in_page,
-                pages,
-                *range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE),
-            )
-            lists_at += PAGE_LIST_HEADER_SIZE + 8 * pages
-        src += HGCM_PARM64_SIZE
-        dst += HGCM_PARM64_SIZE
+    for at, bounce, address in zip(range(0, 3 * count, 3), bounces, placed, strict=True):
+        kind = parms[at]
+        if bounce is None:
+            shape.append(_NO_PAGE_LIST)
+            if kind in _BUFFER_TYPES:
+                values += (kind, 0, 0)
+            else:
+                values += parms[at : at + 3]
+            continue
+        in_page = address % PAGE_SIZE
+        pages = -(-(len(bounce) + in_page) // PAGE_SIZE)
+        shape.append(pages)
+        values += (_PAGELIST, len(bounce), lists_at, _UNION_FILL)
+        first_page = address - in_page
+        lists += (_BUFFER_TYPES[kind], in_page, pages)
+        lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
+        lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
+    req = drv.alloc_request(HGCM_CALL64, lists_at, session.requestor)
+    _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
     return req
 
 
-def _copy_back(kbuf: bytearray, req: bytearray, parms: _UserParms, memory: GuestMemory) -> None:
-    """``hgcm_call_copy_back_result``: values, the host's sizes, and out buffers' bytes."""
-    dst = HGCM_CALL_HEADER_SIZE
-    src = L.HgcmCallRequest.size
-    for kind, address, bounce in zip(parms.kinds, parms.addresses, parms.bounces, strict=True):
+@functools.lru_cache(maxsize=64)
+def _request_codec(shape: tuple[int, ...]) -> struct.Struct:
+    """An HGCM call request from its ``flags`` to its end, for a call of ``shape``: per
+    parameter, the pages of its page list or :data:`_NO_PAGE_LIST`."""
+    parts = [_CALL_REQUEST.codec.format]
+    parts += (
+        _BUFFER_PARM.format.lstrip("<") if pages == _NO_PAGE_LIST else _PAGE_LIST_PARM_FORMAT
+        for pages in shape
+    )
+    parts += (
+        L.page_list_codec(pages).format.lstrip("<") for pages in shape if pages != _NO_PAGE_LIST
+    )
+    return struct.Struct("".join(parts))
+
+
+def _copy_back(
+    kbuf: bytearray,
+    req: bytearray,
+    parms: tuple[int, ...],
+    bounces: list[bytearray | None],
+    memory: GuestMemory,
+) -> None:
+    """``hgcm_call_copy_back_result``: values, the host's sizes, and out buffers' bytes.
+
+    The request's parameters are read in one unpack and the user's written in one pack:
+    values as the host left them, buffers with the host's size in place of theirs.
+    """
+    codec = _PARM_ARRAYS[len(bounces)]
+    replies = codec.unpack_from(req, L.HgcmCallRequest.size)
+    result = list(parms)
+    for at, bounce in zip(range(0, len(parms), 3), bounces, strict=True):
+        kind = parms[at]
         if kind not in _BUFFER_TYPES:
-            kbuf[dst : dst + HGCM_PARM64_SIZE] = req[src : src + HGCM_PARM64_SIZE]
-        else:
-            returned: int = _PARM_SIZE.unpack_from(req, src + _PARM_SIZE_AT)[0]
-            _PARM_SIZE.pack_into(kbuf, dst + _PARM_SIZE_AT, returned)
-            if kind != _LINADDR_IN and bounce is not None:
-                memory.write(address, bounce.data[:returned])
-        src += HGCM_PARM64_SIZE
-        dst += HGCM_PARM64_SIZE
+            result[at : at + 3] = replies[at : at + 3]
+            continue
+        returned = result[at + 1] = replies[at + 1]
+        if kind != _LINADDR_IN and bounce is not None:
+            memory.write(parms[at + 2], bounce[:returned])
+    codec.pack_into(kbuf, HGCM_CALL_HEADER_SIZE, *result)
 
 
 # --- waiting and cancelling ------------------------------------------------------------------
