@@ -15,7 +15,7 @@ reported with :meth:`Session.call_failed`.
 
 from __future__ import annotations
 
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from agent.protocol.constants import HGCM_CLIENTS_PER_SESSION
 from agent.protocol.errors import LocalProtocolError
@@ -36,6 +36,10 @@ from agent.protocol.messages import (
 R = TypeVar("R")
 _NAMES_A_CLIENT: Final = (HgcmCall, HgcmDisconnect)
 """Requests that must name a client this session connected."""
+_CHECKED: Final = (WaitForEvents, HgcmConnect, *_NAMES_A_CLIENT)
+"""Requests a session rule applies to."""
+_RECORDED: Final = (ChangeFilterMask, HgcmConnect, HgcmDisconnect, DriverVersionInfo)
+"""Requests whose confirmed outcome the session records."""
 
 
 class Session:
@@ -56,6 +60,11 @@ class Session:
 
     def encode(self, request: Request[R]) -> IoctlCall[R]:
         """Check ``request`` against the session's rules and encode it."""
+        if isinstance(request, _CHECKED):  # one test for all the rules, which most skip
+            self._check(request)
+        return request.encode()
+
+    def _check(self, request: Request[Any]) -> None:
         if isinstance(request, WaitForEvents) and self.interrupted:
             msg = "this session was interrupted; open a new session to wait again"
             raise LocalProtocolError(msg)
@@ -65,7 +74,6 @@ class Session:
         if isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:
             msg = f"this session already holds {HGCM_CLIENTS_PER_SESSION} HGCM clients"
             raise LocalProtocolError(msg)
-        return request.encode()
 
     def decode(self, call: IoctlCall[R]) -> R:
         """Decode the reply in ``call.buffer`` and record what it confirms."""
@@ -74,6 +82,11 @@ class Session:
             # The flag is set by the driver before it answers; once asked, treat it as set.
             self.interrupted = True
         reply = request.decode(call)
+        if isinstance(request, _RECORDED):  # one test for what is recorded, which most skip
+            self._record(request, reply)
+        return reply
+
+    def _record(self, request: Request[Any], reply: object) -> None:
         if isinstance(request, ChangeFilterMask):
             self.filter_mask = (self.filter_mask | request.or_mask) & ~request.not_mask
         elif isinstance(reply, HgcmConnected):
@@ -82,7 +95,6 @@ class Session:
             self._clients.discard(request.client_id)
         elif isinstance(reply, DriverVersion) and isinstance(request, DriverVersionInfo):
             self.driver_version = reply
-        return reply
 
     def call_failed(self, call: IoctlCall[R]) -> None:
         """Record that the transport failed ``call`` and its outcome is unknown.

@@ -360,7 +360,7 @@ class TestOracleBalloon:
         await client.request(CheckBalloon())
         await client.request(ChangeBalloon(CHUNK, True))
         await client.request(ChangeBalloon(CHUNK + MIB, True))
-        assert (host.vmmdev.balloon.chunks, len(host.vmmdev.balloon.frames)) == (2, 512)
+        assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (2, 512)
         assert await status_of(client.request(ChangeBalloon(CHUNK, True))) == VERR_ALREADY_EXISTS
         await client.request(ChangeBalloon(CHUNK, False))
         assert await status_of(client.request(ChangeBalloon(CHUNK, False))) == VERR_NOT_FOUND
