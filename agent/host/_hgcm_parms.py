@@ -255,10 +255,11 @@ def write_back(
     layout: ParmLayout,
     memory: GuestMemory,
 ) -> None:
-    """Store the service's results into ``req`` and the page lists' guest pages.
+    """Store the service's values into ``req`` and its output into the page lists' pages.
 
-    Buffer sizes are clamped to the buffer the guest gave: the host never reports more bytes
-    than the guest can receive.
+    As ``vmmdevR3HgcmCompleteCallRequest`` does for page lists and linear buffers: a buffer's
+    size in the request stays as the guest sent it, and the pages get the first
+    ``min(size, len(data))`` bytes the service left (never more than the guest gave).
     """
     at = CALL_PARMS_OFFSET + _VALUE_AT
     for parm in params:
@@ -266,8 +267,6 @@ def write_back(
             _U32.pack_into(req, at, parm.value & _U32_MAX)
         elif isinstance(parm, HostU64):
             _U64.pack_into(req, at, parm.value & _U64_MAX)
-        else:
-            _U32.pack_into(req, at, max(0, min(parm.size, len(parm.data))))
         at += layout.size
     for index, pages, first in page_lists:
         buffer = params[index]

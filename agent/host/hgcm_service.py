@@ -32,8 +32,10 @@ class HostBuffer:
     """A buffer parameter: ``data`` is what the guest passed (zeros for an out buffer).
 
     ``size`` starts as ``len(data)``. A service writes output into ``data`` (never beyond
-    its length) and may set ``size`` to the number of bytes it produced or needs, as the
-    host does (GET_PROP reports the needed size with ``VERR_BUFFER_OVERFLOW``).
+    its length) and may set ``size`` to the number of bytes it produced: only those are
+    copied back to the guest, whose request keeps the buffer's size as it sent it (VMMDev
+    updates no page list's or linear buffer's size; services report sizes in a separate
+    parameter, as GET_PROP does).
     ``readable``/``writable`` follow the guest's direction (LINADDR_IN is not writable,
     LINADDR_OUT not readable).
     """

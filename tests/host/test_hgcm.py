@@ -298,8 +298,24 @@ class TestCall:
         assert done(req)
         assert L.HgcmCallRequest.result.get(req) == VINF_SUCCESS
         assert dst.startswith(b"hello world")
-        assert P.page_list_size.get(memoryview(req)[60:]) == 11
+        assert P.page_list_size.get(memoryview(req)[60:]) == 64  # VMMDev leaves it
         assert P.value32.get(memoryview(req)[76:]) == 11
+
+    def test_only_the_bytes_the_service_produced_are_copied_back(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A service that fills part of an out-buffer and says so (``size``) has only that
+        part copied to the guest; the request keeps the buffer's size as the guest sent it."""
+        dst = bytearray(b"." * 16)
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [(dst, PageListDirection.BOTH)])
+        submit(hgcm, req)
+        buffer = echo.held[0].params[0]
+        assert isinstance(buffer, HostBuffer)
+        buffer.data[:] = b"x" * 16
+        buffer.size = 3
+        echo.held[0].complete(VINF_SUCCESS)
+        assert bytes(dst) == b"xxx" + b"." * 13
+        assert P.page_list_size.get(memoryview(req)[44:]) == 16
 
     def test_failing_status_is_the_result(self, hgcm: Device) -> None:
         """The service's failure travels in ``result`` with DONE."""

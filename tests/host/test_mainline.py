@@ -513,7 +513,8 @@ class TestHgcm:
         params = (HgcmBufferIn(b"ping\0"), HgcmBufferOut(16), HgcmU32(0))
         reply = await client.request(HgcmCall(connected.client_id, FN_ECHO, params))
         assert reply.status == VINF_SUCCESS
-        assert reply.params[1].data == b"ping\0"  # type: ignore[union-attr]
+        # The host leaves the out-buffer's size as sent: all 16 bytes come back.
+        assert reply.params[1].data == b"ping\0" + bytes(11)  # type: ignore[union-attr]
         assert HgcmU32(5) == reply.params[2]
         await client.request(HgcmDisconnect(connected.client_id))
         assert host.status()["hgcm_clients"] == 0
