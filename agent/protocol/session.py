@@ -15,7 +15,7 @@ reported with :meth:`Session.call_failed`.
 
 from __future__ import annotations
 
-from typing import Final, TypeVar
+from typing import TypeVar
 
 from agent.protocol.constants import HGCM_CLIENTS_PER_SESSION
 from agent.protocol.errors import LocalProtocolError
@@ -34,8 +34,6 @@ from agent.protocol.messages import (
 )
 
 R = TypeVar("R")
-_NAMES_A_CLIENT: Final = (HgcmCall, HgcmDisconnect)
-"""Requests that must name a client this session connected."""
 
 
 class Session:
@@ -56,13 +54,15 @@ class Session:
 
     def encode(self, request: Request[R]) -> IoctlCall[R]:
         """Check ``request`` against the session's rules and encode it."""
-        if isinstance(request, WaitForEvents) and self.interrupted:
+        if type(request) is HgcmCall:  # the most frequent request; only the client rule applies
+            if request.client_id not in self._clients:
+                raise LocalProtocolError(_not_connected(request.client_id))
+        elif isinstance(request, WaitForEvents) and self.interrupted:
             msg = "this session was interrupted; open a new session to wait again"
             raise LocalProtocolError(msg)
-        if isinstance(request, _NAMES_A_CLIENT) and request.client_id not in self._clients:
-            msg = f"HGCM client {request.client_id} is not connected in this session"
-            raise LocalProtocolError(msg)
-        if isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:
+        elif isinstance(request, HgcmDisconnect) and request.client_id not in self._clients:
+            raise LocalProtocolError(_not_connected(request.client_id))
+        elif isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:
             msg = f"this session already holds {HGCM_CLIENTS_PER_SESSION} HGCM clients"
             raise LocalProtocolError(msg)
         return request.encode()
@@ -70,6 +70,9 @@ class Session:
     def decode(self, call: IoctlCall[R]) -> R:
         """Decode the reply in ``call.buffer`` and record what it confirms."""
         request = call.request
+        kind = type(request)
+        if kind is HgcmCall:  # a call changes no session state
+            return request.decode(call)
         if isinstance(request, InterruptAllWaits):
             # The flag is set by the driver before it answers; once asked, treat it as set.
             self.interrupted = True
@@ -93,3 +96,7 @@ class Session:
         """
         if isinstance(call.request, InterruptAllWaits):
             self.interrupted = True
+
+
+def _not_connected(client_id: int) -> str:
+    return f"HGCM client {client_id} is not connected in this session"
