@@ -11,6 +11,7 @@ number (an integer is still accepted where a float is expected).
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from pydantic import (
     field_validator,
 )
 
-from agent.device.spec import UNIX_PREFIX
+from agent.device.spec import UNIX_PREFIX, check_socket_path
 from agent.protocol import AgentError
 
 if TYPE_CHECKING:
@@ -68,6 +69,11 @@ class DeviceConfig(_Model):
         target = value.removeprefix(UNIX_PREFIX)
         if not target.startswith("/"):
             msg = "must be an absolute path (/dev/vboxguest) or unix:/absolute/socket/path"
+            raise ValueError(msg)
+        if value.startswith(UNIX_PREFIX):
+            check_socket_path(target)  # what `run` would refuse: too long for a socket
+        elif "\0" in value:
+            msg = "must not contain a NUL character"
             raise ValueError(msg)
         return value
 
@@ -266,7 +272,10 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # A TOML basic string escapes as JSON does (control characters included).
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, dict):
         return "{...}" if value else "{}"
+    if isinstance(value, list):
+        return "[...]" if value else "[]"
     return repr(value)

@@ -59,6 +59,7 @@ class TestHostCommands:
         assert json.loads(status.stdout)["balloon"]["target_mb"] == 512
         plain = host(simulator.path, "status")
         assert "personality: mainline" in plain.stdout.splitlines()
+        assert "additions_reported: true" in plain.stdout.splitlines()  # JSON's, not Python's
         assert '"target_mb": 512' in plain.stdout
 
     def test_stats_interval_shows_in_status(self, simulator: Simulator) -> None:

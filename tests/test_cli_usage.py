@@ -146,7 +146,7 @@ def test_a_bad_device_in_the_config_is_a_config_error(
     assert main(["run", "--config", str(config)]) == EX_CONFIG
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith(f"{config}: device.path: socket path ")
+    assert err.startswith(f'{config}: device.path = "unix:{TOO_LONG}": socket path ')
     assert len(err.splitlines()) == 1
 
 
@@ -170,3 +170,13 @@ def test_a_scenario_host_the_model_refuses_is_a_config_error(
     assert err.startswith(f"vbox-agent run: {scenario}: host: ")
     assert message in err
     assert len(err.splitlines()) == 1
+
+
+def test_every_argument_of_host_delay_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    """``host delay --help`` says what REQUEST takes and that 0 ends the delay."""
+    with pytest.raises(SystemExit) as exited:
+        main(["host", "--socket", SOCKET, "delay", "--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "REQUEST e.g. GUEST_HEARTBEAT or 219" in help_text
+    assert "SECONDS how long each waits (0: no delay)" in help_text

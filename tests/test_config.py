@@ -249,6 +249,16 @@ class TestProblems:
                 'device.path = "dev/vboxguest": must be an absolute path (/dev/vboxguest) '
                 "or unix:/absolute/socket/path",
             ),
+            (
+                '[device]\npath = "/dev/vboxguest\\u0000"\n',
+                'device.path = "/dev/vboxguest\\u0000": must not contain a NUL character',
+            ),
+            (
+                f'[device]\npath = "unix:/{"s" * 107}"\n',
+                f"device.path = \"unix:/{'s' * 107}\": socket path '/{'s' * 107}' is 108 bytes "
+                "long; a Unix socket path holds at most 107",
+            ),
+            ("[[log]]\n", "log = [...]: must be a table"),
         ],
     )
     def test_wrong_type(self, tmp_path: Path, text: str, expected: str) -> None:

@@ -189,7 +189,8 @@ class TestTwoProcesses:
         _wait_for(lambda: not _status(host_socket)["filter_mask"] & 0x10, "the filter release")
 
     def test_vanished_host_ends_the_agent(self, workdir: Path) -> None:
-        """Killing the host makes the agent exit promptly with EX_UNAVAILABLE (69)."""
+        """Killing the host makes the agent exit promptly with EX_UNAVAILABLE (69), and its
+        log says why (the reason was only on stderr, outside the JSON lines)."""
         socket_path = workdir / "gone.sock"
         host = Simulator(str(socket_path), workdir / "gone.log")
         try:
@@ -197,6 +198,9 @@ class TestTwoProcesses:
             try:
                 agent.read_until("agent_ready")
                 host.stop(signal.SIGKILL)
+                lost = agent.read_until("device_lost")
+                assert lost["level"] == "critical"
+                assert "is gone" in lost["error"]
                 assert agent.process.wait(timeout=WAIT_S) == 69
             finally:
                 code, stderr = agent.finish()

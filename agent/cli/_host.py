@@ -86,8 +86,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     fault.set_defaults(build=_fault)
     delay = commands.add_parser("delay", help="delay every VMMDev request of a type")
-    delay.add_argument("request", type=_request_type, metavar="REQUEST")
-    delay.add_argument("seconds", type=_seconds, metavar="SECONDS")
+    delay.add_argument(
+        "request", type=_request_type, metavar="REQUEST", help="e.g. GUEST_HEARTBEAT or 219"
+    )
+    delay.add_argument(
+        "seconds", type=_seconds, metavar="SECONDS", help="how long each waits (0: no delay)"
+    )
     delay.set_defaults(build=_delay)
     commands.add_parser("drop", help="drop every device connection").set_defaults(
         build=lambda _: {"command": "drop"}, show=_show_dropped
@@ -193,5 +197,5 @@ def _show_status(args: argparse.Namespace, result: object) -> None:
         print(json.dumps(result, sort_keys=True))
         return
     for key, value in sorted(result.items()):
-        shown = value if isinstance(value, str | int | float | bool) else json.dumps(value)
+        shown = value if isinstance(value, str) else json.dumps(value)  # true, not True
         print(f"{key}: {shown}")

@@ -197,6 +197,8 @@ def _report_failure(exc: BaseException) -> int:
     if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         return 130
     for leaf in leaves:
+        if isinstance(leaf, DeviceLostError):  # the log says why a running agent ended
+            log.critical("device_lost", error=str(leaf))
         if isinstance(leaf, DeviceUnavailableError | DeviceLostError):
             print(f"vbox-agent: {leaf}", file=sys.stderr)
             return EX_UNAVAILABLE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from agent.protocol.balloon_pages import chunk_frames
+from agent.protocol.balloon_pages import aligned_chunk_index, chunk_frames
 from agent.protocol.constants import BALLOON_CHUNK_PAGES
 from agent.protocol.status import (
     VERR_ALREADY_EXISTS,
@@ -18,34 +18,53 @@ BALLOON_MAX_DENOMINATOR: Final = 10
 """``VMMDEV_MAX_MEMORY_BALLOON``: the balloon may not reach 9/10 of guest RAM."""
 
 
+def _frames_of(index: int) -> range:
+    """The page frame numbers of the chunk-aligned MiB number ``index``."""
+    return range(index * BALLOON_CHUNK_PAGES, (index + 1) * BALLOON_CHUNK_PAGES)
+
+
 class HostBalloon:
     """Balloon state of one VM.
 
     ``target_mb`` is what the host asks for, ``acked_mb`` what the guest last acknowledged
-    with GET_MEMBALLOON_CHANGE_REQ (event_ack 0x40), ``frames`` the page frame numbers of
-    the ballooned guest pages.
+    with GET_MEMBALLOON_CHANGE_REQ (event_ack 0x40).
 
-    A guest deflates a chunk with the very page array it inflated it with, so each inflated
-    array is kept with its frames (``_arrays``) for as long as all of them stay ballooned: a
-    deflate that sends a known array takes its frames from there instead of unpacking and
-    checking the 256 addresses again. A deflate of any other array is checked page by page
-    and forgets the kept arrays, whose frames it may have taken.
+    Every ballooned page is tracked, in one of two forms, never both:
+
+    - ``_whole``: chunk-aligned MiBs of guest-physical memory ballooned whole by one chunk of
+      consecutive pages (a kernel's freshly allocated chunk, which Oracle's driver hands over
+      and mainline's often builds), kept as one number each instead of 256 integers;
+    - ``_frames``: the page frame numbers of every other ballooned page. A chunk whose pages
+      fall in a MiB kept whole first moves that MiB's 256 frames here, so the per-page checks
+      below see each page.
+
+    A guest deflates a chunk with the very page array it inflated it with, so each array kept
+    in ``_frames`` is remembered with its frames (``_arrays``) for as long as all of them stay
+    ballooned: a deflate that sends a known array takes its frames from there instead of
+    unpacking and checking the 256 addresses again. A deflate of any other array is checked
+    page by page and forgets the kept arrays, whose frames it may have taken.
     """
 
-    __slots__ = ("_arrays", "acked_mb", "chunks", "frames", "ram_mb", "target_mb")
+    __slots__ = ("_arrays", "_frames", "_whole", "acked_mb", "chunks", "ram_mb", "target_mb")
 
     def __init__(self, ram_mb: int) -> None:
         self.ram_mb = ram_mb
         self.target_mb = 0
         self.acked_mb = 0
         self.chunks = 0
-        self.frames: set[int] = set()
+        self._whole: set[int] = set()
+        self._frames: set[int] = set()
         self._arrays: dict[bytes, set[int]] = {}
 
     @property
     def max_mb(self) -> int:
         """The cap Main enforces: targets must stay below it."""
         return self.ram_mb * BALLOON_MAX_NUMERATOR // BALLOON_MAX_DENOMINATOR
+
+    @property
+    def pages(self) -> int:
+        """How many guest pages are ballooned."""
+        return len(self._whole) * BALLOON_CHUNK_PAGES + len(self._frames)
 
     def set_target(self, mb: int) -> bool:
         """Apply a management request; return whether the guest must be notified (0x40).
@@ -77,25 +96,60 @@ class HostBalloon:
         """
         array = bytes(packed_pages)
         if not inflate and array in self._arrays:
-            self.frames -= self._arrays.pop(array)
+            self._frames -= self._arrays.pop(array)
             self.chunks -= 1
             return VINF_SUCCESS
+        index = aligned_chunk_index(array)
+        if index is not None:
+            return self._change_whole(inflate, index)
         frames = chunk_frames(array)
         if frames is None or len(frames) != BALLOON_CHUNK_PAGES:
             return VERR_INVALID_PARAMETER
+        self._split(frames)
         if inflate:
-            if not self.frames.isdisjoint(frames):
+            if not self._frames.isdisjoint(frames):
                 return VERR_ALREADY_EXISTS
-            self.frames |= frames
+            self._frames |= frames
             self._arrays[array] = frames
             self.chunks += 1
         else:
-            if not self.frames.issuperset(frames):
+            if not self._frames.issuperset(frames):
                 return VERR_NOT_FOUND
-            self.frames -= frames
+            self._frames -= frames
             self._arrays.clear()  # some may have lost frames to this array
             self.chunks -= 1
         return VINF_SUCCESS
+
+    def _change_whole(self, inflate: bool, index: int) -> int:
+        """(De)balloon the chunk-aligned MiB number ``index``, whose pages a chunk names in
+        order: the same checks as :meth:`change`, on the MiB at once where it is kept whole."""
+        if inflate:
+            # (isdisjoint would walk the 256 frames even with nothing kept page by page)
+            page_by_page = self._frames and not self._frames.isdisjoint(_frames_of(index))
+            if index in self._whole or page_by_page:
+                return VERR_ALREADY_EXISTS
+            self._whole.add(index)
+            self.chunks += 1
+            return VINF_SUCCESS
+        if index in self._whole:
+            self._whole.remove(index)
+        else:  # ballooned page by page, if at all
+            frames = _frames_of(index)
+            if not self._frames.issuperset(frames):
+                return VERR_NOT_FOUND
+            self._frames.difference_update(frames)
+            self._arrays.clear()  # some may have lost frames to this chunk
+        self.chunks -= 1
+        return VINF_SUCCESS
+
+    def _split(self, frames: set[int]) -> None:
+        """Move the MiBs kept whole that ``frames`` touch into ``_frames``, page by page."""
+        if not self._whole:
+            return
+        touched = {frame // BALLOON_CHUNK_PAGES for frame in frames} & self._whole
+        for index in touched:
+            self._whole.remove(index)
+            self._frames.update(_frames_of(index))
 
     def reset(self) -> None:
         """VM reset: guest memory is fresh, nothing is ballooned, nothing acknowledged.
@@ -104,6 +158,7 @@ class HostBalloon:
         ``cMbMemoryBalloonLast``) makes the next setting notify the guest again.
         """
         self.acked_mb = 0
-        self.frames.clear()
+        self._whole.clear()
+        self._frames.clear()
         self._arrays.clear()
         self.chunks = 0

@@ -27,6 +27,12 @@ from agent.host._header_fields import (
     REQUEST_TYPE,
     REQUEST_TYPE_AT,
 )
+from agent.host._hgcm_clients import (
+    MAX_CLIENTS,
+    REQUESTOR_LEGACY,
+    ClientCategory,
+    client_category,
+)
 from agent.host._hgcm_parms import (
     ParmError,
     ParmLayout,
@@ -46,6 +52,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
+    VERR_HGCM_TOO_MANY_CLIENTS,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VINF_HGCM_ASYNC_EXECUTE,
@@ -104,6 +111,7 @@ class _Client:
     client_id: int
     service: HgcmService
     requestor: int
+    category: ClientCategory
     calls: set[_Command] = field(default_factory=set)
 
 
@@ -139,11 +147,27 @@ class _Command:
 class HgcmHost:
     """Registered services, connected clients and pending calls of one VM."""
 
-    __slots__ = ("_clients", "_commands", "_memory", "_next_id", "_notify", "_services")
+    __slots__ = (
+        "_clients",
+        "_commands",
+        "_memory",
+        "_next_id",
+        "_notify",
+        "_requestor_info",
+        "_services",
+    )
 
-    def __init__(self, memory: GuestMemory, notify: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        notify: Callable[[int], None],
+        *,
+        requestor_info: Callable[[], bool],
+    ) -> None:
+        """``requestor_info`` says whether the additions send requestor bits (INFO2)."""
         self._memory = memory
         self._notify = notify
+        self._requestor_info = requestor_info
         self._services: dict[str, HgcmService] = {}
         self._clients: dict[int, _Client] = {}
         self._commands: dict[int, _Command] = {}
@@ -181,7 +205,8 @@ class HgcmHost:
 
         The location type is not checked: VMMDev makes every location "existing local
         service" before Main sees it. A name without a NUL in its 128 bytes is refused at
-        once; any other name, the empty one too, is looked up and a miss is the result.
+        once; any other name, the empty one too, is looked up and a miss is the result, as
+        is a full client category of the service (:mod:`agent.host._hgcm_clients`).
         """
         raw = L.HgcmConnectRequest.service_name.get(req)
         end = raw.find(b"\0")
@@ -192,11 +217,17 @@ class HgcmHost:
         if service is None:
             self._finish(req, phys, VERR_HGCM_SERVICE_NOT_FOUND)
             return None
+        requestor = REQUESTOR_LEGACY
+        if self._requestor_info():
+            requestor = L.HgcmConnectRequest.header_requestor.get(req)
+        category = client_category(requestor)
+        if self._client_count(service, category) >= MAX_CLIENTS[category]:
+            self._finish(req, phys, VERR_HGCM_TOO_MANY_CLIENTS)
+            return None
         client_id = self._new_client_id()
-        requestor = L.HgcmConnectRequest.header_requestor.get(req)
         status = service.connect(client_id, requestor)
         if status >= 0:
-            self._clients[client_id] = _Client(client_id, service, requestor)
+            self._clients[client_id] = _Client(client_id, service, requestor, category)
             L.HgcmConnectRequest.client_id.set(req, client_id)
             _log.debug("hgcm_connected", service=service.name, client_id=client_id)
         self._finish(req, phys, status)
@@ -421,6 +452,12 @@ class HgcmHost:
             self._memory.write(phys, data)
         except OSError:
             return  # the guest freed the request; the write goes nowhere
+
+    def _client_count(self, service: HgcmService, category: ClientCategory) -> int:
+        return sum(
+            client.service is service and client.category is category
+            for client in self._clients.values()
+        )
 
     def _new_client_id(self) -> int:
         while True:

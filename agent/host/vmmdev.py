@@ -34,6 +34,7 @@ from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
 from agent.host._header_fields import REQUEST_RC, REQUEST_RC_AT
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
+from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
 from agent.host._stats import HostGuestStats
 from agent.host.hgcm import HgcmHost
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -116,7 +117,13 @@ class VMMDev:
         self.ram_mb = ram_mb
         self.host_time_enabled = host_time_enabled
         self.core_dump_enabled = core_dump_enabled
-        self.hgcm = HgcmHost(memory, self.raise_events)
+        self.hgcm = HgcmHost(
+            memory,
+            self.raise_events,
+            requestor_info=lambda: bool(
+                self.guest.additions_features & GUEST_INFO2_F_REQUESTOR_INFO
+            ),
+        )
         self.balloon = HostBalloon(ram_mb)
         self.heartbeat = HeartbeatMonitor(
             heartbeat_interval_ns,

@@ -33,6 +33,14 @@ def every_page(value: int) -> int:
 
 _OFFSET_BITS: Final = every_page(PAGE_SIZE - 1)
 """Every address's in-page offset bits."""
+_ONE_PER_PAGE: Final = every_page(1)
+_PAGE_OFFSETS: Final = int.from_bytes(
+    CHUNK_PAGES.pack(*range(0, BALLOON_CHUNK_PAGES * PAGE_SIZE, PAGE_SIZE)), "little"
+)
+"""A packed chunk whose page ``i`` is ``i * PAGE_SIZE``, read as one integer."""
+_FIRST_ADDRESS: Final = (1 << 64) - 1
+"""The first page's address in a packed chunk read as one integer."""
+_CHUNK_BYTES: Final = BALLOON_CHUNK_PAGES * PAGE_SIZE
 _NOT_DISTINCT: Final = f"a balloon chunk needs {BALLOON_CHUNK_PAGES} distinct pages"
 
 
@@ -45,6 +53,30 @@ def chunk_frames(packed: bytes | bytearray | memoryview) -> set[int] | None:
     if whole & _OFFSET_BITS:
         return None
     return set(CHUNK_PAGES.unpack((whole >> PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little")))
+
+
+def consecutive_pages(first: int) -> bytes:
+    """Return the packed chunk of the 256 consecutive pages from address ``first`` on.
+
+    Built as one integer: ``first`` in every lane plus each lane's offset.
+    """
+    return (first * _ONE_PER_PAGE + _PAGE_OFFSETS).to_bytes(CHUNK_PAGES.size, "little")
+
+
+def aligned_chunk_index(packed: bytes | bytearray | memoryview) -> int | None:
+    """Return ``i`` if a packed chunk names, in order, the 256 pages of the ``i``-th
+    chunk-aligned MiB of the address space; None for any other array.
+
+    One comparison with the array :func:`consecutive_pages` would build, so the chunks a
+    kernel allocates fresh are recognised without unpacking their addresses.
+    """
+    if len(packed) != CHUNK_PAGES.size:
+        return None
+    whole = int.from_bytes(packed, "little")
+    first = whole & _FIRST_ADDRESS
+    if first % _CHUNK_BYTES or whole != first * _ONE_PER_PAGE + _PAGE_OFFSETS:
+        return None
+    return first // _CHUNK_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ reported with :meth:`Session.call_failed`.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
 from agent.protocol.constants import HGCM_CLIENTS_PER_SESSION
 from agent.protocol.errors import LocalProtocolError
@@ -34,6 +34,12 @@ from agent.protocol.messages import (
 )
 
 R = TypeVar("R")
+_NAMES_A_CLIENT: Final = (HgcmCall, HgcmDisconnect)
+"""Requests that must name a client this session connected."""
+_CHECKED: Final = (WaitForEvents, HgcmConnect, *_NAMES_A_CLIENT)
+"""Requests a session rule applies to."""
+_RECORDED: Final = (ChangeFilterMask, HgcmConnect, HgcmDisconnect, DriverVersionInfo)
+"""Requests whose confirmed outcome the session records."""
 
 
 class Session:
@@ -54,29 +60,33 @@ class Session:
 
     def encode(self, request: Request[R]) -> IoctlCall[R]:
         """Check ``request`` against the session's rules and encode it."""
-        if type(request) is HgcmCall:  # the most frequent request; only the client rule applies
-            if request.client_id not in self._clients:
-                raise LocalProtocolError(_not_connected(request.client_id))
-        elif isinstance(request, WaitForEvents) and self.interrupted:
+        if isinstance(request, _CHECKED):  # one test for all the rules, which most skip
+            self._check(request)
+        return request.encode()
+
+    def _check(self, request: Request[Any]) -> None:
+        if isinstance(request, WaitForEvents) and self.interrupted:
             msg = "this session was interrupted; open a new session to wait again"
             raise LocalProtocolError(msg)
-        elif isinstance(request, HgcmDisconnect) and request.client_id not in self._clients:
-            raise LocalProtocolError(_not_connected(request.client_id))
-        elif isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:
+        if isinstance(request, _NAMES_A_CLIENT) and request.client_id not in self._clients:
+            msg = f"HGCM client {request.client_id} is not connected in this session"
+            raise LocalProtocolError(msg)
+        if isinstance(request, HgcmConnect) and len(self._clients) >= HGCM_CLIENTS_PER_SESSION:
             msg = f"this session already holds {HGCM_CLIENTS_PER_SESSION} HGCM clients"
             raise LocalProtocolError(msg)
-        return request.encode()
 
     def decode(self, call: IoctlCall[R]) -> R:
         """Decode the reply in ``call.buffer`` and record what it confirms."""
         request = call.request
-        kind = type(request)
-        if kind is HgcmCall:  # a call changes no session state
-            return request.decode(call)
         if isinstance(request, InterruptAllWaits):
             # The flag is set by the driver before it answers; once asked, treat it as set.
             self.interrupted = True
         reply = request.decode(call)
+        if isinstance(request, _RECORDED):  # one test for what is recorded, which most skip
+            self._record(request, reply)
+        return reply
+
+    def _record(self, request: Request[Any], reply: object) -> None:
         if isinstance(request, ChangeFilterMask):
             self.filter_mask = (self.filter_mask | request.or_mask) & ~request.not_mask
         elif isinstance(reply, HgcmConnected):
@@ -85,7 +95,6 @@ class Session:
             self._clients.discard(request.client_id)
         elif isinstance(reply, DriverVersion) and isinstance(request, DriverVersionInfo):
             self.driver_version = reply
-        return reply
 
     def call_failed(self, call: IoctlCall[R]) -> None:
         """Record that the transport failed ``call`` and its outcome is unknown.
@@ -96,7 +105,3 @@ class Session:
         """
         if isinstance(call.request, InterruptAllWaits):
             self.interrupted = True
-
-
-def _not_connected(client_id: int) -> str:
-    return f"HGCM client {client_id} is not connected in this session"

@@ -24,6 +24,7 @@ from agent.protocol.constants import (
     HgcmLocationType,
     HgcmParmType,
     PageListDirection,
+    Requestor,
     RequestType,
 )
 from agent.protocol.status import (
@@ -31,6 +32,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
+    VERR_HGCM_TOO_MANY_CLIENTS,
     VERR_INTERRUPTED,
     VERR_INVALID_FLAGS,
     VERR_INVALID_PARAMETER,
@@ -67,9 +69,10 @@ def submit(device: Device, req: bytearray) -> int:
     return phys
 
 
-def connect(device: Device, name: bytes = ECHO.encode()) -> bytearray:
-    """Send HGCM_CONNECT for ``name``."""
+def connect(device: Device, name: bytes = ECHO.encode(), requestor: int = 0) -> bytearray:
+    """Send HGCM_CONNECT for ``name`` with ``requestor`` in its header."""
     req = vmmdev_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size)
+    L.HgcmConnectRequest.header_requestor.set(req, requestor)
     L.HgcmConnectRequest.loc_type.set(req, HgcmLocationType.LOCALHOST_EXISTING)
     L.HgcmConnectRequest.service_name.set(req, name + b"\0")
     submit(device, req)
@@ -124,6 +127,15 @@ def page_list_of(
     P.page_list_offset.set(view, lists_at)
     struct.pack_into(f"<IHH{len(pages)}Q", req, lists_at, flags, first, len(pages), *pages)
     return req
+
+
+def report_requestor_info(device: Device) -> None:
+    """REPORT_GUEST_INFO2 with VBOXGSTINFO2_F_REQUESTOR_INFO: requestor bits count."""
+    req = vmmdev_request(RequestType.REPORT_GUEST_INFO2, L.GuestInfo2Request.size)
+    L.GuestInfo2Request.additions_major.set(req, 7)
+    L.GuestInfo2Request.additions_features.set(req, 1)
+    req[40:46] = b"7.0.0\0"
+    assert device.send(req) == VINF_SUCCESS
 
 
 def done(req: bytearray) -> bool:
@@ -186,6 +198,34 @@ class TestConnect:
         L.HgcmConnectRequest.loc_type.set(req, HgcmLocationType.LOCALHOST)
         req[36:164] = b"x" * 128
         assert hgcm.send(req) == VERR_INVALID_PARAMETER
+
+    def test_client_limit_per_category(self, hgcm: Device, echo: EchoService) -> None:
+        """With requestor info reported, a service takes 1024 root clients; the next is
+        VERR_HGCM_TOO_MANY_CLIENTS as the result, while a kernel client still connects and
+        a disconnect makes room."""
+        report_requestor_info(hgcm)
+        root = Requestor.USERMODE | Requestor.USR_ROOT
+        for _ in range(1024):
+            assert L.HgcmConnectRequest.result.get(connect(hgcm, requestor=root)) == 0
+        refused = connect(hgcm, requestor=root)
+        assert L.RequestHeader.rc.get(refused) == VINF_HGCM_ASYNC_EXECUTE
+        assert L.HgcmConnectRequest.result.get(refused) == VERR_HGCM_TOO_MANY_CLIENTS
+        assert L.HgcmConnectRequest.client_id.get(refused) == 0
+        kernel = connect(hgcm, requestor=Requestor.USR_DRV)
+        assert L.HgcmConnectRequest.result.get(kernel) == VINF_SUCCESS
+        req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
+        L.HgcmDisconnectRequest.client_id.set(req, echo.connected[0])
+        submit(hgcm, req)
+        assert L.HgcmConnectRequest.result.get(connect(hgcm, requestor=root)) == VINF_SUCCESS
+
+    def test_legacy_clients_count_as_kernel_clients(self, hgcm: Device) -> None:
+        """Without requestor info every client is legacy: a kernel client (2048 of them),
+        whatever its header says."""
+        root = Requestor.USERMODE | Requestor.USR_ROOT
+        for _ in range(2048):
+            assert L.HgcmConnectRequest.result.get(connect(hgcm, requestor=root)) == 0
+        refused = connect(hgcm, requestor=root)
+        assert L.HgcmConnectRequest.result.get(refused) == VERR_HGCM_TOO_MANY_CLIENTS
 
     def test_first_hgcm_command_enables_the_hgcm_event(self, hgcm: Device) -> None:
         """The filter gains the HGCM bit with the first HGCM request."""

@@ -676,7 +676,7 @@ class TestKernelBalloon:
         await client.request(ChangeFilterMask(Event.BALLOON_CHANGE_REQUEST, 0))
         host.set_balloon_target(12)
         await trio.sleep(1)
-        assert (host.vmmdev.balloon.chunks, len(host.vmmdev.balloon.frames)) == (12, 12 * 256)
+        assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (12, 12 * 256)
         host.set_balloon_target(3)
         await trio.sleep(1)
         assert host.vmmdev.balloon.chunks == 3

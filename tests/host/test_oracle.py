@@ -360,11 +360,19 @@ class TestOracleBalloon:
         await client.request(CheckBalloon())
         await client.request(ChangeBalloon(CHUNK, True))
         await client.request(ChangeBalloon(CHUNK + MIB, True))
-        assert (host.vmmdev.balloon.chunks, len(host.vmmdev.balloon.frames)) == (2, 512)
+        assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (2, 512)
         assert await status_of(client.request(ChangeBalloon(CHUNK, True))) == VERR_ALREADY_EXISTS
         await client.request(ChangeBalloon(CHUNK, False))
         assert await status_of(client.request(ChangeBalloon(CHUNK, False))) == VERR_NOT_FOUND
         assert host.vmmdev.balloon.chunks == 1
+
+    async def test_deflating_an_empty_balloon(self, host: SimulatedHost) -> None:
+        """With no chunk in the balloon a deflate is VERR_INVALID_PARAMETER, not unknown."""
+        client = await open_client(host)
+        await client.request(CheckBalloon())
+        assert await status_of(client.request(ChangeBalloon(CHUNK, False))) == (
+            VERR_INVALID_PARAMETER
+        )
 
     async def test_change_needs_a_prior_check(self, host: SimulatedHost) -> None:
         """Without CHECK_BALLOON the maximum is unknown: VERR_INVALID_PARAMETER."""

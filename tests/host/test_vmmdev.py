@@ -539,9 +539,9 @@ class TestBalloon:
         assert device.send(balloon_change(overlapping)) == VERR_ALREADY_EXISTS
         straddling = [*first[:-1], 0x3000_0000]
         assert device.send(balloon_change(straddling, inflate=False)) == VERR_NOT_FOUND
-        assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (1, 256)
+        assert (device.vmmdev.balloon.chunks, device.vmmdev.balloon.pages) == (1, 256)
         assert device.send(balloon_change(list(reversed(first)), inflate=False)) == VINF_SUCCESS
-        assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (0, 0)
+        assert (device.vmmdev.balloon.chunks, device.vmmdev.balloon.pages) == (0, 0)
 
     def test_pages_given_back_in_another_array_are_gone(self, device: Device) -> None:
         """Deflating half of two chunks in one array leaves neither whole: their own arrays
@@ -554,10 +554,10 @@ class TestBalloon:
         assert device.send(balloon_change(halves, inflate=False)) == VINF_SUCCESS
         assert device.send(balloon_change(first, inflate=False)) == VERR_NOT_FOUND
         assert device.send(balloon_change(second, inflate=False)) == VERR_NOT_FOUND
-        assert len(device.vmmdev.balloon.frames) == 256
+        assert device.vmmdev.balloon.pages == 256
         rest = [*first[128:], *second[128:]]
         assert device.send(balloon_change(rest, inflate=False)) == VINF_SUCCESS
-        assert (device.vmmdev.balloon.chunks, len(device.vmmdev.balloon.frames)) == (0, 0)
+        assert (device.vmmdev.balloon.chunks, device.vmmdev.balloon.pages) == (0, 0)
 
     def test_bad_chunks(self, device: Device) -> None:
         """Wrong page count, size, misaligned or duplicate pages are invalid parameters."""

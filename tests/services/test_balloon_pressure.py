@@ -129,6 +129,7 @@ class TestSection:
         ("field", "value", "message"),
         [
             ("psi_path", "relative/path", "absolute path"),
+            ("psi_path", "/proc/pressure/memory\0", "NUL"),
             ("psi_interval_s", 0.1, "greater than or equal to 0.5"),
             ("psi_interval_s", 11.0, "less than or equal to 10"),
             ("pressure_threshold_pct", 0, "greater than 0"),

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from agent.protocol.balloon_pages import CHUNK_PAGES, every_page
+from agent.protocol.balloon_pages import CHUNK_PAGES, consecutive_pages
 from agent.protocol.constants import BALLOON_CHUNK_PAGES, PAGE_SIZE
 
 GUEST_RAM_BASE: Final = 1 << 32
 """Balloon pages come from guest RAM placed above 4 GiB (below it sit request buffers)."""
-_IN_EVERY_LANE: Final = every_page(1)
-_LANE_OFFSETS: Final = int.from_bytes(
-    CHUNK_PAGES.pack(*range(0, BALLOON_CHUNK_PAGES * PAGE_SIZE, PAGE_SIZE)), "little"
-)
-"""A packed chunk whose page ``i`` is ``i * PAGE_SIZE``, read as one integer."""
-
-
-def contiguous_chunk(first: int) -> bytes:
-    """The packed array of the 256 pages from ``first`` on (lane ``i`` holds ``first + i``
-    pages), built as one integer: ``first`` in every lane plus each lane's offset."""
-    return (first * _IN_EVERY_LANE + _LANE_OFFSETS).to_bytes(CHUNK_PAGES.size, "little")
 
 
 class PageAllocator:
@@ -62,7 +51,7 @@ class PageAllocator:
         if len(self._free) + fresh < BALLOON_CHUNK_PAGES:
             return None
         if not self._free:
-            chunk = contiguous_chunk(self._next)
+            chunk = consecutive_pages(self._next)
             self._next += BALLOON_CHUNK_PAGES * PAGE_SIZE
             return chunk
         reused = min(BALLOON_CHUNK_PAGES, len(self._free))

@@ -189,6 +189,10 @@ class OracleDriver(Driver):
         return VINF_SUCCESS
 
     async def _deflate(self, address: int) -> int:
+        """Deflate the user chunk at ``address``: an empty balloon is VERR_INVALID_PARAMETER
+        (``vgdrvSetBalloonSizeFromUser`` checks that first), an unknown chunk VERR_NOT_FOUND."""
+        if not self.chunks:
+            return VERR_INVALID_PARAMETER
         pages = self.chunks.get(address)
         if pages is None:
             return VERR_NOT_FOUND

@@ -41,6 +41,9 @@ class BalloonSection(ServiceSection):
         if not value.startswith("/"):
             msg = "must be an absolute path such as /proc/pressure/memory"
             raise ValueError(msg)
+        if "\0" in value:
+            msg = "must not contain a NUL character"
+            raise ValueError(msg)
         return value
 
     @field_validator("retry_max_s")

@@ -112,9 +112,12 @@ class ChunkWalker:
     async def run(self) -> NoReturn:
         """Walk toward the goal forever; sleep while there or while backing off."""
         self._reading_uses = 0  # a (re)start: the last run's reading may be long out of date
+        backoff = self.backoff
         while True:
             goal = self.goal
-            if len(self.held) != goal and trio.current_time() >= self.backoff.retry_at:
+            if len(self.held) != goal and (
+                backoff.retry_at == -math.inf or trio.current_time() >= backoff.retry_at
+            ):  # the clock is read only while backing off
                 await self._step(inflate=len(self.held) < goal)
                 continue
             self._reading_uses = 0  # a pause: the next walk starts from a fresh reading
@@ -136,7 +139,7 @@ class ChunkWalker:
         except WalkStoppedError as failure:
             self._failed(str(failure))
             return
-        if self.backoff.succeeded():
+        if self.backoff.failures and self.backoff.succeeded():
             log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
             self.last_failure = None
 
