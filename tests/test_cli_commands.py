@@ -8,12 +8,15 @@ gets its full parser, and a fresh interpreter running one command has loaded no 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from agent.cli import COMMANDS, main
+from agent.cli._exit import EX_BROKEN_PIPE
+from tests.cli_support import COMMAND_TIMEOUT_S
 
 NAMES = [name for name, _, _ in COMMANDS]
 LOADED_COMMANDS = """
@@ -65,3 +68,22 @@ def test_a_command_loads_no_other_commands_module(name: str, module: str) -> Non
         check=False,
     )
     assert json.loads(result.stderr.splitlines()[-1]) == [f"agent.cli.{module}"], result.stderr
+
+
+def test_output_nobody_reads_ends_quietly() -> None:
+    """``vbox-agent abi --json | true``: the reader is gone, so the command ends with 141 and
+    nothing on stderr (it printed a BrokenPipeError traceback)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "abi", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (EX_BROKEN_PIPE, "")

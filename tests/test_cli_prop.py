@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 
-from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._exit import EX_INTERRUPTED, EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
@@ -228,6 +228,26 @@ class TestWait:
             False,
         )
         assert sim.status()["hgcm_clients"] == 0
+
+    def test_ctrl_c_ends_it_quietly(self, sim: PropHost) -> None:
+        """SIGINT ends a wait with 130, nothing on stderr (it printed a traceback), and the
+        client released at the host."""
+        waiter = subprocess.Popen(
+            [PYTHON, "-m", "agent", "prop", "--device", sim.device, "wait", "/Never/*"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=sim.env,
+        )
+        try:
+            until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
+            waiter.send_signal(signal.SIGINT)
+            stdout, stderr = waiter.communicate(timeout=WAIT_S)
+        finally:
+            waiter.kill()
+            waiter.wait(timeout=WAIT_S)
+        assert (waiter.returncode, stdout, stderr) == (EX_INTERRUPTED, "", "")
+        until(lambda: sim.status()["hgcm_clients"] == 0, "the client's release")
 
     def test_times_out(self, sim: PropHost) -> None:
         """Nothing matching changes: exit 1 after the timeout, the client released."""

@@ -9,18 +9,20 @@ simulated host, above all) inside the handler: the daemon (``vbox-agent run``) l
 other command's code, and on a real device no simulator code.
 
 Every command-line mistake (unknown command or option, bad or missing value) exits 64
-(``EX_USAGE``) after the usage of the (sub)command that got it.
+(``EX_USAGE``) after the usage of the (sub)command that got it. Ctrl-C (SIGINT) ends any
+command with 130, and output nobody reads any more (``| head``) with 141, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
-from agent.cli._exit import EX_USAGE
+from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_USAGE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -90,7 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage_parser: CommandParser = args.usage_parser
         usage_parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:  # Ctrl-C ending `prop wait` or a wait for a host is no failure
+        return EX_INTERRUPTED
+    except BrokenPipeError:
+        # The output's reader is gone: the interpreter's last flush must not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

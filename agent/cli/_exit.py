@@ -14,3 +14,7 @@ EX_SOFTWARE: Final = 70
 """A fatal error inside the agent."""
 EX_CONFIG: Final = 78
 """The config file is invalid."""
+EX_INTERRUPTED: Final = 130
+"""Stopped by SIGINT (Ctrl-C), reported as a shell reports a process the signal ended."""
+EX_BROKEN_PIPE: Final = 141
+"""The reader of the output went away (``| head``), reported as SIGPIPE would end a process."""

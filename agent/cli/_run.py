@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from agent.cli._arguments import PERSONALITIES
-from agent.cli._exit import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
+from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
@@ -195,7 +195,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def _report_failure(exc: BaseException) -> int:
     leaves = _leaves(exc)
     if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
-        return 130
+        return EX_INTERRUPTED
     for leaf in leaves:
         if isinstance(leaf, DeviceLostError):  # the log says why a running agent ended
             log.critical("device_lost", error=str(leaf))
