@@ -26,7 +26,7 @@ from agent.protocol.constants import (
     HgcmParmType,
     PageListDirection,
 )
-from agent.protocol.status import VERR_INVALID_FLAGS, VERR_INVALID_PARAMETER
+from agent.protocol.status import VERR_INVALID_FLAGS, VERR_INVALID_PARAMETER, VERR_NO_MEMORY
 
 if TYPE_CHECKING:
     from agent.host.memory import GuestMemory
@@ -51,7 +51,14 @@ _PAGE_LIST_HEADER: Final = L.run(
 PAGE_LIST_INFO_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
 """``sizeof(HGCMPageListInfo)``: the header and the first page's address, which must fit."""
 MAX_HGCM_DATA_SIZE: Final = 128 << 20
-"""``VMMDEV_MAX_HGCM_DATA_SIZE`` (128 MiB): the most bytes one buffer parameter may name."""
+"""``VMMDEV_MAX_HGCM_DATA_SIZE`` (128 MiB): the most bytes one buffer parameter may name, and
+the most host memory one call may cost (VERR_NO_MEMORY beyond: see :func:`command_cost`)."""
+CACHED_COMMAND_PARMS: Final = 6
+CACHED_COMMAND_COST: Final = 504
+"""A call of up to 6 parameters takes one cached command block (``VBOXHGCMCMDCACHED``)."""
+COMMAND_COST: Final = 120
+PARM_COST: Final = 40 + 24
+"""A larger call costs the command (``VBOXHGCMCMD``) plus a guest and a host parameter each."""
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _U32_TYPE: Final = HgcmParmType.U32
@@ -110,13 +117,15 @@ def parse_parms(
         for :func:`write_back`.
 
     Raises:
-        ParmError: an unsupported type, a page list outside the request, bad page addresses.
+        ParmError: an unsupported type, a page list outside the request, bad page addresses,
+            or buffers that cost the host more than it allows one call.
     """
     per_parm = layout.size // WORD_SIZE
     extra = parms_end(layout, count)
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
+    cost = command_cost(count)
     for index, (raw_type, value, high) in enumerate(
         zip(
             words[0::per_parm],
@@ -133,13 +142,30 @@ def parse_parms(
             buffer, pages, first = _parse_page_list(req, memory, value, high, extra=extra)
             params.append(buffer)
             page_lists.append((index, pages, first))
+            cost += value + (PAGE_ADDRESS_SIZE * len(pages) if len(pages) > 1 else 0)
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
             params.append(HostBuffer(bytearray(), readable, writable, 0))
         else:
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
+    if cost > MAX_HGCM_DATA_SIZE:
+        msg = f"the call would cost the host {cost} bytes, over {MAX_HGCM_DATA_SIZE}"
+        raise ParmError(msg, VERR_NO_MEMORY)
     return params, page_lists
+
+
+def command_cost(count: int) -> int:
+    """Host memory a call of ``count`` parameters costs before its buffers.
+
+    VMMDev charges each call's allocations against ``VMMDEV_MAX_HGCM_DATA_SIZE``: the
+    command, then a page-address array for each page list of several pages, then each
+    buffer's bytes; the allocation that would pass the limit fails with VERR_NO_MEMORY
+    (after every parameter was checked, so other refusals come first).
+    """
+    if count <= CACHED_COMMAND_PARMS:
+        return CACHED_COMMAND_COST
+    return COMMAND_COST + PARM_COST * count
 
 
 @functools.lru_cache(maxsize=64)

@@ -71,8 +71,9 @@ NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
 MAX_HGCM_PARMS: Final = 32
 """``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
-CLIENT_ID_LIMIT: Final = 0xFFFFFFFF
-"""Client ids are 1 .. 0xFFFFFFFE (0 and ~0 mean "none" to the driver)."""
+MAX_CLIENT_ID: Final = 0x7FFFFFFF
+"""Client ids are 1 .. 0x7FFFFFFF, then 1 again: Main's handles at 0x80000000 and up are its
+own objects', and 0 is none (``hgcmObjGenerateHandle``)."""
 _HGCM_EVENT: Final = int(Event.HGCM)
 """Read once: an enum attribute lookup costs more than the bit operation it feeds."""
 _CALL_TARGET: Final = L.run(
@@ -234,10 +235,13 @@ class HgcmHost:
         return None
 
     def disconnect(self, req: bytearray, phys: int) -> int | None:
-        """HGCM_DISCONNECT; pending calls the service leaves open are discarded.
+        """HGCM_DISCONNECT; the client's pending calls stay the guest's.
 
         Client id 0 is refused at once (``HGCMGuestDisconnect``); an unknown id is accepted
         and answered VERR_HGCM_INVALID_CLIENT_ID as the result, as Main's HGCM thread does.
+        The client's pending calls are VMMDev commands like any other: those the service
+        completes (the guest-property service ends its waits with VERR_INTERRUPTED) are
+        written back before the disconnect is; those it leaves open stay pending.
         """
         client_id = L.HgcmDisconnectRequest.client_id.get(req)
         if client_id == 0:
@@ -248,7 +252,6 @@ class HgcmHost:
             self._finish(req, phys, VERR_HGCM_INVALID_CLIENT_ID)
             return None
         client.service.disconnect(client_id)
-        self._discard(list(client.calls))
         self._finish(req, phys, VINF_SUCCESS)
         return None
 
@@ -332,6 +335,7 @@ class HgcmHost:
     def restore(self) -> None:
         """Saved state loaded: services restart, clients stay, pending calls are re-sent."""
         pending = list(self._commands.values())
+        self._discard(pending)
         for client in self._clients.values():
             self._discard(list(client.calls))
         for service in self._services.values():
@@ -462,6 +466,11 @@ class HgcmHost:
     def _new_client_id(self) -> int:
         while True:
             client_id = self._next_id
-            self._next_id = self._next_id % (CLIENT_ID_LIMIT - 1) + 1
+            self._next_id = next_client_id(client_id)
             if client_id not in self._clients:
                 return client_id
+
+
+def next_client_id(client_id: int) -> int:
+    """Return the client id Main generates after ``client_id`` (ids in use are skipped)."""
+    return client_id % MAX_CLIENT_ID + 1

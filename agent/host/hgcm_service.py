@@ -97,7 +97,8 @@ class HgcmService(Protocol):
         ...
 
     def disconnect(self, client_id: int) -> None:
-        """The client is gone; complete its pending calls (the framework discards them)."""
+        """The client is gone; complete its pending calls as the real service does (the
+        framework writes those completions back to the guest, as VMMDev does)."""
         ...
 
     def call(self, call: HgcmCallHandle) -> None:

@@ -454,13 +454,18 @@ def _idle(_req: bytearray, _phys: int) -> None:
 
 
 _HYPERVISOR_START: Final = struct.Struct("<II")
+"""``VMMDevReqHypervisorInfo`` body at 24: ``hypervisorStart``, ``hypervisorSize``."""
+_HYPERVISOR_SIZE_AT: Final = HEADER_SIZE + 4
+_U32: Final = struct.Struct("<I")
 
 
 def _get_hypervisor_info(req: bytearray, _phys: int) -> int:
-    _HYPERVISOR_START.pack_into(req, HEADER_SIZE, 0, 0)
+    """The host has no hypervisor area: size 0; the start stays as the guest sent it."""
+    _U32.pack_into(req, _HYPERVISOR_SIZE_AT, 0)
     return VINF_SUCCESS
 
 
 def _set_hypervisor_info(req: bytearray, _phys: int) -> int:
+    """Unfixing (start 0) or an empty area is accepted; a real area is VERR_TRY_AGAIN."""
     start, size = _HYPERVISOR_START.unpack_from(req, HEADER_SIZE)
-    return VERR_TRY_AGAIN if start or size else VINF_SUCCESS
+    return VERR_TRY_AGAIN if start and size else VINF_SUCCESS

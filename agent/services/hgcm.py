@@ -20,6 +20,10 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   cancelled keeps its slot at the host until the service completes it, which a service
   without a cancel hook may do much later; such calls keep their slot here too
   (``lingers_when_cancelled``) until the channel closes.
+
+Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
+also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
+to about that much fail with VERR_NO_MEMORY from the host instead.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import struct
 
 import pytest
 
+from agent.host.hgcm import next_client_id
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -36,6 +37,7 @@ from agent.protocol.status import (
     VERR_INTERRUPTED,
     VERR_INVALID_FLAGS,
     VERR_INVALID_PARAMETER,
+    VERR_NO_MEMORY,
     VERR_NOT_FOUND,
     VINF_HGCM_ASYNC_EXECUTE,
     VINF_SUCCESS,
@@ -169,6 +171,13 @@ class TestConnect:
         assert len(set(ids)) == 10
         assert hgcm.vmmdev.hgcm.client_count == 10
 
+    @pytest.mark.parametrize(
+        ("current", "following"), [(1, 2), (0x7FFF_FFFE, 0x7FFF_FFFF), (0x7FFF_FFFF, 1)]
+    )
+    def test_client_ids_wrap_below_main_s_own_handles(self, current: int, following: int) -> None:
+        """Client ids run 1 .. 0x7FFFFFFF and wrap to 1; 0x80000000 and up are Main's own."""
+        assert next_client_id(current) == following
+
     def test_service_refusal_is_a_result(self, hgcm: Device, echo: EchoService) -> None:
         """A service refusing the client answers its status as the result."""
         echo.refuse = STATUS_CODES["VERR_ACCESS_DENIED"]
@@ -252,17 +261,23 @@ class TestConnect:
         req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
         assert hgcm.send(req) == VERR_INVALID_PARAMETER
 
-    def test_disconnect_discards_pending_calls(self, hgcm: Device, echo: EchoService) -> None:
-        """Calls still pending at disconnect are never written back."""
+    def test_calls_pending_at_disconnect_stay_the_guests(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A call still pending when its client disconnects is completed like any other:
+        the service's completion is written back with DONE and the HGCM event."""
         client_id = client(hgcm)
         call = page_list_call(hgcm, client_id, FN_HOLD, [])
         submit(hgcm, call)
         req = vmmdev_request(RequestType.HGCM_DISCONNECT, 36)
         L.HgcmDisconnectRequest.client_id.set(req, client_id)
         submit(hgcm, req)
-        echo.held[0].complete(VINF_SUCCESS)
-        assert not done(call)
+        assert (done(req), hgcm.vmmdev.hgcm.pending_calls) == (True, 1)
+        hgcm.vmmdev.pending_events = 0
+        echo.held[0].complete(VERR_INTERRUPTED)
+        assert (done(call), L.HgcmCallRequest.result.get(call)) == (True, VERR_INTERRUPTED)
         assert hgcm.vmmdev.hgcm.pending_calls == 0
+        assert hgcm.vmmdev.pending_events & Event.HGCM
 
 
 class TestCall:
@@ -399,6 +414,18 @@ class TestCall:
         start = hgcm.ram.map(bytearray(2 * PAGE_SIZE))
         pages = [start, start + PAGE_SIZE + shift]
         req = page_list_of(client(hgcm), FN_HOLD, pages, size=size, first=first, flags=flags)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == expected
+
+    @pytest.mark.parametrize(
+        ("size", "expected"),
+        [(128 << 20, VERR_NO_MEMORY), ((128 << 20) - (512 << 10), VINF_HGCM_ASYNC_EXECUTE)],
+    )
+    def test_call_cost_limit(self, hgcm: Device, size: int, expected: int) -> None:
+        """A buffer may name 128 MiB, but the call's whole cost (command, page array,
+        buffer) must stay within 128 MiB too, else VERR_NO_MEMORY."""
+        pages = [0x4000_0000 + PAGE_SIZE * index for index in range(-(-size // PAGE_SIZE))]
+        req = page_list_of(client(hgcm), FN_HOLD, pages, size=size, flags=2)
         submit(hgcm, req)
         assert L.RequestHeader.rc.get(req) == expected
 

@@ -449,12 +449,22 @@ class TestHostRequests:
         assert allowed.vmmdev.core_dumps == 1
 
     def test_hypervisor_info(self, device: Device) -> None:
-        """The host has no hypervisor window; setting one is retried by the guest."""
+        """The host has no hypervisor window: GET answers size 0 and leaves the start alone;
+        setting a window is retried by the guest, unfixing (start 0) or an empty one is
+        accepted."""
         device.report_additions()
-        assert device.send(vmmdev_request(T.GET_HYPERVISOR_INFO, 32)) == VINF_SUCCESS
-        req = vmmdev_request(T.SET_HYPERVISOR_INFO, 32)
-        struct.pack_into("<II", req, 24, 0x1000_0000, 0x40_0000)
-        assert STATUS_CODES["VERR_TRY_AGAIN"] == device.send(req)
+        get = vmmdev_request(T.GET_HYPERVISOR_INFO, 32)
+        struct.pack_into("<II", get, 24, 0x1234_5000, 0x40_0000)
+        assert device.send(get) == VINF_SUCCESS
+        assert struct.unpack_from("<II", get, 24) == (0x1234_5000, 0)
+        for start, size, rc in (
+            (0x1000_0000, 0x40_0000, STATUS_CODES["VERR_TRY_AGAIN"]),
+            (0x1000_0000, 0, VINF_SUCCESS),
+            (0, 0x40_0000, VINF_SUCCESS),
+        ):
+            req = vmmdev_request(T.SET_HYPERVISOR_INFO, 32)
+            struct.pack_into("<II", req, 24, start, size)
+            assert rc == device.send(req), (start, size)
 
 
 def report_status(device: Device, facility: int, status: int) -> int:
