@@ -16,6 +16,7 @@ import annotated_types
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
+from agent.cli._exit import EX_CONFIG, EX_USAGE
 from agent.config import (
     CORE_SECTIONS,
     MAX_IOCTL_THREADS,
@@ -380,3 +381,11 @@ def test_the_readme_installs_the_command_where_the_unit_runs_it() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.partition("## Installing as a service")[2].partition("\n## ")[0]
     assert f"`{command.split()[0]}`" in section
+
+
+def test_the_unit_does_not_restart_a_bad_config() -> None:
+    """A config error (78) or usage error (64) ends the unit instead of restarting it every
+    RestartSec= until the start limit trips."""
+    lines = UNIT.read_text().splitlines()
+    (codes,) = [line.partition("=")[2] for line in lines if line.startswith("RestartPrevent")]
+    assert {int(code) for code in codes.split()} == {EX_USAGE, EX_CONFIG}

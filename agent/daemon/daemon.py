@@ -305,17 +305,19 @@ class Daemon:
             return None
 
     def _apply(self, new: AgentConfig) -> None:
-        old, self.config = self.config, new
-        changed = [
-            name for name in ("device", "daemon", "log") if getattr(old, name) != getattr(new, name)
-        ]
+        old = self.config
+        if new.device != old.device:
+            # The device stays open as it is: the config keeps the [device] in use, so every
+            # reload until the next start says again that the file's one waits.
+            log.warning("config_change_needs_restart", sections=["device"])
+            new = new.model_copy(update={"device": old.device})
+        self.config = new
+        changed = [name for name in ("daemon", "log") if getattr(old, name) != getattr(new, name)]
         if "log" in changed:
             configure_logging(new.log)
         if "daemon" in changed:
             self._supervisor.config = new.daemon
             self._pump_supervisor.config = new.daemon
-        if "device" in changed:
-            log.warning("config_change_needs_restart", sections=["device"])
         for spec in self._registry:
             before, after = self._section(old, spec), self._section(new, spec)
             if before != after:

@@ -64,17 +64,13 @@ class SimTransport:
             await self._host.ioctl(self._session, code, buffer, _NO_USER_MEMORY)
             return
         memory = IoctlMemory()
-        saved = [
-            (user.address_offset, bytes(buffer[user.address_offset : user.address_offset + 8]))
-            for user in user_buffers
-        ]
+        original = bytes(buffer)
         try:
             for user in user_buffers:
                 _ADDRESS.pack_into(buffer, user.address_offset, memory.map(user.data))
             await self._host.ioctl(self._session, code, buffer, memory)
         except BaseException:
-            for offset, original in saved:
-                buffer[offset : offset + 8] = original
+            buffer[:] = original  # the driver copies nothing back on failure
             raise
 
     async def aclose(self) -> None:

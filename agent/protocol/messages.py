@@ -452,6 +452,13 @@ class CheckBalloon(_FixedIoctl[BalloonStatus]):
         return BalloonStatus(L.CheckBalloonIoctl.balloon_chunks.get(call.buffer), flag == 1)
 
 
+_CHANGE_BALLOON_IN: Final = struct.Struct(f"<Q{L.ChangeBalloonIoctl.padding.size}x?")
+"""CHANGE_BALLOON's input members, which follow each other: the chunk address, the padding
+(zeroes) and the inflate flag, in one pack."""
+_CHANGE_BALLOON_IN_AT: Final = L.ChangeBalloonIoctl.chunk_address.offset
+_CHANGE_BALLOON_CODE: Final = int(Ioctl.CHANGE_BALLOON)
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeBalloon(_FixedIoctl[None]):
     """``VBGL_IOCTL_CHANGE_BALLOON`` (Oracle's driver): hand a 1 MiB user chunk to the host."""
@@ -468,9 +475,8 @@ class ChangeBalloon(_FixedIoctl[None]):
             msg = f"chunk address {self.chunk_address:#x} must be a non-zero page address"
             raise LocalProtocolError(msg)
         buf = self.new_buffer()
-        L.ChangeBalloonIoctl.chunk_address.set(buf, self.chunk_address)
-        L.ChangeBalloonIoctl.inflate.set(buf, int(self.inflate))
-        return IoctlCall(Ioctl.CHANGE_BALLOON, buf, self)
+        _CHANGE_BALLOON_IN.pack_into(buf, _CHANGE_BALLOON_IN_AT, self.chunk_address, self.inflate)
+        return IoctlCall(_CHANGE_BALLOON_CODE, buf, self)
 
     def decode(self, call: IoctlCall[None]) -> None:
         """Check the reply header."""

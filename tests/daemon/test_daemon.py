@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -205,6 +206,27 @@ class TestReload:
                 assert daemon.statistics().reloads == 1
                 assert daemon.statistics().restarts == {}
                 daemon.request_shutdown("test")
+
+    async def test_device_section_waits_for_a_restart(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A changed [device] is not applied: the running config keeps the device in use and
+        each reload says so again (the first one took the file's section as applied)."""
+        notifier, reader = notify
+        path = short_dir / "agent.toml"
+        path.write_text("[device]\nioctl_threads = 6\n")
+        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                await daemon.reload()
+                await daemon.reload()
+                assert daemon.config.device == AgentConfig().device
+                assert daemon.statistics().reloads == 0
+                daemon.request_shutdown("test")
+        warnings = [entry for entry in logs if entry["event"] == "config_change_needs_restart"]
+        assert [entry["sections"] for entry in warnings] == [["device"], ["device"]]
 
 
 class TestRestore:

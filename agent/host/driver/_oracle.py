@@ -26,6 +26,13 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.host._header_fields import (
+    IOCTL_HEADER,
+    IOCTL_RC,
+    IOCTL_RC_AT,
+    IOCTL_SIZE_OUT,
+    IOCTL_SIZE_OUT_AT,
+)
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._util import U32_MAX, DriverError, fail
@@ -65,7 +72,6 @@ if TYPE_CHECKING:
 
     Handler = Callable[["OracleDriver", DriverSession, bytearray, GuestMemory], Awaitable[int]]
 
-_IOCTL_HEADER: Final = L.IoctlHeader.whole()
 VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
 VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
@@ -127,7 +133,7 @@ async def ioctl(
     kbuf = _copy_in(code, buf)
     if await _common_ioctl(drv, session, code, kbuf, memory) < 0:
         raise fail(errno.EINVAL)
-    count = min(L.IoctlHeader.size_out.get(kbuf), len(kbuf))
+    count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
     if len(buf) < count:
         raise fail(errno.EFAULT)
     buf[:count] = kbuf[:count]
@@ -136,7 +142,7 @@ async def ioctl(
 def _copy_in(code: int, buf: bytearray) -> bytearray:
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, _, _, size_out, _ = _IOCTL_HEADER.get(buf)
+    size_in, version, _, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     size = max(size_in, size_out)
@@ -158,11 +164,10 @@ async def _common_ioctl(
     drv: OracleDriver, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
 ) -> int:
     """Return the function's own status; handlers' statuses go to ``hdr.rc``."""
-    hdr = L.IoctlHeader
-    size_in, _, request_type, _, size_out, _ = _IOCTL_HEADER.get(kbuf)
+    size_in, _, request_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
     if size_out == 0:
         size_out = size_in
-        hdr.size_out.set(kbuf, size_out)
+        IOCTL_SIZE_OUT.pack_into(kbuf, IOCTL_SIZE_OUT_AT, size_out)
     if not (HEADER_SIZE <= size_in <= len(kbuf) and HEADER_SIZE <= size_out <= len(kbuf)):
         return VERR_INVALID_PARAMETER
     variable = _VARIABLE.get(ioc_nr(code))
@@ -172,12 +177,12 @@ async def _common_ioctl(
         return VERR_INVALID_PARAMETER
     fixed = _FIXED.get(code)
     if fixed is None:
-        hdr.rc.set(kbuf, VERR_NOT_SUPPORTED)
+        IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, VERR_NOT_SUPPORTED)
         return VERR_NOT_SUPPORTED
     expected_in, expected_out, handler = fixed
     if size_in != expected_in or size_out != expected_out:
         return _refuse(kbuf)
-    hdr.rc.set(kbuf, await handler(drv, session, kbuf, memory))
+    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, await handler(drv, session, kbuf, memory))
     return VINF_SUCCESS
 
 
@@ -395,12 +400,13 @@ async def _change_balloon(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
     """``vgdrvIoCtl_ChangeMemoryBalloon``: the personality's balloon answers."""
-    L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS)
     try:
         await drv.change_balloon_ioctl(session, kbuf, memory)
     except OSError as exc:
         return status_for(exc)
-    return L.IoctlHeader.rc.get(kbuf)
+    rc: int = IOCTL_RC.unpack_from(kbuf, IOCTL_RC_AT)[0]
+    return rc
 
 
 _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {

@@ -20,6 +20,7 @@ the heartbeat stays with the driver.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from agent.host.driver import _oracle
@@ -43,6 +44,11 @@ from agent.protocol.status import (
     VINF_SUCCESS,
 )
 
+_CHANGE_BALLOON_IN: Final = struct.Struct(f"<Q{L.ChangeBalloonIoctl.padding.size}sB")
+"""CHANGE_BALLOON's input members, which follow each other (address, padding, inflate flag),
+in one unpack."""
+_CHANGE_BALLOON_IN_AT: Final = L.ChangeBalloonIoctl.chunk_address.offset
+_NO_PADDING: Final = bytes(L.ChangeBalloonIoctl.padding.size)
 OUT_OF_MEMORY: Final = frozenset(
     {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
 )
@@ -163,11 +169,10 @@ class OracleDriver(Driver):
         """CHANGE_BALLOON (sizes checked by the entry): lock a user chunk and balloon it, or
         deflate and unlock it."""
         del memory
-        if any(L.ChangeBalloonIoctl.padding.get(kbuf)):
+        address, padding, inflate = _CHANGE_BALLOON_IN.unpack_from(kbuf, _CHANGE_BALLOON_IN_AT)
+        if padding != _NO_PADDING:
             L.IoctlHeader.rc.set(kbuf, VERR_INVALID_PARAMETER)
             return
-        address = L.ChangeBalloonIoctl.chunk_address.get(kbuf)
-        inflate = L.ChangeBalloonIoctl.inflate.get(kbuf) != 0
         async with self._balloon_mutex:
             if self.use_kernel_api or not self._claim(session):
                 rc = VERR_PERMISSION_DENIED

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from agent.protocol import ChangeMemBalloon, GetMemBalloonChangeRequest
+from agent.protocol import ChangeBalloon, ChangeMemBalloon, GetMemBalloonChangeRequest
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
 
 if TYPE_CHECKING:
@@ -70,11 +70,11 @@ class OracleHandover:
 
     async def inflate(self, chunk: Chunk) -> None:
         """``CHANGE_BALLOON`` with inflate set: the driver locks the chunk and tells the host."""
-        await self._device.change_balloon(chunk.address, inflate=True)
+        await self._device.request(ChangeBalloon(chunk.address, inflate=True))
 
     async def deflate(self, chunk: Chunk) -> None:
         """``CHANGE_BALLOON`` with inflate clear."""
-        await self._device.change_balloon(chunk.address, inflate=False)
+        await self._device.request(ChangeBalloon(chunk.address, inflate=False))
 
     def never_held(self, rc: int) -> bool:
         """Unknown address (VERR_NOT_FOUND) or an empty balloon (VERR_INVALID_PARAMETER)."""
