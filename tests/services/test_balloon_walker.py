@@ -1,4 +1,5 @@
-"""``ChunkWalker`` on its own: when a ``MemAvailable`` reading may serve more than one chunk."""
+"""``ChunkWalker`` on its own: when a ``MemAvailable`` reading may serve more than one chunk,
+and what a walk logs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._handover import HostTarget
@@ -100,3 +102,28 @@ async def test_a_restarted_walk_reads_memavailable_afresh(autojump_clock: trio.a
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
     assert (len(walker.held), walker.failures, handover.inflates) == (2, 1, 2)
+
+
+async def test_a_walk_that_reaches_its_goal_is_logged_once() -> None:
+    """Each walk logs ``balloon_walk_done`` with the chunks it moved; a wake-up that finds
+    the balloon at its goal logs nothing."""
+    walker = ChunkWalker(
+        BlockingHandover(block_at=0),
+        CountingAllocator(),
+        backoff=Backoff(1.0, 60.0),
+        mem_available_mb=lambda: 10_000,
+        min_available_mb=256,
+    )
+    with capture_logs() as logs, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            walker.set_target(HostTarget(chunks=3, max_chunks=None))
+            await walker.wait_held(3)
+            walker.wake()  # nothing to walk
+            await trio.testing.wait_all_tasks_blocked()
+            walker.set_target(HostTarget(chunks=1, max_chunks=None))
+            await walker.wait_held(1)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    done = [(e["chunks"], e["moved"]) for e in logs if e["event"] == "balloon_walk_done"]
+    assert done == [(3, 3), (1, -2)]

@@ -5,7 +5,8 @@ the pressure cap. Every step allocates (or frees) one chunk and hands it to (or 
 from) the host; the goal is read again before each step, so a new target redirects a walk
 at once. A failed step (host status, allocation, the ``MemAvailable`` floor) stops the
 walk; it is logged once per run of failures and retried after a capped exponential backoff,
-or at once when a new event arrives.
+or at once when a new event arrives. A walk that reaches its goal is logged once, with the
+chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -79,6 +80,8 @@ class ChunkWalker:
         self.last_failure: str | None = None
         self._changed = trio.Event()
         self._settled = trio.Event()
+        self._walk_from: int | None = None
+        """Chunks held when the current walk took its first step (None: no walk under way)."""
 
     @property
     def goal(self) -> int:
@@ -118,10 +121,13 @@ class ChunkWalker:
             if len(self.held) != goal and (
                 backoff.retry_at == -math.inf or trio.current_time() >= backoff.retry_at
             ):  # the clock is read only while backing off
+                if self._walk_from is None:
+                    self._walk_from = len(self.held)
                 await self._step(inflate=len(self.held) < goal)
                 continue
             self._reading_uses = 0  # a pause: the next walk starts from a fresh reading
             if len(self.held) == goal:
+                self._walk_done()
                 self._settled.set()
                 self._settled = trio.Event()
                 self._on_settled()
@@ -129,6 +135,12 @@ class ChunkWalker:
             deadline = self.backoff.retry_at if len(self.held) != goal else math.inf
             with trio.move_on_at(deadline):
                 await self._changed.wait()
+
+    def _walk_done(self) -> None:
+        """Log a walk that reached its goal, once (a wake-up at the goal is no walk)."""
+        walked_from, self._walk_from = self._walk_from, None
+        if walked_from is not None and walked_from != len(self.held):
+            log.info("balloon_walk_done", chunks=len(self.held), moved=len(self.held) - walked_from)
 
     async def _step(self, *, inflate: bool) -> None:
         try:
