@@ -179,6 +179,17 @@ class TestSimulatorLifecycle:
         assert result.returncode == 69
         assert "no simulated host" in result.stderr
 
+    def test_path_that_is_not_a_socket(self, socket_path: str) -> None:
+        """A file where the socket should be exits 69 at once, with one line saying so."""
+        with open(socket_path, "w"):
+            pass
+        result = host(socket_path, "status")
+        assert result.returncode == 69
+        assert result.stderr.strip() == (
+            f"vbox-agent host: no simulated host at {socket_path}: "
+            "it exists and is not a socket"
+        )
+
     def test_usage_errors_create_no_socket(self, socket_path: str) -> None:
         """Bad simulator arguments exit 64 with the usage and create no socket."""
         result = agent("simulate", "--socket", socket_path, "--ram-mb", "0")

@@ -188,6 +188,12 @@ class TestErrors:
         assert "no simulated host" in one_line(done)
         assert done.stdout == ""
 
+    def test_path_that_is_not_a_socket(self, sim: PropHost) -> None:
+        """A device path that exists and is not a socket exits 69 at once, with one line."""
+        done = sim.run("prop", "--device", f"unix:{sim.log_path}", "get", "/x")
+        assert done.returncode == EX_UNAVAILABLE
+        assert one_line(done).endswith(f"{sim.log_path}: it exists and is not a socket")
+
 
 class TestWait:
     def test_returns_when_the_host_sets_a_match(self, sim: PropHost) -> None:

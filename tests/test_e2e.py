@@ -242,6 +242,22 @@ class TestTwoProcesses:
         assert f"waited {HOST_START_WAIT_S:g} s for it" in result.stderr
         assert len(result.stderr.splitlines()) == 1
 
+    def test_device_that_is_not_a_socket_exits_69(self, workdir: Path) -> None:
+        """A device path that exists and is not a socket: one line at once, no wait, 69."""
+        not_a_socket = workdir / "file"
+        not_a_socket.write_text("")
+        result = subprocess.run(
+            [PYTHON, "-m", "agent", "run", "--device", f"unix:{not_a_socket}"],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+        )
+        assert result.returncode == 69
+        assert result.stdout == ""
+        assert result.stderr.strip().endswith(f"{not_a_socket}: it exists and is not a socket")
+        assert len(result.stderr.splitlines()) == 1
+
     def test_a_real_agent_loads_no_simulator(self, host_socket: Path) -> None:
         """``run --device`` imports nothing from agent.host; ``run --simulate`` does (control)."""
         for args, expect_simulator in (

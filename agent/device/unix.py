@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import struct
 from typing import TYPE_CHECKING, Final, final
 
@@ -332,7 +333,8 @@ class UnixSocketOpener:
         Until a first session is opened, a missing or refusing socket may be a host that is
         still starting (``vbox-agent simulate ... &`` a moment ago): the opener logs that it
         waits and tries again every ``HOST_START_POLL_S`` for up to ``start_wait_s``
-        seconds. Once a host answered, a failure to connect means it is gone: no wait.
+        seconds. Once a host answered, a failure to connect means it is gone, and a path that
+        exists and is not a socket can never be a host: no wait.
 
         Raises:
             DeviceUnavailableError: nothing listens at the path, or the host refused.
@@ -355,6 +357,9 @@ class UnixSocketOpener:
             try:
                 stream = await trio.open_unix_socket(self._path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if _is_other_file(self._path):
+                    msg = f"no simulated host at {self._path}: it exists and is not a socket"
+                    raise DeviceUnavailableError(msg) from exc
                 if trio.current_time() - started >= wait_s:
                     waited = f", waited {wait_s:g} s for it" if waiting else ""
                     raise self._unavailable(exc, waited) from exc
@@ -375,3 +380,11 @@ class UnixSocketOpener:
             f"no simulated host at {self._path} ({reason}{waited}): "
             f"start one with `vbox-agent simulate --socket {self._path}`"
         )
+
+
+def _is_other_file(path: str) -> bool:
+    """Whether ``path`` exists and is not a socket (a file no host can ever listen on)."""
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False

@@ -26,6 +26,7 @@ sends one from another process (client side).
 from __future__ import annotations
 
 import os
+import stat
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
@@ -141,7 +142,8 @@ async def call_control(
     """Send one control command to the host listening at ``path`` and return its result.
 
     A host whose socket is missing or refuses connections may be starting: the call tries
-    again every ``START_POLL_S`` for up to ``start_wait_s`` seconds.
+    again every ``START_POLL_S`` for up to ``start_wait_s`` seconds. A path that exists and
+    is not a socket can never be a host: that fails at once.
 
     Raises:
         HostUnreachableError: nothing (or no simulated host) answers at ``path``.
@@ -175,6 +177,9 @@ async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:
         try:
             return await trio.open_unix_socket(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if _is_other_file(path):
+                msg = f"no simulated host at {path}: it exists and is not a socket"
+                raise HostUnreachableError(msg) from exc
             if trio.current_time() >= deadline:
                 waited = f"; waited {start_wait_s:g} s for it to start" if start_wait_s else ""
                 msg = f"no simulated host at {path} ({exc.strerror or exc}{waited})"
@@ -183,6 +188,14 @@ async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:
             msg = f"no simulated host at {path} ({exc.strerror or exc})"
             raise HostUnreachableError(msg) from exc
         await trio.sleep(START_POLL_S)
+
+
+def _is_other_file(path: str) -> bool:
+    """Whether ``path`` exists and is not a socket (a file no host can ever listen on)."""
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Frame:

@@ -320,6 +320,17 @@ class TestLifecycle:
             await UnixSocketOpener(path).open_session()
         assert f"waited {HOST_START_WAIT_S:g} s" in str(info.value)
 
+    async def test_no_wait_for_a_file_that_is_not_a_socket(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A path that exists and is not a socket never becomes a host: it fails at once."""
+        path = os.path.join(socket_dir, "file")
+        with open(path, "w"):
+            pass
+        with pytest.raises(DeviceUnavailableError, match="it exists and is not a socket"):
+            await UnixSocketOpener(path).open_session()
+        assert trio.current_time() == 0
+
     async def test_waits_for_a_starting_host(self, socket_dir: str, host: ScriptedHost) -> None:
         """A session asked for before the host listens opens once it does."""
         path = os.path.join(socket_dir, "h.sock")

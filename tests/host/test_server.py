@@ -347,6 +347,16 @@ class TestControlClient:
             await call_control(socket_path, {"command": "status"}, start_wait_s=5)
         assert trio.current_time() >= 5
 
+    async def test_no_wait_for_a_file_that_is_not_a_socket(
+        self, socket_path: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A path that exists and is not a socket never becomes a host: no wait."""
+        with open(socket_path, "w"):
+            pass
+        with pytest.raises(HostUnreachableError, match="it exists and is not a socket"):
+            await call_control(socket_path, {"command": "status"}, start_wait_s=5)
+        assert trio.current_time() == 0
+
     async def test_no_wait_by_default(self, socket_path: str) -> None:
         """Without ``start_wait_s`` a missing host fails at once."""
         with trio.fail_after(1), pytest.raises(HostUnreachableError, match="no simulated host"):
