@@ -186,8 +186,7 @@ class TestSimulatorLifecycle:
         result = host(socket_path, "status")
         assert result.returncode == 69
         assert result.stderr.strip() == (
-            f"vbox-agent host: no simulated host at {socket_path}: "
-            "it exists and is not a socket"
+            f"vbox-agent host: no simulated host at {socket_path}: it exists and is not a socket"
         )
 
     def test_usage_errors_create_no_socket(self, socket_path: str) -> None:

@@ -324,9 +324,8 @@ class TestLifecycle:
         self, socket_dir: str, autojump_clock: trio.abc.Clock
     ) -> None:
         """A path that exists and is not a socket never becomes a host: it fails at once."""
-        path = os.path.join(socket_dir, "file")
-        with open(path, "w"):
-            pass
+        path = os.path.join(socket_dir, "directory")
+        os.mkdir(path)
         with pytest.raises(DeviceUnavailableError, match="it exists and is not a socket"):
             await UnixSocketOpener(path).open_session()
         assert trio.current_time() == 0

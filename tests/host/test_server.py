@@ -351,8 +351,7 @@ class TestControlClient:
         self, socket_path: str, autojump_clock: trio.abc.Clock
     ) -> None:
         """A path that exists and is not a socket never becomes a host: no wait."""
-        with open(socket_path, "w"):
-            pass
+        os.mkdir(socket_path)
         with pytest.raises(HostUnreachableError, match="it exists and is not a socket"):
             await call_control(socket_path, {"command": "status"}, start_wait_s=5)
         assert trio.current_time() == 0
