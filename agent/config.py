@@ -27,7 +27,7 @@ from pydantic import (
     field_validator,
 )
 
-from agent.device.spec import UNIX_PREFIX, check_socket_path
+from agent.device.spec import check_device_spec
 from agent.protocol import AgentError
 
 if TYPE_CHECKING:
@@ -66,16 +66,7 @@ class DeviceConfig(_Model):
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
-        target = value.removeprefix(UNIX_PREFIX)
-        if not target.startswith("/"):
-            msg = "must be an absolute path (/dev/vboxguest) or unix:/absolute/socket/path"
-            raise ValueError(msg)
-        if value.startswith(UNIX_PREFIX):
-            check_socket_path(target)  # what `run` would refuse: too long for a socket
-        elif "\0" in value:
-            msg = "must not contain a NUL character"
-            raise ValueError(msg)
-        return value
+        return check_device_spec(value)
 
 
 class DaemonConfig(_Model):

@@ -27,6 +27,8 @@ SOCKET = "/tmp/vbx-usage/host.sock"
 """Never created: every command here stops at its arguments."""
 TOO_LONG = "/tmp/" + "x" * 103
 """108 bytes: one more than ``sun_path`` holds with its terminating NUL."""
+ABSOLUTE_EXPECTED = "must be an absolute path (/dev/vboxguest) or unix:/absolute/socket/path"
+"""What ``--device`` says to a relative or empty path, as ``device.path`` does."""
 
 
 def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -77,9 +79,13 @@ def test_unknown_commands_and_options(
     [
         (["run", "--duration", "0"], "'0' must be a positive number of seconds"),
         (["run", "--duration", "nan"], "'nan' must be a positive number of seconds"),
-        (["run", "--device", "unix:"], "argument --device: device spec 'unix:'"),
+        (["run", "--device", "unix:"], f"argument --device: {ABSOLUTE_EXPECTED}"),
         (["run", "--device", f"unix:{TOO_LONG}"], "a Unix socket path holds at most 107"),
-        (["run", "--device", ""], "argument --device: device spec is empty"),
+        (["run", "--device", ""], f"argument --device: {ABSOLUTE_EXPECTED}"),
+        (["run", "--device", "relative"], f"argument --device: {ABSOLUTE_EXPECTED}"),
+        (["run", "--device", "unix:rel.sock"], f"argument --device: {ABSOLUTE_EXPECTED}"),
+        (["prop", "--device", "relative", "get", "/x"], f"argument --device: {ABSOLUTE_EXPECTED}"),
+        (["prop", "--device", "unix:rel", "get", "/x"], f"argument --device: {ABSOLUTE_EXPECTED}"),
         (["simulate", "--socket", ""], "argument --socket: the socket path is empty"),
         (["simulate", "--socket", TOO_LONG], "a Unix socket path holds at most 107"),
         (["simulate", "--socket", SOCKET, "--ram-mb", "3"], "'3' is not an integer in [4, "),

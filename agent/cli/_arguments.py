@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from agent.device.spec import check_socket_path
+from agent.device.spec import check_device_spec, check_socket_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -40,6 +40,9 @@ def argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
 
 socket_path = argument_type(check_socket_path)
 """``--socket PATH``: a path that can name a Unix socket."""
+
+device_spec = argument_type(check_device_spec)
+"""``--device SPEC``: what ``device.path`` accepts, an absolute path or ``unix:`` and one."""
 
 
 def integer_at_least(minimum: int, *, at_most: int | None = None) -> Callable[[str], int]:

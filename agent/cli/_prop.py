@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from agent.cli._arguments import device_spec
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
@@ -54,6 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Guest properties through the host's VBoxGuestPropSvc."
     parser.add_argument(
         "--device",
+        type=device_spec,
         metavar="SPEC",
         default=DEFAULT_DEVICE,
         help=f"device path or unix:PATH of a simulated host (default {DEFAULT_DEVICE})",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.cli._arguments import PERSONALITIES
+from agent.cli._arguments import PERSONALITIES, device_spec
 from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
@@ -43,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--device",
+        type=device_spec,
         metavar="SPEC",
         help="device path (/dev/vboxguest) or unix:PATH of a simulated host; overrides device.path",
     )
@@ -115,13 +116,7 @@ def run_command(args: argparse.Namespace) -> int:
         main = partial(_run_simulated, args, config, host, scenario)
     else:
         spec = args.device if args.device is not None else config.device.path
-        try:
-            opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
-        except ValueError as exc:
-            if args.device is not None:
-                usage.error(f"argument --device: {exc}")
-            print(f"{args.config}: device.path: {exc}", file=sys.stderr)
-            return EX_CONFIG
+        opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
         main = partial(_run_daemon, args, config, opener)
     configure_logging(config.log)
     try:

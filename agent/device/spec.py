@@ -22,25 +22,38 @@ def opener_for_spec(spec: str, *, ioctl_threads: int) -> DeviceOpener:
     """Return the opener for ``spec``.
 
     Raises:
-        ValueError: the spec is empty, or ``unix:`` has no path.
+        ValueError: the spec is not one :func:`check_device_spec` accepts.
     """
     # Only the chosen transport is imported: a real agent loads no socket framing, an agent
     # on a simulated host no ioctl code.
-    text = spec.strip()
-    if text.startswith(UNIX_PREFIX):
-        path = text.removeprefix(UNIX_PREFIX)
-        if not path:
-            msg = f"device spec {spec!r}: 'unix:' needs a socket path, e.g. unix:/run/host.sock"
-            raise ValueError(msg)
+    check_device_spec(spec)
+    if spec.startswith(UNIX_PREFIX):
         from agent.device.unix import UnixSocketOpener  # noqa: PLC0415
 
-        return UnixSocketOpener(path)
-    if not text:
-        msg = "device spec is empty: give a device path such as /dev/vboxguest or unix:PATH"
-        raise ValueError(msg)
+        return UnixSocketOpener(spec.removeprefix(UNIX_PREFIX))
     from agent.device.chardev import CharDevOpener  # noqa: PLC0415
 
-    return CharDevOpener(text, threads=ioctl_threads)
+    return CharDevOpener(spec, threads=ioctl_threads)
+
+
+def check_device_spec(spec: str) -> str:
+    """Return ``spec`` if it names a device: an absolute path, or ``unix:`` and one.
+
+    ``device.path`` and ``--device`` both check with this.
+
+    Raises:
+        ValueError: the path is relative, holds a NUL byte, or cannot name a Unix socket.
+    """
+    target = spec.removeprefix(UNIX_PREFIX)
+    if not target.startswith("/"):
+        msg = "must be an absolute path (/dev/vboxguest) or unix:/absolute/socket/path"
+        raise ValueError(msg)
+    if spec.startswith(UNIX_PREFIX):
+        check_socket_path(target)
+    elif "\0" in spec:
+        msg = "must not contain a NUL character"
+        raise ValueError(msg)
+    return spec
 
 
 def check_socket_path(path: str) -> str:
