@@ -25,15 +25,13 @@ from agent.cli._arguments import (
     socket_path,
 )
 from agent.cli._exit import EX_OK, EX_UNAVAILABLE, EX_USAGE
+from agent.protocol.constants import MAX_GUEST_RAM_MB, MIN_GUEST_RAM_MB
 
 if TYPE_CHECKING:
     import argparse
 
     from agent.host import SimulatedHost
 
-MIN_RAM_MB: Final = 4
-MAX_RAM_MB: Final = 2_097_152
-"""Guest RAM VirtualBox accepts on a 64-bit host (``VBoxManage list systemproperties``)."""
 DEFAULT_RAM_MB: Final = 2048
 NS_PER_MS: Final = 1_000_000
 MIN_HEARTBEAT_INTERVAL_MS: Final = 50
@@ -66,7 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ram-mb",
-        type=integer_at_least(MIN_RAM_MB, at_most=MAX_RAM_MB),
+        type=integer_at_least(MIN_GUEST_RAM_MB, at_most=MAX_GUEST_RAM_MB),
         default=DEFAULT_RAM_MB,
         metavar="N",
         help="guest RAM in MiB (default: %(default)s)",

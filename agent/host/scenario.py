@@ -34,7 +34,12 @@ import trio
 from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
 from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
-from agent.protocol.constants import parse_event_mask, parse_request_type
+from agent.protocol.constants import (
+    MAX_GUEST_RAM_MB,
+    MIN_GUEST_RAM_MB,
+    parse_event_mask,
+    parse_request_type,
+)
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
 
@@ -103,6 +108,14 @@ def _int(value: object) -> int:
         expected = "an integer"
         raise TypeError(expected)
     return value
+
+
+def _ram_mb(value: object) -> int:
+    mb = _int(value)
+    if not MIN_GUEST_RAM_MB <= mb <= MAX_GUEST_RAM_MB:
+        msg = f"{mb} is not an integer in [{MIN_GUEST_RAM_MB}, {MAX_GUEST_RAM_MB}]"
+        raise ValueError(msg)
+    return mb
 
 
 def _number(value: object) -> float:
@@ -182,7 +195,7 @@ ACTIONS: Final[dict[str, tuple[dict[str, Callable[[object], Value]], dict[str, V
 """Action -> (its keys with their checks, defaults of the optional keys)."""
 _HOST_KEYS: Final[dict[str, Callable[[object], object]]] = {
     "personality": _str,
-    "ram_mb": _int,
+    "ram_mb": _ram_mb,
     "heartbeat_interval_ms": _int,
     "host_time": _bool,
     "core_dumps": _bool,
@@ -259,8 +272,8 @@ def _host_settings(raw: object, source: str) -> HostSettings:
     if settings.r3_balloon and settings.personality != "oracle":
         msg = f"{source}: host: key 'r3_balloon': only the oracle personality has it"
         raise ScenarioError(msg)
-    if settings.ram_mb <= 0 or settings.heartbeat_interval_ms <= 0:
-        msg = f"{source}: host: ram_mb and heartbeat_interval_ms must be positive"
+    if settings.heartbeat_interval_ms <= 0:
+        msg = f"{source}: host: heartbeat_interval_ms must be positive"
         raise ScenarioError(msg)
     return settings
 

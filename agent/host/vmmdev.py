@@ -42,7 +42,9 @@ from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
     HOST_FEATURE_HGCM_PHYS_PAGE_LIST,
+    MAX_GUEST_RAM_MB,
     MAX_VMMDEV_REQUEST_SIZE,
+    MIN_GUEST_RAM_MB,
     REQUEST_HEADER_VERSION,
     Event,
     GuestCapability,
@@ -78,8 +80,6 @@ PRE_ADDITIONS_TYPES: Final = frozenset(
 RESET_KEPT_EVENTS: Final = Event.DISPLAY_CHANGE_REQUEST
 """A VM reset clears every pending event but this one."""
 VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
-MAX_RAM_MB: Final = 2_097_152
-"""The most guest RAM VirtualBox gives a VM on a 64-bit host (2 TiB)."""
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _MS_PER_S: Final = 1000
@@ -110,8 +110,10 @@ class VMMDev:
         core_dump_enabled: bool = False,
         seed: int | None = None,
     ) -> None:
-        if not 0 < ram_mb <= MAX_RAM_MB:
-            msg = f"guest RAM must be in [1, {MAX_RAM_MB}] MB, got {ram_mb} MB"
+        if not MIN_GUEST_RAM_MB <= ram_mb <= MAX_GUEST_RAM_MB:
+            msg = (
+                f"guest RAM must be in [{MIN_GUEST_RAM_MB}, {MAX_GUEST_RAM_MB}] MB, got {ram_mb} MB"
+            )
             raise ValueError(msg)
         self.memory = memory
         self.ram_mb = ram_mb

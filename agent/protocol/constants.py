@@ -57,6 +57,11 @@ BALLOON_CHUNK_SIZE: Final = 1 << 20
 """``VMMDEV_MEMORY_BALLOON_CHUNK_SIZE``: the balloon moves in 1 MiB chunks."""
 BALLOON_CHUNK_PAGES: Final = BALLOON_CHUNK_SIZE // PAGE_SIZE
 """``VMMDEV_MEMORY_BALLOON_CHUNK_PAGES`` (256)."""
+MIN_GUEST_RAM_MB: Final = 4
+"""The least guest RAM VirtualBox gives a VM (``MM_RAM_MIN_IN_MB``), in MiB: the
+``phys_mem_chunks`` a host reports to the balloon."""
+MAX_GUEST_RAM_MB: Final = 2_097_152
+"""The most guest RAM VirtualBox gives a VM on a 64-bit host (2 TiB, ``MM_RAM_MAX_IN_MB``)."""
 
 AGC_FLAGS_CONFIG_ACQUIRE_MODE: Final = 0x1
 AGC_FLAGS_VALID_MASK: Final = 0x1

@@ -86,6 +86,7 @@ class TestParse:
             ("[host]\nram = 1", "host: unknown key 'ram'"),
             ('[host]\npersonality = "windows"', "'windows' is not one of"),
             ('[host]\nram_mb = "big"', "host: key 'ram_mb': expected an integer, got 'big'"),
+            ("[host]\nram_mb = 1", r"host: key 'ram_mb': 1 is not an integer in \[4, 2097152\]"),
             ("[[steps]]\nat = 1", "step 1: key 'action': None is not one of"),
             ('[[steps]]\naction = "restore"', "step 1: key 'at': expected a non-negative number"),
             ('[[steps]]\nat = -1\naction = "restore"', "step 1: key 'at'"),
