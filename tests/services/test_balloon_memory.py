@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from agent.host import SimulatedHost
 from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 from agent.protocol.constants import PAGE_SIZE
-from agent.services.balloon._chunks import ChunkError, MmapAllocator
+from agent.services.balloon._chunks import ChunkError, MmapAllocator, has_ipc_lock
 from tests.services.balloon_support import running_balloon
 
 if TYPE_CHECKING:
@@ -140,6 +141,30 @@ class TestMmapAllocator:
                 allocator.physical_pages(address)
         finally:
             allocator.release(address)
+
+
+class TestCapability:
+    """``CAP_IPC_LOCK`` lifts ``RLIMIT_MEMLOCK``; the mode line says whether it is effective."""
+
+    @pytest.mark.parametrize(
+        ("cap_eff", "expected"),
+        [("0000000000004000", True), ("000001ffffffbfff", False), ("0000000000000000", False)],
+    )
+    def test_reads_bit_14_of_cap_eff(self, tmp_path: Path, cap_eff: str, expected: bool) -> None:
+        status = tmp_path / "status"
+        status.write_text(f"Name:\tagent\nCapInh:\t0000000000004000\nCapEff:\t{cap_eff}\n")
+        assert has_ipc_lock(str(status)) is expected
+
+    async def test_mode_line_shows_limit_and_capability(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        host = SimulatedHost(personality="passthrough")
+        with trio.fail_after(60), capture_logs() as logs:
+            async with running_balloon(personality="", host=host):
+                pass
+        [line] = [line for line in logs if line["event"] == "balloon_mode"]
+        assert "memlock_limit_mb" in line
+        assert line["memlock_unlimited_by_capability"] is has_ipc_lock()
 
 
 class TestServiceWithRealChunks:

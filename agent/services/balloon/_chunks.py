@@ -25,6 +25,9 @@ from agent.protocol import BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
 from agent.protocol.balloon_pages import CHUNK_PAGES, PAGE_SHIFT, every_page
 
 PAGEMAP_PATH: Final = "/proc/self/pagemap"
+STATUS_PATH: Final = "/proc/self/status"
+CAP_IPC_LOCK: Final = 14
+"""The capability bit that lifts ``RLIMIT_MEMLOCK`` (``linux/capability.h``)."""
 _PAGEMAP_ENTRY_BYTES: Final = 8
 _PRESENT: Final = every_page(1 << 63)
 """Bit 63 of every pagemap entry: the page is present."""
@@ -185,3 +188,14 @@ def memlock_limit() -> int | None:
     """Return ``RLIMIT_MEMLOCK`` in bytes, or None when unlimited."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def has_ipc_lock(status_path: str = STATUS_PATH) -> bool:
+    """Whether ``CAP_IPC_LOCK`` is in the effective set (``CapEff`` in ``status_path``):
+    then ``RLIMIT_MEMLOCK`` does not bound what the process locks."""
+    with open(status_path, encoding="ascii") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name == "CapEff":
+                return bool(int(value, 16) >> CAP_IPC_LOCK & 1)
+    return False

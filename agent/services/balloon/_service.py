@@ -263,7 +263,7 @@ class BalloonService:
         elif mode.agent_holds_chunks:
             self._walker = self._new_walker(mode)
             self._mode_of_walker = mode
-        memlock = {"memlock_limit_mb": _memlock_limit_mb()} if mode.agent_holds_chunks else {}
+        memlock = _memlock_fields() if mode.agent_holds_chunks else {}
         log.info("balloon_mode", mode=str(mode), chunks=detected.chunks, **memlock)
         self.mode_known.set()
         self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
@@ -470,12 +470,16 @@ class BalloonService:
             return None
 
 
-def _memlock_limit_mb() -> int | str:
-    """``RLIMIT_MEMLOCK`` in MiB, which bounds the chunks the agent locks, or "unlimited"."""
-    from agent.services.balloon._chunks import memlock_limit  # noqa: PLC0415 - see _new_walker
+def _memlock_fields() -> dict[str, object]:
+    """``RLIMIT_MEMLOCK`` in MiB (or "unlimited"), which bounds the chunks the agent locks
+    unless ``CAP_IPC_LOCK`` is effective, and whether it is."""
+    from agent.services.balloon._chunks import has_ipc_lock, memlock_limit  # noqa: PLC0415
 
     limit = memlock_limit()
-    return "unlimited" if limit is None else limit >> 20
+    return {
+        "memlock_limit_mb": "unlimited" if limit is None else limit >> 20,
+        "memlock_unlimited_by_capability": has_ipc_lock(),
+    }
 
 
 def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
