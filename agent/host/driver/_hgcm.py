@@ -218,13 +218,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
     if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
-    if drv.session_mutex.locked:
-        async with drv.session_mutex:
-            known = client_id in session.hgcm_client_ids
-    else:  # a free mutex taken for a lookup that cannot sleep: the lookup is the same
-        known = client_id in session.hgcm_client_ids
-    if not known:
-        raise fail(errno.EINVAL)
+    async with drv.session_mutex:  # free, it is taken without a schedule point
+        if client_id not in session.hgcm_client_ids:
+            raise fail(errno.EINVAL)
     try:
         status = await _call(drv, session, kbuf, parms, memory, timeout_ms=timeout_ms)
     except _TooBigError:

@@ -58,11 +58,6 @@ class KernelMutex:
         self._locked = False
         self._waiters = trio.lowlevel.ParkingLot()
 
-    @property
-    def locked(self) -> bool:
-        """Whether a task holds the lock."""
-        return self._locked
-
     async def __aenter__(self) -> None:
         if self._locked:
             await self._waiters.park()  # woken as the new holder
