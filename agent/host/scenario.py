@@ -156,22 +156,20 @@ def _status(value: object) -> int:
     return parse_status(_text(value))
 
 
-def _prop_name(value: object) -> str:
-    name = _str(value)
-    encode_name(name)
-    return name
+def _str_checked_by(check: Callable[[str], object]) -> Callable[[object], str]:
+    """A string that ``check`` accepts (it raises ValueError naming the problem otherwise)."""
+
+    def checked(value: object) -> str:
+        text = _str(value)
+        check(text)
+        return text
+
+    return checked
 
 
-def _prop_value(value: object) -> str:
-    text = _str(value)
-    encode_value(text)
-    return text
-
-
-def _prop_flags(value: object) -> str:
-    flags = _str(value)
-    parse_flags(flags)
-    return flags
+_prop_name = _str_checked_by(encode_name)
+_prop_value = _str_checked_by(encode_value)
+_prop_flags = _str_checked_by(parse_flags)
 
 
 def _count(value: object) -> int:
