@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.cli._arguments import PERSONALITIES, device_spec
+from agent.cli._arguments import PERSONALITIES, device_spec, file_path
 from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
@@ -39,7 +39,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
         "simulated VirtualBox host that plays the bundled demo scenario."
     )
-    parser.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    parser.add_argument(
+        "--config",
+        type=file_path,
+        metavar="FILE",
+        help="TOML config file (default: built-in defaults)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--device",
@@ -60,7 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scenario",
-        type=Path,
+        type=file_path,
+        metavar="FILE",
         help="host scenario TOML to play (with --simulate; default: the bundled demo)",
     )
     parser.add_argument(
@@ -87,8 +93,10 @@ def _positive_seconds(text: str) -> float:
 def run_command(args: argparse.Namespace) -> int:
     """Run the agent; return 0 after a clean shutdown, non-zero on failure."""
     usage: argparse.ArgumentParser = args.usage_parser
-    if not args.simulate and (args.scenario is not None or args.personality is not None):
-        usage.error("--personality and --scenario need --simulate")
+    if not args.simulate:
+        for option, value in (("--personality", args.personality), ("--scenario", args.scenario)):
+            if value is not None:
+                usage.error(f"{option} needs --simulate")
     try:
         config = (
             load_config(args.config, section_models()) if args.config is not None else AgentConfig()
