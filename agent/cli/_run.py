@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -17,7 +16,7 @@ from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UN
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
-from agent.logconfig import configure_logging
+from agent.logconfig import configure_logging, print_error
 from agent.protocol import AgentError
 from agent.services.registry import section_models
 
@@ -103,7 +102,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print_error(problem)
         return EX_CONFIG
     main: Callable[[], Awaitable[None]]
     if args.simulate:
@@ -114,12 +113,12 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             scenario = load_scenario(source)
         except ScenarioError as exc:
-            print(f"vbox-agent run: {exc}", file=sys.stderr)
+            print_error(f"vbox-agent run: {exc}")
             return EX_CONFIG
         try:
             host = _simulated_host(scenario.host, args.personality)
         except ValueError as exc:  # a value the host model refuses (its own limits)
-            print(f"vbox-agent run: {source}: host: {exc}", file=sys.stderr)
+            print_error(f"vbox-agent run: {source}: host: {exc}")
             return EX_CONFIG
         main = partial(_run_simulated, args, config, host, scenario)
     else:
@@ -203,12 +202,12 @@ def _report_failure(exc: BaseException) -> int:
         if isinstance(leaf, DeviceLostError):  # the log says why a running agent ended
             log.critical("device_lost", error=str(leaf))
         if isinstance(leaf, DeviceUnavailableError | DeviceLostError):
-            print(f"vbox-agent: {leaf}", file=sys.stderr)
+            print_error(f"vbox-agent: {leaf}")
             return EX_UNAVAILABLE
     for leaf in leaves:
         if isinstance(leaf, ServiceFailedError | AgentError | OSError):
             log.critical("agent_failed", error=repr(leaf))
-            print(f"vbox-agent: fatal: {leaf}", file=sys.stderr)
+            print_error(f"vbox-agent: fatal: {leaf}")
             return EX_SOFTWARE
     log.critical("agent_crashed", exc_info=exc)
     return EX_SOFTWARE
