@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.constants import STAT_PAGE_SIZE, Event, StatCap
+from agent.protocol.constants import STAT_PAGE_SIZE, VMM_MAX_CPU_COUNT, Event, StatCap
 from agent.protocol.messages import GUEST_STATISTICS_FIELDS
 from agent.protocol.status import VINF_SUCCESS
 
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 MAX_INTERVAL_S: Final = 0xFFFF_FFFF
 """The interval is a u32 of seconds."""
-VMM_MAX_CPU_COUNT: Final = 64
-"""Main keeps per-CPU loads for CPU ids below this; a higher id sets the VM's figure as is."""
 GUEST_CPUS: Final = min(os.cpu_count() or 1, VMM_MAX_CPU_COUNT)
 """The simulated guest's CPUs by default: the guest is this machine (its ``/proc/stat``)."""
 KIB_PER_PAGE: Final = STAT_PAGE_SIZE // 1024
@@ -135,6 +133,8 @@ class HostGuestStats:
         }
 
     def _update_main(self, report: dict[str, int]) -> None:
+        """``Guest::i_setStatistic`` for each figure with its bit (a CPU id of 64 or more
+        sets the VM's load as is)."""
         caps, cpu_id = report["stat_caps"], report["cpu_id"]
         for name, bit, field in CPU_FIGURES:
             if caps & bit:
