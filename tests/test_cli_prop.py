@@ -180,19 +180,36 @@ class TestErrors:
         assert done.returncode == EX_USAGE
         assert message in done.stderr
 
-    def test_no_host(self, sim: PropHost) -> None:
+
+class TestNoHost:
+    """Device specs that lead to no host: no simulator runs, so no personality is involved."""
+
+    @staticmethod
+    def prop(*args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m agent prop ARGS`` to completion."""
+        return subprocess.run(
+            [PYTHON, "-m", "agent", "prop", *args],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+        )
+
+    def test_no_host(self, tmp_path: Path) -> None:
         """A device spec that leads nowhere exits 69 with one line on stderr, nothing on
         stdout (structlog's default wrote the wait for the host there)."""
-        done = sim.run("prop", "--device", f"unix:{sim.socket}.none", "get", "/x")
+        done = self.prop("--device", f"unix:{tmp_path / 'none.sock'}", "get", "/x")
         assert done.returncode == EX_UNAVAILABLE
         assert "no simulated host" in one_line(done)
         assert done.stdout == ""
 
-    def test_path_that_is_not_a_socket(self, sim: PropHost) -> None:
+    def test_path_that_is_not_a_socket(self, tmp_path: Path) -> None:
         """A device path that exists and is not a socket exits 69 at once, with one line."""
-        done = sim.run("prop", "--device", f"unix:{sim.log_path}", "get", "/x")
+        path = tmp_path / "plain-file"
+        path.write_text("not a socket\n")
+        done = self.prop("--device", f"unix:{path}", "get", "/x")
         assert done.returncode == EX_UNAVAILABLE
-        assert one_line(done).endswith(f"{sim.log_path}: it exists and is not a socket")
+        assert one_line(done).endswith(f"{path}: it exists and is not a socket")
 
 
 class TestWait:

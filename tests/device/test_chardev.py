@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import pydantic
 import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from agent.config import MIN_IOCTL_THREADS, DeviceConfig
+from agent.config import DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
 from agent.device.errors import DeviceUnavailableError
@@ -383,13 +384,20 @@ class TestOpen:
         with pytest.raises(ValueError, match="at least 2"):
             chardev.thread_budget(1)
 
-    def test_config_accepts_what_the_transport_accepts(self) -> None:
-        """``device.ioctl_threads`` has the transport's minimum and default."""
-        assert MIN_IOCTL_THREADS == chardev.MIN_THREADS
+    @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 1, chardev.MIN_THREADS])
+    def test_config_accepts_what_the_transport_accepts(self, threads: int) -> None:
+        """``device.ioctl_threads`` takes a thread count exactly when the transport does."""
+        try:
+            chardev.thread_budget(threads)
+        except ValueError:
+            with pytest.raises(pydantic.ValidationError, match="ioctl_threads"):
+                DeviceConfig(ioctl_threads=threads)
+        else:
+            assert DeviceConfig(ioctl_threads=threads).ioctl_threads == threads
+
+    def test_config_default_is_the_transports(self) -> None:
+        """Without ``device.ioctl_threads`` the agent gets the transport's own default."""
         assert DeviceConfig().ioctl_threads == chardev.DEFAULT_THREADS
-        chardev.thread_budget(MIN_IOCTL_THREADS)
-        with pytest.raises(ValueError, match="at least"):
-            chardev.thread_budget(MIN_IOCTL_THREADS - 1)
 
     def test_signal_handler_is_installed_by_the_opener(self) -> None:
         """Creating the opener (once, at start) installs the handler; opening does not."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 from typing import TYPE_CHECKING, Final
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Final
 import pydantic
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from agent.services.balloon import BalloonSection, PsiMonitor
 from agent.services.balloon._pressure import MemInfo, PressureFileError
@@ -23,8 +25,29 @@ PSI_TEXT: Final = (
 )
 
 
+TRIGGER_STALL_US: Final = 200_000
+TRIGGER_WINDOW_US: Final = 2_000_000
+"""The trigger for a 10 % threshold over a 2 s interval: 200 ms of stall within 2 s."""
+
+
 def _write_psi(path: Path, total_us: int) -> None:
     path.write_text(PSI_TEXT.format(total=total_us))
+
+
+def _kernel_takes_a_trigger(path: str) -> bool:
+    """Whether the kernel lets this process set a trigger on ``path``, probed with the format
+    of the kernel's PSI documentation ("some STALL_US WINDOW_US") on a descriptor of its own."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, f"some {TRIGGER_STALL_US} {TRIGGER_WINDOW_US}".encode() + b"\0")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 class TestPsiMonitor:
@@ -62,16 +85,29 @@ class TestPsiMonitor:
             pass
 
     async def test_reads_the_real_pressure_file(self, autojump_clock: trio.abc.Clock) -> None:
-        """This kernel's own PSI file: a trigger is set where supported, else it is polled."""
+        """This kernel's own PSI file: the trigger is set exactly where the kernel takes one
+        (probed here with the documented format), else the file is polled."""
         if not await trio.Path(REAL_PSI).exists():
             pytest.skip(f"{REAL_PSI} does not exist: this kernel has no PSI (CONFIG_PSI)")
+        takes_a_trigger = _kernel_takes_a_trigger(REAL_PSI)
         # 2 s: without CAP_SYS_RESOURCE the kernel takes only whole multiples of 2 s windows.
-        with trio.fail_after(60), PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon:
-            if mon.uses_trigger:
-                return  # registered; the next reading comes only when memory stalls
-            reading = await mon.next_reading()
-        assert 0.0 <= reading.stall_pct <= 100.0
-        assert reading.via == "poll"
+        with (
+            capture_logs() as logs,
+            trio.fail_after(60),
+            PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon,
+        ):
+            assert mon.uses_trigger is takes_a_trigger
+            if not takes_a_trigger:
+                reading = await mon.next_reading()
+                assert 0.0 <= reading.stall_pct <= 100.0
+                assert reading.via == "poll"
+        set_up = [entry for entry in logs if entry["event"].startswith("psi_trigger")]
+        if takes_a_trigger:
+            assert [(e["event"], e["stall_us"], e["window_us"]) for e in set_up] == [
+                ("psi_trigger_set", TRIGGER_STALL_US, TRIGGER_WINDOW_US)
+            ]
+        else:
+            assert [e["event"] for e in set_up] == ["psi_trigger_unavailable"]
 
     async def test_trigger_wakes_the_monitor(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
