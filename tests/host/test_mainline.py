@@ -748,5 +748,6 @@ class TestKernelHeartbeat:
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
                 await trio.sleep(10)
-                assert host.vmmdev.heartbeat.beats == 0
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == 2
+                assert (host.vmmdev.heartbeat.active, host.vmmdev.heartbeat.beats) == (False, 0)
                 nursery.cancel_scope.cancel()
