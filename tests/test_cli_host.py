@@ -66,7 +66,8 @@ class TestHostCommands:
         """The statistics interval set from the command line shows in ``guest_stats``."""
         assert host(simulator.path, "stats-interval", "7").returncode == 0
         status = json.loads(host(simulator.path, "status", "--json").stdout)
-        assert status["guest_stats"] == {"interval_s": 7, "reports": 0, "last": None}
+        expected: dict[str, object] = {"interval_s": 7, "reports": 0, "last": None, "main": {}}
+        assert status["guest_stats"] == expected
         for bad in ("-1", "4294967296", "soon"):
             result = host(simulator.path, "stats-interval", bad)
             assert result.returncode == 64, (bad, result.stderr)

@@ -45,6 +45,9 @@ POLL_S: Final = 0.05
 INTERVAL_S: Final = 0.1
 WINDOW_S: Final = 10.0
 GAP_MARGIN_NS: Final = 20_000_000
+MIN_CPU_SUM: Final = 75
+"""Main's idle + kernel + user (percent) with a report per CPU: 100 less steal and rounding;
+reporting all CPUs as CPU 0 gives at most 100 / CPUs, 50 on two."""
 """How much longer than the interval the longest gap between beats may be."""
 PYTHON: Final = sys.executable
 AGENT_SCHEDULING: Final = unit_scheduling()
@@ -71,6 +74,12 @@ def status(socket_path: Path) -> dict[str, Any]:
 def control(socket_path: Path, payload: dict[str, object]) -> None:
     """Send one control command."""
     trio.run(call_control, socket_path, payload)
+
+
+def proc_stat_cpus() -> int:
+    """How many ``cpuN`` lines this machine's /proc/stat has (a report each per interval)."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    return sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
 
 
 def wait_for(predicate: Callable[[], bool], what: str) -> None:
@@ -283,7 +292,9 @@ class TestStatistics:
 
     @pytest.mark.parametrize("personality", ["mainline", "oracle", "passthrough"])
     def test_reports_once_a_second_until_zero(self, workdir: Path, personality: str) -> None:
-        """Interval 1: a report a second with this machine's memory; interval 0: none."""
+        """Interval 1: each second a report per CPU with this machine's memory, so that
+        Main's averaged CPU loads add up to nearly 100 % (a single report of all CPUs as
+        CPU 0 would show at most 100 / CPUs); interval 0: none."""
         processes = start(workdir, personality)
         try:
             result = subprocess.run(
@@ -307,7 +318,11 @@ class TestStatistics:
             reports, shortest, longest = counted_over(
                 processes.socket, "guest_stats", "reports", 3.0
             )
-            assert shortest - 1 <= reports <= longest + 1
+            cpus = proc_stat_cpus()
+            assert (shortest - 1) * cpus <= reports <= (longest + 1) * cpus
+            main = status(processes.socket)["guest_stats"]["main"]
+            if cpus > 1:
+                assert main["cpu_idle"] + main["cpu_kernel"] + main["cpu_user"] >= MIN_CPU_SUM
             last = status(processes.socket)["guest_stats"]["last"]
             meminfo = Path("/proc/meminfo").read_text().split()
             mem_total = int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024

@@ -3,19 +3,26 @@
 As in VMMDev: setting an interval that differs from the one the guest last *acknowledged*
 stores it and raises STATISTICS_INTERVAL_CHANGE_REQUEST (0x80); setting the acknowledged value
 again does nothing at all, not even store it. GET_STATISTICS_CHANGE_REQ returns the stored
-interval and, when its ``event_ack`` is 0x80, records it as acknowledged. REPORT_GUEST_STATS
-hands the ``VBoxGuestStatistics`` to Main, which keeps the latest values. A VM reset forgets
+interval and, when its ``event_ack`` is 0x80, records it as acknowledged. A VM reset forgets
 the acknowledgement (the interval stays), so the next setting notifies again. Both requests
 must have their exact size; the device checks that before the handlers run.
+
+REPORT_GUEST_STATS hands the ``VBoxGuestStatistics`` to Main (``vmmdevReportStatistics``,
+``Guest::i_setStatistic``), which keeps only eight figures, each only when the report's
+``stat_caps`` has its bit: the three CPU loads per CPU id, each one published as the sum
+over the VM's CPUs divided by their count (so a guest must report every CPU), and total,
+available, ballooned and cache memory and the page file, in 4 KiB pages that
+``IGuest::InternalGetStatistics`` hands out as KiB. A figure never reported stays out.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Final
 
 from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.constants import Event
+from agent.protocol.constants import STAT_PAGE_SIZE, VMM_MAX_CPU_COUNT, Event, StatCap
 from agent.protocol.messages import GUEST_STATISTICS_FIELDS
 from agent.protocol.status import VINF_SUCCESS
 
@@ -24,19 +31,59 @@ if TYPE_CHECKING:
 
 MAX_INTERVAL_S: Final = 0xFFFF_FFFF
 """The interval is a u32 of seconds."""
+GUEST_CPUS: Final = min(os.cpu_count() or 1, VMM_MAX_CPU_COUNT)
+"""The simulated guest's CPUs by default: the guest is this machine (its ``/proc/stat``)."""
+KIB_PER_PAGE: Final = STAT_PAGE_SIZE // 1024
+U32_MAX: Final = 0xFFFF_FFFF
+"""Main's figures are ULONGs: a page count times 4 wraps there."""
+CPU_FIGURES: Final = (
+    ("cpu_user", StatCap.CPU_LOAD_USER, "cpu_load_user"),
+    ("cpu_kernel", StatCap.CPU_LOAD_KERNEL, "cpu_load_kernel"),
+    ("cpu_idle", StatCap.CPU_LOAD_IDLE, "cpu_load_idle"),
+)
+"""Main's CPU figures (percent, averaged over the VM's CPUs): name, bit, report field."""
+MEMORY_FIGURES: Final = (
+    ("mem_total", StatCap.PHYS_MEM_TOTAL, "phys_mem_total"),
+    ("mem_free", StatCap.PHYS_MEM_AVAIL, "phys_mem_avail"),
+    ("mem_balloon", StatCap.PHYS_MEM_BALLOON, "phys_mem_balloon"),
+    ("mem_cache", StatCap.MEM_SYSTEM_CACHE, "mem_system_cache"),
+    ("page_total", StatCap.PAGE_FILE_SIZE, "page_file_size"),
+)
+"""Main's memory figures (KiB): name, bit, report field (4 KiB pages)."""
 
 
 class HostGuestStats:
-    """Guest statistics of one VM, as VMMDev and Main keep them."""
+    """Guest statistics of one VM, as VMMDev and Main keep them.
 
-    __slots__ = ("_raise_events", "acked_interval_s", "interval_s", "last", "reports")
+    Args:
+        raise_events: VMMDev's event notification.
+        cpus: the VM's CPU count (Main divides the summed per-CPU loads by it).
+    """
 
-    def __init__(self, raise_events: Callable[[int], None]) -> None:
+    __slots__ = (
+        "_cpu_loads",
+        "_raise_events",
+        "acked_interval_s",
+        "cpus",
+        "interval_s",
+        "last",
+        "main",
+        "reports",
+    )
+
+    def __init__(self, raise_events: Callable[[int], None], *, cpus: int = GUEST_CPUS) -> None:
+        if not 1 <= cpus <= VMM_MAX_CPU_COUNT:
+            msg = f"guest CPUs must be in [1, {VMM_MAX_CPU_COUNT}], got {cpus}"
+            raise ValueError(msg)
         self._raise_events = raise_events
+        self.cpus = cpus
         self.interval_s = 0
         self.acked_interval_s = 0
         self.reports = 0
         self.last: dict[str, int] | None = None
+        self.main: dict[str, int] = {}
+        """Main's figures by name, each present once a report carried its bit."""
+        self._cpu_loads = {name: [0] * VMM_MAX_CPU_COUNT for name, _, _ in CPU_FIGURES}
 
     def set_interval(self, seconds: int) -> None:
         """Main asks for a report every ``seconds`` (0: none); notify if the guest has not seen it.
@@ -61,20 +108,42 @@ class HostGuestStats:
         return VINF_SUCCESS
 
     def report(self, req: bytearray, _phys: int) -> int:
-        """REPORT_GUEST_STATS: keep the report as the latest."""
+        """REPORT_GUEST_STATS: keep the report as the latest and update Main's figures."""
         values: dict[str, int] = {}
         for name in GUEST_STATISTICS_FIELDS:
             member: L.IntField = getattr(L.GuestStatsRequest, name)
             values[name] = member.get(req)
         self.last = values
         self.reports += 1
+        self._update_main(values)
         return VINF_SUCCESS
 
     def reset(self) -> None:
-        """VM reset: the guest has acknowledged nothing any more."""
+        """VM reset: the guest has acknowledged nothing any more (Main keeps its figures)."""
         self.acked_interval_s = 0
 
     def snapshot(self) -> dict[str, object]:
         """Return the state for ``host status`` (``last`` is None before any report)."""
         last = None if self.last is None else dict(self.last)
-        return {"interval_s": self.interval_s, "reports": self.reports, "last": last}
+        return {
+            "interval_s": self.interval_s,
+            "reports": self.reports,
+            "last": last,
+            "main": dict(self.main),
+        }
+
+    def _update_main(self, report: dict[str, int]) -> None:
+        """``Guest::i_setStatistic`` for each figure with its bit (a CPU id of 64 or more
+        sets the VM's load as is)."""
+        caps, cpu_id = report["stat_caps"], report["cpu_id"]
+        for name, bit, field in CPU_FIGURES:
+            if caps & bit:
+                value = report[field]
+                if cpu_id < VMM_MAX_CPU_COUNT:
+                    loads = self._cpu_loads[name]
+                    loads[cpu_id] = value
+                    value = sum(loads[: self.cpus]) // self.cpus
+                self.main[name] = value
+        for name, bit, field in MEMORY_FIGURES:
+            if caps & bit:
+                self.main[name] = report[field] * KIB_PER_PAGE & U32_MAX

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 import trio
 
 from agent.host._heartbeat import NS_PER_S
+from agent.host._stats import GUEST_CPUS
 from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
 from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
 from agent.host.vmmdev import HOST_VERSION, VMMDev
@@ -59,6 +60,8 @@ class SimulatedHost:
         personality: the kernel driver in front of the device (``mainline``, ``oracle``,
             ``passthrough``, or ``kernel``: the real Linux driver from the test bed).
         ram_mb: guest RAM in MiB.
+        cpus: the guest's CPU count, by default this machine's (its ``/proc/stat`` is the
+            guest's); Main averages the reported CPU loads over it.
         heartbeat_interval_ns: the host's ``HeartbeatInterval``.
         heartbeat_timeout_ns: ``HeartbeatTimeout`` (default twice the interval).
         host_time_enabled: whether GET_HOST_TIME answers (else VERR_NOT_SUPPORTED).
@@ -78,6 +81,7 @@ class SimulatedHost:
         *,
         personality: str = "mainline",
         ram_mb: int = 2048,
+        cpus: int = GUEST_CPUS,
         heartbeat_interval_ns: int = 2 * NS_PER_S,
         heartbeat_timeout_ns: int | None = None,
         host_time_enabled: bool = True,
@@ -95,6 +99,7 @@ class SimulatedHost:
         self.vmmdev = VMMDev(
             self.ram,
             ram_mb=ram_mb,
+            cpus=cpus,
             heartbeat_interval_ns=heartbeat_interval_ns,
             heartbeat_timeout_ns=heartbeat_timeout_ns,
             host_time_enabled=host_time_enabled,

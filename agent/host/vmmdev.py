@@ -35,7 +35,7 @@ from agent.host._guest_info import GuestInfo
 from agent.host._header_fields import REQUEST_RC, REQUEST_RC_AT
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
-from agent.host._stats import HostGuestStats
+from agent.host._stats import GUEST_CPUS, HostGuestStats
 from agent.host.hgcm import HgcmHost
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -104,6 +104,7 @@ class VMMDev:
         memory: GuestMemory,
         *,
         ram_mb: int = 2048,
+        cpus: int = GUEST_CPUS,
         heartbeat_interval_ns: int = 2 * NS_PER_S,
         heartbeat_timeout_ns: int | None = None,
         host_time_enabled: bool = True,
@@ -131,7 +132,7 @@ class VMMDev:
             heartbeat_interval_ns,
             2 * heartbeat_interval_ns if heartbeat_timeout_ns is None else heartbeat_timeout_ns,
         )
-        self.guest_stats = HostGuestStats(self.raise_events)
+        self.guest_stats = HostGuestStats(self.raise_events, cpus=cpus)
         self.facilities = FacilityTable()
         self.guest = GuestInfo()
         self.request_counts: Counter[int] = Counter()

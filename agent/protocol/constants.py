@@ -281,6 +281,8 @@ class StatCap(IntFlag):
 
 STAT_PAGE_SIZE: Final = 4096
 """The unit of every memory figure in a statistics report: 4 KiB pages, whatever the guest's."""
+VMM_MAX_CPU_COUNT: Final = 64
+"""CPUs a VM may have; Main keeps a statistics report's CPU loads per CPU id below it."""
 
 
 class GuestCapability(IntFlag):

@@ -1,17 +1,21 @@
 """Guest statistics from ``/proc``: what a Linux guest can put in ``VBoxGuestStatistics``.
 
 One sample reads ``/proc/stat``, ``/proc/meminfo`` and ``/proc/loadavg`` once and counts the
-process directories of ``/proc``; no subprocess, no per-process file. Figures:
+process directories of ``/proc``; no subprocess, no per-process file. It makes one report per
+CPU (``cpuN`` lines, N below ``VMM_MAX_CPU_COUNT``), as VBoxService does: Main keeps the loads
+per CPU id and publishes their sum over the VM's CPUs divided by the CPU count, so a single
+report of all CPUs' load would show a fraction of it. Figures:
 
-- CPU load (idle, kernel, user) in percent of the jiffies between two samples, from the
-  ``cpu`` line (all CPUs together): idle = idle + iowait, kernel = system + irq + softirq,
-  user = user + nice, over the sum of those and steal. The first sample has no "last
-  interval", so its report carries no CPU bits.
+- CPU load (idle, kernel, user) of that CPU in percent of its jiffies between two samples:
+  idle = idle + iowait, kernel = system + irq + softirq, user = user + nice, over the sum of
+  those and steal. The first sample has no "last interval": it makes one report, CPU 0's,
+  with no CPU bits, and so does a sample in which no CPU's jiffies moved.
 - processes: the numeric directories of ``/proc``; threads: ``nr_threads`` of ``/proc/loadavg``.
 - memory, in 4 KiB pages whatever the guest's page size: total (MemTotal), available
   (MemAvailable), commit (Committed_AS), kernel paged (SReclaimable) and non-paged (SUnreclaim
   + KernelStack + PageTables) and their sum, system cache (Buffers + Cached), page file
-  (SwapTotal); memory load is the share of MemTotal not available, in percent.
+  (SwapTotal); memory load is the share of MemTotal not available, in percent. Every report
+  of a sample carries the same memory figures.
 - the balloon, in 4 KiB pages, from the caller (the balloon service's count).
 
 Handles have no Linux meaning and stay unreported.
@@ -19,12 +23,13 @@ Handles have no Linux meaning and stay unreported.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol import GuestStatistics, StatCap
-from agent.protocol.constants import STAT_PAGE_SIZE
+from agent.protocol.constants import STAT_PAGE_SIZE, VMM_MAX_CPU_COUNT
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -57,6 +62,7 @@ MEMORY_CAPS: Final = (
 )
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
 _U32_MAX: Final = 0xFFFF_FFFF
+_CPU_LINE_PREFIX: Final = "cpu"
 
 
 class ProcStatsError(Exception):
@@ -65,7 +71,7 @@ class ProcStatsError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CpuTimes:
-    """Cumulative jiffies of all CPUs, grouped as the report needs them."""
+    """Cumulative jiffies of one CPU, grouped as the report needs them."""
 
     idle: int
     kernel: int
@@ -87,21 +93,23 @@ class ProcStats:
 
     def __init__(self, proc: Path) -> None:
         self._proc = proc
-        self._last_cpu: CpuTimes | None = None
+        self._last_cpus: dict[int, CpuTimes] = {}
         self._page_size = os.sysconf("SC_PAGE_SIZE")
 
     def forget_cpu(self) -> None:
-        """Start a new CPU interval: the next report has no CPU load."""
-        self._last_cpu = None
+        """Start a new CPU interval: the next sample has no CPU load."""
+        self._last_cpus = {}
 
-    def sample(self, *, balloon_chunks: int | None) -> GuestStatistics:
-        """Read ``/proc`` once and return a report (``balloon_chunks`` in 1 MiB chunks).
+    def sample(self, *, balloon_chunks: int | None) -> tuple[GuestStatistics, ...]:
+        """Read ``/proc`` once; return its reports, one per CPU with a load (or one without).
+
+        ``balloon_chunks`` is in 1 MiB chunks.
 
         Raises:
             ProcStatsError: a file is missing or malformed.
         """
         try:
-            cpu = _cpu_times(self._read("stat"))
+            cpus = _cpu_times(self._read("stat"))
             memory = _meminfo(self._read("meminfo"))
             threads = _threads(self._read("loadavg"))
             processes = sum(1 for entry in os.scandir(self._proc) if entry.name.isdigit())
@@ -109,11 +117,6 @@ class ProcStats:
             msg = f"cannot read {exc.filename or self._proc}: {exc.strerror or exc}"
             raise ProcStatsError(msg) from exc
         caps = MEMORY_CAPS | StatCap.THREADS | StatCap.PROCESSES
-        loads = (0, 0, 0)
-        last, self._last_cpu = self._last_cpu, cpu
-        if last is not None and cpu.total > last.total:
-            loads = _loads(last, cpu)
-            caps |= CPU_CAPS
         balloon = 0
         if balloon_chunks is not None:
             balloon = balloon_chunks * (1 << 20) // STAT_PAGE_SIZE
@@ -121,11 +124,8 @@ class ProcStats:
         total, available = memory["MemTotal"], memory["MemAvailable"]
         paged = memory["SReclaimable"]
         nonpaged = memory["SUnreclaim"] + memory["KernelStack"] + memory["PageTables"]
-        return GuestStatistics(
+        common = GuestStatistics(
             stat_caps=int(caps),
-            cpu_load_idle=loads[0],
-            cpu_load_kernel=loads[1],
-            cpu_load_user=loads[2],
             threads=_u32(threads),
             processes=_u32(processes),
             memory_load=(total - available) * PERCENT // total if total else 0,
@@ -140,23 +140,53 @@ class ProcStats:
             mem_system_cache=_pages(memory["Buffers"] + memory["Cached"]),
             page_file_size=_pages(memory["SwapTotal"]),
         )
+        last, self._last_cpus = self._last_cpus, cpus
+        reports = tuple(
+            _with_loads(common, cpu_id, _loads(last[cpu_id], now))
+            for cpu_id, now in cpus.items()
+            if cpu_id in last and now.total > last[cpu_id].total
+        )
+        return reports or (common,)
 
     def _read(self, name: str) -> str:
         return (self._proc / name).read_text(encoding="ascii", errors="replace")
 
 
-def _cpu_times(text: str) -> CpuTimes:
+def _cpu_times(text: str) -> dict[int, CpuTimes]:
+    """Each ``cpuN`` line's times by N, for N below ``VMM_MAX_CPU_COUNT``."""
+    cpus: dict[int, CpuTimes] = {}
     for line in text.splitlines():
         parts = line.split()
-        if parts and parts[0] == "cpu":
-            values = [int(part) for part in parts[1:9] if part.isdigit()]
-            if len(values) < 4:
-                break
-            user, nice, system, idle, *rest = values
-            iowait, irq, softirq, steal = (*rest, 0, 0, 0, 0)[:4]
-            return CpuTimes(idle + iowait, system + irq + softirq, user + nice, steal)
-    msg = "/proc/stat has no usable 'cpu' line"
-    raise ProcStatsError(msg)
+        if not parts or not parts[0].startswith(_CPU_LINE_PREFIX):
+            continue
+        number = parts[0].removeprefix(_CPU_LINE_PREFIX)
+        if not number.isdigit() or int(number) >= VMM_MAX_CPU_COUNT:
+            continue
+        values = [int(part) for part in parts[1:9] if part.isdigit()]
+        if len(values) < 4:
+            msg = f"/proc/stat line {parts[0]!r} has fewer than 4 counters"
+            raise ProcStatsError(msg)
+        user, nice, system, idle, *rest = values
+        iowait, irq, softirq, steal = (*rest, 0, 0, 0, 0)[:4]
+        cpus[int(number)] = CpuTimes(idle + iowait, system + irq + softirq, user + nice, steal)
+    if not cpus:
+        msg = "/proc/stat has no usable 'cpuN' line"
+        raise ProcStatsError(msg)
+    return cpus
+
+
+def _with_loads(
+    common: GuestStatistics, cpu_id: int, loads: tuple[int, int, int]
+) -> GuestStatistics:
+    idle, kernel, user = loads
+    return dataclasses.replace(
+        common,
+        cpu_id=cpu_id,
+        stat_caps=common.stat_caps | CPU_CAPS,
+        cpu_load_idle=idle,
+        cpu_load_kernel=kernel,
+        cpu_load_user=user,
+    )
 
 
 def _meminfo(text: str) -> dict[str, int]:

@@ -4,10 +4,11 @@ The host (Main's ``IGuest::statisticsUpdateInterval``, set by ``VBoxManage metri
 the host's balloon control) raises STATISTICS_INTERVAL_CHANGE_REQUEST (0x80) when it wants a
 new interval. The service reads the interval with GET_STATISTICS_CHANGE_REQ, acknowledging the
 event, at start, at every 0x80 and after every restore; while the interval is not zero it
-sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`. Each report is one
-``/proc`` sample (:mod:`agent.services._procstats`) as CPU 0, the load being that of all CPUs;
-the balloon figure is the balloon service's count (``ServiceContext.balloon``), or the
-driver's (CHECK_BALLOON) while no balloon service publishes one. Mainline and Oracle's driver
+sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`: each tick reads one
+``/proc`` sample (:mod:`agent.services._procstats`) and sends one report per CPU, as
+VBoxService does (Main averages the loads over the VM's CPUs); the balloon figure is the
+balloon service's count (``ServiceContext.balloon``), or the driver's (CHECK_BALLOON) while no
+balloon service publishes one. Mainline and Oracle's driver
 let trusted sessions send both requests, so this works on every real guest. Config section:
 ``[statistics]``.
 """
@@ -50,7 +51,7 @@ class GuestStatsStatistics:
     """What the statistics service sent.
 
     Attributes:
-        failures: reports not sent (``/proc`` unreadable or the host refused).
+        failures: samples not read (``/proc`` unreadable) and reports the host refused.
         last: the latest report sent, or None.
         rhythm: the metronome's counters (reports are its ticks).
     """
@@ -111,18 +112,24 @@ class GuestStatsService:
 
     async def _report(self) -> None:
         try:
-            stats = self._proc.sample(balloon_chunks=await self._balloon_chunks())
+            reports = self._proc.sample(balloon_chunks=await self._balloon_chunks())
         except ProcStatsError as exc:
             self._failures += 1
             log.warning("statistics_unavailable", error=str(exc), failures=self._failures)
             return
-        try:
-            await self._device.request(ReportGuestStats(stats))
-        except VBoxStatusError as exc:
-            self._failures += 1
-            log.warning("statistics_report_failed", status=exc.name, failures=self._failures)
-            return
-        self._last = stats
+        for stats in reports:
+            try:
+                await self._device.request(ReportGuestStats(stats))
+            except VBoxStatusError as exc:
+                self._failures += 1
+                log.warning(
+                    "statistics_report_failed",
+                    status=exc.name,
+                    cpu_id=stats.cpu_id,
+                    failures=self._failures,
+                )
+                return
+            self._last = stats
 
     async def _balloon_chunks(self) -> int | None:
         """The balloon service's count; without one, the driver's (mainline: the kernel's)."""

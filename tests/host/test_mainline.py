@@ -740,6 +740,19 @@ class TestKernelHeartbeat:
                 assert heartbeat["max_gap_ns"] == 2_000_000_000
                 nursery.cancel_scope.cancel()
 
+    async def test_refused_off_sends_no_on(self, autojump_clock: object) -> None:
+        """A refused first configure (off) ends the set-up there, as in ``vbg_heartbeat_init``:
+        no second configure, the host's check stays off and the driver never beats."""
+        host = SimulatedHost()
+        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -12, count=1)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                await trio.sleep(10)
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == 1
+                assert (host.vmmdev.heartbeat.active, host.vmmdev.heartbeat.beats) == (False, 0)
+                nursery.cancel_scope.cancel()
+
     async def test_failed_configure_means_no_heartbeat(self, autojump_clock: object) -> None:
         """A host refusing HEARTBEAT_CONFIGURE leaves the guest without a heartbeat."""
         host = SimulatedHost()

@@ -26,6 +26,7 @@ from agent.protocol.constants import (
     Facility,
     FacilityStatus,
     RequestType,
+    StatCap,
 )
 from agent.protocol.status import (
     STATUS_CODES,
@@ -66,6 +67,7 @@ EXACT_SIZES: Final = {
     T.REPORT_GUEST_STATS: 100,
 }
 """The checklist's exact sizes (linux-vboxguest.md §14)."""
+CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
 
 
 def irq(device: Device) -> bool:
@@ -645,6 +647,7 @@ class TestGuestStats:
             "interval_s": 0,
             "reports": 0,
             "last": None,
+            "main": {},
         }
         req = vmmdev_request(T.REPORT_GUEST_STATS, 100)
         struct.pack_into("<19I", req, 24, *range(100, 119))
@@ -673,6 +676,68 @@ class TestGuestStats:
             "mem_system_cache": 117,
             "page_file_size": 118,
         }
+
+    def report(self, device: Device, cpu_id: int, caps: StatCap, **fields: int) -> None:
+        """Send one REPORT_GUEST_STATS with ``caps`` and the named fields (others 0)."""
+        req = vmmdev_request(T.REPORT_GUEST_STATS, 100)
+        L.GuestStatsRequest.cpu_id.set(req, cpu_id)
+        L.GuestStatsRequest.stat_caps.set(req, caps)
+        for name, value in fields.items():
+            member: L.IntField = getattr(L.GuestStatsRequest, name)
+            member.set(req, value)
+        assert device.send(req) == VINF_SUCCESS
+
+    def test_main_averages_cpu_loads_over_the_vm_cpus(self) -> None:
+        """Main keeps each CPU's load and publishes the sum over the VM's CPUs divided by
+        their count: a 4-CPU guest that reports only CPU 0 shows a quarter of its load."""
+        device = make_device(cpus=4)
+        device.report_additions()
+        loads = {"cpu_load_idle": 20, "cpu_load_kernel": 30, "cpu_load_user": 50}
+        self.report(device, 0, CPU_CAPS, **loads)
+        assert device.vmmdev.guest_stats.main == {"cpu_user": 12, "cpu_kernel": 7, "cpu_idle": 5}
+        for cpu in (1, 2, 3):
+            self.report(device, cpu, CPU_CAPS, **loads)
+        assert device.vmmdev.guest_stats.main == {"cpu_user": 50, "cpu_kernel": 30, "cpu_idle": 20}
+        self.report(device, 64, StatCap.CPU_LOAD_USER, cpu_load_user=99)
+        assert device.vmmdev.guest_stats.main["cpu_user"] == 99
+
+    def test_main_keeps_only_figures_whose_bit_is_set(self, device: Device) -> None:
+        """A field without its stat_caps bit changes nothing; memory pages become KiB; Main
+        keeps no threads, processes, handles, memory load, commit or kernel memory."""
+        device.report_additions()
+        self.report(
+            device,
+            0,
+            StatCap.PHYS_MEM_TOTAL | StatCap.THREADS,
+            phys_mem_total=1000,
+            phys_mem_avail=500,
+            threads=7,
+        )
+        assert device.vmmdev.guest_stats.main == {"mem_total": 4000}
+        everything = StatCap(sum(StatCap)) & ~CPU_CAPS
+        self.report(
+            device,
+            0,
+            everything,
+            phys_mem_total=2000,
+            phys_mem_avail=600,
+            phys_mem_balloon=256,
+            mem_system_cache=30,
+            page_file_size=0xFFFF_FFFF,
+        )
+        assert device.vmmdev.guest_stats.main == {
+            "mem_total": 8000,
+            "mem_free": 2400,
+            "mem_balloon": 1024,
+            "mem_cache": 120,
+            "page_total": 0xFFFF_FFFC,
+        }
+
+    @pytest.mark.parametrize("cpus", [0, 65])
+    def test_cpu_count_is_checked(self, cpus: int) -> None:
+        """A VM has 1 to 64 CPUs (VMM_MAX_CPU_COUNT)."""
+        with pytest.raises(ValueError, match=r"guest CPUs must be in \[1, 64\]"):
+            make_device(cpus=cpus)
 
 
 class TestHeartbeat:

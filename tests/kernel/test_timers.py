@@ -93,3 +93,17 @@ async def test_statistics_reach_the_host_through_the_real_driver(kernel_library:
     async with services(kernel_library) as host:
         host.set_statistics_interval(1)
         await wait_until(host, lambda: counter(host, "guest_stats", "reports") >= 2)
+
+
+async def test_refused_off_sends_no_on(kernel_library: Path) -> None:
+    """The real driver stops its heartbeat set-up at a refused first configure (off): one
+    HEARTBEAT_CONFIGURE in all, and the host's check stays off (as the simulated drivers)."""
+    del kernel_library
+    host = SimulatedHost(personality="kernel", heartbeat_interval_ns=INTERVAL_NS, seed=1)
+    host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -12, count=1)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT_S):
+            await nursery.start(host.run)
+        assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == 1
+        assert host.vmmdev.heartbeat.active is False
+        nursery.cancel_scope.cancel()

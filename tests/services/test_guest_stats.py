@@ -22,9 +22,10 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import ChangeFilterMask, Event, RequestType, StatCap
+from agent.protocol.constants import VMM_MAX_CPU_COUNT
 from agent.services import EventPump
 from agent.services._base import ServiceContext
-from agent.services._procstats import CPU_CAPS, MEMORY_CAPS
+from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
 from agent.services.guest_stats import GuestStatsService
 
 if TYPE_CHECKING:
@@ -32,14 +33,29 @@ if TYPE_CHECKING:
 
 BOUND_S: Final = 600.0
 PERSONALITIES: Final = ("mainline", "oracle", "passthrough")
+IDLE_CPU: Final = (10, 0, 10, 900, 0, 0, 0, 0)
+"""A ``cpuN`` line's counters (user nice system idle iowait irq softirq steal)..."""
+IDLER_CPU: Final = (10, 0, 10, 1100, 0, 0, 0, 0)
+"""... the same CPU 200 idle jiffies later ..."""
+BUSY_CPU: Final = (160, 20, 60, 890, 50, 5, 5, 10)
+"""... and (100, 0, 50, 800, 50, 0, 0, 0) 200 jiffies later: 45 % idle, 10 kernel, 40 user."""
 
 
 @asynccontextmanager
 async def running(
-    personality: str, *, proc: Path = Path("/proc"), balloon_chunks: int | None = None
+    personality: str,
+    *,
+    proc: Path = Path("/proc"),
+    balloon_chunks: int | None = None,
+    cpus: int | None = None,
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
-    """A host, the pump and a started statistics service (``balloon_chunks`` on the gauge)."""
-    host = SimulatedHost(personality=personality, seed=1)
+    """A host (with ``cpus`` CPUs, else this machine's), the pump and a started statistics
+    service (``balloon_chunks`` on the gauge)."""
+    host = (
+        SimulatedHost(personality=personality, seed=1)
+        if cpus is None
+        else SimulatedHost(personality=personality, seed=1, cpus=cpus)
+    )
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
@@ -77,10 +93,12 @@ def mem_total_kib() -> int:
     raise AssertionError(msg)
 
 
-def write_proc(root: Path, *, cpu: tuple[int, ...], processes: int) -> None:
-    """A fake /proc with fixed figures (kB) and ``processes`` process directories."""
+def write_proc(root: Path, *, cpus: tuple[tuple[int, ...], ...], processes: int) -> None:
+    """A fake /proc with ``cpuN`` lines, fixed memory figures (kB) and ``processes``
+    process directories; the ``cpu`` total line is nonsense on purpose (never read)."""
     root.mkdir(exist_ok=True)
-    (root / "stat").write_text("cpu  " + " ".join(map(str, cpu)) + "\ncpu0 1 2 3 4\n")
+    lines = ["cpu  9 9 9 9"] + [f"cpu{n} " + " ".join(map(str, c)) for n, c in enumerate(cpus)]
+    (root / "stat").write_text("\n".join([*lines, "intr 1 2", ""]))
     (root / "loadavg").write_text("0.10 0.20 0.30 2/345 6789\n")
     (root / "meminfo").write_text(
         "MemTotal:        8000000 kB\nMemFree:          100 kB\nMemAvailable:    2000000 kB\n"
@@ -98,10 +116,15 @@ class TestReports:
 
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_reports_follow_the_interval(
-        self, autojump_clock: trio.abc.Clock, personality: str
+        self, autojump_clock: trio.abc.Clock, personality: str, tmp_path: Path
     ) -> None:
-        """No reports at interval 0; one a second at 1; none again after 0."""
-        async with running(personality) as (host, service):
+        """No reports at interval 0; one a second at 1; none again after 0.
+
+        The fake /proc's jiffies never move, so each sample is one report without loads.
+        """
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU), processes=1)
+        async with running(personality, proc=proc) as (host, service):
             await trio.sleep(10.0)
             assert guest_stats(host)["reports"] == 0
             assert service.status() == "statistics off"
@@ -128,29 +151,43 @@ class TestReports:
             assert report["processes"] >= 1
 
     async def test_figures_from_proc(self, autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
-        """Every field is computed from /proc as documented; CPU load only from the 2nd report."""
+        """Every field is computed from /proc as documented; CPU load only from the 2nd sample,
+        then one report per CPU with that CPU's load."""
         proc = tmp_path / "proc"
-        write_proc(proc, cpu=(100, 0, 50, 800, 50, 0, 0, 0), processes=3)
-        async with running("mainline", proc=proc) as (host, _):
+        write_proc(proc, cpus=((100, 0, 50, 800, 50, 0, 0, 0), IDLE_CPU), processes=3)
+        async with running("mainline", proc=proc, cpus=2) as (host, _):
             host.set_statistics_interval(2)
             await trio.sleep(1.0)
             first = last_report(host)
+            assert guest_stats(host)["reports"] == 1
             assert not StatCap(first["stat_caps"]) & CPU_CAPS
-            write_proc(proc, cpu=(160, 20, 60, 890, 50, 5, 5, 10), processes=3)
+            write_proc(proc, cpus=(BUSY_CPU, IDLER_CPU), processes=3)
             await trio.sleep(2.0)
+            assert guest_stats(host)["reports"] == 3
             report = last_report(host)
+            main = guest_stats(host)["main"]
+        assert main == {
+            "cpu_user": 20,
+            "cpu_kernel": 5,
+            "cpu_idle": 72,
+            "mem_total": 8_000_000,
+            "mem_free": 2_000_000,
+            "mem_balloon": 0,
+            "mem_cache": 44_000,
+            "page_total": 1_000_000,
+        }
         assert StatCap(report["stat_caps"]) & CPU_CAPS == CPU_CAPS
         assert (report["cpu_load_idle"], report["cpu_load_kernel"], report["cpu_load_user"]) == (
-            45,
-            10,
-            40,
+            100,
+            0,
+            0,
         )
         assert report | {"stat_caps": 0, "page_size": 0} == {
-            "cpu_id": 0,
+            "cpu_id": 1,
             "stat_caps": 0,
-            "cpu_load_idle": 45,
-            "cpu_load_kernel": 10,
-            "cpu_load_user": 40,
+            "cpu_load_idle": 100,
+            "cpu_load_kernel": 0,
+            "cpu_load_user": 0,
             "threads": 345,
             "processes": 3,
             "handles": 0,
@@ -191,15 +228,24 @@ class TestReports:
             assert StatCap.PHYS_MEM_BALLOON in StatCap(last_report(host)["stat_caps"])
             assert host.vmmdev.request_counts[RequestType.GET_MEMBALLOON_CHANGE_REQ] == 0
 
-    async def test_restore_reads_the_interval_again(self, autojump_clock: trio.abc.Clock) -> None:
-        """After RESTORED the interval is read again and reports go on."""
-        async with running("passthrough") as (host, service):
+    async def test_restore_reads_the_interval_again(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """After RESTORED the interval is read again and reports go on, starting a new CPU
+        interval: the sample right after the restore has no loads."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        async with running("passthrough", proc=proc) as (host, service):
             host.set_statistics_interval(2)
-            await trio.sleep(3.0)
+            await trio.sleep(1.0)
+            write_proc(proc, cpus=(BUSY_CPU,), processes=1)
+            await trio.sleep(2.0)
+            assert StatCap(last_report(host)["stat_caps"]) & CPU_CAPS == CPU_CAPS
             host.restore()
             await trio.sleep(0.5)
             assert service.statistics().rhythm.rereads == 2
             assert guest_stats(host)["reports"] == 3
+            assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
 
     async def test_unreadable_proc_is_logged_and_counted(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
@@ -214,3 +260,27 @@ class TestReports:
         unavailable = [entry for entry in logs if entry["event"] == "statistics_unavailable"]
         assert len(unavailable) == 3
         assert "nothing" in unavailable[0]["error"]
+
+
+class TestProcSample:
+    """``ProcStats.sample`` on fake trees: which CPUs get a report."""
+
+    def test_cpu_ids_from_64_are_left_out(self, tmp_path: Path) -> None:
+        """Main keeps loads for CPU ids below VMM_MAX_CPU_COUNT (64); VBoxService skips the
+        rest, and so does the agent."""
+        proc = tmp_path / "proc"
+        cpus = tuple(IDLE_CPU for _ in range(VMM_MAX_CPU_COUNT + 1))
+        write_proc(proc, cpus=cpus, processes=1)
+        stats = ProcStats(proc)
+        assert [r.cpu_id for r in stats.sample(balloon_chunks=None)] == [0]
+        write_proc(proc, cpus=tuple(IDLER_CPU for _ in cpus), processes=1)
+        reports = stats.sample(balloon_chunks=None)
+        assert [r.cpu_id for r in reports] == list(range(VMM_MAX_CPU_COUNT))
+        assert {r.cpu_load_idle for r in reports} == {100}
+
+    def test_short_cpu_line_is_an_error(self, tmp_path: Path) -> None:
+        """A ``cpuN`` line with fewer than four counters names itself in the error."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=((1, 2, 3),), processes=1)
+        with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
+            ProcStats(proc).sample(balloon_chunks=None)

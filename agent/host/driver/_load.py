@@ -66,8 +66,7 @@ async def load(drv: Driver) -> None:
     await _must(drv, _mouse_status(drv, 0))
     await _query_guest_mappings(drv)
     if drv.owns_heartbeat:
-        await _heartbeat_configure(drv, enabled=False)
-        await _heartbeat_configure(drv, enabled=True)
+        await _heartbeat_init(drv)
     status = drv.alloc_request(RequestType.REPORT_GUEST_STATUS, L.GuestStatusRequest.size)
     L.GuestStatusRequest.facility.set(status, Facility.VBOXGUEST_DRIVER)
     L.GuestStatusRequest.status.set(status, FacilityStatus.ACTIVE)
@@ -127,6 +126,20 @@ async def _report_guest_info(drv: Driver) -> None:
     if rc < 0:
         msg = f"driver load failed: reporting the guest info gave {status_name(rc)}"
         raise DriverLoadError(msg)
+
+
+async def _heartbeat_init(drv: Driver) -> None:
+    """``vbg_heartbeat_init`` / ``vgdrvHeartbeatInit``: switch the host's check off, then on.
+
+    A refused step ends it there (a failed "off" sends no "on"), the driver beats not at all
+    and still loads.
+    """
+    for enabled in (False, True):
+        rc = await _heartbeat_configure(drv, enabled=enabled)
+        if rc < 0:
+            drv.heartbeat_interval_ns = 0
+            _log.warning("driver_heartbeat_unavailable", enabled=enabled, rc=rc)
+            return
 
 
 async def _heartbeat_configure(drv: Driver, *, enabled: bool) -> int:
