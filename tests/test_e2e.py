@@ -182,11 +182,19 @@ class TestTwoProcesses:
     def test_agent_killed_releases_its_sessions(
         self, agent: AgentProcess, host_socket: Path
     ) -> None:
-        """A vanished agent leaves no event filter bits behind at the host."""
+        """A vanished agent leaves no event filter bits and no session behind at the host."""
         agent.read_until("agent_ready")
+        running = _status(host_socket)
+        assert running["filter_mask"] & 0x10
+        assert running["sessions"] > 0
         agent.process.kill()
-        agent.process.wait(timeout=WAIT_S)
-        _wait_for(lambda: not _status(host_socket)["filter_mask"] & 0x10, "the filter release")
+        assert agent.process.wait(timeout=WAIT_S) == -signal.SIGKILL
+
+        def released() -> bool:
+            status = _status(host_socket)
+            return status["sessions"] == 0 and not status["filter_mask"] & 0x10
+
+        _wait_for(released, "the session and its filter bit released")
 
     def test_vanished_host_ends_the_agent(self, workdir: Path) -> None:
         """Killing the host makes the agent exit promptly with EX_UNAVAILABLE (69), and its

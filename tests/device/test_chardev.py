@@ -63,7 +63,7 @@ from agent.protocol.status import VERR_VERSION_MISMATCH
 from tests.device.syscalls import CtypesMemory, Kernel
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Iterator
 
     from agent.protocol import IoctlCall
 
@@ -250,6 +250,27 @@ def raises_errno(code: int) -> pytest.RaisesExc[OSError]:
 
 def _ioctl_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
+
+
+async def _run_in(scope: trio.CancelScope, call: Awaitable[object]) -> None:
+    """Await ``call`` inside ``scope``."""
+    with scope:
+        await call
+
+
+async def _cancel_once_in_driver(
+    kernel: Kernel[FakeDriver], call: Awaitable[object]
+) -> trio.CancelScope:
+    """Run ``call`` until it is inside the driver, cancel it there and return its scope once
+    it has ended, which must be within ``PROMPT`` of the cancel."""
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_in, scope, call)
+        await kernel.wait_in_driver(1)
+        scope.cancel()
+        cancelled_at = trio.current_time()
+    assert trio.current_time() - cancelled_at < PROMPT
+    return scope
 
 
 async def _threads_blocked_in_pipe_read(count: int) -> list[threading.Thread]:
@@ -567,8 +588,9 @@ class TestCancellation:
         """The caller's cancel interrupts the worker thread and raises Cancelled promptly."""
         with trio.fail_after(BOUND):
             transport, session, client = await _open_connected(kernel)
-            with trio.move_on_after(0.05) as scope:
-                await _call(transport, session, HgcmCall(client, BLOCK_FUNCTION))
+            scope = await _cancel_once_in_driver(
+                kernel, _call(transport, session, HgcmCall(client, BLOCK_FUNCTION))
+            )
             assert scope.cancelled_caught
             assert kernel.driver.cancelled_calls == 1
             assert kernel.in_driver == 0
@@ -626,10 +648,11 @@ class TestCancellation:
 
     async def test_a_call_the_driver_keeps_is_abandoned(self) -> None:
         """A call that ignores interrupts is given up after a bound, with a log line, once."""
-        release, finished = threading.Event(), threading.Event()
+        entered, release, finished = threading.Event(), threading.Event(), threading.Event()
         signals: list[int] = []
 
         def stubborn(fd: int, code: int, buffer: bytearray) -> None:
+            entered.set()
             release.wait()
             finished.set()
 
@@ -637,15 +660,21 @@ class TestCancellation:
             3, ioctl_fn=stubborn, close_fn=lambda fd: None, interrupt_fn=signals.append
         )
         with trio.fail_after(BOUND):
-            with capture_logs() as logs, trio.move_on_after(0.05) as scope:
-                await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+            scope = trio.CancelScope()
+            with capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+                    call = transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+                    nursery.start_soon(_run_in, scope, call)
+                    assert await trio.to_thread.run_sync(entered.wait, PROMPT)
+                    scope.cancel()
+                    cancelled_at = trio.current_time()
             assert scope.cancelled_caught
-            assert trio.current_time() - scope.deadline < chardev.ABANDON_AFTER_S + PROMPT
+            assert trio.current_time() - cancelled_at < chardev.ABANDON_AFTER_S + PROMPT
             assert [entry["event"] for entry in logs] == ["ioctl_abandoned"]
             sent = len(signals)
             assert sent > 0
             release.set()
-            await trio.to_thread.run_sync(finished.wait)
+            assert await trio.to_thread.run_sync(finished.wait, PROMPT)
             assert len(signals) == sent
             with trio.fail_after(chardev.ABANDON_AFTER_S + chardev.CLOSE_TIMEOUT + PROMPT):
                 await transport.aclose()
@@ -670,7 +699,7 @@ class TestCancellation:
                             await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
 
                     nursery.start_soon(blocked)
-                    await trio.to_thread.run_sync(entered.wait)
+                    assert await trio.to_thread.run_sync(entered.wait, PROMPT)
                     with trio.fail_after(chardev.ABANDON_AFTER_S + PROMPT):
                         await transport.aclose()
         finally:
@@ -715,8 +744,13 @@ class TestRealSignals:
         transport = CharDevTransport(read_fd, ioctl_fn=_read_ioctl)
         chardev.install_interrupt_handler()
         with trio.fail_after(BOUND):
-            with trio.move_on_after(0.05) as scope:
-                await transport.ioctl(0, bytearray(24))
+            scope = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_in, scope, transport.ioctl(0, bytearray(24)))
+                await _threads_blocked_in_pipe_read(count=1)
+                scope.cancel()
+                cancelled_at = trio.current_time()
+            assert trio.current_time() - cancelled_at < PROMPT
             assert scope.cancelled_caught
             os.write(write_fd, b"x")
             buffer = bytearray(24)

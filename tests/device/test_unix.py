@@ -238,8 +238,11 @@ class TestCancellation:
             async with trio.open_nursery() as nursery:
                 await start_host(nursery, host, path)
                 transport = await UnixSocketOpener(path).open_session()
-                with trio.move_on_after(0.1) as scope:
-                    await transport.ioctl(BLOCK, bytearray(8))
+                scope = trio.CancelScope()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(_call_in, scope, transport.ioctl, BLOCK)
+                    await trio.testing.wait_all_tasks_blocked()  # the call is at the host
+                    scope.cancel()
                 assert scope.cancelled_caught
                 buffer, user_buffers = echo_call(b"after")
                 await transport.ioctl(ECHO, buffer, user_buffers)

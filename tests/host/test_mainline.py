@@ -753,13 +753,16 @@ class TestKernelHeartbeat:
                 assert (host.vmmdev.heartbeat.active, host.vmmdev.heartbeat.beats) == (False, 0)
                 nursery.cancel_scope.cancel()
 
-    async def test_failed_configure_means_no_heartbeat(self, autojump_clock: object) -> None:
-        """A host refusing HEARTBEAT_CONFIGURE leaves the guest without a heartbeat."""
+    async def test_refused_on_means_no_heartbeat(self, autojump_clock: object) -> None:
+        """A host that takes the first configure (off) but refuses the second (on) leaves the
+        guest without a heartbeat: the driver never beats."""
         host = SimulatedHost()
-        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -12, count=2)
+        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VINF_SUCCESS)  # the 'off'
+        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -12)  # the 'on'
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
                 await trio.sleep(10)
-                assert host.vmmdev.heartbeat.beats == 0
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == 2
+                assert (host.vmmdev.heartbeat.active, host.vmmdev.heartbeat.beats) == (False, 0)
                 nursery.cancel_scope.cancel()

@@ -324,9 +324,11 @@ class TestOracleKernelBalloon:
         assert host.vmmdev.balloon.chunks == 5
 
     async def test_owner_close_deflates_the_kernel_chunks(self, host: SimulatedHost) -> None:
+        """Closing the owning session gives back every chunk the kernel took for it."""
         owner = await open_client(host)
         host.set_balloon_target(4)
         await owner.request(CheckBalloon())
+        assert (host.vmmdev.balloon.chunks, host.driver.balloon_chunks) == (4, 4)
         await owner.transport.aclose()
         assert host.vmmdev.balloon.chunks == 0
         assert host.driver.balloon_chunks == 0

@@ -110,9 +110,12 @@ class TestPassthrough:
     async def test_kernel_does_not_balloon(
         self, host: SimulatedHost, autojump_clock: object
     ) -> None:
-        """With only a filter set, nothing is ballooned: the agent must act."""
+        """With only a filter set, nothing is ballooned: the request waits for the agent."""
         client = await open_client(host)
         await client.request(ChangeFilterMask(Event.BALLOON_CHANGE_REQUEST, 0))
         host.set_balloon_target(5)
         await trio.sleep(5)
         assert host.vmmdev.balloon.chunks == 0
+        events = await client.request(WaitForEvents(Event.BALLOON_CHANGE_REQUEST, timeout_ms=0))
+        assert events.mask == Event.BALLOON_CHANGE_REQUEST
+        assert (await client.request(GetMemBalloonChangeRequest())).chunks == 5

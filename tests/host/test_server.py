@@ -145,8 +145,10 @@ class TestDeviceSessions:
                 transport = await UnixSocketOpener(socket_path).open_session()
                 session = Session()
                 await request(session, transport, ChangeFilterMask(Event.RESTORED, 0))
-                with trio.move_on_after(0.05):
-                    await request(session, transport, WaitForEvents(Event.RESTORED))
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(request, session, transport, WaitForEvents(Event.RESTORED))
+                    await trio.testing.wait_all_tasks_blocked()  # the wait is at the host
+                    waiters.cancel_scope.cancel()
                 await trio.testing.wait_all_tasks_blocked()
                 assert host.status()["sessions"] == 1
                 host.raise_events(Event.RESTORED)

@@ -159,7 +159,8 @@ class TestHgcmClients:
     def test_hgcm_clients_is_a_snapshot(self, session: Session) -> None:
         """The returned set does not change with the session."""
         snapshot = session.hgcm_clients
-        connect(session, "svc")
+        client_id = connect(session, "svc")
+        assert session.hgcm_clients == {client_id}
         assert snapshot == frozenset()
 
 

@@ -386,7 +386,7 @@ class TestWaitEndings:
         """Cancelling a block with waits pending disconnects its client: nothing stays."""
         with trio.fail_after(60):
             async with open_device(SimOpener(host)) as device:
-                with trio.move_on_after(1):
+                with trio.CancelScope() as block:
                     async with (
                         open_hgcm_channel(device, SERVICE_NAME) as channel,
                         trio.open_nursery() as nursery,
@@ -399,5 +399,7 @@ class TestWaitEndings:
                             )
                         await trio.testing.wait_all_tasks_blocked()
                         assert host.status()["hgcm_pending_calls"] == 3
+                        block.cancel()
+                assert block.cancelled_caught
                 assert host.status()["hgcm_pending_calls"] == 0
                 assert host.status()["hgcm_clients"] == 0

@@ -155,9 +155,19 @@ class TestCancellation:
                 async with open_hgcm_channel(
                     device, ECHO, host_call_limit=ECHO_CALL_LIMIT
                 ) as channel:
-                    with trio.move_on_after(0.05) as scope:
-                        await channel.call(FN_HOLD)
-                    assert trio.current_time() - scope.deadline < CANCEL_TAKES_EFFECT_S
+                    scope = trio.CancelScope()
+
+                    async def held_call() -> None:
+                        with scope:
+                            await channel.call(FN_HOLD)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(held_call)
+                        await setup.until(lambda: len(setup.echo.held) == 1)
+                        scope.cancel()
+                        cancelled_at = trio.current_time()
+                    assert scope.cancelled_caught
+                    assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
                     await setup.until(lambda: len(setup.echo.cancelled) == 1)
                     assert channel.pending == 1
                     assert setup.host.status()["hgcm_clients"] == 1
@@ -167,12 +177,22 @@ class TestCancellation:
         """Cancelling the code inside the block still disconnects, without waiting long."""
         with trio.fail_after(10):
             async with open_device(setup.opener) as device:
-                with trio.move_on_after(0.05) as scope:
-                    async with open_hgcm_channel(
-                        device, ECHO, host_call_limit=ECHO_CALL_LIMIT
-                    ) as channel:
-                        await channel.call(FN_HOLD)
+                scope = trio.CancelScope()
+
+                async def block_with_a_held_call() -> None:
+                    with scope:
+                        async with open_hgcm_channel(
+                            device, ECHO, host_call_limit=ECHO_CALL_LIMIT
+                        ) as channel:
+                            await channel.call(FN_HOLD)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(block_with_a_held_call)
+                    await setup.until(lambda: len(setup.echo.held) == 1)
+                    scope.cancel()
+                    cancelled_at = trio.current_time()
                 assert scope.cancelled_caught
+                assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
                 await setup.until(lambda: setup.host.status()["hgcm_clients"] == 0)
                 assert setup.host.status()["hgcm_pending_calls"] == 0
 
