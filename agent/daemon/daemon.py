@@ -1,10 +1,10 @@
 """``Daemon``: the process's root — device, services, readiness, signals, reload, shutdown.
 
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, a reload
-before READY being skipped) → open the device (version handshake) → report the facility as Init → start
-the event pump, then every enabled service of the registry, each with ``nursery.start``
-under a supervisor → facility Active, ``READY=1`` with the combined ``STATUS=`` line → wait
-for a shutdown request → the stop:
+before READY being skipped) → open the device (version handshake) → report the facility as
+Init → start the event pump, then every enabled service of the registry, each with
+``nursery.start`` under a supervisor → facility Active, ``READY=1`` with the combined
+``STATUS=`` line → wait for a shutdown request → the stop:
 
 1. ``STOPPING=1``; the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed;
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
