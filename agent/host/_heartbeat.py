@@ -82,8 +82,15 @@ class HeartbeatMonitor:
         self._rearmed = trio.lowlevel.ParkingLot()
 
     def configure(self, enabled: bool) -> int:
-        """HEARTBEAT_CONFIGURE: switch the check and return the interval the guest must keep."""
-        if enabled != self.active:
+        """HEARTBEAT_CONFIGURE: switch the check and return the interval the guest must keep.
+
+        Switching it off stops the timer but keeps a flat-line on record (the next beat after
+        switching it on again ends it); asking for the state it is in changes nothing and is
+        logged, as VMMDev does.
+        """
+        if enabled == self.active:
+            _log.info("heartbeat_configure_unchanged", enabled=enabled)
+        else:
             self.active = enabled
             if enabled:
                 self._last_ns = self._now()

@@ -49,7 +49,8 @@ class BalloonGauge:
 
     The balloon service sets ``chunks`` (1 MiB chunks in the balloon, counting the driver's
     or its own) whenever it learns the size, and back to None when it stops; the guest
-    statistics read it. None means "nobody knows": the reader asks the driver instead.
+    statistics read it. None means "nobody knows": the statistics then leave the balloon out
+    (asking the driver is no option: Oracle's CHECK_BALLOON moves the balloon).
     """
 
     __slots__ = ("chunks",)

@@ -6,9 +6,11 @@ new interval. The service reads the interval with GET_STATISTICS_CHANGE_REQ, ack
 event, at start, at every 0x80 and after every restore; while the interval is not zero it
 sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`: each tick reads one
 ``/proc`` sample (:mod:`agent.services._procstats`) and sends one report per CPU, as
-VBoxService does (Main averages the loads over the VM's CPUs); the balloon figure is the
-balloon service's count (``ServiceContext.balloon``), or the driver's (CHECK_BALLOON) while no
-balloon service publishes one. Mainline and Oracle's driver
+VBoxService does (Main averages the loads over the VM's CPUs). The balloon figure is the
+balloon service's count (``ServiceContext.balloon``); while no balloon service publishes one
+the reports leave it out (Main keeps its last figure) rather than ask the driver: on Oracle's
+driver CHECK_BALLOON is no query, it makes the caller the balloon's owner and moves the
+balloon to the host's target. Mainline and Oracle's driver
 let trusted sessions send both requests, so this works on every real guest. Config section:
 ``[statistics]``.
 """
@@ -112,7 +114,7 @@ class GuestStatsService:
 
     async def _report(self) -> None:
         try:
-            reports = self._proc.sample(balloon_chunks=await self._balloon_chunks())
+            reports = self._proc.sample(balloon_chunks=self._balloon.chunks)
         except ProcStatsError as exc:
             self._failures += 1
             log.warning("statistics_unavailable", error=str(exc), failures=self._failures)
@@ -130,15 +132,6 @@ class GuestStatsService:
                 )
                 return
             self._last = stats
-
-    async def _balloon_chunks(self) -> int | None:
-        """The balloon service's count; without one, the driver's (mainline: the kernel's)."""
-        if self._balloon.chunks is not None:
-            return self._balloon.chunks
-        try:
-            return (await self._device.check_balloon()).chunks
-        except VBoxStatusError:
-            return None
 
 
 def _build(context: ServiceContext, section: StatisticsSection) -> GuestStatsService:

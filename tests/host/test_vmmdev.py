@@ -14,6 +14,7 @@ import struct
 from typing import Final
 
 import pytest
+import structlog
 import trio
 from hypothesis import given, strategies as st
 
@@ -802,6 +803,41 @@ class TestHeartbeat:
             await trio.sleep(60)
             assert not flatlined(device)
             nursery.cancel_scope.cancel()
+
+    async def test_off_keeps_the_flatline_until_a_beat(self, autojump_clock: object) -> None:
+        """Switching the check off stops the timer but ends no flat-line; on again, the next
+        beat ends it and the timer does not count it twice (vmmDevReqHandler_HeartbeatConfigure
+        touches only the timer and the active flag)."""
+        device = make_device(heartbeat_interval_ns=NS_PER_S)
+        device.report_additions()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            self.configure(device, enabled=True)
+            await trio.sleep(5)
+            assert flatlined(device)
+            self.configure(device, enabled=False)
+            self.configure(device, enabled=True)
+            await trio.sleep(5)
+            assert (flatlined(device), device.vmmdev.heartbeat.flatline_count) == (True, 1)
+            device.send(vmmdev_request(T.GUEST_HEARTBEAT, 24))
+            assert not flatlined(device)
+            nursery.cancel_scope.cancel()
+
+    async def test_unchanged_configure_is_logged(
+        self, device: Device, autojump_clock: object
+    ) -> None:
+        """Asking for the state the check is in answers the interval and logs it, once each."""
+        device.report_additions()
+        with structlog.testing.capture_logs() as logs:
+            assert self.configure(device, enabled=False) == 2 * NS_PER_S
+            self.configure(device, enabled=True)
+            self.configure(device, enabled=True)
+        events = [(entry["event"], entry.get("enabled")) for entry in logs]
+        assert events == [
+            ("heartbeat_configure_unchanged", False),
+            ("heartbeat_armed", None),
+            ("heartbeat_configure_unchanged", True),
+        ]
 
     async def test_reset_leaves_an_unconfigured_check_off(self, autojump_clock: object) -> None:
         """A VM reset never switches on a check the guest did not configure."""

@@ -21,7 +21,7 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import ChangeFilterMask, Event, RequestType, StatCap
+from agent.protocol import RequestType, StatCap
 from agent.protocol.constants import VMM_MAX_CPU_COUNT
 from agent.services import EventPump
 from agent.services._base import ServiceContext
@@ -172,7 +172,6 @@ class TestReports:
             "cpu_idle": 72,
             "mem_total": 8_000_000,
             "mem_free": 2_000_000,
-            "mem_balloon": 0,
             "mem_cache": 44_000,
             "page_total": 1_000_000,
         }
@@ -204,20 +203,24 @@ class TestReports:
             "page_file_size": 250_000,
         }
 
-    async def test_balloon_follows_the_kernel_balloon(self, autojump_clock: trio.abc.Clock) -> None:
-        """On mainline the report's balloon is the kernel's chunk count in 4 KiB pages.
-
-        Mainline balloons only while some session filters 0x40, so the test opens one.
-        """
-        async with running("mainline") as (host, _), open_device(SimOpener(host)) as listener:
-            await listener.request(ChangeFilterMask(Event.BALLOON_CHANGE_REQUEST, 0))
-            host.set_statistics_interval(1)
+    @pytest.mark.parametrize("personality", PERSONALITIES)
+    async def test_without_a_balloon_service_the_balloon_is_left_alone(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """No count on the gauge: the reports leave the balloon out and ask no driver. On
+        Oracle's driver CHECK_BALLOON would make the statistics the balloon's owner and
+        inflate it to the host's target with the balloon service switched off."""
+        async with running(personality) as (host, _):
             host.set_balloon_target(64)
+            host.set_statistics_interval(1)
             await trio.sleep(3.0)
             balloon = host.status()["balloon"]
             assert isinstance(balloon, dict)
-            assert balloon["chunks"] == 64
-            assert last_report(host)["phys_mem_balloon"] == 64 * 256
+            assert balloon["chunks"] == 0
+            assert StatCap.PHYS_MEM_BALLOON not in StatCap(last_report(host)["stat_caps"])
+            main = guest_stats(host)["main"]
+            assert isinstance(main, dict)
+            assert "mem_balloon" not in main
 
     async def test_balloon_service_count_wins(self, autojump_clock: trio.abc.Clock) -> None:
         """With a count on the balloon gauge, the report carries it and asks no driver."""
