@@ -48,9 +48,10 @@ async def running(
     proc: Path = Path("/proc"),
     balloon_chunks: int | None = None,
     cpus: int | None = None,
+    user_device: bool = False,
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
     """A host (with ``cpus`` CPUs, else this machine's), the pump and a started statistics
-    service (``balloon_chunks`` on the gauge)."""
+    service (``balloon_chunks`` on the gauge) on ``/dev/vboxguest`` (or ``/dev/vboxuser``)."""
     host = (
         SimulatedHost(personality=personality, seed=1)
         if cpus is None
@@ -59,7 +60,7 @@ async def running(
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(SimOpener(host)) as device:
+            async with open_device(SimOpener(host, user_device=user_device)) as device:
                 pump = EventPump(device)
                 context = ServiceContext(device, pump)
                 context.balloon.chunks = balloon_chunks
@@ -249,6 +250,23 @@ class TestReports:
             assert service.statistics().rhythm.rereads == 2
             assert guest_stats(host)["reports"] == 3
             assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
+
+    @pytest.mark.parametrize("personality", PERSONALITIES)
+    async def test_untrusted_session_is_refused_once(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """On /dev/vboxuser the drivers refuse the interval read (trusted requests only): the
+        service says so in one line and its status, and stays up without reporting."""
+        with structlog.testing.capture_logs() as logs:
+            async with running(personality, user_device=True) as (host, service):
+                host.set_statistics_interval(1)
+                await trio.sleep(3.0)
+                assert guest_stats(host)["reports"] == 0
+                assert service.status() == "statistics refused by the driver"
+        refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
+        assert len(refused) == 1
+        assert refused[0]["status"] == "VERR_PERMISSION_DENIED"
+        assert "/dev/vboxuser" in refused[0]["device"]
 
     async def test_unreadable_proc_is_logged_and_counted(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
