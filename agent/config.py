@@ -12,8 +12,6 @@ number (an integer is still accepted where a float is expected).
 from __future__ import annotations
 
 import json
-import re
-import tomllib
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
@@ -29,6 +27,7 @@ from pydantic import (
 
 from agent.device.spec import check_device_spec
 from agent.protocol import AgentError
+from agent.tomltext import TomlSyntaxError, parse_toml
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -164,14 +163,13 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
             problem of the file, one line each).
     """
     try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
+        data = parse_toml(path.read_bytes().decode())  # no newline translation, as tomllib.load
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: {_syntax_problem(exc)}"]) from exc
+    except TomlSyntaxError as exc:
+        raise ConfigError([_syntax_problem(path, exc)]) from exc
     allowed = [*CORE_SECTIONS, *sections]
     problems = [
         f"{path}: {name} = {_show(data[name])}: unknown section; allowed sections: "
@@ -203,16 +201,10 @@ def _validate(
         return None
 
 
-_TOML_POSITION: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
-
-
-def _syntax_problem(exc: tomllib.TOMLDecodeError) -> str:
-    # Python 3.11's TOMLDecodeError only has the message: "Invalid value (at line 3, column 7)".
-    message = str(exc)
-    match = _TOML_POSITION.match(message)
-    if match is None:
-        return f"invalid TOML: {message}"
-    return f"{match['where']}: invalid TOML: {match['what']}"
+def _syntax_problem(path: Path, exc: TomlSyntaxError) -> str:
+    """``FILE: line L, column C: invalid TOML: what``."""
+    where = f"{exc.where}: " if exc.where else ""
+    return f"{path}: {where}invalid TOML: {exc.what}"
 
 
 _BOUNDS: Final = {

@@ -71,6 +71,18 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
     _route_stdlib(out, [structlog.stdlib.add_logger_name, *shared], renderer)
 
 
+def print_error(line: str, *, stream: TextIO | None = None) -> None:
+    """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``).
+
+    Under systemd, stderr is the journal as well: there the line starts with ``<3>``, so
+    journald files it at priority err (``journalctl -p err`` shows why the agent did not
+    start) instead of the unit's default, info.
+    """
+    out = sys.stderr if stream is None else stream
+    prefix = f"<{SYSLOG_PRIORITY['error']}>" if _is_journal_stream(out) else ""
+    out.write(f"{prefix}{line}\n")
+
+
 class _JournalPriority:
     """Wrap a renderer so its line starts with the event's syslog priority (journald strips it)."""
 

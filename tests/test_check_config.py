@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.cli import _check_config
+from tests.cli_support import COMMAND_TIMEOUT_S
 
 if TYPE_CHECKING:
     import pytest
@@ -64,6 +65,7 @@ class TestCheckConfig:
             capture_output=True,
             text=True,
             check=False,
+            timeout=COMMAND_TIMEOUT_S,
         )
         assert (result.returncode, result.stdout) == (78, "")
         assert result.stderr == f"{path}: daemon.shutdown_timeout_s = -1: must be > 0\n"

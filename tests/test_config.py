@@ -287,6 +287,25 @@ class TestProblems:
         path = write(tmp_path, "[log]\nlevel = debug\n")
         assert problems_of(path) == [f"{path}: line 2, column 9: invalid TOML: Invalid value"]
 
+    @pytest.mark.parametrize(
+        ("text", "where", "what"),
+        [
+            ("x", "line 1, column 2", "Expected '=' after a key in a key/value pair"),
+            ('[log]\nlevel = "info', "line 2, column 14", "Unterminated string"),
+            ("[daemon]\r\nrestart_budget = [1,\r\n", "line 3, column 1", "Invalid value"),
+        ],
+    )
+    def test_text_ending_too_early_names_where_it_ends(
+        self, tmp_path: Path, text: str, where: str, what: str
+    ) -> None:
+        """A file that ends in the middle of something names its end as line and column.
+
+        tomllib says only "at end of document" there; CRLF line ends count as one.
+        """
+        path = tmp_path / "agent.toml"
+        path.write_bytes(text.encode())
+        assert problems_of(path) == [f"{path}: {where} (the end of the file): invalid TOML: {what}"]
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the path and the OS's reason."""
         path = tmp_path / "absent.toml"

@@ -266,6 +266,40 @@ class TestTwoProcesses:
         assert result.stderr.strip().endswith(f"{not_a_socket}: it exists and is not a socket")
         assert len(result.stderr.splitlines()) == 1
 
+    def test_why_it_did_not_start_is_an_error_in_the_journal(self, workdir: Path) -> None:
+        """Under systemd stderr is the journal: a bad config's lines and a missing device's
+        line carry priority err (``<3>``), so ``journalctl -p err`` shows why it failed."""
+        config = workdir / "agent.toml"
+        config.write_text('[log]\nlevel = "loud"\n[device]\nioctl_threads = 1\n')
+        device = workdir / "vboxguest"
+        journal = workdir / "journal"
+        for argv, code, first_lines in (
+            (
+                ["--config", str(config)],
+                78,
+                [
+                    f"<3>{config}: device.ioctl_threads = 1: must be >= 2",
+                    f'<3>{config}: log.level = "loud": must be one of ',
+                ],
+            ),
+            (["--device", str(device)], 69, [f"<3>vbox-agent: {device} does not exist: "]),
+        ):
+            with journal.open("w") as stream:
+                status = os.fstat(stream.fileno())
+                result = subprocess.run(
+                    [PYTHON, "-m", "agent", "run", *argv],
+                    stdout=stream,
+                    stderr=stream,
+                    env={**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+                    timeout=WAIT_S,
+                    check=False,
+                )
+            assert result.returncode == code
+            lines = journal.read_text().splitlines()
+            assert len(lines) == len(first_lines), lines
+            for line, start in zip(lines, first_lines, strict=True):
+                assert line.startswith(start), line
+
     def test_a_real_agent_loads_no_simulator(self, host_socket: Path) -> None:
         """``run --device`` imports nothing from agent.host; ``run --simulate`` does (control)."""
         for args, expect_simulator in (

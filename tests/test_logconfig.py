@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from agent.config import LogConfig
-from agent.logconfig import configure_logging
+from agent.logconfig import configure_logging, print_error
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -147,6 +147,24 @@ class TestJournal:
         configure_logging(LogConfig(), stream=out)
         structlog.get_logger().info("agent_started")
         assert out.getvalue().startswith("{")
+
+
+class TestPrintError:
+    def test_plain_on_a_terminal_or_file(self) -> None:
+        """Outside the journal the line is written as it is."""
+        out = io.StringIO()
+        print_error("vbox-agent: no device", stream=out)
+        assert out.getvalue() == "vbox-agent: no device\n"
+
+    def test_priority_err_on_the_journal(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On the journal stream the line is filed at priority err."""
+        with (tmp_path / "journal").open("w") as out:
+            status = os.fstat(out.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+            print_error("vbox-agent: no device", stream=out)
+        assert (tmp_path / "journal").read_text() == "<3>vbox-agent: no device\n"
 
 
 class TestConsole:

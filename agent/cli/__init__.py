@@ -9,8 +9,9 @@ simulated host, above all) inside the handler: the daemon (``vbox-agent run``) l
 other command's code, and on a real device no simulator code.
 
 Every command-line mistake (unknown command or option, bad or missing value) exits 64
-(``EX_USAGE``) after the usage of the (sub)command that got it. Ctrl-C (SIGINT) ends any
-command with 130, and output nobody reads any more (``| head``) with 141, without a traceback.
+(``EX_USAGE``) after the usage of the (sub)command that got it. Ctrl-C (SIGINT) ends a
+command with 130 (``run`` and ``simulate`` catch it as they catch SIGTERM: a clean stop, 0),
+and output nobody reads any more (``| head``) with 141, without a traceback.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ building the parser imports no simulator code; a test checks them against ``agen
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from agent.device.spec import check_device_spec, check_socket_path
@@ -43,6 +44,18 @@ socket_path = argument_type(check_socket_path)
 
 device_spec = argument_type(check_device_spec)
 """``--device SPEC``: what ``device.path`` accepts, an absolute path or ``unix:`` and one."""
+
+
+def _file_path(text: str) -> Path:
+    if not text:
+        msg = "the file name is empty"
+        raise ValueError(msg)
+    return Path(text)
+
+
+file_path = argument_type(_file_path)
+"""A file to read (``--config``, ``--scenario``, ``check-config FILE``): any path but ``''``,
+which ``Path`` would take as the current directory."""
 
 
 def integer_at_least(minimum: int, *, at_most: int | None = None) -> Callable[[str], int]:

@@ -7,15 +7,16 @@ Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and ex
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.cli._arguments import file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
 from agent.config import ConfigError, load_config
 from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Load FILE as the agent would and report every problem, one per line naming the "
         "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise."
     )
-    parser.add_argument("file", type=Path, metavar="FILE", help="the TOML file to check")
+    parser.add_argument("file", type=file_path, metavar="FILE", help="the TOML file to check")
     parser.set_defaults(handler=run)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -12,12 +11,12 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.cli._arguments import PERSONALITIES, device_spec
+from agent.cli._arguments import PERSONALITIES, device_spec, file_path
 from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
-from agent.logconfig import configure_logging
+from agent.logconfig import configure_logging, print_error
 from agent.protocol import AgentError
 from agent.services.registry import section_models
 
@@ -39,7 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Run the agent until SIGTERM/SIGINT. With --simulate it runs against a built-in "
         "simulated VirtualBox host that plays the bundled demo scenario."
     )
-    parser.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    parser.add_argument(
+        "--config",
+        type=file_path,
+        metavar="FILE",
+        help="TOML config file (default: built-in defaults)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--device",
@@ -60,7 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scenario",
-        type=Path,
+        type=file_path,
+        metavar="FILE",
         help="host scenario TOML to play (with --simulate; default: the bundled demo)",
     )
     parser.add_argument(
@@ -87,15 +92,17 @@ def _positive_seconds(text: str) -> float:
 def run_command(args: argparse.Namespace) -> int:
     """Run the agent; return 0 after a clean shutdown, non-zero on failure."""
     usage: argparse.ArgumentParser = args.usage_parser
-    if not args.simulate and (args.scenario is not None or args.personality is not None):
-        usage.error("--personality and --scenario need --simulate")
+    if not args.simulate:
+        for option, value in (("--personality", args.personality), ("--scenario", args.scenario)):
+            if value is not None:
+                usage.error(f"{option} needs --simulate")
     try:
         config = (
             load_config(args.config, section_models()) if args.config is not None else AgentConfig()
         )
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print_error(problem)
         return EX_CONFIG
     main: Callable[[], Awaitable[None]]
     if args.simulate:
@@ -106,12 +113,12 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             scenario = load_scenario(source)
         except ScenarioError as exc:
-            print(f"vbox-agent run: {exc}", file=sys.stderr)
+            print_error(f"vbox-agent run: {exc}")
             return EX_CONFIG
         try:
             host = _simulated_host(scenario.host, args.personality)
         except ValueError as exc:  # a value the host model refuses (its own limits)
-            print(f"vbox-agent run: {source}: host: {exc}", file=sys.stderr)
+            print_error(f"vbox-agent run: {source}: host: {exc}")
             return EX_CONFIG
         main = partial(_run_simulated, args, config, host, scenario)
     else:
@@ -195,12 +202,12 @@ def _report_failure(exc: BaseException) -> int:
         if isinstance(leaf, DeviceLostError):  # the log says why a running agent ended
             log.critical("device_lost", error=str(leaf))
         if isinstance(leaf, DeviceUnavailableError | DeviceLostError):
-            print(f"vbox-agent: {leaf}", file=sys.stderr)
+            print_error(f"vbox-agent: {leaf}")
             return EX_UNAVAILABLE
     for leaf in leaves:
         if isinstance(leaf, ServiceFailedError | AgentError | OSError):
             log.critical("agent_failed", error=repr(leaf))
-            print(f"vbox-agent: fatal: {leaf}", file=sys.stderr)
+            print_error(f"vbox-agent: fatal: {leaf}")
             return EX_SOFTWARE
     log.critical("agent_crashed", exc_info=exc)
     return EX_SOFTWARE

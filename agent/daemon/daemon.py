@@ -301,7 +301,12 @@ class Daemon:
         try:
             return load_config(self._config_path, section_models(self._registry))
         except ConfigError as exc:
-            log.error("config_reload_rejected", path=str(self._config_path), errors=exc.problems)
+            log.error(
+                "config_reload_rejected",
+                path=str(self._config_path),
+                errors=exc.problems,
+                outcome="the running config stays in effect",
+            )
             return None
 
     def _apply(self, new: AgentConfig) -> None:
@@ -349,7 +354,9 @@ class Daemon:
             log.info("service_reconfigured", service=name)
             self._status_changed()
         else:
-            log.warning("service_needs_restart", service=name)
+            # Routine, not a fault: the service cannot take this section live, so a new one
+            # is built from it (service_drained and service_replaced follow).
+            log.info("service_needs_restart", service=name)
             self._supervisor.replace(name, self._build(spec, section))
 
     def _launch(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:

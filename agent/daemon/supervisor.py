@@ -207,7 +207,11 @@ class Supervisor(Generic[T]):
         if deadline is None:
             deadline = trio.current_time() + self.config.shutdown_timeout_s
         began = trio.current_time()
-        with entry.enter(_Phase.DRAIN, deadline) as scope:
+        # Each service binds its name in its own run task; what its drain logs is named too.
+        with (
+            entry.enter(_Phase.DRAIN, deadline) as scope,
+            structlog.contextvars.bound_contextvars(service=name),
+        ):
             try:
                 await entry.service.drain()
             except Exception as exc:  # noqa: BLE001 - a failed drain must not stop the others

@@ -375,6 +375,11 @@ class UnixSocketOpener:
                 return stream
 
     def _unavailable(self, exc: OSError, waited: str) -> DeviceUnavailableError:
+        if isinstance(exc, PermissionError):
+            return DeviceUnavailableError(
+                f"permission denied connecting to {self._path} (a simulated host's socket "
+                "is only for the user who started it)"
+            )
         reason = exc.strerror or str(exc)
         return DeviceUnavailableError(
             f"no simulated host at {self._path} ({reason}{waited}): "

@@ -184,6 +184,12 @@ async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:
                 waited = f"; waited {start_wait_s:g} s for it to start" if start_wait_s else ""
                 msg = f"no simulated host at {path} ({exc.strerror or exc}{waited})"
                 raise HostUnreachableError(msg) from exc
+        except PermissionError as exc:
+            msg = (
+                f"permission denied connecting to {path} (a simulated host's socket is only "
+                "for the user who started it)"
+            )
+            raise HostUnreachableError(msg) from exc
         except OSError as exc:
             msg = f"no simulated host at {path} ({exc.strerror or exc})"
             raise HostUnreachableError(msg) from exc

@@ -25,7 +25,6 @@ scenario goes on, as a failed ``VBoxManage`` command leaves the VM running.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -42,6 +41,7 @@ from agent.protocol.constants import (
 )
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
+from agent.tomltext import TomlSyntaxError, parse_toml
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -209,9 +209,10 @@ def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
         ScenarioError: bad TOML, unknown keys or actions, wrong types, steps out of order.
     """
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = f"{source}: not valid TOML: {exc}"
+        data = parse_toml(text)
+    except TomlSyntaxError as exc:
+        where = f"{exc.where}: " if exc.where else ""
+        msg = f"{source}: {where}invalid TOML: {exc.what}"
         raise ScenarioError(msg) from None
     extra = set(data) - {"host", "steps"}
     if extra:

@@ -176,12 +176,13 @@ class TestReload:
     async def test_invalid_config_keeps_the_old_one(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:
-        """A broken file is rejected: RELOADING=1, READY=1, and the config stays."""
+        """A broken file is rejected: RELOADING=1, READY=1, and the config stays; the error
+        line names every problem and says the running config stays in effect."""
         notifier, reader = notify
         path = short_dir / "agent.toml"
         path.write_text("[daemon]\nshutdown_timeout_s = 5\n")
         daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
-        with trio.fail_after(LIMIT_S):
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 await reader.until("READY=1")
@@ -193,6 +194,13 @@ class TestReload:
                 assert AgentConfig() == daemon.config
                 assert daemon.statistics().reloads == 0
                 daemon.request_shutdown("test")
+        [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert rejected["log_level"] == "error"
+        assert rejected["outcome"] == "the running config stays in effect"
+        assert [line.split(" = ")[0] for line in rejected["errors"]] == [
+            f"{path}: daemon.shutdown_timeout_s",
+            f"{path}: session_monitor.x",
+        ]
 
     async def test_daemon_section_is_applied(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 from pydantic import Field
@@ -170,8 +171,15 @@ class TestThrowAwayService:
                 assert "gadget one 5 s" in daemon.statistics().status
 
                 path.write_text('[gadget]\ninterval_s = 5\nlabel = "two"\n')
-                await daemon.reload()
+                with structlog.testing.capture_logs() as logs:
+                    await daemon.reload()
                 [_, second] = BUILT
+                # A rebuild is the reload doing its job: no warning for it.
+                assert {
+                    "event": "service_needs_restart",
+                    "service": "gadget",
+                    "log_level": "info",
+                } in logs
                 await second.started.wait()
                 assert first.drained.is_set()
                 assert second.section.label == "two"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -182,6 +183,27 @@ class TestSupervisor:
                 supervisor.stop_all(trio.current_time() + 5)
         assert service.drains == [2.0]
         assert supervisor.services() == []
+
+    async def test_drain_logs_with_the_service_name(self, autojump_clock: trio.abc.Clock) -> None:
+        """A drain runs with ``service`` bound, as its run does, so its log lines say whose."""
+
+        class Named(FlakyService):
+            def __init__(self) -> None:
+                super().__init__(failures=0)
+                self.drain_context: dict[str, object] = {}
+
+            async def drain(self) -> None:
+                self.drain_context = structlog.contextvars.get_contextvars()
+                await super().drain()
+
+        service = Named()
+        supervisor: Supervisor[Named] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.supervise, service)
+                supervisor.stop_all(trio.current_time() + 5)
+        assert service.drain_context == {"service": "flaky"}
+        assert structlog.contextvars.get_contextvars() == {}
 
     async def test_stop_during_back_off_ends_at_once(self, autojump_clock: trio.abc.Clock) -> None:
         """A service waiting for its restart is stopped without running again."""

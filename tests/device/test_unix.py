@@ -323,6 +323,25 @@ class TestLifecycle:
             await UnixSocketOpener(path).open_session()
         assert f"waited {HOST_START_WAIT_S:g} s" in str(info.value)
 
+    async def test_permission_denied_says_whose_socket(
+        self, socket_dir: str, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A socket the caller may not connect to (another user's host; root is never refused,
+        so the refusal is injected) fails at once, saying so instead of "start one"."""
+        path = os.path.join(socket_dir, "theirs.sock")
+
+        async def refuse(_: str) -> trio.SocketStream:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(trio, "open_unix_socket", refuse)
+        with pytest.raises(DeviceUnavailableError) as info:
+            await UnixSocketOpener(path).open_session()
+        assert str(info.value) == (
+            f"permission denied connecting to {path} (a simulated host's socket is only for "
+            "the user who started it)"
+        )
+        assert trio.current_time() == 0
+
     async def test_no_wait_for_a_file_that_is_not_a_socket(
         self, socket_dir: str, autojump_clock: trio.abc.Clock
     ) -> None:

@@ -81,7 +81,8 @@ class TestParse:
     @pytest.mark.parametrize(
         ("text", "message"),
         [
-            ("steps = [", "not valid TOML"),
+            ("steps = [", r"line 1, column 10 \(the end of the file\): invalid TOML: "),
+            ("[host]\nram_mb = \n", "line 2, column 10: invalid TOML: Invalid value"),
             ("colour = 1", "unknown top-level key 'colour'"),
             ("[host]\nram = 1", "host: unknown key 'ram'"),
             ('[host]\npersonality = "windows"', "'windows' is not one of"),

@@ -358,6 +358,24 @@ class TestControlClient:
             await call_control(socket_path, {"command": "status"}, start_wait_s=5)
         assert trio.current_time() == 0
 
+    async def test_permission_denied_says_whose_socket(
+        self, socket_path: str, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A socket the caller may not connect to (another user's host; root is never refused,
+        so the refusal is injected) fails at once, saying so instead of "no simulated host"."""
+
+        async def refuse(_: str) -> trio.SocketStream:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(trio, "open_unix_socket", refuse)
+        with pytest.raises(HostUnreachableError) as info:
+            await call_control(socket_path, {"command": "status"}, start_wait_s=5)
+        assert str(info.value) == (
+            f"permission denied connecting to {socket_path} (a simulated host's socket is only "
+            "for the user who started it)"
+        )
+        assert trio.current_time() == 0
+
     async def test_no_wait_by_default(self, socket_path: str) -> None:
         """Without ``start_wait_s`` a missing host fails at once."""
         with trio.fail_after(1), pytest.raises(HostUnreachableError, match="no simulated host"):

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 MIRROR_DIR = Path(__file__).parent / "c"
+GCC_TIMEOUT_S = 60
+"""Bound on one gcc run (a compile of the probe or of the header mirror)."""
 UAPI_HEADERS = ("linux/vboxguest.h", "linux/vbox_vmmdev_types.h", "linux/vbox_err.h")
 ABI = describe_abi()
 LAYOUTS = {layout.c_name: layout for layout in L.ALL_LAYOUTS}
@@ -74,7 +76,9 @@ def _gcc() -> str:
 
 
 def _run(argv: list[str], what: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, check=False, timeout=GCC_TIMEOUT_S
+    )
     if result.returncode != 0:
         hint = ""
         if "No such file" in result.stderr:
@@ -98,7 +102,9 @@ def _header_paths(gcc: str) -> dict[str, Path]:
     """Return the uapi headers gcc actually includes, by include name."""
     source = "".join(f"#include <{name}>\n" for name in UAPI_HEADERS)
     argv = [gcc, "-M", "-x", "c", "-", "-o", "-"]
-    result = subprocess.run(argv, input=source, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        argv, input=source, capture_output=True, text=True, check=False, timeout=GCC_TIMEOUT_S
+    )
     if result.returncode != 0:
         _fail(
             "gcc cannot find the vboxguest uapi headers (apt-get install linux-libc-dev):\n"
