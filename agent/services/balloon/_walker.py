@@ -195,12 +195,12 @@ class ChunkWalker:
         try:
             address = allocator.allocate()
         except ChunkError as exc:
-            raise WalkStoppedError(_reason(exc)) from exc
+            raise WalkStoppedError(str(exc)) from exc
         try:
             pages = allocator.physical_pages(address) if self.handover.needs_pages else None
         except ChunkError as exc:
             allocator.release(address)
-            raise WalkStoppedError(_reason(exc)) from exc
+            raise WalkStoppedError(str(exc)) from exc
         chunk = Chunk(address, pages)
         try:
             await self.handover.inflate(chunk)
@@ -249,9 +249,3 @@ class ChunkWalker:
             if not await self.give_back(chunk):
                 break
         return len(self.held)
-
-
-def _reason(exc: ChunkError) -> str:
-    """The message alone: a ChunkError's text names the call and the OS's reason already
-    (``str`` would prefix ``[Errno 12]``, or ``[Errno 0]`` for a check that is no call)."""
-    return exc.strerror or str(exc)
