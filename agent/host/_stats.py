@@ -122,6 +122,15 @@ class HostGuestStats:
         """VM reset: the guest has acknowledged nothing any more (Main keeps its figures)."""
         self.acked_interval_s = 0
 
+    def restore(self) -> None:
+        """A saved state was loaded: neither interval is in VMMDev's saved state and the new
+        VM process's Main starts with none and no figures, so the host asks for no reports
+        until told again (which then notifies: nothing is acknowledged)."""
+        self.interval_s = self.acked_interval_s = 0
+        self.main.clear()
+        for loads in self._cpu_loads.values():
+            loads[:] = [0] * VMM_MAX_CPU_COUNT
+
     def snapshot(self) -> dict[str, object]:
         """Return the state for ``host status`` (``last`` is None before any report)."""
         last = None if self.last is None else dict(self.last)

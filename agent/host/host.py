@@ -213,7 +213,8 @@ class SimulatedHost:
         self.vmmdev.set_statistics_interval(seconds)
 
     def restore(self) -> None:
-        """Restore from a saved state: new session id, HGCM calls re-sent, RESTORED raised."""
+        """Restore from a saved state: new session id, HGCM calls re-sent, no statistics
+        interval (a new VM process's Main asks for none), RESTORED raised."""
         self.vmmdev.restore()
 
     async def reset(self) -> None:

@@ -289,9 +289,11 @@ class VMMDev:
         self.guest_stats.set_interval(seconds)
 
     def restore(self) -> None:
-        """A saved state was loaded: new session id, HGCM re-submission, RESTORED event."""
+        """A saved state was loaded: new session id, HGCM re-submission, the statistics
+        interval back to 0 (see :meth:`HostGuestStats.restore`), RESTORED event."""
         self.session_id = self._rng.getrandbits(64)
         self.hgcm.restore()
+        self.guest_stats.restore()
         self.raise_events(Event.RESTORED)
 
     def reset(self) -> None:

@@ -10,8 +10,11 @@ VBoxService does (Main averages the loads over the VM's CPUs). The balloon figur
 balloon service's count (``ServiceContext.balloon``); while no balloon service publishes one
 the reports leave it out (Main keeps its last figure) rather than ask the driver: on Oracle's
 driver CHECK_BALLOON is no query, it makes the caller the balloon's owner and moves the
-balloon to the host's target. Mainline and Oracle's driver
-let trusted sessions send both requests, so this works on every real guest. Config section:
+balloon to the host's target. Mainline and Oracle's driver let trusted sessions
+(``/dev/vboxguest``) send both requests, so this works on every real guest; a session the
+driver does not trust (``/dev/vboxuser``) has its first interval read refused, which the
+service logs once (``statistics_refused_by_driver``) before it stays idle, rather than
+fail and be restarted until its restart budget ends the daemon. Config section:
 ``[statistics]``.
 """
 
@@ -25,6 +28,7 @@ import structlog
 import trio
 
 from agent.protocol import Event, GetStatisticsChangeRequest, ReportGuestStats, VBoxStatusError
+from agent.protocol.status import VERR_ACCESS_DENIED, VERR_PERMISSION_DENIED
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._paced import Metronome
 from agent.services._procstats import ProcStats, ProcStatsError
@@ -42,6 +46,8 @@ PROC: Final = Path("/proc")
 LATE_AFTER_S: Final = 1.0
 """A report sent more than a second after its deadline is logged as late."""
 EVENTS: Final = Event.RESTORED | Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+DRIVER_REFUSALS: Final = frozenset({VERR_PERMISSION_DENIED, VERR_ACCESS_DENIED})
+"""Statuses meaning "this session may not send statistics" (mainline's EPERM is the first)."""
 
 
 class StatisticsSection(ServiceSection):
@@ -63,6 +69,14 @@ class GuestStatsStatistics:
     rhythm: MetronomeStatistics
 
 
+class _RefusedError(Exception):
+    """The driver refused the first interval read: this session is not trusted."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 @final
 class GuestStatsService:
     """Reports ``/proc`` statistics at the host's interval."""
@@ -78,13 +92,17 @@ class GuestStatsService:
         self._metronome = Metronome(self._read_interval, self._report, late_after_s=LATE_AFTER_S)
         self._failures = 0
         self._last: GuestStatistics | None = None
+        self._interval_read = False
+        self._refused = False
 
     def statistics(self) -> GuestStatsStatistics:
         """Return the report counters and the latest report."""
         return GuestStatsStatistics(self._failures, self._last, self._metronome.statistics())
 
     def status(self) -> str:
-        """``statistics every 5 s`` or ``statistics off``."""
+        """``statistics every 5 s``, ``statistics off`` or ``statistics refused by the driver``."""
+        if self._refused:
+            return "statistics refused by the driver"
         interval = self._metronome.interval_s
         return "statistics off" if interval is None else f"statistics every {interval:g} s"
 
@@ -98,15 +116,34 @@ class GuestStatsService:
     ) -> NoReturn:
         """Read the interval, report on it, and read it again at 0x80 and after restores."""
         structlog.contextvars.bind_contextvars(service=self.name)
-        with self._pump.subscribe(self.name, EVENTS) as events:
-            await self._metronome.run(events, task_status=task_status)
+        try:
+            with self._pump.subscribe(self.name, EVENTS) as events:
+                await self._metronome.run(events, task_status=task_status)
+        except _RefusedError as exc:
+            self._refused = True
+            self._status_changed()
+            log.warning(
+                "statistics_refused_by_driver",
+                status=exc.status,
+                device=self._device.description,
+                hint="only a trusted session (/dev/vboxguest, as root) may send statistics",
+            )
+        task_status.started()
+        await trio.sleep_forever()
 
     async def drain(self) -> None:
         """Nothing to give back: the host keeps no state for the reporter."""
         await trio.lowlevel.checkpoint()
 
     async def _read_interval(self) -> float | None:
-        seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
+        try:
+            reply = await self._device.request(GetStatisticsChangeRequest())
+        except VBoxStatusError as exc:
+            if not self._interval_read and exc.rc in DRIVER_REFUSALS:
+                raise _RefusedError(exc.name) from exc
+            raise
+        self._interval_read = True
+        seconds = reply.seconds
         log.info("statistics_interval_read", interval_s=seconds)
         self._proc.forget_cpu()
         self._status_changed()

@@ -678,6 +678,21 @@ class TestGuestStats:
             "page_file_size": 118,
         }
 
+    def test_restore_asks_for_no_statistics(self, device: Device) -> None:
+        """Neither interval is in VMMDev's saved state and the restored VM's Main starts with
+        none: after a restore the guest reads 0, and the same interval set again notifies."""
+        device.report_additions()
+        filter_mask(device, Event.STATISTICS_INTERVAL_CHANGE_REQUEST, 0)
+        device.vmmdev.set_statistics_interval(5)
+        assert acknowledge(device) == Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        assert self.query(device) == 5
+        self.report(device, 0, StatCap.PHYS_MEM_TOTAL, phys_mem_total=1)
+        device.vmmdev.restore()
+        assert self.query(device) == 0
+        assert device.vmmdev.guest_stats.main == {}
+        device.vmmdev.set_statistics_interval(5)
+        assert acknowledge(device) == Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+
     def report(self, device: Device, cpu_id: int, caps: StatCap, **fields: int) -> None:
         """Send one REPORT_GUEST_STATS with ``caps`` and the named fields (others 0)."""
         req = vmmdev_request(T.REPORT_GUEST_STATS, 100)

@@ -48,9 +48,10 @@ async def running(
     proc: Path = Path("/proc"),
     balloon_chunks: int | None = None,
     cpus: int | None = None,
+    user_device: bool = False,
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
     """A host (with ``cpus`` CPUs, else this machine's), the pump and a started statistics
-    service (``balloon_chunks`` on the gauge)."""
+    service (``balloon_chunks`` on the gauge) on ``/dev/vboxguest`` (or ``/dev/vboxuser``)."""
     host = (
         SimulatedHost(personality=personality, seed=1)
         if cpus is None
@@ -59,7 +60,7 @@ async def running(
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(SimOpener(host)) as device:
+            async with open_device(SimOpener(host, user_device=user_device)) as device:
                 pump = EventPump(device)
                 context = ServiceContext(device, pump)
                 context.balloon.chunks = balloon_chunks
@@ -234,8 +235,9 @@ class TestReports:
     async def test_restore_reads_the_interval_again(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
     ) -> None:
-        """After RESTORED the interval is read again and reports go on, starting a new CPU
-        interval: the sample right after the restore has no loads."""
+        """After RESTORED the interval is read again: 0 (the restored VM's Main asks for none),
+        so reports stop until the host asks again; then they start a new CPU interval (the
+        first sample has no loads)."""
         proc = tmp_path / "proc"
         write_proc(proc, cpus=(IDLE_CPU,), processes=1)
         async with running("passthrough", proc=proc) as (host, service):
@@ -245,10 +247,31 @@ class TestReports:
             await trio.sleep(2.0)
             assert StatCap(last_report(host)["stat_caps"]) & CPU_CAPS == CPU_CAPS
             host.restore()
-            await trio.sleep(0.5)
+            await trio.sleep(10.0)
             assert service.statistics().rhythm.rereads == 2
+            assert (service.status(), guest_stats(host)["reports"]) == ("statistics off", 2)
+            host.set_statistics_interval(2)
+            await trio.sleep(0.5)
+            assert service.statistics().rhythm.rereads == 3
             assert guest_stats(host)["reports"] == 3
             assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
+
+    @pytest.mark.parametrize("personality", PERSONALITIES)
+    async def test_untrusted_session_is_refused_once(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """On /dev/vboxuser the drivers refuse the interval read (trusted requests only): the
+        service says so in one line and its status, and stays up without reporting."""
+        with structlog.testing.capture_logs() as logs:
+            async with running(personality, user_device=True) as (host, service):
+                host.set_statistics_interval(1)
+                await trio.sleep(3.0)
+                assert guest_stats(host)["reports"] == 0
+                assert service.status() == "statistics refused by the driver"
+        refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
+        assert len(refused) == 1
+        assert refused[0]["status"] == "VERR_PERMISSION_DENIED"
+        assert "/dev/vboxuser" in refused[0]["device"]
 
     async def test_unreadable_proc_is_logged_and_counted(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
