@@ -444,6 +444,14 @@ class TestHostRequests:
         statuses = {e["status"] for e in device.vmmdev.facilities.snapshot().values()}
         assert {FacilityStatus.TERMINATED} == statuses
 
+    def test_reset_makes_facilities_inactive_and_keeps_their_flags(self, device: Device) -> None:
+        """A VM reset sets every facility inactive and leaves the flags it last reported."""
+        device.report_additions()
+        assert device.vmmdev.facilities.report(Facility.VBOX_SERVICE, 50, 7) == VINF_SUCCESS
+        device.vmmdev.reset()
+        entry = device.vmmdev.facilities.entries[Facility.VBOX_SERVICE]
+        assert (entry.status, entry.flags) == (FacilityStatus.INACTIVE, 7)
+
     def test_core_dump_needs_permission(self) -> None:
         """WRITE_COREDUMP is refused unless core dumps are enabled for the VM."""
         assert make_device().send(vmmdev_request(T.WRITE_COREDUMP, 28)) == VERR_ACCESS_DENIED
