@@ -271,6 +271,8 @@ class TestGuestInfo:
             ((7, 0, 18), b"7.0.18_Ubuntu 22\0", VERR_INVALID_PARAMETER, None),  # space
             ((7, 0, 18), b"7.0.18_OSE_x\0", VERR_INVALID_PARAMETER, None),  # no build tag first
             ((7, 0, 18), b"7.0.18_RC256_x\0", VERR_INVALID_PARAMETER, None),  # RC above 255
+            ((7, 0, 18), b"7.0.18_RC++7_x\0", VINF_SUCCESS, "RC++7_x"),  # '+' signs parse
+            ((7, 0, 18), b"7.0.18_RC-0_x\0", VERR_INVALID_PARAMETER, None),  # '-' does not
             ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER, None),
             ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER, None),
             ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER, None),
