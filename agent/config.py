@@ -27,7 +27,7 @@ from pydantic import (
 
 from agent.device.spec import check_device_spec
 from agent.protocol import AgentError
-from agent.tomltext import TomlSyntaxError, parse_toml
+from agent.tomltext import TomlFileTooLargeError, TomlSyntaxError, read_toml_file
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -163,9 +163,11 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
             problem of the file, one line each).
     """
     try:
-        data = parse_toml(path.read_bytes().decode())  # no newline translation, as tomllib.load
+        data = read_toml_file(path)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except TomlFileTooLargeError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
     except TomlSyntaxError as exc:

@@ -1,17 +1,25 @@
-"""Reading TOML text with syntax errors that always name their line and column.
+"""Reading TOML files: bounded in size, with syntax errors that name their line and column.
 
 Python 3.11's ``tomllib`` puts the position in the message (``Invalid value (at line 3,
 column 7)``), except where the text ends too early: then it says ``(at end of document)``.
 :func:`parse_toml` names that position as a line and column too, so every syntax error of a
 config file or a scenario points at a place in the file. A leaf module (stdlib only), used by
-``agent.config`` and the simulator's scenario loader.
+``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads at most
+``MAX_TOML_BYTES``, so a path naming a device (``/dev/zero``) or a log file fails with one line
+instead of filling memory.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+MAX_TOML_BYTES: Final = 1 << 20
+"""Largest file read: a config or a scenario is a few KiB."""
 
 _POSITIONED: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
 _AT_END: Final = re.compile(r"^(?P<what>.*) \(at end of document\)$")
@@ -30,6 +38,27 @@ class TomlSyntaxError(ValueError):
         self.where = where
         self.what = what
         super().__init__(f"{where}: {what}" if where else what)
+
+
+class TomlFileTooLargeError(ValueError):
+    """The file holds more than ``MAX_TOML_BYTES``."""
+
+
+def read_toml_file(path: Path) -> dict[str, Any]:
+    """Read and parse the UTF-8 TOML file at ``path`` (line ends as written, as ``tomllib.load``).
+
+    Raises:
+        OSError: the file cannot be read.
+        TomlFileTooLargeError: it is larger than ``MAX_TOML_BYTES``.
+        UnicodeDecodeError: it is not UTF-8.
+        TomlSyntaxError: it is not TOML.
+    """
+    with path.open("rb") as file:
+        data = file.read(MAX_TOML_BYTES + 1)
+    if len(data) > MAX_TOML_BYTES:
+        msg = f"larger than {MAX_TOML_BYTES >> 20} MiB: not a TOML file this program reads"
+        raise TomlFileTooLargeError(msg)
+    return parse_toml(data.decode())
 
 
 def parse_toml(text: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from agent.config import (
 from agent.protocol import AgentError
 from agent.services import ServiceSection
 from agent.services.registry import section_models
+from agent.tomltext import MAX_TOML_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -310,6 +311,21 @@ class TestProblems:
         """A missing file names the path and the OS's reason."""
         path = tmp_path / "absent.toml"
         assert problems_of(path) == [f"{path}: cannot read: No such file or directory"]
+
+    def test_endless_device(self) -> None:
+        """A path naming an endless device is refused after MAX_TOML_BYTES, not read whole."""
+        assert problems_of(Path("/dev/zero")) == [
+            "/dev/zero: larger than 1 MiB: not a TOML file this program reads"
+        ]
+
+    def test_size_limit(self, tmp_path: Path) -> None:
+        """A file of MAX_TOML_BYTES is read; one byte more is refused."""
+        path = write(tmp_path, "#" * (MAX_TOML_BYTES - 1) + "\n")
+        assert load_config(path) == AgentConfig()
+        path.write_text("#" * MAX_TOML_BYTES + "\n")
+        assert problems_of(path) == [
+            f"{path}: larger than 1 MiB: not a TOML file this program reads"
+        ]
 
     def test_directory(self, tmp_path: Path) -> None:
         """A directory given as the file names the OS's reason."""

@@ -1,7 +1,8 @@
 """``vbox-agent check-config FILE``: validate a configuration file without starting anything.
 
 Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and exits 78
-(``EX_CONFIG``), the same lines ``run`` logs for a bad file.
+(``EX_CONFIG``), the same lines ``run`` prints for a bad file at start and logs in
+``config_reload_rejected`` on a reload.
 """
 
 from __future__ import annotations

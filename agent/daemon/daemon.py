@@ -1,9 +1,10 @@
 """``Daemon``: the process's root — device, services, readiness, signals, reload, shutdown.
 
-Order of a run: open the device (version handshake) → report the facility as Init → start
-the event pump, then every enabled service of the registry, each with ``nursery.start``
-under a supervisor → facility Active, ``READY=1`` with the combined ``STATUS=`` line → wait
-for a shutdown request → the stop:
+Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, a reload
+before READY being skipped) → open the device (version handshake) → report the facility as
+Init → start the event pump, then every enabled service of the registry, each with
+``nursery.start`` under a supervisor → facility Active, ``READY=1`` with the combined
+``STATUS=`` line → wait for a shutdown request → the stop:
 
 1. ``STOPPING=1``; the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed;
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
@@ -116,6 +117,10 @@ class Daemon:
         self._pump_supervisor: Supervisor[EventPump] = Supervisor(config.daemon)
         self._shutdown = trio.Event()
         self._startup = trio.CancelScope()
+        self._opening = trio.CancelScope()
+        """Around the device's opening and the run: a shutdown cancels it until the device is
+        open (``_device_open``); after that the stop is ``_serve``'s."""
+        self._device_open = False
         self._watchdog_scope = trio.CancelScope()
         self._status_dirty = trio.Event()
         self._status = ""
@@ -142,10 +147,26 @@ class Daemon:
             log.info("shutdown_requested", reason=reason)
             self._shutdown.set()
             self._startup.cancel()
+            if not self._device_open:
+                self._opening.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until :meth:`request_shutdown`, SIGTERM or SIGINT; ready after READY=1."""
+        """Run until :meth:`request_shutdown`, SIGTERM or SIGINT; ready after READY=1.
+
+        The signals are handled from the start, before the device opens (a wait of up to
+        5 s for a simulated host): SIGTERM or SIGINT then ends the run at once, and SIGHUP
+        is a reload skipped until READY=1. Their default actions would end the process.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(handle_signals, self)
+            with self._opening:
+                await self._run_on_device(task_status)
+            nursery.cancel_scope.cancel()
+        log.info("agent_stopped")
+
+    async def _run_on_device(self, task_status: trio.TaskStatus[None]) -> None:
         async with open_device(self._opener) as device:
+            self._device_open = True
             await self._log_device(device)
             facility = FacilityReporter(device)
             await _report(facility, FacilityStatus.INIT, _within(REPORT_TIMEOUT_S))
@@ -155,7 +176,6 @@ class Daemon:
                 with device.cleanup_scope("facility Failed report"):
                     await facility.report(FacilityStatus.FAILED)
                 raise
-        log.info("agent_stopped")
 
     async def _serve(
         self, device: Device, facility: FacilityReporter, task_status: trio.TaskStatus[None]
@@ -164,7 +184,6 @@ class Daemon:
         self._pump = pump
         self._context = ServiceContext(device, pump, self._status_changed)
         async with trio.open_nursery() as nursery:
-            await nursery.start(handle_signals, self)
             async with trio.open_nursery() as pump_nursery:
                 await pump_nursery.start(self._pump_supervisor.supervise, pump)
                 async with trio.open_nursery() as services:

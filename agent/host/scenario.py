@@ -26,7 +26,7 @@ scenario goes on, as a failed ``VBoxManage`` command leaves the VM running.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
@@ -41,7 +41,12 @@ from agent.protocol.constants import (
 )
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
-from agent.tomltext import TomlSyntaxError, parse_toml
+from agent.tomltext import (
+    TomlFileTooLargeError,
+    TomlSyntaxError,
+    parse_toml,
+    read_toml_file,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -211,9 +216,16 @@ def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
     try:
         data = parse_toml(text)
     except TomlSyntaxError as exc:
-        where = f"{exc.where}: " if exc.where else ""
-        msg = f"{source}: {where}invalid TOML: {exc.what}"
-        raise ScenarioError(msg) from None
+        raise _syntax_error(source, exc) from None
+    return _scenario(data, source)
+
+
+def _syntax_error(source: str, exc: TomlSyntaxError) -> ScenarioError:
+    where = f"{exc.where}: " if exc.where else ""
+    return ScenarioError(f"{source}: {where}invalid TOML: {exc.what}")
+
+
+def _scenario(data: dict[str, Any], source: str) -> Scenario:
     extra = set(data) - {"host", "steps"}
     if extra:
         msg = f"{source}: unknown top-level key {min(extra)!r} (expected host, steps)"
@@ -240,14 +252,19 @@ def load_scenario(path: Path) -> Scenario:
         ScenarioError: the file cannot be read or is invalid.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_toml_file(path)
     except OSError as exc:
         msg = f"{path}: cannot read the scenario: {exc.strerror or exc}"
+        raise ScenarioError(msg) from None
+    except TomlFileTooLargeError as exc:
+        msg = f"{path}: the scenario is {exc}"
         raise ScenarioError(msg) from None
     except UnicodeDecodeError as exc:
         msg = f"{path}: the scenario is not UTF-8 text: {exc.reason} at byte {exc.start}"
         raise ScenarioError(msg) from None
-    return parse_scenario(text, source=str(path))
+    except TomlSyntaxError as exc:
+        raise _syntax_error(str(path), exc) from None
+    return _scenario(data, str(path))
 
 
 def _host_settings(raw: object, source: str) -> HostSettings:

@@ -166,8 +166,42 @@ class TestDaemonLifecycle:
                 raise DeviceUnavailableError(msg)
 
         daemon = Daemon(AgentConfig(), Missing(), notifier=notifier)  # type: ignore[arg-type]
-        with trio.fail_after(LIMIT_S), pytest.raises(DeviceUnavailableError):
+        with trio.fail_after(LIMIT_S), pytest.RaisesGroup(DeviceUnavailableError):
             await daemon.run()
+
+    async def test_signals_while_the_device_opens(
+        self, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """Signals are handled before the device is open (a simulated host may take 5 s to
+        appear): SIGHUP is a skipped reload, not the end of the process; SIGTERM ends the run
+        at once, cleanly."""
+        notifier, _ = notify
+        opening = trio.Event()
+
+        class Slow:
+            description = "/dev/slow"
+
+            async def open_session(self) -> SimOpener:
+                opening.set()
+                await trio.sleep_forever()
+
+        path = short_dir / "agent.toml"
+        path.write_text("")
+        daemon = Daemon(AgentConfig(), Slow(), config_path=path, notifier=notifier)  # type: ignore[arg-type]
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await opening.wait()
+                signal.raise_signal(signal.SIGHUP)
+                await trio.testing.wait_all_tasks_blocked()
+                signal.raise_signal(signal.SIGTERM)
+        assert [(entry["event"], entry.get("signal")) for entry in logs] == [
+            ("signal_received", "SIGHUP"),
+            ("config_reload_skipped", None),
+            ("signal_received", "SIGTERM"),
+            ("shutdown_requested", None),
+            ("agent_stopped", None),
+        ]
 
 
 class TestReload:

