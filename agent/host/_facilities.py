@@ -62,9 +62,10 @@ class FacilityTable:
         return VINF_SUCCESS
 
     def reset(self) -> None:
-        """VM reset: every facility goes back to inactive."""
+        """VM reset: every facility goes back to inactive; its flags stay (VMMDev's reset
+        sets only the status and the time stamp)."""
         for entry in self.entries.values():
-            entry.status, entry.flags = int(FacilityStatus.INACTIVE), 0
+            entry.status = int(FacilityStatus.INACTIVE)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Return ``{"<facility>": {"status": N}}`` in facility order."""

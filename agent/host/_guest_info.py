@@ -27,6 +27,8 @@ MAX_BUILD: Final = 0xFFFF
 """The version must pack into ``VBOX_FULL_VERSION`` (8.8.16 bits)."""
 BUILD_TAG_PREFIXES: Final = (b"RC", b"BETA", b"ALPHA")
 """A build tag is one of these, optionally followed by a decimal number below 256."""
+BUILD_TAG_SIGN: Final = b"+"
+"""``RTStrToUInt8Full`` takes any run of '+' signs before the number ('-' makes it fail)."""
 MAX_BUILD_TAG_NUMBER: Final = 0xFF
 PUBLISHER_TAG_CHARS: Final = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz()[]{}+-.,"
@@ -140,7 +142,10 @@ def _is_build_tag(tag: bytes) -> bool:
     for prefix in BUILD_TAG_PREFIXES:
         if tag.startswith(prefix):
             number = tag[len(prefix) :]
-            return not number or (number.isdigit() and int(number) <= MAX_BUILD_TAG_NUMBER)
+            if not number:
+                return True
+            digits = number.lstrip(BUILD_TAG_SIGN)
+            return digits.isdigit() and int(digits) <= MAX_BUILD_TAG_NUMBER
     return False
 
 

@@ -271,6 +271,8 @@ class TestGuestInfo:
             ((7, 0, 18), b"7.0.18_Ubuntu 22\0", VERR_INVALID_PARAMETER, None),  # space
             ((7, 0, 18), b"7.0.18_OSE_x\0", VERR_INVALID_PARAMETER, None),  # no build tag first
             ((7, 0, 18), b"7.0.18_RC256_x\0", VERR_INVALID_PARAMETER, None),  # RC above 255
+            ((7, 0, 18), b"7.0.18_RC++7_x\0", VINF_SUCCESS, "RC++7_x"),  # '+' signs parse
+            ((7, 0, 18), b"7.0.18_RC-0_x\0", VERR_INVALID_PARAMETER, None),  # '-' does not
             ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER, None),
             ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER, None),
             ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER, None),
@@ -443,6 +445,14 @@ class TestHostRequests:
         report_status(device, Facility.ALL, FacilityStatus.TERMINATED)
         statuses = {e["status"] for e in device.vmmdev.facilities.snapshot().values()}
         assert {FacilityStatus.TERMINATED} == statuses
+
+    def test_reset_makes_facilities_inactive_and_keeps_their_flags(self, device: Device) -> None:
+        """A VM reset sets every facility inactive and leaves the flags it last reported."""
+        device.report_additions()
+        assert device.vmmdev.facilities.report(Facility.VBOX_SERVICE, 50, 7) == VINF_SUCCESS
+        device.vmmdev.reset()
+        entry = device.vmmdev.facilities.entries[Facility.VBOX_SERVICE]
+        assert (entry.status, entry.flags) == (FacilityStatus.INACTIVE, 7)
 
     def test_core_dump_needs_permission(self) -> None:
         """WRITE_COREDUMP is refused unless core dumps are enabled for the VM."""
