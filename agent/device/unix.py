@@ -82,6 +82,8 @@ HOST_START_WAIT_S: Final = 5.0
 """How long the first session waits for a host whose socket is missing or refuses."""
 HOST_START_POLL_S: Final = 0.05
 """How often a session waiting for a starting host tries to connect again."""
+_PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
+"""Errnos of a send or receive on a connection whose other end was closed."""
 _SEQ_MASK: Final = 0xFFFFFFFF
 _ADDRESS: Final = struct.Struct("<Q")
 
@@ -205,7 +207,10 @@ class UnixSocketTransport:
             with trio.CancelScope(shield=True, deadline=deadline) as cs:
                 try:
                     await self._stream.send_all(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                except trio.BrokenResourceError as exc:
+                    await self._lose(_broken("sending", exc))
+                    raise DeviceLostError(self._lost) from exc
+                except trio.ClosedResourceError as exc:
                     await self._lose(f"sending failed: {exc}")
                     raise DeviceLostError(self._lost) from exc
             if cs.cancelled_caught:
@@ -254,7 +259,7 @@ class UnixSocketTransport:
             try:
                 data = await self._stream.receive_some(RECEIVE_SIZE)
             except trio.BrokenResourceError as exc:
-                await self._lose(f"receiving failed: {exc}")
+                await self._lose(_broken("receiving", exc))
                 raise DeviceLostError(self._lost) from exc
             except trio.ClosedResourceError:
                 self._check_usable()
@@ -385,6 +390,15 @@ class UnixSocketOpener:
             f"no simulated host at {self._path} ({reason}{waited}): "
             f"start one with `vbox-agent simulate --socket {self._path}`"
         )
+
+
+def _broken(action: str, exc: trio.BrokenResourceError) -> str:
+    """Why ``action`` failed: the host closed its end (EPIPE, ECONNRESET), or the OS's reason."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno in _PEER_CLOSED:
+        return "it closed the connection"
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+    return f"{action} failed: {reason}"
 
 
 def _is_other_file(path: str) -> bool:

@@ -98,7 +98,7 @@ class ChunkPages:
             index, address = next(
                 (i, a) for i, a in enumerate(self.addresses) if a == 0 or a % PAGE_SIZE
             )
-            msg = f"page {index} address {address:#x} is not a non-zero page address"
+            msg = f"page {index} address {address:#x} is zero or not page-aligned"
             raise LocalProtocolError(msg)
         if len(frames) != BALLOON_CHUNK_PAGES:
             raise LocalProtocolError(_NOT_DISTINCT)
@@ -119,7 +119,7 @@ class ChunkPages:
             msg = (
                 "page addresses must be u64 integers"
                 if bad is None
-                else f"page {bad} address {addresses[bad]:#x} is not a non-zero page address"
+                else f"page {bad} address {addresses[bad]:#x} is not a u64"
             )
             raise LocalProtocolError(msg) from exc
         return cls(packed)

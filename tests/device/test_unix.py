@@ -27,6 +27,7 @@ import trio.testing
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.unix import (
     HOST_START_WAIT_S,
+    RECEIVE_SIZE,
     USER_ADDRESS_BASE,
     UnixSocketOpener,
     UnixSocketTransport,
@@ -461,6 +462,32 @@ class TestLifecycle:
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
         listener.close()
+
+    async def test_host_that_closed_its_end(self, socket_dir: str) -> None:
+        """A host that closed the connection is named as such, not by the OS's EPIPE."""
+        path = os.path.join(socket_dir, "raw.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+        closed = trio.Event()
+
+        async def closing_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.recv(RECEIVE_SIZE)  # the client's HELLO
+                await connection.send(encode_frame(Hello(Role.HOST)))
+            closed.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closing_host)
+                transport = await UnixSocketOpener(path).open_session()
+                await closed.wait()
+                with pytest.raises(DeviceLostError) as info:
+                    await transport.ioctl(ECHO, bytearray(16))
+                await transport.aclose()
+        listener.close()
+        assert str(info.value) == f"simulated host at {path} is gone: it closed the connection"
 
     async def test_refused_hello(self, socket_dir: str) -> None:
         """A host that answers HELLO with ERROR makes open_session fail with its message."""

@@ -7,6 +7,7 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 from __future__ import annotations
 
 import pytest
+import structlog.testing
 import trio
 
 from agent.host import SimOpener, SimTransport, SimulatedHost
@@ -153,9 +154,13 @@ class TestFailures:
         with trio.fail_after(120):
             async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
                 chunks.fail_next = 3
-                run.host.set_balloon_target(8)
-                await run.settle(8)
+                with structlog.testing.capture_logs() as logs:
+                    run.host.set_balloon_target(8)
+                    await run.settle(8)
                 assert run.service.statistics().failures == 3
+                # The reason as the allocator words it, without str(OSError)'s "[Errno 12]".
+                stopped = [entry for entry in logs if entry["event"] == "balloon_walk_stopped"]
+                assert stopped[0]["reason"] == "simulated allocation failure"
 
 
 class TestPressure:

@@ -109,7 +109,7 @@ class TestMmapAllocator:
         [
             pytest.param(
                 1 << 63,
-                "non-zero page address; reading frames needs CAP_SYS_ADMIN",
+                "address 0x0 is zero or not page-aligned; reading frames needs CAP_SYS_ADMIN",
                 id="hidden-frame",
             ),
             pytest.param(0x1234, "not present", id="not-present"),

@@ -42,6 +42,11 @@ _PROT_READ_WRITE: Final = mmap.PROT_READ | mmap.PROT_WRITE
 class ChunkError(OSError):
     """A chunk could not be allocated, locked or released (``errno`` says why)."""
 
+    def __str__(self) -> str:
+        """The message alone: it names the call and the OS's reason (no ``[Errno 12]``, nor
+        ``[Errno 0]`` for a check that made no call)."""
+        return self.strerror or super().__str__()
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:

@@ -40,6 +40,10 @@ _MEMINFO_READ_BYTES: Final = 16384
 class PressureFileError(OSError):
     """The PSI or meminfo file cannot be read or has no figures where expected."""
 
+    def __str__(self) -> str:
+        """The message alone: it names the file and what is wrong (no ``[Errno 2]``)."""
+        return self.strerror or super().__str__()
+
 
 @dataclass(frozen=True, slots=True)
 class PressureReading:
