@@ -35,6 +35,7 @@ from agent.host._guest_info import GuestInfo
 from agent.host._header_fields import REQUEST_RC, REQUEST_RC_AT
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
+from agent.host._release import RELEASE
 from agent.host._stats import GUEST_CPUS, HostGuestStats
 from agent.host.hgcm import HgcmHost
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 
     from agent.host.memory import GuestMemory
 
-HOST_VERSION: Final = (7, 0, 18, 162988)
+HOST_VERSION: Final = RELEASE
 """The VirtualBox release the simulated host claims to be (major, minor, build, revision)."""
 HOST_FEATURES: Final = HOST_FEATURE_HGCM_PHYS_PAGE_LIST | 0x2 | 0x4 | 0x8 | 0x8000_0000
 """PHYS_PAGE_LIST, EMBEDDED_BUFFERS, CONTIGUOUS_PAGE_LIST, NO_BOUNCE_PAGE_LIST, FAST_IRQ_ACK."""

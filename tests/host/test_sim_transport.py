@@ -14,11 +14,13 @@ import pytest
 import trio
 import trio.testing
 
+from agent.device import open_device
 from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
 from agent.host.memory import USER_BASE, USER_LIMIT, USER_WINDOW
 from agent.protocol import (
     ChangeFilterMask,
     DeviceUnavailableError,
+    GetHostVersion,
     GetSessionId,
     HgcmBuffer,
     HgcmBufferIn,
@@ -88,6 +90,20 @@ class TestSimTransport:
         """The opener names the personality and the node."""
         assert "mainline" in SimOpener(host).description
         assert "/dev/vboxuser" in SimOpener(host, user_device=True).description
+
+    async def test_one_version_everywhere(self, host: SimulatedHost) -> None:
+        """GET_HOST_VERSION and the HostInfo properties name the same release, as on a real
+        host (the properties said 7.0.20 r163906 next to VMMDev's 7.0.18 r162988)."""
+        async with open_device(SimOpener(host)) as device:
+            reply = await device.request(GetHostVersion())
+        version = host.prop_get("/VirtualBox/HostInfo/VBoxVer")
+        revision = host.prop_get("/VirtualBox/HostInfo/VBoxRev")
+        assert version is not None
+        assert revision is not None
+        assert (version[0], revision[0]) == (
+            f"{reply.major}.{reply.minor}.{reply.build}",
+            str(reply.revision),
+        )
 
     async def test_host_not_running(self) -> None:
         """Opening a session before the host runs fails as every opener does (exit 69)."""

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from agent.host._release import RELEASE_REVISION, RELEASE_VERSION
 from agent.protocol.guest_props import (
     ALLFLAGS,
     ENUM_TERMINATOR,
@@ -63,9 +64,9 @@ _HOST_PROP_FLAGS: Final = TRANSIENT | RDONLYGUEST
 class HostVersion:
     """What the ``/VirtualBox/HostInfo/VBox*`` properties report."""
 
-    version: str = "7.0.20"
-    version_ext: str = "7.0.20"
-    revision: str = "163906"
+    version: str = RELEASE_VERSION
+    version_ext: str = RELEASE_VERSION
+    revision: str = RELEASE_REVISION
 
 
 class GuestPropertyService:
