@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 MAX_TOML_BYTES: Final = 1 << 20
 """Largest file read: a config or a scenario is a few KiB."""
 
+_BYTE_ORDER_MARK: Final = "\ufeff"
 _POSITIONED: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
 _AT_END: Final = re.compile(r"^(?P<what>.*) \(at end of document\)$")
 
@@ -68,6 +69,9 @@ def parse_toml(text: str) -> dict[str, Any]:
         TomlSyntaxError: a syntax error, with its line and column (those just past the last
             character when the text ends too early).
     """
+    if text.startswith(_BYTE_ORDER_MARK):  # what Windows editors put first; TOML has none
+        where, what = "line 1, column 1", "a byte order mark (U+FEFF): save as UTF-8 without BOM"
+        raise TomlSyntaxError(where, what)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

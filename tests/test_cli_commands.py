@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,26 @@ def test_output_nobody_reads_ends_quietly() -> None:
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (EX_BROKEN_PIPE, "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "closed", "code"),
+    [
+        (["check-config", "config/agent.toml"], 1, 0),
+        (["check-config", "/nonexistent.toml"], 2, 78),
+        (["run", "--simulate", "--duration", "0.5"], 1, 0),
+    ],
+)
+def test_closed_output_is_no_crash(argv: list[str], closed: int, code: int) -> None:
+    """Started with stdout or stderr closed (``>&-``), a command runs and exits as usual;
+    what it would write there is lost (it ended with an AttributeError traceback, exit 1)."""
+    done = subprocess.run(
+        ["/bin/sh", "-c", f'exec "$0" -m agent "$@" {closed}>&-', sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr

@@ -288,6 +288,15 @@ class TestProblems:
         path = write(tmp_path, "[log]\nlevel = debug\n")
         assert problems_of(path) == [f"{path}: line 2, column 9: invalid TOML: Invalid value"]
 
+    def test_byte_order_mark_is_named(self, tmp_path: Path) -> None:
+        """A BOM (Windows editors write one) is named, not reported as an invalid statement."""
+        path = tmp_path / "agent.toml"
+        path.write_bytes(b'\xef\xbb\xbf[log]\r\nlevel = "info"\r\n')
+        assert problems_of(path) == [
+            f"{path}: line 1, column 1: invalid TOML: a byte order mark (U+FEFF): save as "
+            "UTF-8 without BOM"
+        ]
+
     @pytest.mark.parametrize(
         ("text", "where", "what"),
         [

@@ -85,8 +85,18 @@ def _build_parser(argv: Sequence[str]) -> CommandParser:
     return parser
 
 
+def _give_closed_streams_devnull() -> None:
+    """A process started with stdout or stderr closed (``>&-``) has ``sys.stdout`` or
+    ``sys.stderr`` None, and its first print or log line would end it with a traceback:
+    what it writes there goes to ``/dev/null`` instead."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's life
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
     args, unrecognized = _build_parser(words).parse_known_args(words)
     if unrecognized:
