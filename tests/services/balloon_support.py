@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -132,8 +133,10 @@ async def running_balloon(
     host: SimulatedHost | None = None,
     before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
     gauge: BalloonGauge | None = None,
+    drain_s: float = math.inf,
 ) -> AsyncIterator[Running]:
-    """Run host, pump and service; on exit cancel the service and drain it, as the daemon does.
+    """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
+    (within ``drain_s``, as the daemon's drain time).
 
     ``before`` runs once the host runs, before the agent opens its device.
     """
@@ -169,6 +172,7 @@ async def running_balloon(
                 yield Running(host, device, service, nursery)
                 service_scope.cancel()
                 await stopped.wait()
-                await service.drain()
+                with trio.move_on_after(drain_s):
+                    await service.drain()
                 nursery.cancel_scope.cancel()
         outer.cancel_scope.cancel()

@@ -96,6 +96,22 @@ class TestFollowsTarget:
             assert run.host_chunks == 0
         assert not chunks.live
 
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_drain_cut_short_says_what_it_kept(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A drain the drain time cuts short logs what went back and what the agent kept."""
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), drain_s=2.5) as run:
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+                run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 1.0)
+        [incomplete] = [entry for entry in logs if entry["event"] == "balloon_drain_incomplete"]
+        assert incomplete["log_level"] == "error"
+        assert incomplete["returned"] + incomplete["kept"] == 8
+        assert incomplete["kept"] > 0
+        assert incomplete["reason"] == "the drain time ran out"
+
     async def test_oracle_session_close_deflates_kernel_chunks(
         self, autojump_clock: trio.abc.Clock
     ) -> None:

@@ -218,18 +218,25 @@ class BalloonService:
             self._gauge.chunks = None
             return
         held = len(walker.held)
-        kept = await walker.drain()
+        try:
+            kept = await walker.drain()
+        except trio.Cancelled:  # the drain time (daemon.shutdown_timeout_s) ran out
+            self._drain_incomplete(held, len(walker.held), "the drain time ran out")
+            raise
         self._gauge.chunks = None
         if kept:
-            log.error(
-                "balloon_drain_incomplete",
-                returned=held - kept,
-                kept=kept,
-                reason=walker.last_failure,
-                note="left to the session close" if self._mode is BalloonMode.ALLOCATED else "",
-            )
+            self._drain_incomplete(held, kept, walker.last_failure)
         else:
             log.info("balloon_drained", returned=held)
+
+    def _drain_incomplete(self, held: int, kept: int, reason: str | None) -> None:
+        log.error(
+            "balloon_drain_incomplete",
+            returned=held - kept,
+            kept=kept,
+            reason=reason,
+            note="left to the session close" if self._mode is BalloonMode.ALLOCATED else "",
+        )
 
     # --- mode and target --------------------------------------------------------------------
 
