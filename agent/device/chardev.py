@@ -521,8 +521,8 @@ def open_failure(path: str, exc: OSError) -> str:
     """Return the one-line reason ``os.open(path)`` failed with ``exc`` and what to do."""
     if exc.errno == errno.ENOENT:
         return (
-            f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest) "
-            "or pass --device"
+            f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
+            "or name the right device node (--device or [device] path)"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (

@@ -342,14 +342,15 @@ class TestOpen:
         assert closed == [7]
 
     async def test_missing_node_names_the_fix(self, tmp_path: Path) -> None:
-        """A missing node (a real ``os.open``) says to load the module or pass --device."""
+        """A missing node (a real ``os.open``) says to load the module or name the right node
+        (a typo in ``--device`` or ``device.path`` is the other cause)."""
         path = tmp_path / "vboxguest"
         with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
             await CharDevOpener(str(path)).open_session()
         message = str(caught.value)
         assert message.startswith(str(path))
         assert "modprobe vboxguest" in message
-        assert "--device" in message
+        assert "--device or [device] path" in message
         assert "\n" not in message
 
     async def test_permission_denied_names_mode_owner_and_fix(self, tmp_path: Path) -> None:
