@@ -109,6 +109,25 @@ def _sim(personality: str, request: pytest.FixtureRequest) -> Iterator[PropHost]
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def held_wait(sim: PropHost, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``prop wait ARGS`` in a process of its own, yielded once its call is held at the host;
+    killed (if still running) and reaped afterwards."""
+    waiter = subprocess.Popen(
+        [PYTHON, "-m", "agent", "prop", "--device", sim.device, "wait", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=sim.env,
+    )
+    try:
+        until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
+        yield waiter
+    finally:
+        waiter.kill()
+        waiter.wait(timeout=WAIT_S)
+
+
 def one_line(done: subprocess.CompletedProcess[str]) -> str:
     """The single line a failing command printed on stderr."""
     lines = done.stderr.strip().splitlines()
@@ -215,33 +234,10 @@ class TestNoHost:
 class TestWait:
     def test_returns_when_the_host_sets_a_match(self, sim: PropHost) -> None:
         """``prop wait`` parks at the host and returns as soon as a matching property is set."""
-        waiter = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "agent",
-                "prop",
-                "--device",
-                sim.device,
-                "wait",
-                "/W/*|/X",
-                "--timeout",
-                str(WAIT_S),
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=sim.env,
-        )
-        try:
-            until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
+        with held_wait(sim, "/W/*|/X", "--timeout", str(WAIT_S), "--json") as waiter:
             sim.host("prop", "set", "/Other/a", "no")
             sim.host("prop", "set", "/W/hit", "yes", "--flags", "TRANSIENT")
             stdout, stderr = waiter.communicate(timeout=WAIT_S)
-        finally:
-            waiter.kill()
-            waiter.wait(timeout=WAIT_S)
         assert waiter.returncode == EX_OK, stderr
         change = json.loads(stdout)
         assert (change["name"], change["value"], change["flags"], change["deleted"]) == (
@@ -255,20 +251,9 @@ class TestWait:
     def test_ctrl_c_ends_it_quietly(self, sim: PropHost) -> None:
         """SIGINT ends a wait with 130, nothing on stderr (it printed a traceback), and the
         client released at the host."""
-        waiter = subprocess.Popen(
-            [PYTHON, "-m", "agent", "prop", "--device", sim.device, "wait", "/Never/*"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=sim.env,
-        )
-        try:
-            until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
+        with held_wait(sim, "/Never/*") as waiter:
             waiter.send_signal(signal.SIGINT)
             stdout, stderr = waiter.communicate(timeout=WAIT_S)
-        finally:
-            waiter.kill()
-            waiter.wait(timeout=WAIT_S)
         assert (waiter.returncode, stdout, stderr) == (EX_INTERRUPTED, "", "")
         until(lambda: sim.status()["hgcm_clients"] == 0, "the client's release")
 

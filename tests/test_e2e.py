@@ -141,6 +141,17 @@ def _host(socket_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _run(*args: str, timeout: float = WAIT_S) -> subprocess.CompletedProcess[str]:
+    """``vbox-agent run ARGS`` to its end, output captured."""
+    return subprocess.run(
+        [PYTHON, "-m", "agent", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _status(socket_path: Path) -> dict[str, Any]:
     result = _host(socket_path, "status", "--json")
     assert result.returncode == 0, result.stderr
@@ -235,13 +246,7 @@ class TestTwoProcesses:
 
     def test_missing_device_exits_69(self, workdir: Path) -> None:
         """No host listening: it waits the bounded time, then one line naming the socket, 69."""
-        result = subprocess.run(
-            [PYTHON, "-m", "agent", "run", "--device", f"unix:{workdir / 'none.sock'}"],
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S,
-            check=False,
-        )
+        result = _run("--device", f"unix:{workdir / 'none.sock'}")
         assert result.returncode == 69
         assert [json.loads(line)["event"] for line in result.stdout.splitlines()] == [
             "waiting_for_simulated_host"
@@ -254,13 +259,7 @@ class TestTwoProcesses:
         """A device path that exists and is not a socket: one line at once, no wait, 69."""
         not_a_socket = workdir / "file"
         not_a_socket.write_text("")
-        result = subprocess.run(
-            [PYTHON, "-m", "agent", "run", "--device", f"unix:{not_a_socket}"],
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S,
-            check=False,
-        )
+        result = _run("--device", f"unix:{not_a_socket}")
         assert result.returncode == 69
         assert result.stdout == ""
         assert result.stderr.strip().endswith(f"{not_a_socket}: it exists and is not a socket")
@@ -323,13 +322,7 @@ class TestSimulateDemo:
 
     def test_run_simulate_plays_the_demo(self) -> None:
         """``run --simulate --duration`` shows the agent at work and exits 0."""
-        result = subprocess.run(
-            [PYTHON, "-m", "agent", "run", "--simulate", "--duration", "6"],
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S + 10,
-            check=False,
-        )
+        result = _run("--simulate", "--duration", "6", timeout=WAIT_S + 10)
         assert result.returncode == 0, result.stderr
         lines = [json.loads(line) for line in result.stdout.splitlines() if line]
         events = [line["event"] for line in lines]
@@ -350,13 +343,7 @@ class TestSimulateDemo:
             "status = 'VERR_NOT_SUPPORTED'\n\n"
             "[[steps]]\nat = 0.5\naction = 'reset'\n"
         )
-        result = subprocess.run(
-            [PYTHON, "-m", "agent", "run", "--simulate", "--scenario", str(scenario)],
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S,
-            check=False,
-        )
+        result = _run("--simulate", "--scenario", str(scenario))
         assert result.returncode == 69, result.stderr
         assert "GET_HOST_VERSION VERR_NOT_SUPPORTED" in result.stderr
 

@@ -740,29 +740,26 @@ class TestKernelHeartbeat:
                 assert heartbeat["max_gap_ns"] == 2_000_000_000
                 nursery.cancel_scope.cancel()
 
-    async def test_refused_off_sends_no_on(self, autojump_clock: object) -> None:
-        """A refused first configure (off) ends the set-up there, as in ``vbg_heartbeat_init``:
-        no second configure, the host's check stays off and the driver never beats."""
+    @pytest.mark.parametrize(
+        ("answers", "configures"),
+        [
+            pytest.param((-12,), 1, id="off-refused-so-no-on"),
+            pytest.param((VINF_SUCCESS, -12), 2, id="on-refused"),
+        ],
+    )
+    async def test_refused_configure_means_no_heartbeat(
+        self, autojump_clock: object, answers: tuple[int, ...], configures: int
+    ) -> None:
+        """A refused configure ends the set-up there, as in ``vbg_heartbeat_init``: a refused
+        first one (off) sends no second (on); either way the host's check stays off and the
+        driver never beats."""
         host = SimulatedHost()
-        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -12, count=1)
+        for rc in answers:
+            host.add_fault(RequestType.HEARTBEAT_CONFIGURE, rc, count=1)
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
                 await trio.sleep(10)
-                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == 1
-                assert (host.vmmdev.heartbeat.active, host.vmmdev.heartbeat.beats) == (False, 0)
-                nursery.cancel_scope.cancel()
-
-    async def test_refused_on_means_no_heartbeat(self, autojump_clock: object) -> None:
-        """A host that takes the first configure (off) but refuses the second (on) leaves the
-        guest without a heartbeat: the driver never beats."""
-        host = SimulatedHost()
-        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VINF_SUCCESS)  # the 'off'
-        host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -12)  # the 'on'
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                await trio.sleep(10)
-                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == 2
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == configures
                 assert (host.vmmdev.heartbeat.active, host.vmmdev.heartbeat.beats) == (False, 0)
                 nursery.cancel_scope.cancel()
