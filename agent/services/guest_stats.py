@@ -69,14 +69,6 @@ class GuestStatsStatistics:
     rhythm: MetronomeStatistics
 
 
-class _RefusedError(Exception):
-    """The driver refused the first interval read: this session is not trusted."""
-
-    def __init__(self, status: str) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 @final
 class GuestStatsService:
     """Reports ``/proc`` statistics at the host's interval."""
@@ -119,12 +111,14 @@ class GuestStatsService:
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
                 await self._metronome.run(events, task_status=task_status)
-        except _RefusedError as exc:
-            self._refused = True
+        except VBoxStatusError as exc:  # only the interval read lets one through
+            if self._interval_read or exc.rc not in DRIVER_REFUSALS:
+                raise
+            self._refused = True  # the first read was refused: this session is not trusted
             self._status_changed()
             log.warning(
                 "statistics_refused_by_driver",
-                status=exc.status,
+                status=exc.name,
                 device=self._device.description,
                 hint="only a trusted session (/dev/vboxguest, as root) may send statistics",
             )
@@ -136,14 +130,8 @@ class GuestStatsService:
         await trio.lowlevel.checkpoint()
 
     async def _read_interval(self) -> float | None:
-        try:
-            reply = await self._device.request(GetStatisticsChangeRequest())
-        except VBoxStatusError as exc:
-            if not self._interval_read and exc.rc in DRIVER_REFUSALS:
-                raise _RefusedError(exc.name) from exc
-            raise
+        seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
         self._interval_read = True
-        seconds = reply.seconds
         log.info("statistics_interval_read", interval_s=seconds)
         self._proc.forget_cpu()
         self._status_changed()
