@@ -6,6 +6,8 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import structlog.testing
 import trio
@@ -15,6 +17,7 @@ from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
 from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection
+from agent.services.balloon._pressure import PressureFileError
 from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
 from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
 
@@ -202,6 +205,34 @@ class TestPressure:
                 assert run.host_chunks == 48
                 await run.settle(64)
                 assert trio.current_time() - pressed >= section.pressure_cooldown_s
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_file_failing_mid_run(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The PSI file becomes unreadable (its cgroup went away): one line says pressure is
+        no longer watched, the balloon keeps its chunks, and the hold in place ends after
+        its cooldown."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure
+            ) as run:
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                pressed = trio.current_time()
+                pressure.send(40.0, high=True)
+                await run.settle(48)
+                pressure.fail(PressureFileError(errno.ENODEV, "cannot read x: No such device"))
+                await run.until(lambda: any(e["event"] == "balloon_pressure_off" for e in logs))
+                assert run.host_chunks == 48
+                await run.settle(64)
+                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+                run.host.set_balloon_target(70)
+                await run.settle(70)
+        [off] = [entry for entry in logs if entry["event"] == "balloon_pressure_off"]
+        assert (off["log_level"], off["reason"]) == ("warning", "cannot read x: No such device")
 
     async def test_floor_stops_inflation(self, autojump_clock: trio.abc.Clock) -> None:
         available = {"mb": 200}

@@ -402,11 +402,18 @@ class BalloonService:
                     return
             while True:
                 with trio.move_on_at(self._release_at) as scope:
-                    reading = await source.next_reading()
+                    try:
+                        reading = await source.next_reading()
+                    except PressureFileError as exc:  # e.g. its cgroup was removed
+                        log.warning("balloon_pressure_off", reason=str(exc))
+                        break
                 if scope.cancelled_caught:
                     self._ease()
                 elif reading.high:
                     self._press(reading)
+        # No more readings: a hold in place still ends after its cooldown.
+        await trio.sleep_until(self._release_at)
+        self._ease()
 
     def _press(self, reading: PressureReading) -> None:
         section = self._section
