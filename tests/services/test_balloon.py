@@ -434,6 +434,22 @@ class TestReconfigure:
                 assert walker.backoff.maximum == 5.0
                 assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))
 
+    @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
+    async def test_lower_floor_applies_at_once(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        """A reload that lowers the floor lets a balloon held back by it grow at once, not
+        after the backoff its stopped walk (or postponed trigger) had reached."""
+        with trio.fail_after(600):
+            async with running_balloon(personality=kind, mem_available_mb=lambda: 200) as run:
+                run.host.set_balloon_target(16)
+                await trio.sleep(200)  # the retries have backed off to retry_max_s (60 s)
+                assert run.host_chunks == 0
+                reloaded = trio.current_time()
+                assert run.service.reconfigure(BalloonSection(min_available_mb=100))
+                await run.settle(16)
+                assert trio.current_time() - reloaded < 1.0
+
 
 async def _run_until_stopped(
     service: BalloonService, task_status: trio.TaskStatus[Callable[[], Awaitable[None]]]

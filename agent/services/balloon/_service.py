@@ -192,7 +192,11 @@ class BalloonService:
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
-        """Apply step, cooldown, floor and backoff live; PSI settings need a restart."""
+        """Apply step, cooldown, floor and backoff live; PSI settings need a restart.
+
+        A walk stopped (or a trigger postponed) by the floor or a failure is retried at once,
+        under the new settings, rather than when its old backoff ends.
+        """
         old = self._section
         changed = {
             name
@@ -204,8 +208,11 @@ class BalloonService:
         self._section = section
         for backoff in self._backoffs():
             backoff.initial, backoff.maximum = section.retry_initial_s, section.retry_max_s
+            backoff.retry_now()
         if self._walker is not None:
             self._walker.min_available_mb = section.min_available_mb
+            self._walker.wake()
+        self._poke.set()
         log.info("balloon_reconfigured", changed=sorted(changed))
         return True
 
