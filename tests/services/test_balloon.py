@@ -78,6 +78,7 @@ class TestFollowsTarget:
                 await run.settle(16)
                 run.service.status()  # in kernel mode this asks the driver for the size
                 await run.until(lambda: run.service.statistics().chunks == 16)
+                assert run.service.statistics().target == 16
                 assert "16" in run.service.status()
                 assert gauge.chunks == 16
         assert gauge.chunks is None

@@ -79,7 +79,9 @@ class BalloonStatistics:
     """The balloon as the agent sees it (sizes in 1 MiB chunks).
 
     ``chunks`` is what the agent holds (allocated/owned) or the driver's last answer
-    (kernel: its count; triggered: the target it applied). ``cap`` is the pressure cap.
+    (kernel: its count; triggered: the target it applied). ``target`` is the host's last
+    target; in kernel mode, where only the kernel reads it, the size last read.
+    ``cap`` is the pressure cap.
     """
 
     mode: str | None
@@ -386,6 +388,7 @@ class BalloonService:
             )
             return
         status = await self._device.check_balloon()
+        self._target = status.chunks
         self._publish(status.chunks)
         changed = status.chunks != self._chunks
         if changed:
