@@ -383,14 +383,22 @@ class TestTriggeredAndKernel:
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
+        """One line says the kernel owns the balloon; no hold starts, so none ends later."""
         pressure = ScriptedPressure()
-        with trio.fail_after(60):
-            async with running_balloon(personality="mainline", pressure=pressure) as run:
+        section = BalloonSection(pressure_cooldown_s=30.0)
+        with trio.fail_after(300), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="mainline", pressure=pressure, section=section
+            ) as run:
                 run.host.set_balloon_target(16)
                 await run.settle(16)
                 pressure.send(90.0, high=True)
                 await run.until(lambda: run.service.statistics().pressure_events == 1)
                 assert run.host_chunks == 16
+                await trio.sleep(section.pressure_cooldown_s * 2)
+        assert [e["action"] for e in logs if e["event"].startswith("balloon_pressure")] == [
+            "none: the kernel owns the balloon"
+        ]
 
     @pytest.mark.parametrize("kind", ["mainline", "oracle", "passthrough"])
     async def test_restore_reads_the_balloon_again(

@@ -456,9 +456,11 @@ class BalloonService:
     def _press(self, reading: PressureReading) -> None:
         section = self._section
         self._pressure_events += 1
-        self._release_at = trio.current_time() + section.pressure_cooldown_s
         available = self._mem_available()
         walker = self._walker
+        triggered = self._mode is BalloonMode.TRIGGERED
+        if walker is not None or triggered:  # a hold the cooldown ends (with one line)
+            self._release_at = trio.current_time() + section.pressure_cooldown_s
         if walker is None:
             log.info(
                 "balloon_pressure",
@@ -467,7 +469,7 @@ class BalloonService:
                 via=reading.via,
                 mem_available_mb=available,
                 action="postpone CHECK_BALLOON"
-                if self._mode is BalloonMode.TRIGGERED
+                if triggered
                 else "none: the kernel owns the balloon",
             )
             return
