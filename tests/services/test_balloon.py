@@ -380,6 +380,28 @@ class TestTriggeredAndKernel:
                 available["mb"] = 10_000
                 await run.settle(16)
 
+    async def test_floor_wait_is_no_failed_check(self, autojump_clock: trio.abc.Clock) -> None:
+        """Waiting for MemAvailable to rise is no failure: no 'recovered' line after it, and
+        the first CHECK_BALLOON the host then refuses is a warning, as any first failure."""
+        available = {"mb": 100}
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle", mem_available_mb=lambda: available["mb"]
+            ) as run:
+                run.host.set_balloon_target(16)
+                await trio.sleep(100)  # several looks at the floor
+                assert run.host_chunks == 0
+                available["mb"] = 10_000
+                await run.settle(16)
+                run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_GENERAL_FAILURE)
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+        # One 'recovered' line: after the refused check, none after the wait at the floor.
+        assert [entry["event"] for entry in logs].count("balloon_check_recovered") == 1
+        failed = [entry for entry in logs if entry["event"] == "balloon_check_failed"]
+        assert [entry["log_level"] for entry in failed] == ["warning"]
+        assert failed[0]["retry_in_s"] == BalloonSection().retry_initial_s
+
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:

@@ -133,6 +133,8 @@ class BalloonService:
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
         self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
         self._target = 0
         self._read_pending = True
@@ -349,13 +351,14 @@ class BalloonService:
     def _request_read(self) -> None:
         self._read_pending = True
         self._read_backoff.retry_now()
+        self._floor_backoff.retry_now()
         self._poke.set()
 
     async def _follow(self) -> NoReturn:
         """Read the target (or trigger the driver) whenever an event asked for it."""
         backoff = self._read_backoff
         while True:
-            ready = self._read_pending and trio.current_time() >= backoff.retry_at
+            ready = self._read_pending and trio.current_time() >= self._retry_at()
             if ready and not self._postpone_read():
                 self._read_pending = False
                 try:
@@ -371,9 +374,13 @@ class BalloonService:
                 continue
             self._poke = trio.Event()
             waiting = self._read_pending and not (self._postponed and self._release_at != math.inf)
-            deadline = backoff.retry_at if waiting else math.inf
+            deadline = self._retry_at() if waiting else math.inf
             with trio.move_on_at(deadline):
                 await self._poke.wait()
+
+    def _retry_at(self) -> float:
+        """When a pending read may go: after a failed check's and the floor's backoff."""
+        return max(self._read_backoff.retry_at, self._floor_backoff.retry_at)
 
     async def _read_target(self) -> None:
         if self._walker is not None:
@@ -418,7 +425,9 @@ class BalloonService:
             )
         if at_floor and not pressure:
             # Nothing wakes us when memory frees up: look again after a backoff.
-            self._read_backoff.failed(trio.current_time())
+            self._floor_backoff.failed(trio.current_time())
+        elif not at_floor:
+            self._floor_backoff.succeeded()
         return postpone
 
     # --- memory pressure --------------------------------------------------------------------
@@ -509,7 +518,7 @@ class BalloonService:
         self._gauge.chunks = chunks
 
     def _backoffs(self) -> list[Backoff]:
-        backoffs = [self._read_backoff]
+        backoffs = [self._read_backoff, self._floor_backoff]
         if self._walker is not None:
             backoffs.append(self._walker.backoff)
         return backoffs
