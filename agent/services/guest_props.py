@@ -336,6 +336,13 @@ class PropertyWatch:
             raise exc
 
     async def _call(self, size: int) -> HgcmReply:
+        """One GET_NOTIFICATION on the watch's channel.
+
+        A cancelled wait (a ``next()`` under a timeout) stays at the host only until the
+        client's next wait with the same patterns, which ends it, or the next matching
+        change; every wait of the watch has the same patterns, so at most one lingers and
+        the channel need not keep counting it (it would refuse the 16th ``next()``).
+        """
         if self._channel is None:  # pragma: no cover - connect() runs before the first call
             msg = "the property watch is not connected"
             raise RuntimeError(msg)
@@ -345,6 +352,7 @@ class PropertyWatch:
             HgcmU64(self._last_timestamp),
             HgcmBufferOut(size),
             HgcmU32(0),
+            lingers_when_cancelled=False,
         )
 
     async def _resync(self, *, since: int) -> None:

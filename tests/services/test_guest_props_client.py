@@ -325,6 +325,22 @@ class TestWatch:
         assert seen[-1].name == "/W/c"
         assert watch.resyncs == 1
 
+    async def test_watch_outlives_many_timed_out_waits(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """``next()`` bounded by a timeout, again and again, keeps working: the host sweeps
+        each cancelled wait when the watch waits again, so none piles up on either side."""
+        with trio.fail_after(600):
+            async with props.watch(["/W/*"]) as watch:
+                for _ in range(2 * props.channel.max_pending):
+                    with trio.move_on_after(1):
+                        await watch.next()
+                await trio.testing.wait_all_tasks_blocked()
+                assert host.status()["hgcm_pending_calls"] == 0
+                host.prop_set("/W/a", "1")
+                change = await watch.next()
+        assert (change.name, change.value) == ("/W/a", "1")
+
     async def test_long_value_overflows_then_fits(self) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""
         host = SimulatedHost(services=[GuestPropertyService(max_value_size=4096)])
