@@ -311,9 +311,11 @@ class PropertyWatch:
                 await self._recover(exc)
                 return
             change = _notification(reply)
+            caught_up = []
             if reply.status == VWRN_NOT_FOUND:
-                await self._resync(since=self._last_timestamp)
-            self._backlog.append(change)
+                caught_up = await self._resync(since=self._last_timestamp)
+            # The enumeration shows what stands now, after this change: it comes last.
+            self._backlog += [change, *caught_up]
             self._last_timestamp = change.timestamp
             return
         _still_too_small(GuestFunction.GET_NOTIFICATION)
@@ -324,14 +326,14 @@ class PropertyWatch:
             # The first wait (timestamp 0) cannot ask for that change again: a retry would
             # wait for the next one. The enumeration shows it, if it still stands.
             timestamp = _u64(exc.reply.params[1])
-            await self._resync(since=timestamp - 1)
+            self._backlog += await self._resync(since=timestamp - 1)
             self._last_timestamp = timestamp
         elif exc.rc == VERR_INTERRUPTED:
             log.debug("property_wait_interrupted")
         elif exc.rc == VERR_HGCM_INVALID_CLIENT_ID:
             log.info("property_watch_reconnecting")
             await self.connect()
-            await self._resync(since=self._last_timestamp)
+            self._backlog += await self._resync(since=self._last_timestamp)
         else:
             raise exc
 
@@ -355,9 +357,9 @@ class PropertyWatch:
             lingers_when_cancelled=False,
         )
 
-    async def _resync(self, *, since: int) -> None:
-        """Queue, oldest first, the matching properties changed after ``since`` and a delete
-        for each reported property that is gone."""
+    async def _resync(self, *, since: int) -> list[PropertyChange]:
+        """Return, oldest first, a delete for each reported property that is gone and the
+        matching properties changed after ``since``."""
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
         patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
@@ -373,7 +375,7 @@ class PropertyWatch:
             for prop in sorted(current, key=lambda prop: prop.timestamp)
             if prop.timestamp > since
         ]
-        self._backlog.extend(gone + changed)
+        return gone + changed
 
 
 @asynccontextmanager

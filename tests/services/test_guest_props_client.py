@@ -325,6 +325,37 @@ class TestWatch:
         assert seen[-1].name == "/W/c"
         assert watch.resyncs == 1
 
+    async def test_restore_then_delete_and_set_again_in_order(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """After a restore, a delete that completes the re-sent wait (VWRN_NOT_FOUND) and a
+        set of the same name before the watch reads it: the delete is reported, then the
+        new value the enumeration shows, each once (not the stale delete after the set)."""
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+
+        async def follow(watch: PropertyWatch) -> None:
+            async for change in watch:
+                await send.send(change)
+
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(follow, watch)
+                await props.set("/W/x", "1")
+                assert (await receive.receive()).value == "1"
+                await trio.testing.wait_all_tasks_blocked()
+                host.restore()
+                host.prop_delete("/W/x")
+                host.prop_set("/W/x", "2")
+                seen = [await receive.receive(), await receive.receive()]
+                await trio.testing.wait_all_tasks_blocked()
+                seen.extend(receive.receive_nowait() for _ in range(receive.statistics().current_buffer_used))
+                nursery.cancel_scope.cancel()
+        assert [(c.name, c.value, c.deleted) for c in seen] == [
+            ("/W/x", "", True),
+            ("/W/x", "2", False),
+        ]
+        assert host.prop_get("/W/x") is not None
+
     async def test_watch_outlives_many_timed_out_waits(
         self, host: SimulatedHost, props: GuestProperties
     ) -> None:
