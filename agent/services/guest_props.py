@@ -288,15 +288,16 @@ class PropertyWatch:
                 return change
 
     def _is_new(self, change: PropertyChange) -> bool:
-        """Whether ``change`` is news: made after the watch opened and not yielded already
-        (a resync may have covered it)."""
-        if change.timestamp <= self._opened_at:
-            return False
+        """Whether ``change`` is news: not older than what the watch knows of the name (a
+        resync may have covered it), and of a name it never knew only if made after the
+        watch opened."""
         if change.name not in self._reported:
+            if change.timestamp <= self._opened_at:
+                return False
             return self._unseen_deletes or not change.deleted
         reported = self._reported[change.name]
         if change.deleted:
-            return reported is not None
+            return reported is not None and reported <= change.timestamp
         return reported is None or reported < change.timestamp
 
     async def _fetch(self) -> None:
@@ -359,14 +360,17 @@ class PropertyWatch:
 
     async def _resync(self, *, since: int) -> list[PropertyChange]:
         """Return, oldest first, a delete for each reported property that is gone and the
-        matching properties changed after ``since``."""
+        matching properties changed after ``since``.
+
+        A delete is dated no earlier than ``since`` nor than the set the watch reported.
+        """
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
         patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
         current = await self._props.enumerate([pattern.decode() for pattern in patterns])
         names = {prop.name for prop in current}
         gone = [
-            PropertyChange(name, "", "", since, deleted=True)
+            PropertyChange(name, "", "", max(since, timestamp), deleted=True)
             for name, timestamp in self._reported.items()
             if timestamp is not None and name not in names
         ]

@@ -19,6 +19,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.protocol.guest_props import (
+    MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
     SERVICE_NAME,
     GuestFunction,
@@ -355,6 +356,23 @@ class TestWatch:
             ("/W/x", "2", False),
         ]
         assert host.prop_get("/W/x") is not None
+
+    async def test_missed_delete_of_a_property_known_at_the_start(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A property standing when the watch opened, deleted while the watch was not
+        reading and then pushed out of the host's queue by other changes: the resync's
+        enumeration finds it gone and the watch reports the delete."""
+        host.prop_set("/W/x", "1")
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                host.prop_delete("/W/x")
+                for index in range(MAX_GUEST_NOTIFICATIONS):
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/y", "1")
+                changes = [await watch.next(), await watch.next()]
+        assert {(c.name, c.deleted) for c in changes} == {("/W/x", True), ("/W/y", False)}
+        assert watch.resyncs == 1
 
     async def test_watch_outlives_many_timed_out_waits(
         self, host: SimulatedHost, props: GuestProperties
