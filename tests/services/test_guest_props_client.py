@@ -349,7 +349,8 @@ class TestWatch:
                 host.prop_set("/W/x", "2")
                 seen = [await receive.receive(), await receive.receive()]
                 await trio.testing.wait_all_tasks_blocked()
-                seen.extend(receive.receive_nowait() for _ in range(receive.statistics().current_buffer_used))
+                queued = receive.statistics().current_buffer_used
+                seen.extend(receive.receive_nowait() for _ in range(queued))
                 nursery.cancel_scope.cancel()
         assert [(c.name, c.value, c.deleted) for c in seen] == [
             ("/W/x", "", True),
