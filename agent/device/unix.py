@@ -59,7 +59,9 @@ from agent.protocol.wire import (
     UserMemory,
     WireError,
     WireLimitError,
+    describe_frame,
     encode_frame,
+    shown_text,
 )
 
 if TYPE_CHECKING:
@@ -172,7 +174,11 @@ class UnixSocketTransport:
         except DeviceLostError as exc:
             raise DeviceUnavailableError(str(exc)) from exc
         if frame != Hello(Role.HOST):
-            why = frame.message if isinstance(frame, ErrorFrame) else f"it answered {frame}"
+            why = (
+                shown_text(frame.message)
+                if isinstance(frame, ErrorFrame)
+                else f"it answered {describe_frame(frame)}"
+            )
             msg = f"simulated host at {self._path} refused the session: {why}"
             raise DeviceUnavailableError(msg)
 
@@ -242,9 +248,9 @@ class UnixSocketTransport:
                     waiter.wake.set()
                 continue
             if isinstance(frame, ErrorFrame):
-                await self._lose(f"it reported an error: {frame.message}")
+                await self._lose(f"it reported an error: {shown_text(frame.message)}")
             else:
-                await self._lose(f"it sent an unexpected {type(frame).__name__} frame")
+                await self._lose(f"it sent {describe_frame(frame)}, unexpected here")
             raise DeviceLostError(self._lost)
 
     async def _receive_frame(self) -> Frame:

@@ -40,6 +40,7 @@ from agent.protocol.wire import (
     Hello,
     Role,
     WireError,
+    describe_frame,
     encode_frame,
 )
 
@@ -164,7 +165,7 @@ async def call_control(
             msg = f"simulated host at {where} dropped the control connection: {exc}"
             raise HostUnreachableError(msg) from exc
     if not isinstance(reply, ControlReply):
-        msg = f"simulated host at {where} answered {reply}"
+        msg = f"simulated host at {where} answered {describe_frame(reply)}"
         raise HostUnreachableError(msg)
     if reply.payload.get("ok") is not True:
         raise ControlCommandError(str(reply.payload.get("error")))

@@ -35,12 +35,13 @@ from agent.device.unix import (
 from agent.host.server import serve_simulated_host
 from agent.protocol import UserBuffer
 from agent.protocol.constants import PAGE_SIZE
-from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, Role, encode_frame
+from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, IoctlReply, Role, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from agent.host.memory import GuestMemory
+    from agent.protocol.wire import Frame
 
 ECHO = 1  # each 16-byte slot of the buffer: u64 address, u64 size -> uppercase that memory
 WAIT = 2  # blocks until INTERRUPT on the same session, then fails with EINTR
@@ -510,3 +511,37 @@ class TestLifecycle:
                 with pytest.raises(DeviceUnavailableError, match="no sessions today"):
                     await UnixSocketOpener(path).open_session()
         listener.close()
+
+    @pytest.mark.parametrize(
+        ("answer", "told"),
+        [
+            (IoctlReply(1, 0, b"x" * (1 << 20)), "it answered an IOCTL_REPLY frame (seq 1)"),
+            (ErrorFrame("no\n" + "z" * (1 << 19)), "refused the session: no\\nzzz"),
+        ],
+    )
+    async def test_a_huge_answer_to_hello_is_named_in_one_line(
+        self, socket_dir: str, answer: Frame, told: str
+    ) -> None:
+        """A host answering HELLO with a large frame or a long, multi-line ERROR is refused in
+        one short line (the frame's repr, a megabyte, was the message)."""
+        path = os.path.join(socket_dir, "raw.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def odd_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.recv(RECEIVE_SIZE)  # the client's HELLO
+                await trio.SocketStream(connection).send_all(encode_frame(answer))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(odd_host)
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+        listener.close()
+        message = str(info.value)
+        assert told in message
+        assert "\n" not in message
+        assert len(message) < 300
