@@ -48,6 +48,7 @@ from agent.protocol import (
 )
 from agent.protocol.wire import (
     MAX_JSON_SIZE,
+    ControlReply,
     ErrorFrame,
     FrameDecoder,
     FrameKind,
@@ -336,6 +337,52 @@ class TestRobustness:
                 assert "HELLO role" in error.message
                 assert len(error.message) < 300
                 await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("payload", "problem"),
+        [
+            ({"command": "delay", "request": 219, "seconds": 10**400}, "seconds"),
+        ],
+    )
+    async def test_control_values_out_of_range_are_refused(
+        self, socket_path: str, host: SimulatedHost, payload: dict[str, object], problem: str
+    ) -> None:
+        """Numbers no host accepts are refused with one line; the host runs on (an integer
+        too large for a float ended it, a status beyond 32 bits ended it when the fault fired)."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with pytest.raises(ControlCommandError, match=problem):
+                    await call_control(socket_path, payload)
+                await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    async def test_an_infinite_delay_is_refused(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """JSON's 1e400 is an infinite float: refused (accepted, it held that request type
+        until power-off and logged a non-JSON ``Infinity``)."""
+        body = b'{"command":"delay","request":219,"seconds":1e400}'
+        request = struct.pack("<IB", len(body) + 1, FrameKind.CONTROL_REQUEST) + body
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                stream = await trio.open_unix_socket(socket_path)
+                async with stream:
+                    await stream.send_all(encode_frame(Hello(Role.CONTROL)) + request)
+                    decoder = FrameDecoder()
+                    frames: list[Frame] = []
+                    while len(frames) < 2:
+                        decoder.feed(await stream.receive_some(4096))
+                        while (frame := decoder.next_frame()) is not None:
+                            frames.append(frame)
+                assert frames[1] == ControlReply(
+                    {
+                        "ok": False,
+                        "error": "control command 'delay' needs seconds as a finite float",
+                    }
+                )
                 nursery.cancel_scope.cancel()
 
     async def test_control_errors(self, socket_path: str, host: SimulatedHost) -> None:
