@@ -343,6 +343,7 @@ class TestRobustness:
         ("payload", "problem"),
         [
             ({"command": "delay", "request": 219, "seconds": 10**400}, "seconds"),
+            ({"command": "fault", "request": 219, "status": 1 << 40, "count": 1}, "status"),
         ],
     )
     async def test_control_values_out_of_range_are_refused(
