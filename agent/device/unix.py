@@ -82,6 +82,8 @@ RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of the socket per receive."""
 HOST_START_WAIT_S: Final = 5.0
 """How long the first session waits for a host whose socket is missing or refuses."""
+HELLO_WAIT_S: Final = 5.0
+"""How long a new session waits for the host's HELLO (a live host answers at once)."""
 HOST_START_POLL_S: Final = 0.05
 """How often a session waiting for a starting host tries to connect again."""
 _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
@@ -347,16 +349,24 @@ class UnixSocketOpener:
         seconds. Once a host answered, a failure to connect means it is gone, and a path that
         exists and is not a socket can never be a host: no wait.
 
+        A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
+
         Raises:
-            DeviceUnavailableError: nothing listens at the path, or the host refused.
+            DeviceUnavailableError: nothing listens at the path, or the host refused or did
+                not answer.
         """
         stream = await self._connect()
         transport = UnixSocketTransport(stream, self._path)
         try:
-            await transport._handshake(user_device=self._user_device)
+            with trio.move_on_after(HELLO_WAIT_S) as hello_wait:
+                await transport._handshake(user_device=self._user_device)
         except BaseException:
             await transport.aclose()
             raise
+        if hello_wait.cancelled_caught:
+            await transport.aclose()
+            msg = f"simulated host at {self._path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+            raise DeviceUnavailableError(msg)
         self._host_seen = True
         return transport
 

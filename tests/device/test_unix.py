@@ -26,6 +26,7 @@ import trio.testing
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.unix import (
+    HELLO_WAIT_S,
     HOST_START_WAIT_S,
     RECEIVE_SIZE,
     USER_ADDRESS_BASE,
@@ -35,7 +36,14 @@ from agent.device.unix import (
 from agent.host.server import serve_simulated_host
 from agent.protocol import UserBuffer
 from agent.protocol.constants import PAGE_SIZE
-from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, IoctlReply, Role, encode_frame
+from agent.protocol.wire import (
+    ErrorFrame,
+    FrameDecoder,
+    Hello,
+    IoctlReply,
+    Role,
+    encode_frame,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -545,3 +553,35 @@ class TestLifecycle:
         assert told in message
         assert "\n" not in message
         assert len(message) < 300
+
+
+class TestBrokenHost:
+    """A host that breaks the protocol is named in one line, and nothing hangs."""
+
+    async def test_a_host_that_never_says_hello(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host that accepts and never answers HELLO is unavailable after HELLO_WAIT_S
+        (the session waited for it forever: ``prop`` and ``run`` hung silently)."""
+        path = os.path.join(socket_dir, "mute.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def mute_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await trio.sleep_forever()
+
+        with trio.fail_after(HELLO_WAIT_S + 60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mute_host)
+                started = trio.current_time()
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+                assert trio.current_time() - started == pytest.approx(HELLO_WAIT_S)
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+        )
