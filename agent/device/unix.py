@@ -28,8 +28,9 @@ Cancellation:
   a host that cannot take them is not reading and is declared lost), so an abandoned call
   never holds its caller longer than that.
 
-A host that goes away (EOF, a broken socket, a malformed or ERROR frame) makes every pending
-and later ``ioctl`` raise :class:`DeviceLostError`.
+A host that goes away (EOF, a broken socket, a malformed or ERROR frame, a reply whose sizes
+differ from its request's) makes every pending and later ``ioctl`` raise
+:class:`DeviceLostError`.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class UnixSocketTransport:
 
         Raises:
             OSError: the driver returned an errno; ``E2BIG`` for a call too large for a frame.
-            DeviceLostError: the host went away.
-            WireError: the host's reply does not match the request.
+            DeviceLostError: the host went away or broke the protocol (a malformed frame,
+                a reply whose sizes differ from the request's).
             trio.ClosedResourceError: the session was closed.
         """
         self._check_usable()
@@ -148,10 +149,10 @@ class UnixSocketTransport:
             del self._pending[seq]
         if reply.errno:
             raise OSError(reply.errno, os.strerror(reply.errno))
-        sizes = [len(user_buffer.data) for user_buffer in user_buffers]
-        if len(reply.buffer) != len(buffer) or [len(d) for d in reply.user_buffers] != sizes:
-            msg = f"reply to ioctl {code:#x} does not match the sizes of its buffers"
-            raise WireError(msg)
+        mismatch = _size_mismatch(reply, buffer, user_buffers)
+        if mismatch:
+            await self._lose(f"its reply to ioctl {code:#x} has {mismatch}")
+            raise DeviceLostError(self._lost)
         buffer[:] = reply.buffer
         for user_buffer, data in zip(user_buffers, reply.user_buffers, strict=True):
             user_buffer.data[:] = data
@@ -286,6 +287,17 @@ class UnixSocketTransport:
     def _wake_all(self) -> None:
         for waiter in self._pending.values():
             waiter.wake.set()
+
+
+def _size_mismatch(reply: IoctlReply, buffer: bytearray, user_buffers: Sequence[UserBuffer]) -> str:
+    """How the sizes of ``reply`` differ from the request's (``""`` when they match)."""
+    if len(reply.buffer) != len(buffer):
+        return f"{len(reply.buffer)} bytes for a {len(buffer)}-byte buffer"
+    sent = [len(user_buffer.data) for user_buffer in user_buffers]
+    got = [len(data) for data in reply.user_buffers]
+    if got != sent:
+        return f"user buffers of {got} bytes for {sent}"
+    return ""
 
 
 def _place_user_buffers(

@@ -41,6 +41,7 @@ from agent.protocol.wire import (
     FrameDecoder,
     Hello,
     IoctlReply,
+    IoctlRequest,
     Role,
     encode_frame,
 )
@@ -584,4 +585,43 @@ class TestBrokenHost:
         listener.close()
         assert str(info.value) == (
             f"simulated host at {path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+        )
+
+    async def test_a_reply_of_the_wrong_size_loses_the_host(self, socket_dir: str) -> None:
+        """A reply whose buffer differs in size from the request's is a broken host: the
+        session is lost (it raised WireError, which ``run`` and ``prop`` reported as an
+        internal failure, exit 70, naming no host)."""
+        path = os.path.join(socket_dir, "short.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def short_replying_host() -> None:
+            connection, _ = await listener.accept()
+            stream = trio.SocketStream(connection)
+            decoder = FrameDecoder()
+            async with stream:
+                while True:
+                    while (frame := decoder.next_frame()) is None:
+                        decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+                    if isinstance(frame, Hello):
+                        await stream.send_all(encode_frame(Hello(Role.HOST)))
+                    elif isinstance(frame, IoctlRequest):
+                        reply = IoctlReply(frame.seq, 0, frame.buffer[:-4])
+                        await stream.send_all(encode_frame(reply))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(short_replying_host)
+                transport = await UnixSocketOpener(path).open_session()
+                with pytest.raises(DeviceLostError) as info:
+                    await transport.ioctl(FAIL, bytearray(16))
+                with pytest.raises(DeviceLostError):
+                    await transport.ioctl(FAIL, bytearray(16))
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} is gone: its reply to ioctl 0x4 has 12 bytes "
+            "for a 16-byte buffer"
         )
