@@ -288,15 +288,16 @@ class PropertyWatch:
                 return change
 
     def _is_new(self, change: PropertyChange) -> bool:
-        """Whether ``change`` is news: made after the watch opened and not yielded already
-        (a resync may have covered it)."""
-        if change.timestamp <= self._opened_at:
-            return False
+        """Whether ``change`` is news: not older than what the watch knows of the name (a
+        resync may have covered it), and of a name it never knew only if made after the
+        watch opened."""
         if change.name not in self._reported:
+            if change.timestamp <= self._opened_at:
+                return False
             return self._unseen_deletes or not change.deleted
         reported = self._reported[change.name]
         if change.deleted:
-            return reported is not None
+            return reported is not None and reported <= change.timestamp
         return reported is None or reported < change.timestamp
 
     async def _fetch(self) -> None:
@@ -311,9 +312,11 @@ class PropertyWatch:
                 await self._recover(exc)
                 return
             change = _notification(reply)
+            caught_up = []
             if reply.status == VWRN_NOT_FOUND:
-                await self._resync(since=self._last_timestamp)
-            self._backlog.append(change)
+                caught_up = await self._resync(since=self._last_timestamp)
+            # The enumeration shows what stands now, after this change: it comes last.
+            self._backlog += [change, *caught_up]
             self._last_timestamp = change.timestamp
             return
         _still_too_small(GuestFunction.GET_NOTIFICATION)
@@ -324,18 +327,25 @@ class PropertyWatch:
             # The first wait (timestamp 0) cannot ask for that change again: a retry would
             # wait for the next one. The enumeration shows it, if it still stands.
             timestamp = _u64(exc.reply.params[1])
-            await self._resync(since=timestamp - 1)
+            self._backlog += await self._resync(since=timestamp - 1)
             self._last_timestamp = timestamp
         elif exc.rc == VERR_INTERRUPTED:
             log.debug("property_wait_interrupted")
         elif exc.rc == VERR_HGCM_INVALID_CLIENT_ID:
             log.info("property_watch_reconnecting")
             await self.connect()
-            await self._resync(since=self._last_timestamp)
+            self._backlog += await self._resync(since=self._last_timestamp)
         else:
             raise exc
 
     async def _call(self, size: int) -> HgcmReply:
+        """One GET_NOTIFICATION on the watch's channel.
+
+        A cancelled wait (a ``next()`` under a timeout) stays at the host only until the
+        client's next wait with the same patterns, which ends it, or the next matching
+        change; every wait of the watch has the same patterns, so at most one lingers and
+        the channel need not keep counting it (it would refuse the 16th ``next()``).
+        """
         if self._channel is None:  # pragma: no cover - connect() runs before the first call
             msg = "the property watch is not connected"
             raise RuntimeError(msg)
@@ -345,18 +355,22 @@ class PropertyWatch:
             HgcmU64(self._last_timestamp),
             HgcmBufferOut(size),
             HgcmU32(0),
+            lingers_when_cancelled=False,
         )
 
-    async def _resync(self, *, since: int) -> None:
-        """Queue, oldest first, the matching properties changed after ``since`` and a delete
-        for each reported property that is gone."""
+    async def _resync(self, *, since: int) -> list[PropertyChange]:
+        """Return, oldest first, a delete for each reported property that is gone and the
+        matching properties changed after ``since``.
+
+        A delete is dated no earlier than ``since`` nor than the set the watch reported.
+        """
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
         patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
         current = await self._props.enumerate([pattern.decode() for pattern in patterns])
         names = {prop.name for prop in current}
         gone = [
-            PropertyChange(name, "", "", since, deleted=True)
+            PropertyChange(name, "", "", max(since, timestamp), deleted=True)
             for name, timestamp in self._reported.items()
             if timestamp is not None and name not in names
         ]
@@ -365,7 +379,7 @@ class PropertyWatch:
             for prop in sorted(current, key=lambda prop: prop.timestamp)
             if prop.timestamp > since
         ]
-        self._backlog.extend(gone + changed)
+        return gone + changed
 
 
 @asynccontextmanager

@@ -74,13 +74,20 @@ class ScriptedPressure:
     """A pressure source the test feeds: each ``send`` is the next reading."""
 
     def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[PressureReading](16)
+        self._send, self._receive = trio.open_memory_channel[PressureReading | OSError](16)
 
     def send(self, stall_pct: float, *, high: bool) -> None:
         self._send.send_nowait(PressureReading(stall_pct, high=high, via="poll"))
 
+    def fail(self, error: OSError) -> None:
+        """The next reading raises ``error``, as a PSI file that became unreadable."""
+        self._send.send_nowait(error)
+
     async def next_reading(self) -> PressureReading:
-        return await self._receive.receive()
+        reading = await self._receive.receive()
+        if isinstance(reading, OSError):
+            raise reading
+        return reading
 
 
 class Quiet:

@@ -6,17 +6,31 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 
 from __future__ import annotations
 
+import errno
+from typing import TYPE_CHECKING
+
 import pytest
 import structlog.testing
 import trio
 
+from agent.device import open_device
 from agent.host import SimOpener, SimTransport, SimulatedHost
 from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
+from agent.services import EventPump
 from agent.services._base import BalloonGauge
-from agent.services.balloon import BalloonMode, BalloonSection
+from agent.services.balloon import BalloonMode, BalloonSection, BalloonService
+from agent.services.balloon._pressure import PressureFileError
 from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
-from tests.services.balloon_support import ScriptedPressure, SimChunks, running_balloon
+from tests.services.balloon_support import (
+    Quiet,
+    ScriptedPressure,
+    SimChunks,
+    running_balloon,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 WALKING = [("oracle-r3", BalloonMode.ALLOCATED), ("passthrough", BalloonMode.OWNED)]
 
@@ -112,6 +126,62 @@ class TestFollowsTarget:
         assert incomplete["kept"] > 0
         assert incomplete["reason"] == "the drain time ran out"
 
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_successor_takes_over_chunks_a_drain_kept(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A reload that rebuilds the service (or a stop and a new start) after a drain the
+        host cut short: the new instance carries on with the chunks the old one kept, so the
+        host's balloon matches the target and every chunk is given back in the end."""
+        host = _host(kind)
+        chunks = SimChunks()
+        with trio.fail_after(600):
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+                    pump = EventPump(device)
+                    await inner.start(pump.run)
+
+                    def build() -> BalloonService:
+                        return BalloonService(
+                            device,
+                            pump,
+                            BalloonSection(),
+                            allocator=chunks,
+                            pressure=Quiet(),
+                            mem_available_mb=lambda: 1 << 20,
+                        )
+
+                    async def host_shows(count: int) -> None:
+                        for _ in range(10_000):
+                            if host.vmmdev.balloon.chunks == count:
+                                return
+                            await trio.sleep(0.01)
+                        raise AssertionError(host.vmmdev.balloon.chunks)
+
+                    first = build()
+                    stop = await inner.start(_run_until_stopped, first)
+                    host.set_balloon_target(8)
+                    await host_shows(8)
+                    host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
+                    await stop()
+                    await first.drain()  # refused at the first chunk: all 8 kept
+                    assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
+
+                    second = build()
+                    stop = await inner.start(_run_until_stopped, second)
+                    assert second.walker is not None
+                    await second.walker.wait_held(8)
+                    assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
+                    assert second.statistics().chunks == 8
+                    host.set_balloon_target(3)
+                    await host_shows(3)
+                    await stop()
+                    await second.drain()
+                    assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+
     async def test_oracle_session_close_deflates_kernel_chunks(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -202,6 +272,34 @@ class TestPressure:
                 assert run.host_chunks == 48
                 await run.settle(64)
                 assert trio.current_time() - pressed >= section.pressure_cooldown_s
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_file_failing_mid_run(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The PSI file becomes unreadable (its cgroup went away): one line says pressure is
+        no longer watched, the balloon keeps its chunks, and the hold in place ends after
+        its cooldown."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure
+            ) as run:
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                pressed = trio.current_time()
+                pressure.send(40.0, high=True)
+                await run.settle(48)
+                pressure.fail(PressureFileError(errno.ENODEV, "cannot read x: No such device"))
+                await run.until(lambda: any(e["event"] == "balloon_pressure_off" for e in logs))
+                assert run.host_chunks == 48
+                await run.settle(64)
+                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+                run.host.set_balloon_target(70)
+                await run.settle(70)
+        [off] = [entry for entry in logs if entry["event"] == "balloon_pressure_off"]
+        assert (off["log_level"], off["reason"]) == ("warning", "cannot read x: No such device")
 
     async def test_floor_stops_inflation(self, autojump_clock: trio.abc.Clock) -> None:
         available = {"mb": 200}
@@ -335,3 +433,24 @@ class TestReconfigure:
                 assert walker is not None
                 assert walker.backoff.maximum == 5.0
                 assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))
+
+
+async def _run_until_stopped(
+    service: BalloonService, task_status: trio.TaskStatus[Callable[[], Awaitable[None]]]
+) -> None:
+    """Run ``service`` until the function it starts with is awaited (which returns once the
+    run ended, as the supervisor's cancel does before it drains)."""
+    scope = trio.CancelScope()
+    stopped = trio.Event()
+
+    async def stop() -> None:
+        scope.cancel()
+        await stopped.wait()
+
+    try:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.run)
+                task_status.started(stop)
+    finally:
+        stopped.set()

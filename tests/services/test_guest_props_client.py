@@ -19,6 +19,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.protocol.guest_props import (
+    MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
     SERVICE_NAME,
     GuestFunction,
@@ -324,6 +325,71 @@ class TestWatch:
         }
         assert seen[-1].name == "/W/c"
         assert watch.resyncs == 1
+
+    async def test_restore_then_delete_and_set_again_in_order(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """After a restore, a delete that completes the re-sent wait (VWRN_NOT_FOUND) and a
+        set of the same name before the watch reads it: the delete is reported, then the
+        new value the enumeration shows, each once (not the stale delete after the set)."""
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+
+        async def follow(watch: PropertyWatch) -> None:
+            async for change in watch:
+                await send.send(change)
+
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(follow, watch)
+                await props.set("/W/x", "1")
+                assert (await receive.receive()).value == "1"
+                await trio.testing.wait_all_tasks_blocked()
+                host.restore()
+                host.prop_delete("/W/x")
+                host.prop_set("/W/x", "2")
+                seen = [await receive.receive(), await receive.receive()]
+                await trio.testing.wait_all_tasks_blocked()
+                queued = receive.statistics().current_buffer_used
+                seen.extend(receive.receive_nowait() for _ in range(queued))
+                nursery.cancel_scope.cancel()
+        assert [(c.name, c.value, c.deleted) for c in seen] == [
+            ("/W/x", "", True),
+            ("/W/x", "2", False),
+        ]
+        assert host.prop_get("/W/x") is not None
+
+    async def test_missed_delete_of_a_property_known_at_the_start(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A property standing when the watch opened, deleted while the watch was not
+        reading and then pushed out of the host's queue by other changes: the resync's
+        enumeration finds it gone and the watch reports the delete."""
+        host.prop_set("/W/x", "1")
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                host.prop_delete("/W/x")
+                for index in range(MAX_GUEST_NOTIFICATIONS):
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/y", "1")
+                changes = [await watch.next(), await watch.next()]
+        assert {(c.name, c.deleted) for c in changes} == {("/W/x", True), ("/W/y", False)}
+        assert watch.resyncs == 1
+
+    async def test_watch_outlives_many_timed_out_waits(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """``next()`` bounded by a timeout, again and again, keeps working: the host sweeps
+        each cancelled wait when the watch waits again, so none piles up on either side."""
+        with trio.fail_after(600):
+            async with props.watch(["/W/*"]) as watch:
+                for _ in range(2 * props.channel.max_pending):
+                    with trio.move_on_after(1):
+                        await watch.next()
+                await trio.testing.wait_all_tasks_blocked()
+                assert host.status()["hgcm_pending_calls"] == 0
+                host.prop_set("/W/a", "1")
+                change = await watch.next()
+        assert (change.name, change.value) == ("/W/a", "1")
 
     async def test_long_value_overflows_then_fits(self) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""

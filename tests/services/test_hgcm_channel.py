@@ -1,9 +1,11 @@
 """HGCM channels against the simulated host, in-process and over the Unix socket.
 
 Rules of this test module:
-- the host is a real ``SimulatedHost`` (mainline driver) with the guest-property service and
-  the framework tests' echo service (``FN_HOLD`` keeps a call pending until the test ends it);
-- ``opener`` is parametrized: ``SimOpener`` (pure trio), ``UnixSocketOpener`` on the real
+- the host is a real ``SimulatedHost`` (mainline driver unless said) with the guest-property
+  service and the framework tests' echo service (``FN_HOLD`` keeps a call pending until the test
+  ends it);
+- ``opener`` is parametrized: ``SimOpener`` (pure trio; also with the host running the real
+  Linux driver, the ``kernel`` personality), ``UnixSocketOpener`` on the real
   socket server in the test's nursery (socket in a short private directory under /tmp), and
   the production ``CharDevOpener`` whose system calls reach the host through
   ``tests.device.syscalls.Kernel`` (real worker threads under its per-process thread budget,
@@ -39,6 +41,7 @@ from agent.services.hgcm import (
     HgcmU32,
     open_hgcm_channel,
 )
+from tests.conftest import KERNEL_PERSONALITY
 from tests.device.syscalls import Kernel
 from tests.host.conftest import ECHO, FN_HOLD, EchoService
 
@@ -77,10 +80,14 @@ def _ioctl_threads_in_use() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
 
 
-@pytest.fixture(name="setup", params=["in-process", "socket", "chardev"])
+@pytest.fixture(name="setup", params=["in-process", "socket", "chardev", KERNEL_PERSONALITY])
 async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(services=[GuestPropertyService(), echo])
+    personality = "mainline"
+    if request.param == KERNEL_PERSONALITY:
+        request.getfixturevalue("kernel_library")
+        personality = KERNEL_PERSONALITY
+    host = SimulatedHost(personality=personality, services=[GuestPropertyService(), echo])
     directory = tempfile.mkdtemp(prefix="vbx-", dir="/tmp")
     try:
         async with trio.open_nursery() as nursery:

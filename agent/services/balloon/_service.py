@@ -13,12 +13,14 @@ device's answers (:mod:`._mode`, logged once) and then:
 Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
 ``pressure_step_mb`` at once, and the cap holds until pressure stayed low for
 ``pressure_cooldown_s``. ``drain`` gives back every chunk the agent holds; on Oracle's
-driver closing the session deflates whatever the driver holds.
+driver closing the session deflates whatever the driver holds. The chunks a drain could not
+give back are taken over by the next instance on the same device.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from agent.device import Device
-    from agent.services.balloon._chunks import ChunkAllocator
+    from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._pressure import PressureReading, PressureSource
     from agent.services.balloon._walker import ChunkWalker
@@ -55,6 +57,21 @@ _LIVE_FIELDS: Final = frozenset(
     }
 )
 """Settings a reload applies at once; the PSI file, interval and threshold need a restart."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """Chunks a drain could not give back (still mapped, and held by the host), and the
+    allocator they came from."""
+
+    allocator: ChunkAllocator
+    chunks: list[Chunk]
+
+
+_KEPT: Final[weakref.WeakKeyDictionary[Device, _Kept]] = weakref.WeakKeyDictionary()
+"""Per device, the chunks a stopped instance kept: the next instance on that device (a reload
+that rebuilds the service, or a stop and a new start) takes them over instead of walking to
+the target on top of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,21 +238,24 @@ class BalloonService:
         try:
             kept = await walker.drain()
         except trio.Cancelled:  # the drain time (daemon.shutdown_timeout_s) ran out
-            self._drain_incomplete(held, len(walker.held), "the drain time ran out")
+            self._drain_incomplete(walker, held, "the drain time ran out")
             raise
         self._gauge.chunks = None
         if kept:
-            self._drain_incomplete(held, kept, walker.last_failure)
+            self._drain_incomplete(walker, held, walker.last_failure)
         else:
             log.info("balloon_drained", returned=held)
 
-    def _drain_incomplete(self, held: int, kept: int, reason: str | None) -> None:
+    def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
+        kept = len(walker.held)
+        _KEPT[self._device] = _Kept(walker.allocator, walker.held)
+        closed = " or to the session close" if self._mode is BalloonMode.ALLOCATED else ""
         log.error(
             "balloon_drain_incomplete",
             returned=held - kept,
             kept=kept,
             reason=reason,
-            note="left to the session close" if self._mode is BalloonMode.ALLOCATED else "",
+            note=f"left to the next start of the service{closed}",
         )
 
     # --- mode and target --------------------------------------------------------------------
@@ -265,10 +285,11 @@ class BalloonService:
         self._mode = mode
         self._chunks = self._target = detected.chunks
         self._read_pending = mode.agent_holds_chunks
+        kept = _KEPT.pop(self._device, None)
         if self._walker is not None and self._mode_of_walker is mode:
             self._walker.cap = None  # a restart after a failure: keep the chunks still held
         elif mode.agent_holds_chunks:
-            self._walker = self._new_walker(mode)
+            self._walker = self._new_walker(mode, kept)
             self._mode_of_walker = mode
         memlock = _memlock_fields() if mode.agent_holds_chunks else {}
         log.info("balloon_mode", mode=str(mode), chunks=detected.chunks, **memlock)
@@ -276,7 +297,7 @@ class BalloonService:
         self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
         self._status_changed()
 
-    def _new_walker(self, mode: BalloonMode) -> ChunkWalker:
+    def _new_walker(self, mode: BalloonMode, kept: _Kept | None) -> ChunkWalker:
         # Imported here: only the modes where the agent holds chunks need them (mmap, mlock,
         # the pagemap, the walker); with the in-tree and Oracle's kernel allocators they stay
         # out of the daemon's memory.
@@ -287,13 +308,16 @@ class BalloonService:
         )
         from agent.services.balloon._walker import ChunkWalker  # noqa: PLC0415
 
-        allocator = self._allocator if self._allocator is not None else MmapAllocator()
+        if kept is not None:  # released only by the allocator that mapped them
+            allocator = kept.allocator
+        else:
+            allocator = self._allocator if self._allocator is not None else MmapAllocator()
         handover = (
             OracleHandover(self._device)
             if mode is BalloonMode.ALLOCATED
             else PassthroughHandover(self._device)
         )
-        return ChunkWalker(
+        walker = ChunkWalker(
             handover,
             allocator,
             backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
@@ -302,6 +326,10 @@ class BalloonService:
             settled=self._status_changed,
             resized=self._publish,
         )
+        if kept is not None:
+            walker.held = kept.chunks
+            log.info("balloon_chunks_taken_over", chunks=len(kept.chunks))
+        return walker
 
     async def _forward_events(self, events: Subscription) -> NoReturn:
         while True:
@@ -402,11 +430,18 @@ class BalloonService:
                     return
             while True:
                 with trio.move_on_at(self._release_at) as scope:
-                    reading = await source.next_reading()
+                    try:
+                        reading = await source.next_reading()
+                    except PressureFileError as exc:  # e.g. its cgroup was removed
+                        log.warning("balloon_pressure_off", reason=str(exc))
+                        break
                 if scope.cancelled_caught:
                     self._ease()
                 elif reading.high:
                     self._press(reading)
+        # No more readings: a hold in place still ends after its cooldown.
+        await trio.sleep_until(self._release_at)
+        self._ease()
 
     def _press(self, reading: PressureReading) -> None:
         section = self._section
