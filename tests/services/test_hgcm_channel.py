@@ -2,8 +2,8 @@
 
 Rules of this test module:
 - the host is a real ``SimulatedHost`` (mainline driver unless said) with the guest-property
-  service and the framework tests' echo service (``FN_HOLD`` keeps a call pending until the
-  test ends it);
+  service and the framework tests' echo service (``FN_HOLD`` keeps a call pending until the test
+  ends it);
 - ``opener`` is parametrized: ``SimOpener`` (pure trio; also with the host running the real
   Linux driver, the ``kernel`` personality), ``UnixSocketOpener`` on the real
   socket server in the test's nursery (socket in a short private directory under /tmp), and
