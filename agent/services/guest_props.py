@@ -213,8 +213,8 @@ class GuestProperties:
 class PropertyWatch:
     """The changes of the properties matching some patterns, oldest first, without gaps.
 
-    ``async for change in watch`` (or :meth:`next`) yields each change once. It keeps
-    following across what would otherwise lose changes:
+    ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
+    change once. It keeps following across what would otherwise lose changes:
 
     - a change too large for the buffer (``VERR_BUFFER_OVERFLOW``): asked again with the
       size the host reported;
@@ -251,6 +251,7 @@ class PropertyWatch:
         self._reported: dict[str, int | None] = {}
         """Per name, the timestamp of the last set yielded, or None after a delete."""
         self._backlog: list[PropertyChange] = []
+        self._reading = False
         self.resyncs = 0
         """Times the watch enumerated because changes were missed."""
 
@@ -278,14 +279,27 @@ class PropertyWatch:
         self._channel = await self._stack.enter_async_context(channel_cm)
 
     async def next(self) -> PropertyChange:
-        """Return the next change, waiting for it as long as it takes."""
-        while True:
-            while not self._backlog:
-                await self._fetch()
-            change = self._backlog.pop(0)
-            if self._is_new(change):
-                self._reported[change.name] = None if change.deleted else change.timestamp
-                return change
+        """Return the next change, waiting for it as long as it takes.
+
+        Raises:
+            trio.BusyResourceError: another task is in ``next()``. A watch has one reader:
+                a second one's wait would end the first's (an identical wait of the same
+                client), and each reader's next wait the other's, endlessly.
+        """
+        if self._reading:
+            msg = "another task is already reading this property watch"
+            raise trio.BusyResourceError(msg)
+        self._reading = True
+        try:
+            while True:
+                while not self._backlog:
+                    await self._fetch()
+                change = self._backlog.pop(0)
+                if self._is_new(change):
+                    self._reported[change.name] = None if change.deleted else change.timestamp
+                    return change
+        finally:
+            self._reading = False
 
     def _is_new(self, change: PropertyChange) -> bool:
         """Whether ``change`` is news: not older than what the watch knows of the name (a
