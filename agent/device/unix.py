@@ -28,8 +28,9 @@ Cancellation:
   a host that cannot take them is not reading and is declared lost), so an abandoned call
   never holds its caller longer than that.
 
-A host that goes away (EOF, a broken socket, a malformed or ERROR frame) makes every pending
-and later ``ioctl`` raise :class:`DeviceLostError`.
+A host that goes away (EOF, a broken socket, a malformed or ERROR frame, a reply whose sizes
+differ from its request's) makes every pending and later ``ioctl`` raise
+:class:`DeviceLostError`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ from agent.protocol.wire import (
     UserMemory,
     WireError,
     WireLimitError,
+    describe_frame,
     encode_frame,
+    shown_text,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +83,8 @@ RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of the socket per receive."""
 HOST_START_WAIT_S: Final = 5.0
 """How long the first session waits for a host whose socket is missing or refuses."""
+HELLO_WAIT_S: Final = 5.0
+"""How long a new session waits for the host's HELLO (a live host answers at once)."""
 HOST_START_POLL_S: Final = 0.05
 """How often a session waiting for a starting host tries to connect again."""
 _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
@@ -120,8 +125,8 @@ class UnixSocketTransport:
 
         Raises:
             OSError: the driver returned an errno; ``E2BIG`` for a call too large for a frame.
-            DeviceLostError: the host went away.
-            WireError: the host's reply does not match the request.
+            DeviceLostError: the host went away or broke the protocol (a malformed frame,
+                a reply whose sizes differ from the request's).
             trio.ClosedResourceError: the session was closed.
         """
         self._check_usable()
@@ -144,10 +149,10 @@ class UnixSocketTransport:
             del self._pending[seq]
         if reply.errno:
             raise OSError(reply.errno, os.strerror(reply.errno))
-        sizes = [len(user_buffer.data) for user_buffer in user_buffers]
-        if len(reply.buffer) != len(buffer) or [len(d) for d in reply.user_buffers] != sizes:
-            msg = f"reply to ioctl {code:#x} does not match the sizes of its buffers"
-            raise WireError(msg)
+        mismatch = _size_mismatch(reply, buffer, user_buffers)
+        if mismatch:
+            await self._lose(f"its reply to ioctl {code:#x} has {mismatch}")
+            raise DeviceLostError(self._lost)
         buffer[:] = reply.buffer
         for user_buffer, data in zip(user_buffers, reply.user_buffers, strict=True):
             user_buffer.data[:] = data
@@ -172,7 +177,11 @@ class UnixSocketTransport:
         except DeviceLostError as exc:
             raise DeviceUnavailableError(str(exc)) from exc
         if frame != Hello(Role.HOST):
-            why = frame.message if isinstance(frame, ErrorFrame) else f"it answered {frame}"
+            why = (
+                shown_text(frame.message)
+                if isinstance(frame, ErrorFrame)
+                else f"it answered {describe_frame(frame)}"
+            )
             msg = f"simulated host at {self._path} refused the session: {why}"
             raise DeviceUnavailableError(msg)
 
@@ -242,9 +251,9 @@ class UnixSocketTransport:
                     waiter.wake.set()
                 continue
             if isinstance(frame, ErrorFrame):
-                await self._lose(f"it reported an error: {frame.message}")
+                await self._lose(f"it reported an error: {shown_text(frame.message)}")
             else:
-                await self._lose(f"it sent an unexpected {type(frame).__name__} frame")
+                await self._lose(f"it sent {describe_frame(frame)}, unexpected here")
             raise DeviceLostError(self._lost)
 
     async def _receive_frame(self) -> Frame:
@@ -278,6 +287,17 @@ class UnixSocketTransport:
     def _wake_all(self) -> None:
         for waiter in self._pending.values():
             waiter.wake.set()
+
+
+def _size_mismatch(reply: IoctlReply, buffer: bytearray, user_buffers: Sequence[UserBuffer]) -> str:
+    """How the sizes of ``reply`` differ from the request's (``""`` when they match)."""
+    if len(reply.buffer) != len(buffer):
+        return f"{len(reply.buffer)} bytes for a {len(buffer)}-byte buffer"
+    sent = [len(user_buffer.data) for user_buffer in user_buffers]
+    got = [len(data) for data in reply.user_buffers]
+    if got != sent:
+        return f"user buffers of {got} bytes for {sent}"
+    return ""
 
 
 def _place_user_buffers(
@@ -341,16 +361,24 @@ class UnixSocketOpener:
         seconds. Once a host answered, a failure to connect means it is gone, and a path that
         exists and is not a socket can never be a host: no wait.
 
+        A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
+
         Raises:
-            DeviceUnavailableError: nothing listens at the path, or the host refused.
+            DeviceUnavailableError: nothing listens at the path, or the host refused or did
+                not answer.
         """
         stream = await self._connect()
         transport = UnixSocketTransport(stream, self._path)
         try:
-            await transport._handshake(user_device=self._user_device)
+            with trio.move_on_after(HELLO_WAIT_S) as hello_wait:
+                await transport._handshake(user_device=self._user_device)
         except BaseException:
             await transport.aclose()
             raise
+        if hello_wait.cancelled_caught:
+            await transport.aclose()
+            msg = f"simulated host at {self._path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+            raise DeviceUnavailableError(msg)
         self._host_seen = True
         return transport
 

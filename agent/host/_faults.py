@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.protocol.status import STATUS_MAX, STATUS_MIN
+
 
 @dataclass(slots=True)
 class _Fault:
@@ -24,6 +26,9 @@ class FaultInjector:
         """Answer the next ``count`` requests of ``request_type`` with ``status``, unexecuted."""
         if count <= 0:
             msg = f"fault count must be positive, got {count}"
+            raise ValueError(msg)
+        if not STATUS_MIN <= status <= STATUS_MAX:
+            msg = f"fault status {status} is outside {STATUS_MIN}..{STATUS_MAX} (a 32-bit int)"
             raise ValueError(msg)
         self._faults.setdefault(request_type, []).append(_Fault(status, count))
 

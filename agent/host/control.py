@@ -25,8 +25,10 @@ sends one from another process (client side).
 
 from __future__ import annotations
 
+import math
 import os
 import stat
+import sys
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
@@ -40,6 +42,7 @@ from agent.protocol.wire import (
     Hello,
     Role,
     WireError,
+    describe_frame,
     encode_frame,
 )
 
@@ -55,6 +58,8 @@ RECEIVE_SIZE: Final = 64 << 10
 """Bytes asked of the socket per receive on a control connection."""
 START_POLL_S: Final = 0.05
 """How often a client waiting for a starting host tries to connect again."""
+_FLOAT_INT_MAX: Final = int(sys.float_info.max)
+"""Largest integer a float argument may be given as (JSON numbers have no limit)."""
 
 
 class HostUnreachableError(AgentError):
@@ -129,9 +134,11 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
 def _arg(payload: dict[str, object], name: str, kind: type[_T]) -> _T:
     value = payload.get(name)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
-        msg = f"control command {payload.get('command')!r} needs {name} as {kind.__name__}"
+        value = float(value) if abs(value) <= _FLOAT_INT_MAX else math.inf
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool) or not finite:
+        what = "a finite float" if kind is float else kind.__name__
+        msg = f"control command {payload.get('command')!r} needs {name} as {what}"
         raise _BadCommandError(msg)
     return value
 
@@ -164,7 +171,7 @@ async def call_control(
             msg = f"simulated host at {where} dropped the control connection: {exc}"
             raise HostUnreachableError(msg) from exc
     if not isinstance(reply, ControlReply):
-        msg = f"simulated host at {where} answered {reply}"
+        msg = f"simulated host at {where} answered {describe_frame(reply)}"
         raise HostUnreachableError(msg)
     if reply.payload.get("ok") is not True:
         raise ControlCommandError(str(reply.payload.get("error")))

@@ -42,6 +42,7 @@ from agent.protocol.wire import (
     IoctlRequest,
     Role,
     WireError,
+    describe_frame,
     encode_frame,
 )
 
@@ -158,7 +159,9 @@ class _Server:
                 if hello is None:
                     return
                 if not isinstance(hello, Hello) or hello.role is Role.HOST:
-                    await connection.send_error(f"expected a device or control HELLO: {hello}")
+                    await connection.send_error(
+                        f"expected a device or control HELLO, got {describe_frame(hello)}"
+                    )
                     return
                 if hello.role is Role.DEVICE:
                     await self._serve_device(connection, user_device=hello.user_device)
@@ -199,7 +202,10 @@ class _Server:
                                 call.cancel()
                             continue
                         if not isinstance(frame, IoctlRequest) or frame.seq in calls:
-                            await connection.send_error(f"expected a new IOCTL request: {frame}")
+                            got = describe_frame(frame)
+                            if isinstance(frame, IoctlRequest):
+                                got += ", whose seq is in flight"
+                            await connection.send_error(f"expected a new IOCTL request, got {got}")
                             break
                         calls[frame.seq] = trio.CancelScope()
                         nursery.start_soon(self._ioctl, connection, session, frame, calls, scope)
@@ -240,7 +246,9 @@ class _Server:
         await connection.send(Hello(Role.HOST))
         while (frame := await connection.receive()) is not None:
             if not isinstance(frame, ControlRequest):
-                await connection.send_error(f"expected a CONTROL request: {frame}")
+                await connection.send_error(
+                    f"expected a CONTROL request, got {describe_frame(frame)}"
+                )
                 return
             answer = await execute_control(self._host, frame.payload, drop=self.drop)
             _log_control(frame.payload, answer)

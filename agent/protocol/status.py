@@ -201,6 +201,12 @@ VERR_HGCM_TOO_MANY_CLIENTS: Final = -2908
 VERR_HGCM_TOO_MANY_CLIENT_CALLS: Final = -2909
 
 
+STATUS_MIN: Final = -(1 << 31)
+"""Smallest VBox status code (statuses are 32-bit signed integers, ``int32_t rc``)."""
+STATUS_MAX: Final = (1 << 31) - 1
+"""Largest VBox status code."""
+
+
 def status_name(rc: int) -> str:
     """Return the symbolic name of a status code, or a generic label for unknown codes."""
     name = _NAMES.get(rc)
@@ -214,17 +220,22 @@ def parse_status(text: str) -> int:
     """Return the status code named by ``text`` (a name such as ``VERR_NO_MEMORY`` or a number).
 
     Raises:
-        ValueError: ``text`` is neither a known name nor an integer.
+        ValueError: ``text`` is neither a known name nor an integer in
+            ``STATUS_MIN..STATUS_MAX``.
     """
     stripped = text.strip()
     value = _STATUS.get(stripped.upper())
     if value is not None:
         return value
     try:
-        return int(stripped, 0)
+        value = int(stripped, 0)
     except ValueError:
         msg = f"unknown VBox status {text!r}: expected a name such as VERR_NO_MEMORY or a number"
         raise ValueError(msg) from None
+    if not STATUS_MIN <= value <= STATUS_MAX:
+        msg = f"VBox status {text!r} is outside {STATUS_MIN}..{STATUS_MAX} (a 32-bit int)"
+        raise ValueError(msg)
+    return value
 
 
 _TO_ERRNO: Final = MappingProxyType(

@@ -38,6 +38,8 @@ MAX_JSON_SIZE: Final = 1 << 20
 """Largest HELLO, CONTROL or ERROR body (1 MiB)."""
 MAX_ERRNO: Final = 4095
 """Largest errno Linux returns from a system call (``MAX_ERRNO``)."""
+SHOWN_SIZE: Final = 120
+"""Characters of a peer's value or message quoted in an error message; the rest is elided."""
 
 _LENGTH: Final = struct.Struct("<I")
 _KIND: Final = struct.Struct("<B")
@@ -147,6 +149,46 @@ class ErrorFrame:
 
 
 Frame = Hello | IoctlRequest | IoctlReply | Cancel | ControlRequest | ControlReply | ErrorFrame
+
+
+_KIND_OF: Final[dict[type[Frame], FrameKind]] = {
+    Hello: FrameKind.HELLO,
+    IoctlRequest: FrameKind.IOCTL_REQUEST,
+    IoctlReply: FrameKind.IOCTL_REPLY,
+    ControlRequest: FrameKind.CONTROL_REQUEST,
+    ControlReply: FrameKind.CONTROL_REPLY,
+    ErrorFrame: FrameKind.ERROR,
+    Cancel: FrameKind.CANCEL,
+}
+
+
+def describe_frame(frame: Frame) -> str:
+    """Name ``frame`` for an error message (``an IOCTL_REPLY frame (seq 7)``): its kind and
+    tag, never its contents, which may be megabytes."""
+    kind = _KIND_OF[type(frame)].name
+    article = "an" if kind[0] in "AEIOU" else "a"
+    match frame:
+        case Hello(role=role):
+            detail = f" as {role}"
+        case IoctlRequest(seq=seq) | IoctlReply(seq=seq) | Cancel(seq=seq):
+            detail = f" frame (seq {seq})"
+        case _:
+            detail = " frame"
+    return f"{article} {kind}{detail}"
+
+
+def shown(value: object) -> str:
+    """A peer's value quoted in an error message: its ``repr``, cut as :func:`shown_text` does."""
+    return shown_text(repr(value))
+
+
+def shown_text(text: str) -> str:
+    """A peer's text for one line of a message: non-printable characters escaped, cut to
+    ``SHOWN_SIZE`` characters with the full length said."""
+    line = text if text.isprintable() else repr(text)[1:-1]
+    if len(line) <= SHOWN_SIZE:
+        return line
+    return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"
 
 
 # --- encoding ----------------------------------------------------------------------------
@@ -341,15 +383,15 @@ def _decode_body(body: bytes) -> Frame:
 
 def _decode_hello(body: dict[str, object]) -> Hello:
     if body.get("wire") != WIRE_VERSION:
-        msg = f"HELLO speaks wire version {body.get('wire')!r}, expected {WIRE_VERSION}"
+        msg = f"HELLO speaks wire version {shown(body.get('wire'))}, expected {WIRE_VERSION}"
         raise WireError(msg)
     role = body.get("role")
     if not isinstance(role, str) or role not in Role.__members__.values():
-        msg = f"HELLO role {role!r} is not one of {', '.join(Role)}"
+        msg = f"HELLO role {shown(role)} is not one of {', '.join(Role)}"
         raise WireError(msg)
     user_device = body.get("user_device", False)
     if not isinstance(user_device, bool) or set(body) - {"wire", "role", "user_device"}:
-        msg = f"HELLO fields are malformed: {sorted(body)}"
+        msg = f"HELLO fields are malformed: {shown(sorted(body))}"
         raise WireError(msg)
     return Hello(Role(role), user_device)
 

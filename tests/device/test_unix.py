@@ -26,6 +26,7 @@ import trio.testing
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.unix import (
+    HELLO_WAIT_S,
     HOST_START_WAIT_S,
     RECEIVE_SIZE,
     USER_ADDRESS_BASE,
@@ -35,12 +36,21 @@ from agent.device.unix import (
 from agent.host.server import serve_simulated_host
 from agent.protocol import UserBuffer
 from agent.protocol.constants import PAGE_SIZE
-from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, Role, encode_frame
+from agent.protocol.wire import (
+    ErrorFrame,
+    FrameDecoder,
+    Hello,
+    IoctlReply,
+    IoctlRequest,
+    Role,
+    encode_frame,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from agent.host.memory import GuestMemory
+    from agent.protocol.wire import Frame
 
 ECHO = 1  # each 16-byte slot of the buffer: u64 address, u64 size -> uppercase that memory
 WAIT = 2  # blocks until INTERRUPT on the same session, then fails with EINTR
@@ -510,3 +520,108 @@ class TestLifecycle:
                 with pytest.raises(DeviceUnavailableError, match="no sessions today"):
                     await UnixSocketOpener(path).open_session()
         listener.close()
+
+    @pytest.mark.parametrize(
+        ("answer", "told"),
+        [
+            (IoctlReply(1, 0, b"x" * (1 << 20)), "it answered an IOCTL_REPLY frame (seq 1)"),
+            (ErrorFrame("no\n" + "z" * (1 << 19)), "refused the session: no\\nzzz"),
+        ],
+    )
+    async def test_a_huge_answer_to_hello_is_named_in_one_line(
+        self, socket_dir: str, answer: Frame, told: str
+    ) -> None:
+        """A host answering HELLO with a large frame or a long, multi-line ERROR is refused in
+        one short line (the frame's repr, a megabyte, was the message)."""
+        path = os.path.join(socket_dir, "raw.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def odd_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.recv(RECEIVE_SIZE)  # the client's HELLO
+                await trio.SocketStream(connection).send_all(encode_frame(answer))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(odd_host)
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+        listener.close()
+        message = str(info.value)
+        assert told in message
+        assert "\n" not in message
+        assert len(message) < 300
+
+
+class TestBrokenHost:
+    """A host that breaks the protocol is named in one line, and nothing hangs."""
+
+    async def test_a_host_that_never_says_hello(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host that accepts and never answers HELLO is unavailable after HELLO_WAIT_S
+        (the session waited for it forever: ``prop`` and ``run`` hung silently)."""
+        path = os.path.join(socket_dir, "mute.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def mute_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await trio.sleep_forever()
+
+        with trio.fail_after(HELLO_WAIT_S + 60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mute_host)
+                started = trio.current_time()
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+                assert trio.current_time() - started == pytest.approx(HELLO_WAIT_S)
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+        )
+
+    async def test_a_reply_of_the_wrong_size_loses_the_host(self, socket_dir: str) -> None:
+        """A reply whose buffer differs in size from the request's is a broken host: the
+        session is lost (it raised WireError, which ``run`` and ``prop`` reported as an
+        internal failure, exit 70, naming no host)."""
+        path = os.path.join(socket_dir, "short.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def short_replying_host() -> None:
+            connection, _ = await listener.accept()
+            stream = trio.SocketStream(connection)
+            decoder = FrameDecoder()
+            async with stream:
+                while True:
+                    while (frame := decoder.next_frame()) is None:
+                        decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+                    if isinstance(frame, Hello):
+                        await stream.send_all(encode_frame(Hello(Role.HOST)))
+                    elif isinstance(frame, IoctlRequest):
+                        reply = IoctlReply(frame.seq, 0, frame.buffer[:-4])
+                        await stream.send_all(encode_frame(reply))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(short_replying_host)
+                transport = await UnixSocketOpener(path).open_session()
+                with pytest.raises(DeviceLostError) as info:
+                    await transport.ioctl(FAIL, bytearray(16))
+                with pytest.raises(DeviceLostError):
+                    await transport.ioctl(FAIL, bytearray(16))
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} is gone: its reply to ioctl 0x4 has 12 bytes "
+            "for a 16-byte buffer"
+        )

@@ -12,6 +12,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -45,7 +46,18 @@ from agent.protocol import (
     Session,
     WaitForEvents,
 )
-from agent.protocol.wire import ErrorFrame, FrameDecoder, Hello, IoctlRequest, Role, encode_frame
+from agent.protocol.wire import (
+    MAX_JSON_SIZE,
+    ControlReply,
+    ErrorFrame,
+    FrameDecoder,
+    FrameKind,
+    Hello,
+    IoctlReply,
+    IoctlRequest,
+    Role,
+    encode_frame,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -285,6 +297,93 @@ class TestRobustness:
                 transport = await UnixSocketOpener(socket_path).open_session()
                 await request(Session(), transport, GetHostVersion())
                 await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("hello", "frame", "named"),
+        [
+            (Role.DEVICE, IoctlReply(1, 0, b"x" * (2 << 20)), "IOCTL_REPLY"),
+            (Role.CONTROL, ErrorFrame("y" * MAX_JSON_SIZE), "ERROR"),
+        ],
+    )
+    async def test_a_huge_unexpected_frame_is_named_not_echoed(
+        self, socket_path: str, host: SimulatedHost, hello: Role, frame: Frame, named: str
+    ) -> None:
+        """A large frame of the wrong kind gets a short ERROR naming its kind; the server
+        serves on (echoing it made an ERROR frame over its limit and ended the simulator)."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                data = encode_frame(Hello(hello)) + encode_frame(frame)
+                frames = await raw_exchange(socket_path, data)
+                assert frames[0] == Hello(Role.HOST)
+                assert isinstance(frames[1], ErrorFrame)
+                assert named in frames[1].message
+                assert len(frames[1].message) < 100
+                await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    async def test_a_huge_hello_field_is_not_echoed(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A HELLO whose role is a huge string gets a short ERROR; the server serves on."""
+        body = json.dumps({"wire": 1, "role": "r" * (MAX_JSON_SIZE - 100)}).encode()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                data = struct.pack("<IB", len(body) + 1, FrameKind.HELLO) + body
+                [error] = await raw_exchange(socket_path, data)
+                assert isinstance(error, ErrorFrame)
+                assert "HELLO role" in error.message
+                assert len(error.message) < 300
+                await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("payload", "problem"),
+        [
+            ({"command": "delay", "request": 219, "seconds": 10**400}, "seconds"),
+            ({"command": "fault", "request": 219, "status": 1 << 40, "count": 1}, "status"),
+        ],
+    )
+    async def test_control_values_out_of_range_are_refused(
+        self, socket_path: str, host: SimulatedHost, payload: dict[str, object], problem: str
+    ) -> None:
+        """Numbers no host accepts are refused with one line; the host runs on (an integer
+        too large for a float ended it, a status beyond 32 bits ended it when the fault fired)."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with pytest.raises(ControlCommandError, match=problem):
+                    await call_control(socket_path, payload)
+                await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    async def test_an_infinite_delay_is_refused(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """JSON's 1e400 is an infinite float: refused (accepted, it held that request type
+        until power-off and logged a non-JSON ``Infinity``)."""
+        body = b'{"command":"delay","request":219,"seconds":1e400}'
+        request = struct.pack("<IB", len(body) + 1, FrameKind.CONTROL_REQUEST) + body
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                stream = await trio.open_unix_socket(socket_path)
+                async with stream:
+                    await stream.send_all(encode_frame(Hello(Role.CONTROL)) + request)
+                    decoder = FrameDecoder()
+                    frames: list[Frame] = []
+                    while len(frames) < 2:
+                        decoder.feed(await stream.receive_some(4096))
+                        while (frame := decoder.next_frame()) is not None:
+                            frames.append(frame)
+                assert frames[1] == ControlReply(
+                    {
+                        "ok": False,
+                        "error": "control command 'delay' needs seconds as a finite float",
+                    }
+                )
                 nursery.cancel_scope.cancel()
 
     async def test_control_errors(self, socket_path: str, host: SimulatedHost) -> None:

@@ -142,6 +142,18 @@ class TestParseStatus:
         with pytest.raises(ValueError, match="unknown VBox status"):
             parse_status(text)
 
+    @pytest.mark.parametrize("text", ["2147483648", "-2147483649", "0x100000000"])
+    def test_beyond_32_bits_is_refused(self, text: str) -> None:
+        """A number no ``int32_t rc`` holds is refused: as a fault it ended the simulated host
+        when the host wrote it into the request."""
+        with pytest.raises(ValueError, match=r"outside -2147483648\.\.2147483647"):
+            parse_status(text)
+
+    def test_the_32_bit_bounds_parse(self) -> None:
+        """The most negative and most positive 32-bit statuses are statuses."""
+        assert parse_status("-2147483648") == -(1 << 31)
+        assert parse_status("0x7fffffff") == (1 << 31) - 1
+
 
 class TestStatusToErrno:
     """``status_to_errno`` (``vbg_status_code_to_errno``)."""
