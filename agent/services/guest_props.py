@@ -265,10 +265,10 @@ class PropertyWatch:
         """Follow the changes after the host's ``latest`` change, knowing ``matching``.
 
         The first wait asks for the changes after ``latest`` (the newest timestamp the host
-        showed), so nothing made after the watch opened can slip by. A set of a property
-        already known at that timestamp happened before and is skipped, as is anything the
-        host dates at or before ``latest`` (a delete of a property never seen: see the
-        class's ``unseen_deletes``).
+        showed), so nothing made after the watch opened can slip by. A change of a property
+        in ``matching`` counts when newer than the timestamp it had there; one of any other
+        name is skipped when the host dates it at or before ``latest`` (a delete of a
+        property never seen: see the class's ``unseen_deletes``).
         """
         self._last_timestamp = self._opened_at = latest
         self._reported = {prop.name: prop.timestamp for prop in matching}
