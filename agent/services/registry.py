@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.services import balloon, guest_stats, heartbeat, properties, session_monitor
+from agent.services import (
+    balloon,
+    guest_stats,
+    heartbeat,
+    network,
+    properties,
+    session_monitor,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -16,6 +23,7 @@ SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (
     heartbeat.SPEC,
     guest_stats.SPEC,
     properties.SPEC,
+    network.SPEC,
     balloon.SPEC,
 )
 """In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""

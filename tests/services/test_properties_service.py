@@ -2,7 +2,8 @@
 
 Rules of this test module:
 - a real ``SimulatedHost`` behind ``SimOpener`` with the event pump, virtual clock
-  (``autojump_clock``), each test bounded by ``trio.fail_after``; ordering by
+  (``autojump_clock``, a parameter of each test: pytest-trio ignores a clock named in
+  ``usefixtures``), each test bounded by ``trio.fail_after``; ordering by
   ``wait_all_tasks_blocked``;
 - the host's view is checked (``prop_get``, ``status``), not just the service's counters.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Final
 
-import pytest
 import trio
 import trio.testing
 
@@ -28,10 +28,11 @@ from agent.services.properties import (
 )
 
 LIMIT_S: Final = 60
-pytestmark = pytest.mark.usefixtures("autojump_clock")
 
 
-async def test_publishes_and_republishes_after_a_restore(host: SimulatedHost) -> None:
+async def test_publishes_and_republishes_after_a_restore(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
     """OS and agent version are published at start and again after a restore, on the client
     the service keeps; stopping releases it."""
     with trio.fail_after(LIMIT_S):
@@ -61,7 +62,9 @@ async def test_publishes_and_republishes_after_a_restore(host: SimulatedHost) ->
     assert service.reconfigure(PropertiesSection()) is True
 
 
-async def test_a_refused_property_shows_in_the_status(host: SimulatedHost) -> None:
+async def test_a_refused_property_shows_in_the_status(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
     """A property the host made read-only is reported, the others still published."""
     host.prop_set(AGENT_VERSION_PROPERTY, "host-owned", "RDONLYGUEST")
     with trio.fail_after(LIMIT_S):

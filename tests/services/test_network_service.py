@@ -1,0 +1,349 @@
+"""The ``network`` service against the in-process simulated host, and its interface reader.
+
+Rules of this test module:
+- a real ``SimulatedHost`` behind ``SimOpener`` with the event pump and the virtual clock:
+  ``autojump_clock`` is a parameter of each test (pytest-trio runs a test on the clock among
+  its own arguments, never on one named in ``usefixtures``); each test is bounded by
+  ``trio.fail_after``; the interfaces come from a list the test changes; the host's view is
+  checked (``prop_get``), not just the counters;
+- the reader itself runs against the kernel in a network namespace of its own, where the
+  test sets up the devices and addresses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Final
+
+import pydantic
+import pytest
+import structlog.testing
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.services import EventPump, ServiceContext
+from agent.services._netifaces import NetInterface
+from agent.services.network import (
+    COUNT_PROPERTY,
+    NET_PREFIX,
+    NetworkSection,
+    NetworkService,
+    network_properties,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+LIMIT_S: Final = 60
+INTERVAL_S: Final = 5.0
+ETH0: Final = NetInterface("eth0", "10.0.2.15", "10.0.2.255", "255.255.255.0", "080027AB12CD", True)
+ETH1: Final = NetInterface(
+    "eth1", "192.168.56.10", "192.168.56.255", "255.255.255.0", "08002700FF01", False
+)
+
+
+class Interfaces:
+    """What the service reads: a list the test changes, or an error it raises."""
+
+    def __init__(self, *interfaces: NetInterface) -> None:
+        self.now: tuple[NetInterface, ...] = interfaces
+        self.error: OSError | None = None
+
+    def __call__(self) -> tuple[NetInterface, ...]:
+        if self.error is not None:
+            raise self.error
+        return self.now
+
+
+class Running:
+    """A started service and what the test needs around it."""
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self.host = host
+        self.status_changes = 0
+
+    def status_changed(self) -> None:
+        self.status_changes += 1
+
+    def start(self, service: NetworkService) -> None:
+        self.service = service
+
+    def value(self, name: str) -> str | None:
+        found = self.host.prop_get(name)
+        return None if found is None else found[0]
+
+    def stamp(self, name: str) -> int:
+        found = self.host.prop_get(name)
+        assert found is not None, name
+        return found[2]
+
+    async def next_pass(self) -> None:
+        """Let the next interval's pass run (the clock jumps there)."""
+        passes = self.service.statistics().passes
+        await trio.sleep(INTERVAL_S)
+        await trio.testing.wait_all_tasks_blocked()
+        assert self.service.statistics().passes == passes + 1
+
+
+@pytest.fixture(name="interfaces")
+def _interfaces() -> Interfaces:
+    return Interfaces(ETH0, ETH1)
+
+
+@pytest.fixture(name="running")
+async def _running(host: SimulatedHost, interfaces: Interfaces) -> AsyncIterator[Running]:
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        running = Running(host)
+        context = ServiceContext(device, pump, running.status_changed)
+        service = NetworkService(context, NetworkSection(interval_s=INTERVAL_S), interfaces)
+        assert service.status() == "network starting"
+        running.start(service)
+        with trio.fail_after(LIMIT_S):
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+        yield running
+        nursery.cancel_scope.cancel()
+
+
+async def test_publishes_every_interface_as_vboxservice_names_them(
+    autojump_clock: trio.abc.Clock, running: Running
+) -> None:
+    """Each address's six properties, under its index, then Count."""
+    assert network_properties([ETH0, ETH1]) == {
+        f"{NET_PREFIX}0/V4/IP": "10.0.2.15",
+        f"{NET_PREFIX}0/V4/Broadcast": "10.0.2.255",
+        f"{NET_PREFIX}0/V4/Netmask": "255.255.255.0",
+        f"{NET_PREFIX}0/MAC": "080027AB12CD",
+        f"{NET_PREFIX}0/Status": "Up",
+        f"{NET_PREFIX}0/Name": "eth0",
+        f"{NET_PREFIX}1/V4/IP": "192.168.56.10",
+        f"{NET_PREFIX}1/V4/Broadcast": "192.168.56.255",
+        f"{NET_PREFIX}1/V4/Netmask": "255.255.255.0",
+        f"{NET_PREFIX}1/MAC": "08002700FF01",
+        f"{NET_PREFIX}1/Status": "Down",
+        f"{NET_PREFIX}1/Name": "eth1",
+    }
+    for name, value in network_properties([ETH0, ETH1]).items():
+        assert running.value(name) == value
+    assert running.value(COUNT_PROPERTY) == "2"
+    assert running.service.status() == "network 2 interfaces"
+    statistics = running.service.statistics()
+    assert (statistics.passes, statistics.interfaces, statistics.writes) == (1, 2, 12)
+
+
+async def test_writes_only_changes_but_count_every_pass(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """An unchanged value keeps its timestamp; Count, the host's beacon, gets a new one."""
+    with trio.fail_after(LIMIT_S):
+        ip_stamp, count_stamp = running.stamp(f"{NET_PREFIX}0/V4/IP"), running.stamp(COUNT_PROPERTY)
+        await running.next_pass()
+        assert running.stamp(f"{NET_PREFIX}0/V4/IP") == ip_stamp
+        assert running.stamp(COUNT_PROPERTY) > count_stamp
+        assert running.service.statistics().writes == 12
+        interfaces.now = (ETH0, dataclasses.replace(ETH1, address="192.168.56.11"))
+        await running.next_pass()
+        assert running.value(f"{NET_PREFIX}1/V4/IP") == "192.168.56.11"
+        assert running.stamp(f"{NET_PREFIX}0/V4/IP") == ip_stamp
+        assert running.service.statistics().writes == 13
+
+
+async def test_a_vanished_interface_is_deleted(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """Fewer addresses: the entries past the new count go, Count follows."""
+    with trio.fail_after(LIMIT_S):
+        interfaces.now = (ETH1,)
+        await running.next_pass()
+        assert running.value(f"{NET_PREFIX}0/V4/IP") == "192.168.56.10"
+        assert running.value(f"{NET_PREFIX}0/Status") == "Down"
+        assert all(running.value(f"{NET_PREFIX}1/{key}") is None for key in ("V4/IP", "Name"))
+        assert running.value(COUNT_PROPERTY) == "1"
+        assert running.service.statistics().deletes == 6
+        assert running.service.status() == "network 1 interface"
+
+
+async def test_the_daemon_hears_of_status_changes_only(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """Passes that change nothing do not ask for a new STATUS= line (an idle agent stays
+    quiet); a changed count does."""
+    with trio.fail_after(LIMIT_S):
+        assert running.status_changes == 1  # "network starting" became "network 2 interfaces"
+        await running.next_pass()
+        await running.next_pass()
+        assert running.status_changes == 1
+        interfaces.now = (ETH0,)
+        await running.next_pass()
+        assert running.status_changes == 2
+
+
+async def test_a_restore_publishes_everything_again_at_once(
+    autojump_clock: trio.abc.Clock, running: Running
+) -> None:
+    """After a restore every value is written again, without waiting for the interval."""
+    with trio.fail_after(LIMIT_S):
+        stamp = running.stamp(f"{NET_PREFIX}0/MAC")
+        running.host.prop_delete(f"{NET_PREFIX}1/Name")
+        started = trio.current_time()
+        running.host.restore()
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() - started < INTERVAL_S
+        assert running.service.statistics().passes == 2
+        assert running.stamp(f"{NET_PREFIX}0/MAC") > stamp
+        assert running.value(f"{NET_PREFIX}1/Name") == "eth1"
+        assert running.service.statistics().writes == 24
+
+
+async def test_a_reload_shortens_the_current_wait(
+    autojump_clock: trio.abc.Clock, running: Running
+) -> None:
+    """A new interval applies to the wait already under way: one already over ends it."""
+    with trio.fail_after(LIMIT_S):
+        running.service.reconfigure(NetworkSection(interval_s=3600))
+        await trio.sleep(INTERVAL_S * 2)
+        assert running.service.statistics().passes == 1
+        started = trio.current_time()
+        assert running.service.reconfigure(NetworkSection(interval_s=INTERVAL_S))
+        await trio.testing.wait_all_tasks_blocked()
+        assert running.service.statistics().passes == 2
+        assert trio.current_time() == started  # the new interval had already passed
+
+
+async def test_a_refused_property_is_logged_once_and_retried(
+    autojump_clock: trio.abc.Clock, running: Running
+) -> None:
+    """A value the host made read-only shows in the status; one warning, the rest published."""
+    with trio.fail_after(LIMIT_S):
+        name = f"{NET_PREFIX}0/V4/IP"
+        running.host.prop_set(name, "host-owned", "RDONLYGUEST")
+        with structlog.testing.capture_logs() as logs:
+            running.host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            await running.next_pass()
+        refusals = [line for line in logs if line["event"] == "property_refused"]
+        assert refusals == [
+            {
+                "event": "property_refused",
+                "log_level": "warning",
+                "property": name,
+                "status": "VERR_PERMISSION_DENIED",
+            }
+        ]
+        assert running.service.status() == f"network: {name} refused (VERR_PERMISSION_DENIED)"
+        assert running.service.statistics().refused == 1
+        assert running.value(name) == "host-owned"
+        assert running.value(f"{NET_PREFIX}0/MAC") == ETH0.mac
+        running.host.prop_delete(name)
+        await running.next_pass()
+        assert running.value(name) == ETH0.address
+        assert running.service.status() == "network 2 interfaces"
+
+
+async def test_unreadable_interfaces_hold_the_beacon(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """While the interfaces cannot be read, Count is not renewed; reading again resumes."""
+    with trio.fail_after(LIMIT_S):
+        count_stamp = running.stamp(COUNT_PROPERTY)
+        interfaces.error = OSError(97, "Address family not supported by protocol")
+        passes = running.service.statistics().passes
+        await trio.sleep(INTERVAL_S * 2.5)  # two passes that could not read
+        assert running.service.statistics().passes == passes
+        assert running.stamp(COUNT_PROPERTY) == count_stamp
+        assert running.service.status() == (
+            "network: interfaces unreadable ([Errno 97] Address family not supported by protocol)"
+        )
+        interfaces.error = None
+        await running.next_pass()
+        assert running.stamp(COUNT_PROPERTY) > count_stamp
+        assert running.service.status() == "network 2 interfaces"
+
+
+async def test_drain_deletes_count_only(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """A stop takes the beacon away and leaves the values, on no client left open."""
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device:
+            async with trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                service = NetworkService(ServiceContext(device, pump), NetworkSection(), interfaces)
+                await nursery.start(pump.run)
+                await nursery.start(service.run)
+                nursery.cancel_scope.cancel()
+            await service.drain()
+            assert host.prop_get(COUNT_PROPERTY) is None
+            assert host.prop_get(f"{NET_PREFIX}0/V4/IP") is not None
+            assert host.status()["hgcm_clients"] == 0
+
+
+def test_the_interval_has_named_bounds() -> None:
+    """Below 1 s or above an hour is a config error."""
+    assert NetworkSection().interval_s == INTERVAL_S
+    for bad in (0.5, 3601):
+        with pytest.raises(pydantic.ValidationError):
+            NetworkSection(interval_s=bad)
+
+
+NAMESPACE_SCRIPT: Final = textwrap.dedent(
+    """
+    import ctypes, dataclasses, fcntl, json, socket, struct
+    from agent.services._netifaces import read_ipv4_interfaces
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000):  # CLONE_NEWNET: a namespace with only a down loopback
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def ifreq(name, tail=b""):
+        return name.encode().ljust(16, b"\\0") + tail.ljust(24, b"\\0")
+
+    def inet(address):
+        return struct.pack("HH4s", socket.AF_INET, 0, socket.inet_aton(address))
+
+    def set_up(name):
+        fcntl.ioctl(sock, 0x8914, ifreq(name, struct.pack("H", 1)))  # SIOCSIFFLAGS: IFF_UP
+
+    set_up("lo")  # 127.0.0.1 appears, and must be left out
+    for bridge in ("br7", "br8"):
+        fcntl.ioctl(sock, 0x89A0, bridge.encode() + b"\\0")  # SIOCBRADDBR
+    fcntl.ioctl(sock, 0x8916, ifreq("br7", inet("10.9.8.7")))  # SIOCSIFADDR
+    fcntl.ioctl(sock, 0x891C, ifreq("br7", inet("255.255.255.0")))  # SIOCSIFNETMASK
+    fcntl.ioctl(sock, 0x891A, ifreq("br7", inet("10.9.8.255")))  # SIOCSIFBRDADDR
+    mac = struct.pack("H6s", 1, bytes.fromhex("020000000A0B"))
+    fcntl.ioctl(sock, 0x8924, ifreq("br7", mac))  # SIOCSIFHWADDR
+    set_up("br7")
+    fcntl.ioctl(sock, 0x8916, ifreq("br7:1", inet("10.20.0.1")))  # a labelled second address
+    fcntl.ioctl(sock, 0x8916, ifreq("br8", inet("172.16.1.2")))  # br8 stays down
+    print(json.dumps([dataclasses.astuple(found) for found in read_ipv4_interfaces()]))
+    """
+)
+
+
+def test_the_reader_lists_the_kernel_s_ipv4_interfaces() -> None:
+    """In a namespace of its own: one entry per address, in device order, loopback left out,
+    with the broadcast, netmask, MAC and state the kernel holds."""
+    done = subprocess.run(
+        [sys.executable, "-c", NAMESPACE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = [NetInterface(*fields) for fields in json.loads(done.stdout)]
+    mac = "020000000A0B"
+    assert found == [
+        NetInterface("br7", "10.9.8.7", "10.9.8.255", "255.255.255.0", mac, True),
+        NetInterface("br7:1", "10.20.0.1", "10.255.255.255", "255.0.0.0", mac, True),
+        NetInterface("br8", "172.16.1.2", "172.16.255.255", "255.255.0.0", found[2].mac, False),
+    ]
+    assert len(found[2].mac) == 12
