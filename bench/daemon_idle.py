@@ -46,14 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import agent
-from agent.services.network import NetworkSection
+from agent.services._publishing import DEFAULT_INTERVAL_S
 
 WAIT_LIMIT_S = 30.0
 SETTLE_S = 1.0
 TARGET_MIB = 5.0
 """Idle RSS the agent may use above the baseline."""
 HOST_HEARTBEAT_MS = 2000
-NETWORK_INTERVAL_S = NetworkSection().interval_s
+PUBLISHING_INTERVAL_S = DEFAULT_INTERVAL_S
 """The simulated host's heartbeat interval (its default, said explicitly)."""
 BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
 PLUGIN_LOOKUP = BASELINE + "\nimport importlib.metadata"
@@ -212,15 +212,16 @@ def _measure_agent(workdir: Path, root: Path, idle_s: float, personality: str) -
 
 def _expected_wakeups(args: argparse.Namespace) -> str:
     """What should wake the idle agent: the network service's passes (each writes the
-    ``Net/Count`` beacon) and, where the driver leaves it to us, the heartbeat."""
-    passes = int(args.idle // NETWORK_INTERVAL_S)
-    what = f"{passes} network passes every {NETWORK_INTERVAL_S:g} s"
+    ``Net/Count`` beacon: a send and its reply), the users service's (a timer; nothing to
+    send while no one logs in) and, where the driver leaves it to us, the heartbeat."""
+    passes = int(args.idle // PUBLISHING_INTERVAL_S)
+    what = f"{passes} network and {passes} users passes every {PUBLISHING_INTERVAL_S:g} s"
     if args.personality != "passthrough":
-        return f"expected about {2 * passes}: {what}, a send and its reply each"
+        return f"expected about {3 * passes}: {what}"
     beats = int(args.idle * 1000 // HOST_HEARTBEAT_MS)
     return (
-        f"expected about {2 * (beats + passes)}: {beats} heartbeats at the host's"
-        f" {HOST_HEARTBEAT_MS} ms and {what}, a send and its reply each"
+        f"expected about {2 * beats + 3 * passes}: {beats} heartbeats at the host's"
+        f" {HOST_HEARTBEAT_MS} ms (a send and its reply each), {what}"
     )
 
 

@@ -47,6 +47,7 @@ from agent.protocol.status import (
     VERR_NOT_FOUND,
     VWRN_NOT_FOUND,
 )
+from agent.protocol.wire import shown
 from agent.services.hgcm import (
     HgcmBufferIn,
     HgcmBufferOut,
@@ -73,6 +74,10 @@ ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
 SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
+_U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+_U64_DIGITS: Final = len(str(_U64_MAX))
+"""Digits of the largest timestamp: a longer one is refused before ``int`` reads it (Python
+refuses over 4300 digits with a ValueError that would read as a usage error)."""
 _VALUE_BUFFER: Final = HgcmBufferOut(VALUE_BUFFER_SIZE)
 _ZERO_U64: Final = HgcmU64(0)
 _ZERO_U32: Final = HgcmU32(0)
@@ -480,8 +485,8 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
         name, value, timestamp, flags = parts[index : index + 4]
         if not name:
             return props
-        if not timestamp.isdigit():
-            msg = f"ENUM_PROPS: timestamp {timestamp!r} of {name!r} is not a decimal number"
+        if not (timestamp.isdigit() and len(timestamp) <= _U64_DIGITS) or int(timestamp) > _U64_MAX:
+            msg = f"ENUM_PROPS: timestamp {shown(timestamp)} of {shown(name)} is not a decimal u64"
             raise RemoteProtocolError(msg)
         props.append(
             Property(

@@ -11,6 +11,7 @@ from agent.services import (
     network,
     properties,
     session_monitor,
+    users,
 )
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (
     guest_stats.SPEC,
     properties.SPEC,
     network.SPEC,
+    users.SPEC,
     balloon.SPEC,
 )
 """In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""

@@ -33,12 +33,14 @@ from agent.services.network import (
     COUNT_PROPERTY,
     NET_PREFIX,
     NetworkSection,
-    NetworkService,
     network_properties,
+    network_service,
 )
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from agent.services._publishing import PublishingService
 
 LIMIT_S: Final = 60
 INTERVAL_S: Final = 5.0
@@ -71,7 +73,7 @@ class Running:
     def status_changed(self) -> None:
         self.status_changes += 1
 
-    def start(self, service: NetworkService) -> None:
+    def start(self, service: PublishingService) -> None:
         self.service = service
 
     def value(self, name: str) -> str | None:
@@ -102,7 +104,7 @@ async def _running(host: SimulatedHost, interfaces: Interfaces) -> AsyncIterator
         pump = EventPump(device)
         running = Running(host)
         context = ServiceContext(device, pump, running.status_changed)
-        service = NetworkService(context, NetworkSection(interval_s=INTERVAL_S), interfaces)
+        service = network_service(context, NetworkSection(interval_s=INTERVAL_S), interfaces)
         assert service.status() == "network starting"
         running.start(service)
         with trio.fail_after(LIMIT_S):
@@ -129,13 +131,13 @@ async def test_publishes_every_interface_as_vboxservice_names_them(
         f"{NET_PREFIX}1/MAC": "08002700FF01",
         f"{NET_PREFIX}1/Status": "Down",
         f"{NET_PREFIX}1/Name": "eth1",
+        COUNT_PROPERTY: "2",
     }
     for name, value in network_properties([ETH0, ETH1]).items():
         assert running.value(name) == value
-    assert running.value(COUNT_PROPERTY) == "2"
     assert running.service.status() == "network 2 interfaces"
     statistics = running.service.statistics()
-    assert (statistics.passes, statistics.interfaces, statistics.writes) == (1, 2, 12)
+    assert (statistics.passes, statistics.summary, statistics.writes) == (1, "2 interfaces", 12)
 
 
 async def test_writes_only_changes_but_count_every_pass(
@@ -259,7 +261,7 @@ async def test_unreadable_interfaces_hold_the_beacon(
         assert running.service.statistics().passes == passes
         assert running.stamp(COUNT_PROPERTY) == count_stamp
         assert running.service.status() == (
-            "network: interfaces unreadable ([Errno 97] Address family not supported by protocol)"
+            "network: unreadable ([Errno 97] Address family not supported by protocol)"
         )
         interfaces.error = None
         await running.next_pass()
@@ -275,7 +277,9 @@ async def test_drain_deletes_count_only(
         async with open_device(SimOpener(host)) as device:
             async with trio.open_nursery() as nursery:
                 pump = EventPump(device)
-                service = NetworkService(ServiceContext(device, pump), NetworkSection(), interfaces)
+                service = network_service(
+                    ServiceContext(device, pump), NetworkSection(), interfaces
+                )
                 await nursery.start(pump.run)
                 await nursery.start(service.run)
                 nursery.cancel_scope.cancel()

@@ -1,0 +1,306 @@
+"""The engine of the services that publish guest state as guest properties.
+
+:class:`PublishingService` is the service: every ``interval_s`` (a section field) and at
+once after a restore it takes a :class:`Reading` of the guest (the properties it wants and a
+short summary) and publishes it on one HGCM client it keeps; at a stop it writes the
+``stop_values`` (VBoxService's reset values). Failing to read the guest is logged when it
+starts and ends, shown in the status, and publishes nothing meanwhile.
+
+:class:`PropertyPublisher` keeps a set of properties as the service wants them, like
+VBoxService's property cache: a value is written only when it changed (names in ``always``,
+a beacon, on every call), a property wanted absent is deleted once, a property no longer
+wanted at all is deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything
+is written again. A property the host refuses is logged once per status and retried on the
+next call. :class:`IntervalPause` is the wait between two passes, which a reload may
+shorten or lengthen while it runs and an event (a restore) ends early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn, final
+
+import structlog
+import trio
+from pydantic import Field
+
+from agent.protocol import Event, VBoxStatusError
+from agent.services._base import ServiceContext, ServiceSection
+from agent.services.guest_props import open_guest_properties
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Mapping
+
+    from agent.services._paced import EventSource
+    from agent.services.guest_props import GuestProperties
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_INTERVAL_S = 5.0
+"""VBoxService's VM-info interval."""
+MIN_INTERVAL_S = 1.0
+MAX_INTERVAL_S = 3600.0
+
+
+class PublishingSection(ServiceSection):
+    """A publishing service's section: how often it reads the guest again."""
+
+    interval_s: float = Field(default=DEFAULT_INTERVAL_S, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)
+    """Seconds between two readings; a reload applies it at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One reading of the guest: the properties wanted (None: absent) and a short summary
+    for the status and the log (``2 interfaces``)."""
+
+    properties: Mapping[str, str | None]
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishingStatistics:
+    """What a publishing service did.
+
+    Attributes:
+        passes: readings published.
+        summary: the last reading's summary (None before the first).
+        writes, deletes: properties written (beacons not included) and deleted.
+        refused: properties the host refused at their last attempt.
+    """
+
+    passes: int
+    summary: str | None
+    writes: int
+    deletes: int
+    refused: int
+
+
+@final
+class PublishingService:
+    """Reads the guest every ``interval_s`` and after a restore; publishes what changed.
+
+    ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
+    beacons written on every pass; ``flags`` go with every write; ``stop_values`` are
+    written (None: deleted) at a stop, once something was published.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        context: ServiceContext,
+        section: PublishingSection,
+        read: Callable[[], Reading],
+        *,
+        always: Collection[str] = (),
+        flags: str | None = None,
+        stop_values: Mapping[str, str | None],
+    ) -> None:
+        self.name = name
+        self._device = context.device
+        self._pump = context.pump
+        self._status_changed = context.status_changed
+        self._read = read
+        self._always = always
+        self._stop_values = stop_values
+        self._pause = IntervalPause(section.interval_s)
+        self._publisher = PropertyPublisher(flags)
+        self._published = False
+        self._unreadable: str | None = None
+        self._summary: str | None = None
+        self._passes = 0
+
+    def statistics(self) -> PublishingStatistics:
+        """Return the counters."""
+        publisher = self._publisher
+        return PublishingStatistics(
+            self._passes, self._summary, publisher.writes, publisher.deletes, len(publisher.refused)
+        )
+
+    def status(self) -> str:
+        """``NAME SUMMARY``, ``NAME starting``, or what went wrong."""
+        if self._unreadable is not None:
+            return f"{self.name}: unreadable ({self._unreadable})"
+        if self._publisher.refused:
+            name, status = next(iter(self._publisher.refused.items()))
+            return f"{self.name}: {name} refused ({status})"
+        return f"{self.name} {self._summary or 'starting'}"
+
+    def reconfigure(self, section: PublishingSection) -> bool:
+        """Apply the new interval at once: the current wait ends by the new one."""
+        self._pause.set_interval(section.interval_s)
+        return True
+
+    async def drain(self) -> None:
+        """Write the stop values, on a client of its own (leaving :meth:`run` closed its)."""
+        if not self._published:
+            await trio.lowlevel.checkpoint()
+            return
+        async with open_guest_properties(self._device) as props:
+            await self._publisher.apply(props, self._stop_values)
+        if any(name in self._publisher.refused for name in self._stop_values):
+            return  # each refusal is logged; a next run publishes everything again
+        self._published = False
+        log.info("stop_values_written", properties=len(self._stop_values))
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Publish, then again every ``interval_s`` and at once after every restore."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        with self._pump.subscribe(self.name, Event.RESTORED) as events:
+            async with open_guest_properties(self._device) as props:
+                await self._publish(props)
+                task_status.started()
+                while True:
+                    if await self._pause.wait(events):
+                        self._publisher.forget()
+                        log.info("republishing_after_restore")
+                    await self._publish(props)
+
+    async def _publish(self, props: GuestProperties) -> None:
+        """One pass; tell the daemon when the status changed (not every pass: no wake-up)."""
+        status = self.status()
+        await self._pass(props)
+        if self.status() != status:
+            self._status_changed()
+
+    async def _pass(self, props: GuestProperties) -> None:
+        try:
+            reading = self._read()
+        except OSError as exc:
+            self._set_unreadable(str(exc))
+            return
+        self._set_unreadable(None)
+        publisher = self._publisher
+        writes, deletes = publisher.writes, publisher.deletes
+        await publisher.publish(props, reading.properties, self._always)
+        self._published = True
+        self._passes += 1
+        written, deleted = publisher.writes - writes, publisher.deletes - deletes
+        if written or deleted or reading.summary != self._summary:
+            log.info("published", summary=reading.summary, written=written, deleted=deleted)
+        self._summary = reading.summary
+
+    def _set_unreadable(self, reason: str | None) -> None:
+        """Log a failure to read the guest when it starts, changes and ends."""
+        if reason == self._unreadable:
+            return
+        if reason is None:
+            log.info("readable_again")
+        else:
+            log.warning("unreadable", error=reason)
+        self._unreadable = reason
+
+
+@final
+class PropertyPublisher:
+    """Brings the host's copy of a set of properties to what the caller wants.
+
+    ``flags`` go with every write (None: the plain value write, as VBoxService makes for
+    properties without cache flags). ``writes`` counts the values written, the ``always``
+    names' not included, ``deletes`` the deletions; ``refused`` maps each property the host
+    refused at its last attempt to the VBox status name.
+    """
+
+    def __init__(self, flags: str | None = None) -> None:
+        self._flags = flags
+        self._held: dict[str, str | None] = {}
+        """The values the host holds from us; None: unknown (after a restore)."""
+        self._deleted: set[str] = set()
+        self.refused: dict[str, str] = {}
+        self.writes = 0
+        self.deletes = 0
+
+    def forget(self) -> None:
+        """The host's store may have changed (a restore): write everything again."""
+        self._held = dict.fromkeys(self._held)
+        self._deleted.clear()
+
+    async def publish(
+        self,
+        props: GuestProperties,
+        wanted: Mapping[str, str | None],
+        always: Collection[str] = (),
+    ) -> None:
+        """Write what changed, delete what is wanted absent or no longer wanted.
+
+        ``wanted`` maps names to values, None for "absent".
+        """
+        for name, value in wanted.items():
+            if value is None:
+                if name not in self._deleted:
+                    await self._delete(props, name)
+            elif name in always or self._held.get(name) != value:
+                await self._write(props, name, value, counted=name not in always)
+        for name in [name for name in self._held if name not in wanted]:
+            await self._delete(props, name)
+
+    async def apply(self, props: GuestProperties, values: Mapping[str, str | None]) -> None:
+        """Write (None: delete) each of ``values`` now, whatever the host holds."""
+        for name, value in values.items():
+            if value is None:
+                await self._delete(props, name)
+            else:
+                await self._write(props, name, value, counted=True)
+
+    async def _write(self, props: GuestProperties, name: str, value: str, *, counted: bool) -> None:
+        try:
+            await props.set(name, value, self._flags)
+        except VBoxStatusError as exc:
+            self._refuse(name, exc.name)
+            return
+        self.refused.pop(name, None)
+        self._deleted.discard(name)
+        self._held[name] = value
+        if counted:
+            self.writes += 1
+
+    async def _delete(self, props: GuestProperties, name: str) -> None:
+        try:
+            await props.delete(name)
+        except VBoxStatusError as exc:
+            self._refuse(name, exc.name)
+            return
+        self.refused.pop(name, None)
+        self._held.pop(name, None)
+        self._deleted.add(name)
+        self.deletes += 1
+
+    def _refuse(self, name: str, status: str) -> None:
+        """Log a refusal once per status, not at every pass that retries it."""
+        if self.refused.get(name) != status:
+            log.warning("property_refused", property=name, status=status)
+        self.refused[name] = status
+
+
+@final
+class IntervalPause:
+    """The wait between two passes: ``interval_s``, or until an event arrives.
+
+    :meth:`set_interval` re-aims a wait already under way, counted from its start: a reload
+    to a shorter interval that has already passed ends it at once.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._scope: trio.CancelScope | None = None
+        self._since = 0.0
+
+    def set_interval(self, interval_s: float) -> None:
+        """Use ``interval_s`` from now on, for the wait under way too."""
+        self.interval_s = interval_s
+        if self._scope is not None:
+            self._scope.deadline = self._since + interval_s
+
+    async def wait(self, events: EventSource) -> bool:
+        """Wait the interval or for the next event; True if an event ended the wait."""
+        self._since = trio.current_time()
+        with trio.CancelScope(deadline=self._since + self.interval_s) as scope:
+            self._scope = scope
+            try:
+                await events.receive()
+            finally:
+                self._scope = None
+            return True
+        return False

@@ -1,0 +1,193 @@
+"""The ``users`` service and its login sources.
+
+Rules of this test module:
+- the service runs against the in-process simulated host on the virtual clock
+  (``autojump_clock`` as a parameter of each test), bounded by ``trio.fail_after``; the users
+  come from a list the test changes; the host's view is checked (``prop_get``);
+- utmp is a file the test writes record by record; logind is libsystemd's real ``sd-login``
+  reading session files the test writes over a tmpfs in a mount namespace of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import trio
+import trio.testing
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.services import EventPump, ServiceContext
+from agent.services._logins import (
+    MAX_UTMP_BYTES,
+    USER_PROCESS,
+    LoginsError,
+    logged_in_users,
+    utmp_users,
+)
+from agent.services.users import (
+    COUNT_PROPERTY,
+    LIST_PROPERTY,
+    NONE_PROPERTY,
+    UsersSection,
+    users_service,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+LIMIT_S: Final = 60
+INTERVAL_S: Final = 5.0
+LOGIN_PROCESS: Final = 6
+DEAD_PROCESS: Final = 8
+FLAGS: Final = "TRANSIENT, TRANSRESET"
+"""What the host keeps of a TRANSRESET write: the service always adds TRANSIENT to it."""
+
+
+def utmp_record(kind: int, user: str, pid: int = 100) -> bytes:
+    """One glibc ``struct utmp`` (384 bytes): type, pid, line, id, user, host, the rest 0."""
+    head = struct.pack("=h2xi32s4s32s256s", kind, pid, b"pts/0", b"ts/0", user.encode(), b"")
+    return head.ljust(384, b"\0")
+
+
+def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None:
+    """Only USER_PROCESS records with a name count; a name counts once, in order of first
+    appearance, utmp's before logind's."""
+    utmp = tmp_path / "utmp"
+    utmp.write_bytes(
+        utmp_record(LOGIN_PROCESS, "LOGIN")
+        + utmp_record(USER_PROCESS, "alice")
+        + utmp_record(DEAD_PROCESS, "carol")
+        + utmp_record(USER_PROCESS, "bob")
+        + utmp_record(USER_PROCESS, "alice")
+        + utmp_record(USER_PROCESS, "")
+        + b"\0" * 100  # a torn last record is left out
+    )
+    assert utmp_users(utmp) == ["alice", "bob", "alice"]
+    assert logged_in_users(utmp, lambda: ["bob", "dave"]) == ("alice", "bob", "dave")
+    assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == ("dave",)
+
+
+def test_an_unreadable_utmp_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A utmp that exists and cannot be read, or is too large to be one, raises."""
+    with pytest.raises(LoginsError, match=f"^{tmp_path}: Is a directory$"):
+        utmp_users(tmp_path)
+    huge = tmp_path / "utmp"
+    with huge.open("wb") as file:
+        file.truncate(MAX_UTMP_BYTES + 1)
+    with pytest.raises(LoginsError, match=f"larger than {MAX_UTMP_BYTES} bytes"):
+        utmp_users(huge)
+
+
+LOGIND_SCRIPT: Final = textwrap.dedent(
+    """
+    import ctypes, json, os
+    from agent.services._logins import logind_users
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    def check(result, what):
+        if result:
+            raise OSError(ctypes.get_errno(), what)
+    check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")
+    os.makedirs("/run/systemd/sessions", exist_ok=True)
+    check(libc.mount(b"tmpfs", b"/run/systemd/sessions", b"tmpfs", 0, None), "mount tmpfs")
+    sessions = {
+        "3": "UID=0\\nUSER=root\\nACTIVE=1\\nSTATE=active\\n",
+        "5": "UID=65534\\nUSER=nobody\\nACTIVE=0\\nSTATE=online\\n",
+        "c1": "UID=4242\\nUSER=ghost\\nACTIVE=1\\nSTATE=active\\n",
+    }
+    for name, text in sessions.items():
+        with open(f"/run/systemd/sessions/{name}", "w") as file:
+            file.write(text)
+    print(json.dumps(logind_users()))
+    """
+)
+
+
+def test_logind_s_active_sessions_through_sd_login() -> None:
+    """libsystemd lists the sessions; inactive ones are left out; a uid without an account
+    is named by its number."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOGIND_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(done.stdout)) == ["4242", "root"]
+
+
+class Users:
+    """What the service reads: a list the test changes, or an error it raises."""
+
+    def __init__(self, *names: str) -> None:
+        self.now: tuple[str, ...] = names
+        self.error: OSError | None = None
+
+    def __call__(self) -> tuple[str, ...]:
+        if self.error is not None:
+            raise self.error
+        return self.now
+
+
+def values(host: SimulatedHost) -> dict[str, tuple[str, str] | None]:
+    """The three properties as the host holds them: (value, flags), or None."""
+    found = {name: host.prop_get(name) for name in (LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY)}
+    return {name: None if got is None else got[:2] for name, got in found.items()}
+
+
+async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The list, count and flag follow the users; every value is TRANSRESET; a stop writes
+    the no-one values; a source that fails keeps the last values and shows in the status."""
+    users = Users("alice", "bob")
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device:
+            async with trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                section = UsersSection(interval_s=INTERVAL_S)
+                service = users_service(ServiceContext(device, pump), section, users)
+                await nursery.start(pump.run)
+                await nursery.start(service.run)
+                assert values(host) == {
+                    LIST_PROPERTY: ("alice,bob", FLAGS),
+                    COUNT_PROPERTY: ("2", FLAGS),
+                    NONE_PROPERTY: ("false", FLAGS),
+                }
+                assert service.status() == "users 2 users"
+                users.now = ()
+                await trio.sleep(INTERVAL_S)
+                await trio.testing.wait_all_tasks_blocked()
+                assert values(host) == {
+                    LIST_PROPERTY: None,
+                    COUNT_PROPERTY: ("0", FLAGS),
+                    NONE_PROPERTY: ("true", FLAGS),
+                }
+                users.now = ("carol",)
+                users.error = LoginsError("/run/utmp: Permission denied")
+                await trio.sleep(INTERVAL_S)
+                await trio.testing.wait_all_tasks_blocked()
+                assert service.status() == "users: unreadable (/run/utmp: Permission denied)"
+                assert values(host)[COUNT_PROPERTY] == ("0", FLAGS)
+                users.error = None
+                await trio.sleep(INTERVAL_S)
+                await trio.testing.wait_all_tasks_blocked()
+                assert values(host)[LIST_PROPERTY] == ("carol", FLAGS)
+                assert service.status() == "users 1 user"
+                nursery.cancel_scope.cancel()
+            await service.drain()
+    assert values(host) == {
+        LIST_PROPERTY: None,
+        COUNT_PROPERTY: ("0", FLAGS),
+        NONE_PROPERTY: ("true", FLAGS),
+    }
+    assert host.status()["hgcm_clients"] == 0
