@@ -142,6 +142,7 @@ class TestFollowsTarget:
                 async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
                     pump = EventPump(device)
                     await inner.start(pump.run)
+                    gauge = BalloonGauge()
 
                     def build() -> BalloonService:
                         return BalloonService(
@@ -151,6 +152,7 @@ class TestFollowsTarget:
                             allocator=chunks,
                             pressure=Quiet(),
                             mem_available_mb=lambda: 1 << 20,
+                            gauge=gauge,
                         )
 
                     async def host_shows(count: int) -> None:
@@ -168,6 +170,7 @@ class TestFollowsTarget:
                     await stop()
                     await first.drain()  # refused at the first chunk: all 8 kept
                     assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
+                    assert gauge.chunks == 8  # the guest statistics still report them
 
                     second = build()
                     stop = await inner.start(_run_until_stopped, second)
@@ -180,6 +183,7 @@ class TestFollowsTarget:
                     await stop()
                     await second.drain()
                     assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
+                    assert gauge.chunks is None
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
 

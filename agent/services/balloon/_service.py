@@ -257,10 +257,10 @@ class BalloonService:
         except trio.Cancelled:  # the drain time (daemon.shutdown_timeout_s) ran out
             self._drain_incomplete(walker, held, "the drain time ran out")
             raise
-        self._gauge.chunks = None
-        if kept:
+        if kept:  # still in the balloon: the gauge keeps counting them
             self._drain_incomplete(walker, held, walker.last_failure)
         else:
+            self._gauge.chunks = None
             log.info("balloon_drained", returned=held)
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
