@@ -13,13 +13,18 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.cli_support import Simulator, agent, host
+from agent.cli._exit import EX_UNAVAILABLE
+from agent.protocol.wire import ControlReply, FrameDecoder, Hello, Role, encode_frame
+from tests.cli_support import COMMAND_TIMEOUT_S, Simulator, agent, host
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -197,3 +202,56 @@ class TestSimulatorLifecycle:
         assert result.stderr.startswith("usage: vbox-agent simulate")
         assert "argument --ram-mb: '0' is not an integer in [4, 2097152]" in result.stderr
         assert not os.path.exists(socket_path)
+
+
+@contextmanager
+def answering_host(path: str, answer: dict[str, object]) -> Iterator[None]:
+    """A stand-in host at ``path`` (a thread) answering one control command with ``answer``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(COMMAND_TIMEOUT_S)
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        connection.settimeout(COMMAND_TIMEOUT_S)
+        replies = [encode_frame(Hello(Role.HOST)), encode_frame(ControlReply(answer))]
+        decoder = FrameDecoder()
+        with connection:
+            while replies and (data := connection.recv(4096)):
+                decoder.feed(data)
+                while replies and decoder.next_frame() is not None:
+                    connection.sendall(replies.pop(0))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(COMMAND_TIMEOUT_S)
+        listener.close()
+
+
+class TestOddHost:
+    """A host whose answers do not fit the command gets one line and exit 69."""
+
+    @pytest.mark.parametrize(
+        ("command", "answer", "told"),
+        [
+            (("prop", "get", "x"), {"ok": True, "result": {}}, "'prop' with an unexpected result"),
+            (("prop", "get", "x"), {"ok": True, "result": [1]}, "unexpected result: [1]"),
+            (("drop",), {"ok": True, "result": {"n": 1}}, "'drop' with an unexpected result"),
+            (("balloon", "5"), {"ok": False}, "malformed reply: {'ok': False}"),
+            (("balloon", "5"), {"ok": 1, "error": "e"}, "malformed reply"),
+        ],
+    )
+    def test_unexpected_answers(
+        self, socket_path: str, command: tuple[str, ...], answer: dict[str, object], told: str
+    ) -> None:
+        """A result missing its fields raised KeyError (a traceback), a list printed nothing
+        and exited 0, and ``ok: false`` without an error printed ``None``."""
+        with answering_host(socket_path, answer):
+            result = host(socket_path, *command)
+        assert result.returncode == EX_UNAVAILABLE
+        assert told in result.stderr
+        assert len(result.stderr.splitlines()) == 1

@@ -22,6 +22,7 @@ from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.status import parse_status
+from agent.protocol.wire import shown
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -117,7 +118,15 @@ def host_command(args: argparse.Namespace) -> int:
         return EX_REFUSED
     show: Callable[[argparse.Namespace, object], None] | None = args.show
     if show is not None:
-        show(args, result)
+        try:
+            show(args, result)
+        except _UnexpectedResultError:
+            print(
+                f"vbox-agent host: the simulated host at {args.socket} answered "
+                f"{args.host_command!r} with an unexpected result: {shown(result)}",
+                file=sys.stderr,
+            )
+            return EX_UNAVAILABLE
     return EX_OK
 
 
@@ -180,16 +189,23 @@ def _delay(args: argparse.Namespace) -> dict[str, object]:
     return {"command": "delay", "request": args.request, "seconds": args.seconds}
 
 
+class _UnexpectedResultError(Exception):
+    """The host's result lacks what its command answers with (a host that is not ours)."""
+
+
 def _show_value(args: argparse.Namespace, result: object) -> None:
+    if not isinstance(result, dict) or not isinstance(result.get("value"), str):
+        raise _UnexpectedResultError
     if args.json:
         print(json.dumps(result, sort_keys=True))
-    elif isinstance(result, dict):
+    else:
         print(result["value"])
 
 
 def _show_dropped(_: argparse.Namespace, result: object) -> None:
-    if isinstance(result, dict):
-        print(f"dropped {result['dropped']} device connection(s)")
+    if not isinstance(result, dict) or not isinstance(dropped := result.get("dropped"), int):
+        raise _UnexpectedResultError
+    print(f"dropped {dropped} device connection(s)")
 
 
 def _show_status(args: argparse.Namespace, result: object) -> None:

@@ -44,6 +44,7 @@ from agent.protocol.wire import (
     WireError,
     describe_frame,
     encode_frame,
+    shown,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +154,8 @@ async def call_control(
     is not a socket can never be a host: that fails at once.
 
     Raises:
-        HostUnreachableError: nothing (or no simulated host) answers at ``path``.
+        HostUnreachableError: nothing (or no simulated host) answers at ``path``, or the
+            answer is malformed.
         ControlCommandError: the host refused the command.
     """
     where = os.fspath(path)
@@ -173,9 +175,13 @@ async def call_control(
     if not isinstance(reply, ControlReply):
         msg = f"simulated host at {where} answered {describe_frame(reply)}"
         raise HostUnreachableError(msg)
-    if reply.payload.get("ok") is not True:
-        raise ControlCommandError(str(reply.payload.get("error")))
-    return reply.payload.get("result")
+    ok, error = reply.payload.get("ok"), reply.payload.get("error")
+    if ok is True:
+        return reply.payload.get("result")
+    if ok is False and isinstance(error, str):
+        raise ControlCommandError(error)
+    msg = f"simulated host at {where} answered a malformed reply: {shown(reply.payload)}"
+    raise HostUnreachableError(msg)
 
 
 async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:

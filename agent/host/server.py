@@ -32,6 +32,7 @@ from agent.host._log import LOG_COMPONENT
 from agent.host.control import execute_control
 from agent.protocol import AgentError
 from agent.protocol.wire import (
+    MAX_FRAME_SIZE,
     Cancel,
     ControlReply,
     ControlRequest,
@@ -59,6 +60,13 @@ SEND_GRACE_S: Final = 10.0
 """How long a frame may take to send before the client counts as gone."""
 RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of a connection's socket per receive."""
+UNSENT_LIMIT: Final = MAX_FRAME_SIZE
+"""Bytes of replies a device connection may hold unsent before its requests are no longer read.
+
+A client that sends ioctls and does not read the replies is held as the kernel holds a process
+whose threads are all busy: it cannot start more calls. Without the limit every reply waiting
+for it stayed in the server's memory (a few seconds of 16 MiB LOG requests held gigabytes).
+"""
 
 
 class HostSocketError(AgentError):
@@ -196,7 +204,7 @@ class _Server:
                 await connection.send(Hello(Role.HOST))
                 calls: dict[int, trio.CancelScope] = {}
                 async with trio.open_nursery() as nursery:
-                    while (frame := await connection.receive()) is not None:
+                    while (frame := await connection.receive_within(UNSENT_LIMIT)) is not None:
                         if isinstance(frame, Cancel):
                             if (call := calls.get(frame.seq)) is not None:
                                 call.cancel()
@@ -273,6 +281,15 @@ class _Connection:
         self._stream = stream
         self._decoder = FrameDecoder()
         self._send_lock = trio.Lock()
+        self._unsent = 0
+        self._sent_some = trio.Event()
+
+    async def receive_within(self, unsent_limit: int) -> Frame | None:
+        """Like :meth:`receive`, once no more than ``unsent_limit`` bytes wait to be sent."""
+        while self._unsent > unsent_limit:
+            self._sent_some = trio.Event()
+            await self._sent_some.wait()
+        return await self.receive()
 
     async def receive(self) -> Frame | None:
         """Return the next frame, or ``None`` when the client closed the connection.
@@ -295,6 +312,14 @@ class _Connection:
             trio.BrokenResourceError: the client vanished or stopped reading.
         """
         data = encode_frame(frame)
+        self._unsent += len(data)
+        try:
+            await self._send_whole(data)
+        finally:
+            self._unsent -= len(data)
+            self._sent_some.set()
+
+    async def _send_whole(self, data: bytes) -> None:
         async with self._send_lock:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_GRACE_S) as cs:
                 try:

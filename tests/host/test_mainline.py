@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from agent.host import DriverLoadError, SimulatedHost
+from agent.host.driver._core import VBG_LOG_LINE_MAX
 from agent.host.driver.mainline import change_memballoon
 from agent.host.hgcm_service import HostU32
 from agent.protocol import (
@@ -271,11 +272,21 @@ class TestIoctlEntry:
         for req, minimum in ((0x10000, 0x10001), (0x20000, 0x10000)):
             await expect_errno(errno.EINVAL, client.request(DriverVersionInfo(req, minimum)))
 
+    async def test_log_keeps_what_vbg_log_buf_holds(self, host: SimulatedHost) -> None:
+        """A long LOG message is recorded as mainline prints it, cut to its 128-byte
+        ``vbg_log_buf``: the simulator kept and logged every message whole (64 of 16 MiB
+        held a gigabyte, each a 16 MiB log line)."""
+        client = await open_client(host)
+        await client.request(Log(b"y" * (1 << 20)))
+        assert model_driver(host).log_messages[-1] == b"y" * VBG_LOG_LINE_MAX
+
     async def test_log(self, host: SimulatedHost) -> None:
         """LOG records the message; size_out other than 24 is EINVAL."""
         client = await open_client(host)
         await client.request(Log(b"hello host"))
         assert model_driver(host).log_messages[-1] == b"hello host"
+        await client.request(Log(b"before\0after"))
+        assert model_driver(host).log_messages[-1] == b"before"
         buf = Log(b"x").encode().buffer
         L.IoctlHeader.size_out.set(buf, 0)
         await expect_errno(errno.EINVAL, client.raw(Ioctl.LOG, buf))

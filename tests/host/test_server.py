@@ -18,7 +18,7 @@ import shutil
 import stat
 import struct
 import tempfile
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import structlog
@@ -27,7 +27,7 @@ import trio.testing
 
 from agent.device.errors import DeviceLostError
 from agent.device.unix import UnixSocketOpener, UnixSocketTransport
-from agent.host import SimulatedHost
+from agent.host import SimulatedHost, server
 from agent.host.control import ControlCommandError, HostUnreachableError, call_control
 from agent.host.guest_props import SERVICE_NAME, GuestFunction
 from agent.host.server import HostSocketError, serve_simulated_host
@@ -42,6 +42,7 @@ from agent.protocol import (
     HgcmU32,
     HgcmU64,
     InterruptAllWaits,
+    Log,
     Request,
     Session,
     WaitForEvents,
@@ -241,6 +242,47 @@ class TestDeviceSessions:
                 await stream.aclose()  # the host's HELLO is unread: the kernel resets
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 assert host.status() == before
+                transport = await UnixSocketOpener(socket_path).open_session()
+                assert (await request(Session(), transport, GetHostVersion())).features & 1
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_a_client_that_reads_no_replies_is_held_back(
+        self, socket_path: str, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A client sending ioctls without reading the replies is no longer read once its
+        unsent replies pass UNSENT_LIMIT, so the host holds a bounded amount for it (every
+        request was read and answered into memory: gigabytes within SEND_GRACE_S); when
+        it goes, the host serves on."""
+        monkeypatch.setattr(server, "UNSENT_LIMIT", 1 << 20)
+        size = 256 << 10
+        log = Session().encode(Log(b"x" * (size - 24)))
+        run = host.ioctl
+        calls = 0
+
+        async def counted(*args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            await run(*args)
+
+        monkeypatch.setattr(host, "ioctl", counted)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                stream = await trio.open_unix_socket(socket_path)
+
+                async def flood() -> None:
+                    await stream.send_all(encode_frame(Hello(Role.DEVICE)))
+                    for seq in range(1, 41):
+                        request = IoctlRequest(seq, log.code, bytes(log.buffer), ())
+                        await stream.send_all(encode_frame(request))
+
+                async with trio.open_nursery() as client:
+                    client.start_soon(flood)
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                    assert 4 <= calls <= 12
+                    client.cancel_scope.cancel()
+                await stream.aclose()
                 transport = await UnixSocketOpener(socket_path).open_session()
                 assert (await request(Session(), transport, GetHostVersion())).features & 1
                 await transport.aclose()

@@ -78,6 +78,7 @@ class TestFollowsTarget:
                 await run.settle(16)
                 run.service.status()  # in kernel mode this asks the driver for the size
                 await run.until(lambda: run.service.statistics().chunks == 16)
+                assert run.service.statistics().target == 16
                 assert "16" in run.service.status()
                 assert gauge.chunks == 16
         assert gauge.chunks is None
@@ -379,17 +380,47 @@ class TestTriggeredAndKernel:
                 available["mb"] = 10_000
                 await run.settle(16)
 
+    async def test_floor_wait_is_no_failed_check(self, autojump_clock: trio.abc.Clock) -> None:
+        """Waiting for MemAvailable to rise is no failure: no 'recovered' line after it, and
+        the first CHECK_BALLOON the host then refuses is a warning, as any first failure."""
+        available = {"mb": 100}
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle", mem_available_mb=lambda: available["mb"]
+            ) as run:
+                run.host.set_balloon_target(16)
+                await trio.sleep(100)  # several looks at the floor
+                assert run.host_chunks == 0
+                available["mb"] = 10_000
+                await run.settle(16)
+                run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_GENERAL_FAILURE)
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+        # One 'recovered' line: after the refused check, none after the wait at the floor.
+        assert [entry["event"] for entry in logs].count("balloon_check_recovered") == 1
+        failed = [entry for entry in logs if entry["event"] == "balloon_check_failed"]
+        assert [entry["log_level"] for entry in failed] == ["warning"]
+        assert failed[0]["retry_in_s"] == BalloonSection().retry_initial_s
+
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
+        """One line says the kernel owns the balloon; no hold starts, so none ends later."""
         pressure = ScriptedPressure()
-        with trio.fail_after(60):
-            async with running_balloon(personality="mainline", pressure=pressure) as run:
+        section = BalloonSection(pressure_cooldown_s=30.0)
+        with trio.fail_after(300), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="mainline", pressure=pressure, section=section
+            ) as run:
                 run.host.set_balloon_target(16)
                 await run.settle(16)
                 pressure.send(90.0, high=True)
                 await run.until(lambda: run.service.statistics().pressure_events == 1)
                 assert run.host_chunks == 16
+                await trio.sleep(section.pressure_cooldown_s * 2)
+        assert [e["action"] for e in logs if e["event"].startswith("balloon_pressure")] == [
+            "none: the kernel owns the balloon"
+        ]
 
     @pytest.mark.parametrize("kind", ["mainline", "oracle", "passthrough"])
     async def test_restore_reads_the_balloon_again(
@@ -433,6 +464,45 @@ class TestReconfigure:
                 assert walker is not None
                 assert walker.backoff.maximum == 5.0
                 assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_shorter_cooldown_ends_the_hold_in_place(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A reload that shortens the cooldown ends a pressure hold already in place sooner."""
+        pressure = ScriptedPressure()
+        with trio.fail_after(900):
+            async with running_balloon(
+                personality="",
+                host=_host(kind),
+                section=BalloonSection(pressure_step_mb=16, pressure_cooldown_s=600.0),
+                pressure=pressure,
+            ) as run:
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                pressed = trio.current_time()
+                pressure.send(40.0, high=True)
+                await run.settle(48)
+                shorter = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+                assert run.service.reconfigure(shorter)
+                await run.settle(64)
+                assert 30.0 <= trio.current_time() - pressed < 31.0
+
+    @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
+    async def test_lower_floor_applies_at_once(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        """A reload that lowers the floor lets a balloon held back by it grow at once, not
+        after the backoff its stopped walk (or postponed trigger) had reached."""
+        with trio.fail_after(600):
+            async with running_balloon(personality=kind, mem_available_mb=lambda: 200) as run:
+                run.host.set_balloon_target(16)
+                await trio.sleep(200)  # the retries have backed off to retry_max_s (60 s)
+                assert run.host_chunks == 0
+                reloaded = trio.current_time()
+                assert run.service.reconfigure(BalloonSection(min_available_mb=100))
+                await run.settle(16)
+                assert trio.current_time() - reloaded < 1.0
 
 
 async def _run_until_stopped(

@@ -18,6 +18,8 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
+from agent.host.hgcm_service import HostBuffer, HostU32
+from agent.protocol import RemoteProtocolError
 from agent.protocol.guest_props import (
     MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
@@ -26,8 +28,10 @@ from agent.protocol.guest_props import (
     PropertyArgumentError,
 )
 from agent.protocol.status import (
+    VERR_BUFFER_OVERFLOW,
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
+    VINF_SUCCESS,
 )
 from agent.services.guest_props import (
     GuestProperties,
@@ -48,6 +52,8 @@ from agent.services.hgcm import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from agent.host.hgcm_service import HgcmCallHandle
 
 pytestmark = pytest.mark.usefixtures("autojump_clock")
 
@@ -177,6 +183,44 @@ class TestShortCalls:
         """A pattern list over 1023 bytes is refused locally."""
         with pytest.raises(PropertyArgumentError, match="limit is 1023"):
             await props.enumerate(["x" * 600, "y" * 600])
+
+
+class _EndlessTimestampService(GuestPropertyService):
+    """Lists one property whose timestamp has ``digits`` digits."""
+
+    def __init__(self, digits: int) -> None:
+        super().__init__()
+        self._listing = b"/T/x\0v\0" + b"9" * digits + b"\0\0" + b"\0" * 4
+
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        out, size = call.params[1], call.params[2]
+        assert isinstance(out, HostBuffer)
+        assert isinstance(size, HostU32)
+        size.value = len(self._listing)
+        if len(self._listing) > len(out.data):
+            return VERR_BUFFER_OVERFLOW
+        out.data[: len(self._listing)] = self._listing
+        return VINF_SUCCESS
+
+
+class TestOddListing:
+    """A host's listing that breaks the format is a protocol error naming the field."""
+
+    @pytest.mark.parametrize("digits", [21, 5000])
+    async def test_a_timestamp_beyond_64_bits(self, digits: int) -> None:
+        """A timestamp of 5000 digits raised Python's ValueError for long integer strings,
+        which ``vbox-agent prop enum`` reported as a usage error (exit 64)."""
+        host = SimulatedHost(services=[_EndlessTimestampService(digits)])
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with (
+                    open_device(SimOpener(host)) as device,
+                    open_guest_properties(device) as props,
+                ):
+                    with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
+                        await props.enumerate()
+                nursery.cancel_scope.cancel()
 
 
 class TestWatch:
@@ -390,6 +434,32 @@ class TestWatch:
                 host.prop_set("/W/a", "1")
                 change = await watch.next()
         assert (change.name, change.value) == ("/W/a", "1")
+
+    async def test_a_second_reader_is_refused(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A watch has one reader: a second task's ``next()`` fails at once. (Its wait
+        would end the first reader's, an identical wait of the same client, and each
+        reader's next wait the other's, endlessly.)"""
+        outcome: list[str] = []
+
+        async def second_reader(watch: PropertyWatch) -> None:
+            try:
+                await watch.next()
+            except trio.BusyResourceError as exc:
+                outcome.append(str(exc))
+
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(watch.next)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(second_reader, watch)
+                for _ in range(100):  # a livelock never lets the second reader end
+                    await trio.lowlevel.checkpoint()
+                    if outcome:
+                        break
+                nursery.cancel_scope.cancel()
+        assert outcome == ["another task is already reading this property watch"]
 
     async def test_long_value_overflows_then_fits(self) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""

@@ -62,6 +62,9 @@ FILL_BYTE: Final = 0xAA
 """``vbg_req_alloc`` fills every new request with this byte before setting the header."""
 LOG_HISTORY: Final = 64
 """LOG ioctl messages kept for inspection."""
+VBG_LOG_LINE_MAX: Final = 127
+"""Bytes of a LOG message mainline records: it formats ``%.*s`` (which also stops at a NUL)
+into its 128-byte ``vbg_log_buf`` before printk."""
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
 NS_PER_S: Final = 1_000_000_000
@@ -83,6 +86,8 @@ class Driver:
 
     personality: ClassVar[str]
     kernel_events: ClassVar[int] = _HGCM | _MOUSE | _BALLOON
+    log_line_max: ClassVar[int] = VBG_LOG_LINE_MAX
+    """Bytes of a LOG message the driver writes to the kernel log."""
     """Events the ISR keeps for the kernel: userspace waiters never receive them."""
     owns_heartbeat: ClassVar[bool] = True
     """Whether the driver configures the heartbeat at load and beats itself."""

@@ -39,11 +39,15 @@ async def driver_version_info(
 
 
 async def log(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
-    """Write the message to the kernel log (and the host's guest log); size_out must be 24."""
+    """Write the message to the kernel log (and the host's guest log); size_out must be 24.
+
+    As ``%.*s`` prints it: up to its first NUL, and at most ``drv.log_line_max`` bytes.
+    """
     del session, memory
     if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
         raise fail(errno.EINVAL)
-    message = bytes(kbuf[HEADER_SIZE : L.IoctlHeader.size_in.get(kbuf)])
+    end = min(L.IoctlHeader.size_in.get(kbuf), HEADER_SIZE + drv.log_line_max)
+    message = bytes(kbuf[HEADER_SIZE:end]).split(b"\0", 1)[0]
     drv.log_messages.append(message)
     _log.info("guest_log", message=message.decode("utf-8", "replace"))
 

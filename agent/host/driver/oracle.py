@@ -60,6 +60,9 @@ if TYPE_CHECKING:
     from agent.host.memory import DictMemory, GuestMemory
     from agent.host.vmmdev import VMMDev
 
+PRINTK_RECORD_MAX: Final = 1024
+"""Bytes of text the kernel log keeps of one printk record (``PRINTKRB_RECORD_MAX``)."""
+
 
 class OracleDriver(Driver):
     """Oracle's driver: a session-owned balloon, allocated by the kernel or by ring 3.
@@ -70,6 +73,8 @@ class OracleDriver(Driver):
 
     personality: ClassVar[str] = "oracle"
     kernel_events: ClassVar[int] = int(Event.HGCM | Event.MOUSE_POSITION_CHANGED)
+    log_line_max: ClassVar[int] = PRINTK_RECORD_MAX
+    """No buffer of its own cuts the message; the kernel log keeps one record's worth."""
 
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)

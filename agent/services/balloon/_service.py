@@ -79,7 +79,9 @@ class BalloonStatistics:
     """The balloon as the agent sees it (sizes in 1 MiB chunks).
 
     ``chunks`` is what the agent holds (allocated/owned) or the driver's last answer
-    (kernel: its count; triggered: the target it applied). ``cap`` is the pressure cap.
+    (kernel: its count; triggered: the target it applied). ``target`` is the host's last
+    target; in kernel mode, where only the kernel reads it, the size last read.
+    ``cap`` is the pressure cap.
     """
 
     mode: str | None
@@ -131,11 +133,15 @@ class BalloonService:
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
         self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
         self._target = 0
         self._read_pending = True
         self._poke = trio.Event()
         self._release_at = math.inf
+        self._hold = trio.CancelScope()
+        """The wait that ends at ``_release_at`` (a reload may move its deadline)."""
         self._postponed = False
         self._pressure_events = 0
         self._read_failures = 0
@@ -192,7 +198,12 @@ class BalloonService:
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
-        """Apply step, cooldown, floor and backoff live; PSI settings need a restart."""
+        """Apply step, cooldown, floor and backoff live; PSI settings need a restart.
+
+        A walk stopped (or a trigger postponed) by the floor or a failure is retried at once,
+        under the new settings, rather than when its old backoff ends; a pressure hold in
+        place ends after the new cooldown.
+        """
         old = self._section
         changed = {
             name
@@ -204,8 +215,14 @@ class BalloonService:
         self._section = section
         for backoff in self._backoffs():
             backoff.initial, backoff.maximum = section.retry_initial_s, section.retry_max_s
+            backoff.retry_now()
         if self._walker is not None:
             self._walker.min_available_mb = section.min_available_mb
+            self._walker.wake()
+        self._poke.set()
+        if self._release_at != math.inf:  # the hold in place ends after the new cooldown
+            self._release_at += section.pressure_cooldown_s - old.pressure_cooldown_s
+            self._hold.deadline = self._release_at
         log.info("balloon_reconfigured", changed=sorted(changed))
         return True
 
@@ -340,13 +357,14 @@ class BalloonService:
     def _request_read(self) -> None:
         self._read_pending = True
         self._read_backoff.retry_now()
+        self._floor_backoff.retry_now()
         self._poke.set()
 
     async def _follow(self) -> NoReturn:
         """Read the target (or trigger the driver) whenever an event asked for it."""
         backoff = self._read_backoff
         while True:
-            ready = self._read_pending and trio.current_time() >= backoff.retry_at
+            ready = self._read_pending and trio.current_time() >= self._retry_at()
             if ready and not self._postpone_read():
                 self._read_pending = False
                 try:
@@ -362,9 +380,13 @@ class BalloonService:
                 continue
             self._poke = trio.Event()
             waiting = self._read_pending and not (self._postponed and self._release_at != math.inf)
-            deadline = backoff.retry_at if waiting else math.inf
+            deadline = self._retry_at() if waiting else math.inf
             with trio.move_on_at(deadline):
                 await self._poke.wait()
+
+    def _retry_at(self) -> float:
+        """When a pending read may go: after a failed check's and the floor's backoff."""
+        return max(self._read_backoff.retry_at, self._floor_backoff.retry_at)
 
     async def _read_target(self) -> None:
         if self._walker is not None:
@@ -379,6 +401,7 @@ class BalloonService:
             )
             return
         status = await self._device.check_balloon()
+        self._target = status.chunks
         self._publish(status.chunks)
         changed = status.chunks != self._chunks
         if changed:
@@ -408,7 +431,9 @@ class BalloonService:
             )
         if at_floor and not pressure:
             # Nothing wakes us when memory frees up: look again after a backoff.
-            self._read_backoff.failed(trio.current_time())
+            self._floor_backoff.failed(trio.current_time())
+        elif not at_floor:
+            self._floor_backoff.succeeded()
         return postpone
 
     # --- memory pressure --------------------------------------------------------------------
@@ -429,26 +454,29 @@ class BalloonService:
                     log.warning("balloon_pressure_off", reason=str(exc))
                     return
             while True:
-                with trio.move_on_at(self._release_at) as scope:
+                with trio.move_on_at(self._release_at) as self._hold:
                     try:
                         reading = await source.next_reading()
                     except PressureFileError as exc:  # e.g. its cgroup was removed
                         log.warning("balloon_pressure_off", reason=str(exc))
                         break
-                if scope.cancelled_caught:
+                if self._hold.cancelled_caught:
                     self._ease()
                 elif reading.high:
                     self._press(reading)
         # No more readings: a hold in place still ends after its cooldown.
-        await trio.sleep_until(self._release_at)
+        with trio.move_on_at(self._release_at) as self._hold:
+            await trio.sleep_forever()
         self._ease()
 
     def _press(self, reading: PressureReading) -> None:
         section = self._section
         self._pressure_events += 1
-        self._release_at = trio.current_time() + section.pressure_cooldown_s
         available = self._mem_available()
         walker = self._walker
+        triggered = self._mode is BalloonMode.TRIGGERED
+        if walker is not None or triggered:  # a hold the cooldown ends (with one line)
+            self._release_at = trio.current_time() + section.pressure_cooldown_s
         if walker is None:
             log.info(
                 "balloon_pressure",
@@ -457,7 +485,7 @@ class BalloonService:
                 via=reading.via,
                 mem_available_mb=available,
                 action="postpone CHECK_BALLOON"
-                if self._mode is BalloonMode.TRIGGERED
+                if triggered
                 else "none: the kernel owns the balloon",
             )
             return
@@ -497,7 +525,7 @@ class BalloonService:
         self._gauge.chunks = chunks
 
     def _backoffs(self) -> list[Backoff]:
-        backoffs = [self._read_backoff]
+        backoffs = [self._read_backoff, self._floor_backoff]
         if self._walker is not None:
             backoffs.append(self._walker.backoff)
         return backoffs
