@@ -16,7 +16,8 @@ Cancellation:
 
 - while waiting for a reply: the transport sends a CANCEL frame and the host abandons the
   call (a blocked wait ends, an HGCM call is cancelled at the host), as the driver does when
-  a signal interrupts the calling thread. A reply already on its way is dropped. Nothing of
+  a signal interrupts the calling thread. A reply already on its way is dropped (a reply
+  tagged with a sequence number not handed out yet is a broken host, which is lost). Nothing of
   the stream is torn (trio's ``receive_some`` never loses received bytes to a
   cancellation), so the connection stays usable.
 - while waiting for the send lock: nothing was sent; nothing happens.
@@ -199,6 +200,10 @@ class UnixSocketTransport:
         if self._lost is not None:
             raise DeviceLostError(self._lost)
 
+    def _is_ahead(self, seq: int) -> bool:
+        """Whether ``seq`` is later than the last one handed out (modulo 2**32): never sent."""
+        return 0 < (seq - self._seq) & _SEQ_MASK <= _SEQ_MASK >> 1
+
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & _SEQ_MASK
         while self._seq in self._pending:
@@ -246,10 +251,13 @@ class UnixSocketTransport:
             frame = await self._receive_frame()
             if isinstance(frame, IoctlReply):
                 waiter = self._pending.get(frame.seq)
-                if waiter is not None:  # else the caller was cancelled: drop the reply
+                if waiter is not None:
                     waiter.reply = frame
                     waiter.wake.set()
-                continue
+                elif self._is_ahead(frame.seq):
+                    await self._lose(f"it replied to ioctl seq {frame.seq}, which was never sent")
+                    raise DeviceLostError(self._lost)
+                continue  # a reply to a cancelled caller is dropped
             if isinstance(frame, ErrorFrame):
                 await self._lose(f"it reported an error: {shown_text(frame.message)}")
             else:

@@ -625,3 +625,39 @@ class TestBrokenHost:
             f"simulated host at {path} is gone: its reply to ioctl 0x4 has 12 bytes "
             "for a 16-byte buffer"
         )
+
+    async def test_a_reply_to_a_call_never_made_loses_the_host(self, socket_dir: str) -> None:
+        """A reply tagged with a seq the session never sent is a broken host: the session is
+        lost (it was dropped as if its caller had been cancelled, and the call waited forever
+        for a reply that never came)."""
+        path = os.path.join(socket_dir, "seq.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def misnumbering_host() -> None:
+            connection, _ = await listener.accept()
+            stream = trio.SocketStream(connection)
+            decoder = FrameDecoder()
+            async with stream:
+                while True:
+                    while (frame := decoder.next_frame()) is None:
+                        decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+                    if isinstance(frame, Hello):
+                        await stream.send_all(encode_frame(Hello(Role.HOST)))
+                    elif isinstance(frame, IoctlRequest):
+                        reply = IoctlReply(frame.seq + 5, 0, frame.buffer)
+                        await stream.send_all(encode_frame(reply))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(misnumbering_host)
+                transport = await UnixSocketOpener(path).open_session()
+                with pytest.raises(DeviceLostError) as info:
+                    await transport.ioctl(FAIL, bytearray(16))
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} is gone: it replied to ioctl seq 6, which was never sent"
+        )
