@@ -218,8 +218,8 @@ class GuestProperties:
 class PropertyWatch:
     """The changes of the properties matching some patterns, oldest first, without gaps.
 
-    ``async for change in watch`` (or :meth:`next`) yields each change once. It keeps
-    following across what would otherwise lose changes:
+    ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
+    change once. It keeps following across what would otherwise lose changes:
 
     - a change too large for the buffer (``VERR_BUFFER_OVERFLOW``): asked again with the
       size the host reported;
@@ -256,6 +256,7 @@ class PropertyWatch:
         self._reported: dict[str, int | None] = {}
         """Per name, the timestamp of the last set yielded, or None after a delete."""
         self._backlog: list[PropertyChange] = []
+        self._reading = False
         self.resyncs = 0
         """Times the watch enumerated because changes were missed."""
 
@@ -269,10 +270,10 @@ class PropertyWatch:
         """Follow the changes after the host's ``latest`` change, knowing ``matching``.
 
         The first wait asks for the changes after ``latest`` (the newest timestamp the host
-        showed), so nothing made after the watch opened can slip by. A set of a property
-        already known at that timestamp happened before and is skipped, as is anything the
-        host dates at or before ``latest`` (a delete of a property never seen: see the
-        class's ``unseen_deletes``).
+        showed), so nothing made after the watch opened can slip by. A change of a property
+        in ``matching`` counts when newer than the timestamp it had there; one of any other
+        name is skipped when the host dates it at or before ``latest`` (a delete of a
+        property never seen: see the class's ``unseen_deletes``).
         """
         self._last_timestamp = self._opened_at = latest
         self._reported = {prop.name: prop.timestamp for prop in matching}
@@ -283,14 +284,27 @@ class PropertyWatch:
         self._channel = await self._stack.enter_async_context(channel_cm)
 
     async def next(self) -> PropertyChange:
-        """Return the next change, waiting for it as long as it takes."""
-        while True:
-            while not self._backlog:
-                await self._fetch()
-            change = self._backlog.pop(0)
-            if self._is_new(change):
-                self._reported[change.name] = None if change.deleted else change.timestamp
-                return change
+        """Return the next change, waiting for it as long as it takes.
+
+        Raises:
+            trio.BusyResourceError: another task is in ``next()``. A watch has one reader:
+                a second one's wait would end the first's (an identical wait of the same
+                client), and each reader's next wait the other's, endlessly.
+        """
+        if self._reading:
+            msg = "another task is already reading this property watch"
+            raise trio.BusyResourceError(msg)
+        self._reading = True
+        try:
+            while True:
+                while not self._backlog:
+                    await self._fetch()
+                change = self._backlog.pop(0)
+                if self._is_new(change):
+                    self._reported[change.name] = None if change.deleted else change.timestamp
+                    return change
+        finally:
+            self._reading = False
 
     def _is_new(self, change: PropertyChange) -> bool:
         """Whether ``change`` is news: not older than what the watch knows of the name (a

@@ -465,6 +465,29 @@ class TestReconfigure:
                 assert walker.backoff.maximum == 5.0
                 assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))
 
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_shorter_cooldown_ends_the_hold_in_place(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A reload that shortens the cooldown ends a pressure hold already in place sooner."""
+        pressure = ScriptedPressure()
+        with trio.fail_after(900):
+            async with running_balloon(
+                personality="",
+                host=_host(kind),
+                section=BalloonSection(pressure_step_mb=16, pressure_cooldown_s=600.0),
+                pressure=pressure,
+            ) as run:
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                pressed = trio.current_time()
+                pressure.send(40.0, high=True)
+                await run.settle(48)
+                shorter = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+                assert run.service.reconfigure(shorter)
+                await run.settle(64)
+                assert 30.0 <= trio.current_time() - pressed < 31.0
+
     @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
     async def test_lower_floor_applies_at_once(
         self, autojump_clock: trio.abc.Clock, kind: str

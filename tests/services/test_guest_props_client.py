@@ -449,6 +449,32 @@ class TestWatch:
                 change = await watch.next()
         assert (change.name, change.value) == ("/W/a", "1")
 
+    async def test_a_second_reader_is_refused(
+        self, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A watch has one reader: a second task's ``next()`` fails at once. (Its wait
+        would end the first reader's, an identical wait of the same client, and each
+        reader's next wait the other's, endlessly.)"""
+        outcome: list[str] = []
+
+        async def second_reader(watch: PropertyWatch) -> None:
+            try:
+                await watch.next()
+            except trio.BusyResourceError as exc:
+                outcome.append(str(exc))
+
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(watch.next)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(second_reader, watch)
+                for _ in range(100):  # a livelock never lets the second reader end
+                    await trio.lowlevel.checkpoint()
+                    if outcome:
+                        break
+                nursery.cancel_scope.cancel()
+        assert outcome == ["another task is already reading this property watch"]
+
     async def test_long_value_overflows_then_fits(self) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""
         host = SimulatedHost(services=[GuestPropertyService(max_value_size=4096)])

@@ -2,11 +2,11 @@
 
 Rules of this test module:
 - the host is a real ``SimulatedHost`` (mainline driver unless said) with the guest-property
-  service and the framework tests' echo service (``FN_HOLD`` keeps a call pending until the test
-  ends it);
+  service and the framework tests' echo service (``FN_HOLD`` keeps a call pending until the
+  test ends it);
 - ``opener`` is parametrized: ``SimOpener`` (pure trio; also with the host running the real
-  Linux driver, the ``kernel`` personality), ``UnixSocketOpener`` on the real
-  socket server in the test's nursery (socket in a short private directory under /tmp), and
+  Linux driver, the ``kernel`` personality), ``UnixSocketOpener`` on the real socket server
+  in the test's nursery (socket in a short private directory under /tmp), and
   the production ``CharDevOpener`` whose system calls reach the host through
   ``tests.device.syscalls.Kernel`` (real worker threads under its per-process thread budget,
   user buffers at real addresses, interrupts as EINTR);

@@ -36,6 +36,7 @@ from agent.services.network import (
     network_properties,
     network_service,
 )
+from tests.services.publishing_support import GuestSource
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -50,17 +51,8 @@ ETH1: Final = NetInterface(
 )
 
 
-class Interfaces:
-    """What the service reads: a list the test changes, or an error it raises."""
-
-    def __init__(self, *interfaces: NetInterface) -> None:
-        self.now: tuple[NetInterface, ...] = interfaces
-        self.error: OSError | None = None
-
-    def __call__(self) -> tuple[NetInterface, ...]:
-        if self.error is not None:
-            raise self.error
-        return self.now
+Interfaces = GuestSource[NetInterface]
+"""What the service reads (see ``GuestSource``)."""
 
 
 class Running:

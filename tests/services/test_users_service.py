@@ -38,6 +38,7 @@ from agent.services.users import (
     UsersSection,
     users_service,
 )
+from tests.services.publishing_support import GuestSource
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -125,17 +126,8 @@ def test_logind_s_active_sessions_through_sd_login() -> None:
     assert sorted(json.loads(done.stdout)) == ["4242", "root"]
 
 
-class Users:
-    """What the service reads: a list the test changes, or an error it raises."""
-
-    def __init__(self, *names: str) -> None:
-        self.now: tuple[str, ...] = names
-        self.error: OSError | None = None
-
-    def __call__(self) -> tuple[str, ...]:
-        if self.error is not None:
-            raise self.error
-        return self.now
+Users = GuestSource[str]
+"""What the service reads (see ``GuestSource``)."""
 
 
 def values(host: SimulatedHost) -> dict[str, tuple[str, str] | None]:

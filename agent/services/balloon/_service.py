@@ -140,6 +140,8 @@ class BalloonService:
         self._read_pending = True
         self._poke = trio.Event()
         self._release_at = math.inf
+        self._hold = trio.CancelScope()
+        """The wait that ends at ``_release_at`` (a reload may move its deadline)."""
         self._postponed = False
         self._pressure_events = 0
         self._read_failures = 0
@@ -199,7 +201,8 @@ class BalloonService:
         """Apply step, cooldown, floor and backoff live; PSI settings need a restart.
 
         A walk stopped (or a trigger postponed) by the floor or a failure is retried at once,
-        under the new settings, rather than when its old backoff ends.
+        under the new settings, rather than when its old backoff ends; a pressure hold in
+        place ends after the new cooldown.
         """
         old = self._section
         changed = {
@@ -217,6 +220,9 @@ class BalloonService:
             self._walker.min_available_mb = section.min_available_mb
             self._walker.wake()
         self._poke.set()
+        if self._release_at != math.inf:  # the hold in place ends after the new cooldown
+            self._release_at += section.pressure_cooldown_s - old.pressure_cooldown_s
+            self._hold.deadline = self._release_at
         log.info("balloon_reconfigured", changed=sorted(changed))
         return True
 
@@ -448,18 +454,19 @@ class BalloonService:
                     log.warning("balloon_pressure_off", reason=str(exc))
                     return
             while True:
-                with trio.move_on_at(self._release_at) as scope:
+                with trio.move_on_at(self._release_at) as self._hold:
                     try:
                         reading = await source.next_reading()
                     except PressureFileError as exc:  # e.g. its cgroup was removed
                         log.warning("balloon_pressure_off", reason=str(exc))
                         break
-                if scope.cancelled_caught:
+                if self._hold.cancelled_caught:
                     self._ease()
                 elif reading.high:
                     self._press(reading)
         # No more readings: a hold in place still ends after its cooldown.
-        await trio.sleep_until(self._release_at)
+        with trio.move_on_at(self._release_at) as self._hold:
+            await trio.sleep_forever()
         self._ease()
 
     def _press(self, reading: PressureReading) -> None:
