@@ -9,7 +9,8 @@ Rules of this test module:
   in the test's nursery (socket in a short private directory under /tmp), and
   the production ``CharDevOpener`` whose system calls reach the host through
   ``tests.device.syscalls.Kernel`` (real worker threads under its per-process thread budget,
-  user buffers at real addresses, interrupts as EINTR);
+  user buffers at real addresses, interrupts as EINTR), in front of the mainline model or of
+  the real driver (``chardev-kernel``);
 - real clock (the socket needs it); every test is bounded by ``fail_after``; synchronisation
   is on host state reached (``wait_all_tasks_blocked`` in-process, bounded polling of the host
   for the socket), never on sleeps for ordering.
@@ -80,11 +81,14 @@ def _ioctl_threads_in_use() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
 
 
-@pytest.fixture(name="setup", params=["in-process", "socket", "chardev", KERNEL_PERSONALITY])
+@pytest.fixture(
+    name="setup",
+    params=["in-process", "socket", "chardev", KERNEL_PERSONALITY, f"chardev-{KERNEL_PERSONALITY}"],
+)
 async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
     personality = "mainline"
-    if request.param == KERNEL_PERSONALITY:
+    if request.param.endswith(KERNEL_PERSONALITY):
         request.getfixturevalue("kernel_library")
         personality = KERNEL_PERSONALITY
     host = SimulatedHost(personality=personality, services=[GuestPropertyService(), echo])
@@ -97,11 +101,11 @@ async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
                 path = f"{directory}/h.sock"
                 await nursery.start(serve_simulated_host, host, path)
                 opener = UnixSocketOpener(path)
-            elif request.param == "chardev":
+            elif request.param.startswith("chardev"):
                 opener = Kernel(host).opener(threads=CHARDEV_THREADS)
             yield Setup(host, echo, opener)
             nursery.cancel_scope.cancel()
-        if request.param == "chardev":
+        if request.param.startswith("chardev"):
             assert _ioctl_threads_in_use() == [], "a worker thread is still inside the driver"
     finally:
         shutil.rmtree(directory)
