@@ -5,7 +5,8 @@ properties, set the guest statistics interval, raise events, restore a snapshot)
 hooks (faults, delays, dropping the device connections) and ``status``. Each invocation
 sends one control command (``docs/simulator-socket.md``), waiting as the agent does (up to
 ``HOST_START_WAIT_S``) for a host that is still starting. Exit codes: 0 done, 1 the host
-refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path.
+refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path
+(or its answer is not one a simulated host gives).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Cancellation:
 
 - while waiting for a reply: the transport sends a CANCEL frame and the host abandons the
   call (a blocked wait ends, an HGCM call is cancelled at the host), as the driver does when
-  a signal interrupts the calling thread. A reply already on its way is dropped. Nothing of
+  a signal interrupts the calling thread. A reply already on its way is dropped (a reply
+  tagged with a sequence number not handed out yet is a broken host, which is lost). Nothing of
   the stream is torn (trio's ``receive_some`` never loses received bytes to a
   cancellation), so the connection stays usable.
 - while waiting for the send lock: nothing was sent; nothing happens.
@@ -85,6 +86,8 @@ HOST_START_WAIT_S: Final = 5.0
 """How long the first session waits for a host whose socket is missing or refuses."""
 HELLO_WAIT_S: Final = 5.0
 """How long a new session waits for the host's HELLO (a live host answers at once)."""
+HOST_BUSY_WAIT_S: Final = 5.0
+"""How long a session waits for a host whose listen backlog is full (connections pile up)."""
 HOST_START_POLL_S: Final = 0.05
 """How often a session waiting for a starting host tries to connect again."""
 _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
@@ -199,6 +202,10 @@ class UnixSocketTransport:
         if self._lost is not None:
             raise DeviceLostError(self._lost)
 
+    def _is_ahead(self, seq: int) -> bool:
+        """Whether ``seq`` is later than the last one handed out (modulo 2**32): never sent."""
+        return 0 < (seq - self._seq) & _SEQ_MASK <= _SEQ_MASK >> 1
+
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & _SEQ_MASK
         while self._seq in self._pending:
@@ -246,10 +253,13 @@ class UnixSocketTransport:
             frame = await self._receive_frame()
             if isinstance(frame, IoctlReply):
                 waiter = self._pending.get(frame.seq)
-                if waiter is not None:  # else the caller was cancelled: drop the reply
+                if waiter is not None:
                     waiter.reply = frame
                     waiter.wake.set()
-                continue
+                elif self._is_ahead(frame.seq):
+                    await self._lose(f"it replied to ioctl seq {frame.seq}, which was never sent")
+                    raise DeviceLostError(self._lost)
+                continue  # a reply to a cancelled caller is dropped
             if isinstance(frame, ErrorFrame):
                 await self._lose(f"it reported an error: {shown_text(frame.message)}")
             else:
@@ -359,7 +369,8 @@ class UnixSocketOpener:
         still starting (``vbox-agent simulate ... &`` a moment ago): the opener logs that it
         waits and tries again every ``HOST_START_POLL_S`` for up to ``start_wait_s``
         seconds. Once a host answered, a failure to connect means it is gone, and a path that
-        exists and is not a socket can never be a host: no wait.
+        exists and is not a socket can never be a host: no wait. A host whose listen backlog
+        is full is busy, not gone: any session waits up to ``HOST_BUSY_WAIT_S`` for it.
 
         A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
 
@@ -400,12 +411,21 @@ class UnixSocketOpener:
                     _log.info("waiting_for_simulated_host", path=self._path, limit_s=wait_s)
                     waiting = True
                 await trio.sleep(HOST_START_POLL_S)
+                continue
             except OSError as exc:
                 raise self._unavailable(exc, "") from exc
-            else:
+            if _is_connected(stream):
                 if waiting:
                     _log.info("simulated_host_answered", path=self._path)
                 return stream
+            await trio.aclose_forcefully(stream)
+            if trio.current_time() - started >= max(wait_s, HOST_BUSY_WAIT_S):
+                msg = (
+                    f"simulated host at {self._path} is busy: it took no new connection "
+                    f"for {max(wait_s, HOST_BUSY_WAIT_S):g} s (its listen backlog is full)"
+                )
+                raise DeviceUnavailableError(msg)
+            await trio.sleep(HOST_START_POLL_S)
 
     def _unavailable(self, exc: OSError, waited: str) -> DeviceUnavailableError:
         if isinstance(exc, PermissionError):
@@ -427,6 +447,16 @@ def _broken(action: str, exc: trio.BrokenResourceError) -> str:
         return "it closed the connection"
     reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
     return f"{action} failed: {reason}"
+
+
+def _is_connected(stream: trio.SocketStream) -> bool:
+    """Whether ``stream`` reached the host: a connect to a full listen backlog fails with
+    EAGAIN, which ``trio.open_unix_socket`` returns as a socket that is not connected."""
+    try:
+        stream.socket.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def _is_other_file(path: str) -> bool:

@@ -55,7 +55,9 @@ _log = structlog.get_logger(__name__, component=LOG_COMPONENT)
 
 SOCKET_MODE: Final = 0o600
 """Permissions of the socket file: only its owner may drive the simulated VM."""
-LISTEN_BACKLOG: Final = 64
+LISTEN_BACKLOG: Final = socket.SOMAXCONN
+"""Connections waiting to be accepted (the kernel caps it at ``net.core.somaxconn``): many
+agents and ``prop`` commands may connect at once."""
 SEND_GRACE_S: Final = 10.0
 """How long a frame may take to send before the client counts as gone."""
 RECEIVE_SIZE: Final = 256 << 10

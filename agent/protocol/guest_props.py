@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
+from agent.protocol.wire import shown
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -114,14 +115,14 @@ def parse_flags(text: str) -> int:
     while pos < len(upper):
         match = next(((b, n) for b, n in _FLAG_NAMES if upper.startswith(n, pos)), None)
         if match is None:
-            msg = f"invalid flags {text!r}: unknown flag at {text[pos:]!r}"
+            msg = f"invalid flags {shown(text)}: unknown flag at {shown(text[pos:])}"
             raise FlagsParseError(msg)
         bit, name = match
         flags |= bit
         pos = _skip_spaces(upper, pos + len(name))
         if pos < len(upper):
             if upper[pos] != ",":
-                msg = f"invalid flags {text!r}: expected ',' before {text[pos:]!r}"
+                msg = f"invalid flags {shown(text)}: expected ',' before {shown(text[pos:])}"
                 raise FlagsParseError(msg)
             pos = _skip_spaces(upper, pos + 1)
     return flags
@@ -169,12 +170,12 @@ def encode_name(name: str) -> bytes:
         raise PropertyArgumentError(msg)
     if len(raw) + 1 > MAX_NAME_SIZE:
         msg = (
-            f"property name {name!r} is {len(raw)} bytes long; "
+            f"property name {shown(name)} is {len(raw)} bytes long; "
             f"the limit is {MAX_NAME_SIZE - 1} bytes of UTF-8"
         )
         raise PropertyArgumentError(msg)
     if NAME_FORBIDDEN_RE.search(name):
-        msg = f"property name {name!r} contains '*', '?' or '|', which names may not"
+        msg = f"property name {shown(name)} contains '*', '?' or '|', which names may not"
         raise PropertyArgumentError(msg)
     return raw + b"\0"
 
@@ -210,10 +211,10 @@ def encode_patterns(patterns: Sequence[str], *, nul_separated: bool) -> bytes:
 
 def _encode_text(text: str, what: str) -> bytes:
     if "\0" in text:
-        msg = f"{what} {text!r} contains a NUL character"
+        msg = f"{what} {shown(text)} contains a NUL character"
         raise PropertyArgumentError(msg)
     try:
         return text.encode()
     except UnicodeEncodeError:
-        msg = f"{what} {text!r} is not valid Unicode text"
+        msg = f"{what} {shown(text)} is not valid Unicode text"
         raise PropertyArgumentError(msg) from None

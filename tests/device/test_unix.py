@@ -27,6 +27,7 @@ import trio.testing
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.unix import (
     HELLO_WAIT_S,
+    HOST_BUSY_WAIT_S,
     HOST_START_WAIT_S,
     RECEIVE_SIZE,
     USER_ADDRESS_BASE,
@@ -625,3 +626,95 @@ class TestBrokenHost:
             f"simulated host at {path} is gone: its reply to ioctl 0x4 has 12 bytes "
             "for a 16-byte buffer"
         )
+
+    async def test_a_reply_to_a_call_never_made_loses_the_host(self, socket_dir: str) -> None:
+        """A reply tagged with a seq the session never sent is a broken host: the session is
+        lost (it was dropped as if its caller had been cancelled, and the call waited forever
+        for a reply that never came)."""
+        path = os.path.join(socket_dir, "seq.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def misnumbering_host() -> None:
+            connection, _ = await listener.accept()
+            stream = trio.SocketStream(connection)
+            decoder = FrameDecoder()
+            async with stream:
+                while True:
+                    while (frame := decoder.next_frame()) is None:
+                        decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+                    if isinstance(frame, Hello):
+                        await stream.send_all(encode_frame(Hello(Role.HOST)))
+                    elif isinstance(frame, IoctlRequest):
+                        reply = IoctlReply(frame.seq + 5, 0, frame.buffer)
+                        await stream.send_all(encode_frame(reply))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(misnumbering_host)
+                transport = await UnixSocketOpener(path).open_session()
+                with pytest.raises(DeviceLostError) as info:
+                    await transport.ioctl(FAIL, bytearray(16))
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} is gone: it replied to ioctl seq 6, which was never sent"
+        )
+
+    async def test_a_host_whose_backlog_is_full(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host that accepts no connection while its listen backlog is full is busy: the
+        session waits HOST_BUSY_WAIT_S for it and then says so (the connect's EAGAIN came
+        back as a socket that was not connected: 'is gone: sending failed: Transport
+        endpoint is not connected', at once)."""
+        path = os.path.join(socket_dir, "busy.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(0)
+        queued = [trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)]
+        await queued[0].connect(path)  # the backlog is full from now on
+        with trio.fail_after(HOST_BUSY_WAIT_S + 60):
+            started = trio.current_time()
+            with pytest.raises(DeviceUnavailableError) as info:
+                await UnixSocketOpener(path, start_wait_s=0).open_session()
+            assert trio.current_time() - started == pytest.approx(HOST_BUSY_WAIT_S, abs=0.1)
+        assert str(info.value) == (
+            f"simulated host at {path} is busy: it took no new connection for "
+            f"{HOST_BUSY_WAIT_S:g} s (its listen backlog is full)"
+        )
+        for sock in queued:
+            sock.close()
+        listener.close()
+
+    async def test_a_busy_host_is_waited_for(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A session waits while the host's backlog is full and starts once it accepts."""
+        path = os.path.join(socket_dir, "busy.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(0)
+        queued = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await queued.connect(path)  # the backlog is full from now on
+        opened: list[UnixSocketTransport] = []
+
+        async def open_session() -> None:
+            opened.append(await UnixSocketOpener(path).open_session())
+
+        with trio.fail_after(HOST_BUSY_WAIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(open_session)
+                await trio.testing.wait_all_tasks_blocked()  # it tried and waits to retry
+                first, _ = await listener.accept()  # the queued one leaves the backlog
+                connection, _ = await listener.accept()  # the session's next attempt
+                with first, connection:
+                    await connection.recv(RECEIVE_SIZE)  # its HELLO
+                    await connection.send(encode_frame(Hello(Role.HOST)))
+                    await trio.testing.wait_all_tasks_blocked()
+            assert len(opened) == 1
+            await opened[0].aclose()
+        queued.close()
+        listener.close()

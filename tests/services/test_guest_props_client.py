@@ -184,9 +184,21 @@ class TestShortCalls:
             await props.set(name, value, flags)
         assert props.channel.calls == before
 
-    async def test_pattern_limit(
-        self, autojump_clock: trio.abc.Clock, props: GuestProperties
+    @pytest.mark.parametrize(
+        ("name", "flags"),
+        [("/" + "n" * 70_000, None), ("/n\0" + "n" * 5000, None), ("/n", "X" * 5000)],
+    )
+    async def test_a_huge_bad_argument_is_quoted_short(
+        self, props: GuestProperties, name: str, flags: str | None
     ) -> None:
+        """The error quotes the start of a huge bad name or flags and says its length (the
+        whole argument was quoted, up to twice: a line of 70 kB)."""
+        with pytest.raises(PropertyArgumentError) as info:
+            await props.set(name, "v", flags)
+        assert len(str(info.value)) < 400
+        assert "characters)" in str(info.value)
+
+    async def test_pattern_limit(self, props: GuestProperties) -> None:
         """A pattern list over 1023 bytes is refused locally."""
         with pytest.raises(PropertyArgumentError, match="limit is 1023"):
             await props.enumerate(["x" * 600, "y" * 600])
