@@ -25,6 +25,7 @@ scenario goes on, as a failed ``VBoxManage`` command leaves the VM running.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -124,7 +125,11 @@ def _ram_mb(value: object) -> int:
 
 
 def _number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < math.inf  # TOML's inf and nan are floats too
+    ):
         expected = "a non-negative number"
         raise TypeError(expected)
     return float(value)

@@ -91,6 +91,11 @@ class TestParse:
             ("[[steps]]\nat = 1", "step 1: key 'action': None is not one of"),
             ('[[steps]]\naction = "restore"', "step 1: key 'at': expected a non-negative number"),
             ('[[steps]]\nat = -1\naction = "restore"', "step 1: key 'at'"),
+            ('[[steps]]\nat = inf\naction = "restore"', "step 1: key 'at'"),
+            (
+                '[[steps]]\nat = 1\naction = "delay"\nrequest = 219\nseconds = nan',
+                r"step 1 \(delay\): key 'seconds': expected a non-negative number",
+            ),
             ('[[steps]]\nat = 1\naction = "balloon"', r"step 1 \(balloon\): missing key 'mb'"),
             (
                 '[[steps]]\nat = 1\naction = "balloon"\nmb = "abc"',

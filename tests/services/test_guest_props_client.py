@@ -2,7 +2,8 @@
 
 Rules of this test module:
 - a real ``SimulatedHost`` (mainline driver) behind ``SimOpener``: pure trio, virtual clock
-  (``autojump_clock``), each test bounded by ``trio.fail_after`` on it;
+  (``autojump_clock``, a parameter of every test that waits for the host: pytest-trio
+  ignores a clock named in ``usefixtures``), each test bounded by ``trio.fail_after`` on it;
 - both sides are checked: what the client returns and what the host then holds;
 - waits synchronise on ``wait_all_tasks_blocked`` (the wait is parked at the host).
 """
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 
     from agent.host.hgcm_service import HgcmCallHandle
 
-pytestmark = pytest.mark.usefixtures("autojump_clock")
-
 
 @pytest.fixture(name="props")
 async def _props(host: SimulatedHost) -> AsyncIterator[GuestProperties]:
@@ -65,7 +64,9 @@ async def _props(host: SimulatedHost) -> AsyncIterator[GuestProperties]:
 
 
 class TestShortCalls:
-    async def test_set_get_delete(self, host: SimulatedHost, props: GuestProperties) -> None:
+    async def test_set_get_delete(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
         """A set is visible to the host, flags in canonical order; a delete removes it."""
         with trio.fail_after(60):
             await props.set("/Guest/a", "héllo", "transreset,rdonlyhost")
@@ -79,7 +80,7 @@ class TestShortCalls:
             await props.delete("/Guest/a")  # a missing property deletes fine
 
     async def test_callers_beyond_the_host_limit_queue(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """More concurrent gets than the host takes from one client wait for a slot."""
         host.prop_set("/Guest/a", "x")
@@ -98,7 +99,9 @@ class TestShortCalls:
         assert values == ["x"] * callers
         assert props.channel.pending == 0
 
-    async def test_set_replaces_flags(self, host: SimulatedHost, props: GuestProperties) -> None:
+    async def test_set_replaces_flags(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
         """Every set replaces the flags; without flags they are reset."""
         with trio.fail_after(60):
             await props.set("/Guest/a", "1", "TRANSIENT")
@@ -108,7 +111,7 @@ class TestShortCalls:
             assert stored[:2] == ("2", "")
 
     async def test_read_only_for_the_guest(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """RDONLYGUEST and host-reserved names refuse the guest with the status's name."""
         host.prop_set("/Guest/ro", "x", "RDONLYGUEST")
@@ -122,7 +125,9 @@ class TestShortCalls:
                 )
         assert host.prop_get("/VirtualBox/HostInfo/Mine") is None
 
-    async def test_property_cap(self, host: SimulatedHost, props: GuestProperties) -> None:
+    async def test_property_cap(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
         """The service holds at most 256 properties; one more is VERR_TOO_MUCH_DATA."""
         with trio.fail_after(600):
             existing = len(await props.enumerate())
@@ -136,7 +141,7 @@ class TestShortCalls:
             assert len(await props.enumerate()) == MAX_PROPS
 
     async def test_enumerate_with_patterns_and_growth(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """Patterns select; a listing larger than the first buffer is fetched whole."""
         big = "v" * 1000
@@ -221,7 +226,9 @@ class TestOddListing:
     """A host's listing that breaks the format is a protocol error naming the field."""
 
     @pytest.mark.parametrize("digits", [21, 5000])
-    async def test_a_timestamp_beyond_64_bits(self, digits: int) -> None:
+    async def test_a_timestamp_beyond_64_bits(
+        self, autojump_clock: trio.abc.Clock, digits: int
+    ) -> None:
         """A timestamp of 5000 digits raised Python's ValueError for long integer strings,
         which ``vbox-agent prop enum`` reported as a usage error (exit 64)."""
         host = SimulatedHost(services=[_EndlessTimestampService(digits)])
@@ -239,7 +246,7 @@ class TestOddListing:
 
 class TestWatch:
     async def test_wait_returns_the_next_matching_change(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """A wait ignores other names and returns the matching change with its timestamp."""
         got: list[PropertyChange] = []
@@ -261,7 +268,7 @@ class TestWatch:
         assert host.status()["hgcm_clients"] == 1  # the wait's channel is gone
 
     async def test_watch_reports_in_order_with_deletes(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """Changes arrive oldest first with rising timestamps, deletes marked."""
         changes = []
@@ -281,7 +288,7 @@ class TestWatch:
         assert changes[0].timestamp < changes[1].timestamp < changes[2].timestamp
 
     async def test_catching_up_reports_a_set_since_deleted_as_a_delete(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """Changes made before the watch reads them come from the host's queue in order; the
         host marks a set as a delete when the property is gone by then (upstream does)."""
@@ -299,7 +306,7 @@ class TestWatch:
         ]
 
     async def test_changes_before_the_watch_opened_are_not_reported(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """The watch starts at the host's newest change; older ones stay unreported."""
         with trio.fail_after(60):
@@ -311,7 +318,7 @@ class TestWatch:
                 assert (await watch.next()).name == "/W/new"
 
     async def test_wait_skips_a_delete_made_before_it_began(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """A property set and deleted after the newest one still standing, all before the
         wait began, is not reported as the wait's change (it returned at once before)."""
@@ -334,7 +341,7 @@ class TestWatch:
         ]
 
     async def test_wait_reports_the_delete_of_a_property_it_saw(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """A property standing when the wait began is reported when deleted."""
         with trio.fail_after(60):
@@ -351,7 +358,7 @@ class TestWatch:
         assert [(change.name, change.deleted) for change in got] == [("/W/old", True)]
 
     async def test_watch_follows_a_restore(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """A restore re-sends the pending wait to a service that no longer knows the last
         timestamp seen: at the next matching change the host answers VWRN_NOT_FOUND, and the
@@ -385,7 +392,7 @@ class TestWatch:
         assert watch.resyncs == 1
 
     async def test_restore_then_delete_and_set_again_in_order(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """After a restore, a delete that completes the re-sent wait (VWRN_NOT_FOUND) and a
         set of the same name before the watch reads it: the delete is reported, then the
@@ -417,7 +424,7 @@ class TestWatch:
         assert host.prop_get("/W/x") is not None
 
     async def test_missed_delete_of_a_property_known_at_the_start(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """A property standing when the watch opened, deleted while the watch was not
         reading and then pushed out of the host's queue by other changes: the resync's
@@ -434,7 +441,7 @@ class TestWatch:
         assert watch.resyncs == 1
 
     async def test_watch_outlives_many_timed_out_waits(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """``next()`` bounded by a timeout, again and again, keeps working: the host sweeps
         each cancelled wait when the watch waits again, so none piles up on either side."""
@@ -450,7 +457,7 @@ class TestWatch:
         assert (change.name, change.value) == ("/W/a", "1")
 
     async def test_a_second_reader_is_refused(
-        self, host: SimulatedHost, props: GuestProperties
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
         """A watch has one reader: a second task's ``next()`` fails at once. (Its wait
         would end the first reader's, an identical wait of the same client, and each
@@ -475,7 +482,7 @@ class TestWatch:
                 nursery.cancel_scope.cancel()
         assert outcome == ["another task is already reading this property watch"]
 
-    async def test_long_value_overflows_then_fits(self) -> None:
+    async def test_long_value_overflows_then_fits(self, autojump_clock: trio.abc.Clock) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""
         host = SimulatedHost(services=[GuestPropertyService(max_value_size=4096)])
         with trio.fail_after(60):
@@ -504,7 +511,9 @@ class TestWaitEndings:
     def _wait_params(patterns: bytes) -> tuple[HgcmParam, ...]:
         return (HgcmBufferIn(patterns + b"\0"), HgcmU64(0), HgcmBufferOut(256), HgcmU32(0))
 
-    async def test_newer_identical_wait_interrupts_the_older(self, host: SimulatedHost) -> None:
+    async def test_newer_identical_wait_interrupts_the_older(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
         """The same client waiting again with the same patterns ends the first wait with
         VERR_INTERRUPTED; a wait with other patterns stays."""
         errors: list[str] = []
@@ -532,7 +541,9 @@ class TestWaitEndings:
                 host.prop_set("/A/x", "1")
         assert errors == ["/A/* VERR_INTERRUPTED"]
 
-    async def test_disconnect_ends_the_waits(self, host: SimulatedHost) -> None:
+    async def test_disconnect_ends_the_waits(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
         """Cancelling a block with waits pending disconnects its client: nothing stays."""
         with trio.fail_after(60):
             async with open_device(SimOpener(host)) as device:
