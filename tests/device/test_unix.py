@@ -48,7 +48,7 @@ from agent.protocol.wire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from agent.host.memory import GuestMemory
     from agent.protocol.wire import Frame
@@ -597,23 +597,13 @@ class TestBrokenHost:
         await listener.bind(path)
         listener.listen(1)
 
-        async def short_replying_host() -> None:
-            connection, _ = await listener.accept()
-            stream = trio.SocketStream(connection)
-            decoder = FrameDecoder()
-            async with stream:
-                while True:
-                    while (frame := decoder.next_frame()) is None:
-                        decoder.feed(await stream.receive_some(RECEIVE_SIZE))
-                    if isinstance(frame, Hello):
-                        await stream.send_all(encode_frame(Hello(Role.HOST)))
-                    elif isinstance(frame, IoctlRequest):
-                        reply = IoctlReply(frame.seq, 0, frame.buffer[:-4])
-                        await stream.send_all(encode_frame(reply))
-
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(short_replying_host)
+                nursery.start_soon(
+                    _answering_host,
+                    listener,
+                    lambda frame: IoctlReply(frame.seq, 0, frame.buffer[:-4]),
+                )
                 transport = await UnixSocketOpener(path).open_session()
                 with pytest.raises(DeviceLostError) as info:
                     await transport.ioctl(FAIL, bytearray(16))
@@ -636,23 +626,13 @@ class TestBrokenHost:
         await listener.bind(path)
         listener.listen(1)
 
-        async def misnumbering_host() -> None:
-            connection, _ = await listener.accept()
-            stream = trio.SocketStream(connection)
-            decoder = FrameDecoder()
-            async with stream:
-                while True:
-                    while (frame := decoder.next_frame()) is None:
-                        decoder.feed(await stream.receive_some(RECEIVE_SIZE))
-                    if isinstance(frame, Hello):
-                        await stream.send_all(encode_frame(Hello(Role.HOST)))
-                    elif isinstance(frame, IoctlRequest):
-                        reply = IoctlReply(frame.seq + 5, 0, frame.buffer)
-                        await stream.send_all(encode_frame(reply))
-
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(misnumbering_host)
+                nursery.start_soon(
+                    _answering_host,
+                    listener,
+                    lambda frame: IoctlReply(frame.seq + 5, 0, frame.buffer),
+                )
                 transport = await UnixSocketOpener(path).open_session()
                 with pytest.raises(DeviceLostError) as info:
                     await transport.ioctl(FAIL, bytearray(16))
@@ -718,3 +698,21 @@ class TestBrokenHost:
             await opened[0].aclose()
         queued.close()
         listener.close()
+
+
+async def _answering_host(
+    listener: trio.socket.SocketType, answer: Callable[[IoctlRequest], IoctlReply]
+) -> None:
+    """A host on ``listener`` that greets one session, then answers each ioctl with
+    ``answer(request)``."""
+    connection, _ = await listener.accept()
+    stream = trio.SocketStream(connection)
+    decoder = FrameDecoder()
+    async with stream:
+        while True:
+            while (frame := decoder.next_frame()) is None:
+                decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+            if isinstance(frame, Hello):
+                await stream.send_all(encode_frame(Hello(Role.HOST)))
+            elif isinstance(frame, IoctlRequest):
+                await stream.send_all(encode_frame(answer(frame)))
