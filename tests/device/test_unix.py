@@ -454,9 +454,7 @@ class TestLifecycle:
     async def test_host_sends_garbage(self, socket_dir: str) -> None:
         """A malformed frame from the host counts as losing it."""
         path = os.path.join(socket_dir, "raw.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await _listening(path, backlog=1)
 
         async def garbage_host() -> None:
             connection, _ = await listener.accept()
@@ -477,9 +475,7 @@ class TestLifecycle:
     async def test_host_that_closed_its_end(self, socket_dir: str) -> None:
         """A host that closed the connection is named as such, not by the OS's EPIPE."""
         path = os.path.join(socket_dir, "raw.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await _listening(path, backlog=1)
         closed = trio.Event()
 
         async def closing_host() -> None:
@@ -503,9 +499,7 @@ class TestLifecycle:
     async def test_refused_hello(self, socket_dir: str) -> None:
         """A host that answers HELLO with ERROR makes open_session fail with its message."""
         path = os.path.join(socket_dir, "raw.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await _listening(path, backlog=1)
 
         async def refusing_host() -> None:
             connection, _ = await listener.accept()
@@ -535,9 +529,7 @@ class TestLifecycle:
         """A host answering HELLO with a large frame or a long, multi-line ERROR is refused in
         one short line (the frame's repr, a megabyte, was the message)."""
         path = os.path.join(socket_dir, "raw.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await _listening(path, backlog=1)
 
         async def odd_host() -> None:
             connection, _ = await listener.accept()
@@ -566,9 +558,7 @@ class TestBrokenHost:
         """A host that accepts and never answers HELLO is unavailable after HELLO_WAIT_S
         (the session waited for it forever: ``prop`` and ``run`` hung silently)."""
         path = os.path.join(socket_dir, "mute.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = await _listening(path, backlog=1)
 
         async def mute_host() -> None:
             connection, _ = await listener.accept()
@@ -588,22 +578,33 @@ class TestBrokenHost:
             f"simulated host at {path} did not answer HELLO within {HELLO_WAIT_S:g} s"
         )
 
-    async def test_a_reply_of_the_wrong_size_loses_the_host(self, socket_dir: str) -> None:
-        """A reply whose buffer differs in size from the request's is a broken host: the
-        session is lost (it raised WireError, which ``run`` and ``prop`` reported as an
-        internal failure, exit 70, naming no host)."""
-        path = os.path.join(socket_dir, "short.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
-
+    @pytest.mark.parametrize(
+        ("answer", "why"),
+        [
+            (
+                lambda frame: IoctlReply(frame.seq, 0, frame.buffer[:-4]),
+                "its reply to ioctl 0x4 has 12 bytes for a 16-byte buffer",
+            ),
+            (
+                lambda frame: IoctlReply(frame.seq + 5, 0, frame.buffer),
+                "it replied to ioctl seq 6, which was never sent",
+            ),
+        ],
+        ids=["wrong size", "seq never sent"],
+    )
+    async def test_a_broken_reply_loses_the_host(
+        self, socket_dir: str, answer: Callable[[IoctlRequest], IoctlReply], why: str
+    ) -> None:
+        """A reply whose buffer differs in size from the request's, or one tagged with a seq
+        the session never sent, is a broken host: the session is lost, this call and the
+        next. (The first raised WireError, which ``run`` and ``prop`` reported as an internal
+        failure, exit 70, naming no host; the second was dropped as if its caller had been
+        cancelled, and the call waited forever.)"""
+        path = os.path.join(socket_dir, "broken.sock")
+        listener = await _listening(path, backlog=1)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    _answering_host,
-                    listener,
-                    lambda frame: IoctlReply(frame.seq, 0, frame.buffer[:-4]),
-                )
+                nursery.start_soon(_answering_host, listener, answer)
                 transport = await UnixSocketOpener(path).open_session()
                 with pytest.raises(DeviceLostError) as info:
                     await transport.ioctl(FAIL, bytearray(16))
@@ -612,36 +613,7 @@ class TestBrokenHost:
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
         listener.close()
-        assert str(info.value) == (
-            f"simulated host at {path} is gone: its reply to ioctl 0x4 has 12 bytes "
-            "for a 16-byte buffer"
-        )
-
-    async def test_a_reply_to_a_call_never_made_loses_the_host(self, socket_dir: str) -> None:
-        """A reply tagged with a seq the session never sent is a broken host: the session is
-        lost (it was dropped as if its caller had been cancelled, and the call waited forever
-        for a reply that never came)."""
-        path = os.path.join(socket_dir, "seq.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
-
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    _answering_host,
-                    listener,
-                    lambda frame: IoctlReply(frame.seq + 5, 0, frame.buffer),
-                )
-                transport = await UnixSocketOpener(path).open_session()
-                with pytest.raises(DeviceLostError) as info:
-                    await transport.ioctl(FAIL, bytearray(16))
-                await transport.aclose()
-                nursery.cancel_scope.cancel()
-        listener.close()
-        assert str(info.value) == (
-            f"simulated host at {path} is gone: it replied to ioctl seq 6, which was never sent"
-        )
+        assert str(info.value) == f"simulated host at {path} is gone: {why}"
 
     async def test_a_host_whose_backlog_is_full(
         self, socket_dir: str, autojump_clock: trio.abc.Clock
@@ -651,9 +623,7 @@ class TestBrokenHost:
         back as a socket that was not connected: 'is gone: sending failed: Transport
         endpoint is not connected', at once)."""
         path = os.path.join(socket_dir, "busy.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(0)
+        listener = await _listening(path, backlog=0)
         queued = [trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)]
         await queued[0].connect(path)  # the backlog is full from now on
         with trio.fail_after(HOST_BUSY_WAIT_S + 60):
@@ -674,9 +644,7 @@ class TestBrokenHost:
     ) -> None:
         """A session waits while the host's backlog is full and starts once it accepts."""
         path = os.path.join(socket_dir, "busy.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(0)
+        listener = await _listening(path, backlog=0)
         queued = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await queued.connect(path)  # the backlog is full from now on
         opened: list[UnixSocketTransport] = []
@@ -716,3 +684,11 @@ async def _answering_host(
                 await stream.send_all(encode_frame(Hello(Role.HOST)))
             elif isinstance(frame, IoctlRequest):
                 await stream.send_all(encode_frame(answer(frame)))
+
+
+async def _listening(path: str, *, backlog: int) -> trio.socket.SocketType:
+    """A Unix stream socket bound at ``path`` and listening, for a test's own host."""
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(backlog)
+    return listener
