@@ -31,6 +31,8 @@ LIBSYSTEMD: Final = "libsystemd.so.0"
 UTMP_RECORD_SIZE: Final = 384
 USER_PROCESS: Final = 7
 UT_NAMESIZE: Final = 32
+USER_NAMES_CACHED: Final = 256
+"""Account names remembered by uid (a name changed while the agent runs shows after a restart)."""
 MAX_UTMP_BYTES: Final = 16 * 1024 * 1024
 """A larger utmp file is not a utmp file: it is refused rather than read into memory."""
 _UTMP_HEAD: Final = struct.Struct("=h2xi32s4s32s")
@@ -107,8 +109,13 @@ def logind_users() -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=USER_NAMES_CACHED)
 def _user_name(uid: int) -> str:
-    """The account name of ``uid``, or the number where the account database has none."""
+    """The account name of ``uid``, or the number where the account database has none.
+
+    Cached: the lookup may go to a network directory (NSS), and it runs on the event loop
+    at every pass, while a uid's name hardly ever changes.
+    """
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
