@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -126,11 +127,24 @@ def run_command(args: argparse.Namespace) -> int:
         opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
         main = partial(_run_daemon, args, config, opener)
     configure_logging(config.log)
+    _freeze_start_up_objects()
     try:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code
         return _report_failure(exc)
     return EX_OK
+
+
+def _freeze_start_up_objects() -> None:
+    """Keep what start-up made (modules, the config) out of every later garbage collection.
+
+    They live as long as the process. Left in the collector, the first full collection after
+    start scans them all and holds the event loop for tens of milliseconds, long enough to
+    make a 100 ms heartbeat late; frozen, a full collection scans only what the running agent
+    made since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _simulated_host(settings: HostSettings, personality: str | None) -> SimulatedHost:

@@ -13,7 +13,6 @@ pages (``/proc/self/pagemap`` on a real guest), checked and packed for CHANGE_ME
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import resource
@@ -82,7 +81,7 @@ class ChunkAllocator(Protocol):
 
 
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already runs on
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = (
         ctypes.c_void_p,

@@ -31,8 +31,11 @@ import trio
 from agent.protocol import Event, VBoxStatusError
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
+from agent.services.balloon._chunks import MmapAllocator
+from agent.services.balloon._handover import OracleHandover, PassthroughHandover
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, Detected, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
+from agent.services.balloon._walker import ChunkWalker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,7 +44,6 @@ if TYPE_CHECKING:
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._pressure import PressureReading, PressureSource
-    from agent.services.balloon._walker import ChunkWalker
     from agent.services.event_pump import EventPump, Subscription
 
 log = structlog.get_logger("agent.services.balloon")
@@ -315,16 +317,6 @@ class BalloonService:
         self._status_changed()
 
     def _new_walker(self, mode: BalloonMode, kept: _Kept | None) -> ChunkWalker:
-        # Imported here: only the modes where the agent holds chunks need them (mmap, mlock,
-        # the pagemap, the walker); with the in-tree and Oracle's kernel allocators they stay
-        # out of the daemon's memory.
-        from agent.services.balloon._chunks import MmapAllocator  # noqa: PLC0415
-        from agent.services.balloon._handover import (  # noqa: PLC0415
-            OracleHandover,
-            PassthroughHandover,
-        )
-        from agent.services.balloon._walker import ChunkWalker  # noqa: PLC0415
-
         if kept is not None:  # released only by the allocator that mapped them
             allocator = kept.allocator
         else:
