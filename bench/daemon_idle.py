@@ -47,14 +47,16 @@ from pathlib import Path
 
 import agent
 from agent.services._publishing import DEFAULT_INTERVAL_S
+from agent.services.timesync import TimesyncSection
 
 WAIT_LIMIT_S = 30.0
 SETTLE_S = 1.0
 TARGET_MIB = 5.0
 """Idle RSS the agent may use above the baseline."""
 HOST_HEARTBEAT_MS = 2000
-PUBLISHING_INTERVAL_S = DEFAULT_INTERVAL_S
 """The simulated host's heartbeat interval (its default, said explicitly)."""
+PUBLISHING_INTERVAL_S = DEFAULT_INTERVAL_S
+TIMESYNC_INTERVAL_S = TimesyncSection().interval_s
 BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
 PLUGIN_LOOKUP = BASELINE + "\nimport importlib.metadata"
 ONE_MODEL = BASELINE + "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
@@ -213,14 +215,20 @@ def _measure_agent(workdir: Path, root: Path, idle_s: float, personality: str) -
 def _expected_wakeups(args: argparse.Namespace) -> str:
     """What should wake the idle agent: the network service's passes (each writes the
     ``Net/Count`` beacon: a send and its reply), the users service's (a timer; nothing to
-    send while no one logs in) and, where the driver leaves it to us, the heartbeat."""
+    send while no one logs in), the timesync service's readings of the host's clock (a send
+    and its reply) and, where the driver leaves it to us, the heartbeat."""
     passes = int(args.idle // PUBLISHING_INTERVAL_S)
-    what = f"{passes} network and {passes} users passes every {PUBLISHING_INTERVAL_S:g} s"
+    readings = int(args.idle // TIMESYNC_INTERVAL_S)
+    what = (
+        f"{passes} network and {passes} users passes every {PUBLISHING_INTERVAL_S:g} s,"
+        f" {readings} host clock readings every {TIMESYNC_INTERVAL_S:g} s"
+    )
+    expected = 3 * passes + 2 * readings
     if args.personality != "passthrough":
-        return f"expected about {3 * passes}: {what}"
+        return f"expected about {expected}: {what}"
     beats = int(args.idle * 1000 // HOST_HEARTBEAT_MS)
     return (
-        f"expected about {2 * beats + 3 * passes}: {beats} heartbeats at the host's"
+        f"expected about {2 * beats + expected}: {beats} heartbeats at the host's"
         f" {HOST_HEARTBEAT_MS} ms (a send and its reply each), {what}"
     )
 

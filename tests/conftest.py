@@ -3,6 +3,8 @@
 Select a Hypothesis profile with ``HYPOTHESIS_PROFILE`` (``dev`` by default): ``ci`` has no
 deadline and prints reproduction blobs; ``dev`` keeps Hypothesis' defaults.
 
+No test may move this machine's clock: ``SystemClock`` fails the test that tries.
+
 ``host`` is a running simulated host with the mainline driver (a module or package that needs
 another host defines its own). Tests that should hold for the real Linux driver too take the
 ``personality`` fixture
@@ -21,6 +23,7 @@ import trio
 from hypothesis import settings
 
 from agent.host import PersonalityUnavailableError, SimulatedHost
+from agent.services._wallclock import SystemClock
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -33,6 +36,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 KERNEL_PERSONALITY = "kernel"
 PERSONALITIES_UNDER_TEST = ("mainline", KERNEL_PERSONALITY)
 """The simulated mainline driver and the real one it models."""
+
+
+@pytest.fixture(autouse=True)
+def _machine_clock_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test in this process moves the machine's clock (CI runs as root, with CAP_SYS_TIME):
+    a timesync service that would is a failing test. Tests of timesync pass their own clock."""
+
+    def refuse(_clock: SystemClock, offset_ns: int) -> None:
+        pytest.fail(f"a test tried to move this machine's clock by {offset_ns} ns")
+
+    monkeypatch.setattr(SystemClock, "step", refuse)
+    monkeypatch.setattr(SystemClock, "slew", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -115,16 +115,21 @@ def _stated_limits(field: FieldInfo) -> list[tuple[str, ...]]:
     wanted: list[tuple[str, ...]] = []
     for bound in field.metadata:
         if isinstance(bound, annotated_types.Gt):
-            wanted.append((f"> {bound.gt:g}",))
+            wanted.append((f"> {_number(bound.gt)}",))
         elif isinstance(bound, annotated_types.Ge):
-            wanted.append((f">= {bound.ge:g}", f"({bound.ge:g}.."))
+            wanted.append((f">= {_number(bound.ge)}", f"({_number(bound.ge)}.."))
         elif isinstance(bound, annotated_types.Le):
-            wanted.append((f"at most {bound.le:g}", f"..{bound.le:g}"))
+            wanted.append((f"at most {_number(bound.le)}", f"..{_number(bound.le)}"))
         elif isinstance(bound, annotated_types.Lt):
-            wanted.append((f"< {bound.lt:g}",))
+            wanted.append((f"< {_number(bound.lt)}",))
     if get_origin(field.annotation) is Literal:
         wanted.extend((f'"{word}"',) for word in get_args(field.annotation))
     return wanted
+
+
+def _number(value: object) -> str:
+    """A bound as the file states it: an integer in full (3600000), a float short (0.5)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _comment_above(section: str, key: str) -> str:

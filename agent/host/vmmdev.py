@@ -83,7 +83,7 @@ RESET_KEPT_EVENTS: Final = Event.DISPLAY_CHANGE_REQUEST
 VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-_MS_PER_S: Final = 1000
+_NS_PER_MS: Final = 1_000_000
 _HEADER_START: Final = L.run(
     L.RequestHeader.size_, L.RequestHeader.version, L.RequestHeader.request_type
 ).codec
@@ -148,7 +148,8 @@ class VMMDev:
         self._irq = trio.lowlevel.ParkingLot()
         self.faults = FaultInjector()
         self._held_writes: set[trio.CancelScope] = set()
-        self._clock_origin: tuple[float, float] | None = None
+        self.time_offset_ms = 0
+        """How far the host's clock is ahead of this machine's (GET_HOST_TIME)."""
         self._handlers = self._handler_table()
 
     # --- the request port ------------------------------------------------------------------
@@ -324,11 +325,12 @@ class VMMDev:
                 hold.cancel()
 
     def host_time_ms(self) -> int:
-        """Host UTC in ms since the epoch, advancing with trio's clock."""
-        if self._clock_origin is None:
-            self._clock_origin = (time.time(), trio.current_time())
-        wall, origin = self._clock_origin
-        return round((wall + trio.current_time() - origin) * _MS_PER_S)
+        """Host UTC in ms since the epoch: this machine's clock moved by ``time_offset_ms``.
+
+        The machine's clock, not trio's: a guest clock synchronised to it is the machine's
+        own, so an agent under test never finds a drift to correct on the machine it runs on.
+        """
+        return time.time_ns() // _NS_PER_MS + self.time_offset_ms
 
     # --- handlers ----------------------------------------------------------------------------
 

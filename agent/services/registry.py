@@ -11,6 +11,7 @@ from agent.services import (
     network,
     properties,
     session_monitor,
+    timesync,
     users,
 )
 
@@ -26,6 +27,7 @@ SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (
     properties.SPEC,
     network.SPEC,
     users.SPEC,
+    timesync.SPEC,
     balloon.SPEC,
 )
 """In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""

@@ -1,0 +1,402 @@
+"""``timesync``: keeps the guest's wall clock on the host's, as VBoxService's timesync does.
+
+Every ``interval_s`` (10 s) the service reads the host's clock (``GET_HOST_TIME``, UTC in
+ms) between two readings of the guest's, and works out the drift:
+
+- a reading that took ``max_latency_ms`` or more (timed on the monotonic clock) says
+  nothing; it is retried after a second, three tries in all, then the pass is given up;
+- a drift within ``max(min_adjust_ms, latency_factor x latency)`` is left alone (one more
+  ``min_adjust_ms`` when the guest is ahead, against moving time backwards);
+- beyond that, the clock is slewed (``adjtime``: gradual, at most 0.5 ms a second, never
+  backwards; every pass hands the kernel the drift then left) or, over ``set_threshold_s``
+  or when the kernel refuses the slew, stepped (``clock_settime``);
+- after a restore (the RESTORED event, at once, where VBoxService waits for its next pass)
+  the threshold is 0: a saved VM comes back hours behind, and is stepped;
+- ``set_on_start`` steps at the first reading, whatever the drift.
+
+Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
+the kernel says a daemon keeps the clock synchronised (``defer_to_ntp``), slewing is left to
+it and the agent only steps (over the threshold, after a restore).
+
+The host's tuning of VBoxService applies too (``host_options``, see
+:mod:`agent.services._timesync_options`), read at start and after every restore, over the
+config's values.
+
+Correcting needs ``CAP_SYS_TIME``; without it the service says so once and goes on
+measuring. A host without the clock request (``VERR_NOT_SUPPORTED``) or with a broken answer
+is reported the same way and asked again every interval. Each state (slewing, left to a time
+daemon, a problem) is logged when it begins and ends, not at every pass. Nothing is held, so
+a stop gives nothing back. Config section: ``[timesync]``.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Final, NoReturn, final
+
+import structlog
+import trio
+from pydantic import Field
+
+from agent.protocol import Event, GetHostTime, RemoteProtocolError, VBoxStatusError
+from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._publishing import IntervalPause
+from agent.services._timesync_options import OPTION_PREFIX, host_options
+from agent.services._wallclock import SystemClock
+from agent.services.guest_props import open_guest_properties
+
+if TYPE_CHECKING:
+    from agent.device import Device
+    from agent.services._wallclock import WallClock
+    from agent.services.event_pump import EventPump
+
+log = structlog.get_logger(__name__)
+
+NAME: Final = "timesync"
+READING_TRIES: Final = 3
+"""Readings of one pass before it is given up for latency, as VBoxService."""
+RETRY_AFTER_HIGH_LATENCY_S: Final = 1.0
+"""The wait before another reading when one took too long, as VBoxService."""
+MAX_SET_THRESHOLD_S: Final = 7 * 24 * 3600
+"""VBoxService's bound on ``--timesync-set-threshold``: a week."""
+_NS_PER_MS: Final = 1_000_000
+MAX_HOST_TIME_MS: Final = (1 << 63) // _NS_PER_MS - 1
+"""The latest host time the guest's clock can take (in 2262): a later one is a bad reply."""
+
+
+class TimesyncSection(ServiceSection):
+    """``[timesync]``: the guest's clock kept on the host's (VBoxService's defaults)."""
+
+    interval_s: float = Field(default=10.0, ge=1, le=3600)
+    """Seconds between two readings of the host's clock."""
+    min_adjust_ms: int = Field(default=100, ge=0, le=3_600_000)
+    """The smallest drift ever corrected."""
+    latency_factor: int = Field(default=8, ge=1, le=1024)
+    """A drift within this many times the reading's latency is left alone."""
+    max_latency_ms: int = Field(default=250, ge=1, le=3_600_000)
+    """A reading that takes this long is worthless and retried."""
+    set_threshold_s: float = Field(default=1200.0, ge=0, le=MAX_SET_THRESHOLD_S)
+    """Over this drift the clock is stepped instead of slewed."""
+    set_on_start: bool = False
+    """Step the clock at the first reading, whatever the drift."""
+    set_on_restore: bool = True
+    """After a restore, step any drift over the minimum at once."""
+    defer_to_ntp: bool = True
+    """Leave small drifts to a time daemon that keeps the clock synchronised."""
+    host_options: bool = True
+    """Apply VBoxService's ``--timesync-*`` options the host sets as guest properties."""
+
+
+class Correction(Enum):
+    """What one reading calls for."""
+
+    NONE = "none"
+    SLEW = "slew"
+    STEP = "step"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """The host's clock against the guest's: drift (host - guest) and how long it took."""
+
+    drift_ns: int
+    latency_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The correction a reading calls for, and why (for the log line)."""
+
+    correction: Correction
+    reason: str
+
+
+def plan_correction(
+    reading: Reading, section: TimesyncSection, *, set_now: bool, restored: bool
+) -> Plan:
+    """Decide as VBoxService's timesync does (``set_now``: set-on-start's first reading)."""
+    min_adjust_ns = section.min_adjust_ms * _NS_PER_MS
+    threshold_ns = max(reading.latency_ns * section.latency_factor, min_adjust_ns)
+    if reading.drift_ns < 0:  # the guest is ahead: a correction would move time backwards
+        threshold_ns += min_adjust_ns
+    drift = abs(reading.drift_ns)
+    if set_now:
+        return Plan(Correction.STEP, "set_on_start")
+    if drift <= threshold_ns:
+        return Plan(Correction.NONE, "within the minimum")
+    if restored and section.set_on_restore:
+        return Plan(Correction.STEP, "restored")
+    if drift > section.set_threshold_s * 1e9:
+        return Plan(Correction.STEP, "over set_threshold_s")
+    return Plan(Correction.SLEW, "over the minimum")
+
+
+@dataclass(frozen=True, slots=True)
+class TimesyncStatistics:
+    """What the service did.
+
+    Attributes:
+        passes: readings that were used.
+        discarded: passes given up because every reading took too long.
+        slews: drifts handed to the kernel to make up gradually (``adjtime`` calls).
+        steps: times the clock was set.
+        left_to_ntp: drifts left to a time daemon (``defer_to_ntp``).
+        failures: host readings and corrections that failed.
+        last_drift_ms: the drift of the last used reading (host - guest), None before one.
+    """
+
+    passes: int
+    discarded: int
+    slews: int
+    steps: int
+    left_to_ntp: int
+    failures: int
+    last_drift_ms: float | None
+
+
+@final
+class TimesyncService:
+    """Reads the host's clock every ``interval_s`` and after a restore; corrects the guest's."""
+
+    name: Final = NAME
+
+    def __init__(self, context: ServiceContext, section: TimesyncSection, clock: WallClock) -> None:
+        self._device: Device = context.device
+        self._pump: EventPump = context.pump
+        self._status_changed = context.status_changed
+        self._configured = section
+        self._section = section
+        self._host_settings: dict[str, float | bool] = {}
+        self._clock = clock
+        self._pause = IntervalPause(section.interval_s)
+        self._set_pending = False
+        self._restore_pending = False
+        self._host_problem: str | None = None
+        self._clock_problem: str | None = None
+        self._left_to_ntp = False
+        self._slewing = False
+        self._discarding = False
+        self._passes = self._discarded = self._slews = self._steps = 0
+        self._left = self._failures = 0
+        self._last_drift_ms: float | None = None
+
+    def statistics(self) -> TimesyncStatistics:
+        """Return the counters."""
+        return TimesyncStatistics(
+            self._passes,
+            self._discarded,
+            self._slews,
+            self._steps,
+            self._left,
+            self._failures,
+            self._last_drift_ms,
+        )
+
+    def status(self) -> str:
+        """``timesync ok``, ``timesync starting``, who keeps the clock, or what is wrong."""
+        problem = self._host_problem or self._clock_problem
+        if problem is not None:
+            return f"timesync: {problem}"
+        if self._left_to_ntp:
+            return "timesync: a time daemon keeps the clock"
+        return "timesync ok" if self._passes else "timesync starting"
+
+    def reconfigure(self, section: TimesyncSection) -> bool:
+        """Apply the settings at once (a new interval also to the wait under way), the host's
+        options still over them; switching ``host_options`` needs a restart (it reads them)."""
+        if section.host_options != self._configured.host_options:
+            return False
+        self._configured = section
+        self._apply_settings()
+        return True
+
+    async def drain(self) -> None:
+        """Nothing to give back: a slew under way is the kernel's to finish."""
+        await trio.lowlevel.checkpoint()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Read and correct, then again every ``interval_s`` and at once after a restore."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        with self._pump.subscribe(self.name, Event.RESTORED) as events:
+            task_status.started()
+            await self._read_host_options()
+            self._set_pending = self._section.set_on_start
+            while True:
+                await self._pass()
+                if await self._pause.wait(events):
+                    self._restore_pending = True
+                    await self._read_host_options()
+
+    # --- settings ----------------------------------------------------------------------------
+
+    async def _read_host_options(self) -> None:
+        """Read VBoxService's options from the host (at start and after a restore)."""
+        if not self._configured.host_options:
+            return
+        try:
+            async with open_guest_properties(self._device) as props:
+                found = await props.enumerate([f"{OPTION_PREFIX}*"])
+        except (VBoxStatusError, RemoteProtocolError) as exc:
+            log.warning("host_options_unreadable", error=str(exc))
+            return
+        options = host_options({p.name: p.value for p in found}, TimesyncSection)
+        for problem in options.refused:
+            log.warning("host_option_refused", problem=problem)
+        if options.settings != self._host_settings:
+            log.info("host_options_applied", **options.settings)
+        self._host_settings = options.settings
+        self._apply_settings()
+
+    def _apply_settings(self) -> None:
+        """The section in force: the config's, with the host's options over it."""
+        configured = self._configured
+        settings = self._host_settings if configured.host_options else {}
+        self._section = configured.model_copy(update=settings)
+        self._pause.set_interval(self._section.interval_s)
+
+    # --- a pass ------------------------------------------------------------------------------
+
+    async def _pass(self) -> None:
+        status = self.status()
+        reading = await self._read()
+        if reading is not None:
+            self._correct(reading)
+        if self.status() != status:
+            self._status_changed()
+
+    async def _read(self) -> Reading | None:
+        """A reading taken fast enough, or None (discarded, or the host failed)."""
+        max_latency_ns = self._section.max_latency_ms * _NS_PER_MS
+        clock = self._clock
+        for attempt in range(1, READING_TRIES + 1):
+            started = clock.monotonic_ns()
+            try:
+                host = await self._device.request(GetHostTime())
+            except VBoxStatusError as exc:
+                self._host_failed(f"host clock unreadable ({exc.name})", "host_time_failed")
+                return None
+            except RemoteProtocolError as exc:
+                self._host_failed("host clock reply broken", "host_time_invalid", error=str(exc))
+                return None
+            guest_ns = clock.now_ns()
+            latency_ns = clock.monotonic_ns() - started
+            if host.ms > MAX_HOST_TIME_MS:
+                self._host_failed("host clock out of range", "host_time_invalid", host_ms=host.ms)
+                return None
+            self._host_recovered()
+            if latency_ns < max_latency_ns:
+                if self._discarding:
+                    log.info("host_time_readings_fast_again", latency_ms=latency_ns / _NS_PER_MS)
+                self._discarding = False
+                return Reading(host.ms * _NS_PER_MS - guest_ns, latency_ns)
+            log.debug("host_time_too_slow", latency_ms=latency_ns / _NS_PER_MS, attempt=attempt)
+            if attempt < READING_TRIES:
+                await trio.sleep(RETRY_AFTER_HIGH_LATENCY_S)
+        self._discarded += 1
+        if not self._discarding:
+            log.info(
+                "host_time_readings_discarded",
+                tries=READING_TRIES,
+                max_latency_ms=self._section.max_latency_ms,
+            )
+        self._discarding = True
+        return None
+
+    def _correct(self, reading: Reading) -> None:
+        section = self._section
+        plan = plan_correction(
+            reading, section, set_now=self._set_pending, restored=self._restore_pending
+        )
+        self._set_pending = self._restore_pending = False
+        self._passes += 1
+        drift_ms = reading.drift_ns / _NS_PER_MS
+        self._last_drift_ms = drift_ms
+        self._note_time_daemon(section.defer_to_ntp and self._clock.ntp_synchronised(), drift_ms)
+        if plan.correction is Correction.SLEW and self._left_to_ntp:
+            self._left += 1
+            self._end_slewing(drift_ms)
+        elif plan.correction is Correction.NONE:
+            self._end_slewing(drift_ms)
+        else:
+            self._apply(plan, reading.drift_ns)
+
+    def _apply(self, plan: Plan, drift_ns: int) -> None:
+        """Slew or step; a slew the kernel refuses (too large) becomes a step."""
+        drift_ms = drift_ns / _NS_PER_MS
+        try:
+            if plan.correction is Correction.SLEW:
+                try:
+                    self._clock.slew(drift_ns)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    log.info("clock_slew_refused", drift_ms=drift_ms, error=exc.strerror)
+                    plan = Plan(Correction.STEP, "slewing refused")
+                else:
+                    self._slews += 1
+                    self._clock_fixed()
+                    if not self._slewing:
+                        log.info("clock_slewing", drift_ms=drift_ms)
+                    self._slewing = True
+                    return
+            self._clock.step(drift_ns)
+        except PermissionError:
+            self._clock_failed("not permitted to set the clock (needs CAP_SYS_TIME)")
+            return
+        except OSError as exc:
+            self._clock_failed(f"clock not set ({exc.strerror})")
+            return
+        self._steps += 1
+        self._slewing = False
+        self._clock_fixed()
+        log.info("clock_stepped", drift_ms=drift_ms, reason=plan.reason)
+
+    # --- states, logged when they begin and end ----------------------------------------------
+
+    def _note_time_daemon(self, synchronised: bool, drift_ms: float) -> None:
+        if synchronised and not self._left_to_ntp:
+            log.info("clock_left_to_time_daemon", drift_ms=drift_ms)
+        elif self._left_to_ntp and not synchronised:
+            log.info("time_daemon_gone", drift_ms=drift_ms)
+        self._left_to_ntp = synchronised
+
+    def _end_slewing(self, drift_ms: float) -> None:
+        if self._slewing:
+            log.info("clock_in_sync", drift_ms=drift_ms)
+        self._slewing = False
+
+    def _host_failed(self, problem: str, event: str, **details: object) -> None:
+        self._failures += 1
+        if problem != self._host_problem:
+            log.warning(event, problem=problem, **details)
+        self._host_problem = problem
+
+    def _host_recovered(self) -> None:
+        if self._host_problem is not None:
+            log.info("host_time_readable_again")
+        self._host_problem = None
+
+    def _clock_failed(self, problem: str) -> None:
+        self._failures += 1
+        if problem != self._clock_problem:
+            log.warning("clock_not_corrected", problem=problem)
+        self._clock_problem = problem
+
+    def _clock_fixed(self) -> None:
+        if self._clock_problem is not None:
+            log.info("clock_corrected_again")
+        self._clock_problem = None
+
+
+def timesync_service(
+    context: ServiceContext, section: TimesyncSection, clock: WallClock | None = None
+) -> TimesyncService:
+    """The service on ``clock`` (default: the system's; tests pass their own)."""
+    return TimesyncService(context, section, clock if clock is not None else SystemClock())
+
+
+SPEC: Final = ServiceSpec(NAME, TimesyncSection, timesync_service)

@@ -1,0 +1,621 @@
+"""The ``timesync`` service against the in-process simulated host, on a fake guest clock.
+
+Rules of this test module:
+- a real ``SimulatedHost`` (its clock is this machine's, moved by ``vmmdev.time_offset_ms``)
+  behind ``SimOpener``, with the event pump and a virtual clock (``autojump_clock``, a
+  parameter of each test); each test is bounded by ``trio.fail_after``;
+- the guest's clock is a ``FakeClock``: this machine's time moved by its own offset, which
+  ``step`` moves at once and ``slew`` at the kernel's 0.5 ms per (virtual) second; no test
+  here ever changes the machine's clock. The real ``SystemClock`` is only asked for the NTP
+  state and, in a child without ``CAP_SYS_TIME``, refused;
+- passes are awaited by statistics (``Running.wait_for``: bounded, on the virtual clock).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import math
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import structlog.testing
+import trio
+import trio.testing
+from pydantic import ValidationError
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.services import EventPump, ServiceContext
+from agent.services._timesync_options import OPTION_PREFIX
+from agent.services._wallclock import SystemClock
+from agent.services.timesync import (
+    MAX_HOST_TIME_MS,
+    RETRY_AFTER_HIGH_LATENCY_S,
+    Correction,
+    Reading,
+    TimesyncSection,
+    TimesyncService,
+    TimesyncStatistics,
+    plan_correction,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from typing import Any
+
+LIMIT_S: Final = 60
+MS: Final = 1_000_000
+"""Nanoseconds per millisecond."""
+INTERVAL_S: Final = 10.0
+SLEW_NS_PER_S: Final = 500_000
+"""How fast the kernel slews: 0.5 ms a second."""
+
+
+class FakeClock:
+    """The guest's clock: this machine's, ``offset_ns`` ahead; records what was done to it.
+
+    A slew is made up at the kernel's rate over trio's (virtual) time, and a new one replaces
+    what is left of the last, as ``adjtime`` does. ``latencies_ns`` are added to the
+    monotonic clock between the two readings of a pair (the service times each host reading),
+    one per pair, to make readings slow.
+    """
+
+    def __init__(self, offset_ns: int = 0, *, synchronised: bool = False) -> None:
+        self.offset_ns = offset_ns
+        self.synchronised = synchronised
+        self.latencies_ns: list[int] = []
+        self.steps: list[int] = []
+        self.slews: list[int] = []
+        self.refusal: OSError | None = None
+        self.slew_refusal: OSError | None = None
+        self._slew_ns = 0
+        self._slew_since = 0.0
+        self._monotonic_readings = 0
+        self._monotonic_extra_ns = 0
+
+    def now_ns(self) -> int:
+        return time.time_ns() + self.offset_ns + self._slewed_ns()
+
+    def monotonic_ns(self) -> int:
+        self._monotonic_readings += 1
+        if self._monotonic_readings % 2 == 0 and self.latencies_ns:
+            self._monotonic_extra_ns += self.latencies_ns.pop(0)
+        return time.monotonic_ns() + self._monotonic_extra_ns
+
+    def step(self, offset_ns: int) -> None:
+        if self.refusal is not None:
+            raise self.refusal
+        self.steps.append(offset_ns)
+        self.offset_ns += self._slewed_ns() + offset_ns
+        self._slew_ns = 0
+
+    def slew(self, offset_ns: int) -> None:
+        if self.refusal is not None:
+            raise self.refusal
+        if self.slew_refusal is not None:
+            raise self.slew_refusal
+        self.slews.append(offset_ns)
+        self.offset_ns += self._slewed_ns()
+        self._slew_ns = offset_ns
+        self._slew_since = trio.current_time()
+
+    def ntp_synchronised(self) -> bool:
+        return self.synchronised
+
+    def _slewed_ns(self) -> int:
+        if not self._slew_ns:
+            return 0
+        done = (trio.current_time() - self._slew_since) * SLEW_NS_PER_S
+        return int(math.copysign(min(abs(self._slew_ns), done), self._slew_ns))
+
+
+class Running:
+    """A started service and what the test needs to drive it."""
+
+    def __init__(self, service: TimesyncService, host: SimulatedHost) -> None:
+        self.service = service
+        self.host = host
+
+    async def wait_for(
+        self, what: Callable[[TimesyncStatistics], bool], *, passes: int = 10
+    ) -> TimesyncStatistics:
+        """Let virtual time pass, an interval at a time, until the statistics satisfy
+        ``what`` (at most ``passes`` intervals)."""
+        for _ in range(passes):
+            await trio.testing.wait_all_tasks_blocked()
+            statistics = self.service.statistics()
+            if what(statistics):
+                return statistics
+            await trio.sleep(INTERVAL_S)
+        pytest.fail(f"the statistics never got there: {self.service.statistics()}")
+
+
+@asynccontextmanager
+async def _running(
+    host: SimulatedHost, clock: FakeClock, section: TimesyncSection
+) -> AsyncIterator[Running]:
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        service = TimesyncService(ServiceContext(device, pump), section, clock)
+        await nursery.start(pump.run)
+        await nursery.start(service.run)
+        yield Running(service, host)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(name="clock")
+def _clock() -> FakeClock:
+    return FakeClock()
+
+
+def _within(value_ns: int, expected_ms: float, slack_ms: float = 50) -> bool:
+    return abs(value_ns / MS - expected_ms) <= slack_ms
+
+
+def _drift(host_ahead_ms: int) -> Reading:
+    return Reading(host_ahead_ms * MS, 1 * MS)
+
+
+def _events(logs: Sequence[Mapping[str, Any]], *names: str) -> list[str]:
+    return [entry["event"] for entry in logs if entry["event"] in names]
+
+
+class TestPlan:
+    """``plan_correction``: VBoxService's decision, reading by reading."""
+
+    def test_a_drift_within_the_minimum_is_left_alone(self) -> None:
+        plan = plan_correction(_drift(100), TimesyncSection(), set_now=False, restored=False)
+        assert plan.correction is Correction.NONE
+
+    def test_a_drift_over_the_minimum_is_slewed(self) -> None:
+        plan = plan_correction(_drift(101), TimesyncSection(), set_now=False, restored=False)
+        assert plan.correction is Correction.SLEW
+
+    def test_the_minimum_grows_with_the_latency(self) -> None:
+        """20 ms to read, factor 8: a 150 ms drift is within the 160 ms it may be off."""
+        slow = Reading(150 * MS, 20 * MS)
+        section = TimesyncSection()
+        assert plan_correction(slow, section, set_now=False, restored=False).correction is (
+            Correction.NONE
+        )
+        faster = TimesyncSection(latency_factor=7)
+        assert plan_correction(slow, faster, set_now=False, restored=False).correction is (
+            Correction.SLEW
+        )
+
+    def test_a_guest_ahead_needs_twice_the_minimum(self) -> None:
+        """Against moving time backwards: 200 ms ahead is left, 201 ms slewed back."""
+        section = TimesyncSection()
+        left = plan_correction(_drift(-200), section, set_now=False, restored=False)
+        assert left.correction is Correction.NONE
+        slewed = plan_correction(_drift(-201), section, set_now=False, restored=False)
+        assert slewed.correction is Correction.SLEW
+
+    def test_over_the_set_threshold_the_clock_is_stepped(self) -> None:
+        section = TimesyncSection(set_threshold_s=60)
+        plan = plan_correction(_drift(60_001), section, set_now=False, restored=False)
+        assert (plan.correction, plan.reason) == (Correction.STEP, "over set_threshold_s")
+        within = plan_correction(_drift(60_000), section, set_now=False, restored=False)
+        assert within.correction is Correction.SLEW
+
+    def test_after_a_restore_any_drift_over_the_minimum_is_stepped(self) -> None:
+        section = TimesyncSection()
+        plan = plan_correction(_drift(101), section, set_now=False, restored=True)
+        assert (plan.correction, plan.reason) == (Correction.STEP, "restored")
+        small = plan_correction(_drift(100), section, set_now=False, restored=True)
+        assert small.correction is Correction.NONE
+        off = TimesyncSection(set_on_restore=False)
+        assert plan_correction(_drift(101), off, set_now=False, restored=True).correction is (
+            Correction.SLEW
+        )
+
+    def test_set_on_start_steps_whatever_the_drift(self) -> None:
+        plan = plan_correction(_drift(0), TimesyncSection(), set_now=True, restored=False)
+        assert (plan.correction, plan.reason) == (Correction.STEP, "set_on_start")
+
+
+class TestSection:
+    """``[timesync]``: VBoxService's defaults and bounds."""
+
+    def test_defaults_are_vboxservices(self) -> None:
+        section = TimesyncSection()
+        assert (section.interval_s, section.min_adjust_ms, section.latency_factor) == (10, 100, 8)
+        assert (section.max_latency_ms, section.set_threshold_s) == (250, 1200)
+        assert (section.set_on_start, section.set_on_restore, section.defer_to_ntp) == (
+            False,
+            True,
+            True,
+        )
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("interval_s", 0.5),
+            ("min_adjust_ms", -1),
+            ("latency_factor", 0),
+            ("latency_factor", 1025),
+            ("max_latency_ms", 0),
+            ("set_threshold_s", 7 * 24 * 3600 + 1),
+        ],
+    )
+    def test_out_of_bounds_values_are_refused(self, key: str, value: float) -> None:
+        with pytest.raises(ValidationError, match=key):
+            TimesyncSection.model_validate({key: value})
+
+
+async def test_slews_until_in_sync_and_logs_the_streak_once(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A host 500 ms ahead: the kernel makes it up at 0.5 ms/s, so each pass (every 100 s)
+    hands it the drift then left, until within the minimum; one line when slewing starts,
+    one when the clock is in sync."""
+    host.vmmdev.time_offset_ms = 500
+    with trio.fail_after(3000), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=100)) as running:
+            statistics = await running.wait_for(
+                lambda s: s.slews >= 1 and s.slews == s.passes - 1, passes=200
+            )
+            assert running.service.status() == "timesync ok"
+            behind_ms = 500 - (clock.now_ns() - time.time_ns()) / MS
+            assert 0 < behind_ms <= 101  # within the minimum; the last slew makes up the rest
+    assert [round(slew / MS, -1) for slew in clock.slews] == list(range(500, 100, -50))
+    assert statistics.steps == 0
+    assert clock.steps == []
+    assert _events(logs, "clock_slewing", "clock_in_sync") == ["clock_slewing", "clock_in_sync"]
+
+
+async def test_a_restore_steps_at_once(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """After a restore the drift is stepped before the next interval: a saved VM is behind."""
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            host.vmmdev.time_offset_ms = 3 * 3600 * 1000  # saved for three hours
+            started = trio.current_time()
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert trio.current_time() == started
+            assert (statistics.steps, statistics.slews) == (1, 0)
+    assert len(clock.steps) == 1
+    assert _within(clock.steps[0], 3 * 3600 * 1000)
+    assert [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"] == ["restored"]
+
+
+async def test_a_restore_with_set_on_restore_off_slews(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with _running(
+            host, clock, TimesyncSection(interval_s=3600, set_on_restore=False)
+        ) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            host.vmmdev.time_offset_ms = 1000
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert (statistics.steps, statistics.slews) == (0, 1)
+
+
+async def test_over_the_threshold_the_clock_is_stepped(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    host.vmmdev.time_offset_ms = -45 * 60 * 1000  # the guest 45 minutes ahead
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            await running.wait_for(lambda s: s.steps == 1)
+    assert _within(clock.steps[0], -45 * 60 * 1000)
+    stepped = [entry for entry in logs if entry["event"] == "clock_stepped"]
+    assert [entry["reason"] for entry in stepped] == ["over set_threshold_s"]
+
+
+async def test_set_on_start_steps_the_first_reading_only(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(set_on_start=True)) as running:
+            statistics = await running.wait_for(lambda s: s.passes >= 3)
+            assert (statistics.steps, statistics.slews) == (1, 0)
+    assert _within(clock.steps[0], 0)
+
+
+async def test_a_slew_the_kernel_refuses_becomes_a_step(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """glibc refuses adjtime offsets beyond about 35 minutes (EINVAL): the clock is set."""
+    clock.slew_refusal = OSError(errno.EINVAL, "Invalid argument")
+    host.vmmdev.time_offset_ms = 2 * 3600 * 1000
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(set_threshold_s=86400)) as running:
+            await running.wait_for(lambda s: s.steps == 1)
+    stepped = [entry for entry in logs if entry["event"] == "clock_stepped"]
+    assert [entry["reason"] for entry in stepped] == ["slewing refused"]
+
+
+async def test_a_time_daemon_keeps_small_drifts_and_a_restore_is_still_stepped(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """While the kernel says a daemon keeps the clock, nothing is slewed and the status says
+    so on every pass, drift or not; a restore still steps; the daemon's end is logged."""
+    clock = FakeClock(synchronised=True)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            await running.wait_for(lambda s: s.passes == 2)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+            host.vmmdev.time_offset_ms = 500
+            statistics = await running.wait_for(lambda s: s.passes == 4)
+            assert (statistics.slews, statistics.steps, statistics.left_to_ntp) == (0, 0, 2)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            host.restore()
+            await running.wait_for(lambda s: s.steps == 1)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+            clock.synchronised = False
+            await running.wait_for(lambda s: s.passes == 6)
+            assert running.service.status() == "timesync ok"
+    assert clock.slews == []
+    assert _events(logs, "clock_left_to_time_daemon", "time_daemon_gone") == [
+        "clock_left_to_time_daemon",
+        "time_daemon_gone",
+    ]
+
+
+async def test_defer_to_ntp_off_slews_under_a_time_daemon(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 500
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(defer_to_ntp=False)) as running:
+            statistics = await running.wait_for(lambda s: s.slews == 1)
+            assert statistics.left_to_ntp == 0
+            assert running.service.status() == "timesync ok"
+
+
+async def test_slow_readings_are_retried_then_the_pass_is_given_up(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """Three readings of 250 ms or more, a second apart: the pass is discarded (one line), the
+    clock untouched; a fast reading at the next interval is used (one line)."""
+    clock.latencies_ns = [250 * MS, 300 * MS, 1000 * MS]
+    host.vmmdev.time_offset_ms = 500
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.discarded == 1)
+            assert statistics.passes == 0
+            assert clock.slews == []
+            statistics = await running.wait_for(lambda s: s.passes == 1)
+            assert statistics.slews == 1
+    assert _events(logs, "host_time_readings_discarded", "host_time_readings_fast_again") == [
+        "host_time_readings_discarded",
+        "host_time_readings_fast_again",
+    ]
+
+
+async def test_a_slow_reading_then_a_fast_one_is_used(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    clock.latencies_ns = [400 * MS]
+    host.vmmdev.time_offset_ms = 500
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            await trio.sleep(RETRY_AFTER_HIGH_LATENCY_S - 0.1)
+            assert running.service.statistics().passes == 0
+            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            statistics = running.service.statistics()
+            assert (statistics.passes, statistics.discarded, statistics.slews) == (1, 0, 1)
+
+
+async def test_without_the_privilege_it_says_so_once_and_keeps_measuring(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """Refused corrections show in the status, logged once even with a pass in between that
+    needed none; the first correction that works ends it."""
+    clock.refusal = PermissionError(errno.EPERM, "Operation not permitted")
+    host.vmmdev.time_offset_ms = 500
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert statistics.failures == 2
+            host.vmmdev.time_offset_ms = 0
+            await running.wait_for(lambda s: s.passes == 3)
+            host.vmmdev.time_offset_ms = 500
+            await running.wait_for(lambda s: s.passes == 4)
+            assert running.service.status() == (
+                "timesync: not permitted to set the clock (needs CAP_SYS_TIME)"
+            )
+            clock.refusal = None
+            await running.wait_for(lambda s: s.slews == 1)
+            assert running.service.status() == "timesync ok"
+    assert _events(logs, "clock_not_corrected", "clock_corrected_again") == [
+        "clock_not_corrected",
+        "clock_corrected_again",
+    ]
+
+
+async def test_a_host_without_the_clock_request_is_reported_once(
+    autojump_clock: trio.abc.Clock, clock: FakeClock
+) -> None:
+    host = SimulatedHost(personality="mainline", host_time_enabled=False)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with _running(host, clock, TimesyncSection()) as running:
+                statistics = await running.wait_for(lambda s: s.failures >= 3)
+                assert statistics.passes == 0
+                assert running.service.status() == (
+                    "timesync: host clock unreadable (VERR_NOT_SUPPORTED)"
+                )
+                host.vmmdev.host_time_enabled = True
+                await running.wait_for(lambda s: s.passes == 1)
+                assert running.service.status() == "timesync ok"
+            nursery.cancel_scope.cancel()
+    assert _events(logs, "host_time_failed", "host_time_readable_again") == [
+        "host_time_failed",
+        "host_time_readable_again",
+    ]
+    assert clock.steps == clock.slews == []
+
+
+@pytest.mark.parametrize(
+    ("host_ms", "problem"),
+    [
+        (MAX_HOST_TIME_MS + 1, "host clock out of range"),
+        ((1 << 64) - 1, "host clock reply broken"),
+    ],
+    ids=["beyond-2262", "left-unfilled"],
+)
+async def test_a_broken_host_clock_is_reported_and_ignored(
+    autojump_clock: trio.abc.Clock,
+    host: SimulatedHost,
+    clock: FakeClock,
+    host_ms: int,
+    problem: str,
+) -> None:
+    """A reply the guest's clock cannot take (beyond 2262), or the preset UINT64_MAX left
+    as it was (the protocol layer refuses it), moves nothing and stops nothing."""
+    host.vmmdev.host_time_ms = lambda: host_ms  # type: ignore[method-assign]
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.failures >= 2)
+            assert statistics.passes == 0
+            assert running.service.status() == f"timesync: {problem}"
+    assert clock.steps == clock.slews == []
+    assert _events(logs, "host_time_invalid") == ["host_time_invalid"]
+
+
+async def test_the_hosts_options_apply_at_start_and_after_a_restore(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """The host's set-threshold makes a 2 s drift a step; removed while the VM was saved,
+    the config's 20 minutes apply again after the restore. A refused option is logged at
+    each reading of the options (start, restore)."""
+    host.prop_set(f"{OPTION_PREFIX}set-threshold", "1000")
+    host.prop_set(f"{OPTION_PREFIX}max-latency", "many")
+    host.vmmdev.time_offset_ms = 2000
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(set_on_restore=False)) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 1)
+            assert (statistics.steps, statistics.slews) == (1, 0)
+            host.prop_delete(f"{OPTION_PREFIX}set-threshold")
+            host.vmmdev.time_offset_ms = 4000
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert (statistics.steps, statistics.slews) == (1, 1)
+    applied = [entry for entry in logs if entry["event"] == "host_options_applied"]
+    assert [{k: v for k, v in entry.items() if k.endswith("_s")} for entry in applied] == [
+        {"set_threshold_s": 1.0},
+        {},
+    ]
+    refused = [entry["problem"] for entry in logs if entry["event"] == "host_option_refused"]
+    assert refused == [f"{OPTION_PREFIX}max-latency = 'many': not a whole number in 1..3600000"] * 2
+
+
+async def test_the_hosts_set_start_steps_the_first_reading(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    host.prop_set(f"{OPTION_PREFIX}set-start", "")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert statistics.steps == 1
+
+
+async def test_the_hosts_no_set_start_overrides_the_config(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    host.prop_set(f"{OPTION_PREFIX}no-set-start", "")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(set_on_start=True)) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert statistics.steps == 0
+
+
+async def test_host_options_off_ignores_them(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    host.prop_set(f"{OPTION_PREFIX}set-threshold", "1000")
+    host.vmmdev.time_offset_ms = 2000
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(host_options=False)) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 1)
+            assert (statistics.steps, statistics.slews) == (0, 1)
+            assert running.service.reconfigure(TimesyncSection(host_options=True)) is False
+
+
+async def test_a_reload_applies_the_new_interval_to_the_wait_under_way(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    host.prop_set(f"{OPTION_PREFIX}min-adjust", "5000")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            assert running.service.reconfigure(TimesyncSection(interval_s=5)) is True
+            await trio.sleep(4.9)
+            assert running.service.statistics().passes == 1
+            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.service.statistics().passes == 2
+            host.vmmdev.time_offset_ms = 2000  # within the host's min-adjust, kept on reload
+            await running.wait_for(lambda s: s.passes >= 3)
+            assert running.service.statistics().slews == 0
+            await running.service.drain()
+
+
+CHILD: Final = """
+import os, sys
+from agent.services._wallclock import SystemClock
+CAP_SYS_TIME = 25
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+status = open("/proc/self/status").read().split("CapEff:")[1].split()[0]
+if int(status, 16) >> CAP_SYS_TIME & 1:
+    sys.exit("still CAP_SYS_TIME after dropping root: refusing to touch the clock")
+clock = SystemClock()
+for name, call in (("slew", clock.slew), ("step", clock.step)):
+    try:
+        call(1_000_000)
+    except PermissionError:
+        print(name, "EPERM")
+try:
+    clock.slew(3600 * 1_000_000_000)
+except OSError as exc:
+    print("slew 1 h", __import__("errno").errorcode[exc.errno])
+"""
+
+
+def test_the_system_clock_is_refused_without_the_privilege() -> None:
+    """In a child without CAP_SYS_TIME (checked first) the real calls reach libc and the
+    kernel and are refused, so the machine's clock never moves; an hour is beyond adjtime's
+    bound whoever asks."""
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["slew EPERM", "step EPERM", "slew 1 h EINVAL"]
+
+
+STA_UNSYNC_OR_CLOCKERR: Final = 0x0040 | 0x1000
+"""``linux/timex.h``: the clock is not synchronised, or has a hardware fault."""
+TIMEX_STATUS_OFFSET: Final = 40
+"""``struct timex``: modes, then offset, freq, maxerror and esterror (longs), then status."""
+
+
+def test_the_system_clock_reads_the_ntp_state() -> None:
+    """``ntp_synchronised`` agrees with the status word of the kernel's own ``struct timex``."""
+    timex = ctypes.create_string_buffer(512)
+    assert ctypes.CDLL(None).adjtimex(timex) >= 0
+    status = int.from_bytes(timex.raw[TIMEX_STATUS_OFFSET : TIMEX_STATUS_OFFSET + 4], "little")
+    assert SystemClock().ntp_synchronised() == (not status & STA_UNSYNC_OR_CLOCKERR)
+
+
+def test_the_system_clock_times_readings_on_the_monotonic_clock() -> None:
+    clock = SystemClock()
+    before = time.monotonic_ns()
+    assert before <= clock.monotonic_ns() <= time.monotonic_ns()
