@@ -9,7 +9,9 @@ report of all CPUs' load would show a fraction of it. Figures:
 - CPU load (idle, kernel, user) of that CPU in percent of its jiffies between two samples:
   idle = idle + iowait, kernel = system + irq + softirq, user = user + nice, over the sum of
   those and steal. The first sample has no "last interval": it makes one report, CPU 0's,
-  with no CPU bits, and so does a sample in which no CPU's jiffies moved.
+  with no CPU bits, and so does a sample in which no CPU's jiffies moved. A CPU whose
+  counters went back (offline and online again, a container's made-up ``/proc/stat``) or
+  whose line came or went gets no report from that sample: it starts its next interval.
 - processes: the numeric directories of ``/proc``; threads: ``nr_threads`` of ``/proc/loadavg``.
 - memory, in 4 KiB pages whatever the guest's page size: total (MemTotal), available
   (MemAvailable), commit (Committed_AS), kernel paged (SReclaimable) and non-paged (SUnreclaim
@@ -63,6 +65,9 @@ MEMORY_CAPS: Final = (
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
 _U32_MAX: Final = 0xFFFF_FFFF
 _CPU_LINE_PREFIX: Final = "cpu"
+MAX_COUNTER_DIGITS: Final = 20
+"""The kernel prints u64 counters: a longer run of digits is not a counter (and Python
+refuses to convert one of more than 4300 digits)."""
 
 
 class ProcStatsError(Exception):
@@ -128,7 +133,7 @@ class ProcStats:
             stat_caps=int(caps),
             threads=_u32(threads),
             processes=_u32(processes),
-            memory_load=(total - available) * PERCENT // total if total else 0,
+            memory_load=_percent(total - available, total),
             page_size=self._page_size,
             phys_mem_total=_pages(total),
             phys_mem_avail=_pages(available),
@@ -144,7 +149,7 @@ class ProcStats:
         reports = tuple(
             _with_loads(common, cpu_id, _loads(last[cpu_id], now))
             for cpu_id, now in cpus.items()
-            if cpu_id in last and now.total > last[cpu_id].total
+            if cpu_id in last and _advanced(last[cpu_id], now)
         )
         return reports or (common,)
 
@@ -159,16 +164,21 @@ def _cpu_times(text: str) -> dict[int, CpuTimes]:
         parts = line.split()
         if not parts or not parts[0].startswith(_CPU_LINE_PREFIX):
             continue
-        number = parts[0].removeprefix(_CPU_LINE_PREFIX)
-        if not number.isdigit() or int(number) >= VMM_MAX_CPU_COUNT:
+        number = _counter(parts[0].removeprefix(_CPU_LINE_PREFIX))
+        if number is None or number >= VMM_MAX_CPU_COUNT:
             continue
-        values = [int(part) for part in parts[1:9] if part.isdigit()]
+        values: list[int] = []
+        for part in parts[1:9]:  # the leading counters; a malformed one ends them
+            value = _counter(part)
+            if value is None:
+                break
+            values.append(value)
         if len(values) < 4:
             msg = f"/proc/stat line {parts[0]!r} has fewer than 4 counters"
             raise ProcStatsError(msg)
         user, nice, system, idle, *rest = values
         iowait, irq, softirq, steal = (*rest, 0, 0, 0, 0)[:4]
-        cpus[int(number)] = CpuTimes(idle + iowait, system + irq + softirq, user + nice, steal)
+        cpus[number] = CpuTimes(idle + iowait, system + irq + softirq, user + nice, steal)
     if not cpus:
         msg = "/proc/stat has no usable 'cpuN' line"
         raise ProcStatsError(msg)
@@ -194,9 +204,10 @@ def _meminfo(text: str) -> dict[str, int]:
     for line in text.splitlines():
         key, _, rest = line.partition(":")
         if key in MEMINFO_KEYS:
-            value = rest.split()
-            if value and value[0].isdigit():
-                found[key] = int(value[0])
+            fields = rest.split()
+            value = _counter(fields[0]) if fields else None
+            if value is not None:
+                found[key] = value
     missing = [key for key in MEMINFO_KEYS if key not in found]
     if missing:
         msg = f"/proc/meminfo lacks {', '.join(missing)}"
@@ -207,11 +218,39 @@ def _meminfo(text: str) -> dict[str, int]:
 def _threads(text: str) -> int:
     fields = text.split()
     running_total = fields[3] if len(fields) > 3 else ""
-    _, _, total = running_total.partition("/")
-    if not total.isdigit():
-        msg = f"/proc/loadavg has no running/total field: {text.strip()!r}"
+    total = _counter(running_total.partition("/")[2])
+    if total is None:
+        msg = f"/proc/loadavg has no running/total field: {text.strip()[:80]!r}"
         raise ProcStatsError(msg)
-    return int(total)
+    return total
+
+
+def _counter(text: str) -> int | None:
+    """``text`` as a kernel counter (ASCII digits, at most a u64's), or None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_COUNTER_DIGITS:
+        return None
+    return int(text)
+
+
+def _advanced(last: CpuTimes, now: CpuTimes) -> bool:
+    """Whether ``now`` is a later sample of the same counters: none went back, some moved.
+
+    A counter goes back when the CPU went offline and online again in between (older kernels
+    restart its idle time) or when a container's ``/proc/stat`` is made up (lxcfs); the
+    interval is then meaningless, and ``now`` is only the next one's start.
+    """
+    return (
+        now.idle >= last.idle
+        and now.kernel >= last.kernel
+        and now.user >= last.user
+        and now.steal >= last.steal
+        and now.total > last.total
+    )
+
+
+def _percent(part: int, whole: int) -> int:
+    """``part`` in percent of ``whole``, within 0-100 (0 when ``whole`` is 0)."""
+    return min(max(part * PERCENT // whole, 0), PERCENT) if whole > 0 else 0
 
 
 def _loads(last: CpuTimes, now: CpuTimes) -> tuple[int, int, int]:

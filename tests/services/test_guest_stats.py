@@ -21,7 +21,7 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import RequestType, StatCap
+from agent.protocol import ReportGuestStats, RequestType, StatCap
 from agent.protocol.constants import VMM_MAX_CPU_COUNT
 from agent.services import EventPump
 from agent.services._base import ServiceContext
@@ -308,5 +308,66 @@ class TestProcSample:
         """A ``cpuN`` line with fewer than four counters names itself in the error."""
         proc = tmp_path / "proc"
         write_proc(proc, cpus=((1, 2, 3),), processes=1)
+        with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
+            ProcStats(proc).sample(balloon_chunks=None)
+
+    def test_a_counter_going_back_starts_a_new_interval(self, tmp_path: Path) -> None:
+        """CPU 0's idle time goes back while its total moves on (it went offline and online
+        again): that sample has no load for it, and the next one measures from it."""
+        proc = tmp_path / "proc"
+        stats = ProcStats(proc)
+        write_proc(proc, cpus=((10, 0, 10, 900, 500, 0, 0, 0),), processes=1)
+        stats.sample(balloon_chunks=None)
+        write_proc(proc, cpus=((2000, 0, 10, 300, 0, 0, 0, 0),), processes=1)
+        (report,) = stats.sample(balloon_chunks=None)
+        assert report.stat_caps & CPU_CAPS == 0
+        write_proc(proc, cpus=((2050, 0, 60, 400, 0, 0, 0, 0),), processes=1)
+        (report,) = stats.sample(balloon_chunks=None)
+        assert report.stat_caps & CPU_CAPS == CPU_CAPS
+        loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
+        assert loads == (50, 25, 25)
+
+    def test_memory_load_stays_a_percentage(self, tmp_path: Path) -> None:
+        """MemAvailable above MemTotal (a container's made-up meminfo) is 0 % load, not a
+        negative figure the report cannot carry."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        meminfo = proc / "meminfo"
+        meminfo.write_text(
+            meminfo.read_text().replace("MemAvailable:    2000000", "MemAvailable:    9000000")
+        )
+        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        assert report.memory_load == 0
+        ReportGuestStats(report).encode()
+
+    @pytest.mark.parametrize(
+        ("name", "old", "new"),
+        [
+            ("stat", "cpu0 10 ", "cpu0 " + "9" * 5000 + " "),
+            ("stat", "cpu0 ", "cpu" + "1" * 5000 + " "),
+            ("meminfo", "MemTotal:        8000000", "MemTotal: " + "8" * 5000),
+            ("loadavg", "2/345", "2/" + "3" * 5000),
+        ],
+    )
+    def test_huge_number_is_a_proc_error(
+        self, tmp_path: Path, name: str, old: str, new: str
+    ) -> None:
+        """A run of digits no kernel counter has is malformed ``/proc``, reported as such
+        (not an error that would end the service)."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        path = proc / name
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+        with pytest.raises(ProcStatsError, match=name):
+            ProcStats(proc).sample(balloon_chunks=None)
+
+    def test_a_malformed_counter_ends_the_line(self, tmp_path: Path) -> None:
+        """A counter that is not a number ends the line's counters instead of shifting the
+        later ones into its place."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=((1, 2, 3, 4),), processes=1)
+        stat = proc / "stat"
+        stat.write_text(stat.read_text().replace("cpu0 1 2 3 4", "cpu0 1 x 3 4 5"))
         with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
             ProcStats(proc).sample(balloon_chunks=None)
