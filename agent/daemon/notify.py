@@ -3,12 +3,15 @@
 The protocol (``sd_notify(3)``): one ``AF_UNIX``/``SOCK_DGRAM`` datagram of newline-separated
 ``KEY=VALUE`` lines to the socket named by ``$NOTIFY_SOCKET``; a leading ``@`` there means the
 abstract namespace. Without the variable every method does nothing, so the daemon runs the same
-outside systemd. Sending never fails the daemon: errors are logged at debug and dropped.
+outside systemd. Sending never fails nor holds up the daemon: a datagram the socket has no room
+for within ``SEND_TIMEOUT_S`` (nobody reads it) is dropped like one that fails, with a debug
+line.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -22,6 +25,10 @@ logger = structlog.get_logger(__name__)
 
 WATCHDOG_FRACTION: Final = 0.5
 """Ping at this fraction of ``WATCHDOG_USEC``, as ``sd_watchdog_enabled(3)`` recommends."""
+SEND_TIMEOUT_S: Final = 1.0
+"""How long a message may wait for room in the socket's queue before it is dropped."""
+SEND_RETRY_S: Final = 0.05
+"""How often a message waiting for room is tried again."""
 _USEC_PER_S: Final = 1_000_000
 
 
@@ -36,7 +43,7 @@ class Notifier:
         """``address``: a socket path, or ``\\0name`` (abstract); ``None`` disables sending."""
         self._address = address
         self._watchdog_usec = watchdog_usec
-        self._socket: trio.socket.SocketType | None = None
+        self._socket: socket.socket | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
@@ -83,12 +90,28 @@ class Notifier:
             await trio.lowlevel.checkpoint()
             return
         message = "\n".join(lines)
+        data = message.encode()
+        give_up_at = trio.current_time() + SEND_TIMEOUT_S
         try:
             if self._socket is None:
-                self._socket = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
-            await self._socket.sendto(message.encode(), self._address)
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._socket.setblocking(False)
+            # poll() says an unconnected datagram socket is always writable, whatever the
+            # receiver's queue holds: trio's sendto would spin, so retry on a timer instead.
+            while True:
+                try:
+                    self._socket.sendto(data, self._address)
+                    break
+                except BlockingIOError:
+                    if trio.current_time() >= give_up_at:
+                        raise
+                    await trio.sleep(SEND_RETRY_S)
+        except BlockingIOError:
+            error = f"no room in the socket's queue within {SEND_TIMEOUT_S:g} s"
+            logger.debug("sd_notify_failed", message=message, error=error)
         except OSError as exc:
             logger.debug("sd_notify_failed", message=message, error=str(exc))
+        await trio.lowlevel.checkpoint()
 
 
 def _socket_address(environ: Mapping[str, str]) -> str | None:

@@ -4,13 +4,15 @@ Rules of this test module:
 - The "service manager" is a ``trio.socket`` ``AF_UNIX`` datagram socket bound in
   ``tmp_path`` (or under a random abstract name); nothing else is contacted.
 - Every receive runs under ``fail_after(RECEIVE_TIMEOUT_S)`` on the real clock, so a missing
-  message fails fast instead of hanging.
+  message fails fast instead of hanging; the full-queue test alone runs on the virtual clock
+  (autojump_clock), as the notifier's wait for room is on trio's clock.
 - "Nothing more was sent" is shown by a sentinel datagram from another socket arriving next.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from agent.daemon.notify import Notifier
+from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
 RECEIVE_TIMEOUT_S = 5
 SENTINEL = "SENTINEL=1"
+MAX_FILL = 100_000
+"""More datagrams than any Unix socket queue holds (the kernel's default is 10)."""
 
 
 class Manager:
@@ -63,7 +67,7 @@ def forbid_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_socket(*args: object) -> None:
         pytest.fail("no socket may be opened")
 
-    monkeypatch.setattr(trio.socket, "socket", no_socket)
+    monkeypatch.setattr(socket, "socket", no_socket)
 
 
 class TestMessages:
@@ -156,6 +160,47 @@ class TestWithoutSocket:
             ("sd_notify_failed", "debug", "READY=1"),
             ("sd_notify_failed", "debug", "WATCHDOG=1"),
         ]
+
+    async def test_a_full_queue_drops_the_message(
+        self, manager: Manager, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A socket nobody reads (its queue full) costs a message at most SEND_TIMEOUT_S,
+        then the message is dropped with a debug line; once there is room again, sending
+        goes on."""
+        filled = fill_queue(manager.address)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        with capture_logs() as logs, trio.fail_after(SEND_TIMEOUT_S * 2):
+            await notifier.stopping()
+        assert [(log["event"], log["message"]) for log in logs] == [
+            ("sd_notify_failed", "STOPPING=1")
+        ]
+        assert await manager.receive(filled) == ["x"] * filled
+        await notifier.watchdog()
+        assert await manager.receive(1) == ["WATCHDOG=1"]
+        await notifier.aclose()
+
+    @pytest.mark.parametrize("address", ["/" + "n" * 200, "@", "@" + "n" * 200])
+    async def test_unusable_address_is_logged_and_ignored(self, address: str) -> None:
+        """A path too long for ``sun_path``, an empty or too long abstract name: one debug
+        line per message, nothing raised."""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+        with capture_logs() as logs:
+            await notifier.ready()
+        await notifier.aclose()
+        assert [(log["event"], log["message"]) for log in logs] == [("sd_notify_failed", "READY=1")]
+
+
+def fill_queue(address: str) -> int:
+    """Send one-byte datagrams to ``address`` until its queue is full; return how many."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        for sent in range(MAX_FILL):
+            try:
+                filler.sendto(b"x", address)
+            except BlockingIOError:
+                return sent
+    msg = f"the queue took {MAX_FILL} datagrams without filling"
+    raise AssertionError(msg)
 
 
 class TestWatchdogInterval:
