@@ -110,11 +110,15 @@ class Supervisor(Generic[T]):
         return [entry.service for entry in self._entries.values()]
 
     def current(self, name: str) -> T | None:
-        """The service supervised under ``name``, unless it is stopping or gone."""
+        """The service that runs under ``name`` next, unless it is stopping or gone.
+
+        While a replacement waits for the old run's drain, that is the replacement: a new
+        section is for it, not for the service on its way out.
+        """
         entry = self._entries.get(name)
         if entry is None or entry.stop_deadline is not None:
             return None
-        return entry.service
+        return entry.service if entry.next is None else entry.next
 
     def replace(self, name: str, service: T) -> bool:
         """Drain the service ``name`` and run ``service`` in its place; False if none runs.

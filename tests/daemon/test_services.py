@@ -199,6 +199,29 @@ class TestThrowAwayService:
                 daemon.request_shutdown("test")
         assert third.drained.is_set()
 
+    async def test_reload_during_a_restart_drain_reaches_the_replacement(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A reload while the old gadget drains for a rebuild is for the rebuilt one: going
+        back to the old label (which the old one would take live) rebuilds it again, and the
+        gadget that runs has the file's last section."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[gadget]\ndrain_s = 4\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [first] = BUILT
+                path.write_text('[gadget]\ndrain_s = 4\nlabel = "two"\n')
+                await daemon.reload()
+                await first.draining.wait()
+                path.write_text("[gadget]\ndrain_s = 4\ninterval_s = 7\n")
+                await daemon.reload()
+                running = BUILT[-1]
+                await running.started.wait()
+                assert first.section == GadgetSection(drain_s=4)
+                assert running.section == GadgetSection(drain_s=4, interval_s=7)
+                daemon.request_shutdown("test")
+
 
 class TestDrain:
     """The stop: one drain deadline, then cancellation."""
