@@ -10,21 +10,24 @@ starts and ends, shown in the status, and publishes nothing meanwhile.
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
 a beacon, on every call), a property wanted absent is deleted once, a property no longer
 wanted at all is deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything
-is written again. A property the host refuses is logged once per status and retried on the
-next call. :class:`IntervalPause` is the wait between two passes, which a reload may
+is written again. A property the host refuses, or one the client refuses to send (a value
+over the 1023-byte limit: ``PropertyArgumentError``), is logged once per status, shown in the
+status and retried on the next call; the refusal is forgotten once the property is neither
+wanted nor held. :class:`IntervalPause` is the wait between two passes, which a reload may
 shorten or lengthen while it runs and an event (a restore) ends early.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
 import trio
 from pydantic import Field
 
 from agent.protocol import Event, VBoxStatusError
+from agent.protocol.guest_props import PropertyArgumentError
 from agent.services._base import ServiceContext, ServiceSection
 from agent.services.guest_props import open_guest_properties
 
@@ -40,6 +43,8 @@ DEFAULT_INTERVAL_S = 5.0
 """VBoxService's VM-info interval."""
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 3600.0
+NOT_SENT: Final = "not sent: over a limit of the property service"
+"""The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
 
 
 class PublishingSection(ServiceSection):
@@ -66,7 +71,7 @@ class PublishingStatistics:
         passes: readings published.
         summary: the last reading's summary (None before the first).
         writes, deletes: properties written (beacons not included) and deleted.
-        refused: properties the host refused at their last attempt.
+        refused: properties refused (by the host, or not sent) at their last attempt.
     """
 
     passes: int
@@ -146,8 +151,13 @@ class PublishingService:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Publish, then again every ``interval_s`` and at once after every restore."""
+        """Publish, then again every ``interval_s`` and at once after every restore.
+
+        A (re)started run writes everything: a restore may have come while it was not
+        running (a supervisor's restart backoff), with no one subscribed to hear it.
+        """
         structlog.contextvars.bind_contextvars(service=self.name)
+        self._publisher.forget()
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             async with open_guest_properties(self._device) as props:
                 await self._publish(props)
@@ -199,8 +209,8 @@ class PropertyPublisher:
 
     ``flags`` go with every write (None: the plain value write, as VBoxService makes for
     properties without cache flags). ``writes`` counts the values written, the ``always``
-    names' not included, ``deletes`` the deletions; ``refused`` maps each property the host
-    refused at its last attempt to the VBox status name.
+    names' not included, ``deletes`` the deletions; ``refused`` maps each property refused at
+    its last attempt to the VBox status name the host answered, or :data:`NOT_SENT`.
     """
 
     def __init__(self, flags: str | None = None) -> None:
@@ -231,10 +241,14 @@ class PropertyPublisher:
             if value is None:
                 if name not in self._deleted:
                     await self._delete(props, name)
-            elif name in always or self._held.get(name) != value:
+            elif name in always or name in self.refused or self._held.get(name) != value:
                 await self._write(props, name, value, counted=name not in always)
         for name in [name for name in self._held if name not in wanted]:
             await self._delete(props, name)
+        for name in [
+            name for name in self.refused if name not in wanted and name not in self._held
+        ]:
+            del self.refused[name]  # gone before it could be published: nothing to retry
 
     async def apply(self, props: GuestProperties, values: Mapping[str, str | None]) -> None:
         """Write (None: delete) each of ``values`` now, whatever the host holds."""
@@ -250,6 +264,9 @@ class PropertyPublisher:
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return
+        except PropertyArgumentError as exc:
+            self._refuse(name, NOT_SENT, str(exc))
+            return
         self.refused.pop(name, None)
         self._deleted.discard(name)
         self._held[name] = value
@@ -262,15 +279,21 @@ class PropertyPublisher:
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return
+        except PropertyArgumentError as exc:
+            self._refuse(name, NOT_SENT, str(exc))
+            return
         self.refused.pop(name, None)
         self._held.pop(name, None)
         self._deleted.add(name)
         self.deletes += 1
 
-    def _refuse(self, name: str, status: str) -> None:
+    def _refuse(self, name: str, status: str, error: str | None = None) -> None:
         """Log a refusal once per status, not at every pass that retries it."""
         if self.refused.get(name) != status:
-            log.warning("property_refused", property=name, status=status)
+            if error is None:
+                log.warning("property_refused", property=name, status=status)
+            else:
+                log.warning("property_refused", property=name, status=status, error=error)
         self.refused[name] = status
 
 

@@ -18,6 +18,7 @@ import textwrap
 from typing import TYPE_CHECKING, Final
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -34,8 +35,10 @@ from agent.services._logins import (
 from agent.services.users import (
     COUNT_PROPERTY,
     LIST_PROPERTY,
+    MAX_LIST_BYTES,
     NONE_PROPERTY,
     UsersSection,
+    users_list,
     users_service,
 )
 from tests.services.publishing_support import GuestSource
@@ -183,3 +186,56 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
         NONE_PROPERTY: ("true", FLAGS),
     }
     assert host.status()["hgcm_clients"] == 0
+
+
+def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
+    """The list stops at a name boundary within the 1023-byte value limit."""
+    names = [f"user{index:011d}" for index in range(80)]  # 15 bytes each, 16 with the comma
+    listed, count = users_list(names)
+    assert count == (MAX_LIST_BYTES + 1) // 16
+    assert listed == ",".join(names[:count])
+    assert len(listed.encode()) <= MAX_LIST_BYTES < len(",".join(names[: count + 1]).encode())
+    exact = ["x" * 511, "y" * 511]  # 1023 bytes with the comma: fits exactly
+    assert users_list(exact) == ("x" * 511 + "," + "y" * 511, 2)
+    assert users_list(["é" * 512]) == ("", 0)  # 1024 bytes: not even one name fits
+
+
+async def test_eighty_users_are_published_with_the_list_cut(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """Too many users for one value: the service keeps running, the list names those that
+    fit, the count names everyone, and the cut is logged once, not at every pass."""
+    users = Users(*(f"student{index:012d}" for index in range(80)))  # 20 bytes with the comma
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            section = UsersSection(interval_s=INTERVAL_S)
+            service = users_service(ServiceContext(device, pump), section, users)
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            await trio.sleep(INTERVAL_S * 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 3
+            listed = (MAX_LIST_BYTES + 1) // 20
+            assert values(host) == {
+                LIST_PROPERTY: (",".join(users.now[:listed]), FLAGS),
+                COUNT_PROPERTY: ("80", FLAGS),
+                NONE_PROPERTY: ("false", FLAGS),
+            }
+            assert service.status() == f"users 80 users ({listed} listed)"
+            users.now = users.now[:3]
+            await trio.sleep(INTERVAL_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host)[LIST_PROPERTY] == (",".join(users.now), FLAGS)
+            nursery.cancel_scope.cancel()
+    cuts = [line for line in logs if line["event"].startswith("users_list")]
+    assert cuts == [
+        {
+            "event": "users_list_cut",
+            "log_level": "warning",
+            "users": 80,
+            "listed": listed,
+            "limit_bytes": MAX_LIST_BYTES,
+        },
+        {"event": "users_list_whole", "log_level": "info", "users": 3},
+    ]
