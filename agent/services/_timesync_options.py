@@ -6,7 +6,8 @@ properties at start. :func:`host_options` turns them into ``[timesync]`` setting
 
 - numbers in VBoxService's units (ms, or a factor) and bounds, written as IPRT reads them
   (base 0: decimal, ``0x`` hexadecimal, a leading ``0`` octal), then converted (ms to s)
-  and held to the section's own bounds;
+  and held to the section's own bounds; stricter than IPRT, a value with a sign, spaces or
+  trailing characters is refused rather than read in part;
 - ``set-start``, ``no-set-start``, ``set-on-restore`` and ``no-set-on-restore`` act by
   existing, a ``no-`` one winning over its pair, as VBoxService checks them.
 
@@ -104,12 +105,13 @@ def host_options(properties: Mapping[str, str], section: type[ServiceSection]) -
 
 def iprt_number(text: str) -> int | None:
     """``text`` as IPRT reads an unsigned number in base 0, or None: decimal, ``0x`` hex,
-    a leading ``0`` octal; nothing else (no sign, space or trailing characters)."""
+    ``0`` then an octal digit octal; nothing else (no sign, space or trailing characters,
+    which IPRT would skip or stop at)."""
     if not text or len(text) > _MAX_NUMBER_CHARS:
         return None
     if text[:2].lower() == "0x":
         digits, base, allowed = text[2:], 16, string.hexdigits
-    elif text[0] == "0" and len(text) > 1:
+    elif text[0] == "0" and text[1:2] in tuple(string.octdigits):  # "09" is decimal
         digits, base, allowed = text[1:], 8, string.octdigits
     else:
         digits, base, allowed = text, 10, string.digits

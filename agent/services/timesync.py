@@ -16,7 +16,10 @@ ms) between two readings of the guest's, and works out the drift:
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
 the kernel says a daemon keeps the clock synchronised (``defer_to_ntp``), slewing is left to
-it and the agent only steps (over the threshold, after a restore).
+it and the agent only steps (over the threshold, after a restore). A step makes the kernel
+say "unsynchronised" until the daemon's next update, so after one the daemon is given up to
+``DAEMON_RESYNC_GRACE_S`` to come back before it is taken for gone. A restore that arrives
+during a pass makes the pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
 :mod:`agent.services._timesync_options`), read at start and after every restore, over the
@@ -40,7 +43,14 @@ import structlog
 import trio
 from pydantic import Field
 
-from agent.protocol import Event, GetHostTime, RemoteProtocolError, VBoxStatusError
+from agent.protocol import (
+    AgentError,
+    DeviceLostError,
+    Event,
+    GetHostTime,
+    RemoteProtocolError,
+    VBoxStatusError,
+)
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
 from agent.services._timesync_options import OPTION_PREFIX, host_options
@@ -50,7 +60,7 @@ from agent.services.guest_props import open_guest_properties
 if TYPE_CHECKING:
     from agent.device import Device
     from agent.services._wallclock import WallClock
-    from agent.services.event_pump import EventPump
+    from agent.services.event_pump import EventPump, Subscription
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +72,14 @@ RETRY_AFTER_HIGH_LATENCY_S: Final = 1.0
 MAX_SET_THRESHOLD_S: Final = 7 * 24 * 3600
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
 _NS_PER_MS: Final = 1_000_000
-MAX_HOST_TIME_MS: Final = (1 << 63) // _NS_PER_MS - 1
-"""The latest host time the guest's clock can take (in 2262): a later one is a bad reply."""
+NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
+MAX_HOST_TIME_MS: Final = 7_258_118_400_000
+"""2200-01-01: later than any real host, earlier than the kernel's limit for the clock
+(about 2232 on 64-bit Linux); a later answer is a bad reply."""
+DAEMON_RESYNC_GRACE_S: Final = 2048.0
+"""After the agent steps the clock, the kernel says "unsynchronised" until the time daemon
+updates it again, at the daemon's next poll: at most 2048 s (systemd-timesyncd's longest;
+chrony's and ntpd's is 1024 s). Until then the daemon is not taken for gone."""
 
 
 class TimesyncSection(ServiceSection):
@@ -178,6 +194,7 @@ class TimesyncService:
         self._left_to_ntp = False
         self._slewing = False
         self._discarding = False
+        self._daemon_resync_by: float | None = None
         self._passes = self._discarded = self._slews = self._steps = 0
         self._left = self._failures = 0
         self._last_drift_ms: float | None = None
@@ -226,7 +243,7 @@ class TimesyncService:
             await self._read_host_options()
             self._set_pending = self._section.set_on_start
             while True:
-                await self._pass()
+                await self._pass(events)
                 if await self._pause.wait(events):
                     self._restore_pending = True
                     await self._read_host_options()
@@ -240,7 +257,9 @@ class TimesyncService:
         try:
             async with open_guest_properties(self._device) as props:
                 found = await props.enumerate([f"{OPTION_PREFIX}*"])
-        except (VBoxStatusError, RemoteProtocolError) as exc:
+        except DeviceLostError:
+            raise
+        except AgentError as exc:  # a refusal, a broken reply, no thread free for the call
             log.warning("host_options_unreadable", error=str(exc))
             return
         options = host_options({p.name: p.value for p in found}, TimesyncSection)
@@ -260,13 +279,24 @@ class TimesyncService:
 
     # --- a pass ------------------------------------------------------------------------------
 
-    async def _pass(self) -> None:
+    async def _pass(self, events: Subscription) -> None:
         status = self.status()
         reading = await self._read()
+        if reading is not None and self._restored_meanwhile(events):
+            await self._read_host_options()  # a restore during the pass: read it all again
+            reading = await self._read()
         if reading is not None:
             self._correct(reading)
         if self.status() != status:
             self._status_changed()
+
+    def _restored_meanwhile(self, events: Subscription) -> bool:
+        try:
+            events.receive_nowait()
+        except trio.WouldBlock:
+            return False
+        self._restore_pending = True
+        return True
 
     async def _read(self) -> Reading | None:
         """A reading taken fast enough, or None (discarded, or the host failed)."""
@@ -315,14 +345,28 @@ class TimesyncService:
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms
-        self._note_time_daemon(section.defer_to_ntp and self._clock.ntp_synchronised(), drift_ms)
+        self._note_time_daemon(self._time_daemon_keeps_clock(), drift_ms)
         if plan.correction is Correction.SLEW and self._left_to_ntp:
             self._left += 1
-            self._end_slewing(drift_ms)
+            self._slewing = False  # the time daemon's now (logged as such)
         elif plan.correction is Correction.NONE:
-            self._end_slewing(drift_ms)
+            if self._slewing:
+                log.info("clock_in_sync", drift_ms=drift_ms)
+            self._slewing = False
+            if self._clock_problem != NOT_PERMITTED:
+                self._clock_fixed()  # a one-off failure; a missing privilege stays
         else:
             self._apply(plan, reading.drift_ns)
+
+    def _time_daemon_keeps_clock(self) -> bool:
+        """Whether to leave slewing to a time daemon (see ``DAEMON_RESYNC_GRACE_S``)."""
+        if not self._section.defer_to_ntp:
+            return False
+        if self._clock.ntp_synchronised():
+            self._daemon_resync_by = None
+            return True
+        resync_by = self._daemon_resync_by
+        return resync_by is not None and trio.current_time() < resync_by
 
     def _apply(self, plan: Plan, drift_ns: int) -> None:
         """Slew or step; a slew the kernel refuses (too large) becomes a step."""
@@ -345,14 +389,19 @@ class TimesyncService:
                     return
             self._clock.step(drift_ns)
         except PermissionError:
-            self._clock_failed("not permitted to set the clock (needs CAP_SYS_TIME)")
+            self._clock_failed(NOT_PERMITTED)
             return
         except OSError as exc:
             self._clock_failed(f"clock not set ({exc.strerror})")
             return
+        except (OverflowError, ValueError) as exc:  # a time the clock cannot take
+            self._clock_failed(f"clock not set ({exc})")
+            return
         self._steps += 1
         self._slewing = False
         self._clock_fixed()
+        if self._left_to_ntp:  # the kernel now says "unsynchronised" until the daemon's poll
+            self._daemon_resync_by = trio.current_time() + DAEMON_RESYNC_GRACE_S
         log.info("clock_stepped", drift_ms=drift_ms, reason=plan.reason)
 
     # --- states, logged when they begin and end ----------------------------------------------
@@ -363,11 +412,6 @@ class TimesyncService:
         elif self._left_to_ntp and not synchronised:
             log.info("time_daemon_gone", drift_ms=drift_ms)
         self._left_to_ntp = synchronised
-
-    def _end_slewing(self, drift_ms: float) -> None:
-        if self._slewing:
-            log.info("clock_in_sync", drift_ms=drift_ms)
-        self._slewing = False
 
     def _host_failed(self, problem: str, event: str, **details: object) -> None:
         self._failures += 1

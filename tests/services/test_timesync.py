@@ -30,10 +30,13 @@ from pydantic import ValidationError
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.protocol import RequestType
+from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND
 from agent.services import EventPump, ServiceContext
 from agent.services._timesync_options import OPTION_PREFIX
 from agent.services._wallclock import SystemClock
 from agent.services.timesync import (
+    DAEMON_RESYNC_GRACE_S,
     MAX_HOST_TIME_MS,
     RETRY_AFTER_HIGH_LATENCY_S,
     Correction,
@@ -60,7 +63,8 @@ class FakeClock:
     """The guest's clock: this machine's, ``offset_ns`` ahead; records what was done to it.
 
     A slew is made up at the kernel's rate over trio's (virtual) time, and a new one replaces
-    what is left of the last, as ``adjtime`` does. ``latencies_ns`` are added to the
+    what is left of the last, as ``adjtime`` does; ``synchronised`` is what a time daemon
+    makes the kernel say. ``latencies_ns`` are added to the
     monotonic clock between the two readings of a pair (the service times each host reading),
     one per pair, to make readings slow.
     """
@@ -88,11 +92,14 @@ class FakeClock:
         return time.monotonic_ns() + self._monotonic_extra_ns
 
     def step(self, offset_ns: int) -> None:
+        """Set the clock; like the kernel, drop a slew under way and the synchronised state
+        (a time daemon's next update restores it)."""
         if self.refusal is not None:
             raise self.refusal
         self.steps.append(offset_ns)
         self.offset_ns += self._slewed_ns() + offset_ns
         self._slew_ns = 0
+        self.synchronised = False
 
     def slew(self, offset_ns: int) -> None:
         if self.refusal is not None:
@@ -353,11 +360,42 @@ async def test_a_time_daemon_keeps_small_drifts_and_a_restore_is_still_stepped(
             host.vmmdev.time_offset_ms = 3600 * 1000
             host.restore()
             await running.wait_for(lambda s: s.steps == 1)
-            assert running.service.status() == "timesync: a time daemon keeps the clock"
-            clock.synchronised = False
+            clock.synchronised = True  # the daemon's next update
             await running.wait_for(lambda s: s.passes == 6)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+            clock.synchronised = False  # the daemon stopped (its estimate ran out)
+            await running.wait_for(lambda s: s.passes == 7)
             assert running.service.status() == "timesync ok"
     assert clock.slews == []
+    assert _events(logs, "clock_left_to_time_daemon", "time_daemon_gone") == [
+        "clock_left_to_time_daemon",
+        "time_daemon_gone",
+    ]
+
+
+async def test_after_its_own_step_it_waits_for_the_time_daemon_to_update(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """Setting the clock makes the kernel say "unsynchronised" until the daemon's next poll:
+    for up to DAEMON_RESYNC_GRACE_S the agent does not slew against the daemon; a daemon
+    that never comes back is then taken for gone."""
+    clock = FakeClock(synchronised=True)
+    interval_s = 512.0
+    with trio.fail_after(4 * DAEMON_RESYNC_GRACE_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=interval_s)) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            host.restore()
+            await running.wait_for(lambda s: s.steps == 1)
+            stepped_at = trio.current_time()
+            host.vmmdev.time_offset_ms += 500  # a drift to slew, were the daemon not there
+            while trio.current_time() < stepped_at + DAEMON_RESYNC_GRACE_S - interval_s:
+                await trio.sleep(interval_s)
+                assert running.service.statistics().slews == 0
+                assert running.service.status() == "timesync: a time daemon keeps the clock"
+            await trio.sleep(2 * interval_s)
+            assert running.service.statistics().slews >= 1
+            assert running.service.status() == "timesync ok"
     assert _events(logs, "clock_left_to_time_daemon", "time_daemon_gone") == [
         "clock_left_to_time_daemon",
         "time_daemon_gone",
@@ -379,8 +417,9 @@ async def test_defer_to_ntp_off_slews_under_a_time_daemon(
 async def test_slow_readings_are_retried_then_the_pass_is_given_up(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    """Three readings of 250 ms or more, a second apart: the pass is discarded (one line), the
-    clock untouched; a fast reading at the next interval is used (one line)."""
+    """Three readings of 250 ms or more: the pass is discarded (one line), the clock
+    untouched; a fast reading at the next interval is used (one line). The second apart is
+    the next test's."""
     clock.latencies_ns = [250 * MS, 300 * MS, 1000 * MS]
     host.vmmdev.time_offset_ms = 500
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
@@ -564,7 +603,38 @@ async def test_a_reload_applies_the_new_interval_to_the_wait_under_way(
             host.vmmdev.time_offset_ms = 2000  # within the host's min-adjust, kept on reload
             await running.wait_for(lambda s: s.passes >= 3)
             assert running.service.statistics().slews == 0
-            await running.service.drain()
+
+
+async def test_a_restore_during_a_pass_is_read_again_as_a_restore(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A restore while a slow reading waits its second: the reading is taken again after it,
+    and stepped as a restore, not slewed first as an ordinary drift."""
+    clock.latencies_ns = [400 * MS]
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            await trio.sleep(RETRY_AFTER_HIGH_LATENCY_S / 2)
+            host.vmmdev.time_offset_ms = 5 * 60 * 1000
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes >= 1)
+            assert (statistics.passes, statistics.steps, statistics.slews) == (1, 1, 0)
+    assert [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"] == ["restored"]
+
+
+async def test_options_the_host_cannot_list_leave_the_config(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """The property service refusing the client (here: no free client on the host) is one
+    line; the service goes on with its config."""
+    host.vmmdev.faults.add_fault(RequestType.HGCM_CONNECT, VERR_HGCM_SERVICE_NOT_FOUND)
+    host.vmmdev.time_offset_ms = 500
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.slews == 1)
+            assert statistics.failures == 0
+    unreadable = [entry for entry in logs if entry["event"] == "host_options_unreadable"]
+    assert len(unreadable) == 1
+    assert "VERR_HGCM_SERVICE_NOT_FOUND" in unreadable[0]["error"]
 
 
 CHILD: Final = """

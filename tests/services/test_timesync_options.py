@@ -48,6 +48,8 @@ def test_a_no_option_wins_over_its_pair() -> None:
         ("0x10", 16),
         ("0XfF", 255),
         ("010", 8),
+        ("09", 9),
+        ("00", 0),
         ("4294967295", 4294967295),
         ("037777777777", 4294967295),
     ],
@@ -58,7 +60,7 @@ def test_numbers_read_as_iprt_reads_them(text: str, number: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "-5", "+5", " 5", "5 ", "1_000", "0x", "09", "0x1g", "\u0661", "1" * 13, "5ms"]
+    "text", ["", "-5", "+5", " 5", "5 ", "1_000", "0x", "019", "0x1g", "\u0661", "1" * 13, "5ms"]
 )
 def test_anything_else_is_no_number(text: str) -> None:
     assert iprt_number(text) is None
