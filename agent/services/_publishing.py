@@ -3,8 +3,12 @@
 :class:`PublishingService` is the service: every ``interval_s`` (a section field) and at
 once after a restore it takes a :class:`Reading` of the guest (the properties it wants and a
 short summary) and publishes it on one HGCM client it keeps; at a stop it writes the
-``stop_values`` (VBoxService's reset values). Failing to read the guest is logged when it
-starts and ends, shown in the status, and publishes nothing meanwhile.
+``stop_values`` (VBoxService's reset values). A service may own every name matching some
+patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a run's first pass and
+after a restore, the host's names among them that the reading does not want (a previous
+boot's) are deleted, and at a stop all of them are, but for the ``stop_values``. Failing to
+read the guest is logged when it starts and ends, shown in the status, and publishes nothing
+meanwhile.
 
 :class:`PropertyPublisher` keeps a set of properties as the service wants them, like
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
@@ -32,7 +36,7 @@ from agent.services._base import ServiceContext, ServiceSection
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Mapping
+    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
     from agent.services._paced import EventSource
     from agent.services.guest_props import GuestProperties
@@ -87,7 +91,8 @@ class PublishingService:
 
     ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
     beacons written on every pass; ``flags`` go with every write; ``stop_values`` are
-    written (None: deleted) at a stop, once something was published.
+    written (None: deleted) at a stop, once something was published; ``owned`` are the
+    patterns of the names the service owns (see the module).
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class PublishingService:
         always: Collection[str] = (),
         flags: str | None = None,
         stop_values: Mapping[str, str | None],
+        owned: Sequence[str] = (),
     ) -> None:
         self.name = name
         self._device = context.device
@@ -108,6 +114,9 @@ class PublishingService:
         self._read = read
         self._always = always
         self._stop_values = stop_values
+        self._owned = owned
+        self._sweep_owned = True
+        """Whether the next pass first deletes the owned names the reading does not want."""
         self._pause = IntervalPause(section.interval_s)
         self._publisher = PropertyPublisher(flags)
         self._published = False
@@ -137,16 +146,20 @@ class PublishingService:
         return True
 
     async def drain(self) -> None:
-        """Write the stop values, on a client of its own (leaving :meth:`run` closed its)."""
+        """Write the stop values and delete the other owned names, on a client of its own
+        (leaving :meth:`run` closed its)."""
         if not self._published:
             await trio.lowlevel.checkpoint()
             return
         async with open_guest_properties(self._device) as props:
-            await self._publisher.apply(props, self._stop_values)
-        if any(name in self._publisher.refused for name in self._stop_values):
+            owned = set(self._publisher.held()) | set(await self._list_owned(props) or ())
+            values: dict[str, str | None] = dict.fromkeys(sorted(owned - self._stop_values.keys()))
+            values |= self._stop_values
+            await self._publisher.apply(props, values)
+        if any(name in self._publisher.refused for name in values):
             return  # each refusal is logged; a next run publishes everything again
         self._published = False
-        log.info("stop_values_written", properties=len(self._stop_values))
+        log.info("stop_values_written", properties=len(values))
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -158,6 +171,7 @@ class PublishingService:
         """
         structlog.contextvars.bind_contextvars(service=self.name)
         self._publisher.forget()
+        self._sweep_owned = True
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             async with open_guest_properties(self._device) as props:
                 await self._publish(props)
@@ -165,6 +179,7 @@ class PublishingService:
                 while True:
                     if await self._pause.wait(events):
                         self._publisher.forget()
+                        self._sweep_owned = True
                         log.info("republishing_after_restore")
                     await self._publish(props)
 
@@ -183,6 +198,11 @@ class PublishingService:
             return
         self._set_unreadable(None)
         publisher = self._publisher
+        if self._sweep_owned:
+            found = await self._list_owned(props)
+            if found is not None:
+                publisher.adopt(found)  # the next publish deletes those not wanted
+                self._sweep_owned = False
         writes, deletes = publisher.writes, publisher.deletes
         await publisher.publish(props, reading.properties, self._always)
         self._published = True
@@ -191,6 +211,16 @@ class PublishingService:
         if written or deleted or reading.summary != self._summary:
             log.info("published", summary=reading.summary, written=written, deleted=deleted)
         self._summary = reading.summary
+
+    async def _list_owned(self, props: GuestProperties) -> list[str] | None:
+        """The host's names matching ``owned``; None (logged) if the host would not list them."""
+        if not self._owned:
+            return []
+        try:
+            return [prop.name for prop in await props.enumerate(self._owned)]
+        except VBoxStatusError as exc:
+            log.warning("owned_properties_unlisted", patterns=list(self._owned), status=exc.name)
+            return None
 
     def _set_unreadable(self, reason: str | None) -> None:
         """Log a failure to read the guest when it starts, changes and ends."""
@@ -221,6 +251,16 @@ class PropertyPublisher:
         self.refused: dict[str, str] = {}
         self.writes = 0
         self.deletes = 0
+
+    def held(self) -> list[str]:
+        """The names the host holds from us (or may, after a restore)."""
+        return list(self._held)
+
+    def adopt(self, names: Iterable[str]) -> None:
+        """Count ``names`` as ours, values unknown: the next :meth:`publish` deletes those
+        it does not want (a previous boot's), and writes the others."""
+        for name in names:
+            self._held.setdefault(name, None)
 
     def forget(self) -> None:
         """The host's store may have changed (a restore): write everything again."""

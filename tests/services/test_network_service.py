@@ -300,10 +300,12 @@ async def test_unreadable_interfaces_hold_the_beacon(
         assert running.service.status() == "network 2 interfaces"
 
 
-async def test_drain_deletes_count_only(
+async def test_a_stop_deletes_every_net_property(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
 ) -> None:
-    """A stop takes the beacon away and leaves the values, on no client left open."""
+    """A stop deletes everything under Net/, as VBoxService does at termination, so no host
+    tool reads a stale address at the next boot; on no client left open."""
+    names = [*network_properties([ETH0, ETH1]), f"{NET_PREFIX}7/Name"]
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device:
             async with trio.open_nursery() as nursery:
@@ -313,11 +315,71 @@ async def test_drain_deletes_count_only(
                 )
                 await nursery.start(pump.run)
                 await nursery.start(service.run)
+                host.prop_set(f"{NET_PREFIX}7/Name", "written since")
                 nursery.cancel_scope.cancel()
+            assert all(host.prop_get(name) is not None for name in names)
             await service.drain()
-            assert host.prop_get(COUNT_PROPERTY) is None
-            assert host.prop_get(f"{NET_PREFIX}0/V4/IP") is not None
+            assert [name for name in names if host.prop_get(name) is not None] == []
             assert host.status()["hgcm_clients"] == 0
+
+
+PREVIOUS_BOOT: Final = (ETH0, ETH1, dataclasses.replace(ETH1, name="eth2"), ETH0)
+
+
+async def test_a_previous_boot_s_entries_go_at_the_first_pass(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """Entries above today's count, left by an earlier boot, are deleted when the service
+    starts; today's are written."""
+    for name, value in network_properties(PREVIOUS_BOOT).items():
+        host.prop_set(name, value)
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        interfaces = Interfaces(ETH1)
+        service = network_service(ServiceContext(device, pump), NetworkSection(), interfaces)
+        with trio.fail_after(LIMIT_S):
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+        held = {name: host.prop_get(name) for name in network_properties(PREVIOUS_BOOT)}
+        assert {name: got[0] for name, got in held.items() if got is not None} == (
+            network_properties([ETH1])
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restore_deletes_the_saved_state_s_extra_entries(
+    autojump_clock: trio.abc.Clock, running: Running
+) -> None:
+    """A restored store may hold entries the guest no longer has: they go at once."""
+    with trio.fail_after(LIMIT_S):
+        stale = f"{NET_PREFIX}3/V4/IP"
+        running.host.prop_set(stale, "10.0.3.15")
+        running.host.restore()
+        await trio.testing.wait_all_tasks_blocked()
+        assert running.value(stale) is None
+        assert running.value(COUNT_PROPERTY) == "2"
+
+
+async def test_a_restore_while_the_run_is_down_is_not_missed(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """A run started again (after a supervisor's restart backoff) writes everything: a
+    restore that came meanwhile had no one to hear it."""
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            service = network_service(ServiceContext(device, pump), NetworkSection(), interfaces)
+            await nursery.start(pump.run)
+            async with trio.open_nursery() as first_run:
+                await first_run.start(service.run)
+                first_run.cancel_scope.cancel()
+            name = f"{NET_PREFIX}1/V4/IP"
+            host.prop_delete(name)  # the restored store lacks it
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            await nursery.start(service.run)
+            assert host.prop_get(name) is not None
+            nursery.cancel_scope.cancel()
 
 
 def test_the_interval_has_named_bounds() -> None:
