@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 import subprocess
@@ -26,10 +27,15 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.services import EventPump, ServiceContext
 from agent.services._logins import (
+    LIBSYSTEMD,
     MAX_UTMP_BYTES,
     USER_PROCESS,
+    UTMP_RECORD_SIZE,
+    UTMP_RECORD_SIZE_TIME32,
+    UTMP_RECORD_SIZE_TIME64,
     LoginsError,
     logged_in_users,
+    utmp_record_size,
     utmp_users,
 )
 from agent.services.users import (
@@ -55,9 +61,33 @@ FLAGS: Final = "TRANSIENT, TRANSRESET"
 
 
 def utmp_record(kind: int, user: str, pid: int = 100) -> bytes:
-    """One glibc ``struct utmp`` (384 bytes): type, pid, line, id, user, host, the rest 0."""
+    """One glibc ``struct utmp`` of the running architecture: type, pid, line, id, user,
+    host, the rest 0."""
     head = struct.pack("=h2xi32s4s32s256s", kind, pid, b"pts/0", b"ts/0", user.encode(), b"")
-    return head.ljust(384, b"\0")
+    return head.ljust(UTMP_RECORD_SIZE, b"\0")
+
+
+@pytest.mark.parametrize(
+    ("machine", "pointer_size", "size"),
+    [
+        ("x86_64", 8, UTMP_RECORD_SIZE_TIME32),
+        ("i686", 4, UTMP_RECORD_SIZE_TIME32),
+        ("ppc64le", 8, UTMP_RECORD_SIZE_TIME32),
+        ("riscv64", 8, UTMP_RECORD_SIZE_TIME32),
+        ("armv7l", 4, UTMP_RECORD_SIZE_TIME32),
+        ("aarch64", 8, UTMP_RECORD_SIZE_TIME64),
+        ("s390x", 8, UTMP_RECORD_SIZE_TIME64),
+        ("loongarch64", 8, UTMP_RECORD_SIZE_TIME64),
+        ("aarch64", 4, UTMP_RECORD_SIZE_TIME32),  # a 32-bit process on a 64-bit kernel
+    ],
+)
+def test_the_utmp_record_size_follows_glibc_s_layout(
+    machine: str, pointer_size: int, size: int
+) -> None:
+    """384 bytes where glibc keeps ``ut_session`` and ``ut_tv`` 32-bit (its
+    ``__WORDSIZE_TIME64_COMPAT32``), 400 on the 64-bit ABIs that do not (the running one is
+    checked against gcc in test_guest_info_abi)."""
+    assert utmp_record_size(machine, pointer_size) == size
 
 
 def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None:
@@ -115,18 +145,86 @@ LOGIND_SCRIPT: Final = textwrap.dedent(
 )
 
 
-def test_logind_s_active_sessions_through_sd_login() -> None:
-    """libsystemd lists the sessions; inactive ones are left out; a uid without an account
-    is named by its number."""
+WITHOUT_USERNAME: Final = textwrap.dedent(
+    """
+    from agent.services import _logins
+
+    library = _logins._sd_login()
+
+    class BeforeSystemd254:
+        def __getattr__(self, name):
+            if name == "sd_session_get_username":
+                raise AttributeError(name)
+            return getattr(library, name)
+
+    _logins._sd_login = BeforeSystemd254
+    """
+)
+WITH_USERNAME: Final = textwrap.dedent(
+    """
+    import ctypes
+    from agent.services import _logins
+
+    library = _logins._sd_login()
+    strdup = ctypes.CDLL(None).strdup  # the script's own "libc" comes later
+    strdup.argtypes = [ctypes.c_char_p]
+    strdup.restype = ctypes.c_void_p
+    USERS = {b"3": b"root", b"c1": b"ghost"}  # what the session files say
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p))
+    def get_username(session, name):
+        name[0] = strdup(USERS[session])
+        return 0
+
+    class Systemd254:
+        sd_session_get_username = get_username
+
+        def __getattr__(self, name):
+            return getattr(library, name)
+
+    _logins._sd_login = Systemd254
+    """
+)
+REPORT_CACHE: Final = textwrap.dedent(
+    """
+    from agent.services import _logins
+    print(_logins._cached_account_name.cache_info().currsize)
+    """
+)
+
+
+def _logind_users(library: str = "") -> list[str]:
+    """The users ``logind_users`` finds in the namespace, with ``library`` set up first,
+    then the number of account names cached."""
     done = subprocess.run(
-        [sys.executable, "-c", LOGIND_SCRIPT],
+        [sys.executable, "-c", library + LOGIND_SCRIPT + REPORT_CACHE],
         capture_output=True,
         text=True,
         timeout=LIMIT_S,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(json.loads(done.stdout)) == ["4242", "root"]
+    users, cached = done.stdout.splitlines()
+    return [*sorted(json.loads(users)), int(cached)]
+
+
+def test_logind_s_active_sessions_through_sd_login() -> None:
+    """libsystemd lists the sessions; inactive ones are left out; each is named as logind
+    names its user where libsystemd can say (systemd 254), else by the uid's account."""
+    has_username = hasattr(ctypes.CDLL(LIBSYSTEMD), "sd_session_get_username")
+    assert _logind_users() == ["ghost" if has_username else "4242", "root", int(not has_username)]
+
+
+def test_logind_s_user_name_is_the_session_s() -> None:
+    """With ``sd_session_get_username`` the session's own user name is taken, with no
+    account lookup (a uid without an account keeps its name)."""
+    assert _logind_users(WITH_USERNAME) == ["ghost", "root", 0]
+
+
+def test_before_systemd_254_the_uid_s_account_names_the_user() -> None:
+    """Without ``sd_session_get_username``: the uid's account name, or the number where
+    there is none, which is not cached (a passing NSS failure must not stick)."""
+    assert _logind_users(WITHOUT_USERNAME) == ["4242", "root", 1]
 
 
 Users = GuestSource[str]
