@@ -285,10 +285,12 @@ class PropertyPublisher:
                 await self._write(props, name, value, counted=name not in always)
         for name in [name for name in self._held if name not in wanted]:
             await self._delete(props, name)
-        for name in [
-            name for name in self.refused if name not in wanted and name not in self._held
-        ]:
-            del self.refused[name]  # gone before it could be published: nothing to retry
+        # A refusal of a name neither wanted nor held has nothing left to retry.
+        self.refused = {
+            name: status
+            for name, status in self.refused.items()
+            if name in wanted or name in self._held
+        }
 
     async def apply(self, props: GuestProperties, values: Mapping[str, str | None]) -> None:
         """Write (None: delete) each of ``values`` now, whatever the host holds."""

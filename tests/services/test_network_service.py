@@ -269,8 +269,11 @@ async def test_a_value_the_client_will_not_send_is_a_refusal_not_a_crash(
 async def test_a_refusal_of_a_name_no_longer_wanted_is_forgotten(
     autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
 ) -> None:
-    """A refused property of an interface that went away leaves the status."""
+    """A property refused from its first write, of an interface that went away, leaves the
+    status: there is nothing left to retry."""
     with trio.fail_after(LIMIT_S):
+        interfaces.now = (ETH0,)
+        await running.next_pass()
         interfaces.now = (ETH0, dataclasses.replace(ETH1, name="eth\udc80"))
         await running.next_pass()
         assert running.service.statistics().refused == 1
