@@ -1,11 +1,12 @@
 """Who is logged in to the guest, from the two sources VBoxService reads on Linux.
 
-1. The utmp file: every ``USER_PROCESS`` record's user name (glibc's 384-byte ``struct
-   utmp``, the same on every Linux architecture).
+1. The utmp file: every ``USER_PROCESS`` record's user name (glibc's ``struct utmp``; see
+   :func:`utmp_record_size` for its size, which differs between architectures).
 2. systemd-logind's sessions: the user of every active session. VBoxService asks logind over
-   D-Bus; the agent calls libsystemd's ``sd-login`` (``sd_get_sessions``,
-   ``sd_session_is_active``, ``sd_session_get_uid``, then the account name of the uid),
-   the documented library interface to the same state, so it needs no D-Bus.
+   D-Bus for the session's user name; the agent calls libsystemd's ``sd-login``
+   (``sd_get_sessions``, ``sd_session_is_active``, then ``sd_session_get_username``, or
+   where libsystemd predates it (systemd 254) ``sd_session_get_uid`` and the account name of
+   the uid), the documented library interface to the same state, so it needs no D-Bus.
    Distributions that no longer write utmp still have these.
 
 Names are kept in order of first appearance, once each (compared on their first 32 bytes,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import platform
 import pwd
 import struct
 from pathlib import Path
@@ -28,7 +30,17 @@ if TYPE_CHECKING:
 
 UTMP_PATH: Final = Path("/run/utmp")
 LIBSYSTEMD: Final = "libsystemd.so.0"
-UTMP_RECORD_SIZE: Final = 384
+UTMP_RECORD_SIZE_TIME32: Final = 384
+"""``struct utmp`` where ``ut_session`` and ``ut_tv`` are 32-bit fields (glibc's
+``__WORDSIZE_TIME64_COMPAT32``): every 32-bit ABI, and the 64-bit ones kept compatible with
+a 32-bit sibling (x86-64, ppc64, sparc64, mips64, riscv64)."""
+UTMP_RECORD_SIZE_TIME64: Final = 400
+"""``struct utmp`` where ``ut_session`` is a ``long`` and ``ut_tv`` a ``struct timeval``:
+the 64-bit ABIs without that compatibility (aarch64, s390x, loongarch64). The fields
+read here (``ut_type`` to ``ut_user``) have the same offsets in both."""
+WIDE_UTMP_MACHINES: Final = frozenset({"aarch64", "s390x", "loongarch64"})
+"""``uname -m`` of the 64-bit architectures with the 400-byte record."""
+POINTER_SIZE: Final = struct.calcsize("P")
 USER_PROCESS: Final = 7
 UT_NAMESIZE: Final = 32
 USER_NAMES_CACHED: Final = 256
@@ -37,6 +49,19 @@ MAX_UTMP_BYTES: Final = 16 * 1024 * 1024
 """A larger utmp file is not a utmp file: it is refused rather than read into memory."""
 _UTMP_HEAD: Final = struct.Struct("=h2xi32s4s32s")
 """``ut_type``, ``ut_pid``, ``ut_line``, ``ut_id``, ``ut_user``: the fields before ``ut_host``."""
+
+
+def utmp_record_size(machine: str, pointer_size: int) -> int:
+    """The size of glibc's ``struct utmp`` on ``machine`` (``uname -m``) for a process with
+    ``pointer_size``-byte pointers (a 32-bit process on a 64-bit kernel has the 32-bit
+    layout, whatever the machine)."""
+    if pointer_size == 8 and machine in WIDE_UTMP_MACHINES:
+        return UTMP_RECORD_SIZE_TIME64
+    return UTMP_RECORD_SIZE_TIME32
+
+
+UTMP_RECORD_SIZE: Final = utmp_record_size(platform.machine(), POINTER_SIZE)
+"""The record size of the running architecture."""
 
 
 class LoginsError(OSError):
@@ -102,24 +127,45 @@ def logind_users() -> list[str]:
     for session in sessions:
         if sd_login.sd_session_is_active(session) <= 0:
             continue  # inactive, or ended since the listing
-        uid = ctypes.c_uint32()
-        if sd_login.sd_session_get_uid(session, ctypes.byref(uid)) < 0:
-            continue
-        names.append(_user_name(uid.value))
+        name = _session_user(sd_login, session)
+        if name is not None:
+            names.append(name)
     return names
 
 
-@functools.lru_cache(maxsize=USER_NAMES_CACHED)
-def _user_name(uid: int) -> str:
-    """The account name of ``uid``, or the number where the account database has none.
+def _session_user(sd_login: ctypes.CDLL, session: bytes) -> str | None:
+    """The user name logind keeps for ``session`` (systemd 254 and later), else the account
+    name of its uid; None if the session ended since the listing."""
+    get_username = getattr(sd_login, "sd_session_get_username", None)
+    if get_username is not None:
+        name = ctypes.c_void_p()
+        if get_username(session, ctypes.byref(name)) >= 0 and name.value:
+            try:
+                return ctypes.string_at(name.value).decode(errors="replace")
+            finally:
+                _free(name)
+    uid = ctypes.c_uint32()
+    if sd_login.sd_session_get_uid(session, ctypes.byref(uid)) < 0:
+        return None
+    return _account_name(uid.value) or str(uid.value)
 
-    Cached: the lookup may go to a network directory (NSS), and it runs on the event loop
-    at every pass, while a uid's name hardly ever changes.
+
+@functools.lru_cache(maxsize=USER_NAMES_CACHED)
+def _cached_account_name(uid: int) -> str:
+    return pwd.getpwuid(uid).pw_name
+
+
+def _account_name(uid: int) -> str | None:
+    """The account name of ``uid``, None where the account database has none (or the lookup
+    failed: the miss is not cached, so a passing NSS failure does not stick).
+
+    Names found are cached: the lookup may go to a network directory (NSS), and it runs on
+    the event loop at every pass, while a uid's name hardly ever changes.
     """
     try:
-        return pwd.getpwuid(uid).pw_name
+        return _cached_account_name(uid)
     except KeyError:
-        return str(uid)
+        return None
 
 
 @functools.cache
@@ -132,6 +178,12 @@ def _sd_login() -> ctypes.CDLL:
     library.sd_session_is_active.restype = ctypes.c_int
     library.sd_session_get_uid.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32)]
     library.sd_session_get_uid.restype = ctypes.c_int
+    if hasattr(library, "sd_session_get_username"):  # systemd 254 and later
+        library.sd_session_get_username.argtypes = [
+            ctypes.c_char_p,
+            ctypes.POINTER(ctypes.c_void_p),
+        ]
+        library.sd_session_get_username.restype = ctypes.c_int
     return library
 
 

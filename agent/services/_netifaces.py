@@ -4,8 +4,12 @@
 interface with a labelled second address, ``eth0:1``, has two), in the kernel's device
 order; the loopback device is left out. For each entry ``SIOCGIFFLAGS``, ``SIOCGIFBRDADDR``,
 ``SIOCGIFNETMASK`` and ``SIOCGIFHWADDR`` give the state, broadcast address, netmask and MAC.
-The socket only carries these ioctls: it is never bound and sends nothing. An entry whose
-interface goes away between the listing and its own ioctls (``ENODEV``) is skipped.
+Each of these is asked with the whole entry, name and address, as VBoxService does: the
+kernel answers the broadcast and netmask of the address with that label and address, where
+the name alone would give the label's first address (a second address added without a label
+of its own shares the device's name). The socket only carries these ioctls: it is never
+bound and sends nothing. An entry whose interface (``ENODEV``) or address
+(``EADDRNOTAVAIL``) goes away between the listing and its own ioctls is skipped.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ _HWADDR: Final = slice(IFNAMSIZ + 2, IFNAMSIZ + 8)
 LISTING_ATTEMPTS: Final = 3
 """Listings tried when addresses keep appearing between sizing the buffer and filling it."""
 _SPARE_ENTRIES: Final = 4
+GONE_SINCE_LISTING: Final = frozenset({errno.ENODEV, errno.EADDRNOTAVAIL})
+"""What the ioctls of an entry fail with when its interface or its address went away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +76,9 @@ def read_ipv4_interfaces() -> tuple[NetInterface, ...]:
             try:
                 interface = _describe(sock, entry)
             except OSError as exc:
-                if exc.errno != errno.ENODEV:
+                if exc.errno not in GONE_SINCE_LISTING:
                     raise
-                continue  # gone since the listing
+                continue
             if interface is not None:
                 found.append(interface)
         return tuple(found)
@@ -106,16 +112,15 @@ def _describe(sock: socket.socket, entry: bytes) -> NetInterface | None:
     family: int = struct.unpack_from("H", entry, IFNAMSIZ)[0]
     if family != socket.AF_INET:
         return None
-    request = entry[:IFNAMSIZ] + bytes(IFREQ_SIZE - IFNAMSIZ)
-    flags: int = struct.unpack_from("H", _ioctl(sock, SIOCGIFFLAGS, request), IFNAMSIZ)[0]
+    flags: int = struct.unpack_from("H", _ioctl(sock, SIOCGIFFLAGS, entry), IFNAMSIZ)[0]
     if flags & IFF_LOOPBACK:
         return None
-    hwaddr = _ioctl(sock, SIOCGIFHWADDR, request)[_HWADDR]
+    hwaddr = _ioctl(sock, SIOCGIFHWADDR, entry)[_HWADDR]
     return NetInterface(
         name=entry[:IFNAMSIZ].split(b"\0", 1)[0].decode(errors="replace"),
         address=socket.inet_ntoa(entry[_SOCKADDR_IN_ADDRESS]),
-        broadcast=socket.inet_ntoa(_ioctl(sock, SIOCGIFBRDADDR, request)[_SOCKADDR_IN_ADDRESS]),
-        netmask=socket.inet_ntoa(_ioctl(sock, SIOCGIFNETMASK, request)[_SOCKADDR_IN_ADDRESS]),
+        broadcast=socket.inet_ntoa(_ioctl(sock, SIOCGIFBRDADDR, entry)[_SOCKADDR_IN_ADDRESS]),
+        netmask=socket.inet_ntoa(_ioctl(sock, SIOCGIFNETMASK, entry)[_SOCKADDR_IN_ADDRESS]),
         mac=hwaddr.hex().upper(),
         up=bool(flags & IFF_UP),
     )

@@ -3,33 +3,40 @@
 :class:`PublishingService` is the service: every ``interval_s`` (a section field) and at
 once after a restore it takes a :class:`Reading` of the guest (the properties it wants and a
 short summary) and publishes it on one HGCM client it keeps; at a stop it writes the
-``stop_values`` (VBoxService's reset values). Failing to read the guest is logged when it
-starts and ends, shown in the status, and publishes nothing meanwhile.
+``stop_values`` (VBoxService's reset values). A service may own every name matching some
+patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a run's first pass and
+after a restore, the host's names among them that the reading does not want (a previous
+boot's) are deleted, and at a stop all of them are, but for the ``stop_values``. Failing to
+read the guest is logged when it starts and ends, shown in the status, and publishes nothing
+meanwhile.
 
 :class:`PropertyPublisher` keeps a set of properties as the service wants them, like
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
 a beacon, on every call), a property wanted absent is deleted once, a property no longer
 wanted at all is deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything
-is written again. A property the host refuses is logged once per status and retried on the
-next call. :class:`IntervalPause` is the wait between two passes, which a reload may
+is written again. A property the host refuses, or one the client refuses to send (a value
+over the 1023-byte limit: ``PropertyArgumentError``), is logged once per status, shown in the
+status and retried on the next call; the refusal is forgotten once the property is neither
+wanted nor held. :class:`IntervalPause` is the wait between two passes, which a reload may
 shorten or lengthen while it runs and an event (a restore) ends early.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
 import trio
 from pydantic import Field
 
 from agent.protocol import Event, VBoxStatusError
+from agent.protocol.guest_props import PropertyArgumentError
 from agent.services._base import ServiceContext, ServiceSection
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Mapping
+    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
     from agent.services._paced import EventSource
     from agent.services.guest_props import GuestProperties
@@ -40,6 +47,8 @@ DEFAULT_INTERVAL_S = 5.0
 """VBoxService's VM-info interval."""
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 3600.0
+NOT_SENT: Final = "not sent: over a limit of the property service"
+"""The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
 
 
 class PublishingSection(ServiceSection):
@@ -66,7 +75,7 @@ class PublishingStatistics:
         passes: readings published.
         summary: the last reading's summary (None before the first).
         writes, deletes: properties written (beacons not included) and deleted.
-        refused: properties the host refused at their last attempt.
+        refused: properties refused (by the host, or not sent) at their last attempt.
     """
 
     passes: int
@@ -82,7 +91,8 @@ class PublishingService:
 
     ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
     beacons written on every pass; ``flags`` go with every write; ``stop_values`` are
-    written (None: deleted) at a stop, once something was published.
+    written (None: deleted) at a stop, once something was published; ``owned`` are the
+    patterns of the names the service owns (see the module).
     """
 
     def __init__(
@@ -95,6 +105,7 @@ class PublishingService:
         always: Collection[str] = (),
         flags: str | None = None,
         stop_values: Mapping[str, str | None],
+        owned: Sequence[str] = (),
     ) -> None:
         self.name = name
         self._device = context.device
@@ -103,6 +114,9 @@ class PublishingService:
         self._read = read
         self._always = always
         self._stop_values = stop_values
+        self._owned = owned
+        self._sweep_owned = True
+        """Whether the next pass first deletes the owned names the reading does not want."""
         self._pause = IntervalPause(section.interval_s)
         self._publisher = PropertyPublisher(flags)
         self._published = False
@@ -132,22 +146,32 @@ class PublishingService:
         return True
 
     async def drain(self) -> None:
-        """Write the stop values, on a client of its own (leaving :meth:`run` closed its)."""
+        """Write the stop values and delete the other owned names, on a client of its own
+        (leaving :meth:`run` closed its)."""
         if not self._published:
             await trio.lowlevel.checkpoint()
             return
         async with open_guest_properties(self._device) as props:
-            await self._publisher.apply(props, self._stop_values)
-        if any(name in self._publisher.refused for name in self._stop_values):
+            owned = set(self._publisher.held()) | set(await self._list_owned(props) or ())
+            values: dict[str, str | None] = dict.fromkeys(sorted(owned - self._stop_values.keys()))
+            values |= self._stop_values
+            await self._publisher.apply(props, values)
+        if any(name in self._publisher.refused for name in values):
             return  # each refusal is logged; a next run publishes everything again
         self._published = False
-        log.info("stop_values_written", properties=len(self._stop_values))
+        log.info("stop_values_written", properties=len(values))
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Publish, then again every ``interval_s`` and at once after every restore."""
+        """Publish, then again every ``interval_s`` and at once after every restore.
+
+        A (re)started run writes everything: a restore may have come while it was not
+        running (a supervisor's restart backoff), with no one subscribed to hear it.
+        """
         structlog.contextvars.bind_contextvars(service=self.name)
+        self._publisher.forget()
+        self._sweep_owned = True
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             async with open_guest_properties(self._device) as props:
                 await self._publish(props)
@@ -155,6 +179,7 @@ class PublishingService:
                 while True:
                     if await self._pause.wait(events):
                         self._publisher.forget()
+                        self._sweep_owned = True
                         log.info("republishing_after_restore")
                     await self._publish(props)
 
@@ -173,6 +198,11 @@ class PublishingService:
             return
         self._set_unreadable(None)
         publisher = self._publisher
+        if self._sweep_owned:
+            found = await self._list_owned(props)
+            if found is not None:
+                publisher.adopt(found)  # the next publish deletes those not wanted
+                self._sweep_owned = False
         writes, deletes = publisher.writes, publisher.deletes
         await publisher.publish(props, reading.properties, self._always)
         self._published = True
@@ -181,6 +211,16 @@ class PublishingService:
         if written or deleted or reading.summary != self._summary:
             log.info("published", summary=reading.summary, written=written, deleted=deleted)
         self._summary = reading.summary
+
+    async def _list_owned(self, props: GuestProperties) -> list[str] | None:
+        """The host's names matching ``owned``; None (logged) if the host would not list them."""
+        if not self._owned:
+            return []
+        try:
+            return [prop.name for prop in await props.enumerate(self._owned)]
+        except VBoxStatusError as exc:
+            log.warning("owned_properties_unlisted", patterns=list(self._owned), status=exc.name)
+            return None
 
     def _set_unreadable(self, reason: str | None) -> None:
         """Log a failure to read the guest when it starts, changes and ends."""
@@ -199,8 +239,8 @@ class PropertyPublisher:
 
     ``flags`` go with every write (None: the plain value write, as VBoxService makes for
     properties without cache flags). ``writes`` counts the values written, the ``always``
-    names' not included, ``deletes`` the deletions; ``refused`` maps each property the host
-    refused at its last attempt to the VBox status name.
+    names' not included, ``deletes`` the deletions; ``refused`` maps each property refused at
+    its last attempt to the VBox status name the host answered, or :data:`NOT_SENT`.
     """
 
     def __init__(self, flags: str | None = None) -> None:
@@ -211,6 +251,16 @@ class PropertyPublisher:
         self.refused: dict[str, str] = {}
         self.writes = 0
         self.deletes = 0
+
+    def held(self) -> list[str]:
+        """The names the host holds from us (or may, after a restore)."""
+        return list(self._held)
+
+    def adopt(self, names: Iterable[str]) -> None:
+        """Count ``names`` as ours, values unknown: the next :meth:`publish` deletes those
+        it does not want (a previous boot's), and writes the others."""
+        for name in names:
+            self._held.setdefault(name, None)
 
     def forget(self) -> None:
         """The host's store may have changed (a restore): write everything again."""
@@ -231,10 +281,16 @@ class PropertyPublisher:
             if value is None:
                 if name not in self._deleted:
                     await self._delete(props, name)
-            elif name in always or self._held.get(name) != value:
+            elif name in always or name in self.refused or self._held.get(name) != value:
                 await self._write(props, name, value, counted=name not in always)
         for name in [name for name in self._held if name not in wanted]:
             await self._delete(props, name)
+        # A refusal of a name neither wanted nor held has nothing left to retry.
+        self.refused = {
+            name: status
+            for name, status in self.refused.items()
+            if name in wanted or name in self._held
+        }
 
     async def apply(self, props: GuestProperties, values: Mapping[str, str | None]) -> None:
         """Write (None: delete) each of ``values`` now, whatever the host holds."""
@@ -250,6 +306,9 @@ class PropertyPublisher:
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return
+        except PropertyArgumentError as exc:
+            self._refuse(name, NOT_SENT, str(exc))
+            return
         self.refused.pop(name, None)
         self._deleted.discard(name)
         self._held[name] = value
@@ -262,15 +321,21 @@ class PropertyPublisher:
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return
+        except PropertyArgumentError as exc:
+            self._refuse(name, NOT_SENT, str(exc))
+            return
         self.refused.pop(name, None)
         self._held.pop(name, None)
         self._deleted.add(name)
         self.deletes += 1
 
-    def _refuse(self, name: str, status: str) -> None:
+    def _refuse(self, name: str, status: str, error: str | None = None) -> None:
         """Log a refusal once per status, not at every pass that retries it."""
         if self.refused.get(name) != status:
-            log.warning("property_refused", property=name, status=status)
+            if error is None:
+                log.warning("property_refused", property=name, status=status)
+            else:
+                log.warning("property_refused", property=name, status=status, error=error)
         self.refused[name] = status
 
 

@@ -11,8 +11,10 @@ The engine is :class:`~agent.services._publishing.PublishingService`: every ``[n
 interval_s`` (5 s, VBoxService's default) and after a restore. A value is written only when
 it changed, but ``Count`` on every pass: it is the beacon by which the host knows the rest
 is current. Unlike VBoxService, which leaves them, the entries of an interface that went
-away are deleted. A stop deletes ``Count``, as VBoxService does, and leaves the rest.
-Config section: ``[network]``.
+away are deleted, and so are, on the first pass and after a restore, the names under
+``Net/`` that no interface wants (a previous boot's, above today's count). A stop deletes
+every name under ``Net/``, as VBoxService does at termination, so that no host tool reads a
+stale address before the next start publishes. Config section: ``[network]``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 NAME: Final = "network"
 NET_PREFIX: Final = "/VirtualBox/GuestInfo/Net/"
 COUNT_PROPERTY: Final = f"{NET_PREFIX}Count"
+NET_PATTERN: Final = f"{NET_PREFIX}*"
+"""Every name the service owns."""
 
 
 class NetworkSection(PublishingSection):
@@ -75,7 +79,8 @@ def network_service(
         section,
         lambda: network_reading(read_interfaces),
         always={COUNT_PROPERTY},
-        stop_values={COUNT_PROPERTY: None},
+        stop_values={},
+        owned=(NET_PATTERN,),
     )
 
 

@@ -12,13 +12,18 @@ interval_s`` (5 s, VBoxService's default) and after a restore, writing only what
 As VBoxService does, every value carries ``TRANSRESET`` (the host drops it when the VM
 resets or powers off) and a stop leaves the "no one" values: the list deleted, ``0`` and
 ``true``. A source that cannot be read keeps the last values rather than claim no one is
-logged in. Config section: ``[users]``.
+logged in. A list longer than a property value may be (1023 bytes) is cut after the last
+name that fits, which is logged when it starts and ends; ``LoggedInUsers`` still counts
+everyone (VBoxService would fail to write the list). Config section: ``[users]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, final
 
+import structlog
+
+from agent.protocol.guest_props import MAX_VALUE_SIZE
 from agent.services._base import ServiceContext, ServiceSpec
 from agent.services._logins import logged_in_users
 from agent.services._publishing import PublishingSection, PublishingService, Reading
@@ -38,23 +43,61 @@ NO_ONE: Final[dict[str, str | None]] = {
     NONE_PROPERTY: "true",
 }
 """The values with no one logged in: VBoxService's reset values, written at a stop."""
+MAX_LIST_BYTES: Final = MAX_VALUE_SIZE - 1
+"""The longest list a property value holds (UTF-8, without the NUL)."""
+SEPARATOR: Final = ","
+
+log = structlog.get_logger(__name__)
 
 
 class UsersSection(PublishingSection):
     """``[users]``: who is logged in, as guest properties, every ``interval_s``."""
 
 
-def users_reading(read_users: Callable[[], Sequence[str]] = logged_in_users) -> Reading:
-    """The users ``read_users`` lists, as properties and ``N users``."""
-    users = read_users()
-    if not users:
-        return Reading(NO_ONE, "0 users")
-    properties = {
-        LIST_PROPERTY: ",".join(users),
-        COUNT_PROPERTY: str(len(users)),
-        NONE_PROPERTY: "false",
-    }
-    return Reading(properties, f"{len(users)} user{'' if len(users) == 1 else 's'}")
+def users_list(users: Sequence[str]) -> tuple[str, int]:
+    """The comma-separated list of ``users`` that fits a property value, and how many it
+    names: the list stops before the first name that would not fit."""
+    size = -len(SEPARATOR)
+    for listed, user in enumerate(users):
+        size += len(SEPARATOR) + len(user.encode())
+        if size > MAX_LIST_BYTES:
+            return SEPARATOR.join(users[:listed]), listed
+    return SEPARATOR.join(users), len(users)
+
+
+@final
+class UsersReader:
+    """Reads the users as properties and ``N users`` (``(K listed)`` when the list is cut);
+    logs when the list starts being cut and when it fits again, not at every pass."""
+
+    def __init__(self, read_users: Callable[[], Sequence[str]] = logged_in_users) -> None:
+        self._read_users = read_users
+        self._cut = False
+
+    def __call__(self) -> Reading:
+        users = self._read_users()
+        if not users:
+            self._note_cut(0, 0)
+            return Reading(NO_ONE, "0 users")
+        names, listed = users_list(users)
+        self._note_cut(len(users), listed)
+        properties = {
+            LIST_PROPERTY: names,
+            COUNT_PROPERTY: str(len(users)),
+            NONE_PROPERTY: "false",
+        }
+        summary = f"{len(users)} user{'' if len(users) == 1 else 's'}"
+        return Reading(
+            properties, summary if listed == len(users) else f"{summary} ({listed} listed)"
+        )
+
+    def _note_cut(self, users: int, listed: int) -> None:
+        cut = listed < users
+        if cut and not self._cut:
+            log.warning("users_list_cut", users=users, listed=listed, limit_bytes=MAX_LIST_BYTES)
+        elif self._cut and not cut:
+            log.info("users_list_whole", users=users)
+        self._cut = cut
 
 
 def users_service(
@@ -64,7 +107,7 @@ def users_service(
 ) -> PublishingService:
     """The service, reading the guest's logins (tests pass their own ``read_users``)."""
     return PublishingService(
-        NAME, context, section, lambda: users_reading(read_users), flags=FLAGS, stop_values=NO_ONE
+        NAME, context, section, UsersReader(read_users), flags=FLAGS, stop_values=NO_ONE
     )
 
 

@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import pydantic
@@ -29,6 +30,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.services import EventPump, ServiceContext
 from agent.services._netifaces import NetInterface
+from agent.services._publishing import NOT_SENT
 from agent.services.network import (
     COUNT_PROPERTY,
     NET_PREFIX,
@@ -241,6 +243,46 @@ async def test_a_refused_property_is_logged_once_and_retried(
         assert running.service.status() == "network 2 interfaces"
 
 
+async def test_a_value_the_client_will_not_send_is_a_refusal_not_a_crash(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """A value the property client refuses before sending (here text that is not valid
+    Unicode) is logged once and shown in the status like the host's refusals; the rest is
+    published, pass after pass, and the refusal ends when the value is fixed."""
+    with trio.fail_after(LIMIT_S):
+        with structlog.testing.capture_logs() as logs:
+            interfaces.now = (ETH0, dataclasses.replace(ETH1, name="eth\udc80"))
+            await running.next_pass()
+            await running.next_pass()
+        name = f"{NET_PREFIX}1/Name"
+        refusals = [line for line in logs if line["event"] == "property_refused"]
+        assert [(line["property"], line["status"]) for line in refusals] == [(name, NOT_SENT)]
+        assert "not valid Unicode" in refusals[0]["error"]
+        assert running.service.status() == f"network: {name} refused ({NOT_SENT})"
+        assert running.value(COUNT_PROPERTY) == "2"
+        interfaces.now = (ETH0, ETH1)
+        await running.next_pass()
+        assert running.value(name) == "eth1"
+        assert running.service.status() == "network 2 interfaces"
+
+
+async def test_a_refusal_of_a_name_no_longer_wanted_is_forgotten(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """A property refused from its first write, of an interface that went away, leaves the
+    status: there is nothing left to retry."""
+    with trio.fail_after(LIMIT_S):
+        interfaces.now = (ETH0,)
+        await running.next_pass()
+        interfaces.now = (ETH0, dataclasses.replace(ETH1, name="eth\udc80"))
+        await running.next_pass()
+        assert running.service.statistics().refused == 1
+        interfaces.now = (ETH0,)
+        await running.next_pass()
+        assert running.service.statistics().refused == 0
+        assert running.service.status() == "network 1 interface"
+
+
 async def test_unreadable_interfaces_hold_the_beacon(
     autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
 ) -> None:
@@ -261,10 +303,12 @@ async def test_unreadable_interfaces_hold_the_beacon(
         assert running.service.status() == "network 2 interfaces"
 
 
-async def test_drain_deletes_count_only(
+async def test_a_stop_deletes_every_net_property(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
 ) -> None:
-    """A stop takes the beacon away and leaves the values, on no client left open."""
+    """A stop deletes everything under Net/, as VBoxService does at termination, so no host
+    tool reads a stale address at the next boot; on no client left open."""
+    names = [*network_properties([ETH0, ETH1]), f"{NET_PREFIX}7/Name"]
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device:
             async with trio.open_nursery() as nursery:
@@ -274,11 +318,71 @@ async def test_drain_deletes_count_only(
                 )
                 await nursery.start(pump.run)
                 await nursery.start(service.run)
+                host.prop_set(f"{NET_PREFIX}7/Name", "written since")
                 nursery.cancel_scope.cancel()
+            assert all(host.prop_get(name) is not None for name in names)
             await service.drain()
-            assert host.prop_get(COUNT_PROPERTY) is None
-            assert host.prop_get(f"{NET_PREFIX}0/V4/IP") is not None
+            assert [name for name in names if host.prop_get(name) is not None] == []
             assert host.status()["hgcm_clients"] == 0
+
+
+PREVIOUS_BOOT: Final = (ETH0, ETH1, dataclasses.replace(ETH1, name="eth2"), ETH0)
+
+
+async def test_a_previous_boot_s_entries_go_at_the_first_pass(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """Entries above today's count, left by an earlier boot, are deleted when the service
+    starts; today's are written."""
+    for name, value in network_properties(PREVIOUS_BOOT).items():
+        host.prop_set(name, value)
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        interfaces = Interfaces(ETH1)
+        service = network_service(ServiceContext(device, pump), NetworkSection(), interfaces)
+        with trio.fail_after(LIMIT_S):
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+        held = {name: host.prop_get(name) for name in network_properties(PREVIOUS_BOOT)}
+        assert {name: got[0] for name, got in held.items() if got is not None} == (
+            network_properties([ETH1])
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restore_deletes_the_saved_state_s_extra_entries(
+    autojump_clock: trio.abc.Clock, running: Running
+) -> None:
+    """A restored store may hold entries the guest no longer has: they go at once."""
+    with trio.fail_after(LIMIT_S):
+        stale = f"{NET_PREFIX}3/V4/IP"
+        running.host.prop_set(stale, "10.0.3.15")
+        running.host.restore()
+        await trio.testing.wait_all_tasks_blocked()
+        assert running.value(stale) is None
+        assert running.value(COUNT_PROPERTY) == "2"
+
+
+async def test_a_restore_while_the_run_is_down_is_not_missed(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """A run started again (after a supervisor's restart backoff) writes everything: a
+    restore that came meanwhile had no one to hear it."""
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            service = network_service(ServiceContext(device, pump), NetworkSection(), interfaces)
+            await nursery.start(pump.run)
+            async with trio.open_nursery() as first_run:
+                await first_run.start(service.run)
+                first_run.cancel_scope.cancel()
+            name = f"{NET_PREFIX}1/V4/IP"
+            host.prop_delete(name)  # the restored store lacks it
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            await nursery.start(service.run)
+            assert host.prop_get(name) is not None
+            nursery.cancel_scope.cancel()
 
 
 def test_the_interval_has_named_bounds() -> None:
@@ -289,57 +393,77 @@ def test_the_interval_has_named_bounds() -> None:
             NetworkSection(interval_s=bad)
 
 
-NAMESPACE_SCRIPT: Final = textwrap.dedent(
+NAMESPACE_SETUP: Final = textwrap.dedent(
     """
-    import ctypes, dataclasses, fcntl, json, socket, struct
-    from agent.services._netifaces import read_ipv4_interfaces
+    import dataclasses, json
+    from agent.services import _netifaces
+    from tests.services.netns_support import (
+        add_bridge, add_unlabelled_address, delete_address, enter_new_network_namespace,
+        set_address, set_mac, set_up,
+    )
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000):  # CLONE_NEWNET: a namespace with only a down loopback
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    def ifreq(name, tail=b""):
-        return name.encode().ljust(16, b"\\0") + tail.ljust(24, b"\\0")
-
-    def inet(address):
-        return struct.pack("HH4s", socket.AF_INET, 0, socket.inet_aton(address))
-
-    def set_up(name):
-        fcntl.ioctl(sock, 0x8914, ifreq(name, struct.pack("H", 1)))  # SIOCSIFFLAGS: IFF_UP
-
-    set_up("lo")  # 127.0.0.1 appears, and must be left out
+    sock = enter_new_network_namespace()
+    set_up(sock, "lo")  # 127.0.0.1 appears, and must be left out
     for bridge in ("br7", "br8"):
-        fcntl.ioctl(sock, 0x89A0, bridge.encode() + b"\\0")  # SIOCBRADDBR
-    fcntl.ioctl(sock, 0x8916, ifreq("br7", inet("10.9.8.7")))  # SIOCSIFADDR
-    fcntl.ioctl(sock, 0x891C, ifreq("br7", inet("255.255.255.0")))  # SIOCSIFNETMASK
-    fcntl.ioctl(sock, 0x891A, ifreq("br7", inet("10.9.8.255")))  # SIOCSIFBRDADDR
-    mac = struct.pack("H6s", 1, bytes.fromhex("020000000A0B"))
-    fcntl.ioctl(sock, 0x8924, ifreq("br7", mac))  # SIOCSIFHWADDR
-    set_up("br7")
-    fcntl.ioctl(sock, 0x8916, ifreq("br7:1", inet("10.20.0.1")))  # a labelled second address
-    fcntl.ioctl(sock, 0x8916, ifreq("br8", inet("172.16.1.2")))  # br8 stays down
-    print(json.dumps([dataclasses.astuple(found) for found in read_ipv4_interfaces()]))
+        add_bridge(sock, bridge)
+    set_address(sock, "br7", "10.9.8.7", "255.255.255.0", "10.9.8.255")
+    set_mac(sock, "br7", "020000000A0B")
+    set_up(sock, "br7")
+    set_address(sock, "br7:1", "10.20.0.1")  # a labelled second address
+    add_unlabelled_address("br7", "172.31.4.5", 16, "172.31.255.255")  # listed as "br7"
+    set_address(sock, "br8", "172.16.1.2")  # br8 stays down
+
+    def show(found):
+        print(json.dumps([dataclasses.astuple(interface) for interface in found]))
     """
 )
+LIST_SCRIPT: Final = NAMESPACE_SETUP + "show(_netifaces.read_ipv4_interfaces())\n"
+VANISHING_SCRIPT: Final = NAMESPACE_SETUP + textwrap.dedent(
+    """
+    listed = _netifaces._list_entries(sock)
+    _netifaces._list_entries = lambda _sock: listed  # the listing, as it was
+    delete_address("br7", "10.20.0.1", 8)  # then br7:1 goes before its own ioctls
+    show(_netifaces.read_ipv4_interfaces())
+    """
+)
+REPOSITORY: Final = Path(__file__).resolve().parents[2]
+"""Where the scripts run, so that they find ``tests.services.netns_support``."""
+MAC: Final = "020000000A0B"
 
 
-def test_the_reader_lists_the_kernel_s_ipv4_interfaces() -> None:
-    """In a namespace of its own: one entry per address, in device order, loopback left out,
-    with the broadcast, netmask, MAC and state the kernel holds."""
+def _in_namespace(script: str) -> list[NetInterface]:
     done = subprocess.run(
-        [sys.executable, "-c", NAMESPACE_SCRIPT],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=LIMIT_S,
         check=False,
+        cwd=REPOSITORY,
     )
     assert done.returncode == 0, done.stderr
-    found = [NetInterface(*fields) for fields in json.loads(done.stdout)]
-    mac = "020000000A0B"
+    return [NetInterface(*fields) for fields in json.loads(done.stdout)]
+
+
+def test_the_reader_lists_the_kernel_s_ipv4_interfaces() -> None:
+    """In a namespace of its own: one entry per address, in device order, loopback left out,
+    with the broadcast, netmask, MAC and state the kernel holds for that very address (a
+    second address without a label of its own has its own netmask and broadcast, not those
+    of the device's first address)."""
+    found = _in_namespace(LIST_SCRIPT)
     assert found == [
-        NetInterface("br7", "10.9.8.7", "10.9.8.255", "255.255.255.0", mac, True),
-        NetInterface("br7:1", "10.20.0.1", "10.255.255.255", "255.0.0.0", mac, True),
-        NetInterface("br8", "172.16.1.2", "172.16.255.255", "255.255.0.0", found[2].mac, False),
+        NetInterface("br7", "10.9.8.7", "10.9.8.255", "255.255.255.0", MAC, True),
+        NetInterface("br7:1", "10.20.0.1", "10.255.255.255", "255.0.0.0", MAC, True),
+        NetInterface("br7", "172.31.4.5", "172.31.255.255", "255.255.0.0", MAC, True),
+        NetInterface("br8", "172.16.1.2", "172.16.255.255", "255.255.0.0", found[3].mac, False),
     ]
-    assert len(found[2].mac) == 12
+    assert len(found[3].mac) == 12
+
+
+def test_an_address_gone_since_the_listing_is_skipped() -> None:
+    """An address deleted between the listing and its own ioctls (``EADDRNOTAVAIL``) is left
+    out; the rest of the pass is read."""
+    assert [(found.name, found.address) for found in _in_namespace(VANISHING_SCRIPT)] == [
+        ("br7", "10.9.8.7"),
+        ("br7", "172.31.4.5"),
+        ("br8", "172.16.1.2"),
+    ]

@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import textwrap
 from typing import TYPE_CHECKING, Final
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -25,17 +27,24 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.services import EventPump, ServiceContext
 from agent.services._logins import (
+    LIBSYSTEMD,
     MAX_UTMP_BYTES,
     USER_PROCESS,
+    UTMP_RECORD_SIZE,
+    UTMP_RECORD_SIZE_TIME32,
+    UTMP_RECORD_SIZE_TIME64,
     LoginsError,
     logged_in_users,
+    utmp_record_size,
     utmp_users,
 )
 from agent.services.users import (
     COUNT_PROPERTY,
     LIST_PROPERTY,
+    MAX_LIST_BYTES,
     NONE_PROPERTY,
     UsersSection,
+    users_list,
     users_service,
 )
 from tests.services.publishing_support import GuestSource
@@ -52,9 +61,33 @@ FLAGS: Final = "TRANSIENT, TRANSRESET"
 
 
 def utmp_record(kind: int, user: str, pid: int = 100) -> bytes:
-    """One glibc ``struct utmp`` (384 bytes): type, pid, line, id, user, host, the rest 0."""
+    """One glibc ``struct utmp`` of the running architecture: type, pid, line, id, user,
+    host, the rest 0."""
     head = struct.pack("=h2xi32s4s32s256s", kind, pid, b"pts/0", b"ts/0", user.encode(), b"")
-    return head.ljust(384, b"\0")
+    return head.ljust(UTMP_RECORD_SIZE, b"\0")
+
+
+@pytest.mark.parametrize(
+    ("machine", "pointer_size", "size"),
+    [
+        ("x86_64", 8, UTMP_RECORD_SIZE_TIME32),
+        ("i686", 4, UTMP_RECORD_SIZE_TIME32),
+        ("ppc64le", 8, UTMP_RECORD_SIZE_TIME32),
+        ("riscv64", 8, UTMP_RECORD_SIZE_TIME32),
+        ("armv7l", 4, UTMP_RECORD_SIZE_TIME32),
+        ("aarch64", 8, UTMP_RECORD_SIZE_TIME64),
+        ("s390x", 8, UTMP_RECORD_SIZE_TIME64),
+        ("loongarch64", 8, UTMP_RECORD_SIZE_TIME64),
+        ("aarch64", 4, UTMP_RECORD_SIZE_TIME32),  # a 32-bit process on a 64-bit kernel
+    ],
+)
+def test_the_utmp_record_size_follows_glibc_s_layout(
+    machine: str, pointer_size: int, size: int
+) -> None:
+    """384 bytes where glibc keeps ``ut_session`` and ``ut_tv`` 32-bit (its
+    ``__WORDSIZE_TIME64_COMPAT32``), 400 on the 64-bit ABIs that do not (the running one is
+    checked against gcc in test_guest_info_abi)."""
+    assert utmp_record_size(machine, pointer_size) == size
 
 
 def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None:
@@ -112,18 +145,86 @@ LOGIND_SCRIPT: Final = textwrap.dedent(
 )
 
 
-def test_logind_s_active_sessions_through_sd_login() -> None:
-    """libsystemd lists the sessions; inactive ones are left out; a uid without an account
-    is named by its number."""
+WITHOUT_USERNAME: Final = textwrap.dedent(
+    """
+    from agent.services import _logins
+
+    library = _logins._sd_login()
+
+    class BeforeSystemd254:
+        def __getattr__(self, name):
+            if name == "sd_session_get_username":
+                raise AttributeError(name)
+            return getattr(library, name)
+
+    _logins._sd_login = BeforeSystemd254
+    """
+)
+WITH_USERNAME: Final = textwrap.dedent(
+    """
+    import ctypes
+    from agent.services import _logins
+
+    library = _logins._sd_login()
+    strdup = ctypes.CDLL(None).strdup  # the script's own "libc" comes later
+    strdup.argtypes = [ctypes.c_char_p]
+    strdup.restype = ctypes.c_void_p
+    USERS = {b"3": b"root", b"c1": b"ghost"}  # what the session files say
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p))
+    def get_username(session, name):
+        name[0] = strdup(USERS[session])
+        return 0
+
+    class Systemd254:
+        sd_session_get_username = get_username
+
+        def __getattr__(self, name):
+            return getattr(library, name)
+
+    _logins._sd_login = Systemd254
+    """
+)
+REPORT_CACHE: Final = textwrap.dedent(
+    """
+    from agent.services import _logins
+    print(_logins._cached_account_name.cache_info().currsize)
+    """
+)
+
+
+def _logind_users(library: str = "") -> list[str]:
+    """The users ``logind_users`` finds in the namespace, with ``library`` set up first,
+    then the number of account names cached."""
     done = subprocess.run(
-        [sys.executable, "-c", LOGIND_SCRIPT],
+        [sys.executable, "-c", library + LOGIND_SCRIPT + REPORT_CACHE],
         capture_output=True,
         text=True,
         timeout=LIMIT_S,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(json.loads(done.stdout)) == ["4242", "root"]
+    users, cached = done.stdout.splitlines()
+    return [*sorted(json.loads(users)), int(cached)]
+
+
+def test_logind_s_active_sessions_through_sd_login() -> None:
+    """libsystemd lists the sessions; inactive ones are left out; each is named as logind
+    names its user where libsystemd can say (systemd 254), else by the uid's account."""
+    has_username = hasattr(ctypes.CDLL(LIBSYSTEMD), "sd_session_get_username")
+    assert _logind_users() == ["ghost" if has_username else "4242", "root", int(not has_username)]
+
+
+def test_logind_s_user_name_is_the_session_s() -> None:
+    """With ``sd_session_get_username`` the session's own user name is taken, with no
+    account lookup (a uid without an account keeps its name)."""
+    assert _logind_users(WITH_USERNAME) == ["ghost", "root", 0]
+
+
+def test_before_systemd_254_the_uid_s_account_names_the_user() -> None:
+    """Without ``sd_session_get_username``: the uid's account name, or the number where
+    there is none, which is not cached (a passing NSS failure must not stick)."""
+    assert _logind_users(WITHOUT_USERNAME) == ["4242", "root", 1]
 
 
 Users = GuestSource[str]
@@ -183,3 +284,56 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
         NONE_PROPERTY: ("true", FLAGS),
     }
     assert host.status()["hgcm_clients"] == 0
+
+
+def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
+    """The list stops at a name boundary within the 1023-byte value limit."""
+    names = [f"user{index:011d}" for index in range(80)]  # 15 bytes each, 16 with the comma
+    listed, count = users_list(names)
+    assert count == (MAX_LIST_BYTES + 1) // 16
+    assert listed == ",".join(names[:count])
+    assert len(listed.encode()) <= MAX_LIST_BYTES < len(",".join(names[: count + 1]).encode())
+    exact = ["x" * 511, "y" * 511]  # 1023 bytes with the comma: fits exactly
+    assert users_list(exact) == ("x" * 511 + "," + "y" * 511, 2)
+    assert users_list(["é" * 512]) == ("", 0)  # 1024 bytes: not even one name fits
+
+
+async def test_eighty_users_are_published_with_the_list_cut(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """Too many users for one value: the service keeps running, the list names those that
+    fit, the count names everyone, and the cut is logged once, not at every pass."""
+    users = Users(*(f"student{index:012d}" for index in range(80)))  # 20 bytes with the comma
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            section = UsersSection(interval_s=INTERVAL_S)
+            service = users_service(ServiceContext(device, pump), section, users)
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            await trio.sleep(INTERVAL_S * 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 3
+            listed = (MAX_LIST_BYTES + 1) // 20
+            assert values(host) == {
+                LIST_PROPERTY: (",".join(users.now[:listed]), FLAGS),
+                COUNT_PROPERTY: ("80", FLAGS),
+                NONE_PROPERTY: ("false", FLAGS),
+            }
+            assert service.status() == f"users 80 users ({listed} listed)"
+            users.now = users.now[:3]
+            await trio.sleep(INTERVAL_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host)[LIST_PROPERTY] == (",".join(users.now), FLAGS)
+            nursery.cancel_scope.cancel()
+    cuts = [line for line in logs if line["event"].startswith("users_list")]
+    assert cuts == [
+        {
+            "event": "users_list_cut",
+            "log_level": "warning",
+            "users": 80,
+            "listed": listed,
+            "limit_bytes": MAX_LIST_BYTES,
+        },
+        {"event": "users_list_whole", "log_level": "info", "users": 3},
+    ]
