@@ -90,7 +90,7 @@ class Notifier:
             await trio.lowlevel.checkpoint()
             return
         message = "\n".join(lines)
-        data = message.encode()
+        data = message.encode(errors="replace")  # a lone surrogate must not end the daemon
         give_up_at = trio.current_time() + SEND_TIMEOUT_S
         try:
             if self._socket is None:

@@ -99,6 +99,14 @@ class TestMessages:
         await notifier.aclose()
         assert await manager.receive(1) == ["STATUS=balloon READY=1"]
 
+    async def test_undecodable_text_is_sent_replaced(self, manager: Manager) -> None:
+        """A status holding a lone surrogate (a file name read with surrogateescape) is sent
+        with it replaced instead of raising out of the notifier."""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        await notifier.status("users: alice, b\udcffob")
+        assert await manager.receive(1) == ["STATUS=users: alice, b?ob"]
+        await notifier.aclose()
+
     async def test_reads_the_process_environment(
         self, manager: Manager, monkeypatch: pytest.MonkeyPatch
     ) -> None:
