@@ -14,10 +14,12 @@ report of all CPUs' load would show a fraction of it. Figures:
   whose line came or went gets no report from that sample: it starts its next interval.
 - processes: the numeric directories of ``/proc``; threads: ``nr_threads`` of ``/proc/loadavg``.
 - memory, in 4 KiB pages whatever the guest's page size: total (MemTotal), available
-  (MemAvailable), commit (Committed_AS), kernel paged (SReclaimable) and non-paged (SUnreclaim
-  + KernelStack + PageTables) and their sum, system cache (Buffers + Cached), page file
-  (SwapTotal); memory load is the share of MemTotal not available, in percent. Every report
-  of a sample carries the same memory figures.
+  (MemAvailable, or MemFree + Buffers + Cached on kernels before 3.14), commit
+  (Committed_AS), kernel paged (SReclaimable) and non-paged (SUnreclaim + KernelStack +
+  PageTables) and their sum, system cache (Buffers + Cached), page file (SwapTotal); memory
+  load is the share of MemTotal not available, in percent. A figure whose lines a kernel
+  (or a container's made-up meminfo) lacks stays out, its bit clear; only MemTotal is
+  required. Every report of a sample carries the same memory figures.
 - the balloon, in 4 KiB pages, from the caller (the balloon service's count).
 
 Handles have no Linux meaning and stay unreported.
@@ -38,19 +40,33 @@ if TYPE_CHECKING:
 
 KIB: Final = 1024
 PERCENT: Final = 100
-MEMINFO_KEYS: Final = (
-    "MemTotal",
-    "MemAvailable",
-    "Buffers",
-    "Cached",
-    "SwapTotal",
-    "Committed_AS",
-    "SReclaimable",
-    "SUnreclaim",
-    "KernelStack",
-    "PageTables",
+MEMINFO_FIGURES: Final = (
+    ("phys_mem_total", StatCap.PHYS_MEM_TOTAL, ("MemTotal",)),
+    ("mem_commit_total", StatCap.MEM_COMMIT_TOTAL, ("Committed_AS",)),
+    (
+        "mem_kernel_total",
+        StatCap.MEM_KERNEL_TOTAL,
+        ("SReclaimable", "SUnreclaim", "KernelStack", "PageTables"),
+    ),
+    ("mem_kernel_paged", StatCap.MEM_KERNEL_PAGED, ("SReclaimable",)),
+    (
+        "mem_kernel_nonpaged",
+        StatCap.MEM_KERNEL_NONPAGED,
+        ("SUnreclaim", "KernelStack", "PageTables"),
+    ),
+    ("mem_system_cache", StatCap.MEM_SYSTEM_CACHE, ("Buffers", "Cached")),
+    ("page_file_size", StatCap.PAGE_FILE_SIZE, ("SwapTotal",)),
 )
-"""The ``/proc/meminfo`` lines a report uses (values in kB)."""
+"""Report field, its bit and the ``/proc/meminfo`` lines (kB) it sums; a field whose lines
+are not all there stays out of the report."""
+AVAILABLE: Final = ("MemAvailable",)
+AVAILABLE_ESTIMATE: Final = ("MemFree", "Buffers", "Cached")
+"""Available memory where the kernel has no MemAvailable (before 3.14), as VBoxService
+computes it."""
+MEMINFO_KEYS: Final = frozenset(key for _, _, keys in MEMINFO_FIGURES for key in keys) | frozenset(
+    AVAILABLE + AVAILABLE_ESTIMATE
+)
+"""The ``/proc/meminfo`` lines a report uses."""
 MEMORY_CAPS: Final = (
     StatCap.MEMORY_LOAD
     | StatCap.PHYS_MEM_TOTAL
@@ -62,6 +78,7 @@ MEMORY_CAPS: Final = (
     | StatCap.MEM_SYSTEM_CACHE
     | StatCap.PAGE_FILE_SIZE
 )
+"""Every memory bit, as a full ``/proc/meminfo`` gives them."""
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
 _U32_MAX: Final = 0xFFFF_FFFF
 _CPU_LINE_PREFIX: Final = "cpu"
@@ -121,29 +138,30 @@ class ProcStats:
         except OSError as exc:
             msg = f"cannot read {exc.filename or self._proc}: {exc.strerror or exc}"
             raise ProcStatsError(msg) from exc
-        caps = MEMORY_CAPS | StatCap.THREADS | StatCap.PROCESSES
-        balloon = 0
+        caps = StatCap.THREADS | StatCap.PROCESSES
+        figures: dict[str, int] = {}
+        for field, bit, keys in MEMINFO_FIGURES:
+            kib = _sum(memory, keys)
+            if kib is not None:
+                figures[field] = _pages(kib)
+                caps |= bit
+        total = memory["MemTotal"]
+        available = _sum(memory, AVAILABLE)
+        if available is None:
+            available = _sum(memory, AVAILABLE_ESTIMATE)
+        if available is not None:
+            figures["phys_mem_avail"] = _pages(available)
+            figures["memory_load"] = _percent(total - available, total)
+            caps |= StatCap.PHYS_MEM_AVAIL | StatCap.MEMORY_LOAD
         if balloon_chunks is not None:
-            balloon = balloon_chunks * (1 << 20) // STAT_PAGE_SIZE
+            figures["phys_mem_balloon"] = _u32(balloon_chunks * (1 << 20) // STAT_PAGE_SIZE)
             caps |= StatCap.PHYS_MEM_BALLOON
-        total, available = memory["MemTotal"], memory["MemAvailable"]
-        paged = memory["SReclaimable"]
-        nonpaged = memory["SUnreclaim"] + memory["KernelStack"] + memory["PageTables"]
         common = GuestStatistics(
             stat_caps=int(caps),
             threads=_u32(threads),
             processes=_u32(processes),
-            memory_load=_percent(total - available, total),
             page_size=self._page_size,
-            phys_mem_total=_pages(total),
-            phys_mem_avail=_pages(available),
-            phys_mem_balloon=_u32(balloon),
-            mem_commit_total=_pages(memory["Committed_AS"]),
-            mem_kernel_total=_pages(paged + nonpaged),
-            mem_kernel_paged=_pages(paged),
-            mem_kernel_nonpaged=_pages(nonpaged),
-            mem_system_cache=_pages(memory["Buffers"] + memory["Cached"]),
-            page_file_size=_pages(memory["SwapTotal"]),
+            **figures,
         )
         last, self._last_cpus = self._last_cpus, cpus
         reports = tuple(
@@ -200,6 +218,7 @@ def _with_loads(
 
 
 def _meminfo(text: str) -> dict[str, int]:
+    """The report's ``/proc/meminfo`` lines by name; MemTotal must be one of them."""
     found: dict[str, int] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
@@ -208,11 +227,17 @@ def _meminfo(text: str) -> dict[str, int]:
             value = _counter(fields[0]) if fields else None
             if value is not None:
                 found[key] = value
-    missing = [key for key in MEMINFO_KEYS if key not in found]
-    if missing:
-        msg = f"/proc/meminfo lacks {', '.join(missing)}"
+    if "MemTotal" not in found:
+        msg = "/proc/meminfo lacks MemTotal"
         raise ProcStatsError(msg)
     return found
+
+
+def _sum(memory: dict[str, int], keys: tuple[str, ...]) -> int | None:
+    """The sum of the ``keys`` lines, or None when one is missing."""
+    if not all(key in memory for key in keys):
+        return None
+    return sum(memory[key] for key in keys)
 
 
 def _threads(text: str) -> int:

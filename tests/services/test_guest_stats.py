@@ -371,3 +371,42 @@ class TestProcSample:
         stat.write_text(stat.read_text().replace("cpu0 1 2 3 4", "cpu0 1 x 3 4 5"))
         with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
             ProcStats(proc).sample(balloon_chunks=None)
+
+    def test_a_kernel_without_memavailable_estimates_it(self, tmp_path: Path) -> None:
+        """Before Linux 3.14 meminfo has no MemAvailable: available memory is MemFree +
+        Buffers + Cached (as VBoxService reports it), not a failed sample."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        meminfo = proc / "meminfo"
+        meminfo.write_text(meminfo.read_text().replace("MemAvailable:    2000000 kB\n", ""))
+        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        assert report.stat_caps & MEMORY_CAPS == MEMORY_CAPS
+        assert report.phys_mem_avail == (100 + 4000 + 40000) // 4
+        assert report.memory_load == 99
+
+    def test_missing_lines_leave_their_figures_out(self, tmp_path: Path) -> None:
+        """A meminfo without the slab, stack and page table lines (a container's) still
+        gives a report: the kernel figures' bits are clear, the others are there."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        meminfo = proc / "meminfo"
+        kept = [
+            line
+            for line in meminfo.read_text().splitlines()
+            if line.split(":")[0] not in {"SReclaimable", "KernelStack", "PageTables"}
+        ]
+        meminfo.write_text("\n".join(kept) + "\n")
+        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        kernel = StatCap.MEM_KERNEL_TOTAL | StatCap.MEM_KERNEL_PAGED | StatCap.MEM_KERNEL_NONPAGED
+        assert report.stat_caps & MEMORY_CAPS == MEMORY_CAPS & ~kernel
+        assert (report.phys_mem_total, report.phys_mem_avail) == (2_000_000, 500_000)
+        assert report.mem_kernel_total == 0
+
+    def test_meminfo_without_memtotal_is_an_error(self, tmp_path: Path) -> None:
+        """MemTotal is the one line a report cannot do without."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        meminfo = proc / "meminfo"
+        meminfo.write_text(meminfo.read_text().replace("MemTotal:", "MemTotl:"))
+        with pytest.raises(ProcStatsError, match="lacks MemTotal"):
+            ProcStats(proc).sample(balloon_chunks=None)
