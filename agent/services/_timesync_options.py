@@ -36,6 +36,8 @@ MAX_SHOWN_CHARS: Final = 40
 _MAX_NUMBER_CHARS: Final = 12
 """Longer than any 32-bit number in any base IPRT reads (``037777777777``)."""
 _MS_PER_S: Final = 1000
+MAX_SET_THRESHOLD_MS: Final = 7 * 24 * 3600 * _MS_PER_S
+"""VBoxService's bound on ``--timesync-set-threshold``: a week."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,7 @@ _NUMBER_OPTIONS: Final = {
     "min-adjust": _NumberOption("min_adjust_ms", 0, 3_600_000),
     "latency-factor": _NumberOption("latency_factor", 1, 1024),
     "max-latency": _NumberOption("max_latency_ms", 1, 3_600_000),
-    "set-threshold": _NumberOption("set_threshold_s", 0, 7 * 24 * 3600 * 1000, to_seconds=True),
+    "set-threshold": _NumberOption("set_threshold_s", 0, MAX_SET_THRESHOLD_MS, to_seconds=True),
 }
 """Property suffix -> option, with VBoxService's bounds (``vgsvcTimeSyncOption``)."""
 _FLAG_OPTIONS: Final = (

@@ -53,7 +53,7 @@ from agent.protocol import (
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
-from agent.services._timesync_options import OPTION_PREFIX, host_options
+from agent.services._timesync_options import MAX_SET_THRESHOLD_MS, OPTION_PREFIX, host_options
 from agent.services._wallclock import SystemClock
 from agent.services.guest_props import open_guest_properties
 
@@ -69,7 +69,7 @@ READING_TRIES: Final = 3
 """Readings of one pass before it is given up for latency, as VBoxService."""
 RETRY_AFTER_HIGH_LATENCY_S: Final = 1.0
 """The wait before another reading when one took too long, as VBoxService."""
-MAX_SET_THRESHOLD_S: Final = 7 * 24 * 3600
+MAX_SET_THRESHOLD_S: Final = MAX_SET_THRESHOLD_MS // 1000
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
 _NS_PER_MS: Final = 1_000_000
 NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
