@@ -10,7 +10,9 @@ Init → start the event pump, then every enabled service of the registry, each 
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
    running meanwhile), while facility Terminating is reported (abandoned if the host does
-   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled;
+   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled.
+   A service still starting is one of them: the stop ends the daemon's wait for its start
+   (no further service starts), then cancels the start and drains it under ``D`` too;
 3. the final phase, at most ``FINAL_PHASE_S`` from the end of the drains and never past
    ``D + FINAL_PHASE_S``: the event pump stops, facility Terminated;
 4. the device is closed last, within ``CLOSE_S``.
@@ -142,7 +144,11 @@ class Daemon:
         )
 
     def request_shutdown(self, reason: str) -> None:
-        """Begin a clean shutdown (idempotent); a start-up in progress is cut short."""
+        """Begin a clean shutdown (idempotent); a start-up in progress is cut short.
+
+        The daemon stops waiting for the service that is starting and starts no other; the
+        stop then cancels that start and drains the service with the others.
+        """
         if not self._shutdown.is_set():
             log.info("shutdown_requested", reason=reason)
             self._shutdown.set()
@@ -185,7 +191,7 @@ class Daemon:
         self._context = ServiceContext(device, pump, self._status_changed)
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as pump_nursery:
-                await pump_nursery.start(self._pump_supervisor.supervise, pump)
+                await self._pump_supervisor.start(pump_nursery, pump)
                 async with trio.open_nursery() as services:
                     self._services_nursery = services
                     with self._startup:
@@ -209,7 +215,7 @@ class Daemon:
         for spec in self._registry:
             section = self._section(self.config, spec)
             if section.enable:
-                await services.start(self._supervisor.supervise, self._build(spec, section))
+                await self._supervisor.start(services, self._build(spec, section))
 
     async def _announce_ready(
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
@@ -381,7 +387,7 @@ class Daemon:
     def _launch(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         service = self._build(spec, section)
         if not self._supervisor.replace(spec.name, service) and self._services_nursery is not None:
-            self._services_nursery.start_soon(self._supervisor.supervise, service)
+            self._supervisor.start_soon(self._services_nursery, service)
 
 
 def _within(seconds: float) -> trio.CancelScope:
