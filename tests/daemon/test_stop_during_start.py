@@ -22,6 +22,7 @@ from agent.daemon.daemon import CLOSE_S, FINAL_PHASE_S
 from agent.daemon.notify import Notifier
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Facility, FacilityStatus
+from agent.services.network import COUNT_PROPERTY
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -84,6 +85,10 @@ def _heartbeat_on(host: SimulatedHost) -> bool:
     return state["enabled"] is True
 
 
+def _net_count_published(host: SimulatedHost) -> bool:
+    return host.prop_get(COUNT_PROPERTY) is not None
+
+
 def _facility(host: SimulatedHost) -> int:
     facilities = host.status()["facilities"]
     assert isinstance(facilities, dict)
@@ -125,3 +130,18 @@ class TestStopDuringStart:
         assert not _heartbeat_on(host)
         assert _facility(host) == FacilityStatus.TERMINATED
         assert took <= SHUTDOWN_TIMEOUT_S + FINAL_PHASE_S + CLOSE_S
+
+    async def test_properties_written_by_a_cancelled_first_pass_are_deleted(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """The network service's first pass (its start) wrote Net/Count but never heard
+        back: the stop cancels the start and its drain deletes what it owns, as at any stop."""
+        opener = HoldingOpener(host, _net_count_published)
+        daemon = Daemon(AgentConfig(), opener, notifier=Notifier(None))
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await opener.holding.wait()
+                daemon.request_shutdown("test")
+        assert host.prop_get(COUNT_PROPERTY) is None
+        assert _facility(host) == FacilityStatus.TERMINATED
