@@ -3,10 +3,11 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, a reload
 before READY being skipped) → open the device (version handshake) → report the facility as
 Init → start the event pump, then every enabled service of the registry, each with
-``nursery.start`` under a supervisor → facility Active, ``READY=1`` with the combined
+``Supervisor.start`` → facility Active, ``READY=1`` with the combined
 ``STATUS=`` line → wait for a shutdown request → the stop:
 
-1. ``STOPPING=1``; the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed;
+1. the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed (``STOPPING=1`` is
+   sent once the drains began, within ``D``);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
    running meanwhile), while facility Terminating is reported (abandoned if the host does
@@ -231,8 +232,11 @@ class Daemon:
             nursery.start_soon(self._watchdog, device, interval)
 
     async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> float:
-        """STOPPING=1; every service drains while ``terminating`` reports; return ``D``."""
-        await self._notifier.stopping()
+        """Every service drains while ``terminating`` reports, then STOPPING=1; return ``D``.
+
+        ``D`` counts from now: STOPPING=1 is sent after the drains began, within ``D``, so a
+        notify queue that holds the message for a while delays neither.
+        """
         self._watchdog_scope.cancel()
         now = trio.current_time()
         deadline = now + self.config.daemon.shutdown_timeout_s
@@ -241,6 +245,8 @@ class Daemon:
         terminating.deadline = min(deadline, now + REPORT_TIMEOUT_S)
         log.info("services_draining", drain_s=self.config.daemon.shutdown_timeout_s)
         self._supervisor.stop_all(deadline)
+        with trio.move_on_at(deadline):
+            await self._notifier.stopping()
         return deadline
 
     def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:

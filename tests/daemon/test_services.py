@@ -24,7 +24,7 @@ from pydantic import Field
 from agent.config import AgentConfig, load_config
 from agent.daemon import Daemon
 from agent.daemon.daemon import FINAL_PHASE_S
-from agent.daemon.notify import Notifier
+from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event, GetSessionId
 from agent.services import ServiceContext, ServiceSection, ServiceSpec
@@ -115,12 +115,27 @@ def _clear_built() -> None:
     BUILT.clear()
 
 
-def _daemon(host: SimulatedHost, path: Path, text: str) -> Daemon:
+def _daemon(host: SimulatedHost, path: Path, text: str, notifier: Notifier | None = None) -> Daemon:
     path.write_text(text)
     config = load_config(path, section_models(REGISTRY))
     return Daemon(
-        config, SimOpener(host), config_path=path, notifier=Notifier(None), registry=REGISTRY
+        config,
+        SimOpener(host),
+        config_path=path,
+        notifier=notifier or Notifier(None),
+        registry=REGISTRY,
     )
+
+
+class FullQueueNotifier(Notifier):
+    """sd_notify whose ``STOPPING=1`` meets a full queue: the send retries for as long as
+    the notifier allows before it gives up."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    async def stopping(self) -> None:
+        await trio.sleep(SEND_TIMEOUT_S)
 
 
 class TestThrowAwayService:
@@ -286,6 +301,23 @@ class TestDrain:
             stopped = trio.current_time() - began
         assert gadget.drain_cancelled
         assert not gadget.drained.is_set()
+        assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
+
+    async def test_a_slow_stopping_message_does_not_delay_the_deadline(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """The drain deadline counts from the stop request, not from STOPPING=1's send,
+        which a full notify queue can hold for a second."""
+        path = tmp_path / "agent.toml"
+        text = "[daemon]\nshutdown_timeout_s = 2\n[gadget]\ndrain_s = 30\n"
+        daemon = _daemon(host, path, text, FullQueueNotifier())
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                began = trio.current_time()
+                daemon.request_shutdown("test")
+            stopped = trio.current_time() - began
+        assert BUILT[0].drain_cancelled
         assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
 
     async def test_stop_during_start_up(
