@@ -1,8 +1,8 @@
 """The guest's CPUs in sysfs: find one by the host's core and package ids, bring it online,
 take it offline and eject it.
 
-Everything here is blocking file I/O on ``ROOT/devices/system/cpu`` (``ROOT`` is ``/sys``;
-tests pass a tree of their own); the service runs it on a worker thread, since a CPU going
+Everything here is blocking file I/O on ``ROOT/devices/system/cpu`` (``ROOT`` is ``/sys``
+in a guest, a tree of their own in tests); the service runs it on a worker thread, since a CPU going
 offline can keep the write busy for a while.
 
 What the kernel offers (and what VBoxService relies on):
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+DEFAULT_SYSFS_ROOT: Final = "/sys"
 CPU_DIR: Final = Path("devices/system/cpu")
 """Where the CPUs are, under the sysfs root."""
 _CPU_NAME: Final = re.compile(r"cpu(\d+)")
@@ -50,7 +51,7 @@ class CpuSysfs:
         root: the sysfs mount point.
     """
 
-    def __init__(self, root: Path = Path("/sys")) -> None:
+    def __init__(self, root: Path) -> None:
         self._cpus = root / CPU_DIR
 
     def bring_online(self, core: int, package: int) -> CpuChange | None:

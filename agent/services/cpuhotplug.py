@@ -21,7 +21,7 @@ Each action is one log line with the host's ids and the CPU; a request nobody ca
 (an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
 driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) is said
 once in the status; the service then waits for a restore without polling. A stop disables
-monitoring. Config section: ``[cpuhotplug]``.
+monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, final
 
 import structlog
 import trio
+from pydantic import field_validator
 
 from agent.protocol import (
     CpuEventType,
@@ -43,7 +44,7 @@ from agent.protocol import (
 )
 from agent.protocol.status import STATUS_CODES
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._cpu_sysfs import CpuChange, CpuSysfs
+from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -76,7 +77,19 @@ UNAVAILABLE: Final = frozenset(
 
 
 class CpuHotPlugSection(ServiceSection):
-    """``[cpuhotplug]``: nothing to tune beyond ``enable`` (on, as in VBoxService)."""
+    """``[cpuhotplug]``: on, as in VBoxService; where the guest's CPUs are."""
+
+    sysfs_root: str = DEFAULT_SYSFS_ROOT
+    """The sysfs mount whose CPUs the service changes: ``/sys`` in a guest; a scratch tree
+    for an agent that follows a simulated host on a machine whose CPUs must stay as they are."""
+
+    @field_validator("sysfs_root")
+    @classmethod
+    def _check_sysfs_root(cls, value: str) -> str:
+        if not value.startswith("/") or "\0" in value:
+            msg = "must be an absolute path (without NUL) such as /sys"
+            raise ValueError(msg)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +143,8 @@ class CpuHotPlugService:
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
-        """Nothing to apply: the section has no settings besides ``enable``."""
-        del section
+        """Apply a new ``sysfs_root`` at once (from the next host event on)."""
+        self._sysfs = CpuSysfs(Path(section.sysfs_root))
         return True
 
     async def drain(self) -> None:
@@ -223,8 +236,13 @@ class CpuHotPlugService:
         return CpuChange(None, f"no offline CPU appeared within {PLUG_TRIES} looks")
 
     async def _in_thread(self, work: Callable[[int, int], _T], core: int, package: int) -> _T:
-        """Run sysfs work on a worker thread: a CPU going offline may keep a write busy."""
-        return await trio.to_thread.run_sync(work, core, package, limiter=self._limiter)
+        """Run sysfs work on a worker thread: a CPU going offline may keep a write busy.
+
+        A stop does not wait for it: the kernel finishes the write whoever waits.
+        """
+        return await trio.to_thread.run_sync(
+            work, core, package, limiter=self._limiter, abandon_on_cancel=True
+        )
 
     def _fail(self, event: str, **details: object) -> None:
         self._failures += 1
@@ -232,12 +250,9 @@ class CpuHotPlugService:
         self._status_changed()
 
 
-def cpuhotplug_service(
-    context: ServiceContext, section: CpuHotPlugSection, sysfs_root: Path | None = None
-) -> CpuHotPlugService:
-    """The service on ``sysfs_root`` (default ``/sys``; tests pass a tree of their own)."""
-    del section
-    return CpuHotPlugService(context, CpuSysfs(Path("/sys") if sysfs_root is None else sysfs_root))
+def cpuhotplug_service(context: ServiceContext, section: CpuHotPlugSection) -> CpuHotPlugService:
+    """The service on the section's ``sysfs_root``."""
+    return CpuHotPlugService(context, CpuSysfs(Path(section.sysfs_root)))
 
 
 SPEC: Final = ServiceSpec(NAME, CpuHotPlugSection, cpuhotplug_service)

@@ -25,6 +25,7 @@ import pytest
 import structlog.testing
 import trio
 import trio.testing
+from pydantic import ValidationError
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
@@ -149,7 +150,7 @@ async def running(
             watch = Watch()
             pump = EventPump(device)
             service = cpuhotplug_service(
-                ServiceContext(device, pump, watch.changed), CpuHotPlugSection(), root
+                ServiceContext(device, pump, watch.changed), CpuHotPlugSection(sysfs_root=str(root))
             )
             await nursery.start(pump.run)
             async with trio.open_nursery() as inner:
@@ -167,10 +168,28 @@ def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
 
 class TestSpec:
     def test_is_registered_with_its_section(self) -> None:
-        """The registry lists it; ``[cpuhotplug]`` has ``enable``, on by default as VBoxService."""
+        """The registry lists it; ``[cpuhotplug]`` is on by default, as VBoxService, on /sys."""
         assert SPEC in SERVICES
         assert (SPEC.name, SPEC.section) == ("cpuhotplug", CpuHotPlugSection)
-        assert CpuHotPlugSection() == CpuHotPlugSection(enable=True)
+        assert CpuHotPlugSection() == CpuHotPlugSection(enable=True, sysfs_root="/sys")
+
+    @pytest.mark.parametrize("root", ["sys", "", "/sys\0"])
+    def test_sysfs_root_must_be_absolute(self, root: str) -> None:
+        """A relative or empty root is refused with what is allowed."""
+        with pytest.raises(ValidationError, match="must be an absolute path"):
+            CpuHotPlugSection(sysfs_root=root)
+
+    async def test_reload_moves_to_another_tree(self, guest: Guest, tmp_path: Path) -> None:
+        """A new ``sysfs_root`` applies live, from the next event on."""
+        other = Guest(tmp_path / "other")
+        other.cpu(6, online=False)
+        with trio.fail_after(10):
+            async with running(guest.root) as run:
+                assert run.service.reconfigure(CpuHotPlugSection(sysfs_root=str(other.root)))
+                run.host.cpu_plug(6)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert other.online(6) == "1"
+        assert (guest.online(2), guest.online(3)) == ("0", "0")
 
 
 class TestPlugAndUnplug:
