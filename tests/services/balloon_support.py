@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from agent.device import Device
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
-    from agent.services.balloon._chunks import ChunkAllocator
+    from agent.services.balloon._chunks import Chunk, ChunkAllocator
+    from agent.services.balloon._handover import Handover, HostTarget
 
 USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
 SIM_PAGES_BASE: Final = 1 << 40
@@ -183,3 +184,34 @@ async def running_balloon(
                     await service.drain()
                 nursery.cancel_scope.cancel()
         outer.cancel_scope.cancel()
+
+
+class ErrnoOnce:
+    """Wraps a walker's handover: the next calls of the named methods raise ``error`` (as a
+    driver refusing the ioctl with an errno), the rest go through."""
+
+    def __init__(self, handover: Handover, error: BaseException, **calls: int) -> None:
+        self._handover = handover
+        self._error = error
+        self.calls = calls
+        self.needs_pages = handover.needs_pages
+
+    def _fail(self, name: str) -> None:
+        if self.calls.get(name, 0):
+            self.calls[name] -= 1
+            raise self._error
+
+    async def read_target(self) -> HostTarget:
+        self._fail("read_target")
+        return await self._handover.read_target()
+
+    async def inflate(self, chunk: Chunk) -> None:
+        self._fail("inflate")
+        await self._handover.inflate(chunk)
+
+    async def deflate(self, chunk: Chunk) -> None:
+        self._fail("deflate")
+        await self._handover.deflate(chunk)
+
+    def never_held(self, rc: int) -> bool:
+        return self._handover.never_held(rc)

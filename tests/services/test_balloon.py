@@ -23,6 +23,7 @@ from agent.services.balloon import BalloonMode, BalloonSection, BalloonService
 from agent.services.balloon._pressure import PressureFileError
 from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
 from tests.services.balloon_support import (
+    ErrnoOnce,
     Quiet,
     ScriptedPressure,
     SimChunks,
@@ -252,6 +253,151 @@ class TestFailures:
                 # The reason as the allocator words it, without str(OSError)'s "[Errno 12]".
                 stopped = [entry for entry in logs if entry["event"] == "balloon_walk_stopped"]
                 assert stopped[0]["reason"] == "simulated allocation failure"
+
+
+class TestBackoff:
+    """A failed step backs off in its own direction only, and only while it matters."""
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_deflates_during_an_inflate_backoff(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The floor stopped the walk and its backoff grew to minutes: pressure still gives
+        the chunks back at once, not when the inflate may be retried."""
+        host = _host(kind)
+        pressure = ScriptedPressure()
+        section = BalloonSection(min_available_mb=256, pressure_step_mb=64, retry_max_s=600.0)
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="",
+                host=host,
+                section=section,
+                pressure=pressure,
+                mem_available_mb=lambda: 300 - host.vmmdev.balloon.chunks,
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(100)
+                await run.until(lambda: walker.backoff.retry_at - trio.current_time() > 60)
+                assert run.host_chunks == 44  # 300 - 44 leaves the 256 MB floor
+                pressed = trio.current_time()
+                pressure.send(80.0, high=True)
+                await run.settle(0)
+                assert trio.current_time() - pressed < 1.0
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_goal_reached_without_a_step_clears_the_backoff(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The host lowers its target to what the stopped walk holds: the failures are over,
+        so a later, unrelated failure is a first one again (a warning, the initial delay)."""
+        host = _host(kind)
+        available = {"mb": 300}
+        with trio.fail_after(3 * 3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=host,
+                mem_available_mb=lambda: available["mb"] - host.vmmdev.balloon.chunks,
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(100)
+                await trio.sleep(300)  # the floor stops the walk at 44, again and again
+                assert walker.backoff.failures > 3
+                run.host.set_balloon_target(44)
+                await run.until(lambda: walker.backoff.failures == 0)
+                await trio.sleep(3600)
+                available["mb"] = 100_000
+                seen = len(logs)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
+                run.host.set_balloon_target(50)
+                await run.settle(50)
+        [stopped] = [e for e in logs[seen:] if e["event"] == "balloon_walk_stopped"]
+        assert (stopped["log_level"], stopped["retry_in_s"]) == ("warning", 1.0)
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_driver_errno_on_inflate_is_a_failed_step(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The driver refuses CHANGE_(MEM)BALLOON with ENOMEM: one warning, the chunk is not
+        counted (nor kept mapped), the walk is retried and the service keeps running."""
+        chunks = SimChunks()
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
+                walker = run.service.walker
+                assert walker is not None
+                walker.handover = ErrnoOnce(
+                    walker.handover, OSError(errno.ENOMEM, "Cannot allocate memory"), inflate=1
+                )
+                run.host.set_balloon_target(8)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                await run.settle(8)
+                assert (len(walker.held), len(chunks.live), walker.inflated) == (8, 8, 8)
+            assert not chunks.live
+        [stopped] = [e for e in logs if e["event"] == "balloon_walk_stopped"]
+        assert stopped["log_level"] == "warning"
+        assert stopped["reason"] == "balloon ioctl: Cannot allocate memory"
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_driver_errno_on_a_target_read_is_a_failed_check(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """An errno from the target read is retried after the backoff, not a service restart."""
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                walker = run.service.walker
+                assert walker is not None
+                walker.handover = ErrnoOnce(
+                    walker.handover, OSError(errno.EIO, "Input/output error"), read_target=1
+                )
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+        [failed] = [e for e in logs if e["event"] == "balloon_check_failed"]
+        assert (failed["log_level"], failed["status"]) == ("warning", "Input/output error")
+        assert [e["event"] for e in logs].count("balloon_mode") == 1  # no restart
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_drain_failing_otherwise_keeps_track_of_the_chunks(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A drain that ends in an error (not the drain time) still records what it holds:
+        the next instance on the device takes the chunks over."""
+        host = _host(kind)
+        chunks = SimChunks()
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+                    pump = EventPump(device)
+                    await inner.start(pump.run)
+
+                    def build() -> BalloonService:
+                        return BalloonService(
+                            device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
+                        )
+
+                    first = build()
+                    stop = await inner.start(_run_until_stopped, first)
+                    assert first.walker is not None
+                    host.set_balloon_target(8)
+                    await first.walker.wait_held(8)
+                    first.walker.handover = ErrnoOnce(
+                        first.walker.handover, RuntimeError("boom"), deflate=1
+                    )
+                    await stop()
+                    with pytest.RaisesGroup(RuntimeError, allow_unwrapped=True):
+                        await first.drain()
+                    second = build()
+                    stop = await inner.start(_run_until_stopped, second)
+                    assert second.walker is not None
+                    await second.walker.wait_held(8)
+                    await stop()
+                    await second.drain()
+                    assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+        [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+        assert (incomplete["kept"], incomplete["reason"]) == (8, "RuntimeError: boom")
 
 
 class TestPressure:

@@ -259,6 +259,9 @@ class BalloonService:
         except trio.Cancelled:  # the drain time (daemon.shutdown_timeout_s) ran out
             self._drain_incomplete(walker, held, "the drain time ran out")
             raise
+        except BaseException as exc:  # keep track of what is still held, whatever went wrong
+            self._drain_incomplete(walker, held, f"{type(exc).__name__}: {exc}")
+            raise
         if kept:  # still in the balloon: the gauge keeps counting them
             self._drain_incomplete(walker, held, walker.last_failure)
         else:
@@ -295,7 +298,7 @@ class BalloonService:
     async def _probe(self, backoff: Backoff) -> Detected | None:
         try:
             return await detect_mode(self._device)
-        except VBoxStatusError as exc:
+        except (VBoxStatusError, OSError) as exc:
             _check_failed(exc, backoff)
             return None
 
@@ -361,7 +364,7 @@ class BalloonService:
                 self._read_pending = False
                 try:
                     await self._read_target()
-                except VBoxStatusError as exc:
+                except (VBoxStatusError, OSError) as exc:  # OSError: the driver's errno
                     self._read_pending = True
                     self._read_failures += 1
                     _check_failed(exc, backoff)
@@ -544,13 +547,14 @@ def _memlock_fields() -> dict[str, object]:
     }
 
 
-def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
+def _check_failed(exc: VBoxStatusError | OSError, backoff: Backoff) -> None:
     """Back off after a failed balloon check: a warning the first time, then debug lines."""
     first = backoff.failures == 0
     delay = backoff.failed(trio.current_time())
+    if isinstance(exc, VBoxStatusError):
+        operation, status = exc.operation, exc.name
+    else:  # the driver refused the ioctl itself
+        operation, status = "balloon ioctl", exc.strerror or str(exc)
     (log.warning if first else log.debug)(
-        "balloon_check_failed",
-        operation=exc.operation,
-        status=exc.name,
-        retry_in_s=round(delay, 3),
+        "balloon_check_failed", operation=operation, status=status, retry_in_s=round(delay, 3)
     )

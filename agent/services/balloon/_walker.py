@@ -3,10 +3,12 @@
 The goal is the host's target, capped by the host's maximum and, under memory pressure, by
 the pressure cap. Every step allocates (or frees) one chunk and hands it to (or takes it
 from) the host; the goal is read again before each step, so a new target redirects a walk
-at once. A failed step (host status, allocation, the ``MemAvailable`` floor) stops the
-walk; it is logged once per run of failures and retried after a capped exponential backoff,
-or at once when a new event arrives. A walk that reaches its goal is logged once, with the
-chunks it moved.
+at once. A failed step (host status, driver error, allocation, the ``MemAvailable`` floor)
+stops the walk in its direction; it is logged once per run of failures and retried after a
+capped exponential backoff, or at once when a new event arrives. The backoff holds back only
+the direction that failed: a goal below the chunks held after a refused inflate (pressure)
+is walked at once. Reaching the goal by any way clears the backoff. A walk that reaches its
+goal is logged once, with the chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -82,6 +84,8 @@ class ChunkWalker:
         self._settled = trio.Event()
         self._walk_from: int | None = None
         """Chunks held when the current walk took its first step (None: no walk under way)."""
+        self._failed_inflate = True
+        """The direction the backoff holds back (meaningful while it counts failures)."""
 
     @property
     def goal(self) -> int:
@@ -115,26 +119,36 @@ class ChunkWalker:
     async def run(self) -> NoReturn:
         """Walk toward the goal forever; sleep while there or while backing off."""
         self._reading_uses = 0  # a (re)start: the last run's reading may be long out of date
-        backoff = self.backoff
         while True:
             goal = self.goal
-            if len(self.held) != goal and (
-                backoff.retry_at == -math.inf or trio.current_time() >= backoff.retry_at
-            ):  # the clock is read only while backing off
+            held = len(self.held)
+            if held != goal and not self._backing_off(inflate=held < goal):
                 if self._walk_from is None:
-                    self._walk_from = len(self.held)
-                await self._step(inflate=len(self.held) < goal)
+                    self._walk_from = held
+                await self._step(inflate=held < goal)
                 continue
             self._reading_uses = 0  # a pause: the next walk starts from a fresh reading
-            if len(self.held) == goal:
+            deadline = math.inf
+            if held == goal:
                 self._walk_done()
+                if self.backoff.failures:  # the goal moved to the chunks held: nothing to retry
+                    self.backoff.succeeded()
+                    self.last_failure = None
                 self._settled.set()
                 self._settled = trio.Event()
                 self._on_settled()
+            else:
+                deadline = self.backoff.retry_at
             self._changed = trio.Event()
-            deadline = self.backoff.retry_at if len(self.held) != goal else math.inf
             with trio.move_on_at(deadline):
                 await self._changed.wait()
+
+    def _backing_off(self, *, inflate: bool) -> bool:
+        """Whether the backoff holds a step in this direction back (only the failed one)."""
+        retry_at = self.backoff.retry_at
+        if retry_at == -math.inf or inflate is not self._failed_inflate:
+            return False
+        return trio.current_time() < retry_at  # the clock is read only while backing off
 
     def _walk_done(self) -> None:
         """Log a walk that reached its goal, once (a wake-up at the goal is no walk)."""
@@ -149,15 +163,18 @@ class ChunkWalker:
             else:
                 await self._deflate_one()
         except WalkStoppedError as failure:
-            self._failed(str(failure))
+            self._failed(str(failure), inflate=inflate)
             return
-        if self.backoff.failures and self.backoff.succeeded():
+        if inflate is self._failed_inflate and self.backoff.failures and self.backoff.succeeded():
             log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
             self.last_failure = None
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, *, inflate: bool) -> None:
         self._reading_uses = 0
         self.failures += 1
+        if inflate is not self._failed_inflate:  # the other direction's failures are not these
+            self.backoff.succeeded()
+            self._failed_inflate = inflate
         first = self.backoff.failures == 0
         delay = self.backoff.failed(trio.current_time())
         self.last_failure = reason
@@ -208,6 +225,9 @@ class ChunkWalker:
             allocator.release(address)
             msg = f"{exc.operation}: {exc.name}"
             raise WalkStoppedError(msg) from exc
+        except OSError as exc:  # the driver refused the ioctl (ENOMEM): the host has nothing
+            allocator.release(address)
+            raise WalkStoppedError(_os_reason(exc)) from exc
         except BaseException:
             # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
             self.held.append(chunk)
@@ -234,6 +254,9 @@ class ChunkWalker:
             if not self.handover.never_held(exc.rc):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
+        except OSError as exc:  # the driver refused the ioctl: the host still holds it
+            self.last_failure = _os_reason(exc)
+            return False
         if self.held[-1] is chunk:
             self.held.pop()
         else:
@@ -249,3 +272,8 @@ class ChunkWalker:
             if not await self.give_back(chunk):
                 break
         return len(self.held)
+
+
+def _os_reason(exc: OSError) -> str:
+    """A driver's refusal as a reason: ``CHANGE_BALLOON ioctl: Cannot allocate memory``."""
+    return f"balloon ioctl: {exc.strerror or exc}"
