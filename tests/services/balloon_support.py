@@ -76,6 +76,8 @@ class ScriptedPressure:
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[PressureReading | OSError](16)
+        self.waits = 0
+        """Calls of ``next_reading`` so far (a watcher waiting counts once per reading)."""
 
     def send(self, stall_pct: float, *, high: bool) -> None:
         self._send.send_nowait(PressureReading(stall_pct, high=high, via="poll"))
@@ -85,6 +87,7 @@ class ScriptedPressure:
         self._send.send_nowait(error)
 
     async def next_reading(self) -> PressureReading:
+        self.waits += 1
         reading = await self._receive.receive()
         if isinstance(reading, OSError):
             raise reading
@@ -142,11 +145,13 @@ async def running_balloon(
     before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
     gauge: BalloonGauge | None = None,
     drain_s: float = math.inf,
+    psi_file: bool = False,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
     (within ``drain_s``, as the daemon's drain time).
 
-    ``before`` runs once the host runs, before the agent opens its device.
+    ``before`` runs once the host runs, before the agent opens its device. With ``psi_file``
+    the service watches ``section.psi_path`` itself (``pressure`` is not used).
     """
     host = host if host is not None else SimulatedHost(personality=personality)
     async with trio.open_nursery() as outer:
@@ -160,7 +165,7 @@ async def running_balloon(
                 pump,
                 section if section is not None else BalloonSection(),
                 allocator=allocator if allocator is not None else SimChunks(),
-                pressure=pressure if pressure is not None else Quiet(),
+                pressure=None if psi_file else pressure if pressure is not None else Quiet(),
                 mem_available_mb=mem_available_mb,
                 gauge=gauge,
             )
