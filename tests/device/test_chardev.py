@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import math
 import os
 import signal
 import stat
@@ -35,7 +36,7 @@ from structlog.testing import capture_logs
 from agent.config import DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
-from agent.device.errors import DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.protocol import (
     ChangeBalloon,
     ChangeMemBalloon,
@@ -791,6 +792,71 @@ class TestCancellation:
             with pytest.raises(InterruptedError):
                 await transport.ioctl(1, bytearray(24))
             assert len(attempts) == chardev.EINTR_RETRIES + 1
+
+
+class TestAbandonedCalls:
+    """Calls the driver keeps: their threads are replaced up to a bound, then the device is lost."""
+
+    async def test_abandoned_threads_are_replaced_up_to_the_budget(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each abandoned call's thread is replaced (up to the budget again), so later calls
+        still run; past that every ioctl fails at once with DeviceLostError; threads that come
+        back give their replacements back and the transport works again."""
+        release = threading.Event()
+        arrived_in, arrived = trio.open_memory_channel[None](math.inf)
+
+        def keeper(fd: int, code: int, buffer: bytearray) -> None:
+            if code == Ioctl.HGCM_CONNECT:  # uninterruptible, and the host never answers
+                trio.from_thread.run_sync(arrived_in.send_nowait, None)
+                release.wait()
+
+        budget = chardev.ThreadBudget(2)
+        all_back = trio.Event()
+        count_back = budget.abandoned_returned
+
+        def returned() -> None:
+            count_back()
+            if budget.abandoned == 0:
+                all_back.set()
+
+        monkeypatch.setattr(budget, "abandoned_returned", returned)
+        transport = CharDevTransport(
+            3, budget=budget, ioctl_fn=keeper, close_fn=lambda fd: None, interrupt_fn=lambda _: None
+        )
+
+        async def abandon(calls: int) -> None:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(calls):
+                        nursery.start_soon(transport.ioctl, Ioctl.HGCM_CONNECT, bytearray(156))
+                    for _ in range(calls):
+                        await arrived.receive()
+                    scope.cancel()
+            assert scope.cancelled_caught
+
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                await abandon(2)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 4)
+                with trio.fail_after(PROMPT):
+                    await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                await abandon(1)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (3, 4)
+                with pytest.raises(DeviceLostError, match="3 ioctls were abandoned"):
+                    await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                release.set()
+                await all_back.wait()
+                assert budget.limiter.total_tokens == 2
+                await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                await transport.aclose()
+        finally:
+            release.set()
+        abandoned = [entry for entry in logs if entry["event"] == "ioctl_abandoned"]
+        assert [entry["thread_replaced"] for entry in abandoned] == [True, True, False]
+        assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3]
+        returns = [entry for entry in logs if entry["event"] == "abandoned_ioctl_returned"]
+        assert len(returns) == 3
 
 
 class TestRealSignals:
