@@ -14,8 +14,13 @@ session. Design points:
   can never deadlock: a blocking call beyond that fails at once with
   :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls never
   fail for want of a thread: they wait for one (they hold it only briefly).
-- **GIL.** Buffers up to 1 KiB go through ``fcntl.ioctl``; larger ones through libc
-  ``ioctl`` via ctypes, because on 3.11-3.13 ``fcntl.ioctl`` keeps the GIL for them.
+- **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
+  GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
+  every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
+  retries EINTR itself (CPython gh-132742), which in a worker thread (where checking for
+  Python signals is a no-op) never ends, so the interrupt signal could no longer end a
+  blocked WAIT_FOR_EVENTS or HGCM call. It costs about a microsecond of CPU per call more
+  than ``fcntl.ioctl``, next to the tens of microseconds of the worker-thread hand-off.
 - **User buffers.** The address of each :class:`~agent.protocol.UserBuffer`'s memory is
   written as a little-endian u64 into the ioctl buffer; the memory stays pinned (exported)
   for the whole call, so the driver reads and writes it in place.
@@ -54,7 +59,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import grp
 import os
 import pwd
@@ -102,8 +106,6 @@ BLOCKING_FUNCTIONS: Final = frozenset({IoctlFunction.WAIT_FOR_EVENTS, IoctlFunct
 """Ioctls that may block until the host acts: they hold a thread for that long."""
 ABANDON_AFTER_S: Final = 0.5
 """How long a cancelled or closing call may take to come back before it is abandoned."""
-FCNTL_BUFFER_LIMIT: Final = 1024
-"""Largest buffer ``fcntl.ioctl`` handles with the GIL released on Python 3.11-3.13."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
 EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
@@ -125,25 +127,24 @@ def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:
     return (ctypes.c_char * len(data)).from_buffer(data)
 
 
-def libc_ioctl(fd: int, code: int, buffer: bytearray) -> None:
-    """Call libc ``ioctl(fd, code, buffer)`` through ctypes, which releases the GIL.
+def foreign_call(function: Callable[..., int], *args: object) -> int:
+    """Call the libc ``function`` through ctypes (the GIL is released meanwhile).
 
     Raises:
-        OSError: the call failed; ``InterruptedError`` for EINTR, as ``fcntl.ioctl`` raises.
+        OSError: the call returned a negative result; ``InterruptedError`` for EINTR,
+            which is never retried here.
     """
-    view = _pin(buffer)
-    result = int(_libc_ioctl(fd, code, ctypes.addressof(view)))
+    result = function(*args)
     if result < 0:
-        code_ = ctypes.get_errno()
-        raise OSError(code_, os.strerror(code_))
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
 
 
 def native_ioctl(fd: int, code: int, buffer: bytearray) -> None:
-    """Perform one ioctl, mutating ``buffer``: ``fcntl`` up to 1 KiB, libc above."""
-    if len(buffer) <= FCNTL_BUFFER_LIMIT:
-        fcntl.ioctl(fd, code, buffer, True)
-    else:
-        libc_ioctl(fd, code, buffer)
+    """Perform one ioctl on ``buffer`` in place: libc ``ioctl`` through :func:`foreign_call`."""
+    view = _pin(buffer)
+    foreign_call(_libc_ioctl, fd, code, ctypes.addressof(view))
 
 
 def signal_thread(thread_id: int) -> None:

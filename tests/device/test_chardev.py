@@ -64,7 +64,7 @@ from agent.protocol.status import VERR_VERSION_MISMATCH
 from tests.device.syscalls import CtypesMemory, Kernel
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
     from agent.protocol import IoctlCall
 
@@ -916,26 +916,25 @@ class TestRealSignals:
 
 
 class TestNativeIoctl:
-    """The real ioctl: ``fcntl`` up to 1 KiB, libc through ctypes above, errno either way."""
+    """The real ioctl: libc through ctypes for every buffer, errno either way, EINTR raised."""
 
-    async def test_small_and_large_buffers_take_their_paths(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """FIONREAD on a pipe fills the buffer through fcntl (1 KiB) and libc (1 KiB + 1)."""
-        used: list[int] = []
-        real = chardev.libc_ioctl
+    async def test_every_buffer_takes_the_libc_path(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """FIONREAD on a pipe fills a buffer of any size through libc ``ioctl``."""
+        used: list[object] = []
+        real = chardev.foreign_call
 
-        def spy(fd: int, code: int, buffer: bytearray) -> None:
-            used.append(len(buffer))
-            real(fd, code, buffer)
+        def spy(function: Callable[..., int], *args: object) -> int:
+            used.append(function)
+            return real(function, *args)
 
-        monkeypatch.setattr(chardev, "libc_ioctl", spy)
+        monkeypatch.setattr(chardev, "foreign_call", spy)
         read_fd, write_fd = os.pipe()
+        sizes = (32, 1024, 1025, 16 << 10)
         try:
             os.write(write_fd, b"12345")
             transport = CharDevTransport(read_fd)
             with trio.fail_after(BOUND):
-                for size in (1024, 1025, 16 << 10):
+                for size in sizes:
                     buffer = bytearray(size)
                     await transport.ioctl(termios.FIONREAD, buffer)
                     assert int.from_bytes(buffer[:4], "little") == 5
@@ -946,7 +945,37 @@ class TestNativeIoctl:
                 await transport.aclose()
         finally:
             os.close(write_fd)
-        assert used == [1025, 16 << 10, 2080]
+        assert used == [chardev._libc_ioctl] * (len(sizes) + 2)
+
+    async def test_the_libc_path_raises_eintr(self) -> None:
+        """A read(2) blocked in a worker thread through the same primitive ends with
+        InterruptedError when the interrupt signal arrives, instead of being retried (as
+        ``fcntl.ioctl`` retries EINTR from Python 3.14 on)."""
+        chardev.install_interrupt_handler()
+        read_fd, write_fd = os.pipe()
+        buffer = bytearray(8)
+        view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+
+        def blocked_read() -> int:
+            return chardev.foreign_call(_libc.read, read_fd, view, len(buffer))
+
+        async def reader() -> None:
+            with pytest.raises(InterruptedError):
+                await trio.to_thread.run_sync(
+                    blocked_read, thread_name="vbox-ioctl", abandon_on_cancel=True
+                )
+
+        try:
+            with trio.fail_after(BOUND):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    [thread] = await _threads_blocked_in_pipe_read(count=1)
+                    assert thread.ident is not None
+                    chardev.signal_thread(thread.ident)
+        finally:
+            os.write(write_fd, b"x" * len(buffer))  # a retried read would end here
+            os.close(write_fd)
+            os.close(read_fd)
 
 
 @pytest.mark.device
