@@ -159,6 +159,20 @@ class TestVerbs:
         assert missing.returncode == EX_REFUSED
         assert "no property '/Guest/a'" in one_line(missing)
 
+    def test_a_value_the_output_cannot_encode_prints_escaped(self, sim: PropHost) -> None:
+        """Under an ASCII stdout a value still prints, backslash-escaped, and the command
+        succeeds (the encoding error was a ValueError, reported as a usage error, exit 64)."""
+        assert sim.prop("set", "/Guest/u", "h\u00e9llo \u2603").returncode == EX_OK
+        done = subprocess.run(
+            [PYTHON, "-m", "agent", "prop", "--device", sim.device, "get", "/Guest/u"],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+            env=dict(sim.env, PYTHONIOENCODING="ascii"),
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (EX_OK, "h\\xe9llo \\u2603\n", "")
+
     def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""
         sim.prop("set", "/Guest/f", "1", "--flags", "RDONLYHOST")

@@ -11,6 +11,7 @@ line on stderr.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -24,6 +25,7 @@ from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError, VBoxStatusError
+from agent.protocol.guest_props import PropertyArgumentError
 from agent.services.guest_props import (
     Property,
     PropertyChange,
@@ -48,6 +50,10 @@ _STATUS_HINTS: Final = {
 
 class _NotFoundError(Exception):
     """The property does not exist or the wait timed out: exit 1 with this message."""
+
+
+class _UsageError(Exception):
+    """An argument the command cannot use: exit 64 with this message."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +94,7 @@ def _seconds(text: str | None) -> float:
     """``--timeout``: positive seconds; none means no limit.
 
     Raises:
-        ValueError: not a positive finite number.
+        _UsageError: not a positive finite number.
     """
     if text is None:
         return math.inf
@@ -98,18 +104,24 @@ def _seconds(text: str | None) -> float:
         value = -1.0
     if not 0 < value < math.inf:
         msg = f"--timeout must be a positive number of seconds, not {text!r}"
-        raise ValueError(msg)
+        raise _UsageError(msg)
     return value
 
 
 def prop_command(args: argparse.Namespace) -> int:
     """Run one ``prop`` action; return its exit code."""
     configure_logging(LogConfig(level="warning"), stream=sys.stderr)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A value the output's encoding cannot hold still prints, escaped.
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         _seconds(getattr(args, "timeout", None))  # a usage error before any connection
-        opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
+        try:
+            opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
         trio.run(_run, args, opener)
-    except (ValueError, _NotFoundError, AgentError, OSError) as exc:
+    except (ValueError, _NotFoundError, _UsageError, AgentError, OSError) as exc:
         message, code = _explain(args, exc)
         print(f"{PROGRAM} {args.prop_action}: {message}", file=sys.stderr)
         return code
@@ -118,7 +130,7 @@ def prop_command(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace, exc: Exception) -> tuple[str, int]:
     """The one line and the exit code for a failure."""
-    if isinstance(exc, ValueError):  # PropertyArgumentError included
+    if isinstance(exc, PropertyArgumentError | _UsageError):
         return str(exc), EX_USAGE
     if isinstance(exc, _NotFoundError):
         return str(exc), EX_REFUSED

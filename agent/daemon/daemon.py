@@ -3,14 +3,17 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, a reload
 before READY being skipped) → open the device (version handshake) → report the facility as
 Init → start the event pump, then every enabled service of the registry, each with
-``nursery.start`` under a supervisor → facility Active, ``READY=1`` with the combined
+``Supervisor.start`` → facility Active, ``READY=1`` with the combined
 ``STATUS=`` line → wait for a shutdown request → the stop:
 
-1. ``STOPPING=1``; the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed;
+1. the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed (``STOPPING=1`` is
+   sent once the drains began, within ``D``);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
    running meanwhile), while facility Terminating is reported (abandoned if the host does
-   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled;
+   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled.
+   A service still starting is one of them: the stop ends the daemon's wait for its start
+   (no further service starts), then cancels the start and drains it under ``D`` too;
 3. the final phase, at most ``FINAL_PHASE_S`` from the end of the drains and never past
    ``D + FINAL_PHASE_S``: the event pump stops, facility Terminated;
 4. the device is closed last, within ``CLOSE_S``.
@@ -142,7 +145,11 @@ class Daemon:
         )
 
     def request_shutdown(self, reason: str) -> None:
-        """Begin a clean shutdown (idempotent); a start-up in progress is cut short."""
+        """Begin a clean shutdown (idempotent); a start-up in progress is cut short.
+
+        The daemon stops waiting for the service that is starting and starts no other; the
+        stop then cancels that start and drains the service with the others.
+        """
         if not self._shutdown.is_set():
             log.info("shutdown_requested", reason=reason)
             self._shutdown.set()
@@ -185,7 +192,7 @@ class Daemon:
         self._context = ServiceContext(device, pump, self._status_changed)
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as pump_nursery:
-                await pump_nursery.start(self._pump_supervisor.supervise, pump)
+                await self._pump_supervisor.start(pump_nursery, pump)
                 async with trio.open_nursery() as services:
                     self._services_nursery = services
                     with self._startup:
@@ -209,7 +216,7 @@ class Daemon:
         for spec in self._registry:
             section = self._section(self.config, spec)
             if section.enable:
-                await services.start(self._supervisor.supervise, self._build(spec, section))
+                await self._supervisor.start(services, self._build(spec, section))
 
     async def _announce_ready(
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
@@ -225,8 +232,11 @@ class Daemon:
             nursery.start_soon(self._watchdog, device, interval)
 
     async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> float:
-        """STOPPING=1; every service drains while ``terminating`` reports; return ``D``."""
-        await self._notifier.stopping()
+        """Every service drains while ``terminating`` reports, then STOPPING=1; return ``D``.
+
+        ``D`` counts from now: STOPPING=1 is sent after the drains began, within ``D``, so a
+        notify queue that holds the message for a while delays neither.
+        """
         self._watchdog_scope.cancel()
         now = trio.current_time()
         deadline = now + self.config.daemon.shutdown_timeout_s
@@ -235,6 +245,8 @@ class Daemon:
         terminating.deadline = min(deadline, now + REPORT_TIMEOUT_S)
         log.info("services_draining", drain_s=self.config.daemon.shutdown_timeout_s)
         self._supervisor.stop_all(deadline)
+        with trio.move_on_at(deadline):
+            await self._notifier.stopping()
         return deadline
 
     def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:
@@ -381,7 +393,7 @@ class Daemon:
     def _launch(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         service = self._build(spec, section)
         if not self._supervisor.replace(spec.name, service) and self._services_nursery is not None:
-            self._services_nursery.start_soon(self._supervisor.supervise, service)
+            self._supervisor.start_soon(self._services_nursery, service)
 
 
 def _within(seconds: float) -> trio.CancelScope:

@@ -1,9 +1,12 @@
 """``Supervisor``: runs services, drains them, restarts or replaces them, and stops them.
 
-Each supervised service is one task (:meth:`Supervisor.supervise`) that goes through phases:
+Each supervised service is one task (:meth:`Supervisor.start`) that goes through phases:
 *run* (``service.run`` in a cancel scope of its own), then *drain* (``service.drain()`` under
 a deadline, unshielded), then, unless it was told to stop, *run* again: the same service after
-a failure (after a back-off), or its replacement (:meth:`Supervisor.replace`) at once.
+a failure (after a back-off), or its replacement (:meth:`Supervisor.replace`) at once. The
+service is the supervisor's from the moment it is handed over: a stop that comes while it
+still starts cancels that start and drains it like any other run, and whoever waits for the
+start may give up waiting without cancelling anything.
 
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
@@ -68,14 +71,18 @@ class _Phase(enum.Enum):
 class _Entry(Generic[T]):
     """One supervised service: what runs, what comes next, and the current phase's scope."""
 
-    __slots__ = ("next", "phase", "scope", "service", "stop_deadline")
+    __slots__ = ("next", "phase", "scope", "service", "started", "stop_deadline")
 
     def __init__(self, service: T) -> None:
         self.service = service
         self.next: T | None = None
         self.stop_deadline: float | None = None
+        self.started = trio.Event()
+        """Set once the service first started, or when its supervision ended."""
         self.phase = _Phase.RUN
         self.scope = trio.CancelScope()
+        """The current phase's scope; the first run's is made here, so that a stop or a
+        replacement before the task runs reaches it."""
 
     def enter(self, phase: _Phase, deadline: float = float("inf")) -> trio.CancelScope:
         self.phase = phase
@@ -152,38 +159,49 @@ class Supervisor(Generic[T]):
         for name in list(self._entries):
             self.stop(name, deadline)
 
-    async def supervise(
-        self, service: T, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Run ``service`` (and its replacements) until stopped; ready once it first started.
+    async def start(self, nursery: trio.Nursery, service: T) -> None:
+        """Supervise ``service`` as a task of ``nursery``; return once it first started.
 
-        A service still starting when the caller of ``nursery.start`` is cancelled is
-        cancelled with it, without a drain.
+        Cancelling this wait leaves the service to the supervisor: a stop then cancels its
+        start and drains it, under the stop's deadline, as it does every run.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self.start_soon(nursery, service).wait()
+
+    def start_soon(self, nursery: trio.Nursery, service: T) -> trio.Event:
+        """Supervise ``service`` as a task of ``nursery``; a stop reaches it from now on.
+
+        Returns:
+            An event set once the service first started, or when its supervision ended.
         """
         if service.name in self._entries:
             msg = f"service {service.name} is already supervised"
             raise ValueError(msg)
         entry = _Entry(service)
         self._entries[service.name] = entry
+        nursery.start_soon(self._supervise, entry)
+        return entry.started
+
+    async def _supervise(self, entry: _Entry[T]) -> None:
+        """Run ``entry``'s service (and its replacements) until stopped."""
         try:
-            await self._supervise(entry, task_status)
+            await self._run_phases(entry)
         finally:
-            del self._entries[service.name]
+            entry.started.set()
+            del self._entries[entry.service.name]
             self._changed()
 
-    async def _supervise(self, entry: _Entry[T], task_status: trio.TaskStatus[None]) -> None:
+    async def _run_phases(self, entry: _Entry[T]) -> None:
         failures: deque[float] = deque()
-        started = False
+        scope = entry.scope
         while True:
             name = entry.service.name
             failure: BaseException | None = None
             try:
-                with entry.enter(_Phase.RUN):
+                with scope:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(entry.service.run)
-                        if not started:
-                            task_status.started()
-                            started = True
+                        entry.started.set()
                         log.info("service_started", service=name)
                         self._changed()
                     failure = RuntimeError(f"{name}: run() returned")
@@ -203,6 +221,7 @@ class Supervisor(Generic[T]):
                 failures.clear()
                 self._count_restart(name)
                 log.info("service_replaced", service=name)
+            scope = entry.enter(_Phase.RUN)
 
     async def _drain(self, entry: _Entry[T]) -> None:
         """Await the service's drain until the stop deadline, or the drain time from now."""

@@ -204,8 +204,10 @@ class PublishingService:
                 publisher.adopt(found)  # the next publish deletes those not wanted
                 self._sweep_owned = False
         writes, deletes = publisher.writes, publisher.deletes
-        await publisher.publish(props, reading.properties, self._always)
+        # Published from the first write, not from its answer: a stop during the pass (the
+        # first pass is the start) cancels the wait for writes the host may have made.
         self._published = True
+        await publisher.publish(props, reading.properties, self._always)
         self._passes += 1
         written, deleted = publisher.writes - writes, publisher.deletes - deletes
         if written or deleted or reading.summary != self._summary:

@@ -151,7 +151,7 @@ class HeartbeatService:
         await trio.sleep_forever()
 
     async def drain(self) -> None:
-        """Switch the host's check off if this service switched it on."""
+        """Switch the host's check off if this service may have switched it on."""
         if not self._host_check_on:
             await trio.lowlevel.checkpoint()
             return
@@ -165,13 +165,17 @@ class HeartbeatService:
 
     async def _configure(self) -> float:
         """Switch the check off and on again; return the host's interval in seconds."""
+        # Possibly on from the first request, not from the last answer: a stop during the
+        # start cancels the wait for an answer the host may already have acted on.
+        self._host_check_on = True
         try:
             await self._device.request(HeartbeatConfigure(enabled=False))
             settings = await self._device.request(HeartbeatConfigure(enabled=True))
         except VBoxStatusError as exc:
+            if not self._configures:  # a refusal switched nothing on
+                self._host_check_on = False
             self._raise_if_not_ours(exc.rc, exc.name)
             raise
-        self._host_check_on = True
         self._owner = Owner.AGENT
         self._configures += 1
         interval_s = settings.interval_ns / NS_PER_S

@@ -19,7 +19,8 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
   cancelled keeps its slot at the host until the service completes it, which a service
   without a cancel hook may do much later; such calls keep their slot here too
-  (``lingers_when_cancelled``) until the channel closes.
+  (``lingers_when_cancelled``) until the channel closes. A call cancelled before it was
+  sent takes no slot.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
@@ -128,6 +129,9 @@ class HgcmChannel:
                 is the status's name and ``.reply`` what came back (a needed size, say).
             VBoxStatusError: the driver or host refused the call.
         """
+        # A call cancelled before it is sent never reaches the host: it must not count
+        # as lingering (15 of them would close the channel to every later call).
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(function, params)
         self._in_flight += 1
         self._calls += 1

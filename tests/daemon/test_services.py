@@ -24,7 +24,7 @@ from pydantic import Field
 from agent.config import AgentConfig, load_config
 from agent.daemon import Daemon
 from agent.daemon.daemon import FINAL_PHASE_S
-from agent.daemon.notify import Notifier
+from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event, GetSessionId
 from agent.services import ServiceContext, ServiceSection, ServiceSpec
@@ -44,6 +44,7 @@ class GadgetSection(ServiceSection):
     label: str = "one"
     drain_s: float = Field(default=0.0, ge=0)
     start_s: float = Field(default=0.0, ge=0)
+    start_fails: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,9 @@ class Gadget:
     ) -> NoReturn:
         with self.context.pump.subscribe(self.name, VRDP) as events:
             await trio.sleep(self.section.start_s)  # the service's own start-up work
+            if self.section.start_fails:
+                msg = "the gadget could not start"
+                raise OSError(msg)
             task_status.started()
             self.started.set()
             while True:
@@ -111,12 +115,27 @@ def _clear_built() -> None:
     BUILT.clear()
 
 
-def _daemon(host: SimulatedHost, path: Path, text: str) -> Daemon:
+def _daemon(host: SimulatedHost, path: Path, text: str, notifier: Notifier | None = None) -> Daemon:
     path.write_text(text)
     config = load_config(path, section_models(REGISTRY))
     return Daemon(
-        config, SimOpener(host), config_path=path, notifier=Notifier(None), registry=REGISTRY
+        config,
+        SimOpener(host),
+        config_path=path,
+        notifier=notifier or Notifier(None),
+        registry=REGISTRY,
     )
+
+
+class FullQueueNotifier(Notifier):
+    """sd_notify whose ``STOPPING=1`` meets a full queue: the send retries for as long as
+    the notifier allows before it gives up."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    async def stopping(self) -> None:
+        await trio.sleep(SEND_TIMEOUT_S)
 
 
 class TestThrowAwayService:
@@ -284,10 +303,28 @@ class TestDrain:
         assert not gadget.drained.is_set()
         assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
 
+    async def test_a_slow_stopping_message_does_not_delay_the_deadline(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """The drain deadline counts from the stop request, not from STOPPING=1's send,
+        which a full notify queue can hold for a second."""
+        path = tmp_path / "agent.toml"
+        text = "[daemon]\nshutdown_timeout_s = 2\n[gadget]\ndrain_s = 30\n"
+        daemon = _daemon(host, path, text, FullQueueNotifier())
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                began = trio.current_time()
+                daemon.request_shutdown("test")
+            stopped = trio.current_time() - began
+        assert BUILT[0].drain_cancelled
+        assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
+
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
-        """A stop while a service still starts cuts the start short; the started ones drain."""
+        """A stop while a service still starts cuts the start short and drains it, as the
+        started ones are drained."""
         path = tmp_path / "agent.toml"
         daemon = _daemon(host, path, "[daemon]\nshutdown_timeout_s = 5\n[gadget]\nstart_s = 100\n")
         with trio.fail_after(LIMIT_S):
@@ -300,7 +337,52 @@ class TestDrain:
             ended = trio.current_time()
         assert ended < FINAL_PHASE_S  # the start-up was not waited for
         assert not gadget.started.is_set()
+        assert gadget.drained.is_set()
         assert not daemon.statistics().ready
+
+    async def test_stop_during_a_failed_start_lets_its_drain_finish(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while a service drains after a failed start lets that drain finish within
+        the drain time, instead of cancelling it with the start-up."""
+        path = tmp_path / "agent.toml"
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\nstart_fails = true\ndrain_s = 3\n"
+        daemon = _daemon(host, path, text)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await trio.testing.wait_all_tasks_blocked()
+                [gadget] = BUILT
+                await gadget.draining.wait()
+                daemon.request_shutdown("test")
+            ended = trio.current_time()
+        assert gadget.drained.is_set()
+        assert not gadget.drain_cancelled
+        assert ended == pytest.approx(3.0)
+
+    async def test_stop_while_a_rebuilt_service_starts(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while a reload's replacement still starts cancels that start and drains
+        the replacement."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[daemon]\nshutdown_timeout_s = 5\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text(
+                    '[daemon]\nshutdown_timeout_s = 5\n[gadget]\nstart_s = 100\nlabel = "b"\n'
+                )
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                [first, second] = BUILT
+                assert first.drained.is_set()
+                assert not second.started.is_set()
+                daemon.request_shutdown("test")
+            ended = trio.current_time()
+        assert not second.started.is_set()
+        assert second.drained.is_set()
+        assert ended < FINAL_PHASE_S
 
     async def test_built_in_config_runs_the_registry_defaults(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost

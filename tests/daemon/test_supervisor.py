@@ -46,16 +46,19 @@ class FlakyService:
 
 
 class FailsBeforeReady:
-    """Fails during start-up ``failures`` times, then starts and runs."""
+    """Fails during start-up ``failures`` times, then starts and runs; drains in ``drain_s``."""
 
     name = "late"
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, drain_s: float = 0.0) -> None:
         self.failures = failures
+        self.drain_s = drain_s
         self.attempts = 0
+        self.drained_at: list[float] = []
 
     async def drain(self) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.drain_s)  # the service's own clean-up work
+        self.drained_at.append(trio.current_time())
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -90,7 +93,7 @@ class TestSupervisor:
         supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 await trio.sleep(20)
                 nursery.cancel_scope.cancel()
         assert service.starts == [0.0, 1.0, 3.0, 7.0, 11.0]
@@ -102,7 +105,7 @@ class TestSupervisor:
         supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=2))
         with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
         assert len(service.starts) == 3
 
     async def test_failures_outside_window_do_not_count(
@@ -115,7 +118,7 @@ class TestSupervisor:
         )
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 await trio.sleep(30)
                 nursery.cancel_scope.cancel()
         assert len(service.starts) == 7
@@ -126,7 +129,7 @@ class TestSupervisor:
         supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(DeviceLostError)):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
         assert len(service.starts) == 1
 
     async def test_ready_only_after_first_successful_start(
@@ -137,7 +140,7 @@ class TestSupervisor:
         supervisor: Supervisor[FailsBeforeReady] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 ready_at = trio.current_time()
                 nursery.cancel_scope.cancel()
         assert ready_at == 3.0
@@ -149,7 +152,7 @@ class TestSupervisor:
         supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=0))
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, first)
+                await supervisor.start(nursery, first)
                 await trio.sleep(1)
                 assert supervisor.replace("flaky", second)
                 await trio.testing.wait_all_tasks_blocked()
@@ -166,19 +169,19 @@ class TestSupervisor:
         supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 await trio.sleep(10)
                 nursery.cancel_scope.cancel()
         assert service.drains == [0.0, 1.0]
         assert service.starts == [0.0, 1.0, 3.0]
 
     async def test_stop_drains_and_ends_the_task(self, autojump_clock: trio.abc.Clock) -> None:
-        """``stop`` cancels the run, drains once and returns from ``supervise``."""
+        """``stop`` cancels the run, drains once and ends the service's task."""
         service = FlakyService(failures=0)
         supervisor: Supervisor[FlakyService] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 await trio.sleep(2)
                 supervisor.stop_all(trio.current_time() + 5)
         assert service.drains == [2.0]
@@ -200,7 +203,7 @@ class TestSupervisor:
         supervisor: Supervisor[Named] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 supervisor.stop_all(trio.current_time() + 5)
         assert service.drain_context == {"service": "flaky"}
         assert structlog.contextvars.get_contextvars() == {}
@@ -213,11 +216,58 @@ class TestSupervisor:
         )
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 await trio.testing.wait_all_tasks_blocked()
                 supervisor.stop("flaky", trio.current_time() + 5)
             stopped_at = trio.current_time()
         assert (service.starts, service.drains, stopped_at) == ([0.0], [0.0], 0.0)
+
+    async def test_stop_during_start_drains(self, autojump_clock: trio.abc.Clock) -> None:
+        """A stop while the service starts cancels the start and drains it; the wait for the
+        start was given up first (as the daemon's stop does) without cancelling anything."""
+        service = HeldStart()
+        supervisor: Supervisor[HeldStart] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(1):
+                    await supervisor.start(nursery, service)
+                assert service.starting.is_set()
+                assert service.drains == []
+                supervisor.stop_all(trio.current_time() + 5)
+        assert service.start_cancelled
+        assert service.drains == [1.0]
+        assert supervisor.services() == []
+
+    async def test_stop_before_the_task_runs_still_drains(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A stop right after ``start_soon`` reaches the service: its run is cancelled at its
+        first checkpoint and it is drained, never left running."""
+        service = HeldStart()
+        supervisor: Supervisor[HeldStart] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                started = supervisor.start_soon(nursery, service)
+                supervisor.stop_all(trio.current_time() + 5)
+            await started.wait()
+        assert service.start_cancelled
+        assert service.drains == [0.0]
+
+    async def test_stop_lets_the_drain_of_a_failed_start_finish(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A stop during the drain after a failed start, with the wait for the start given up,
+        narrows that drain to the stop's deadline instead of cutting it short."""
+        service = FailsBeforeReady(failures=1, drain_s=3)
+        supervisor: Supervisor[FailsBeforeReady] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(1):
+                    await supervisor.start(nursery, service)
+                supervisor.stop_all(trio.current_time() + 5)
+            stopped_at = trio.current_time()
+        assert (service.attempts, service.drained_at) == (1, [3.0])
+        assert stopped_at == 3.0
 
     async def test_slow_drain_is_cancelled_at_the_deadline(
         self, autojump_clock: trio.abc.Clock
@@ -227,7 +277,7 @@ class TestSupervisor:
         supervisor: Supervisor[SlowDrain] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 supervisor.stop("slow-drain", trio.current_time() + 3)
             stopped_at = trio.current_time()
         assert stopped_at == 3.0
@@ -239,7 +289,7 @@ class TestSupervisor:
         supervisor: Supervisor[SlowDrain] = Supervisor(_config(shutdown_timeout_s=10))
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.supervise, service)
+                await supervisor.start(nursery, service)
                 supervisor.replace("slow-drain", SlowDrain())
                 await trio.testing.wait_all_tasks_blocked()
                 supervisor.stop("slow-drain", trio.current_time() + 2)
@@ -265,3 +315,30 @@ class SlowDrain:
             await trio.sleep_forever()
         finally:
             self.drain_cancelled = True
+
+
+class HeldStart:
+    """Its start waits for ``release`` (never set by these tests); its drains are timed."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.starting = trio.Event()
+        self.release = trio.Event()
+        self.start_cancelled = False
+        self.drains: list[float] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await trio.lowlevel.checkpoint()
+            self.starting.set()
+            await self.release.wait()
+        except trio.Cancelled:
+            self.start_cancelled = True
+            raise
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        self.drains.append(trio.current_time())
+        await trio.lowlevel.checkpoint()

@@ -453,6 +453,34 @@ class TestEnumProps:
         assert run(svc, enum_call(b"\xff\0\0")).status == VERR_INVALID_PARAMETER
         assert run(svc, enum_call(b"a\0\xff\0\0")).status == VERR_INVALID_UTF8_ENCODING
 
+    @pytest.mark.parametrize(
+        ("patterns", "status"),
+        [
+            (b"/Guest/a1\0/Guest/b*", VERR_BUFFER_OVERFLOW),
+            (b"/Guest/a1\0\xff", VERR_INVALID_UTF8_ENCODING),
+            (b"/Guest/a1\0/Guest/b*\0c", VERR_BUFFER_OVERFLOW),
+            (b"/Guest/a1\0/Guest/b*\0\xc3\0", VERR_INVALID_UTF8_ENCODING),
+            (b"/Guest/a1\0x", VERR_BUFFER_OVERFLOW),
+        ],
+        ids=["unterminated", "unterminated-bad-utf8", "third-unterminated", "third-bad", "last"],
+    )
+    def test_a_later_pattern_must_end_with_a_nul(
+        self, svc: GuestPropertyService, patterns: bytes, status: int
+    ) -> None:
+        """After an inner NUL every pattern is checked as a NUL-terminated UTF-8 string in
+        the rest of the buffer; the call fails without listing or touching the size (the
+        unterminated last pattern was matched without its last byte)."""
+        svc.host_set("/Guest/a1", "v")
+        call = enum_call(patterns)
+        size = call.params[2]
+        assert isinstance(size, HostU32)
+        size.value = 77
+        assert run(svc, call).status == status
+        assert u32_value(call, 2) == 77
+        buffer = call.params[1]
+        assert isinstance(buffer, HostBuffer)
+        assert not any(buffer.data)
+
 
 class TestTimestamps:
     def test_same_clock_reading(self, svc: GuestPropertyService) -> None:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from agent.device import Device
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
-    from agent.services.balloon._chunks import ChunkAllocator
+    from agent.services.balloon._chunks import Chunk, ChunkAllocator
+    from agent.services.balloon._handover import Handover, HostTarget
 
 USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
 SIM_PAGES_BASE: Final = 1 << 40
@@ -75,6 +76,8 @@ class ScriptedPressure:
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[PressureReading | OSError](16)
+        self.waits = 0
+        """Calls of ``next_reading`` so far (a watcher waiting counts once per reading)."""
 
     def send(self, stall_pct: float, *, high: bool) -> None:
         self._send.send_nowait(PressureReading(stall_pct, high=high, via="poll"))
@@ -84,6 +87,7 @@ class ScriptedPressure:
         self._send.send_nowait(error)
 
     async def next_reading(self) -> PressureReading:
+        self.waits += 1
         reading = await self._receive.receive()
         if isinstance(reading, OSError):
             raise reading
@@ -183,3 +187,34 @@ async def running_balloon(
                     await service.drain()
                 nursery.cancel_scope.cancel()
         outer.cancel_scope.cancel()
+
+
+class ErrnoOnce:
+    """Wraps a walker's handover: the next calls of the named methods raise ``error`` (as a
+    driver refusing the ioctl with an errno), the rest go through."""
+
+    def __init__(self, handover: Handover, error: BaseException, **calls: int) -> None:
+        self._handover = handover
+        self._error = error
+        self.calls = calls
+        self.needs_pages = handover.needs_pages
+
+    def _fail(self, name: str) -> None:
+        if self.calls.get(name, 0):
+            self.calls[name] -= 1
+            raise self._error
+
+    async def read_target(self) -> HostTarget:
+        self._fail("read_target")
+        return await self._handover.read_target()
+
+    async def inflate(self, chunk: Chunk) -> None:
+        self._fail("inflate")
+        await self._handover.inflate(chunk)
+
+    async def deflate(self, chunk: Chunk) -> None:
+        self._fail("deflate")
+        await self._handover.deflate(chunk)
+
+    def never_held(self, rc: int) -> bool:
+        return self._handover.never_held(rc)

@@ -19,10 +19,12 @@ from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
 from agent.services import EventPump
 from agent.services._base import BalloonGauge
-from agent.services.balloon import BalloonMode, BalloonSection, BalloonService
+from agent.services.balloon import BalloonMode, BalloonSection, BalloonService, PressureReading
 from agent.services.balloon._pressure import PressureFileError
+from agent.services.balloon._service import MAX_HOLD_FACTOR
 from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
 from tests.services.balloon_support import (
+    ErrnoOnce,
     Quiet,
     ScriptedPressure,
     SimChunks,
@@ -254,6 +256,151 @@ class TestFailures:
                 assert stopped[0]["reason"] == "simulated allocation failure"
 
 
+class TestBackoff:
+    """A failed step backs off in its own direction only, and only while it matters."""
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_deflates_during_an_inflate_backoff(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The floor stopped the walk and its backoff grew to minutes: pressure still gives
+        the chunks back at once, not when the inflate may be retried."""
+        host = _host(kind)
+        pressure = ScriptedPressure()
+        section = BalloonSection(min_available_mb=256, pressure_step_mb=64, retry_max_s=600.0)
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="",
+                host=host,
+                section=section,
+                pressure=pressure,
+                mem_available_mb=lambda: 300 - host.vmmdev.balloon.chunks,
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(100)
+                await run.until(lambda: walker.backoff.retry_at - trio.current_time() > 60)
+                assert run.host_chunks == 44  # 300 - 44 leaves the 256 MB floor
+                pressed = trio.current_time()
+                pressure.send(80.0, high=True)
+                await run.settle(0)
+                assert trio.current_time() - pressed < 1.0
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_goal_reached_without_a_step_clears_the_backoff(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The host lowers its target to what the stopped walk holds: the failures are over,
+        so a later, unrelated failure is a first one again (a warning, the initial delay)."""
+        host = _host(kind)
+        available = {"mb": 300}
+        with trio.fail_after(3 * 3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=host,
+                mem_available_mb=lambda: available["mb"] - host.vmmdev.balloon.chunks,
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(100)
+                await trio.sleep(300)  # the floor stops the walk at 44, again and again
+                assert walker.backoff.failures > 3
+                run.host.set_balloon_target(44)
+                await run.until(lambda: walker.backoff.failures == 0)
+                await trio.sleep(3600)
+                available["mb"] = 100_000
+                seen = len(logs)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
+                run.host.set_balloon_target(50)
+                await run.settle(50)
+        [stopped] = [e for e in logs[seen:] if e["event"] == "balloon_walk_stopped"]
+        assert (stopped["log_level"], stopped["retry_in_s"]) == ("warning", 1.0)
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_driver_errno_on_inflate_is_a_failed_step(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The driver refuses CHANGE_(MEM)BALLOON with ENOMEM: one warning, the chunk is not
+        counted (nor kept mapped), the walk is retried and the service keeps running."""
+        chunks = SimChunks()
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
+                walker = run.service.walker
+                assert walker is not None
+                walker.handover = ErrnoOnce(
+                    walker.handover, OSError(errno.ENOMEM, "Cannot allocate memory"), inflate=1
+                )
+                run.host.set_balloon_target(8)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                await run.settle(8)
+                assert (len(walker.held), len(chunks.live), walker.inflated) == (8, 8, 8)
+            assert not chunks.live
+        [stopped] = [e for e in logs if e["event"] == "balloon_walk_stopped"]
+        assert stopped["log_level"] == "warning"
+        assert stopped["reason"] == "balloon ioctl: Cannot allocate memory"
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_driver_errno_on_a_target_read_is_a_failed_check(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """An errno from the target read is retried after the backoff, not a service restart."""
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                walker = run.service.walker
+                assert walker is not None
+                walker.handover = ErrnoOnce(
+                    walker.handover, OSError(errno.EIO, "Input/output error"), read_target=1
+                )
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+        [failed] = [e for e in logs if e["event"] == "balloon_check_failed"]
+        assert (failed["log_level"], failed["status"]) == ("warning", "Input/output error")
+        assert [e["event"] for e in logs].count("balloon_mode") == 1  # no restart
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_drain_failing_otherwise_keeps_track_of_the_chunks(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """A drain that ends in an error (not the drain time) still records what it holds:
+        the next instance on the device takes the chunks over."""
+        host = _host(kind)
+        chunks = SimChunks()
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+                    pump = EventPump(device)
+                    await inner.start(pump.run)
+
+                    def build() -> BalloonService:
+                        return BalloonService(
+                            device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
+                        )
+
+                    first = build()
+                    stop = await inner.start(_run_until_stopped, first)
+                    assert first.walker is not None
+                    host.set_balloon_target(8)
+                    await first.walker.wait_held(8)
+                    first.walker.handover = ErrnoOnce(
+                        first.walker.handover, RuntimeError("boom"), deflate=1
+                    )
+                    await stop()
+                    with pytest.RaisesGroup(RuntimeError, allow_unwrapped=True):
+                        await first.drain()
+                    second = build()
+                    stop = await inner.start(_run_until_stopped, second)
+                    assert second.walker is not None
+                    await second.walker.wait_held(8)
+                    await stop()
+                    await second.drain()
+                    assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+        [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+        assert (incomplete["kept"], incomplete["reason"]) == (8, "RuntimeError: boom")
+
+
 class TestPressure:
     """PSI readings deflate, hold, and let the balloon grow back."""
 
@@ -277,6 +424,66 @@ class TestPressure:
                 assert run.host_chunks == 48
                 await run.settle(64)
                 assert trio.current_time() - pressed >= section.pressure_cooldown_s
+
+    @pytest.mark.parametrize("kind", ["oracle", "oracle-r3", "passthrough"])
+    async def test_sustained_pressure_logs_only_changes(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        """A minute of pressure, one reading per window: the first deflates to 0 (or starts
+        the postponement) at info; the same state again is a debug line."""
+        pressure = ScriptedPressure()
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=_host(kind),
+                pressure=pressure,
+                section=BalloonSection(pressure_step_mb=64),
+            ) as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                for _ in range(30):
+                    pressure.send(50.0, high=True)
+                    await trio.sleep(2)
+                assert run.service.statistics().pressure_events == 30
+        lines = [e for e in logs if e["event"] == "balloon_pressure"]
+        assert [e["log_level"] for e in lines] == ["info"] + ["debug"] * 29
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_soon_after_a_hold_doubles_the_next(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The guest stalls whenever the balloon holds over 50 MB of a 64 MB target: each
+        episode starting within a cooldown of the last hold's end doubles the hold, up to
+        MAX_HOLD_FACTOR cooldowns, instead of a deflate and re-inflate every cooldown; after a
+        quiet cooldown the next hold is one cooldown again."""
+        host = _host(kind)
+        needs = {"memory": True}
+
+        class GuestNeeds50:
+            async def next_reading(self) -> PressureReading:
+                await trio.sleep(2)
+                high = needs["memory"] and host.vmmdev.balloon.chunks > 50
+                return PressureReading(40.0 if high else 0.0, high=high, via="poll")
+
+        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+        with trio.fail_after(3 * 3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=host, pressure=GuestNeeds50(), section=section
+            ) as run:
+                run.host.set_balloon_target(64)
+                await trio.sleep(3600)
+                eased = [e for e in logs if e["event"] == "balloon_pressure_eased"]
+                # 30 + 60 + 120 + 240 s, then 480 s holds: 10 in the hour, not about 100.
+                assert len(eased) <= 10
+                needs["memory"] = False
+                await run.until(lambda: run.service.statistics().cap is None)
+                await trio.sleep(2 * section.pressure_cooldown_s)
+                needs["memory"] = True
+                await run.until(lambda: run.service.statistics().cap is not None)
+        holds = [e for e in logs if e["event"] == "balloon_pressure_hold"]
+        assert [e["cooldowns"] for e in holds] == [2, 4, 8, 16, 1]
+        assert [e["hold_s"] for e in holds] == [60.0, 120.0, 240.0, 480.0, 30.0]
+        assert MAX_HOLD_FACTOR == 16
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_pressure_file_failing_mid_run(
@@ -393,7 +600,7 @@ class TestTriggeredAndKernel:
                 personality="oracle", mem_available_mb=lambda: available["mb"]
             ) as run:
                 run.host.set_balloon_target(16)
-                await trio.sleep(100)  # several looks at the floor
+                await trio.sleep(25)  # several looks at the floor, within the cooldown
                 assert run.host_chunks == 0
                 available["mb"] = 10_000
                 await run.settle(16)
@@ -406,10 +613,53 @@ class TestTriggeredAndKernel:
         assert [entry["log_level"] for entry in failed] == ["warning"]
         assert failed[0]["retry_in_s"] == BalloonSection().retry_initial_s
 
+    @pytest.mark.parametrize("cause", ["floor", "pressure"])
+    async def test_a_postponed_check_goes_after_the_cooldown_at_most(
+        self, autojump_clock: trio.abc.Clock, cause: str
+    ) -> None:
+        """The host asks for its memory back while CHECK_BALLOON is held back: that call is
+        also what applies the deflate, so it goes after ``pressure_cooldown_s`` at the latest
+        (below the floor the balloon itself keeps MemAvailable there: no end to wait for)."""
+        host = SimulatedHost(personality="oracle")
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_cooldown_s=30.0)
+
+        async def keep_pressing() -> None:
+            for _ in range(1000):
+                pressure.send(90.0, high=True)
+                await trio.sleep(2)
+
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=host,
+                pressure=pressure,
+                section=section,
+                mem_available_mb=lambda: 1000 - host.vmmdev.balloon.chunks,
+            ) as run:
+                target = 800 if cause == "floor" else 200  # 800 leaves 200 MB: below 256
+                run.host.set_balloon_target(target)
+                await run.settle(target)
+                if cause == "pressure":
+                    run.nursery.start_soon(keep_pressing)
+                    await run.until(lambda: run.service.statistics().pressure_events == 1)
+                asked = trio.current_time()
+                run.host.set_balloon_target(0)
+                await run.until(lambda: run.service.statistics().postponed)
+                await run.settle(0)
+                assert trio.current_time() - asked <= section.pressure_cooldown_s + 1
+                assert not run.service.statistics().postponed
+        [postponed] = [e for e in logs if e["event"] == "balloon_check_postponed"]
+        assert postponed["at_most_s"] == section.pressure_cooldown_s
+        assert "allocates all of it in one go" in postponed["note"]
+        [forced] = [e for e in logs if e["event"] == "balloon_check_forced"]
+        assert forced["postponed_s"] == section.pressure_cooldown_s
+
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """One line says the kernel owns the balloon; no hold starts, so none ends later."""
+        """One line says the kernel owns the balloon; pressure is not watched at all (no
+        trigger, no polling), so no hold starts and none ends later."""
         pressure = ScriptedPressure()
         section = BalloonSection(pressure_cooldown_s=30.0)
         with trio.fail_after(300), structlog.testing.capture_logs() as logs:
@@ -419,12 +669,12 @@ class TestTriggeredAndKernel:
                 run.host.set_balloon_target(16)
                 await run.settle(16)
                 pressure.send(90.0, high=True)
-                await run.until(lambda: run.service.statistics().pressure_events == 1)
-                assert run.host_chunks == 16
                 await trio.sleep(section.pressure_cooldown_s * 2)
-        assert [e["action"] for e in logs if e["event"].startswith("balloon_pressure")] == [
-            "none: the kernel owns the balloon"
-        ]
+                assert run.host_chunks == 16
+                assert (pressure.waits, run.service.statistics().pressure_events) == (0, 0)
+        [unwatched] = [e for e in logs if e["event"].startswith("balloon_pressure")]
+        assert unwatched["event"] == "balloon_pressure_unwatched"
+        assert unwatched["log_level"] == "info"
 
     @pytest.mark.parametrize("kind", ["mainline", "oracle", "passthrough"])
     async def test_restore_reads_the_balloon_again(
@@ -498,13 +748,17 @@ class TestReconfigure:
     ) -> None:
         """A reload that lowers the floor lets a balloon held back by it grow at once, not
         after the backoff its stopped walk (or postponed trigger) had reached."""
+        section = BalloonSection(pressure_cooldown_s=600.0)  # a trigger waits that long at most
         with trio.fail_after(600):
-            async with running_balloon(personality=kind, mem_available_mb=lambda: 200) as run:
+            async with running_balloon(
+                personality=kind, section=section, mem_available_mb=lambda: 200
+            ) as run:
                 run.host.set_balloon_target(16)
                 await trio.sleep(200)  # the retries have backed off to retry_max_s (60 s)
                 assert run.host_chunks == 0
                 reloaded = trio.current_time()
-                assert run.service.reconfigure(BalloonSection(min_available_mb=100))
+                lower = section.model_copy(update={"min_available_mb": 100})
+                assert run.service.reconfigure(lower)
                 await run.settle(16)
                 assert trio.current_time() - reloaded < 1.0
 

@@ -184,6 +184,29 @@ class TestCancellation:
                     assert setup.host.status()["hgcm_clients"] == 1
                 assert setup.host.status()["hgcm_clients"] == 0
 
+    async def test_a_call_cancelled_before_it_is_sent_takes_no_slot(self, setup: Setup) -> None:
+        """Calls made in an already cancelled scope never reach the host and leave no
+        lingering slot: after more of them than the host's limit, calls still go through
+        (the 16th such call was refused with HgcmLimitError)."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                requests = device.statistics().requests
+                for _ in range(ECHO_CALL_LIMIT + 1):
+                    with trio.CancelScope() as scope:
+                        scope.cancel()
+                        await channel.call(FN_HOLD)
+                    assert scope.cancelled_caught
+                assert (channel.pending, channel.calls) == (0, 0)
+                assert device.statistics().requests == requests
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(channel.call, FN_HOLD)
+                    await setup.until(lambda: len(setup.echo.held) == 1)
+                    setup.echo.held[0].complete(VINF_SUCCESS)
+                assert channel.pending == 0
+
     async def test_cancelling_the_block_disconnects(self, setup: Setup) -> None:
         """Cancelling the code inside the block still disconnects, without waiting long."""
         with trio.fail_after(10):

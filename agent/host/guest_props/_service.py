@@ -292,14 +292,11 @@ class GuestPropertyService:
         size = _params.u32(params[2])
         if len(patterns.raw) > MAX_PATTERN_SIZE:
             return VERR_TOO_MUCH_DATA
+        status = _check_later_patterns(patterns.raw)
+        if status != VINF_SUCCESS:
+            return status
         # Inner NULs separate patterns too (double-NUL lists); the last byte ends the string.
         packed = patterns.raw[:-1].replace(b"\0", b"|")
-        try:
-            packed.decode()
-        except UnicodeDecodeError:
-            # The first pattern failed HGCMSvcGetCStr already (VERR_INVALID_PARAMETER); a
-            # later one gets the validation status itself.
-            return VERR_INVALID_UTF8_ENCODING
         needed = offset = 0
         room = len(out.data)
         for prop in self._store.in_order():
@@ -375,6 +372,28 @@ class GuestPropertyService:
             self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
         self._store.bulk_load(saved)
         self._host_version_set = False
+
+
+def _check_later_patterns(raw: bytes) -> int:
+    """ENUM_PROPS' check of the patterns after the first (``HGCMSvcGetCStr`` checked that).
+
+    After each inner NUL the rest of the buffer must hold a NUL-terminated UTF-8 string:
+    VERR_INVALID_UTF8_ENCODING for bad UTF-8 before a NUL, VERR_BUFFER_OVERFLOW when no
+    NUL follows (``RTStrValidateEncodingEx`` with ``ZERO_TERMINATED``). So a buffer with
+    inner NULs must end with one.
+    """
+    start = raw.find(0)
+    while 0 <= start < len(raw) - 1:
+        rest = raw[start + 1 :]
+        end = rest.find(0)
+        try:
+            (rest if end < 0 else rest[:end]).decode()
+        except UnicodeDecodeError:
+            return VERR_INVALID_UTF8_ENCODING
+        if end < 0:
+            return VERR_BUFFER_OVERFLOW
+        start += 1 + end
+    return VINF_SUCCESS
 
 
 def _raise_for_host(name: str, status: int) -> None:

@@ -8,10 +8,13 @@ them over one by one (unmapping those a new goal no longer wants), or takes that
 one by one, then unmaps them. Locking a chunk faults in (zeroes) a MiB, which leaves the
 CPU caches holding nothing of the agent's nor the driver's code and data; in groups, the
 handovers between two such passes run on warm caches. No chunk waits longer than its step.
-A failed chunk (host status, allocation, the ``MemAvailable`` floor) stops the walk after
-the chunks before it; it is logged once per run of failures and retried after a capped
-exponential backoff, or at once when a new event arrives. A walk that reaches its goal is
-logged once, with the chunks it moved.
+A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floor) stops
+the walk in its direction after the chunks before it; it is logged once per run of
+failures and retried after a capped exponential backoff, or at once when a new event
+arrives. The backoff holds back only
+the direction that failed: a goal below the chunks held after a refused inflate (pressure)
+is walked at once. Reaching the goal by any way clears the backoff. A walk that reaches its
+goal is logged once, with the chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -19,6 +22,8 @@ most :data:`MEMINFO_REUSE_CHUNKS` chunks and only while it leaves that many MiB 
 floor; nearer the floor, after a pause, a restart, a deflate or a failure, it is read again.
 A chunk is therefore refused exactly where a reading before it would refuse it, unless the
 rest of the guest took more than that many MiB within those few chunks (a few milliseconds).
+A group ends before a chunk that would read MemAvailable afresh, so a reading is only ever
+taken with every chunk of the walk handed over, as one chunk at a time took it.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class ChunkWalker:
         """``MemAvailable`` as last read, less the MiB inflated on that reading since."""
         self._reading_uses = 0
         """Chunks the last reading may still serve (0: read before the next chunk)."""
+        self._available_known = True
+        """Whether the last reading found MemAvailable (the floor is checked only then)."""
         self.held: list[Chunk] = []
         self.target = 0
         self.max_chunks: int | None = None
@@ -89,6 +96,8 @@ class ChunkWalker:
         self._settled = trio.Event()
         self._walk_from: int | None = None
         """Chunks held when the current walk took its first step (None: no walk under way)."""
+        self._failed_inflate = True
+        """The direction the backoff holds back (meaningful while it counts failures)."""
 
     @property
     def goal(self) -> int:
@@ -122,26 +131,36 @@ class ChunkWalker:
     async def run(self) -> NoReturn:
         """Walk toward the goal forever; sleep while there or while backing off."""
         self._reading_uses = 0  # a (re)start: the last run's reading may be long out of date
-        backoff = self.backoff
         while True:
             goal = self.goal
-            if len(self.held) != goal and (
-                backoff.retry_at == -math.inf or trio.current_time() >= backoff.retry_at
-            ):  # the clock is read only while backing off
+            held = len(self.held)
+            if held != goal and not self._backing_off(inflate=held < goal):
                 if self._walk_from is None:
-                    self._walk_from = len(self.held)
-                await self._step(inflate=len(self.held) < goal)
+                    self._walk_from = held
+                await self._step(inflate=held < goal)
                 continue
             self._reading_uses = 0  # a pause: the next walk starts from a fresh reading
-            if len(self.held) == goal:
+            deadline = math.inf
+            if held == goal:
                 self._walk_done()
+                if self.backoff.failures:  # the goal moved to the chunks held: nothing to retry
+                    self.backoff.succeeded()
+                    self.last_failure = None
                 self._settled.set()
                 self._settled = trio.Event()
                 self._on_settled()
+            else:
+                deadline = self.backoff.retry_at
             self._changed = trio.Event()
-            deadline = self.backoff.retry_at if len(self.held) != goal else math.inf
             with trio.move_on_at(deadline):
                 await self._changed.wait()
+
+    def _backing_off(self, *, inflate: bool) -> bool:
+        """Whether the backoff holds a step in this direction back (only the failed one)."""
+        retry_at = self.backoff.retry_at
+        if retry_at == -math.inf or inflate is not self._failed_inflate:
+            return False
+        return trio.current_time() < retry_at  # the clock is read only while backing off
 
     def _walk_done(self) -> None:
         """Log a walk that reached its goal, once (a wake-up at the goal is no walk)."""
@@ -158,19 +177,22 @@ class ChunkWalker:
                 await self._deflate()
         except WalkStoppedError as failure:
             if self.inflated + self.deflated != moved:  # the chunks before it went through
-                self._succeeded()
-            self._failed(str(failure))
+                self._succeeded(inflate=inflate)
+            self._failed(str(failure), inflate=inflate)
             return
-        self._succeeded()
+        self._succeeded(inflate=inflate)
 
-    def _succeeded(self) -> None:
-        if self.backoff.failures and self.backoff.succeeded():
+    def _succeeded(self, *, inflate: bool) -> None:
+        if inflate is self._failed_inflate and self.backoff.failures and self.backoff.succeeded():
             log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
             self.last_failure = None
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, *, inflate: bool) -> None:
         self._reading_uses = 0
         self.failures += 1
+        if inflate is not self._failed_inflate:  # the other direction's failures are not these
+            self.backoff.succeeded()
+            self._failed_inflate = inflate
         first = self.backoff.failures == 0
         delay = self.backoff.failed(trio.current_time())
         self.last_failure = reason
@@ -182,6 +204,11 @@ class ChunkWalker:
             retry_in_s=round(delay, 3),
         )
 
+    def _reading_due(self) -> bool:
+        """Whether the next chunk's floor check reads MemAvailable (module docstring)."""
+        above = self._available_mb - CHUNK_MB - self.min_available_mb
+        return self._reading_uses == 0 or above < MEMINFO_REUSE_CHUNKS * CHUNK_MB
+
     def _check_floor(self) -> None:
         """Stop the walk if one more chunk would take MemAvailable below the floor.
 
@@ -189,9 +216,9 @@ class ChunkWalker:
         an unknown MemAvailable (None) is not checked.
         """
         floor = self.min_available_mb
-        reusable = self._available_mb - CHUNK_MB - floor >= MEMINFO_REUSE_CHUNKS * CHUNK_MB
-        if self._reading_uses == 0 or not reusable:
+        if self._reading_due():
             available = self._mem_available_mb()
+            self._available_known = available is not None
             if available is None:
                 self._reading_uses = 0
                 return
@@ -212,9 +239,13 @@ class ChunkWalker:
                 chunk = ready[-1]
                 try:
                     await self.handover.inflate(chunk)
-                except VBoxStatusError as exc:
+                except VBoxStatusError as exc:  # still ready: unmapped below
                     msg = f"{exc.operation}: {exc.name}"
-                    raise WalkStoppedError(msg) from exc  # still ready: unmapped below
+                    raise WalkStoppedError(msg) from exc
+                except (
+                    OSError
+                ) as exc:  # the driver refused the ioctl (ENOMEM): the host has nothing
+                    raise WalkStoppedError(_os_reason(exc)) from exc
                 except BaseException:
                     # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
                     self.held.append(ready.pop())
@@ -235,6 +266,8 @@ class ChunkWalker:
         chunks: list[Chunk] = []
         try:
             for _ in range(min(count, BATCH_CHUNKS)):
+                if chunks and self._available_known and self._reading_due():
+                    break  # MemAvailable is read with every chunk of the walk handed over
                 self._check_floor()
                 address = allocator.allocate()
                 try:
@@ -286,6 +319,9 @@ class ChunkWalker:
             if not self.handover.never_held(exc.rc):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
+        except OSError as exc:  # the driver refused the ioctl: the host still holds it
+            self.last_failure = _os_reason(exc)
+            return False
         if self.held[-1] is chunk:
             self.held.pop()
         else:
@@ -311,3 +347,8 @@ class ChunkWalker:
             if not await self.give_back(chunk):
                 break
         return len(self.held)
+
+
+def _os_reason(exc: OSError) -> str:
+    """A driver's refusal as a reason: ``CHANGE_BALLOON ioctl: Cannot allocate memory``."""
+    return f"balloon ioctl: {exc.strerror or exc}"
