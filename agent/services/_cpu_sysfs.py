@@ -54,6 +54,11 @@ class CpuSysfs:
     def __init__(self, root: Path) -> None:
         self._cpus = root / CPU_DIR
 
+    @property
+    def cpus(self) -> Path:
+        """The directory of the CPUs (``root/devices/system/cpu``)."""
+        return self._cpus
+
     def bring_online(self, core: int, package: int) -> CpuChange | None:
         """Make the host's newly plugged CPU online; None when no CPU is offline (yet).
 

@@ -74,20 +74,24 @@ UNAVAILABLE: Final = frozenset(
     )
 )
 """Refusals of SET_CPU_HOTPLUG_STATUS that asking again will not change before a restore."""
+AUTO: Final = "auto"
+"""``sysfs_root``'s default: the machine's ``/sys`` on a real device, none on a simulated host."""
+_REQUEST_NAMES: Final[dict[int, str]] = {CpuEventType.PLUG: "plug", CpuEventType.UNPLUG: "unplug"}
 
 
 class CpuHotPlugSection(ServiceSection):
     """``[cpuhotplug]``: on, as in VBoxService; where the guest's CPUs are."""
 
-    sysfs_root: str = DEFAULT_SYSFS_ROOT
-    """The sysfs mount whose CPUs the service changes: ``/sys`` in a guest; a scratch tree
-    for an agent that follows a simulated host on a machine whose CPUs must stay as they are."""
+    sysfs_root: str = AUTO
+    """The sysfs mount whose CPUs the service changes. ``auto``: ``/sys`` on a real device,
+    and none on a simulated host (the host's requests are logged, this machine's CPUs are
+    left as they are); a path (a scratch tree, or ``/sys`` on purpose) has them changed."""
 
     @field_validator("sysfs_root")
     @classmethod
     def _check_sysfs_root(cls, value: str) -> str:
-        if not value.startswith("/") or "\0" in value:
-            msg = "must be an absolute path (without NUL) such as /sys"
+        if value != AUTO and (not value.startswith("/") or "\0" in value):
+            msg = f"must be {AUTO!r} or an absolute path (without NUL) such as /sys"
             raise ValueError(msg)
         return value
 
@@ -102,6 +106,7 @@ class CpuHotPlugStatistics:
         plugged: CPUs brought online (or found online) for a plug.
         unplugged: CPUs taken offline and ejected for an unplug.
         failures: events not carried out, and host requests that failed.
+        left_alone: events of a simulated host, whose CPUs are this machine's (no sysfs).
     """
 
     monitoring: bool
@@ -109,6 +114,7 @@ class CpuHotPlugStatistics:
     plugged: int
     unplugged: int
     failures: int
+    left_alone: int = 0
 
 
 @final
@@ -117,7 +123,9 @@ class CpuHotPlugService:
 
     name: Final = NAME
 
-    def __init__(self, context: ServiceContext, sysfs: CpuSysfs) -> None:
+    def __init__(self, context: ServiceContext, sysfs: CpuSysfs | None) -> None:
+        """``sysfs``: where the CPUs are changed; None leaves every CPU alone (a simulated
+        host with ``sysfs_root = "auto"``)."""
         self._device: Device = context.device
         self._pump: EventPump = context.pump
         self._status_changed = context.status_changed
@@ -125,12 +133,17 @@ class CpuHotPlugService:
         self._limiter = trio.CapacityLimiter(1)
         self._monitoring = False
         self._refusal: str | None = None
-        self._events = self._plugged = self._unplugged = self._failures = 0
+        self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
 
     def statistics(self) -> CpuHotPlugStatistics:
         """Return the counters."""
         return CpuHotPlugStatistics(
-            self._monitoring, self._events, self._plugged, self._unplugged, self._failures
+            self._monitoring,
+            self._events,
+            self._plugged,
+            self._unplugged,
+            self._failures,
+            self._left_alone,
         )
 
     def status(self) -> str:
@@ -139,12 +152,15 @@ class CpuHotPlugService:
             return f"cpuhotplug: not available ({self._refusal})"
         if not self._monitoring:
             return "cpuhotplug starting"
+        if self._sysfs is None:
+            return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
         failed = f", {self._failures} failed" if self._failures else ""
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
         """Apply a new ``sysfs_root`` at once (from the next host event on)."""
-        self._sysfs = CpuSysfs(Path(section.sysfs_root))
+        self._sysfs = cpu_sysfs(section, self._device)
+        self._status_changed()
         return True
 
     async def drain(self) -> None:
@@ -186,7 +202,8 @@ class CpuHotPlugService:
                 log.warning("cpu_hotplug_unavailable", status=exc.name, restored=restored)
             self._refusal, self._monitoring = exc.name, False
         else:
-            log.info("cpu_hotplug_monitoring", restored=restored)
+            cpus = "left alone (simulated host)" if self._sysfs is None else str(self._sysfs.cpus)
+            log.info("cpu_hotplug_monitoring", restored=restored, cpus=cpus)
             self._refusal, self._monitoring = None, True
         self._status_changed()
 
@@ -208,15 +225,25 @@ class CpuHotPlugService:
 
     async def _act(self, event: CpuHotPlugEvent) -> None:
         ids = {"core": event.core, "package": event.package}
-        if event.event_type == CpuEventType.PLUG:
-            change = await self._plug(event.core, event.package)
+        sysfs = self._sysfs
+        if sysfs is None:
+            self._left_alone += 1
+            log.info(
+                "cpu_change_left_alone",
+                request=_REQUEST_NAMES.get(event.event_type, event.event_type),
+                reason="simulated host: this machine's CPUs stay as they are "
+                "(set [cpuhotplug] sysfs_root to change the CPUs of a tree)",
+                **ids,
+            )
+        elif event.event_type == CpuEventType.PLUG:
+            change = await self._plug(sysfs, event.core, event.package)
             if change.problem is None:
                 self._plugged += 1
                 log.info("cpu_plugged", cpu=change.cpu, **ids)
             else:
                 self._fail("cpu_plug_failed", cpu=change.cpu, problem=change.problem, **ids)
         elif event.event_type == CpuEventType.UNPLUG:
-            change = await self._in_thread(self._sysfs.take_offline, event.core, event.package)
+            change = await self._in_thread(sysfs.take_offline, event.core, event.package)
             if change.problem is None:
                 self._unplugged += 1
                 log.info("cpu_unplugged", cpu=change.cpu, **ids)
@@ -226,11 +253,11 @@ class CpuHotPlugService:
             self._fail("cpu_hotplug_event_unknown", event_type=event.event_type, **ids)
         self._status_changed()
 
-    async def _plug(self, core: int, package: int) -> CpuChange:
+    async def _plug(self, sysfs: CpuSysfs, core: int, package: int) -> CpuChange:
         for attempt in range(PLUG_TRIES):
             if attempt:
                 await trio.sleep(PLUG_RETRY_S)
-            change = await self._in_thread(self._sysfs.bring_online, core, package)
+            change = await self._in_thread(sysfs.bring_online, core, package)
             if change is not None:
                 return change
         return CpuChange(None, f"no offline CPU appeared within {PLUG_TRIES} looks")
@@ -250,9 +277,17 @@ class CpuHotPlugService:
         self._status_changed()
 
 
+def cpu_sysfs(section: CpuHotPlugSection, device: Device) -> CpuSysfs | None:
+    """The CPUs ``section`` names; ``auto``: ``/sys`` unless ``device`` is a simulated host,
+    whose requests must not change this machine's CPUs (None)."""
+    if section.sysfs_root != AUTO:
+        return CpuSysfs(Path(section.sysfs_root))
+    return None if device.simulated else CpuSysfs(Path(DEFAULT_SYSFS_ROOT))
+
+
 def cpuhotplug_service(context: ServiceContext, section: CpuHotPlugSection) -> CpuHotPlugService:
-    """The service on the section's ``sysfs_root``."""
-    return CpuHotPlugService(context, CpuSysfs(Path(section.sysfs_root)))
+    """The service on the CPUs the section names (see :func:`cpu_sysfs`)."""
+    return CpuHotPlugService(context, cpu_sysfs(section, context.device))
 
 
 SPEC: Final = ServiceSpec(NAME, CpuHotPlugSection, cpuhotplug_service)

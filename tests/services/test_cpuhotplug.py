@@ -39,6 +39,7 @@ from agent.services.cpuhotplug import (
     CpuHotPlugSection,
     CpuHotPlugService,
     CpuHotPlugStatistics,
+    cpu_sysfs,
     cpuhotplug_service,
 )
 from agent.services.registry import SERVICES
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from structlog.typing import EventDict
+
+    from agent.host.transport import SimTransport
 
 NOT_MONITORED = STATUS_CODES["VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"]
 ACPI_CPUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00")
@@ -136,10 +139,15 @@ class Running:
 
 @asynccontextmanager
 async def running(
-    root: Path, *, personality: str = "mainline", user_device: bool = False, fault: int = 0
+    root: Path | None,
+    *,
+    personality: str = "mainline",
+    user_device: bool = False,
+    fault: int = 0,
 ) -> AsyncIterator[Running]:
     """Start a host (SET_CPU_HOTPLUG_STATUS answering ``fault`` once, if given), the pump
-    and the service on ``root``; drain the service at the end, as the daemon does."""
+    and the service on ``root`` (None: ``auto``, the section's default); drain the service
+    at the end, as the daemon does."""
     host = SimulatedHost(personality=personality, seed=7)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
@@ -150,7 +158,8 @@ async def running(
             watch = Watch()
             pump = EventPump(device)
             service = cpuhotplug_service(
-                ServiceContext(device, pump, watch.changed), CpuHotPlugSection(sysfs_root=str(root))
+                ServiceContext(device, pump, watch.changed),
+                CpuHotPlugSection(sysfs_root="auto" if root is None else str(root)),
             )
             await nursery.start(pump.run)
             async with trio.open_nursery() as inner:
@@ -168,15 +177,16 @@ def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
 
 class TestSpec:
     def test_is_registered_with_its_section(self) -> None:
-        """The registry lists it; ``[cpuhotplug]`` is on by default, as VBoxService, on /sys."""
+        """The registry lists it; ``[cpuhotplug]`` is on by default, as VBoxService, with
+        ``sysfs_root = "auto"`` (``/sys`` on a real device, see TestSimulatedHostDefault)."""
         assert SPEC in SERVICES
         assert (SPEC.name, SPEC.section) == ("cpuhotplug", CpuHotPlugSection)
-        assert CpuHotPlugSection() == CpuHotPlugSection(enable=True, sysfs_root="/sys")
+        assert CpuHotPlugSection() == CpuHotPlugSection(enable=True, sysfs_root="auto")
 
     @pytest.mark.parametrize("root", ["sys", "", "/sys\0"])
     def test_sysfs_root_must_be_absolute(self, root: str) -> None:
         """A relative or empty root is refused with what is allowed."""
-        with pytest.raises(ValidationError, match="must be an absolute path"):
+        with pytest.raises(ValidationError, match="must be 'auto' or an absolute path"):
             CpuHotPlugSection(sysfs_root=root)
 
     async def test_reload_moves_to_another_tree(self, guest: Guest, tmp_path: Path) -> None:
@@ -363,3 +373,54 @@ class TestMonitoring:
         [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
         assert unavailable["status"] == status
         assert unavailable["log_level"] == "warning"
+
+
+class MachineOpener:
+    """A simulated host presented as this machine's own driver (``simulated`` is False)."""
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self._inner = SimOpener(host)
+        self.description = "this machine's driver (a simulated host underneath)"
+        self.simulated = False
+
+    async def open_session(self) -> SimTransport:
+        return await self._inner.open_session()
+
+
+class TestSimulatedHostDefault:
+    """With ``sysfs_root = "auto"``, a simulated host's requests never change this machine's
+    CPUs."""
+
+    async def test_requests_are_logged_and_the_cpus_left_alone(self) -> None:
+        """Plug and unplug are taken from the host (it sees them done) and logged, and no
+        CPU is touched: the guard of tests/conftest.py fails any write under /sys."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(None) as run:
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().left_alone == 1)
+                run.host.cpu_unplug(1)
+                await run.watch.until(lambda: run.stats().left_alone == 2)
+                status = run.service.status()
+        assert status == "cpuhotplug: simulated host, 2 requests, CPUs left alone"
+        assert (run.stats().plugged, run.stats().unplugged, run.stats().failures) == (0, 0, 0)
+        requests = [e["request"] for e in events_named(logs, "cpu_change_left_alone")]
+        assert requests == ["plug", "unplug"]
+        [monitoring] = events_named(logs, "cpu_hotplug_monitoring")
+        assert monitoring["cpus"] == "left alone (simulated host)"
+
+    async def test_a_real_device_gets_the_machines_cpus(self) -> None:
+        """The same section on this machine's driver names /sys; a root set on purpose wins
+        on a simulated host too."""
+        host = SimulatedHost(seed=7)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(MachineOpener(host)) as device:
+                sysfs = cpu_sysfs(CpuHotPlugSection(), device)
+                assert sysfs is not None
+                assert sysfs.cpus == Path("/sys/devices/system/cpu")
+            async with open_device(SimOpener(host)) as device:
+                assert cpu_sysfs(CpuHotPlugSection(), device) is None
+                chosen = cpu_sysfs(CpuHotPlugSection(sysfs_root="/sys"), device)
+                assert chosen is not None
+                assert chosen.cpus == Path("/sys/devices/system/cpu")
+            nursery.cancel_scope.cancel()
