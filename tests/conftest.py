@@ -3,7 +3,8 @@
 Select a Hypothesis profile with ``HYPOTHESIS_PROFILE`` (``dev`` by default): ``ci`` has no
 deadline and prints reproduction blobs; ``dev`` keeps Hypothesis' defaults.
 
-No test may move this machine's clock: ``SystemClock`` fails the test that tries.
+No test may move this machine's clock or its CPUs: ``SystemClock`` and the CPU hot-plug
+service's sysfs writes fail the test that tries.
 
 ``host`` is a running simulated host with the mainline driver (a module or package that needs
 another host defines its own). Tests that should hold for the real Linux driver too take the
@@ -23,6 +24,7 @@ import trio
 from hypothesis import settings
 
 from agent.host import PersonalityUnavailableError, SimulatedHost
+from agent.services import _cpu_sysfs
 from agent.services._wallclock import SystemClock
 
 if TYPE_CHECKING:
@@ -48,6 +50,20 @@ def _machine_clock_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(SystemClock, "step", refuse)
     monkeypatch.setattr(SystemClock, "slew", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _machine_cpus_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test in this process writes the machine's /sys (CI runs as root): the cpuhotplug
+    tests give the service a tree of their own, and one that reaches /sys is a failing test."""
+    write = _cpu_sysfs._write
+
+    def guarded(path: Path, value: str) -> None:
+        if os.path.realpath(path).startswith("/sys/"):
+            pytest.fail(f"a test tried to write {value!r} to {path}")
+        write(path, value)
+
+    monkeypatch.setattr(_cpu_sysfs, "_write", guarded)
 
 
 @pytest.fixture(scope="session")

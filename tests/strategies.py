@@ -29,6 +29,7 @@ from agent.protocol.messages import (
     ChangeMemBalloon,
     CheckBalloon,
     DriverVersionInfo,
+    GetCpuHotPlugRequest,
     GetHostTime,
     GetHostVersion,
     GetMemBalloonChangeRequest,
@@ -51,6 +52,7 @@ from agent.protocol.messages import (
     ReportGuestStats,
     ReportGuestStatus,
     Request,
+    SetCpuHotPlugStatus,
     WaitForEvents,
     WriteCoreDump,
 )
@@ -195,7 +197,14 @@ def vmmdev_requests() -> st.SearchStrategy[Request[Any]]:
         st.just(GuestHeartbeat()),
         st.builds(GetStatisticsChangeRequest, acknowledge=st.booleans()),
         report_guest_stats(),
+        set_cpu_hotplug_statuses(),
+        st.just(GetCpuHotPlugRequest()),
     )
+
+
+def set_cpu_hotplug_statuses() -> st.SearchStrategy[SetCpuHotPlugStatus]:
+    """Enable, disable, or any other u32 (the host answers VERR_INVALID_PARAMETER)."""
+    return st.builds(SetCpuHotPlugStatus, status=u32s)
 
 
 def requests() -> st.SearchStrategy[Request[Any]]:
@@ -242,5 +251,7 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Request[Any]]] = {
     "GuestHeartbeat": st.just(GuestHeartbeat()),
     "GetStatisticsChangeRequest": st.builds(GetStatisticsChangeRequest, acknowledge=st.booleans()),
     "ReportGuestStats": report_guest_stats(),
+    "SetCpuHotPlugStatus": set_cpu_hotplug_statuses(),
+    "GetCpuHotPlugRequest": st.just(GetCpuHotPlugRequest()),
 }
 """One strategy per request class, by class name (the fuzz tests parametrize over it)."""

@@ -90,6 +90,23 @@ class TestHostCommands:
             assert result.returncode == 0, (accepted, result.stderr)
         assert host(simulator.path, "balloon", str(2**40)).returncode == 1
 
+    def test_cpu_needs_a_monitoring_guest(self, simulator: Simulator) -> None:
+        """With no agent to enable CPU hot-plug, plug and unplug are refused (exit 1) with the
+        host's status on one line, and ``status`` shows the VM's untouched slot."""
+        for action in ("plug", "unplug"):
+            refused = host(simulator.path, "cpu", action, "1", "--package", "0")
+            assert refused.returncode == 1, refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1
+            assert "VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST" in refused.stderr
+        status = json.loads(host(simulator.path, "status", "--json").stdout)
+        assert status["cpu_hotplug"] == {
+            "monitored": False,
+            "event": "INVALID",
+            "core": 0,
+            "package": 0,
+            "notified": 0,
+        }
+
     def test_properties(self, simulator: Simulator) -> None:
         """Properties set from the command line read back, with flags in --json."""
         assert host(simulator.path, "prop", "set", "/VM/x", "hello").returncode == 0

@@ -63,6 +63,13 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
             "vbox-agent host prop set",
             "unrecognized arguments: --bogus",
         ),
+        (["host", "--socket", SOCKET, "cpu"], "vbox-agent host cpu", "required: plug|unplug"),
+        (["host", "--socket", SOCKET, "cpu", "plug"], "vbox-agent host cpu", "required: CORE"),
+        (
+            ["host", "--socket", SOCKET, "cpu", "plug", "1", "2"],
+            "vbox-agent host cpu",
+            "unrecognized arguments: 2",
+        ),
     ],
 )
 def test_unknown_commands_and_options(
@@ -113,6 +120,14 @@ def test_unknown_commands_and_options(
         ),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "-1"], "'-1' is not a non-neg"),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "inf"], "'inf' is not a non-neg"),
+        (["host", "--socket", SOCKET, "cpu", "eject", "1"], "invalid choice: 'eject'"),
+        (["host", "--socket", SOCKET, "cpu", "plug", "-1"], "'-1' is not an integer in [0, 4294"),
+        (["host", "--socket", SOCKET, "cpu", "plug", "4294967296"], "in [0, 4294967295]"),
+        (["host", "--socket", SOCKET, "cpu", "unplug", "x"], "'x' is not an integer in [0, "),
+        (
+            ["host", "--socket", SOCKET, "cpu", "unplug", "1", "--package", "-2"],
+            "argument --package: '-2' is not an integer in [0, 4294967295]",
+        ),
     ],
 )
 def test_bad_values(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,11 +1,11 @@
 """``vbox-agent host --socket PATH COMMAND``: control a running simulated host.
 
 The commands mirror what VBoxManage does to a running VM (resize the balloon, set guest
-properties, set the guest statistics interval, raise events, restore a snapshot) plus test
-hooks (faults, delays, dropping the device connections) and ``status``. Each invocation
-sends one control command (``docs/simulator-socket.md``), waiting as the agent does (up to
-``HOST_START_WAIT_S``) for a host that is still starting. Exit codes: 0 done, 1 the host
-refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path
+properties, set the guest statistics interval, plug and unplug CPUs, raise events, restore a
+snapshot) plus test hooks (faults, delays, dropping the device connections) and ``status``.
+Each invocation sends one control command (``docs/simulator-socket.md``), waiting as the agent
+does (up to ``HOST_START_WAIT_S``) for a host that is still starting. Exit codes: 0 done, 1 the
+host refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path
 (or its answer is not one a simulated host gives).
 """
 
@@ -32,6 +32,8 @@ CONTROL_TIMEOUT_S: Final = 10.0
 """How long the CLI waits for the host to answer one command."""
 MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
 """The statistics interval is a u32 of seconds."""
+U32_MAX: Final = 0xFFFF_FFFF
+"""CPU core and package ids are u32s."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +72,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "seconds", type=integer_at_least(0, at_most=MAX_STATS_INTERVAL_S), metavar="SECONDS"
     )
     stats.set_defaults(build=_stats_interval)
+    cpu = commands.add_parser(
+        "cpu", help="plug or unplug a CPU (by its core and package ids) as controlvm plugcpu does"
+    )
+    cpu.add_argument("action", choices=("plug", "unplug"), metavar="plug|unplug")
+    cpu.add_argument("core", type=integer_at_least(0, at_most=U32_MAX), metavar="CORE")
+    cpu.add_argument(
+        "--package",
+        type=integer_at_least(0, at_most=U32_MAX),
+        default=0,
+        metavar="P",
+        help="the CPU's package id (default: 0, as VirtualBox gives every CPU)",
+    )
+    cpu.set_defaults(build=_cpu)
     commands.add_parser("restore", help="simulate a VM restore").set_defaults(
         build=lambda _: {"command": "restore"}
     )
@@ -176,6 +191,10 @@ def _prop_get(args: argparse.Namespace) -> dict[str, object]:
 
 def _prop_delete(args: argparse.Namespace) -> dict[str, object]:
     return {"command": "prop_delete", "name": args.name}
+
+
+def _cpu(args: argparse.Namespace) -> dict[str, object]:
+    return {"command": "cpu", "action": args.action, "core": args.core, "package": args.package}
 
 
 def _event(args: argparse.Namespace) -> dict[str, object]:

@@ -462,6 +462,11 @@ class CharDevOpener:
         """The device path."""
         return self._path
 
+    @property
+    def simulated(self) -> bool:
+        """False: a device node leads to this machine's driver."""
+        return False
+
     async def open_session(self) -> CharDevTransport:
         """Open the node, agree on the ioctl interface version and return the session.
 

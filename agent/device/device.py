@@ -143,6 +143,11 @@ class Device:
         """Where the device's sessions lead (``/dev/vboxguest``, ``unix:PATH``, ...)."""
         return self._opener.description
 
+    @property
+    def simulated(self) -> bool:
+        """True when the device is a simulated host (see ``DeviceOpener.simulated``)."""
+        return self._opener.simulated
+
     def statistics(self) -> DeviceStatistics:
         """Return the request and session counters."""
         return DeviceStatistics(self._requests, self._failures, self._open_sessions)

@@ -63,6 +63,12 @@ class DeviceOpener(Protocol):
         """Where the sessions lead, for logs and errors (``/dev/vboxguest``, ``unix:PATH``)."""
         ...
 
+    @property
+    def simulated(self) -> bool:
+        """True when the sessions lead to a simulated host, not to this machine's driver:
+        services then leave the machine itself (its CPUs, its clock) alone."""
+        ...
+
     async def open_session(self) -> Transport:
         """Open a new session.
 

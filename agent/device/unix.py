@@ -362,6 +362,11 @@ class UnixSocketOpener:
         """``unix:PATH``."""
         return f"unix:{self._path}"
 
+    @property
+    def simulated(self) -> bool:
+        """True: a socket leads to a simulated host (``vbox-agent simulate``)."""
+        return True
+
     async def open_session(self) -> UnixSocketTransport:
         """Connect, say HELLO and return the new session.
 

@@ -12,6 +12,7 @@ command             arguments                                       result
 ``prop_delete``     ``name``                                        null
 ``event``           ``mask`` (int)                                  null
 ``restore``         (none)                                          null
+``cpu``             ``action`` (str), ``core``, ``package`` (int)   null
 ``stats_interval``  ``seconds`` (int)                               null
 ``fault``           ``request`` (int), ``status`` (int), ``count``  null
 ``delay``           ``request`` (int), ``seconds`` (float)          null
@@ -20,7 +21,8 @@ command             arguments                                       result
 ==================  ==============================================  =============================
 
 :func:`execute_control` runs one command on the host (server side); :func:`call_control`
-sends one from another process (client side).
+sends one from another process (client side). ``cpu`` plugs (``action`` "plug") or unplugs
+("unplug") the CPU with those ids, as ``VBoxManage controlvm plugcpu``/``unplugcpu`` do.
 """
 
 from __future__ import annotations
@@ -103,19 +105,15 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
             flags = _arg(payload, "flags", str) if "flags" in payload else ""
             host.prop_set(_arg(payload, "name", str), _arg(payload, "value", str), flags)
         case "prop_get":
-            name = _arg(payload, "name", str)
-            found = host.prop_get(name)
-            if found is None:
-                msg = f"guest property {name!r} is not set"
-                raise _BadCommandError(msg)
-            value, flags, timestamp = found
-            return {"value": value, "flags": flags, "timestamp": timestamp}
+            return _prop_get(host, _arg(payload, "name", str))
         case "prop_delete":
             host.prop_delete(_arg(payload, "name", str))
         case "event":
             host.raise_events(_arg(payload, "mask", int))
         case "restore":
             host.restore()
+        case "cpu":
+            _cpu(host, payload)
         case "stats_interval":
             host.set_statistics_interval(_arg(payload, "seconds", int))
         case "fault":
@@ -130,6 +128,24 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
             msg = f"unknown control command {command!r}"
             raise _BadCommandError(msg)
     return None
+
+
+def _prop_get(host: SimulatedHost, name: str) -> dict[str, object]:
+    found = host.prop_get(name)
+    if found is None:
+        msg = f"guest property {name!r} is not set"
+        raise _BadCommandError(msg)
+    value, flags, timestamp = found
+    return {"value": value, "flags": flags, "timestamp": timestamp}
+
+
+def _cpu(host: SimulatedHost, payload: dict[str, object]) -> None:
+    action = _arg(payload, "action", str)
+    if action not in ("plug", "unplug"):
+        msg = f"control command 'cpu' needs action as 'plug' or 'unplug', not {action!r}"
+        raise _BadCommandError(msg)
+    change = host.cpu_plug if action == "plug" else host.cpu_unplug
+    change(_arg(payload, "core", int), _arg(payload, "package", int))
 
 
 def _arg(payload: dict[str, object], name: str, kind: type[_T]) -> _T:

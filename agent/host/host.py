@@ -25,7 +25,9 @@ from agent.host._stats import GUEST_CPUS
 from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
 from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
 from agent.host.vmmdev import HOST_VERSION, VMMDev
-from agent.protocol.constants import VALID_EVENT_MASK
+from agent.protocol.constants import VALID_EVENT_MASK, CpuEventType
+from agent.protocol.errors import VBoxStatusError
+from agent.protocol.status import VINF_SUCCESS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -212,9 +214,35 @@ class SimulatedHost:
         """
         self.vmmdev.set_statistics_interval(seconds)
 
+    def cpu_plug(self, core: int, package: int = 0) -> None:
+        """``controlvm plugcpu``: tell the guest the CPU with these ids was plugged.
+
+        Raises:
+            ValueError: an id is not a u32.
+            VBoxStatusError: the guest does not monitor CPU hot-plug
+                (VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST).
+        """
+        self._cpu_event(CpuEventType.PLUG, core, package)
+
+    def cpu_unplug(self, core: int, package: int = 0) -> None:
+        """``controlvm unplugcpu``: ask the guest to give up the CPU with these ids.
+
+        Raises:
+            ValueError: an id is not a u32.
+            VBoxStatusError: the guest does not monitor CPU hot-plug
+                (VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST).
+        """
+        self._cpu_event(CpuEventType.UNPLUG, core, package)
+
+    def _cpu_event(self, event: CpuEventType, core: int, package: int) -> None:
+        rc = self.vmmdev.cpu_hotplug.notify(event, core, package)
+        if rc != VINF_SUCCESS:
+            raise VBoxStatusError(rc, f"CPU {event.name.lower()} (core {core}, package {package})")
+
     def restore(self) -> None:
         """Restore from a saved state: new session id, HGCM calls re-sent, no statistics
-        interval (a new VM process's Main asks for none), RESTORED raised."""
+        interval (a new VM process's Main asks for none), CPU hot-plug monitoring off,
+        RESTORED raised."""
         self.vmmdev.restore()
 
     async def reset(self) -> None:
@@ -285,6 +313,7 @@ class SimulatedHost:
             },
             "heartbeat": dev.heartbeat.snapshot(),
             "guest_stats": dev.guest_stats.snapshot(),
+            "cpu_hotplug": dev.cpu_hotplug.snapshot(),
             "facilities": dev.facilities.snapshot(),
             "hgcm_clients": dev.hgcm.client_count,
             "hgcm_pending_calls": dev.hgcm.pending_calls,

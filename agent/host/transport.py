@@ -100,6 +100,11 @@ class SimOpener:
         node = "vboxuser" if self._user_device else "vboxguest"
         return f"simulated {self._host.personality} host (/dev/{node})"
 
+    @property
+    def simulated(self) -> bool:
+        """True."""
+        return True
+
     async def open_session(self) -> SimTransport:
         """Open a new session.
 

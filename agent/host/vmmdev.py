@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import trio
 
 from agent.host._balloon import HostBalloon
+from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
@@ -134,6 +135,7 @@ class VMMDev:
             2 * heartbeat_interval_ns if heartbeat_timeout_ns is None else heartbeat_timeout_ns,
         )
         self.guest_stats = HostGuestStats(self.raise_events, cpus=cpus)
+        self.cpu_hotplug = HostCpuHotPlug(self.raise_events)
         self.facilities = FacilityTable()
         self.guest = GuestInfo()
         self.request_counts: Counter[int] = Counter()
@@ -292,10 +294,12 @@ class VMMDev:
 
     def restore(self) -> None:
         """A saved state was loaded: new session id, HGCM re-submission, the statistics
-        interval back to 0 (see :meth:`HostGuestStats.restore`), RESTORED event."""
+        interval back to 0 (see :meth:`HostGuestStats.restore`), CPU hot-plug monitoring
+        off (see :class:`HostCpuHotPlug`), RESTORED event."""
         self.session_id = self._rng.getrandbits(64)
         self.hgcm.restore()
         self.guest_stats.restore()
+        self.cpu_hotplug.restore()
         self.raise_events(Event.RESTORED)
 
     def reset(self) -> None:
@@ -360,6 +364,8 @@ class VMMDev:
                 self.guest_stats.change_request,
             ),
             t.REPORT_GUEST_STATS: (L.GuestStatsRequest.size, self.guest_stats.report),
+            t.GET_CPU_HOTPLUG_REQ: (L.CpuHotPlugRequest.size, self.cpu_hotplug.get_request),
+            t.SET_CPU_HOTPLUG_STATUS: (L.CpuHotPlugStatusRequest.size, self.cpu_hotplug.set_status),
         }
         at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None]]] = {
             t.GUEST_HEARTBEAT: (HEADER_SIZE, self._guest_heartbeat),

@@ -285,6 +285,28 @@ VMM_MAX_CPU_COUNT: Final = 64
 """CPUs a VM may have; Main keeps a statistics report's CPU loads per CPU id below it."""
 
 
+class CpuStatusType(IntEnum):
+    """``VMMDevCpuStatusType``: what SET_CPU_HOTPLUG_STATUS asks of the host."""
+
+    INVALID = 0
+    DISABLE = 1
+    ENABLE = 2
+
+
+class CpuEventType(IntEnum):
+    """``VMMDevCpuEventType``: what GET_CPU_HOTPLUG_REQ reports.
+
+    ``INVALID`` is the host's slot before any hot-plug event since the VM process started
+    (it is zeroed at construction and not in the saved state); ``NONE`` after the guest
+    read one.
+    """
+
+    INVALID = 0
+    NONE = 1
+    PLUG = 2
+    UNPLUG = 3
+
+
 class GuestCapability(IntFlag):
     """Guest capability bits (``VMMDEV_GUEST_SUPPORTS_*``)."""
 

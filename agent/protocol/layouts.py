@@ -657,6 +657,34 @@ class SessionIdRequest(_WithRequestHeader):
     session_id = u64(24, "session_id")
 
 
+class CpuHotPlugStatusRequest(_WithRequestHeader):
+    """Upstream ``VMMDevCpuHotPlugStatusRequest`` (28 bytes), SET_CPU_HOTPLUG_STATUS.
+
+    ``status`` is a ``VMMDevCpuStatusType``: Disable 1, Enable 2 (anything else is
+    VERR_INVALID_PARAMETER).
+    """
+
+    c_name = "vmmdev_cpu_hotplug_status"
+    size = 28
+    source: ClassVar[Source] = "oracle"
+    status = u32(24, "status")
+
+
+class CpuHotPlugRequest(_WithRequestHeader):
+    """Upstream ``VMMDevGetCpuHotPlugRequest`` (36 bytes), GET_CPU_HOTPLUG_REQ.
+
+    The host writes its pending event (a ``VMMDevCpuEventType``) and the CPU's core and
+    package ids, then clears its slot (None, UINT32_MAX, UINT32_MAX).
+    """
+
+    c_name = "vmmdev_cpu_hotplug_request"
+    size = 36
+    source: ClassVar[Source] = "oracle"
+    event_type = u32(24, "event_type")
+    core = u32(28, "core")
+    package = u32(32, "package")
+
+
 class _WithHgcmHeader(Layout):
     nested: ClassVar[Mapping[str, int]] = MappingProxyType({"header": 0, "header.header": 0})
     header_size = u32(0, "header.header.size")
@@ -756,6 +784,8 @@ ALL_LAYOUTS: Final[tuple[type[Layout], ...]] = (
     GuestStatsRequest,
     HostTimeRequest,
     SessionIdRequest,
+    CpuHotPlugStatusRequest,
+    CpuHotPlugRequest,
     HgcmRequestHeader,
     HgcmConnectRequest,
     HgcmDisconnectRequest,

@@ -39,6 +39,8 @@ from agent.protocol.constants import (
     TIMEOUT_INFINITE,
     VALID_EVENT_MASK,
     VMMDEV_REQUEST_SMALL_LIMIT,
+    CpuEventType,
+    CpuStatusType,
     Event,
     Facility,
     FacilityStatus,
@@ -961,6 +963,71 @@ class GetSessionId(_VmmdevRequest[SessionId]):
     def read(self, buf: bytearray) -> SessionId:
         """Decode the session id."""
         return SessionId(L.SessionIdRequest.session_id.get(buf))
+
+
+@dataclass(frozen=True, slots=True)
+class SetCpuHotPlugStatus(_VmmdevRequest[None]):
+    """``VMMDEVREQ_SET_CPU_HOTPLUG_STATUS`` (28 bytes): start or stop CPU hot-plug events.
+
+    The host raises CPU_HOTPLUG (and answers its management's plug and unplug calls) only
+    while the guest has it enabled.
+    """
+
+    operation: ClassVar[str] = "VMMDEVREQ_SET_CPU_HOTPLUG_STATUS"
+    request_type: ClassVar[RequestType] = RequestType.SET_CPU_HOTPLUG_STATUS
+    layout_size: ClassVar[int] = L.CpuHotPlugStatusRequest.size
+    status: CpuStatusType
+
+    def fill(self, buf: bytearray) -> None:
+        """Write the status (any u32: the host judges it)."""
+        _check_u32("status", self.status)
+        L.CpuHotPlugStatusRequest.status.set(buf, self.status)
+
+    def read(self, buf: bytearray) -> None:
+        """Nothing comes back."""
+
+
+@dataclass(frozen=True, slots=True)
+class CpuHotPlugEvent:
+    """Reply to :class:`GetCpuHotPlugRequest`: the host's pending event and its CPU.
+
+    ``event_type`` is the raw ``VMMDevCpuEventType`` value (see :attr:`pending`).
+    """
+
+    event_type: int
+    core: int
+    package: int
+
+    @property
+    def pending(self) -> bool:
+        """Whether the host had an event (INVALID and NONE mean it had none)."""
+        return self.event_type not in (CpuEventType.INVALID, CpuEventType.NONE)
+
+
+@dataclass(frozen=True, slots=True)
+class GetCpuHotPlugRequest(_VmmdevRequest[CpuHotPlugEvent]):
+    """``VMMDEVREQ_GET_CPU_HOTPLUG_REQ`` (36 bytes): take the host's pending event.
+
+    Sent as VbglR3 sends it: NONE with both ids UINT32_MAX, which the host overwrites.
+    """
+
+    operation: ClassVar[str] = "VMMDEVREQ_GET_CPU_HOTPLUG_REQ"
+    request_type: ClassVar[RequestType] = RequestType.GET_CPU_HOTPLUG_REQ
+    layout_size: ClassVar[int] = L.CpuHotPlugRequest.size
+
+    def fill(self, buf: bytearray) -> None:
+        """Pre-set NONE and UINT32_MAX ids."""
+        L.CpuHotPlugRequest.event_type.set(buf, CpuEventType.NONE)
+        L.CpuHotPlugRequest.core.set(buf, _U32_MAX)
+        L.CpuHotPlugRequest.package.set(buf, _U32_MAX)
+
+    def read(self, buf: bytearray) -> CpuHotPlugEvent:
+        """Decode the event and the CPU's ids."""
+        return CpuHotPlugEvent(
+            L.CpuHotPlugRequest.event_type.get(buf),
+            L.CpuHotPlugRequest.core.get(buf),
+            L.CpuHotPlugRequest.package.get(buf),
+        )
 
 
 @dataclass(frozen=True, slots=True)

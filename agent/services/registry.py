@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agent.services import (
     balloon,
+    cpuhotplug,
     guest_stats,
     heartbeat,
     network,
@@ -28,6 +29,7 @@ SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (
     network.SPEC,
     users.SPEC,
     timesync.SPEC,
+    cpuhotplug.SPEC,
     balloon.SPEC,
 )
 """In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""

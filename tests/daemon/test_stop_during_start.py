@@ -49,6 +49,11 @@ class HoldingOpener:
         """The wrapped opener's."""
         return self._opener.description
 
+    @property
+    def simulated(self) -> bool:
+        """The wrapped opener's."""
+        return self._opener.simulated
+
     async def open_session(self) -> HoldingSession:
         """Open a session on the host whose answers this opener may hold."""
         return HoldingSession(await self._opener.open_session(), self)

@@ -163,6 +163,7 @@ class ScriptOpener:
     """Opens :class:`OracleScript` sessions; the waiter's is the second."""
 
     description = "scripted Oracle driver"
+    simulated = True
 
     def __init__(self, waits: Sequence[tuple[int, int]]) -> None:
         self.waiter = OracleScript(waits)

@@ -52,6 +52,7 @@ class DeafOpener:
     def __init__(self, host: SimulatedHost) -> None:
         self._inner = SimOpener(host)
         self.description = "deaf simulated driver"
+        self.simulated = True
 
     async def open_session(self) -> DeafTransport:
         return DeafTransport(await self._inner.open_session())

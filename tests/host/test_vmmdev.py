@@ -66,6 +66,8 @@ EXACT_SIZES: Final = {
     T.HEARTBEAT_CONFIGURE: 36,
     T.GET_STATISTICS_CHANGE_REQ: 32,
     T.REPORT_GUEST_STATS: 100,
+    T.GET_CPU_HOTPLUG_REQ: 36,
+    T.SET_CPU_HOTPLUG_STATUS: 28,
 }
 """The checklist's exact sizes (linux-vboxguest.md §14)."""
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER

@@ -20,9 +20,11 @@ from agent.protocol.messages import (
     ChangeGuestCapabilities,
     ChangeMemBalloon,
     CheckBalloon,
+    CpuHotPlugEvent,
     DriverVersion,
     DriverVersionInfo,
     EventsReceived,
+    GetCpuHotPlugRequest,
     GetHostTime,
     GetHostVersion,
     GetMemBalloonChangeRequest,
@@ -52,6 +54,7 @@ from agent.protocol.messages import (
     ReportGuestStats,
     ReportGuestStatus,
     SessionId,
+    SetCpuHotPlugStatus,
     StatisticsInterval,
     WaitForEvents,
     WriteCoreDump,
@@ -68,6 +71,8 @@ _VMMDEV = (
     GuestHeartbeat,
     GetStatisticsChangeRequest,
     ReportGuestStats,
+    SetCpuHotPlugStatus,
+    GetCpuHotPlugRequest,
 )
 _EMPTY_IOCTLS = (
     InterruptAllWaits,
@@ -177,4 +182,7 @@ def _answer_vmmdev(request: object, buf: bytearray) -> Any:  # noqa: PLR0911 - a
         seconds = 5 if request.acknowledge else 0
         struct.pack_into("<I", buf, 24, seconds)
         return StatisticsInterval(seconds)
+    if isinstance(request, GetCpuHotPlugRequest):
+        struct.pack_into("<III", buf, 24, 3, 2, 0)
+        return CpuHotPlugEvent(3, 2, 0)
     return None

@@ -32,7 +32,7 @@ from agent.cli import _abi, main
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.abi import describe_abi, hgcm_call_sizes, vmmdev_request_sizes
 from agent.protocol.balloon_pages import ChunkPages
-from agent.protocol.constants import Ioctl
+from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.messages import (
     ChangeMemBalloon,
     GuestHeartbeat,
@@ -96,6 +96,7 @@ class Probe:
     members: dict[tuple[str, str], tuple[int, bool]] = field(default_factory=dict)
     ioctls: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
+    request_types: dict[str, int] = field(default_factory=dict)
 
 
 def _header_paths(gcc: str) -> dict[str, Path]:
@@ -151,6 +152,9 @@ def _probe_source(status_names: list[str]) -> str:
             )
     lines.extend(f'  printf("I {name} %lu\\n", (unsigned long)({name}));' for name in ABI["ioctls"])
     lines.extend(f'  printf("E {name} %ld\\n", (long)({name}));' for name in status_names)
+    lines.extend(
+        f'  printf("R {kind.name} %ld\\n", (long)(VMMDEVREQ_{kind.name}));' for kind in RequestType
+    )
     lines.extend(["  return 0;", "}", ""])
     return "\n".join(lines)
 
@@ -169,6 +173,8 @@ def _parse(output: str) -> Probe:
             probe.ioctls[words[0]] = int(words[1])
         elif kind == "E":
             probe.statuses[words[0]] = int(words[1])
+        elif kind == "R":
+            probe.request_types[words[0]] = int(words[1])
     return probe
 
 
@@ -273,7 +279,7 @@ class TestIoctls:
 
     def test_sizes_come_from_the_messages(self) -> None:
         """The sized entries cover each VMMDev request below 1 KiB and 0..32 HGCM parameters."""
-        assert vmmdev_request_sizes() == [24, 32, 36, 40, 100]
+        assert vmmdev_request_sizes() == [24, 28, 32, 36, 40, 100]
         assert hgcm_call_sizes()[0] == 40
         assert hgcm_call_sizes()[-1] == 40 + 16 * 32
         for size in vmmdev_request_sizes():
@@ -310,6 +316,16 @@ class TestStatusCodes:
         names = STATUS_DEFINE.findall(headers["linux/vbox_err.h"])
         assert len(names) > 100
         assert {name: STATUS_CODES.get(name) for name in names} == probe.statuses
+
+
+class TestRequestTypes:
+    """``RequestType`` against ``enum vmmdev_request_type`` of ``linux/vbox_vmmdev_types.h``."""
+
+    def test_every_request_type_has_the_header_value(self, probe: Probe) -> None:
+        """Each member's value is gcc's ``VMMDEVREQ_<name>`` (the CPU hot-plug pair too)."""
+        assert probe.request_types == {kind.name: int(kind) for kind in RequestType}
+        assert probe.request_types["GET_CPU_HOTPLUG_REQ"] == 210
+        assert probe.request_types["SET_CPU_HOTPLUG_STATUS"] == 211
 
 
 def _run_abi_command(argv: list[str]) -> int:

@@ -20,6 +20,8 @@ from agent.protocol.balloon_pages import ChunkPages
 from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     MAX_IOCTL_SIZE,
+    CpuEventType,
+    CpuStatusType,
     Facility,
     FacilityStatus,
 )
@@ -33,9 +35,11 @@ from agent.protocol.messages import (
     ChangeGuestCapabilities,
     ChangeMemBalloon,
     CheckBalloon,
+    CpuHotPlugEvent,
     DriverVersion,
     DriverVersionInfo,
     EventsReceived,
+    GetCpuHotPlugRequest,
     GetHostTime,
     GetHostVersion,
     GetMemBalloonChangeRequest,
@@ -67,6 +71,7 @@ from agent.protocol.messages import (
     ReportGuestStatus,
     Request,
     SessionId,
+    SetCpuHotPlugStatus,
     StatisticsInterval,
     UserBuffer,
     WaitForEvents,
@@ -195,6 +200,18 @@ GOLDEN: list[tuple[str, Request[Any], int, bytes]] = [
         request_header(32, 10) + struct.pack("<Q", 0xFFFFFFFFFFFFFFFF),
     ),
     ("get_session_id", GetSessionId(), 0xC0205602, request_header(32, 217) + bytes(8)),
+    (
+        "set_cpu_hotplug_status",
+        SetCpuHotPlugStatus(CpuStatusType.ENABLE),
+        0xC01C5602,
+        request_header(28, 211) + struct.pack("<I", 2),
+    ),
+    (
+        "get_cpu_hotplug_req",
+        GetCpuHotPlugRequest(),
+        0xC0245602,
+        request_header(36, 210) + struct.pack("<III", 1, 0xFFFFFFFF, 0xFFFFFFFF),
+    ),
     (
         "report_guest_status",
         ReportGuestStatus(Facility.VBOX_SERVICE, FacilityStatus.ACTIVE, flags=0),
@@ -398,6 +415,20 @@ class TestDecoding:
         """The session id comes from the u64 at 24."""
         call = _answered(GetSessionId(), ("<Q", 24, 0xDEAD_BEEF_CAFE))
         assert call.request.decode(call) == SessionId(0xDEAD_BEEF_CAFE)
+
+    def test_cpu_hotplug_event(self) -> None:
+        """Event type, core and package come from offsets 24, 28 and 32."""
+        answer = (("<I", 24, CpuEventType.UNPLUG), ("<I", 28, 3), ("<I", 32, 1))
+        call = _answered(GetCpuHotPlugRequest(), *answer)
+        event = call.request.decode(call)
+        assert event == CpuHotPlugEvent(CpuEventType.UNPLUG, 3, 1)
+        assert event.pending
+
+    @pytest.mark.parametrize("kind", [CpuEventType.INVALID, CpuEventType.NONE])
+    def test_cpu_hotplug_nothing_pending(self, kind: CpuEventType) -> None:
+        """INVALID (nothing since the VM process started) and NONE (read) mean no event."""
+        call = _answered(GetCpuHotPlugRequest(), ("<I", 24, kind))
+        assert not call.request.decode(call).pending
 
     def test_balloon_target(self) -> None:
         """Target and RAM come from offsets 24 and 28."""

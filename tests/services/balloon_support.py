@@ -76,6 +76,8 @@ class ScriptedPressure:
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[PressureReading | OSError](16)
+        self.waits = 0
+        """Calls of ``next_reading`` so far (a watcher waiting counts once per reading)."""
 
     def send(self, stall_pct: float, *, high: bool) -> None:
         self._send.send_nowait(PressureReading(stall_pct, high=high, via="poll"))
@@ -85,6 +87,7 @@ class ScriptedPressure:
         self._send.send_nowait(error)
 
     async def next_reading(self) -> PressureReading:
+        self.waits += 1
         reading = await self._receive.receive()
         if isinstance(reading, OSError):
             raise reading

@@ -19,8 +19,9 @@ from agent.protocol import CheckBalloon, RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
 from agent.services import EventPump
 from agent.services._base import BalloonGauge
-from agent.services.balloon import BalloonMode, BalloonSection, BalloonService
+from agent.services.balloon import BalloonMode, BalloonSection, BalloonService, PressureReading
 from agent.services.balloon._pressure import PressureFileError
+from agent.services.balloon._service import MAX_HOLD_FACTOR
 from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
 from tests.services.balloon_support import (
     ErrnoOnce,
@@ -424,6 +425,66 @@ class TestPressure:
                 await run.settle(64)
                 assert trio.current_time() - pressed >= section.pressure_cooldown_s
 
+    @pytest.mark.parametrize("kind", ["oracle", "oracle-r3", "passthrough"])
+    async def test_sustained_pressure_logs_only_changes(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        """A minute of pressure, one reading per window: the first deflates to 0 (or starts
+        the postponement) at info; the same state again is a debug line."""
+        pressure = ScriptedPressure()
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=_host(kind),
+                pressure=pressure,
+                section=BalloonSection(pressure_step_mb=64),
+            ) as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                for _ in range(30):
+                    pressure.send(50.0, high=True)
+                    await trio.sleep(2)
+                assert run.service.statistics().pressure_events == 30
+        lines = [e for e in logs if e["event"] == "balloon_pressure"]
+        assert [e["log_level"] for e in lines] == ["info"] + ["debug"] * 29
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_soon_after_a_hold_doubles_the_next(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The guest stalls whenever the balloon holds over 50 MB of a 64 MB target: each
+        episode starting within a cooldown of the last hold's end doubles the hold, up to
+        MAX_HOLD_FACTOR cooldowns, instead of a deflate and re-inflate every cooldown; after a
+        quiet cooldown the next hold is one cooldown again."""
+        host = _host(kind)
+        needs = {"memory": True}
+
+        class GuestNeeds50:
+            async def next_reading(self) -> PressureReading:
+                await trio.sleep(2)
+                high = needs["memory"] and host.vmmdev.balloon.chunks > 50
+                return PressureReading(40.0 if high else 0.0, high=high, via="poll")
+
+        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
+        with trio.fail_after(3 * 3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=host, pressure=GuestNeeds50(), section=section
+            ) as run:
+                run.host.set_balloon_target(64)
+                await trio.sleep(3600)
+                eased = [e for e in logs if e["event"] == "balloon_pressure_eased"]
+                # 30 + 60 + 120 + 240 s, then 480 s holds: 10 in the hour, not about 100.
+                assert len(eased) <= 10
+                needs["memory"] = False
+                await run.until(lambda: run.service.statistics().cap is None)
+                await trio.sleep(2 * section.pressure_cooldown_s)
+                needs["memory"] = True
+                await run.until(lambda: run.service.statistics().cap is not None)
+        holds = [e for e in logs if e["event"] == "balloon_pressure_hold"]
+        assert [e["cooldowns"] for e in holds] == [2, 4, 8, 16, 1]
+        assert [e["hold_s"] for e in holds] == [60.0, 120.0, 240.0, 480.0, 30.0]
+        assert MAX_HOLD_FACTOR == 16
+
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_pressure_file_failing_mid_run(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
@@ -539,7 +600,7 @@ class TestTriggeredAndKernel:
                 personality="oracle", mem_available_mb=lambda: available["mb"]
             ) as run:
                 run.host.set_balloon_target(16)
-                await trio.sleep(100)  # several looks at the floor
+                await trio.sleep(25)  # several looks at the floor, within the cooldown
                 assert run.host_chunks == 0
                 available["mb"] = 10_000
                 await run.settle(16)
@@ -552,10 +613,53 @@ class TestTriggeredAndKernel:
         assert [entry["log_level"] for entry in failed] == ["warning"]
         assert failed[0]["retry_in_s"] == BalloonSection().retry_initial_s
 
+    @pytest.mark.parametrize("cause", ["floor", "pressure"])
+    async def test_a_postponed_check_goes_after_the_cooldown_at_most(
+        self, autojump_clock: trio.abc.Clock, cause: str
+    ) -> None:
+        """The host asks for its memory back while CHECK_BALLOON is held back: that call is
+        also what applies the deflate, so it goes after ``pressure_cooldown_s`` at the latest
+        (below the floor the balloon itself keeps MemAvailable there: no end to wait for)."""
+        host = SimulatedHost(personality="oracle")
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_cooldown_s=30.0)
+
+        async def keep_pressing() -> None:
+            for _ in range(1000):
+                pressure.send(90.0, high=True)
+                await trio.sleep(2)
+
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=host,
+                pressure=pressure,
+                section=section,
+                mem_available_mb=lambda: 1000 - host.vmmdev.balloon.chunks,
+            ) as run:
+                target = 800 if cause == "floor" else 200  # 800 leaves 200 MB: below 256
+                run.host.set_balloon_target(target)
+                await run.settle(target)
+                if cause == "pressure":
+                    run.nursery.start_soon(keep_pressing)
+                    await run.until(lambda: run.service.statistics().pressure_events == 1)
+                asked = trio.current_time()
+                run.host.set_balloon_target(0)
+                await run.until(lambda: run.service.statistics().postponed)
+                await run.settle(0)
+                assert trio.current_time() - asked <= section.pressure_cooldown_s + 1
+                assert not run.service.statistics().postponed
+        [postponed] = [e for e in logs if e["event"] == "balloon_check_postponed"]
+        assert postponed["at_most_s"] == section.pressure_cooldown_s
+        assert "allocates all of it in one go" in postponed["note"]
+        [forced] = [e for e in logs if e["event"] == "balloon_check_forced"]
+        assert forced["postponed_s"] == section.pressure_cooldown_s
+
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """One line says the kernel owns the balloon; no hold starts, so none ends later."""
+        """One line says the kernel owns the balloon; pressure is not watched at all (no
+        trigger, no polling), so no hold starts and none ends later."""
         pressure = ScriptedPressure()
         section = BalloonSection(pressure_cooldown_s=30.0)
         with trio.fail_after(300), structlog.testing.capture_logs() as logs:
@@ -565,12 +669,12 @@ class TestTriggeredAndKernel:
                 run.host.set_balloon_target(16)
                 await run.settle(16)
                 pressure.send(90.0, high=True)
-                await run.until(lambda: run.service.statistics().pressure_events == 1)
-                assert run.host_chunks == 16
                 await trio.sleep(section.pressure_cooldown_s * 2)
-        assert [e["action"] for e in logs if e["event"].startswith("balloon_pressure")] == [
-            "none: the kernel owns the balloon"
-        ]
+                assert run.host_chunks == 16
+                assert (pressure.waits, run.service.statistics().pressure_events) == (0, 0)
+        [unwatched] = [e for e in logs if e["event"].startswith("balloon_pressure")]
+        assert unwatched["event"] == "balloon_pressure_unwatched"
+        assert unwatched["log_level"] == "info"
 
     @pytest.mark.parametrize("kind", ["mainline", "oracle", "passthrough"])
     async def test_restore_reads_the_balloon_again(
@@ -644,13 +748,17 @@ class TestReconfigure:
     ) -> None:
         """A reload that lowers the floor lets a balloon held back by it grow at once, not
         after the backoff its stopped walk (or postponed trigger) had reached."""
+        section = BalloonSection(pressure_cooldown_s=600.0)  # a trigger waits that long at most
         with trio.fail_after(600):
-            async with running_balloon(personality=kind, mem_available_mb=lambda: 200) as run:
+            async with running_balloon(
+                personality=kind, section=section, mem_available_mb=lambda: 200
+            ) as run:
                 run.host.set_balloon_target(16)
                 await trio.sleep(200)  # the retries have backed off to retry_max_s (60 s)
                 assert run.host_chunks == 0
                 reloaded = trio.current_time()
-                assert run.service.reconfigure(BalloonSection(min_available_mb=100))
+                lower = section.model_copy(update={"min_available_mb": 100})
+                assert run.service.reconfigure(lower)
                 await run.settle(16)
                 assert trio.current_time() - reloaded < 1.0
 

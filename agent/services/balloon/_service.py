@@ -6,15 +6,23 @@ device's answers (:mod:`._mode`, logged once) and then:
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
   ``CHECK_BALLOON`` at start, after a restore and after a status report;
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
-  is retried with capped backoff; under memory pressure the call is postponed;
+  is retried with capped backoff; under memory pressure or below the floor the call is
+  postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
+  target, a deflate as well as an inflate; the driver allocates the whole target in one go
+  and stops by itself where allocation fails);
 - *allocated* / *owned*: reads the target on the same occasions and lets a
   :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory.
 
 Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
-``pressure_step_mb`` at once, and the cap holds until pressure stayed low for
-``pressure_cooldown_s``. ``drain`` gives back every chunk the agent holds; on Oracle's
-driver closing the session deflates whatever the driver holds. The chunks a drain could not
-give back are taken over by the next instance on the same device.
+``pressure_step_mb`` at once, and the cap holds until pressure stayed low for the hold time,
+``pressure_cooldown_s`` at first. An episode starting within one cooldown after the last
+hold ended doubles the hold (up to :data:`MAX_HOLD_FACTOR` times the cooldown), so pressure
+and the host's target do not cycle every cooldown; a later episode starts at one cooldown
+again. In kernel mode pressure is not watched at all (the kernel owns the balloon).
+
+``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
+deflates whatever the driver holds. The chunks a drain could not give back are taken over
+by the next instance on the same device in this process.
 """
 
 from __future__ import annotations
@@ -59,6 +67,12 @@ _LIVE_FIELDS: Final = frozenset(
     }
 )
 """Settings a reload applies at once; the PSI file, interval and threshold need a restart."""
+MAX_HOLD_FACTOR: Final = 16
+"""The longest pressure hold, in cooldowns, that repeated episodes double it to."""
+TRIGGERED_NOTE: Final = (
+    "CHECK_BALLOON reads and applies the host's target; the driver allocates all of it in one "
+    "go and stops by itself where allocation fails; postponed for at most pressure_cooldown_s"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +158,12 @@ class BalloonService:
         self._release_at = math.inf
         self._hold = trio.CancelScope()
         """The wait that ends at ``_release_at`` (a reload may move its deadline)."""
-        self._postponed = False
+        self._postponed_since: float | None = None
+        """Triggered mode: when the pending CHECK_BALLOON was first held back (None: it is not)."""
+        self._hold_factor = 1
+        """The current pressure hold, in cooldowns (doubled by episodes in quick succession)."""
+        self._eased_at = -math.inf
+        """When the last pressure hold ended."""
         self._pressure_events = 0
         self._read_failures = 0
         self._meminfo = MemInfo()
@@ -175,7 +194,7 @@ class BalloonService:
             self._request_read()
             return f"balloon {self._chunks * CHUNK_MB} MB (kernel)"
         if mode is BalloonMode.TRIGGERED:
-            postponed = ", postponed" if self._postponed else ""
+            postponed = ", postponed" if self._postponed_since is not None else ""
             return f"balloon {self._chunks * CHUNK_MB} MB (triggered{postponed})"
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
@@ -196,7 +215,7 @@ class BalloonService:
             deflated=walker.deflated if walker is not None else 0,
             failures=self._read_failures + (walker.failures if walker is not None else 0),
             pressure_events=self._pressure_events,
-            postponed=self._postponed,
+            postponed=self._postponed_since is not None,
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
@@ -223,7 +242,8 @@ class BalloonService:
             self._walker.wake()
         self._poke.set()
         if self._release_at != math.inf:  # the hold in place ends after the new cooldown
-            self._release_at += section.pressure_cooldown_s - old.pressure_cooldown_s
+            cooldown_change = section.pressure_cooldown_s - old.pressure_cooldown_s
+            self._release_at += cooldown_change * self._hold_factor
             self._hold.deadline = self._release_at
         log.info("balloon_reconfigured", changed=sorted(changed))
         return True
@@ -235,14 +255,20 @@ class BalloonService:
         structlog.contextvars.bind_contextvars(service=self.name)
         self._read_pending = True
         self._release_at = math.inf
-        self._postponed = False
+        self._postponed_since = None
         with self._pump.subscribe(self.name, EVENTS) as events:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_events, events)
                 # Ready after the first probe, even a refused one (another session may own
                 # the balloon): the probe is retried here without holding the daemon up.
                 await self._decide_mode(task_status)
-                nursery.start_soon(self._watch_pressure)
+                if self._mode is BalloonMode.KERNEL:
+                    log.info(
+                        "balloon_pressure_unwatched",
+                        reason="the kernel owns the balloon: no PSI trigger, no polling",
+                    )
+                else:
+                    nursery.start_soon(self._watch_pressure)
                 if self._walker is not None:
                     nursery.start_soon(self._walker.run)
                 await self._follow()
@@ -352,36 +378,33 @@ class BalloonService:
     def _request_read(self) -> None:
         self._read_pending = True
         self._read_backoff.retry_now()
-        self._floor_backoff.retry_now()
         self._poke.set()
 
     async def _follow(self) -> NoReturn:
         """Read the target (or trigger the driver) whenever an event asked for it."""
         backoff = self._read_backoff
         while True:
-            ready = self._read_pending and trio.current_time() >= self._retry_at()
-            if ready and not self._postpone_read():
-                self._read_pending = False
-                try:
-                    await self._read_target()
-                except (VBoxStatusError, OSError) as exc:  # OSError: the driver's errno
-                    self._read_pending = True
-                    self._read_failures += 1
-                    _check_failed(exc, backoff)
+            look_again = backoff.retry_at if self._read_pending else math.inf
+            if self._read_pending and trio.current_time() >= backoff.retry_at:
+                postponed_until = self._postpone_read()
+                if postponed_until is not None:
+                    look_again = postponed_until
                 else:
-                    self.reads += 1
-                    if backoff.succeeded():
-                        log.info("balloon_check_recovered", chunks=self._chunks)
-                continue
+                    self._read_pending = False
+                    try:
+                        await self._read_target()
+                    except (VBoxStatusError, OSError) as exc:  # OSError: the driver's errno
+                        self._read_pending = True
+                        self._read_failures += 1
+                        _check_failed(exc, backoff)
+                    else:
+                        self.reads += 1
+                        if backoff.succeeded():
+                            log.info("balloon_check_recovered", chunks=self._chunks)
+                    continue
             self._poke = trio.Event()
-            waiting = self._read_pending and not (self._postponed and self._release_at != math.inf)
-            deadline = self._retry_at() if waiting else math.inf
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(look_again):
                 await self._poke.wait()
-
-    def _retry_at(self) -> float:
-        """When a pending read may go: after a failed check's and the floor's backoff."""
-        return max(self._read_backoff.retry_at, self._floor_backoff.retry_at)
 
     async def _read_target(self) -> None:
         if self._walker is not None:
@@ -407,29 +430,54 @@ class BalloonService:
             "balloon_checked", mode=str(self._mode), chunks=status.chunks
         )
 
-    def _postpone_read(self) -> bool:
-        """Triggered mode: hold CHECK_BALLOON back under pressure or at the floor."""
+    def _postpone_read(self) -> float | None:
+        """Triggered mode: hold CHECK_BALLOON back under pressure or below the floor, for at
+        most ``pressure_cooldown_s``; return when to look again, or None to call it now.
+
+        The same call applies a deflate the host asks for, and a balloon below the floor
+        keeps MemAvailable there: an unbounded wait could hold the memory for ever.
+        """
         if self._mode is not BalloonMode.TRIGGERED:
-            return False
+            return None
+        section = self._section
         available = self._mem_available()
         pressure = self._release_at != math.inf
-        at_floor = available is not None and available < self._section.min_available_mb
-        postpone = pressure or at_floor
-        if postpone != self._postponed:
-            self._postponed = postpone
+        at_floor = available is not None and available < section.min_available_mb
+        now = trio.current_time()
+        since = self._postponed_since
+        figures = {
+            "pressure": pressure,
+            "mem_available_mb": available,
+            "min_available_mb": section.min_available_mb,
+        }
+        if not (pressure or at_floor):
+            self._floor_backoff.succeeded()
+            if since is not None:
+                self._postponed_since = None
+                self._status_changed()
+                log.info("balloon_check_resumed", **figures)
+            return None
+        if since is None:
+            since = self._postponed_since = now
             self._status_changed()
             log.info(
-                "balloon_check_postponed" if postpone else "balloon_check_resumed",
-                pressure=pressure,
-                mem_available_mb=available,
-                min_available_mb=self._section.min_available_mb,
+                "balloon_check_postponed",
+                at_most_s=section.pressure_cooldown_s,
+                note=TRIGGERED_NOTE,
+                **figures,
             )
-        if at_floor and not pressure:
-            # Nothing wakes us when memory frees up: look again after a backoff.
-            self._floor_backoff.failed(trio.current_time())
-        elif not at_floor:
+        deadline = since + section.pressure_cooldown_s
+        if now >= deadline:
             self._floor_backoff.succeeded()
-        return postpone
+            self._postponed_since = None
+            self._status_changed()
+            log.info("balloon_check_forced", postponed_s=round(now - since, 3), **figures)
+            return None
+        if not at_floor:
+            return deadline  # or when the pressure eases (a poke)
+        # Nothing wakes us when memory frees up: look again after a backoff.
+        self._floor_backoff.failed(now)
+        return min(deadline, self._floor_backoff.retry_at)
 
     # --- memory pressure --------------------------------------------------------------------
 
@@ -469,42 +517,65 @@ class BalloonService:
         self._pressure_events += 1
         available = self._mem_available()
         walker = self._walker
-        triggered = self._mode is BalloonMode.TRIGGERED
-        if walker is not None or triggered:  # a hold the cooldown ends (with one line)
-            self._release_at = trio.current_time() + section.pressure_cooldown_s
-        if walker is None:
-            log.info(
+        now = trio.current_time()
+        episode = self._release_at == math.inf
+        if episode:
+            self._damp(now)
+        hold_s = section.pressure_cooldown_s * self._hold_factor
+        self._release_at = now + hold_s  # a hold the cooldown ends (with one line)
+        figures = {
+            "stall_pct": reading.stall_pct,
+            "threshold_pct": section.pressure_threshold_pct,
+            "via": reading.via,
+            "mem_available_mb": available,
+        }
+        if walker is None:  # triggered: the postponement starts with the episode
+            (log.info if episode else log.debug)(
                 "balloon_pressure",
-                stall_pct=reading.stall_pct,
-                threshold_pct=section.pressure_threshold_pct,
-                via=reading.via,
-                mem_available_mb=available,
-                action="postpone CHECK_BALLOON"
-                if triggered
-                else "none: the kernel owns the balloon",
+                **figures,
+                action=f"postpone CHECK_BALLOON for at most {section.pressure_cooldown_s:g} s",
             )
             return
         held = len(walker.held)
-        base = held if walker.cap is None else min(walker.cap, held)
+        cap = walker.cap
+        base = held if cap is None else min(cap, held)
         walker.cap = max(0, base - section.pressure_step_mb // CHUNK_MB)
-        log.info(
+        # Sustained pressure at the same cap is no news: repeats stay at debug.
+        (log.info if walker.cap != cap else log.debug)(
             "balloon_pressure",
-            stall_pct=reading.stall_pct,
-            threshold_pct=section.pressure_threshold_pct,
-            via=reading.via,
-            mem_available_mb=available,
+            **figures,
             chunks=held,
             target=walker.target,
-            action=f"deflate to {walker.cap} and hold for {section.pressure_cooldown_s:g} s",
+            action=f"deflate to {walker.cap} and hold for {hold_s:g} s",
         )
         walker.wake()
 
+    def _damp(self, now: float) -> None:
+        """A new episode: double the hold if it starts within a cooldown of the last one's
+        end, else go back to one cooldown; one line when the factor changes."""
+        cooldown = self._section.pressure_cooldown_s
+        since_eased = now - self._eased_at
+        factor = min(2 * self._hold_factor, MAX_HOLD_FACTOR) if since_eased <= cooldown else 1
+        if factor != self._hold_factor:
+            self._hold_factor = factor
+            log.info(
+                "balloon_pressure_hold",
+                hold_s=cooldown * factor,
+                cooldowns=factor,
+                max_cooldowns=MAX_HOLD_FACTOR,
+                since_last_hold_s=round(since_eased, 3) if since_eased != math.inf else None,
+                reason="pressure again within a cooldown of the last hold"
+                if factor > 1
+                else "a quiet cooldown since the last hold",
+            )
+
     def _ease(self) -> None:
         self._release_at = math.inf
+        self._eased_at = trio.current_time()
         walker = self._walker
         log.info(
             "balloon_pressure_eased",
-            cooldown_s=self._section.pressure_cooldown_s,
+            hold_s=self._section.pressure_cooldown_s * self._hold_factor,
             chunks=len(walker.held) if walker is not None else self._chunks,
             target=walker.target if walker is not None else self._target,
             action="grow toward the target" if walker is not None else "resume CHECK_BALLOON",

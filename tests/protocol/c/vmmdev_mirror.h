@@ -11,8 +11,8 @@
  *     request, which upstream packs to 4 bytes (a u64 at 24 followed by a byte at 32,
  *     size 36), so it is packed here as in the driver.
  *   - "oracle": only in Oracle's out-of-tree driver and VMMDev headers (the
- *     CHANGE_BALLOON ioctl, GET_HOST_TIME and GET_SESSION_ID requests). Layouts are those
- *     of 64-bit userspace.
+ *     CHANGE_BALLOON ioctl, GET_HOST_TIME, GET_SESSION_ID and the two CPU hot-plug
+ *     requests). Layouts are those of 64-bit userspace.
  */
 #ifndef VBOX_AGENT_TEST_VMMDEV_MIRROR_H
 #define VBOX_AGENT_TEST_VMMDEV_MIRROR_H
@@ -183,6 +183,22 @@ struct vmmdev_session_id {
 	__u64 session_id;
 };
 MIRROR_ASSERT_SIZE(vmmdev_session_id, 24 + 8);
+
+/* VMMDevCpuHotPlugStatusRequest: a VMMDevCpuStatusType (a 32-bit enum) after the header. */
+struct vmmdev_cpu_hotplug_status {
+	struct vmmdev_request_header header;
+	__u32 status;
+};
+MIRROR_ASSERT_SIZE(vmmdev_cpu_hotplug_status, 24 + 4);
+
+/* VMMDevGetCpuHotPlugRequest: a VMMDevCpuEventType, the core id, the package id. */
+struct vmmdev_cpu_hotplug_request {
+	struct vmmdev_request_header header;
+	__u32 event_type;
+	__u32 core;
+	__u32 package;
+};
+MIRROR_ASSERT_SIZE(vmmdev_cpu_hotplug_request, 24 + 4 + 4 + 4);
 
 /* VMMDevGetStatisticsChangeRequest. */
 struct vmmdev_statistics_change {

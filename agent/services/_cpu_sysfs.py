@@ -1,0 +1,156 @@
+"""The guest's CPUs in sysfs: find one by the host's core and package ids, bring it online,
+take it offline and eject it.
+
+Everything here is blocking file I/O on ``ROOT/devices/system/cpu`` (``ROOT`` is ``/sys``
+in a guest, a tree of their own in tests); the service runs it on a worker thread, since a CPU going
+offline can keep the write busy for a while.
+
+What the kernel offers (and what VBoxService relies on):
+
+- ``cpuN/online`` reads 0 or 1 and takes a write of either; a CPU that cannot go offline has
+  no such file (usually cpu0), and a refused change is an ``OSError`` (``EBUSY`` for the last
+  CPU online, for example);
+- ``cpuN/topology/{core_id,physical_package_id}`` exist only while the CPU is online, so a
+  CPU the host has just plugged cannot be told by its ids: the first offline CPU is brought
+  online, as VBoxService does, unless an online one already has the ids (the kernel or a
+  udev rule was quicker);
+- ``cpuN/firmware_node`` links to the CPU's ACPI device, whose ``eject`` takes "1": the
+  kernel then offlines the CPU if it still is online and runs the firmware's eject method,
+  which is what tells the host it may take the CPU away (VirtualBox waits for that).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+DEFAULT_SYSFS_ROOT: Final = "/sys"
+CPU_DIR: Final = Path("devices/system/cpu")
+"""Where the CPUs are, under the sysfs root."""
+_CPU_NAME: Final = re.compile(r"cpu(\d+)")
+ATTRIBUTE_BYTES: Final = 64
+"""The most read of one attribute: each holds one small number."""
+
+
+@dataclass(frozen=True, slots=True)
+class CpuChange:
+    """What one plug or unplug did: the CPU it concerned (None if none matched) and, if it
+    did not complete, why (one line)."""
+
+    cpu: str | None
+    problem: str | None = None
+
+
+class CpuSysfs:
+    """The CPUs under ``root`` (``/sys`` in a guest).
+
+    Args:
+        root: the sysfs mount point.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._cpus = root / CPU_DIR
+
+    @property
+    def cpus(self) -> Path:
+        """The directory of the CPUs (``root/devices/system/cpu``)."""
+        return self._cpus
+
+    def bring_online(self, core: int, package: int) -> CpuChange | None:
+        """Make the host's newly plugged CPU online; None when no CPU is offline (yet).
+
+        An online CPU with the ids is reported as done; otherwise the offline CPUs are tried
+        in number order until one takes the write.
+        """
+        problem: str | None = None
+        tried: str | None = None
+        offline: list[str] = []
+        for name in self._names():
+            state = self._online(name)
+            if state is True and self._ids(name) == (core, package):
+                return CpuChange(name)
+            if state is False:
+                offline.append(name)
+        for name in offline:
+            tried = name
+            try:
+                self._write(name, "online", "1")
+            except OSError as exc:
+                problem = f"{name} refused to come online: {_why(exc)}"
+                continue
+            return CpuChange(name)
+        return None if tried is None else CpuChange(tried, problem)
+
+    def take_offline(self, core: int, package: int) -> CpuChange:
+        """Take the online CPU with these ids offline, then eject it through ACPI."""
+        candidates = (n for n in self._names() if self._online(n) is not False)
+        name = next((n for n in candidates if self._ids(n) == (core, package)), None)
+        if name is None:
+            return CpuChange(None, f"no online CPU has core {core} package {package}")
+        if not (self._cpus / name / "online").exists():
+            return CpuChange(name, f"{name} cannot go offline (it has no online file)")
+        try:
+            self._write(name, "online", "0")
+        except OSError as exc:
+            return CpuChange(name, f"{name} refused to go offline: {_why(exc)}")
+        eject = self._cpus / name / "firmware_node" / "eject"
+        if not eject.exists():
+            return CpuChange(name, f"{name} is offline but has no ACPI eject: the host keeps it")
+        try:
+            _write(eject, "1")
+        except OSError as exc:
+            return CpuChange(name, f"{name} is offline but its ACPI eject failed: {_why(exc)}")
+        return CpuChange(name)
+
+    def _names(self) -> list[str]:
+        """The CPU directories, in number order (none if the directory cannot be read)."""
+        try:
+            entries = [entry.name for entry in self._cpus.iterdir()]
+        except OSError:
+            return []
+        numbered = [(int(m.group(1)), name) for name in entries if (m := _CPU_NAME.fullmatch(name))]
+        return [name for _, name in sorted(numbered)]
+
+    def _online(self, name: str) -> bool | None:
+        """True or False from ``online``; None without one (or with neither 0 nor 1 in it)."""
+        try:
+            text = _read(self._cpus / name / "online")
+        except OSError:
+            return None
+        return {"0": False, "1": True}.get(text)
+
+    def _ids(self, name: str) -> tuple[int, int] | None:
+        """The CPU's (core_id, physical_package_id), or None when it has no topology."""
+        topology = self._cpus / name / "topology"
+        try:
+            return int(_read(topology / "core_id")), int(_read(topology / "physical_package_id"))
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, name: str, attribute: str, value: str) -> None:
+        _write(self._cpus / name / attribute, value)
+
+
+def _read(path: Path) -> str:
+    """An attribute's text, stripped (at most ``ATTRIBUTE_BYTES``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, ATTRIBUTE_BYTES).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, value: str) -> None:
+    """Write an attribute in one ``write`` (sysfs takes one per open), never creating it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)

@@ -1,0 +1,293 @@
+"""``cpuhotplug``: brings the CPUs the host plugs online and gives up the ones it unplugs,
+as VBoxService's cpuhotplug does.
+
+The host tells the guest about a CPU only while the guest monitors hot-plug
+(SET_CPU_HOTPLUG_STATUS Enable); until then ``VBoxManage controlvm plugcpu|unplugcpu``
+get VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST. The service enables monitoring at start
+and again after every restore (the host forgets it: it is not in the saved state, which
+VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the host's events
+(GET_CPU_HOTPLUG_REQ) until it has none:
+
+- **plug** (the host's core and package ids): an offline CPU has no topology to match, so,
+  as VBoxService, the first offline CPU is brought online (``cpuN/online`` = 1), unless an
+  online CPU already has the ids; the kernel may add the CPU's directory a little after the
+  event, so it is looked for ``PLUG_TRIES`` times, ``PLUG_RETRY_S`` apart;
+- **unplug**: the online CPU whose topology has the ids goes offline (``online`` = 0), then
+  is ejected through its ACPI device (``firmware_node/eject`` = 1), which lets the host take
+  it away; VBoxService ejects at once, the agent offlines first so that a CPU the kernel
+  will not give up (the last one, cpu0 without an ``online`` file) is one clear line.
+
+Each action is one log line with the host's ids and the CPU; a request nobody can carry out
+(an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
+driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) is said
+once in the status; the service then waits for a restore without polling. A stop disables
+monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, final
+
+import structlog
+import trio
+from pydantic import field_validator
+
+from agent.protocol import (
+    CpuEventType,
+    CpuStatusType,
+    Event,
+    GetCpuHotPlugRequest,
+    SetCpuHotPlugStatus,
+    VBoxStatusError,
+)
+from agent.protocol.status import STATUS_CODES
+from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.device import Device
+    from agent.protocol import CpuHotPlugEvent
+    from agent.services.event_pump import EventPump
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+
+NAME: Final = "cpuhotplug"
+PLUG_TRIES: Final = 6
+"""Looks for an offline CPU after a plug event, as VBoxService (one and five more)."""
+PLUG_RETRY_S: Final = 0.1
+"""The wait between two looks, as VBoxService."""
+MAX_REQUESTS_PER_WAKEUP: Final = 16
+"""Host events taken at one wake-up at most: the host has one slot, so two reads normally do
+(the event, then NONE); a host that never runs out is not followed further."""
+UNAVAILABLE: Final = frozenset(
+    STATUS_CODES[name]
+    for name in (
+        "VERR_NOT_IMPLEMENTED",
+        "VERR_NOT_SUPPORTED",
+        "VERR_PERMISSION_DENIED",
+        "VERR_ACCESS_DENIED",
+    )
+)
+"""Refusals of SET_CPU_HOTPLUG_STATUS that asking again will not change before a restore."""
+AUTO: Final = "auto"
+"""``sysfs_root``'s default: the machine's ``/sys`` on a real device, none on a simulated host."""
+_REQUEST_NAMES: Final[dict[int, str]] = {CpuEventType.PLUG: "plug", CpuEventType.UNPLUG: "unplug"}
+
+
+class CpuHotPlugSection(ServiceSection):
+    """``[cpuhotplug]``: on, as in VBoxService; where the guest's CPUs are."""
+
+    sysfs_root: str = AUTO
+    """The sysfs mount whose CPUs the service changes. ``auto``: ``/sys`` on a real device,
+    and none on a simulated host (the host's requests are logged, this machine's CPUs are
+    left as they are); a path (a scratch tree, or ``/sys`` on purpose) has them changed."""
+
+    @field_validator("sysfs_root")
+    @classmethod
+    def _check_sysfs_root(cls, value: str) -> str:
+        if value != AUTO and (not value.startswith("/") or "\0" in value):
+            msg = f"must be {AUTO!r} or an absolute path (without NUL) such as /sys"
+            raise ValueError(msg)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class CpuHotPlugStatistics:
+    """What the service did.
+
+    Attributes:
+        monitoring: whether the host was last told to send CPU hot-plug events.
+        events: host events taken (plug, unplug or of an unknown type).
+        plugged: CPUs brought online (or found online) for a plug.
+        unplugged: CPUs taken offline and ejected for an unplug.
+        failures: events not carried out, and host requests that failed.
+        left_alone: events of a simulated host, whose CPUs are this machine's (no sysfs).
+    """
+
+    monitoring: bool
+    events: int
+    plugged: int
+    unplugged: int
+    failures: int
+    left_alone: int = 0
+
+
+@final
+class CpuHotPlugService:
+    """Follows the host's CPU plug and unplug requests."""
+
+    name: Final = NAME
+
+    def __init__(self, context: ServiceContext, sysfs: CpuSysfs | None) -> None:
+        """``sysfs``: where the CPUs are changed; None leaves every CPU alone (a simulated
+        host with ``sysfs_root = "auto"``)."""
+        self._device: Device = context.device
+        self._pump: EventPump = context.pump
+        self._status_changed = context.status_changed
+        self._sysfs = sysfs
+        self._limiter = trio.CapacityLimiter(1)
+        self._monitoring = False
+        self._refusal: str | None = None
+        self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
+
+    def statistics(self) -> CpuHotPlugStatistics:
+        """Return the counters."""
+        return CpuHotPlugStatistics(
+            self._monitoring,
+            self._events,
+            self._plugged,
+            self._unplugged,
+            self._failures,
+            self._left_alone,
+        )
+
+    def status(self) -> str:
+        """``cpuhotplug: 1 plugged, 0 unplugged``, or why the host sends no events."""
+        if self._refusal is not None:
+            return f"cpuhotplug: not available ({self._refusal})"
+        if not self._monitoring:
+            return "cpuhotplug starting"
+        if self._sysfs is None:
+            return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
+        failed = f", {self._failures} failed" if self._failures else ""
+        return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
+
+    def reconfigure(self, section: CpuHotPlugSection) -> bool:
+        """Apply a new ``sysfs_root`` at once (from the next host event on)."""
+        self._sysfs = cpu_sysfs(section, self._device)
+        self._status_changed()
+        return True
+
+    async def drain(self) -> None:
+        """Stop the host's events (Disable), so Main knows nobody follows them any more."""
+        if not self._monitoring:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self._device.request(SetCpuHotPlugStatus(CpuStatusType.DISABLE))
+        except VBoxStatusError as exc:
+            log.warning("cpu_hotplug_disable_failed", status=exc.name)
+            return
+        self._monitoring = False
+        log.info("cpu_hotplug_monitoring_stopped")
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Enable monitoring, then follow the host's events; enable again after a restore."""
+        structlog.contextvars.bind_contextvars(service=self.name)
+        with self._pump.subscribe(self.name, Event.CPU_HOTPLUG | Event.RESTORED) as events:
+            await self._enable(restored=False)
+            task_status.started()
+            await self._take_events()
+            while True:
+                bits = await events.receive()
+                if bits & Event.RESTORED:
+                    await self._enable(restored=True)
+                await self._take_events()
+
+    async def _enable(self, *, restored: bool) -> None:
+        """SET_CPU_HOTPLUG_STATUS Enable; a lasting refusal is noted once and waited out."""
+        try:
+            await self._device.request(SetCpuHotPlugStatus(CpuStatusType.ENABLE))
+        except VBoxStatusError as exc:
+            if exc.rc not in UNAVAILABLE:
+                raise
+            if exc.name != self._refusal:
+                log.warning("cpu_hotplug_unavailable", status=exc.name, restored=restored)
+            self._refusal, self._monitoring = exc.name, False
+        else:
+            cpus = "left alone (simulated host)" if self._sysfs is None else str(self._sysfs.cpus)
+            log.info("cpu_hotplug_monitoring", restored=restored, cpus=cpus)
+            self._refusal, self._monitoring = None, True
+        self._status_changed()
+
+    async def _take_events(self) -> None:
+        """Take the host's events until it has none (bounded), acting on each."""
+        if not self._monitoring:
+            return
+        for _ in range(MAX_REQUESTS_PER_WAKEUP):
+            try:
+                event = await self._device.request(GetCpuHotPlugRequest())
+            except VBoxStatusError as exc:
+                self._fail("cpu_hotplug_request_failed", status=exc.name)
+                return
+            if not event.pending:
+                return
+            self._events += 1
+            await self._act(event)
+        self._fail("cpu_hotplug_events_unending", taken=MAX_REQUESTS_PER_WAKEUP)
+
+    async def _act(self, event: CpuHotPlugEvent) -> None:
+        ids = {"core": event.core, "package": event.package}
+        sysfs = self._sysfs
+        if sysfs is None:
+            self._left_alone += 1
+            log.info(
+                "cpu_change_left_alone",
+                request=_REQUEST_NAMES.get(event.event_type, event.event_type),
+                reason="simulated host: this machine's CPUs stay as they are "
+                "(set [cpuhotplug] sysfs_root to change the CPUs of a tree)",
+                **ids,
+            )
+        elif event.event_type == CpuEventType.PLUG:
+            change = await self._plug(sysfs, event.core, event.package)
+            if change.problem is None:
+                self._plugged += 1
+                log.info("cpu_plugged", cpu=change.cpu, **ids)
+            else:
+                self._fail("cpu_plug_failed", cpu=change.cpu, problem=change.problem, **ids)
+        elif event.event_type == CpuEventType.UNPLUG:
+            change = await self._in_thread(sysfs.take_offline, event.core, event.package)
+            if change.problem is None:
+                self._unplugged += 1
+                log.info("cpu_unplugged", cpu=change.cpu, **ids)
+            else:
+                self._fail("cpu_unplug_failed", cpu=change.cpu, problem=change.problem, **ids)
+        else:
+            self._fail("cpu_hotplug_event_unknown", event_type=event.event_type, **ids)
+        self._status_changed()
+
+    async def _plug(self, sysfs: CpuSysfs, core: int, package: int) -> CpuChange:
+        for attempt in range(PLUG_TRIES):
+            if attempt:
+                await trio.sleep(PLUG_RETRY_S)
+            change = await self._in_thread(sysfs.bring_online, core, package)
+            if change is not None:
+                return change
+        return CpuChange(None, f"no offline CPU appeared within {PLUG_TRIES} looks")
+
+    async def _in_thread(self, work: Callable[[int, int], _T], core: int, package: int) -> _T:
+        """Run sysfs work on a worker thread: a CPU going offline may keep a write busy.
+
+        A stop does not wait for it: the kernel finishes the write whoever waits.
+        """
+        return await trio.to_thread.run_sync(
+            work, core, package, limiter=self._limiter, abandon_on_cancel=True
+        )
+
+    def _fail(self, event: str, **details: object) -> None:
+        self._failures += 1
+        log.warning(event, **details)
+        self._status_changed()
+
+
+def cpu_sysfs(section: CpuHotPlugSection, device: Device) -> CpuSysfs | None:
+    """The CPUs ``section`` names; ``auto``: ``/sys`` unless ``device`` is a simulated host,
+    whose requests must not change this machine's CPUs (None)."""
+    if section.sysfs_root != AUTO:
+        return CpuSysfs(Path(section.sysfs_root))
+    return None if device.simulated else CpuSysfs(Path(DEFAULT_SYSFS_ROOT))
+
+
+def cpuhotplug_service(context: ServiceContext, section: CpuHotPlugSection) -> CpuHotPlugService:
+    """The service on the CPUs the section names (see :func:`cpu_sysfs`)."""
+    return CpuHotPlugService(context, cpu_sysfs(section, context.device))
+
+
+SPEC: Final = ServiceSpec(NAME, CpuHotPlugSection, cpuhotplug_service)

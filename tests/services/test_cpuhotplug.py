@@ -1,0 +1,426 @@
+"""Tests of the cpuhotplug service against the in-process simulated host and a sysfs tree.
+
+Rules of this test module:
+
+- The host is a real ``SimulatedHost`` (``VBoxManage controlvm plugcpu`` is
+  ``host.cpu_plug``); the guest's CPUs are a tree in ``tmp_path`` laid out as the kernel's
+  (``devices/system/cpu/cpuN/{online,topology/...,firmware_node}`` and the ACPI devices the
+  ``firmware_node`` links point to). The tree is files, so it does not react as the kernel
+  would: a write is only recorded.
+- The service does its sysfs work on a worker thread, so tests that reach sysfs run on the
+  real clock and wait for the service's status changes (``Watch``), never for a time;
+  tests that stay off sysfs run on ``autojump_clock``. Every test is bounded by
+  ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import structlog.testing
+import trio
+import trio.testing
+from pydantic import ValidationError
+
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import VBoxStatusError
+from agent.protocol.constants import RequestType
+from agent.protocol.status import STATUS_CODES
+from agent.services import EventPump, ServiceContext
+from agent.services.cpuhotplug import (
+    PLUG_TRIES,
+    SPEC,
+    CpuHotPlugSection,
+    CpuHotPlugService,
+    CpuHotPlugStatistics,
+    cpu_sysfs,
+    cpuhotplug_service,
+)
+from agent.services.registry import SERVICES
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from structlog.typing import EventDict
+
+    from agent.host.transport import SimTransport
+
+NOT_MONITORED = STATUS_CODES["VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"]
+ACPI_CPUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00")
+"""Where VirtualBox's processor objects appear (VBoxService looks for the same path)."""
+
+
+class Watch:
+    """Wakes a test whenever the service says its status changed."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        """The service's ``status_changed``."""
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, re-checking at every status change."""
+        while not predicate():
+            await self._changed.wait()
+            self._changed = trio.Event()
+
+
+@dataclass
+class Guest:
+    """The guest's CPUs in a sysfs tree under ``root``."""
+
+    root: Path
+
+    def cpu(
+        self, n: int, *, online: bool | None, core: int | None = None, eject: bool = True
+    ) -> Path:
+        """Add ``cpuN``: ``online`` None means no online file (as cpu0); an online CPU has a
+        topology (core ``core``, default N; package 0); ``eject`` gives it an ACPI device."""
+        directory = self.root / "devices/system/cpu" / f"cpu{n}"
+        directory.mkdir(parents=True)
+        if online is not None:
+            (directory / "online").write_text("1\n" if online else "0\n")
+        if online is not False:
+            topology = directory / "topology"
+            topology.mkdir()
+            (topology / "core_id").write_text(f"{n if core is None else core}\n")
+            (topology / "physical_package_id").write_text("0\n")
+        if eject:
+            acpi = self.root / ACPI_CPUS / f"LNXCPU:{n:02d}"
+            acpi.mkdir(parents=True)
+            (acpi / "eject").write_text("")
+            (directory / "firmware_node").symlink_to(os.path.relpath(acpi, directory))
+        return directory
+
+    def online(self, n: int) -> str:
+        """What was last written to (or is in) ``cpuN/online``."""
+        return (self.root / "devices/system/cpu" / f"cpu{n}" / "online").read_text().strip()
+
+    def ejected(self, n: int) -> bool:
+        """Whether "1" was written to the CPU's ACPI ``eject``."""
+        return (self.root / ACPI_CPUS / f"LNXCPU:{n:02d}" / "eject").read_text() == "1"
+
+
+@pytest.fixture(name="guest")
+def _guest(tmp_path: Path) -> Guest:
+    """cpu0 (no online file, as the boot CPU), cpu1 online, cpu2 and cpu3 offline."""
+    guest = Guest(tmp_path)
+    guest.cpu(0, online=None)
+    guest.cpu(1, online=True)
+    guest.cpu(2, online=False)
+    guest.cpu(3, online=False)
+    return guest
+
+
+@dataclass
+class Running:
+    """A running service on a running host."""
+
+    host: SimulatedHost
+    service: CpuHotPlugService
+    watch: Watch
+
+    def stats(self) -> CpuHotPlugStatistics:
+        """The service's counters."""
+        return self.service.statistics()
+
+    def requests(self, request_type: RequestType) -> int:
+        """How many requests of that type reached the host."""
+        return self.host.vmmdev.request_counts[request_type]
+
+
+@asynccontextmanager
+async def running(
+    root: Path | None,
+    *,
+    personality: str = "mainline",
+    user_device: bool = False,
+    fault: int = 0,
+) -> AsyncIterator[Running]:
+    """Start a host (SET_CPU_HOTPLUG_STATUS answering ``fault`` once, if given), the pump
+    and the service on ``root`` (None: ``auto``, the section's default); drain the service
+    at the end, as the daemon does."""
+    host = SimulatedHost(personality=personality, seed=7)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        if fault:
+            host.add_fault(RequestType.SET_CPU_HOTPLUG_STATUS, fault)
+        opener = SimOpener(host, user_device=user_device, uid=1000 if user_device else 0)
+        async with open_device(opener) as device:
+            watch = Watch()
+            pump = EventPump(device)
+            service = cpuhotplug_service(
+                ServiceContext(device, pump, watch.changed),
+                CpuHotPlugSection(sysfs_root="auto" if root is None else str(root)),
+            )
+            await nursery.start(pump.run)
+            async with trio.open_nursery() as inner:
+                await inner.start(service.run)
+                yield Running(host, service, watch)
+                inner.cancel_scope.cancel()
+            await service.drain()
+        nursery.cancel_scope.cancel()
+
+
+def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
+    """The captured log entries of one event."""
+    return [entry for entry in logs if entry["event"] == name]
+
+
+class TestSpec:
+    def test_is_registered_with_its_section(self) -> None:
+        """The registry lists it; ``[cpuhotplug]`` is on by default, as VBoxService, with
+        ``sysfs_root = "auto"`` (``/sys`` on a real device, see TestSimulatedHostDefault)."""
+        assert SPEC in SERVICES
+        assert (SPEC.name, SPEC.section) == ("cpuhotplug", CpuHotPlugSection)
+        assert CpuHotPlugSection() == CpuHotPlugSection(enable=True, sysfs_root="auto")
+
+    @pytest.mark.parametrize("root", ["sys", "", "/sys\0"])
+    def test_sysfs_root_must_be_absolute(self, root: str) -> None:
+        """A relative or empty root is refused with what is allowed."""
+        with pytest.raises(ValidationError, match="must be 'auto' or an absolute path"):
+            CpuHotPlugSection(sysfs_root=root)
+
+    async def test_reload_moves_to_another_tree(self, guest: Guest, tmp_path: Path) -> None:
+        """A new ``sysfs_root`` applies live, from the next event on."""
+        other = Guest(tmp_path / "other")
+        other.cpu(6, online=False)
+        with trio.fail_after(10):
+            async with running(guest.root) as run:
+                assert run.service.reconfigure(CpuHotPlugSection(sysfs_root=str(other.root)))
+                run.host.cpu_plug(6)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert other.online(6) == "1"
+        assert (guest.online(2), guest.online(3)) == ("0", "0")
+
+
+class TestPlugAndUnplug:
+    async def test_plug_and_unplug_reach_the_right_cpu(
+        self, guest: Guest, personality: str
+    ) -> None:
+        """Plug: the first offline CPU comes online. Unplug: the CPU with the host's core id
+        goes offline and is ejected. One log line each, with the host's ids and the CPU."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root, personality=personality) as run:
+                assert run.host.status()["cpu_hotplug"]["monitored"] is True  # type: ignore[index]
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+                assert (guest.online(2), guest.online(3)) == ("1", "0")
+                run.host.cpu_unplug(1)
+                await run.watch.until(lambda: run.stats().unplugged == 1)
+                assert guest.online(1) == "0"
+                assert guest.ejected(1)
+                assert run.service.status() == "cpuhotplug: 1 plugged, 1 unplugged"
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert (plugged["cpu"], plugged["core"], plugged["package"]) == ("cpu2", 2, 0)
+        [unplugged] = events_named(logs, "cpu_unplugged")
+        assert (unplugged["cpu"], unplugged["core"], unplugged["package"]) == ("cpu1", 1, 0)
+        assert run.stats() == CpuHotPlugStatistics(
+            monitoring=False, events=2, plugged=1, unplugged=1, failures=0
+        )
+
+    async def test_plug_of_a_cpu_already_online_writes_nothing(self, guest: Guest) -> None:
+        """An online CPU with the host's ids (the kernel or udev was quicker) is the plugged
+        one: no offline CPU is brought online in its place."""
+        guest.cpu(4, online=True, core=9)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(9)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert (guest.online(2), guest.online(3)) == ("0", "0")
+        assert events_named(logs, "cpu_plugged")[0]["cpu"] == "cpu4"
+
+    @pytest.mark.parametrize(
+        ("setup", "core", "problem"),
+        [
+            (None, 7, "no online CPU has core 7 package 0"),
+            (None, 0, "cpu0 cannot go offline (it has no online file)"),
+            ("no_eject", 5, "cpu5 is offline but has no ACPI eject: the host keeps it"),
+            ("refuses", 5, "cpu5 refused to go offline: No space left on device"),
+        ],
+    )
+    async def test_an_unplug_that_cannot_happen_is_one_line(
+        self, guest: Guest, setup: str | None, core: int, problem: str
+    ) -> None:
+        """A core nobody has, cpu0, a CPU without ACPI eject, a CPU whose online write fails
+        (here /dev/full's ENOSPC): one warning line, and the service goes on (a plug works)."""
+        if setup == "no_eject":
+            guest.cpu(5, online=True, eject=False)
+        elif setup == "refuses":
+            cpu5 = guest.cpu(5, online=True)
+            (cpu5 / "online").unlink()
+            (cpu5 / "online").symlink_to("/dev/full")
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_unplug(core)
+                await run.watch.until(lambda: run.stats().failures == 1)
+                assert run.service.status() == "cpuhotplug: 0 plugged, 0 unplugged, 1 failed"
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        [failed] = events_named(logs, "cpu_unplug_failed")
+        assert failed["log_level"] == "warning"
+        assert (failed["problem"], failed["core"], failed["package"]) == (problem, core, 0)
+        assert guest.online(2) == "1"
+
+    async def test_plug_with_no_offline_cpu(self, tmp_path: Path) -> None:
+        """Looked for PLUG_TRIES times, then one line; nothing is written."""
+        guest = Guest(tmp_path)
+        guest.cpu(0, online=None)
+        guest.cpu(1, online=True)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(4)
+                await run.watch.until(lambda: run.stats().failures == 1)
+        [failed] = events_named(logs, "cpu_plug_failed")
+        assert failed["problem"] == f"no offline CPU appeared within {PLUG_TRIES} looks"
+        assert guest.online(1) == "1"
+
+    async def test_a_failing_host_request_is_one_line(self, guest: Guest) -> None:
+        """GET_CPU_HOTPLUG_REQ failing: one line; the next event is taken as usual (the host's
+        one slot then holds the later plug, and the first offline CPU comes online for it)."""
+        failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.add_fault(RequestType.GET_CPU_HOTPLUG_REQ, failure)
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().failures == 1)
+                run.host.cpu_plug(3)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        [failed] = events_named(logs, "cpu_hotplug_request_failed")
+        assert failed["status"] == "VERR_GENERAL_FAILURE"
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert (plugged["cpu"], plugged["core"]) == ("cpu2", 3)
+        assert (guest.online(2), guest.online(3)) == ("1", "0")
+
+
+class TestMonitoring:
+    async def test_idle_service_sends_nothing(
+        self, autojump_clock: trio.abc.Clock, guest: Guest
+    ) -> None:
+        """Enable, one read of the host's slot (INVALID in a new VM), then nothing for an hour."""
+        with trio.fail_after(7200):
+            async with running(guest.root) as run:
+                await trio.sleep(3600)
+                assert run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 1
+                assert run.requests(RequestType.GET_CPU_HOTPLUG_REQ) == 1
+                assert run.service.status() == "cpuhotplug: 0 plugged, 0 unplugged"
+
+    async def test_restore_enables_monitoring_again(
+        self, autojump_clock: trio.abc.Clock, guest: Guest
+    ) -> None:
+        """The host forgets monitoring at a restore; the service enables it again at once."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.restore()
+                assert run.host.vmmdev.cpu_hotplug.monitored is False
+                await run.watch.until(lambda: run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 2)
+                assert run.host.status()["cpu_hotplug"]["monitored"] is True  # type: ignore[index]
+        monitoring = events_named(logs, "cpu_hotplug_monitoring")
+        assert [entry["restored"] for entry in monitoring] == [False, True]
+
+    async def test_stop_disables_monitoring(
+        self, autojump_clock: trio.abc.Clock, guest: Guest
+    ) -> None:
+        """After the drain the host refuses Main's plug again, as without an agent."""
+        with trio.fail_after(60):
+            async with running(guest.root) as run:
+                pass
+            assert run.host.vmmdev.cpu_hotplug.monitored is False
+            assert run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 2
+            with pytest.raises(VBoxStatusError) as refused:
+                run.host.cpu_plug(2)
+            assert refused.value.rc == NOT_MONITORED
+            assert run.stats().monitoring is False
+
+    @pytest.mark.parametrize(
+        "case",
+        [
+            ("mainline", False, STATUS_CODES["VERR_NOT_IMPLEMENTED"], "VERR_NOT_IMPLEMENTED"),
+            ("mainline", True, 0, "VERR_PERMISSION_DENIED"),
+            ("oracle", True, 0, "VERR_PERMISSION_DENIED"),
+            ("passthrough", True, 0, "VERR_PERMISSION_DENIED"),
+        ],
+    )
+    async def test_refused_monitoring_is_said_once_and_waits_for_a_restore(
+        self, autojump_clock: trio.abc.Clock, guest: Guest, case: tuple[str, bool, int, str]
+    ) -> None:
+        """A host without the request, or a driver that keeps it from /dev/vboxuser: the
+        status says so, one warning, no request for an hour; a restore tries again."""
+        personality, user_device, fault, status = case
+        with trio.fail_after(7200), structlog.testing.capture_logs() as logs:
+            async with running(
+                guest.root, personality=personality, user_device=user_device, fault=fault
+            ) as run:
+                assert run.service.status() == f"cpuhotplug: not available ({status})"
+                await trio.sleep(3600)
+                assert run.requests(RequestType.GET_CPU_HOTPLUG_REQ) == 0
+                with pytest.raises(VBoxStatusError):
+                    run.host.cpu_plug(2)
+                run.host.restore()
+                await trio.testing.wait_all_tasks_blocked()
+                if user_device:  # the driver still refuses: not said again
+                    assert run.service.status() == f"cpuhotplug: not available ({status})"
+                else:  # the fault was one answer: the restored host takes the request
+                    assert run.service.status() == "cpuhotplug: 0 plugged, 0 unplugged"
+        [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
+        assert unavailable["status"] == status
+        assert unavailable["log_level"] == "warning"
+
+
+class MachineOpener:
+    """A simulated host presented as this machine's own driver (``simulated`` is False)."""
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self._inner = SimOpener(host)
+        self.description = "this machine's driver (a simulated host underneath)"
+        self.simulated = False
+
+    async def open_session(self) -> SimTransport:
+        return await self._inner.open_session()
+
+
+class TestSimulatedHostDefault:
+    """With ``sysfs_root = "auto"``, a simulated host's requests never change this machine's
+    CPUs."""
+
+    async def test_requests_are_logged_and_the_cpus_left_alone(self) -> None:
+        """Plug and unplug are taken from the host (it sees them done) and logged, and no
+        CPU is touched: the guard of tests/conftest.py fails any write under /sys."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(None) as run:
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().left_alone == 1)
+                run.host.cpu_unplug(1)
+                await run.watch.until(lambda: run.stats().left_alone == 2)
+                status = run.service.status()
+        assert status == "cpuhotplug: simulated host, 2 requests, CPUs left alone"
+        assert (run.stats().plugged, run.stats().unplugged, run.stats().failures) == (0, 0, 0)
+        requests = [e["request"] for e in events_named(logs, "cpu_change_left_alone")]
+        assert requests == ["plug", "unplug"]
+        [monitoring] = events_named(logs, "cpu_hotplug_monitoring")
+        assert monitoring["cpus"] == "left alone (simulated host)"
+
+    async def test_a_real_device_gets_the_machines_cpus(self) -> None:
+        """The same section on this machine's driver names /sys; a root set on purpose wins
+        on a simulated host too."""
+        host = SimulatedHost(seed=7)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(MachineOpener(host)) as device:
+                sysfs = cpu_sysfs(CpuHotPlugSection(), device)
+                assert sysfs is not None
+                assert sysfs.cpus == Path("/sys/devices/system/cpu")
+            async with open_device(SimOpener(host)) as device:
+                assert cpu_sysfs(CpuHotPlugSection(), device) is None
+                chosen = cpu_sysfs(CpuHotPlugSection(sysfs_root="/sys"), device)
+                assert chosen is not None
+                assert chosen.cpus == Path("/sys/devices/system/cpu")
+            nursery.cancel_scope.cancel()
