@@ -305,6 +305,11 @@ class _SlowDisconnectOpener:
         """Where sessions lead."""
         return self._opener.description
 
+    @property
+    def simulated(self) -> bool:
+        """Sessions lead to a simulated host."""
+        return self._opener.simulated
+
     async def open_session(self) -> _SlowDisconnectTransport:
         """Open a session on the host."""
         return _SlowDisconnectTransport(self, await self._opener.open_session())

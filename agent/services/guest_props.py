@@ -233,7 +233,8 @@ class PropertyWatch:
       same client, or the client's disconnect at the host): asked again;
     - missed changes (``VWRN_NOT_FOUND``: the host no longer knows the place the watch
       asked for, after a restore or when more than 256 changes went by): the change that
-      came is yielded, then a new snapshot is the truth: a set for each matching property
+      came is yielded (unless the place was a snapshot's, when it is only the oldest one
+      the host holds), then a new snapshot is the truth: a set for each matching property
       that differs from what the watch knows, a delete for each it knows that is gone;
     - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``: the host no longer knows the
       client, which a running guest should not see; handled all the same): the channel is
