@@ -145,11 +145,13 @@ async def running_balloon(
     before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
     gauge: BalloonGauge | None = None,
     drain_s: float = math.inf,
+    psi_file: bool = False,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
     (within ``drain_s``, as the daemon's drain time).
 
-    ``before`` runs once the host runs, before the agent opens its device.
+    ``before`` runs once the host runs, before the agent opens its device. With ``psi_file``
+    the service watches ``section.psi_path`` itself (``pressure`` is not used).
     """
     host = host if host is not None else SimulatedHost(personality=personality)
     async with trio.open_nursery() as outer:
@@ -163,7 +165,7 @@ async def running_balloon(
                 pump,
                 section if section is not None else BalloonSection(),
                 allocator=allocator if allocator is not None else SimChunks(),
-                pressure=pressure if pressure is not None else Quiet(),
+                pressure=None if psi_file else pressure if pressure is not None else Quiet(),
                 mem_available_mb=mem_available_mb,
                 gauge=gauge,
             )

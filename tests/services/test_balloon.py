@@ -22,7 +22,11 @@ from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection, BalloonService, PressureReading
 from agent.services.balloon._pressure import PressureFileError
 from agent.services.balloon._service import MAX_HOLD_FACTOR
-from agent.services.balloon._walker import MEMINFO_REUSE_CHUNKS
+from agent.services.balloon._walker import (
+    DRAIN_RETRY_INITIAL_S,
+    DRAIN_RETRY_MAX_S,
+    MEMINFO_REUSE_CHUNKS,
+)
 from tests.services.balloon_support import (
     ErrnoOnce,
     Quiet,
@@ -30,9 +34,11 @@ from tests.services.balloon_support import (
     SimChunks,
     running_balloon,
 )
+from tests.services.test_balloon_pressure import PSI_TEXT
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from pathlib import Path
 
 WALKING = [("oracle-r3", BalloonMode.ALLOCATED), ("passthrough", BalloonMode.OWNED)]
 
@@ -124,7 +130,8 @@ class TestFollowsTarget:
                 await run.settle(8)
                 run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 1.0)
         [incomplete] = [entry for entry in logs if entry["event"] == "balloon_drain_incomplete"]
-        assert incomplete["log_level"] == "error"
+        # Owned: nothing deflates the chunks when the process exits, and the kernel reuses them.
+        assert incomplete["log_level"] == ("critical" if mode is BalloonMode.OWNED else "error")
         assert incomplete["returned"] + incomplete["kept"] == 8
         assert incomplete["kept"] > 0
         assert incomplete["reason"] == "the drain time ran out"
@@ -168,9 +175,13 @@ class TestFollowsTarget:
                     stop = await inner.start(_run_until_stopped, first)
                     host.set_balloon_target(8)
                     await host_shows(8)
-                    host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
+                    assert first.walker is not None  # every deflate refused until the drain time
+                    first.walker.handover = ErrnoOnce(
+                        first.walker.handover, OSError(errno.EIO, "I/O error"), deflate=10**6
+                    )
                     await stop()
-                    await first.drain()  # refused at the first chunk: all 8 kept
+                    with trio.move_on_after(5.0):
+                        await first.drain()  # refused at the first chunk: all 8 kept
                     # The gauge (which the guest statistics report) still counts them.
                     assert (host.vmmdev.balloon.chunks, len(chunks.live), gauge.chunks) == (8, 8, 8)
 
@@ -188,6 +199,47 @@ class TestFollowsTarget:
                     assert gauge.chunks is None
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
+
+    async def test_owned_drain_retries_a_refused_chunk(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Passthrough: no driver deflates on close, so a drain retries a chunk the host
+        refused (once, here) instead of leaving it ballooned: every chunk goes back."""
+        chunks = SimChunks()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="passthrough", allocator=chunks, drain_s=5.0
+            ) as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE)
+                stopping = trio.current_time()
+            assert (run.host_chunks, chunks.live) == (0, {})
+            assert trio.current_time() - stopping < 1.0
+        [refused] = [e for e in logs if e["event"] == "balloon_drain_refused"]
+        assert (refused["log_level"], refused["retry_in_s"]) == ("warning", DRAIN_RETRY_INITIAL_S)
+        assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [32]
+
+    async def test_owned_drain_refused_until_the_deadline_is_critical(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The host refuses every deflate: the drain retries until its time runs out, then
+        one critical line names the chunks left and why they matter after the exit."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="passthrough", drain_s=3.0) as run:
+                run.host.set_balloon_target(8)
+                await run.settle(8)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 10**6)
+                stopping = trio.current_time()
+            assert run.host_chunks == 8
+            assert trio.current_time() - stopping == pytest.approx(3.0)
+        [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+        assert (incomplete["log_level"], incomplete["kept"]) == ("critical", 8)
+        assert "8 chunks" in incomplete["note"]
+        assert "once this process exits the kernel reuses their pages" in incomplete["note"]
+        refused = [e for e in logs if e["event"] == "balloon_drain_refused"]
+        assert [e["log_level"] for e in refused[:2]] == ["warning", "debug"]
+        assert max(e["retry_in_s"] for e in refused) == DRAIN_RETRY_MAX_S
 
     async def test_oracle_session_close_deflates_kernel_chunks(
         self, autojump_clock: trio.abc.Clock
@@ -709,7 +761,7 @@ class TestTriggeredAndKernel:
 
 
 class TestReconfigure:
-    async def test_live_and_restart_settings(self, autojump_clock: trio.abc.Clock) -> None:
+    async def test_every_setting_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
         with trio.fail_after(60):
             async with running_balloon(personality="passthrough") as run:
                 service = run.service
@@ -717,7 +769,7 @@ class TestReconfigure:
                 walker = service.walker
                 assert walker is not None
                 assert walker.backoff.maximum == 5.0
-                assert not service.reconfigure(BalloonSection(psi_interval_s=5.0))
+                assert service.reconfigure(BalloonSection(psi_interval_s=5.0))
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_shorter_cooldown_ends_the_hold_in_place(
@@ -741,6 +793,43 @@ class TestReconfigure:
                 assert run.service.reconfigure(shorter)
                 await run.settle(64)
                 assert 30.0 <= trio.current_time() - pressed < 31.0
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_psi_settings_restart_the_watch_alone(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, kind: str, mode: BalloonMode
+    ) -> None:
+        """A reload naming another PSI file (interval, threshold) applies live: the watch
+        moves to the new file, the balloon keeps its chunks (no drain and re-inflate)."""
+        old, new = tmp_path / "old.pressure", tmp_path / "new.pressure"
+        for psi in (old, new):
+            psi.write_text(PSI_TEXT.format(total=0))
+        section = BalloonSection(psi_path=str(old), psi_interval_s=1.0, pressure_step_mb=16)
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, psi_file=True
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                moved = section.model_copy(
+                    update={
+                        "psi_path": str(new),
+                        "psi_interval_s": 2.0,
+                        "pressure_threshold_pct": 20,
+                    }
+                )
+                assert run.service.reconfigure(moved)
+                await run.until(
+                    lambda: any(
+                        e.get("path") == str(new) for e in logs if e["event"].startswith("psi_")
+                    )
+                )
+                old.write_text(PSI_TEXT.format(total=10_000_000))  # no longer watched
+                await trio.sleep(10)
+                assert (run.host_chunks, walker.deflated) == (32, 0)
+                new.write_text(PSI_TEXT.format(total=1_000_000))  # 1 s of stall in 2 s: 50 %
+                await run.settle(16)
 
     @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
     async def test_lower_floor_applies_at_once(

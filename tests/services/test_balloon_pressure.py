@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import socket
+import threading
 from typing import TYPE_CHECKING, Final
 
 import pydantic
@@ -77,6 +78,42 @@ class TestPsiMonitor:
             PsiMonitor(str(bogus), interval_s=1.0, threshold_pct=10),
         ):
             pass
+
+    def test_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
+        """A FIFO's open would wait for a writer (freezing the event loop): it is opened
+        without blocking and refused as no regular file."""
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        refused: list[PressureFileError] = []
+
+        def enter() -> None:
+            try:
+                with PsiMonitor(str(fifo), interval_s=1.0, threshold_pct=10):
+                    pass
+            except PressureFileError as exc:
+                refused.append(exc)
+
+        thread = threading.Thread(target=enter, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        blocked = thread.is_alive()
+        if blocked:  # let the open return, so the thread ends
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join()
+        assert not blocked
+        assert [str(exc) for exc in refused] == [f"{fifo} is not a regular file (a PSI file is)"]
+
+    def test_refused_file_leaves_no_descriptor_open(self, tmp_path: Path) -> None:
+        bogus = tmp_path / "bogus"
+        bogus.write_text("hello\n")
+        before = set(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with (
+                pytest.raises(PressureFileError, match="not a PSI file"),
+                PsiMonitor(str(bogus), interval_s=1.0, threshold_pct=10),
+            ):
+                pass
+        assert set(os.listdir("/proc/self/fd")) <= before
 
     def test_missing_file_is_refused(self, tmp_path: Path) -> None:
         """The error keeps the errno; its text, logged as the reason, is the message alone."""

@@ -19,7 +19,8 @@ class BalloonSection(ServiceSection):
     """How the balloon follows the host and yields to memory pressure."""
 
     psi_path: str = DEFAULT_PSI_PATH
-    """PSI file to watch (``/proc/pressure/memory`` or a cgroup v2 ``memory.pressure``)."""
+    """PSI file to watch (``/proc/pressure/memory`` or a cgroup v2 ``memory.pressure``); it
+    must be a regular file, as those are (a FIFO or device switches pressure handling off)."""
     psi_interval_s: float = Field(default=2.0, ge=MIN_PSI_INTERVAL_S, le=MAX_PSI_INTERVAL_S)
     """The PSI trigger window, and the polling interval where triggers are unsupported."""
     pressure_threshold_pct: float = Field(default=10.0, gt=0, le=100)
@@ -39,7 +40,7 @@ class BalloonSection(ServiceSection):
     @classmethod
     def _check_psi_path(cls, value: str) -> str:
         if not value.startswith("/"):
-            msg = "must be an absolute path such as /proc/pressure/memory"
+            msg = "must be an absolute path to a regular PSI file such as /proc/pressure/memory"
             raise ValueError(msg)
         if "\0" in value:
             msg = "must not contain a NUL character"

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import select
+import stat
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, Self
@@ -103,6 +104,12 @@ class MemInfo:
         return int(match["kb"]) // _KB_PER_MB
 
 
+def _require_regular_file(fd: int, path: str) -> None:
+    """Refuse anything but a regular file (a FIFO, a device), as PSI files are."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise PressureFileError(errno.EINVAL, f"{path} is not a regular file (a PSI file is)")
+
+
 def _parse_some(path: str, text: bytes) -> tuple[float, int]:
     match = _SOME_LINE.search(text)
     if match is None:
@@ -136,16 +143,24 @@ class PsiMonitor:
     def __enter__(self) -> Self:
         """Open the file, read a first figure and try to register the trigger.
 
+        The file is opened without blocking and must be a regular file (as /proc/pressure/*
+        and cgroup ``memory.pressure`` are): a FIFO's open would block the event loop.
+
         Raises:
-            PressureFileError: the file cannot be opened or is not a PSI file.
+            PressureFileError: the file cannot be opened, is no regular file or no PSI file.
         """
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise PressureFileError(exc.errno, f"cannot open {self.path}: {exc.strerror}") from exc
-        self._last_total = self._read()[1]
-        self._last_time = trio.current_time()
-        self._try_trigger()
+        try:
+            _require_regular_file(self._fd, self.path)
+            self._last_total = self._read()[1]
+            self._last_time = trio.current_time()
+            self._try_trigger()
+        except BaseException:
+            self._close()
+            raise
         return self
 
     def __exit__(
@@ -155,6 +170,9 @@ class PsiMonitor:
         traceback: TracebackType | None,
     ) -> None:
         """Close the file and the trigger."""
+        self._close()
+
+    def _close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None

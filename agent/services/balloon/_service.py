@@ -21,8 +21,11 @@ and the host's target do not cycle every cooldown; a later episode starts at one
 again. In kernel mode pressure is not watched at all (the kernel owns the balloon).
 
 ``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
-deflates whatever the driver holds. The chunks a drain could not give back are taken over
-by the next instance on the same device in this process.
+deflates whatever the driver holds. In owned mode nothing does, so a refused chunk is
+retried until the drain time runs out. The chunks a drain could not give back are taken
+over by the next instance on the same device in this process; in owned mode, what is left
+when the process exits stays ballooned at the host while the kernel reuses the pages
+(logged at critical).
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ _LIVE_FIELDS: Final = frozenset(
         "retry_max_s",
     }
 )
-"""Settings a reload applies at once; the PSI file, interval and threshold need a restart."""
+"""Settings a reload applies at once."""
+_WATCH_FIELDS: Final = frozenset({"psi_path", "psi_interval_s", "pressure_threshold_pct"})
+"""Settings a reload applies by restarting the pressure watch alone (the chunks stay)."""
 MAX_HOLD_FACTOR: Final = 16
 """The longest pressure hold, in cooldowns, that repeated episodes double it to."""
 TRIGGERED_NOTE: Final = (
@@ -158,6 +163,9 @@ class BalloonService:
         self._release_at = math.inf
         self._hold = trio.CancelScope()
         """The wait that ends at ``_release_at`` (a reload may move its deadline)."""
+        self._nursery: trio.Nursery | None = None
+        self._watch: trio.CancelScope | None = None
+        """The running pressure watch's scope (None while none runs: not started, kernel)."""
         self._postponed_since: float | None = None
         """Triggered mode: when the pending CHECK_BALLOON was first held back (None: it is not)."""
         self._hold_factor = 1
@@ -219,11 +227,11 @@ class BalloonService:
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
-        """Apply step, cooldown, floor and backoff live; PSI settings need a restart.
+        """Apply every setting live; the PSI settings restart the pressure watch alone.
 
         A walk stopped (or a trigger postponed) by the floor or a failure is retried at once,
         under the new settings, rather than when its old backoff ends; a pressure hold in
-        place ends after the new cooldown.
+        place ends after the new cooldown (and survives a restarted watch).
         """
         old = self._section
         changed = {
@@ -231,9 +239,12 @@ class BalloonService:
             for name in type(section).model_fields
             if getattr(section, name) != getattr(old, name)
         }
-        if changed - _LIVE_FIELDS - {"enable"}:
+        if changed - _LIVE_FIELDS - _WATCH_FIELDS - {"enable"}:
             return False
         self._section = section
+        if changed & _WATCH_FIELDS and self._watch is not None:
+            self._watch.cancel()
+            self._start_watch()
         for backoff in self._backoffs():
             backoff.initial, backoff.maximum = section.retry_initial_s, section.retry_max_s
             backoff.retry_now()
@@ -258,20 +269,29 @@ class BalloonService:
         self._postponed_since = None
         with self._pump.subscribe(self.name, EVENTS) as events:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward_events, events)
-                # Ready after the first probe, even a refused one (another session may own
-                # the balloon): the probe is retried here without holding the daemon up.
-                await self._decide_mode(task_status)
-                if self._mode is BalloonMode.KERNEL:
-                    log.info(
-                        "balloon_pressure_unwatched",
-                        reason="the kernel owns the balloon: no PSI trigger, no polling",
-                    )
-                else:
-                    nursery.start_soon(self._watch_pressure)
-                if self._walker is not None:
-                    nursery.start_soon(self._walker.run)
-                await self._follow()
+                try:
+                    await self._run_in(nursery, events, task_status)
+                finally:  # a reload from now on restarts no watch
+                    self._nursery = self._watch = None
+
+    async def _run_in(
+        self, nursery: trio.Nursery, events: Subscription, task_status: trio.TaskStatus[None]
+    ) -> NoReturn:
+        nursery.start_soon(self._forward_events, events)
+        # Ready after the first probe, even a refused one (another session may own the
+        # balloon): the probe is retried here without holding the daemon up.
+        await self._decide_mode(task_status)
+        if self._mode is BalloonMode.KERNEL:
+            log.info(
+                "balloon_pressure_unwatched",
+                reason="the kernel owns the balloon: no PSI trigger, no polling",
+            )
+        else:
+            self._nursery = nursery
+            self._start_watch()
+        if self._walker is not None:
+            nursery.start_soon(self._walker.run)
+        await self._follow()
 
     async def drain(self) -> None:
         """Give back every chunk the agent holds; the driver's chunks go with the session."""
@@ -281,7 +301,9 @@ class BalloonService:
             return
         held = len(walker.held)
         try:
-            kept = await walker.drain()
+            # Owned mode: nothing else gives the chunks back (no driver deflates them on
+            # close), so refusals are retried until the drain time runs out.
+            kept = await walker.drain(persist=self._mode is BalloonMode.OWNED)
         except trio.Cancelled:  # the drain time (daemon.shutdown_timeout_s) ran out
             self._drain_incomplete(walker, held, "the drain time ran out")
             raise
@@ -297,13 +319,21 @@ class BalloonService:
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
         _KEPT[self._device] = _Kept(walker.allocator, walker.held)
-        closed = " or to the session close" if self._mode is BalloonMode.ALLOCATED else ""
+        figures = {"returned": held - kept, "kept": kept, "reason": reason}
+        if self._mode is BalloonMode.OWNED:
+            log.critical(
+                "balloon_drain_incomplete",
+                **figures,
+                note=f"the host still holds {kept} chunks ballooned: a new start of the service"
+                " in this process takes them over, but once this process exits the kernel"
+                " reuses their pages, and the host refuses writes to ballooned pages",
+            )
+            return
         log.error(
             "balloon_drain_incomplete",
-            returned=held - kept,
-            kept=kept,
-            reason=reason,
-            note=f"left to the next start of the service{closed}",
+            **figures,
+            note="left to the next start of the service in this process, or to the driver,"
+            " which deflates them when this process closes the device",
         )
 
     # --- mode and target --------------------------------------------------------------------
@@ -481,7 +511,17 @@ class BalloonService:
 
     # --- memory pressure --------------------------------------------------------------------
 
-    async def _watch_pressure(self) -> None:
+    def _start_watch(self) -> None:
+        """Start the pressure watch under the current section, in a scope a reload cancels."""
+        assert self._nursery is not None  # noqa: S101 - set before the first watch
+        self._watch = trio.CancelScope()
+        self._nursery.start_soon(self._watch_pressure, self._watch)
+
+    async def _watch_pressure(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._watch_readings()
+
+    async def _watch_readings(self) -> None:
         async with AsyncExitStack() as stack:
             source = self._pressure
             if source is None:

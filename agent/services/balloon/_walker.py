@@ -41,6 +41,9 @@ log = structlog.get_logger("agent.services.balloon")
 
 MEMINFO_REUSE_CHUNKS: Final = 32
 """Chunks one ``MemAvailable`` reading may serve, and the MiB above the floor it must leave."""
+DRAIN_RETRY_INITIAL_S: Final = 0.05
+DRAIN_RETRY_MAX_S: Final = 1.0
+"""A persisting drain retries a refused chunk after the initial delay, doubling up to this."""
 
 
 class WalkStoppedError(Exception):
@@ -266,11 +269,26 @@ class ChunkWalker:
         self._on_resized(len(self.held))
         return True
 
-    async def drain(self) -> int:
-        """Give every chunk back, newest first; return how many the host kept."""
+    async def drain(self, *, persist: bool = False) -> int:
+        """Give every chunk back, newest first; return how many the host kept.
+
+        With ``persist`` a refused chunk is retried after a short capped backoff
+        (:data:`DRAIN_RETRY_INITIAL_S` to :data:`DRAIN_RETRY_MAX_S`) until the caller's
+        deadline cancels the drain; without it the drain ends at the first refusal.
+        """
+        delay = DRAIN_RETRY_INITIAL_S
         for chunk in reversed(list(self.held)):
-            if not await self.give_back(chunk):
-                break
+            while not await self.give_back(chunk):
+                if not persist:
+                    return len(self.held)
+                (log.warning if delay == DRAIN_RETRY_INITIAL_S else log.debug)(
+                    "balloon_drain_refused",
+                    reason=self.last_failure,
+                    chunks=len(self.held),
+                    retry_in_s=delay,
+                )
+                await trio.sleep(delay)
+                delay = min(2 * delay, DRAIN_RETRY_MAX_S)
         return len(self.held)
 
 
