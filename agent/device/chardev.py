@@ -3,15 +3,17 @@
 One :class:`CharDevTransport` is one open file descriptor, which the driver treats as one
 session. Design points:
 
-- **Threads.** Every ioctl runs in ``trio.to_thread.run_sync`` under one ``CapacityLimiter``
-  per opener, which the daemon creates once: the budget (``device.ioctl_threads``, at
-  least :data:`MIN_THREADS`) is per process, however many sessions, waiters and HGCM
-  clients exist, so systemd's ``TasksMax`` holds. A blocking call (WAIT_FOR_EVENTS, an HGCM
-  call) holds its thread for as long as it blocks, so the budget must cover the event
-  pump's waiter plus every long HGCM call at once; :data:`RESERVED_THREADS` stay for short
-  calls, among them the INTERRUPT_ALL that ends a blocked wait, so a full budget can never
-  deadlock: a blocking call that would take a reserved thread fails at once with
-  :class:`IoctlThreadsExhaustedError`, naming the setting to raise.
+- **Threads.** Every ioctl runs in ``trio.to_thread.run_sync`` under one
+  :class:`ThreadBudget` per opener, which the daemon creates once: the budget
+  (``device.ioctl_threads``, at least :data:`MIN_THREADS`) is per process, however many
+  sessions, waiters and HGCM clients exist, so systemd's ``TasksMax`` holds. A blocking
+  call (WAIT_FOR_EVENTS, an HGCM call) holds its thread for as long as it blocks, so the
+  budget must cover the event pump's waiter plus every HGCM call at once. Blocking calls in
+  flight are counted: they may hold all threads but :data:`RESERVED_THREADS`, which stay
+  for short calls, among them the INTERRUPT_ALL that ends a blocked wait, so a full budget
+  can never deadlock: a blocking call beyond that fails at once with
+  :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls never
+  fail for want of a thread: they wait for one (they hold it only briefly).
 - **GIL.** Buffers up to 1 KiB go through ``fcntl.ioctl``; larger ones through libc
   ``ioctl`` via ctypes, because on 3.11-3.13 ``fcntl.ioctl`` keeps the GIL for them.
 - **User buffers.** The address of each :class:`~agent.protocol.UserBuffer`'s memory is
@@ -152,19 +154,49 @@ class IoctlThreadsExhaustedError(AgentError):
     """A blocking ioctl found every unreserved worker thread taken by other blocking calls."""
 
 
-def thread_budget(threads: int) -> trio.CapacityLimiter:
-    """Return the limiter for ``threads`` ioctl worker threads (at least :data:`MIN_THREADS`).
+class ThreadBudget:
+    """The process's ioctl worker threads: one limiter for every session of one opener.
 
-    Raises:
-        ValueError: ``threads`` is below the minimum.
+    Attributes:
+        threads: the configured number of threads.
+        limiter: the tokens every ioctl's worker thread holds while it runs.
+        blocking: blocking calls (:data:`BLOCKING_FUNCTIONS`) now in flight.
     """
-    if threads < MIN_THREADS:
-        msg = (
-            f"ioctl threads must be at least {MIN_THREADS} (a blocked call and the call "
-            f"that ends it), not {threads}"
-        )
-        raise ValueError(msg)
-    return trio.CapacityLimiter(threads)
+
+    def __init__(self, threads: int) -> None:
+        """Create the budget for ``threads`` threads (at least :data:`MIN_THREADS`).
+
+        Raises:
+            ValueError: ``threads`` is below the minimum.
+        """
+        if threads < MIN_THREADS:
+            msg = (
+                f"ioctl threads must be at least {MIN_THREADS} (a blocked call and the call "
+                f"that ends it), not {threads}"
+            )
+            raise ValueError(msg)
+        self.threads = threads
+        self.limiter = trio.CapacityLimiter(threads)
+        self.blocking = 0
+
+    def start_blocking(self) -> None:
+        """Count one more blocking call in flight, unless it would take a reserved thread.
+
+        Raises:
+            IoctlThreadsExhaustedError: blocking calls already hold every unreserved thread.
+        """
+        if self.blocking >= self.threads - RESERVED_THREADS:
+            msg = (
+                f"{self.blocking} blocking ioctls hold all {self.threads} ioctl threads but "
+                f"the {RESERVED_THREADS} kept for short calls: a blocking call cannot "
+                "start; raise device.ioctl_threads"
+            )
+            raise IoctlThreadsExhaustedError(msg)
+        self.blocking += 1
+
+    def end_blocking(self) -> None:
+        """Count a blocking call that returned (or was abandoned) out."""
+        self.blocking -= 1
 
 
 def install_interrupt_handler() -> None:
@@ -216,18 +248,18 @@ class CharDevTransport:
         self,
         fd: int,
         *,
-        limiter: trio.CapacityLimiter | None = None,
+        budget: ThreadBudget | None = None,
         ioctl_fn: IoctlFn = native_ioctl,
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
     ) -> None:
-        """Wrap ``fd``; ``limiter`` is the process's thread budget (:func:`thread_budget`)."""
+        """Wrap ``fd``; ``budget`` is the process's (its opener's) thread budget."""
         self.driver_version: DriverVersion | None = None
         self._fd = fd
         self._ioctl_fn = ioctl_fn
         self._close_fn = close_fn
         self._interrupt_fn = interrupt_fn
-        self._limiter = limiter if limiter is not None else thread_budget(DEFAULT_THREADS)
+        self._budget = budget if budget is not None else ThreadBudget(DEFAULT_THREADS)
         self._lock = threading.Lock()
         self._calls: set[_Call] = set()
         self._closing = False
@@ -248,8 +280,18 @@ class CharDevTransport:
         if self._closing:
             msg = "the vboxguest session is closed"
             raise trio.ClosedResourceError(msg)
-        if ioc_nr(code) in BLOCKING_FUNCTIONS:
-            self._check_budget()
+        if ioc_nr(code) not in BLOCKING_FUNCTIONS:
+            await self._ioctl(code, buffer, user_buffers)
+            return
+        self._budget.start_blocking()
+        try:
+            await self._ioctl(code, buffer, user_buffers)
+        finally:
+            self._budget.end_blocking()
+
+    async def _ioctl(
+        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer]
+    ) -> None:
         saved, pins = _map_user_buffers(buffer, user_buffers)
         if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
             self._waits_interrupted = True
@@ -264,7 +306,7 @@ class CharDevTransport:
                         call.outcome = await trio.to_thread.run_sync(
                             self._perform,
                             call,
-                            limiter=self._limiter,
+                            limiter=self._budget.limiter,
                             thread_name="vbox-ioctl",
                             abandon_on_cancel=True,
                         )
@@ -283,17 +325,6 @@ class CharDevTransport:
         if call.cancelled and isinstance(call.outcome, InterruptedError):
             await trio.lowlevel.checkpoint()  # the caller's scope is cancelled: raises Cancelled
         raise call.outcome
-
-    def _check_budget(self) -> None:
-        limiter = self._limiter
-        if limiter.available_tokens > RESERVED_THREADS:
-            return
-        msg = (
-            f"all {int(limiter.total_tokens)} ioctl threads are busy "
-            f"({int(limiter.borrowed_tokens)} in use, {RESERVED_THREADS} kept for short "
-            "calls): a blocking call cannot start; raise device.ioctl_threads"
-        )
-        raise IoctlThreadsExhaustedError(msg)
 
     async def interrupt_ioctls(self) -> None:
         """Interrupt every ioctl now in flight and return once each has returned or been abandoned.
@@ -449,7 +480,7 @@ class CharDevOpener:
                 EINTR (default: :func:`signal_thread`).
         """
         self._path = path
-        self._limiter = thread_budget(threads)
+        self._budget = ThreadBudget(threads)
         self._ioctl_fn = ioctl_fn
         self._open_fn = open_fn
         self._close_fn = close_fn
@@ -481,7 +512,7 @@ class CharDevOpener:
             raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
         transport = CharDevTransport(
             fd,
-            limiter=self._limiter,
+            budget=self._budget,
             ioctl_fn=self._ioctl_fn,
             close_fn=self._close_fn,
             interrupt_fn=self._interrupt_fn,

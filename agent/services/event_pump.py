@@ -85,13 +85,18 @@ class Subscription:
     async def receive(self) -> int:
         """Wait until bits are pending, then return (and clear) all of them.
 
-        Cancellation loses nothing: bits stay pending until a ``receive`` returns them.
+        Cancellation loses nothing: bits stay pending until a ``receive`` returns them. Of
+        concurrent receivers, the first to run takes the bits; the others wait on for more.
         """
-        while not self._pending:
-            await self._arrived.wait()
-            self._arrived = trio.Event()
-        await trio.lowlevel.checkpoint()
-        return self._take()
+        while True:
+            if self._pending:
+                await trio.lowlevel.checkpoint()
+                if self._pending:  # another receiver may have taken them meanwhile
+                    return self._take()
+            else:
+                await self._arrived.wait()
+                if self._arrived.is_set():
+                    self._arrived = trio.Event()
 
     def receive_nowait(self) -> int:
         """Return (and clear) the pending bits without waiting.

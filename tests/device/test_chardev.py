@@ -105,6 +105,8 @@ class FakeDriver:
         self.pending_events = 0
         self.cancelled_calls = 0
         self.refuse_version = False
+        self.hold_requests: trio.Event | None = None
+        """While set to an unset event, VMMDev requests wait in the driver for it."""
         self.closed: list[FakeSession] = []
         self._changed = trio.Event()
         self._client_ids = itertools.count(1)
@@ -144,6 +146,8 @@ class FakeDriver:
         elif code == Ioctl.hgcm_call_64(len(work)):
             await self._hgcm_call(session, work, memory)
         elif code == Ioctl.vmmdev_request(len(work)) or code == Ioctl.VMMDEV_REQUEST_BIG:
+            if self.hold_requests is not None:
+                await self.hold_requests.wait()
             self._vmmdev_request(work)
         else:
             raise OSError(errno.ENOTTY, "unknown ioctl")
@@ -404,18 +408,17 @@ class TestOpen:
         with pytest.raises(ValueError, match="at least 2"):
             CharDevOpener(threads=1)
         with pytest.raises(ValueError, match="at least 2"):
-            chardev.thread_budget(1)
+            chardev.ThreadBudget(1)
 
-    @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 1, chardev.MIN_THREADS])
-    def test_config_accepts_what_the_transport_accepts(self, threads: int) -> None:
-        """``device.ioctl_threads`` takes a thread count exactly when the transport does."""
-        try:
-            chardev.thread_budget(threads)
-        except ValueError:
-            with pytest.raises(pydantic.ValidationError, match="ioctl_threads"):
-                DeviceConfig(ioctl_threads=threads)
-        else:
-            assert DeviceConfig(ioctl_threads=threads).ioctl_threads == threads
+    def test_config_takes_the_daemons_smallest_budget(self) -> None:
+        """``device.ioctl_threads`` takes no fewer threads than the event pump's wait, one
+        HGCM call and the reserved thread: with fewer, the daemon's HGCM calls would fail
+        whenever the pump waits."""
+        smallest = 2 + chardev.RESERVED_THREADS
+        assert DeviceConfig(ioctl_threads=smallest).ioctl_threads == smallest
+        assert chardev.ThreadBudget(smallest).threads == smallest
+        with pytest.raises(pydantic.ValidationError, match="ioctl_threads"):
+            DeviceConfig(ioctl_threads=smallest - 1)
 
     def test_config_default_is_the_transports(self) -> None:
         """Without ``device.ioctl_threads`` the agent gets the transport's own default."""
@@ -579,6 +582,65 @@ class TestWaits:
         assert sorted(done) == [1, 2]
         assert kernel.peak == 3
 
+    async def test_short_calls_in_flight_leave_blocking_calls_their_threads(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
+        """With the default budget, a wait and two short calls in the driver leave an HGCM
+        call its thread: only blocking calls count against the reserved one."""
+        kernel.driver.hold_requests = trio.Event()
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel)
+            events: list[int] = []
+
+            async def wait() -> None:
+                events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
+
+            async def short() -> None:
+                assert (await _call(transport, Session(), GetHostVersion())).major == 7
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                nursery.start_soon(short)
+                nursery.start_soon(short)
+                await kernel.wait_in_driver(3)
+                call = HgcmCall(client, ECHO_FUNCTION, (HgcmU32(0), HgcmBuffer(b"ab")))
+                reply = await _call(transport, session, call)
+                assert reply.params == (HgcmU32(2), HgcmData(b"ba"))
+                kernel.driver.hold_requests.set()
+                kernel.driver.raise_events(0x10)
+            await transport.aclose()
+        assert events == [0x10]
+        assert kernel.peak == chardev.DEFAULT_THREADS
+
+    async def test_smallest_budget_waits_beside_a_short_call(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
+        """With two threads, a wait starting while a short call is in the driver takes the
+        other thread; a second blocking call is refused, naming the setting."""
+        kernel.driver.hold_requests = trio.Event()
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel, threads=2)
+            events: list[int] = []
+
+            async def wait() -> None:
+                events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
+
+            async def short() -> None:
+                assert (await _call(transport, Session(), GetHostVersion())).major == 7
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(short)
+                await kernel.wait_in_driver(1)
+                nursery.start_soon(wait)
+                await kernel.wait_in_driver(2)
+                with pytest.raises(chardev.IoctlThreadsExhaustedError, match="ioctl_threads"):
+                    await _call(transport, session, HgcmCall(client, ECHO_FUNCTION))
+                kernel.driver.hold_requests.set()
+                await kernel.wait_in_driver(1)
+                kernel.driver.raise_events(0x10)
+            await transport.aclose()
+        assert events == [0x10]
+
 
 class TestCancellation:
     """Cancelling or closing ends blocked calls promptly and leaves no thread behind."""
@@ -603,11 +665,12 @@ class TestCancellation:
         self, kernel: Kernel[FakeDriver]
     ) -> None:
         """A call cancelled while waiting for the limiter never reaches the driver."""
-        limiter = trio.CapacityLimiter(2)
+        budget = chardev.ThreadBudget(2)
+        limiter = budget.limiter
         with trio.fail_after(BOUND):
             transport, session, _ = await _open_connected(kernel)
             transport = CharDevTransport(
-                next(iter(kernel.sessions)), limiter=limiter, ioctl_fn=kernel.ioctl
+                next(iter(kernel.sessions)), budget=budget, ioctl_fn=kernel.ioctl
             )
             holders = [object(), object()]
             for holder in holders:

@@ -149,6 +149,28 @@ class TestEventPump:
                 assert events.receive_nowait() == RESTORED
                 nursery.cancel_scope.cancel()
 
+    async def test_concurrent_receivers_never_return_no_bits(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Of two receivers woken by one post, one gets the bits and the other waits on for
+        the next post (it returned 0, no bits at all)."""
+        events = Subscription("twice", RESTORED | VRDP)
+        received: list[int] = []
+
+        async def receiver() -> None:
+            received.append(await events.receive())
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiver)
+                nursery.start_soon(receiver)
+                await trio.testing.wait_all_tasks_blocked()
+                events._post(RESTORED)
+                await trio.testing.wait_all_tasks_blocked()
+                assert received == [RESTORED]
+                events._post(VRDP)
+        assert received == [RESTORED, VRDP]
+
     async def test_events_raised_before_subscription_are_kept(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
     ) -> None:
