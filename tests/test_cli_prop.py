@@ -11,6 +11,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -24,15 +25,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import pytest
+import trio
+import trio.testing
 
 from agent.cli._exit import EX_INTERRUPTED, EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._prop import _delete, _set, _wait
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
+from agent.protocol.constants import Ioctl
+from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
+from agent.services.guest_props import open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
 from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
+
+    from agent.device.transport import Transport
+    from agent.protocol import UserBuffer
 
 PYTHON: Final = sys.executable
 WAIT_S: Final = 30.0
@@ -277,6 +290,109 @@ class TestWait:
         assert done.returncode == EX_REFUSED
         assert "changed within 0.3 s" in one_line(done)
         assert sim.status()["hgcm_clients"] == 0
+
+
+class _SlowDisconnectOpener:
+    """Opens sessions on a simulated host; the first HGCM_DISCONNECT after ``block()``
+    waits until cancelled (a disconnect still under way when a deadline expires)."""
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self._opener = SimOpener(host)
+        self.blocking = False
+
+    @property
+    def description(self) -> str:
+        """Where sessions lead."""
+        return self._opener.description
+
+    @property
+    def simulated(self) -> bool:
+        """Sessions lead to a simulated host."""
+        return self._opener.simulated
+
+    async def open_session(self) -> _SlowDisconnectTransport:
+        """Open a session on the host."""
+        return _SlowDisconnectTransport(self, await self._opener.open_session())
+
+
+class _SlowDisconnectTransport:
+    def __init__(self, opener: _SlowDisconnectOpener, inner: Transport) -> None:
+        self._opener = opener
+        self._inner = inner
+
+    async def ioctl(
+        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+    ) -> None:
+        if code == Ioctl.HGCM_DISCONNECT and self._opener.blocking:
+            self._opener.blocking = False
+            await trio.sleep_forever()
+        await self._inner.ioctl(code, buffer, user_buffers)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class TestInProcess:
+    """The actions run against an in-process simulated host (for what a separate host
+    process cannot be made to do)."""
+
+    async def test_a_change_survives_a_timeout_during_the_disconnect(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``prop wait`` prints a change it received even when its timeout expires while
+        the wait's channel disconnects (it reported a timeout and lost the change)."""
+        opener = _SlowDisconnectOpener(host)
+        args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout="5", json=False)
+        with trio.fail_after(60):
+            async with open_device(opener) as device, open_guest_properties(device) as props:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_wait, args, props)
+                    await trio.testing.wait_all_tasks_blocked()
+                    opener.blocking = True
+                    host.prop_set("/W/a", "1")
+                assert not opener.blocking
+        stored = host.prop_get("/W/a")
+        assert stored is not None
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        assert [line for line in printed if line.startswith("Name: ")] == [
+            f"Name: /W/a, value: 1, timestamp: {stored[2]}, flags: "
+        ]
+
+    async def test_an_ignored_write_is_said_on_stderr(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """With the host's global RDONLYGUEST, set and delete succeed as no-ops; the command
+        says so on stderr (it said nothing) and still succeeds."""
+        host.prop_set("/Guest/kept", "1")
+        service = host.vmmdev.hgcm.service(SERVICE_NAME)
+        assert isinstance(service, GuestPropertyService)
+        service.set_global_flags(RDONLYGUEST)
+        with trio.fail_after(60):
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_guest_properties(device) as props,
+            ):
+                set_args = argparse.Namespace(
+                    prop_action="set", name="/Guest/x", value="1", flags=None, json=False
+                )
+                await _set(set_args, props)
+                delete_args = argparse.Namespace(
+                    prop_action="delete", name="/Guest/kept", json=False
+                )
+                await _delete(delete_args, props)
+        assert capsys.readouterr().err.splitlines() == [
+            "vbox-agent prop set: /Guest/x: the host ignored the write (VINF_PERMISSION_DENIED)",
+            "vbox-agent prop delete: /Guest/kept: the host ignored the write"
+            " (VINF_PERMISSION_DENIED)",
+        ]
+        assert host.prop_get("/Guest/x") is None
+        assert host.prop_get("/Guest/kept") is not None
 
 
 README_INTRO: Final = "Guest properties from the guest's side"

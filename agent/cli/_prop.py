@@ -6,7 +6,8 @@
 wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
 a name, value, pattern or flags the service would refuse; 69 no device; 70 anything else.
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
-line on stderr.
+line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
+property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from agent.device import DeviceLostError, DeviceUnavailableError, open_device, o
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError, VBoxStatusError
 from agent.protocol.guest_props import PropertyArgumentError
+from agent.protocol.status import VINF_SUCCESS, status_name
 from agent.services.guest_props import (
     Property,
     PropertyChange,
@@ -162,14 +164,14 @@ async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
 
 
 async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
-    await props.set(args.name, args.value, args.flags)
+    _note_ignored(args, await props.set(args.name, args.value, args.flags))
     if args.json:
         stored = await props.get(args.name)
         print(json.dumps(_property_json(stored) if stored else {"name": args.name}))
 
 
 async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
-    await props.delete(args.name)
+    _note_ignored(args, await props.delete(args.name))
     if args.json:
         print(json.dumps({"name": args.name, "deleted": True}))
 
@@ -186,11 +188,25 @@ async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:
         )
 
 
+def _note_ignored(args: argparse.Namespace, status: int) -> None:
+    """Say on stderr that the host ignored a write it answered with success.
+
+    With the host's global RDONLYGUEST the service answers ``VINF_PERMISSION_DENIED`` and
+    changes nothing; VBoxControl counts that as success, and so does the exit code.
+    """
+    if status != VINF_SUCCESS:
+        message = f"{_subject(args)}the host ignored the write ({status_name(status)})"
+        print(f"{PROGRAM} {args.prop_action}: {message}", file=sys.stderr)
+
+
 async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
     timeout = _seconds(args.timeout)
     change: PropertyChange | None = None
     with trio.move_on_after(timeout):
-        change = await props.wait([args.pattern])
+        # Read inside the block: a deadline that expires while the channel closes must
+        # not lose a change already received.
+        async with props.watch([args.pattern], unseen_deletes=False) as watch:
+            change = await watch.next()
     if change is None:
         msg = f"no property matching {args.pattern!r} changed within {timeout:g} s"
         raise _NotFoundError(msg)

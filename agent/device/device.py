@@ -54,7 +54,7 @@ from agent.protocol import (
     WaitForEvents,
 )
 from agent.protocol.constants import TIMEOUT_INFINITE
-from agent.protocol.status import VERR_INTERRUPTED
+from agent.protocol.status import VERR_HGCM_INVALID_CLIENT_ID, VERR_INTERRUPTED
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -200,7 +200,8 @@ class Device:
     async def open_hgcm_client(self, service: str) -> AsyncIterator[HgcmClient]:
         """Connect to an HGCM host service on a session of its own; disconnect on exit.
 
-        A normal exit disconnects explicitly, under the caller's cancel scopes. Any other
+        A normal exit disconnects explicitly, under the caller's cancel scopes; a client the
+        host no longer knows (VERR_HGCM_INVALID_CLIENT_ID) counts as disconnected. Any other
         exit (cancellation, an error) only closes the session: the driver disconnects the
         session's clients itself, so no host round trip runs shielded past the caller's
         deadline.
@@ -209,7 +210,14 @@ class Device:
         try:
             connected = await channel.perform(HgcmConnect(service))
             yield HgcmClient(channel, service, connected.client_id)
-            await channel.perform(HgcmDisconnect(connected.client_id))
+            try:
+                await channel.perform(HgcmDisconnect(connected.client_id))
+            except VBoxStatusError as exc:
+                if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
+                    raise
+                log.debug(
+                    "hgcm_client_already_gone", service=service, client_id=connected.client_id
+                )
         finally:
             await self._close_channel(channel)
 

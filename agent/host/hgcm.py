@@ -352,6 +352,19 @@ class HgcmHost:
             if isinstance(service, VmLifecycle):
                 service.resume()
 
+    def drop_client(self, client_id: int) -> None:
+        """Forget a connected client as if the host had lost it (a test hook).
+
+        The service is told of the disconnect (the property service ends the client's waits
+        with VERR_INTERRUPTED); the client's next request is answered
+        VERR_HGCM_INVALID_CLIENT_ID, as for any id the host does not know.
+
+        Raises:
+            KeyError: no client has that id.
+        """
+        client = self._clients.pop(client_id)
+        client.service.disconnect(client_id)
+
     def reset(self) -> None:
         """VM reset: every client is disconnected and every command dropped."""
         self._discard(list(self._commands.values()))

@@ -1,7 +1,8 @@
 """The guest's wall clock, as the ``timesync`` service reads and corrects it.
 
-``WallClock`` is the seam: :class:`SystemClock` is the real one (``CLOCK_REALTIME``); tests
-inject their own, so no test ever moves the machine's clock.
+``WallClock`` is the seam: :class:`SystemClock` is the real one (``CLOCK_REALTIME``);
+:class:`AgentOwnClock` stands in for it when the agent follows a simulated host, whose
+corrections must not move the machine's clock; tests inject their own.
 
 - ``step`` sets the clock at once (``clock_settime``). The kernel also drops a slew still
   under way (setting the time clears its NTP state).
@@ -102,3 +103,37 @@ class SystemClock:
         timex = ctypes.create_string_buffer(_TIMEX_BYTES)
         state = self._libc.adjtimex(timex)
         return state not in (-1, TIME_ERROR)
+
+
+class AgentOwnClock:
+    """The machine's clock plus an offset of the agent's own, which steps and slews move.
+
+    For an agent that follows a simulated host: the corrections are made (and logged) as on
+    a guest, but only this offset moves; ``CLOCK_REALTIME`` stays as it is. A slew applies at
+    once (there is no kernel to spread it), and no time daemon is taken to keep this clock.
+    """
+
+    __slots__ = ("_offset_ns",)
+
+    def __init__(self) -> None:
+        self._offset_ns = 0
+
+    def now_ns(self) -> int:
+        """The machine's UTC plus the offset."""
+        return time.clock_gettime_ns(time.CLOCK_REALTIME) + self._offset_ns
+
+    def monotonic_ns(self) -> int:
+        """``CLOCK_MONOTONIC``."""
+        return time.monotonic_ns()
+
+    def step(self, offset_ns: int) -> None:
+        """Move the offset by ``offset_ns``."""
+        self._offset_ns += offset_ns
+
+    def slew(self, offset_ns: int) -> None:
+        """Move the offset by ``offset_ns`` (at once)."""
+        self._offset_ns += offset_ns
+
+    def ntp_synchronised(self) -> bool:
+        """False: no time daemon keeps this clock."""
+        return False

@@ -45,7 +45,9 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_INTERRUPTED,
     VERR_NOT_FOUND,
+    VINF_SUCCESS,
     VWRN_NOT_FOUND,
+    status_name,
 )
 from agent.protocol.wire import shown
 from agent.services.hgcm import (
@@ -59,10 +61,14 @@ from agent.services.hgcm import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from types import TracebackType
 
     from agent.device import Device
     from agent.services.hgcm import HgcmChannel, HgcmParam, HgcmReply, HgcmValue
+
+    _Caller = Callable[..., Awaitable[HgcmReply]]
+    """Makes one short call: ``(function, *params) -> reply``."""
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +92,8 @@ _ZERO_U32: Final = HgcmU32(0)
 
 @dataclass(frozen=True, slots=True)
 class Property:
-    """A property as the host holds it; ``timestamp`` is the host's ns of its last change."""
+    """A property as the host holds it; ``timestamp`` is the host's ns of its last change
+    (from a clock that may go back: not an order)."""
 
     name: str
     value: str
@@ -138,11 +145,13 @@ class GuestProperties:
             return Property(name, value, flags, _u64(reply.params[2]))
         return _still_too_small(GuestFunction.GET_PROP)
 
-    async def set(self, name: str, value: str, flags: str | None = None) -> None:
+    async def set(self, name: str, value: str, flags: str | None = None) -> int:
         """Set ``name`` to ``value``; its flags become ``flags`` (none when omitted).
 
         The service replaces the flags on every set; without ``flags`` the two-parameter
-        SET_PROP_VALUE is sent, which resets them.
+        SET_PROP_VALUE is sent, which resets them. Returns the service's status: a success,
+        but ``VINF_PERMISSION_DENIED`` when the host made every property read-only for the
+        guest and ignored the write (VBoxControl reports that as success too).
         """
         params: list[HgcmParam] = [
             HgcmBufferIn(encode_name(name)),
@@ -152,36 +161,30 @@ class GuestProperties:
         if flags is not None:
             params.append(HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
             function = GuestFunction.SET_PROP
-        await self._short_call(function, *params)
+        return _ignored_write((await self._short_call(function, *params)).status, name)
 
-    async def delete(self, name: str) -> None:
-        """Delete ``name``; deleting a property that does not exist succeeds."""
-        await self._short_call(GuestFunction.DEL_PROP, HgcmBufferIn(encode_name(name)))
+    async def delete(self, name: str) -> int:
+        """Delete ``name``; deleting a property that does not exist succeeds.
+
+        Returns the service's status, as :meth:`set` does.
+        """
+        name_param = HgcmBufferIn(encode_name(name))
+        return _ignored_write(
+            (await self._short_call(GuestFunction.DEL_PROP, name_param)).status, name
+        )
 
     async def enumerate(self, patterns: Sequence[str] = ()) -> list[Property]:
         """Return the properties whose names match any of ``patterns`` (all when empty)."""
-        raw_patterns = encode_patterns(patterns, nul_separated=True)
-        size = ENUM_BUFFER_SIZE
-        for _ in range(SIZE_RETRIES):
-            try:
-                reply = await self._short_call(
-                    GuestFunction.ENUM_PROPS,
-                    HgcmBufferIn(raw_patterns),
-                    HgcmBufferOut(size),
-                    HgcmU32(0),
-                )
-            except HgcmCallError as exc:
-                size = _needed_size(exc, 2)
-                continue
-            return _parse_enumeration(reply.params[1], reply.params[2])
-        return _still_too_small(GuestFunction.ENUM_PROPS)
+        return await _enumerate(self._short_call, patterns)
 
     async def wait(self, patterns: Sequence[str] = ()) -> PropertyChange:
         """Wait, on a channel of its own, for the next change of a matching property.
 
         Bound it with a cancel scope; cancelling closes the channel, which ends the wait at
         the host. A delete of a property that did not exist when the wait began is no news:
-        the host cannot tell one set and deleted since from one deleted just before.
+        the host cannot tell one set and deleted since from one deleted just before. A
+        deadline that expires while the channel is being closed, after the change came,
+        loses it: a caller that must not lose it reads :meth:`watch` inside its block.
         """
         async with self.watch(patterns, unseen_deletes=False) as watch:
             return await watch.next()
@@ -192,13 +195,7 @@ class GuestProperties:
     ) -> AsyncIterator[PropertyWatch]:
         """Follow the changes of matching properties; see :class:`PropertyWatch`."""
         raw = encode_patterns(patterns, nul_separated=False)
-        async with AsyncExitStack() as stack:
-            watch = PropertyWatch(self, raw, stack, unseen_deletes=unseen_deletes)
-            await watch.connect()
-            await watch.start_from(
-                await self.enumerate(patterns),
-                latest=max((prop.timestamp for prop in await self.enumerate()), default=0),
-            )
+        async with PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes) as watch:
             yield watch
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
@@ -219,69 +216,82 @@ class PropertyWatch:
     """The changes of the properties matching some patterns, oldest first, without gaps.
 
     ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
-    change once. It keeps following across what would otherwise lose changes:
+    change once. The watch knows, per name, the value and flags it last reported (or that
+    the name is gone); a change that would tell it nothing new is skipped. The host's
+    timestamps only say where to go on in its queue of changes: they come from a clock
+    that may go back (a restored service starts counting again), so they never order or
+    filter changes here.
+
+    The watch opens from a snapshot: the host's newest timestamp (the place in the queue
+    to go on from), then the matching properties, in that order so that a change made in
+    between is in the snapshot or comes later. It keeps following across what would
+    otherwise lose changes:
 
     - a change too large for the buffer (``VERR_BUFFER_OVERFLOW``): asked again with the
       size the host reported;
     - the host completing the wait early (``VERR_INTERRUPTED``: an identical wait of the
-      same client, a VM reset): asked again;
-    - missed changes (``VWRN_NOT_FOUND``: the host no longer knows the last timestamp seen,
-      after a restore or when more than 256 changes went by): the matching properties are
-      enumerated and those changed since the last change seen are yielded, plus a delete
-      for each property the watch reported that is gone;
-    - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID`` after a VM reset): a new
-      channel is connected, then as for missed changes.
+      same client, or the client's disconnect at the host): asked again;
+    - missed changes (``VWRN_NOT_FOUND``: the host no longer knows the place the watch
+      asked for, after a restore or when more than 256 changes went by): the change that
+      came is yielded (unless the place was a snapshot's, when it is only the oldest one
+      the host holds), then a new snapshot is the truth: a set for each matching property
+      that differs from what the watch knows, a delete for each it knows that is gone;
+    - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``: the host no longer knows the
+      client, which a running guest should not see; handled all the same): the channel is
+      closed, a new one connected, then as for missed changes.
 
-    A property set and deleted before the watch reads its changes comes as a delete (the
-    host marks a set as one when the property is gone by then). Of a property the watch
-    never saw, that delete is yielded unless ``unseen_deletes`` is false: the host dates it
-    after the newest property the watch started from, so it may as well predate the watch
-    (a property deleted just before it opened).
+    A snapshot can overlap the changes the queue then replays (the newest timestamp marks
+    the newest change only while the host's clock goes forward): a name changed more than
+    once in that stretch may have an older value yielded again before its newest; no change
+    is lost and the last one yielded per name is what the host holds.
+
+    Every call goes through the watch's own channel. A property set and deleted before the
+    watch reads its changes comes as a delete (the host marks a set as one when the
+    property is gone by then). Of a property the watch never knew, that delete is yielded
+    unless ``unseen_deletes`` is false: the host's queue after the snapshot's place may
+    hold deletes of properties gone before the watch opened.
     """
 
-    def __init__(
-        self,
-        props: GuestProperties,
-        patterns: bytes,
-        stack: AsyncExitStack,
-        *,
-        unseen_deletes: bool = True,
-    ) -> None:
-        self._props = props
+    def __init__(self, device: Device, patterns: bytes, *, unseen_deletes: bool = True) -> None:
+        self._device = device
         self._unseen_deletes = unseen_deletes
         self._patterns = patterns
-        self._stack = stack
+        self._stack = AsyncExitStack()
+        """The current channel's; closed (and replaced) when the host dropped the client."""
         self._channel: HgcmChannel | None = None
-        self._last_timestamp = self._opened_at = 0
-        self._reported: dict[str, int | None] = {}
-        """Per name, the timestamp of the last set yielded, or None after a delete."""
+        self._cursor = 0
+        """The timestamp of the change the next wait goes on from (0: the next new one)."""
+        self._cursor_unproven = False
+        """Whether the cursor came from a snapshot and no answer has shown the host has it."""
+        self._known: dict[str, tuple[str, str] | None] = {}
+        """Per name, the value and flags last reported or seen, or None once gone."""
         self._backlog: list[PropertyChange] = []
         self._reading = False
         self.resyncs = 0
-        """Times the watch enumerated because changes were missed."""
+        """Times the watch took a new snapshot because changes were missed."""
+
+    async def __aenter__(self) -> Self:
+        await self._connect()
+        try:
+            await self._snapshot(first=True)
+        except BaseException as exc:
+            await self._stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> PropertyChange:
         return await self.next()
-
-    async def start_from(self, matching: list[Property], *, latest: int) -> None:
-        """Follow the changes after the host's ``latest`` change, knowing ``matching``.
-
-        The first wait asks for the changes after ``latest`` (the newest timestamp the host
-        showed), so nothing made after the watch opened can slip by. A change of a property
-        in ``matching`` counts when newer than the timestamp it had there; one of any other
-        name is skipped when the host dates it at or before ``latest`` (a delete of a
-        property never seen: see the class's ``unseen_deletes``).
-        """
-        self._last_timestamp = self._opened_at = latest
-        self._reported = {prop.name: prop.timestamp for prop in matching}
-
-    async def connect(self) -> None:
-        """Open the watch's own channel (again, after the host dropped the client)."""
-        channel_cm = open_hgcm_channel(self._props._device, SERVICE_NAME)
-        self._channel = await self._stack.enter_async_context(channel_cm)
 
     async def next(self) -> PropertyChange:
         """Return the next change, waiting for it as long as it takes.
@@ -301,23 +311,31 @@ class PropertyWatch:
                     await self._fetch()
                 change = self._backlog.pop(0)
                 if self._is_new(change):
-                    self._reported[change.name] = None if change.deleted else change.timestamp
+                    content = None if change.deleted else (change.value, change.flags)
+                    self._known[change.name] = content
                     return change
         finally:
             self._reading = False
 
     def _is_new(self, change: PropertyChange) -> bool:
-        """Whether ``change`` is news: not older than what the watch knows of the name (a
-        resync may have covered it), and of a name it never knew only if made after the
-        watch opened."""
-        if change.name not in self._reported:
-            if change.timestamp <= self._opened_at:
-                return False
+        """Whether ``change`` tells the watch something it does not know of the name."""
+        if change.name not in self._known:
             return self._unseen_deletes or not change.deleted
-        reported = self._reported[change.name]
+        known = self._known[change.name]
         if change.deleted:
-            return reported is not None and reported <= change.timestamp
-        return reported is None or reported < change.timestamp
+            return known is not None
+        return known != (change.value, change.flags)
+
+    async def _connect(self) -> None:
+        channel_cm = open_hgcm_channel(self._device, SERVICE_NAME)
+        self._channel = await self._stack.enter_async_context(channel_cm)
+
+    async def _reconnect(self) -> None:
+        """Close the channel whose client the host dropped, then connect a new one."""
+        self._channel = None
+        stack, self._stack = self._stack, AsyncExitStack()
+        await stack.aclose()
+        await self._connect()
 
     async def _fetch(self) -> None:
         size = NOTIFICATION_BUFFER_SIZE
@@ -325,37 +343,57 @@ class PropertyWatch:
             try:
                 reply = await self._call(size)
             except HgcmCallError as exc:
-                if exc.rc == VERR_BUFFER_OVERFLOW and self._last_timestamp != 0:
+                if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor != 0:
                     size = _needed_size(exc, 3)
                     continue
                 await self._recover(exc)
                 return
             change = _notification(reply)
-            caught_up = []
-            if reply.status == VWRN_NOT_FOUND:
-                caught_up = await self._resync(since=self._last_timestamp)
-            # The enumeration shows what stands now, after this change: it comes last.
-            self._backlog += [change, *caught_up]
-            self._last_timestamp = change.timestamp
+            if reply.status != VWRN_NOT_FOUND:
+                self._backlog.append(change)
+                self._cursor, self._cursor_unproven = change.timestamp, False
+                return
+            # The host did not know the place: it answered with the oldest change it holds
+            # (or the first after a restore). A snapshot, taken after it, shows what stands.
+            unproven = self._cursor_unproven
+            if not unproven:
+                self._backlog.append(change)  # it follows the last change the watch read
+            self._backlog += await self._snapshot()
+            if unproven:
+                # A snapshot's newest timestamp was not in the queue either (its property
+                # predates the queue, or the clock went back): go on from this change,
+                # which the queue holds; what the snapshot showed is skipped when read.
+                self._cursor, self._cursor_unproven = change.timestamp, False
             return
         _still_too_small(GuestFunction.GET_NOTIFICATION)
 
     async def _recover(self, exc: HgcmCallError) -> None:
         """Continue after a failed wait, or re-raise what cannot be recovered from."""
         if exc.rc == VERR_BUFFER_OVERFLOW:
-            # The first wait (timestamp 0) cannot ask for that change again: a retry would
-            # wait for the next one. The enumeration shows it, if it still stands.
+            # A wait for the next new change (cursor 0) cannot ask for that change again:
+            # a retry would wait for the one after. The snapshot shows it if it stands.
             timestamp = _u64(exc.reply.params[1])
-            self._backlog += await self._resync(since=timestamp - 1)
-            self._last_timestamp = timestamp
+            self._backlog += await self._snapshot()
+            self._cursor, self._cursor_unproven = timestamp, False
         elif exc.rc == VERR_INTERRUPTED:
             log.debug("property_wait_interrupted")
         elif exc.rc == VERR_HGCM_INVALID_CLIENT_ID:
             log.info("property_watch_reconnecting")
-            await self.connect()
-            self._backlog += await self._resync(since=self._last_timestamp)
+            await self._reconnect()
+            self._backlog += await self._snapshot()
         else:
             raise exc
+
+    @property
+    def channel(self) -> HgcmChannel:
+        """The watch's own channel (a new one after the host dropped the client)."""
+        if self._channel is None:  # pragma: no cover - connected while the watch is open
+            msg = "the property watch is not connected"
+            raise RuntimeError(msg)
+        return self._channel
+
+    async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
+        return await self.channel.call(function, *params, lingers_when_cancelled=False)
 
     async def _call(self, size: int) -> HgcmReply:
         """One GET_NOTIFICATION on the watch's channel.
@@ -365,40 +403,42 @@ class PropertyWatch:
         change; every wait of the watch has the same patterns, so at most one lingers and
         the channel need not keep counting it (it would refuse the 16th ``next()``).
         """
-        if self._channel is None:  # pragma: no cover - connect() runs before the first call
-            msg = "the property watch is not connected"
-            raise RuntimeError(msg)
-        return await self._channel.call(
+        return await self._short_call(
             GuestFunction.GET_NOTIFICATION,
             HgcmBufferIn(self._patterns),
-            HgcmU64(self._last_timestamp),
+            HgcmU64(self._cursor),
             HgcmBufferOut(size),
             HgcmU32(0),
-            lingers_when_cancelled=False,
         )
 
-    async def _resync(self, *, since: int) -> list[PropertyChange]:
-        """Return, oldest first, a delete for each reported property that is gone and the
-        matching properties changed after ``since``.
+    async def _snapshot(self, *, first: bool = False) -> list[PropertyChange]:
+        """Take the host's newest timestamp as the cursor, then the matching properties.
 
-        A delete is dated no earlier than ``since`` nor than the set the watch reported.
+        The first snapshot makes the watch know them. A later one (a resync) returns a
+        set for each and a delete for each property the watch knows that is gone; those
+        that tell the watch nothing new are skipped when read.
         """
+        everything = await _enumerate(self._short_call)
+        latest = max((prop.timestamp for prop in everything), default=0)
+        patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
+        current = await _enumerate(self._short_call, [pattern.decode() for pattern in patterns])
+        self._cursor, self._cursor_unproven = latest, latest != 0
+        if first:
+            self._known = {prop.name: (prop.value, prop.flags) for prop in current}
+            return []
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
-        patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
-        current = await self._props.enumerate([pattern.decode() for pattern in patterns])
         names = {prop.name for prop in current}
         gone = [
-            PropertyChange(name, "", "", max(since, timestamp), deleted=True)
-            for name, timestamp in self._reported.items()
-            if timestamp is not None and name not in names
+            PropertyChange(name, "", "", latest, deleted=True)
+            for name, known in self._known.items()
+            if known is not None and name not in names
         ]
-        changed = [
+        standing = [
             PropertyChange(prop.name, prop.value, prop.flags, prop.timestamp, deleted=False)
-            for prop in sorted(current, key=lambda prop: prop.timestamp)
-            if prop.timestamp > since
+            for prop in current
         ]
-        return gone + changed
+        return gone + standing
 
 
 @asynccontextmanager
@@ -406,6 +446,32 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
     """Connect to the host's property service; yield the client; disconnect on exit."""
     async with open_hgcm_channel(device, SERVICE_NAME) as channel:
         yield GuestProperties(device, channel)
+
+
+async def _enumerate(call: _Caller, patterns: Sequence[str] = ()) -> list[Property]:
+    """ENUM_PROPS through ``call``, asked again with a larger buffer when needed."""
+    raw_patterns = encode_patterns(patterns, nul_separated=True)
+    size = ENUM_BUFFER_SIZE
+    for _ in range(SIZE_RETRIES):
+        try:
+            reply = await call(
+                GuestFunction.ENUM_PROPS,
+                HgcmBufferIn(raw_patterns),
+                HgcmBufferOut(size),
+                HgcmU32(0),
+            )
+        except HgcmCallError as exc:
+            size = _needed_size(exc, 2)
+            continue
+        return _parse_enumeration(reply.params[1], reply.params[2])
+    return _still_too_small(GuestFunction.ENUM_PROPS)
+
+
+def _ignored_write(status: int, name: str) -> int:
+    """Log a write the service answered with an informational status; return the status."""
+    if status != VINF_SUCCESS:
+        log.info("property_write_ignored", name=name, status=status_name(status))
+    return status
 
 
 # --- arguments ----------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from agent.protocol import (
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
 from agent.services._timesync_options import MAX_SET_THRESHOLD_MS, OPTION_PREFIX, host_options
-from agent.services._wallclock import SystemClock
+from agent.services._wallclock import AgentOwnClock, SystemClock
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
@@ -439,8 +439,11 @@ class TimesyncService:
 def timesync_service(
     context: ServiceContext, section: TimesyncSection, clock: WallClock | None = None
 ) -> TimesyncService:
-    """The service on ``clock`` (default: the system's; tests pass their own)."""
-    return TimesyncService(context, section, clock if clock is not None else SystemClock())
+    """The service on ``clock``; by default the system's, or on a simulated host a clock
+    of the agent's own that leaves the machine's alone (tests pass their own)."""
+    if clock is None:
+        clock = AgentOwnClock() if context.device.simulated else SystemClock()
+    return TimesyncService(context, section, clock)
 
 
 SPEC: Final = ServiceSpec(NAME, TimesyncSection, timesync_service)

@@ -493,12 +493,66 @@ class TestTimestamps:
             START_NS + 1,
         ]
 
-    def test_clock_going_back(self, svc: GuestPropertyService, clock: FakeClock) -> None:
-        """A clock that goes back never produces an older timestamp."""
+    def test_clock_going_back_is_followed(
+        self, svc: GuestPropertyService, clock: FakeClock
+    ) -> None:
+        """A reading older than the last timestamp is used as it is (``getCurrentTimestamp``
+        follows the clock back; the simulator bumped it to last + 1, an order upstream does
+        not keep)."""
         guest_set(svc, "/Guest/a", "1")
         clock.now -= 10**9
         guest_set(svc, "/Guest/b", "2")
-        assert svc.host_get("/Guest/b") == ("2", "", START_NS + 1)
+        assert svc.host_get("/Guest/b") == ("2", "", START_NS - 10**9)
+
+    def test_an_obsolete_reading_is_bumped(
+        self, svc: GuestPropertyService, clock: FakeClock
+    ) -> None:
+        """After bumps in a row, a reading no older than the bumps made is still bumped;
+        an older one is followed."""
+        for value in "123":
+            guest_set(svc, "/Guest/a", value)  # START_NS, + 1, + 2: two bumps
+        clock.now = START_NS + 1
+        guest_set(svc, "/Guest/b", "b")
+        clock.now = START_NS - 10
+        guest_set(svc, "/Guest/c", "c")
+        stamps = {name: stamp for name, _, stamp, _ in svc.host_enumerate("/Guest/*")}
+        assert stamps == {
+            "/Guest/a": START_NS + 2,
+            "/Guest/b": START_NS + 3,
+            "/Guest/c": START_NS - 10,
+        }
+
+    def test_a_restored_service_counts_from_the_clock(
+        self, svc: GuestPropertyService, clock: FakeClock
+    ) -> None:
+        """A restored service starts again (``mPrevTimestamp`` 0): on a host whose clock is
+        behind, its changes are older than the properties it restored."""
+        guest_set(svc, "/Guest/a", "1")
+        clock.now -= 100 * 10**9
+        svc.restore()
+        guest_set(svc, "/Guest/b", "2")
+        assert svc.host_get("/Guest/a") == ("1", "", START_NS)
+        restored_b = svc.host_get("/Guest/b")
+        assert restored_b is not None
+        # The readings after the restart (its own properties, then b) are bumped only by
+        # the few changes made at that one reading.
+        assert START_NS - 100 * 10**9 <= restored_b[2] < START_NS - 100 * 10**9 + 100
+
+    def test_a_change_dated_as_the_last_queued_one_is_queued_one_later(
+        self, svc: GuestPropertyService, clock: FakeClock
+    ) -> None:
+        """``doNotifications`` dates a change one later when the last one queued has its
+        timestamp; the property keeps the clock's. (A refused set takes a timestamp too.)"""
+        guest_set(svc, "/Guest/a", "1")
+        svc.host_set("/Guest/ro", "x", "RDONLYGUEST")  # START_NS + 1
+        clock.now = START_NS - 10
+        assert guest_set(svc, "/Guest/ro", "y") == VERR_PERMISSION_DENIED  # START_NS - 10
+        clock.now = START_NS + 1
+        guest_set(svc, "/Guest/c", "3")
+        assert svc.host_get("/Guest/c") == ("3", "", START_NS + 1)
+        call = run(svc, notify_call("/Guest/c", timestamp=START_NS + 1))
+        assert call.status == VINF_SUCCESS
+        assert u64_value(call, 1) == START_NS + 2
 
     def test_clock_going_forward(self, svc: GuestPropertyService, clock: FakeClock) -> None:
         """A later clock reading is used as it is."""

@@ -24,6 +24,8 @@ from agent.protocol import RemoteProtocolError
 from agent.protocol.guest_props import (
     MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
+    NILFLAG,
+    RDONLYGUEST,
     SERVICE_NAME,
     GuestFunction,
     PropertyArgumentError,
@@ -32,6 +34,7 @@ from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
+    VINF_PERMISSION_DENIED,
     VINF_SUCCESS,
 )
 from agent.services.guest_props import (
@@ -54,6 +57,7 @@ from agent.services.hgcm import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from agent.device import Device
     from agent.host.hgcm_service import HgcmCallHandle
 
 
@@ -124,6 +128,22 @@ class TestShortCalls:
                     "VERR_PERMISSION_DENIED",
                 )
         assert host.prop_get("/VirtualBox/HostInfo/Mine") is None
+
+    async def test_a_write_the_host_ignores_is_reported(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """With the host's global RDONLYGUEST a set and a delete succeed as no-ops with
+        VINF_PERMISSION_DENIED, which the client returns (it returned nothing)."""
+        host.prop_set("/Guest/kept", "1")
+        service = host.vmmdev.hgcm.service(SERVICE_NAME)
+        assert isinstance(service, GuestPropertyService)
+        service.set_global_flags(RDONLYGUEST)
+        with trio.fail_after(60):
+            assert await props.set("/Guest/x", "1") == VINF_PERMISSION_DENIED
+            assert await props.delete("/Guest/kept") == VINF_PERMISSION_DENIED
+            service.set_global_flags(NILFLAG)
+            assert await props.set("/Guest/x", "1") == VINF_SUCCESS
+        assert host.prop_get("/Guest/kept") is not None
 
     async def test_property_cap(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
@@ -564,3 +584,166 @@ class TestWaitEndings:
                 assert block.cancelled_caught
                 assert host.status()["hgcm_pending_calls"] == 0
                 assert host.status()["hgcm_clients"] == 0
+
+
+class _ChangesDuringTheSnapshot(GuestPropertyService):
+    """Sets ``/W/x`` right after answering the first ENUM_PROPS: a change made while a
+    watch takes its snapshot, between its two enumerations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enumerations = 0
+
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        status = super()._enum_props(call)
+        self.enumerations += 1
+        if self.enumerations == 1:
+            self.host_set("/W/x", "new")
+        return status
+
+
+class _Clock:
+    """The host's wall clock in ns, set by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.now
+
+
+async def _follow(watch: PropertyWatch, send: trio.MemorySendChannel[PropertyChange]) -> None:
+    async for change in watch:
+        await send.send(change)
+
+
+class TestWatchRobustness:
+    async def test_a_change_during_the_snapshot_is_known(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A property set between the watch's two enumerations is in its snapshot, so its
+        delete is news to a wait. (The matching enumeration ran first and the newest
+        timestamp after the set: the set was in neither, and the wait hung.)"""
+        service = _ChangesDuringTheSnapshot()
+        host = SimulatedHost(services=[service])
+        got: list[PropertyChange] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with (
+                    open_device(SimOpener(host)) as device,
+                    open_guest_properties(device) as props,
+                    trio.open_nursery() as waiting,
+                ):
+
+                    async def wait() -> None:
+                        got.append(await props.wait(["/W/*"]))
+
+                    waiting.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert service.enumerations == 2
+                    assert host.prop_get("/W/x") is not None
+                    host.prop_delete("/W/x")
+                    await trio.testing.wait_all_tasks_blocked()
+                    waiting.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        assert [(change.name, change.deleted) for change in got] == [("/W/x", True)]
+
+    async def test_a_clock_going_back_loses_no_change(self, autojump_clock: trio.abc.Clock) -> None:
+        """The host's timestamps follow its clock back, and a restored service counts from
+        that clock again: every change still comes, once. (Changes older than the newest
+        the watch had seen were dropped until the clock passed it again.)"""
+        clock = _Clock()
+        host = SimulatedHost(services=[GuestPropertyService(clock=clock)])
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with (
+                    open_device(SimOpener(host)) as device,
+                    open_guest_properties(device) as props,
+                    props.watch(["/W/*"]) as watch,
+                    trio.open_nursery() as following,
+                ):
+                    following.start_soon(_follow, watch, send)
+                    seen = []
+                    clock.now += 10**9
+                    host.prop_set("/W/x", "1")
+                    seen.append(await receive.receive())
+                    clock.now -= 10 * 10**9  # the clock goes back
+                    host.prop_set("/W/x", "2")
+                    seen.append(await receive.receive())
+                    await trio.testing.wait_all_tasks_blocked()
+                    clock.now -= 100 * 10**9  # restored on a host whose clock is behind
+                    host.restore()
+                    for value in ("3", "4"):
+                        clock.now += 10**9
+                        host.prop_set("/W/x", value)
+                        seen.append(await receive.receive())
+                    clock.now += 10**9
+                    host.prop_set("/W/y", "new")
+                    seen.append(await receive.receive())
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert receive.statistics().current_buffer_used == 0
+                    following.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        assert [(change.name, change.value) for change in seen] == [
+            ("/W/x", "1"),
+            ("/W/x", "2"),
+            ("/W/x", "3"),
+            ("/W/x", "4"),
+            ("/W/y", "new"),
+        ]
+
+    async def test_a_watch_reconnects_when_the_host_drops_its_client(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """The host forgets the watch's client: the watch closes that channel, connects a
+        new one and goes on; no session is left open and the block exits cleanly. (The old
+        channel stayed open until the block ended, whose disconnect then raised
+        VERR_HGCM_INVALID_CLIENT_ID, losing the change.)"""
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+        with trio.fail_after(60):
+            async with open_guest_properties(device) as props:
+                async with props.watch(["/W/*"]) as watch, trio.open_nursery() as following:
+                    following.start_soon(_follow, watch, send)
+                    await trio.testing.wait_all_tasks_blocked()
+                    sessions = device.statistics().open_sessions
+                    dropped = watch.channel.client_id
+                    host.vmmdev.hgcm.drop_client(dropped)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert watch.channel.client_id != dropped
+                    assert device.statistics().open_sessions == sessions
+                    assert host.status()["hgcm_clients"] == 2
+                    host.prop_set("/W/a", "1")
+                    change = await receive.receive()
+                    following.cancel_scope.cancel()
+                assert watch.resyncs == 1
+                assert host.status()["hgcm_clients"] == 1
+        assert (change.name, change.value) == ("/W/a", "1")
+        assert device.statistics().open_sessions == 1
+
+    async def test_a_wait_goes_on_when_the_host_drops_every_client(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """With the short calls' client gone too, a wait's resync goes through its own new
+        channel and returns the change; closing the dead short-call channel succeeds."""
+        got: list[PropertyChange] = []
+        with trio.fail_after(60):
+            async with open_guest_properties(device) as props:
+                async with trio.open_nursery() as nursery:
+
+                    async def wait() -> None:
+                        got.append(await props.wait(["/W/*"]))
+
+                    nursery.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    for client_id in (props.channel.client_id, props.channel.client_id + 1):
+                        host.vmmdev.hgcm.drop_client(client_id)
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.prop_set("/W/a", "1")
+                with pytest.raises(HgcmCallError, match="VERR_HGCM_INVALID_CLIENT_ID"):
+                    await props.get("/W/a")
+        assert [(change.name, change.value) for change in got] == [("/W/a", "1")]
+        assert host.status()["hgcm_clients"] == 0
+        assert device.statistics().open_sessions == 1

@@ -207,6 +207,18 @@ class TestCancellation:
                     setup.echo.held[0].complete(VINF_SUCCESS)
                 assert channel.pending == 0
 
+    async def test_a_client_the_host_dropped_closes_cleanly(self, setup: Setup) -> None:
+        """Leaving the block of a client the host no longer knows succeeds: the disconnect's
+        VERR_HGCM_INVALID_CLIENT_ID means it is gone already (it raised out of the block)."""
+        with trio.fail_after(10):
+            async with open_device(setup.opener) as device:
+                async with open_hgcm_channel(
+                    device, ECHO, host_call_limit=ECHO_CALL_LIMIT
+                ) as channel:
+                    setup.host.vmmdev.hgcm.drop_client(channel.client_id)
+                assert setup.host.status()["hgcm_clients"] == 0
+                await setup.until(lambda: device.statistics().open_sessions == 1)
+
     async def test_cancelling_the_block_disconnects(self, setup: Setup) -> None:
         """Cancelling the code inside the block still disconnects, without waiting long."""
         with trio.fail_after(10):

@@ -34,7 +34,7 @@ from agent.protocol import RequestType
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND
 from agent.services import EventPump, ServiceContext
 from agent.services._timesync_options import OPTION_PREFIX
-from agent.services._wallclock import SystemClock
+from agent.services._wallclock import AgentOwnClock, SystemClock
 from agent.services.timesync import (
     DAEMON_RESYNC_GRACE_S,
     MAX_HOST_TIME_MS,
@@ -45,6 +45,7 @@ from agent.services.timesync import (
     TimesyncService,
     TimesyncStatistics,
     plan_correction,
+    timesync_service,
 )
 
 if TYPE_CHECKING:
@@ -689,3 +690,39 @@ def test_the_system_clock_times_readings_on_the_monotonic_clock() -> None:
     clock = SystemClock()
     before = time.monotonic_ns()
     assert before <= clock.monotonic_ns() <= time.monotonic_ns()
+
+
+class TestOnASimulatedHost:
+    """An agent following a simulated host corrects a clock of its own, never the machine's."""
+
+    async def test_a_restore_moves_the_agents_clock_not_the_machines(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """The default clock on a simulated host: the restore's step is made and logged, the
+        next reading finds no drift, and ``SystemClock`` was never asked (the guard of
+        tests/conftest.py fails any step or slew of it)."""
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            service = timesync_service(ServiceContext(device, pump), TimesyncSection())
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            running = Running(service, host)
+            with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+                await running.wait_for(lambda s: s.passes == 1)
+                host.vmmdev.time_offset_ms = 3600 * 1000
+                host.restore()
+                await running.wait_for(lambda s: s.passes == 2)
+                statistics = await running.wait_for(lambda s: s.passes == 3)
+            nursery.cancel_scope.cancel()
+        assert (statistics.steps, statistics.slews) == (1, 0)
+        [stepped] = [entry for entry in logs if entry["event"] == "clock_stepped"]
+        assert stepped["reason"] == "restored"
+
+    def test_the_agents_clock_moves_by_its_corrections(self) -> None:
+        """Steps and slews move its offset at once; no time daemon keeps it."""
+        clock = AgentOwnClock()
+        clock.step(3600 * 10**9)
+        clock.slew(-(10**9))
+        ahead_ns = clock.now_ns() - time.clock_gettime_ns(time.CLOCK_REALTIME)
+        assert 3599 * 10**9 - 10**8 < ahead_ns <= 3599 * 10**9
+        assert not clock.ntp_synchronised()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -103,8 +103,12 @@ class Notifier:
     def publish(self, entry: Property, *, deleted: bool) -> None:
         """Complete the waits that match ``entry``, each by its own patterns, then remember it.
 
-        Cancelled waits that match are completed too (the framework discards those).
+        An entry dated as the last one in the queue is dated one later (the property keeps
+        its timestamp), as ``doNotifications`` does. Cancelled waits that match are
+        completed too (the framework discards those).
         """
+        if self._queue and self._queue[-1].timestamp == entry.timestamp:
+            entry = replace(entry, timestamp=entry.timestamp + 1)
         name = entry.name.encode()
         for wait in list(self._waits):
             if patterns_match(wait.patterns, name):

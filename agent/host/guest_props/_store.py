@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from agent.protocol.guest_props import (
     MAX_PROPS,
@@ -21,6 +21,8 @@ from agent.protocol.status import (
 
 from ._notify import Notifier
 
+_U64_RANGE: Final = 1 << 64
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
@@ -36,24 +38,32 @@ class Property:
 
 
 class Timestamps:
-    """Nanosecond timestamps from ``clock``, made strictly increasing (``getCurrentTimestamp``).
+    """Nanosecond timestamps from ``clock`` as ``getCurrentTimestamp`` makes them.
 
-    Upstream bumps a repeated or slightly older reading to last + 1 but follows a clock that
-    jumps back far; this one always bumps, so every change gets a unique, rising timestamp.
+    A reading equal to the last timestamp, or older by no more than the bumps made in a
+    row, becomes last + 1 (a coarse clock still gives unique timestamps); any other reading
+    is used as it is, so timestamps follow a clock that goes back. They are not an order.
     """
 
     def __init__(self, clock: Callable[[], int]) -> None:
         self._clock = clock
         self._last = 0
+        self._bumps = 0
 
     def next(self) -> int:
-        """Return a timestamp later than every one returned before."""
-        self._last = max(self._clock(), self._last + 1)
-        return self._last
+        """Return the next timestamp."""
+        now = self._clock()
+        if (self._last - now) % _U64_RANGE > self._bumps:
+            self._bumps = 0
+        else:
+            self._bumps += 1
+            now = self._last + 1
+        self._last = now
+        return now
 
     def restart(self) -> None:
-        """Forget the last timestamp, as a new service instance does."""
-        self._last = 0
+        """Start again from 0, as a new service instance does (so after a restore too)."""
+        self._last = self._bumps = 0
 
 
 class PropertyStore:
@@ -135,7 +145,6 @@ class PropertyStore:
         return VINF_SUCCESS
 
     def _publish(self, name: str, timestamp: int) -> None:
-        # Timestamps are unique, so upstream's "+1 when equal to the last entry" never applies.
         prop = self._props.get(name)
         entry = prop if prop is not None else Property(name, timestamp=timestamp)
         self.notifier.publish(entry, deleted=prop is None)
