@@ -7,13 +7,15 @@ session. Design points:
   :class:`ThreadBudget` per opener, which the daemon creates once: the budget
   (``device.ioctl_threads``, at least :data:`MIN_THREADS`) is per process, however many
   sessions, waiters and HGCM clients exist, so systemd's ``TasksMax`` holds. A blocking
-  call (WAIT_FOR_EVENTS, an HGCM call) holds its thread for as long as it blocks, so the
-  budget must cover the event pump's waiter plus every HGCM call at once. Blocking calls in
-  flight are counted: they may hold all threads but :data:`RESERVED_THREADS`, which stay
-  for short calls, among them the INTERRUPT_ALL that ends a blocked wait, so a full budget
-  can never deadlock: a blocking call beyond that fails at once with
-  :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls never
-  fail for want of a thread: they wait for one (they hold it only briefly).
+  call (:func:`is_blocking`: a WAIT_FOR_EVENTS or an HGCM call without a short driver
+  timeout, such as the event pump's wait or a property notification) holds its thread for
+  as long as the host keeps it, so the budget must cover all of them at once. Blocking
+  calls in flight are counted: they may hold all threads but :data:`RESERVED_THREADS`,
+  which stay for short calls, among them the INTERRUPT_ALL that ends a blocked wait, so a
+  full budget can never deadlock: a blocking call beyond that fails at once with
+  :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls (any other
+  ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``, such as a property set)
+  never fail for want of a thread: they wait for one, which they hold only briefly.
 - **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
   GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
   every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
@@ -80,9 +82,10 @@ from agent.protocol import (
     LocalProtocolError,
     RemoteProtocolError,
     VBoxStatusError,
+    layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol._ioc import ioc_nr
-from agent.protocol.constants import IoctlFunction
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, IoctlFunction
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -102,8 +105,6 @@ DEFAULT_THREADS: Final = 4
 """The event pump's waiter, a long HGCM call, and room for short calls."""
 RESERVED_THREADS: Final = 1
 """Threads a blocking call may never take: they keep short calls (interrupts) possible."""
-BLOCKING_FUNCTIONS: Final = frozenset({IoctlFunction.WAIT_FOR_EVENTS, IoctlFunction.HGCM_CALL_64})
-"""Ioctls that may block until the host acts: they hold a thread for that long."""
 ABANDON_AFTER_S: Final = 0.5
 """How long a cancelled or closing call may take to come back before it is abandoned."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
@@ -166,7 +167,7 @@ class ThreadBudget:
     Attributes:
         threads: the configured number of threads.
         limiter: the tokens every ioctl's worker thread holds while it runs.
-        blocking: blocking calls (:data:`BLOCKING_FUNCTIONS`) now in flight.
+        blocking: blocking calls (see :func:`is_blocking`) now in flight.
     """
 
     def __init__(self, threads: int) -> None:
@@ -242,6 +243,27 @@ class ThreadBudget:
             self.limiter.total_tokens -= 1
         self.abandoned -= 1
         _log.info("abandoned_ioctl_returned", abandoned=self.abandoned)
+
+
+def is_blocking(code: int, buffer: bytearray) -> bool:
+    """Whether the driver may keep this call, and its worker thread, without a bound.
+
+    That is a WAIT_FOR_EVENTS or an HGCM call whose ``timeout_ms`` is above
+    :data:`~agent.protocol.constants.SHORT_CALL_TIMEOUT_MS` (``TIMEOUT_INFINITE`` included);
+    a buffer too short to hold the timeout counts as blocking.
+    """
+    function = ioc_nr(code)
+    if function == IoctlFunction.WAIT_FOR_EVENTS:
+        if len(buffer) < L.WaitForEventsIoctl.size:
+            return True
+        timeout_ms = L.WaitForEventsIoctl.timeout_ms.get(buffer)
+    elif function == IoctlFunction.HGCM_CALL_64:
+        if len(buffer) < L.HgcmCallIoctl.size:
+            return True
+        timeout_ms = L.HgcmCallIoctl.timeout_ms.get(buffer)
+    else:
+        return False
+    return timeout_ms > SHORT_CALL_TIMEOUT_MS
 
 
 def install_interrupt_handler() -> None:
@@ -331,7 +353,7 @@ class CharDevTransport:
             msg = "the vboxguest session is closed"
             raise trio.ClosedResourceError(msg)
         self._budget.check_usable()
-        if ioc_nr(code) not in BLOCKING_FUNCTIONS:
+        if not is_blocking(code, buffer):
             await self._ioctl(code, buffer, user_buffers)
             return
         self._budget.start_blocking()

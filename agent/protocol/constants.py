@@ -51,6 +51,10 @@ HGCM_PARM64_SIZE: Final = 16
 HGCM_PARM32_SIZE: Final = 12
 TIMEOUT_INFINITE: Final = 0xFFFFFFFF
 """A ``timeout_ms`` meaning "wait forever"."""
+SHORT_CALL_TIMEOUT_MS: Final = 30_000
+"""The longest ``timeout_ms`` of a wait or HGCM call that counts as short: the driver gives
+it back within that (cancelling an HGCM call at the host), so it holds a worker thread only
+briefly; short HGCM calls (a property set) pass it."""
 
 PAGE_SIZE: Final = 4096
 BALLOON_CHUNK_SIZE: Final = 1 << 20

@@ -26,6 +26,7 @@ import structlog
 import trio
 
 from agent.protocol import RemoteProtocolError
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
     MAX_NAME_SIZE,
@@ -206,7 +207,9 @@ class GuestProperties:
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            return await self._channel.call(function, *params, lingers_when_cancelled=False)
+            return await self._channel.call(
+                function, *params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
+            )
         finally:
             self._slots.release()
 

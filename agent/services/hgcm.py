@@ -47,7 +47,7 @@ from agent.protocol import (
     HgcmValue,
     LocalProtocolError,
 )
-from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM
+from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM, TIMEOUT_INFINITE
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -112,7 +112,11 @@ class HgcmChannel:
         return self._calls
 
     async def call(
-        self, function: int, *params: HgcmParam, lingers_when_cancelled: bool = True
+        self,
+        function: int,
+        *params: HgcmParam,
+        lingers_when_cancelled: bool = True,
+        timeout_ms: int = TIMEOUT_INFINITE,
     ) -> HgcmReply:
         """Call ``function`` with ``params`` and return the service's reply.
 
@@ -122,6 +126,9 @@ class HgcmChannel:
                 ``HgcmBufferOut``, ``HgcmBuffer``).
             lingers_when_cancelled: whether the host may go on counting this call after
                 the guest cancels it (False for functions the service completes at once).
+            timeout_ms: the driver cancels the call at the host after this long; at most
+                ``SHORT_CALL_TIMEOUT_MS`` makes it a short call, which waits for an ioctl
+                thread instead of counting against the blocking calls' share.
 
         Raises:
             HgcmLimitError: a limit would be broken; nothing was sent.
@@ -136,7 +143,7 @@ class HgcmChannel:
         self._in_flight += 1
         self._calls += 1
         try:
-            return await self._client.call(function, params)
+            return await self._client.call(function, params, timeout_ms=timeout_ms)
         except trio.Cancelled:
             if lingers_when_cancelled:
                 self._lingering += 1

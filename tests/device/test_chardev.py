@@ -59,7 +59,12 @@ from agent.protocol import (
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import HGCM_CALL_HEADER_SIZE, HGCM_PARM64_SIZE, HgcmParmType
+from agent.protocol.constants import (
+    HGCM_CALL_HEADER_SIZE,
+    HGCM_PARM64_SIZE,
+    SHORT_CALL_TIMEOUT_MS,
+    HgcmParmType,
+)
 from agent.protocol.status import VERR_VERSION_MISMATCH
 from tests.device.syscalls import CtypesMemory, Kernel
 
@@ -411,15 +416,16 @@ class TestOpen:
         with pytest.raises(ValueError, match="at least 2"):
             chardev.ThreadBudget(1)
 
-    def test_config_takes_the_daemons_smallest_budget(self) -> None:
-        """``device.ioctl_threads`` takes no fewer threads than the event pump's wait, one
-        HGCM call and the reserved thread: with fewer, the daemon's HGCM calls would fail
-        whenever the pump waits."""
-        smallest = 2 + chardev.RESERVED_THREADS
-        assert DeviceConfig(ioctl_threads=smallest).ioctl_threads == smallest
-        assert chardev.ThreadBudget(smallest).threads == smallest
-        with pytest.raises(pydantic.ValidationError, match="ioctl_threads"):
-            DeviceConfig(ioctl_threads=smallest - 1)
+    @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 1, chardev.MIN_THREADS])
+    def test_config_accepts_what_the_transport_accepts(self, threads: int) -> None:
+        """``device.ioctl_threads`` takes a thread count exactly when the transport does."""
+        try:
+            chardev.ThreadBudget(threads)
+        except ValueError:
+            with pytest.raises(pydantic.ValidationError, match="ioctl_threads"):
+                DeviceConfig(ioctl_threads=threads)
+        else:
+            assert DeviceConfig(ioctl_threads=threads).ioctl_threads == threads
 
     def test_config_default_is_the_transports(self) -> None:
         """Without ``device.ioctl_threads`` the agent gets the transport's own default."""
@@ -641,6 +647,43 @@ class TestWaits:
                 kernel.driver.raise_events(0x10)
             await transport.aclose()
         assert events == [0x10]
+
+    async def test_short_hgcm_calls_take_turns_beside_a_wait(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
+        """With two threads and a wait in the driver, HGCM calls with a short driver timeout
+        take turns on the other thread; one with a longer timeout is blocking and refused."""
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(kernel, threads=2)
+            events: list[int] = []
+            replies: list[tuple[object, ...]] = []
+
+            async def wait() -> None:
+                events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
+
+            async def short(text: bytes) -> None:
+                params = (HgcmU32(0), HgcmBuffer(text))
+                call = HgcmCall(client, ECHO_FUNCTION, params, SHORT_CALL_TIMEOUT_MS)
+                replies.append((await _call(transport, session, call)).params)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await kernel.wait_in_driver(1)
+                async with trio.open_nursery() as calls:
+                    for text in (b"ab", b"cd", b"ef"):
+                        calls.start_soon(short, text)
+                longer = HgcmCall(client, ECHO_FUNCTION, (), SHORT_CALL_TIMEOUT_MS + 1)
+                with pytest.raises(chardev.IoctlThreadsExhaustedError, match="ioctl_threads"):
+                    await _call(transport, session, longer)
+                kernel.driver.raise_events(0x10)
+            await transport.aclose()
+        assert sorted(replies, key=repr) == [
+            (HgcmU32(2), HgcmData(b"ba")),
+            (HgcmU32(2), HgcmData(b"dc")),
+            (HgcmU32(2), HgcmData(b"fe")),
+        ]
+        assert events == [0x10]
+        assert kernel.peak == 2
 
 
 class TestCancellation:

@@ -271,3 +271,30 @@ class TestManyWaits:
         assert sorted(got) == list(range(LONG_WAITS))
         assert all(change.value == str(index) for index, change in got.items())
         assert setup.host.status()["hgcm_clients"] == 0
+
+
+async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> None:
+    """Over the character device with two ioctl threads, three property sets at once beside
+    a blocked event wait all succeed: the client's calls are short and wait for a thread."""
+    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
+    names = [f"/VirtualBox/GuestInfo/Test/{index}" for index in range(3)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            kernel = Kernel(host)
+            async with (
+                open_device(kernel.opener(threads=2)) as device,
+                open_guest_properties(device) as props,
+                device.open_event_waiter(int(Event.RESTORED)) as waiter,
+            ):
+                async with trio.open_nursery() as waiting:
+                    waiting.start_soon(waiter.wait)
+                    await kernel.wait_in_driver(1)
+                    async with trio.open_nursery() as writers:
+                        for name in names:
+                            writers.start_soon(props.set, name, "v")
+                    waiting.cancel_scope.cancel()
+                values = [await props.get(name) for name in names]
+            nursery.cancel_scope.cancel()
+    assert [value.value if value else None for value in values] == ["v", "v", "v"]
+    assert kernel.peak == 2
