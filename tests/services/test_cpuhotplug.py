@@ -5,7 +5,8 @@ Rules of this test module:
 - The host is a real ``SimulatedHost`` (``VBoxManage controlvm plugcpu`` is
   ``host.cpu_plug``); the guest's CPUs are a tree in ``tmp_path`` laid out as the kernel's
   (``devices/system/cpu/cpuN/{online,topology/...,firmware_node}`` and the ACPI devices the
-  ``firmware_node`` links point to). The tree is files, so it does not react as the kernel
+  ``firmware_node`` links point to: one ``ACPI0004:nn`` container per CPU, as VirtualBox's
+  CPU hot-plug SSDT declares them). The tree is files, so it does not react as the kernel
   would: a write is only recorded.
 - The service does its sysfs work on a worker thread, so tests that reach sysfs run on the
   real clock and wait for the service's status changes (``Watch``), never for a time;
@@ -15,7 +16,11 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,7 @@ from agent.services.cpuhotplug import (
     cpuhotplug_service,
 )
 from agent.services.registry import SERVICES
+from testbed.unit_scheduling import UNIT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -52,8 +58,16 @@ if TYPE_CHECKING:
     from agent.host.transport import SimTransport
 
 NOT_MONITORED = STATUS_CODES["VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"]
-ACPI_CPUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00")
-"""Where VirtualBox's processor objects appear (VBoxService looks for the same path)."""
+ACPI_BUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00")
+"""Where VirtualBox's CPU containers appear (VBoxService looks under the same path)."""
+FIRMWARE_CPUS = 32
+"""The CPUs VirtualBox's CPU hot-plug SSDT declares (0x00-0x1f), each in its own container."""
+
+
+def acpi_cpu(n: int) -> Path:
+    """CPU n's ACPI device under the sysfs root: ``LNXCPU:nn`` in its own processor container
+    ``ACPI0004:nn`` (the SSDT's SCKn; Linux numbers both in hex, %02x)."""
+    return ACPI_BUS / f"ACPI0004:{n:02x}" / f"LNXCPU:{n:02x}"
 
 
 class Watch:
@@ -94,7 +108,7 @@ class Guest:
             (topology / "core_id").write_text(f"{n if core is None else core}\n")
             (topology / "physical_package_id").write_text("0\n")
         if eject:
-            acpi = self.root / ACPI_CPUS / f"LNXCPU:{n:02d}"
+            acpi = self.root / acpi_cpu(n)
             acpi.mkdir(parents=True)
             (acpi / "eject").write_text("")
             (directory / "firmware_node").symlink_to(os.path.relpath(acpi, directory))
@@ -104,9 +118,13 @@ class Guest:
         """What was last written to (or is in) ``cpuN/online``."""
         return (self.root / "devices/system/cpu" / f"cpu{n}" / "online").read_text().strip()
 
+    def eject(self, n: int) -> Path:
+        """The CPU's ACPI ``eject``."""
+        return self.root / acpi_cpu(n) / "eject"
+
     def ejected(self, n: int) -> bool:
         """Whether "1" was written to the CPU's ACPI ``eject``."""
-        return (self.root / ACPI_CPUS / f"LNXCPU:{n:02d}" / "eject").read_text() == "1"
+        return self.eject(n).read_text() == "1"
 
 
 @pytest.fixture(name="guest")
@@ -373,6 +391,89 @@ class TestMonitoring:
         [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
         assert unavailable["status"] == status
         assert unavailable["log_level"] == "warning"
+
+
+NAMESPACE_CHECK = """
+import json, os, sys
+from pathlib import Path
+root, others = Path(sys.argv[1]), sys.argv[2:]
+cpus = root / "devices/system/cpu"
+writable = {
+    name: [os.access(cpus / name / f, os.W_OK) for f in ("online", "firmware_node/eject")]
+    for name in sorted(os.listdir(cpus))
+}
+print(json.dumps({"cpus": writable, "others": [os.access(root / o, os.W_OK) for o in others]}))
+"""
+"""Run in the namespace: which of each CPU's online and eject files, and of ``others``, are
+writable."""
+
+
+def unit_writable_paths() -> list[str]:
+    """The unit's ``ReadWritePaths=`` entries, in order (``-`` kept)."""
+    return [
+        entry
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("ReadWritePaths=")
+        for entry in line.removeprefix("ReadWritePaths=").split()
+    ]
+
+
+def namespace_unavailable() -> str | None:
+    """Why this process cannot make a private mount namespace (None if it can)."""
+    if os.geteuid() != 0:
+        return "needs root for the mount namespace"
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("mount") is None or shutil.which("sh") is None:
+        return "needs unshare and mount (util-linux) and sh"
+    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, check=False)
+    if probe.returncode:
+        return f"unshare -m refused: {probe.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+class TestUnitWritablePaths:
+    """The unit's ``ProtectKernelTunables=yes`` makes /sys read-only and its
+    ``ReadWritePaths=`` re-opens parts of it: modelled in a private mount namespace over a
+    scratch tree laid out as /sys (never the real one), as systemd mounts them."""
+
+    def test_every_cpus_online_and_eject_are_writable(self, tmp_path: Path) -> None:
+        """With the 32 CPUs of VirtualBox's firmware, each CPU's online and ACPI eject files
+        are writable and another ACPI device on the bus is not; a missing optional path is
+        skipped, a missing required one would fail (as the unit's start would)."""
+        reason = namespace_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        guest = Guest(tmp_path / "sys")
+        guest.cpu(0, online=None)
+        for n in range(1, FIRMWARE_CPUS):
+            guest.cpu(n, online=True)
+        other = ACPI_BUS / "PNP0A03:00" / "power_state"
+        (guest.root / other).parent.mkdir(parents=True)
+        (guest.root / other).write_text("D0\n")
+        root = str(guest.root)
+        steps = [f"mount --bind {root} {root}", f"mount -o remount,bind,ro {root}"]
+        for entry in unit_writable_paths():
+            path = root + entry.removeprefix("-").removeprefix("/sys")
+            bind = f"mount --bind '{path}' '{path}' && mount -o remount,bind,rw '{path}'"
+            if entry.startswith("-"):
+                steps.append(f"if [ -e '{path}' ]; then {bind}; fi")
+            else:
+                steps.append(f"[ -e '{path}' ] || exit 3; {bind}")
+        steps.append(f"exec '{sys.executable}' -c \"$0\" '{root}' '{other}'")
+        unshare, sh = shutil.which("unshare"), shutil.which("sh")
+        assert unshare is not None
+        assert sh is not None
+        script = "\n".join(steps)
+        done = subprocess.run(
+            [unshare, "-m", "--propagation", "private", sh, "-ec", script, NAMESPACE_CHECK],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        found = json.loads(done.stdout)
+        expected = {f"cpu{n}": [n != 0, True] for n in range(FIRMWARE_CPUS)}
+        assert found == {"cpus": expected, "others": [False]}
 
 
 class MachineOpener:
