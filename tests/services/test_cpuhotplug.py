@@ -7,7 +7,8 @@ Rules of this test module:
   (``devices/system/cpu/cpuN/{online,topology/...,firmware_node}`` and the ACPI devices the
   ``firmware_node`` links point to: one ``ACPI0004:nn`` container per CPU, as VirtualBox's
   CPU hot-plug SSDT declares them). The tree is files, so it does not react as the kernel
-  would: a write is only recorded.
+  would: a write is only recorded, and an offline CPU's topology is there already (the
+  kernel shows it once the CPU is online; the service reads it only then).
 - The service does its sysfs work on a worker thread, so tests that reach sysfs run on the
   real clock and wait for the service's status changes (``Watch``), never for a time;
   tests that stay off sysfs run on ``autojump_clock``. Every test is bounded by
@@ -96,17 +97,17 @@ class Guest:
     def cpu(
         self, n: int, *, online: bool | None, core: int | None = None, eject: bool = True
     ) -> Path:
-        """Add ``cpuN``: ``online`` None means no online file (as cpu0); an online CPU has a
-        topology (core ``core``, default N; package 0); ``eject`` gives it an ACPI device."""
+        """Add ``cpuN``: ``online`` None means no online file (as cpu0); its topology (core
+        ``core``, default N; package 0) is what the kernel shows once it is online; ``eject``
+        gives it an ACPI device."""
         directory = self.root / "devices/system/cpu" / f"cpu{n}"
         directory.mkdir(parents=True)
         if online is not None:
             (directory / "online").write_text("1\n" if online else "0\n")
-        if online is not False:
-            topology = directory / "topology"
-            topology.mkdir()
-            (topology / "core_id").write_text(f"{n if core is None else core}\n")
-            (topology / "physical_package_id").write_text("0\n")
+        topology = directory / "topology"
+        topology.mkdir()
+        (topology / "core_id").write_text(f"{n if core is None else core}\n")
+        (topology / "physical_package_id").write_text("0\n")
         if eject:
             acpi = self.root / acpi_cpu(n)
             acpi.mkdir(parents=True)
@@ -288,6 +289,46 @@ class TestPlugAndUnplug:
         assert (failed["problem"], failed["core"], failed["package"]) == (problem, core, 0)
         assert guest.online(2) == "1"
 
+    async def test_plug_passes_over_an_offline_cpu_with_other_ids(self, guest: Guest) -> None:
+        """cpu2 (offline, core 2) comes online, shows other ids and goes offline again; cpu3
+        is the plugged one. One line says both."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(3)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert (guest.online(2), guest.online(3)) == ("0", "1")
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert (plugged["cpu"], plugged["core"]) == ("cpu3", 3)
+        assert plugged["passed_over"] == ["cpu2 has core 2 package 0, offline again"]
+
+    async def test_plug_prefers_a_cpu_new_since_monitoring_started(self, guest: Guest) -> None:
+        """cpu2 and cpu3 were offline before the service started (an admin's choice); the
+        plugged CPU's directory (cpu4) appears later and is the only one brought online."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                guest.cpu(4, online=False)
+                run.host.cpu_plug(4)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert (guest.online(2), guest.online(3), guest.online(4)) == ("0", "0", "1")
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert plugged["cpu"] == "cpu4"
+        assert "passed_over" not in plugged
+
+    async def test_plug_of_a_core_no_offline_cpu_has(self, guest: Guest) -> None:
+        """Each offline CPU comes online once, shows other ids and goes offline again; the
+        plug fails after PLUG_TRIES looks with one line naming them."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(9)
+                await run.watch.until(lambda: run.stats().failures == 1)
+        assert (guest.online(2), guest.online(3)) == ("0", "0")
+        [failed] = events_named(logs, "cpu_plug_failed")
+        assert failed["problem"] == f"no offline CPU appeared within {PLUG_TRIES} looks"
+        assert failed["passed_over"] == [
+            "cpu2 has core 2 package 0, offline again",
+            "cpu3 has core 3 package 0, offline again",
+        ]
+
     async def test_plug_with_no_offline_cpu(self, tmp_path: Path) -> None:
         """Looked for PLUG_TRIES times, then one line; nothing is written."""
         guest = Guest(tmp_path)
@@ -303,7 +344,7 @@ class TestPlugAndUnplug:
 
     async def test_a_failing_host_request_is_one_line(self, guest: Guest) -> None:
         """GET_CPU_HOTPLUG_REQ failing: one line; the next event is taken as usual (the host's
-        one slot then holds the later plug, and the first offline CPU comes online for it)."""
+        one slot then holds the later plug, and the CPU with its ids comes online for it)."""
         failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
         with trio.fail_after(10), structlog.testing.capture_logs() as logs:
             async with running(guest.root) as run:
@@ -315,8 +356,8 @@ class TestPlugAndUnplug:
         [failed] = events_named(logs, "cpu_hotplug_request_failed")
         assert failed["status"] == "VERR_GENERAL_FAILURE"
         [plugged] = events_named(logs, "cpu_plugged")
-        assert (plugged["cpu"], plugged["core"]) == ("cpu2", 3)
-        assert (guest.online(2), guest.online(3)) == ("1", "0")
+        assert (plugged["cpu"], plugged["core"]) == ("cpu3", 3)
+        assert (guest.online(2), guest.online(3)) == ("0", "1")
 
 
 class TestMonitoring:
