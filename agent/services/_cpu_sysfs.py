@@ -17,9 +17,12 @@ What the kernel offers (and what VBoxService relies on):
   tries the next. CPUs that were not offline when monitoring started (a plugged CPU's
   directory is new) are tried first; an online CPU that already has the ids is the plugged
   one (the kernel or a udev rule was quicker);
-- ``cpuN/firmware_node`` links to the CPU's ACPI device, whose ``eject`` takes "1": the
-  kernel then offlines the CPU if it still is online and runs the firmware's eject method,
-  which is what tells the host it may take the CPU away (VirtualBox waits for that).
+- ``cpuN/firmware_node`` links to the CPU's ACPI device (``LNXCPU:nn`` in the processor
+  container ``ACPI0004:nn`` VirtualBox's firmware declares for each CPU), whose ``eject``
+  takes "1": the write returns once the kernel has queued the removal, which then offlines
+  the CPU if it still is online (and puts it back online if that fails) and runs the
+  firmware's eject method, which is what tells the host it may take the CPU away (VirtualBox
+  waits for that).
 """
 
 from __future__ import annotations
@@ -99,25 +102,39 @@ class CpuSysfs:
         return refused
 
     def take_offline(self, core: int, package: int) -> CpuChange:
-        """Take the online CPU with these ids offline, then eject it through ACPI."""
+        """Take the online CPU with these ids offline, then eject it through ACPI.
+
+        Nothing is written unless the CPU's ``eject`` is there and writable (a read-only
+        ``/sys`` refuses even root); a CPU whose eject write fails is brought back online, as
+        the host still owns it.
+        """
         candidates = (n for n in self._names() if self._online(n) is not False)
         name = next((n for n in candidates if self._ids(n) == (core, package)), None)
         if name is None:
             return CpuChange(None, f"no online CPU has core {core} package {package}")
-        if not (self._cpus / name / "online").exists():
-            return CpuChange(name, f"{name} cannot go offline (it has no online file)")
+        eject = self._cpus / name / "firmware_node" / "eject"
+        if (problem := self._cannot_unplug(name, eject)) is not None:
+            return CpuChange(name, problem)
         try:
             self._write(name, "online", "0")
         except OSError as exc:
             return CpuChange(name, f"{name} refused to go offline: {_why(exc)}")
-        eject = self._cpus / name / "firmware_node" / "eject"
-        if not eject.exists():
-            return CpuChange(name, f"{name} is offline but has no ACPI eject: the host keeps it")
         try:
             _write(eject, "1")
         except OSError as exc:
-            return CpuChange(name, f"{name} is offline but its ACPI eject failed: {_why(exc)}")
+            return CpuChange(name, f"{name}'s ACPI eject failed ({_why(exc)}): {self._back(name)}")
         return CpuChange(name)
+
+    def _cannot_unplug(self, name: str, eject: Path) -> str | None:
+        """Why the CPU cannot be offlined and ejected (None if it can): checked before
+        anything is written."""
+        if not (self._cpus / name / "online").exists():
+            return f"{name} cannot go offline (it has no online file)"
+        if not eject.exists():
+            return f"{name} has no ACPI eject: it stays online, the host keeps it"
+        if not os.access(eject, os.W_OK):
+            return f"{name}'s ACPI eject is read-only here: it stays online, the host keeps it"
+        return None
 
     def _put_back(self, name: str, ids: tuple[int, int] | None) -> str:
         """Take an offline CPU brought online by mistake offline again; say what became of it."""
@@ -128,6 +145,14 @@ class CpuSysfs:
             return f"{name} has {found}, stays online: offline refused: {_why(exc)}"
         self._settled |= {name}
         return f"{name} has {found}, offline again"
+
+    def _back(self, name: str) -> str:
+        """Bring a CPU the host still owns back online; say whether it came."""
+        try:
+            self._write(name, "online", "1")
+        except OSError as exc:
+            return f"it stays offline ({_why(exc)})"
+        return "it is back online"
 
     def _names(self) -> list[str]:
         """The CPU directories, in number order (none if the directory cannot be read)."""

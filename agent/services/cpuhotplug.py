@@ -17,8 +17,10 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
   times, ``PLUG_RETRY_S`` apart, until a CPU comes online with the ids;
 - **unplug**: the online CPU whose topology has the ids goes offline (``online`` = 0), then
   is ejected through its ACPI device (``firmware_node/eject`` = 1), which lets the host take
-  it away; VBoxService ejects at once, the agent offlines first so that a CPU the kernel
-  will not give up (the last one, cpu0 without an ``online`` file) is one clear line.
+  it away. VBoxService only writes the eject (the kernel offlines the CPU itself); the agent
+  first checks that the eject is there and writable and offlines the CPU itself, so that a
+  CPU the kernel will not give up (the last one, cpu0 without an ``online`` file) is one
+  clear line, and brings it back online if the eject write fails.
 
 Each action is one log line with the host's ids and the CPU; a request nobody can carry out
 (an unknown core, a CPU that stays) is one warning line and the service goes on. A host or

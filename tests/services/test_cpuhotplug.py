@@ -258,21 +258,40 @@ class TestPlugAndUnplug:
         assert events_named(logs, "cpu_plugged")[0]["cpu"] == "cpu4"
 
     @pytest.mark.parametrize(
-        ("setup", "core", "problem"),
+        ("setup", "core", "problem", "cpu5_online"),
         [
-            (None, 7, "no online CPU has core 7 package 0"),
-            (None, 0, "cpu0 cannot go offline (it has no online file)"),
-            ("no_eject", 5, "cpu5 is offline but has no ACPI eject: the host keeps it"),
-            ("refuses", 5, "cpu5 refused to go offline: No space left on device"),
+            (None, 7, "no online CPU has core 7 package 0", None),
+            (None, 0, "cpu0 cannot go offline (it has no online file)", None),
+            ("no_eject", 5, "cpu5 has no ACPI eject: it stays online, the host keeps it", "1"),
+            (
+                "read_only_eject",
+                5,
+                "cpu5's ACPI eject is read-only here: it stays online, the host keeps it",
+                "1",
+            ),
+            (
+                "eject_fails",
+                5,
+                "cpu5's ACPI eject failed (No space left on device): it is back online",
+                "1",
+            ),
+            ("refuses", 5, "cpu5 refused to go offline: No space left on device", None),
         ],
     )
     async def test_an_unplug_that_cannot_happen_is_one_line(
-        self, guest: Guest, setup: str | None, core: int, problem: str
+        self, guest: Guest, setup: str | None, core: int, problem: str, cpu5_online: str | None
     ) -> None:
-        """A core nobody has, cpu0, a CPU without ACPI eject, a CPU whose online write fails
-        (here /dev/full's ENOSPC): one warning line, and the service goes on (a plug works)."""
+        """A core nobody has, cpu0, a CPU without ACPI eject, one whose eject cannot be
+        written (a sysctl that is read-only even for root stands for a read-only /sys) or
+        fails (/dev/full's ENOSPC), a CPU whose online write fails: one warning line, a CPU
+        the host still owns is online, and the service goes on (a plug works)."""
         if setup == "no_eject":
             guest.cpu(5, online=True, eject=False)
+        elif setup in ("read_only_eject", "eject_fails"):
+            guest.cpu(5, online=True)
+            guest.eject(5).unlink()
+            target = "/proc/sys/kernel/osrelease" if setup == "read_only_eject" else "/dev/full"
+            guest.eject(5).symlink_to(target)
         elif setup == "refuses":
             cpu5 = guest.cpu(5, online=True)
             (cpu5 / "online").unlink()
@@ -288,6 +307,8 @@ class TestPlugAndUnplug:
         assert failed["log_level"] == "warning"
         assert (failed["problem"], failed["core"], failed["package"]) == (problem, core, 0)
         assert guest.online(2) == "1"
+        if cpu5_online is not None:
+            assert guest.online(5) == cpu5_online
 
     async def test_plug_passes_over_an_offline_cpu_with_other_ids(self, guest: Guest) -> None:
         """cpu2 (offline, core 2) comes online, shows other ids and goes offline again; cpu3
