@@ -68,8 +68,9 @@ PLUG_TRIES: Final = 6
 PLUG_RETRY_S: Final = 0.1
 """The wait between two looks, as VBoxService."""
 MAX_REQUESTS_PER_WAKEUP: Final = 16
-"""Host events taken at one wake-up at most: the host has one slot, so two reads normally do
-(the event, then NONE); a host that never runs out is not followed further."""
+"""Host events taken at one wake-up before one more read decides: the host has one slot, so
+two reads normally do (the event, then NONE); if that extra read still has an event, it is
+taken too and the host reported as unending (not followed further until it wakes us)."""
 UNAVAILABLE: Final = frozenset(
     STATUS_CODES[name]
     for name in (
@@ -225,7 +226,7 @@ class CpuHotPlugService:
         """Take the host's events until it has none (bounded), acting on each."""
         if not self._monitoring:
             return
-        for _ in range(MAX_REQUESTS_PER_WAKEUP):
+        for _ in range(MAX_REQUESTS_PER_WAKEUP + 1):
             try:
                 event = await self._device.request(GetCpuHotPlugRequest())
             except VBoxStatusError as exc:
@@ -235,7 +236,7 @@ class CpuHotPlugService:
                 return
             self._events += 1
             await self._act(event)
-        self._fail("cpu_hotplug_events_unending", taken=MAX_REQUESTS_PER_WAKEUP)
+        self._fail("cpu_hotplug_events_unending", taken=MAX_REQUESTS_PER_WAKEUP + 1)
 
     async def _act(self, event: CpuHotPlugEvent) -> None:
         ids = {"core": event.core, "package": event.package}

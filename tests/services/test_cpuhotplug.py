@@ -35,11 +35,13 @@ from pydantic import ValidationError
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.protocol import VBoxStatusError
-from agent.protocol.constants import RequestType
+from agent.protocol.constants import CpuEventType, RequestType
 from agent.protocol.status import STATUS_CODES
 from agent.services import EventPump, ServiceContext
 from agent.services.cpuhotplug import (
+    MAX_REQUESTS_PER_WAKEUP,
     PLUG_TRIES,
     SPEC,
     CpuHotPlugSection,
@@ -453,6 +455,40 @@ class TestMonitoring:
         [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
         assert unavailable["status"] == status
         assert unavailable["log_level"] == "warning"
+
+
+class TestUnendingHost:
+    """A host whose slot holds a new event each time the guest reads one (it plugs again)."""
+
+    @pytest.mark.parametrize("events", [MAX_REQUESTS_PER_WAKEUP, MAX_REQUESTS_PER_WAKEUP + 1])
+    async def test_unending_only_when_one_more_read_has_an_event(
+        self, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, events: int
+    ) -> None:
+        """MAX_REQUESTS_PER_WAKEUP events then NONE: all taken, nothing reported. One event
+        more: it is taken too, and the host is reported as unending (one line)."""
+        get_request = HostCpuHotPlug.get_request
+        refills = [0]
+
+        def plugging_again(self: HostCpuHotPlug, req: bytearray, phys: int) -> int:
+            status = get_request(self, req, phys)
+            if refills[0] > 0:
+                refills[0] -= 1
+                self.notify(CpuEventType.PLUG, 2, 0)
+            return status
+
+        monkeypatch.setattr(HostCpuHotPlug, "get_request", plugging_again)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running(None) as run:
+                refills[0] = events - 1
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().left_alone == events)
+                await trio.testing.wait_all_tasks_blocked()
+        unending = events_named(logs, "cpu_hotplug_events_unending")
+        if events > MAX_REQUESTS_PER_WAKEUP:
+            assert [entry["taken"] for entry in unending] == [events]
+        else:
+            assert unending == []
+        assert (run.stats().events, run.stats().failures) == (events, len(unending))
 
 
 NAMESPACE_CHECK = """
