@@ -40,7 +40,8 @@ MIN_IOCTL_THREADS: Final = 3
 """What the daemon needs: the event pump's wait, one HGCM call beside it, and the thread the
 character-device transport keeps for short calls (the transport alone takes 2)."""
 MAX_IOCTL_THREADS: Final = 24
-"""Within the unit's ``TasksMax=32``, with room for the main thread and trio's own threads."""
+"""Twice this (the workers and as many replacing abandoned calls) fits the unit's
+``TasksMax=56`` with the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0

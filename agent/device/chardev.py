@@ -14,8 +14,13 @@ session. Design points:
   can never deadlock: a blocking call beyond that fails at once with
   :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls never
   fail for want of a thread: they wait for one (they hold it only briefly).
-- **GIL.** Buffers up to 1 KiB go through ``fcntl.ioctl``; larger ones through libc
-  ``ioctl`` via ctypes, because on 3.11-3.13 ``fcntl.ioctl`` keeps the GIL for them.
+- **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
+  GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
+  every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
+  retries EINTR itself (CPython gh-132742), which in a worker thread (where checking for
+  Python signals is a no-op) never ends, so the interrupt signal could no longer end a
+  blocked WAIT_FOR_EVENTS or HGCM call. It costs about a microsecond of CPU per call more
+  than ``fcntl.ioctl``, next to the tens of microseconds of the worker-thread hand-off.
 - **User buffers.** The address of each :class:`~agent.protocol.UserBuffer`'s memory is
   written as a little-endian u64 into the ioctl buffer; the memory stays pinned (exported)
   for the whole call, so the driver reads and writes it in place.
@@ -28,7 +33,12 @@ session. Design points:
   give back within :data:`ABANDON_AFTER_S` (an uninterruptible HGCM connect or disconnect
   on a host that never answers) is abandoned with an ``ioctl_abandoned`` log line: its
   thread stays in the kernel, keeping the buffer and its user memory alive, and the caller
-  is cancelled at once. It is never re-signalled after that.
+  is cancelled at once. It is never re-signalled after that. Its thread keeps its token,
+  so the budget gets one more in its place, for up to ``threads`` abandoned calls at once
+  (each ``ioctl_abandoned`` line counts them); past that, every ioctl of the process fails
+  at once with :class:`DeviceLostError` rather than waiting for a thread that may never
+  come, and the daemon exits for systemd to restart it. An abandoned thread that comes back
+  takes its replacement away again (``abandoned_ioctl_returned``).
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
   INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
@@ -49,7 +59,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import grp
 import os
 import pwd
@@ -62,7 +71,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.device.errors import DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.protocol import (
     AgentError,
     DriverVersion,
@@ -97,8 +106,6 @@ BLOCKING_FUNCTIONS: Final = frozenset({IoctlFunction.WAIT_FOR_EVENTS, IoctlFunct
 """Ioctls that may block until the host acts: they hold a thread for that long."""
 ABANDON_AFTER_S: Final = 0.5
 """How long a cancelled or closing call may take to come back before it is abandoned."""
-FCNTL_BUFFER_LIMIT: Final = 1024
-"""Largest buffer ``fcntl.ioctl`` handles with the GIL released on Python 3.11-3.13."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
 EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
@@ -120,25 +127,24 @@ def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:
     return (ctypes.c_char * len(data)).from_buffer(data)
 
 
-def libc_ioctl(fd: int, code: int, buffer: bytearray) -> None:
-    """Call libc ``ioctl(fd, code, buffer)`` through ctypes, which releases the GIL.
+def foreign_call(function: Callable[..., int], *args: object) -> int:
+    """Call the libc ``function`` through ctypes (the GIL is released meanwhile).
 
     Raises:
-        OSError: the call failed; ``InterruptedError`` for EINTR, as ``fcntl.ioctl`` raises.
+        OSError: the call returned a negative result; ``InterruptedError`` for EINTR,
+            which is never retried here.
     """
-    view = _pin(buffer)
-    result = int(_libc_ioctl(fd, code, ctypes.addressof(view)))
+    result = function(*args)
     if result < 0:
-        code_ = ctypes.get_errno()
-        raise OSError(code_, os.strerror(code_))
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
 
 
 def native_ioctl(fd: int, code: int, buffer: bytearray) -> None:
-    """Perform one ioctl, mutating ``buffer``: ``fcntl`` up to 1 KiB, libc above."""
-    if len(buffer) <= FCNTL_BUFFER_LIMIT:
-        fcntl.ioctl(fd, code, buffer, True)
-    else:
-        libc_ioctl(fd, code, buffer)
+    """Perform one ioctl on ``buffer`` in place: libc ``ioctl`` through :func:`foreign_call`."""
+    view = _pin(buffer)
+    foreign_call(_libc_ioctl, fd, code, ctypes.addressof(view))
 
 
 def signal_thread(thread_id: int) -> None:
@@ -178,6 +184,8 @@ class ThreadBudget:
         self.threads = threads
         self.limiter = trio.CapacityLimiter(threads)
         self.blocking = 0
+        self.abandoned = 0
+        """Abandoned calls whose threads are still in the driver, each holding its token."""
 
     def start_blocking(self) -> None:
         """Count one more blocking call in flight, unless it would take a reserved thread.
@@ -197,6 +205,43 @@ class ThreadBudget:
     def end_blocking(self) -> None:
         """Count a blocking call that returned (or was abandoned) out."""
         self.blocking -= 1
+
+    @property
+    def replacements(self) -> int:
+        """Tokens added in place of those abandoned threads hold: at most ``threads``."""
+        return min(self.abandoned, self.threads)
+
+    def check_usable(self) -> None:
+        """Raise if abandoned threads hold more tokens than the budget replaces.
+
+        Raises:
+            DeviceLostError: more than ``threads`` calls are abandoned in the driver.
+        """
+        if self.abandoned > self.threads:
+            msg = (
+                f"{self.abandoned} ioctls were abandoned in the driver and their threads "
+                f"have not come back, more than the {self.threads} the thread budget "
+                "replaces: the vboxguest driver no longer gives calls back"
+            )
+            raise DeviceLostError(msg)
+
+    def abandon(self) -> bool:
+        """Count a call abandoned in the driver; return whether its token was replaced."""
+        self.abandoned += 1
+        if self.abandoned > self.threads:
+            return False
+        self.limiter.total_tokens += 1
+        return True
+
+    def abandoned_returned(self) -> None:
+        """Count out an abandoned call whose thread came back; its replacement goes.
+
+        Runs before trio releases the returning thread's own token.
+        """
+        if self.abandoned <= self.threads:
+            self.limiter.total_tokens -= 1
+        self.abandoned -= 1
+        _log.info("abandoned_ioctl_returned", abandoned=self.abandoned)
 
 
 def install_interrupt_handler() -> None:
@@ -220,6 +265,8 @@ class _Call:
     code: int
     buffer: bytearray
     pins: list[ctypes.Array[ctypes.c_char]]
+    token: trio.lowlevel.TrioToken
+    """Where the worker thread reports that an abandoned call came back."""
     """User memory the driver may write; the worker thread keeps it alive, even abandoned."""
     scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
     """Shields the call from its caller; cancelled only to abandon it."""
@@ -228,6 +275,8 @@ class _Call:
     """Ident of the worker thread while it is inside ``ioctl_fn``."""
     started: bool = False
     """A worker thread took the call (it will not touch the buffer if ``interrupted``)."""
+    returned: bool = False
+    """The worker thread is done with the call (it may not have reported back yet)."""
     abandoned: bool = False
     """Given up on while its thread is still in the driver."""
     interrupted: bool = False
@@ -275,11 +324,13 @@ class CharDevTransport:
             OSError: the driver returned an errno (``InterruptedError`` when interrupted or
                 abandoned).
             IoctlThreadsExhaustedError: a blocking call found no unreserved thread.
+            DeviceLostError: the driver keeps more abandoned calls than the budget replaces.
             trio.ClosedResourceError: the transport is closed or closing.
         """
         if self._closing:
             msg = "the vboxguest session is closed"
             raise trio.ClosedResourceError(msg)
+        self._budget.check_usable()
         if ioc_nr(code) not in BLOCKING_FUNCTIONS:
             await self._ioctl(code, buffer, user_buffers)
             return
@@ -295,7 +346,7 @@ class CharDevTransport:
         saved, pins = _map_user_buffers(buffer, user_buffers)
         if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
             self._waits_interrupted = True
-        call = _Call(code, buffer, pins)
+        call = _Call(code, buffer, pins, trio.lowlevel.current_trio_token())
         del pins  # from now on the call (and its worker thread) keeps the memory exported
         self._calls.add(call)
         try:
@@ -389,24 +440,33 @@ class CharDevTransport:
                 pending = [call for call in pending if not call.done.is_set()]
                 delay = min(2 * delay, _RESIGNAL_MAX)
         for call in pending:
-            _log.warning(
-                "ioctl_abandoned",
-                code=f"{call.code:#x}",
-                after_s=ABANDON_AFTER_S,
-                reason="the driver did not give the call back after interrupts",
-            )
-            call.abandoned = True
-            call.scope.cancel()
+            with self._lock:
+                call.abandoned = not call.returned
+            if call.abandoned:
+                replaced = self._budget.abandon()
+                _log.warning(
+                    "ioctl_abandoned",
+                    code=f"{call.code:#x}",
+                    after_s=ABANDON_AFTER_S,
+                    reason="the driver did not give the call back after interrupts",
+                    abandoned=self._budget.abandoned,
+                    thread_replaced=replaced,
+                )
+                call.scope.cancel()
             await call.done.wait()
 
     def _perform(self, call: _Call) -> Exception | None:
         """Run in the worker thread: the ioctl with the EINTR policy; return its error."""
         with self._lock:
             call.started = True
+            refusal: Exception | None = None
             if self._closing:
-                return trio.ClosedResourceError("the vboxguest session was closed")
-            if call.interrupted:
-                return InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
+                refusal = trio.ClosedResourceError("the vboxguest session was closed")
+            elif call.interrupted:
+                refusal = InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
+            if refusal is not None:
+                call.returned = True
+                return refusal
             call.thread = threading.get_ident()
         try:
             retries = 0
@@ -424,6 +484,16 @@ class CharDevTransport:
         finally:
             with self._lock:
                 call.thread = None
+                call.returned = True
+                if call.abandoned:
+                    self._report_return(call)
+
+    def _report_return(self, call: _Call) -> None:
+        """In the worker thread: have the trio thread take back the abandoned call's extra token."""
+        try:
+            call.token.run_sync_soon(self._budget.abandoned_returned)
+        except trio.RunFinishedError:  # pragma: no cover - the process is ending
+            return
 
     def _may_retry(self, call: _Call) -> bool:
         """Whether an EINTR of ``call`` came from a stray signal, not from this transport."""

@@ -85,6 +85,12 @@ VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _NS_PER_MS: Final = 1_000_000
+_BALLOON_CHANGE: Final = L.run(
+    L.MemBalloonChangeRequest.pages, L.MemBalloonChangeRequest.inflate
+).codec
+_BALLOON_CHANGE_AT: Final = L.MemBalloonChangeRequest.pages.offset
+_BALLOON_PAGES_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
+"""CHANGE_MEMBALLOON's page count and inflate flag (adjacent: one unpack), and its pages."""
 _HEADER_START: Final = L.run(
     L.RequestHeader.size_, L.RequestHeader.version, L.RequestHeader.request_type
 ).codec
@@ -195,23 +201,21 @@ class VMMDev:
         except OSError:
             return
         self.request_counts[request_type] += 1
-        rc = self._dispatch(request_type, req, phys)
+        # Steps 3-6 of the module docstring, inline: every request of the guest passes here.
+        rc: int | None
+        if not self.guest.additions_ok and request_type not in PRE_ADDITIONS_TYPES:
+            rc = VERR_NOT_SUPPORTED
+        elif (fault := self.faults.take_fault(request_type)) is not None:
+            rc = fault
+        elif (entry := self._handlers.get(request_type)) is None:
+            rc = VERR_NOT_IMPLEMENTED
+        elif len(req) < entry.size or (entry.exact and len(req) != entry.size):
+            rc = VERR_INVALID_PARAMETER
+        else:
+            rc = entry.handle(req, phys)
         if rc is not None:
             REQUEST_RC.pack_into(req, REQUEST_RC_AT, rc)
             self._write(phys, req)
-
-    def _dispatch(self, request_type: int, req: bytearray, phys: int) -> int | None:
-        if not self.guest.additions_ok and request_type not in PRE_ADDITIONS_TYPES:
-            return VERR_NOT_SUPPORTED
-        fault = self.faults.take_fault(request_type)
-        if fault is not None:
-            return fault
-        entry = self._handlers.get(request_type)
-        if entry is None:
-            return VERR_NOT_IMPLEMENTED
-        if len(req) < entry.size or (entry.exact and len(req) != entry.size):
-            return VERR_INVALID_PARAMETER
-        return entry.handle(req, phys)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:
         try:
@@ -412,13 +416,10 @@ class VMMDev:
         return VINF_SUCCESS
 
     def _change_balloon(self, req: bytearray, _phys: int) -> int:
-        pages = L.MemBalloonChangeRequest.pages.get(req)
+        pages, inflate = _BALLOON_CHANGE.unpack_from(req, _BALLOON_CHANGE_AT)
         if pages != BALLOON_CHUNK_PAGES or len(req) != L.MemBalloonChangeRequest.size:
             return VERR_INVALID_PARAMETER
-        inflate = L.MemBalloonChangeRequest.inflate.get(req) != 0
-        return self.balloon.change(
-            inflate, memoryview(req)[L.MemBalloonChangeRequest.phys_page.offset :]
-        )
+        return self.balloon.change(inflate != 0, memoryview(req)[_BALLOON_PAGES_AT:])
 
     def _session_id(self, req: bytearray, _phys: int) -> int:
         L.SessionIdRequest.session_id.set(req, self.session_id)

@@ -38,21 +38,19 @@ _PAGE_OFFSETS: Final = int.from_bytes(
     CHUNK_PAGES.pack(*range(0, BALLOON_CHUNK_PAGES * PAGE_SIZE, PAGE_SIZE)), "little"
 )
 """A packed chunk whose page ``i`` is ``i * PAGE_SIZE``, read as one integer."""
-_FIRST_ADDRESS: Final = (1 << 64) - 1
-"""The first page's address in a packed chunk read as one integer."""
+_FIRST: Final = struct.Struct("<Q")
+"""The first page's address of a packed chunk."""
 _CHUNK_BYTES: Final = BALLOON_CHUNK_PAGES * PAGE_SIZE
 _NOT_DISTINCT: Final = f"a balloon chunk needs {BALLOON_CHUNK_PAGES} distinct pages"
 
 
-def chunk_frames(packed: bytes | bytearray | memoryview) -> set[int] | None:
-    """Return the page frame numbers of a packed chunk, None if an address is not page-aligned.
-
-    Repeated addresses give fewer than 256 frames.
-    """
+def chunk_frames(packed: bytes | bytearray | memoryview) -> tuple[int, ...] | None:
+    """Return the page frame numbers of a packed chunk in order (repeated ones stay), or
+    None if an address is not page-aligned."""
     whole = int.from_bytes(packed, "little")
     if whole & _OFFSET_BITS:
         return None
-    return set(CHUNK_PAGES.unpack((whole >> PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little")))
+    return CHUNK_PAGES.unpack((whole >> PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little"))
 
 
 def consecutive_pages(first: int) -> bytes:
@@ -72,9 +70,10 @@ def aligned_chunk_index(packed: bytes | bytearray | memoryview) -> int | None:
     """
     if len(packed) != CHUNK_PAGES.size:
         return None
-    whole = int.from_bytes(packed, "little")
-    first = whole & _FIRST_ADDRESS
-    if first % _CHUNK_BYTES or whole != first * _ONE_PER_PAGE + _PAGE_OFFSETS:
+    first: int = _FIRST.unpack_from(packed)[0]
+    if first % _CHUNK_BYTES:  # most arrays of scattered pages stop here, unconverted
+        return None
+    if int.from_bytes(packed, "little") != first * _ONE_PER_PAGE + _PAGE_OFFSETS:
         return None
     return first // _CHUNK_BYTES
 
@@ -94,13 +93,14 @@ class ChunkPages:
         if len(self.packed) != CHUNK_PAGES.size:
             raise LocalProtocolError(_NOT_DISTINCT)
         frames = chunk_frames(self.packed)
-        if frames is None or 0 in frames:
+        distinct = None if frames is None else set(frames)
+        if distinct is None or 0 in distinct:
             index, address = next(
                 (i, a) for i, a in enumerate(self.addresses) if a == 0 or a % PAGE_SIZE
             )
             msg = f"page {index} address {address:#x} is zero or not page-aligned"
             raise LocalProtocolError(msg)
-        if len(frames) != BALLOON_CHUNK_PAGES:
+        if len(distinct) != BALLOON_CHUNK_PAGES:
             raise LocalProtocolError(_NOT_DISTINCT)
 
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import math
 import os
 import signal
 import stat
@@ -35,7 +36,7 @@ from structlog.testing import capture_logs
 from agent.config import DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
-from agent.device.errors import DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.protocol import (
     ChangeBalloon,
     ChangeMemBalloon,
@@ -63,7 +64,7 @@ from agent.protocol.status import VERR_VERSION_MISMATCH
 from tests.device.syscalls import CtypesMemory, Kernel
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
     from agent.protocol import IoctlCall
 
@@ -793,6 +794,71 @@ class TestCancellation:
             assert len(attempts) == chardev.EINTR_RETRIES + 1
 
 
+class TestAbandonedCalls:
+    """Calls the driver keeps: their threads are replaced up to a bound, then the device is lost."""
+
+    async def test_abandoned_threads_are_replaced_up_to_the_budget(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each abandoned call's thread is replaced (up to the budget again), so later calls
+        still run; past that every ioctl fails at once with DeviceLostError; threads that come
+        back give their replacements back and the transport works again."""
+        release = threading.Event()
+        arrived_in, arrived = trio.open_memory_channel[None](math.inf)
+
+        def keeper(fd: int, code: int, buffer: bytearray) -> None:
+            if code == Ioctl.HGCM_CONNECT:  # uninterruptible, and the host never answers
+                trio.from_thread.run_sync(arrived_in.send_nowait, None)
+                release.wait()
+
+        budget = chardev.ThreadBudget(2)
+        all_back = trio.Event()
+        count_back = budget.abandoned_returned
+
+        def returned() -> None:
+            count_back()
+            if budget.abandoned == 0:
+                all_back.set()
+
+        monkeypatch.setattr(budget, "abandoned_returned", returned)
+        transport = CharDevTransport(
+            3, budget=budget, ioctl_fn=keeper, close_fn=lambda fd: None, interrupt_fn=lambda _: None
+        )
+
+        async def abandon(calls: int) -> None:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(calls):
+                        nursery.start_soon(transport.ioctl, Ioctl.HGCM_CONNECT, bytearray(156))
+                    for _ in range(calls):
+                        await arrived.receive()
+                    scope.cancel()
+            assert scope.cancelled_caught
+
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                await abandon(2)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 4)
+                with trio.fail_after(PROMPT):
+                    await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                await abandon(1)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (3, 4)
+                with pytest.raises(DeviceLostError, match="3 ioctls were abandoned"):
+                    await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                release.set()
+                await all_back.wait()
+                assert budget.limiter.total_tokens == 2
+                await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+                await transport.aclose()
+        finally:
+            release.set()
+        abandoned = [entry for entry in logs if entry["event"] == "ioctl_abandoned"]
+        assert [entry["thread_replaced"] for entry in abandoned] == [True, True, False]
+        assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3]
+        returns = [entry for entry in logs if entry["event"] == "abandoned_ioctl_returned"]
+        assert len(returns) == 3
+
+
 class TestRealSignals:
     """The default interrupt: SIGURG into a thread blocked in a real system call."""
 
@@ -850,26 +916,25 @@ class TestRealSignals:
 
 
 class TestNativeIoctl:
-    """The real ioctl: ``fcntl`` up to 1 KiB, libc through ctypes above, errno either way."""
+    """The real ioctl: libc through ctypes for every buffer, errno either way, EINTR raised."""
 
-    async def test_small_and_large_buffers_take_their_paths(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """FIONREAD on a pipe fills the buffer through fcntl (1 KiB) and libc (1 KiB + 1)."""
-        used: list[int] = []
-        real = chardev.libc_ioctl
+    async def test_every_buffer_takes_the_libc_path(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """FIONREAD on a pipe fills a buffer of any size through libc ``ioctl``."""
+        used: list[object] = []
+        real = chardev.foreign_call
 
-        def spy(fd: int, code: int, buffer: bytearray) -> None:
-            used.append(len(buffer))
-            real(fd, code, buffer)
+        def spy(function: Callable[..., int], *args: object) -> int:
+            used.append(function)
+            return real(function, *args)
 
-        monkeypatch.setattr(chardev, "libc_ioctl", spy)
+        monkeypatch.setattr(chardev, "foreign_call", spy)
         read_fd, write_fd = os.pipe()
+        sizes = (32, 1024, 1025, 16 << 10)
         try:
             os.write(write_fd, b"12345")
             transport = CharDevTransport(read_fd)
             with trio.fail_after(BOUND):
-                for size in (1024, 1025, 16 << 10):
+                for size in sizes:
                     buffer = bytearray(size)
                     await transport.ioctl(termios.FIONREAD, buffer)
                     assert int.from_bytes(buffer[:4], "little") == 5
@@ -880,7 +945,37 @@ class TestNativeIoctl:
                 await transport.aclose()
         finally:
             os.close(write_fd)
-        assert used == [1025, 16 << 10, 2080]
+        assert used == [chardev._libc_ioctl] * (len(sizes) + 2)
+
+    async def test_the_libc_path_raises_eintr(self) -> None:
+        """A read(2) blocked in a worker thread through the same primitive ends with
+        InterruptedError when the interrupt signal arrives, instead of being retried (as
+        ``fcntl.ioctl`` retries EINTR from Python 3.14 on)."""
+        chardev.install_interrupt_handler()
+        read_fd, write_fd = os.pipe()
+        buffer = bytearray(8)
+        view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+
+        def blocked_read() -> int:
+            return chardev.foreign_call(_libc.read, read_fd, view, len(buffer))
+
+        async def reader() -> None:
+            with pytest.raises(InterruptedError):
+                await trio.to_thread.run_sync(
+                    blocked_read, thread_name="vbox-ioctl", abandon_on_cancel=True
+                )
+
+        try:
+            with trio.fail_after(BOUND):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    [thread] = await _threads_blocked_in_pipe_read(count=1)
+                    assert thread.ident is not None
+                    chardev.signal_thread(thread.ident)
+        finally:
+            os.write(write_fd, b"x" * len(buffer))  # a retried read would end here
+            os.close(write_fd)
+            os.close(read_fd)
 
 
 @pytest.mark.device

@@ -1,19 +1,26 @@
 """``ChunkWalker`` on its own: when a ``MemAvailable`` reading may serve more than one chunk,
-and what a walk logs."""
+what a walk logs, and that a group of chunks mapped ahead never outlives its step."""
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from agent.protocol import VBoxStatusError
+from agent.protocol.status import VERR_NO_MEMORY
 from agent.services.balloon._backoff import Backoff
+from agent.services.balloon._chunks import ChunkError
 from agent.services.balloon._handover import HostTarget
 from agent.services.balloon._walker import ChunkWalker
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.protocol import ChunkPages
     from agent.services.balloon._chunks import Chunk
 
@@ -127,3 +134,120 @@ async def test_a_walk_that_reaches_its_goal_is_logged_once() -> None:
             nursery.cancel_scope.cancel()
     done = [(e["chunks"], e["moved"]) for e in logs if e["event"] == "balloon_walk_done"]
     assert done == [(3, 3), (1, -2)]
+
+
+class TrackingAllocator:
+    """Hands out addresses and keeps the mapped ones; the ``fail_at``-th allocation fails."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.next = CHUNK_BYTES
+        self.mapped: set[int] = set()
+        self.allocations = 0
+        self.fail_at = fail_at
+
+    def allocate(self) -> int:
+        self.allocations += 1
+        if self.allocations == self.fail_at:
+            raise ChunkError(errno.ENOMEM, "mmap of a 1 MiB chunk failed: no memory")
+        self.next += CHUNK_BYTES
+        self.mapped.add(self.next)
+        return self.next
+
+    def release(self, address: int) -> None:
+        self.mapped.remove(address)
+
+    def physical_pages(self, address: int) -> ChunkPages:
+        raise NotImplementedError
+
+
+class ScriptedHandover(BlockingHandover):
+    """BlockingHandover whose ``refuse_at``-th inflate fails with VERR_NO_MEMORY and whose
+    ``on_inflate`` runs before each inflate (with its number)."""
+
+    def __init__(self, *, block_at: int = 0, refuse_at: int = 0) -> None:
+        super().__init__(block_at)
+        self.refuse_at = refuse_at
+        self.on_inflate: Callable[[int], None] = lambda _number: None
+
+    async def inflate(self, chunk: Chunk) -> None:
+        self.on_inflate(self.inflates + 1)
+        if self.inflates + 1 == self.refuse_at:
+            self.inflates += 1
+            await trio.lowlevel.checkpoint()
+            raise VBoxStatusError(VERR_NO_MEMORY, "VBGL_IOCTL_CHANGE_BALLOON")
+        await super().inflate(chunk)
+
+
+def _walker(handover: BlockingHandover, allocator: TrackingAllocator) -> ChunkWalker:
+    return ChunkWalker(
+        handover,
+        allocator,
+        backoff=Backoff(1.0, 60.0),
+        mem_available_mb=lambda: 100_000,
+        min_available_mb=256,
+    )
+
+
+def _mapped_is_held(walker: ChunkWalker, allocator: TrackingAllocator) -> bool:
+    return allocator.mapped == {chunk.address for chunk in walker.held}
+
+
+async def test_a_lower_target_mid_group_unmaps_the_chunks_it_no_longer_wants() -> None:
+    """A group is mapped ahead of its handovers; a new, lower target met halfway hands over no
+    more of it and unmaps the rest, and a deflate unmaps every chunk it took back."""
+    allocator = TrackingAllocator()
+    handover = ScriptedHandover()
+    walker = _walker(handover, allocator)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            handover.on_inflate = lambda number: (
+                walker.set_target(HostTarget(chunks=3, max_chunks=None)) if number == 3 else None
+            )
+            walker.set_target(HostTarget(chunks=12, max_chunks=None))
+            await walker.wait_held(3)
+            assert allocator.allocations > 3  # the group was mapped ahead
+            assert _mapped_is_held(walker, allocator)
+            walker.set_target(HostTarget(chunks=40, max_chunks=None))
+            await walker.wait_held(40)
+            walker.set_target(HostTarget(chunks=1, max_chunks=None))
+            await walker.wait_held(1)
+            assert _mapped_is_held(walker, allocator)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("refuse_at", "fail_at"), [(5, 0), (0, 5)])
+async def test_a_failure_mid_group_keeps_the_chunks_before_it(
+    autojump_clock: trio.abc.Clock, refuse_at: int, fail_at: int
+) -> None:
+    """A chunk the host refuses, or one that cannot be mapped, stops the walk after the four
+    before it; the rest of the group is unmapped, and the failure is retried."""
+    allocator = TrackingAllocator(fail_at=fail_at)
+    handover = ScriptedHandover(refuse_at=refuse_at)
+    walker = _walker(handover, allocator)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            walker.set_target(HostTarget(chunks=10, max_chunks=None))
+            await trio.testing.wait_all_tasks_blocked()
+            assert (len(walker.held), walker.failures) == (4, 1)
+            assert _mapped_is_held(walker, allocator)
+            await walker.wait_held(10)  # the retry after the backoff
+            assert _mapped_is_held(walker, allocator)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_walk_cancelled_mid_group_keeps_only_what_the_host_may_hold() -> None:
+    """Cancelled while the host takes its third chunk, the walk keeps that one (the host may
+    hold it) and unmaps the group's chunks it never handed over."""
+    allocator = TrackingAllocator()
+    handover = ScriptedHandover(block_at=3)
+    walker = _walker(handover, allocator)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            walker.set_target(HostTarget(chunks=10, max_chunks=None))
+            await handover.blocked.wait()
+            nursery.cancel_scope.cancel()
+    assert len(walker.held) == 3
+    assert _mapped_is_held(walker, allocator)

@@ -136,7 +136,7 @@ async def ioctl(
     count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
     if len(buf) < count:
         raise fail(errno.EFAULT)
-    buf[:count] = kbuf[:count]
+    buf[:count] = kbuf if count == len(kbuf) else memoryview(kbuf)[:count]  # one copy
 
 
 def _copy_in(code: int, buf: bytearray) -> bytearray:
@@ -152,8 +152,9 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
         raise fail(errno.EINVAL)
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
-    kbuf = bytearray(size)
-    kbuf[:size_in] = buf[:size_in]
+    kbuf = buf[:size_in]  # a copy
+    if size > size_in:
+        kbuf += bytes(size - size_in)
     return kbuf
 
 

@@ -8,7 +8,7 @@ while a userspace agent asks for the event it will never receive.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, NoReturn
+from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
 
@@ -119,10 +119,19 @@ async def change_memballoon(driver: Driver, req: bytearray, pages: bytes, *, inf
     Raises:
         ValueError: ``pages`` is not one packed chunk (the request keeps its size).
     """
-    offset = L.MemBalloonChangeRequest.phys_page.offset
     # Through a memoryview: a bytearray slice would take another length by resizing ``req``.
-    memoryview(req)[offset : offset + CHUNK_PAGES.size] = pages
-    L.MemBalloonChangeRequest.header_size.set(req, L.MemBalloonChangeRequest.size)
-    L.MemBalloonChangeRequest.inflate.set(req, int(inflate))
-    L.MemBalloonChangeRequest.pages.set(req, BALLOON_CHUNK_PAGES)
+    memoryview(req)[_PAGES_AT : _PAGES_AT + CHUNK_PAGES.size] = pages
+    _HEADER_SIZE.pack_into(req, _HEADER_SIZE_AT, L.MemBalloonChangeRequest.size)
+    _COUNT_AND_FLAG.pack_into(req, _COUNT_AND_FLAG_AT, BALLOON_CHUNK_PAGES, inflate)
     return await driver.perform(req)
+
+
+_PAGES_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
+_HEADER_SIZE: Final = L.MemBalloonChangeRequest.header_size.codec
+_HEADER_SIZE_AT: Final = L.MemBalloonChangeRequest.header_size.offset
+_COUNT_AND_FLAG: Final = L.run(
+    L.MemBalloonChangeRequest.pages, L.MemBalloonChangeRequest.inflate
+).codec
+_COUNT_AND_FLAG_AT: Final = L.MemBalloonChangeRequest.pages.offset
+"""The request's members as struct-and-offset pairs (one call each, the adjacent page count
+and inflate flag in one pack): a chunk's every trip to the host fills them."""

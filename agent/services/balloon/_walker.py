@@ -1,14 +1,19 @@
 """``ChunkWalker``: moves the agent's own balloon one 1 MiB chunk at a time.
 
 The goal is the host's target, capped by the host's maximum and, under memory pressure, by
-the pressure cap. Every step allocates (or frees) one chunk and hands it to (or takes it
-from) the host; the goal is read again before each step, so a new target redirects a walk
-at once. A failed step (host status, driver error, allocation, the ``MemAvailable`` floor)
-stops the walk in its direction; it is logged once per run of failures and retried after a
-capped exponential backoff, or at once when a new event arrives. The backoff holds back only
-the direction that failed: a goal below the chunks held after a refused inflate (pressure)
-is walked at once. Reaching the goal by any way clears the backoff. A walk that reaches its
-goal is logged once, with the chunks it moved.
+the pressure cap. Every chunk is handed to (or taken from) the host on its own, and the goal
+is read again before each, so a new target redirects a walk at once. The memory work goes
+in groups of up to :data:`BATCH_CHUNKS`: a step maps and locks that many chunks, then hands
+them over one by one (unmapping those a new goal no longer wants), or takes that many back
+one by one, then unmaps them. Locking a chunk faults in (zeroes) a MiB, which leaves the
+CPU caches holding nothing of the agent's nor the driver's code and data; in groups, the
+handovers between two such passes run on warm caches. No chunk waits longer than its step.
+A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floor) stops
+the walk in its direction after the chunks before it; it is logged once per run of
+failures and retried after a capped exponential backoff, or at once when a new event
+arrives. The backoff holds back only the direction that failed: a goal below the chunks
+held after a refused inflate (pressure) is walked at once. Reaching the goal by any way
+clears the backoff. A walk that reaches its goal is logged once, with the chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -16,6 +21,8 @@ most :data:`MEMINFO_REUSE_CHUNKS` chunks and only while it leaves that many MiB 
 floor; nearer the floor, after a pause, a restart, a deflate or a failure, it is read again.
 A chunk is therefore refused exactly where a reading before it would refuse it, unless the
 rest of the guest took more than that many MiB within those few chunks (a few milliseconds).
+A group ends before a chunk that would read MemAvailable afresh, so a reading is only ever
+taken with every chunk of the walk handed over, as one chunk at a time took it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ log = structlog.get_logger("agent.services.balloon")
 
 MEMINFO_REUSE_CHUNKS: Final = 32
 """Chunks one ``MemAvailable`` reading may serve, and the MiB above the floor it must leave."""
+BATCH_CHUNKS: Final = 16
+"""Chunks one step maps and locks before handing them over, or takes back before unmapping."""
 DRAIN_RETRY_INITIAL_S: Final = 0.05
 DRAIN_RETRY_MAX_S: Final = 1.0
 """A persisting drain retries a refused chunk after the initial delay, doubling up to this."""
@@ -75,6 +84,8 @@ class ChunkWalker:
         """``MemAvailable`` as last read, less the MiB inflated on that reading since."""
         self._reading_uses = 0
         """Chunks the last reading may still serve (0: read before the next chunk)."""
+        self._available_known = True
+        """Whether the last reading found MemAvailable (the floor is checked only then)."""
         self.held: list[Chunk] = []
         self.target = 0
         self.max_chunks: int | None = None
@@ -160,14 +171,20 @@ class ChunkWalker:
             log.info("balloon_walk_done", chunks=len(self.held), moved=len(self.held) - walked_from)
 
     async def _step(self, *, inflate: bool) -> None:
+        moved = self.inflated + self.deflated
         try:
             if inflate:
-                await self._inflate_one()
+                await self._inflate()
             else:
-                await self._deflate_one()
+                await self._deflate()
         except WalkStoppedError as failure:
+            if self.inflated + self.deflated != moved:  # the chunks before it went through
+                self._succeeded(inflate=inflate)
             self._failed(str(failure), inflate=inflate)
             return
+        self._succeeded(inflate=inflate)
+
+    def _succeeded(self, *, inflate: bool) -> None:
         if inflate is self._failed_inflate and self.backoff.failures and self.backoff.succeeded():
             log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
             self.last_failure = None
@@ -189,6 +206,11 @@ class ChunkWalker:
             retry_in_s=round(delay, 3),
         )
 
+    def _reading_due(self) -> bool:
+        """Whether the next chunk's floor check reads MemAvailable (module docstring)."""
+        above = self._available_mb - CHUNK_MB - self.min_available_mb
+        return self._reading_uses == 0 or above < MEMINFO_REUSE_CHUNKS * CHUNK_MB
+
     def _check_floor(self) -> None:
         """Stop the walk if one more chunk would take MemAvailable below the floor.
 
@@ -196,9 +218,9 @@ class ChunkWalker:
         an unknown MemAvailable (None) is not checked.
         """
         floor = self.min_available_mb
-        reusable = self._available_mb - CHUNK_MB - floor >= MEMINFO_REUSE_CHUNKS * CHUNK_MB
-        if self._reading_uses == 0 or not reusable:
+        if self._reading_due():
             available = self._mem_available_mb()
+            self._available_known = available is not None
             if available is None:
                 self._reading_uses = 0
                 return
@@ -209,48 +231,90 @@ class ChunkWalker:
         self._available_mb -= CHUNK_MB
         self._reading_uses -= 1
 
-    async def _inflate_one(self) -> None:
-        self._check_floor()
-        allocator = self.allocator
+    async def _inflate(self) -> None:
+        """Map and lock a group of chunks, then hand them over one by one while the goal
+        wants them; unmap the rest. A failure stops the walk after the chunks before it."""
+        ready, failure = self._allocate(self.goal - len(self.held))
+        ready.reverse()  # handed over from the end, in allocation order
         try:
-            address = allocator.allocate()
-        except ChunkError as exc:
-            raise WalkStoppedError(str(exc)) from exc
-        try:
-            pages = allocator.physical_pages(address) if self.handover.needs_pages else None
-        except ChunkError as exc:
-            allocator.release(address)
-            raise WalkStoppedError(str(exc)) from exc
-        chunk = Chunk(address, pages)
-        try:
-            await self.handover.inflate(chunk)
-        except VBoxStatusError as exc:
-            allocator.release(address)
-            msg = f"{exc.operation}: {exc.name}"
-            raise WalkStoppedError(msg) from exc
-        except OSError as exc:  # the driver refused the ioctl (ENOMEM): the host has nothing
-            allocator.release(address)
-            raise WalkStoppedError(_os_reason(exc)) from exc
-        except BaseException:
-            # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
-            self.held.append(chunk)
-            raise
-        self.held.append(chunk)
-        self.inflated += 1
-        self._on_resized(len(self.held))
+            while ready and len(self.held) < self.goal:
+                chunk = ready[-1]
+                try:
+                    await self.handover.inflate(chunk)
+                except VBoxStatusError as exc:  # still ready: unmapped below
+                    msg = f"{exc.operation}: {exc.name}"
+                    raise WalkStoppedError(msg) from exc
+                except (
+                    OSError
+                ) as exc:  # the driver refused the ioctl (ENOMEM): the host has nothing
+                    raise WalkStoppedError(_os_reason(exc)) from exc
+                except BaseException:
+                    # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
+                    self.held.append(ready.pop())
+                    raise
+                self.held.append(ready.pop())
+                self.inflated += 1
+                self._on_resized(len(self.held))
+        finally:
+            self._release([chunk.address for chunk in ready])
+        if failure is not None and len(self.held) < self.goal:
+            raise WalkStoppedError(failure)
 
-    async def _deflate_one(self) -> None:
+    def _allocate(self, count: int) -> tuple[list[Chunk], str | None]:
+        """Map and lock up to ``count`` chunks (at most a group), each after the floor check;
+        return them and, if one could not be had, why."""
+        allocator = self.allocator
+        needs_pages = self.handover.needs_pages
+        chunks: list[Chunk] = []
+        try:
+            for _ in range(min(count, BATCH_CHUNKS)):
+                if chunks and self._available_known and self._reading_due():
+                    break  # MemAvailable is read with every chunk of the walk handed over
+                self._check_floor()
+                address = allocator.allocate()
+                try:
+                    pages = allocator.physical_pages(address) if needs_pages else None
+                except BaseException:
+                    allocator.release(address)
+                    raise
+                chunks.append(Chunk(address, pages))
+        except (WalkStoppedError, ChunkError) as exc:
+            return chunks, str(exc)
+        except BaseException:
+            self._release([chunk.address for chunk in chunks])
+            raise
+        return chunks, None
+
+    async def _deflate(self) -> None:
+        """Take a group of chunks back one by one while the goal is below, then unmap them."""
         self._reading_uses = 0
-        chunk = self.held[-1]
-        if not await self.give_back(chunk):
-            msg = f"the host did not give chunk {chunk.address:#x} back: {self.last_failure}"
-            raise WalkStoppedError(msg)
+        taken: list[int] = []
+        try:
+            for _ in range(BATCH_CHUNKS):
+                if len(self.held) <= self.goal:
+                    break
+                chunk = self.held[-1]
+                if not await self._take_back(chunk):
+                    failure = self.last_failure
+                    msg = f"the host did not give chunk {chunk.address:#x} back: {failure}"
+                    raise WalkStoppedError(msg)
+                taken.append(chunk.address)
+        finally:
+            self._release(taken)
 
     async def give_back(self, chunk: Chunk) -> bool:
         """Take ``chunk`` back from the host and unmap it; return False if the host refused.
 
         The chunk stays held (and mapped) when the host refused.
         """
+        if not await self._take_back(chunk):
+            return False
+        self._release([chunk.address])
+        return True
+
+    async def _take_back(self, chunk: Chunk) -> bool:
+        """Take ``chunk`` back from the host (it is no longer held, not yet unmapped); return
+        False, the chunk still held, if the host refused."""
         try:
             await self.handover.deflate(chunk)
         except VBoxStatusError as exc:
@@ -264,10 +328,20 @@ class ChunkWalker:
             self.held.pop()
         else:
             self.held.remove(chunk)
-        self.allocator.release(chunk.address)
         self.deflated += 1
         self._on_resized(len(self.held))
         return True
+
+    def _release(self, addresses: list[int]) -> None:
+        """Unmap every chunk at ``addresses``; the first failure is raised after the rest."""
+        failure: ChunkError | None = None
+        for address in addresses:
+            try:
+                self.allocator.release(address)
+            except ChunkError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def drain(self, *, persist: bool = False) -> int:
         """Give every chunk back, newest first; return how many the host kept.
