@@ -11,12 +11,18 @@ What the kernel offers (and what VBoxService relies on):
   no such file (usually cpu0), and a refused change is an ``OSError`` (``EBUSY`` for the last
   CPU online, for example);
 - ``cpuN/topology/{core_id,physical_package_id}`` exist only while the CPU is online, so a
-  CPU the host has just plugged cannot be told by its ids: the first offline CPU is brought
-  online, as VBoxService does, unless an online one already has the ids (the kernel or a
-  udev rule was quicker);
-- ``cpuN/firmware_node`` links to the CPU's ACPI device, whose ``eject`` takes "1": the
-  kernel then offlines the CPU if it still is online and runs the firmware's eject method,
-  which is what tells the host it may take the CPU away (VirtualBox waits for that).
+  CPU the host has just plugged cannot be told by its ids before it is online: VBoxService
+  brings the first offline CPU online; the agent brings one online, reads its ids and, if
+  they are not the host's, takes it offline again (an admin's offline CPU stays offline) and
+  tries the next. CPUs that were not offline when monitoring started (a plugged CPU's
+  directory is new) are tried first; an online CPU that already has the ids is the plugged
+  one (the kernel or a udev rule was quicker);
+- ``cpuN/firmware_node`` links to the CPU's ACPI device (``LNXCPU:nn`` in the processor
+  container ``ACPI0004:nn`` VirtualBox's firmware declares for each CPU), whose ``eject``
+  takes "1": the write returns once the kernel has queued the removal, which then offlines
+  the CPU if it still is online (and puts it back online if that fails) and runs the
+  firmware's eject method, which is what tells the host it may take the CPU away (VirtualBox
+  waits for that).
 """
 
 from __future__ import annotations
@@ -53,57 +59,100 @@ class CpuSysfs:
 
     def __init__(self, root: Path) -> None:
         self._cpus = root / CPU_DIR
+        self._settled: frozenset[str] = frozenset()
 
     @property
     def cpus(self) -> Path:
         """The directory of the CPUs (``root/devices/system/cpu``)."""
         return self._cpus
 
-    def bring_online(self, core: int, package: int) -> CpuChange | None:
-        """Make the host's newly plugged CPU online; None when no CPU is offline (yet).
+    def remember(self) -> None:
+        """Note the CPUs offline now (an admin's choice, or not plugged by the host since):
+        a plug tries every other offline CPU first. Until the first call, all rank alike."""
+        self._settled = frozenset(name for name in self._names() if self._online(name) is False)
 
-        An online CPU with the ids is reported as done; otherwise the offline CPUs are tried
-        in number order until one takes the write.
+    def bring_online(self, core: int, package: int, checked: dict[str, str]) -> CpuChange | None:
+        """Make the host's newly plugged CPU online; None when no offline CPU is left to try
+        (nor refused to come online).
+
+        An online CPU with the ids is reported as done; otherwise the offline CPUs not in
+        ``checked`` are brought online one by one (new ones first, then in number order)
+        until one has the ids. One that has others is taken offline again and added to
+        ``checked`` with what became of it (one phrase), so a later look passes it over.
         """
-        problem: str | None = None
-        tried: str | None = None
         offline: list[str] = []
         for name in self._names():
             state = self._online(name)
             if state is True and self._ids(name) == (core, package):
                 return CpuChange(name)
-            if state is False:
+            if state is False and name not in checked:
                 offline.append(name)
+        offline.sort(key=lambda name: name in self._settled)
+        refused: CpuChange | None = None
         for name in offline:
-            tried = name
             try:
                 self._write(name, "online", "1")
             except OSError as exc:
-                problem = f"{name} refused to come online: {_why(exc)}"
+                refused = CpuChange(name, f"{name} refused to come online: {_why(exc)}")
                 continue
-            return CpuChange(name)
-        return None if tried is None else CpuChange(tried, problem)
+            ids = self._ids(name)
+            if ids == (core, package):
+                return CpuChange(name)
+            checked[name] = self._put_back(name, ids)
+        return refused
 
     def take_offline(self, core: int, package: int) -> CpuChange:
-        """Take the online CPU with these ids offline, then eject it through ACPI."""
+        """Take the online CPU with these ids offline, then eject it through ACPI.
+
+        Nothing is written unless the CPU's ``eject`` is there and writable (a read-only
+        ``/sys`` refuses even root); a CPU whose eject write fails is brought back online, as
+        the host still owns it.
+        """
         candidates = (n for n in self._names() if self._online(n) is not False)
         name = next((n for n in candidates if self._ids(n) == (core, package)), None)
         if name is None:
             return CpuChange(None, f"no online CPU has core {core} package {package}")
-        if not (self._cpus / name / "online").exists():
-            return CpuChange(name, f"{name} cannot go offline (it has no online file)")
+        eject = self._cpus / name / "firmware_node" / "eject"
+        if (problem := self._cannot_unplug(name, eject)) is not None:
+            return CpuChange(name, problem)
         try:
             self._write(name, "online", "0")
         except OSError as exc:
             return CpuChange(name, f"{name} refused to go offline: {_why(exc)}")
-        eject = self._cpus / name / "firmware_node" / "eject"
-        if not eject.exists():
-            return CpuChange(name, f"{name} is offline but has no ACPI eject: the host keeps it")
         try:
             _write(eject, "1")
         except OSError as exc:
-            return CpuChange(name, f"{name} is offline but its ACPI eject failed: {_why(exc)}")
+            return CpuChange(name, f"{name}'s ACPI eject failed ({_why(exc)}): {self._back(name)}")
         return CpuChange(name)
+
+    def _cannot_unplug(self, name: str, eject: Path) -> str | None:
+        """Why the CPU cannot be offlined and ejected (None if it can): checked before
+        anything is written."""
+        if not (self._cpus / name / "online").exists():
+            return f"{name} cannot go offline (it has no online file)"
+        if not eject.exists():
+            return f"{name} has no ACPI eject: it stays online, the host keeps it"
+        if not os.access(eject, os.W_OK):
+            return f"{name}'s ACPI eject is read-only here: it stays online, the host keeps it"
+        return None
+
+    def _put_back(self, name: str, ids: tuple[int, int] | None) -> str:
+        """Take an offline CPU brought online by mistake offline again; say what became of it."""
+        found = "no topology" if ids is None else f"core {ids[0]} package {ids[1]}"
+        try:
+            self._write(name, "online", "0")
+        except OSError as exc:
+            return f"{name} has {found}, stays online: offline refused: {_why(exc)}"
+        self._settled |= {name}
+        return f"{name} has {found}, offline again"
+
+    def _back(self, name: str) -> str:
+        """Bring a CPU the host still owns back online; say whether it came."""
+        try:
+            self._write(name, "online", "1")
+        except OSError as exc:
+            return f"it stays offline ({_why(exc)})"
+        return "it is back online"
 
     def _names(self) -> list[str]:
         """The CPU directories, in number order (none if the directory cannot be read)."""

@@ -8,14 +8,19 @@ and again after every restore (the host forgets it: it is not in the saved state
 VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the host's events
 (GET_CPU_HOTPLUG_REQ) until it has none:
 
-- **plug** (the host's core and package ids): an offline CPU has no topology to match, so,
-  as VBoxService, the first offline CPU is brought online (``cpuN/online`` = 1), unless an
-  online CPU already has the ids; the kernel may add the CPU's directory a little after the
-  event, so it is looked for ``PLUG_TRIES`` times, ``PLUG_RETRY_S`` apart;
+- **plug** (the host's core and package ids): an offline CPU has no topology to match, so an
+  offline CPU is brought online (``cpuN/online`` = 1) and its ids read; one that is not the
+  host's goes offline again (an admin's choice is kept; VBoxService onlines the first
+  offline CPU unchecked) and the next is tried, CPUs new since monitoring started first.
+  An online CPU that already has the ids is the plugged one. The kernel may add the CPU's
+  directory a little after the event, so, as VBoxService, the service looks ``PLUG_TRIES``
+  times, ``PLUG_RETRY_S`` apart, until a CPU comes online with the ids;
 - **unplug**: the online CPU whose topology has the ids goes offline (``online`` = 0), then
   is ejected through its ACPI device (``firmware_node/eject`` = 1), which lets the host take
-  it away; VBoxService ejects at once, the agent offlines first so that a CPU the kernel
-  will not give up (the last one, cpu0 without an ``online`` file) is one clear line.
+  it away. VBoxService only writes the eject (the kernel offlines the CPU itself); the agent
+  first checks that the eject is there and writable and offlines the CPU itself, so that a
+  CPU the kernel will not give up (the last one, cpu0 without an ``online`` file) is one
+  clear line, and brings it back online if the eject write fails.
 
 Each action is one log line with the host's ids and the CPU; a request nobody can carry out
 (an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
@@ -26,6 +31,7 @@ monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, final
@@ -62,8 +68,9 @@ PLUG_TRIES: Final = 6
 PLUG_RETRY_S: Final = 0.1
 """The wait between two looks, as VBoxService."""
 MAX_REQUESTS_PER_WAKEUP: Final = 16
-"""Host events taken at one wake-up at most: the host has one slot, so two reads normally do
-(the event, then NONE); a host that never runs out is not followed further."""
+"""Host events taken at one wake-up before one more read decides: the host has one slot, so
+two reads normally do (the event, then NONE); if that extra read still has an event, it is
+taken too and the host reported as unending (not followed further until it wakes us)."""
 UNAVAILABLE: Final = frozenset(
     STATUS_CODES[name]
     for name in (
@@ -158,8 +165,11 @@ class CpuHotPlugService:
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
-        """Apply a new ``sysfs_root`` at once (from the next host event on)."""
+        """Apply a new ``sysfs_root`` at once (from the next host event on), remembering its
+        offline CPUs as monitoring does."""
         self._sysfs = cpu_sysfs(section, self._device)
+        if self._sysfs is not None:
+            self._sysfs.remember()
         self._status_changed()
         return True
 
@@ -192,7 +202,12 @@ class CpuHotPlugService:
                 await self._take_events()
 
     async def _enable(self, *, restored: bool) -> None:
-        """SET_CPU_HOTPLUG_STATUS Enable; a lasting refusal is noted once and waited out."""
+        """SET_CPU_HOTPLUG_STATUS Enable; a lasting refusal is noted once and waited out.
+
+        The CPUs offline before the host can plug any are remembered first (see
+        :meth:`CpuSysfs.remember`: reads of small attributes, which do not block)."""
+        if self._sysfs is not None:
+            self._sysfs.remember()
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.ENABLE))
         except VBoxStatusError as exc:
@@ -211,7 +226,7 @@ class CpuHotPlugService:
         """Take the host's events until it has none (bounded), acting on each."""
         if not self._monitoring:
             return
-        for _ in range(MAX_REQUESTS_PER_WAKEUP):
+        for _ in range(MAX_REQUESTS_PER_WAKEUP + 1):
             try:
                 event = await self._device.request(GetCpuHotPlugRequest())
             except VBoxStatusError as exc:
@@ -221,7 +236,7 @@ class CpuHotPlugService:
                 return
             self._events += 1
             await self._act(event)
-        self._fail("cpu_hotplug_events_unending", taken=MAX_REQUESTS_PER_WAKEUP)
+        self._fail("cpu_hotplug_events_unending", taken=MAX_REQUESTS_PER_WAKEUP + 1)
 
     async def _act(self, event: CpuHotPlugEvent) -> None:
         ids = {"core": event.core, "package": event.package}
@@ -236,14 +251,20 @@ class CpuHotPlugService:
                 **ids,
             )
         elif event.event_type == CpuEventType.PLUG:
-            change = await self._plug(sysfs, event.core, event.package)
+            checked: dict[str, str] = {}
+            change = await self._plug(sysfs, event.core, event.package, checked)
+            passed = {"passed_over": list(checked.values())} if checked else {}
             if change.problem is None:
                 self._plugged += 1
-                log.info("cpu_plugged", cpu=change.cpu, **ids)
+                log.info("cpu_plugged", cpu=change.cpu, **ids, **passed)
             else:
-                self._fail("cpu_plug_failed", cpu=change.cpu, problem=change.problem, **ids)
+                self._fail(
+                    "cpu_plug_failed", cpu=change.cpu, problem=change.problem, **ids, **passed
+                )
         elif event.event_type == CpuEventType.UNPLUG:
-            change = await self._in_thread(sysfs.take_offline, event.core, event.package)
+            change = await self._in_thread(
+                functools.partial(sysfs.take_offline, event.core, event.package)
+            )
             if change.problem is None:
                 self._unplugged += 1
                 log.info("cpu_unplugged", cpu=change.cpu, **ids)
@@ -253,23 +274,30 @@ class CpuHotPlugService:
             self._fail("cpu_hotplug_event_unknown", event_type=event.event_type, **ids)
         self._status_changed()
 
-    async def _plug(self, sysfs: CpuSysfs, core: int, package: int) -> CpuChange:
+    async def _plug(
+        self, sysfs: CpuSysfs, core: int, package: int, checked: dict[str, str]
+    ) -> CpuChange:
+        """Look ``PLUG_TRIES`` times until a CPU is online with the ids; ``checked`` gathers
+        the offline CPUs found to be others (each looked at once)."""
+        change: CpuChange | None = None
         for attempt in range(PLUG_TRIES):
             if attempt:
                 await trio.sleep(PLUG_RETRY_S)
-            change = await self._in_thread(sysfs.bring_online, core, package)
-            if change is not None:
+            change = await self._in_thread(
+                functools.partial(sysfs.bring_online, core, package, checked)
+            )
+            if change is not None and change.problem is None:
                 return change
+        if change is not None:
+            return change
         return CpuChange(None, f"no offline CPU appeared within {PLUG_TRIES} looks")
 
-    async def _in_thread(self, work: Callable[[int, int], _T], core: int, package: int) -> _T:
+    async def _in_thread(self, work: Callable[[], _T]) -> _T:
         """Run sysfs work on a worker thread: a CPU going offline may keep a write busy.
 
         A stop does not wait for it: the kernel finishes the write whoever waits.
         """
-        return await trio.to_thread.run_sync(
-            work, core, package, limiter=self._limiter, abandon_on_cancel=True
-        )
+        return await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
 
     def _fail(self, event: str, **details: object) -> None:
         self._failures += 1

@@ -5,8 +5,10 @@ Rules of this test module:
 - The host is a real ``SimulatedHost`` (``VBoxManage controlvm plugcpu`` is
   ``host.cpu_plug``); the guest's CPUs are a tree in ``tmp_path`` laid out as the kernel's
   (``devices/system/cpu/cpuN/{online,topology/...,firmware_node}`` and the ACPI devices the
-  ``firmware_node`` links point to). The tree is files, so it does not react as the kernel
-  would: a write is only recorded.
+  ``firmware_node`` links point to: one ``ACPI0004:nn`` container per CPU, as VirtualBox's
+  CPU hot-plug SSDT declares them). The tree is files, so it does not react as the kernel
+  would: a write is only recorded, and an offline CPU's topology is there already (the
+  kernel shows it once the CPU is online; the service reads it only then).
 - The service does its sysfs work on a worker thread, so tests that reach sysfs run on the
   real clock and wait for the service's status changes (``Watch``), never for a time;
   tests that stay off sysfs run on ``autojump_clock``. Every test is bounded by
@@ -15,7 +17,11 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +35,13 @@ from pydantic import ValidationError
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.protocol import VBoxStatusError
-from agent.protocol.constants import RequestType
+from agent.protocol.constants import CpuEventType, RequestType
 from agent.protocol.status import STATUS_CODES
 from agent.services import EventPump, ServiceContext
 from agent.services.cpuhotplug import (
+    MAX_REQUESTS_PER_WAKEUP,
     PLUG_TRIES,
     SPEC,
     CpuHotPlugSection,
@@ -43,6 +51,7 @@ from agent.services.cpuhotplug import (
     cpuhotplug_service,
 )
 from agent.services.registry import SERVICES
+from testbed.unit_scheduling import UNIT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -52,8 +61,16 @@ if TYPE_CHECKING:
     from agent.host.transport import SimTransport
 
 NOT_MONITORED = STATUS_CODES["VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"]
-ACPI_CPUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00")
-"""Where VirtualBox's processor objects appear (VBoxService looks for the same path)."""
+ACPI_BUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00")
+"""Where VirtualBox's CPU containers appear (VBoxService looks under the same path)."""
+FIRMWARE_CPUS = 32
+"""The CPUs VirtualBox's CPU hot-plug SSDT declares (0x00-0x1f), each in its own container."""
+
+
+def acpi_cpu(n: int) -> Path:
+    """CPU n's ACPI device under the sysfs root: ``LNXCPU:nn`` in its own processor container
+    ``ACPI0004:nn`` (the SSDT's SCKn; Linux numbers both in hex, %02x)."""
+    return ACPI_BUS / f"ACPI0004:{n:02x}" / f"LNXCPU:{n:02x}"
 
 
 class Watch:
@@ -82,19 +99,19 @@ class Guest:
     def cpu(
         self, n: int, *, online: bool | None, core: int | None = None, eject: bool = True
     ) -> Path:
-        """Add ``cpuN``: ``online`` None means no online file (as cpu0); an online CPU has a
-        topology (core ``core``, default N; package 0); ``eject`` gives it an ACPI device."""
+        """Add ``cpuN``: ``online`` None means no online file (as cpu0); its topology (core
+        ``core``, default N; package 0) is what the kernel shows once it is online; ``eject``
+        gives it an ACPI device."""
         directory = self.root / "devices/system/cpu" / f"cpu{n}"
         directory.mkdir(parents=True)
         if online is not None:
             (directory / "online").write_text("1\n" if online else "0\n")
-        if online is not False:
-            topology = directory / "topology"
-            topology.mkdir()
-            (topology / "core_id").write_text(f"{n if core is None else core}\n")
-            (topology / "physical_package_id").write_text("0\n")
+        topology = directory / "topology"
+        topology.mkdir()
+        (topology / "core_id").write_text(f"{n if core is None else core}\n")
+        (topology / "physical_package_id").write_text("0\n")
         if eject:
-            acpi = self.root / ACPI_CPUS / f"LNXCPU:{n:02d}"
+            acpi = self.root / acpi_cpu(n)
             acpi.mkdir(parents=True)
             (acpi / "eject").write_text("")
             (directory / "firmware_node").symlink_to(os.path.relpath(acpi, directory))
@@ -104,9 +121,13 @@ class Guest:
         """What was last written to (or is in) ``cpuN/online``."""
         return (self.root / "devices/system/cpu" / f"cpu{n}" / "online").read_text().strip()
 
+    def eject(self, n: int) -> Path:
+        """The CPU's ACPI ``eject``."""
+        return self.root / acpi_cpu(n) / "eject"
+
     def ejected(self, n: int) -> bool:
         """Whether "1" was written to the CPU's ACPI ``eject``."""
-        return (self.root / ACPI_CPUS / f"LNXCPU:{n:02d}" / "eject").read_text() == "1"
+        return self.eject(n).read_text() == "1"
 
 
 @pytest.fixture(name="guest")
@@ -239,21 +260,40 @@ class TestPlugAndUnplug:
         assert events_named(logs, "cpu_plugged")[0]["cpu"] == "cpu4"
 
     @pytest.mark.parametrize(
-        ("setup", "core", "problem"),
+        ("setup", "core", "problem", "cpu5_online"),
         [
-            (None, 7, "no online CPU has core 7 package 0"),
-            (None, 0, "cpu0 cannot go offline (it has no online file)"),
-            ("no_eject", 5, "cpu5 is offline but has no ACPI eject: the host keeps it"),
-            ("refuses", 5, "cpu5 refused to go offline: No space left on device"),
+            (None, 7, "no online CPU has core 7 package 0", None),
+            (None, 0, "cpu0 cannot go offline (it has no online file)", None),
+            ("no_eject", 5, "cpu5 has no ACPI eject: it stays online, the host keeps it", "1"),
+            (
+                "read_only_eject",
+                5,
+                "cpu5's ACPI eject is read-only here: it stays online, the host keeps it",
+                "1",
+            ),
+            (
+                "eject_fails",
+                5,
+                "cpu5's ACPI eject failed (No space left on device): it is back online",
+                "1",
+            ),
+            ("refuses", 5, "cpu5 refused to go offline: No space left on device", None),
         ],
     )
     async def test_an_unplug_that_cannot_happen_is_one_line(
-        self, guest: Guest, setup: str | None, core: int, problem: str
+        self, guest: Guest, setup: str | None, core: int, problem: str, cpu5_online: str | None
     ) -> None:
-        """A core nobody has, cpu0, a CPU without ACPI eject, a CPU whose online write fails
-        (here /dev/full's ENOSPC): one warning line, and the service goes on (a plug works)."""
+        """A core nobody has, cpu0, a CPU without ACPI eject, one whose eject cannot be
+        written (a sysctl that is read-only even for root stands for a read-only /sys) or
+        fails (/dev/full's ENOSPC), a CPU whose online write fails: one warning line, a CPU
+        the host still owns is online, and the service goes on (a plug works)."""
         if setup == "no_eject":
             guest.cpu(5, online=True, eject=False)
+        elif setup in ("read_only_eject", "eject_fails"):
+            guest.cpu(5, online=True)
+            guest.eject(5).unlink()
+            target = "/proc/sys/kernel/osrelease" if setup == "read_only_eject" else "/dev/full"
+            guest.eject(5).symlink_to(target)
         elif setup == "refuses":
             cpu5 = guest.cpu(5, online=True)
             (cpu5 / "online").unlink()
@@ -269,6 +309,48 @@ class TestPlugAndUnplug:
         assert failed["log_level"] == "warning"
         assert (failed["problem"], failed["core"], failed["package"]) == (problem, core, 0)
         assert guest.online(2) == "1"
+        if cpu5_online is not None:
+            assert guest.online(5) == cpu5_online
+
+    async def test_plug_passes_over_an_offline_cpu_with_other_ids(self, guest: Guest) -> None:
+        """cpu2 (offline, core 2) comes online, shows other ids and goes offline again; cpu3
+        is the plugged one. One line says both."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(3)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert (guest.online(2), guest.online(3)) == ("0", "1")
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert (plugged["cpu"], plugged["core"]) == ("cpu3", 3)
+        assert plugged["passed_over"] == ["cpu2 has core 2 package 0, offline again"]
+
+    async def test_plug_prefers_a_cpu_new_since_monitoring_started(self, guest: Guest) -> None:
+        """cpu2 and cpu3 were offline before the service started (an admin's choice); the
+        plugged CPU's directory (cpu4) appears later and is the only one brought online."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                guest.cpu(4, online=False)
+                run.host.cpu_plug(4)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert (guest.online(2), guest.online(3), guest.online(4)) == ("0", "0", "1")
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert plugged["cpu"] == "cpu4"
+        assert "passed_over" not in plugged
+
+    async def test_plug_of_a_core_no_offline_cpu_has(self, guest: Guest) -> None:
+        """Each offline CPU comes online once, shows other ids and goes offline again; the
+        plug fails after PLUG_TRIES looks with one line naming them."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(9)
+                await run.watch.until(lambda: run.stats().failures == 1)
+        assert (guest.online(2), guest.online(3)) == ("0", "0")
+        [failed] = events_named(logs, "cpu_plug_failed")
+        assert failed["problem"] == f"no offline CPU appeared within {PLUG_TRIES} looks"
+        assert failed["passed_over"] == [
+            "cpu2 has core 2 package 0, offline again",
+            "cpu3 has core 3 package 0, offline again",
+        ]
 
     async def test_plug_with_no_offline_cpu(self, tmp_path: Path) -> None:
         """Looked for PLUG_TRIES times, then one line; nothing is written."""
@@ -285,7 +367,7 @@ class TestPlugAndUnplug:
 
     async def test_a_failing_host_request_is_one_line(self, guest: Guest) -> None:
         """GET_CPU_HOTPLUG_REQ failing: one line; the next event is taken as usual (the host's
-        one slot then holds the later plug, and the first offline CPU comes online for it)."""
+        one slot then holds the later plug, and the CPU with its ids comes online for it)."""
         failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
         with trio.fail_after(10), structlog.testing.capture_logs() as logs:
             async with running(guest.root) as run:
@@ -297,8 +379,8 @@ class TestPlugAndUnplug:
         [failed] = events_named(logs, "cpu_hotplug_request_failed")
         assert failed["status"] == "VERR_GENERAL_FAILURE"
         [plugged] = events_named(logs, "cpu_plugged")
-        assert (plugged["cpu"], plugged["core"]) == ("cpu2", 3)
-        assert (guest.online(2), guest.online(3)) == ("1", "0")
+        assert (plugged["cpu"], plugged["core"]) == ("cpu3", 3)
+        assert (guest.online(2), guest.online(3)) == ("0", "1")
 
 
 class TestMonitoring:
@@ -373,6 +455,123 @@ class TestMonitoring:
         [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
         assert unavailable["status"] == status
         assert unavailable["log_level"] == "warning"
+
+
+class TestUnendingHost:
+    """A host whose slot holds a new event each time the guest reads one (it plugs again)."""
+
+    @pytest.mark.parametrize("events", [MAX_REQUESTS_PER_WAKEUP, MAX_REQUESTS_PER_WAKEUP + 1])
+    async def test_unending_only_when_one_more_read_has_an_event(
+        self, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, events: int
+    ) -> None:
+        """MAX_REQUESTS_PER_WAKEUP events then NONE: all taken, nothing reported. One event
+        more: it is taken too, and the host is reported as unending (one line)."""
+        get_request = HostCpuHotPlug.get_request
+        refills = [0]
+
+        def plugging_again(self: HostCpuHotPlug, req: bytearray, phys: int) -> int:
+            status = get_request(self, req, phys)
+            if refills[0] > 0:
+                refills[0] -= 1
+                self.notify(CpuEventType.PLUG, 2, 0)
+            return status
+
+        monkeypatch.setattr(HostCpuHotPlug, "get_request", plugging_again)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running(None) as run:
+                refills[0] = events - 1
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().left_alone == events)
+                await trio.testing.wait_all_tasks_blocked()
+        unending = events_named(logs, "cpu_hotplug_events_unending")
+        if events > MAX_REQUESTS_PER_WAKEUP:
+            assert [entry["taken"] for entry in unending] == [events]
+        else:
+            assert unending == []
+        assert (run.stats().events, run.stats().failures) == (events, len(unending))
+
+
+NAMESPACE_CHECK = """
+import json, os, sys
+from pathlib import Path
+root, others = Path(sys.argv[1]), sys.argv[2:]
+cpus = root / "devices/system/cpu"
+writable = {
+    name: [os.access(cpus / name / f, os.W_OK) for f in ("online", "firmware_node/eject")]
+    for name in sorted(os.listdir(cpus))
+}
+print(json.dumps({"cpus": writable, "others": [os.access(root / o, os.W_OK) for o in others]}))
+"""
+"""Run in the namespace: which of each CPU's online and eject files, and of ``others``, are
+writable."""
+
+
+def unit_writable_paths() -> list[str]:
+    """The unit's ``ReadWritePaths=`` entries, in order (``-`` kept)."""
+    return [
+        entry
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("ReadWritePaths=")
+        for entry in line.removeprefix("ReadWritePaths=").split()
+    ]
+
+
+def namespace_unavailable() -> str | None:
+    """Why this process cannot make a private mount namespace (None if it can)."""
+    if os.geteuid() != 0:
+        return "needs root for the mount namespace"
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("mount") is None or shutil.which("sh") is None:
+        return "needs unshare and mount (util-linux) and sh"
+    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, check=False)
+    if probe.returncode:
+        return f"unshare -m refused: {probe.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+class TestUnitWritablePaths:
+    """The unit's ``ProtectKernelTunables=yes`` makes /sys read-only and its
+    ``ReadWritePaths=`` re-opens parts of it: modelled in a private mount namespace over a
+    scratch tree laid out as /sys (never the real one), as systemd mounts them."""
+
+    def test_every_cpus_online_and_eject_are_writable(self, tmp_path: Path) -> None:
+        """With the 32 CPUs of VirtualBox's firmware, each CPU's online and ACPI eject files
+        are writable and another ACPI device on the bus is not; a missing optional path is
+        skipped, a missing required one would fail (as the unit's start would)."""
+        reason = namespace_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        guest = Guest(tmp_path / "sys")
+        guest.cpu(0, online=None)
+        for n in range(1, FIRMWARE_CPUS):
+            guest.cpu(n, online=True)
+        other = ACPI_BUS / "PNP0A03:00" / "power_state"
+        (guest.root / other).parent.mkdir(parents=True)
+        (guest.root / other).write_text("D0\n")
+        root = str(guest.root)
+        steps = [f"mount --bind {root} {root}", f"mount -o remount,bind,ro {root}"]
+        for entry in unit_writable_paths():
+            path = root + entry.removeprefix("-").removeprefix("/sys")
+            bind = f"mount --bind '{path}' '{path}' && mount -o remount,bind,rw '{path}'"
+            if entry.startswith("-"):
+                steps.append(f"if [ -e '{path}' ]; then {bind}; fi")
+            else:
+                steps.append(f"[ -e '{path}' ] || exit 3; {bind}")
+        steps.append(f"exec '{sys.executable}' -c \"$0\" '{root}' '{other}'")
+        unshare, sh = shutil.which("unshare"), shutil.which("sh")
+        assert unshare is not None
+        assert sh is not None
+        script = "\n".join(steps)
+        done = subprocess.run(
+            [unshare, "-m", "--propagation", "private", sh, "-ec", script, NAMESPACE_CHECK],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        found = json.loads(done.stdout)
+        expected = {f"cpu{n}": [n != 0, True] for n in range(FIRMWARE_CPUS)}
+        assert found == {"cpus": expected, "others": [False]}
 
 
 class MachineOpener:

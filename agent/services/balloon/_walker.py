@@ -11,10 +11,9 @@ handovers between two such passes run on warm caches. No chunk waits longer than
 A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floor) stops
 the walk in its direction after the chunks before it; it is logged once per run of
 failures and retried after a capped exponential backoff, or at once when a new event
-arrives. The backoff holds back only
-the direction that failed: a goal below the chunks held after a refused inflate (pressure)
-is walked at once. Reaching the goal by any way clears the backoff. A walk that reaches its
-goal is logged once, with the chunks it moved.
+arrives. The backoff holds back only the direction that failed: a goal below the chunks
+held after a refused inflate (pressure) is walked at once. Reaching the goal by any way
+clears the backoff. A walk that reaches its goal is logged once, with the chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
