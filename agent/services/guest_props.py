@@ -81,6 +81,8 @@ ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
 SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
+SNAPSHOT_TRIES: Final = 4
+"""Times a watch connects again and repeats a snapshot the host dropped its client during."""
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 _U64_DIGITS: Final = len(str(_U64_MAX))
 """Digits of the largest timestamp: a longer one is refused before ``int`` reads it (Python
@@ -239,9 +241,9 @@ class PropertyWatch:
       came is yielded (unless the place was a snapshot's, when it is only the oldest one
       the host holds), then a new snapshot is the truth: a set for each matching property
       that differs from what the watch knows, a delete for each it knows that is gone;
-    - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``: the host no longer knows the
-      client, which a running guest should not see; handled all the same): the channel is
-      closed, a new one connected, then as for missed changes.
+    - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``, also during a snapshot: the
+      host no longer knows the client, which a running guest should not see): a new
+      channel is connected, the old one closed, then as for missed changes.
 
     A snapshot can overlap the changes the queue then replays (the newest timestamp marks
     the newest change only while the host's clock goes forward): a name changed more than
@@ -261,7 +263,7 @@ class PropertyWatch:
         self._patterns = patterns
         self._stack = AsyncExitStack()
         """The current channel's; closed (and replaced) when the host dropped the client."""
-        self._channel: HgcmChannel | None = None
+        self._channel: HgcmChannel
         self._cursor = 0
         """The timestamp of the change the next wait goes on from (0: the next new one)."""
         self._cursor_unproven = False
@@ -274,7 +276,7 @@ class PropertyWatch:
         """Times the watch took a new snapshot because changes were missed."""
 
     async def __aenter__(self) -> Self:
-        await self._connect()
+        await self._connect(self._stack)
         try:
             await self._snapshot(first=True)
         except BaseException as exc:
@@ -329,16 +331,20 @@ class PropertyWatch:
             return known is not None
         return known != (change.value, change.flags)
 
-    async def _connect(self) -> None:
+    async def _connect(self, stack: AsyncExitStack) -> None:
         channel_cm = open_hgcm_channel(self._device, SERVICE_NAME)
-        self._channel = await self._stack.enter_async_context(channel_cm)
+        self._channel = await stack.enter_async_context(channel_cm)
 
     async def _reconnect(self) -> None:
-        """Close the channel whose client the host dropped, then connect a new one."""
-        self._channel = None
-        stack, self._stack = self._stack, AsyncExitStack()
+        """Connect a new channel, then close the one whose client the host dropped.
+
+        Cancelled while connecting, the watch keeps the old channel, whose next call fails
+        the same way and reconnects again.
+        """
+        stack = AsyncExitStack()
+        await self._connect(stack)
+        stack, self._stack = self._stack, stack
         await stack.aclose()
-        await self._connect()
 
     async def _fetch(self) -> None:
         size = NOTIFICATION_BUFFER_SIZE
@@ -390,13 +396,13 @@ class PropertyWatch:
     @property
     def channel(self) -> HgcmChannel:
         """The watch's own channel (a new one after the host dropped the client)."""
-        if self._channel is None:  # pragma: no cover - connected while the watch is open
-            msg = "the property watch is not connected"
-            raise RuntimeError(msg)
         return self._channel
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
-        return await self.channel.call(function, *params, lingers_when_cancelled=False)
+        """A short call (ENUM_PROPS) on the watch's channel, with the driver timeout."""
+        return await self._channel.call(
+            function, *params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
+        )
 
     async def _call(self, size: int) -> HgcmReply:
         """One GET_NOTIFICATION on the watch's channel.
@@ -406,15 +412,28 @@ class PropertyWatch:
         change; every wait of the watch has the same patterns, so at most one lingers and
         the channel need not keep counting it (it would refuse the 16th ``next()``).
         """
-        return await self._short_call(
+        return await self._channel.call(
             GuestFunction.GET_NOTIFICATION,
             HgcmBufferIn(self._patterns),
             HgcmU64(self._cursor),
             HgcmBufferOut(size),
             HgcmU32(0),
+            lingers_when_cancelled=False,
         )
 
     async def _snapshot(self, *, first: bool = False) -> list[PropertyChange]:
+        """Take a snapshot, connecting again if the host drops the client meanwhile."""
+        for _ in range(SNAPSHOT_TRIES - 1):
+            try:
+                return await self._take_snapshot(first=first)
+            except HgcmCallError as exc:
+                if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
+                    raise
+            log.info("property_watch_reconnecting")
+            await self._reconnect()
+        return await self._take_snapshot(first=first)
+
+    async def _take_snapshot(self, *, first: bool) -> list[PropertyChange]:
         """Take the host's newest timestamp as the cursor, then the matching properties.
 
         The first snapshot makes the watch know them. A later one (a resync) returns a

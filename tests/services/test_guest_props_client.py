@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,6 +22,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import RemoteProtocolError
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, RequestType
 from agent.protocol.guest_props import (
     MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
@@ -747,3 +749,99 @@ class TestWatchRobustness:
         assert [(change.name, change.value) for change in got] == [("/W/a", "1")]
         assert host.status()["hgcm_clients"] == 0
         assert device.statistics().open_sessions == 1
+
+
+@asynccontextmanager
+async def _props_on(
+    service: GuestPropertyService,
+) -> AsyncIterator[tuple[SimulatedHost, GuestProperties]]:
+    """A simulated host with ``service``, and a property client of it."""
+    host = SimulatedHost(services=[service])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
+            yield host, props
+        nursery.cancel_scope.cancel()
+
+
+class _DropDuringEnumeration(GuestPropertyService):
+    """Drops the calling client while answering the next ENUM_PROPS once ``drop`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop: SimulatedHost | None = None
+
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        if self.drop is not None:
+            self.drop.vmmdev.hgcm.drop_client(call.client_id)
+            self.drop = None
+        return super()._enum_props(call)
+
+
+class TestWatchChannel:
+    async def test_a_timeout_during_a_reconnect_leaves_the_watch_working(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A ``next()`` whose deadline expires while the watch closes the dropped channel
+        (a slow disconnect) leaves the new one in place. (The watch had dropped its channel
+        before connecting a new one, and every later ``next()`` raised RuntimeError.)"""
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                dropped = watch.channel.client_id
+                host.set_delay(RequestType.HGCM_DISCONNECT, 2.0)
+                host.vmmdev.hgcm.drop_client(dropped)
+                with trio.move_on_after(1) as scope:
+                    await watch.next()
+                assert scope.cancelled_caught
+                host.set_delay(RequestType.HGCM_DISCONNECT, 0)
+                host.prop_set("/W/a", "1")
+                change = await watch.next()
+                assert watch.channel.client_id != dropped
+        assert (change.name, change.value) == ("/W/a", "1")
+
+    async def test_the_watch_enumerates_with_the_short_timeout(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        props: GuestProperties,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The watch's ENUM_PROPS are short calls (a driver timeout), its waits are not:
+        the device counts calls without one as blocking."""
+        timeouts: list[tuple[int, object]] = []
+        call = HgcmChannel.call
+
+        async def recording(
+            self: HgcmChannel, function: int, *params: HgcmParam, **kwargs: object
+        ) -> object:
+            timeouts.append((function, kwargs.get("timeout_ms")))
+            return await call(self, function, *params, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(HgcmChannel, "call", recording)
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                host.prop_set("/W/a", "1")
+                await watch.next()
+        assert timeouts == [
+            (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
+            (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
+            (GuestFunction.GET_NOTIFICATION, None),
+        ]
+
+    async def test_a_drop_during_a_resync_reconnects(self, autojump_clock: trio.abc.Clock) -> None:
+        """The host drops the watch's client while answering a resync's enumeration: the
+        watch connects again and repeats the snapshot. (The failure ended the watch.)"""
+        service = _DropDuringEnumeration()
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
+                for index in range(300):
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/a", "1")
+                dropped = watch.channel.client_id
+                service.drop = host
+                first = await watch.next()
+                host.prop_set("/W/b", "2")
+                second = await watch.next()
+                assert watch.channel.client_id != dropped
+                assert host.status()["hgcm_clients"] == 2
+        assert [(c.name, c.value) for c in (first, second)] == [("/W/a", "1"), ("/W/b", "2")]
