@@ -7,6 +7,7 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING
 
 import pytest
@@ -830,6 +831,49 @@ class TestReconfigure:
                 assert (run.host_chunks, walker.deflated) == (32, 0)
                 new.write_text(PSI_TEXT.format(total=1_000_000))  # 1 s of stall in 2 s: 50 %
                 await run.settle(16)
+
+    @pytest.mark.parametrize("unusable", ["missing", "fifo"])
+    @pytest.mark.parametrize("kind", ["oracle", "oracle-r3", "passthrough"])
+    async def test_reload_to_an_unusable_psi_file_still_ends_the_hold(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, kind: str, unusable: str
+    ) -> None:
+        """A reload mid-hold names a PSI file that cannot be used (missing, or a FIFO): one
+        line says pressure is off, and the hold in place still ends after its cooldown (the
+        balloon grows back; a trigger is no longer postponed)."""
+        psi, bad = tmp_path / "memory.pressure", tmp_path / "bad"
+        psi.write_text(PSI_TEXT.format(total=0))
+        if unusable == "fifo":
+            os.mkfifo(bad)
+        section = BalloonSection(
+            psi_path=str(psi), psi_interval_s=1.0, pressure_step_mb=16, pressure_cooldown_s=30.0
+        )
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, psi_file=True
+            ) as run:
+                triggered = run.service.walker is None
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                pressed = trio.current_time()
+                psi.write_text(PSI_TEXT.format(total=1_000_000))  # 1 s of stall in 1 s
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                if not triggered:
+                    await run.settle(16)
+                assert run.service.reconfigure(section.model_copy(update={"psi_path": str(bad)}))
+                await run.until(lambda: any(e["event"] == "balloon_pressure_off" for e in logs))
+                if triggered:
+                    await trio.sleep(section.pressure_cooldown_s)
+                    asked = trio.current_time()
+                    run.host.set_balloon_target(8)
+                    await run.settle(8)
+                    assert trio.current_time() - asked < 1.0
+                else:
+                    await run.settle(32)
+                    assert section.pressure_cooldown_s <= trio.current_time() - pressed < 32.0
+                assert run.service.statistics().cap is None
+                assert "capped" not in run.service.status()
+        [eased] = [e for e in logs if e["event"] == "balloon_pressure_eased"]
+        assert eased["log_level"] == "info"
 
     @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
     async def test_lower_floor_applies_at_once(

@@ -523,20 +523,8 @@ class BalloonService:
 
     async def _watch_readings(self) -> None:
         async with AsyncExitStack() as stack:
-            source = self._pressure
-            if source is None:
-                section = self._section
-                monitor = PsiMonitor(
-                    section.psi_path,
-                    interval_s=section.psi_interval_s,
-                    threshold_pct=section.pressure_threshold_pct,
-                )
-                try:
-                    source = stack.enter_context(monitor)
-                except PressureFileError as exc:
-                    log.warning("balloon_pressure_off", reason=str(exc))
-                    return
-            while True:
+            source = self._pressure if self._pressure is not None else self._open_psi(stack)
+            while source is not None:
                 with trio.move_on_at(self._release_at) as self._hold:
                     try:
                         reading = await source.next_reading()
@@ -551,6 +539,21 @@ class BalloonService:
         with trio.move_on_at(self._release_at) as self._hold:
             await trio.sleep_forever()
         self._ease()
+
+    def _open_psi(self, stack: AsyncExitStack) -> PsiMonitor | None:
+        """Open the PSI file the section names, closed with ``stack``; None (one line) if it
+        cannot be used."""
+        section = self._section
+        monitor = PsiMonitor(
+            section.psi_path,
+            interval_s=section.psi_interval_s,
+            threshold_pct=section.pressure_threshold_pct,
+        )
+        try:
+            return stack.enter_context(monitor)
+        except PressureFileError as exc:
+            log.warning("balloon_pressure_off", reason=str(exc))
+            return None
 
     def _press(self, reading: PressureReading) -> None:
         section = self._section
