@@ -31,6 +31,7 @@ from agent.services.balloon._walker import (
 from tests.services.balloon_support import (
     ErrnoOnce,
     Quiet,
+    RefuseChunk,
     ScriptedPressure,
     SimChunks,
     running_balloon,
@@ -241,6 +242,37 @@ class TestFollowsTarget:
         refused = [e for e in logs if e["event"] == "balloon_drain_refused"]
         assert [e["log_level"] for e in refused[:2]] == ["warning", "debug"]
         assert max(e["retry_in_s"] for e in refused) == DRAIN_RETRY_MAX_S
+
+    async def test_owned_drain_passes_over_a_refused_chunk(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Passthrough: the host keeps refusing one chunk, the first the drain tries: the
+        drain gives the 49 others back and retries that one (backing off) until the drain
+        time runs out; the critical line names the one left and the host's refusal."""
+        chunks = SimChunks()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="passthrough", allocator=chunks, drain_s=3.0
+            ) as run:
+                run.host.set_balloon_target(50)
+                await run.settle(50)
+                walker = run.service.walker
+                assert walker is not None
+                newest = walker.held[-1].address
+                walker.handover = refusing = RefuseChunk(walker.handover, newest)
+            assert (run.host_chunks, list(chunks.live)) == (1, [newest])
+        assert refusing.refusals > 2  # tried again while the drain time lasted
+        [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+        assert (incomplete["log_level"], incomplete["returned"], incomplete["kept"]) == (
+            "critical",
+            49,
+            1,
+        )
+        assert incomplete["reason"] == "the drain time ran out"
+        assert incomplete["last_refusal"] == "VMMDEVREQ_CHANGE_MEMBALLOON: VERR_NO_MEMORY"
+        refused = [e for e in logs if e["event"] == "balloon_drain_refused"]
+        assert [e["chunks"] for e in refused[:2]] == [1, 1]
+        assert [e["log_level"] for e in refused[:2]] == ["warning", "debug"]
 
     async def test_oracle_session_close_deflates_kernel_chunks(
         self, autojump_clock: trio.abc.Clock

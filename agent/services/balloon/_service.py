@@ -22,10 +22,10 @@ again. In kernel mode pressure is not watched at all (the kernel owns the balloo
 
 ``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
 deflates whatever the driver holds. In owned mode nothing does, so a refused chunk is
-retried until the drain time runs out. The chunks a drain could not give back are taken
-over by the next instance on the same device in this process; in owned mode, what is left
-when the process exits stays ballooned at the host while the kernel reuses the pages
-(logged at critical).
+passed over for the others and retried until the drain time runs out. The chunks a drain
+could not give back are taken over by the next instance on the same device in this
+process; in owned mode, what is left when the process exits stays ballooned at the host
+while the kernel reuses the pages (logged at critical).
 """
 
 from __future__ import annotations
@@ -319,7 +319,12 @@ class BalloonService:
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
         _KEPT[self._device] = _Kept(walker.allocator, walker.held)
-        figures = {"returned": held - kept, "kept": kept, "reason": reason}
+        figures = {
+            "returned": held - kept,
+            "kept": kept,
+            "reason": reason,
+            "last_refusal": walker.last_failure,
+        }
         if self._mode is BalloonMode.OWNED:
             log.critical(
                 "balloon_drain_incomplete",

@@ -346,24 +346,28 @@ class ChunkWalker:
     async def drain(self, *, persist: bool = False) -> int:
         """Give every chunk back, newest first; return how many the host kept.
 
-        With ``persist`` a refused chunk is retried after a short capped backoff
-        (:data:`DRAIN_RETRY_INITIAL_S` to :data:`DRAIN_RETRY_MAX_S`) until the caller's
-        deadline cancels the drain; without it the drain ends at the first refusal.
+        Without ``persist`` the drain ends at the first refusal. With it a refused chunk is
+        passed over for the others, and the refused ones are tried again, every one of
+        them, after a short capped backoff (:data:`DRAIN_RETRY_INITIAL_S` doubling up to
+        :data:`DRAIN_RETRY_MAX_S`) until all are back or the caller's deadline cancels the
+        drain. ``last_failure`` is the drain's last refusal (None if there was none).
         """
+        self.last_failure = None
         delay = DRAIN_RETRY_INITIAL_S
-        for chunk in reversed(list(self.held)):
-            while not await self.give_back(chunk):
-                if not persist:
+        while True:
+            for chunk in reversed(list(self.held)):
+                if not await self.give_back(chunk) and not persist:
                     return len(self.held)
-                (log.warning if delay == DRAIN_RETRY_INITIAL_S else log.debug)(
-                    "balloon_drain_refused",
-                    reason=self.last_failure,
-                    chunks=len(self.held),
-                    retry_in_s=delay,
-                )
-                await trio.sleep(delay)
-                delay = min(2 * delay, DRAIN_RETRY_MAX_S)
-        return len(self.held)
+            if not self.held:
+                return 0
+            (log.warning if delay == DRAIN_RETRY_INITIAL_S else log.debug)(
+                "balloon_drain_refused",
+                reason=self.last_failure,
+                chunks=len(self.held),
+                retry_in_s=delay,
+            )
+            await trio.sleep(delay)
+            delay = min(2 * delay, DRAIN_RETRY_MAX_S)
 
 
 def _os_reason(exc: OSError) -> str:
