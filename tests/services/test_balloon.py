@@ -372,6 +372,62 @@ class TestBackoff:
                 assert trio.current_time() - pressed < 1.0
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_retries_a_refused_deflate_at_once(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The host refused eight deflates and the backoff grew to minutes: pressure that
+        lowers the goal asks the host again at once, not when the backoff ends."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=64, retry_max_s=600.0)
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 8)
+                run.host.set_balloon_target(32)
+                await run.until(lambda: walker.failures == 8)
+                assert walker.backoff.retry_at - trio.current_time() > 60
+                assert run.host_chunks == 64
+                pressed = trio.current_time()
+                pressure.send(80.0, high=True)
+                await run.settle(0)
+                assert trio.current_time() - pressed < 1.0
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_on_a_host_that_keeps_refusing_deflates_still_backs_off(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """Ten minutes of pressure, a reading every 2 s, and the host refuses every deflate:
+        only a reading that lowers the goal retries at once (four steps of 16 MB down to 0);
+        otherwise the refusals are retried after the backoff, not at every reading."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=16)
+
+        async def keep_pressing() -> None:
+            for _ in range(300):
+                pressure.send(80.0, high=True)
+                await trio.sleep(2)
+
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure, drain_s=1.0
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 10**6)
+                await keep_pressing()
+                assert (run.host_chunks, walker.cap) == (64, 0)
+                # Backoff alone: 1, 2, 4, 8, 16, 32, then every 60 s (16 in 600 s); plus the
+                # four lowered goals. A retry at every reading would be 300.
+                assert walker.failures <= 16 + 4
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_goal_reached_without_a_step_clears_the_backoff(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
     ) -> None:

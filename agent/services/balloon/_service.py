@@ -587,7 +587,7 @@ class BalloonService:
         held = len(walker.held)
         cap = walker.cap
         base = held if cap is None else min(cap, held)
-        walker.cap = max(0, base - section.pressure_step_mb // CHUNK_MB)
+        walker.lower_cap(max(0, base - section.pressure_step_mb // CHUNK_MB))
         # Sustained pressure at the same cap is no news: repeats stay at debug.
         (log.info if walker.cap != cap else log.debug)(
             "balloon_pressure",
@@ -596,7 +596,6 @@ class BalloonService:
             target=walker.target,
             action=f"deflate to {walker.cap} and hold for {hold_s:g} s",
         )
-        walker.wake()
 
     def _damp(self, now: float) -> None:
         """A new episode: double the hold if it starts within a cooldown of the last one's

@@ -12,8 +12,9 @@ A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floo
 the walk in its direction after the chunks before it; it is logged once per run of
 failures and retried after a capped exponential backoff, or at once when a new event
 arrives. The backoff holds back only the direction that failed: a goal below the chunks
-held after a refused inflate (pressure) is walked at once. Reaching the goal by any way
-clears the backoff. A walk that reaches its goal is logged once, with the chunks it moved.
+held after a refused inflate (pressure) is walked at once, and pressure that lowers the
+goal after a refused deflate retries it at once. Reaching the goal by any way clears the
+backoff. A walk that reaches its goal is logged once, with the chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -119,6 +120,20 @@ class ChunkWalker:
         if self.max_chunks is not None and self.target > self.max_chunks:
             log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
         self.backoff.retry_now()
+        self.wake()
+
+    def lower_cap(self, cap: int) -> None:
+        """Pressure: cap the goal at ``cap`` chunks and walk toward it at once.
+
+        A goal that goes down also ends the backoff after a refused deflate (keeping its
+        count): the host is asked again now, and backed off further if it refuses again. It
+        can go down only so often before it reaches 0, so a host that keeps refusing is
+        still backed off.
+        """
+        goal = self.goal
+        self.cap = cap
+        if self.goal < goal and self.backoff.failures and not self._failed_inflate:
+            self.backoff.retry_now()
         self.wake()
 
     def wake(self) -> None:
