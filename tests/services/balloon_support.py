@@ -12,7 +12,14 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.driver._pages import PageAllocator
-from agent.protocol import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
+from agent.protocol import (
+    BALLOON_CHUNK_PAGES,
+    BALLOON_CHUNK_SIZE,
+    ChunkPages,
+    LocalProtocolError,
+    VBoxStatusError,
+)
+from agent.protocol.status import VERR_NO_MEMORY
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, PressureReading
 from agent.services.balloon._chunks import ChunkError
@@ -216,6 +223,33 @@ class ErrnoOnce:
 
     async def deflate(self, chunk: Chunk) -> None:
         self._fail("deflate")
+        await self._handover.deflate(chunk)
+
+    def never_held(self, rc: int) -> bool:
+        return self._handover.never_held(rc)
+
+
+class RefuseChunk:
+    """Wraps a walker's handover: the host refuses to take back the chunk at ``address``
+    (VERR_NO_MEMORY, as a real device raises it); everything else goes through."""
+
+    def __init__(self, handover: Handover, address: int) -> None:
+        self._handover = handover
+        self.address = address
+        self.refusals = 0
+        self.needs_pages = handover.needs_pages
+
+    async def read_target(self) -> HostTarget:
+        return await self._handover.read_target()
+
+    async def inflate(self, chunk: Chunk) -> None:
+        await self._handover.inflate(chunk)
+
+    async def deflate(self, chunk: Chunk) -> None:
+        if chunk.address == self.address:
+            self.refusals += 1
+            await trio.lowlevel.checkpoint()
+            raise VBoxStatusError(VERR_NO_MEMORY, "VMMDEVREQ_CHANGE_MEMBALLOON")
         await self._handover.deflate(chunk)
 
     def never_held(self, rc: int) -> bool:

@@ -7,6 +7,7 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING
 
 import pytest
@@ -30,6 +31,7 @@ from agent.services.balloon._walker import (
 from tests.services.balloon_support import (
     ErrnoOnce,
     Quiet,
+    RefuseChunk,
     ScriptedPressure,
     SimChunks,
     running_balloon,
@@ -241,6 +243,37 @@ class TestFollowsTarget:
         assert [e["log_level"] for e in refused[:2]] == ["warning", "debug"]
         assert max(e["retry_in_s"] for e in refused) == DRAIN_RETRY_MAX_S
 
+    async def test_owned_drain_passes_over_a_refused_chunk(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Passthrough: the host keeps refusing one chunk, the first the drain tries: the
+        drain gives the 49 others back and retries that one (backing off) until the drain
+        time runs out; the critical line names the one left and the host's refusal."""
+        chunks = SimChunks()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="passthrough", allocator=chunks, drain_s=3.0
+            ) as run:
+                run.host.set_balloon_target(50)
+                await run.settle(50)
+                walker = run.service.walker
+                assert walker is not None
+                newest = walker.held[-1].address
+                walker.handover = refusing = RefuseChunk(walker.handover, newest)
+            assert (run.host_chunks, list(chunks.live)) == (1, [newest])
+        assert refusing.refusals > 2  # tried again while the drain time lasted
+        [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+        assert (incomplete["log_level"], incomplete["returned"], incomplete["kept"]) == (
+            "critical",
+            49,
+            1,
+        )
+        assert incomplete["reason"] == "the drain time ran out"
+        assert incomplete["last_refusal"] == "VMMDEVREQ_CHANGE_MEMBALLOON: VERR_NO_MEMORY"
+        refused = [e for e in logs if e["event"] == "balloon_drain_refused"]
+        assert [e["chunks"] for e in refused[:2]] == [1, 1]
+        assert [e["log_level"] for e in refused[:2]] == ["warning", "debug"]
+
     async def test_oracle_session_close_deflates_kernel_chunks(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -337,6 +370,62 @@ class TestBackoff:
                 pressure.send(80.0, high=True)
                 await run.settle(0)
                 assert trio.current_time() - pressed < 1.0
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_retries_a_refused_deflate_at_once(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """The host refused eight deflates and the backoff grew to minutes: pressure that
+        lowers the goal asks the host again at once, not when the backoff ends."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=64, retry_max_s=600.0)
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 8)
+                run.host.set_balloon_target(32)
+                await run.until(lambda: walker.failures == 8)
+                assert walker.backoff.retry_at - trio.current_time() > 60
+                assert run.host_chunks == 64
+                pressed = trio.current_time()
+                pressure.send(80.0, high=True)
+                await run.settle(0)
+                assert trio.current_time() - pressed < 1.0
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_on_a_host_that_keeps_refusing_deflates_still_backs_off(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """Ten minutes of pressure, a reading every 2 s, and the host refuses every deflate:
+        only a reading that lowers the goal retries at once (four steps of 16 MB down to 0);
+        otherwise the refusals are retried after the backoff, not at every reading."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_step_mb=16)
+
+        async def keep_pressing() -> None:
+            for _ in range(300):
+                pressure.send(80.0, high=True)
+                await trio.sleep(2)
+
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, pressure=pressure, drain_s=1.0
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 10**6)
+                await keep_pressing()
+                assert (run.host_chunks, walker.cap) == (64, 0)
+                # Backoff alone: 1, 2, 4, 8, 16, 32, then every 60 s (16 in 600 s); plus the
+                # four lowered goals. A retry at every reading would be 300.
+                assert walker.failures <= 16 + 4
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_goal_reached_without_a_step_clears_the_backoff(
@@ -830,6 +919,49 @@ class TestReconfigure:
                 assert (run.host_chunks, walker.deflated) == (32, 0)
                 new.write_text(PSI_TEXT.format(total=1_000_000))  # 1 s of stall in 2 s: 50 %
                 await run.settle(16)
+
+    @pytest.mark.parametrize("unusable", ["missing", "fifo"])
+    @pytest.mark.parametrize("kind", ["oracle", "oracle-r3", "passthrough"])
+    async def test_reload_to_an_unusable_psi_file_still_ends_the_hold(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, kind: str, unusable: str
+    ) -> None:
+        """A reload mid-hold names a PSI file that cannot be used (missing, or a FIFO): one
+        line says pressure is off, and the hold in place still ends after its cooldown (the
+        balloon grows back; a trigger is no longer postponed)."""
+        psi, bad = tmp_path / "memory.pressure", tmp_path / "bad"
+        psi.write_text(PSI_TEXT.format(total=0))
+        if unusable == "fifo":
+            os.mkfifo(bad)
+        section = BalloonSection(
+            psi_path=str(psi), psi_interval_s=1.0, pressure_step_mb=16, pressure_cooldown_s=30.0
+        )
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="", host=_host(kind), section=section, psi_file=True
+            ) as run:
+                triggered = run.service.walker is None
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                pressed = trio.current_time()
+                psi.write_text(PSI_TEXT.format(total=1_000_000))  # 1 s of stall in 1 s
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                if not triggered:
+                    await run.settle(16)
+                assert run.service.reconfigure(section.model_copy(update={"psi_path": str(bad)}))
+                await run.until(lambda: any(e["event"] == "balloon_pressure_off" for e in logs))
+                if triggered:
+                    await trio.sleep(section.pressure_cooldown_s)
+                    asked = trio.current_time()
+                    run.host.set_balloon_target(8)
+                    await run.settle(8)
+                    assert trio.current_time() - asked < 1.0
+                else:
+                    await run.settle(32)
+                    assert section.pressure_cooldown_s <= trio.current_time() - pressed < 32.0
+                assert run.service.statistics().cap is None
+                assert "capped" not in run.service.status()
+        [eased] = [e for e in logs if e["event"] == "balloon_pressure_eased"]
+        assert eased["log_level"] == "info"
 
     @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
     async def test_lower_floor_applies_at_once(

@@ -22,10 +22,10 @@ again. In kernel mode pressure is not watched at all (the kernel owns the balloo
 
 ``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
 deflates whatever the driver holds. In owned mode nothing does, so a refused chunk is
-retried until the drain time runs out. The chunks a drain could not give back are taken
-over by the next instance on the same device in this process; in owned mode, what is left
-when the process exits stays ballooned at the host while the kernel reuses the pages
-(logged at critical).
+passed over for the others and retried until the drain time runs out. The chunks a drain
+could not give back are taken over by the next instance on the same device in this
+process; in owned mode, what is left when the process exits stays ballooned at the host
+while the kernel reuses the pages (logged at critical).
 """
 
 from __future__ import annotations
@@ -319,7 +319,12 @@ class BalloonService:
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
         _KEPT[self._device] = _Kept(walker.allocator, walker.held)
-        figures = {"returned": held - kept, "kept": kept, "reason": reason}
+        figures = {
+            "returned": held - kept,
+            "kept": kept,
+            "reason": reason,
+            "last_refusal": walker.last_failure,
+        }
         if self._mode is BalloonMode.OWNED:
             log.critical(
                 "balloon_drain_incomplete",
@@ -523,20 +528,8 @@ class BalloonService:
 
     async def _watch_readings(self) -> None:
         async with AsyncExitStack() as stack:
-            source = self._pressure
-            if source is None:
-                section = self._section
-                monitor = PsiMonitor(
-                    section.psi_path,
-                    interval_s=section.psi_interval_s,
-                    threshold_pct=section.pressure_threshold_pct,
-                )
-                try:
-                    source = stack.enter_context(monitor)
-                except PressureFileError as exc:
-                    log.warning("balloon_pressure_off", reason=str(exc))
-                    return
-            while True:
+            source = self._pressure if self._pressure is not None else self._open_psi(stack)
+            while source is not None:
                 with trio.move_on_at(self._release_at) as self._hold:
                     try:
                         reading = await source.next_reading()
@@ -551,6 +544,21 @@ class BalloonService:
         with trio.move_on_at(self._release_at) as self._hold:
             await trio.sleep_forever()
         self._ease()
+
+    def _open_psi(self, stack: AsyncExitStack) -> PsiMonitor | None:
+        """Open the PSI file the section names, closed with ``stack``; None (one line) if it
+        cannot be used."""
+        section = self._section
+        monitor = PsiMonitor(
+            section.psi_path,
+            interval_s=section.psi_interval_s,
+            threshold_pct=section.pressure_threshold_pct,
+        )
+        try:
+            return stack.enter_context(monitor)
+        except PressureFileError as exc:
+            log.warning("balloon_pressure_off", reason=str(exc))
+            return None
 
     def _press(self, reading: PressureReading) -> None:
         section = self._section
@@ -579,7 +587,7 @@ class BalloonService:
         held = len(walker.held)
         cap = walker.cap
         base = held if cap is None else min(cap, held)
-        walker.cap = max(0, base - section.pressure_step_mb // CHUNK_MB)
+        walker.lower_cap(max(0, base - section.pressure_step_mb // CHUNK_MB))
         # Sustained pressure at the same cap is no news: repeats stay at debug.
         (log.info if walker.cap != cap else log.debug)(
             "balloon_pressure",
@@ -588,7 +596,6 @@ class BalloonService:
             target=walker.target,
             action=f"deflate to {walker.cap} and hold for {hold_s:g} s",
         )
-        walker.wake()
 
     def _damp(self, now: float) -> None:
         """A new episode: double the hold if it starts within a cooldown of the last one's

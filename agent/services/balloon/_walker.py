@@ -12,8 +12,9 @@ A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floo
 the walk in its direction after the chunks before it; it is logged once per run of
 failures and retried after a capped exponential backoff, or at once when a new event
 arrives. The backoff holds back only the direction that failed: a goal below the chunks
-held after a refused inflate (pressure) is walked at once. Reaching the goal by any way
-clears the backoff. A walk that reaches its goal is logged once, with the chunks it moved.
+held after a refused inflate (pressure) is walked at once, and pressure that lowers the
+goal after a refused deflate retries it at once. Reaching the goal by any way clears the
+backoff. A walk that reaches its goal is logged once, with the chunks it moved.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -119,6 +120,20 @@ class ChunkWalker:
         if self.max_chunks is not None and self.target > self.max_chunks:
             log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
         self.backoff.retry_now()
+        self.wake()
+
+    def lower_cap(self, cap: int) -> None:
+        """Pressure: cap the goal at ``cap`` chunks and walk toward it at once.
+
+        A goal that goes down also ends the backoff after a refused deflate (keeping its
+        count): the host is asked again now, and backed off further if it refuses again. It
+        can go down only so often before it reaches 0, so a host that keeps refusing is
+        still backed off.
+        """
+        goal = self.goal
+        self.cap = cap
+        if self.goal < goal and self.backoff.failures and not self._failed_inflate:
+            self.backoff.retry_now()
         self.wake()
 
     def wake(self) -> None:
@@ -346,24 +361,28 @@ class ChunkWalker:
     async def drain(self, *, persist: bool = False) -> int:
         """Give every chunk back, newest first; return how many the host kept.
 
-        With ``persist`` a refused chunk is retried after a short capped backoff
-        (:data:`DRAIN_RETRY_INITIAL_S` to :data:`DRAIN_RETRY_MAX_S`) until the caller's
-        deadline cancels the drain; without it the drain ends at the first refusal.
+        Without ``persist`` the drain ends at the first refusal. With it a refused chunk is
+        passed over for the others, and the refused ones are tried again, every one of
+        them, after a short capped backoff (:data:`DRAIN_RETRY_INITIAL_S` doubling up to
+        :data:`DRAIN_RETRY_MAX_S`) until all are back or the caller's deadline cancels the
+        drain. ``last_failure`` is the drain's last refusal (None if there was none).
         """
+        self.last_failure = None
         delay = DRAIN_RETRY_INITIAL_S
-        for chunk in reversed(list(self.held)):
-            while not await self.give_back(chunk):
-                if not persist:
+        while True:
+            for chunk in reversed(list(self.held)):
+                if not await self.give_back(chunk) and not persist:
                     return len(self.held)
-                (log.warning if delay == DRAIN_RETRY_INITIAL_S else log.debug)(
-                    "balloon_drain_refused",
-                    reason=self.last_failure,
-                    chunks=len(self.held),
-                    retry_in_s=delay,
-                )
-                await trio.sleep(delay)
-                delay = min(2 * delay, DRAIN_RETRY_MAX_S)
-        return len(self.held)
+            if not self.held:
+                return 0
+            (log.warning if delay == DRAIN_RETRY_INITIAL_S else log.debug)(
+                "balloon_drain_refused",
+                reason=self.last_failure,
+                chunks=len(self.held),
+                retry_in_s=delay,
+            )
+            await trio.sleep(delay)
+            delay = min(2 * delay, DRAIN_RETRY_MAX_S)
 
 
 def _os_reason(exc: OSError) -> str:
