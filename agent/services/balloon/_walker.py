@@ -257,12 +257,9 @@ class ChunkWalker:
                 try:
                     await self.handover.inflate(chunk)
                 except VBoxStatusError as exc:  # still ready: unmapped below
+                    # The host's status, or the driver's errno as the status it stands for.
                     msg = f"{exc.operation}: {exc.name}"
                     raise WalkStoppedError(msg) from exc
-                except (
-                    OSError
-                ) as exc:  # the driver refused the ioctl (ENOMEM): the host has nothing
-                    raise WalkStoppedError(_os_reason(exc)) from exc
                 except BaseException:
                     # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
                     self.held.append(ready.pop())
@@ -332,13 +329,10 @@ class ChunkWalker:
         False, the chunk still held, if the host refused."""
         try:
             await self.handover.deflate(chunk)
-        except VBoxStatusError as exc:
+        except VBoxStatusError as exc:  # a host status, or a driver errno as the status
             if not self.handover.never_held(exc.rc):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
-        except OSError as exc:  # the driver refused the ioctl: the host still holds it
-            self.last_failure = _os_reason(exc)
-            return False
         if self.held[-1] is chunk:
             self.held.pop()
         else:
@@ -383,8 +377,3 @@ class ChunkWalker:
             )
             await trio.sleep(delay)
             delay = min(2 * delay, DRAIN_RETRY_MAX_S)
-
-
-def _os_reason(exc: OSError) -> str:
-    """A driver's refusal as a reason: ``CHANGE_BALLOON ioctl: Cannot allocate memory``."""
-    return f"balloon ioctl: {exc.strerror or exc}"
