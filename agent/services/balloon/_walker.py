@@ -22,8 +22,10 @@ most :data:`MEMINFO_REUSE_CHUNKS` chunks and only while it leaves that many MiB 
 floor; nearer the floor, after a pause, a restart, a deflate or a failure, it is read again.
 A chunk is therefore refused exactly where a reading before it would refuse it, unless the
 rest of the guest took more than that many MiB within those few chunks (a few milliseconds).
-A group ends before a chunk that would read MemAvailable afresh, so a reading is only ever
-taken with every chunk of the walk handed over, as one chunk at a time took it.
+A group ends before a chunk that would read MemAvailable afresh, so a reading that finds it
+is taken with every chunk of the walk handed over, as one chunk at a time took it. While
+MemAvailable is unknown (the floor unchecked) every chunk looks for it, the group's earlier
+chunks mapped but not yet handed over; the first reading that finds it serves from then on.
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ class ChunkWalker:
         try:
             for _ in range(min(count, BATCH_CHUNKS)):
                 if chunks and self._available_known and self._reading_due():
-                    break  # MemAvailable is read with every chunk of the walk handed over
+                    break  # a known MemAvailable is read with the walk's chunks handed over
                 self._check_floor()
                 address = allocator.allocate()
                 try:
