@@ -81,6 +81,8 @@ ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
 SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
+SNAPSHOT_TRIES: Final = 4
+"""Times a watch connects again and repeats a snapshot the host dropped its client during."""
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 _U64_DIGITS: Final = len(str(_U64_MAX))
 """Digits of the largest timestamp: a longer one is refused before ``int`` reads it (Python
@@ -130,21 +132,7 @@ class GuestProperties:
 
     async def get(self, name: str) -> Property | None:
         """Return the property ``name``, or None when the host has none of that name."""
-        name_param = HgcmBufferIn(encode_name(name))
-        value_buffer = _VALUE_BUFFER
-        for _ in range(SIZE_RETRIES):
-            try:
-                reply = await self._short_call(
-                    GuestFunction.GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32
-                )
-            except HgcmCallError as exc:
-                if exc.rc == VERR_NOT_FOUND:
-                    return None
-                value_buffer = HgcmBufferOut(_needed_size(exc, 3))
-                continue
-            value, flags = _strings(reply.params[1], reply.params[3], 2)
-            return Property(name, value, flags, _u64(reply.params[2]))
-        return _still_too_small(GuestFunction.GET_PROP)
+        return await _get(self._short_call, name)
 
     async def set(self, name: str, value: str, flags: str | None = None) -> int:
         """Set ``name`` to ``value``; its flags become ``flags`` (none when omitted).
@@ -219,16 +207,22 @@ class PropertyWatch:
     """The changes of the properties matching some patterns, oldest first, without gaps.
 
     ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
-    change once. The watch knows, per name, the value and flags it last reported (or that
-    the name is gone); a change that would tell it nothing new is skipped. The host's
-    timestamps only say where to go on in its queue of changes: they come from a clock
-    that may go back (a restored service starts counting again), so they never order or
-    filter changes here.
+    change once, as the host queued it: a set to the value a property already has is a
+    change too (a host poking a trigger property). The watch opens from a snapshot of the
+    matching properties, each with the timestamp of its last change (its *mark*), then goes
+    on in the host's queue of changes from the host's newest timestamp. The host's
+    timestamps are only places in that queue and, while the host's clock goes forward, an
+    order; the watch uses them as an order only to tell what a snapshot already showed:
+    a queued change of a marked name is skipped up to and including the one whose
+    timestamp is the mark (or one more, which the host gives a change dated as the one
+    before it), and once one comes dated after the mark every later one is news. One dated
+    before the mark is skipped only while the property still bears a timestamp at or after
+    the mark (a GET_PROP): gone, or dated before it (the clock went back), the change may
+    follow the mark's, no longer queued, and is news. With a clock going back an older
+    value may be yielded again; no change is lost and the last one yielded per name is
+    what the host holds.
 
-    The watch opens from a snapshot: the host's newest timestamp (the place in the queue
-    to go on from), then the matching properties, in that order so that a change made in
-    between is in the snapshot or comes later. It keeps following across what would
-    otherwise lose changes:
+    It keeps following across what would otherwise lose changes:
 
     - a change too large for the buffer (``VERR_BUFFER_OVERFLOW``): asked again with the
       size the host reported;
@@ -236,23 +230,22 @@ class PropertyWatch:
       same client, or the client's disconnect at the host): asked again;
     - missed changes (``VWRN_NOT_FOUND``: the host no longer knows the place the watch
       asked for, after a restore or when more than 256 changes went by): the change that
-      came is yielded (unless the place was a snapshot's, when it is only the oldest one
-      the host holds), then a new snapshot is the truth: a set for each matching property
-      that differs from what the watch knows, a delete for each it knows that is gone;
-    - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``: the host no longer knows the
-      client, which a running guest should not see; handled all the same): the channel is
-      closed, a new one connected, then as for missed changes.
-
-    A snapshot can overlap the changes the queue then replays (the newest timestamp marks
-    the newest change only while the host's clock goes forward): a name changed more than
-    once in that stretch may have an older value yielded again before its newest; no change
-    is lost and the last one yielded per name is what the host holds.
+      came (the oldest the host holds, or the first new one if the wait waited) is judged
+      as any other, then a new snapshot is the truth: a set for each matching property
+      that differs from what the watch knows, a delete for each it knows that is gone,
+      and new marks;
+    - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``, also during a snapshot: the
+      host no longer knows the client, which a running guest should not see): a new
+      channel is connected, the old one closed, then as for missed changes.
 
     Every call goes through the watch's own channel. A property set and deleted before the
     watch reads its changes comes as a delete (the host marks a set as one when the
-    property is gone by then). Of a property the watch never knew, that delete is yielded
-    unless ``unseen_deletes`` is false: the host's queue after the snapshot's place may
-    hold deletes of properties gone before the watch opened.
+    property is gone by then), and a delete of a name the watch knows is gone is skipped.
+    Of a property the watch never knew, that delete is yielded unless ``unseen_deletes``
+    is false: the host's queue after the snapshot's place may hold deletes of properties
+    gone before the watch opened. A queued delete read after the name was set again comes
+    as a set with an empty value and flags: the host computes the deleted flag from the
+    property's state when it answers, not when the change was made.
     """
 
     def __init__(self, device: Device, patterns: bytes, *, unseen_deletes: bool = True) -> None:
@@ -261,20 +254,25 @@ class PropertyWatch:
         self._patterns = patterns
         self._stack = AsyncExitStack()
         """The current channel's; closed (and replaced) when the host dropped the client."""
-        self._channel: HgcmChannel | None = None
+        self._channel: HgcmChannel
         self._cursor = 0
         """The timestamp of the change the next wait goes on from (0: the next new one)."""
         self._cursor_unproven = False
         """Whether the cursor came from a snapshot and no answer has shown the host has it."""
         self._known: dict[str, tuple[str, str] | None] = {}
-        """Per name, the value and flags last reported or seen, or None once gone."""
+        """Per name, the value and flags last yielded or seen, or None once gone."""
+        self._marks: dict[str, int] = {}
+        """Per name, the timestamp of the last change a snapshot showed, until it is passed."""
         self._backlog: list[PropertyChange] = []
+        """Changes judged news and not yet yielded."""
+        self._resync_due = False
+        """Whether changes may have been missed and no snapshot has been taken since."""
         self._reading = False
         self.resyncs = 0
         """Times the watch took a new snapshot because changes were missed."""
 
     async def __aenter__(self) -> Self:
-        await self._connect()
+        await self._connect(self._stack)
         try:
             await self._snapshot(first=True)
         except BaseException as exc:
@@ -309,38 +307,65 @@ class PropertyWatch:
             raise trio.BusyResourceError(msg)
         self._reading = True
         try:
-            while True:
-                while not self._backlog:
-                    await self._fetch()
-                change = self._backlog.pop(0)
-                if self._is_new(change):
-                    content = None if change.deleted else (change.value, change.flags)
-                    self._known[change.name] = content
-                    return change
+            while not self._backlog:
+                await self._fetch()
+            return self._backlog.pop(0)
         finally:
             self._reading = False
 
-    def _is_new(self, change: PropertyChange) -> bool:
-        """Whether ``change`` tells the watch something it does not know of the name."""
-        if change.name not in self._known:
-            return self._unseen_deletes or not change.deleted
-        known = self._known[change.name]
-        if change.deleted:
-            return known is not None
-        return known != (change.value, change.flags)
+    async def _take(self, change: PropertyChange) -> None:
+        """Queue ``change`` to be yielded if it is news, and know it."""
+        name = change.name
+        mark = self._marks.get(name)
+        if mark is not None:
+            if change.timestamp - mark in (0, 1):  # the change the snapshot showed
+                del self._marks[name]
+                return
+            if change.timestamp < mark and await self._stands(name, mark):
+                return
+            del self._marks[name]
+        elif change.deleted and (
+            self._known[name] is None if name in self._known else not self._unseen_deletes
+        ):
+            return
+        self._known[name] = None if change.deleted else (change.value, change.flags)
+        self._backlog.append(change)
 
-    async def _connect(self) -> None:
+    async def _stands(self, name: str, mark: int) -> bool:
+        """Whether a change dated before ``name``'s mark is one the snapshot covers.
+
+        While the clock goes forward it is; but if the property is gone, or its timestamp
+        now is older than the mark (the clock went back since the snapshot), the change
+        may be a later one whose entry dated the mark is no longer queued: it is news.
+        """
+        try:
+            prop = await _get(self._short_call, name)
+        except HgcmCallError as exc:
+            if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
+                raise
+            self._resync_due = True  # reconnects at the next wait
+            return False
+        return prop is not None and prop.timestamp >= mark
+
+    async def _connect(self, stack: AsyncExitStack) -> None:
         channel_cm = open_hgcm_channel(self._device, SERVICE_NAME)
-        self._channel = await self._stack.enter_async_context(channel_cm)
+        self._channel = await stack.enter_async_context(channel_cm)
 
     async def _reconnect(self) -> None:
-        """Close the channel whose client the host dropped, then connect a new one."""
-        self._channel = None
-        stack, self._stack = self._stack, AsyncExitStack()
+        """Connect a new channel, then close the one whose client the host dropped.
+
+        Cancelled while connecting, the watch keeps the old channel, whose next call fails
+        the same way and reconnects again.
+        """
+        stack = AsyncExitStack()
+        await self._connect(stack)
+        stack, self._stack = self._stack, stack
         await stack.aclose()
-        await self._connect()
 
     async def _fetch(self) -> None:
+        if self._resync_due:  # a resync was cancelled
+            await self._snapshot()
+            return
         size = NOTIFICATION_BUFFER_SIZE
         for _ in range(SIZE_RETRIES):
             try:
@@ -352,21 +377,23 @@ class PropertyWatch:
                 await self._recover(exc)
                 return
             change = _notification(reply)
-            if reply.status != VWRN_NOT_FOUND:
-                self._backlog.append(change)
-                self._cursor, self._cursor_unproven = change.timestamp, False
-                return
-            # The host did not know the place: it answered with the oldest change it holds
-            # (or the first after a restore). A snapshot, taken after it, shows what stands.
             unproven = self._cursor_unproven
-            if not unproven:
-                self._backlog.append(change)  # it follows the last change the watch read
-            self._backlog += await self._snapshot()
-            if unproven:
-                # A snapshot's newest timestamp was not in the queue either (its property
-                # predates the queue, or the clock went back): go on from this change,
-                # which the queue holds; what the snapshot showed is skipped when read.
-                self._cursor, self._cursor_unproven = change.timestamp, False
+            if unproven and reply.status == VINF_SUCCESS:
+                # The host knew the snapshot's newest timestamp: the changes dated up to it
+                # are behind (while the clock goes forward); those made during the snapshot
+                # may still come.
+                self._marks = {
+                    name: mark for name, mark in self._marks.items() if mark > self._cursor
+                }
+            await self._take(change)
+            self._cursor, self._cursor_unproven = change.timestamp, False
+            if reply.status == VWRN_NOT_FOUND:
+                # The host did not know the place: it answered with the oldest change it
+                # holds (or the first after a restore). A snapshot, taken after it, shows
+                # what stands. If the place was a snapshot's (its property predates the
+                # queue, or the clock went back), go on from this change, which the queue
+                # holds; the marks skip what the snapshot showed.
+                await self._resync(change.timestamp if unproven else None)
             return
         _still_too_small(GuestFunction.GET_NOTIFICATION)
 
@@ -375,28 +402,39 @@ class PropertyWatch:
         if exc.rc == VERR_BUFFER_OVERFLOW:
             # A wait for the next new change (cursor 0) cannot ask for that change again:
             # a retry would wait for the one after. The snapshot shows it if it stands.
-            timestamp = _u64(exc.reply.params[1])
-            self._backlog += await self._snapshot()
-            self._cursor, self._cursor_unproven = timestamp, False
+            await self._resync(_u64(exc.reply.params[1]))
         elif exc.rc == VERR_INTERRUPTED:
             log.debug("property_wait_interrupted")
         elif exc.rc == VERR_HGCM_INVALID_CLIENT_ID:
             log.info("property_watch_reconnecting")
+            self._resync_due = True
             await self._reconnect()
-            self._backlog += await self._snapshot()
+            await self._snapshot()
         else:
             raise exc
+
+    async def _resync(self, cursor: int | None) -> None:
+        """Take a new snapshot, then go on from ``cursor`` (None: the snapshot's place).
+
+        Until the snapshot is taken the watch goes on from ``cursor`` but takes one first.
+        """
+        if cursor is not None:
+            self._cursor, self._cursor_unproven = cursor, False
+        self._resync_due = True
+        await self._snapshot()
+        if cursor is not None:
+            self._cursor, self._cursor_unproven = cursor, False
 
     @property
     def channel(self) -> HgcmChannel:
         """The watch's own channel (a new one after the host dropped the client)."""
-        if self._channel is None:  # pragma: no cover - connected while the watch is open
-            msg = "the property watch is not connected"
-            raise RuntimeError(msg)
         return self._channel
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
-        return await self.channel.call(function, *params, lingers_when_cancelled=False)
+        """A short call (ENUM_PROPS, GET_PROP) on the watch's channel, with the driver timeout."""
+        return await self._channel.call(
+            function, *params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
+        )
 
     async def _call(self, size: int) -> HgcmReply:
         """One GET_NOTIFICATION on the watch's channel.
@@ -406,42 +444,56 @@ class PropertyWatch:
         change; every wait of the watch has the same patterns, so at most one lingers and
         the channel need not keep counting it (it would refuse the 16th ``next()``).
         """
-        return await self._short_call(
+        return await self._channel.call(
             GuestFunction.GET_NOTIFICATION,
             HgcmBufferIn(self._patterns),
             HgcmU64(self._cursor),
             HgcmBufferOut(size),
             HgcmU32(0),
+            lingers_when_cancelled=False,
         )
 
-    async def _snapshot(self, *, first: bool = False) -> list[PropertyChange]:
+    async def _snapshot(self, *, first: bool = False) -> None:
+        """Take a snapshot, connecting again if the host drops the client meanwhile."""
+        for _ in range(SNAPSHOT_TRIES - 1):
+            try:
+                return await self._take_snapshot(first=first)
+            except HgcmCallError as exc:
+                if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
+                    raise
+            log.info("property_watch_reconnecting")
+            await self._reconnect()
+        return await self._take_snapshot(first=first)
+
+    async def _take_snapshot(self, *, first: bool) -> None:
         """Take the host's newest timestamp as the cursor, then the matching properties.
 
-        The first snapshot makes the watch know them. A later one (a resync) returns a
-        set for each and a delete for each property the watch knows that is gone; those
-        that tell the watch nothing new are skipped when read.
+        The first snapshot makes the watch know them. A later one (a resync) queues a set
+        for each that differs from what the watch knows and a delete for each property the
+        watch knows that is gone. Either marks each property with its timestamp.
         """
         everything = await _enumerate(self._short_call)
         latest = max((prop.timestamp for prop in everything), default=0)
         patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
         current = await _enumerate(self._short_call, [pattern.decode() for pattern in patterns])
         self._cursor, self._cursor_unproven = latest, latest != 0
+        self._marks = {prop.name: prop.timestamp for prop in current}
+        self._resync_due = False
         if first:
             self._known = {prop.name: (prop.value, prop.flags) for prop in current}
-            return []
+            return
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
-        names = {prop.name for prop in current}
-        gone = [
-            PropertyChange(name, "", "", latest, deleted=True)
-            for name, known in self._known.items()
-            if known is not None and name not in names
-        ]
-        standing = [
-            PropertyChange(prop.name, prop.value, prop.flags, prop.timestamp, deleted=False)
-            for prop in current
-        ]
-        return gone + standing
+        for name, known in list(self._known.items()):
+            if known is not None and name not in self._marks:
+                self._known[name] = None
+                self._backlog.append(PropertyChange(name, "", "", latest, deleted=True))
+        for prop in current:
+            if self._known.get(prop.name) != (prop.value, prop.flags):
+                self._known[prop.name] = (prop.value, prop.flags)
+                self._backlog.append(
+                    PropertyChange(prop.name, prop.value, prop.flags, prop.timestamp, deleted=False)
+                )
 
 
 @asynccontextmanager
@@ -449,6 +501,25 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
     """Connect to the host's property service; yield the client; disconnect on exit."""
     async with open_hgcm_channel(device, SERVICE_NAME) as channel:
         yield GuestProperties(device, channel)
+
+
+async def _get(call: _Caller, name: str) -> Property | None:
+    """GET_PROP through ``call``, asked again with a larger buffer when needed."""
+    name_param = HgcmBufferIn(encode_name(name))
+    value_buffer = _VALUE_BUFFER
+    for _ in range(SIZE_RETRIES):
+        try:
+            reply = await call(
+                GuestFunction.GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32
+            )
+        except HgcmCallError as exc:
+            if exc.rc == VERR_NOT_FOUND:
+                return None
+            value_buffer = HgcmBufferOut(_needed_size(exc, 3))
+            continue
+        value, flags = _strings(reply.params[1], reply.params[3], 2)
+        return Property(name, value, flags, _u64(reply.params[2]))
+    return _still_too_small(GuestFunction.GET_PROP)
 
 
 async def _enumerate(call: _Caller, patterns: Sequence[str] = ()) -> list[Property]:

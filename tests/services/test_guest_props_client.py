@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,6 +22,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import RemoteProtocolError
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, RequestType
 from agent.protocol.guest_props import (
     MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
@@ -747,3 +749,223 @@ class TestWatchRobustness:
         assert [(change.name, change.value) for change in got] == [("/W/a", "1")]
         assert host.status()["hgcm_clients"] == 0
         assert device.statistics().open_sessions == 1
+
+
+@asynccontextmanager
+async def _props_on(
+    service: GuestPropertyService,
+) -> AsyncIterator[tuple[SimulatedHost, GuestProperties]]:
+    """A simulated host with ``service``, and a property client of it."""
+    host = SimulatedHost(services=[service])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
+            yield host, props
+        nursery.cancel_scope.cancel()
+
+
+class _DropDuringEnumeration(GuestPropertyService):
+    """Drops the calling client while answering the next ENUM_PROPS once ``drop`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop: SimulatedHost | None = None
+
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        if self.drop is not None:
+            self.drop.vmmdev.hgcm.drop_client(call.client_id)
+            self.drop = None
+        return super()._enum_props(call)
+
+
+class TestWatchNews:
+    async def test_a_set_to_the_same_value_is_news(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A host poking a trigger property with the value it has queues a change, which a
+        wait returns, as VBoxControl's does. (The watch compared contents and dropped it.)"""
+        host.prop_set("/W/trigger", "go")
+        got: list[PropertyChange] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def wait() -> None:
+                    got.append(await props.wait(["/W/*"]))
+
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/W/trigger", "go")
+        assert [(change.name, change.value) for change in got] == [("/W/trigger", "go")]
+
+    async def test_a_watch_reports_every_set_of_the_same_value(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """Each queued set is a change, also one read after the watch went on from it."""
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                host.prop_set("/W/a", "1")
+                host.prop_set("/W/a", "1")
+                host.prop_set("/W/a", "1")
+                got = [(await watch.next()).value for _ in range(3)]
+        assert got == ["1", "1", "1"]
+
+    async def test_a_restore_under_a_parked_wait_loses_no_change(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A wait parked across a restore completes (VWRN_NOT_FOUND) with a new change: the
+        wait returns it though the property went back to its old value at once. (The
+        answer was dropped and the snapshot showed the old value: the wait hung.)"""
+        clock = _Clock()
+        got: list[PropertyChange] = []
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                host.prop_set("/W/a", "1")
+                async with trio.open_nursery() as nursery:
+
+                    async def wait() -> None:
+                        got.append(await props.wait(["/W/*"]))
+
+                    nursery.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    clock.now += 10**9
+                    host.restore()
+                    clock.now += 10**9
+                    host.prop_set("/W/a", "2")
+                    host.prop_set("/W/a", "1")
+        assert [(change.name, change.value) for change in got] == [("/W/a", "2")]
+
+    async def test_a_burst_before_the_first_wait_loses_no_change(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """More than 256 changes between the snapshot and the first wait: the oldest change
+        the host holds is news when it is newer than the snapshot's."""
+        host.prop_set("/W/a", "1")
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"], unseen_deletes=False) as watch:
+                for index in range(300):
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/a", "2")
+                host.prop_set("/W/a", "1")
+                change = await watch.next()
+        assert (change.name, change.value) == ("/W/a", "2")
+
+    @pytest.mark.parametrize("restore", [True, False], ids=["restore", "burst"])
+    async def test_a_resync_reports_no_older_value_after_a_newer(
+        self, autojump_clock: trio.abc.Clock, restore: bool
+    ) -> None:
+        """After missed changes the queue is replayed from its oldest change: one older than
+        what the snapshot showed is not reported after it. (The watch reported 3, 2, 3.)"""
+        clock = _Clock()
+        got: list[str] = []
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                host.prop_set("/W/a", "init")
+                async with props.watch(["/W/*"]) as watch:
+                    if restore:
+                        clock.now += 10**9
+                        host.restore()
+                    else:
+                        for index in range(260):
+                            clock.now += 1000
+                            host.prop_set("/Other/n", str(index))
+                    for value in ("1", "2", "3"):
+                        clock.now += 10**9
+                        host.prop_set("/W/a", value)
+                    while not got or got[-1] != "3":
+                        got.append((await watch.next()).value)
+                    with trio.move_on_after(5):
+                        got.append((await watch.next()).value)
+                assert watch.resyncs >= 1
+        assert got == sorted(set(got))
+        assert got[-1] == "3"
+
+
+class TestWatchChannel:
+    async def test_a_timeout_during_a_reconnect_leaves_the_watch_working(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A ``next()`` whose deadline expires while the watch closes the dropped channel
+        (a slow disconnect) leaves the new one in place. (The watch had dropped its channel
+        before connecting a new one, and every later ``next()`` raised RuntimeError.)"""
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                dropped = watch.channel.client_id
+                host.set_delay(RequestType.HGCM_DISCONNECT, 2.0)
+                host.vmmdev.hgcm.drop_client(dropped)
+                with trio.move_on_after(1) as scope:
+                    await watch.next()
+                assert scope.cancelled_caught
+                host.set_delay(RequestType.HGCM_DISCONNECT, 0)
+                host.prop_set("/W/a", "1")
+                change = await watch.next()
+                assert watch.channel.client_id != dropped
+        assert (change.name, change.value) == ("/W/a", "1")
+
+    async def test_the_watch_enumerates_with_the_short_timeout(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        props: GuestProperties,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The watch's ENUM_PROPS are short calls (a driver timeout), its waits are not:
+        the device counts calls without one as blocking."""
+        timeouts: list[tuple[int, object]] = []
+        call = HgcmChannel.call
+
+        async def recording(
+            self: HgcmChannel, function: int, *params: HgcmParam, **kwargs: object
+        ) -> object:
+            timeouts.append((function, kwargs.get("timeout_ms")))
+            return await call(self, function, *params, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(HgcmChannel, "call", recording)
+        with trio.fail_after(60):
+            async with props.watch(["/W/*"]) as watch:
+                host.prop_set("/W/a", "1")
+                await watch.next()
+        assert timeouts == [
+            (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
+            (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
+            (GuestFunction.GET_NOTIFICATION, None),
+        ]
+
+    async def test_a_drop_during_a_resync_reconnects(self, autojump_clock: trio.abc.Clock) -> None:
+        """The host drops the watch's client while answering a resync's enumeration: the
+        watch connects again and repeats the snapshot. (The failure ended the watch.)"""
+        service = _DropDuringEnumeration()
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
+                for index in range(300):
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/a", "1")
+                dropped = watch.channel.client_id
+                service.drop = host
+                first = await watch.next()
+                host.prop_set("/W/b", "2")
+                second = await watch.next()
+                assert watch.channel.client_id != dropped
+                assert host.status()["hgcm_clients"] == 2
+        assert [(c.name, c.value) for c in (first, second)] == [("/W/a", "1"), ("/W/b", "2")]
+
+    async def test_a_clock_stepped_back_after_a_resync_loses_no_change(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """After missed changes the watch replays the host's queue with the snapshot's
+        marks; a change made once the clock went back is dated before its property's mark but is
+        news all the same. (It was skipped as one the snapshot showed.)"""
+        clock = _Clock()
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                host.prop_set("/W/a", "init")
+                async with props.watch(["/W/*"]) as watch:
+                    for index in range(300):  # the queue forgets the snapshot's place
+                        host.prop_set("/Other/n", str(index))
+                    clock.now += 10**9
+                    host.prop_set("/W/b", "x")  # the oldest matching change it holds
+                    first = await watch.next()
+                    clock.now -= 100 * 10**9
+                    host.prop_set("/W/a", "1")
+                    second = await watch.next()
+                    assert watch.resyncs == 1
+        assert [(c.name, c.value) for c in (first, second)] == [("/W/b", "x"), ("/W/a", "1")]
