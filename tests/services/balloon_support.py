@@ -199,8 +199,9 @@ async def running_balloon(
 
 
 class ErrnoOnce:
-    """Wraps a walker's handover: the next calls of the named methods raise ``error`` (as a
-    driver refusing the ioctl with an errno), the rest go through."""
+    """Wraps a walker's handover: the next calls of the named methods raise ``error`` (for a
+    driver refusing the ioctl with an errno, what the device raises for it:
+    ``VBoxStatusError.from_errno``), the rest go through."""
 
     def __init__(self, handover: Handover, error: BaseException, **calls: int) -> None:
         self._handover = handover

@@ -16,7 +16,14 @@ import trio
 
 from agent.device import open_device
 from agent.host import SimOpener, SimTransport, SimulatedHost
-from agent.protocol import CheckBalloon, RequestType
+from agent.protocol import (
+    ChangeBalloon,
+    ChangeMemBalloon,
+    CheckBalloon,
+    GetMemBalloonChangeRequest,
+    RequestType,
+    VBoxStatusError,
+)
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
 from agent.services import EventPump
 from agent.services._base import BalloonGauge
@@ -43,6 +50,15 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 WALKING = [("oracle-r3", BalloonMode.ALLOCATED), ("passthrough", BalloonMode.OWNED)]
+CHANGE_OPERATION = {
+    BalloonMode.ALLOCATED: ChangeBalloon.operation,
+    BalloonMode.OWNED: ChangeMemBalloon.operation,
+}
+READ_OPERATION = {
+    BalloonMode.ALLOCATED: CheckBalloon.operation,
+    BalloonMode.OWNED: GetMemBalloonChangeRequest.operation,
+}
+"""What each walking mode's ioctl is named in the errors the device raises."""
 
 
 def _host(kind: str) -> SimulatedHost:
@@ -179,7 +195,9 @@ class TestFollowsTarget:
                     await host_shows(8)
                     assert first.walker is not None  # every deflate refused until the drain time
                     first.walker.handover = ErrnoOnce(
-                        first.walker.handover, OSError(errno.EIO, "I/O error"), deflate=10**6
+                        first.walker.handover,
+                        VBoxStatusError.from_errno(errno.EIO, CHANGE_OPERATION[mode]),
+                        deflate=10**6,
                     )
                     await stop()
                     with trio.move_on_after(5.0):
@@ -469,7 +487,9 @@ class TestBackoff:
                 walker = run.service.walker
                 assert walker is not None
                 walker.handover = ErrnoOnce(
-                    walker.handover, OSError(errno.ENOMEM, "Cannot allocate memory"), inflate=1
+                    walker.handover,
+                    VBoxStatusError.from_errno(errno.ENOMEM, CHANGE_OPERATION[mode]),
+                    inflate=1,
                 )
                 run.host.set_balloon_target(8)
                 await run.until(lambda: run.service.statistics().failures == 1)
@@ -478,7 +498,7 @@ class TestBackoff:
             assert not chunks.live
         [stopped] = [e for e in logs if e["event"] == "balloon_walk_stopped"]
         assert stopped["log_level"] == "warning"
-        assert stopped["reason"] == "balloon ioctl: Cannot allocate memory"
+        assert stopped["reason"] == f"{CHANGE_OPERATION[mode]}: VERR_NO_MEMORY"
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_driver_errno_on_a_target_read_is_a_failed_check(
@@ -490,12 +510,18 @@ class TestBackoff:
                 walker = run.service.walker
                 assert walker is not None
                 walker.handover = ErrnoOnce(
-                    walker.handover, OSError(errno.EIO, "Input/output error"), read_target=1
+                    walker.handover,
+                    VBoxStatusError.from_errno(errno.EIO, READ_OPERATION[mode]),
+                    read_target=1,
                 )
                 run.host.set_balloon_target(8)
                 await run.settle(8)
         [failed] = [e for e in logs if e["event"] == "balloon_check_failed"]
-        assert (failed["log_level"], failed["status"]) == ("warning", "Input/output error")
+        assert (failed["log_level"], failed["operation"], failed["status"]) == (
+            "warning",
+            READ_OPERATION[mode],
+            "VERR_DEV_IO_ERROR",
+        )
         assert [e["event"] for e in logs].count("balloon_mode") == 1  # no restart
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)

@@ -16,7 +16,7 @@ from agent.protocol.status import VERR_NO_MEMORY
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import ChunkError
 from agent.services.balloon._handover import HostTarget
-from agent.services.balloon._walker import ChunkWalker
+from agent.services.balloon._walker import BATCH_CHUNKS, ChunkWalker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -251,3 +251,34 @@ async def test_a_walk_cancelled_mid_group_keeps_only_what_the_host_may_hold() ->
             nursery.cancel_scope.cancel()
     assert len(walker.held) == 3
     assert _mapped_is_held(walker, allocator)
+
+
+async def test_an_unknown_memavailable_is_looked_for_before_every_chunk_of_a_group() -> None:
+    """Without MemAvailable (the floor unchecked) a group does not end before each look: all
+    16 chunks of the first group are mapped, each after a look, before the first handover."""
+    looks: list[int] = []
+    allocator = TrackingAllocator()
+    handover = ScriptedHandover()
+    mapped_at_first_handover: list[int] = []
+    handover.on_inflate = lambda number: (
+        mapped_at_first_handover.append(len(allocator.mapped)) if number == 1 else None
+    )
+
+    def unknown() -> None:
+        looks.append(allocator.allocations)
+
+    walker = ChunkWalker(
+        handover,
+        allocator,
+        backoff=Backoff(1.0, 60.0),
+        mem_available_mb=unknown,
+        min_available_mb=256,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            walker.set_target(HostTarget(chunks=BATCH_CHUNKS, max_chunks=None))
+            await walker.wait_held(BATCH_CHUNKS)
+            nursery.cancel_scope.cancel()
+    assert mapped_at_first_handover == [BATCH_CHUNKS]
+    assert looks == list(range(BATCH_CHUNKS))  # one look before each chunk's mapping

@@ -359,7 +359,7 @@ class BalloonService:
     async def _probe(self, backoff: Backoff) -> Detected | None:
         try:
             return await detect_mode(self._device)
-        except (VBoxStatusError, OSError) as exc:
+        except VBoxStatusError as exc:
             _check_failed(exc, backoff)
             return None
 
@@ -428,7 +428,7 @@ class BalloonService:
                     self._read_pending = False
                     try:
                         await self._read_target()
-                    except (VBoxStatusError, OSError) as exc:  # OSError: the driver's errno
+                    except VBoxStatusError as exc:  # a host status, or a driver errno as one
                         self._read_pending = True
                         self._read_failures += 1
                         _check_failed(exc, backoff)
@@ -665,14 +665,13 @@ def _memlock_fields() -> dict[str, object]:
     }
 
 
-def _check_failed(exc: VBoxStatusError | OSError, backoff: Backoff) -> None:
+def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
     """Back off after a failed balloon check: a warning the first time, then debug lines."""
     first = backoff.failures == 0
     delay = backoff.failed(trio.current_time())
-    if isinstance(exc, VBoxStatusError):
-        operation, status = exc.operation, exc.name
-    else:  # the driver refused the ioctl itself
-        operation, status = "balloon ioctl", exc.strerror or str(exc)
     (log.warning if first else log.debug)(
-        "balloon_check_failed", operation=operation, status=status, retry_in_s=round(delay, 3)
+        "balloon_check_failed",
+        operation=exc.operation,
+        status=exc.name,
+        retry_in_s=round(delay, 3),
     )

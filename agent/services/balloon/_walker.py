@@ -22,8 +22,10 @@ most :data:`MEMINFO_REUSE_CHUNKS` chunks and only while it leaves that many MiB 
 floor; nearer the floor, after a pause, a restart, a deflate or a failure, it is read again.
 A chunk is therefore refused exactly where a reading before it would refuse it, unless the
 rest of the guest took more than that many MiB within those few chunks (a few milliseconds).
-A group ends before a chunk that would read MemAvailable afresh, so a reading is only ever
-taken with every chunk of the walk handed over, as one chunk at a time took it.
+A group ends before a chunk that would read MemAvailable afresh, so a reading that finds it
+is taken with every chunk of the walk handed over, as one chunk at a time took it. While
+MemAvailable is unknown (the floor unchecked) every chunk looks for it, the group's earlier
+chunks mapped but not yet handed over; the first reading that finds it serves from then on.
 """
 
 from __future__ import annotations
@@ -257,12 +259,9 @@ class ChunkWalker:
                 try:
                     await self.handover.inflate(chunk)
                 except VBoxStatusError as exc:  # still ready: unmapped below
+                    # The host's status, or the driver's errno as the status it stands for.
                     msg = f"{exc.operation}: {exc.name}"
                     raise WalkStoppedError(msg) from exc
-                except (
-                    OSError
-                ) as exc:  # the driver refused the ioctl (ENOMEM): the host has nothing
-                    raise WalkStoppedError(_os_reason(exc)) from exc
                 except BaseException:
                     # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
                     self.held.append(ready.pop())
@@ -284,7 +283,7 @@ class ChunkWalker:
         try:
             for _ in range(min(count, BATCH_CHUNKS)):
                 if chunks and self._available_known and self._reading_due():
-                    break  # MemAvailable is read with every chunk of the walk handed over
+                    break  # a known MemAvailable is read with the walk's chunks handed over
                 self._check_floor()
                 address = allocator.allocate()
                 try:
@@ -332,13 +331,10 @@ class ChunkWalker:
         False, the chunk still held, if the host refused."""
         try:
             await self.handover.deflate(chunk)
-        except VBoxStatusError as exc:
+        except VBoxStatusError as exc:  # a host status, or a driver errno as the status
             if not self.handover.never_held(exc.rc):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
-        except OSError as exc:  # the driver refused the ioctl: the host still holds it
-            self.last_failure = _os_reason(exc)
-            return False
         if self.held[-1] is chunk:
             self.held.pop()
         else:
@@ -383,8 +379,3 @@ class ChunkWalker:
             )
             await trio.sleep(delay)
             delay = min(2 * delay, DRAIN_RETRY_MAX_S)
-
-
-def _os_reason(exc: OSError) -> str:
-    """A driver's refusal as a reason: ``CHANGE_BALLOON ioctl: Cannot allocate memory``."""
-    return f"balloon ioctl: {exc.strerror or exc}"
