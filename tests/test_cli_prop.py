@@ -275,6 +275,17 @@ class TestWait:
         )
         assert sim.status()["hgcm_clients"] == 0
 
+    def test_returns_when_the_host_sets_the_value_a_property_has(self, sim: PropHost) -> None:
+        """A host poking a trigger property with its current value wakes ``prop wait``, as
+        it wakes VBoxControl's (the watch had skipped a change with nothing new in it)."""
+        sim.host("prop", "set", "/W/trigger", "go")
+        with held_wait(sim, "/W/*", "--timeout", str(WAIT_S), "--json") as waiter:
+            sim.host("prop", "set", "/W/trigger", "go")
+            stdout, stderr = waiter.communicate(timeout=WAIT_S)
+        assert waiter.returncode == EX_OK, stderr
+        change = json.loads(stdout)
+        assert (change["name"], change["value"], change["deleted"]) == ("/W/trigger", "go", False)
+
     def test_ctrl_c_ends_it_quietly(self, sim: PropHost) -> None:
         """SIGINT ends a wait with 130, nothing on stderr (it printed a traceback), and the
         client released at the host."""
