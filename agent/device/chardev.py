@@ -15,7 +15,10 @@ session. Design points:
   full budget can never deadlock: a blocking call beyond that fails at once with
   :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls (any other
   ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``, such as a property set)
-  never fail for want of a thread: they wait for one, which they hold only briefly.
+  never fail for want of a thread: they wait for one, which they hold only briefly (at
+  most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or disconnect, which neither driver
+  times out or lets a signal end, is given up after that by ``Device.open_hgcm_client``,
+  and its thread abandoned and replaced).
 - **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
   GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
   every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
@@ -462,9 +465,10 @@ class CharDevTransport:
                 pending = [call for call in pending if not call.done.is_set()]
                 delay = min(2 * delay, _RESIGNAL_MAX)
         for call in pending:
-            with self._lock:
-                call.abandoned = not call.returned
-            if call.abandoned:
+            with self._lock:  # once only: another interrupter may have abandoned it already
+                newly_abandoned = not call.returned and not call.abandoned
+                call.abandoned = call.abandoned or newly_abandoned
+            if newly_abandoned:
                 replaced = self._budget.abandon()
                 _log.warning(
                     "ioctl_abandoned",

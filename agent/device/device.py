@@ -53,8 +53,8 @@ from agent.protocol import (
     VBoxStatusError,
     WaitForEvents,
 )
-from agent.protocol.constants import TIMEOUT_INFINITE
-from agent.protocol.status import VERR_HGCM_INVALID_CLIENT_ID, VERR_INTERRUPTED
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, TIMEOUT_INFINITE
+from agent.protocol.status import VERR_HGCM_INVALID_CLIENT_ID, VERR_INTERRUPTED, VERR_TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -70,6 +70,8 @@ CLEANUP_TIMEOUT_S: Final = 2.0
 """How long one piece of teardown (an interrupt, a disconnect, a close) may take, shielded."""
 STRAY_INTERRUPTS: Final = 3
 """Waits a waiter repeats after an interruption it did not ask for (a stray signal)."""
+HGCM_CONNECT_TIMEOUT_S: Final = SHORT_CALL_TIMEOUT_MS / 1000
+"""How long an HGCM connect, or the explicit disconnect, may wait for the host."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,18 +207,38 @@ class Device:
         exit (cancellation, an error) only closes the session: the driver disconnects the
         session's clients itself, so no host round trip runs shielded past the caller's
         deadline.
+
+        Both drivers wait for a connect or a disconnect without a timeout and let no signal
+        end it, so each is given :data:`HGCM_CONNECT_TIMEOUT_S`: a connect the host does not
+        answer by then fails with VERR_TIMEOUT, a disconnect is left to the session's close
+        (on ``/dev/vboxguest`` the call's thread is abandoned and replaced, not held for good).
+
+        Raises:
+            VBoxStatusError: the host refused the connect, or did not answer it in time.
         """
         channel = await self._open_channel()
         try:
-            connected = await channel.perform(HgcmConnect(service))
+            with trio.move_on_after(HGCM_CONNECT_TIMEOUT_S) as connecting:
+                connected = await channel.perform(HgcmConnect(service))
+            if connecting.cancelled_caught:
+                raise VBoxStatusError(VERR_TIMEOUT, f"VBG_IOCTL_HGCM_CONNECT to {service}")
             yield HgcmClient(channel, service, connected.client_id)
-            try:
-                await channel.perform(HgcmDisconnect(connected.client_id))
-            except VBoxStatusError as exc:
-                if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
-                    raise
-                log.debug(
-                    "hgcm_client_already_gone", service=service, client_id=connected.client_id
+            with trio.move_on_after(HGCM_CONNECT_TIMEOUT_S) as disconnecting:
+                try:
+                    await channel.perform(HgcmDisconnect(connected.client_id))
+                except VBoxStatusError as exc:
+                    if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
+                        raise
+                    log.debug(
+                        "hgcm_client_already_gone", service=service, client_id=connected.client_id
+                    )
+            if disconnecting.cancelled_caught:
+                log.warning(
+                    "hgcm_disconnect_given_up",
+                    service=service,
+                    client_id=connected.client_id,
+                    after_s=HGCM_CONNECT_TIMEOUT_S,
+                    reason="the host did not answer; closing the session disconnects the client",
                 )
         finally:
             await self._close_channel(channel)

@@ -840,6 +840,52 @@ class TestCancellation:
 class TestAbandonedCalls:
     """Calls the driver keeps: their threads are replaced up to a bound, then the device is lost."""
 
+    async def test_a_call_two_tasks_give_up_on_is_abandoned_once(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The cancelled caller and a concurrent ``aclose`` both wait out the same stubborn
+        call: it counts as abandoned once, and its return gives the replacement back."""
+        release = threading.Event()
+        arrived_in, arrived = trio.open_memory_channel[None](math.inf)
+
+        def keeper(fd: int, code: int, buffer: bytearray) -> None:
+            if code == Ioctl.HGCM_CONNECT:  # uninterruptible, and the host never answers
+                trio.from_thread.run_sync(arrived_in.send_nowait, None)
+                release.wait()
+
+        budget = chardev.ThreadBudget(2)
+        back = trio.Event()
+        count_back = budget.abandoned_returned
+
+        def returned() -> None:
+            count_back()
+            back.set()
+
+        monkeypatch.setattr(budget, "abandoned_returned", returned)
+        transport = CharDevTransport(
+            3, budget=budget, ioctl_fn=keeper, close_fn=lambda fd: None, interrupt_fn=lambda _: None
+        )
+        caller_scope = trio.CancelScope()
+
+        async def caller() -> None:
+            with caller_scope:
+                await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(caller)
+                    await arrived.receive()
+                    caller_scope.cancel()
+                    nursery.start_soon(transport.aclose)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 3)
+                release.set()
+                await back.wait()
+                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 2)
+        finally:
+            release.set()
+        assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
+
     async def test_abandoned_threads_are_replaced_up_to_the_budget(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -27,12 +27,12 @@ import pytest
 import trio
 import trio.testing
 
-from agent.device import open_device
+from agent.device import device as device_module, open_device
 from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.server import serve_simulated_host
-from agent.protocol import Event, VBoxStatusError
+from agent.protocol import Event, RequestType, VBoxStatusError
 from agent.protocol.constants import HGCM_MAX_USER_PARM
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
 from agent.services.guest_props import PropertyChange, open_guest_properties
@@ -298,3 +298,25 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
             nursery.cancel_scope.cancel()
     assert [value.value if value else None for value in values] == ["v", "v", "v"]
     assert kernel.peak == 2
+
+
+async def test_a_connect_the_host_never_answers_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both drivers wait for a connect uninterruptibly: over the character device one the
+    host holds fails with VERR_TIMEOUT after HGCM_CONNECT_TIMEOUT_S, and a later connect
+    (the host answering again) still gets a thread."""
+    monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
+    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(Kernel(host).opener(threads=2)) as device:
+                host.set_delay(RequestType.HGCM_CONNECT, 3600)
+                began = trio.current_time()
+                with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):
+                    async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                        pass
+                assert trio.current_time() - began < 2
+                host.set_delay(RequestType.HGCM_CONNECT, 0)
+                async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
+                    assert client.client_id > 0
+            nursery.cancel_scope.cancel()
