@@ -837,6 +837,38 @@ class TestCancellation:
             assert len(attempts) == chardev.EINTR_RETRIES + 1
 
 
+class StubbornConnects:
+    """A transport on a two-thread budget whose HGCM connects stay in the "driver" until
+    ``release`` (uninterruptible, the host never answering); ``arrived`` gets one item per
+    connect that entered it, and ``all_back`` is set once no abandoned call is left."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self._arrived_in, self.arrived = trio.open_memory_channel[None](math.inf)
+        self.budget = chardev.ThreadBudget(2)
+        self.all_back = trio.Event()
+        count_back = self.budget.abandoned_returned
+
+        def returned() -> None:
+            count_back()
+            if self.budget.abandoned == 0:
+                self.all_back.set()
+
+        monkeypatch.setattr(self.budget, "abandoned_returned", returned)
+        self.transport = CharDevTransport(
+            3,
+            budget=self.budget,
+            ioctl_fn=self._keep,
+            close_fn=lambda fd: None,
+            interrupt_fn=lambda _: None,
+        )
+
+    def _keep(self, fd: int, code: int, buffer: bytearray) -> None:
+        if code == Ioctl.HGCM_CONNECT:
+            trio.from_thread.run_sync(self._arrived_in.send_nowait, None)
+            self.release.wait()
+
+
 class TestAbandonedCalls:
     """Calls the driver keeps: their threads are replaced up to a bound, then the device is lost."""
 
@@ -845,26 +877,8 @@ class TestAbandonedCalls:
     ) -> None:
         """The cancelled caller and a concurrent ``aclose`` both wait out the same stubborn
         call: it counts as abandoned once, and its return gives the replacement back."""
-        release = threading.Event()
-        arrived_in, arrived = trio.open_memory_channel[None](math.inf)
-
-        def keeper(fd: int, code: int, buffer: bytearray) -> None:
-            if code == Ioctl.HGCM_CONNECT:  # uninterruptible, and the host never answers
-                trio.from_thread.run_sync(arrived_in.send_nowait, None)
-                release.wait()
-
-        budget = chardev.ThreadBudget(2)
-        back = trio.Event()
-        count_back = budget.abandoned_returned
-
-        def returned() -> None:
-            count_back()
-            back.set()
-
-        monkeypatch.setattr(budget, "abandoned_returned", returned)
-        transport = CharDevTransport(
-            3, budget=budget, ioctl_fn=keeper, close_fn=lambda fd: None, interrupt_fn=lambda _: None
-        )
+        stubborn = StubbornConnects(monkeypatch)
+        budget, transport = stubborn.budget, stubborn.transport
         caller_scope = trio.CancelScope()
 
         async def caller() -> None:
@@ -875,15 +889,15 @@ class TestAbandonedCalls:
             with trio.fail_after(BOUND), capture_logs() as logs:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(caller)
-                    await arrived.receive()
+                    await stubborn.arrived.receive()
                     caller_scope.cancel()
                     nursery.start_soon(transport.aclose)
                 assert (budget.abandoned, budget.limiter.total_tokens) == (1, 3)
-                release.set()
-                await back.wait()
+                stubborn.release.set()
+                await stubborn.all_back.wait()
                 assert (budget.abandoned, budget.limiter.total_tokens) == (0, 2)
         finally:
-            release.set()
+            stubborn.release.set()
         assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
 
     async def test_abandoned_threads_are_replaced_up_to_the_budget(
@@ -892,27 +906,9 @@ class TestAbandonedCalls:
         """Each abandoned call's thread is replaced (up to the budget again), so later calls
         still run; past that every ioctl fails at once with DeviceLostError; threads that come
         back give their replacements back and the transport works again."""
-        release = threading.Event()
-        arrived_in, arrived = trio.open_memory_channel[None](math.inf)
-
-        def keeper(fd: int, code: int, buffer: bytearray) -> None:
-            if code == Ioctl.HGCM_CONNECT:  # uninterruptible, and the host never answers
-                trio.from_thread.run_sync(arrived_in.send_nowait, None)
-                release.wait()
-
-        budget = chardev.ThreadBudget(2)
-        all_back = trio.Event()
-        count_back = budget.abandoned_returned
-
-        def returned() -> None:
-            count_back()
-            if budget.abandoned == 0:
-                all_back.set()
-
-        monkeypatch.setattr(budget, "abandoned_returned", returned)
-        transport = CharDevTransport(
-            3, budget=budget, ioctl_fn=keeper, close_fn=lambda fd: None, interrupt_fn=lambda _: None
-        )
+        stubborn = StubbornConnects(monkeypatch)
+        budget, transport, arrived = stubborn.budget, stubborn.transport, stubborn.arrived
+        release, all_back = stubborn.release, stubborn.all_back
 
         async def abandon(calls: int) -> None:
             with trio.CancelScope() as scope:
