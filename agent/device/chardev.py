@@ -43,7 +43,10 @@ session. Design points:
   (each ``ioctl_abandoned`` line counts them); past that, every ioctl of the process fails
   at once with :class:`DeviceLostError` rather than waiting for a thread that may never
   come, and the daemon exits for systemd to restart it. An abandoned thread that comes back
-  takes its replacement away again (``abandoned_ioctl_returned``).
+  takes its replacement away again (``abandoned_ioctl_returned``). What no process can
+  do: a thread asleep uninterruptibly in the driver ends only when the host answers, so
+  until then the exiting process is not fully reaped (even SIGKILL waits for it) and
+  systemd may report it as left over.
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
   INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
