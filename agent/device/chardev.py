@@ -213,11 +213,6 @@ class ThreadBudget:
         """Count a blocking call that returned (or was abandoned) out."""
         self.blocking -= 1
 
-    @property
-    def replacements(self) -> int:
-        """Tokens added in place of those abandoned threads hold: at most ``threads``."""
-        return min(self.abandoned, self.threads)
-
     def check_usable(self) -> None:
         """Raise if abandoned threads hold more tokens than the budget replaces.
 
