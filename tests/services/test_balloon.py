@@ -885,6 +885,7 @@ class TestReconfigure:
                 assert walker is not None
                 assert walker.backoff.maximum == 5.0
                 assert service.reconfigure(BalloonSection(psi_interval_s=5.0))
+                assert walker.backoff.maximum == BalloonSection().retry_max_s
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_shorter_cooldown_ends_the_hold_in_place(

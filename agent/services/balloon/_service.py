@@ -60,16 +60,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.services.balloon")
 
 EVENTS: Final = Event.BALLOON_CHANGE_REQUEST | Event.RESTORED
-_LIVE_FIELDS: Final = frozenset(
-    {
-        "pressure_step_mb",
-        "pressure_cooldown_s",
-        "min_available_mb",
-        "retry_initial_s",
-        "retry_max_s",
-    }
-)
-"""Settings a reload applies at once."""
 _WATCH_FIELDS: Final = frozenset({"psi_path", "psi_interval_s", "pressure_threshold_pct"})
 """Settings a reload applies by restarting the pressure watch alone (the chunks stay)."""
 MAX_HOLD_FACTOR: Final = 16
@@ -239,8 +229,6 @@ class BalloonService:
             for name in type(section).model_fields
             if getattr(section, name) != getattr(old, name)
         }
-        if changed - _LIVE_FIELDS - _WATCH_FIELDS - {"enable"}:
-            return False
         self._section = section
         if changed & _WATCH_FIELDS and self._watch is not None:
             self._watch.cancel()
