@@ -39,13 +39,12 @@ from agent.services.guest_props import open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
+from tests.sim_support import HookedOpener
 from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator
 
-    from agent.device.transport import Transport
-    from agent.protocol import UserBuffer
 
 PYTHON: Final = sys.executable
 WAIT_S: Final = 30.0
@@ -303,44 +302,17 @@ class TestWait:
         assert sim.status()["hgcm_clients"] == 0
 
 
-class _SlowDisconnectOpener:
-    """Opens sessions on a simulated host; the first HGCM_DISCONNECT after ``block()``
-    waits until cancelled (a disconnect still under way when a deadline expires)."""
+class _SlowDisconnect:
+    """The first HGCM_DISCONNECT after ``blocking`` is set waits until cancelled (a
+    disconnect still under way when a deadline expires)."""
 
-    def __init__(self, host: SimulatedHost) -> None:
-        self._opener = SimOpener(host)
+    def __init__(self) -> None:
         self.blocking = False
 
-    @property
-    def description(self) -> str:
-        """Where sessions lead."""
-        return self._opener.description
-
-    @property
-    def simulated(self) -> bool:
-        """Sessions lead to a simulated host."""
-        return self._opener.simulated
-
-    async def open_session(self) -> _SlowDisconnectTransport:
-        """Open a session on the host."""
-        return _SlowDisconnectTransport(self, await self._opener.open_session())
-
-
-class _SlowDisconnectTransport:
-    def __init__(self, opener: _SlowDisconnectOpener, inner: Transport) -> None:
-        self._opener = opener
-        self._inner = inner
-
-    async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
-    ) -> None:
-        if code == Ioctl.HGCM_DISCONNECT and self._opener.blocking:
-            self._opener.blocking = False
+    async def before(self, code: int) -> None:
+        if code == Ioctl.HGCM_DISCONNECT and self.blocking:
+            self.blocking = False
             await trio.sleep_forever()
-        await self._inner.ioctl(code, buffer, user_buffers)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 class TestInProcess:
@@ -355,16 +327,17 @@ class TestInProcess:
     ) -> None:
         """``prop wait`` prints a change it received even when its timeout expires while
         the wait's channel disconnects (it reported a timeout and lost the change)."""
-        opener = _SlowDisconnectOpener(host)
+        slow = _SlowDisconnect()
+        opener = HookedOpener(host, before=slow.before)
         args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout="5", json=False)
         with trio.fail_after(60):
             async with open_device(opener) as device, open_guest_properties(device) as props:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_wait, args, props)
                     await trio.testing.wait_all_tasks_blocked()
-                    opener.blocking = True
+                    slow.blocking = True
                     host.prop_set("/W/a", "1")
-                assert not opener.blocking
+                assert not slow.blocking
         stored = host.prop_get("/W/a")
         assert stored is not None
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too

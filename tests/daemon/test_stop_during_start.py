@@ -2,11 +2,11 @@
 
 Rules of this test module:
 - The host is an in-process ``SimulatedHost`` with the ``passthrough`` driver (the agent owns
-  the heartbeat), behind :class:`HoldingOpener`: a ``SimOpener`` whose sessions hold back
-  the answer to the first ioctl after which a condition on the host holds. The host has
+  the heartbeat), opened through a :class:`Hold`: sessions that hold back the answer to
+  the first ioctl after which a condition on the host holds. The host has
   acted, the agent has not heard back: the window a stop may hit during a start.
 - sd_notify is off, so the virtual clock (``autojump_clock``) drives every wait; each test
-  is bounded by ``trio.fail_after`` on that clock. Synchronisation uses the opener's event.
+  is bounded by ``trio.fail_after`` on that clock. Synchronisation uses the hold's event.
 """
 
 from __future__ import annotations
@@ -20,68 +20,33 @@ from agent.config import AgentConfig, DaemonConfig
 from agent.daemon import Daemon
 from agent.daemon.daemon import CLOSE_S, FINAL_PHASE_S
 from agent.daemon.notify import Notifier
-from agent.host import SimOpener, SimulatedHost
+from agent.host import SimulatedHost
 from agent.protocol import Facility, FacilityStatus
 from agent.services.network import COUNT_PROPERTY
+from tests.sim_support import HookedOpener
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
-
-    from agent.host.transport import SimTransport
-    from agent.protocol import UserBuffer
+    from collections.abc import AsyncIterator, Callable
 
 LIMIT_S: Final = 120.0
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 
 
-class HoldingOpener:
-    """Sessions on ``host`` that never deliver the answer to the first ioctl after which
-    ``condition(host)`` holds (the ioctl waits until cancelled); ``holding`` is then set."""
+class Hold:
+    """Holds back, until cancelled, the answer to the first ioctl after which
+    ``condition(host)`` holds; ``holding`` is then set. ``opener`` opens sessions on
+    ``host`` that do so."""
 
     def __init__(self, host: SimulatedHost, condition: Callable[[SimulatedHost], bool]) -> None:
         self._host = host
-        self._opener = SimOpener(host)
         self._condition = condition
         self.holding = trio.Event()
+        self.opener = HookedOpener(host, after=self._after)
 
-    @property
-    def description(self) -> str:
-        """The wrapped opener's."""
-        return self._opener.description
-
-    @property
-    def simulated(self) -> bool:
-        """The wrapped opener's."""
-        return self._opener.simulated
-
-    async def open_session(self) -> HoldingSession:
-        """Open a session on the host whose answers this opener may hold."""
-        return HoldingSession(await self._opener.open_session(), self)
-
-    async def after_ioctl(self) -> None:
-        """Hold this ioctl's answer for ever if it is the first to meet the condition."""
+    async def _after(self, _code: int) -> None:
         if not self.holding.is_set() and self._condition(self._host):
             self.holding.set()
             await trio.sleep_forever()
-
-
-class HoldingSession:
-    """One session of :class:`HoldingOpener`."""
-
-    def __init__(self, transport: SimTransport, opener: HoldingOpener) -> None:
-        self._transport = transport
-        self._opener = opener
-
-    async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
-    ) -> None:
-        """The host's ioctl, then maybe the hold."""
-        await self._transport.ioctl(code, buffer, user_buffers)
-        await self._opener.after_ioctl()
-
-    async def aclose(self) -> None:
-        """Close the host's session."""
-        await self._transport.aclose()
 
 
 def _heartbeat_on(host: SimulatedHost) -> bool:
@@ -120,13 +85,13 @@ class TestStopDuringStart:
         """The host switched its check on but the answer never came: the stop cancels the
         heartbeat's start, its drain switches the check off, facility Terminated follows,
         and the run ends within the promised bound."""
-        opener = HoldingOpener(host, _heartbeat_on)
+        hold = Hold(host, _heartbeat_on)
         config = AgentConfig(daemon=DaemonConfig(shutdown_timeout_s=SHUTDOWN_TIMEOUT_S))
-        daemon = Daemon(config, opener, notifier=Notifier(None))
+        daemon = Daemon(config, hold.opener, notifier=Notifier(None))
         with trio.fail_after(LIMIT_S):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(daemon.run)
-                await opener.holding.wait()
+                await hold.holding.wait()
                 assert _heartbeat_on(host)
                 began = trio.current_time()
                 daemon.request_shutdown("test")
@@ -141,12 +106,12 @@ class TestStopDuringStart:
     ) -> None:
         """The network service's first pass (its start) wrote Net/Count but never heard
         back: the stop cancels the start and its drain deletes what it owns, as at any stop."""
-        opener = HoldingOpener(host, _net_count_published)
-        daemon = Daemon(AgentConfig(), opener, notifier=Notifier(None))
+        hold = Hold(host, _net_count_published)
+        daemon = Daemon(AgentConfig(), hold.opener, notifier=Notifier(None))
         with trio.fail_after(LIMIT_S):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(daemon.run)
-                await opener.holding.wait()
+                await hold.holding.wait()
                 daemon.request_shutdown("test")
         assert host.prop_get(COUNT_PROPERTY) is None
         assert _facility(host) == FacilityStatus.TERMINATED
