@@ -246,6 +246,13 @@ class ThreadBudget:
         _log.info("abandoned_ioctl_returned", abandoned=self.abandoned)
 
 
+_TIMED_IOCTLS: Final[dict[int, type[L.WaitForEventsIoctl | L.HgcmCallIoctl]]] = {
+    IoctlFunction.WAIT_FOR_EVENTS: L.WaitForEventsIoctl,
+    IoctlFunction.HGCM_CALL_64: L.HgcmCallIoctl,
+}
+"""The ioctls that may block, by function: their layout holds the driver timeout."""
+
+
 def is_blocking(code: int, buffer: bytearray) -> bool:
     """Whether the driver may keep this call, and its worker thread, without a bound.
 
@@ -253,18 +260,12 @@ def is_blocking(code: int, buffer: bytearray) -> bool:
     :data:`~agent.protocol.constants.SHORT_CALL_TIMEOUT_MS` (``TIMEOUT_INFINITE`` included);
     a buffer too short to hold the timeout counts as blocking.
     """
-    function = ioc_nr(code)
-    if function == IoctlFunction.WAIT_FOR_EVENTS:
-        if len(buffer) < L.WaitForEventsIoctl.size:
-            return True
-        timeout_ms = L.WaitForEventsIoctl.timeout_ms.get(buffer)
-    elif function == IoctlFunction.HGCM_CALL_64:
-        if len(buffer) < L.HgcmCallIoctl.size:
-            return True
-        timeout_ms = L.HgcmCallIoctl.timeout_ms.get(buffer)
-    else:
+    layout = _TIMED_IOCTLS.get(ioc_nr(code))
+    if layout is None:
         return False
-    return timeout_ms > SHORT_CALL_TIMEOUT_MS
+    if len(buffer) < layout.size:
+        return True
+    return layout.timeout_ms.get(buffer) > SHORT_CALL_TIMEOUT_MS
 
 
 def install_interrupt_handler() -> None:
@@ -288,9 +289,9 @@ class _Call:
     code: int
     buffer: bytearray
     pins: list[ctypes.Array[ctypes.c_char]]
+    """User memory the driver may write; the worker thread keeps it alive, even abandoned."""
     token: trio.lowlevel.TrioToken
     """Where the worker thread reports that an abandoned call came back."""
-    """User memory the driver may write; the worker thread keeps it alive, even abandoned."""
     scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
     """Shields the call from its caller; cancelled only to abandon it."""
     done: trio.Event = field(default_factory=trio.Event)
