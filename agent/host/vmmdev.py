@@ -85,10 +85,8 @@ VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _NS_PER_MS: Final = 1_000_000
-_BALLOON_CHANGE: Final = L.run(
-    L.MemBalloonChangeRequest.pages, L.MemBalloonChangeRequest.inflate
-).codec
-_BALLOON_CHANGE_AT: Final = L.MemBalloonChangeRequest.pages.offset
+_BALLOON_CHANGE: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.codec
+_BALLOON_CHANGE_AT: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.offset
 _BALLOON_PAGES_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
 """CHANGE_MEMBALLOON's page count and inflate flag (adjacent: one unpack), and its pages."""
 _HEADER_START: Final = L.run(

@@ -574,6 +574,12 @@ class MemBalloonChangeRequest(_WithRequestHeader):
     phys_page = u64(32, "phys_page")
 
 
+BALLOON_CHANGE_COUNT_AND_FLAG: Final = run(
+    MemBalloonChangeRequest.pages, MemBalloonChangeRequest.inflate
+)
+"""CHANGE_MEMBALLOON's page count and inflate flag, adjacent: one pack or unpack."""
+
+
 class WriteCoreDumpRequest(_WithRequestHeader):
     """``struct vmmdev_write_core_dump`` (28 bytes), WRITE_COREDUMP."""
 

@@ -1103,8 +1103,7 @@ class ChangeMemBalloon(_VmmdevRequest[None]):
 
     def fill(self, buf: bytearray) -> None:
         """Write the chunk's 256 addresses (checked when its ``ChunkPages`` was built)."""
-        L.MemBalloonChangeRequest.pages.set(buf, BALLOON_CHUNK_PAGES)
-        L.MemBalloonChangeRequest.inflate.set(buf, int(self.inflate))
+        L.BALLOON_CHANGE_COUNT_AND_FLAG.set(buf, BALLOON_CHUNK_PAGES, int(self.inflate))
         offset = L.MemBalloonChangeRequest.phys_page.offset
         buf[offset : offset + CHUNK_PAGES.size] = self.pages.packed
 

@@ -129,9 +129,7 @@ async def change_memballoon(driver: Driver, req: bytearray, pages: bytes, *, inf
 _PAGES_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
 _HEADER_SIZE: Final = L.MemBalloonChangeRequest.header_size.codec
 _HEADER_SIZE_AT: Final = L.MemBalloonChangeRequest.header_size.offset
-_COUNT_AND_FLAG: Final = L.run(
-    L.MemBalloonChangeRequest.pages, L.MemBalloonChangeRequest.inflate
-).codec
-_COUNT_AND_FLAG_AT: Final = L.MemBalloonChangeRequest.pages.offset
+_COUNT_AND_FLAG: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.codec
+_COUNT_AND_FLAG_AT: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.offset
 """The request's members as struct-and-offset pairs (one call each, the adjacent page count
 and inflate flag in one pack): a chunk's every trip to the host fills them."""
