@@ -17,8 +17,6 @@ import trio
 from agent.host._header_fields import (
     IOCTL_HEADER,
     IOCTL_RC_AT,
-    IOCTL_SIZE_OUT,
-    IOCTL_SIZE_OUT_AT,
     REQUEST_HEADER,
     REQUEST_RC,
     REQUEST_RC_AT,
@@ -28,7 +26,7 @@ from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, fail
+from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, copy_in, copy_out, fail
 from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -309,10 +307,7 @@ class Driver:
             raise fail(errno.ENODEV)
         kbuf = _copy_in(code, buf)
         await self._dispatch(session, code, kbuf, memory)
-        count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
-        if len(buf) < count:
-            raise fail(errno.EFAULT)
-        buf[:count] = kbuf if count == len(kbuf) else memoryview(kbuf)[:count]  # one copy
+        copy_out(kbuf, buf)
 
     async def _dispatch(
         self, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
@@ -374,7 +369,4 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
         raise fail(errno.E2BIG)
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
-    kbuf = buf[:size_in]  # a copy
-    if size > size_in:
-        kbuf += bytes(size - size_in)
-    return kbuf
+    return copy_in(buf, size_in, size)

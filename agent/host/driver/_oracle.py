@@ -35,7 +35,7 @@ from agent.host._header_fields import (
 )
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._policy import req_allowed
-from agent.host.driver._util import U32_MAX, DriverError, fail
+from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol._ioc import ioc_nr, ioc_size
 from agent.protocol.constants import (
@@ -133,10 +133,7 @@ async def ioctl(
     kbuf = _copy_in(code, buf)
     if await _common_ioctl(drv, session, code, kbuf, memory) < 0:
         raise fail(errno.EINVAL)
-    count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
-    if len(buf) < count:
-        raise fail(errno.EFAULT)
-    buf[:count] = kbuf if count == len(kbuf) else memoryview(kbuf)[:count]  # one copy
+    copy_out(kbuf, buf)
 
 
 def _copy_in(code: int, buf: bytearray) -> bytearray:
@@ -152,10 +149,7 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
         raise fail(errno.EINVAL)
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
-    kbuf = buf[:size_in]  # a copy
-    if size > size_in:
-        kbuf += bytes(size - size_in)
-    return kbuf
+    return copy_in(buf, size_in, size)
 
 
 # --- VGDrvCommonIoCtl -------------------------------------------------------------------------

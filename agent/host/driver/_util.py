@@ -8,6 +8,7 @@ from typing import Final
 
 import trio
 
+from agent.host._header_fields import IOCTL_SIZE_OUT, IOCTL_SIZE_OUT_AT
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.status import status_to_errno
 
@@ -69,3 +70,21 @@ class KernelMutex:
             self._waiters.unpark()
         else:
             self._locked = False
+
+
+def copy_in(buf: bytearray, size_in: int, size: int) -> bytearray:
+    """The kernel's copy of an ioctl buffer: the ``size_in`` bytes the caller passed,
+    zero-padded to ``size`` (the larger of its two sizes)."""
+    kbuf = buf[:size_in]  # a copy
+    if size > size_in:
+        kbuf += bytes(size - size_in)
+    return kbuf
+
+
+def copy_out(kbuf: bytearray, buf: bytearray) -> None:
+    """Copy the header's ``size_out`` bytes of the kernel's buffer back (EFAULT if the
+    caller's buffer is shorter), in one copy."""
+    count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
+    if len(buf) < count:
+        raise fail(errno.EFAULT)
+    buf[:count] = kbuf if count == len(kbuf) else memoryview(kbuf)[:count]
