@@ -23,7 +23,6 @@ from agent.host._header_fields import (
     HGCM_FLAGS_AT,
     HGCM_RESULT,
     HGCM_RESULT_AT,
-    IOCTL_HEADER,
     IOCTL_RC,
     IOCTL_RC_AT,
     IOCTL_SIZE_OUT,
@@ -78,15 +77,9 @@ _LINADDR_IN: Final = HgcmParmType.LINADDR_IN
 _LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
 _PAGELIST: Final = HgcmParmType.PAGELIST
 """Enum members read once: an enum attribute lookup costs more than what it is used for."""
-_CALL_IOCTL: Final = L.run(
-    L.HgcmCallIoctl.client_id,
-    L.HgcmCallIoctl.function,
-    L.HgcmCallIoctl.timeout_ms,
-    L.HgcmCallIoctl.interruptible,
-    L.HgcmCallIoctl.reserved,
-    L.HgcmCallIoctl.parm_count,
-)
-"""The call's own members, read only once the header said the buffer holds them."""
+_CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
+"""The ioctl header and the call's own members (client, function, timeout, interruptible,
+reserved, count), in one unpack once the buffer is known to hold them."""
 _CALL_TARGET: Final = L.run(L.HgcmCallIoctl.client_id, L.HgcmCallIoctl.function)
 _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.flags,
@@ -202,11 +195,45 @@ class _TooBigError(Exception):
 
 
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
-    """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
-    size_in, _, _, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
+    """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
+    ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
+    client_id, timeout_ms, parms = _checked_call(kbuf)
+    if drv.session_mutex.locked:
+        async with drv.session_mutex:
+            known = client_id in session.hgcm_client_ids
+    else:  # a free lock is taken and given back around the look-up without a schedule point
+        known = client_id in session.hgcm_client_ids
+    if not known:
+        raise fail(errno.EINVAL)
+    bounces: list[bytearray | None] = []
+    """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
+    placed: list[int] = []
+    """Where the bounce buffers sit in guest RAM, to free."""
+    try:
+        req = _prepare(drv, session, kbuf, parms, memory, bounces=bounces, placed=placed)
+        error = await _do_call(drv, req, timeout_ms)
+        if error:
+            raise fail(error)
+        _copy_back(kbuf, req, parms, bounces, memory)
+        status: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
+    except _TooBigError:
+        status = VERR_OUT_OF_RANGE
+    finally:
+        for address in placed:
+            drv.ram.unmap(address)
+    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
+
+
+def _checked_call(kbuf: bytearray) -> tuple[int, int, tuple[int, ...]]:
+    """The ioctl's own checks, in order; return the client, the timeout and the parameters
+    (each read as a buffer: type, size, address)."""
+    if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
+        raise fail(errno.EINVAL)
+    size_in, _, _, _, size_out, _, client_id, _, timeout_ms, _, _, count = (
+        _CALL_HEADERS.unpack_from(kbuf)
+    )
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
-    client_id, _, timeout_ms, _, _, count = _CALL_IOCTL.codec.unpack_from(kbuf, _CALL_IOCTL.offset)
     if count > HGCM_MAX_PARMS:
         raise fail(errno.E2BIG)
     if client_id in (0, U32_MAX):
@@ -218,46 +245,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
     if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
-    async with drv.session_mutex:  # free, it is taken without a schedule point
-        if client_id not in session.hgcm_client_ids:
-            raise fail(errno.EINVAL)
-    try:
-        status = await _call(drv, session, kbuf, parms, memory, timeout_ms=timeout_ms)
-    except _TooBigError:
-        status = VERR_OUT_OF_RANGE
-    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
-
-
-async def _call(
-    drv: Driver,
-    session: DriverSession,
-    kbuf: bytearray,
-    parms: tuple[int, ...],
-    memory: GuestMemory,
-    *,
-    timeout_ms: int,
-) -> int:
-    """Bounce, build, perform and copy back the call.
-
-    ``parms`` are the user's parameters, each read as a buffer (type, size, address: a
-    value parameter's bytes fill the same members).
-    """
-    ram = drv.ram
-    bounces: list[bytearray | None] = []
-    """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
-    placed: list[int] = []
-    """Where the bounce buffers sit in guest RAM, to free."""
-    try:
-        req = _prepare(drv, session, kbuf, parms, memory, bounces=bounces, placed=placed)
-        error = await _do_call(drv, req, timeout_ms)
-        if error:
-            raise fail(error)
-        _copy_back(kbuf, req, parms, bounces, memory)
-        result: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
-        return result
-    finally:
-        for address in placed:
-            ram.unmap(address)
+    return client_id, timeout_ms, parms
 
 
 def _prepare(
