@@ -541,7 +541,7 @@ class TestHgcm:
             params = (HgcmBufferIn(b"ping\0"), HgcmBufferOut(16), HgcmU32(0))
             replies.append(await client.request(HgcmCall(client_id, FN_ECHO, params)))
 
-        async with trio.open_nursery() as nursery, host.driver.session_mutex:
+        async with trio.open_nursery() as nursery, model_driver(host).session_mutex:
             nursery.start_soon(call)
             await trio.testing.wait_all_tasks_blocked()
             assert replies == []
