@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.cli._exit import EX_UNAVAILABLE
 from agent.device.unix import HOST_START_WAIT_S
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
@@ -43,6 +44,15 @@ print(json.dumps(loaded), file=sys.stderr)
 sys.exit(code)
 """
 """Runs ``vbox-agent ARGS`` in-process, then prints the agent.host modules it loaded."""
+LOADED_SOCKET_CODE = """
+import json, sys
+from agent.cli import main
+code = main(sys.argv[1:])
+socket_code = ("agent.device.unix", "agent.protocol.wire")
+print(json.dumps(sorted(name for name in sys.modules if name in socket_code)), file=sys.stderr)
+sys.exit(code)
+"""
+"""Runs ``vbox-agent ARGS`` in-process, then prints the socket-transport modules it loaded."""
 
 
 def _wait_for(predicate: Any, what: str) -> None:
@@ -315,6 +325,19 @@ class TestTwoProcesses:
             assert result.returncode == 0, result.stderr
             loaded = json.loads(result.stderr.splitlines()[-1])
             assert bool(loaded) is expect_simulator, loaded
+
+    def test_an_agent_on_the_character_device_loads_no_socket_code(self) -> None:
+        """``run --device PATH`` imports neither the simulated host's socket client nor its
+        framing (``agent.protocol.wire``): a real agent carries none of that code."""
+        result = subprocess.run(
+            [PYTHON, "-c", LOADED_SOCKET_CODE, "run", "--device", "/dev/no-such-vboxguest"],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+        )
+        assert result.returncode == EX_UNAVAILABLE, result.stderr
+        assert json.loads(result.stderr.splitlines()[-1]) == [], result.stderr
 
 
 class TestSimulateDemo:

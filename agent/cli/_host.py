@@ -22,8 +22,8 @@ from agent.cli._arguments import argument_type, integer_at_least, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
+from agent.protocol.errors import shown
 from agent.protocol.status import parse_status
-from agent.protocol.wire import shown
 
 if TYPE_CHECKING:
     from collections.abc import Callable

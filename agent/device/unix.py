@@ -50,6 +50,7 @@ from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.spec import check_socket_path
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.errors import shown_text
 from agent.protocol.wire import (
     Cancel,
     ErrorFrame,
@@ -63,7 +64,6 @@ from agent.protocol.wire import (
     WireLimitError,
     describe_frame,
     encode_frame,
-    shown_text,
 )
 
 if TYPE_CHECKING:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import trio
 
 from agent.protocol import AgentError, RequestType
+from agent.protocol.errors import shown
 from agent.protocol.wire import (
     ControlReply,
     ControlRequest,
@@ -46,7 +47,6 @@ from agent.protocol.wire import (
     WireError,
     describe_frame,
     encode_frame,
-    shown,
 )
 
 if TYPE_CHECKING:

@@ -1,11 +1,16 @@
 """The exception tree: one root, h11's local/remote split, VBox status failures, and the
-device errors both the device layer and the simulated host raise."""
+device errors both the device layer and the simulated host raise, and how a message
+quotes a peer's value."""
 
 from __future__ import annotations
 
 import errno as errno_codes
+from typing import Final
 
 from agent.protocol.status import status_for_errno, status_name
+
+SHOWN_SIZE: Final = 120
+"""Characters of a peer's value or message quoted in an error message; the rest is elided."""
 
 
 class AgentError(Exception):
@@ -62,3 +67,17 @@ class DeviceUnavailableError(AgentError):
 
 class DeviceLostError(AgentError):
     """An open session's other side went away (the simulated host exited, the fd was revoked)."""
+
+
+def shown(value: object) -> str:
+    """A peer's value quoted in an error message: its ``repr``, cut as :func:`shown_text` does."""
+    return shown_text(repr(value))
+
+
+def shown_text(text: str) -> str:
+    """A peer's text for one line of a message: non-printable characters escaped, cut to
+    ``SHOWN_SIZE`` characters with the full length said."""
+    line = text if text.isprintable() else repr(text)[1:-1]
+    if len(line) <= SHOWN_SIZE:
+        return line
+    return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"

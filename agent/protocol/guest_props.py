@@ -17,8 +17,8 @@ import re
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
+from agent.protocol.errors import shown
 from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
-from agent.protocol.wire import shown
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

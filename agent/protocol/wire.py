@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final, assert_never
 
 from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM, MAX_IOCTL_SIZE
-from agent.protocol.errors import LocalProtocolError, RemoteProtocolError
+from agent.protocol.errors import LocalProtocolError, RemoteProtocolError, shown
 
 WIRE_VERSION: Final = 1
 """The ``wire`` value every HELLO carries; a peer speaking another version is refused."""
@@ -38,8 +38,6 @@ MAX_JSON_SIZE: Final = 1 << 20
 """Largest HELLO, CONTROL or ERROR body (1 MiB)."""
 MAX_ERRNO: Final = 4095
 """Largest errno Linux returns from a system call (``MAX_ERRNO``)."""
-SHOWN_SIZE: Final = 120
-"""Characters of a peer's value or message quoted in an error message; the rest is elided."""
 
 _LENGTH: Final = struct.Struct("<I")
 _KIND: Final = struct.Struct("<B")
@@ -175,20 +173,6 @@ def describe_frame(frame: Frame) -> str:
         case _:
             detail = " frame"
     return f"{article} {kind}{detail}"
-
-
-def shown(value: object) -> str:
-    """A peer's value quoted in an error message: its ``repr``, cut as :func:`shown_text` does."""
-    return shown_text(repr(value))
-
-
-def shown_text(text: str) -> str:
-    """A peer's text for one line of a message: non-printable characters escaped, cut to
-    ``SHOWN_SIZE`` characters with the full length said."""
-    line = text if text.isprintable() else repr(text)[1:-1]
-    if len(line) <= SHOWN_SIZE:
-        return line
-    return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"
 
 
 # --- encoding ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import trio
 
 from agent.protocol import RemoteProtocolError
 from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS
+from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
     MAX_NAME_SIZE,
@@ -50,7 +51,6 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
     status_name,
 )
-from agent.protocol.wire import shown
 from agent.services.hgcm import (
     HgcmBufferIn,
     HgcmBufferOut,
