@@ -530,6 +530,24 @@ class TestHgcm:
         await client.request(HgcmDisconnect(connected.client_id))
         assert host.status()["hgcm_clients"] == 0
 
+    async def test_call_waits_for_a_held_session_mutex(self, host: SimulatedHost) -> None:
+        """The client-id check runs under the session mutex: while another task holds it
+        (a capability change waiting for the host, say), a call sleeps, then goes on."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        replies: list[object] = []
+
+        async def call() -> None:
+            params = (HgcmBufferIn(b"ping\0"), HgcmBufferOut(16), HgcmU32(0))
+            replies.append(await client.request(HgcmCall(client_id, FN_ECHO, params)))
+
+        async with trio.open_nursery() as nursery, model_driver(host).session_mutex:
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            assert replies == []
+            assert host.status()["hgcm_pending_calls"] == 0
+        assert len(replies) == 1
+
     async def test_unknown_service(self, host: SimulatedHost) -> None:
         """An unknown service is VERR_HGCM_SERVICE_NOT_FOUND in hdr.rc, client id 0."""
         client = await open_client(host)

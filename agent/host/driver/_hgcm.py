@@ -23,7 +23,6 @@ from agent.host._header_fields import (
     HGCM_FLAGS_AT,
     HGCM_RESULT,
     HGCM_RESULT_AT,
-    IOCTL_HEADER,
     IOCTL_RC,
     IOCTL_RC_AT,
     IOCTL_SIZE_OUT,
@@ -78,15 +77,9 @@ _LINADDR_IN: Final = HgcmParmType.LINADDR_IN
 _LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
 _PAGELIST: Final = HgcmParmType.PAGELIST
 """Enum members read once: an enum attribute lookup costs more than what it is used for."""
-_CALL_IOCTL: Final = L.run(
-    L.HgcmCallIoctl.client_id,
-    L.HgcmCallIoctl.function,
-    L.HgcmCallIoctl.timeout_ms,
-    L.HgcmCallIoctl.interruptible,
-    L.HgcmCallIoctl.reserved,
-    L.HgcmCallIoctl.parm_count,
-)
-"""The call's own members, read only once the header said the buffer holds them."""
+_CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
+"""The ioctl header and the call's own members (client, function, timeout, interruptible,
+reserved, count), in one unpack once the buffer is known to hold them."""
 _CALL_TARGET: Final = L.run(L.HgcmCallIoctl.client_id, L.HgcmCallIoctl.function)
 _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.flags,
@@ -202,11 +195,45 @@ class _TooBigError(Exception):
 
 
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
-    """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order."""
-    size_in, _, _, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
+    """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
+    ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
+    client_id, timeout_ms, parms = _checked_call(kbuf)
+    if drv.session_mutex.locked:
+        async with drv.session_mutex:
+            known = client_id in session.hgcm_client_ids
+    else:  # a free lock is taken and given back around the look-up without a schedule point
+        known = client_id in session.hgcm_client_ids
+    if not known:
+        raise fail(errno.EINVAL)
+    bounces: list[bytearray | None] = []
+    """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
+    placed: list[int] = []
+    """Where the bounce buffers sit in guest RAM, to free."""
+    try:
+        req = _prepare(drv, session, kbuf, parms, memory, bounces=bounces, placed=placed)
+        error = await _do_call(drv, req, timeout_ms)
+        if error:
+            raise fail(error)
+        _copy_back(kbuf, req, parms, bounces, memory)
+        status: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
+    except _TooBigError:
+        status = VERR_OUT_OF_RANGE
+    finally:
+        for address in placed:
+            drv.ram.unmap(address)
+    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
+
+
+def _checked_call(kbuf: bytearray) -> tuple[int, int, tuple[int, ...]]:
+    """The ioctl's own checks, in order; return the client, the timeout and the parameters
+    (each read as a buffer: type, size, address)."""
+    if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
+        raise fail(errno.EINVAL)
+    size_in, _, _, _, size_out, _, client_id, _, timeout_ms, _, _, count = (
+        _CALL_HEADERS.unpack_from(kbuf)
+    )
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
-    client_id, _, timeout_ms, _, _, count = _CALL_IOCTL.codec.unpack_from(kbuf, _CALL_IOCTL.offset)
     if count > HGCM_MAX_PARMS:
         raise fail(errno.E2BIG)
     if client_id in (0, U32_MAX):
@@ -218,109 +245,60 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
     if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
-    async with drv.session_mutex:  # free, it is taken without a schedule point
-        if client_id not in session.hgcm_client_ids:
-            raise fail(errno.EINVAL)
-    try:
-        status = await _call(drv, session, kbuf, parms, memory, timeout_ms=timeout_ms)
-    except _TooBigError:
-        status = VERR_OUT_OF_RANGE
-    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
+    return client_id, timeout_ms, parms
 
 
-async def _call(
+def _prepare(
     drv: Driver,
     session: DriverSession,
     kbuf: bytearray,
     parms: tuple[int, ...],
     memory: GuestMemory,
     *,
-    timeout_ms: int,
-) -> int:
-    """Bounce, build, perform and copy back the call.
+    bounces: list[bytearray | None],
+    placed: list[int],
+) -> bytearray:
+    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the parameters.
 
-    ``parms`` are the user's parameters, each read as a buffer (type, size, address: a
-    value parameter's bytes fill the same members).
+    Per buffer parameter, in parameter order as the driver does: E2BIG over
+    ``VBG_MAX_HGCM_USER_PARM``, then the bounce buffer is allocated in guest RAM, then the
+    user's bytes are copied in (EFAULT; zeros for LINADDR_OUT); an empty buffer gets no
+    bounce buffer and stays a linear address of size 0. The VMMDev request then gets a
+    page list per bounce buffer; everything after its header is packed at once, with a
+    codec for the call's shape (which parameters have page lists, and of how many pages).
     """
-    ram = drv.ram
-    bounces = _bounce_buffers(parms, memory)
-    placed: list[int] = []
-    """Per parameter: where its bounce buffer sits in guest RAM, or 0 (none)."""
-    try:
-        placed.extend(0 if bounce is None else ram.map(bounce) for bounce in bounces)
-        req = _build_request(drv, session, kbuf, parms, bounces=bounces, placed=placed)
-        deadline = (
-            math.inf
-            if timeout_ms == TIMEOUT_INFINITE
-            else trio.current_time() + timeout_ms / MS_PER_S
-        )
-        error = await _do_call(drv, req, deadline)
-        if error:
-            raise fail(error)
-        _copy_back(kbuf, req, parms, bounces, memory)
-        result: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
-        return result
-    finally:
-        for address in placed:
-            if address:
-                ram.unmap(address)
-
-
-def _bounce_buffers(parms: tuple[int, ...], memory: GuestMemory) -> list[bytearray | None]:
-    """Copy user buffers in (zeros for LINADDR_OUT); EFAULT and E2BIG in parameter order.
-
-    Values and empty buffers get no bounce buffer (None).
-    """
-    bounces: list[bytearray | None] = []
-    for kind, size, address in zip(parms[0::3], parms[1::3], parms[2::3], strict=True):
-        if kind not in _BUFFER_TYPES:
+    count = len(parms) // 3
+    shape: list[int] = []
+    values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
+    lists: list[int] = []
+    lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
+    for at in range(0, 3 * count, 3):
+        kind, size, address = parms[at : at + 3]
+        direction = _BUFFER_TYPES.get(kind)
+        if direction is None:
             bounces.append(None)
+            shape.append(_NO_PAGE_LIST)
+            values += (kind, size, address)
             continue
         if size > HGCM_MAX_USER_PARM:
             raise _TooBigError
         if size == 0:
             bounces.append(None)
-        elif kind == _LINADDR_OUT:
-            bounces.append(bytearray(size))
-        else:
-            bounces.append(bytearray(memory.read(address, size)))
-    return bounces
-
-
-def _build_request(
-    drv: Driver,
-    session: DriverSession,
-    kbuf: bytearray,
-    parms: tuple[int, ...],
-    *,
-    bounces: list[bytearray | None],
-    placed: list[int],
-) -> bytearray:
-    """``hgcm_call_init_call``: the VMMDev request with a page list per bounce buffer.
-
-    Everything after the request header is packed at once, with a codec for the call's
-    shape (which parameters have page lists, and of how many pages).
-    """
-    count = len(bounces)
-    shape: list[int] = []
-    values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
-    lists: list[int] = []
-    lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
-    for at, bounce, address in zip(range(0, 3 * count, 3), bounces, placed, strict=True):
-        kind = parms[at]
-        if bounce is None:
             shape.append(_NO_PAGE_LIST)
-            if kind in _BUFFER_TYPES:
-                values += (kind, 0, 0)
-            else:
-                values += parms[at : at + 3]
+            values += (kind, 0, 0)
             continue
-        in_page = address % PAGE_SIZE
-        pages = -(-(len(bounce) + in_page) // PAGE_SIZE)
+        bounce = bytearray(size)
+        phys = drv.ram.map(bounce)
+        placed.append(phys)
+        if kind != _LINADDR_OUT:
+            bounce[:] = memory.read(address, size)
+        bounces.append(bounce)
+        in_page = phys % PAGE_SIZE
+        pages = -(-(size + in_page) // PAGE_SIZE)
         shape.append(pages)
-        values += (_PAGELIST, len(bounce), lists_at, _UNION_FILL)
-        first_page = address - in_page
-        lists += (_BUFFER_TYPES[kind], in_page, pages)
+        values += (_PAGELIST, size, lists_at, _UNION_FILL)
+        first_page = phys - in_page
+        lists += (direction, in_page, pages)
         lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
         lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
     req = drv.alloc_request(HGCM_CALL64, lists_at, session.requestor)
@@ -384,8 +362,11 @@ async def _wait_done(drv: Driver, req: bytearray) -> None:
         await drv.hgcm_wq.park()
 
 
-async def _do_call(drv: Driver, req: bytearray, deadline: float) -> int:
+async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     """``vbg_hgcm_do_call`` for a user caller: return 0 or an errno.
+
+    The timeout runs from the submission, as the driver's wait does; only a call the host
+    did not finish at once waits.
 
     A trio cancellation plays the signal: the call is cancelled at the host, then the
     cancellation propagates. A request whose cancel failed and that never completed is
@@ -401,6 +382,11 @@ async def _do_call(drv: Driver, req: bytearray, deadline: float) -> int:
             return 0
         if rc != VINF_HGCM_ASYNC_EXECUTE or _done(req):
             return 0
+        deadline = (
+            math.inf
+            if timeout_ms == TIMEOUT_INFINITE
+            else trio.current_time() + timeout_ms / MS_PER_S
+        )
         try:
             with trio.move_on_at(deadline):
                 await _wait_done(drv, req)

@@ -59,6 +59,11 @@ class KernelMutex:
         self._locked = False
         self._waiters = trio.lowlevel.ParkingLot()
 
+    @property
+    def locked(self) -> bool:
+        """Whether some task holds the lock (a free lock has no waiters)."""
+        return self._locked
+
     async def __aenter__(self) -> None:
         if self._locked:
             await self._waiters.park()  # woken as the new holder
