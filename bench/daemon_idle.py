@@ -17,7 +17,10 @@ of ours, then:
     the run path (the command line, the daemon, the services, the ``unix:`` transport; of
     which the standard library modules the command line and the config file need,
     ``argparse`` and ``tomllib``, shown alone on top of the first model); the agent's RSS
-    minus the last is what running costs (``bench/idle_modules.py`` lists the modules);
+    minus the last is what running costs (``bench/idle_modules.py`` lists the modules), of
+    which libsystemd, shown alone on top of the modules: the users service reads logind's
+    sessions through its ``sd-login`` at every pass, and loading it maps the libraries it
+    links (libgcrypt, libgpg-error, zstd, lz4, libcap);
   - an empty interpreter, for scale;
 - shutdown: from SIGTERM to exit, and the exit code.
 
@@ -65,6 +68,8 @@ CLI_STDLIB = ONE_MODEL + "\nimport argparse, tomllib"
 AGENT_MODULES = "import agent.cli, agent.cli._run, agent.device.unix"
 """What ``vbox-agent run --device unix:...`` imports before it runs (``_run`` brings the
 daemon, the services and the config; the device spec imports the chosen transport)."""
+LOGIND = AGENT_MODULES + "\nfrom agent.services._logins import logind_users\nlogind_users()"
+"""The modules, and one read of logind's sessions as the users service makes at every pass."""
 EMPTY = "pass"
 
 
@@ -248,6 +253,7 @@ def main() -> None:
         one_model = _idle_rss_of(ONE_MODEL, root)
         protocol = _idle_rss_of(PROTOCOL, root)
         modules = _idle_rss_of(AGENT_MODULES, root)
+        logind = _idle_rss_of(LOGIND, root)
         cli_stdlib = _idle_rss_of(CLI_STDLIB, root)
         empty = _idle_rss_of(EMPTY, root)
     finally:
@@ -268,6 +274,7 @@ def main() -> None:
     print(f"      the rest of the modules {_step(modules, protocol)}  ({AGENT_MODULES})")
     print(f"        of which the stdlib's {_step(cli_stdlib, one_model)}  (argparse, tomllib)")
     print(f"      running                 {_step(figures.rss_kib, modules)}")
+    print(f"        of which libsystemd   {_step(logind, modules)}  (the users service's sd-login)")
     print(f"  empty interpreter  {_mib(empty)}")
     print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")
 

@@ -31,7 +31,7 @@ from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 WAIT_S = 20.0
 PYTHON = sys.executable
@@ -44,15 +44,36 @@ print(json.dumps(loaded), file=sys.stderr)
 sys.exit(code)
 """
 """Runs ``vbox-agent ARGS`` in-process, then prints the agent.host modules it loaded."""
-LOADED_SOCKET_CODE = """
+LOADED_OF = """
 import json, sys
 from agent.cli import main
-code = main(sys.argv[1:])
-socket_code = ("agent.device.unix", "agent.protocol.wire")
-print(json.dumps(sorted(name for name in sys.modules if name in socket_code)), file=sys.stderr)
+asked = sys.argv[1].split(",")
+code = main(sys.argv[2:])
+print(json.dumps(sorted(name for name in asked if name in sys.modules)), file=sys.stderr)
 sys.exit(code)
 """
-"""Runs ``vbox-agent ARGS`` in-process, then prints the socket-transport modules it loaded."""
+"""Runs ``vbox-agent ARGS`` in-process (argv: MODULE,MODULE... ARGS), then prints which of
+the modules named it loaded."""
+SOCKET_CODE = ("agent.device.unix", "agent.protocol.wire")
+CHUNK_CODE = (
+    "agent.services.balloon._chunks",
+    "agent.services.balloon._handover",
+    "agent.services.balloon._walker",
+)
+
+
+def _loaded(modules: Sequence[str], argv: list[str]) -> tuple[int, list[str]]:
+    """Run ``vbox-agent ARGV`` in a fresh interpreter: its exit code, and which of
+    ``modules`` it imported."""
+    result = subprocess.run(
+        [PYTHON, "-c", LOADED_OF, ",".join(modules), *argv],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+    )
+    loaded: list[str] = json.loads(result.stderr.splitlines()[-1])
+    return result.returncode, loaded
 
 
 def _wait_for(predicate: Any, what: str) -> None:
@@ -329,15 +350,18 @@ class TestTwoProcesses:
     def test_an_agent_on_the_character_device_loads_no_socket_code(self) -> None:
         """``run --device PATH`` imports neither the simulated host's socket client nor its
         framing (``agent.protocol.wire``): a real agent carries none of that code."""
-        result = subprocess.run(
-            [PYTHON, "-c", LOADED_SOCKET_CODE, "run", "--device", "/dev/no-such-vboxguest"],
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S,
-            check=False,
-        )
-        assert result.returncode == EX_UNAVAILABLE, result.stderr
-        assert json.loads(result.stderr.splitlines()[-1]) == [], result.stderr
+        code, loaded = _loaded(SOCKET_CODE, ["run", "--device", "/dev/no-such-vboxguest"])
+        assert code == EX_UNAVAILABLE
+        assert loaded == []
+
+    def test_only_a_balloon_of_the_agents_own_memory_loads_the_chunk_code(self) -> None:
+        """Where the driver holds the balloon (mainline: kernel mode) the agent imports no
+        chunk allocator, handover or walker; where the agent holds it (passthrough) it does."""
+        for personality, expected in (("mainline", []), ("passthrough", sorted(CHUNK_CODE))):
+            args = ["run", "--simulate", "--personality", personality, "--duration", "1"]
+            code, loaded = _loaded(CHUNK_CODE, args)
+            assert code == 0
+            assert loaded == expected, personality
 
 
 class TestSimulateDemo:

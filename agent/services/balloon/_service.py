@@ -42,11 +42,8 @@ import trio
 from agent.protocol import Event, VBoxStatusError
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
-from agent.services.balloon._chunks import MmapAllocator
-from agent.services.balloon._handover import OracleHandover, PassthroughHandover
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, Detected, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
-from agent.services.balloon._walker import ChunkWalker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,6 +52,7 @@ if TYPE_CHECKING:
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._pressure import PressureReading, PressureSource
+    from agent.services.balloon._walker import ChunkWalker
     from agent.services.event_pump import EventPump, Subscription
 
 log = structlog.get_logger("agent.services.balloon")
@@ -369,6 +367,15 @@ class BalloonService:
         self._status_changed()
 
     def _new_walker(self, mode: BalloonMode, kept: _Kept | None) -> ChunkWalker:
+        # Imported only here: in the kernel and triggered modes (the driver holds the
+        # chunks) the agent loads none of the chunk code.
+        from agent.services.balloon._chunks import MmapAllocator  # noqa: PLC0415
+        from agent.services.balloon._handover import (  # noqa: PLC0415
+            OracleHandover,
+            PassthroughHandover,
+        )
+        from agent.services.balloon._walker import ChunkWalker  # noqa: PLC0415
+
         if kept is not None:  # released only by the allocator that mapped them
             allocator = kept.allocator
         else:
