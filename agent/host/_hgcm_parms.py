@@ -45,11 +45,10 @@ _VALUE_AT: Final = L.HgcmParameter64.value32.offset
 _U32: Final = L.HgcmParameter64.value32.codec
 _U64: Final = L.HgcmParameter64.value64.codec
 """What :func:`write_back` packs at :data:`_VALUE_AT`, without a field's ``set`` per value."""
-_PAGE_LIST_HEADER: Final = L.run(
-    L.HgcmPageList.flags, L.HgcmPageList.offset_first_page, L.HgcmPageList.page_count
-).codec
 PAGE_LIST_INFO_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
 """``sizeof(HGCMPageListInfo)``: the header and the first page's address, which must fit."""
+_PAGE_LIST_INFO: Final = L.page_list_codec(1)
+"""That much: flags, first page offset, page count and the first page, in one unpack."""
 MAX_HGCM_DATA_SIZE: Final = 128 << 20
 """``VMMDEV_MAX_HGCM_DATA_SIZE`` (128 MiB): the most bytes one buffer parameter may name, and
 the most host memory one call may cost (VERR_NO_MEMORY beyond: see :func:`command_cost`)."""
@@ -188,7 +187,7 @@ def _parse_page_list(
     if list_at < extra or list_at + PAGE_LIST_INFO_SIZE > len(req):
         msg = f"page list at {list_at} is not between the parameters' end and the request's"
         raise ParmError(msg)
-    flags, first, count = _PAGE_LIST_HEADER.unpack_from(req, list_at)
+    flags, first, count, first_page = _PAGE_LIST_INFO.unpack_from(req, list_at)
     room = 1 + (len(req) - list_at - PAGE_LIST_INFO_SIZE) // PAGE_ADDRESS_SIZE
     if not 0 < count <= room:
         msg = f"page list at {list_at}: {count} pages, room for {room}"
@@ -199,9 +198,14 @@ def _parse_page_list(
     if first >= PAGE_SIZE:
         msg = f"page list at {list_at}: first page offset {first}"
         raise ParmError(msg)
-    pages: tuple[int, ...] = L.page_list_codec(count).unpack_from(req, list_at)[3:]
-    # An address with a bit below the page size makes the OR of them all unaligned too.
-    if count * PAGE_SIZE - first < size or functools.reduce(operator.or_, pages, 0) % PAGE_SIZE:
+    if count == 1:  # most buffers: the one page was read with the header
+        pages: tuple[int, ...] = (first_page,)
+        unaligned = first_page % PAGE_SIZE
+    else:
+        pages = L.page_list_codec(count).unpack_from(req, list_at)[3:]
+        # An address with a bit below the page size makes the OR of them all unaligned too.
+        unaligned = functools.reduce(operator.or_, pages) % PAGE_SIZE
+    if count * PAGE_SIZE - first < size or unaligned:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
     readable = bool(flags & _TO_HOST)

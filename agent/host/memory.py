@@ -95,10 +95,11 @@ class DictMemory:
     Addresses are handed out from ``[base, limit)``; freed space is reused. A region starts
     ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``). Regions are kept
     sorted by address in two parallel lists, so finding one is a bisection, and mapping past
-    every region (the usual case) appends.
+    every region (the usual case) appends. A dict by start address finds a region read or
+    written from its start (a request, a bounce buffer) without the bisection.
     """
 
-    __slots__ = ("_base", "_datas", "_limit", "_next", "_starts", "_top")
+    __slots__ = ("_base", "_by_start", "_datas", "_limit", "_next", "_starts", "_top")
 
     def __init__(self, *, base: int = USER_BASE, limit: int = USER_LIMIT) -> None:
         if base % PAGE_SIZE or limit <= base:
@@ -109,6 +110,8 @@ class DictMemory:
         self._next = base
         self._starts: list[int] = []
         self._datas: list[bytearray] = []
+        self._by_start: dict[int, bytearray] = {}
+        """The regions by start address: a request or a buffer is mostly reached there."""
         self._top = base
         """Where the guard after the highest region ends (the base when nothing is mapped)."""
 
@@ -126,6 +129,7 @@ class DictMemory:
         if start < self._top or start + need > self._limit:
             start = self._find_room(need)
         address = start + offset
+        self._by_start[address] = data
         starts = self._starts
         if not starts or address > starts[-1]:
             starts.append(address)
@@ -140,10 +144,10 @@ class DictMemory:
 
     def unmap(self, address: int) -> None:
         """Forget the region that starts at ``address`` (no-op if there is none)."""
+        if self._by_start.pop(address, None) is None:
+            return
         starts = self._starts
         index = bisect.bisect_left(starts, address)
-        if index == len(starts) or starts[index] != address:
-            return
         del starts[index]
         del self._datas[index]
         if index == len(starts):
@@ -151,6 +155,9 @@ class DictMemory:
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""
+        data = self._by_start.get(address)
+        if data is not None and 0 < size <= len(data):  # from a region's start, within it
+            return bytes(data) if size == len(data) else bytes(data[:size])
         if size == 0:
             return b""
         index = bisect.bisect_right(self._starts, address) - 1
@@ -160,13 +167,15 @@ class DictMemory:
         offset = address - self._starts[index]
         if offset + size > len(data):
             raise _fault(address, size)
-        if offset == 0 and size == len(data):
-            return bytes(data)  # a whole region (a request): one copy, not a slice's two
         return bytes(data[offset : offset + size])
 
     def write(self, address: int, data: bytes | bytearray) -> None:
         """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped region."""
         size = len(data)
+        region = self._by_start.get(address)
+        if region is not None and 0 < size <= len(region):  # from a region's start, within it
+            region[:size] = data
+            return
         if not size:
             return
         index = bisect.bisect_right(self._starts, address) - 1

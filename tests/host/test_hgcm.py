@@ -434,6 +434,18 @@ class TestCall:
         assert L.RequestHeader.rc.get(req) == expected
 
     @pytest.mark.parametrize(
+        ("shift", "expected"), [(0, VINF_HGCM_ASYNC_EXECUTE), (8, VERR_INVALID_PARAMETER)]
+    )
+    def test_one_page_list_must_name_an_aligned_page(
+        self, hgcm: Device, shift: int, expected: int
+    ) -> None:
+        """A list of one page is checked like a longer one: an unaligned page is refused."""
+        start = hgcm.ram.map(bytearray(2 * PAGE_SIZE))
+        req = page_list_of(client(hgcm), FN_HOLD, [start + shift], size=8, flags=3)
+        submit(hgcm, req)
+        assert L.RequestHeader.rc.get(req) == expected
+
+    @pytest.mark.parametrize(
         ("size", "expected"),
         [(128 << 20, VERR_NO_MEMORY), ((128 << 20) - (512 << 10), VINF_HGCM_ASYNC_EXECUTE)],
     )

@@ -113,3 +113,50 @@ def test_regions_never_overlap_through_maps_and_unmaps_in_any_order() -> None:
             if data:
                 assert memory.read(address + len(data) - 1, 1) == data[-1:]
     assert refused <= {errno.ENOMEM}
+
+
+def _model_region(live: dict[int, bytearray], address: int, size: int) -> tuple[bytearray, int]:
+    """The region ``[address, address + size)`` lies in, found by scanning, or EFAULT."""
+    for start, data in live.items():
+        if start <= address and address + size <= start + len(data) and size >= 0:
+            return data, address - start
+    raise OSError(errno.EFAULT, "bad address")
+
+
+def test_reads_and_writes_anywhere_match_a_scan_of_the_regions() -> None:
+    """Reads and writes at a region's start, inside it, across its end, with sizes 0 and
+    below, and between regions give the bytes (or EFAULT) a plain scan of the live regions
+    gives, through maps and unmaps."""
+    rng = random.Random(7)  # noqa: S311 - a fixed sequence of accesses, not a secret
+    memory = DictMemory(base=BASE, limit=BASE + 4096 * PAGE_SIZE)
+    live: dict[int, bytearray] = {}
+    for step in range(3000):
+        if live and (rng.random() < 0.2 or len(live) > 40):
+            address = rng.choice(list(live))
+            memory.unmap(address)
+            del live[address]
+        if rng.random() < 0.3 or not live:
+            data = bytearray(rng.randbytes(rng.choice([1, 24, 100, PAGE_SIZE + 3])))
+            live[memory.map(data, offset=rng.choice([0, 0, 5]))] = data
+            continue
+        start = rng.choice(list(live))
+        address = start + rng.choice([0, 0, 1, 24, len(live[start]) - 1, len(live[start]), -1])
+        size = rng.choice([0, 1, 4, len(live[start]), len(live[start]) + 1, -1])
+        try:
+            region, offset = _model_region(live, address, size)
+        except OSError:
+            region, offset = bytearray(), -1
+        if step % 2:
+            payload = rng.randbytes(max(size, 0))
+            if offset < 0 and size > 0:
+                with pytest.raises(OSError, match="bad address"):
+                    memory.write(address, payload)
+                continue
+            memory.write(address, payload)
+            if size > 0:
+                assert region[offset : offset + size] == payload
+        elif offset < 0 and size != 0:
+            with pytest.raises(OSError, match="bad address"):
+                memory.read(address, size)
+        else:
+            assert memory.read(address, size) == region[offset : offset + max(size, 0)]

@@ -272,34 +272,33 @@ def _prepare(
     values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
     lists: list[int] = []
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
-    for at in range(0, 3 * count, 3):
-        kind, size, address = parms[at : at + 3]
+    ram = drv.ram
+    words = iter(parms)
+    for kind, size, address in zip(words, words, words, strict=True):
         direction = _BUFFER_TYPES.get(kind)
-        if direction is None:
+        if direction is None or not size:  # a value, or an empty buffer (a linear address)
             bounces.append(None)
             shape.append(_NO_PAGE_LIST)
-            values += (kind, size, address)
+            values += (kind, size, address if direction is None else 0)
             continue
         if size > HGCM_MAX_USER_PARM:
             raise _TooBigError
-        if size == 0:
-            bounces.append(None)
-            shape.append(_NO_PAGE_LIST)
-            values += (kind, 0, 0)
-            continue
         bounce = bytearray(size)
-        phys = drv.ram.map(bounce)
+        phys = ram.map(bounce)
         placed.append(phys)
         if kind != _LINADDR_OUT:
             bounce[:] = memory.read(address, size)
         bounces.append(bounce)
         in_page = phys % PAGE_SIZE
+        first_page = phys - in_page
         pages = -(-(size + in_page) // PAGE_SIZE)
         shape.append(pages)
         values += (_PAGELIST, size, lists_at, _UNION_FILL)
-        first_page = phys - in_page
-        lists += (direction, in_page, pages)
-        lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
+        if pages == 1:
+            lists += (direction, in_page, 1, first_page)
+        else:
+            lists += (direction, in_page, pages)
+            lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
         lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
     req = drv.alloc_request(HGCM_CALL64, lists_at, session.requestor)
     _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
