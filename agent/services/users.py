@@ -8,8 +8,10 @@ no one is logged in), ``LoggedInUsers`` (how many) and ``NoLoggedInUsers`` (``tr
 (:mod:`agent.services._logins`).
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[users]
-interval_s`` (5 s, VBoxService's default) and after a restore, writing only what changed.
-As VBoxService does, every value carries ``TRANSRESET`` (the host drops it when the VM
+interval_s`` (5 s, VBoxService's default) and after a restore, writing only what changed,
+but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService from 7.2.6,
+it is the beacon by which the host knows the users' properties are current. As VBoxService
+does, every value carries ``TRANSRESET`` (the host drops it when the VM
 resets or powers off) and a stop leaves the "no one" values: the list deleted, ``0`` and
 ``true``. A source that cannot be read keeps the last values rather than claim no one is
 logged in. A list longer than a property value may be (1023 bytes) is cut after the last
@@ -39,8 +41,8 @@ NONE_PROPERTY: Final = f"{OS_PREFIX}NoLoggedInUsers"
 FLAGS: Final = "TRANSRESET"
 NO_ONE: Final[dict[str, str | None]] = {
     LIST_PROPERTY: None,
-    COUNT_PROPERTY: "0",
     NONE_PROPERTY: "true",
+    COUNT_PROPERTY: "0",
 }
 """The values with no one logged in: VBoxService's reset values, written at a stop."""
 MAX_LIST_BYTES: Final = MAX_VALUE_SIZE - 1
@@ -83,8 +85,8 @@ class UsersReader:
         self._note_cut(len(users), listed)
         properties = {
             LIST_PROPERTY: names,
-            COUNT_PROPERTY: str(len(users)),
             NONE_PROPERTY: "false",
+            COUNT_PROPERTY: str(len(users)),
         }
         summary = f"{len(users)} user{'' if len(users) == 1 else 's'}"
         return Reading(
@@ -107,7 +109,13 @@ def users_service(
 ) -> PublishingService:
     """The service, reading the guest's logins (tests pass their own ``read_users``)."""
     return PublishingService(
-        NAME, context, section, UsersReader(read_users), flags=FLAGS, stop_values=NO_ONE
+        NAME,
+        context,
+        section,
+        UsersReader(read_users),
+        always={COUNT_PROPERTY},
+        flags=FLAGS,
+        stop_values=NO_ONE,
     )
 
 

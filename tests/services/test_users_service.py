@@ -286,6 +286,39 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
     assert host.status()["hgcm_clients"] == 0
 
 
+async def test_the_count_is_the_beacon_written_every_pass_and_last(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """Since VBoxService 7.2.6 ``LoggedInUsers`` is the users' beacon: it is written at every
+    pass, changed or not, after the list and ``NoLoggedInUsers``, so a host that sees it
+    renewed knows the other two are current; those keep their timestamps while unchanged."""
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            section = UsersSection(interval_s=INTERVAL_S)
+            service = users_service(ServiceContext(device, pump), section, users)
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+
+            def stamps() -> dict[str, int]:
+                found = {name: host.prop_get(name) for name in (LIST_PROPERTY, NONE_PROPERTY)}
+                found[COUNT_PROPERTY] = host.prop_get(COUNT_PROPERTY)
+                return {name: got[2] for name, got in found.items() if got is not None}
+
+            first = stamps()
+            assert first[COUNT_PROPERTY] > max(first[LIST_PROPERTY], first[NONE_PROPERTY])
+            await trio.sleep(INTERVAL_S)
+            await trio.testing.wait_all_tasks_blocked()
+            second = stamps()
+            assert second[LIST_PROPERTY] == first[LIST_PROPERTY]
+            assert second[NONE_PROPERTY] == first[NONE_PROPERTY]
+            assert second[COUNT_PROPERTY] > first[COUNT_PROPERTY]
+            assert values(host)[COUNT_PROPERTY] == ("1", FLAGS)
+            assert service.statistics().writes == 2  # beacon writes are not counted
+            nursery.cancel_scope.cancel()
+
+
 def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
     """The list stops at a name boundary within the 1023-byte value limit."""
     names = [f"user{index:011d}" for index in range(80)]  # 15 bytes each, 16 with the comma
