@@ -266,12 +266,13 @@ def write_back(
     ``min(size, len(data))`` bytes the service left (never more than the guest gave).
     """
     at = CALL_PARMS_OFFSET + _VALUE_AT
+    step = layout.size
     for parm in params:
         if isinstance(parm, HostU32):
             _U32.pack_into(req, at, parm.value & _U32_MAX)
         elif isinstance(parm, HostU64):
             _U64.pack_into(req, at, parm.value & _U64_MAX)
-        at += layout.size
+        at += step
     for index, pages, first in page_lists:
         buffer = params[index]
         if not isinstance(buffer, HostBuffer) or not buffer.writable:

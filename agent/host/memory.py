@@ -124,7 +124,8 @@ class DictMemory:
         if not 0 <= offset < PAGE_SIZE:
             msg = f"offset {offset} is not within a page"
             raise ValueError(msg)
-        need = offset + (len(data) or 1) + GUARD_BYTES
+        size = len(data)
+        need = offset + (size or 1) + GUARD_BYTES
         start = -(-self._next // PAGE_SIZE) * PAGE_SIZE  # the next page boundary
         if start < self._top or start + need > self._limit:
             start = self._find_room(need)
@@ -134,7 +135,7 @@ class DictMemory:
         if not starts or address > starts[-1]:
             starts.append(address)
             self._datas.append(data)
-            self._top = address + len(data) + GUARD_BYTES
+            self._top = address + size + GUARD_BYTES
         else:
             index = bisect.bisect_right(starts, address)
             starts.insert(index, address)

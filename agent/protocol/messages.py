@@ -64,9 +64,12 @@ _IOCTL_HEADER: Final = L.IoctlHeader.whole()
 _REQUEST_HEADER: Final = L.RequestHeader.whole()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UserBuffer:
     """User memory an ioctl points to: the transport stores its address in the buffer.
+
+    Not frozen, as :class:`IoctlCall`: each HGCM call builds one per buffer parameter (it
+    holds a bytearray, so it was never hashable).
 
     Attributes:
         address_offset: offset of the u64 linear-address field inside the ioctl buffer.
