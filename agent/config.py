@@ -27,7 +27,12 @@ from pydantic import (
 
 from agent.device.spec import check_device_spec
 from agent.protocol import AgentError
-from agent.tomltext import TomlFileTooLargeError, TomlSyntaxError, read_toml_file
+from agent.tomltext import (
+    NotARegularFileError,
+    TomlFileTooLargeError,
+    TomlSyntaxError,
+    read_toml_file,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -162,14 +167,14 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
             file leaves out gets its model's defaults.
 
     Raises:
-        ConfigError: the file is unreadable, not TOML, or breaks the models' rules (every
-            problem of the file, one line each).
+        ConfigError: the file is unreadable, not a regular file, not TOML, or breaks the
+            models' rules (every problem of the file, one line each).
     """
     try:
         data = read_toml_file(path)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
-    except TomlFileTooLargeError as exc:
+    except (NotARegularFileError, TomlFileTooLargeError) as exc:
         raise ConfigError([f"{path}: {exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc

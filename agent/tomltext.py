@@ -4,14 +4,18 @@ Python 3.11's ``tomllib`` puts the position in the message (``Invalid value (at 
 column 7)``), except where the text ends too early: then it says ``(at end of document)``.
 :func:`parse_toml` names that position as a line and column too, so every syntax error of a
 config file or a scenario points at a place in the file. A leaf module (stdlib only), used by
-``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads at most
-``MAX_TOML_BYTES``, so a path naming a device (``/dev/zero``) or a log file fails with one line
-instead of filling memory.
+``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads only a
+regular file, and at most ``MAX_TOML_BYTES`` of it: a path naming a FIFO or a device fails at
+once instead of blocking the reader (a daemon's reload) or filling memory, and so does a log
+file.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import tomllib
 from typing import TYPE_CHECKING, Any, Final
 
@@ -45,16 +49,37 @@ class TomlFileTooLargeError(ValueError):
     """The file holds more than ``MAX_TOML_BYTES``."""
 
 
+class NotARegularFileError(ValueError):
+    """The path names a FIFO, a socket or a device, not a file."""
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
 def read_toml_file(path: Path) -> dict[str, Any]:
     """Read and parse the UTF-8 TOML file at ``path`` (line ends as written, as ``tomllib.load``).
 
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read (``IsADirectoryError`` for a directory).
+        NotARegularFileError: the path names a FIFO, a socket or a device.
         TomlFileTooLargeError: it is larger than ``MAX_TOML_BYTES``.
         UnicodeDecodeError: it is not UTF-8.
         TomlSyntaxError: it is not TOML.
     """
-    with path.open("rb") as file:
+    # O_NONBLOCK: opening a FIFO nobody writes to returns at once, so fstat can refuse it.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        for is_kind, kind in _FILE_KINDS:
+            if is_kind(mode):
+                msg = f"not a regular file but {kind}: name a TOML file"
+                raise NotARegularFileError(msg)
         data = file.read(MAX_TOML_BYTES + 1)
     if len(data) > MAX_TOML_BYTES:
         msg = f"larger than {MAX_TOML_BYTES >> 20} MiB: not a TOML file this program reads"

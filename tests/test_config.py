@@ -7,7 +7,10 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import threading
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
@@ -35,7 +38,7 @@ from agent.services.registry import section_models
 from agent.tomltext import MAX_TOML_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
     from pydantic.fields import FieldInfo
 
@@ -326,11 +329,19 @@ class TestProblems:
         path = tmp_path / "absent.toml"
         assert problems_of(path) == [f"{path}: cannot read: No such file or directory"]
 
-    def test_endless_device(self) -> None:
-        """A path naming an endless device is refused after MAX_TOML_BYTES, not read whole."""
+    def test_device(self) -> None:
+        """A path naming a device (an endless one here) is refused without reading it."""
         assert problems_of(Path("/dev/zero")) == [
-            "/dev/zero: larger than 1 MiB: not a TOML file this program reads"
+            "/dev/zero: not a regular file but a character device: name a TOML file"
         ]
+
+    def test_fifo_nobody_writes_to(self, tmp_path: Path) -> None:
+        """A FIFO at the path is refused at once: reading it would block the caller (a
+        daemon's reload stopped the event loop, heartbeats and SIGTERM included)."""
+        path = tmp_path / "agent.toml"
+        os.mkfifo(path)
+        with _unblocked_after(path, seconds=5.0):
+            assert problems_of(path) == [f"{path}: not a regular file but a FIFO: name a TOML file"]
 
     def test_size_limit(self, tmp_path: Path) -> None:
         """A file of MAX_TOML_BYTES is read; one byte more is refused."""
@@ -351,6 +362,23 @@ class TestProblems:
         path.write_bytes(b'[log]\nlevel = "\xff"\n')
         [problem] = problems_of(path)
         assert problem.startswith(f"{path}: not UTF-8 text:")
+
+
+@contextlib.contextmanager
+def _unblocked_after(fifo: Path, *, seconds: float) -> Iterator[None]:
+    """Bound a test that may block opening ``fifo``: after ``seconds`` a writer opens and
+    closes it, which ends the reader's wait (with an empty file)."""
+
+    def open_and_close() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits, nothing to end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(seconds, open_and_close)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class TestServiceSections:
