@@ -33,6 +33,7 @@ from agent.config import (
     load_config,
 )
 from agent.protocol import AgentError
+from agent.protocol.errors import SHOWN_SIZE
 from agent.services import ServiceSection
 from agent.services.registry import section_models
 from agent.tomltext import MAX_TOML_BYTES
@@ -275,6 +276,54 @@ class TestProblems:
         """A value of the wrong type is rejected, not converted."""
         path = write(tmp_path, text)
         assert problems_of(path) == [f"{path}: {expected}"]
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (
+                "[daemon]\nshutdown_timeout_s = 1979-05-27\n",
+                "daemon.shutdown_timeout_s = 1979-05-27: must be a valid number",
+            ),
+            (
+                "[daemon]\nrestart_window_s = 07:32:00\n",
+                "daemon.restart_window_s = 07:32:00: must be a valid number",
+            ),
+            (
+                "[daemon]\nrestart_budget = 1979-05-27T07:32:00Z\n",
+                "daemon.restart_budget = 1979-05-27T07:32:00+00:00: must be a valid integer",
+            ),
+        ],
+    )
+    def test_dates_and_times_are_shown_as_toml(
+        self, tmp_path: Path, text: str, expected: str
+    ) -> None:
+        """A date or time where a number belongs is shown as the file writes it, not as
+        Python's ``datetime.date(1979, 5, 27)``."""
+        path = write(tmp_path, text)
+        assert problems_of(path) == [f"{path}: {expected}"]
+
+    def test_keys_are_shown_as_toml(self, tmp_path: Path) -> None:
+        """A key that is not a bare TOML key is shown quoted, escapes and all: a dotted,
+        empty or control-character key stays one unambiguous line."""
+        path = write(tmp_path, '[device]\n"a.b" = 1\n"" = 2\n"x\\ty" = 3\n["\\u001b[2J"]\n')
+        allowed = "allowed keys: path, ioctl_threads"
+        assert problems_of(path) == [
+            f'{path}: "\\u001b[2J" = {{}}: unknown section; allowed sections: device, daemon, log',
+            f'{path}: device."a.b" = 1: unknown key; {allowed}',
+            f'{path}: device."" = 2: unknown key; {allowed}',
+            f'{path}: device."x\\ty" = 3: unknown key; {allowed}',
+        ]
+
+    def test_long_values_and_keys_are_cut(self, tmp_path: Path) -> None:
+        """A long value or key is cut to SHOWN_SIZE characters with its full length said: a
+        problem stays a line a terminal or the journal shows whole."""
+        path = write(tmp_path, f'[log]\nlevel = "{"v" * 5000}"\n{"k" * 5000} = 1\n')
+        value = f'"{"v" * (SHOWN_SIZE - 1)}... (5002 characters)'
+        key = f"log.{'k' * (SHOWN_SIZE - 4)}... (5004 characters)"
+        assert problems_of(path) == [
+            f"{path}: log.level = {value}: must be one of 'debug', 'info', 'warning' or 'error'",
+            f"{path}: {key} = 1: unknown key; allowed keys: level, format",
+        ]
 
     def test_every_problem_is_reported(self, tmp_path: Path) -> None:
         """All problems of a file are reported at once, one line each."""
