@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import stat
+import sys
 import tomllib
 from typing import TYPE_CHECKING, Any, Final
 
@@ -28,6 +29,7 @@ MAX_TOML_BYTES: Final = 1 << 20
 _BYTE_ORDER_MARK: Final = "\ufeff"
 _POSITIONED: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
 _AT_END: Final = re.compile(r"^(?P<what>.*) \(at end of document\)$")
+_DECIMAL_DIGITS: Final = re.compile(r"(?<![\w.])[0-9][0-9_]*(?![\w.])")
 
 
 class TomlSyntaxError(ValueError):
@@ -101,6 +103,22 @@ def parse_toml(text: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(str(exc), text) from None
+    except ValueError:  # the only other one: an integer longer than int() converts
+        raise _integer_too_long(text) from None
+
+
+def _integer_too_long(text: str) -> TomlSyntaxError:
+    """The error for the first decimal integer over ``sys.get_int_max_str_digits()`` digits."""
+    limit = sys.get_int_max_str_digits()
+    parsed = text.replace("\r\n", "\n")  # as tomllib counts (see _syntax_error)
+    for match in _DECIMAL_DIGITS.finditer(parsed):
+        digits = len(match[0].replace("_", ""))
+        if digits > limit:
+            line = parsed.count("\n", 0, match.start()) + 1
+            column = match.start() - parsed.rfind("\n", 0, match.start())
+            what = f"an integer of {digits} digits, more than the {limit} this program reads"
+            return TomlSyntaxError(f"line {line}, column {column}", what)
+    return TomlSyntaxError("", f"an integer of more than {limit} digits")
 
 
 def _syntax_error(message: str, text: str) -> TomlSyntaxError:

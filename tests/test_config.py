@@ -373,6 +373,16 @@ class TestProblems:
         path.write_bytes(text.encode())
         assert problems_of(path) == [f"{path}: {where} (the end of the file): invalid TOML: {what}"]
 
+    def test_integer_too_long_to_read(self, tmp_path: Path) -> None:
+        """An integer longer than Python converts (4300 digits) is a syntax problem naming
+        where it is: tomllib let the interpreter's ValueError out, a traceback for
+        check-config and the end of a running daemon for a reload (exit 70)."""
+        path = write(tmp_path, f"[daemon]\nrestart_budget = {'9' * 5000}\n")
+        assert problems_of(path) == [
+            f"{path}: line 2, column 18: invalid TOML: an integer of 5000 digits, more "
+            "than the 4300 this program reads"
+        ]
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the path and the OS's reason."""
         path = tmp_path / "absent.toml"
