@@ -50,13 +50,15 @@ class NetInterface:
     """One IPv4 address of a non-loopback interface, with what VBoxService reports of it.
 
     Attributes:
-        name: the interface name, or the address's label (``eth0:1``).
+        name: the interface name, or the address's label (``eth0:1``); None where it is not
+            UTF-8 (Linux takes any bytes but ``/``, ``:``, white space and NUL), which
+            VBoxService does not publish either.
         address, broadcast, netmask: dotted quads (``0.0.0.0`` where there is none).
         mac: the hardware address as 12 upper-case hex digits (zeros where there is none).
         up: whether the interface is up (``IFF_UP``).
     """
 
-    name: str
+    name: str | None
     address: str
     broadcast: str
     netmask: str
@@ -117,13 +119,21 @@ def _describe(sock: socket.socket, entry: bytes) -> NetInterface | None:
         return None
     hwaddr = _ioctl(sock, SIOCGIFHWADDR, entry)[_HWADDR]
     return NetInterface(
-        name=entry[:IFNAMSIZ].split(b"\0", 1)[0].decode(errors="replace"),
+        name=_utf8(entry[:IFNAMSIZ].split(b"\0", 1)[0]),
         address=socket.inet_ntoa(entry[_SOCKADDR_IN_ADDRESS]),
         broadcast=socket.inet_ntoa(_ioctl(sock, SIOCGIFBRDADDR, entry)[_SOCKADDR_IN_ADDRESS]),
         netmask=socket.inet_ntoa(_ioctl(sock, SIOCGIFNETMASK, entry)[_SOCKADDR_IN_ADDRESS]),
         mac=hwaddr.hex().upper(),
         up=bool(flags & IFF_UP),
     )
+
+
+def _utf8(raw: bytes) -> str | None:
+    """``raw`` decoded, or None if it is not UTF-8."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _ioctl(sock: socket.socket, code: int, request: bytes) -> bytes:

@@ -5,7 +5,8 @@ guestproperty get VM /VirtualBox/GuestInfo/Net/0/V4/IP``; Vagrant finds a DHCP g
 address there). For the N-th IPv4 address of a non-loopback interface
 (:mod:`agent.services._netifaces`), under ``/VirtualBox/GuestInfo/Net/N/``: ``V4/IP``,
 ``V4/Broadcast``, ``V4/Netmask``, ``MAC`` (12 upper-case hex digits), ``Status`` (``Up`` or
-``Down``) and ``Name``; then ``/VirtualBox/GuestInfo/Net/Count``.
+``Down``) and ``Name`` (left out where the name is not UTF-8, as VBoxService does); then
+``/VirtualBox/GuestInfo/Net/Count``.
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[network]
 interval_s`` (5 s, VBoxService's default) and after a restore. A value is written only when
@@ -41,9 +42,10 @@ class NetworkSection(PublishingSection):
     """``[network]``: the guest's IPv4 interfaces as guest properties, every ``interval_s``."""
 
 
-def network_properties(interfaces: Sequence[NetInterface]) -> dict[str, str]:
-    """The properties of ``interfaces``, by name, ``Count`` included."""
-    properties: dict[str, str] = {}
+def network_properties(interfaces: Sequence[NetInterface]) -> dict[str, str | None]:
+    """The properties of ``interfaces``, by name, ``Count`` included (None: absent, the
+    ``Name`` of an interface whose name is not UTF-8)."""
+    properties: dict[str, str | None] = {}
     for index, interface in enumerate(interfaces):
         prefix = f"{NET_PREFIX}{index}/"
         properties |= {

@@ -335,6 +335,7 @@ async def test_a_previous_boot_s_entries_go_at_the_first_pass(
     """Entries above today's count, left by an earlier boot, are deleted when the service
     starts; today's are written."""
     for name, value in network_properties(PREVIOUS_BOOT).items():
+        assert value is not None
         host.prop_set(name, value)
     async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
         pump = EventPump(device)
@@ -467,3 +468,36 @@ def test_an_address_gone_since_the_listing_is_skipped() -> None:
         ("br7", "172.31.4.5"),
         ("br8", "172.16.1.2"),
     ]
+
+
+ODD_NAME_SCRIPT: Final = textwrap.dedent(
+    """
+    import dataclasses, fcntl, json
+    from agent.services import _netifaces
+    from tests.services.netns_support import (
+        SIOCBRADDBR, SIOCSIFADDR, enter_new_network_namespace, inet,
+    )
+
+    sock = enter_new_network_namespace()
+    for raw, address in ((b"br\\xff", "10.1.0.1"), ("br\\u00e9".encode(), "10.2.0.1")):
+        fcntl.ioctl(sock, SIOCBRADDBR, raw + b"\\0")
+        fcntl.ioctl(sock, SIOCSIFADDR, raw.ljust(16, b"\\0") + inet(address).ljust(24, b"\\0"))
+    found = _netifaces.read_ipv4_interfaces()
+    print(json.dumps([dataclasses.astuple(interface) for interface in found]))
+    """
+)
+
+
+def test_a_name_that_is_not_utf8_is_left_out() -> None:
+    """Linux takes any bytes but '/', ':', whitespace and NUL in a device name; one that is
+    not UTF-8 has no ``Name`` (VBoxService checks the encoding and leaves ``Name`` out),
+    rather than a mangled one. A UTF-8 name beyond ASCII is published as it is."""
+    found = _in_namespace(ODD_NAME_SCRIPT)
+    assert [(interface.name, interface.address) for interface in found] == [
+        (None, "10.1.0.1"),
+        ("br\u00e9", "10.2.0.1"),
+    ]
+    properties = network_properties(found)
+    assert properties[f"{NET_PREFIX}0/Name"] is None  # deleted, if an earlier pass wrote one
+    assert properties[f"{NET_PREFIX}0/V4/IP"] == "10.1.0.1"
+    assert properties[f"{NET_PREFIX}1/Name"] == "br\u00e9"
