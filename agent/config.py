@@ -11,7 +11,9 @@ number (an integer is still accepted where a float is expected).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
@@ -27,7 +29,13 @@ from pydantic import (
 
 from agent.device.spec import check_device_spec
 from agent.protocol import AgentError
-from agent.tomltext import TomlFileTooLargeError, TomlSyntaxError, read_toml_file
+from agent.protocol.errors import shown_text
+from agent.tomltext import (
+    NotARegularFileError,
+    TomlFileTooLargeError,
+    TomlSyntaxError,
+    read_toml_file,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -162,14 +170,14 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
             file leaves out gets its model's defaults.
 
     Raises:
-        ConfigError: the file is unreadable, not TOML, or breaks the models' rules (every
-            problem of the file, one line each).
+        ConfigError: the file is unreadable, not a regular file, not TOML, or breaks the
+            models' rules (every problem of the file, one line each).
     """
     try:
         data = read_toml_file(path)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
-    except TomlFileTooLargeError as exc:
+    except (NotARegularFileError, TomlFileTooLargeError) as exc:
         raise ConfigError([f"{path}: {exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
@@ -177,7 +185,7 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
         raise ConfigError([_syntax_problem(path, exc)]) from exc
     allowed = [*CORE_SECTIONS, *sections]
     problems = [
-        f"{path}: {name} = {_show(data[name])}: unknown section; allowed sections: "
+        f"{path}: {_key((name,))} = {_show(data[name])}: unknown section; allowed sections: "
         + ", ".join(allowed)
         for name in data
         if name not in allowed
@@ -224,7 +232,7 @@ def _problem(
     path: Path, model: type[BaseModel], where: tuple[str, ...], error: ErrorDetails
 ) -> str:
     loc = error["loc"]
-    key = ".".join([*where, *(str(part) for part in loc)])
+    key = _key((*where, *(str(part) for part in loc)))
     return f"{path}: {key} = {_show(error['input'])}: {_reason(model, loc, error)}"
 
 
@@ -255,15 +263,31 @@ def _allowed_keys(model: type[BaseModel], table: tuple[str | int, ...]) -> list[
     return list(node.model_fields)
 
 
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key(parts: tuple[str, ...]) -> str:
+    """A dotted key as the file writes it (parts that are not bare keys quoted), cut short."""
+    return shown_text(
+        ".".join(part if _BARE_KEY.fullmatch(part) else _basic_string(part) for part in parts)
+    )
+
+
 def _show(value: object) -> str:
-    """Render a TOML value as it would be written in the file."""
+    """Render a TOML value as it would be written in the file, cut short."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        # A TOML basic string escapes as JSON does (control characters included).
-        return json.dumps(value, ensure_ascii=False)
+        return shown_text(_basic_string(value))
+    if isinstance(value, dt.date | dt.time):  # datetimes are dates too
+        return value.isoformat()
     if isinstance(value, dict):
         return "{...}" if value else "{}"
     if isinstance(value, list):
         return "[...]" if value else "[]"
-    return repr(value)
+    return shown_text(repr(value))
+
+
+def _basic_string(text: str) -> str:
+    """``text`` as a TOML basic string, which escapes as JSON does (control characters too)."""
+    return json.dumps(text, ensure_ascii=False)

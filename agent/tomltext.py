@@ -4,14 +4,19 @@ Python 3.11's ``tomllib`` puts the position in the message (``Invalid value (at 
 column 7)``), except where the text ends too early: then it says ``(at end of document)``.
 :func:`parse_toml` names that position as a line and column too, so every syntax error of a
 config file or a scenario points at a place in the file. A leaf module (stdlib only), used by
-``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads at most
-``MAX_TOML_BYTES``, so a path naming a device (``/dev/zero``) or a log file fails with one line
-instead of filling memory.
+``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads only a
+regular file, and at most ``MAX_TOML_BYTES`` of it: a path naming a FIFO or a device fails at
+once instead of blocking the reader (a daemon's reload) or filling memory, and so does a log
+file.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
+import sys
 import tomllib
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,6 +29,7 @@ MAX_TOML_BYTES: Final = 1 << 20
 _BYTE_ORDER_MARK: Final = "\ufeff"
 _POSITIONED: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
 _AT_END: Final = re.compile(r"^(?P<what>.*) \(at end of document\)$")
+_DECIMAL_DIGITS: Final = re.compile(r"(?<![\w.])[0-9][0-9_]*(?![\w.])")
 
 
 class TomlSyntaxError(ValueError):
@@ -45,16 +51,37 @@ class TomlFileTooLargeError(ValueError):
     """The file holds more than ``MAX_TOML_BYTES``."""
 
 
+class NotARegularFileError(ValueError):
+    """The path names a FIFO, a socket or a device, not a file."""
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
 def read_toml_file(path: Path) -> dict[str, Any]:
     """Read and parse the UTF-8 TOML file at ``path`` (line ends as written, as ``tomllib.load``).
 
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read (``IsADirectoryError`` for a directory).
+        NotARegularFileError: the path names a FIFO, a socket or a device.
         TomlFileTooLargeError: it is larger than ``MAX_TOML_BYTES``.
         UnicodeDecodeError: it is not UTF-8.
         TomlSyntaxError: it is not TOML.
     """
-    with path.open("rb") as file:
+    # O_NONBLOCK: opening a FIFO nobody writes to returns at once, so fstat can refuse it.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        for is_kind, kind in _FILE_KINDS:
+            if is_kind(mode):
+                msg = f"not a regular file but {kind}: name a TOML file"
+                raise NotARegularFileError(msg)
         data = file.read(MAX_TOML_BYTES + 1)
     if len(data) > MAX_TOML_BYTES:
         msg = f"larger than {MAX_TOML_BYTES >> 20} MiB: not a TOML file this program reads"
@@ -76,6 +103,22 @@ def parse_toml(text: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(str(exc), text) from None
+    except ValueError:  # the only other one: an integer longer than int() converts
+        raise _integer_too_long(text) from None
+
+
+def _integer_too_long(text: str) -> TomlSyntaxError:
+    """The error for the first decimal integer over ``sys.get_int_max_str_digits()`` digits."""
+    limit = sys.get_int_max_str_digits()
+    parsed = text.replace("\r\n", "\n")  # as tomllib counts (see _syntax_error)
+    for match in _DECIMAL_DIGITS.finditer(parsed):
+        digits = len(match[0].replace("_", ""))
+        if digits > limit:
+            line = parsed.count("\n", 0, match.start()) + 1
+            column = match.start() - parsed.rfind("\n", 0, match.start())
+            what = f"an integer of {digits} digits, more than the {limit} this program reads"
+            return TomlSyntaxError(f"line {line}, column {column}", what)
+    return TomlSyntaxError("", f"an integer of more than {limit} digits")
 
 
 def _syntax_error(message: str, text: str) -> TomlSyntaxError:

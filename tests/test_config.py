@@ -7,7 +7,10 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import threading
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
@@ -30,12 +33,13 @@ from agent.config import (
     load_config,
 )
 from agent.protocol import AgentError
+from agent.protocol.errors import SHOWN_SIZE
 from agent.services import ServiceSection
 from agent.services.registry import section_models
 from agent.tomltext import MAX_TOML_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
     from pydantic.fields import FieldInfo
 
@@ -273,6 +277,54 @@ class TestProblems:
         path = write(tmp_path, text)
         assert problems_of(path) == [f"{path}: {expected}"]
 
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (
+                "[daemon]\nshutdown_timeout_s = 1979-05-27\n",
+                "daemon.shutdown_timeout_s = 1979-05-27: must be a valid number",
+            ),
+            (
+                "[daemon]\nrestart_window_s = 07:32:00\n",
+                "daemon.restart_window_s = 07:32:00: must be a valid number",
+            ),
+            (
+                "[daemon]\nrestart_budget = 1979-05-27T07:32:00Z\n",
+                "daemon.restart_budget = 1979-05-27T07:32:00+00:00: must be a valid integer",
+            ),
+        ],
+    )
+    def test_dates_and_times_are_shown_as_toml(
+        self, tmp_path: Path, text: str, expected: str
+    ) -> None:
+        """A date or time where a number belongs is shown as the file writes it, not as
+        Python's ``datetime.date(1979, 5, 27)``."""
+        path = write(tmp_path, text)
+        assert problems_of(path) == [f"{path}: {expected}"]
+
+    def test_keys_are_shown_as_toml(self, tmp_path: Path) -> None:
+        """A key that is not a bare TOML key is shown quoted, escapes and all: a dotted,
+        empty or control-character key stays one unambiguous line."""
+        path = write(tmp_path, '[device]\n"a.b" = 1\n"" = 2\n"x\\ty" = 3\n["\\u001b[2J"]\n')
+        allowed = "allowed keys: path, ioctl_threads"
+        assert problems_of(path) == [
+            f'{path}: "\\u001b[2J" = {{}}: unknown section; allowed sections: device, daemon, log',
+            f'{path}: device."a.b" = 1: unknown key; {allowed}',
+            f'{path}: device."" = 2: unknown key; {allowed}',
+            f'{path}: device."x\\ty" = 3: unknown key; {allowed}',
+        ]
+
+    def test_long_values_and_keys_are_cut(self, tmp_path: Path) -> None:
+        """A long value or key is cut to SHOWN_SIZE characters with its full length said: a
+        problem stays a line a terminal or the journal shows whole."""
+        path = write(tmp_path, f'[log]\nlevel = "{"v" * 5000}"\n{"k" * 5000} = 1\n')
+        value = f'"{"v" * (SHOWN_SIZE - 1)}... (5002 characters)'
+        key = f"log.{'k' * (SHOWN_SIZE - 4)}... (5004 characters)"
+        assert problems_of(path) == [
+            f"{path}: log.level = {value}: must be one of 'debug', 'info', 'warning' or 'error'",
+            f"{path}: {key} = 1: unknown key; allowed keys: level, format",
+        ]
+
     def test_every_problem_is_reported(self, tmp_path: Path) -> None:
         """All problems of a file are reported at once, one line each."""
         path = write(
@@ -321,16 +373,34 @@ class TestProblems:
         path.write_bytes(text.encode())
         assert problems_of(path) == [f"{path}: {where} (the end of the file): invalid TOML: {what}"]
 
+    def test_integer_too_long_to_read(self, tmp_path: Path) -> None:
+        """An integer longer than Python converts (4300 digits) is a syntax problem naming
+        where it is: tomllib let the interpreter's ValueError out, a traceback for
+        check-config and the end of a running daemon for a reload (exit 70)."""
+        path = write(tmp_path, f"[daemon]\nrestart_budget = {'9' * 5000}\n")
+        assert problems_of(path) == [
+            f"{path}: line 2, column 18: invalid TOML: an integer of 5000 digits, more "
+            "than the 4300 this program reads"
+        ]
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the path and the OS's reason."""
         path = tmp_path / "absent.toml"
         assert problems_of(path) == [f"{path}: cannot read: No such file or directory"]
 
-    def test_endless_device(self) -> None:
-        """A path naming an endless device is refused after MAX_TOML_BYTES, not read whole."""
+    def test_device(self) -> None:
+        """A path naming a device (an endless one here) is refused without reading it."""
         assert problems_of(Path("/dev/zero")) == [
-            "/dev/zero: larger than 1 MiB: not a TOML file this program reads"
+            "/dev/zero: not a regular file but a character device: name a TOML file"
         ]
+
+    def test_fifo_nobody_writes_to(self, tmp_path: Path) -> None:
+        """A FIFO at the path is refused at once: reading it would block the caller (a
+        daemon's reload stopped the event loop, heartbeats and SIGTERM included)."""
+        path = tmp_path / "agent.toml"
+        os.mkfifo(path)
+        with _unblocked_after(path, seconds=5.0):
+            assert problems_of(path) == [f"{path}: not a regular file but a FIFO: name a TOML file"]
 
     def test_size_limit(self, tmp_path: Path) -> None:
         """A file of MAX_TOML_BYTES is read; one byte more is refused."""
@@ -351,6 +421,23 @@ class TestProblems:
         path.write_bytes(b'[log]\nlevel = "\xff"\n')
         [problem] = problems_of(path)
         assert problem.startswith(f"{path}: not UTF-8 text:")
+
+
+@contextlib.contextmanager
+def _unblocked_after(fifo: Path, *, seconds: float) -> Iterator[None]:
+    """Bound a test that may block opening ``fifo``: after ``seconds`` a writer opens and
+    closes it, which ends the reader's wait (with an empty file)."""
+
+    def open_and_close() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits, nothing to end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(seconds, open_and_close)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class TestServiceSections:

@@ -43,6 +43,7 @@ from agent.protocol.constants import (
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
 from agent.tomltext import (
+    NotARegularFileError,
     TomlFileTooLargeError,
     TomlSyntaxError,
     parse_toml,
@@ -261,7 +262,7 @@ def load_scenario(path: Path) -> Scenario:
     except OSError as exc:
         msg = f"{path}: cannot read the scenario: {exc.strerror or exc}"
         raise ScenarioError(msg) from None
-    except TomlFileTooLargeError as exc:
+    except (NotARegularFileError, TomlFileTooLargeError) as exc:
         msg = f"{path}: the scenario is {exc}"
         raise ScenarioError(msg) from None
     except UnicodeDecodeError as exc:

@@ -809,17 +809,16 @@ class HgcmCall(Request[HgcmReply]):
         decoded: list[HgcmValue] = []
         at = _CALL_HEADER_VALUES
         for index, param in enumerate(self.params):
-            got_type, word, high = values[at : at + 3]
-            at += 3
-            if got_type != _PARM_TYPES[type(param)]:
-                msg = f"{self.operation}: parameter {index} came back as type {got_type}"
+            if values[at] != _PARM_TYPES[type(param)]:
+                msg = f"{self.operation}: parameter {index} came back as type {values[at]}"
                 raise RemoteProtocolError(msg)
             if isinstance(param, HgcmU32):
-                decoded.append(HgcmU32(word))
+                decoded.append(HgcmU32(values[at + 1]))
             elif isinstance(param, HgcmU64):
-                decoded.append(HgcmU64(word | (high & _U32_MAX) << 32))
+                decoded.append(HgcmU64(values[at + 1] | (values[at + 2] & _U32_MAX) << 32))
             else:
-                decoded.append(self._decode_buffer(index, param, word, user))
+                decoded.append(self._decode_buffer(index, param, values[at + 1], user))
+            at += 3
         return tuple(decoded)
 
     def _decode_buffer(

@@ -101,6 +101,8 @@ _PAGE_LIST_PARM_FORMAT: Final = (
 )
 """A parameter as a page list: type, size, offset, and the union's last word, which the
 driver leaves as ``vbg_req_alloc`` filled it."""
+_REQUEST_PARMS_AT: Final = L.HgcmCallRequest.size
+"""Where the VMMDev request's parameters start."""
 _UNION_FILL: Final = 0xAAAAAAAA
 """That last word: four fill bytes (0xAA)."""
 _NO_PAGE_LIST: Final = -1
@@ -330,19 +332,21 @@ def _copy_back(
     """``hgcm_call_copy_back_result``: values, the host's sizes, and out buffers' bytes.
 
     The request's parameters are read in one unpack and the user's written in one pack:
-    values as the host left them, buffers with the host's size in place of theirs.
+    values as the host left them, buffers with the user's type and address and the host's
+    size.
     """
     codec = _PARM_ARRAYS[len(bounces)]
-    replies = codec.unpack_from(req, L.HgcmCallRequest.size)
-    result = list(parms)
-    for at, bounce in zip(range(0, len(parms), 3), bounces, strict=True):
+    replies = codec.unpack_from(req, _REQUEST_PARMS_AT)
+    result = list(replies)
+    at = 0
+    for bounce in bounces:
         kind = parms[at]
-        if kind not in _BUFFER_TYPES:
-            result[at : at + 3] = replies[at : at + 3]
-            continue
-        returned = result[at + 1] = replies[at + 1]
-        if kind != _LINADDR_IN and bounce is not None:
-            memory.write(parms[at + 2], bounce[:returned])
+        if kind in _BUFFER_TYPES:
+            result[at] = kind
+            result[at + 2] = parms[at + 2]
+            if bounce is not None and kind != _LINADDR_IN:
+                memory.write(parms[at + 2], bounce[: replies[at + 1]])
+        at += 3
     codec.pack_into(kbuf, HGCM_CALL_HEADER_SIZE, *result)
 
 
