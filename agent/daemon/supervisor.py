@@ -11,14 +11,17 @@ start may give up waiting without cancelling anything.
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
 it. Any other failure of a service restarts that service after a backoff that doubles up
-to a ceiling; more failures than the budget within the window are fatal too.
+to a ceiling; more failures than the budget within the window are fatal too. Before such an
+end every service drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService stops
+its services after a failed start: the host's heartbeat check is switched off, balloon
+chunks go back. Only a device that vanished skips that, having nobody left to give back to.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
+from typing import TYPE_CHECKING, Final, Generic, NoReturn, Protocol, TypeVar, final
 
 import structlog
 import trio
@@ -33,7 +36,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-FATAL_ERRORS: Final = (DeviceLostError, DeviceUnavailableError, LocalProtocolError)
+DEVICE_GONE: Final = (DeviceLostError, DeviceUnavailableError)
+"""Fatal errors after which no drain can reach the host: they end the daemon at once."""
+FATAL_ERRORS: Final = (*DEVICE_GONE, LocalProtocolError)
 """Errors no restart can fix: they end the daemon."""
 
 
@@ -107,6 +112,12 @@ class Supervisor(Generic[T]):
         self._on_change = on_change
         self._entries: dict[str, _Entry[T]] = {}
         self._restarts: dict[str, int] = {}
+        self._ending: float | None = None
+        """The drain deadline once a fatal error ends the supervisor (see :meth:`_end`)."""
+        self._failed: set[str] = set()
+        """Services whose fatal error waits for the others' drains."""
+        self._left = trio.lowlevel.ParkingLot()
+        """Woken whenever a service's supervision ends."""
 
     def restarts(self) -> dict[str, int]:
         """Return how often each service was restarted (after failures or replaced)."""
@@ -135,6 +146,8 @@ class Supervisor(Generic[T]):
         entry = self._entries.get(name)
         if entry is None:
             return False
+        if self._ending is not None:  # the agent is ending: nothing new runs
+            return True
         entry.next = service
         entry.stop_deadline = None
         if entry.phase is not _Phase.DRAIN:
@@ -179,6 +192,8 @@ class Supervisor(Generic[T]):
             raise ValueError(msg)
         entry = _Entry(service)
         self._entries[service.name] = entry
+        if self._ending is not None:  # the agent is ending: drained at once, never run
+            self.stop(service.name, self._ending)
         nursery.start_soon(self._supervise, entry)
         return entry.started
 
@@ -189,6 +204,7 @@ class Supervisor(Generic[T]):
         finally:
             entry.started.set()
             del self._entries[entry.service.name]
+            self._left.unpark_all()
             self._changed()
 
     async def _run_phases(self, entry: _Entry[T]) -> None:
@@ -197,6 +213,7 @@ class Supervisor(Generic[T]):
         while True:
             name = entry.service.name
             failure: BaseException | None = None
+            fatal: BaseException | None = None
             try:
                 with scope:
                     async with trio.open_nursery() as nursery:
@@ -205,14 +222,21 @@ class Supervisor(Generic[T]):
                         log.info("service_started", service=name)
                         self._changed()
                     failure = RuntimeError(f"{name}: run() returned")
-            except* FATAL_ERRORS:
+            except* DEVICE_GONE:
                 raise
+            except* FATAL_ERRORS as group:
+                fatal = group
             except* Exception as group:  # noqa: BLE001 - any other failure restarts the service
                 failure = group.exceptions[0] if len(group.exceptions) == 1 else group
+            if fatal is not None:
+                await self._end(entry, fatal, drained=False)
             await self._drain(entry)
             if failure is not None and entry.stop_deadline is None and entry.next is None:
-                with entry.enter(_Phase.BACK_OFF):
-                    await self._back_off(name, failures, failure)
+                try:
+                    with entry.enter(_Phase.BACK_OFF):
+                        await self._back_off(name, failures, failure)
+                except ServiceFailedError as exc:
+                    await self._end(entry, exc, drained=True)
             if entry.stop_deadline is not None:
                 log.info("service_stopped", service=name)
                 return
@@ -222,6 +246,29 @@ class Supervisor(Generic[T]):
                 self._count_restart(name)
                 log.info("service_replaced", service=name)
             scope = entry.enter(_Phase.RUN)
+
+    async def _end(self, entry: _Entry[T], error: BaseException, *, drained: bool) -> NoReturn:
+        """Stop every service, let all drain (``entry`` too unless ``drained``), raise ``error``.
+
+        The drains share one deadline, ``shutdown_timeout_s`` from now; a service started
+        meanwhile is drained without running.
+        """
+        if self._ending is None:
+            self._ending = trio.current_time() + self.config.shutdown_timeout_s
+        log.error(
+            "services_draining_before_exit",
+            service=entry.service.name,
+            error=repr(error),
+            drain_s=self.config.shutdown_timeout_s,
+        )
+        self._failed.add(entry.service.name)
+        self.stop_all(self._ending)
+        if not drained:
+            await self._drain(entry)
+        with trio.move_on_at(self._ending):
+            while not self._failed.issuperset(self._entries):
+                await self._left.park()
+        raise error
 
     async def _drain(self, entry: _Entry[T]) -> None:
         """Await the service's drain until the stop deadline, or the drain time from now."""

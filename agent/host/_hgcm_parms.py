@@ -125,20 +125,17 @@ def parse_parms(
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
     cost = command_cost(count)
-    for index, (raw_type, value, high) in enumerate(
-        zip(
-            words[0::per_parm],
-            words[_VALUE_WORD::per_parm],
-            words[_HIGH_WORD::per_parm],
-            strict=True,
-        )
-    ):
+    for index, at in enumerate(range(0, per_parm * count, per_parm)):
+        raw_type = words[at]
+        value = words[at + _VALUE_WORD]
         if raw_type == _U32_TYPE:
             params.append(HostU32(value))
         elif raw_type == _U64_TYPE:
-            params.append(HostU64(value | high << 32))
+            params.append(HostU64(value | words[at + _HIGH_WORD] << 32))
         elif raw_type == _PAGELIST_TYPE:
-            buffer, pages, first = _parse_page_list(req, memory, value, high, extra=extra)
+            buffer, pages, first = _parse_page_list(
+                req, memory, value, words[at + _HIGH_WORD], extra=extra
+            )
             params.append(buffer)
             page_lists.append((index, pages, first))
             cost += value + (PAGE_ADDRESS_SIZE * len(pages) if len(pages) > 1 else 0)

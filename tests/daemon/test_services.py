@@ -22,11 +22,11 @@ import trio.testing
 from pydantic import Field
 
 from agent.config import AgentConfig, load_config
-from agent.daemon import Daemon
+from agent.daemon import Daemon, ServiceFailedError
 from agent.daemon.daemon import FINAL_PHASE_S
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import Event, GetSessionId
+from agent.protocol import Event, Facility, FacilityStatus, GetSessionId
 from agent.services import ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
@@ -319,6 +319,30 @@ class TestDrain:
             stopped = trio.current_time() - began
         assert BUILT[0].drain_cancelled
         assert 2.0 <= stopped <= 2.0 + FINAL_PHASE_S
+
+    async def test_an_exit_on_failure_drains_every_service_first(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """A service past its restart budget ends the agent only after every service drained,
+        as at a stop: where the agent keeps the heartbeat, the host's check is off, so the
+        host does not flat-line the guest while the agent is down; the facility says Failed."""
+        host = SimulatedHost(personality="passthrough", seed=1)
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[daemon]\nrestart_budget = 0\n[gadget]\nstart_fails = true\n")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                with pytest.RaisesGroup(ServiceFailedError, flatten_subgroups=True):
+                    await daemon.run()
+                await trio.sleep(10.0)  # past the host's flat-line timeout (4 s)
+                heartbeat = host.status()["heartbeat"]
+                facilities = host.status()["facilities"]
+                nursery.cancel_scope.cancel()
+        assert isinstance(heartbeat, dict)
+        assert isinstance(facilities, dict)
+        assert (heartbeat["enabled"], heartbeat["flatline_count"]) == (False, 0)
+        assert facilities[str(int(Facility.VBOX_SERVICE))]["status"] == FacilityStatus.FAILED
+        assert BUILT[0].drained.is_set()
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

@@ -18,6 +18,7 @@ import trio.testing
 from agent.config import DaemonConfig
 from agent.daemon import ServiceFailedError, Supervisor
 from agent.device import DeviceLostError
+from agent.protocol import LocalProtocolError
 
 
 class FlakyService:
@@ -69,6 +70,27 @@ class FailsBeforeReady:
             raise OSError(msg)
         task_status.started()
         await trio.sleep_forever()
+
+
+class BrokenService:
+    """Starts, then fails with an error no restart can fix; records its drains."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.drains: list[float] = []
+
+    async def drain(self) -> None:
+        self.drains.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        task_status.started()
+        await trio.sleep(1.0)
+        msg = "the agent broke the protocol"
+        raise LocalProtocolError(msg)
 
 
 def _config(**changes: object) -> DaemonConfig:
@@ -131,6 +153,38 @@ class TestSupervisor:
             async with trio.open_nursery() as nursery:
                 await supervisor.start(nursery, service)
         assert len(service.starts) == 1
+
+    async def test_fatal_error_drains_every_service_first(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An error that ends the agent while the device still answers (here a protocol
+        error) lets every service drain first, as a stop does, then ends the supervisor."""
+        steady = FlakyService(failures=0)
+        broken = BrokenService()
+        supervisor: Supervisor[FlakyService | BrokenService] = Supervisor(_config())
+        with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(LocalProtocolError)):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, steady)
+                await supervisor.start(nursery, broken)
+        assert (steady.drains, broken.drains) == ([1.0], [1.0])
+        assert supervisor.services() == []
+
+    async def test_giving_up_drains_every_service_first(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service past its restart budget ends the supervisor only after the others
+        drained."""
+        steady = FlakyService(failures=0)
+        failing = FailsBeforeReady(failures=100)
+        supervisor: Supervisor[FlakyService | FailsBeforeReady] = Supervisor(
+            _config(restart_budget=1)
+        )
+        with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, steady)
+                nursery.start_soon(supervisor.start, nursery, failing)
+        assert steady.drains == [1.0]
+        assert failing.drained_at == [0.0, 1.0]
 
     async def test_ready_only_after_first_successful_start(
         self, autojump_clock: trio.abc.Clock
