@@ -70,12 +70,27 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
             "vbox-agent host cpu",
             "unrecognized arguments: 2",
         ),
+        (["--simulate", "run"], "vbox-agent run", "--simulate goes after 'run', not before"),
+        (["--json", "abi"], "vbox-agent abi", "--json goes after 'abi', not before"),
+        (
+            ["prop", "--json", "get", "/a"],
+            "vbox-agent prop get",
+            "--json goes after 'get', not before",
+        ),
+        (
+            ["host", "--socket", SOCKET, "--json", "status"],
+            "vbox-agent host status",
+            "--json goes after 'status', not before",
+        ),
     ],
 )
 def test_unknown_commands_and_options(
     argv: list[str], usage: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Unknown or missing words: the usage of the command that got them, then the error."""
+    """Unknown or missing words: the usage of the command that got them, then the error.
+
+    An option of a command given before the command's name is not called unrecognized
+    (``abi --help`` lists ``--json``): the error says where it goes."""
     lines = usage_error(argv, capsys)
     assert lines[0].startswith(f"usage: {usage} ")
     assert lines[-1].startswith(f"{usage}: error: ")

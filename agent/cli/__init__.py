@@ -94,6 +94,19 @@ def _give_closed_streams_devnull() -> None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's life
 
 
+def _unrecognized(parser: CommandParser, words: list[str]) -> str:
+    """The error for ``words`` no parser took, ``parser`` being the innermost command given.
+
+    An option of ``parser`` among them was given before the command's name (after it, the
+    parser would have taken it), where the parsers above do not know it: that is said.
+    """
+    name = parser.prog.rpartition(" ")[2]
+    for word in words:
+        if word.partition("=")[0] in parser._option_string_actions:  # argparse has no public view
+            return f"{word} goes after '{name}', not before"
+    return f"unrecognized arguments: {' '.join(words)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     _give_closed_streams_devnull()
@@ -101,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unrecognized = _build_parser(words).parse_known_args(words)
     if unrecognized:
         usage_parser: CommandParser = args.usage_parser
-        usage_parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
+        usage_parser.error(_unrecognized(usage_parser, unrecognized))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -197,7 +197,7 @@ class Daemon:
                     self._services_nursery = services
                     with self._startup:
                         await self._start_services(services)
-                    if not self._shutdown.is_set():
+                    if not self._shutdown.is_set() and not self._supervisor.ending:
                         await self._announce_ready(device, facility, nursery)
                     task_status.started()
                     await self._shutdown.wait()
@@ -214,6 +214,8 @@ class Daemon:
 
     async def _start_services(self, services: trio.Nursery) -> None:
         for spec in self._registry:
+            if self._supervisor.ending:  # a fatal error: the agent exits once all drained
+                return
             section = self._section(self.config, spec)
             if section.enable:
                 await self._supervisor.start(services, self._build(spec, section))

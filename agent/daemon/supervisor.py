@@ -119,6 +119,11 @@ class Supervisor(Generic[T]):
         self._left = trio.lowlevel.ParkingLot()
         """Woken whenever a service's supervision ends."""
 
+    @property
+    def ending(self) -> bool:
+        """Whether a fatal error is ending the supervisor (its services are draining)."""
+        return self._ending is not None
+
     def restarts(self) -> dict[str, int]:
         """Return how often each service was restarted (after failures or replaced)."""
         return dict(self._restarts)

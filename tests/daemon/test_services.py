@@ -26,7 +26,7 @@ from agent.daemon import Daemon, ServiceFailedError
 from agent.daemon.daemon import FINAL_PHASE_S
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import Event, Facility, FacilityStatus, GetSessionId
+from agent.protocol import Event, Facility, FacilityStatus, GetSessionId, LocalProtocolError
 from agent.services import ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
@@ -108,6 +108,43 @@ class Gadget:
 BUILT: list[Gadget] = []
 GADGET: Final = ServiceSpec("gadget", GadgetSection, Gadget)
 REGISTRY: Final = (*SERVICES, GADGET)
+
+
+class BreakerSection(ServiceSection):
+    """``[breaker]``: nothing to tune."""
+
+
+class Breaker:
+    """Starts, then breaks the protocol after a second: an error that ends the agent."""
+
+    name: Final = "breaker"
+
+    def __init__(self, context: ServiceContext, section: BreakerSection) -> None:
+        del context, section
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        task_status.started()
+        await trio.sleep(1.0)  # the service's own work, until it goes wrong
+        msg = "the breaker broke the protocol"
+        raise LocalProtocolError(msg)
+
+    async def drain(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def reconfigure(self, section: BreakerSection) -> bool:
+        del section
+        return True
+
+    def status(self) -> str:
+        return "breaker"
+
+    def statistics(self) -> GadgetStatistics:
+        return GadgetStatistics(0)
+
+
+BREAKER: Final = ServiceSpec("breaker", BreakerSection, Breaker)
 
 
 @pytest.fixture(autouse=True)
@@ -343,6 +380,29 @@ class TestDrain:
         assert (heartbeat["enabled"], heartbeat["flatline_count"]) == (False, 0)
         assert facilities[str(int(Facility.VBOX_SERVICE))]["status"] == FacilityStatus.FAILED
         assert BUILT[0].drained.is_set()
+
+    async def test_an_error_during_start_up_is_never_announced_as_ready(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A started service that ends the agent while a later one still starts: the
+        remaining start-up is given up, and neither READY=1 nor facility Active is sent
+        before the exit (the facility goes from Init to Failed)."""
+        registry = (*SERVICES, BREAKER, GADGET)
+        path = tmp_path / "agent.toml"
+        path.write_text("[gadget]\nstart_s = 5\n")
+        config = load_config(path, section_models(registry))
+        daemon = Daemon(config, SimOpener(host), notifier=Notifier(None), registry=registry)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert reported == ["INIT", "FAILED"]
+        assert not daemon.statistics().ready
+        [gadget] = BUILT
+        assert gadget.drained.is_set()
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
