@@ -28,7 +28,14 @@ import pytest
 import trio
 import trio.testing
 
-from agent.cli._exit import EX_INTERRUPTED, EX_OK, EX_REFUSED, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._exit import (
+    EX_BROKEN_PIPE,
+    EX_INTERRUPTED,
+    EX_OK,
+    EX_REFUSED,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+)
 from agent.cli._prop import _delete, _set, _wait
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
@@ -184,6 +191,26 @@ class TestVerbs:
             env=dict(sim.env, PYTHONIOENCODING="ascii"),
         )
         assert (done.returncode, done.stdout, done.stderr) == (EX_OK, "h\\xe9llo \\u2603\n", "")
+
+    def test_output_nobody_reads_ends_quietly(self, sim: PropHost) -> None:
+        """``prop enum | true``: the reader is gone, so the command ends with 141 and nothing
+        on stderr, as every command does (it said ``failed: [Errno 32] Broken pipe``, exit 70)."""
+        assert sim.prop("set", "/Guest/p", "1").returncode == EX_OK
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run(
+                [PYTHON, "-m", "agent", "prop", "--device", sim.device, "enum"],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=WAIT_S,
+                check=False,
+                env=sim.env,
+            )
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr) == (EX_BROKEN_PIPE, "")
 
     def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""

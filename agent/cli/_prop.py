@@ -123,6 +123,8 @@ def prop_command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise _UsageError(str(exc)) from None
         trio.run(_run, args, opener)
+    except BrokenPipeError:
+        raise  # the output's reader is gone: main's exit code, not a failure of the call
     except (ValueError, _NotFoundError, _UsageError, AgentError, OSError) as exc:
         message, code = _explain(args, exc)
         print(f"{PROGRAM} {args.prop_action}: {message}", file=sys.stderr)
