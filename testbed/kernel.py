@@ -159,9 +159,9 @@ class KernelDriver:
             await self._call_ended.park()
         if self._dev is not None:
             await self._thread(self._lib.shim_unplug, self._dev)
-        for file in self._files.values():
+        files, self._files = list(self._files.values()), {}  # a close from now on finds none
+        for file in files:
             await self._thread(self._lib.shim_release, file)
-        self._files.clear()
         if self._real.port_handler == self._port_write:
             self._real.port_handler = None
 

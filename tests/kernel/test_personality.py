@@ -25,7 +25,7 @@ from testbed.realdriver import ENV_LIBRARY
 from tests.host.conftest import Client
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
 WAIT_S: Final = 10.0
@@ -168,3 +168,33 @@ def test_simulate_without_the_library_says_why(tmp_path: Path) -> None:
     assert result.returncode == 69
     assert result.stderr.count("\n") == 1
     assert str(missing) in result.stderr
+
+
+async def test_a_session_closed_while_the_device_unplugs_is_released_once(
+    kernel_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session closed while the unplug releases the others (a client ending as the VM stops)
+    is released by one of the two, once, and the unplug finishes."""
+    del kernel_library
+    host = SimulatedHost(personality="kernel", seed=1)
+    released: list[object] = []
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            driver = kernel(host)
+            driver.open_session()
+            second = driver.open_session()
+            release = driver._lib.shim_release
+            run_in_thread = driver._thread
+
+            async def counted(function: Callable[..., int], *args: object) -> int:
+                if function is release:
+                    released.append(args[0])
+                result = await run_in_thread(function, *args)
+                if function is release and len(released) == 1:
+                    await driver.close_session(second)  # the unplug is between two releases
+                return result
+
+            monkeypatch.setattr(driver, "_thread", counted)
+            nursery.cancel_scope.cancel()
+    assert len(released) == len(set(released)) == 2
