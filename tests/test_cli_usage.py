@@ -70,18 +70,28 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
             "vbox-agent host cpu",
             "unrecognized arguments: 2",
         ),
-        (["--simulate", "run"], "vbox-agent run", "--simulate goes after 'run', not before"),
-        (["--json", "abi"], "vbox-agent abi", "--json goes after 'abi', not before"),
+        (
+            ["--simulate", "run"],
+            "vbox-agent run",
+            "--simulate is an option of 'run': give it after 'run'",
+        ),
+        (["--json", "abi"], "vbox-agent abi", "--json is an option of 'abi': give it after 'abi'"),
         (
             ["prop", "--json", "get", "/a"],
             "vbox-agent prop get",
-            "--json goes after 'get', not before",
+            "--json is an option of 'get': give it after 'get'",
         ),
         (
             ["host", "--socket", SOCKET, "--json", "status"],
             "vbox-agent host status",
-            "--json goes after 'status', not before",
+            "--json is an option of 'status': give it after 'status'",
         ),
+        (
+            ["prop", "get", "/a", "--device", "unix:/x.sock"],
+            "vbox-agent prop get",
+            "--device is an option of 'prop': give it before 'get'",
+        ),
+        (["run", "--version"], "vbox-agent run", "option of 'vbox-agent': give it before 'run'"),
     ],
 )
 def test_unknown_commands_and_options(
@@ -89,8 +99,9 @@ def test_unknown_commands_and_options(
 ) -> None:
     """Unknown or missing words: the usage of the command that got them, then the error.
 
-    An option of a command given before the command's name is not called unrecognized
-    (``abi --help`` lists ``--json``): the error says where it goes."""
+    An option given to the wrong command (before its own command's name, or after the next
+    one's) is not called unrecognized (``abi --help`` lists ``--json``): the error says
+    where it goes."""
     lines = usage_error(argv, capsys)
     assert lines[0].startswith(f"usage: {usage} ")
     assert lines[-1].startswith(f"{usage}: error: ")

@@ -94,16 +94,31 @@ def _give_closed_streams_devnull() -> None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's life
 
 
-def _unrecognized(parser: CommandParser, words: list[str]) -> str:
-    """The error for ``words`` no parser took, ``parser`` being the innermost command given.
+def _command_chain(root: CommandParser, innermost: CommandParser) -> list[CommandParser]:
+    """The parsers from ``root`` down to ``innermost``, one per command name given."""
+    chain = [root]
+    for name in innermost.prog.split()[1:]:
+        subcommands = (a for a in chain[-1]._actions if isinstance(a, argparse._SubParsersAction))
+        chain.append(next(subcommands).choices[name])
+    return chain
 
-    An option of ``parser`` among them was given before the command's name (after it, the
-    parser would have taken it), where the parsers above do not know it: that is said.
+
+def _unrecognized(chain: list[CommandParser], words: list[str]) -> str:
+    """The error for ``words`` no parser took, ``chain`` being the commands given (outermost
+    first; each parser takes only its own options, after its name and before the next one's).
+
+    An option that one of them knows was given in the wrong place, which is said instead.
     """
-    name = parser.prog.rpartition(" ")[2]
+    names = [parser.prog.rpartition(" ")[2] for parser in chain]
     for word in words:
-        if word.partition("=")[0] in parser._option_string_actions:  # argparse has no public view
-            return f"{word} goes after '{name}', not before"
+        option = word.partition("=")[0]
+        if option in chain[-1]._option_string_actions:  # argparse has no public view
+            return f"{word} is an option of '{names[-1]}': give it after '{names[-1]}'"
+        for depth in reversed(range(len(chain) - 1)):
+            if option in chain[depth]._option_string_actions:
+                return (
+                    f"{word} is an option of '{names[depth]}': give it before '{names[depth + 1]}'"
+                )
     return f"unrecognized arguments: {' '.join(words)}"
 
 
@@ -111,10 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
-    args, unrecognized = _build_parser(words).parse_known_args(words)
+    parser = _build_parser(words)
+    args, unrecognized = parser.parse_known_args(words)
     if unrecognized:
         usage_parser: CommandParser = args.usage_parser
-        usage_parser.error(_unrecognized(usage_parser, unrecognized))
+        usage_parser.error(_unrecognized(_command_chain(parser, usage_parser), unrecognized))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
