@@ -258,18 +258,22 @@ class Supervisor(Generic[T]):
         The drains share one deadline, ``shutdown_timeout_s`` from now; a service started
         meanwhile is drained without running.
         """
+        now = trio.current_time()
         if self._ending is None:
-            self._ending = trio.current_time() + self.config.shutdown_timeout_s
+            self._ending = now + self.config.shutdown_timeout_s
         log.error(
             "services_draining_before_exit",
             service=entry.service.name,
             error=repr(error),
-            drain_s=self.config.shutdown_timeout_s,
+            drain_s=round(self._ending - now, 3),
         )
-        self._failed.add(entry.service.name)
         self.stop_all(self._ending)
         if not drained:
             await self._drain(entry)
+        # Counted as failed only once drained: the others raise (and so cancel every task
+        # left) when all that remain are failed, which must not cut this drain short.
+        self._failed.add(entry.service.name)
+        self._left.unpark_all()
         with trio.move_on_at(self._ending):
             while not self._failed.issuperset(self._entries):
                 await self._left.park()

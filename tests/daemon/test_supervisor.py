@@ -169,6 +169,38 @@ class TestSupervisor:
         assert (steady.drains, broken.drains) == ([1.0], [1.0])
         assert supervisor.services() == []
 
+    async def test_a_second_fatal_error_keeps_its_drain(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service that fails fatally while the agent already drains for another's error
+        (its run's shielded clean-up took a second) gets its whole drain within the one
+        deadline, though a third service ended meanwhile, and both errors end the
+        supervisor; its line gives the drain time left."""
+        broken = BrokenService()
+        second = BreaksWhenStopped(drain_s=2.0)
+        third = FailsBeforeReady(failures=0, drain_s=2.5)
+        supervisor: Supervisor[BrokenService | BreaksWhenStopped | FailsBeforeReady] = Supervisor(
+            _config(shutdown_timeout_s=5.0)
+        )
+        raised = pytest.RaisesGroup(
+            pytest.RaisesGroup(pytest.RaisesExc(LocalProtocolError, match="agent broke")),
+            pytest.RaisesGroup(pytest.RaisesExc(LocalProtocolError, match="when stopped")),
+        )
+        with structlog.testing.capture_logs() as logs, trio.fail_after(60), raised:
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, broken)
+                await supervisor.start(nursery, second)
+                await supervisor.start(nursery, third)
+        assert third.drained_at == [3.5]
+        assert (second.drained_at, second.drain_cancelled) == ([4.0], False)
+        assert trio.current_time() == 4.0
+        ending = [
+            (e["service"], e["drain_s"])
+            for e in logs
+            if e["event"] == "services_draining_before_exit"
+        ]
+        assert ending == [("broken", 5.0), ("second", 4.0)]
+
     async def test_giving_up_drains_every_service_first(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -396,3 +428,33 @@ class HeldStart:
     async def drain(self) -> None:
         self.drains.append(trio.current_time())
         await trio.lowlevel.checkpoint()
+
+
+class BreaksWhenStopped:
+    """Runs until stopped; its clean-up then takes a second and breaks the protocol. Its
+    drain takes ``drain_s``."""
+
+    name = "second"
+
+    def __init__(self, drain_s: float) -> None:
+        self.drain_s = drain_s
+        self.drained_at: list[float] = []
+        self.drain_cancelled = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1.0)  # shielded teardown, as a device call's
+            msg = "broke the protocol when stopped"
+            raise LocalProtocolError(msg)
+
+    async def drain(self) -> None:
+        try:
+            await trio.sleep(self.drain_s)  # the service's own clean-up work
+        except trio.Cancelled:
+            self.drain_cancelled = True
+            raise
+        self.drained_at.append(trio.current_time())
