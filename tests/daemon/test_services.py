@@ -111,22 +111,27 @@ REGISTRY: Final = (*SERVICES, GADGET)
 
 
 class BreakerSection(ServiceSection):
-    """``[breaker]``: nothing to tune."""
+    """``[breaker]``: when it breaks the protocol, and whether before its start completes."""
+
+    break_after_s: float = Field(default=1.0, ge=0)
+    while_starting: bool = False
 
 
 class Breaker:
-    """Starts, then breaks the protocol after a second: an error that ends the agent."""
+    """Starts, then breaks the protocol after ``break_after_s``: an error that ends the agent."""
 
     name: Final = "breaker"
 
     def __init__(self, context: ServiceContext, section: BreakerSection) -> None:
-        del context, section
+        del context
+        self.section = section
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        task_status.started()
-        await trio.sleep(1.0)  # the service's own work, until it goes wrong
+        if not self.section.while_starting:
+            task_status.started()
+        await trio.sleep(self.section.break_after_s)  # its own work, until it goes wrong
         msg = "the breaker broke the protocol"
         raise LocalProtocolError(msg)
 
@@ -173,6 +178,14 @@ class FullQueueNotifier(Notifier):
 
     async def stopping(self) -> None:
         await trio.sleep(SEND_TIMEOUT_S)
+
+
+def _breaking(host: SimulatedHost, text: str, notifier: Notifier, path: Path) -> Daemon:
+    """A daemon with the breaker before the gadget, configured by ``text``."""
+    registry = (*SERVICES, BREAKER, GADGET)
+    path.write_text(text)
+    config = load_config(path, section_models(registry))
+    return Daemon(config, SimOpener(host), config_path=path, notifier=notifier, registry=registry)
 
 
 class TestThrowAwayService:
@@ -403,6 +416,23 @@ class TestDrain:
         assert not daemon.statistics().ready
         [gadget] = BUILT
         assert gadget.drained.is_set()
+
+    async def test_a_failure_during_a_start_builds_no_further_service(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A service that ends the agent before its start completed: the services after it
+        are not even built."""
+        text = "[breaker]\nwhile_starting = true\n"
+        daemon = _breaking(host, text, Notifier(None), tmp_path / "agent.toml")
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert reported == ["INIT", "FAILED"]
+        assert BUILT == []
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

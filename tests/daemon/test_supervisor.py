@@ -201,6 +201,47 @@ class TestSupervisor:
         ]
         assert ending == [("broken", 5.0), ("second", 4.0)]
 
+    async def test_a_service_started_while_ending_drains_without_running(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service handed over while a fatal error's drains run is drained at once and
+        never runs, so it does not hold up the end."""
+        broken = BrokenService()
+        slow = FailsBeforeReady(failures=0, drain_s=2.0)
+        late = HeldStart()
+        supervisor: Supervisor[BrokenService | FailsBeforeReady | HeldStart] = Supervisor(
+            _config(shutdown_timeout_s=5.0)
+        )
+        with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(LocalProtocolError)):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, slow)
+                await supervisor.start(nursery, broken)
+                await trio.sleep(1.5)
+                assert supervisor.ending
+                await supervisor.start(nursery, late)
+        assert (late.starting.is_set(), late.drains) == (False, [1.5])
+        assert trio.current_time() == 3.0
+
+    async def test_a_replacement_while_ending_never_runs(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A replacement asked for while a fatal error's drains run is dropped: the service
+        on its way out drains and ends, nothing runs in its place."""
+        broken = BrokenService()
+        slow = FailsBeforeReady(failures=0, drain_s=2.0)
+        replacement = FailsBeforeReady(failures=0)
+        supervisor: Supervisor[BrokenService | FailsBeforeReady] = Supervisor(
+            _config(shutdown_timeout_s=5.0)
+        )
+        with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(LocalProtocolError)):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, slow)
+                await supervisor.start(nursery, broken)
+                await trio.sleep(1.5)
+                assert supervisor.replace("late", replacement)
+        assert (slow.drained_at, replacement.attempts) == ([3.0], 0)
+        assert trio.current_time() == 3.0
+
     async def test_giving_up_drains_every_service_first(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
