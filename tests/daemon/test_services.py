@@ -26,8 +26,14 @@ from agent.daemon import Daemon, ServiceFailedError
 from agent.daemon.daemon import FINAL_PHASE_S
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import Event, Facility, FacilityStatus, GetSessionId, LocalProtocolError
-from agent.services import ServiceContext, ServiceSection, ServiceSpec
+from agent.protocol import (
+    Event,
+    Facility,
+    FacilityStatus,
+    GetSessionId,
+    LocalProtocolError,
+)
+from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
@@ -176,8 +182,37 @@ class FullQueueNotifier(Notifier):
     def __init__(self) -> None:
         super().__init__(None)
 
-    async def stopping(self) -> None:
+    async def stopping(self, status: str | None = None) -> None:
+        del status
         await trio.sleep(SEND_TIMEOUT_S)
+
+
+class RecordingNotifier(Notifier):
+    """sd_notify that records what the daemon tells systemd, one string per message."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[str] = []
+
+    async def ready(self, status: str | None = None) -> None:
+        self.sent.append("READY=1")
+
+    async def reloading(self) -> None:
+        self.sent.append("RELOADING=1")
+
+    async def stopping(self, status: str | None = None) -> None:
+        self.sent.append(f"STOPPING=1 STATUS={status}")
+
+
+async def _breaking_pump_run(
+    pump: EventPump, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    """In place of ``EventPump.run``: starts, then breaks the protocol 3 s later."""
+    del pump
+    task_status.started()
+    await trio.sleep(3.0)
+    msg = "the event waiter's answer broke the protocol"
+    raise LocalProtocolError(msg)
 
 
 def _breaking(host: SimulatedHost, text: str, notifier: Notifier, path: Path) -> Daemon:
@@ -433,6 +468,32 @@ class TestDrain:
         reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
         assert reported == ["INIT", "FAILED"]
         assert BUILT == []
+
+    async def test_a_fatal_error_in_the_event_pump_drains_every_service(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The event pump's fatal error ends the agent as a service's does: every service
+        drains first (within shutdown_timeout_s), and the facility says Failed."""
+        monkeypatch.setattr(EventPump, "run", _breaking_pump_run)
+        notifier = RecordingNotifier()
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 1\n"
+        daemon = _daemon(host, tmp_path / "agent.toml", text, notifier)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        [gadget] = BUILT
+        assert (gadget.drained.is_set(), gadget.drain_cancelled) == (True, False)
+        assert notifier.sent[-1] == "STOPPING=1 STATUS=exiting on an error: services draining"
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert reported == ["INIT", "ACTIVE", "FAILED"]
+        assert trio.current_time() == pytest.approx(4.0)
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

@@ -242,6 +242,33 @@ class TestSupervisor:
         assert (slow.drained_at, replacement.attempts) == ([3.0], 0)
         assert trio.current_time() == 3.0
 
+    async def test_end_drains_every_service_and_runs_the_hook(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """``end`` (a fatal error outside the supervisor) drains every service until its
+        deadline, runs ``on_ending`` meanwhile, and returns once all ended."""
+        steady = FlakyService(failures=0)
+        slow = FailsBeforeReady(failures=0, drain_s=2.0)
+        hooked: list[tuple[float, float]] = []
+
+        async def on_ending(deadline: float) -> None:
+            hooked.append((trio.current_time(), deadline))
+            await trio.lowlevel.checkpoint()
+
+        supervisor: Supervisor[FlakyService | FailsBeforeReady] = Supervisor(
+            _config(shutdown_timeout_s=5.0), on_ending=on_ending
+        )
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, steady)
+                await supervisor.start(nursery, slow)
+                await trio.sleep(1.0)
+                await supervisor.end(trio.current_time() + 3.0)
+                ended = trio.current_time()
+                assert supervisor.services() == []
+        assert (steady.drains, slow.drained_at, ended) == ([1.0], [3.0], 3.0)
+        assert hooked == [(1.0, 4.0)]
+
     async def test_giving_up_drains_every_service_first(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
