@@ -25,9 +25,9 @@ driver or host does: a call that does not end in time is abandoned with a log li
 
 A fatal error (see :mod:`agent.daemon.supervisor`), in a service or in the event pump, ends
 the run once every service drained under one deadline, ``shutdown_timeout_s`` from the
-error, unless the device is gone: no further service starts, ``READY=1`` is not sent if
-not sent yet, and systemd hears ``STOPPING=1`` with a ``STATUS=`` saying why; facility
-Failed follows.
+error, unless the device is gone: no further service starts, facility Active and ``READY=1``
+are not sent if not sent yet, and systemd hears ``STOPPING=1`` with a
+``STATUS=`` saying why; facility Failed follows.
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
@@ -208,8 +208,7 @@ class Daemon:
                     self._services_nursery = services
                     with self._startup:
                         await self._start_services(services)
-                    if not self._shutdown.is_set() and not self._supervisor.ending:
-                        await self._announce_ready(device, facility, nursery)
+                    await self._announce_ready(device, facility, nursery)
                     task_status.started()
                     await self._shutdown.wait()
                     terminating = trio.CancelScope()
@@ -234,7 +233,13 @@ class Daemon:
     async def _announce_ready(
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
     ) -> None:
+        """Facility Active, then ``READY=1``: neither once the agent stops or exits on an
+        error (which may begin while the Active report is in flight)."""
+        if self._leaving():
+            return
         await _report(facility, FacilityStatus.ACTIVE, _within(REPORT_TIMEOUT_S))
+        if self._leaving():
+            return
         self._ready = True
         self._status = self._status_text()
         await self._notifier.ready(self._status)
@@ -268,6 +273,9 @@ class Daemon:
         self._watchdog_scope.cancel()
         self._status = self._status_text()
         await self._notifier.stopping(self._status)
+
+    def _leaving(self) -> bool:
+        return self._shutdown.is_set() or self._supervisor.ending
 
     def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:
         section: ServiceSection = config.service_section(spec.name, spec.section)

@@ -32,6 +32,7 @@ from agent.protocol import (
     FacilityStatus,
     GetSessionId,
     LocalProtocolError,
+    RequestType,
 )
 from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
@@ -468,6 +469,25 @@ class TestDrain:
         reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
         assert reported == ["INIT", "FAILED"]
         assert BUILT == []
+
+    async def test_a_failure_while_active_is_reported_is_never_ready(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A fatal error while the host still takes the facility Active report (slow here):
+        READY=1 is never sent, the agent never ready."""
+        notifier = RecordingNotifier()
+        text = "[breaker]\nbreak_after_s = 0.1\n"
+        daemon = _breaking(host, text, notifier, tmp_path / "agent.toml")
+        host.set_delay(int(RequestType.REPORT_GUEST_STATUS), 0.3)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        assert notifier.sent == ["STOPPING=1 STATUS=exiting on an error: services draining"]
+        assert not daemon.statistics().ready
+        assert "agent_ready" not in [e["event"] for e in logs]
 
     async def test_a_fatal_error_in_the_event_pump_drains_every_service(
         self,
