@@ -26,7 +26,7 @@ driver or host does: a call that does not end in time is abandoned with a log li
 A fatal error (see :mod:`agent.daemon.supervisor`), in a service or in the event pump, ends
 the run once every service drained under one deadline, ``shutdown_timeout_s`` from the
 error, unless the device is gone: no further service starts, facility Active and ``READY=1``
-are not sent if not sent yet, and systemd hears ``STOPPING=1`` with a
+are not sent if not sent yet, SIGHUP is skipped, and systemd hears ``STOPPING=1`` with a
 ``STATUS=`` saying why; facility Failed follows.
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
@@ -344,6 +344,9 @@ class Daemon:
 
     async def reload(self) -> None:
         """Re-read the config file: apply what can change live, keep the old one if invalid."""
+        if self._supervisor.ending:
+            log.warning("config_reload_skipped", reason="the agent is exiting on an error")
+            return
         if not self._ready or self._shutdown.is_set():
             log.warning("config_reload_skipped", reason="the agent is starting or stopping")
             return

@@ -489,6 +489,39 @@ class TestDrain:
         assert not daemon.statistics().ready
         assert "agent_ready" not in [e["event"] for e in logs]
 
+    async def test_sighup_during_a_fatal_drain_is_skipped(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A reload while the agent drains to exit on an error changes nothing and tells
+        systemd nothing: it said STOPPING=1 and why once the drain began."""
+        notifier = RecordingNotifier()
+        path = tmp_path / "agent.toml"
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\n"
+        daemon = _breaking(host, text, notifier, path)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                await gadget.draining.wait()
+                path.write_text('[gadget]\nlabel = "two"\n[heartbeat]\nenable = false\n')
+                await daemon.reload()
+        assert notifier.sent == [
+            "READY=1",
+            "STOPPING=1 STATUS=exiting on an error: services draining",
+        ]
+        skipped = {
+            "event": "config_reload_skipped",
+            "reason": "the agent is exiting on an error",
+            "log_level": "warning",
+        }
+        assert skipped in logs
+        assert "config_reloaded" not in [e["event"] for e in logs]
+        assert (BUILT, gadget.drained.is_set()) == ([gadget], True)
+
     async def test_a_fatal_error_in_the_event_pump_drains_every_service(
         self,
         autojump_clock: trio.abc.Clock,
