@@ -105,6 +105,36 @@ def parse_toml(text: str) -> dict[str, Any]:
         raise _syntax_error(str(exc), text) from None
     except ValueError:  # the only other one: an integer longer than int() converts
         raise _integer_too_long(text) from None
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        what = "arrays or tables nested too deeply"
+        raise TomlSyntaxError(_nested_value_position(exc, text), what) from None
+
+
+def _nested_value_position(exc: RecursionError, text: str) -> str:
+    """Where the value nested too deeply begins, or "" when the traceback does not say.
+
+    The outermost ``parse_key_value_pair`` frame of tomllib's (it parses one ``key = value``
+    of the document) holds in ``pos`` the start of the value it is parsing: the value that
+    holds the nesting. Its name and local are tomllib's own, so a Python whose tomllib
+    differs gets no position rather than a wrong one.
+    """
+    traceback = exc.__traceback__
+    while traceback is not None:  # as long as the recursion limit, at most
+        frame = traceback.tb_frame
+        code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
+        if code == "parse_key_value_pair" and module == "tomllib._parser":
+            pos = frame.f_locals.get("pos")
+            if isinstance(pos, int):
+                return _position(text.replace("\r\n", "\n"), pos)
+        traceback = traceback.tb_next
+    return ""
+
+
+def _position(parsed: str, index: int) -> str:
+    """``line L, column C`` of ``index`` in ``parsed`` (the text as tomllib parsed it)."""
+    line = parsed.count("\n", 0, index) + 1
+    column = index - parsed.rfind("\n", 0, index)
+    return f"line {line}, column {column}"
 
 
 def _integer_too_long(text: str) -> TomlSyntaxError:
@@ -114,10 +144,8 @@ def _integer_too_long(text: str) -> TomlSyntaxError:
     for match in _DECIMAL_DIGITS.finditer(parsed):
         digits = len(match[0].replace("_", ""))
         if digits > limit:
-            line = parsed.count("\n", 0, match.start()) + 1
-            column = match.start() - parsed.rfind("\n", 0, match.start())
             what = f"an integer of {digits} digits, more than the {limit} this program reads"
-            return TomlSyntaxError(f"line {line}, column {column}", what)
+            return TomlSyntaxError(_position(parsed, match.start()), what)
     return TomlSyntaxError("", f"an integer of more than {limit} digits")
 
 

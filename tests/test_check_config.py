@@ -56,6 +56,16 @@ class TestCheckConfig:
         assert check_config(str(path)) == 78
         assert capsys.readouterr().err == f"{path}: cannot read: No such file or directory\n"
 
+    def test_nesting_too_deep(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A value nested deeper than tomllib recurses is one line and 78, not a traceback."""
+        path = tmp_path / "agent.toml"
+        path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+        assert check_config(str(path)) == 78
+        assert capsys.readouterr() == (
+            "",
+            f"{path}: line 1, column 5: invalid TOML: arrays or tables nested too deeply\n",
+        )
+
     def test_console_entry_point(self, tmp_path: Path) -> None:
         """``python -m agent check-config`` exits 78 with the problem on stderr."""
         path = tmp_path / "agent.toml"

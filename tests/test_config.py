@@ -383,6 +383,23 @@ class TestProblems:
             "than the 4300 this program reads"
         ]
 
+    @pytest.mark.parametrize(
+        ("value", "column"),
+        [
+            ("[" * 100_000 + "]" * 100_000, 18),
+            ("{a = " * 20_000 + "1" + "}" * 20_000, 18),
+            ("[{a = [" + "[" * 5_000, 18),
+        ],
+    )
+    def test_nesting_too_deep_to_read(self, tmp_path: Path, value: str, column: int) -> None:
+        """Arrays or inline tables nested deeper than tomllib recurses (a 200 KB file, under
+        the size limit) are a syntax problem naming where the value begins: its
+        RecursionError was a traceback for check-config and the end of a daemon's reload."""
+        path = write(tmp_path, f"[daemon]\r\nrestart_budget = {value}\n")
+        assert problems_of(path) == [
+            f"{path}: line 2, column {column}: invalid TOML: arrays or tables nested too deeply"
+        ]
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the path and the OS's reason."""
         path = tmp_path / "absent.toml"

@@ -255,6 +255,28 @@ class TestReload:
                 assert daemon.statistics().restarts == {}
                 daemon.request_shutdown("test")
 
+    async def test_nesting_too_deep_is_rejected(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A file nested deeper than tomllib recurses is a rejected reload, not the end of
+        the daemon (its RecursionError escaped the reload)."""
+        notifier, reader = notify
+        path = short_dir / "agent.toml"
+        path.write_text("[daemon]\nshutdown_timeout_s = 5\n")
+        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+                await daemon.reload()
+                assert AgentConfig() == daemon.config
+                daemon.request_shutdown("test")
+        [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert rejected["errors"] == [
+            f"{path}: line 1, column 5: invalid TOML: arrays or tables nested too deeply"
+        ]
+
     async def test_device_section_waits_for_a_restart(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:

@@ -72,17 +72,13 @@ class FailsBeforeReady:
         await trio.sleep_forever()
 
 
-class BrokenService:
-    """Starts, then fails with an error no restart can fix; records its drains."""
+class BrokenService(FlakyService):
+    """Starts, then a second later fails with an error no restart can fix."""
 
     name = "broken"
 
     def __init__(self) -> None:
-        self.drains: list[float] = []
-
-    async def drain(self) -> None:
-        self.drains.append(trio.current_time())
-        await trio.lowlevel.checkpoint()
+        super().__init__(failures=0)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -183,6 +183,16 @@ class TestParse:
             load_scenario(path)
         assert str(info.value) == f"{path}: line 2, column 10: invalid TOML: Invalid value"
 
+    def test_nesting_too_deep_in_a_file(self, tmp_path: Path) -> None:
+        """A value nested deeper than tomllib recurses is a syntax error, not a RecursionError."""
+        path = tmp_path / "deep.toml"
+        path.write_text("[[steps]]\nat = " + "[" * 100_000 + "]" * 100_000 + "\n")
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        assert str(info.value) == (
+            f"{path}: line 2, column 6: invalid TOML: arrays or tables nested too deeply"
+        )
+
     def test_not_utf8(self, tmp_path: Path) -> None:
         """A file that is not UTF-8 says where it stops being text."""
         path = tmp_path / "binary.toml"

@@ -52,6 +52,9 @@ from tests.services.publishing_support import GuestSource
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from agent.device import Device
+    from agent.services._publishing import PublishingService
+
 LIMIT_S: Final = 60
 INTERVAL_S: Final = 5.0
 LOGIN_PROCESS: Final = 6
@@ -228,6 +231,18 @@ def test_before_systemd_254_the_uid_s_account_names_the_user() -> None:
 
 
 Users = GuestSource[str]
+
+
+async def start_users(device: Device, nursery: trio.Nursery, users: Users) -> PublishingService:
+    """The event pump and the users service on ``device``, a pass every ``INTERVAL_S``."""
+    pump = EventPump(device)
+    section = UsersSection(interval_s=INTERVAL_S)
+    service = users_service(ServiceContext(device, pump), section, users)
+    await nursery.start(pump.run)
+    await nursery.start(service.run)
+    return service
+
+
 """What the service reads (see ``GuestSource``)."""
 
 
@@ -246,11 +261,7 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device:
             async with trio.open_nursery() as nursery:
-                pump = EventPump(device)
-                section = UsersSection(interval_s=INTERVAL_S)
-                service = users_service(ServiceContext(device, pump), section, users)
-                await nursery.start(pump.run)
-                await nursery.start(service.run)
+                service = await start_users(device, nursery, users)
                 assert values(host) == {
                     LIST_PROPERTY: ("alice,bob", FLAGS),
                     COUNT_PROPERTY: ("2", FLAGS),
@@ -295,11 +306,7 @@ async def test_the_count_is_the_beacon_written_every_pass_and_last(
     users = Users("alice")
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
-            pump = EventPump(device)
-            section = UsersSection(interval_s=INTERVAL_S)
-            service = users_service(ServiceContext(device, pump), section, users)
-            await nursery.start(pump.run)
-            await nursery.start(service.run)
+            service = await start_users(device, nursery, users)
 
             def stamps() -> dict[str, int]:
                 found = {name: host.prop_get(name) for name in (LIST_PROPERTY, NONE_PROPERTY)}
@@ -339,11 +346,7 @@ async def test_eighty_users_are_published_with_the_list_cut(
     users = Users(*(f"student{index:012d}" for index in range(80)))  # 20 bytes with the comma
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
-            pump = EventPump(device)
-            section = UsersSection(interval_s=INTERVAL_S)
-            service = users_service(ServiceContext(device, pump), section, users)
-            await nursery.start(pump.run)
-            await nursery.start(service.run)
+            service = await start_users(device, nursery, users)
             await trio.sleep(INTERVAL_S * 2)
             await trio.testing.wait_all_tasks_blocked()
             assert service.statistics().passes == 3
