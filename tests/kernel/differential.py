@@ -56,6 +56,8 @@ LEFT_OUT: Final = frozenset({RequestType.GUEST_HEARTBEAT, RequestType.ACKNOWLEDG
 HGCM completions whenever the interrupt thread gets to run."""
 _ADDRESS: Final = struct.Struct("<Q")
 _P = L.HgcmParameter64
+_PAGE_ADDRESS: Final = _ADDRESS.size
+"""A page list's entry per page: one guest-physical address."""
 
 
 @dataclass(frozen=True)
@@ -241,9 +243,14 @@ def normalise(req: bytearray) -> str:
 
 
 def _blank_page_lists(req: bytearray) -> list[str]:
-    """Cut the page lists off an HGCM call, keeping each one's flags; zero the size field."""
+    """Cut the page lists off an HGCM call, keeping each one's flags, and zero the size field;
+    the last entry is the room the request has after its last page list (``spare``).
+
+    A list's page count follows where its bounce buffer lies in a page, which differs
+    between the drivers, so the lists and the size are not compared; the spare room is.
+    """
     count = L.HgcmCallRequest.parm_count.get(req)
-    end = L.HgcmCallRequest.size + count * _P.size
+    end = used = L.HgcmCallRequest.size + count * _P.size
     lists = []
     for index in range(count):
         at = L.HgcmCallRequest.size + index * _P.size
@@ -252,8 +259,11 @@ def _blank_page_lists(req: bytearray) -> list[str]:
             offset = _P.page_list_offset.get(parm)
             entry = req[offset : offset + L.HgcmPageList.size]
             lists.append(f"flags={L.HgcmPageList.flags.get(entry)}")
+            pages = L.HgcmPageList.page_count.get(entry)
+            used = max(used, offset + L.HgcmPageList.first_page.offset + _PAGE_ADDRESS * pages)
             blank = at + _P.page_list_offset.offset
             req[blank : blank + 4] = bytes(4)
+    lists.append(f"spare={L.RequestHeader.size_.get(req) - used}")
     del req[end:]
     L.RequestHeader.size_.set(req, 0)
     return lists

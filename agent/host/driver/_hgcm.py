@@ -67,6 +67,8 @@ CANCEL_GRACE_OTHER_S: Final = 2.0
 VERR_SEM_DESTROYED: Final = STATUS_CODES["VERR_SEM_DESTROYED"]
 PAGE_LIST_HEADER_SIZE: Final = 8
 PAGE_ADDRESS_SIZE: Final = 8
+_EMPTY_BUFFER_LIST_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
+"""What the driver reserves in the request for an empty buffer: a one-page list's size."""
 _BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR: PageListDirection.BOTH,
     HgcmParmType.LINADDR_IN: PageListDirection.TO_HOST,
@@ -268,12 +270,16 @@ def _prepare(
     bounce buffer and stays a linear address of size 0. The VMMDev request then gets a
     page list per bounce buffer; everything after its header is packed at once, with a
     codec for the call's shape (which parameters have page lists, and of how many pages).
+    The request keeps room for a one-page list per empty buffer, unused at its end, as the
+    driver sizes it: ``kvmalloc(0)`` is ``ZERO_SIZE_PTR``, 16 bytes into a page, and
+    ``hgcm_call_add_pagelist_size`` counts one page for it.
     """
     count = len(parms) // 3
     shape: list[int] = []
     values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
     lists: list[int] = []
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
+    spare = 0
     ram = drv.ram
     words = iter(parms)
     for kind, size, address in zip(words, words, words, strict=True):
@@ -282,6 +288,8 @@ def _prepare(
             bounces.append(None)
             shape.append(_NO_PAGE_LIST)
             values += (kind, size, address if direction is None else 0)
+            if direction is not None:
+                spare += _EMPTY_BUFFER_LIST_SIZE
             continue
         if size > HGCM_MAX_USER_PARM:
             raise _TooBigError
@@ -302,7 +310,7 @@ def _prepare(
             lists += (direction, in_page, pages)
             lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
         lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
-    req = drv.alloc_request(HGCM_CALL64, lists_at, session.requestor)
+    req = drv.alloc_request(HGCM_CALL64, lists_at + spare, session.requestor)
     _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
     return req
 
