@@ -12,7 +12,6 @@ number (an integer is still accepted where a float is expected).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -288,6 +287,28 @@ def _show(value: object) -> str:
     return shown_text(repr(value))
 
 
+_SHORT_ESCAPES: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
 def _basic_string(text: str) -> str:
-    """``text`` as a TOML basic string, which escapes as JSON does (control characters too)."""
-    return json.dumps(text, ensure_ascii=False)
+    """``text`` as a TOML basic string on one printable line: every character that is not
+    printable (C0 and C1 controls, U+2028, format characters...) escaped as TOML writes it."""
+    return f'"{"".join(map(_escaped, text))}"'
+
+
+def _escaped(char: str) -> str:
+    """``char`` as a TOML basic string holds it, printable."""
+    if (short := _SHORT_ESCAPES.get(char)) is not None:
+        return short
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

@@ -316,6 +316,22 @@ class TestProblems:
             f'{path}: device."x\\ty" = 3: unknown key; {allowed}',
         ]
 
+    def test_values_and_keys_are_shown_as_valid_toml(self, tmp_path: Path) -> None:
+        """Quotes, backslashes and every non-printable character (C1 controls such as U+0085
+        too) are shown as TOML escapes, so the shown value or key reads back as what the file
+        holds: repr's \\' and \\x85 are no TOML."""
+        path = write(
+            tmp_path, '[log]\nlevel = "a\'b\\\\c\\u0085\\u2028\\U000e0001"\n"\\u0085" = 1\n'
+        )
+        shown_value, shown_key = '"a\'b\\\\c\\u0085\\u2028\\U000e0001"', '"\\u0085"'
+        assert problems_of(path) == [
+            f"{path}: log.level = {shown_value}: must be one of 'debug', 'info', 'warning' or "
+            "'error'",
+            f"{path}: log.{shown_key} = 1: unknown key; allowed keys: level, format",
+        ]
+        shown = tomllib.loads(f"value = {shown_value}\n{shown_key} = 1\n")
+        assert shown == {"value": "a'b\\c\x85\u2028\U000e0001", "\x85": 1}
+
     def test_long_values_and_keys_are_cut(self, tmp_path: Path) -> None:
         """A long value or key is cut to SHOWN_SIZE characters with its full length said: a
         problem stays a line a terminal or the journal shows whole."""
