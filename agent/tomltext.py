@@ -5,9 +5,9 @@ column 7)``), except where the text ends too early: then it says ``(at end of do
 :func:`parse_toml` names that position as a line and column too, so every syntax error of a
 config file or a scenario points at a place in the file. A leaf module (stdlib only), used by
 ``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads only a
-regular file, and at most ``MAX_TOML_BYTES`` of it: a path naming a FIFO or a device fails at
-once instead of blocking the reader (a daemon's reload) or filling memory, and so does a log
-file.
+regular file, and at most ``MAX_TOML_BYTES`` of it: a path naming a FIFO, a socket or a device
+fails at once, before it is opened, instead of blocking the reader (a daemon's reload) or
+filling memory, and so does a log file.
 """
 
 from __future__ import annotations
@@ -73,20 +73,29 @@ def read_toml_file(path: Path) -> dict[str, Any]:
         UnicodeDecodeError: it is not UTF-8.
         TomlSyntaxError: it is not TOML.
     """
-    # O_NONBLOCK: opening a FIFO nobody writes to returns at once, so fstat can refuse it.
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
-        mode = os.fstat(file.fileno()).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        for is_kind, kind in _FILE_KINDS:
-            if is_kind(mode):
-                msg = f"not a regular file but {kind}: name a TOML file"
-                raise NotARegularFileError(msg)
+    # Refused before it is opened: opening a device can act (a watchdog starts counting) and
+    # opening a socket fails (ENXIO) without saying what it is.
+    _check_regular(os.stat(path).st_mode, path)
+    # Checked again once open, for a path replaced meanwhile: O_NONBLOCK makes a FIFO that
+    # nobody writes to open at once, O_NOCTTY keeps a terminal from becoming ours.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    with open(os.open(path, flags), "rb") as file:
+        _check_regular(os.fstat(file.fileno()).st_mode, path)
         data = file.read(MAX_TOML_BYTES + 1)
     if len(data) > MAX_TOML_BYTES:
         msg = f"larger than {MAX_TOML_BYTES >> 20} MiB: not a TOML file this program reads"
         raise TomlFileTooLargeError(msg)
     return parse_toml(data.decode())
+
+
+def _check_regular(mode: int, path: Path) -> None:
+    """Raise unless ``mode`` is a regular file's (``IsADirectoryError`` for a directory)."""
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    for is_kind, kind in _FILE_KINDS:
+        if is_kind(mode):
+            msg = f"not a regular file but {kind}: name a TOML file"
+            raise NotARegularFileError(msg)
 
 
 def parse_toml(text: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import threading
 import tomllib
 from pathlib import Path
@@ -445,6 +446,27 @@ class TestProblems:
         assert problems_of(Path("/dev/zero")) == [
             "/dev/zero: not a regular file but a character device: name a TOML file"
         ]
+
+    def test_socket(self, tmp_path: Path) -> None:
+        """A socket at the path is named as one: it is looked at before it is opened (opening
+        a socket fails with ENXIO, 'No such device or address'; opening a device can act)."""
+        path = tmp_path / "agent.toml"
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+            assert problems_of(path) == [
+                f"{path}: not a regular file but a socket: name a TOML file"
+            ]
+
+    def test_pipe(self) -> None:
+        """A pipe (``check-config /dev/stdin`` or ``<(...)`` names one) is refused as a FIFO is:
+        what ``run`` could not load again on a reload is no config to check."""
+        read_end, write_end = os.pipe()
+        try:
+            path = Path(f"/proc/self/fd/{read_end}")
+            assert problems_of(path) == [f"{path}: not a regular file but a FIFO: name a TOML file"]
+        finally:
+            os.close(read_end)
+            os.close(write_end)
 
     def test_fifo_nobody_writes_to(self, tmp_path: Path) -> None:
         """A FIFO at the path is refused at once: reading it would block the caller (a

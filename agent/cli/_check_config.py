@@ -2,7 +2,8 @@
 
 Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and exits 78
 (``EX_CONFIG``), the same lines ``run`` prints for a bad file at start and logs in
-``config_reload_rejected`` on a reload.
+``config_reload_rejected`` on a reload. FILE is read as ``run`` reads it: a pipe is refused, as
+a FIFO is, since a daemon could not read it again on a reload.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Load FILE as the agent would and report every problem, one per line naming the "
         "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise."
     )
-    parser.add_argument("file", type=file_path, metavar="FILE", help="the TOML file to check")
+    parser.add_argument(
+        "file",
+        type=file_path,
+        metavar="FILE",
+        help="the TOML file to check: a regular file, as run reads (a pipe such as /dev/stdin "
+        "or <(...) is refused)",
+    )
     parser.set_defaults(handler=run)
 
 
