@@ -29,7 +29,7 @@ MAX_TOML_BYTES: Final = 1 << 20
 _BYTE_ORDER_MARK: Final = "\ufeff"
 _POSITIONED: Final = re.compile(r"^(?P<what>.*) \(at (?P<where>line \d+, column \d+)\)$")
 _AT_END: Final = re.compile(r"^(?P<what>.*) \(at end of document\)$")
-_DECIMAL_DIGITS: Final = re.compile(r"(?<![\w.])[0-9][0-9_]*(?![\w.])")
+_INTEGER: Final = re.compile(r"[+-]?(?P<digits>[0-9_]+)")
 
 
 class TomlSyntaxError(ValueError):
@@ -103,49 +103,56 @@ def parse_toml(text: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(str(exc), text) from None
-    except ValueError:  # the only other one: an integer longer than int() converts
-        raise _integer_too_long(text) from None
     except RecursionError as exc:  # tomllib recurses once per nested array or inline table
-        what = "arrays or tables nested too deeply"
-        raise TomlSyntaxError(_nested_value_position(exc, text), what) from None
+        # The outermost key/value pair is the document's: its value holds the nesting.
+        starts = _parser_positions(exc, "parse_key_value_pair")
+        where = _position(text, starts[0]) if starts else ""
+        raise TomlSyntaxError(where, "arrays or tables nested too deeply") from None
+    except ValueError as exc:  # the only other one: an integer longer than int() converts
+        raise _integer_too_long(exc, text) from None
 
 
-def _nested_value_position(exc: RecursionError, text: str) -> str:
-    """Where the value nested too deeply begins, or "" when the traceback does not say.
+def _parser_positions(exc: BaseException, function: str) -> list[int]:
+    """The ``pos`` of every call of tomllib's ``function`` the traceback of ``exc`` holds,
+    outermost first: where in the text that call was parsing.
 
-    The outermost ``parse_key_value_pair`` frame of tomllib's (it parses one ``key = value``
-    of the document) holds in ``pos`` the start of the value it is parsing: the value that
-    holds the nesting. Its name and local are tomllib's own, so a Python whose tomllib
-    differs gets no position rather than a wrong one.
+    Both names are tomllib's own, so a Python whose tomllib differs gets no position rather
+    than a wrong one.
     """
+    positions: list[int] = []
     traceback = exc.__traceback__
     while traceback is not None:  # as long as the recursion limit, at most
         frame = traceback.tb_frame
         code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
-        if code == "parse_key_value_pair" and module == "tomllib._parser":
+        if code == function and module == "tomllib._parser":
             pos = frame.f_locals.get("pos")
             if isinstance(pos, int):
-                return _position(text.replace("\r\n", "\n"), pos)
+                positions.append(pos)
         traceback = traceback.tb_next
-    return ""
+    return positions
 
 
-def _position(parsed: str, index: int) -> str:
-    """``line L, column C`` of ``index`` in ``parsed`` (the text as tomllib parsed it)."""
+def _position(text: str, index: int) -> str:
+    """``line L, column C`` of ``index`` in ``text`` as tomllib parsed it ("\\r\\n" as "\\n")."""
+    parsed = text.replace("\r\n", "\n")
     line = parsed.count("\n", 0, index) + 1
     column = index - parsed.rfind("\n", 0, index)
     return f"line {line}, column {column}"
 
 
-def _integer_too_long(text: str) -> TomlSyntaxError:
-    """The error for the first decimal integer over ``sys.get_int_max_str_digits()`` digits."""
+def _integer_too_long(exc: ValueError, text: str) -> TomlSyntaxError:
+    """The error for a decimal integer over ``sys.get_int_max_str_digits()`` digits.
+
+    Its position is where tomllib's innermost ``parse_value`` was, the integer's first
+    character (a digit run earlier in a comment or a string is not it).
+    """
     limit = sys.get_int_max_str_digits()
-    parsed = text.replace("\r\n", "\n")  # as tomllib counts (see _syntax_error)
-    for match in _DECIMAL_DIGITS.finditer(parsed):
-        digits = len(match[0].replace("_", ""))
-        if digits > limit:
-            what = f"an integer of {digits} digits, more than the {limit} this program reads"
-            return TomlSyntaxError(_position(parsed, match.start()), what)
+    values = _parser_positions(exc, "parse_value")
+    parsed = text.replace("\r\n", "\n")
+    if values and (integer := _INTEGER.match(parsed, values[-1])) is not None:
+        digits = len(integer["digits"].replace("_", ""))
+        what = f"an integer of {digits} digits, more than the {limit} this program reads"
+        return TomlSyntaxError(_position(text, values[-1]), what)
     return TomlSyntaxError("", f"an integer of more than {limit} digits")
 
 

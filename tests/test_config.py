@@ -55,6 +55,8 @@ class GadgetSection(ServiceSection):
 
 
 GADGET = {"gadget": GadgetSection}
+LONG_RUN = "1" * 4400
+"""Digits enough for an integer too long to read, in a comment or a string here."""
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -373,13 +375,30 @@ class TestProblems:
         path.write_bytes(text.encode())
         assert problems_of(path) == [f"{path}: {where} (the end of the file): invalid TOML: {what}"]
 
-    def test_integer_too_long_to_read(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        ("text", "where", "digits"),
+        [
+            (f"[daemon]\nrestart_budget = {'9' * 5000}\n", "line 2, column 18", 5000),
+            (f"# {LONG_RUN}\n[daemon]\nrestart_budget = {'9' * 5000}\n", "line 3, column 18", 5000),
+            (f'[log]\nlevel = "{LONG_RUN}"\nx = [-{"9_" * 4400}9]\n', "line 3, column 6", 4401),
+            (
+                f"x = '''\r\n{LONG_RUN}\r\n'''\r\ny = {{z = +{'9' * 4400}}}\r\n",
+                "line 4, column 10",
+                4400,
+            ),
+        ],
+    )
+    def test_integer_too_long_to_read(
+        self, tmp_path: Path, text: str, where: str, digits: int
+    ) -> None:
         """An integer longer than Python converts (4300 digits) is a syntax problem naming
         where it is: tomllib let the interpreter's ValueError out, a traceback for
-        check-config and the end of a running daemon for a reload (exit 70)."""
-        path = write(tmp_path, f"[daemon]\nrestart_budget = {'9' * 5000}\n")
+        check-config and the end of a running daemon for a reload (exit 70). A long run of
+        digits before it, in a comment or a string, is not taken for it."""
+        path = tmp_path / "agent.toml"
+        path.write_bytes(text.encode())
         assert problems_of(path) == [
-            f"{path}: line 2, column 18: invalid TOML: an integer of 5000 digits, more "
+            f"{path}: {where}: invalid TOML: an integer of {digits} digits, more "
             "than the 4300 this program reads"
         ]
 

@@ -23,6 +23,12 @@ The device's shielded teardown is bounded by the same ends
 ``shutdown_timeout_s + FINAL_PHASE_S + CLOSE_S`` (under the promised second) whatever the
 driver or host does: a call that does not end in time is abandoned with a log line.
 
+A fatal error (see :mod:`agent.daemon.supervisor`), in a service or in the event pump, ends
+the run once every service drained under one deadline, ``shutdown_timeout_s`` from the
+error, unless the device is gone: no further service starts, facility Active and ``READY=1``
+are not sent if not sent yet, SIGHUP is skipped, and systemd hears ``STOPPING=1`` with a
+``STATUS=`` saying why; facility Failed follows.
+
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
 of ``enable`` starts or stops the service.
@@ -65,6 +71,8 @@ REPORT_TIMEOUT_S: Final = 0.5
 """How long a facility status report may take before it is abandoned."""
 STATUS_SEPARATOR: Final = "; "
 """Between the services' fragments in ``STATUS=``."""
+EXITING_STATUS: Final = "exiting on an error: services draining"
+"""``STATUS=`` from the moment a fatal error's drain begins."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +123,12 @@ class Daemon:
         self._notifier = notifier if notifier is not None else Notifier.from_environ()
         self._registry = tuple(registry)
         self._supervisor: Supervisor[Service[Any]] = Supervisor(
-            config.daemon, on_change=self._status_changed
+            config.daemon, on_change=self._status_changed, on_ending=self._exiting
         )
-        self._pump_supervisor: Supervisor[EventPump] = Supervisor(config.daemon)
+        # The services sit inside the pump's nursery: the pump's fatal error ends them first.
+        self._pump_supervisor: Supervisor[EventPump] = Supervisor(
+            config.daemon, on_ending=self._supervisor.end
+        )
         self._shutdown = trio.Event()
         self._startup = trio.CancelScope()
         self._opening = trio.CancelScope()
@@ -197,8 +208,7 @@ class Daemon:
                     self._services_nursery = services
                     with self._startup:
                         await self._start_services(services)
-                    if not self._shutdown.is_set() and not self._supervisor.ending:
-                        await self._announce_ready(device, facility, nursery)
+                    await self._announce_ready(device, facility, nursery)
                     task_status.started()
                     await self._shutdown.wait()
                     terminating = trio.CancelScope()
@@ -223,7 +233,13 @@ class Daemon:
     async def _announce_ready(
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
     ) -> None:
+        """Facility Active, then ``READY=1``: neither once the agent stops or exits on an
+        error (which may begin while the Active report is in flight)."""
+        if self._leaving():
+            return
         await _report(facility, FacilityStatus.ACTIVE, _within(REPORT_TIMEOUT_S))
+        if self._leaving():
+            return
         self._ready = True
         self._status = self._status_text()
         await self._notifier.ready(self._status)
@@ -251,6 +267,16 @@ class Daemon:
             await self._notifier.stopping()
         return deadline
 
+    async def _exiting(self, deadline: float) -> None:
+        """A fatal error's drain began: the watchdog ends, as at a stop; STOPPING=1 and why."""
+        del deadline  # the supervisor bounds this call by it
+        self._watchdog_scope.cancel()
+        self._status = self._status_text()
+        await self._notifier.stopping(self._status)
+
+    def _leaving(self) -> bool:
+        return self._shutdown.is_set() or self._supervisor.ending
+
     def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:
         section: ServiceSection = config.service_section(spec.name, spec.section)
         return section
@@ -265,6 +291,8 @@ class Daemon:
         self._status_dirty.set()
 
     def _status_text(self) -> str:
+        if self._supervisor.ending:
+            return EXITING_STATUS
         fragments = [service.status() for service in self._supervisor.services()]
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
@@ -316,6 +344,9 @@ class Daemon:
 
     async def reload(self) -> None:
         """Re-read the config file: apply what can change live, keep the old one if invalid."""
+        if self._supervisor.ending:
+            log.warning("config_reload_skipped", reason="the agent is exiting on an error")
+            return
         if not self._ready or self._shutdown.is_set():
             log.warning("config_reload_skipped", reason="the agent is starting or stopping")
             return

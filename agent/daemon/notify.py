@@ -65,9 +65,9 @@ class Notifier:
         now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         await self._send("RELOADING=1", f"MONOTONIC_USEC={now_us}")
 
-    async def stopping(self) -> None:
-        """Shutdown begins: ``STOPPING=1``."""
-        await self._send("STOPPING=1")
+    async def stopping(self, status: str | None = None) -> None:
+        """Shutdown begins: ``STOPPING=1``, with an optional status line."""
+        await self._send("STOPPING=1", *([] if status is None else [_status(status)]))
 
     async def status(self, text: str) -> None:
         """Set the line ``systemctl status`` shows: ``STATUS=text``."""

@@ -15,6 +15,8 @@ to a ceiling; more failures than the budget within the window are fatal too. Bef
 end every service drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService stops
 its services after a failed start: the host's heartbeat check is switched off, balloon
 chunks go back. Only a device that vanished skips that, having nobody left to give back to.
+An ``on_ending`` hook runs alongside those drains (the daemon's ends the other supervisor's
+services the same way, :meth:`Supervisor.end`), and the error propagates only after it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from agent.device import DeviceLostError, DeviceUnavailableError
 from agent.protocol import AgentError, LocalProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from agent.config import DaemonConfig
 
@@ -103,17 +105,25 @@ class Supervisor(Generic[T]):
         config: restart policy and the drain time (``shutdown_timeout_s``); may be replaced
             on reload.
         on_change: called when a service starts or ends (the daemon refreshes ``STATUS=``).
+        on_ending: awaited with the drain deadline when a fatal error begins to end the
+            supervisor (or :meth:`end` does), while the services drain, and cancelled at that
+            deadline; the error propagates once it returned.
     """
 
     def __init__(
-        self, config: DaemonConfig, *, on_change: Callable[[], None] | None = None
+        self,
+        config: DaemonConfig,
+        *,
+        on_change: Callable[[], None] | None = None,
+        on_ending: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._on_change = on_change
+        self._on_ending = on_ending
         self._entries: dict[str, _Entry[T]] = {}
         self._restarts: dict[str, int] = {}
         self._ending: float | None = None
-        """The drain deadline once a fatal error ends the supervisor (see :meth:`_end`)."""
+        """The drain deadline once a fatal error ends the supervisor (:meth:`_end`, :meth:`end`)."""
         self._failed: set[str] = set()
         """Services whose fatal error waits for the others' drains."""
         self._left = trio.lowlevel.ParkingLot()
@@ -176,6 +186,16 @@ class Supervisor(Generic[T]):
         """:meth:`stop` every service, all draining at once until the one ``deadline``."""
         for name in list(self._entries):
             self.stop(name, deadline)
+
+    async def end(self, deadline: float) -> None:
+        """End as a fatal error does, for one outside: every service drains until ``deadline``.
+
+        Nothing new runs from now on. Returns once every service's supervision ended, or at
+        ``deadline``; a service's own fatal error still propagates from its task.
+        """
+        async with trio.open_nursery() as nursery:
+            self._begin_ending(nursery, deadline)
+        await self._wait_ended(deadline)
 
     async def start(self, nursery: trio.Nursery, service: T) -> None:
         """Supervise ``service`` as a task of ``nursery``; return once it first started.
@@ -255,25 +275,47 @@ class Supervisor(Generic[T]):
     async def _end(self, entry: _Entry[T], error: BaseException, *, drained: bool) -> NoReturn:
         """Stop every service, let all drain (``entry`` too unless ``drained``), raise ``error``.
 
-        The drains share one deadline, ``shutdown_timeout_s`` from now; a service started
-        meanwhile is drained without running.
+        The drains (and ``on_ending``) share one deadline, ``shutdown_timeout_s`` from the
+        first fatal error; a service started meanwhile is drained without running.
         """
-        if self._ending is None:
-            self._ending = trio.current_time() + self.config.shutdown_timeout_s
-        log.error(
-            "services_draining_before_exit",
-            service=entry.service.name,
-            error=repr(error),
-            drain_s=self.config.shutdown_timeout_s,
-        )
+        now = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            deadline = self._begin_ending(nursery, now + self.config.shutdown_timeout_s)
+            log.error(
+                "services_draining_before_exit",
+                service=entry.service.name,
+                error=repr(error),
+                drain_s=round(deadline - now, 3),
+            )
+            if not drained:
+                await self._drain(entry)
+        # Counted as failed only once drained: the others raise (and so cancel every task
+        # left) when all that remain are failed, which must not cut this drain short.
         self._failed.add(entry.service.name)
+        self._left.unpark_all()
+        await self._wait_ended(deadline)
+        raise error
+
+    def _begin_ending(self, nursery: trio.Nursery, deadline: float) -> float:
+        """Stop every service for the ending; the first call fixes its deadline and starts
+        ``on_ending`` in ``nursery``. Return the ending's deadline."""
+        if self._ending is None:
+            self._ending = deadline
+            if self._on_ending is not None:
+                nursery.start_soon(self._run_on_ending, self._on_ending, deadline)
         self.stop_all(self._ending)
-        if not drained:
-            await self._drain(entry)
-        with trio.move_on_at(self._ending):
+        return self._ending
+
+    @staticmethod
+    async def _run_on_ending(hook: Callable[[float], Awaitable[None]], deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await hook(deadline)
+
+    async def _wait_ended(self, deadline: float) -> None:
+        """Wait until every service left is one whose fatal error waits too, or ``deadline``."""
+        with trio.move_on_at(deadline):
             while not self._failed.issuperset(self._entries):
                 await self._left.park()
-        raise error
 
     async def _drain(self, entry: _Entry[T]) -> None:
         """Await the service's drain until the stop deadline, or the drain time from now."""

@@ -26,8 +26,15 @@ from agent.daemon import Daemon, ServiceFailedError
 from agent.daemon.daemon import FINAL_PHASE_S
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import Event, Facility, FacilityStatus, GetSessionId, LocalProtocolError
-from agent.services import ServiceContext, ServiceSection, ServiceSpec
+from agent.protocol import (
+    Event,
+    Facility,
+    FacilityStatus,
+    GetSessionId,
+    LocalProtocolError,
+    RequestType,
+)
+from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
@@ -111,22 +118,27 @@ REGISTRY: Final = (*SERVICES, GADGET)
 
 
 class BreakerSection(ServiceSection):
-    """``[breaker]``: nothing to tune."""
+    """``[breaker]``: when it breaks the protocol, and whether before its start completes."""
+
+    break_after_s: float = Field(default=1.0, ge=0)
+    while_starting: bool = False
 
 
 class Breaker:
-    """Starts, then breaks the protocol after a second: an error that ends the agent."""
+    """Starts, then breaks the protocol after ``break_after_s``: an error that ends the agent."""
 
     name: Final = "breaker"
 
     def __init__(self, context: ServiceContext, section: BreakerSection) -> None:
-        del context, section
+        del context
+        self.section = section
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        task_status.started()
-        await trio.sleep(1.0)  # the service's own work, until it goes wrong
+        if not self.section.while_starting:
+            task_status.started()
+        await trio.sleep(self.section.break_after_s)  # its own work, until it goes wrong
         msg = "the breaker broke the protocol"
         raise LocalProtocolError(msg)
 
@@ -171,8 +183,45 @@ class FullQueueNotifier(Notifier):
     def __init__(self) -> None:
         super().__init__(None)
 
-    async def stopping(self) -> None:
+    async def stopping(self, status: str | None = None) -> None:
+        del status
         await trio.sleep(SEND_TIMEOUT_S)
+
+
+class RecordingNotifier(Notifier):
+    """sd_notify that records what the daemon tells systemd, one string per message."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[str] = []
+
+    async def ready(self, status: str | None = None) -> None:
+        self.sent.append("READY=1")
+
+    async def reloading(self) -> None:
+        self.sent.append("RELOADING=1")
+
+    async def stopping(self, status: str | None = None) -> None:
+        self.sent.append(f"STOPPING=1 STATUS={status}")
+
+
+async def _breaking_pump_run(
+    pump: EventPump, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    """In place of ``EventPump.run``: starts, then breaks the protocol 3 s later."""
+    del pump
+    task_status.started()
+    await trio.sleep(3.0)
+    msg = "the event waiter's answer broke the protocol"
+    raise LocalProtocolError(msg)
+
+
+def _breaking(host: SimulatedHost, text: str, notifier: Notifier, path: Path) -> Daemon:
+    """A daemon with the breaker before the gadget, configured by ``text``."""
+    registry = (*SERVICES, BREAKER, GADGET)
+    path.write_text(text)
+    config = load_config(path, section_models(registry))
+    return Daemon(config, SimOpener(host), config_path=path, notifier=notifier, registry=registry)
 
 
 class TestThrowAwayService:
@@ -403,6 +452,101 @@ class TestDrain:
         assert not daemon.statistics().ready
         [gadget] = BUILT
         assert gadget.drained.is_set()
+
+    async def test_a_failure_during_a_start_builds_no_further_service(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A service that ends the agent before its start completed: the services after it
+        are not even built."""
+        text = "[breaker]\nwhile_starting = true\n"
+        daemon = _breaking(host, text, Notifier(None), tmp_path / "agent.toml")
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert reported == ["INIT", "FAILED"]
+        assert BUILT == []
+
+    async def test_a_failure_while_active_is_reported_is_never_ready(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A fatal error while the host still takes the facility Active report (slow here):
+        READY=1 is never sent, the agent never ready."""
+        notifier = RecordingNotifier()
+        text = "[breaker]\nbreak_after_s = 0.1\n"
+        daemon = _breaking(host, text, notifier, tmp_path / "agent.toml")
+        host.set_delay(int(RequestType.REPORT_GUEST_STATUS), 0.3)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        assert notifier.sent == ["STOPPING=1 STATUS=exiting on an error: services draining"]
+        assert not daemon.statistics().ready
+        assert "agent_ready" not in [e["event"] for e in logs]
+
+    async def test_sighup_during_a_fatal_drain_is_skipped(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A reload while the agent drains to exit on an error changes nothing and tells
+        systemd nothing: it said STOPPING=1 and why once the drain began."""
+        notifier = RecordingNotifier()
+        path = tmp_path / "agent.toml"
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\n"
+        daemon = _breaking(host, text, notifier, path)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                await gadget.draining.wait()
+                path.write_text('[gadget]\nlabel = "two"\n[heartbeat]\nenable = false\n')
+                await daemon.reload()
+        assert notifier.sent == [
+            "READY=1",
+            "STOPPING=1 STATUS=exiting on an error: services draining",
+        ]
+        skipped = {
+            "event": "config_reload_skipped",
+            "reason": "the agent is exiting on an error",
+            "log_level": "warning",
+        }
+        assert skipped in logs
+        assert "config_reloaded" not in [e["event"] for e in logs]
+        assert (BUILT, gadget.drained.is_set()) == ([gadget], True)
+
+    async def test_a_fatal_error_in_the_event_pump_drains_every_service(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The event pump's fatal error ends the agent as a service's does: every service
+        drains first (within shutdown_timeout_s), and the facility says Failed."""
+        monkeypatch.setattr(EventPump, "run", _breaking_pump_run)
+        notifier = RecordingNotifier()
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 1\n"
+        daemon = _daemon(host, tmp_path / "agent.toml", text, notifier)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        [gadget] = BUILT
+        assert (gadget.drained.is_set(), gadget.drain_cancelled) == (True, False)
+        assert notifier.sent[-1] == "STOPPING=1 STATUS=exiting on an error: services draining"
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert reported == ["INIT", "ACTIVE", "FAILED"]
+        assert trio.current_time() == pytest.approx(4.0)
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

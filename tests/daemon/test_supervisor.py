@@ -165,6 +165,106 @@ class TestSupervisor:
         assert (steady.drains, broken.drains) == ([1.0], [1.0])
         assert supervisor.services() == []
 
+    async def test_a_second_fatal_error_keeps_its_drain(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service that fails fatally while the agent already drains for another's error
+        (its run's shielded clean-up took a second) gets its whole drain within the one
+        deadline, though a third service ended meanwhile, and both errors end the
+        supervisor; its line gives the drain time left."""
+        broken = BrokenService()
+        second = BreaksWhenStopped(drain_s=2.0)
+        third = FailsBeforeReady(failures=0, drain_s=2.5)
+        supervisor: Supervisor[BrokenService | BreaksWhenStopped | FailsBeforeReady] = Supervisor(
+            _config(shutdown_timeout_s=5.0)
+        )
+        raised = pytest.RaisesGroup(
+            pytest.RaisesGroup(pytest.RaisesExc(LocalProtocolError, match="agent broke")),
+            pytest.RaisesGroup(pytest.RaisesExc(LocalProtocolError, match="when stopped")),
+        )
+        with structlog.testing.capture_logs() as logs, trio.fail_after(60), raised:
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, broken)
+                await supervisor.start(nursery, second)
+                await supervisor.start(nursery, third)
+        assert third.drained_at == [3.5]
+        assert (second.drained_at, second.drain_cancelled) == ([4.0], False)
+        assert trio.current_time() == 4.0
+        ending = [
+            (e["service"], e["drain_s"])
+            for e in logs
+            if e["event"] == "services_draining_before_exit"
+        ]
+        assert ending == [("broken", 5.0), ("second", 4.0)]
+
+    async def test_a_service_started_while_ending_drains_without_running(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service handed over while a fatal error's drains run is drained at once and
+        never runs, so it does not hold up the end."""
+        broken = BrokenService()
+        slow = FailsBeforeReady(failures=0, drain_s=2.0)
+        late = HeldStart()
+        supervisor: Supervisor[BrokenService | FailsBeforeReady | HeldStart] = Supervisor(
+            _config(shutdown_timeout_s=5.0)
+        )
+        with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(LocalProtocolError)):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, slow)
+                await supervisor.start(nursery, broken)
+                await trio.sleep(1.5)
+                assert supervisor.ending
+                await supervisor.start(nursery, late)
+        assert (late.starting.is_set(), late.drains) == (False, [1.5])
+        assert trio.current_time() == 3.0
+
+    async def test_a_replacement_while_ending_never_runs(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A replacement asked for while a fatal error's drains run is dropped: the service
+        on its way out drains and ends, nothing runs in its place."""
+        broken = BrokenService()
+        slow = FailsBeforeReady(failures=0, drain_s=2.0)
+        replacement = FailsBeforeReady(failures=0)
+        supervisor: Supervisor[BrokenService | FailsBeforeReady] = Supervisor(
+            _config(shutdown_timeout_s=5.0)
+        )
+        with trio.fail_after(60), pytest.RaisesGroup(pytest.RaisesGroup(LocalProtocolError)):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, slow)
+                await supervisor.start(nursery, broken)
+                await trio.sleep(1.5)
+                assert supervisor.replace("late", replacement)
+        assert (slow.drained_at, replacement.attempts) == ([3.0], 0)
+        assert trio.current_time() == 3.0
+
+    async def test_end_drains_every_service_and_runs_the_hook(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """``end`` (a fatal error outside the supervisor) drains every service until its
+        deadline, runs ``on_ending`` meanwhile, and returns once all ended."""
+        steady = FlakyService(failures=0)
+        slow = FailsBeforeReady(failures=0, drain_s=2.0)
+        hooked: list[tuple[float, float]] = []
+
+        async def on_ending(deadline: float) -> None:
+            hooked.append((trio.current_time(), deadline))
+            await trio.lowlevel.checkpoint()
+
+        supervisor: Supervisor[FlakyService | FailsBeforeReady] = Supervisor(
+            _config(shutdown_timeout_s=5.0), on_ending=on_ending
+        )
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, steady)
+                await supervisor.start(nursery, slow)
+                await trio.sleep(1.0)
+                await supervisor.end(trio.current_time() + 3.0)
+                ended = trio.current_time()
+                assert supervisor.services() == []
+        assert (steady.drains, slow.drained_at, ended) == ([1.0], [3.0], 3.0)
+        assert hooked == [(1.0, 4.0)]
+
     async def test_giving_up_drains_every_service_first(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -392,3 +492,33 @@ class HeldStart:
     async def drain(self) -> None:
         self.drains.append(trio.current_time())
         await trio.lowlevel.checkpoint()
+
+
+class BreaksWhenStopped:
+    """Runs until stopped; its clean-up then takes a second and breaks the protocol. Its
+    drain takes ``drain_s``."""
+
+    name = "second"
+
+    def __init__(self, drain_s: float) -> None:
+        self.drain_s = drain_s
+        self.drained_at: list[float] = []
+        self.drain_cancelled = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1.0)  # shielded teardown, as a device call's
+            msg = "broke the protocol when stopped"
+            raise LocalProtocolError(msg)
+
+    async def drain(self) -> None:
+        try:
+            await trio.sleep(self.drain_s)  # the service's own clean-up work
+        except trio.Cancelled:
+            self.drain_cancelled = True
+            raise
+        self.drained_at.append(trio.current_time())
