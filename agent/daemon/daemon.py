@@ -27,7 +27,8 @@ A fatal error (see :mod:`agent.daemon.supervisor`), in a service or in the event
 the run once every service drained under one deadline, ``shutdown_timeout_s`` from the
 error, unless the device is gone: no further service starts, facility Active and ``READY=1``
 are not sent if not sent yet, SIGHUP is skipped, and systemd hears ``STOPPING=1`` with a
-``STATUS=`` saying why; facility Failed follows.
+``STATUS=`` saying why; facility Failed follows, in the final phase, and the close within
+``CLOSE_S``: the device's teardown is bounded by the same ends as at a stop.
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
@@ -191,8 +192,10 @@ class Daemon:
             try:
                 await self._serve(device, facility, task_status)
             except Exception:
+                final = _begin_final_phase(device)
                 with device.cleanup_scope("facility Failed report"):
                     await facility.report(FacilityStatus.FAILED)
+                device.cleanup_deadline = final + CLOSE_S
                 raise
 
     async def _serve(
@@ -213,10 +216,9 @@ class Daemon:
                     await self._shutdown.wait()
                     terminating = trio.CancelScope()
                     services.start_soon(_report, facility, FacilityStatus.TERMINATING, terminating)
-                    drain_deadline = await self._stop_services(device, terminating)
+                    await self._stop_services(device, terminating)
                 self._services_nursery = None
-                final = min(trio.current_time(), drain_deadline) + FINAL_PHASE_S
-                device.cleanup_deadline = final
+                final = _begin_final_phase(device)
                 self._pump_supervisor.stop_all(final)
             await _report(facility, FacilityStatus.TERMINATED, trio.CancelScope(deadline=final))
             device.cleanup_deadline = final + CLOSE_S
@@ -249,8 +251,8 @@ class Daemon:
         if interval is not None:
             nursery.start_soon(self._watchdog, device, interval)
 
-    async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> float:
-        """Every service drains while ``terminating`` reports, then STOPPING=1; return ``D``.
+    async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> None:
+        """Every service drains while ``terminating`` reports, then STOPPING=1.
 
         ``D`` counts from now: STOPPING=1 is sent after the drains began, within ``D``, so a
         notify queue that holds the message for a while delays neither.
@@ -265,11 +267,13 @@ class Daemon:
         self._supervisor.stop_all(deadline)
         with trio.move_on_at(deadline):
             await self._notifier.stopping()
-        return deadline
 
     async def _exiting(self, deadline: float) -> None:
-        """A fatal error's drain began: the watchdog ends, as at a stop; STOPPING=1 and why."""
-        del deadline  # the supervisor bounds this call by it
+        """A fatal error's drain began: the watchdog ends and the device's teardown is bound,
+        as at a stop; STOPPING=1 and why. The supervisor bounds this call by ``deadline``."""
+        if self._context is not None:
+            device = self._context.device
+            device.cleanup_deadline = min(device.cleanup_deadline, deadline + FINAL_PHASE_S)
         self._watchdog_scope.cancel()
         self._status = self._status_text()
         await self._notifier.stopping(self._status)
@@ -427,6 +431,14 @@ class Daemon:
         service = self._build(spec, section)
         if not self._supervisor.replace(spec.name, service) and self._services_nursery is not None:
             self._supervisor.start_soon(self._services_nursery, service)
+
+
+def _begin_final_phase(device: Device) -> float:
+    """Bound the device's teardown by the final phase, ``FINAL_PHASE_S`` from now and never
+    past the drains' bound (``D + FINAL_PHASE_S``); return the phase's end."""
+    final = min(trio.current_time() + FINAL_PHASE_S, device.cleanup_deadline)
+    device.cleanup_deadline = final
+    return final
 
 
 def _within(seconds: float) -> trio.CancelScope:

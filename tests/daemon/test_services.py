@@ -24,6 +24,7 @@ from pydantic import Field
 from agent.config import AgentConfig, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.daemon.daemon import FINAL_PHASE_S
+from agent.daemon.facility import FacilityReporter
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import (
@@ -547,6 +548,44 @@ class TestDrain:
         reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
         assert reported == ["INIT", "ACTIVE", "FAILED"]
         assert trio.current_time() == pytest.approx(4.0)
+
+    @pytest.mark.parametrize("source", ["service", "pump"])
+    async def test_an_exit_on_an_error_is_bounded_like_a_stop(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        source: str,
+    ) -> None:
+        """A fatal error at 3 s (a service's or the pump's), a drain cut at D = 5 s and a host
+        that never answers the facility Failed report (a call the driver can cancel): the
+        report is abandoned at the end of the final phase, so the process exits within
+        shutdown_timeout_s + 1 s of the error."""
+        blocked = FacilityReporter.report
+
+        async def report(reporter: FacilityReporter, status: FacilityStatus) -> None:
+            if status is FacilityStatus.FAILED:
+                await trio.sleep_forever()
+            await blocked(reporter, status)
+
+        monkeypatch.setattr(FacilityReporter, "report", report)
+        text = "[daemon]\nshutdown_timeout_s = 2\n[gadget]\ndrain_s = 10\n"
+        path = tmp_path / "agent.toml"
+        if source == "pump":
+            monkeypatch.setattr(EventPump, "run", _breaking_pump_run)
+            daemon = _daemon(host, path, text, Notifier(None))
+        else:
+            daemon = _breaking(host, text + "[breaker]\nbreak_after_s = 3\n", Notifier(None), path)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        abandoned = {"event": "device_cleanup_abandoned", "what": "facility Failed report"}
+        assert any(abandoned.items() <= e.items() for e in logs)
+        assert trio.current_time() == pytest.approx(3.0 + 2.0 + FINAL_PHASE_S)
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
