@@ -109,6 +109,38 @@ def test_unknown_commands_and_options(
 
 
 @pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["host", "status", "--socket", SOCKET],
+            "vbox-agent host status: error: --socket is an option of 'host': give it before "
+            "'status'",
+        ),
+        (
+            ["host", "status"],
+            "vbox-agent host: error: the following arguments are required: --socket",
+        ),
+        (
+            ["prop", "get", "/a", "--device=unix:/x.sock"],
+            "vbox-agent prop get: error: --device is an option of 'prop': give it before 'get'",
+        ),
+        (
+            ["prop", "get", "/a", "--bogus", "--device", "x", "--nope"],
+            "vbox-agent prop get: error: --device is an option of 'prop': give it before 'get'; "
+            "unrecognized arguments: --bogus --nope",
+        ),
+    ],
+)
+def test_misplaced_and_missing_options(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A required option given after a later command's name is misplaced, not missing; the
+    message names the option, not the word (its value too); an unknown option beside a
+    misplaced one is reported as well."""
+    assert usage_error(argv, capsys)[-1] == error
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["run", "--duration", "0"], "'0' must be a positive number of seconds"),

@@ -46,6 +46,21 @@ class CommandParser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(  # type: ignore[override]  # one Namespace type, not the overloads
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse as argparse does, but leave the check of required options to
+        :func:`_missing_options`: a required option given after a later command's name is
+        then reported as misplaced (by :func:`main`), not as missing."""
+        required = [action for action in self._actions if action.required and action.option_strings]
+        for action in required:
+            action.required = False
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            for action in required:
+                action.required = True
+
 
 COMMANDS: Final = (
     ("run", "_run", "run the agent"),
@@ -107,19 +122,48 @@ def _unrecognized(chain: list[CommandParser], words: list[str]) -> str:
     """The error for ``words`` no parser took, ``chain`` being the commands given (outermost
     first; each parser takes only its own options, after its name and before the next one's).
 
-    An option that one of them knows was given in the wrong place, which is said instead.
+    An option that one of them knows was given in the wrong place, which is said (with its
+    value, the next word, taken as its own); the words left are unrecognized.
     """
     names = [parser.prog.rpartition(" ")[2] for parser in chain]
-    for word in words:
-        option = word.partition("=")[0]
-        if option in chain[-1]._option_string_actions:  # argparse has no public view
-            return f"{word} is an option of '{names[-1]}': give it after '{names[-1]}'"
-        for depth in reversed(range(len(chain) - 1)):
-            if option in chain[depth]._option_string_actions:
-                return (
-                    f"{word} is an option of '{names[depth]}': give it before '{names[depth + 1]}'"
-                )
-    return f"unrecognized arguments: {' '.join(words)}"
+    problems: list[str] = []
+    unknown: list[str] = []
+    remaining = iter(words)
+    for word in remaining:
+        option, equals, _ = word.partition("=")
+        # the innermost command first; argparse has no public view of a parser's options
+        owners = (
+            d for d in reversed(range(len(chain))) if option in chain[d]._option_string_actions
+        )
+        depth = next(owners, None)
+        if depth is None:
+            unknown.append(word)
+            continue
+        if depth == len(chain) - 1:
+            problems.append(
+                f"{option} is an option of '{names[depth]}': give it after '{names[depth]}'"
+            )
+        else:
+            problems.append(
+                f"{option} is an option of '{names[depth]}': give it before '{names[depth + 1]}'"
+            )
+        if not equals and chain[depth]._option_string_actions[option].nargs != 0:
+            next(remaining, None)  # its value
+    if unknown:
+        problems.append(f"unrecognized arguments: {' '.join(unknown)}")
+    return "; ".join(problems)
+
+
+def _missing_options(chain: list[CommandParser], args: argparse.Namespace) -> None:
+    """Exit 64 with the usage of the first command in ``chain`` missing a required option."""
+    for parser in chain:
+        missing = [
+            "/".join(action.option_strings)
+            for action in parser._actions
+            if action.required and action.option_strings and getattr(args, action.dest) is None
+        ]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,9 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     parser = _build_parser(words)
     args, unrecognized = parser.parse_known_args(words)
+    usage_parser: CommandParser = args.usage_parser
+    chain = _command_chain(parser, usage_parser)
     if unrecognized:
-        usage_parser: CommandParser = args.usage_parser
-        usage_parser.error(_unrecognized(_command_chain(parser, usage_parser), unrecognized))
+        usage_parser.error(_unrecognized(chain, unrecognized))
+    _missing_options(chain, args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
