@@ -226,7 +226,7 @@ class Daemon:
 
     async def _start_services(self, services: trio.Nursery) -> None:
         for spec in self._registry:
-            if self._supervisor.ending:  # a fatal error: the agent exits once all drained
+            if self._ending():  # a fatal error: the agent exits once all drained
                 return
             section = self._section(self.config, spec)
             if section.enable:
@@ -279,7 +279,12 @@ class Daemon:
         await self._notifier.stopping(self._status)
 
     def _leaving(self) -> bool:
-        return self._shutdown.is_set() or self._supervisor.ending
+        return self._shutdown.is_set() or self._ending()
+
+    def _ending(self) -> bool:
+        """Whether a fatal error ends the agent: the event pump's supervisor ends one
+        scheduling step before the services' one it ends."""
+        return self._pump_supervisor.ending or self._supervisor.ending
 
     def _section(self, config: AgentConfig, spec: ServiceSpec[Any]) -> ServiceSection:
         section: ServiceSection = config.service_section(spec.name, spec.section)
@@ -295,7 +300,7 @@ class Daemon:
         self._status_dirty.set()
 
     def _status_text(self) -> str:
-        if self._supervisor.ending:
+        if self._ending():
             return EXITING_STATUS
         fragments = [service.status() for service in self._supervisor.services()]
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
@@ -348,7 +353,7 @@ class Daemon:
 
     async def reload(self) -> None:
         """Re-read the config file: apply what can change live, keep the old one if invalid."""
-        if self._supervisor.ending:
+        if self._ending():
             log.warning("config_reload_skipped", reason="the agent is exiting on an error")
             return
         if not self._ready or self._shutdown.is_set():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import pytest
 import structlog.testing
@@ -22,7 +22,7 @@ import trio.testing
 from pydantic import Field
 
 from agent.config import AgentConfig, load_config
-from agent.daemon import Daemon, ServiceFailedError
+from agent.daemon import Daemon, ServiceFailedError, Supervisor
 from agent.daemon.daemon import FINAL_PHASE_S
 from agent.daemon.facility import FacilityReporter
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
@@ -489,6 +489,60 @@ class TestDrain:
         assert notifier.sent == ["STOPPING=1 STATUS=exiting on an error: services draining"]
         assert not daemon.statistics().ready
         assert "agent_ready" not in [e["event"] for e in logs]
+
+    async def test_a_pump_failure_is_seen_before_the_services_end(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The event pump's fatal error while the facility Active report is in flight; the
+        services' end, which comes one scheduling step later, is held back here until the
+        host answered: a SIGHUP meanwhile is skipped and READY=1 is never sent."""
+        services_end = Supervisor.end
+        held, answered = trio.Event(), trio.Event()
+
+        async def end(supervisor: Supervisor[Any], deadline: float) -> None:
+            held.set()
+            await answered.wait()
+            await services_end(supervisor, deadline)
+
+        reporter_report = FacilityReporter.report
+
+        async def report(reporter: FacilityReporter, status: FacilityStatus) -> None:
+            await reporter_report(reporter, status)
+            if status is FacilityStatus.ACTIVE:
+                answered.set()
+
+        async def breaking_run(
+            pump: EventPump, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> NoReturn:
+            del pump
+            task_status.started()
+            await trio.sleep(0.1)  # the pump's own work, until the host's answer is broken
+            msg = "the event waiter's answer broke the protocol"
+            raise LocalProtocolError(msg)
+
+        monkeypatch.setattr(Supervisor, "end", end)
+        monkeypatch.setattr(FacilityReporter, "report", report)
+        monkeypatch.setattr(EventPump, "run", breaking_run)
+        notifier = RecordingNotifier()
+        daemon = _daemon(host, tmp_path / "agent.toml", "", notifier)
+        host.set_delay(int(RequestType.REPORT_GUEST_STATUS), 0.3)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await held.wait()
+                await daemon.reload()
+        skipped = [e["reason"] for e in logs if e["event"] == "config_reload_skipped"]
+        assert skipped == ["the agent is exiting on an error"]
+        assert notifier.sent == ["STOPPING=1 STATUS=exiting on an error: services draining"]
+        assert not daemon.statistics().ready
 
     async def test_sighup_during_a_fatal_drain_is_skipped(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
