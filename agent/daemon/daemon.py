@@ -28,7 +28,9 @@ the run once every service drained under one deadline, ``shutdown_timeout_s`` fr
 error, unless the device is gone: no further service starts, facility Active and ``READY=1``
 are not sent if not sent yet, SIGHUP is skipped, and systemd hears ``STOPPING=1`` with a
 ``STATUS=`` saying why; facility Failed follows, in the final phase, and the close within
-``CLOSE_S``: the device's teardown is bounded by the same ends as at a stop.
+``CLOSE_S``: the device's teardown is bounded by the same ends as at a stop. A stop requested
+meanwhile sends and reports nothing more; a fatal error during a stop sends only the
+``STATUS=`` (the stop sent ``STOPPING=1``).
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
@@ -143,6 +145,8 @@ class Daemon:
         self._context: ServiceContext | None = None
         self._services_nursery: trio.Nursery | None = None
         self._ready = False
+        self._stopping = False
+        """A stop's drains began and it sends, or sent, ``STOPPING=1``."""
         self._reloads = 0
 
     def statistics(self) -> DaemonStatistics:
@@ -214,9 +218,7 @@ class Daemon:
                     await self._announce_ready(device, facility, nursery)
                     task_status.started()
                     await self._shutdown.wait()
-                    terminating = trio.CancelScope()
-                    services.start_soon(_report, facility, FacilityStatus.TERMINATING, terminating)
-                    await self._stop_services(device, terminating)
+                    await self._stop_services(device, facility, services)
                 self._services_nursery = None
                 final = _begin_final_phase(device)
                 self._pump_supervisor.stop_all(final)
@@ -251,32 +253,44 @@ class Daemon:
         if interval is not None:
             nursery.start_soon(self._watchdog, device, interval)
 
-    async def _stop_services(self, device: Device, terminating: trio.CancelScope) -> None:
-        """Every service drains while ``terminating`` reports, then STOPPING=1.
+    async def _stop_services(
+        self, device: Device, facility: FacilityReporter, services: trio.Nursery
+    ) -> None:
+        """Every service drains while facility Terminating is reported, then STOPPING=1.
 
         ``D`` counts from now: STOPPING=1 is sent after the drains began, within ``D``, so a
-        notify queue that holds the message for a while delays neither.
+        notify queue that holds the message for a while delays neither. A fatal error's
+        drain already running keeps its own deadline if earlier, and nothing is reported:
+        systemd heard STOPPING=1 then, and facility Failed follows.
         """
         self._watchdog_scope.cancel()
         now = trio.current_time()
         deadline = now + self.config.daemon.shutdown_timeout_s
+        self._supervisor.stop_all(deadline)
+        if self._ending():
+            return
+        self._stopping = True
         # The device's own teardown inside a drain may run into the final phase, not past it.
         device.cleanup_deadline = deadline + FINAL_PHASE_S
-        terminating.deadline = min(deadline, now + REPORT_TIMEOUT_S)
+        terminating = trio.CancelScope(deadline=min(deadline, now + REPORT_TIMEOUT_S))
+        services.start_soon(_report, facility, FacilityStatus.TERMINATING, terminating)
         log.info("services_draining", drain_s=self.config.daemon.shutdown_timeout_s)
-        self._supervisor.stop_all(deadline)
         with trio.move_on_at(deadline):
             await self._notifier.stopping()
 
     async def _exiting(self, deadline: float) -> None:
         """A fatal error's drain began: the watchdog ends and the device's teardown is bound,
-        as at a stop; STOPPING=1 and why. The supervisor bounds this call by ``deadline``."""
+        as at a stop; STOPPING=1 (unless a stop sent it) and why. The supervisor bounds this
+        call by ``deadline``."""
         if self._context is not None:
             device = self._context.device
             device.cleanup_deadline = min(device.cleanup_deadline, deadline + FINAL_PHASE_S)
         self._watchdog_scope.cancel()
         self._status = self._status_text()
-        await self._notifier.stopping(self._status)
+        if self._stopping:
+            await self._notifier.status(self._status)
+        else:
+            await self._notifier.stopping(self._status)
 
     def _leaving(self) -> bool:
         return self._shutdown.is_set() or self._ending()

@@ -206,6 +206,13 @@ class RecordingNotifier(Notifier):
         self.sent.append(f"STOPPING=1 STATUS={status}")
 
 
+class StatusRecordingNotifier(RecordingNotifier):
+    """:class:`RecordingNotifier` that records each ``STATUS=`` update too."""
+
+    async def status(self, text: str) -> None:
+        self.sent.append(f"STATUS={text}")
+
+
 async def _breaking_pump_run(
     pump: EventPump, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> NoReturn:
@@ -640,6 +647,57 @@ class TestDrain:
         abandoned = {"event": "device_cleanup_abandoned", "what": "facility Failed report"}
         assert any(abandoned.items() <= e.items() for e in logs)
         assert trio.current_time() == pytest.approx(3.0 + 2.0 + FINAL_PHASE_S)
+
+    async def test_a_stop_during_a_fatal_drain_reports_nothing_more(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """SIGTERM while the agent drains to exit on an error: the drains keep their deadline,
+        and neither a second STOPPING=1 nor facility Terminating is sent before Failed."""
+        notifier = RecordingNotifier()
+        text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\n"
+        daemon = _breaking(host, text, notifier, tmp_path / "agent.toml")
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                await gadget.draining.wait()
+                daemon.request_shutdown("SIGTERM")
+        assert notifier.sent == [
+            "READY=1",
+            "STOPPING=1 STATUS=exiting on an error: services draining",
+        ]
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert reported == ["INIT", "ACTIVE", "FAILED"]
+        assert (gadget.drained.is_set(), trio.current_time()) == (True, 5.0)
+
+    async def test_a_fatal_error_during_a_stop_sends_only_why(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The event pump's fatal error (at 3 s) while a stop's drains run: systemd, told
+        STOPPING=1 by the stop, hears only the STATUS= saying why."""
+        monkeypatch.setattr(EventPump, "run", _breaking_pump_run)
+        notifier = StatusRecordingNotifier()
+        text = "[daemon]\nshutdown_timeout_s = 10\n[gadget]\ndrain_s = 5\n"
+        daemon = _daemon(host, tmp_path / "agent.toml", text, notifier)
+        with (
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                daemon.request_shutdown("test")
+        assert [m for m in notifier.sent if m.startswith("STOPPING=1")] == [
+            "STOPPING=1 STATUS=None"
+        ]
+        assert "STATUS=exiting on an error: services draining" in notifier.sent
 
     async def test_stop_during_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
