@@ -107,7 +107,8 @@ class Supervisor(Generic[T]):
         on_change: called when a service starts or ends (the daemon refreshes ``STATUS=``).
         on_ending: awaited with the drain deadline when a fatal error begins to end the
             supervisor (or :meth:`end` does), while the services drain, and cancelled at that
-            deadline; the error propagates once it returned.
+            deadline; the error propagates once it returned (an error of the hook's own is
+            logged, not raised).
     """
 
     def __init__(
@@ -308,8 +309,13 @@ class Supervisor(Generic[T]):
 
     @staticmethod
     async def _run_on_ending(hook: Callable[[float], Awaitable[None]], deadline: float) -> None:
+        """Await ``hook`` until ``deadline``; its own failure is logged, never raised in
+        place of the error that ends the supervisor."""
         with trio.move_on_at(deadline):
-            await hook(deadline)
+            try:
+                await hook(deadline)
+            except Exception as exc:  # noqa: BLE001 - the fatal error must be the one to end us
+                log.error("on_ending_failed", error=repr(exc))
 
     async def _wait_ended(self, deadline: float) -> None:
         """Wait until every service left is one whose fatal error waits too, or ``deadline``."""

@@ -265,6 +265,35 @@ class TestSupervisor:
         assert (steady.drains, slow.drained_at, ended) == ([1.0], [3.0], 3.0)
         assert hooked == [(1.0, 4.0)]
 
+    async def test_a_failing_hook_leaves_the_fatal_error_to_end_it(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An ``on_ending`` hook that raises is logged; the service's fatal error, not the
+        hook's, ends the supervisor once the drains ran."""
+        steady = FailsBeforeReady(failures=0, drain_s=2.0)
+        broken = BrokenService()
+
+        async def on_ending(deadline: float) -> None:
+            del deadline
+            await trio.lowlevel.checkpoint()
+            msg = "the hook broke"
+            raise RuntimeError(msg)
+
+        supervisor: Supervisor[FailsBeforeReady | BrokenService] = Supervisor(
+            _config(shutdown_timeout_s=5.0), on_ending=on_ending
+        )
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(60),
+            pytest.RaisesGroup(pytest.RaisesGroup(LocalProtocolError)),
+        ):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, steady)
+                await supervisor.start(nursery, broken)
+        failed = [e for e in logs if e["event"] == "on_ending_failed"]
+        assert [e["error"] for e in failed] == ["RuntimeError('the hook broke')"]
+        assert (steady.drained_at, trio.current_time()) == ([3.0], 3.0)
+
     async def test_giving_up_drains_every_service_first(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
