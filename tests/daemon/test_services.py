@@ -12,6 +12,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -39,6 +40,7 @@ from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpe
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, MutableMapping
     from pathlib import Path
 
 LIMIT_S: Final = 120.0
@@ -230,6 +232,18 @@ def _breaking(host: SimulatedHost, text: str, notifier: Notifier, path: Path) ->
     path.write_text(text)
     config = load_config(path, section_models(registry))
     return Daemon(config, SimOpener(host), config_path=path, notifier=notifier, registry=registry)
+
+
+@contextmanager
+def _ends_on_protocol_error() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Bounded by ``LIMIT_S``, the block must end the agent with a LocalProtocolError;
+    yields the log lines captured meanwhile."""
+    with (
+        structlog.testing.capture_logs() as logs,
+        trio.fail_after(LIMIT_S),
+        pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+    ):
+        yield logs
 
 
 class TestThrowAwayService:
@@ -449,11 +463,7 @@ class TestDrain:
         path.write_text("[gadget]\nstart_s = 5\n")
         config = load_config(path, section_models(registry))
         daemon = Daemon(config, SimOpener(host), notifier=Notifier(None), registry=registry)
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             await daemon.run()
         reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
         assert reported == ["INIT", "FAILED"]
@@ -468,11 +478,7 @@ class TestDrain:
         are not even built."""
         text = "[breaker]\nwhile_starting = true\n"
         daemon = _breaking(host, text, Notifier(None), tmp_path / "agent.toml")
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             await daemon.run()
         reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
         assert reported == ["INIT", "FAILED"]
@@ -487,11 +493,7 @@ class TestDrain:
         text = "[breaker]\nbreak_after_s = 0.1\n"
         daemon = _breaking(host, text, notifier, tmp_path / "agent.toml")
         host.set_delay(int(RequestType.REPORT_GUEST_STATUS), 0.3)
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             await daemon.run()
         assert notifier.sent == ["STOPPING=1 STATUS=exiting on an error: services draining"]
         assert not daemon.statistics().ready
@@ -537,11 +539,7 @@ class TestDrain:
         notifier = RecordingNotifier()
         daemon = _daemon(host, tmp_path / "agent.toml", "", notifier)
         host.set_delay(int(RequestType.REPORT_GUEST_STATUS), 0.3)
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(daemon.run)
                 await held.wait()
@@ -560,11 +558,7 @@ class TestDrain:
         path = tmp_path / "agent.toml"
         text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\n"
         daemon = _breaking(host, text, notifier, path)
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 [gadget] = BUILT
@@ -597,11 +591,7 @@ class TestDrain:
         notifier = RecordingNotifier()
         text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 1\n"
         daemon = _daemon(host, tmp_path / "agent.toml", text, notifier)
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             await daemon.run()
         [gadget] = BUILT
         assert (gadget.drained.is_set(), gadget.drain_cancelled) == (True, False)
@@ -638,11 +628,7 @@ class TestDrain:
             daemon = _daemon(host, path, text, Notifier(None))
         else:
             daemon = _breaking(host, text + "[breaker]\nbreak_after_s = 3\n", Notifier(None), path)
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             await daemon.run()
         abandoned = {"event": "device_cleanup_abandoned", "what": "facility Failed report"}
         assert any(abandoned.items() <= e.items() for e in logs)
@@ -656,11 +642,7 @@ class TestDrain:
         notifier = RecordingNotifier()
         text = "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 4\n"
         daemon = _breaking(host, text, notifier, tmp_path / "agent.toml")
-        with (
-            structlog.testing.capture_logs() as logs,
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error() as logs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 [gadget] = BUILT
@@ -687,10 +669,7 @@ class TestDrain:
         notifier = StatusRecordingNotifier()
         text = "[daemon]\nshutdown_timeout_s = 10\n[gadget]\ndrain_s = 5\n"
         daemon = _daemon(host, tmp_path / "agent.toml", text, notifier)
-        with (
-            trio.fail_after(LIMIT_S),
-            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
-        ):
+        with _ends_on_protocol_error():
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 daemon.request_shutdown("test")
