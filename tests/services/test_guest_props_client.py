@@ -253,17 +253,10 @@ class TestOddListing:
     ) -> None:
         """A timestamp of 5000 digits raised Python's ValueError for long integer strings,
         which ``vbox-agent prop enum`` reported as a usage error (exit 64)."""
-        host = SimulatedHost(services=[_EndlessTimestampService(digits)])
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                async with (
-                    open_device(SimOpener(host)) as device,
-                    open_guest_properties(device) as props,
-                ):
-                    with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
-                        await props.enumerate()
-                nursery.cancel_scope.cancel()
+            async with _props_on(_EndlessTimestampService(digits)) as (_, props):
+                with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
+                    await props.enumerate()
 
 
 class TestWatch:
@@ -506,24 +499,17 @@ class TestWatch:
 
     async def test_long_value_overflows_then_fits(self, autojump_clock: trio.abc.Clock) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""
-        host = SimulatedHost(services=[GuestPropertyService(max_value_size=4096)])
+        service = GuestPropertyService(max_value_size=4096)
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                async with (
-                    open_device(SimOpener(host)) as device,
-                    open_guest_properties(device) as props,
-                    props.watch(["/W/*"]) as watch,
-                ):
-                    await props.set("/W/first", "x")
-                    assert (await watch.next()).value == "x"
-                    host.prop_set("/W/long", "L" * 3000)
-                    change = await watch.next()
-                    assert (change.name, len(change.value)) == ("/W/long", 3000)
-                    got = await props.get("/W/long")
-                    assert got is not None
-                    assert got.value == "L" * 3000
-                nursery.cancel_scope.cancel()
+            async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
+                await props.set("/W/first", "x")
+                assert (await watch.next()).value == "x"
+                host.prop_set("/W/long", "L" * 3000)
+                change = await watch.next()
+                assert (change.name, len(change.value)) == ("/W/long", 3000)
+                got = await props.get("/W/long")
+                assert got is not None
+                assert got.value == "L" * 3000
 
 
 class TestWaitEndings:
@@ -627,28 +613,20 @@ class TestWatchRobustness:
         delete is news to a wait. (The matching enumeration ran first and the newest
         timestamp after the set: the set was in neither, and the wait hung.)"""
         service = _ChangesDuringTheSnapshot()
-        host = SimulatedHost(services=[service])
         got: list[PropertyChange] = []
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                async with (
-                    open_device(SimOpener(host)) as device,
-                    open_guest_properties(device) as props,
-                    trio.open_nursery() as waiting,
-                ):
+            async with _props_on(service) as (host, props), trio.open_nursery() as waiting:
 
-                    async def wait() -> None:
-                        got.append(await props.wait(["/W/*"]))
+                async def wait() -> None:
+                    got.append(await props.wait(["/W/*"]))
 
-                    waiting.start_soon(wait)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert service.enumerations == 2
-                    assert host.prop_get("/W/x") is not None
-                    host.prop_delete("/W/x")
-                    await trio.testing.wait_all_tasks_blocked()
-                    waiting.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
+                waiting.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                assert service.enumerations == 2
+                assert host.prop_get("/W/x") is not None
+                host.prop_delete("/W/x")
+                await trio.testing.wait_all_tasks_blocked()
+                waiting.cancel_scope.cancel()
         assert [(change.name, change.deleted) for change in got] == [("/W/x", True)]
 
     async def test_a_clock_going_back_loses_no_change(self, autojump_clock: trio.abc.Clock) -> None:
@@ -656,39 +634,34 @@ class TestWatchRobustness:
         that clock again: every change still comes, once. (Changes older than the newest
         the watch had seen were dropped until the clock passed it again.)"""
         clock = _Clock()
-        host = SimulatedHost(services=[GuestPropertyService(clock=clock)])
         send, receive = trio.open_memory_channel[PropertyChange](16)
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                async with (
-                    open_device(SimOpener(host)) as device,
-                    open_guest_properties(device) as props,
-                    props.watch(["/W/*"]) as watch,
-                    trio.open_nursery() as following,
-                ):
-                    following.start_soon(_follow, watch, send)
-                    seen = []
+            async with (
+                _props_on(GuestPropertyService(clock=clock)) as (host, props),
+                props.watch(["/W/*"]) as watch,
+                trio.open_nursery() as following,
+            ):
+                following.start_soon(_follow, watch, send)
+                seen = []
+                clock.now += 10**9
+                host.prop_set("/W/x", "1")
+                seen.append(await receive.receive())
+                clock.now -= 10 * 10**9  # the clock goes back
+                host.prop_set("/W/x", "2")
+                seen.append(await receive.receive())
+                await trio.testing.wait_all_tasks_blocked()
+                clock.now -= 100 * 10**9  # restored on a host whose clock is behind
+                host.restore()
+                for value in ("3", "4"):
                     clock.now += 10**9
-                    host.prop_set("/W/x", "1")
+                    host.prop_set("/W/x", value)
                     seen.append(await receive.receive())
-                    clock.now -= 10 * 10**9  # the clock goes back
-                    host.prop_set("/W/x", "2")
-                    seen.append(await receive.receive())
-                    await trio.testing.wait_all_tasks_blocked()
-                    clock.now -= 100 * 10**9  # restored on a host whose clock is behind
-                    host.restore()
-                    for value in ("3", "4"):
-                        clock.now += 10**9
-                        host.prop_set("/W/x", value)
-                        seen.append(await receive.receive())
-                    clock.now += 10**9
-                    host.prop_set("/W/y", "new")
-                    seen.append(await receive.receive())
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert receive.statistics().current_buffer_used == 0
-                    following.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
+                clock.now += 10**9
+                host.prop_set("/W/y", "new")
+                seen.append(await receive.receive())
+                await trio.testing.wait_all_tasks_blocked()
+                assert receive.statistics().current_buffer_used == 0
+                following.cancel_scope.cancel()
         assert [(change.name, change.value) for change in seen] == [
             ("/W/x", "1"),
             ("/W/x", "2"),
