@@ -224,6 +224,17 @@ async def _call(transport: CharDevTransport, session: Session, request: Request[
     return session.decode(call)
 
 
+async def _wait_for_events(transport: CharDevTransport, events: list[int]) -> None:
+    """A wait for event 0x10 on a session of its own (a blocking call); the mask it got goes
+    into ``events``."""
+    events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
+
+
+async def _host_version(transport: CharDevTransport) -> None:
+    """A GET_HOST_VERSION on a session of its own (a short call), answered."""
+    assert (await _call(transport, Session(), GetHostVersion())).major == 7
+
+
 async def _open_connected(
     kernel: Kernel[FakeDriver], *, threads: int = 4
 ) -> tuple[CharDevTransport, Session, int]:
@@ -599,16 +610,10 @@ class TestWaits:
             transport, session, client = await _open_connected(kernel)
             events: list[int] = []
 
-            async def wait() -> None:
-                events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
-
-            async def short() -> None:
-                assert (await _call(transport, Session(), GetHostVersion())).major == 7
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait)
-                nursery.start_soon(short)
-                nursery.start_soon(short)
+                nursery.start_soon(_wait_for_events, transport, events)
+                nursery.start_soon(_host_version, transport)
+                nursery.start_soon(_host_version, transport)
                 await kernel.wait_in_driver(3)
                 call = HgcmCall(client, ECHO_FUNCTION, (HgcmU32(0), HgcmBuffer(b"ab")))
                 reply = await _call(transport, session, call)
@@ -629,16 +634,10 @@ class TestWaits:
             transport, session, client = await _open_connected(kernel, threads=2)
             events: list[int] = []
 
-            async def wait() -> None:
-                events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
-
-            async def short() -> None:
-                assert (await _call(transport, Session(), GetHostVersion())).major == 7
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(short)
+                nursery.start_soon(_host_version, transport)
                 await kernel.wait_in_driver(1)
-                nursery.start_soon(wait)
+                nursery.start_soon(_wait_for_events, transport, events)
                 await kernel.wait_in_driver(2)
                 with pytest.raises(chardev.IoctlThreadsExhaustedError, match="ioctl_threads"):
                     await _call(transport, session, HgcmCall(client, ECHO_FUNCTION))
@@ -658,16 +657,13 @@ class TestWaits:
             events: list[int] = []
             replies: list[tuple[object, ...]] = []
 
-            async def wait() -> None:
-                events.append((await _call(transport, Session(), WaitForEvents(0x10))).mask)
-
             async def short(text: bytes) -> None:
                 params = (HgcmU32(0), HgcmBuffer(text))
                 call = HgcmCall(client, ECHO_FUNCTION, params, SHORT_CALL_TIMEOUT_MS)
                 replies.append((await _call(transport, session, call)).params)
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait)
+                nursery.start_soon(_wait_for_events, transport, events)
                 await kernel.wait_in_driver(1)
                 async with trio.open_nursery() as calls:
                     for text in (b"ab", b"cd", b"ef"):
