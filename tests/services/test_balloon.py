@@ -877,15 +877,22 @@ class TestTriggeredAndKernel:
 
 class TestReconfigure:
     async def test_every_setting_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
+        """A reload sets the walk's retry delays, first and longest, and a later one that
+        leaves them out puts the defaults back."""
         with trio.fail_after(60):
             async with running_balloon(personality="passthrough") as run:
                 service = run.service
-                assert service.reconfigure(BalloonSection(pressure_step_mb=8, retry_max_s=5.0))
+                retries = BalloonSection(pressure_step_mb=8, retry_initial_s=0.5, retry_max_s=5.0)
+                assert service.reconfigure(retries)
                 walker = service.walker
                 assert walker is not None
-                assert walker.backoff.maximum == 5.0
+                assert (walker.backoff.initial, walker.backoff.maximum) == (0.5, 5.0)
                 assert service.reconfigure(BalloonSection(psi_interval_s=5.0))
-                assert walker.backoff.maximum == BalloonSection().retry_max_s
+                defaults = BalloonSection()
+                assert (walker.backoff.initial, walker.backoff.maximum) == (
+                    defaults.retry_initial_s,
+                    defaults.retry_max_s,
+                )
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_shorter_cooldown_ends_the_hold_in_place(
