@@ -109,6 +109,8 @@ def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None
     assert utmp_users(utmp) == ["alice", "bob", "alice"]
     assert logged_in_users(utmp, lambda: ["bob", "dave"]) == ("alice", "bob", "dave")
     assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == ("dave",)
+    utmp.write_bytes(utmp_record(LOGIN_PROCESS, "LOGIN") + utmp_record(USER_PROCESS, "erin"))
+    assert utmp_users(utmp) == ["erin"]  # the file's last record, whole, counts
 
 
 def test_an_unreadable_utmp_is_an_error_naming_it(tmp_path: Path) -> None:
