@@ -204,6 +204,32 @@ class TestReports:
             "page_file_size": 250_000,
         }
 
+    async def test_a_new_interval_measures_cpu_load_afresh(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """Reports switched off and on again: the first report after that has no CPU load
+        (it would span the pause), the next one measures from it."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        async with running("mainline", proc=proc, cpus=1) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            write_proc(proc, cpus=(IDLER_CPU,), processes=1)
+            await trio.sleep(1.0)
+            assert StatCap(last_report(host)["stat_caps"]) & CPU_CAPS == CPU_CAPS
+            host.set_statistics_interval(0)
+            await trio.sleep(10.0)
+            write_proc(proc, cpus=((110, 0, 60, 1250, 0, 0, 0, 0),), processes=1)
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
+            write_proc(proc, cpus=((110, 0, 60, 1450, 0, 0, 0, 0),), processes=1)
+            await trio.sleep(1.0)
+            report = last_report(host)
+        assert StatCap(report["stat_caps"]) & CPU_CAPS == CPU_CAPS
+        loads = (report["cpu_load_idle"], report["cpu_load_kernel"], report["cpu_load_user"])
+        assert loads == (100, 0, 0)
+
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_without_a_balloon_service_the_balloon_is_left_alone(
         self, autojump_clock: trio.abc.Clock, personality: str
