@@ -380,6 +380,19 @@ class TestProcSample:
         loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
         assert loads == (50, 25, 25)
 
+    def test_a_cpu_busy_all_the_time_has_its_load(self, tmp_path: Path) -> None:
+        """A CPU with no idle time between two samples (its idle counter stands still) is
+        measured: 0 % idle, not left out as a counter that did not move."""
+        proc = tmp_path / "proc"
+        stats = ProcStats(proc)
+        write_proc(proc, cpus=((10, 0, 10, 900, 0, 0, 0, 0),), processes=1)
+        stats.sample(balloon_chunks=None)
+        write_proc(proc, cpus=((110, 0, 110, 900, 0, 0, 0, 0),), processes=1)
+        (report,) = stats.sample(balloon_chunks=None)
+        assert report.stat_caps & CPU_CAPS == CPU_CAPS
+        loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
+        assert loads == (0, 50, 50)
+
     def test_memory_load_stays_a_percentage(self, tmp_path: Path) -> None:
         """MemAvailable above MemTotal (a container's made-up meminfo) is 0 % load, not a
         negative figure the report cannot carry."""
