@@ -30,6 +30,7 @@ from agent.protocol import (
     HgcmDisconnect,
     HgcmU32,
     InterruptAllWaits,
+    Log,
     VBoxStatusError,
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
@@ -49,7 +50,14 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
-from tests.host.conftest import ECHO, FN_ECHO, Client, open_client, vmmdev_request
+from tests.host.conftest import (
+    ECHO,
+    FN_ECHO,
+    Client,
+    model_driver,
+    open_client,
+    vmmdev_request,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -155,6 +163,22 @@ class TestHeaderRc:
         call = HgcmCall(0x7777, FN_ECHO, (HgcmU32(0),)).encode()
         await client.raw(call.code, call.buffer)
         assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
+
+
+class TestLog:
+    """``vgdrvIoCtl_Log``: LogRel for trusted sessions, the debug-only Log for vboxuser."""
+
+    async def test_trusted_messages_reach_the_kernel_log(self, host: SimulatedHost) -> None:
+        """A /dev/vboxguest session's message goes to the release log (printk)."""
+        client = await open_client(host)
+        await client.request(Log(b"hello\0ignored"))
+        assert list(model_driver(host).log_messages) == [b"hello"]
+
+    async def test_vboxuser_messages_go_nowhere(self, host: SimulatedHost) -> None:
+        """A /dev/vboxuser session's message succeeds, but the release build drops it."""
+        client = await open_client(host, user_device=True)
+        await client.request(Log(b"hello"))
+        assert list(model_driver(host).log_messages) == []
 
 
 class TestEvents:
