@@ -20,6 +20,7 @@ import trio.testing
 
 from agent.host import SimulatedHost
 from agent.host.driver._request_sizes import check_request_size
+from agent.host.driver._session import session_requestor
 from agent.protocol import (
     ChangeBalloon,
     ChangeFilterMask,
@@ -35,7 +36,7 @@ from agent.protocol import (
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import HEADER_SIZE, Event, Ioctl, RequestType
+from agent.protocol.constants import HEADER_SIZE, REQUESTOR_KERNEL, Event, Ioctl, RequestType
 from agent.protocol.messages import _VmmdevRequest
 from agent.protocol.status import (
     STATUS_CODES,
@@ -428,6 +429,25 @@ class TestOracleKernelBalloon:
         assert host.driver.balloon_chunks == 0
 
 
+def _record_requestors(host: SimulatedHost) -> list[tuple[int, int]]:
+    """Record the type and requestor of the balloon requests the host gets from now on."""
+    seen: list[tuple[int, int]] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
+        request_type = L.RequestHeader.request_type.get(header)
+        if request_type in _BALLOON_REQUESTS:
+            seen.append((request_type, L.RequestHeader.requestor.get(header)))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
+
+
+_BALLOON_REQUESTS: Final = (RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON)
+
+
 class TestOracleBalloon:
     """A build without the kernel allocator: ring-3 chunks via CHANGE_BALLOON."""
 
@@ -438,6 +458,22 @@ class TestOracleBalloon:
             await nursery.start(host.run)
             yield host
             nursery.cancel_scope.cancel()
+
+    async def test_balloon_requests_carry_the_callers_requestor(self, host: SimulatedHost) -> None:
+        """The balloon query and a user chunk's change go to the host as the calling
+        session's (``pSession->fRequestor``); the close's deflate as the kernel's."""
+        seen = _record_requestors(host)
+        client = await open_client(host, uid=1000)
+        caller = session_requestor(user_device=False, uid=1000)
+        host.set_balloon_target(1)
+        await client.request(CheckBalloon())
+        await client.request(ChangeBalloon(CHUNK, True))
+        await client.transport.aclose()
+        assert seen == [
+            (RequestType.GET_MEMBALLOON_CHANGE_REQ, caller),
+            (RequestType.CHANGE_MEMBALLOON, caller),
+            (RequestType.CHANGE_MEMBALLOON, REQUESTOR_KERNEL),
+        ]
 
     async def test_check_makes_the_owner(self, host: SimulatedHost) -> None:
         """The first caller owns the balloon; others get VERR_PERMISSION_DENIED."""
