@@ -560,6 +560,19 @@ class TestOracleBalloon:
         other = await open_client(host)
         assert (await other.request(CheckBalloon())).handle_in_r3
 
+    async def test_owner_close_stops_at_a_refused_deflate(self, host: SimulatedHost) -> None:
+        """``vgdrvCloseMemBalloon`` gives up at the first chunk the host will not take back:
+        it and the chunks below it stay ballooned (upstream leaks them)."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        for index in range(3):
+            await owner.request(ChangeBalloon(CHUNK + index * MIB, True))
+        host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NOT_SUPPORTED)
+        await owner.transport.aclose()
+        assert host.vmmdev.balloon.chunks == 3
+        other = await open_client(host)
+        assert (await other.request(CheckBalloon())).handle_in_r3
+
     async def test_balloon_event_reaches_userspace(
         self, host: SimulatedHost, autojump_clock: object
     ) -> None:

@@ -224,12 +224,20 @@ class OracleDriver(Driver):
         return await change_memballoon(self, req, pages, inflate=inflate)
 
     async def session_closed(self, session: DriverSession) -> None:
-        """The owner went away: deflate every chunk and free the balloon for others."""
+        """The owner went away: deflate every chunk, last first, and free the balloon for
+        others (``vgdrvCloseMemBalloon``).
+
+        The first chunk the host refuses ends the walk: it and the ones before it stay in
+        the host's balloon. Upstream then frees its array of user chunks, so the model
+        forgets them too (it goes on counting them, which the model does not).
+        """
         async with self._balloon_mutex:
             if self.owner is not session:
                 return
             for address in reversed(list(self.chunks)):
-                await self._deflate(address)
+                if await self._deflate(address) < 0:
+                    break
+            self.chunks.clear()
             while self.kernel_chunks:
                 if await self._change(self.kernel_chunks[-1], inflate=False) < 0:
                     break  # upstream leaks the rest
