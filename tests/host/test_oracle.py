@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from agent.host import SimulatedHost
+from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._session import session_requestor
 from agent.protocol import (
@@ -36,8 +37,16 @@ from agent.protocol import (
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import HEADER_SIZE, REQUESTOR_KERNEL, Event, Ioctl, RequestType
-from agent.protocol.messages import _VmmdevRequest
+from agent.protocol._ioc import iowr
+from agent.protocol.constants import (
+    HEADER_SIZE,
+    IOCTL_TYPE,
+    REQUESTOR_KERNEL,
+    Event,
+    Ioctl,
+    RequestType,
+)
+from agent.protocol.messages import _VmmdevRequest, ioctl_buffer
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
@@ -180,6 +189,67 @@ class TestLog:
         client = await open_client(host, user_device=True)
         await client.request(Log(b"hello"))
         assert list(model_driver(host).log_messages) == []
+
+
+SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, 28)
+"""``VBGL_IOCTL_SET_MOUSE_STATUS``: a u32 of VMMDEV_MOUSE_* flags after the header."""
+CAN_ABSOLUTE: Final = 0x01
+NEW_PROTOCOL: Final = 0x10
+
+
+async def set_mouse_status(client: Client, features: int) -> int:
+    """VBGL_IOCTL_SET_MOUSE_STATUS by hand; return ``hdr.rc``."""
+    buf = ioctl_buffer(28, HEADER_SIZE)
+    buf[HEADER_SIZE:28] = features.to_bytes(4, "little")
+    await client.raw(SET_MOUSE_STATUS, buf)
+    return L.IoctlHeader.rc.get(buf)
+
+
+class TestMouseStatus:
+    """``vgdrvIoCtl_SetMouseStatus``: each session's mouse features, their union on the host."""
+
+    async def test_sessions_features_are_united(self, host: SimulatedHost) -> None:
+        """The host gets the union of the sessions' features; a close drops the session's."""
+        first, second = await open_client(host), await open_client(host, user_device=True)
+        assert await set_mouse_status(first, CAN_ABSOLUTE) == VINF_SUCCESS
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VINF_SUCCESS
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE | NEW_PROTOCOL
+        await first.transport.aclose()
+        assert host.vmmdev.guest.mouse_features == NEW_PROTOCOL
+        assert await set_mouse_status(second, 0) == VINF_SUCCESS
+        assert host.vmmdev.guest.mouse_features == 0
+
+    async def test_host_only_features_are_invalid(self, host: SimulatedHost) -> None:
+        """Bits outside VMMDEV_MOUSE_GUEST_MASK are VERR_INVALID_PARAMETER in hdr.rc."""
+        client = await open_client(host)
+        assert await set_mouse_status(client, 0x2) == VERR_INVALID_PARAMETER
+        assert host.vmmdev.guest.mouse_features == 0
+
+    async def test_the_request_is_the_sessions(self, host: SimulatedHost) -> None:
+        """SET_MOUSE_STATUS goes to the host as the session's; the close's as the kernel's."""
+        seen: list[tuple[int, int]] = []
+        process = host.vmmdev.process
+
+        def record(phys: int) -> None:
+            req = bytearray(host.vmmdev.memory.read(phys, MOUSE_STATUS_SIZE))
+            if L.RequestHeader.request_type.get(req) == RequestType.SET_MOUSE_STATUS:
+                features = int.from_bytes(req[HEADER_SIZE : HEADER_SIZE + 4], "little")
+                seen.append((features, L.RequestHeader.requestor.get(req)))
+            process(phys)
+
+        host.vmmdev.process = record  # type: ignore[method-assign]
+        client = await open_client(host, uid=1000)
+        await set_mouse_status(client, CAN_ABSOLUTE)
+        await set_mouse_status(client, CAN_ABSOLUTE)
+        await client.transport.aclose()
+        caller = session_requestor(user_device=False, uid=1000)
+        assert seen == [(CAN_ABSOLUTE, caller), (0, REQUESTOR_KERNEL)]
+
+    async def test_wrong_sizes_are_einval(self, host: SimulatedHost) -> None:
+        """REQ_CHECK_SIZES: in 28, out 24."""
+        client = await open_client(host)
+        buf = ioctl_buffer(28, 28)
+        await expect_einval(client, iowr(IOCTL_TYPE, 15, 28), buf)
 
 
 class TestEvents:

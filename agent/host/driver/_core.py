@@ -151,6 +151,9 @@ class Driver:
     async def session_closed(self, session: DriverSession) -> None:
         """Personality cleanup when a session closes (after the common cleanup)."""
 
+    async def release_mouse_status(self, session: DriverSession) -> None:
+        """Drop the session's mouse features at close (after its event filter)."""
+
     # --- requests to the host ------------------------------------------------------------------
 
     def alloc_request(
@@ -283,6 +286,7 @@ class Driver:
             await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
             await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
             await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
+            await self.release_mouse_status(session)
             for client_id in session.hgcm_client_ids:
                 if client_id not in (0, U32_MAX):
                     await _hgcm.host_disconnect(self, client_id, REQUESTOR_KERNEL)

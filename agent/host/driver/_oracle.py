@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import math
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -38,7 +39,7 @@ from agent.host.driver._policy import req_allowed
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol._ioc import ioc_nr, ioc_size
+from agent.protocol._ioc import ioc_nr, ioc_size, iowr
 from agent.protocol.constants import (
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
@@ -46,6 +47,7 @@ from agent.protocol.constants import (
     HGCM_PARM64_SIZE,
     IOC_VERSION,
     IOCTL_HDR_VERSION,
+    IOCTL_TYPE,
     MAX_IOCTL_SIZE,
     TIMEOUT_INFINITE,
     Ioctl,
@@ -76,6 +78,13 @@ VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
 MS_PER_S: Final = 1000
+SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
+SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
+"""``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
+``VMMDEV_MOUSE_*`` features after the header, nothing back."""
+MOUSE_GUEST_MASK: Final = 0x95
+"""``VMMDEV_MOUSE_GUEST_MASK``: can-absolute, needs-host-cursor, new protocol, full state."""
+_U32: Final = struct.Struct("<I")
 
 _STATUS_FOR_ERRNO: Final = {
     errno.EINVAL: VERR_INVALID_PARAMETER,
@@ -386,6 +395,20 @@ async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytea
     return rc
 
 
+async def _set_mouse_status(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_SetMouseStatus``: only the features a guest may set; the session's
+    features become exactly these."""
+    del memory
+    (features,) = _U32.unpack_from(kbuf, HEADER_SIZE)
+    if features & ~MOUSE_GUEST_MASK:
+        return VERR_INVALID_PARAMETER
+    return await drv.set_session_mouse_status(
+        session, features, ~features & U32_MAX, termination=False
+    )
+
+
 async def _check_balloon(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
@@ -433,6 +456,7 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
     Ioctl.CHECK_BALLOON: (HEADER_SIZE, L.CheckBalloonIoctl.size, _check_balloon),
     Ioctl.CHANGE_BALLOON: (L.ChangeBalloonIoctl.size, HEADER_SIZE, _change_balloon),
     Ioctl.WRITE_CORE_DUMP: (L.WriteCoreDumpIoctl.size, HEADER_SIZE, _adapt(_misc.write_core_dump)),
+    SET_MOUSE_STATUS: (SET_MOUSE_STATUS_SIZE, HEADER_SIZE, _set_mouse_status),
 }
 """Fixed-size ioctls: ``(size_in, size_out, handler)`` (``REQ_CHECK_SIZES``)."""
 _VARIABLE: Final[dict[int, Handler]] = {

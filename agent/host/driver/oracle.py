@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING, ClassVar, Final
 
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
+from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._pages import PageAllocator
-from agent.host.driver._util import KernelMutex
+from agent.host.driver._session import BitTracker
+from agent.host.driver._util import U32_MAX, KernelMutex
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
+    HEADER_SIZE,
     REQUESTOR_KERNEL,
     Event,
     RequestType,
@@ -54,6 +57,8 @@ OUT_OF_MEMORY: Final = frozenset(
     {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
 )
 """What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
+_MOUSE_STATUS_BODY: Final = struct.Struct("<Iii")
+"""SET_MOUSE_STATUS after the header: the features, then the pointer's x and y (0)."""
 
 if TYPE_CHECKING:
     from agent.host.driver._oracle import Wait
@@ -92,6 +97,9 @@ class OracleDriver(Driver):
         """Each session's WAIT_FOR_EVENTS calls in progress."""
         self.pending_cancel: set[DriverSession] = set()
         """Sessions whose cancel found no waiter (``fPendingCancelWaitEvents``)."""
+        self.mouse_tracker = BitTracker()
+        self.mouse_status_host = U32_MAX
+        """What the host was last told (U32_MAX: unknown, the next change reports)."""
 
     ioctl = _oracle.ioctl
     """Oracle's ioctl entry (:mod:`agent.host.driver._oracle`), as the method itself: every
@@ -102,6 +110,44 @@ class OracleDriver(Driver):
         await super().close_session(session)
         self.waits.pop(session, None)
         self.pending_cancel.discard(session)
+
+    async def set_session_mouse_status(
+        self, session: DriverSession, or_mask: int, not_mask: int, *, termination: bool
+    ) -> int:
+        """``vgdrvSetSessionMouseStatus``: count each feature's sessions, tell the host the
+        union when it changed (as the session, or as the kernel at its close); a refused
+        change is rolled back except at the close. Return the status."""
+        async with self.session_mutex:
+            previous = session.mouse_status
+            wanted = (previous | or_mask) & ~not_mask & U32_MAX
+            changed = previous ^ wanted
+            if not changed:
+                return VINF_SUCCESS
+            mask_before = self.mouse_tracker.mask
+            self.mouse_tracker.update(changed, previous)
+            session.mouse_status = wanted
+            features = self.mouse_tracker.mask
+            unknown = self.mouse_status_host == U32_MAX
+            if (features == mask_before and not unknown) or features == self.mouse_status_host:
+                return VINF_SUCCESS
+            self.mouse_status_host = features
+            req = self.alloc_request(
+                RequestType.SET_MOUSE_STATUS,
+                MOUSE_STATUS_SIZE,
+                REQUESTOR_KERNEL if termination else session.requestor,
+            )
+            _MOUSE_STATUS_BODY.pack_into(req, HEADER_SIZE, features, 0, 0)
+            rc = await self.perform(req)
+            if rc < 0:
+                self.mouse_status_host = U32_MAX
+                if not termination:
+                    self.mouse_tracker.update(changed, wanted)
+                    session.mouse_status = previous
+            return rc
+
+    async def release_mouse_status(self, session: DriverSession) -> None:
+        """Drop the closing session's mouse features, as the kernel."""
+        await self.set_session_mouse_status(session, 0, U32_MAX, termination=True)
 
     @property
     def balloon_chunks(self) -> int:
