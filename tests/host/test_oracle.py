@@ -23,8 +23,10 @@ from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._session import session_requestor
 from agent.protocol import (
+    AcquireGuestCapabilities,
     ChangeBalloon,
     ChangeFilterMask,
+    ChangeGuestCapabilities,
     CheckBalloon,
     DriverVersionInfo,
     HgcmCall,
@@ -43,6 +45,7 @@ from agent.protocol.constants import (
     IOCTL_TYPE,
     REQUESTOR_KERNEL,
     Event,
+    GuestCapability,
     Ioctl,
     RequestType,
 )
@@ -194,6 +197,9 @@ class TestLog:
 SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, 28)
 """``VBGL_IOCTL_SET_MOUSE_STATUS``: a u32 of VMMDEV_MOUSE_* flags after the header."""
 CAN_ABSOLUTE: Final = 0x01
+SEAMLESS: Final = int(GuestCapability.SEAMLESS)
+GRAPHICS: Final = int(GuestCapability.GRAPHICS)
+VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 NEW_PROTOCOL: Final = 0x10
 
 
@@ -250,6 +256,62 @@ class TestMouseStatus:
         client = await open_client(host)
         buf = ioctl_buffer(28, 28)
         await expect_einval(client, iowr(IOCTL_TYPE, 15, 28), buf)
+
+
+async def acquire_caps(client: Client, or_mask: int, not_mask: int) -> int:
+    """ACQUIRE_GUEST_CAPABILITIES by hand; return ``hdr.rc``."""
+    call = AcquireGuestCapabilities(0, 0).encode()
+    L.AcquireGuestCapsIoctl.or_mask.set(call.buffer, or_mask)
+    L.AcquireGuestCapsIoctl.not_mask.set(call.buffer, not_mask)
+    await client.raw(call.code, call.buffer)
+    return L.IoctlHeader.rc.get(call.buffer)
+
+
+async def change_caps(client: Client, or_mask: int, not_mask: int) -> tuple[int, int, int]:
+    """CHANGE_GUEST_CAPABILITIES by hand; return ``(hdr.rc, session caps, global caps)``."""
+    call = ChangeGuestCapabilities(or_mask, not_mask).encode()
+    await client.raw(call.code, call.buffer)
+    layout = L.SetGuestCapsIoctl
+    buf = call.buffer
+    return L.IoctlHeader.rc.get(buf), layout.session_caps.get(buf), layout.global_caps.get(buf)
+
+
+class TestCapabilities:
+    """``vgdrvAcquireSessionCapabilities`` and ``vgdrvSetSessionCapabilities``."""
+
+    async def test_acquire_ignores_unknown_bits_to_release(self, host: SimulatedHost) -> None:
+        """Only the mask to acquire is checked; unknown bits in the one to release are
+        ignored (\"The fNotMask no need to have all values valid\")."""
+        client = await open_client(host)
+        assert await acquire_caps(client, SEAMLESS, 0x8) == VINF_SUCCESS
+        assert await acquire_caps(client, 0x8, 0) == VERR_INVALID_PARAMETER
+
+    async def test_acquire_takes_a_capability_another_session_set(
+        self, host: SimulatedHost
+    ) -> None:
+        """Oracle's set-mode conflict check reads a mask nothing fills
+        (``fSetModeGuestCaps``), so acquiring a capability another session set succeeds;
+        from then on setting it is busy."""
+        setter, taker = await open_client(host), await open_client(host)
+        assert await change_caps(setter, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
+        assert await acquire_caps(taker, SEAMLESS, 0) == VINF_SUCCESS
+        assert await change_caps(setter, SEAMLESS, 0) == (VERR_RESOURCE_BUSY, SEAMLESS, SEAMLESS)
+
+    async def test_change_reports_the_caps_even_when_refused(self, host: SimulatedHost) -> None:
+        """The session's and all sessions' capabilities come back with a refusal too; the
+        global ones are the acquired and set ones, not the host's last report."""
+        setter, taker = await open_client(host), await open_client(host)
+        assert await acquire_caps(taker, GRAPHICS, 0) == VINF_SUCCESS
+        assert await change_caps(setter, SEAMLESS, 0) == (
+            VINF_SUCCESS,
+            SEAMLESS,
+            SEAMLESS | GRAPHICS,
+        )
+        assert await change_caps(setter, GRAPHICS, 0) == (
+            VERR_RESOURCE_BUSY,
+            SEAMLESS,
+            SEAMLESS | GRAPHICS,
+        )
 
 
 class TestEvents:

@@ -89,6 +89,8 @@ class Driver:
     """Events the ISR keeps for the kernel: userspace waiters never receive them."""
     owns_heartbeat: ClassVar[bool] = True
     """Whether the driver configures the heartbeat at load and beats itself."""
+    acquire_refuses_set_caps: ClassVar[bool] = True
+    """Whether acquiring a capability some session set is refused (mainline: EINVAL)."""
     trusted_requests: ClassVar[frozenset[int]] = frozenset()
     """Extra VMMDev request types trusted (non-vboxuser) sessions may pass through."""
 

@@ -41,6 +41,8 @@ from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fai
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol._ioc import ioc_nr, ioc_size, iowr
 from agent.protocol.constants import (
+    AGC_FLAGS_VALID_MASK,
+    GUEST_CAPABILITIES_MASK,
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
     HGCM_MAX_PARMS,
@@ -395,6 +397,44 @@ async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytea
     return rc
 
 
+async def _acquire_caps(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_GuestCapsAcquire``: the flags and the mask to acquire are checked; bits
+    of the mask to release that no capability has are ignored."""
+    del memory
+    layout = L.AcquireGuestCapsIoctl
+    flags, or_mask = layout.flags.get(kbuf), layout.or_mask.get(kbuf)
+    if or_mask & ~GUEST_CAPABILITIES_MASK or flags & ~AGC_FLAGS_VALID_MASK:
+        return VERR_INVALID_PARAMETER
+    not_mask = layout.not_mask.get(kbuf) & GUEST_CAPABILITIES_MASK
+    try:
+        await _caps.acquire_session_caps(drv, session, or_mask, not_mask, flags, termination=False)
+    except OSError as exc:
+        return status_for(exc)
+    return VINF_SUCCESS
+
+
+async def _change_caps(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_SetCapabilities``: once the masks pass, the session's capabilities and
+    all sessions' (acquired and set) come back, the change refused or not."""
+    del memory
+    layout = L.SetGuestCapsIoctl
+    or_mask, not_mask = layout.or_mask.get(kbuf), layout.not_mask.get(kbuf)
+    if (or_mask | not_mask) & ~GUEST_CAPABILITIES_MASK:
+        return VERR_INVALID_PARAMETER
+    rc = VINF_SUCCESS
+    try:
+        await _caps.set_session_caps(drv, session, or_mask, not_mask, termination=False)
+    except OSError as exc:
+        rc = status_for(exc)
+    layout.session_caps.set(kbuf, session.set_guest_caps)
+    layout.global_caps.set(kbuf, drv.acquired_caps | drv.set_caps_tracker.mask)
+    return rc
+
+
 async def _set_mouse_status(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
@@ -443,15 +483,11 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
     ),
     Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _adapt(_hgcm.connect)),
     Ioctl.HGCM_DISCONNECT: (L.HgcmDisconnectIoctl.size, HEADER_SIZE, _hgcm_disconnect),
-    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (
-        L.AcquireGuestCapsIoctl.size,
-        HEADER_SIZE,
-        _adapt(_caps.acquire),
-    ),
+    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (L.AcquireGuestCapsIoctl.size, HEADER_SIZE, _acquire_caps),
     Ioctl.CHANGE_GUEST_CAPABILITIES: (
         L.SetGuestCapsIoctl.size,
         L.SetGuestCapsIoctl.size,
-        _adapt(_caps.change),
+        _change_caps,
     ),
     Ioctl.CHECK_BALLOON: (HEADER_SIZE, L.CheckBalloonIoctl.size, _check_balloon),
     Ioctl.CHANGE_BALLOON: (L.ChangeBalloonIoctl.size, HEADER_SIZE, _change_balloon),

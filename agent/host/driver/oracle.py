@@ -81,6 +81,8 @@ class OracleDriver(Driver):
     kernel_events: ClassVar[int] = int(Event.HGCM | Event.MOUSE_POSITION_CHANGED)
     log_line_max: ClassVar[int] = PRINTK_RECORD_MAX
     """No buffer of its own cuts the message; the kernel log keeps one record's worth."""
+    acquire_refuses_set_caps: ClassVar[bool] = False
+    """``vgdrvAcquireSessionCapabilities`` checks ``fSetModeGuestCaps``, which nothing sets."""
 
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)
