@@ -118,6 +118,22 @@ async def passthrough(client: Client, request_type: int, size: int = 32) -> byte
     return await client.raw(code, buf)
 
 
+def _record_requestors(host: SimulatedHost, *types: int) -> list[tuple[int, int]]:
+    """Record the type and requestor of the requests of ``types`` the host gets from now on."""
+    seen: list[tuple[int, int]] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
+        request_type = L.RequestHeader.request_type.get(header)
+        if request_type in types:
+            seen.append((request_type, L.RequestHeader.requestor.get(header)))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
+
+
 class TestHeaderRc:
     """Handlers report failures in hdr.rc with the ioctl succeeding; malformed calls are EINVAL."""
 
@@ -321,6 +337,14 @@ class TestEvents:
         """Mask 0: VERR_INVALID_PARAMETER in hdr.rc, events 0, the ioctl succeeds."""
         client = await open_client(host)
         assert await wait_raw(client, 0, 0) == (VERR_INVALID_PARAMETER, 0)
+
+    async def test_filter_changes_go_to_the_host_as_the_kernels(self, host: SimulatedHost) -> None:
+        """``vgdrvSetSessionEventFilter`` sends CTL_GUEST_FILTER_MASK with the kernel's
+        requestor, the session's own change too (mainline sends the session's)."""
+        seen = _record_requestors(host, RequestType.CTL_GUEST_FILTER_MASK)
+        client = await open_client(host, uid=1000)
+        await client.request(ChangeFilterMask(Event.MOUSE_CAPABILITIES_CHANGED, 0))
+        assert seen == [(RequestType.CTL_GUEST_FILTER_MASK, REQUESTOR_KERNEL)]
 
     async def test_timeout_is_in_rc(self, host: SimulatedHost, autojump_clock: object) -> None:
         """Nothing pending: VERR_TIMEOUT in hdr.rc after the timeout (0 = at once)."""
@@ -561,25 +585,6 @@ class TestOracleKernelBalloon:
         assert host.driver.balloon_chunks == 0
 
 
-def _record_requestors(host: SimulatedHost) -> list[tuple[int, int]]:
-    """Record the type and requestor of the balloon requests the host gets from now on."""
-    seen: list[tuple[int, int]] = []
-    process = host.vmmdev.process
-
-    def record(phys: int) -> None:
-        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
-        request_type = L.RequestHeader.request_type.get(header)
-        if request_type in _BALLOON_REQUESTS:
-            seen.append((request_type, L.RequestHeader.requestor.get(header)))
-        process(phys)
-
-    host.vmmdev.process = record  # type: ignore[method-assign]
-    return seen
-
-
-_BALLOON_REQUESTS: Final = (RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON)
-
-
 class TestOracleBalloon:
     """A build without the kernel allocator: ring-3 chunks via CHANGE_BALLOON."""
 
@@ -594,7 +599,9 @@ class TestOracleBalloon:
     async def test_balloon_requests_carry_the_callers_requestor(self, host: SimulatedHost) -> None:
         """The balloon query and a user chunk's change go to the host as the calling
         session's (``pSession->fRequestor``); the close's deflate as the kernel's."""
-        seen = _record_requestors(host)
+        seen = _record_requestors(
+            host, RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON
+        )
         client = await open_client(host, uid=1000)
         caller = session_requestor(user_device=False, uid=1000)
         host.set_balloon_target(1)

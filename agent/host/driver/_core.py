@@ -89,6 +89,9 @@ class Driver:
     """Events the ISR keeps for the kernel: userspace waiters never receive them."""
     owns_heartbeat: ClassVar[bool] = True
     """Whether the driver configures the heartbeat at load and beats itself."""
+    filter_as_session: ClassVar[bool] = True
+    """Whether a session's filter change goes to the host with its requestor (else the
+    kernel's, as at a close)."""
     acquire_refuses_set_caps: ClassVar[bool] = True
     """Whether acquiring a capability some session set is refused (mainline: EINVAL)."""
     trusted_requests: ClassVar[frozenset[int]] = frozenset()

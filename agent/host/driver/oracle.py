@@ -81,6 +81,8 @@ class OracleDriver(Driver):
     kernel_events: ClassVar[int] = int(Event.HGCM | Event.MOUSE_POSITION_CHANGED)
     log_line_max: ClassVar[int] = PRINTK_RECORD_MAX
     """No buffer of its own cuts the message; the kernel log keeps one record's worth."""
+    filter_as_session: ClassVar[bool] = False
+    """``vgdrvSetSessionEventFilter`` keeps VbglR0GRAlloc's kernel requestor."""
     acquire_refuses_set_caps: ClassVar[bool] = False
     """``vgdrvAcquireSessionCapabilities`` checks ``fSetModeGuestCaps``, which nothing sets."""
 
