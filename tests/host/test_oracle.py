@@ -47,6 +47,7 @@ from agent.protocol.constants import (
     Event,
     GuestCapability,
     Ioctl,
+    Requestor,
     RequestType,
 )
 from agent.protocol.messages import _VmmdevRequest, ioctl_buffer
@@ -507,6 +508,25 @@ class TestVmmdevRequestPolicy:
         assert len(requests) >= 10
         for cls in requests:
             assert check_request_size(cls.request_type, cls.layout_size) == VINF_SUCCESS, cls
+
+    @pytest.mark.parametrize(
+        ("user_device", "uid", "expected"),
+        [
+            (False, 0, Requestor.USERMODE | Requestor.USR_ROOT),
+            (False, 1000, Requestor.USERMODE | Requestor.USR_USER),
+            (True, 1000, Requestor.USERMODE | Requestor.USR_USER | Requestor.USER_DEVICE),
+        ],
+    )
+    async def test_requestor_of_a_session(
+        self, host: SimulatedHost, user_device: bool, uid: int, expected: int
+    ) -> None:
+        """``vgdrvLinuxOpen``: user-mode, root or user, USER_DEVICE on /dev/vboxuser; the
+        VirtualBox group only for a /dev/vboxuser node of a non-root group (root:root here),
+        so never; trust and console not known (0)."""
+        seen = _record_requestors(host, RequestType.GET_SESSION_ID)
+        client = await open_client(host, user_device=user_device, uid=uid)
+        await passthrough(client, RequestType.GET_SESSION_ID)
+        assert seen == [(RequestType.GET_SESSION_ID, expected)]
 
     async def test_reply_comes_back_only_on_success(self, host: SimulatedHost) -> None:
         """Success copies the host's reply back; a failure leaves the request with its rc."""

@@ -27,7 +27,7 @@ from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._pages import PageAllocator
-from agent.host.driver._session import BitTracker
+from agent.host.driver._session import BitTracker, DriverSession
 from agent.host.driver._util import U32_MAX, KernelMutex
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -36,6 +36,7 @@ from agent.protocol.constants import (
     HEADER_SIZE,
     REQUESTOR_KERNEL,
     Event,
+    Requestor,
     RequestType,
 )
 from agent.protocol.status import (
@@ -62,7 +63,6 @@ _MOUSE_STATUS_BODY: Final = struct.Struct("<Iii")
 
 if TYPE_CHECKING:
     from agent.host.driver._oracle import Wait
-    from agent.host.driver._session import DriverSession
     from agent.host.memory import DictMemory, GuestMemory
     from agent.host.vmmdev import VMMDev
 
@@ -104,6 +104,20 @@ class OracleDriver(Driver):
         self.mouse_tracker = BitTracker()
         self.mouse_status_host = U32_MAX
         """What the host was last told (U32_MAX: unknown, the next change reports)."""
+
+    def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
+        """Open a node as ``uid``, with the requestor ``vgdrvLinuxOpen`` computes.
+
+        User mode, root or user, and USER_DEVICE on /dev/vboxuser. The VirtualBox group bit
+        is given only on a /dev/vboxuser node of a group other than root's, which the model's
+        root:root nodes are not; trust and console are not known (both 0).
+        """
+        session = super().open_session(user_device=user_device, uid=uid)
+        requestor = Requestor.USERMODE | (Requestor.USR_ROOT if uid == 0 else Requestor.USR_USER)
+        if user_device:
+            requestor |= Requestor.USER_DEVICE
+        session.requestor = int(requestor)
+        return session
 
     ioctl = _oracle.ioctl
     """Oracle's ioctl entry (:mod:`agent.host.driver._oracle`), as the method itself: every
