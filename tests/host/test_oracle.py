@@ -19,6 +19,8 @@ import trio
 import trio.testing
 
 from agent.host import SimulatedHost
+from agent.host.driver._request_sizes import check_request_size
+from agent.host.driver._session import session_requestor
 from agent.protocol import (
     ChangeBalloon,
     ChangeFilterMask,
@@ -29,14 +31,17 @@ from agent.protocol import (
     HgcmDisconnect,
     HgcmU32,
     InterruptAllWaits,
+    Log,
     VBoxStatusError,
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import HEADER_SIZE, Event, Ioctl, RequestType
+from agent.protocol.constants import HEADER_SIZE, REQUESTOR_KERNEL, Event, Ioctl, RequestType
+from agent.protocol.messages import _VmmdevRequest
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
+    VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
@@ -46,7 +51,14 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
-from tests.host.conftest import ECHO, FN_ECHO, Client, open_client, vmmdev_request
+from tests.host.conftest import (
+    ECHO,
+    FN_ECHO,
+    Client,
+    model_driver,
+    open_client,
+    vmmdev_request,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -57,6 +69,7 @@ MIB: Final = 1 << 20
 
 
 VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
+VERR_IO_BAD_LENGTH: Final = STATUS_CODES["VERR_IO_BAD_LENGTH"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
 UNTOUCHED: Final = 0x5A
 """Filler of buffers whose bytes must come back unchanged."""
@@ -153,6 +166,22 @@ class TestHeaderRc:
         assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
 
 
+class TestLog:
+    """``vgdrvIoCtl_Log``: LogRel for trusted sessions, the debug-only Log for vboxuser."""
+
+    async def test_trusted_messages_reach_the_kernel_log(self, host: SimulatedHost) -> None:
+        """A /dev/vboxguest session's message goes to the release log (printk)."""
+        client = await open_client(host)
+        await client.request(Log(b"hello\0ignored"))
+        assert list(model_driver(host).log_messages) == [b"hello"]
+
+    async def test_vboxuser_messages_go_nowhere(self, host: SimulatedHost) -> None:
+        """A /dev/vboxuser session's message succeeds, but the release build drops it."""
+        client = await open_client(host, user_device=True)
+        await client.request(Log(b"hello"))
+        assert list(model_driver(host).log_messages) == []
+
+
 class TestEvents:
     """WAIT_FOR_EVENTS and the one-shot INTERRUPT_ALL_WAIT_FOR_EVENTS."""
 
@@ -220,21 +249,23 @@ class TestVmmdevRequestPolicy:
     """``vgdrvCheckIfVmmReqIsAllowed``: refusals are VERR_PERMISSION_DENIED in hdr.rc."""
 
     @pytest.mark.parametrize(
-        "request_type",
+        ("request_type", "size"),
         [
-            RequestType.GET_STATISTICS_CHANGE_REQ,
-            RequestType.REPORT_GUEST_STATS,
-            RequestType.WRITE_COREDUMP,
+            (RequestType.GET_STATISTICS_CHANGE_REQ, L.StatisticsChangeRequest.size),
+            (RequestType.REPORT_GUEST_STATS, L.GuestStatsRequest.size),
+            (RequestType.GET_CPU_HOTPLUG_REQ, L.CpuHotPlugRequest.size),
         ],
     )
-    async def test_trusted_pass_through(self, host: SimulatedHost, request_type: int) -> None:
+    async def test_trusted_pass_through(
+        self, host: SimulatedHost, request_type: int, size: int
+    ) -> None:
         """/dev/vboxguest sessions reach the host; /dev/vboxuser sessions are refused."""
         trusted = await open_client(host)
         host.add_fault(request_type, VERR_NOT_SUPPORTED)
-        buf = await passthrough(trusted, request_type)
+        buf = await passthrough(trusted, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED
         user = await open_client(host, user_device=True)
-        buf = await passthrough(user, request_type)
+        buf = await passthrough(user, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
 
     @pytest.mark.parametrize(
@@ -256,6 +287,70 @@ class TestVmmdevRequestPolicy:
         client = await open_client(host, user_device=user_device)
         buf = await passthrough(client, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
+
+    @pytest.mark.parametrize("user_device", [False, True])
+    async def test_short_request_is_invalid_before_the_policy(
+        self, host: SimulatedHost, user_device: bool
+    ) -> None:
+        """A request shorter than its type's structure (``vmmdevGetRequestSize``) is
+        VERR_INVALID_PARAMETER, checked before the policy and without reaching the host."""
+        client = await open_client(host, user_device=user_device)
+        host.add_fault(RequestType.REPORT_GUEST_STATS, VERR_NOT_SUPPORTED)
+        buf = await passthrough(client, RequestType.REPORT_GUEST_STATS, 32)
+        assert L.RequestHeader.rc.get(buf) == VERR_INVALID_PARAMETER
+        trusted = await open_client(host)
+        size = L.GuestStatsRequest.size
+        buf = await passthrough(trusted, RequestType.REPORT_GUEST_STATS, size)
+        assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED  # the fault was still there
+
+    @pytest.mark.parametrize("size", [28, 40])
+    async def test_fixed_type_of_another_size(self, host: SimulatedHost, size: int) -> None:
+        """``VbglGR0Verify``: a fixed-size type is exactly its structure (the header's size is
+        the buffer's); shorter is VERR_INVALID_PARAMETER, longer VERR_IO_BAD_LENGTH."""
+        client = await open_client(host)
+        buf = await passthrough(client, RequestType.GET_SESSION_ID, size)
+        assert L.RequestHeader.rc.get(buf) == (
+            VERR_INVALID_PARAMETER if size < L.SessionIdRequest.size else VERR_IO_BAD_LENGTH
+        )
+
+    @pytest.mark.parametrize(
+        "request_type",
+        [
+            RequestType.WRITE_COREDUMP,
+            RequestType.REPORT_CREDENTIALS_JUDGEMENT,
+            RequestType.VIDEMODE_SUPPORTED2,
+            RequestType.HGCM_CANCEL2,
+            999,
+        ],
+    )
+    async def test_types_without_a_size_are_bad_lengths(
+        self, host: SimulatedHost, request_type: int
+    ) -> None:
+        """Types ``vmmdevGetRequestSize`` does not know (size 0) and that are not variable:
+        VERR_IO_BAD_LENGTH for every session, before the policy."""
+        for user_device in (False, True):
+            client = await open_client(host, user_device=user_device)
+            buf = await passthrough(client, request_type, 28)
+            assert L.RequestHeader.rc.get(buf) == VERR_IO_BAD_LENGTH
+
+    async def test_only_variable_types_may_be_large(self, host: SimulatedHost) -> None:
+        """Over 1 MiB a variable-size type is VERR_BUFFER_OVERFLOW, a fixed one a bad length;
+        a variable one may be longer than its structure (then the policy decides)."""
+        client = await open_client(host)
+        big = (1 << 20) + 8
+        buf = await passthrough(client, RequestType.LOG_STRING, big)
+        assert L.RequestHeader.rc.get(buf) == VERR_BUFFER_OVERFLOW
+        buf = await passthrough(client, RequestType.GET_SESSION_ID, big)
+        assert L.RequestHeader.rc.get(buf) == VERR_IO_BAD_LENGTH
+        buf = await passthrough(client, RequestType.CHANGE_MEMBALLOON, 4096)
+        assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED  # sizes passed
+
+    def test_the_agents_requests_have_oracles_sizes(self) -> None:
+        """Every VMMDev request the agent passes through has the size Oracle's driver wants."""
+        requests = _VmmdevRequest.__subclasses__()
+        assert len(requests) >= 10
+        for cls in requests:
+            assert check_request_size(cls.request_type, cls.layout_size) == VINF_SUCCESS, cls
 
     async def test_reply_comes_back_only_on_success(self, host: SimulatedHost) -> None:
         """Success copies the host's reply back; a failure leaves the request with its rc."""
@@ -334,6 +429,25 @@ class TestOracleKernelBalloon:
         assert host.driver.balloon_chunks == 0
 
 
+def _record_requestors(host: SimulatedHost) -> list[tuple[int, int]]:
+    """Record the type and requestor of the balloon requests the host gets from now on."""
+    seen: list[tuple[int, int]] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
+        request_type = L.RequestHeader.request_type.get(header)
+        if request_type in _BALLOON_REQUESTS:
+            seen.append((request_type, L.RequestHeader.requestor.get(header)))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
+
+
+_BALLOON_REQUESTS: Final = (RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON)
+
+
 class TestOracleBalloon:
     """A build without the kernel allocator: ring-3 chunks via CHANGE_BALLOON."""
 
@@ -344,6 +458,22 @@ class TestOracleBalloon:
             await nursery.start(host.run)
             yield host
             nursery.cancel_scope.cancel()
+
+    async def test_balloon_requests_carry_the_callers_requestor(self, host: SimulatedHost) -> None:
+        """The balloon query and a user chunk's change go to the host as the calling
+        session's (``pSession->fRequestor``); the close's deflate as the kernel's."""
+        seen = _record_requestors(host)
+        client = await open_client(host, uid=1000)
+        caller = session_requestor(user_device=False, uid=1000)
+        host.set_balloon_target(1)
+        await client.request(CheckBalloon())
+        await client.request(ChangeBalloon(CHUNK, True))
+        await client.transport.aclose()
+        assert seen == [
+            (RequestType.GET_MEMBALLOON_CHANGE_REQ, caller),
+            (RequestType.CHANGE_MEMBALLOON, caller),
+            (RequestType.CHANGE_MEMBALLOON, REQUESTOR_KERNEL),
+        ]
 
     async def test_check_makes_the_owner(self, host: SimulatedHost) -> None:
         """The first caller owns the balloon; others get VERR_PERMISSION_DENIED."""

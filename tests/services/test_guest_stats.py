@@ -273,19 +273,46 @@ class TestReports:
         assert refused[0]["status"] == "VERR_PERMISSION_DENIED"
         assert "/dev/vboxuser" in refused[0]["device"]
 
-    async def test_unreadable_proc_is_logged_and_counted(
+    async def test_unreadable_proc_is_logged_once_and_counted(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
     ) -> None:
-        """A missing /proc file skips the report with one log line; the service goes on."""
+        """A missing /proc file skips each report: counted every time, logged once, shown in
+        the status; once readable again, reports resume with one line saying so."""
+        proc = tmp_path / "proc"
         with structlog.testing.capture_logs() as logs:
-            async with running("passthrough", proc=tmp_path / "nothing") as (host, service):
+            async with running("passthrough", proc=proc) as (host, service):
                 host.set_statistics_interval(1)
                 await trio.sleep(2.5)
                 assert guest_stats(host)["reports"] == 0
                 assert service.statistics().failures == 3
+                assert service.status() == "statistics every 1 s (failing)"
+                write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+                await trio.sleep(1.0)
+                assert guest_stats(host)["reports"] == 1
+                assert service.statistics().failures == 3
+                assert service.status() == "statistics every 1 s"
         unavailable = [entry for entry in logs if entry["event"] == "statistics_unavailable"]
-        assert len(unavailable) == 3
-        assert "nothing" in unavailable[0]["error"]
+        assert len(unavailable) == 1
+        assert "proc" in unavailable[0]["error"]
+        again = [entry for entry in logs if entry["event"] == "statistics_reported_again"]
+        assert [entry["failed_in_a_row"] for entry in again] == [3]
+
+    async def test_refused_reports_are_logged_per_status(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """Reports the host refuses are logged once per status, not at every tick."""
+        write_proc(tmp_path, cpus=(IDLE_CPU,), processes=1)
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", proc=tmp_path) as (host, service):
+                host.set_statistics_interval(1)
+                await trio.sleep(0.5)
+                host.add_fault(RequestType.REPORT_GUEST_STATS, -1, 3)
+                await trio.sleep(4.0)
+                assert service.statistics().failures == 3
+        failed = [entry for entry in logs if entry["event"] == "statistics_report_failed"]
+        assert [entry["status"] for entry in failed] == ["VERR_GENERAL_FAILURE"]
+        again = [entry for entry in logs if entry["event"] == "statistics_reported_again"]
+        assert [entry["failed_in_a_row"] for entry in again] == [3]
 
 
 class TestProcSample:

@@ -35,6 +35,7 @@ from agent.host._header_fields import (
 )
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._policy import req_allowed
+from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol._ioc import ioc_nr, ioc_size
@@ -46,14 +47,12 @@ from agent.protocol.constants import (
     IOC_VERSION,
     IOCTL_HDR_VERSION,
     MAX_IOCTL_SIZE,
-    MAX_VMMDEV_REQUEST_SIZE,
     TIMEOUT_INFINITE,
     Ioctl,
     IoctlFunction,
 )
 from agent.protocol.status import (
     STATUS_CODES,
-    VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_SUPPORTED,
@@ -195,10 +194,16 @@ async def _vmmdev_request_ioctl(
 async def _log_ioctl(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
+    """``vgdrvIoCtl_Log``: a trusted session's message goes to the release log (the kernel
+    log); a /dev/vboxuser session's to ``Log``, which release builds compile out."""
     if L.IoctlHeader.type.get(kbuf) != 0:
         return VERR_INVALID_PARAMETER
     if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
         return _refuse(kbuf)
+    if session.user_device:
+        L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+        await trio.lowlevel.checkpoint()
+        return VINF_SUCCESS
     return await _shared(_misc.log, drv, session, kbuf, memory)
 
 
@@ -358,17 +363,17 @@ async def _hgcm_call(
 
 
 async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytearray) -> int:
-    """``vgdrvIoCtl_VMMDevRequest``: check, copy, stamp the requestor, perform, copy back.
+    """``vgdrvIoCtl_VMMDevRequest``: check the sizes (:mod:`~agent.host.driver._request_sizes`),
+    then the policy; copy, stamp the requestor, perform, copy back.
 
     The reply is copied back only when the host succeeded; otherwise the caller's request
     stays as sent, with the failure in ``rc``.
     """
     size = L.RequestHeader.size_.get(kbuf)
-    if not HEADER_SIZE <= size <= len(kbuf):
-        return VERR_INVALID_PARAMETER
-    if len(kbuf) > MAX_VMMDEV_REQUEST_SIZE:
-        return VERR_BUFFER_OVERFLOW
     request_type = L.RequestHeader.request_type.get(kbuf)
+    rc = check_request_size(request_type, size)
+    if rc < 0:
+        return rc
     if not req_allowed(session, request_type, kbuf, frozenset()):
         return VERR_PERMISSION_DENIED
     copy = bytearray(kbuf[:size])

@@ -31,6 +31,7 @@ from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
+    REQUESTOR_KERNEL,
     Event,
     RequestType,
 )
@@ -113,13 +114,16 @@ class OracleDriver(Driver):
         return self.owner is session
 
     async def check_balloon(self, session: DriverSession, kbuf: bytearray) -> None:
-        """Query the host (acknowledging 0x40); move the kernel's balloon or leave it to ring 3."""
+        """Query the host as the session (acknowledging 0x40); move the kernel's balloon or
+        leave it to ring 3."""
         async with self._balloon_mutex:
             if not self._claim(session):
                 L.IoctlHeader.rc.set(kbuf, VERR_PERMISSION_DENIED)
                 return
             info = self.alloc_request(
-                RequestType.GET_MEMBALLOON_CHANGE_REQ, L.MemBalloonInfoRequest.size
+                RequestType.GET_MEMBALLOON_CHANGE_REQ,
+                L.MemBalloonInfoRequest.size,
+                session.requestor,
             )
             L.MemBalloonInfoRequest.event_ack.set(info, Event.BALLOON_CHANGE_REQUEST)
             rc = await self.perform(info)
@@ -155,12 +159,12 @@ class OracleDriver(Driver):
             self.pages.free_chunk(self.kernel_chunks.pop())
         return VINF_SUCCESS
 
-    async def _balloon_new_chunk(self) -> bytes | int:
+    async def _balloon_new_chunk(self, requestor: int = REQUESTOR_KERNEL) -> bytes | int:
         """Allocate a chunk's pages and hand them to the host: the pages, or the failure."""
         pages = self.pages.alloc_chunk()
         if pages is None:
             return VERR_NO_MEMORY
-        rc = await self._change(pages, inflate=True)
+        rc = await self._change(pages, inflate=True, requestor=requestor)
         if rc < 0:
             self.pages.free_chunk(pages)
             return rc
@@ -180,23 +184,23 @@ class OracleDriver(Driver):
             if self.use_kernel_api or not self._claim(session):
                 rc = VERR_PERMISSION_DENIED
             elif inflate:
-                rc = await self._inflate(address)
+                rc = await self._inflate(address, session.requestor)
             else:
-                rc = await self._deflate(address)
+                rc = await self._deflate(address, session.requestor)
         L.IoctlHeader.rc.set(kbuf, rc)
 
-    async def _inflate(self, address: int) -> int:
+    async def _inflate(self, address: int, requestor: int) -> int:
         if self.max_chunks == 0 or len(self.chunks) >= self.max_chunks:
             return VERR_INVALID_PARAMETER
         if address in self.chunks:
             return VERR_ALREADY_EXISTS
-        pages = await self._balloon_new_chunk()
+        pages = await self._balloon_new_chunk(requestor)
         if isinstance(pages, int):
             return pages
         self.chunks[address] = pages
         return VINF_SUCCESS
 
-    async def _deflate(self, address: int) -> int:
+    async def _deflate(self, address: int, requestor: int = REQUESTOR_KERNEL) -> int:
         """Deflate the user chunk at ``address``: an empty balloon is VERR_INVALID_PARAMETER
         (``vgdrvSetBalloonSizeFromUser`` checks that first), an unknown chunk VERR_NOT_FOUND."""
         if not self.chunks:
@@ -204,13 +208,19 @@ class OracleDriver(Driver):
         pages = self.chunks.get(address)
         if pages is None:
             return VERR_NOT_FOUND
-        rc = await self._change(pages, inflate=False)
+        rc = await self._change(pages, inflate=False, requestor=requestor)
         if rc >= 0:
             self.pages.free_chunk(self.chunks.pop(address))
         return rc
 
-    async def _change(self, pages: bytes, *, inflate: bool) -> int:
-        req = self.alloc_request(RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size)
+    async def _change(
+        self, pages: bytes, *, inflate: bool, requestor: int = REQUESTOR_KERNEL
+    ) -> int:
+        """CHANGE_MEMBALLOON for one chunk: as the kernel's (its own chunks, the close), or
+        as the session whose user chunk it is (``vgdrvSetBalloonSizeFromUser``)."""
+        req = self.alloc_request(
+            RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size, requestor
+        )
         return await change_memballoon(self, req, pages, inflate=inflate)
 
     async def session_closed(self, session: DriverSession) -> None:
