@@ -29,6 +29,8 @@ from agent.protocol import (
     ChangeGuestCapabilities,
     CheckBalloon,
     DriverVersionInfo,
+    HgcmBufferIn,
+    HgcmBufferOut,
     HgcmCall,
     HgcmConnect,
     HgcmDisconnect,
@@ -42,10 +44,14 @@ from agent.protocol import (
 from agent.protocol._ioc import iowr
 from agent.protocol.constants import (
     HEADER_SIZE,
+    HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_USER_PARM,
+    HGCM_PARM64_SIZE,
     IOCTL_TYPE,
     REQUESTOR_KERNEL,
     Event,
     GuestCapability,
+    HgcmParmType,
     Ioctl,
     Requestor,
     RequestType,
@@ -59,6 +65,7 @@ from agent.protocol.status import (
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VERR_NOT_SUPPORTED,
+    VERR_OUT_OF_RANGE,
     VERR_PERMISSION_DENIED,
     VERR_TIMEOUT,
     VERR_VERSION_MISMATCH,
@@ -67,6 +74,7 @@ from agent.protocol.status import (
 from tests.host.conftest import (
     ECHO,
     FN_ECHO,
+    FN_FAIL,
     Client,
     model_driver,
     open_client,
@@ -75,6 +83,8 @@ from tests.host.conftest import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from agent.protocol import HgcmReply, IoctlCall
 
 PERSONALITY: Final = "oracle"
 CHUNK: Final = 0x7F00_1000_0000
@@ -109,6 +119,19 @@ async def wait_raw(client: Client, mask: int, timeout_ms: int) -> tuple[int, int
     call = WaitForEvents(mask, timeout_ms=timeout_ms).encode()
     await client.raw(call.code, call.buffer)
     return L.IoctlHeader.rc.get(call.buffer), L.WaitForEventsIoctl.events_out.get(call.buffer)
+
+
+async def call_rc(client: Client, call: IoctlCall[HgcmReply]) -> int:
+    """Perform an HGCM call ioctl (with its user buffers) and return ``hdr.rc``."""
+    await client.transport.ioctl(call.code, call.buffer, call.user_buffers)
+    return L.IoctlHeader.rc.get(call.buffer)
+
+
+def oversized(call: IoctlCall[HgcmReply], index: int, kind: int = HgcmParmType.LINADDR_IN) -> None:
+    """Make parameter ``index`` of an encoded call a ``kind`` parameter of 24 MiB + 1."""
+    view = memoryview(call.buffer)[HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index :]
+    L.HgcmParameter64.type.set(view, kind)
+    L.HgcmParameter64.pointer_size.set(view, HGCM_MAX_USER_PARM + 1)
 
 
 async def passthrough(client: Client, request_type: int, size: int = 32) -> bytearray:
@@ -193,6 +216,31 @@ class TestHeaderRc:
         call = HgcmCall(0x7777, FN_ECHO, (HgcmU32(0),)).encode()
         await client.raw(call.code, call.buffer)
         assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
+
+    async def test_a_user_call_locks_at_most_ten_buffers(self, host: SimulatedHost) -> None:
+        """``VbglR0HGCMInternalPreprocessCall`` walks the parameters once, in order: ten
+        non-empty buffers pass (empty ones do not count), the eleventh is
+        VERR_INVALID_PARAMETER before its size is looked at, and a buffer over 24 MiB, or a
+        type userspace may not pass, fails where it stands (mainline checks every type first)."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        succeed = HgcmU32(VINF_SUCCESS)
+        ten = (HgcmBufferIn(b"x"),) * 10
+        empty = (HgcmBufferIn(b""), HgcmBufferOut(0))
+        passes = HgcmCall(client_id, FN_FAIL, (succeed, *ten, *empty)).encode()
+        assert await call_rc(client, passes) == VINF_SUCCESS
+        eleven = HgcmCall(client_id, FN_FAIL, (succeed, *ten, HgcmBufferIn(b"x"))).encode()
+        assert await call_rc(client, eleven) == VERR_INVALID_PARAMETER
+        late = HgcmCall(client_id, FN_FAIL, (succeed, *ten, HgcmU32(0))).encode()
+        oversized(late, 11)
+        assert await call_rc(client, late) == VERR_INVALID_PARAMETER
+        early = HgcmCall(client_id, FN_FAIL, (succeed, HgcmU32(0), *ten)).encode()
+        oversized(early, 1)
+        assert await call_rc(client, early) == VERR_OUT_OF_RANGE
+        before_a_bad_type = HgcmCall(client_id, FN_FAIL, (succeed, HgcmU32(0), HgcmU32(0))).encode()
+        oversized(before_a_bad_type, 1)
+        oversized(before_a_bad_type, 2, HgcmParmType.PAGELIST)
+        assert await call_rc(client, before_a_bad_type) == VERR_OUT_OF_RANGE
 
 
 class TestLog:

@@ -45,13 +45,16 @@ from agent.protocol.constants import (
     GUEST_CAPABILITIES_MASK,
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_LOCKED_BUFFERS,
     HGCM_MAX_PARMS,
+    HGCM_MAX_USER_PARM,
     HGCM_PARM64_SIZE,
     IOC_VERSION,
     IOCTL_HDR_VERSION,
     IOCTL_TYPE,
     MAX_IOCTL_SIZE,
     TIMEOUT_INFINITE,
+    HgcmParmType,
     Ioctl,
     IoctlFunction,
 )
@@ -60,6 +63,7 @@ from agent.protocol.status import (
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_SUPPORTED,
+    VERR_OUT_OF_RANGE,
     VERR_PERMISSION_DENIED,
     VERR_TIMEOUT,
     VERR_VERSION_MISMATCH,
@@ -99,6 +103,12 @@ _STATUS_FOR_ERRNO: Final = {
     errno.EFAULT: VERR_INVALID_POINTER,
 }
 """Oracle's status for a failure a shared (mainline) handler reports with this errno."""
+_PARM_KIND_SIZE: Final = L.run(L.HgcmParameter64.type, L.HgcmParameter64.pointer_size)
+"""A call parameter's type and the word after it (a buffer's size)."""
+_VALUE_TYPES: Final = frozenset({HgcmParmType.U32, HgcmParmType.U64})
+_BUFFER_TYPES: Final = frozenset(
+    {HgcmParmType.LINADDR, HgcmParmType.LINADDR_IN, HgcmParmType.LINADDR_OUT}
+)
 
 
 def status_for(exc: OSError) -> int:
@@ -359,18 +369,48 @@ async def _hgcm_disconnect(
 async def _hgcm_call(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_HGCMCallInner``: parameter count, size and client id, then the call."""
+    """``vgdrvIoCtl_HGCMCallInner``: parameter count, size and client id, then
+    ``VbglR0HGCMInternalCall``: the parameters' checks (:func:`_preprocess`), then the call."""
     count = L.HgcmCallIoctl.parm_count.get(kbuf)
     if count > HGCM_MAX_PARMS:
         return VERR_INVALID_PARAMETER
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if len(kbuf) < needed:
         return VERR_INVALID_PARAMETER
+    L.IoctlHeader.size_out.set(kbuf, needed)
     client_id = L.HgcmCallIoctl.client_id.get(kbuf)
     if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
-        L.IoctlHeader.size_out.set(kbuf, needed)
         return VERR_INVALID_HANDLE
+    status = _preprocess(kbuf, count)
+    if status < 0:
+        return status
     return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
+
+
+def _preprocess(kbuf: bytearray, count: int) -> int:
+    """``vbglR0HGCMInternalPreprocessCall`` for a user caller: one pass over the parameters,
+    in order, each failing where it stands.
+
+    Values pass; any type but a linear buffer is VERR_INVALID_PARAMETER; a non-empty buffer
+    takes one of :data:`HGCM_MAX_LOCKED_BUFFERS` places (none left: VERR_INVALID_PARAMETER,
+    whatever its size), then may be at most 24 MiB (VERR_OUT_OF_RANGE). Mainline instead
+    checks every type before any size and has no limit on the number of buffers.
+    """
+    locked = 0
+    for index in range(count):
+        kind, size = _PARM_KIND_SIZE.get(kbuf, HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index)
+        if kind in _VALUE_TYPES:
+            continue
+        if kind not in _BUFFER_TYPES:
+            return VERR_INVALID_PARAMETER
+        if not size:
+            continue
+        if locked == HGCM_MAX_LOCKED_BUFFERS:
+            return VERR_INVALID_PARAMETER
+        if size > HGCM_MAX_USER_PARM:
+            return VERR_OUT_OF_RANGE
+        locked += 1
+    return VINF_SUCCESS
 
 
 async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytearray) -> int:
