@@ -14,6 +14,10 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
 
 - 32 parameters per call and 24 MiB per buffer (the driver's ``VMMDEV_HGCM_MAX_PARMS`` and
   ``VBG_MAX_HGCM_USER_PARM``); 64 clients per session is the protocol session's check;
+- 10 non-empty buffers per call: Oracle's driver locks at most that many
+  (``VbglR0ParmInfo.aLockBufs``) and refuses more with VERR_INVALID_PARAMETER. Mainline
+  takes 32, but the channel cannot tell the drivers apart before it sends, so a call that
+  works on one works on both;
 - the host's per-client limit of concurrent calls. ``HGCMService::GuestCall`` counts a call
   first and accepts it only while the count stays *below* the service's
   ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
@@ -47,7 +51,12 @@ from agent.protocol import (
     HgcmValue,
     LocalProtocolError,
 )
-from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM, TIMEOUT_INFINITE
+from agent.protocol.constants import (
+    HGCM_MAX_LOCKED_BUFFERS,
+    HGCM_MAX_PARMS,
+    HGCM_MAX_USER_PARM,
+    TIMEOUT_INFINITE,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -158,6 +167,7 @@ class HgcmChannel:
                 f"the driver takes at most {HGCM_MAX_PARMS}"
             )
             raise HgcmLimitError(msg)
+        buffers = 0
         for index, param in enumerate(params):
             if isinstance(param, HgcmBufferOut):
                 size = param.size
@@ -171,6 +181,13 @@ class HgcmChannel:
                     f"buffer; the driver takes at most {HGCM_MAX_USER_PARM} bytes per buffer"
                 )
                 raise HgcmLimitError(msg)
+            buffers += size > 0
+        if buffers > HGCM_MAX_LOCKED_BUFFERS:
+            msg = (
+                f"{self.service} function {function}: {buffers} non-empty buffers; Oracle's "
+                f"driver takes at most {HGCM_MAX_LOCKED_BUFFERS} per call"
+            )
+            raise HgcmLimitError(msg)
         if self.pending >= self.max_pending:
             msg = (
                 f"{self.service} function {function}: client {self.client_id} already has "
