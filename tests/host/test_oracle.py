@@ -194,6 +194,29 @@ class TestHeaderRc:
         await client.raw(call.code, call.buffer)
         assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
 
+    async def test_client_id_zero_matches_a_free_slot(self, host: SimulatedHost) -> None:
+        """The driver looks an id up in the session's table, where a free slot holds 0: while
+        one is free, client 0 passes that check and is refused further on
+        (VERR_INVALID_PARAMETER: ``VbglR0HGCMInternalDisconnect`` before any request, the
+        host for a call); with the table full it is an invalid handle like any unknown id."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+
+        async def statuses() -> tuple[int, int]:
+            disconnect = HgcmDisconnect(client_id).encode()
+            L.HgcmDisconnectIoctl.client_id.set(disconnect.buffer, 0)
+            await client.raw(disconnect.code, disconnect.buffer)
+            call = HgcmCall(client_id, FN_ECHO, (HgcmU32(0),)).encode()
+            L.HgcmCallIoctl.client_id.set(call.buffer, 0)
+            await client.raw(call.code, call.buffer)
+            return L.IoctlHeader.rc.get(disconnect.buffer), L.IoctlHeader.rc.get(call.buffer)
+
+        assert await statuses() == (VERR_INVALID_PARAMETER, VERR_INVALID_PARAMETER)
+        assert host.status()["hgcm_clients"] == 1
+        for _ in range(63):
+            await client.request(HgcmConnect(ECHO))
+        assert await statuses() == (VERR_INVALID_HANDLE, VERR_INVALID_HANDLE)
+
     async def test_a_user_call_locks_at_most_ten_buffers(self, host: SimulatedHost) -> None:
         """``VbglR0HGCMInternalPreprocessCall`` walks the parameters once, in order: ten
         non-empty buffers pass (empty ones do not count), the eleventh is

@@ -348,10 +348,16 @@ async def _interrupt_all(
 async def _hgcm_disconnect(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle."""
+    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle.
+
+    The table's free slots hold 0, so client 0 passes while one is free and
+    ``VbglR0HGCMInternalDisconnect`` refuses it, sending nothing.
+    """
     client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
-    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
         return VERR_INVALID_HANDLE
+    if client_id == 0:
+        return VERR_INVALID_PARAMETER
     return await _adapt(_hgcm.disconnect)(drv, session, kbuf, memory)
 
 
@@ -368,8 +374,8 @@ async def _hgcm_call(
         return VERR_INVALID_PARAMETER
     L.IoctlHeader.size_out.set(kbuf, needed)
     client_id = L.HgcmCallIoctl.client_id.get(kbuf)
-    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
-        return VERR_INVALID_HANDLE
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
+        return VERR_INVALID_HANDLE  # client 0 passes while a slot is free; the host refuses it
     status = _preprocess(kbuf, count)
     if status < 0:
         return status
