@@ -345,6 +345,27 @@ async def _interrupt_all(
     return VINF_SUCCESS
 
 
+async def _hgcm_connect(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_HGCMConnect``: connect at the host first, then take a free slot of the
+    session's table; with none left, disconnect the new client again and answer
+    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host)."""
+    del memory
+    status, client_id = await _hgcm.host_connect(drv, kbuf, session.requestor)
+    if status >= 0:
+        async with drv.session_mutex:
+            slots = session.hgcm_client_ids
+            free = slots.index(0) if 0 in slots else None
+            if free is not None:
+                slots[free] = client_id
+        if free is None:
+            await _hgcm.host_disconnect(drv, client_id, session.requestor)
+            status, client_id = VERR_TOO_MANY_OPEN_FILES, 0
+    L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
+    return status
+
+
 async def _hgcm_disconnect(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
@@ -464,7 +485,7 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
         HEADER_SIZE,
         _adapt(_events.change_filter_mask),
     ),
-    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _adapt(_hgcm.connect)),
+    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _hgcm_connect),
     Ioctl.HGCM_DISCONNECT: (L.HgcmDisconnectIoctl.size, HEADER_SIZE, _hgcm_disconnect),
     Ioctl.ACQUIRE_GUEST_CAPABILITIES: (
         L.AcquireGuestCapsIoctl.size,
