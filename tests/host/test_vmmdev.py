@@ -525,6 +525,22 @@ class TestBalloon:
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
 
+    def test_restore_forgets_the_acknowledgement(self, device: Device) -> None:
+        """``cMbMemoryBalloonLast`` is not in VMMDev's saved state: the restored VM's device
+        starts with none, so the target the guest acknowledged before, set again, notifies;
+        the target itself stays (Main hands it to the new device)."""
+        device.report_additions()
+        filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+        assert device.send(req) == VINF_SUCCESS
+        device.vmmdev.restore()
+        assert device.vmmdev.balloon.target_mb == 100
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+
     def test_query_without_ack_leaves_the_acknowledgement(self, device: Device) -> None:
         """Only event_ack 0x40 records the acknowledgement."""
         device.report_additions()
