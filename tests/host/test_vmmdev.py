@@ -275,6 +275,10 @@ class TestGuestInfo:
             ((7, 0, 18), b"7.0.18_RC256_x\0", VERR_INVALID_PARAMETER, None),  # RC above 255
             ((7, 0, 18), b"7.0.18_RC++7_x\0", VINF_SUCCESS, "RC++7_x"),  # '+' signs parse
             ((7, 0, 18), b"7.0.18_RC-0_x\0", VERR_INVALID_PARAMETER, None),  # '-' does not
+            ((7, 0, 18), b"7.0.18_RC--7_x\0", VINF_SUCCESS, "RC--7_x"),  # '-' toggles the sign
+            ((7, 0, 18), b"7.0.18_RC-+7_x\0", VINF_SUCCESS, "RC-+7_x"),  # '+' makes it positive
+            ((7, 0, 18), b"7.0.18_RC+-7_x\0", VERR_INVALID_PARAMETER, None),  # ends negative
+            ((7, 0, 18), b"7.0.18_RC+_x\0", VERR_INVALID_PARAMETER, None),  # signs, no digits
             ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER, None),
             ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER, None),
             ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER, None),
