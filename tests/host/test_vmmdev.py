@@ -749,6 +749,16 @@ class TestGuestStats:
         self.report(device, 64, StatCap.CPU_LOAD_USER, cpu_load_user=99)
         assert device.vmmdev.guest_stats.main["cpu_user"] == 99
 
+    def test_main_sums_cpu_loads_in_32_bits(self) -> None:
+        """``Guest::i_setStatistic`` adds the per-CPU loads in a ULONG: a sum past 2^32
+        wraps before the division by the CPU count."""
+        device = make_device(cpus=2)
+        device.report_additions()
+        self.report(device, 0, StatCap.CPU_LOAD_IDLE, cpu_load_idle=0xFFFF_FFFF)
+        assert device.vmmdev.guest_stats.main["cpu_idle"] == 0x7FFF_FFFF
+        self.report(device, 1, StatCap.CPU_LOAD_IDLE, cpu_load_idle=3)
+        assert device.vmmdev.guest_stats.main["cpu_idle"] == 1
+
     def test_main_keeps_only_figures_whose_bit_is_set(self, device: Device) -> None:
         """A field without its stat_caps bit changes nothing; memory pages become KiB; Main
         keeps no threads, processes, handles, memory load, commit or kernel memory."""
