@@ -19,11 +19,14 @@ import trio
 import trio.testing
 
 from agent.host import SimulatedHost
+from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._session import session_requestor
 from agent.protocol import (
+    AcquireGuestCapabilities,
     ChangeBalloon,
     ChangeFilterMask,
+    ChangeGuestCapabilities,
     CheckBalloon,
     DriverVersionInfo,
     HgcmBufferIn,
@@ -38,18 +41,22 @@ from agent.protocol import (
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
+from agent.protocol._ioc import iowr
 from agent.protocol.constants import (
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
     HGCM_MAX_USER_PARM,
     HGCM_PARM64_SIZE,
+    IOCTL_TYPE,
     REQUESTOR_KERNEL,
     Event,
+    GuestCapability,
     HgcmParmType,
     Ioctl,
+    Requestor,
     RequestType,
 )
-from agent.protocol.messages import _VmmdevRequest
+from agent.protocol.messages import _VmmdevRequest, ioctl_buffer
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
@@ -133,6 +140,22 @@ async def passthrough(client: Client, request_type: int, size: int = 32) -> byte
     L.RequestHeader.reserved1.set(buf, size)
     code = Ioctl.vmmdev_request(size) if size < 1024 else Ioctl.VMMDEV_REQUEST_BIG
     return await client.raw(code, buf)
+
+
+def _record_requestors(host: SimulatedHost, *types: int) -> list[tuple[int, int]]:
+    """Record the type and requestor of the requests of ``types`` the host gets from now on."""
+    seen: list[tuple[int, int]] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
+        request_type = L.RequestHeader.request_type.get(header)
+        if request_type in types:
+            seen.append((request_type, L.RequestHeader.requestor.get(header)))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
 
 
 class TestHeaderRc:
@@ -236,6 +259,126 @@ class TestLog:
         assert list(model_driver(host).log_messages) == []
 
 
+SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, 28)
+"""``VBGL_IOCTL_SET_MOUSE_STATUS``: a u32 of VMMDEV_MOUSE_* flags after the header."""
+CAN_ABSOLUTE: Final = 0x01
+SEAMLESS: Final = int(GuestCapability.SEAMLESS)
+GRAPHICS: Final = int(GuestCapability.GRAPHICS)
+VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
+NEW_PROTOCOL: Final = 0x10
+
+
+async def set_mouse_status(client: Client, features: int) -> int:
+    """VBGL_IOCTL_SET_MOUSE_STATUS by hand; return ``hdr.rc``."""
+    buf = ioctl_buffer(28, HEADER_SIZE)
+    buf[HEADER_SIZE:28] = features.to_bytes(4, "little")
+    await client.raw(SET_MOUSE_STATUS, buf)
+    return L.IoctlHeader.rc.get(buf)
+
+
+class TestMouseStatus:
+    """``vgdrvIoCtl_SetMouseStatus``: each session's mouse features, their union on the host."""
+
+    async def test_sessions_features_are_united(self, host: SimulatedHost) -> None:
+        """The host gets the union of the sessions' features; a close drops the session's."""
+        first, second = await open_client(host), await open_client(host, user_device=True)
+        assert await set_mouse_status(first, CAN_ABSOLUTE) == VINF_SUCCESS
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VINF_SUCCESS
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE | NEW_PROTOCOL
+        await first.transport.aclose()
+        assert host.vmmdev.guest.mouse_features == NEW_PROTOCOL
+        assert await set_mouse_status(second, 0) == VINF_SUCCESS
+        assert host.vmmdev.guest.mouse_features == 0
+
+    async def test_host_only_features_are_invalid(self, host: SimulatedHost) -> None:
+        """Bits outside VMMDEV_MOUSE_GUEST_MASK are VERR_INVALID_PARAMETER in hdr.rc."""
+        client = await open_client(host)
+        assert await set_mouse_status(client, 0x2) == VERR_INVALID_PARAMETER
+        assert host.vmmdev.guest.mouse_features == 0
+
+    async def test_the_request_is_the_sessions(self, host: SimulatedHost) -> None:
+        """SET_MOUSE_STATUS goes to the host as the session's; the close's as the kernel's."""
+        seen: list[tuple[int, int]] = []
+        process = host.vmmdev.process
+
+        def record(phys: int) -> None:
+            req = bytearray(host.vmmdev.memory.read(phys, MOUSE_STATUS_SIZE))
+            if L.RequestHeader.request_type.get(req) == RequestType.SET_MOUSE_STATUS:
+                features = int.from_bytes(req[HEADER_SIZE : HEADER_SIZE + 4], "little")
+                seen.append((features, L.RequestHeader.requestor.get(req)))
+            process(phys)
+
+        host.vmmdev.process = record  # type: ignore[method-assign]
+        client = await open_client(host, uid=1000)
+        await set_mouse_status(client, CAN_ABSOLUTE)
+        await set_mouse_status(client, CAN_ABSOLUTE)
+        await client.transport.aclose()
+        caller = session_requestor(user_device=False, uid=1000)
+        assert seen == [(CAN_ABSOLUTE, caller), (0, REQUESTOR_KERNEL)]
+
+    async def test_wrong_sizes_are_einval(self, host: SimulatedHost) -> None:
+        """REQ_CHECK_SIZES: in 28, out 24."""
+        client = await open_client(host)
+        buf = ioctl_buffer(28, 28)
+        await expect_einval(client, iowr(IOCTL_TYPE, 15, 28), buf)
+
+
+async def acquire_caps(client: Client, or_mask: int, not_mask: int) -> int:
+    """ACQUIRE_GUEST_CAPABILITIES by hand; return ``hdr.rc``."""
+    call = AcquireGuestCapabilities(0, 0).encode()
+    L.AcquireGuestCapsIoctl.or_mask.set(call.buffer, or_mask)
+    L.AcquireGuestCapsIoctl.not_mask.set(call.buffer, not_mask)
+    await client.raw(call.code, call.buffer)
+    return L.IoctlHeader.rc.get(call.buffer)
+
+
+async def change_caps(client: Client, or_mask: int, not_mask: int) -> tuple[int, int, int]:
+    """CHANGE_GUEST_CAPABILITIES by hand; return ``(hdr.rc, session caps, global caps)``."""
+    call = ChangeGuestCapabilities(or_mask, not_mask).encode()
+    await client.raw(call.code, call.buffer)
+    layout = L.SetGuestCapsIoctl
+    buf = call.buffer
+    return L.IoctlHeader.rc.get(buf), layout.session_caps.get(buf), layout.global_caps.get(buf)
+
+
+class TestCapabilities:
+    """``vgdrvAcquireSessionCapabilities`` and ``vgdrvSetSessionCapabilities``."""
+
+    async def test_acquire_ignores_unknown_bits_to_release(self, host: SimulatedHost) -> None:
+        """Only the mask to acquire is checked; unknown bits in the one to release are
+        ignored (\"The fNotMask no need to have all values valid\")."""
+        client = await open_client(host)
+        assert await acquire_caps(client, SEAMLESS, 0x8) == VINF_SUCCESS
+        assert await acquire_caps(client, 0x8, 0) == VERR_INVALID_PARAMETER
+
+    async def test_acquire_takes_a_capability_another_session_set(
+        self, host: SimulatedHost
+    ) -> None:
+        """Oracle's set-mode conflict check reads a mask nothing fills
+        (``fSetModeGuestCaps``), so acquiring a capability another session set succeeds;
+        from then on setting it is busy."""
+        setter, taker = await open_client(host), await open_client(host)
+        assert await change_caps(setter, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
+        assert await acquire_caps(taker, SEAMLESS, 0) == VINF_SUCCESS
+        assert await change_caps(setter, SEAMLESS, 0) == (VERR_RESOURCE_BUSY, SEAMLESS, SEAMLESS)
+
+    async def test_change_reports_the_caps_even_when_refused(self, host: SimulatedHost) -> None:
+        """The session's and all sessions' capabilities come back with a refusal too; the
+        global ones are the acquired and set ones, not the host's last report."""
+        setter, taker = await open_client(host), await open_client(host)
+        assert await acquire_caps(taker, GRAPHICS, 0) == VINF_SUCCESS
+        assert await change_caps(setter, SEAMLESS, 0) == (
+            VINF_SUCCESS,
+            SEAMLESS,
+            SEAMLESS | GRAPHICS,
+        )
+        assert await change_caps(setter, GRAPHICS, 0) == (
+            VERR_RESOURCE_BUSY,
+            SEAMLESS,
+            SEAMLESS | GRAPHICS,
+        )
+
+
 class TestEvents:
     """WAIT_FOR_EVENTS and the one-shot INTERRUPT_ALL_WAIT_FOR_EVENTS."""
 
@@ -243,6 +386,14 @@ class TestEvents:
         """Mask 0: VERR_INVALID_PARAMETER in hdr.rc, events 0, the ioctl succeeds."""
         client = await open_client(host)
         assert await wait_raw(client, 0, 0) == (VERR_INVALID_PARAMETER, 0)
+
+    async def test_filter_changes_go_to_the_host_as_the_kernels(self, host: SimulatedHost) -> None:
+        """``vgdrvSetSessionEventFilter`` sends CTL_GUEST_FILTER_MASK with the kernel's
+        requestor, the session's own change too (mainline sends the session's)."""
+        seen = _record_requestors(host, RequestType.CTL_GUEST_FILTER_MASK)
+        client = await open_client(host, uid=1000)
+        await client.request(ChangeFilterMask(Event.MOUSE_CAPABILITIES_CHANGED, 0))
+        assert seen == [(RequestType.CTL_GUEST_FILTER_MASK, REQUESTOR_KERNEL)]
 
     async def test_timeout_is_in_rc(self, host: SimulatedHost, autojump_clock: object) -> None:
         """Nothing pending: VERR_TIMEOUT in hdr.rc after the timeout (0 = at once)."""
@@ -406,6 +557,25 @@ class TestVmmdevRequestPolicy:
         for cls in requests:
             assert check_request_size(cls.request_type, cls.layout_size) == VINF_SUCCESS, cls
 
+    @pytest.mark.parametrize(
+        ("user_device", "uid", "expected"),
+        [
+            (False, 0, Requestor.USERMODE | Requestor.USR_ROOT),
+            (False, 1000, Requestor.USERMODE | Requestor.USR_USER),
+            (True, 1000, Requestor.USERMODE | Requestor.USR_USER | Requestor.USER_DEVICE),
+        ],
+    )
+    async def test_requestor_of_a_session(
+        self, host: SimulatedHost, user_device: bool, uid: int, expected: int
+    ) -> None:
+        """``vgdrvLinuxOpen``: user-mode, root or user, USER_DEVICE on /dev/vboxuser; the
+        VirtualBox group only for a /dev/vboxuser node of a non-root group (root:root here),
+        so never; trust and console not known (0)."""
+        seen = _record_requestors(host, RequestType.GET_SESSION_ID)
+        client = await open_client(host, user_device=user_device, uid=uid)
+        await passthrough(client, RequestType.GET_SESSION_ID)
+        assert seen == [(RequestType.GET_SESSION_ID, expected)]
+
     async def test_reply_comes_back_only_on_success(self, host: SimulatedHost) -> None:
         """Success copies the host's reply back; a failure leaves the request with its rc."""
         client = await open_client(host)
@@ -483,25 +653,6 @@ class TestOracleKernelBalloon:
         assert host.driver.balloon_chunks == 0
 
 
-def _record_requestors(host: SimulatedHost) -> list[tuple[int, int]]:
-    """Record the type and requestor of the balloon requests the host gets from now on."""
-    seen: list[tuple[int, int]] = []
-    process = host.vmmdev.process
-
-    def record(phys: int) -> None:
-        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
-        request_type = L.RequestHeader.request_type.get(header)
-        if request_type in _BALLOON_REQUESTS:
-            seen.append((request_type, L.RequestHeader.requestor.get(header)))
-        process(phys)
-
-    host.vmmdev.process = record  # type: ignore[method-assign]
-    return seen
-
-
-_BALLOON_REQUESTS: Final = (RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON)
-
-
 class TestOracleBalloon:
     """A build without the kernel allocator: ring-3 chunks via CHANGE_BALLOON."""
 
@@ -516,7 +667,9 @@ class TestOracleBalloon:
     async def test_balloon_requests_carry_the_callers_requestor(self, host: SimulatedHost) -> None:
         """The balloon query and a user chunk's change go to the host as the calling
         session's (``pSession->fRequestor``); the close's deflate as the kernel's."""
-        seen = _record_requestors(host)
+        seen = _record_requestors(
+            host, RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON
+        )
         client = await open_client(host, uid=1000)
         caller = session_requestor(user_device=False, uid=1000)
         host.set_balloon_target(1)
@@ -611,6 +764,19 @@ class TestOracleBalloon:
             await owner.request(ChangeBalloon(CHUNK + index * MIB, True))
         await owner.transport.aclose()
         assert host.vmmdev.balloon.chunks == 0
+        other = await open_client(host)
+        assert (await other.request(CheckBalloon())).handle_in_r3
+
+    async def test_owner_close_stops_at_a_refused_deflate(self, host: SimulatedHost) -> None:
+        """``vgdrvCloseMemBalloon`` gives up at the first chunk the host will not take back:
+        it and the chunks below it stay ballooned (upstream leaks them)."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        for index in range(3):
+            await owner.request(ChangeBalloon(CHUNK + index * MIB, True))
+        host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NOT_SUPPORTED)
+        await owner.transport.aclose()
+        assert host.vmmdev.balloon.chunks == 3
         other = await open_client(host)
         assert (await other.request(CheckBalloon())).handle_in_r3
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import math
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -38,8 +39,10 @@ from agent.host.driver._policy import req_allowed
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol._ioc import ioc_nr, ioc_size
+from agent.protocol._ioc import ioc_nr, ioc_size, iowr
 from agent.protocol.constants import (
+    AGC_FLAGS_VALID_MASK,
+    GUEST_CAPABILITIES_MASK,
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
     HGCM_MAX_LOCKED_BUFFERS,
@@ -48,6 +51,7 @@ from agent.protocol.constants import (
     HGCM_PARM64_SIZE,
     IOC_VERSION,
     IOCTL_HDR_VERSION,
+    IOCTL_TYPE,
     MAX_IOCTL_SIZE,
     TIMEOUT_INFINITE,
     HgcmParmType,
@@ -80,6 +84,13 @@ VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
 MS_PER_S: Final = 1000
+SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
+SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
+"""``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
+``VMMDEV_MOUSE_*`` features after the header, nothing back."""
+MOUSE_GUEST_MASK: Final = 0x95
+"""``VMMDEV_MOUSE_GUEST_MASK``: can-absolute, needs-host-cursor, new protocol, full state."""
+_U32: Final = struct.Struct("<I")
 
 _STATUS_FOR_ERRNO: Final = {
     errno.EINVAL: VERR_INVALID_PARAMETER,
@@ -426,6 +437,58 @@ async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytea
     return rc
 
 
+async def _acquire_caps(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_GuestCapsAcquire``: the flags and the mask to acquire are checked; bits
+    of the mask to release that no capability has are ignored."""
+    del memory
+    layout = L.AcquireGuestCapsIoctl
+    flags, or_mask = layout.flags.get(kbuf), layout.or_mask.get(kbuf)
+    if or_mask & ~GUEST_CAPABILITIES_MASK or flags & ~AGC_FLAGS_VALID_MASK:
+        return VERR_INVALID_PARAMETER
+    not_mask = layout.not_mask.get(kbuf) & GUEST_CAPABILITIES_MASK
+    try:
+        await _caps.acquire_session_caps(drv, session, or_mask, not_mask, flags, termination=False)
+    except OSError as exc:
+        return status_for(exc)
+    return VINF_SUCCESS
+
+
+async def _change_caps(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_SetCapabilities``: once the masks pass, the session's capabilities and
+    all sessions' (acquired and set) come back, the change refused or not."""
+    del memory
+    layout = L.SetGuestCapsIoctl
+    or_mask, not_mask = layout.or_mask.get(kbuf), layout.not_mask.get(kbuf)
+    if (or_mask | not_mask) & ~GUEST_CAPABILITIES_MASK:
+        return VERR_INVALID_PARAMETER
+    rc = VINF_SUCCESS
+    try:
+        await _caps.set_session_caps(drv, session, or_mask, not_mask, termination=False)
+    except OSError as exc:
+        rc = status_for(exc)
+    layout.session_caps.set(kbuf, session.set_guest_caps)
+    layout.global_caps.set(kbuf, drv.acquired_caps | drv.set_caps_tracker.mask)
+    return rc
+
+
+async def _set_mouse_status(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_SetMouseStatus``: only the features a guest may set; the session's
+    features become exactly these."""
+    del memory
+    (features,) = _U32.unpack_from(kbuf, HEADER_SIZE)
+    if features & ~MOUSE_GUEST_MASK:
+        return VERR_INVALID_PARAMETER
+    return await drv.set_session_mouse_status(
+        session, features, ~features & U32_MAX, termination=False
+    )
+
+
 async def _check_balloon(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
@@ -460,19 +523,16 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
     ),
     Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _adapt(_hgcm.connect)),
     Ioctl.HGCM_DISCONNECT: (L.HgcmDisconnectIoctl.size, HEADER_SIZE, _hgcm_disconnect),
-    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (
-        L.AcquireGuestCapsIoctl.size,
-        HEADER_SIZE,
-        _adapt(_caps.acquire),
-    ),
+    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (L.AcquireGuestCapsIoctl.size, HEADER_SIZE, _acquire_caps),
     Ioctl.CHANGE_GUEST_CAPABILITIES: (
         L.SetGuestCapsIoctl.size,
         L.SetGuestCapsIoctl.size,
-        _adapt(_caps.change),
+        _change_caps,
     ),
     Ioctl.CHECK_BALLOON: (HEADER_SIZE, L.CheckBalloonIoctl.size, _check_balloon),
     Ioctl.CHANGE_BALLOON: (L.ChangeBalloonIoctl.size, HEADER_SIZE, _change_balloon),
     Ioctl.WRITE_CORE_DUMP: (L.WriteCoreDumpIoctl.size, HEADER_SIZE, _adapt(_misc.write_core_dump)),
+    SET_MOUSE_STATUS: (SET_MOUSE_STATUS_SIZE, HEADER_SIZE, _set_mouse_status),
 }
 """Fixed-size ioctls: ``(size_in, size_out, handler)`` (``REQ_CHECK_SIZES``)."""
 _VARIABLE: Final[dict[int, Handler]] = {
