@@ -23,8 +23,10 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
   cancelled keeps its slot at the host until the service completes it, which a service
   without a cancel hook may do much later; such calls keep their slot here too
-  (``lingers_when_cancelled``) until the channel closes. A call cancelled before it was
-  sent takes no slot.
+  (``lingers_when_cancelled``) until the channel closes. A call whose scope was already
+  cancelled when it began takes no slot; one cancelled while its transport still held it
+  back (waiting for an ioctl thread of the character device, say) takes one all the same,
+  since no transport says whether a cancelled call reached the driver.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up

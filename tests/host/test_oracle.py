@@ -61,6 +61,7 @@ from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
     VERR_BUFFER_OVERFLOW,
+    VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
@@ -76,6 +77,7 @@ from tests.host.conftest import (
     FN_ECHO,
     FN_FAIL,
     Client,
+    EchoService,
     model_driver,
     open_client,
     vmmdev_request,
@@ -216,6 +218,49 @@ class TestHeaderRc:
         call = HgcmCall(0x7777, FN_ECHO, (HgcmU32(0),)).encode()
         await client.raw(call.code, call.buffer)
         assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
+
+    async def test_the_65th_client_is_connected_then_dropped(
+        self, host: SimulatedHost, echo: EchoService
+    ) -> None:
+        """``vgdrvIoCtl_HGCMConnect`` connects at the host before it looks for a free slot:
+        with none left the new client is disconnected again (VERR_TOO_MANY_OPEN_FILES, id 0),
+        and a connect the host refuses answers with the host's status."""
+        client = await open_client(host)
+        for _ in range(64):
+            await client.request(HgcmConnect(ECHO))
+        connect = HgcmConnect(ECHO).encode()
+        await client.raw(connect.code, connect.buffer)
+        assert L.IoctlHeader.rc.get(connect.buffer) == VERR_TOO_MANY_OPEN_FILES
+        assert L.HgcmConnectIoctl.client_id.get(connect.buffer) == 0
+        assert len(echo.connected) == 65
+        assert echo.disconnected == echo.connected[-1:]
+        assert host.status()["hgcm_clients"] == 64
+        unknown = HgcmConnect("NoSuchSvc").encode()
+        await client.raw(unknown.code, unknown.buffer)
+        assert L.IoctlHeader.rc.get(unknown.buffer) == VERR_HGCM_SERVICE_NOT_FOUND
+
+    async def test_client_id_zero_matches_a_free_slot(self, host: SimulatedHost) -> None:
+        """The driver looks an id up in the session's table, where a free slot holds 0: while
+        one is free, client 0 passes that check and is refused further on
+        (VERR_INVALID_PARAMETER: ``VbglR0HGCMInternalDisconnect`` before any request, the
+        host for a call); with the table full it is an invalid handle like any unknown id."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+
+        async def statuses() -> tuple[int, int]:
+            disconnect = HgcmDisconnect(client_id).encode()
+            L.HgcmDisconnectIoctl.client_id.set(disconnect.buffer, 0)
+            await client.raw(disconnect.code, disconnect.buffer)
+            call = HgcmCall(client_id, FN_ECHO, (HgcmU32(0),)).encode()
+            L.HgcmCallIoctl.client_id.set(call.buffer, 0)
+            await client.raw(call.code, call.buffer)
+            return L.IoctlHeader.rc.get(disconnect.buffer), L.IoctlHeader.rc.get(call.buffer)
+
+        assert await statuses() == (VERR_INVALID_PARAMETER, VERR_INVALID_PARAMETER)
+        assert host.status()["hgcm_clients"] == 1
+        for _ in range(63):
+            await client.request(HgcmConnect(ECHO))
+        assert await statuses() == (VERR_INVALID_HANDLE, VERR_INVALID_HANDLE)
 
     async def test_a_user_call_locks_at_most_ten_buffers(self, host: SimulatedHost) -> None:
         """``VbglR0HGCMInternalPreprocessCall`` walks the parameters once, in order: ten

@@ -275,6 +275,10 @@ class TestGuestInfo:
             ((7, 0, 18), b"7.0.18_RC256_x\0", VERR_INVALID_PARAMETER, None),  # RC above 255
             ((7, 0, 18), b"7.0.18_RC++7_x\0", VINF_SUCCESS, "RC++7_x"),  # '+' signs parse
             ((7, 0, 18), b"7.0.18_RC-0_x\0", VERR_INVALID_PARAMETER, None),  # '-' does not
+            ((7, 0, 18), b"7.0.18_RC--7_x\0", VINF_SUCCESS, "RC--7_x"),  # '-' toggles the sign
+            ((7, 0, 18), b"7.0.18_RC-+7_x\0", VINF_SUCCESS, "RC-+7_x"),  # '+' makes it positive
+            ((7, 0, 18), b"7.0.18_RC+-7_x\0", VERR_INVALID_PARAMETER, None),  # ends negative
+            ((7, 0, 18), b"7.0.18_RC+_x\0", VERR_INVALID_PARAMETER, None),  # signs, no digits
             ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER, None),
             ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER, None),
             ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER, None),
@@ -525,6 +529,22 @@ class TestBalloon:
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
 
+    def test_restore_forgets_the_acknowledgement(self, device: Device) -> None:
+        """``cMbMemoryBalloonLast`` is not in VMMDev's saved state: the restored VM's device
+        starts with none, so the target the guest acknowledged before, set again, notifies;
+        the target itself stays (Main hands it to the new device)."""
+        device.report_additions()
+        filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+        assert device.send(req) == VINF_SUCCESS
+        device.vmmdev.restore()
+        assert device.vmmdev.balloon.target_mb == 100
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+
     def test_query_without_ack_leaves_the_acknowledgement(self, device: Device) -> None:
         """Only event_ack 0x40 records the acknowledgement."""
         device.report_additions()
@@ -728,6 +748,16 @@ class TestGuestStats:
         assert device.vmmdev.guest_stats.main == {"cpu_user": 50, "cpu_kernel": 30, "cpu_idle": 20}
         self.report(device, 64, StatCap.CPU_LOAD_USER, cpu_load_user=99)
         assert device.vmmdev.guest_stats.main["cpu_user"] == 99
+
+    def test_main_sums_cpu_loads_in_32_bits(self) -> None:
+        """``Guest::i_setStatistic`` adds the per-CPU loads in a ULONG: a sum past 2^32
+        wraps before the division by the CPU count."""
+        device = make_device(cpus=2)
+        device.report_additions()
+        self.report(device, 0, StatCap.CPU_LOAD_IDLE, cpu_load_idle=0xFFFF_FFFF)
+        assert device.vmmdev.guest_stats.main["cpu_idle"] == 0x7FFF_FFFF
+        self.report(device, 1, StatCap.CPU_LOAD_IDLE, cpu_load_idle=3)
+        assert device.vmmdev.guest_stats.main["cpu_idle"] == 1
 
     def test_main_keeps_only_figures_whose_bit_is_set(self, device: Device) -> None:
         """A field without its stat_caps bit changes nothing; memory pages become KiB; Main

@@ -356,13 +356,40 @@ async def _interrupt_all(
     return VINF_SUCCESS
 
 
+async def _hgcm_connect(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_HGCMConnect``: connect at the host first, then take a free slot of the
+    session's table; with none left, disconnect the new client again and answer
+    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host)."""
+    del memory
+    status, client_id = await _hgcm.host_connect(drv, kbuf, session.requestor)
+    if status >= 0:
+        async with drv.session_mutex:
+            slots = session.hgcm_client_ids
+            free = slots.index(0) if 0 in slots else None
+            if free is not None:
+                slots[free] = client_id
+        if free is None:
+            await _hgcm.host_disconnect(drv, client_id, session.requestor)
+            status, client_id = VERR_TOO_MANY_OPEN_FILES, 0
+    L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
+    return status
+
+
 async def _hgcm_disconnect(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle."""
+    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle.
+
+    The table's free slots hold 0, so client 0 passes while one is free and
+    ``VbglR0HGCMInternalDisconnect`` refuses it, sending nothing.
+    """
     client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
-    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
         return VERR_INVALID_HANDLE
+    if client_id == 0:
+        return VERR_INVALID_PARAMETER
     return await _adapt(_hgcm.disconnect)(drv, session, kbuf, memory)
 
 
@@ -379,8 +406,8 @@ async def _hgcm_call(
         return VERR_INVALID_PARAMETER
     L.IoctlHeader.size_out.set(kbuf, needed)
     client_id = L.HgcmCallIoctl.client_id.get(kbuf)
-    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
-        return VERR_INVALID_HANDLE
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
+        return VERR_INVALID_HANDLE  # client 0 passes while a slot is free; the host refuses it
     status = _preprocess(kbuf, count)
     if status < 0:
         return status
@@ -521,7 +548,7 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
         HEADER_SIZE,
         _adapt(_events.change_filter_mask),
     ),
-    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _adapt(_hgcm.connect)),
+    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _hgcm_connect),
     Ioctl.HGCM_DISCONNECT: (L.HgcmDisconnectIoctl.size, HEADER_SIZE, _hgcm_disconnect),
     Ioctl.ACQUIRE_GUEST_CAPABILITIES: (L.AcquireGuestCapsIoctl.size, HEADER_SIZE, _acquire_caps),
     Ioctl.CHANGE_GUEST_CAPABILITIES: (
