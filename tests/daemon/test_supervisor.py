@@ -118,13 +118,33 @@ class TestSupervisor:
         assert supervisor.restarts() == {"flaky": 4}
 
     async def test_gives_up_after_budget(self, autojump_clock: trio.abc.Clock) -> None:
-        """More failures than the budget within the window raise ServiceFailedError."""
+        """More failures than the budget within the window raise ServiceFailedError, which
+        names the service's own error; each retry is a warning with its delay, the end an
+        error."""
         service = FlakyService(failures=100)
         supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=2))
-        with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
+        gave_up = pytest.RaisesExc(
+            ServiceFailedError,
+            match=r"^service flaky failed 3 times within 60 s: RuntimeError\('boom'\)$",
+        )
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(60),
+            pytest.RaisesGroup(gave_up),
+        ):
             async with trio.open_nursery() as nursery:
                 await supervisor.start(nursery, service)
         assert len(service.starts) == 3
+        lines = [
+            (e["event"], e["log_level"], e["failures"], e.get("retry_in_s"), e["error"])
+            for e in logs
+            if e["event"] in {"service_failed", "service_gave_up"}
+        ]
+        assert lines == [
+            ("service_failed", "warning", 1, 1.0, "RuntimeError('boom')"),
+            ("service_failed", "warning", 2, 2.0, "RuntimeError('boom')"),
+            ("service_gave_up", "error", 3, None, "RuntimeError('boom')"),
+        ]
 
     async def test_failures_outside_window_do_not_count(
         self, autojump_clock: trio.abc.Clock
