@@ -362,6 +362,21 @@ class TestSupervisor:
         assert supervisor.restarts() == {"flaky": 1}
         assert not supervisor.replace("flaky", first)
 
+    async def test_a_replacement_gets_a_fresh_restart_budget(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The failures of the service replaced do not count against its replacement."""
+        first, second = FlakyService(failures=1), FlakyService(failures=1)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=1))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, first)
+                await trio.sleep(2)
+                assert supervisor.replace("flaky", second)
+                await trio.sleep(5)
+                nursery.cancel_scope.cancel()
+        assert (first.starts, second.starts) == ([0.0, 1.0], [2.0, 3.0])
+
     async def test_every_failure_is_drained(self, autojump_clock: trio.abc.Clock) -> None:
         """A failed run is drained before the back-off, so nothing is held while waiting."""
         service = FlakyService(failures=2)
