@@ -401,6 +401,35 @@ class TestSupervisor:
         assert service.drains == [2.0]
         assert supervisor.services() == []
 
+    async def test_a_failed_drain_is_logged_and_stops_nothing_else(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A drain that raises is one warning; the other services still drain and the stop
+        ends as usual."""
+
+        class BadDrain(FlakyService):
+            name = "bad"
+
+            async def drain(self) -> None:
+                await super().drain()
+                msg = "drain broke"
+                raise RuntimeError(msg)
+
+        bad, steady = BadDrain(failures=0), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with structlog.testing.capture_logs() as logs, trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, bad)
+                await supervisor.start(nursery, steady)
+                await trio.sleep(2)
+                supervisor.stop_all(trio.current_time() + 5)
+        assert (bad.drains, steady.drains) == ([2.0], [2.0])
+        assert supervisor.services() == []
+        failed = [e for e in logs if e["event"] == "service_drain_failed"]
+        assert [(e["service"], e["log_level"], e["error"]) for e in failed] == [
+            ("bad", "warning", "RuntimeError('drain broke')")
+        ]
+
     async def test_drain_logs_with_the_service_name(self, autojump_clock: trio.abc.Clock) -> None:
         """A drain runs with ``service`` bound, as its run does, so its log lines say whose."""
 
