@@ -84,6 +84,8 @@ _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.resu
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
 _ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
+_THROUGH_FLAGS: Final = HGCM_FLAGS_AT + HGCM_FLAGS.size
+"""How much of a request completion reads back: its start up to and including the flags."""
 
 
 @runtime_checkable
@@ -450,14 +452,15 @@ class HgcmHost:
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
         """Write the request back with the guest's current flags and DONE in them.
 
-        ``hgcmCompletedWorker`` writes the request with the flags it read, then DONE in
-        its copy of those flags (it does not read them again). Nothing in the simulation
-        runs between those two writes, so they are made as one. A request the guest freed
-        meanwhile takes no write.
+        ``hgcmCompletedWorker`` reads the request back from its start, writes it with the
+        flags it read, then DONE in its copy of those flags (it does not read them again).
+        Here the read stops after the flags, the only member kept from it. Nothing in the
+        simulation runs between the two writes, so they are made as one. A request the
+        guest freed meanwhile takes no write.
         """
-        memory = self._memory
         try:
-            flags: int = HGCM_FLAGS.unpack(memory.read(phys + HGCM_FLAGS_AT, HGCM_FLAGS.size))[0]
+            header = self._memory.read(phys, _THROUGH_FLAGS)
+            flags: int = HGCM_FLAGS.unpack_from(header, HGCM_FLAGS_AT)[0]
         except OSError:
             flags = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
         _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, result)

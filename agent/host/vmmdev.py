@@ -203,7 +203,7 @@ class VMMDev:
         rc: int | None
         if not self.guest.additions_ok and request_type not in PRE_ADDITIONS_TYPES:
             rc = VERR_NOT_SUPPORTED
-        elif (fault := self.faults.take_fault(request_type)) is not None:
+        elif self.faults.has_faults and (fault := self.faults.take_fault(request_type)) is not None:
             rc = fault
         elif (entry := self._handlers.get(request_type)) is None:
             rc = VERR_NOT_IMPLEMENTED
