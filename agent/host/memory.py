@@ -65,24 +65,26 @@ class IoctlMemory:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped buffer."""
         if size == 0:
             return b""
-        data, offset = self._locate(address, size)
-        return bytes(data[offset : offset + size])
-
-    def write(self, address: int, data: bytes | bytearray) -> None:
-        """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped buffer."""
-        if not data:
-            return
-        region, offset = self._locate(address, len(data))
-        region[offset : offset + len(data)] = data
-
-    def _locate(self, address: int, size: int) -> tuple[bytearray, int]:
         index, offset = divmod(address - USER_BASE, USER_WINDOW)
         if not 0 <= index < len(self._buffers) or size < 0:
             raise _fault(address, size)
         data = self._buffers[index]
         if offset + size > len(data):
             raise _fault(address, size)
-        return data, offset
+        return bytes(data[offset : offset + size])
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped buffer."""
+        size = len(data)
+        if not size:
+            return
+        index, offset = divmod(address - USER_BASE, USER_WINDOW)
+        if not 0 <= index < len(self._buffers):
+            raise _fault(address, size)
+        region = self._buffers[index]
+        if offset + size > len(region):
+            raise _fault(address, size)
+        region[offset : offset + size] = data
 
 
 def _fault(address: int, size: int) -> OSError:
@@ -148,11 +150,14 @@ class DictMemory:
         if self._by_start.pop(address, None) is None:
             return
         starts = self._starts
+        if starts[-1] == address:  # the last region: a request freed right after it was sent
+            starts.pop()
+            self._datas.pop()
+            self._top = self._end_of_last()
+            return
         index = bisect.bisect_left(starts, address)
         del starts[index]
         del self._datas[index]
-        if index == len(starts):
-            self._top = self._end_of_last()
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""

@@ -171,7 +171,7 @@ class HgcmChannel:
                     f"buffer; the driver takes at most {HGCM_MAX_USER_PARM} bytes per buffer"
                 )
                 raise HgcmLimitError(msg)
-        if self.pending >= self.max_pending:
+        if self._in_flight + self._lingering >= self.max_pending:  # self.pending, inline
             msg = (
                 f"{self.service} function {function}: client {self.client_id} already has "
                 f"{self.pending} calls pending; "
