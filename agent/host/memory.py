@@ -33,6 +33,19 @@ class GuestMemory(Protocol):
         ...
 
 
+Mapping = tuple[bytearray | memoryview, int]
+"""Guest memory reached directly: the host's view of it and where the mapped bytes start."""
+
+
+class GuestRam(GuestMemory, Protocol):
+    """Guest-physical memory as the VMMDev reaches it: read, written, or mapped in place."""
+
+    def lock(self, address: int, size: int) -> Mapping | None:
+        """``PDMDevHlpPhysGCPhys2CCPtr``: the memory holding ``size`` bytes at ``address``,
+        to read and write in place; None when no mapping holds them all."""
+        ...
+
+
 USER_WINDOW: Final = 1 << 32
 """The address space each user buffer of one ioctl gets (far more than any buffer)."""
 
@@ -192,6 +205,18 @@ class DictMemory:
         if offset + size > len(region):
             raise _fault(address, size)
         region[offset : offset + size] = data
+
+    def lock(self, address: int, size: int) -> Mapping | None:
+        """The region holding ``size`` bytes at ``address`` and their offset in it, or None."""
+        data = self._by_start.get(address)
+        if data is not None and 0 <= size <= len(data):
+            return data, 0
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or size < 0:
+            return None
+        data = self._datas[index]
+        offset = address - self._starts[index]
+        return (data, offset) if offset + size <= len(data) else None
 
     def __len__(self) -> int:
         return len(self._starts)

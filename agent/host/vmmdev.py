@@ -64,7 +64,7 @@ from agent.protocol.status import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host.memory import GuestMemory
+    from agent.host.memory import GuestRam
 
 HOST_VERSION: Final = RELEASE
 """The VirtualBox release the simulated host claims to be (major, minor, build, revision)."""
@@ -107,7 +107,7 @@ class VMMDev:
 
     def __init__(
         self,
-        memory: GuestMemory,
+        memory: GuestRam,
         *,
         ram_mb: int = 2048,
         cpus: int = GUEST_CPUS,
