@@ -405,6 +405,31 @@ class TestInProcess:
         assert host.prop_get("/Guest/x") is None
         assert host.prop_get("/Guest/kept") is not None
 
+    async def test_an_ignored_delete_is_not_reported_deleted(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``delete --json`` says ``"deleted": false`` when the host ignored the delete (the
+        property still stands); it said true."""
+        host.prop_set("/Guest/kept", "1")
+        service = host.vmmdev.hgcm.service(SERVICE_NAME)
+        assert isinstance(service, GuestPropertyService)
+        service.set_global_flags(RDONLYGUEST)
+        with trio.fail_after(60):
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_guest_properties(device) as props,
+            ):
+                args = argparse.Namespace(prop_action="delete", name="/Guest/kept", json=True)
+                await _delete(args, props)
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        assert [json.loads(line) for line in printed if line.startswith("{")] == [
+            {"name": "/Guest/kept", "deleted": False}
+        ]
+        assert host.prop_get("/Guest/kept") is not None
+
 
 README_INTRO: Final = "Guest properties from the guest's side"
 README_SOCKET: Final = "/tmp/props.sock"

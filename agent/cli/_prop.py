@@ -173,9 +173,11 @@ async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
 
 
 async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
-    _note_ignored(args, await props.delete(args.name))
+    status = await props.delete(args.name)
+    _note_ignored(args, status)
     if args.json:
-        print(json.dumps({"name": args.name, "deleted": True}))
+        # An ignored delete (VINF_PERMISSION_DENIED) left the property standing.
+        print(json.dumps({"name": args.name, "deleted": status == VINF_SUCCESS}))
 
 
 async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:

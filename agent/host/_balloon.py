@@ -170,6 +170,15 @@ class HostBalloon:
             self._whole.remove(index)
             self._frames.update(_frames_of(index))
 
+    def restore(self) -> None:
+        """A saved state was loaded: VMMDev does not save ``cMbMemoryBalloonLast``, so the new
+        VM process's device has nothing acknowledged and the next setting notifies again.
+
+        The ballooned pages stay (PGM saves them) and so does the target (Main hands it to
+        the new device).
+        """
+        self.acked_mb = 0
+
     def reset(self) -> None:
         """VM reset: guest memory is fresh, nothing is ballooned, nothing acknowledged.
 

@@ -27,8 +27,9 @@ MAX_BUILD: Final = 0xFFFF
 """The version must pack into ``VBOX_FULL_VERSION`` (8.8.16 bits)."""
 BUILD_TAG_PREFIXES: Final = (b"RC", b"BETA", b"ALPHA")
 """A build tag is one of these, optionally followed by a decimal number below 256."""
-BUILD_TAG_SIGN: Final = b"+"
-"""``RTStrToUInt8Full`` takes any run of '+' signs before the number ('-' makes it fail)."""
+BUILD_TAG_SIGNS: Final = b"+-"
+"""``RTStrToUInt8Full`` takes any run of signs before the number: '+' makes it positive,
+'-' flips it, and a negative number fails."""
 MAX_BUILD_TAG_NUMBER: Final = 0xFF
 PUBLISHER_TAG_CHARS: Final = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz()[]{}+-.,"
@@ -144,8 +145,11 @@ def _is_build_tag(tag: bytes) -> bool:
             number = tag[len(prefix) :]
             if not number:
                 return True
-            digits = number.lstrip(BUILD_TAG_SIGN)
-            return digits.isdigit() and int(digits) <= MAX_BUILD_TAG_NUMBER
+            digits = number.lstrip(BUILD_TAG_SIGNS)
+            positive = True
+            for sign in number[: len(number) - len(digits)]:
+                positive = sign == ord("+") or not positive
+            return positive and digits.isdigit() and int(digits) <= MAX_BUILD_TAG_NUMBER
     return False
 
 

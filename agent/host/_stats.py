@@ -35,7 +35,8 @@ GUEST_CPUS: Final = min(os.cpu_count() or 1, VMM_MAX_CPU_COUNT)
 """The simulated guest's CPUs by default: the guest is this machine (its ``/proc/stat``)."""
 KIB_PER_PAGE: Final = STAT_PAGE_SIZE // 1024
 U32_MAX: Final = 0xFFFF_FFFF
-"""Main's figures are ULONGs: a page count times 4 wraps there."""
+"""Main's figures are ULONGs: a page count times 4 wraps there, and so does the sum of the
+per-CPU loads."""
 CPU_FIGURES: Final = (
     ("cpu_user", StatCap.CPU_LOAD_USER, "cpu_load_user"),
     ("cpu_kernel", StatCap.CPU_LOAD_KERNEL, "cpu_load_kernel"),
@@ -143,7 +144,7 @@ class HostGuestStats:
 
     def _update_main(self, report: dict[str, int]) -> None:
         """``Guest::i_setStatistic`` for each figure with its bit (a CPU id of 64 or more
-        sets the VM's load as is)."""
+        sets the VM's load as is; the per-CPU loads are summed in 32 bits)."""
         caps, cpu_id = report["stat_caps"], report["cpu_id"]
         for name, bit, field in CPU_FIGURES:
             if caps & bit:
@@ -151,7 +152,7 @@ class HostGuestStats:
                 if cpu_id < VMM_MAX_CPU_COUNT:
                     loads = self._cpu_loads[name]
                     loads[cpu_id] = value
-                    value = sum(loads[: self.cpus]) // self.cpus
+                    value = (sum(loads[: self.cpus]) & U32_MAX) // self.cpus
                 self.main[name] = value
         for name, bit, field in MEMORY_FIGURES:
             if caps & bit:

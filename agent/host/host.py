@@ -240,9 +240,9 @@ class SimulatedHost:
             raise VBoxStatusError(rc, f"CPU {event.name.lower()} (core {core}, package {package})")
 
     def restore(self) -> None:
-        """Restore from a saved state: new session id, HGCM calls re-sent, no statistics
-        interval (a new VM process's Main asks for none), CPU hot-plug monitoring off,
-        RESTORED raised."""
+        """Restore from a saved state: new session id, HGCM calls re-sent, no balloon target
+        acknowledged (the target stays), no statistics interval (a new VM process's Main asks
+        for none), CPU hot-plug monitoring off, RESTORED raised."""
         self.vmmdev.restore()
 
     async def reset(self) -> None:

@@ -295,11 +295,13 @@ class VMMDev:
         self.guest_stats.set_interval(seconds)
 
     def restore(self) -> None:
-        """A saved state was loaded: new session id, HGCM re-submission, the statistics
-        interval back to 0 (see :meth:`HostGuestStats.restore`), CPU hot-plug monitoring
-        off (see :class:`HostCpuHotPlug`), RESTORED event."""
+        """A saved state was loaded: new session id, HGCM re-submission, no balloon target
+        acknowledged (see :meth:`HostBalloon.restore`), the statistics interval back to 0
+        (see :meth:`HostGuestStats.restore`), CPU hot-plug monitoring off (see
+        :class:`HostCpuHotPlug`), RESTORED event."""
         self.session_id = self._rng.getrandbits(64)
         self.hgcm.restore()
+        self.balloon.restore()
         self.guest_stats.restore()
         self.cpu_hotplug.restore()
         self.raise_events(Event.RESTORED)

@@ -39,6 +39,9 @@ HGCM_MAX_PARMS: Final = 32
 """``VMMDEV_HGCM_MAX_PARMS``: parameters per HGCM call the driver accepts."""
 HGCM_MAX_USER_PARM: Final = 24 << 20
 """``VBG_MAX_HGCM_USER_PARM``: the largest user buffer of one HGCM parameter."""
+HGCM_MAX_LOCKED_BUFFERS: Final = 10
+"""``VbglR0ParmInfo.aLockBufs`` of Oracle's driver: the non-empty buffers one user HGCM call
+may pass (the next one is VERR_INVALID_PARAMETER); mainline has no such limit."""
 HGCM_CLIENTS_PER_SESSION: Final = 64
 """Slots in a driver session's ``hgcm_client_ids``."""
 HGCM_SERVICE_NAME_SIZE: Final = 128

@@ -14,8 +14,10 @@ balloon to the host's target. Mainline and Oracle's driver let trusted sessions
 (``/dev/vboxguest``) send both requests, so this works on every real guest; a session the
 driver does not trust (``/dev/vboxuser``) has its first interval read refused, which the
 service logs once (``statistics_refused_by_driver``) before it stays idle, rather than
-fail and be restarted until its restart budget ends the daemon. Config section:
-``[statistics]``.
+fail and be restarted until its restart budget ends the daemon. A report that fails (``/proc``
+unreadable, the host refusing it) is counted, and logged when such failures begin and change
+cause and when a report goes through again (``statistics_reported_again``), not at every
+tick. Config section: ``[statistics]``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import trio
 from agent.protocol import Event, GetStatisticsChangeRequest, ReportGuestStats, VBoxStatusError
 from agent.protocol.status import VERR_ACCESS_DENIED, VERR_PERMISSION_DENIED
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._lasting import LastingFailure
 from agent.services._paced import Metronome
 from agent.services._procstats import ProcStats, ProcStatsError
 
@@ -82,21 +85,25 @@ class GuestStatsService:
         self._balloon = context.balloon
         self._proc = ProcStats(proc)
         self._metronome = Metronome(self._read_interval, self._report, late_after_s=LATE_AFTER_S)
-        self._failures = 0
+        self._failures = LastingFailure("statistics_reported_again")
         self._last: GuestStatistics | None = None
         self._interval_read = False
         self._refused = False
 
     def statistics(self) -> GuestStatsStatistics:
         """Return the report counters and the latest report."""
-        return GuestStatsStatistics(self._failures, self._last, self._metronome.statistics())
+        return GuestStatsStatistics(self._failures.total, self._last, self._metronome.statistics())
 
     def status(self) -> str:
-        """``statistics every 5 s``, ``statistics off`` or ``statistics refused by the driver``."""
+        """``statistics every 5 s``, ``statistics every 5 s (failing)``, ``statistics off`` or
+        ``statistics refused by the driver``."""
         if self._refused:
             return "statistics refused by the driver"
         interval = self._metronome.interval_s
-        return "statistics off" if interval is None else f"statistics every {interval:g} s"
+        if interval is None:
+            return "statistics off"
+        failing = " (failing)" if self._failures.cause is not None else ""
+        return f"statistics every {interval:g} s{failing}"
 
     def reconfigure(self, section: StatisticsSection) -> bool:
         """Nothing to apply: the host sets the interval."""
@@ -141,22 +148,23 @@ class GuestStatsService:
         try:
             reports = self._proc.sample(balloon_chunks=self._balloon.chunks)
         except ProcStatsError as exc:
-            self._failures += 1
-            log.warning("statistics_unavailable", error=str(exc), failures=self._failures)
+            self._failed("statistics_unavailable", str(exc), error=str(exc))
             return
         for stats in reports:
             try:
                 await self._device.request(ReportGuestStats(stats))
             except VBoxStatusError as exc:
-                self._failures += 1
-                log.warning(
-                    "statistics_report_failed",
-                    status=exc.name,
-                    cpu_id=stats.cpu_id,
-                    failures=self._failures,
+                self._failed(
+                    "statistics_report_failed", exc.name, status=exc.name, cpu_id=stats.cpu_id
                 )
                 return
             self._last = stats
+        if self._failures.succeeded():
+            self._status_changed()
+
+    def _failed(self, event: str, cause: str, **details: object) -> None:
+        if self._failures.failed(event, cause, **details):
+            self._status_changed()
 
 
 def _build(context: ServiceContext, section: StatisticsSection) -> GuestStatsService:

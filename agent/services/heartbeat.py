@@ -6,7 +6,9 @@ and on again with HEARTBEAT_CONFIGURE (a fresh start, whatever an earlier run le
 interval the host returns and beats on that rhythm with the :class:`Metronome` (absolute
 deadlines, one late beat rather than a burst). After a restore (RESTORED) it configures again;
 at stop (``drain``) it switches the check off, so a stopped agent is not mistaken for a hung
-guest.
+guest. A beat the host refuses is counted; refusals are logged when they begin and change
+status (``heartbeat_failed``) and when a beat goes through again (``heartbeat_recovered``),
+not at every beat, and the status says so meanwhile.
 
 Where the driver keeps the heartbeat itself, the requests are refused (mainline: EPERM; Oracle's
 ``vgdrvCheckIfVmmReqIsAllowed``: VERR_PERMISSION_DENIED, as neither request is on its list).
@@ -33,6 +35,7 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._lasting import LastingFailure
 from agent.services._paced import Metronome
 
 if TYPE_CHECKING:
@@ -109,19 +112,25 @@ class HeartbeatService:
         self._owner = Owner.UNKNOWN
         self._host_check_on = False
         self._configures = 0
-        self._failures = 0
+        self._failures = LastingFailure("heartbeat_recovered")
 
     def statistics(self) -> HeartbeatStatistics:
         """Return who keeps the heartbeat and the beat counters."""
         return HeartbeatStatistics(
-            self._owner.value, self._configures, self._failures, self._metronome.statistics()
+            self._owner.value,
+            self._configures,
+            self._failures.total,
+            self._metronome.statistics(),
         )
 
     def status(self) -> str:
-        """``heartbeat 2000 ms``, ``heartbeat (kernel)``, ``heartbeat unsupported``..."""
+        """``heartbeat 2000 ms``, ``heartbeat 2000 ms (failing: VERR_...)``, ``heartbeat
+        (kernel)``, ``heartbeat unsupported by the host``..."""
         interval = self._metronome.interval_s
         if self._owner is Owner.AGENT and interval is not None:
-            return f"heartbeat {round(interval * MS_PER_S)} ms"
+            failing = self._failures.cause
+            rhythm = f"heartbeat {round(interval * MS_PER_S)} ms"
+            return rhythm if failing is None else f"{rhythm} (failing: {failing})"
         return {
             Owner.DRIVER: "heartbeat (kernel)",
             Owner.NONE: "heartbeat unsupported by the host",
@@ -196,8 +205,11 @@ class HeartbeatService:
         try:
             await self._device.request(GuestHeartbeat())
         except VBoxStatusError as exc:
-            self._failures += 1
-            log.warning("heartbeat_failed", status=exc.name, failures=self._failures)
+            if self._failures.failed("heartbeat_failed", exc.name, status=exc.name):
+                self._status_changed()
+            return
+        if self._failures.succeeded():
+            self._status_changed()
 
 
 def _build(context: ServiceContext, section: HeartbeatSection) -> HeartbeatService:

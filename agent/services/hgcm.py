@@ -14,13 +14,19 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
 
 - 32 parameters per call and 24 MiB per buffer (the driver's ``VMMDEV_HGCM_MAX_PARMS`` and
   ``VBG_MAX_HGCM_USER_PARM``); 64 clients per session is the protocol session's check;
+- 10 non-empty buffers per call: Oracle's driver locks at most that many
+  (``VbglR0ParmInfo.aLockBufs``) and refuses more with VERR_INVALID_PARAMETER. Mainline
+  takes 32, but the channel cannot tell the drivers apart before it sends, so a call that
+  works on one works on both;
 - the host's per-client limit of concurrent calls. ``HGCMService::GuestCall`` counts a call
   first and accepts it only while the count stays *below* the service's
   ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
   cancelled keeps its slot at the host until the service completes it, which a service
   without a cancel hook may do much later; such calls keep their slot here too
-  (``lingers_when_cancelled``) until the channel closes. A call cancelled before it was
-  sent takes no slot.
+  (``lingers_when_cancelled``) until the channel closes. A call whose scope was already
+  cancelled when it began takes no slot; one cancelled while its transport still held it
+  back (waiting for an ioctl thread of the character device, say) takes one all the same,
+  since no transport says whether a cancelled call reached the driver.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
@@ -47,7 +53,12 @@ from agent.protocol import (
     HgcmValue,
     LocalProtocolError,
 )
-from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM, TIMEOUT_INFINITE
+from agent.protocol.constants import (
+    HGCM_MAX_LOCKED_BUFFERS,
+    HGCM_MAX_PARMS,
+    HGCM_MAX_USER_PARM,
+    TIMEOUT_INFINITE,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -158,6 +169,7 @@ class HgcmChannel:
                 f"the driver takes at most {HGCM_MAX_PARMS}"
             )
             raise HgcmLimitError(msg)
+        buffers = 0
         for index, param in enumerate(params):
             if isinstance(param, HgcmBufferOut):
                 size = param.size
@@ -171,6 +183,13 @@ class HgcmChannel:
                     f"buffer; the driver takes at most {HGCM_MAX_USER_PARM} bytes per buffer"
                 )
                 raise HgcmLimitError(msg)
+            buffers += size > 0
+        if buffers > HGCM_MAX_LOCKED_BUFFERS:
+            msg = (
+                f"{self.service} function {function}: {buffers} non-empty buffers; Oracle's "
+                f"driver takes at most {HGCM_MAX_LOCKED_BUFFERS} per call"
+            )
+            raise HgcmLimitError(msg)
         if self._in_flight + self._lingering >= self.max_pending:  # self.pending, inline
             msg = (
                 f"{self.service} function {function}: client {self.client_id} already has "

@@ -672,14 +672,17 @@ async def _answering_host(
     listener: trio.socket.SocketType, answer: Callable[[IoctlRequest], IoctlReply]
 ) -> None:
     """A host on ``listener`` that greets one session, then answers each ioctl with
-    ``answer(request)``."""
+    ``answer(request)`` until the session closes."""
     connection, _ = await listener.accept()
     stream = trio.SocketStream(connection)
     decoder = FrameDecoder()
     async with stream:
         while True:
             while (frame := decoder.next_frame()) is None:
-                decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:  # the session closed its end
+                    return
+                decoder.feed(data)
             if isinstance(frame, Hello):
                 await stream.send_all(encode_frame(Hello(Role.HOST)))
             elif isinstance(frame, IoctlRequest):

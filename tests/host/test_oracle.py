@@ -19,37 +19,74 @@ import trio
 import trio.testing
 
 from agent.host import SimulatedHost
+from agent.host.driver._load import MOUSE_STATUS_SIZE
+from agent.host.driver._request_sizes import check_request_size
+from agent.host.driver._session import session_requestor
 from agent.protocol import (
+    AcquireGuestCapabilities,
     ChangeBalloon,
     ChangeFilterMask,
+    ChangeGuestCapabilities,
     CheckBalloon,
     DriverVersionInfo,
+    HgcmBufferIn,
+    HgcmBufferOut,
     HgcmCall,
     HgcmConnect,
     HgcmDisconnect,
     HgcmU32,
     InterruptAllWaits,
+    Log,
     VBoxStatusError,
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import HEADER_SIZE, Event, Ioctl, RequestType
+from agent.protocol._ioc import iowr
+from agent.protocol.constants import (
+    HEADER_SIZE,
+    HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_USER_PARM,
+    HGCM_PARM64_SIZE,
+    IOCTL_TYPE,
+    REQUESTOR_KERNEL,
+    Event,
+    GuestCapability,
+    HgcmParmType,
+    Ioctl,
+    Requestor,
+    RequestType,
+)
+from agent.protocol.messages import _VmmdevRequest, ioctl_buffer
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
+    VERR_BUFFER_OVERFLOW,
+    VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VERR_NOT_SUPPORTED,
+    VERR_OUT_OF_RANGE,
     VERR_PERMISSION_DENIED,
     VERR_TIMEOUT,
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
-from tests.host.conftest import ECHO, FN_ECHO, Client, open_client, vmmdev_request
+from tests.host.conftest import (
+    ECHO,
+    FN_ECHO,
+    FN_FAIL,
+    Client,
+    EchoService,
+    model_driver,
+    open_client,
+    vmmdev_request,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from agent.protocol import HgcmReply, IoctlCall
 
 PERSONALITY: Final = "oracle"
 CHUNK: Final = 0x7F00_1000_0000
@@ -57,6 +94,7 @@ MIB: Final = 1 << 20
 
 
 VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
+VERR_IO_BAD_LENGTH: Final = STATUS_CODES["VERR_IO_BAD_LENGTH"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
 UNTOUCHED: Final = 0x5A
 """Filler of buffers whose bytes must come back unchanged."""
@@ -85,12 +123,41 @@ async def wait_raw(client: Client, mask: int, timeout_ms: int) -> tuple[int, int
     return L.IoctlHeader.rc.get(call.buffer), L.WaitForEventsIoctl.events_out.get(call.buffer)
 
 
+async def call_rc(client: Client, call: IoctlCall[HgcmReply]) -> int:
+    """Perform an HGCM call ioctl (with its user buffers) and return ``hdr.rc``."""
+    await client.transport.ioctl(call.code, call.buffer, call.user_buffers)
+    return L.IoctlHeader.rc.get(call.buffer)
+
+
+def oversized(call: IoctlCall[HgcmReply], index: int, kind: int = HgcmParmType.LINADDR_IN) -> None:
+    """Make parameter ``index`` of an encoded call a ``kind`` parameter of 24 MiB + 1."""
+    view = memoryview(call.buffer)[HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index :]
+    L.HgcmParameter64.type.set(view, kind)
+    L.HgcmParameter64.pointer_size.set(view, HGCM_MAX_USER_PARM + 1)
+
+
 async def passthrough(client: Client, request_type: int, size: int = 32) -> bytearray:
     """Send a zeroed VMMDev request of ``request_type`` through VMMDEV_REQUEST."""
     buf = vmmdev_request(request_type, size)
     L.RequestHeader.reserved1.set(buf, size)
     code = Ioctl.vmmdev_request(size) if size < 1024 else Ioctl.VMMDEV_REQUEST_BIG
     return await client.raw(code, buf)
+
+
+def _record_requestors(host: SimulatedHost, *types: int) -> list[tuple[int, int]]:
+    """Record the type and requestor of the requests of ``types`` the host gets from now on."""
+    seen: list[tuple[int, int]] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = bytearray(host.vmmdev.memory.read(phys, HEADER_SIZE))
+        request_type = L.RequestHeader.request_type.get(header)
+        if request_type in types:
+            seen.append((request_type, L.RequestHeader.requestor.get(header)))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
 
 
 class TestHeaderRc:
@@ -152,6 +219,210 @@ class TestHeaderRc:
         await client.raw(call.code, call.buffer)
         assert L.IoctlHeader.rc.get(call.buffer) == VERR_INVALID_HANDLE
 
+    async def test_the_65th_client_is_connected_then_dropped(
+        self, host: SimulatedHost, echo: EchoService
+    ) -> None:
+        """``vgdrvIoCtl_HGCMConnect`` connects at the host before it looks for a free slot:
+        with none left the new client is disconnected again (VERR_TOO_MANY_OPEN_FILES, id 0),
+        and a connect the host refuses answers with the host's status."""
+        client = await open_client(host)
+        for _ in range(64):
+            await client.request(HgcmConnect(ECHO))
+        connect = HgcmConnect(ECHO).encode()
+        await client.raw(connect.code, connect.buffer)
+        assert L.IoctlHeader.rc.get(connect.buffer) == VERR_TOO_MANY_OPEN_FILES
+        assert L.HgcmConnectIoctl.client_id.get(connect.buffer) == 0
+        assert len(echo.connected) == 65
+        assert echo.disconnected == echo.connected[-1:]
+        assert host.status()["hgcm_clients"] == 64
+        unknown = HgcmConnect("NoSuchSvc").encode()
+        await client.raw(unknown.code, unknown.buffer)
+        assert L.IoctlHeader.rc.get(unknown.buffer) == VERR_HGCM_SERVICE_NOT_FOUND
+
+    async def test_client_id_zero_matches_a_free_slot(self, host: SimulatedHost) -> None:
+        """The driver looks an id up in the session's table, where a free slot holds 0: while
+        one is free, client 0 passes that check and is refused further on
+        (VERR_INVALID_PARAMETER: ``VbglR0HGCMInternalDisconnect`` before any request, the
+        host for a call); with the table full it is an invalid handle like any unknown id."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+
+        async def statuses() -> tuple[int, int]:
+            disconnect = HgcmDisconnect(client_id).encode()
+            L.HgcmDisconnectIoctl.client_id.set(disconnect.buffer, 0)
+            await client.raw(disconnect.code, disconnect.buffer)
+            call = HgcmCall(client_id, FN_ECHO, (HgcmU32(0),)).encode()
+            L.HgcmCallIoctl.client_id.set(call.buffer, 0)
+            await client.raw(call.code, call.buffer)
+            return L.IoctlHeader.rc.get(disconnect.buffer), L.IoctlHeader.rc.get(call.buffer)
+
+        assert await statuses() == (VERR_INVALID_PARAMETER, VERR_INVALID_PARAMETER)
+        assert host.status()["hgcm_clients"] == 1
+        for _ in range(63):
+            await client.request(HgcmConnect(ECHO))
+        assert await statuses() == (VERR_INVALID_HANDLE, VERR_INVALID_HANDLE)
+
+    async def test_a_user_call_locks_at_most_ten_buffers(self, host: SimulatedHost) -> None:
+        """``VbglR0HGCMInternalPreprocessCall`` walks the parameters once, in order: ten
+        non-empty buffers pass (empty ones do not count), the eleventh is
+        VERR_INVALID_PARAMETER before its size is looked at, and a buffer over 24 MiB, or a
+        type userspace may not pass, fails where it stands (mainline checks every type first)."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        succeed = HgcmU32(VINF_SUCCESS)
+        ten = (HgcmBufferIn(b"x"),) * 10
+        empty = (HgcmBufferIn(b""), HgcmBufferOut(0))
+        passes = HgcmCall(client_id, FN_FAIL, (succeed, *ten, *empty)).encode()
+        assert await call_rc(client, passes) == VINF_SUCCESS
+        eleven = HgcmCall(client_id, FN_FAIL, (succeed, *ten, HgcmBufferIn(b"x"))).encode()
+        assert await call_rc(client, eleven) == VERR_INVALID_PARAMETER
+        late = HgcmCall(client_id, FN_FAIL, (succeed, *ten, HgcmU32(0))).encode()
+        oversized(late, 11)
+        assert await call_rc(client, late) == VERR_INVALID_PARAMETER
+        early = HgcmCall(client_id, FN_FAIL, (succeed, HgcmU32(0), *ten)).encode()
+        oversized(early, 1)
+        assert await call_rc(client, early) == VERR_OUT_OF_RANGE
+        before_a_bad_type = HgcmCall(client_id, FN_FAIL, (succeed, HgcmU32(0), HgcmU32(0))).encode()
+        oversized(before_a_bad_type, 1)
+        oversized(before_a_bad_type, 2, HgcmParmType.PAGELIST)
+        assert await call_rc(client, before_a_bad_type) == VERR_OUT_OF_RANGE
+
+
+class TestLog:
+    """``vgdrvIoCtl_Log``: LogRel for trusted sessions, the debug-only Log for vboxuser."""
+
+    async def test_trusted_messages_reach_the_kernel_log(self, host: SimulatedHost) -> None:
+        """A /dev/vboxguest session's message goes to the release log (printk)."""
+        client = await open_client(host)
+        await client.request(Log(b"hello\0ignored"))
+        assert list(model_driver(host).log_messages) == [b"hello"]
+
+    async def test_vboxuser_messages_go_nowhere(self, host: SimulatedHost) -> None:
+        """A /dev/vboxuser session's message succeeds, but the release build drops it."""
+        client = await open_client(host, user_device=True)
+        await client.request(Log(b"hello"))
+        assert list(model_driver(host).log_messages) == []
+
+
+SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, 28)
+"""``VBGL_IOCTL_SET_MOUSE_STATUS``: a u32 of VMMDEV_MOUSE_* flags after the header."""
+CAN_ABSOLUTE: Final = 0x01
+SEAMLESS: Final = int(GuestCapability.SEAMLESS)
+GRAPHICS: Final = int(GuestCapability.GRAPHICS)
+VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
+NEW_PROTOCOL: Final = 0x10
+
+
+async def set_mouse_status(client: Client, features: int) -> int:
+    """VBGL_IOCTL_SET_MOUSE_STATUS by hand; return ``hdr.rc``."""
+    buf = ioctl_buffer(28, HEADER_SIZE)
+    buf[HEADER_SIZE:28] = features.to_bytes(4, "little")
+    await client.raw(SET_MOUSE_STATUS, buf)
+    return L.IoctlHeader.rc.get(buf)
+
+
+class TestMouseStatus:
+    """``vgdrvIoCtl_SetMouseStatus``: each session's mouse features, their union on the host."""
+
+    async def test_sessions_features_are_united(self, host: SimulatedHost) -> None:
+        """The host gets the union of the sessions' features; a close drops the session's."""
+        first, second = await open_client(host), await open_client(host, user_device=True)
+        assert await set_mouse_status(first, CAN_ABSOLUTE) == VINF_SUCCESS
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VINF_SUCCESS
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE | NEW_PROTOCOL
+        await first.transport.aclose()
+        assert host.vmmdev.guest.mouse_features == NEW_PROTOCOL
+        assert await set_mouse_status(second, 0) == VINF_SUCCESS
+        assert host.vmmdev.guest.mouse_features == 0
+
+    async def test_host_only_features_are_invalid(self, host: SimulatedHost) -> None:
+        """Bits outside VMMDEV_MOUSE_GUEST_MASK are VERR_INVALID_PARAMETER in hdr.rc."""
+        client = await open_client(host)
+        assert await set_mouse_status(client, 0x2) == VERR_INVALID_PARAMETER
+        assert host.vmmdev.guest.mouse_features == 0
+
+    async def test_the_request_is_the_sessions(self, host: SimulatedHost) -> None:
+        """SET_MOUSE_STATUS goes to the host as the session's; the close's as the kernel's."""
+        seen: list[tuple[int, int]] = []
+        process = host.vmmdev.process
+
+        def record(phys: int) -> None:
+            req = bytearray(host.vmmdev.memory.read(phys, MOUSE_STATUS_SIZE))
+            if L.RequestHeader.request_type.get(req) == RequestType.SET_MOUSE_STATUS:
+                features = int.from_bytes(req[HEADER_SIZE : HEADER_SIZE + 4], "little")
+                seen.append((features, L.RequestHeader.requestor.get(req)))
+            process(phys)
+
+        host.vmmdev.process = record  # type: ignore[method-assign]
+        client = await open_client(host, uid=1000)
+        await set_mouse_status(client, CAN_ABSOLUTE)
+        await set_mouse_status(client, CAN_ABSOLUTE)
+        await client.transport.aclose()
+        caller = session_requestor(user_device=False, uid=1000)
+        assert seen == [(CAN_ABSOLUTE, caller), (0, REQUESTOR_KERNEL)]
+
+    async def test_wrong_sizes_are_einval(self, host: SimulatedHost) -> None:
+        """REQ_CHECK_SIZES: in 28, out 24."""
+        client = await open_client(host)
+        buf = ioctl_buffer(28, 28)
+        await expect_einval(client, iowr(IOCTL_TYPE, 15, 28), buf)
+
+
+async def acquire_caps(client: Client, or_mask: int, not_mask: int) -> int:
+    """ACQUIRE_GUEST_CAPABILITIES by hand; return ``hdr.rc``."""
+    call = AcquireGuestCapabilities(0, 0).encode()
+    L.AcquireGuestCapsIoctl.or_mask.set(call.buffer, or_mask)
+    L.AcquireGuestCapsIoctl.not_mask.set(call.buffer, not_mask)
+    await client.raw(call.code, call.buffer)
+    return L.IoctlHeader.rc.get(call.buffer)
+
+
+async def change_caps(client: Client, or_mask: int, not_mask: int) -> tuple[int, int, int]:
+    """CHANGE_GUEST_CAPABILITIES by hand; return ``(hdr.rc, session caps, global caps)``."""
+    call = ChangeGuestCapabilities(or_mask, not_mask).encode()
+    await client.raw(call.code, call.buffer)
+    layout = L.SetGuestCapsIoctl
+    buf = call.buffer
+    return L.IoctlHeader.rc.get(buf), layout.session_caps.get(buf), layout.global_caps.get(buf)
+
+
+class TestCapabilities:
+    """``vgdrvAcquireSessionCapabilities`` and ``vgdrvSetSessionCapabilities``."""
+
+    async def test_acquire_ignores_unknown_bits_to_release(self, host: SimulatedHost) -> None:
+        """Only the mask to acquire is checked; unknown bits in the one to release are
+        ignored (\"The fNotMask no need to have all values valid\")."""
+        client = await open_client(host)
+        assert await acquire_caps(client, SEAMLESS, 0x8) == VINF_SUCCESS
+        assert await acquire_caps(client, 0x8, 0) == VERR_INVALID_PARAMETER
+
+    async def test_acquire_takes_a_capability_another_session_set(
+        self, host: SimulatedHost
+    ) -> None:
+        """Oracle's set-mode conflict check reads a mask nothing fills
+        (``fSetModeGuestCaps``), so acquiring a capability another session set succeeds;
+        from then on setting it is busy."""
+        setter, taker = await open_client(host), await open_client(host)
+        assert await change_caps(setter, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
+        assert await acquire_caps(taker, SEAMLESS, 0) == VINF_SUCCESS
+        assert await change_caps(setter, SEAMLESS, 0) == (VERR_RESOURCE_BUSY, SEAMLESS, SEAMLESS)
+
+    async def test_change_reports_the_caps_even_when_refused(self, host: SimulatedHost) -> None:
+        """The session's and all sessions' capabilities come back with a refusal too; the
+        global ones are the acquired and set ones, not the host's last report."""
+        setter, taker = await open_client(host), await open_client(host)
+        assert await acquire_caps(taker, GRAPHICS, 0) == VINF_SUCCESS
+        assert await change_caps(setter, SEAMLESS, 0) == (
+            VINF_SUCCESS,
+            SEAMLESS,
+            SEAMLESS | GRAPHICS,
+        )
+        assert await change_caps(setter, GRAPHICS, 0) == (
+            VERR_RESOURCE_BUSY,
+            SEAMLESS,
+            SEAMLESS | GRAPHICS,
+        )
+
 
 class TestEvents:
     """WAIT_FOR_EVENTS and the one-shot INTERRUPT_ALL_WAIT_FOR_EVENTS."""
@@ -160,6 +431,14 @@ class TestEvents:
         """Mask 0: VERR_INVALID_PARAMETER in hdr.rc, events 0, the ioctl succeeds."""
         client = await open_client(host)
         assert await wait_raw(client, 0, 0) == (VERR_INVALID_PARAMETER, 0)
+
+    async def test_filter_changes_go_to_the_host_as_the_kernels(self, host: SimulatedHost) -> None:
+        """``vgdrvSetSessionEventFilter`` sends CTL_GUEST_FILTER_MASK with the kernel's
+        requestor, the session's own change too (mainline sends the session's)."""
+        seen = _record_requestors(host, RequestType.CTL_GUEST_FILTER_MASK)
+        client = await open_client(host, uid=1000)
+        await client.request(ChangeFilterMask(Event.MOUSE_CAPABILITIES_CHANGED, 0))
+        assert seen == [(RequestType.CTL_GUEST_FILTER_MASK, REQUESTOR_KERNEL)]
 
     async def test_timeout_is_in_rc(self, host: SimulatedHost, autojump_clock: object) -> None:
         """Nothing pending: VERR_TIMEOUT in hdr.rc after the timeout (0 = at once)."""
@@ -220,21 +499,23 @@ class TestVmmdevRequestPolicy:
     """``vgdrvCheckIfVmmReqIsAllowed``: refusals are VERR_PERMISSION_DENIED in hdr.rc."""
 
     @pytest.mark.parametrize(
-        "request_type",
+        ("request_type", "size"),
         [
-            RequestType.GET_STATISTICS_CHANGE_REQ,
-            RequestType.REPORT_GUEST_STATS,
-            RequestType.WRITE_COREDUMP,
+            (RequestType.GET_STATISTICS_CHANGE_REQ, L.StatisticsChangeRequest.size),
+            (RequestType.REPORT_GUEST_STATS, L.GuestStatsRequest.size),
+            (RequestType.GET_CPU_HOTPLUG_REQ, L.CpuHotPlugRequest.size),
         ],
     )
-    async def test_trusted_pass_through(self, host: SimulatedHost, request_type: int) -> None:
+    async def test_trusted_pass_through(
+        self, host: SimulatedHost, request_type: int, size: int
+    ) -> None:
         """/dev/vboxguest sessions reach the host; /dev/vboxuser sessions are refused."""
         trusted = await open_client(host)
         host.add_fault(request_type, VERR_NOT_SUPPORTED)
-        buf = await passthrough(trusted, request_type)
+        buf = await passthrough(trusted, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED
         user = await open_client(host, user_device=True)
-        buf = await passthrough(user, request_type)
+        buf = await passthrough(user, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
 
     @pytest.mark.parametrize(
@@ -256,6 +537,89 @@ class TestVmmdevRequestPolicy:
         client = await open_client(host, user_device=user_device)
         buf = await passthrough(client, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
+
+    @pytest.mark.parametrize("user_device", [False, True])
+    async def test_short_request_is_invalid_before_the_policy(
+        self, host: SimulatedHost, user_device: bool
+    ) -> None:
+        """A request shorter than its type's structure (``vmmdevGetRequestSize``) is
+        VERR_INVALID_PARAMETER, checked before the policy and without reaching the host."""
+        client = await open_client(host, user_device=user_device)
+        host.add_fault(RequestType.REPORT_GUEST_STATS, VERR_NOT_SUPPORTED)
+        buf = await passthrough(client, RequestType.REPORT_GUEST_STATS, 32)
+        assert L.RequestHeader.rc.get(buf) == VERR_INVALID_PARAMETER
+        trusted = await open_client(host)
+        size = L.GuestStatsRequest.size
+        buf = await passthrough(trusted, RequestType.REPORT_GUEST_STATS, size)
+        assert L.RequestHeader.rc.get(buf) == VERR_NOT_SUPPORTED  # the fault was still there
+
+    @pytest.mark.parametrize("size", [28, 40])
+    async def test_fixed_type_of_another_size(self, host: SimulatedHost, size: int) -> None:
+        """``VbglGR0Verify``: a fixed-size type is exactly its structure (the header's size is
+        the buffer's); shorter is VERR_INVALID_PARAMETER, longer VERR_IO_BAD_LENGTH."""
+        client = await open_client(host)
+        buf = await passthrough(client, RequestType.GET_SESSION_ID, size)
+        assert L.RequestHeader.rc.get(buf) == (
+            VERR_INVALID_PARAMETER if size < L.SessionIdRequest.size else VERR_IO_BAD_LENGTH
+        )
+
+    @pytest.mark.parametrize(
+        "request_type",
+        [
+            RequestType.WRITE_COREDUMP,
+            RequestType.REPORT_CREDENTIALS_JUDGEMENT,
+            RequestType.VIDEMODE_SUPPORTED2,
+            RequestType.HGCM_CANCEL2,
+            999,
+        ],
+    )
+    async def test_types_without_a_size_are_bad_lengths(
+        self, host: SimulatedHost, request_type: int
+    ) -> None:
+        """Types ``vmmdevGetRequestSize`` does not know (size 0) and that are not variable:
+        VERR_IO_BAD_LENGTH for every session, before the policy."""
+        for user_device in (False, True):
+            client = await open_client(host, user_device=user_device)
+            buf = await passthrough(client, request_type, 28)
+            assert L.RequestHeader.rc.get(buf) == VERR_IO_BAD_LENGTH
+
+    async def test_only_variable_types_may_be_large(self, host: SimulatedHost) -> None:
+        """Over 1 MiB a variable-size type is VERR_BUFFER_OVERFLOW, a fixed one a bad length;
+        a variable one may be longer than its structure (then the policy decides)."""
+        client = await open_client(host)
+        big = (1 << 20) + 8
+        buf = await passthrough(client, RequestType.LOG_STRING, big)
+        assert L.RequestHeader.rc.get(buf) == VERR_BUFFER_OVERFLOW
+        buf = await passthrough(client, RequestType.GET_SESSION_ID, big)
+        assert L.RequestHeader.rc.get(buf) == VERR_IO_BAD_LENGTH
+        buf = await passthrough(client, RequestType.CHANGE_MEMBALLOON, 4096)
+        assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED  # sizes passed
+
+    def test_the_agents_requests_have_oracles_sizes(self) -> None:
+        """Every VMMDev request the agent passes through has the size Oracle's driver wants."""
+        requests = _VmmdevRequest.__subclasses__()
+        assert len(requests) >= 10
+        for cls in requests:
+            assert check_request_size(cls.request_type, cls.layout_size) == VINF_SUCCESS, cls
+
+    @pytest.mark.parametrize(
+        ("user_device", "uid", "expected"),
+        [
+            (False, 0, Requestor.USERMODE | Requestor.USR_ROOT),
+            (False, 1000, Requestor.USERMODE | Requestor.USR_USER),
+            (True, 1000, Requestor.USERMODE | Requestor.USR_USER | Requestor.USER_DEVICE),
+        ],
+    )
+    async def test_requestor_of_a_session(
+        self, host: SimulatedHost, user_device: bool, uid: int, expected: int
+    ) -> None:
+        """``vgdrvLinuxOpen``: user-mode, root or user, USER_DEVICE on /dev/vboxuser; the
+        VirtualBox group only for a /dev/vboxuser node of a non-root group (root:root here),
+        so never; trust and console not known (0)."""
+        seen = _record_requestors(host, RequestType.GET_SESSION_ID)
+        client = await open_client(host, user_device=user_device, uid=uid)
+        await passthrough(client, RequestType.GET_SESSION_ID)
+        assert seen == [(RequestType.GET_SESSION_ID, expected)]
 
     async def test_reply_comes_back_only_on_success(self, host: SimulatedHost) -> None:
         """Success copies the host's reply back; a failure leaves the request with its rc."""
@@ -345,6 +709,24 @@ class TestOracleBalloon:
             yield host
             nursery.cancel_scope.cancel()
 
+    async def test_balloon_requests_carry_the_callers_requestor(self, host: SimulatedHost) -> None:
+        """The balloon query and a user chunk's change go to the host as the calling
+        session's (``pSession->fRequestor``); the close's deflate as the kernel's."""
+        seen = _record_requestors(
+            host, RequestType.GET_MEMBALLOON_CHANGE_REQ, RequestType.CHANGE_MEMBALLOON
+        )
+        client = await open_client(host, uid=1000)
+        caller = session_requestor(user_device=False, uid=1000)
+        host.set_balloon_target(1)
+        await client.request(CheckBalloon())
+        await client.request(ChangeBalloon(CHUNK, True))
+        await client.transport.aclose()
+        assert seen == [
+            (RequestType.GET_MEMBALLOON_CHANGE_REQ, caller),
+            (RequestType.CHANGE_MEMBALLOON, caller),
+            (RequestType.CHANGE_MEMBALLOON, REQUESTOR_KERNEL),
+        ]
+
     async def test_check_makes_the_owner(self, host: SimulatedHost) -> None:
         """The first caller owns the balloon; others get VERR_PERMISSION_DENIED."""
         owner, other = await open_client(host), await open_client(host)
@@ -427,6 +809,19 @@ class TestOracleBalloon:
             await owner.request(ChangeBalloon(CHUNK + index * MIB, True))
         await owner.transport.aclose()
         assert host.vmmdev.balloon.chunks == 0
+        other = await open_client(host)
+        assert (await other.request(CheckBalloon())).handle_in_r3
+
+    async def test_owner_close_stops_at_a_refused_deflate(self, host: SimulatedHost) -> None:
+        """``vgdrvCloseMemBalloon`` gives up at the first chunk the host will not take back:
+        it and the chunks below it stay ballooned (upstream leaks them)."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        for index in range(3):
+            await owner.request(ChangeBalloon(CHUNK + index * MIB, True))
+        host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NOT_SUPPORTED)
+        await owner.transport.aclose()
+        assert host.vmmdev.balloon.chunks == 3
         other = await open_client(host)
         assert (await other.request(CheckBalloon())).handle_in_r3
 

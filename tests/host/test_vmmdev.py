@@ -275,6 +275,10 @@ class TestGuestInfo:
             ((7, 0, 18), b"7.0.18_RC256_x\0", VERR_INVALID_PARAMETER, None),  # RC above 255
             ((7, 0, 18), b"7.0.18_RC++7_x\0", VINF_SUCCESS, "RC++7_x"),  # '+' signs parse
             ((7, 0, 18), b"7.0.18_RC-0_x\0", VERR_INVALID_PARAMETER, None),  # '-' does not
+            ((7, 0, 18), b"7.0.18_RC--7_x\0", VINF_SUCCESS, "RC--7_x"),  # '-' toggles the sign
+            ((7, 0, 18), b"7.0.18_RC-+7_x\0", VINF_SUCCESS, "RC-+7_x"),  # '+' makes it positive
+            ((7, 0, 18), b"7.0.18_RC+-7_x\0", VERR_INVALID_PARAMETER, None),  # ends negative
+            ((7, 0, 18), b"7.0.18_RC+_x\0", VERR_INVALID_PARAMETER, None),  # signs, no digits
             ((7, 0, 18), b"7.0.1\0", VERR_INVALID_PARAMETER, None),
             ((7, 0, 18), b"7.0.18r1\0", VERR_INVALID_PARAMETER, None),
             ((2, 0, 0), b"2.0.0\0", VERR_INVALID_PARAMETER, None),
@@ -525,6 +529,22 @@ class TestBalloon:
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
 
+    def test_restore_forgets_the_acknowledgement(self, device: Device) -> None:
+        """``cMbMemoryBalloonLast`` is not in VMMDev's saved state: the restored VM's device
+        starts with none, so the target the guest acknowledged before, set again, notifies;
+        the target itself stays (Main hands it to the new device)."""
+        device.report_additions()
+        filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+        assert device.send(req) == VINF_SUCCESS
+        device.vmmdev.restore()
+        assert device.vmmdev.balloon.target_mb == 100
+        device.vmmdev.set_balloon_target(100)
+        assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
+
     def test_query_without_ack_leaves_the_acknowledgement(self, device: Device) -> None:
         """Only event_ack 0x40 records the acknowledgement."""
         device.report_additions()
@@ -729,6 +749,16 @@ class TestGuestStats:
         self.report(device, 64, StatCap.CPU_LOAD_USER, cpu_load_user=99)
         assert device.vmmdev.guest_stats.main["cpu_user"] == 99
 
+    def test_main_sums_cpu_loads_in_32_bits(self) -> None:
+        """``Guest::i_setStatistic`` adds the per-CPU loads in a ULONG: a sum past 2^32
+        wraps before the division by the CPU count."""
+        device = make_device(cpus=2)
+        device.report_additions()
+        self.report(device, 0, StatCap.CPU_LOAD_IDLE, cpu_load_idle=0xFFFF_FFFF)
+        assert device.vmmdev.guest_stats.main["cpu_idle"] == 0x7FFF_FFFF
+        self.report(device, 1, StatCap.CPU_LOAD_IDLE, cpu_load_idle=3)
+        assert device.vmmdev.guest_stats.main["cpu_idle"] == 1
+
     def test_main_keeps_only_figures_whose_bit_is_set(self, device: Device) -> None:
         """A field without its stat_caps bit changes nothing; memory pages become KiB; Main
         keeps no threads, processes, handles, memory load, commit or kernel memory."""
@@ -893,9 +923,35 @@ class TestHeartbeat:
 
     @pytest.mark.parametrize(
         ("interval", "timeout"),
-        [(10_000_000, None), (NS_PER_S, NS_PER_S), (NS_PER_S, 50_000_000)],
+        [
+            (10_000_000, None),
+            (49_999_999, 200_000_000),
+            (NS_PER_S, NS_PER_S),
+            (NS_PER_S, NS_PER_S + 10_000_000),
+            (NS_PER_S, 50_000_000),
+            (50_000_000, 99_999_999),
+            (2**63, None),
+        ],
     )
     def test_bad_configuration(self, interval: int, timeout: int | None) -> None:
-        """Intervals below 50 ms and timeouts not above interval + 10 ms are refused."""
+        """Intervals below 50 ms, timeouts below 100 ms or not above interval + 10 ms, and
+        a default timeout (twice the interval) beyond VMMDev's u64 are refused."""
         with pytest.raises(ValueError, match="heartbeat"):
             make_device(heartbeat_interval_ns=interval, heartbeat_timeout_ns=timeout)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        ("interval", "timeout", "kept"),
+        [
+            (50_000_000, 100_000_000, 100_000_000),
+            (NS_PER_S, NS_PER_S + 10_000_001, NS_PER_S + 10_000_001),
+            ((2**64 - 1) // 2, None, 2**64 - 2),
+        ],
+    )
+    def test_configuration_at_the_limits(
+        self, interval: int, timeout: int | None, kept: int
+    ) -> None:
+        """The smallest interval and timeout, a timeout just above interval + 10 ms and the
+        largest interval whose default timeout (twice it) fits in a u64 are taken."""
+        device = make_device(heartbeat_interval_ns=interval, heartbeat_timeout_ns=timeout)  # type: ignore[arg-type]
+        heartbeat = device.vmmdev.heartbeat
+        assert (heartbeat.interval_ns, heartbeat.timeout_ns) == (interval, kept)

@@ -114,20 +114,37 @@ class TestAgentKeepsTheHeartbeat:
     async def test_refused_beats_are_counted_and_the_rhythm_goes_on(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A beat the host fails is logged and counted; the next one goes out on time."""
+        """Beats the host fails are counted, logged once while they last (and the status says
+        so), and once more when a beat goes through; the next beat goes out on time."""
         async with running("passthrough") as (host, service, _):
             await trio.sleep(0.05)
-            host.add_fault(RequestType.GUEST_HEARTBEAT, -1, 2)
+            host.add_fault(RequestType.GUEST_HEARTBEAT, -1, 3)
             with structlog.testing.capture_logs() as logs:
+                await trio.sleep(0.1)
+                assert service.status() == "heartbeat 100 ms (failing: VERR_GENERAL_FAILURE)"
                 await trio.sleep(1.0)
-            assert service.statistics().failures == 2
-            assert [entry["event"] for entry in logs].count("heartbeat_failed") == 2
+            assert service.statistics().failures == 3
+            assert service.status() == "heartbeat 100 ms"
+            failed = [entry for entry in logs if entry["event"] == "heartbeat_failed"]
+            assert [(e["status"], e["failures"]) for e in failed] == [("VERR_GENERAL_FAILURE", 1)]
+            recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
+            assert [entry["failed_in_a_row"] for entry in recovered] == [3]
 
     async def test_late_threshold_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
-        """A reload changes the late threshold without a restart."""
-        async with running("passthrough", HeartbeatSection(late_after_s=0.5)) as (_, service, _):
+        """A reload changes the late threshold without a restart: beats up to 90 ms late (the
+        host takes 130 ms per beat of a 100 ms rhythm) are not late under 0.5 s, and are
+        under 0.02 s."""
+        section = HeartbeatSection(late_after_s=0.5)
+        async with running("passthrough", section) as (host, service, _):
+            host.set_delay(RequestType.GUEST_HEARTBEAT, 0.13)
+            await trio.sleep(1.0)
+            before = service.statistics().rhythm
+            assert before.late == 0
+            assert 0.02 < before.max_lateness_s < 0.5
             assert service.reconfigure(HeartbeatSection(late_after_s=0.02))
-            assert service.statistics().rhythm.late == 0
+            await trio.sleep(1.0)
+            after = service.statistics().rhythm
+            assert after.late > 0
 
 
 class TestDriverKeepsTheHeartbeat:

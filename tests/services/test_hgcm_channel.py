@@ -37,6 +37,8 @@ from agent.protocol.constants import HGCM_MAX_USER_PARM
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
 from agent.services.guest_props import PropertyChange, open_guest_properties
 from agent.services.hgcm import (
+    HgcmBuffer,
+    HgcmBufferIn,
     HgcmBufferOut,
     HgcmLimitError,
     HgcmU32,
@@ -44,7 +46,7 @@ from agent.services.hgcm import (
 )
 from tests.conftest import KERNEL_PERSONALITY
 from tests.device.syscalls import Kernel
-from tests.host.conftest import ECHO, FN_HOLD, EchoService
+from tests.host.conftest import ECHO, FN_FAIL, FN_HOLD, EchoService
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -124,6 +126,22 @@ class TestLimits:
                 with pytest.raises(HgcmLimitError, match=r"parameter 1 .* at most 25165824"):
                     await channel.call(FN_HOLD, HgcmU32(0), HgcmBufferOut(HGCM_MAX_USER_PARM + 1))
                 assert channel.calls == 0
+                assert setup.echo.held == []
+
+    async def test_buffers_per_call(self, setup: Setup) -> None:
+        """Ten non-empty buffers pass (empty ones do not count); an eleventh, which Oracle's
+        driver refuses, is refused here on every driver, before anything is sent."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                ten = [HgcmBufferIn(b"x")] * 10
+                reply = await channel.call(FN_FAIL, HgcmU32(0), *ten, HgcmBufferOut(0))
+                assert reply.status == VINF_SUCCESS
+                with pytest.raises(HgcmLimitError, match="11 non-empty buffers; Oracle's driver"):
+                    await channel.call(FN_HOLD, *ten, HgcmBuffer(b"x"))
+                assert channel.calls == 1
                 assert setup.echo.held == []
 
     async def test_pending_calls_per_client(self, setup: Setup) -> None:

@@ -85,7 +85,7 @@ async def acquire_session_caps(
 ) -> None:
     """``vbg_acquire_session_capabilities``."""
     async with drv.session_mutex:
-        if drv.set_caps_tracker.mask & or_mask:
+        if drv.acquire_refuses_set_caps and drv.set_caps_tracker.mask & or_mask:
             raise fail(errno.EINVAL)
         drv.acquire_mode_caps |= or_mask
         if flags & AGC_FLAGS_CONFIG_ACQUIRE_MODE:

@@ -89,6 +89,11 @@ class Driver:
     """Events the ISR keeps for the kernel: userspace waiters never receive them."""
     owns_heartbeat: ClassVar[bool] = True
     """Whether the driver configures the heartbeat at load and beats itself."""
+    filter_as_session: ClassVar[bool] = True
+    """Whether a session's filter change goes to the host with its requestor (else the
+    kernel's, as at a close)."""
+    acquire_refuses_set_caps: ClassVar[bool] = True
+    """Whether acquiring a capability some session set is refused (mainline: EINVAL)."""
     trusted_requests: ClassVar[frozenset[int]] = frozenset()
     """Extra VMMDev request types trusted (non-vboxuser) sessions may pass through."""
 
@@ -150,6 +155,9 @@ class Driver:
 
     async def session_closed(self, session: DriverSession) -> None:
         """Personality cleanup when a session closes (after the common cleanup)."""
+
+    async def release_mouse_status(self, session: DriverSession) -> None:
+        """Drop the session's mouse features at close (after its event filter)."""
 
     # --- requests to the host ------------------------------------------------------------------
 
@@ -283,6 +291,7 @@ class Driver:
             await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
             await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
             await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
+            await self.release_mouse_status(session)
             for client_id in session.hgcm_client_ids:
                 if client_id not in (0, U32_MAX):
                     await _hgcm.host_disconnect(self, client_id, REQUESTOR_KERNEL)

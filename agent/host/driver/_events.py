@@ -120,7 +120,7 @@ async def set_session_event_filter(
         req = drv.mask_request(
             RequestType.CTL_GUEST_FILTER_MASK,
             host_mask,
-            REQUESTOR_KERNEL if termination else session.requestor,
+            session.requestor if drv.filter_as_session and not termination else REQUESTOR_KERNEL,
         )
         rc = await drv.perform(req)
         if rc >= 0:

@@ -134,7 +134,17 @@ async def connect(
         except ValueError:
             raise fail(errno.EMFILE) from None
         session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
-    req = drv.alloc_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size, session.requestor)
+    status, client_id = await host_connect(drv, kbuf, session.requestor)
+    async with drv.session_mutex:
+        session.hgcm_client_ids[slot] = client_id
+    L.IoctlHeader.rc.set(kbuf, status)
+    L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
+
+
+async def host_connect(drv: Driver, kbuf: bytearray, requestor: int) -> tuple[int, int]:
+    """``vbg_hgcm_connect`` to the location the connect ioctl ``kbuf`` names (copied as it is):
+    return the host's status and the client id (0 unless connected)."""
+    req = drv.alloc_request(RequestType.HGCM_CONNECT, L.HgcmConnectRequest.size, requestor)
     L.HgcmConnectRequest.flags.set(req, 0)
     loc_at = L.HgcmConnectRequest.loc_type.offset
     src_at = L.HgcmConnectIoctl.loc_type.offset
@@ -143,11 +153,7 @@ async def connect(
     ]
     L.HgcmConnectRequest.client_id.set(req, 0)
     status = await _perform_uninterruptible(drv, req)
-    client_id = L.HgcmConnectRequest.client_id.get(req) if status >= 0 else 0
-    async with drv.session_mutex:
-        session.hgcm_client_ids[slot] = client_id
-    L.IoctlHeader.rc.set(kbuf, status)
-    L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
+    return status, L.HgcmConnectRequest.client_id.get(req) if status >= 0 else 0
 
 
 async def disconnect(

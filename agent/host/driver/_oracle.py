@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import math
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -35,28 +36,34 @@ from agent.host._header_fields import (
 )
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._policy import req_allowed
+from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol._ioc import ioc_nr, ioc_size
+from agent.protocol._ioc import ioc_nr, ioc_size, iowr
 from agent.protocol.constants import (
+    AGC_FLAGS_VALID_MASK,
+    GUEST_CAPABILITIES_MASK,
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
+    HGCM_MAX_LOCKED_BUFFERS,
     HGCM_MAX_PARMS,
+    HGCM_MAX_USER_PARM,
     HGCM_PARM64_SIZE,
     IOC_VERSION,
     IOCTL_HDR_VERSION,
+    IOCTL_TYPE,
     MAX_IOCTL_SIZE,
-    MAX_VMMDEV_REQUEST_SIZE,
     TIMEOUT_INFINITE,
+    HgcmParmType,
     Ioctl,
     IoctlFunction,
 )
 from agent.protocol.status import (
     STATUS_CODES,
-    VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_SUPPORTED,
+    VERR_OUT_OF_RANGE,
     VERR_PERMISSION_DENIED,
     VERR_TIMEOUT,
     VERR_VERSION_MISMATCH,
@@ -77,6 +84,13 @@ VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
 MS_PER_S: Final = 1000
+SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
+SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
+"""``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
+``VMMDEV_MOUSE_*`` features after the header, nothing back."""
+MOUSE_GUEST_MASK: Final = 0x95
+"""``VMMDEV_MOUSE_GUEST_MASK``: can-absolute, needs-host-cursor, new protocol, full state."""
+_U32: Final = struct.Struct("<I")
 
 _STATUS_FOR_ERRNO: Final = {
     errno.EINVAL: VERR_INVALID_PARAMETER,
@@ -89,6 +103,12 @@ _STATUS_FOR_ERRNO: Final = {
     errno.EFAULT: VERR_INVALID_POINTER,
 }
 """Oracle's status for a failure a shared (mainline) handler reports with this errno."""
+_PARM_KIND_SIZE: Final = L.run(L.HgcmParameter64.type, L.HgcmParameter64.pointer_size)
+"""A call parameter's type and the word after it (a buffer's size)."""
+_VALUE_TYPES: Final = frozenset({HgcmParmType.U32, HgcmParmType.U64})
+_BUFFER_TYPES: Final = frozenset(
+    {HgcmParmType.LINADDR, HgcmParmType.LINADDR_IN, HgcmParmType.LINADDR_OUT}
+)
 
 
 def status_for(exc: OSError) -> int:
@@ -195,10 +215,16 @@ async def _vmmdev_request_ioctl(
 async def _log_ioctl(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
+    """``vgdrvIoCtl_Log``: a trusted session's message goes to the release log (the kernel
+    log); a /dev/vboxuser session's to ``Log``, which release builds compile out."""
     if L.IoctlHeader.type.get(kbuf) != 0:
         return VERR_INVALID_PARAMETER
     if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
         return _refuse(kbuf)
+    if session.user_device:
+        L.IoctlHeader.rc.set(kbuf, VINF_SUCCESS)
+        await trio.lowlevel.checkpoint()
+        return VINF_SUCCESS
     return await _shared(_misc.log, drv, session, kbuf, memory)
 
 
@@ -330,45 +356,102 @@ async def _interrupt_all(
     return VINF_SUCCESS
 
 
+async def _hgcm_connect(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_HGCMConnect``: connect at the host first, then take a free slot of the
+    session's table; with none left, disconnect the new client again and answer
+    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host)."""
+    del memory
+    status, client_id = await _hgcm.host_connect(drv, kbuf, session.requestor)
+    if status >= 0:
+        async with drv.session_mutex:
+            slots = session.hgcm_client_ids
+            free = slots.index(0) if 0 in slots else None
+            if free is not None:
+                slots[free] = client_id
+        if free is None:
+            await _hgcm.host_disconnect(drv, client_id, session.requestor)
+            status, client_id = VERR_TOO_MANY_OPEN_FILES, 0
+    L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
+    return status
+
+
 async def _hgcm_disconnect(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle."""
+    """``vgdrvIoCtl_HGCMDisconnect``: an id this session does not hold is an invalid handle.
+
+    The table's free slots hold 0, so client 0 passes while one is free and
+    ``VbglR0HGCMInternalDisconnect`` refuses it, sending nothing.
+    """
     client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
-    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
         return VERR_INVALID_HANDLE
+    if client_id == 0:
+        return VERR_INVALID_PARAMETER
     return await _adapt(_hgcm.disconnect)(drv, session, kbuf, memory)
 
 
 async def _hgcm_call(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_HGCMCallInner``: parameter count, size and client id, then the call."""
+    """``vgdrvIoCtl_HGCMCallInner``: parameter count, size and client id, then
+    ``VbglR0HGCMInternalCall``: the parameters' checks (:func:`_preprocess`), then the call."""
     count = L.HgcmCallIoctl.parm_count.get(kbuf)
     if count > HGCM_MAX_PARMS:
         return VERR_INVALID_PARAMETER
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if len(kbuf) < needed:
         return VERR_INVALID_PARAMETER
+    L.IoctlHeader.size_out.set(kbuf, needed)
     client_id = L.HgcmCallIoctl.client_id.get(kbuf)
-    if client_id in (0, U32_MAX) or client_id not in session.hgcm_client_ids:
-        L.IoctlHeader.size_out.set(kbuf, needed)
-        return VERR_INVALID_HANDLE
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
+        return VERR_INVALID_HANDLE  # client 0 passes while a slot is free; the host refuses it
+    status = _preprocess(kbuf, count)
+    if status < 0:
+        return status
     return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
 
 
+def _preprocess(kbuf: bytearray, count: int) -> int:
+    """``vbglR0HGCMInternalPreprocessCall`` for a user caller: one pass over the parameters,
+    in order, each failing where it stands.
+
+    Values pass; any type but a linear buffer is VERR_INVALID_PARAMETER; a non-empty buffer
+    takes one of :data:`HGCM_MAX_LOCKED_BUFFERS` places (none left: VERR_INVALID_PARAMETER,
+    whatever its size), then may be at most 24 MiB (VERR_OUT_OF_RANGE). Mainline instead
+    checks every type before any size and has no limit on the number of buffers.
+    """
+    locked = 0
+    for index in range(count):
+        kind, size = _PARM_KIND_SIZE.get(kbuf, HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index)
+        if kind in _VALUE_TYPES:
+            continue
+        if kind not in _BUFFER_TYPES:
+            return VERR_INVALID_PARAMETER
+        if not size:
+            continue
+        if locked == HGCM_MAX_LOCKED_BUFFERS:
+            return VERR_INVALID_PARAMETER
+        if size > HGCM_MAX_USER_PARM:
+            return VERR_OUT_OF_RANGE
+        locked += 1
+    return VINF_SUCCESS
+
+
 async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytearray) -> int:
-    """``vgdrvIoCtl_VMMDevRequest``: check, copy, stamp the requestor, perform, copy back.
+    """``vgdrvIoCtl_VMMDevRequest``: check the sizes (:mod:`~agent.host.driver._request_sizes`),
+    then the policy; copy, stamp the requestor, perform, copy back.
 
     The reply is copied back only when the host succeeded; otherwise the caller's request
     stays as sent, with the failure in ``rc``.
     """
     size = L.RequestHeader.size_.get(kbuf)
-    if not HEADER_SIZE <= size <= len(kbuf):
-        return VERR_INVALID_PARAMETER
-    if len(kbuf) > MAX_VMMDEV_REQUEST_SIZE:
-        return VERR_BUFFER_OVERFLOW
     request_type = L.RequestHeader.request_type.get(kbuf)
+    rc = check_request_size(request_type, size)
+    if rc < 0:
+        return rc
     if not req_allowed(session, request_type, kbuf, frozenset()):
         return VERR_PERMISSION_DENIED
     copy = bytearray(kbuf[:size])
@@ -379,6 +462,58 @@ async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytea
         kbuf[:size] = copy
         L.RequestHeader.reserved1.set(kbuf, size)
     return rc
+
+
+async def _acquire_caps(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_GuestCapsAcquire``: the flags and the mask to acquire are checked; bits
+    of the mask to release that no capability has are ignored."""
+    del memory
+    layout = L.AcquireGuestCapsIoctl
+    flags, or_mask = layout.flags.get(kbuf), layout.or_mask.get(kbuf)
+    if or_mask & ~GUEST_CAPABILITIES_MASK or flags & ~AGC_FLAGS_VALID_MASK:
+        return VERR_INVALID_PARAMETER
+    not_mask = layout.not_mask.get(kbuf) & GUEST_CAPABILITIES_MASK
+    try:
+        await _caps.acquire_session_caps(drv, session, or_mask, not_mask, flags, termination=False)
+    except OSError as exc:
+        return status_for(exc)
+    return VINF_SUCCESS
+
+
+async def _change_caps(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_SetCapabilities``: once the masks pass, the session's capabilities and
+    all sessions' (acquired and set) come back, the change refused or not."""
+    del memory
+    layout = L.SetGuestCapsIoctl
+    or_mask, not_mask = layout.or_mask.get(kbuf), layout.not_mask.get(kbuf)
+    if (or_mask | not_mask) & ~GUEST_CAPABILITIES_MASK:
+        return VERR_INVALID_PARAMETER
+    rc = VINF_SUCCESS
+    try:
+        await _caps.set_session_caps(drv, session, or_mask, not_mask, termination=False)
+    except OSError as exc:
+        rc = status_for(exc)
+    layout.session_caps.set(kbuf, session.set_guest_caps)
+    layout.global_caps.set(kbuf, drv.acquired_caps | drv.set_caps_tracker.mask)
+    return rc
+
+
+async def _set_mouse_status(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """``vgdrvIoCtl_SetMouseStatus``: only the features a guest may set; the session's
+    features become exactly these."""
+    del memory
+    (features,) = _U32.unpack_from(kbuf, HEADER_SIZE)
+    if features & ~MOUSE_GUEST_MASK:
+        return VERR_INVALID_PARAMETER
+    return await drv.set_session_mouse_status(
+        session, features, ~features & U32_MAX, termination=False
+    )
 
 
 async def _check_balloon(
@@ -413,21 +548,18 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
         HEADER_SIZE,
         _adapt(_events.change_filter_mask),
     ),
-    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _adapt(_hgcm.connect)),
+    Ioctl.HGCM_CONNECT: (L.HgcmConnectIoctl.size, 28, _hgcm_connect),
     Ioctl.HGCM_DISCONNECT: (L.HgcmDisconnectIoctl.size, HEADER_SIZE, _hgcm_disconnect),
-    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (
-        L.AcquireGuestCapsIoctl.size,
-        HEADER_SIZE,
-        _adapt(_caps.acquire),
-    ),
+    Ioctl.ACQUIRE_GUEST_CAPABILITIES: (L.AcquireGuestCapsIoctl.size, HEADER_SIZE, _acquire_caps),
     Ioctl.CHANGE_GUEST_CAPABILITIES: (
         L.SetGuestCapsIoctl.size,
         L.SetGuestCapsIoctl.size,
-        _adapt(_caps.change),
+        _change_caps,
     ),
     Ioctl.CHECK_BALLOON: (HEADER_SIZE, L.CheckBalloonIoctl.size, _check_balloon),
     Ioctl.CHANGE_BALLOON: (L.ChangeBalloonIoctl.size, HEADER_SIZE, _change_balloon),
     Ioctl.WRITE_CORE_DUMP: (L.WriteCoreDumpIoctl.size, HEADER_SIZE, _adapt(_misc.write_core_dump)),
+    SET_MOUSE_STATUS: (SET_MOUSE_STATUS_SIZE, HEADER_SIZE, _set_mouse_status),
 }
 """Fixed-size ioctls: ``(size_in, size_out, handler)`` (``REQ_CHECK_SIZES``)."""
 _VARIABLE: Final[dict[int, Handler]] = {

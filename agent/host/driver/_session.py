@@ -36,6 +36,7 @@ class DriverSession:
         "event_filter",
         "hgcm_client_ids",
         "lost",
+        "mouse_status",
         "requestor",
         "set_guest_caps",
         "uid",
@@ -49,6 +50,8 @@ class DriverSession:
         self.event_filter = 0
         self.set_guest_caps = 0
         self.acquired_guest_caps = 0
+        self.mouse_status = 0
+        """Mouse features this session set (Oracle's SET_MOUSE_STATUS ioctl)."""
         self.cancel_waiters = False
         self.closed = False
         self.lost = False

@@ -25,13 +25,18 @@ from typing import TYPE_CHECKING, ClassVar, Final
 
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
+from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._pages import PageAllocator
-from agent.host.driver._util import KernelMutex
+from agent.host.driver._session import BitTracker, DriverSession
+from agent.host.driver._util import U32_MAX, KernelMutex
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
+    HEADER_SIZE,
+    REQUESTOR_KERNEL,
     Event,
+    Requestor,
     RequestType,
 )
 from agent.protocol.status import (
@@ -53,10 +58,11 @@ OUT_OF_MEMORY: Final = frozenset(
     {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
 )
 """What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
+_MOUSE_STATUS_BODY: Final = struct.Struct("<Iii")
+"""SET_MOUSE_STATUS after the header: the features, then the pointer's x and y (0)."""
 
 if TYPE_CHECKING:
     from agent.host.driver._oracle import Wait
-    from agent.host.driver._session import DriverSession
     from agent.host.memory import DictMemory, GuestMemory
     from agent.host.vmmdev import VMMDev
 
@@ -75,6 +81,10 @@ class OracleDriver(Driver):
     kernel_events: ClassVar[int] = int(Event.HGCM | Event.MOUSE_POSITION_CHANGED)
     log_line_max: ClassVar[int] = PRINTK_RECORD_MAX
     """No buffer of its own cuts the message; the kernel log keeps one record's worth."""
+    filter_as_session: ClassVar[bool] = False
+    """``vgdrvSetSessionEventFilter`` keeps VbglR0GRAlloc's kernel requestor."""
+    acquire_refuses_set_caps: ClassVar[bool] = False
+    """``vgdrvAcquireSessionCapabilities`` checks ``fSetModeGuestCaps``, which nothing sets."""
 
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)
@@ -91,6 +101,23 @@ class OracleDriver(Driver):
         """Each session's WAIT_FOR_EVENTS calls in progress."""
         self.pending_cancel: set[DriverSession] = set()
         """Sessions whose cancel found no waiter (``fPendingCancelWaitEvents``)."""
+        self.mouse_tracker = BitTracker()
+        self.mouse_status_host = U32_MAX
+        """What the host was last told (U32_MAX: unknown, the next change reports)."""
+
+    def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
+        """Open a node as ``uid``, with the requestor ``vgdrvLinuxOpen`` computes.
+
+        User mode, root or user, and USER_DEVICE on /dev/vboxuser. The VirtualBox group bit
+        is given only on a /dev/vboxuser node of a group other than root's, which the model's
+        root:root nodes are not; trust and console are not known (both 0).
+        """
+        session = super().open_session(user_device=user_device, uid=uid)
+        requestor = Requestor.USERMODE | (Requestor.USR_ROOT if uid == 0 else Requestor.USR_USER)
+        if user_device:
+            requestor |= Requestor.USER_DEVICE
+        session.requestor = int(requestor)
+        return session
 
     ioctl = _oracle.ioctl
     """Oracle's ioctl entry (:mod:`agent.host.driver._oracle`), as the method itself: every
@@ -101,6 +128,44 @@ class OracleDriver(Driver):
         await super().close_session(session)
         self.waits.pop(session, None)
         self.pending_cancel.discard(session)
+
+    async def set_session_mouse_status(
+        self, session: DriverSession, or_mask: int, not_mask: int, *, termination: bool
+    ) -> int:
+        """``vgdrvSetSessionMouseStatus``: count each feature's sessions, tell the host the
+        union when it changed (as the session, or as the kernel at its close); a refused
+        change is rolled back except at the close. Return the status."""
+        async with self.session_mutex:
+            previous = session.mouse_status
+            wanted = (previous | or_mask) & ~not_mask & U32_MAX
+            changed = previous ^ wanted
+            if not changed:
+                return VINF_SUCCESS
+            mask_before = self.mouse_tracker.mask
+            self.mouse_tracker.update(changed, previous)
+            session.mouse_status = wanted
+            features = self.mouse_tracker.mask
+            unknown = self.mouse_status_host == U32_MAX
+            if (features == mask_before and not unknown) or features == self.mouse_status_host:
+                return VINF_SUCCESS
+            self.mouse_status_host = features
+            req = self.alloc_request(
+                RequestType.SET_MOUSE_STATUS,
+                MOUSE_STATUS_SIZE,
+                REQUESTOR_KERNEL if termination else session.requestor,
+            )
+            _MOUSE_STATUS_BODY.pack_into(req, HEADER_SIZE, features, 0, 0)
+            rc = await self.perform(req)
+            if rc < 0:
+                self.mouse_status_host = U32_MAX
+                if not termination:
+                    self.mouse_tracker.update(changed, wanted)
+                    session.mouse_status = previous
+            return rc
+
+    async def release_mouse_status(self, session: DriverSession) -> None:
+        """Drop the closing session's mouse features, as the kernel."""
+        await self.set_session_mouse_status(session, 0, U32_MAX, termination=True)
 
     @property
     def balloon_chunks(self) -> int:
@@ -113,13 +178,16 @@ class OracleDriver(Driver):
         return self.owner is session
 
     async def check_balloon(self, session: DriverSession, kbuf: bytearray) -> None:
-        """Query the host (acknowledging 0x40); move the kernel's balloon or leave it to ring 3."""
+        """Query the host as the session (acknowledging 0x40); move the kernel's balloon or
+        leave it to ring 3."""
         async with self._balloon_mutex:
             if not self._claim(session):
                 L.IoctlHeader.rc.set(kbuf, VERR_PERMISSION_DENIED)
                 return
             info = self.alloc_request(
-                RequestType.GET_MEMBALLOON_CHANGE_REQ, L.MemBalloonInfoRequest.size
+                RequestType.GET_MEMBALLOON_CHANGE_REQ,
+                L.MemBalloonInfoRequest.size,
+                session.requestor,
             )
             L.MemBalloonInfoRequest.event_ack.set(info, Event.BALLOON_CHANGE_REQUEST)
             rc = await self.perform(info)
@@ -155,12 +223,12 @@ class OracleDriver(Driver):
             self.pages.free_chunk(self.kernel_chunks.pop())
         return VINF_SUCCESS
 
-    async def _balloon_new_chunk(self) -> bytes | int:
+    async def _balloon_new_chunk(self, requestor: int = REQUESTOR_KERNEL) -> bytes | int:
         """Allocate a chunk's pages and hand them to the host: the pages, or the failure."""
         pages = self.pages.alloc_chunk()
         if pages is None:
             return VERR_NO_MEMORY
-        rc = await self._change(pages, inflate=True)
+        rc = await self._change(pages, inflate=True, requestor=requestor)
         if rc < 0:
             self.pages.free_chunk(pages)
             return rc
@@ -180,23 +248,23 @@ class OracleDriver(Driver):
             if self.use_kernel_api or not self._claim(session):
                 rc = VERR_PERMISSION_DENIED
             elif inflate:
-                rc = await self._inflate(address)
+                rc = await self._inflate(address, session.requestor)
             else:
-                rc = await self._deflate(address)
+                rc = await self._deflate(address, session.requestor)
         L.IoctlHeader.rc.set(kbuf, rc)
 
-    async def _inflate(self, address: int) -> int:
+    async def _inflate(self, address: int, requestor: int) -> int:
         if self.max_chunks == 0 or len(self.chunks) >= self.max_chunks:
             return VERR_INVALID_PARAMETER
         if address in self.chunks:
             return VERR_ALREADY_EXISTS
-        pages = await self._balloon_new_chunk()
+        pages = await self._balloon_new_chunk(requestor)
         if isinstance(pages, int):
             return pages
         self.chunks[address] = pages
         return VINF_SUCCESS
 
-    async def _deflate(self, address: int) -> int:
+    async def _deflate(self, address: int, requestor: int = REQUESTOR_KERNEL) -> int:
         """Deflate the user chunk at ``address``: an empty balloon is VERR_INVALID_PARAMETER
         (``vgdrvSetBalloonSizeFromUser`` checks that first), an unknown chunk VERR_NOT_FOUND."""
         if not self.chunks:
@@ -204,22 +272,36 @@ class OracleDriver(Driver):
         pages = self.chunks.get(address)
         if pages is None:
             return VERR_NOT_FOUND
-        rc = await self._change(pages, inflate=False)
+        rc = await self._change(pages, inflate=False, requestor=requestor)
         if rc >= 0:
             self.pages.free_chunk(self.chunks.pop(address))
         return rc
 
-    async def _change(self, pages: bytes, *, inflate: bool) -> int:
-        req = self.alloc_request(RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size)
+    async def _change(
+        self, pages: bytes, *, inflate: bool, requestor: int = REQUESTOR_KERNEL
+    ) -> int:
+        """CHANGE_MEMBALLOON for one chunk: as the kernel's (its own chunks, the close), or
+        as the session whose user chunk it is (``vgdrvSetBalloonSizeFromUser``)."""
+        req = self.alloc_request(
+            RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size, requestor
+        )
         return await change_memballoon(self, req, pages, inflate=inflate)
 
     async def session_closed(self, session: DriverSession) -> None:
-        """The owner went away: deflate every chunk and free the balloon for others."""
+        """The owner went away: deflate every chunk, last first, and free the balloon for
+        others (``vgdrvCloseMemBalloon``).
+
+        The first chunk the host refuses ends the walk: it and the ones before it stay in
+        the host's balloon. Upstream then frees its array of user chunks, so the model
+        forgets them too (it goes on counting them, which the model does not).
+        """
         async with self._balloon_mutex:
             if self.owner is not session:
                 return
             for address in reversed(list(self.chunks)):
-                await self._deflate(address)
+                if await self._deflate(address) < 0:
+                    break
+            self.chunks.clear()
             while self.kernel_chunks:
                 if await self._change(self.kernel_chunks[-1], inflate=False) < 0:
                     break  # upstream leaks the rest

@@ -1,0 +1,56 @@
+"""``LastingFailure``: one log line when a repeating failure begins, changes or ends.
+
+A timer-driven service whose every tick fails the same way (the host refusing each beat,
+``/proc`` unreadable at each report) would otherwise write a warning per tick: 43,000 lines a
+day at the heartbeat's 2 s. The failure is logged when it begins and whenever its cause
+changes, and its end once, with how many ticks failed; every failure is still counted.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+@final
+class LastingFailure:
+    """Counts failures; logs each new cause once, and ``ended_event`` when one succeeds.
+
+    Args:
+        ended_event: the info line logged at the first success after failures.
+    """
+
+    def __init__(self, ended_event: str) -> None:
+        self._ended_event = ended_event
+        self._cause: str | None = None
+        self._in_a_row = 0
+        self.total = 0
+        """Failures since the service was built."""
+
+    @property
+    def cause(self) -> str | None:
+        """The cause of the failure going on, or None."""
+        return self._cause
+
+    def failed(self, event: str, cause: str, **details: object) -> bool:
+        """Count a failure; log it as ``event`` (and return True) if it is the first or its
+        ``cause`` differs from the last one's."""
+        self.total += 1
+        self._in_a_row += 1
+        if cause == self._cause:
+            return False
+        log.warning(event, failures=self.total, **details)
+        self._cause = cause
+        return True
+
+    def succeeded(self) -> bool:
+        """Log the end of the failure going on, if any (and return True)."""
+        if self._cause is None:
+            return False
+        log.info(self._ended_event, failed_in_a_row=self._in_a_row)
+        self._cause = None
+        self._in_a_row = 0
+        return True
