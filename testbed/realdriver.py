@@ -27,7 +27,7 @@ from agent.host.driver import PersonalityUnavailableError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host.memory import GuestMemory
+    from agent.host.memory import GuestMemory, Mapping
 
 ENV_LIBRARY: Final = "VBOX_AGENT_REALDRIVER"
 """Path of a built ``libvbgreal.so``; overrides building it."""
@@ -119,6 +119,13 @@ class ArenaMemory:
         """Store ``data`` at guest-physical ``address``; ``EFAULT`` outside the arena."""
         offset = self._offset(address, len(data))
         self._view[offset : offset + len(data)] = data
+
+    def lock(self, address: int, size: int) -> Mapping | None:
+        """The arena itself and the offset of ``address`` in it; None outside the arena."""
+        offset = address - self._base
+        if offset < 0 or size < 0 or offset + size > len(self._view):
+            return None
+        return self._view, offset
 
     def _offset(self, address: int, size: int) -> int:
         offset = address - self._base

@@ -14,13 +14,23 @@ class _Fault:
 
 
 class FaultInjector:
-    """Queued answers that replace the handler, and per-type delays."""
+    """Queued answers that replace the handler, and per-type delays.
 
-    __slots__ = ("_delays", "_faults")
+    Attributes:
+        has_faults: whether any answer is queued.
+        has_delays: whether any request type is delayed.
+
+    Both are kept as plain attributes: the VMMDev port reads them for every request,
+    where a property call would cost more than the test it guards.
+    """
+
+    __slots__ = ("_delays", "_faults", "has_delays", "has_faults")
 
     def __init__(self) -> None:
         self._faults: dict[int, list[_Fault]] = {}
         self._delays: dict[int, float] = {}
+        self.has_faults = False
+        self.has_delays = False
 
     def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
         """Answer the next ``count`` requests of ``request_type`` with ``status``, unexecuted."""
@@ -31,6 +41,7 @@ class FaultInjector:
             msg = f"fault status {status} is outside {STATUS_MIN}..{STATUS_MAX} (a 32-bit int)"
             raise ValueError(msg)
         self._faults.setdefault(request_type, []).append(_Fault(status, count))
+        self.has_faults = True
 
     def take_fault(self, request_type: int) -> int | None:
         """Return the status a queued fault answers with, consuming one use of it."""
@@ -41,6 +52,9 @@ class FaultInjector:
         fault.remaining -= 1
         if fault.remaining == 0:
             queue.pop(0)
+            if not queue:
+                del self._faults[request_type]
+                self.has_faults = bool(self._faults)
         return fault.status
 
     def set_delay(self, request_type: int, seconds: float) -> None:
@@ -52,12 +66,8 @@ class FaultInjector:
             self._delays[request_type] = seconds
         else:
             self._delays.pop(request_type, None)
+        self.has_delays = bool(self._delays)
 
     def delay(self, request_type: int) -> float:
         """Return the delay for ``request_type`` (0 if none)."""
         return self._delays.get(request_type, 0.0)
-
-    @property
-    def has_delays(self) -> bool:
-        """Whether any request type is delayed."""
-        return bool(self._delays)

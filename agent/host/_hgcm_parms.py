@@ -250,19 +250,22 @@ def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) 
 
 
 def write_back(
-    req: bytearray,
+    req: bytearray | memoryview,
     params: list[HostParm],
     page_lists: list[PageListSpan],
     layout: ParmLayout,
     memory: GuestMemory,
+    *,
+    base: int = 0,
 ) -> None:
-    """Store the service's values into ``req`` and its output into the page lists' pages.
+    """Store the service's values into the request at ``base`` of ``req`` and its output
+    into the page lists' pages.
 
     As ``vmmdevR3HgcmCompleteCallRequest`` does for page lists and linear buffers: a buffer's
     size in the request stays as the guest sent it, and the pages get the first
     ``min(size, len(data))`` bytes the service left (never more than the guest gave).
     """
-    at = CALL_PARMS_OFFSET + _VALUE_AT
+    at = base + CALL_PARMS_OFFSET + _VALUE_AT
     step = layout.size
     for parm in params:
         if isinstance(parm, HostU32):

@@ -4,8 +4,9 @@ Requests arrive from the VMMDev port handler as byte copies with their guest-phy
 address. A request the framework accepts is answered ``VINF_HGCM_ASYNC_EXECUTE`` in the
 guest's header and is not written back at submit time. Completion writes the updated
 request (results, ``result``; for connect the client id) to guest memory, then sets
-``VMMDEV_HGCM_REQ_DONE`` in a second write, then raises ``VMMDEV_EVENT_HGCM``. A cancelled
-command is never written back.
+``VMMDEV_HGCM_REQ_DONE`` in a second write, then raises ``VMMDEV_EVENT_HGCM``; a call whose
+request lies within one page is mapped instead, and only its values, ``result`` and DONE
+are written there. A cancelled command is never written back.
 
 Save/restore and reset follow VMMDev: a restore keeps client ids, reconnects them to the
 (restarted) services and re-submits every pending call as it was submitted (answering the
@@ -45,6 +46,7 @@ from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_REQ_DONE,
+    PAGE_SIZE,
     Event,
 )
 from agent.protocol.status import (
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
 
     from agent.host._hgcm_parms import PageListSpan
     from agent.host.hgcm_service import HgcmService, HostParm
-    from agent.host.memory import GuestMemory
+    from agent.host.memory import GuestRam, Mapping
 
 VERR_HGCM_INVALID_CMD_ADDRESS: Final = STATUS_CODES["VERR_HGCM_INVALID_CMD_ADDRESS"]
 NIL_PHYS32: Final = 0xFFFFFFFF
@@ -84,6 +86,8 @@ _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.resu
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
 _ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
+_THROUGH_FLAGS: Final = HGCM_FLAGS_AT + HGCM_FLAGS.size
+"""How much of a request completion reads back: its start up to and including the flags."""
 
 
 @runtime_checkable
@@ -131,6 +135,8 @@ class _Command:
     """The parameters, updated in place by the service."""
     page_lists: list[PageListSpan]
     """Where the page-list parameters' data goes back to."""
+    locked: Mapping | None = None
+    """The request mapped in place, when VMMDev could lock it (see :meth:`HgcmHost.call`)."""
     cancelled: bool = False
     completed: bool = False
     stale: bool = False
@@ -160,7 +166,7 @@ class HgcmHost:
 
     def __init__(
         self,
-        memory: GuestMemory,
+        memory: GuestRam,
         notify: Callable[[int], None],
         *,
         requestor_info: Callable[[], bool],
@@ -261,6 +267,11 @@ class HgcmHost:
         In VMMDev's order: the parameter count (it must fit the request and be at most
         ``VMMDEV_MAX_HGCM_PARMS``), the parameters, then (in Main) the client and its
         pending-call limit.
+
+        A request that does not cross a page boundary is locked, as ``vmmdevRequestHandler``
+        maps such an HGCM call: its acceptance and its completion are written in place (see
+        :meth:`complete`). The simulated host takes the mapping once the call is accepted:
+        until then nothing is written through it.
         """
         request_type = REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]
         layout = parm_layout(request_type == HGCM_CALL64)
@@ -276,9 +287,19 @@ class HgcmHost:
         if not isinstance(client, _Client):
             return client
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        command = _Command(self, phys, req, client, function, layout, params, page_lists)
+        # Locked when it lies within one page (VMMDev's condition: its end, one past its
+        # last byte, is on the page it starts on).
+        locked = (
+            self._memory.lock(phys, len(req))
+            if (phys + len(req)) // PAGE_SIZE == phys // PAGE_SIZE
+            else None
+        )
+        if locked is not None:
+            view, at = locked
+            REQUEST_RC.pack_into(view, at + REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        command = _Command(self, phys, req, client, function, layout, params, page_lists, locked)
         self._start(command)
-        if not command.completed:
+        if locked is None and not command.completed:
             # The guest sees the call accepted. One the service completed at once needs no
             # such write: its completion wrote the whole request, this rc included, and
             # nothing could read guest memory in between.
@@ -306,6 +327,10 @@ class HgcmHost:
     def complete(self, command: _Command, status: int) -> None:
         """Finish ``command``: write results back (unless cancelled) and raise the event.
 
+        A locked request (``hgcmCompletedWorker``'s second path) gets its values, its result
+        and DONE in place, with no read and no write of the whole request; the guest's
+        other members stay as the guest left them.
+
         Raises:
             RuntimeError: the service completed the call twice.
         """
@@ -319,10 +344,19 @@ class HgcmHost:
         if command.cancelled:
             return
         self._commands.pop(command.phys, None)
+        if command.locked is None:
+            write_back_parms(
+                command.req, command.params, command.page_lists, command.layout, self._memory
+            )
+            self._finish(command.req, command.phys, status)
+            return
+        view, at = command.locked
         write_back_parms(
-            command.req, command.params, command.page_lists, command.layout, self._memory
+            view, command.params, command.page_lists, command.layout, self._memory, base=at
         )
-        self._finish(command.req, command.phys, status)
+        flags = HGCM_FLAGS.unpack_from(view, at + HGCM_FLAGS_AT)[0]
+        _FLAGS_RESULT.pack_into(view, at + HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
+        self._notify(_HGCM_EVENT)
 
     # --- VM life cycle ---------------------------------------------------------------------
 
@@ -450,14 +484,15 @@ class HgcmHost:
     def _finish(self, req: bytearray, phys: int, result: int) -> None:
         """Write the request back with the guest's current flags and DONE in them.
 
-        ``hgcmCompletedWorker`` writes the request with the flags it read, then DONE in
-        its copy of those flags (it does not read them again). Nothing in the simulation
-        runs between those two writes, so they are made as one. A request the guest freed
-        meanwhile takes no write.
+        ``hgcmCompletedWorker`` reads the request back from its start, writes it with the
+        flags it read, then DONE in its copy of those flags (it does not read them again).
+        Here the read stops after the flags, the only member kept from it. Nothing in the
+        simulation runs between the two writes, so they are made as one. A request the
+        guest freed meanwhile takes no write.
         """
-        memory = self._memory
         try:
-            flags: int = HGCM_FLAGS.unpack(memory.read(phys + HGCM_FLAGS_AT, HGCM_FLAGS.size))[0]
+            header = self._memory.read(phys, _THROUGH_FLAGS)
+            flags: int = HGCM_FLAGS.unpack_from(header, HGCM_FLAGS_AT)[0]
         except OSError:
             flags = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
         _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, result)

@@ -9,7 +9,7 @@ when the call completes (and copies nothing for a call the guest cancelled).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -27,7 +27,7 @@ class HostU64:
     value: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HostBuffer:
     """A buffer parameter: ``data`` is what the guest passed (zeros for an out buffer).
 
@@ -41,13 +41,23 @@ class HostBuffer:
     """
 
     data: bytearray
-    readable: bool = True
-    writable: bool = True
-    size: int = field(default=-1)
+    readable: bool
+    writable: bool
+    size: int
 
-    def __post_init__(self) -> None:
-        if self.size < 0:
-            self.size = len(self.data)
+    def __init__(
+        self,
+        data: bytearray,
+        readable: bool = True,
+        writable: bool = True,
+        size: int | None = None,
+    ) -> None:
+        """``size`` defaults to ``len(data)``; written by hand so that the default costs no
+        ``__post_init__`` call (two buffers are built per guest-property get)."""
+        self.data = data
+        self.readable = readable
+        self.writable = writable
+        self.size = len(data) if size is None else size
 
 
 HostParm = HostU32 | HostU64 | HostBuffer

@@ -33,6 +33,19 @@ class GuestMemory(Protocol):
         ...
 
 
+Mapping = tuple[bytearray | memoryview, int]
+"""Guest memory reached directly: the host's view of it and where the mapped bytes start."""
+
+
+class GuestRam(GuestMemory, Protocol):
+    """Guest-physical memory as the VMMDev reaches it: read, written, or mapped in place."""
+
+    def lock(self, address: int, size: int) -> Mapping | None:
+        """``PDMDevHlpPhysGCPhys2CCPtr``: the memory holding ``size`` bytes at ``address``,
+        to read and write in place; None when no mapping holds them all."""
+        ...
+
+
 USER_WINDOW: Final = 1 << 32
 """The address space each user buffer of one ioctl gets (far more than any buffer)."""
 
@@ -65,24 +78,26 @@ class IoctlMemory:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped buffer."""
         if size == 0:
             return b""
-        data, offset = self._locate(address, size)
-        return bytes(data[offset : offset + size])
-
-    def write(self, address: int, data: bytes | bytearray) -> None:
-        """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped buffer."""
-        if not data:
-            return
-        region, offset = self._locate(address, len(data))
-        region[offset : offset + len(data)] = data
-
-    def _locate(self, address: int, size: int) -> tuple[bytearray, int]:
         index, offset = divmod(address - USER_BASE, USER_WINDOW)
         if not 0 <= index < len(self._buffers) or size < 0:
             raise _fault(address, size)
         data = self._buffers[index]
         if offset + size > len(data):
             raise _fault(address, size)
-        return data, offset
+        return bytes(data[offset : offset + size])
+
+    def write(self, address: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped buffer."""
+        size = len(data)
+        if not size:
+            return
+        index, offset = divmod(address - USER_BASE, USER_WINDOW)
+        if not 0 <= index < len(self._buffers):
+            raise _fault(address, size)
+        region = self._buffers[index]
+        if offset + size > len(region):
+            raise _fault(address, size)
+        region[offset : offset + size] = data
 
 
 def _fault(address: int, size: int) -> OSError:
@@ -148,11 +163,14 @@ class DictMemory:
         if self._by_start.pop(address, None) is None:
             return
         starts = self._starts
+        if starts[-1] == address:  # the last region: a request freed right after it was sent
+            starts.pop()
+            self._datas.pop()
+            self._top = self._end_of_last()
+            return
         index = bisect.bisect_left(starts, address)
         del starts[index]
         del self._datas[index]
-        if index == len(starts):
-            self._top = self._end_of_last()
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""
@@ -187,6 +205,18 @@ class DictMemory:
         if offset + size > len(region):
             raise _fault(address, size)
         region[offset : offset + size] = data
+
+    def lock(self, address: int, size: int) -> Mapping | None:
+        """The region holding ``size`` bytes at ``address`` and their offset in it, or None."""
+        data = self._by_start.get(address)
+        if data is not None and 0 <= size <= len(data):
+            return data, 0
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or size < 0:
+            return None
+        data = self._datas[index]
+        offset = address - self._starts[index]
+        return (data, offset) if offset + size <= len(data) else None
 
     def __len__(self) -> int:
         return len(self._starts)

@@ -64,7 +64,7 @@ from agent.protocol.status import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host.memory import GuestMemory
+    from agent.host.memory import GuestRam
 
 HOST_VERSION: Final = RELEASE
 """The VirtualBox release the simulated host claims to be (major, minor, build, revision)."""
@@ -107,7 +107,7 @@ class VMMDev:
 
     def __init__(
         self,
-        memory: GuestMemory,
+        memory: GuestRam,
         *,
         ram_mb: int = 2048,
         cpus: int = GUEST_CPUS,
@@ -203,7 +203,7 @@ class VMMDev:
         rc: int | None
         if not self.guest.additions_ok and request_type not in PRE_ADDITIONS_TYPES:
             rc = VERR_NOT_SUPPORTED
-        elif (fault := self.faults.take_fault(request_type)) is not None:
+        elif self.faults.has_faults and (fault := self.faults.take_fault(request_type)) is not None:
             rc = fault
         elif (entry := self._handlers.get(request_type)) is None:
             rc = VERR_NOT_IMPLEMENTED

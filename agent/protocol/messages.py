@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Final, Generic, TypeVar
+from typing import ClassVar, Final, Generic, TypeVar
 
 from agent.protocol import layouts as L  # noqa: N812 - short name for the layout table
 from agent.protocol.balloon_pages import CHUNK_PAGES, ChunkPages
@@ -51,9 +51,6 @@ from agent.protocol.constants import (
 )
 from agent.protocol.errors import LocalProtocolError, RemoteProtocolError, VBoxStatusError
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERNAL_ERROR
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -713,7 +710,11 @@ _PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
     HgcmBufferOut: HgcmParmType.LINADDR_OUT,
     HgcmBuffer: HgcmParmType.LINADDR,
 }
-_ADDRESS_AT: Final = _P.pointer_linear_addr.offset
+_FIRST_ADDRESS_AT: Final = HGCM_CALL_HEADER_SIZE + _P.pointer_linear_addr.offset
+"""Where the first parameter's linear address sits in the ioctl buffer."""
+_U32_TYPE: Final = int(HgcmParmType.U32)
+_U64_TYPE: Final = int(HgcmParmType.U64)
+"""Enum members read once, as plain ints."""
 
 
 @functools.cache
@@ -776,27 +777,30 @@ class HgcmCall(Request[HgcmReply]):
         values = [size, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size, 0]
         values += (self.client_id, self.function, self.timeout_ms, 1, 0, count)
         user_buffers: list[UserBuffer] = []
-        for index, param in enumerate(self.params):
-            kind = _PARM_TYPES[type(param)]
+        address_at = _FIRST_ADDRESS_AT
+        for param in self.params:
             if isinstance(param, HgcmU32):
                 if not 0 <= param.value <= _U32_MAX:
-                    msg = f"parameter {index} {param.value} does not fit in 32 bits"
+                    msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
                     raise LocalProtocolError(msg)
-                values += (kind, param.value, 0)
+                values += (_U32_TYPE, param.value, 0)
             elif isinstance(param, HgcmU64):
                 if not 0 <= param.value <= _U64_MAX:
-                    msg = f"parameter {index}: {param.value} does not fit in 64 bits"
+                    msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
                     raise LocalProtocolError(msg)
-                values += (kind, param.value & _U32_MAX, param.value >> 32)
+                values += (_U64_TYPE, param.value & _U32_MAX, param.value >> 32)
             else:
                 data = _buffer_bytes(param)
                 if len(data) > HGCM_MAX_USER_PARM:
-                    msg = f"parameter {index}: {len(data)} bytes exceed {HGCM_MAX_USER_PARM}"
+                    msg = (
+                        f"parameter {_index(address_at)}: {len(data)} bytes exceed "
+                        f"{HGCM_MAX_USER_PARM}"
+                    )
                     raise LocalProtocolError(msg)
-                values += (kind, len(data), 0)
+                values += (_PARM_TYPES[type(param)], len(data), 0)
                 if data:
-                    address_at = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * index + _ADDRESS_AT
                     user_buffers.append(UserBuffer(address_at, data))
+            address_at += HGCM_PARM64_SIZE
         buf = bytearray(size)
         _call_codec(count).pack_into(buf, 0, *values)
         return IoctlCall(_HGCM_CALL_CODES[count], buf, self, tuple(user_buffers))
@@ -804,10 +808,14 @@ class HgcmCall(Request[HgcmReply]):
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
         """Decode the status and the returned parameters."""
         buf = call.buffer
-        size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * len(self.params)
+        count = len(self.params)
+        size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
         _check_reply_length(self.operation, buf, size)
-        values = _call_codec(len(self.params)).unpack_from(buf)
-        rc = _reply_rc(self.operation, values, size, size)
+        values = _call_codec(count).unpack_from(buf)
+        if values[0] == size and values[1] == IOCTL_HDR_VERSION and values[4] == size:
+            rc = values[3]  # the usual header, checked in one pass
+        else:
+            rc = _reply_rc(self.operation, values, size, size)
         reply = HgcmReply(rc, self._decode_params(call, values))
         if rc < 0:
             raise HgcmCallError(reply, self.operation)
@@ -816,42 +824,55 @@ class HgcmCall(Request[HgcmReply]):
     def _decode_params(
         self, call: IoctlCall[HgcmReply], values: tuple[int, ...]
     ) -> tuple[HgcmValue, ...]:
+        """Each parameter back as its type: a buffer's reported size must fit what was sent.
+
+        Buffers are decoded inline rather than by a helper: the loop runs for every
+        parameter of every call.
+        """
         if values[_CALL_HEADER_VALUES - 1] != len(self.params):
             msg = f"{self.operation}: reply does not hold {len(self.params)} parameters"
             raise RemoteProtocolError(msg)
         user = iter(call.user_buffers)
         decoded: list[HgcmValue] = []
         at = _CALL_HEADER_VALUES
-        for index, param in enumerate(self.params):
+        for param in self.params:
             if values[at] != _PARM_TYPES[type(param)]:
-                msg = f"{self.operation}: parameter {index} came back as type {values[at]}"
+                msg = (
+                    f"{self.operation}: parameter {_value_index(at)} came back as type {values[at]}"
+                )
                 raise RemoteProtocolError(msg)
+            returned = values[at + 1]
             if isinstance(param, HgcmU32):
-                decoded.append(HgcmU32(values[at + 1]))
+                decoded.append(HgcmU32(returned))
             elif isinstance(param, HgcmU64):
-                decoded.append(HgcmU64(values[at + 1] | (values[at + 2] & _U32_MAX) << 32))
+                decoded.append(HgcmU64(returned | (values[at + 2] & _U32_MAX) << 32))
             else:
-                decoded.append(self._decode_buffer(index, param, values[at + 1], user))
+                capacity = param.size if isinstance(param, HgcmBufferOut) else len(param.data)
+                if returned > capacity:
+                    msg = (
+                        f"{self.operation}: parameter {_value_index(at)} reports {returned} "
+                        f"bytes of {capacity}"
+                    )
+                    raise RemoteProtocolError(msg)
+                if not capacity:
+                    decoded.append(HgcmData(b""))
+                elif isinstance(param, HgcmBufferIn):
+                    next(user)
+                    decoded.append(HgcmData(param.data[:returned]))
+                else:
+                    decoded.append(HgcmData(bytes(next(user).data[:returned])))
             at += 3
         return tuple(decoded)
 
-    def _decode_buffer(
-        self,
-        index: int,
-        param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer,
-        returned: int,
-        user: Iterator[UserBuffer],
-    ) -> HgcmData:
-        capacity = param.size if isinstance(param, HgcmBufferOut) else len(param.data)
-        if returned > capacity:
-            msg = f"{self.operation}: parameter {index} reports {returned} bytes of {capacity}"
-            raise RemoteProtocolError(msg)
-        if capacity == 0:
-            return HgcmData(b"")
-        data = next(user).data
-        if isinstance(param, HgcmBufferIn):
-            return HgcmData(param.data[:returned])
-        return HgcmData(bytes(data[:returned]))
+
+def _index(address_at: int) -> int:
+    """The parameter whose address field is at ``address_at`` of the ioctl buffer."""
+    return (address_at - _FIRST_ADDRESS_AT) // HGCM_PARM64_SIZE
+
+
+def _value_index(at: int) -> int:
+    """The parameter whose type is value ``at`` of a whole-call unpack."""
+    return (at - _CALL_HEADER_VALUES) // 3
 
 
 # --- VMMDev requests (passthrough) -------------------------------------------------------

@@ -198,7 +198,7 @@ class HgcmChannel:
                 f"driver takes at most {HGCM_MAX_LOCKED_BUFFERS} per call"
             )
             raise HgcmLimitError(msg)
-        if self.pending >= self.max_pending:
+        if self._in_flight + self._lingering >= self.max_pending:  # self.pending, inline
             msg = (
                 f"{self.service} function {function}: client {self.client_id} already has "
                 f"{self.pending} calls pending; "

@@ -25,7 +25,8 @@ from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.device import DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import Facility, FacilityStatus
+from agent.protocol import Facility, FacilityStatus, RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import SessionMonitorStatistics
 
 if TYPE_CHECKING:
@@ -70,6 +71,17 @@ class NotifyReader:
                 for line in await self.next():
                     if line.startswith("STATUS=") and fragment in line:
                         return line
+
+
+class WatchdogRecorder(Notifier):
+    """sd_notify that sends nothing and records when each ``WATCHDOG=1`` would go."""
+
+    def __init__(self, *, watchdog_usec: int) -> None:
+        super().__init__(None, watchdog_usec=watchdog_usec)
+        self.pings: list[float] = []
+
+    async def watchdog(self) -> None:
+        self.pings.append(trio.current_time())  # sent at once, as Notifier's sendto is
 
 
 @pytest.fixture(name="notify")
@@ -153,6 +165,32 @@ class TestDaemonLifecycle:
             await notifier.aclose()
             sock.close()
         assert 0.05 < elapsed < 1.0
+
+    async def test_no_ping_while_the_probe_fails_or_hangs(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A GET_SESSION_ID probe the host refuses sends no WATCHDOG=1 and is logged; one
+        the host holds sends none until its answer comes, and then one a second again."""
+        notifier = WatchdogRecorder(watchdog_usec=2_000_000)  # a ping a second
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await trio.sleep(2.5)
+                assert notifier.pings == [0.0, 1.0, 2.0]
+                host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE, 2)
+                await trio.sleep(2.0)  # the probes at 3 s and 4 s are refused
+                host.set_delay(RequestType.GET_SESSION_ID, 5.0)
+                await trio.sleep(3.0)  # the probe at 5 s is held until 10 s
+                assert notifier.pings == [0.0, 1.0, 2.0]
+                host.set_delay(RequestType.GET_SESSION_ID, 0)
+                await trio.sleep(5.0)
+                assert notifier.pings == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+                daemon.request_shutdown("test")
+        failed = [e for e in logs if e["event"] == "watchdog_probe_failed"]
+        assert [(e["log_level"], e["error"]) for e in failed] == 2 * [
+            ("error", "VMMDEVREQ_GET_SESSION_ID failed: VERR_GENERAL_FAILURE (-1)")
+        ]
 
     async def test_missing_device_is_fatal(self, notify: tuple[Notifier, NotifyReader]) -> None:
         """A device that cannot be opened ends ``run`` with DeviceUnavailableError."""

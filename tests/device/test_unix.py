@@ -732,14 +732,18 @@ async def _answering_host(
     reading: trio.Event | None = None,
 ) -> None:
     """A host on ``listener`` that greets one session, then answers each ioctl with
-    ``answer(request)``; with ``reading``, it reads nothing after HELLO until that is set."""
+    ``answer(request)`` until the session closes; with ``reading``, it reads nothing after
+    HELLO until that is set."""
     connection, _ = await listener.accept()
     stream = trio.SocketStream(connection)
     decoder = FrameDecoder()
     async with stream:
         while True:
             while (frame := decoder.next_frame()) is None:
-                decoder.feed(await stream.receive_some(RECEIVE_SIZE))
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:  # the session closed its end
+                    return
+                decoder.feed(data)
             if isinstance(frame, Hello):
                 await stream.send_all(encode_frame(Hello(Role.HOST)))
                 if reading is not None:

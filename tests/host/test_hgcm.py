@@ -518,15 +518,46 @@ class TestCall:
     def test_completing_a_freed_request_writes_nothing(
         self, hgcm: Device, echo: EchoService
     ) -> None:
-        """A call whose request the guest freed meanwhile completes without a write (nor an
-        error); the call is gone and the HGCM event is still raised."""
+        """A call whose request (across a page boundary, so not mapped in place) the guest
+        freed meanwhile completes without a write (nor an error); the call is gone and the
+        HGCM event is still raised."""
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])
-        hgcm.ram.unmap(submit(hgcm, req))
+        phys = hgcm.ram.map(req, offset=PAGE_SIZE - 8)
+        hgcm.vmmdev.process(phys)
+        hgcm.ram.unmap(phys)
         hgcm.vmmdev.pending_events = 0
         echo.held[0].complete(VINF_SUCCESS)
         assert (done(req), L.HgcmRequestHeader.result.get(req)) == (False, 0)
         assert hgcm.vmmdev.hgcm.pending_calls == 0
         assert hgcm.vmmdev.pending_events & Event.HGCM
+
+    def test_call_within_a_page_completes_in_place(self, hgcm: Device, echo: EchoService) -> None:
+        """A request within one page is mapped (VMMDev locks it): completion writes its
+        values, result and DONE there and nothing else, so what the guest changed since
+        stays; the mapping outlives the guest's free."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
+        hgcm.ram.unmap(submit(hgcm, req))
+        L.RequestHeader.requestor.set(req, 0x1234)
+        held = echo.held[0]
+        value = held.params[0]
+        assert isinstance(value, HostU32)
+        value.value = 9
+        held.complete(7)
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
+        assert P.value32.get(memoryview(req)[44:]) == 9
+        assert L.RequestHeader.requestor.get(req) == 0x1234
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+
+    def test_call_across_pages_is_written_back_whole(self, hgcm: Device, echo: EchoService) -> None:
+        """A request that crosses a page boundary is not mapped: completion writes the
+        host's copy of the whole request back, the value, result and DONE in it."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
+        hgcm.vmmdev.process(hgcm.ram.map(req, offset=PAGE_SIZE - 8))
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+        L.RequestHeader.requestor.set(req, 0x1234)
+        echo.held[0].complete(7)
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
+        assert L.RequestHeader.requestor.get(req) == 0
 
     def test_cancel2(self, hgcm: Device, echo: EchoService) -> None:
         """CANCEL2 finds the call by address; its later completion writes nothing."""

@@ -41,6 +41,19 @@ def test_access_outside_a_region_faults(at: int, size: int) -> None:
     assert caught.value.errno == errno.EFAULT
 
 
+def test_lock_maps_bytes_within_one_region_in_place() -> None:
+    memory = DictMemory(base=BASE, limit=BASE + 64 * PAGE_SIZE)
+    first, second = bytearray(10), bytearray(20)
+    one, two = memory.map(first), memory.map(second, offset=7)
+    assert memory.lock(one, 10) == (first, 0)
+    assert memory.lock(two + 4, 16) == (second, 4)
+    assert memory.lock(two + 4, 17) is None  # past the region's end
+    assert memory.lock(one + 10, 1) is None  # in the guard gap
+    assert memory.lock(BASE - 1, 1) is None  # below every region
+    memory.unmap(one)
+    assert memory.lock(one, 1) is None
+
+
 def test_freed_space_is_reused_after_the_range_wraps_and_a_full_range_refuses() -> None:
     memory = DictMemory(base=BASE, limit=BASE + 4 * PAGE_SIZE)
     held = memory.map(bytearray(PAGE_SIZE))  # with its guard: two pages

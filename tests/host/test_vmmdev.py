@@ -923,9 +923,35 @@ class TestHeartbeat:
 
     @pytest.mark.parametrize(
         ("interval", "timeout"),
-        [(10_000_000, None), (NS_PER_S, NS_PER_S), (NS_PER_S, 50_000_000)],
+        [
+            (10_000_000, None),
+            (49_999_999, 200_000_000),
+            (NS_PER_S, NS_PER_S),
+            (NS_PER_S, NS_PER_S + 10_000_000),
+            (NS_PER_S, 50_000_000),
+            (50_000_000, 99_999_999),
+            (2**63, None),
+        ],
     )
     def test_bad_configuration(self, interval: int, timeout: int | None) -> None:
-        """Intervals below 50 ms and timeouts not above interval + 10 ms are refused."""
+        """Intervals below 50 ms, timeouts below 100 ms or not above interval + 10 ms, and
+        a default timeout (twice the interval) beyond VMMDev's u64 are refused."""
         with pytest.raises(ValueError, match="heartbeat"):
             make_device(heartbeat_interval_ns=interval, heartbeat_timeout_ns=timeout)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        ("interval", "timeout", "kept"),
+        [
+            (50_000_000, 100_000_000, 100_000_000),
+            (NS_PER_S, NS_PER_S + 10_000_001, NS_PER_S + 10_000_001),
+            ((2**64 - 1) // 2, None, 2**64 - 2),
+        ],
+    )
+    def test_configuration_at_the_limits(
+        self, interval: int, timeout: int | None, kept: int
+    ) -> None:
+        """The smallest interval and timeout, a timeout just above interval + 10 ms and the
+        largest interval whose default timeout (twice it) fits in a u64 are taken."""
+        device = make_device(heartbeat_interval_ns=interval, heartbeat_timeout_ns=timeout)  # type: ignore[arg-type]
+        heartbeat = device.vmmdev.heartbeat
+        assert (heartbeat.interval_ns, heartbeat.timeout_ns) == (interval, kept)

@@ -877,15 +877,48 @@ class TestTriggeredAndKernel:
 
 class TestReconfigure:
     async def test_every_setting_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
+        """A reload sets the walk's retry delays, first and longest, and a later one that
+        leaves them out puts the defaults back."""
         with trio.fail_after(60):
             async with running_balloon(personality="passthrough") as run:
                 service = run.service
-                assert service.reconfigure(BalloonSection(pressure_step_mb=8, retry_max_s=5.0))
+                retries = BalloonSection(pressure_step_mb=8, retry_initial_s=0.5, retry_max_s=5.0)
+                assert service.reconfigure(retries)
                 walker = service.walker
                 assert walker is not None
-                assert walker.backoff.maximum == 5.0
+                assert (walker.backoff.initial, walker.backoff.maximum) == (0.5, 5.0)
                 assert service.reconfigure(BalloonSection(psi_interval_s=5.0))
-                assert walker.backoff.maximum == BalloonSection().retry_max_s
+                defaults = BalloonSection()
+                assert (walker.backoff.initial, walker.backoff.maximum) == (
+                    defaults.retry_initial_s,
+                    defaults.retry_max_s,
+                )
+
+    async def test_a_failing_check_is_retried_at_once_under_the_new_delays(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Triggered mode: a reload while CHECK_BALLOON's retries have backed off to 32 s
+        retries it at once, and the next failures back off from the new first delay up to
+        the new longest."""
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="oracle") as run:
+
+                def delays() -> list[float]:
+                    failed = [e for e in logs if e["event"] == "balloon_check_failed"]
+                    return [entry["retry_in_s"] for entry in failed]
+
+                run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_GENERAL_FAILURE, 6)
+                run.host.set_balloon_target(16)
+                await run.until(lambda: len(delays()) == 6)
+                assert delays() == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+                reloaded = trio.current_time()
+                assert run.service.reconfigure(BalloonSection(retry_initial_s=0.5, retry_max_s=2))
+                await run.settle(16)
+                assert trio.current_time() - reloaded < 1.0
+                run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_GENERAL_FAILURE, 3)
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+                assert delays()[6:] == [0.5, 1.0, 2.0]
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_shorter_cooldown_ends_the_hold_in_place(

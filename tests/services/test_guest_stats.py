@@ -204,6 +204,32 @@ class TestReports:
             "page_file_size": 250_000,
         }
 
+    async def test_a_new_interval_measures_cpu_load_afresh(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """Reports switched off and on again: the first report after that has no CPU load
+        (it would span the pause), the next one measures from it."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        async with running("mainline", proc=proc, cpus=1) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            write_proc(proc, cpus=(IDLER_CPU,), processes=1)
+            await trio.sleep(1.0)
+            assert StatCap(last_report(host)["stat_caps"]) & CPU_CAPS == CPU_CAPS
+            host.set_statistics_interval(0)
+            await trio.sleep(10.0)
+            write_proc(proc, cpus=((110, 0, 60, 1250, 0, 0, 0, 0),), processes=1)
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
+            write_proc(proc, cpus=((110, 0, 60, 1450, 0, 0, 0, 0),), processes=1)
+            await trio.sleep(1.0)
+            report = last_report(host)
+        assert StatCap(report["stat_caps"]) & CPU_CAPS == CPU_CAPS
+        loads = (report["cpu_load_idle"], report["cpu_load_kernel"], report["cpu_load_user"])
+        assert loads == (100, 0, 0)
+
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_without_a_balloon_service_the_balloon_is_left_alone(
         self, autojump_clock: trio.abc.Clock, personality: str
@@ -354,6 +380,19 @@ class TestProcSample:
         loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
         assert loads == (50, 25, 25)
 
+    def test_a_cpu_busy_all_the_time_has_its_load(self, tmp_path: Path) -> None:
+        """A CPU with no idle time between two samples (its idle counter stands still) is
+        measured: 0 % idle, not left out as a counter that did not move."""
+        proc = tmp_path / "proc"
+        stats = ProcStats(proc)
+        write_proc(proc, cpus=((10, 0, 10, 900, 0, 0, 0, 0),), processes=1)
+        stats.sample(balloon_chunks=None)
+        write_proc(proc, cpus=((110, 0, 110, 900, 0, 0, 0, 0),), processes=1)
+        (report,) = stats.sample(balloon_chunks=None)
+        assert report.stat_caps & CPU_CAPS == CPU_CAPS
+        loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
+        assert loads == (0, 50, 50)
+
     def test_memory_load_stays_a_percentage(self, tmp_path: Path) -> None:
         """MemAvailable above MemTotal (a container's made-up meminfo) is 0 % load, not a
         negative figure the report cannot carry."""
@@ -374,13 +413,14 @@ class TestProcSample:
             ("stat", "cpu0 ", "cpu" + "1" * 5000 + " "),
             ("meminfo", "MemTotal:        8000000", "MemTotal: " + "8" * 5000),
             ("loadavg", "2/345", "2/" + "3" * 5000),
+            ("meminfo", "MemTotal:        8000000", "MemTotal: 1" + "0" * 20),  # 21 digits
         ],
     )
     def test_huge_number_is_a_proc_error(
         self, tmp_path: Path, name: str, old: str, new: str
     ) -> None:
-        """A run of digits no kernel counter has is malformed ``/proc``, reported as such
-        (not an error that would end the service)."""
+        """A run of digits no kernel counter has (more than a u64's 20) is malformed
+        ``/proc``, reported as such (not an error that would end the service)."""
         proc = tmp_path / "proc"
         write_proc(proc, cpus=(IDLE_CPU,), processes=1)
         path = proc / name
@@ -388,6 +428,41 @@ class TestProcSample:
         path.write_text(path.read_text().replace(old, new))
         with pytest.raises(ProcStatsError, match=name):
             ProcStats(proc).sample(balloon_chunks=None)
+
+    def test_loadavg_without_its_running_total_is_an_error(self, tmp_path: Path) -> None:
+        """Three load averages and nothing after them: the missing field is malformed
+        ``/proc``, not an IndexError that would end the service."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        (proc / "loadavg").write_text("0.10 0.20 0.30\n")
+        with pytest.raises(ProcStatsError, match="no running/total field"):
+            ProcStats(proc).sample(balloon_chunks=None)
+
+    def test_the_largest_counters_are_taken_and_clamped(self, tmp_path: Path) -> None:
+        """A u64's 20 digits are a counter; a figure beyond the report's u32 is sent as the
+        u32 maximum; a MemTotal of 0 is 0 % memory load."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU,), processes=1)
+        meminfo = proc / "meminfo"
+        text = meminfo.read_text()
+        meminfo.write_text(text.replace("MemTotal:        8000000", f"MemTotal: {2**64 - 1}"))
+        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        assert report.phys_mem_total == 0xFFFF_FFFF
+        ReportGuestStats(report).encode()
+        meminfo.write_text(text.replace("MemTotal:        8000000", "MemTotal: 0"))
+        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        assert (report.phys_mem_total, report.memory_load) == (0, 0)
+
+    def test_a_cpu_line_of_four_counters_is_enough(self, tmp_path: Path) -> None:
+        """user, nice, system and idle (what kernels before 2.6 print) give a load."""
+        proc = tmp_path / "proc"
+        stats = ProcStats(proc)
+        write_proc(proc, cpus=((10, 0, 10, 900),), processes=1)
+        stats.sample(balloon_chunks=None)
+        write_proc(proc, cpus=((10, 0, 10, 1100),), processes=1)
+        (report,) = stats.sample(balloon_chunks=None)
+        loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
+        assert loads == (100, 0, 0)
 
     def test_a_malformed_counter_ends_the_line(self, tmp_path: Path) -> None:
         """A counter that is not a number ends the line's counters instead of shifting the

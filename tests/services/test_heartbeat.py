@@ -131,10 +131,20 @@ class TestAgentKeepsTheHeartbeat:
             assert [entry["failed_in_a_row"] for entry in recovered] == [3]
 
     async def test_late_threshold_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
-        """A reload changes the late threshold without a restart."""
-        async with running("passthrough", HeartbeatSection(late_after_s=0.5)) as (_, service, _):
+        """A reload changes the late threshold without a restart: beats up to 90 ms late (the
+        host takes 130 ms per beat of a 100 ms rhythm) are not late under 0.5 s, and are
+        under 0.02 s."""
+        section = HeartbeatSection(late_after_s=0.5)
+        async with running("passthrough", section) as (host, service, _):
+            host.set_delay(RequestType.GUEST_HEARTBEAT, 0.13)
+            await trio.sleep(1.0)
+            before = service.statistics().rhythm
+            assert before.late == 0
+            assert 0.02 < before.max_lateness_s < 0.5
             assert service.reconfigure(HeartbeatSection(late_after_s=0.02))
-            assert service.statistics().rhythm.late == 0
+            await trio.sleep(1.0)
+            after = service.statistics().rhythm
+            assert after.late > 0
 
 
 class TestDriverKeepsTheHeartbeat:

@@ -8,7 +8,8 @@ from agent.services._lasting import LastingFailure
 
 
 def test_each_new_cause_is_logged_once_and_the_end_once() -> None:
-    """Repeats of a cause are counted silently; a new cause is logged; a success ends it."""
+    """Repeats of a cause are counted silently; a new cause is a warning; a success ends it
+    with one info line."""
     failures = LastingFailure("ok_again")
     with structlog.testing.capture_logs() as logs:
         changes = [
@@ -23,8 +24,28 @@ def test_each_new_cause_is_logged_once_and_the_end_once() -> None:
     assert ended == [True, False]
     assert failures.total == 3
     assert failures.cause is None
-    assert [(e["event"], e.get("status"), e.get("failures")) for e in logs[:2]] == [
-        ("broke", "A", 1),
-        ("broke", "B", 3),
+    assert [(e["event"], e["log_level"], e.get("status"), e.get("failures")) for e in logs[:2]] == [
+        ("broke", "warning", "A", 1),
+        ("broke", "warning", "B", 3),
     ]
-    assert [(e["event"], e["failed_in_a_row"]) for e in logs[2:]] == [("ok_again", 3)]
+    assert [(e["event"], e["log_level"], e["failed_in_a_row"]) for e in logs[2:]] == [
+        ("ok_again", "info", 3)
+    ]
+
+
+def test_a_later_failure_counts_its_own_run() -> None:
+    """After a success the same cause is news again, and its end counts only the failures
+    since that success; the total keeps counting."""
+    failures = LastingFailure("ok_again")
+    failures.failed("broke", "A")
+    failures.failed("broke", "A")
+    failures.succeeded()
+    with structlog.testing.capture_logs() as logs:
+        again = failures.failed("broke", "A")
+        failures.succeeded()
+    assert again is True
+    assert failures.total == 3
+    assert [(e["event"], e.get("failures"), e.get("failed_in_a_row")) for e in logs] == [
+        ("broke", 3, None),
+        ("ok_again", None, 1),
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -109,6 +110,8 @@ def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None
     assert utmp_users(utmp) == ["alice", "bob", "alice"]
     assert logged_in_users(utmp, lambda: ["bob", "dave"]) == ("alice", "bob", "dave")
     assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == ("dave",)
+    utmp.write_bytes(utmp_record(LOGIN_PROCESS, "LOGIN") + utmp_record(USER_PROCESS, "erin"))
+    assert utmp_users(utmp) == ["erin"]  # the file's last record, whole, counts
 
 
 def test_an_unreadable_utmp_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -135,12 +138,7 @@ LOGIND_SCRIPT: Final = textwrap.dedent(
     check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")
     os.makedirs("/run/systemd/sessions", exist_ok=True)
     check(libc.mount(b"tmpfs", b"/run/systemd/sessions", b"tmpfs", 0, None), "mount tmpfs")
-    sessions = {
-        "3": "UID=0\\nUSER=root\\nACTIVE=1\\nSTATE=active\\n",
-        "5": "UID=65534\\nUSER=nobody\\nACTIVE=0\\nSTATE=online\\n",
-        "c1": "UID=4242\\nUSER=ghost\\nACTIVE=1\\nSTATE=active\\n",
-    }
-    for name, text in sessions.items():
+    for name, text in json.loads(os.environ["SESSIONS"]).items():
         with open(f"/run/systemd/sessions/{name}", "w") as file:
             file.write(text)
     print(json.dumps(logind_users()))
@@ -202,15 +200,24 @@ REPORT_CACHE: Final = textwrap.dedent(
 )
 
 
-def _logind_users(library: str = "") -> list[str]:
-    """The users ``logind_users`` finds in the namespace, with ``library`` set up first,
-    then the number of account names cached."""
+SESSIONS: Final = {
+    "3": "UID=0\nUSER=root\nACTIVE=1\nSTATE=active\n",
+    "5": "UID=65534\nUSER=nobody\nACTIVE=0\nSTATE=online\n",
+    "c1": "UID=4242\nUSER=ghost\nACTIVE=1\nSTATE=active\n",
+}
+"""logind's session files: root's and ghost's (uid 4242, no account) active, nobody's not."""
+
+
+def _logind_users(library: str = "", sessions: dict[str, str] = SESSIONS) -> list[str | int]:
+    """The users ``logind_users`` finds in a namespace with ``sessions`` as logind's session
+    files, with ``library`` set up first, then the number of account names cached."""
     done = subprocess.run(
         [sys.executable, "-c", library + LOGIND_SCRIPT + REPORT_CACHE],
         capture_output=True,
         text=True,
         timeout=LIMIT_S,
         check=False,
+        env=dict(os.environ, SESSIONS=json.dumps(sessions)),
     )
     assert done.returncode == 0, done.stderr
     users, cached = done.stdout.splitlines()
@@ -222,6 +229,11 @@ def test_logind_s_active_sessions_through_sd_login() -> None:
     names its user where libsystemd can say (systemd 254), else by the uid's account."""
     has_username = hasattr(ctypes.CDLL(LIBSYSTEMD), "sd_session_get_username")
     assert _logind_users() == ["ghost" if has_username else "4242", "root", int(not has_username)]
+
+
+def test_logind_without_sessions_has_no_users() -> None:
+    """No session at all (a guest nobody logged in to) is no user, not an error."""
+    assert _logind_users(sessions={}) == [0]
 
 
 def test_logind_s_user_name_is_the_session_s() -> None:

@@ -27,6 +27,8 @@ from agent.host._header_fields import (
     IOCTL_RC_AT,
     IOCTL_SIZE_OUT,
     IOCTL_SIZE_OUT_AT,
+    REQUEST_RC,
+    REQUEST_RC_AT,
 )
 from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -393,7 +395,7 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     outcome = _Outcome.DONE
     try:
         await drv.vmmdev.submit(phys)
-        rc = L.RequestHeader.rc.get(req)
+        rc: int = REQUEST_RC.unpack_from(req, REQUEST_RC_AT)[0]
         if rc < 0:
             L.HgcmRequestHeader.result.set(req, rc)
             return 0

@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection
 
     from agent.host.driver._session import DriverSession
-    from agent.host.memory import GuestMemory
+    from agent.host.memory import GuestMemory, GuestRam
     from agent.host.vmmdev import VMMDev
 
-M = TypeVar("M", bound="GuestMemory")
+M = TypeVar("M", bound="GuestRam")
 
 EXTERNAL_PERSONALITIES: Final = {"kernel": "testbed.kernel"}
 """Personalities outside the installed package, by name: the module that provides each."""

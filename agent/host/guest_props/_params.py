@@ -17,9 +17,14 @@ class GuestCallError(Exception):
         self.rc = rc
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CString:
-    """A string parameter: ``text`` up to the first NUL, ``raw`` the whole buffer."""
+    """A string parameter: ``text`` up to the first NUL, ``raw`` the whole buffer.
+
+    Not frozen: every guest call reads one or more, and a frozen dataclass's ``__init__``
+    sets each member through ``object.__setattr__``, which cost more than the rest of
+    :func:`c_string`.
+    """
 
     text: str
     raw: bytes
