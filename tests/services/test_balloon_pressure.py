@@ -138,12 +138,14 @@ class TestPsiMonitor:
         assert str(info.value) == f"cannot open {missing}: No such file or directory"
 
     async def test_reads_the_real_pressure_file(self, autojump_clock: trio.abc.Clock) -> None:
-        """This kernel's own PSI file: the trigger is set exactly where the kernel takes one
-        (probed here with the documented format), else the file is polled. A kernel without
+        """This kernel's own PSI file: the trigger is set (the kernel then refuses a second
+        one on the monitor's descriptor) exactly where the kernel takes one (probed here with
+        the documented format), else the file is polled. A kernel without
         PSI fails the test saying so: a skip would hide a monitor that no longer reads it."""
         if not await trio.Path(REAL_PSI).exists():
             pytest.fail(f"{REAL_PSI} does not exist: this kernel has no PSI (CONFIG_PSI)")
         takes_a_trigger = _kernel_takes_a_trigger(REAL_PSI)
+        before = set(os.listdir("/proc/self/fd"))
         # 2 s: without CAP_SYS_RESOURCE the kernel takes only whole multiples of 2 s windows.
         with (
             capture_logs() as logs,
@@ -151,7 +153,17 @@ class TestPsiMonitor:
             PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon,
         ):
             assert mon.uses_trigger is takes_a_trigger
-            if not takes_a_trigger:
+            if takes_a_trigger:
+                # The kernel keeps one trigger per descriptor: a second one is EBUSY.
+                [psi_fd] = [
+                    int(fd)
+                    for fd in set(os.listdir("/proc/self/fd")) - before
+                    if os.readlink(f"/proc/self/fd/{fd}") == REAL_PSI
+                ]
+                with pytest.raises(OSError, match="Device or resource busy") as busy:
+                    os.write(psi_fd, f"some {TRIGGER_STALL_US} {TRIGGER_WINDOW_US}".encode())
+                assert busy.value.errno == errno.EBUSY
+            else:
                 reading = await mon.next_reading()
                 assert 0.0 <= reading.stall_pct <= 100.0
                 assert reading.via == "poll"
