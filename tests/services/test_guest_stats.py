@@ -21,8 +21,9 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import ReportGuestStats, RequestType, StatCap
+from agent.protocol import ReportGuestStats, RequestType, StatCap, VBoxStatusError
 from agent.protocol.constants import VMM_MAX_CPU_COUNT
+from agent.protocol.status import VERR_PERMISSION_DENIED
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
@@ -298,6 +299,20 @@ class TestReports:
         assert len(refused) == 1
         assert refused[0]["status"] == "VERR_PERMISSION_DENIED"
         assert "/dev/vboxuser" in refused[0]["device"]
+
+    async def test_a_refusal_after_the_first_read_is_an_error(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A session that read the interval once is trusted: a later refusal of the read
+        ends the run with the error (for the supervisor to restart it), and the service
+        never calls itself refused by the driver."""
+        refused = pytest.RaisesExc(VBoxStatusError, match="VERR_PERMISSION_DENIED")
+        with pytest.RaisesGroup(refused, flatten_subgroups=True):
+            async with running("passthrough") as (host, service):
+                host.add_fault(RequestType.GET_STATISTICS_CHANGE_REQ, VERR_PERMISSION_DENIED)
+                host.set_statistics_interval(1)
+                await trio.sleep(5.0)
+        assert service.status() != "statistics refused by the driver"
 
     async def test_unreadable_proc_is_logged_once_and_counted(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
