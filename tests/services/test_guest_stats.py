@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -154,10 +155,10 @@ class TestReports:
 
     async def test_figures_from_proc(self, autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
         """Every field is computed from /proc as documented; CPU load only from the 2nd sample,
-        then one report per CPU with that CPU's load."""
+        then one report per CPU with that CPU's load; the service keeps the last it sent."""
         proc = tmp_path / "proc"
         write_proc(proc, cpus=((100, 0, 50, 800, 50, 0, 0, 0), IDLE_CPU), processes=3)
-        async with running("mainline", proc=proc, cpus=2) as (host, _):
+        async with running("mainline", proc=proc, cpus=2) as (host, service):
             host.set_statistics_interval(2)
             await trio.sleep(1.0)
             first = last_report(host)
@@ -168,6 +169,9 @@ class TestReports:
             assert guest_stats(host)["reports"] == 3
             report = last_report(host)
             main = guest_stats(host)["main"]
+            sent = service.statistics().last
+        assert sent is not None
+        assert dataclasses.asdict(sent) == report  # the service's latest is the host's
         assert main == {
             "cpu_user": 20,
             "cpu_kernel": 5,
