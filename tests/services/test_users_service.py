@@ -332,6 +332,38 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
     assert host.status()["hgcm_clients"] == 0
 
 
+async def test_each_logout_deletes_the_list_once_and_a_restore_deletes_it_again(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """alice logs in, out, in and out again: the list follows each time, deleted once per
+    logout however many passes find no one; after a restore that brought a list back
+    (the saved state's), it is deleted again."""
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            service = await start_users(device, nursery, users)
+
+            async def after_passes(count: int, *now: str) -> tuple[str, str] | None:
+                users.now = now
+                for _ in range(count):
+                    await trio.sleep(INTERVAL_S)
+                    await trio.testing.wait_all_tasks_blocked()
+                return values(host)[LIST_PROPERTY]
+
+            seen = [
+                await after_passes(3),
+                await after_passes(1, "alice"),
+                await after_passes(3),
+            ]
+            assert seen == [None, ("alice", FLAGS), None]
+            assert service.statistics().deletes == 2
+            host.prop_set(LIST_PROPERTY, "ghost", FLAGS)
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host)[LIST_PROPERTY] is None
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_count_is_the_beacon_written_every_pass_and_last(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
