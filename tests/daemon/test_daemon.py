@@ -13,7 +13,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import pytest
 import structlog.testing
@@ -73,6 +73,9 @@ class NotifyReader:
                         return line
 
 
+REFUSED: Final = "VMMDEVREQ_GET_SESSION_ID failed: VERR_GENERAL_FAILURE (-1)"
+
+
 class WatchdogRecorder(Notifier):
     """sd_notify that sends nothing and records when each ``WATCHDOG=1`` would go."""
 
@@ -81,7 +84,8 @@ class WatchdogRecorder(Notifier):
         self.pings: list[float] = []
 
     async def watchdog(self) -> None:
-        self.pings.append(trio.current_time())  # sent at once, as Notifier's sendto is
+        self.pings.append(trio.current_time())  # sent at once, then a checkpoint, as Notifier
+        await trio.lowlevel.checkpoint()
 
 
 @pytest.fixture(name="notify")
@@ -170,7 +174,8 @@ class TestDaemonLifecycle:
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost
     ) -> None:
         """A GET_SESSION_ID probe the host refuses sends no WATCHDOG=1 and is logged; one
-        the host holds sends none until its answer comes, and then one a second again."""
+        the host holds sends none until its answer comes, late (logged as timed out), and
+        then one a second again."""
         notifier = WatchdogRecorder(watchdog_usec=2_000_000)  # a ping a second
         daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
@@ -187,9 +192,10 @@ class TestDaemonLifecycle:
                 await trio.sleep(5.0)
                 assert notifier.pings == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
                 daemon.request_shutdown("test")
-        failed = [e for e in logs if e["event"] == "watchdog_probe_failed"]
-        assert [(e["log_level"], e["error"]) for e in failed] == 2 * [
-            ("error", "VMMDEVREQ_GET_SESSION_ID failed: VERR_GENERAL_FAILURE (-1)")
+        failed = [e for e in logs if e["event"].startswith("watchdog_probe")]
+        assert [(e["event"], e["log_level"], e.get("error")) for e in failed] == [
+            *2 * [("watchdog_probe_failed", "error", REFUSED)],
+            ("watchdog_probe_timed_out", "error", None),
         ]
 
     async def test_missing_device_is_fatal(self, notify: tuple[Notifier, NotifyReader]) -> None:
