@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from agent.host import SimulatedHost
     from agent.host.transport import SimTransport
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
 
 
 class HookedOpener:
@@ -59,12 +59,17 @@ class HookedSession:
         self._after = after
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         """``before``, the host's ioctl, then ``after``."""
         if self._before is not None:
             await self._before(code)
-        await self._transport.ioctl(code, buffer, user_buffers)
+        await self._transport.ioctl(code, buffer, user_buffers, submission=submission)
         if self._after is not None:
             await self._after(code)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from agent.cli import COMMANDS, main
-from agent.cli._exit import EX_BROKEN_PIPE
 from tests.cli_support import COMMAND_TIMEOUT_S
 
 NAMES = [name for name, _, _ in COMMANDS]
@@ -87,7 +86,7 @@ def test_output_nobody_reads_ends_quietly() -> None:
         )
     finally:
         os.close(write_end)
-    assert (done.returncode, done.stderr) == (EX_BROKEN_PIPE, "")
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 @pytest.mark.parametrize(

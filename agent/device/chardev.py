@@ -34,7 +34,9 @@ session. Design points:
   (a signal that lands just before the thread enters the kernel is lost). The driver ends
   interruptible waits (WAIT_FOR_EVENTS, userspace HGCM calls, which it also cancels at the
   host) with EINTR (Oracle's driver: VERR_INTERRUPTED in ``rc``), and the task then raises
-  ``Cancelled``. A call that completes anyway returns normally. A call the driver does not
+  ``Cancelled``. A call that completes anyway returns normally. A call cancelled while it
+  waits for a thread never runs: its :class:`~agent.protocol.Submission` stays unissued,
+  which it becomes only as its thread makes the system call. A call the driver does not
   give back within :data:`ABANDON_AFTER_S` (an uninterruptible HGCM connect or disconnect
   on a host that never answers) is abandoned with an ``ioctl_abandoned`` log line: its
   thread stays in the kernel, keeping the buffer and its user memory alive, and the caller
@@ -97,7 +99,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from types import FrameType
 
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
 
     IoctlFn = Callable[[int, int, bytearray], None]
     """``ioctl_fn(fd, code, buffer)``: one blocking ioctl, run in a worker thread."""
@@ -299,6 +301,9 @@ class _Call:
     """Ident of the worker thread while it is inside ``ioctl_fn``."""
     started: bool = False
     """A worker thread took the call (it will not touch the buffer if ``interrupted``)."""
+    issued: bool = False
+    """The worker thread made the system call: the driver may have the call. Final once the
+    call is done or abandoned (an interrupted call that had not started never is)."""
     returned: bool = False
     """The worker thread is done with the call (it may not have reported back yet)."""
     abandoned: bool = False
@@ -340,7 +345,12 @@ class CharDevTransport:
         self._waits_interrupted = False
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         """Perform one ioctl in a worker thread; see :mod:`agent.device.transport`.
 
@@ -356,16 +366,20 @@ class CharDevTransport:
             raise trio.ClosedResourceError(msg)
         self._budget.check_usable()
         if not is_blocking(code, buffer):
-            await self._ioctl(code, buffer, user_buffers)
+            await self._ioctl(code, buffer, user_buffers, submission)
             return
         self._budget.start_blocking()
         try:
-            await self._ioctl(code, buffer, user_buffers)
+            await self._ioctl(code, buffer, user_buffers, submission)
         finally:
             self._budget.end_blocking()
 
     async def _ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer]
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer],
+        submission: Submission | None,
     ) -> None:
         saved, pins = _map_user_buffers(buffer, user_buffers)
         if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
@@ -391,6 +405,8 @@ class CharDevTransport:
                     call.done.set()
         finally:
             self._calls.discard(call)
+            if submission is not None:
+                submission.issued = call.issued
             if not call.abandoned:
                 call.pins.clear()  # a traceback holding this frame must not keep them exported
         if call.outcome is None:
@@ -493,6 +509,7 @@ class CharDevTransport:
                 call.returned = True
                 return refusal
             call.thread = threading.get_ident()
+            call.issued = True
         try:
             retries = 0
             while True:

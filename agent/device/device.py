@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from agent.device.transport import DeviceOpener, Transport
+    from agent.protocol import Submission
 
 log = structlog.get_logger(__name__)
 
@@ -93,16 +94,19 @@ class _Channel:
         self.transport = transport
         self.session = Session()
 
-    async def perform(self, request: Request[R]) -> R:
+    async def perform(self, request: Request[R], submission: Submission | None = None) -> R:
         """Encode, move and decode ``request``; every driver failure is a VBoxStatusError.
 
         An interruption (VERR_INTERRUPTED in ``rc``, Oracle's answer to the signal that
         cancels a call) raises ``Cancelled`` when the caller is being cancelled.
+        ``submission`` goes to the transport, which marks it once the driver may have the call.
         """
         call = self.session.encode(request)
         self._device._requests += 1
         try:
-            await self.transport.ioctl(call.code, call.buffer, call.user_buffers)
+            await self.transport.ioctl(
+                call.code, call.buffer, call.user_buffers, submission=submission
+            )
         except OSError as exc:
             self._device._failures += 1
             self.session.call_failed(call)
@@ -394,13 +398,21 @@ class HgcmClient:
         self.client_id = client_id
 
     async def call(
-        self, function: int, params: tuple[HgcmParam, ...], *, timeout_ms: int = TIMEOUT_INFINITE
+        self,
+        function: int,
+        params: tuple[HgcmParam, ...],
+        *,
+        timeout_ms: int = TIMEOUT_INFINITE,
+        submission: Submission | None = None,
     ) -> HgcmReply:
         """Call ``function`` and return the reply; a failing service status raises.
 
         ``timeout_ms`` is the driver's backstop: the host call is cancelled after it.
+        ``submission`` is marked issued once the call may have reached the driver, so a
+        caller that was cancelled can tell whether the host may still count the call.
         """
-        return await self._channel.perform(HgcmCall(self.client_id, function, params, timeout_ms))
+        call = HgcmCall(self.client_id, function, params, timeout_ms)
+        return await self._channel.perform(call, submission)
 
 
 @asynccontextmanager

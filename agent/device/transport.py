@@ -17,6 +17,9 @@ connection to a simulated host). Its contract:
   character device signals its worker thread, so the driver cancels the call at the host
   and returns EINTR; the simulated transports cancel natively) and raises ``Cancelled``; a
   call that completed first returns normally.
+- ``submission``, if given, is marked ``issued`` once the call may have reached the driver
+  (:class:`~agent.protocol.Submission`): a call cancelled before that, while it waited for
+  a worker thread or for its turn to send, never reached the host, and the caller can tell.
 - Deadlines bind the transport too: work it shields (a frame half sent, the signal that
   ends a blocked call, a close) never runs past the deadline in effect when the caller
   entered (``trio.current_effective_deadline()``, which inside a
@@ -38,14 +41,19 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
 
 
 class Transport(Protocol):
     """One open device session."""
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         """Perform one ioctl; see the module docstring for the contract."""
         ...

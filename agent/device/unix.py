@@ -20,7 +20,9 @@ Cancellation:
   tagged with a sequence number not handed out yet is a broken host, which is lost). Nothing of
   the stream is torn (trio's ``receive_some`` never loses received bytes to a
   cancellation), so the connection stays usable.
-- while waiting for the send lock: nothing was sent; nothing happens.
+- while waiting for the send lock (another call's frame is being sent): nothing was sent
+  and the call's :class:`~agent.protocol.Submission` stays unissued; it is issued as the
+  frame's sending begins.
 - while sending: a half-sent frame would desynchronise the stream, so a frame is sent
   shielded from cancellation, but never past the caller's deadline nor for longer than
   ``SEND_GRACE_S``: a host that has not taken the frame by then is declared lost and the
@@ -69,7 +71,7 @@ from agent.protocol.wire import (
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
     from agent.protocol.wire import Frame
 
 _log = structlog.get_logger(__name__)
@@ -122,7 +124,12 @@ class UnixSocketTransport:
         self._closed = False
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         """Perform one ioctl on the host (see :mod:`agent.device.transport`).
 
@@ -141,7 +148,7 @@ class UnixSocketTransport:
             raise OSError(errno.E2BIG, f"ioctl {code:#x} too large for the socket: {exc}") from exc
         pending = self._pending[seq] = _Pending()
         try:
-            await self._send(frame)
+            await self._send(frame, submission)
             try:
                 reply = await self._wait_reply(pending)
             except trio.Cancelled:
@@ -212,12 +219,14 @@ class UnixSocketTransport:
             self._seq = (self._seq + 1) & _SEQ_MASK
         return self._seq
 
-    async def _send(self, frame: bytes) -> None:
+    async def _send(self, frame: bytes, submission: Submission | None = None) -> None:
         async with self._send_lock:
             self._check_usable()
             await trio.lowlevel.checkpoint_if_cancelled()
             # From here on nothing yields before the shield: a caller cancelled already got
             # its Cancelled above, with nothing sent.
+            if submission is not None:
+                submission.issued = True
             now = trio.current_time()
             deadline = min(now + SEND_GRACE_S, trio.current_effective_deadline())
             with trio.CancelScope(shield=True, deadline=deadline) as cs:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from agent.host.driver import DriverSession
     from agent.host.host import SimulatedHost
     from agent.host.memory import GuestMemory
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
 
 _ADDRESS: Final = struct.Struct("<Q")
 _NO_USER_MEMORY: Final[GuestMemory] = IoctlMemory()
@@ -48,11 +48,17 @@ class SimTransport:
         return self._session
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         """Perform one ioctl: map the user buffers, store their addresses, call the driver.
 
         A failure leaves ``buffer`` as it was (the addresses stored in it are taken back).
+        ``submission`` is issued as the driver is called: nothing here waits before that.
 
         Raises:
             OSError: the driver's errno (``EBADF`` after :meth:`aclose`).
@@ -60,6 +66,8 @@ class SimTransport:
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        if submission is not None:
+            submission.issued = True
         if not user_buffers:
             await self._host.ioctl(self._session, code, buffer, _NO_USER_MEMORY)
             return

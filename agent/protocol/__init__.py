@@ -79,6 +79,7 @@ from agent.protocol.messages import (
     SessionId as SessionId,
     SetCpuHotPlugStatus as SetCpuHotPlugStatus,
     StatisticsInterval as StatisticsInterval,
+    Submission as Submission,
     UserBuffer as UserBuffer,
     WaitForEvents as WaitForEvents,
     WriteCoreDump as WriteCoreDump,

@@ -77,6 +77,20 @@ class UserBuffer:
     data: bytearray
 
 
+@dataclass(slots=True)
+class Submission:
+    """Whether an ioctl may have reached the driver: the caller passes it, the transport sets it.
+
+    A transport sets ``issued`` at the last moment it could still drop the call on its own:
+    as the system call is made (not while the call waits for a worker thread), as the
+    request frame is sent (not while it waits to send), as the driver's entry point is
+    called. A call cancelled before that never reached the driver, so the host never saw it;
+    one cancelled after it may still be counted by the host until its service completes it.
+    """
+
+    issued: bool = False
+
+
 @dataclass(slots=True, eq=False)
 class IoctlCall(Generic[R]):
     """One encoded ioctl: what a transport needs to perform it and the request it came from.

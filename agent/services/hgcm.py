@@ -23,10 +23,12 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
   cancelled keeps its slot at the host until the service completes it, which a service
   without a cancel hook may do much later; such calls keep their slot here too
-  (``lingers_when_cancelled``) until the channel closes. A call whose scope was already
-  cancelled when it began takes no slot; one cancelled while its transport still held it
-  back (waiting for an ioctl thread of the character device, say) takes one all the same,
-  since no transport says whether a cancelled call reached the driver.
+  (``lingers_when_cancelled``) until the channel closes. Only a call that may have reached
+  the driver lingers, as its transport reports (:class:`~agent.protocol.Submission`): once
+  there, the driver cancels it at the host, which may go on counting it; one cancelled
+  before (its scope cancelled when it began, or while the transport held it back: waiting
+  for an ioctl thread of the character device, or for another call's frame to be sent)
+  never reached the host and takes no slot.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
@@ -52,6 +54,7 @@ from agent.protocol import (
     HgcmU64,
     HgcmValue,
     LocalProtocolError,
+    Submission,
 )
 from agent.protocol.constants import (
     HGCM_MAX_LOCKED_BUFFERS,
@@ -136,7 +139,8 @@ class HgcmChannel:
             params: typed parameters (``HgcmU32``, ``HgcmU64``, ``HgcmBufferIn``,
                 ``HgcmBufferOut``, ``HgcmBuffer``).
             lingers_when_cancelled: whether the host may go on counting this call after
-                the guest cancels it (False for functions the service completes at once).
+                the guest cancels it (False for functions the service completes at once);
+                only a call that may have reached the driver lingers.
             timeout_ms: the driver cancels the call at the host after this long; at most
                 ``SHORT_CALL_TIMEOUT_MS`` makes it a short call, which waits for an ioctl
                 thread instead of counting against the blocking calls' share.
@@ -147,16 +151,20 @@ class HgcmChannel:
                 is the status's name and ``.reply`` what came back (a needed size, say).
             VBoxStatusError: the driver or host refused the call.
         """
-        # A call cancelled before it is sent never reaches the host: it must not count
-        # as lingering (15 of them would close the channel to every later call).
+        # A call cancelled before it starts is neither checked nor counted.
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(function, params)
         self._in_flight += 1
         self._calls += 1
+        submission = Submission()
         try:
-            return await self._client.call(function, params, timeout_ms=timeout_ms)
+            return await self._client.call(
+                function, params, timeout_ms=timeout_ms, submission=submission
+            )
         except trio.Cancelled:
-            if lingers_when_cancelled:
+            # One that never reached the driver must not linger: 15 of those would close
+            # the channel to every later call.
+            if lingers_when_cancelled and submission.issued:
                 self._lingering += 1
             raise
         finally:

@@ -326,6 +326,26 @@ class TestThrowAwayService:
                 daemon.request_shutdown("test")
         assert third.drained.is_set()
 
+    async def test_a_service_disabled_by_a_reload_leaves_the_status(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """Once a service disabled by a reload has drained, a STATUS= without it is sent."""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[gadget]\ndrain_s = 2\n", notifier)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                path.write_text("[gadget]\nenable = false\n")
+                await daemon.reload()
+                await gadget.drained.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                after = notifier.sent[-1]
+                daemon.request_shutdown("test")
+        assert after.startswith("STATUS=vm session ")
+        assert "gadget" not in after
+
     async def test_reload_during_a_restart_drain_reaches_the_replacement(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:

@@ -118,13 +118,33 @@ class TestSupervisor:
         assert supervisor.restarts() == {"flaky": 4}
 
     async def test_gives_up_after_budget(self, autojump_clock: trio.abc.Clock) -> None:
-        """More failures than the budget within the window raise ServiceFailedError."""
+        """More failures than the budget within the window raise ServiceFailedError, which
+        names the service's own error; each retry is a warning with its delay, the end an
+        error."""
         service = FlakyService(failures=100)
         supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=2))
-        with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
+        gave_up = pytest.RaisesExc(
+            ServiceFailedError,
+            match=r"^service flaky failed 3 times within 60 s: RuntimeError\('boom'\)$",
+        )
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(60),
+            pytest.RaisesGroup(gave_up),
+        ):
             async with trio.open_nursery() as nursery:
                 await supervisor.start(nursery, service)
         assert len(service.starts) == 3
+        lines = [
+            (e["event"], e["log_level"], e["failures"], e.get("retry_in_s"), e["error"])
+            for e in logs
+            if e["event"] in {"service_failed", "service_gave_up"}
+        ]
+        assert lines == [
+            ("service_failed", "warning", 1, 1.0, "RuntimeError('boom')"),
+            ("service_failed", "warning", 2, 2.0, "RuntimeError('boom')"),
+            ("service_gave_up", "error", 3, None, "RuntimeError('boom')"),
+        ]
 
     async def test_failures_outside_window_do_not_count(
         self, autojump_clock: trio.abc.Clock
@@ -342,6 +362,21 @@ class TestSupervisor:
         assert supervisor.restarts() == {"flaky": 1}
         assert not supervisor.replace("flaky", first)
 
+    async def test_a_replacement_gets_a_fresh_restart_budget(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The failures of the service replaced do not count against its replacement."""
+        first, second = FlakyService(failures=1), FlakyService(failures=1)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config(restart_budget=1))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, first)
+                await trio.sleep(2)
+                assert supervisor.replace("flaky", second)
+                await trio.sleep(5)
+                nursery.cancel_scope.cancel()
+        assert (first.starts, second.starts) == ([0.0, 1.0], [2.0, 3.0])
+
     async def test_every_failure_is_drained(self, autojump_clock: trio.abc.Clock) -> None:
         """A failed run is drained before the back-off, so nothing is held while waiting."""
         service = FlakyService(failures=2)
@@ -365,6 +400,35 @@ class TestSupervisor:
                 supervisor.stop_all(trio.current_time() + 5)
         assert service.drains == [2.0]
         assert supervisor.services() == []
+
+    async def test_a_failed_drain_is_logged_and_stops_nothing_else(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A drain that raises is one warning; the other services still drain and the stop
+        ends as usual."""
+
+        class BadDrain(FlakyService):
+            name = "bad"
+
+            async def drain(self) -> None:
+                await super().drain()
+                msg = "drain broke"
+                raise RuntimeError(msg)
+
+        bad, steady = BadDrain(failures=0), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with structlog.testing.capture_logs() as logs, trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, bad)
+                await supervisor.start(nursery, steady)
+                await trio.sleep(2)
+                supervisor.stop_all(trio.current_time() + 5)
+        assert (bad.drains, steady.drains) == ([2.0], [2.0])
+        assert supervisor.services() == []
+        failed = [e for e in logs if e["event"] == "service_drain_failed"]
+        assert [(e["service"], e["log_level"], e["error"]) for e in failed] == [
+            ("bad", "warning", "RuntimeError('drain broke')")
+        ]
 
     async def test_drain_logs_with_the_service_name(self, autojump_clock: trio.abc.Clock) -> None:
         """A drain runs with ``service`` bound, as its run does, so its log lines say whose."""

@@ -55,6 +55,7 @@ from agent.protocol import (
     LocalProtocolError,
     Request,
     Session,
+    Submission,
     UserBuffer,
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
@@ -217,10 +218,15 @@ async def _kernel() -> Kernel[FakeDriver]:
     return Kernel(FakeDriver())
 
 
-async def _call(transport: CharDevTransport, session: Session, request: Request[R]) -> R:
+async def _call(
+    transport: CharDevTransport,
+    session: Session,
+    request: Request[R],
+    submission: Submission | None = None,
+) -> R:
     """Encode ``request``, move it through ``transport`` and decode the reply."""
     call: IoctlCall[R] = session.encode(request)
-    await transport.ioctl(call.code, call.buffer, call.user_buffers)
+    await transport.ioctl(call.code, call.buffer, call.user_buffers, submission=submission)
     return session.decode(call)
 
 
@@ -688,13 +694,16 @@ class TestCancellation:
     async def test_cancelling_a_blocked_hgcm_call_cancels_it_in_the_driver(
         self, kernel: Kernel[FakeDriver]
     ) -> None:
-        """The caller's cancel interrupts the worker thread and raises Cancelled promptly."""
+        """The caller's cancel interrupts the worker thread and raises Cancelled promptly; the
+        call was issued (the driver had it)."""
+        submission = Submission()
         with trio.fail_after(BOUND):
             transport, session, client = await _open_connected(kernel)
             scope = await _cancel_once_in_driver(
-                kernel, _call(transport, session, HgcmCall(client, BLOCK_FUNCTION))
+                kernel, _call(transport, session, HgcmCall(client, BLOCK_FUNCTION), submission)
             )
             assert scope.cancelled_caught
+            assert submission.issued
             assert kernel.driver.cancelled_calls == 1
             assert kernel.in_driver == 0
             reply = await _call(transport, session, HgcmCall(client, ECHO_FUNCTION, (HgcmU32(0),)))
@@ -704,7 +713,8 @@ class TestCancellation:
     async def test_cancel_before_a_thread_is_free_never_runs_the_call(
         self, kernel: Kernel[FakeDriver]
     ) -> None:
-        """A call cancelled while waiting for the limiter never reaches the driver."""
+        """A call cancelled while waiting for the limiter never reaches the driver, and its
+        submission says so; the next call is issued."""
         budget = chardev.ThreadBudget(2)
         limiter = budget.limiter
         with trio.fail_after(BOUND):
@@ -716,14 +726,17 @@ class TestCancellation:
             for holder in holders:
                 await limiter.acquire_on_behalf_of(holder)
             calls = len(kernel.codes)
+            queued, issued = Submission(), Submission()
             with trio.move_on_after(0.05) as scope:
-                await _call(transport, session, GetHostVersion())
+                await _call(transport, session, GetHostVersion(), queued)
             assert scope.cancelled_caught
             for holder in holders:
                 limiter.release_on_behalf_of(holder)
             assert len(kernel.codes) == calls
-            await _call(transport, session, GetHostVersion())
+            assert not queued.issued
+            await _call(transport, session, GetHostVersion(), issued)
             assert len(kernel.codes) == calls + 1
+            assert issued.issued
 
     async def test_aclose_interrupts_blocked_calls_and_leaves_no_thread(
         self, kernel: Kernel[FakeDriver]

@@ -40,7 +40,7 @@ from tests.host.conftest import ECHO, FN_HOLD, EchoService
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
 
 PERSONALITIES: Final = ("mainline", "oracle")
 LIMIT_S: Final = 60
@@ -142,9 +142,16 @@ class OracleScript:
         self.calls = 0
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         del user_buffers
+        if submission is not None:
+            submission.issued = True
         await trio.lowlevel.checkpoint()
         rc, events = VINF_SUCCESS, 0
         if code == Ioctl.WAIT_FOR_EVENTS:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from agent.device import Transport
-    from agent.protocol import UserBuffer
+    from agent.protocol import Submission, UserBuffer
 
 RESTORED = int(Event.RESTORED)
 
@@ -38,11 +38,16 @@ class DeafTransport:
         self._inner = inner
 
     async def ioctl(
-        self, code: int, buffer: bytearray, user_buffers: Sequence[UserBuffer] = ()
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
     ) -> None:
         if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
             await trio.sleep_forever()
-        await self._inner.ioctl(code, buffer, user_buffers)
+        await self._inner.ioctl(code, buffer, user_buffers, submission=submission)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

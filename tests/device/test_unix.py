@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import tempfile
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -35,7 +36,7 @@ from agent.device.unix import (
     UnixSocketTransport,
 )
 from agent.host.server import serve_simulated_host
-from agent.protocol import UserBuffer
+from agent.protocol import Submission, UserBuffer
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.wire import (
     ErrorFrame,
@@ -59,6 +60,8 @@ INTERRUPT = 3
 FAIL = 4  # EINVAL
 BLOCK = 5  # blocks until cancelled; records the cancellation
 _SLOT = struct.Struct("<QQ")
+LARGE_FRAME = 8 << 20
+"""User memory far larger than a Unix socket's buffers: sending it waits for the host."""
 
 
 class ScriptedSession:
@@ -124,6 +127,11 @@ def _host() -> ScriptedHost:
 async def start_host(nursery: trio.Nursery, host: ScriptedHost, path: str) -> None:
     """Serve ``host`` at ``path`` in ``nursery`` and return once it listens."""
     await nursery.start(serve_simulated_host, host, path)
+
+
+def raises_einval() -> pytest.RaisesExc[OSError]:
+    """Expect the ``OSError`` of an ioctl the host refused with EINVAL."""
+    return pytest.raises(OSError, match=rf"^\[Errno {errno.EINVAL}\] ")
 
 
 def echo_call(*contents: bytes) -> tuple[bytearray, list[UserBuffer]]:
@@ -244,18 +252,22 @@ class TestCancellation:
     async def test_cancelled_call_is_cancelled_at_the_host(
         self, socket_dir: str, host: ScriptedHost
     ) -> None:
-        """The host cancels the call; later calls on the session still work."""
+        """The host cancels the call, which was issued; later calls on the session still
+        work."""
         path = os.path.join(socket_dir, "h.sock")
+        submission = Submission()
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await start_host(nursery, host, path)
                 transport = await UnixSocketOpener(path).open_session()
                 scope = trio.CancelScope()
                 async with trio.open_nursery() as callers:
-                    callers.start_soon(_call_in, scope, transport.ioctl, BLOCK)
+                    ioctl = partial(transport.ioctl, submission=submission)
+                    callers.start_soon(_call_in, scope, ioctl, BLOCK)
                     await trio.testing.wait_all_tasks_blocked()  # the call is at the host
                     scope.cancel()
                 assert scope.cancelled_caught
+                assert submission.issued
                 buffer, user_buffers = echo_call(b"after")
                 await transport.ioctl(ECHO, buffer, user_buffers)
                 assert user_buffers[0].data == b"AFTER"
@@ -290,6 +302,51 @@ class TestCancellation:
                 assert outcome == [errno.EINTR]
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
+
+    async def test_a_call_cancelled_before_its_frame_is_sent_is_not_issued(
+        self, socket_dir: str
+    ) -> None:
+        """A call cancelled while another call's frame holds the send lock (the host is not
+        reading) sends nothing, and its submission says so: the host sees only the other
+        call and the next one. The call whose frame was being sent is issued."""
+        path = os.path.join(socket_dir, "slow.sock")
+        listener = await _listening(path, backlog=1)
+        reading = trio.Event()
+        codes: list[int] = []
+
+        def refuse(request: IoctlRequest) -> IoctlReply:
+            codes.append(request.code)
+            return IoctlReply(request.seq, errno.EINVAL)
+
+        sending, held_back = Submission(), Submission()
+
+        async def send_a_large_frame() -> None:
+            large = [UserBuffer(0, bytearray(LARGE_FRAME))]
+            with raises_einval():
+                await transport.ioctl(FAIL, bytearray(16), large, submission=sending)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(_answering_host, listener, refuse, reading=reading))
+                transport = await UnixSocketOpener(path).open_session()
+                scope = trio.CancelScope()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(send_a_large_frame)
+                    await trio.testing.wait_all_tasks_blocked()  # the socket's buffer is full
+                    ioctl = partial(transport.ioctl, submission=held_back)
+                    callers.start_soon(_call_in, scope, ioctl, ECHO)
+                    await trio.testing.wait_all_tasks_blocked()  # it waits to send
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    reading.set()
+                assert scope.cancelled_caught
+                assert (sending.issued, held_back.issued) == (True, False)
+                with raises_einval():
+                    await transport.ioctl(INTERRUPT, bytearray(8))
+                assert codes == [FAIL, INTERRUPT]
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
 
 
 async def _call_in(scope: trio.CancelScope, ioctl: object, code: int) -> None:
@@ -669,10 +726,14 @@ class TestBrokenHost:
 
 
 async def _answering_host(
-    listener: trio.socket.SocketType, answer: Callable[[IoctlRequest], IoctlReply]
+    listener: trio.socket.SocketType,
+    answer: Callable[[IoctlRequest], IoctlReply],
+    *,
+    reading: trio.Event | None = None,
 ) -> None:
     """A host on ``listener`` that greets one session, then answers each ioctl with
-    ``answer(request)`` until the session closes."""
+    ``answer(request)`` until the session closes; with ``reading``, it reads nothing after
+    HELLO until that is set."""
     connection, _ = await listener.accept()
     stream = trio.SocketStream(connection)
     decoder = FrameDecoder()
@@ -685,6 +746,8 @@ async def _answering_host(
                 decoder.feed(data)
             if isinstance(frame, Hello):
                 await stream.send_all(encode_frame(Hello(Role.HOST)))
+                if reading is not None:
+                    await reading.wait()
             elif isinstance(frame, IoctlRequest):
                 await stream.send_all(encode_frame(answer(frame)))
 

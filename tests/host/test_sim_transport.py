@@ -9,6 +9,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
+from functools import partial
 
 import pytest
 import trio
@@ -28,6 +29,7 @@ from agent.protocol import (
     HgcmCall,
     HgcmConnect,
     HgcmU32,
+    Submission,
     UserBuffer,
     WaitForEvents,
 )
@@ -85,6 +87,28 @@ class TestSimTransport:
             await client.request(GetSessionId())
         assert info.value.errno == errno.EBADF
         await transport.aclose()
+
+    async def test_a_call_is_issued_as_the_driver_gets_it(
+        self, host: SimulatedHost, echo: EchoService
+    ) -> None:
+        """A call the service holds, then cancelled, was issued; one on a closed session,
+        refused before the driver, was not."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        held, refused = Submission(), Submission()
+        call = client.session.encode(HgcmCall(client_id, FN_HOLD, ()))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(client.transport.ioctl, call.code, call.buffer, submission=held)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(echo.held) == 1
+            nursery.cancel_scope.cancel()
+        assert held.issued
+        await client.transport.aclose()
+        with pytest.raises(OSError, match=r"Bad file descriptor"):
+            await client.transport.ioctl(call.code, call.buffer, submission=refused)
+        assert not refused.issued
 
     async def test_description(self, host: SimulatedHost) -> None:
         """The opener names the personality and the node."""

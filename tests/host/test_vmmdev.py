@@ -673,6 +673,12 @@ class TestGuestStats:
         with pytest.raises(ValueError, match=r"statistics interval must be in range"):
             device.vmmdev.set_statistics_interval(seconds)
 
+    @pytest.mark.parametrize("seconds", [0xFFFF_FFFF, 0])
+    def test_interval_may_be_any_u32(self, device: Device, seconds: int) -> None:
+        """The largest u32 and 0 (no reports) are intervals the host takes."""
+        device.vmmdev.set_statistics_interval(seconds)
+        assert device.vmmdev.guest_stats.interval_s == seconds
+
     def test_report_is_kept_field_by_field(self, device: Device) -> None:
         """Every u32 of the report lands under its snake-case name; reports are counted."""
         device.report_additions()
@@ -796,6 +802,11 @@ class TestGuestStats:
         """A VM has 1 to 64 CPUs (VMM_MAX_CPU_COUNT)."""
         with pytest.raises(ValueError, match=r"guest CPUs must be in \[1, 64\]"):
             make_device(cpus=cpus)
+
+    @pytest.mark.parametrize("cpus", [1, 64])
+    def test_one_to_64_cpus_are_taken(self, cpus: int) -> None:
+        """The fewest and the most CPUs a VM may have."""
+        assert make_device(cpus=cpus).vmmdev.guest_stats.cpus == cpus
 
 
 class TestHeartbeat:

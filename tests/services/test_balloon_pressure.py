@@ -103,6 +103,17 @@ class TestPsiMonitor:
         assert not blocked
         assert [str(exc) for exc in refused] == [f"{fifo} is not a regular file (a PSI file is)"]
 
+    async def test_leaving_closes_the_file(self, tmp_path: Path) -> None:
+        """Each monitor closes what it opened when its block ends (a reload of the PSI
+        settings starts a new one)."""
+        psi = tmp_path / "memory.pressure"
+        _write_psi(psi, 1_000)
+        before = set(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10):
+                assert set(os.listdir("/proc/self/fd")) > before
+        assert set(os.listdir("/proc/self/fd")) <= before
+
     def test_refused_file_leaves_no_descriptor_open(self, tmp_path: Path) -> None:
         bogus = tmp_path / "bogus"
         bogus.write_text("hello\n")

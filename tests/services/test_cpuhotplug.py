@@ -337,6 +337,30 @@ class TestPlugAndUnplug:
         assert plugged["cpu"] == "cpu4"
         assert "passed_over" not in plugged
 
+    async def test_a_cpu_passed_over_is_tried_last_at_the_next_plug(self, guest: Guest) -> None:
+        """cpu4 appears, but the host plugs core 3: cpu4 (new) and cpu2 are passed over.
+        When cpu5 appears for the next plug, cpu4 is an offline CPU like cpu2 (tried after
+        the new one), so cpu5 comes online with nothing passed over."""
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                guest.cpu(4, online=False)
+                run.host.cpu_plug(3)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+                guest.cpu(5, online=False)
+                run.host.cpu_plug(5)
+                await run.watch.until(lambda: run.stats().plugged == 2)
+        assert [guest.online(n) for n in (2, 3, 4, 5)] == ["0", "1", "0", "1"]
+        first, second = events_named(logs, "cpu_plugged")
+        assert (first["cpu"], first["passed_over"]) == (
+            "cpu3",
+            [
+                "cpu4 has core 4 package 0, offline again",
+                "cpu2 has core 2 package 0, offline again",
+            ],
+        )
+        assert second["cpu"] == "cpu5"
+        assert "passed_over" not in second
+
     async def test_plug_of_a_core_no_offline_cpu_has(self, guest: Guest) -> None:
         """Each offline CPU comes online once, shows other ids and goes offline again; the
         plug fails after PLUG_TRIES looks with one line naming them."""

@@ -78,7 +78,8 @@ class TestEventPump:
     async def test_slow_subscriber_gets_every_bit_coalesced(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
     ) -> None:
-        """A flood for a subscriber that is busy loses no bit: they arrive OR-ed, counted."""
+        """A flood for a subscriber that is busy loses no bit: they arrive OR-ed, counted;
+        the pump counts each wait that brought events, and when the last did."""
         pump = EventPump(device)
         flood = (RESTORED, VRDP, CPU_HOTPLUG) * 40
         with (
@@ -88,6 +89,7 @@ class TestEventPump:
         ):
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)
+                await trio.sleep(5.0)  # the flood comes 5 s in
                 for bits in flood:
                     host.raise_events(bits)
                     if bits == RESTORED:
@@ -101,6 +103,8 @@ class TestEventPump:
                 assert stats["slow"].coalesced == len(flood) - 1
                 assert (stats["fast"].posted, stats["fast"].delivered) == (40, 40)
                 assert stats["fast"].coalesced == 0
+                totals = pump.statistics()
+                assert (totals.events_received, totals.last_event_time) == (len(flood), 5.0)
                 nursery.cancel_scope.cancel()
 
     async def test_bits_arriving_while_busy_reach_the_next_receive(

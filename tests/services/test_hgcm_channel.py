@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -33,7 +34,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.server import serve_simulated_host
 from agent.protocol import Event, RequestType, VBoxStatusError
-from agent.protocol.constants import HGCM_MAX_USER_PARM
+from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
 from agent.services.guest_props import PropertyChange, open_guest_properties
 from agent.services.hgcm import (
@@ -49,7 +50,7 @@ from tests.device.syscalls import Kernel
 from tests.host.conftest import ECHO, FN_FAIL, FN_HOLD, EchoService
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from agent.device import DeviceOpener
 
@@ -316,6 +317,51 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
             nursery.cancel_scope.cancel()
     assert [value.value if value else None for value in values] == ["v", "v", "v"]
     assert kernel.peak == 2
+
+
+async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None:
+    """Over the character device with two ioctl threads, both held by calls the service
+    keeps, calls cancelled while they wait for a thread never reach the driver and take no
+    slot: pending stays at the two the host holds, and after more such cancellations than the
+    host's limit a call still goes through (pending was 3 where the host held 2, and the 14th
+    queued call was refused with HgcmLimitError)."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="mainline", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            kernel = Kernel(host)
+            async with (
+                open_device(kernel.opener(threads=2)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                short_hold = partial(channel.call, FN_HOLD, timeout_ms=SHORT_CALL_TIMEOUT_MS)
+                async with trio.open_nursery() as holders:
+                    holders.start_soon(short_hold)
+                    holders.start_soon(short_hold)
+                    await kernel.wait_in_driver(2)
+                    for _ in range(ECHO_CALL_LIMIT + 1):
+                        scope = trio.CancelScope()
+                        async with trio.open_nursery() as queue:
+                            queue.start_soon(_call_in, scope, short_hold)
+                            await trio.testing.wait_all_tasks_blocked()
+                            assert channel.pending == 3
+                            scope.cancel()
+                        assert scope.cancelled_caught
+                        assert (channel.pending, len(echo.held)) == (2, 2)
+                    for call in list(echo.held):
+                        call.complete(VINF_SUCCESS)
+                assert channel.pending == 0
+                reply = await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
+                assert reply.status == VINF_SUCCESS
+                assert echo.cancelled == []
+            nursery.cancel_scope.cancel()
+
+
+async def _call_in(scope: trio.CancelScope, call: Callable[[], Awaitable[object]]) -> None:
+    """Await ``call()`` inside ``scope``."""
+    with scope:
+        await call()
 
 
 async def test_a_connect_the_host_never_answers_times_out(monkeypatch: pytest.MonkeyPatch) -> None:

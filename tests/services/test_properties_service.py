@@ -28,6 +28,15 @@ from agent.services.properties import (
 )
 
 LIMIT_S: Final = 60
+WRITTEN: Final = ("Product", "Release", "Version", "ServicePack")
+"""The OS properties VBoxService's VM-info service writes on Linux."""
+
+
+def _values_and_flags(host: SimulatedHost) -> dict[str, tuple[str, str] | None]:
+    """Each property the service writes, by name, as the host keeps it (value, flags)."""
+    names = [*(f"/VirtualBox/GuestInfo/OS/{key}" for key in WRITTEN), AGENT_VERSION_PROPERTY]
+    found = {name: host.prop_get(name) for name in names}
+    return {name: None if got is None else got[:2] for name, got in found.items()}
 
 
 async def test_publishes_and_republishes_after_a_restore(
@@ -43,12 +52,14 @@ async def test_publishes_and_republishes_after_a_restore(
             await nursery.start(pump.run)
             await nursery.start(service.run)
             assert service.status() == "properties ok"
-            product = host.prop_get("/VirtualBox/GuestInfo/OS/Product")
-            assert product is not None
-            assert product[:2] == (os.uname().sysname, "")
-            version = host.prop_get(AGENT_VERSION_PROPERTY)
-            assert version is not None
-            assert version[0] == __version__
+            uname = os.uname()
+            assert _values_and_flags(host) == {
+                "/VirtualBox/GuestInfo/OS/Product": (uname.sysname, ""),
+                "/VirtualBox/GuestInfo/OS/Release": (uname.release, ""),
+                "/VirtualBox/GuestInfo/OS/Version": (uname.version, ""),
+                "/VirtualBox/GuestInfo/OS/ServicePack": ("", ""),
+                "/VirtualBox/GuestAdd/VBoxAgent/Version": (__version__, ""),
+            }
             assert host.status()["hgcm_clients"] == 1
             host.prop_delete(AGENT_VERSION_PROPERTY)
             host.restore()
