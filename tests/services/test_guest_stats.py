@@ -351,6 +351,7 @@ class TestReports:
         with structlog.testing.capture_logs() as logs:
             async with running("passthrough", proc=tmp_path) as (host, service):
                 host.set_statistics_interval(1)
+                await trio.sleep(0.5)  # the file changes between reports, never at one
                 for tick in range(3):
                     (tmp_path / "loadavg").write_text(f"0.{tick}0 0.20 0.30\n")
                     await trio.sleep(1.0)
