@@ -608,14 +608,23 @@ class TestVmmdevRequestPolicy:
             (False, 0, Requestor.USERMODE | Requestor.USR_ROOT),
             (False, 1000, Requestor.USERMODE | Requestor.USR_USER),
             (True, 1000, Requestor.USERMODE | Requestor.USR_USER | Requestor.USER_DEVICE),
+            (
+                True,
+                0,
+                Requestor.USERMODE
+                | Requestor.USR_ROOT
+                | Requestor.USER_DEVICE
+                | Requestor.GRP_VBOX,
+            ),
         ],
     )
     async def test_requestor_of_a_session(
         self, host: SimulatedHost, user_device: bool, uid: int, expected: int
     ) -> None:
         """``vgdrvLinuxOpen``: user-mode, root or user, USER_DEVICE on /dev/vboxuser; the
-        VirtualBox group only for a /dev/vboxuser node of a non-root group (root:root here),
-        so never; trust and console not known (0)."""
+        VirtualBox group on /dev/vboxuser when its node's group is 0 and the caller is in it
+        (``vgdrvLinuxIsGroupZero`` is true for a non-zero gid), so root on the model's
+        root:root node (0x808B); trust and console not known (0)."""
         seen = _record_requestors(host, RequestType.GET_SESSION_ID)
         client = await open_client(host, user_device=user_device, uid=uid)
         await passthrough(client, RequestType.GET_SESSION_ID)

@@ -108,14 +108,17 @@ class OracleDriver(Driver):
     def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
         """Open a node as ``uid``, with the requestor ``vgdrvLinuxOpen`` computes.
 
-        User mode, root or user, and USER_DEVICE on /dev/vboxuser. The VirtualBox group bit
-        is given only on a /dev/vboxuser node of a group other than root's, which the model's
-        root:root nodes are not; trust and console are not known (both 0).
+        User mode, root or user, and USER_DEVICE on /dev/vboxuser. There the VirtualBox group
+        bit goes to a caller in the node's group when that group is 0: the test negates
+        ``vgdrvLinuxIsGroupZero``, which (kernels >= 3.5) is true for a non-zero gid. On the
+        model's root:root nodes that is root. Trust and console are not known (both 0).
         """
         session = super().open_session(user_device=user_device, uid=uid)
         requestor = Requestor.USERMODE | (Requestor.USR_ROOT if uid == 0 else Requestor.USR_USER)
         if user_device:
             requestor |= Requestor.USER_DEVICE
+            if uid == 0:
+                requestor |= Requestor.GRP_VBOX
         session.requestor = int(requestor)
         return session
 
