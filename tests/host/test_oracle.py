@@ -22,6 +22,7 @@ from agent.host import SimulatedHost
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._session import session_requestor
+from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     AcquireGuestCapabilities,
     ChangeBalloon,
@@ -223,17 +224,21 @@ class TestHeaderRc:
         self, host: SimulatedHost, echo: EchoService
     ) -> None:
         """``vgdrvIoCtl_HGCMConnect`` connects at the host before it looks for a free slot:
-        with none left the new client is disconnected again (VERR_TOO_MANY_OPEN_FILES, id 0),
-        and a connect the host refuses answers with the host's status."""
-        client = await open_client(host)
+        with none left the new client is disconnected again as the session
+        (VERR_TOO_MANY_OPEN_FILES, id 0), and a connect the host refuses answers with the
+        host's status."""
+        client = await open_client(host, uid=1000)
         for _ in range(64):
             await client.request(HgcmConnect(ECHO))
+        disconnects = _record_requestors(host, RequestType.HGCM_DISCONNECT)
         connect = HgcmConnect(ECHO).encode()
         await client.raw(connect.code, connect.buffer)
         assert L.IoctlHeader.rc.get(connect.buffer) == VERR_TOO_MANY_OPEN_FILES
         assert L.HgcmConnectIoctl.client_id.get(connect.buffer) == 0
         assert len(echo.connected) == 65
         assert echo.disconnected == echo.connected[-1:]
+        caller = Requestor.USERMODE | Requestor.USR_USER  # the session's, not the kernel's
+        assert disconnects == [(RequestType.HGCM_DISCONNECT, caller)]
         assert host.status()["hgcm_clients"] == 64
         unknown = HgcmConnect("NoSuchSvc").encode()
         await client.raw(unknown.code, unknown.buffer)
@@ -286,6 +291,10 @@ class TestHeaderRc:
         oversized(before_a_bad_type, 1)
         oversized(before_a_bad_type, 2, HgcmParmType.PAGELIST)
         assert await call_rc(client, before_a_bad_type) == VERR_OUT_OF_RANGE
+        after_a_bad_type = HgcmCall(client_id, FN_FAIL, (succeed, HgcmU32(0), HgcmU32(0))).encode()
+        oversized(after_a_bad_type, 1, HgcmParmType.PAGELIST)
+        oversized(after_a_bad_type, 2)
+        assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
 
 
 class TestLog:
@@ -341,6 +350,23 @@ class TestMouseStatus:
         assert await set_mouse_status(client, 0x2) == VERR_INVALID_PARAMETER
         assert host.vmmdev.guest.mouse_features == 0
 
+    async def test_a_refused_change_is_rolled_back(self, host: SimulatedHost) -> None:
+        """When the host refuses SET_MOUSE_STATUS the session's features and their union
+        are as before, so the same change asked again is sent again."""
+        first, second = await open_client(host), await open_client(host)
+        assert await set_mouse_status(first, CAN_ABSOLUTE) == VINF_SUCCESS
+        driver = model_driver(host)
+        assert isinstance(driver, OracleDriver)
+        sent = _record_requestors(host, RequestType.SET_MOUSE_STATUS)
+        host.add_fault(RequestType.SET_MOUSE_STATUS, VERR_NOT_SUPPORTED)
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VERR_NOT_SUPPORTED
+        assert second.transport.session.mouse_status == 0
+        assert driver.mouse_tracker.mask == CAN_ABSOLUTE
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VINF_SUCCESS
+        assert len(sent) == 2
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE | NEW_PROTOCOL
+
     async def test_the_request_is_the_sessions(self, host: SimulatedHost) -> None:
         """SET_MOUSE_STATUS goes to the host as the session's; the close's as the kernel's."""
         seen: list[tuple[int, int]] = []
@@ -368,9 +394,10 @@ class TestMouseStatus:
         await expect_einval(client, iowr(IOCTL_TYPE, 15, 28), buf)
 
 
-async def acquire_caps(client: Client, or_mask: int, not_mask: int) -> int:
+async def acquire_caps(client: Client, or_mask: int, not_mask: int, flags: int = 0) -> int:
     """ACQUIRE_GUEST_CAPABILITIES by hand; return ``hdr.rc``."""
     call = AcquireGuestCapabilities(0, 0).encode()
+    L.AcquireGuestCapsIoctl.flags.set(call.buffer, flags)
     L.AcquireGuestCapsIoctl.or_mask.set(call.buffer, or_mask)
     L.AcquireGuestCapsIoctl.not_mask.set(call.buffer, not_mask)
     await client.raw(call.code, call.buffer)
@@ -395,6 +422,13 @@ class TestCapabilities:
         client = await open_client(host)
         assert await acquire_caps(client, SEAMLESS, 0x8) == VINF_SUCCESS
         assert await acquire_caps(client, 0x8, 0) == VERR_INVALID_PARAMETER
+
+    async def test_acquire_flags_beyond_config_mode_are_invalid(self, host: SimulatedHost) -> None:
+        """Only the config-acquire-mode flag (1) may be given: 2 is VERR_INVALID_PARAMETER,
+        with a valid mask, and nothing is acquired."""
+        client, other = await open_client(host), await open_client(host)
+        assert await acquire_caps(client, SEAMLESS, 0, flags=2) == VERR_INVALID_PARAMETER
+        assert await change_caps(other, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
 
     async def test_acquire_takes_a_capability_another_session_set(
         self, host: SimulatedHost
