@@ -161,6 +161,36 @@ def _record_requestors(host: SimulatedHost, *types: int) -> list[tuple[int, int]
     return seen
 
 
+NIL_PHYS: Final = (1 << 64) - 1
+"""``NIL_RTHCPHYS``, what ``RTR0MemObjGetPagePhysAddr`` gives for a NIL object's pages."""
+_FIRST_PAGE_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
+
+
+def _first_pages_by_chunk(host: SimulatedHost) -> dict[int, int]:
+    """Each user chunk the oracle driver holds: its address -> its first page."""
+    driver = model_driver(host)
+    assert isinstance(driver, OracleDriver)
+    return {
+        address: int.from_bytes(pages[:8], "little") for address, pages in driver.chunks.items()
+    }
+
+
+def _record_first_pages(host: SimulatedHost) -> list[int]:
+    """Record the first page of each CHANGE_MEMBALLOON the host gets from now on."""
+    seen: list[int] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = host.vmmdev.memory.read(phys, HEADER_SIZE)
+        if L.RequestHeader.request_type.get(header) == RequestType.CHANGE_MEMBALLOON:
+            page = host.vmmdev.memory.read(phys + _FIRST_PAGE_AT, 8)
+            seen.append(int.from_bytes(page, "little"))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
+
+
 class TestHeaderRc:
     """Handlers report failures in hdr.rc with the ioctl succeeding; malformed calls are EINVAL."""
 
@@ -865,6 +895,41 @@ class TestOracleBalloon:
         host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NOT_SUPPORTED)
         await owner.transport.aclose()
         assert host.vmmdev.balloon.chunks == 3
+        other = await open_client(host)
+        assert (await other.request(CheckBalloon())).handle_in_r3
+
+    async def test_owner_close_walks_the_slots_down(self, host: SimulatedHost) -> None:
+        """An inflate takes the lowest free slot of ``paMemObj`` and the close deflates slots
+        ``cChunks - 1`` down to 0, so after a deflate out of order the close's order is not
+        the inflates' reversed (a, b, c in; a out; d in, to a's slot: c, b, d)."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        a, b, c, d = (CHUNK + index * MIB for index in range(4))
+        for address in (a, b, c):
+            await owner.request(ChangeBalloon(address, True))
+        await owner.request(ChangeBalloon(a, False))
+        await owner.request(ChangeBalloon(d, True))
+        first_page = _first_pages_by_chunk(host)
+        deflated = _record_first_pages(host)
+        await owner.transport.aclose()
+        assert deflated == [first_page[c], first_page[b], first_page[d]]
+        assert host.vmmdev.balloon.chunks == 0
+
+    async def test_owner_close_stops_at_a_freed_slot(self, host: SimulatedHost) -> None:
+        """A slot below ``cChunks`` freed by a deflate holds NIL: the close sends it (pages
+        NIL_RTHCPHYS, not page-aligned), the host refuses, and the walk ends there, leaving
+        the chunks of the slots below and at ``cChunks`` and up in the balloon."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        a, b, c = (CHUNK + index * MIB for index in range(3))
+        for address in (a, b, c):
+            await owner.request(ChangeBalloon(address, True))
+        await owner.request(ChangeBalloon(a, False))
+        first_page = _first_pages_by_chunk(host)
+        deflated = _record_first_pages(host)
+        await owner.transport.aclose()
+        assert deflated == [first_page[b], NIL_PHYS]
+        assert host.vmmdev.balloon.chunks == 1  # c's, in slot 2
         other = await open_client(host)
         assert (await other.request(CheckBalloon())).handle_in_r3
 
