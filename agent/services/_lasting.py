@@ -25,7 +25,8 @@ class LastingFailure:
 
     def __init__(self, ended_event: str) -> None:
         self._ended_event = ended_event
-        self._cause: str | None = None
+        self._failing: tuple[str, str] | None = None
+        """The event and cause of the failure going on."""
         self._in_a_row = 0
         self.total = 0
         """Failures since the service was built."""
@@ -33,24 +34,25 @@ class LastingFailure:
     @property
     def cause(self) -> str | None:
         """The cause of the failure going on, or None."""
-        return self._cause
+        return None if self._failing is None else self._failing[1]
 
     def failed(self, event: str, cause: str, **details: object) -> bool:
         """Count a failure; log it as ``event`` (and return True) if it is the first or its
-        ``cause`` differs from the last one's."""
+        ``event`` or ``cause`` differs from the last one's. ``cause`` must not carry data that
+        changes while the problem stays (that goes in ``details``)."""
         self.total += 1
         self._in_a_row += 1
-        if cause == self._cause:
+        if (event, cause) == self._failing:
             return False
         log.warning(event, failures=self.total, **details)
-        self._cause = cause
+        self._failing = (event, cause)
         return True
 
     def succeeded(self) -> bool:
         """Log the end of the failure going on, if any (and return True)."""
-        if self._cause is None:
+        if self._failing is None:
             return False
         log.info(self._ended_event, failed_in_a_row=self._in_a_row)
-        self._cause = None
+        self._failing = None
         self._in_a_row = 0
         return True

@@ -88,7 +88,16 @@ refuses to convert one of more than 4300 digits)."""
 
 
 class ProcStatsError(Exception):
-    """``/proc`` could not be read or did not have the expected shape."""
+    """``/proc`` could not be read or did not have the expected shape.
+
+    Attributes:
+        problem: what was wrong, without the data that showed it (which may change at every
+            read while the problem stays the same).
+    """
+
+    def __init__(self, problem: str, data: str = "") -> None:
+        super().__init__(f"{problem}: {data}" if data else problem)
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +254,8 @@ def _threads(text: str) -> int:
     running_total = fields[3] if len(fields) > 3 else ""
     total = _counter(running_total.partition("/")[2])
     if total is None:
-        msg = f"/proc/loadavg has no running/total field: {text.strip()[:80]!r}"
-        raise ProcStatsError(msg)
+        msg = "/proc/loadavg has no running/total field"
+        raise ProcStatsError(msg, repr(text.strip()[:80]))
     return total
 
 

@@ -148,7 +148,7 @@ class GuestStatsService:
         try:
             reports = self._proc.sample(balloon_chunks=self._balloon.chunks)
         except ProcStatsError as exc:
-            self._failed("statistics_unavailable", str(exc), error=str(exc))
+            self._failed("statistics_unavailable", exc.problem, error=str(exc))
             return
         for stats in reports:
             try:
@@ -163,6 +163,7 @@ class GuestStatsService:
             self._status_changed()
 
     def _failed(self, event: str, cause: str, **details: object) -> None:
+        """Count a failed report; the status shows a failure that begins or changes cause."""
         if self._failures.failed(event, cause, **details):
             self._status_changed()
 

@@ -323,6 +323,24 @@ class TestReports:
         again = [entry for entry in logs if entry["event"] == "statistics_reported_again"]
         assert [entry["failed_in_a_row"] for entry in again] == [3]
 
+    async def test_a_malformed_file_is_logged_once_while_its_text_changes(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """The same problem with other data at every tick (a /proc/loadavg without its
+        running/total field, its figures moving) is one line, with the data in it."""
+        write_proc(tmp_path, cpus=(IDLE_CPU,), processes=1)
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", proc=tmp_path) as (host, service):
+                host.set_statistics_interval(1)
+                for tick in range(3):
+                    (tmp_path / "loadavg").write_text(f"0.{tick}0 0.20 0.30\n")
+                    await trio.sleep(1.0)
+                assert service.statistics().failures == 3
+        unavailable = [entry for entry in logs if entry["event"] == "statistics_unavailable"]
+        assert len(unavailable) == 1
+        assert "running/total" in unavailable[0]["error"]
+        assert "0.00 0.20 0.30" in unavailable[0]["error"]
+
     async def test_refused_reports_are_logged_per_status(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path
     ) -> None:

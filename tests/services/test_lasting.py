@@ -49,3 +49,12 @@ def test_a_later_failure_counts_its_own_run() -> None:
         ("broke", 3, None),
         ("ok_again", None, 1),
     ]
+
+
+def test_the_same_cause_under_another_event_is_logged() -> None:
+    """A cause is compared together with its event."""
+    failures = LastingFailure("ok_again")
+    with structlog.testing.capture_logs() as logs:
+        changes = [failures.failed("one", "X"), failures.failed("other", "X")]
+    assert changes == [True, True]
+    assert [entry["event"] for entry in logs] == ["one", "other"]
