@@ -18,10 +18,9 @@ of ours, then:
     which the standard library modules the command line and the config file need,
     ``argparse`` and ``tomllib``, shown alone on top of the first model); the agent's RSS
     minus the last is what running costs (``bench/idle_modules.py`` lists the modules), of
-    which what a read of logind's sessions leaves, shown alone on top of the modules: the
-    users service loads libsystemd for its ``sd-login`` at every pass and unloads it after
-    (kept loaded, it and the libraries it links, libgcrypt, libgpg-error, zstd, lz4 and
-    libcap, held about 0.9 MiB);
+    which libsystemd, shown alone on top of the modules: the users service reads logind's
+    sessions through its ``sd-login`` at every pass, and loading it maps the libraries it
+    links (libgcrypt, libgpg-error, zstd, lz4, libcap);
   - an empty interpreter, for scale;
 - shutdown: from SIGTERM to exit, and the exit code.
 
@@ -275,7 +274,7 @@ def main() -> None:
     print(f"      the rest of the modules {_step(modules, protocol)}  ({AGENT_MODULES})")
     print(f"        of which the stdlib's {_step(cli_stdlib, one_model)}  (argparse, tomllib)")
     print(f"      running                 {_step(figures.rss_kib, modules)}")
-    print(f"        of which logind reads {_step(logind, modules)}  (libsystemd, unloaded after)")
+    print(f"        of which libsystemd   {_step(logind, modules)}  (the users service's sd-login)")
     print(f"  empty interpreter  {_mib(empty)}")
     print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")
 

@@ -7,10 +7,7 @@
    (``sd_get_sessions``, ``sd_session_is_active``, then ``sd_session_get_username``, or
    where libsystemd predates it (systemd 254) ``sd_session_get_uid`` and the account name of
    the uid), the documented library interface to the same state, so it needs no D-Bus.
-   Distributions that no longer write utmp still have these. The library is loaded for each
-   read and unloaded after it: kept loaded, it and the libraries it links (libgcrypt,
-   libgpg-error, zstd, lz4, libcap) would hold about 0.9 MiB of the idle agent's memory, for
-   a load that takes about half a millisecond.
+   Distributions that no longer write utmp still have these.
 
 Names are kept in order of first appearance, once each (compared on their first 32 bytes,
 utmp's field size, as VBoxService compares them). A source that does not exist (no utmp
@@ -115,14 +112,6 @@ def logind_users() -> list[str]:
         sd_login = _sd_login()
     except OSError:
         return []
-    try:
-        return _active_users(sd_login)
-    finally:
-        _unload(sd_login)
-
-
-def _active_users(sd_login: ctypes.CDLL) -> list[str]:
-    """The users of the active sessions ``sd_login`` lists."""
     listed = ctypes.POINTER(ctypes.c_void_p)()
     count = sd_login.sd_get_sessions(ctypes.byref(listed))
     if count < 0:
@@ -179,8 +168,10 @@ def _account_name(uid: int) -> str | None:
         return None
 
 
+@functools.cache
 def _sd_login() -> ctypes.CDLL:
-    """libsystemd, loaded, with the ``sd-login`` functions used here declared."""
+    """libsystemd with the ``sd-login`` functions used here declared, loaded once and kept:
+    since systemd 256 it is linked ``-z nodelete`` and cannot be unloaded."""
     library = ctypes.CDLL(LIBSYSTEMD)
     library.sd_get_sessions.argtypes = [ctypes.POINTER(ctypes.POINTER(ctypes.c_void_p))]
     library.sd_get_sessions.restype = ctypes.c_int
@@ -197,11 +188,6 @@ def _sd_login() -> ctypes.CDLL:
     return library
 
 
-def _unload(library: ctypes.CDLL) -> None:
-    """Unload ``library`` (its functions must not be called after)."""
-    _libc().dlclose(library._handle)
-
-
 def _free(pointer: object) -> None:
     """Free memory libsystemd allocated (a NULL pointer is fine)."""
     _libc().free(pointer)
@@ -212,6 +198,4 @@ def _libc() -> ctypes.CDLL:
     library = ctypes.CDLL(None)
     library.free.argtypes = [ctypes.c_void_p]
     library.free.restype = None
-    library.dlclose.argtypes = [ctypes.c_void_p]
-    library.dlclose.restype = ctypes.c_int
     return library

@@ -22,6 +22,7 @@ from agent.host import SimulatedHost
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._session import session_requestor
+from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     AcquireGuestCapabilities,
     ChangeBalloon,
@@ -160,6 +161,36 @@ def _record_requestors(host: SimulatedHost, *types: int) -> list[tuple[int, int]
     return seen
 
 
+NIL_PHYS: Final = (1 << 64) - 1
+"""``NIL_RTHCPHYS``, what ``RTR0MemObjGetPagePhysAddr`` gives for a NIL object's pages."""
+_FIRST_PAGE_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
+
+
+def _first_pages_by_chunk(host: SimulatedHost) -> dict[int, int]:
+    """Each user chunk the oracle driver holds: its address -> its first page."""
+    driver = model_driver(host)
+    assert isinstance(driver, OracleDriver)
+    return {
+        address: int.from_bytes(pages[:8], "little") for address, pages in driver.chunks.items()
+    }
+
+
+def _record_first_pages(host: SimulatedHost) -> list[int]:
+    """Record the first page of each CHANGE_MEMBALLOON the host gets from now on."""
+    seen: list[int] = []
+    process = host.vmmdev.process
+
+    def record(phys: int) -> None:
+        header = host.vmmdev.memory.read(phys, HEADER_SIZE)
+        if L.RequestHeader.request_type.get(header) == RequestType.CHANGE_MEMBALLOON:
+            page = host.vmmdev.memory.read(phys + _FIRST_PAGE_AT, 8)
+            seen.append(int.from_bytes(page, "little"))
+        process(phys)
+
+    host.vmmdev.process = record  # type: ignore[method-assign]
+    return seen
+
+
 class TestHeaderRc:
     """Handlers report failures in hdr.rc with the ioctl succeeding; malformed calls are EINVAL."""
 
@@ -223,17 +254,21 @@ class TestHeaderRc:
         self, host: SimulatedHost, echo: EchoService
     ) -> None:
         """``vgdrvIoCtl_HGCMConnect`` connects at the host before it looks for a free slot:
-        with none left the new client is disconnected again (VERR_TOO_MANY_OPEN_FILES, id 0),
-        and a connect the host refuses answers with the host's status."""
-        client = await open_client(host)
+        with none left the new client is disconnected again as the session
+        (VERR_TOO_MANY_OPEN_FILES, id 0), and a connect the host refuses answers with the
+        host's status."""
+        client = await open_client(host, uid=1000)
         for _ in range(64):
             await client.request(HgcmConnect(ECHO))
+        disconnects = _record_requestors(host, RequestType.HGCM_DISCONNECT)
         connect = HgcmConnect(ECHO).encode()
         await client.raw(connect.code, connect.buffer)
         assert L.IoctlHeader.rc.get(connect.buffer) == VERR_TOO_MANY_OPEN_FILES
         assert L.HgcmConnectIoctl.client_id.get(connect.buffer) == 0
         assert len(echo.connected) == 65
         assert echo.disconnected == echo.connected[-1:]
+        caller = Requestor.USERMODE | Requestor.USR_USER  # the session's, not the kernel's
+        assert disconnects == [(RequestType.HGCM_DISCONNECT, caller)]
         assert host.status()["hgcm_clients"] == 64
         unknown = HgcmConnect("NoSuchSvc").encode()
         await client.raw(unknown.code, unknown.buffer)
@@ -286,6 +321,10 @@ class TestHeaderRc:
         oversized(before_a_bad_type, 1)
         oversized(before_a_bad_type, 2, HgcmParmType.PAGELIST)
         assert await call_rc(client, before_a_bad_type) == VERR_OUT_OF_RANGE
+        after_a_bad_type = HgcmCall(client_id, FN_FAIL, (succeed, HgcmU32(0), HgcmU32(0))).encode()
+        oversized(after_a_bad_type, 1, HgcmParmType.PAGELIST)
+        oversized(after_a_bad_type, 2)
+        assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
 
 
 class TestLog:
@@ -341,6 +380,23 @@ class TestMouseStatus:
         assert await set_mouse_status(client, 0x2) == VERR_INVALID_PARAMETER
         assert host.vmmdev.guest.mouse_features == 0
 
+    async def test_a_refused_change_is_rolled_back(self, host: SimulatedHost) -> None:
+        """When the host refuses SET_MOUSE_STATUS the session's features and their union
+        are as before, so the same change asked again is sent again."""
+        first, second = await open_client(host), await open_client(host)
+        assert await set_mouse_status(first, CAN_ABSOLUTE) == VINF_SUCCESS
+        driver = model_driver(host)
+        assert isinstance(driver, OracleDriver)
+        sent = _record_requestors(host, RequestType.SET_MOUSE_STATUS)
+        host.add_fault(RequestType.SET_MOUSE_STATUS, VERR_NOT_SUPPORTED)
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VERR_NOT_SUPPORTED
+        assert second.transport.session.mouse_status == 0
+        assert driver.mouse_tracker.mask == CAN_ABSOLUTE
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE
+        assert await set_mouse_status(second, NEW_PROTOCOL) == VINF_SUCCESS
+        assert len(sent) == 2
+        assert host.vmmdev.guest.mouse_features == CAN_ABSOLUTE | NEW_PROTOCOL
+
     async def test_the_request_is_the_sessions(self, host: SimulatedHost) -> None:
         """SET_MOUSE_STATUS goes to the host as the session's; the close's as the kernel's."""
         seen: list[tuple[int, int]] = []
@@ -368,9 +424,10 @@ class TestMouseStatus:
         await expect_einval(client, iowr(IOCTL_TYPE, 15, 28), buf)
 
 
-async def acquire_caps(client: Client, or_mask: int, not_mask: int) -> int:
+async def acquire_caps(client: Client, or_mask: int, not_mask: int, flags: int = 0) -> int:
     """ACQUIRE_GUEST_CAPABILITIES by hand; return ``hdr.rc``."""
     call = AcquireGuestCapabilities(0, 0).encode()
+    L.AcquireGuestCapsIoctl.flags.set(call.buffer, flags)
     L.AcquireGuestCapsIoctl.or_mask.set(call.buffer, or_mask)
     L.AcquireGuestCapsIoctl.not_mask.set(call.buffer, not_mask)
     await client.raw(call.code, call.buffer)
@@ -395,6 +452,13 @@ class TestCapabilities:
         client = await open_client(host)
         assert await acquire_caps(client, SEAMLESS, 0x8) == VINF_SUCCESS
         assert await acquire_caps(client, 0x8, 0) == VERR_INVALID_PARAMETER
+
+    async def test_acquire_flags_beyond_config_mode_are_invalid(self, host: SimulatedHost) -> None:
+        """Only the config-acquire-mode flag (1) may be given: 2 is VERR_INVALID_PARAMETER,
+        with a valid mask, and nothing is acquired."""
+        client, other = await open_client(host), await open_client(host)
+        assert await acquire_caps(client, SEAMLESS, 0, flags=2) == VERR_INVALID_PARAMETER
+        assert await change_caps(other, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
 
     async def test_acquire_takes_a_capability_another_session_set(
         self, host: SimulatedHost
@@ -608,14 +672,23 @@ class TestVmmdevRequestPolicy:
             (False, 0, Requestor.USERMODE | Requestor.USR_ROOT),
             (False, 1000, Requestor.USERMODE | Requestor.USR_USER),
             (True, 1000, Requestor.USERMODE | Requestor.USR_USER | Requestor.USER_DEVICE),
+            (
+                True,
+                0,
+                Requestor.USERMODE
+                | Requestor.USR_ROOT
+                | Requestor.USER_DEVICE
+                | Requestor.GRP_VBOX,
+            ),
         ],
     )
     async def test_requestor_of_a_session(
         self, host: SimulatedHost, user_device: bool, uid: int, expected: int
     ) -> None:
         """``vgdrvLinuxOpen``: user-mode, root or user, USER_DEVICE on /dev/vboxuser; the
-        VirtualBox group only for a /dev/vboxuser node of a non-root group (root:root here),
-        so never; trust and console not known (0)."""
+        VirtualBox group on /dev/vboxuser when its node's group is 0 and the caller is in it
+        (``vgdrvLinuxIsGroupZero`` is true for a non-zero gid), so root on the model's
+        root:root node (0x808B); trust and console not known (0)."""
         seen = _record_requestors(host, RequestType.GET_SESSION_ID)
         client = await open_client(host, user_device=user_device, uid=uid)
         await passthrough(client, RequestType.GET_SESSION_ID)
@@ -822,6 +895,41 @@ class TestOracleBalloon:
         host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NOT_SUPPORTED)
         await owner.transport.aclose()
         assert host.vmmdev.balloon.chunks == 3
+        other = await open_client(host)
+        assert (await other.request(CheckBalloon())).handle_in_r3
+
+    async def test_owner_close_walks_the_slots_down(self, host: SimulatedHost) -> None:
+        """An inflate takes the lowest free slot of ``paMemObj`` and the close deflates slots
+        ``cChunks - 1`` down to 0, so after a deflate out of order the close's order is not
+        the inflates' reversed (a, b, c in; a out; d in, to a's slot: c, b, d)."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        a, b, c, d = (CHUNK + index * MIB for index in range(4))
+        for address in (a, b, c):
+            await owner.request(ChangeBalloon(address, True))
+        await owner.request(ChangeBalloon(a, False))
+        await owner.request(ChangeBalloon(d, True))
+        first_page = _first_pages_by_chunk(host)
+        deflated = _record_first_pages(host)
+        await owner.transport.aclose()
+        assert deflated == [first_page[c], first_page[b], first_page[d]]
+        assert host.vmmdev.balloon.chunks == 0
+
+    async def test_owner_close_stops_at_a_freed_slot(self, host: SimulatedHost) -> None:
+        """A slot below ``cChunks`` freed by a deflate holds NIL: the close sends it (pages
+        NIL_RTHCPHYS, not page-aligned), the host refuses, and the walk ends there, leaving
+        the chunks of the slots below and at ``cChunks`` and up in the balloon."""
+        owner = await open_client(host)
+        await owner.request(CheckBalloon())
+        a, b, c = (CHUNK + index * MIB for index in range(3))
+        for address in (a, b, c):
+            await owner.request(ChangeBalloon(address, True))
+        await owner.request(ChangeBalloon(a, False))
+        first_page = _first_pages_by_chunk(host)
+        deflated = _record_first_pages(host)
+        await owner.transport.aclose()
+        assert deflated == [first_page[b], NIL_PHYS]
+        assert host.vmmdev.balloon.chunks == 1  # c's, in slot 2
         other = await open_client(host)
         assert (await other.request(CheckBalloon())).handle_in_r3
 

@@ -25,7 +25,7 @@ from agent.services._base import ServiceContext
 from agent.services.heartbeat import HeartbeatSection, HeartbeatService
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 BOUND_S: Final = 600.0
 INTERVAL_NS: Final = 100_000_000
@@ -35,9 +35,12 @@ DRIVER_LOAD: Final = 2
 
 @asynccontextmanager
 async def running(
-    personality: str, section: HeartbeatSection | None = None
+    personality: str,
+    section: HeartbeatSection | None = None,
+    status_changed: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[tuple[SimulatedHost, HeartbeatService, trio.CancelScope]]:
-    """A host with a 100 ms interval, the pump, and a started service with its cancel scope."""
+    """A host with a 100 ms interval, the pump, and a started service with its cancel scope
+    (``status_changed`` is the context's)."""
     host = SimulatedHost(personality=personality, heartbeat_interval_ns=INTERVAL_NS, seed=1)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
@@ -45,7 +48,7 @@ async def running(
             async with open_device(SimOpener(host)) as device:
                 pump = EventPump(device)
                 service = HeartbeatService(
-                    ServiceContext(device, pump), section or HeartbeatSection()
+                    ServiceContext(device, pump, status_changed), section or HeartbeatSection()
                 )
                 await nursery.start(pump.run)
                 service_scope = await nursery.start(_run_in_scope, service)
@@ -129,6 +132,27 @@ class TestAgentKeepsTheHeartbeat:
             assert [(e["status"], e["failures"]) for e in failed] == [("VERR_GENERAL_FAILURE", 1)]
             recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
             assert [entry["failed_in_a_row"] for entry in recovered] == [3]
+
+    async def test_failing_and_recovering_beats_change_the_status(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The daemon is told of a status change at the first refused beat and again when
+        beats go through, once each (besides the one at the configure)."""
+        changes: list[None] = []
+
+        def changed() -> None:
+            changes.append(None)
+
+        async with running("passthrough", status_changed=changed) as (host, service, _):
+            await trio.sleep(0.05)
+            assert len(changes) == 1  # configured
+            host.add_fault(RequestType.GUEST_HEARTBEAT, -1, 3)
+            await trio.sleep(0.1)
+            assert service.status() == "heartbeat 100 ms (failing: VERR_GENERAL_FAILURE)"
+            assert len(changes) == 2
+            await trio.sleep(1.0)
+            assert service.status() == "heartbeat 100 ms"
+            assert len(changes) == 3
 
     async def test_late_threshold_applies_live(self, autojump_clock: trio.abc.Clock) -> None:
         """A reload changes the late threshold without a restart: beats up to 90 ms late (the

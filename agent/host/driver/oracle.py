@@ -13,9 +13,10 @@ failure, reports running out of memory as success and answers ``handle_in_r3 = 0
 refuses CHANGE_BALLOON with VERR_PERMISSION_DENIED. Built without that allocator
 (``r3_balloon``) it answers ``handle_in_r3 = 1``: userspace allocates 1 MiB chunks and hands
 each to the driver with CHANGE_BALLOON (ioctl 18), which locks it and tells the host the
-chunk's pages (``vgdrvSetBalloonSizeFromUser``). Closing the owner's session deflates every
-chunk (``vgdrvCloseMemBalloon``). BALLOON_CHANGE_REQUEST is delivered to userspace waiters;
-the heartbeat stays with the driver.
+chunk's pages (``vgdrvSetBalloonSizeFromUser``) and keeps it in the lowest free slot of its
+array. Closing the owner's session deflates the slots from the chunk count less one down to 0
+(``vgdrvCloseMemBalloon``; see :meth:`OracleDriver.session_closed`). BALLOON_CHANGE_REQUEST is
+delivered to userspace waiters; the heartbeat stays with the driver.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from agent.host.driver._session import BitTracker, DriverSession
 from agent.host.driver._util import U32_MAX, KernelMutex
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.balloon_pages import CHUNK_PAGES
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
@@ -58,6 +60,8 @@ OUT_OF_MEMORY: Final = frozenset(
     {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
 )
 """What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
+_NIL_CHUNK: Final = b"\xff" * CHUNK_PAGES.size
+"""The pages of a NIL memory object (``NIL_RTHCPHYS`` each), as a freed slot sends them."""
 _MOUSE_STATUS_BODY: Final = struct.Struct("<Iii")
 """SET_MOUSE_STATUS after the header: the features, then the pointer's x and y (0)."""
 
@@ -93,7 +97,10 @@ class OracleDriver(Driver):
         self.owner: DriverSession | None = None
         self.max_chunks = 0
         self.chunks: dict[int, bytes] = {}
-        """User chunk address -> the guest pages locked for it (packed), in inflate order."""
+        """User chunk address -> the guest pages locked for it (packed)."""
+        self.slots: list[int | None] = []
+        """``paMemObj``: the user chunk in each slot by address (None: NIL, free). An inflate
+        takes the lowest free slot, a deflate frees its chunk's."""
         self.kernel_chunks: list[bytes] = []
         """Chunks the driver allocated itself (kernel API, pages packed), in inflate order."""
         self._balloon_mutex = KernelMutex()
@@ -108,14 +115,17 @@ class OracleDriver(Driver):
     def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
         """Open a node as ``uid``, with the requestor ``vgdrvLinuxOpen`` computes.
 
-        User mode, root or user, and USER_DEVICE on /dev/vboxuser. The VirtualBox group bit
-        is given only on a /dev/vboxuser node of a group other than root's, which the model's
-        root:root nodes are not; trust and console are not known (both 0).
+        User mode, root or user, and USER_DEVICE on /dev/vboxuser. There the VirtualBox group
+        bit goes to a caller in the node's group when that group is 0: the test negates
+        ``vgdrvLinuxIsGroupZero``, which (kernels >= 3.5) is true for a non-zero gid. On the
+        model's root:root nodes that is root. Trust and console are not known (both 0).
         """
         session = super().open_session(user_device=user_device, uid=uid)
         requestor = Requestor.USERMODE | (Requestor.USR_ROOT if uid == 0 else Requestor.USR_USER)
         if user_device:
             requestor |= Requestor.USER_DEVICE
+            if uid == 0:
+                requestor |= Requestor.GRP_VBOX
         session.requestor = int(requestor)
         return session
 
@@ -262,6 +272,10 @@ class OracleDriver(Driver):
         if isinstance(pages, int):
             return pages
         self.chunks[address] = pages
+        if None in self.slots:
+            self.slots[self.slots.index(None)] = address
+        else:
+            self.slots.append(address)
         return VINF_SUCCESS
 
     async def _deflate(self, address: int, requestor: int = REQUESTOR_KERNEL) -> int:
@@ -275,6 +289,7 @@ class OracleDriver(Driver):
         rc = await self._change(pages, inflate=False, requestor=requestor)
         if rc >= 0:
             self.pages.free_chunk(self.chunks.pop(address))
+            self.slots[self.slots.index(address)] = None
         return rc
 
     async def _change(
@@ -288,20 +303,30 @@ class OracleDriver(Driver):
         return await change_memballoon(self, req, pages, inflate=inflate)
 
     async def session_closed(self, session: DriverSession) -> None:
-        """The owner went away: deflate every chunk, last first, and free the balloon for
-        others (``vgdrvCloseMemBalloon``).
+        """The owner went away: deflate the chunks and free the balloon for others
+        (``vgdrvCloseMemBalloon``).
 
-        The first chunk the host refuses ends the walk: it and the ones before it stay in
-        the host's balloon. Upstream then frees its array of user chunks, so the model
-        forgets them too (it goes on counting them, which the model does not).
+        The walk goes down the slots from the chunk count less one to 0. After deflates out
+        of order the chunks need not fill those slots: the order is then not the inflates'
+        reverse, and where a freed slot lies below the count (so a chunk sits at the count
+        or above, never reached) the walk sends its NIL object (pages ``NIL_RTHCPHYS``),
+        which the host refuses as not page-aligned. The first chunk the host refuses ends
+        the walk: it and the ones below it stay in the host's balloon. Upstream then frees
+        its array of user chunks, so the model forgets them too (it goes on counting them,
+        which the model does not).
         """
         async with self._balloon_mutex:
             if self.owner is not session:
                 return
-            for address in reversed(list(self.chunks)):
-                if await self._deflate(address) < 0:
+            for address in reversed(self.slots[: len(self.chunks)]):
+                if address is None:
+                    rc = await self._change(_NIL_CHUNK, inflate=False)
+                else:
+                    rc = await self._deflate(address)
+                if rc < 0:
                     break
             self.chunks.clear()
+            self.slots.clear()
             while self.kernel_chunks:
                 if await self._change(self.kernel_chunks[-1], inflate=False) < 0:
                     break  # upstream leaks the rest
