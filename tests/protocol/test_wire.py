@@ -16,9 +16,11 @@ from hypothesis import given, strategies as st
 
 from agent.protocol import LocalProtocolError, RemoteProtocolError
 from agent.protocol.wire import (
+    MAX_ERRNO,
     MAX_FRAME_SIZE,
     MAX_JSON_SIZE,
     MAX_USER_BUFFERS,
+    Cancel,
     ControlReply,
     ControlRequest,
     ErrorFrame,
@@ -147,9 +149,9 @@ class TestLimits:
             encode_frame(IoctlRequest(1, 2, bytes(MAX_FRAME_SIZE)))
 
     def test_too_many_user_buffers(self) -> None:
-        """More user buffers than HGCM parameters are refused."""
-        memories = tuple(UserMemory(0x1000 * (i + 1), b"") for i in range(MAX_USER_BUFFERS + 1))
-        with pytest.raises(WireLimitError, match="MAX_USER_BUFFERS"):
+        """More user buffers than HGCM parameters (32) are refused."""
+        memories = tuple(UserMemory(0x1000 * (i + 1), b"") for i in range(33))
+        with pytest.raises(WireLimitError, match=r"33 user buffers exceed MAX_USER_BUFFERS \(32\)"):
             encode_frame(IoctlRequest(1, 2, b"", memories))
 
     def test_overlapping_user_buffers(self) -> None:
@@ -164,14 +166,69 @@ class TestLimits:
             encode_frame(IoctlReply(1, 22, b"x"))
 
     def test_json_size(self) -> None:
-        """A control payload above MAX_JSON_SIZE is refused."""
-        with pytest.raises(WireLimitError, match="MAX_JSON_SIZE"):
-            encode_frame(ControlRequest({"x": "a" * MAX_JSON_SIZE}))
+        """A control payload above MAX_JSON_SIZE (1 MiB) is refused."""
+        with pytest.raises(WireLimitError, match=r"MAX_JSON_SIZE \(1048576\)"):
+            encode_frame(ControlRequest({"x": "a" * (1 << 20)}))
 
     def test_not_json(self) -> None:
         """A payload JSON cannot carry is refused."""
         with pytest.raises(WireLimitError, match="not JSON"):
             encode_frame(ControlRequest({"x": float("nan")}))
+
+    @pytest.mark.parametrize(
+        "frame",
+        [
+            IoctlRequest(
+                0xFFFFFFFF,
+                0xFFFFFFFF,
+                b"",
+                tuple(UserMemory(0x1000 * (i + 1), b"u") for i in range(MAX_USER_BUFFERS)),
+            ),
+            IoctlRequest(1, 2, b"", (UserMemory(2**64 - 16, bytes(16)),)),
+            IoctlReply(0xFFFFFFFF, MAX_ERRNO),
+            IoctlReply(1, 0, b"", tuple(b"r" for _ in range(MAX_USER_BUFFERS))),
+            Cancel(0xFFFFFFFF),
+            ControlRequest({"x": "a" * (MAX_JSON_SIZE - len('{"x":""}'))}),
+            ErrorFrame("e" * MAX_JSON_SIZE),
+        ],
+        ids=[
+            "32 user buffers",
+            "buffer ending at 2**64",
+            "largest errno",
+            "32 reply buffers",
+            "largest seq",
+            "largest JSON",
+            "largest error",
+        ],
+    )
+    def test_frames_at_the_limits_round_trip(self, frame: Frame) -> None:
+        """A frame on every limit (but over none) is encoded and decoded as it was."""
+        assert decode_all(encode_frame(frame)) == [frame]
+
+    @pytest.mark.parametrize(
+        ("frame", "match"),
+        [
+            (IoctlRequest(2**32, 2, b""), "seq 4294967296 is not a u32"),
+            (IoctlRequest(1, -1, b""), "code -1 is not a u32"),
+            (IoctlReply(-1, 0), "seq -1 is not a u32"),
+            (Cancel(2**32), "seq 4294967296 is not a u32"),
+            (IoctlReply(1, MAX_ERRNO + 1), "errno 4096 is outside 0..4095"),
+            (IoctlReply(1, 0, b"", (b"",) * (MAX_USER_BUFFERS + 1)), "MAX_USER_BUFFERS"),
+            (IoctlRequest(1, 2, b"", (UserMemory(2**64, b""),)), "is not a u64"),
+            (IoctlRequest(1, 2, b"", (UserMemory(2**64 - 16, bytes(17)),)), "not addressable"),
+        ],
+    )
+    def test_encode_refuses_fields_out_of_range(self, frame: Frame, match: str) -> None:
+        """A field the wire cannot carry is the caller's error, named, not a struct.error."""
+        with pytest.raises(WireLimitError, match=match):
+            encode_frame(frame)
+
+    def test_a_frame_of_the_decoder_s_limit_is_taken(self) -> None:
+        """A body of exactly ``max_frame_size`` bytes is a frame."""
+        frame = ErrorFrame("e" * 99)
+        decoder = FrameDecoder(max_frame_size=100)
+        decoder.feed(encode_frame(frame))
+        assert decoder.next_frame() == frame
 
     def test_error_classes(self) -> None:
         """Decoding errors blame the peer, encoding errors blame the caller."""
@@ -199,6 +256,7 @@ class TestMalformed:
             (b"\x03" + struct.pack("<IIII", 1, 5, 1, 0) + b"x", "carries buffers"),
             (b"\x03" + struct.pack("<IIII", 1, 0, 0, 0) + b"tail", "unexpected bytes"),
             (b"\x02" + struct.pack("<IIII", 1, 2, 0, 33), "MAX_USER_BUFFERS"),
+            (b"\x03" + struct.pack("<IIII", 1, 0, 0, 33), "MAX_USER_BUFFERS"),
             (b"\x02" + struct.pack("<IIIIQI", 1, 2, 0, 1, 0, 0), "not addressable"),
             (b"\x04" + b"[" * 100_000, "not JSON"),
         ],
