@@ -201,7 +201,8 @@ async def test_a_restore_publishes_everything_again_at_once(
 async def test_a_reload_shortens_the_current_wait(
     autojump_clock: trio.abc.Clock, running: Running
 ) -> None:
-    """A new interval applies to the wait already under way: one already over ends it."""
+    """A new interval applies to the wait already under way: one already over ends it; a
+    longer one holds that wait and every later one."""
     with trio.fail_after(LIMIT_S):
         running.service.reconfigure(NetworkSection(interval_s=3600))
         await trio.sleep(INTERVAL_S * 2)
@@ -211,6 +212,9 @@ async def test_a_reload_shortens_the_current_wait(
         await trio.testing.wait_all_tasks_blocked()
         assert running.service.statistics().passes == 2
         assert trio.current_time() == started  # the new interval had already passed
+        assert running.service.reconfigure(NetworkSection(interval_s=4 * INTERVAL_S))
+        await trio.sleep(6 * INTERVAL_S)
+        assert running.service.statistics().passes == 3  # at 4 intervals, the next at 8
 
 
 async def test_a_refused_property_is_logged_once_and_retried(
