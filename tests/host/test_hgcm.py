@@ -549,15 +549,21 @@ class TestCall:
         assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
 
     def test_call_across_pages_is_written_back_whole(self, hgcm: Device, echo: EchoService) -> None:
-        """A request that crosses a page boundary is not mapped: completion writes the
-        host's copy of the whole request back, the value, result and DONE in it."""
+        """A request that crosses a page boundary is not mapped: completion reads it back
+        whole, puts the value and result in that copy and writes it back with DONE, so
+        what the guest changed since sending stays, as on the mapped path."""
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
         hgcm.vmmdev.process(hgcm.ram.map(req, offset=PAGE_SIZE - 8))
         assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
         L.RequestHeader.requestor.set(req, 0x1234)
-        echo.held[0].complete(7)
+        held = echo.held[0]
+        value = held.params[0]
+        assert isinstance(value, HostU32)
+        value.value = 9
+        held.complete(7)
         assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
-        assert L.RequestHeader.requestor.get(req) == 0
+        assert P.value32.get(memoryview(req)[44:]) == 9
+        assert L.RequestHeader.requestor.get(req) == 0x1234
 
     def test_cancel2(self, hgcm: Device, echo: EchoService) -> None:
         """CANCEL2 finds the call by address; its later completion writes nothing."""
