@@ -51,6 +51,7 @@ from agent.protocol.constants import (
     HGCM_REQ_DONE,
     PAGE_SIZE,
     Event,
+    RequestType,
 )
 from agent.protocol.status import (
     STATUS_CODES,
@@ -81,6 +82,8 @@ MAX_CLIENT_ID: Final = 0x7FFFFFFF
 own objects', and 0 is none (``hgcmObjGenerateHandle``)."""
 _HGCM_EVENT: Final = int(Event.HGCM)
 """Read once: an enum attribute lookup costs more than the bit operation it feeds."""
+_HGCM_CANCEL: Final = int(RequestType.HGCM_CANCEL)
+"""The legacy cancel's type, which the guest writes over a call's own to cancel it."""
 _CALL_TARGET: Final = L.run(
     L.HgcmCallRequest.client_id, L.HgcmCallRequest.function, L.HgcmCallRequest.parm_count
 ).codec
@@ -131,6 +134,8 @@ class _Command:
     client: _Client
     function: int
     """The function number."""
+    request_type: int
+    """The request's type as submitted (HGCM_CALL32 or HGCM_CALL64)."""
     layout: ParmLayout
     params: list[HostParm]
     """The parameters, updated in place by the service."""
@@ -301,7 +306,9 @@ class HgcmHost:
         if locked is not None:
             view, at = locked
             REQUEST_RC.pack_into(view, at + REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        command = _Command(self, phys, req, client, function, layout, params, page_lists, locked)
+        command = _Command(
+            self, phys, req, client, function, request_type, layout, params, page_lists, locked
+        )
         self._start(command)
         if locked is None and not command.completed:
             # The guest sees the call accepted. One the service completed at once needs no
@@ -333,7 +340,8 @@ class HgcmHost:
 
         A locked request (``hgcmCompletedWorker``'s second path) gets its values, its result
         and DONE in place; any other is read back and written whole (:meth:`_finish`). On
-        both paths the guest's other members stay as the guest left them.
+        both paths the guest's other members stay as the guest left them, and the type is
+        checked as :meth:`_finish` says (the locked path reads it through the mapping).
 
         Raises:
             RuntimeError: the service completed the call twice.
@@ -359,9 +367,13 @@ class HgcmHost:
             )
             return
         view, at = command.locked
-        write_back_parms(
-            view, command.params, command.page_lists, command.layout, self._memory, base=at
-        )
+        request_type = REQUEST_TYPE.unpack_from(view, at + REQUEST_TYPE_AT)[0]
+        if request_type == command.request_type:
+            write_back_parms(
+                view, command.params, command.page_lists, command.layout, self._memory, base=at
+            )
+        elif request_type != _HGCM_CANCEL:
+            status = VERR_INVALID_PARAMETER
         flags = HGCM_FLAGS.unpack_from(view, at + HGCM_FLAGS_AT)[0]
         _FLAGS_RESULT.pack_into(view, at + HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
         self._notify(_HGCM_EVENT)
@@ -445,7 +457,17 @@ class HgcmHost:
             self._fail_resubmit(old.phys, client)
             return
         self._start(
-            _Command(self, old.phys, req, client, old.function, old.layout, params, page_lists)
+            _Command(
+                self,
+                old.phys,
+                req,
+                client,
+                old.function,
+                old.request_type,
+                old.layout,
+                params,
+                page_lists,
+            )
         )
 
     def _caller(self, client_id: int, phys: int) -> _Client | int:
@@ -498,19 +520,25 @@ class HgcmHost:
     ) -> None:
         """Complete an unmapped request as ``hgcmCompletedWorker``'s first path.
 
-        The request is read back whole from guest memory; ``update`` stores the host's
-        results (a call's values, a connect's client id) in that copy, which is written
-        back with ``result``, then DONE is set in its flags by a second write (the flags
-        are not read again). Whatever else the guest changed since sending stays, as on
-        the mapped path. When the read fails (the guest freed the request) the host's copy
-        from submit time stands in, and the writes go nowhere.
+        The request is read back whole from guest memory; while its type is still the
+        request's own, ``update`` stores the host's results (a call's values, a connect's
+        client id) in that copy. The copy is written back with ``result``, then DONE is set
+        in its flags by a second write (the flags are not read again). A type the guest
+        changed takes no update: the legacy cancel's (HGCMCancel) keeps ``result``, any
+        other makes it VERR_INVALID_PARAMETER. Whatever else the guest changed since
+        sending stays, as on the mapped path. When the read fails (the guest freed the
+        request) the host's copy from submit time stands in, and the writes go nowhere.
         """
         try:
             current = bytearray(self._memory.read(phys, len(req)))
         except OSError:
             current = req
-        if update is not None:
-            update(current)
+        request_type = REQUEST_TYPE.unpack_from(current, REQUEST_TYPE_AT)[0]
+        if request_type == REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]:
+            if update is not None:
+                update(current)
+        elif request_type != _HGCM_CANCEL:
+            result = VERR_INVALID_PARAMETER
         HGCM_RESULT.pack_into(current, HGCM_RESULT_AT, result)
         self._write(phys, current)
         flags = HGCM_FLAGS.unpack_from(current, HGCM_FLAGS_AT)[0] | HGCM_REQ_DONE
