@@ -297,7 +297,9 @@ class HgcmHost:
             return client
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         # Locked when it lies within one page (VMMDev's condition: its end, one past its
-        # last byte, is on the page it starts on).
+        # last byte, is on the page it starts on). A request the guest frees and reuses
+        # meanwhile differs: its completion goes to the simulated mapping's orphaned buffer,
+        # a real host's to the pinned page's new occupant (only buggy guests do that).
         locked = (
             self._memory.lock(phys, len(req))
             if (phys + len(req)) // PAGE_SIZE == phys // PAGE_SIZE

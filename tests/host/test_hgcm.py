@@ -548,6 +548,20 @@ class TestCall:
         assert L.RequestHeader.requestor.get(req) == 0x1234
         assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
 
+    @pytest.mark.parametrize(("short", "locked"), [(1, True), (0, False)], ids=["inside", "at-end"])
+    def test_request_ending_at_a_page_end_is_not_locked(
+        self, hgcm: Device, echo: EchoService, short: int, locked: bool
+    ) -> None:
+        """VMMDev locks a request when its end, one past its last byte, is on the page it
+        starts on: one ending exactly at a page end is read back instead. Told apart by a
+        free before completion, which only the lock outlives."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
+        phys = hgcm.ram.map(req, offset=PAGE_SIZE - len(req) - short)
+        hgcm.vmmdev.process(phys)
+        hgcm.ram.unmap(phys)
+        echo.held[0].complete(7)
+        assert done(req) is locked
+
     @pytest.mark.parametrize("offset", [0, PAGE_SIZE - 8], ids=["locked", "unlocked"])
     @pytest.mark.parametrize(
         ("request_type", "result"),
