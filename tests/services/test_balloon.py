@@ -109,6 +109,20 @@ class TestFollowsTarget:
                 assert gauge.chunks == 16
         assert gauge.chunks is None
 
+    @pytest.mark.parametrize("kind", ["mainline", "oracle", "oracle-r3", "passthrough"])
+    async def test_a_target_back_to_zero_empties_the_balloon(
+        self, autojump_clock: trio.abc.Clock, kind: str
+    ) -> None:
+        """The host asks for 64 MB, then none: the balloon empties. The host tells the guest
+        only of a target other than the last one the guest acknowledged, so a read that
+        does not acknowledge would leave 0 unannounced."""
+        with trio.fail_after(60):
+            async with running_balloon(personality="", host=_host(kind)) as run:
+                run.host.set_balloon_target(64)
+                await run.settle(64)
+                run.host.set_balloon_target(0)
+                await run.settle(0)
+
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_new_target_redirects_a_walk(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode

@@ -104,6 +104,23 @@ class TestMmapAllocator:
         }
         assert {page // PAGE_SIZE for page in addresses} == frames
 
+    def test_the_flag_bits_of_an_entry_are_no_part_of_its_frame(self, tmp_path: Path) -> None:
+        """Bits 55-62 (soft-dirty, exclusively mapped, write-protected, file or shared,
+        swapped) may be set beside the present bit: a page's address is bits 0-54 only."""
+        allocator = MmapAllocator(pagemap_path=str(tmp_path / "pagemap"))
+        address = allocator.allocate()
+        try:
+            flags = (1 << 63) | (0xFF << 55)
+            entries = [flags | (0x1000 + index) for index in range(BALLOON_CHUNK_PAGES)]
+            with (tmp_path / "pagemap").open("wb") as pagemap:  # sparse: only this chunk
+                pagemap.seek(address // PAGE_SIZE * 8)
+                pagemap.write(struct.pack(f"<{BALLOON_CHUNK_PAGES}Q", *entries))
+            pages = allocator.physical_pages(address)
+        finally:
+            allocator.release(address)
+        expected = [(0x1000 + index) * PAGE_SIZE for index in range(BALLOON_CHUNK_PAGES)]
+        assert list(pages.addresses) == expected
+
     @pytest.mark.parametrize(
         ("entry", "reason"),
         [
