@@ -2,11 +2,12 @@
 
 Requests arrive from the VMMDev port handler as byte copies with their guest-physical
 address. A request the framework accepts is answered ``VINF_HGCM_ASYNC_EXECUTE`` in the
-guest's header and is not written back at submit time. Completion writes the updated
-request (results, ``result``; for connect the client id) to guest memory, then sets
-``VMMDEV_HGCM_REQ_DONE`` in a second write, then raises ``VMMDEV_EVENT_HGCM``; a call whose
-request lies within one page is mapped instead, and only its values, ``result`` and DONE
-are written there. A cancelled command is never written back.
+guest's header and is not written back at submit time. Completion reads the request back
+from guest memory, stores the results (values, ``result``; for connect the client id) in
+that copy, writes it back, then sets ``VMMDEV_HGCM_REQ_DONE`` in a second write, then raises
+``VMMDEV_EVENT_HGCM``; a call whose request lies within one page is mapped instead, and its
+values, ``result`` and DONE are written there. Either way what the guest changed in the
+request since sending stays. A cancelled command is never written back.
 
 Save/restore and reset follow VMMDev: a restore keeps client ids, reconnects them to the
 (restarted) services and re-submits every pending call as it was submitted (answering the
@@ -23,6 +24,8 @@ from agent.host._header_fields import (
     HGCM_CALL64,
     HGCM_FLAGS,
     HGCM_FLAGS_AT,
+    HGCM_RESULT,
+    HGCM_RESULT_AT,
     REQUEST_RC,
     REQUEST_RC_AT,
     REQUEST_TYPE,
@@ -48,6 +51,7 @@ from agent.protocol.constants import (
     HGCM_REQ_DONE,
     PAGE_SIZE,
     Event,
+    RequestType,
 )
 from agent.protocol.status import (
     STATUS_CODES,
@@ -78,6 +82,8 @@ MAX_CLIENT_ID: Final = 0x7FFFFFFF
 own objects', and 0 is none (``hgcmObjGenerateHandle``)."""
 _HGCM_EVENT: Final = int(Event.HGCM)
 """Read once: an enum attribute lookup costs more than the bit operation it feeds."""
+_HGCM_CANCEL: Final = int(RequestType.HGCM_CANCEL)
+"""The legacy cancel's type, which the guest writes over a call's own to cancel it."""
 _CALL_TARGET: Final = L.run(
     L.HgcmCallRequest.client_id, L.HgcmCallRequest.function, L.HgcmCallRequest.parm_count
 ).codec
@@ -86,8 +92,6 @@ _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.resu
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
 _ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
-_THROUGH_FLAGS: Final = HGCM_FLAGS_AT + HGCM_FLAGS.size
-"""How much of a request completion reads back: its start up to and including the flags."""
 
 
 @runtime_checkable
@@ -130,6 +134,8 @@ class _Command:
     client: _Client
     function: int
     """The function number."""
+    request_type: int
+    """The request's type as submitted (HGCM_CALL32 or HGCM_CALL64)."""
     layout: ParmLayout
     params: list[HostParm]
     """The parameters, updated in place by the service."""
@@ -235,8 +241,11 @@ class HgcmHost:
         status = service.connect(client_id, requestor)
         if status >= 0:
             self._clients[client_id] = _Client(client_id, service, requestor, category)
-            L.HgcmConnectRequest.client_id.set(req, client_id)
             _log.debug("hgcm_connected", service=service.name, client_id=client_id)
+            self._finish(
+                req, phys, status, lambda copy: L.HgcmConnectRequest.client_id.set(copy, client_id)
+            )
+            return None
         self._finish(req, phys, status)
         return None
 
@@ -288,7 +297,9 @@ class HgcmHost:
             return client
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         # Locked when it lies within one page (VMMDev's condition: its end, one past its
-        # last byte, is on the page it starts on).
+        # last byte, is on the page it starts on). A request the guest frees and reuses
+        # meanwhile differs: its completion goes to the simulated mapping's orphaned buffer,
+        # a real host's to the pinned page's new occupant (only buggy guests do that).
         locked = (
             self._memory.lock(phys, len(req))
             if (phys + len(req)) // PAGE_SIZE == phys // PAGE_SIZE
@@ -297,7 +308,9 @@ class HgcmHost:
         if locked is not None:
             view, at = locked
             REQUEST_RC.pack_into(view, at + REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        command = _Command(self, phys, req, client, function, layout, params, page_lists, locked)
+        command = _Command(
+            self, phys, req, client, function, request_type, layout, params, page_lists, locked
+        )
         self._start(command)
         if locked is None and not command.completed:
             # The guest sees the call accepted. One the service completed at once needs no
@@ -328,8 +341,9 @@ class HgcmHost:
         """Finish ``command``: write results back (unless cancelled) and raise the event.
 
         A locked request (``hgcmCompletedWorker``'s second path) gets its values, its result
-        and DONE in place, with no read and no write of the whole request; the guest's
-        other members stay as the guest left them.
+        and DONE in place; any other is read back and written whole (:meth:`_finish`). On
+        both paths the guest's other members stay as the guest left them, and the type is
+        checked as :meth:`_finish` says (the locked path reads it through the mapping).
 
         Raises:
             RuntimeError: the service completed the call twice.
@@ -345,15 +359,23 @@ class HgcmHost:
             return
         self._commands.pop(command.phys, None)
         if command.locked is None:
-            write_back_parms(
-                command.req, command.params, command.page_lists, command.layout, self._memory
+            self._finish(
+                command.req,
+                command.phys,
+                status,
+                lambda copy: write_back_parms(
+                    copy, command.params, command.page_lists, command.layout, self._memory
+                ),
             )
-            self._finish(command.req, command.phys, status)
             return
         view, at = command.locked
-        write_back_parms(
-            view, command.params, command.page_lists, command.layout, self._memory, base=at
-        )
+        request_type = REQUEST_TYPE.unpack_from(view, at + REQUEST_TYPE_AT)[0]
+        if request_type == command.request_type:
+            write_back_parms(
+                view, command.params, command.page_lists, command.layout, self._memory, base=at
+            )
+        elif request_type != _HGCM_CANCEL:
+            status = VERR_INVALID_PARAMETER
         flags = HGCM_FLAGS.unpack_from(view, at + HGCM_FLAGS_AT)[0]
         _FLAGS_RESULT.pack_into(view, at + HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
         self._notify(_HGCM_EVENT)
@@ -437,7 +459,17 @@ class HgcmHost:
             self._fail_resubmit(old.phys, client)
             return
         self._start(
-            _Command(self, old.phys, req, client, old.function, old.layout, params, page_lists)
+            _Command(
+                self,
+                old.phys,
+                req,
+                client,
+                old.function,
+                old.request_type,
+                old.layout,
+                params,
+                page_lists,
+            )
         )
 
     def _caller(self, client_id: int, phys: int) -> _Client | int:
@@ -481,22 +513,38 @@ class HgcmHost:
         REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
 
-    def _finish(self, req: bytearray, phys: int, result: int) -> None:
-        """Write the request back with the guest's current flags and DONE in them.
+    def _finish(
+        self,
+        req: bytearray,
+        phys: int,
+        result: int,
+        update: Callable[[bytearray], None] | None = None,
+    ) -> None:
+        """Complete an unmapped request as ``hgcmCompletedWorker``'s first path.
 
-        ``hgcmCompletedWorker`` reads the request back from its start, writes it with the
-        flags it read, then DONE in its copy of those flags (it does not read them again).
-        Here the read stops after the flags, the only member kept from it. Nothing in the
-        simulation runs between the two writes, so they are made as one. A request the
-        guest freed meanwhile takes no write.
+        The request is read back whole from guest memory; while its type is still the
+        request's own, ``update`` stores the host's results (a call's values, a connect's
+        client id) in that copy. The copy is written back with ``result``, then DONE is set
+        in its flags by a second write (the flags are not read again). A type the guest
+        changed takes no update: the legacy cancel's (HGCMCancel) keeps ``result``, any
+        other makes it VERR_INVALID_PARAMETER. Whatever else the guest changed since
+        sending stays, as on the mapped path. When the read fails (the guest freed the
+        request) the host's copy from submit time stands in, and the writes go nowhere.
         """
         try:
-            header = self._memory.read(phys, _THROUGH_FLAGS)
-            flags: int = HGCM_FLAGS.unpack_from(header, HGCM_FLAGS_AT)[0]
+            current = bytearray(self._memory.read(phys, len(req)))
         except OSError:
-            flags = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(req, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, result)
-        self._write(phys, req)
+            current = req
+        request_type = REQUEST_TYPE.unpack_from(current, REQUEST_TYPE_AT)[0]
+        if request_type == REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]:
+            if update is not None:
+                update(current)
+        elif request_type != _HGCM_CANCEL:
+            result = VERR_INVALID_PARAMETER
+        HGCM_RESULT.pack_into(current, HGCM_RESULT_AT, result)
+        self._write(phys, current)
+        flags = HGCM_FLAGS.unpack_from(current, HGCM_FLAGS_AT)[0] | HGCM_REQ_DONE
+        self._write(phys + HGCM_FLAGS_AT, HGCM_FLAGS.pack(flags))
         self._notify(_HGCM_EVENT)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:

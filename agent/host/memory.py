@@ -207,7 +207,13 @@ class DictMemory:
         region[offset : offset + size] = data
 
     def lock(self, address: int, size: int) -> Mapping | None:
-        """The region holding ``size`` bytes at ``address`` and their offset in it, or None."""
+        """The region holding ``size`` bytes at ``address`` and their offset in it, or None.
+
+        The mapping is the region's bytearray: once the guest unmaps the region, writes
+        through it land in that orphaned buffer, whereas a real host's lock pins the page
+        and writes whatever the guest has since put there (only a buggy guest frees a
+        request whose call is pending).
+        """
         data = self._by_start.get(address)
         if data is not None and 0 <= size <= len(data):
             return data, 0

@@ -548,16 +548,61 @@ class TestCall:
         assert L.RequestHeader.requestor.get(req) == 0x1234
         assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
 
+    @pytest.mark.parametrize(("short", "locked"), [(1, True), (0, False)], ids=["inside", "at-end"])
+    def test_request_ending_at_a_page_end_is_not_locked(
+        self, hgcm: Device, echo: EchoService, short: int, locked: bool
+    ) -> None:
+        """VMMDev locks a request when its end, one past its last byte, is on the page it
+        starts on: one ending exactly at a page end is read back instead. Told apart by a
+        free before completion, which only the lock outlives."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
+        phys = hgcm.ram.map(req, offset=PAGE_SIZE - len(req) - short)
+        hgcm.vmmdev.process(phys)
+        hgcm.ram.unmap(phys)
+        echo.held[0].complete(7)
+        assert done(req) is locked
+
+    @pytest.mark.parametrize("offset", [0, PAGE_SIZE - 8], ids=["locked", "unlocked"])
+    @pytest.mark.parametrize(
+        ("request_type", "result"),
+        [(RequestType.SET_MOUSE_STATUS, VERR_INVALID_PARAMETER), (RequestType.HGCM_CANCEL, 7)],
+        ids=["other-type", "legacy-cancel"],
+    )
+    def test_completion_checks_the_request_type(
+        self, hgcm: Device, echo: EchoService, offset: int, request_type: int, result: int
+    ) -> None:
+        """Completion reads the request's type from guest memory and stores the values only
+        when it is still the call's own: the legacy cancel's type (HGCMCancel, which the
+        guest writes over the call's) gets the result and DONE; any other type the result
+        VERR_INVALID_PARAMETER and DONE. Mapped or read back alike."""
+        req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
+        hgcm.vmmdev.process(hgcm.ram.map(req, offset=offset))
+        L.RequestHeader.request_type.set(req, request_type)
+        held = echo.held[0]
+        value = held.params[0]
+        assert isinstance(value, HostU32)
+        value.value = 9
+        held.complete(7)
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, result)
+        assert P.value32.get(memoryview(req)[44:]) == 5
+        assert L.RequestHeader.request_type.get(req) == request_type
+
     def test_call_across_pages_is_written_back_whole(self, hgcm: Device, echo: EchoService) -> None:
-        """A request that crosses a page boundary is not mapped: completion writes the
-        host's copy of the whole request back, the value, result and DONE in it."""
+        """A request that crosses a page boundary is not mapped: completion reads it back
+        whole, puts the value and result in that copy and writes it back with DONE, so
+        what the guest changed since sending stays, as on the mapped path."""
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
         hgcm.vmmdev.process(hgcm.ram.map(req, offset=PAGE_SIZE - 8))
         assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
         L.RequestHeader.requestor.set(req, 0x1234)
-        echo.held[0].complete(7)
+        held = echo.held[0]
+        value = held.params[0]
+        assert isinstance(value, HostU32)
+        value.value = 9
+        held.complete(7)
         assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
-        assert L.RequestHeader.requestor.get(req) == 0
+        assert P.value32.get(memoryview(req)[44:]) == 9
+        assert L.RequestHeader.requestor.get(req) == 0x1234
 
     def test_cancel2(self, hgcm: Device, echo: EchoService) -> None:
         """CANCEL2 finds the call by address; its later completion writes nothing."""
