@@ -140,6 +140,16 @@ def report_requestor_info(device: Device) -> None:
     assert device.send(req) == VINF_SUCCESS
 
 
+def complete_held(echo: EchoService, *, value: int, status: int) -> None:
+    """Give the first call the service holds ``value`` as its first (32-bit) parameter and
+    complete it with ``status``."""
+    held = echo.held[0]
+    first = held.params[0]
+    assert isinstance(first, HostU32)
+    first.value = value
+    held.complete(status)
+
+
 def done(req: bytearray) -> bool:
     """Whether the host set DONE on ``req``."""
     return bool(L.HgcmRequestHeader.flags.get(req) & HGCM_REQ_DONE)
@@ -538,11 +548,7 @@ class TestCall:
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
         hgcm.ram.unmap(submit(hgcm, req))
         L.RequestHeader.requestor.set(req, 0x1234)
-        held = echo.held[0]
-        value = held.params[0]
-        assert isinstance(value, HostU32)
-        value.value = 9
-        held.complete(7)
+        complete_held(echo, value=9, status=7)
         assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
         assert P.value32.get(memoryview(req)[44:]) == 9
         assert L.RequestHeader.requestor.get(req) == 0x1234
@@ -578,11 +584,7 @@ class TestCall:
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [], 5)
         hgcm.vmmdev.process(hgcm.ram.map(req, offset=offset))
         L.RequestHeader.request_type.set(req, request_type)
-        held = echo.held[0]
-        value = held.params[0]
-        assert isinstance(value, HostU32)
-        value.value = 9
-        held.complete(7)
+        complete_held(echo, value=9, status=7)
         assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, result)
         assert P.value32.get(memoryview(req)[44:]) == 5
         assert L.RequestHeader.request_type.get(req) == request_type
@@ -595,11 +597,7 @@ class TestCall:
         hgcm.vmmdev.process(hgcm.ram.map(req, offset=PAGE_SIZE - 8))
         assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
         L.RequestHeader.requestor.set(req, 0x1234)
-        held = echo.held[0]
-        value = held.params[0]
-        assert isinstance(value, HostU32)
-        value.value = 9
-        held.complete(7)
+        complete_held(echo, value=9, status=7)
         assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, 7)
         assert P.value32.get(memoryview(req)[44:]) == 9
         assert L.RequestHeader.requestor.get(req) == 0x1234

@@ -114,6 +114,14 @@ def acknowledge(device: Device) -> int:
     return L.EventsRequest.events.get(req)
 
 
+def read_balloon_target(device: Device) -> bytearray:
+    """Send GET_MEMBALLOON_CHANGE_REQ acknowledging 0x40; return the answered request."""
+    req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
+    L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
+    assert device.send(req) == VINF_SUCCESS
+    return req
+
+
 class TestPortHandler:
     """Header checks, the additions gate, dispatch and size checks."""
 
@@ -505,9 +513,7 @@ class TestBalloon:
         filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
-        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
-        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
-        assert device.send(req) == VINF_SUCCESS
+        req = read_balloon_target(device)
         assert (
             L.MemBalloonInfoRequest.balloon_chunks.get(req),
             L.MemBalloonInfoRequest.phys_mem_chunks.get(req),
@@ -520,9 +526,7 @@ class TestBalloon:
         """After a VM reset the acknowledged target counts as unseen: setting it notifies."""
         device.report_additions()
         device.vmmdev.set_balloon_target(100)
-        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
-        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
-        assert device.send(req) == VINF_SUCCESS
+        read_balloon_target(device)
         device.vmmdev.reset()
         device.report_additions()
         filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
@@ -537,9 +541,7 @@ class TestBalloon:
         filter_mask(device, Event.BALLOON_CHANGE_REQUEST, 0)
         device.vmmdev.set_balloon_target(100)
         assert acknowledge(device) == Event.BALLOON_CHANGE_REQUEST
-        req = vmmdev_request(T.GET_MEMBALLOON_CHANGE_REQ, 36)
-        L.MemBalloonInfoRequest.event_ack.set(req, Event.BALLOON_CHANGE_REQUEST)
-        assert device.send(req) == VINF_SUCCESS
+        read_balloon_target(device)
         device.vmmdev.restore()
         assert device.vmmdev.balloon.target_mb == 100
         device.vmmdev.set_balloon_target(100)
