@@ -255,3 +255,28 @@ class RefuseChunk:
 
     def never_held(self, rc: int) -> bool:
         return self._handover.never_held(rc)
+
+
+class RecordRefusals:
+    """Wraps a walker's handover: the status of every refused deflate goes to ``refusals``."""
+
+    def __init__(self, handover: Handover, refusals: list[int]) -> None:
+        self._handover = handover
+        self.refusals = refusals
+        self.needs_pages = handover.needs_pages
+
+    async def read_target(self) -> HostTarget:
+        return await self._handover.read_target()
+
+    async def inflate(self, chunk: Chunk) -> None:
+        await self._handover.inflate(chunk)
+
+    async def deflate(self, chunk: Chunk) -> None:
+        try:
+            await self._handover.deflate(chunk)
+        except VBoxStatusError as exc:
+            self.refusals.append(exc.rc)
+            raise
+
+    def never_held(self, rc: int) -> bool:
+        return self._handover.never_held(rc)

@@ -24,7 +24,7 @@ from agent.protocol import (
     RequestType,
     VBoxStatusError,
 )
-from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NO_MEMORY
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INVALID_PARAMETER, VERR_NO_MEMORY
 from agent.services import EventPump
 from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection, BalloonService, PressureReading
@@ -38,6 +38,7 @@ from agent.services.balloon._walker import (
 from tests.services.balloon_support import (
     ErrnoOnce,
     Quiet,
+    RecordRefusals,
     RefuseChunk,
     ScriptedPressure,
     SimChunks,
@@ -314,6 +315,54 @@ class TestFollowsTarget:
                 run.host.set_balloon_target(32)
                 await run.settle(32)
             assert run.host_chunks == 0
+
+    async def test_drain_frees_a_chunk_the_driver_never_took(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Oracle, ring 3: the service stops as the walker hands its first chunk over, before
+        the driver has the call (a call cancelled before it is issued, as one waiting for a
+        thread on the real device). The walker keeps the chunk, which the driver may hold;
+        the drain's deflate finds the driver's balloon empty, VERR_INVALID_PARAMETER
+        (``vgdrvSetBalloonSizeFromUser`` checks that before looking for the chunk), so the
+        chunk counts as given back and is unmapped: nothing kept, nothing leaked."""
+        host = _host("oracle-r3")
+        service_scope = trio.CancelScope()
+        chunks = _StopOnAllocate(service_scope)
+        refusals: list[int] = []
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+                    pump = EventPump(device)
+                    await inner.start(pump.run)
+                    service = BalloonService(
+                        device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
+                    )
+                    stopped = trio.Event()
+
+                    async def run_service(task_status: trio.TaskStatus[None]) -> None:
+                        try:
+                            with service_scope:
+                                await service.run(task_status=task_status)
+                        finally:
+                            stopped.set()
+
+                    await inner.start(run_service)
+                    walker = service.walker
+                    assert walker is not None
+                    host.set_balloon_target(1)
+                    await stopped.wait()
+                    assert (len(walker.held), len(chunks.live), walker.inflated) == (1, 1, 0)
+                    assert (host.driver.balloon_chunks, host.vmmdev.balloon.chunks) == (0, 0)
+                    walker.handover = RecordRefusals(walker.handover, refusals)
+                    await service.drain()
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+        assert refusals == [VERR_INVALID_PARAMETER]
+        assert (walker.held, walker.deflated, chunks.live) == ([], 1, {})
+        assert (host.driver.balloon_chunks, host.vmmdev.balloon.chunks) == (0, 0)
+        assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [1]
+        assert not [e for e in logs if e["event"] == "balloon_drain_incomplete"]
 
 
 class TestFailures:
@@ -1077,3 +1126,16 @@ async def _run_until_stopped(
                 task_status.started(stop)
     finally:
         stopped.set()
+
+
+class _StopOnAllocate(SimChunks):
+    """Chunks that cancel ``scope`` as one is mapped: the service stops at the walker's next
+    checkpoint, the driver's entry to the ioctl that hands the chunk over."""
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        super().__init__()
+        self._scope = scope
+
+    def allocate(self) -> int:
+        self._scope.cancel()
+        return super().allocate()
