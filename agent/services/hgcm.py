@@ -156,7 +156,8 @@ class HgcmChannel:
         self._check(function, params)
         self._in_flight += 1
         self._calls += 1
-        submission = Submission()
+        # Whether a cancelled call reached the driver matters only for one that may linger.
+        submission = Submission() if lingers_when_cancelled else None
         try:
             return await self._client.call(
                 function, params, timeout_ms=timeout_ms, submission=submission
@@ -164,7 +165,7 @@ class HgcmChannel:
         except trio.Cancelled:
             # One that never reached the driver must not linger: 15 of those would close
             # the channel to every later call.
-            if lingers_when_cancelled and submission.issued:
+            if submission is not None and submission.issued:
                 self._lingering += 1
             raise
         finally:
