@@ -140,6 +140,24 @@ class Running:
         await self.until(lambda: self.host_chunks == chunks)
 
 
+async def start_in_scope(
+    nursery: trio.Nursery, service: BalloonService, scope: trio.CancelScope
+) -> trio.Event:
+    """Start ``service`` in ``nursery``, its run inside ``scope``; return the event its run's
+    end sets."""
+    stopped = trio.Event()
+
+    async def run_service(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with scope:
+                await service.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    await nursery.start(run_service)
+    return stopped
+
+
 @asynccontextmanager
 async def running_balloon(
     *,
@@ -179,16 +197,7 @@ async def running_balloon(
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)
                 service_scope = trio.CancelScope()
-                stopped = trio.Event()
-
-                async def run_service(task_status: trio.TaskStatus[None]) -> None:
-                    try:
-                        with service_scope:
-                            await service.run(task_status=task_status)
-                    finally:
-                        stopped.set()
-
-                await nursery.start(run_service)
+                stopped = await start_in_scope(nursery, service, service_scope)
                 yield Running(host, device, service, nursery)
                 service_scope.cancel()
                 await stopped.wait()
@@ -198,16 +207,35 @@ async def running_balloon(
         outer.cancel_scope.cancel()
 
 
-class ErrnoOnce:
-    """Wraps a walker's handover: the next calls of the named methods raise ``error`` (for a
-    driver refusing the ioctl with an errno, what the device raises for it:
-    ``VBoxStatusError.from_errno``), the rest go through."""
+class HandoverWrapper:
+    """Wraps a walker's handover and passes every call on; subclasses change one of them."""
+
+    def __init__(self, handover: Handover) -> None:
+        self._handover = handover
+        self.needs_pages = handover.needs_pages
+
+    async def read_target(self) -> HostTarget:
+        return await self._handover.read_target()
+
+    async def inflate(self, chunk: Chunk) -> None:
+        await self._handover.inflate(chunk)
+
+    async def deflate(self, chunk: Chunk) -> None:
+        await self._handover.deflate(chunk)
+
+    def never_held(self, rc: int) -> bool:
+        return self._handover.never_held(rc)
+
+
+class ErrnoOnce(HandoverWrapper):
+    """The next calls of the named methods raise ``error`` (for a driver refusing the ioctl
+    with an errno, what the device raises for it: ``VBoxStatusError.from_errno``), the rest
+    go through."""
 
     def __init__(self, handover: Handover, error: BaseException, **calls: int) -> None:
-        self._handover = handover
+        super().__init__(handover)
         self._error = error
         self.calls = calls
-        self.needs_pages = handover.needs_pages
 
     def _fail(self, name: str) -> None:
         if self.calls.get(name, 0):
@@ -216,67 +244,44 @@ class ErrnoOnce:
 
     async def read_target(self) -> HostTarget:
         self._fail("read_target")
-        return await self._handover.read_target()
+        return await super().read_target()
 
     async def inflate(self, chunk: Chunk) -> None:
         self._fail("inflate")
-        await self._handover.inflate(chunk)
+        await super().inflate(chunk)
 
     async def deflate(self, chunk: Chunk) -> None:
         self._fail("deflate")
-        await self._handover.deflate(chunk)
-
-    def never_held(self, rc: int) -> bool:
-        return self._handover.never_held(rc)
+        await super().deflate(chunk)
 
 
-class RefuseChunk:
-    """Wraps a walker's handover: the host refuses to take back the chunk at ``address``
-    (VERR_NO_MEMORY, as a real device raises it); everything else goes through."""
+class RefuseChunk(HandoverWrapper):
+    """The host refuses to take back the chunk at ``address`` (VERR_NO_MEMORY, as a real
+    device raises it); everything else goes through."""
 
     def __init__(self, handover: Handover, address: int) -> None:
-        self._handover = handover
+        super().__init__(handover)
         self.address = address
         self.refusals = 0
-        self.needs_pages = handover.needs_pages
-
-    async def read_target(self) -> HostTarget:
-        return await self._handover.read_target()
-
-    async def inflate(self, chunk: Chunk) -> None:
-        await self._handover.inflate(chunk)
 
     async def deflate(self, chunk: Chunk) -> None:
         if chunk.address == self.address:
             self.refusals += 1
             await trio.lowlevel.checkpoint()
             raise VBoxStatusError(VERR_NO_MEMORY, "VMMDEVREQ_CHANGE_MEMBALLOON")
-        await self._handover.deflate(chunk)
-
-    def never_held(self, rc: int) -> bool:
-        return self._handover.never_held(rc)
+        await super().deflate(chunk)
 
 
-class RecordRefusals:
-    """Wraps a walker's handover: the status of every refused deflate goes to ``refusals``."""
+class RecordRefusals(HandoverWrapper):
+    """The status of every refused deflate goes to ``refusals``."""
 
     def __init__(self, handover: Handover, refusals: list[int]) -> None:
-        self._handover = handover
+        super().__init__(handover)
         self.refusals = refusals
-        self.needs_pages = handover.needs_pages
-
-    async def read_target(self) -> HostTarget:
-        return await self._handover.read_target()
-
-    async def inflate(self, chunk: Chunk) -> None:
-        await self._handover.inflate(chunk)
 
     async def deflate(self, chunk: Chunk) -> None:
         try:
-            await self._handover.deflate(chunk)
+            await super().deflate(chunk)
         except VBoxStatusError as exc:
             self.refusals.append(exc.rc)
             raise
-
-    def never_held(self, rc: int) -> bool:
-        return self._handover.never_held(rc)

@@ -43,6 +43,7 @@ from tests.services.balloon_support import (
     ScriptedPressure,
     SimChunks,
     running_balloon,
+    start_in_scope,
 )
 from tests.services.test_balloon_pressure import PSI_TEXT
 
@@ -338,16 +339,7 @@ class TestFollowsTarget:
                     service = BalloonService(
                         device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
                     )
-                    stopped = trio.Event()
-
-                    async def run_service(task_status: trio.TaskStatus[None]) -> None:
-                        try:
-                            with service_scope:
-                                await service.run(task_status=task_status)
-                        finally:
-                            stopped.set()
-
-                    await inner.start(run_service)
+                    stopped = await start_in_scope(inner, service, service_scope)
                     walker = service.walker
                     assert walker is not None
                     host.set_balloon_target(1)
