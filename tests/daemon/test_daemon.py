@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 LIMIT_S = 10.0
 SERVICE = str(int(Facility.VBOX_SERVICE))
+FIVE_SECONDS: Final = "[daemon]\nshutdown_timeout_s = 5\n"
+"""A config file that sets a value other than the default."""
 
 
 @pytest.fixture(name="short_dir")
@@ -97,6 +100,23 @@ async def _notify(short_dir: Path) -> AsyncIterator[tuple[Notifier, NotifyReader
     yield notifier, NotifyReader(sock)
     await notifier.aclose()
     sock.close()
+
+
+@asynccontextmanager
+async def _ready_on_file(
+    host: SimulatedHost, notify: tuple[Notifier, NotifyReader], path: Path, text: str
+) -> AsyncIterator[tuple[Daemon, NotifyReader]]:
+    """A daemon on the config file ``path`` (holding ``text``) once it is READY; stopped at the
+    block's end."""
+    notifier, reader = notify
+    await trio.Path(path).write_text(text)
+    daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            await reader.until("READY=1")
+            yield daemon, reader
+            daemon.request_shutdown("test")
 
 
 def _facility(host: SimulatedHost) -> int:
@@ -256,14 +276,9 @@ class TestReload:
     ) -> None:
         """A broken file is rejected: RELOADING=1, READY=1, and the config stays; the error
         line names every problem and says the running config stays in effect."""
-        notifier, reader = notify
         path = short_dir / "agent.toml"
-        path.write_text("[daemon]\nshutdown_timeout_s = 5\n")
-        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
-        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                await reader.until("READY=1")
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, reader):
                 path.write_text("[daemon]\nshutdown_timeout_s = 0\n[session_monitor]\nx = 1\n")
                 signal.raise_signal(signal.SIGHUP)
                 reloading = await reader.until("RELOADING=1")
@@ -271,7 +286,6 @@ class TestReload:
                 await reader.until("READY=1")
                 assert AgentConfig() == daemon.config
                 assert daemon.statistics().reloads == 0
-                daemon.request_shutdown("test")
         [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
         assert rejected["log_level"] == "error"
         assert rejected["outcome"] == "the running config stays in effect"
@@ -284,38 +298,25 @@ class TestReload:
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:
         """A changed [daemon] section applies at once, without restarting any service."""
-        notifier, reader = notify
         path = short_dir / "agent.toml"
-        path.write_text("[daemon]\nshutdown_timeout_s = 5\n")
-        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
-        with trio.fail_after(LIMIT_S):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                await reader.until("READY=1")
-                path.write_text("[daemon]\nshutdown_timeout_s = 2\n")
-                await daemon.reload()
-                assert daemon.config.daemon.shutdown_timeout_s == 2
-                assert daemon.statistics().reloads == 1
-                assert daemon.statistics().restarts == {}
-                daemon.request_shutdown("test")
+        async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+            path.write_text("[daemon]\nshutdown_timeout_s = 2\n")
+            await daemon.reload()
+            assert daemon.config.daemon.shutdown_timeout_s == 2
+            assert daemon.statistics().reloads == 1
+            assert daemon.statistics().restarts == {}
 
     async def test_nesting_too_deep_is_rejected(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:
         """A file nested deeper than tomllib recurses is a rejected reload, not the end of
         the daemon (its RecursionError escaped the reload)."""
-        notifier, reader = notify
         path = short_dir / "agent.toml"
-        path.write_text("[daemon]\nshutdown_timeout_s = 5\n")
-        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
-        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                await reader.until("READY=1")
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
                 path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
                 await daemon.reload()
                 assert AgentConfig() == daemon.config
-                daemon.request_shutdown("test")
         [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
         assert rejected["errors"] == [
             f"{path}: line 1, column 5: invalid TOML: arrays or tables nested too deeply"
@@ -326,19 +327,14 @@ class TestReload:
     ) -> None:
         """A changed [device] is not applied: the running config keeps the device in use and
         each reload says so again (the first one took the file's section as applied)."""
-        notifier, reader = notify
         path = short_dir / "agent.toml"
-        path.write_text("[device]\nioctl_threads = 6\n")
-        daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
-        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                await reader.until("READY=1")
+        text = "[device]\nioctl_threads = 6\n"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, text) as (daemon, _):
                 await daemon.reload()
                 await daemon.reload()
                 assert daemon.config.device == AgentConfig().device
                 assert daemon.statistics().reloads == 0
-                daemon.request_shutdown("test")
         warnings = [entry for entry in logs if entry["event"] == "config_change_needs_restart"]
         assert [entry["sections"] for entry in warnings] == [["device"], ["device"]]
 
