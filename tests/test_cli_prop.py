@@ -40,7 +40,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.protocol.constants import Ioctl
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
-from agent.services.guest_props import open_guest_properties
+from agent.services.guest_props import GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
@@ -48,7 +48,7 @@ from tests.sim_support import HookedOpener
 from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 
 PYTHON: Final = sys.executable
@@ -143,6 +143,17 @@ def held_wait(sim: PropHost, *args: str) -> Iterator[subprocess.Popen[str]]:
     finally:
         waiter.kill()
         waiter.wait(timeout=WAIT_S)
+
+
+@contextlib.asynccontextmanager
+async def _props_ignored_by(host: SimulatedHost) -> AsyncIterator[GuestProperties]:
+    """A property client on ``host`` once its service has the global RDONLYGUEST flag (the
+    guest's writes and deletes are ignored, VINF_PERMISSION_DENIED)."""
+    service = host.vmmdev.hgcm.service(SERVICE_NAME)
+    assert isinstance(service, GuestPropertyService)
+    service.set_global_flags(RDONLYGUEST)
+    async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
+        yield props
 
 
 def one_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -379,14 +390,8 @@ class TestInProcess:
         """With the host's global RDONLYGUEST, set and delete succeed as no-ops; the command
         says so on stderr (it said nothing) and still succeeds."""
         host.prop_set("/Guest/kept", "1")
-        service = host.vmmdev.hgcm.service(SERVICE_NAME)
-        assert isinstance(service, GuestPropertyService)
-        service.set_global_flags(RDONLYGUEST)
         with trio.fail_after(60):
-            async with (
-                open_device(SimOpener(host)) as device,
-                open_guest_properties(device) as props,
-            ):
+            async with _props_ignored_by(host) as props:
                 set_args = argparse.Namespace(
                     prop_action="set", name="/Guest/x", value="1", flags=None, json=False
                 )
@@ -412,14 +417,8 @@ class TestInProcess:
         """``delete --json`` says ``"deleted": false`` when the host ignored the delete (the
         property still stands); it said true."""
         host.prop_set("/Guest/kept", "1")
-        service = host.vmmdev.hgcm.service(SERVICE_NAME)
-        assert isinstance(service, GuestPropertyService)
-        service.set_global_flags(RDONLYGUEST)
         with trio.fail_after(60):
-            async with (
-                open_device(SimOpener(host)) as device,
-                open_guest_properties(device) as props,
-            ):
+            async with _props_ignored_by(host) as props:
                 args = argparse.Namespace(prop_action="delete", name="/Guest/kept", json=True)
                 await _delete(args, props)
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
