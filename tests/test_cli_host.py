@@ -212,6 +212,14 @@ class TestSimulatorLifecycle:
             f"vbox-agent host: no simulated host at {socket_path}: it exists and is not a socket"
         )
 
+    def test_simulate_at_an_unusable_path(self, socket_dir: Path) -> None:
+        """A socket path through a regular file exits 69 with one line, no traceback."""
+        (socket_dir / "file").touch()
+        path = str(socket_dir / "file" / "host.sock")
+        result = agent("simulate", "--socket", path)
+        assert result.returncode == EX_UNAVAILABLE
+        assert result.stderr == (f"vbox-agent simulate: cannot listen at {path}: Not a directory\n")
+
     def test_usage_errors_create_no_socket(self, socket_path: str) -> None:
         """Bad simulator arguments exit 64 with the usage and create no socket."""
         result = agent("simulate", "--socket", socket_path, "--ram-mb", "0")
