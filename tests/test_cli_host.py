@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from agent.cli._exit import EX_UNAVAILABLE
+from agent.cli._exit import EX_IOERR, EX_UNAVAILABLE
 from agent.protocol.wire import ControlReply, FrameDecoder, Hello, Role, encode_frame
 from tests.cli_support import COMMAND_TIMEOUT_S, Simulator, agent, host
+from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -157,6 +158,12 @@ class TestHostCommands:
 
 class TestSimulatorLifecycle:
     """The simulator starts, refuses bad arguments, and stops cleanly."""
+
+    @pytest.mark.parametrize("argv", [["status"], ["status", "--json"]])
+    def test_output_to_a_full_disk_is_one_line(self, simulator: Simulator, argv: list[str]) -> None:
+        """``> /dev/full``: one line and exit 74 (it printed a traceback, exit 1)."""
+        done = run_into_full_disk("host", "--socket", simulator.path, *argv)
+        assert done == (EX_IOERR, FULL_DISK_LINE)
 
     def test_sigterm_exits_zero_and_removes_the_socket(self, simulator: Simulator) -> None:
         """SIGTERM ends the simulator with exit 0 and no socket left behind."""

@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from agent.cli._exit import (
+    EX_IOERR,
     EX_OK,
     EX_REFUSED,
     EX_UNAVAILABLE,
@@ -45,6 +46,7 @@ from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
 from tests.sim_support import HookedOpener
+from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
@@ -220,6 +222,13 @@ class TestVerbs:
         finally:
             os.close(write_end)
         assert (done.returncode, done.stderr) == (141, "")  # as SIGPIPE would end it
+
+    @pytest.mark.parametrize("argv", [["get", "/Guest/p"], ["enum", "--json"]])
+    def test_output_to_a_full_disk_is_one_line(self, sim: PropHost, argv: list[str]) -> None:
+        """``> /dev/full``: one line and exit 74, as every command (it said ``failed:``, 70)."""
+        assert sim.prop("set", "/Guest/p", "1").returncode == EX_OK
+        done = run_into_full_disk("prop", "--device", sim.device, *argv, env=sim.env)
+        assert done == (EX_IOERR, FULL_DISK_LINE)
 
     def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""

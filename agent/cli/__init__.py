@@ -11,7 +11,8 @@ other command's code, and on a real device no simulator code.
 Every command-line mistake (unknown command or option, bad or missing value) exits 64
 (``EX_USAGE``) after the usage of the (sub)command that got it. Ctrl-C (SIGINT) ends a
 command with 130 (``run`` and ``simulate`` catch it as they catch SIGTERM: a clean stop, 0),
-and output nobody reads any more (``| head``) with 141, without a traceback.
+output nobody reads any more (``| head``) with 141, without a traceback, and output that
+cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import sys
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
-from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_USAGE
+from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_IOERR, EX_USAGE
+from agent.cli._output import OutputError, flush
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -179,13 +181,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _missing_options(chain, args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        flush()
     except KeyboardInterrupt:  # Ctrl-C ending `prop wait` or a wait for a host is no failure
         return EX_INTERRUPTED
     except BrokenPipeError:
-        # The output's reader is gone: the interpreter's last flush must not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_output()
         return EX_BROKEN_PIPE
+    except OutputError as exc:
+        _discard_output()
+        print(f"vbox-agent: cannot write the output: {exc}", file=sys.stderr)
+        return EX_IOERR
+    return code
+
+
+def _discard_output() -> None:
+    """Point stdout at ``/dev/null``: the interpreter's last flush must not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover

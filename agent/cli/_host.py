@@ -20,6 +20,7 @@ import trio
 
 from agent.cli._arguments import argument_type, integer_at_least, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
+from agent.cli._output import write_line
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.errors import shown
@@ -217,21 +218,21 @@ def _show_value(args: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(result.get("value"), str):
         raise _UnexpectedResultError
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        write_line(json.dumps(result, sort_keys=True))
     else:
-        print(result["value"])
+        write_line(result["value"])
 
 
 def _show_dropped(_: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(dropped := result.get("dropped"), int):
         raise _UnexpectedResultError
-    print(f"dropped {dropped} device connection(s)")
+    write_line(f"dropped {dropped} device connection(s)")
 
 
 def _show_status(args: argparse.Namespace, result: object) -> None:
     if args.json or not isinstance(result, dict):
-        print(json.dumps(result, sort_keys=True))
+        write_line(json.dumps(result, sort_keys=True))
         return
     for key, value in sorted(result.items()):
         shown = value if isinstance(value, str) else json.dumps(value)  # true, not True
-        print(f"{key}: {shown}")
+        write_line(f"{key}: {shown}")

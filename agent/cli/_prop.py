@@ -22,6 +22,7 @@ import trio
 
 from agent.cli._arguments import device_spec
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._output import write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
 from agent.logconfig import configure_logging
@@ -162,14 +163,14 @@ async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
     if prop is None:
         msg = f"no property {args.name!r}"
         raise _NotFoundError(msg)
-    print(json.dumps(_property_json(prop)) if args.json else prop.value)
+    write_line(json.dumps(_property_json(prop)) if args.json else prop.value)
 
 
 async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
     _note_ignored(args, await props.set(args.name, args.value, args.flags))
     if args.json:
         stored = await props.get(args.name)
-        print(json.dumps(_property_json(stored) if stored else {"name": args.name}))
+        write_line(json.dumps(_property_json(stored) if stored else {"name": args.name}))
 
 
 async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
@@ -177,16 +178,16 @@ async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
     _note_ignored(args, status)
     if args.json:
         # An ignored delete (VINF_PERMISSION_DENIED) left the property standing.
-        print(json.dumps({"name": args.name, "deleted": status == VINF_SUCCESS}))
+        write_line(json.dumps({"name": args.name, "deleted": status == VINF_SUCCESS}))
 
 
 async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:
     listed = await props.enumerate(args.patterns)
     if args.json:
-        print(json.dumps([_property_json(prop) for prop in listed]))
+        write_line(json.dumps([_property_json(prop) for prop in listed]))
         return
     for prop in listed:
-        print(
+        write_line(
             f"Name: {prop.name}, value: {prop.value}, timestamp: {prop.timestamp}, "
             f"flags: {prop.flags}"
         )
@@ -215,11 +216,11 @@ async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
         msg = f"no property matching {args.pattern!r} changed within {timeout:g} s"
         raise _NotFoundError(msg)
     if args.json:
-        print(json.dumps(_change_json(change)))
+        write_line(json.dumps(_change_json(change)))
     elif change.deleted:
-        print(f"Name: {change.name}, deleted, timestamp: {change.timestamp}")
+        write_line(f"Name: {change.name}, deleted, timestamp: {change.timestamp}")
     else:
-        print(
+        write_line(
             f"Name: {change.name}, value: {change.value}, timestamp: {change.timestamp}, "
             f"flags: {change.flags}"
         )

@@ -600,9 +600,10 @@ class TestSocketFile:
         def lstat(path: str) -> os.stat_result:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
-        with monkeypatch.context() as patch, pytest.raises(HostSocketError) as raised:
-            patch.setattr(server.os, "lstat", lstat)
-            await serve_simulated_host(host, socket_path)
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "lstat", lstat)
+            with pytest.raises(HostSocketError) as raised:
+                await serve_simulated_host(host, socket_path)
         assert str(raised.value) == f"cannot listen at {socket_path}: Permission denied"
 
     async def test_stale_socket_it_may_not_remove_is_one_error(
@@ -616,7 +617,8 @@ class TestSocketFile:
         def unlink(path: str) -> None:
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
 
-        with monkeypatch.context() as patch, pytest.raises(HostSocketError) as raised:
-            patch.setattr(server.os, "unlink", unlink)
-            await serve_simulated_host(host, socket_path)
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "unlink", unlink)
+            with pytest.raises(HostSocketError) as raised:
+                await serve_simulated_host(host, socket_path)
         assert str(raised.value) == f"cannot listen at {socket_path}: Operation not permitted"
