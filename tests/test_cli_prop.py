@@ -230,6 +230,19 @@ class TestVerbs:
         done = run_into_full_disk("prop", "--device", sim.device, *argv, env=sim.env)
         assert done == (EX_IOERR, FULL_DISK_LINE)
 
+    def test_a_failed_disconnect_after_the_write_is_no_failure(self, sim: PropHost) -> None:
+        """The host fails the disconnect after the set: one warning, exit 0 (it said
+        ``refused by the host``, exit 1, though the property was written)."""
+        sim.host("fault", "HGCM_DISCONNECT", "VERR_INTERNAL_ERROR")
+        done = sim.prop("set", "/dc/x", "applied")
+        assert done.returncode == EX_OK, done.stderr
+        (warning,) = (json.loads(line) for line in done.stderr.splitlines())
+        assert (warning["event"], warning["status"]) == (
+            "hgcm_disconnect_failed",
+            "VERR_INTERNAL_ERROR",
+        )
+        assert sim.prop("get", "/dc/x").stdout == "applied\n"
+
     def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""
         sim.prop("set", "/Guest/f", "1", "--flags", "RDONLYHOST")
