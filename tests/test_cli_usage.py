@@ -77,6 +77,21 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
         ),
         (["--json", "abi"], "vbox-agent abi", "--json is an option of 'abi': give it after 'abi'"),
         (
+            ["--device", "unix:/tmp/h.sock", "prop", "get", "/a/b"],
+            "vbox-agent prop get",
+            "error: --device is an option of 'prop': give it after 'prop'",
+        ),
+        (
+            ["--device=unix:/tmp/h.sock", "prop", "get", "/a/b"],
+            "vbox-agent prop get",
+            "error: --device is an option of 'prop': give it after 'prop'",
+        ),
+        (
+            ["--socket", "x", "host", "status"],
+            "vbox-agent host status",
+            "error: --socket is an option of 'host': give it after 'host'",
+        ),
+        (
             ["prop", "--json", "get", "/a"],
             "vbox-agent prop get",
             "--json is an option of 'get': give it after 'get'",
@@ -138,6 +153,26 @@ def test_misplaced_and_missing_options(
     message names the option, not the word (its value too); an unknown option beside a
     misplaced one is reported as well."""
     assert usage_error(argv, capsys)[-1] == error
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["host", "--help"], "usage: vbox-agent host [-h] --socket PATH COMMAND ..."),
+        (["simulate", "--socket", ""], "usage: vbox-agent simulate [-h] --socket PATH"),
+        (["simulate"], "usage: vbox-agent simulate [-h] --socket PATH"),
+        (["host", "--socket", "", "status"], "usage: vbox-agent host [-h] --socket PATH COMMAND"),
+    ],
+)
+def test_required_options_show_as_required(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Help and every usage show a required option without brackets (during the parse they
+    showed ``[--socket PATH]``: the check of required options is left until after it)."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    out, err = capsys.readouterr()
+    assert (out or err).startswith(usage)
 
 
 @pytest.mark.parametrize(
