@@ -57,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     prop_set.set_defaults(build=_prop_set)
     prop_get = prop_commands.add_parser("get", help="print a property's value")
     prop_get.add_argument("name", metavar="NAME")
-    prop_get.add_argument("--json", action="store_true", help="print value, flags, timestamp")
+    prop_get.add_argument("--json", action="store_true", help="print name, value, flags, timestamp")
     prop_get.set_defaults(build=_prop_get, show=_show_value)
     prop_delete = prop_commands.add_parser("delete", help="delete a property")
     prop_delete.add_argument("name", metavar="NAME")
@@ -217,8 +217,9 @@ class _UnexpectedResultError(Exception):
 def _show_value(args: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(result.get("value"), str):
         raise _UnexpectedResultError
-    if args.json:
-        write_line(json.dumps(result, sort_keys=True))
+    if args.json:  # the shape and order of `prop get --json`
+        fields = ("value", "flags", "timestamp")
+        write_line(json.dumps({"name": args.name} | {key: result.get(key) for key in fields}))
     else:
         write_line(result["value"])
 
