@@ -177,7 +177,9 @@ class TestVerbs:
         host_view = sim.host("prop", "get", "/Guest/a", "--json").stdout
         assert host_view == sim.prop("get", "/Guest/a", "--json").stdout
         assert list(json.loads(host_view)) == ["name", "value", "flags", "timestamp"]
-        assert sim.prop("set", "/Guest/b", "2").returncode == EX_OK
+        stored = json.loads(sim.prop("set", "/Guest/b", "2", "--json").stdout)
+        assert list(stored) == ["name", "value", "flags", "timestamp", "ignored"]
+        assert (stored["value"], stored["ignored"]) == ("2", False)
         listed = json.loads(sim.prop("enum", "/Guest/*", "--json").stdout)
         assert [(p["name"], p["value"]) for p in listed] == [
             ("/Guest/a", "hello world"),
@@ -186,7 +188,14 @@ class TestVerbs:
         text = sim.prop("enum", "/Guest/?").stdout.splitlines()
         assert text[1].startswith("Name: /Guest/b, value: 2, timestamp: ")
         deleted = sim.prop("delete", "/Guest/a", "--json")
-        assert json.loads(deleted.stdout) == {"name": "/Guest/a", "deleted": True}
+        assert json.loads(deleted.stdout) == {"name": "/Guest/a", "deleted": True, "ignored": False}
+        # a property that never existed was not deleted (it said true)
+        deleted = sim.prop("delete", "/Guest/never", "--json")
+        assert json.loads(deleted.stdout) == {
+            "name": "/Guest/never",
+            "deleted": False,
+            "ignored": False,
+        }
         missing = sim.prop("get", "/Guest/a")
         assert missing.returncode == EX_REFUSED
         assert "no property '/Guest/a'" in one_line(missing)
@@ -447,9 +456,39 @@ class TestInProcess:
                 await _delete(args, props)
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
         assert [json.loads(line) for line in printed if line.startswith("{")] == [
-            {"name": "/Guest/kept", "deleted": False}
+            {"name": "/Guest/kept", "deleted": False, "ignored": True}
         ]
         assert host.prop_get("/Guest/kept") is not None
+
+    async def test_every_set_prints_the_same_shape(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``set --json`` prints name, value, flags, timestamp and ``ignored`` whether the
+        write was done or ignored, the fields null where no property stands (an ignored
+        write printed a bare ``{"name": ...}``)."""
+        host.prop_set("/Guest/kept", "old")
+        timestamp = host.prop_get("/Guest/kept")[2]  # type: ignore[index]
+        with trio.fail_after(60):
+            async with _props_ignored_by(host) as props:
+                for name in ("/Guest/x", "/Guest/kept"):
+                    args = argparse.Namespace(
+                        prop_action="set", name=name, value="new", flags=None, json=True
+                    )
+                    await _set(args, props)
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        assert [json.loads(line) for line in printed if line.startswith("{")] == [
+            {"name": "/Guest/x", "value": None, "flags": None, "timestamp": None, "ignored": True},
+            {
+                "name": "/Guest/kept",
+                "value": "old",
+                "flags": "",
+                "timestamp": timestamp,
+                "ignored": True,
+            },
+        ]
 
 
 README_INTRO: Final = "Guest properties from the guest's side"

@@ -8,6 +8,9 @@ a name, value, pattern or flags the service would refuse; 69 no device; 70 anyth
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
 line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
 property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
+``set --json`` prints the property as it stands after the write (null fields when none
+does) and ``"ignored"``; ``delete --json`` ``"deleted"`` (a property was removed) and
+``"ignored"``.
 """
 
 from __future__ import annotations
@@ -167,18 +170,27 @@ async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
 
 
 async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
-    _note_ignored(args, await props.set(args.name, args.value, args.flags))
+    status = await props.set(args.name, args.value, args.flags)
+    _note_ignored(args, status)
     if args.json:
+        # What the property holds now: an ignored write (VINF_PERMISSION_DENIED) left the
+        # old value, or none.
         stored = await props.get(args.name)
-        write_line(json.dumps(_property_json(stored) if stored else {"name": args.name}))
+        shown = _property_json(stored) if stored else dict.fromkeys(_PROPERTY_FIELDS)
+        write_line(json.dumps({**shown, "name": args.name, "ignored": status != VINF_SUCCESS}))
 
 
 async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
+    # The service deletes a missing property with success too: only a read tells them apart.
+    existed = args.json and await props.get(args.name) is not None
     status = await props.delete(args.name)
     _note_ignored(args, status)
     if args.json:
         # An ignored delete (VINF_PERMISSION_DENIED) left the property standing.
-        write_line(json.dumps({"name": args.name, "deleted": status == VINF_SUCCESS}))
+        ignored = status != VINF_SUCCESS
+        write_line(
+            json.dumps({"name": args.name, "deleted": existed and not ignored, "ignored": ignored})
+        )
 
 
 async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:
@@ -226,13 +238,14 @@ async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
         )
 
 
+_PROPERTY_FIELDS: Final = ("name", "value", "flags", "timestamp")
+"""The keys of a property in ``--json``, in their order."""
+
+
 def _property_json(prop: Property | PropertyChange) -> dict[str, object]:
-    return {
-        "name": prop.name,
-        "value": prop.value,
-        "flags": prop.flags,
-        "timestamp": prop.timestamp,
-    }
+    return dict(
+        zip(_PROPERTY_FIELDS, (prop.name, prop.value, prop.flags, prop.timestamp), strict=True)
+    )
 
 
 def _change_json(change: PropertyChange) -> dict[str, object]:
