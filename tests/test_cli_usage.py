@@ -213,6 +213,19 @@ def test_required_options_show_as_required(
         ),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "-1"], "'-1' is not a non-neg"),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "inf"], "'inf' is not a non-neg"),
+        # the host's own checks of names, values and flags, before any connection (the
+        # host's refusal exited 1)
+        (["host", "--socket", SOCKET, "prop", "set", "", "x"], "NAME: property name is empty"),
+        (["host", "--socket", SOCKET, "prop", "set", "/x/*", "x"], "contains '*', '?' or '|'"),
+        (["host", "--socket", SOCKET, "prop", "set", "/" + "n" * 100, "x"], "is 101 bytes"),
+        (["host", "--socket", SOCKET, "prop", "set", "/a/\udcff", "x"], "not valid Unicode"),
+        (["host", "--socket", SOCKET, "prop", "set", "/a", "v" * 2000], "VALUE: property value"),
+        (
+            ["host", "--socket", SOCKET, "prop", "set", "/a", "x", "--flags", "BOGUS"],
+            "argument --flags: invalid flags 'BOGUS'",
+        ),
+        (["host", "--socket", SOCKET, "prop", "get", "/x|y"], "contains '*', '?' or '|'"),
+        (["host", "--socket", SOCKET, "prop", "delete", ""], "property name is empty"),
         (["host", "--socket", SOCKET, "cpu", "eject", "1"], "invalid choice: 'eject'"),
         (["host", "--socket", SOCKET, "cpu", "plug", "-1"], "'-1' is not an integer in [0, 4294"),
         (["host", "--socket", SOCKET, "cpu", "plug", "4294967296"], "in [0, 4294967295]"),
