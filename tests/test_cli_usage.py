@@ -52,6 +52,11 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
         (["run", "--personality", "oracle"], "vbox-agent run", "--personality needs --simulate"),
         (["run", "--scenario", "demo.toml"], "vbox-agent run", "--scenario needs --simulate"),
         (["simulate", "--socket", SOCKET, "-x"], "vbox-agent simulate", "unrecognized"),
+        (
+            ["simulate", "--socket", SOCKET, "--r3-balloon"],
+            "vbox-agent simulate",
+            "--r3-balloon needs --personality oracle",
+        ),
         (["host", "--socket", SOCKET], "vbox-agent host", "required: COMMAND"),
         (
             ["host", "--socket", SOCKET, "balloon", "5", "--bogus"],
@@ -179,6 +184,11 @@ def test_required_options_show_as_required(
     ("argv", "message"),
     [
         (["run", "--duration", "0"], "'0' must be a positive number of seconds"),
+        (["prop", "wait", "/x", "--timeout", "0"], "'0' must be a positive number of seconds"),
+        (["prop", "wait", "/x", "--timeout", "-1"], "'-1' must be a positive number"),
+        (["prop", "wait", "/x", "--timeout", "nan"], "'nan' must be a positive number"),
+        (["prop", "wait", "/x", "--timeout", "inf"], "'inf' must be a positive number"),
+        (["prop", "wait", "/x", "--timeout", ""], "--timeout: '' is not a number of seconds"),
         (["run", "--duration", "nan"], "'nan' must be a positive number of seconds"),
         (["run", "--device", "unix:"], f"argument --device: {ABSOLUTE_EXPECTED}"),
         (["run", "--device", f"unix:{TOO_LONG}"], "a Unix socket path holds at most 107"),

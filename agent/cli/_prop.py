@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.cli._arguments import device_spec
+from agent.cli._arguments import device_spec, positive_seconds
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.cli._output import write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
@@ -89,29 +89,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     enum.set_defaults(action=_enum)
     wait = actions.add_parser("wait", help="wait for the next change of a matching property")
     wait.add_argument("pattern", metavar="PATTERN", help="'*', '?', '|' between alternatives")
-    wait.add_argument("--timeout", metavar="S", help="give up after S seconds")
+    wait.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=math.inf,
+        metavar="S",
+        help="give up after S seconds (default: wait until a change)",
+    )
     wait.set_defaults(action=_wait)
     for action in (get, set_, delete, enum, wait):
         action.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=prop_command)
-
-
-def _seconds(text: str | None) -> float:
-    """``--timeout``: positive seconds; none means no limit.
-
-    Raises:
-        _UsageError: not a positive finite number.
-    """
-    if text is None:
-        return math.inf
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < math.inf:
-        msg = f"--timeout must be a positive number of seconds, not {text!r}"
-        raise _UsageError(msg)
-    return value
 
 
 def prop_command(args: argparse.Namespace) -> int:
@@ -121,7 +109,6 @@ def prop_command(args: argparse.Namespace) -> int:
         # A value the output's encoding cannot hold still prints, escaped.
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        _seconds(getattr(args, "timeout", None))  # a usage error before any connection
         try:
             opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
         except ValueError as exc:
@@ -217,7 +204,7 @@ def _note_ignored(args: argparse.Namespace, status: int) -> None:
 
 
 async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
-    timeout = _seconds(args.timeout)
+    timeout: float = args.timeout
     change: PropertyChange | None = None
     with trio.move_on_after(timeout):
         # Read inside the block: a deadline that expires while the channel closes must
