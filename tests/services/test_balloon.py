@@ -17,6 +17,7 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimTransport, SimulatedHost
 from agent.protocol import (
+    BalloonStatus,
     ChangeBalloon,
     ChangeMemBalloon,
     CheckBalloon,
@@ -40,6 +41,7 @@ from tests.services.balloon_support import (
     Quiet,
     RecordRefusals,
     RefuseChunk,
+    Running,
     ScriptedPressure,
     SimChunks,
     running_balloon,
@@ -877,6 +879,83 @@ class TestTriggeredAndKernel:
         [forced] = [e for e in logs if e["event"] == "balloon_check_forced"]
         assert forced["postponed_s"] == section.pressure_cooldown_s
 
+    async def test_floor_postpones_the_start_probe(self, autojump_clock: trio.abc.Clock) -> None:
+        """Oracle's driver applies the host's target on the mode probe's CHECK_BALLOON too:
+        below the floor that call waits as any triggered one (the service is ready meanwhile,
+        its mode not yet known), for at most ``pressure_cooldown_s``."""
+        section = BalloonSection(min_available_mb=256, pressure_cooldown_s=30.0)
+
+        async def target_before_start(host: SimulatedHost) -> None:
+            host.set_balloon_target(512)
+
+        with trio.fail_after(300), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle",
+                section=section,
+                mem_available_mb=lambda: 100,
+                before=target_before_start,
+            ) as run:
+                started = trio.current_time()
+                assert (run.host_chunks, run.service.mode) == (0, None)
+                assert run.service.statistics().postponed
+                await run.service.mode_known.wait()
+                assert trio.current_time() - started == section.pressure_cooldown_s
+                assert run.service.mode is BalloonMode.TRIGGERED
+                assert not run.service.statistics().postponed
+                await run.settle(512)
+        [postponed] = [e for e in logs if e["event"] == "balloon_check_postponed"]
+        assert (postponed["mem_available_mb"], postponed["min_available_mb"]) == (100, 256)
+        [forced] = [e for e in logs if e["event"] == "balloon_check_forced"]
+        assert forced["postponed_s"] == section.pressure_cooldown_s
+
+    async def test_the_in_tree_probe_is_not_held_back(self, autojump_clock: trio.abc.Clock) -> None:
+        """The in-tree driver's CHECK_BALLOON only reads the size: below the floor the probe
+        goes at once (the kernel balloons by itself, whatever the agent does)."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="mainline", mem_available_mb=lambda: 100) as run:
+                assert run.service.mode is BalloonMode.KERNEL
+        assert not [e for e in logs if e["event"].startswith("balloon_check_")]
+
+    @pytest.mark.parametrize(
+        ("kind", "event"),
+        [("oracle", "new target"), ("oracle", "restore"), ("mainline", "restore")],
+    )
+    async def test_an_event_during_the_probe_is_kept(
+        self, autojump_clock: trio.abc.Clock, kind: str, event: str
+    ) -> None:
+        """Just after the probe's CHECK_BALLOON read the balloon, the host asks for 32 MB (a
+        0x40, which the in-tree driver keeps for its kernel) or the VM is restored: the
+        event reaches the service before the mode is decided and is answered after it, by
+        one more read."""
+        host = _host(kind)
+        target = 32 if event == "new target" else 0
+        with trio.fail_after(60):
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+                    pump = EventPump(device)
+                    await inner.start(pump.run)
+                    probe_check = device.check_balloon
+
+                    async def check_then_event() -> BalloonStatus:
+                        status = await probe_check()
+                        device.check_balloon = probe_check  # type: ignore[method-assign]
+                        if target:
+                            host.set_balloon_target(target)
+                        else:
+                            host.restore()
+                        await trio.testing.wait_all_tasks_blocked()  # the service has it
+                        return status
+
+                    device.check_balloon = check_then_event  # type: ignore[method-assign]
+                    service = BalloonService(device, pump, BalloonSection(), pressure=Quiet())
+                    run = Running(host, device, service, inner)
+                    await start_in_scope(inner, service, trio.CancelScope())
+                    await run.until(lambda: service.reads == 1)
+                    assert service.statistics().chunks == run.host_chunks == target
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -974,6 +1053,41 @@ class TestReconfigure:
                 run.host.set_balloon_target(20)
                 await run.settle(20)
                 assert delays()[6:] == [0.5, 1.0, 2.0]
+
+    async def test_a_failing_probe_is_retried_at_once_under_the_new_delays(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Another session owns Oracle's balloon and the mode probe has backed off to 512 s:
+        a reload retries it at once and backs off under the new delays, so the probe after
+        the owner let go comes within the new longest delay."""
+        others: list[SimTransport] = []
+
+        async def claim_the_balloon(host: SimulatedHost) -> None:
+            other = await SimOpener(host).open_session()
+            call = CheckBalloon().encode()
+            await other.ioctl(call.code, call.buffer)
+            others.append(other)
+
+        section = BalloonSection(retry_initial_s=1.0, retry_max_s=3600.0)
+        with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle", section=section, before=claim_the_balloon
+            ) as run:
+
+                def delays() -> list[float]:
+                    failed = [e for e in logs if e["event"] == "balloon_check_failed"]
+                    return [entry["retry_in_s"] for entry in failed]
+
+                await run.until(lambda: len(delays()) == 10)
+                assert delays()[-1] == 512.0
+                assert run.service.reconfigure(section.model_copy(update={"retry_max_s": 2.0}))
+                await run.until(lambda: len(delays()) == 11)
+                assert delays()[-1] == 2.0
+                await others[0].aclose()
+                released = trio.current_time()
+                await run.service.mode_known.wait()
+                assert trio.current_time() - released <= 2.0
+                assert run.service.mode is BalloonMode.TRIGGERED
 
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_shorter_cooldown_ends_the_hold_in_place(

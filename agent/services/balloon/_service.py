@@ -4,12 +4,15 @@
 device's answers (:mod:`._mode`, logged once) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
-  ``CHECK_BALLOON`` at start, after a restore and after a status report;
+  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore, when the
+  status is computed and, through the gauge's refresh, before every guest statistics report
+  (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed);
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor the call is
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
   target, a deflate as well as an inflate; the driver allocates the whole target in one go
-  and stops by itself where allocation fails);
+  and stops by itself where allocation fails). The mode probe's own call at start is one of
+  them: on Oracle's driver it waits at the same gate, the service ready meanwhile;
 - *allocated* / *owned*: reads the target on the same occasions and lets a
   :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory.
 
@@ -34,6 +37,7 @@ import math
 import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
@@ -42,7 +46,7 @@ import trio
 from agent.protocol import Event, VBoxStatusError
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
-from agent.services.balloon._mode import CHUNK_MB, BalloonMode, Detected, detect_mode
+from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
 if TYPE_CHECKING:
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from agent.device import Device
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
+    from agent.services.balloon._mode import Detected
     from agent.services.balloon._pressure import PressureReading, PressureSource
     from agent.services.balloon._walker import ChunkWalker
     from agent.services.event_pump import EventPump, Subscription
@@ -141,12 +146,16 @@ class BalloonService:
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
+        self._probe_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        """The mode probe's retries while it fails (another session owns the balloon)."""
         self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
         self._target = 0
         self._read_pending = True
+        self._read_lock = trio.Lock()
+        """One read at a time: a gauge refresh and an event's read never overlap."""
         self._poke = trio.Event()
         self._release_at = math.inf
         self._hold = trio.CancelScope()
@@ -217,8 +226,9 @@ class BalloonService:
     def reconfigure(self, section: BalloonSection) -> bool:
         """Apply every setting live; the PSI settings restart the pressure watch alone.
 
-        A walk stopped (or a trigger postponed) by the floor or a failure is retried at once,
-        under the new settings, rather than when its old backoff ends; a pressure hold in
+        A walk stopped (or a trigger postponed, or a mode probe refused) by the floor or a
+        failure is retried at once, under the new settings, rather than when its old backoff
+        ends; a pressure hold in
         place ends after the new cooldown (and survives a restarted watch).
         """
         old = self._section
@@ -257,8 +267,10 @@ class BalloonService:
             async with trio.open_nursery() as nursery:
                 try:
                     await self._run_in(nursery, events, task_status)
-                finally:  # a reload from now on restarts no watch
+                finally:  # a reload from now on restarts no watch; the gauge reads no more
                     self._nursery = self._watch = None
+                    if self._gauge.refresh == self._refresh_gauge:
+                        self._gauge.refresh = None
 
     async def _run_in(
         self, nursery: trio.Nursery, events: Subscription, task_status: trio.TaskStatus[None]
@@ -272,6 +284,7 @@ class BalloonService:
                 "balloon_pressure_unwatched",
                 reason="the kernel owns the balloon: no PSI trigger, no polling",
             )
+            self._gauge.refresh = self._refresh_gauge
         else:
             self._nursery = nursery
             self._start_watch()
@@ -330,30 +343,54 @@ class BalloonService:
     # --- mode and target --------------------------------------------------------------------
 
     async def _decide_mode(self, task_status: trio.TaskStatus[None]) -> None:
-        backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
-        detected = await self._probe(backoff)
-        if detected is None:
-            task_status.started()
-            while detected is None:
-                await trio.sleep_until(backoff.retry_at)
-                detected = await self._probe(backoff)
-            self._adopt(detected)
-        else:
-            self._adopt(detected)
-            task_status.started()
+        """Probe until the driver answers; ready after the first probe, or as soon as one
+        waits (a refused probe is retried, a held-back CHECK_BALLOON waits) without holding
+        the daemon up. A reload ends a retry's wait at once."""
+        started = False
 
-    async def _probe(self, backoff: Backoff) -> Detected | None:
-        try:
-            return await detect_mode(self._device)
-        except VBoxStatusError as exc:
-            _check_failed(exc, backoff)
-            return None
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        backoff = self._probe_backoff
+        backoff.succeeded()
+        while True:
+            try:
+                detected = await detect_mode(self._device, partial(self._gate_probe, ready))
+            except VBoxStatusError as exc:  # e.g. another session owns Oracle's balloon
+                _check_failed(exc, backoff)
+                ready()
+                while trio.current_time() < backoff.retry_at:
+                    await self._wait_for_poke(backoff.retry_at)
+            else:
+                backoff.succeeded()
+                self._adopt(detected)
+                ready()
+                return
+
+    async def _gate_probe(self, ready: Callable[[], None], kernel_allocates: bool) -> None:
+        """Hold the probe's CHECK_BALLOON back as any triggered one where it may move the
+        kernel's balloon; from here on an event is news that call's answer may lack."""
+        if kernel_allocates:
+            while (look_again := self._postpone_check()) is not None:
+                ready()
+                await self._wait_for_poke(look_again)
+        self._read_pending = False
+
+    async def _wait_for_poke(self, deadline: float) -> None:
+        """Wait until ``deadline`` or a poke (an event, a reload, pressure easing)."""
+        self._poke = trio.Event()
+        with trio.move_on_at(deadline):
+            await self._poke.wait()
 
     def _adopt(self, detected: Detected) -> None:
         mode = detected.mode
         self._mode = mode
         self._chunks = self._target = detected.chunks
-        self._read_pending = mode.agent_holds_chunks
+        # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
+        self._read_pending = self._read_pending or mode.agent_holds_chunks
         kept = _KEPT.pop(self._device, None)
         if self._walker is not None and self._mode_of_walker is mode:
             self._walker.cap = None  # a restart after a failure: keep the chunks still held
@@ -416,25 +453,39 @@ class BalloonService:
         while True:
             look_again = backoff.retry_at if self._read_pending else math.inf
             if self._read_pending and trio.current_time() >= backoff.retry_at:
-                postponed_until = self._postpone_read()
+                postponed_until = (
+                    self._postpone_check() if self._mode is BalloonMode.TRIGGERED else None
+                )
                 if postponed_until is not None:
                     look_again = postponed_until
                 else:
-                    self._read_pending = False
-                    try:
-                        await self._read_target()
-                    except VBoxStatusError as exc:  # a host status, or a driver errno as one
-                        self._read_pending = True
-                        self._read_failures += 1
-                        _check_failed(exc, backoff)
-                    else:
-                        self.reads += 1
-                        if backoff.succeeded():
-                            log.info("balloon_check_recovered", chunks=self._chunks)
+                    await self._read()
                     continue
-            self._poke = trio.Event()
-            with trio.move_on_at(look_again):
-                await self._poke.wait()
+            await self._wait_for_poke(look_again)
+
+    async def _read(self) -> None:
+        """Read the target (or trigger the driver) once; a failure leaves the read pending,
+        retried after the backoff."""
+        async with self._read_lock:
+            self._read_pending = False
+            try:
+                await self._read_target()
+            except VBoxStatusError as exc:  # a host status, or a driver errno as one
+                self._read_pending = True
+                self._read_failures += 1
+                _check_failed(exc, self._read_backoff)
+            else:
+                self.reads += 1
+                if self._read_backoff.succeeded():
+                    log.info("balloon_check_recovered", chunks=self._chunks)
+
+    async def _refresh_gauge(self) -> None:
+        """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
+        before each report) in the reader's task; logged as this service's work."""
+        with structlog.contextvars.bound_contextvars(service=self.name):
+            await self._read()
+        if self._read_pending:  # failed: ``_follow`` retries it after the backoff
+            self._poke.set()
 
     async def _read_target(self) -> None:
         if self._walker is not None:
@@ -460,15 +511,14 @@ class BalloonService:
             "balloon_checked", mode=str(self._mode), chunks=status.chunks
         )
 
-    def _postpone_read(self) -> float | None:
-        """Triggered mode: hold CHECK_BALLOON back under pressure or below the floor, for at
-        most ``pressure_cooldown_s``; return when to look again, or None to call it now.
+    def _postpone_check(self) -> float | None:
+        """Where CHECK_BALLOON moves the kernel's balloon (triggered mode, and the mode
+        probe's call on Oracle's driver): hold it back under pressure or below the floor, for
+        at most ``pressure_cooldown_s``; return when to look again, or None to call it now.
 
         The same call applies a deflate the host asks for, and a balloon below the floor
         keeps MemAvailable there: an unbounded wait could hold the memory for ever.
         """
-        if self._mode is not BalloonMode.TRIGGERED:
-            return None
         section = self._section
         available = self._mem_available()
         pressure = self._release_at != math.inf
@@ -633,7 +683,7 @@ class BalloonService:
         self._gauge.chunks = chunks
 
     def _backoffs(self) -> list[Backoff]:
-        backoffs = [self._read_backoff, self._floor_backoff]
+        backoffs = [self._probe_backoff, self._read_backoff, self._floor_backoff]
         if self._walker is not None:
             backoffs.append(self._walker.backoff)
         return backoffs
