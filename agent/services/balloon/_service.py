@@ -4,7 +4,9 @@
 device's answers (:mod:`._mode`, logged once) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
-  ``CHECK_BALLOON`` at start, after a restore and after a status report;
+  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore, when the
+  status is computed and, through the gauge's refresh, before every guest statistics report
+  (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed);
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor the call is
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
@@ -154,6 +156,8 @@ class BalloonService:
         self._chunks = 0
         self._target = 0
         self._read_pending = True
+        self._read_lock = trio.Lock()
+        """One read at a time: a gauge refresh and an event's read never overlap."""
         self._poke = trio.Event()
         self._release_at = math.inf
         self._hold = trio.CancelScope()
@@ -265,8 +269,10 @@ class BalloonService:
             async with trio.open_nursery() as nursery:
                 try:
                     await self._run_in(nursery, events, task_status)
-                finally:  # a reload from now on restarts no watch
+                finally:  # a reload from now on restarts no watch; the gauge reads no more
                     self._nursery = self._watch = None
+                    if self._gauge.refresh == self._refresh_gauge:
+                        self._gauge.refresh = None
 
     async def _run_in(
         self, nursery: trio.Nursery, events: Subscription, task_status: trio.TaskStatus[None]
@@ -280,6 +286,7 @@ class BalloonService:
                 "balloon_pressure_unwatched",
                 reason="the kernel owns the balloon: no PSI trigger, no polling",
             )
+            self._gauge.refresh = self._refresh_gauge
         else:
             self._nursery = nursery
             self._start_watch()
@@ -454,19 +461,33 @@ class BalloonService:
                 if postponed_until is not None:
                     look_again = postponed_until
                 else:
-                    self._read_pending = False
-                    try:
-                        await self._read_target()
-                    except VBoxStatusError as exc:  # a host status, or a driver errno as one
-                        self._read_pending = True
-                        self._read_failures += 1
-                        _check_failed(exc, backoff)
-                    else:
-                        self.reads += 1
-                        if backoff.succeeded():
-                            log.info("balloon_check_recovered", chunks=self._chunks)
+                    await self._read()
                     continue
             await self._wait_for_poke(look_again)
+
+    async def _read(self) -> None:
+        """Read the target (or trigger the driver) once; a failure leaves the read pending,
+        retried after the backoff."""
+        async with self._read_lock:
+            self._read_pending = False
+            try:
+                await self._read_target()
+            except VBoxStatusError as exc:  # a host status, or a driver errno as one
+                self._read_pending = True
+                self._read_failures += 1
+                _check_failed(exc, self._read_backoff)
+            else:
+                self.reads += 1
+                if self._read_backoff.succeeded():
+                    log.info("balloon_check_recovered", chunks=self._chunks)
+
+    async def _refresh_gauge(self) -> None:
+        """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
+        before each report) in the reader's task; logged as this service's work."""
+        with structlog.contextvars.bound_contextvars(service=self.name):
+            await self._read()
+        if self._read_pending:  # failed: ``_follow`` retries it after the backoff
+            self._poke.set()
 
     async def _read_target(self) -> None:
         if self._walker is not None:
