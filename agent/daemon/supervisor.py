@@ -22,6 +22,7 @@ services the same way, :meth:`Supervisor.end`), and the error propagates only af
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Final, Generic, NoReturn, Protocol, TypeVar, final
 
@@ -365,9 +366,8 @@ class Supervisor(Generic[T]):
                 f"{self.config.restart_window_s:g} s: {error!r}"
             )
             raise ServiceFailedError(msg) from error
-        delay = min(
-            self.config.restart_backoff_initial_s * 2 ** (len(failures) - 1),
-            self.config.restart_backoff_max_s,
+        delay = _backoff_delay(
+            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s, len(failures)
         )
         self._count_restart(name)
         log.warning(
@@ -379,3 +379,16 @@ class Supervisor(Generic[T]):
         )
         self._changed()
         await trio.sleep(delay)
+
+
+def _backoff_delay(initial: float, ceiling: float, failures: int) -> float:
+    """``initial`` doubled once per failure after the first, at most ``ceiling``.
+
+    The exponent stops where the delay reaches the ceiling (for finite positive settings,
+    never beyond about 2100 doublings), so however many failures a large restart budget
+    lets through, no float overflows.
+    """
+    doublings = failures - 1
+    if doublings >= math.ceil(math.log2(ceiling) - math.log2(initial)):
+        return ceiling
+    return min(math.ldexp(initial, doublings), ceiling)

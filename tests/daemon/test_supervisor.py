@@ -8,6 +8,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import itertools
 from typing import NoReturn
 
 import pytest
@@ -15,7 +16,7 @@ import structlog
 import trio
 import trio.testing
 
-from agent.config import DaemonConfig
+from agent.config import MAX_RESTART_BUDGET, DaemonConfig
 from agent.daemon import ServiceFailedError, Supervisor
 from agent.device import DeviceLostError
 from agent.protocol import LocalProtocolError
@@ -31,6 +32,8 @@ class FlakyService:
         self.error = error or RuntimeError("boom")
         self.starts: list[float] = []
         self.drains: list[float] = []
+        self.recovered = trio.Event()
+        """Set once the start after the last failure began."""
 
     async def drain(self) -> None:
         self.drains.append(trio.current_time())
@@ -43,6 +46,7 @@ class FlakyService:
         task_status.started()
         if len(self.starts) <= self.failures:
             raise self.error
+        self.recovered.set()
         await trio.sleep_forever()
 
 
@@ -160,6 +164,24 @@ class TestSupervisor:
                 await trio.sleep(30)
                 nursery.cancel_scope.cancel()
         assert len(service.starts) == 7
+
+    async def test_a_large_restart_budget_keeps_the_ceiling(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Past 1024 failures within the window (a budget the config allows) the back-off
+        stays at its ceiling: the doubling stops there instead of overflowing a float."""
+        service = FlakyService(failures=1100)
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_budget=MAX_RESTART_BUDGET, restart_window_s=86400.0)
+        )
+        with trio.fail_after(86400):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, service)
+                await service.recovered.wait()
+                nursery.cancel_scope.cancel()
+        gaps = [later - earlier for earlier, later in itertools.pairwise(service.starts)]
+        assert gaps == [1.0, 2.0] + [4.0] * 1098
+        assert supervisor.restarts() == {"flaky": 1100}
 
     async def test_fatal_error_propagates_at_once(self, autojump_clock: trio.abc.Clock) -> None:
         """A lost device is not retried: it ends the supervisor."""

@@ -184,9 +184,11 @@ class TestOwnedRefusal:
                 host=SimulatedHost(personality="oracle", r3_balloon=True),
                 sysctl_root=root,
             ) as run:
+                run.host.set_balloon_target(16)  # the first inflate hands the balloon over
+                await trio.testing.wait_all_tasks_blocked()
                 assert run.service.mode is BalloonMode.ALLOCATED
                 walker = run.service.walker
                 assert walker is not None
-                run.host.set_balloon_target(16)
                 await walker.wait_held(16)
                 assert walker.refusal is None
+                assert run.host_chunks == 16
