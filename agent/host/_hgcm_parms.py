@@ -120,12 +120,13 @@ def parse_parms(
             or buffers that cost the host more than it allows one call.
     """
     per_parm = layout.size // WORD_SIZE
-    extra = parms_end(layout, count)
+    extra = CALL_PARMS_OFFSET + layout.size * count  # parms_end, inline
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
     cost = command_cost(count)
-    for index, at in enumerate(range(0, per_parm * count, per_parm)):
+    at = 0
+    for index in range(count):
         raw_type = words[at]
         value = words[at + _VALUE_WORD]
         if raw_type == _U32_TYPE:
@@ -138,13 +139,14 @@ def parse_parms(
             )
             params.append(buffer)
             page_lists.append((index, pages, first))
-            cost += value + (PAGE_ADDRESS_SIZE * len(pages) if len(pages) > 1 else 0)
+            cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
             params.append(HostBuffer(bytearray(), readable, writable, 0))
         else:
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
+        at += per_parm
     if cost > MAX_HGCM_DATA_SIZE:
         msg = f"the call would cost the host {cost} bytes, over {MAX_HGCM_DATA_SIZE}"
         raise ParmError(msg, VERR_NO_MEMORY)
@@ -185,10 +187,11 @@ def _parse_page_list(
         msg = f"page list at {list_at} is not between the parameters' end and the request's"
         raise ParmError(msg)
     flags, first, count, first_page = _PAGE_LIST_INFO.unpack_from(req, list_at)
-    room = 1 + (len(req) - list_at - PAGE_LIST_INFO_SIZE) // PAGE_ADDRESS_SIZE
-    if not 0 < count <= room:
-        msg = f"page list at {list_at}: {count} pages, room for {room}"
-        raise ParmError(msg)
+    if count != 1:  # one page always fits: its address was read with the header
+        room = 1 + (len(req) - list_at - PAGE_LIST_INFO_SIZE) // PAGE_ADDRESS_SIZE
+        if not 0 < count <= room:
+            msg = f"page list at {list_at}: {count} pages, room for {room}"
+            raise ParmError(msg)
     if not flags or flags & ~_BOTH:
         msg = f"page list at {list_at}: direction flags {flags:#x}"
         raise ParmError(msg, VERR_INVALID_FLAGS)

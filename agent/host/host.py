@@ -71,7 +71,8 @@ class SimulatedHost:
         seed: seeds the session ids, for reproducible runs.
         services: HGCM services to register; by default the guest-property service.
         r3_balloon: Oracle's driver without its kernel balloon allocator (CHECK_BALLOON
-            answers ``handle_in_r3``); only with ``personality="oracle"``.
+            answers ``handle_in_r3`` from its first inflate on); only with
+            ``personality="oracle"``.
 
     Raises:
         ValueError: unknown personality, or ``r3_balloon`` with another one.

@@ -593,11 +593,14 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
     if not isinstance(data, HgcmData) or not isinstance(size, HgcmU32):  # pragma: no cover
         msg = "expected a buffer and its size"
         raise TypeError(msg)
-    parts = data.data[: size.value].split(b"\0")
+    # Decoded at once: a NUL is never part of a UTF-8 sequence, so each string decodes as
+    # it would on its own.
+    parts = data.data[: size.value].decode(errors="replace").split("\0", count)
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)
-    return [part.decode(errors="replace") for part in parts[:count]]
+    del parts[count]
+    return parts
 
 
 def _notification(reply: HgcmReply) -> PropertyChange:
