@@ -12,9 +12,11 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.driver._pages import PageAllocator
+from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     BALLOON_CHUNK_PAGES,
     BALLOON_CHUNK_SIZE,
+    CheckBalloon,
     ChunkPages,
     LocalProtocolError,
     VBoxStatusError,
@@ -138,6 +140,22 @@ class Running:
     async def settle(self, chunks: int) -> None:
         """Wait until the host shows ``chunks``."""
         await self.until(lambda: self.host_chunks == chunks)
+
+
+async def hand_to_ring3(host: SimulatedHost) -> None:
+    """Oracle's driver without its allocator: bring it to ring-3 ballooning as an earlier
+    agent leaves it (a CHECK_BALLOON whose target needs an inflate, for good; then a target
+    of 0 and the owner gone), so a service starts in allocated mode. Other drivers: nothing."""
+    driver = host.driver
+    if not isinstance(driver, OracleDriver) or driver.kernel_allocator:
+        return
+    session = await SimOpener(host).open_session()
+    for target in (1, 0):
+        host.set_balloon_target(target)
+        call = CheckBalloon().encode()
+        await session.ioctl(call.code, call.buffer)
+        assert call.request.decode(call).handle_in_r3
+    await session.aclose()
 
 
 async def start_in_scope(

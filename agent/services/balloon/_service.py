@@ -12,7 +12,9 @@ device's answers (:mod:`._mode`, logged once) and then:
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
   target, a deflate as well as an inflate; the driver allocates the whole target in one go
   and stops by itself where allocation fails). The mode probe's own call at start is one of
-  them: on Oracle's driver it waits at the same gate, the service ready meanwhile;
+  them: on Oracle's driver it waits at the same gate, the service ready meanwhile. A build
+  without the allocator answers ``handle_in_r3`` from its first inflate on: the first such
+  answer switches the service to *allocated*;
 - *allocated* / *owned*: reads the target on the same occasions and lets a
   :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory.
 
@@ -500,6 +502,9 @@ class BalloonService:
             )
             return
         status = await self._device.check_balloon()
+        if status.handle_in_r3 and self._mode is BalloonMode.TRIGGERED:
+            self._hand_to_agent(status.chunks)
+            return
         self._target = status.chunks
         self._publish(status.chunks)
         changed = status.chunks != self._chunks
@@ -510,6 +515,34 @@ class BalloonService:
         (log.info if changed else log.debug)(
             "balloon_checked", mode=str(self._mode), chunks=status.chunks
         )
+
+    def _hand_to_agent(self, target: int) -> None:
+        """Oracle's driver found no allocator of its own at its first inflate and leaves the
+        balloon to ring 3 from now on (VBoxService reads ``handle_in_r3`` on every refresh
+        too): walk to ``target`` with the agent's chunks, capped at none during a pressure
+        hold."""
+        from agent.services.balloon._handover import HostTarget  # noqa: PLC0415
+
+        mode = BalloonMode.ALLOCATED
+        walker = self._walker = self._new_walker(mode, None)
+        self._mode = self._mode_of_walker = mode
+        self._target = target
+        walker.set_target(HostTarget(target, None))
+        if self._release_at != math.inf:
+            walker.lower_cap(0)
+        log.info(
+            "balloon_mode",
+            mode=str(mode),
+            chunks=0,
+            target=target,
+            previous=str(BalloonMode.TRIGGERED),
+            reason="CHECK_BALLOON answered handle_in_r3: the driver has no allocator of its own",
+            **_memlock_fields(),
+        )
+        assert self._nursery is not None  # noqa: S101 - set in triggered mode
+        self._nursery.start_soon(walker.run)
+        self._publish(0)
+        self._status_changed()
 
     def _postpone_check(self) -> float | None:
         """Where CHECK_BALLOON moves the kernel's balloon (triggered mode, and the mode
