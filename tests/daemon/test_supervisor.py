@@ -487,6 +487,36 @@ class TestSupervisor:
             stopped_at = trio.current_time()
         assert (service.starts, service.drains, stopped_at) == ([0.0], [0.0], 0.0)
 
+    async def test_a_replacement_after_stop_all_never_runs(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A replacement asked for once every service was told to stop (a reload that
+        applies its file during the stop) calls nothing off: the service on its way out
+        drains and ends, and nothing runs in its place."""
+        first, second = FlakyService(failures=0), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, first)
+                supervisor.stop_all(trio.current_time() + 5)
+                assert supervisor.replace("flaky", second)
+        assert (first.drains, second.starts, second.drains) == ([0.0], [], [])
+        assert supervisor.restarts() == {}
+
+    async def test_a_service_handed_over_after_stop_all_drains_without_running(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service handed over once every service was told to stop (one a reload enables
+        during the stop) is drained at once and never runs, so it does not hold the stop."""
+        late = HeldStart()
+        supervisor: Supervisor[HeldStart] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                supervisor.stop_all(trio.current_time() + 5)
+                await supervisor.start(nursery, late)
+        assert (late.starting.is_set(), late.drains) == (False, [0.0])
+        assert supervisor.services() == []
+
     async def test_stop_during_start_drains(self, autojump_clock: trio.abc.Clock) -> None:
         """A stop while the service starts cancels the start and drains it; the wait for the
         start was given up first (as the daemon's stop does) without cancelling anything."""

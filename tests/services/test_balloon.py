@@ -44,6 +44,7 @@ from tests.services.balloon_support import (
     Running,
     ScriptedPressure,
     SimChunks,
+    hand_to_ring3,
     running_balloon,
     start_in_scope,
 )
@@ -79,7 +80,7 @@ class TestModes:
         [
             ("mainline", BalloonMode.KERNEL),
             ("oracle", BalloonMode.TRIGGERED),
-            ("oracle-r3", BalloonMode.ALLOCATED),
+            ("oracle-r3", BalloonMode.TRIGGERED),  # until its first inflate
             ("passthrough", BalloonMode.OWNED),
         ],
     )
@@ -89,6 +90,82 @@ class TestModes:
         with trio.fail_after(60):
             async with running_balloon(personality="", host=_host(kind)) as run:
                 assert run.service.mode is mode
+
+    @pytest.mark.parametrize("start", ["handed over", "target waiting"])
+    async def test_a_ring3_driver_at_start(
+        self, autojump_clock: trio.abc.Clock, start: str
+    ) -> None:
+        """Oracle's driver without its allocator answers the probe ``handle_in_r3`` once an
+        inflate handed the balloon to ring 3 (an earlier agent's), or when the probe's own
+        CHECK_BALLOON is that inflate (a target waiting): allocated mode from the start."""
+
+        async def target_waiting(host: SimulatedHost) -> None:
+            host.set_balloon_target(16)
+
+        before = hand_to_ring3 if start == "handed over" else target_waiting
+        with trio.fail_after(60):
+            async with running_balloon(
+                personality="", host=_host("oracle-r3"), before=before
+            ) as run:
+                assert run.service.mode is BalloonMode.ALLOCATED
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+
+    async def test_a_ring3_driver_hands_over_at_its_first_inflate(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Oracle's driver without its allocator answers as the Linux build (triggered mode)
+        until a CHECK_BALLOON needs an inflate; that one answers ``handle_in_r3`` and the
+        service walks the target with its own chunks from then on, as VBoxService, which
+        reads the flag on every refresh."""
+        gauge = BalloonGauge()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host("oracle-r3"), gauge=gauge) as run:
+                assert run.service.mode is BalloonMode.TRIGGERED
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                walker = run.service.walker
+                assert walker is not None
+                assert (run.service.mode, len(walker.held), gauge.chunks) == (
+                    BalloonMode.ALLOCATED,
+                    16,
+                    16,
+                )
+                assert run.service.status() == "balloon 16/16 MB (allocated)"
+                run.host.set_balloon_target(4)
+                await run.settle(4)
+                assert len(walker.held) == 4
+        modes = [e for e in logs if e["event"] == "balloon_mode"]
+        assert [e["mode"] for e in modes] == ["triggered", "allocated"]
+        assert (modes[1]["previous"], modes[1]["target"]) == ("triggered", 16)
+        assert "handle_in_r3" in modes[1]["reason"]
+
+    async def test_a_hand_over_during_a_pressure_hold_waits_for_its_end(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Pressure postponed the CHECK_BALLOON until the cooldown forced it, and it handed
+        the balloon to the agent: the walk waits for the hold's end, as any walk capped by
+        pressure."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_cooldown_s=30.0)
+
+        async def press_for(seconds: int) -> None:
+            for _ in range(seconds // 2):
+                pressure.send(90.0, high=True)
+                await trio.sleep(2)
+
+        with trio.fail_after(600):
+            async with running_balloon(
+                personality="", host=_host("oracle-r3"), section=section, pressure=pressure
+            ) as run:
+                run.nursery.start_soon(press_for, 60)
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                run.host.set_balloon_target(16)
+                await run.until(lambda: run.service.mode is BalloonMode.ALLOCATED)
+                assert run.service.statistics().cap == 0
+                assert run.host_chunks == 0
+                await run.settle(16)
+                assert run.service.statistics().pressure_events == 30
 
 
 class TestFollowsTarget:
@@ -133,7 +210,9 @@ class TestFollowsTarget:
     ) -> None:
         """A target arriving mid-walk turns the walk around at once."""
         with trio.fail_after(60):
-            async with running_balloon(personality="", host=_host(kind)) as run:
+            async with running_balloon(
+                personality="", host=_host(kind), before=hand_to_ring3
+            ) as run:
                 walker = run.service.walker
                 assert walker is not None
                 run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.01)
@@ -335,6 +414,7 @@ class TestFollowsTarget:
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as outer:
                 await outer.start(host.run)
+                await hand_to_ring3(host)
                 async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
                     pump = EventPump(device)
                     await inner.start(pump.run)
@@ -432,6 +512,7 @@ class TestBackoff:
             async with running_balloon(
                 personality="",
                 host=host,
+                before=hand_to_ring3,
                 section=section,
                 pressure=pressure,
                 mem_available_mb=lambda: 300 - host.vmmdev.balloon.chunks,
@@ -456,7 +537,11 @@ class TestBackoff:
         section = BalloonSection(pressure_step_mb=64, retry_max_s=600.0)
         with trio.fail_after(3600):
             async with running_balloon(
-                personality="", host=_host(kind), section=section, pressure=pressure
+                personality="",
+                host=_host(kind),
+                before=hand_to_ring3,
+                section=section,
+                pressure=pressure,
             ) as run:
                 walker = run.service.walker
                 assert walker is not None
@@ -489,7 +574,12 @@ class TestBackoff:
 
         with trio.fail_after(3600):
             async with running_balloon(
-                personality="", host=_host(kind), section=section, pressure=pressure, drain_s=1.0
+                personality="",
+                host=_host(kind),
+                before=hand_to_ring3,
+                section=section,
+                pressure=pressure,
+                drain_s=1.0,
             ) as run:
                 walker = run.service.walker
                 assert walker is not None
@@ -514,6 +604,7 @@ class TestBackoff:
             async with running_balloon(
                 personality="",
                 host=host,
+                before=hand_to_ring3,
                 mem_available_mb=lambda: available["mb"] - host.vmmdev.balloon.chunks,
             ) as run:
                 walker = run.service.walker
@@ -540,7 +631,9 @@ class TestBackoff:
         counted (nor kept mapped), the walk is retried and the service keeps running."""
         chunks = SimChunks()
         with trio.fail_after(120), structlog.testing.capture_logs() as logs:
-            async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
+            async with running_balloon(
+                personality="", host=_host(kind), before=hand_to_ring3, allocator=chunks
+            ) as run:
                 walker = run.service.walker
                 assert walker is not None
                 walker.handover = ErrnoOnce(
@@ -563,7 +656,9 @@ class TestBackoff:
     ) -> None:
         """An errno from the target read is retried after the backoff, not a service restart."""
         with trio.fail_after(120), structlog.testing.capture_logs() as logs:
-            async with running_balloon(personality="", host=_host(kind)) as run:
+            async with running_balloon(
+                personality="", host=_host(kind), before=hand_to_ring3
+            ) as run:
                 walker = run.service.walker
                 assert walker is not None
                 walker.handover = ErrnoOnce(
@@ -592,6 +687,7 @@ class TestBackoff:
         with trio.fail_after(600), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as outer:
                 await outer.start(host.run)
+                await hand_to_ring3(host)
                 async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
                     pump = EventPump(device)
                     await inner.start(pump.run)
@@ -1124,7 +1220,11 @@ class TestReconfigure:
         section = BalloonSection(psi_path=str(old), psi_interval_s=1.0, pressure_step_mb=16)
         with trio.fail_after(600), structlog.testing.capture_logs() as logs:
             async with running_balloon(
-                personality="", host=_host(kind), section=section, psi_file=True
+                personality="",
+                host=_host(kind),
+                before=hand_to_ring3,
+                section=section,
+                psi_file=True,
             ) as run:
                 walker = run.service.walker
                 assert walker is not None
