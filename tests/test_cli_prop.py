@@ -398,7 +398,7 @@ class TestInProcess:
         the wait's channel disconnects (it reported a timeout and lost the change)."""
         slow = _SlowDisconnect()
         opener = HookedOpener(host, before=slow.before)
-        args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout="5", json=False)
+        args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout=5.0, json=False)
         with trio.fail_after(60):
             async with open_device(opener) as device, open_guest_properties(device) as props:
                 async with trio.open_nursery() as nursery:
