@@ -60,13 +60,14 @@ PARM_COST: Final = 40 + 24
 """A larger call costs the command (``VBOXHGCMCMD``) plus a guest and a host parameter each."""
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-_U32_TYPE: Final = HgcmParmType.U32
-_U64_TYPE: Final = HgcmParmType.U64
-_PAGELIST_TYPE: Final = HgcmParmType.PAGELIST
+_U32_TYPE: Final = int(HgcmParmType.U32)
+_U64_TYPE: Final = int(HgcmParmType.U64)
+_PAGELIST_TYPE: Final = int(HgcmParmType.PAGELIST)
 _BOTH: Final = int(PageListDirection.BOTH)
 _TO_HOST: Final = int(PageListDirection.TO_HOST)
 _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
-"""Enum members read once: an enum attribute lookup costs more than the comparison."""
+"""Enum members read once, as plain ints: an enum attribute lookup costs more than the
+comparison, and a comparison of two exact ints is the interpreter's fast one."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -280,9 +281,12 @@ def write_back(
         buffer = params[index]
         if not isinstance(buffer, HostBuffer) or not buffer.writable:
             continue
-        returned = max(0, min(buffer.size, len(buffer.data)))
-        if returned:
-            _scatter(memory, pages, first, buffer.data[:returned])
+        data, size = buffer.data, buffer.size
+        if size >= len(data):
+            if data:
+                _scatter(memory, pages, first, data)
+        elif size > 0:
+            _scatter(memory, pages, first, data[:size])
 
 
 def _scatter(

@@ -831,7 +831,9 @@ class HgcmCall(Request[HgcmReply]):
                     next(user)
                     decoded.append(HgcmData(param.data[:returned]))
                 else:
-                    decoded.append(HgcmData(bytes(next(user).data[:returned])))
+                    data = next(user).data
+                    reported = data if returned == capacity else data[:returned]
+                    decoded.append(HgcmData(bytes(reported)))
             at += 3
         return tuple(decoded)
 

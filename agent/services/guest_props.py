@@ -91,6 +91,9 @@ _VALUE_BUFFER: Final = HgcmBufferOut(VALUE_BUFFER_SIZE)
 _ZERO_U64: Final = HgcmU64(0)
 _ZERO_U32: Final = HgcmU32(0)
 """Parameters every GET_PROP sends the same (frozen, so shared)."""
+_GET_PROP: Final = int(GuestFunction.GET_PROP)
+"""Read once: an enum member costs a metaclass attribute look-up per access, which on the
+hot path of every get cost as much as encoding one of its parameters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,9 +512,7 @@ async def _get(call: _Caller, name: str) -> Property | None:
     value_buffer = _VALUE_BUFFER
     for _ in range(SIZE_RETRIES):
         try:
-            reply = await call(
-                GuestFunction.GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32
-            )
+            reply = await call(_GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32)
         except HgcmCallError as exc:
             if exc.rc == VERR_NOT_FOUND:
                 return None

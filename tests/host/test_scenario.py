@@ -133,6 +133,10 @@ class TestParse:
                 "expected a positive integer",
             ),
             (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = 4\nstatus = 0\ncount = 4294967296',
+                "expected a positive integer up to 4294967295",
+            ),
+            (
                 '[host]\npersonality = "mainline"\nr3_balloon = true',
                 "'r3_balloon': only the oracle personality has it",
             ),
