@@ -28,8 +28,9 @@ from agent.services.balloon._chunks import ChunkError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
-    from agent.device import Device
+    from agent.device import Device, DeviceOpener
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
@@ -189,9 +190,12 @@ async def running_balloon(
     gauge: BalloonGauge | None = None,
     drain_s: float = math.inf,
     psi_file: bool = False,
+    sysctl_root: Path | None = None,
+    opener_for: Callable[[SimulatedHost], DeviceOpener] = SimOpener,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
-    (within ``drain_s``, as the daemon's drain time).
+    (within ``drain_s``, as the daemon's drain time). The agent opens its device through
+    ``opener_for(host)``.
 
     ``before`` runs once the host runs, before the agent opens its device. With ``psi_file``
     the service watches ``section.psi_path`` itself (``pressure`` is not used).
@@ -201,7 +205,7 @@ async def running_balloon(
         await outer.start(host.run)
         if before is not None:
             await before(host)
-        async with open_device(SimOpener(host)) as device:
+        async with open_device(opener_for(host)) as device:
             pump = EventPump(device)
             service = BalloonService(
                 device,
@@ -211,6 +215,7 @@ async def running_balloon(
                 pressure=None if psi_file else pressure if pressure is not None else Quiet(),
                 mem_available_mb=mem_available_mb,
                 gauge=gauge,
+                sysctl_root=sysctl_root,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)

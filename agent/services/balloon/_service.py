@@ -16,7 +16,13 @@ device's answers (:mod:`._mode`, logged once) and then:
   without the allocator answers ``handle_in_r3`` from its first inflate on: the first such
   answer switches the service to *allocated*;
 - *allocated* / *owned*: reads the target on the same occasions and lets a
-  :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory.
+  :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory. In owned
+  mode the agent sends the pages' frames itself, read once per chunk, and Linux moves locked
+  pages unless told not to: at every target read a setting under which it may
+  (:func:`~._chunks.pages_may_move`: ``vm.compact_unevictable_allowed``,
+  ``kernel.numa_balancing`` not 0) makes the goal 0, with one line naming the setting and the
+  status saying why, until a later read finds it 0. A simulated host is not checked: the
+  frames reach no hypervisor, so nothing can be corrupted.
 
 Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
 ``pressure_step_mb`` at once, and the cap holds until pressure stayed low for the hold time,
@@ -53,6 +59,7 @@ from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMoni
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from agent.device import Device
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
@@ -121,6 +128,9 @@ class BalloonService:
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (None while stopped).
+        sysctl_root: where owned mode reads the settings that let Linux move locked pages
+            (default: ``/proc/sys`` on a real device; none, so unchecked, on a simulated
+            host).
     """
 
     name: Final = "balloon"
@@ -136,8 +146,11 @@ class BalloonService:
         mem_available_mb: Callable[[], int | None] | None = None,
         status_changed: Callable[[], None] = lambda: None,
         gauge: BalloonGauge | None = None,
+        sysctl_root: Path | None = None,
     ) -> None:
         self._device = device
+        self._sysctl_root = sysctl_root
+        self._frames_unchecked_logged = False
         self._gauge = gauge if gauge is not None else BalloonGauge()
         self._status_changed = status_changed
         self._pump = pump
@@ -206,9 +219,9 @@ class BalloonService:
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
-        return (
-            f"balloon {len(walker.held) * CHUNK_MB}/{walker.target * CHUNK_MB} MB ({mode}{capped})"
-        )
+        refused = f", refused: {walker.refusal}" if walker.refusal is not None else ""
+        held, target = len(walker.held) * CHUNK_MB, walker.target * CHUNK_MB
+        return f"balloon {held}/{target} MB ({mode}{capped}{refused})"
 
     def statistics(self) -> BalloonStatistics:
         """Return the sizes and counters."""
@@ -494,6 +507,8 @@ class BalloonService:
             target = await self._walker.handover.read_target()
             self._target = target.chunks
             self._walker.set_target(target)
+            if self._mode is BalloonMode.OWNED:  # before the walker's next step
+                self._check_frames(self._walker)
             log.info(
                 "balloon_target",
                 target=target.chunks,
@@ -514,6 +529,43 @@ class BalloonService:
         # A size the log already shows is no news: repeated reads stay at debug.
         (log.info if changed else log.debug)(
             "balloon_checked", mode=str(self._mode), chunks=status.chunks
+        )
+
+    def _check_frames(self, walker: ChunkWalker) -> None:
+        """Owned mode: refuse the balloon while Linux may move a locked page to another frame.
+
+        The host would keep the chunk's old frames ballooned while the guest reuses them, and
+        a deflate would name the wrong pages. One line when a refusal begins, changes or ends.
+        """
+        from agent.services.balloon._chunks import PROC_SYS, pages_may_move  # noqa: PLC0415
+
+        root = self._sysctl_root
+        if root is None and self._device.simulated:
+            if not self._frames_unchecked_logged:
+                self._frames_unchecked_logged = True
+                log.info(
+                    "balloon_frames_unchecked",
+                    reason="a simulated host: the chunks' frames reach no hypervisor",
+                )
+            return
+        mover = pages_may_move(root if root is not None else PROC_SYS)
+        refusal = None if mover is None else str(mover)
+        if refusal == walker.refusal:
+            return
+        walker.refuse(refusal)
+        self._status_changed()
+        if mover is None:
+            log.info("balloon_refusal_lifted", chunks=len(walker.held), target=walker.target)
+            return
+        log.warning(
+            "balloon_refused",
+            setting=mover.setting,
+            value=mover.value,
+            reason=f"{mover.moves}: the host would keep the old frames ballooned while the"
+            " guest reuses them",
+            fix=f"sysctl -w {mover.setting}=0, kept in /etc/sysctl.d/; read again at the host's"
+            " next balloon request and at every start",
+            chunks=len(walker.held),
         )
 
     def _hand_to_agent(self, target: int) -> None:
