@@ -136,7 +136,7 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
 def _prop_get(host: SimulatedHost, name: str) -> dict[str, object]:
     found = host.prop_get(name)
     if found is None:
-        msg = f"guest property {name!r} is not set"
+        msg = f"guest property {shown(name)} is not set"
         raise _BadCommandError(msg)
     value, flags, timestamp = found
     return {"value": value, "flags": flags, "timestamp": timestamp}
