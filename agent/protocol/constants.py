@@ -58,6 +58,10 @@ SHORT_CALL_TIMEOUT_MS: Final = 30_000
 """The longest ``timeout_ms`` of a wait or HGCM call that counts as short: the driver gives
 it back within that (cancelling an HGCM call at the host), so it holds a worker thread only
 briefly; short HGCM calls (a property set) pass it."""
+ABANDON_AFTER_S: Final = 0.5
+"""How long a transport waits for a call it was cancelled on (and interrupted) to come back
+before it abandons the call, never past the deadline in effect when the call began: the
+character device and the in-process simulated host apply the same rule."""
 
 PAGE_SIZE: Final = 4096
 BALLOON_CHUNK_SIZE: Final = 1 << 20
