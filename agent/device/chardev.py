@@ -133,6 +133,25 @@ EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
 """Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there),
 never past its caller's deadline."""
+NO_DEVICE_ERRNOS: Final = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.ENXIO,
+        errno.ENODEV,
+        errno.EACCES,
+        errno.EPERM,
+    }
+)
+"""The errnos of ``open(2)`` that mean there is no device to open: the path names no device
+node (ENOENT: missing, as before the module loads; ENOTDIR, EISDIR, ELOOP, ENAMETOOLONG),
+no driver serves the node's device number (ENXIO), the driver has no device behind it
+(ENODEV), or the agent may not open it (EACCES: the node's mode and owner; EPERM: the unit's
+device policy or a security module). Any other errno (EMFILE, ENFILE, ENOMEM: the driver's
+open allocates the session) is a shortage that may pass, not a missing device."""
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
 
@@ -673,12 +692,17 @@ class CharDevOpener:
         Raises:
             DeviceUnavailableError: the node is missing, not accessible, not backed by a
                 VirtualBox device, or its driver refuses our interface version.
+            OSError: ``open(2)`` failed for want of something that may come back (see
+                :data:`NO_DEVICE_ERRNOS`): descriptors (EMFILE, ENFILE), kernel memory
+                (ENOMEM). The device is not gone: a service retries, as after any failure.
         """
         await trio.lowlevel.checkpoint()
         try:
             fd = self._open_fn(self._path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
+            if exc.errno in NO_DEVICE_ERRNOS:
+                raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
+            raise OSError(exc.errno, open_failure(self._path, exc)) from exc
         transport = CharDevTransport(
             fd,
             budget=self._budget,
@@ -736,6 +760,12 @@ def open_failure(path: str, exc: OSError) -> str:
         )
     if exc.errno in (errno.ENXIO, errno.ENODEV):
         return f"no VirtualBox device behind {path} (not running in VirtualBox?)"
+    if exc.errno not in NO_DEVICE_ERRNOS:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return (
+            f"cannot open a session on {path}: {exc.strerror or exc} ({name}), a shortage "
+            "that may pass, not a missing device"
+        )
     return f"cannot open {path}: {exc.strerror or exc}"
 
 

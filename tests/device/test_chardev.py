@@ -413,6 +413,24 @@ class TestOpen:
             "no VirtualBox device behind /dev/vboxguest (not running in VirtualBox?)"
         )
 
+    @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+    async def test_a_shortage_is_not_a_missing_device(self, code: int) -> None:
+        """Out of descriptors or kernel memory, open(2) fails with an ordinary OSError (its
+        errno kept, the path and the reason in one line), not DeviceUnavailableError: the
+        device is still there, and the caller retries as after any failure."""
+
+        def open_fn(path: str, flags: int) -> int:
+            raise OSError(code, os.strerror(code))
+
+        opener = CharDevOpener("/dev/vboxguest", open_fn=open_fn)
+        with trio.fail_after(BOUND), raises_errno(code) as caught:
+            await opener.open_session()
+        assert not isinstance(caught.value, DeviceUnavailableError)
+        assert str(caught.value) == (
+            f"[Errno {code}] cannot open a session on /dev/vboxguest: {os.strerror(code)} "
+            f"({errno.errorcode[code]}), a shortage that may pass, not a missing device"
+        )
+
     async def test_node_that_is_not_vboxguest(self) -> None:
         """A real node that answers ENOTTY (``--device /dev/null``) fails the handshake."""
         with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
