@@ -40,7 +40,8 @@ session. Design points:
   give back (an uninterruptible HGCM connect or disconnect on a host that never answers)
   is abandoned with an ``ioctl_abandoned`` log line: :data:`ABANDON_AFTER_S` after an
   explicit cancel, never past the deadline in effect when the call began, and at once
-  when that deadline is what cancelled it, so no caller is held past its deadline. Its
+  when that deadline is what cancelled it, so no caller is held past its deadline but for
+  :data:`GIVE_BACK_S`, which lets an interruptible call come back from its signal. Its
   thread stays in the kernel, keeping the buffer and its user memory alive, and the caller
   is cancelled at once. It is never re-signalled after that. Its thread keeps its token,
   so the budget gets one more in its place, for up to ``threads`` abandoned calls at once
@@ -52,10 +53,10 @@ session. Design points:
   until then the exiting process is not fully reaped (even SIGKILL waits for it) and
   systemd may report it as left over.
 - **Close.** :meth:`CharDevTransport.aclose` is shielded but bounded by its caller's
-  deadline (the device's cleanup deadline): the interrupt phase by that and
-  :data:`ABANDON_AFTER_S`, ``close(2)`` by that and :data:`CLOSE_TIMEOUT`. ``close(2)`` always
-  runs, on a thread of its own, and one the driver holds longer (it disconnects the
-  session's HGCM clients there, waiting for the host) is abandoned with a
+  deadline (the device's cleanup deadline; :data:`GIVE_BACK_S` at least): the interrupt
+  phase by that and :data:`ABANDON_AFTER_S`, ``close(2)`` by that and :data:`CLOSE_TIMEOUT`.
+  ``close(2)`` always runs, on a thread of its own, and one the driver holds longer (it
+  disconnects the session's HGCM clients there, waiting for the host) is abandoned with a
   ``close_abandoned`` log line.
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
@@ -78,6 +79,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import grp
+import math
 import os
 import pwd
 import signal
@@ -104,6 +106,7 @@ from agent.protocol import (
 from agent.protocol._ioc import ioc_nr
 from agent.protocol.constants import (
     ABANDON_AFTER_S,
+    GIVE_BACK_S,
     SHORT_CALL_TIMEOUT_MS,
     IoctlFunction,
 )
@@ -167,11 +170,16 @@ _libc_ioctl.restype = ctypes.c_int
 def abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
     """When to abandon a call its caller was cancelled on (by ``cancelled``), if the driver
     keeps it: :data:`ABANDON_AFTER_S` from now, never past ``deadline`` (the caller's, in
-    effect when the call began), and now if a deadline is what cancelled it."""
-    now = trio.current_time()
+    effect when the call began), and at once if a deadline is what cancelled it; but not
+    within :data:`GIVE_BACK_S`."""
     if cancelled.source == "deadline":
-        return now
-    return min(now + ABANDON_AFTER_S, deadline)
+        return given_back_by(-math.inf)
+    return given_back_by(min(trio.current_time() + ABANDON_AFTER_S, deadline))
+
+
+def given_back_by(deadline: float) -> float:
+    """``deadline``, or :data:`GIVE_BACK_S` from now if that is later."""
+    return max(deadline, trio.current_time() + GIVE_BACK_S)
 
 
 def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:
@@ -466,12 +474,12 @@ class CharDevTransport:
 
         Idempotent and shielded, but never past the caller's deadline (in a
         :meth:`Device.cleanup_scope <agent.device.Device.cleanup_scope>`, the device's
-        cleanup deadline). A call still in the driver after :data:`ABANDON_AFTER_S`, or at
-        that deadline, is abandoned and the fd closed anyway; the kernel keeps the file alive
-        until the call returns. ``close(2)`` always runs, on a thread of its own, since the
-        driver disconnects the session's HGCM clients there, waiting for the host; it is
-        abandoned with a ``close_abandoned`` log line after :data:`CLOSE_TIMEOUT` seconds, or
-        at the deadline (it shares no buffer).
+        cleanup deadline) but for :data:`GIVE_BACK_S` per phase. A call still in the driver
+        after :data:`ABANDON_AFTER_S`, or at that deadline, is abandoned and the fd closed
+        anyway; the kernel keeps the file alive until the call returns. ``close(2)`` always
+        runs, on a thread of its own, since the driver disconnects the session's HGCM
+        clients there, waiting for the host; it is abandoned with a ``close_abandoned`` log
+        line after :data:`CLOSE_TIMEOUT` seconds, or at the deadline (it shares no buffer).
 
         Raises:
             OSError: ``close(2)`` failed (only when it returned in time).
@@ -486,8 +494,9 @@ class CharDevTransport:
                 self._closing = True
             try:
                 interrupted_by = min(trio.current_time() + ABANDON_AFTER_S, deadline)
-                await self._interrupt_until_done(list(self._calls), interrupted_by)
-                await self._close_fd(min(trio.current_time() + CLOSE_TIMEOUT, deadline))
+                await self._interrupt_until_done(list(self._calls), given_back_by(interrupted_by))
+                closed_by = min(trio.current_time() + CLOSE_TIMEOUT, deadline)
+                await self._close_fd(given_back_by(closed_by))
             finally:
                 self._closed.set()
 
