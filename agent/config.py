@@ -53,6 +53,9 @@ OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
 """The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
+MAX_RESTART_BUDGET: Final = 10_000
+"""The supervisor keeps the time of each failure within the window, up to the budget and one
+more, for each service: at most about 320 KB each."""
 
 
 class _Model(BaseModel):
@@ -87,7 +90,7 @@ class DaemonConfig(_Model):
     """Delay before a failed service's first restart; it doubles on each further one."""
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
     """Upper bound of the restart delay."""
-    restart_budget: int = Field(default=5, ge=0)
+    restart_budget: int = Field(default=5, ge=0, le=MAX_RESTART_BUDGET)
     """Restarts of one service allowed within ``restart_window_s``; one more is fatal."""
     restart_window_s: float = Field(default=60.0, gt=0)
     """The sliding window the restart budget counts in."""

@@ -44,7 +44,7 @@ from agent.device import Device, open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host._balloon import HostBalloon
 from agent.host.vmmdev import VMMDev
-from agent.protocol import BALLOON_CHUNK_SIZE
+from agent.protocol import BALLOON_CHUNK_SIZE, CheckBalloon
 from agent.protocol.constants import Ioctl
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, PressureReading
@@ -134,6 +134,8 @@ async def engine(
     setattr(host, "ioctl", timed_ioctl)  # noqa: B010 - instance attribute over the method
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
+        if mode == "allocated":
+            await _hand_to_ring3(host)
         async with open_device(SimOpener(host)) as device:
             pump = EventPump(device)
             service = BalloonService(device, pump, BalloonSection(), pressure=_Quiet())
@@ -151,6 +153,18 @@ async def engine(
             elapsed = Spent.since(started)
         nursery.cancel_scope.cancel()
     return elapsed, in_host
+
+
+async def _hand_to_ring3(host: SimulatedHost) -> None:
+    """Oracle's driver without its allocator leaves the balloon to ring 3 from its first
+    inflate on: one CHECK_BALLOON that needs one (then a target of 0 again), so the service
+    starts in allocated mode."""
+    session = await SimOpener(host).open_session()
+    for target in (1, 0):
+        host.set_balloon_target(target)
+        call = CheckBalloon().encode()
+        await session.ioctl(call.code, call.buffer)
+    await session.aclose()
 
 
 def _timed(phases: Counter[str], phase: str, function: Callable[..., Any]) -> Any:

@@ -138,6 +138,41 @@ class TestHostCommands:
             assert result.returncode == 0, (args, result.stderr)
         assert host(simulator.path, "drop").stdout == "dropped 0 device connection(s)\n"
 
+    def test_queued_faults_and_delays_show_in_status_and_clear(self, simulator: Simulator) -> None:
+        """``status`` (text and --json) lists the queued faults and the active delays;
+        ``fault REQUEST --clear`` drops that type's faults, ``fault --clear`` every one,
+        each saying how many answers it dropped."""
+        for args in (
+            ("fault", "CHANGE_MEMBALLOON", "VERR_NO_MEMORY", "--count", "2"),
+            ("fault", "GET_SESSION_ID", "-10"),
+            ("delay", "GUEST_HEARTBEAT", "0.5"),
+        ):
+            assert host(simulator.path, *args).returncode == 0, args
+        status = json.loads(host(simulator.path, "status", "--json").stdout)
+        assert status["faults"] == [
+            {"request": "CHANGE_MEMBALLOON", "status": "VERR_NO_MEMORY", "remaining": 2},
+            {"request": "GET_SESSION_ID", "status": "VERR_PERMISSION_DENIED", "remaining": 1},
+        ]
+        assert status["delays"] == {"GUEST_HEARTBEAT": 0.5}
+        plain = host(simulator.path, "status").stdout.splitlines()
+        assert (
+            'faults: [{"request": "CHANGE_MEMBALLOON", "status": "VERR_NO_MEMORY", '
+            '"remaining": 2}, {"request": "GET_SESSION_ID", "status": "VERR_PERMISSION_DENIED", '
+            '"remaining": 1}]'
+        ) in plain
+        assert 'delays: {"GUEST_HEARTBEAT": 0.5}' in plain
+        cleared = host(simulator.path, "fault", "CHANGE_MEMBALLOON", "--clear")
+        assert cleared.stdout == "cleared 2 queued fault answer(s)\n", cleared.stderr
+        remaining = json.loads(host(simulator.path, "status", "--json").stdout)["faults"]
+        assert [fault["request"] for fault in remaining] == ["GET_SESSION_ID"]
+        assert host(simulator.path, "fault", "--clear").stdout == (
+            "cleared 1 queued fault answer(s)\n"
+        )
+        assert host(simulator.path, "delay", "GUEST_HEARTBEAT", "0").returncode == 0
+        assert "faults: []" in host(simulator.path, "status").stdout.splitlines()
+        status = json.loads(host(simulator.path, "status", "--json").stdout)
+        assert (status["faults"], status["delays"]) == ([], {})
+
     def test_the_host_logs_each_command(self, simulator: Simulator) -> None:
         """The simulator logs every control command it served, refused ones with the reason."""
         assert host(simulator.path, "balloon", "512").returncode == 0

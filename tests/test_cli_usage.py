@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agent import host as simulated_host
-from agent.cli import _simulate, main
+from agent.cli import _host, _simulate, main
 from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
 from agent.cli._exit import EX_CONFIG, EX_USAGE
 from agent.cli._run import _demo_scenario_path
-from agent.host import _heartbeat as heartbeat
+from agent.host import _faults as faults, _heartbeat as heartbeat
 from agent.host.scenario import load_scenario
 
 if TYPE_CHECKING:
@@ -69,6 +69,21 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
             ["host", "--socket", SOCKET, "cpu", "plug", "1", "2"],
             "vbox-agent host cpu",
             "unrecognized arguments: 2",
+        ),
+        (
+            ["host", "--socket", SOCKET, "fault", "CHANGE_MEMBALLOON"],
+            "vbox-agent host fault",
+            "the following arguments are required: STATUS",
+        ),
+        (
+            ["host", "--socket", SOCKET, "fault", "113", "-8", "--clear"],
+            "vbox-agent host fault",
+            "argument --clear: not allowed with argument STATUS",
+        ),
+        (
+            ["host", "--socket", SOCKET, "fault", "--clear", "--count", "2"],
+            "vbox-agent host fault",
+            "argument --clear: not allowed with argument --count",
         ),
         (
             ["--simulate", "run"],
@@ -174,7 +189,20 @@ def test_misplaced_and_missing_options(
         (["host", "--socket", SOCKET, "fault", "CHANGE_MEMBALLOON", "VERR_NOPE"], "VERR_NOPE"),
         (
             ["host", "--socket", SOCKET, "fault", "CHANGE_MEMBALLOON", "-8", "--count", "0"],
-            "'0' is not an integer >= 1",
+            "argument --count: '0' is not an integer in [1, 4294967295]",
+        ),
+        (
+            [
+                "host",
+                "--socket",
+                SOCKET,
+                "fault",
+                "113",
+                "-8",
+                "--count",
+                "99999999999999999999999",
+            ],
+            "argument --count: '99999999999999999999999' is not an integer in [1, 4294967295]",
         ),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "-1"], "'-1' is not a non-neg"),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "inf"], "'inf' is not a non-neg"),
@@ -202,6 +230,11 @@ def test_personalities_are_the_simulators() -> None:
     """The command line offers exactly the personalities the simulated host has."""
     assert tuple(simulated_host.PERSONALITIES) == PERSONALITIES
     assert tuple(simulated_host.ALL_PERSONALITIES) == ALL_PERSONALITIES
+
+
+def test_host_fault_checks_the_hosts_own_limit() -> None:
+    """``host fault --count`` stops where the simulated host does."""
+    assert _host.MAX_FAULT_COUNT == faults.MAX_FAULT_COUNT
 
 
 def test_simulate_checks_the_hosts_own_limits() -> None:

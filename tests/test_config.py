@@ -228,6 +228,10 @@ class TestProblems:
                 "daemon.shutdown_timeout_s = 14: must be <= 13",
             ),
             (
+                "[daemon]\nrestart_budget = 10001\n",
+                "daemon.restart_budget = 10001: must be <= 10000",
+            ),
+            (
                 "[daemon]\nrestart_window_s = inf\n",
                 "daemon.restart_window_s = inf: must be a finite number",
             ),

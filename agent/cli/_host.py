@@ -34,6 +34,8 @@ MAX_STATS_INTERVAL_S: Final = 0xFFFF_FFFF
 """The statistics interval is a u32 of seconds."""
 U32_MAX: Final = 0xFFFF_FFFF
 """CPU core and package ids are u32s."""
+MAX_FAULT_COUNT: Final = 0xFFFF_FFFF
+"""The most requests one fault answers (the host's ``MAX_FAULT_COUNT``; a test checks)."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,20 +90,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     commands.add_parser("restore", help="simulate a VM restore").set_defaults(
         build=lambda _: {"command": "restore"}
     )
-    fault = commands.add_parser("fault", help="fail the next VMMDev requests of a type")
+    fault = commands.add_parser(
+        "fault",
+        help="fail the next VMMDev requests of a type, or clear the queued faults",
+        usage="%(prog)s REQUEST STATUS [--count N]\n       %(prog)s [REQUEST] --clear",
+    )
     fault.add_argument(
-        "request", type=_request_type, metavar="REQUEST", help="e.g. CHANGE_MEMBALLOON or 113"
+        "request",
+        nargs="?",
+        type=_request_type,
+        metavar="REQUEST",
+        help="e.g. CHANGE_MEMBALLOON or 113",
     )
     fault.add_argument(
         "status",
+        nargs="?",
         type=argument_type(parse_status),
         metavar="STATUS",
         help="e.g. VERR_NO_MEMORY or -8",
     )
     fault.add_argument(
-        "--count", type=integer_at_least(1), default=1, metavar="N", help="how many (default: 1)"
+        "--count",
+        type=integer_at_least(1, at_most=MAX_FAULT_COUNT),
+        metavar="N",
+        help=f"how many requests it fails (default: 1, at most {MAX_FAULT_COUNT})",
     )
-    fault.set_defaults(build=_fault)
+    fault.add_argument(
+        "--clear",
+        action="store_true",
+        help="drop the queued faults of REQUEST (of every type without REQUEST)",
+    )
+    fault.set_defaults(build=_fault, show=_show_cleared)
     delay = commands.add_parser("delay", help="delay every VMMDev request of a type")
     delay.add_argument(
         "request", type=_request_type, metavar="REQUEST", help="e.g. GUEST_HEARTBEAT or 219"
@@ -202,7 +221,23 @@ def _event(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _fault(args: argparse.Namespace) -> dict[str, object]:
-    return {"command": "fault", "request": args.request, "status": args.status, "count": args.count}
+    usage: argparse.ArgumentParser = args.usage_parser
+    if args.clear:
+        for name, given in (("STATUS", args.status), ("--count", args.count)):
+            if given is not None:
+                usage.error(f"argument --clear: not allowed with argument {name}")
+        if args.request is None:
+            return {"command": "fault_clear"}
+        return {"command": "fault_clear", "request": args.request}
+    missing = [
+        name
+        for name, given in (("REQUEST", args.request), ("STATUS", args.status))
+        if given is None
+    ]
+    if missing:
+        usage.error(f"the following arguments are required: {', '.join(missing)}")
+    count = 1 if args.count is None else args.count
+    return {"command": "fault", "request": args.request, "status": args.status, "count": count}
 
 
 def _delay(args: argparse.Namespace) -> dict[str, object]:
@@ -226,6 +261,14 @@ def _show_dropped(_: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(dropped := result.get("dropped"), int):
         raise _UnexpectedResultError
     print(f"dropped {dropped} device connection(s)")
+
+
+def _show_cleared(args: argparse.Namespace, result: object) -> None:
+    if not args.clear:
+        return
+    if not isinstance(result, dict) or not isinstance(cleared := result.get("cleared"), int):
+        raise _UnexpectedResultError
+    print(f"cleared {cleared} queued fault answer(s)")
 
 
 def _show_status(args: argparse.Namespace, result: object) -> None:

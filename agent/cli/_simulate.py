@@ -59,8 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--r3-balloon",
         action="store_true",
-        help="oracle: the driver has no kernel balloon allocator (CHECK_BALLOON answers "
-        "handle_in_r3; the agent hands over chunks it locks itself)",
+        help="oracle: the driver has no kernel balloon allocator (from its first inflate on "
+        "CHECK_BALLOON answers handle_in_r3; the agent hands over chunks it locks itself)",
     )
     parser.add_argument(
         "--ram-mb",

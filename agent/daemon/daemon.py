@@ -1,13 +1,15 @@
 """``Daemon``: the process's root — device, services, readiness, signals, reload, shutdown.
 
-Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, a reload
-before READY being skipped) → open the device (version handshake) → report the facility as
-Init → start the event pump, then every enabled service of the registry, each with
-``Supervisor.start`` → facility Active, ``READY=1`` with the combined
-``STATUS=`` line → wait for a shutdown request → the stop:
+Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
+reload a task of its own, one at a time, a reload before READY being skipped) → open the
+device (version handshake) → report the facility as Init → start the event pump, then every
+enabled service of the registry, each with ``Supervisor.start`` → facility Active,
+``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the stop. A
+stop requested during the start-up gives up the step in progress (a host that does not
+answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
 
-1. the drain deadline ``D = now + daemon.shutdown_timeout_s`` is fixed (``STOPPING=1`` is
-   sent once the drains began, within ``D``);
+1. the drain deadline ``D``, ``daemon.shutdown_timeout_s`` after the stop request, was fixed
+   by the request (``STOPPING=1`` is sent once the drains began, within ``D``);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
    running meanwhile), while facility Terminating is reported (abandoned if the host does
@@ -34,11 +36,14 @@ meanwhile sends and reports nothing more; a fatal error during a stop sends only
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
-of ``enable`` starts or stops the service.
+of ``enable`` starts or stops the service. A reload that a stop or a fatal error overtakes
+(while ``RELOADING=1`` waits for room) applies nothing and sends no ``READY=1``; the
+supervisor, once told to stop every service, starts and replaces none anyway.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -83,7 +88,7 @@ class DaemonStatistics:
     """What the daemon is doing, for tests and benchmarks.
 
     Attributes:
-        ready: READY=1 was sent.
+        ready: the start-up completed: READY=1 was sent, and no stop came first.
         reloads: configurations applied by SIGHUP.
         status: the current ``STATUS=`` text.
         events: the event pump's counters (None before it exists).
@@ -133,7 +138,10 @@ class Daemon:
             config.daemon, on_ending=self._supervisor.end
         )
         self._shutdown = trio.Event()
+        self._drain_deadline = float("inf")
+        """``D``: ``shutdown_timeout_s`` from the stop request."""
         self._startup = trio.CancelScope()
+        """The start-up step in progress (:meth:`_start_up_step`), which a stop cuts short."""
         self._opening = trio.CancelScope()
         """Around the device's opening and the run: a shutdown cancels it until the device is
         open (``_device_open``); after that the stop is ``_serve``'s."""
@@ -148,6 +156,9 @@ class Daemon:
         self._stopping = False
         """A stop's drains began and it sends, or sent, ``STOPPING=1``."""
         self._reloads = 0
+        self._reloading = trio.Lock()
+        self._reload_waiting = False
+        """A reload waits for the one running: a further one is merged into it."""
 
     def statistics(self) -> DaemonStatistics:
         """Return readiness, reloads, STATUS text and the services' statistics."""
@@ -163,12 +174,15 @@ class Daemon:
     def request_shutdown(self, reason: str) -> None:
         """Begin a clean shutdown (idempotent); a start-up in progress is cut short.
 
-        The daemon stops waiting for the service that is starting and starts no other; the
-        stop then cancels that start and drains the service with the others.
+        The drain deadline ``D`` is fixed now. Whatever step of the start-up runs is given
+        up (the host version query, a facility report, ``READY=1`` waiting for room) and
+        none follows: the daemon stops waiting for the service that is starting and starts
+        no other; the stop then cancels that start and drains the service with the others.
         """
         if not self._shutdown.is_set():
             log.info("shutdown_requested", reason=reason)
             self._shutdown.set()
+            self._drain_deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
             self._startup.cancel()
             if not self._device_open:
                 self._opening.cancel()
@@ -190,9 +204,10 @@ class Daemon:
     async def _run_on_device(self, task_status: trio.TaskStatus[None]) -> None:
         async with open_device(self._opener) as device:
             self._device_open = True
-            await self._log_device(device)
+            with self._start_up_step():
+                await self._log_device(device)
             facility = FacilityReporter(device)
-            await _report(facility, FacilityStatus.INIT, _within(REPORT_TIMEOUT_S))
+            await _report(facility, FacilityStatus.INIT, self._start_up_step(REPORT_TIMEOUT_S))
             try:
                 await self._serve(device, facility, task_status)
             except Exception:
@@ -210,10 +225,11 @@ class Daemon:
         self._context = ServiceContext(device, pump, self._status_changed)
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as pump_nursery:
-                await self._pump_supervisor.start(pump_nursery, pump)
+                with self._start_up_step():
+                    await self._pump_supervisor.start(pump_nursery, pump)
                 async with trio.open_nursery() as services:
                     self._services_nursery = services
-                    with self._startup:
+                    with self._start_up_step():
                         await self._start_services(services)
                     await self._announce_ready(device, facility, nursery)
                     task_status.started()
@@ -238,15 +254,19 @@ class Daemon:
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
     ) -> None:
         """Facility Active, then ``READY=1``: neither once the agent stops or exits on an
-        error (which may begin while the Active report is in flight)."""
+        error (which may begin while the Active report is in flight); a stop gives up
+        either one in flight."""
         if self._leaving():
             return
-        await _report(facility, FacilityStatus.ACTIVE, _within(REPORT_TIMEOUT_S))
+        await _report(facility, FacilityStatus.ACTIVE, self._start_up_step(REPORT_TIMEOUT_S))
         if self._leaving():
+            return
+        self._status = self._status_text()
+        with self._start_up_step():
+            await self._notifier.ready(self._status)
+        if self._shutdown.is_set():
             return
         self._ready = True
-        self._status = self._status_text()
-        await self._notifier.ready(self._status)
         log.info("agent_ready", services=[s.name for s in self._supervisor.services()])
         nursery.start_soon(self._publish_status)
         interval = self._notifier.watchdog_interval()
@@ -258,14 +278,15 @@ class Daemon:
     ) -> None:
         """Every service drains while facility Terminating is reported, then STOPPING=1.
 
-        ``D`` counts from now: STOPPING=1 is sent after the drains began, within ``D``, so a
-        notify queue that holds the message for a while delays neither. A fatal error's
-        drain already running keeps its own deadline if earlier, and nothing is reported:
-        systemd heard STOPPING=1 then, and facility Failed follows.
+        ``D`` counts from the stop request (nothing it waits for in the start-up holds the
+        stop up): STOPPING=1 is sent after the drains began, within ``D``, so a notify queue
+        that holds the message for a while delays neither. A fatal error's drain already
+        running keeps its own deadline if earlier, and nothing is reported: systemd heard
+        STOPPING=1 then, and facility Failed follows.
         """
         self._watchdog_scope.cancel()
         now = trio.current_time()
-        deadline = now + self.config.daemon.shutdown_timeout_s
+        deadline = self._drain_deadline
         self._supervisor.stop_all(deadline)
         if self._ending():
             return
@@ -291,6 +312,14 @@ class Daemon:
             await self._notifier.status(self._status)
         else:
             await self._notifier.stopping(self._status)
+
+    def _start_up_step(self, seconds: float = math.inf) -> trio.CancelScope:
+        """A scope for the next step of the start-up, ``seconds`` at most: the stop cancels
+        it (at once if requested already)."""
+        self._startup = trio.CancelScope(deadline=trio.current_time() + seconds)
+        if self._shutdown.is_set():
+            self._startup.cancel()
+        return self._startup
 
     def _leaving(self) -> bool:
         return self._shutdown.is_set() or self._ending()
@@ -366,20 +395,49 @@ class Daemon:
             await trio.sleep(interval)
 
     async def reload(self) -> None:
-        """Re-read the config file: apply what can change live, keep the old one if invalid."""
-        if self._ending():
-            log.warning("config_reload_skipped", reason="the agent is exiting on an error")
+        """Re-read the config file: apply what can change live, keep the old one if invalid.
+
+        One reload at a time: a call while another runs waits for it, and a call while one
+        already waits returns at once (that one reads the file after this call). A stop or a
+        fatal error that begins while ``RELOADING=1`` is sent applies nothing, and no
+        ``READY=1`` follows.
+        """
+        if self._reload_waiting:
+            log.info("config_reload_merged", reason="a reload waiting to run reads the file")
+            await trio.lowlevel.checkpoint()
             return
-        if not self._ready or self._shutdown.is_set():
-            log.warning("config_reload_skipped", reason="the agent is starting or stopping")
+        self._reload_waiting = True
+        try:
+            await self._reloading.acquire()
+        finally:
+            self._reload_waiting = False
+        try:
+            await self._reload()
+        finally:
+            self._reloading.release()
+
+    async def _reload(self) -> None:
+        if self._reload_skipped():
             return
         await self._notifier.reloading()
         try:
-            new = self._read_config()
-            if new is not None:
-                self._apply(new)
+            if not self._reload_skipped():
+                new = self._read_config()
+                if new is not None:
+                    self._apply(new)
         finally:
-            await self._notifier.ready(None)
+            if not self._leaving():
+                await self._notifier.ready(None)
+
+    def _reload_skipped(self) -> bool:
+        """Whether a reload must not apply now (logged): not ready yet, or leaving."""
+        if self._ending():
+            log.warning("config_reload_skipped", reason="the agent is exiting on an error")
+            return True
+        if not self._ready or self._shutdown.is_set():
+            log.warning("config_reload_skipped", reason="the agent is starting or stopping")
+            return True
+        return False
 
     def _read_config(self) -> AgentConfig | None:
         if self._config_path is None:
@@ -458,10 +516,6 @@ def _begin_final_phase(device: Device) -> float:
     final = min(trio.current_time() + FINAL_PHASE_S, device.cleanup_deadline)
     device.cleanup_deadline = final
     return final
-
-
-def _within(seconds: float) -> trio.CancelScope:
-    return trio.CancelScope(deadline=trio.current_time() + seconds)
 
 
 async def _report(

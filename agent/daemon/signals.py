@@ -22,22 +22,28 @@ class SignalTarget(Protocol):
         ...
 
     def reload(self) -> Awaitable[None]:
-        """Re-read the configuration."""
+        """Re-read the configuration; safe to call while another reload runs."""
         ...
 
 
 async def handle_signals(
     target: SignalTarget, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> NoReturn:
-    """SIGTERM/SIGINT request a shutdown; SIGHUP reloads. Must run in the main thread."""
+    """SIGTERM/SIGINT request a shutdown; SIGHUP reloads. Must run in the main thread.
+
+    Each reload runs as a task of its own (the target serialises them), so a SIGTERM that
+    comes while a reload waits (for systemd's notify queue, say) requests the shutdown at
+    once; the reloads left are cancelled with this task.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            log.info("signal_received", signal=name)
-            if signum == signal.SIGHUP:
-                await target.reload()
-            else:
-                target.request_shutdown(name)
+        async with trio.open_nursery() as reloads:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                log.info("signal_received", signal=name)
+                if signum == signal.SIGHUP:
+                    reloads.start_soon(target.reload)
+                else:
+                    target.request_shutdown(name)
     msg = "the signal receiver ended"  # pragma: no cover - trio's iterator never ends
     raise RuntimeError(msg)  # pragma: no cover

@@ -6,7 +6,8 @@ a deadline, unshielded), then, unless it was told to stop, *run* again: the same
 a failure (after a back-off), or its replacement (:meth:`Supervisor.replace`) at once. The
 service is the supervisor's from the moment it is handed over: a stop that comes while it
 still starts cancels that start and drains it like any other run, and whoever waits for the
-start may give up waiting without cancelling anything.
+start may give up waiting without cancelling anything. :meth:`Supervisor.stop_all` is for
+good: a service handed over after it drains without running, and nothing is replaced.
 
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
@@ -22,6 +23,7 @@ services the same way, :meth:`Supervisor.end`), and the error propagates only af
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Final, Generic, NoReturn, Protocol, TypeVar, final
 
@@ -125,6 +127,9 @@ class Supervisor(Generic[T]):
         self._restarts: dict[str, int] = {}
         self._ending: float | None = None
         """The drain deadline once a fatal error ends the supervisor (:meth:`_end`, :meth:`end`)."""
+        self._stopped: float | None = None
+        """The earliest deadline of :meth:`stop_all` (a stop, or an ending): from then on
+        nothing new runs."""
         self._failed: set[str] = set()
         """Services whose fatal error waits for the others' drains."""
         self._left = trio.lowlevel.ParkingLot()
@@ -157,12 +162,14 @@ class Supervisor(Generic[T]):
     def replace(self, name: str, service: T) -> bool:
         """Drain the service ``name`` and run ``service`` in its place; False if none runs.
 
-        A stopping service is replaced too: the stop is called off once its drain ends.
+        A service stopped alone (:meth:`stop`) is replaced too: the stop is called off once
+        its drain ends. After :meth:`stop_all` nothing is replaced: the service on its way
+        out drains and ends, and ``service`` never runs.
         """
         entry = self._entries.get(name)
         if entry is None:
             return False
-        if self._ending is not None:  # the agent is ending: nothing new runs
+        if self._stopped is not None:
             return True
         entry.next = service
         entry.stop_deadline = None
@@ -184,7 +191,13 @@ class Supervisor(Generic[T]):
             entry.scope.cancel()
 
     def stop_all(self, deadline: float) -> None:
-        """:meth:`stop` every service, all draining at once until the one ``deadline``."""
+        """:meth:`stop` every service, all draining at once until the one ``deadline``.
+
+        For good: a service handed over later drains at once without running, and nothing
+        is replaced.
+        """
+        if self._stopped is None or deadline < self._stopped:
+            self._stopped = deadline
         for name in list(self._entries):
             self.stop(name, deadline)
 
@@ -210,6 +223,9 @@ class Supervisor(Generic[T]):
     def start_soon(self, nursery: trio.Nursery, service: T) -> trio.Event:
         """Supervise ``service`` as a task of ``nursery``; a stop reaches it from now on.
 
+        After :meth:`stop_all` (a stop, or an ending) the service is drained at once under
+        that deadline and never runs.
+
         Returns:
             An event set once the service first started, or when its supervision ended.
         """
@@ -218,8 +234,8 @@ class Supervisor(Generic[T]):
             raise ValueError(msg)
         entry = _Entry(service)
         self._entries[service.name] = entry
-        if self._ending is not None:  # the agent is ending: drained at once, never run
-            self.stop(service.name, self._ending)
+        if self._stopped is not None:
+            self.stop(service.name, self._stopped)
         nursery.start_soon(self._supervise, entry)
         return entry.started
 
@@ -365,9 +381,8 @@ class Supervisor(Generic[T]):
                 f"{self.config.restart_window_s:g} s: {error!r}"
             )
             raise ServiceFailedError(msg) from error
-        delay = min(
-            self.config.restart_backoff_initial_s * 2 ** (len(failures) - 1),
-            self.config.restart_backoff_max_s,
+        delay = _backoff_delay(
+            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s, len(failures)
         )
         self._count_restart(name)
         log.warning(
@@ -379,3 +394,16 @@ class Supervisor(Generic[T]):
         )
         self._changed()
         await trio.sleep(delay)
+
+
+def _backoff_delay(initial: float, ceiling: float, failures: int) -> float:
+    """``initial`` doubled once per failure after the first, at most ``ceiling``.
+
+    The exponent stops where the delay reaches the ceiling (for finite positive settings,
+    never beyond about 2100 doublings), so however many failures a large restart budget
+    lets through, no float overflows.
+    """
+    doublings = failures - 1
+    if doublings >= math.ceil(math.log2(ceiling) - math.log2(initial)):
+        return ceiling
+    return min(math.ldexp(initial, doublings), ceiling)

@@ -29,5 +29,6 @@ HGCM_FLAGS: Final = L.HgcmRequestHeader.flags.codec
 HGCM_FLAGS_AT: Final = L.HgcmRequestHeader.flags.offset
 HGCM_RESULT: Final = L.HgcmRequestHeader.result.codec
 HGCM_RESULT_AT: Final = L.HgcmRequestHeader.result.offset
-HGCM_CALL64: Final = RequestType.HGCM_CALL64
-"""Read once: an enum attribute lookup costs more than the comparison it feeds."""
+HGCM_CALL64: Final = int(RequestType.HGCM_CALL64)
+"""Read once, as a plain int: an enum attribute lookup costs more than the comparison it
+feeds."""

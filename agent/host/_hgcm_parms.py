@@ -60,13 +60,14 @@ PARM_COST: Final = 40 + 24
 """A larger call costs the command (``VBOXHGCMCMD``) plus a guest and a host parameter each."""
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-_U32_TYPE: Final = HgcmParmType.U32
-_U64_TYPE: Final = HgcmParmType.U64
-_PAGELIST_TYPE: Final = HgcmParmType.PAGELIST
+_U32_TYPE: Final = int(HgcmParmType.U32)
+_U64_TYPE: Final = int(HgcmParmType.U64)
+_PAGELIST_TYPE: Final = int(HgcmParmType.PAGELIST)
 _BOTH: Final = int(PageListDirection.BOTH)
 _TO_HOST: Final = int(PageListDirection.TO_HOST)
 _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
-"""Enum members read once: an enum attribute lookup costs more than the comparison."""
+"""Enum members read once, as plain ints: an enum attribute lookup costs more than the
+comparison, and a comparison of two exact ints is the interpreter's fast one."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -120,12 +121,13 @@ def parse_parms(
             or buffers that cost the host more than it allows one call.
     """
     per_parm = layout.size // WORD_SIZE
-    extra = parms_end(layout, count)
+    extra = CALL_PARMS_OFFSET + layout.size * count  # parms_end, inline
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
     cost = command_cost(count)
-    for index, at in enumerate(range(0, per_parm * count, per_parm)):
+    at = 0
+    for index in range(count):
         raw_type = words[at]
         value = words[at + _VALUE_WORD]
         if raw_type == _U32_TYPE:
@@ -138,13 +140,14 @@ def parse_parms(
             )
             params.append(buffer)
             page_lists.append((index, pages, first))
-            cost += value + (PAGE_ADDRESS_SIZE * len(pages) if len(pages) > 1 else 0)
+            cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
             params.append(HostBuffer(bytearray(), readable, writable, 0))
         else:
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
+        at += per_parm
     if cost > MAX_HGCM_DATA_SIZE:
         msg = f"the call would cost the host {cost} bytes, over {MAX_HGCM_DATA_SIZE}"
         raise ParmError(msg, VERR_NO_MEMORY)
@@ -185,10 +188,11 @@ def _parse_page_list(
         msg = f"page list at {list_at} is not between the parameters' end and the request's"
         raise ParmError(msg)
     flags, first, count, first_page = _PAGE_LIST_INFO.unpack_from(req, list_at)
-    room = 1 + (len(req) - list_at - PAGE_LIST_INFO_SIZE) // PAGE_ADDRESS_SIZE
-    if not 0 < count <= room:
-        msg = f"page list at {list_at}: {count} pages, room for {room}"
-        raise ParmError(msg)
+    if count != 1:  # one page always fits: its address was read with the header
+        room = 1 + (len(req) - list_at - PAGE_LIST_INFO_SIZE) // PAGE_ADDRESS_SIZE
+        if not 0 < count <= room:
+            msg = f"page list at {list_at}: {count} pages, room for {room}"
+            raise ParmError(msg)
     if not flags or flags & ~_BOTH:
         msg = f"page list at {list_at}: direction flags {flags:#x}"
         raise ParmError(msg, VERR_INVALID_FLAGS)
@@ -277,9 +281,12 @@ def write_back(
         buffer = params[index]
         if not isinstance(buffer, HostBuffer) or not buffer.writable:
             continue
-        returned = max(0, min(buffer.size, len(buffer.data)))
-        if returned:
-            _scatter(memory, pages, first, buffer.data[:returned])
+        data, size = buffer.data, buffer.size
+        if size >= len(data):
+            if data:
+                _scatter(memory, pages, first, data)
+        elif size > 0:
+            _scatter(memory, pages, first, data[:size])
 
 
 def _scatter(

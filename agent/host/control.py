@@ -15,10 +15,14 @@ command             arguments                                       result
 ``cpu``             ``action`` (str), ``core``, ``package`` (int)   null
 ``stats_interval``  ``seconds`` (int)                               null
 ``fault``           ``request`` (int), ``status`` (int), ``count``  null
+``fault_clear``     ``request`` (int; absent: every type)           ``{cleared: int}``
 ``delay``           ``request`` (int), ``seconds`` (float)          null
 ``drop``            (none)                                          ``{dropped: int}``
 ``status``          (none)                                          ``host.status()``
 ==================  ==============================================  =============================
+
+``count`` is 1 to ``MAX_FAULT_COUNT``; ``cleared`` is how many answers the dropped faults
+still held. ``status`` lists the queued ``faults`` and the active ``delays``.
 
 :func:`execute_control` runs one command on the host (server side); :func:`call_control`
 sends one from another process (client side). ``cpu`` plugs (``action`` "plug") or unplugs
@@ -116,9 +120,8 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
             _cpu(host, payload)
         case "stats_interval":
             host.set_statistics_interval(_arg(payload, "seconds", int))
-        case "fault":
-            request = RequestType(_arg(payload, "request", int))
-            host.add_fault(request, _arg(payload, "status", int), _arg(payload, "count", int))
+        case "fault" | "fault_clear":
+            return _fault(host, payload)
         case "delay":
             seconds = _arg(payload, "seconds", float)
             host.add_delay(RequestType(_arg(payload, "request", int)), seconds)
@@ -137,6 +140,16 @@ def _prop_get(host: SimulatedHost, name: str) -> dict[str, object]:
         raise _BadCommandError(msg)
     value, flags, timestamp = found
     return {"value": value, "flags": flags, "timestamp": timestamp}
+
+
+def _fault(host: SimulatedHost, payload: dict[str, object]) -> dict[str, object] | None:
+    """``fault`` queues one; ``fault_clear`` drops those of ``request`` (all without)."""
+    if payload.get("command") == "fault_clear":
+        request = RequestType(_arg(payload, "request", int)) if "request" in payload else None
+        return {"cleared": host.clear_faults(request)}
+    request_type = RequestType(_arg(payload, "request", int))
+    host.add_fault(request_type, _arg(payload, "status", int), _arg(payload, "count", int))
+    return None
 
 
 def _cpu(host: SimulatedHost, payload: dict[str, object]) -> None:

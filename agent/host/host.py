@@ -71,7 +71,8 @@ class SimulatedHost:
         seed: seeds the session ids, for reproducible runs.
         services: HGCM services to register; by default the guest-property service.
         r3_balloon: Oracle's driver without its kernel balloon allocator (CHECK_BALLOON
-            answers ``handle_in_r3``); only with ``personality="oracle"``.
+            answers ``handle_in_r3`` from its first inflate on); only with
+            ``personality="oracle"``.
 
     Raises:
         ValueError: unknown personality, or ``r3_balloon`` with another one.
@@ -266,6 +267,11 @@ class SimulatedHost:
         """Answer the next ``count`` VMMDev requests of ``request_type`` with ``status``."""
         self.vmmdev.add_fault(request_type, status, count)
 
+    def clear_faults(self, request_type: int | None = None) -> int:
+        """Drop the queued faults of ``request_type`` (of every type with None); return how
+        many answers they still held."""
+        return self.vmmdev.clear_faults(request_type)
+
     def set_delay(self, request_type: int, seconds: float) -> None:
         """Hold every request of ``request_type`` for ``seconds`` (0 clears): a slow host."""
         self.vmmdev.set_delay(request_type, seconds)
@@ -319,4 +325,6 @@ class SimulatedHost:
             "hgcm_pending_calls": dev.hgcm.pending_calls,
             "sessions": len(self.driver.sessions),
             "core_dumps": dev.core_dumps,
+            "faults": dev.faults.queued_faults(),
+            "delays": dev.faults.active_delays(),
         }

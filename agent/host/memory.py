@@ -48,6 +48,10 @@ class GuestRam(GuestMemory, Protocol):
 
 USER_WINDOW: Final = 1 << 32
 """The address space each user buffer of one ioctl gets (far more than any buffer)."""
+_USER_WINDOWS: Final = (USER_LIMIT - USER_BASE) // USER_WINDOW
+"""How many windows the user range holds."""
+_MAX_USER_BUFFER: Final = USER_WINDOW - GUARD_BYTES
+"""The largest buffer a window holds, with its guard."""
 
 
 class IoctlMemory:
@@ -68,11 +72,11 @@ class IoctlMemory:
         Raises:
             OSError: ``ENOMEM`` when the buffer or the number of buffers does not fit.
         """
-        address = USER_BASE + USER_WINDOW * len(self._buffers)
-        if len(data) + GUARD_BYTES > USER_WINDOW or address + USER_WINDOW > USER_LIMIT:
+        buffers = self._buffers
+        if len(data) > _MAX_USER_BUFFER or len(buffers) >= _USER_WINDOWS:
             raise OSError(errno.ENOMEM, "simulated user address space exhausted")
-        self._buffers.append(data)
-        return address
+        buffers.append(data)
+        return USER_BASE + USER_WINDOW * (len(buffers) - 1)
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped buffer."""
@@ -84,7 +88,7 @@ class IoctlMemory:
         data = self._buffers[index]
         if offset + size > len(data):
             raise _fault(address, size)
-        return bytes(data[offset : offset + size])
+        return bytes(data) if size == len(data) else bytes(data[offset : offset + size])
 
     def write(self, address: int, data: bytes | bytearray) -> None:
         """Store ``data`` at ``address`` in place; ``EFAULT`` outside a mapped buffer."""
@@ -108,13 +112,13 @@ class DictMemory:
     """Synthetic address space: page-aligned regions, each backed by a caller's bytearray.
 
     Addresses are handed out from ``[base, limit)``; freed space is reused. A region starts
-    ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``). Regions are kept
-    sorted by address in two parallel lists, so finding one is a bisection, and mapping past
-    every region (the usual case) appends. A dict by start address finds a region read or
-    written from its start (a request, a bounce buffer) without the bisection.
+    ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``). The regions are
+    kept by start address, in a dict (a request or a buffer is mostly reached from its
+    start) and in a sorted list of starts, so finding the region an address lies in is a
+    bisection, and mapping past every region (the usual case) appends.
     """
 
-    __slots__ = ("_base", "_by_start", "_datas", "_limit", "_next", "_starts", "_top")
+    __slots__ = ("_base", "_by_start", "_limit", "_next", "_starts", "_top")
 
     def __init__(self, *, base: int = USER_BASE, limit: int = USER_LIMIT) -> None:
         if base % PAGE_SIZE or limit <= base:
@@ -124,9 +128,9 @@ class DictMemory:
         self._limit = limit
         self._next = base
         self._starts: list[int] = []
-        self._datas: list[bytearray] = []
+        """The regions' start addresses, sorted."""
         self._by_start: dict[int, bytearray] = {}
-        """The regions by start address: a request or a buffer is mostly reached there."""
+        """The regions by start address."""
         self._top = base
         """Where the guard after the highest region ends (the base when nothing is mapped)."""
 
@@ -146,15 +150,11 @@ class DictMemory:
             start = self._find_room(need)
         address = start + offset
         self._by_start[address] = data
-        starts = self._starts
-        if not starts or address > starts[-1]:
-            starts.append(address)
-            self._datas.append(data)
-            self._top = address + size + GUARD_BYTES
+        if start < self._top:  # in a gap between regions
+            bisect.insort(self._starts, address)
         else:
-            index = bisect.bisect_right(starts, address)
-            starts.insert(index, address)
-            self._datas.insert(index, data)
+            self._starts.append(address)
+            self._top = address + size + GUARD_BYTES
         self._next = start + need
         return address
 
@@ -163,14 +163,14 @@ class DictMemory:
         if self._by_start.pop(address, None) is None:
             return
         starts = self._starts
-        if starts[-1] == address:  # the last region: a request freed right after it was sent
-            starts.pop()
-            self._datas.pop()
-            self._top = self._end_of_last()
+        if starts[-1] != address:
+            del starts[bisect.bisect_left(starts, address)]
             return
-        index = bisect.bisect_left(starts, address)
-        del starts[index]
-        del self._datas[index]
+        starts.pop()  # the highest region: a request freed right after it was sent
+        if starts:
+            self._top = starts[-1] + len(self._by_start[starts[-1]]) + GUARD_BYTES
+        else:
+            self._top = self._base
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""
@@ -179,13 +179,7 @@ class DictMemory:
             return bytes(data) if size == len(data) else bytes(data[:size])
         if size == 0:
             return b""
-        index = bisect.bisect_right(self._starts, address) - 1
-        if index < 0 or size < 0:
-            raise _fault(address, size)
-        data = self._datas[index]
-        offset = address - self._starts[index]
-        if offset + size > len(data):
-            raise _fault(address, size)
+        data, offset = self._region_of(address, size)
         return bytes(data[offset : offset + size])
 
     def write(self, address: int, data: bytes | bytearray) -> None:
@@ -197,13 +191,7 @@ class DictMemory:
             return
         if not size:
             return
-        index = bisect.bisect_right(self._starts, address) - 1
-        if index < 0:
-            raise _fault(address, size)
-        region = self._datas[index]
-        offset = address - self._starts[index]
-        if offset + size > len(region):
-            raise _fault(address, size)
+        region, offset = self._region_of(address, size)
         region[offset : offset + size] = data
 
     def lock(self, address: int, size: int) -> Mapping | None:
@@ -217,20 +205,25 @@ class DictMemory:
         data = self._by_start.get(address)
         if data is not None and 0 <= size <= len(data):
             return data, 0
-        index = bisect.bisect_right(self._starts, address) - 1
-        if index < 0 or size < 0:
+        try:
+            return self._region_of(address, size)
+        except OSError:
             return None
-        data = self._datas[index]
-        offset = address - self._starts[index]
-        return (data, offset) if offset + size <= len(data) else None
 
     def __len__(self) -> int:
         return len(self._starts)
 
-    def _end_of_last(self) -> int:
-        if not self._starts:
-            return self._base
-        return self._starts[-1] + len(self._datas[-1]) + GUARD_BYTES
+    def _region_of(self, address: int, size: int) -> tuple[bytearray, int]:
+        """The region holding ``size`` bytes at ``address`` and their offset in it; EFAULT
+        when no region holds them all."""
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or size < 0:
+            raise _fault(address, size)
+        start = self._starts[index]
+        data = self._by_start[start]
+        if address - start + size > len(data):
+            raise _fault(address, size)
+        return data, address - start
 
     def _find_room(self, need: int) -> int:
         """The first page-aligned start at or after ``_next`` (wrapping once) with room."""
@@ -245,19 +238,18 @@ class DictMemory:
             clash = self._first_region_in(candidate, candidate + need)
             if clash is None:
                 return candidate
-            end = self._starts[clash] + len(self._datas[clash]) + GUARD_BYTES
-            candidate = _page_align(end)
+            candidate = _page_align(clash + len(self._by_start[clash]) + GUARD_BYTES)
 
     def _first_region_in(self, low: int, high: int) -> int | None:
-        """The index of the first region (with its guard) overlapping ``[low, high)``."""
+        """The start of the first region (with its guard) overlapping ``[low, high)``."""
         starts = self._starts
         index = max(bisect.bisect_right(starts, low) - 1, 0)
         for at in range(index, len(starts)):
             start = starts[at]
             if start >= high:
                 return None
-            if start + len(self._datas[at]) + GUARD_BYTES > low:
-                return at
+            if start + len(self._by_start[start]) + GUARD_BYTES > low:
+                return start
         return None
 
 

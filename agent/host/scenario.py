@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import trio
 
 from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
+from agent.host._faults import MAX_FAULT_COUNT
 from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
 from agent.protocol.constants import (
@@ -185,8 +186,8 @@ _prop_flags = _str_checked_by(parse_flags)
 
 def _count(value: object) -> int:
     count = _int(value)
-    if count <= 0:
-        expected = "a positive integer"
+    if not 1 <= count <= MAX_FAULT_COUNT:
+        expected = f"a positive integer up to {MAX_FAULT_COUNT}"
         raise TypeError(expected)
     return count
 

@@ -227,6 +227,11 @@ class VMMDev:
         """Answer the next ``count`` requests of ``request_type`` with ``status``, unexecuted."""
         self.faults.add_fault(request_type, status, count)
 
+    def clear_faults(self, request_type: int | None = None) -> int:
+        """Drop the queued faults of ``request_type`` (all with None); return the answers
+        they still held."""
+        return self.faults.clear_faults(request_type)
+
     def set_delay(self, request_type: int, seconds: float) -> None:
         """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
         self.faults.set_delay(request_type, seconds)

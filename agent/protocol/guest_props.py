@@ -165,10 +165,11 @@ def encode_name(name: str) -> bytes:
         PropertyArgumentError: empty, too long, or with a character names may not hold.
     """
     raw = _encode_text(name, "property name")
-    if len(raw) + 1 < MIN_NAME_SIZE:
+    size = len(raw) + 1
+    if size < MIN_NAME_SIZE:
         msg = "property name is empty"
         raise PropertyArgumentError(msg)
-    if len(raw) + 1 > MAX_NAME_SIZE:
+    if size > MAX_NAME_SIZE:
         msg = (
             f"property name {shown(name)} is {len(raw)} bytes long; "
             f"the limit is {MAX_NAME_SIZE - 1} bytes of UTF-8"

@@ -714,6 +714,7 @@ _FIRST_ADDRESS_AT: Final = HGCM_CALL_HEADER_SIZE + _P.pointer_linear_addr.offset
 """Where the first parameter's linear address sits in the ioctl buffer."""
 _U32_TYPE: Final = int(HgcmParmType.U32)
 _U64_TYPE: Final = int(HgcmParmType.U64)
+_LINADDR_OUT_TYPE: Final = int(HgcmParmType.LINADDR_OUT)
 """Enum members read once, as plain ints."""
 
 
@@ -725,15 +726,6 @@ def _call_codec(count: int) -> struct.Struct:
     about 70 KiB.
     """
     return struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
-
-
-def _buffer_bytes(param: HgcmBufferIn | HgcmBufferOut | HgcmBuffer) -> bytearray:
-    if isinstance(param, HgcmBufferOut):
-        if param.size < 0:
-            msg = f"HGCM out buffer size {param.size} is negative"
-            raise LocalProtocolError(msg)
-        return bytearray(param.size)
-    return bytearray(param.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,34 +768,10 @@ class HgcmCall(Request[HgcmReply]):
         size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
         values = [size, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size, 0]
         values += (self.client_id, self.function, self.timeout_ms, 1, 0, count)
-        user_buffers: list[UserBuffer] = []
-        address_at = _FIRST_ADDRESS_AT
-        for param in self.params:
-            if isinstance(param, HgcmU32):
-                if not 0 <= param.value <= _U32_MAX:
-                    msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
-                    raise LocalProtocolError(msg)
-                values += (_U32_TYPE, param.value, 0)
-            elif isinstance(param, HgcmU64):
-                if not 0 <= param.value <= _U64_MAX:
-                    msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
-                    raise LocalProtocolError(msg)
-                values += (_U64_TYPE, param.value & _U32_MAX, param.value >> 32)
-            else:
-                data = _buffer_bytes(param)
-                if len(data) > HGCM_MAX_USER_PARM:
-                    msg = (
-                        f"parameter {_index(address_at)}: {len(data)} bytes exceed "
-                        f"{HGCM_MAX_USER_PARM}"
-                    )
-                    raise LocalProtocolError(msg)
-                values += (_PARM_TYPES[type(param)], len(data), 0)
-                if data:
-                    user_buffers.append(UserBuffer(address_at, data))
-            address_at += HGCM_PARM64_SIZE
+        user_buffers = _encode_params(self.params, values)
         buf = bytearray(size)
         _call_codec(count).pack_into(buf, 0, *values)
-        return IoctlCall(_HGCM_CALL_CODES[count], buf, self, tuple(user_buffers))
+        return IoctlCall(_HGCM_CALL_CODES[count], buf, self, user_buffers)
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
         """Decode the status and the returned parameters."""
@@ -837,17 +805,19 @@ class HgcmCall(Request[HgcmReply]):
         decoded: list[HgcmValue] = []
         at = _CALL_HEADER_VALUES
         for param in self.params:
-            if values[at] != _PARM_TYPES[type(param)]:
-                msg = (
-                    f"{self.operation}: parameter {_value_index(at)} came back as type {values[at]}"
-                )
-                raise RemoteProtocolError(msg)
+            kind = values[at]
             returned = values[at + 1]
             if isinstance(param, HgcmU32):
+                if kind != _U32_TYPE:
+                    raise self._wrong_type(at, kind)
                 decoded.append(HgcmU32(returned))
             elif isinstance(param, HgcmU64):
+                if kind != _U64_TYPE:
+                    raise self._wrong_type(at, kind)
                 decoded.append(HgcmU64(returned | (values[at + 2] & _U32_MAX) << 32))
             else:
+                if kind != _PARM_TYPES[type(param)]:
+                    raise self._wrong_type(at, kind)
                 capacity = param.size if isinstance(param, HgcmBufferOut) else len(param.data)
                 if returned > capacity:
                     msg = (
@@ -861,9 +831,53 @@ class HgcmCall(Request[HgcmReply]):
                     next(user)
                     decoded.append(HgcmData(param.data[:returned]))
                 else:
-                    decoded.append(HgcmData(bytes(next(user).data[:returned])))
+                    data = next(user).data
+                    reported = data if returned == capacity else data[:returned]
+                    decoded.append(HgcmData(bytes(reported)))
             at += 3
         return tuple(decoded)
+
+    def _wrong_type(self, at: int, kind: int) -> RemoteProtocolError:
+        """The error for parameter type ``kind`` at value ``at`` of the reply."""
+        return RemoteProtocolError(
+            f"{self.operation}: parameter {_value_index(at)} came back as type {kind}"
+        )
+
+
+def _encode_params(params: tuple[HgcmParam, ...], values: list[int]) -> tuple[UserBuffer, ...]:
+    """Append each parameter's words (type, value or size, high word) to ``values``; return
+    the user buffers of the non-empty buffer parameters."""
+    user_buffers: list[UserBuffer] = []
+    address_at = _FIRST_ADDRESS_AT
+    for param in params:
+        if isinstance(param, HgcmU32):
+            if not 0 <= param.value <= _U32_MAX:
+                msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
+                raise LocalProtocolError(msg)
+            values += (_U32_TYPE, param.value, 0)
+        elif isinstance(param, HgcmU64):
+            if not 0 <= param.value <= _U64_MAX:
+                msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
+                raise LocalProtocolError(msg)
+            values += (_U64_TYPE, param.value & _U32_MAX, param.value >> 32)
+        else:
+            if isinstance(param, HgcmBufferOut):
+                if param.size < 0:
+                    msg = f"HGCM out buffer size {param.size} is negative"
+                    raise LocalProtocolError(msg)
+                data = bytearray(param.size)
+                values += (_LINADDR_OUT_TYPE, param.size, 0)
+            else:
+                data = bytearray(param.data)
+                values += (_PARM_TYPES[type(param)], len(data), 0)
+            if len(data) > HGCM_MAX_USER_PARM:
+                size = len(data)
+                msg = f"parameter {_index(address_at)}: {size} bytes exceed {HGCM_MAX_USER_PARM}"
+                raise LocalProtocolError(msg)
+            if data:
+                user_buffers.append(UserBuffer(address_at, data))
+        address_at += HGCM_PARM64_SIZE
+    return tuple(user_buffers)
 
 
 def _index(address_at: int) -> int:

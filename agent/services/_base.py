@@ -16,7 +16,7 @@ import trio
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from agent.device import Device
     from agent.services.event_pump import EventPump
@@ -49,14 +49,29 @@ class BalloonGauge:
 
     The balloon service sets ``chunks`` (1 MiB chunks in the balloon, counting the driver's
     or its own) whenever it learns the size, and back to None when it stops; the guest
-    statistics read it. None means "nobody knows": the statistics then leave the balloon out
-    (asking the driver is no option: Oracle's CHECK_BALLOON moves the balloon).
+    statistics :meth:`read` it. None means "nobody knows": the statistics then leave the
+    balloon out rather than ask the driver themselves (Oracle's CHECK_BALLOON is no query:
+    it moves the balloon).
+
+    Where the size changes without the balloon service hearing of it (the in-tree driver
+    balloons in the kernel and keeps event 0x40 from userspace), the service installs
+    ``refresh``, which reads the size afresh; :meth:`read` awaits it first, so a reader's
+    own rhythm keeps the figure current without a poll of its own.
     """
 
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "refresh")
 
     def __init__(self) -> None:
         self.chunks: int | None = None
+        self.refresh: Callable[[], Awaitable[None]] | None = None
+
+    async def read(self) -> int | None:
+        """Return ``chunks``, refreshed first where the balloon service installed a refresh."""
+        if self.refresh is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.refresh()
+        return self.chunks
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,22 +58,38 @@ class CpuSysfs:
     """
 
     def __init__(self, root: Path) -> None:
+        self._root = root
         self._cpus = root / CPU_DIR
         self._settled: frozenset[str] = frozenset()
+        self._error: OSError | None = None
+
+    @property
+    def root(self) -> Path:
+        """The sysfs mount point."""
+        return self._root
 
     @property
     def cpus(self) -> Path:
         """The directory of the CPUs (``root/devices/system/cpu``)."""
         return self._cpus
 
-    def remember(self) -> None:
+    def unreadable(self) -> str | None:
+        """Why the directory of the CPUs could not be listed at the last look, in one line
+        (``cannot read DIR: reason``); None if it could, or before the first look."""
+        error = self._error
+        return None if error is None else f"cannot read {self._cpus}: {_why(error)}"
+
+    def remember(self) -> OSError | None:
         """Note the CPUs offline now (an admin's choice, or not plugged by the host since):
-        a plug tries every other offline CPU first. Until the first call, all rank alike."""
+        a plug tries every other offline CPU first. Until the first call, all rank alike.
+
+        Returns why the directory of the CPUs cannot be listed (None if it can)."""
         self._settled = frozenset(name for name in self._names() if self._online(name) is False)
+        return self._error
 
     def bring_online(self, core: int, package: int, checked: dict[str, str]) -> CpuChange | None:
         """Make the host's newly plugged CPU online; None when no offline CPU is left to try
-        (nor refused to come online).
+        (nor refused to come online), a change naming the directory if it cannot be read.
 
         An online CPU with the ids is reported as done; otherwise the offline CPUs not in
         ``checked`` are brought online one by one (new ones first, then in number order)
@@ -81,7 +97,10 @@ class CpuSysfs:
         ``checked`` with what became of it (one phrase), so a later look passes it over.
         """
         offline: list[str] = []
-        for name in self._names():
+        names = self._names()
+        if (unreadable := self.unreadable()) is not None:
+            return CpuChange(None, unreadable)
+        for name in names:
             state = self._online(name)
             if state is True and self._ids(name) == (core, package):
                 return CpuChange(name)
@@ -108,7 +127,10 @@ class CpuSysfs:
         ``/sys`` refuses even root); a CPU whose eject write fails is brought back online, as
         the host still owns it.
         """
-        candidates = (n for n in self._names() if self._online(n) is not False)
+        names = self._names()
+        if (unreadable := self.unreadable()) is not None:
+            return CpuChange(None, unreadable)
+        candidates = (n for n in names if self._online(n) is not False)
         name = next((n for n in candidates if self._ids(n) == (core, package)), None)
         if name is None:
             return CpuChange(None, f"no online CPU has core {core} package {package}")
@@ -155,11 +177,14 @@ class CpuSysfs:
         return "it is back online"
 
     def _names(self) -> list[str]:
-        """The CPU directories, in number order (none if the directory cannot be read)."""
+        """The CPU directories, in number order (none if the directory cannot be read: the
+        reason is kept for :meth:`unreadable`)."""
         try:
             entries = [entry.name for entry in self._cpus.iterdir()]
-        except OSError:
+        except OSError as exc:
+            self._error = exc
             return []
+        self._error = None
         numbered = [(int(m.group(1)), name) for name in entries if (m := _CPU_NAME.fullmatch(name))]
         return [name for _, name in sorted(numbered)]
 

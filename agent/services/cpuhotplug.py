@@ -26,11 +26,15 @@ Each action is one log line with the host's ids and the CPU; a request nobody ca
 (an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
 driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) is said
 once in the status; the service then waits for a restore without polling. A stop disables
-monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are).
+monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root
+whose CPU directory cannot be read is one warning naming the setting at start and at a
+reload, and the status says it; each request then fails with a line naming the directory
+and the reason, and the service goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +144,8 @@ class CpuHotPlugService:
         self._limiter = trio.CapacityLimiter(1)
         self._monitoring = False
         self._refusal: str | None = None
+        self._unreadable: str | None = None
+        """The sysfs problem last warned about (said once, not at every restore)."""
         self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
 
     def statistics(self) -> CpuHotPlugStatistics:
@@ -154,22 +160,26 @@ class CpuHotPlugService:
         )
 
     def status(self) -> str:
-        """``cpuhotplug: 1 plugged, 0 unplugged``, or why the host sends no events."""
+        """``cpuhotplug: 1 plugged, 0 unplugged``, why the host sends no events, or why the
+        CPUs cannot be changed."""
         if self._refusal is not None:
             return f"cpuhotplug: not available ({self._refusal})"
         if not self._monitoring:
             return "cpuhotplug starting"
         if self._sysfs is None:
             return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
+        if (unreadable := self._sysfs.unreadable()) is not None:
+            return f"cpuhotplug: CPUs unreadable ({unreadable})"
         failed = f", {self._failures} failed" if self._failures else ""
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
         """Apply a new ``sysfs_root`` at once (from the next host event on), remembering its
-        offline CPUs as monitoring does."""
+        offline CPUs as monitoring does (and warning if they cannot be read)."""
         self._sysfs = cpu_sysfs(section, self._device)
+        self._unreadable = None
         if self._sysfs is not None:
-            self._sysfs.remember()
+            self._remember(self._sysfs)
         self._status_changed()
         return True
 
@@ -207,7 +217,7 @@ class CpuHotPlugService:
         The CPUs offline before the host can plug any are remembered first (see
         :meth:`CpuSysfs.remember`: reads of small attributes, which do not block)."""
         if self._sysfs is not None:
-            self._sysfs.remember()
+            self._remember(self._sysfs)
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.ENABLE))
         except VBoxStatusError as exc:
@@ -221,6 +231,22 @@ class CpuHotPlugService:
             log.info("cpu_hotplug_monitoring", restored=restored, cpus=cpus)
             self._refusal, self._monitoring = None, True
         self._status_changed()
+
+    def _remember(self, sysfs: CpuSysfs) -> None:
+        """Remember the offline CPUs; one warning naming the setting when they cannot be
+        read (not again while the same problem lasts: a restore checks again)."""
+        error = sysfs.remember()
+        unreadable = sysfs.unreadable()
+        if error is not None and unreadable != self._unreadable:
+            log.warning(
+                "cpu_sysfs_unreadable",
+                setting="[cpuhotplug] sysfs_root",
+                sysfs_root=str(sysfs.root),
+                errno=None if error.errno is None else errno.errorcode.get(error.errno),
+                reason=unreadable,
+                outcome="the host's CPU plug and unplug requests fail until it can be read",
+            )
+        self._unreadable = unreadable
 
     async def _take_events(self) -> None:
         """Take the host's events until it has none (bounded), acting on each."""

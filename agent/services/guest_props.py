@@ -91,6 +91,9 @@ _VALUE_BUFFER: Final = HgcmBufferOut(VALUE_BUFFER_SIZE)
 _ZERO_U64: Final = HgcmU64(0)
 _ZERO_U32: Final = HgcmU32(0)
 """Parameters every GET_PROP sends the same (frozen, so shared)."""
+_GET_PROP: Final = int(GuestFunction.GET_PROP)
+"""Read once: an enum member costs a metaclass attribute look-up per access, which on the
+hot path of every get cost as much as encoding one of its parameters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,9 +512,7 @@ async def _get(call: _Caller, name: str) -> Property | None:
     value_buffer = _VALUE_BUFFER
     for _ in range(SIZE_RETRIES):
         try:
-            reply = await call(
-                GuestFunction.GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32
-            )
+            reply = await call(_GET_PROP, name_param, value_buffer, _ZERO_U64, _ZERO_U32)
         except HgcmCallError as exc:
             if exc.rc == VERR_NOT_FOUND:
                 return None
@@ -593,11 +594,14 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
     if not isinstance(data, HgcmData) or not isinstance(size, HgcmU32):  # pragma: no cover
         msg = "expected a buffer and its size"
         raise TypeError(msg)
-    parts = data.data[: size.value].split(b"\0")
+    # Decoded at once: a NUL is never part of a UTF-8 sequence, so each string decodes as
+    # it would on its own.
+    parts = data.data[: size.value].decode(errors="replace").split("\0", count)
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)
-    return [part.decode(errors="replace") for part in parts[:count]]
+    del parts[count]
+    return parts
 
 
 def _notification(reply: HgcmReply) -> PropertyChange:

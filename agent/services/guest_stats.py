@@ -7,10 +7,12 @@ event, at start, at every 0x80 and after every restore; while the interval is no
 sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`: each tick reads one
 ``/proc`` sample (:mod:`agent.services._procstats`) and sends one report per CPU, as
 VBoxService does (Main averages the loads over the VM's CPUs). The balloon figure is the
-balloon service's count (``ServiceContext.balloon``); while no balloon service publishes one
-the reports leave it out (Main keeps its last figure) rather than ask the driver: on Oracle's
-driver CHECK_BALLOON is no query, it makes the caller the balloon's owner and moves the
-balloon to the host's target. Mainline and Oracle's driver let trusted sessions
+balloon service's count (``ServiceContext.balloon``), read before each sample: where the
+in-tree driver balloons in the kernel (which keeps event 0x40 from userspace) the balloon
+service refreshes it then with CHECK_BALLOON, a pure query there. While no balloon service
+publishes one the reports leave it out (Main keeps its last figure) rather than ask the driver:
+on Oracle's driver CHECK_BALLOON is no query, it makes the caller the balloon's owner and
+moves the balloon to the host's target. Mainline and Oracle's driver let trusted sessions
 (``/dev/vboxguest``) send both requests, so this works on every real guest; a session the
 driver does not trust (``/dev/vboxuser``) has its first interval read refused, which the
 service logs once (``statistics_refused_by_driver``) before it stays idle, rather than
@@ -145,8 +147,9 @@ class GuestStatsService:
         return float(seconds) if seconds else None
 
     async def _report(self) -> None:
+        balloon_chunks = await self._balloon.read()  # refreshed first in kernel mode
         try:
-            reports = self._proc.sample(balloon_chunks=self._balloon.chunks)
+            reports = self._proc.sample(balloon_chunks=balloon_chunks)
         except ProcStatsError as exc:
             self._failed("statistics_unavailable", exc.problem, error=str(exc))
             return

@@ -179,7 +179,7 @@ class HgcmChannel:
             )
             raise HgcmLimitError(msg)
         buffers = 0
-        for index, param in enumerate(params):
+        for param in params:
             if isinstance(param, HgcmBufferOut):
                 size = param.size
             elif isinstance(param, _DATA_BUFFERS):
@@ -187,12 +187,15 @@ class HgcmChannel:
             else:
                 continue
             if size > HGCM_MAX_USER_PARM:
+                # The first parameter equal to this one is this one: it would have failed.
                 msg = (
-                    f"{self.service} function {function}: parameter {index} is a {size}-byte "
-                    f"buffer; the driver takes at most {HGCM_MAX_USER_PARM} bytes per buffer"
+                    f"{self.service} function {function}: parameter {params.index(param)} is "
+                    f"a {size}-byte buffer; the driver takes at most {HGCM_MAX_USER_PARM} "
+                    "bytes per buffer"
                 )
                 raise HgcmLimitError(msg)
-            buffers += size > 0
+            if size:
+                buffers += 1
         if buffers > HGCM_MAX_LOCKED_BUFFERS:
             msg = (
                 f"{self.service} function {function}: {buffers} non-empty buffers; Oracle's "

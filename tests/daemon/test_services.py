@@ -27,13 +27,16 @@ from agent.daemon import Daemon, ServiceFailedError, Supervisor
 from agent.daemon.daemon import FINAL_PHASE_S
 from agent.daemon.facility import FacilityReporter
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
+from agent.device import Device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import (
     Event,
     Facility,
     FacilityStatus,
+    GetHostVersion,
     GetSessionId,
     LocalProtocolError,
+    Request,
     RequestType,
 )
 from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpec
@@ -160,6 +163,11 @@ class Breaker:
 
 
 BREAKER: Final = ServiceSpec("breaker", BreakerSection, Breaker)
+SHUTDOWN_TIMEOUT_S: Final = 2.0
+SLOW_GADGET: Final = (
+    f"[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S:g}\n[gadget]\ndrain_s = 30\n"
+)
+"""A gadget whose drain needs far longer than the drain time."""
 
 
 @pytest.fixture(autouse=True)
@@ -206,6 +214,42 @@ class RecordingNotifier(Notifier):
 
     async def stopping(self, status: str | None = None) -> None:
         self.sent.append(f"STOPPING=1 STATUS={status}")
+
+
+class SlowQueueNotifier(RecordingNotifier):
+    """:class:`RecordingNotifier` whose ``RELOADING=1`` and ``READY=1`` each wait
+    ``SEND_TIMEOUT_S`` for room in a full notify queue, the most a send may; set events say
+    when each began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reloading_began = trio.Event()
+        self.ready_began = trio.Event()
+
+    async def ready(self, status: str | None = None) -> None:
+        self.ready_began.set()
+        await trio.sleep(SEND_TIMEOUT_S)
+        await super().ready(status)
+
+    async def reloading(self) -> None:
+        self.reloading_began.set()
+        await trio.sleep(SEND_TIMEOUT_S)
+        await super().reloading()
+
+
+class HeldReloadingNotifier(RecordingNotifier):
+    """:class:`RecordingNotifier` whose ``RELOADING=1`` waits for ``room`` (systemd's queue
+    stays full until the test lets it go)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reloading_began = trio.Event()
+        self.room = trio.Event()
+
+    async def reloading(self) -> None:
+        self.reloading_began.set()
+        await self.room.wait()
+        await super().reloading()
 
 
 class StatusRecordingNotifier(RecordingNotifier):
@@ -368,6 +412,178 @@ class TestThrowAwayService:
                 assert first.section == GadgetSection(drain_s=4)
                 assert running.section == GadgetSection(drain_s=4, interval_s=7)
                 daemon.request_shutdown("test")
+
+
+class TestStopComesFirst:
+    """A stop requested while the daemon waits for something else: nothing holds it up, the
+    drain deadline counts from the request, so the exit comes within shutdown_timeout_s
+    + 1 s of it (SHUTDOWN_TIMEOUT_S here, drains cut at 2 s, nothing slow after them)."""
+
+    async def test_sigterm_while_a_reload_waits_for_the_notify_queue(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """SIGTERM while a SIGHUP's RELOADING=1 waits for room: the signal is handled at
+        once (the reload is a task of its own), and the drains end 2 s after it."""
+        notifier = SlowQueueNotifier()
+        daemon = _daemon(host, tmp_path / "agent.toml", SLOW_GADGET, notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                signal.raise_signal(signal.SIGHUP)
+                await notifier.reloading_began.wait()
+                began = trio.current_time()
+                signal.raise_signal(signal.SIGTERM)
+            stopped = trio.current_time() - began
+        assert BUILT[0].drain_cancelled
+        assert stopped == pytest.approx(SHUTDOWN_TIMEOUT_S)
+
+    async def test_a_stop_while_ready_waits_for_the_notify_queue(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while READY=1 waits for room gives that send up: READY=1 is never sent,
+        and the drains end 2 s after the request."""
+        notifier = SlowQueueNotifier()
+        daemon = _daemon(host, tmp_path / "agent.toml", SLOW_GADGET, notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await notifier.ready_began.wait()
+                began = trio.current_time()
+                daemon.request_shutdown("test")
+            stopped = trio.current_time() - began
+        assert (notifier.sent, daemon.statistics().ready) == (["STOPPING=1 STATUS=None"], False)
+        assert BUILT[0].drain_cancelled
+        assert stopped == pytest.approx(SHUTDOWN_TIMEOUT_S)
+
+    @pytest.mark.parametrize(
+        "held", [FacilityStatus.INIT, FacilityStatus.ACTIVE], ids=lambda status: status.name
+    )
+    async def test_a_stop_while_the_host_holds_a_facility_report(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        held: FacilityStatus,
+    ) -> None:
+        """A stop while the host holds the facility Init (or Active) report gives the report
+        up at once: no further service starts, READY=1 is never sent, and the drains of
+        the services started (before Active) end 2 s after the request (with none, at once)."""
+        reaching = trio.Event()
+        report = FacilityReporter.report
+
+        async def holding(reporter: FacilityReporter, status: FacilityStatus) -> None:
+            if status is held:
+                reaching.set()
+                await trio.sleep_forever()  # the host never answers this one
+            await report(reporter, status)
+
+        monkeypatch.setattr(FacilityReporter, "report", holding)
+        notifier = RecordingNotifier()
+        daemon = _daemon(host, tmp_path / "agent.toml", SLOW_GADGET, notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await reaching.wait()
+                began = trio.current_time()
+                daemon.request_shutdown("test")
+            stopped = trio.current_time() - began
+        abandoned = {"event": "facility_report_abandoned", "status": held.name}
+        assert any(abandoned.items() <= e.items() for e in logs)
+        assert (notifier.sent, daemon.statistics().ready) == (["STOPPING=1 STATUS=None"], False)
+        started = held is FacilityStatus.ACTIVE
+        assert [gadget.drain_cancelled for gadget in BUILT] == ([True] if started else [])
+        assert stopped == pytest.approx(SHUTDOWN_TIMEOUT_S if started else 0.0)
+
+    async def test_a_stop_while_the_host_holds_the_version_query(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A stop while the host holds the answer to the host version query (a call the
+        driver gives up when cancelled) ends the run at once: the query is given up and
+        nothing else starts."""
+        reaching = trio.Event()
+        request = Device.request
+
+        async def holding(device: Device, message: Request[Any]) -> object:
+            if isinstance(message, GetHostVersion):
+                reaching.set()
+                await trio.sleep_forever()  # the host never answers
+            return await request(device, message)
+
+        monkeypatch.setattr(Device, "request", holding)
+        daemon = _daemon(host, tmp_path / "agent.toml", SLOW_GADGET)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await reaching.wait()
+                daemon.request_shutdown("test")
+        assert trio.current_time() == 0.0
+        reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
+        assert (reported, BUILT) == (["TERMINATING", "TERMINATED"], [])
+
+    async def test_a_stop_while_reloading_applies_nothing(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while a reload's RELOADING=1 waits for room (a reload overtaken by a stop
+        from elsewhere, ``--duration`` say): once sent, the reload applies nothing (it would
+        rebuild the gadget after every service was told to stop) and sends no READY=1; the
+        daemon ends when the drains do."""
+        notifier = HeldReloadingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(
+            host, path, "[daemon]\nshutdown_timeout_s = 5\n[gadget]\ndrain_s = 1\n", notifier
+        )
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [gadget] = BUILT
+                path.write_text('[daemon]\nshutdown_timeout_s = 5\n[gadget]\nlabel = "two"\n')
+                nursery.start_soon(daemon.reload)
+                await notifier.reloading_began.wait()
+                daemon.request_shutdown("test")
+                await gadget.draining.wait()
+                notifier.room.set()
+        assert (BUILT, gadget.drained.is_set(), trio.current_time()) == ([gadget], True, 1.0)
+        assert notifier.sent == ["READY=1", "STOPPING=1 STATUS=None", "RELOADING=1"]
+        skipped = [e["reason"] for e in logs if e["event"] == "config_reload_skipped"]
+        assert skipped == ["the agent is starting or stopping"]
+        assert "config_reloaded" not in [e["event"] for e in logs]
+
+    async def test_reloads_run_one_at_a_time(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A reload while one runs waits for it; a third while the second waits is merged
+        into the second, which reads the file after it."""
+        notifier = HeldReloadingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "", notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                nursery.start_soon(daemon.reload)
+                await notifier.reloading_began.wait()
+                nursery.start_soon(daemon.reload)
+                await trio.testing.wait_all_tasks_blocked()
+                path.write_text('[gadget]\nlabel = "two"\n')
+                await daemon.reload()  # merged: returns at once
+                assert notifier.sent == ["READY=1"]
+                notifier.room.set()
+                await trio.testing.wait_all_tasks_blocked()
+                daemon.request_shutdown("test")
+        assert notifier.sent == [
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+            "STOPPING=1 STATUS=None",
+        ]
+        assert [gadget.section.label for gadget in BUILT] == ["one", "two"]
+        assert [e["event"] for e in logs].count("config_reload_merged") == 1
 
 
 class TestDrain:

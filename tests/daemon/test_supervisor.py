@@ -8,6 +8,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import itertools
 from typing import NoReturn
 
 import pytest
@@ -15,7 +16,7 @@ import structlog
 import trio
 import trio.testing
 
-from agent.config import DaemonConfig
+from agent.config import MAX_RESTART_BUDGET, DaemonConfig
 from agent.daemon import ServiceFailedError, Supervisor
 from agent.device import DeviceLostError
 from agent.protocol import LocalProtocolError
@@ -31,6 +32,8 @@ class FlakyService:
         self.error = error or RuntimeError("boom")
         self.starts: list[float] = []
         self.drains: list[float] = []
+        self.recovered = trio.Event()
+        """Set once the start after the last failure began."""
 
     async def drain(self) -> None:
         self.drains.append(trio.current_time())
@@ -43,6 +46,7 @@ class FlakyService:
         task_status.started()
         if len(self.starts) <= self.failures:
             raise self.error
+        self.recovered.set()
         await trio.sleep_forever()
 
 
@@ -160,6 +164,24 @@ class TestSupervisor:
                 await trio.sleep(30)
                 nursery.cancel_scope.cancel()
         assert len(service.starts) == 7
+
+    async def test_a_large_restart_budget_keeps_the_ceiling(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Past 1024 failures within the window (a budget the config allows) the back-off
+        stays at its ceiling: the doubling stops there instead of overflowing a float."""
+        service = FlakyService(failures=1100)
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_budget=MAX_RESTART_BUDGET, restart_window_s=86400.0)
+        )
+        with trio.fail_after(86400):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, service)
+                await service.recovered.wait()
+                nursery.cancel_scope.cancel()
+        gaps = [later - earlier for earlier, later in itertools.pairwise(service.starts)]
+        assert gaps == [1.0, 2.0] + [4.0] * 1098
+        assert supervisor.restarts() == {"flaky": 1100}
 
     async def test_fatal_error_propagates_at_once(self, autojump_clock: trio.abc.Clock) -> None:
         """A lost device is not retried: it ends the supervisor."""
@@ -464,6 +486,36 @@ class TestSupervisor:
                 supervisor.stop("flaky", trio.current_time() + 5)
             stopped_at = trio.current_time()
         assert (service.starts, service.drains, stopped_at) == ([0.0], [0.0], 0.0)
+
+    async def test_a_replacement_after_stop_all_never_runs(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A replacement asked for once every service was told to stop (a reload that
+        applies its file during the stop) calls nothing off: the service on its way out
+        drains and ends, and nothing runs in its place."""
+        first, second = FlakyService(failures=0), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, first)
+                supervisor.stop_all(trio.current_time() + 5)
+                assert supervisor.replace("flaky", second)
+        assert (first.drains, second.starts, second.drains) == ([0.0], [], [])
+        assert supervisor.restarts() == {}
+
+    async def test_a_service_handed_over_after_stop_all_drains_without_running(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service handed over once every service was told to stop (one a reload enables
+        during the stop) is drained at once and never runs, so it does not hold the stop."""
+        late = HeldStart()
+        supervisor: Supervisor[HeldStart] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                supervisor.stop_all(trio.current_time() + 5)
+                await supervisor.start(nursery, late)
+        assert (late.starting.is_set(), late.drains) == (False, [0.0])
+        assert supervisor.services() == []
 
     async def test_stop_during_start_drains(self, autojump_clock: trio.abc.Clock) -> None:
         """A stop while the service starts cancels the start and drains it; the wait for the

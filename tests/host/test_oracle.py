@@ -771,14 +771,74 @@ class TestOracleKernelBalloon:
         assert host.driver.balloon_chunks == 0
 
 
+async def hand_to_ring3(host: SimulatedHost) -> None:
+    """Bring a driver without the kernel allocator to ring-3 ballooning as upstream does: a
+    CHECK_BALLOON whose target needs an inflate; then back to a target of 0, the owner gone."""
+    client = await open_client(host)
+    host.set_balloon_target(1)
+    assert (await client.request(CheckBalloon())).handle_in_r3
+    host.set_balloon_target(0)
+    await client.request(CheckBalloon())
+    await client.transport.aclose()
+
+
+class TestOracleWithoutAllocator:
+    """A build without the kernel allocator loads like the Linux build (``fUseKernelAPI``)
+    and hands the balloon to ring 3 at its first inflate, for good."""
+
+    async def test_ring3_from_the_first_inflate(self) -> None:
+        """Before any inflate CHECK_BALLOON answers ``handle_in_r3 = 0`` and CHANGE_BALLOON
+        is refused as on the Linux build; a target that needs an inflate gets 1 and no chunk
+        (the allocation is VERR_NOT_SUPPORTED), and so does every later answer."""
+        host = SimulatedHost(personality=PERSONALITY, r3_balloon=True)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                owner = await open_client(host)
+                status = await owner.request(CheckBalloon())
+                assert (status.chunks, status.handle_in_r3) == (0, False)
+                assert await status_of(owner.request(ChangeBalloon(CHUNK, True))) == (
+                    VERR_PERMISSION_DENIED
+                )
+                host.set_balloon_target(3)
+                status = await owner.request(CheckBalloon())
+                assert (status.chunks, status.handle_in_r3) == (3, True)
+                assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.acked_mb) == (0, 3)
+                await owner.request(ChangeBalloon(CHUNK, True))
+                assert host.vmmdev.balloon.chunks == 1
+                host.set_balloon_target(0)
+                assert (await owner.request(CheckBalloon())).handle_in_r3
+                await owner.transport.aclose()
+                other = await open_client(host)  # the driver's state, not the owner's
+                assert (await other.request(CheckBalloon())).handle_in_r3
+                nursery.cancel_scope.cancel()
+
+    async def test_a_deflate_keeps_the_kernel_api(self) -> None:
+        """Only an inflate finds the allocator missing: a target below the balloon (an
+        empty one: none) answers 0 and CHANGE_BALLOON stays refused."""
+        host = SimulatedHost(personality=PERSONALITY, r3_balloon=True)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                owner = await open_client(host)
+                for _ in range(2):
+                    assert not (await owner.request(CheckBalloon())).handle_in_r3
+                assert await status_of(owner.request(ChangeBalloon(CHUNK, False))) == (
+                    VERR_PERMISSION_DENIED
+                )
+                assert host.driver.use_kernel_api  # type: ignore[attr-defined]
+                nursery.cancel_scope.cancel()
+
+
 class TestOracleBalloon:
-    """A build without the kernel allocator: ring-3 chunks via CHANGE_BALLOON."""
+    """A build without the kernel allocator, handed to ring 3: chunks via CHANGE_BALLOON."""
 
     @pytest.fixture(name="host")
     async def _r3_host(self) -> AsyncIterator[SimulatedHost]:
         host = SimulatedHost(personality=PERSONALITY, seed=1, r3_balloon=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
+            await hand_to_ring3(host)
             yield host
             nursery.cancel_scope.cancel()
 
@@ -831,10 +891,13 @@ class TestOracleBalloon:
             VERR_INVALID_PARAMETER
         )
 
-    async def test_change_needs_a_prior_check(self, host: SimulatedHost) -> None:
-        """Without CHECK_BALLOON the maximum is unknown: VERR_INVALID_PARAMETER."""
-        client = await open_client(host)
-        assert await status_of(client.request(ChangeBalloon(CHUNK, True))) == VERR_INVALID_PARAMETER
+    async def test_change_makes_the_owner(self, host: SimulatedHost) -> None:
+        """Once the driver balloons from ring 3, CHANGE_BALLOON too makes its caller the
+        owner (the maximum known from the CHECK_BALLOON that handed it over)."""
+        client, other = await open_client(host), await open_client(host)
+        await client.request(ChangeBalloon(CHUNK, True))
+        assert host.vmmdev.balloon.chunks == 1
+        assert await status_of(other.request(CheckBalloon())) == VERR_PERMISSION_DENIED
 
     async def test_balloon_cannot_outgrow_guest_ram(self) -> None:
         """Inflating past the RAM's chunk count is VERR_INVALID_PARAMETER."""
@@ -842,6 +905,7 @@ class TestOracleBalloon:
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
+                await hand_to_ring3(host)
                 client = await open_client(host)
                 await client.request(CheckBalloon())
                 for index in range(4):

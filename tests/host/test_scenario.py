@@ -133,6 +133,10 @@ class TestParse:
                 "expected a positive integer",
             ),
             (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = 4\nstatus = 0\ncount = 4294967296',
+                "expected a positive integer up to 4294967295",
+            ),
+            (
                 '[host]\npersonality = "mainline"\nr3_balloon = true',
                 "'r3_balloon': only the oracle personality has it",
             ),
@@ -147,14 +151,14 @@ class TestParse:
         with pytest.raises(ScenarioError, match=message):
             parse_scenario(text, source="demo")
 
-    @pytest.mark.parametrize(("option", "kernel_api"), [("", True), ("r3_balloon = true", False)])
+    @pytest.mark.parametrize(("option", "allocator"), [("", True), ("r3_balloon = true", False)])
     def test_r3_balloon_builds_oracle_without_kernel_allocator(
-        self, option: str, kernel_api: bool
+        self, option: str, allocator: bool
     ) -> None:
         """``r3_balloon`` turns off the Oracle driver's kernel allocator, which is on without it."""
         scenario = parse_scenario(f'[host]\npersonality = "oracle"\n{option}')
         host = SimulatedHost(**scenario.host.options())  # type: ignore[arg-type]
-        assert host.driver.use_kernel_api is kernel_api  # type: ignore[attr-defined]
+        assert host.driver.kernel_allocator is allocator  # type: ignore[attr-defined]
 
     def test_r3_balloon_is_oracle_only(self) -> None:
         with pytest.raises(ValueError, match="option of the oracle personality"):

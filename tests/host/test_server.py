@@ -47,6 +47,7 @@ from agent.protocol import (
     Session,
     WaitForEvents,
 )
+from agent.protocol.constants import RequestType
 from agent.protocol.wire import (
     MAX_JSON_SIZE,
     ControlReply,
@@ -444,6 +445,82 @@ class TestRobustness:
                 await call_control(socket_path, {"command": "balloon", "mb": 128})
                 status = await call_control(socket_path, {"command": "status"})
                 assert isinstance(status, dict)
+                nursery.cancel_scope.cancel()
+
+
+class TestFaultCommands:
+    """Faults and delays over the control socket: queued, shown in ``status``, cleared."""
+
+    async def test_status_lists_faults_and_delays_until_cleared(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """``status`` shows the queued faults and the active delays; ``fault_clear`` with a
+        request drops that type's faults, without one every fault, answering how many
+        answers it dropped; a delay of 0 ends the delay."""
+        change, session = RequestType.CHANGE_MEMBALLOON, RequestType.GET_SESSION_ID
+
+        async def control(**payload: object) -> object:
+            return await call_control(socket_path, payload)
+
+        async def status() -> dict[str, Any]:
+            result = await control(command="status")
+            assert isinstance(result, dict)
+            return result
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                assert ((await status())["faults"], (await status())["delays"]) == ([], {})
+                await control(command="fault", request=change, status=-8, count=2)
+                await control(command="fault", request=session, status=-10, count=1)
+                await control(command="delay", request=RequestType.GUEST_HEARTBEAT, seconds=0.5)
+                shown = await status()
+                assert shown["faults"] == [
+                    {"request": "CHANGE_MEMBALLOON", "status": "VERR_NO_MEMORY", "remaining": 2},
+                    {
+                        "request": "GET_SESSION_ID",
+                        "status": "VERR_PERMISSION_DENIED",
+                        "remaining": 1,
+                    },
+                ]
+                assert shown["delays"] == {"GUEST_HEARTBEAT": 0.5}
+                assert await control(command="fault_clear", request=change) == {"cleared": 2}
+                assert [f["request"] for f in (await status())["faults"]] == ["GET_SESSION_ID"]
+                assert await control(command="fault_clear") == {"cleared": 1}
+                assert await control(command="fault_clear") == {"cleared": 0}
+                await control(command="delay", request=RequestType.GUEST_HEARTBEAT, seconds=0)
+                assert ((await status())["faults"], (await status())["delays"]) == ([], {})
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("payload", "problem"),
+        [
+            ({"command": "fault", "request": 219, "status": -1, "count": 0}, "[1, 4294967295]"),
+            (
+                {
+                    "command": "fault",
+                    "request": 219,
+                    "status": -1,
+                    "count": 99999999999999999999999,
+                },
+                "[1, 4294967295], got 99999999999999999999999",
+            ),
+            ({"command": "fault_clear", "request": "GUEST_HEARTBEAT"}, "needs request as int"),
+            ({"command": "fault_clear", "request": 9999}, "9999"),
+        ],
+    )
+    async def test_bad_fault_commands_are_refused(
+        self, socket_path: str, host: SimulatedHost, payload: dict[str, object], problem: str
+    ) -> None:
+        """A count outside [1, MAX_FAULT_COUNT], or a clear naming no request type, is one
+        line; nothing is queued and the host runs on."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with pytest.raises(ControlCommandError) as refused:
+                    await call_control(socket_path, payload)
+                assert problem in str(refused.value)
+                assert host.status()["faults"] == []
                 nursery.cancel_scope.cancel()
 
 

@@ -18,6 +18,7 @@ import structlog
 import trio
 from hypothesis import given, strategies as st
 
+from agent.host._faults import MAX_FAULT_COUNT
 from agent.host._heartbeat import NS_PER_S
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -204,10 +205,54 @@ class TestPortHandler:
         statuses = [device.send(vmmdev_request(T.GET_SESSION_ID, 32)) for _ in range(3)]
         assert statuses == [VERR_ACCESS_DENIED, VERR_ACCESS_DENIED, VINF_SUCCESS]
 
-    def test_fault_count_must_be_positive(self, device: Device) -> None:
-        """A fault for zero requests is refused."""
-        with pytest.raises(ValueError, match="positive"):
-            device.vmmdev.add_fault(T.GET_SESSION_ID, -1, count=0)
+    @pytest.mark.parametrize("count", [0, MAX_FAULT_COUNT + 1, 99999999999999999999999])
+    def test_fault_count_is_bounded(self, device: Device, count: int) -> None:
+        """A fault for zero requests, or for more than MAX_FAULT_COUNT, is refused with the
+        range; nothing is queued."""
+        with pytest.raises(ValueError, match=rf"must be in \[1, {MAX_FAULT_COUNT}\], got {count}$"):
+            device.vmmdev.add_fault(T.GET_SESSION_ID, -1, count=count)
+        device.vmmdev.add_fault(T.GET_SESSION_ID, -1, count=MAX_FAULT_COUNT)
+        assert device.vmmdev.faults.queued_faults() == [
+            {
+                "request": "GET_SESSION_ID",
+                "status": "VERR_GENERAL_FAILURE",
+                "remaining": MAX_FAULT_COUNT,
+            }
+        ]
+
+    def test_queued_faults_are_listed_and_cleared(self, device: Device) -> None:
+        """The queue lists each fault by request type, in the order they answer, with what
+        is left of it; clearing one type drops only its faults, clearing all the rest, and
+        each clear says how many answers it dropped. The host then answers as usual."""
+        device.report_additions()
+        faults = device.vmmdev.faults
+        device.vmmdev.add_fault(T.GET_SESSION_ID, VERR_ACCESS_DENIED, count=3)
+        device.vmmdev.add_fault(T.GET_SESSION_ID, VERR_NOT_SUPPORTED)
+        device.vmmdev.add_fault(T.GET_HOST_VERSION, -4242)
+        assert device.send(vmmdev_request(T.GET_SESSION_ID, 32)) == VERR_ACCESS_DENIED
+        assert faults.queued_faults() == [
+            {"request": "GET_HOST_VERSION", "status": "VERR_UNKNOWN(-4242)", "remaining": 1},
+            {"request": "GET_SESSION_ID", "status": "VERR_ACCESS_DENIED", "remaining": 2},
+            {"request": "GET_SESSION_ID", "status": "VERR_NOT_SUPPORTED", "remaining": 1},
+        ]
+        assert device.vmmdev.clear_faults(T.GET_SESSION_ID) == 3
+        assert device.vmmdev.clear_faults(T.GET_SESSION_ID) == 0
+        assert device.send(vmmdev_request(T.GET_SESSION_ID, 32)) == VINF_SUCCESS
+        assert [f["request"] for f in faults.queued_faults()] == ["GET_HOST_VERSION"]
+        assert device.vmmdev.clear_faults() == 1
+        assert (faults.queued_faults(), faults.has_faults) == ([], False)
+        assert device.send(vmmdev_request(T.GET_HOST_VERSION, 40)) == VINF_SUCCESS
+
+    def test_active_delays_are_listed(self, device: Device) -> None:
+        """Each delayed request type is listed with its delay until set to 0."""
+        device.vmmdev.set_delay(T.GUEST_HEARTBEAT, 0.5)
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 2)
+        assert device.vmmdev.faults.active_delays() == {
+            "GET_HOST_VERSION": 2,
+            "GUEST_HEARTBEAT": 0.5,
+        }
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 0)
+        assert device.vmmdev.faults.active_delays() == {"GUEST_HEARTBEAT": 0.5}
 
     async def test_delay_holds_the_port(self, device: Device, autojump_clock: object) -> None:
         """A delayed request type is answered after the configured virtual time."""

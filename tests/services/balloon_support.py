@@ -12,9 +12,11 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.driver._pages import PageAllocator
+from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     BALLOON_CHUNK_PAGES,
     BALLOON_CHUNK_SIZE,
+    CheckBalloon,
     ChunkPages,
     LocalProtocolError,
     VBoxStatusError,
@@ -26,8 +28,9 @@ from agent.services.balloon._chunks import ChunkError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
-    from agent.device import Device
+    from agent.device import Device, DeviceOpener
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
@@ -140,6 +143,22 @@ class Running:
         await self.until(lambda: self.host_chunks == chunks)
 
 
+async def hand_to_ring3(host: SimulatedHost) -> None:
+    """Oracle's driver without its allocator: bring it to ring-3 ballooning as an earlier
+    agent leaves it (a CHECK_BALLOON whose target needs an inflate, for good; then a target
+    of 0 and the owner gone), so a service starts in allocated mode. Other drivers: nothing."""
+    driver = host.driver
+    if not isinstance(driver, OracleDriver) or driver.kernel_allocator:
+        return
+    session = await SimOpener(host).open_session()
+    for target in (1, 0):
+        host.set_balloon_target(target)
+        call = CheckBalloon().encode()
+        await session.ioctl(call.code, call.buffer)
+        assert call.request.decode(call).handle_in_r3
+    await session.aclose()
+
+
 async def start_in_scope(
     nursery: trio.Nursery, service: BalloonService, scope: trio.CancelScope
 ) -> trio.Event:
@@ -171,9 +190,12 @@ async def running_balloon(
     gauge: BalloonGauge | None = None,
     drain_s: float = math.inf,
     psi_file: bool = False,
+    sysctl_root: Path | None = None,
+    opener_for: Callable[[SimulatedHost], DeviceOpener] = SimOpener,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
-    (within ``drain_s``, as the daemon's drain time).
+    (within ``drain_s``, as the daemon's drain time). The agent opens its device through
+    ``opener_for(host)``.
 
     ``before`` runs once the host runs, before the agent opens its device. With ``psi_file``
     the service watches ``section.psi_path`` itself (``pressure`` is not used).
@@ -183,7 +205,7 @@ async def running_balloon(
         await outer.start(host.run)
         if before is not None:
             await before(host)
-        async with open_device(SimOpener(host)) as device:
+        async with open_device(opener_for(host)) as device:
             pump = EventPump(device)
             service = BalloonService(
                 device,
@@ -193,6 +215,7 @@ async def running_balloon(
                 pressure=None if psi_file else pressure if pressure is not None else Quiet(),
                 mem_available_mb=mem_available_mb,
                 gauge=gauge,
+                sysctl_root=sysctl_root,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)

@@ -17,6 +17,7 @@ import trio
 from agent.device import open_device
 from agent.host import SimOpener, SimTransport, SimulatedHost
 from agent.protocol import (
+    BalloonStatus,
     ChangeBalloon,
     ChangeMemBalloon,
     CheckBalloon,
@@ -40,8 +41,10 @@ from tests.services.balloon_support import (
     Quiet,
     RecordRefusals,
     RefuseChunk,
+    Running,
     ScriptedPressure,
     SimChunks,
+    hand_to_ring3,
     running_balloon,
     start_in_scope,
 )
@@ -77,7 +80,7 @@ class TestModes:
         [
             ("mainline", BalloonMode.KERNEL),
             ("oracle", BalloonMode.TRIGGERED),
-            ("oracle-r3", BalloonMode.ALLOCATED),
+            ("oracle-r3", BalloonMode.TRIGGERED),  # until its first inflate
             ("passthrough", BalloonMode.OWNED),
         ],
     )
@@ -87,6 +90,82 @@ class TestModes:
         with trio.fail_after(60):
             async with running_balloon(personality="", host=_host(kind)) as run:
                 assert run.service.mode is mode
+
+    @pytest.mark.parametrize("start", ["handed over", "target waiting"])
+    async def test_a_ring3_driver_at_start(
+        self, autojump_clock: trio.abc.Clock, start: str
+    ) -> None:
+        """Oracle's driver without its allocator answers the probe ``handle_in_r3`` once an
+        inflate handed the balloon to ring 3 (an earlier agent's), or when the probe's own
+        CHECK_BALLOON is that inflate (a target waiting): allocated mode from the start."""
+
+        async def target_waiting(host: SimulatedHost) -> None:
+            host.set_balloon_target(16)
+
+        before = hand_to_ring3 if start == "handed over" else target_waiting
+        with trio.fail_after(60):
+            async with running_balloon(
+                personality="", host=_host("oracle-r3"), before=before
+            ) as run:
+                assert run.service.mode is BalloonMode.ALLOCATED
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+
+    async def test_a_ring3_driver_hands_over_at_its_first_inflate(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Oracle's driver without its allocator answers as the Linux build (triggered mode)
+        until a CHECK_BALLOON needs an inflate; that one answers ``handle_in_r3`` and the
+        service walks the target with its own chunks from then on, as VBoxService, which
+        reads the flag on every refresh."""
+        gauge = BalloonGauge()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host("oracle-r3"), gauge=gauge) as run:
+                assert run.service.mode is BalloonMode.TRIGGERED
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                walker = run.service.walker
+                assert walker is not None
+                assert (run.service.mode, len(walker.held), gauge.chunks) == (
+                    BalloonMode.ALLOCATED,
+                    16,
+                    16,
+                )
+                assert run.service.status() == "balloon 16/16 MB (allocated)"
+                run.host.set_balloon_target(4)
+                await run.settle(4)
+                assert len(walker.held) == 4
+        modes = [e for e in logs if e["event"] == "balloon_mode"]
+        assert [e["mode"] for e in modes] == ["triggered", "allocated"]
+        assert (modes[1]["previous"], modes[1]["target"]) == ("triggered", 16)
+        assert "handle_in_r3" in modes[1]["reason"]
+
+    async def test_a_hand_over_during_a_pressure_hold_waits_for_its_end(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Pressure postponed the CHECK_BALLOON until the cooldown forced it, and it handed
+        the balloon to the agent: the walk waits for the hold's end, as any walk capped by
+        pressure."""
+        pressure = ScriptedPressure()
+        section = BalloonSection(pressure_cooldown_s=30.0)
+
+        async def press_for(seconds: int) -> None:
+            for _ in range(seconds // 2):
+                pressure.send(90.0, high=True)
+                await trio.sleep(2)
+
+        with trio.fail_after(600):
+            async with running_balloon(
+                personality="", host=_host("oracle-r3"), section=section, pressure=pressure
+            ) as run:
+                run.nursery.start_soon(press_for, 60)
+                await run.until(lambda: run.service.statistics().pressure_events == 1)
+                run.host.set_balloon_target(16)
+                await run.until(lambda: run.service.mode is BalloonMode.ALLOCATED)
+                assert run.service.statistics().cap == 0
+                assert run.host_chunks == 0
+                await run.settle(16)
+                assert run.service.statistics().pressure_events == 30
 
 
 class TestFollowsTarget:
@@ -131,7 +210,9 @@ class TestFollowsTarget:
     ) -> None:
         """A target arriving mid-walk turns the walk around at once."""
         with trio.fail_after(60):
-            async with running_balloon(personality="", host=_host(kind)) as run:
+            async with running_balloon(
+                personality="", host=_host(kind), before=hand_to_ring3
+            ) as run:
                 walker = run.service.walker
                 assert walker is not None
                 run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.01)
@@ -333,6 +414,7 @@ class TestFollowsTarget:
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as outer:
                 await outer.start(host.run)
+                await hand_to_ring3(host)
                 async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
                     pump = EventPump(device)
                     await inner.start(pump.run)
@@ -430,6 +512,7 @@ class TestBackoff:
             async with running_balloon(
                 personality="",
                 host=host,
+                before=hand_to_ring3,
                 section=section,
                 pressure=pressure,
                 mem_available_mb=lambda: 300 - host.vmmdev.balloon.chunks,
@@ -454,7 +537,11 @@ class TestBackoff:
         section = BalloonSection(pressure_step_mb=64, retry_max_s=600.0)
         with trio.fail_after(3600):
             async with running_balloon(
-                personality="", host=_host(kind), section=section, pressure=pressure
+                personality="",
+                host=_host(kind),
+                before=hand_to_ring3,
+                section=section,
+                pressure=pressure,
             ) as run:
                 walker = run.service.walker
                 assert walker is not None
@@ -487,7 +574,12 @@ class TestBackoff:
 
         with trio.fail_after(3600):
             async with running_balloon(
-                personality="", host=_host(kind), section=section, pressure=pressure, drain_s=1.0
+                personality="",
+                host=_host(kind),
+                before=hand_to_ring3,
+                section=section,
+                pressure=pressure,
+                drain_s=1.0,
             ) as run:
                 walker = run.service.walker
                 assert walker is not None
@@ -512,6 +604,7 @@ class TestBackoff:
             async with running_balloon(
                 personality="",
                 host=host,
+                before=hand_to_ring3,
                 mem_available_mb=lambda: available["mb"] - host.vmmdev.balloon.chunks,
             ) as run:
                 walker = run.service.walker
@@ -538,7 +631,9 @@ class TestBackoff:
         counted (nor kept mapped), the walk is retried and the service keeps running."""
         chunks = SimChunks()
         with trio.fail_after(120), structlog.testing.capture_logs() as logs:
-            async with running_balloon(personality="", host=_host(kind), allocator=chunks) as run:
+            async with running_balloon(
+                personality="", host=_host(kind), before=hand_to_ring3, allocator=chunks
+            ) as run:
                 walker = run.service.walker
                 assert walker is not None
                 walker.handover = ErrnoOnce(
@@ -561,7 +656,9 @@ class TestBackoff:
     ) -> None:
         """An errno from the target read is retried after the backoff, not a service restart."""
         with trio.fail_after(120), structlog.testing.capture_logs() as logs:
-            async with running_balloon(personality="", host=_host(kind)) as run:
+            async with running_balloon(
+                personality="", host=_host(kind), before=hand_to_ring3
+            ) as run:
                 walker = run.service.walker
                 assert walker is not None
                 walker.handover = ErrnoOnce(
@@ -590,6 +687,7 @@ class TestBackoff:
         with trio.fail_after(600), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as outer:
                 await outer.start(host.run)
+                await hand_to_ring3(host)
                 async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
                     pump = EventPump(device)
                     await inner.start(pump.run)
@@ -877,6 +975,83 @@ class TestTriggeredAndKernel:
         [forced] = [e for e in logs if e["event"] == "balloon_check_forced"]
         assert forced["postponed_s"] == section.pressure_cooldown_s
 
+    async def test_floor_postpones_the_start_probe(self, autojump_clock: trio.abc.Clock) -> None:
+        """Oracle's driver applies the host's target on the mode probe's CHECK_BALLOON too:
+        below the floor that call waits as any triggered one (the service is ready meanwhile,
+        its mode not yet known), for at most ``pressure_cooldown_s``."""
+        section = BalloonSection(min_available_mb=256, pressure_cooldown_s=30.0)
+
+        async def target_before_start(host: SimulatedHost) -> None:
+            host.set_balloon_target(512)
+
+        with trio.fail_after(300), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle",
+                section=section,
+                mem_available_mb=lambda: 100,
+                before=target_before_start,
+            ) as run:
+                started = trio.current_time()
+                assert (run.host_chunks, run.service.mode) == (0, None)
+                assert run.service.statistics().postponed
+                await run.service.mode_known.wait()
+                assert trio.current_time() - started == section.pressure_cooldown_s
+                assert run.service.mode is BalloonMode.TRIGGERED
+                assert not run.service.statistics().postponed
+                await run.settle(512)
+        [postponed] = [e for e in logs if e["event"] == "balloon_check_postponed"]
+        assert (postponed["mem_available_mb"], postponed["min_available_mb"]) == (100, 256)
+        [forced] = [e for e in logs if e["event"] == "balloon_check_forced"]
+        assert forced["postponed_s"] == section.pressure_cooldown_s
+
+    async def test_the_in_tree_probe_is_not_held_back(self, autojump_clock: trio.abc.Clock) -> None:
+        """The in-tree driver's CHECK_BALLOON only reads the size: below the floor the probe
+        goes at once (the kernel balloons by itself, whatever the agent does)."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="mainline", mem_available_mb=lambda: 100) as run:
+                assert run.service.mode is BalloonMode.KERNEL
+        assert not [e for e in logs if e["event"].startswith("balloon_check_")]
+
+    @pytest.mark.parametrize(
+        ("kind", "event"),
+        [("oracle", "new target"), ("oracle", "restore"), ("mainline", "restore")],
+    )
+    async def test_an_event_during_the_probe_is_kept(
+        self, autojump_clock: trio.abc.Clock, kind: str, event: str
+    ) -> None:
+        """Just after the probe's CHECK_BALLOON read the balloon, the host asks for 32 MB (a
+        0x40, which the in-tree driver keeps for its kernel) or the VM is restored: the
+        event reaches the service before the mode is decided and is answered after it, by
+        one more read."""
+        host = _host(kind)
+        target = 32 if event == "new target" else 0
+        with trio.fail_after(60):
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+                    pump = EventPump(device)
+                    await inner.start(pump.run)
+                    probe_check = device.check_balloon
+
+                    async def check_then_event() -> BalloonStatus:
+                        status = await probe_check()
+                        device.check_balloon = probe_check  # type: ignore[method-assign]
+                        if target:
+                            host.set_balloon_target(target)
+                        else:
+                            host.restore()
+                        await trio.testing.wait_all_tasks_blocked()  # the service has it
+                        return status
+
+                    device.check_balloon = check_then_event  # type: ignore[method-assign]
+                    service = BalloonService(device, pump, BalloonSection(), pressure=Quiet())
+                    run = Running(host, device, service, inner)
+                    await start_in_scope(inner, service, trio.CancelScope())
+                    await run.until(lambda: service.reads == 1)
+                    assert service.statistics().chunks == run.host_chunks == target
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -975,6 +1150,41 @@ class TestReconfigure:
                 await run.settle(20)
                 assert delays()[6:] == [0.5, 1.0, 2.0]
 
+    async def test_a_failing_probe_is_retried_at_once_under_the_new_delays(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Another session owns Oracle's balloon and the mode probe has backed off to 512 s:
+        a reload retries it at once and backs off under the new delays, so the probe after
+        the owner let go comes within the new longest delay."""
+        others: list[SimTransport] = []
+
+        async def claim_the_balloon(host: SimulatedHost) -> None:
+            other = await SimOpener(host).open_session()
+            call = CheckBalloon().encode()
+            await other.ioctl(call.code, call.buffer)
+            others.append(other)
+
+        section = BalloonSection(retry_initial_s=1.0, retry_max_s=3600.0)
+        with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle", section=section, before=claim_the_balloon
+            ) as run:
+
+                def delays() -> list[float]:
+                    failed = [e for e in logs if e["event"] == "balloon_check_failed"]
+                    return [entry["retry_in_s"] for entry in failed]
+
+                await run.until(lambda: len(delays()) == 10)
+                assert delays()[-1] == 512.0
+                assert run.service.reconfigure(section.model_copy(update={"retry_max_s": 2.0}))
+                await run.until(lambda: len(delays()) == 11)
+                assert delays()[-1] == 2.0
+                await others[0].aclose()
+                released = trio.current_time()
+                await run.service.mode_known.wait()
+                assert trio.current_time() - released <= 2.0
+                assert run.service.mode is BalloonMode.TRIGGERED
+
     @pytest.mark.parametrize(("kind", "mode"), WALKING)
     async def test_shorter_cooldown_ends_the_hold_in_place(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
@@ -1010,7 +1220,11 @@ class TestReconfigure:
         section = BalloonSection(psi_path=str(old), psi_interval_s=1.0, pressure_step_mb=16)
         with trio.fail_after(600), structlog.testing.capture_logs() as logs:
             async with running_balloon(
-                personality="", host=_host(kind), section=section, psi_file=True
+                personality="",
+                host=_host(kind),
+                before=hand_to_ring3,
+                section=section,
+                psi_file=True,
             ) as run:
                 walker = run.service.walker
                 assert walker is not None

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from agent.host import SimulatedHost
 from agent.protocol import Event
+from agent.services import BalloonGauge
 from agent.services.balloon import BalloonMode
 from tests.services.balloon_support import running_balloon
 
@@ -35,6 +36,22 @@ async def test_kernel_reaches_the_target_while_the_agent_runs(personality: str) 
             run.service.status()  # asks the driver for the size
             await run.until(lambda: run.service.statistics().chunks == 8)
             assert run.service.status() == "balloon 8 MB (kernel)"
+
+
+async def test_the_gauge_reads_the_kernel_balloon(personality: str) -> None:
+    """No event tells userspace that the kernel ballooned (its ISR keeps 0x40): reading the
+    gauge asks the driver, whose CHECK_BALLOON only reports the kernel's count."""
+    host = SimulatedHost(personality=personality, seed=1)
+    gauge = BalloonGauge()
+    with trio.fail_after(WAIT_S):
+        async with running_balloon(personality=personality, host=host, gauge=gauge) as run:
+            assert await gauge.read() == 0
+            run.host.set_balloon_target(48)
+            await run.until(lambda: run.host.driver.balloon_chunks == 48)
+            assert await gauge.read() == 48
+            assert run.service.status() == "balloon 48 MB (kernel)"
+            assert run.host_chunks == 48  # the query moved nothing
+        assert gauge.refresh is None  # a stopped service reads no more
 
 
 async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> None:

@@ -87,6 +87,21 @@ class TestMmapAllocator:
         assert locked_kb() == before
         assert all(mapping(address) is None for address in addresses)
 
+    def test_chunks_are_kept_out_of_huge_pages(self) -> None:
+        """khugepaged copies small pages into a new huge page, moving them to other frames:
+        every chunk is marked ``nh`` (MADV_NOHUGEPAGE), adjacent ones merged or not."""
+        allocator = MmapAllocator()
+        addresses = [allocator.allocate() for _ in range(CHUNKS)]
+        try:
+            for address in addresses:
+                entry = mapping(address)
+                assert entry is not None
+                assert "nh" in entry["VmFlags"].split()
+                assert entry["AnonHugePages"] == "0 kB"
+        finally:
+            for address in addresses:
+                allocator.release(address)
+
     def test_physical_pages_come_from_pagemap(self) -> None:
         allocator = MmapAllocator()
         address = allocator.allocate()

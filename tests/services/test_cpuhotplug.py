@@ -407,6 +407,70 @@ class TestPlugAndUnplug:
         assert (guest.online(2), guest.online(3)) == ("0", "1")
 
 
+class TestUnreadableSysfs:
+    """A ``sysfs_root`` whose CPU directory cannot be listed."""
+
+    @pytest.mark.parametrize(
+        ("make", "errno_name", "reason"),
+        [
+            (None, "ENOENT", "No such file or directory"),
+            ("file", "ENOTDIR", "Not a directory"),
+        ],
+    )
+    async def test_is_said_at_start_and_named_by_each_failed_request(
+        self, tmp_path: Path, make: str | None, errno_name: str, reason: str
+    ) -> None:
+        """A root that is missing, or a file: one warning at start naming the setting, the
+        root, the errno and the directory; the status says it; a plug and an unplug each
+        fail naming the directory, and the service goes on. A restore checks again without
+        saying it twice."""
+        root = tmp_path / "nonexistent"
+        if make == "file":
+            root.mkdir()
+            (root / "devices").write_text("")
+        unreadable = f"cannot read {root / 'devices/system/cpu'}: {reason}"
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(root) as run:
+                assert run.service.status() == f"cpuhotplug: CPUs unreadable ({unreadable})"
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().failures == 1)
+                run.host.cpu_unplug(1)
+                await run.watch.until(lambda: run.stats().failures == 2)
+                run.host.restore()
+                await run.watch.until(lambda: run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 2)
+                assert run.stats().monitoring is True
+        [warning] = events_named(logs, "cpu_sysfs_unreadable")
+        assert warning["log_level"] == "warning"
+        assert (warning["setting"], warning["sysfs_root"], warning["errno"]) == (
+            "[cpuhotplug] sysfs_root",
+            str(root),
+            errno_name,
+        )
+        assert warning["reason"] == unreadable
+        [plug] = events_named(logs, "cpu_plug_failed")
+        [unplug] = events_named(logs, "cpu_unplug_failed")
+        assert (plug["cpu"], plug["problem"]) == (None, unreadable)
+        assert (unplug["cpu"], unplug["problem"]) == (None, unreadable)
+
+    async def test_a_reload_checks_the_new_root(self, guest: Guest, tmp_path: Path) -> None:
+        """A reload to a missing root warns at once and the status says it; a reload back
+        to a readable tree clears the status, and a plug works there."""
+        missing = tmp_path / "missing"
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                assert events_named(logs, "cpu_sysfs_unreadable") == []
+                assert run.service.reconfigure(CpuHotPlugSection(sysfs_root=str(missing)))
+                [warning] = events_named(logs, "cpu_sysfs_unreadable")
+                assert warning["sysfs_root"] == str(missing)
+                assert run.service.status().startswith("cpuhotplug: CPUs unreadable (cannot")
+                assert run.service.reconfigure(CpuHotPlugSection(sysfs_root=str(guest.root)))
+                assert run.service.status() == "cpuhotplug: 0 plugged, 0 unplugged"
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert len(events_named(logs, "cpu_sysfs_unreadable")) == 1
+        assert guest.online(2) == "1"
+
+
 class TestMonitoring:
     async def test_idle_service_sends_nothing(
         self, autojump_clock: trio.abc.Clock, guest: Guest

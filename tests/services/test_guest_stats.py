@@ -28,7 +28,9 @@ from agent.protocol.status import VERR_PERMISSION_DENIED
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
+from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.guest_stats import GuestStatsService
+from tests.services.balloon_support import Quiet
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -112,6 +114,26 @@ def write_proc(root: Path, *, cpus: tuple[tuple[int, ...], ...], processes: int)
     for pid in range(1, processes + 1):
         (root / str(pid)).mkdir(exist_ok=True)
     (root / "self").mkdir(exist_ok=True)
+
+
+class StatusLine:
+    """The daemon's STATUS= line in small: the services' fragments, computed afresh at each
+    ``changed()``, as the daemon does."""
+
+    def __init__(self) -> None:
+        self.services: tuple[BalloonService, GuestStatsService] | None = None
+        self.text = ""
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        if self.services is not None:
+            self.text = "; ".join(service.status() for service in self.services)
+        self._changed.set()
+
+    async def wait_changed(self) -> None:
+        """Wait for the next ``changed()``."""
+        self._changed = trio.Event()
+        await self._changed.wait()
 
 
 class TestReports:
@@ -262,6 +284,45 @@ class TestReports:
             assert last_report(host)["phys_mem_balloon"] == 10 * 256
             assert StatCap.PHYS_MEM_BALLOON in StatCap(last_report(host)["stat_caps"])
             assert host.vmmdev.request_counts[RequestType.GET_MEMBALLOON_CHANGE_REQ] == 0
+
+    async def test_the_kernel_balloon_is_read_for_every_report(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The in-tree driver balloons in the kernel and keeps 0x40 from userspace, so no event
+        tells the agent: the balloon service reads the size as each report is sampled, and the
+        report and the status (systemd's STATUS=) carry it from the next report on."""
+        host = SimulatedHost(personality="mainline", seed=1)
+        line = StatusLine()
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    context = ServiceContext(device, pump, line.changed)
+                    balloon = BalloonService(
+                        device,
+                        pump,
+                        BalloonSection(),
+                        pressure=Quiet(),
+                        mem_available_mb=lambda: 1 << 20,
+                        status_changed=line.changed,
+                        gauge=context.balloon,
+                    )
+                    line.services = (balloon, GuestStatsService(context))
+                    await nursery.start(pump.run)
+                    for service in line.services:
+                        await nursery.start(service.run)
+                    host.set_statistics_interval(1)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert last_report(host)["phys_mem_balloon"] == 0
+                    host.set_balloon_target(64)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert host.driver.balloon_chunks == 64  # no report since, no status change
+                    await line.wait_changed()  # at the next report
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert line.text == "balloon 64 MB (kernel); statistics every 1 s"
+                    assert last_report(host)["phys_mem_balloon"] == 64 * 256
+                    nursery.cancel_scope.cancel()
 
     async def test_restore_reads_the_interval_again(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path

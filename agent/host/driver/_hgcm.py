@@ -77,14 +77,14 @@ _BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
     HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
 }
 _P = L.HgcmParameter64
-_LINADDR_IN: Final = HgcmParmType.LINADDR_IN
-_LINADDR_OUT: Final = HgcmParmType.LINADDR_OUT
-_PAGELIST: Final = HgcmParmType.PAGELIST
-"""Enum members read once: an enum attribute lookup costs more than what it is used for."""
+_LINADDR_IN: Final = int(HgcmParmType.LINADDR_IN)
+_LINADDR_OUT: Final = int(HgcmParmType.LINADDR_OUT)
+_PAGELIST: Final = int(HgcmParmType.PAGELIST)
+"""Enum members read once, as plain ints: an enum attribute lookup costs more than what it
+is used for, and a comparison of two exact ints is the interpreter's fast one."""
 _CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
 """The ioctl header and the call's own members (client, function, timeout, interruptible,
 reserved, count), in one unpack once the buffer is known to hold them."""
-_CALL_TARGET: Final = L.run(L.HgcmCallIoctl.client_id, L.HgcmCallIoctl.function)
 _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.flags,
     L.HgcmCallRequest.result,
@@ -209,7 +209,8 @@ class _TooBigError(Exception):
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
     ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
-    client_id, timeout_ms, parms = _checked_call(kbuf)
+    target, timeout_ms, parms = _checked_call(kbuf)
+    client_id = target[0]
     if drv.session_mutex.locked:
         async with drv.session_mutex:
             known = client_id in session.hgcm_client_ids
@@ -222,7 +223,7 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     placed: list[int] = []
     """Where the bounce buffers sit in guest RAM, to free."""
     try:
-        req = _prepare(drv, session, kbuf, parms, memory, bounces=bounces, placed=placed)
+        req = _prepare(drv, session, parms, memory, target=target, bounces=bounces, placed=placed)
         error = await _do_call(drv, req, timeout_ms)
         if error:
             raise fail(error)
@@ -236,12 +237,12 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
 
 
-def _checked_call(kbuf: bytearray) -> tuple[int, int, tuple[int, ...]]:
-    """The ioctl's own checks, in order; return the client, the timeout and the parameters
-    (each read as a buffer: type, size, address)."""
+def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...]]:
+    """The ioctl's own checks, in order; return the target (client, function), the timeout
+    and the parameters (each read as a buffer: type, size, address)."""
     if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
         raise fail(errno.EINVAL)
-    size_in, _, _, _, size_out, _, client_id, _, timeout_ms, _, _, count = (
+    size_in, _, _, _, size_out, _, client_id, function, timeout_ms, _, _, count = (
         _CALL_HEADERS.unpack_from(kbuf)
     )
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
@@ -257,20 +258,21 @@ def _checked_call(kbuf: bytearray) -> tuple[int, int, tuple[int, ...]]:
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
     if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
-    return client_id, timeout_ms, parms
+    return (client_id, function), timeout_ms, parms
 
 
 def _prepare(
     drv: Driver,
     session: DriverSession,
-    kbuf: bytearray,
     parms: tuple[int, ...],
     memory: GuestMemory,
     *,
+    target: tuple[int, int],
     bounces: list[bytearray | None],
     placed: list[int],
 ) -> bytearray:
-    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the parameters.
+    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the parameters
+    of the call to ``target`` (client id, function).
 
     Per buffer parameter, in parameter order as the driver does: E2BIG over
     ``VBG_MAX_HGCM_USER_PARM``, then the bounce buffer is allocated in guest RAM, then the
@@ -284,7 +286,7 @@ def _prepare(
     """
     count = len(parms) // 3
     shape: list[int] = []
-    values: list[int] = [0, 0, *_CALL_TARGET.codec.unpack_from(kbuf, _CALL_TARGET.offset), count]
+    values = [0, 0, *target, count]
     lists: list[int] = []
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     spare = 0
@@ -361,7 +363,8 @@ def _copy_back(
             result[at] = kind
             result[at + 2] = parms[at + 2]
             if bounce is not None and kind != _LINADDR_IN:
-                memory.write(parms[at + 2], bounce[: replies[at + 1]])
+                size = replies[at + 1]
+                memory.write(parms[at + 2], bounce if size == len(bounce) else bounce[:size])
         at += 3
     codec.pack_into(kbuf, HGCM_CALL_HEADER_SIZE, *result)
 

@@ -7,16 +7,20 @@ or, when there are none, the session's next wait (which returns success with no 
 
 The first session to call CHECK_BALLOON (or CHANGE_BALLOON) owns the balloon until it
 closes; others get VERR_PERMISSION_DENIED in ``hdr.rc``. CHECK_BALLOON asks the host for
-the target (acknowledging 0x40). On Linux the driver then allocates and hands over the
-chunks itself (``fUseKernelAPI``, ``vgdrvSetBalloonSizeKernel``): it stops at the first
-failure, reports running out of memory as success and answers ``handle_in_r3 = 0``; it
-refuses CHANGE_BALLOON with VERR_PERMISSION_DENIED. Built without that allocator
-(``r3_balloon``) it answers ``handle_in_r3 = 1``: userspace allocates 1 MiB chunks and hands
-each to the driver with CHANGE_BALLOON (ioctl 18), which locks it and tells the host the
-chunk's pages (``vgdrvSetBalloonSizeFromUser``) and keeps it in the lowest free slot of its
-array. Closing the owner's session deflates the slots from the chunk count less one down to 0
-(``vgdrvCloseMemBalloon``; see :meth:`OracleDriver.session_closed`). BALLOON_CHANGE_REQUEST is
-delivered to userspace waiters; the heartbeat stays with the driver.
+the target (acknowledging 0x40). The driver loads meaning to allocate and hand over the
+chunks itself (``fUseKernelAPI``, ``vgdrvSetBalloonSizeKernel``), as on Linux: it stops at
+the first failure, reports running out of memory as success and answers
+``handle_in_r3 = 0``; while it does, it refuses CHANGE_BALLOON with VERR_PERMISSION_DENIED.
+Built without that allocator (``r3_balloon``) it finds out at its first inflate (the
+allocation is VERR_NOT_SUPPORTED): it clears ``fUseKernelAPI`` for good and answers that
+CHECK_BALLOON, and every later one, with ``handle_in_r3 = 1``; before that (a target of 0,
+of the maximum, or below the balloon) it answers 0 like the Linux build. Userspace then
+allocates 1 MiB chunks and hands each to the driver with CHANGE_BALLOON (ioctl 18), which
+locks it and tells the host the chunk's pages (``vgdrvSetBalloonSizeFromUser``) and keeps it
+in the lowest free slot of its array. Closing the owner's session deflates the slots from the
+chunk count less one down to 0 (``vgdrvCloseMemBalloon``; see
+:meth:`OracleDriver.session_closed`). BALLOON_CHANGE_REQUEST is delivered to userspace
+waiters; the heartbeat stays with the driver.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ class OracleDriver(Driver):
     """Oracle's driver: a session-owned balloon, allocated by the kernel or by ring 3.
 
     Args:
-        r3_balloon: the driver cannot allocate chunks itself (``fUseKernelAPI`` false).
+        r3_balloon: the driver cannot allocate chunks itself (``fUseKernelAPI`` turns false
+            at its first inflate).
     """
 
     personality: ClassVar[str] = "oracle"
@@ -93,7 +98,11 @@ class OracleDriver(Driver):
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)
         self.pages = PageAllocator(vmmdev.ram_mb * BALLOON_CHUNK_PAGES)
-        self.use_kernel_api = not r3_balloon
+        self.kernel_allocator = not r3_balloon
+        """Whether ``RTR0MemObjAllocPhysNC`` works (else VERR_NOT_SUPPORTED)."""
+        self.use_kernel_api = True
+        """``fUseKernelAPI``: set at load, cleared for good by an inflate without the
+        allocator."""
         self.owner: DriverSession | None = None
         self.max_chunks = 0
         self.chunks: dict[int, bytes] = {}
@@ -207,21 +216,33 @@ class OracleDriver(Driver):
             self.max_chunks = L.MemBalloonInfoRequest.phys_mem_chunks.get(info)
             chunks = L.MemBalloonInfoRequest.balloon_chunks.get(info)
             L.CheckBalloonIoctl.balloon_chunks.set(kbuf, chunks)
-            L.CheckBalloonIoctl.handle_in_r3.set(kbuf, int(not self.use_kernel_api))
+            L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 0)
             L.CheckBalloonIoctl.padding.set(kbuf, b"")
-            if self.use_kernel_api:
-                rc = await self._set_size_kernel(chunks)
-                # Out-of-memory is swallowed, whether the guest or the host ran out.
-                if rc not in OUT_OF_MEMORY:
-                    L.IoctlHeader.rc.set(kbuf, rc)
+            rc = await self._set_size_kernel(chunks, kbuf)
+            # Out-of-memory is swallowed, whether the guest or the host ran out.
+            if rc not in OUT_OF_MEMORY:
+                L.IoctlHeader.rc.set(kbuf, rc)
 
-    async def _set_size_kernel(self, target: int) -> int:
-        """``vgdrvSetBalloonSizeKernel``: walk the driver's own chunks to ``target``."""
-        if target > self.max_chunks:
-            return VERR_INVALID_PARAMETER
-        if target == self.max_chunks:  # upstream's "nothing to do" test compares with the max
-            return VINF_SUCCESS
+    async def _set_size_kernel(self, target: int, kbuf: bytearray) -> int:
+        """``vgdrvSetBalloonSizeKernel``: while the driver uses its allocator, walk its own
+        chunks to ``target``; then answer ``handle_in_r3`` (left at 0 by the early returns)."""
+        rc = VINF_SUCCESS
+        if self.use_kernel_api:
+            if target > self.max_chunks:
+                return VERR_INVALID_PARAMETER
+            if target == self.max_chunks:  # upstream's "nothing to do" compares with the max
+                return VINF_SUCCESS
+            rc = await self._walk_kernel(target)
+        L.CheckBalloonIoctl.handle_in_r3.set(kbuf, int(not self.use_kernel_api))
+        return rc
+
+    async def _walk_kernel(self, target: int) -> int:
+        """Inflate or deflate the driver's own chunks, stopping at the first failure; an
+        inflate without the allocator hands the balloon to ring 3 instead (a success)."""
         while len(self.kernel_chunks) < target:
+            if not self.kernel_allocator:
+                self.use_kernel_api = False
+                return VINF_SUCCESS
             pages = await self._balloon_new_chunk()
             if isinstance(pages, int):
                 return pages

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
 from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN_BYTES_RE
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
@@ -17,17 +15,8 @@ class GuestCallError(Exception):
         self.rc = rc
 
 
-@dataclass(slots=True)
-class CString:
-    """A string parameter: ``text`` up to the first NUL, ``raw`` the whole buffer.
-
-    Not frozen: every guest call reads one or more, and a frozen dataclass's ``__init__``
-    sets each member through ``object.__setattr__``, which cost more than the rest of
-    :func:`c_string`.
-    """
-
-    text: str
-    raw: bytes
+CString = tuple[str, bytes]
+"""A string parameter: its text up to the first NUL, and the whole buffer (raw)."""
 
 
 def check_count(params: list[HostParm], *counts: int) -> None:
@@ -48,7 +37,7 @@ def c_string(parm: HostParm) -> CString:
         text = raw[:end].decode()
     except UnicodeDecodeError:
         raise GuestCallError(VERR_INVALID_PARAMETER) from None
-    return CString(text, raw)
+    return text, raw
 
 
 def buffer(parm: HostParm) -> HostBuffer:
@@ -76,15 +65,16 @@ def u64(parm: HostParm) -> HostU64:
     return parm
 
 
-def check_name(name: CString) -> None:
-    """``GuestPropValidateName``: buffer size 2..64, no ``*?|`` anywhere in the buffer."""
-    if not MIN_NAME_SIZE <= len(name.raw) <= MAX_NAME_SIZE:
+def check_name(raw: bytes) -> None:
+    """``GuestPropValidateName`` of a name's ``raw`` buffer: size 2..64, no ``*?|`` anywhere."""
+    if not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE:
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    if NAME_FORBIDDEN_BYTES_RE.search(name.raw):
+    if NAME_FORBIDDEN_BYTES_RE.search(raw):
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 
-def check_value(value: CString, max_size: int) -> None:
-    """``GuestPropValidateValue``: the buffer, NUL included, holds at most ``max_size`` bytes."""
-    if len(value.raw) > max_size:
+def check_value(raw: bytes, max_size: int) -> None:
+    """``GuestPropValidateValue`` of a value's ``raw`` buffer: NUL included, at most
+    ``max_size`` bytes."""
+    if len(raw) > max_size:
         raise GuestCallError(VERR_TOO_MUCH_DATA)

@@ -128,8 +128,9 @@ class GuestPropertyService:
 
     def call(self, call: HgcmCallHandle) -> None:
         """Run a guest call; GET_NOTIFICATION may stay pending."""
+        handler = self._functions.get(call.function)
         try:
-            status = self._dispatch(call)
+            status = VERR_NOT_IMPLEMENTED if handler is None else handler(call)
         except GuestCallError as exc:
             status = exc.rc
         if status is not None:
@@ -239,26 +240,22 @@ class GuestPropertyService:
 
     # -- guest functions -------------------------------------------------------------------
 
-    def _dispatch(self, call: HgcmCallHandle) -> int | None:
-        handler = self._functions.get(call.function)
-        return VERR_NOT_IMPLEMENTED if handler is None else handler(call)
-
     def _del_prop(self, call: HgcmCallHandle) -> int:
         params = call.params
         _params.check_count(params, 1)
-        name = _params.c_string(params[0])
-        _params.check_name(name)
-        return self._store.delete(name.text, is_guest=True)
+        name, raw_name = _params.c_string(params[0])
+        _params.check_name(raw_name)
+        return self._store.delete(name, is_guest=True)
 
     def _get_prop(self, call: HgcmCallHandle) -> int:
         params = call.params
         _params.check_count(params, 4)
-        name = _params.c_string(params[0])
+        name, raw_name = _params.c_string(params[0])
         out = _params.buffer(params[1])
         timestamp = _params.u64(params[2])
         size = _params.u32(params[3])
-        _params.check_name(name)
-        prop = self._store.get(name.text)
+        _params.check_name(raw_name)
+        prop = self._store.get(name)
         if prop is None:
             return VERR_NOT_FOUND
         data = b"%s\0%s\0" % (prop.value.encode(), format_flags(prop.flags).encode())
@@ -273,30 +270,30 @@ class GuestPropertyService:
         params = call.params
         _params.check_count(params, 2, 3)
         strings = [_params.c_string(parm) for parm in params]
-        name, value = strings[0], strings[1]
-        _params.check_name(name)
-        _params.check_value(value, self._max_value_size)
+        (name, raw_name), (value, raw_value) = strings[0], strings[1]
+        _params.check_name(raw_name)
+        _params.check_value(raw_value, self._max_value_size)
         flags = NILFLAG  # the two-parameter form resets the flags
         if len(strings) == 3:
             try:
-                flags = parse_flags(strings[2].text)
+                flags = parse_flags(strings[2][0])
             except FlagsParseError:
                 return VERR_PARSE_ERROR
-        return self._store.set(name.text, value.text, flags, is_guest=True)
+        return self._store.set(name, value, flags, is_guest=True)
 
     def _enum_props(self, call: HgcmCallHandle) -> int:
         params = call.params
         _params.check_count(params, 3)
-        patterns = _params.c_string(params[0])
+        _, patterns = _params.c_string(params[0])
         out = _params.buffer(params[1])
         size = _params.u32(params[2])
-        if len(patterns.raw) > MAX_PATTERN_SIZE:
+        if len(patterns) > MAX_PATTERN_SIZE:
             return VERR_TOO_MUCH_DATA
-        status = _check_later_patterns(patterns.raw)
+        status = _check_later_patterns(patterns)
         if status != VINF_SUCCESS:
             return status
         # Inner NULs separate patterns too (double-NUL lists); the last byte ends the string.
-        packed = patterns.raw[:-1].replace(b"\0", b"|")
+        packed = patterns[:-1].replace(b"\0", b"|")
         needed = offset = 0
         room = len(out.data)
         for prop in self._store.in_order():
@@ -324,7 +321,7 @@ class GuestPropertyService:
     def _get_notification(self, call: HgcmCallHandle) -> int | None:
         params = call.params
         _params.check_count(params, 4)
-        patterns = _params.c_string(params[0]).text.encode()
+        patterns = _params.c_string(params[0])[0].encode()
         timestamp = _params.u64(params[1])
         _params.buffer(params[2])
         _params.u32(params[3])

@@ -1,23 +1,35 @@
 """Balloon chunks the agent allocates itself: 1 MiB of locked anonymous memory each.
 
-A chunk is its own mapping (``mmap``), kept out of children (``MADV_DONTFORK``) and locked
-(``mlock``, which also faults every page in), as Oracle's ``CHANGE_BALLOON`` and the
-passthrough ``CHANGE_MEMBALLOON`` expect. Nothing in the agent ever reads or writes a
-chunk's memory; it is unmapped only after the host gave it back.
+A chunk is its own mapping (``mmap``), kept out of children (``MADV_DONTFORK``) and out of
+transparent huge pages (``MADV_NOHUGEPAGE``), and locked (``mlock``, which also faults every
+page in), as Oracle's ``CHANGE_BALLOON`` and the passthrough ``CHANGE_MEMBALLOON`` expect.
+Nothing in the agent ever reads or writes a chunk's memory; it is unmapped only after the
+host gave it back.
 
 ``ChunkAllocator`` is the seam: :class:`MmapAllocator` is the real one; tests may inject
 their own. ``physical_pages`` turns a chunk into the guest-physical addresses of its 256
 pages (``/proc/self/pagemap`` on a real guest), checked and packed for CHANGE_MEMBALLOON.
+
+Those addresses are read once, so they must stay the pages' frames while the host holds
+them. ``mlock`` keeps a page in memory, not in its frame: Linux migrates locked pages. Where
+the agent sends frames itself (passthrough), :func:`pages_may_move` names a kernel setting
+under which that happens (compaction of locked pages, NUMA balancing), and khugepaged, which
+copies small pages into a new huge page, is kept away by ``MADV_NOHUGEPAGE``. What no
+setting or flag stops (memory offlining, CMA allocations, another root process's
+``migrate_pages``) is documented in ``docs/architecture.md``. Oracle's driver pins the
+pages it is handed (``get_user_pages``), which keeps them where they are.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import resource
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, Protocol
 
 from agent.protocol import BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
@@ -25,6 +37,7 @@ from agent.protocol.balloon_pages import CHUNK_PAGES, PAGE_SHIFT, every_page
 
 PAGEMAP_PATH: Final = "/proc/self/pagemap"
 STATUS_PATH: Final = "/proc/self/status"
+PROC_SYS: Final = Path("/proc/sys")
 CAP_IPC_LOCK: Final = 14
 """The capability bit that lifts ``RLIMIT_MEMLOCK`` (``linux/capability.h``)."""
 _PAGEMAP_ENTRY_BYTES: Final = 8
@@ -108,7 +121,8 @@ def _error(call: str) -> ChunkError:
 
 
 class MmapAllocator:
-    """Real chunks: ``mmap`` + ``MADV_DONTFORK`` + ``mlock``; page frames from pagemap."""
+    """Real chunks: ``mmap`` + ``MADV_DONTFORK`` + ``MADV_NOHUGEPAGE`` + ``mlock``; page
+    frames from pagemap."""
 
     __slots__ = ("__weakref__", "_libc", "_pagemap_fd", "_pagemap_path")
 
@@ -118,7 +132,7 @@ class MmapAllocator:
         self._pagemap_fd: int | None = None
 
     def allocate(self) -> int:
-        """Map, keep out of forks, and lock (faulting every page in)."""
+        """Map, keep out of forks and huge pages, and lock (faulting every page in)."""
         libc = self._libc
         address = libc.mmap(
             None,
@@ -133,6 +147,15 @@ class MmapAllocator:
             raise error
         if libc.madvise(address, BALLOON_CHUNK_SIZE, mmap.MADV_DONTFORK) != 0:
             error = _error("madvise(MADV_DONTFORK)")
+            libc.munmap(address, BALLOON_CHUNK_SIZE)
+            raise error
+        # Before the pages exist: khugepaged would copy them into a new huge page (other
+        # frames). EINVAL: a kernel without transparent huge pages, nothing to keep away.
+        if (
+            libc.madvise(address, BALLOON_CHUNK_SIZE, mmap.MADV_NOHUGEPAGE) != 0
+            and ctypes.get_errno() != errno.EINVAL
+        ):
+            error = _error("madvise(MADV_NOHUGEPAGE)")
             libc.munmap(address, BALLOON_CHUNK_SIZE)
             raise error
         if libc.mlock(address, BALLOON_CHUNK_SIZE) != 0:
@@ -203,3 +226,63 @@ def has_ipc_lock(status_path: str = STATUS_PATH) -> bool:
             if name == "CapEff":
                 return bool(int(value, 16) >> CAP_IPC_LOCK & 1)
     return False
+
+
+@dataclass(frozen=True, slots=True)
+class PageMover:
+    """A kernel setting under which Linux may move a locked page to another frame.
+
+    Attributes:
+        setting: the sysctl's name (``vm.compact_unevictable_allowed``).
+        value: what it reads, or None if it cannot be read.
+        moves: what moves the pages under it.
+    """
+
+    setting: str
+    value: str | None
+    moves: str
+
+    def __str__(self) -> str:
+        """``vm.compact_unevictable_allowed is 1, needs 0``."""
+        reads = "cannot be read" if self.value is None else f"is {self.value}"
+        return f"{self.setting} {reads}, needs 0"
+
+
+_MOVERS: Final = (
+    (
+        "vm.compact_unevictable_allowed",
+        False,
+        "memory compaction may move locked pages to other frames",
+    ),
+    (
+        "kernel.numa_balancing",
+        True,
+        "NUMA balancing may move locked pages to another node's frames",
+    ),
+)
+"""Each setting, whether a kernel may lack it (and then lacks the feature), what it moves."""
+
+
+def pages_may_move(sysctl_root: Path = PROC_SYS) -> PageMover | None:
+    """Return the first setting under which locked pages may change frames, or None.
+
+    ``vm.compact_unevictable_allowed`` must read 0 (the kernel's default is 1, 0 under
+    PREEMPT_RT); a missing file counts as unreadable, since a ``/proc/sys`` the agent does not
+    see looks the same as a kernel without compaction. ``kernel.numa_balancing`` must read 0
+    where it exists (on one NUMA node it does by default); it is missing only from a kernel
+    without NUMA balancing, ``/proc/sys`` having been read for the first.
+    """
+    for setting, may_lack, moves in _MOVERS:
+        path = sysctl_root.joinpath(*setting.split("."))
+        value: str | None
+        try:
+            value = path.read_text(encoding="ascii", errors="replace").strip()
+        except FileNotFoundError:
+            if may_lack:
+                continue
+            value = None
+        except OSError:
+            value = None
+        if value != "0":
+            return PageMover(setting, value, moves)
+    return None

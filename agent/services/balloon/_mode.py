@@ -2,13 +2,18 @@
 
 1. ``GET_MEMBALLOON_CHANGE_REQ`` passes through (without acknowledging): the driver leaves
    the balloon to trusted userspace, the agent owns it (*owned*).
-2. Otherwise ``CHECK_BALLOON`` (which, on Oracle's driver, makes this session the balloon's
-   owner and applies the target): ``handle_in_r3`` means the agent allocates the chunks
-   and hands them over (*allocated*).
-3. Otherwise the kernel allocates. Oracle's driver has ``CHANGE_BALLOON`` and refuses it
-   with VERR_PERMISSION_DENIED when it uses its kernel allocator: the agent triggers each
-   change with ``CHECK_BALLOON`` (*triggered*). The in-tree driver has no such ioctl: its
-   kernel work item balloons by itself while event 0x40 is in some filter (*kernel*).
+2. ``CHANGE_BALLOON`` (a deflate of a chunk nobody handed over): Oracle's driver refuses it
+   with VERR_PERMISSION_DENIED while it still means to allocate the chunks itself
+   (``fUseKernelAPI``, true from load until an inflate finds no kernel allocator). Then the
+   next call may move the balloon, so the caller's gate runs before it. The in-tree driver
+   has no such ioctl.
+3. ``CHECK_BALLOON`` (which, on Oracle's driver, makes this session the balloon's owner and
+   applies the target): ``handle_in_r3`` means the agent allocates the chunks and hands them
+   over (*allocated*). Otherwise the kernel allocates: on Oracle's driver the agent triggers
+   each change with ``CHECK_BALLOON`` (*triggered*; a build without the allocator answers
+   ``handle_in_r3`` from its first inflate on, and the service switches to *allocated*); the
+   in-tree driver's kernel work item balloons by itself while event 0x40 is in some filter
+   (*kernel*).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from agent.protocol.constants import BALLOON_CHUNK_SIZE, PAGE_SIZE
 from agent.protocol.status import VERR_PERMISSION_DENIED
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from agent.device import Device
 
 CHUNK_MB: Final = BALLOON_CHUNK_SIZE >> 20
@@ -54,8 +61,13 @@ class Detected:
     chunks: int
 
 
-async def detect_mode(device: Device) -> Detected:
+async def detect_mode(device: Device, before_check: Callable[[bool], Awaitable[None]]) -> Detected:
     """Probe the driver (see the module docstring).
+
+    Args:
+        before_check: awaited just before ``CHECK_BALLOON``, with whether that call may
+            allocate or free chunks in the kernel (Oracle's driver, still using its own
+            allocator).
 
     Raises:
         VBoxStatusError: ``CHECK_BALLOON`` failed (for example another session owns the
@@ -67,12 +79,15 @@ async def detect_mode(device: Device) -> Detected:
         pass
     else:
         return Detected(BalloonMode.OWNED, target.chunks)
-    status = await device.check_balloon()
-    if status.handle_in_r3:
-        return Detected(BalloonMode.ALLOCATED, status.chunks)
     try:
         await device.change_balloon(PAGE_SIZE, inflate=False)
     except VBoxStatusError as exc:  # the in-tree driver has no such ioctl (ENOTTY)
-        if exc.rc == VERR_PERMISSION_DENIED:
-            return Detected(BalloonMode.TRIGGERED, status.chunks)
-    return Detected(BalloonMode.KERNEL, status.chunks)
+        kernel_allocates = exc.rc == VERR_PERMISSION_DENIED
+    else:
+        kernel_allocates = False
+    await before_check(kernel_allocates)
+    status = await device.check_balloon()
+    if status.handle_in_r3:
+        return Detected(BalloonMode.ALLOCATED, status.chunks)
+    mode = BalloonMode.TRIGGERED if kernel_allocates else BalloonMode.KERNEL
+    return Detected(mode, status.chunks)

@@ -4,14 +4,25 @@
 device's answers (:mod:`._mode`, logged once) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
-  ``CHECK_BALLOON`` at start, after a restore and after a status report;
+  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore, when the
+  status is computed and, through the gauge's refresh, before every guest statistics report
+  (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed);
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor the call is
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
   target, a deflate as well as an inflate; the driver allocates the whole target in one go
-  and stops by itself where allocation fails);
+  and stops by itself where allocation fails). The mode probe's own call at start is one of
+  them: on Oracle's driver it waits at the same gate, the service ready meanwhile. A build
+  without the allocator answers ``handle_in_r3`` from its first inflate on: the first such
+  answer switches the service to *allocated*;
 - *allocated* / *owned*: reads the target on the same occasions and lets a
-  :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory.
+  :class:`ChunkWalker` move the balloon chunk by chunk with the agent's own memory. In owned
+  mode the agent sends the pages' frames itself, read once per chunk, and Linux moves locked
+  pages unless told not to: at every target read a setting under which it may
+  (:func:`~._chunks.pages_may_move`: ``vm.compact_unevictable_allowed``,
+  ``kernel.numa_balancing`` not 0) makes the goal 0, with one line naming the setting and the
+  status saying why, until a later read finds it 0. A simulated host is not checked: the
+  frames reach no hypervisor, so nothing can be corrupted.
 
 Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
 ``pressure_step_mb`` at once, and the cap holds until pressure stayed low for the hold time,
@@ -34,6 +45,7 @@ import math
 import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
@@ -42,15 +54,17 @@ import trio
 from agent.protocol import Event, VBoxStatusError
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
-from agent.services.balloon._mode import CHUNK_MB, BalloonMode, Detected, detect_mode
+from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from agent.device import Device
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
+    from agent.services.balloon._mode import Detected
     from agent.services.balloon._pressure import PressureReading, PressureSource
     from agent.services.balloon._walker import ChunkWalker
     from agent.services.event_pump import EventPump, Subscription
@@ -114,6 +128,9 @@ class BalloonService:
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (None while stopped).
+        sysctl_root: where owned mode reads the settings that let Linux move locked pages
+            (default: ``/proc/sys`` on a real device; none, so unchecked, on a simulated
+            host).
     """
 
     name: Final = "balloon"
@@ -129,8 +146,11 @@ class BalloonService:
         mem_available_mb: Callable[[], int | None] | None = None,
         status_changed: Callable[[], None] = lambda: None,
         gauge: BalloonGauge | None = None,
+        sysctl_root: Path | None = None,
     ) -> None:
         self._device = device
+        self._sysctl_root = sysctl_root
+        self._frames_unchecked_logged = False
         self._gauge = gauge if gauge is not None else BalloonGauge()
         self._status_changed = status_changed
         self._pump = pump
@@ -141,12 +161,16 @@ class BalloonService:
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
+        self._probe_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
+        """The mode probe's retries while it fails (another session owns the balloon)."""
         self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
         self._target = 0
         self._read_pending = True
+        self._read_lock = trio.Lock()
+        """One read at a time: a gauge refresh and an event's read never overlap."""
         self._poke = trio.Event()
         self._release_at = math.inf
         self._hold = trio.CancelScope()
@@ -195,9 +219,9 @@ class BalloonService:
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
-        return (
-            f"balloon {len(walker.held) * CHUNK_MB}/{walker.target * CHUNK_MB} MB ({mode}{capped})"
-        )
+        refused = f", refused: {walker.refusal}" if walker.refusal is not None else ""
+        held, target = len(walker.held) * CHUNK_MB, walker.target * CHUNK_MB
+        return f"balloon {held}/{target} MB ({mode}{capped}{refused})"
 
     def statistics(self) -> BalloonStatistics:
         """Return the sizes and counters."""
@@ -217,8 +241,9 @@ class BalloonService:
     def reconfigure(self, section: BalloonSection) -> bool:
         """Apply every setting live; the PSI settings restart the pressure watch alone.
 
-        A walk stopped (or a trigger postponed) by the floor or a failure is retried at once,
-        under the new settings, rather than when its old backoff ends; a pressure hold in
+        A walk stopped (or a trigger postponed, or a mode probe refused) by the floor or a
+        failure is retried at once, under the new settings, rather than when its old backoff
+        ends; a pressure hold in
         place ends after the new cooldown (and survives a restarted watch).
         """
         old = self._section
@@ -257,8 +282,10 @@ class BalloonService:
             async with trio.open_nursery() as nursery:
                 try:
                     await self._run_in(nursery, events, task_status)
-                finally:  # a reload from now on restarts no watch
+                finally:  # a reload from now on restarts no watch; the gauge reads no more
                     self._nursery = self._watch = None
+                    if self._gauge.refresh == self._refresh_gauge:
+                        self._gauge.refresh = None
 
     async def _run_in(
         self, nursery: trio.Nursery, events: Subscription, task_status: trio.TaskStatus[None]
@@ -272,6 +299,7 @@ class BalloonService:
                 "balloon_pressure_unwatched",
                 reason="the kernel owns the balloon: no PSI trigger, no polling",
             )
+            self._gauge.refresh = self._refresh_gauge
         else:
             self._nursery = nursery
             self._start_watch()
@@ -330,30 +358,54 @@ class BalloonService:
     # --- mode and target --------------------------------------------------------------------
 
     async def _decide_mode(self, task_status: trio.TaskStatus[None]) -> None:
-        backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
-        detected = await self._probe(backoff)
-        if detected is None:
-            task_status.started()
-            while detected is None:
-                await trio.sleep_until(backoff.retry_at)
-                detected = await self._probe(backoff)
-            self._adopt(detected)
-        else:
-            self._adopt(detected)
-            task_status.started()
+        """Probe until the driver answers; ready after the first probe, or as soon as one
+        waits (a refused probe is retried, a held-back CHECK_BALLOON waits) without holding
+        the daemon up. A reload ends a retry's wait at once."""
+        started = False
 
-    async def _probe(self, backoff: Backoff) -> Detected | None:
-        try:
-            return await detect_mode(self._device)
-        except VBoxStatusError as exc:
-            _check_failed(exc, backoff)
-            return None
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        backoff = self._probe_backoff
+        backoff.succeeded()
+        while True:
+            try:
+                detected = await detect_mode(self._device, partial(self._gate_probe, ready))
+            except VBoxStatusError as exc:  # e.g. another session owns Oracle's balloon
+                _check_failed(exc, backoff)
+                ready()
+                while trio.current_time() < backoff.retry_at:
+                    await self._wait_for_poke(backoff.retry_at)
+            else:
+                backoff.succeeded()
+                self._adopt(detected)
+                ready()
+                return
+
+    async def _gate_probe(self, ready: Callable[[], None], kernel_allocates: bool) -> None:
+        """Hold the probe's CHECK_BALLOON back as any triggered one where it may move the
+        kernel's balloon; from here on an event is news that call's answer may lack."""
+        if kernel_allocates:
+            while (look_again := self._postpone_check()) is not None:
+                ready()
+                await self._wait_for_poke(look_again)
+        self._read_pending = False
+
+    async def _wait_for_poke(self, deadline: float) -> None:
+        """Wait until ``deadline`` or a poke (an event, a reload, pressure easing)."""
+        self._poke = trio.Event()
+        with trio.move_on_at(deadline):
+            await self._poke.wait()
 
     def _adopt(self, detected: Detected) -> None:
         mode = detected.mode
         self._mode = mode
         self._chunks = self._target = detected.chunks
-        self._read_pending = mode.agent_holds_chunks
+        # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
+        self._read_pending = self._read_pending or mode.agent_holds_chunks
         kept = _KEPT.pop(self._device, None)
         if self._walker is not None and self._mode_of_walker is mode:
             self._walker.cap = None  # a restart after a failure: keep the chunks still held
@@ -416,31 +468,47 @@ class BalloonService:
         while True:
             look_again = backoff.retry_at if self._read_pending else math.inf
             if self._read_pending and trio.current_time() >= backoff.retry_at:
-                postponed_until = self._postpone_read()
+                postponed_until = (
+                    self._postpone_check() if self._mode is BalloonMode.TRIGGERED else None
+                )
                 if postponed_until is not None:
                     look_again = postponed_until
                 else:
-                    self._read_pending = False
-                    try:
-                        await self._read_target()
-                    except VBoxStatusError as exc:  # a host status, or a driver errno as one
-                        self._read_pending = True
-                        self._read_failures += 1
-                        _check_failed(exc, backoff)
-                    else:
-                        self.reads += 1
-                        if backoff.succeeded():
-                            log.info("balloon_check_recovered", chunks=self._chunks)
+                    await self._read()
                     continue
-            self._poke = trio.Event()
-            with trio.move_on_at(look_again):
-                await self._poke.wait()
+            await self._wait_for_poke(look_again)
+
+    async def _read(self) -> None:
+        """Read the target (or trigger the driver) once; a failure leaves the read pending,
+        retried after the backoff."""
+        async with self._read_lock:
+            self._read_pending = False
+            try:
+                await self._read_target()
+            except VBoxStatusError as exc:  # a host status, or a driver errno as one
+                self._read_pending = True
+                self._read_failures += 1
+                _check_failed(exc, self._read_backoff)
+            else:
+                self.reads += 1
+                if self._read_backoff.succeeded():
+                    log.info("balloon_check_recovered", chunks=self._chunks)
+
+    async def _refresh_gauge(self) -> None:
+        """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
+        before each report) in the reader's task; logged as this service's work."""
+        with structlog.contextvars.bound_contextvars(service=self.name):
+            await self._read()
+        if self._read_pending:  # failed: ``_follow`` retries it after the backoff
+            self._poke.set()
 
     async def _read_target(self) -> None:
         if self._walker is not None:
             target = await self._walker.handover.read_target()
             self._target = target.chunks
             self._walker.set_target(target)
+            if self._mode is BalloonMode.OWNED:  # before the walker's next step
+                self._check_frames(self._walker)
             log.info(
                 "balloon_target",
                 target=target.chunks,
@@ -449,6 +517,9 @@ class BalloonService:
             )
             return
         status = await self._device.check_balloon()
+        if status.handle_in_r3 and self._mode is BalloonMode.TRIGGERED:
+            self._hand_to_agent(status.chunks)
+            return
         self._target = status.chunks
         self._publish(status.chunks)
         changed = status.chunks != self._chunks
@@ -460,15 +531,79 @@ class BalloonService:
             "balloon_checked", mode=str(self._mode), chunks=status.chunks
         )
 
-    def _postpone_read(self) -> float | None:
-        """Triggered mode: hold CHECK_BALLOON back under pressure or below the floor, for at
-        most ``pressure_cooldown_s``; return when to look again, or None to call it now.
+    def _check_frames(self, walker: ChunkWalker) -> None:
+        """Owned mode: refuse the balloon while Linux may move a locked page to another frame.
+
+        The host would keep the chunk's old frames ballooned while the guest reuses them, and
+        a deflate would name the wrong pages. One line when a refusal begins, changes or ends.
+        """
+        from agent.services.balloon._chunks import PROC_SYS, pages_may_move  # noqa: PLC0415
+
+        root = self._sysctl_root
+        if root is None and self._device.simulated:
+            if not self._frames_unchecked_logged:
+                self._frames_unchecked_logged = True
+                log.info(
+                    "balloon_frames_unchecked",
+                    reason="a simulated host: the chunks' frames reach no hypervisor",
+                )
+            return
+        mover = pages_may_move(root if root is not None else PROC_SYS)
+        refusal = None if mover is None else str(mover)
+        if refusal == walker.refusal:
+            return
+        walker.refuse(refusal)
+        self._status_changed()
+        if mover is None:
+            log.info("balloon_refusal_lifted", chunks=len(walker.held), target=walker.target)
+            return
+        log.warning(
+            "balloon_refused",
+            setting=mover.setting,
+            value=mover.value,
+            reason=f"{mover.moves}: the host would keep the old frames ballooned while the"
+            " guest reuses them",
+            fix=f"sysctl -w {mover.setting}=0, kept in /etc/sysctl.d/; read again at the host's"
+            " next balloon request and at every start",
+            chunks=len(walker.held),
+        )
+
+    def _hand_to_agent(self, target: int) -> None:
+        """Oracle's driver found no allocator of its own at its first inflate and leaves the
+        balloon to ring 3 from now on (VBoxService reads ``handle_in_r3`` on every refresh
+        too): walk to ``target`` with the agent's chunks, capped at none during a pressure
+        hold."""
+        from agent.services.balloon._handover import HostTarget  # noqa: PLC0415
+
+        mode = BalloonMode.ALLOCATED
+        walker = self._walker = self._new_walker(mode, None)
+        self._mode = self._mode_of_walker = mode
+        self._target = target
+        walker.set_target(HostTarget(target, None))
+        if self._release_at != math.inf:
+            walker.lower_cap(0)
+        log.info(
+            "balloon_mode",
+            mode=str(mode),
+            chunks=0,
+            target=target,
+            previous=str(BalloonMode.TRIGGERED),
+            reason="CHECK_BALLOON answered handle_in_r3: the driver has no allocator of its own",
+            **_memlock_fields(),
+        )
+        assert self._nursery is not None  # noqa: S101 - set in triggered mode
+        self._nursery.start_soon(walker.run)
+        self._publish(0)
+        self._status_changed()
+
+    def _postpone_check(self) -> float | None:
+        """Where CHECK_BALLOON moves the kernel's balloon (triggered mode, and the mode
+        probe's call on Oracle's driver): hold it back under pressure or below the floor, for
+        at most ``pressure_cooldown_s``; return when to look again, or None to call it now.
 
         The same call applies a deflate the host asks for, and a balloon below the floor
         keeps MemAvailable there: an unbounded wait could hold the memory for ever.
         """
-        if self._mode is not BalloonMode.TRIGGERED:
-            return None
         section = self._section
         available = self._mem_available()
         pressure = self._release_at != math.inf
@@ -633,7 +768,7 @@ class BalloonService:
         self._gauge.chunks = chunks
 
     def _backoffs(self) -> list[Backoff]:
-        backoffs = [self._read_backoff, self._floor_backoff]
+        backoffs = [self._probe_backoff, self._read_backoff, self._floor_backoff]
         if self._walker is not None:
             backoffs.append(self._walker.backoff)
         return backoffs

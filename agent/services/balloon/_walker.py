@@ -93,6 +93,8 @@ class ChunkWalker:
         self.target = 0
         self.max_chunks: int | None = None
         self.cap: int | None = None
+        self.refusal: str | None = None
+        """Why the agent may hold no chunks now (the goal is then 0), or None."""
         self.inflated = 0
         self.deflated = 0
         self.failures = 0
@@ -107,6 +109,8 @@ class ChunkWalker:
     @property
     def goal(self) -> int:
         """Chunks the balloon should hold now."""
+        if self.refusal is not None:
+            return 0
         goal = self.target
         if self.max_chunks is not None:
             goal = min(goal, self.max_chunks)
@@ -122,6 +126,12 @@ class ChunkWalker:
         if self.max_chunks is not None and self.target > self.max_chunks:
             log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
         self.backoff.retry_now()
+        self.wake()
+
+    def refuse(self, reason: str | None) -> None:
+        """Hold no chunks while ``reason`` stands, giving back any held; None: the target
+        counts again. Walk at once."""
+        self.refusal = reason
         self.wake()
 
     def lower_cap(self, cap: int) -> None:
