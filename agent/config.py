@@ -100,7 +100,7 @@ class DaemonConfig(_Model):
     def _check_backoff_order(cls, value: float, info: ValidationInfo) -> float:
         initial = info.data.get("restart_backoff_initial_s")
         if initial is not None and value < initial:
-            msg = f"must be >= restart_backoff_initial_s ({initial:g})"
+            msg = f"must be >= restart_backoff_initial_s ({_number(initial)})"
             raise ValueError(msg)
         return value
 
@@ -250,7 +250,7 @@ def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDeta
         return f"must be one of {error['ctx']['expected']}"
     if kind in _BOUNDS:
         ctx_key, symbol = _BOUNDS[kind]
-        return f"must be {symbol} {error['ctx'][ctx_key]:g}"
+        return f"must be {symbol} {_number(error['ctx'][ctx_key])}"
     return error["msg"].replace("Input should be", "must be", 1)
 
 
@@ -273,6 +273,11 @@ def _key(parts: tuple[str, ...]) -> str:
     return shown_text(
         ".".join(part if _BARE_KEY.fullmatch(part) else _basic_string(part) for part in parts)
     )
+
+
+def _number(value: float) -> str:
+    """``value`` exactly, as TOML would hold it: ``3600000``, ``1234567.5`` (not ``3.6e+06``)."""
+    return repr(value).removesuffix(".0")
 
 
 def _show(value: object) -> str:

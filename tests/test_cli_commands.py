@@ -12,10 +12,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Final
 
 import pytest
 
 from agent.cli import COMMANDS, main
+from agent.cli._exit import EX_IOERR
 from tests.cli_support import COMMAND_TIMEOUT_S
 
 NAMES = [name for name, _, _ in COMMANDS]
@@ -87,6 +89,35 @@ def test_output_nobody_reads_ends_quietly() -> None:
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+FULL_DISK_LINE: Final = "vbox-agent: cannot write the output: No space left on device\n"
+
+
+def run_into_full_disk(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``python -m agent ARGV > /dev/full``; return its exit code and stderr."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+            cwd=Path(__file__).parents[1],
+            env=env,
+        )
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["abi", "--json"], ["abi"], ["check-config", "config/agent.toml"]]
+)
+def test_output_to_a_full_disk_is_one_line(argv: list[str]) -> None:
+    """``> /dev/full``: one line and exit 74 (EX_IOERR), whether the answer is larger than
+    the buffer (abi: a traceback, exit 1) or written by the last flush (check-config: an
+    ignored exception at exit, 120)."""
+    assert run_into_full_disk(*argv) == (EX_IOERR, FULL_DISK_LINE)
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from agent.cli._exit import EX_UNAVAILABLE
+from agent.cli._exit import EX_IOERR, EX_UNAVAILABLE
 from agent.protocol.wire import ControlReply, FrameDecoder, Hello, Role, encode_frame
 from tests.cli_support import COMMAND_TIMEOUT_S, Simulator, agent, host
+from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -193,6 +194,12 @@ class TestHostCommands:
 class TestSimulatorLifecycle:
     """The simulator starts, refuses bad arguments, and stops cleanly."""
 
+    @pytest.mark.parametrize("argv", [["status"], ["status", "--json"]])
+    def test_output_to_a_full_disk_is_one_line(self, simulator: Simulator, argv: list[str]) -> None:
+        """``> /dev/full``: one line and exit 74 (it printed a traceback, exit 1)."""
+        done = run_into_full_disk("host", "--socket", simulator.path, *argv)
+        assert done == (EX_IOERR, FULL_DISK_LINE)
+
     def test_sigterm_exits_zero_and_removes_the_socket(self, simulator: Simulator) -> None:
         """SIGTERM ends the simulator with exit 0 and no socket left behind."""
         assert simulator.stop(signal.SIGTERM) == 0
@@ -246,6 +253,14 @@ class TestSimulatorLifecycle:
         assert result.stderr.strip() == (
             f"vbox-agent host: no simulated host at {socket_path}: it exists and is not a socket"
         )
+
+    def test_simulate_at_an_unusable_path(self, socket_dir: Path) -> None:
+        """A socket path through a regular file exits 69 with one line, no traceback."""
+        (socket_dir / "file").touch()
+        path = str(socket_dir / "file" / "host.sock")
+        result = agent("simulate", "--socket", path)
+        assert result.returncode == EX_UNAVAILABLE
+        assert result.stderr == (f"vbox-agent simulate: cannot listen at {path}: Not a directory\n")
 
     def test_usage_errors_create_no_socket(self, socket_path: str) -> None:
         """Bad simulator arguments exit 64 with the usage and create no socket."""

@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from agent.cli._exit import (
+    EX_IOERR,
     EX_OK,
     EX_REFUSED,
     EX_UNAVAILABLE,
@@ -45,6 +46,7 @@ from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
 from tests.sim_support import HookedOpener
+from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
@@ -171,9 +173,13 @@ class TestVerbs:
         assert (got.returncode, got.stdout) == (EX_OK, "hello world\n")
         as_json = json.loads(sim.prop("get", "/Guest/a", "--json").stdout)
         assert as_json["flags"] == "TRANSIENT, TRANSRESET"
-        host_view = json.loads(sim.host("prop", "get", "/Guest/a", "--json").stdout)
-        assert (host_view["value"], host_view["timestamp"]) == ("hello world", as_json["timestamp"])
-        assert sim.prop("set", "/Guest/b", "2").returncode == EX_OK
+        # the host's view in the same shape and order (it had no name and sorted keys)
+        host_view = sim.host("prop", "get", "/Guest/a", "--json").stdout
+        assert host_view == sim.prop("get", "/Guest/a", "--json").stdout
+        assert list(json.loads(host_view)) == ["name", "value", "flags", "timestamp"]
+        stored = json.loads(sim.prop("set", "/Guest/b", "2", "--json").stdout)
+        assert list(stored) == ["name", "value", "flags", "timestamp", "ignored"]
+        assert (stored["value"], stored["ignored"]) == ("2", False)
         listed = json.loads(sim.prop("enum", "/Guest/*", "--json").stdout)
         assert [(p["name"], p["value"]) for p in listed] == [
             ("/Guest/a", "hello world"),
@@ -182,7 +188,14 @@ class TestVerbs:
         text = sim.prop("enum", "/Guest/?").stdout.splitlines()
         assert text[1].startswith("Name: /Guest/b, value: 2, timestamp: ")
         deleted = sim.prop("delete", "/Guest/a", "--json")
-        assert json.loads(deleted.stdout) == {"name": "/Guest/a", "deleted": True}
+        assert json.loads(deleted.stdout) == {"name": "/Guest/a", "deleted": True, "ignored": False}
+        # a property that never existed was not deleted (it said true)
+        deleted = sim.prop("delete", "/Guest/never", "--json")
+        assert json.loads(deleted.stdout) == {
+            "name": "/Guest/never",
+            "deleted": False,
+            "ignored": False,
+        }
         missing = sim.prop("get", "/Guest/a")
         assert missing.returncode == EX_REFUSED
         assert "no property '/Guest/a'" in one_line(missing)
@@ -220,6 +233,26 @@ class TestVerbs:
         finally:
             os.close(write_end)
         assert (done.returncode, done.stderr) == (141, "")  # as SIGPIPE would end it
+
+    @pytest.mark.parametrize("argv", [["get", "/Guest/p"], ["enum", "--json"]])
+    def test_output_to_a_full_disk_is_one_line(self, sim: PropHost, argv: list[str]) -> None:
+        """``> /dev/full``: one line and exit 74, as every command (it said ``failed:``, 70)."""
+        assert sim.prop("set", "/Guest/p", "1").returncode == EX_OK
+        done = run_into_full_disk("prop", "--device", sim.device, *argv, env=sim.env)
+        assert done == (EX_IOERR, FULL_DISK_LINE)
+
+    def test_a_failed_disconnect_after_the_write_is_no_failure(self, sim: PropHost) -> None:
+        """The host fails the disconnect after the set: one warning, exit 0 (it said
+        ``refused by the host``, exit 1, though the property was written)."""
+        sim.host("fault", "HGCM_DISCONNECT", "VERR_INTERNAL_ERROR")
+        done = sim.prop("set", "/dc/x", "applied")
+        assert done.returncode == EX_OK, done.stderr
+        (warning,) = (json.loads(line) for line in done.stderr.splitlines())
+        assert (warning["event"], warning["status"]) == (
+            "hgcm_disconnect_failed",
+            "VERR_INTERNAL_ERROR",
+        )
+        assert sim.prop("get", "/dc/x").stdout == "applied\n"
 
     def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""
@@ -365,7 +398,7 @@ class TestInProcess:
         the wait's channel disconnects (it reported a timeout and lost the change)."""
         slow = _SlowDisconnect()
         opener = HookedOpener(host, before=slow.before)
-        args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout="5", json=False)
+        args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout=5.0, json=False)
         with trio.fail_after(60):
             async with open_device(opener) as device, open_guest_properties(device) as props:
                 async with trio.open_nursery() as nursery:
@@ -423,9 +456,39 @@ class TestInProcess:
                 await _delete(args, props)
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
         assert [json.loads(line) for line in printed if line.startswith("{")] == [
-            {"name": "/Guest/kept", "deleted": False}
+            {"name": "/Guest/kept", "deleted": False, "ignored": True}
         ]
         assert host.prop_get("/Guest/kept") is not None
+
+    async def test_every_set_prints_the_same_shape(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``set --json`` prints name, value, flags, timestamp and ``ignored`` whether the
+        write was done or ignored, the fields null where no property stands (an ignored
+        write printed a bare ``{"name": ...}``)."""
+        host.prop_set("/Guest/kept", "old")
+        timestamp = host.prop_get("/Guest/kept")[2]  # type: ignore[index]
+        with trio.fail_after(60):
+            async with _props_ignored_by(host) as props:
+                for name in ("/Guest/x", "/Guest/kept"):
+                    args = argparse.Namespace(
+                        prop_action="set", name=name, value="new", flags=None, json=True
+                    )
+                    await _set(args, props)
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        assert [json.loads(line) for line in printed if line.startswith("{")] == [
+            {"name": "/Guest/x", "value": None, "flags": None, "timestamp": None, "ignored": True},
+            {
+                "name": "/Guest/kept",
+                "value": "old",
+                "flags": "",
+                "timestamp": timestamp,
+                "ignored": True,
+            },
+        ]
 
 
 README_INTRO: Final = "Guest properties from the guest's side"

@@ -52,6 +52,11 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
         (["run", "--personality", "oracle"], "vbox-agent run", "--personality needs --simulate"),
         (["run", "--scenario", "demo.toml"], "vbox-agent run", "--scenario needs --simulate"),
         (["simulate", "--socket", SOCKET, "-x"], "vbox-agent simulate", "unrecognized"),
+        (
+            ["simulate", "--socket", SOCKET, "--r3-balloon"],
+            "vbox-agent simulate",
+            "--r3-balloon needs --personality oracle",
+        ),
         (["host", "--socket", SOCKET], "vbox-agent host", "required: COMMAND"),
         (
             ["host", "--socket", SOCKET, "balloon", "5", "--bogus"],
@@ -91,6 +96,21 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
             "--simulate is an option of 'run': give it after 'run'",
         ),
         (["--json", "abi"], "vbox-agent abi", "--json is an option of 'abi': give it after 'abi'"),
+        (
+            ["--device", "unix:/tmp/h.sock", "prop", "get", "/a/b"],
+            "vbox-agent prop get",
+            "error: --device is an option of 'prop': give it after 'prop'",
+        ),
+        (
+            ["--device=unix:/tmp/h.sock", "prop", "get", "/a/b"],
+            "vbox-agent prop get",
+            "error: --device is an option of 'prop': give it after 'prop'",
+        ),
+        (
+            ["--socket", "x", "host", "status"],
+            "vbox-agent host status",
+            "error: --socket is an option of 'host': give it after 'host'",
+        ),
         (
             ["prop", "--json", "get", "/a"],
             "vbox-agent prop get",
@@ -156,9 +176,34 @@ def test_misplaced_and_missing_options(
 
 
 @pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["host", "--help"], "usage: vbox-agent host [-h] --socket PATH COMMAND ..."),
+        (["simulate", "--socket", ""], "usage: vbox-agent simulate [-h] --socket PATH"),
+        (["simulate"], "usage: vbox-agent simulate [-h] --socket PATH"),
+        (["host", "--socket", "", "status"], "usage: vbox-agent host [-h] --socket PATH COMMAND"),
+    ],
+)
+def test_required_options_show_as_required(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Help and every usage show a required option without brackets (during the parse they
+    showed ``[--socket PATH]``: the check of required options is left until after it)."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    out, err = capsys.readouterr()
+    assert (out or err).startswith(usage)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["run", "--duration", "0"], "'0' must be a positive number of seconds"),
+        (["prop", "wait", "/x", "--timeout", "0"], "'0' must be a positive number of seconds"),
+        (["prop", "wait", "/x", "--timeout", "-1"], "'-1' must be a positive number"),
+        (["prop", "wait", "/x", "--timeout", "nan"], "'nan' must be a positive number"),
+        (["prop", "wait", "/x", "--timeout", "inf"], "'inf' must be a positive number"),
+        (["prop", "wait", "/x", "--timeout", ""], "--timeout: '' is not a number of seconds"),
         (["run", "--duration", "nan"], "'nan' must be a positive number of seconds"),
         (["run", "--device", "unix:"], f"argument --device: {ABSOLUTE_EXPECTED}"),
         (["run", "--device", f"unix:{TOO_LONG}"], "a Unix socket path holds at most 107"),
@@ -206,6 +251,19 @@ def test_misplaced_and_missing_options(
         ),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "-1"], "'-1' is not a non-neg"),
         (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "inf"], "'inf' is not a non-neg"),
+        # the host's own checks of names, values and flags, before any connection (the
+        # host's refusal exited 1)
+        (["host", "--socket", SOCKET, "prop", "set", "", "x"], "NAME: property name is empty"),
+        (["host", "--socket", SOCKET, "prop", "set", "/x/*", "x"], "contains '*', '?' or '|'"),
+        (["host", "--socket", SOCKET, "prop", "set", "/" + "n" * 100, "x"], "is 101 bytes"),
+        (["host", "--socket", SOCKET, "prop", "set", "/a/\udcff", "x"], "not valid Unicode"),
+        (["host", "--socket", SOCKET, "prop", "set", "/a", "v" * 2000], "VALUE: property value"),
+        (
+            ["host", "--socket", SOCKET, "prop", "set", "/a", "x", "--flags", "BOGUS"],
+            "argument --flags: invalid flags 'BOGUS'",
+        ),
+        (["host", "--socket", SOCKET, "prop", "get", "/x|y"], "contains '*', '?' or '|'"),
+        (["host", "--socket", SOCKET, "prop", "delete", ""], "property name is empty"),
         (["host", "--socket", SOCKET, "cpu", "eject", "1"], "invalid choice: 'eject'"),
         (["host", "--socket", SOCKET, "cpu", "plug", "-1"], "'-1' is not an integer in [0, 4294"),
         (["host", "--socket", SOCKET, "cpu", "plug", "4294967296"], "in [0, 4294967295]"),

@@ -239,12 +239,26 @@ class TestProblems:
                 "[daemon]\nrestart_backoff_initial_s = 10\nrestart_backoff_max_s = 5\n",
                 "daemon.restart_backoff_max_s = 5: must be >= restart_backoff_initial_s (10)",
             ),
+            # bounds shown exactly (they were 3.6e+06 and 1.23457e+06)
+            (
+                "[timesync]\nmin_adjust_ms = 3600001\n",
+                "timesync.min_adjust_ms = 3600001: must be <= 3600000",
+            ),
+            (
+                "[daemon]\nrestart_backoff_initial_s = 1234567.5\nrestart_backoff_max_s = 5\n",
+                "daemon.restart_backoff_max_s = 5: must be >= restart_backoff_initial_s "
+                "(1234567.5)",
+            ),
+            (
+                "[timesync]\nset_threshold_s = -0.5\n",
+                "timesync.set_threshold_s = -0.5: must be >= 0",
+            ),
         ],
     )
     def test_limits(self, tmp_path: Path, text: str, expected: str) -> None:
         """Each limit is enforced and named in the problem."""
         path = write(tmp_path, text)
-        assert problems_of(path) == [f"{path}: {expected}"]
+        assert problems_of(path, section_models()) == [f"{path}: {expected}"]
 
     @pytest.mark.parametrize(
         ("text", "expected"),

@@ -11,7 +11,8 @@ other command's code, and on a real device no simulator code.
 Every command-line mistake (unknown command or option, bad or missing value) exits 64
 (``EX_USAGE``) after the usage of the (sub)command that got it. Ctrl-C (SIGINT) ends a
 command with 130 (``run`` and ``simulate`` catch it as they catch SIGTERM: a clean stop, 0),
-and output nobody reads any more (``| head``) with 141, without a traceback.
+output nobody reads any more (``| head``) with 141, without a traceback, and output that
+cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import argparse
 import importlib
 import os
 import sys
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
-from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_USAGE
+from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_IOERR, EX_USAGE
+from agent.cli._output import OutputError, flush
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -39,6 +42,7 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._deferred: list[argparse.Action] = []
         self.set_defaults(usage_parser=self)
 
     def error(self, message: str) -> NoReturn:
@@ -51,15 +55,41 @@ class CommandParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         """Parse as argparse does, but leave the check of required options to
         :func:`_missing_options`: a required option given after a later command's name is
-        then reported as misplaced (by :func:`main`), not as missing."""
-        required = [action for action in self._actions if action.required and action.option_strings]
-        for action in required:
-            action.required = False
+        then reported as misplaced (by :func:`main`), not as missing.
+
+        argparse checks ``required`` while it parses and the usage shows it, so the required
+        options are made optional for the parse and shown required again in any usage or
+        help printed meanwhile (``--help``, a bad value).
+        """
+        self._deferred = [
+            action for action in self._actions if action.required and action.option_strings
+        ]
+        self._required(shown=False)
         try:
             return super().parse_known_args(args, namespace)
         finally:
-            for action in required:
-                action.required = True
+            self._required(shown=True)
+            self._deferred = []
+
+    def _required(self, *, shown: bool) -> None:
+        for action in self._deferred:
+            action.required = shown
+
+    def format_usage(self) -> str:
+        """The usage, required options shown as such even while a parse defers them."""
+        self._required(shown=True)
+        try:
+            return super().format_usage()
+        finally:
+            self._required(shown=False)
+
+    def format_help(self) -> str:
+        """The help, required options shown as such even while a parse defers them."""
+        self._required(shown=True)
+        try:
+            return super().format_help()
+        finally:
+            self._required(shown=False)
 
 
 COMMANDS: Final = (
@@ -74,12 +104,53 @@ COMMANDS: Final = (
 
 
 def _chosen_command(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names: its first word that is not an option.
+    """The command ``argv`` names: its first word naming one, else its first word that is
+    not an option (a word that names no command is the parser's error to report).
 
-    The top-level options (``--help``, ``--version``) take no value, so this is the word
-    the parser takes as the command; a word that names none is the parser's error to report.
+    A command's option given before the command (``--device SPEC prop get``) is then no
+    command itself: :func:`_leading_options` takes it, and its value, out of the parse.
     """
-    return next((word for word in argv if not word.startswith("-")), None)
+    names = {name for name, _, _ in COMMANDS}
+    return next(
+        (word for word in argv if word in names),
+        next((word for word in argv if not word.startswith("-")), None),
+    )
+
+
+def _command_tree(parser: CommandParser) -> Iterator[CommandParser]:
+    """``parser`` and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from _command_tree(subparser)
+
+
+def _leading_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into the options given before the command's name that are not the
+    top level's (with the value each takes, per the command's own parsers), and the rest.
+
+    The top-level parser would take such an option's value as the command's name.
+    """
+    chosen = _chosen_command(argv)
+    command = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    if chosen not in command.choices:
+        return [], list(argv)
+    position = list(argv).index(chosen)
+    tree = list(_command_tree(command.choices[chosen]))
+    leading: list[str] = []
+    rest: list[str] = []
+    words = iter(argv[:position])
+    for word in words:
+        option, equals, _ = word.partition("=")
+        if not option.startswith("-") or option in root._option_string_actions:
+            rest.append(word)
+            continue
+        leading.append(word)
+        owner = next((p for p in tree if option in p._option_string_actions), None)
+        if owner is not None and not equals and owner._option_string_actions[option].nargs != 0:
+            leading.extend(islice(words, 1))  # its value
+    return leading, [*rest, *argv[position:]]
 
 
 def _build_parser(argv: Sequence[str]) -> CommandParser:
@@ -118,9 +189,10 @@ def _command_chain(root: CommandParser, innermost: CommandParser) -> list[Comman
     return chain
 
 
-def _unrecognized(chain: list[CommandParser], words: list[str]) -> str:
-    """The error for ``words`` no parser took, ``chain`` being the commands given (outermost
-    first; each parser takes only its own options, after its name and before the next one's).
+def _unrecognized(chain: list[CommandParser], words: list[str], leading: list[str]) -> str:
+    """The error for ``words`` no parser took and the ``leading`` options given before the
+    command, ``chain`` being the commands given (outermost first; each parser takes only its
+    own options, after its name and before the next one's).
 
     An option that one of them knows was given in the wrong place, which is said (with its
     value, the next word, taken as its own); the words left are unrecognized.
@@ -128,8 +200,8 @@ def _unrecognized(chain: list[CommandParser], words: list[str]) -> str:
     names = [parser.prog.rpartition(" ")[2] for parser in chain]
     problems: list[str] = []
     unknown: list[str] = []
-    remaining = iter(words)
-    for word in remaining:
+    remaining = iter([(True, word) for word in leading] + [(False, word) for word in words])
+    for before_command, word in remaining:
         option, equals, _ = word.partition("=")
         # the innermost command first; argparse has no public view of a parser's options
         owners = (
@@ -139,7 +211,7 @@ def _unrecognized(chain: list[CommandParser], words: list[str]) -> str:
         if depth is None:
             unknown.append(word)
             continue
-        if depth == len(chain) - 1:
+        if depth == len(chain) - 1 or before_command:
             problems.append(
                 f"{option} is an option of '{names[depth]}': give it after '{names[depth]}'"
             )
@@ -171,21 +243,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
     parser = _build_parser(words)
+    leading, words = _leading_options(parser, words)
     args, unrecognized = parser.parse_known_args(words)
     usage_parser: CommandParser = args.usage_parser
     chain = _command_chain(parser, usage_parser)
-    if unrecognized:
-        usage_parser.error(_unrecognized(chain, unrecognized))
+    if leading or unrecognized:
+        usage_parser.error(_unrecognized(chain, unrecognized, leading))
     _missing_options(chain, args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        flush()
     except KeyboardInterrupt:  # Ctrl-C ending `prop wait` or a wait for a host is no failure
         return EX_INTERRUPTED
     except BrokenPipeError:
-        # The output's reader is gone: the interpreter's last flush must not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_output()
         return EX_BROKEN_PIPE
+    except OutputError as exc:
+        _discard_output()
+        print(f"vbox-agent: cannot write the output: {exc}", file=sys.stderr)
+        return EX_IOERR
+    return code
+
+
+def _discard_output() -> None:
+    """Point stdout at ``/dev/null``: the interpreter's last flush must not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover

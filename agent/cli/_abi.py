@@ -8,9 +8,9 @@ against the kernel headers.
 from __future__ import annotations
 
 import json
-import sys
 from typing import TYPE_CHECKING
 
+from agent.cli._output import write_line
 from agent.protocol.abi import AbiDescription, describe_abi
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the ABI description; always succeeds."""
     abi = describe_abi()
     if args.json:
-        sys.stdout.write(json.dumps(abi, indent=2, sort_keys=True) + "\n")
+        write_line(json.dumps(abi, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(format_table(abi))
+        write_line(format_table(abi).removesuffix("\n"))
     return 0

@@ -73,3 +73,16 @@ def integer_at_least(minimum: int, *, at_most: int | None = None) -> Callable[[s
         return value
 
     return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argument type: a positive, finite number of seconds (``--duration``, ``--timeout``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"{text!r} is not a number of seconds"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 < value < float("inf"):
+        msg = f"{text!r} must be a positive number of seconds"
+        raise argparse.ArgumentTypeError(msg)
+    return value

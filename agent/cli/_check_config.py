@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from agent.cli._arguments import file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
+from agent.cli._output import write_line
 from agent.config import ConfigError, load_config
 from agent.services.registry import section_models
 
@@ -45,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
         return EX_CONFIG
-    sys.stdout.write(f"{path}: ok\n")
+    write_line(f"{path}: ok")
     return EX_OK

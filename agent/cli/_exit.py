@@ -12,6 +12,8 @@ EX_UNAVAILABLE: Final = 69
 """The device (or simulated host) cannot be reached."""
 EX_SOFTWARE: Final = 70
 """A fatal error inside the agent."""
+EX_IOERR: Final = 74
+"""The output cannot be written (a full disk), other than to a reader that went away."""
 EX_CONFIG: Final = 78
 """The config file is invalid."""
 EX_INTERRUPTED: Final = 130

@@ -20,9 +20,11 @@ import trio
 
 from agent.cli._arguments import argument_type, integer_at_least, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
+from agent.cli._output import write_line
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.errors import shown
+from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
 
 if TYPE_CHECKING:
@@ -52,16 +54,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     prop = commands.add_parser("prop", help="set, get or delete a guest property")
     prop_commands = prop.add_subparsers(dest="prop_command", required=True, metavar="ACTION")
     prop_set = prop_commands.add_parser("set", help="set a property")
-    prop_set.add_argument("name", metavar="NAME")
-    prop_set.add_argument("value", metavar="VALUE")
-    prop_set.add_argument("--flags", default="", help="e.g. TRANSIENT,RDONLYGUEST")
+    prop_set.add_argument("name", type=_property_name, metavar="NAME")
+    prop_set.add_argument("value", type=_property_value, metavar="VALUE")
+    prop_set.add_argument(
+        "--flags", type=_property_flags, default="", help="e.g. TRANSIENT,RDONLYGUEST"
+    )
     prop_set.set_defaults(build=_prop_set)
     prop_get = prop_commands.add_parser("get", help="print a property's value")
-    prop_get.add_argument("name", metavar="NAME")
-    prop_get.add_argument("--json", action="store_true", help="print value, flags, timestamp")
+    prop_get.add_argument("name", type=_property_name, metavar="NAME")
+    prop_get.add_argument("--json", action="store_true", help="print name, value, flags, timestamp")
     prop_get.set_defaults(build=_prop_get, show=_show_value)
     prop_delete = prop_commands.add_parser("delete", help="delete a property")
-    prop_delete.add_argument("name", metavar="NAME")
+    prop_delete.add_argument("name", type=_property_name, metavar="NAME")
     prop_delete.set_defaults(build=_prop_delete)
 
     event = commands.add_parser("event", help="raise host events (RESTORED, 0x10, A|B)")
@@ -176,6 +180,24 @@ async def _call(path: str, payload: dict[str, object]) -> object:
         raise HostUnreachableError(msg) from None
 
 
+def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argument type: the text itself, once ``check`` (raising ValueError) passed it."""
+
+    @argument_type
+    def parse(text: str) -> str:
+        check(text)
+        return text
+
+    return parse
+
+
+# The service checks the host's name, value and flags as it checks the guest's (it only lets
+# the host, not the guest, set names under the host-reserved prefixes, which these pass).
+_property_name = _checked(encode_name)
+_property_value = _checked(encode_value)
+_property_flags = _checked(parse_flags)
+
+
 @argument_type
 def _request_type(text: str) -> int:
     return int(parse_request_type(text))
@@ -251,16 +273,17 @@ class _UnexpectedResultError(Exception):
 def _show_value(args: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(result.get("value"), str):
         raise _UnexpectedResultError
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
+    if args.json:  # the shape and order of `prop get --json`
+        fields = ("value", "flags", "timestamp")
+        write_line(json.dumps({"name": args.name} | {key: result.get(key) for key in fields}))
     else:
-        print(result["value"])
+        write_line(result["value"])
 
 
 def _show_dropped(_: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(dropped := result.get("dropped"), int):
         raise _UnexpectedResultError
-    print(f"dropped {dropped} device connection(s)")
+    write_line(f"dropped {dropped} device connection(s)")
 
 
 def _show_cleared(args: argparse.Namespace, result: object) -> None:
@@ -273,8 +296,8 @@ def _show_cleared(args: argparse.Namespace, result: object) -> None:
 
 def _show_status(args: argparse.Namespace, result: object) -> None:
     if args.json or not isinstance(result, dict):
-        print(json.dumps(result, sort_keys=True))
+        write_line(json.dumps(result, sort_keys=True))
         return
     for key, value in sorted(result.items()):
         shown = value if isinstance(value, str) else json.dumps(value)  # true, not True
-        print(f"{key}: {shown}")
+        write_line(f"{key}: {shown}")

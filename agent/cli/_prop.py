@@ -8,6 +8,9 @@ a name, value, pattern or flags the service would refuse; 69 no device; 70 anyth
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
 line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
 property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
+``set --json`` prints the property as it stands after the write (null fields when none
+does) and ``"ignored"``; ``delete --json`` ``"deleted"`` (a property was removed) and
+``"ignored"``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.cli._arguments import device_spec
+from agent.cli._arguments import device_spec, positive_seconds
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._output import write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
 from agent.logconfig import configure_logging
@@ -85,29 +89,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     enum.set_defaults(action=_enum)
     wait = actions.add_parser("wait", help="wait for the next change of a matching property")
     wait.add_argument("pattern", metavar="PATTERN", help="'*', '?', '|' between alternatives")
-    wait.add_argument("--timeout", metavar="S", help="give up after S seconds")
+    wait.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=math.inf,
+        metavar="S",
+        help="give up after S seconds (default: wait until a change)",
+    )
     wait.set_defaults(action=_wait)
     for action in (get, set_, delete, enum, wait):
         action.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=prop_command)
-
-
-def _seconds(text: str | None) -> float:
-    """``--timeout``: positive seconds; none means no limit.
-
-    Raises:
-        _UsageError: not a positive finite number.
-    """
-    if text is None:
-        return math.inf
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < math.inf:
-        msg = f"--timeout must be a positive number of seconds, not {text!r}"
-        raise _UsageError(msg)
-    return value
 
 
 def prop_command(args: argparse.Namespace) -> int:
@@ -117,7 +109,6 @@ def prop_command(args: argparse.Namespace) -> int:
         # A value the output's encoding cannot hold still prints, escaped.
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        _seconds(getattr(args, "timeout", None))  # a usage error before any connection
         try:
             opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
         except ValueError as exc:
@@ -162,31 +153,40 @@ async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
     if prop is None:
         msg = f"no property {args.name!r}"
         raise _NotFoundError(msg)
-    print(json.dumps(_property_json(prop)) if args.json else prop.value)
+    write_line(json.dumps(_property_json(prop)) if args.json else prop.value)
 
 
 async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
-    _note_ignored(args, await props.set(args.name, args.value, args.flags))
+    status = await props.set(args.name, args.value, args.flags)
+    _note_ignored(args, status)
     if args.json:
+        # What the property holds now: an ignored write (VINF_PERMISSION_DENIED) left the
+        # old value, or none.
         stored = await props.get(args.name)
-        print(json.dumps(_property_json(stored) if stored else {"name": args.name}))
+        shown = _property_json(stored) if stored else dict.fromkeys(_PROPERTY_FIELDS)
+        write_line(json.dumps({**shown, "name": args.name, "ignored": status != VINF_SUCCESS}))
 
 
 async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
+    # The service deletes a missing property with success too: only a read tells them apart.
+    existed = args.json and await props.get(args.name) is not None
     status = await props.delete(args.name)
     _note_ignored(args, status)
     if args.json:
         # An ignored delete (VINF_PERMISSION_DENIED) left the property standing.
-        print(json.dumps({"name": args.name, "deleted": status == VINF_SUCCESS}))
+        ignored = status != VINF_SUCCESS
+        write_line(
+            json.dumps({"name": args.name, "deleted": existed and not ignored, "ignored": ignored})
+        )
 
 
 async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:
     listed = await props.enumerate(args.patterns)
     if args.json:
-        print(json.dumps([_property_json(prop) for prop in listed]))
+        write_line(json.dumps([_property_json(prop) for prop in listed]))
         return
     for prop in listed:
-        print(
+        write_line(
             f"Name: {prop.name}, value: {prop.value}, timestamp: {prop.timestamp}, "
             f"flags: {prop.flags}"
         )
@@ -204,7 +204,7 @@ def _note_ignored(args: argparse.Namespace, status: int) -> None:
 
 
 async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
-    timeout = _seconds(args.timeout)
+    timeout: float = args.timeout
     change: PropertyChange | None = None
     with trio.move_on_after(timeout):
         # Read inside the block: a deadline that expires while the channel closes must
@@ -215,23 +215,24 @@ async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
         msg = f"no property matching {args.pattern!r} changed within {timeout:g} s"
         raise _NotFoundError(msg)
     if args.json:
-        print(json.dumps(_change_json(change)))
+        write_line(json.dumps(_change_json(change)))
     elif change.deleted:
-        print(f"Name: {change.name}, deleted, timestamp: {change.timestamp}")
+        write_line(f"Name: {change.name}, deleted, timestamp: {change.timestamp}")
     else:
-        print(
+        write_line(
             f"Name: {change.name}, value: {change.value}, timestamp: {change.timestamp}, "
             f"flags: {change.flags}"
         )
 
 
+_PROPERTY_FIELDS: Final = ("name", "value", "flags", "timestamp")
+"""The keys of a property in ``--json``, in their order."""
+
+
 def _property_json(prop: Property | PropertyChange) -> dict[str, object]:
-    return {
-        "name": prop.name,
-        "value": prop.value,
-        "flags": prop.flags,
-        "timestamp": prop.timestamp,
-    }
+    return dict(
+        zip(_PROPERTY_FIELDS, (prop.name, prop.value, prop.flags, prop.timestamp), strict=True)
+    )
 
 
 def _change_json(change: PropertyChange) -> dict[str, object]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 from functools import partial
 from importlib import resources
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.cli._arguments import PERSONALITIES, device_spec, file_path
+from agent.cli._arguments import PERSONALITIES, device_spec, file_path, positive_seconds
 from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
@@ -22,6 +21,7 @@ from agent.protocol import AgentError
 from agent.services.registry import section_models
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Awaitable, Callable
 
     from agent.device import DeviceOpener
@@ -71,23 +71,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="stop cleanly after S seconds (default: run until signalled)",
     )
     parser.set_defaults(handler=run_command)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"{text!r} is not a number of seconds"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not 0 < value < float("inf"):
-        msg = f"{text!r} must be a positive number of seconds"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -89,10 +89,9 @@ def simulate_command(args: argparse.Namespace) -> int:
     from agent.host.server import HostSocketError  # noqa: PLC0415
     from agent.logconfig import configure_logging  # noqa: PLC0415
 
-    configure_logging(LogConfig())
     if args.r3_balloon and args.personality != "oracle":
-        print("vbox-agent simulate: --r3-balloon needs --personality oracle", file=sys.stderr)
-        return EX_USAGE
+        args.usage_parser.error("--r3-balloon needs --personality oracle")
+    configure_logging(LogConfig())
     try:
         host = SimulatedHost(
             personality=args.personality,

@@ -22,8 +22,9 @@ answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
 
 The device's shielded teardown is bounded by the same ends
 (:attr:`agent.device.Device.cleanup_deadline`), so the process ends within
-``shutdown_timeout_s + FINAL_PHASE_S + CLOSE_S`` (under the promised second) whatever the
-driver or host does: a call that does not end in time is abandoned with a log line.
+``shutdown_timeout_s + FINAL_PHASE_S + CLOSE_S`` of the stop request (under the promised
+second) whatever the driver or host does: a call that does not end in time is abandoned
+with a log line.
 
 A fatal error (see :mod:`agent.daemon.supervisor`), in a service or in the event pump, ends
 the run once every service drained under one deadline, ``shutdown_timeout_s`` from the

@@ -117,8 +117,7 @@ async def _bind(path: str) -> trio.socket.SocketType:
         await listener.bind(path)
     except OSError as exc:
         listener.close()
-        msg = f"cannot listen at {path}: {exc.strerror or exc}"
-        raise HostSocketError(msg) from exc
+        raise _cannot_listen(path, exc) from exc
     finally:
         os.umask(old_umask)
     listener.listen(LISTEN_BACKLOG)
@@ -130,6 +129,8 @@ async def _remove_stale_socket(path: str) -> None:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
+    except OSError as exc:  # a file on the way (ENOTDIR), a symlink loop, no search permission
+        raise _cannot_listen(path, exc) from exc
     if not stat.S_ISSOCK(mode):
         msg = f"{path} exists and is not a socket; refusing to replace it"
         raise HostSocketError(msg)
@@ -137,7 +138,10 @@ async def _remove_stale_socket(path: str) -> None:
         try:
             await probe.connect(path)
         except ConnectionRefusedError:
-            os.unlink(path)  # stale: its host is gone
+            try:
+                os.unlink(path)  # stale: its host is gone
+            except OSError as exc:  # another user's, in a sticky directory (EPERM)
+                raise _cannot_listen(path, exc) from exc
             return
         except OSError as exc:
             msg = f"cannot check the existing socket {path}: {exc.strerror or exc}"
@@ -146,10 +150,15 @@ async def _remove_stale_socket(path: str) -> None:
     raise HostSocketError(msg)
 
 
+def _cannot_listen(path: str, exc: OSError) -> HostSocketError:
+    return HostSocketError(f"cannot listen at {path}: {exc.strerror or exc}")
+
+
 def _identity(path: str) -> tuple[int, int] | None:
+    """The socket file's device and inode; None once nothing this process may see is there."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
     return info.st_dev, info.st_ino
 

@@ -181,21 +181,20 @@ class VMMDev:
 
     def process(self, phys: int) -> None:
         """Handle the request at ``phys`` synchronously (the port handler proper)."""
-        memory = self.memory
-        try:
-            header = memory.read(phys, HEADER_SIZE)
-        except OSError:
+        mapping = self.memory.lock(phys, HEADER_SIZE)  # the header, unpacked where it lies
+        if mapping is None:
             return
-        size, version, request_type = _HEADER_START.unpack_from(header)
+        view, at = mapping
+        size, version, request_type = _HEADER_START.unpack_from(view, at)
         if size < HEADER_SIZE or version != REQUEST_HEADER_VERSION:
             return
         if size > MAX_VMMDEV_REQUEST_SIZE:
-            answer = bytearray(header)
+            answer = bytearray(view[at : at + HEADER_SIZE])
             REQUEST_RC.pack_into(answer, REQUEST_RC_AT, VERR_NOT_SUPPORTED)
             self._write(phys, answer)
             return
         try:
-            req = bytearray(memory.read(phys, size))
+            req = bytearray(self.memory.read(phys, size))
         except OSError:
             return
         self.request_counts[request_type] += 1

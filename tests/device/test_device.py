@@ -14,6 +14,7 @@ import errno
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from agent.device import WaiterInterruptedError, open_device
 from agent.host import SimOpener, SimulatedHost
@@ -26,9 +27,14 @@ from agent.protocol import (
     HgcmU32,
     HgcmU64,
     LocalProtocolError,
+    RequestType,
     VBoxStatusError,
 )
-from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VERR_NOT_FOUND
+from agent.protocol.status import (
+    VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_INTERNAL_ERROR,
+    VERR_NOT_FOUND,
+)
 
 RESTORED = int(Event.RESTORED)
 GET_PROP = 1
@@ -176,6 +182,23 @@ class TestHgcmClient:
                         )
                     assert info.value.rc == VERR_NOT_FOUND
             assert host.status()["hgcm_clients"] == 0
+
+    async def test_a_failed_disconnect_after_the_work_is_a_warning(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A disconnect the host fails once the caller's work is done is logged, and closing
+        the session releases the client (it raised: ``prop set`` exited 1 after the write)."""
+        host.add_fault(RequestType.HGCM_DISCONNECT, VERR_INTERNAL_ERROR)
+        async with open_device(SimOpener(host)) as device:
+            with trio.fail_after(60), capture_logs() as logs:
+                async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                    assert host.status()["hgcm_clients"] == 1
+            warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+            assert [(w["event"], w["service"], w["status"]) for w in warnings] == [
+                ("hgcm_disconnect_failed", "VBoxGuestPropSvc", "VERR_INTERNAL_ERROR")
+            ]
+            assert host.status()["hgcm_clients"] == 0
+            assert device.statistics().open_sessions == 1
 
 
 async def _raise_later(host: SimulatedHost, mask: int) -> None:

@@ -645,3 +645,57 @@ class TestSocketFile:
         with pytest.raises(HostSocketError, match="not a socket"):
             await serve_simulated_host(host, socket_path)
         assert await trio.Path(socket_path).read_text() == "keep me"
+
+    @pytest.mark.parametrize(
+        ("make", "strerror"),
+        [
+            pytest.param("file", "Not a directory", id="through-a-regular-file"),
+            pytest.param("loop", "Too many levels of symbolic links", id="symlink-loop"),
+        ],
+    )
+    async def test_unusable_path_is_one_error(
+        self, socket_path: str, host: SimulatedHost, make: str, strerror: str
+    ) -> None:
+        """A path the server cannot even look at is a HostSocketError naming the reason."""
+        directory = os.path.dirname(socket_path)
+        if make == "file":
+            await trio.Path(directory, "file").write_text("")
+            path = os.path.join(directory, "file", "host.sock")
+        else:
+            os.symlink("b", os.path.join(directory, "a"))
+            os.symlink("a", os.path.join(directory, "b"))
+            path = os.path.join(directory, "a", "host.sock")
+        with pytest.raises(HostSocketError) as raised:
+            await serve_simulated_host(host, path)
+        assert str(raised.value) == f"cannot listen at {path}: {strerror}"
+
+    async def test_unreadable_path_is_one_error(
+        self, socket_path: str, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No search permission on the way (an unprivileged user and /root) is a HostSocketError."""
+
+        def lstat(path: str) -> os.stat_result:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "lstat", lstat)
+            with pytest.raises(HostSocketError) as raised:
+                await serve_simulated_host(host, socket_path)
+        assert str(raised.value) == f"cannot listen at {socket_path}: Permission denied"
+
+    async def test_stale_socket_it_may_not_remove_is_one_error(
+        self, socket_path: str, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Another user's stale socket in a sticky directory (EPERM) is a HostSocketError."""
+        stale = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await stale.bind(socket_path)
+        stale.close()
+
+        def unlink(path: str) -> None:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "unlink", unlink)
+            with pytest.raises(HostSocketError) as raised:
+                await serve_simulated_host(host, socket_path)
+        assert str(raised.value) == f"cannot listen at {socket_path}: Operation not permitted"
