@@ -37,8 +37,11 @@ session. Design points:
   ``Cancelled``. A call that completes anyway returns normally. A call cancelled while it
   waits for a thread never runs: its :class:`~agent.protocol.Submission` stays unissued,
   which it becomes only as its thread makes the system call. A call the driver does not
-  give back within :data:`ABANDON_AFTER_S` (an uninterruptible HGCM connect or disconnect
-  on a host that never answers) is abandoned with an ``ioctl_abandoned`` log line: its
+  give back (an uninterruptible HGCM connect or disconnect on a host that never answers)
+  is abandoned with an ``ioctl_abandoned`` log line: :data:`ABANDON_AFTER_S` after an
+  explicit cancel, never past the deadline in effect when the call began, and at once
+  when that deadline is what cancelled it, so no caller is held past its deadline but for
+  :data:`GIVE_BACK_S`, which lets an interruptible call come back from its signal. Its
   thread stays in the kernel, keeping the buffer and its user memory alive, and the caller
   is cancelled at once. It is never re-signalled after that. Its thread keeps its token,
   so the budget gets one more in its place, for up to ``threads`` abandoned calls at once
@@ -49,6 +52,12 @@ session. Design points:
   do: a thread asleep uninterruptibly in the driver ends only when the host answers, so
   until then the exiting process is not fully reaped (even SIGKILL waits for it) and
   systemd may report it as left over.
+- **Close.** :meth:`CharDevTransport.aclose` is shielded but bounded by its caller's
+  deadline (the device's cleanup deadline; :data:`GIVE_BACK_S` at least): the interrupt
+  phase by that and :data:`ABANDON_AFTER_S`, ``close(2)`` by that and :data:`CLOSE_TIMEOUT`.
+  ``close(2)`` always runs, on a thread of its own, and one the driver holds longer (it
+  disconnects the session's HGCM clients there, waiting for the host) is abandoned with a
+  ``close_abandoned`` log line.
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
   INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
@@ -70,12 +79,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import grp
+import math
 import os
 import pwd
 import signal
 import stat
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -93,11 +104,18 @@ from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol._ioc import ioc_nr
-from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, IoctlFunction
+from agent.protocol.constants import (
+    ABANDON_AFTER_S,
+    GIVE_BACK_S,
+    SHORT_CALL_TIMEOUT_MS,
+    IoctlFunction,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from types import FrameType
+
+    import outcome
 
     from agent.protocol import Submission, UserBuffer
 
@@ -113,12 +131,30 @@ DEFAULT_THREADS: Final = 4
 """The event pump's waiter, a long HGCM call, and room for short calls."""
 RESERVED_THREADS: Final = 1
 """Threads a blocking call may never take: they keep short calls (interrupts) possible."""
-ABANDON_AFTER_S: Final = 0.5
-"""How long a cancelled or closing call may take to come back before it is abandoned."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
 EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
-"""Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there)."""
+"""Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there),
+never past its caller's deadline."""
+NO_DEVICE_ERRNOS: Final = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.ENXIO,
+        errno.ENODEV,
+        errno.EACCES,
+        errno.EPERM,
+    }
+)
+"""The errnos of ``open(2)`` that mean there is no device to open: the path names no device
+node (ENOENT: missing, as before the module loads; ENOTDIR, EISDIR, ELOOP, ENAMETOOLONG),
+no driver serves the node's device number (ENXIO), the driver has no device behind it
+(ENODEV), or the agent may not open it (EACCES: the node's mode and owner; EPERM: the unit's
+device policy or a security module). Any other errno (EMFILE, ENFILE, ENOMEM: the driver's
+open allocates the session) is a shortage that may pass, not a missing device."""
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
 
@@ -129,6 +165,21 @@ _libc: Final = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl: Final = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _libc_ioctl.restype = ctypes.c_int
+
+
+def abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
+    """When to abandon a call its caller was cancelled on (by ``cancelled``), if the driver
+    keeps it: :data:`ABANDON_AFTER_S` from now, never past ``deadline`` (the caller's, in
+    effect when the call began), and at once if a deadline is what cancelled it; but not
+    within :data:`GIVE_BACK_S`."""
+    if cancelled.source == "deadline":
+        return given_back_by(-math.inf)
+    return given_back_by(min(trio.current_time() + ABANDON_AFTER_S, deadline))
+
+
+def given_back_by(deadline: float) -> float:
+    """``deadline``, or :data:`GIVE_BACK_S` from now if that is later."""
+    return max(deadline, trio.current_time() + GIVE_BACK_S)
 
 
 def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:
@@ -309,7 +360,7 @@ class _Call:
     abandoned: bool = False
     """Given up on while its thread is still in the driver."""
     interrupted: bool = False
-    """The transport interrupted this call (cancellation, ``interrupt_ioctls``, close)."""
+    """The transport interrupted this call (cancellation or close)."""
     cancelled: bool = False
     """The awaiting task was cancelled."""
     outcome: Exception | None = None
@@ -386,10 +437,11 @@ class CharDevTransport:
             self._waits_interrupted = True
         call = _Call(code, buffer, pins, trio.lowlevel.current_trio_token())
         del pins  # from now on the call (and its worker thread) keeps the memory exported
+        deadline = trio.current_effective_deadline()
         self._calls.add(call)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._interrupt_if_cancelled, call)
+                nursery.start_soon(self._interrupt_if_cancelled, call, deadline)
                 try:
                     with call.scope:
                         call.outcome = await trio.to_thread.run_sync(
@@ -417,55 +469,88 @@ class CharDevTransport:
             await trio.lowlevel.checkpoint()  # the caller's scope is cancelled: raises Cancelled
         raise call.outcome
 
-    async def interrupt_ioctls(self) -> None:
-        """Interrupt every ioctl now in flight and return once each has returned or been abandoned.
-
-        Each is signalled (again, with backoff) for up to :data:`ABANDON_AFTER_S`; an
-        interruptible one raises ``InterruptedError`` to its caller, one that had not entered
-        the driver yet does not run, and one still in the driver after that is abandoned
-        (its caller gets ``InterruptedError`` too). Ioctls started later are not affected.
-        """
-        await self._interrupt_until_done(list(self._calls))
-
     async def aclose(self) -> None:
         """Interrupt pending ioctls, wait for their threads (bounded), close the fd.
 
-        Idempotent and shielded. A call still in the driver after :data:`ABANDON_AFTER_S` is
-        abandoned and the fd closed anyway; the kernel keeps the file alive until the call
-        returns. ``close(2)`` runs in a thread too, since the driver disconnects the session's
-        HGCM clients there, waiting for the host; it is abandoned after
-        :data:`CLOSE_TIMEOUT` seconds (it shares no buffer).
+        Idempotent and shielded, but never past the caller's deadline (in a
+        :meth:`Device.cleanup_scope <agent.device.Device.cleanup_scope>`, the device's
+        cleanup deadline) but for :data:`GIVE_BACK_S` per phase. A call still in the driver
+        after :data:`ABANDON_AFTER_S`, or at that deadline, is abandoned and the fd closed
+        anyway; the kernel keeps the file alive until the call returns. ``close(2)`` always
+        runs, on a thread of its own, since the driver disconnects the session's HGCM
+        clients there, waiting for the host; it is abandoned with a ``close_abandoned`` log
+        line after :data:`CLOSE_TIMEOUT` seconds, or at the deadline (it shares no buffer).
+
+        Raises:
+            OSError: ``close(2)`` failed (only when it returned in time).
         """
+        deadline = trio.current_effective_deadline()
         with trio.CancelScope(shield=True):
             if self._closing:
-                await self._closed.wait()
+                with trio.move_on_at(deadline):
+                    await self._closed.wait()
                 return
             with self._lock:
                 self._closing = True
-            await self.interrupt_ioctls()
             try:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await trio.to_thread.run_sync(
-                        self._close_fn, self._fd, thread_name="vbox-close", abandon_on_cancel=True
-                    )
+                interrupted_by = min(trio.current_time() + ABANDON_AFTER_S, deadline)
+                await self._interrupt_until_done(list(self._calls), given_back_by(interrupted_by))
+                closed_by = min(trio.current_time() + CLOSE_TIMEOUT, deadline)
+                await self._close_fd(given_back_by(closed_by))
             finally:
                 self._closed.set()
 
-    async def _interrupt_if_cancelled(self, call: _Call) -> None:
+    async def _close_fd(self, deadline: float) -> None:
+        """Start ``close(2)`` on a thread of its own and wait for it until ``deadline``."""
+        token = trio.lowlevel.current_trio_token()
+        closed = trio.Event()
+        result: list[outcome.Outcome[None]] = []
+
+        def deliver(closing: outcome.Outcome[None]) -> None:
+            result.append(closing)
+            try:
+                token.run_sync_soon(closed.set)
+            except trio.RunFinishedError:  # pragma: no cover - the process is ending
+                return
+
+        began = trio.current_time()
+        trio.lowlevel.start_thread_soon(
+            partial(self._close_fn, self._fd), deliver, name="vbox-close"
+        )
+        with trio.move_on_at(deadline):
+            await closed.wait()
+        if closed.is_set():
+            result[0].unwrap()
+            return
+        _log.warning(
+            "close_abandoned",
+            after_s=round(trio.current_time() - began, 3),
+            reason="the driver did not finish close(2) in time (it disconnects the "
+            "session's HGCM clients there, waiting for the host)",
+        )
+
+    async def _interrupt_if_cancelled(self, call: _Call, deadline: float) -> None:
+        """Interrupt ``call`` once its caller is cancelled; ``deadline`` is the caller's, in
+        effect when the call began."""
         try:
             await call.done.wait()
-        except trio.Cancelled:
+        except trio.Cancelled as cancelled:
             # Swallowed on purpose: cancellation is level-triggered, so ioctl() raises a
             # fresh Cancelled after the nursery, outside any exception group.
             call.cancelled = True
             with trio.CancelScope(shield=True):
-                await self._interrupt_until_done([call])
+                await self._interrupt_until_done([call], abandon_at(cancelled, deadline))
 
-    async def _interrupt_until_done(self, calls: Iterable[_Call]) -> None:
-        """Signal ``calls`` with backoff until they return; abandon them after a bound."""
+    async def _interrupt_until_done(self, calls: Iterable[_Call], deadline: float) -> None:
+        """Signal ``calls`` with backoff until they return; abandon them at ``deadline``.
+
+        Each is signalled at least once, even when ``deadline`` has passed. One that had not
+        reached the driver never runs and is not abandoned: it comes back at once.
+        """
         pending = [call for call in calls if not call.done.is_set()]
+        began = trio.current_time()
         delay = _RESIGNAL_FIRST
-        with trio.move_on_after(ABANDON_AFTER_S):
+        with trio.move_on_at(deadline):
             while pending:
                 with self._lock:
                     for call in pending:
@@ -481,14 +566,14 @@ class CharDevTransport:
                 delay = min(2 * delay, _RESIGNAL_MAX)
         for call in pending:
             with self._lock:  # once only: another interrupter may have abandoned it already
-                newly_abandoned = not call.returned and not call.abandoned
+                newly_abandoned = call.started and not call.returned and not call.abandoned
                 call.abandoned = call.abandoned or newly_abandoned
             if newly_abandoned:
                 replaced = self._budget.abandon()
                 _log.warning(
                     "ioctl_abandoned",
                     code=f"{call.code:#x}",
-                    after_s=ABANDON_AFTER_S,
+                    after_s=round(trio.current_time() - began, 3),
                     reason="the driver did not give the call back after interrupts",
                     abandoned=self._budget.abandoned,
                     thread_replaced=replaced,
@@ -616,12 +701,17 @@ class CharDevOpener:
         Raises:
             DeviceUnavailableError: the node is missing, not accessible, not backed by a
                 VirtualBox device, or its driver refuses our interface version.
+            OSError: ``open(2)`` failed for want of something that may come back (see
+                :data:`NO_DEVICE_ERRNOS`): descriptors (EMFILE, ENFILE), kernel memory
+                (ENOMEM). The device is not gone: a service retries, as after any failure.
         """
         await trio.lowlevel.checkpoint()
         try:
             fd = self._open_fn(self._path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
+            if exc.errno in NO_DEVICE_ERRNOS:
+                raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
+            raise OSError(exc.errno, open_failure(self._path, exc)) from exc
         transport = CharDevTransport(
             fd,
             budget=self._budget,
@@ -679,6 +769,12 @@ def open_failure(path: str, exc: OSError) -> str:
         )
     if exc.errno in (errno.ENXIO, errno.ENODEV):
         return f"no VirtualBox device behind {path} (not running in VirtualBox?)"
+    if exc.errno not in NO_DEVICE_ERRNOS:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return (
+            f"cannot open a session on {path}: {exc.strerror or exc} ({name}), a shortage "
+            "that may pass, not a missing device"
+        )
     return f"cannot open {path}: {exc.strerror or exc}"
 
 

@@ -82,5 +82,7 @@ class DeviceOpener(Protocol):
 
         Raises:
             DeviceUnavailableError: the device is missing or may not be opened.
+            OSError: a shortage that may pass (out of descriptors or memory): the device
+                is still there, and the caller may retry.
         """
         ...

@@ -92,6 +92,9 @@ HOST_BUSY_WAIT_S: Final = 5.0
 """How long a session waits for a host whose listen backlog is full (connections pile up)."""
 HOST_START_POLL_S: Final = 0.05
 """How often a session waiting for a starting host tries to connect again."""
+SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""Errnos of a new connection that say this process or the system is short of descriptors
+or memory for now: an ordinary failure a service retries, never a missing host."""
 _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 """Errnos of a send or receive on a connection whose other end was closed."""
 _SEQ_MASK: Final = 0xFFFFFFFF
@@ -397,6 +400,8 @@ class UnixSocketOpener:
         Raises:
             DeviceUnavailableError: nothing listens at the path, or the host refused or did
                 not answer.
+            OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
+                which may pass: the host is not gone.
         """
         stream = await self._connect()
         transport = UnixSocketTransport(stream, self._path)
@@ -433,6 +438,12 @@ class UnixSocketOpener:
                 await trio.sleep(HOST_START_POLL_S)
                 continue
             except OSError as exc:
+                if exc.errno in SHORTAGE_ERRNOS:
+                    msg = (
+                        f"cannot open a session on {self._path}: {exc.strerror or exc}, a "
+                        "shortage that may pass, not a missing host"
+                    )
+                    raise OSError(exc.errno, msg) from exc
                 raise self._unavailable(exc, "") from exc
             if _is_connected(stream):
                 if waiting:

@@ -3,32 +3,108 @@
 ``SimTransport`` has the shape of ``agent.device.transport.Transport`` and ``SimOpener`` the
 shape of ``DeviceOpener`` (structurally: the host layer never imports the device layer).
 Every wait happens on trio primitives inside the host, so tests run under ``autojump_clock``.
+
+Cancelling the task that awaits an ioctl cancels the simulated driver's call, as the signal
+the character-device transport sends does: it ends what it may interrupt (a wait, an HGCM
+call, which it cancels at the host) at once. What it may not interrupt it gives back as
+soon as the host answers, which a simulated host does at once, unless a fault or a delay is
+configured (a slow host: a request held in the port write, an HGCM connect the host does
+not answer, a cancel the host refuses). So while none is, each call runs in its caller's
+task, as fast as a function call; while one is, each call (and each close) runs in a task
+of its own, as a guest thread in the driver (a trio system task: it outlives its caller, as
+a thread in the kernel does, and what ends the call ends it), which the caller waits for.
+A cancelled call that task does not give back is given up on as the character device gives
+up on its thread, by the same rule (``ABANDON_AFTER_S`` after an explicit cancel, never
+past the caller's deadline, at once when that deadline cancelled it, ``GIVE_BACK_S`` at
+least; see :mod:`agent.protocol.constants`), with an ``ioctl_abandoned`` line: the caller
+leaves, and the task finishes the call host-side as a real host would. A close is waited
+for until the caller's deadline, then left to its task too (``close_abandoned``). A fault
+or delay configured while a call is already in its caller's task does not reach that call.
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import struct
+from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
+import structlog
 import trio
 
 from agent.host.memory import IoctlMemory
+from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S
 from agent.protocol.errors import DeviceUnavailableError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from agent.host.driver import DriverSession
     from agent.host.host import SimulatedHost
     from agent.host.memory import GuestMemory
     from agent.protocol import Submission, UserBuffer
 
+_log = structlog.get_logger(__name__)
+
 _ADDRESS: Final = struct.Struct("<Q")
 _NO_USER_MEMORY: Final[GuestMemory] = IoctlMemory()
 """The user memory of every ioctl without user buffers, shared: typed as ``GuestMemory``
 (read and write only), so no buffer can be mapped into it and seen by a later ioctl."""
+
+
+@final
+class _GuestCall:
+    """One call in a task of its own: ``done`` once it returned, failed or was cancelled."""
+
+    __slots__ = ("_work", "done", "error", "finished", "scope")
+
+    def __init__(self, work: Callable[[], Awaitable[None]]) -> None:
+        self._work = work
+        self.scope = trio.CancelScope()
+        """Cancelled as a signal interrupts the guest thread."""
+        self.done = trio.Event()
+        self.error: Exception | None = None
+        self.finished = False
+        """The call returned normally."""
+
+    def start(self) -> None:
+        """Start the call in a task of its own, with the caller's context (its log fields)."""
+        trio.lowlevel.spawn_system_task(self._run, context=contextvars.copy_context())
+
+    async def _run(self) -> None:
+        try:
+            with self.scope:
+                await self._work()
+                self.finished = True
+        except Exception as exc:  # noqa: BLE001 - the caller raises it
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def outcome(self) -> None:
+        """Return, or raise what the call raised (ENODEV if the run ended it)."""
+        if self.error is not None:
+            raise self.error
+        if not self.finished:
+            raise OSError(errno.ENODEV, "the call's task ended with the run")
+
+
+def _slow(host: SimulatedHost) -> bool:
+    """Whether ``host`` may hold a call: a fault or a delay is configured."""
+    faults = host.vmmdev.faults
+    return faults.has_delays or faults.has_faults
+
+
+def _abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
+    """When a call its caller was cancelled on is given up: ``ABANDON_AFTER_S`` from now,
+    never past ``deadline`` (the caller's when the call began), now if a deadline cancelled
+    it; never sooner than ``GIVE_BACK_S``."""
+    now = trio.current_time()
+    if cancelled.source == "deadline":
+        return now + GIVE_BACK_S
+    return max(min(now + ABANDON_AFTER_S, deadline), now + GIVE_BACK_S)
 
 
 @final
@@ -59,6 +135,7 @@ class SimTransport:
 
         A failure leaves ``buffer`` as it was (the addresses stored in it are taken back).
         ``submission`` is issued as the driver is called: nothing here waits before that.
+        A cancelled call the driver holds is abandoned (see the module docstring).
 
         Raises:
             OSError: the driver's errno (``EBADF`` after :meth:`aclose`).
@@ -69,26 +146,85 @@ class SimTransport:
         if submission is not None:
             submission.issued = True
         if not user_buffers:
-            await self._host.ioctl(self._session, code, buffer, _NO_USER_MEMORY)
+            await self._driver_ioctl(code, buffer, _NO_USER_MEMORY)
             return
         memory = IoctlMemory()
         original = bytes(buffer)
         try:
             for user in user_buffers:
                 _ADDRESS.pack_into(buffer, user.address_offset, memory.map(user.data))
-            await self._host.ioctl(self._session, code, buffer, memory)
+            await self._driver_ioctl(code, buffer, memory)
         except BaseException:
             buffer[:] = original  # the driver copies nothing back on failure
             raise
 
+    async def _driver_ioctl(self, code: int, buffer: bytearray, memory: GuestMemory) -> None:
+        """The driver's ioctl: in this task, or in one of its own while the host is slow."""
+        host = self._host
+        if _slow(host):
+            await self._in_task(partial(host.ioctl, self._session, code, buffer, memory), code)
+        else:
+            await host.ioctl(self._session, code, buffer, memory)
+
+    async def _in_task(self, work: Callable[[], Awaitable[None]], code: int) -> None:
+        """Run ``work`` in a task of its own and wait for it; abandon it if cancelled and
+        held (see the module docstring)."""
+        deadline = trio.current_effective_deadline()
+        call = _GuestCall(work)
+        call.start()
+        try:
+            await call.done.wait()
+        except trio.Cancelled as cancelled:
+            call.scope.cancel()  # as a signal: the driver ends what it may interrupt
+            began = trio.current_time()
+            with trio.CancelScope(shield=True, deadline=_abandon_at(cancelled, deadline)):
+                await call.done.wait()
+            if not call.done.is_set():
+                _log.warning(
+                    "ioctl_abandoned",
+                    code=f"{code:#x}",
+                    after_s=round(trio.current_time() - began, 3),
+                    reason="the simulated driver did not give the call back; its task finishes it",
+                )
+            elif call.finished:
+                return  # it completed first: the caller's next checkpoint raises
+            elif call.error is not None:
+                raise call.error from None
+            raise
+        call.outcome()
+
     async def aclose(self) -> None:
-        """Close the session (idempotent); the driver releases what it held."""
+        """Close the session (idempotent); the driver releases what it held.
+
+        Shielded, but not past the caller's deadline: a close the driver does not finish by
+        then (it disconnects the session's HGCM clients, waiting for the host) is left to
+        its task, with a ``close_abandoned`` line.
+
+        Raises:
+            OSError: the driver failed the close (only when it finished in time).
+        """
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        with trio.CancelScope(shield=True):
-            await self._host.close_session(self._session)
+        if not _slow(self._host):
+            with trio.CancelScope(shield=True):
+                await self._host.close_session(self._session)
+            return
+        deadline = max(trio.current_effective_deadline(), trio.current_time() + GIVE_BACK_S)
+        call = _GuestCall(partial(self._host.close_session, self._session))
+        call.start()
+        began = trio.current_time()
+        with trio.CancelScope(shield=True, deadline=deadline):
+            await call.done.wait()
+        if call.done.is_set():
+            call.outcome()
+            return
+        _log.warning(
+            "close_abandoned",
+            after_s=round(trio.current_time() - began, 3),
+            reason="the simulated driver did not finish the close in time; its task finishes it",
+        )
 
 
 @final

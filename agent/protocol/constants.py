@@ -58,6 +58,16 @@ SHORT_CALL_TIMEOUT_MS: Final = 30_000
 """The longest ``timeout_ms`` of a wait or HGCM call that counts as short: the driver gives
 it back within that (cancelling an HGCM call at the host), so it holds a worker thread only
 briefly; short HGCM calls (a property set) pass it."""
+ABANDON_AFTER_S: Final = 0.5
+"""How long a transport waits for a call it was cancelled on (and interrupted) to come back
+before it abandons the call, never past the deadline in effect when the call began (but
+:data:`GIVE_BACK_S`): the character device and the in-process simulated host apply the same
+rule."""
+GIVE_BACK_S: Final = 0.05
+"""The least a transport waits for a call it interrupted to come back, even past its
+caller's deadline: an interruptible call comes back within it (a worker thread's signal
+round trip; scheduling steps in the simulator), so one its caller's deadline cancels (``prop
+wait --timeout``) is not reported abandoned. The daemon's stop leaves 250 ms for it."""
 
 PAGE_SIZE: Final = 4096
 BALLOON_CHUNK_SIZE: Final = 1 << 20

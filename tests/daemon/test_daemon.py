@@ -27,6 +27,7 @@ from agent.daemon.notify import Notifier
 from agent.device import DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Facility, FacilityStatus, RequestType
+from agent.protocol.constants import GIVE_BACK_S
 from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import SessionMonitorStatistics
 
@@ -194,8 +195,9 @@ class TestDaemonLifecycle:
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost
     ) -> None:
         """A GET_SESSION_ID probe the host refuses sends no WATCHDOG=1 and is logged; one
-        the host holds sends none until its answer comes, late (logged as timed out), and
-        then one a second again."""
+        the host holds sends none either: it is abandoned at its interval (logged as timed
+        out), as is the next while the host still holds them, and the pings go on, one a
+        second, once the host answers again."""
         notifier = WatchdogRecorder(watchdog_usec=2_000_000)  # a ping a second
         daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
@@ -206,16 +208,20 @@ class TestDaemonLifecycle:
                 host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE, 2)
                 await trio.sleep(2.0)  # the probes at 3 s and 4 s are refused
                 host.set_delay(RequestType.GET_SESSION_ID, 5.0)
-                await trio.sleep(3.0)  # the probe at 5 s is held until 10 s
+                await trio.sleep(3.0)  # the probes at 5 s and 7 s are held: each is given up
                 assert notifier.pings == [0.0, 1.0, 2.0]
                 host.set_delay(RequestType.GET_SESSION_ID, 0)
                 await trio.sleep(5.0)
-                assert notifier.pings == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+                # each probe given up (at 6 s and 8 s) takes GIVE_BACK_S more
+                resumed = 9.0 + 2 * GIVE_BACK_S
+                assert notifier.pings == pytest.approx(
+                    [0.0, 1.0, 2.0, resumed, resumed + 1, resumed + 2, resumed + 3]
+                )
                 daemon.request_shutdown("test")
         failed = [e for e in logs if e["event"].startswith("watchdog_probe")]
         assert [(e["event"], e["log_level"], e.get("error")) for e in failed] == [
             *2 * [("watchdog_probe_failed", "error", REFUSED)],
-            ("watchdog_probe_timed_out", "error", None),
+            *2 * [("watchdog_probe_timed_out", "error", None)],
         ]
 
     async def test_missing_device_is_fatal(self, notify: tuple[Notifier, NotifyReader]) -> None:

@@ -61,6 +61,7 @@ from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import (
+    ABANDON_AFTER_S,
     HGCM_CALL_HEADER_SIZE,
     HGCM_PARM64_SIZE,
     SHORT_CALL_TIMEOUT_MS,
@@ -410,6 +411,24 @@ class TestOpen:
             await CharDevOpener("/dev/vboxguest", open_fn=open_fn).open_session()
         assert str(caught.value) == (
             "no VirtualBox device behind /dev/vboxguest (not running in VirtualBox?)"
+        )
+
+    @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+    async def test_a_shortage_is_not_a_missing_device(self, code: int) -> None:
+        """Out of descriptors or kernel memory, open(2) fails with an ordinary OSError (its
+        errno kept, the path and the reason in one line), not DeviceUnavailableError: the
+        device is still there, and the caller retries as after any failure."""
+
+        def open_fn(path: str, flags: int) -> int:
+            raise OSError(code, os.strerror(code))
+
+        opener = CharDevOpener("/dev/vboxguest", open_fn=open_fn)
+        with trio.fail_after(BOUND), raises_errno(code) as caught:
+            await opener.open_session()
+        assert not isinstance(caught.value, DeviceUnavailableError)
+        assert str(caught.value) == (
+            f"[Errno {code}] cannot open a session on /dev/vboxguest: {os.strerror(code)} "
+            f"({errno.errorcode[code]}), a shortage that may pass, not a missing device"
         )
 
     async def test_node_that_is_not_vboxguest(self) -> None:
@@ -786,14 +805,14 @@ class TestCancellation:
                     scope.cancel()
                     cancelled_at = trio.current_time()
             assert scope.cancelled_caught
-            assert trio.current_time() - cancelled_at < chardev.ABANDON_AFTER_S + PROMPT
+            assert trio.current_time() - cancelled_at < ABANDON_AFTER_S + PROMPT
             assert [entry["event"] for entry in logs] == ["ioctl_abandoned"]
             sent = len(signals)
             assert sent > 0
             release.set()
             assert await trio.to_thread.run_sync(finished.wait, PROMPT)
             assert len(signals) == sent
-            with trio.fail_after(chardev.ABANDON_AFTER_S + chardev.CLOSE_TIMEOUT + PROMPT):
+            with trio.fail_after(ABANDON_AFTER_S + chardev.CLOSE_TIMEOUT + PROMPT):
                 await transport.aclose()
 
     async def test_aclose_abandons_a_call_the_driver_keeps(self) -> None:
@@ -817,7 +836,7 @@ class TestCancellation:
 
                     nursery.start_soon(blocked)
                     assert await trio.to_thread.run_sync(entered.wait, PROMPT)
-                    with trio.fail_after(chardev.ABANDON_AFTER_S + PROMPT):
+                    with trio.fail_after(ABANDON_AFTER_S + PROMPT):
                         await transport.aclose()
         finally:
             release.set()
@@ -951,6 +970,129 @@ class TestAbandonedCalls:
         assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3]
         returns = [entry for entry in logs if entry["event"] == "abandoned_ioctl_returned"]
         assert len(returns) == 3
+
+
+class HeldClose:
+    """A ``close_fn`` the driver holds (it disconnects HGCM clients there, waiting for the
+    host) until ``release``; ``entered`` and ``finished`` tell where it is."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        self.entered.set()
+        self.release.wait()
+        self.finished.set()
+
+
+class TestCallersDeadline:
+    """Shielded interrupts, abandonments and the close never outlast the caller's deadline."""
+
+    async def test_a_call_its_deadline_cancels_is_abandoned_then(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A call the driver keeps is abandoned when its caller's deadline cancels it, not
+        ABANDON_AFTER_S later, with the usual log line and a replacement thread."""
+        stubborn = StubbornConnects(monkeypatch)
+        budget, transport = stubborn.budget, stubborn.transport
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                scope = trio.CancelScope()
+                async with trio.open_nursery() as nursery:
+                    call = transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+                    nursery.start_soon(_run_in, scope, call)
+                    await stubborn.arrived.receive()
+                    expired_at = scope.deadline = trio.current_time()
+                assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
+                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 3)
+                stubborn.release.set()
+                await stubborn.all_back.wait()
+        finally:
+            stubborn.release.set()
+        assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
+
+    async def test_a_cancelled_call_is_abandoned_by_the_deadline_it_began_with(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Cancelled explicitly, a call the driver keeps is abandoned ABANDON_AFTER_S later
+        at most, and never past the deadline its caller had when it began."""
+        stubborn = StubbornConnects(monkeypatch)
+        within_s = ABANDON_AFTER_S / 5
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                deadline = trio.current_time() + within_s
+                scope = trio.CancelScope(deadline=deadline)
+                async with trio.open_nursery() as nursery:
+                    call = stubborn.transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+                    nursery.start_soon(_run_in, scope, call)
+                    await stubborn.arrived.receive()
+                    scope.cancel()
+                assert trio.current_time() - deadline < ABANDON_AFTER_S / 2
+                stubborn.release.set()
+                await stubborn.all_back.wait()
+        finally:
+            stubborn.release.set()
+        assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
+
+    async def test_aclose_abandons_calls_at_the_callers_deadline(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Closing under a deadline gives up a call the driver keeps at that deadline."""
+        stubborn = StubbornConnects(monkeypatch)
+        transport = stubborn.transport
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+
+                    async def blocked() -> None:
+                        with pytest.raises(InterruptedError):
+                            await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+
+                    nursery.start_soon(blocked)
+                    await stubborn.arrived.receive()
+                    expired_at = trio.current_time()
+                    with trio.CancelScope(deadline=expired_at):
+                        await transport.aclose()
+                    assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
+                stubborn.release.set()
+                await stubborn.all_back.wait()
+        finally:
+            stubborn.release.set()
+        assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
+
+    async def test_a_held_close_ends_at_the_callers_deadline(self) -> None:
+        """A close(2) the driver holds is given up at the caller's deadline, well before
+        CLOSE_TIMEOUT, with a ``close_abandoned`` line; it still completes later."""
+        held = HeldClose()
+        transport = CharDevTransport(3, ioctl_fn=lambda fd, code, buffer: None, close_fn=held)
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                deadline = trio.current_time() + chardev.CLOSE_TIMEOUT / 10
+                with trio.CancelScope(deadline=deadline):
+                    await transport.aclose()
+                assert trio.current_time() - deadline < chardev.CLOSE_TIMEOUT / 2
+                assert held.entered.is_set()
+                assert not held.finished.is_set()
+                held.release.set()
+                assert await trio.to_thread.run_sync(held.finished.wait, PROMPT)
+        finally:
+            held.release.set()
+        assert [entry["event"] for entry in logs] == ["close_abandoned"]
+
+    async def test_a_cancelled_caller_still_closes_the_fd(self) -> None:
+        """``aclose`` from a cancelled caller returns at once, yet close(2) runs."""
+        held = HeldClose()
+        held.release.set()
+        transport = CharDevTransport(3, ioctl_fn=lambda fd, code, buffer: None, close_fn=held)
+        with trio.fail_after(BOUND):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await transport.aclose()
+            assert await trio.to_thread.run_sync(held.finished.wait, PROMPT)
+            with pytest.raises(trio.ClosedResourceError):
+                await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
 
 
 class TestRealSignals:

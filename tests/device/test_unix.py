@@ -416,6 +416,23 @@ class TestLifecycle:
         )
         assert trio.current_time() == 0
 
+    async def test_a_shortage_is_not_a_missing_host(
+        self, socket_dir: str, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Out of descriptors (EMFILE on socket(2)), the open fails at once with an ordinary
+        OSError naming the path, not DeviceUnavailableError: the host is still there."""
+        path = os.path.join(socket_dir, "host.sock")
+
+        async def out_of_descriptors(_: str) -> trio.SocketStream:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(trio, "open_unix_socket", out_of_descriptors)
+        with pytest.raises(OSError, match=rf"^\[Errno {errno.EMFILE}\] ") as info:
+            await UnixSocketOpener(path).open_session()
+        assert not isinstance(info.value, DeviceUnavailableError)
+        assert f"cannot open a session on {path}: " in str(info.value)
+        assert trio.current_time() == 0
+
     async def test_no_wait_for_a_file_that_is_not_a_socket(
         self, socket_dir: str, autojump_clock: trio.abc.Clock
     ) -> None:

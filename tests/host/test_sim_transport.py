@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 from functools import partial
+from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from agent.device import open_device
 from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
@@ -33,8 +35,27 @@ from agent.protocol import (
     UserBuffer,
     WaitForEvents,
 )
-from agent.protocol.constants import PAGE_SIZE, Event
-from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD, EchoService, open_client
+from agent.protocol.constants import (
+    ABANDON_AFTER_S,
+    GIVE_BACK_S,
+    PAGE_SIZE,
+    Event,
+    RequestType,
+)
+from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD, Client, EchoService, open_client
+
+if TYPE_CHECKING:
+    from agent.protocol import Request
+
+HELD_S: Final = 60.0
+"""How long the host holds a delayed request: far beyond any grace."""
+DEADLINE_S: Final = 0.2
+
+
+async def _request_in(scope: trio.CancelScope, client: Client, request: Request[object]) -> None:
+    """Perform ``request`` inside ``scope``."""
+    with scope:
+        await client.request(request)
 
 
 class TestSimTransport:
@@ -185,6 +206,82 @@ class TestSimTransport:
         tail = memory.map(bytearray(PAGE_SIZE))
         assert first == memory.map(bytearray(PAGE_SIZE))
         assert len({first, second, tail}) == 3
+
+
+class TestGivingUp:
+    """A cancelled call the simulated driver holds is abandoned by the character device's
+    rule, while its own task finishes it host-side; an interruptible one never is."""
+
+    async def test_a_held_call_is_abandoned_after_the_grace_and_finished_by_the_host(
+        self, host: SimulatedHost, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A request the host holds in the port write: its caller, cancelled, leaves after
+        ABANDON_AFTER_S with a log line; the host handles the request when the hold ends."""
+        client = await open_client(host)
+        counts = host.vmmdev.request_counts
+        before = counts[RequestType.GET_HOST_VERSION]
+        host.set_delay(RequestType.GET_HOST_VERSION, HELD_S)
+        with trio.fail_after(2 * HELD_S), capture_logs() as logs:
+            scope = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_request_in, scope, client, GetHostVersion())
+                await trio.testing.wait_all_tasks_blocked()
+                cancelled_at = trio.current_time()
+                scope.cancel()
+            assert trio.current_time() - cancelled_at == pytest.approx(ABANDON_AFTER_S)
+            assert counts[RequestType.GET_HOST_VERSION] == before
+            await trio.sleep_until(cancelled_at + HELD_S)  # the host's hold ends
+            await trio.testing.wait_all_tasks_blocked()
+        assert counts[RequestType.GET_HOST_VERSION] == before + 1
+        assert [entry["event"] for entry in logs] == ["ioctl_abandoned"]
+
+    async def test_a_held_call_its_deadline_cancels_is_abandoned_then(
+        self, host: SimulatedHost, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Cancelled by its deadline, a held call is abandoned at that deadline."""
+        client = await open_client(host)
+        host.set_delay(RequestType.GET_HOST_VERSION, HELD_S)
+        with trio.fail_after(2 * HELD_S), capture_logs() as logs:
+            began = trio.current_time()
+            with trio.move_on_after(DEADLINE_S) as scope:
+                await client.request(GetHostVersion())
+        assert scope.cancelled_caught
+        assert trio.current_time() - began == pytest.approx(DEADLINE_S + GIVE_BACK_S)
+        assert [entry["event"] for entry in logs] == ["ioctl_abandoned"]
+
+    async def test_an_interruptible_call_comes_back_at_once(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An HGCM call the service holds ends as its caller's deadline cancels it, and is
+        cancelled at the host: nothing is abandoned."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        with trio.fail_after(2 * HELD_S), capture_logs() as logs:
+            began = trio.current_time()
+            with trio.move_on_after(DEADLINE_S):
+                await client.request(HgcmCall(client_id, FN_HOLD, ()))
+            assert trio.current_time() - began == DEADLINE_S
+        assert len(echo.cancelled) == 1
+        assert logs == []
+
+    async def test_a_held_close_ends_at_the_callers_deadline(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A close whose HGCM disconnect the host holds returns at the caller's deadline
+        with a log line; the driver releases the client when the hold ends."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        host.set_delay(RequestType.HGCM_DISCONNECT, HELD_S)
+        with trio.fail_after(2 * HELD_S), capture_logs() as logs:
+            began = trio.current_time()
+            with trio.CancelScope(deadline=began + DEADLINE_S):
+                await client.transport.aclose()
+            assert trio.current_time() - began == DEADLINE_S
+            assert echo.disconnected == []
+            await trio.sleep_until(began + HELD_S)  # the host's hold ends
+            await trio.testing.wait_all_tasks_blocked()
+        assert echo.disconnected == [client_id]
+        assert [entry["event"] for entry in logs] == ["close_abandoned"]
 
 
 class TestHostControl:
