@@ -202,8 +202,8 @@ class TestVerbs:
         assert missing.returncode == EX_REFUSED
         # the host's own words (it said "no property '/Guest/a'")
         assert one_line(missing) == "vbox-agent prop get: guest property '/Guest/a' is not set"
-        host_view = sim.run("host", "--socket", str(sim.socket), "prop", "get", "/Guest/a")
-        assert host_view.stderr == "vbox-agent host: guest property '/Guest/a' is not set\n"
+        host_missing = sim.run("host", "--socket", str(sim.socket), "prop", "get", "/Guest/a")
+        assert host_missing.stderr == "vbox-agent host: guest property '/Guest/a' is not set\n"
 
     def test_a_value_the_output_cannot_encode_prints_escaped(self, sim: PropHost) -> None:
         """Under an ASCII stdout a value still prints, backslash-escaped, and the command
