@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, final
 
 import structlog
@@ -63,7 +64,7 @@ from agent.services import EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from agent.config import AgentConfig
@@ -160,6 +161,9 @@ class Daemon:
         self._reloading = trio.Lock()
         self._reload_waiting = False
         """A reload waits for the one running: a further one is merged into it."""
+        self._reload_notice = trio.CancelScope()
+        """Around a reload's RELOADING=1 or READY=1 in flight: a stop or a fatal error gives
+        it up, so neither follows STOPPING=1."""
 
     def statistics(self) -> DaemonStatistics:
         """Return readiness, reloads, STATUS text and the services' statistics."""
@@ -185,6 +189,7 @@ class Daemon:
             self._shutdown.set()
             self._drain_deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
             self._startup.cancel()
+            self._reload_notice.cancel()
             if not self._device_open:
                 self._opening.cancel()
 
@@ -308,6 +313,7 @@ class Daemon:
             device = self._context.device
             device.cleanup_deadline = min(device.cleanup_deadline, deadline + FINAL_PHASE_S)
         self._watchdog_scope.cancel()
+        self._reload_notice.cancel()
         self._status = self._status_text()
         if self._stopping:
             await self._notifier.status(self._status)
@@ -420,15 +426,23 @@ class Daemon:
     async def _reload(self) -> None:
         if self._reload_skipped():
             return
-        await self._notifier.reloading()
+        await self._notify_reload(self._notifier.reloading)
         try:
             if not self._reload_skipped():
                 new = self._read_config()
                 if new is not None:
                     self._apply(new)
         finally:
-            if not self._leaving():
-                await self._notifier.ready(None)
+            await self._notify_reload(partial(self._notifier.ready, None))
+
+    async def _notify_reload(self, send: Callable[[], Awaitable[None]]) -> None:
+        """Send one of a reload's notices unless the agent is leaving; a stop or a fatal
+        error that begins while it waits for room gives it up."""
+        if self._leaving():
+            return
+        self._reload_notice = trio.CancelScope()
+        with self._reload_notice:
+            await send()
 
     def _reload_skipped(self) -> bool:
         """Whether a reload must not apply now (logged): not ready yet, or leaving."""

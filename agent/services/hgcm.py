@@ -194,7 +194,7 @@ class HgcmChannel:
                     "bytes per buffer"
                 )
                 raise HgcmLimitError(msg)
-            if size:
+            if size > 0:
                 buffers += 1
         if buffers > HGCM_MAX_LOCKED_BUFFERS:
             msg = (

@@ -252,6 +252,21 @@ class HeldReloadingNotifier(RecordingNotifier):
         await super().reloading()
 
 
+class HeldReloadReadyNotifier(RecordingNotifier):
+    """:class:`RecordingNotifier` whose ``READY=1`` after a ``RELOADING=1`` waits for room
+    that never comes (systemd's queue stays full)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reload_ready_began = trio.Event()
+
+    async def ready(self, status: str | None = None) -> None:
+        if "RELOADING=1" in self.sent:
+            self.reload_ready_began.set()
+            await trio.sleep_forever()
+        await super().ready(status)
+
+
 class StatusRecordingNotifier(RecordingNotifier):
     """:class:`RecordingNotifier` that records each ``STATUS=`` update too."""
 
@@ -529,9 +544,10 @@ class TestStopComesFirst:
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
         """A stop while a reload's RELOADING=1 waits for room (a reload overtaken by a stop
-        from elsewhere, ``--duration`` say): once sent, the reload applies nothing (it would
-        rebuild the gadget after every service was told to stop) and sends no READY=1; the
-        daemon ends when the drains do."""
+        from elsewhere, ``--duration`` say): the reload gives the message up (it would follow
+        STOPPING=1), applies nothing (it would rebuild the gadget after every service was
+        told to stop) and sends no READY=1; the daemon ends when the drains do. No room ever
+        comes: a RELOADING=1 still waiting for it would hold the daemon up."""
         notifier = HeldReloadingNotifier()
         path = tmp_path / "agent.toml"
         daemon = _daemon(
@@ -545,13 +561,28 @@ class TestStopComesFirst:
                 nursery.start_soon(daemon.reload)
                 await notifier.reloading_began.wait()
                 daemon.request_shutdown("test")
-                await gadget.draining.wait()
-                notifier.room.set()
         assert (BUILT, gadget.drained.is_set(), trio.current_time()) == ([gadget], True, 1.0)
-        assert notifier.sent == ["READY=1", "STOPPING=1 STATUS=None", "RELOADING=1"]
+        assert notifier.sent == ["READY=1", "STOPPING=1 STATUS=None"]
         skipped = [e["reason"] for e in logs if e["event"] == "config_reload_skipped"]
         assert skipped == ["the agent is starting or stopping"]
         assert "config_reloaded" not in [e["event"] for e in logs]
+
+    async def test_a_stop_gives_up_a_reloads_ready(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A stop while a reload's READY=1 waits for room gives that READY=1 up: STOPPING=1
+        is the last state systemd hears, and the daemon does not wait for room that never
+        comes."""
+        notifier = HeldReloadReadyNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[daemon]\nshutdown_timeout_s = 5\n", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                nursery.start_soon(daemon.reload)
+                await notifier.reload_ready_began.wait()
+                daemon.request_shutdown("test")
+        assert notifier.sent == ["READY=1", "RELOADING=1", "STOPPING=1 STATUS=None"]
 
     async def test_reloads_run_one_at_a_time(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

@@ -8,8 +8,9 @@ Real threads and time: every wait is bounded by ``WAIT_S``.
 from __future__ import annotations
 
 import itertools
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -19,6 +20,10 @@ from agent.protocol import Event
 from agent.services import BalloonGauge
 from agent.services.balloon import BalloonMode
 from tests.services.balloon_support import running_balloon
+
+if TYPE_CHECKING:
+    from agent.device import Device
+    from agent.protocol import BalloonStatus
 
 WAIT_S: Final = 30.0
 REPEATED_READS: Final = 3
@@ -52,6 +57,62 @@ async def test_the_gauge_reads_the_kernel_balloon(personality: str) -> None:
             assert run.service.status() == "balloon 48 MB (kernel)"
             assert run.host_chunks == 48  # the query moved nothing
         assert gauge.refresh is None  # a stopped service reads no more
+
+
+class SlowCheck:
+    """The device, whose CHECK_BALLOON answer is held back until ``release`` is set; with
+    ``answers_late`` a cancelled call still returns its answer, the cancellation coming at
+    the caller's next checkpoint (a blocking ioctl in a thread that is not abandoned)."""
+
+    def __init__(self, device: Device, *, answers_late: bool) -> None:
+        self._device = device
+        self._answers_late = answers_late
+        self.entered = trio.Event()
+        self.release = trio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._device, name)
+
+    async def check_balloon(self) -> BalloonStatus:
+        status = await self._device.check_balloon()
+        self.entered.set()
+        try:
+            await self.release.wait()
+        except trio.Cancelled:
+            if not self._answers_late:
+                raise
+        return status
+
+
+@pytest.mark.parametrize("answers_late", [False, True], ids=["cancelled", "answered"])
+async def test_a_refresh_in_flight_at_stop_leaves_no_size_behind(
+    personality: str, *, answers_late: bool
+) -> None:
+    """The guest statistics' refresh waits on a CHECK_BALLOON when the service stops: the
+    gauge ends at None (nobody knows), whether the stop cancels the call or its answer
+    still arrives (a blocking ioctl), and stays there once the reader has its answer."""
+    host = SimulatedHost(personality=personality, seed=1)
+    gauge = BalloonGauge()
+    read_done = trio.Event()
+
+    async def statistics_report() -> None:  # what the guest statistics do before a report
+        await gauge.read()
+        read_done.set()
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as outer:
+            async with running_balloon(personality=personality, host=host, gauge=gauge) as run:
+                assert run.service.mode is BalloonMode.KERNEL
+                run.host.set_balloon_target(48)
+                await run.until(lambda: run.host.driver.balloon_chunks == 48)
+                slow = SlowCheck(run.device, answers_late=answers_late)
+                run.service._device = slow  # type: ignore[assignment]
+                outer.start_soon(statistics_report)
+                await slow.entered.wait()
+            assert (gauge.refresh, gauge.chunks) == (None, None)
+            slow.release.set()  # a late answer, if nothing took it yet
+            await read_done.wait()
+        assert gauge.chunks is None  # a stopped service published nothing
 
 
 async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> None:

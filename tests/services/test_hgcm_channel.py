@@ -33,7 +33,7 @@ from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.server import serve_simulated_host
-from agent.protocol import Event, RequestType, VBoxStatusError
+from agent.protocol import Event, LocalProtocolError, RequestType, VBoxStatusError
 from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
 from agent.services.guest_props import PropertyChange, open_guest_properties
@@ -143,6 +143,19 @@ class TestLimits:
                 with pytest.raises(HgcmLimitError, match="11 non-empty buffers; Oracle's driver"):
                     await channel.call(FN_HOLD, *ten, HgcmBuffer(b"x"))
                 assert channel.calls == 1
+                assert setup.echo.held == []
+
+    async def test_a_negative_out_buffer_is_named_not_counted(self, setup: Setup) -> None:
+        """An out buffer of negative size next to ten non-empty ones is refused for its size
+        (the codec's error), not counted as an eleventh buffer; nothing is sent."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                ten = [HgcmBufferIn(b"x")] * 10
+                with pytest.raises(LocalProtocolError, match="out buffer size -1 is negative"):
+                    await channel.call(FN_HOLD, *ten, HgcmBufferOut(-1))
                 assert setup.echo.held == []
 
     async def test_pending_calls_per_client(self, setup: Setup) -> None:

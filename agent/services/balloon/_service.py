@@ -169,8 +169,9 @@ class BalloonService:
         self._chunks = 0
         self._target = 0
         self._read_pending = True
-        self._read_lock = trio.Lock()
-        """One read at a time: a gauge refresh and an event's read never overlap."""
+        self._read_done = trio.Event()
+        """Set when the next read to start has ended, or when the service stops (a gauge
+        refresh waits on it: every read runs in the service's own task)."""
         self._poke = trio.Event()
         self._release_at = math.inf
         self._hold = trio.CancelScope()
@@ -286,6 +287,7 @@ class BalloonService:
                     self._nursery = self._watch = None
                     if self._gauge.refresh == self._refresh_gauge:
                         self._gauge.refresh = None
+                    self._read_done.set()  # a waiting refresh returns (drain clears the gauge)
 
     async def _run_in(
         self, nursery: trio.Nursery, events: Subscription, task_status: trio.TaskStatus[None]
@@ -474,33 +476,41 @@ class BalloonService:
                 if postponed_until is not None:
                     look_again = postponed_until
                 else:
-                    await self._read()
+                    done, self._read_done = self._read_done, trio.Event()
+                    try:
+                        await self._read()
+                    finally:
+                        done.set()
                     continue
             await self._wait_for_poke(look_again)
 
     async def _read(self) -> None:
         """Read the target (or trigger the driver) once; a failure leaves the read pending,
         retried after the backoff."""
-        async with self._read_lock:
-            self._read_pending = False
-            try:
-                await self._read_target()
-            except VBoxStatusError as exc:  # a host status, or a driver errno as one
-                self._read_pending = True
-                self._read_failures += 1
-                _check_failed(exc, self._read_backoff)
-            else:
-                self.reads += 1
-                if self._read_backoff.succeeded():
-                    log.info("balloon_check_recovered", chunks=self._chunks)
+        self._read_pending = False
+        try:
+            await self._read_target()
+        except VBoxStatusError as exc:  # a host status, or a driver errno as one
+            self._read_pending = True
+            self._read_failures += 1
+            _check_failed(exc, self._read_backoff)
+        else:
+            self.reads += 1
+            if self._read_backoff.succeeded():
+                log.info("balloon_check_recovered", chunks=self._chunks)
 
     async def _refresh_gauge(self) -> None:
         """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
-        before each report) in the reader's task; logged as this service's work."""
-        with structlog.contextvars.bound_contextvars(service=self.name):
-            await self._read()
-        if self._read_pending:  # failed: ``_follow`` retries it after the backoff
-            self._poke.set()
+        before each report): ask ``_follow`` for a read and wait until one that started
+        after this call has ended, or the service stopped.
+
+        The read runs in the service's task, not the reader's: an answer still on its way
+        when the service stops arrives before its drain (which clears the gauge), never
+        after it.
+        """
+        done = self._read_done
+        self._request_read()
+        await done.wait()
 
     async def _read_target(self) -> None:
         if self._walker is not None:
