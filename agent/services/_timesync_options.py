@@ -96,7 +96,8 @@ def host_options(properties: Mapping[str, str], section: type[ServiceSection]) -
             section.model_validate({option.key: value})
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"].lower()
-            refused.append(f"{name} = {shown}: {option.key} {value:g}: {reason}")
+            exact = repr(value).removesuffix(".0")  # 3600.001, not :g's 3600
+            refused.append(f"{name} = {shown}: {option.key} {exact}: {reason}")
             continue
         settings[option.key] = value
     settings |= {

@@ -74,7 +74,9 @@ def test_anything_else_is_no_number(text: str) -> None:
         ("max-latency", "\u0661", "not a whole number in 1..3600000"),
         ("set-threshold", "604800001", "not a whole number in 0..604800000"),
         ("interval", "500", "interval_s 0.5: input should be greater than or equal to 1"),
-        ("interval", "3600001", "interval_s 3600: input should be less than or equal to 3600"),
+        # the value exactly (it said 'interval_s 3600: ... less than or equal to 3600')
+        ("interval", "3600001", "interval_s 3600.001: input should be less than or equal to 3600"),
+        ("interval", "999", "interval_s 0.999: input should be greater than or equal to 1"),
     ],
 )
 def test_a_bad_value_is_refused_with_the_reason(suffix: str, value: str, reason: str) -> None:
