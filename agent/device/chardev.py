@@ -110,6 +110,7 @@ from agent.protocol.constants import (
     SHORT_CALL_TIMEOUT_MS,
     IoctlFunction,
 )
+from agent.protocol.status import VERR_NO_MEMORY
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -703,7 +704,8 @@ class CharDevOpener:
                 VirtualBox device, or its driver refuses our interface version.
             OSError: ``open(2)`` failed for want of something that may come back (see
                 :data:`NO_DEVICE_ERRNOS`): descriptors (EMFILE, ENFILE), kernel memory
-                (ENOMEM). The device is not gone: a service retries, as after any failure.
+                (ENOMEM); or the handshake did, for want of kernel memory or to stray
+                signals. The device is not gone: a service retries, as after any failure.
         """
         await trio.lowlevel.checkpoint()
         try:
@@ -734,6 +736,12 @@ class CharDevOpener:
             await transport.ioctl(call.code, call.buffer)
             return request.decode(call)
         except (VBoxStatusError, OSError) as exc:
+            if _passing(exc):
+                msg = (
+                    f"the vboxguest version handshake on {path} failed ({_reason(exc)}), a "
+                    "shortage that may pass, not a missing device"
+                )
+                raise OSError(errno.ENOMEM if exc.errno is None else exc.errno, msg) from exc
             refused = isinstance(exc, VBoxStatusError) or exc.errno == errno.EINVAL
             if not refused:
                 msg = f"{path} did not answer the vboxguest version handshake ({_reason(exc)})"
@@ -749,6 +757,15 @@ class CharDevOpener:
             raise DeviceUnavailableError(msg) from exc
 
 
+def _passing(exc: VBoxStatusError | OSError) -> bool:
+    """Whether a handshake failed for a reason that may pass: no kernel memory for the call
+    (the driver allocates its buffer: ENOMEM, or VERR_NO_MEMORY in ``rc`` from Oracle's
+    driver), or stray signals past the transport's retries (EINTR)."""
+    if isinstance(exc, VBoxStatusError):
+        return exc.rc == VERR_NO_MEMORY
+    return exc.errno in (errno.ENOMEM, errno.EINTR)
+
+
 def _reason(exc: VBoxStatusError | OSError) -> str:
     if isinstance(exc, VBoxStatusError):
         return exc.name
@@ -760,7 +777,7 @@ def open_failure(path: str, exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return (
             f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
-            "or name the right device node (--device or [device] path)"
+            "or name the right device node (--device, or run's [device] path)"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (

@@ -378,7 +378,7 @@ class TestOpen:
         message = str(caught.value)
         assert message.startswith(str(path))
         assert "modprobe vboxguest" in message
-        assert "--device or [device] path" in message
+        assert "(--device, or run's [device] path)" in message  # prop reads no config
         assert "\n" not in message
 
     async def test_permission_denied_names_mode_owner_and_fix(self, tmp_path: Path) -> None:
@@ -430,6 +430,38 @@ class TestOpen:
             f"[Errno {code}] cannot open a session on /dev/vboxguest: {os.strerror(code)} "
             f"({errno.errorcode[code]}), a shortage that may pass, not a missing device"
         )
+
+    @pytest.mark.parametrize(
+        ("rc", "code", "name"),
+        [(0, errno.ENOMEM, "ENOMEM"), (0, errno.EINTR, "EINTR"), (-8, 0, "VERR_NO_MEMORY")],
+    )
+    async def test_a_handshake_short_of_memory_is_not_a_missing_device(
+        self, rc: int, code: int, name: str
+    ) -> None:
+        """A handshake the driver fails for want of kernel memory (an errno, or Oracle's
+        VERR_NO_MEMORY in ``rc``) or to stray signals past the retries is an ordinary
+        OSError naming the path, not DeviceUnavailableError; the fd is closed."""
+
+        def ioctl_fn(fd: int, ioctl: int, buffer: bytearray) -> None:
+            if code:
+                raise OSError(code, os.strerror(code))
+            L.IoctlHeader.rc.set(buffer, rc)
+
+        closed: list[int] = []
+        opener = CharDevOpener(
+            "/dev/vboxguest",
+            ioctl_fn=ioctl_fn,
+            open_fn=lambda path, flags: 7,
+            close_fn=closed.append,
+            interrupt_fn=lambda thread: None,
+        )
+        with trio.fail_after(BOUND), raises_errno(code or errno.ENOMEM) as caught:
+            await opener.open_session()
+        assert not isinstance(caught.value, DeviceUnavailableError)
+        assert f"version handshake on /dev/vboxguest failed ({name}), a shortage" in str(
+            caught.value
+        )
+        assert closed == [7]
 
     async def test_node_that_is_not_vboxguest(self) -> None:
         """A real node that answers ENOTTY (``--device /dev/null``) fails the handshake."""
