@@ -35,12 +35,14 @@ from agent.cli._exit import (
     EX_UNAVAILABLE,
     EX_USAGE,
 )
-from agent.cli._prop import _delete, _set, _wait
+from agent.cli._prop import _delete, _explain, _set, _wait
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
+from agent.protocol import VBoxStatusError
 from agent.protocol.constants import Ioctl
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
+from agent.protocol.status import VERR_TIMEOUT
 from agent.services.guest_props import GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
@@ -198,7 +200,10 @@ class TestVerbs:
         }
         missing = sim.prop("get", "/Guest/a")
         assert missing.returncode == EX_REFUSED
-        assert "no property '/Guest/a'" in one_line(missing)
+        # the host's own words (it said "no property '/Guest/a'")
+        assert one_line(missing) == "vbox-agent prop get: guest property '/Guest/a' is not set"
+        host_missing = sim.run("host", "--socket", str(sim.socket), "prop", "get", "/Guest/a")
+        assert host_missing.stderr == "vbox-agent host: guest property '/Guest/a' is not set\n"
 
     def test_a_value_the_output_cannot_encode_prints_escaped(self, sim: PropHost) -> None:
         """Under an ASCII stdout a value still prints, backslash-escaped, and the command
@@ -459,6 +464,17 @@ class TestInProcess:
             {"name": "/Guest/kept", "deleted": False, "ignored": True}
         ]
         assert host.prop_get("/Guest/kept") is not None
+
+    def test_a_host_that_does_not_answer_the_connect(self) -> None:
+        """The device's VERR_TIMEOUT for a connect the host never answered (after 30 s):
+        'did not answer', exit 69 (it said 'refused by the host: VERR_TIMEOUT', exit 1)."""
+        args = argparse.Namespace(prop_action="get", name="/Guest/x")
+        unanswered = VBoxStatusError(VERR_TIMEOUT, "VBG_IOCTL_HGCM_CONNECT to VBoxGuestPropSvc")
+        assert _explain(args, unanswered) == (
+            "/Guest/x: the host did not answer VBG_IOCTL_HGCM_CONNECT to VBoxGuestPropSvc "
+            "(VERR_TIMEOUT)",
+            EX_UNAVAILABLE,
+        )
 
     async def test_every_set_prints_the_same_shape(
         self,

@@ -286,6 +286,32 @@ class TestTwoProcesses:
         assert f"waited {HOST_START_WAIT_S:g} s for it" in result.stderr
         assert len(result.stderr.splitlines()) == 1
 
+    def test_duration_over_before_the_device_opened_exits_69(self, workdir: Path) -> None:
+        """--duration elapsing while the agent still waits for its host: a warning and one
+        line saying the device was never reached, 69 (it exited 0 as if it had run)."""
+        device = f"unix:{workdir / 'typo.sock'}"
+        result = _run("--device", device, "--duration", "0.5")
+        assert result.returncode == 69
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [(e["event"], e.get("device")) for e in events][-1] == (
+            "device_never_reached",
+            device,
+        )
+        assert result.stderr == (
+            f"vbox-agent: {device} was never reached: --duration 0.5 s elapsed first\n"
+        )
+
+    def test_sigterm_before_the_device_opened_exits_0(self, workdir: Path) -> None:
+        """SIGTERM while the agent waits for its host is a clean stop, 0, with the warning."""
+        agent = AgentProcess(workdir / "late.sock", workdir)
+        try:
+            agent.read_until("waiting_for_simulated_host")
+            agent.process.send_signal(signal.SIGTERM)
+            assert agent.read_until("device_never_reached")["level"] == "warning"
+            assert agent.process.wait(timeout=WAIT_S) == 0
+        finally:
+            agent.finish()
+
     def test_device_that_is_not_a_socket_exits_69(self, workdir: Path) -> None:
         """A device path that exists and is not a socket: one line at once, no wait, 69."""
         not_a_socket = workdir / "file"

@@ -4,7 +4,8 @@
 | wait PATTERN [--timeout S]``, each with ``--json``. ``--device`` takes what ``run`` takes
 (``/dev/vboxguest``, ``unix:PATH`` for a simulated host). Exit codes: 0 done; 1 not found,
 wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
-a name, value, pattern or flags the service would refuse; 69 no device; 70 anything else.
+a name, value, pattern or flags the service would refuse; 69 no device, or a host that does
+not answer (VERR_TIMEOUT); 70 anything else.
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
 line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
 property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
@@ -30,8 +31,9 @@ from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError, VBoxStatusError
+from agent.protocol.errors import shown
 from agent.protocol.guest_props import PropertyArgumentError
-from agent.protocol.status import VINF_SUCCESS, status_name
+from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS, status_name
 from agent.services.guest_props import (
     Property,
     PropertyChange,
@@ -129,6 +131,11 @@ def _explain(args: argparse.Namespace, exc: Exception) -> tuple[str, int]:
         return str(exc), EX_USAGE
     if isinstance(exc, _NotFoundError):
         return str(exc), EX_REFUSED
+    if isinstance(exc, VBoxStatusError) and exc.rc == VERR_TIMEOUT:
+        # the device gave up on the host (the connect after 30 s): no answer, no refusal
+        return f"{_subject(args)}the host did not answer {exc.operation} ({exc.name})", (
+            EX_UNAVAILABLE
+        )
     if isinstance(exc, VBoxStatusError):
         hint = _STATUS_HINTS.get(exc.name)
         detail = f"{exc.name} ({exc.rc})" + (f": {hint}" if hint else "")
@@ -151,7 +158,7 @@ async def _run(args: argparse.Namespace, opener: DeviceOpener) -> None:
 async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
     prop = await props.get(args.name)
     if prop is None:
-        msg = f"no property {args.name!r}"
+        msg = f"guest property {shown(args.name)} is not set"  # as `host prop get` says
         raise _NotFoundError(msg)
     write_line(json.dumps(_property_json(prop)) if args.json else prop.value)
 
@@ -212,7 +219,7 @@ async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
         async with props.watch([args.pattern], unseen_deletes=False) as watch:
             change = await watch.next()
     if change is None:
-        msg = f"no property matching {args.pattern!r} changed within {timeout:g} s"
+        msg = f"no property matching {shown(args.pattern)} changed within {timeout:g} s"
         raise _NotFoundError(msg)
     if args.json:
         write_line(json.dumps(_change_json(change)))

@@ -169,16 +169,30 @@ async def _run_simulated(
 
 
 async def _run_daemon(args: argparse.Namespace, config: AgentConfig, opener: DeviceOpener) -> None:
+    """Run the agent until stopped.
+
+    Raises:
+        DeviceUnavailableError: ``--duration`` elapsed before the device opened (a stop by
+            SIGTERM or SIGINT meanwhile is a clean one: only the warning is logged).
+    """
+    elapsed = trio.Event()
     async with trio.open_nursery() as nursery:
         daemon = Daemon(config, opener, config_path=args.config)
         if args.duration is not None:
-            nursery.start_soon(_stop_after, daemon, args.duration)
+            nursery.start_soon(_stop_after, daemon, args.duration, elapsed)
         await daemon.run()
         nursery.cancel_scope.cancel()
+    if not daemon.device_opened:
+        device = opener.description
+        log.warning("device_never_reached", device=device)
+        if elapsed.is_set():
+            msg = f"{device} was never reached: --duration {args.duration:g} s elapsed first"
+            raise DeviceUnavailableError(msg)
 
 
-async def _stop_after(daemon: Daemon, seconds: float) -> None:
+async def _stop_after(daemon: Daemon, seconds: float, elapsed: trio.Event) -> None:
     await trio.sleep(seconds)
+    elapsed.set()
     daemon.request_shutdown(f"--duration {seconds:g} s elapsed")
 
 

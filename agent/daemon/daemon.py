@@ -178,6 +178,11 @@ class Daemon:
             restarts=self._supervisor.restarts(),
         )
 
+    @property
+    def device_opened(self) -> bool:
+        """Whether the device opened (a stop may end the run before it does)."""
+        return self._device_open
+
     def request_shutdown(self, reason: str) -> None:
         """Begin a clean shutdown (idempotent); a start-up in progress is cut short.
 

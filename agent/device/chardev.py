@@ -777,7 +777,7 @@ def open_failure(path: str, exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return (
             f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
-            "or name the right device node (--device or [device] path)"
+            "or name the right device node (--device, or run's [device] path)"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (

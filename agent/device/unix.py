@@ -164,7 +164,7 @@ class UnixSocketTransport:
             raise OSError(reply.errno, os.strerror(reply.errno))
         mismatch = _size_mismatch(reply, buffer, user_buffers)
         if mismatch:
-            await self._lose(f"its reply to ioctl {code:#x} has {mismatch}")
+            await self._lose(f"broke the protocol: its reply to ioctl {code:#x} has {mismatch}")
             raise DeviceLostError(self._lost)
         buffer[:] = reply.buffer
         for user_buffer, data in zip(user_buffers, reply.user_buffers, strict=True):
@@ -236,13 +236,13 @@ class UnixSocketTransport:
                 try:
                     await self._stream.send_all(frame)
                 except trio.BrokenResourceError as exc:
-                    await self._lose(_broken("sending", exc))
+                    await self._lose(f"is gone: {_broken('sending', exc)}")
                     raise DeviceLostError(self._lost) from exc
                 except trio.ClosedResourceError as exc:
-                    await self._lose(f"sending failed: {exc}")
+                    await self._lose(f"is gone: sending failed: {exc}")
                     raise DeviceLostError(self._lost) from exc
             if cs.cancelled_caught:
-                await self._lose(f"it took no frame for {deadline - now:.3g} s")
+                await self._lose(f"is gone: it took no frame for {deadline - now:.3g} s")
                 raise DeviceLostError(self._lost)
 
     async def _wait_reply(self, pending: _Pending) -> IoctlReply:
@@ -269,13 +269,18 @@ class UnixSocketTransport:
                     waiter.reply = frame
                     waiter.wake.set()
                 elif self._is_ahead(frame.seq):
-                    await self._lose(f"it replied to ioctl seq {frame.seq}, which was never sent")
+                    await self._lose(
+                        f"broke the protocol: it replied to ioctl seq {frame.seq}, "
+                        "which was never sent"
+                    )
                     raise DeviceLostError(self._lost)
                 continue  # a reply to a cancelled caller is dropped
             if isinstance(frame, ErrorFrame):
-                await self._lose(f"it reported an error: {shown_text(frame.message)}")
+                await self._lose(f"is gone: it reported an error: {shown_text(frame.message)}")
             else:
-                await self._lose(f"it sent {describe_frame(frame)}, unexpected here")
+                await self._lose(
+                    f"broke the protocol: it sent {describe_frame(frame)}, unexpected here"
+                )
             raise DeviceLostError(self._lost)
 
     async def _receive_frame(self) -> Frame:
@@ -283,26 +288,27 @@ class UnixSocketTransport:
             try:
                 frame = self._decoder.next_frame()
             except WireError as exc:
-                await self._lose(f"it sent a malformed frame: {exc}")
+                await self._lose(f"sent a malformed frame: {exc}")
                 raise DeviceLostError(self._lost) from exc
             if frame is not None:
                 return frame
             try:
                 data = await self._stream.receive_some(RECEIVE_SIZE)
             except trio.BrokenResourceError as exc:
-                await self._lose(_broken("receiving", exc))
+                await self._lose(f"is gone: {_broken('receiving', exc)}")
                 raise DeviceLostError(self._lost) from exc
             except trio.ClosedResourceError:
                 self._check_usable()
                 raise
             if not data:
-                await self._lose("it closed the connection")
+                await self._lose("is gone: it closed the connection")
                 raise DeviceLostError(self._lost)
             self._decoder.feed(data)
 
-    async def _lose(self, reason: str) -> None:
+    async def _lose(self, what: str) -> None:
+        """Drop the connection: the host ``what`` ("is gone: ...", "sent a malformed ...")."""
         if self._lost is None:
-            self._lost = f"simulated host at {self._path} is gone: {reason}"
+            self._lost = f"simulated host at {self._path} {what}"
         self._wake_all()
         await trio.aclose_forcefully(self._stream)
 
@@ -424,7 +430,7 @@ class UnixSocketOpener:
                     msg = f"no simulated host at {self._path}: it exists and is not a socket"
                     raise DeviceUnavailableError(msg) from exc
                 if trio.current_time() - started >= wait_s:
-                    waited = f", waited {wait_s:g} s for it" if waiting else ""
+                    waited = f"; waited {wait_s:g} s for it to start" if waiting else ""
                     raise self._unavailable(exc, waited) from exc
                 if not waiting:
                     _log.info("waiting_for_simulated_host", path=self._path, limit_s=wait_s)

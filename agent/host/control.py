@@ -136,7 +136,7 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
 def _prop_get(host: SimulatedHost, name: str) -> dict[str, object]:
     found = host.prop_get(name)
     if found is None:
-        msg = f"guest property {name!r} is not set"
+        msg = f"guest property {shown(name)} is not set"
         raise _BadCommandError(msg)
     value, flags, timestamp = found
     return {"value": value, "flags": flags, "timestamp": timestamp}
@@ -198,8 +198,11 @@ async def call_control(
                 raise HostUnreachableError(msg)
             await stream.send_all(encode_frame(ControlRequest(payload)))
             reply = await _receive(stream, decoder)
-        except (trio.BrokenResourceError, WireError) as exc:
+        except trio.BrokenResourceError as exc:
             msg = f"simulated host at {where} dropped the control connection: {exc}"
+            raise HostUnreachableError(msg) from exc
+        except WireError as exc:
+            msg = f"simulated host at {where} sent a malformed frame: {exc}"
             raise HostUnreachableError(msg) from exc
     if not isinstance(reply, ControlReply):
         msg = f"simulated host at {where} answered {describe_frame(reply)}"
@@ -224,7 +227,10 @@ async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:
                 raise HostUnreachableError(msg) from exc
             if trio.current_time() >= deadline:
                 waited = f"; waited {start_wait_s:g} s for it to start" if start_wait_s else ""
-                msg = f"no simulated host at {path} ({exc.strerror or exc}{waited})"
+                msg = (
+                    f"no simulated host at {path} ({exc.strerror or exc}{waited}): "
+                    f"start one with `vbox-agent simulate --socket {path}`"
+                )
                 raise HostUnreachableError(msg) from exc
         except PermissionError as exc:
             msg = (

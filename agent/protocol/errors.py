@@ -5,6 +5,7 @@ quotes a peer's value."""
 from __future__ import annotations
 
 import errno as errno_codes
+import re
 from typing import Final
 
 from agent.protocol.status import status_for_errno, status_name
@@ -69,15 +70,25 @@ class DeviceLostError(AgentError):
     """An open session's other side went away (the simulated host exited, the fd was revoked)."""
 
 
+_SURROGATE_ESCAPE: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+"""``repr``'s escape of a lone surrogate U+DC80..U+DCFF (not one after an escaped backslash)."""
+
+
+def _bytes_shown(escaped: str) -> str:
+    """``escaped`` (``repr`` text) with the surrogates that stand for undecodable bytes (how
+    Python decodes argv and file names: ``surrogateescape``) shown as those bytes, ``\\xff``."""
+    return _SURROGATE_ESCAPE.sub(r"\1\\x\2", escaped)
+
+
 def shown(value: object) -> str:
     """A peer's value quoted in an error message: its ``repr``, cut as :func:`shown_text` does."""
-    return shown_text(repr(value))
+    return shown_text(_bytes_shown(repr(value)))
 
 
 def shown_text(text: str) -> str:
     """A peer's text for one line of a message: non-printable characters escaped, cut to
     ``SHOWN_SIZE`` characters with the full length said."""
-    line = text if text.isprintable() else repr(text)[1:-1]
+    line = text if text.isprintable() else _bytes_shown(repr(text)[1:-1])
     if len(line) <= SHOWN_SIZE:
         return line
     return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"

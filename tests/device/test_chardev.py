@@ -378,7 +378,7 @@ class TestOpen:
         message = str(caught.value)
         assert message.startswith(str(path))
         assert "modprobe vboxguest" in message
-        assert "--device or [device] path" in message
+        assert "(--device, or run's [device] path)" in message  # prop reads no config
         assert "\n" not in message
 
     async def test_permission_denied_names_mode_owner_and_fix(self, tmp_path: Path) -> None:

@@ -563,9 +563,38 @@ class TestControlClient:
         self, socket_path: str, autojump_clock: trio.abc.Clock
     ) -> None:
         """No host within ``start_wait_s``: HostUnreachableError saying how long it waited."""
-        with pytest.raises(HostUnreachableError, match="waited 5 s for it to start"):
+        with pytest.raises(HostUnreachableError) as info:
             await call_control(socket_path, {"command": "status"}, start_wait_s=5)
         assert trio.current_time() >= 5
+        # as `prop` and `run` say it (tests/device/test_unix.py)
+        assert str(info.value) == (
+            f"no simulated host at {socket_path} (No such file or directory; waited 5 s for it "
+            f"to start): start one with `vbox-agent simulate --socket {socket_path}`"
+        )
+
+    async def test_a_malformed_frame_is_said(self, socket_path: str) -> None:
+        """A host whose answer is no frame sent a malformed frame (it 'dropped the control
+        connection')."""
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(socket_path)
+        listener.listen(1)
+
+        async def garbage_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.send(encode_frame(Hello(Role.HOST)) + b"\xff\xff\xff\xff")
+                await trio.sleep_forever()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(garbage_host)
+                with pytest.raises(HostUnreachableError) as info:
+                    await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert str(info.value).startswith(
+            f"simulated host at {socket_path} sent a malformed frame: "
+        )
 
     async def test_no_wait_for_a_file_that_is_not_a_socket(
         self, socket_path: str, autojump_clock: trio.abc.Clock
