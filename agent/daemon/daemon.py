@@ -22,9 +22,10 @@ answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
 
 The device's shielded teardown is bounded by the same ends
 (:attr:`agent.device.Device.cleanup_deadline`), so the process ends within
-``shutdown_timeout_s + FINAL_PHASE_S + CLOSE_S`` of the stop request (under the promised
-second) whatever the driver or host does: a call that does not end in time is abandoned
-with a log line.
+``shutdown_timeout_s + FINAL_PHASE_S + CLOSE_S`` of the stop request, plus twice the
+transports' ``GIVE_BACK_S`` at most (a call interrupted at one of those ends gets that long to
+come back), under the promised second, whatever the driver or host does: a call that does
+not end in time is abandoned with a log line.
 
 A fatal error (see :mod:`agent.daemon.supervisor`), in a service or in the event pump, ends
 the run once every service drained under one deadline, ``shutdown_timeout_s`` from the
@@ -38,7 +39,8 @@ meanwhile sends and reports nothing more; a fatal error during a stop sends only
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
 of ``enable`` starts or stops the service. A reload that a stop or a fatal error overtakes
-(while ``RELOADING=1`` waits for room) applies nothing and sends no ``READY=1``; the
+(while ``RELOADING=1`` or its ``READY=1`` waits for room) gives that message up, applies
+nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last state sent; the
 supervisor, once told to stop every service, starts and replaces none anyway.
 """
 

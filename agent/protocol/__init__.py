@@ -35,6 +35,7 @@ from agent.protocol.messages import (
     BalloonStatus as BalloonStatus,
     BalloonTarget as BalloonTarget,
     ChangeBalloon as ChangeBalloon,
+    ChangeBalloonProbe as ChangeBalloonProbe,
     ChangeFilterMask as ChangeFilterMask,
     ChangeGuestCapabilities as ChangeGuestCapabilities,
     ChangeMemBalloon as ChangeMemBalloon,

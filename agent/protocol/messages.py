@@ -500,6 +500,30 @@ class ChangeBalloon(_FixedIoctl[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeBalloonProbe(_FixedIoctl[None]):
+    """``VBGL_IOCTL_CHANGE_BALLOON`` with a padding byte set: which driver answers?
+
+    Oracle's driver checks the padding before anything else (before the balloon's mutex,
+    its owner and ``fUseKernelAPI``) and answers ``VERR_INVALID_PARAMETER`` in the reply; the
+    in-tree driver has no such ioctl and fails it with ENOTTY. Neither changes anything.
+    """
+
+    operation: ClassVar[str] = "VBGL_IOCTL_CHANGE_BALLOON"
+    size_in: ClassVar[int] = ChangeBalloon.size_in
+    size_out: ClassVar[int] = ChangeBalloon.size_out
+
+    def encode(self) -> IoctlCall[None]:
+        """Encode a null chunk, a deflate, and a padding that is not zero."""
+        buf = self.new_buffer()
+        buf[L.ChangeBalloonIoctl.padding.offset] = 1
+        return IoctlCall(_CHANGE_BALLOON_CODE, buf, self)
+
+    def decode(self, call: IoctlCall[None]) -> None:
+        """Check the reply header (no driver is known to accept the call)."""
+        self.check_reply(call)
+
+
+@dataclass(frozen=True, slots=True)
 class WriteCoreDump(_FixedIoctl[None]):
     """``VBG_IOCTL_WRITE_CORE_DUMP``: ask the host to write a guest core dump."""
 

@@ -26,6 +26,7 @@ from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     AcquireGuestCapabilities,
     ChangeBalloon,
+    ChangeBalloonProbe,
     ChangeFilterMask,
     ChangeGuestCapabilities,
     CheckBalloon,
@@ -747,6 +748,15 @@ class TestOracleKernelBalloon:
         await owner.request(CheckBalloon())
         assert await status_of(owner.request(ChangeBalloon(CHUNK, True))) == VERR_PERMISSION_DENIED
 
+    async def test_padding_is_checked_before_the_kernel_api(self, host: SimulatedHost) -> None:
+        """``vgdrvIoCtl_ChangeMemoryBalloon`` refuses a non-zero padding before it tests
+        ``fUseKernelAPI`` (VERR_PERMISSION_DENIED) or claims the balloon."""
+        client = await open_client(host)
+        assert await status_of(client.request(ChangeBalloonProbe())) == VERR_INVALID_PARAMETER
+        driver = host.driver
+        assert isinstance(driver, OracleDriver)
+        assert (driver.owner, driver.use_kernel_api) == (None, True)
+
     async def test_host_failure_stops_the_walk(self, host: SimulatedHost) -> None:
         """The first refused chunk ends the walk with its status; the next check goes on."""
         owner = await open_client(host)
@@ -884,11 +894,34 @@ class TestOracleBalloon:
         assert host.vmmdev.balloon.chunks == 1
 
     async def test_deflating_an_empty_balloon(self, host: SimulatedHost) -> None:
-        """With no chunk in the balloon a deflate is VERR_INVALID_PARAMETER, not unknown."""
+        """With no chunk in the balloon a deflate is VERR_INVALID_PARAMETER, not unknown,
+        after an assertion (which stops a VBOX_STRICT build)."""
         client = await open_client(host)
         await client.request(CheckBalloon())
         assert await status_of(client.request(ChangeBalloon(CHUNK, False))) == (
             VERR_INVALID_PARAMETER
+        )
+        driver = host.driver
+        assert isinstance(driver, OracleDriver)
+        assert len(driver.failed_assertions) == 1
+
+    async def test_padding_is_checked_first(self, host: SimulatedHost) -> None:
+        """A non-zero padding is refused before the balloon is claimed or looked at: no
+        owner made, an owner's chunks kept, another's session not denied, no assertion on
+        an empty balloon."""
+        driver = host.driver
+        assert isinstance(driver, OracleDriver)
+        owner, other = await open_client(host), await open_client(host)
+        assert await status_of(owner.request(ChangeBalloonProbe())) == VERR_INVALID_PARAMETER
+        assert [driver.owner] == [None]  # (a list: no narrowing for the checks after the claim)
+        await owner.request(CheckBalloon())
+        await owner.request(ChangeBalloon(CHUNK, True))
+        for client in (owner, other):
+            assert await status_of(client.request(ChangeBalloonProbe())) == VERR_INVALID_PARAMETER
+        assert (driver.owner, list(driver.chunks), driver.failed_assertions) == (
+            owner.transport.session,
+            [CHUNK],
+            [],
         )
 
     async def test_change_makes_the_owner(self, host: SimulatedHost) -> None:

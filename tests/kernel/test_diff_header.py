@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 import pytest
 
-from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol import ChangeBalloonProbe, layouts as L  # noqa: N812 - the layout table
 from agent.protocol._ioc import ioc
 from agent.protocol.constants import IOC_VERSION, Ioctl, IoctlFunction
 from tests.kernel.builders import ioctl, sessions
@@ -115,3 +116,16 @@ async def test_core_dump_and_unknown_function() -> None:
         await rig.ioctl("change balloon", session, ioc(3, "V", nr, 40), ioctl(40, 24, total=40))
 
     assert_agree(await differ(script))
+
+
+async def test_the_balloon_mode_probe_is_unknown() -> None:
+    """The balloon service's mode probe (CHANGE_BALLOON, padding set) is an unknown ioctl to
+    the in-tree driver: ENOTTY, the buffer untouched."""
+
+    async def script(rig: Rig) -> None:
+        call = ChangeBalloonProbe().encode()
+        await rig.ioctl("mode probe", rig.open(), call.code, call.buffer)
+
+    results = await differ(script)
+    assert_agree(results)
+    assert results["kernel"][-1].errno == errno.ENOTTY

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 import pytest
@@ -16,6 +17,7 @@ import trio
 
 from agent.device import open_device
 from agent.host import SimOpener, SimTransport, SimulatedHost
+from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     BalloonStatus,
     ChangeBalloon,
@@ -25,10 +27,17 @@ from agent.protocol import (
     RequestType,
     VBoxStatusError,
 )
-from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INVALID_PARAMETER, VERR_NO_MEMORY
+from agent.protocol.constants import BALLOON_CHUNK_SIZE
+from agent.protocol.status import (
+    VERR_GENERAL_FAILURE,
+    VERR_INVALID_PARAMETER,
+    VERR_NO_MEMORY,
+    VERR_PERMISSION_DENIED,
+)
 from agent.services import EventPump
 from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection, BalloonService, PressureReading
+from agent.services.balloon._mode import detect_mode
 from agent.services.balloon._pressure import PressureFileError
 from agent.services.balloon._service import MAX_HOLD_FACTOR
 from agent.services.balloon._walker import (
@@ -54,6 +63,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    from agent.device import Device
+
 WALKING = [("oracle-r3", BalloonMode.ALLOCATED), ("passthrough", BalloonMode.OWNED)]
 CHANGE_OPERATION = {
     BalloonMode.ALLOCATED: ChangeBalloon.operation,
@@ -72,8 +83,87 @@ def _host(kind: str) -> SimulatedHost:
     return SimulatedHost(personality=kind)
 
 
+def _balloon_state(host: SimulatedHost) -> dict[str, object]:
+    """The balloon as the host and (Oracle's) driver hold it, and the driver's assertions."""
+    state: dict[str, object] = {"host": host.status()["balloon"]}
+    driver = host.driver
+    if isinstance(driver, OracleDriver):
+        state |= {
+            "owner": driver.owner,
+            "kernel_api": driver.use_kernel_api,
+            "chunks": dict(driver.chunks),
+            "kernel_chunks": list(driver.kernel_chunks),
+            "assertions": list(driver.failed_assertions),
+        }
+    return state
+
+
+async def _inflate_two(host: SimulatedHost, device: Device) -> None:
+    """Ring 3: ``device`` owns the balloon and hands two chunks over."""
+    await hand_to_ring3(host)
+    host.set_balloon_target(2)
+    assert (await device.check_balloon()).handle_in_r3
+    for index in range(2):
+        await device.change_balloon((index + 1) * BALLOON_CHUNK_SIZE, inflate=True)
+
+
+PROBED = {
+    "mainline": ("mainline", False),
+    "oracle": ("oracle", True),
+    "oracle-r3": ("oracle-r3", True),
+    "oracle-r3-held": ("oracle-r3", True),
+    "oracle-owned-elsewhere": ("oracle", True),
+    "oracle-r3-held-elsewhere": ("oracle-r3", True),
+}
+"""Driver states before the mode probe: the host, and whether CHECK_BALLOON may move the
+balloon in the kernel (so the probe's gate holds it back)."""
+
+
+async def _prepare(state: str, host: SimulatedHost, ours: Device, other: Device) -> None:
+    if state == "oracle-r3":  # an earlier agent left the driver in ring-3 mode, empty
+        await hand_to_ring3(host)
+    elif state == "oracle-r3-held":
+        await _inflate_two(host, ours)
+    elif state == "oracle-owned-elsewhere":
+        await other.check_balloon()
+    elif state == "oracle-r3-held-elsewhere":
+        await _inflate_two(host, other)
+
+
 class TestModes:
     """The mode comes from the driver's answers."""
+
+    @pytest.mark.parametrize("state", [*PROBED, "passthrough"])
+    async def test_the_probe_changes_nothing(
+        self, autojump_clock: trio.abc.Clock, state: str
+    ) -> None:
+        """Up to its CHECK_BALLOON the mode probe claims nothing and changes nothing, on every
+        driver in every balloon state (Oracle's ring-3 driver asserts on a deflate of an
+        empty balloon in a VBOX_STRICT build); it tells Oracle's driver from the in-tree one."""
+        kind, may_allocate = PROBED.get(state, (state, None))
+        host = _host(kind)
+        seen: list[tuple[bool, dict[str, object]]] = []
+
+        async def before_check(allocates: bool) -> None:
+            seen.append((allocates, _balloon_state(host)))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+                await nursery.start(host.run)
+                ours = await stack.enter_async_context(open_device(SimOpener(host)))
+                other = await stack.enter_async_context(open_device(SimOpener(host)))
+                await _prepare(state, host, ours, other)
+                before = _balloon_state(host)
+                if state.endswith("elsewhere"):
+                    with pytest.raises(VBoxStatusError) as refused:
+                        await detect_mode(ours, before_check)
+                    assert refused.value.rc == VERR_PERMISSION_DENIED
+                else:
+                    detected = await detect_mode(ours, before_check)
+                    assert (detected.mode is BalloonMode.OWNED) == (may_allocate is None)
+                nursery.cancel_scope.cancel()
+        assert seen == ([] if may_allocate is None else [(may_allocate, before)])
+        assert before.get("assertions", []) == []
 
     @pytest.mark.parametrize(
         ("kind", "mode"),

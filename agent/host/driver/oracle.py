@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, ClassVar, Final
 
+from agent.host._log import host_log as _log
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
 from agent.host.driver._load import MOUSE_STATUS_SIZE
@@ -113,6 +114,9 @@ class OracleDriver(Driver):
         self.kernel_chunks: list[bytes] = []
         """Chunks the driver allocated itself (kernel API, pages packed), in inflate order."""
         self._balloon_mutex = KernelMutex()
+        self.failed_assertions: list[str] = []
+        """Each ``AssertMsgFailed`` a VBOX_STRICT build would stop at, where it is reached
+        (the model is a release build: it returns the status and goes on)."""
         self.waits: dict[DriverSession, set[Wait]] = {}
         """Each session's WAIT_FOR_EVENTS calls in progress."""
         self.pending_cancel: set[DriverSession] = set()
@@ -301,8 +305,10 @@ class OracleDriver(Driver):
 
     async def _deflate(self, address: int, requestor: int = REQUESTOR_KERNEL) -> int:
         """Deflate the user chunk at ``address``: an empty balloon is VERR_INVALID_PARAMETER
-        (``vgdrvSetBalloonSizeFromUser`` checks that first), an unknown chunk VERR_NOT_FOUND."""
+        (``vgdrvSetBalloonSizeFromUser`` checks that first, with an assertion), an unknown
+        chunk VERR_NOT_FOUND."""
         if not self.chunks:
+            self._assertion_failed("vgdrvSetBalloonSizeFromUser: a deflate of an empty balloon")
             return VERR_INVALID_PARAMETER
         pages = self.chunks.get(address)
         if pages is None:
@@ -322,6 +328,14 @@ class OracleDriver(Driver):
             RequestType.CHANGE_MEMBALLOON, L.MemBalloonChangeRequest.size, requestor
         )
         return await change_memballoon(self, req, pages, inflate=inflate)
+
+    def _assertion_failed(self, where: str) -> None:
+        self.failed_assertions.append(where)
+        _log.warning(
+            "driver_assertion_failed",
+            where=where,
+            note="a VBOX_STRICT build stops here; a release build returns the status",
+        )
 
     async def session_closed(self, session: DriverSession) -> None:
         """The owner went away: deflate the chunks and free the balloon for others

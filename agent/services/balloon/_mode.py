@@ -2,11 +2,13 @@
 
 1. ``GET_MEMBALLOON_CHANGE_REQ`` passes through (without acknowledging): the driver leaves
    the balloon to trusted userspace, the agent owns it (*owned*).
-2. ``CHANGE_BALLOON`` (a deflate of a chunk nobody handed over): Oracle's driver refuses it
-   with VERR_PERMISSION_DENIED while it still means to allocate the chunks itself
-   (``fUseKernelAPI``, true from load until an inflate finds no kernel allocator). Then the
-   next call may move the balloon, so the caller's gate runs before it. The in-tree driver
-   has no such ioctl.
+2. ``CHANGE_BALLOON`` with a padding byte set (:class:`~agent.protocol.ChangeBalloonProbe`):
+   Oracle's driver refuses it with VERR_INVALID_PARAMETER in the reply before it looks at
+   the balloon (no owner claimed, no ``fUseKernelAPI`` test, no deflate of an empty
+   balloon, which a VBOX_STRICT build asserts on); the in-tree driver has no such ioctl
+   (ENOTTY). On Oracle's driver the next call may move the balloon (while the driver still
+   allocates the chunks itself, ``fUseKernelAPI``, which no side-effect-free call reveals),
+   so the caller's gate runs before it.
 3. ``CHECK_BALLOON`` (which, on Oracle's driver, makes this session the balloon's owner and
    applies the target): ``handle_in_r3`` means the agent allocates the chunks and hands them
    over (*allocated*). Otherwise the kernel allocates: on Oracle's driver the agent triggers
@@ -22,9 +24,8 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from agent.protocol import GetMemBalloonChangeRequest, VBoxStatusError
-from agent.protocol.constants import BALLOON_CHUNK_SIZE, PAGE_SIZE
-from agent.protocol.status import VERR_PERMISSION_DENIED
+from agent.protocol import ChangeBalloonProbe, GetMemBalloonChangeRequest, VBoxStatusError
+from agent.protocol.constants import BALLOON_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -66,8 +67,8 @@ async def detect_mode(device: Device, before_check: Callable[[bool], Awaitable[N
 
     Args:
         before_check: awaited just before ``CHECK_BALLOON``, with whether that call may
-            allocate or free chunks in the kernel (Oracle's driver, still using its own
-            allocator).
+            allocate or free chunks in the kernel (Oracle's driver: it does while it still
+            uses its own allocator).
 
     Raises:
         VBoxStatusError: ``CHECK_BALLOON`` failed (for example another session owns the
@@ -80,14 +81,14 @@ async def detect_mode(device: Device, before_check: Callable[[bool], Awaitable[N
     else:
         return Detected(BalloonMode.OWNED, target.chunks)
     try:
-        await device.change_balloon(PAGE_SIZE, inflate=False)
-    except VBoxStatusError as exc:  # the in-tree driver has no such ioctl (ENOTTY)
-        kernel_allocates = exc.rc == VERR_PERMISSION_DENIED
-    else:
-        kernel_allocates = False
-    await before_check(kernel_allocates)
+        await device.request(ChangeBalloonProbe())
+    except VBoxStatusError as exc:  # a status in the reply is Oracle's; an errno the in-tree's
+        may_allocate = exc.errno is None
+    else:  # no known driver accepts it: assume the worst
+        may_allocate = True
+    await before_check(may_allocate)
     status = await device.check_balloon()
     if status.handle_in_r3:
         return Detected(BalloonMode.ALLOCATED, status.chunks)
-    mode = BalloonMode.TRIGGERED if kernel_allocates else BalloonMode.KERNEL
+    mode = BalloonMode.TRIGGERED if may_allocate else BalloonMode.KERNEL
     return Detected(mode, status.chunks)

@@ -387,10 +387,10 @@ class BalloonService:
                 ready()
                 return
 
-    async def _gate_probe(self, ready: Callable[[], None], kernel_allocates: bool) -> None:
+    async def _gate_probe(self, ready: Callable[[], None], may_allocate: bool) -> None:
         """Hold the probe's CHECK_BALLOON back as any triggered one where it may move the
         kernel's balloon; from here on an event is news that call's answer may lack."""
-        if kernel_allocates:
+        if may_allocate:
             while (look_again := self._postpone_check()) is not None:
                 ready()
                 await self._wait_for_poke(look_again)
