@@ -48,16 +48,21 @@ session. Design points:
   (each ``ioctl_abandoned`` line counts them); past that, every ioctl of the process fails
   at once with :class:`DeviceLostError` rather than waiting for a thread that may never
   come, and the daemon exits for systemd to restart it. An abandoned thread that comes back
-  takes its replacement away again (``abandoned_ioctl_returned``). What no process can
-  do: a thread asleep uninterruptibly in the driver ends only when the host answers, so
-  until then the exiting process is not fully reaped (even SIGKILL waits for it) and
-  systemd may report it as left over.
+  takes its replacement away again (``abandoned_ioctl_returned``). An abandoned thread
+  may not have entered the kernel yet (the lost signal above), so it still uses the fd
+  number: the fd stays open for it, as the kernel keeps a file an ioctl is in (see Close).
+  What no process can do: a thread asleep uninterruptibly in the driver ends only when the
+  host answers, so until then the exiting process is not fully reaped (even SIGKILL waits
+  for it) and systemd may report it as left over.
 - **Close.** :meth:`CharDevTransport.aclose` is shielded but bounded by its caller's
   deadline (the device's cleanup deadline; :data:`GIVE_BACK_S` at least): the interrupt
   phase by that and :data:`ABANDON_AFTER_S`, ``close(2)`` by that and :data:`CLOSE_TIMEOUT`.
-  ``close(2)`` always runs, on a thread of its own, and one the driver holds longer (it
+  ``close(2)`` runs on a thread of its own, and one the driver holds longer (it
   disconnects the session's HGCM clients there, waiting for the host) is abandoned with a
-  ``close_abandoned`` log line.
+  ``close_abandoned`` log line. While abandoned calls are still out, ``aclose`` returns
+  without ``close(2)`` (``close_deferred``): the thread of the last of them to return runs
+  it (``deferred_close_done``), so no call made for this session ever lands on another
+  session that ``open(2)`` gave the same, lowest free, fd number.
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
   INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
@@ -395,6 +400,10 @@ class CharDevTransport:
         self._closing = False
         self._closed = trio.Event()
         self._waits_interrupted = False
+        self._in_driver = 0
+        """Issued calls whose threads have not returned; guarded by the lock."""
+        self._close_deferred = False
+        """``aclose`` left ``close(2)`` to the last of those threads; guarded by the lock."""
 
     async def ioctl(
         self,
@@ -476,11 +485,13 @@ class CharDevTransport:
         Idempotent and shielded, but never past the caller's deadline (in a
         :meth:`Device.cleanup_scope <agent.device.Device.cleanup_scope>`, the device's
         cleanup deadline) but for :data:`GIVE_BACK_S` per phase. A call still in the driver
-        after :data:`ABANDON_AFTER_S`, or at that deadline, is abandoned and the fd closed
-        anyway; the kernel keeps the file alive until the call returns. ``close(2)`` always
-        runs, on a thread of its own, since the driver disconnects the session's HGCM
-        clients there, waiting for the host; it is abandoned with a ``close_abandoned`` log
-        line after :data:`CLOSE_TIMEOUT` seconds, or at the deadline (it shares no buffer).
+        after :data:`ABANDON_AFTER_S`, or at that deadline, is abandoned; while one is, the
+        fd stays open (``close_deferred``) and the last such call's thread closes it when
+        the call returns, so none reaches a session that reuses the fd number. Otherwise
+        ``close(2)`` runs at once, on a thread of its own, since the driver disconnects the
+        session's HGCM clients there, waiting for the host; it is abandoned with a
+        ``close_abandoned`` log line after :data:`CLOSE_TIMEOUT` seconds, or at the
+        deadline (it shares no buffer).
 
         Raises:
             OSError: ``close(2)`` failed (only when it returned in time).
@@ -496,6 +507,17 @@ class CharDevTransport:
             try:
                 interrupted_by = min(trio.current_time() + ABANDON_AFTER_S, deadline)
                 await self._interrupt_until_done(list(self._calls), given_back_by(interrupted_by))
+                with self._lock:
+                    in_driver = self._in_driver
+                    self._close_deferred = in_driver > 0
+                if in_driver:
+                    _log.warning(
+                        "close_deferred",
+                        in_driver=in_driver,
+                        reason="abandoned ioctls are still in the driver: the last to return "
+                        "closes the fd, so none reaches a session that reuses its number",
+                    )
+                    return
                 closed_by = min(trio.current_time() + CLOSE_TIMEOUT, deadline)
                 await self._close_fd(given_back_by(closed_by))
             finally:
@@ -596,6 +618,7 @@ class CharDevTransport:
                 return refusal
             call.thread = threading.get_ident()
             call.issued = True
+            self._in_driver += 1
         try:
             retries = 0
             while True:
@@ -613,19 +636,44 @@ class CharDevTransport:
             with self._lock:
                 call.thread = None
                 call.returned = True
-                if call.abandoned:
-                    self._report_return(call)
+                self._in_driver -= 1
+                last = self._close_deferred and not self._in_driver
+                if last:
+                    self._close_deferred = False
+            if last:
+                self._close_last(call)
+            if call.abandoned:
+                self._report_return(call, self._budget.abandoned_returned)
 
-    def _report_return(self, call: _Call) -> None:
-        """In the worker thread: have the trio thread take back the abandoned call's extra token."""
+    def _close_last(self, call: _Call) -> None:
+        """In the worker thread of the last call ``aclose`` left in the driver: ``close(2)``,
+        reported with a ``deferred_close_done`` log line."""
+        error: OSError | None = None
         try:
-            call.token.run_sync_soon(self._budget.abandoned_returned)
+            self._close_fn(self._fd)
+        except OSError as exc:
+            error = exc
+        self._report_return(call, partial(_log_deferred_close, error))
+
+    def _report_return(self, call: _Call, report: Callable[[], object]) -> None:
+        """In the worker thread: have the trio thread run ``report`` (a returned abandoned call
+        gives its extra token back)."""
+        try:
+            call.token.run_sync_soon(report)
         except trio.RunFinishedError:  # pragma: no cover - the process is ending
             return
 
     def _may_retry(self, call: _Call) -> bool:
         """Whether an EINTR of ``call`` came from a stray signal, not from this transport."""
         return not (call.interrupted or self._closing or self._waits_interrupted)
+
+
+def _log_deferred_close(error: OSError | None) -> None:
+    """Log the ``close(2)`` that the last abandoned call's thread ran for ``aclose``."""
+    if error is None:
+        _log.info("deferred_close_done")
+    else:
+        _log.warning("deferred_close_failed", error=str(error))
 
 
 def _map_user_buffers(

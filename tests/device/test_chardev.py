@@ -1127,6 +1127,136 @@ class TestCallersDeadline:
                 await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
 
 
+class ReusedFdNumbers(StubbornConnects):
+    """:class:`StubbornConnects` on fd numbers as ``open(2)`` gives them (the lowest free
+    one), each naming its session; HGCM disconnects are kept until ``release_disconnects``.
+    A call looks its fd number up only once released, as a thread descheduled between taking
+    the call and entering ``ioctl(2)`` would, and ``landed`` records the session it names
+    then. ``closed`` lists the numbers closed; ``back`` gets the abandoned count each time
+    an abandoned call comes back."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sessions: dict[int, str] = {}
+        self.closed: list[int] = []
+        self.landed: list[tuple[str, int]] = []
+        self.release_disconnects = threading.Event()
+        super().__init__(monkeypatch)
+        self.transport = self.open("old")
+        self._back_in, self.back = trio.open_memory_channel[int](math.inf)
+        count_back = self.budget.abandoned_returned
+
+        def returned() -> None:
+            count_back()
+            self._back_in.send_nowait(self.budget.abandoned)
+
+        monkeypatch.setattr(self.budget, "abandoned_returned", returned)
+
+    def open(self, name: str) -> CharDevTransport:
+        """Open the session ``name`` on the lowest free fd number."""
+        fd = next(fd for fd in itertools.count(3) if fd not in self.sessions)
+        self.sessions[fd] = name
+        return CharDevTransport(
+            fd,
+            budget=self.budget,
+            ioctl_fn=self._keep,
+            close_fn=self._close,
+            interrupt_fn=lambda _: None,
+        )
+
+    def _close(self, fd: int) -> None:
+        if fd not in self.sessions:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        del self.sessions[fd]
+        self.closed.append(fd)
+
+    def _keep(self, fd: int, code: int, buffer: bytearray) -> None:
+        if code == Ioctl.HGCM_DISCONNECT:
+            trio.from_thread.run_sync(self._arrived_in.send_nowait, None)
+            self.release_disconnects.wait()
+        else:
+            super()._keep(fd, code, buffer)
+        self.landed.append((self.sessions.get(fd, "EBADF"), code))
+
+
+class TestDeferredClose:
+    """While abandoned calls may still use the fd number, ``aclose`` leaves the fd open; the
+    last of them to return closes it, once, as the kernel releases a file after its ioctls."""
+
+    async def test_an_abandoned_call_never_reaches_a_reused_fd_number(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A call whose thread missed its signal before entering ioctl(2) is abandoned at its
+        caller's deadline and the session closed: the next session gets another fd number,
+        the call reaches its own session, and its return closes the fd."""
+        fds = ReusedFdNumbers(monkeypatch)
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                scope = trio.CancelScope()
+                async with trio.open_nursery() as nursery:
+                    call = fds.transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+                    nursery.start_soon(_run_in, scope, call)
+                    await fds.arrived.receive()
+                    scope.deadline = trio.current_time()
+                with trio.fail_after(PROMPT):
+                    await fds.transport.aclose()
+                new = fds.open("new")
+                fds.release.set()
+                assert await fds.back.receive() == 0
+                await new.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
+        finally:
+            fds.release.set()
+        assert fds.landed == [("old", Ioctl.HGCM_CONNECT), ("new", Ioctl.DRIVER_VERSION_INFO)]
+        assert (fds.closed, fds.sessions) == ([3], {4: "new"})
+        assert [entry["event"] for entry in logs] == [
+            "ioctl_abandoned",
+            "close_deferred",
+            "deferred_close_done",
+            "abandoned_ioctl_returned",
+        ]
+
+    async def test_the_last_abandoned_call_back_closes_the_fd_once(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``aclose`` at its caller's deadline abandons a connect and a disconnect the driver
+        keeps and returns at once without closing; the first call back leaves the fd open,
+        the last closes it, once, and the budget is whole again."""
+        fds = ReusedFdNumbers(monkeypatch)
+        budget, transport = fds.budget, fds.transport
+
+        async def kept(code: int, size: int) -> None:
+            with pytest.raises(InterruptedError):
+                await transport.ioctl(code, bytearray(size))
+
+        try:
+            with trio.fail_after(BOUND), capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kept, Ioctl.HGCM_CONNECT, 156)
+                    nursery.start_soon(kept, Ioctl.HGCM_DISCONNECT, 28)
+                    for _ in range(2):
+                        await fds.arrived.receive()
+                    expired_at = trio.current_time()
+                    with trio.CancelScope(deadline=expired_at):
+                        await transport.aclose()
+                    assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 4)
+                assert fds.closed == []
+                fds.release_disconnects.set()
+                assert await fds.back.receive() == 1
+                assert fds.closed == []
+                fds.release.set()
+                assert await fds.back.receive() == 0
+                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 2)
+                await transport.aclose()
+        finally:
+            fds.release_disconnects.set()
+            fds.release.set()
+        assert (fds.closed, fds.sessions) == ([3], {})
+        events = [entry["event"] for entry in logs]
+        assert events.count("ioctl_abandoned") == 2
+        assert [entry["in_driver"] for entry in logs if entry["event"] == "close_deferred"] == [2]
+        assert events.count("deferred_close_done") == 1
+
+
 class TestRealSignals:
     """The default interrupt: SIGURG into a thread blocked in a real system call."""
 
