@@ -18,8 +18,12 @@ up on its thread, by the same rule (``ABANDON_AFTER_S`` after an explicit cancel
 past the caller's deadline, at once when that deadline cancelled it, ``GIVE_BACK_S`` at
 least; see :mod:`agent.protocol.constants`), with an ``ioctl_abandoned`` line: the caller
 leaves, and the task finishes the call host-side as a real host would. A close is waited
-for until the caller's deadline, then left to its task too (``close_abandoned``). A fault
-or delay configured while a call is already in its caller's task does not reach that call.
+for until the caller's deadline, then left to its task too (``close_abandoned``). A close
+while abandoned calls still run returns at once (``close_deferred``): as the kernel keeps
+the file referenced by an ioctl in flight, the driver releases the session only once the
+last of them returned (in its task), so what they did (an HGCM client a connect made) is
+released too. A fault or delay configured while a call is already in its caller's task
+does not reach that call.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ _NO_USER_MEMORY: Final[GuestMemory] = IoctlMemory()
 class _GuestCall:
     """One call in a task of its own: ``done`` once it returned, failed or was cancelled."""
 
-    __slots__ = ("_work", "done", "error", "finished", "scope")
+    __slots__ = ("_work", "done", "error", "finished", "scope", "then")
 
     def __init__(self, work: Callable[[], Awaitable[None]]) -> None:
         self._work = work
@@ -68,6 +72,8 @@ class _GuestCall:
         self.error: Exception | None = None
         self.finished = False
         """The call returned normally."""
+        self.then: Callable[[], Awaitable[None]] | None = None
+        """Run in the task once the call ended (outside ``scope``): set when abandoned."""
 
     def start(self) -> None:
         """Start the call in a task of its own, with the caller's context (its log fields)."""
@@ -82,6 +88,8 @@ class _GuestCall:
             self.error = exc
         finally:
             self.done.set()
+        if self.then is not None:
+            await self.then()
 
     def outcome(self) -> None:
         """Return, or raise what the call raised (ENODEV if the run ended it)."""
@@ -111,12 +119,16 @@ def _abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
 class SimTransport:
     """One open session (file descriptor) on a simulated host."""
 
-    __slots__ = ("_closed", "_host", "_session")
+    __slots__ = ("_abandoned", "_closed", "_host", "_release_deferred", "_session")
 
     def __init__(self, host: SimulatedHost, session: DriverSession) -> None:
         self._host = host
         self._session = session
         self._closed = False
+        self._abandoned = 0
+        """Abandoned calls still running: each holds the session open, as a file reference."""
+        self._release_deferred = False
+        """Closed while calls were abandoned: the last of them releases the session."""
 
     @property
     def session(self) -> DriverSession:
@@ -180,6 +192,8 @@ class SimTransport:
             with trio.CancelScope(shield=True, deadline=_abandon_at(cancelled, deadline)):
                 await call.done.wait()
             if not call.done.is_set():
+                self._abandoned += 1
+                call.then = self._abandoned_call_returned
                 _log.warning(
                     "ioctl_abandoned",
                     code=f"{code:#x}",
@@ -193,12 +207,24 @@ class SimTransport:
             raise
         call.outcome()
 
+    async def _abandoned_call_returned(self) -> None:
+        """An abandoned call returned: the last one releases a session closed meanwhile."""
+        self._abandoned -= 1
+        if self._abandoned or not self._release_deferred:
+            return
+        try:
+            await self._host.close_session(self._session)
+        except OSError as exc:
+            _log.warning("close_deferred_failed", errno=exc.errno, error=exc.strerror)
+
     async def aclose(self) -> None:
         """Close the session (idempotent); the driver releases what it held.
 
         Shielded, but not past the caller's deadline: a close the driver does not finish by
         then (it disconnects the session's HGCM clients, waiting for the host) is left to
-        its task, with a ``close_abandoned`` line.
+        its task, with a ``close_abandoned`` line. While abandoned calls still run it
+        returns at once, with a ``close_deferred`` line: the last of them releases the
+        session when it returns.
 
         Raises:
             OSError: the driver failed the close (only when it finished in time).
@@ -207,6 +233,15 @@ class SimTransport:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        if self._abandoned:
+            self._release_deferred = True
+            _log.warning(
+                "close_deferred",
+                abandoned=self._abandoned,
+                reason="abandoned calls still hold the session; the last to return releases it",
+            )
+            await trio.lowlevel.checkpoint()
+            return
         if not _slow(self._host):
             with trio.CancelScope(shield=True):
                 await self._host.close_session(self._session)

@@ -22,6 +22,7 @@ from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
 from agent.host.memory import USER_BASE, USER_LIMIT, USER_WINDOW
 from agent.protocol import (
     ChangeFilterMask,
+    ChangeGuestCapabilities,
     DeviceUnavailableError,
     GetHostVersion,
     GetSessionId,
@@ -42,6 +43,7 @@ from agent.protocol.constants import (
     Event,
     RequestType,
 )
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD, Client, EchoService, open_client
 
 if TYPE_CHECKING:
@@ -282,6 +284,78 @@ class TestGivingUp:
             await trio.testing.wait_all_tasks_blocked()
         assert echo.disconnected == [client_id]
         assert [entry["event"] for entry in logs] == ["close_abandoned"]
+
+    async def test_a_close_behind_an_abandoned_connect_waits_for_it_host_side(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A close while an abandoned HGCM connect is still held returns at once; the driver
+        releases the session once the connect returns, as the kernel does (the ioctl keeps
+        the file referenced), so the client the connect made is disconnected, not leaked."""
+        client = await open_client(host)
+        host.set_delay(RequestType.HGCM_CONNECT, HELD_S)
+        with trio.fail_after(2 * HELD_S), capture_logs() as logs:
+            began = trio.current_time()
+            with trio.move_on_after(DEADLINE_S):
+                await client.request(HgcmConnect(ECHO))
+            closing = trio.current_time()
+            with trio.CancelScope(deadline=closing + DEADLINE_S):
+                await client.transport.aclose()
+            assert trio.current_time() == closing
+            assert client.transport.session in host.driver.sessions
+            await trio.sleep_until(began + HELD_S)  # the host's hold ends
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(echo.connected) == 1
+        assert echo.disconnected == echo.connected
+        assert host.vmmdev.hgcm.client_count == 0
+        assert client.transport.session not in host.driver.sessions
+        events = [entry["event"] for entry in logs]
+        assert events == ["ioctl_abandoned", "close_deferred", "hgcm_connected"]
+
+    async def test_the_last_abandoned_call_to_return_releases_the_session(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """With two abandoned calls, the session stays open (its client connected) until
+        the second returns too."""
+        client = await open_client(host)
+        host.set_delay(RequestType.HGCM_CONNECT, HELD_S)
+        host.set_delay(RequestType.GET_HOST_VERSION, 2 * HELD_S)
+        with trio.fail_after(3 * HELD_S), capture_logs():
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for request in (HgcmConnect(ECHO), GetHostVersion()):
+                    nursery.start_soon(
+                        _request_in, trio.CancelScope(deadline=began + DEADLINE_S), client, request
+                    )
+            await client.transport.aclose()
+            await trio.sleep_until(began + HELD_S)  # the connect's hold ends
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.transport.session in host.driver.sessions
+            assert host.vmmdev.hgcm.client_count == 1
+            await trio.sleep_until(began + 2 * HELD_S)  # the other's hold ends
+            await trio.testing.wait_all_tasks_blocked()
+        assert client.transport.session not in host.driver.sessions
+        assert echo.disconnected == echo.connected
+        assert host.vmmdev.hgcm.client_count == 0
+
+    async def test_a_deferred_release_the_host_fails_is_logged(
+        self, host: SimulatedHost, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A deferred release whose capability report the host refuses ends with a log
+        line in the abandoned call's task; the session is released all the same."""
+        client = await open_client(host)
+        await client.request(ChangeGuestCapabilities(4, 0))
+        host.set_delay(RequestType.GET_HOST_VERSION, HELD_S)
+        with trio.fail_after(2 * HELD_S), capture_logs() as logs:
+            began = trio.current_time()
+            with trio.move_on_after(DEADLINE_S):
+                await client.request(GetHostVersion())
+            await client.transport.aclose()
+            host.add_fault(RequestType.SET_GUEST_CAPABILITIES, VERR_GENERAL_FAILURE)
+            await trio.sleep_until(began + HELD_S)  # the host's hold ends
+            await trio.testing.wait_all_tasks_blocked()
+        assert client.transport.session not in host.driver.sessions
+        events = [entry["event"] for entry in logs]
+        assert events == ["ioctl_abandoned", "close_deferred", "close_deferred_failed"]
 
 
 class TestHostControl:
