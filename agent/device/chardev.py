@@ -252,6 +252,8 @@ class ThreadBudget:
         self.blocking = 0
         self.abandoned = 0
         """Abandoned calls whose threads are still in the driver, each holding its token."""
+        self.closes_held = 0
+        """``close(2)`` calls abandoned in the driver, each keeping a thread of its own."""
 
     def start_blocking(self) -> None:
         """Count one more blocking call in flight, unless it would take a reserved thread.
@@ -273,16 +275,21 @@ class ThreadBudget:
         self.blocking -= 1
 
     def check_usable(self) -> None:
-        """Raise if abandoned threads hold more tokens than the budget replaces.
+        """Raise if more threads are abandoned in the driver than the budget allows.
+
+        Abandoned ioctls and abandoned closes together may keep at most ``threads``
+        threads, so the process stays within twice the budget plus its own threads
+        (systemd's ``TasksMax``).
 
         Raises:
             DeviceLostError: more than ``threads`` calls are abandoned in the driver.
         """
-        if self.abandoned > self.threads:
+        if self.abandoned + self.closes_held > self.threads:
             msg = (
-                f"{self.abandoned} ioctls were abandoned in the driver and their threads "
-                f"have not come back, more than the {self.threads} the thread budget "
-                "replaces: the vboxguest driver no longer gives calls back"
+                f"{self.abandoned} ioctls and {self.closes_held} closes were abandoned in "
+                "the driver and their threads have not come back, more than the "
+                f"{self.threads} the thread budget allows: the vboxguest driver no longer "
+                "gives calls back"
             )
             raise DeviceLostError(msg)
 
@@ -528,11 +535,18 @@ class CharDevTransport:
         token = trio.lowlevel.current_trio_token()
         closed = trio.Event()
         result: list[outcome.Outcome[None]] = []
+        abandoned: list[bool] = []
+
+        def finished() -> None:
+            closed.set()
+            if abandoned:  # counted out of the budget, as an abandoned ioctl is
+                self._budget.closes_held -= 1
+                _log.info("abandoned_close_returned", closes_held=self._budget.closes_held)
 
         def deliver(closing: outcome.Outcome[None]) -> None:
             result.append(closing)
             try:
-                token.run_sync_soon(closed.set)
+                token.run_sync_soon(finished)
             except trio.RunFinishedError:  # pragma: no cover - the process is ending
                 return
 
@@ -545,9 +559,12 @@ class CharDevTransport:
         if closed.is_set():
             result[0].unwrap()
             return
+        abandoned.append(True)
+        self._budget.closes_held += 1
         _log.warning(
             "close_abandoned",
             after_s=round(trio.current_time() - began, 3),
+            closes_held=self._budget.closes_held,
             reason="the driver did not finish close(2) in time (it disconnects the "
             "session's HGCM clients there, waiting for the host)",
         )
