@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -128,6 +129,15 @@ async def _prepare(state: str, host: SimulatedHost, ours: Device, other: Device)
         await other.check_balloon()
     elif state == "oracle-r3-held-elsewhere":
         await _inflate_two(host, other)
+
+
+async def _claim_the_balloon(host: SimulatedHost, *, sessions: list[SimTransport]) -> None:
+    """Another session's CHECK_BALLOON makes it the owner of Oracle's balloon; the session
+    is kept open in ``sessions``."""
+    other = await SimOpener(host).open_session()
+    call = CheckBalloon().encode()
+    await other.ioctl(call.code, call.buffer)
+    sessions.append(other)
 
 
 class TestModes:
@@ -1177,12 +1187,7 @@ class TestTriggeredAndKernel:
     async def test_owner_elsewhere_is_retried(self, autojump_clock: trio.abc.Clock) -> None:
         """Another session owns Oracle's balloon: the probe is retried until it lets go."""
         others: list[SimTransport] = []
-
-        async def claim_the_balloon(host: SimulatedHost) -> None:
-            other = await SimOpener(host).open_session()
-            call = CheckBalloon().encode()
-            await other.ioctl(call.code, call.buffer)
-            others.append(other)
+        claim_the_balloon = partial(_claim_the_balloon, sessions=others)
 
         with trio.fail_after(120):
             async with running_balloon(personality="oracle", before=claim_the_balloon) as run:
@@ -1247,12 +1252,7 @@ class TestReconfigure:
         a reload retries it at once and backs off under the new delays, so the probe after
         the owner let go comes within the new longest delay."""
         others: list[SimTransport] = []
-
-        async def claim_the_balloon(host: SimulatedHost) -> None:
-            other = await SimOpener(host).open_session()
-            call = CheckBalloon().encode()
-            await other.ioctl(call.code, call.buffer)
-            others.append(other)
+        claim_the_balloon = partial(_claim_the_balloon, sessions=others)
 
         section = BalloonSection(retry_initial_s=1.0, retry_max_s=3600.0)
         with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
