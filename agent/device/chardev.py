@@ -513,22 +513,30 @@ class CharDevTransport:
                 self._closing = True
             try:
                 interrupted_by = min(trio.current_time() + ABANDON_AFTER_S, deadline)
-                await self._interrupt_until_done(list(self._calls), given_back_by(interrupted_by))
-                with self._lock:
-                    in_driver = self._in_driver
-                    self._close_deferred = in_driver > 0
-                if in_driver:
-                    _log.warning(
-                        "close_deferred",
-                        in_driver=in_driver,
-                        reason="abandoned ioctls are still in the driver: the last to return "
-                        "closes the fd, so none reaches a session that reuses its number",
+                try:
+                    await self._interrupt_until_done(
+                        list(self._calls), given_back_by(interrupted_by)
                     )
-                    return
-                closed_by = min(trio.current_time() + CLOSE_TIMEOUT, deadline)
-                await self._close_fd(given_back_by(closed_by))
+                finally:  # interrupting may fail (a signal refused): the fd still goes
+                    await self._close_or_defer(deadline)
             finally:
                 self._closed.set()
+
+    async def _close_or_defer(self, deadline: float) -> None:
+        """Close the fd, or leave it to the last abandoned call still in the driver."""
+        with self._lock:
+            in_driver = self._in_driver
+            self._close_deferred = in_driver > 0
+        if in_driver:
+            _log.warning(
+                "close_deferred",
+                in_driver=in_driver,
+                reason="abandoned ioctls are still in the driver: the last to return "
+                "closes the fd, so none reaches a session that reuses its number",
+            )
+            return
+        closed_by = min(trio.current_time() + CLOSE_TIMEOUT, deadline)
+        await self._close_fd(given_back_by(closed_by))
 
     async def _close_fd(self, deadline: float) -> None:
         """Start ``close(2)`` on a thread of its own and wait for it until ``deadline``."""

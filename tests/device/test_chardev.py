@@ -14,6 +14,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -1203,9 +1204,44 @@ class ReusedFdNumbers(StubbornConnects):
         self.landed.append((self.sessions.get(fd, "EBADF"), code))
 
 
+async def _ignoring_failure(transport: CharDevTransport) -> None:
+    """A held HGCM connect whose failure (its transport closed under it) nobody reads."""
+    with contextlib.suppress(OSError):
+        await transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+
+
 class TestDeferredClose:
     """While abandoned calls may still use the fd number, ``aclose`` leaves the fd open; the
     last of them to return closes it, once, as the kernel releases a file after its ioctls."""
+
+    async def test_a_failed_interrupt_still_closes_the_fd(self) -> None:
+        """An interrupt the system refuses fails ``aclose``, yet the fd is not lost: the
+        call still in the driver closes it when it returns."""
+        closed = threading.Event()
+        entered = threading.Event()
+        release = threading.Event()
+
+        def keep(fd: int, code: int, buffer: bytearray) -> None:
+            entered.set()
+            release.wait()
+
+        def refused(thread: int) -> None:
+            raise ProcessLookupError(errno.ESRCH, "no such thread")
+
+        transport = CharDevTransport(
+            7, ioctl_fn=keep, close_fn=lambda fd: closed.set(), interrupt_fn=refused
+        )
+        try:
+            with trio.fail_after(BOUND):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_ignoring_failure, transport)
+                    assert await trio.to_thread.run_sync(entered.wait, PROMPT)
+                    with pytest.raises(ProcessLookupError):
+                        await transport.aclose()
+                    release.set()
+                assert await trio.to_thread.run_sync(closed.wait, PROMPT)
+        finally:
+            release.set()
 
     async def test_an_abandoned_call_never_reaches_a_reused_fd_number(
         self, monkeypatch: pytest.MonkeyPatch
