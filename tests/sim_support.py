@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import trio
+
 from agent.host import SimOpener
+from agent.protocol.wire import Hello, Role, encode_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from agent.host import SimulatedHost
     from agent.host.transport import SimTransport
@@ -76,3 +80,24 @@ class HookedSession:
     async def aclose(self) -> None:
         """Close the host's session."""
         await self._transport.aclose()
+
+
+@asynccontextmanager
+async def garbage_host(path: str) -> AsyncIterator[None]:
+    """While the block runs, a host listening at ``path`` greets its first client, then
+    sends bytes that are no frame."""
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(1)
+
+    async def serve() -> None:
+        connection, _ = await listener.accept()
+        with connection:
+            await connection.send(encode_frame(Hello(Role.HOST)) + b"\xff\xff\xff\xff")
+            await trio.sleep_forever()
+
+    with listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            yield
+            nursery.cancel_scope.cancel()

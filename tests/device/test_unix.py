@@ -47,6 +47,7 @@ from agent.protocol.wire import (
     Role,
     encode_frame,
 )
+from tests.sim_support import garbage_host
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -533,23 +534,12 @@ class TestLifecycle:
     async def test_host_sends_garbage(self, socket_dir: str) -> None:
         """A malformed frame from the host counts as losing it."""
         path = os.path.join(socket_dir, "raw.sock")
-        listener = await _listening(path, backlog=1)
-
-        async def garbage_host() -> None:
-            connection, _ = await listener.accept()
-            with connection:
-                await connection.send(encode_frame(Hello(Role.HOST)) + b"\xff\xff\xff\xff")
-                await trio.sleep_forever()
-
         with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(garbage_host)
+            async with garbage_host(path):
                 transport = await UnixSocketOpener(path).open_session()
                 with pytest.raises(DeviceLostError) as info:
                     await transport.ioctl(ECHO, bytearray(16))
                 await transport.aclose()
-                nursery.cancel_scope.cancel()
-        listener.close()
         # what it did, not that it is gone (it said 'is gone: it sent a malformed frame')
         assert str(info.value).startswith(f"simulated host at {path} sent a malformed frame: ")
 

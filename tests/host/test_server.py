@@ -60,6 +60,7 @@ from agent.protocol.wire import (
     Role,
     encode_frame,
 )
+from tests.sim_support import garbage_host
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -575,23 +576,10 @@ class TestControlClient:
     async def test_a_malformed_frame_is_said(self, socket_path: str) -> None:
         """A host whose answer is no frame sent a malformed frame (it 'dropped the control
         connection')."""
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(socket_path)
-        listener.listen(1)
-
-        async def garbage_host() -> None:
-            connection, _ = await listener.accept()
-            with connection:
-                await connection.send(encode_frame(Hello(Role.HOST)) + b"\xff\xff\xff\xff")
-                await trio.sleep_forever()
-
         with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(garbage_host)
+            async with garbage_host(socket_path):
                 with pytest.raises(HostUnreachableError) as info:
                     await call_control(socket_path, {"command": "status"})
-                nursery.cancel_scope.cancel()
-        listener.close()
         assert str(info.value).startswith(
             f"simulated host at {socket_path} sent a malformed frame: "
         )
