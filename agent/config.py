@@ -43,9 +43,9 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
-MIN_IOCTL_THREADS: Final = 2
-"""What the character-device transport needs: a blocked call and the short calls beside it
-(the daemon's property calls are short)."""
+MIN_IOCTL_THREADS: Final = 3
+"""What the character-device transport needs: a blocked call, the short calls beside it (the
+daemon's property calls are short) and the interrupt that ends the blocked call."""
 MAX_IOCTL_THREADS: Final = 24
 """Twice this (the workers and as many replacing abandoned calls) fits the unit's
 ``TasksMax=56`` with the main thread and trio's own threads."""
@@ -71,9 +71,10 @@ class DeviceConfig(_Model):
     """A character device path, or ``unix:PATH`` for a simulated host's socket."""
     ioctl_threads: int = Field(default=4, ge=MIN_IOCTL_THREADS, le=MAX_IOCTL_THREADS)
     """Worker threads for ioctls, for the whole process. Blocking calls (the event pump's
-    wait, property notifications) may hold all of them but one, which stays for short calls
-    (property sets and every other request); a blocking call beyond that fails with a
-    message naming this setting, while a short call waits for a free thread."""
+    wait, property notifications) may hold all of them but two: one stays for short calls
+    (property sets and every other request), one for the interrupt that ends a blocked
+    wait; a blocking call beyond that fails with a message naming this setting, while a
+    short call waits for a free thread."""
 
     @field_validator("path")
     @classmethod

@@ -28,7 +28,7 @@ import pytest
 import trio
 import trio.testing
 
-from agent.device import device as device_module, open_device
+from agent.device import chardev, device as device_module, open_device
 from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
@@ -306,7 +306,7 @@ class TestManyWaits:
 
 
 async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> None:
-    """Over the character device with two ioctl threads, three property sets at once beside
+    """Over the character device with the smallest budget, three property sets at once beside
     a blocked event wait all succeed: the client's calls are short and wait for a thread."""
     host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     names = [f"/VirtualBox/GuestInfo/Test/{index}" for index in range(3)]
@@ -315,7 +315,7 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
             await nursery.start(host.run)
             kernel = Kernel(host)
             async with (
-                open_device(kernel.opener(threads=2)) as device,
+                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
                 open_guest_properties(device) as props,
                 device.open_event_waiter(int(Event.RESTORED)) as waiter,
             ):
@@ -333,11 +333,11 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
 
 
 async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None:
-    """Over the character device with two ioctl threads, both held by calls the service
-    keeps, calls cancelled while they wait for a thread never reach the driver and take no
-    slot: pending stays at the two the host holds, and after more such cancellations than the
-    host's limit a call still goes through (pending was 3 where the host held 2, and the 14th
-    queued call was refused with HgcmLimitError)."""
+    """Over the character device with the smallest budget, both threads short calls may take
+    held by calls the service keeps, calls cancelled while they wait for a thread never
+    reach the driver and take no slot: pending stays at the two the host holds, and after
+    more such cancellations than the host's limit a call still goes through (pending was 3
+    where the host held 2, and the 14th queued call was refused with HgcmLimitError)."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
     host = SimulatedHost(personality="mainline", services=[echo])
     with trio.fail_after(10):
@@ -345,7 +345,7 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
             await nursery.start(host.run)
             kernel = Kernel(host)
             async with (
-                open_device(kernel.opener(threads=2)) as device,
+                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
                 open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
             ):
                 short_hold = partial(channel.call, FN_HOLD, timeout_ms=SHORT_CALL_TIMEOUT_MS)
@@ -371,6 +371,40 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
             nursery.cancel_scope.cancel()
 
 
+async def test_an_event_wait_is_cancelled_promptly_beside_held_short_calls() -> None:
+    """Over the character device with the smallest budget, short HGCM calls the host holds
+    on every thread they may take leave the interrupt a thread of its own: cancelling a
+    blocked event wait takes effect within 250 ms (it took the 2 s teardown deadline, its
+    INTERRUPT_ALL queued behind the short calls)."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="mainline", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            kernel = Kernel(host)
+            async with (
+                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                device.open_event_waiter(int(Event.MOUSE_CAPABILITIES_CHANGED)) as waiter,
+                trio.open_nursery() as holders,
+            ):
+                waiting = trio.CancelScope()
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(_call_in, waiting, waiter.wait)
+                    await kernel.wait_in_driver(1)
+                    for _ in range(chardev.MIN_THREADS - 1):
+                        holders.start_soon(
+                            partial(channel.call, FN_HOLD, timeout_ms=SHORT_CALL_TIMEOUT_MS)
+                        )
+                    await kernel.wait_in_driver(2)
+                    waiting.cancel()
+                    cancelled_at = trio.current_time()
+                assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
+                assert waiting.cancelled_caught
+                holders.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+
 async def _call_in(scope: trio.CancelScope, call: Callable[[], Awaitable[object]]) -> None:
     """Await ``call()`` inside ``scope``."""
     with scope:
@@ -386,7 +420,7 @@ async def test_a_connect_the_host_never_answers_times_out(monkeypatch: pytest.Mo
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(Kernel(host).opener(threads=2)) as device:
+            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
                 host.set_delay(RequestType.HGCM_CONNECT, 3600)
                 began = trio.current_time()
                 with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):
