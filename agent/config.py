@@ -44,11 +44,13 @@ if TYPE_CHECKING:
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
 MIN_IOCTL_THREADS: Final = 3
-"""What the character-device transport needs: a blocked call, the short calls beside it (the
-daemon's property calls are short) and the interrupt that ends the blocked call."""
-MAX_IOCTL_THREADS: Final = 24
-"""Twice this (the workers and as many replacing abandoned calls) fits the unit's
-``TasksMax=56`` with the main thread and trio's own threads."""
+"""What the character-device transport needs: the event pump's wait, the short calls beside
+it (the daemon's property calls are short) and the interrupt that ends the wait."""
+MAX_IOCTL_THREADS: Final = 80
+"""64 long HGCM waits (property notifications) beside the event pump take 67 threads, the
+three reserved ones included; 80 leaves room for more short calls beside them. Twice this
+(the workers and as many replacing abandoned calls) fits the unit's ``TasksMax=168`` with
+the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
@@ -73,8 +75,9 @@ class DeviceConfig(_Model):
     """Worker threads for ioctls, for the whole process. Blocking calls (the event pump's
     wait, property notifications) may hold all of them but two: one stays for short calls
     (property sets and every other request), one for the interrupt that ends a blocked
-    wait; a blocking call beyond that fails with a message naming this setting, while a
-    short call waits for a free thread."""
+    wait; long HGCM calls (property notifications) leave one more for the event pump's
+    wait, so N of them need N + 3. A blocking call beyond that fails with a message naming
+    this setting, while a short call waits for a free thread."""
 
     @field_validator("path")
     @classmethod

@@ -28,6 +28,7 @@ import pytest
 import trio
 import trio.testing
 
+from agent.config import DeviceConfig
 from agent.device import chardev, device as device_module, open_device
 from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
@@ -56,8 +57,9 @@ if TYPE_CHECKING:
 
 ECHO_CALL_LIMIT = 16
 LONG_WAITS = 64
-CHARDEV_THREADS = LONG_WAITS + 3
-"""The 64 waits, the event waiter, and a thread for short calls beside the reserved one."""
+CHARDEV_THREADS = LONG_WAITS + chardev.RESERVED_THREADS
+"""The 64 waits and the threads they leave: the event waiter's, one for short calls and one
+for interrupts (a setting the daemon accepts)."""
 POLL_S = 0.005
 CANCEL_TAKES_EFFECT_S = 0.25
 """The issue's bound from a call's cancellation to its caller running again."""
@@ -305,6 +307,50 @@ class TestManyWaits:
         assert setup.host.status()["hgcm_clients"] == 0
 
 
+def test_64_long_waits_fit_a_budget_the_daemon_accepts() -> None:
+    """The budget the channel tests hold 64 waits on is one ``device.ioctl_threads`` takes
+    (the most it took was 24, enough for 21 waits beside the event pump)."""
+    assert DeviceConfig(ioctl_threads=CHARDEV_THREADS).ioctl_threads == CHARDEV_THREADS
+
+
+async def test_property_waits_never_take_the_event_waits_thread() -> None:
+    """Over the character device with the default budget, property waits beyond their share
+    are refused, naming the setting, and the event wait still gets its thread (with three
+    property waits open, it was refused at once)."""
+    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
+    threads = DeviceConfig().ioctl_threads
+    refused: list[chardev.IoctlThreadsExhaustedError] = []
+    mouse = int(Event.MOUSE_CAPABILITIES_CHANGED)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with (
+                open_device(Kernel(host).opener(threads=threads)) as device,
+                open_guest_properties(device) as props,
+                device.open_event_waiter(mouse) as waiter,
+                trio.open_nursery() as waits,
+            ):
+
+                async def wait(index: int) -> None:
+                    try:
+                        await props.wait([f"/W/{index}"])
+                    except chardev.IoctlThreadsExhaustedError as exc:
+                        refused.append(exc)
+
+                for index in range(threads):
+                    waits.start_soon(wait, index)
+                hgcm = host.vmmdev.hgcm
+                # Worker threads: no event to wait on (bounded by fail_after).
+                while hgcm.pending_calls + len(refused) < threads:  # noqa: ASYNC110
+                    await trio.sleep(POLL_S)
+                host.raise_events(mouse)
+                assert await waiter.wait() == mouse
+                assert hgcm.pending_calls == threads - chardev.RESERVED_THREADS
+                assert "raise device.ioctl_threads" in str(refused[0])
+                waits.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+
 async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> None:
     """Over the character device with the smallest budget, three property sets at once beside
     a blocked event wait all succeed: the client's calls are short and wait for a thread."""
@@ -365,7 +411,9 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
                     for call in list(echo.held):
                         call.complete(VINF_SUCCESS)
                 assert channel.pending == 0
-                reply = await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
+                reply = await channel.call(
+                    FN_FAIL, HgcmU32(VINF_SUCCESS), timeout_ms=SHORT_CALL_TIMEOUT_MS
+                )
                 assert reply.status == VINF_SUCCESS
                 assert echo.cancelled == []
             nursery.cancel_scope.cancel()
