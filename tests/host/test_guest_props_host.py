@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent.host.guest_props import MAX_PROPS, MAX_VALUE_SIZE_6_1, GuestPropertyService, HostVersion
+from agent.host.guest_props import (
+    MAX_PROPS,
+    MAX_VALUE_SIZE,
+    MAX_VALUE_SIZE_6_1,
+    GuestPropertyService,
+    HostVersion,
+)
 from agent.protocol.status import VERR_INTERRUPTED, VINF_SUCCESS, VWRN_NOT_FOUND
 
 from .guest_props_support import (
@@ -125,6 +131,27 @@ class TestHostApi:
         """Unknown flags raise ValueError naming the flags."""
         with pytest.raises(ValueError, match="'TRANSIENT, NOPE'"):
             svc.host_set("/Guest/a", "v", "TRANSIENT, NOPE")
+
+    def test_a_refused_set_takes_a_timestamp(self, svc: GuestPropertyService) -> None:
+        """A host set the service refuses uses up a timestamp (``setProperty`` takes it
+        first); an empty name, which Main refuses before calling the service, and a refused
+        delete do not."""
+        svc.host_set("/Guest/ro", "v", "RDONLYHOST")  # START_NS
+        refused = [
+            ("/Guest/a*", "v", "", ValueError),
+            ("/Guest/a", "x" * MAX_VALUE_SIZE, "", ValueError),
+            ("/Guest/a", "v", "NOPE", ValueError),
+            ("/Guest/ro", "w", "", PermissionError),
+        ]
+        for name, value, flags, error in refused:
+            with pytest.raises(error):
+                svc.host_set(name, value, flags)
+        with pytest.raises(ValueError, match="empty"):
+            svc.host_set("", "v")
+        with pytest.raises(PermissionError):
+            svc.host_delete("/Guest/ro")
+        svc.host_set("/Guest/a", "v")
+        assert _stamp(svc, "/Guest/a") == START_NS + 1 + len(refused)
 
     def test_rdonlyhost(self, svc: GuestPropertyService) -> None:
         """An RDONLYHOST property refuses host writes and deletes with PermissionError."""

@@ -185,10 +185,13 @@ class GuestPropertyService:
             ValueError: invalid name, value or flags, or the service is full.
             PermissionError: the property is RDONLYHOST.
         """
+        if not name:
+            _host.check_name(name)  # Main's session refuses it: the service never sees it
+        timestamp = self._store.timestamp()  # setProperty's first step: a refusal uses it up
         _host.check_name(name)
         _host.check_value(value, self._max_value_size)
         bits = parse_flags(flags)
-        _raise_for_host(name, self._store.set(name, value, bits, is_guest=False))
+        _raise_for_host(name, self._store.set(name, value, bits, timestamp, is_guest=False))
 
     def host_get(self, name: str) -> tuple[str, str, int] | None:
         """Return ``(value, flags, timestamp)`` of a property, or None when it does not exist.
@@ -267,6 +270,7 @@ class GuestPropertyService:
         return VINF_SUCCESS
 
     def _set_prop(self, call: HgcmCallHandle) -> int:
+        timestamp = self._store.timestamp()  # before any check: a refused set uses it up
         params = call.params
         _params.check_count(params, 2, 3)
         strings = [_params.c_string(parm) for parm in params]
@@ -279,7 +283,7 @@ class GuestPropertyService:
                 flags = parse_flags(strings[2][0])
             except FlagsParseError:
                 return VERR_PARSE_ERROR
-        return self._store.set(name, value, flags, is_guest=True)
+        return self._store.set(name, value, flags, timestamp, is_guest=True)
 
     def _enum_props(self, call: HgcmCallHandle) -> int:
         params = call.params
@@ -338,7 +342,9 @@ class GuestPropertyService:
     def _increment(self, name: str) -> None:
         prop = self._store.get(name)
         count = int(prop.value) if prop and prop.value.isascii() and prop.value.isdigit() else 0
-        self._store.set(name, str(count + 1), _HOST_PROP_FLAGS, is_guest=False)
+        self._store.set(
+            name, str(count + 1), _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False
+        )
 
     def _ensure_host_version(self) -> None:
         """The POWER_ON/RESUME notification: set the version properties once per instance."""
@@ -353,7 +359,7 @@ class GuestPropertyService:
             (VBOX_VER_EXT, version.version_ext),
             (VBOX_REV, version.revision),
         ):
-            self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
+            self._store.set(name, value, _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
 
     def _restart(self) -> None:
         """A new service instance: ``initialize()`` sets the host properties, then Main
@@ -366,7 +372,7 @@ class GuestPropertyService:
             (SYSPREP_EXEC, ""),
             (SYSPREP_ARGS, ""),
         ):
-            self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
+            self._store.set(name, value, _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
         self._store.bulk_load(saved)
         self._host_version_set = False
 
