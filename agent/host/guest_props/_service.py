@@ -346,6 +346,12 @@ class GuestPropertyService:
             name, str(count + 1), _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False
         )
 
+    def _set_host_props(self, *props: tuple[str, str]) -> None:
+        """Set ``props`` as the host, dated one timestamp and the nanoseconds after it."""
+        timestamp = self._store.timestamp()
+        for offset, (name, value) in enumerate(props):
+            self._store.set(name, value, _HOST_PROP_FLAGS, timestamp + offset, is_guest=False)
+
     def _ensure_host_version(self) -> None:
         """The POWER_ON/RESUME notification: set the version properties once per instance."""
         if not self._host_version_set:
@@ -353,26 +359,30 @@ class GuestPropertyService:
             self._host_version_set = True
 
     def _set_host_version(self) -> None:
+        """``setHostVersionProps``: one timestamp T, the three properties dated T, T+1, T+2."""
         version = self._host_version
-        for name, value in (
+        self._set_host_props(
             (VBOX_VER, version.version),
             (VBOX_VER_EXT, version.version_ext),
             (VBOX_REV, version.revision),
-        ):
-            self._store.set(name, value, _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
+        )
 
     def _restart(self) -> None:
         """A new service instance: ``initialize()`` sets the host properties, then Main
-        bulk-loads the properties the old instance held."""
+        bulk-loads the properties the old instance held.
+
+        The counters and Sysprep properties take a timestamp of their own after the version
+        properties', so with a coarse clock the first seven changes are dated C, C+1, C+2,
+        C+1, C+2, C+3, C+4: the notification queue is not in timestamp order.
+        """
         saved = self._store.restart()
         self._set_host_version()
-        for name, value in (
+        self._set_host_props(
             (RESET_COUNTER, "0"),
             (RESUME_COUNTER, "0"),
             (SYSPREP_EXEC, ""),
             (SYSPREP_ARGS, ""),
-        ):
-            self._store.set(name, value, _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
+        )
         self._store.bulk_load(saved)
         self._host_version_set = False
 
