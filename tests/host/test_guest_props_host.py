@@ -257,6 +257,47 @@ class TestReset:
             "0",
         )
 
+    @pytest.mark.parametrize(
+        ("stored", "counted"),
+        [
+            ("41", "42"),
+            ("12abc", "13"),  # trailing characters: a warning, the number stands
+            ("7 ", "8"),
+            ("0x10", "17"),
+            ("0X1f", "32"),
+            ("010", "9"),  # octal
+            ("08", "9"),  # 0 and no octal digit: decimal
+            ("0x", "1"),  # no hex digit after 0x: decimal 0, then "x"
+            ("0xg", "1"),
+            ("1e3", "2"),
+            (" 5", "1"),  # no leading space is skipped: no digits
+            ("\t5", "1"),
+            ("", "1"),
+            ("abc", "1"),
+            ("+", "1"),
+            ("-", "1"),
+            ("+5", "6"),
+            ("--5", "6"),
+            ("-+5", "6"),  # '+' makes it positive again
+            ("-1", "0"),  # two's complement, then + 1 wraps
+            ("+-5", str(2**64 - 4)),
+            ("-0x10", str(2**64 - 15)),
+            (str(2**64 - 2), str(2**64 - 1)),
+            (str(2**64 - 1), "0"),
+            (str(2**64 + 5), "6"),  # too big: wraps modulo 2**64
+            ("\u0663", "1"),  # a non-ASCII digit is no digit
+        ],
+    )
+    def test_counter_is_read_as_rtstrtouint64_reads_it(
+        self, svc: GuestPropertyService, stored: str, counted: str
+    ) -> None:
+        """``incrementCounterProp`` reads the value with ``RTStrToUInt64``: base from the
+        prefix, signs, trailing characters and overflow tolerated, 0 without digits."""
+        svc.power_on()
+        svc.host_set("/VirtualBox/VMInfo/ResetCounter", stored, "TRANSIENT")
+        svc.reset()
+        assert _value(svc, "/VirtualBox/VMInfo/ResetCounter") == counted
+
     def test_counter_without_property(self, svc: GuestPropertyService) -> None:
         """Without a ResetCounter property a reset starts it at 1."""
         svc.reset()

@@ -50,6 +50,7 @@ from ._notify import write_out
 from ._params import GuestCallError
 from ._patterns import patterns_match
 from ._store import PropertyStore
+from ._strtonum import U64_MASK, str_to_u64
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -340,11 +341,11 @@ class GuestPropertyService:
     # -- helpers -------------------------------------------------------------------------
 
     def _increment(self, name: str) -> None:
+        """``incrementCounterProp``: the value as ``RTStrToUInt64`` reads it, plus one (a
+        u64, in decimal); 1 when there is no such property."""
         prop = self._store.get(name)
-        count = int(prop.value) if prop and prop.value.isascii() and prop.value.isdigit() else 0
-        self._store.set(
-            name, str(count + 1), _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False
-        )
+        count = 1 if prop is None else (str_to_u64(prop.value) + 1) & U64_MASK
+        self._store.set(name, str(count), _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
 
     def _set_host_props(self, *props: tuple[str, str]) -> None:
         """Set ``props`` as the host, dated one timestamp and the nanoseconds after it."""
