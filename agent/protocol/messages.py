@@ -246,6 +246,7 @@ class DriverVersion:
     driver_revision: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class DriverVersionInfo(_FixedIoctl[DriverVersion]):
     """``VBG_IOCTL_DRIVER_VERSION_INFO``: agree on the ioctl interface version."""
@@ -287,6 +288,7 @@ class EventsReceived:
     mask: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class WaitForEvents(_FixedIoctl[EventsReceived]):
     """``VBG_IOCTL_WAIT_FOR_EVENTS``: block until one of ``mask``'s events is pending."""
@@ -320,6 +322,7 @@ class WaitForEvents(_FixedIoctl[EventsReceived]):
         return EventsReceived(events)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class InterruptAllWaits(_FixedIoctl[None]):
     """``VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS``: end the waits on this session.
@@ -343,6 +346,7 @@ class InterruptAllWaits(_FixedIoctl[None]):
         self.check_reply(call)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ChangeFilterMask(_FixedIoctl[None]):
     """``VBG_IOCTL_CHANGE_FILTER_MASK``: add and remove events this session asks the host for."""
@@ -591,6 +595,7 @@ def encode_service_name(service: str) -> bytes:
     return raw + b"\0"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class HgcmConnect(_FixedIoctl[HgcmConnected]):
     """``VBG_IOCTL_HGCM_CONNECT``: connect to an existing host service by name."""
@@ -617,6 +622,7 @@ class HgcmConnect(_FixedIoctl[HgcmConnected]):
         return HgcmConnected(client_id)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class HgcmDisconnect(_FixedIoctl[None]):
     """``VBG_IOCTL_HGCM_DISCONNECT``: drop an HGCM client of this session."""
@@ -758,6 +764,7 @@ def _call_codec(count: int) -> struct.Struct:
     return struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class HgcmCall(Request[HgcmReply]):
     """``VBG_IOCTL_HGCM_CALL_64``: call ``function`` of a connected host service.
