@@ -262,9 +262,11 @@ def write_back(
     at = base + CALL_PARMS_OFFSET + _VALUE_AT
     step = layout.size
     for parm in params:
-        if isinstance(parm, HostU32):
+        # ``type(parm) is``: the parameter classes are final, and a failing ``isinstance``
+        # (every buffer's, here) also looks up the object's ``__class__``.
+        if type(parm) is HostU32:
             _U32.pack_into(req, at, parm.value & _U32_MAX)
-        elif isinstance(parm, HostU64):
+        elif type(parm) is HostU64:
             _U64.pack_into(req, at, parm.value & _U64_MAX)
         at += step
     for index, pages, first in page_lists:
