@@ -88,7 +88,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import grp
-import math
 import os
 import pwd
 import signal
@@ -102,6 +101,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import (
     AgentError,
     DriverVersion,
@@ -115,7 +115,6 @@ from agent.protocol import (
 from agent.protocol._ioc import ioc_nr
 from agent.protocol.constants import (
     ABANDON_AFTER_S,
-    GIVE_BACK_S,
     SHORT_CALL_TIMEOUT_MS,
     IoctlFunction,
 )
@@ -183,21 +182,6 @@ _libc: Final = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl: Final = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _libc_ioctl.restype = ctypes.c_int
-
-
-def abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
-    """When to abandon a call its caller was cancelled on (by ``cancelled``), if the driver
-    keeps it: :data:`ABANDON_AFTER_S` from now, never past ``deadline`` (the caller's, in
-    effect when the call began), and at once if a deadline is what cancelled it; but not
-    within :data:`GIVE_BACK_S`."""
-    if cancelled.source == "deadline":
-        return given_back_by(-math.inf)
-    return given_back_by(min(trio.current_time() + ABANDON_AFTER_S, deadline))
-
-
-def given_back_by(deadline: float) -> float:
-    """``deadline``, or :data:`GIVE_BACK_S` from now if that is later."""
-    return max(deadline, trio.current_time() + GIVE_BACK_S)
 
 
 def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:
