@@ -15,14 +15,14 @@ session. Design points:
   interrupts, so the event pump's wait (the agent's only one) always finds a thread however
   many property waits are open, and a full budget can never deadlock: a blocking call
   beyond that fails at once with :class:`IoctlThreadsExhaustedError`, naming the setting to
-  raise. Short calls (any other
-  ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``, such as a property set)
-  never fail for want of a thread: they wait for one, which they hold only briefly (at
-  most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or disconnect, which neither driver
-  times out or lets a signal end, is given up after that by ``Device.open_hgcm_client``,
-  and its thread abandoned and replaced). They may take every thread but
-  :data:`INTERRUPT_THREADS`: those only INTERRUPT_ALL_WAIT_FOR_EVENTS takes (the driver
-  answers it at once), so ending a blocked wait never waits for short calls the host holds.
+  raise. Short calls (any other ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``,
+  such as a property set) never fail for want of a thread: they wait for one, which they
+  hold only briefly (at most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or
+  disconnect, which neither driver times out or lets a signal end, is given up after that
+  by ``Device.open_hgcm_client``, and its thread abandoned and replaced). They may take
+  every thread but :data:`INTERRUPT_THREADS`: those only INTERRUPT_ALL_WAIT_FOR_EVENTS takes
+  (the driver answers it at once), so ending a blocked wait never waits for short calls the
+  host holds.
 - **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
   GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
   every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
