@@ -6,9 +6,10 @@ and on again with HEARTBEAT_CONFIGURE (a fresh start, whatever an earlier run le
 interval the host returns and beats on that rhythm with the :class:`Metronome` (absolute
 deadlines, one late beat rather than a burst). After a restore (RESTORED) it configures again;
 at stop (``drain``) it switches the check off, so a stopped agent is not mistaken for a hung
-guest. A beat the host refuses is counted; refusals are logged when they begin and change
-status (``heartbeat_failed``) and when a beat goes through again (``heartbeat_recovered``),
-not at every beat, and the status says so meanwhile.
+guest. A beat the host refuses or answers with a malformed reply is counted; such failures
+are logged when they begin and change cause (``heartbeat_failed``) and when a beat goes
+through again (``heartbeat_recovered``), not at every beat, the status says so meanwhile, and
+the rhythm goes on.
 
 Where the driver keeps the heartbeat itself, the requests are refused (mainline: EPERM; Oracle's
 ``vgdrvCheckIfVmmReqIsAllowed``: VERR_PERMISSION_DENIED, as neither request is on its list).
@@ -35,7 +36,7 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import LastingFailure
+from agent.services._lasting import HOST_ERRORS, LastingFailure
 from agent.services._paced import Metronome
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class HeartbeatStatistics:
         owner: ``agent`` (beating), ``driver`` (the kernel keeps it), ``none`` (the host
             has no heartbeat), ``unknown`` (before the first configure).
         configures: successful HEARTBEAT_CONFIGURE (on) requests.
-        failures: beats the host refused.
+        failures: beats the host refused or answered with a malformed reply.
         rhythm: the metronome's counters (beats are its ticks).
     """
 
@@ -204,8 +205,8 @@ class HeartbeatService:
     async def _beat(self) -> None:
         try:
             await self._device.request(GuestHeartbeat())
-        except VBoxStatusError as exc:
-            if self._failures.failed("heartbeat_failed", exc.name, status=exc.name):
+        except HOST_ERRORS as exc:
+            if self._failures.host_failed("heartbeat_failed", exc):
                 self._status_changed()
             return
         if self._failures.succeeded():

@@ -23,6 +23,7 @@ from agent.protocol import RequestType
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services.heartbeat import HeartbeatSection, HeartbeatService
+from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -38,14 +39,16 @@ async def running(
     personality: str,
     section: HeartbeatSection | None = None,
     status_changed: Callable[[], None] = lambda: None,
+    garbler: ReplyGarbler | None = None,
 ) -> AsyncIterator[tuple[SimulatedHost, HeartbeatService, trio.CancelScope]]:
     """A host with a 100 ms interval, the pump, and a started service with its cancel scope
-    (``status_changed`` is the context's)."""
+    (``status_changed`` is the context's; ``garbler`` garbles the host's replies)."""
     host = SimulatedHost(personality=personality, heartbeat_interval_ns=INTERVAL_NS, seed=1)
+    opener = SimOpener(host) if garbler is None else HookedOpener(host, reply=garbler)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(SimOpener(host)) as device:
+            async with open_device(opener) as device:
                 pump = EventPump(device)
                 service = HeartbeatService(
                     ServiceContext(device, pump, status_changed), section or HeartbeatSection()
@@ -132,6 +135,32 @@ class TestAgentKeepsTheHeartbeat:
             assert [(e["status"], e["failures"]) for e in failed] == [("VERR_GENERAL_FAILURE", 1)]
             recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
             assert [entry["failed_in_a_row"] for entry in recovered] == [3]
+
+    async def test_malformed_beat_replies_are_counted_and_the_rhythm_goes_on(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A minute of beat replies whose header names another request type (a broken host;
+        far more failures than the supervisor's restart budget) is counted beat by beat and
+        logged once, the status says so, and the service goes on beating on time; one more
+        line when replies are sound again."""
+        garbler = ReplyGarbler()
+        async with running("passthrough", garbler=garbler) as (host, service, _):
+            await trio.sleep(0.05)
+            garbler.request_types.add(RequestType.GUEST_HEARTBEAT)
+            with structlog.testing.capture_logs() as logs:
+                await trio.sleep(60.0)
+                assert service.status() == "heartbeat 100 ms (failing: malformed reply)"
+                garbler.request_types.clear()
+                await trio.sleep(1.0)
+            assert service.status() == "heartbeat 100 ms"
+            assert (service.statistics().failures, garbler.garbled) == (600, 600)
+            state = heartbeat(host)
+            assert (state["beats"], state["max_gap_ns"]) == (611, INTERVAL_NS)
+        failed = [entry for entry in logs if entry["event"] == "heartbeat_failed"]
+        assert len(failed) == 1
+        assert "reply header (size, version, type)" in failed[0]["malformed_reply"]
+        recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
+        assert [entry["failed_in_a_row"] for entry in recovered] == [600]
 
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock
