@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
+import pytest
 import structlog
 import trio
 import trio.testing
@@ -40,10 +41,13 @@ async def running(
     section: HeartbeatSection | None = None,
     status_changed: Callable[[], None] = lambda: None,
     garbler: ReplyGarbler | None = None,
+    interval_ns: int = INTERVAL_NS,
 ) -> AsyncIterator[tuple[SimulatedHost, HeartbeatService, trio.CancelScope]]:
-    """A host with a 100 ms interval, the pump, and a started service with its cancel scope
-    (``status_changed`` is the context's; ``garbler`` garbles the host's replies)."""
+    """A host with a 100 ms interval (or ``interval_ns``, even one VMMDev would refuse to
+    start with), the pump, and a started service with its cancel scope (``status_changed``
+    is the context's; ``garbler`` garbles the host's replies)."""
     host = SimulatedHost(personality=personality, heartbeat_interval_ns=INTERVAL_NS, seed=1)
+    host.vmmdev.heartbeat.interval_ns = interval_ns
     opener = SimOpener(host) if garbler is None else HookedOpener(host, reply=garbler)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
@@ -161,6 +165,37 @@ class TestAgentKeepsTheHeartbeat:
         assert "reply header (size, version, type)" in failed[0]["malformed_reply"]
         recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
         assert [entry["failed_in_a_row"] for entry in recovered] == [600]
+
+    @pytest.mark.parametrize("interval_ns", [0, 1, 49_999_999])
+    async def test_an_interval_below_50ms_leaves_the_check_off_until_a_restore(
+        self, autojump_clock: trio.abc.Clock, interval_ns: int
+    ) -> None:
+        """A host naming an interval below the 50 ms VMMDev allows (on 1 ns the agent beat
+        20,000 times a second): one warning naming the value and the bound, the check
+        switched off again and no beat for a minute, the service up (no restarts to spend);
+        a restore configures again and a sound interval applies; the drain switches the
+        check off."""
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", interval_ns=interval_ns) as (host, service, scope):
+                await trio.sleep(60.0)
+                state = heartbeat(host)
+                assert (state["enabled"], state["beats"]) == (False, 0)
+                assert host.vmmdev.request_counts[RequestType.GUEST_HEARTBEAT] == 0
+                assert service.status() == "heartbeat not armed (malformed reply)"
+                assert service.statistics().malformed_configures == 1
+                host.vmmdev.heartbeat.interval_ns = INTERVAL_NS
+                host.restore()
+                await trio.sleep(1.0 - 1e-9)
+                state = heartbeat(host)
+                assert (state["enabled"], state["beats"], state["flatlined"]) == (True, 10, False)
+                assert service.status() == "heartbeat 100 ms"
+                scope.cancel()
+                await service.drain()
+                assert heartbeat(host)["enabled"] is False
+        [not_armed] = [entry for entry in logs if entry["event"] == "heartbeat_not_armed"]
+        said = f"interval of {interval_ns} ns, below the 50000000 ns (50 ms)"
+        assert said in not_armed["malformed_reply"]
+        assert not [entry for entry in logs if entry["event"] == "heartbeat_disable_failed"]
 
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock
