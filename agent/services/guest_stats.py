@@ -53,7 +53,8 @@ log = structlog.get_logger(__name__)
 NAME: Final = "statistics"
 PROC: Final = Path("/proc")
 LATE_AFTER_S: Final = 1.0
-"""A report sent more than a second after its deadline is logged as late."""
+"""A report sent more than a second after its deadline is late (counted; the first of a run
+of late reports is logged)."""
 EVENTS: Final = Event.RESTORED | Event.STATISTICS_INTERVAL_CHANGE_REQUEST
 DRIVER_REFUSALS: Final = frozenset({VERR_PERMISSION_DENIED, VERR_ACCESS_DENIED})
 """Statuses meaning "this session may not send statistics" (mainline's EPERM is the first)."""

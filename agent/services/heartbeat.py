@@ -69,7 +69,8 @@ class HeartbeatSection(ServiceSection):
     """``[heartbeat]``: the guest heartbeat, where the driver leaves it to userspace."""
 
     late_after_s: float = Field(default=0.05, gt=0, le=MAX_LATE_AFTER_S)
-    """A beat sent more than this many seconds after its deadline is logged (``tick_late``)."""
+    """A beat sent more than this many seconds after its deadline is late: counted, and the
+    first of a run of late beats is logged (``tick_late``)."""
 
 
 class Owner(Enum):

@@ -356,6 +356,25 @@ class TestReports:
             assert guest_stats(host)["reports"] == 3
             assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
 
+    async def test_interval_zero_is_taken_while_reports_are_slow(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """Reports the host answers after 1.5 s at an interval of 1 s (no deadline is ever
+        ahead to wait for): the host's change to 0 is read once the report under way is
+        answered, and reports stop."""
+        write_proc(tmp_path, cpus=(IDLE_CPU,), processes=1)
+        async with running("passthrough", proc=tmp_path) as (host, service):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            host.set_delay(RequestType.REPORT_GUEST_STATS, 1.5)
+            await trio.sleep(3.0)
+            host.set_statistics_interval(0)
+            await trio.sleep(1.5)
+            assert service.status() == "statistics off"
+            reports = guest_stats(host)["reports"]
+            await trio.sleep(60.0)
+            assert guest_stats(host)["reports"] == reports == 3
+
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_untrusted_session_is_refused_once(
         self, autojump_clock: trio.abc.Clock, personality: str

@@ -108,6 +108,29 @@ class TestAgentKeepsTheHeartbeat:
             assert (state["enabled"], state["flatlined"]) == (True, False)
             assert state["max_gap_ns"] == INTERVAL_NS
 
+    async def test_restore_is_followed_while_beats_are_slow(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Beats the host answers after 300 ms (three intervals: no deadline is ever ahead
+        to wait for) still let a restore through: the check is configured again once the
+        beat under way (sent as the VM was restored) is answered; half a minute of slow
+        beats is one warning."""
+        async with running("passthrough") as (host, service, _):
+            await trio.sleep(1.0)
+            host.set_delay(RequestType.GUEST_HEARTBEAT, 0.3)
+            with structlog.testing.capture_logs() as logs:
+                await trio.sleep(1.0)
+                configures = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                host.restore()
+                await trio.sleep(0.4)
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == configures + 2
+                assert service.statistics().configures == 2
+                await trio.sleep(30.0)
+            rhythm = service.statistics().rhythm
+            assert rhythm.rereads == 1
+            assert rhythm.late > 10
+        assert [entry["event"] for entry in logs].count("tick_late") == 1
+
     async def test_drain_switches_the_check_off(self, autojump_clock: trio.abc.Clock) -> None:
         """The stop leaves the host's check disabled and the guest not flat-lined."""
         async with running("passthrough") as (host, service, scope):
