@@ -149,6 +149,8 @@ class CpuHotPlugService:
         self._sysfs = sysfs
         self._limiter = trio.CapacityLimiter(1)
         self._monitoring = False
+        self._host_may_monitor = False
+        """An Enable was sent (answered or not) and no Disable went through since."""
         self._refusal: str | None = None
         self._unreadable: str | None = None
         """The sysfs problem last warned about (said once, not at every restore)."""
@@ -193,16 +195,20 @@ class CpuHotPlugService:
         return True
 
     async def drain(self) -> None:
-        """Stop the host's events (Disable), so Main knows nobody follows them any more."""
-        if not self._monitoring:
+        """Stop the host's events (Disable), so Main knows nobody follows them any more.
+
+        Sent whenever an Enable was sent, answered or not (a stop during the start cancels
+        the wait for an answer the host may already have acted on), as VBoxService's
+        ``VbglR3CpuHotPlugTerm`` always disables."""
+        if not self._host_may_monitor:
             await trio.lowlevel.checkpoint()
             return
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.DISABLE))
-        except VBoxStatusError as exc:
-            log.warning("cpu_hotplug_disable_failed", status=exc.name)
+        except HOST_ERRORS as exc:
+            log.warning("cpu_hotplug_disable_failed", error=str(exc))
             return
-        self._monitoring = False
+        self._monitoring = self._host_may_monitor = False
         log.info("cpu_hotplug_monitoring_stopped")
 
     async def run(
@@ -227,9 +233,11 @@ class CpuHotPlugService:
         :meth:`CpuSysfs.remember`: reads of small attributes, which do not block)."""
         if self._sysfs is not None:
             self._remember(self._sysfs)
+        had_enabled, self._host_may_monitor = self._host_may_monitor, True
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.ENABLE))
         except VBoxStatusError as exc:
+            self._host_may_monitor = had_enabled  # this Enable switched nothing on
             if exc.rc not in UNAVAILABLE:
                 raise
             self._unavailable(exc.name, restored=restored, status=exc.name)

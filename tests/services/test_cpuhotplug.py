@@ -541,6 +541,41 @@ class TestMonitoring:
             assert refused.value.rc == NOT_MONITORED
             assert run.stats().monitoring is False
 
+    async def test_a_stop_during_the_enable_disables_monitoring(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A stop while the Enable is still in the host (answered after 1 s) sends Disable
+        at the drain all the same: the host acts on the Enable whoever waits for its answer,
+        and VBoxService's VbglR3CpuHotPlugTerm always disables."""
+        host = SimulatedHost(personality="mainline", seed=7)
+        host.set_delay(RequestType.SET_CPU_HOTPLUG_STATUS, 1.0)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    await nursery.start(pump.run)
+                    service = CpuHotPlugService(ServiceContext(device, pump), None)
+                    with trio.move_on_after(0.5):  # the daemon's stop, during the start
+                        await service.run()
+                    await service.drain()
+                    await trio.sleep(2.0)
+                    assert host.vmmdev.cpu_hotplug.monitored is False
+                    assert host.vmmdev.request_counts[RequestType.SET_CPU_HOTPLUG_STATUS] == 2
+                    assert service.statistics().monitoring is False
+                nursery.cancel_scope.cancel()
+        assert len(events_named(logs, "cpu_hotplug_monitoring_stopped")) == 1
+
+    async def test_a_refused_enable_is_not_disabled(
+        self, autojump_clock: trio.abc.Clock, guest: Guest
+    ) -> None:
+        """An Enable the host refused switched nothing on: the drain sends no Disable."""
+        not_implemented = STATUS_CODES["VERR_NOT_IMPLEMENTED"]
+        with trio.fail_after(60):
+            async with running(guest.root, fault=not_implemented) as run:
+                pass
+            assert run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 1
+
     @pytest.mark.parametrize(
         "case",
         [
