@@ -12,11 +12,13 @@ meanwhile.
 
 :class:`PropertyPublisher` keeps a set of properties as the service wants them, like
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
-a beacon, on every call), a property wanted absent is deleted once, a property no longer
-wanted at all is deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything
-is written again. A property the host refuses, or one the client refuses to send (a value
-over the 1023-byte limit: ``PropertyArgumentError``), is logged once per status, shown in the
-status and retried on the next call; the refusal is forgotten once the property is neither
+a beacon, on every call), always with ``TRANSRESET`` (as VBoxService 7.2.6 writes every cache
+entry: the host drops it when the VM resets or powers off, where the agent's stop never
+runs), a property wanted absent is deleted once, a property no longer wanted at all is
+deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything is written again.
+A property the host refuses, or one the client refuses to send (a value over the 1023-byte
+limit: ``PropertyArgumentError``), is logged once per status, shown in the status and
+retried on the next call; the refusal is forgotten once the property is neither
 wanted nor held. :class:`IntervalPause` is the wait between two passes, which a reload may
 shorten or lengthen while it runs and an event (a restore) ends early.
 """
@@ -47,6 +49,8 @@ DEFAULT_INTERVAL_S = 5.0
 """VBoxService's VM-info interval."""
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 3600.0
+FLAGS: Final = "TRANSRESET"
+"""The flags of every value written (the host adds TRANSIENT)."""
 NOT_SENT: Final = "not sent: over a limit of the property service"
 """The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
 
@@ -90,7 +94,7 @@ class PublishingService:
     """Reads the guest every ``interval_s`` and after a restore; publishes what changed.
 
     ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
-    beacons written on every pass; ``flags`` go with every write; ``stop_values`` are
+    beacons written on every pass; ``stop_values`` are
     written (None: deleted) at a stop, once something was published; ``owned`` are the
     patterns of the names the service owns (see the module).
     """
@@ -103,7 +107,6 @@ class PublishingService:
         read: Callable[[], Reading],
         *,
         always: Collection[str] = (),
-        flags: str | None = None,
         stop_values: Mapping[str, str | None],
         owned: Sequence[str] = (),
     ) -> None:
@@ -118,7 +121,7 @@ class PublishingService:
         self._sweep_owned = True
         """Whether the next pass first deletes the owned names the reading does not want."""
         self._pause = IntervalPause(section.interval_s)
-        self._publisher = PropertyPublisher(flags)
+        self._publisher = PropertyPublisher()
         self._published = False
         self._unreadable: str | None = None
         self._summary: str | None = None
@@ -239,14 +242,12 @@ class PublishingService:
 class PropertyPublisher:
     """Brings the host's copy of a set of properties to what the caller wants.
 
-    ``flags`` go with every write (None: the plain value write, as VBoxService makes for
-    properties without cache flags). ``writes`` counts the values written, the ``always``
+    Every value is written with :data:`FLAGS`. ``writes`` counts the values written, the ``always``
     names' not included, ``deletes`` the deletions; ``refused`` maps each property refused at
     its last attempt to the VBox status name the host answered, or :data:`NOT_SENT`.
     """
 
-    def __init__(self, flags: str | None = None) -> None:
-        self._flags = flags
+    def __init__(self) -> None:
         self._held: dict[str, str | None] = {}
         """The values the host holds from us; None: unknown (after a restore)."""
         self._deleted: set[str] = set()
@@ -304,7 +305,7 @@ class PropertyPublisher:
 
     async def _write(self, props: GuestProperties, name: str, value: str, *, counted: bool) -> None:
         try:
-            await props.set(name, value, self._flags)
+            await props.set(name, value, FLAGS)
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return

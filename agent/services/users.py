@@ -38,7 +38,6 @@ OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
 LIST_PROPERTY: Final = f"{OS_PREFIX}LoggedInUsersList"
 COUNT_PROPERTY: Final = f"{OS_PREFIX}LoggedInUsers"
 NONE_PROPERTY: Final = f"{OS_PREFIX}NoLoggedInUsers"
-FLAGS: Final = "TRANSRESET"
 NO_ONE: Final[dict[str, str | None]] = {
     LIST_PROPERTY: None,
     NONE_PROPERTY: "true",
@@ -114,7 +113,6 @@ def users_service(
         section,
         UsersReader(read_users),
         always={COUNT_PROPERTY},
-        flags=FLAGS,
         stop_values=NO_ONE,
     )
 
