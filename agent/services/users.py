@@ -13,8 +13,10 @@ but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService f
 it is the beacon by which the host knows the users' properties are current. As VBoxService
 does, every value carries ``TRANSRESET`` (the host drops it when the VM
 resets or powers off) and a stop leaves the "no one" values: the list deleted, ``0`` and
-``true``. A source that cannot be read keeps the last values rather than claim no one is
-logged in. A list longer than a property value may be (1023 bytes) is cut after the last
+``true``. A source that cannot be read (utmp or logind) is logged when it starts and ends
+and shown in the status, and the other's users are published, as VBoxService 7.2.6 does;
+only when neither can be read are the last values kept rather than claim no one is logged
+in. A list longer than a property value may be (1023 bytes) is cut after the last
 name that fits, which is logged when it starts and ends; ``LoggedInUsers`` still counts
 everyone (VBoxService would fail to write the list). Config section: ``[users]``.
 """
@@ -27,11 +29,11 @@ import structlog
 
 from agent.protocol.guest_props import MAX_VALUE_SIZE
 from agent.services._base import ServiceContext, ServiceSpec
-from agent.services._logins import logged_in_users
+from agent.services._logins import Logins, logged_in_users
 from agent.services._publishing import PublishingSection, PublishingService, Reading
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 NAME: Final = "users"
 OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
@@ -68,29 +70,41 @@ def users_list(users: Sequence[str]) -> tuple[str, int]:
 
 @final
 class UsersReader:
-    """Reads the users as properties and ``N users`` (``(K listed)`` when the list is cut);
-    logs when the list starts being cut and when it fits again, not at every pass."""
+    """Reads the users as properties and ``N users`` (``(K listed)`` when the list is cut,
+    then the sources not read); logs when the list starts being cut and when it fits again,
+    and when a source starts failing (or its error changes) and when it reads again, not at
+    every pass."""
 
-    def __init__(self, read_users: Callable[[], Sequence[str]] = logged_in_users) -> None:
-        self._read_users = read_users
+    def __init__(self, read_logins: Callable[[], Logins] = logged_in_users) -> None:
+        self._read_logins = read_logins
         self._cut = False
+        self._unread: Mapping[str, str] = {}
 
     def __call__(self) -> Reading:
-        users = self._read_users()
-        if not users:
-            self._note_cut(0, 0)
-            return Reading(NO_ONE, "0 users")
+        logins = self._read_logins()
+        self._note_unread(logins.unread)
+        users = logins.users
         names, listed = users_list(users)
         self._note_cut(len(users), listed)
         properties = {
-            LIST_PROPERTY: names,
-            NONE_PROPERTY: "false",
+            LIST_PROPERTY: names if users else None,
+            NONE_PROPERTY: "false" if users else "true",
             COUNT_PROPERTY: str(len(users)),
         }
         summary = f"{len(users)} user{'' if len(users) == 1 else 's'}"
-        return Reading(
-            properties, summary if listed == len(users) else f"{summary} ({listed} listed)"
-        )
+        if listed < len(users):
+            summary += f" ({listed} listed)"
+        for source, error in logins.unread.items():
+            summary += f"; {source} not read: {error}"
+        return Reading(properties, summary)
+
+    def _note_unread(self, unread: Mapping[str, str]) -> None:
+        for source, error in unread.items():
+            if self._unread.get(source) != error:
+                log.warning("login_source_unreadable", source=source, error=error)
+        for source in self._unread.keys() - unread.keys():
+            log.info("login_source_readable", source=source)
+        self._unread = unread
 
     def _note_cut(self, users: int, listed: int) -> None:
         cut = listed < users
@@ -104,14 +118,14 @@ class UsersReader:
 def users_service(
     context: ServiceContext,
     section: UsersSection,
-    read_users: Callable[[], Sequence[str]] = logged_in_users,
+    read_logins: Callable[[], Logins] = logged_in_users,
 ) -> PublishingService:
-    """The service, reading the guest's logins (tests pass their own ``read_users``)."""
+    """The service, reading the guest's logins (tests pass their own ``read_logins``)."""
     return PublishingService(
         NAME,
         context,
         section,
-        UsersReader(read_users),
+        UsersReader(read_logins),
         always={COUNT_PROPERTY},
         stop_values=NO_ONE,
     )
