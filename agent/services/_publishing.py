@@ -2,11 +2,11 @@
 
 :class:`PublishingService` is the service: every ``interval_s`` (a section field) and at
 once after a restore it takes a :class:`Reading` of the guest (the properties it wants and a
-short summary) and publishes it on one HGCM client it keeps; at a stop it writes the
-``stop_values`` (VBoxService's reset values). A service may own every name matching some
-patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a run's first pass and
-after a restore, the host's names among them that the reading does not want (a previous
-boot's) are deleted, and at a stop all of them are, but for the ``stop_values``. Failing to
+short summary) and publishes it on one HGCM client it keeps; at a stop it deletes what it
+published, as VBoxService 7.2.6 deletes its cache entries at termination. A service may own
+every name matching some patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a
+run's first pass and after a restore, the host's names among them that the reading does not
+want (a previous boot's) are deleted, and at a stop all of them are. Failing to
 read the guest is logged when it starts and ends, shown in the status, and publishes nothing
 meanwhile.
 
@@ -94,9 +94,8 @@ class PublishingService:
     """Reads the guest every ``interval_s`` and after a restore; publishes what changed.
 
     ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
-    beacons written on every pass; ``stop_values`` are
-    written (None: deleted) at a stop, once something was published; ``owned`` are the
-    patterns of the names the service owns (see the module).
+    beacons written on every pass; ``owned`` are the patterns of the names the service owns
+    (see the module).
     """
 
     def __init__(
@@ -107,7 +106,6 @@ class PublishingService:
         read: Callable[[], Reading],
         *,
         always: Collection[str] = (),
-        stop_values: Mapping[str, str | None],
         owned: Sequence[str] = (),
     ) -> None:
         self.name = name
@@ -116,7 +114,6 @@ class PublishingService:
         self._status_changed = context.status_changed
         self._read = read
         self._always = always
-        self._stop_values = stop_values
         self._owned = owned
         self._sweep_owned = True
         """Whether the next pass first deletes the owned names the reading does not want."""
@@ -149,20 +146,19 @@ class PublishingService:
         return True
 
     async def drain(self) -> None:
-        """Write the stop values and delete the other owned names, on a client of its own
+        """Delete what was published and the other owned names, on a client of its own
         (leaving :meth:`run` closed its)."""
         if not self._published:
             await trio.lowlevel.checkpoint()
             return
         async with open_guest_properties(self._device) as props:
             owned = set(self._publisher.held()) | set(await self._list_owned(props) or ())
-            values: dict[str, str | None] = dict.fromkeys(sorted(owned - self._stop_values.keys()))
-            values |= self._stop_values
-            await self._publisher.apply(props, values)
-        if any(name in self._publisher.refused for name in values):
+            names = sorted(owned)
+            await self._publisher.delete(props, names)
+        if any(name in self._publisher.refused for name in names):
             return  # each refusal is logged; a next run publishes everything again
         self._published = False
-        log.info("stop_values_written", properties=len(values))
+        log.info("published_deleted", properties=len(names))
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -295,13 +291,10 @@ class PropertyPublisher:
             if name in wanted or name in self._held
         }
 
-    async def apply(self, props: GuestProperties, values: Mapping[str, str | None]) -> None:
-        """Write (None: delete) each of ``values`` now, whatever the host holds."""
-        for name, value in values.items():
-            if value is None:
-                await self._delete(props, name)
-            else:
-                await self._write(props, name, value, counted=True)
+    async def delete(self, props: GuestProperties, names: Iterable[str]) -> None:
+        """Delete each of ``names`` now, whatever the host holds."""
+        for name in names:
+            await self._delete(props, name)
 
     async def _write(self, props: GuestProperties, name: str, value: str, *, counted: bool) -> None:
         try:

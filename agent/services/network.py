@@ -83,7 +83,6 @@ def network_service(
         section,
         lambda: network_reading(read_interfaces),
         always={COUNT_PROPERTY},
-        stop_values={},
         owned=(NET_PATTERN,),
     )
 

@@ -2,23 +2,24 @@
 
 What VBoxService's VM-info service publishes and host tools wait on (``VBoxManage
 guestproperty wait VM /VirtualBox/GuestInfo/OS/NoLoggedInUsers``):
-``/VirtualBox/GuestInfo/OS/LoggedInUsersList`` (the names, comma-separated; absent while
-no one is logged in), ``LoggedInUsers`` (how many) and ``NoLoggedInUsers`` (``true`` or
-``false``). The users come from utmp and logind's active sessions
-(:mod:`agent.services._logins`).
+``/VirtualBox/GuestInfo/OS/LoggedInUsersList`` (the names, comma-separated; empty while no
+one is logged in, as VBoxService 7.2.6 writes it), ``LoggedInUsers`` (how many) and
+``NoLoggedInUsers`` (``true`` or ``false``). The users come from utmp and logind's active
+sessions (:mod:`agent.services._logins`).
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[users]
 interval_s`` (5 s, VBoxService's default) and after a restore, writing only what changed,
 but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService from 7.2.6,
 it is the beacon by which the host knows the users' properties are current. As VBoxService
-does, every value carries ``TRANSRESET`` (the host drops it when the VM
-resets or powers off) and a stop leaves the "no one" values: the list deleted, ``0`` and
-``true``. A source that cannot be read (utmp or logind) is logged when it starts and ends
-and shown in the status, and the other's users are published, as VBoxService 7.2.6 does;
-only when neither can be read are the last values kept rather than claim no one is logged
-in. A list longer than a property value may be (1023 bytes) is cut after the last
-name that fits, which is logged when it starts and ends; ``LoggedInUsers`` still counts
-everyone (VBoxService would fail to write the list). Config section: ``[users]``.
+does, every value carries ``TRANSRESET`` (the host drops it when the VM resets or powers
+off), and a stop deletes all three, as VBoxService 7.2.6 does at termination: users may
+still be logged in (``systemctl restart``), so "no one" would be false. A source that
+cannot be read (utmp or logind) is logged when it starts and ends and shown in the status,
+and the other's users are published, as VBoxService 7.2.6 does; only when neither can be
+read are the last values kept rather than claim no one is logged in. A list longer than a
+property value may be (1023 bytes) is cut after the last name that fits, which is logged
+when it starts and ends; ``LoggedInUsers`` still counts everyone (VBoxService would fail to
+write the list). Config section: ``[users]``.
 """
 
 from __future__ import annotations
@@ -40,12 +41,6 @@ OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
 LIST_PROPERTY: Final = f"{OS_PREFIX}LoggedInUsersList"
 COUNT_PROPERTY: Final = f"{OS_PREFIX}LoggedInUsers"
 NONE_PROPERTY: Final = f"{OS_PREFIX}NoLoggedInUsers"
-NO_ONE: Final[dict[str, str | None]] = {
-    LIST_PROPERTY: None,
-    NONE_PROPERTY: "true",
-    COUNT_PROPERTY: "0",
-}
-"""The values with no one logged in: VBoxService's reset values, written at a stop."""
 MAX_LIST_BYTES: Final = MAX_VALUE_SIZE - 1
 """The longest list a property value holds (UTF-8, without the NUL)."""
 SEPARATOR: Final = ","
@@ -87,7 +82,7 @@ class UsersReader:
         names, listed = users_list(users)
         self._note_cut(len(users), listed)
         properties = {
-            LIST_PROPERTY: names if users else None,
+            LIST_PROPERTY: names,
             NONE_PROPERTY: "false" if users else "true",
             COUNT_PROPERTY: str(len(users)),
         }
@@ -127,7 +122,6 @@ def users_service(
         section,
         UsersReader(read_logins),
         always={COUNT_PROPERTY},
-        stop_values=NO_ONE,
     )
 
 
