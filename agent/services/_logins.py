@@ -9,11 +9,12 @@
    the uid), the documented library interface to the same state, so it needs no D-Bus.
    Distributions that no longer write utmp still have these.
 
-Names are kept in order of first appearance, once each (compared on their first 32 bytes,
-utmp's field size, as VBoxService compares them). A source that does not exist (no utmp
-file, no logind) adds no one. One that exists and cannot be read is left out and named with
-its error, the other's users still count (as VBoxService 7.2.6 logs a failing logind and
-publishes what it has); only when neither can be read is that an error.
+Names are kept in order of first appearance, once each, compared on their first 32 bytes,
+utmp's field size, as VBoxService did before 7.2 (7.2.6 compares whole names, so it would
+list a logind name over 32 bytes next to utmp's cut copy of it). A source that does not
+exist (no utmp file, no logind) adds no one. One that exists and cannot be read is left out
+and named with its error, the other's users still count (as VBoxService 7.2.6 logs a
+failing logind and publishes what it has); only when neither can be read is that an error.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_INTERVAL_S = 5.0
-"""VBoxService's VM-info interval."""
+DEFAULT_INTERVAL_S = 10.0
+"""VBoxService 7.2.6's VM-info interval (``RT_MS_10SEC``, where no option sets one)."""
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 3600.0
 FLAGS: Final = "TRANSRESET"

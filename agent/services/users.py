@@ -8,18 +8,18 @@ one is logged in, as VBoxService 7.2.6 writes it), ``LoggedInUsers`` (how many) 
 sessions (:mod:`agent.services._logins`).
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[users]
-interval_s`` (5 s, VBoxService's default) and after a restore, writing only what changed,
-but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService from 7.2.6,
-it is the beacon by which the host knows the users' properties are current. As VBoxService
-does, every value carries ``TRANSRESET`` (the host drops it when the VM resets or powers
-off), and a stop deletes all three, as VBoxService 7.2.6 does at termination: users may
-still be logged in (``systemctl restart``), so "no one" would be false. A source that
-cannot be read (utmp or logind) is logged when it starts and ends and shown in the status,
-and the other's users are published, as VBoxService 7.2.6 does; only when neither can be
-read are the last values kept rather than claim no one is logged in. A list longer than a
-property value may be (1023 bytes) is cut after the last name that fits, which is logged
-when it starts and ends; ``LoggedInUsers`` still counts everyone (VBoxService would fail to
-write the list). Config section: ``[users]``.
+interval_s`` (10 s, VBoxService 7.2.6's default) and after a restore, writing only what
+changed, but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService from
+7.2.6, it is the beacon by which the host knows the users' properties are current. As
+VBoxService does, every value carries ``TRANSRESET`` (the host drops it when the VM resets
+or powers off), and a stop deletes all three, as VBoxService 7.2.6 does at termination:
+users may still be logged in (``systemctl restart``), so "no one" would be false. A source
+that cannot be read (utmp or logind) is logged when it starts and ends and shown in the
+status, and the other's users are published, as VBoxService 7.2.6 does; only when neither
+can be read are the last values kept rather than claim no one is logged in. As in
+VBoxService 7.2.6, a name that would take the list over a property value's limit (1023
+bytes) is left out, which is logged when it starts and ends, and ``LoggedInUsers`` counts
+the names listed. Config section: ``[users]``.
 """
 
 from __future__ import annotations
@@ -53,19 +53,22 @@ class UsersSection(PublishingSection):
 
 
 def users_list(users: Sequence[str]) -> tuple[str, int]:
-    """The comma-separated list of ``users`` that fits a property value, and how many it
-    names: the list stops before the first name that would not fit."""
+    """The comma-separated list of the ``users`` that fit a property value, and how many it
+    names: as in VBoxService 7.2.6, a name that would take the list over the limit is left
+    out, and the next ones are tried."""
+    listed: list[str] = []
     size = -len(SEPARATOR)
-    for listed, user in enumerate(users):
-        size += len(SEPARATOR) + len(user.encode())
-        if size > MAX_LIST_BYTES:
-            return SEPARATOR.join(users[:listed]), listed
-    return SEPARATOR.join(users), len(users)
+    for user in users:
+        grown = size + len(SEPARATOR) + len(user.encode())
+        if grown <= MAX_LIST_BYTES:
+            listed.append(user)
+            size = grown
+    return SEPARATOR.join(listed), len(listed)
 
 
 @final
 class UsersReader:
-    """Reads the users as properties and ``N users`` (``(K listed)`` when the list is cut,
+    """Reads the users as properties and ``N users`` (``(K left out)`` when the list is cut,
     then the sources not read); logs when the list starts being cut and when it fits again,
     and when a source starts failing (or its error changes) and when it reads again, not at
     every pass."""
@@ -83,12 +86,12 @@ class UsersReader:
         self._note_cut(len(users), listed)
         properties = {
             LIST_PROPERTY: names,
-            NONE_PROPERTY: "false" if users else "true",
-            COUNT_PROPERTY: str(len(users)),
+            NONE_PROPERTY: "false" if listed else "true",
+            COUNT_PROPERTY: str(listed),
         }
-        summary = f"{len(users)} user{'' if len(users) == 1 else 's'}"
+        summary = f"{listed} user{'' if listed == 1 else 's'}"
         if listed < len(users):
-            summary += f" ({listed} listed)"
+            summary += f" ({len(users) - listed} left out)"
         for source, error in logins.unread.items():
             summary += f"; {source} not read: {error}"
         return Reading(properties, summary)

@@ -45,6 +45,7 @@ from agent.services.users import (
     LIST_PROPERTY,
     MAX_LIST_BYTES,
     NONE_PROPERTY,
+    UsersReader,
     UsersSection,
     users_list,
     users_service,
@@ -465,8 +466,10 @@ async def test_the_count_is_the_beacon_written_every_pass_and_last(
             nursery.cancel_scope.cancel()
 
 
-def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
-    """The list stops at a name boundary within the 1023-byte value limit."""
+def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
+    """As in VBoxService 7.2.6, each name that would take the list over the 1023-byte value
+    limit is left out, a later one that fits still listed; only the listed names count, and
+    with none listed no one is logged in."""
     names = [f"user{index:011d}" for index in range(80)]  # 15 bytes each, 16 with the comma
     listed, count = users_list(names)
     assert count == (MAX_LIST_BYTES + 1) // 16
@@ -474,14 +477,18 @@ def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
     assert len(listed.encode()) <= MAX_LIST_BYTES < len(",".join(names[: count + 1]).encode())
     exact = ["x" * 511, "y" * 511]  # 1023 bytes with the comma: fits exactly
     assert users_list(exact) == ("x" * 511 + "," + "y" * 511, 2)
-    assert users_list(["é" * 512]) == ("", 0)  # 1024 bytes: not even one name fits
+    assert users_list(["x" * 1000, "y" * 100, "z" * 10]) == ("x" * 1000 + "," + "z" * 10, 2)
+    alone = UsersReader(lambda: Logins(("é" * 512,)))()  # 1024 bytes: the name never fits
+    assert alone.properties == {LIST_PROPERTY: "", NONE_PROPERTY: "true", COUNT_PROPERTY: "0"}
+    assert alone.summary == "0 users (1 left out)"
 
 
 async def test_eighty_users_are_published_with_the_list_cut(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
     """Too many users for one value: the service keeps running, the list names those that
-    fit, the count names everyone, and the cut is logged once, not at every pass."""
+    fit and the count counts them, as VBoxService 7.2.6 does; the cut is logged once, not at
+    every pass."""
     users = Users(*(f"student{index:012d}" for index in range(80)))  # 20 bytes with the comma
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
@@ -492,10 +499,10 @@ async def test_eighty_users_are_published_with_the_list_cut(
             listed = (MAX_LIST_BYTES + 1) // 20
             assert values(host) == {
                 LIST_PROPERTY: (",".join(users.now[:listed]), FLAGS),
-                COUNT_PROPERTY: ("80", FLAGS),
+                COUNT_PROPERTY: (str(listed), FLAGS),
                 NONE_PROPERTY: ("false", FLAGS),
             }
-            assert service.status() == f"users 80 users ({listed} listed)"
+            assert service.status() == f"users {listed} users ({80 - listed} left out)"
             users.now = users.now[:3]
             await trio.sleep(INTERVAL_S)
             await trio.testing.wait_all_tasks_blocked()
