@@ -11,9 +11,11 @@ Everything the service would refuse for its size or shape is refused here first 
 :class:`PropertyArgumentError` (a ``ValueError``; the checks are the wire contract's, shared
 with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
 ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
-``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. What the
-host refuses (read-only properties, the 256-property cap) raises ``HgcmCallError`` with the
-VBox status's name.
+``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. Methods that
+take patterns take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises
+``TypeError``, as it would otherwise be one pattern per character. What the host refuses
+(read-only properties, the 256-property cap) raises ``HgcmCallError`` with the VBox
+status's name.
 """
 
 from __future__ import annotations

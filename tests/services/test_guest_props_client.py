@@ -225,6 +225,26 @@ class TestShortCalls:
         with pytest.raises(PropertyArgumentError, match="limit is 1023"):
             await props.enumerate(["x" * 600, "y" * 600])
 
+    @pytest.mark.parametrize("method", ["enumerate", "wait", "watch"])
+    async def test_a_str_for_patterns_is_refused(
+        self, autojump_clock: trio.abc.Clock, props: GuestProperties, method: str
+    ) -> None:
+        """A lone str where patterns belong raises TypeError naming the argument and sends
+        nothing. (It was one pattern per character: ``enumerate("/W/x")`` listed nothing,
+        ``watch("/W/*")`` followed every name.)"""
+        before = props.channel.calls
+
+        async def call() -> None:
+            if method == "watch":
+                async with props.watch("/W/*"):
+                    pass
+            else:
+                await getattr(props, method)("/W/*")
+
+        with trio.fail_after(60), pytest.raises(TypeError, match=r"^patterns must be a sequence"):
+            await call()
+        assert props.channel.calls == before
+
 
 class _EndlessTimestampService(GuestPropertyService):
     """Lists one property whose timestamp has ``digits`` digits."""
