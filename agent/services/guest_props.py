@@ -607,7 +607,8 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
 
 
 def _notification(reply: HgcmReply) -> PropertyChange:
-    """GET_NOTIFICATION's change: name, value, flags and whether the name is gone.
+    """GET_NOTIFICATION's change: name, value, flags and whether the name is gone ('1' or
+    '0'; anything else is a protocol error, as ``VbglR3GuestPropWait``'s VERR_PARSE_ERROR).
 
     The host marks a change as a delete when the property no longer exists at the time it
     answers, so a set that was followed by a delete before the guest read it comes as a
@@ -617,6 +618,9 @@ def _notification(reply: HgcmReply) -> PropertyChange:
     timestamp = _u64(reply.params[1])
     if deleted == "1":
         return PropertyChange(name, "", "", timestamp, deleted=True)
+    if deleted != "0":
+        msg = f"GET_NOTIFICATION: deleted flag {shown(deleted)} of {shown(name)} is not '0' or '1'"
+        raise RemoteProtocolError(msg)
     return PropertyChange(name, value, flags, timestamp, deleted=False)
 
 

@@ -20,7 +20,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
-from agent.host.hgcm_service import HostBuffer, HostU32
+from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import RemoteProtocolError
 from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, RequestType
 from agent.protocol.guest_props import (
@@ -264,8 +264,26 @@ class _EndlessTimestampService(GuestPropertyService):
         return VINF_SUCCESS
 
 
-class TestOddListing:
-    """A host's listing that breaks the format is a protocol error naming the field."""
+class _NotificationService(GuestPropertyService):
+    """Answers every GET_NOTIFICATION at once with ``data`` for a change stamped 12345."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._data = data
+
+    def _get_notification(self, call: HgcmCallHandle) -> int:
+        stamp, out, size = call.params[1], call.params[2], call.params[3]
+        assert isinstance(stamp, HostU64)
+        assert isinstance(out, HostBuffer)
+        assert isinstance(size, HostU32)
+        stamp.value = 12345
+        out.data[: len(self._data)] = self._data
+        size.value = len(self._data)
+        return VINF_SUCCESS
+
+
+class TestOddReplies:
+    """A host's reply that breaks the format is a protocol error naming the field."""
 
     @pytest.mark.parametrize("digits", [21, 5000])
     async def test_a_timestamp_beyond_64_bits(
@@ -277,6 +295,29 @@ class TestOddListing:
             async with _props_on(_EndlessTimestampService(digits)) as (_, props):
                 with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
                     await props.enumerate()
+
+    @pytest.mark.parametrize("deleted", [b"junk", b"", b"01", b"2"])
+    async def test_a_deleted_flag_other_than_0_or_1(
+        self, autojump_clock: trio.abc.Clock, deleted: bytes
+    ) -> None:
+        """A change whose deleted field is not '0' or '1' is refused, as upstream's
+        VbglR3GuestPropWait does (VERR_PARSE_ERROR). (It was taken as a set.)"""
+        service = _NotificationService(b"/W/x\0v\0\0" + deleted + b"\0")
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(RemoteProtocolError, match=r"deleted flag .* is not '0' or '1'"):
+                    await props.wait(["/W/*"])
+
+    @pytest.mark.parametrize(("deleted", "value"), [(b"0", "v"), (b"1", "")])
+    async def test_a_deleted_flag_of_0_or_1(
+        self, autojump_clock: trio.abc.Clock, deleted: bytes, value: str
+    ) -> None:
+        """'0' is a set with its value, '1' a delete."""
+        service = _NotificationService(b"/W/x\0v\0\0" + deleted + b"\0")
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props), props.watch(["/W/*"]) as watch:
+                change = await watch.next()
+        assert (change.value, change.deleted) == (value, deleted == b"1")
 
 
 class TestWatch:
