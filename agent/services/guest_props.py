@@ -625,7 +625,7 @@ def _notification(reply: HgcmReply) -> PropertyChange:
 
 
 def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
-    """ENUM_PROPS' buffer: name, value, decimal timestamp, flags, ..., an empty name."""
+    """ENUM_PROPS' buffer: name, value, decimal timestamp, flags, ..., four empty strings."""
     if not isinstance(data, HgcmData) or not isinstance(size, HgcmU32):  # pragma: no cover
         msg = "expected a buffer and its size"
         raise TypeError(msg)
@@ -634,6 +634,12 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
     for index in range(0, len(parts) - 3, 4):
         name, value, timestamp, flags = parts[index : index + 4]
         if not name:
+            if value or timestamp or flags:  # VbglR3GuestPropEnumNext: VERR_PARSE_ERROR
+                msg = (
+                    f"ENUM_PROPS: the entry ending the list has value {shown(value)}, "
+                    f"timestamp {shown(timestamp)} and flags {shown(flags)}, not empty ones"
+                )
+                raise RemoteProtocolError(msg)
             return props
         if not (timestamp.isdigit() and len(timestamp) <= _U64_DIGITS) or int(timestamp) > _U64_MAX:
             msg = f"ENUM_PROPS: timestamp {shown(timestamp)} of {shown(name)} is not a decimal u64"

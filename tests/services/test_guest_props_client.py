@@ -246,12 +246,12 @@ class TestShortCalls:
         assert props.channel.calls == before
 
 
-class _EndlessTimestampService(GuestPropertyService):
-    """Lists one property whose timestamp has ``digits`` digits."""
+class _ListingService(GuestPropertyService):
+    """Answers every ENUM_PROPS with ``listing``."""
 
-    def __init__(self, digits: int) -> None:
+    def __init__(self, listing: bytes) -> None:
         super().__init__()
-        self._listing = b"/T/x\0v\0" + b"9" * digits + b"\0\0" + b"\0" * 4
+        self._listing = listing
 
     def _enum_props(self, call: HgcmCallHandle) -> int:
         out, size = call.params[1], call.params[2]
@@ -292,8 +292,18 @@ class TestOddReplies:
         """A timestamp of 5000 digits raised Python's ValueError for long integer strings,
         which ``vbox-agent prop enum`` reported as a usage error (exit 64)."""
         with trio.fail_after(60):
-            async with _props_on(_EndlessTimestampService(digits)) as (_, props):
+            listing = b"/T/x\0v\0" + b"9" * digits + b"\0\0" + b"\0" * 4
+            async with _props_on(_ListingService(listing)) as (_, props):
                 with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
+                    await props.enumerate()
+
+    @pytest.mark.parametrize("end", [b"\0garbage\0\0\0", b"\0\x0077\0\0", b"\0\0\0RDONLYGUEST\0"])
+    async def test_a_list_end_with_fields(self, autojump_clock: trio.abc.Clock, end: bytes) -> None:
+        """The entry with an empty name that ends the list must have empty fields, as
+        upstream's VbglR3GuestPropEnumNext checks (VERR_PARSE_ERROR). (It was accepted.)"""
+        with trio.fail_after(60):
+            async with _props_on(_ListingService(b"/T/x\0v\x005\0\0" + end)) as (_, props):
+                with pytest.raises(RemoteProtocolError, match="the entry ending the list has"):
                     await props.enumerate()
 
     @pytest.mark.parametrize("deleted", [b"junk", b"", b"01", b"2"])
