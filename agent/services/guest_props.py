@@ -85,6 +85,10 @@ SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
 SNAPSHOT_TRIES: Final = 4
 """Times a watch connects again and repeats a snapshot the host dropped its client during."""
+FRUITLESS_WAITS: Final = 16
+"""Waits in a row a watch lets the host end without a change (``VERR_INTERRUPTED``, a
+``VERR_BUFFER_OVERFLOW`` for the next new change, a dropped client) before it gives up: a
+host that always does would make ``next()`` spin."""
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 _U64_DIGITS: Final = len(str(_U64_MAX))
 """Digits of the largest timestamp: a longer one is refused before ``int`` reads it (Python
@@ -93,6 +97,10 @@ _VALUE_BUFFER: Final = HgcmBufferOut(VALUE_BUFFER_SIZE)
 _ZERO_U64: Final = HgcmU64(0)
 _ZERO_U32: Final = HgcmU32(0)
 """Parameters every GET_PROP sends the same (frozen, so shared)."""
+_WAIT_ENDINGS: Final = frozenset(
+    {VERR_BUFFER_OVERFLOW, VERR_INTERRUPTED, VERR_HGCM_INVALID_CLIENT_ID}
+)
+"""The failures of a wait the watch recovers from (counted against :data:`FRUITLESS_WAITS`)."""
 _GET_PROP: Final = int(GuestFunction.GET_PROP)
 """Read once: an enum member costs a metaclass attribute look-up per access, which on the
 hot path of every get cost as much as encoding one of its parameters."""
@@ -243,6 +251,10 @@ class PropertyWatch:
       host no longer knows the client, which a running guest should not see): a new
       channel is connected, the old one closed, then as for missed changes.
 
+    A host that ends :data:`FRUITLESS_WAITS` waits in a row without a change (any of the
+    above but a large change) makes ``next()`` raise ``RemoteProtocolError`` naming the
+    status, rather than ask again at full speed for ever.
+
     Every call goes through the watch's own channel. A property set and deleted before the
     watch reads its changes comes as a delete (the host marks a set as one when the
     property is gone by then), and a delete of a name the watch knows is gone is skipped.
@@ -272,6 +284,8 @@ class PropertyWatch:
         """Changes judged news and not yet yielded."""
         self._resync_due = False
         """Whether changes may have been missed and no snapshot has been taken since."""
+        self._fruitless = 0
+        """Waits the host ended in a row without a change, none yielded since."""
         self._reading = False
         self.resyncs = 0
         """Times the watch took a new snapshot because changes were missed."""
@@ -303,6 +317,8 @@ class PropertyWatch:
         """Return the next change, waiting for it as long as it takes.
 
         Raises:
+            RemoteProtocolError: the host ended :data:`FRUITLESS_WAITS` waits in a row
+                without a change, or sent a malformed reply.
             trio.BusyResourceError: another task is in ``next()``. A watch has one reader:
                 a second one's wait would end the first's (an identical wait of the same
                 client), and each reader's next wait the other's, endlessly.
@@ -314,6 +330,7 @@ class PropertyWatch:
         try:
             while not self._backlog:
                 await self._fetch()
+            self._fruitless = 0
             return self._backlog.pop(0)
         finally:
             self._reading = False
@@ -379,8 +396,17 @@ class PropertyWatch:
                 if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor != 0:
                     size = _needed_size(exc, 3)
                     continue
+                if exc.rc in _WAIT_ENDINGS:
+                    self._fruitless += 1
+                    if self._fruitless >= FRUITLESS_WAITS:
+                        msg = (
+                            f"GET_NOTIFICATION: the host ended {self._fruitless} waits in a "
+                            f"row without a change, the last with {exc.name}"
+                        )
+                        raise RemoteProtocolError(msg) from exc
                 await self._recover(exc)
                 return
+            self._fruitless = 0
             change = _notification(reply)
             unproven = self._cursor_unproven
             if unproven and reply.status == VINF_SUCCESS:

@@ -24,6 +24,7 @@ from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import RemoteProtocolError
 from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, RequestType
 from agent.protocol.guest_props import (
+    ENUM_TERMINATOR,
     MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
     NILFLAG,
@@ -34,12 +35,15 @@ from agent.protocol.guest_props import (
 )
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
+    VERR_INTERRUPTED,
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
     VINF_PERMISSION_DENIED,
     VINF_SUCCESS,
+    status_name,
 )
 from agent.services.guest_props import (
+    FRUITLESS_WAITS,
     GuestProperties,
     PropertyChange,
     PropertyWatch,
@@ -282,6 +286,27 @@ class _NotificationService(GuestPropertyService):
         return VINF_SUCCESS
 
 
+class _EndingService(_ListingService):
+    """Holds no property and ends the first ``ended`` waits at once with ``status`` (stamp
+    0, a size of 100), then parks them as the service does."""
+
+    def __init__(self, status: int, ended: int) -> None:
+        super().__init__(ENUM_TERMINATOR)
+        self._status = status
+        self._ended = ended
+        self.waits = 0
+
+    def _get_notification(self, call: HgcmCallHandle) -> int | None:
+        self.waits += 1
+        if self.waits > self._ended:
+            return super()._get_notification(call)
+        stamp, size = call.params[1], call.params[3]
+        assert isinstance(stamp, HostU64)
+        assert isinstance(size, HostU32)
+        stamp.value, size.value = 0, 100
+        return self._status
+
+
 class TestOddReplies:
     """A host's reply that breaks the format is a protocol error naming the field."""
 
@@ -305,6 +330,37 @@ class TestOddReplies:
             async with _props_on(_ListingService(b"/T/x\0v\x005\0\0" + end)) as (_, props):
                 with pytest.raises(RemoteProtocolError, match="the entry ending the list has"):
                     await props.enumerate()
+
+    @pytest.mark.parametrize("status", [VERR_INTERRUPTED, VERR_BUFFER_OVERFLOW])
+    async def test_a_host_ending_every_wait(
+        self, autojump_clock: trio.abc.Clock, status: int
+    ) -> None:
+        """A host that ends every wait at once without a change (VERR_INTERRUPTED, or
+        VERR_BUFFER_OVERFLOW for the next new change) makes the watch give up after
+        FRUITLESS_WAITS of them, naming the status. (``next()`` asked again at full CPU,
+        forever.)"""
+        service = _EndingService(status, FRUITLESS_WAITS)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(RemoteProtocolError, match=f"in a row .* {status_name(status)}"):
+                    await props.wait(["/W/*"])
+        assert service.waits == FRUITLESS_WAITS
+
+    async def test_a_host_ending_some_waits(self, autojump_clock: trio.abc.Clock) -> None:
+        """Fewer endings in a row than the limit are followed through to the change."""
+        service = _EndingService(VERR_INTERRUPTED, FRUITLESS_WAITS - 1)
+        got: list[PropertyChange] = []
+
+        async def wait(props: GuestProperties) -> None:
+            got.append(await props.wait(["/W/*"]))
+
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props), trio.open_nursery() as nursery:
+                nursery.start_soon(wait, props)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/W/a", "1")
+        assert [(change.name, change.value) for change in got] == [("/W/a", "1")]
+        assert service.waits == FRUITLESS_WAITS
 
     @pytest.mark.parametrize("deleted", [b"junk", b"", b"01", b"2"])
     async def test_a_deleted_flag_other_than_0_or_1(
