@@ -227,8 +227,10 @@ class PropertyWatch:
     timestamps are only places in that queue and, while the host's clock goes forward, an
     order; the watch uses them as an order only to tell what a snapshot already showed:
     a queued change of a marked name is skipped up to and including the one whose
-    timestamp is the mark (or one more, which the host gives a change dated as the one
-    before it), and once one comes dated after the mark every later one is news. One dated
+    timestamp is the mark (or one more while the property still bears the mark, a GET_PROP:
+    the host dates a change stamped as the one queued before it one later, but a coarse
+    clock stamps the property's next change so too), and once one comes dated after the
+    mark every later one is news. One dated
     before the mark is skipped only while the property still bears a timestamp at or after
     the mark (a GET_PROP): gone, or dated before it (the clock went back), the change may
     follow the mark's, no longer queued, and is news. With a clock going back an older
@@ -340,10 +342,11 @@ class PropertyWatch:
         name = change.name
         mark = self._marks.get(name)
         if mark is not None:
-            if change.timestamp - mark in (0, 1):  # the change the snapshot showed
-                del self._marks[name]
+            stamp = change.timestamp
+            if stamp == mark or (stamp == mark + 1 and await self._stamp(name) == mark):
+                del self._marks[name]  # the change the snapshot showed
                 return
-            if change.timestamp < mark and await self._stands(name, mark):
+            if stamp < mark and (now := await self._stamp(name)) is not None and now >= mark:
                 return
             del self._marks[name]
         elif change.deleted and (
@@ -353,21 +356,16 @@ class PropertyWatch:
         self._known[name] = None if change.deleted else (change.value, change.flags)
         self._backlog.append(change)
 
-    async def _stands(self, name: str, mark: int) -> bool:
-        """Whether a change dated before ``name``'s mark is one the snapshot covers.
-
-        While the clock goes forward it is; but if the property is gone, or its timestamp
-        now is older than the mark (the clock went back since the snapshot), the change
-        may be a later one whose entry dated the mark is no longer queued: it is news.
-        """
+    async def _stamp(self, name: str) -> int | None:
+        """``name``'s timestamp now (a GET_PROP); None when it is gone, or the client is."""
         try:
             prop = await _get(self._short_call, name)
         except HgcmCallError as exc:
             if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
                 raise
             self._resync_due = True  # reconnects at the next wait
-            return False
-        return prop is not None and prop.timestamp >= mark
+            return None
+        return None if prop is None else prop.timestamp
 
     async def _connect(self, stack: AsyncExitStack) -> None:
         channel_cm = open_hgcm_channel(self._device, SERVICE_NAME)

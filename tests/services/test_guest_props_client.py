@@ -980,6 +980,36 @@ class TestWatchNews:
         assert got[-1] == "3"
 
 
+class TestWatchMarks:
+    @pytest.mark.parametrize("delete", [False, True], ids=["set", "delete"])
+    async def test_a_change_stamped_one_past_the_mark_is_news(
+        self, autojump_clock: trio.abc.Clock, delete: bool
+    ) -> None:
+        """On a coarse clock the host stamps a property's next change one past the stamp
+        of the last (upstream's getCurrentTimestamp): after a resync that marked the
+        property, that change is reported. (It was taken for the marked change, which the
+        host may date one later, and skipped: a delete was lost and ``next()`` hung.)"""
+        clock = _Clock()  # never moves: every stamp is the last one + 1
+        with trio.fail_after(60):
+            async with (
+                _props_on(GuestPropertyService(clock=clock)) as (host, props),
+                props.watch(["/W/*"]) as watch,
+            ):
+                for index in range(MAX_GUEST_NOTIFICATIONS):  # the queue forgets the place
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/p", "1")
+                first = await watch.next()  # VWRN_NOT_FOUND: a resync marks /W/p
+                assert watch.resyncs == 1
+                if delete:
+                    host.prop_delete("/W/p")
+                else:
+                    host.prop_set("/W/p", "2")
+                second = await watch.next()
+        assert (first.value, first.deleted) == ("1", False)
+        assert (second.value, second.deleted) == (("", True) if delete else ("2", False))
+        assert second.timestamp == first.timestamp + 1
+
+
 class TestWatchChannel:
     async def test_a_timeout_during_a_reconnect_leaves_the_watch_working(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
