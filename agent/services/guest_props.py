@@ -221,21 +221,32 @@ class PropertyWatch:
 
     ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
     change once, as the host queued it: a set to the value a property already has is a
-    change too (a host poking a trigger property). The watch opens from a snapshot of the
-    matching properties, each with the timestamp of its last change (its *mark*), then goes
-    on in the host's queue of changes from the host's newest timestamp. The host's
-    timestamps are only places in that queue and, while the host's clock goes forward, an
-    order; the watch uses them as an order only to tell what a snapshot already showed:
-    a queued change of a marked name is skipped up to and including the one whose
-    timestamp is the mark (or one more while the property still bears the mark, a GET_PROP:
-    the host dates a change stamped as the one queued before it one later, but a coarse
-    clock stamps the property's next change so too), and once one comes dated after the
-    mark every later one is news. One dated
-    before the mark is skipped only while the property still bears a timestamp at or after
-    the mark (a GET_PROP): gone, or dated before it (the clock went back), the change may
-    follow the mark's, no longer queued, and is news. With a clock going back an older
-    value may be yielded again; no change is lost and the last one yielded per name is
-    what the host holds.
+    change too (a host poking a trigger property).
+
+    The watch opens from a snapshot: a listing of every property, whose newest timestamp
+    is the watch's place in the host's queue of changes (the *cursor*: it goes on after
+    the change stamped so), then a listing of the matching ones. The queue is in the order
+    the changes were made, but its stamps are neither unique nor in order: a clock may go
+    back, upstream stamps its start-up properties T, T+1, T+2 and then counts from its
+    clock again, and a change stamped as the one queued before it is queued one later (the
+    property keeps the stamp). So changes made before the snapshot may come after the
+    cursor, and each property the snapshot showed has a *mark*, the stamp of the change
+    it showed, to tell them. A queued change of a marked name is:
+
+    - stamped as the mark: that change, skipped, and every later one is news;
+    - stamped one past it: that change queued one later while the property still bears
+      the mark (a GET_PROP), skipped; else its next change (a coarse clock stamps it so);
+    - stamped before it: an older change, skipped, while the property bears a stamp at or
+      after the mark; gone, or stamped before it (the clock went back), the change may
+      follow the marked one and is news;
+    - stamped otherwise: news.
+
+    The reader never sees the first snapshot, so what it shows of a change made after the
+    watch began is news: a mark is the stamp the first listing found, and a property that
+    listing did not hold has none (a set made while a wait starts is the wait's change). A
+    later snapshot (a resync, below) is reported, so its marks are the stamps it shows.
+    With a clock going back an older value may be yielded again; no change is lost and
+    the last one yielded per name is what the host holds.
 
     It keeps following across what would otherwise lose changes:
 
@@ -407,13 +418,6 @@ class PropertyWatch:
             self._fruitless = 0
             change = _notification(reply)
             unproven = self._cursor_unproven
-            if unproven and reply.status == VINF_SUCCESS:
-                # The host knew the snapshot's newest timestamp: the changes dated up to it
-                # are behind (while the clock goes forward); those made during the snapshot
-                # may still come.
-                self._marks = {
-                    name: mark for name, mark in self._marks.items() if mark > self._cursor
-                }
             await self._take(change)
             self._cursor, self._cursor_unproven = change.timestamp, False
             if reply.status == VWRN_NOT_FOUND:
@@ -497,20 +501,25 @@ class PropertyWatch:
     async def _take_snapshot(self, *, first: bool) -> None:
         """Take the host's newest timestamp as the cursor, then the matching properties.
 
-        The first snapshot makes the watch know them. A later one (a resync) queues a set
-        for each that differs from what the watch knows and a delete for each property the
-        watch knows that is gone. Either marks each property with its timestamp.
+        The first snapshot makes the watch know them as the first listing found them, each
+        marked with its timestamp there. A later one (a resync) queues a set for each that
+        differs from what the watch knows and a delete for each property the watch knows
+        that is gone, and marks each with its timestamp.
         """
         everything = await _enumerate(self._short_call)
         latest = max((prop.timestamp for prop in everything), default=0)
         patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
         current = await _enumerate(self._short_call, [pattern.decode() for pattern in patterns])
         self._cursor, self._cursor_unproven = latest, latest != 0
-        self._marks = {prop.name: prop.timestamp for prop in current}
         self._resync_due = False
         if first:
-            self._known = {prop.name: (prop.value, prop.flags) for prop in current}
+            # Unreported: a change made since the first listing is news.
+            before = {prop.name: prop for prop in everything}
+            shown = [before[prop.name] for prop in current if prop.name in before]
+            self._marks = {prop.name: prop.timestamp for prop in shown}
+            self._known = {prop.name: (prop.value, prop.flags) for prop in shown}
             return
+        self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
         for name, known in list(self._known.items()):

@@ -733,28 +733,36 @@ async def _follow(watch: PropertyWatch, send: trio.MemorySendChannel[PropertyCha
 
 
 class TestWatchRobustness:
+    async def test_a_set_while_a_wait_starts_is_its_change(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A property set between the wait's two listings, after the wait began, is the
+        change it returns, as a VBoxControl wait returns every set made after it. (The
+        second listing's mark skipped the set, and the wait hung.)"""
+        service = _ChangesDuringTheSnapshot()
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                change = await props.wait(["/W/*"])
+        assert service.enumerations == 2
+        assert (change.name, change.value, change.deleted) == ("/W/x", "new", False)
+
     async def test_a_change_during_the_snapshot_is_known(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A property set between the watch's two enumerations is in its snapshot, so its
-        delete is news to a wait. (The matching enumeration ran first and the newest
-        timestamp after the set: the set was in neither, and the wait hung.)"""
+        """A property set between the watch's two listings is reported, then its delete.
+        (The matching listing ran first and the newest timestamp after the set: the set
+        was in neither, and a wait for the delete hung.)"""
         service = _ChangesDuringTheSnapshot()
-        got: list[PropertyChange] = []
         with trio.fail_after(60):
-            async with _props_on(service) as (host, props), trio.open_nursery() as waiting:
-
-                async def wait() -> None:
-                    got.append(await props.wait(["/W/*"]))
-
-                waiting.start_soon(wait)
-                await trio.testing.wait_all_tasks_blocked()
+            async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
                 assert service.enumerations == 2
-                assert host.prop_get("/W/x") is not None
+                first = await watch.next()
                 host.prop_delete("/W/x")
-                await trio.testing.wait_all_tasks_blocked()
-                waiting.cancel_scope.cancel()
-        assert [(change.name, change.deleted) for change in got] == [("/W/x", True)]
+                second = await watch.next()
+        assert [(c.name, c.value, c.deleted) for c in (first, second)] == [
+            ("/W/x", "new", False),
+            ("/W/x", "", True),
+        ]
 
     async def test_a_clock_going_back_loses_no_change(self, autojump_clock: trio.abc.Clock) -> None:
         """The host's timestamps follow its clock back, and a restored service counts from
@@ -1008,6 +1016,31 @@ class TestWatchMarks:
         assert (first.value, first.deleted) == ("1", False)
         assert (second.value, second.deleted) == (("", True) if delete else ("2", False))
         assert second.timestamp == first.timestamp + 1
+
+
+class TestWatchOpening:
+    async def test_a_change_queued_after_a_newer_stamp_is_not_repeated(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A change made before the watch opened but queued after the newest stamp (one
+        stamped lower: upstream's start-up stamps on a coarse clock, or a clock gone back)
+        is one the snapshot showed; the property's next change, stamped one higher, is
+        news. (The watch, finding the newest stamp in the queue, took every mark up to it
+        as passed and reported the old change.)"""
+        clock = _Clock()
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                clock.now += 10**9
+                host.prop_set("/Other/a", "1")  # the newest stamp
+                clock.now -= 10 * 10**9
+                await props.set("/W/p", "1")  # stamped lower, queued after it
+                async with props.watch(["/W/*"]) as watch:
+                    await props.set("/W/p", "2")  # the clock has not moved: stamped + 1
+                    got = [await watch.next()]
+                    with trio.move_on_after(5):
+                        got.append(await watch.next())
+        assert [(change.name, change.value) for change in got] == [("/W/p", "2")]
+        assert watch.resyncs == 0
 
 
 class TestWatchChannel:
