@@ -334,7 +334,7 @@ class TestTwoProcesses:
                 ["--config", str(config)],
                 78,
                 [
-                    f"<3>{config}: device.ioctl_threads = 1: must be >= 2",
+                    f"<3>{config}: device.ioctl_threads = 1: must be >= 3",
                     f'<3>{config}: log.level = "loud": must be one of ',
                 ],
             ),

@@ -3,7 +3,9 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
 device (version handshake) → report the facility as Init → start the event pump, then every
-enabled service of the registry, each with ``Supervisor.start`` → facility Active,
+enabled service of the registry, each with ``Supervisor.start`` (which waits until the service
+started or failed and backs off: services do not depend on each other, so a broken one is
+retried under its restart budget while the others run) → facility Active,
 ``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the stop. A
 stop requested during the start-up gives up the step in progress (a host that does not
 answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
@@ -359,7 +361,13 @@ class Daemon:
     def _status_text(self) -> str:
         if self._ending():
             return EXITING_STATUS
-        fragments = [service.status() for service in self._supervisor.services()]
+        retrying = self._supervisor.retrying()
+        fragments = [
+            f"{service.name} failed, retrying ({retrying[service.name]}x)"
+            if service.name in retrying
+            else service.status()
+            for service in self._supervisor.services()
+        ]
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
     async def _publish_status(self) -> None:

@@ -94,23 +94,13 @@ PageListSpan = tuple[int, tuple[int, ...], int]
 """A page-list parameter's index, its guest-physical pages and the offset into the first."""
 
 
-def parm_layout(request_type_is_64: bool) -> ParmLayout:
-    """Return the parameter layout of HGCM_CALL64 (16 bytes) or HGCM_CALL32 (12 bytes)."""
-    return L.HgcmParameter64 if request_type_is_64 else L.HgcmParameter32
-
-
-def parms_end(layout: ParmLayout, count: int) -> int:
-    """Where an array of ``count`` parameters ends (a call whose array ends past the request
-    is refused before its parameters are read)."""
-    return CALL_PARMS_OFFSET + layout.size * count
-
-
 def parse_parms(
     req: bytes | bytearray, memory: GuestMemory, layout: ParmLayout, count: int
 ) -> tuple[list[HostParm], list[PageListSpan]]:
     """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
 
-    The caller has checked that the array lies within ``req`` (:func:`parms_end`).
+    The caller has checked that the array lies within ``req`` (a call whose array ends past
+    the request is refused before its parameters are read).
 
     Returns:
         the parameters as the service sees them, and where each page list's data lives,
@@ -121,7 +111,7 @@ def parse_parms(
             or buffers that cost the host more than it allows one call.
     """
     per_parm = layout.size // WORD_SIZE
-    extra = CALL_PARMS_OFFSET + layout.size * count  # parms_end, inline
+    extra = CALL_PARMS_OFFSET + layout.size * count  # where the array ends
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
@@ -272,9 +262,11 @@ def write_back(
     at = base + CALL_PARMS_OFFSET + _VALUE_AT
     step = layout.size
     for parm in params:
-        if isinstance(parm, HostU32):
+        # ``type(parm) is``: the parameter classes are final, and a failing ``isinstance``
+        # (every buffer's, here) also looks up the object's ``__class__``.
+        if type(parm) is HostU32:
             _U32.pack_into(req, at, parm.value & _U32_MAX)
-        elif isinstance(parm, HostU64):
+        elif type(parm) is HostU64:
             _U64.pack_into(req, at, parm.value & _U64_MAX)
         at += step
     for index, pages, first in page_lists:

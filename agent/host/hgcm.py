@@ -38,10 +38,9 @@ from agent.host._hgcm_clients import (
     client_category,
 )
 from agent.host._hgcm_parms import (
+    CALL_PARMS_OFFSET,
     ParmError,
     ParmLayout,
-    parm_layout,
-    parms_end,
     parse_parms,
     write_back as write_back_parms,
 )
@@ -92,6 +91,9 @@ _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.resu
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
 _ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
+_PARM64: Final = L.HgcmParameter64
+_PARM32: Final = L.HgcmParameter32
+"""The parameter layouts of HGCM_CALL64 (16 bytes) and HGCM_CALL32 (12 bytes)."""
 
 
 @runtime_checkable
@@ -283,10 +285,10 @@ class HgcmHost:
         until then nothing is written through it.
         """
         request_type = REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]
-        layout = parm_layout(request_type == HGCM_CALL64)
+        layout: ParmLayout = _PARM64 if request_type == HGCM_CALL64 else _PARM32
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
-        if count > MAX_HGCM_PARMS or parms_end(layout, count) > len(req):
-            return VERR_INVALID_PARAMETER
+        if count > MAX_HGCM_PARMS or CALL_PARMS_OFFSET + layout.size * count > len(req):
+            return VERR_INVALID_PARAMETER  # too many, or the array ends past the request
         try:
             params, page_lists = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:

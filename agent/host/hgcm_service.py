@@ -10,9 +10,10 @@ when the call completes (and copies nothing for a call the guest cancelled).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, final
 
 
+@final
 @dataclass(slots=True)
 class HostU32:
     """A 32-bit parameter; the service may change ``value``."""
@@ -20,6 +21,7 @@ class HostU32:
     value: int
 
 
+@final
 @dataclass(slots=True)
 class HostU64:
     """A 64-bit parameter; the service may change ``value``."""
@@ -27,6 +29,7 @@ class HostU64:
     value: int
 
 
+@final
 @dataclass(slots=True, init=False)
 class HostBuffer:
     """A buffer parameter: ``data`` is what the guest passed (zeros for an out buffer).

@@ -157,26 +157,24 @@ class SimTransport:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         if submission is not None:
             submission.issued = True
-        if not user_buffers:
-            await self._driver_ioctl(code, buffer, _NO_USER_MEMORY)
-            return
-        memory = IoctlMemory()
-        original = bytes(buffer)
-        try:
-            for user in user_buffers:
-                _ADDRESS.pack_into(buffer, user.address_offset, memory.map(user.data))
-            await self._driver_ioctl(code, buffer, memory)
-        except BaseException:
-            buffer[:] = original  # the driver copies nothing back on failure
-            raise
-
-    async def _driver_ioctl(self, code: int, buffer: bytearray, memory: GuestMemory) -> None:
-        """The driver's ioctl: in this task, or in one of its own while the host is slow."""
+        memory = _NO_USER_MEMORY
+        original: bytes | None = None
         host = self._host
-        if _slow(host):
-            await self._in_task(partial(host.ioctl, self._session, code, buffer, memory), code)
-        else:
-            await host.ioctl(self._session, code, buffer, memory)
+        try:
+            if user_buffers:
+                mapped = memory = IoctlMemory()
+                original = bytes(buffer)
+                for user in user_buffers:
+                    _ADDRESS.pack_into(buffer, user.address_offset, mapped.map(user.data))
+            # The driver's ioctl, in this task; in one of its own while the host is slow.
+            if _slow(host):
+                await self._in_task(partial(host.ioctl, self._session, code, buffer, memory), code)
+            else:
+                await host.ioctl(self._session, code, buffer, memory)
+        except BaseException:
+            if original is not None:
+                buffer[:] = original  # the driver copies nothing back on failure
+            raise
 
     async def _in_task(self, work: Callable[[], Awaitable[None]], code: int) -> None:
         """Run ``work`` in a task of its own and wait for it; abandon it if cancelled and

@@ -193,10 +193,16 @@ class VMMDev:
             REQUEST_RC.pack_into(answer, REQUEST_RC_AT, VERR_NOT_SUPPORTED)
             self._write(phys, answer)
             return
-        try:
-            req = bytearray(self.memory.read(phys, size))
-        except OSError:
-            return
+        # The whole request, copied from the header's mapping when that holds it (it always
+        # does for a request within one region), else read (EFAULT: ignored as unreadable).
+        end = at + size
+        if end <= len(view):
+            req = bytearray(view[at:end])
+        else:
+            try:
+                req = bytearray(self.memory.read(phys, size))
+            except OSError:
+                return
         self.request_counts[request_type] += 1
         # Steps 3-6 of the module docstring, inline: every request of the guest passes here.
         rc: int | None

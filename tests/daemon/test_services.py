@@ -267,6 +267,13 @@ class HeldReloadReadyNotifier(RecordingNotifier):
         await super().ready(status)
 
 
+class ReadyStatusNotifier(RecordingNotifier):
+    """:class:`RecordingNotifier` that records the ``STATUS=`` sent with ``READY=1``."""
+
+    async def ready(self, status: str | None = None) -> None:
+        self.sent.append(f"READY=1 STATUS={status}")
+
+
 class StatusRecordingNotifier(RecordingNotifier):
     """:class:`RecordingNotifier` that records each ``STATUS=`` update too."""
 
@@ -1008,6 +1015,42 @@ class TestDrain:
         assert not second.started.is_set()
         assert second.drained.is_set()
         assert ended < FINAL_PHASE_S
+
+    async def test_a_service_failing_its_start_holds_back_no_other(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A service first in the registry that fails its start: every other service starts
+        and READY=1 follows before its first retry, with a STATUS= that tells it apart; a
+        reload meanwhile is applied (here it disables the broken service)."""
+        registry = (GADGET, *SERVICES)
+        path = tmp_path / "agent.toml"
+        path.write_text("[gadget]\nstart_fails = true\n")
+        config = load_config(path, section_models(registry))
+        notifier = ReadyStatusNotifier()
+        daemon = Daemon(
+            config, SimOpener(host), config_path=path, notifier=notifier, registry=registry
+        )
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                status = daemon.statistics().status
+                path.write_text("[gadget]\nenable = false\n")
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                after = daemon.statistics()
+                daemon.request_shutdown("test")
+        events = [(e["event"], e.get("service")) for e in logs]
+        ready = events.index(("agent_ready", None))
+        started = {name for event, name in events[:ready] if event == "service_started"}
+        assert started == {"event-pump", *(spec.name for spec in SERVICES)}
+        assert [e for e in events[:ready] if e[0] == "service_failed"] == [
+            ("service_failed", "gadget")
+        ]
+        assert status.startswith("gadget failed, retrying (1x); vm session ")
+        assert notifier.sent[0] == f"READY=1 STATUS={status}"
+        assert ("service_stopped", "gadget") in events[ready:]
+        assert "gadget" not in after.services
+        assert "gadget" not in after.status
 
     async def test_built_in_config_runs_the_registry_defaults(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost

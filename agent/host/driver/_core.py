@@ -314,32 +314,23 @@ class Driver:
             raise fail(errno.EBADF)
         if not self.loaded:
             raise fail(errno.ENODEV)
-        kbuf = _copy_in(code, buf)
-        await self._dispatch(session, code, kbuf, memory)
-        copy_out(kbuf, buf)
-
-    async def _dispatch(
-        self, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
-    ) -> None:
-        size_in, _, ioctl_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
-        _RC_SIZE_OUT.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
+        kbuf, ioctl_type = _copy_in(code, buf)
+        # vbg_core_ioctl: dispatch on the code, the fixed-size ioctls first.
         stripped = without_size(code)
         if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
             await self._vmmdev_request(session, kbuf)
-            return
-        if ioctl_type != 0:
+        elif ioctl_type != 0:
             raise fail(errno.EINVAL)
-        handler = self._fixed.get(code)
-        if handler is not None:
+        elif (handler := self._fixed.get(code)) is not None:
             await handler(self, session, kbuf, memory)
-            return
-        if stripped == _HGCM_CALL_64:
+        elif stripped == _HGCM_CALL_64:
             await _hgcm.call(self, session, kbuf, memory)
         elif code == Ioctl.LOG or stripped == _LOG_ALT:
             await _misc.log(self, session, kbuf, memory)
         else:
             _log.debug("unknown_ioctl", code=f"{code:#x}")
             raise fail(errno.ENOTTY)
+        copy_out(kbuf, buf)
 
     async def _check_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, _memory: GuestMemory
@@ -362,11 +353,13 @@ class Driver:
         await self.perform(kbuf)
 
 
-def _copy_in(code: int, buf: bytearray) -> bytearray:
-    """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input."""
+def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
+    """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input;
+    then ``vbg_core_ioctl``'s start: ``rc`` is VINF_SUCCESS and a ``size_out`` of 0 becomes
+    ``size_in``. Return the kernel's copy and the header's ``type``."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, _, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
+    size_in, version, ioctl_type, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):
@@ -378,4 +371,6 @@ def _copy_in(code: int, buf: bytearray) -> bytearray:
         raise fail(errno.E2BIG)
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
-    return copy_in(buf, size_in, size)
+    kbuf = copy_in(buf, size_in, size)
+    _RC_SIZE_OUT.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
+    return kbuf, ioctl_type
