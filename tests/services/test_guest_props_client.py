@@ -1000,12 +1000,13 @@ class TestWatchMarks:
         of the last (upstream's getCurrentTimestamp): after a resync that marked the
         property, that change is reported. (It was taken for the marked change, which the
         host may date one later, and skipped: a delete was lost and ``next()`` hung.)"""
-        clock = _Clock()  # never moves: every stamp is the last one + 1
+        clock = _Clock()  # moved by the test only: else every stamp is the last one + 1
         with trio.fail_after(60):
             async with (
                 _props_on(GuestPropertyService(clock=clock)) as (host, props),
                 props.watch(["/W/*"]) as watch,
             ):
+                clock.now += 10**9  # past the start-up stamps (T, T+1, T+2, ...), then still
                 for index in range(MAX_GUEST_NOTIFICATIONS):  # the queue forgets the place
                     host.prop_set("/Other/n", str(index))
                 host.prop_set("/W/p", "1")
@@ -1044,6 +1045,27 @@ class TestWatchOpening:
                         got.append(await watch.next())
         assert [(change.name, change.value) for change in got] == [("/W/p", "2")]
         assert watch.resyncs == 0
+
+    async def test_upstream_start_up_stamps(self, autojump_clock: trio.abc.Clock) -> None:
+        """On a clock that has not moved since power-on the host's queue is not in stamp
+        order (initialize stamps C, C+1, C+2, then C+1.., power-on C+2..C+4, a guest write
+        C+3): the write before the watch opened is not reported, the one after (C+4) is."""
+        clock = _Clock()
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                await props.set("/W/p", "1")
+                async with props.watch(["/W/*"]) as watch, trio.open_nursery() as following:
+                    following.start_soon(_follow, watch, send)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await props.set("/W/p", "2")
+                    change = await receive.receive()
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert receive.statistics().current_buffer_used == 0
+                    following.cancel_scope.cancel()
+                stored = host.prop_get("/W/p")
+        assert stored is not None
+        assert (change.name, change.value, change.timestamp) == ("/W/p", "2", stored[2])
 
 
 class TestWatchChannel:
