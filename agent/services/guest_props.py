@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn, Self, final
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 
 import structlog
 import trio
@@ -62,7 +62,7 @@ from agent.services.hgcm import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
     from types import TracebackType
 
     from agent.device import Device
@@ -133,9 +133,14 @@ class GuestProperties:
         """The channel of the short calls."""
         return self._channel
 
-    async def get(self, name: str) -> Property | None:
-        """Return the property ``name``, or None when the host has none of that name."""
-        return await _get(self._short_call, name)
+    def get(self, name: str) -> Coroutine[Any, Any, Property | None]:
+        """Return the property ``name`` (await the result), or None when the host has none
+        of that name.
+
+        A plain function returning the GET_PROP coroutine, so that no frame of its own lies
+        under every get, which the transport's checkpoint suspends and resumes through.
+        """
+        return _get(self._short_call, name)
 
     async def set(self, name: str, value: str, flags: str | None = None) -> int:
         """Set ``name`` to ``value``; its flags become ``flags`` (none when omitted).
