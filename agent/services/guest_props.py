@@ -96,7 +96,12 @@ _GET_PROP: Final = int(GuestFunction.GET_PROP)
 hot path of every get cost as much as encoding one of its parameters."""
 
 
-@dataclass(frozen=True, slots=True)
+_set_field: Final = object.__setattr__
+"""How :class:`Property`'s hand-written ``__init__`` sets a field, as the frozen HGCM
+classes of :mod:`agent.protocol.messages` do: one is built for every get."""
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Property:
     """A property as the host holds it; ``timestamp`` is the host's ns of its last change
     (from a clock that may go back: not an order)."""
@@ -105,6 +110,12 @@ class Property:
     value: str
     flags: str
     timestamp: int
+
+    def __init__(self, name: str, value: str, flags: str, timestamp: int) -> None:
+        _set_field(self, "name", name)
+        _set_field(self, "value", value)
+        _set_field(self, "flags", flags)
+        _set_field(self, "timestamp", timestamp)
 
 
 @dataclass(frozen=True, slots=True)
