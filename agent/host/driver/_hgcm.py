@@ -291,8 +291,10 @@ def _prepare(
     lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
     spare = 0
     ram = drv.ram
-    words = iter(parms)
-    for kind, size, address in zip(words, words, words, strict=True):
+    for at in range(0, len(parms), 3):
+        kind = parms[at]
+        size = parms[at + 1]
+        address = parms[at + 2]
         direction = _BUFFER_TYPES.get(kind)
         if direction is None or not size:  # a value, or an empty buffer (a linear address)
             bounces.append(None)
