@@ -89,7 +89,9 @@ def copy_in(buf: bytearray, size_in: int, size: int) -> bytearray:
 def copy_out(kbuf: bytearray, buf: bytearray) -> None:
     """Copy the header's ``size_out`` bytes of the kernel's buffer back (EFAULT if the
     caller's buffer is shorter), in one copy."""
-    count = min(IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0], len(kbuf))
+    count = IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0]
+    if count > len(kbuf):  # noqa: PLR1730 - min() parses its arguments
+        count = len(kbuf)
     if len(buf) < count:
         raise fail(errno.EFAULT)
     buf[:count] = kbuf if count == len(kbuf) else memoryview(kbuf)[:count]
