@@ -14,13 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
 
-from agent.host._header_fields import (
-    IOCTL_HEADER,
-    IOCTL_RC_AT,
-    REQUEST_HEADER,
-    REQUEST_RC,
-    REQUEST_RC_AT,
-)
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
@@ -166,7 +160,7 @@ class Driver:
     ) -> bytearray:
         """``vbg_req_alloc``: a request of ``size`` bytes filled with 0xAA and a fresh header."""
         req = bytearray([FILL_BYTE]) * size
-        REQUEST_HEADER.pack_into(
+        H.REQUEST_HEADER.pack_into(
             req, 0, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, 0, requestor
         )
         return req
@@ -187,7 +181,7 @@ class Driver:
             await self.vmmdev.submit(phys)
         finally:
             self.ram.unmap(phys)
-        rc: int = REQUEST_RC.unpack_from(req, REQUEST_RC_AT)[0]
+        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
         return rc
 
     # --- background ------------------------------------------------------------------------
@@ -340,7 +334,7 @@ class Driver:
 
     async def _vmmdev_request(self, session: DriverSession, kbuf: bytearray) -> None:
         """``vbg_ioctl_vmmrequest``: the buffer is the request, handed over as it is."""
-        size_in, _, request_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
+        size_in, _, request_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(kbuf)
         if size_in != size_out:
             raise fail(errno.EINVAL)
         if size_in > MAX_VMMDEV_REQUEST_SIZE:
@@ -359,7 +353,7 @@ def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
     ``size_in``. Return the kernel's copy and the header's ``type``."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, ioctl_type, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
+    size_in, version, ioctl_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):
@@ -372,5 +366,5 @@ def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
     kbuf = copy_in(buf, size_in, size)
-    _RC_SIZE_OUT.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
+    _RC_SIZE_OUT.pack_into(kbuf, H.IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
     return kbuf, ioctl_type

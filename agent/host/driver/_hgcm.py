@@ -17,19 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host._header_fields import (
-    HGCM_CALL64,
-    HGCM_FLAGS,
-    HGCM_FLAGS_AT,
-    HGCM_RESULT,
-    HGCM_RESULT_AT,
-    IOCTL_RC,
-    IOCTL_RC_AT,
-    IOCTL_SIZE_OUT,
-    IOCTL_SIZE_OUT_AT,
-    REQUEST_RC,
-    REQUEST_RC_AT,
-)
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -82,6 +70,9 @@ _LINADDR_OUT: Final = int(HgcmParmType.LINADDR_OUT)
 _PAGELIST: Final = int(HgcmParmType.PAGELIST)
 """Enum members read once, as plain ints: an enum attribute lookup costs more than what it
 is used for, and a comparison of two exact ints is the interpreter's fast one."""
+_USER_PARM_TYPES: Final = frozenset(map(int, USER_HGCM_PARM_TYPES))
+"""The parameter types a user call may pass, as plain ints and bound here, not imported: a
+method call on an imported name is not specialised (see :mod:`agent.host._header_fields`)."""
 _CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
 """The ioctl header and the call's own members (client, function, timeout, interruptible,
 reserved, count), in one unpack once the buffer is known to hold them."""
@@ -228,13 +219,13 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         if error:
             raise fail(error)
         _copy_back(kbuf, req, parms, bounces, memory)
-        status: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
+        status: int = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     finally:
         for address in placed:
             drv.ram.unmap(address)
-    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
+    H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, status)
 
 
 def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...]]:
@@ -254,9 +245,9 @@ def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if size_in < needed:
         raise fail(errno.EINVAL)
-    IOCTL_SIZE_OUT.pack_into(kbuf, IOCTL_SIZE_OUT_AT, needed)
+    H.IOCTL_SIZE_OUT.pack_into(kbuf, H.IOCTL_SIZE_OUT_AT, needed)
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
-    if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
+    if not _USER_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
     return (client_id, function), timeout_ms, parms
 
@@ -322,7 +313,7 @@ def _prepare(
             lists += (direction, in_page, pages)
             lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
         lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
-    req = drv.alloc_request(HGCM_CALL64, lists_at + spare, session.requestor)
+    req = drv.alloc_request(H.HGCM_CALL64, lists_at + spare, session.requestor)
     _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
     return req
 
@@ -375,7 +366,7 @@ def _copy_back(
 
 
 def _done(req: bytearray) -> bool:
-    flags: int = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
+    flags: int = H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0]
     return bool(flags & HGCM_REQ_DONE)
 
 
@@ -400,7 +391,7 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     outcome = _Outcome.DONE
     try:
         await drv.vmmdev.submit(phys)
-        rc: int = REQUEST_RC.unpack_from(req, REQUEST_RC_AT)[0]
+        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
         if rc < 0:
             L.HgcmRequestHeader.result.set(req, rc)
             return 0

@@ -8,7 +8,7 @@ from typing import Final
 
 import trio
 
-from agent.host._header_fields import IOCTL_SIZE_OUT, IOCTL_SIZE_OUT_AT
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.status import status_to_errno
 
@@ -89,7 +89,7 @@ def copy_in(buf: bytearray, size_in: int, size: int) -> bytearray:
 def copy_out(kbuf: bytearray, buf: bytearray) -> None:
     """Copy the header's ``size_out`` bytes of the kernel's buffer back (EFAULT if the
     caller's buffer is shorter), in one copy."""
-    count = IOCTL_SIZE_OUT.unpack_from(kbuf, IOCTL_SIZE_OUT_AT)[0]
+    count = H.IOCTL_SIZE_OUT.unpack_from(kbuf, H.IOCTL_SIZE_OUT_AT)[0]
     if count > len(kbuf):  # noqa: PLR1730 - min() parses its arguments
         count = len(kbuf)
     if len(buf) < count:
