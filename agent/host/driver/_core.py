@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
 
+# By name: trio's module has a __getattr__, which keeps trio.lowlevel.X from being
+# specialised, so it is looked up the slow way on every call (and this is on every get).
+from trio.lowlevel import checkpoint
+
 from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
@@ -139,7 +143,7 @@ class Driver:
         del session
         L.CheckBalloonIoctl.balloon_chunks.set(kbuf, self.balloon_chunks)
         L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 0)
-        await trio.lowlevel.checkpoint()
+        await checkpoint()
 
     def balloon_event(self) -> None:
         """The ISR took BALLOON_CHANGE_REQUEST for the kernel."""
@@ -301,7 +305,7 @@ class Driver:
         Raises:
             OSError: the errno the driver returns; ``buf`` is then left untouched.
         """
-        await trio.lowlevel.checkpoint()
+        await checkpoint()
         if session.lost:
             raise fail(errno.ENODEV)
         if session.closed:
