@@ -113,6 +113,9 @@ class _Client:
     service: HgcmService
     requestor: int
     category: ClientCategory
+    max_calls: int
+    """The service's ``max_calls_per_client``, fixed as a service loads: read once here,
+    as the property is a call and the limit is checked on every call."""
     calls: set[_Command] = field(default_factory=set)
 
 
@@ -232,7 +235,9 @@ class HgcmHost:
         client_id = self._new_client_id()
         status = service.connect(client_id, requestor)
         if status >= 0:
-            self._clients[client_id] = _Client(client_id, service, requestor, category)
+            self._clients[client_id] = _Client(
+                client_id, service, requestor, category, service.max_calls_per_client
+            )
             _log.debug("hgcm_connected", service=service.name, client_id=client_id)
             self._finish(
                 req, phys, status, lambda copy: L.HgcmConnectRequest.client_id.set(copy, client_id)
@@ -480,7 +485,7 @@ class HgcmHost:
             return VERR_HGCM_INVALID_CLIENT_ID
         if phys in self._commands:
             return VERR_HGCM_INVALID_CMD_ADDRESS
-        if len(client.calls) + 1 >= client.service.max_calls_per_client:
+        if len(client.calls) + 1 >= client.max_calls:
             return VERR_HGCM_TOO_MANY_CLIENT_CALLS
         return client
 
