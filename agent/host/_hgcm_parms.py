@@ -110,8 +110,9 @@ def parse_parms(
         ParmError: an unsupported type, a page list outside the request, bad page addresses,
             or buffers that cost the host more than it allows one call.
     """
-    per_parm = layout.size // WORD_SIZE
-    extra = CALL_PARMS_OFFSET + layout.size * count  # where the array ends
+    parm_size = layout.size
+    per_parm = parm_size // WORD_SIZE
+    extra = CALL_PARMS_OFFSET + parm_size * count  # where the array ends
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []

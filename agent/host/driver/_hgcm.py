@@ -279,7 +279,7 @@ def _prepare(
     shape: list[int] = []
     values = [0, 0, *target, count]
     lists: list[int] = []
-    lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
+    lists_at = _REQUEST_PARMS_AT + HGCM_PARM64_SIZE * count
     spare = 0
     ram = drv.ram
     for at in range(0, len(parms), 3):
@@ -388,7 +388,7 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     leaked, as the kernel does, because the host may still write to it.
     """
     phys = drv.ram.map(req)
-    outcome = _Outcome.DONE
+    leaked = False
     try:
         await drv.vmmdev.submit(phys)
         rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
@@ -407,14 +407,15 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
                 await _wait_done(drv, req)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                outcome = await _cancel(drv, req, phys)
+                leaked = await _cancel(drv, req, phys) is _Outcome.LEAKED
             raise
         if _done(req):
             return 0
         outcome = await _cancel(drv, req, phys)
+        leaked = outcome is _Outcome.LEAKED
         return 0 if outcome is _Outcome.DONE else errno.ETIMEDOUT
     finally:
-        if outcome is not _Outcome.LEAKED:
+        if not leaked:  # a bool, not the enum: no class attribute look-up for every call
             drv.ram.unmap(phys)
 
 
