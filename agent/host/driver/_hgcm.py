@@ -59,11 +59,13 @@ PAGE_LIST_HEADER_SIZE: Final = 8
 PAGE_ADDRESS_SIZE: Final = 8
 _EMPTY_BUFFER_LIST_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
 """What the driver reserves in the request for an empty buffer: a one-page list's size."""
-_BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
-    HgcmParmType.LINADDR: PageListDirection.BOTH,
-    HgcmParmType.LINADDR_IN: PageListDirection.TO_HOST,
-    HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
+_BUFFER_TYPES: Final[dict[int, int]] = {
+    int(HgcmParmType.LINADDR): int(PageListDirection.BOTH),
+    int(HgcmParmType.LINADDR_IN): int(PageListDirection.TO_HOST),
+    int(HgcmParmType.LINADDR_OUT): int(PageListDirection.FROM_HOST),
 }
+"""The buffer types and their page lists' directions, as plain ints: a parameter's type
+(an int) then finds its key by identity, where an enum key takes a comparison."""
 _P = L.HgcmParameter64
 _LINADDR_IN: Final = int(HgcmParmType.LINADDR_IN)
 _LINADDR_OUT: Final = int(HgcmParmType.LINADDR_OUT)
