@@ -322,6 +322,25 @@ class TestTwoProcesses:
         assert result.stderr.strip().endswith(f"{not_a_socket}: it exists and is not a socket")
         assert len(result.stderr.splitlines()) == 1
 
+    def test_a_device_path_that_cannot_be_the_device_is_a_config_error(self, workdir: Path) -> None:
+        """A [device] path that exists and is not a vboxguest node (a regular file answers
+        the handshake with ENOTTY, a directory is EISDIR) exits 78, which the unit does not
+        restart, with one line naming the path; a missing node stays 69 (it may come)."""
+        regular = workdir / "passwd"
+        regular.write_text("root:x:0:0::/root:/bin/sh\n")
+        config = workdir / "agent.toml"
+        for path, code, reason in (
+            (regular, 78, "it did not answer the vboxguest version handshake (ENOTTY)"),
+            (workdir, 78, "cannot be the vboxguest device: Is a directory (EISDIR)"),
+            (workdir / "vboxguest", 69, "does not exist"),
+        ):
+            config.write_text(f'[device]\npath = "{path}"\n')
+            result = _run("--config", str(config))
+            assert (result.returncode, result.stdout) == (code, "")
+            [line] = result.stderr.splitlines()
+            assert line.startswith(f"vbox-agent: {path} ")
+            assert reason in line
+
     def test_why_it_did_not_start_is_an_error_in_the_journal(self, workdir: Path) -> None:
         """Under systemd stderr is the journal: a bad config's lines and a missing device's
         line carry priority err (``<3>``), so ``journalctl -p err`` shows why it failed."""

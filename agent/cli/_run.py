@@ -15,7 +15,12 @@ from agent.cli._arguments import PERSONALITIES, device_spec, file_path, positive
 from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.daemon import Daemon, ServiceFailedError
-from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
+from agent.device import (
+    DeviceLostError,
+    DeviceUnavailableError,
+    NotTheDeviceError,
+    opener_for_spec,
+)
 from agent.logconfig import configure_logging, print_error
 from agent.protocol import AgentError
 from agent.services.registry import section_models
@@ -217,6 +222,9 @@ def _report_failure(exc: BaseException) -> int:
     for leaf in leaves:
         if isinstance(leaf, DeviceLostError):  # the log says why a running agent ended
             log.critical("device_lost", error=str(leaf))
+        if isinstance(leaf, NotTheDeviceError):  # a wrong path: restarting will not help
+            print_error(f"vbox-agent: {leaf}")
+            return EX_CONFIG
         if isinstance(leaf, DeviceUnavailableError | DeviceLostError):
             print_error(f"vbox-agent: {leaf}")
             return EX_UNAVAILABLE
