@@ -239,6 +239,23 @@ class TestProblems:
                 "[daemon]\nrestart_backoff_initial_s = 10\nrestart_backoff_max_s = 5\n",
                 "daemon.restart_backoff_max_s = 5: must be >= restart_backoff_initial_s (10)",
             ),
+            # an order broken by a default is named on the key the file set (it passed)
+            (
+                "[daemon]\nrestart_backoff_initial_s = 100\n",
+                "daemon.restart_backoff_initial_s = 100: must be <= restart_backoff_max_s (30)",
+            ),
+            (
+                "[daemon]\nrestart_backoff_max_s = 0.5\n",
+                "daemon.restart_backoff_max_s = 0.5: must be >= restart_backoff_initial_s (1)",
+            ),
+            (
+                "[balloon]\nretry_initial_s = 100\n",
+                "balloon.retry_initial_s = 100: must be <= retry_max_s (60)",
+            ),
+            (
+                "[balloon]\nretry_initial_s = 10\nretry_max_s = 5\n",
+                "balloon.retry_max_s = 5: must be >= retry_initial_s (10)",
+            ),
             # bounds shown exactly (they were 3.6e+06 and 1.23457e+06)
             (
                 "[timesync]\nmin_adjust_ms = 3600001\n",
