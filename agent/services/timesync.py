@@ -237,7 +237,6 @@ class TimesyncService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read and correct, then again every ``interval_s`` and at once after a restore."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             task_status.started()
             await self._read_host_options()
