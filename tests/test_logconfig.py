@@ -215,6 +215,19 @@ class TestStdlib:
         assert line["logger"] == "third_party"
         assert ISO_UTC.match(line["timestamp"])
 
+    def test_a_higher_configured_level_holds_for_them_too(self) -> None:
+        """``level = "error"`` drops third-party warnings as it drops the agent's own, and
+        a reload back to ``info`` lets warnings through again (never their info lines)."""
+        out = io.StringIO()
+        third_party = logging.getLogger("third_party")
+        configure_logging(LogConfig(level="error"), stream=out)
+        third_party.warning("dropped")
+        third_party.error("kept")
+        configure_logging(LogConfig(level="info"), stream=out)
+        third_party.info("chatty")
+        third_party.warning("kept again")
+        assert [line["event"] for line in json_lines(out.getvalue())] == ["kept", "kept again"]
+
     def test_reconfiguring_replaces_the_handler(self) -> None:
         """Calling configure_logging again writes each stdlib record once, to the new stream."""
         first, second = io.StringIO(), io.StringIO()
