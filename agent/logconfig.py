@@ -75,15 +75,17 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
 
 
 def print_error(line: str, *, stream: TextIO | None = None) -> None:
-    """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``).
-
-    Under systemd, stderr is the journal as well: there the line starts with ``<3>``, so
-    journald files it at priority err (``journalctl -p err`` shows why the agent did not
-    start) instead of the unit's default, info.
-    """
+    """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``), for the
+    person or script that ran it. Under systemd the agent says it as a log line instead
+    (:func:`logs_to_journal`)."""
     out = sys.stderr if stream is None else stream
-    prefix = f"<{SYSLOG_PRIORITY['error']}>" if _is_journal_stream(out) else ""
-    out.write(f"{prefix}{line}\n")
+    out.write(f"{line}\n")
+
+
+def logs_to_journal(stream: TextIO | None = None) -> bool:
+    """Whether log lines written to ``stream`` (default: ``sys.stdout``) reach systemd's
+    journal, which then files each at its ``<N>`` priority (stderr goes there too)."""
+    return _is_journal_stream(sys.stdout if stream is None else stream)
 
 
 class _JournalPriority:

@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from agent.config import LogConfig
-from agent.logconfig import configure_logging, print_error
+from agent.logconfig import configure_logging, logs_to_journal, print_error
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -156,15 +156,15 @@ class TestPrintError:
         print_error("vbox-agent: no device", stream=out)
         assert out.getvalue() == "vbox-agent: no device\n"
 
-    def test_priority_err_on_the_journal(
+    def test_the_journal_is_told_apart(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """On the journal stream the line is filed at priority err."""
-        with (tmp_path / "journal").open("w") as out:
+        """``logs_to_journal`` names the stream systemd's JOURNAL_STREAM is: there ``run``
+        says why it failed as a log line instead of a plain one."""
+        with (tmp_path / "journal").open("w") as out, (tmp_path / "other").open("w") as other:
             status = os.fstat(out.fileno())
             monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
-            print_error("vbox-agent: no device", stream=out)
-        assert (tmp_path / "journal").read_text() == "<3>vbox-agent: no device\n"
+            assert (logs_to_journal(out), logs_to_journal(other)) == (True, False)
 
 
 class TestConsole:
