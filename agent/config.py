@@ -45,12 +45,14 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
-MIN_IOCTL_THREADS: Final = 2
-"""What the character-device transport needs: a blocked call and the short calls beside it
-(the daemon's property calls are short)."""
-MAX_IOCTL_THREADS: Final = 24
-"""Twice this (the workers and as many replacing abandoned calls) fits the unit's
-``TasksMax=56`` with the main thread and trio's own threads."""
+MIN_IOCTL_THREADS: Final = 3
+"""What the character-device transport needs: the event pump's wait, the short calls beside
+it (the daemon's property calls are short) and the interrupt that ends the wait."""
+MAX_IOCTL_THREADS: Final = 80
+"""64 long HGCM waits (property notifications) beside the event pump take 67 threads, the
+three reserved ones included; 80 leaves room for more short calls beside them. Twice this
+(the workers and as many replacing abandoned calls) fits the unit's ``TasksMax=168`` with
+the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
@@ -73,9 +75,11 @@ class DeviceConfig(_Model):
     """A character device path, or ``unix:PATH`` for a simulated host's socket."""
     ioctl_threads: int = Field(default=4, ge=MIN_IOCTL_THREADS, le=MAX_IOCTL_THREADS)
     """Worker threads for ioctls, for the whole process. Blocking calls (the event pump's
-    wait, property notifications) may hold all of them but one, which stays for short calls
-    (property sets and every other request); a blocking call beyond that fails with a
-    message naming this setting, while a short call waits for a free thread."""
+    wait, property notifications) may hold all of them but two: one stays for short calls
+    (property sets and every other request), one for the interrupt that ends a blocked
+    wait; long HGCM calls (property notifications) leave one more for the event pump's
+    wait, so N of them need N + 3. A blocking call beyond that fails with a message naming
+    this setting, while a short call waits for a free thread."""
 
     @field_validator("path")
     @classmethod

@@ -221,8 +221,8 @@ class TestProblems:
     @pytest.mark.parametrize(
         ("text", "expected"),
         [
-            ("[device]\nioctl_threads = 25\n", "device.ioctl_threads = 25: must be <= 24"),
-            ("[device]\nioctl_threads = 1\n", "device.ioctl_threads = 1: must be >= 2"),
+            ("[device]\nioctl_threads = 81\n", "device.ioctl_threads = 81: must be <= 80"),
+            ("[device]\nioctl_threads = 2\n", "device.ioctl_threads = 2: must be >= 3"),
             (
                 "[daemon]\nshutdown_timeout_s = 14\n",
                 "daemon.shutdown_timeout_s = 14: must be <= 13",
