@@ -21,12 +21,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationError,
-    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from agent.device.spec import check_device_spec
+from agent.ordered import check_order, exact_number
 from agent.protocol import AgentError
 from agent.protocol.errors import shown_text
 from agent.tomltext import (
@@ -43,12 +45,14 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
-MIN_IOCTL_THREADS: Final = 2
-"""What the character-device transport needs: a blocked call and the short calls beside it
-(the daemon's property calls are short)."""
-MAX_IOCTL_THREADS: Final = 24
-"""Twice this (the workers and as many replacing abandoned calls) fits the unit's
-``TasksMax=56`` with the main thread and trio's own threads."""
+MIN_IOCTL_THREADS: Final = 3
+"""What the character-device transport needs: the event pump's wait, the short calls beside
+it (the daemon's property calls are short) and the interrupt that ends the wait."""
+MAX_IOCTL_THREADS: Final = 80
+"""64 long HGCM waits (property notifications) beside the event pump take 67 threads, the
+three reserved ones included; 80 leaves room for more short calls beside them. Twice this
+(the workers and as many replacing abandoned calls) fits the unit's ``TasksMax=168`` with
+the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
@@ -71,9 +75,11 @@ class DeviceConfig(_Model):
     """A character device path, or ``unix:PATH`` for a simulated host's socket."""
     ioctl_threads: int = Field(default=4, ge=MIN_IOCTL_THREADS, le=MAX_IOCTL_THREADS)
     """Worker threads for ioctls, for the whole process. Blocking calls (the event pump's
-    wait, property notifications) may hold all of them but one, which stays for short calls
-    (property sets and every other request); a blocking call beyond that fails with a
-    message naming this setting, while a short call waits for a free thread."""
+    wait, property notifications) may hold all of them but two: one stays for short calls
+    (property sets and every other request), one for the interrupt that ends a blocked
+    wait; long HGCM calls (property notifications) leave one more for the event pump's
+    wait, so N of them need N + 3. A blocking call beyond that fails with a message naming
+    this setting, while a short call waits for a free thread."""
 
     @field_validator("path")
     @classmethod
@@ -95,14 +101,14 @@ class DaemonConfig(_Model):
     restart_window_s: float = Field(default=60.0, gt=0)
     """The sliding window the restart budget counts in."""
 
-    @field_validator("restart_backoff_max_s")
+    @model_validator(mode="wrap")
     @classmethod
-    def _check_backoff_order(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("restart_backoff_initial_s")
-        if initial is not None and value < initial:
-            msg = f"must be >= restart_backoff_initial_s ({_number(initial)})"
-            raise ValueError(msg)
-        return value
+    def _check_backoff_order(
+        cls, data: object, handler: ModelWrapValidatorHandler[DaemonConfig]
+    ) -> DaemonConfig:
+        config = handler(data)
+        check_order(config, data, "restart_backoff_initial_s", "restart_backoff_max_s")
+        return config
 
 
 class LogConfig(_Model):
@@ -250,7 +256,7 @@ def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDeta
         return f"must be one of {error['ctx']['expected']}"
     if kind in _BOUNDS:
         ctx_key, symbol = _BOUNDS[kind]
-        return f"must be {symbol} {_number(error['ctx'][ctx_key])}"
+        return f"must be {symbol} {exact_number(error['ctx'][ctx_key])}"
     return error["msg"].replace("Input should be", "must be", 1)
 
 
@@ -273,11 +279,6 @@ def _key(parts: tuple[str, ...]) -> str:
     return shown_text(
         ".".join(part if _BARE_KEY.fullmatch(part) else _basic_string(part) for part in parts)
     )
-
-
-def _number(value: float) -> str:
-    """``value`` exactly, as TOML would hold it: ``3600000``, ``1234567.5`` (not ``3.6e+06``)."""
-    return repr(value).removesuffix(".0")
 
 
 def _show(value: object) -> str:

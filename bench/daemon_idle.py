@@ -218,10 +218,11 @@ def _measure_agent(workdir: Path, root: Path, idle_s: float, personality: str) -
 
 
 def _expected_wakeups(args: argparse.Namespace) -> str:
-    """What should wake the idle agent: the network service's passes (each writes the
-    ``Net/Count`` beacon: a send and its reply), the users service's (a timer; nothing to
-    send while no one logs in), the timesync service's readings of the host's clock (a send
-    and its reply) and, where the driver leaves it to us, the heartbeat."""
+    """What should wake the idle agent: the network and users services' passes (one timer
+    for both, then a reply to each one's beacon, ``Net/Count`` and ``LoggedInUsers``,
+    written every pass), the timesync service's readings of the host's clock (a timer and a
+    reply; a reading due with a pass shares its timer, so the figure is a little over) and,
+    where the driver leaves it to us, the heartbeat."""
     passes = int(args.idle // PUBLISHING_INTERVAL_S)
     readings = int(args.idle // TIMESYNC_INTERVAL_S)
     what = (

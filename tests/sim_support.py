@@ -1,4 +1,5 @@
-"""An in-process simulated host whose sessions run a test's hooks around every ioctl."""
+"""An in-process simulated host whose sessions run a test's hooks around every ioctl, and a
+host that answers with malformed replies."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from agent.host import SimOpener
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.wire import Hello, Role, encode_frame
 
 if TYPE_CHECKING:
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
 class HookedOpener:
     """Opens sessions on ``host`` as ``SimOpener`` does; each ioctl awaits ``before(code)``
     before the host sees it and ``after(code)`` once the host answered (either may hold the
-    ioctl, until cancelled, say)."""
+    ioctl, until cancelled, say); ``reply(buffer)`` may then change the answer the caller
+    decodes."""
 
     def __init__(
         self,
@@ -29,10 +32,12 @@ class HookedOpener:
         *,
         before: Callable[[int], Awaitable[None]] | None = None,
         after: Callable[[int], Awaitable[None]] | None = None,
+        reply: Callable[[bytearray], None] | None = None,
     ) -> None:
         self._opener = SimOpener(host)
         self._before = before
         self._after = after
+        self._reply = reply
 
     @property
     def description(self) -> str:
@@ -46,7 +51,9 @@ class HookedOpener:
 
     async def open_session(self) -> HookedSession:
         """Open a session on the host, with the hooks."""
-        return HookedSession(await self._opener.open_session(), self._before, self._after)
+        return HookedSession(
+            await self._opener.open_session(), self._before, self._after, self._reply
+        )
 
 
 class HookedSession:
@@ -57,10 +64,12 @@ class HookedSession:
         transport: SimTransport,
         before: Callable[[int], Awaitable[None]] | None,
         after: Callable[[int], Awaitable[None]] | None,
+        reply: Callable[[bytearray], None] | None = None,
     ) -> None:
         self._transport = transport
         self._before = before
         self._after = after
+        self._reply = reply
 
     async def ioctl(
         self,
@@ -70,16 +79,45 @@ class HookedSession:
         *,
         submission: Submission | None = None,
     ) -> None:
-        """``before``, the host's ioctl, then ``after``."""
+        """``before``, the host's ioctl, ``after``, then ``reply``."""
         if self._before is not None:
             await self._before(code)
         await self._transport.ioctl(code, buffer, user_buffers, submission=submission)
         if self._after is not None:
             await self._after(code)
+        if self._reply is not None:
+            self._reply(buffer)
 
     async def aclose(self) -> None:
         """Close the host's session."""
         await self._transport.aclose()
+
+
+class ReplyGarbler:
+    """A ``reply`` hook for :class:`HookedOpener`: the host's answers to the VMMDev request
+    types in ``request_types`` (empty at first; a test adds them when it wants) name another
+    request type in their header, as a broken host's would, so decoding them raises
+    ``RemoteProtocolError``.
+
+    Attributes:
+        request_types: the request types whose replies are garbled.
+        garbled: how many replies were.
+    """
+
+    GARBLED_TYPE = 0x7FFF
+    """The request type a garbled reply names (none the codec knows)."""
+
+    def __init__(self) -> None:
+        self.request_types: set[int] = set()
+        self.garbled = 0
+
+    def __call__(self, buffer: bytearray) -> None:
+        """Garble ``buffer`` if it is a VMMDev request of a chosen type (an ioctl's own
+        header has type 0 where a VMMDev request has its type)."""
+        header = L.RequestHeader
+        if len(buffer) >= header.size and header.request_type.get(buffer) in self.request_types:
+            header.request_type.set(buffer, self.GARBLED_TYPE)
+            self.garbled += 1
 
 
 @asynccontextmanager

@@ -3,7 +3,9 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
 device (version handshake) → report the facility as Init → start the event pump, then every
-enabled service of the registry, each with ``Supervisor.start`` → facility Active,
+enabled service of the registry, each with ``Supervisor.start`` (which waits until the service
+started or failed and backs off: services do not depend on each other, so a broken one is
+retried under its restart budget while the others run) → facility Active,
 ``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the stop. A
 stop requested during the start-up gives up the step in progress (a host that does not
 answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
@@ -351,7 +353,8 @@ class Daemon:
         if self._context is None:  # pragma: no cover - services are built while serving
             msg = "services are built only while the daemon serves"
             raise RuntimeError(msg)
-        return spec.build(self._context, section)
+        with structlog.contextvars.bound_contextvars(service=spec.name):
+            return spec.build(self._context, section)
 
     def _status_changed(self) -> None:
         self._status_dirty.set()
@@ -359,7 +362,13 @@ class Daemon:
     def _status_text(self) -> str:
         if self._ending():
             return EXITING_STATUS
-        fragments = [service.status() for service in self._supervisor.services()]
+        retrying = self._supervisor.retrying()
+        fragments = [
+            f"{service.name} failed, retrying ({retrying[service.name]}x)"
+            if service.name in retrying
+            else service.status()
+            for service in self._supervisor.services()
+        ]
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
     async def _publish_status(self) -> None:
@@ -500,7 +509,15 @@ class Daemon:
         log.info("config_reloaded", changed=changed)
 
     def _reconfigure(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
-        """Give service ``spec`` its new section: start, stop, apply live or rebuild it."""
+        """Give service ``spec`` its new section: start, stop, apply live or rebuild it.
+
+        What the service logs meanwhile, and every task it starts from here, is named as its
+        run is (the supervisor binds ``service`` there), though this is the reload's task.
+        """
+        with structlog.contextvars.bound_contextvars(service=spec.name):
+            self._reconfigure_bound(spec, section)
+
+    def _reconfigure_bound(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         name = spec.name
         if not section.enable:
             deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s

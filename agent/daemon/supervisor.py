@@ -8,6 +8,9 @@ service is the supervisor's from the moment it is handed over: a stop that comes
 still starts cancels that start and drains it like any other run, and whoever waits for the
 start may give up waiting without cancelling anything. :meth:`Supervisor.stop_all` is for
 good: a service handed over after it drains without running, and nothing is replaced.
+Services do not depend on each other, so whoever waits for a start waits only until the
+service started or failed its first start (it then backs off and is retried on its own):
+one broken service never holds the others back.
 
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
@@ -80,14 +83,17 @@ class _Phase(enum.Enum):
 class _Entry(Generic[T]):
     """One supervised service: what runs, what comes next, and the current phase's scope."""
 
-    __slots__ = ("next", "phase", "scope", "service", "started", "stop_deadline")
+    __slots__ = ("failures", "next", "phase", "scope", "service", "started", "stop_deadline")
 
     def __init__(self, service: T) -> None:
         self.service = service
         self.next: T | None = None
         self.stop_deadline: float | None = None
+        self.failures: deque[float] = deque()
+        """When the service failed, within the restart window."""
         self.started = trio.Event()
-        """Set once the service first started, or when its supervision ended."""
+        """Set once the service first started or backs off after a failure, or when its
+        supervision ended."""
         self.phase = _Phase.RUN
         self.scope = trio.CancelScope()
         """The current phase's scope; the first run's is made here, so that a stop or a
@@ -147,6 +153,14 @@ class Supervisor(Generic[T]):
     def services(self) -> list[T]:
         """The services supervised now (running, draining or backing off), in start order."""
         return [entry.service for entry in self._entries.values()]
+
+    def retrying(self) -> dict[str, int]:
+        """The services backing off after a failure, with their failures in the window."""
+        return {
+            name: len(entry.failures)
+            for name, entry in self._entries.items()
+            if entry.phase is _Phase.BACK_OFF
+        }
 
     def current(self, name: str) -> T | None:
         """The service that runs under ``name`` next, unless it is stopping or gone.
@@ -214,8 +228,10 @@ class Supervisor(Generic[T]):
     async def start(self, nursery: trio.Nursery, service: T) -> None:
         """Supervise ``service`` as a task of ``nursery``; return once it first started.
 
-        Cancelling this wait leaves the service to the supervisor: a stop then cancels its
-        start and drains it, under the stop's deadline, as it does every run.
+        Or once it failed (its first start, or soon after it) and backs off: the supervisor
+        retries it on its own, and the caller need not wait for that. Cancelling this wait
+        leaves the service to the supervisor: a stop then cancels its start and drains it,
+        under the stop's deadline, as it does every run.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         await self.start_soon(nursery, service).wait()
@@ -227,7 +243,8 @@ class Supervisor(Generic[T]):
         that deadline and never runs.
 
         Returns:
-            An event set once the service first started, or when its supervision ended.
+            An event set once the service first started or backs off after a failure, or
+            when its supervision ended.
         """
         if service.name in self._entries:
             msg = f"service {service.name} is already supervised"
@@ -250,14 +267,14 @@ class Supervisor(Generic[T]):
             self._changed()
 
     async def _run_phases(self, entry: _Entry[T]) -> None:
-        failures: deque[float] = deque()
         scope = entry.scope
         while True:
             name = entry.service.name
             failure: BaseException | None = None
             fatal: BaseException | None = None
             try:
-                with scope:
+                # Every task of the service's run (and any it starts) logs with its name.
+                with scope, structlog.contextvars.bound_contextvars(service=name):
                     async with trio.open_nursery() as nursery:
                         await nursery.start(entry.service.run)
                         entry.started.set()
@@ -276,7 +293,7 @@ class Supervisor(Generic[T]):
             if failure is not None and entry.stop_deadline is None and entry.next is None:
                 try:
                     with entry.enter(_Phase.BACK_OFF):
-                        await self._back_off(name, failures, failure)
+                        await self._back_off(entry, failure)
                 except ServiceFailedError as exc:
                     await self._end(entry, exc, drained=True)
             if entry.stop_deadline is not None:
@@ -284,7 +301,7 @@ class Supervisor(Generic[T]):
                 return
             if entry.next is not None:
                 entry.service, entry.next = entry.next, None
-                failures.clear()
+                entry.failures.clear()
                 self._count_restart(name)
                 log.info("service_replaced", service=name)
             scope = entry.enter(_Phase.RUN)
@@ -346,7 +363,7 @@ class Supervisor(Generic[T]):
         if deadline is None:
             deadline = trio.current_time() + self.config.shutdown_timeout_s
         began = trio.current_time()
-        # Each service binds its name in its own run task; what its drain logs is named too.
+        # What the drain logs is named as what the run logs is.
         with (
             entry.enter(_Phase.DRAIN, deadline) as scope,
             structlog.contextvars.bound_contextvars(service=name),
@@ -369,7 +386,12 @@ class Supervisor(Generic[T]):
         if self._on_change is not None:
             self._on_change()
 
-    async def _back_off(self, name: str, failures: deque[float], error: BaseException) -> None:
+    async def _back_off(self, entry: _Entry[T], error: BaseException) -> None:
+        """Count the failure, give up past the budget, or wait before the next run.
+
+        Backing off, the service no longer holds up whoever waits for its start.
+        """
+        name, failures = entry.service.name, entry.failures
         now = trio.current_time()
         failures.append(now)
         while failures and failures[0] < now - self.config.restart_window_s:
@@ -392,6 +414,7 @@ class Supervisor(Generic[T]):
             retry_in_s=delay,
             failures=len(failures),
         )
+        entry.started.set()
         self._changed()
         await trio.sleep(delay)
 

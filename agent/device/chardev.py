@@ -10,15 +10,19 @@ session. Design points:
   call (:func:`is_blocking`: a WAIT_FOR_EVENTS or an HGCM call without a short driver
   timeout, such as the event pump's wait or a property notification) holds its thread for
   as long as the host keeps it, so the budget must cover all of them at once. Blocking
-  calls in flight are counted: they may hold all threads but :data:`RESERVED_THREADS`,
-  which stay for short calls, among them the INTERRUPT_ALL that ends a blocked wait, so a
-  full budget can never deadlock: a blocking call beyond that fails at once with
-  :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls (any other
+  calls in flight are counted: long HGCM calls may hold all threads but
+  :data:`RESERVED_THREADS`, a WAIT_FOR_EVENTS all but those kept for short calls and
+  interrupts, so the event pump's wait (the agent's only one) always finds a thread however
+  many property waits are open, and a full budget can never deadlock: a blocking call
+  beyond that fails at once with :class:`IoctlThreadsExhaustedError`, naming the setting to
+  raise. Short calls (any other
   ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``, such as a property set)
   never fail for want of a thread: they wait for one, which they hold only briefly (at
   most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or disconnect, which neither driver
   times out or lets a signal end, is given up after that by ``Device.open_hgcm_client``,
-  and its thread abandoned and replaced).
+  and its thread abandoned and replaced). They may take every thread but
+  :data:`INTERRUPT_THREADS`: those only INTERRUPT_ALL_WAIT_FOR_EVENTS takes (the driver
+  answers it at once), so ending a blocked wait never waits for short calls the host holds.
 - **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
   GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
   every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
@@ -97,7 +101,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.protocol import (
     AgentError,
     DriverVersion,
@@ -131,24 +135,36 @@ if TYPE_CHECKING:
 _log = structlog.get_logger(__name__)
 
 DEFAULT_PATH: Final = "/dev/vboxguest"
-MIN_THREADS: Final = 2
-"""The smallest thread budget: one blocked call and the short call that ends it."""
+INTERRUPT_THREADS: Final = 1
+"""Threads only INTERRUPT_ALL_WAIT_FOR_EVENTS may take: what ends a blocked wait finds one
+however many short calls the host holds (the driver answers it without the host)."""
+SHORT_CALL_THREADS: Final = 1
+"""Threads no blocking call may take: short calls always progress."""
+EVENT_WAIT_THREADS: Final = 1
+"""Threads a long HGCM call may not take: the event pump's WAIT_FOR_EVENTS always finds one."""
+RESERVED_THREADS: Final = INTERRUPT_THREADS + SHORT_CALL_THREADS + EVENT_WAIT_THREADS
+"""Threads a long HGCM call may never take: ``N`` long waits need ``N + RESERVED_THREADS``."""
+MIN_THREADS: Final = RESERVED_THREADS
+"""The smallest thread budget: the event pump's wait, a short call beside it and the
+interrupt that ends the wait (a long HGCM call needs one more)."""
 DEFAULT_THREADS: Final = 4
-"""The event pump's waiter, a long HGCM call, and room for short calls."""
-RESERVED_THREADS: Final = 1
-"""Threads a blocking call may never take: they keep short calls (interrupts) possible."""
+"""The reserved threads and one long HGCM call (a property wait)."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
 EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
 """Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there),
 never past its caller's deadline."""
+NOT_THE_DEVICE_ERRNOS: Final = frozenset(
+    {errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+)
+"""The errnos of ``open(2)`` that prove the path can never be the device node, whatever
+loads later: a directory (EISDIR), a file where the path needs a directory (ENOTDIR, also a
+node named with a trailing ``/``), a symbolic link loop (ELOOP), a name too long: a
+configuration mistake (:class:`NotTheDeviceError`)."""
 NO_DEVICE_ERRNOS: Final = frozenset(
     {
+        *NOT_THE_DEVICE_ERRNOS,
         errno.ENOENT,
-        errno.ENOTDIR,
-        errno.EISDIR,
-        errno.ELOOP,
-        errno.ENAMETOOLONG,
         errno.ENXIO,
         errno.ENODEV,
         errno.EACCES,
@@ -156,11 +172,13 @@ NO_DEVICE_ERRNOS: Final = frozenset(
     }
 )
 """The errnos of ``open(2)`` that mean there is no device to open: the path names no device
-node (ENOENT: missing, as before the module loads; ENOTDIR, EISDIR, ELOOP, ENAMETOOLONG),
+node (ENOENT: missing, as before the module loads; :data:`NOT_THE_DEVICE_ERRNOS`),
 no driver serves the node's device number (ENXIO), the driver has no device behind it
 (ENODEV), or the agent may not open it (EACCES: the node's mode and owner; EPERM: the unit's
 device policy or a security module). Any other errno (EMFILE, ENFILE, ENOMEM: the driver's
 open allocates the session) is a shortage that may pass, not a missing device."""
+NAME_THE_NODE: Final = "name the device node (--device, or run's [device] path)"
+"""The fix for a path that is not the device, as the end of its one-line message."""
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
 
@@ -232,6 +250,7 @@ class ThreadBudget:
     Attributes:
         threads: the configured number of threads.
         limiter: the tokens every ioctl's worker thread holds while it runs.
+        calls: the tokens every call but an interrupt holds too.
         blocking: blocking calls (see :func:`is_blocking`) now in flight.
     """
 
@@ -243,36 +262,53 @@ class ThreadBudget:
         """
         if threads < MIN_THREADS:
             msg = (
-                f"ioctl threads must be at least {MIN_THREADS} (a blocked call and the call "
-                f"that ends it), not {threads}"
+                f"ioctl threads must be at least {MIN_THREADS} (the event pump's wait, a short "
+                f"call and the interrupt that ends the wait), not {threads}"
             )
             raise ValueError(msg)
         self.threads = threads
         self.limiter = trio.CapacityLimiter(threads)
+        self.calls = trio.CapacityLimiter(threads - INTERRUPT_THREADS)
+        """Held, besides a ``limiter`` token, by every call but INTERRUPT_ALL while it has
+        a thread, so :data:`INTERRUPT_THREADS` stay for the interrupts; an abandoned call
+        gives its token back (its thread, still holding the ``limiter`` token, is replaced)."""
         self.blocking = 0
+        self.long_hgcm_calls = 0
+        """The blocking calls that are HGCM calls (not WAIT_FOR_EVENTS)."""
         self.abandoned = 0
         """Abandoned calls whose threads are still in the driver, each holding its token."""
         self.closes_held = 0
         """``close(2)`` calls abandoned in the driver, each keeping a thread of its own."""
 
-    def start_blocking(self) -> None:
-        """Count one more blocking call in flight, unless it would take a reserved thread.
+    def start_blocking(self, *, hgcm: bool) -> None:
+        """Count one more blocking call in flight (a long HGCM call if ``hgcm``, else a
+        WAIT_FOR_EVENTS), unless it would take a thread reserved from it.
 
         Raises:
-            IoctlThreadsExhaustedError: blocking calls already hold every unreserved thread.
+            IoctlThreadsExhaustedError: blocking calls already hold every thread it may take.
         """
-        if self.blocking >= self.threads - RESERVED_THREADS:
+        kept = SHORT_CALL_THREADS + INTERRUPT_THREADS
+        if self.blocking >= self.threads - kept:
             msg = (
                 f"{self.blocking} blocking ioctls hold all {self.threads} ioctl threads but "
-                f"the {RESERVED_THREADS} kept for short calls: a blocking call cannot "
+                f"the {kept} kept for short calls and interrupts: a blocking call cannot "
                 "start; raise device.ioctl_threads"
             )
             raise IoctlThreadsExhaustedError(msg)
+        if hgcm and self.long_hgcm_calls >= self.threads - RESERVED_THREADS:
+            msg = (
+                f"{self.long_hgcm_calls} long HGCM calls hold all {self.threads} ioctl threads "
+                f"but the {RESERVED_THREADS} kept for the event pump's wait, short calls and "
+                "interrupts: a long HGCM call cannot start; raise device.ioctl_threads"
+            )
+            raise IoctlThreadsExhaustedError(msg)
         self.blocking += 1
+        self.long_hgcm_calls += hgcm
 
-    def end_blocking(self) -> None:
+    def end_blocking(self, *, hgcm: bool) -> None:
         """Count a blocking call that returned (or was abandoned) out."""
         self.blocking -= 1
+        self.long_hgcm_calls -= hgcm
 
     def check_usable(self) -> None:
         """Raise if more threads are abandoned in the driver than the budget allows.
@@ -425,7 +461,7 @@ class CharDevTransport:
         Raises:
             OSError: the driver returned an errno (``InterruptedError`` when interrupted or
                 abandoned).
-            IoctlThreadsExhaustedError: a blocking call found no unreserved thread.
+            IoctlThreadsExhaustedError: a blocking call found no thread it may take.
             DeviceLostError: the driver keeps more abandoned calls than the budget replaces.
             trio.ClosedResourceError: the transport is closed or closing.
         """
@@ -436,11 +472,12 @@ class CharDevTransport:
         if not is_blocking(code, buffer):
             await self._ioctl(code, buffer, user_buffers, submission)
             return
-        self._budget.start_blocking()
+        hgcm = ioc_nr(code) == IoctlFunction.HGCM_CALL_64
+        self._budget.start_blocking(hgcm=hgcm)
         try:
             await self._ioctl(code, buffer, user_buffers, submission)
         finally:
-            self._budget.end_blocking()
+            self._budget.end_blocking(hgcm=hgcm)
 
     async def _ioctl(
         self,
@@ -461,13 +498,7 @@ class CharDevTransport:
                 nursery.start_soon(self._interrupt_if_cancelled, call, deadline)
                 try:
                     with call.scope:
-                        call.outcome = await trio.to_thread.run_sync(
-                            self._perform,
-                            call,
-                            limiter=self._budget.limiter,
-                            thread_name="vbox-ioctl",
-                            abandon_on_cancel=True,
-                        )
+                        await self._run_in_thread(call)
                     if call.scope.cancelled_caught:  # not started, or abandoned
                         call.outcome = InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
                 finally:
@@ -485,6 +516,24 @@ class CharDevTransport:
         if call.cancelled and isinstance(call.outcome, InterruptedError):
             await trio.lowlevel.checkpoint()  # the caller's scope is cancelled: raises Cancelled
         raise call.outcome
+
+    async def _run_in_thread(self, call: _Call) -> None:
+        """Run ``call`` on a worker thread; every call but an interrupt holds a ``calls``
+        token too (see :class:`ThreadBudget`)."""
+        calls = None if call.code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS else self._budget.calls
+        if calls is not None:
+            await calls.acquire_on_behalf_of(call)
+        try:
+            call.outcome = await trio.to_thread.run_sync(
+                self._perform,
+                call,
+                limiter=self._budget.limiter,
+                thread_name="vbox-ioctl",
+                abandon_on_cancel=True,
+            )
+        finally:
+            if calls is not None:
+                calls.release_on_behalf_of(call)
 
     async def aclose(self) -> None:
         """Interrupt pending ioctls, wait for their threads (bounded), close the fd.
@@ -773,6 +822,8 @@ class CharDevOpener:
         """Open the node, agree on the ioctl interface version and return the session.
 
         Raises:
+            NotTheDeviceError: the path cannot be the device: a directory, a bad path, or a
+                file that is no vboxguest node (the handshake's ioctl is unknown to it).
             DeviceUnavailableError: the node is missing, not accessible, not backed by a
                 VirtualBox device, or its driver refuses our interface version.
             OSError: ``open(2)`` failed for want of something that may come back (see
@@ -784,6 +835,8 @@ class CharDevOpener:
         try:
             fd = self._open_fn(self._path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno in NOT_THE_DEVICE_ERRNOS:
+                raise NotTheDeviceError(open_failure(self._path, exc)) from exc
             if exc.errno in NO_DEVICE_ERRNOS:
                 raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
             raise OSError(exc.errno, open_failure(self._path, exc)) from exc
@@ -815,6 +868,14 @@ class CharDevOpener:
                     "shortage that may pass, not a missing device"
                 )
                 raise OSError(errno.ENOMEM if exc.errno is None else exc.errno, msg) from exc
+            if exc.errno == errno.ENOTTY:
+                # Both drivers know the version request whatever their interface version;
+                # a file without this ioctl (a regular file, /dev/null) is not the device.
+                msg = (
+                    f"{path} is not a vboxguest device: it did not answer the vboxguest "
+                    f"version handshake (ENOTTY); {NAME_THE_NODE}"
+                )
+                raise NotTheDeviceError(msg) from exc
             refused = isinstance(exc, VBoxStatusError) or exc.errno == errno.EINVAL
             if not refused:
                 msg = f"{path} did not answer the vboxguest version handshake ({_reason(exc)})"
@@ -851,6 +912,12 @@ def open_failure(path: str, exc: OSError) -> str:
         return (
             f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
             "or name the right device node (--device, or run's [device] path)"
+        )
+    if exc.errno in NOT_THE_DEVICE_ERRNOS:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return (
+            f"{path} cannot be the vboxguest device: {exc.strerror or exc} ({name}); "
+            f"{NAME_THE_NODE}"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (

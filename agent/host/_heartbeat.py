@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import trio
 
 from agent.host._log import host_log as _log
+from agent.protocol.constants import MIN_HEARTBEAT_INTERVAL_NS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 NS_PER_S: Final = 1_000_000_000
-MIN_INTERVAL_NS: Final = 50_000_000
+MIN_INTERVAL_NS: Final = MIN_HEARTBEAT_INTERVAL_NS
 """``HeartbeatInterval`` below 50 ms is a configuration error."""
 MIN_TIMEOUT_NS: Final = 100_000_000
 """``HeartbeatTimeout`` below 100 ms is a configuration error."""

@@ -79,6 +79,9 @@ MIN_GUEST_RAM_MB: Final = 4
 ``phys_mem_chunks`` a host reports to the balloon."""
 MAX_GUEST_RAM_MB: Final = 2_097_152
 """The most guest RAM VirtualBox gives a VM on a 64-bit host (2 TiB, ``MM_RAM_MAX_IN_MB``)."""
+MIN_HEARTBEAT_INTERVAL_NS: Final = 50_000_000
+"""The shortest heartbeat interval a VirtualBox host has: VMMDev refuses to start a VM whose
+``HeartbeatInterval`` is below 50 ms (``RT_NS_100MS / 2``), so a shorter one is malformed."""
 
 AGC_FLAGS_CONFIG_ACQUIRE_MODE: Final = 0x1
 AGC_FLAGS_VALID_MASK: Final = 0x1

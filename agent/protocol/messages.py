@@ -34,6 +34,7 @@ from agent.protocol.constants import (
     IOC_VERSION,
     IOCTL_HDR_VERSION,
     MAX_IOCTL_SIZE,
+    MIN_HEARTBEAT_INTERVAL_NS,
     PAGE_SIZE,
     REQUEST_HEADER_VERSION,
     TIMEOUT_INFINITE,
@@ -1266,10 +1267,15 @@ class HeartbeatConfigure(_VmmdevRequest[HeartbeatSettings]):
         L.HeartbeatRequest.enabled.set(buf, int(self.enabled))
 
     def read(self, buf: bytearray) -> HeartbeatSettings:
-        """Decode the interval, which must be positive."""
+        """Decode the interval, which switching the check on needs: at least
+        :data:`MIN_HEARTBEAT_INTERVAL_NS`. The host names it in its reply to "off" too,
+        where nothing depends on it, so it is not checked there."""
         interval = L.HeartbeatRequest.interval_ns.get(buf)
-        if interval == 0:
-            msg = f"{self.operation}: host reported a zero heartbeat interval"
+        if self.enabled and interval < MIN_HEARTBEAT_INTERVAL_NS:
+            msg = (
+                f"{self.operation}: host reported a heartbeat interval of {interval} ns, "
+                f"below the {MIN_HEARTBEAT_INTERVAL_NS} ns (50 ms) a VirtualBox host allows"
+            )
             raise RemoteProtocolError(msg)
         return HeartbeatSettings(interval)
 

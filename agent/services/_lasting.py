@@ -4,15 +4,28 @@ A timer-driven service whose every tick fails the same way (the host refusing ea
 ``/proc`` unreadable at each report) would otherwise write a warning per tick: 43,000 lines a
 day at the heartbeat's 2 s. The failure is logged when it begins and whenever its cause
 changes, and its end once, with how many ticks failed; every failure is still counted.
+
+A request to the host fails in one of two ways a service outlives (:data:`HOST_ERRORS`): the
+host or driver refuses it with a status, or answers with a reply that breaks the ABI.
+Restarting the service would meet the same host, and a supervisor that restarts it on every
+tick ends the daemon once the restart budget is spent, so the services count both kinds
+(:meth:`LastingFailure.host_failed`) and go on, as VBoxService's workers do.
 """
 
 from __future__ import annotations
 
-from typing import final
+from typing import Final, final
 
 import structlog
 
+from agent.protocol import RemoteProtocolError, VBoxStatusError
+
 log = structlog.get_logger(__name__)
+
+HOST_ERRORS: Final = (VBoxStatusError, RemoteProtocolError)
+"""How a host request fails without harming the agent: a status, or a malformed reply."""
+MALFORMED_REPLY: Final = "malformed reply"
+"""The cause a malformed reply is counted under (its message changes with the reply)."""
 
 
 @final
@@ -47,6 +60,16 @@ class LastingFailure:
         log.warning(event, failures=self.total, **details)
         self._failing = (event, cause)
         return True
+
+    def host_failed(
+        self, event: str, error: VBoxStatusError | RemoteProtocolError, **details: object
+    ) -> bool:
+        """:meth:`failed` for a host request: the cause is the status's name (logged as
+        ``status``), or :data:`MALFORMED_REPLY` (the decoder's message logged as
+        ``malformed_reply``)."""
+        if isinstance(error, VBoxStatusError):
+            return self.failed(event, error.name, status=error.name, **details)
+        return self.failed(event, MALFORMED_REPLY, malformed_reply=str(error), **details)
 
     def succeeded(self) -> bool:
         """Log the end of the failure going on, if any (and return True)."""

@@ -9,9 +9,12 @@
    the uid), the documented library interface to the same state, so it needs no D-Bus.
    Distributions that no longer write utmp still have these.
 
-Names are kept in order of first appearance, once each (compared on their first 32 bytes,
-utmp's field size, as VBoxService compares them). A source that does not exist (no utmp
-file, no logind) adds no one; one that exists and cannot be read raises.
+Names are kept in order of first appearance, once each, compared on their first 32 bytes,
+utmp's field size, as VBoxService did before 7.2 (7.2.6 compares whole names, so it would
+list a logind name over 32 bytes next to utmp's cut copy of it). A source that does not
+exist (no utmp file, no logind) adds no one. One that exists and cannot be read is left out
+and named with its error, the other's users still count (as VBoxService 7.2.6 logs a
+failing logind and publishes what it has); only when neither can be read is that an error.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import os
 import platform
 import pwd
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 UTMP_PATH: Final = Path("/run/utmp")
 LIBSYSTEMD: Final = "libsystemd.so.0"
@@ -68,17 +72,47 @@ class LoginsError(OSError):
     """A login source exists but could not be read; the message names it."""
 
 
+@dataclass(frozen=True, slots=True)
+class Logins:
+    """Who is logged in, as far as the sources could be read.
+
+    Attributes:
+        users: the names, in order of first appearance.
+        unread: the error of each source that could not be read, by source
+            (``utmp``, ``logind``).
+    """
+
+    users: tuple[str, ...]
+    unread: Mapping[str, str] = field(default_factory=dict)
+
+
 def logged_in_users(
     utmp_path: Path = UTMP_PATH, logind: Callable[[], list[str]] | None = None
-) -> tuple[str, ...]:
+) -> Logins:
     """The logged-in users' names, utmp's first, then logind's active sessions'.
 
     ``logind`` lists the latter (:func:`logind_users` by default; tests pass their own).
+
+    Raises:
+        LoginsError: neither source could be read (the message names both).
     """
+    sources: dict[str, Callable[[], list[str]]] = {
+        "utmp": lambda: utmp_users(utmp_path),
+        "logind": logind or logind_users,
+    }
     users: dict[bytes, str] = {}
-    for name in (*utmp_users(utmp_path), *(logind or logind_users)()):
-        users.setdefault(name.encode()[:UT_NAMESIZE], name)
-    return tuple(users.values())
+    unread: dict[str, str] = {}
+    for source, read in sources.items():
+        try:
+            names = read()
+        except LoginsError as exc:
+            unread[source] = str(exc)
+            continue
+        for name in names:
+            users.setdefault(name.encode()[:UT_NAMESIZE], name)
+    if len(unread) == len(sources):
+        raise LoginsError("; ".join(unread.values()))
+    return Logins(tuple(users.values()), unread)
 
 
 def utmp_users(path: Path = UTMP_PATH) -> list[str]:

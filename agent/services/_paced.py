@@ -9,8 +9,14 @@ mind; the metronome keeps that rhythm:
   intervals are skipped, never sent as a burst, and the rhythm resumes on the original grid;
 - the interval is read from the host at start and read again whenever one of the
   subscription's events arrives (a restore, the host's own change request); the first tick
-  of a new interval goes out at once;
-- an interval of ``None`` means "off": the metronome then sleeps until the next event.
+  of a new interval goes out at once. An event that arrived during a tick is taken before
+  the next tick, also when ticks take longer than the interval and no deadline is ever
+  ahead to wait for (VBoxService checks for its event at the top of every loop);
+- an interval of ``None`` means "off": the metronome then sleeps until the next event;
+- a tick later than the threshold is counted; the first of a run of late ticks is logged
+  (``tick_late``), and once ticks have kept time for ``LATE_RUN_ENDS_AFTER_S`` one line
+  (``ticks_on_time_again``) says how many were late and by how much at most: a host that
+  answers slowly for hours is two lines, not one per tick.
 
 Stopping is cancelling :meth:`Metronome.run`; giving back host state (switching the heartbeat
 off) is the owning service's ``drain``.
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, Protocol, final
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol, final
 
 import structlog
 import trio
@@ -31,6 +37,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _MS_PER_S = 1000
+LATE_RUN_ENDS_AFTER_S: Final = 60.0
+"""Ticks on time for this long after the last late one end a run of late ticks."""
 
 
 class EventSource(Protocol):
@@ -38,6 +46,10 @@ class EventSource(Protocol):
 
     async def receive(self) -> int:
         """Wait for and return the next event bits."""
+        ...
+
+    def receive_nowait(self) -> int:
+        """Return the pending event bits, or raise ``trio.WouldBlock`` if there are none."""
         ...
 
 
@@ -92,6 +104,10 @@ class Metronome:
         self._skipped = 0
         self._max_lateness = 0.0
         self._rereads = 0
+        self._late_run = 0
+        """Late ticks since the run of late ticks began (0: ticks keep time)."""
+        self._late_run_worst = 0.0
+        self._last_late_at = 0.0
 
     @property
     def interval_s(self) -> float | None:
@@ -141,20 +157,45 @@ class Metronome:
             with trio.move_on_at(deadline):
                 await events.receive()
                 return
-            lateness = trio.current_time() - deadline
+            try:  # a passed deadline cancels the receive before it looks for pending bits
+                events.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                return
+            sent_at = trio.current_time()
+            lateness = sent_at - deadline
             await self._tick()
             self._ticks += 1
             self._max_lateness = max(self._max_lateness, lateness)
-            if lateness > self.late_after_s:
-                self._late += 1
+            self._note_lateness(sent_at, lateness, skipped, interval)
+            deadline += interval
+            overrun = trio.current_time() - deadline
+            skipped = math.floor(overrun / interval) if overrun > 0 else 0
+            deadline += skipped * interval
+            self._skipped += skipped
+
+    def _note_lateness(
+        self, sent_at: float, lateness: float, skipped: int, interval: float
+    ) -> None:
+        """Count a late tick; log the first of a run of them, and the run's end."""
+        if lateness > self.late_after_s:
+            self._late += 1
+            if not self._late_run:
                 log.warning(
                     "tick_late",
                     lateness_ms=round(lateness * _MS_PER_S, 1),
                     skipped=skipped,
                     interval_s=interval,
                 )
-            deadline += interval
-            overrun = trio.current_time() - deadline
-            skipped = math.floor(overrun / interval) if overrun > 0 else 0
-            deadline += skipped * interval
-            self._skipped += skipped
+            self._late_run += 1
+            self._late_run_worst = max(self._late_run_worst, lateness)
+            self._last_late_at = sent_at
+        elif self._late_run and sent_at - self._last_late_at >= LATE_RUN_ENDS_AFTER_S:
+            log.info(
+                "ticks_on_time_again",
+                late_ticks=self._late_run,
+                max_lateness_ms=round(self._late_run_worst * _MS_PER_S, 1),
+            )
+            self._late_run = 0
+            self._late_run_worst = 0.0

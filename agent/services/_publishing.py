@@ -2,21 +2,23 @@
 
 :class:`PublishingService` is the service: every ``interval_s`` (a section field) and at
 once after a restore it takes a :class:`Reading` of the guest (the properties it wants and a
-short summary) and publishes it on one HGCM client it keeps; at a stop it writes the
-``stop_values`` (VBoxService's reset values). A service may own every name matching some
-patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a run's first pass and
-after a restore, the host's names among them that the reading does not want (a previous
-boot's) are deleted, and at a stop all of them are, but for the ``stop_values``. Failing to
+short summary) and publishes it on one HGCM client it keeps; at a stop it deletes what it
+published, as VBoxService 7.2.6 deletes its cache entries at termination. A service may own
+every name matching some patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a
+run's first pass and after a restore, the host's names among them that the reading does not
+want (a previous boot's) are deleted, and at a stop all of them are. Failing to
 read the guest is logged when it starts and ends, shown in the status, and publishes nothing
 meanwhile.
 
 :class:`PropertyPublisher` keeps a set of properties as the service wants them, like
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
-a beacon, on every call), a property wanted absent is deleted once, a property no longer
-wanted at all is deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything
-is written again. A property the host refuses, or one the client refuses to send (a value
-over the 1023-byte limit: ``PropertyArgumentError``), is logged once per status, shown in the
-status and retried on the next call; the refusal is forgotten once the property is neither
+a beacon, on every call), always with ``TRANSRESET`` (as VBoxService 7.2.6 writes every cache
+entry: the host drops it when the VM resets or powers off, where the agent's stop never
+runs), a property wanted absent is deleted once, a property no longer wanted at all is
+deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything is written again.
+A property the host refuses, or one the client refuses to send (a value over the 1023-byte
+limit: ``PropertyArgumentError``), is logged once per status, shown in the status and
+retried on the next call; the refusal is forgotten once the property is neither
 wanted nor held. :class:`IntervalPause` is the wait between two passes, which a reload may
 shorten or lengthen while it runs and an event (a restore) ends early.
 """
@@ -43,10 +45,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_INTERVAL_S = 5.0
-"""VBoxService's VM-info interval."""
+DEFAULT_INTERVAL_S = 10.0
+"""VBoxService 7.2.6's VM-info interval (``RT_MS_10SEC``, where no option sets one)."""
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 3600.0
+FLAGS: Final = "TRANSRESET"
+"""The flags of every value written (the host adds TRANSIENT)."""
 NOT_SENT: Final = "not sent: over a limit of the property service"
 """The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
 
@@ -90,9 +94,8 @@ class PublishingService:
     """Reads the guest every ``interval_s`` and after a restore; publishes what changed.
 
     ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
-    beacons written on every pass; ``flags`` go with every write; ``stop_values`` are
-    written (None: deleted) at a stop, once something was published; ``owned`` are the
-    patterns of the names the service owns (see the module).
+    beacons written on every pass; ``owned`` are the patterns of the names the service owns
+    (see the module).
     """
 
     def __init__(
@@ -103,8 +106,6 @@ class PublishingService:
         read: Callable[[], Reading],
         *,
         always: Collection[str] = (),
-        flags: str | None = None,
-        stop_values: Mapping[str, str | None],
         owned: Sequence[str] = (),
     ) -> None:
         self.name = name
@@ -113,12 +114,11 @@ class PublishingService:
         self._status_changed = context.status_changed
         self._read = read
         self._always = always
-        self._stop_values = stop_values
         self._owned = owned
         self._sweep_owned = True
         """Whether the next pass first deletes the owned names the reading does not want."""
         self._pause = IntervalPause(section.interval_s)
-        self._publisher = PropertyPublisher(flags)
+        self._publisher = PropertyPublisher()
         self._published = False
         self._unreadable: str | None = None
         self._summary: str | None = None
@@ -146,20 +146,19 @@ class PublishingService:
         return True
 
     async def drain(self) -> None:
-        """Write the stop values and delete the other owned names, on a client of its own
+        """Delete what was published and the other owned names, on a client of its own
         (leaving :meth:`run` closed its)."""
         if not self._published:
             await trio.lowlevel.checkpoint()
             return
         async with open_guest_properties(self._device) as props:
             owned = set(self._publisher.held()) | set(await self._list_owned(props) or ())
-            values: dict[str, str | None] = dict.fromkeys(sorted(owned - self._stop_values.keys()))
-            values |= self._stop_values
-            await self._publisher.apply(props, values)
-        if any(name in self._publisher.refused for name in values):
+            names = sorted(owned)
+            await self._publisher.delete(props, names)
+        if any(name in self._publisher.refused for name in names):
             return  # each refusal is logged; a next run publishes everything again
         self._published = False
-        log.info("stop_values_written", properties=len(values))
+        log.info("published_deleted", properties=len(names))
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -169,7 +168,6 @@ class PublishingService:
         A (re)started run writes everything: a restore may have come while it was not
         running (a supervisor's restart backoff), with no one subscribed to hear it.
         """
-        structlog.contextvars.bind_contextvars(service=self.name)
         self._publisher.forget()
         self._sweep_owned = True
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
@@ -239,14 +237,12 @@ class PublishingService:
 class PropertyPublisher:
     """Brings the host's copy of a set of properties to what the caller wants.
 
-    ``flags`` go with every write (None: the plain value write, as VBoxService makes for
-    properties without cache flags). ``writes`` counts the values written, the ``always``
+    Every value is written with :data:`FLAGS`. ``writes`` counts the values written, the ``always``
     names' not included, ``deletes`` the deletions; ``refused`` maps each property refused at
     its last attempt to the VBox status name the host answered, or :data:`NOT_SENT`.
     """
 
-    def __init__(self, flags: str | None = None) -> None:
-        self._flags = flags
+    def __init__(self) -> None:
         self._held: dict[str, str | None] = {}
         """The values the host holds from us; None: unknown (after a restore)."""
         self._deleted: set[str] = set()
@@ -294,17 +290,14 @@ class PropertyPublisher:
             if name in wanted or name in self._held
         }
 
-    async def apply(self, props: GuestProperties, values: Mapping[str, str | None]) -> None:
-        """Write (None: delete) each of ``values`` now, whatever the host holds."""
-        for name, value in values.items():
-            if value is None:
-                await self._delete(props, name)
-            else:
-                await self._write(props, name, value, counted=True)
+    async def delete(self, props: GuestProperties, names: Iterable[str]) -> None:
+        """Delete each of ``names`` now, whatever the host holds."""
+        for name in names:
+            await self._delete(props, name)
 
     async def _write(self, props: GuestProperties, name: str, value: str, *, counted: bool) -> None:
         try:
-            await props.set(name, value, self._flags)
+            await props.set(name, value, FLAGS)
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return

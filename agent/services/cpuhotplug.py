@@ -24,12 +24,15 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
 
 Each action is one log line with the host's ids and the CPU; a request nobody can carry out
 (an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
-driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) is said
-once in the status; the service then waits for a restore without polling. A stop disables
-monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root
-whose CPU directory cannot be read is one warning naming the setting at start and at a
-reload, and the status says it; each request then fails with a line naming the directory
-and the reason, and the service goes on.
+driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) or answers
+the Enable with a malformed reply is said once in the status; the service then waits for a
+restore without polling. A read of the host's request that fails (a status, a malformed
+reply) is counted and logged when such failures begin or change cause, and the service goes
+on with the host's next event. A stop disables monitoring. Config section:
+``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root whose CPU directory cannot be
+read is one warning naming the setting at start and at a reload, and the status says it;
+each request then fails with a line naming the directory and the reason, and the service
+goes on.
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ from agent.protocol import (
     CpuStatusType,
     Event,
     GetCpuHotPlugRequest,
+    RemoteProtocolError,
     SetCpuHotPlugStatus,
     VBoxStatusError,
 )
 from agent.protocol.status import STATUS_CODES
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs
+from agent.services._lasting import HOST_ERRORS, MALFORMED_REPLY, LastingFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -116,7 +121,8 @@ class CpuHotPlugStatistics:
         events: host events taken (plug, unplug or of an unknown type).
         plugged: CPUs brought online (or found online) for a plug.
         unplugged: CPUs taken offline and ejected for an unplug.
-        failures: events not carried out, and host requests that failed.
+        failures: events not carried out, and host requests that failed (a status, a
+            malformed reply).
         left_alone: events of a simulated host, whose CPUs are this machine's (no sysfs).
     """
 
@@ -143,10 +149,14 @@ class CpuHotPlugService:
         self._sysfs = sysfs
         self._limiter = trio.CapacityLimiter(1)
         self._monitoring = False
+        self._host_may_monitor = False
+        """An Enable was sent (answered or not) and no Disable went through since."""
         self._refusal: str | None = None
         self._unreadable: str | None = None
         """The sysfs problem last warned about (said once, not at every restore)."""
         self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
+        self._reads = LastingFailure("cpu_hotplug_requests_read_again")
+        """Failed reads of the host's requests (counted apart from ``_failures``)."""
 
     def statistics(self) -> CpuHotPlugStatistics:
         """Return the counters."""
@@ -155,7 +165,7 @@ class CpuHotPlugService:
             self._events,
             self._plugged,
             self._unplugged,
-            self._failures,
+            self._failures + self._reads.total,
             self._left_alone,
         )
 
@@ -170,7 +180,8 @@ class CpuHotPlugService:
             return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
         if (unreadable := self._sysfs.unreadable()) is not None:
             return f"cpuhotplug: CPUs unreadable ({unreadable})"
-        failed = f", {self._failures} failed" if self._failures else ""
+        failures = self._failures + self._reads.total
+        failed = f", {failures} failed" if failures else ""
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
@@ -184,23 +195,26 @@ class CpuHotPlugService:
         return True
 
     async def drain(self) -> None:
-        """Stop the host's events (Disable), so Main knows nobody follows them any more."""
-        if not self._monitoring:
+        """Stop the host's events (Disable), so Main knows nobody follows them any more.
+
+        Sent whenever an Enable was sent, answered or not (a stop during the start cancels
+        the wait for an answer the host may already have acted on), as VBoxService's
+        ``VbglR3CpuHotPlugTerm`` always disables."""
+        if not self._host_may_monitor:
             await trio.lowlevel.checkpoint()
             return
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.DISABLE))
-        except VBoxStatusError as exc:
-            log.warning("cpu_hotplug_disable_failed", status=exc.name)
+        except HOST_ERRORS as exc:
+            log.warning("cpu_hotplug_disable_failed", error=str(exc))
             return
-        self._monitoring = False
+        self._monitoring = self._host_may_monitor = False
         log.info("cpu_hotplug_monitoring_stopped")
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Enable monitoring, then follow the host's events; enable again after a restore."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.CPU_HOTPLUG | Event.RESTORED) as events:
             await self._enable(restored=False)
             task_status.started()
@@ -218,19 +232,27 @@ class CpuHotPlugService:
         :meth:`CpuSysfs.remember`: reads of small attributes, which do not block)."""
         if self._sysfs is not None:
             self._remember(self._sysfs)
+        had_enabled, self._host_may_monitor = self._host_may_monitor, True
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.ENABLE))
         except VBoxStatusError as exc:
+            self._host_may_monitor = had_enabled  # this Enable switched nothing on
             if exc.rc not in UNAVAILABLE:
                 raise
-            if exc.name != self._refusal:
-                log.warning("cpu_hotplug_unavailable", status=exc.name, restored=restored)
-            self._refusal, self._monitoring = exc.name, False
+            self._unavailable(exc.name, restored=restored, status=exc.name)
+        except RemoteProtocolError as exc:
+            self._unavailable(MALFORMED_REPLY, restored=restored, malformed_reply=str(exc))
         else:
             cpus = "left alone (simulated host)" if self._sysfs is None else str(self._sysfs.cpus)
             log.info("cpu_hotplug_monitoring", restored=restored, cpus=cpus)
             self._refusal, self._monitoring = None, True
         self._status_changed()
+
+    def _unavailable(self, reason: str, **details: object) -> None:
+        """Monitoring is off until a restore: said once while ``reason`` stays the same."""
+        if reason != self._refusal:
+            log.warning("cpu_hotplug_unavailable", **details)
+        self._refusal, self._monitoring = reason, False
 
     def _remember(self, sysfs: CpuSysfs) -> None:
         """Remember the offline CPUs; one warning naming the setting when they cannot be
@@ -255,9 +277,11 @@ class CpuHotPlugService:
         for _ in range(MAX_REQUESTS_PER_WAKEUP + 1):
             try:
                 event = await self._device.request(GetCpuHotPlugRequest())
-            except VBoxStatusError as exc:
-                self._fail("cpu_hotplug_request_failed", status=exc.name)
+            except HOST_ERRORS as exc:
+                self._reads.host_failed("cpu_hotplug_request_failed", exc)
+                self._status_changed()
                 return
+            self._reads.succeeded()
             if not event.pending:
                 return
             self._events += 1

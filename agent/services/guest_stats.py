@@ -17,9 +17,13 @@ moves the balloon to the host's target. Mainline and Oracle's driver let trusted
 driver does not trust (``/dev/vboxuser``) has its first interval read refused, which the
 service logs once (``statistics_refused_by_driver``) before it stays idle, rather than
 fail and be restarted until its restart budget ends the daemon. A report that fails (``/proc``
-unreadable, the host refusing it) is counted, and logged when such failures begin and change
-cause and when a report goes through again (``statistics_reported_again``), not at every
-tick. Config section: ``[statistics]``.
+unreadable, the host refusing it or answering with a malformed reply) is counted, and logged
+when such failures begin and change cause and when a report goes through again
+(``statistics_reported_again``), not at every tick. An interval read that fails the same ways
+(any other time) is counted and logged alike (``statistics_interval_unreadable``, then
+``statistics_interval_read_again``) and the interval in force stays, as VBoxService keeps
+its own when the query fails (off, before the first read succeeds). Config section:
+``[statistics]``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import trio
 from agent.protocol import Event, GetStatisticsChangeRequest, ReportGuestStats, VBoxStatusError
 from agent.protocol.status import VERR_ACCESS_DENIED, VERR_PERMISSION_DENIED
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import LastingFailure
+from agent.services._lasting import HOST_ERRORS, LastingFailure
 from agent.services._paced import Metronome
 from agent.services._procstats import ProcStats, ProcStatsError
 
@@ -49,7 +53,8 @@ log = structlog.get_logger(__name__)
 NAME: Final = "statistics"
 PROC: Final = Path("/proc")
 LATE_AFTER_S: Final = 1.0
-"""A report sent more than a second after its deadline is logged as late."""
+"""A report sent more than a second after its deadline is late (counted; the first of a run
+of late reports is logged)."""
 EVENTS: Final = Event.RESTORED | Event.STATISTICS_INTERVAL_CHANGE_REQUEST
 DRIVER_REFUSALS: Final = frozenset({VERR_PERMISSION_DENIED, VERR_ACCESS_DENIED})
 """Statuses meaning "this session may not send statistics" (mainline's EPERM is the first)."""
@@ -64,7 +69,8 @@ class GuestStatsStatistics:
     """What the statistics service sent.
 
     Attributes:
-        failures: samples not read (``/proc`` unreadable) and reports the host refused.
+        failures: samples not read (``/proc`` unreadable), reports the host refused or
+            answered with a malformed reply, and interval reads that failed the same ways.
         last: the latest report sent, or None.
         rhythm: the metronome's counters (reports are its ticks).
     """
@@ -88,24 +94,28 @@ class GuestStatsService:
         self._proc = ProcStats(proc)
         self._metronome = Metronome(self._read_interval, self._report, late_after_s=LATE_AFTER_S)
         self._failures = LastingFailure("statistics_reported_again")
+        self._read_failures = LastingFailure("statistics_interval_read_again")
         self._last: GuestStatistics | None = None
         self._interval_read = False
         self._refused = False
 
     def statistics(self) -> GuestStatsStatistics:
         """Return the report counters and the latest report."""
-        return GuestStatsStatistics(self._failures.total, self._last, self._metronome.statistics())
+        return GuestStatsStatistics(
+            self._failures.total + self._read_failures.total,
+            self._last,
+            self._metronome.statistics(),
+        )
 
     def status(self) -> str:
-        """``statistics every 5 s``, ``statistics every 5 s (failing)``, ``statistics off`` or
+        """``statistics every 5 s``, ``statistics off``, either with `` (failing)``, or
         ``statistics refused by the driver``."""
         if self._refused:
             return "statistics refused by the driver"
         interval = self._metronome.interval_s
-        if interval is None:
-            return "statistics off"
-        failing = " (failing)" if self._failures.cause is not None else ""
-        return f"statistics every {interval:g} s{failing}"
+        failing = self._failures.cause is not None or self._read_failures.cause is not None
+        rhythm = "statistics off" if interval is None else f"statistics every {interval:g} s"
+        return f"{rhythm} (failing)" if failing else rhythm
 
     def reconfigure(self, section: StatisticsSection) -> bool:
         """Nothing to apply: the host sets the interval."""
@@ -116,14 +126,11 @@ class GuestStatsService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read the interval, report on it, and read it again at 0x80 and after restores."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
                 await self._metronome.run(events, task_status=task_status)
-        except VBoxStatusError as exc:  # only the interval read lets one through
-            if self._interval_read or exc.rc not in DRIVER_REFUSALS:
-                raise
-            self._refused = True  # the first read was refused: this session is not trusted
+        except VBoxStatusError as exc:  # only a driver's refusal of the first interval read
+            self._refused = True  # this session is not trusted
             self._status_changed()
             log.warning(
                 "statistics_refused_by_driver",
@@ -139,8 +146,20 @@ class GuestStatsService:
         await trio.lowlevel.checkpoint()
 
     async def _read_interval(self) -> float | None:
-        seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
+        """The host's interval; the one in force if the read fails (a driver refusing the
+        first read is raised: the session is not trusted)."""
+        try:
+            seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
+        except HOST_ERRORS as exc:
+            refused = isinstance(exc, VBoxStatusError) and exc.rc in DRIVER_REFUSALS
+            if refused and not self._interval_read:
+                raise
+            kept = self._metronome.interval_s
+            if self._read_failures.host_failed("statistics_interval_unreadable", exc, kept_s=kept):
+                self._status_changed()
+            return kept
         self._interval_read = True
+        self._read_failures.succeeded()
         log.info("statistics_interval_read", interval_s=seconds)
         self._proc.forget_cpu()
         self._status_changed()
@@ -156,10 +175,9 @@ class GuestStatsService:
         for stats in reports:
             try:
                 await self._device.request(ReportGuestStats(stats))
-            except VBoxStatusError as exc:
-                self._failed(
-                    "statistics_report_failed", exc.name, status=exc.name, cpu_id=stats.cpu_id
-                )
+            except HOST_ERRORS as exc:
+                if self._failures.host_failed("statistics_report_failed", exc, cpu_id=stats.cpu_id):
+                    self._status_changed()
                 return
             self._last = stats
         if self._failures.succeeded():

@@ -6,9 +6,13 @@ and on again with HEARTBEAT_CONFIGURE (a fresh start, whatever an earlier run le
 interval the host returns and beats on that rhythm with the :class:`Metronome` (absolute
 deadlines, one late beat rather than a burst). After a restore (RESTORED) it configures again;
 at stop (``drain``) it switches the check off, so a stopped agent is not mistaken for a hung
-guest. A beat the host refuses is counted; refusals are logged when they begin and change
-status (``heartbeat_failed``) and when a beat goes through again (``heartbeat_recovered``),
-not at every beat, and the status says so meanwhile.
+guest. A configure whose reply is malformed (an interval below the 50 ms a VirtualBox host
+allows, say: beating on it would be a busy loop) is one warning (``heartbeat_not_armed``);
+the service switches the check off again and leaves it so until the next restore, when it
+configures again. A beat the host refuses or answers with a malformed reply is counted;
+such failures are logged when they begin and change cause (``heartbeat_failed``) and when a
+beat goes through again (``heartbeat_recovered``), not at every beat, the status says so
+meanwhile, and the rhythm goes on.
 
 Where the driver keeps the heartbeat itself, the requests are refused (mainline: EPERM; Oracle's
 ``vgdrvCheckIfVmmReqIsAllowed``: VERR_PERMISSION_DENIED, as neither request is on its list).
@@ -27,7 +31,13 @@ import structlog
 import trio
 from pydantic import Field
 
-from agent.protocol import Event, GuestHeartbeat, HeartbeatConfigure, VBoxStatusError
+from agent.protocol import (
+    Event,
+    GuestHeartbeat,
+    HeartbeatConfigure,
+    RemoteProtocolError,
+    VBoxStatusError,
+)
 from agent.protocol.status import (
     VERR_ACCESS_DENIED,
     VERR_NOT_IMPLEMENTED,
@@ -35,7 +45,7 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import LastingFailure
+from agent.services._lasting import HOST_ERRORS, MALFORMED_REPLY, LastingFailure
 from agent.services._paced import Metronome
 
 if TYPE_CHECKING:
@@ -59,7 +69,8 @@ class HeartbeatSection(ServiceSection):
     """``[heartbeat]``: the guest heartbeat, where the driver leaves it to userspace."""
 
     late_after_s: float = Field(default=0.05, gt=0, le=MAX_LATE_AFTER_S)
-    """A beat sent more than this many seconds after its deadline is logged (``tick_late``)."""
+    """A beat sent more than this many seconds after its deadline is late: counted, and the
+    first of a run of late beats is logged (``tick_late``)."""
 
 
 class Owner(Enum):
@@ -79,14 +90,17 @@ class HeartbeatStatistics:
         owner: ``agent`` (beating), ``driver`` (the kernel keeps it), ``none`` (the host
             has no heartbeat), ``unknown`` (before the first configure).
         configures: successful HEARTBEAT_CONFIGURE (on) requests.
-        failures: beats the host refused.
+        failures: beats the host refused or answered with a malformed reply.
         rhythm: the metronome's counters (beats are its ticks).
+        malformed_configures: configures whose reply was malformed, each leaving the
+            heartbeat off until the next restore.
     """
 
     owner: str
     configures: int
     failures: int
     rhythm: MetronomeStatistics
+    malformed_configures: int = 0
 
 
 class _NotOursError(Exception):
@@ -112,6 +126,9 @@ class HeartbeatService:
         self._owner = Owner.UNKNOWN
         self._host_check_on = False
         self._configures = 0
+        self._malformed_configures = 0
+        self._not_armed = False
+        """The last configure's reply was malformed: no beats until a restore."""
         self._failures = LastingFailure("heartbeat_recovered")
 
     def statistics(self) -> HeartbeatStatistics:
@@ -121,11 +138,15 @@ class HeartbeatService:
             self._configures,
             self._failures.total,
             self._metronome.statistics(),
+            self._malformed_configures,
         )
 
     def status(self) -> str:
         """``heartbeat 2000 ms``, ``heartbeat 2000 ms (failing: VERR_...)``, ``heartbeat
-        (kernel)``, ``heartbeat unsupported by the host``..."""
+        (kernel)``, ``heartbeat unsupported by the host``, ``heartbeat not armed (malformed
+        reply)``..."""
+        if self._not_armed:
+            return f"heartbeat not armed ({MALFORMED_REPLY})"
         interval = self._metronome.interval_s
         if self._owner is Owner.AGENT and interval is not None:
             failing = self._failures.cause
@@ -145,7 +166,6 @@ class HeartbeatService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Configure the host's check and beat; configure again after every restore."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         try:
             with self._pump.subscribe(self.name, Event.RESTORED) as events:
                 await self._metronome.run(events, task_status=task_status)
@@ -166,14 +186,15 @@ class HeartbeatService:
             return
         try:
             await self._device.request(HeartbeatConfigure(enabled=False))
-        except VBoxStatusError as exc:
-            log.warning("heartbeat_disable_failed", status=exc.name)
+        except HOST_ERRORS as exc:
+            log.warning("heartbeat_disable_failed", error=str(exc))
             return
         self._host_check_on = False
         log.info("heartbeat_stopped")
 
-    async def _configure(self) -> float:
-        """Switch the check off and on again; return the host's interval in seconds."""
+    async def _configure(self) -> float | None:
+        """Switch the check off and on again; return the host's interval in seconds, or None
+        (no beats until the next restore) if a reply was malformed."""
         # Possibly on from the first request, not from the last answer: a stop during the
         # start cancels the wait for an answer the host may already have acted on.
         self._host_check_on = True
@@ -185,12 +206,31 @@ class HeartbeatService:
                 self._host_check_on = False
             self._raise_if_not_ours(exc.rc, exc.name)
             raise
+        except RemoteProtocolError as exc:
+            await self._leave_off(exc)
+            return None
         self._owner = Owner.AGENT
+        self._not_armed = False
         self._configures += 1
         interval_s = settings.interval_ns / NS_PER_S
         log.info("heartbeat_configured", interval_ms=settings.interval_ns / 1_000_000)
         self._status_changed()
         return interval_s
+
+    async def _leave_off(self, error: RemoteProtocolError) -> None:
+        """A configure's reply was malformed: say so, and switch the check off again (the
+        host may have switched it on) rather than beat on what the reply says."""
+        self._owner = Owner.AGENT  # the driver let the request through
+        self._not_armed = True
+        self._malformed_configures += 1
+        log.warning("heartbeat_not_armed", malformed_reply=str(error), until="the next restore")
+        self._status_changed()
+        try:
+            await self._device.request(HeartbeatConfigure(enabled=False))
+        except HOST_ERRORS as exc:  # the drain tries again
+            log.warning("heartbeat_disable_failed", error=str(exc))
+            return
+        self._host_check_on = False
 
     def _raise_if_not_ours(self, rc: int, status: str) -> None:
         """Before the first success, a refusal means the driver (or no host) keeps it."""
@@ -204,8 +244,8 @@ class HeartbeatService:
     async def _beat(self) -> None:
         try:
             await self._device.request(GuestHeartbeat())
-        except VBoxStatusError as exc:
-            if self._failures.failed("heartbeat_failed", exc.name, status=exc.name):
+        except HOST_ERRORS as exc:
+            if self._failures.host_failed("heartbeat_failed", exc):
                 self._status_changed()
             return
         if self._failures.succeeded():

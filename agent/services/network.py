@@ -9,13 +9,16 @@ address there). For the N-th IPv4 address of a non-loopback interface
 ``/VirtualBox/GuestInfo/Net/Count``.
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[network]
-interval_s`` (5 s, VBoxService's default) and after a restore. A value is written only when
-it changed, but ``Count`` on every pass: it is the beacon by which the host knows the rest
-is current. Unlike VBoxService, which leaves them, the entries of an interface that went
-away are deleted, and so are, on the first pass and after a restore, the names under
-``Net/`` that no interface wants (a previous boot's, above today's count). A stop deletes
-every name under ``Net/``, as VBoxService does at termination, so that no host tool reads a
-stale address before the next start publishes. Config section: ``[network]``.
+interval_s`` (10 s, VBoxService 7.2.6's default) and after a restore. A value is written
+only when it changed, but ``Count`` on every pass: it is the beacon by which the host knows
+the rest is current. As in VBoxService 7.2.6, the entries of an interface that went away are
+deleted, and so are, on the first pass (7.2.6 deletes all of ``Net/`` at start) and after a
+restore, the names under ``Net/`` that no interface wants (a previous boot's, above today's
+count). Every value, ``Count`` too, carries ``TRANSRESET``, as VBoxService 7.2.6 writes
+them: the host drops it when the VM resets or powers off, where the agent's stop never runs.
+A stop deletes every name under ``Net/``, as VBoxService does at termination, so that no
+host tool (Vagrant) reads a stale address before the next start publishes. Config section:
+``[network]``.
 """
 
 from __future__ import annotations
@@ -81,7 +84,6 @@ def network_service(
         section,
         lambda: network_reading(read_interfaces),
         always={COUNT_PROPERTY},
-        stop_values={},
         owned=(NET_PATTERN,),
     )
 

@@ -2,21 +2,24 @@
 
 What VBoxService's VM-info service publishes and host tools wait on (``VBoxManage
 guestproperty wait VM /VirtualBox/GuestInfo/OS/NoLoggedInUsers``):
-``/VirtualBox/GuestInfo/OS/LoggedInUsersList`` (the names, comma-separated; absent while
-no one is logged in), ``LoggedInUsers`` (how many) and ``NoLoggedInUsers`` (``true`` or
-``false``). The users come from utmp and logind's active sessions
-(:mod:`agent.services._logins`).
+``/VirtualBox/GuestInfo/OS/LoggedInUsersList`` (the names, comma-separated; empty while no
+one is logged in, as VBoxService 7.2.6 writes it), ``LoggedInUsers`` (how many) and
+``NoLoggedInUsers`` (``true`` or ``false``). The users come from utmp and logind's active
+sessions (:mod:`agent.services._logins`).
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[users]
-interval_s`` (5 s, VBoxService's default) and after a restore, writing only what changed,
-but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService from 7.2.6,
-it is the beacon by which the host knows the users' properties are current. As VBoxService
-does, every value carries ``TRANSRESET`` (the host drops it when the VM
-resets or powers off) and a stop leaves the "no one" values: the list deleted, ``0`` and
-``true``. A source that cannot be read keeps the last values rather than claim no one is
-logged in. A list longer than a property value may be (1023 bytes) is cut after the last
-name that fits, which is logged when it starts and ends; ``LoggedInUsers`` still counts
-everyone (VBoxService would fail to write the list). Config section: ``[users]``.
+interval_s`` (10 s, VBoxService 7.2.6's default) and after a restore, writing only what
+changed, but ``LoggedInUsers`` on every pass and after the other two: as in VBoxService from
+7.2.6, it is the beacon by which the host knows the users' properties are current. As
+VBoxService does, every value carries ``TRANSRESET`` (the host drops it when the VM resets
+or powers off), and a stop deletes all three, as VBoxService 7.2.6 does at termination:
+users may still be logged in (``systemctl restart``), so "no one" would be false. A source
+that cannot be read (utmp or logind) is logged when it starts and ends and shown in the
+status, and the other's users are published, as VBoxService 7.2.6 does; only when neither
+can be read are the last values kept rather than claim no one is logged in. As in
+VBoxService 7.2.6, a name that would take the list over a property value's limit (1023
+bytes) is left out, which is logged when it starts and ends, and ``LoggedInUsers`` counts
+the names listed. Config section: ``[users]``.
 """
 
 from __future__ import annotations
@@ -27,24 +30,17 @@ import structlog
 
 from agent.protocol.guest_props import MAX_VALUE_SIZE
 from agent.services._base import ServiceContext, ServiceSpec
-from agent.services._logins import logged_in_users
+from agent.services._logins import Logins, logged_in_users
 from agent.services._publishing import PublishingSection, PublishingService, Reading
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 NAME: Final = "users"
 OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
 LIST_PROPERTY: Final = f"{OS_PREFIX}LoggedInUsersList"
 COUNT_PROPERTY: Final = f"{OS_PREFIX}LoggedInUsers"
 NONE_PROPERTY: Final = f"{OS_PREFIX}NoLoggedInUsers"
-FLAGS: Final = "TRANSRESET"
-NO_ONE: Final[dict[str, str | None]] = {
-    LIST_PROPERTY: None,
-    NONE_PROPERTY: "true",
-    COUNT_PROPERTY: "0",
-}
-"""The values with no one logged in: VBoxService's reset values, written at a stop."""
 MAX_LIST_BYTES: Final = MAX_VALUE_SIZE - 1
 """The longest list a property value holds (UTF-8, without the NUL)."""
 SEPARATOR: Final = ","
@@ -57,41 +53,56 @@ class UsersSection(PublishingSection):
 
 
 def users_list(users: Sequence[str]) -> tuple[str, int]:
-    """The comma-separated list of ``users`` that fits a property value, and how many it
-    names: the list stops before the first name that would not fit."""
+    """The comma-separated list of the ``users`` that fit a property value, and how many it
+    names: as in VBoxService 7.2.6, a name that would take the list over the limit is left
+    out, and the next ones are tried."""
+    listed: list[str] = []
     size = -len(SEPARATOR)
-    for listed, user in enumerate(users):
-        size += len(SEPARATOR) + len(user.encode())
-        if size > MAX_LIST_BYTES:
-            return SEPARATOR.join(users[:listed]), listed
-    return SEPARATOR.join(users), len(users)
+    for user in users:
+        grown = size + len(SEPARATOR) + len(user.encode())
+        if grown <= MAX_LIST_BYTES:
+            listed.append(user)
+            size = grown
+    return SEPARATOR.join(listed), len(listed)
 
 
 @final
 class UsersReader:
-    """Reads the users as properties and ``N users`` (``(K listed)`` when the list is cut);
-    logs when the list starts being cut and when it fits again, not at every pass."""
+    """Reads the users as properties and ``N users`` (``(K left out)`` when the list is cut,
+    then the sources not read); logs when the list starts being cut and when it fits again,
+    and when a source starts failing (or its error changes) and when it reads again, not at
+    every pass."""
 
-    def __init__(self, read_users: Callable[[], Sequence[str]] = logged_in_users) -> None:
-        self._read_users = read_users
+    def __init__(self, read_logins: Callable[[], Logins] = logged_in_users) -> None:
+        self._read_logins = read_logins
         self._cut = False
+        self._unread: Mapping[str, str] = {}
 
     def __call__(self) -> Reading:
-        users = self._read_users()
-        if not users:
-            self._note_cut(0, 0)
-            return Reading(NO_ONE, "0 users")
+        logins = self._read_logins()
+        self._note_unread(logins.unread)
+        users = logins.users
         names, listed = users_list(users)
         self._note_cut(len(users), listed)
         properties = {
             LIST_PROPERTY: names,
-            NONE_PROPERTY: "false",
-            COUNT_PROPERTY: str(len(users)),
+            NONE_PROPERTY: "false" if listed else "true",
+            COUNT_PROPERTY: str(listed),
         }
-        summary = f"{len(users)} user{'' if len(users) == 1 else 's'}"
-        return Reading(
-            properties, summary if listed == len(users) else f"{summary} ({listed} listed)"
-        )
+        summary = f"{listed} user{'' if listed == 1 else 's'}"
+        if listed < len(users):
+            summary += f" ({len(users) - listed} left out)"
+        for source, error in logins.unread.items():
+            summary += f"; {source} not read: {error}"
+        return Reading(properties, summary)
+
+    def _note_unread(self, unread: Mapping[str, str]) -> None:
+        for source, error in unread.items():
+            if self._unread.get(source) != error:
+                log.warning("login_source_unreadable", source=source, error=error)
+        for source in self._unread.keys() - unread.keys():
+            log.info("login_source_readable", source=source)
+        self._unread = unread
 
     def _note_cut(self, users: int, listed: int) -> None:
         cut = listed < users
@@ -105,17 +116,15 @@ class UsersReader:
 def users_service(
     context: ServiceContext,
     section: UsersSection,
-    read_users: Callable[[], Sequence[str]] = logged_in_users,
+    read_logins: Callable[[], Logins] = logged_in_users,
 ) -> PublishingService:
-    """The service, reading the guest's logins (tests pass their own ``read_users``)."""
+    """The service, reading the guest's logins (tests pass their own ``read_logins``)."""
     return PublishingService(
         NAME,
         context,
         section,
-        UsersReader(read_users),
+        UsersReader(read_logins),
         always={COUNT_PROPERTY},
-        flags=FLAGS,
-        stop_values=NO_ONE,
     )
 
 

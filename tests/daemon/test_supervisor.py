@@ -60,6 +60,7 @@ class FailsBeforeReady:
         self.drain_s = drain_s
         self.attempts = 0
         self.drained_at: list[float] = []
+        self.running = trio.Event()
 
     async def drain(self) -> None:
         await trio.sleep(self.drain_s)  # the service's own clean-up work
@@ -73,6 +74,7 @@ class FailsBeforeReady:
             msg = "not yet"
             raise OSError(msg)
         task_status.started()
+        self.running.set()
         await trio.sleep_forever()
 
 
@@ -353,19 +355,24 @@ class TestSupervisor:
         assert steady.drains == [1.0]
         assert failing.drained_at == [0.0, 1.0]
 
-    async def test_ready_only_after_first_successful_start(
+    async def test_a_failed_first_start_holds_up_nobody(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A service failing during start-up is retried, and readiness waits for it."""
+        """A service failing during start-up: the wait for its start ends once it backs off
+        (the caller goes on to the next service), and it is retried on its own until it
+        starts."""
         service = FailsBeforeReady(failures=2)
         supervisor: Supervisor[FailsBeforeReady] = Supervisor(_config())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await supervisor.start(nursery, service)
-                ready_at = trio.current_time()
+                returned_at = trio.current_time()
+                assert supervisor.retrying() == {"late": 1}
+                await service.running.wait()
+                assert (trio.current_time(), supervisor.retrying()) == (3.0, {})
                 nursery.cancel_scope.cancel()
-        assert ready_at == 3.0
-        assert service.attempts == 3
+        assert returned_at == 0.0
+        assert service.drained_at == [0.0, 1.0]
 
     async def test_replacement_is_not_a_failure(self, autojump_clock: trio.abc.Clock) -> None:
         """``replace(name, service)`` drains the old one and runs the new one at once."""

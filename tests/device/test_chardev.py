@@ -37,7 +37,7 @@ from structlog.testing import capture_logs
 from agent.config import DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.protocol import (
     ChangeBalloon,
     ChangeMemBalloon,
@@ -464,26 +464,52 @@ class TestOpen:
         )
         assert closed == [7]
 
-    async def test_node_that_is_not_vboxguest(self) -> None:
-        """A real node that answers ENOTTY (``--device /dev/null``) fails the handshake."""
-        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
-            await CharDevOpener("/dev/null").open_session()
+    @pytest.mark.parametrize("make", ["node", "file"])
+    async def test_a_file_that_is_not_vboxguest(self, tmp_path: Path, make: str) -> None:
+        """A node or a file that answers the handshake with ENOTTY (``--device /dev/null``,
+        ``/etc/passwd``) is not the device, whatever loads later: a configuration mistake,
+        named with its fix in one line."""
+        path = "/dev/null" if make == "node" else str(tmp_path / "passwd")
+        if make == "file":
+            (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
+            await CharDevOpener(path).open_session()
         assert str(caught.value) == (
-            "/dev/null did not answer the vboxguest version handshake (ENOTTY)"
+            f"{path} is not a vboxguest device: it did not answer the vboxguest version "
+            "handshake (ENOTTY); name the device node (--device, or run's [device] path)"
         )
 
-    async def test_other_open_errors_name_the_path(self, tmp_path: Path) -> None:
-        """Any other open failure (a directory: EISDIR) names the path and the reason."""
-        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+    async def test_a_directory_is_not_the_device(self, tmp_path: Path) -> None:
+        """A directory (EISDIR) cannot be the device: named with the reason and the fix."""
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
             await CharDevOpener(str(tmp_path)).open_session()
-        assert str(caught.value) == f"cannot open {tmp_path}: Is a directory"
+        assert str(caught.value) == (
+            f"{tmp_path} cannot be the vboxguest device: Is a directory (EISDIR); name the "
+            "device node (--device, or run's [device] path)"
+        )
 
-    def test_fewer_than_two_threads_is_refused(self) -> None:
-        """One thread could not carry a blocked call and the interrupt that ends it."""
-        with pytest.raises(ValueError, match="at least 2"):
-            CharDevOpener(threads=1)
-        with pytest.raises(ValueError, match="at least 2"):
-            chardev.ThreadBudget(1)
+    @pytest.mark.parametrize(
+        "code", [errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.EPERM]
+    )
+    async def test_a_device_that_may_come_is_not_a_wrong_path(self, code: int) -> None:
+        """A missing node, no device behind it or no permission may change (the module
+        loads later, udev sets the mode): unavailable, never :class:`NotTheDeviceError`."""
+
+        def open_fn(path: str, flags: int) -> int:
+            raise OSError(code, os.strerror(code), path)
+
+        opener = CharDevOpener("/dev/vboxguest", open_fn=open_fn)
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await opener.open_session()
+        assert not isinstance(caught.value, NotTheDeviceError)
+
+    def test_fewer_than_three_threads_is_refused(self) -> None:
+        """Two threads could not carry a blocked call, a short call and the interrupt that
+        ends the blocked call."""
+        with pytest.raises(ValueError, match="at least 3"):
+            CharDevOpener(threads=2)
+        with pytest.raises(ValueError, match="at least 3"):
+            chardev.ThreadBudget(2)
 
     @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 1, chardev.MIN_THREADS])
     def test_config_accepts_what_the_transport_accepts(self, threads: int) -> None:
@@ -635,9 +661,10 @@ class TestWaits:
             await second.aclose()
 
     async def test_thread_budget_is_per_process(self, kernel: Kernel[FakeDriver]) -> None:
-        """Blocking calls of all sessions share the budget; the last thread is for short calls."""
+        """Blocking calls of all sessions share the budget; the last two threads are for short
+        calls and interrupts."""
         with trio.fail_after(BOUND):
-            opener = kernel.opener(threads=3)
+            opener = kernel.opener(threads=4)
             first, second = await opener.open_session(), await opener.open_session()
             done: list[int] = []
 
@@ -661,8 +688,8 @@ class TestWaits:
     async def test_short_calls_in_flight_leave_blocking_calls_their_threads(
         self, kernel: Kernel[FakeDriver]
     ) -> None:
-        """With the default budget, a wait and two short calls in the driver leave an HGCM
-        call its thread: only blocking calls count against the reserved one."""
+        """With the default budget, a wait and a short call in the driver leave an HGCM call
+        its thread: only blocking calls count against the reserved ones."""
         kernel.driver.hold_requests = trio.Event()
         with trio.fail_after(BOUND):
             transport, session, client = await _open_connected(kernel)
@@ -671,8 +698,7 @@ class TestWaits:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_wait_for_events, transport, events)
                 nursery.start_soon(_host_version, transport)
-                nursery.start_soon(_host_version, transport)
-                await kernel.wait_in_driver(3)
+                await kernel.wait_in_driver(2)
                 call = HgcmCall(client, ECHO_FUNCTION, (HgcmU32(0), HgcmBuffer(b"ab")))
                 reply = await _call(transport, session, call)
                 assert reply.params == (HgcmU32(2), HgcmData(b"ba"))
@@ -680,16 +706,16 @@ class TestWaits:
                 kernel.driver.raise_events(0x10)
             await transport.aclose()
         assert events == [0x10]
-        assert kernel.peak == chardev.DEFAULT_THREADS
+        assert kernel.peak == chardev.DEFAULT_THREADS - chardev.INTERRUPT_THREADS
 
     async def test_smallest_budget_waits_beside_a_short_call(
         self, kernel: Kernel[FakeDriver]
     ) -> None:
-        """With two threads, a wait starting while a short call is in the driver takes the
-        other thread; a second blocking call is refused, naming the setting."""
+        """With the smallest budget, a wait starting while a short call is in the driver takes
+        another thread; a second blocking call is refused, naming the setting."""
         kernel.driver.hold_requests = trio.Event()
         with trio.fail_after(BOUND):
-            transport, session, client = await _open_connected(kernel, threads=2)
+            transport, session, client = await _open_connected(kernel, threads=chardev.MIN_THREADS)
             events: list[int] = []
 
             async with trio.open_nursery() as nursery:
@@ -708,10 +734,11 @@ class TestWaits:
     async def test_short_hgcm_calls_take_turns_beside_a_wait(
         self, kernel: Kernel[FakeDriver]
     ) -> None:
-        """With two threads and a wait in the driver, HGCM calls with a short driver timeout
-        take turns on the other thread; one with a longer timeout is blocking and refused."""
+        """With the smallest budget and a wait in the driver, HGCM calls with a short driver
+        timeout take turns on the thread left to them beside the interrupt's; one with a
+        longer timeout is blocking and refused."""
         with trio.fail_after(BOUND):
-            transport, session, client = await _open_connected(kernel, threads=2)
+            transport, session, client = await _open_connected(kernel, threads=chardev.MIN_THREADS)
             events: list[int] = []
             replies: list[tuple[object, ...]] = []
 
@@ -767,14 +794,14 @@ class TestCancellation:
     ) -> None:
         """A call cancelled while waiting for the limiter never reaches the driver, and its
         submission says so; the next call is issued."""
-        budget = chardev.ThreadBudget(2)
+        budget = chardev.ThreadBudget(chardev.MIN_THREADS)
         limiter = budget.limiter
         with trio.fail_after(BOUND):
             transport, session, _ = await _open_connected(kernel)
             transport = CharDevTransport(
                 next(iter(kernel.sessions)), budget=budget, ioctl_fn=kernel.ioctl
             )
-            holders = [object(), object()]
+            holders = [object() for _ in range(budget.threads)]
             for holder in holders:
                 await limiter.acquire_on_behalf_of(holder)
             calls = len(kernel.codes)
@@ -899,14 +926,14 @@ class TestCancellation:
 
 
 class StubbornConnects:
-    """A transport on a two-thread budget whose HGCM connects stay in the "driver" until
+    """A transport on the smallest budget whose HGCM connects stay in the "driver" until
     ``release`` (uninterruptible, the host never answering); ``arrived`` gets one item per
     connect that entered it, and ``all_back`` is set once no abandoned call is left."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
         self._arrived_in, self.arrived = trio.open_memory_channel[None](math.inf)
-        self.budget = chardev.ThreadBudget(2)
+        self.budget = chardev.ThreadBudget(chardev.MIN_THREADS)
         self.all_back = trio.Event()
         count_back = self.budget.abandoned_returned
 
@@ -953,10 +980,10 @@ class TestAbandonedCalls:
                     await stubborn.arrived.receive()
                     caller_scope.cancel()
                     nursery.start_soon(transport.aclose)
-                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 3)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 4)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
-                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 2)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 3)
         finally:
             stubborn.release.set()
         assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
@@ -984,25 +1011,25 @@ class TestAbandonedCalls:
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
                 await abandon(2)
-                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 4)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 5)
                 with trio.fail_after(PROMPT):
                     await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
-                await abandon(1)
-                assert (budget.abandoned, budget.limiter.total_tokens) == (3, 4)
-                with pytest.raises(DeviceLostError, match="3 ioctls and 0 closes were abandoned"):
+                await abandon(2)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (4, 6)
+                with pytest.raises(DeviceLostError, match="4 ioctls and 0 closes were abandoned"):
                     await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
                 release.set()
                 await all_back.wait()
-                assert budget.limiter.total_tokens == 2
+                assert budget.limiter.total_tokens == 3
                 await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
                 await transport.aclose()
         finally:
             release.set()
         abandoned = [entry for entry in logs if entry["event"] == "ioctl_abandoned"]
-        assert [entry["thread_replaced"] for entry in abandoned] == [True, True, False]
-        assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3]
+        assert [entry["thread_replaced"] for entry in abandoned] == [True, True, True, False]
+        assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3, 4]
         returns = [entry for entry in logs if entry["event"] == "abandoned_ioctl_returned"]
-        assert len(returns) == 3
+        assert len(returns) == 4
 
 
 class HeldClose:
@@ -1039,12 +1066,12 @@ class TestCallersDeadline:
                     with trio.CancelScope(deadline=trio.current_time()):  # deadline passed
                         await transport.aclose()
                 assert budget.closes_held == chardev.MIN_THREADS + 1
-                with pytest.raises(DeviceLostError, match="0 ioctls and 3 closes"):
+                with pytest.raises(DeviceLostError, match="0 ioctls and 4 closes"):
                     budget.check_usable()
         finally:
             held.release.set()
         abandoned = [entry["closes_held"] for entry in logs if entry["event"] == "close_abandoned"]
-        assert abandoned == [1, 2, 3]
+        assert abandoned == [1, 2, 3, 4]
 
     async def test_a_call_its_deadline_cancels_is_abandoned_then(
         self, monkeypatch: pytest.MonkeyPatch
@@ -1062,7 +1089,7 @@ class TestCallersDeadline:
                     await stubborn.arrived.receive()
                     expired_at = scope.deadline = trio.current_time()
                 assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
-                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 3)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 4)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
         finally:
@@ -1299,14 +1326,14 @@ class TestDeferredClose:
                     with trio.CancelScope(deadline=expired_at):
                         await transport.aclose()
                     assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
-                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 4)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 5)
                 assert fds.closed == []
                 fds.release_disconnects.set()
                 assert await fds.back.receive() == 1
                 assert fds.closed == []
                 fds.release.set()
                 assert await fds.back.receive() == 0
-                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 2)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 3)
                 await transport.aclose()
         finally:
             fds.release_disconnects.set()

@@ -16,6 +16,7 @@ import pytest
 from agent.host.guest_props import (
     HOST_RESERVED_PREFIXES,
     MAX_PROPS,
+    MAX_VALUE_SIZE,
     MAX_VALUE_SIZE_6_1,
     RDONLYGUEST,
     GuestFunction,
@@ -553,6 +554,31 @@ class TestTimestamps:
         call = run(svc, notify_call("/Guest/c", timestamp=START_NS + 1))
         assert call.status == VINF_SUCCESS
         assert u64_value(call, 1) == START_NS + 2
+
+    def test_a_refused_set_takes_a_timestamp(self, svc: GuestPropertyService) -> None:
+        """SET_PROP takes its timestamp before it checks anything (``setProperty``), so a
+        refused set uses one up; DEL_PROP takes one only when it deletes."""
+        guest_set(svc, "/Guest/a", "1")  # START_NS
+        svc.host_set("/Guest/ro", "v", "RDONLYGUEST")  # START_NS + 1
+        refused = [
+            FakeCall(1, GuestFunction.SET_PROP, [string("/Guest/b")]),
+            set_call("/Guest/b*", "x"),
+            set_call("/Guest/b", "x" * MAX_VALUE_SIZE),
+            set_call("/Guest/b", "x", "NOPE"),
+            set_call("/Guest/ro", "x"),
+        ]
+        assert [run(svc, call).status for call in refused] == [
+            VERR_INVALID_PARAMETER,
+            VERR_INVALID_PARAMETER,
+            VERR_TOO_MUCH_DATA,
+            VERR_PARSE_ERROR,
+            VERR_PERMISSION_DENIED,
+        ]
+        assert run(svc, del_call("/Guest/b*")).status == VERR_INVALID_PARAMETER
+        assert run(svc, del_call("/Guest/none")).status == VINF_SUCCESS
+        assert run(svc, del_call("/Guest/ro")).status == VERR_PERMISSION_DENIED
+        guest_set(svc, "/Guest/b", "2")
+        assert svc.host_get("/Guest/b") == ("2", "", START_NS + 2 + len(refused))
 
     def test_clock_going_forward(self, svc: GuestPropertyService, clock: FakeClock) -> None:
         """A later clock reading is used as it is."""

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent.host.guest_props import MAX_PROPS, MAX_VALUE_SIZE_6_1, GuestPropertyService, HostVersion
+from agent.host.guest_props import (
+    MAX_PROPS,
+    MAX_VALUE_SIZE,
+    MAX_VALUE_SIZE_6_1,
+    GuestPropertyService,
+    HostVersion,
+)
 from agent.protocol.status import VERR_INTERRUPTED, VINF_SUCCESS, VWRN_NOT_FOUND
 
 from .guest_props_support import (
@@ -23,7 +29,10 @@ from .guest_props_support import (
     notify_call,
     run,
     strings,
+    u64_value,
 )
+
+_HOST_FLAGS = "TRANSIENT, RDONLYGUEST"
 
 HOST_PROPS = [
     "/VirtualBox/HostGuest/SysprepArgs",
@@ -126,6 +135,27 @@ class TestHostApi:
         with pytest.raises(ValueError, match="'TRANSIENT, NOPE'"):
             svc.host_set("/Guest/a", "v", "TRANSIENT, NOPE")
 
+    def test_a_refused_set_takes_a_timestamp(self, svc: GuestPropertyService) -> None:
+        """A host set the service refuses uses up a timestamp (``setProperty`` takes it
+        first); an empty name, which Main refuses before calling the service, and a refused
+        delete do not."""
+        svc.host_set("/Guest/ro", "v", "RDONLYHOST")  # START_NS
+        refused = [
+            ("/Guest/a*", "v", "", ValueError),
+            ("/Guest/a", "x" * MAX_VALUE_SIZE, "", ValueError),
+            ("/Guest/a", "v", "NOPE", ValueError),
+            ("/Guest/ro", "w", "", PermissionError),
+        ]
+        for name, value, flags, error in refused:
+            with pytest.raises(error):
+                svc.host_set(name, value, flags)
+        with pytest.raises(ValueError, match="empty"):
+            svc.host_set("", "v")
+        with pytest.raises(PermissionError):
+            svc.host_delete("/Guest/ro")
+        svc.host_set("/Guest/a", "v")
+        assert _stamp(svc, "/Guest/a") == START_NS + 1 + len(refused)
+
     def test_rdonlyhost(self, svc: GuestPropertyService) -> None:
         """An RDONLYHOST property refuses host writes and deletes with PermissionError."""
         svc.host_set("/Guest/a", "v", "RDONLYHOST")
@@ -227,6 +257,47 @@ class TestReset:
             "0",
         )
 
+    @pytest.mark.parametrize(
+        ("stored", "counted"),
+        [
+            ("41", "42"),
+            ("12abc", "13"),  # trailing characters: a warning, the number stands
+            ("7 ", "8"),
+            ("0x10", "17"),
+            ("0X1f", "32"),
+            ("010", "9"),  # octal
+            ("08", "9"),  # 0 and no octal digit: decimal
+            ("0x", "1"),  # no hex digit after 0x: decimal 0, then "x"
+            ("0xg", "1"),
+            ("1e3", "2"),
+            (" 5", "1"),  # no leading space is skipped: no digits
+            ("\t5", "1"),
+            ("", "1"),
+            ("abc", "1"),
+            ("+", "1"),
+            ("-", "1"),
+            ("+5", "6"),
+            ("--5", "6"),
+            ("-+5", "6"),  # '+' makes it positive again
+            ("-1", "0"),  # two's complement, then + 1 wraps
+            ("+-5", str(2**64 - 4)),
+            ("-0x10", str(2**64 - 15)),
+            (str(2**64 - 2), str(2**64 - 1)),
+            (str(2**64 - 1), "0"),
+            (str(2**64 + 5), "6"),  # too big: wraps modulo 2**64
+            ("\u0663", "1"),  # a non-ASCII digit is no digit
+        ],
+    )
+    def test_counter_is_read_as_rtstrtouint64_reads_it(
+        self, svc: GuestPropertyService, stored: str, counted: str
+    ) -> None:
+        """``incrementCounterProp`` reads the value with ``RTStrToUInt64``: base from the
+        prefix, signs, trailing characters and overflow tolerated, 0 without digits."""
+        svc.power_on()
+        svc.host_set("/VirtualBox/VMInfo/ResetCounter", stored, "TRANSIENT")
+        svc.reset()
+        assert _value(svc, "/VirtualBox/VMInfo/ResetCounter") == counted
+
     def test_counter_without_property(self, svc: GuestPropertyService) -> None:
         """Without a ResetCounter property a reset starts it at 1."""
         svc.reset()
@@ -261,8 +332,14 @@ class TestRestore:
         assert _value(svc, "/VirtualBox/VMInfo/ResumeCounter") == "3"
         assert stamp == _stamp(svc, "/VirtualBox/HostInfo/VBoxVer")
 
-    def test_pending_waits_are_resubmitted(self, svc: GuestPropertyService) -> None:
-        """Waits survive a restore through re-submission: timestamp 0 waits on, others get +78."""
+    def test_pending_waits_are_resubmitted(
+        self, svc: GuestPropertyService, clock: FakeClock
+    ) -> None:
+        """Waits survive a restore through re-submission: timestamp 0 waits on, others get +78.
+
+        The clock moves before the restore: on a stuck one the new instance would reuse the
+        old one's timestamps (``test_a_restore_on_a_stuck_clock_reuses_timestamps``).
+        """
         svc.power_on()
         guest_set(svc, "/Guest/a", "1")
         waiting = run(svc, notify_call("/Guest/*"))
@@ -272,6 +349,7 @@ class TestRestore:
         stamp = _stamp(svc, "/Guest/a")
         old = run(svc, notify_call("/Guest/*", timestamp=stamp, client_id=2))
         assert old.pending
+        clock.now += 10**9
         svc.restore()
         assert fresh.pending
         assert old.pending
@@ -285,13 +363,82 @@ class TestRestore:
         assert old.status == VWRN_NOT_FOUND
         assert notification(old) == ("/Guest/b", "3", "", "0")
 
-    def test_resubmitted_old_wait_gets_oldest_match(self, svc: GuestPropertyService) -> None:
+    def test_resubmitted_old_wait_gets_oldest_match(
+        self, svc: GuestPropertyService, clock: FakeClock
+    ) -> None:
         """A re-submitted wait matching the new instance's first changes gets them with +78."""
         svc.power_on()
         guest_set(svc, "/Guest/a", "1")
         old = run(svc, notify_call("/VirtualBox/*", timestamp=_stamp(svc, "/Guest/a")))
         assert old.pending
+        clock.now += 10**9
         svc.restore()
         old = _resubmit(svc, old)
         assert old.status == VWRN_NOT_FOUND
         assert notification(old)[0] == "/VirtualBox/HostInfo/VBoxVer"
+
+
+STARTUP_PROPS = [
+    "/VirtualBox/HostInfo/VBoxVer",
+    "/VirtualBox/HostInfo/VBoxVerExt",
+    "/VirtualBox/HostInfo/VBoxRev",
+    "/VirtualBox/VMInfo/ResetCounter",
+    "/VirtualBox/VMInfo/ResumeCounter",
+    "/VirtualBox/HostGuest/SysprepExec",
+    "/VirtualBox/HostGuest/SysprepArgs",
+]
+"""The properties a new instance sets, in the order it sets them."""
+
+
+class TestStartUpTimestamps:
+    """The start-up properties on a clock that does not move (a coarse host clock)."""
+
+    def test_a_new_instance(self, svc: GuestPropertyService) -> None:
+        """``initialize``: the version properties get T, T+1, T+2 from one timestamp, the
+        counters and Sysprep properties the next timestamp (T+1) and the three after it."""
+        svc.restore()
+        assert [_stamp(svc, name) - START_NS for name in STARTUP_PROPS] == [0, 1, 2, 1, 2, 3, 4]
+
+    def test_power_on(self, svc: GuestPropertyService) -> None:
+        """POWER_ON sets the version properties again from a third timestamp (T+2)."""
+        svc.power_on()
+        assert [_stamp(svc, name) - START_NS for name in STARTUP_PROPS] == [2, 3, 4, 1, 2, 3, 4]
+
+    def test_an_old_timestamp_is_looked_for_from_the_newest_change(
+        self, svc: GuestPropertyService
+    ) -> None:
+        """GET_NOTIFICATION finds the newest change with the timestamp it is given
+        (``getOldNotificationInternal``): after T+1 comes ResumeCounter (after
+        ResetCounter), not VBoxRev (after VBoxVerExt)."""
+        svc.restore()
+        call = run(svc, notify_call(timestamp=START_NS + 1))
+        assert call.status == VINF_SUCCESS
+        assert notification(call) == ("/VirtualBox/VMInfo/ResumeCounter", "0", _HOST_FLAGS, "0")
+        assert u64_value(call, 1) == START_NS + 2
+
+    def test_a_change_may_be_dated_before_the_last_queued_one(
+        self, svc: GuestPropertyService
+    ) -> None:
+        """After power-on a guest change is dated T+3, after VBoxRev's T+4 in the queue: a
+        guest asking after T+4 gets it at once, one asking after T+3 waits."""
+        svc.power_on()
+        guest_set(svc, "/Guest/a", "1")
+        assert _stamp(svc, "/Guest/a") == START_NS + 3
+        call = run(svc, notify_call("/Guest/*", timestamp=START_NS + 4))
+        assert call.status == VINF_SUCCESS
+        assert notification(call) == ("/Guest/a", "1", "", "0")
+        assert run(svc, notify_call("/Guest/*", timestamp=START_NS + 3, client_id=2)).pending
+
+    def test_a_restore_on_a_stuck_clock_reuses_timestamps(self, svc: GuestPropertyService) -> None:
+        """A new instance on a clock that has not moved dates its changes as the old one
+        did: a re-submitted wait finds its timestamp again and completes with VINF_SUCCESS,
+        not VWRN_NOT_FOUND."""
+        svc.power_on()
+        old = run(svc, notify_call("/Guest/*", timestamp=START_NS + 4))
+        assert old.pending
+        svc.restore()
+        old = _resubmit(svc, old)
+        svc.resume()
+        guest_set(svc, "/Guest/b", "1")
+        assert old.status == VINF_SUCCESS
+        assert notification(old) == ("/Guest/b", "1", "", "0")

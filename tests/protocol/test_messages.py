@@ -452,6 +452,18 @@ class TestDecoding:
         call = _answered(HeartbeatConfigure(enabled=True), ("<Q", 24, 2_000_000_000))
         assert call.request.decode(call) == HeartbeatSettings(2_000_000_000)
 
+    @pytest.mark.parametrize("interval_ns", [0, 1, 50_000_000])
+    def test_heartbeat_off_takes_any_interval(self, interval_ns: int) -> None:
+        """The reply to "off" decodes whatever interval it names: nothing depends on it, and
+        a drain must not fail on it."""
+        call = _answered(HeartbeatConfigure(enabled=False), ("<Q", 24, interval_ns))
+        assert call.request.decode(call) == HeartbeatSettings(interval_ns)
+
+    def test_heartbeat_interval_of_50ms_is_the_least(self) -> None:
+        """50 ms, the least VMMDev accepts at VM start, decodes when switching on."""
+        call = _answered(HeartbeatConfigure(enabled=True), ("<Q", 24, 50_000_000))
+        assert call.request.decode(call) == HeartbeatSettings(50_000_000)
+
 
 class TestLocalProtocolErrors:
     """Requests that break the ABI are refused when encoded."""
@@ -629,6 +641,9 @@ class TestRemoteProtocolErrors:
             pytest.param(GetHostTime(), "<Q", 24, 0xFFFFFFFFFFFFFFFF, id="time-unset"),
             pytest.param(GetMemBalloonChangeRequest(), "<I", 24, 1, id="target-above-ram"),
             pytest.param(HeartbeatConfigure(enabled=True), "<Q", 24, 0, id="zero-interval"),
+            pytest.param(
+                HeartbeatConfigure(enabled=True), "<Q", 24, 49_999_999, id="interval-below-50ms"
+            ),
         ],
     )
     def test_malformed_field(

@@ -52,6 +52,7 @@ from agent.services.cpuhotplug import (
 )
 from agent.services.registry import SERVICES
 from testbed.unit_scheduling import UNIT
+from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -165,16 +166,22 @@ async def running(
     personality: str = "mainline",
     user_device: bool = False,
     fault: int = 0,
+    garbler: ReplyGarbler | None = None,
 ) -> AsyncIterator[Running]:
     """Start a host (SET_CPU_HOTPLUG_STATUS answering ``fault`` once, if given), the pump
     and the service on ``root`` (None: ``auto``, the section's default); drain the service
-    at the end, as the daemon does."""
+    at the end, as the daemon does. ``garbler`` garbles the host's replies (as root, on
+    ``/dev/vboxguest``)."""
     host = SimulatedHost(personality=personality, seed=7)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         if fault:
             host.add_fault(RequestType.SET_CPU_HOTPLUG_STATUS, fault)
-        opener = SimOpener(host, user_device=user_device, uid=1000 if user_device else 0)
+        opener: SimOpener | HookedOpener = (
+            SimOpener(host, user_device=user_device, uid=1000 if user_device else 0)
+            if garbler is None
+            else HookedOpener(host, reply=garbler)
+        )
         async with open_device(opener) as device:
             watch = Watch()
             pump = EventPump(device)
@@ -406,6 +413,30 @@ class TestPlugAndUnplug:
         assert (plugged["cpu"], plugged["core"]) == ("cpu3", 3)
         assert (guest.online(2), guest.online(3)) == ("0", "1")
 
+    async def test_malformed_request_replies_are_one_line(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """GET_CPU_HOTPLUG_REQ answered with a header naming another request type (a broken
+        host), at ten plugs in a row (more failures than the supervisor's restart budget):
+        counted each time, one line, the service stays; the next sound read is taken."""
+        garbler = ReplyGarbler()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running(None, garbler=garbler) as run:
+                garbler.request_types.add(RequestType.GET_CPU_HOTPLUG_REQ)
+                for core in range(1, 11):
+                    run.host.cpu_plug(core)
+                    await run.watch.until(lambda: run.stats().failures == core)  # noqa: B023
+                garbler.request_types.clear()
+                run.host.cpu_plug(11)
+                await run.watch.until(lambda: run.stats().left_alone == 1)
+                assert (run.stats().failures, garbler.garbled) == (10, 10)
+        [failed] = events_named(logs, "cpu_hotplug_request_failed")
+        assert "reply header (size, version, type)" in failed["malformed_reply"]
+        [again] = events_named(logs, "cpu_hotplug_requests_read_again")
+        assert again["failed_in_a_row"] == 10
+        [left_alone] = events_named(logs, "cpu_change_left_alone")
+        assert left_alone["core"] == 11
+
 
 class TestUnreadableSysfs:
     """A ``sysfs_root`` whose CPU directory cannot be listed."""
@@ -510,6 +541,41 @@ class TestMonitoring:
             assert refused.value.rc == NOT_MONITORED
             assert run.stats().monitoring is False
 
+    async def test_a_stop_during_the_enable_disables_monitoring(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A stop while the Enable is still in the host (answered after 1 s) sends Disable
+        at the drain all the same: the host acts on the Enable whoever waits for its answer,
+        and VBoxService's VbglR3CpuHotPlugTerm always disables."""
+        host = SimulatedHost(personality="mainline", seed=7)
+        host.set_delay(RequestType.SET_CPU_HOTPLUG_STATUS, 1.0)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    await nursery.start(pump.run)
+                    service = CpuHotPlugService(ServiceContext(device, pump), None)
+                    with trio.move_on_after(0.5):  # the daemon's stop, during the start
+                        await service.run()
+                    await service.drain()
+                    await trio.sleep(2.0)
+                    assert host.vmmdev.cpu_hotplug.monitored is False
+                    assert host.vmmdev.request_counts[RequestType.SET_CPU_HOTPLUG_STATUS] == 2
+                    assert service.statistics().monitoring is False
+                nursery.cancel_scope.cancel()
+        assert len(events_named(logs, "cpu_hotplug_monitoring_stopped")) == 1
+
+    async def test_a_refused_enable_is_not_disabled(
+        self, autojump_clock: trio.abc.Clock, guest: Guest
+    ) -> None:
+        """An Enable the host refused switched nothing on: the drain sends no Disable."""
+        not_implemented = STATUS_CODES["VERR_NOT_IMPLEMENTED"]
+        with trio.fail_after(60):
+            async with running(guest.root, fault=not_implemented) as run:
+                pass
+            assert run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 1
+
     @pytest.mark.parametrize(
         "case",
         [
@@ -543,6 +609,30 @@ class TestMonitoring:
         [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
         assert unavailable["status"] == status
         assert unavailable["log_level"] == "warning"
+
+    async def test_a_malformed_enable_reply_is_said_once_and_waits_for_a_restore(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An Enable answered with a header naming another request type (a broken host):
+        one warning, the status says so, the service stays and reads nothing; a restore
+        tries again (still malformed: not said again), and once the reply is sound the
+        service follows the host."""
+        garbler = ReplyGarbler()
+        garbler.request_types.add(RequestType.SET_CPU_HOTPLUG_STATUS)
+        with trio.fail_after(7200), structlog.testing.capture_logs() as logs:
+            async with running(None, garbler=garbler) as run:
+                assert run.service.status() == "cpuhotplug: not available (malformed reply)"
+                run.host.restore()
+                await run.watch.until(lambda: run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 2)
+                await trio.sleep(3600)
+                assert run.requests(RequestType.GET_CPU_HOTPLUG_REQ) == 0
+                garbler.request_types.clear()
+                run.host.restore()
+                await run.watch.until(lambda: run.stats().monitoring)
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().left_alone == 1)
+        [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
+        assert "reply header (size, version, type)" in unavailable["malformed_reply"]
 
 
 class TestUnendingHost:

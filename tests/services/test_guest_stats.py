@@ -22,15 +22,16 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import ReportGuestStats, RequestType, StatCap, VBoxStatusError
+from agent.protocol import ReportGuestStats, RequestType, StatCap
 from agent.protocol.constants import VMM_MAX_CPU_COUNT
-from agent.protocol.status import VERR_PERMISSION_DENIED
+from agent.protocol.status import STATUS_CODES
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.guest_stats import GuestStatsService
 from tests.services.balloon_support import Quiet
+from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -53,18 +54,25 @@ async def running(
     balloon_chunks: int | None = None,
     cpus: int | None = None,
     user_device: bool = False,
+    garbler: ReplyGarbler | None = None,
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
     """A host (with ``cpus`` CPUs, else this machine's), the pump and a started statistics
-    service (``balloon_chunks`` on the gauge) on ``/dev/vboxguest`` (or ``/dev/vboxuser``)."""
+    service (``balloon_chunks`` on the gauge) on ``/dev/vboxguest`` (or ``/dev/vboxuser``;
+    ``garbler`` garbles the host's replies on the former)."""
     host = (
         SimulatedHost(personality=personality, seed=1)
         if cpus is None
         else SimulatedHost(personality=personality, seed=1, cpus=cpus)
     )
+    opener = (
+        SimOpener(host, user_device=user_device)
+        if garbler is None
+        else HookedOpener(host, reply=garbler)
+    )
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(SimOpener(host, user_device=user_device)) as device:
+            async with open_device(opener) as device:
                 pump = EventPump(device)
                 context = ServiceContext(device, pump)
                 context.balloon.chunks = balloon_chunks
@@ -348,6 +356,25 @@ class TestReports:
             assert guest_stats(host)["reports"] == 3
             assert not StatCap(last_report(host)["stat_caps"]) & CPU_CAPS
 
+    async def test_interval_zero_is_taken_while_reports_are_slow(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """Reports the host answers after 1.5 s at an interval of 1 s (no deadline is ever
+        ahead to wait for): the host's change to 0 is read once the report under way is
+        answered, and reports stop."""
+        write_proc(tmp_path, cpus=(IDLE_CPU,), processes=1)
+        async with running("passthrough", proc=tmp_path) as (host, service):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            host.set_delay(RequestType.REPORT_GUEST_STATS, 1.5)
+            await trio.sleep(3.0)
+            host.set_statistics_interval(0)
+            await trio.sleep(1.5)
+            assert service.status() == "statistics off"
+            reports = guest_stats(host)["reports"]
+            await trio.sleep(60.0)
+            assert guest_stats(host)["reports"] == reports == 3
+
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_untrusted_session_is_refused_once(
         self, autojump_clock: trio.abc.Clock, personality: str
@@ -365,19 +392,78 @@ class TestReports:
         assert refused[0]["status"] == "VERR_PERMISSION_DENIED"
         assert "/dev/vboxuser" in refused[0]["device"]
 
-    async def test_a_refusal_after_the_first_read_is_an_error(
-        self, autojump_clock: trio.abc.Clock
+    @pytest.mark.parametrize(
+        ("failure", "logged"),
+        [
+            ("VERR_PERMISSION_DENIED", ("status", "VERR_PERMISSION_DENIED")),
+            ("VERR_GENERAL_FAILURE", ("status", "VERR_GENERAL_FAILURE")),
+            ("malformed", ("malformed_reply", "reply header (size, version, type)")),
+        ],
+    )
+    async def test_a_failed_read_after_the_first_keeps_the_interval(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, failure: str, logged: tuple[str, str]
     ) -> None:
-        """A session that read the interval once is trusted: a later refusal of the read
-        ends the run with the error (for the supervisor to restart it), and the service
-        never calls itself refused by the driver."""
-        refused = pytest.RaisesExc(VBoxStatusError, match="VERR_PERMISSION_DENIED")
-        with pytest.RaisesGroup(refused, flatten_subgroups=True):
-            async with running("passthrough") as (host, service):
-                host.add_fault(RequestType.GET_STATISTICS_CHANGE_REQ, VERR_PERMISSION_DENIED)
+        """Once the interval was read, reads that fail at ten change requests in a row (a
+        refusal, which no longer means an untrusted session; a host status; a malformed
+        reply: more failures than the supervisor's restart budget) are counted and logged
+        once, the service stays up and reports at the interval in force (at once after
+        each request, as VBoxService); the next sound read applies, with one line."""
+        write_proc(tmp_path, cpus=(IDLE_CPU,), processes=1)
+        garbler = ReplyGarbler()
+        read = RequestType.GET_STATISTICS_CHANGE_REQ
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", proc=tmp_path, garbler=garbler) as (host, service):
+                host.set_statistics_interval(2)
+                await trio.sleep(1.0)
+                if failure == "malformed":
+                    garbler.request_types.add(read)
+                else:
+                    host.add_fault(read, STATUS_CODES[failure], 10)
+                for request in range(10):
+                    host.set_statistics_interval(5 + request % 2)  # a change each time
+                    await trio.sleep(1.5)
+                    assert service.status() == "statistics every 2 s (failing)"
+                assert guest_stats(host)["reports"] == 11
+                assert service.statistics().failures == 10
+                garbler.request_types.clear()
+                host.set_statistics_interval(5)
+                await trio.sleep(6.0)
+                assert service.status() == "statistics every 5 s"
+                assert guest_stats(host)["reports"] == 13
+        unreadable = [entry for entry in logs if entry["event"] == "statistics_interval_unreadable"]
+        assert len(unreadable) == 1
+        key, text = logged
+        assert text in unreadable[0][key]
+        assert unreadable[0]["kept_s"] == 2.0
+        again = [entry for entry in logs if entry["event"] == "statistics_interval_read_again"]
+        assert [entry["failed_in_a_row"] for entry in again] == [10]
+        assert not [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
+
+    async def test_malformed_report_replies_are_logged_once(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """A minute of report replies whose header names another request type (a broken
+        host; more failures than the supervisor's restart budget) is counted report by
+        report and logged once; the service reports on, and says once when reports go
+        through again."""
+        write_proc(tmp_path, cpus=(IDLE_CPU,), processes=1)
+        garbler = ReplyGarbler()
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", proc=tmp_path, garbler=garbler) as (host, service):
                 host.set_statistics_interval(1)
-                await trio.sleep(5.0)
-        assert service.status() != "statistics refused by the driver"
+                await trio.sleep(0.5)
+                garbler.request_types.add(RequestType.REPORT_GUEST_STATS)
+                await trio.sleep(60.0)
+                assert service.status() == "statistics every 1 s (failing)"
+                garbler.request_types.clear()
+                await trio.sleep(1.0)
+                assert service.status() == "statistics every 1 s"
+                assert (service.statistics().failures, garbler.garbled) == (60, 60)
+        failed = [entry for entry in logs if entry["event"] == "statistics_report_failed"]
+        assert len(failed) == 1
+        assert "reply header (size, version, type)" in failed[0]["malformed_reply"]
+        again = [entry for entry in logs if entry["event"] == "statistics_reported_again"]
+        assert [entry["failed_in_a_row"] for entry in again] == [60]
 
     async def test_unreadable_proc_is_logged_once_and_counted(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path

@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
+import pytest
 import structlog
 import trio
 import trio.testing
@@ -23,6 +24,7 @@ from agent.protocol import RequestType
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services.heartbeat import HeartbeatSection, HeartbeatService
+from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -38,14 +40,19 @@ async def running(
     personality: str,
     section: HeartbeatSection | None = None,
     status_changed: Callable[[], None] = lambda: None,
+    garbler: ReplyGarbler | None = None,
+    interval_ns: int = INTERVAL_NS,
 ) -> AsyncIterator[tuple[SimulatedHost, HeartbeatService, trio.CancelScope]]:
-    """A host with a 100 ms interval, the pump, and a started service with its cancel scope
-    (``status_changed`` is the context's)."""
+    """A host with a 100 ms interval (or ``interval_ns``, even one VMMDev would refuse to
+    start with), the pump, and a started service with its cancel scope (``status_changed``
+    is the context's; ``garbler`` garbles the host's replies)."""
     host = SimulatedHost(personality=personality, heartbeat_interval_ns=INTERVAL_NS, seed=1)
+    host.vmmdev.heartbeat.interval_ns = interval_ns
+    opener = SimOpener(host) if garbler is None else HookedOpener(host, reply=garbler)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(SimOpener(host)) as device:
+            async with open_device(opener) as device:
                 pump = EventPump(device)
                 service = HeartbeatService(
                     ServiceContext(device, pump, status_changed), section or HeartbeatSection()
@@ -101,6 +108,29 @@ class TestAgentKeepsTheHeartbeat:
             assert (state["enabled"], state["flatlined"]) == (True, False)
             assert state["max_gap_ns"] == INTERVAL_NS
 
+    async def test_restore_is_followed_while_beats_are_slow(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Beats the host answers after 300 ms (three intervals: no deadline is ever ahead
+        to wait for) still let a restore through: the check is configured again once the
+        beat under way (sent as the VM was restored) is answered; half a minute of slow
+        beats is one warning."""
+        async with running("passthrough") as (host, service, _):
+            await trio.sleep(1.0)
+            host.set_delay(RequestType.GUEST_HEARTBEAT, 0.3)
+            with structlog.testing.capture_logs() as logs:
+                await trio.sleep(1.0)
+                configures = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                host.restore()
+                await trio.sleep(0.4)
+                assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == configures + 2
+                assert service.statistics().configures == 2
+                await trio.sleep(30.0)
+            rhythm = service.statistics().rhythm
+            assert rhythm.rereads == 1
+            assert rhythm.late > 10
+        assert [entry["event"] for entry in logs].count("tick_late") == 1
+
     async def test_drain_switches_the_check_off(self, autojump_clock: trio.abc.Clock) -> None:
         """The stop leaves the host's check disabled and the guest not flat-lined."""
         async with running("passthrough") as (host, service, scope):
@@ -132,6 +162,63 @@ class TestAgentKeepsTheHeartbeat:
             assert [(e["status"], e["failures"]) for e in failed] == [("VERR_GENERAL_FAILURE", 1)]
             recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
             assert [entry["failed_in_a_row"] for entry in recovered] == [3]
+
+    async def test_malformed_beat_replies_are_counted_and_the_rhythm_goes_on(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A minute of beat replies whose header names another request type (a broken host;
+        far more failures than the supervisor's restart budget) is counted beat by beat and
+        logged once, the status says so, and the service goes on beating on time; one more
+        line when replies are sound again."""
+        garbler = ReplyGarbler()
+        async with running("passthrough", garbler=garbler) as (host, service, _):
+            await trio.sleep(0.05)
+            garbler.request_types.add(RequestType.GUEST_HEARTBEAT)
+            with structlog.testing.capture_logs() as logs:
+                await trio.sleep(60.0)
+                assert service.status() == "heartbeat 100 ms (failing: malformed reply)"
+                garbler.request_types.clear()
+                await trio.sleep(1.0)
+            assert service.status() == "heartbeat 100 ms"
+            assert (service.statistics().failures, garbler.garbled) == (600, 600)
+            state = heartbeat(host)
+            assert (state["beats"], state["max_gap_ns"]) == (611, INTERVAL_NS)
+        failed = [entry for entry in logs if entry["event"] == "heartbeat_failed"]
+        assert len(failed) == 1
+        assert "reply header (size, version, type)" in failed[0]["malformed_reply"]
+        recovered = [entry for entry in logs if entry["event"] == "heartbeat_recovered"]
+        assert [entry["failed_in_a_row"] for entry in recovered] == [600]
+
+    @pytest.mark.parametrize("interval_ns", [0, 1, 49_999_999])
+    async def test_an_interval_below_50ms_leaves_the_check_off_until_a_restore(
+        self, autojump_clock: trio.abc.Clock, interval_ns: int
+    ) -> None:
+        """A host naming an interval below the 50 ms VMMDev allows (on 1 ns the agent beat
+        20,000 times a second): one warning naming the value and the bound, the check
+        switched off again and no beat for a minute, the service up (no restarts to spend);
+        a restore configures again and a sound interval applies; the drain switches the
+        check off."""
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough", interval_ns=interval_ns) as (host, service, scope):
+                await trio.sleep(60.0)
+                state = heartbeat(host)
+                assert (state["enabled"], state["beats"]) == (False, 0)
+                assert host.vmmdev.request_counts[RequestType.GUEST_HEARTBEAT] == 0
+                assert service.status() == "heartbeat not armed (malformed reply)"
+                assert service.statistics().malformed_configures == 1
+                host.vmmdev.heartbeat.interval_ns = INTERVAL_NS
+                host.restore()
+                await trio.sleep(1.0 - 1e-9)
+                state = heartbeat(host)
+                assert (state["enabled"], state["beats"], state["flatlined"]) == (True, 10, False)
+                assert service.status() == "heartbeat 100 ms"
+                scope.cancel()
+                await service.drain()
+                assert heartbeat(host)["enabled"] is False
+        [not_armed] = [entry for entry in logs if entry["event"] == "heartbeat_not_armed"]
+        said = f"interval of {interval_ns} ns, below the 50000000 ns (50 ms)"
+        assert said in not_armed["malformed_reply"]
+        assert not [entry for entry in logs if entry["event"] == "heartbeat_disable_failed"]
 
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock

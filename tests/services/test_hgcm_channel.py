@@ -28,19 +28,21 @@ import pytest
 import trio
 import trio.testing
 
-from agent.device import device as device_module, open_device
+from agent.config import DeviceConfig
+from agent.device import chardev, device as device_module, open_device
 from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.server import serve_simulated_host
 from agent.protocol import Event, LocalProtocolError, RequestType, VBoxStatusError
 from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS
-from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
+from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VERR_TIMEOUT, VINF_SUCCESS
 from agent.services.guest_props import PropertyChange, open_guest_properties
 from agent.services.hgcm import (
     HgcmBuffer,
     HgcmBufferIn,
     HgcmBufferOut,
+    HgcmCallError,
     HgcmLimitError,
     HgcmU32,
     open_hgcm_channel,
@@ -56,8 +58,9 @@ if TYPE_CHECKING:
 
 ECHO_CALL_LIMIT = 16
 LONG_WAITS = 64
-CHARDEV_THREADS = LONG_WAITS + 3
-"""The 64 waits, the event waiter, and a thread for short calls beside the reserved one."""
+CHARDEV_THREADS = LONG_WAITS + chardev.RESERVED_THREADS
+"""The 64 waits and the threads they leave: the event waiter's, one for short calls and one
+for interrupts (a setting the daemon accepts)."""
 POLL_S = 0.005
 CANCEL_TAKES_EFFECT_S = 0.25
 """The issue's bound from a call's cancellation to its caller running again."""
@@ -216,6 +219,24 @@ class TestCancellation:
                     assert setup.host.status()["hgcm_clients"] == 1
                 assert setup.host.status()["hgcm_clients"] == 0
 
+    async def test_calls_the_driver_timed_out_keep_their_slots(self, setup: Setup) -> None:
+        """A call the driver times out is cancelled at the host, which goes on counting it
+        until the service completes it: after 15 of them the 16th call is refused here
+        (HgcmLimitError), not sent for the host to refuse."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                for _ in range(channel.max_pending):
+                    with pytest.raises(VBoxStatusError) as info:
+                        await channel.call(FN_HOLD, timeout_ms=1)
+                    assert info.value.rc == VERR_TIMEOUT
+                assert len(setup.echo.cancelled) == channel.max_pending
+                assert channel.pending == channel.max_pending
+                with pytest.raises(HgcmLimitError, match="15 calls pending"):
+                    await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
+
     async def test_a_call_cancelled_before_it_is_sent_takes_no_slot(self, setup: Setup) -> None:
         """Calls made in an already cancelled scope never reach the host and leave no
         lingering slot: after more of them than the host's limit, calls still go through
@@ -305,8 +326,72 @@ class TestManyWaits:
         assert setup.host.status()["hgcm_clients"] == 0
 
 
+async def test_a_timeout_oracles_driver_reports_in_the_header_keeps_its_slot_too() -> None:
+    """Oracle's driver reports its timeout in the header, as a service status would come
+    (HgcmCallError): the call was cancelled at the host all the same and keeps its slot."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="oracle", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                with pytest.raises(HgcmCallError) as info:
+                    await channel.call(FN_HOLD, timeout_ms=1)
+                assert info.value.rc == VERR_TIMEOUT
+                assert len(echo.cancelled) == 1
+                assert channel.pending == 1
+            nursery.cancel_scope.cancel()
+
+
+def test_64_long_waits_fit_a_budget_the_daemon_accepts() -> None:
+    """The budget the channel tests hold 64 waits on is one ``device.ioctl_threads`` takes
+    (the most it took was 24, enough for 21 waits beside the event pump)."""
+    assert DeviceConfig(ioctl_threads=CHARDEV_THREADS).ioctl_threads == CHARDEV_THREADS
+
+
+async def test_property_waits_never_take_the_event_waits_thread() -> None:
+    """Over the character device with the default budget, property waits beyond their share
+    are refused, naming the setting, and the event wait still gets its thread (with three
+    property waits open, it was refused at once)."""
+    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
+    threads = DeviceConfig().ioctl_threads
+    refused: list[chardev.IoctlThreadsExhaustedError] = []
+    mouse = int(Event.MOUSE_CAPABILITIES_CHANGED)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with (
+                open_device(Kernel(host).opener(threads=threads)) as device,
+                open_guest_properties(device) as props,
+                device.open_event_waiter(mouse) as waiter,
+                trio.open_nursery() as waits,
+            ):
+
+                async def wait(index: int) -> None:
+                    try:
+                        await props.wait([f"/W/{index}"])
+                    except chardev.IoctlThreadsExhaustedError as exc:
+                        refused.append(exc)
+
+                for index in range(threads):
+                    waits.start_soon(wait, index)
+                hgcm = host.vmmdev.hgcm
+                # Worker threads: no event to wait on (bounded by fail_after).
+                while hgcm.pending_calls + len(refused) < threads:  # noqa: ASYNC110
+                    await trio.sleep(POLL_S)
+                host.raise_events(mouse)
+                assert await waiter.wait() == mouse
+                assert hgcm.pending_calls == threads - chardev.RESERVED_THREADS
+                assert "raise device.ioctl_threads" in str(refused[0])
+                waits.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+
 async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> None:
-    """Over the character device with two ioctl threads, three property sets at once beside
+    """Over the character device with the smallest budget, three property sets at once beside
     a blocked event wait all succeed: the client's calls are short and wait for a thread."""
     host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     names = [f"/VirtualBox/GuestInfo/Test/{index}" for index in range(3)]
@@ -315,7 +400,7 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
             await nursery.start(host.run)
             kernel = Kernel(host)
             async with (
-                open_device(kernel.opener(threads=2)) as device,
+                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
                 open_guest_properties(device) as props,
                 device.open_event_waiter(int(Event.RESTORED)) as waiter,
             ):
@@ -333,11 +418,11 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
 
 
 async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None:
-    """Over the character device with two ioctl threads, both held by calls the service
-    keeps, calls cancelled while they wait for a thread never reach the driver and take no
-    slot: pending stays at the two the host holds, and after more such cancellations than the
-    host's limit a call still goes through (pending was 3 where the host held 2, and the 14th
-    queued call was refused with HgcmLimitError)."""
+    """Over the character device with the smallest budget, both threads short calls may take
+    held by calls the service keeps, calls cancelled while they wait for a thread never
+    reach the driver and take no slot: pending stays at the two the host holds, and after
+    more such cancellations than the host's limit a call still goes through (pending was 3
+    where the host held 2, and the 14th queued call was refused with HgcmLimitError)."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
     host = SimulatedHost(personality="mainline", services=[echo])
     with trio.fail_after(10):
@@ -345,7 +430,7 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
             await nursery.start(host.run)
             kernel = Kernel(host)
             async with (
-                open_device(kernel.opener(threads=2)) as device,
+                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
                 open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
             ):
                 short_hold = partial(channel.call, FN_HOLD, timeout_ms=SHORT_CALL_TIMEOUT_MS)
@@ -365,9 +450,45 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
                     for call in list(echo.held):
                         call.complete(VINF_SUCCESS)
                 assert channel.pending == 0
-                reply = await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
+                reply = await channel.call(
+                    FN_FAIL, HgcmU32(VINF_SUCCESS), timeout_ms=SHORT_CALL_TIMEOUT_MS
+                )
                 assert reply.status == VINF_SUCCESS
                 assert echo.cancelled == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_event_wait_is_cancelled_promptly_beside_held_short_calls() -> None:
+    """Over the character device with the smallest budget, short HGCM calls the host holds
+    on every thread they may take leave the interrupt a thread of its own: cancelling a
+    blocked event wait takes effect within 250 ms (it took the 2 s teardown deadline, its
+    INTERRUPT_ALL queued behind the short calls)."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="mainline", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            kernel = Kernel(host)
+            async with (
+                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                device.open_event_waiter(int(Event.MOUSE_CAPABILITIES_CHANGED)) as waiter,
+                trio.open_nursery() as holders,
+            ):
+                waiting = trio.CancelScope()
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(_call_in, waiting, waiter.wait)
+                    await kernel.wait_in_driver(1)
+                    for _ in range(chardev.MIN_THREADS - 1):
+                        holders.start_soon(
+                            partial(channel.call, FN_HOLD, timeout_ms=SHORT_CALL_TIMEOUT_MS)
+                        )
+                    await kernel.wait_in_driver(2)
+                    waiting.cancel()
+                    cancelled_at = trio.current_time()
+                assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
+                assert waiting.cancelled_caught
+                holders.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
 
@@ -386,7 +507,7 @@ async def test_a_connect_the_host_never_answers_times_out(monkeypatch: pytest.Mo
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            async with open_device(Kernel(host).opener(threads=2)) as device:
+            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
                 host.set_delay(RequestType.HGCM_CONNECT, 3600)
                 began = trio.current_time()
                 with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):

@@ -38,6 +38,7 @@ from agent.services.network import (
     network_properties,
     network_service,
 )
+from agent.services.users import UsersSection
 from tests.services.publishing_support import GuestSource
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 LIMIT_S: Final = 60
 INTERVAL_S: Final = 5.0
+FLAGS: Final = "TRANSIENT, TRANSRESET"
+"""What the host keeps of a TRANSRESET write: the service always adds TRANSIENT to it."""
 ETH0: Final = NetInterface("eth0", "10.0.2.15", "10.0.2.255", "255.255.255.0", "080027AB12CD", True)
 ETH1: Final = NetInterface(
     "eth1", "192.168.56.10", "192.168.56.255", "255.255.255.0", "08002700FF01", False
@@ -330,6 +333,50 @@ async def test_a_stop_deletes_every_net_property(
             assert host.status()["hgcm_clients"] == 0
 
 
+async def publish_then_die(host: SimulatedHost, interfaces: Interfaces) -> list[str]:
+    """Run the service on ``host`` for one pass, then end it as a crash would (no stop);
+    return the flags the host holds for each of its properties."""
+    names = network_properties(interfaces.now)
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        service = network_service(ServiceContext(device, pump), NetworkSection(), interfaces)
+        await nursery.start(pump.run)
+        await nursery.start(service.run)
+        held = [host.prop_get(name) for name in names]
+        nursery.cancel_scope.cancel()
+    return [got[1] for got in held if got is not None]
+
+
+async def test_a_vm_reset_takes_every_net_value_with_it(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """Every value, Count too, is written TRANSRESET as VBoxService 7.2.6 writes them: after
+    a VM reset, where the agent's stop never ran, no host tool (Vagrant's read_guest_ip)
+    reads the previous boot's address."""
+    with trio.fail_after(LIMIT_S):
+        assert await publish_then_die(host, interfaces) == [FLAGS] * 13
+        await host.reset()
+    assert [name for name in network_properties(interfaces.now) if host.prop_get(name)] == []
+
+
+async def test_a_power_off_takes_every_net_value_with_it(
+    autojump_clock: trio.abc.Clock, interfaces: Interfaces
+) -> None:
+    """A power-off without the agent's stop (``VBoxManage controlvm VM poweroff``): the VM's
+    next start holds nothing under Net/ before the agent publishes."""
+    host = SimulatedHost(personality="mainline")
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            assert await publish_then_die(host, interfaces) == [FLAGS] * 13
+            vm.cancel_scope.cancel()
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            left = [name for name in network_properties(interfaces.now) if host.prop_get(name)]
+            vm.cancel_scope.cancel()
+    assert left == []
+
+
 PREVIOUS_BOOT: Final = (ETH0, ETH1, dataclasses.replace(ETH1, name="eth2"), ETH0)
 
 
@@ -391,8 +438,9 @@ async def test_a_restore_while_the_run_is_down_is_not_missed(
 
 
 def test_the_interval_has_named_bounds() -> None:
-    """Below 1 s or above an hour is a config error."""
-    assert NetworkSection().interval_s == INTERVAL_S
+    """10 s by default, VBoxService 7.2.6's VM-info interval; below 1 s or above an hour is a
+    config error."""
+    assert NetworkSection().interval_s == UsersSection().interval_s == 10.0
     for bad in (0.5, 3601):
         with pytest.raises(pydantic.ValidationError):
             NetworkSection(interval_s=bad)

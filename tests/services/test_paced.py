@@ -169,6 +169,61 @@ class TestMetronome:
                 nursery.cancel_scope.cancel()
         assert offsets(rhythm, start) == [0.0, 5.0, 6.0]
 
+    async def test_an_event_is_taken_while_ticks_overrun_the_interval(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Ticks that take 1.5 intervals leave no deadline ahead to wait for; an event that
+        arrives during one is still taken right after it (the host's "off" here), as
+        VBoxService looks for its event at the top of every loop."""
+        rhythm = Rhythm(interval=1.0, tick_duration=1.5)
+        metronome = Metronome(rhythm.read_interval, rhythm.tick, late_after_s=10.0)
+        send, receive = trio.open_memory_channel[int](4)
+        start = trio.current_time()
+        with trio.fail_after(BOUND_S), send, receive:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(metronome.run, receive)
+                await trio.sleep(3.2)
+                rhythm.interval = None
+                send.send_nowait(0x80)
+                await trio.sleep(100.0)
+                nursery.cancel_scope.cancel()
+        assert offsets(rhythm, start) == [0.0, 1.5, 3.0]
+        assert (rhythm.reads, metronome.statistics().rereads) == (2, 1)
+        assert metronome.interval_s is None
+
+    async def test_a_run_of_late_ticks_is_one_warning_and_one_end(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Ten ticks that each take 1.25 intervals make eight late ticks in 12.5 s: each is
+        counted, the first is one warning, and one line says so once ticks have kept time
+        for a minute after the last; a later late tick begins a new run."""
+        rhythm = Rhythm(interval=1.0, slow_ticks=dict.fromkeys(range(1, 11), 1.25))
+        rhythm.slow_ticks[100] = 2.5
+        start = trio.current_time()
+        with structlog.testing.capture_logs() as logs:
+            metronome = await run_for(rhythm, 110.0, late_after_s=0.1)
+        assert offsets(rhythm, start)[:12] == [
+            0,
+            1.25,
+            2.5,
+            3.75,
+            5,
+            6.25,
+            7.5,
+            8.75,
+            10,
+            11.25,
+            12.5,
+            13,
+        ]
+        assert metronome.statistics().late == 9
+        assert [(e["event"], e.get("lateness_ms"), e.get("late_ticks")) for e in logs] == [
+            ("tick_late", 250.0, None),
+            ("ticks_on_time_again", None, 8),
+            ("tick_late", 500.0, None),
+        ]
+        assert logs[1]["max_lateness_ms"] == 750.0
+
     @pytest.mark.parametrize("interval", [0.0, -1.0, float("inf"), float("nan")])
     async def test_nonsense_interval_is_an_error(
         self, autojump_clock: trio.abc.Clock, interval: float

@@ -34,6 +34,7 @@ from agent.services._logins import (
     UTMP_RECORD_SIZE,
     UTMP_RECORD_SIZE_TIME32,
     UTMP_RECORD_SIZE_TIME64,
+    Logins,
     LoginsError,
     logged_in_users,
     utmp_record_size,
@@ -44,6 +45,7 @@ from agent.services.users import (
     LIST_PROPERTY,
     MAX_LIST_BYTES,
     NONE_PROPERTY,
+    UsersReader,
     UsersSection,
     users_list,
     users_service,
@@ -51,6 +53,7 @@ from agent.services.users import (
 from tests.services.publishing_support import GuestSource
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from agent.device import Device
@@ -108,10 +111,36 @@ def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None
         + b"\0" * 100  # a torn last record is left out
     )
     assert utmp_users(utmp) == ["alice", "bob", "alice"]
-    assert logged_in_users(utmp, lambda: ["bob", "dave"]) == ("alice", "bob", "dave")
-    assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == ("dave",)
+    assert logged_in_users(utmp, lambda: ["bob", "dave"]) == Logins(("alice", "bob", "dave"))
+    assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == Logins(("dave",))
     utmp.write_bytes(utmp_record(LOGIN_PROCESS, "LOGIN") + utmp_record(USER_PROCESS, "erin"))
     assert utmp_users(utmp) == ["erin"]  # the file's last record, whole, counts
+
+
+def failing_logind() -> list[str]:
+    """logind's sessions where libsystemd cannot list them."""
+    msg = "sd_get_sessions: Input/output error"
+    raise LoginsError(msg)
+
+
+def test_a_source_that_cannot_be_read_is_named_and_the_other_s_users_count(
+    tmp_path: Path,
+) -> None:
+    """Each source fails on its own, as in VBoxService 7.2.6, which logs a failing logind and
+    publishes what it has: the other's users are listed, the failure named by its source;
+    only when neither can be read is that an error, naming both."""
+    utmp = tmp_path / "utmp"
+    utmp.write_bytes(utmp_record(USER_PROCESS, "alice"))
+    assert logged_in_users(utmp, failing_logind) == Logins(
+        ("alice",), {"logind": "sd_get_sessions: Input/output error"}
+    )
+    assert logged_in_users(tmp_path, lambda: ["dave"]) == Logins(
+        ("dave",), {"utmp": f"{tmp_path}: Is a directory"}
+    )
+    with pytest.raises(
+        LoginsError, match=f"^{tmp_path}: Is a directory; sd_get_sessions: Input/output error$"
+    ):
+        logged_in_users(tmp_path, failing_logind)
 
 
 def test_an_unreadable_utmp_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -260,20 +289,23 @@ def test_libsystemd_is_loaded_once_and_kept() -> None:
     assert done.stdout.split() == ["True", "True", "True"]
 
 
-Users = GuestSource[str]
+class Users(GuestSource[str]):
+    """The names the service reads (see ``GuestSource``), as :class:`Logins`."""
+
+    def logins(self) -> Logins:
+        return Logins(self())
 
 
-async def start_users(device: Device, nursery: trio.Nursery, users: Users) -> PublishingService:
+async def start_users(
+    device: Device, nursery: trio.Nursery, read_logins: Callable[[], Logins]
+) -> PublishingService:
     """The event pump and the users service on ``device``, a pass every ``INTERVAL_S``."""
     pump = EventPump(device)
     section = UsersSection(interval_s=INTERVAL_S)
-    service = users_service(ServiceContext(device, pump), section, users)
+    service = users_service(ServiceContext(device, pump), section, read_logins)
     await nursery.start(pump.run)
     await nursery.start(service.run)
     return service
-
-
-"""What the service reads (see ``GuestSource``)."""
 
 
 def values(host: SimulatedHost) -> dict[str, tuple[str, str] | None]:
@@ -282,16 +314,18 @@ def values(host: SimulatedHost) -> dict[str, tuple[str, str] | None]:
     return {name: None if got is None else got[:2] for name, got in found.items()}
 
 
-async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
+async def test_follows_logins_with_transreset_and_deletes_them_at_stop(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
-    """The list, count and flag follow the users; every value is TRANSRESET; a stop writes
-    the no-one values; a source that fails keeps the last values and shows in the status."""
+    """The list (empty while no one is logged in), count and flag follow the users; every
+    value is TRANSRESET; sources that all fail keep the last values and show in the status;
+    a stop deletes the three, as VBoxService 7.2.6 does at termination, rather than tell the
+    host no one is logged in while users still are."""
     users = Users("alice", "bob")
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device:
             async with trio.open_nursery() as nursery:
-                service = await start_users(device, nursery, users)
+                service = await start_users(device, nursery, users.logins)
                 assert values(host) == {
                     LIST_PROPERTY: ("alice,bob", FLAGS),
                     COUNT_PROPERTY: ("2", FLAGS),
@@ -302,7 +336,7 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
                 await trio.sleep(INTERVAL_S)
                 await trio.testing.wait_all_tasks_blocked()
                 assert values(host) == {
-                    LIST_PROPERTY: None,
+                    LIST_PROPERTY: ("", FLAGS),
                     COUNT_PROPERTY: ("0", FLAGS),
                     NONE_PROPERTY: ("true", FLAGS),
                 }
@@ -319,24 +353,67 @@ async def test_follows_logins_with_transreset_and_leaves_no_one_at_stop(
                 assert service.status() == "users 1 user"
                 nursery.cancel_scope.cancel()
             await service.drain()
-    assert values(host) == {
-        LIST_PROPERTY: None,
-        COUNT_PROPERTY: ("0", FLAGS),
-        NONE_PROPERTY: ("true", FLAGS),
-    }
+    assert values(host) == dict.fromkeys((LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY))
     assert host.status()["hgcm_clients"] == 0
 
 
-async def test_each_logout_deletes_the_list_once_and_a_restore_deletes_it_again(
+async def test_a_failing_logind_leaves_utmp_s_users_published(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+) -> None:
+    """While logind cannot be read, utmp's logins and logouts still reach the host (alice
+    logs out: no one); the failure is logged once, not at every pass, shown in the status,
+    and its end is logged too."""
+    utmp = tmp_path / "utmp"
+    utmp.write_bytes(utmp_record(USER_PROCESS, "alice"))
+    logind: list[Callable[[], list[str]]] = [list]
+
+    def read_logins() -> Logins:
+        return logged_in_users(utmp, logind[0])
+
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            service = await start_users(device, nursery, read_logins)
+            logind[0] = failing_logind
+            utmp.write_bytes(b"")  # alice logs out
+            await trio.sleep(INTERVAL_S * 3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host) == {
+                LIST_PROPERTY: ("", FLAGS),
+                COUNT_PROPERTY: ("0", FLAGS),
+                NONE_PROPERTY: ("true", FLAGS),
+            }
+            assert service.status() == (
+                "users 0 users; logind not read: sd_get_sessions: Input/output error"
+            )
+            logind[0] = list
+            utmp.write_bytes(utmp_record(USER_PROCESS, "bob"))
+            await trio.sleep(INTERVAL_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host)[LIST_PROPERTY] == ("bob", FLAGS)
+            assert service.status() == "users 1 user"
+            nursery.cancel_scope.cancel()
+    sources = [line for line in logs if line["event"].startswith(("login_source", "unreadable"))]
+    assert sources == [
+        {
+            "event": "login_source_unreadable",
+            "log_level": "warning",
+            "source": "logind",
+            "error": "sd_get_sessions: Input/output error",
+        },
+        {"event": "login_source_readable", "log_level": "info", "source": "logind"},
+    ]
+
+
+async def test_each_logout_empties_the_list_once_and_a_restore_empties_it_again(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
-    """alice logs in, out, in and out again: the list follows each time, deleted once per
-    logout however many passes find no one; after a restore that brought a list back
-    (the saved state's), it is deleted again."""
+    """alice logs in, out, in and out again: the list follows each time, written empty once
+    per logout (as VBoxService 7.2.6 writes it) however many passes find no one; after a
+    restore that brought a list back (the saved state's), it is emptied again."""
     users = Users("alice")
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
-            service = await start_users(device, nursery, users)
+            service = await start_users(device, nursery, users.logins)
 
             async def after_passes(count: int, *now: str) -> tuple[str, str] | None:
                 users.now = now
@@ -350,12 +427,13 @@ async def test_each_logout_deletes_the_list_once_and_a_restore_deletes_it_again(
                 await after_passes(1, "alice"),
                 await after_passes(3),
             ]
-            assert seen == [None, ("alice", FLAGS), None]
-            assert service.statistics().deletes == 2
+            assert seen == [("", FLAGS), ("alice", FLAGS), ("", FLAGS)]
+            statistics = service.statistics()
+            assert (statistics.writes, statistics.deletes) == (8, 0)  # the list and the flag
             host.prop_set(LIST_PROPERTY, "ghost", FLAGS)
             host.restore()
             await trio.testing.wait_all_tasks_blocked()
-            assert values(host)[LIST_PROPERTY] is None
+            assert values(host)[LIST_PROPERTY] == ("", FLAGS)
             nursery.cancel_scope.cancel()
 
 
@@ -368,7 +446,7 @@ async def test_the_count_is_the_beacon_written_every_pass_and_last(
     users = Users("alice")
     with trio.fail_after(LIMIT_S):
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
-            service = await start_users(device, nursery, users)
+            service = await start_users(device, nursery, users.logins)
 
             def stamps() -> dict[str, int]:
                 found = {name: host.prop_get(name) for name in (LIST_PROPERTY, NONE_PROPERTY)}
@@ -388,8 +466,10 @@ async def test_the_count_is_the_beacon_written_every_pass_and_last(
             nursery.cancel_scope.cancel()
 
 
-def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
-    """The list stops at a name boundary within the 1023-byte value limit."""
+def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
+    """As in VBoxService 7.2.6, each name that would take the list over the 1023-byte value
+    limit is left out, a later one that fits still listed; only the listed names count, and
+    with none listed no one is logged in."""
     names = [f"user{index:011d}" for index in range(80)]  # 15 bytes each, 16 with the comma
     listed, count = users_list(names)
     assert count == (MAX_LIST_BYTES + 1) // 16
@@ -397,28 +477,32 @@ def test_a_long_list_is_cut_after_the_last_name_that_fits() -> None:
     assert len(listed.encode()) <= MAX_LIST_BYTES < len(",".join(names[: count + 1]).encode())
     exact = ["x" * 511, "y" * 511]  # 1023 bytes with the comma: fits exactly
     assert users_list(exact) == ("x" * 511 + "," + "y" * 511, 2)
-    assert users_list(["é" * 512]) == ("", 0)  # 1024 bytes: not even one name fits
+    assert users_list(["x" * 1000, "y" * 100, "z" * 10]) == ("x" * 1000 + "," + "z" * 10, 2)
+    alone = UsersReader(lambda: Logins(("é" * 512,)))()  # 1024 bytes: the name never fits
+    assert alone.properties == {LIST_PROPERTY: "", NONE_PROPERTY: "true", COUNT_PROPERTY: "0"}
+    assert alone.summary == "0 users (1 left out)"
 
 
 async def test_eighty_users_are_published_with_the_list_cut(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
     """Too many users for one value: the service keeps running, the list names those that
-    fit, the count names everyone, and the cut is logged once, not at every pass."""
+    fit and the count counts them, as VBoxService 7.2.6 does; the cut is logged once, not at
+    every pass."""
     users = Users(*(f"student{index:012d}" for index in range(80)))  # 20 bytes with the comma
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
-            service = await start_users(device, nursery, users)
+            service = await start_users(device, nursery, users.logins)
             await trio.sleep(INTERVAL_S * 2)
             await trio.testing.wait_all_tasks_blocked()
             assert service.statistics().passes == 3
             listed = (MAX_LIST_BYTES + 1) // 20
             assert values(host) == {
                 LIST_PROPERTY: (",".join(users.now[:listed]), FLAGS),
-                COUNT_PROPERTY: ("80", FLAGS),
+                COUNT_PROPERTY: (str(listed), FLAGS),
                 NONE_PROPERTY: ("false", FLAGS),
             }
-            assert service.status() == f"users 80 users ({listed} listed)"
+            assert service.status() == f"users {listed} users ({80 - listed} left out)"
             users.now = users.now[:3]
             await trio.sleep(INTERVAL_S)
             await trio.testing.wait_all_tasks_blocked()

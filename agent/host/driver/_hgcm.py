@@ -118,7 +118,11 @@ class _Outcome(enum.Enum):
 async def connect(
     drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> None:
-    """Connect to a host service; ``hdr.rc`` carries the host's answer (-2900 if unknown)."""
+    """Connect to a host service; ``hdr.rc`` carries the host's answer (-2900 if unknown).
+
+    The slot taken first is given back on every failure, an errno (ENODEV: the device was
+    lost meanwhile) as well as a refusal in ``hdr.rc``, as ``vbg_ioctl_hgcm_connect`` does.
+    """
     del memory
     check_sizes(kbuf, L.HgcmConnectIoctl.size, L.HgcmConnectIoctl.client_id.end)
     async with drv.session_mutex:
@@ -127,9 +131,13 @@ async def connect(
         except ValueError:
             raise fail(errno.EMFILE) from None
         session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
-    status, client_id = await host_connect(drv, kbuf, session.requestor)
-    async with drv.session_mutex:
-        session.hgcm_client_ids[slot] = client_id
+    client_id = 0
+    try:
+        status, client_id = await host_connect(drv, kbuf, session.requestor)
+    finally:  # the new client, or a free slot whatever failed (``mutex_lock`` is not interruptible)
+        with trio.CancelScope(shield=True):
+            async with drv.session_mutex:
+                session.hgcm_client_ids[slot] = client_id
     L.IoctlHeader.rc.set(kbuf, status)
     L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
 

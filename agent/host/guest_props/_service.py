@@ -50,6 +50,7 @@ from ._notify import write_out
 from ._params import GuestCallError
 from ._patterns import patterns_match
 from ._store import PropertyStore
+from ._strtonum import U64_MASK, str_to_u64
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -185,10 +186,13 @@ class GuestPropertyService:
             ValueError: invalid name, value or flags, or the service is full.
             PermissionError: the property is RDONLYHOST.
         """
+        if not name:
+            _host.check_name(name)  # Main's session refuses it: the service never sees it
+        timestamp = self._store.timestamp()  # setProperty's first step: a refusal uses it up
         _host.check_name(name)
         _host.check_value(value, self._max_value_size)
         bits = parse_flags(flags)
-        _raise_for_host(name, self._store.set(name, value, bits, is_guest=False))
+        _raise_for_host(name, self._store.set(name, value, bits, timestamp, is_guest=False))
 
     def host_get(self, name: str) -> tuple[str, str, int] | None:
         """Return ``(value, flags, timestamp)`` of a property, or None when it does not exist.
@@ -267,6 +271,7 @@ class GuestPropertyService:
         return VINF_SUCCESS
 
     def _set_prop(self, call: HgcmCallHandle) -> int:
+        timestamp = self._store.timestamp()  # before any check: a refused set uses it up
         params = call.params
         _params.check_count(params, 2, 3)
         strings = [_params.c_string(parm) for parm in params]
@@ -279,7 +284,7 @@ class GuestPropertyService:
                 flags = parse_flags(strings[2][0])
             except FlagsParseError:
                 return VERR_PARSE_ERROR
-        return self._store.set(name, value, flags, is_guest=True)
+        return self._store.set(name, value, flags, timestamp, is_guest=True)
 
     def _enum_props(self, call: HgcmCallHandle) -> int:
         params = call.params
@@ -336,9 +341,17 @@ class GuestPropertyService:
     # -- helpers -------------------------------------------------------------------------
 
     def _increment(self, name: str) -> None:
+        """``incrementCounterProp``: the value as ``RTStrToUInt64`` reads it, plus one (a
+        u64, in decimal); 1 when there is no such property."""
         prop = self._store.get(name)
-        count = int(prop.value) if prop and prop.value.isascii() and prop.value.isdigit() else 0
-        self._store.set(name, str(count + 1), _HOST_PROP_FLAGS, is_guest=False)
+        count = 1 if prop is None else (str_to_u64(prop.value) + 1) & U64_MASK
+        self._store.set(name, str(count), _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
+
+    def _set_host_props(self, *props: tuple[str, str]) -> None:
+        """Set ``props`` as the host, dated one timestamp and the nanoseconds after it."""
+        timestamp = self._store.timestamp()
+        for offset, (name, value) in enumerate(props):
+            self._store.set(name, value, _HOST_PROP_FLAGS, timestamp + offset, is_guest=False)
 
     def _ensure_host_version(self) -> None:
         """The POWER_ON/RESUME notification: set the version properties once per instance."""
@@ -347,26 +360,30 @@ class GuestPropertyService:
             self._host_version_set = True
 
     def _set_host_version(self) -> None:
+        """``setHostVersionProps``: one timestamp T, the three properties dated T, T+1, T+2."""
         version = self._host_version
-        for name, value in (
+        self._set_host_props(
             (VBOX_VER, version.version),
             (VBOX_VER_EXT, version.version_ext),
             (VBOX_REV, version.revision),
-        ):
-            self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
+        )
 
     def _restart(self) -> None:
         """A new service instance: ``initialize()`` sets the host properties, then Main
-        bulk-loads the properties the old instance held."""
+        bulk-loads the properties the old instance held.
+
+        The counters and Sysprep properties take a timestamp of their own after the version
+        properties', so with a coarse clock the first seven changes are dated C, C+1, C+2,
+        C+1, C+2, C+3, C+4: the notification queue is not in timestamp order.
+        """
         saved = self._store.restart()
         self._set_host_version()
-        for name, value in (
+        self._set_host_props(
             (RESET_COUNTER, "0"),
             (RESUME_COUNTER, "0"),
             (SYSPREP_EXEC, ""),
             (SYSPREP_ARGS, ""),
-        ):
-            self._store.set(name, value, _HOST_PROP_FLAGS, is_guest=False)
+        )
         self._store.bulk_load(saved)
         self._host_version_set = False
 

@@ -86,9 +86,13 @@ class PropertyStore:
         """
         return sorted(self._props.values(), key=lambda prop: prop.name)
 
-    def set(self, name: str, value: str, flags: int, *, is_guest: bool) -> int:
-        """``setPropertyInternal``: check, store with ``flags`` replacing the old ones, notify."""
-        timestamp = self._timestamps.next()
+    def timestamp(self) -> int:
+        """``getCurrentTimestamp``: the next timestamp, for a change that may still be refused."""
+        return self._timestamps.next()
+
+    def set(self, name: str, value: str, flags: int, timestamp: int, *, is_guest: bool) -> int:
+        """``setPropertyInternal``: check, store with ``flags`` replacing the old ones and the
+        ``timestamp`` the caller took, notify."""
         old = self._props.get(name)
         status = self._check_permission(old.flags if old else NILFLAG, is_guest=is_guest)
         if status == VINF_SUCCESS and is_host_reserved(name):
@@ -107,7 +111,10 @@ class PropertyStore:
         return status
 
     def delete(self, name: str, *, is_guest: bool) -> int:
-        """``delProperty``: a missing property is a success without notification."""
+        """``delProperty``: a missing property is a success without notification.
+
+        Only a deletion that happens takes a timestamp.
+        """
         old = self._props.get(name)
         if old is None:
             return VINF_SUCCESS
