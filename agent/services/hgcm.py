@@ -49,6 +49,10 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
+# By name: trio's module has a __getattr__, which keeps trio.lowlevel.X from being
+# specialised, so it is looked up the slow way on every call (and this is on every get).
+from trio.lowlevel import checkpoint_if_cancelled
+
 from agent.protocol import (
     HgcmBuffer,
     HgcmBufferIn,
@@ -162,7 +166,7 @@ class HgcmChannel:
             VBoxStatusError: the driver or host refused the call.
         """
         # A call cancelled before it starts is neither checked nor counted.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await checkpoint_if_cancelled()
         self._check(function, params)
         self._in_flight += 1
         self._calls += 1
