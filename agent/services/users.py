@@ -15,8 +15,9 @@ VBoxService does, every value carries ``TRANSRESET`` (the host drops it when the
 or powers off), and a stop deletes all three, as VBoxService 7.2.6 does at termination:
 users may still be logged in (``systemctl restart``), so "no one" would be false. A source
 that cannot be read (utmp or logind) is logged when it starts and ends and shown in the
-status, and the other's users are published, as VBoxService 7.2.6 does; only when neither
-can be read are the last values kept rather than claim no one is logged in. As in
+status, and the other's users are published, as VBoxService 7.2.6 does; only when every
+source that exists fails (on a guest without utmp, logind alone) are the last values kept
+rather than claim no one is logged in. As in
 VBoxService 7.2.6, a name that would take the list over a property value's limit (1023
 bytes) is left out, which is logged when it starts and ends, and ``LoggedInUsers`` counts
 the names listed. Config section: ``[users]``.

@@ -143,6 +143,22 @@ def test_a_source_that_cannot_be_read_is_named_and_the_other_s_users_count(
         logged_in_users(tmp_path, failing_logind)
 
 
+def no_logind() -> None:
+    """logind's sessions where there is no libsystemd."""
+
+
+def test_when_every_source_that_exists_fails_that_is_an_error(tmp_path: Path) -> None:
+    """A source that does not exist is not one read: without utmp a failing logind, and
+    without logind an unreadable utmp, is an error (the last values are kept, rather than
+    claim no one is logged in); with no source at all, no one is."""
+    with pytest.raises(LoginsError, match=r"^sd_get_sessions: Input/output error$"):
+        logged_in_users(tmp_path / "absent", failing_logind)
+    with pytest.raises(LoginsError, match=f"^{tmp_path}: Is a directory$"):
+        logged_in_users(tmp_path, no_logind)
+    assert logged_in_users(tmp_path / "absent", no_logind) == Logins(())
+    assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == Logins(("dave",))
+
+
 def test_an_unreadable_utmp_is_an_error_naming_it(tmp_path: Path) -> None:
     """A utmp that exists and cannot be read, or is too large to be one, raises."""
     with pytest.raises(LoginsError, match=f"^{tmp_path}: Is a directory$"):
@@ -402,6 +418,31 @@ async def test_a_failing_logind_leaves_utmp_s_users_published(
         },
         {"event": "login_source_readable", "log_level": "info", "source": "logind"},
     ]
+
+
+async def test_without_utmp_a_failing_logind_keeps_the_last_values(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+) -> None:
+    """On a guest that writes no utmp, logind is the only source: while it cannot be read
+    the host keeps alice's values (its beacon no longer renewed) and the status says why,
+    rather than publish that no one is logged in."""
+    logind: list[Callable[[], list[str]]] = [lambda: ["alice"]]
+
+    def read_logins() -> Logins:
+        return logged_in_users(tmp_path / "utmp", logind[0])
+
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            service = await start_users(device, nursery, read_logins)
+            published = values(host)
+            logind[0] = failing_logind
+            await trio.sleep(INTERVAL_S * 3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host) == published
+            assert published[LIST_PROPERTY] == ("alice", FLAGS)
+            assert service.status() == "users: unreadable (sd_get_sessions: Input/output error)"
+            assert service.statistics().passes == 1
+            nursery.cancel_scope.cancel()
 
 
 async def test_each_logout_empties_the_list_once_and_a_restore_empties_it_again(
