@@ -26,6 +26,9 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
+from agent.host.hgcm_service import HostBuffer
+from agent.protocol.status import VERR_PARSE_ERROR
 from agent.services import EventPump, ServiceContext
 from agent.services._logins import (
     LIBSYSTEMD,
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from agent.device import Device
+    from agent.host.hgcm_service import HgcmCallHandle
     from agent.services._publishing import PublishingService
 
 LIMIT_S: Final = 60
@@ -505,6 +509,55 @@ async def test_the_count_is_the_beacon_written_every_pass_and_last(
             assert values(host)[COUNT_PROPERTY] == ("1", FLAGS)
             assert service.statistics().writes == 2  # beacon writes are not counted
             nursery.cancel_scope.cancel()
+
+
+class _BeforeTransreset(GuestPropertyService):
+    """A host too old to know the TRANSRESET flag: it refuses a set with it as it refuses
+    any flag it does not know, with ``VERR_PARSE_ERROR``; counts the refusals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals = 0
+
+    def _set_prop(self, call: HgcmCallHandle) -> int:
+        if len(call.params) == 3:
+            flags = call.params[2]
+            assert isinstance(flags, HostBuffer)
+            if b"TRANSRESET" in flags.data:
+                self.refusals += 1
+                return VERR_PARSE_ERROR
+        return super()._set_prop(call)
+
+
+async def test_a_host_without_transreset_gets_transient_values(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """As VBoxService does, a write the host refuses for its TRANSRESET flag
+    (``VERR_PARSE_ERROR``) is made again TRANSIENT; the downgrade is remembered, so the
+    host refuses once and it is logged once, not at every write of every pass."""
+    service = _BeforeTransreset()
+    host = SimulatedHost(services=[service])
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(SimOpener(host)) as device, trio.open_nursery() as services:
+                users_svc = await start_users(device, services, users.logins)
+                users.now = ("alice", "bob")
+                await trio.sleep(INTERVAL_S * 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert values(host) == {
+                    LIST_PROPERTY: ("alice,bob", "TRANSIENT"),
+                    COUNT_PROPERTY: ("2", "TRANSIENT"),
+                    NONE_PROPERTY: ("false", "TRANSIENT"),
+                }
+                assert users_svc.status() == "users 2 users"
+                assert users_svc.statistics().refused == 0
+                services.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    assert service.refusals == 1
+    downgrades = [line for line in logs if line["event"] == "transreset_unsupported"]
+    assert len(downgrades) == 1
 
 
 def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
