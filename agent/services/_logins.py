@@ -118,7 +118,7 @@ def logged_in_users(
         for name in names:
             users.setdefault(name.encode()[:UT_NAMESIZE], name)
     if unread and not read_any:
-        raise LoginsError("; ".join(unread.values()))
+        raise LoginsError(", ".join(unread.values()))
     return Logins(tuple(users.values()), unread)
 
 

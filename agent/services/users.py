@@ -69,10 +69,10 @@ def users_list(users: Sequence[str]) -> tuple[str, int]:
 
 @final
 class UsersReader:
-    """Reads the users as properties and ``N users`` (``(K left out)`` when the list is cut,
-    then the sources not read); logs when the list starts being cut and when it fits again,
-    and when a source starts failing (or its error changes) and when it reads again, not at
-    every pass."""
+    """Reads the users as properties and ``N users``, then in parentheses ``K left out``
+    when the list is cut and the sources not read (``logind not read: ...``); logs when the
+    list starts being cut and when it fits again, and when a source starts failing (or its
+    error changes) and when it reads again, not at every pass."""
 
     def __init__(self, read_logins: Callable[[], Logins] = logged_in_users) -> None:
         self._read_logins = read_logins
@@ -90,11 +90,11 @@ class UsersReader:
             NONE_PROPERTY: "false" if listed else "true",
             COUNT_PROPERTY: str(listed),
         }
+        notes = [f"{len(users) - listed} left out"] if listed < len(users) else []
+        notes += [f"{source} not read: {error}" for source, error in logins.unread.items()]
         summary = f"{listed} user{'' if listed == 1 else 's'}"
-        if listed < len(users):
-            summary += f" ({len(users) - listed} left out)"
-        for source, error in logins.unread.items():
-            summary += f"; {source} not read: {error}"
+        if notes:  # no "; ": the daemon joins the services' statuses with it
+            summary += f" ({', '.join(notes)})"
         return Reading(properties, summary)
 
     def _note_unread(self, unread: Mapping[str, str]) -> None:

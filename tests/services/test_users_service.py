@@ -24,6 +24,7 @@ import structlog.testing
 import trio
 import trio.testing
 
+from agent.daemon.daemon import STATUS_SEPARATOR
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
@@ -142,7 +143,7 @@ def test_a_source_that_cannot_be_read_is_named_and_the_other_s_users_count(
         ("dave",), {"utmp": f"{tmp_path}: Is a directory"}
     )
     with pytest.raises(
-        LoginsError, match=f"^{tmp_path}: Is a directory; sd_get_sessions: Input/output error$"
+        LoginsError, match=f"^{tmp_path}: Is a directory, sd_get_sessions: Input/output error$"
     ):
         logged_in_users(tmp_path, failing_logind)
 
@@ -316,6 +317,19 @@ class Users(GuestSource[str]):
         return Logins(self())
 
 
+def test_the_summary_stays_one_fragment_of_systemd_s_status_line(tmp_path: Path) -> None:
+    """The daemon joins the services' statuses with ``STATUS_SEPARATOR`` into ``STATUS=``:
+    a users status naming a cut list, a source not read or both sources' errors must not
+    hold it, or the line could not be split back into the services' parts."""
+    error = "sd_get_sessions: Input/output error"
+    reading = UsersReader(lambda: Logins(("é" * 512, "alice"), {"logind": error}))()
+    assert reading.summary == f"1 user (1 left out, logind not read: {error})"
+    with pytest.raises(LoginsError) as both:
+        logged_in_users(tmp_path, failing_logind)
+    for text in (reading.summary, str(both.value)):
+        assert STATUS_SEPARATOR not in text
+
+
 async def start_users(
     device: Device, nursery: trio.Nursery, read_logins: Callable[[], Logins]
 ) -> PublishingService:
@@ -403,7 +417,7 @@ async def test_a_failing_logind_leaves_utmp_s_users_published(
                 NONE_PROPERTY: ("true", FLAGS),
             }
             assert service.status() == (
-                "users 0 users; logind not read: sd_get_sessions: Input/output error"
+                "users 0 users (logind not read: sd_get_sessions: Input/output error)"
             )
             logind[0] = list
             utmp.write_bytes(utmp_record(USER_PROCESS, "bob"))
