@@ -21,12 +21,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationError,
-    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from agent.device.spec import check_device_spec
+from agent.ordered import check_order, exact_number
 from agent.protocol import AgentError
 from agent.protocol.errors import shown_text
 from agent.tomltext import (
@@ -99,14 +101,14 @@ class DaemonConfig(_Model):
     restart_window_s: float = Field(default=60.0, gt=0)
     """The sliding window the restart budget counts in."""
 
-    @field_validator("restart_backoff_max_s")
+    @model_validator(mode="wrap")
     @classmethod
-    def _check_backoff_order(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("restart_backoff_initial_s")
-        if initial is not None and value < initial:
-            msg = f"must be >= restart_backoff_initial_s ({_number(initial)})"
-            raise ValueError(msg)
-        return value
+    def _check_backoff_order(
+        cls, data: object, handler: ModelWrapValidatorHandler[DaemonConfig]
+    ) -> DaemonConfig:
+        config = handler(data)
+        check_order(config, data, "restart_backoff_initial_s", "restart_backoff_max_s")
+        return config
 
 
 class LogConfig(_Model):
@@ -254,7 +256,7 @@ def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDeta
         return f"must be one of {error['ctx']['expected']}"
     if kind in _BOUNDS:
         ctx_key, symbol = _BOUNDS[kind]
-        return f"must be {symbol} {_number(error['ctx'][ctx_key])}"
+        return f"must be {symbol} {exact_number(error['ctx'][ctx_key])}"
     return error["msg"].replace("Input should be", "must be", 1)
 
 
@@ -277,11 +279,6 @@ def _key(parts: tuple[str, ...]) -> str:
     return shown_text(
         ".".join(part if _BARE_KEY.fullmatch(part) else _basic_string(part) for part in parts)
     )
-
-
-def _number(value: float) -> str:
-    """``value`` exactly, as TOML would hold it: ``3600000``, ``1234567.5`` (not ``3.6e+06``)."""
-    return repr(value).removesuffix(".0")
 
 
 def _show(value: object) -> str:

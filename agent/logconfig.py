@@ -1,7 +1,8 @@
 """Structured logging: one structlog chain; JSON lines for journald, console lines for people.
 
 ``configure_logging`` is called by the CLI before anything logs. Third-party libraries'
-stdlib ``logging`` records (warning and above) go through the same chain to the same stream.
+stdlib ``logging`` records go through the same chain to the same stream, at the configured
+level but never below warning (their info and debug lines are not the agent's story).
 Loggers are not cached on first use, so calling it again on a reload changes the level and
 format of every logger at once; the agent logs a few lines per event, where the cost of
 an uncached logger (about a microsecond) does not show.
@@ -30,7 +31,8 @@ _LEVELS: Final = {
 SYSLOG_PRIORITY: Final = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 """The ``<N>`` prefix journald reads as PRIORITY, by structlog level name."""
 THIRD_PARTY_LEVEL: Final = logging.WARNING
-"""The lowest level of stdlib ``logging`` records (other libraries) that is written."""
+"""The lowest level of stdlib ``logging`` records (other libraries) ever written; a higher
+configured level (``error``) raises it."""
 
 _DICT_TRACEBACKS: Final = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
@@ -68,19 +70,22 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    _route_stdlib(out, [structlog.stdlib.add_logger_name, *shared], renderer)
+    third_party = max(THIRD_PARTY_LEVEL, _LEVELS[cfg.level])
+    _route_stdlib(out, [structlog.stdlib.add_logger_name, *shared], renderer, third_party)
 
 
 def print_error(line: str, *, stream: TextIO | None = None) -> None:
-    """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``).
-
-    Under systemd, stderr is the journal as well: there the line starts with ``<3>``, so
-    journald files it at priority err (``journalctl -p err`` shows why the agent did not
-    start) instead of the unit's default, info.
-    """
+    """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``), for the
+    person or script that ran it. Under systemd the agent says it as a log line instead
+    (:func:`logs_to_journal`)."""
     out = sys.stderr if stream is None else stream
-    prefix = f"<{SYSLOG_PRIORITY['error']}>" if _is_journal_stream(out) else ""
-    out.write(f"{prefix}{line}\n")
+    out.write(f"{line}\n")
+
+
+def logs_to_journal(stream: TextIO | None = None) -> bool:
+    """Whether log lines written to ``stream`` (default: ``sys.stdout``) reach systemd's
+    journal, which then files each at its ``<N>`` priority (stderr goes there too)."""
+    return _is_journal_stream(sys.stdout if stream is None else stream)
 
 
 class _JournalPriority:
@@ -110,7 +115,9 @@ class _AgentHandler(logging.StreamHandler[TextIO]):
     """The root handler ``configure_logging`` installs (and replaces when called again)."""
 
 
-def _route_stdlib(stream: TextIO, pre_chain: list[Processor], renderer: Processor) -> None:
+def _route_stdlib(
+    stream: TextIO, pre_chain: list[Processor], renderer: Processor, level: int
+) -> None:
     handler = _AgentHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -122,4 +129,4 @@ def _route_stdlib(stream: TextIO, pre_chain: list[Processor], renderer: Processo
     for old in [h for h in root.handlers if isinstance(h, _AgentHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(THIRD_PARTY_LEVEL)
+    root.setLevel(level)

@@ -10,16 +10,17 @@ Rules of this test module:
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pytest
 
 from agent.cli import _check_config
+from agent.cli._check_config import unreadable_by_the_service
 from tests.cli_support import COMMAND_TIMEOUT_S
-
-if TYPE_CHECKING:
-    import pytest
 
 SHIPPED = Path(__file__).parents[1] / "config" / "agent.toml"
 
@@ -79,3 +80,70 @@ class TestCheckConfig:
         )
         assert (result.returncode, result.stdout) == (78, "")
         assert result.stderr == f"{path}: daemon.shutdown_timeout_s = -1: must be > 0\n"
+
+
+NOBODY = 65534
+
+
+def fake_stat(modes: dict[str, tuple[int, int, int]]) -> _check_config.StatFn:
+    """``os.stat`` over a made-up tree: path -> (mode bits, uid, gid); others root's 0755."""
+
+    def status(path: Path) -> os.stat_result:
+        mode, uid, gid = modes.get(str(path), (0o755, 0, 0))
+        kind = stat.S_IFREG if str(path).endswith(".toml") else stat.S_IFDIR
+        return os.stat_result((kind | mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+    return status
+
+
+class TestReadableByTheService:
+    """The service runs as root without CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH: only the mode
+    bits that apply to uid 0 and gid 0 let it read its file."""
+
+    @pytest.mark.parametrize(
+        ("mode", "uid", "gid"),
+        [(0o600, 0, NOBODY), (0o640, NOBODY, 0), (0o604, NOBODY, NOBODY), (0o400, 0, 0)],
+    )
+    def test_readable(self, mode: int, uid: int, gid: int) -> None:
+        """Read by the owner bits (root's file), the group bits (gid 0) or the others'."""
+        status = fake_stat({"/etc/vbox-agent/agent.toml": (mode, uid, gid)})
+        assert unreadable_by_the_service(Path("/etc/vbox-agent/agent.toml"), status) is None
+
+    @pytest.mark.parametrize(
+        ("mode", "uid", "gid"),
+        [(0o600, NOBODY, NOBODY), (0o064, 0, 0), (0o066, 0, NOBODY), (0o660, NOBODY, NOBODY)],
+    )
+    def test_the_file_unreadable(self, mode: int, uid: int, gid: int) -> None:
+        """Root's own file without the owner's r, or another's without r for gid 0 or
+        others, is unreadable to it (the first bits that apply are the only ones)."""
+        status = fake_stat({"/etc/vbox-agent/agent.toml": (mode, uid, gid)})
+        assert unreadable_by_the_service(Path("/etc/vbox-agent/agent.toml"), status) == (
+            f"the file is mode {mode:04o}, owner uid {uid}, gid {gid}"
+        )
+
+    def test_a_directory_on_the_way_unsearchable(self) -> None:
+        """A directory root may not search hides a readable file."""
+        status = fake_stat({"/home/alice": (0o750, 1000, 1000)})
+        assert unreadable_by_the_service(Path("/home/alice/vbox/agent.toml"), status) == (
+            "directory /home/alice cannot be searched: mode 0750, owner uid 1000, gid 1000"
+        )
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
+    def test_warned_and_still_valid(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A valid file owned by nobody with mode 0600 (which run, with CAP_DAC_OVERRIDE,
+        reads) gets one warning line naming it and why; the exit status stays 0."""
+        tmp_path.chmod(0o755)
+        path = tmp_path / "agent.toml"
+        path.write_text('[log]\nlevel = "info"\n')
+        path.chmod(0o600)
+        os.chown(path, NOBODY, NOBODY)
+        assert check_config(str(path)) == 0
+        out, err = capsys.readouterr()
+        assert out == f"{path}: ok\n"
+        assert err == (
+            f"{path}: warning: the service could not read it (the file is mode 0600, owner "
+            f"uid {NOBODY}, gid {NOBODY}): the unit leaves root no CAP_DAC_OVERRIDE, so only "
+            "the mode bits for uid 0, gid 0 or others count\n"
+        )

@@ -239,6 +239,23 @@ class TestProblems:
                 "[daemon]\nrestart_backoff_initial_s = 10\nrestart_backoff_max_s = 5\n",
                 "daemon.restart_backoff_max_s = 5: must be >= restart_backoff_initial_s (10)",
             ),
+            # an order broken by a default is named on the key the file set (it passed)
+            (
+                "[daemon]\nrestart_backoff_initial_s = 100\n",
+                "daemon.restart_backoff_initial_s = 100: must be <= restart_backoff_max_s (30)",
+            ),
+            (
+                "[daemon]\nrestart_backoff_max_s = 0.5\n",
+                "daemon.restart_backoff_max_s = 0.5: must be >= restart_backoff_initial_s (1)",
+            ),
+            (
+                "[balloon]\nretry_initial_s = 100\n",
+                "balloon.retry_initial_s = 100: must be <= retry_max_s (60)",
+            ),
+            (
+                "[balloon]\nretry_initial_s = 10\nretry_max_s = 5\n",
+                "balloon.retry_max_s = 5: must be >= retry_initial_s (10)",
+            ),
             # bounds shown exactly (they were 3.6e+06 and 1.23457e+06)
             (
                 "[timesync]\nmin_adjust_ms = 3600001\n",
@@ -610,6 +627,36 @@ def test_the_readme_installs_the_command_where_the_unit_runs_it() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.partition("## Installing as a service")[2].partition("\n## ")[0]
     assert f"`{command.split()[0]}`" in section
+
+
+FAILED_START_S = 1.0
+"""Upper bound of a start that fails at once (exit 69, no device): 0.34 s measured, with room
+for a slow guest."""
+
+
+def _unit_seconds(values: Mapping[str, str], key: str) -> float:
+    value = values[key]
+    assert value.endswith("s"), f"{key}={value}"
+    return float(value.removesuffix("s"))
+
+
+def test_the_start_limit_trips_on_starts_that_keep_failing() -> None:
+    """An agent that fails every start at once (69) must hit the start limit, or it restarts
+    about 25 times a minute for ever (RestartSec=2s and systemd's default of 5 starts in
+    10 s never tripped); one that exits after a service used up its default restart budget
+    is restarted without end, as crash-only wants."""
+    settings = [line.partition("=") for line in UNIT.read_text().splitlines()]
+    values = {key: value for key, _, value in settings if key and not key.startswith("#")}
+    restart_s = _unit_seconds(values, "RestartSec")
+    interval_s = _unit_seconds(values, "StartLimitIntervalSec")
+    burst = int(values["StartLimitBurst"])
+    daemon = DaemonConfig()
+    budget_s = sum(
+        min(daemon.restart_backoff_initial_s * 2**n, daemon.restart_backoff_max_s)
+        for n in range(daemon.restart_budget)
+    )
+    assert burst * (restart_s + FAILED_START_S) < interval_s
+    assert burst * (restart_s + budget_s) > interval_s
 
 
 def test_the_unit_does_not_restart_a_bad_config() -> None:

@@ -322,23 +322,57 @@ class TestTwoProcesses:
         assert result.stderr.strip().endswith(f"{not_a_socket}: it exists and is not a socket")
         assert len(result.stderr.splitlines()) == 1
 
+    def test_a_device_path_that_cannot_be_the_device_is_a_config_error(self, workdir: Path) -> None:
+        """A [device] path that exists and is not a vboxguest node (a regular file answers
+        the handshake with ENOTTY, a directory is EISDIR) exits 78, which the unit does not
+        restart, with one line naming the path; a missing node stays 69 (it may come)."""
+        regular = workdir / "passwd"
+        regular.write_text("root:x:0:0::/root:/bin/sh\n")
+        config = workdir / "agent.toml"
+        for path, code, reason in (
+            (regular, 78, "it did not answer the vboxguest version handshake (ENOTTY)"),
+            (workdir, 78, "cannot be the vboxguest device: Is a directory (EISDIR)"),
+            (workdir / "vboxguest", 69, "does not exist"),
+        ):
+            config.write_text(f'[device]\npath = "{path}"\n')
+            result = _run("--config", str(config))
+            assert (result.returncode, result.stdout) == (code, "")
+            [line] = result.stderr.splitlines()
+            assert line.startswith(f"vbox-agent: {path} ")
+            assert reason in line
+
     def test_why_it_did_not_start_is_an_error_in_the_journal(self, workdir: Path) -> None:
-        """Under systemd stderr is the journal: a bad config's lines and a missing device's
-        line carry priority err (``<3>``), so ``journalctl -p err`` shows why it failed."""
+        """Under systemd (stdout and stderr both the journal) why it did not start is one
+        JSON line at priority err (``<3>``), as every other line the agent logs there, so
+        ``journalctl -p err`` and ``-o json`` users see it; no plain copy beside it."""
         config = workdir / "agent.toml"
         config.write_text('[log]\nlevel = "loud"\n[device]\nioctl_threads = 1\n')
         device = workdir / "vboxguest"
         journal = workdir / "journal"
-        for argv, code, first_lines in (
+        for argv, code, event, said in (
             (
                 ["--config", str(config)],
                 78,
-                [
-                    f"<3>{config}: device.ioctl_threads = 1: must be >= 3",
-                    f'<3>{config}: log.level = "loud": must be one of ',
-                ],
+                "config_invalid",
+                {
+                    "path": str(config),
+                    "errors": [
+                        f"{config}: device.ioctl_threads = 1: must be >= 3",
+                        f"{config}: log.level = \"loud\": must be one of 'debug', 'info', "
+                        "'warning' or 'error'",
+                    ],
+                },
             ),
-            (["--device", str(device)], 69, [f"<3>vbox-agent: {device} does not exist: "]),
+            (
+                ["--device", str(device)],
+                69,
+                "device_unavailable",
+                {
+                    "error": f"{device} does not exist: load the vboxguest kernel module "
+                    "(modprobe vboxguest), or name the right device node (--device, or run's "
+                    "[device] path)"
+                },
+            ),
         ):
             with journal.open("w") as stream:
                 status = os.fstat(stream.fileno())
@@ -351,10 +385,11 @@ class TestTwoProcesses:
                     check=False,
                 )
             assert result.returncode == code
-            lines = journal.read_text().splitlines()
-            assert len(lines) == len(first_lines), lines
-            for line, start in zip(lines, first_lines, strict=True):
-                assert line.startswith(start), line
+            [line] = journal.read_text().splitlines()
+            assert line.startswith("<3>{"), line
+            logged = json.loads(line.removeprefix("<3>"))
+            assert (logged["event"], logged["level"]) == (event, "error")
+            assert said.items() <= logged.items()
 
     def test_a_real_agent_loads_no_simulator(self, host_socket: Path) -> None:
         """``run --device`` imports nothing from agent.host; ``run --simulate`` does (control)."""

@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from agent.config import LogConfig
-from agent.logconfig import configure_logging, print_error
+from agent.logconfig import configure_logging, logs_to_journal, print_error
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -156,15 +156,15 @@ class TestPrintError:
         print_error("vbox-agent: no device", stream=out)
         assert out.getvalue() == "vbox-agent: no device\n"
 
-    def test_priority_err_on_the_journal(
+    def test_the_journal_is_told_apart(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """On the journal stream the line is filed at priority err."""
-        with (tmp_path / "journal").open("w") as out:
+        """``logs_to_journal`` names the stream systemd's JOURNAL_STREAM is: there ``run``
+        says why it failed as a log line instead of a plain one."""
+        with (tmp_path / "journal").open("w") as out, (tmp_path / "other").open("w") as other:
             status = os.fstat(out.fileno())
             monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
-            print_error("vbox-agent: no device", stream=out)
-        assert (tmp_path / "journal").read_text() == "<3>vbox-agent: no device\n"
+            assert (logs_to_journal(out), logs_to_journal(other)) == (True, False)
 
 
 class TestConsole:
@@ -214,6 +214,19 @@ class TestStdlib:
         assert line["level"] == "warning"
         assert line["logger"] == "third_party"
         assert ISO_UTC.match(line["timestamp"])
+
+    def test_a_higher_configured_level_holds_for_them_too(self) -> None:
+        """``level = "error"`` drops third-party warnings as it drops the agent's own, and
+        a reload back to ``info`` lets warnings through again (never their info lines)."""
+        out = io.StringIO()
+        third_party = logging.getLogger("third_party")
+        configure_logging(LogConfig(level="error"), stream=out)
+        third_party.warning("dropped")
+        third_party.error("kept")
+        configure_logging(LogConfig(level="info"), stream=out)
+        third_party.info("chatty")
+        third_party.warning("kept again")
+        assert [line["event"] for line in json_lines(out.getvalue())] == ["kept", "kept again"]
 
     def test_reconfiguring_replaces_the_handler(self) -> None:
         """Calling configure_logging again writes each stdlib record once, to the new stream."""

@@ -4,11 +4,22 @@ Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and ex
 (``EX_CONFIG``), the same lines ``run`` prints for a bad file at start and logs in
 ``config_reload_rejected`` on a reload. FILE is read as ``run`` reads it: a pipe is refused, as
 a FIFO is, since a daemon could not read it again on a reload.
+
+A valid file that the service could not read gets one warning line on stderr
+(``FILE: warning: ...``) and still exits 0: the exit status judges the content, while the
+warning is about the file's permissions as the shipped unit meets them (root with every
+capability dropped but CAP_SYS_TIME, so no CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH: only the
+mode bits for uid 0, gid 0 or others count), which an install step (``install -m 0644``) or a
+different unit changes. This command usually runs with every capability and would read the
+file anyway. POSIX ACLs are not consulted.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.cli._arguments import file_path
@@ -19,14 +30,19 @@ from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     import argparse
-    from pathlib import Path
+    from collections.abc import Callable
+
+    StatFn = Callable[[Path], os.stat_result]
+    """``os.stat``'s shape, for tests that describe a tree of their own."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Give the ``check-config`` parser its description, arguments and handler."""
     parser.description = (
         "Load FILE as the agent would and report every problem, one per line naming the "
-        "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise."
+        "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise. "
+        "A valid file the service could not read (it runs as root without CAP_DAC_OVERRIDE) "
+        "gets a warning on stderr; the exit status stays 0."
     )
     parser.add_argument(
         "file",
@@ -46,5 +62,49 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
         return EX_CONFIG
+    why = unreadable_by_the_service(path)
+    if why is not None:
+        sys.stderr.write(
+            f"{path}: warning: the service could not read it ({why}): the unit leaves root "
+            "no CAP_DAC_OVERRIDE, so only the mode bits for uid 0, gid 0 or others count\n"
+        )
     write_line(f"{path}: ok")
     return EX_OK
+
+
+def unreadable_by_the_service(path: Path, stat_fn: StatFn = os.stat) -> str | None:
+    """Why uid 0 / gid 0 without DAC override could not read ``path``, or None if it could.
+
+    Every directory on the way (of the path as given and of the file it resolves to) must
+    let them search it, and the file must let them read it.
+    """
+    absolute = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    directories = dict.fromkeys([*reversed(absolute.parents), *reversed(real.parents)])
+    for directory in directories:
+        status = stat_fn(directory)
+        if not _granted(status, os.X_OK):
+            return f"directory {directory} cannot be searched: {_owner_and_mode(status)}"
+    status = stat_fn(real)
+    if not _granted(status, os.R_OK):
+        return f"the file is {_owner_and_mode(status)}"
+    return None
+
+
+def _granted(status: os.stat_result, access: int) -> bool:
+    """Whether the mode bits that apply to uid 0 / gid 0 (owner, else group, else others)
+    grant ``access`` (``os.R_OK``, ``os.X_OK``)."""
+    mode = stat.S_IMODE(status.st_mode)
+    if status.st_uid == 0:
+        bits = mode >> 6
+    elif status.st_gid == 0:
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bool(bits & access)
+
+
+def _owner_and_mode(status: os.stat_result) -> str:
+    return (
+        f"mode {stat.S_IMODE(status.st_mode):04o}, owner uid {status.st_uid}, gid {status.st_gid}"
+    )

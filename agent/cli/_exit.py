@@ -15,7 +15,7 @@ EX_SOFTWARE: Final = 70
 EX_IOERR: Final = 74
 """The output cannot be written (a full disk), other than to a reader that went away."""
 EX_CONFIG: Final = 78
-"""The config file is invalid."""
+"""The config file is invalid, or the device path names what cannot be the device."""
 EX_INTERRUPTED: Final = 130
 """Stopped by SIGINT (Ctrl-C), reported as a shell reports a process the signal ended."""
 EX_BROKEN_PIPE: Final = 141

@@ -1,4 +1,10 @@
-"""``vbox-agent run``: the daemon, against a device or the built-in simulated host."""
+"""``vbox-agent run``: the daemon, against a device or the built-in simulated host.
+
+Why it did not start (a bad config, no device) or why it ended is one plain line on stderr,
+except under systemd: there every line goes to the journal, and it is one structured log
+line (``config_invalid``, ``device_unavailable``, ``device_not_vboxguest``, ``device_lost``,
+``agent_failed``) at error priority or above, like everything else the agent logs there.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,15 @@ import trio
 
 from agent.cli._arguments import PERSONALITIES, device_spec, file_path, positive_seconds
 from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, LogConfig, load_config
 from agent.daemon import Daemon, ServiceFailedError
-from agent.device import DeviceLostError, DeviceUnavailableError, opener_for_spec
-from agent.logconfig import configure_logging, print_error
+from agent.device import (
+    DeviceLostError,
+    DeviceUnavailableError,
+    NotTheDeviceError,
+    opener_for_spec,
+)
+from agent.logconfig import configure_logging, logs_to_journal, print_error
 from agent.protocol import AgentError
 from agent.services.registry import section_models
 
@@ -90,9 +101,10 @@ def run_command(args: argparse.Namespace) -> int:
             load_config(args.config, section_models()) if args.config is not None else AgentConfig()
         )
     except ConfigError as exc:
-        for problem in exc.problems:
-            print_error(problem)
+        configure_logging(LogConfig())  # the file's [log] is not to be trusted
+        _say_why(exc.problems, "config_invalid", path=str(args.config), errors=exc.problems)
         return EX_CONFIG
+    configure_logging(config.log)
     main: Callable[[], Awaitable[None]]
     if args.simulate:
         # The simulator is imported only here: a real agent loads none of it.
@@ -102,19 +114,19 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             scenario = load_scenario(source)
         except ScenarioError as exc:
-            print_error(f"vbox-agent run: {exc}")
+            _say_why([f"vbox-agent run: {exc}"], "scenario_invalid", error=str(exc))
             return EX_CONFIG
         try:
             host = _simulated_host(scenario.host, args.personality)
         except ValueError as exc:  # a value the host model refuses (its own limits)
-            print_error(f"vbox-agent run: {source}: host: {exc}")
+            error = f"{source}: host: {exc}"
+            _say_why([f"vbox-agent run: {error}"], "scenario_invalid", error=error)
             return EX_CONFIG
         main = partial(_run_simulated, args, config, host, scenario)
     else:
         spec = args.device if args.device is not None else config.device.path
         opener = opener_for_spec(spec, ioctl_threads=config.device.ioctl_threads)
         main = partial(_run_daemon, args, config, opener)
-    configure_logging(config.log)
     _freeze_start_up_objects()
     try:
         trio.run(main)
@@ -210,20 +222,41 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def _say_why(lines: list[str], event: str | None = None, **fields: object) -> None:
+    """Say why ``run`` did not start or ended.
+
+    Under systemd, where the agent's log lines go to the journal (and stderr with them), as
+    the one structured ``event`` line at error priority, which ``journalctl -o json`` and
+    ``-p err`` users filter on (nothing more when ``event`` is None: the caller logged it);
+    elsewhere as plain ``lines`` on stderr, for the person or script that started it.
+    """
+    if not logs_to_journal():
+        for line in lines:
+            print_error(line)
+    elif event is not None:
+        log.error(event, **fields)
+
+
 def _report_failure(exc: BaseException) -> int:
     leaves = _leaves(exc)
     if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         return EX_INTERRUPTED
     for leaf in leaves:
+        line = f"vbox-agent: {leaf}"
         if isinstance(leaf, DeviceLostError):  # the log says why a running agent ended
             log.critical("device_lost", error=str(leaf))
-        if isinstance(leaf, DeviceUnavailableError | DeviceLostError):
-            print_error(f"vbox-agent: {leaf}")
+            _say_why([line])
+            return EX_UNAVAILABLE
+        if isinstance(leaf, NotTheDeviceError):  # a wrong path: restarting will not help
+            _say_why([line], "device_not_vboxguest", error=str(leaf))
+            return EX_CONFIG
+        if isinstance(leaf, DeviceUnavailableError):
+            _say_why([line], "device_unavailable", error=str(leaf))
             return EX_UNAVAILABLE
     for leaf in leaves:
         if isinstance(leaf, ServiceFailedError | AgentError | OSError):
             log.critical("agent_failed", error=repr(leaf))
-            print_error(f"vbox-agent: fatal: {leaf}")
+            _say_why([f"vbox-agent: fatal: {leaf}"])
             return EX_SOFTWARE
     log.critical("agent_crashed", exc_info=exc)
     return EX_SOFTWARE

@@ -353,7 +353,8 @@ class Daemon:
         if self._context is None:  # pragma: no cover - services are built while serving
             msg = "services are built only while the daemon serves"
             raise RuntimeError(msg)
-        return spec.build(self._context, section)
+        with structlog.contextvars.bound_contextvars(service=spec.name):
+            return spec.build(self._context, section)
 
     def _status_changed(self) -> None:
         self._status_dirty.set()
@@ -508,7 +509,15 @@ class Daemon:
         log.info("config_reloaded", changed=changed)
 
     def _reconfigure(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
-        """Give service ``spec`` its new section: start, stop, apply live or rebuild it."""
+        """Give service ``spec`` its new section: start, stop, apply live or rebuild it.
+
+        What the service logs meanwhile, and every task it starts from here, is named as its
+        run is (the supervisor binds ``service`` there), though this is the reload's task.
+        """
+        with structlog.contextvars.bound_contextvars(service=spec.name):
+            self._reconfigure_bound(spec, section)
+
+    def _reconfigure_bound(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         name = spec.name
         if not section.enable:
             deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s

@@ -273,7 +273,8 @@ class Supervisor(Generic[T]):
             failure: BaseException | None = None
             fatal: BaseException | None = None
             try:
-                with scope:
+                # Every task of the service's run (and any it starts) logs with its name.
+                with scope, structlog.contextvars.bound_contextvars(service=name):
                     async with trio.open_nursery() as nursery:
                         await nursery.start(entry.service.run)
                         entry.started.set()
@@ -362,7 +363,7 @@ class Supervisor(Generic[T]):
         if deadline is None:
             deadline = trio.current_time() + self.config.shutdown_timeout_s
         began = trio.current_time()
-        # Each service binds its name in its own run task; what its drain logs is named too.
+        # What the drain logs is named as what the run logs is.
         with (
             entry.enter(_Phase.DRAIN, deadline) as scope,
             structlog.contextvars.bound_contextvars(service=name),

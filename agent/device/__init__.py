@@ -13,6 +13,7 @@ from agent.device.device import (
 from agent.device.errors import (
     DeviceLostError as DeviceLostError,
     DeviceUnavailableError as DeviceUnavailableError,
+    NotTheDeviceError as NotTheDeviceError,
 )
 from agent.device.spec import opener_for_spec as opener_for_spec
 from agent.device.transport import DeviceOpener as DeviceOpener, Transport as Transport

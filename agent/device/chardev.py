@@ -101,7 +101,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.protocol import (
     AgentError,
     DriverVersion,
@@ -154,13 +154,17 @@ EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
 """Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there),
 never past its caller's deadline."""
+NOT_THE_DEVICE_ERRNOS: Final = frozenset(
+    {errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+)
+"""The errnos of ``open(2)`` that prove the path can never be the device node, whatever
+loads later: a directory (EISDIR), a file where the path needs a directory (ENOTDIR, also a
+node named with a trailing ``/``), a symbolic link loop (ELOOP), a name too long: a
+configuration mistake (:class:`NotTheDeviceError`)."""
 NO_DEVICE_ERRNOS: Final = frozenset(
     {
+        *NOT_THE_DEVICE_ERRNOS,
         errno.ENOENT,
-        errno.ENOTDIR,
-        errno.EISDIR,
-        errno.ELOOP,
-        errno.ENAMETOOLONG,
         errno.ENXIO,
         errno.ENODEV,
         errno.EACCES,
@@ -168,11 +172,13 @@ NO_DEVICE_ERRNOS: Final = frozenset(
     }
 )
 """The errnos of ``open(2)`` that mean there is no device to open: the path names no device
-node (ENOENT: missing, as before the module loads; ENOTDIR, EISDIR, ELOOP, ENAMETOOLONG),
+node (ENOENT: missing, as before the module loads; :data:`NOT_THE_DEVICE_ERRNOS`),
 no driver serves the node's device number (ENXIO), the driver has no device behind it
 (ENODEV), or the agent may not open it (EACCES: the node's mode and owner; EPERM: the unit's
 device policy or a security module). Any other errno (EMFILE, ENFILE, ENOMEM: the driver's
 open allocates the session) is a shortage that may pass, not a missing device."""
+NAME_THE_NODE: Final = "name the device node (--device, or run's [device] path)"
+"""The fix for a path that is not the device, as the end of its one-line message."""
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
 
@@ -816,6 +822,8 @@ class CharDevOpener:
         """Open the node, agree on the ioctl interface version and return the session.
 
         Raises:
+            NotTheDeviceError: the path cannot be the device: a directory, a bad path, or a
+                file that is no vboxguest node (the handshake's ioctl is unknown to it).
             DeviceUnavailableError: the node is missing, not accessible, not backed by a
                 VirtualBox device, or its driver refuses our interface version.
             OSError: ``open(2)`` failed for want of something that may come back (see
@@ -827,6 +835,8 @@ class CharDevOpener:
         try:
             fd = self._open_fn(self._path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno in NOT_THE_DEVICE_ERRNOS:
+                raise NotTheDeviceError(open_failure(self._path, exc)) from exc
             if exc.errno in NO_DEVICE_ERRNOS:
                 raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
             raise OSError(exc.errno, open_failure(self._path, exc)) from exc
@@ -858,6 +868,14 @@ class CharDevOpener:
                     "shortage that may pass, not a missing device"
                 )
                 raise OSError(errno.ENOMEM if exc.errno is None else exc.errno, msg) from exc
+            if exc.errno == errno.ENOTTY:
+                # Both drivers know the version request whatever their interface version;
+                # a file without this ioctl (a regular file, /dev/null) is not the device.
+                msg = (
+                    f"{path} is not a vboxguest device: it did not answer the vboxguest "
+                    f"version handshake (ENOTTY); {NAME_THE_NODE}"
+                )
+                raise NotTheDeviceError(msg) from exc
             refused = isinstance(exc, VBoxStatusError) or exc.errno == errno.EINVAL
             if not refused:
                 msg = f"{path} did not answer the vboxguest version handshake ({_reason(exc)})"
@@ -894,6 +912,12 @@ def open_failure(path: str, exc: OSError) -> str:
         return (
             f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
             "or name the right device node (--device, or run's [device] path)"
+        )
+    if exc.errno in NOT_THE_DEVICE_ERRNOS:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return (
+            f"{path} cannot be the vboxguest device: {exc.strerror or exc} ({name}); "
+            f"{NAME_THE_NODE}"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (

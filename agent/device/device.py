@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import structlog
 import trio
@@ -57,7 +57,7 @@ from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, TIMEOUT_INFINITE
 from agent.protocol.status import VERR_HGCM_INVALID_CLIENT_ID, VERR_INTERRUPTED, VERR_TIMEOUT
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Coroutine
     from types import TracebackType
 
     from agent.device.transport import DeviceOpener, Transport
@@ -407,22 +407,27 @@ class HgcmClient:
         self.service = service
         self.client_id = client_id
 
-    async def call(
+    def call(
         self,
         function: int,
         params: tuple[HgcmParam, ...],
         *,
         timeout_ms: int = TIMEOUT_INFINITE,
         submission: Submission | None = None,
-    ) -> HgcmReply:
-        """Call ``function`` and return the reply; a failing service status raises.
+    ) -> Coroutine[Any, Any, HgcmReply]:
+        """Call ``function``: await the result for the reply; a failing service status raises.
 
         ``timeout_ms`` is the driver's backstop: the host call is cancelled after it.
         ``submission`` is marked issued once the call may have reached the driver, so a
         caller that was cancelled can tell whether the host may still count the call.
+
+        A plain function returning the session's ``perform`` coroutine, so that no frame of
+        its own lies between the caller and the transport, whose checkpoint suspends and
+        resumes every frame above it on every call.
         """
-        call = HgcmCall(self.client_id, function, params, timeout_ms)
-        return await self._channel.perform(call, submission)
+        return self._channel.perform(
+            HgcmCall(self.client_id, function, params, timeout_ms), submission
+        )
 
 
 @asynccontextmanager

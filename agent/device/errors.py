@@ -3,6 +3,6 @@ host may import too)."""
 
 from __future__ import annotations
 
-from agent.protocol.errors import DeviceLostError, DeviceUnavailableError
+from agent.protocol.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 
-__all__ = ["DeviceLostError", "DeviceUnavailableError"]
+__all__ = ["DeviceLostError", "DeviceUnavailableError", "NotTheDeviceError"]

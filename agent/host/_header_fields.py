@@ -4,6 +4,12 @@ Each ``NAME`` / ``NAME_AT`` pair is one member's ``struct`` and absolute offset,
 ``unpack_from`` or ``pack_into`` call: every ioctl and request passes through the driver
 models, the VMMDev port handler and the HGCM host, where a field's ``get``/``set`` would add
 a Python call per member. They are taken from the layouts, so they cannot disagree with them.
+
+Modules name them through this module (``from agent.host import _header_fields as H``, then
+``H.IOCTL_RC.pack_into(...)``), not by importing each name: CPython 3.11 compiles
+``NAME.method(...)`` for a module-level ``NAME`` bound by an import as a plain attribute
+load, expecting a module, and for a ``struct`` method that load cannot be specialised: it
+builds a bound method on every call.
 """
 
 from __future__ import annotations

@@ -110,8 +110,9 @@ def parse_parms(
         ParmError: an unsupported type, a page list outside the request, bad page addresses,
             or buffers that cost the host more than it allows one call.
     """
-    per_parm = layout.size // WORD_SIZE
-    extra = CALL_PARMS_OFFSET + layout.size * count  # where the array ends
+    parm_size = layout.size
+    per_parm = parm_size // WORD_SIZE
+    extra = CALL_PARMS_OFFSET + parm_size * count  # where the array ends
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     page_lists: list[PageListSpan] = []
@@ -199,9 +200,9 @@ def _parse_page_list(
     if count * PAGE_SIZE - first < size or unaligned:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
-    readable = bool(flags & _TO_HOST)
+    readable = flags & _TO_HOST != 0
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
-    return HostBuffer(data, readable, bool(flags & _FROM_HOST), size), pages, first
+    return HostBuffer(data, readable, flags & _FROM_HOST != 0, size), pages, first
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:

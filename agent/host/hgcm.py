@@ -20,17 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
-from agent.host._header_fields import (
-    HGCM_CALL64,
-    HGCM_FLAGS,
-    HGCM_FLAGS_AT,
-    HGCM_RESULT,
-    HGCM_RESULT_AT,
-    REQUEST_RC,
-    REQUEST_RC_AT,
-    REQUEST_TYPE,
-    REQUEST_TYPE_AT,
-)
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._hgcm_clients import (
     MAX_CLIENTS,
     REQUESTOR_LEGACY,
@@ -89,7 +79,7 @@ _CALL_TARGET: Final = L.run(
 _CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
 _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
-_ASYNC_EXECUTE_RC: Final = REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
+_ASYNC_EXECUTE_RC: Final = H.REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
 _PARM64: Final = L.HgcmParameter64
 _PARM32: Final = L.HgcmParameter32
@@ -123,6 +113,9 @@ class _Client:
     service: HgcmService
     requestor: int
     category: ClientCategory
+    max_calls: int
+    """The service's ``max_calls_per_client``, fixed as a service loads: read once here,
+    as the property is a call and the limit is checked on every call."""
     calls: set[_Command] = field(default_factory=set)
 
 
@@ -242,7 +235,9 @@ class HgcmHost:
         client_id = self._new_client_id()
         status = service.connect(client_id, requestor)
         if status >= 0:
-            self._clients[client_id] = _Client(client_id, service, requestor, category)
+            self._clients[client_id] = _Client(
+                client_id, service, requestor, category, service.max_calls_per_client
+            )
             _log.debug("hgcm_connected", service=service.name, client_id=client_id)
             self._finish(
                 req, phys, status, lambda copy: L.HgcmConnectRequest.client_id.set(copy, client_id)
@@ -284,8 +279,8 @@ class HgcmHost:
         :meth:`complete`). The simulated host takes the mapping once the call is accepted:
         until then nothing is written through it.
         """
-        request_type = REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]
-        layout: ParmLayout = _PARM64 if request_type == HGCM_CALL64 else _PARM32
+        request_type = H.REQUEST_TYPE.unpack_from(req, H.REQUEST_TYPE_AT)[0]
+        layout: ParmLayout = _PARM64 if request_type == H.HGCM_CALL64 else _PARM32
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         if count > MAX_HGCM_PARMS or CALL_PARMS_OFFSET + layout.size * count > len(req):
             return VERR_INVALID_PARAMETER  # too many, or the array ends past the request
@@ -297,7 +292,7 @@ class HgcmHost:
         client = self._caller(client_id, phys)
         if not isinstance(client, _Client):
             return client
-        REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        H.REQUEST_RC.pack_into(req, H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         # Locked when it lies within one page (VMMDev's condition: its end, one past its
         # last byte, is on the page it starts on). A request the guest frees and reuses
         # meanwhile differs: its completion goes to the simulated mapping's orphaned buffer,
@@ -309,7 +304,7 @@ class HgcmHost:
         )
         if locked is not None:
             view, at = locked
-            REQUEST_RC.pack_into(view, at + REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+            H.REQUEST_RC.pack_into(view, at + H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         command = _Command(
             self, phys, req, client, function, request_type, layout, params, page_lists, locked
         )
@@ -318,7 +313,7 @@ class HgcmHost:
             # The guest sees the call accepted. One the service completed at once needs no
             # such write: its completion wrote the whole request, this rc included, and
             # nothing could read guest memory in between.
-            self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
+            self._write(phys + H.REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
         return None
 
     def cancel(self, phys: int) -> int:
@@ -371,15 +366,15 @@ class HgcmHost:
             )
             return
         view, at = command.locked
-        request_type = REQUEST_TYPE.unpack_from(view, at + REQUEST_TYPE_AT)[0]
+        request_type = H.REQUEST_TYPE.unpack_from(view, at + H.REQUEST_TYPE_AT)[0]
         if request_type == command.request_type:
             write_back_parms(
                 view, command.params, command.page_lists, command.layout, self._memory, base=at
             )
         elif request_type != _HGCM_CANCEL:
             status = VERR_INVALID_PARAMETER
-        flags = HGCM_FLAGS.unpack_from(view, at + HGCM_FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(view, at + HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
+        flags = H.HGCM_FLAGS.unpack_from(view, at + H.HGCM_FLAGS_AT)[0]
+        _FLAGS_RESULT.pack_into(view, at + H.HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
         self._notify(_HGCM_EVENT)
 
     # --- VM life cycle ---------------------------------------------------------------------
@@ -490,7 +485,7 @@ class HgcmHost:
             return VERR_HGCM_INVALID_CLIENT_ID
         if phys in self._commands:
             return VERR_HGCM_INVALID_CMD_ADDRESS
-        if len(client.calls) + 1 >= client.service.max_calls_per_client:
+        if len(client.calls) + 1 >= client.max_calls:
             return VERR_HGCM_TOO_MANY_CLIENT_CALLS
         return client
 
@@ -499,9 +494,9 @@ class HgcmHost:
             header = bytearray(self._memory.read(phys, L.HgcmRequestHeader.size))
         except OSError:
             return  # the guest freed the request; the write goes nowhere
-        REQUEST_RC.pack_into(header, REQUEST_RC_AT, status)
-        flags = HGCM_FLAGS.unpack_from(header, HGCM_FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(header, HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
+        H.REQUEST_RC.pack_into(header, H.REQUEST_RC_AT, status)
+        flags = H.HGCM_FLAGS.unpack_from(header, H.HGCM_FLAGS_AT)[0]
+        _FLAGS_RESULT.pack_into(header, H.HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
         self._write(phys, header)
         self._notify(_HGCM_EVENT)
 
@@ -512,8 +507,8 @@ class HgcmHost:
             command.client.calls.discard(command)
 
     def _accept(self, req: bytearray, phys: int) -> None:
-        REQUEST_RC.pack_into(req, REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        self._write(phys + REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
+        H.REQUEST_RC.pack_into(req, H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
+        self._write(phys + H.REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
 
     def _finish(
         self,
@@ -537,16 +532,16 @@ class HgcmHost:
             current = bytearray(self._memory.read(phys, len(req)))
         except OSError:
             current = req
-        request_type = REQUEST_TYPE.unpack_from(current, REQUEST_TYPE_AT)[0]
-        if request_type == REQUEST_TYPE.unpack_from(req, REQUEST_TYPE_AT)[0]:
+        request_type = H.REQUEST_TYPE.unpack_from(current, H.REQUEST_TYPE_AT)[0]
+        if request_type == H.REQUEST_TYPE.unpack_from(req, H.REQUEST_TYPE_AT)[0]:
             if update is not None:
                 update(current)
         elif request_type != _HGCM_CANCEL:
             result = VERR_INVALID_PARAMETER
-        HGCM_RESULT.pack_into(current, HGCM_RESULT_AT, result)
+        H.HGCM_RESULT.pack_into(current, H.HGCM_RESULT_AT, result)
         self._write(phys, current)
-        flags = HGCM_FLAGS.unpack_from(current, HGCM_FLAGS_AT)[0] | HGCM_REQ_DONE
-        self._write(phys + HGCM_FLAGS_AT, HGCM_FLAGS.pack(flags))
+        flags = H.HGCM_FLAGS.unpack_from(current, H.HGCM_FLAGS_AT)[0] | HGCM_REQ_DONE
+        self._write(phys + H.HGCM_FLAGS_AT, H.HGCM_FLAGS.pack(flags))
         self._notify(_HGCM_EVENT)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:

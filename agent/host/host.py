@@ -16,7 +16,7 @@ and Main would.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import trio
 
@@ -30,7 +30,7 @@ from agent.protocol.errors import VBoxStatusError
 from agent.protocol.status import VINF_SUCCESS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Coroutine, Iterable
 
     from agent.host.hgcm_service import HgcmService
     from agent.host.memory import GuestMemory
@@ -176,11 +176,17 @@ class SimulatedHost:
             raise FileNotFoundError(errno.ENOENT, "the simulated host is not running", node)
         return self.driver.open_session(user_device=user_device, uid=uid)
 
-    async def ioctl(
+    def ioctl(
         self, session: DriverSession, code: int, buffer: bytearray, memory: GuestMemory
-    ) -> None:
-        """Perform one ioctl; raises ``OSError(errno)`` as the kernel returns it."""
-        await self.driver.ioctl(session, code, buffer, memory)
+    ) -> Coroutine[Any, Any, None]:
+        """Perform one ioctl (await the result); raises ``OSError(errno)`` as the kernel
+        returns it.
+
+        A plain function returning the current driver's ``ioctl`` coroutine, so that no
+        frame of its own lies under every in-process call, which the driver's checkpoint
+        suspends and resumes through.
+        """
+        return self.driver.ioctl(session, code, buffer, memory)
 
     async def close_session(self, session: DriverSession) -> None:
         """Close the session: its filter bits, capabilities, HGCM clients (and balloon) go."""

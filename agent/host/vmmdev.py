@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import trio
 
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._balloon import HostBalloon
 from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector
 from agent.host._guest_info import GuestInfo
-from agent.host._header_fields import REQUEST_RC, REQUEST_RC_AT
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
 from agent.host._release import RELEASE
@@ -190,7 +190,7 @@ class VMMDev:
             return
         if size > MAX_VMMDEV_REQUEST_SIZE:
             answer = bytearray(view[at : at + HEADER_SIZE])
-            REQUEST_RC.pack_into(answer, REQUEST_RC_AT, VERR_NOT_SUPPORTED)
+            H.REQUEST_RC.pack_into(answer, H.REQUEST_RC_AT, VERR_NOT_SUPPORTED)
             self._write(phys, answer)
             return
         # The whole request, copied from the header's mapping when that holds it (it always
@@ -217,7 +217,7 @@ class VMMDev:
         else:
             rc = entry.handle(req, phys)
         if rc is not None:
-            REQUEST_RC.pack_into(req, REQUEST_RC_AT, rc)
+            H.REQUEST_RC.pack_into(req, H.REQUEST_RC_AT, rc)
             self._write(phys, req)
 
     def _write(self, phys: int, data: bytes | bytearray) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Final, Generic, TypeVar, final
 
 from agent.protocol import layouts as L  # noqa: N812 - short name for the layout table
@@ -651,44 +651,67 @@ def _check_client_id(client_id: int) -> None:
         raise LocalProtocolError(msg)
 
 
+_set_field: Final = object.__setattr__
+"""How the hand-written ``__init__`` of the frozen HGCM classes below sets a field.
+
+They are built for every parameter of every call, and a generated frozen ``__init__``
+looks ``object.__setattr__`` up again for each field, which cost more than the rest of
+building the object."""
+
+
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmU32:
     """A 32-bit HGCM parameter (``VMMDEV_HGCM_PARM_TYPE_32BIT``), in and out."""
 
     value: int
 
+    def __init__(self, value: int) -> None:
+        _set_field(self, "value", value)
+
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmU64:
     """A 64-bit HGCM parameter (``VMMDEV_HGCM_PARM_TYPE_64BIT``), in and out."""
 
     value: int
 
+    def __init__(self, value: int) -> None:
+        _set_field(self, "value", value)
+
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmBufferIn:
     """A buffer the host reads (``LINADDR_IN``), such as a property name with its NUL."""
 
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        _set_field(self, "data", data)
+
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmBufferOut:
     """A buffer of ``size`` bytes the host writes (``LINADDR_OUT``)."""
 
     size: int
 
+    def __init__(self, size: int) -> None:
+        _set_field(self, "size", size)
+
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmBuffer:
     """A buffer the host reads and writes (``LINADDR``), starting as ``data``."""
 
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        _set_field(self, "data", data)
 
 
 HgcmParam = HgcmU32 | HgcmU64 | HgcmBufferIn | HgcmBufferOut | HgcmBuffer
@@ -696,23 +719,30 @@ HgcmParam = HgcmU32 | HgcmU64 | HgcmBufferIn | HgcmBufferOut | HgcmBuffer
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmData:
     """A buffer parameter after the call: the bytes the host reported (its ``size``)."""
 
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        _set_field(self, "data", data)
 
 
 HgcmValue = HgcmU32 | HgcmU64 | HgcmData
 """A parameter of an HGCM call as the host handed it back."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmReply:
     """Reply to :class:`HgcmCall`: the service's status and the parameters it returned."""
 
     status: int
     params: tuple[HgcmValue, ...]
+
+    def __init__(self, status: int, params: tuple[HgcmValue, ...]) -> None:
+        _set_field(self, "status", status)
+        _set_field(self, "params", params)
 
 
 class HgcmCallError(VBoxStatusError):
@@ -766,7 +796,7 @@ def _call_codec(count: int) -> struct.Struct:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HgcmCall(Request[HgcmReply]):
     """``VBG_IOCTL_HGCM_CALL_64``: call ``function`` of a connected host service.
 
@@ -777,8 +807,20 @@ class HgcmCall(Request[HgcmReply]):
     operation: ClassVar[str] = "VBG_IOCTL_HGCM_CALL"
     client_id: int
     function: int
-    params: tuple[HgcmParam, ...] = field(default=())
+    params: tuple[HgcmParam, ...] = ()
     timeout_ms: int = TIMEOUT_INFINITE
+
+    def __init__(
+        self,
+        client_id: int,
+        function: int,
+        params: tuple[HgcmParam, ...] = (),
+        timeout_ms: int = TIMEOUT_INFINITE,
+    ) -> None:
+        _set_field(self, "client_id", client_id)
+        _set_field(self, "function", function)
+        _set_field(self, "params", params)
+        _set_field(self, "timeout_ms", timeout_ms)
 
     @property
     def size(self) -> int:

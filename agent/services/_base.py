@@ -109,7 +109,9 @@ class Service(Protocol[S_contra]):
 
     @property
     def name(self) -> str:
-        """The spec's name; bind it as ``service`` in every log line of the task."""
+        """The spec's name; the framework binds it as ``service`` to every log line the
+        service's code writes: its run and drain (the supervisor), its construction and
+        ``reconfigure`` (the daemon), and every task started from them."""
         ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

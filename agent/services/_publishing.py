@@ -173,7 +173,6 @@ class PublishingService:
         A (re)started run writes everything: a restore may have come while it was not
         running (a supervisor's restart backoff), with no one subscribed to hear it.
         """
-        structlog.contextvars.bind_contextvars(service=self.name)
         self._publisher.forget()
         self._sweep_owned = True
         with self._pump.subscribe(self.name, Event.RESTORED) as events:

@@ -215,7 +215,6 @@ class CpuHotPlugService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Enable monitoring, then follow the host's events; enable again after a restore."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.CPU_HOTPLUG | Event.RESTORED) as events:
             await self._enable(restored=False)
             task_status.started()

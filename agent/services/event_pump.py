@@ -185,7 +185,6 @@ class EventPump:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Wait and dispatch until cancelled; ready once the first waiter (if any) is set up."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         started = False
         while True:
             mask = self.mask

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn, Self, final
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 
 import structlog
 import trio
@@ -62,7 +62,7 @@ from agent.services.hgcm import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
     from types import TracebackType
 
     from agent.device import Device
@@ -96,7 +96,12 @@ _GET_PROP: Final = int(GuestFunction.GET_PROP)
 hot path of every get cost as much as encoding one of its parameters."""
 
 
-@dataclass(frozen=True, slots=True)
+_set_field: Final = object.__setattr__
+"""How :class:`Property`'s hand-written ``__init__`` sets a field, as the frozen HGCM
+classes of :mod:`agent.protocol.messages` do: one is built for every get."""
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Property:
     """A property as the host holds it; ``timestamp`` is the host's ns of its last change
     (from a clock that may go back: not an order)."""
@@ -105,6 +110,12 @@ class Property:
     value: str
     flags: str
     timestamp: int
+
+    def __init__(self, name: str, value: str, flags: str, timestamp: int) -> None:
+        _set_field(self, "name", name)
+        _set_field(self, "value", value)
+        _set_field(self, "flags", flags)
+        _set_field(self, "timestamp", timestamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +144,14 @@ class GuestProperties:
         """The channel of the short calls."""
         return self._channel
 
-    async def get(self, name: str) -> Property | None:
-        """Return the property ``name``, or None when the host has none of that name."""
-        return await _get(self._short_call, name)
+    def get(self, name: str) -> Coroutine[Any, Any, Property | None]:
+        """Return the property ``name`` (await the result), or None when the host has none
+        of that name.
+
+        A plain function returning the GET_PROP coroutine, so that no frame of its own lies
+        under every get, which the transport's checkpoint suspends and resumes through.
+        """
+        return _get(self._short_call, name)
 
     async def set(self, name: str, value: str, flags: str | None = None) -> int:
         """Set ``name`` to ``value``; its flags become ``flags`` (none when omitted).

@@ -126,7 +126,6 @@ class GuestStatsService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read the interval, report on it, and read it again at 0x80 and after restores."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
                 await self._metronome.run(events, task_status=task_status)

@@ -166,7 +166,6 @@ class HeartbeatService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Configure the host's check and beat; configure again after every restore."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         try:
             with self._pump.subscribe(self.name, Event.RESTORED) as events:
                 await self._metronome.run(events, task_status=task_status)

@@ -20,15 +20,19 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   works on one works on both;
 - the host's per-client limit of concurrent calls. ``HGCMService::GuestCall`` counts a call
   first and accepts it only while the count stays *below* the service's
-  ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the guest
-  cancelled keeps its slot at the host until the service completes it, which a service
-  without a cancel hook may do much later; such calls keep their slot here too
-  (``lingers_when_cancelled``) until the channel closes. Only a call that may have reached
-  the driver lingers, as its transport reports (:class:`~agent.protocol.Submission`): once
-  there, the driver cancels it at the host, which may go on counting it; one cancelled
-  before (its scope cancelled when it began, or while the transport held it back: waiting
-  for an ioctl thread of the character device, or for another call's frame to be sent)
-  never reached the host and takes no slot.
+  ``acMaxCallsPerClient``: a limit of 16 leaves room for 15 pending calls. A call the driver
+  cancelled at the host keeps its slot there until the service completes it, which a
+  service without a cancel hook may do much later; such calls keep their slot here too
+  (``lingers_when_cancelled``) until the channel closes. The driver cancels a call when its
+  caller is cancelled (the transport's signal) and when it gives up on it itself: its
+  timeout (VERR_TIMEOUT) or a signal nobody asked for (VERR_INTERRUPTED), both alike.
+  Oracle's driver reports those two in the header as a service's status would come, so a
+  service that completes a lingering call with one of them is counted too: the host, not
+  the channel, is what must never refuse. A cancelled call lingers only if it may have
+  reached the driver, as its transport reports (:class:`~agent.protocol.Submission`); one
+  cancelled before (its scope cancelled when it began, or while the transport held it
+  back: waiting for an ioctl thread of the character device, or for another call's frame
+  to be sent) never reached the host and takes no slot.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
@@ -41,6 +45,10 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final, final
 
 import trio
+
+# By name: trio's module has a __getattr__, which keeps trio.lowlevel.X from being
+# specialised, so it is looked up the slow way on every call (and this is on every get).
+from trio.lowlevel import checkpoint_if_cancelled
 
 from agent.protocol import (
     HgcmBuffer,
@@ -55,6 +63,7 @@ from agent.protocol import (
     HgcmValue,
     LocalProtocolError,
     Submission,
+    VBoxStatusError,
 )
 from agent.protocol.constants import (
     HGCM_MAX_LOCKED_BUFFERS,
@@ -62,6 +71,7 @@ from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     TIMEOUT_INFINITE,
 )
+from agent.protocol.status import VERR_INTERRUPTED, VERR_TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -85,6 +95,8 @@ __all__ = [
     "open_hgcm_channel",
 ]
 
+_GIVEN_UP_BY_THE_DRIVER: Final = frozenset({VERR_TIMEOUT, VERR_INTERRUPTED})
+"""How a call ends that the driver cancelled at the host on its own: its timeout, a signal."""
 HOST_CALL_LIMITS: Final = {"VBoxGuestPropSvc": 16}
 """``acMaxCallsPerClient`` of the host services the agent uses, by service name."""
 
@@ -137,8 +149,9 @@ class HgcmChannel:
             params: typed parameters (``HgcmU32``, ``HgcmU64``, ``HgcmBufferIn``,
                 ``HgcmBufferOut``, ``HgcmBuffer``).
             lingers_when_cancelled: whether the host may go on counting this call after
-                the guest cancels it (False for functions the service completes at once);
-                only a call that may have reached the driver lingers.
+                the driver cancels it there (False for functions the service completes at
+                once): when its caller is cancelled (only once it may have reached the
+                driver), and when it ends with VERR_TIMEOUT or VERR_INTERRUPTED.
             timeout_ms: the driver cancels the call at the host after this long; at most
                 ``SHORT_CALL_TIMEOUT_MS`` makes it a short call, which waits for an ioctl
                 thread instead of counting against the blocking calls' share.
@@ -150,7 +163,7 @@ class HgcmChannel:
             VBoxStatusError: the driver or host refused the call.
         """
         # A call cancelled before it starts is neither checked nor counted.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await checkpoint_if_cancelled()
         self._check(function, params)
         self._in_flight += 1
         self._calls += 1
@@ -164,6 +177,10 @@ class HgcmChannel:
             # One that never reached the driver must not linger: 15 of those would close
             # the channel to every later call.
             if submission is not None and submission.issued:
+                self._lingering += 1
+            raise
+        except VBoxStatusError as exc:
+            if lingers_when_cancelled and exc.rc in _GIVEN_UP_BY_THE_DRIVER:
                 self._lingering += 1
             raise
         finally:

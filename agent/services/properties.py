@@ -95,7 +95,6 @@ class PropertiesService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Publish, then publish again at every RESTORED event, on one client."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             async with open_guest_properties(self._device) as props:
                 await self._publish(props)

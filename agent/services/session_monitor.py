@@ -73,7 +73,6 @@ class SessionMonitor:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read the session id, then re-read it at every RESTORED event."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             session_id = await self._read_session_id()
             self._session_id = session_id

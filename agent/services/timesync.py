@@ -222,8 +222,11 @@ class TimesyncService:
 
     def reconfigure(self, section: TimesyncSection) -> bool:
         """Apply the settings at once (a new interval also to the wait under way), the host's
-        options still over them; switching ``host_options`` needs a restart (it reads them)."""
-        if section.host_options != self._configured.host_options:
+        options still over them. Switching ``host_options`` needs a restart (it reads them),
+        and so does ``set_on_start``: it is about a run's first reading, read once as the run
+        begins, so the rebuilt service is the one it applies to."""
+        restart_only = ("host_options", "set_on_start")
+        if any(getattr(section, key) != getattr(self._configured, key) for key in restart_only):
             return False
         self._configured = section
         self._apply_settings()
@@ -237,7 +240,6 @@ class TimesyncService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read and correct, then again every ``interval_s`` and at once after a restore."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             task_status.started()
             await self._read_host_options()

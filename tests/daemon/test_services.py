@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, MutableMapping
     from pathlib import Path
 
+log = structlog.get_logger(__name__)
+
 LIMIT_S: Final = 120.0
 VRDP: Final = int(Event.VRDP)
 
@@ -78,7 +80,9 @@ class Gadget:
         self.drained = trio.Event()
         self.drain_cancelled = False
         self.events = 0
+        self.nursery: trio.Nursery | None = None
         BUILT.append(self)
+        log.info("gadget_built")
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -88,12 +92,14 @@ class Gadget:
             if self.section.start_fails:
                 msg = "the gadget could not start"
                 raise OSError(msg)
-            task_status.started()
-            self.started.set()
-            while True:
-                await events.receive()
-                self.events += 1
-                self.context.status_changed()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                task_status.started()
+                self.started.set()
+                while True:
+                    await events.receive()
+                    self.events += 1
+                    self.context.status_changed()
 
     async def drain(self) -> None:
         self.draining.set()
@@ -109,7 +115,14 @@ class Gadget:
         if section.model_copy(update={"interval_s": self.section.interval_s}) != self.section:
             return False
         self.section = section
+        log.info("gadget_reconfigured")
+        if self.nursery is not None:  # as the balloon restarts its pressure watch
+            self.nursery.start_soon(self._log_from_a_task)
         return True
+
+    async def _log_from_a_task(self) -> None:
+        await trio.lowlevel.checkpoint()
+        log.info("gadget_task_ran")
 
     def status(self) -> str:
         return f"gadget {self.section.label} {self.section.interval_s:g} s, {self.events} events"
@@ -1051,6 +1064,38 @@ class TestDrain:
         assert ("service_stopped", "gadget") in events[ready:]
         assert "gadget" not in after.services
         assert "gadget" not in after.status
+
+    async def test_what_a_service_logs_from_a_reload_is_named(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """Every line a service's code logs carries ``service``: built, in ``reconfigure``
+        (which runs in the reload's task) and in a task it starts from there, as the
+        balloon restarts its pressure watch (cpuhotplug's ``cpu_sysfs_unreadable`` too)."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "")
+        merged = [structlog.contextvars.merge_contextvars]
+        with structlog.testing.capture_logs(processors=merged) as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text(
+                    f'[gadget]\ninterval_s = 5\n[cpuhotplug]\nsysfs_root = "{tmp_path}/none"\n'
+                )
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                daemon.request_shutdown("test")
+        named = {
+            e["event"]: e.get("service")
+            for e in logs
+            if e["event"] in {"gadget_built", "gadget_reconfigured", "gadget_task_ran"}
+            or e["event"] == "cpu_sysfs_unreadable"
+        }
+        assert named == {
+            "gadget_built": "gadget",
+            "gadget_reconfigured": "gadget",
+            "gadget_task_ran": "gadget",
+            "cpu_sysfs_unreadable": "cpuhotplug",
+        }
+        assert "agent_ready" in [e["event"] for e in logs if "service" not in e]
 
     async def test_built_in_config_runs_the_registry_defaults(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost

@@ -37,7 +37,7 @@ from structlog.testing import capture_logs
 from agent.config import DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.protocol import (
     ChangeBalloon,
     ChangeMemBalloon,
@@ -464,19 +464,44 @@ class TestOpen:
         )
         assert closed == [7]
 
-    async def test_node_that_is_not_vboxguest(self) -> None:
-        """A real node that answers ENOTTY (``--device /dev/null``) fails the handshake."""
-        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
-            await CharDevOpener("/dev/null").open_session()
+    @pytest.mark.parametrize("make", ["node", "file"])
+    async def test_a_file_that_is_not_vboxguest(self, tmp_path: Path, make: str) -> None:
+        """A node or a file that answers the handshake with ENOTTY (``--device /dev/null``,
+        ``/etc/passwd``) is not the device, whatever loads later: a configuration mistake,
+        named with its fix in one line."""
+        path = "/dev/null" if make == "node" else str(tmp_path / "passwd")
+        if make == "file":
+            (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
+            await CharDevOpener(path).open_session()
         assert str(caught.value) == (
-            "/dev/null did not answer the vboxguest version handshake (ENOTTY)"
+            f"{path} is not a vboxguest device: it did not answer the vboxguest version "
+            "handshake (ENOTTY); name the device node (--device, or run's [device] path)"
         )
 
-    async def test_other_open_errors_name_the_path(self, tmp_path: Path) -> None:
-        """Any other open failure (a directory: EISDIR) names the path and the reason."""
-        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+    async def test_a_directory_is_not_the_device(self, tmp_path: Path) -> None:
+        """A directory (EISDIR) cannot be the device: named with the reason and the fix."""
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
             await CharDevOpener(str(tmp_path)).open_session()
-        assert str(caught.value) == f"cannot open {tmp_path}: Is a directory"
+        assert str(caught.value) == (
+            f"{tmp_path} cannot be the vboxguest device: Is a directory (EISDIR); name the "
+            "device node (--device, or run's [device] path)"
+        )
+
+    @pytest.mark.parametrize(
+        "code", [errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.EPERM]
+    )
+    async def test_a_device_that_may_come_is_not_a_wrong_path(self, code: int) -> None:
+        """A missing node, no device behind it or no permission may change (the module
+        loads later, udev sets the mode): unavailable, never :class:`NotTheDeviceError`."""
+
+        def open_fn(path: str, flags: int) -> int:
+            raise OSError(code, os.strerror(code), path)
+
+        opener = CharDevOpener("/dev/vboxguest", open_fn=open_fn)
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await opener.open_session()
+        assert not isinstance(caught.value, NotTheDeviceError)
 
     def test_fewer_than_three_threads_is_refused(self) -> None:
         """Two threads could not carry a blocked call, a short call and the interrupt that

@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from agent.host import DriverLoadError, SimulatedHost
+from agent.host.driver import _hgcm
 from agent.host.driver._core import VBG_LOG_LINE_MAX
 from agent.host.driver.mainline import change_memballoon
 from agent.host.hgcm_service import HostU32
@@ -567,6 +568,25 @@ class TestHgcm:
         await other.request(HgcmConnect(ECHO))
         await client.transport.aclose()
         assert host.status()["hgcm_clients"] == 1
+
+    async def test_a_connect_that_fails_in_the_driver_gives_its_slot_back(
+        self, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A connect whose request fails with an errno (here ENOMEM: the driver could not
+        allocate it) frees the slot it took, as ``vbg_ioctl_hgcm_connect`` does on every
+        failure: the session still connects 64 clients."""
+        client = await open_client(host)
+
+        async def no_memory(*args: object) -> tuple[int, int]:
+            raise OSError(errno.ENOMEM, "no memory for the request")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(_hgcm, "host_connect", no_memory)
+            call = HgcmConnect(ECHO).encode()
+            await expect_errno(errno.ENOMEM, client.raw(call.code, call.buffer))
+        for _ in range(64):
+            await client.request(HgcmConnect(ECHO))
+        assert host.status()["hgcm_clients"] == 64
 
     async def test_call_validation_order(self, host: SimulatedHost) -> None:
         """>32 parameters is E2BIG; bad ids, short buffers and kernel types are EINVAL."""

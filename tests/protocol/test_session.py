@@ -156,6 +156,26 @@ class TestHgcmClients:
         roundtrip(session, HgcmDisconnect(ids[0]))
         session.encode(HgcmConnect("one too many"))
 
+    def test_connects_in_flight_count_against_the_limit(self, session: Session) -> None:
+        """64 connects sent and not answered hold every slot (the driver takes one before it
+        asks the host): the 65th raises; each answer, a client or a refusal, and each
+        transport failure gives its place back."""
+        calls = [session.encode(HgcmConnect("s" * length)) for length in range(1, 65)]
+        with pytest.raises(LocalProtocolError, match="64 HGCM clients, 64 of them connecting"):
+            session.encode(HgcmConnect("one too many"))
+        _echo.answer(calls[0])
+        session.decode(calls[0])
+        _echo.answer(calls[1], status=-2900)
+        with pytest.raises(VBoxStatusError):
+            session.decode(calls[1])
+        session.call_failed(calls[2])
+        extra = [session.encode(HgcmConnect("more")) for _ in range(2)]
+        with pytest.raises(LocalProtocolError, match="64 HGCM clients, 63 of them connecting"):
+            session.encode(HgcmConnect("one too many"))
+        session.call_failed(extra[0])
+        session.encode(HgcmConnect("the last"))
+        assert len(session.hgcm_clients) == 1
+
     def test_hgcm_clients_is_a_snapshot(self, session: Session) -> None:
         """The returned set does not change with the session."""
         snapshot = session.hgcm_clients

@@ -36,12 +36,13 @@ from agent.host.guest_props import GuestPropertyService
 from agent.host.server import serve_simulated_host
 from agent.protocol import Event, LocalProtocolError, RequestType, VBoxStatusError
 from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS
-from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VINF_SUCCESS
+from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VERR_TIMEOUT, VINF_SUCCESS
 from agent.services.guest_props import PropertyChange, open_guest_properties
 from agent.services.hgcm import (
     HgcmBuffer,
     HgcmBufferIn,
     HgcmBufferOut,
+    HgcmCallError,
     HgcmLimitError,
     HgcmU32,
     open_hgcm_channel,
@@ -218,6 +219,24 @@ class TestCancellation:
                     assert setup.host.status()["hgcm_clients"] == 1
                 assert setup.host.status()["hgcm_clients"] == 0
 
+    async def test_calls_the_driver_timed_out_keep_their_slots(self, setup: Setup) -> None:
+        """A call the driver times out is cancelled at the host, which goes on counting it
+        until the service completes it: after 15 of them the 16th call is refused here
+        (HgcmLimitError), not sent for the host to refuse."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                for _ in range(channel.max_pending):
+                    with pytest.raises(VBoxStatusError) as info:
+                        await channel.call(FN_HOLD, timeout_ms=1)
+                    assert info.value.rc == VERR_TIMEOUT
+                assert len(setup.echo.cancelled) == channel.max_pending
+                assert channel.pending == channel.max_pending
+                with pytest.raises(HgcmLimitError, match="15 calls pending"):
+                    await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
+
     async def test_a_call_cancelled_before_it_is_sent_takes_no_slot(self, setup: Setup) -> None:
         """Calls made in an already cancelled scope never reach the host and leave no
         lingering slot: after more of them than the host's limit, calls still go through
@@ -305,6 +324,26 @@ class TestManyWaits:
         assert sorted(got) == list(range(LONG_WAITS))
         assert all(change.value == str(index) for index, change in got.items())
         assert setup.host.status()["hgcm_clients"] == 0
+
+
+async def test_a_timeout_oracles_driver_reports_in_the_header_keeps_its_slot_too() -> None:
+    """Oracle's driver reports its timeout in the header, as a service status would come
+    (HgcmCallError): the call was cancelled at the host all the same and keeps its slot."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="oracle", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                with pytest.raises(HgcmCallError) as info:
+                    await channel.call(FN_HOLD, timeout_ms=1)
+                assert info.value.rc == VERR_TIMEOUT
+                assert len(echo.cancelled) == 1
+                assert channel.pending == 1
+            nursery.cancel_scope.cancel()
 
 
 def test_64_long_waits_fit_a_budget_the_daemon_accepts() -> None:

@@ -606,6 +606,20 @@ async def test_host_options_off_ignores_them(
             assert running.service.reconfigure(TimesyncSection(host_options=True)) is False
 
 
+@pytest.mark.parametrize("set_on_start", [True, False])
+async def test_a_reload_of_set_on_start_needs_a_restart(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, set_on_start: bool
+) -> None:
+    """``set_on_start`` is read as a run begins: a reload that changes it after the first
+    reading is not applied live (the daemon then rebuilds the service, whose first reading
+    follows it), never reported as applied while it changes nothing."""
+    with trio.fail_after(LIMIT_S):
+        section = TimesyncSection(set_on_start=not set_on_start)
+        async with _running(host, clock, section) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            assert running.service.reconfigure(TimesyncSection(set_on_start=set_on_start)) is False
+
+
 async def test_a_reload_applies_the_new_interval_to_the_wait_under_way(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:

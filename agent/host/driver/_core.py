@@ -14,13 +14,11 @@ from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
 
-from agent.host._header_fields import (
-    IOCTL_HEADER,
-    IOCTL_RC_AT,
-    REQUEST_HEADER,
-    REQUEST_RC,
-    REQUEST_RC_AT,
-)
+# By name: trio's module has a __getattr__, which keeps trio.lowlevel.X from being
+# specialised, so it is looked up the slow way on every call (and this is on every get).
+from trio.lowlevel import checkpoint
+
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
@@ -145,7 +143,7 @@ class Driver:
         del session
         L.CheckBalloonIoctl.balloon_chunks.set(kbuf, self.balloon_chunks)
         L.CheckBalloonIoctl.handle_in_r3.set(kbuf, 0)
-        await trio.lowlevel.checkpoint()
+        await checkpoint()
 
     def balloon_event(self) -> None:
         """The ISR took BALLOON_CHANGE_REQUEST for the kernel."""
@@ -166,7 +164,7 @@ class Driver:
     ) -> bytearray:
         """``vbg_req_alloc``: a request of ``size`` bytes filled with 0xAA and a fresh header."""
         req = bytearray([FILL_BYTE]) * size
-        REQUEST_HEADER.pack_into(
+        H.REQUEST_HEADER.pack_into(
             req, 0, size, REQUEST_HEADER_VERSION, request_type, VERR_GENERAL_FAILURE, 0, requestor
         )
         return req
@@ -187,7 +185,7 @@ class Driver:
             await self.vmmdev.submit(phys)
         finally:
             self.ram.unmap(phys)
-        rc: int = REQUEST_RC.unpack_from(req, REQUEST_RC_AT)[0]
+        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
         return rc
 
     # --- background ------------------------------------------------------------------------
@@ -307,7 +305,7 @@ class Driver:
         Raises:
             OSError: the errno the driver returns; ``buf`` is then left untouched.
         """
-        await trio.lowlevel.checkpoint()
+        await checkpoint()
         if session.lost:
             raise fail(errno.ENODEV)
         if session.closed:
@@ -340,7 +338,7 @@ class Driver:
 
     async def _vmmdev_request(self, session: DriverSession, kbuf: bytearray) -> None:
         """``vbg_ioctl_vmmrequest``: the buffer is the request, handed over as it is."""
-        size_in, _, request_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
+        size_in, _, request_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(kbuf)
         if size_in != size_out:
             raise fail(errno.EINVAL)
         if size_in > MAX_VMMDEV_REQUEST_SIZE:
@@ -359,12 +357,12 @@ def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
     ``size_in``. Return the kernel's copy and the header's ``type``."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, ioctl_type, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
+    size_in, version, ioctl_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):
         raise fail(errno.EINVAL)
-    size = max(size_in, size_out)
+    size = size_out if size_out > size_in else size_in  # noqa: FURB136 - max() parses its arguments
     if ioc_size(code) not in (0, size):
         raise fail(errno.EINVAL)
     if size > MAX_IOCTL_SIZE:
@@ -372,5 +370,5 @@ def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
     kbuf = copy_in(buf, size_in, size)
-    _RC_SIZE_OUT.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
+    _RC_SIZE_OUT.pack_into(kbuf, H.IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
     return kbuf, ioctl_type

@@ -17,19 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host._header_fields import (
-    HGCM_CALL64,
-    HGCM_FLAGS,
-    HGCM_FLAGS_AT,
-    HGCM_RESULT,
-    HGCM_RESULT_AT,
-    IOCTL_RC,
-    IOCTL_RC_AT,
-    IOCTL_SIZE_OUT,
-    IOCTL_SIZE_OUT_AT,
-    REQUEST_RC,
-    REQUEST_RC_AT,
-)
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host.driver._util import U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
@@ -71,17 +59,22 @@ PAGE_LIST_HEADER_SIZE: Final = 8
 PAGE_ADDRESS_SIZE: Final = 8
 _EMPTY_BUFFER_LIST_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
 """What the driver reserves in the request for an empty buffer: a one-page list's size."""
-_BUFFER_TYPES: Final[dict[int, PageListDirection]] = {
-    HgcmParmType.LINADDR: PageListDirection.BOTH,
-    HgcmParmType.LINADDR_IN: PageListDirection.TO_HOST,
-    HgcmParmType.LINADDR_OUT: PageListDirection.FROM_HOST,
+_BUFFER_TYPES: Final[dict[int, int]] = {
+    int(HgcmParmType.LINADDR): int(PageListDirection.BOTH),
+    int(HgcmParmType.LINADDR_IN): int(PageListDirection.TO_HOST),
+    int(HgcmParmType.LINADDR_OUT): int(PageListDirection.FROM_HOST),
 }
+"""The buffer types and their page lists' directions, as plain ints: a parameter's type
+(an int) then finds its key by identity, where an enum key takes a comparison."""
 _P = L.HgcmParameter64
 _LINADDR_IN: Final = int(HgcmParmType.LINADDR_IN)
 _LINADDR_OUT: Final = int(HgcmParmType.LINADDR_OUT)
 _PAGELIST: Final = int(HgcmParmType.PAGELIST)
 """Enum members read once, as plain ints: an enum attribute lookup costs more than what it
 is used for, and a comparison of two exact ints is the interpreter's fast one."""
+_USER_PARM_TYPES: Final = frozenset(map(int, USER_HGCM_PARM_TYPES))
+"""The parameter types a user call may pass, as plain ints and bound here, not imported: a
+method call on an imported name is not specialised (see :mod:`agent.host._header_fields`)."""
 _CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
 """The ioctl header and the call's own members (client, function, timeout, interruptible,
 reserved, count), in one unpack once the buffer is known to hold them."""
@@ -125,7 +118,11 @@ class _Outcome(enum.Enum):
 async def connect(
     drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> None:
-    """Connect to a host service; ``hdr.rc`` carries the host's answer (-2900 if unknown)."""
+    """Connect to a host service; ``hdr.rc`` carries the host's answer (-2900 if unknown).
+
+    The slot taken first is given back on every failure, an errno (ENODEV: the device was
+    lost meanwhile) as well as a refusal in ``hdr.rc``, as ``vbg_ioctl_hgcm_connect`` does.
+    """
     del memory
     check_sizes(kbuf, L.HgcmConnectIoctl.size, L.HgcmConnectIoctl.client_id.end)
     async with drv.session_mutex:
@@ -134,9 +131,13 @@ async def connect(
         except ValueError:
             raise fail(errno.EMFILE) from None
         session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
-    status, client_id = await host_connect(drv, kbuf, session.requestor)
-    async with drv.session_mutex:
-        session.hgcm_client_ids[slot] = client_id
+    client_id = 0
+    try:
+        status, client_id = await host_connect(drv, kbuf, session.requestor)
+    finally:  # the new client, or a free slot whatever failed (``mutex_lock`` is not interruptible)
+        with trio.CancelScope(shield=True):
+            async with drv.session_mutex:
+                session.hgcm_client_ids[slot] = client_id
     L.IoctlHeader.rc.set(kbuf, status)
     L.HgcmConnectIoctl.client_id.set(kbuf, client_id)
 
@@ -228,13 +229,13 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         if error:
             raise fail(error)
         _copy_back(kbuf, req, parms, bounces, memory)
-        status: int = HGCM_RESULT.unpack_from(req, HGCM_RESULT_AT)[0]
+        status: int = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     finally:
         for address in placed:
             drv.ram.unmap(address)
-    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, status)
+    H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, status)
 
 
 def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...]]:
@@ -254,9 +255,9 @@ def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...
     needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
     if size_in < needed:
         raise fail(errno.EINVAL)
-    IOCTL_SIZE_OUT.pack_into(kbuf, IOCTL_SIZE_OUT_AT, needed)
+    H.IOCTL_SIZE_OUT.pack_into(kbuf, H.IOCTL_SIZE_OUT_AT, needed)
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
-    if not USER_HGCM_PARM_TYPES.issuperset(parms[0::3]):
+    if not _USER_PARM_TYPES.issuperset(parms[0::3]):
         raise fail(errno.EINVAL)
     return (client_id, function), timeout_ms, parms
 
@@ -288,11 +289,13 @@ def _prepare(
     shape: list[int] = []
     values = [0, 0, *target, count]
     lists: list[int] = []
-    lists_at = L.HgcmCallRequest.size + HGCM_PARM64_SIZE * count
+    lists_at = _REQUEST_PARMS_AT + HGCM_PARM64_SIZE * count
     spare = 0
     ram = drv.ram
-    words = iter(parms)
-    for kind, size, address in zip(words, words, words, strict=True):
+    for at in range(0, len(parms), 3):
+        kind = parms[at]
+        size = parms[at + 1]
+        address = parms[at + 2]
         direction = _BUFFER_TYPES.get(kind)
         if direction is None or not size:  # a value, or an empty buffer (a linear address)
             bounces.append(None)
@@ -320,7 +323,7 @@ def _prepare(
             lists += (direction, in_page, pages)
             lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
         lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
-    req = drv.alloc_request(HGCM_CALL64, lists_at + spare, session.requestor)
+    req = drv.alloc_request(H.HGCM_CALL64, lists_at + spare, session.requestor)
     _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
     return req
 
@@ -373,7 +376,7 @@ def _copy_back(
 
 
 def _done(req: bytearray) -> bool:
-    flags: int = HGCM_FLAGS.unpack_from(req, HGCM_FLAGS_AT)[0]
+    flags: int = H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0]
     return bool(flags & HGCM_REQ_DONE)
 
 
@@ -395,10 +398,10 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     leaked, as the kernel does, because the host may still write to it.
     """
     phys = drv.ram.map(req)
-    outcome = _Outcome.DONE
+    leaked = False
     try:
         await drv.vmmdev.submit(phys)
-        rc: int = REQUEST_RC.unpack_from(req, REQUEST_RC_AT)[0]
+        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
         if rc < 0:
             L.HgcmRequestHeader.result.set(req, rc)
             return 0
@@ -414,14 +417,15 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
                 await _wait_done(drv, req)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                outcome = await _cancel(drv, req, phys)
+                leaked = await _cancel(drv, req, phys) is _Outcome.LEAKED
             raise
         if _done(req):
             return 0
         outcome = await _cancel(drv, req, phys)
+        leaked = outcome is _Outcome.LEAKED
         return 0 if outcome is _Outcome.DONE else errno.ETIMEDOUT
     finally:
-        if outcome is not _Outcome.LEAKED:
+        if not leaked:  # a bool, not the enum: no class attribute look-up for every call
             drv.ram.unmap(phys)
 
 

@@ -27,13 +27,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.host._header_fields import (
-    IOCTL_HEADER,
-    IOCTL_RC,
-    IOCTL_RC_AT,
-    IOCTL_SIZE_OUT,
-    IOCTL_SIZE_OUT_AT,
-)
+from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._request_sizes import check_request_size
@@ -159,7 +153,7 @@ async def ioctl(
 def _copy_in(code: int, buf: bytearray) -> bytearray:
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
-    size_in, version, _, _, size_out, _ = IOCTL_HEADER.unpack_from(buf)
+    size_in, version, _, _, size_out, _ = H.IOCTL_HEADER.unpack_from(buf)
     if version != IOCTL_HDR_VERSION:
         raise fail(errno.EINVAL)
     size = max(size_in, size_out)
@@ -179,10 +173,10 @@ async def _common_ioctl(
     drv: OracleDriver, session: DriverSession, code: int, kbuf: bytearray, memory: GuestMemory
 ) -> int:
     """Return the function's own status; handlers' statuses go to ``hdr.rc``."""
-    size_in, _, request_type, _, size_out, _ = IOCTL_HEADER.unpack_from(kbuf)
+    size_in, _, request_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(kbuf)
     if size_out == 0:
         size_out = size_in
-        IOCTL_SIZE_OUT.pack_into(kbuf, IOCTL_SIZE_OUT_AT, size_out)
+        H.IOCTL_SIZE_OUT.pack_into(kbuf, H.IOCTL_SIZE_OUT_AT, size_out)
     if not (HEADER_SIZE <= size_in <= len(kbuf) and HEADER_SIZE <= size_out <= len(kbuf)):
         return VERR_INVALID_PARAMETER
     variable = _VARIABLE.get(ioc_nr(code))
@@ -192,12 +186,12 @@ async def _common_ioctl(
         return VERR_INVALID_PARAMETER
     fixed = _FIXED.get(code)
     if fixed is None:
-        IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, VERR_NOT_SUPPORTED)
+        H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, VERR_NOT_SUPPORTED)
         return VERR_NOT_SUPPORTED
     expected_in, expected_out, handler = fixed
     if size_in != expected_in or size_out != expected_out:
         return _refuse(kbuf)
-    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, await handler(drv, session, kbuf, memory))
+    H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, await handler(drv, session, kbuf, memory))
     return VINF_SUCCESS
 
 
@@ -530,12 +524,12 @@ async def _change_balloon(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
     """``vgdrvIoCtl_ChangeMemoryBalloon``: the personality's balloon answers."""
-    IOCTL_RC.pack_into(kbuf, IOCTL_RC_AT, VINF_SUCCESS)
+    H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, VINF_SUCCESS)
     try:
         await drv.change_balloon_ioctl(session, kbuf, memory)
     except OSError as exc:
         return status_for(exc)
-    rc: int = IOCTL_RC.unpack_from(kbuf, IOCTL_RC_AT)[0]
+    rc: int = H.IOCTL_RC.unpack_from(kbuf, H.IOCTL_RC_AT)[0]
     return rc
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
 from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN_BYTES_RE
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
+
+_find_forbidden_byte: Final = NAME_FORBIDDEN_BYTES_RE.search
+"""Bound once: a method call on an imported name is not specialised (see
+:mod:`agent.host._header_fields`), and every property call checks a name."""
 
 
 class GuestCallError(Exception):
@@ -69,7 +75,7 @@ def check_name(raw: bytes) -> None:
     """``GuestPropValidateName`` of a name's ``raw`` buffer: size 2..64, no ``*?|`` anywhere."""
     if not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE:
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    if NAME_FORBIDDEN_BYTES_RE.search(raw):
+    if _find_forbidden_byte(raw):
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 

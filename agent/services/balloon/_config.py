@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ModelWrapValidatorHandler, field_validator, model_validator
 
+from agent.ordered import check_order
 from agent.services._base import ServiceSection
 
 DEFAULT_PSI_PATH: Final = "/proc/pressure/memory"
@@ -47,11 +48,11 @@ class BalloonSection(ServiceSection):
             raise ValueError(msg)
         return value
 
-    @field_validator("retry_max_s")
+    @model_validator(mode="wrap")
     @classmethod
-    def _check_retry_order(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("retry_initial_s")
-        if initial is not None and value < initial:
-            msg = f"must be >= retry_initial_s ({initial:g})"
-            raise ValueError(msg)
-        return value
+    def _check_retry_order(
+        cls, data: object, handler: ModelWrapValidatorHandler[BalloonSection]
+    ) -> BalloonSection:
+        section = handler(data)
+        check_order(section, data, "retry_initial_s", "retry_max_s")
+        return section

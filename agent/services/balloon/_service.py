@@ -275,7 +275,6 @@ class BalloonService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Decide the mode, then follow the host's target until cancelled."""
-        structlog.contextvars.bind_contextvars(service=self.name)
         self._read_pending = True
         self._release_at = math.inf
         self._postponed_since = None
