@@ -197,8 +197,15 @@ def encode_patterns(patterns: Sequence[str], *, nul_separated: bool) -> bytes:
     """Return a pattern list: NUL-separated for ENUM_PROPS, ``|``-separated for waits.
 
     Raises:
+        TypeError: ``patterns`` is a ``str`` (a sequence of one-character patterns).
         PropertyArgumentError: a pattern holds NUL, or the list exceeds 1023 bytes.
     """
+    if isinstance(patterns, str):
+        msg = (
+            f"patterns must be a sequence of patterns, not the str {shown(patterns)} "
+            "(which would be one pattern per character)"
+        )
+        raise TypeError(msg)
     raws = [_encode_text(pattern, "pattern") for pattern in patterns]
     joined = (b"\0" if nul_separated else b"|").join(raws)
     if len(joined) + 1 > MAX_PATTERN_SIZE:

@@ -11,9 +11,11 @@ Everything the service would refuse for its size or shape is refused here first 
 :class:`PropertyArgumentError` (a ``ValueError``; the checks are the wire contract's, shared
 with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
 ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
-``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. What the
-host refuses (read-only properties, the 256-property cap) raises ``HgcmCallError`` with the
-VBox status's name.
+``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. Methods that
+take patterns take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises
+``TypeError``, as it would otherwise be one pattern per character. What the host refuses
+(read-only properties, the 256-property cap) raises ``HgcmCallError`` with the VBox
+status's name.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ SIZE_RETRIES: Final = 4
 """Times a call is repeated with the size the host asked for (properties may keep growing)."""
 SNAPSHOT_TRIES: Final = 4
 """Times a watch connects again and repeats a snapshot the host dropped its client during."""
+FRUITLESS_WAITS: Final = 16
+"""Waits in a row a watch lets the host end without a change (``VERR_INTERRUPTED``, a
+``VERR_BUFFER_OVERFLOW`` for the next new change, a dropped client) before it gives up: a
+host that always does would make ``next()`` spin."""
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 _U64_DIGITS: Final = len(str(_U64_MAX))
 """Digits of the largest timestamp: a longer one is refused before ``int`` reads it (Python
@@ -91,6 +97,10 @@ _VALUE_BUFFER: Final = HgcmBufferOut(VALUE_BUFFER_SIZE)
 _ZERO_U64: Final = HgcmU64(0)
 _ZERO_U32: Final = HgcmU32(0)
 """Parameters every GET_PROP sends the same (frozen, so shared)."""
+_WAIT_ENDINGS: Final = frozenset(
+    {VERR_BUFFER_OVERFLOW, VERR_INTERRUPTED, VERR_HGCM_INVALID_CLIENT_ID}
+)
+"""The failures of a wait the watch recovers from (counted against :data:`FRUITLESS_WAITS`)."""
 _GET_PROP: Final = int(GuestFunction.GET_PROP)
 """Read once: an enum member costs a metaclass attribute look-up per access, which on the
 hot path of every get cost as much as encoding one of its parameters."""
@@ -227,19 +237,32 @@ class PropertyWatch:
 
     ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
     change once, as the host queued it: a set to the value a property already has is a
-    change too (a host poking a trigger property). The watch opens from a snapshot of the
-    matching properties, each with the timestamp of its last change (its *mark*), then goes
-    on in the host's queue of changes from the host's newest timestamp. The host's
-    timestamps are only places in that queue and, while the host's clock goes forward, an
-    order; the watch uses them as an order only to tell what a snapshot already showed:
-    a queued change of a marked name is skipped up to and including the one whose
-    timestamp is the mark (or one more, which the host gives a change dated as the one
-    before it), and once one comes dated after the mark every later one is news. One dated
-    before the mark is skipped only while the property still bears a timestamp at or after
-    the mark (a GET_PROP): gone, or dated before it (the clock went back), the change may
-    follow the mark's, no longer queued, and is news. With a clock going back an older
-    value may be yielded again; no change is lost and the last one yielded per name is
-    what the host holds.
+    change too (a host poking a trigger property).
+
+    The watch opens from a snapshot: a listing of every property, whose newest timestamp
+    is the watch's place in the host's queue of changes (the *cursor*: it goes on after
+    the change stamped so), then a listing of the matching ones. The queue is in the order
+    the changes were made, but its stamps are neither unique nor in order: a clock may go
+    back, upstream stamps its start-up properties T, T+1, T+2 and then counts from its
+    clock again, and a change stamped as the one queued before it is queued one later (the
+    property keeps the stamp). So changes made before the snapshot may come after the
+    cursor, and each property the snapshot showed has a *mark*, the stamp of the change
+    it showed, to tell them. A queued change of a marked name is:
+
+    - stamped as the mark: that change, skipped, and every later one is news;
+    - stamped one past it: that change queued one later while the property still bears
+      the mark (a GET_PROP), skipped; else its next change (a coarse clock stamps it so);
+    - stamped before it: an older change, skipped, while the property bears a stamp at or
+      after the mark; gone, or stamped before it (the clock went back), the change may
+      follow the marked one and is news;
+    - stamped otherwise: news.
+
+    The reader never sees the first snapshot, so what it shows of a change made after the
+    watch began is news: a mark is the stamp the first listing found, and a property that
+    listing did not hold has none (a set made while a wait starts is the wait's change). A
+    later snapshot (a resync, below) is reported, so its marks are the stamps it shows.
+    With a clock going back an older value may be yielded again; no change is lost and
+    the last one yielded per name is what the host holds.
 
     It keeps following across what would otherwise lose changes:
 
@@ -256,6 +279,10 @@ class PropertyWatch:
     - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``, also during a snapshot: the
       host no longer knows the client, which a running guest should not see): a new
       channel is connected, the old one closed, then as for missed changes.
+
+    A host that ends :data:`FRUITLESS_WAITS` waits in a row without a change (any of the
+    above but a large change) makes ``next()`` raise ``RemoteProtocolError`` naming the
+    status, rather than ask again at full speed for ever.
 
     Every call goes through the watch's own channel. A property set and deleted before the
     watch reads its changes comes as a delete (the host marks a set as one when the
@@ -286,6 +313,8 @@ class PropertyWatch:
         """Changes judged news and not yet yielded."""
         self._resync_due = False
         """Whether changes may have been missed and no snapshot has been taken since."""
+        self._fruitless = 0
+        """Waits the host ended in a row without a change, none yielded since."""
         self._reading = False
         self.resyncs = 0
         """Times the watch took a new snapshot because changes were missed."""
@@ -317,6 +346,8 @@ class PropertyWatch:
         """Return the next change, waiting for it as long as it takes.
 
         Raises:
+            RemoteProtocolError: the host ended :data:`FRUITLESS_WAITS` waits in a row
+                without a change, or sent a malformed reply.
             trio.BusyResourceError: another task is in ``next()``. A watch has one reader:
                 a second one's wait would end the first's (an identical wait of the same
                 client), and each reader's next wait the other's, endlessly.
@@ -328,6 +359,7 @@ class PropertyWatch:
         try:
             while not self._backlog:
                 await self._fetch()
+            self._fruitless = 0
             return self._backlog.pop(0)
         finally:
             self._reading = False
@@ -337,10 +369,11 @@ class PropertyWatch:
         name = change.name
         mark = self._marks.get(name)
         if mark is not None:
-            if change.timestamp - mark in (0, 1):  # the change the snapshot showed
-                del self._marks[name]
+            stamp = change.timestamp
+            if stamp == mark or (stamp == mark + 1 and await self._stamp(name) == mark):
+                del self._marks[name]  # the change the snapshot showed
                 return
-            if change.timestamp < mark and await self._stands(name, mark):
+            if stamp < mark and (now := await self._stamp(name)) is not None and now >= mark:
                 return
             del self._marks[name]
         elif change.deleted and (
@@ -350,21 +383,16 @@ class PropertyWatch:
         self._known[name] = None if change.deleted else (change.value, change.flags)
         self._backlog.append(change)
 
-    async def _stands(self, name: str, mark: int) -> bool:
-        """Whether a change dated before ``name``'s mark is one the snapshot covers.
-
-        While the clock goes forward it is; but if the property is gone, or its timestamp
-        now is older than the mark (the clock went back since the snapshot), the change
-        may be a later one whose entry dated the mark is no longer queued: it is news.
-        """
+    async def _stamp(self, name: str) -> int | None:
+        """``name``'s timestamp now (a GET_PROP); None when it is gone, or the client is."""
         try:
             prop = await _get(self._short_call, name)
         except HgcmCallError as exc:
             if exc.rc != VERR_HGCM_INVALID_CLIENT_ID:
                 raise
             self._resync_due = True  # reconnects at the next wait
-            return False
-        return prop is not None and prop.timestamp >= mark
+            return None
+        return None if prop is None else prop.timestamp
 
     async def _connect(self, stack: AsyncExitStack) -> None:
         channel_cm = open_hgcm_channel(self._device, SERVICE_NAME)
@@ -393,17 +421,19 @@ class PropertyWatch:
                 if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor != 0:
                     size = _needed_size(exc, 3)
                     continue
+                if exc.rc in _WAIT_ENDINGS:
+                    self._fruitless += 1
+                    if self._fruitless >= FRUITLESS_WAITS:
+                        msg = (
+                            f"GET_NOTIFICATION: the host ended {self._fruitless} waits in a "
+                            f"row without a change, the last with {exc.name}"
+                        )
+                        raise RemoteProtocolError(msg) from exc
                 await self._recover(exc)
                 return
+            self._fruitless = 0
             change = _notification(reply)
             unproven = self._cursor_unproven
-            if unproven and reply.status == VINF_SUCCESS:
-                # The host knew the snapshot's newest timestamp: the changes dated up to it
-                # are behind (while the clock goes forward); those made during the snapshot
-                # may still come.
-                self._marks = {
-                    name: mark for name, mark in self._marks.items() if mark > self._cursor
-                }
             await self._take(change)
             self._cursor, self._cursor_unproven = change.timestamp, False
             if reply.status == VWRN_NOT_FOUND:
@@ -487,20 +517,25 @@ class PropertyWatch:
     async def _take_snapshot(self, *, first: bool) -> None:
         """Take the host's newest timestamp as the cursor, then the matching properties.
 
-        The first snapshot makes the watch know them. A later one (a resync) queues a set
-        for each that differs from what the watch knows and a delete for each property the
-        watch knows that is gone. Either marks each property with its timestamp.
+        The first snapshot makes the watch know them as the first listing found them, each
+        marked with its timestamp there. A later one (a resync) queues a set for each that
+        differs from what the watch knows and a delete for each property the watch knows
+        that is gone, and marks each with its timestamp.
         """
         everything = await _enumerate(self._short_call)
         latest = max((prop.timestamp for prop in everything), default=0)
         patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
         current = await _enumerate(self._short_call, [pattern.decode() for pattern in patterns])
         self._cursor, self._cursor_unproven = latest, latest != 0
-        self._marks = {prop.name: prop.timestamp for prop in current}
         self._resync_due = False
         if first:
-            self._known = {prop.name: (prop.value, prop.flags) for prop in current}
+            # Unreported: a change made since the first listing is news.
+            before = {prop.name: prop for prop in everything}
+            shown = [before[prop.name] for prop in current if prop.name in before]
+            self._marks = {prop.name: prop.timestamp for prop in shown}
+            self._known = {prop.name: (prop.value, prop.flags) for prop in shown}
             return
+        self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
         for name, known in list(self._known.items()):
@@ -621,7 +656,8 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
 
 
 def _notification(reply: HgcmReply) -> PropertyChange:
-    """GET_NOTIFICATION's change: name, value, flags and whether the name is gone.
+    """GET_NOTIFICATION's change: name, value, flags and whether the name is gone ('1' or
+    '0'; anything else is a protocol error, as ``VbglR3GuestPropWait``'s VERR_PARSE_ERROR).
 
     The host marks a change as a delete when the property no longer exists at the time it
     answers, so a set that was followed by a delete before the guest read it comes as a
@@ -631,11 +667,14 @@ def _notification(reply: HgcmReply) -> PropertyChange:
     timestamp = _u64(reply.params[1])
     if deleted == "1":
         return PropertyChange(name, "", "", timestamp, deleted=True)
+    if deleted != "0":
+        msg = f"GET_NOTIFICATION: deleted flag {shown(deleted)} of {shown(name)} is not '0' or '1'"
+        raise RemoteProtocolError(msg)
     return PropertyChange(name, value, flags, timestamp, deleted=False)
 
 
 def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
-    """ENUM_PROPS' buffer: name, value, decimal timestamp, flags, ..., an empty name."""
+    """ENUM_PROPS' buffer: name, value, decimal timestamp, flags, ..., four empty strings."""
     if not isinstance(data, HgcmData) or not isinstance(size, HgcmU32):  # pragma: no cover
         msg = "expected a buffer and its size"
         raise TypeError(msg)
@@ -644,6 +683,12 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
     for index in range(0, len(parts) - 3, 4):
         name, value, timestamp, flags = parts[index : index + 4]
         if not name:
+            if value or timestamp or flags:  # VbglR3GuestPropEnumNext: VERR_PARSE_ERROR
+                msg = (
+                    f"ENUM_PROPS: the entry ending the list has value {shown(value)}, "
+                    f"timestamp {shown(timestamp)} and flags {shown(flags)}, not empty ones"
+                )
+                raise RemoteProtocolError(msg)
             return props
         if not (timestamp.isdigit() and len(timestamp) <= _U64_DIGITS) or int(timestamp) > _U64_MAX:
             msg = f"ENUM_PROPS: timestamp {shown(timestamp)} of {shown(name)} is not a decimal u64"

@@ -20,10 +20,11 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
-from agent.host.hgcm_service import HostBuffer, HostU32
+from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import RemoteProtocolError
 from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, RequestType
 from agent.protocol.guest_props import (
+    ENUM_TERMINATOR,
     MAX_GUEST_NOTIFICATIONS,
     MAX_PROPS,
     NILFLAG,
@@ -34,12 +35,15 @@ from agent.protocol.guest_props import (
 )
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
+    VERR_INTERRUPTED,
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
     VINF_PERMISSION_DENIED,
     VINF_SUCCESS,
+    status_name,
 )
 from agent.services.guest_props import (
+    FRUITLESS_WAITS,
     GuestProperties,
     PropertyChange,
     PropertyWatch,
@@ -225,13 +229,33 @@ class TestShortCalls:
         with pytest.raises(PropertyArgumentError, match="limit is 1023"):
             await props.enumerate(["x" * 600, "y" * 600])
 
+    @pytest.mark.parametrize("method", ["enumerate", "wait", "watch"])
+    async def test_a_str_for_patterns_is_refused(
+        self, autojump_clock: trio.abc.Clock, props: GuestProperties, method: str
+    ) -> None:
+        """A lone str where patterns belong raises TypeError naming the argument and sends
+        nothing. (It was one pattern per character: ``enumerate("/W/x")`` listed nothing,
+        ``watch("/W/*")`` followed every name.)"""
+        before = props.channel.calls
 
-class _EndlessTimestampService(GuestPropertyService):
-    """Lists one property whose timestamp has ``digits`` digits."""
+        async def call() -> None:
+            if method == "watch":
+                async with props.watch("/W/*"):
+                    pass
+            else:
+                await getattr(props, method)("/W/*")
 
-    def __init__(self, digits: int) -> None:
+        with trio.fail_after(60), pytest.raises(TypeError, match=r"^patterns must be a sequence"):
+            await call()
+        assert props.channel.calls == before
+
+
+class _ListingService(GuestPropertyService):
+    """Answers every ENUM_PROPS with ``listing``."""
+
+    def __init__(self, listing: bytes) -> None:
         super().__init__()
-        self._listing = b"/T/x\0v\0" + b"9" * digits + b"\0\0" + b"\0" * 4
+        self._listing = listing
 
     def _enum_props(self, call: HgcmCallHandle) -> int:
         out, size = call.params[1], call.params[2]
@@ -244,8 +268,47 @@ class _EndlessTimestampService(GuestPropertyService):
         return VINF_SUCCESS
 
 
-class TestOddListing:
-    """A host's listing that breaks the format is a protocol error naming the field."""
+class _NotificationService(GuestPropertyService):
+    """Answers every GET_NOTIFICATION at once with ``data`` for a change stamped 12345."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._data = data
+
+    def _get_notification(self, call: HgcmCallHandle) -> int:
+        stamp, out, size = call.params[1], call.params[2], call.params[3]
+        assert isinstance(stamp, HostU64)
+        assert isinstance(out, HostBuffer)
+        assert isinstance(size, HostU32)
+        stamp.value = 12345
+        out.data[: len(self._data)] = self._data
+        size.value = len(self._data)
+        return VINF_SUCCESS
+
+
+class _EndingService(_ListingService):
+    """Holds no property and ends the first ``ended`` waits at once with ``status`` (stamp
+    0, a size of 100), then parks them as the service does."""
+
+    def __init__(self, status: int, ended: int) -> None:
+        super().__init__(ENUM_TERMINATOR)
+        self._status = status
+        self._ended = ended
+        self.waits = 0
+
+    def _get_notification(self, call: HgcmCallHandle) -> int | None:
+        self.waits += 1
+        if self.waits > self._ended:
+            return super()._get_notification(call)
+        stamp, size = call.params[1], call.params[3]
+        assert isinstance(stamp, HostU64)
+        assert isinstance(size, HostU32)
+        stamp.value, size.value = 0, 100
+        return self._status
+
+
+class TestOddReplies:
+    """A host's reply that breaks the format is a protocol error naming the field."""
 
     @pytest.mark.parametrize("digits", [21, 5000])
     async def test_a_timestamp_beyond_64_bits(
@@ -254,9 +317,73 @@ class TestOddListing:
         """A timestamp of 5000 digits raised Python's ValueError for long integer strings,
         which ``vbox-agent prop enum`` reported as a usage error (exit 64)."""
         with trio.fail_after(60):
-            async with _props_on(_EndlessTimestampService(digits)) as (_, props):
+            listing = b"/T/x\0v\0" + b"9" * digits + b"\0\0" + b"\0" * 4
+            async with _props_on(_ListingService(listing)) as (_, props):
                 with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
                     await props.enumerate()
+
+    @pytest.mark.parametrize("end", [b"\0garbage\0\0\0", b"\0\x0077\0\0", b"\0\0\0RDONLYGUEST\0"])
+    async def test_a_list_end_with_fields(self, autojump_clock: trio.abc.Clock, end: bytes) -> None:
+        """The entry with an empty name that ends the list must have empty fields, as
+        upstream's VbglR3GuestPropEnumNext checks (VERR_PARSE_ERROR). (It was accepted.)"""
+        with trio.fail_after(60):
+            async with _props_on(_ListingService(b"/T/x\0v\x005\0\0" + end)) as (_, props):
+                with pytest.raises(RemoteProtocolError, match="the entry ending the list has"):
+                    await props.enumerate()
+
+    @pytest.mark.parametrize("status", [VERR_INTERRUPTED, VERR_BUFFER_OVERFLOW])
+    async def test_a_host_ending_every_wait(
+        self, autojump_clock: trio.abc.Clock, status: int
+    ) -> None:
+        """A host that ends every wait at once without a change (VERR_INTERRUPTED, or
+        VERR_BUFFER_OVERFLOW for the next new change) makes the watch give up after
+        FRUITLESS_WAITS of them, naming the status. (``next()`` asked again at full CPU,
+        forever.)"""
+        service = _EndingService(status, FRUITLESS_WAITS)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(RemoteProtocolError, match=f"in a row .* {status_name(status)}"):
+                    await props.wait(["/W/*"])
+        assert service.waits == FRUITLESS_WAITS
+
+    async def test_a_host_ending_some_waits(self, autojump_clock: trio.abc.Clock) -> None:
+        """Fewer endings in a row than the limit are followed through to the change."""
+        service = _EndingService(VERR_INTERRUPTED, FRUITLESS_WAITS - 1)
+        got: list[PropertyChange] = []
+
+        async def wait(props: GuestProperties) -> None:
+            got.append(await props.wait(["/W/*"]))
+
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props), trio.open_nursery() as nursery:
+                nursery.start_soon(wait, props)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/W/a", "1")
+        assert [(change.name, change.value) for change in got] == [("/W/a", "1")]
+        assert service.waits == FRUITLESS_WAITS
+
+    @pytest.mark.parametrize("deleted", [b"junk", b"", b"01", b"2"])
+    async def test_a_deleted_flag_other_than_0_or_1(
+        self, autojump_clock: trio.abc.Clock, deleted: bytes
+    ) -> None:
+        """A change whose deleted field is not '0' or '1' is refused, as upstream's
+        VbglR3GuestPropWait does (VERR_PARSE_ERROR). (It was taken as a set.)"""
+        service = _NotificationService(b"/W/x\0v\0\0" + deleted + b"\0")
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(RemoteProtocolError, match=r"deleted flag .* is not '0' or '1'"):
+                    await props.wait(["/W/*"])
+
+    @pytest.mark.parametrize(("deleted", "value"), [(b"0", "v"), (b"1", "")])
+    async def test_a_deleted_flag_of_0_or_1(
+        self, autojump_clock: trio.abc.Clock, deleted: bytes, value: str
+    ) -> None:
+        """'0' is a set with its value, '1' a delete."""
+        service = _NotificationService(b"/W/x\0v\0\0" + deleted + b"\0")
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props), props.watch(["/W/*"]) as watch:
+                change = await watch.next()
+        assert (change.value, change.deleted) == (value, deleted == b"1")
 
 
 class TestWatch:
@@ -606,28 +733,36 @@ async def _follow(watch: PropertyWatch, send: trio.MemorySendChannel[PropertyCha
 
 
 class TestWatchRobustness:
+    async def test_a_set_while_a_wait_starts_is_its_change(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A property set between the wait's two listings, after the wait began, is the
+        change it returns, as a VBoxControl wait returns every set made after it. (The
+        second listing's mark skipped the set, and the wait hung.)"""
+        service = _ChangesDuringTheSnapshot()
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                change = await props.wait(["/W/*"])
+        assert service.enumerations == 2
+        assert (change.name, change.value, change.deleted) == ("/W/x", "new", False)
+
     async def test_a_change_during_the_snapshot_is_known(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A property set between the watch's two enumerations is in its snapshot, so its
-        delete is news to a wait. (The matching enumeration ran first and the newest
-        timestamp after the set: the set was in neither, and the wait hung.)"""
+        """A property set between the watch's two listings is reported, then its delete.
+        (The matching listing ran first and the newest timestamp after the set: the set
+        was in neither, and a wait for the delete hung.)"""
         service = _ChangesDuringTheSnapshot()
-        got: list[PropertyChange] = []
         with trio.fail_after(60):
-            async with _props_on(service) as (host, props), trio.open_nursery() as waiting:
-
-                async def wait() -> None:
-                    got.append(await props.wait(["/W/*"]))
-
-                waiting.start_soon(wait)
-                await trio.testing.wait_all_tasks_blocked()
+            async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
                 assert service.enumerations == 2
-                assert host.prop_get("/W/x") is not None
+                first = await watch.next()
                 host.prop_delete("/W/x")
-                await trio.testing.wait_all_tasks_blocked()
-                waiting.cancel_scope.cancel()
-        assert [(change.name, change.deleted) for change in got] == [("/W/x", True)]
+                second = await watch.next()
+        assert [(c.name, c.value, c.deleted) for c in (first, second)] == [
+            ("/W/x", "new", False),
+            ("/W/x", "", True),
+        ]
 
     async def test_a_clock_going_back_loses_no_change(self, autojump_clock: trio.abc.Clock) -> None:
         """The host's timestamps follow its clock back, and a restored service counts from
@@ -854,6 +989,83 @@ class TestWatchNews:
                 assert watch.resyncs >= 1
         assert got == sorted(set(got))
         assert got[-1] == "3"
+
+
+class TestWatchMarks:
+    @pytest.mark.parametrize("delete", [False, True], ids=["set", "delete"])
+    async def test_a_change_stamped_one_past_the_mark_is_news(
+        self, autojump_clock: trio.abc.Clock, delete: bool
+    ) -> None:
+        """On a coarse clock the host stamps a property's next change one past the stamp
+        of the last (upstream's getCurrentTimestamp): after a resync that marked the
+        property, that change is reported. (It was taken for the marked change, which the
+        host may date one later, and skipped: a delete was lost and ``next()`` hung.)"""
+        clock = _Clock()  # moved by the test only: else every stamp is the last one + 1
+        with trio.fail_after(60):
+            async with (
+                _props_on(GuestPropertyService(clock=clock)) as (host, props),
+                props.watch(["/W/*"]) as watch,
+            ):
+                clock.now += 10**9  # past the start-up stamps (T, T+1, T+2, ...), then still
+                for index in range(MAX_GUEST_NOTIFICATIONS):  # the queue forgets the place
+                    host.prop_set("/Other/n", str(index))
+                host.prop_set("/W/p", "1")
+                first = await watch.next()  # VWRN_NOT_FOUND: a resync marks /W/p
+                assert watch.resyncs == 1
+                if delete:
+                    host.prop_delete("/W/p")
+                else:
+                    host.prop_set("/W/p", "2")
+                second = await watch.next()
+        assert (first.value, first.deleted) == ("1", False)
+        assert (second.value, second.deleted) == (("", True) if delete else ("2", False))
+        assert second.timestamp == first.timestamp + 1
+
+
+class TestWatchOpening:
+    async def test_a_change_queued_after_a_newer_stamp_is_not_repeated(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A change made before the watch opened but queued after the newest stamp (one
+        stamped lower: upstream's start-up stamps on a coarse clock, or a clock gone back)
+        is one the snapshot showed; the property's next change, stamped one higher, is
+        news. (The watch, finding the newest stamp in the queue, took every mark up to it
+        as passed and reported the old change.)"""
+        clock = _Clock()
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                clock.now += 10**9
+                host.prop_set("/Other/a", "1")  # the newest stamp
+                clock.now -= 10 * 10**9
+                await props.set("/W/p", "1")  # stamped lower, queued after it
+                async with props.watch(["/W/*"]) as watch:
+                    await props.set("/W/p", "2")  # the clock has not moved: stamped + 1
+                    got = [await watch.next()]
+                    with trio.move_on_after(5):
+                        got.append(await watch.next())
+        assert [(change.name, change.value) for change in got] == [("/W/p", "2")]
+        assert watch.resyncs == 0
+
+    async def test_upstream_start_up_stamps(self, autojump_clock: trio.abc.Clock) -> None:
+        """On a clock that has not moved since power-on the host's queue is not in stamp
+        order (initialize stamps C, C+1, C+2, then C+1.., power-on C+2..C+4, a guest write
+        C+3): the write before the watch opened is not reported, the one after (C+4) is."""
+        clock = _Clock()
+        send, receive = trio.open_memory_channel[PropertyChange](16)
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (host, props):
+                await props.set("/W/p", "1")
+                async with props.watch(["/W/*"]) as watch, trio.open_nursery() as following:
+                    following.start_soon(_follow, watch, send)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await props.set("/W/p", "2")
+                    change = await receive.receive()
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert receive.statistics().current_buffer_used == 0
+                    following.cancel_scope.cancel()
+                stored = host.prop_get("/W/p")
+        assert stored is not None
+        assert (change.name, change.value, change.timestamp) == ("/W/p", "2", stored[2])
 
 
 class TestWatchChannel:
