@@ -393,8 +393,9 @@ class TestCancellation:
         self, socket_dir: str
     ) -> None:
         """A call cancelled while its frame is half sent, whose host then takes the rest in
-        time, sends the rest and a CANCEL: the caller is cancelled, the stream stays whole
-        and the next call is answered (the host's reply to the cancelled one is dropped)."""
+        time, sends the rest and a CANCEL: the caller is cancelled (the host answers the
+        call EINTR, as one it interrupted), the stream stays whole and the next call is
+        answered."""
         path = os.path.join(socket_dir, "slow.sock")
         listener = await _listening(path, backlog=1)
         reading = trio.Event()
@@ -402,7 +403,8 @@ class TestCancellation:
 
         def refuse(request: IoctlRequest) -> IoctlReply:
             codes.append(request.code)
-            return IoctlReply(request.seq, errno.EINVAL)
+            interrupted = request.code == FAIL
+            return IoctlReply(request.seq, errno.EINTR if interrupted else errno.EINVAL)
 
         large = [UserBuffer(0, bytearray(LARGE_FRAME))]
         issued = Submission()
