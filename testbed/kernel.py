@@ -266,13 +266,21 @@ class KernelDriver:
             raise fail(errno.EINTR if -rc == ERESTARTSYS else -rc)
 
     async def _interruptible(self, task: int, file: int, code: int) -> int:
-        """Run the ioctl on a worker thread; if cancelled, signal the task and wait for it."""
+        """Run the ioctl on a worker thread; if cancelled, signal the task and wait for it.
+
+        The cancellation propagates unless the driver completed the ioctl all the same (an
+        HGCM call the host finished while its cancel failed): that one returns its 0, and
+        the caller's next checkpoint raises the cancellation.
+        """
         finished = trio.Event()
         token = trio.lowlevel.current_trio_token()
+        returned: list[int] = []
 
         def call() -> int:
             try:
-                return int(self._lib.shim_ioctl(task, file, code, UBUF_ADDRESS))
+                rc = int(self._lib.shim_ioctl(task, file, code, UBUF_ADDRESS))
+                returned.append(rc)
+                return rc
             finally:
                 trio.from_thread.run_sync(finished.set, trio_token=token)
 
@@ -284,7 +292,9 @@ class KernelDriver:
             self._lib.shim_task_interrupt(task)
             with trio.CancelScope(shield=True):
                 await finished.wait()
-            raise
+            if returned != [0]:
+                raise
+            return 0
 
     async def _thread(self, function: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)

@@ -16,7 +16,9 @@ connection to a simulated host). Its contract:
 - Cancelling the task that awaits ``ioctl`` makes the driver give the call up promptly (the
   character device signals its worker thread, so the driver cancels the call at the host
   and returns EINTR; the simulated transports cancel natively) and raises ``Cancelled``; a
-  call that completed first returns normally.
+  call that completed first returns normally, as does one the driver completed all the
+  same (an HGCM call the host finished while its cancel failed): the caller's next
+  checkpoint raises the cancellation.
 - ``submission``, if given, is marked ``issued`` once the call may have reached the driver
   (:class:`~agent.protocol.Submission`): a call cancelled before that, while it waited for
   a worker thread or for its turn to send, never reached the host, and the caller can tell.

@@ -14,12 +14,17 @@ received stay buffered for the next one.
 
 Cancellation:
 
-- while waiting for a reply: the transport sends a CANCEL frame and the host abandons the
+- while waiting for a reply: the transport sends a CANCEL frame and the host interrupts the
   call (a blocked wait ends, an HGCM call is cancelled at the host), as the driver does when
-  a signal interrupts the calling thread. A reply already on its way is dropped (a reply
-  tagged with a sequence number not handed out yet is a broken host, which is lost). Nothing of
-  the stream is torn (trio's ``receive_some`` never loses received bytes to a
-  cancellation), so the connection stays usable.
+  a signal interrupts the calling thread, then answers it: EINTR, or the reply of a call
+  that completed all the same (an HGCM call the host finished while its cancel failed),
+  which is returned as the other transports return it (the caller's next checkpoint raises
+  the cancellation). The answer is waited for by the character device's rule
+  (:func:`~agent.device.chardev.abandon_at`): a call not answered by then is abandoned
+  (``ioctl_abandoned``) and its reply dropped when it comes (a reply tagged with a
+  sequence number not handed out yet is a broken host, which is lost). Nothing of the
+  stream is torn (trio's ``receive_some`` never loses received bytes to a cancellation),
+  so the connection stays usable.
 - while waiting for the send lock (another call's frame is being sent): nothing was sent
   and the call's :class:`~agent.protocol.Submission` stays unissued; it is issued as the
   frame's sending begins.
@@ -48,6 +53,7 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
+from agent.device.chardev import abandon_at
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.spec import check_socket_path
 from agent.protocol import LocalProtocolError
@@ -149,15 +155,17 @@ class UnixSocketTransport:
             frame = encode_frame(IoctlRequest(seq, code, wire_buffer, memories))
         except WireLimitError as exc:
             raise OSError(errno.E2BIG, f"ioctl {code:#x} too large for the socket: {exc}") from exc
+        deadline = trio.current_effective_deadline()
         pending = self._pending[seq] = _Pending()
         try:
             await self._send(frame, submission)
             try:
                 reply = await self._wait_reply(pending)
-            except trio.Cancelled:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + CANCEL_GRACE_S):
-                    await self._cancel_on_host(seq)
-                raise
+            except trio.Cancelled as cancelled:
+                answer = await self._answer_after_cancel(code, seq, pending, cancelled, deadline)
+                if answer is None:
+                    raise
+                reply = answer
         finally:
             del self._pending[seq]
         if reply.errno:
@@ -197,6 +205,36 @@ class UnixSocketTransport:
             )
             msg = f"simulated host at {self._path} refused the session: {why}"
             raise DeviceUnavailableError(msg)
+
+    async def _answer_after_cancel(
+        self,
+        code: int,
+        seq: int,
+        pending: _Pending,
+        cancelled: trio.Cancelled,
+        deadline: float,
+    ) -> IoctlReply | None:
+        """Send CANCEL for ``seq``, then wait for the host's answer to it until
+        :func:`~agent.device.chardev.abandon_at`; return the answer unless it is EINTR (the
+        call was interrupted) or did not come (abandoned; the host is gone, or slow)."""
+        if pending.reply is None:  # else the call's reply came already: it completed
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CANCEL_GRACE_S):
+                await self._cancel_on_host(seq)
+        began = trio.current_time()
+        with trio.CancelScope(shield=True, deadline=abandon_at(cancelled, deadline)) as waiting:
+            try:
+                reply = await self._wait_reply(pending)
+            except (DeviceLostError, trio.ClosedResourceError):  # gone, or closed meanwhile
+                return None
+        if waiting.cancelled_caught:
+            _log.warning(
+                "ioctl_abandoned",
+                code=f"{code:#x}",
+                after_s=round(trio.current_time() - began, 3),
+                reason="the simulated host did not answer the cancelled call; its reply is dropped",
+            )
+            return None
+        return None if reply.errno == errno.EINTR else reply
 
     async def _cancel_on_host(self, seq: int) -> None:
         """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait."""

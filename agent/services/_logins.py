@@ -12,9 +12,11 @@
 Names are kept in order of first appearance, once each, compared on their first 32 bytes,
 utmp's field size, as VBoxService did before 7.2 (7.2.6 compares whole names, so it would
 list a logind name over 32 bytes next to utmp's cut copy of it). A source that does not
-exist (no utmp file, no logind) adds no one. One that exists and cannot be read is left out
-and named with its error, the other's users still count (as VBoxService 7.2.6 logs a
-failing logind and publishes what it has); only when neither can be read is that an error.
+exist (no utmp file, no libsystemd) adds no one and is not one read. One that exists and
+cannot be read is left out and named with its error, the other's users still count (as
+VBoxService 7.2.6 logs a failing logind and publishes what it has); only when every source
+that exists fails is that an error: on a guest without utmp a failing logind must not read
+as "no one is logged in".
 """
 
 from __future__ import annotations
@@ -87,41 +89,47 @@ class Logins:
 
 
 def logged_in_users(
-    utmp_path: Path = UTMP_PATH, logind: Callable[[], list[str]] | None = None
+    utmp_path: Path = UTMP_PATH, logind: Callable[[], list[str] | None] | None = None
 ) -> Logins:
     """The logged-in users' names, utmp's first, then logind's active sessions'.
 
-    ``logind`` lists the latter (:func:`logind_users` by default; tests pass their own).
+    ``logind`` lists the latter, None where there is no logind (:func:`logind_users` by
+    default; tests pass their own).
 
     Raises:
-        LoginsError: neither source could be read (the message names both).
+        LoginsError: every source that exists failed (the message names each).
     """
-    sources: dict[str, Callable[[], list[str]]] = {
+    sources: dict[str, Callable[[], list[str] | None]] = {
         "utmp": lambda: utmp_users(utmp_path),
         "logind": logind or logind_users,
     }
     users: dict[bytes, str] = {}
     unread: dict[str, str] = {}
+    read_any = False
     for source, read in sources.items():
         try:
             names = read()
         except LoginsError as exc:
             unread[source] = str(exc)
             continue
+        if names is None:
+            continue
+        read_any = True
         for name in names:
             users.setdefault(name.encode()[:UT_NAMESIZE], name)
-    if len(unread) == len(sources):
-        raise LoginsError("; ".join(unread.values()))
+    if unread and not read_any:
+        raise LoginsError(", ".join(unread.values()))
     return Logins(tuple(users.values()), unread)
 
 
-def utmp_users(path: Path = UTMP_PATH) -> list[str]:
-    """The user names of the ``USER_PROCESS`` records of ``path``, in file order."""
+def utmp_users(path: Path = UTMP_PATH) -> list[str] | None:
+    """The user names of the ``USER_PROCESS`` records of ``path``, in file order; None
+    where there is no such file."""
     try:
         with path.open("rb") as file:
             data = file.read(MAX_UTMP_BYTES + 1)
     except FileNotFoundError:
-        return []
+        return None
     except OSError as exc:
         msg = f"{path}: {exc.strerror or exc}"
         raise LoginsError(msg) from exc
@@ -137,15 +145,14 @@ def utmp_users(path: Path = UTMP_PATH) -> list[str]:
     return names
 
 
-def logind_users() -> list[str]:
-    """The users of logind's active sessions, through libsystemd's ``sd-login``.
-
-    A guest without libsystemd or without logind has none.
-    """
+def logind_users() -> list[str] | None:
+    """The users of logind's active sessions, through libsystemd's ``sd-login``; None on a
+    guest without libsystemd (with libsystemd but no logind running, ``sd_get_sessions``
+    lists no session: none)."""
     try:
         sd_login = _sd_login()
     except OSError:
-        return []
+        return None
     listed = ctypes.POINTER(ctypes.c_void_p)()
     count = sd_login.sd_get_sessions(ctypes.byref(listed))
     if count < 0:

@@ -14,8 +14,10 @@ meanwhile.
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
 a beacon, on every call), always with ``TRANSRESET`` (as VBoxService 7.2.6 writes every cache
 entry: the host drops it when the VM resets or powers off, where the agent's stop never
-runs), a property wanted absent is deleted once, a property no longer wanted at all is
-deleted, and after a restore (:meth:`PropertyPublisher.forget`) everything is written again.
+runs; a host too old to know the flag refuses it with ``VERR_PARSE_ERROR``, and from then
+on values are written ``TRANSIENT``, as VBoxService falls back to it), a property wanted
+absent is deleted once, a property no longer wanted at all is deleted, and after a restore
+(:meth:`PropertyPublisher.forget`) everything is written again.
 A property the host refuses, or one the client refuses to send (a value over the 1023-byte
 limit: ``PropertyArgumentError``), is logged once per status, shown in the status and
 retried on the next call; the refusal is forgotten once the property is neither
@@ -34,6 +36,7 @@ from pydantic import Field
 
 from agent.protocol import Event, VBoxStatusError
 from agent.protocol.guest_props import PropertyArgumentError
+from agent.protocol.status import VERR_PARSE_ERROR
 from agent.services._base import ServiceContext, ServiceSection
 from agent.services.guest_props import open_guest_properties
 
@@ -51,6 +54,8 @@ MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 3600.0
 FLAGS: Final = "TRANSRESET"
 """The flags of every value written (the host adds TRANSIENT)."""
+OLD_HOST_FLAGS: Final = "TRANSIENT"
+"""The flags written instead where the host does not know :data:`FLAGS`."""
 NOT_SENT: Final = "not sent: over a limit of the property service"
 """The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
 
@@ -237,9 +242,11 @@ class PublishingService:
 class PropertyPublisher:
     """Brings the host's copy of a set of properties to what the caller wants.
 
-    Every value is written with :data:`FLAGS`. ``writes`` counts the values written, the ``always``
-    names' not included, ``deletes`` the deletions; ``refused`` maps each property refused at
-    its last attempt to the VBox status name the host answered, or :data:`NOT_SENT`.
+    Every value is written with :data:`FLAGS`, or :data:`OLD_HOST_FLAGS` from the first
+    write the host refuses for them (``flags``, logged once). ``writes`` counts the values
+    written, the ``always`` names' not included, ``deletes`` the deletions; ``refused`` maps
+    each property refused at its last attempt to the VBox status name the host answered, or
+    :data:`NOT_SENT`.
     """
 
     def __init__(self) -> None:
@@ -247,6 +254,7 @@ class PropertyPublisher:
         """The values the host holds from us; None: unknown (after a restore)."""
         self._deleted: set[str] = set()
         self.refused: dict[str, str] = {}
+        self.flags: str = FLAGS
         self.writes = 0
         self.deletes = 0
 
@@ -297,7 +305,7 @@ class PropertyPublisher:
 
     async def _write(self, props: GuestProperties, name: str, value: str, *, counted: bool) -> None:
         try:
-            await props.set(name, value, FLAGS)
+            await self._set(props, name, value)
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return
@@ -309,6 +317,18 @@ class PropertyPublisher:
         self._held[name] = value
         if counted:
             self.writes += 1
+
+    async def _set(self, props: GuestProperties, name: str, value: str) -> None:
+        """Write with :attr:`flags`; where the host cannot parse TRANSRESET, fall back to
+        TRANSIENT for this write and every later one."""
+        try:
+            await props.set(name, value, self.flags)
+        except VBoxStatusError as exc:
+            if exc.rc != VERR_PARSE_ERROR or self.flags == OLD_HOST_FLAGS:
+                raise
+            log.warning("transreset_unsupported", property=name, flags=OLD_HOST_FLAGS)
+            self.flags = OLD_HOST_FLAGS
+            await props.set(name, value, self.flags)
 
     async def _delete(self, props: GuestProperties, name: str) -> None:
         try:

@@ -32,7 +32,10 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   reached the driver, as its transport reports (:class:`~agent.protocol.Submission`); one
   cancelled before (its scope cancelled when it began, or while the transport held it
   back: waiting for an ioctl thread of the character device, or for another call's frame
-  to be sent) never reached the host and takes no slot.
+  to be sent) never reached the host and takes no slot. Nor does a cancelled call the host
+  completed while the driver's cancel failed: the driver returns it, so its caller gets the
+  reply (and the cancellation at its next checkpoint), as trio has it: an operation either
+  happened or it did not.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up

@@ -15,8 +15,9 @@ VBoxService does, every value carries ``TRANSRESET`` (the host drops it when the
 or powers off), and a stop deletes all three, as VBoxService 7.2.6 does at termination:
 users may still be logged in (``systemctl restart``), so "no one" would be false. A source
 that cannot be read (utmp or logind) is logged when it starts and ends and shown in the
-status, and the other's users are published, as VBoxService 7.2.6 does; only when neither
-can be read are the last values kept rather than claim no one is logged in. As in
+status, and the other's users are published, as VBoxService 7.2.6 does; only when every
+source that exists fails (on a guest without utmp, logind alone) are the last values kept
+rather than claim no one is logged in. As in
 VBoxService 7.2.6, a name that would take the list over a property value's limit (1023
 bytes) is left out, which is logged when it starts and ends, and ``LoggedInUsers`` counts
 the names listed. Config section: ``[users]``.
@@ -68,10 +69,10 @@ def users_list(users: Sequence[str]) -> tuple[str, int]:
 
 @final
 class UsersReader:
-    """Reads the users as properties and ``N users`` (``(K left out)`` when the list is cut,
-    then the sources not read); logs when the list starts being cut and when it fits again,
-    and when a source starts failing (or its error changes) and when it reads again, not at
-    every pass."""
+    """Reads the users as properties and ``N users``, then in parentheses ``K left out``
+    when the list is cut and the sources not read (``logind not read: ...``); logs when the
+    list starts being cut and when it fits again, and when a source starts failing (or its
+    error changes) and when it reads again, not at every pass."""
 
     def __init__(self, read_logins: Callable[[], Logins] = logged_in_users) -> None:
         self._read_logins = read_logins
@@ -89,11 +90,11 @@ class UsersReader:
             NONE_PROPERTY: "false" if listed else "true",
             COUNT_PROPERTY: str(listed),
         }
+        notes = [f"{len(users) - listed} left out"] if listed < len(users) else []
+        notes += [f"{source} not read: {error}" for source, error in logins.unread.items()]
         summary = f"{listed} user{'' if listed == 1 else 's'}"
-        if listed < len(users):
-            summary += f" ({len(users) - listed} left out)"
-        for source, error in logins.unread.items():
-            summary += f"; {source} not read: {error}"
+        if notes:  # no "; ": the daemon joins the services' statuses with it
+            summary += f" ({', '.join(notes)})"
         return Reading(properties, summary)
 
     def _note_unread(self, unread: Mapping[str, str]) -> None:

@@ -23,6 +23,7 @@ import trio.testing
 
 from agent.config import AgentConfig
 from agent.daemon import Daemon
+from agent.daemon.daemon import STATUS_SEPARATOR
 from agent.daemon.notify import Notifier
 from agent.device import DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
@@ -143,6 +144,8 @@ class TestDaemonLifecycle:
                 ready = await reader.until("READY=1")
                 status = next(line for line in ready if line.startswith("STATUS="))
                 assert f"vm session {host.status()['session_id']:#x}, 0 restores" in status
+                fragments = status.removeprefix("STATUS=").split(STATUS_SEPARATOR)
+                assert len(fragments) == len(daemon.statistics().services)  # none holds it
                 assert daemon.statistics().ready
                 assert _facility(host) == FacilityStatus.ACTIVE
                 daemon.request_shutdown("test")

@@ -10,8 +10,8 @@ import trio.testing
 
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.constants import HGCM_MAX_USER_PARM, HgcmParmType, Ioctl
-from agent.protocol.status import VERR_ACCESS_DENIED, VINF_SUCCESS
+from agent.protocol.constants import HGCM_MAX_USER_PARM, HgcmParmType, Ioctl, RequestType
+from agent.protocol.status import VERR_ACCESS_DENIED, VERR_NOT_FOUND, VINF_SUCCESS
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
 from tests.kernel.builders import ioctl, sessions
 from tests.kernel.differential import FN_SUCCEED, assert_agree, differ
@@ -233,6 +233,46 @@ async def test_timeouts_and_cancellation() -> None:
 
 async def _cancelled_call(rig: Rig, session: DriverSession, client: int) -> None:
     await do_call(rig, "interrupted", session, client, FN_HOLD, [(T.LINADDR_OUT, bytes(8))])
+
+
+async def test_a_call_the_host_completes_while_its_cancel_fails_returns_its_results() -> None:
+    """An interrupted call whose CANCEL2 the host does not find (VERR_NOT_FOUND) and that the
+    host completes within the driver's grace wait: the ioctl returns 0 with the results
+    copied back, as ``vbg_hgcm_do_call`` returns a call that became done in its grace wait."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        client = await connected(rig, session)
+        parms = [(T.LINADDR_OUT, bytes(8)), (T.U32, 5)]
+        interrupt = trio.CancelScope()
+
+        async def raced() -> None:
+            with interrupt:
+                await do_call(rig, "raced", session, client, FN_HOLD, parms)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raced)
+            await rig.settle(lambda: len(rig.echo.held) == 1)
+            rig.host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_FOUND)
+            interrupt.cancel()
+            await rig.settle(lambda: not rig.host.vmmdev.faults.has_faults)  # CANCEL2 sent
+            held = rig.echo.held.pop()
+            output, number = held.params
+            assert isinstance(output, HostBuffer)
+            assert isinstance(number, HostU32)
+            output.data[:3] = b"out"
+            output.size = 3
+            number.value = 77
+            held.complete(VINF_SUCCESS)
+        rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
+
+    results = await differ(script)
+    assert_agree(results)
+    for steps in results.values():
+        (raced,) = (step for step in steps if step.label == "raced")
+        assert raced.errno == 0
+        assert raced.user == (b"out" + bytes(5),)
+        assert L.HgcmParameter64.value32.get(raced.buffer[L.HgcmCallIoctl.size + 16 :]) == 77
 
 
 async def test_close_with_clients_and_held_calls() -> None:

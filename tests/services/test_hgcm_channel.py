@@ -33,10 +33,16 @@ from agent.device import chardev, device as device_module, open_device
 from agent.device.unix import UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
+from agent.host.hgcm_service import HostU32
 from agent.host.server import serve_simulated_host
 from agent.protocol import Event, LocalProtocolError, RequestType, VBoxStatusError
 from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS
-from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND, VERR_TIMEOUT, VINF_SUCCESS
+from agent.protocol.status import (
+    VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_NOT_FOUND,
+    VERR_TIMEOUT,
+    VINF_SUCCESS,
+)
 from agent.services.guest_props import PropertyChange, open_guest_properties
 from agent.services.hgcm import (
     HgcmBuffer,
@@ -44,6 +50,7 @@ from agent.services.hgcm import (
     HgcmBufferOut,
     HgcmCallError,
     HgcmLimitError,
+    HgcmReply,
     HgcmU32,
     open_hgcm_channel,
 )
@@ -219,6 +226,15 @@ class TestCancellation:
                     assert setup.host.status()["hgcm_clients"] == 1
                 assert setup.host.status()["hgcm_clients"] == 0
 
+    async def test_a_call_completed_while_its_cancel_failed_returns_its_reply(
+        self, setup: Setup
+    ) -> None:
+        """A cancelled call whose CANCEL2 the host does not find and that the host completes
+        within the driver's grace wait completed: its caller gets the reply, and the
+        cancellation at its next checkpoint; the host holds no call, so neither does the
+        channel."""
+        await _complete_a_call_while_its_cancel_fails(setup)
+
     async def test_calls_the_driver_timed_out_keep_their_slots(self, setup: Setup) -> None:
         """A call the driver times out is cancelled at the host, which goes on counting it
         until the service completes it: after 15 of them the 16th call is refused here
@@ -324,6 +340,50 @@ class TestManyWaits:
         assert sorted(got) == list(range(LONG_WAITS))
         assert all(change.value == str(index) for index, change in got.items())
         assert setup.host.status()["hgcm_clients"] == 0
+
+
+async def _complete_a_call_while_its_cancel_fails(setup: Setup) -> None:
+    """Cancel a held call, make its CANCEL2 fail (VERR_NOT_FOUND), complete it during the
+    driver's grace wait; check that its caller got the reply and that nothing lingers."""
+    replies: list[HgcmReply] = []
+    with trio.fail_after(10):
+        async with (
+            open_device(setup.opener) as device,
+            open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+        ):
+            scope = trio.CancelScope()
+
+            async def raced_call() -> None:
+                with scope:
+                    replies.append(await channel.call(FN_HOLD, HgcmU32(5)))
+                    await trio.lowlevel.checkpoint()
+                    pytest.fail("the cancellation did not surface at the next checkpoint")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(raced_call)
+                await setup.until(lambda: len(setup.echo.held) == 1)
+                setup.host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_FOUND)
+                scope.cancel()
+                await setup.until(lambda: not setup.host.vmmdev.faults.has_faults)
+                held = setup.echo.held.pop()
+                (number,) = held.params
+                assert isinstance(number, HostU32)
+                number.value = 77
+                held.complete(VINF_SUCCESS)
+            assert scope.cancelled_caught
+            assert [HgcmReply(VINF_SUCCESS, (HgcmU32(77),))] == replies
+            assert setup.echo.cancelled == []
+            assert channel.pending == 0
+
+
+async def test_a_call_oracles_driver_completes_while_its_cancel_fails_returns_its_reply() -> None:
+    """Oracle's driver, too, returns a call the host completed while its cancel failed."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="oracle", services=[echo])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        await _complete_a_call_while_its_cancel_fails(Setup(host, echo, SimOpener(host)))
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_timeout_oracles_driver_reports_in_the_header_keeps_its_slot_too() -> None:

@@ -24,8 +24,12 @@ import structlog.testing
 import trio
 import trio.testing
 
+from agent.daemon.daemon import STATUS_SEPARATOR
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
+from agent.host.hgcm_service import HostBuffer
+from agent.protocol.status import VERR_PARSE_ERROR
 from agent.services import EventPump, ServiceContext
 from agent.services._logins import (
     LIBSYSTEMD,
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from agent.device import Device
+    from agent.host.hgcm_service import HgcmCallHandle
     from agent.services._publishing import PublishingService
 
 LIMIT_S: Final = 60
@@ -138,9 +143,25 @@ def test_a_source_that_cannot_be_read_is_named_and_the_other_s_users_count(
         ("dave",), {"utmp": f"{tmp_path}: Is a directory"}
     )
     with pytest.raises(
-        LoginsError, match=f"^{tmp_path}: Is a directory; sd_get_sessions: Input/output error$"
+        LoginsError, match=f"^{tmp_path}: Is a directory, sd_get_sessions: Input/output error$"
     ):
         logged_in_users(tmp_path, failing_logind)
+
+
+def no_logind() -> None:
+    """logind's sessions where there is no libsystemd."""
+
+
+def test_when_every_source_that_exists_fails_that_is_an_error(tmp_path: Path) -> None:
+    """A source that does not exist is not one read: without utmp a failing logind, and
+    without logind an unreadable utmp, is an error (the last values are kept, rather than
+    claim no one is logged in); with no source at all, no one is."""
+    with pytest.raises(LoginsError, match=r"^sd_get_sessions: Input/output error$"):
+        logged_in_users(tmp_path / "absent", failing_logind)
+    with pytest.raises(LoginsError, match=f"^{tmp_path}: Is a directory$"):
+        logged_in_users(tmp_path, no_logind)
+    assert logged_in_users(tmp_path / "absent", no_logind) == Logins(())
+    assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == Logins(("dave",))
 
 
 def test_an_unreadable_utmp_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -296,6 +317,19 @@ class Users(GuestSource[str]):
         return Logins(self())
 
 
+def test_the_summary_stays_one_fragment_of_systemd_s_status_line(tmp_path: Path) -> None:
+    """The daemon joins the services' statuses with ``STATUS_SEPARATOR`` into ``STATUS=``:
+    a users status naming a cut list, a source not read or both sources' errors must not
+    hold it, or the line could not be split back into the services' parts."""
+    error = "sd_get_sessions: Input/output error"
+    reading = UsersReader(lambda: Logins(("é" * 512, "alice"), {"logind": error}))()
+    assert reading.summary == f"1 user (1 left out, logind not read: {error})"
+    with pytest.raises(LoginsError) as both:
+        logged_in_users(tmp_path, failing_logind)
+    for text in (reading.summary, str(both.value)):
+        assert STATUS_SEPARATOR not in text
+
+
 async def start_users(
     device: Device, nursery: trio.Nursery, read_logins: Callable[[], Logins]
 ) -> PublishingService:
@@ -383,7 +417,7 @@ async def test_a_failing_logind_leaves_utmp_s_users_published(
                 NONE_PROPERTY: ("true", FLAGS),
             }
             assert service.status() == (
-                "users 0 users; logind not read: sd_get_sessions: Input/output error"
+                "users 0 users (logind not read: sd_get_sessions: Input/output error)"
             )
             logind[0] = list
             utmp.write_bytes(utmp_record(USER_PROCESS, "bob"))
@@ -402,6 +436,31 @@ async def test_a_failing_logind_leaves_utmp_s_users_published(
         },
         {"event": "login_source_readable", "log_level": "info", "source": "logind"},
     ]
+
+
+async def test_without_utmp_a_failing_logind_keeps_the_last_values(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+) -> None:
+    """On a guest that writes no utmp, logind is the only source: while it cannot be read
+    the host keeps alice's values (its beacon no longer renewed) and the status says why,
+    rather than publish that no one is logged in."""
+    logind: list[Callable[[], list[str]]] = [lambda: ["alice"]]
+
+    def read_logins() -> Logins:
+        return logged_in_users(tmp_path / "utmp", logind[0])
+
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            service = await start_users(device, nursery, read_logins)
+            published = values(host)
+            logind[0] = failing_logind
+            await trio.sleep(INTERVAL_S * 3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert values(host) == published
+            assert published[LIST_PROPERTY] == ("alice", FLAGS)
+            assert service.status() == "users: unreadable (sd_get_sessions: Input/output error)"
+            assert service.statistics().passes == 1
+            nursery.cancel_scope.cancel()
 
 
 async def test_each_logout_empties_the_list_once_and_a_restore_empties_it_again(
@@ -464,6 +523,55 @@ async def test_the_count_is_the_beacon_written_every_pass_and_last(
             assert values(host)[COUNT_PROPERTY] == ("1", FLAGS)
             assert service.statistics().writes == 2  # beacon writes are not counted
             nursery.cancel_scope.cancel()
+
+
+class _BeforeTransreset(GuestPropertyService):
+    """A host too old to know the TRANSRESET flag: it refuses a set with it as it refuses
+    any flag it does not know, with ``VERR_PARSE_ERROR``; counts the refusals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals = 0
+
+    def _set_prop(self, call: HgcmCallHandle) -> int:
+        if len(call.params) == 3:
+            flags = call.params[2]
+            assert isinstance(flags, HostBuffer)
+            if b"TRANSRESET" in flags.data:
+                self.refusals += 1
+                return VERR_PARSE_ERROR
+        return super()._set_prop(call)
+
+
+async def test_a_host_without_transreset_gets_transient_values(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """As VBoxService does, a write the host refuses for its TRANSRESET flag
+    (``VERR_PARSE_ERROR``) is made again TRANSIENT; the downgrade is remembered, so the
+    host refuses once and it is logged once, not at every write of every pass."""
+    service = _BeforeTransreset()
+    host = SimulatedHost(services=[service])
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(SimOpener(host)) as device, trio.open_nursery() as services:
+                users_svc = await start_users(device, services, users.logins)
+                users.now = ("alice", "bob")
+                await trio.sleep(INTERVAL_S * 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert values(host) == {
+                    LIST_PROPERTY: ("alice,bob", "TRANSIENT"),
+                    COUNT_PROPERTY: ("2", "TRANSIENT"),
+                    NONE_PROPERTY: ("false", "TRANSIENT"),
+                }
+                assert users_svc.status() == "users 2 users"
+                assert users_svc.statistics().refused == 0
+                services.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    assert service.refusals == 1
+    downgrades = [line for line in logs if line["event"] == "transreset_unsupported"]
+    assert len(downgrades) == 1
 
 
 def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:

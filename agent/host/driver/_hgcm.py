@@ -393,9 +393,13 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     The timeout runs from the submission, as the driver's wait does; only a call the host
     did not finish at once waits.
 
-    A trio cancellation plays the signal: the call is cancelled at the host, then the
-    cancellation propagates. A request whose cancel failed and that never completed is
-    leaked, as the kernel does, because the host may still write to it.
+    A trio cancellation plays the signal: a call already done returns (the wait checks its
+    condition before the signal), any other is cancelled at the host, then the cancellation
+    propagates, unless the cancel failed and the host completed the call during the grace
+    wait: that call returns 0 and its results are copied back, as both drivers do (the
+    caller's next checkpoint raises the cancellation). A request whose cancel failed and
+    that never completed is leaked, as the kernel does, because the host may still write
+    to it.
     """
     phys = drv.ram.map(req)
     leaked = False
@@ -416,9 +420,14 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
             with trio.move_on_at(deadline):
                 await _wait_done(drv, req)
         except trio.Cancelled:
+            if _done(req):
+                return 0
             with trio.CancelScope(shield=True):
-                leaked = await _cancel(drv, req, phys) is _Outcome.LEAKED
-            raise
+                outcome = await _cancel(drv, req, phys)
+            leaked = outcome is _Outcome.LEAKED
+            if outcome is not _Outcome.DONE:
+                raise
+            return 0  # the host finished it in the grace: a completed call
         if _done(req):
             return 0
         outcome = await _cancel(drv, req, phys)
