@@ -12,8 +12,10 @@ session. Design points:
   as long as the host keeps it, so the budget must cover all of them at once. Blocking
   calls in flight are counted: long HGCM calls may hold all threads but
   :data:`RESERVED_THREADS`, a WAIT_FOR_EVENTS all but those kept for short calls and
-  interrupts, so the event pump's wait (the agent's only one) always finds a thread however
-  many property waits are open, and a full budget can never deadlock: a blocking call
+  interrupts, so the event pump's wait (the agent's only one) is never refused however
+  many property waits are open (it may wait, as any call, while short calls hold the other
+  threads; the host keeps its events latched meanwhile), and a full budget can never
+  deadlock: a blocking call
   beyond that fails at once with :class:`IoctlThreadsExhaustedError`, naming the setting to
   raise. Short calls (any other ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``,
   such as a property set) never fail for want of a thread: they wait for one, which they
@@ -140,7 +142,8 @@ however many short calls the host holds (the driver answers it without the host)
 SHORT_CALL_THREADS: Final = 1
 """Threads no blocking call may take: short calls always progress."""
 EVENT_WAIT_THREADS: Final = 1
-"""Threads a long HGCM call may not take: the event pump's WAIT_FOR_EVENTS always finds one."""
+"""Threads a long HGCM call may not take: the event pump's WAIT_FOR_EVENTS is never refused
+(short calls may still hold it up until one of them returns)."""
 RESERVED_THREADS: Final = INTERRUPT_THREADS + SHORT_CALL_THREADS + EVENT_WAIT_THREADS
 """Threads a long HGCM call may never take: ``N`` long waits need ``N + RESERVED_THREADS``."""
 MIN_THREADS: Final = RESERVED_THREADS
