@@ -29,13 +29,15 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   call the service itself completed with one of those statuses is over at the host and
   takes no slot; how to tell the two apart is in :meth:`HgcmChannel.call`. A cancelled
   call lingers only if it may have reached the driver, as its transport reports
-  (:class:`~agent.protocol.Submission`); one
-  cancelled before (its scope cancelled when it began, or while the transport held it
-  back: waiting for an ioctl thread of the character device, or for another call's frame
-  to be sent) never reached the host and takes no slot. Nor does a cancelled call the host
-  completed while the driver's cancel failed: the driver returns it, so its caller gets the
-  reply (and the cancellation at its next checkpoint), as trio has it: an operation either
-  happened or it did not.
+  (:class:`~agent.protocol.Submission`); one cancelled before (its scope cancelled when it
+  began, or while the transport held it back: waiting for an ioctl thread of the character
+  device, or for another call's frame to be sent) never reached the host and takes no
+  slot. Nor does a cancelled call the host completed while the driver's cancel failed: the
+  driver returns it, so its caller gets the reply (and the cancellation at its next
+  checkpoint), as trio has it: an operation either happened or it did not. The character
+  device makes a call again after a stray signal ended it with EINTR (a few times at most);
+  mainline's driver cancelled each such attempt at the host first, so each lingers too
+  (``Submission.retried``), whatever becomes of the call.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
@@ -209,6 +211,9 @@ class HgcmChannel:
             raise
         finally:
             self._in_flight -= 1
+            if submission is not None and submission.retried:
+                # Attempts a stray signal ended, which the driver cancelled at the host.
+                self._lingering += submission.retried
 
     def _check(self, function: int, params: tuple[HgcmParam, ...]) -> None:
         if len(params) > HGCM_MAX_PARMS:

@@ -498,6 +498,34 @@ async def test_on_oracles_driver_a_service_status_lingers_only_if_the_driver_cou
             nursery.cancel_scope.cancel()
 
 
+async def test_an_attempt_a_stray_signal_ended_keeps_its_slot() -> None:
+    """Over the character device, a stray signal ends a held call with EINTR after the
+    driver cancelled it at the host; the transport makes the call again, and the ended
+    attempt keeps its slot after the call itself completes."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            kernel = Kernel(host)
+            async with (
+                open_device(kernel.opener(threads=CHARDEV_THREADS)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                trio.open_nursery() as calls,
+            ):
+                calls.start_soon(channel.call, FN_HOLD)
+                await kernel.wait_in_driver(1)
+                kernel.stray_signal()
+                # The worker thread's retry has no event to wait on; bounded by fail_after.
+                while not (echo.cancelled and echo.held):  # noqa: ASYNC110
+                    await trio.sleep(POLL_S)
+                assert channel.pending == 1
+                echo.held[0].complete(VINF_SUCCESS)
+                await kernel.wait_in_driver(0)
+            assert (len(echo.cancelled), channel.pending, channel.calls) == (1, 1, 1)
+            nursery.cancel_scope.cancel()
+
+
 async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> None:
     """Over the character device with the smallest budget, three property sets at once beside
     a blocked event wait all succeed: the client's calls are short and wait for a thread."""
