@@ -128,6 +128,44 @@ class TestReadableByTheService:
             "directory /home/alice cannot be searched: mode 0750, owner uid 1000, gid 1000"
         )
 
+    def test_dot_dot_after_a_symlink(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A ``..`` after a symlink climbs from its target: the directories looked at are
+        the ones the lookup searches (here ``a/q`` and not a textual ``t/q``), all real."""
+        (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+        (tmp_path / "a" / "q").mkdir()
+        (tmp_path / "ln").symlink_to("a/b/c")
+        (tmp_path / "a" / "b" / "agent.toml").write_text('[log]\nlevel = "info"\n')
+        path = tmp_path / "ln" / ".." / ".." / "q" / ".." / "b" / "agent.toml"
+        looked_at: list[Path] = []
+
+        def recording_stat(path: Path) -> os.stat_result:
+            looked_at.append(path)
+            return os.stat(path)
+
+        unreadable_by_the_service(path, recording_stat)
+        real = tmp_path.resolve()
+        assert set(looked_at) == {
+            *real.parents,
+            real,
+            real / "a",
+            real / "a" / "b",
+            real / "a" / "b" / "c",
+            real / "a" / "q",
+            real / "a" / "b" / "agent.toml",
+        }
+        assert check_config(str(path)) == 0
+        assert capsys.readouterr() == (f"{path}: ok\n", "")
+
+    def test_a_failing_stat_cannot_tell(self) -> None:
+        """A directory or file that cannot be stat'ed gives no warning."""
+
+        def failing_stat(path: Path) -> os.stat_result:
+            raise PermissionError(13, "Permission denied", str(path))
+
+        assert unreadable_by_the_service(Path("/etc/vbox-agent/agent.toml"), failing_stat) is None
+
     @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
     def test_warned_and_still_valid(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -73,22 +73,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def unreadable_by_the_service(path: Path, stat_fn: StatFn = os.stat) -> str | None:
-    """Why uid 0 / gid 0 without DAC override could not read ``path``, or None if it could.
+    """Why uid 0 / gid 0 without DAC override could not read ``path``, or None if it could
+    or a ``stat`` fails (cannot tell).
 
-    Every directory on the way (of the path as given and of the file it resolves to) must
-    let them search it, and the file must let them read it.
+    Every directory the lookup searches must let them search it, and the file must let them
+    read it.
     """
-    absolute = Path(os.path.abspath(path))
-    real = Path(os.path.realpath(path))
-    directories = dict.fromkeys([*reversed(absolute.parents), *reversed(real.parents)])
-    for directory in directories:
-        status = stat_fn(directory)
-        if not _granted(status, os.X_OK):
-            return f"directory {directory} cannot be searched: {_owner_and_mode(status)}"
-    status = stat_fn(real)
+    try:
+        for directory in _searched_directories(path):
+            status = stat_fn(directory)
+            if not _granted(status, os.X_OK):
+                return f"directory {directory} cannot be searched: {_owner_and_mode(status)}"
+        status = stat_fn(Path(os.path.realpath(path)))
+    except OSError:
+        return None
     if not _granted(status, os.R_OK):
         return f"the file is {_owner_and_mode(status)}"
     return None
+
+
+def _searched_directories(path: Path) -> dict[Path, None]:
+    """The real directories a lookup of ``path`` searches, root first: each prefix of the path
+    as given, resolved (a ``..`` after a symlink climbs from its target, so the prefixes are
+    not collapsed textually), with its parents, which its resolution passed through."""
+    parts = (Path.cwd() / path).parts
+    directories: dict[Path, None] = {}
+    for end in range(1, len(parts)):
+        real = Path(os.path.realpath(Path(*parts[:end])))
+        directories.update(dict.fromkeys([*reversed(real.parents), real]))
+    return directories
 
 
 def _granted(status: os.stat_result, access: int) -> bool:

@@ -15,14 +15,14 @@ session. Design points:
   interrupts, so the event pump's wait (the agent's only one) always finds a thread however
   many property waits are open, and a full budget can never deadlock: a blocking call
   beyond that fails at once with :class:`IoctlThreadsExhaustedError`, naming the setting to
-  raise. Short calls (any other
-  ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``, such as a property set)
-  never fail for want of a thread: they wait for one, which they hold only briefly (at
-  most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or disconnect, which neither driver
-  times out or lets a signal end, is given up after that by ``Device.open_hgcm_client``,
-  and its thread abandoned and replaced). They may take every thread but
-  :data:`INTERRUPT_THREADS`: those only INTERRUPT_ALL_WAIT_FOR_EVENTS takes (the driver
-  answers it at once), so ending a blocked wait never waits for short calls the host holds.
+  raise. Short calls (any other ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``,
+  such as a property set) never fail for want of a thread: they wait for one, which they
+  hold only briefly (at most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or
+  disconnect, which neither driver times out or lets a signal end, is given up after that
+  by ``Device.open_hgcm_client``, and its thread abandoned and replaced). They may take
+  every thread but :data:`INTERRUPT_THREADS`: those only INTERRUPT_ALL_WAIT_FOR_EVENTS takes
+  (the driver answers it at once), so ending a blocked wait never waits for short calls the
+  host holds.
 - **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
   GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
   every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
@@ -90,7 +90,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import grp
-import math
 import os
 import pwd
 import signal
@@ -104,6 +103,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
+from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import (
     AgentError,
     DriverVersion,
@@ -117,7 +117,6 @@ from agent.protocol import (
 from agent.protocol._ioc import ioc_nr
 from agent.protocol.constants import (
     ABANDON_AFTER_S,
-    GIVE_BACK_S,
     SHORT_CALL_TIMEOUT_MS,
     IoctlFunction,
 )
@@ -191,21 +190,6 @@ _libc: Final = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl: Final = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _libc_ioctl.restype = ctypes.c_int
-
-
-def abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
-    """When to abandon a call its caller was cancelled on (by ``cancelled``), if the driver
-    keeps it: :data:`ABANDON_AFTER_S` from now, never past ``deadline`` (the caller's, in
-    effect when the call began), and at once if a deadline is what cancelled it; but not
-    within :data:`GIVE_BACK_S`."""
-    if cancelled.source == "deadline":
-        return given_back_by(-math.inf)
-    return given_back_by(min(trio.current_time() + ABANDON_AFTER_S, deadline))
-
-
-def given_back_by(deadline: float) -> float:
-    """``deadline``, or :data:`GIVE_BACK_S` from now if that is later."""
-    return max(deadline, trio.current_time() + GIVE_BACK_S)
 
 
 def _pin(data: bytearray) -> ctypes.Array[ctypes.c_char]:

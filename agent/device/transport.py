@@ -38,12 +38,32 @@ a session of its own.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from agent.protocol import Submission, UserBuffer
+
+
+def abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
+    """When to give up a call its caller was cancelled on (by ``cancelled``), if the driver
+    keeps it: :data:`ABANDON_AFTER_S` from now, never past ``deadline`` (the caller's, in
+    effect when the call began), and at once if a deadline is what cancelled it; but not
+    within :data:`GIVE_BACK_S`."""
+    if cancelled.source == "deadline":
+        return given_back_by(-math.inf)
+    return given_back_by(min(trio.current_time() + ABANDON_AFTER_S, deadline))
+
+
+def given_back_by(deadline: float) -> float:
+    """``deadline``, or :data:`GIVE_BACK_S` from now if that is later."""
+    return max(deadline, trio.current_time() + GIVE_BACK_S)
 
 
 class Transport(Protocol):

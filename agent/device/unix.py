@@ -20,7 +20,7 @@ Cancellation:
   that completed all the same (an HGCM call the host finished while its cancel failed),
   which is returned as the other transports return it (the caller's next checkpoint raises
   the cancellation). The answer is waited for by the character device's rule
-  (:func:`~agent.device.chardev.abandon_at`): a call not answered by then is abandoned
+  (:func:`~agent.device.transport.abandon_at`): a call not answered by then is abandoned
   (``ioctl_abandoned``) and its reply dropped when it comes (a reply tagged with a
   sequence number not handed out yet is a broken host, which is lost). Nothing of the
   stream is torn (trio's ``receive_some`` never loses received bytes to a cancellation),
@@ -28,10 +28,16 @@ Cancellation:
 - while waiting for the send lock (another call's frame is being sent): nothing was sent
   and the call's :class:`~agent.protocol.Submission` stays unissued; it is issued as the
   frame's sending begins.
-- while sending: a half-sent frame would desynchronise the stream, so a frame is sent
-  shielded from cancellation, but never past the caller's deadline nor for longer than
-  ``SEND_GRACE_S``: a host that has not taken the frame by then is declared lost and the
-  connection is closed.
+- while sending: a frame that was not sent at all is simply not sent (the call is not
+  issued). A half-sent frame would desynchronise the stream, so its rest is sent shielded
+  from cancellation, for as long as the character device waits for a call it interrupted
+  (``ABANDON_AFTER_S`` after an explicit cancel, ``GIVE_BACK_S`` after a deadline, never
+  past the deadline in effect when the call began, see :func:`~agent.device.transport.abandon_at`);
+  a frame that is whole by then is followed by a CANCEL frame, as a call waiting for its
+  reply is (above). A host that has
+  not taken the frame by then, or within ``SEND_GRACE_S`` of its start, is declared lost
+  and the connection is closed. The cancel (or a deadline set later, as the daemon's stop
+  sets one) bounds the send whenever it comes.
 - the CANCEL frame itself is sent shielded for at most ``CANCEL_GRACE_S`` (it is a few bytes:
   a host that cannot take them is not reading and is declared lost), so an abandoned call
   never holds its caller longer than that.
@@ -53,9 +59,9 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
-from agent.device.chardev import abandon_at
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.spec import check_socket_path
+from agent.device.transport import abandon_at
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.errors import shown_text
@@ -110,11 +116,13 @@ _ADDRESS: Final = struct.Struct("<Q")
 class _Pending:
     """An ioctl waiting for its reply; ``wake`` is set when the reply came or the reader left."""
 
-    __slots__ = ("reply", "wake")
+    __slots__ = ("reply", "sent", "wake")
 
     def __init__(self) -> None:
         self.reply: IoctlReply | None = None
         self.wake = trio.Event()
+        self.sent = False
+        """The request frame went out whole: the host has the call."""
 
 
 @final
@@ -158,10 +166,12 @@ class UnixSocketTransport:
         deadline = trio.current_effective_deadline()
         pending = self._pending[seq] = _Pending()
         try:
-            await self._send(frame, submission)
             try:
+                await self._send(frame, submission, pending)
                 reply = await self._wait_reply(pending)
             except trio.Cancelled as cancelled:
+                if not pending.sent:  # the host has nothing of the call to cancel
+                    raise
                 answer = await self._answer_after_cancel(code, seq, pending, cancelled, deadline)
                 if answer is None:
                     raise
@@ -215,7 +225,7 @@ class UnixSocketTransport:
         deadline: float,
     ) -> IoctlReply | None:
         """Send CANCEL for ``seq``, then wait for the host's answer to it until
-        :func:`~agent.device.chardev.abandon_at`; return the answer unless it is EINTR (the
+        :func:`~agent.device.transport.abandon_at`; return the answer unless it is EINTR (the
         call was interrupted) or did not come (abandoned; the host is gone, or slow)."""
         if pending.reply is None:  # else the call's reply came already: it completed
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CANCEL_GRACE_S):
@@ -260,28 +270,70 @@ class UnixSocketTransport:
             self._seq = (self._seq + 1) & _SEQ_MASK
         return self._seq
 
-    async def _send(self, frame: bytes, submission: Submission | None = None) -> None:
+    async def _send(
+        self,
+        frame: bytes,
+        submission: Submission | None = None,
+        pending: _Pending | None = None,
+    ) -> None:
+        """Send ``frame`` whole, or not at all if cancelled before its first byte left;
+        ``pending.sent`` once it is whole (see the module docstring: cancellation).
+
+        Raises:
+            DeviceLostError: the host took too little of the frame in time, or failed.
+        """
         async with self._send_lock:
             self._check_usable()
             await trio.lowlevel.checkpoint_if_cancelled()
-            # From here on nothing yields before the shield: a caller cancelled already got
-            # its Cancelled above, with nothing sent.
             if submission is not None:
                 submission.issued = True
-            now = trio.current_time()
-            deadline = min(now + SEND_GRACE_S, trio.current_effective_deadline())
-            with trio.CancelScope(shield=True, deadline=deadline) as cs:
-                try:
-                    await self._stream.send_all(frame)
-                except trio.BrokenResourceError as exc:
-                    await self._lose(f"is gone: {_broken('sending', exc)}")
-                    raise DeviceLostError(self._lost) from exc
-                except trio.ClosedResourceError as exc:
-                    await self._lose(f"is gone: sending failed: {exc}")
-                    raise DeviceLostError(self._lost) from exc
-            if cs.cancelled_caught:
-                await self._lose(f"is gone: it took no frame for {deadline - now:.3g} s")
+            view = memoryview(frame)
+            began = trio.current_time()
+            entered_with = trio.current_effective_deadline()
+            sent = 0
+            try:
+                with trio.move_on_at(began + SEND_GRACE_S):
+                    while sent < len(view):
+                        sent += await self._send_some(view[sent:])
+            except trio.Cancelled as cancelled:
+                if not sent:  # nothing went out: the host never saw the call
+                    if submission is not None:
+                        submission.issued = False
+                    raise
+                finish_by = min(abandon_at(cancelled, entered_with), began + SEND_GRACE_S)
+                with trio.CancelScope(shield=True, deadline=finish_by):
+                    while sent < len(view):
+                        sent += await self._send_some(view[sent:])
+                if sent < len(view):
+                    took = trio.current_time() - began
+                    await self._lose(f"is gone: it took no whole frame in {took:.3g} s")
+                    raise DeviceLostError(self._lost) from None
+                if pending is not None:
+                    pending.sent = True
+                raise
+            if sent < len(view):
+                await self._lose(f"is gone: it took no frame for {SEND_GRACE_S:.3g} s")
                 raise DeviceLostError(self._lost)
+            if pending is not None:
+                pending.sent = True
+
+    async def _send_some(self, data: memoryview) -> int:
+        """Send what the socket takes of ``data`` (waiting until it takes something).
+
+        Raises:
+            DeviceLostError: the connection broke or was closed.
+        """
+        try:
+            return await self._stream.socket.send(data)
+        except OSError as exc:
+            if exc.errno in _PEER_CLOSED:
+                await self._lose("is gone: it closed the connection")
+            else:
+                await self._lose(f"is gone: sending failed: {exc.strerror or exc}")
+            raise DeviceLostError(self._lost) from exc
+        except trio.ClosedResourceError as exc:
+            await self._lose(f"is gone: sending failed: {exc}")
+            raise DeviceLostError(self._lost) from exc
 
     async def _wait_reply(self, pending: _Pending) -> IoctlReply:
         while pending.reply is None:

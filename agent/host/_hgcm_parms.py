@@ -200,9 +200,9 @@ def _parse_page_list(
     if count * PAGE_SIZE - first < size or unaligned:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
-    readable = flags & _TO_HOST != 0
+    readable = (flags & _TO_HOST) != 0
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
-    return HostBuffer(data, readable, flags & _FROM_HOST != 0, size), pages, first
+    return HostBuffer(data, readable, (flags & _FROM_HOST) != 0, size), pages, first
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:

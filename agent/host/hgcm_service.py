@@ -104,7 +104,12 @@ class HgcmService(Protocol):
 
     @property
     def max_calls_per_client(self) -> int:
-        """Pending calls one client may have; one more gets VERR_HGCM_TOO_MANY_CLIENT_CALLS."""
+        """Pending calls one client may have; one more gets VERR_HGCM_TOO_MANY_CLIENT_CALLS.
+
+        Fixed for the service's life, as upstream, where a service gives its limits once, in
+        the table its load entry point fills: the framework reads it once per client, at
+        connect.
+        """
         ...
 
     def connect(self, client_id: int, requestor: int) -> int:

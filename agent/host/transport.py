@@ -22,8 +22,17 @@ for until the caller's deadline, then left to its task too (``close_abandoned``)
 while abandoned calls still run returns at once (``close_deferred``): as the kernel keeps
 the file referenced by an ioctl in flight, the driver releases the session only once the
 last of them returned (in its task), so what they did (an HGCM client a connect made) is
-released too. A fault or delay configured while a call is already in its caller's task
-does not reach that call.
+released too.
+
+A call already running in its caller's task when a fault or delay is configured stays
+there: the fault reaches what the driver sends for it later (a CANCEL2 the host then
+refuses), but the call is not abandoned, and its cancelled caller waits as long as the
+driver does (up to the 2 s the drivers wait after a refused cancel). Abandoning it would
+take each driver (the mainline and Oracle models, the real driver's thread) handing what it
+does after the signal, and its own cleanup of the call, to a task of its own, and this
+transport deferring the session's release to that task; deciding per call instead would
+cost the fault-free path its speed. Configure a fault or delay before the calls it is meant
+to hold start.
 """
 
 from __future__ import annotations

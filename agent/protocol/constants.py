@@ -58,11 +58,15 @@ SHORT_CALL_TIMEOUT_MS: Final = 30_000
 """The longest ``timeout_ms`` of a wait or HGCM call that counts as short: the driver gives
 it back within that (cancelling an HGCM call at the host), so it holds a worker thread only
 briefly; short HGCM calls (a property set) pass it."""
-ABANDON_AFTER_S: Final = 0.5
+ABANDON_AFTER_S: Final = 0.2
 """How long a transport waits for a call it was cancelled on (and interrupted) to come back
 before it abandons the call, never past the deadline in effect when the call began (but
 :data:`GIVE_BACK_S`): the character device and the in-process simulated host apply the same
-rule."""
+rule, and the Unix socket to a frame half sent. A cancelled HGCM call must take effect
+within 250 ms: a driver that holds the call after the signal (its cancel refused at the
+host, both drivers then wait up to 2 s; an uninterruptible connect) is left this long,
+which with the scheduling that follows (milliseconds) stays within that; an interruptible
+call comes back from its signal at once (within :data:`GIVE_BACK_S`)."""
 GIVE_BACK_S: Final = 0.05
 """The least a transport waits for a call it interrupted to come back, even past its
 caller's deadline: an interruptible call comes back within it (a worker thread's signal

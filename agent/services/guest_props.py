@@ -569,7 +569,7 @@ async def _get(call: _Caller, name: str) -> Property | None:
                 return None
             value_buffer = HgcmBufferOut(_needed_size(exc, 3))
             continue
-        value, flags = _strings(reply.params[1], reply.params[3], 2)
+        value, flags, _ = _strings(reply.params[1], reply.params[3], 2)
         return Property(name, value, flags, _u64(reply.params[2]))
     return _still_too_small(GuestFunction.GET_PROP)
 
@@ -641,7 +641,8 @@ def _u64(value: HgcmValue) -> int:
 
 
 def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
-    """The first ``count`` NUL-terminated strings of the reported part of a buffer."""
+    """The first ``count`` NUL-terminated strings of the reported part of a buffer, then what
+    follows them."""
     if not isinstance(data, HgcmData) or not isinstance(size, HgcmU32):  # pragma: no cover
         msg = "expected a buffer and its size"
         raise TypeError(msg)
@@ -651,23 +652,24 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)
-    del parts[count]
     return parts
 
 
 def _notification(reply: HgcmReply) -> PropertyChange:
-    """GET_NOTIFICATION's change: name, value, flags and whether the name is gone ('1' or
-    '0'; anything else is a protocol error, as ``VbglR3GuestPropWait``'s VERR_PARSE_ERROR).
+    """GET_NOTIFICATION's change: name, value, flags and whether the name is gone: '1', or
+    '0', empty or absent (hosts older than the field) for not; anything else is a protocol
+    error, as ``VbglR3GuestPropWait``'s VERR_PARSE_ERROR.
 
     The host marks a change as a delete when the property no longer exists at the time it
     answers, so a set that was followed by a delete before the guest read it comes as a
     delete too; a delete carries no value or flags.
     """
-    name, value, flags, deleted = _strings(reply.params[2], reply.params[3], 4)
+    name, value, flags, rest = _strings(reply.params[2], reply.params[3], 3)
+    deleted = rest.partition("\0")[0]
     timestamp = _u64(reply.params[1])
     if deleted == "1":
         return PropertyChange(name, "", "", timestamp, deleted=True)
-    if deleted != "0":
+    if deleted not in {"", "0"}:
         msg = f"GET_NOTIFICATION: deleted flag {shown(deleted)} of {shown(name)} is not '0' or '1'"
         raise RemoteProtocolError(msg)
     return PropertyChange(name, value, flags, timestamp, deleted=False)

@@ -1093,7 +1093,7 @@ class TestCallersDeadline:
                     nursery.start_soon(_run_in, scope, call)
                     await stubborn.arrived.receive()
                     expired_at = scope.deadline = trio.current_time()
-                assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
+                assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 assert (budget.abandoned, budget.limiter.total_tokens) == (1, 4)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
@@ -1107,7 +1107,7 @@ class TestCallersDeadline:
         """Cancelled explicitly, a call the driver keeps is abandoned ABANDON_AFTER_S later
         at most, and never past the deadline its caller had when it began."""
         stubborn = StubbornConnects(monkeypatch)
-        within_s = ABANDON_AFTER_S / 5
+        within_s = ABANDON_AFTER_S / 4
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
                 deadline = trio.current_time() + within_s
@@ -1143,7 +1143,7 @@ class TestCallersDeadline:
                     expired_at = trio.current_time()
                     with trio.CancelScope(deadline=expired_at):
                         await transport.aclose()
-                    assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
+                    assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 stubborn.release.set()
                 await stubborn.all_back.wait()
         finally:
@@ -1330,7 +1330,7 @@ class TestDeferredClose:
                     expired_at = trio.current_time()
                     with trio.CancelScope(deadline=expired_at):
                         await transport.aclose()
-                    assert trio.current_time() - expired_at < ABANDON_AFTER_S / 2
+                    assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 assert (budget.abandoned, budget.limiter.total_tokens) == (2, 5)
                 assert fds.closed == []
                 fds.release_disconnects.set()

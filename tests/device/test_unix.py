@@ -31,13 +31,14 @@ from agent.device.unix import (
     HOST_BUSY_WAIT_S,
     HOST_START_WAIT_S,
     RECEIVE_SIZE,
+    SEND_GRACE_S,
     USER_ADDRESS_BASE,
     UnixSocketOpener,
     UnixSocketTransport,
 )
 from agent.host.server import serve_simulated_host
 from agent.protocol import Submission, UserBuffer
-from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S, PAGE_SIZE
 from agent.protocol.wire import (
     ErrorFrame,
     FrameDecoder,
@@ -63,6 +64,8 @@ BLOCK = 5  # blocks until cancelled; records the cancellation
 _SLOT = struct.Struct("<QQ")
 LARGE_FRAME = 8 << 20
 """User memory far larger than a Unix socket's buffers: sending it waits for the host."""
+SLACK_S = 0.25
+"""Scheduling allowance on the real clock for a bound a test measures."""
 
 
 class ScriptedSession:
@@ -348,6 +351,91 @@ class TestCancellation:
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
         listener.close()
+
+    @pytest.mark.parametrize("how", ["cancel", "deadline"])
+    async def test_a_cancel_while_sending_bounds_the_send(self, socket_dir: str, how: str) -> None:
+        """A call whose frame a host that stopped reading took only in part ends when it is
+        cancelled, or a deadline set on its scope meanwhile passes (as the daemon's stop
+        sets one), within the grace the character device gives a call it interrupted: the
+        host is lost (it took SEND_GRACE_S, 10 s, fixed when the send began)."""
+        path = os.path.join(socket_dir, "deaf.sock")
+        listener = await _listening(path, backlog=1)
+        reading = trio.Event()
+        large = [UserBuffer(0, bytearray(LARGE_FRAME))]
+        scope = trio.CancelScope()
+
+        async def send_a_large_frame() -> None:
+            with scope, pytest.raises(DeviceLostError, match="took no whole frame"):
+                await transport.ioctl(FAIL, bytearray(16), large)
+
+        with trio.fail_after(SEND_GRACE_S + 5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(_answering_host, listener, _refuse, reading=reading))
+                transport = await UnixSocketOpener(path).open_session()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(send_a_large_frame)
+                    await trio.testing.wait_all_tasks_blocked()  # the socket's buffer is full
+                    began = trio.current_time()
+                    if how == "cancel":
+                        scope.cancel()
+                    else:
+                        scope.deadline = began
+                took = trio.current_time() - began
+                assert took < (ABANDON_AFTER_S if how == "cancel" else GIVE_BACK_S) + SLACK_S
+                with pytest.raises(DeviceLostError, match="took no whole frame"):
+                    await transport.ioctl(INTERRUPT, bytearray(8))
+                reading.set()
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+
+    async def test_a_frame_finished_after_the_cancel_is_cancelled_at_the_host(
+        self, socket_dir: str
+    ) -> None:
+        """A call cancelled while its frame is half sent, whose host then takes the rest in
+        time, sends the rest and a CANCEL: the caller is cancelled (the host answers the
+        call EINTR, as one it interrupted), the stream stays whole and the next call is
+        answered."""
+        path = os.path.join(socket_dir, "slow.sock")
+        listener = await _listening(path, backlog=1)
+        reading = trio.Event()
+        codes: list[int] = []
+
+        def refuse(request: IoctlRequest) -> IoctlReply:
+            codes.append(request.code)
+            interrupted = request.code == FAIL
+            return IoctlReply(request.seq, errno.EINTR if interrupted else errno.EINVAL)
+
+        large = [UserBuffer(0, bytearray(LARGE_FRAME))]
+        issued = Submission()
+        scope = trio.CancelScope()
+
+        async def send_a_large_frame() -> None:
+            with scope:
+                await transport.ioctl(FAIL, bytearray(16), large, submission=issued)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(_answering_host, listener, refuse, reading=reading))
+                transport = await UnixSocketOpener(path).open_session()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(send_a_large_frame)
+                    await trio.testing.wait_all_tasks_blocked()  # the socket's buffer is full
+                    scope.cancel()
+                    reading.set()
+                assert scope.cancelled_caught
+                assert issued.issued
+                with raises_einval():
+                    await transport.ioctl(INTERRUPT, bytearray(8))
+                assert codes == [FAIL, INTERRUPT]
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+
+
+def _refuse(request: IoctlRequest) -> IoctlReply:
+    """Answer ``request`` with EINVAL."""
+    return IoctlReply(request.seq, errno.EINVAL)
 
 
 async def _call_in(scope: trio.CancelScope, ioctl: object, code: int) -> None:

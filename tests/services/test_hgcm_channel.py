@@ -40,6 +40,7 @@ from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, 
 from agent.protocol.status import (
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_INTERRUPTED,
+    VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VERR_TIMEOUT,
     VINF_SUCCESS,
@@ -226,6 +227,30 @@ class TestCancellation:
                     assert channel.pending == 1
                     assert setup.host.status()["hgcm_clients"] == 1
                 assert setup.host.status()["hgcm_clients"] == 0
+
+    async def test_a_call_held_after_a_refused_cancel_returns_within_250_ms(
+        self, setup: Setup
+    ) -> None:
+        """A call whose cancel the host refuses (CANCEL2 fails: both drivers then wait for
+        it uninterruptibly, up to 2 s) still returns to its cancelled caller within 250 ms
+        (it took ABANDON_AFTER_S, 0.5 s): the thread or task in the driver is given up on
+        and returns once the host completes the call."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                setup.host.add_fault(RequestType.HGCM_CANCEL2, VERR_INVALID_PARAMETER)
+                scope = trio.CancelScope()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_call_in, scope, partial(channel.call, FN_HOLD))
+                    await setup.until(lambda: len(setup.echo.held) == 1)
+                    scope.cancel()
+                    cancelled_at = trio.current_time()
+                assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
+                assert scope.cancelled_caught
+                setup.echo.held[0].complete(VINF_SUCCESS)
 
     async def test_a_call_completed_while_its_cancel_failed_returns_its_reply(
         self, setup: Setup
