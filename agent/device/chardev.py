@@ -72,7 +72,9 @@ session. Design points:
 - **EINTR.** Retried at most :data:`EINTR_RETRIES` times, and only for a stray signal: never
   when the transport interrupted the call itself, is closing, or has passed
   INTERRUPT_ALL_WAIT_FOR_EVENTS (after which every wait on the fd fails with EINTR for good,
-  so a retry would spin).
+  so a retry would spin). The driver cancelled an HGCM call at the host before its EINTR,
+  so the host may go on counting each retried attempt: their number goes to the call's
+  :class:`~agent.protocol.Submission` (``retried``; an abandoned call's, as of then).
 - **Signal.** ``SIGURG``: its default action is to ignore it, so a stray one never kills the
   process, and the agent uses no out-of-band socket data. An ignored signal does not
   interrupt a system call, so the opener, created once at start in the main thread,
@@ -397,6 +399,8 @@ class _Call:
     """Given up on while its thread is still in the driver."""
     interrupted: bool = False
     """The transport interrupted this call (cancellation or close)."""
+    retried: int = 0
+    """Attempts a stray signal ended (EINTR) that were made again."""
     cancelled: bool = False
     """The awaiting task was cancelled."""
     outcome: Exception | None = None
@@ -494,6 +498,7 @@ class CharDevTransport:
             self._calls.discard(call)
             if submission is not None:
                 submission.issued = call.issued
+                submission.retried = call.retried
             if not call.abandoned:
                 call.pins.clear()  # a traceback holding this frame must not keep them exported
         if call.outcome is None:
@@ -681,14 +686,13 @@ class CharDevTransport:
             call.issued = True
             self._in_driver += 1
         try:
-            retries = 0
             while True:
                 try:
                     self._ioctl_fn(self._fd, call.code, call.buffer)
                 except InterruptedError as exc:
-                    if retries >= EINTR_RETRIES or not self._may_retry(call):
+                    if call.retried >= EINTR_RETRIES or not self._may_retry(call):
                         return exc
-                    retries += 1
+                    call.retried += 1
                 except OSError as exc:
                     return exc
                 else:

@@ -145,6 +145,12 @@ class Device:
         """Trio time after which shielded teardown is abandoned (the daemon's stop sets it)."""
 
     @property
+    def oracle_driver(self) -> bool:
+        """Whether the driver is Oracle's: it reports its revision (``VBOX_SVN_REV``) in the
+        version handshake, where mainline reports 0."""
+        return self.driver_version is not None and self.driver_version.driver_revision != 0
+
+    @property
     def description(self) -> str:
         """Where the device's sessions lead (``/dev/vboxguest``, ``unix:PATH``, ...)."""
         return self._opener.description
@@ -227,7 +233,9 @@ class Device:
                 connected = await channel.perform(HgcmConnect(service))
             if connecting.cancelled_caught:
                 raise VBoxStatusError(VERR_TIMEOUT, f"VBG_IOCTL_HGCM_CONNECT to {service}")
-            yield HgcmClient(channel, service, connected.client_id)
+            yield HgcmClient(
+                channel, service, connected.client_id, give_ups_in_header=self.oracle_driver
+            )
             with trio.move_on_after(HGCM_CONNECT_TIMEOUT_S) as disconnecting:
                 try:
                     await channel.perform(HgcmDisconnect(connected.client_id))
@@ -400,12 +408,23 @@ class EventWaiter:
 
 @final
 class HgcmClient:
-    """One HGCM client connected to a host service; see :meth:`Device.open_hgcm_client`."""
+    """One HGCM client connected to a host service; see :meth:`Device.open_hgcm_client`.
 
-    def __init__(self, channel: _Channel, service: str, client_id: int) -> None:
+    Attributes:
+        give_ups_in_header: whether the driver reports a call it gave up on (its timeout,
+            VERR_TIMEOUT; a signal, VERR_INTERRUPTED) in the header, where the service's
+            status comes, so that both raise :class:`~agent.protocol.HgcmCallError`
+            (Oracle's driver); mainline's driver returns an errno instead, which raises a
+            plain :class:`~agent.protocol.VBoxStatusError`.
+    """
+
+    def __init__(
+        self, channel: _Channel, service: str, client_id: int, *, give_ups_in_header: bool
+    ) -> None:
         self._channel = channel
         self.service = service
         self.client_id = client_id
+        self.give_ups_in_header = give_ups_in_header
 
     def call(
         self,

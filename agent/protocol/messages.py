@@ -87,9 +87,14 @@ class Submission:
     request frame is sent (not while it waits to send), as the driver's entry point is
     called. A call cancelled before that never reached the driver, so the host never saw it;
     one cancelled after it may still be counted by the host until its service completes it.
+
+    ``retried`` counts the attempts a transport made again after a stray signal ended them
+    (the character device's EINTR retries): the driver cancelled each at the host first, so
+    the host may count each until its service completes it.
     """
 
     issued: bool = False
+    retried: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -25,17 +25,19 @@ Limits, all checked before anything is sent, with a :class:`HgcmLimitError` that
   service without a cancel hook may do much later; such calls keep their slot here too
   (``lingers_when_cancelled``) until the channel closes. The driver cancels a call when its
   caller is cancelled (the transport's signal) and when it gives up on it itself: its
-  timeout (VERR_TIMEOUT) or a signal nobody asked for (VERR_INTERRUPTED), both alike.
-  Oracle's driver reports those two in the header as a service's status would come, so a
-  service that completes a lingering call with one of them is counted too: the host, not
-  the channel, is what must never refuse. A cancelled call lingers only if it may have
-  reached the driver, as its transport reports (:class:`~agent.protocol.Submission`); one
-  cancelled before (its scope cancelled when it began, or while the transport held it
-  back: waiting for an ioctl thread of the character device, or for another call's frame
-  to be sent) never reached the host and takes no slot. Nor does a cancelled call the host
-  completed while the driver's cancel failed: the driver returns it, so its caller gets the
-  reply (and the cancellation at its next checkpoint), as trio has it: an operation either
-  happened or it did not.
+  timeout (VERR_TIMEOUT) or a signal nobody asked for (VERR_INTERRUPTED), both alike. A
+  call the service itself completed with one of those statuses is over at the host and
+  takes no slot; how to tell the two apart is in :meth:`HgcmChannel.call`. A cancelled
+  call lingers only if it may have reached the driver, as its transport reports
+  (:class:`~agent.protocol.Submission`); one cancelled before (its scope cancelled when it
+  began, or while the transport held it back: waiting for an ioctl thread of the character
+  device, or for another call's frame to be sent) never reached the host and takes no
+  slot. Nor does a cancelled call the host completed while the driver's cancel failed: the
+  driver returns it, so its caller gets the reply (and the cancellation at its next
+  checkpoint), as trio has it: an operation either happened or it did not. The character
+  device makes a call again after a stray signal ended it with EINTR (a few times at most);
+  mainline's driver cancelled each such attempt at the host first, so each lingers too
+  (``Submission.retried``), whatever becomes of the call.
 
 Not checked here: the host's budget of 128 MiB per call (``VMMDEV_MAX_HGCM_DATA_SIZE``, which
 also counts its own bookkeeping and the page lists the driver builds), so buffers that add up
@@ -123,6 +125,7 @@ class HgcmChannel:
         self.service = client.service
         self.client_id = client.client_id
         self.max_pending = host_call_limit - 1
+        self._give_ups_in_header = client.give_ups_in_header
         self._in_flight = 0
         self._lingering = 0
         self._calls = 0
@@ -154,7 +157,16 @@ class HgcmChannel:
             lingers_when_cancelled: whether the host may go on counting this call after
                 the driver cancels it there (False for functions the service completes at
                 once): when its caller is cancelled (only once it may have reached the
-                driver), and when it ends with VERR_TIMEOUT or VERR_INTERRUPTED.
+                driver), and when the driver gives up on it (VERR_TIMEOUT,
+                VERR_INTERRUPTED). Mainline's driver (and the socket and in-process
+                transports, which follow it) reports a give-up as an errno, a plain
+                ``VBoxStatusError``, and the service's status in the header, an
+                ``HgcmCallError``: only the former lingers. Oracle's driver puts both in the
+                header's ``rc`` (``vgdrvIoCtl_HGCMCallInner`` returns either its own status
+                or, once ``VbglR0HGCMInternalCall`` copied the result back, the service's,
+                and the ioctl dispatcher stores that one value), so on it an
+                ``HgcmCallError`` lingers too, but for VERR_TIMEOUT on a call without a
+                timeout, which only the service can have sent.
             timeout_ms: the driver cancels the call at the host after this long; at most
                 ``SHORT_CALL_TIMEOUT_MS`` makes it a short call, which waits for an ioctl
                 thread instead of counting against the blocking calls' share.
@@ -182,12 +194,26 @@ class HgcmChannel:
             if submission is not None and submission.issued:
                 self._lingering += 1
             raise
+        except HgcmCallError as exc:
+            # The call's own status: the service's, or on Oracle's driver perhaps its give-up.
+            if (
+                lingers_when_cancelled
+                and self._give_ups_in_header
+                and exc.rc in _GIVEN_UP_BY_THE_DRIVER
+                and not (exc.rc == VERR_TIMEOUT and timeout_ms == TIMEOUT_INFINITE)
+            ):
+                self._lingering += 1
+            raise
         except VBoxStatusError as exc:
+            # Not the call's status: the driver's errno (mainline), so its give-up for sure.
             if lingers_when_cancelled and exc.rc in _GIVEN_UP_BY_THE_DRIVER:
                 self._lingering += 1
             raise
         finally:
             self._in_flight -= 1
+            if submission is not None and submission.retried:
+                # Attempts a stray signal ended, which the driver cancelled at the host.
+                self._lingering += submission.retried
 
     def _check(self, function: int, params: tuple[HgcmParam, ...]) -> None:
         if len(params) > HGCM_MAX_PARMS:

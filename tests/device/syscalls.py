@@ -119,6 +119,11 @@ class Kernel(Generic[D]):
         if scope is not None:
             scope.cancel()
 
+    def stray_signal(self) -> None:
+        """A signal the transport did not send, to every thread inside the driver."""
+        for scope in self._blocked.values():
+            scope.cancel()
+
     async def _in_driver(self, thread: int, session: object, code: int, buffer: bytearray) -> None:
         self._count(1)
         try:

@@ -36,9 +36,10 @@ from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostU32
 from agent.host.server import serve_simulated_host
 from agent.protocol import Event, LocalProtocolError, RequestType, VBoxStatusError
-from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS
+from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, TIMEOUT_INFINITE
 from agent.protocol.status import (
     VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VERR_TIMEOUT,
@@ -278,6 +279,26 @@ class TestCancellation:
                 with pytest.raises(HgcmLimitError, match="15 calls pending"):
                     await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
 
+    @pytest.mark.parametrize("status", [VERR_INTERRUPTED, VERR_TIMEOUT])
+    async def test_calls_the_service_failed_with_a_give_up_status_take_no_slot(
+        self, setup: Setup, status: int
+    ) -> None:
+        """A call the service itself completed with VERR_INTERRUPTED or VERR_TIMEOUT (an
+        HgcmCallError: the call's status, not the driver's errno) is over at the host:
+        after more of them than the host's limit, calls still go through."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                for _ in range(ECHO_CALL_LIMIT):
+                    with pytest.raises(HgcmCallError) as info:
+                        await channel.call(FN_FAIL, HgcmU32(status & 0xFFFFFFFF))
+                    assert info.value.rc == status
+                assert channel.pending == 0
+                reply = await channel.call(FN_FAIL, HgcmU32(VINF_SUCCESS))
+                assert reply.status == VINF_SUCCESS
+
     async def test_a_call_cancelled_before_it_is_sent_takes_no_slot(self, setup: Setup) -> None:
         """Calls made in an already cancelled scope never reach the host and leave no
         lingering slot: after more of them than the host's limit, calls still go through
@@ -472,6 +493,61 @@ async def test_property_waits_never_take_the_event_waits_thread() -> None:
                 assert hgcm.pending_calls == threads - chardev.RESERVED_THREADS
                 assert "raise device.ioctl_threads" in str(refused[0])
                 waits.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("status", "timeout_ms", "lingers"),
+    [(VERR_INTERRUPTED, TIMEOUT_INFINITE, True), (VERR_TIMEOUT, TIMEOUT_INFINITE, False)],
+)
+async def test_on_oracles_driver_a_service_status_lingers_only_if_the_driver_could_have_sent_it(
+    status: int, timeout_ms: int, *, lingers: bool
+) -> None:
+    """Oracle's driver reports its give-ups in the header, as the service's status comes: a
+    service's VERR_INTERRUPTED cannot be told from the driver's after a signal, so it keeps
+    its slot; its VERR_TIMEOUT on a call without a timeout can, and does not."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="oracle", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                assert device.oracle_driver
+                with pytest.raises(HgcmCallError) as info:
+                    await channel.call(FN_FAIL, HgcmU32(status & 0xFFFFFFFF), timeout_ms=timeout_ms)
+                assert info.value.rc == status
+                assert channel.pending == int(lingers)
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_attempt_a_stray_signal_ended_keeps_its_slot() -> None:
+    """Over the character device, a stray signal ends a held call with EINTR after the
+    driver cancelled it at the host; the transport makes the call again, and the ended
+    attempt keeps its slot after the call itself completes."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            kernel = Kernel(host)
+            async with (
+                open_device(kernel.opener(threads=CHARDEV_THREADS)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                trio.open_nursery() as calls,
+            ):
+                calls.start_soon(channel.call, FN_HOLD)
+                await kernel.wait_in_driver(1)
+                kernel.stray_signal()
+                # The worker thread's retry has no event to wait on; bounded by fail_after.
+                while not (echo.cancelled and echo.held):  # noqa: ASYNC110
+                    await trio.sleep(POLL_S)
+                assert channel.pending == 1
+                echo.held[0].complete(VINF_SUCCESS)
+                await kernel.wait_in_driver(0)
+            assert (len(echo.cancelled), channel.pending, channel.calls) == (1, 1, 1)
             nursery.cancel_scope.cancel()
 
 

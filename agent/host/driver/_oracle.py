@@ -29,6 +29,7 @@ import trio
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host.driver import _caps, _events, _hgcm, _misc
+from agent.host.driver._load import ADDITIONS_VERSION
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._util import U32_MAX, DriverError, copy_in, copy_out, fail
@@ -85,6 +86,8 @@ SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
 MOUSE_GUEST_MASK: Final = 0x95
 """``VMMDEV_MOUSE_GUEST_MASK``: can-absolute, needs-host-cursor, new protocol, full state."""
 _U32: Final = struct.Struct("<I")
+ADDITIONS_REVISION: Final = ADDITIONS_VERSION[3]
+"""``VBOX_SVN_REV``, which Oracle's driver reports as its revision (mainline's reports 0)."""
 
 _STATUS_FOR_ERRNO: Final = {
     errno.EINVAL: VERR_INVALID_PARAMETER,
@@ -275,7 +278,8 @@ def _adapt(
 async def _driver_version_info(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_DriverVersionInfo``: the outputs are written whatever the outcome."""
+    """``vgdrvIoCtl_DriverVersionInfo``: the outputs are written whatever the outcome; the
+    revision is the build's ``VBOX_SVN_REV``."""
     del drv, session, memory
     layout = L.DriverVersionInfo
     requested, minimum = layout.req_version.get(kbuf), layout.min_version.get(kbuf)
@@ -287,7 +291,7 @@ async def _driver_version_info(
         rc = VERR_VERSION_MISMATCH
     layout.session_version.set(kbuf, IOC_VERSION if rc == VINF_SUCCESS else U32_MAX)
     layout.driver_version.set(kbuf, IOC_VERSION)
-    layout.driver_revision.set(kbuf, 0)
+    layout.driver_revision.set(kbuf, ADDITIONS_REVISION)
     layout.out_reserved1.set(kbuf, 0)
     layout.out_reserved2.set(kbuf, 0)
     await trio.lowlevel.checkpoint()
