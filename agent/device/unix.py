@@ -39,8 +39,10 @@ Cancellation:
   and the connection is closed. The cancel (or a deadline set later, as the daemon's stop
   sets one) bounds the send whenever it comes.
 - the CANCEL frame itself is sent shielded for at most ``CANCEL_GRACE_S`` (it is a few bytes:
-  a host that cannot take them is not reading and is declared lost), so an abandoned call
-  never holds its caller longer than that.
+  a host that cannot take them is not reading and is declared lost), and never past the
+  call's give-up time: the finishing of a half-sent frame, the CANCEL frame and the wait
+  for the host's answer share one window, fixed when the cancellation first reached the
+  call, so an abandoned call never holds its caller longer than that.
 
 A host that goes away (EOF, a broken socket, a malformed or ERROR frame, a reply whose sizes
 differ from its request's) makes every pending and later ``ioctl`` raise
@@ -61,7 +63,7 @@ import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError
 from agent.device.spec import check_socket_path
-from agent.device.transport import abandon_at
+from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.errors import shown_text
@@ -116,13 +118,16 @@ _ADDRESS: Final = struct.Struct("<Q")
 class _Pending:
     """An ioctl waiting for its reply; ``wake`` is set when the reply came or the reader left."""
 
-    __slots__ = ("reply", "sent", "wake")
+    __slots__ = ("give_up_at", "reply", "sent", "wake")
 
     def __init__(self) -> None:
         self.reply: IoctlReply | None = None
         self.wake = trio.Event()
         self.sent = False
         """The request frame went out whole: the host has the call."""
+        self.give_up_at: float | None = None
+        """When the call is given up, fixed when its caller's cancellation first reached it
+        (while its frame was still going out): every later step shares that one window."""
 
 
 @final
@@ -227,11 +232,19 @@ class UnixSocketTransport:
         """Send CANCEL for ``seq``, then wait for the host's answer to it until
         :func:`~agent.device.transport.abandon_at`; return the answer unless it is EINTR (the
         call was interrupted) or did not come (abandoned; the host is gone, or slow)."""
-        if pending.reply is None:  # else the call's reply came already: it completed
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + CANCEL_GRACE_S):
-                await self._cancel_on_host(seq)
+        give_up = (
+            abandon_at(cancelled, deadline)
+            if pending.give_up_at is None
+            else given_back_by(pending.give_up_at)
+        )
         began = trio.current_time()
-        with trio.CancelScope(shield=True, deadline=abandon_at(cancelled, deadline)) as waiting:
+        reply: IoctlReply | None = None
+        # One window for the CANCEL frame and the answer: each step taking its own would
+        # add up past ABANDON_AFTER_S.
+        with trio.CancelScope(shield=True, deadline=give_up) as waiting:
+            if pending.reply is None:  # else the call's reply came already: it completed
+                with trio.move_on_after(CANCEL_GRACE_S):
+                    await self._cancel_on_host(seq)
             try:
                 reply = await self._wait_reply(pending)
             except (DeviceLostError, trio.ClosedResourceError):  # gone, or closed meanwhile
@@ -244,7 +257,7 @@ class UnixSocketTransport:
                 reason="the simulated host did not answer the cancelled call; its reply is dropped",
             )
             return None
-        return None if reply.errno == errno.EINTR else reply
+        return None if reply is None or reply.errno == errno.EINTR else reply
 
     async def _cancel_on_host(self, seq: int) -> None:
         """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait."""
@@ -300,7 +313,10 @@ class UnixSocketTransport:
                     if submission is not None:
                         submission.issued = False
                     raise
-                finish_by = min(abandon_at(cancelled, entered_with), began + SEND_GRACE_S)
+                give_up_at = abandon_at(cancelled, entered_with)
+                if pending is not None:
+                    pending.give_up_at = give_up_at
+                finish_by = min(give_up_at, began + SEND_GRACE_S)
                 with trio.CancelScope(shield=True, deadline=finish_by):
                     while sent < len(view):
                         sent += await self._send_some(view[sent:])

@@ -432,6 +432,43 @@ class TestCancellation:
                 nursery.cancel_scope.cancel()
         listener.close()
 
+    async def test_a_half_sent_call_and_its_cancel_share_one_window(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A call cancelled while its frame is half sent, whose host takes the rest late and
+        never answers, is given up ABANDON_AFTER_S after the cancel: finishing the frame,
+        the CANCEL frame and the wait for the answer share that one window (each took a
+        window of its own: 0.35 s with the host 0.15 s late)."""
+        path = os.path.join(socket_dir, "late.sock")
+        listener = await _listening(path, backlog=1)
+        reading = trio.Event()
+        large = [UserBuffer(0, bytearray(LARGE_FRAME))]
+        scope = trio.CancelScope()
+
+        async def send_a_large_frame() -> None:
+            with scope:
+                await transport.ioctl(FAIL, bytearray(16), large)
+
+        async def read_late() -> None:
+            await trio.sleep(ABANDON_AFTER_S * 3 / 4)
+            reading.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(_answering_host, listener, None, reading=reading))
+                transport = await UnixSocketOpener(path).open_session()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(send_a_large_frame)
+                    await trio.testing.wait_all_tasks_blocked()  # the socket's buffer is full
+                    began = trio.current_time()
+                    scope.cancel()
+                    callers.start_soon(read_late)
+                assert scope.cancelled_caught
+                assert trio.current_time() - began == pytest.approx(ABANDON_AFTER_S)
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+
 
 def _refuse(request: IoctlRequest) -> IoctlReply:
     """Answer ``request`` with EINVAL."""
@@ -830,13 +867,13 @@ class TestBrokenHost:
 
 async def _answering_host(
     listener: trio.socket.SocketType,
-    answer: Callable[[IoctlRequest], IoctlReply],
+    answer: Callable[[IoctlRequest], IoctlReply] | None,
     *,
     reading: trio.Event | None = None,
 ) -> None:
     """A host on ``listener`` that greets one session, then answers each ioctl with
-    ``answer(request)`` until the session closes; with ``reading``, it reads nothing after
-    HELLO until that is set."""
+    ``answer(request)`` (never, without ``answer``) until the session closes; with
+    ``reading``, it reads nothing after HELLO until that is set."""
     connection, _ = await listener.accept()
     stream = trio.SocketStream(connection)
     decoder = FrameDecoder()
@@ -851,7 +888,7 @@ async def _answering_host(
                 await stream.send_all(encode_frame(Hello(Role.HOST)))
                 if reading is not None:
                     await reading.wait()
-            elif isinstance(frame, IoctlRequest):
+            elif isinstance(frame, IoctlRequest) and answer is not None:
                 await stream.send_all(encode_frame(answer(frame)))
 
 
