@@ -243,8 +243,9 @@ class PropertyPublisher:
     """Brings the host's copy of a set of properties to what the caller wants.
 
     Every value is written with :data:`FLAGS`, or :data:`OLD_HOST_FLAGS` from the first
-    write the host refuses for them (``flags``, logged once). ``writes`` counts the values
-    written, the ``always`` names' not included, ``deletes`` the deletions; ``refused`` maps
+    write the host refuses for them until a restore (``flags``, logged once each time).
+    ``writes`` counts the values written, the ``always`` names' not included, ``deletes``
+    the deletions; ``refused`` maps
     each property refused at its last attempt to the VBox status name the host answered, or
     :data:`NOT_SENT`.
     """
@@ -269,9 +270,11 @@ class PropertyPublisher:
             self._held.setdefault(name, None)
 
     def forget(self) -> None:
-        """The host's store may have changed (a restore): write everything again."""
+        """The host's store may have changed (a restore): write everything again, with
+        :data:`FLAGS` again (the VM may now run on a host that knows them)."""
         self._held = dict.fromkeys(self._held)
         self._deleted.clear()
+        self.flags = FLAGS
 
     async def publish(
         self,

@@ -532,9 +532,11 @@ class _BeforeTransreset(GuestPropertyService):
     def __init__(self) -> None:
         super().__init__()
         self.refusals = 0
+        self.upgraded = False
+        """Set: the host knows TRANSRESET (a VM restored onto a newer host)."""
 
     def _set_prop(self, call: HgcmCallHandle) -> int:
-        if len(call.params) == 3:
+        if len(call.params) == 3 and not self.upgraded:
             flags = call.params[2]
             assert isinstance(flags, HostBuffer)
             if b"TRANSRESET" in flags.data:
@@ -572,6 +574,33 @@ async def test_a_host_without_transreset_gets_transient_values(
     assert service.refusals == 1
     downgrades = [line for line in logs if line["event"] == "transreset_unsupported"]
     assert len(downgrades) == 1
+
+
+async def test_a_restore_tries_transreset_again(autojump_clock: trio.abc.Clock) -> None:
+    """The TRANSIENT downgrade lasts until a restore, which may bring the VM onto a newer
+    host: the values are then written TRANSRESET again (they were kept TRANSIENT, and so
+    outlived a VM reset there)."""
+    service = _BeforeTransreset()
+    host = SimulatedHost(services=[service])
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(SimOpener(host)) as device, trio.open_nursery() as services:
+                await start_users(device, services, users.logins)
+                await trio.testing.wait_all_tasks_blocked()
+                assert values(host)[COUNT_PROPERTY] == ("1", "TRANSIENT")
+                service.upgraded = True
+                host.restore()
+                await trio.sleep(INTERVAL_S)
+                await trio.testing.wait_all_tasks_blocked()
+                assert values(host) == {
+                    LIST_PROPERTY: ("alice", FLAGS),
+                    COUNT_PROPERTY: ("1", FLAGS),
+                    NONE_PROPERTY: ("false", FLAGS),
+                }
+                services.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
 
 
 def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
