@@ -251,6 +251,10 @@ class TestCancellation:
                 assert trio.current_time() - cancelled_at < CANCEL_TAKES_EFFECT_S
                 assert scope.cancelled_caught
                 setup.echo.held[0].complete(VINF_SUCCESS)
+                # The given-up thread returns once the completion reaches the driver, which
+                # needs the host running: the fixture's check for threads left in the driver
+                # comes after the host stops (it raced the completion under load).
+                await setup.until(lambda: not _ioctl_threads_in_use())
 
     async def test_a_call_completed_while_its_cancel_failed_returns_its_reply(
         self, setup: Setup
