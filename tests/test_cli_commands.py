@@ -170,6 +170,7 @@ def test_installed_pydantic_plugins_are_not_loaded(tmp_path: Path) -> None:
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 1.0\n")
     (dist_info / "entry_points.txt").write_text("[pydantic]\nfake = fake_plugin:plugin\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)  # set here by every test that ran main()
     marker = tmp_path / "plugin-loaded"
 
     def run(*argv: str) -> None:
