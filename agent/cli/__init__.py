@@ -18,6 +18,9 @@ cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 imports and the config (about 1.5 s): :data:`HELD_SIGNALS` are blocked from the moment
 ``main`` knows the command, so one that comes meanwhile waits for the daemon's handler
 instead of ending the process with its default action (killed, or a KeyboardInterrupt).
+
+Third-party pydantic plugins are off for every command (:func:`_disable_pydantic_plugins`):
+how a config file validates must not depend on what else is installed.
 """
 
 from __future__ import annotations
@@ -183,6 +186,19 @@ def _build_parser(argv: Sequence[str]) -> CommandParser:
     return parser
 
 
+PYDANTIC_DISABLE_PLUGINS: Final = "PYDANTIC_DISABLE_PLUGINS"
+
+
+def _disable_pydantic_plugins() -> None:
+    """Keep pydantic from loading the plugins installed packages register (its ``pydantic``
+    entry points, such as logfire's): they may wrap every validator, so the config would
+    validate differently with whatever site-packages holds, and pydantic would import
+    each one (and scan every installed distribution for them) when it builds the first
+    model. Set before any command's module, and with it the first model, is imported.
+    """
+    os.environ[PYDANTIC_DISABLE_PLUGINS] = "__all__"
+
+
 def _give_closed_streams_devnull() -> None:
     """A process started with stdout or stderr closed (``>&-``) has ``sys.stdout`` or
     ``sys.stderr`` None, and its first print or log line would end it with a traceback:
@@ -275,6 +291,7 @@ def _signals_held(signals: Sequence[signal.Signals]) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    _disable_pydantic_plugins()
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
     with _signals_held(HELD_SIGNALS.get(_chosen_command(words) or "", ())):
