@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections import deque
+from contextlib import suppress
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
@@ -286,9 +287,13 @@ class Driver:
         self.event_wq.unpark_all()
         self.sessions.discard(session)
         with trio.CancelScope(shield=True):
-            await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
-            await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
-            await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
+            # Both drivers ignore what these return and clean up anyway (the host may refuse).
+            with suppress(OSError):
+                await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
+            with suppress(OSError):
+                await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
+            with suppress(OSError):
+                await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
             await self.release_mouse_status(session)
             for client_id in session.hgcm_client_ids:
                 if client_id not in (0, U32_MAX):
