@@ -219,10 +219,7 @@ class SimTransport:
         self._abandoned -= 1
         if self._abandoned or not self._release_deferred:
             return
-        try:
-            await self._host.close_session(self._session)
-        except OSError as exc:
-            _log.warning("close_deferred_failed", errno=exc.errno, error=exc.strerror)
+        await self._host.close_session(self._session)
 
     async def aclose(self) -> None:
         """Close the session (idempotent); the driver releases what it held.
@@ -232,9 +229,6 @@ class SimTransport:
         its task, with a ``close_abandoned`` line. While abandoned calls still run it
         returns at once, with a ``close_deferred`` line: the last of them releases the
         session when it returns.
-
-        Raises:
-            OSError: the driver failed the close (only when it finished in time).
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
