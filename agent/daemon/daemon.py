@@ -101,7 +101,8 @@ class DaemonStatistics:
         status: the current ``STATUS=`` text.
         events: the event pump's counters (None before it exists).
         services: each supervised service's snapshot, by name.
-        restarts: restarts (after failures, or replaced on reload) by service name.
+        restarts: restarts (after failures, or replaced on reload) by service name, the
+            event pump's (after failures) under ``event-pump``.
     """
 
     ready: bool
@@ -143,7 +144,7 @@ class Daemon:
         )
         # The services sit inside the pump's nursery: the pump's fatal error ends them first.
         self._pump_supervisor: Supervisor[EventPump] = Supervisor(
-            config.daemon, on_ending=self._supervisor.end
+            config.daemon, on_change=self._status_changed, on_ending=self._supervisor.end
         )
         self._shutdown = trio.Event()
         self._drain_deadline = float("inf")
@@ -182,7 +183,7 @@ class Daemon:
             status=self._status,
             events=None if self._pump is None else self._pump.statistics(),
             services={s.name: s.statistics() for s in self._supervisor.services()},
-            restarts=self._supervisor.restarts(),
+            restarts={**self._pump_supervisor.restarts(), **self._supervisor.restarts()},
         )
 
     @property
@@ -370,6 +371,9 @@ class Daemon:
         retrying = self._supervisor.retrying()
         unbuilt = dict(self._build_failures)
         fragments = []
+        pump_failures = self._pump_supervisor.retrying().get(EventPump.name)
+        if pump_failures is not None:  # no service hears the host meanwhile
+            fragments.append(f"event pump failed, retrying ({pump_failures}x)")
         for service in self._supervisor.services():
             text = (
                 f"{service.name} failed, retrying ({retrying[service.name]}x)"

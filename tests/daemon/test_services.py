@@ -39,6 +39,7 @@ from agent.protocol import (
     Request,
     RequestType,
 )
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
@@ -335,8 +336,25 @@ class ReadyStatusNotifier(RecordingNotifier):
 class StatusRecordingNotifier(RecordingNotifier):
     """:class:`RecordingNotifier` that records each ``STATUS=`` update too."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.status_sent = trio.lowlevel.ParkingLot()
+        """Woken by each ``STATUS=``."""
+
     async def status(self, text: str) -> None:
         self.sent.append(f"STATUS={text}")
+        self.status_sent.unpark_all()
+
+    async def wait_status(self, fragment: str, *, present: bool = True) -> str:
+        """The first ``STATUS=`` from now on with ``fragment`` (or, ``present`` False,
+        without it)."""
+        seen = len(self.sent)
+        while True:
+            for line in self.sent[seen:]:
+                if line.startswith("STATUS=") and (fragment in line) == present:
+                    return line
+            seen = len(self.sent)
+            await self.status_sent.park()
 
 
 async def _breaking_pump_run(
@@ -492,6 +510,36 @@ class TestThrowAwayService:
                 assert first.section == GadgetSection(drain_s=4)
                 assert running.section == GadgetSection(drain_s=4, interval_s=7)
                 daemon.request_shutdown("test")
+
+
+class TestEventPumpFailures:
+    """The event pump's failures show in ``STATUS=`` and in the restarts, as a service's do."""
+
+    async def test_a_pump_backing_off_is_in_the_status(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """The host refuses the pump's new filter (a reload enabled the gadget, whose events
+        the pump must now wait for) until the test lets it through: ``STATUS=`` puts the
+        pump's failures first while it backs off, and leaves them out once it runs again."""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[gadget]\nenable = false\n", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, 100)
+                path.write_text("")
+                await daemon.reload()
+                once = await notifier.wait_status("event pump failed, retrying (1x)")
+                twice = await notifier.wait_status("event pump failed, retrying (2x)")
+                host.clear_faults(RequestType.CTL_GUEST_FILTER_MASK)
+                running = await notifier.wait_status("event pump", present=False)
+                restarts = daemon.statistics().restarts
+                daemon.request_shutdown("test")
+        assert once.startswith("STATUS=event pump failed, retrying (1x); vm session ")
+        assert twice.startswith("STATUS=event pump failed, retrying (2x); vm session ")
+        assert "; gadget one 2 s, 0 events" in running
+        assert restarts == {"event-pump": 2}
 
 
 class TestBuildFailsOnReload:
