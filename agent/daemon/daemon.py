@@ -59,13 +59,13 @@ import structlog
 import trio
 
 from agent.config import ConfigError, load_config
-from agent.daemon.facility import FacilityReporter
+from agent.daemon.facility import REQUEST_ERRORS, FacilityReporter
 from agent.daemon.notify import Notifier
 from agent.daemon.signals import handle_signals
 from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
 from agent.logconfig import configure_logging
-from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId, VBoxStatusError
+from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.services import EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
@@ -401,7 +401,7 @@ class Daemon:
         try:
             with trio.fail_after(REPORT_TIMEOUT_S):
                 version = await device.request(GetHostVersion())
-        except (VBoxStatusError, OSError, trio.TooSlowError) as exc:
+        except (*REQUEST_ERRORS, trio.TooSlowError) as exc:
             log.warning("host_version_unavailable", error=str(exc) or "timed out")
             return
         log.info(
@@ -425,7 +425,7 @@ class Daemon:
             with trio.move_on_after(interval) as probe:
                 try:
                     await device.request(GetSessionId())
-                except (VBoxStatusError, OSError) as exc:
+                except REQUEST_ERRORS as exc:
                     log.error("watchdog_probe_failed", error=str(exc))
                 else:
                     await self._notifier.watchdog()
