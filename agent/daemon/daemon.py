@@ -369,17 +369,19 @@ class Daemon:
         if self._ending():
             return EXITING_STATUS
         retrying = self._supervisor.retrying()
+        stopping = self._supervisor.stopping()
         unbuilt = dict(self._build_failures)
         fragments = []
         pump_failures = self._pump_supervisor.retrying().get(EventPump.name)
         if pump_failures is not None:  # no service hears the host meanwhile
             fragments.append(f"event pump failed, retrying ({pump_failures}x)")
         for service in self._supervisor.services():
-            text = (
-                f"{service.name} failed, retrying ({retrying[service.name]}x)"
-                if service.name in retrying
-                else service.status()
-            )
+            if service.name in stopping:  # its status may say what it no longer does
+                text = f"{service.name} stopping"
+            elif service.name in retrying:
+                text = f"{service.name} failed, retrying ({retrying[service.name]}x)"
+            else:
+                text = service.status()
             error = unbuilt.pop(service.name, None)
             fragments.append(
                 text if error is None else f"{text} (new settings not applied: {error})"
@@ -542,6 +544,7 @@ class Daemon:
         if not section.enable:
             deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
             self._supervisor.stop(name, deadline)
+            self._status_changed()
             log.info("service_disabled", service=name)
             return
         service = self._supervisor.current(name)

@@ -471,7 +471,8 @@ class TestThrowAwayService:
     async def test_a_service_disabled_by_a_reload_leaves_the_status(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
-        """Once a service disabled by a reload has drained, a STATUS= without it is sent."""
+        """A service disabled by a reload reads ``stopping`` at once (its own status would
+        say it still works), and once it has drained, a STATUS= without it is sent."""
         notifier = StatusRecordingNotifier()
         path = tmp_path / "agent.toml"
         daemon = _daemon(host, path, "[gadget]\ndrain_s = 2\n", notifier)
@@ -481,10 +482,15 @@ class TestThrowAwayService:
                 [gadget] = BUILT
                 path.write_text("[gadget]\nenable = false\n")
                 await daemon.reload()
+                stopping = await notifier.wait_status("; gadget stopping")
+                drained_by_then = gadget.drained.is_set()
                 await gadget.drained.wait()
                 await trio.testing.wait_all_tasks_blocked()
                 after = notifier.sent[-1]
                 daemon.request_shutdown("test")
+        assert not drained_by_then
+        assert stopping.startswith("STATUS=vm session ")
+        assert stopping.endswith("; gadget stopping")
         assert after.startswith("STATUS=vm session ")
         assert "gadget" not in after
 
