@@ -45,6 +45,7 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
+from agent.protocol.messages import slot_setters
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_HGCM_INVALID_CLIENT_ID,
@@ -109,11 +110,6 @@ _GET_PROP: Final = int(GuestFunction.GET_PROP)
 hot path of every get cost as much as encoding one of its parameters."""
 
 
-_set_field: Final = object.__setattr__
-"""How :class:`Property`'s hand-written ``__init__`` sets a field, as the frozen HGCM
-classes of :mod:`agent.protocol.messages` do: one is built for every get."""
-
-
 @dataclass(frozen=True, slots=True, init=False)
 class Property:
     """A property as the host holds it; ``timestamp`` is the host's ns of its last change
@@ -125,10 +121,15 @@ class Property:
     timestamp: int
 
     def __init__(self, name: str, value: str, flags: str, timestamp: int) -> None:
-        _set_field(self, "name", name)
-        _set_field(self, "value", value)
-        _set_field(self, "flags", flags)
-        _set_field(self, "timestamp", timestamp)
+        # As the frozen HGCM classes do (see slot_setters): one is built for every get.
+        set_name, set_value, set_flags, set_timestamp = _SET_PROPERTY
+        set_name(self, name)
+        set_value(self, value)
+        set_flags(self, flags)
+        set_timestamp(self, timestamp)
+
+
+_SET_PROPERTY: Final = slot_setters(Property, "name", "value", "flags", "timestamp")
 
 
 @dataclass(frozen=True, slots=True)
