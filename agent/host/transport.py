@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
-from agent.host.memory import IoctlMemory
+from agent.host.memory import USER_BASE, USER_WINDOW, IoctlMemory
 from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S
 from agent.protocol.errors import DeviceUnavailableError
 
@@ -171,12 +171,18 @@ class SimTransport:
         host = self._host
         try:
             if user_buffers:
-                mapped = memory = IoctlMemory()
                 original = bytes(buffer)
+                mapped: list[bytearray] = []
+                address = USER_BASE  # the windows of IoctlMemory, in order
                 for user in user_buffers:
-                    _ADDRESS.pack_into(buffer, user.address_offset, mapped.map(user.data))
-            # The driver's ioctl, in this task; in one of its own while the host is slow.
-            if _slow(host):
+                    mapped.append(user.data)
+                    _ADDRESS.pack_into(buffer, user.address_offset, address)
+                    address += USER_WINDOW
+                memory = IoctlMemory(mapped)
+            # The driver's ioctl, in this task; in one of its own while the host is slow
+            # (_slow, inline: this runs for every ioctl).
+            faults = host.vmmdev.faults
+            if faults.has_delays or faults.has_faults:
                 await self._in_task(partial(host.ioctl, self._session, code, buffer, memory), code)
             else:
                 await host.ioctl(self._session, code, buffer, memory)
