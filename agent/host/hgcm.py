@@ -181,7 +181,7 @@ class _Command:
         view, at = self.locked
         request_type, flags = _TYPE_AND_FLAGS.unpack_from(view, at + _TYPE_AND_FLAGS_AT)
         if request_type == self.request_type:
-            write_back_parms(view, self.values, self.outputs, host._memory, base=at)
+            write_back_parms(view, self.values, self.outputs, host._memory, at)
         elif request_type != _HGCM_CANCEL:
             status = VERR_INVALID_PARAMETER
         _FLAGS_RESULT.pack_into(view, at + H.HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
