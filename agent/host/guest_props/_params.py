@@ -31,24 +31,35 @@ def check_count(params: list[HostParm], *counts: int) -> None:
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 
-def get_prop_params(params: list[HostParm]) -> tuple[HostParm, HostBuffer, HostU64, HostU32]:
-    """Return GET_PROP's parameters (name, value buffer, timestamp, size), type-checked as
-    :func:`buffer`, :func:`u64` and :func:`u32` check (the name is read by :func:`c_string`).
+def get_prop_params(params: list[HostParm]) -> tuple[str, HostBuffer, HostU64, HostU32]:
+    """Return GET_PROP's name, value buffer, timestamp and size, checked as ``getProperty``
+    does: four parameters, the name as :func:`c_string` and :func:`check_name` read it, and
+    the others as :func:`buffer`, :func:`u64` and :func:`u32` check them. Every refusal is
+    VERR_INVALID_PARAMETER, so their order does not show.
 
-    One function for the four: every guest-property read passes here.
+    Those checks written out in one function: every guest-property read passes here.
     """
     if len(params) != 4:
         raise GuestCallError(VERR_INVALID_PARAMETER)
     name, out, timestamp, size = params
     # ``type(x) is``: the parameter classes are final (see ``write_back``).
     if (
-        type(out) is not HostBuffer
+        type(name) is not HostBuffer
+        or type(out) is not HostBuffer
         or not out.data
         or type(timestamp) is not HostU64
         or type(size) is not HostU32
     ):
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    return name, out, timestamp, size
+    raw = name.data
+    end = raw.find(0)
+    if end < 0 or not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE or _find_forbidden_byte(raw):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    try:
+        text = raw[:end].decode()
+    except UnicodeDecodeError:
+        raise GuestCallError(VERR_INVALID_PARAMETER) from None
+    return text, out, timestamp, size
 
 
 def c_string(parm: HostParm) -> CString:

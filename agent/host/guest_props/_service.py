@@ -253,9 +253,7 @@ class GuestPropertyService:
         return self._store.delete(name, is_guest=True)
 
     def _get_prop(self, call: HgcmCallHandle) -> int:
-        name_parm, out, timestamp, size = _params.get_prop_params(call.params)
-        name, raw_name = _params.c_string(name_parm)
-        _params.check_name(raw_name)
+        name, out, timestamp, size = _params.get_prop_params(call.params)
         prop = self._store.get(name)
         if prop is None:
             return VERR_NOT_FOUND
