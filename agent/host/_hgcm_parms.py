@@ -42,6 +42,9 @@ _HIGH_WORD: Final = L.HgcmParameter64.page_list_offset.offset // WORD_SIZE
 """A page list's ``offset`` and the high half of ``value64``."""
 _VALUE_AT: Final = L.HgcmParameter64.value32.offset
 """Where ``value32``, ``value64`` and a buffer's ``size`` start in either layout."""
+_VALUES_AT: Final = CALL_PARMS_OFFSET + _VALUE_AT
+"""The first parameter's value in the request: a parameter's is as many bytes further as
+its words in the array (:func:`parse_parms`)."""
 _U32: Final = L.HgcmParameter64.value32.codec
 _U64: Final = L.HgcmParameter64.value64.codec
 """What :func:`write_back` packs at :data:`_VALUE_AT`, without a field's ``set`` per value."""
@@ -68,6 +71,8 @@ _TO_HOST: Final = int(PageListDirection.TO_HOST)
 _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
 """Enum members read once, as plain ints: an enum attribute lookup costs more than the
 comparison, and a comparison of two exact ints is the interpreter's fast one."""
+_DIRECTIONS: Final = frozenset({_TO_HOST, _FROM_HOST, _BOTH})
+"""The valid direction flags of a page list (``VBOX_HGCM_F_PARM_ARE_VALID``)."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -123,9 +128,7 @@ def parse_parms(
     values: list[ValueSlot] = []
     outputs: list[PageOutput] = []
     cost = CACHED_COMMAND_COST if count <= CACHED_COMMAND_PARMS else command_cost(count)
-    at = 0
-    value_at = CALL_PARMS_OFFSET + _VALUE_AT
-    for _ in range(count):
+    for at in range(0, per_parm * count, per_parm):
         raw_type = words[at]
         value = words[at + _VALUE_WORD]
         parm: HostParm
@@ -140,11 +143,11 @@ def parse_parms(
             parm = buffer
         elif raw_type == _U32_TYPE:
             u32 = HostU32(value)
-            values.append((value_at, u32))
+            values.append((_VALUES_AT + at * WORD_SIZE, u32))
             parm = u32
         elif raw_type == _U64_TYPE:
             u64 = HostU64(value | words[at + _HIGH_WORD] << 32)
-            values.append((value_at, u64))
+            values.append((_VALUES_AT + at * WORD_SIZE, u64))
             parm = u64
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
@@ -153,8 +156,6 @@ def parse_parms(
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
         params.append(parm)
-        at += per_parm
-        value_at += parm_size
     if cost > MAX_HGCM_DATA_SIZE:
         msg = f"the call would cost the host {cost} bytes, over {MAX_HGCM_DATA_SIZE}"
         raise ParmError(msg, VERR_NO_MEMORY)
@@ -207,7 +208,7 @@ def _parse_page_list(
         if not 0 < count <= room:
             msg = f"page list at {list_at}: {count} pages, room for {room}"
             raise ParmError(msg)
-    if not flags or flags & ~_BOTH:
+    if flags not in _DIRECTIONS:
         msg = f"page list at {list_at}: direction flags {flags:#x}"
         raise ParmError(msg, VERR_INVALID_FLAGS)
     if first >= PAGE_SIZE:
