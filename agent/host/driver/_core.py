@@ -16,7 +16,7 @@ import trio
 
 # By name: trio's module has a __getattr__, which keeps trio.lowlevel.X from being
 # specialised, so it is looked up the slow way on every call (and this is on every get).
-from trio.lowlevel import checkpoint
+from trio.lowlevel import cancel_shielded_checkpoint, checkpoint
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._log import host_log as _log
@@ -305,7 +305,10 @@ class Driver:
         Raises:
             OSError: the errno the driver returns; ``buf`` is then left untouched.
         """
-        await checkpoint()
+        # A schedule point, not a cancellation point: a signal does not keep a system call
+        # out of the driver, only its interruptible waits see one (the transport checked for
+        # a cancellation before it marked the call issued).
+        await cancel_shielded_checkpoint()
         if session.lost:
             raise fail(errno.ENODEV)
         if session.closed:
