@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from agent.device import Device, DeviceOpener
+    from agent.protocol import Submission
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
@@ -240,8 +241,8 @@ class HandoverWrapper:
     async def read_target(self) -> HostTarget:
         return await self._handover.read_target()
 
-    async def inflate(self, chunk: Chunk) -> None:
-        await self._handover.inflate(chunk)
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        await self._handover.inflate(chunk, submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         await self._handover.deflate(chunk)
@@ -269,9 +270,9 @@ class ErrnoOnce(HandoverWrapper):
         self._fail("read_target")
         return await super().read_target()
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         self._fail("inflate")
-        await super().inflate(chunk)
+        await super().inflate(chunk, submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         self._fail("deflate")

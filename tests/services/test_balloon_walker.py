@@ -21,7 +21,7 @@ from agent.services.balloon._walker import BATCH_CHUNKS, ChunkWalker
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.protocol import ChunkPages
+    from agent.protocol import ChunkPages, Submission
     from agent.services.balloon._chunks import Chunk
 
 CHUNK_BYTES = 1 << 20
@@ -40,10 +40,11 @@ class BlockingHandover:
     async def read_target(self) -> HostTarget:
         raise NotImplementedError
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         del chunk
         self.inflates += 1
         if self.inflates == self.block_at:
+            submission.issued = True  # held by the host: the driver has the call
             self.blocked.set()
             await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
@@ -169,13 +170,13 @@ class ScriptedHandover(BlockingHandover):
         self.refuse_at = refuse_at
         self.on_inflate: Callable[[int], None] = lambda _number: None
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         self.on_inflate(self.inflates + 1)
         if self.inflates + 1 == self.refuse_at:
             self.inflates += 1
             await trio.lowlevel.checkpoint()
             raise VBoxStatusError(VERR_NO_MEMORY, "VBGL_IOCTL_CHANGE_BALLOON")
-        await super().inflate(chunk)
+        await super().inflate(chunk, submission)
 
 
 def _walker(handover: BlockingHandover, allocator: TrackingAllocator) -> ChunkWalker:

@@ -16,7 +16,7 @@ from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
 
 if TYPE_CHECKING:
     from agent.device import Device
-    from agent.protocol import ChunkPages
+    from agent.protocol import ChunkPages, Submission
     from agent.services.balloon._chunks import Chunk
 
 
@@ -38,8 +38,9 @@ class Handover(Protocol):
         """Read (and acknowledge) the host's target."""
         ...
 
-    async def inflate(self, chunk: Chunk) -> None:
-        """Give ``chunk`` to the host.
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        """Give ``chunk`` to the host; ``submission`` is marked issued once the request may
+        have reached the driver (a call cancelled before that never reached the host).
 
         Raises:
             VBoxStatusError: the driver or host refused.
@@ -68,9 +69,9 @@ class OracleHandover:
         status = await self._device.check_balloon()
         return HostTarget(status.chunks, None)
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_BALLOON`` with inflate set: the driver locks the chunk and tells the host."""
-        await self._device.request(ChangeBalloon(chunk.address, inflate=True))
+        await self._device.request(ChangeBalloon(chunk.address, inflate=True), submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         """``CHANGE_BALLOON`` with inflate clear."""
@@ -94,9 +95,9 @@ class PassthroughHandover:
         target = await self._device.request(GetMemBalloonChangeRequest(acknowledge=True))
         return HostTarget(target.chunks, target.phys_mem_chunks)
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_MEMBALLOON`` with the chunk's pages."""
-        await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)))
+        await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)), submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         """``CHANGE_MEMBALLOON`` with inflate clear."""

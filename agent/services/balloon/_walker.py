@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
-from agent.protocol import VBoxStatusError
+from agent.protocol import Submission, VBoxStatusError
 from agent.services.balloon._chunks import Chunk, ChunkError
 from agent.services.balloon._mode import CHUNK_MB
 
@@ -266,15 +266,20 @@ class ChunkWalker:
         try:
             while ready and len(self.held) < self.goal:
                 chunk = ready[-1]
+                submission = Submission()
                 try:
-                    await self.handover.inflate(chunk)
+                    await self.handover.inflate(chunk, submission)
                 except VBoxStatusError as exc:  # still ready: unmapped below
                     # The host's status, or the driver's errno as the status it stands for.
                     msg = f"{exc.operation}: {exc.name}"
                     raise WalkStoppedError(msg) from exc
                 except BaseException:
-                    # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
-                    self.held.append(ready.pop())
+                    # Cancelled mid-call. Once issued, the host may hold the chunk (a real host
+                    # answers a deflate of pages it never took with no error, so the drain
+                    # cannot tell): held, the drain deflates it. Never issued, the host never
+                    # saw it: still ready, unmapped below.
+                    if submission.issued:
+                        self.held.append(ready.pop())
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
