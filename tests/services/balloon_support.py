@@ -193,6 +193,7 @@ async def running_balloon(
     psi_file: bool = False,
     sysctl_root: Path | None = None,
     opener_for: Callable[[SimulatedHost], DeviceOpener] = SimOpener,
+    status_changed: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
     (within ``drain_s``, as the daemon's drain time). The agent opens its device through
@@ -217,6 +218,7 @@ async def running_balloon(
                 mem_available_mb=mem_available_mb,
                 gauge=gauge,
                 sysctl_root=sysctl_root,
+                status_changed=status_changed,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)

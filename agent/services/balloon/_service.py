@@ -4,9 +4,10 @@
 device's answers (:mod:`._mode`, logged once) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
-  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore, when the
-  status is computed and, through the gauge's refresh, before every guest statistics report
-  (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed);
+  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore and,
+  through the gauge's refresh, before every guest statistics report (the kernel keeps 0x40
+  to itself, so nothing else tells the agent the size changed, and nothing polls it); the
+  status shows the size with the time it was read;
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor the call is
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
@@ -42,6 +43,7 @@ while the kernel reuses the pages (logged at critical).
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -168,6 +170,8 @@ class BalloonService:
         """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
         self._target = 0
+        self._read_at = 0.0
+        """Kernel mode: when the size was last read (wall-clock seconds)."""
         self._read_pending = True
         self._read_done = trio.Event()
         """Set when the next read to start has ended, or when the service stops (a gauge
@@ -207,13 +211,16 @@ class BalloonService:
         return self._walker
 
     def status(self) -> str:
-        """``balloon 64/128 MB (allocated)``; asks the kernel for a fresh size in kernel mode."""
+        """``balloon 64/128 MB (allocated)``; in kernel mode the size last read, and when.
+
+        It reads nothing: no event tells the agent that the kernel's balloon moved, so a
+        status that asked for a read would follow every change it found with another read.
+        """
         mode = self._mode
         if mode is None:
             return "balloon starting"
         if mode is BalloonMode.KERNEL:
-            self._request_read()
-            return f"balloon {self._chunks * CHUNK_MB} MB (kernel)"
+            return f"balloon {self._chunks * CHUNK_MB} MB (kernel, {_read_at(self._read_at)})"
         if mode is BalloonMode.TRIGGERED:
             postponed = ", postponed" if self._postponed_since is not None else ""
             return f"balloon {self._chunks * CHUNK_MB} MB (triggered{postponed})"
@@ -405,6 +412,7 @@ class BalloonService:
         mode = detected.mode
         self._mode = mode
         self._chunks = self._target = detected.chunks
+        self._read_at = time.time()
         # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
         self._read_pending = self._read_pending or mode.agent_holds_chunks
         kept = _KEPT.pop(self._device, None)
@@ -532,8 +540,11 @@ class BalloonService:
         self._target = status.chunks
         self._publish(status.chunks)
         changed = status.chunks != self._chunks
-        if changed:
-            self._chunks = status.chunks
+        self._chunks = status.chunks
+        if self._mode is BalloonMode.KERNEL:
+            self._read_at = time.time()  # the status shows when: it changes with every read
+            self._status_changed()
+        elif changed:
             self._status_changed()
         # A size the log already shows is no news: repeated reads stay at debug.
         (log.info if changed else log.debug)(
@@ -802,6 +813,11 @@ def _memlock_fields() -> dict[str, object]:
         "memlock_limit_mb": "unlimited" if limit is None else limit >> 20,
         "memlock_unlimited_by_capability": has_ipc_lock(),
     }
+
+
+def _read_at(seconds: float) -> str:
+    """When the kernel's balloon was last read, for the status (UTC, to the second)."""
+    return time.strftime("read %Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
