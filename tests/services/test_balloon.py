@@ -284,8 +284,10 @@ class TestFollowsTarget:
                 await run.settle(16)
                 if run.service.mode is BalloonMode.KERNEL:
                     await gauge.read()  # asks the driver for the size, as a statistics report
-                await run.until(lambda: run.service.statistics().chunks == 16)
-                assert run.service.statistics().target == 16
+                await run.until(lambda: run.service.statistics().target == 16)
+                # Triggered mode: the driver's answer is the target; it never tells its size.
+                expected = None if run.service.mode is BalloonMode.TRIGGERED else 16
+                assert run.service.statistics().chunks == expected
                 assert "16" in run.service.status()
                 assert gauge.chunks == 16
         assert gauge.chunks is None
@@ -1148,7 +1150,7 @@ class TestTriggeredAndKernel:
                     run = Running(host, device, service, inner)
                     await start_in_scope(inner, service, trio.CancelScope())
                     await run.until(lambda: service.reads == 1)
-                    assert service.statistics().chunks == run.host_chunks == target
+                    assert service.statistics().target == run.host_chunks == target
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
 
@@ -1435,3 +1437,27 @@ class _StopOnAllocate(SimChunks):
     def allocate(self) -> int:
         self._scope.cancel()
         return super().allocate()
+
+
+class TestSizesSayWhatTheyAre:
+    """Each size the service shows is named for what it is: what the balloon holds, or the
+    host's target."""
+
+    async def test_triggered_mode_shows_a_target_not_a_balloon(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Oracle's driver answers CHECK_BALLOON with the host's target whatever it managed
+        to allocate (the host refused every chunk here): the status calls it a target, the
+        statistics know no balloon size, and the gauge, which the guest statistics report,
+        carries the answer as VBoxService reports it."""
+        gauge = BalloonGauge()
+        with trio.fail_after(60):
+            async with running_balloon(personality="oracle", gauge=gauge) as run:
+                assert run.service.mode is BalloonMode.TRIGGERED
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY)
+                run.host.set_balloon_target(64)
+                await run.until(lambda: run.service.reads == 1)
+                assert run.host_chunks == 0
+                assert run.service.status() == "balloon target 64 MB (triggered)"
+                statistics = run.service.statistics()
+                assert (statistics.chunks, statistics.target, gauge.chunks) == (None, 64, 64)

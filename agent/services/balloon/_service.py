@@ -103,15 +103,17 @@ the target on top of them."""
 class BalloonStatistics:
     """The balloon as the agent sees it (sizes in 1 MiB chunks).
 
-    ``chunks`` is what the agent holds (allocated/owned) or the driver's last answer
-    (kernel: its count; triggered: the target it applied). ``target`` is the host's last
-    target; in kernel mode, where only the kernel reads it, the size last read.
+    ``chunks`` is what the balloon holds as far as the agent knows: the chunks the agent holds
+    (allocated/owned), the kernel's count as last read (kernel), None in triggered mode
+    (Oracle's driver answers ``CHECK_BALLOON`` with the host's target, which it applies,
+    never with what it holds). ``target`` is the host's last target (triggered: that
+    answer); in kernel mode, where only the kernel reads it, the size last read.
     ``cap`` is the pressure cap.
     """
 
     mode: str | None
     target: int
-    chunks: int
+    chunks: int | None
     cap: int | None
     inflated: int
     deflated: int
@@ -169,6 +171,8 @@ class BalloonService:
         self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
+        """The driver's last CHECK_BALLOON answer (kernel and triggered modes): the kernel's
+        count on the in-tree driver, the host's target on Oracle's, which applies it."""
         self._target = 0
         self._read_at = 0.0
         """Kernel mode: when the size was last read (wall-clock seconds)."""
@@ -222,8 +226,9 @@ class BalloonService:
         if mode is BalloonMode.KERNEL:
             return f"balloon {self._chunks * CHUNK_MB} MB (kernel, {_read_at(self._read_at)})"
         if mode is BalloonMode.TRIGGERED:
+            # The driver's answer is the target it applied; what it holds it does not say.
             postponed = ", postponed" if self._postponed_since is not None else ""
-            return f"balloon {self._chunks * CHUNK_MB} MB (triggered{postponed})"
+            return f"balloon target {self._chunks * CHUNK_MB} MB (triggered{postponed})"
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
@@ -237,7 +242,7 @@ class BalloonService:
         return BalloonStatistics(
             mode=None if self._mode is None else str(self._mode),
             target=walker.target if walker is not None else self._target,
-            chunks=len(walker.held) if walker is not None else self._chunks,
+            chunks=self._size_fields().get("chunks"),
             cap=walker.cap if walker is not None else None,
             inflated=walker.inflated if walker is not None else 0,
             deflated=walker.deflated if walker is not None else 0,
@@ -504,7 +509,7 @@ class BalloonService:
         else:
             self.reads += 1
             if self._read_backoff.succeeded():
-                log.info("balloon_check_recovered", chunks=self._chunks)
+                log.info("balloon_check_recovered", **self._size_fields())
 
     async def _refresh_gauge(self) -> None:
         """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
@@ -548,7 +553,7 @@ class BalloonService:
             self._status_changed()
         # A size the log already shows is no news: repeated reads stay at debug.
         (log.info if changed else log.debug)(
-            "balloon_checked", mode=str(self._mode), chunks=status.chunks
+            "balloon_checked", mode=str(self._mode), **self._size_fields()
         )
 
     def _check_frames(self, walker: ChunkWalker) -> None:
@@ -773,8 +778,7 @@ class BalloonService:
         log.info(
             "balloon_pressure_eased",
             hold_s=self._section.pressure_cooldown_s * self._hold_factor,
-            chunks=len(walker.held) if walker is not None else self._chunks,
-            target=walker.target if walker is not None else self._target,
+            **self._size_fields(),
             action="grow toward the target" if walker is not None else "resume CHECK_BALLOON",
         )
         if walker is not None:
@@ -783,6 +787,18 @@ class BalloonService:
         self._poke.set()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _size_fields(self) -> dict[str, int]:
+        """The balloon's sizes for a log line, each named for what it is: ``chunks`` what the
+        balloon holds as far as the agent knows (its own chunks; in kernel mode the kernel's
+        count), ``target`` the host's target where the agent knows it (in triggered mode the
+        driver's answer, the target it applied: it never says what it holds)."""
+        walker = self._walker
+        if walker is not None:
+            return {"chunks": len(walker.held), "target": walker.target}
+        if self._mode is BalloonMode.KERNEL:
+            return {"chunks": self._chunks}
+        return {"target": self._chunks}
 
     def _publish(self, chunks: int) -> None:
         self._gauge.chunks = chunks
