@@ -1461,3 +1461,29 @@ class TestSizesSayWhatTheyAre:
                 assert run.service.status() == "balloon target 64 MB (triggered)"
                 statistics = run.service.statistics()
                 assert (statistics.chunks, statistics.target, gauge.chunks) == (None, 64, 64)
+
+    @pytest.mark.parametrize(
+        ("kind", "sizes"),
+        [
+            ("mainline", {"chunks": 0}),
+            ("oracle", {"target": 8}),
+            ("passthrough", {"chunks": 0, "target": 8}),
+        ],
+    )
+    async def test_the_mode_line_names_its_sizes(
+        self, autojump_clock: trio.abc.Clock, kind: str, sizes: dict[str, int]
+    ) -> None:
+        """The host asked for 8 MB before the agent started. ``balloon_mode`` shows the
+        kernel's count in kernel mode (the kernel balloons only once the agent filters
+        0x40), the target Oracle's driver answered with in triggered mode, and the agent's
+        chunks and the target it read in owned mode."""
+
+        async def ask_for_8_mb(host: SimulatedHost) -> None:
+            host.set_balloon_target(8)
+            await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), before=ask_for_8_mb):
+                pass
+        [line] = [e for e in logs if e["event"] == "balloon_mode"]
+        assert sizes == {key: line[key] for key in ("chunks", "target") if key in line}

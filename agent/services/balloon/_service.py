@@ -426,8 +426,12 @@ class BalloonService:
         elif mode.agent_holds_chunks:
             self._walker = self._new_walker(mode, kept)
             self._mode_of_walker = mode
+        if self._walker is not None:  # the probe read the target; the agent holds its chunks
+            sizes = {"chunks": len(self._walker.held), "target": detected.chunks}
+        else:
+            sizes = self._size_fields()
         memlock = _memlock_fields() if mode.agent_holds_chunks else {}
-        log.info("balloon_mode", mode=str(mode), chunks=detected.chunks, **memlock)
+        log.info("balloon_mode", mode=str(mode), **sizes, **memlock)
         self.mode_known.set()
         self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
         self._status_changed()
