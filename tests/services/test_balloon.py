@@ -31,6 +31,7 @@ from agent.protocol import (
 from agent.protocol.constants import BALLOON_CHUNK_SIZE
 from agent.protocol.status import (
     VERR_GENERAL_FAILURE,
+    VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
     VERR_PERMISSION_DENIED,
 )
@@ -1487,3 +1488,30 @@ class TestSizesSayWhatTheyAre:
                 pass
         [line] = [e for e in logs if e["event"] == "balloon_mode"]
         assert sizes == {key: line[key] for key in ("chunks", "target") if key in line}
+
+
+class TestOracleEmptyBalloon:
+    """Oracle's driver refuses a deflate with VERR_INVALID_PARAMETER when its balloon is
+    empty; the host's own VERR_INVALID_PARAMETER comes back the same way."""
+
+    async def test_a_deflate_the_host_refuses_keeps_the_chunk(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Ring-3 balloon of 2 chunks, both known to be in the driver; the host refuses the
+        first deflate with VERR_INVALID_PARAMETER, which the driver passes on keeping the
+        chunk. The agent keeps it too and asks again: nothing is left at the host, nothing
+        mapped."""
+        chunks = SimChunks()
+        with trio.fail_after(60):
+            async with running_balloon(
+                personality="", host=_host("oracle-r3"), allocator=chunks, before=hand_to_ring3
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(2)
+                await run.settle(2)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_INVALID_PARAMETER)
+                run.host.set_balloon_target(0)
+                await run.until(lambda: not walker.held)
+                assert (run.host_chunks, walker.failures) == (0, 1)
+                assert chunks.live == {}

@@ -51,8 +51,10 @@ class Handover(Protocol):
         """Take ``chunk`` back from the host."""
         ...
 
-    def never_held(self, rc: int) -> bool:
-        """Whether a failed deflate's status means the host never had the chunk."""
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        """Whether a failed deflate's status means the host never had the chunk;
+        ``balloon_empty``: whether the driver may hold none of the agent's chunks (every
+        chunk held is one whose inflate was cancelled with its outcome unknown)."""
         ...
 
 
@@ -77,9 +79,18 @@ class OracleHandover:
         """``CHANGE_BALLOON`` with inflate clear."""
         await self._device.request(ChangeBalloon(chunk.address, inflate=False))
 
-    def never_held(self, rc: int) -> bool:
-        """Unknown address (VERR_NOT_FOUND) or an empty balloon (VERR_INVALID_PARAMETER)."""
-        return rc in (VERR_NOT_FOUND, VERR_INVALID_PARAMETER)
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        """An address the driver does not know (VERR_NOT_FOUND), or VERR_INVALID_PARAMETER
+        while its balloon may be empty.
+
+        ``vgdrvSetBalloonSizeFromUser`` refuses a deflate with VERR_INVALID_PARAMETER when
+        its balloon holds no chunk, before it looks for this one; the same status from the
+        host's CHANGE_MEMBALLOON (passed on by ``vgdrvBalloonDeflate``) leaves the chunk in
+        the driver. With any chunk known to be in the driver's balloon it is the host's.
+        """
+        if rc == VERR_NOT_FOUND:
+            return True
+        return rc == VERR_INVALID_PARAMETER and balloon_empty
 
 
 class PassthroughHandover:
@@ -103,8 +114,9 @@ class PassthroughHandover:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
         await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)))
 
-    def never_held(self, rc: int) -> bool:
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
         """The host does not know the pages."""
+        del balloon_empty  # the request goes to the host as it is
         return rc == VERR_NOT_FOUND
 
 

@@ -86,11 +86,13 @@ TRIGGERED_NOTE: Final = (
 
 @dataclass(frozen=True, slots=True)
 class _Kept:
-    """Chunks a drain could not give back (still mapped, and held by the host), and the
-    allocator they came from."""
+    """Chunks a drain could not give back (still mapped, and held by the host), the
+    allocator they came from, and which of them the driver may not have
+    (``ChunkWalker.unconfirmed``)."""
 
     allocator: ChunkAllocator
     chunks: list[Chunk]
+    unconfirmed: set[int]
 
 
 _KEPT: Final[weakref.WeakKeyDictionary[Device, _Kept]] = weakref.WeakKeyDictionary()
@@ -345,7 +347,7 @@ class BalloonService:
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
-        _KEPT[self._device] = _Kept(walker.allocator, walker.held)
+        _KEPT[self._device] = _Kept(walker.allocator, walker.held, walker.unconfirmed)
         figures = {
             "returned": held - kept,
             "kept": kept,
@@ -465,7 +467,7 @@ class BalloonService:
             resized=self._publish,
         )
         if kept is not None:
-            walker.held = kept.chunks
+            walker.held, walker.unconfirmed = kept.chunks, kept.unconfirmed
             log.info("balloon_chunks_taken_over", chunks=len(kept.chunks))
         return walker
 

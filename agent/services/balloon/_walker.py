@@ -90,6 +90,9 @@ class ChunkWalker:
         self._available_known = True
         """Whether the last reading found MemAvailable (the floor is checked only then)."""
         self.held: list[Chunk] = []
+        self.unconfirmed: set[int] = set()
+        """Addresses of held chunks whose inflate was cancelled once issued: the driver may
+        or may not have them."""
         self.target = 0
         self.max_chunks: int | None = None
         self.cap: int | None = None
@@ -280,6 +283,7 @@ class ChunkWalker:
                     # saw it: still ready, unmapped below.
                     if submission.issued:
                         self.held.append(ready.pop())
+                        self.unconfirmed.add(chunk.address)
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
@@ -347,9 +351,12 @@ class ChunkWalker:
         try:
             await self.handover.deflate(chunk)
         except VBoxStatusError as exc:  # a host status, or a driver errno as the status
-            if not self.handover.never_held(exc.rc):
+            unconfirmed = self.unconfirmed
+            empty = all(held.address in unconfirmed for held in self.held)
+            if not self.handover.never_held(exc.rc, balloon_empty=empty):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
+        self.unconfirmed.discard(chunk.address)
         if self.held[-1] is chunk:
             self.held.pop()
         else:
