@@ -1515,3 +1515,31 @@ class TestOracleEmptyBalloon:
                 await run.until(lambda: not walker.held)
                 assert (run.host_chunks, walker.failures) == (0, 1)
                 assert chunks.live == {}
+
+
+class TestLeftToTheDriver:
+    """Where the driver holds the balloon, the drain gives nothing back and says so once."""
+
+    @pytest.mark.parametrize(
+        ("kind", "sizes"), [("mainline", {"chunks": 32}), ("oracle", {"target": 32})]
+    )
+    async def test_a_balloon_the_driver_keeps_is_one_warning(
+        self, autojump_clock: trio.abc.Clock, kind: str, sizes: dict[str, int]
+    ) -> None:
+        """The in-tree driver keeps its kernel's chunks once 0x40 leaves the filter (no
+        later request reaches the kernel, a deflate neither); Oracle's keeps them until the
+        session closes. One warning names the size and why; an empty balloon is no news."""
+        gauge = BalloonGauge()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), gauge=gauge) as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                await gauge.read()  # kernel mode: the size as a statistics report reads it
+                await run.until(lambda: run.service.statistics().target == 32)
+            async with running_balloon(personality="", host=_host(kind)):
+                pass
+        [line] = [e for e in logs if e["event"] == "balloon_left_to_driver"]
+        assert (line["log_level"], line["mode"]) == ("warning", run.service.mode)
+        assert sizes == {key: line[key] for key in ("chunks", "target") if key in line}
+        why = "0x40 leaves the event filter" if kind == "mainline" else "closes the device"
+        assert why in line["reason"]

@@ -37,7 +37,8 @@ deflates whatever the driver holds. In owned mode nothing does, so a refused chu
 passed over for the others and retried until the drain time runs out. The chunks a drain
 could not give back are taken over by the next instance on the same device in this
 process; in owned mode, what is left when the process exits stays ballooned at the host
-while the kernel reuses the pages (logged at critical).
+while the kernel reuses the pages (logged at critical). In kernel and triggered modes the
+driver holds the balloon and keeps it: one warning says so (``balloon_left_to_driver``).
 """
 
 from __future__ import annotations
@@ -323,9 +324,10 @@ class BalloonService:
         await self._follow()
 
     async def drain(self) -> None:
-        """Give back every chunk the agent holds; the driver's chunks go with the session."""
+        """Give back every chunk the agent holds; say so where the driver keeps its own."""
         walker = self._walker
         if walker is None:
+            self._leave_to_driver()
             self._gauge.chunks = None
             return
         held = len(walker.held)
@@ -344,6 +346,31 @@ class BalloonService:
         else:
             self._gauge.chunks = None
             log.info("balloon_drained", returned=held)
+
+    def _leave_to_driver(self) -> None:
+        """Kernel and triggered modes: one warning when the driver keeps a balloon that
+        nobody follows once the service stops (nothing the agent can give back)."""
+        if self._chunks == 0:
+            return
+        if self._mode is BalloonMode.KERNEL:
+            log.warning(
+                "balloon_left_to_driver",
+                mode=str(self._mode),
+                chunks=self._chunks,
+                reason="the in-tree driver keeps the chunks its kernel ballooned (as last"
+                " read), and with the service stopped 0x40 leaves the event filter: no later"
+                " request of the host, a deflate neither, reaches the kernel until the service"
+                " runs again (nor does the driver deflate at unload)",
+            )
+        elif self._mode is BalloonMode.TRIGGERED:
+            log.warning(
+                "balloon_left_to_driver",
+                mode=str(self._mode),
+                target=self._chunks,
+                reason="Oracle's driver keeps the chunks it allocated for this target until"
+                " this process closes the device, which deflates them; until then no"
+                " CHECK_BALLOON applies the host's later requests",
+            )
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
