@@ -1428,8 +1428,8 @@ async def _run_until_stopped(
 
 
 class _StopOnAllocate(SimChunks):
-    """Chunks that cancel ``scope`` as one is mapped: the service stops at the walker's next
-    checkpoint, the driver's entry to the ioctl that hands the chunk over."""
+    """Chunks that cancel ``scope`` as one is mapped: the service stops before the ioctl that
+    hands the chunk over is issued (the transport's check for a cancelled caller)."""
 
     def __init__(self, scope: trio.CancelScope) -> None:
         super().__init__()
