@@ -90,21 +90,26 @@ class ParmError(Exception):
         self.rc = rc
 
 
-PageListSpan = tuple[int, tuple[int, ...], int]
-"""A page-list parameter's index, its guest-physical pages and the offset into the first."""
+ValueSlot = tuple[int, HostU32 | HostU64]
+"""A value parameter and where its value lies in the request (from the request's start)."""
+PageOutput = tuple[HostBuffer, tuple[int, ...], int]
+"""A page list the host writes back to (direction FROM_HOST): its buffer, its guest-physical
+pages and the offset into the first."""
+ParsedParms = tuple[list[HostParm], list[ValueSlot], list[PageOutput]]
+"""What :func:`parse_parms` finds: the parameters, and what :func:`write_back` writes."""
 
 
 def parse_parms(
     req: bytes | bytearray, memory: GuestMemory, layout: ParmLayout, count: int
-) -> tuple[list[HostParm], list[PageListSpan]]:
+) -> ParsedParms:
     """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
 
     The caller has checked that the array lies within ``req`` (a call whose array ends past
     the request is refused before its parameters are read).
 
     Returns:
-        the parameters as the service sees them, and where each page list's data lives,
-        for :func:`write_back`.
+        the parameters as the service sees them, and for :func:`write_back` where each
+        value parameter's value lies and each page list the host writes to.
 
     Raises:
         ParmError: an unsupported type, a page list outside the request, bad page addresses,
@@ -115,34 +120,41 @@ def parse_parms(
     extra = CALL_PARMS_OFFSET + parm_size * count  # where the array ends
     words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
-    page_lists: list[PageListSpan] = []
+    values: list[ValueSlot] = []
+    outputs: list[PageOutput] = []
     cost = command_cost(count)
     at = 0
-    for index in range(count):
+    value_at = CALL_PARMS_OFFSET + _VALUE_AT
+    for _ in range(count):
         raw_type = words[at]
         value = words[at + _VALUE_WORD]
-        if raw_type == _U32_TYPE:
-            params.append(HostU32(value))
-        elif raw_type == _U64_TYPE:
-            params.append(HostU64(value | words[at + _HIGH_WORD] << 32))
-        elif raw_type == _PAGELIST_TYPE:
-            buffer, pages, first = _parse_page_list(
-                req, memory, value, words[at + _HIGH_WORD], extra=extra
+        parm: HostParm
+        if raw_type == _PAGELIST_TYPE:
+            parm, pages = _parse_page_list(
+                req, memory, value, words[at + _HIGH_WORD], extra=extra, outputs=outputs
             )
-            params.append(buffer)
-            page_lists.append((index, pages, first))
-            cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
+            cost += value if pages == 1 else value + PAGE_ADDRESS_SIZE * pages
+        elif raw_type == _U32_TYPE:
+            u32 = HostU32(value)
+            values.append((value_at, u32))
+            parm = u32
+        elif raw_type == _U64_TYPE:
+            u64 = HostU64(value | words[at + _HIGH_WORD] << 32)
+            values.append((value_at, u64))
+            parm = u64
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
-            params.append(HostBuffer(bytearray(), readable, writable, 0))
+            parm = HostBuffer(bytearray(), readable, writable, 0)
         else:
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
+        params.append(parm)
         at += per_parm
+        value_at += parm_size
     if cost > MAX_HGCM_DATA_SIZE:
         msg = f"the call would cost the host {cost} bytes, over {MAX_HGCM_DATA_SIZE}"
         raise ParmError(msg, VERR_NO_MEMORY)
-    return params, page_lists
+    return params, values, outputs
 
 
 def command_cost(count: int) -> int:
@@ -164,9 +176,18 @@ def _word_array(words: int) -> struct.Struct:
 
 
 def _parse_page_list(
-    req: bytes | bytearray, memory: GuestMemory, size: int, list_at: int, *, extra: int
-) -> tuple[HostBuffer, tuple[int, ...], int]:
+    req: bytes | bytearray,
+    memory: GuestMemory,
+    size: int,
+    list_at: int,
+    *,
+    extra: int,
+    outputs: list[PageOutput],
+) -> tuple[HostBuffer, int]:
     """Check a page list as ``vmmdevR3HgcmCallFetchGuestParms`` does, in its order, then read it.
+
+    Returns the buffer and the list's page count; a list the host writes to (FROM_HOST) is
+    added to ``outputs``.
 
     The simulated host is stricter than VMMDev in one respect: it also refuses a list whose
     pages do not hold ``size`` bytes or name an unaligned page, where VMMDev would read past
@@ -201,8 +222,12 @@ def _parse_page_list(
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
     readable = (flags & _TO_HOST) != 0
+    writable = (flags & _FROM_HOST) != 0
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
-    return HostBuffer(data, readable, (flags & _FROM_HOST) != 0, size), pages, first
+    buffer = HostBuffer(data, readable, writable, size)
+    if writable:
+        outputs.append((buffer, pages, first))
+    return buffer, count
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:
@@ -246,40 +271,35 @@ def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) 
 
 def write_back(
     req: bytearray | memoryview,
-    params: list[HostParm],
-    page_lists: list[PageListSpan],
-    layout: ParmLayout,
+    values: list[ValueSlot],
+    outputs: list[PageOutput],
     memory: GuestMemory,
     *,
     base: int = 0,
 ) -> None:
     """Store the service's values into the request at ``base`` of ``req`` and its output
-    into the page lists' pages.
+    into the pages of the page lists it writes to.
 
     As ``vmmdevR3HgcmCompleteCallRequest`` does for page lists and linear buffers: a buffer's
     size in the request stays as the guest sent it, and the pages get the first
     ``min(size, len(data))`` bytes the service left (never more than the guest gave).
     """
-    at = base + CALL_PARMS_OFFSET + _VALUE_AT
-    step = layout.size
-    for parm in params:
+    for at, parm in values:
         # ``type(parm) is``: the parameter classes are final, and a failing ``isinstance``
-        # (every buffer's, here) also looks up the object's ``__class__``.
+        # also looks up the object's ``__class__``.
         if type(parm) is HostU32:
-            _U32.pack_into(req, at, parm.value & _U32_MAX)
-        elif type(parm) is HostU64:
-            _U64.pack_into(req, at, parm.value & _U64_MAX)
-        at += step
-    for index, pages, first in page_lists:
-        buffer = params[index]
-        if not isinstance(buffer, HostBuffer) or not buffer.writable:
-            continue
+            _U32.pack_into(req, base + at, parm.value & _U32_MAX)
+        else:
+            _U64.pack_into(req, base + at, parm.value & _U64_MAX)
+    for buffer, pages, first in outputs:
         data, size = buffer.data, buffer.size
-        if size >= len(data):
-            if data:
-                _scatter(memory, pages, first, data)
-        elif size > 0:
-            _scatter(memory, pages, first, data[:size])
+        if size < len(data):
+            if size <= 0:
+                continue
+            data = data[:size]
+        elif not data:
+            continue
+        _scatter(memory, pages, first, data)
 
 
 def _scatter(

@@ -17,6 +17,7 @@ every command.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
@@ -38,7 +39,6 @@ from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_REQ_DONE,
-    PAGE_SIZE,
     Event,
     RequestType,
 )
@@ -57,7 +57,7 @@ from agent.protocol.status import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.host._hgcm_parms import PageListSpan
+    from agent.host._hgcm_parms import PageOutput, ValueSlot
     from agent.host.hgcm_service import HgcmService, HostParm
     from agent.host.memory import GuestRam, Mapping
 
@@ -79,6 +79,9 @@ _CALL_TARGET: Final = L.run(
 _CALL_TARGET_AT: Final = L.HgcmCallRequest.client_id.offset
 _FLAGS_RESULT: Final = L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec
 """Runs kept as their struct, as in :mod:`agent.host._header_fields`."""
+_TYPE_AND_FLAGS: Final = struct.Struct(f"<I{H.HGCM_FLAGS_AT - H.REQUEST_TYPE_AT - 4}xI")
+_TYPE_AND_FLAGS_AT: Final = H.REQUEST_TYPE_AT
+"""The request's type and its HGCM flags, which completion reads together (one unpack)."""
 _ASYNC_EXECUTE_RC: Final = H.REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
 _PARM64: Final = L.HgcmParameter64
@@ -131,13 +134,14 @@ class _Command:
     """The function number."""
     request_type: int
     """The request's type as submitted (HGCM_CALL32 or HGCM_CALL64)."""
-    layout: ParmLayout
     params: list[HostParm]
     """The parameters, updated in place by the service."""
-    page_lists: list[PageListSpan]
-    """Where the page-list parameters' data goes back to."""
+    values: list[ValueSlot]
+    """Where the value parameters' values go back to."""
+    outputs: list[PageOutput]
+    """Where the page lists the host writes to have their pages."""
     locked: Mapping | None = None
-    """The request mapped in place, when VMMDev could lock it (see :meth:`HgcmHost.call`)."""
+    """The request mapped in place, when VMMDev locked it (see :meth:`HgcmHost.call`)."""
     cancelled: bool = False
     completed: bool = False
     stale: bool = False
@@ -148,8 +152,44 @@ class _Command:
         return self.client.client_id
 
     def complete(self, status: int) -> None:
-        """Finish the call with a VBox status (see :class:`HgcmHost`)."""
-        self.host.complete(self, status)
+        """Finish the call with a VBox status: write results back (unless cancelled) and
+        raise the HGCM event.
+
+        A locked request (``hgcmCompletedWorker``'s second path) gets its values, its result
+        and DONE in place; any other is read back and written whole
+        (:meth:`HgcmHost._finish`). On both paths the guest's other members stay as the
+        guest left them, and the type is checked as :meth:`HgcmHost._finish` says (the
+        locked path reads it through the mapping).
+
+        Raises:
+            RuntimeError: the service completed the call twice.
+        """
+        if self.stale:
+            return
+        if self.completed:
+            msg = f"HGCM call of client {self.client.client_id} completed twice"
+            raise RuntimeError(msg)
+        self.completed = True
+        self.client.calls.discard(self)
+        if self.cancelled:
+            return
+        host = self.host
+        host._commands.pop(self.phys, None)
+        if self.locked is None:
+            host._finish(self.req, self.phys, status, self._write_back)
+            return
+        view, at = self.locked
+        request_type, flags = _TYPE_AND_FLAGS.unpack_from(view, at + _TYPE_AND_FLAGS_AT)
+        if request_type == self.request_type:
+            write_back_parms(view, self.values, self.outputs, host._memory, base=at)
+        elif request_type != _HGCM_CANCEL:
+            status = VERR_INVALID_PARAMETER
+        _FLAGS_RESULT.pack_into(view, at + H.HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
+        host._notify(_HGCM_EVENT)
+
+    def _write_back(self, copy: bytearray) -> None:
+        """Store the results in a copy of the request read back from the guest."""
+        write_back_parms(copy, self.values, self.outputs, self.host._memory)
 
 
 class HgcmHost:
@@ -267,52 +307,48 @@ class HgcmHost:
         self._finish(req, phys, VINF_SUCCESS)
         return None
 
-    def call(self, req: bytearray, phys: int) -> int | None:
-        """HGCM_CALL32/64: parse the parameters and hand the call to the service.
+    def call(
+        self, req: bytearray, phys: int, request_type: int, locked: Mapping | None
+    ) -> int | None:
+        """HGCM_CALL32/64 of ``request_type``: parse the parameters and hand the call to the
+        service.
 
         In VMMDev's order: the parameter count (it must fit the request and be at most
         ``VMMDEV_MAX_HGCM_PARMS``), the parameters, then (in Main) the client and its
         pending-call limit.
 
-        A request that does not cross a page boundary is locked, as ``vmmdevRequestHandler``
-        maps such an HGCM call: its acceptance and its completion are written in place (see
-        :meth:`complete`). The simulated host takes the mapping once the call is accepted:
-        until then nothing is written through it.
+        ``locked`` is the request mapped in place, which the port handler takes for a call
+        within one page (``vmmdevRequestHandler``): its acceptance and its completion are
+        written there (see :meth:`_Command.complete`). The simulated host writes nothing
+        through it until the call is accepted. A request the guest frees and reuses
+        meanwhile differs: its completion goes to the simulated mapping's orphaned buffer,
+        a real host's to the pinned page's new occupant (only buggy guests do that).
         """
-        request_type = H.REQUEST_TYPE.unpack_from(req, H.REQUEST_TYPE_AT)[0]
         layout: ParmLayout = _PARM64 if request_type == H.HGCM_CALL64 else _PARM32
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
         if count > MAX_HGCM_PARMS or CALL_PARMS_OFFSET + layout.size * count > len(req):
             return VERR_INVALID_PARAMETER  # too many, or the array ends past the request
         try:
-            params, page_lists = parse_parms(req, self._memory, layout, count)
+            params, values, outputs = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
             return exc.rc
         client = self._caller(client_id, phys)
         if not isinstance(client, _Client):
             return client
-        H.REQUEST_RC.pack_into(req, H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
-        # Locked when it lies within one page (VMMDev's condition: its end, one past its
-        # last byte, is on the page it starts on). A request the guest frees and reuses
-        # meanwhile differs: its completion goes to the simulated mapping's orphaned buffer,
-        # a real host's to the pinned page's new occupant (only buggy guests do that).
-        locked = (
-            self._memory.lock(phys, len(req))
-            if (phys + len(req)) // PAGE_SIZE == phys // PAGE_SIZE
-            else None
-        )
+        # The guest sees the call accepted: VINF_HGCM_ASYNC_EXECUTE in its header (the host's
+        # copy keeps the guest's rc: it is never written back).
         if locked is not None:
             view, at = locked
             H.REQUEST_RC.pack_into(view, at + H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         command = _Command(
-            self, phys, req, client, function, request_type, layout, params, page_lists, locked
+            self, phys, req, client, function, request_type, params, values, outputs, locked
         )
         self._start(command)
         if locked is None and not command.completed:
-            # The guest sees the call accepted. One the service completed at once needs no
-            # such write: its completion wrote the whole request, this rc included, and
-            # nothing could read guest memory in between.
+            # One the service completed at once needs no such write: its completion wrote
+            # the whole request, this rc included, and nothing could read guest memory in
+            # between.
             self._write(phys + H.REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
         return None
 
@@ -331,51 +367,6 @@ class HgcmHost:
         command.cancelled = True
         command.client.service.cancel(command)
         return VINF_SUCCESS
-
-    # --- completion ------------------------------------------------------------------------
-
-    def complete(self, command: _Command, status: int) -> None:
-        """Finish ``command``: write results back (unless cancelled) and raise the event.
-
-        A locked request (``hgcmCompletedWorker``'s second path) gets its values, its result
-        and DONE in place; any other is read back and written whole (:meth:`_finish`). On
-        both paths the guest's other members stay as the guest left them, and the type is
-        checked as :meth:`_finish` says (the locked path reads it through the mapping).
-
-        Raises:
-            RuntimeError: the service completed the call twice.
-        """
-        if command.stale:
-            return
-        if command.completed:
-            msg = f"HGCM call of client {command.client_id} completed twice"
-            raise RuntimeError(msg)
-        command.completed = True
-        command.client.calls.discard(command)
-        if command.cancelled:
-            return
-        self._commands.pop(command.phys, None)
-        if command.locked is None:
-            self._finish(
-                command.req,
-                command.phys,
-                status,
-                lambda copy: write_back_parms(
-                    copy, command.params, command.page_lists, command.layout, self._memory
-                ),
-            )
-            return
-        view, at = command.locked
-        request_type = H.REQUEST_TYPE.unpack_from(view, at + H.REQUEST_TYPE_AT)[0]
-        if request_type == command.request_type:
-            write_back_parms(
-                view, command.params, command.page_lists, command.layout, self._memory, base=at
-            )
-        elif request_type != _HGCM_CANCEL:
-            status = VERR_INVALID_PARAMETER
-        flags = H.HGCM_FLAGS.unpack_from(view, at + H.HGCM_FLAGS_AT)[0]
-        _FLAGS_RESULT.pack_into(view, at + H.HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
-        self._notify(_HGCM_EVENT)
 
     # --- VM life cycle ---------------------------------------------------------------------
 
@@ -446,8 +437,9 @@ class HgcmHost:
         """
         req = old.req
         _, _, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
+        layout: ParmLayout = _PARM64 if old.request_type == H.HGCM_CALL64 else _PARM32
         try:
-            params, page_lists = parse_parms(req, self._memory, old.layout, count)
+            params, values, outputs = parse_parms(req, self._memory, layout, count)
         except ParmError as exc:
             self._fail_resubmit(old.phys, exc.rc)
             return
@@ -463,9 +455,9 @@ class HgcmHost:
                 client,
                 old.function,
                 old.request_type,
-                old.layout,
                 params,
-                page_lists,
+                values,
+                outputs,
             )
         )
 

@@ -47,6 +47,7 @@ from agent.protocol.constants import (
     MAX_GUEST_RAM_MB,
     MAX_VMMDEV_REQUEST_SIZE,
     MIN_GUEST_RAM_MB,
+    PAGE_SIZE,
     REQUEST_HEADER_VERSION,
     Event,
     GuestCapability,
@@ -95,11 +96,16 @@ _HEADER_START: Final = L.run(
 """What the port handler checks first: size, version and type (from offset 0)."""
 
 
+_HGCM_CALLS: Final = frozenset({int(RequestType.HGCM_CALL32), int(RequestType.HGCM_CALL64)})
+"""The requests the port handler maps in place when they lie within one page."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     size: int
     exact: bool
-    handle: Callable[[bytearray, int], int | None]
+    handle: Callable[[bytearray, int], int | None] | None
+    """None for the HGCM calls, which take the request's mapping too (:meth:`VMMDev.process`)."""
 
 
 class VMMDev:
@@ -179,7 +185,7 @@ class VMMDev:
                 return
         self.process(phys)
 
-    def process(self, phys: int) -> None:
+    def process(self, phys: int) -> None:  # noqa: PLR0912 - one inline path, see below
         """Handle the request at ``phys`` synchronously (the port handler proper)."""
         mapping = self.memory.lock(phys, HEADER_SIZE)  # the header, unpacked where it lies
         if mapping is None:
@@ -197,12 +203,14 @@ class VMMDev:
         # does for a request within one region), else read (EFAULT: ignored as unreadable).
         end = at + size
         if end <= len(view):
-            req = bytearray(view[at:end])
+            # A bytearray's slice is already a copy (a memoryview's is not).
+            req = view[at:end] if type(view) is bytearray else bytearray(view[at:end])
         else:
             try:
                 req = bytearray(self.memory.read(phys, size))
             except OSError:
                 return
+            mapping = None  # the request is not all in the header's mapping
         self.request_counts[request_type] += 1
         # Steps 3-6 of the module docstring, inline: every request of the guest passes here.
         rc: int | None
@@ -212,10 +220,17 @@ class VMMDev:
             rc = fault
         elif (entry := self._handlers.get(request_type)) is None:
             rc = VERR_NOT_IMPLEMENTED
-        elif len(req) < entry.size or (entry.exact and len(req) != entry.size):
+        elif size < entry.size or (entry.exact and size != entry.size):
             rc = VERR_INVALID_PARAMETER
-        else:
+        elif entry.handle is not None:
             rc = entry.handle(req, phys)
+        else:
+            if not self._hgcm_filter_enabled:
+                self._enable_hgcm_events()
+            # Mapped in place when it lies within one page (``vmmdevRequestHandler``'s test:
+            # its end, one past its last byte, is on the page it starts on).
+            in_page = (phys + size) // PAGE_SIZE == phys // PAGE_SIZE
+            rc = self.hgcm.call(req, phys, request_type, mapping if in_page else None)
         if rc is not None:
             H.REQUEST_RC.pack_into(req, H.REQUEST_RC_AT, rc)
             self._write(phys, req)
@@ -381,13 +396,13 @@ class VMMDev:
             t.GET_CPU_HOTPLUG_REQ: (L.CpuHotPlugRequest.size, self.cpu_hotplug.get_request),
             t.SET_CPU_HOTPLUG_STATUS: (L.CpuHotPlugStatusRequest.size, self.cpu_hotplug.set_status),
         }
-        at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None]]] = {
+        at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None] | None]] = {
             t.GUEST_HEARTBEAT: (HEADER_SIZE, self._guest_heartbeat),
             t.CHANGE_MEMBALLOON: (L.MemBalloonChangeRequest.phys_page.end, self._change_balloon),
             t.HGCM_CONNECT: (L.HgcmConnectRequest.size, self._hgcm(self.hgcm.connect)),
             t.HGCM_DISCONNECT: (L.HgcmDisconnectRequest.size, self._hgcm(self.hgcm.disconnect)),
-            t.HGCM_CALL32: (L.HgcmCallRequest.size, self._hgcm(self.hgcm.call)),
-            t.HGCM_CALL64: (L.HgcmCallRequest.size, self._hgcm(self.hgcm.call)),
+            t.HGCM_CALL32: (L.HgcmCallRequest.size, None),
+            t.HGCM_CALL64: (L.HgcmCallRequest.size, None),
             t.HGCM_CANCEL: (L.HgcmRequestHeader.size, self._hgcm_cancel),
             t.HGCM_CANCEL2: (L.HgcmCancel2Request.size, self._hgcm_cancel2),
         }
@@ -455,11 +470,15 @@ class VMMDev:
     ) -> Callable[[bytearray, int], int | None]:
         def handle(req: bytearray, phys: int) -> int | None:
             if not self._hgcm_filter_enabled:
-                self._hgcm_filter_enabled = True
-                self._ctl_filter(int(Event.HGCM), 0)
+                self._enable_hgcm_events()
             return handler(req, phys)
 
         return handle
+
+    def _enable_hgcm_events(self) -> None:
+        """The first HGCM request adds the HGCM event to the guest's filter."""
+        self._hgcm_filter_enabled = True
+        self._ctl_filter(int(Event.HGCM), 0)
 
     def _hgcm_cancel(self, _req: bytearray, phys: int) -> int:
         rc = self.hgcm.cancel(phys)

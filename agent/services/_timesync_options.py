@@ -18,11 +18,12 @@ VBoxService; ``[timesync] host_options = false`` makes the config the only autho
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pydantic import ValidationError
+
+from agent.protocol.iprt_numbers import read_number
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -33,8 +34,6 @@ OPTION_PREFIX: Final = "/VirtualBox/GuestAdd/VBoxService/--timesync-"
 """Where the host sets VBoxService's timesync options."""
 MAX_SHOWN_CHARS: Final = 40
 """How much of a refused value a log line shows."""
-_MAX_NUMBER_CHARS: Final = 12
-"""Longer than any 32-bit number in any base IPRT reads (``037777777777``)."""
 _MS_PER_S: Final = 1000
 MAX_SET_THRESHOLD_MS: Final = 7 * 24 * 3600 * _MS_PER_S
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
@@ -107,17 +106,8 @@ def host_options(properties: Mapping[str, str], section: type[ServiceSection]) -
 
 
 def iprt_number(text: str) -> int | None:
-    """``text`` as IPRT reads an unsigned number in base 0, or None: decimal, ``0x`` hex,
-    ``0`` then an octal digit octal; nothing else (no sign, space or trailing characters,
-    which IPRT would skip or stop at)."""
-    if not text or len(text) > _MAX_NUMBER_CHARS:
-        return None
-    if text[:2].lower() == "0x":
-        digits, base, allowed = text[2:], 16, string.hexdigits
-    elif text[0] == "0" and text[1:2] in tuple(string.octdigits):  # "09" is decimal
-        digits, base, allowed = text[1:], 8, string.octdigits
-    else:
-        digits, base, allowed = text, 10, string.digits
-    if not digits or any(char not in allowed for char in digits):
-        return None
-    return int(digits, base)
+    """``text`` as IPRT reads an unsigned number in base 0, or None unless it is one plain
+    number: no sign, space or trailing characters (which IPRT would skip or stop at), below
+    2**64."""
+    number = read_number(text)
+    return number.value if number is not None and number.exact else None

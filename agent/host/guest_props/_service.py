@@ -24,6 +24,7 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
+from agent.protocol.iprt_numbers import U64_MASK, read_number
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INVALID_UTF8_ENCODING,
@@ -50,7 +51,6 @@ from ._notify import write_out
 from ._params import GuestCallError
 from ._patterns import patterns_match
 from ._store import PropertyStore
-from ._strtonum import U64_MASK, str_to_u64
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -342,9 +342,11 @@ class GuestPropertyService:
 
     def _increment(self, name: str) -> None:
         """``incrementCounterProp``: the value as ``RTStrToUInt64`` reads it, plus one (a
-        u64, in decimal); 1 when there is no such property."""
+        u64, in decimal), which is 0 when it has no number to read; 1 when there is no such
+        property."""
         prop = self._store.get(name)
-        count = 1 if prop is None else (str_to_u64(prop.value) + 1) & U64_MASK
+        number = None if prop is None else read_number(prop.value)
+        count = ((0 if number is None else number.value) + 1) & U64_MASK
         self._store.set(name, str(count), _HOST_PROP_FLAGS, self._store.timestamp(), is_guest=False)
 
     def _set_host_props(self, *props: tuple[str, str]) -> None:
