@@ -118,7 +118,12 @@ def _compiled_copy(workdir: Path) -> Path:
 
 
 def _idle_rss_of(code: str, root: Path) -> int:
-    """VmRSS (KiB) of a Python process (run in ``root``) that ran ``code`` and waits on stdin."""
+    """VmRSS (KiB) of a Python process (run in ``root``) that ran ``code`` and waits on stdin.
+
+    Pydantic's plugins are off in it, as ``vbox-agent`` turns them off for itself: its
+    first model then costs what the agent's does (the import of ``importlib.metadata``
+    included, which pydantic's plugin loader makes whatever the setting).
+    """
     script = f"import sys\n{code}\nprint('ready', flush=True)\nsys.stdin.read()\n"
     child = subprocess.Popen(
         [sys.executable, "-c", script],
@@ -126,6 +131,7 @@ def _idle_rss_of(code: str, root: Path) -> int:
         stdout=subprocess.PIPE,
         text=True,
         cwd=root,
+        env=dict(os.environ, PYDANTIC_DISABLE_PLUGINS="__all__"),  # as the agent's main sets
     )
     assert child.stdout is not None
     assert child.stdin is not None

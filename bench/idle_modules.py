@@ -155,7 +155,7 @@ def main() -> None:
         result = subprocess.run(
             [sys.executable, "-c", code],
             cwd=workdir,
-            env=dict(os.environ, PYTHONPATH=str(workdir)),
+            env=dict(os.environ, PYTHONPATH=str(workdir), PYDANTIC_DISABLE_PLUGINS="__all__"),
             capture_output=True,
             text=True,
             check=True,

@@ -141,3 +141,51 @@ def test_closed_output_is_no_crash(argv: list[str], closed: int, code: int) -> N
     )
     assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr
+
+
+PLUGIN_MODULE: Final = """
+from pathlib import Path
+
+Path(__file__).with_name("plugin-loaded").touch()
+
+
+class Plugin:
+    def new_schema_validator(self, *args, **kwargs):
+        return None, None, None
+
+
+plugin = Plugin()
+"""
+"""A pydantic plugin that records being imported (next to itself) and changes nothing."""
+ONE_MODEL: Final = "import pydantic\nclass Probe(pydantic.BaseModel):\n    x: int = 0\n"
+
+
+def test_installed_pydantic_plugins_are_not_loaded(tmp_path: Path) -> None:
+    """A package on the path that registers a ``pydantic`` entry point is not imported by
+    ``vbox-agent`` (validating the shipped config), while a bare process building one model
+    does import it: the agent's validation does not depend on what else is installed."""
+    (tmp_path / "fake_plugin.py").write_text(PLUGIN_MODULE)
+    dist_info = tmp_path / "fake_plugin-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[pydantic]\nfake = fake_plugin:plugin\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)  # set here by every test that ran main()
+    marker = tmp_path / "plugin-loaded"
+
+    def run(*argv: str) -> None:
+        done = subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+            cwd=Path(__file__).parents[1],
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+
+    run("-m", "agent", "check-config", "config/agent.toml")
+    assert not marker.exists()
+    run("-c", ONE_MODEL)
+    assert marker.exists(), "the fake plugin is not found: the test proves nothing"

@@ -45,10 +45,10 @@ POLL_S: Final = 0.05
 INTERVAL_S: Final = 0.1
 WINDOW_S: Final = 10.0
 GAP_MARGIN_NS: Final = 20_000_000
-"""How much longer than the interval the longest gap between beats may be."""
 MIN_CPU_SUM: Final = 75
 """Main's idle + kernel + user (percent) with a report per CPU: 100 less steal and rounding;
 reporting all CPUs as CPU 0 gives at most 100 / CPUs, 50 on two."""
+"""How much longer than the interval the longest gap between beats may be."""
 PYTHON: Final = sys.executable
 AGENT_SCHEDULING: Final = unit_scheduling()
 """The CPU scheduling the unit gives the agent."""

@@ -13,6 +13,9 @@ Every command-line mistake (unknown command or option, bad or missing value) exi
 command with 130 (``run`` and ``simulate`` catch it as they catch SIGTERM: a clean stop, 0),
 output nobody reads any more (``| head``) with 141, without a traceback, and output that
 cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
+
+Third-party pydantic plugins are off for every command (:func:`_disable_pydantic_plugins`):
+how a config file validates must not depend on what else is installed.
 """
 
 from __future__ import annotations
@@ -171,6 +174,19 @@ def _build_parser(argv: Sequence[str]) -> CommandParser:
     return parser
 
 
+PYDANTIC_DISABLE_PLUGINS: Final = "PYDANTIC_DISABLE_PLUGINS"
+
+
+def _disable_pydantic_plugins() -> None:
+    """Keep pydantic from loading the plugins installed packages register (its ``pydantic``
+    entry points, such as logfire's): they may wrap every validator, so the config would
+    validate differently with whatever site-packages holds, and pydantic would import
+    each one (and scan every installed distribution for them) when it builds the first
+    model. Set before any command's module, and with it the first model, is imported.
+    """
+    os.environ[PYDANTIC_DISABLE_PLUGINS] = "__all__"
+
+
 def _give_closed_streams_devnull() -> None:
     """A process started with stdout or stderr closed (``>&-``) has ``sys.stdout`` or
     ``sys.stderr`` None, and its first print or log line would end it with a traceback:
@@ -240,6 +256,7 @@ def _missing_options(chain: list[CommandParser], args: argparse.Namespace) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    _disable_pydantic_plugins()
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
     parser = _build_parser(words)

@@ -52,6 +52,9 @@ _USER_WINDOWS: Final = (USER_LIMIT - USER_BASE) // USER_WINDOW
 """How many windows the user range holds."""
 _MAX_USER_BUFFER: Final = USER_WINDOW - GUARD_BYTES
 """The largest buffer a window holds, with its guard."""
+_IN_PAGE: Final = PAGE_SIZE - 1
+_PAGE_START: Final = ~_IN_PAGE
+"""Masks of an address's offset in its page and of its page's start."""
 
 
 class IoctlMemory:
@@ -63,20 +66,22 @@ class IoctlMemory:
 
     __slots__ = ("_buffers",)
 
-    def __init__(self) -> None:
-        self._buffers: list[bytearray] = []
-
-    def map(self, data: bytearray) -> int:
-        """Give ``data`` the next window and return its (page-aligned) address.
+    def __init__(self, buffers: list[bytearray] | None = None) -> None:
+        """Map ``buffers`` (none by default), all at once: buffer ``i`` at
+        ``USER_BASE + i * USER_WINDOW``.
 
         Raises:
-            OSError: ``ENOMEM`` when the buffer or the number of buffers does not fit.
+            OSError: ``ENOMEM`` when a buffer or the number of buffers does not fit.
         """
-        buffers = self._buffers
-        if len(data) > _MAX_USER_BUFFER or len(buffers) >= _USER_WINDOWS:
-            raise OSError(errno.ENOMEM, "simulated user address space exhausted")
-        buffers.append(data)
-        return USER_BASE + USER_WINDOW * (len(buffers) - 1)
+        if buffers is None:
+            buffers = []
+        elif len(buffers) > _USER_WINDOWS:
+            raise _exhausted()
+        else:
+            for data in buffers:
+                if len(data) > _MAX_USER_BUFFER:
+                    raise _exhausted()
+        self._buffers = buffers
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped buffer."""
@@ -104,6 +109,10 @@ class IoctlMemory:
         region[offset : offset + size] = data
 
 
+def _exhausted() -> OSError:
+    return OSError(errno.ENOMEM, "simulated user address space exhausted")
+
+
 def _fault(address: int, size: int) -> OSError:
     return OSError(errno.EFAULT, f"bad address {address:#x} (+{size})")
 
@@ -127,6 +136,7 @@ class DictMemory:
         self._base = base
         self._limit = limit
         self._next = base
+        """Where the next region goes if it fits there (page-aligned)."""
         self._starts: list[int] = []
         """The regions' start addresses, sorted."""
         self._by_start: dict[int, bytearray] = {}
@@ -140,12 +150,26 @@ class DictMemory:
         Raises:
             OSError: ``ENOMEM`` when the range has no room left.
         """
+        start = self._next
+        top = start + len(data) + GUARD_BYTES
+        if offset or not data or start < self._top or top > self._limit:
+            return self._map_anywhere(data, offset)
+        # The usual case, in few steps (every request and bounce buffer is mapped): a
+        # non-empty region at a page's start, above every other one, with room.
+        self._by_start[start] = data
+        self._starts.append(start)
+        self._top = top
+        self._next = (top + _IN_PAGE) & _PAGE_START
+        return start
+
+    def _map_anywhere(self, data: bytearray, offset: int) -> int:
+        """:meth:`map`, in every case."""
         if not 0 <= offset < PAGE_SIZE:
             msg = f"offset {offset} is not within a page"
             raise ValueError(msg)
         size = len(data)
         need = offset + (size or 1) + GUARD_BYTES
-        start = -(-self._next // PAGE_SIZE) * PAGE_SIZE  # the next page boundary
+        start = self._next
         if start < self._top or start + need > self._limit:
             start = self._find_room(need)
         address = start + offset
@@ -155,7 +179,7 @@ class DictMemory:
         else:
             self._starts.append(address)
             self._top = address + size + GUARD_BYTES
-        self._next = start + need
+        self._next = _page_align(start + need)
         return address
 
     def unmap(self, address: int) -> None:

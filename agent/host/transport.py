@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
-from agent.host.memory import IoctlMemory
+from agent.host.memory import USER_BASE, USER_WINDOW, IoctlMemory
 from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S
 from agent.protocol.errors import DeviceUnavailableError
 
@@ -155,7 +155,9 @@ class SimTransport:
         """Perform one ioctl: map the user buffers, store their addresses, call the driver.
 
         A failure leaves ``buffer`` as it was (the addresses stored in it are taken back).
-        ``submission`` is issued as the driver is called: nothing here waits before that.
+        ``submission`` is issued as the driver is called: a caller cancelled before that
+        never reaches the driver, and past it the call goes through as a system call does (the
+        driver's entry is no cancellation point; its interruptible waits are).
         A cancelled call the driver holds is abandoned (see the module docstring).
 
         Raises:
@@ -164,6 +166,9 @@ class SimTransport:
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        # The last moment the call may be dropped, as a cancelled caller never gets a worker
+        # thread on the character device: past it the driver has the call.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if submission is not None:
             submission.issued = True
         memory = _NO_USER_MEMORY
@@ -171,12 +176,18 @@ class SimTransport:
         host = self._host
         try:
             if user_buffers:
-                mapped = memory = IoctlMemory()
                 original = bytes(buffer)
+                mapped: list[bytearray] = []
+                address = USER_BASE  # the windows of IoctlMemory, in order
                 for user in user_buffers:
-                    _ADDRESS.pack_into(buffer, user.address_offset, mapped.map(user.data))
-            # The driver's ioctl, in this task; in one of its own while the host is slow.
-            if _slow(host):
+                    mapped.append(user.data)
+                    _ADDRESS.pack_into(buffer, user.address_offset, address)
+                    address += USER_WINDOW
+                memory = IoctlMemory(mapped)
+            # The driver's ioctl, in this task; in one of its own while the host is slow
+            # (_slow, inline: this runs for every ioctl).
+            faults = host.vmmdev.faults
+            if faults.has_delays or faults.has_faults:
                 await self._in_task(partial(host.ioctl, self._session, code, buffer, memory), code)
             else:
                 await host.ioctl(self._session, code, buffer, memory)
@@ -219,10 +230,7 @@ class SimTransport:
         self._abandoned -= 1
         if self._abandoned or not self._release_deferred:
             return
-        try:
-            await self._host.close_session(self._session)
-        except OSError as exc:
-            _log.warning("close_deferred_failed", errno=exc.errno, error=exc.strerror)
+        await self._host.close_session(self._session)
 
     async def aclose(self) -> None:
         """Close the session (idempotent); the driver releases what it held.
@@ -232,9 +240,6 @@ class SimTransport:
         its task, with a ``close_abandoned`` line. While abandoned calls still run it
         returns at once, with a ``close_deferred`` line: the last of them releases the
         session when it returns.
-
-        Raises:
-            OSError: the driver failed the close (only when it finished in time).
         """
         if self._closed:
             await trio.lowlevel.checkpoint()

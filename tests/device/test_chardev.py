@@ -35,7 +35,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from agent.config import DeviceConfig
-from agent.device import chardev, transport as device_transport
+from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.protocol import (
@@ -81,9 +81,6 @@ BOUND = 5.0
 """Seconds any test may take."""
 PROMPT = 1.0
 """Seconds within which a cancellation or close must take effect."""
-LATE_ABANDON_S = 3.0
-"""``ABANDON_AFTER_S`` in the tests that show a deadline, not it, ends a call: longer than
-``PROMPT`` (so honouring it instead fails them) and shorter than ``BOUND``."""
 POLL_S = 0.001
 """How often a test checks where a worker thread sleeps in the kernel."""
 ECHO_FUNCTION = 1
@@ -92,13 +89,6 @@ BLOCK_FUNCTION = 2
 """Fake HGCM function: never completes unless cancelled."""
 HAS_DEVICE = Path(chardev.DEFAULT_PATH).exists()
 NO_DEVICE = f"{chardev.DEFAULT_PATH} does not exist (not a VirtualBox guest)"
-
-
-def abandon_late(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make a cancelled call wait :data:`LATE_ABANDON_S` before it is abandoned, so a test
-    can tell a deadline's effect from that one's under any load with ``PROMPT``."""
-    monkeypatch.setattr(chardev, "ABANDON_AFTER_S", LATE_ABANDON_S)
-    monkeypatch.setattr(device_transport, "ABANDON_AFTER_S", LATE_ABANDON_S)
 
 
 # --- the guest side: real memory and a kernel made of injected system calls ---------------
@@ -1093,7 +1083,6 @@ class TestCallersDeadline:
     ) -> None:
         """A call the driver keeps is abandoned when its caller's deadline cancels it, not
         ABANDON_AFTER_S later, with the usual log line and a replacement thread."""
-        abandon_late(monkeypatch)
         stubborn = StubbornConnects(monkeypatch)
         budget, transport = stubborn.budget, stubborn.transport
         try:
@@ -1104,7 +1093,7 @@ class TestCallersDeadline:
                     nursery.start_soon(_run_in, scope, call)
                     await stubborn.arrived.receive()
                     expired_at = scope.deadline = trio.current_time()
-                assert trio.current_time() - expired_at < PROMPT
+                assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 assert (budget.abandoned, budget.limiter.total_tokens) == (1, 4)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
@@ -1117,9 +1106,8 @@ class TestCallersDeadline:
     ) -> None:
         """Cancelled explicitly, a call the driver keeps is abandoned ABANDON_AFTER_S later
         at most, and never past the deadline its caller had when it began."""
-        abandon_late(monkeypatch)
         stubborn = StubbornConnects(monkeypatch)
-        within_s = PROMPT / 4
+        within_s = ABANDON_AFTER_S / 4
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
                 deadline = trio.current_time() + within_s
@@ -1140,7 +1128,6 @@ class TestCallersDeadline:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Closing under a deadline gives up a call the driver keeps at that deadline."""
-        abandon_late(monkeypatch)
         stubborn = StubbornConnects(monkeypatch)
         transport = stubborn.transport
         try:
@@ -1326,7 +1313,6 @@ class TestDeferredClose:
         """``aclose`` at its caller's deadline abandons a connect and a disconnect the driver
         keeps and returns at once without closing; the first call back leaves the fd open,
         the last closes it, once, and the budget is whole again."""
-        abandon_late(monkeypatch)
         fds = ReusedFdNumbers(monkeypatch)
         budget, transport = fds.budget, fds.transport
 

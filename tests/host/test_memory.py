@@ -68,10 +68,9 @@ def test_freed_space_is_reused_after_the_range_wraps_and_a_full_range_refuses() 
 
 
 def test_ioctl_memory_gives_each_buffer_a_window_of_its_own_and_writes_through() -> None:
-    memory = IoctlMemory()
     first, second = bytearray(b"0123"), bytearray(3)
-    one, two = memory.map(first), memory.map(second)
-    assert (one, two) == (USER_BASE, USER_BASE + USER_WINDOW)
+    memory = IoctlMemory([first, second])
+    one, two = USER_BASE, USER_BASE + USER_WINDOW
     assert memory.read(one + 1, 2) == b"12"
     memory.write(two, b"xyz")
     assert second == b"xyz"
@@ -79,20 +78,18 @@ def test_ioctl_memory_gives_each_buffer_a_window_of_its_own_and_writes_through()
 
 @pytest.mark.parametrize(("at", "size"), [(0, 5), (4, 1), (-1, 1), (USER_WINDOW, 1)])
 def test_ioctl_memory_faults_outside_its_buffers(at: int, size: int) -> None:
-    memory = IoctlMemory()
-    address = memory.map(bytearray(4))
+    memory = IoctlMemory([bytearray(4)])
+    address = USER_BASE
     with pytest.raises(OSError, match="bad address") as caught:
         memory.write(address + at, bytes(size))
     assert caught.value.errno == errno.EFAULT
 
 
 def test_ioctl_memory_refuses_more_windows_than_the_user_range_holds() -> None:
-    memory = IoctlMemory()
     windows = (USER_LIMIT - USER_BASE) // USER_WINDOW
-    for _ in range(windows):
-        memory.map(bytearray(1))
+    IoctlMemory([bytearray(1)] * windows)
     with pytest.raises(OSError, match="exhausted") as caught:
-        memory.map(bytearray(1))
+        IoctlMemory([bytearray(1)] * (windows + 1))
     assert caught.value.errno == errno.ENOMEM
 
 

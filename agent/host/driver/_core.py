@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import errno
 from collections import deque
+from contextlib import suppress
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
 
 # By name: trio's module has a __getattr__, which keeps trio.lowlevel.X from being
 # specialised, so it is looked up the slow way on every call (and this is on every get).
-from trio.lowlevel import checkpoint
+from trio.lowlevel import cancel_shielded_checkpoint, checkpoint
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._log import host_log as _log
@@ -24,7 +25,7 @@ from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, copy_in, copy_out, fail
+from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, copy_out, fail
 from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from agent.host.vmmdev import VMMDev
 
     IoctlHandler = Callable[["Driver", DriverSession, bytearray, GuestMemory], Awaitable[None]]
+    Route = tuple[IoctlHandler, bool, int]
+    """An ioctl's handler, whether its header may have a ``type`` other than 0 (a VMMDev
+    request's), and the size its number encodes (0: none)."""
 
 FILL_BYTE: Final = 0xAA
 """``vbg_req_alloc`` fills every new request with this byte before setting the header."""
@@ -118,18 +122,22 @@ class Driver:
         self.heartbeat_interval_ns = 0
         self.host_features = 0
         self.log_messages: deque[bytes] = deque(maxlen=LOG_HISTORY)
-        self._fixed: dict[int, IoctlHandler] = {
-            Ioctl.DRIVER_VERSION_INFO: _misc.driver_version_info,
-            Ioctl.HGCM_CONNECT: _hgcm.connect,
-            Ioctl.HGCM_DISCONNECT: _hgcm.disconnect,
-            Ioctl.WAIT_FOR_EVENTS: _events.wait_for_events,
-            Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS: _events.interrupt_all,
-            Ioctl.CHANGE_FILTER_MASK: _events.change_filter_mask,
-            Ioctl.ACQUIRE_GUEST_CAPABILITIES: _caps.acquire,
-            Ioctl.CHANGE_GUEST_CAPABILITIES: _caps.change,
-            Ioctl.CHECK_BALLOON: Driver._check_balloon_ioctl,
-            Ioctl.WRITE_CORE_DUMP: _misc.write_core_dump,
+        self._routes: dict[int, Route] = {
+            int(code): (handler, False, ioc_size(code))
+            for code, handler in (
+                (Ioctl.DRIVER_VERSION_INFO, _misc.driver_version_info),
+                (Ioctl.HGCM_CONNECT, _hgcm.connect),
+                (Ioctl.HGCM_DISCONNECT, _hgcm.disconnect),
+                (Ioctl.WAIT_FOR_EVENTS, _events.wait_for_events),
+                (Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS, _events.interrupt_all),
+                (Ioctl.CHANGE_FILTER_MASK, _events.change_filter_mask),
+                (Ioctl.ACQUIRE_GUEST_CAPABILITIES, _caps.acquire),
+                (Ioctl.CHANGE_GUEST_CAPABILITIES, _caps.change),
+                (Ioctl.CHECK_BALLOON, Driver._check_balloon_ioctl),
+                (Ioctl.WRITE_CORE_DUMP, _misc.write_core_dump),
+            )
         }
+        """The fixed-size ioctls' routes; :meth:`_route` adds the others' as they are used."""
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -286,9 +294,13 @@ class Driver:
         self.event_wq.unpark_all()
         self.sessions.discard(session)
         with trio.CancelScope(shield=True):
-            await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
-            await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
-            await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
+            # Both drivers ignore what these return and clean up anyway (the host may refuse).
+            with suppress(OSError):
+                await _caps.acquire_session_caps(self, session, 0, U32_MAX, 0, termination=True)
+            with suppress(OSError):
+                await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
+            with suppress(OSError):
+                await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
             await self.release_mouse_status(session)
             for client_id in session.hgcm_client_ids:
                 if client_id not in (0, U32_MAX):
@@ -305,30 +317,40 @@ class Driver:
         Raises:
             OSError: the errno the driver returns; ``buf`` is then left untouched.
         """
-        await checkpoint()
+        # A schedule point, not a cancellation point: a signal does not keep a system call
+        # out of the driver, only its interruptible waits see one (the transport checked for
+        # a cancellation before it marked the call issued).
+        await cancel_shielded_checkpoint()
         if session.lost:
             raise fail(errno.ENODEV)
         if session.closed:
             raise fail(errno.EBADF)
         if not self.loaded:
             raise fail(errno.ENODEV)
-        kbuf, ioctl_type = _copy_in(code, buf)
-        # vbg_core_ioctl: dispatch on the code, the fixed-size ioctls first.
-        stripped = without_size(code)
-        if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
-            await self._vmmdev_request(session, kbuf)
-        elif ioctl_type != 0:
+        route = self._routes.get(code) or self._route(code)
+        handler, any_type, encoded_size = route
+        kbuf, ioctl_type = _copy_in(encoded_size, buf)
+        # vbg_core_ioctl: only a VMMDev request may have a header type other than 0.
+        if ioctl_type != 0 and not any_type:
             raise fail(errno.EINVAL)
-        elif (handler := self._fixed.get(code)) is not None:
-            await handler(self, session, kbuf, memory)
-        elif stripped == _HGCM_CALL_64:
-            await _hgcm.call(self, session, kbuf, memory)
-        elif code == Ioctl.LOG or stripped == _LOG_ALT:
-            await _misc.log(self, session, kbuf, memory)
-        else:
-            _log.debug("unknown_ioctl", code=f"{code:#x}")
-            raise fail(errno.ENOTTY)
+        await handler(self, session, kbuf, memory)
         copy_out(kbuf, buf)
+
+    def _route(self, code: int) -> Route:
+        """``vbg_core_ioctl``'s dispatch for ``code``, whose number carries its size (the
+        fixed-size ioctls are in :attr:`_routes` from the start): remembered, unless unknown."""
+        stripped = without_size(code)
+        route: Route
+        if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
+            route = (Driver._vmmdev_request, True, ioc_size(code))
+        elif stripped == _HGCM_CALL_64:
+            route = (_hgcm.call, False, ioc_size(code))
+        elif code == Ioctl.LOG or stripped == _LOG_ALT:
+            route = (_misc.log, False, ioc_size(code))
+        else:
+            return (_unknown_ioctl(code), False, ioc_size(code))
+        self._routes[code] = route
+        return route
 
     async def _check_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, _memory: GuestMemory
@@ -336,7 +358,9 @@ class Driver:
         check_sizes(kbuf, HEADER_SIZE, L.CheckBalloonIoctl.size)
         await self.check_balloon(session, kbuf)
 
-    async def _vmmdev_request(self, session: DriverSession, kbuf: bytearray) -> None:
+    async def _vmmdev_request(
+        self, session: DriverSession, kbuf: bytearray, _memory: GuestMemory
+    ) -> None:
         """``vbg_ioctl_vmmrequest``: the buffer is the request, handed over as it is."""
         size_in, _, request_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(kbuf)
         if size_in != size_out:
@@ -351,9 +375,23 @@ class Driver:
         await self.perform(kbuf)
 
 
-def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
-    """Steps 1-7 of ``vbg_misc_device_ioctl``: fetch and check the header, copy the input;
-    then ``vbg_core_ioctl``'s start: ``rc`` is VINF_SUCCESS and a ``size_out`` of 0 becomes
+def _unknown_ioctl(code: int) -> IoctlHandler:
+    """The handler of ``code``, an ioctl number the driver does not know: ENOTTY."""
+
+    async def unknown(
+        drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+    ) -> None:
+        del drv, session, kbuf, memory
+        _log.debug("unknown_ioctl", code=f"{code:#x}")
+        raise fail(errno.ENOTTY)
+
+    return unknown
+
+
+def _copy_in(encoded_size: int, buf: bytearray) -> tuple[bytearray, int]:
+    """Steps 1-7 of ``vbg_misc_device_ioctl`` for an ioctl whose number encodes
+    ``encoded_size`` (0: none): fetch and check the header, copy the input; then
+    ``vbg_core_ioctl``'s start: ``rc`` is VINF_SUCCESS and a ``size_out`` of 0 becomes
     ``size_in``. Return the kernel's copy and the header's ``type``."""
     if len(buf) < HEADER_SIZE:
         raise fail(errno.EFAULT)
@@ -363,12 +401,14 @@ def _copy_in(code: int, buf: bytearray) -> tuple[bytearray, int]:
     if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):
         raise fail(errno.EINVAL)
     size = size_out if size_out > size_in else size_in  # noqa: FURB136 - max() parses its arguments
-    if ioc_size(code) not in (0, size):
+    if encoded_size not in (0, size):
         raise fail(errno.EINVAL)
     if size > MAX_IOCTL_SIZE:
         raise fail(errno.E2BIG)
     if len(buf) < size_in:
         raise fail(errno.EFAULT)
-    kbuf = copy_in(buf, size_in, size)
+    kbuf = buf[:size_in]  # copy_in, inline: this runs for every ioctl
+    if size > size_in:
+        kbuf += bytes(size - size_in)
     _RC_SIZE_OUT.pack_into(kbuf, H.IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
     return kbuf, ioctl_type

@@ -409,7 +409,10 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
         if rc < 0:
             L.HgcmRequestHeader.result.set(req, rc)
             return 0
-        if rc != VINF_HGCM_ASYNC_EXECUTE or _done(req):
+        # _done(req), inline: the host completes most calls before the port write returns.
+        if rc != VINF_HGCM_ASYNC_EXECUTE or (
+            H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE
+        ):
             return 0
         deadline = (
             math.inf
