@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Final, Generic, TypeVar, final
+from typing import TYPE_CHECKING, ClassVar, Final, Generic, TypeVar, final
 
 from agent.protocol import layouts as L  # noqa: N812 - short name for the layout table
 from agent.protocol.balloon_pages import CHUNK_PAGES, ChunkPages
@@ -52,6 +52,12 @@ from agent.protocol.constants import (
 )
 from agent.protocol.errors import LocalProtocolError, RemoteProtocolError, VBoxStatusError
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERNAL_ERROR
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    SlotSetter = Callable[[object, object], None]
+    """Sets one field of an object: ``setter(instance, value)``."""
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -656,12 +662,17 @@ def _check_client_id(client_id: int) -> None:
         raise LocalProtocolError(msg)
 
 
-_set_field: Final = object.__setattr__
-"""How the hand-written ``__init__`` of the frozen HGCM classes below sets a field.
+def slot_setters(cls: type, *names: str) -> tuple[SlotSetter, ...]:
+    """The setters of fields ``names`` of the frozen, slotted dataclass ``cls``, for its
+    hand-written ``__init__``.
 
-They are built for every parameter of every call, and a generated frozen ``__init__``
-looks ``object.__setattr__`` up again for each field, which cost more than the rest of
-building the object."""
+    Each is the field's slot descriptor's own ``__set__``, where ``object.__setattr__`` (the
+    usual way round a frozen class's ``__setattr__``) ends up too, but only after checks
+    that cost half as much again. The HGCM classes below are built for every parameter of
+    every call, so their fields are set this way.
+    """
+    fields = vars(cls)
+    return tuple(fields[name].__set__ for name in names)
 
 
 @final
@@ -672,7 +683,10 @@ class HgcmU32:
     value: int
 
     def __init__(self, value: int) -> None:
-        _set_field(self, "value", value)
+        _SET_U32(self, value)
+
+
+(_SET_U32,) = slot_setters(HgcmU32, "value")
 
 
 @final
@@ -683,7 +697,10 @@ class HgcmU64:
     value: int
 
     def __init__(self, value: int) -> None:
-        _set_field(self, "value", value)
+        _SET_U64(self, value)
+
+
+(_SET_U64,) = slot_setters(HgcmU64, "value")
 
 
 @final
@@ -694,7 +711,10 @@ class HgcmBufferIn:
     data: bytes
 
     def __init__(self, data: bytes) -> None:
-        _set_field(self, "data", data)
+        _SET_BUFFER_IN(self, data)
+
+
+(_SET_BUFFER_IN,) = slot_setters(HgcmBufferIn, "data")
 
 
 @final
@@ -705,7 +725,10 @@ class HgcmBufferOut:
     size: int
 
     def __init__(self, size: int) -> None:
-        _set_field(self, "size", size)
+        _SET_BUFFER_OUT(self, size)
+
+
+(_SET_BUFFER_OUT,) = slot_setters(HgcmBufferOut, "size")
 
 
 @final
@@ -716,7 +739,10 @@ class HgcmBuffer:
     data: bytes
 
     def __init__(self, data: bytes) -> None:
-        _set_field(self, "data", data)
+        _SET_BUFFER(self, data)
+
+
+(_SET_BUFFER,) = slot_setters(HgcmBuffer, "data")
 
 
 HgcmParam = HgcmU32 | HgcmU64 | HgcmBufferIn | HgcmBufferOut | HgcmBuffer
@@ -731,7 +757,10 @@ class HgcmData:
     data: bytes
 
     def __init__(self, data: bytes) -> None:
-        _set_field(self, "data", data)
+        _SET_DATA(self, data)
+
+
+(_SET_DATA,) = slot_setters(HgcmData, "data")
 
 
 HgcmValue = HgcmU32 | HgcmU64 | HgcmData
@@ -746,8 +775,12 @@ class HgcmReply:
     params: tuple[HgcmValue, ...]
 
     def __init__(self, status: int, params: tuple[HgcmValue, ...]) -> None:
-        _set_field(self, "status", status)
-        _set_field(self, "params", params)
+        set_status, set_params = _SET_REPLY
+        set_status(self, status)
+        set_params(self, params)
+
+
+_SET_REPLY: Final = slot_setters(HgcmReply, "status", "params")
 
 
 class HgcmCallError(VBoxStatusError):
@@ -763,16 +796,19 @@ class HgcmCallError(VBoxStatusError):
 
 
 _CALL_HEADER: Final = L.HgcmCallIoctl.whole()
-"""The ioctl header and the call's own header, written in one go."""
-_P = L.HgcmParameter64
-_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr)
-"""A parameter as three members: its type, the word at offset 4 (``value32``, a buffer's
-size, the low half of ``value64``) and the u64 at offset 8 (a buffer's address; its low half
-is the high half of ``value64``)."""
-_HGCM_CALL_CODES: Final = tuple(
-    Ioctl.hgcm_call_64(HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count)
-    for count in range(HGCM_MAX_PARMS + 1)
+"""The ioctl header and the call's own header, read in one go."""
+_C = L.HgcmCallIoctl
+_CALL_BODY: Final = L.run(
+    _C.client_id, _C.function, _C.timeout_ms, _C.interruptible, _C.reserved, _C.parm_count
 )
+"""The call's own header, written in one go with the parameters after it; the ioctl header
+before it comes from a template (:func:`_ioctl_template`)."""
+_P = L.HgcmParameter64
+_PARM_FORMAT: Final = L.run(_P.type, _P.value64).codec.format.lstrip("<") + "4x"
+"""A parameter as two words: its type and the u64 at offset 4 (``value64``; ``value32`` and a
+buffer's size are its low half, the low half of a buffer's address its high half). The last
+4 bytes, the high half of a buffer's address, are written as zero and left to the transport,
+which stores the address, and are skipped when read."""
 _CALL_HEADER_VALUES: Final = len(L.HgcmCallIoctl.fields())
 """How many values of a whole-call unpack are the headers' (``parm_count`` is the last)."""
 _PARM_TYPES: Final[dict[type[HgcmParam], HgcmParmType]] = {
@@ -790,14 +826,38 @@ _LINADDR_OUT_TYPE: Final = int(HgcmParmType.LINADDR_OUT)
 """Enum members read once, as plain ints."""
 
 
+@final
+class _CallLayout:
+    """The ioctl of a call with a given number of parameters, worked out once per count.
+
+    Attributes:
+        code: the ioctl number, which holds the size.
+        size: the buffer's size (``size_in`` and ``size_out``).
+        header: the buffer's first bytes as a template: the ioctl header, set as
+            :func:`ioctl_buffer` sets it, and zeros after it.
+        body: everything after the ioctl header, in one pack (:data:`_CALL_BODY`, then the
+            parameters).
+        whole: the whole buffer, in one unpack.
+    """
+
+    __slots__ = ("body", "code", "header", "size", "whole")
+
+    def __init__(self, count: int) -> None:
+        self.size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
+        self.code = Ioctl.hgcm_call_64(self.size)
+        self.header = _ioctl_template(self.size, self.size)
+        self.body = struct.Struct(_CALL_BODY.codec.format + _PARM_FORMAT * count)
+        self.whole = struct.Struct(_CALL_HEADER.codec.format + _PARM_FORMAT * count)
+
+
 @functools.cache
-def _call_codec(count: int) -> struct.Struct:
-    """The whole ioctl buffer of a call with ``count`` parameters, in one pack or unpack.
+def _call_layout(count: int) -> _CallLayout:
+    """The layout of a call with ``count`` parameters.
 
     Built on first use: a daemon calls with a few parameter counts, and all 33 would keep
     about 70 KiB.
     """
-    return struct.Struct(_CALL_HEADER.codec.format + _PARM.codec.format.lstrip("<") * count)
+    return _CallLayout(count)
 
 
 @final
@@ -822,10 +882,11 @@ class HgcmCall(Request[HgcmReply]):
         params: tuple[HgcmParam, ...] = (),
         timeout_ms: int = TIMEOUT_INFINITE,
     ) -> None:
-        _set_field(self, "client_id", client_id)
-        _set_field(self, "function", function)
-        _set_field(self, "params", params)
-        _set_field(self, "timeout_ms", timeout_ms)
+        set_client_id, set_function, set_params, set_timeout_ms = _SET_CALL
+        set_client_id(self, client_id)
+        set_function(self, function)
+        set_params(self, params)
+        set_timeout_ms(self, timeout_ms)
 
     @property
     def size(self) -> int:
@@ -850,22 +911,21 @@ class HgcmCall(Request[HgcmReply]):
         if count > HGCM_MAX_PARMS:
             msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
             raise LocalProtocolError(msg)
-        size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
-        values = [size, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size, 0]
-        values += (self.client_id, self.function, self.timeout_ms, 1, 0, count)
+        layout = _call_layout(count)
+        values = [self.client_id, self.function, self.timeout_ms, 1, 0, count]
         user_buffers = _encode_params(self.params, values)
-        buf = bytearray(size)
-        _call_codec(count).pack_into(buf, 0, *values)
-        return IoctlCall(_HGCM_CALL_CODES[count], buf, self, user_buffers)
+        buf = bytearray(layout.header)
+        layout.body.pack_into(buf, _CALL_BODY.offset, *values)
+        return IoctlCall(layout.code, buf, self, user_buffers)
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
         """Decode the status and the returned parameters."""
         buf = call.buffer
-        count = len(self.params)
-        size = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
+        layout = _call_layout(len(self.params))
+        size = layout.size
         if len(buf) != size:
             _check_reply_length(self.operation, buf, size)
-        values = _call_codec(count).unpack_from(buf)
+        values = layout.whole.unpack_from(buf)
         if values[0] == size and values[1] == IOCTL_HDR_VERSION and values[4] == size:
             rc = values[3]  # the usual header, checked in one pass
         else:
@@ -891,17 +951,20 @@ class HgcmCall(Request[HgcmReply]):
         at = _CALL_HEADER_VALUES
         for param in self.params:
             kind = values[at]
-            returned = values[at + 1]
+            word = values[at + 1]
             # ``type(param) is``: the parameter classes are final, and the test is cheaper
             # than ``isinstance``; this loop runs for every parameter of every call.
+            if type(param) is HgcmU64:
+                if kind != _U64_TYPE:
+                    raise self._wrong_type(at, kind)
+                decoded.append(HgcmU64(word))
+                at += 2
+                continue
+            returned = word & _U32_MAX  # value32, or a buffer's size
             if type(param) is HgcmU32:
                 if kind != _U32_TYPE:
                     raise self._wrong_type(at, kind)
                 decoded.append(HgcmU32(returned))
-            elif type(param) is HgcmU64:
-                if kind != _U64_TYPE:
-                    raise self._wrong_type(at, kind)
-                decoded.append(HgcmU64(returned | (values[at + 2] & _U32_MAX) << 32))
             else:
                 if kind != _PARM_TYPES[type(param)]:
                     raise self._wrong_type(at, kind)
@@ -921,7 +984,7 @@ class HgcmCall(Request[HgcmReply]):
                     data = next(user).data
                     reported = data if returned == capacity else data[:returned]
                     decoded.append(HgcmData(bytes(reported)))
-            at += 3
+            at += 2
         return tuple(decoded)
 
     def _wrong_type(self, at: int, kind: int) -> RemoteProtocolError:
@@ -931,9 +994,12 @@ class HgcmCall(Request[HgcmReply]):
         )
 
 
+_SET_CALL: Final = slot_setters(HgcmCall, "client_id", "function", "params", "timeout_ms")
+
+
 def _encode_params(params: tuple[HgcmParam, ...], values: list[int]) -> tuple[UserBuffer, ...]:
-    """Append each parameter's words (type, value or size, high word) to ``values``; return
-    the user buffers of the non-empty buffer parameters."""
+    """Append each parameter's words (type, then value or size) to ``values``; return the
+    user buffers of the non-empty buffer parameters."""
     user_buffers: list[UserBuffer] = []
     address_at = _FIRST_ADDRESS_AT
     for param in params:
@@ -942,22 +1008,22 @@ def _encode_params(params: tuple[HgcmParam, ...], values: list[int]) -> tuple[Us
             if not 0 <= param.value <= _U32_MAX:
                 msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
                 raise LocalProtocolError(msg)
-            values += (_U32_TYPE, param.value, 0)
+            values += (_U32_TYPE, param.value)
         elif type(param) is HgcmU64:
             if not 0 <= param.value <= _U64_MAX:
                 msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
                 raise LocalProtocolError(msg)
-            values += (_U64_TYPE, param.value & _U32_MAX, param.value >> 32)
+            values += (_U64_TYPE, param.value)
         else:
             if type(param) is HgcmBufferOut:
                 if param.size < 0:
                     msg = f"HGCM out buffer size {param.size} is negative"
                     raise LocalProtocolError(msg)
                 data = bytearray(param.size)
-                values += (_LINADDR_OUT_TYPE, param.size, 0)
+                values += (_LINADDR_OUT_TYPE, param.size)
             else:
                 data = bytearray(param.data)
-                values += (_PARM_TYPES[type(param)], len(data), 0)
+                values += (_PARM_TYPES[type(param)], len(data))
             if len(data) > HGCM_MAX_USER_PARM:
                 size = len(data)
                 msg = f"parameter {_index(address_at)}: {size} bytes exceed {HGCM_MAX_USER_PARM}"
@@ -975,7 +1041,7 @@ def _index(address_at: int) -> int:
 
 def _value_index(at: int) -> int:
     """The parameter whose type is value ``at`` of a whole-call unpack."""
-    return (at - _CALL_HEADER_VALUES) // 3
+    return (at - _CALL_HEADER_VALUES) // 2
 
 
 # --- VMMDev requests (passthrough) -------------------------------------------------------

@@ -20,6 +20,7 @@ status's name.
 
 from __future__ import annotations
 
+import functools
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
@@ -44,6 +45,7 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
+from agent.protocol.messages import slot_setters
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_HGCM_INVALID_CLIENT_ID,
@@ -101,14 +103,11 @@ _WAIT_ENDINGS: Final = frozenset(
     {VERR_BUFFER_OVERFLOW, VERR_INTERRUPTED, VERR_HGCM_INVALID_CLIENT_ID}
 )
 """The failures of a wait the watch recovers from (counted against :data:`FRUITLESS_WAITS`)."""
+NAME_PARAMS_CACHED: Final = 256
+"""Property names whose checked, encoded parameter is kept for the next call with them."""
 _GET_PROP: Final = int(GuestFunction.GET_PROP)
 """Read once: an enum member costs a metaclass attribute look-up per access, which on the
 hot path of every get cost as much as encoding one of its parameters."""
-
-
-_set_field: Final = object.__setattr__
-"""How :class:`Property`'s hand-written ``__init__`` sets a field, as the frozen HGCM
-classes of :mod:`agent.protocol.messages` do: one is built for every get."""
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -122,10 +121,15 @@ class Property:
     timestamp: int
 
     def __init__(self, name: str, value: str, flags: str, timestamp: int) -> None:
-        _set_field(self, "name", name)
-        _set_field(self, "value", value)
-        _set_field(self, "flags", flags)
-        _set_field(self, "timestamp", timestamp)
+        # As the frozen HGCM classes do (see slot_setters): one is built for every get.
+        set_name, set_value, set_flags, set_timestamp = _SET_PROPERTY
+        set_name(self, name)
+        set_value(self, value)
+        set_flags(self, flags)
+        set_timestamp(self, timestamp)
+
+
+_SET_PROPERTY: Final = slot_setters(Property, "name", "value", "flags", "timestamp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +150,14 @@ class GuestProperties:
     def __init__(self, device: Device, channel: HgcmChannel) -> None:
         self._device = device
         self._channel = channel
-        self._slots = trio.Semaphore(channel.max_pending)
-        """Short calls beyond the host's per-client limit queue here instead of failing."""
+        # The slots are a counter and a parking lot rather than a trio.Semaphore, whose
+        # acquire_nowait and release cost four Python calls on every get.
+        self._free_slots = channel.max_pending
+        """Short calls that may start now; beyond the host's per-client limit they queue."""
+        self._queue = trio.lowlevel.ParkingLot()
+        """Callers waiting for a slot, first come first served."""
+        self._queued = 0
+        """Callers in :attr:`_queue`, or cancelled there and not yet gone (never fewer)."""
 
     @property
     def channel(self) -> HgcmChannel:
@@ -171,10 +181,7 @@ class GuestProperties:
         but ``VINF_PERMISSION_DENIED`` when the host made every property read-only for the
         guest and ignored the write (VBoxControl reports that as success too).
         """
-        params: list[HgcmParam] = [
-            HgcmBufferIn(encode_name(name)),
-            HgcmBufferIn(encode_value(value)),
-        ]
+        params: list[HgcmParam] = [_name_param(name), HgcmBufferIn(encode_value(value))]
         function = GuestFunction.SET_PROP_VALUE
         if flags is not None:
             params.append(HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
@@ -186,9 +193,8 @@ class GuestProperties:
 
         Returns the service's status, as :meth:`set` does.
         """
-        name_param = HgcmBufferIn(encode_name(name))
         return _ignored_write(
-            (await self._short_call(GuestFunction.DEL_PROP, name_param)).status, name
+            (await self._short_call(GuestFunction.DEL_PROP, _name_param(name))).status, name
         )
 
     async def enumerate(self, patterns: Sequence[str] = ()) -> list[Property]:
@@ -218,17 +224,27 @@ class GuestProperties:
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
         # A free slot is taken without yielding (the call itself checkpoints); only a
-        # caller that has to queue waits in the semaphore.
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
+        # caller that has to queue waits.
+        if self._free_slots:
+            self._free_slots -= 1
+        else:
+            await self._wait_for_slot()
         try:
             return await self._channel.call(
                 function, *params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
             )
         finally:
-            self._slots.release()
+            # The slot goes to the first caller waiting, if any, else back to the free ones.
+            if not (self._queued and self._queue.unpark()):
+                self._free_slots += 1
+
+    async def _wait_for_slot(self) -> None:
+        """Wait until a finished call hands its slot over."""
+        self._queued += 1
+        try:
+            await self._queue.park()
+        finally:
+            self._queued -= 1
 
 
 @final
@@ -557,9 +573,20 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
         yield GuestProperties(device, channel)
 
 
+@functools.lru_cache(maxsize=NAME_PARAMS_CACHED)
+def _name_param(name: str) -> HgcmBufferIn:
+    """``name`` as the calls send it (checked, NUL-terminated), kept for the next call.
+
+    Kept because an agent reads the same few properties over and over: checking and
+    encoding the name cost as much as encoding the rest of a GET_PROP. A name that is
+    refused raises PropertyArgumentError every time (exceptions are not kept).
+    """
+    return HgcmBufferIn(encode_name(name))
+
+
 async def _get(call: _Caller, name: str) -> Property | None:
     """GET_PROP through ``call``, asked again with a larger buffer when needed."""
-    name_param = HgcmBufferIn(encode_name(name))
+    name_param = _name_param(name)
     value_buffer = _VALUE_BUFFER
     for _ in range(SIZE_RETRIES):
         try:

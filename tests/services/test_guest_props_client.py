@@ -109,6 +109,34 @@ class TestShortCalls:
         assert values == ["x"] * callers
         assert props.channel.pending == 0
 
+    async def test_callers_cancelled_in_the_queue_take_no_slot(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A caller cancelled while it waits for a slot leaves every slot to the others,
+        also one freed between its cancellation and its leaving the queue."""
+        host.prop_set("/Guest/a", "x")
+        slots = props.channel.max_pending
+        host.set_delay(RequestType.HGCM_CALL64, 1.0)
+        with trio.fail_after(60):
+            for _ in range(3):  # a lost slot per round would leave too few for a full round
+                async with trio.open_nursery() as nursery:
+                    for _ in range(slots):
+                        nursery.start_soon(props.get, "/Guest/a")
+                    with trio.CancelScope() as queued:
+                        queued_callers = trio.open_nursery()
+                        async with queued_callers as waiting:
+                            for _ in range(slots):
+                                waiting.start_soon(props.get, "/Guest/a")
+                            await trio.testing.wait_all_tasks_blocked()
+                            await trio.sleep(1.0)  # the held calls end as the queue is cancelled
+                            queued.cancel()
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:  # one held round: no slot was lost
+                for _ in range(slots):
+                    nursery.start_soon(props.get, "/Guest/a")
+            assert trio.current_time() - began < 2.0
+        assert props.channel.pending == 0
+
     async def test_set_replaces_flags(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
