@@ -7,7 +7,8 @@ it. It logs what it does (each control command served, among others) as the agen
 JSON lines on stdout, console lines on a terminal. ``--personality kernel`` runs the real
 Linux driver from the source checkout's test bed (``testbed/``, see
 ``docs/personalities.md``), imported only then. Exit codes: 0 clean stop, 64 bad arguments,
-69 the socket path is unusable or the personality cannot run here.
+69 the socket path is unusable or the personality cannot run here, 70 the host failed in a
+way nobody expected (one line on stderr saying how, never a traceback).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from agent.cli._arguments import (
     integer_at_least,
     socket_path,
 )
-from agent.cli._exit import EX_OK, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._exit import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.protocol.constants import MAX_GUEST_RAM_MB, MIN_GUEST_RAM_MB
 
 if TYPE_CHECKING:
@@ -106,20 +107,26 @@ def simulate_command(args: argparse.Namespace) -> int:
         print(f"vbox-agent simulate: {exc}", file=sys.stderr)
         return EX_USAGE
     failures: list[str] = []
+    crashes: list[str] = []
     try:
         trio.run(_serve_until_signalled, host, args.socket)
     except* HostSocketError as group:
-        failures += _messages(group)
+        failures += [str(leaf) for leaf in _leaves(group)]
+    except* Exception as group:  # noqa: BLE001 - one line and 70, not a traceback
+        crashes += [f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(group)]
     if failures:
         print(f"vbox-agent simulate: {failures[0]}", file=sys.stderr)
         return EX_UNAVAILABLE
+    if crashes:
+        print(f"vbox-agent simulate: the simulated host failed: {crashes[0]}", file=sys.stderr)
+        return EX_SOFTWARE
     return EX_OK
 
 
-def _messages(error: BaseException) -> list[str]:
+def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
-        return [text for inner in error.exceptions for text in _messages(inner)]
-    return [str(error)]
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:

@@ -40,7 +40,9 @@ meanwhile sends and reports nothing more; a fatal error during a stop sends only
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
-of ``enable`` starts or stops the service. A reload that a stop or a fatal error overtakes
+of ``enable`` starts or stops the service. A service that cannot be built is logged and
+left as it was (the old one runs on, or none starts), ``STATUS=`` says so, and the next
+reload tries it again. A reload that a stop or a fatal error overtakes
 (while ``RELOADING=1`` or its ``READY=1`` waits for room) gives that message up, applies
 nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last state sent; the
 supervisor, once told to stop every service, starts and replaces none anyway.
@@ -57,13 +59,13 @@ import structlog
 import trio
 
 from agent.config import ConfigError, load_config
-from agent.daemon.facility import FacilityReporter
+from agent.daemon.facility import REQUEST_ERRORS, FacilityReporter
 from agent.daemon.notify import Notifier
 from agent.daemon.signals import handle_signals
 from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
 from agent.logconfig import configure_logging
-from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId, VBoxStatusError
+from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.services import EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
@@ -99,7 +101,8 @@ class DaemonStatistics:
         status: the current ``STATUS=`` text.
         events: the event pump's counters (None before it exists).
         services: each supervised service's snapshot, by name.
-        restarts: restarts (after failures, or replaced on reload) by service name.
+        restarts: restarts (after failures, or replaced on reload) by service name, the
+            event pump's (after failures) under ``event-pump``.
     """
 
     ready: bool
@@ -141,7 +144,7 @@ class Daemon:
         )
         # The services sit inside the pump's nursery: the pump's fatal error ends them first.
         self._pump_supervisor: Supervisor[EventPump] = Supervisor(
-            config.daemon, on_ending=self._supervisor.end
+            config.daemon, on_change=self._status_changed, on_ending=self._supervisor.end
         )
         self._shutdown = trio.Event()
         self._drain_deadline = float("inf")
@@ -168,6 +171,9 @@ class Daemon:
         self._reload_notice = trio.CancelScope()
         """Around a reload's RELOADING=1 or READY=1 in flight: a stop or a fatal error gives
         it up, so neither follows STOPPING=1."""
+        self._build_failures: dict[str, str] = {}
+        """Services a reload could not build, with the error: shown in ``STATUS=``, and the
+        next reload tries them again."""
 
     def statistics(self) -> DaemonStatistics:
         """Return readiness, reloads, STATUS text and the services' statistics."""
@@ -177,7 +183,7 @@ class Daemon:
             status=self._status,
             events=None if self._pump is None else self._pump.statistics(),
             services={s.name: s.statistics() for s in self._supervisor.services()},
-            restarts=self._supervisor.restarts(),
+            restarts={**self._pump_supervisor.restarts(), **self._supervisor.restarts()},
         )
 
     @property
@@ -363,12 +369,24 @@ class Daemon:
         if self._ending():
             return EXITING_STATUS
         retrying = self._supervisor.retrying()
-        fragments = [
-            f"{service.name} failed, retrying ({retrying[service.name]}x)"
-            if service.name in retrying
-            else service.status()
-            for service in self._supervisor.services()
-        ]
+        stopping = self._supervisor.stopping()
+        unbuilt = dict(self._build_failures)
+        fragments = []
+        pump_failures = self._pump_supervisor.retrying().get(EventPump.name)
+        if pump_failures is not None:  # no service hears the host meanwhile
+            fragments.append(f"event pump failed, retrying ({pump_failures}x)")
+        for service in self._supervisor.services():
+            if service.name in stopping:  # its status may say what it no longer does
+                text = f"{service.name} stopping"
+            elif service.name in retrying:
+                text = f"{service.name} failed, retrying ({retrying[service.name]}x)"
+            else:
+                text = service.status()
+            error = unbuilt.pop(service.name, None)
+            fragments.append(
+                text if error is None else f"{text} (new settings not applied: {error})"
+            )
+        fragments.extend(f"{name} not started: {error}" for name, error in unbuilt.items())
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
     async def _publish_status(self) -> None:
@@ -385,7 +403,7 @@ class Daemon:
         try:
             with trio.fail_after(REPORT_TIMEOUT_S):
                 version = await device.request(GetHostVersion())
-        except (VBoxStatusError, OSError, trio.TooSlowError) as exc:
+        except (*REQUEST_ERRORS, trio.TooSlowError) as exc:
             log.warning("host_version_unavailable", error=str(exc) or "timed out")
             return
         log.info(
@@ -409,7 +427,7 @@ class Daemon:
             with trio.move_on_after(interval) as probe:
                 try:
                     await device.request(GetSessionId())
-                except (VBoxStatusError, OSError) as exc:
+                except REQUEST_ERRORS as exc:
                     log.error("watchdog_probe_failed", error=str(exc))
                 else:
                     await self._notifier.watchdog()
@@ -504,6 +522,8 @@ class Daemon:
             if before != after:
                 changed.append(spec.name)
                 self._reconfigure(spec, after)
+            elif spec.name in self._build_failures:
+                self._reconfigure(spec, after)  # the last reload could not build it
         if changed:
             self._reloads += 1
         log.info("config_reloaded", changed=changed)
@@ -519,15 +539,20 @@ class Daemon:
 
     def _reconfigure_bound(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         name = spec.name
+        if self._build_failures.pop(name, None) is not None:
+            self._status_changed()
         if not section.enable:
             deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
             self._supervisor.stop(name, deadline)
+            self._status_changed()
             log.info("service_disabled", service=name)
             return
         service = self._supervisor.current(name)
         if service is None:
-            self._launch(spec, section)
-            log.info("service_enabled", service=name)
+            built = self._try_build(spec, section, outcome="the service stays stopped")
+            if built is not None:
+                self._launch(built)
+                log.info("service_enabled", service=name)
             return
         try:
             applied = service.reconfigure(section)
@@ -541,11 +566,34 @@ class Daemon:
             # Routine, not a fault: the service cannot take this section live, so a new one
             # is built from it (service_drained and service_replaced follow).
             log.info("service_needs_restart", service=name)
-            self._supervisor.replace(name, self._build(spec, section))
+            outcome = "the service runs on with its previous settings"
+            built = self._try_build(spec, section, outcome=outcome)
+            if built is not None:
+                self._supervisor.replace(name, built)
 
-    def _launch(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
-        service = self._build(spec, section)
-        if not self._supervisor.replace(spec.name, service) and self._services_nursery is not None:
+    def _try_build(
+        self, spec: ServiceSpec[Any], section: ServiceSection, *, outcome: str
+    ) -> Service[Any] | None:
+        """Build a service for a reload; None (logged, and shown in ``STATUS=``) if it fails.
+
+        A constructor is synchronous and reaches neither the device nor the session, so no
+        error of its own can mean that the agent cannot go on: like a start failure the
+        supervisor retries, it is that service's alone, and the reload goes on for the
+        others. The next reload tries again.
+        """
+        try:
+            return self._build(spec, section)
+        except Exception as exc:  # noqa: BLE001 - plug-ins are third-party code
+            log.error("service_build_failed", service=spec.name, error=repr(exc), outcome=outcome)
+            self._build_failures[spec.name] = f"{type(exc).__name__}: {exc}"
+            self._status_changed()
+            return None
+
+    def _launch(self, service: Service[Any]) -> None:
+        if (
+            not self._supervisor.replace(service.name, service)
+            and self._services_nursery is not None
+        ):
             self._supervisor.start_soon(self._services_nursery, service)
 
 

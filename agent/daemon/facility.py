@@ -1,22 +1,34 @@
 """Reports the agent's facility status to the host, as VBoxService does (facility 100).
 
 The host shows it as the guest's run level ("Userland" once the service is Active). A
-failed report is logged and ignored: the status is informational. Once Failed has been
+failed report (refused, or answered with a malformed reply) is logged and ignored: the
+status is informational. Once Failed has been
 reported nothing else is sent (the host keeps Failed, as VBoxService does).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 
-from agent.protocol import Facility, FacilityStatus, ReportGuestStatus, VBoxStatusError
+from agent.protocol import (
+    Facility,
+    FacilityStatus,
+    RemoteProtocolError,
+    ReportGuestStatus,
+    VBoxStatusError,
+)
 
 if TYPE_CHECKING:
     from agent.device import Device
 
 log = structlog.get_logger(__name__)
+
+REQUEST_ERRORS: Final = (VBoxStatusError, RemoteProtocolError, OSError)
+"""How a request the daemon makes for itself fails without harming the agent: the host or
+driver refuses it, answers with a malformed reply (as the services'
+:data:`agent.services._lasting.HOST_ERRORS`), or the transport fails it."""
 
 
 @final
@@ -34,7 +46,7 @@ class FacilityReporter:
             return
         try:
             await self._device.request(ReportGuestStatus(self._facility, status))
-        except (VBoxStatusError, OSError) as exc:
+        except REQUEST_ERRORS as exc:
             log.warning("facility_status_not_reported", status=status.name, error=str(exc))
             return
         self.last = status

@@ -154,6 +154,10 @@ class Supervisor(Generic[T]):
         """The services supervised now (running, draining or backing off), in start order."""
         return [entry.service for entry in self._entries.values()]
 
+    def stopping(self) -> set[str]:
+        """The services told to stop whose supervision has not ended (draining, mostly)."""
+        return {name for name, entry in self._entries.items() if entry.stop_deadline is not None}
+
     def retrying(self) -> dict[str, int]:
         """The services backing off after a failure, with their failures in the window."""
         return {

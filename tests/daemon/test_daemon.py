@@ -31,6 +31,7 @@ from agent.protocol import Facility, FacilityStatus, RequestType
 from agent.protocol.constants import GIVE_BACK_S
 from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import SessionMonitorStatistics
+from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -226,6 +227,47 @@ class TestDaemonLifecycle:
             *2 * [("watchdog_probe_failed", "error", REFUSED)],
             *2 * [("watchdog_probe_timed_out", "error", None)],
         ]
+
+    async def test_a_malformed_probe_reply_sends_no_ping(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A GET_SESSION_ID reply that breaks the ABI fails the probe as a refusal does:
+        logged, no WATCHDOG=1, and the pings go on once the replies are well-formed."""
+        garbler = ReplyGarbler()
+        notifier = WatchdogRecorder(watchdog_usec=2_000_000)  # a ping a second
+        daemon = Daemon(AgentConfig(), HookedOpener(host, reply=garbler), notifier=notifier)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await trio.sleep(0.5)
+                garbler.request_types.add(RequestType.GET_SESSION_ID)
+                await trio.sleep(2.0)  # the probes at 1 s and 2 s are garbled
+                garbler.request_types.clear()
+                await trio.sleep(1.0)
+                daemon.request_shutdown("test")
+        assert notifier.pings == [0.0, 3.0]
+        assert garbler.garbled == 2
+        failed = [e["event"] for e in logs if e["event"].startswith("watchdog_probe")]
+        assert failed == ["watchdog_probe_failed"] * 2
+
+    async def test_a_malformed_facility_reply_cuts_no_stop_short(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """REPORT_GUEST_STATUS replies that break the ABI during a stop are logged: every
+        service still drains and the run ends cleanly."""
+        garbler = ReplyGarbler()
+        daemon = Daemon(AgentConfig(), HookedOpener(host, reply=garbler), notifier=Notifier(None))
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                running = set(daemon.statistics().services)
+                garbler.request_types.add(RequestType.REPORT_GUEST_STATUS)
+                daemon.request_shutdown("test")
+        not_reported = [e["status"] for e in logs if e["event"] == "facility_status_not_reported"]
+        assert not_reported == ["TERMINATING", "TERMINATED"]
+        drained = {e["service"] for e in logs if e["event"] == "service_drained"}
+        assert drained == {*running, "event-pump"}
+        assert "agent_stopped" in [e["event"] for e in logs]
 
     async def test_missing_device_is_fatal(self, notify: tuple[Notifier, NotifyReader]) -> None:
         """A device that cannot be opened ends ``run`` with DeviceUnavailableError."""

@@ -39,6 +39,7 @@ from agent.protocol import (
     Request,
     RequestType,
 )
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, ServiceContext, ServiceSection, ServiceSpec
 from agent.services.registry import SERVICES, section_models
 
@@ -176,6 +177,50 @@ class Breaker:
 
 
 BREAKER: Final = ServiceSpec("breaker", BreakerSection, Breaker)
+
+
+class FragileSection(ServiceSection):
+    """``[fragile]``: ``label`` needs a restart, and ``"boom"`` cannot be built."""
+
+    label: str = "one"
+
+
+class Fragile:
+    """Third-party code whose constructor raises for one setting, as a plug-in's may."""
+
+    name: Final = "fragile"
+
+    def __init__(self, context: ServiceContext, section: FragileSection) -> None:
+        del context
+        if section.label == "boom":
+            msg = "cannot build with this label"
+            raise OSError(msg)
+        self.section = section
+        self.drained = trio.Event()
+        FRAGILE_BUILT.append(self)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.drained.set()
+
+    def reconfigure(self, section: FragileSection) -> bool:
+        return section == self.section
+
+    def status(self) -> str:
+        return f"fragile {self.section.label}"
+
+    def statistics(self) -> GadgetStatistics:
+        return GadgetStatistics(0)
+
+
+FRAGILE_BUILT: list[Fragile] = []
+FRAGILE: Final = ServiceSpec("fragile", FragileSection, Fragile)
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 SLOW_GADGET: Final = (
     f"[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S:g}\n[gadget]\ndrain_s = 30\n"
@@ -186,6 +231,7 @@ SLOW_GADGET: Final = (
 @pytest.fixture(autouse=True)
 def _clear_built() -> None:
     BUILT.clear()
+    FRAGILE_BUILT.clear()
 
 
 def _daemon(host: SimulatedHost, path: Path, text: str, notifier: Notifier | None = None) -> Daemon:
@@ -290,8 +336,25 @@ class ReadyStatusNotifier(RecordingNotifier):
 class StatusRecordingNotifier(RecordingNotifier):
     """:class:`RecordingNotifier` that records each ``STATUS=`` update too."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.status_sent = trio.lowlevel.ParkingLot()
+        """Woken by each ``STATUS=``."""
+
     async def status(self, text: str) -> None:
         self.sent.append(f"STATUS={text}")
+        self.status_sent.unpark_all()
+
+    async def wait_status(self, fragment: str, *, present: bool = True) -> str:
+        """The first ``STATUS=`` from now on with ``fragment`` (or, ``present`` False,
+        without it)."""
+        seen = len(self.sent)
+        while True:
+            for line in self.sent[seen:]:
+                if line.startswith("STATUS=") and (fragment in line) == present:
+                    return line
+            seen = len(self.sent)
+            await self.status_sent.park()
 
 
 async def _breaking_pump_run(
@@ -408,7 +471,8 @@ class TestThrowAwayService:
     async def test_a_service_disabled_by_a_reload_leaves_the_status(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
-        """Once a service disabled by a reload has drained, a STATUS= without it is sent."""
+        """A service disabled by a reload reads ``stopping`` at once (its own status would
+        say it still works), and once it has drained, a STATUS= without it is sent."""
         notifier = StatusRecordingNotifier()
         path = tmp_path / "agent.toml"
         daemon = _daemon(host, path, "[gadget]\ndrain_s = 2\n", notifier)
@@ -418,10 +482,15 @@ class TestThrowAwayService:
                 [gadget] = BUILT
                 path.write_text("[gadget]\nenable = false\n")
                 await daemon.reload()
+                stopping = await notifier.wait_status("; gadget stopping")
+                drained_by_then = gadget.drained.is_set()
                 await gadget.drained.wait()
                 await trio.testing.wait_all_tasks_blocked()
                 after = notifier.sent[-1]
                 daemon.request_shutdown("test")
+        assert not drained_by_then
+        assert stopping.startswith("STATUS=vm session ")
+        assert stopping.endswith("; gadget stopping")
         assert after.startswith("STATUS=vm session ")
         assert "gadget" not in after
 
@@ -447,6 +516,118 @@ class TestThrowAwayService:
                 assert first.section == GadgetSection(drain_s=4)
                 assert running.section == GadgetSection(drain_s=4, interval_s=7)
                 daemon.request_shutdown("test")
+
+
+class TestEventPumpFailures:
+    """The event pump's failures show in ``STATUS=`` and in the restarts, as a service's do."""
+
+    async def test_a_pump_backing_off_is_in_the_status(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """The host refuses the pump's new filter (a reload enabled the gadget, whose events
+        the pump must now wait for) until the test lets it through: ``STATUS=`` puts the
+        pump's failures first while it backs off, and leaves them out once it runs again."""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[gadget]\nenable = false\n", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, 100)
+                path.write_text("")
+                await daemon.reload()
+                once = await notifier.wait_status("event pump failed, retrying (1x)")
+                twice = await notifier.wait_status("event pump failed, retrying (2x)")
+                host.clear_faults(RequestType.CTL_GUEST_FILTER_MASK)
+                running = await notifier.wait_status("event pump", present=False)
+                restarts = daemon.statistics().restarts
+                daemon.request_shutdown("test")
+        assert once.startswith("STATUS=event pump failed, retrying (1x); vm session ")
+        assert twice.startswith("STATUS=event pump failed, retrying (2x); vm session ")
+        assert "; gadget one 2 s, 0 events" in running
+        assert restarts == {"event-pump": 2}
+
+
+class TestBuildFailsOnReload:
+    """A service a reload cannot build leaves the agent running: the old one runs on (or
+    none, if it was being enabled), the status says why, and the next reload tries again."""
+
+    @staticmethod
+    def _fragile(host: SimulatedHost, path: Path, text: str, notifier: Notifier) -> Daemon:
+        registry = (*SERVICES, FRAGILE, GADGET)
+        path.write_text(text)
+        config = load_config(path, section_models(registry))
+        return Daemon(
+            config, SimOpener(host), config_path=path, notifier=notifier, registry=registry
+        )
+
+    async def test_a_failed_rebuild_keeps_the_old_service(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """The old service keeps running with its section, the gadget after it in the
+        registry still gets its new one, and a later reload with a good section rebuilds."""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = self._fragile(host, path, "[gadget]\ninterval_s = 2\n", notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                [old] = FRAGILE_BUILT
+                [gadget] = BUILT
+                path.write_text('[fragile]\nlabel = "boom"\n[gadget]\ninterval_s = 5\n')
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                assert gadget.section.interval_s == 5.0
+                assert [old] == FRAGILE_BUILT
+                assert not old.drained.is_set()
+                failed = daemon.statistics().status
+                path.write_text('[fragile]\nlabel = "two"\n[gadget]\ninterval_s = 5\n')
+                await daemon.reload()
+                await old.drained.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                [_, new] = FRAGILE_BUILT
+                rebuilt = daemon.statistics().status
+                daemon.request_shutdown("test")
+        assert {
+            "event": "service_build_failed",
+            "service": "fragile",
+            "error": "OSError('cannot build with this label')",
+            "outcome": "the service runs on with its previous settings",
+            "log_level": "error",
+        } in logs
+        error = "fragile one (new settings not applied: OSError: cannot build with this label)"
+        assert error in failed.split("; ")
+        assert f"STATUS={failed}" in notifier.sent
+        assert "fragile two" in rebuilt.split("; ")
+        assert new.drained.is_set()
+        assert daemon.statistics().reloads == 2
+
+    async def test_a_failed_enable_stays_stopped_and_is_tried_again(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """Enabled by a reload but not buildable: nothing runs, the status says so, and a
+        SIGHUP with the same file tries again; then the agent stops as usual."""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = self._fragile(host, path, "[fragile]\nenable = false\n", notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text('[fragile]\nlabel = "boom"\n')
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                failed = daemon.statistics()
+                await daemon.reload()
+                daemon.request_shutdown("test")
+        assert FRAGILE_BUILT == []
+        assert "fragile" not in failed.services
+        assert "fragile not started: OSError: cannot build with this label" in (
+            failed.status.split("; ")
+        )
+        builds = [e for e in logs if e["event"] == "service_build_failed"]
+        assert [e["outcome"] for e in builds] == ["the service stays stopped"] * 2
+        assert "service_enabled" not in [e["event"] for e in logs]
+        assert "agent_stopped" in [e["event"] for e in logs]
 
 
 class TestStopComesFirst:

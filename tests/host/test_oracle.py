@@ -63,6 +63,7 @@ from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
     VERR_BUFFER_OVERFLOW,
+    VERR_GENERAL_FAILURE,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
@@ -779,6 +780,22 @@ class TestOracleKernelBalloon:
         await owner.transport.aclose()
         assert host.vmmdev.balloon.chunks == 0
         assert host.driver.balloon_chunks == 0
+
+    async def test_close_goes_on_past_refused_releases(self, host: SimulatedHost) -> None:
+        """``VGDrvCommonCloseSession`` ignores what dropping the session's capabilities and
+        filter returns: with the host refusing both, the clients are disconnected and the
+        balloon the session owned is deflated all the same."""
+        owner = await open_client(host)
+        await owner.request(ChangeFilterMask(Event.VRDP, 0))
+        await owner.request(ChangeGuestCapabilities(GuestCapability.GRAPHICS, 0))
+        await owner.request(HgcmConnect(ECHO))
+        host.set_balloon_target(2)
+        await owner.request(CheckBalloon())
+        host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, count=3)
+        host.add_fault(RequestType.SET_GUEST_CAPABILITIES, VERR_GENERAL_FAILURE)
+        await owner.transport.aclose()
+        assert host.status()["hgcm_clients"] == 0
+        assert host.vmmdev.balloon.chunks == 0
 
 
 async def hand_to_ring3(host: SimulatedHost) -> None:

@@ -48,6 +48,7 @@ from agent.protocol import (
     WaitForEvents,
 )
 from agent.protocol.constants import RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.protocol.wire import (
     MAX_JSON_SIZE,
     ControlReply,
@@ -224,6 +225,29 @@ class TestDeviceSessions:
                     await transport.aclose()
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 assert host.status() == before
+                nursery.cancel_scope.cancel()
+
+    async def test_a_close_the_host_refuses_leaves_the_host_serving(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A client that goes while the host refuses the filter reset (``host fault
+        CTL_GUEST_FILTER_MASK VERR_GENERAL_FAILURE --count 3``) loses its HGCM clients all
+        the same, as the kernel ignores the refusal, and the host serves on."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                before = host.status()
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                await request(session, transport, HgcmConnect(SERVICE_NAME))
+                await request(session, transport, ChangeFilterMask(Event.RESTORED, 0))
+                host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, count=3)
+                await transport.aclose()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert host.status()["hgcm_clients"] == before["hgcm_clients"]
+                transport = await UnixSocketOpener(socket_path).open_session()
+                assert (await request(Session(), transport, GetHostVersion())).features & 1
+                await transport.aclose()
                 nursery.cancel_scope.cancel()
 
     async def test_reset_connection_does_not_stop_the_host(

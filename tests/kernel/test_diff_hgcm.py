@@ -10,8 +10,13 @@ import trio.testing
 
 from agent.host.hgcm_service import HostBuffer, HostU32
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.constants import HGCM_MAX_USER_PARM, HgcmParmType, Ioctl, RequestType
-from agent.protocol.status import VERR_ACCESS_DENIED, VERR_NOT_FOUND, VINF_SUCCESS
+from agent.protocol.constants import HGCM_MAX_USER_PARM, Event, HgcmParmType, Ioctl, RequestType
+from agent.protocol.status import (
+    VERR_ACCESS_DENIED,
+    VERR_GENERAL_FAILURE,
+    VERR_NOT_FOUND,
+    VINF_SUCCESS,
+)
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
 from tests.kernel.builders import ioctl, sessions
 from tests.kernel.differential import FN_SUCCEED, assert_agree, differ
@@ -285,6 +290,30 @@ async def test_close_with_clients_and_held_calls() -> None:
         await rig.ioctl("disconnect first", session, Ioctl.HGCM_DISCONNECT, disconnect(first))
         await rig.close("close", session)
         rig.note("disconnected", rig.echo.disconnected)
+
+    assert_agree(await differ(script))
+
+
+async def test_close_goes_on_past_refused_releases() -> None:
+    """At a close the driver ignores what dropping the session's capabilities and filter
+    returns (``vbg_core_close_session``): with the host refusing both, the session's
+    clients are still disconnected, and the next filter change reaches the host again."""
+
+    async def script(rig: Rig) -> None:
+        session, other = rig.open(), rig.open()
+        filter_ = ioctl(32, 24)
+        L.ChangeFilterIoctl.or_mask.set(filter_, Event.VRDP)
+        await rig.ioctl("filter", session, Ioctl.CHANGE_FILTER_MASK, bytearray(filter_))
+        caps = ioctl(32, 32)
+        L.SetGuestCapsIoctl.or_mask.set(caps, 0x4)
+        await rig.ioctl("caps", session, Ioctl.CHANGE_GUEST_CAPABILITIES, caps)
+        await connected(rig, session)
+        rig.host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, count=3)
+        rig.host.add_fault(RequestType.SET_GUEST_CAPABILITIES, VERR_GENERAL_FAILURE)
+        await rig.close("close", session)
+        rig.note("disconnected", rig.echo.disconnected)
+        rig.host.clear_faults(RequestType.CTL_GUEST_FILTER_MASK)
+        await rig.ioctl("other's filter", other, Ioctl.CHANGE_FILTER_MASK, filter_)
 
     assert_agree(await differ(script))
 

@@ -1,0 +1,49 @@
+"""``vbox-agent simulate`` ending on a failure of the simulated host nobody expected.
+
+Rules of this test module:
+- the command runs in-process (``agent.cli.main``) so that the failure can be injected: the
+  socket server is replaced by one that fails once it listens; output is read with ``capsys``;
+- the failure ends the run by itself, so nothing waits for a signal.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, NoReturn
+
+import trio
+
+from agent.cli import main
+from agent.cli._exit import EX_SOFTWARE
+from agent.host import server
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pytest
+
+    from agent.host import SimulatedHost
+
+
+async def _failing_server(
+    host: SimulatedHost, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    """Listens, then fails as a host error no code path expects would."""
+    del host, path
+    task_status.started()
+    await trio.lowlevel.checkpoint()
+    raise OSError(errno.EIO, "the host broke")
+
+
+def test_an_unexpected_host_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run ends with 70 and one line naming the error, never a traceback."""
+    monkeypatch.setattr(server, "serve_simulated_host", _failing_server)
+    path = tmp_path / "host.sock"
+    assert main(["simulate", "--socket", str(path)]) == EX_SOFTWARE
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"simulated host listening at {path}",
+        "vbox-agent simulate: the simulated host failed: OSError: [Errno 5] the host broke",
+    ]
