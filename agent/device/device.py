@@ -164,9 +164,13 @@ class Device:
         """Return the request and session counters."""
         return DeviceStatistics(self._requests, self._failures, self._open_sessions)
 
-    async def request(self, request: Request[R]) -> R:
-        """Perform a short request on the main session and return its decoded reply."""
-        return await self._main.perform(request)
+    async def request(self, request: Request[R], submission: Submission | None = None) -> R:
+        """Perform a short request on the main session and return its decoded reply.
+
+        ``submission`` is marked issued once the request may have reached the driver, so a
+        caller that was cancelled can tell whether the host may have acted on it.
+        """
+        return await self._main.perform(request, submission)
 
     async def check_balloon(self) -> BalloonStatus:
         """Ask the driver about the balloon (``VBG_IOCTL_CHECK_BALLOON``)."""

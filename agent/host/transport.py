@@ -155,7 +155,9 @@ class SimTransport:
         """Perform one ioctl: map the user buffers, store their addresses, call the driver.
 
         A failure leaves ``buffer`` as it was (the addresses stored in it are taken back).
-        ``submission`` is issued as the driver is called: nothing here waits before that.
+        ``submission`` is issued as the driver is called: a caller cancelled before that
+        never reaches the driver, and past it the call goes through as a system call does (the
+        driver's entry is no cancellation point; its interruptible waits are).
         A cancelled call the driver holds is abandoned (see the module docstring).
 
         Raises:
@@ -164,6 +166,9 @@ class SimTransport:
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        # The last moment the call may be dropped, as a cancelled caller never gets a worker
+        # thread on the character device: past it the driver has the call.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if submission is not None:
             submission.issued = True
         memory = _NO_USER_MEMORY

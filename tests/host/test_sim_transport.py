@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from agent.device import open_device
 from agent.host import DictMemory, SimOpener, SimTransport, SimulatedHost
-from agent.host.memory import USER_BASE, USER_LIMIT, USER_WINDOW
+from agent.host.memory import USER_BASE, USER_LIMIT, USER_WINDOW, IoctlMemory
 from agent.protocol import (
     ChangeFilterMask,
     ChangeGuestCapabilities,
@@ -132,6 +132,37 @@ class TestSimTransport:
         with pytest.raises(OSError, match=r"Bad file descriptor"):
             await client.transport.ioctl(call.code, call.buffer, submission=refused)
         assert not refused.issued
+
+    @pytest.mark.parametrize("personality", ["mainline", "oracle"])
+    async def test_a_cancellation_drops_a_call_only_before_the_driver_has_it(
+        self, personality: str
+    ) -> None:
+        """A caller cancelled before the transport issues the call never reaches the driver
+        (as one waiting for a thread on the character device); a cancellation that meets the
+        call at the driver's entry does not keep the request from the host, as a signal keeps
+        no system call out of the kernel (only the driver's interruptible waits see it)."""
+        host = SimulatedHost(personality=personality)
+        counts = host.vmmdev.request_counts
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                transport = await SimOpener(host).open_session()
+                assert isinstance(transport, SimTransport)
+                before = counts[RequestType.GET_HOST_VERSION]
+                submission = Submission()
+                call = GetHostVersion().encode()
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await transport.ioctl(call.code, call.buffer, submission=submission)
+                assert (scope.cancelled_caught, submission.issued) == (True, False)
+                assert counts[RequestType.GET_HOST_VERSION] == before
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await host.ioctl(transport.session, call.code, call.buffer, IoctlMemory())
+                assert counts[RequestType.GET_HOST_VERSION] == before + 1
+                assert call.request.decode(call).major > 0
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
 
     async def test_description(self, host: SimulatedHost) -> None:
         """The opener names the personality and the node."""

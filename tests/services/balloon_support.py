@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from agent.device import Device, DeviceOpener
+    from agent.protocol import Submission
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
@@ -192,6 +193,7 @@ async def running_balloon(
     psi_file: bool = False,
     sysctl_root: Path | None = None,
     opener_for: Callable[[SimulatedHost], DeviceOpener] = SimOpener,
+    status_changed: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
     (within ``drain_s``, as the daemon's drain time). The agent opens its device through
@@ -216,6 +218,7 @@ async def running_balloon(
                 mem_available_mb=mem_available_mb,
                 gauge=gauge,
                 sysctl_root=sysctl_root,
+                status_changed=status_changed,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)
@@ -240,14 +243,14 @@ class HandoverWrapper:
     async def read_target(self) -> HostTarget:
         return await self._handover.read_target()
 
-    async def inflate(self, chunk: Chunk) -> None:
-        await self._handover.inflate(chunk)
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        await self._handover.inflate(chunk, submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         await self._handover.deflate(chunk)
 
-    def never_held(self, rc: int) -> bool:
-        return self._handover.never_held(rc)
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        return self._handover.never_held(rc, balloon_empty=balloon_empty)
 
 
 class ErrnoOnce(HandoverWrapper):
@@ -269,9 +272,9 @@ class ErrnoOnce(HandoverWrapper):
         self._fail("read_target")
         return await super().read_target()
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         self._fail("inflate")
-        await super().inflate(chunk)
+        await super().inflate(chunk, submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         self._fail("deflate")

@@ -283,9 +283,12 @@ class TestFollowsTarget:
                     assert gauge.chunks == 64
                 run.host.set_balloon_target(16)
                 await run.settle(16)
-                run.service.status()  # in kernel mode this asks the driver for the size
-                await run.until(lambda: run.service.statistics().chunks == 16)
-                assert run.service.statistics().target == 16
+                if run.service.mode is BalloonMode.KERNEL:
+                    await gauge.read()  # asks the driver for the size, as a statistics report
+                await run.until(lambda: run.service.statistics().target == 16)
+                # Triggered mode: the driver's answer is the target; it never tells its size.
+                expected = None if run.service.mode is BalloonMode.TRIGGERED else 16
+                assert run.service.statistics().chunks == expected
                 assert "16" in run.service.status()
                 assert gauge.chunks == 16
         assert gauge.chunks is None
@@ -498,16 +501,16 @@ class TestFollowsTarget:
                 await run.settle(32)
             assert run.host_chunks == 0
 
-    async def test_drain_frees_a_chunk_the_driver_never_took(
-        self, autojump_clock: trio.abc.Clock
+    @pytest.mark.parametrize("kind", ["oracle-r3", "passthrough"])
+    async def test_a_chunk_the_driver_never_got_is_unmapped_not_held(
+        self, kind: str, autojump_clock: trio.abc.Clock
     ) -> None:
-        """Oracle, ring 3: the service stops as the walker hands its first chunk over, before
-        the driver has the call (a call cancelled before it is issued, as one waiting for a
-        thread on the real device). The walker keeps the chunk, which the driver may hold;
-        the drain's deflate finds the driver's balloon empty, VERR_INVALID_PARAMETER
-        (``vgdrvSetBalloonSizeFromUser`` checks that before looking for the chunk), so the
-        chunk counts as given back and is unmapped: nothing kept, nothing leaked."""
-        host = _host("oracle-r3")
+        """The service stops as the walker hands its first chunk over, before the driver has
+        the call (its ``Submission`` not issued, as a call waiting for a thread on the real
+        device). The host never saw the chunk, so it is unmapped at once and never held: the
+        drain sends no deflate (a real host answers one for pages it never took with success,
+        so the drain could not tell), nothing kept, nothing leaked."""
+        host = _host(kind)
         service_scope = trio.CancelScope()
         chunks = _StopOnAllocate(service_scope)
         refusals: list[int] = []
@@ -526,17 +529,17 @@ class TestFollowsTarget:
                     assert walker is not None
                     host.set_balloon_target(1)
                     await stopped.wait()
-                    assert (len(walker.held), len(chunks.live), walker.inflated) == (1, 1, 0)
-                    assert (host.driver.balloon_chunks, host.vmmdev.balloon.chunks) == (0, 0)
+                    assert (walker.held, chunks.live, walker.inflated) == ([], {}, 0)
+                    assert host.vmmdev.balloon.chunks == 0
                     walker.handover = RecordRefusals(walker.handover, refusals)
+                    deflates = host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON]
                     await service.drain()
+                    assert host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON] == deflates
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
-        assert refusals == [VERR_INVALID_PARAMETER]
-        assert (walker.held, walker.deflated, chunks.live) == ([], 1, {})
-        assert (host.driver.balloon_chunks, host.vmmdev.balloon.chunks) == (0, 0)
-        assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [1]
-        assert not [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+        assert (refusals, walker.deflated) == ([], 0)
+        assert host.vmmdev.balloon.chunks == 0
+        assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [0]
 
 
 class TestFailures:
@@ -1148,7 +1151,7 @@ class TestTriggeredAndKernel:
                     run = Running(host, device, service, inner)
                     await start_in_scope(inner, service, trio.CancelScope())
                     await run.until(lambda: service.reads == 1)
-                    assert service.statistics().chunks == run.host_chunks == target
+                    assert service.statistics().target == run.host_chunks == target
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
 
@@ -1425,8 +1428,8 @@ async def _run_until_stopped(
 
 
 class _StopOnAllocate(SimChunks):
-    """Chunks that cancel ``scope`` as one is mapped: the service stops at the walker's next
-    checkpoint, the driver's entry to the ioctl that hands the chunk over."""
+    """Chunks that cancel ``scope`` as one is mapped: the service stops before the ioctl that
+    hands the chunk over is issued (the transport's check for a cancelled caller)."""
 
     def __init__(self, scope: trio.CancelScope) -> None:
         super().__init__()
@@ -1435,3 +1438,108 @@ class _StopOnAllocate(SimChunks):
     def allocate(self) -> int:
         self._scope.cancel()
         return super().allocate()
+
+
+class TestSizesSayWhatTheyAre:
+    """Each size the service shows is named for what it is: what the balloon holds, or the
+    host's target."""
+
+    async def test_triggered_mode_shows_a_target_not_a_balloon(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Oracle's driver answers CHECK_BALLOON with the host's target whatever it managed
+        to allocate (the host refused every chunk here): the status calls it a target, the
+        statistics know no balloon size, and the gauge, which the guest statistics report,
+        carries the answer as VBoxService reports it."""
+        gauge = BalloonGauge()
+        with trio.fail_after(60):
+            async with running_balloon(personality="oracle", gauge=gauge) as run:
+                assert run.service.mode is BalloonMode.TRIGGERED
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY)
+                run.host.set_balloon_target(64)
+                await run.until(lambda: run.service.reads == 1)
+                assert run.host_chunks == 0
+                assert run.service.status() == "balloon target 64 MB (triggered)"
+                statistics = run.service.statistics()
+                assert (statistics.chunks, statistics.target, gauge.chunks) == (None, 64, 64)
+
+    @pytest.mark.parametrize(
+        ("kind", "sizes"),
+        [
+            ("mainline", {"chunks": 0}),
+            ("oracle", {"target": 8}),
+            ("passthrough", {"chunks": 0, "target": 8}),
+        ],
+    )
+    async def test_the_mode_line_names_its_sizes(
+        self, autojump_clock: trio.abc.Clock, kind: str, sizes: dict[str, int]
+    ) -> None:
+        """The host asked for 8 MB before the agent started. ``balloon_mode`` shows the
+        kernel's count in kernel mode (the kernel balloons only once the agent filters
+        0x40), the target Oracle's driver answered with in triggered mode, and the agent's
+        chunks and the target it read in owned mode."""
+
+        async def ask_for_8_mb(host: SimulatedHost) -> None:
+            host.set_balloon_target(8)
+            await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), before=ask_for_8_mb):
+                pass
+        [line] = [e for e in logs if e["event"] == "balloon_mode"]
+        assert sizes == {key: line[key] for key in ("chunks", "target") if key in line}
+
+
+class TestOracleEmptyBalloon:
+    """Oracle's driver refuses a deflate with VERR_INVALID_PARAMETER when its balloon is
+    empty; the host's own VERR_INVALID_PARAMETER comes back the same way."""
+
+    async def test_a_deflate_the_host_refuses_keeps_the_chunk(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Ring-3 balloon of 2 chunks, both known to be in the driver; the host refuses the
+        first deflate with VERR_INVALID_PARAMETER, which the driver passes on keeping the
+        chunk. The agent keeps it too and asks again: nothing is left at the host, nothing
+        mapped."""
+        chunks = SimChunks()
+        with trio.fail_after(60):
+            async with running_balloon(
+                personality="", host=_host("oracle-r3"), allocator=chunks, before=hand_to_ring3
+            ) as run:
+                walker = run.service.walker
+                assert walker is not None
+                run.host.set_balloon_target(2)
+                await run.settle(2)
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_INVALID_PARAMETER)
+                run.host.set_balloon_target(0)
+                await run.until(lambda: not walker.held)
+                assert (run.host_chunks, walker.failures) == (0, 1)
+                assert chunks.live == {}
+
+
+class TestLeftToTheDriver:
+    """Where the driver holds the balloon, the drain gives nothing back and says so once."""
+
+    @pytest.mark.parametrize(
+        ("kind", "sizes"), [("mainline", {"chunks": 32}), ("oracle", {"target": 32})]
+    )
+    async def test_a_balloon_the_driver_keeps_is_one_warning(
+        self, autojump_clock: trio.abc.Clock, kind: str, sizes: dict[str, int]
+    ) -> None:
+        """The in-tree driver keeps its kernel's chunks once 0x40 leaves the filter (no
+        later request reaches the kernel, a deflate neither); Oracle's keeps them until the
+        session closes. One warning names the size and why; an empty balloon is no news."""
+        gauge = BalloonGauge()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with running_balloon(personality="", host=_host(kind), gauge=gauge) as run:
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                await gauge.read()  # kernel mode: the size as a statistics report reads it
+                await run.until(lambda: run.service.statistics().target == 32)
+            async with running_balloon(personality="", host=_host(kind)):
+                pass
+        [line] = [e for e in logs if e["event"] == "balloon_left_to_driver"]
+        assert (line["log_level"], line["mode"]) == ("warning", run.service.mode)
+        assert sizes == {key: line[key] for key in ("chunks", "target") if key in line}
+        why = "0x40 leaves the event filter" if kind == "mainline" else "closes the device"
+        assert why in line["reason"]

@@ -8,6 +8,7 @@ Real threads and time: every wait is bounded by ``WAIT_S``.
 from __future__ import annotations
 
 import itertools
+import re
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from agent.host import SimulatedHost
 from agent.protocol import Event
 from agent.services import BalloonGauge
-from agent.services.balloon import BalloonMode
+from agent.services.balloon import BalloonMode, BalloonService
 from tests.services.balloon_support import running_balloon
 
 if TYPE_CHECKING:
@@ -27,20 +28,28 @@ if TYPE_CHECKING:
 
 WAIT_S: Final = 30.0
 REPEATED_READS: Final = 3
+READ_AT: Final = r"read \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+"""How the status says when the kernel's balloon was read."""
+
+
+def kernel_status(mb: int) -> str:
+    """The status of a kernel balloon of ``mb`` MB, as a pattern."""
+    return rf"balloon {mb} MB \(kernel, {READ_AT}\)"
 
 
 async def test_kernel_reaches_the_target_while_the_agent_runs(personality: str) -> None:
     host = SimulatedHost(personality=personality, seed=1)
+    gauge = BalloonGauge()
     with trio.fail_after(WAIT_S):
-        async with running_balloon(personality=personality, host=host) as run:
+        async with running_balloon(personality=personality, host=host, gauge=gauge) as run:
             assert run.service.mode is BalloonMode.KERNEL
             run.host.set_balloon_target(48)
             await run.settle(48)
             run.host.set_balloon_target(8)
             await run.settle(8)
-            run.service.status()  # asks the driver for the size
-            await run.until(lambda: run.service.statistics().chunks == 8)
-            assert run.service.status() == "balloon 8 MB (kernel)"
+            assert await gauge.read() == 8  # asks the driver for the size
+            assert run.service.statistics().chunks == 8
+            assert re.fullmatch(kernel_status(8), run.service.status())
 
 
 async def test_the_gauge_reads_the_kernel_balloon(personality: str) -> None:
@@ -54,7 +63,7 @@ async def test_the_gauge_reads_the_kernel_balloon(personality: str) -> None:
             run.host.set_balloon_target(48)
             await run.until(lambda: run.host.driver.balloon_chunks == 48)
             assert await gauge.read() == 48
-            assert run.service.status() == "balloon 48 MB (kernel)"
+            assert re.fullmatch(kernel_status(48), run.service.status())
             assert run.host_chunks == 48  # the query moved nothing
         assert gauge.refresh is None  # a stopped service reads no more
 
@@ -142,16 +151,13 @@ async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> No
 async def test_a_size_already_logged_is_read_at_debug(personality: str) -> None:
     """Each read that finds a new size is one info line; reads that find it again are debug."""
     host = SimulatedHost(personality=personality, seed=1)
+    gauge = BalloonGauge()
     with trio.fail_after(WAIT_S), capture_logs() as logs:
-        async with running_balloon(personality=personality, host=host) as run:
+        async with running_balloon(personality=personality, host=host, gauge=gauge) as run:
             run.host.set_balloon_target(8)
             await run.settle(8)
-            run.service.status()
-            await run.until(lambda: run.service.statistics().chunks == 8)
-            for _ in range(REPEATED_READS):
-                reads = run.service.reads
-                run.service.status()  # asks the driver for the size
-                await run.until(lambda: run.service.reads > reads)  # noqa: B023 - awaited here
+            for _ in range(REPEATED_READS + 1):
+                assert await gauge.read() == 8  # asks the driver for the size
     checked = [entry for entry in logs if entry["event"] == "balloon_checked"]
     news = [entry["chunks"] for entry in checked if entry["log_level"] == "info"]
     assert news[-1] == 8
@@ -159,3 +165,34 @@ async def test_a_size_already_logged_is_read_at_debug(personality: str) -> None:
     repeats = [entry for entry in checked if entry["log_level"] == "debug"]
     assert len(repeats) >= REPEATED_READS
     assert {entry["chunks"] for entry in repeats[-REPEATED_READS:]} == {8}
+
+
+async def test_the_status_reads_nothing(autojump_clock: trio.abc.Clock) -> None:
+    """Computing the status reads nothing (no event tells the agent that the kernel's
+    balloon moved), so a status recomputed on every change it reports, as the daemon does,
+    starts no chain of reads: one read per gauge refresh. It shows the size last read, and
+    when it was read."""
+    host = SimulatedHost(personality="mainline", seed=1)
+    gauge = BalloonGauge()
+    services: list[BalloonService] = []
+    texts: list[str] = []
+
+    def status_changed() -> None:  # the daemon's STATUS= recomputes every fragment
+        texts.extend(service.status() for service in services)
+
+    with trio.fail_after(WAIT_S):
+        async with running_balloon(
+            personality="mainline", host=host, gauge=gauge, status_changed=status_changed
+        ) as run:
+            services.append(run.service)
+            run.host.set_balloon_target(48)
+            await run.until(lambda: run.host.driver.balloon_chunks == 48)
+            reads, changes = run.service.reads, len(texts)
+            assert await gauge.read() == 48
+            await trio.testing.wait_all_tasks_blocked()
+            assert (run.service.reads, len(texts)) == (reads + 1, changes + 1)
+            for _ in range(REPEATED_READS):
+                assert re.fullmatch(kernel_status(48), run.service.status())
+            await trio.testing.wait_all_tasks_blocked()
+            assert run.service.reads == reads + 1
+            assert re.fullmatch(kernel_status(48), texts[-1])

@@ -12,7 +12,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from agent.protocol import VBoxStatusError
-from agent.protocol.status import VERR_NO_MEMORY
+from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NO_MEMORY
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import ChunkError
 from agent.services.balloon._handover import HostTarget
@@ -21,7 +21,7 @@ from agent.services.balloon._walker import BATCH_CHUNKS, ChunkWalker
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.protocol import ChunkPages
+    from agent.protocol import ChunkPages, Submission
     from agent.services.balloon._chunks import Chunk
 
 CHUNK_BYTES = 1 << 20
@@ -40,10 +40,11 @@ class BlockingHandover:
     async def read_target(self) -> HostTarget:
         raise NotImplementedError
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         del chunk
         self.inflates += 1
         if self.inflates == self.block_at:
+            submission.issued = True  # held by the host: the driver has the call
             self.blocked.set()
             await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
@@ -52,8 +53,8 @@ class BlockingHandover:
         del chunk
         await trio.lowlevel.checkpoint()
 
-    def never_held(self, rc: int) -> bool:
-        del rc
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        del rc, balloon_empty
         return False
 
 
@@ -169,13 +170,13 @@ class ScriptedHandover(BlockingHandover):
         self.refuse_at = refuse_at
         self.on_inflate: Callable[[int], None] = lambda _number: None
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         self.on_inflate(self.inflates + 1)
         if self.inflates + 1 == self.refuse_at:
             self.inflates += 1
             await trio.lowlevel.checkpoint()
             raise VBoxStatusError(VERR_NO_MEMORY, "VBGL_IOCTL_CHANGE_BALLOON")
-        await super().inflate(chunk)
+        await super().inflate(chunk, submission)
 
 
 def _walker(handover: BlockingHandover, allocator: TrackingAllocator) -> ChunkWalker:
@@ -282,3 +283,47 @@ async def test_an_unknown_memavailable_is_looked_for_before_every_chunk_of_a_gro
             nursery.cancel_scope.cancel()
     assert mapped_at_first_handover == [BATCH_CHUNKS]
     assert looks == list(range(BATCH_CHUNKS))  # one look before each chunk's mapping
+
+
+class InvalidParameterDeflates(BlockingHandover):
+    """BlockingHandover whose deflates fail with VERR_INVALID_PARAMETER, as Oracle's driver
+    answers for an empty balloon; ``never_held`` trusts it only for an empty balloon and
+    records what the walker told it."""
+
+    def __init__(self, block_at: int) -> None:
+        super().__init__(block_at)
+        self.empty: list[bool] = []
+
+    async def deflate(self, chunk: Chunk) -> None:
+        del chunk
+        await trio.lowlevel.checkpoint()
+        raise VBoxStatusError(VERR_INVALID_PARAMETER, "VBGL_IOCTL_CHANGE_BALLOON")
+
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        self.empty.append(balloon_empty)
+        return rc == VERR_INVALID_PARAMETER and balloon_empty
+
+
+@pytest.mark.parametrize(("block_at", "empty", "kept"), [(1, True, 0), (2, False, 2)])
+async def test_the_driver_may_hold_none_only_while_every_chunk_is_unconfirmed(
+    block_at: int, *, empty: bool, kept: int
+) -> None:
+    """A walk toward 2 chunks stops as the ``block_at``-th inflate has been issued: that chunk
+    is held, its outcome unknown. The drain's deflate is told that the driver's balloon may
+    be empty only when no chunk held is known to be in it (the first inflate went through
+    with ``block_at`` 2), so a status meaning "empty balloon" forgets that chunk then and
+    keeps it otherwise."""
+    allocator = TrackingAllocator()
+    handover = InvalidParameterDeflates(block_at)
+    walker = _walker(handover, allocator)
+    walker.set_target(HostTarget(chunks=2, max_chunks=None))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            await handover.blocked.wait()
+            nursery.cancel_scope.cancel()
+        assert len(walker.unconfirmed) == 1
+        assert len(walker.held) == block_at
+        assert kept == await walker.drain()
+    assert (handover.empty, len(walker.held)) == ([empty], kept)
+    assert _mapped_is_held(walker, allocator)

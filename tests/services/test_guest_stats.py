@@ -11,6 +11,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -328,7 +329,10 @@ class TestReports:
                     assert host.driver.balloon_chunks == 64  # no report since, no status change
                     await line.wait_changed()  # at the next report
                     await trio.testing.wait_all_tasks_blocked()
-                    assert line.text == "balloon 64 MB (kernel); statistics every 1 s"
+                    assert re.fullmatch(
+                        r"balloon 64 MB \(kernel, read [-\d]+ [:\d]+ UTC\); statistics every 1 s",
+                        line.text,
+                    )
                     assert last_report(host)["phys_mem_balloon"] == 64 * 256
                     nursery.cancel_scope.cancel()
 

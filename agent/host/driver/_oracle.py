@@ -140,7 +140,7 @@ async def ioctl(
     drv: OracleDriver, session: DriverSession, code: int, buf: bytearray, memory: GuestMemory
 ) -> None:
     """``vgdrvLinuxIOCtlSlow``: errno for the entry's own checks, EINVAL for common failures."""
-    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.cancel_shielded_checkpoint()  # a signal does not keep the call out
     if session.lost:
         raise fail(errno.ENODEV)
     if session.closed:

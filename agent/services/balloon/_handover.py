@@ -16,7 +16,7 @@ from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
 
 if TYPE_CHECKING:
     from agent.device import Device
-    from agent.protocol import ChunkPages
+    from agent.protocol import ChunkPages, Submission
     from agent.services.balloon._chunks import Chunk
 
 
@@ -38,8 +38,9 @@ class Handover(Protocol):
         """Read (and acknowledge) the host's target."""
         ...
 
-    async def inflate(self, chunk: Chunk) -> None:
-        """Give ``chunk`` to the host.
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        """Give ``chunk`` to the host; ``submission`` is marked issued once the request may
+        have reached the driver (a call cancelled before that never reached the host).
 
         Raises:
             VBoxStatusError: the driver or host refused.
@@ -50,8 +51,10 @@ class Handover(Protocol):
         """Take ``chunk`` back from the host."""
         ...
 
-    def never_held(self, rc: int) -> bool:
-        """Whether a failed deflate's status means the host never had the chunk."""
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        """Whether a failed deflate's status means the host never had the chunk;
+        ``balloon_empty``: whether the driver may hold none of the agent's chunks (every
+        chunk held is one whose inflate was cancelled with its outcome unknown)."""
         ...
 
 
@@ -68,17 +71,26 @@ class OracleHandover:
         status = await self._device.check_balloon()
         return HostTarget(status.chunks, None)
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_BALLOON`` with inflate set: the driver locks the chunk and tells the host."""
-        await self._device.request(ChangeBalloon(chunk.address, inflate=True))
+        await self._device.request(ChangeBalloon(chunk.address, inflate=True), submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         """``CHANGE_BALLOON`` with inflate clear."""
         await self._device.request(ChangeBalloon(chunk.address, inflate=False))
 
-    def never_held(self, rc: int) -> bool:
-        """Unknown address (VERR_NOT_FOUND) or an empty balloon (VERR_INVALID_PARAMETER)."""
-        return rc in (VERR_NOT_FOUND, VERR_INVALID_PARAMETER)
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+        """An address the driver does not know (VERR_NOT_FOUND), or VERR_INVALID_PARAMETER
+        while its balloon may be empty.
+
+        ``vgdrvSetBalloonSizeFromUser`` refuses a deflate with VERR_INVALID_PARAMETER when
+        its balloon holds no chunk, before it looks for this one; the same status from the
+        host's CHANGE_MEMBALLOON (passed on by ``vgdrvBalloonDeflate``) leaves the chunk in
+        the driver. With any chunk known to be in the driver's balloon it is the host's.
+        """
+        if rc == VERR_NOT_FOUND:
+            return True
+        return rc == VERR_INVALID_PARAMETER and balloon_empty
 
 
 class PassthroughHandover:
@@ -94,16 +106,17 @@ class PassthroughHandover:
         target = await self._device.request(GetMemBalloonChangeRequest(acknowledge=True))
         return HostTarget(target.chunks, target.phys_mem_chunks)
 
-    async def inflate(self, chunk: Chunk) -> None:
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_MEMBALLOON`` with the chunk's pages."""
-        await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)))
+        await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)), submission)
 
     async def deflate(self, chunk: Chunk) -> None:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
         await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)))
 
-    def never_held(self, rc: int) -> bool:
+    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
         """The host does not know the pages."""
+        del balloon_empty  # the request goes to the host as it is
         return rc == VERR_NOT_FOUND
 
 

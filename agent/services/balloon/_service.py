@@ -4,9 +4,10 @@
 device's answers (:mod:`._mode`, logged once) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
-  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore, when the
-  status is computed and, through the gauge's refresh, before every guest statistics report
-  (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed);
+  ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore and,
+  through the gauge's refresh, before every guest statistics report (the kernel keeps 0x40
+  to itself, so nothing else tells the agent the size changed, and nothing polls it); the
+  status shows the size with the time it was read;
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor the call is
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
@@ -36,12 +37,14 @@ deflates whatever the driver holds. In owned mode nothing does, so a refused chu
 passed over for the others and retried until the drain time runs out. The chunks a drain
 could not give back are taken over by the next instance on the same device in this
 process; in owned mode, what is left when the process exits stays ballooned at the host
-while the kernel reuses the pages (logged at critical).
+while the kernel reuses the pages (logged at critical). In kernel and triggered modes the
+driver holds the balloon and keeps it: one warning says so (``balloon_left_to_driver``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -84,11 +87,13 @@ TRIGGERED_NOTE: Final = (
 
 @dataclass(frozen=True, slots=True)
 class _Kept:
-    """Chunks a drain could not give back (still mapped, and held by the host), and the
-    allocator they came from."""
+    """Chunks a drain could not give back (still mapped, and held by the host), the
+    allocator they came from, and which of them the driver may not have
+    (``ChunkWalker.unconfirmed``)."""
 
     allocator: ChunkAllocator
     chunks: list[Chunk]
+    unconfirmed: set[int]
 
 
 _KEPT: Final[weakref.WeakKeyDictionary[Device, _Kept]] = weakref.WeakKeyDictionary()
@@ -101,15 +106,17 @@ the target on top of them."""
 class BalloonStatistics:
     """The balloon as the agent sees it (sizes in 1 MiB chunks).
 
-    ``chunks`` is what the agent holds (allocated/owned) or the driver's last answer
-    (kernel: its count; triggered: the target it applied). ``target`` is the host's last
-    target; in kernel mode, where only the kernel reads it, the size last read.
+    ``chunks`` is what the balloon holds as far as the agent knows: the chunks the agent holds
+    (allocated/owned), the kernel's count as last read (kernel), None in triggered mode
+    (Oracle's driver answers ``CHECK_BALLOON`` with the host's target, which it applies,
+    never with what it holds). ``target`` is the host's last target (triggered: that
+    answer); in kernel mode, where only the kernel reads it, the size last read.
     ``cap`` is the pressure cap.
     """
 
     mode: str | None
     target: int
-    chunks: int
+    chunks: int | None
     cap: int | None
     inflated: int
     deflated: int
@@ -167,7 +174,11 @@ class BalloonService:
         self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         """Triggered mode: when to look at MemAvailable again while it is below the floor."""
         self._chunks = 0
+        """The driver's last CHECK_BALLOON answer (kernel and triggered modes): the kernel's
+        count on the in-tree driver, the host's target on Oracle's, which applies it."""
         self._target = 0
+        self._read_at = 0.0
+        """Kernel mode: when the size was last read (wall-clock seconds)."""
         self._read_pending = True
         self._read_done = trio.Event()
         """Set when the next read to start has ended, or when the service stops (a gauge
@@ -207,16 +218,20 @@ class BalloonService:
         return self._walker
 
     def status(self) -> str:
-        """``balloon 64/128 MB (allocated)``; asks the kernel for a fresh size in kernel mode."""
+        """``balloon 64/128 MB (allocated)``; in kernel mode the size last read, and when.
+
+        It reads nothing: no event tells the agent that the kernel's balloon moved, so a
+        status that asked for a read would follow every change it found with another read.
+        """
         mode = self._mode
         if mode is None:
             return "balloon starting"
         if mode is BalloonMode.KERNEL:
-            self._request_read()
-            return f"balloon {self._chunks * CHUNK_MB} MB (kernel)"
+            return f"balloon {self._chunks * CHUNK_MB} MB (kernel, {_read_at(self._read_at)})"
         if mode is BalloonMode.TRIGGERED:
+            # The driver's answer is the target it applied; what it holds it does not say.
             postponed = ", postponed" if self._postponed_since is not None else ""
-            return f"balloon {self._chunks * CHUNK_MB} MB (triggered{postponed})"
+            return f"balloon target {self._chunks * CHUNK_MB} MB (triggered{postponed})"
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
@@ -230,7 +245,7 @@ class BalloonService:
         return BalloonStatistics(
             mode=None if self._mode is None else str(self._mode),
             target=walker.target if walker is not None else self._target,
-            chunks=len(walker.held) if walker is not None else self._chunks,
+            chunks=self._size_fields().get("chunks"),
             cap=walker.cap if walker is not None else None,
             inflated=walker.inflated if walker is not None else 0,
             deflated=walker.deflated if walker is not None else 0,
@@ -309,9 +324,10 @@ class BalloonService:
         await self._follow()
 
     async def drain(self) -> None:
-        """Give back every chunk the agent holds; the driver's chunks go with the session."""
+        """Give back every chunk the agent holds; say so where the driver keeps its own."""
         walker = self._walker
         if walker is None:
+            self._leave_to_driver()
             self._gauge.chunks = None
             return
         held = len(walker.held)
@@ -331,9 +347,34 @@ class BalloonService:
             self._gauge.chunks = None
             log.info("balloon_drained", returned=held)
 
+    def _leave_to_driver(self) -> None:
+        """Kernel and triggered modes: one warning when the driver keeps a balloon that
+        nobody follows once the service stops (nothing the agent can give back)."""
+        if self._chunks == 0:
+            return
+        if self._mode is BalloonMode.KERNEL:
+            log.warning(
+                "balloon_left_to_driver",
+                mode=str(self._mode),
+                chunks=self._chunks,
+                reason="the in-tree driver keeps the chunks its kernel ballooned (as last"
+                " read), and with the service stopped 0x40 leaves the event filter: no later"
+                " request of the host, a deflate neither, reaches the kernel until the service"
+                " runs again (nor does the driver deflate at unload)",
+            )
+        elif self._mode is BalloonMode.TRIGGERED:
+            log.warning(
+                "balloon_left_to_driver",
+                mode=str(self._mode),
+                target=self._chunks,
+                reason="Oracle's driver keeps the chunks it allocated for this target until"
+                " this process closes the device, which deflates them; until then no"
+                " CHECK_BALLOON applies the host's later requests",
+            )
+
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
-        _KEPT[self._device] = _Kept(walker.allocator, walker.held)
+        _KEPT[self._device] = _Kept(walker.allocator, walker.held, walker.unconfirmed)
         figures = {
             "returned": held - kept,
             "kept": kept,
@@ -405,6 +446,7 @@ class BalloonService:
         mode = detected.mode
         self._mode = mode
         self._chunks = self._target = detected.chunks
+        self._read_at = time.time()
         # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
         self._read_pending = self._read_pending or mode.agent_holds_chunks
         kept = _KEPT.pop(self._device, None)
@@ -413,8 +455,12 @@ class BalloonService:
         elif mode.agent_holds_chunks:
             self._walker = self._new_walker(mode, kept)
             self._mode_of_walker = mode
+        if self._walker is not None:  # the probe read the target; the agent holds its chunks
+            sizes = {"chunks": len(self._walker.held), "target": detected.chunks}
+        else:
+            sizes = self._size_fields()
         memlock = _memlock_fields() if mode.agent_holds_chunks else {}
-        log.info("balloon_mode", mode=str(mode), chunks=detected.chunks, **memlock)
+        log.info("balloon_mode", mode=str(mode), **sizes, **memlock)
         self.mode_known.set()
         self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
         self._status_changed()
@@ -448,7 +494,7 @@ class BalloonService:
             resized=self._publish,
         )
         if kept is not None:
-            walker.held = kept.chunks
+            walker.held, walker.unconfirmed = kept.chunks, kept.unconfirmed
             log.info("balloon_chunks_taken_over", chunks=len(kept.chunks))
         return walker
 
@@ -496,7 +542,7 @@ class BalloonService:
         else:
             self.reads += 1
             if self._read_backoff.succeeded():
-                log.info("balloon_check_recovered", chunks=self._chunks)
+                log.info("balloon_check_recovered", **self._size_fields())
 
     async def _refresh_gauge(self) -> None:
         """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
@@ -532,12 +578,15 @@ class BalloonService:
         self._target = status.chunks
         self._publish(status.chunks)
         changed = status.chunks != self._chunks
-        if changed:
-            self._chunks = status.chunks
+        self._chunks = status.chunks
+        if self._mode is BalloonMode.KERNEL:
+            self._read_at = time.time()  # the status shows when: it changes with every read
+            self._status_changed()
+        elif changed:
             self._status_changed()
         # A size the log already shows is no news: repeated reads stay at debug.
         (log.info if changed else log.debug)(
-            "balloon_checked", mode=str(self._mode), chunks=status.chunks
+            "balloon_checked", mode=str(self._mode), **self._size_fields()
         )
 
     def _check_frames(self, walker: ChunkWalker) -> None:
@@ -762,8 +811,7 @@ class BalloonService:
         log.info(
             "balloon_pressure_eased",
             hold_s=self._section.pressure_cooldown_s * self._hold_factor,
-            chunks=len(walker.held) if walker is not None else self._chunks,
-            target=walker.target if walker is not None else self._target,
+            **self._size_fields(),
             action="grow toward the target" if walker is not None else "resume CHECK_BALLOON",
         )
         if walker is not None:
@@ -772,6 +820,18 @@ class BalloonService:
         self._poke.set()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _size_fields(self) -> dict[str, int]:
+        """The balloon's sizes for a log line, each named for what it is: ``chunks`` what the
+        balloon holds as far as the agent knows (its own chunks; in kernel mode the kernel's
+        count), ``target`` the host's target where the agent knows it (in triggered mode the
+        driver's answer, the target it applied: it never says what it holds)."""
+        walker = self._walker
+        if walker is not None:
+            return {"chunks": len(walker.held), "target": walker.target}
+        if self._mode is BalloonMode.KERNEL:
+            return {"chunks": self._chunks}
+        return {"target": self._chunks}
 
     def _publish(self, chunks: int) -> None:
         self._gauge.chunks = chunks
@@ -802,6 +862,11 @@ def _memlock_fields() -> dict[str, object]:
         "memlock_limit_mb": "unlimited" if limit is None else limit >> 20,
         "memlock_unlimited_by_capability": has_ipc_lock(),
     }
+
+
+def _read_at(seconds: float) -> str:
+    """When the kernel's balloon was last read, for the status (UTC, to the second)."""
+    return time.strftime("read %Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
-from agent.protocol import VBoxStatusError
+from agent.protocol import Submission, VBoxStatusError
 from agent.services.balloon._chunks import Chunk, ChunkError
 from agent.services.balloon._mode import CHUNK_MB
 
@@ -90,6 +90,9 @@ class ChunkWalker:
         self._available_known = True
         """Whether the last reading found MemAvailable (the floor is checked only then)."""
         self.held: list[Chunk] = []
+        self.unconfirmed: set[int] = set()
+        """Addresses of held chunks whose inflate was cancelled once issued: the driver may
+        or may not have them."""
         self.target = 0
         self.max_chunks: int | None = None
         self.cap: int | None = None
@@ -266,15 +269,21 @@ class ChunkWalker:
         try:
             while ready and len(self.held) < self.goal:
                 chunk = ready[-1]
+                submission = Submission()
                 try:
-                    await self.handover.inflate(chunk)
+                    await self.handover.inflate(chunk, submission)
                 except VBoxStatusError as exc:  # still ready: unmapped below
                     # The host's status, or the driver's errno as the status it stands for.
                     msg = f"{exc.operation}: {exc.name}"
                     raise WalkStoppedError(msg) from exc
                 except BaseException:
-                    # Cancelled mid-call: the host may hold it; the drain deflates it (or frees it).
-                    self.held.append(ready.pop())
+                    # Cancelled mid-call. Once issued, the host may hold the chunk (a real host
+                    # answers a deflate of pages it never took with no error, so the drain
+                    # cannot tell): held, the drain deflates it. Never issued, the host never
+                    # saw it: still ready, unmapped below.
+                    if submission.issued:
+                        self.held.append(ready.pop())
+                        self.unconfirmed.add(chunk.address)
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
@@ -342,9 +351,12 @@ class ChunkWalker:
         try:
             await self.handover.deflate(chunk)
         except VBoxStatusError as exc:  # a host status, or a driver errno as the status
-            if not self.handover.never_held(exc.rc):
+            unconfirmed = self.unconfirmed
+            empty = all(held.address in unconfirmed for held in self.held)
+            if not self.handover.never_held(exc.rc, balloon_empty=empty):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
+        self.unconfirmed.discard(chunk.address)
         if self.held[-1] is chunk:
             self.held.pop()
         else:
