@@ -281,10 +281,15 @@ class Daemon:
         if self._leaving():  # a stop, or a fatal error: the agent exits once all drained
             await trio.lowlevel.checkpoint()
             return
-        waits = [
-            self._supervisor.start_soon(services, self._build(spec, section))
+        built = [
+            self._try_build(spec, section, outcome="the service stays stopped")
             for spec in self._registry
             if (section := self._section(self.config, spec)).enable
+        ]
+        waits = [
+            self._supervisor.start_soon(services, service)
+            for service in built
+            if service is not None
         ]
         with trio.move_on_after(START_WAIT_S):
             for started in waits:
@@ -599,12 +604,13 @@ class Daemon:
     def _try_build(
         self, spec: ServiceSpec[Any], section: ServiceSection, *, outcome: str
     ) -> Service[Any] | None:
-        """Build a service for a reload; None (logged, and shown in ``STATUS=``) if it fails.
+        """Build a service at start or for a reload; None (logged, and shown in ``STATUS=``)
+        if it fails.
 
         A constructor is synchronous and reaches neither the device nor the session, so no
         error of its own can mean that the agent cannot go on: like a start failure the
-        supervisor retries, it is that service's alone, and the reload goes on for the
-        others. The next reload tries again.
+        supervisor retries, it is that service's alone, and the start or the reload goes on
+        for the others. The next reload tries again.
         """
         try:
             return self._build(spec, section)

@@ -662,9 +662,10 @@ class TestEventPumpFailures:
         assert restarts == {"event-pump": 2}
 
 
-class TestBuildFailsOnReload:
-    """A service a reload cannot build leaves the agent running: the old one runs on (or
-    none, if it was being enabled), the status says why, and the next reload tries again."""
+class TestBuildFails:
+    """A service the start or a reload cannot build leaves the agent running: the old one
+    runs on (or none, if it was being started or enabled), the status says why, and the
+    next reload tries again."""
 
     @staticmethod
     def _fragile(host: SimulatedHost, path: Path, text: str, notifier: Notifier) -> Daemon:
@@ -674,6 +675,36 @@ class TestBuildFailsOnReload:
         return Daemon(
             config, SimOpener(host), config_path=path, notifier=notifier, registry=registry
         )
+
+    async def test_a_failed_build_at_start_leaves_the_others_running(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """Not buildable at start: the others start, READY=1 names it not started, a reload
+        with a good section starts it, and the stop drains every service as usual."""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = self._fragile(host, path, '[fragile]\nlabel = "boom"\n', notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                started = daemon.statistics()
+                path.write_text('[fragile]\nlabel = "two"\n')
+                await daemon.reload()
+                await trio.testing.wait_all_tasks_blocked()
+                [fragile] = FRAGILE_BUILT
+                enabled = daemon.statistics()
+                daemon.request_shutdown("test")
+        assert "fragile" not in started.services
+        assert "gadget" in started.services
+        assert "fragile not started: OSError: cannot build with this label" in (
+            started.status.split("; ")
+        )
+        assert any(sent.startswith("READY=1") for sent in notifier.sent)
+        builds = [e for e in logs if e["event"] == "service_build_failed"]
+        assert [e["outcome"] for e in builds] == ["the service stays stopped"]
+        assert "fragile two" in enabled.status.split("; ")
+        assert fragile.drained.is_set()
+        assert "agent_stopped" in [e["event"] for e in logs]
 
     async def test_a_failed_rebuild_keeps_the_old_service(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
