@@ -29,7 +29,7 @@ from agent.protocol.constants import (
 from agent.protocol.status import VERR_INVALID_FLAGS, VERR_INVALID_PARAMETER, VERR_NO_MEMORY
 
 if TYPE_CHECKING:
-    from agent.host.memory import GuestMemory
+    from agent.host.memory import GuestMemory, GuestRam
 
 CALL_PARMS_OFFSET: Final = L.HgcmCallRequest.size
 """Parameters of a VMMDev HGCM call start right after its 44-byte header."""
@@ -42,6 +42,9 @@ _HIGH_WORD: Final = L.HgcmParameter64.page_list_offset.offset // WORD_SIZE
 """A page list's ``offset`` and the high half of ``value64``."""
 _VALUE_AT: Final = L.HgcmParameter64.value32.offset
 """Where ``value32``, ``value64`` and a buffer's ``size`` start in either layout."""
+_VALUES_AT: Final = CALL_PARMS_OFFSET + _VALUE_AT
+"""The first parameter's value in the request: a parameter's is as many bytes further as
+its words in the array (:func:`parse_parms`)."""
 _U32: Final = L.HgcmParameter64.value32.codec
 _U64: Final = L.HgcmParameter64.value64.codec
 """What :func:`write_back` packs at :data:`_VALUE_AT`, without a field's ``set`` per value."""
@@ -68,6 +71,8 @@ _TO_HOST: Final = int(PageListDirection.TO_HOST)
 _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
 """Enum members read once, as plain ints: an enum attribute lookup costs more than the
 comparison, and a comparison of two exact ints is the interpreter's fast one."""
+_DIRECTIONS: Final = frozenset({_TO_HOST, _FROM_HOST, _BOTH})
+"""The valid direction flags of a page list (``VBOX_HGCM_F_PARM_ARE_VALID``)."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -100,7 +105,7 @@ ParsedParms = tuple[list[HostParm], list[ValueSlot], list[PageOutput]]
 
 
 def parse_parms(
-    req: bytes | bytearray, memory: GuestMemory, layout: ParmLayout, count: int
+    req: bytes | bytearray, memory: GuestRam, layout: ParmLayout, count: int
 ) -> ParsedParms:
     """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
 
@@ -122,25 +127,27 @@ def parse_parms(
     params: list[HostParm] = []
     values: list[ValueSlot] = []
     outputs: list[PageOutput] = []
-    cost = command_cost(count)
-    at = 0
-    value_at = CALL_PARMS_OFFSET + _VALUE_AT
-    for _ in range(count):
+    cost = CACHED_COMMAND_COST if count <= CACHED_COMMAND_PARMS else command_cost(count)
+    for at in range(0, per_parm * count, per_parm):
         raw_type = words[at]
         value = words[at + _VALUE_WORD]
         parm: HostParm
         if raw_type == _PAGELIST_TYPE:
-            parm, pages = _parse_page_list(
-                req, memory, value, words[at + _HIGH_WORD], extra=extra, outputs=outputs
+            # Positional arguments: a call with keywords is not specialised.
+            buffer, pages, first = _parse_page_list(
+                req, memory, value, words[at + _HIGH_WORD], extra
             )
-            cost += value if pages == 1 else value + PAGE_ADDRESS_SIZE * pages
+            if buffer.writable:
+                outputs.append((buffer, pages, first))
+            cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
+            parm = buffer
         elif raw_type == _U32_TYPE:
             u32 = HostU32(value)
-            values.append((value_at, u32))
+            values.append((_VALUES_AT + at * WORD_SIZE, u32))
             parm = u32
         elif raw_type == _U64_TYPE:
             u64 = HostU64(value | words[at + _HIGH_WORD] << 32)
-            values.append((value_at, u64))
+            values.append((_VALUES_AT + at * WORD_SIZE, u64))
             parm = u64
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
@@ -149,8 +156,6 @@ def parse_parms(
             msg = f"parameter type {raw_type} is not supported by the simulated host"
             raise ParmError(msg)
         params.append(parm)
-        at += per_parm
-        value_at += parm_size
     if cost > MAX_HGCM_DATA_SIZE:
         msg = f"the call would cost the host {cost} bytes, over {MAX_HGCM_DATA_SIZE}"
         raise ParmError(msg, VERR_NO_MEMORY)
@@ -177,17 +182,15 @@ def _word_array(words: int) -> struct.Struct:
 
 def _parse_page_list(
     req: bytes | bytearray,
-    memory: GuestMemory,
+    memory: GuestRam,
     size: int,
     list_at: int,
-    *,
     extra: int,
-    outputs: list[PageOutput],
-) -> tuple[HostBuffer, int]:
+) -> tuple[HostBuffer, tuple[int, ...], int]:
     """Check a page list as ``vmmdevR3HgcmCallFetchGuestParms`` does, in its order, then read it.
 
-    Returns the buffer and the list's page count; a list the host writes to (FROM_HOST) is
-    added to ``outputs``.
+    ``list_at`` is where the list lies in ``req``, ``extra`` where the parameter array ends.
+    Returns the buffer, the list's pages and the offset into the first.
 
     The simulated host is stricter than VMMDev in one respect: it also refuses a list whose
     pages do not hold ``size`` bytes or name an unaligned page, where VMMDev would read past
@@ -205,7 +208,7 @@ def _parse_page_list(
         if not 0 < count <= room:
             msg = f"page list at {list_at}: {count} pages, room for {room}"
             raise ParmError(msg)
-    if not flags or flags & ~_BOTH:
+    if flags not in _DIRECTIONS:
         msg = f"page list at {list_at}: direction flags {flags:#x}"
         raise ParmError(msg, VERR_INVALID_FLAGS)
     if first >= PAGE_SIZE:
@@ -222,12 +225,8 @@ def _parse_page_list(
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
     readable = (flags & _TO_HOST) != 0
-    writable = (flags & _FROM_HOST) != 0
     data = _gather(memory, pages, first, size) if readable else bytearray(size)
-    buffer = HostBuffer(data, readable, writable, size)
-    if writable:
-        outputs.append((buffer, pages, first))
-    return buffer, count
+    return HostBuffer(data, readable, (flags & _FROM_HOST) != 0, size), pages, first
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:
@@ -253,11 +252,19 @@ def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int
     return spans
 
 
-def _gather(memory: GuestMemory, pages: tuple[int, ...], first: int, size: int) -> bytearray:
-    try:
-        if first + size <= PAGE_SIZE:  # within the first page, as most strings are
-            return bytearray(memory.read(pages[0] + first, size))
+def _gather(memory: GuestRam, pages: tuple[int, ...], first: int, size: int) -> bytearray:
+    """The ``size`` bytes a readable page list names (a copy, as VMMDev reads them)."""
+    if first + size <= PAGE_SIZE:  # within the first page, as most strings are
+        address = pages[0] + first
+        mapping = memory.lock(address, size)
+        if mapping is not None:  # copied from the mapping: one copy, where a read makes two
+            view, at = mapping
+            data = view[at : at + size]
+            return data if type(data) is bytearray else bytearray(data)
+        spans = [(address, 0, size)]
+    else:
         spans = _spans(pages, first, size)
+    try:
         if len(spans) == 1:
             return bytearray(memory.read(spans[0][0], size))
         data = bytearray(size)
@@ -274,7 +281,6 @@ def write_back(
     values: list[ValueSlot],
     outputs: list[PageOutput],
     memory: GuestMemory,
-    *,
     base: int = 0,
 ) -> None:
     """Store the service's values into the request at ``base`` of ``req`` and its output
@@ -299,16 +305,19 @@ def write_back(
             data = data[:size]
         elif not data:
             continue
-        _scatter(memory, pages, first, data)
+        if first + len(data) > PAGE_SIZE:
+            _scatter(memory, pages, first, data)
+            continue
+        try:  # within the first page, as most outputs are
+            memory.write(pages[0] + first, data)
+        except OSError:
+            continue  # the guest freed the pages; the write goes nowhere
 
 
 def _scatter(
     memory: GuestMemory, pages: tuple[int, ...], first: int, data: bytes | bytearray
 ) -> None:
     try:
-        if first + len(data) <= PAGE_SIZE:
-            memory.write(pages[0] + first, data)
-            return
         for address, at, length in _spans(pages, first, len(data)):
             memory.write(address, data[at : at + length])
     except OSError:

@@ -18,7 +18,7 @@ every command.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
@@ -119,7 +119,8 @@ class _Client:
     max_calls: int
     """The service's ``max_calls_per_client``, fixed as a service loads: read once here,
     as the property is a call and the limit is checked on every call."""
-    calls: set[_Command] = field(default_factory=set)
+    pending: int = 0
+    """Calls counted against ``max_calls``: accepted and not completed (cancelled ones too)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -170,10 +171,11 @@ class _Command:
             msg = f"HGCM call of client {self.client.client_id} completed twice"
             raise RuntimeError(msg)
         self.completed = True
-        self.client.calls.discard(self)
-        if self.cancelled:
-            return
+        self.client.pending -= 1
         host = self.host
+        if self.cancelled:
+            host._cancelled.discard(self)
+            return
         host._commands.pop(self.phys, None)
         if self.locked is None:
             host._finish(self.req, self.phys, status, self._write_back)
@@ -181,7 +183,7 @@ class _Command:
         view, at = self.locked
         request_type, flags = _TYPE_AND_FLAGS.unpack_from(view, at + _TYPE_AND_FLAGS_AT)
         if request_type == self.request_type:
-            write_back_parms(view, self.values, self.outputs, host._memory, base=at)
+            write_back_parms(view, self.values, self.outputs, host._memory, at)
         elif request_type != _HGCM_CANCEL:
             status = VERR_INVALID_PARAMETER
         _FLAGS_RESULT.pack_into(view, at + H.HGCM_FLAGS_AT, flags | HGCM_REQ_DONE, status)
@@ -196,6 +198,7 @@ class HgcmHost:
     """Registered services, connected clients and pending calls of one VM."""
 
     __slots__ = (
+        "_cancelled",
         "_clients",
         "_commands",
         "_memory",
@@ -219,6 +222,9 @@ class HgcmHost:
         self._services: dict[str, HgcmService] = {}
         self._clients: dict[int, _Client] = {}
         self._commands: dict[int, _Command] = {}
+        """Pending calls by request address."""
+        self._cancelled: set[_Command] = set()
+        """Calls the guest cancelled and the service has not completed."""
         self._next_id = 1
 
     def register(self, service: HgcmService) -> None:
@@ -365,6 +371,7 @@ class HgcmHost:
         if command is None:
             return VERR_NOT_FOUND
         command.cancelled = True
+        self._cancelled.add(command)
         command.client.service.cancel(command)
         return VINF_SUCCESS
 
@@ -380,8 +387,7 @@ class HgcmHost:
         """Saved state loaded: services restart, clients stay, pending calls are re-sent."""
         pending = list(self._commands.values())
         self._discard(pending)
-        for client in self._clients.values():
-            self._discard(list(client.calls))
+        self._discard(list(self._cancelled))
         for service in self._services.values():
             if isinstance(service, VmLifecycle):
                 service.restore()
@@ -412,6 +418,7 @@ class HgcmHost:
     def reset(self) -> None:
         """VM reset: every client is disconnected and every command dropped."""
         self._discard(list(self._commands.values()))
+        self._discard(list(self._cancelled))
         clients = list(self._clients.values())
         self._clients.clear()
         for client in clients:
@@ -423,7 +430,7 @@ class HgcmHost:
 
     def _start(self, command: _Command) -> None:
         self._commands[command.phys] = command
-        command.client.calls.add(command)
+        command.client.pending += 1
         command.client.service.call(command)
 
     def _resubmit(self, old: _Command) -> None:
@@ -477,7 +484,7 @@ class HgcmHost:
             return VERR_HGCM_INVALID_CLIENT_ID
         if phys in self._commands:
             return VERR_HGCM_INVALID_CMD_ADDRESS
-        if len(client.calls) + 1 >= client.max_calls:
+        if client.pending + 1 >= client.max_calls:
             return VERR_HGCM_TOO_MANY_CLIENT_CALLS
         return client
 
@@ -496,7 +503,8 @@ class HgcmHost:
         for command in commands:
             command.stale = True
             self._commands.pop(command.phys, None)
-            command.client.calls.discard(command)
+            self._cancelled.discard(command)
+            command.client.pending -= 1
 
     def _accept(self, req: bytearray, phys: int) -> None:
         H.REQUEST_RC.pack_into(req, H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)

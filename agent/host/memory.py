@@ -46,8 +46,11 @@ class GuestRam(GuestMemory, Protocol):
         ...
 
 
-USER_WINDOW: Final = 1 << 32
+_WINDOW_BITS: Final = 32
+USER_WINDOW: Final = 1 << _WINDOW_BITS
 """The address space each user buffer of one ioctl gets (far more than any buffer)."""
+_IN_WINDOW: Final = USER_WINDOW - 1
+"""The mask of an offset from ``USER_BASE`` to its place in its window."""
 _USER_WINDOWS: Final = (USER_LIMIT - USER_BASE) // USER_WINDOW
 """How many windows the user range holds."""
 _MAX_USER_BUFFER: Final = USER_WINDOW - GUARD_BYTES
@@ -87,7 +90,9 @@ class IoctlMemory:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped buffer."""
         if size == 0:
             return b""
-        index, offset = divmod(address - USER_BASE, USER_WINDOW)
+        relative = address - USER_BASE
+        index = relative >> _WINDOW_BITS  # divmod, in two cheaper steps
+        offset = relative & _IN_WINDOW
         if not 0 <= index < len(self._buffers) or size < 0:
             raise _fault(address, size)
         data = self._buffers[index]
@@ -100,7 +105,9 @@ class IoctlMemory:
         size = len(data)
         if not size:
             return
-        index, offset = divmod(address - USER_BASE, USER_WINDOW)
+        relative = address - USER_BASE
+        index = relative >> _WINDOW_BITS
+        offset = relative & _IN_WINDOW
         if not 0 <= index < len(self._buffers):
             raise _fault(address, size)
         region = self._buffers[index]

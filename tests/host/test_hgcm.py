@@ -681,6 +681,28 @@ class TestLifeCycle:
         assert src == b"xyz"
         assert hgcm.vmmdev.pending_events & Event.RESTORED
 
+    def test_restore_frees_the_slots_of_cancelled_calls(
+        self, hgcm: Device, echo: EchoService
+    ) -> None:
+        """A call the guest cancelled stops counting against its client's limit at a restore
+        (the restarted service holds none of the old calls), and its late completion writes
+        nothing; the pending calls re-submitted count again."""
+        client_id = client(hgcm)
+        reqs = [page_list_call(hgcm, client_id, FN_HOLD, []) for _ in range(echo.max_calls - 1)]
+        phys = [submit(hgcm, req) for req in reqs]
+        cancel = vmmdev_request(RequestType.HGCM_CANCEL2, 28)
+        L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys[0])
+        assert hgcm.send(cancel) == VINF_SUCCESS
+        hgcm.vmmdev.restore()
+        accepted = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, accepted)
+        assert L.RequestHeader.rc.get(accepted) == VINF_HGCM_ASYNC_EXECUTE
+        echo.cancelled[0].complete(VINF_SUCCESS)
+        assert not done(reqs[0])
+        refused = page_list_call(hgcm, client_id, FN_HOLD, [])
+        submit(hgcm, refused)
+        assert L.RequestHeader.rc.get(refused) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+
     def test_restore_resubmits_the_call_as_submitted(self, hgcm: Device, echo: EchoService) -> None:
         """A restore re-submits a pending call from what the host kept of it, not from the
         request in guest memory, which the guest may have changed since."""

@@ -25,7 +25,7 @@ from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import U32_MAX, KernelMutex, check_sizes, copy_out, fail
+from agent.host.driver._util import FILL_BYTE, U32_MAX, KernelMutex, check_sizes, copy_out, fail
 from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -58,8 +58,6 @@ if TYPE_CHECKING:
     """An ioctl's handler, whether its header may have a ``type`` other than 0 (a VMMDev
     request's), and the size its number encodes (0: none)."""
 
-FILL_BYTE: Final = 0xAA
-"""``vbg_req_alloc`` fills every new request with this byte before setting the header."""
 LOG_HISTORY: Final = 64
 """LOG ioctl messages kept for inspection."""
 VBG_LOG_LINE_MAX: Final = 127

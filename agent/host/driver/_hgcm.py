@@ -13,12 +13,12 @@ import errno
 import functools
 import math
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
-from agent.host.driver._util import U32_MAX, check_sizes, fail
+from agent.host.driver._util import FILL_BYTE, U32_MAX, check_sizes, fail
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_CALL_HEADER_SIZE,
@@ -28,6 +28,7 @@ from agent.protocol.constants import (
     HGCM_REQ_CANCELLED,
     HGCM_REQ_DONE,
     PAGE_SIZE,
+    REQUEST_HEADER_VERSION,
     TIMEOUT_INFINITE,
     USER_HGCM_PARM_TYPES,
     HgcmParmType,
@@ -36,6 +37,7 @@ from agent.protocol.constants import (
 )
 from agent.protocol.status import (
     STATUS_CODES,
+    VERR_GENERAL_FAILURE,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
     VERR_NOT_IMPLEMENTED,
@@ -93,16 +95,25 @@ _PARM_ARRAYS: Final = tuple(
     for count in range(HGCM_MAX_PARMS + 1)
 )
 """Arrays of 0..32 parameters, each read as a buffer (a value's bytes fill the same words)."""
-_PAGE_LIST_PARM_FORMAT: Final = (
-    L.run(_P.type, _P.page_list_size, _P.page_list_offset).codec.format.lstrip("<") + "I"
-)
-"""A parameter as a page list: type, size, offset, and the union's last word, which the
-driver leaves as ``vbg_req_alloc`` filled it."""
 _REQUEST_PARMS_AT: Final = L.HgcmCallRequest.size
 """Where the VMMDev request's parameters start."""
-_UNION_FILL: Final = 0xAAAAAAAA
-"""That last word: four fill bytes (0xAA)."""
-_NO_PAGE_LIST: Final = -1
+_UNION_FILL: Final = 0xAAAAAAAA << 32
+"""A page list's parameter is packed as a buffer's (type, size, address word): its offset
+fills the low half of the address word, and the union's last word, the high half, stays
+as ``vbg_req_alloc`` filled it (four bytes 0xAA)."""
+
+
+def _items(codec: struct.Struct) -> int:
+    """How many values ``codec`` packs."""
+    return len(codec.unpack(bytes(codec.size)))
+
+
+_PARMS_AT_VALUE: Final = _items(H.REQUEST_HEADER) + _items(_CALL_REQUEST.codec)
+"""Where the parameters' words start in the values a request is packed from."""
+_IN_PAGE: Final = PAGE_SIZE - 1
+"""The mask of an address's offset in its page."""
+_FILL: Final = bytearray((FILL_BYTE,))
+"""What ``vbg_req_alloc`` fills a new request with, a byte to repeat (never changed)."""
 """A parameter without a page list (a value, an empty buffer), in a call's shape."""
 
 
@@ -219,16 +230,16 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         known = client_id in session.hgcm_client_ids
     if not known:
         raise fail(errno.EINVAL)
-    bounces: list[bytearray | None] = []
-    """Per parameter: its bounce buffer, or None (a value, an empty buffer)."""
+    buffers: list[tuple[int, bytearray | None]] = []
+    """Per buffer parameter: its place in ``parms``, its bounce buffer to copy back."""
     placed: list[int] = []
     """Where the bounce buffers sit in guest RAM, to free."""
     try:
-        req = _prepare(drv, session, parms, memory, target=target, bounces=bounces, placed=placed)
+        req = _prepare(drv, session, parms, memory, target=target, buffers=buffers, placed=placed)
         error = await _do_call(drv, req, timeout_ms)
         if error:
             raise fail(error)
-        _copy_back(kbuf, req, parms, bounces, memory)
+        _copy_back(kbuf, req, parms, buffers, memory)
         status: int = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
@@ -269,85 +280,109 @@ def _prepare(
     memory: GuestMemory,
     *,
     target: tuple[int, int],
-    bounces: list[bytearray | None],
+    buffers: list[tuple[int, bytearray | None]],
     placed: list[int],
 ) -> bytearray:
     """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the parameters
-    of the call to ``target`` (client id, function).
+    of the call to ``target`` (client id, function); ``buffers`` gets each buffer
+    parameter's place in ``parms`` and the bounce buffer to copy back (None for an empty
+    or LINADDR_IN buffer).
 
     Per buffer parameter, in parameter order as the driver does: E2BIG over
     ``VBG_MAX_HGCM_USER_PARM``, then the bounce buffer is allocated in guest RAM, then the
     user's bytes are copied in (EFAULT; zeros for LINADDR_OUT); an empty buffer gets no
     bounce buffer and stays a linear address of size 0. The VMMDev request then gets a
-    page list per bounce buffer; everything after its header is packed at once, with a
-    codec for the call's shape (which parameters have page lists, and of how many pages).
-    The request keeps room for a one-page list per empty buffer, unused at its end, as the
-    driver sizes it: ``kvmalloc(0)`` is ``ZERO_SIZE_PTR``, 16 bytes into a page, and
+    page list per bounce buffer. The request is packed at once, its header (as
+    ``vbg_req_alloc`` sets it) to its end: the parameters as the user gave them but for
+    the buffers', with a codec for the call's shape (its page lists' lengths). The request
+    keeps room for a one-page list per empty buffer, unused at its end, as the driver
+    sizes it: ``kvmalloc(0)`` is ``ZERO_SIZE_PTR``, 16 bytes into a page, and
     ``hgcm_call_add_pagelist_size`` counts one page for it.
     """
     count = len(parms) // 3
-    shape: list[int] = []
-    values = [0, 0, *target, count]
+    values = [0, REQUEST_HEADER_VERSION, H.HGCM_CALL64, VERR_GENERAL_FAILURE, 0]
+    values += (session.requestor, 0, 0, *target, count, *parms)
+    shape = [count]
     lists: list[int] = []
     lists_at = _REQUEST_PARMS_AT + HGCM_PARM64_SIZE * count
     spare = 0
     ram = drv.ram
     for at in range(0, len(parms), 3):
+        direction = _BUFFER_TYPES.get(parms[at])
+        if direction is None:  # a value: it goes as the user gave it
+            continue
         kind = parms[at]
         size = parms[at + 1]
-        address = parms[at + 2]
-        direction = _BUFFER_TYPES.get(kind)
-        if direction is None or not size:  # a value, or an empty buffer (a linear address)
-            bounces.append(None)
-            shape.append(_NO_PAGE_LIST)
-            values += (kind, size, address if direction is None else 0)
-            if direction is not None:
-                spare += _EMPTY_BUFFER_LIST_SIZE
+        if not size:  # an empty buffer: a linear address, 0
+            values[_PARMS_AT_VALUE + at + 2] = 0
+            spare += _EMPTY_BUFFER_LIST_SIZE
+            buffers.append((at, None))
             continue
         if size > HGCM_MAX_USER_PARM:
             raise _TooBigError
         bounce = bytearray(size)
         phys = ram.map(bounce)
         placed.append(phys)
-        if kind != _LINADDR_OUT:
-            bounce[:] = memory.read(address, size)
-        bounces.append(bounce)
-        in_page = phys % PAGE_SIZE
+        if kind == _LINADDR_OUT:
+            buffers.append((at, bounce))
+        else:
+            bounce[:] = memory.read(parms[at + 2], size)
+            buffers.append((at, None if kind == _LINADDR_IN else bounce))
+        in_page = phys & _IN_PAGE
         first_page = phys - in_page
-        pages = -(-(size + in_page) // PAGE_SIZE)
+        pages = (size + in_page + _IN_PAGE) // PAGE_SIZE
         shape.append(pages)
-        values += (_PAGELIST, size, lists_at, _UNION_FILL)
+        values[_PARMS_AT_VALUE + at] = _PAGELIST
+        values[_PARMS_AT_VALUE + at + 2] = lists_at | _UNION_FILL
         if pages == 1:
             lists += (direction, in_page, 1, first_page)
         else:
             lists += (direction, in_page, pages)
             lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
         lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
-    req = drv.alloc_request(H.HGCM_CALL64, lists_at + spare, session.requestor)
-    _request_codec(tuple(shape)).pack_into(req, _CALL_REQUEST.offset, *values, *lists)
+    # vbg_req_alloc, inline (a call less per call): filled with 0xAA, then packed.
+    values[0] = size = lists_at + spare
+    req = _FILL * size
+    values += lists
+    last = _LAST
+    if shape != last.shape:
+        last.codec = _request_codec(tuple(shape))
+        last.shape = shape
+    last.codec.pack_into(req, 0, *values)
     return req
 
 
 @functools.lru_cache(maxsize=64)
 def _request_codec(shape: tuple[int, ...]) -> struct.Struct:
-    """An HGCM call request from its ``flags`` to its end, for a call of ``shape``: per
-    parameter, the pages of its page list or :data:`_NO_PAGE_LIST`."""
-    parts = [_CALL_REQUEST.codec.format]
-    parts += (
-        _BUFFER_PARM.format.lstrip("<") if pages == _NO_PAGE_LIST else _PAGE_LIST_PARM_FORMAT
-        for pages in shape
-    )
-    parts += (
-        L.page_list_codec(pages).format.lstrip("<") for pages in shape if pages != _NO_PAGE_LIST
-    )
+    """An HGCM call request, its header to its end, for a call of ``shape``: its number of
+    parameters, then the pages of each page list."""
+    count, *pages = shape
+    parts = [H.REQUEST_HEADER.format, _CALL_REQUEST.codec.format.lstrip("<")]
+    parts.append(_BUFFER_PARM.format.lstrip("<") * count)
+    parts += (L.page_list_codec(length).format.lstrip("<") for length in pages)
     return struct.Struct("".join(parts))
+
+
+@final
+class _LastCodec:
+    """The shape :func:`_prepare` last packed and its codec: calls mostly come in runs of
+    one shape, and comparing two lists costs less than a tuple and its hash for the cache."""
+
+    __slots__ = ("codec", "shape")
+
+    def __init__(self) -> None:
+        self.shape: list[int] = [0]
+        self.codec = _request_codec((0,))
+
+
+_LAST: Final = _LastCodec()
 
 
 def _copy_back(
     kbuf: bytearray,
     req: bytearray,
     parms: tuple[int, ...],
-    bounces: list[bytearray | None],
+    buffers: list[tuple[int, bytearray | None]],
     memory: GuestMemory,
 ) -> None:
     """``hgcm_call_copy_back_result``: values, the host's sizes, and out buffers' bytes.
@@ -356,19 +391,14 @@ def _copy_back(
     values as the host left them, buffers with the user's type and address and the host's
     size.
     """
-    codec = _PARM_ARRAYS[len(bounces)]
-    replies = codec.unpack_from(req, _REQUEST_PARMS_AT)
-    result = list(replies)
-    at = 0
-    for bounce in bounces:
-        kind = parms[at]
-        if kind in _BUFFER_TYPES:
-            result[at] = kind
-            result[at + 2] = parms[at + 2]
-            if bounce is not None and kind != _LINADDR_IN:
-                size = replies[at + 1]
-                memory.write(parms[at + 2], bounce if size == len(bounce) else bounce[:size])
-        at += 3
+    codec = _PARM_ARRAYS[len(parms) // 3]
+    result = list(codec.unpack_from(req, _REQUEST_PARMS_AT))
+    for at, bounce in buffers:
+        result[at] = parms[at]
+        address = result[at + 2] = parms[at + 2]
+        if bounce is not None:
+            size = result[at + 1]
+            memory.write(address, bounce if size == len(bounce) else bounce[:size])
     codec.pack_into(kbuf, HGCM_CALL_HEADER_SIZE, *result)
 
 

@@ -13,6 +13,8 @@ from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.status import status_to_errno
 
 U32_MAX: Final = 0xFFFFFFFF
+FILL_BYTE: Final = 0xAA
+"""``vbg_req_alloc`` fills every new request with this byte before setting the header."""
 
 
 class DriverError(OSError):

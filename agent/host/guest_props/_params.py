@@ -21,7 +21,7 @@ class GuestCallError(Exception):
         self.rc = rc
 
 
-CString = tuple[str, bytes]
+CString = tuple[str, bytearray]
 """A string parameter: its text up to the first NUL, and the whole buffer (raw)."""
 
 
@@ -31,11 +31,42 @@ def check_count(params: list[HostParm], *counts: int) -> None:
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 
+def get_prop_params(params: list[HostParm]) -> tuple[str, HostBuffer, HostU64, HostU32]:
+    """Return GET_PROP's name, value buffer, timestamp and size, checked as ``getProperty``
+    does: four parameters, the name as :func:`c_string` and :func:`check_name` read it, and
+    the others as :func:`buffer`, :func:`u64` and :func:`u32` check them. Every refusal is
+    VERR_INVALID_PARAMETER, so their order does not show.
+
+    Those checks written out in one function: every guest-property read passes here.
+    """
+    if len(params) != 4:
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    name, out, timestamp, size = params
+    # ``type(x) is``: the parameter classes are final (see ``write_back``).
+    if (
+        type(name) is not HostBuffer
+        or type(out) is not HostBuffer
+        or not out.data
+        or type(timestamp) is not HostU64
+        or type(size) is not HostU32
+    ):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    raw = name.data
+    end = raw.find(0)
+    if end < 0 or not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE or _find_forbidden_byte(raw):
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    try:
+        text = raw[:end].decode()
+    except UnicodeDecodeError:
+        raise GuestCallError(VERR_INVALID_PARAMETER) from None
+    return text, out, timestamp, size
+
+
 def c_string(parm: HostParm) -> CString:
     """Return a string parameter: a non-empty buffer, a NUL inside, UTF-8 up to the NUL."""
     if not isinstance(parm, HostBuffer):
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    raw = bytes(parm.data)
+    raw = parm.data  # not copied: the callers only read it, and keep what they decode
     end = raw.find(0)
     if end < 0:
         raise GuestCallError(VERR_INVALID_PARAMETER)
@@ -71,7 +102,7 @@ def u64(parm: HostParm) -> HostU64:
     return parm
 
 
-def check_name(raw: bytes) -> None:
+def check_name(raw: bytes | bytearray) -> None:
     """``GuestPropValidateName`` of a name's ``raw`` buffer: size 2..64, no ``*?|`` anywhere."""
     if not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE:
         raise GuestCallError(VERR_INVALID_PARAMETER)
@@ -79,7 +110,7 @@ def check_name(raw: bytes) -> None:
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 
-def check_value(raw: bytes, max_size: int) -> None:
+def check_value(raw: bytes | bytearray, max_size: int) -> None:
     """``GuestPropValidateValue`` of a value's ``raw`` buffer: NUL included, at most
     ``max_size`` bytes."""
     if len(raw) > max_size:

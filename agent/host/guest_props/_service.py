@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -252,17 +253,11 @@ class GuestPropertyService:
         return self._store.delete(name, is_guest=True)
 
     def _get_prop(self, call: HgcmCallHandle) -> int:
-        params = call.params
-        _params.check_count(params, 4)
-        name, raw_name = _params.c_string(params[0])
-        out = _params.buffer(params[1])
-        timestamp = _params.u64(params[2])
-        size = _params.u32(params[3])
-        _params.check_name(raw_name)
+        name, out, timestamp, size = _params.get_prop_params(call.params)
         prop = self._store.get(name)
         if prop is None:
             return VERR_NOT_FOUND
-        data = b"%s\0%s\0" % (prop.value.encode(), format_flags(prop.flags).encode())
+        data = prop.value.encode() + _flags_field(prop.flags)
         size.value = len(data)
         if len(data) > len(out.data):
             return VERR_BUFFER_OVERFLOW
@@ -298,7 +293,7 @@ class GuestPropertyService:
         if status != VINF_SUCCESS:
             return status
         # Inner NULs separate patterns too (double-NUL lists); the last byte ends the string.
-        packed = patterns[:-1].replace(b"\0", b"|")
+        packed = bytes(patterns[:-1]).replace(b"\0", b"|")
         needed = offset = 0
         room = len(out.data)
         for prop in self._store.in_order():
@@ -390,7 +385,14 @@ class GuestPropertyService:
         self._host_version_set = False
 
 
-def _check_later_patterns(raw: bytes) -> int:
+@functools.cache
+def _flags_field(flags: int) -> bytes:
+    """What follows a value in GET_PROP's buffer: its terminator, the flags' text and theirs
+    (remembered per value: every property read writes it)."""
+    return b"\0%s\0" % format_flags(flags).encode()
+
+
+def _check_later_patterns(raw: bytes | bytearray) -> int:
     """ENUM_PROPS' check of the patterns after the first (``HGCMSvcGetCStr`` checked that).
 
     After each inner NUL the rest of the buffer must hold a NUL-terminated UTF-8 string:

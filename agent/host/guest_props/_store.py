@@ -74,10 +74,9 @@ class PropertyStore:
         self.global_flags = NILFLAG
         self._timestamps = Timestamps(clock)
         self._props: dict[str, Property] = {}
-
-    def get(self, name: str) -> Property | None:
-        """Return the property ``name``, or None."""
-        return self._props.get(name)
+        self.get: Callable[[str], Property | None] = self._props.get
+        """Return the property ``name``, or None: the dict's own ``get``, bound once (every
+        guest-property read looks a name up; the dict is never replaced)."""
 
     def in_order(self) -> list[Property]:
         """Return every property by name.
@@ -127,7 +126,8 @@ class PropertyStore:
 
     def drop(self, flags: int) -> None:
         """Forget, without notifications, every property with any of ``flags``."""
-        self._props = {name: prop for name, prop in self._props.items() if not prop.flags & flags}
+        for name in [name for name, prop in self._props.items() if prop.flags & flags]:
+            del self._props[name]
 
     def restart(self) -> list[Property]:
         """Empty the store, queue and waits as a new instance starts; return the old properties."""
