@@ -14,6 +14,11 @@ command with 130 (``run`` and ``simulate`` catch it as they catch SIGTERM: a cle
 output nobody reads any more (``| head``) with 141, without a traceback, and output that
 cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 
+``run`` handles SIGTERM, SIGINT and SIGHUP itself, but only once the daemon runs, after its
+imports and the config (about 1.5 s): :data:`HELD_SIGNALS` are blocked from the moment
+``main`` knows the command, so one that comes meanwhile waits for the daemon's handler
+instead of ending the process with its default action (killed, or a KeyboardInterrupt).
+
 Third-party pydantic plugins are off for every command (:func:`_disable_pydantic_plugins`):
 how a config file validates must not depend on what else is installed.
 """
@@ -23,7 +28,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -94,6 +101,11 @@ class CommandParser(argparse.ArgumentParser):
         finally:
             self._required(shown=False)
 
+
+HELD_SIGNALS: Final = {"run": (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+"""The signals a command handles itself, by command: blocked until its handler is in place
+(``agent.daemon.signals`` unblocks them; a signal that came meanwhile is delivered to it
+then), and as they were before once the command ended."""
 
 COMMANDS: Final = (
     ("run", "_run", "run the agent"),
@@ -254,11 +266,40 @@ def _missing_options(chain: list[CommandParser], args: argparse.Namespace) -> No
             parser.error(f"the following arguments are required: {', '.join(missing)}")
 
 
+@contextmanager
+def _signals_held(signals: Sequence[signal.Signals]) -> Iterator[None]:
+    """Block ``signals`` in the block (its code unblocks them where it handles them); after
+    it, discard those still pending, which came too late for a handler, and restore the
+    mask.
+
+    Only the calling thread's mask changes: called before the command's imports, with no
+    other thread yet (a thread started in the block inherits the blocked mask), it holds the
+    signals for the whole process.
+    """
+    if not signals:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        for _ in signals:  # each pending signal is taken once
+            if signal.sigtimedwait(signals, 0) is None:
+                break
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     _disable_pydantic_plugins()
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
+    with _signals_held(HELD_SIGNALS.get(_chosen_command(words) or "", ())):
+        return _main(words)
+
+
+def _main(words: Sequence[str]) -> int:
+    """:func:`main` once the command's signals are held."""
     parser = _build_parser(words)
     leading, words = _leading_options(parser, words)
     args, unrecognized = parser.parse_known_args(words)

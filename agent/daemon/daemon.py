@@ -3,10 +3,12 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
 device (version handshake) → report the facility as Init → start the event pump, then every
-enabled service of the registry, each with ``Supervisor.start`` (which waits until the service
-started or failed and backs off: services do not depend on each other, so a broken one is
-retried under its restart budget while the others run) → facility Active,
-``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the stop. A
+enabled service of the registry at once, each with ``Supervisor.start_soon`` (services do not
+depend on each other), and wait for their first starts together, ``START_WAIT_S`` at most (a
+service started or failed and backs off, retried under its restart budget while the others
+run; one still starting at the bound goes on starting, named in ``STATUS=``) → facility
+Active, ``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the
+stop. A
 stop requested during the start-up gives up the step in progress (a host that does not
 answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
 
@@ -16,8 +18,9 @@ answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
    running meanwhile), while facility Terminating is reported (abandoned if the host does
    not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled.
-   A service still starting is one of them: the stop ends the daemon's wait for its start
-   (no further service starts), then cancels the start and drains it under ``D`` too;
+   A service still starting is one of them: the stop ends the daemon's wait for the starts
+   (no service starts after the stop request), then cancels the start and drains it under
+   ``D`` too;
 3. the final phase, at most ``FINAL_PHASE_S`` from the end of the drains and never past
    ``D + FINAL_PHASE_S``: the event pump stops, facility Terminated;
 4. the device is closed last, within ``CLOSE_S``.
@@ -89,6 +92,14 @@ STATUS_SEPARATOR: Final = "; "
 """Between the services' fragments in ``STATUS=``."""
 EXITING_STATUS: Final = "exiting on an error: services draining"
 """``STATUS=`` from the moment a fatal error's drain begins."""
+START_WAIT_S: Final = 5.0
+"""How long the start-up waits for the services' first starts, all started at once, before
+facility Active and ``READY=1`` go out anyway. A service starts in milliseconds unless the
+host keeps it waiting (an HGCM connect may take up to 30 s); one still starting then goes on
+starting, and ``STATUS=`` reads ``<name> starting`` until it started. The unit's
+``TimeoutStartSec=`` counts on this bound."""
+STARTING_SUFFIX: Final = " starting"
+"""A service's ``STATUS=`` fragment while its run has not started yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,12 +275,23 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
     async def _start_services(self, services: trio.Nursery) -> None:
-        for spec in self._registry:
-            if self._ending():  # a fatal error: the agent exits once all drained
-                return
-            section = self._section(self.config, spec)
-            if section.enable:
-                await self._supervisor.start(services, self._build(spec, section))
+        """Hand every enabled service to the supervisor at once, then wait for their first
+        starts together, ``START_WAIT_S`` at most: a service still starting then goes on
+        starting (``STATUS=`` names it) while the start-up goes on to ``READY=1``."""
+        if self._leaving():  # a stop, or a fatal error: the agent exits once all drained
+            await trio.lowlevel.checkpoint()
+            return
+        waits = [
+            self._supervisor.start_soon(services, self._build(spec, section))
+            for spec in self._registry
+            if (section := self._section(self.config, spec)).enable
+        ]
+        with trio.move_on_after(START_WAIT_S):
+            for started in waits:
+                await started.wait()
+        starting = self._supervisor.starting()
+        if starting and not self._leaving():
+            log.warning("services_still_starting", services=starting, waited_s=START_WAIT_S)
 
     async def _announce_ready(
         self, device: Device, facility: FacilityReporter, nursery: trio.Nursery
@@ -370,6 +392,7 @@ class Daemon:
             return EXITING_STATUS
         retrying = self._supervisor.retrying()
         stopping = self._supervisor.stopping()
+        starting = set(self._supervisor.starting())
         unbuilt = dict(self._build_failures)
         fragments = []
         pump_failures = self._pump_supervisor.retrying().get(EventPump.name)
@@ -380,6 +403,8 @@ class Daemon:
                 text = f"{service.name} stopping"
             elif service.name in retrying:
                 text = f"{service.name} failed, retrying ({retrying[service.name]}x)"
+            elif service.name in starting:
+                text = f"{service.name}{STARTING_SUFFIX}"
             else:
                 text = service.status()
             error = unbuilt.pop(service.name, None)

@@ -83,7 +83,16 @@ class _Phase(enum.Enum):
 class _Entry(Generic[T]):
     """One supervised service: what runs, what comes next, and the current phase's scope."""
 
-    __slots__ = ("failures", "next", "phase", "scope", "service", "started", "stop_deadline")
+    __slots__ = (
+        "failures",
+        "next",
+        "phase",
+        "running",
+        "scope",
+        "service",
+        "started",
+        "stop_deadline",
+    )
 
     def __init__(self, service: T) -> None:
         self.service = service
@@ -95,12 +104,16 @@ class _Entry(Generic[T]):
         """Set once the service first started or backs off after a failure, or when its
         supervision ended."""
         self.phase = _Phase.RUN
+        self.running = False
+        """The current run's service called ``task_status.started()``: false while it
+        starts, and in the other phases."""
         self.scope = trio.CancelScope()
         """The current phase's scope; the first run's is made here, so that a stop or a
         replacement before the task runs reaches it."""
 
     def enter(self, phase: _Phase, deadline: float = float("inf")) -> trio.CancelScope:
         self.phase = phase
+        self.running = False
         self.scope = trio.CancelScope(deadline=deadline)
         return self.scope
 
@@ -165,6 +178,15 @@ class Supervisor(Generic[T]):
             for name, entry in self._entries.items()
             if entry.phase is _Phase.BACK_OFF
         }
+
+    def starting(self) -> list[str]:
+        """The services whose run has not started yet (first start or a restart), in
+        start order."""
+        return [
+            name
+            for name, entry in self._entries.items()
+            if entry.phase is _Phase.RUN and not entry.running
+        ]
 
     def current(self, name: str) -> T | None:
         """The service that runs under ``name`` next, unless it is stopping or gone.
@@ -281,6 +303,7 @@ class Supervisor(Generic[T]):
                 with scope, structlog.contextvars.bound_contextvars(service=name):
                     async with trio.open_nursery() as nursery:
                         await nursery.start(entry.service.run)
+                        entry.running = True
                         entry.started.set()
                         log.info("service_started", service=name)
                         self._changed()

@@ -1003,27 +1003,32 @@ def _encode_params(params: tuple[HgcmParam, ...], values: list[int]) -> tuple[Us
     user_buffers: list[UserBuffer] = []
     address_at = _FIRST_ADDRESS_AT
     for param in params:
-        # ``type(param) is``, as in :meth:`HgcmCall._decode_params`.
+        # ``type(param) is``, as in :meth:`HgcmCall._decode_params`; two appends cost less
+        # than ``+=`` of a pair, which builds a tuple and extends the list with it.
         if type(param) is HgcmU32:
             if not 0 <= param.value <= _U32_MAX:
                 msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
                 raise LocalProtocolError(msg)
-            values += (_U32_TYPE, param.value)
+            values.append(_U32_TYPE)
+            values.append(param.value)
         elif type(param) is HgcmU64:
             if not 0 <= param.value <= _U64_MAX:
                 msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
                 raise LocalProtocolError(msg)
-            values += (_U64_TYPE, param.value)
+            values.append(_U64_TYPE)
+            values.append(param.value)
         else:
             if type(param) is HgcmBufferOut:
                 if param.size < 0:
                     msg = f"HGCM out buffer size {param.size} is negative"
                     raise LocalProtocolError(msg)
                 data = bytearray(param.size)
-                values += (_LINADDR_OUT_TYPE, param.size)
+                values.append(_LINADDR_OUT_TYPE)
+                values.append(param.size)
             else:
                 data = bytearray(param.data)
-                values += (_PARM_TYPES[type(param)], len(data))
+                values.append(_PARM_TYPES[type(param)])
+                values.append(len(data))
             if len(data) > HGCM_MAX_USER_PARM:
                 size = len(data)
                 msg = f"parameter {_index(address_at)}: {size} bytes exceed {HGCM_MAX_USER_PARM}"

@@ -32,7 +32,8 @@ SERVICES: Final[tuple[ServiceSpec[Any], ...]] = (
     cpuhotplug.SPEC,
     balloon.SPEC,
 )
-"""In start order; the daemon stops them all at once (see ``agent.daemon.daemon``)."""
+"""In the order of their ``STATUS=`` fragments; the daemon starts them all at once and stops
+them all at once (see ``agent.daemon.daemon``)."""
 
 
 def section_models(

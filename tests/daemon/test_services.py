@@ -24,7 +24,7 @@ from pydantic import Field
 
 from agent.config import AgentConfig, load_config
 from agent.daemon import Daemon, ServiceFailedError, Supervisor
-from agent.daemon.daemon import FINAL_PHASE_S
+from agent.daemon.daemon import FINAL_PHASE_S, START_WAIT_S
 from agent.daemon.facility import FacilityReporter
 from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
 from agent.device import Device
@@ -179,6 +179,47 @@ class Breaker:
 BREAKER: Final = ServiceSpec("breaker", BreakerSection, Breaker)
 
 
+class HeldSection(ServiceSection):
+    """``[held]``: nothing to set."""
+
+
+class Held:
+    """Holds its start until the test sets ``release`` (a host that keeps it waiting)."""
+
+    name: Final = "held"
+
+    def __init__(self, context: ServiceContext, section: HeldSection) -> None:
+        del context, section
+        self.release = trio.Event()
+        self.started = trio.Event()
+        HELD.append(self)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        await self.release.wait()
+        task_status.started()
+        self.started.set()
+        await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def reconfigure(self, section: HeldSection) -> bool:
+        del section
+        return True
+
+    def status(self) -> str:
+        return "held running"
+
+    def statistics(self) -> GadgetStatistics:
+        return GadgetStatistics(0)
+
+
+HELD: list[Held] = []
+HELD_SPEC: Final = ServiceSpec("held", HeldSection, Held)
+
+
 class FragileSection(ServiceSection):
     """``[fragile]``: ``label`` needs a restart, and ``"boom"`` cannot be built."""
 
@@ -231,6 +272,7 @@ SLOW_GADGET: Final = (
 @pytest.fixture(autouse=True)
 def _clear_built() -> None:
     BUILT.clear()
+    HELD.clear()
     FRAGILE_BUILT.clear()
 
 
@@ -355,6 +397,13 @@ class StatusRecordingNotifier(RecordingNotifier):
                     return line
             seen = len(self.sent)
             await self.status_sent.park()
+
+
+class ReadyAndStatusNotifier(ReadyStatusNotifier):
+    """:class:`ReadyStatusNotifier` that records each ``STATUS=`` update too."""
+
+    async def status(self, text: str) -> None:
+        self.sent.append(f"STATUS={text}")
 
 
 async def _breaking_pump_run(
@@ -516,6 +565,71 @@ class TestThrowAwayService:
                 assert first.section == GadgetSection(drain_s=4)
                 assert running.section == GadgetSection(drain_s=4, interval_s=7)
                 daemon.request_shutdown("test")
+
+
+class TestStartUp:
+    """Every service starts at once, and READY=1 waits ``START_WAIT_S`` at most for them."""
+
+    async def test_a_held_start_delays_no_other_and_ready_by_the_bound(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A service first in the registry whose start is held: every other service starts
+        at once, READY=1 follows ``START_WAIT_S`` after the start-up began with a STATUS=
+        naming it as starting, and once it started STATUS= shows it running."""
+        registry = (HELD_SPEC, *SERVICES)
+        notifier = ReadyAndStatusNotifier()
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier, registry=registry)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                began = trio.current_time()
+                await nursery.start(daemon.run)
+                ready_after = trio.current_time() - began
+                [held] = HELD
+                assert not held.started.is_set()
+                held.release.set()
+                await held.started.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                daemon.request_shutdown("test")
+        assert ready_after == pytest.approx(START_WAIT_S)
+        events = [(e["event"], e.get("service")) for e in logs]
+        ready = events.index(("agent_ready", None))
+        started = {name for event, name in events[:ready] if event == "service_started"}
+        assert started == {"event-pump", *(spec.name for spec in SERVICES)}
+        warning = {
+            "event": "services_still_starting",
+            "services": ["held"],
+            "waited_s": START_WAIT_S,
+            "log_level": "warning",
+        }
+        assert warning in logs
+        assert notifier.sent[0].startswith("READY=1 STATUS=held starting; vm session ")
+        assert notifier.sent[1].startswith("STATUS=held running; vm session ")
+
+    async def test_a_host_holding_hgcm_connects_delays_ready_by_the_bound_only(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A host that holds every HGCM connect (the services' own 30 s connect timeout each,
+        one after the other, held READY=1 back for 90 s): the services that need none start
+        at once, and READY=1 goes out ``START_WAIT_S`` after the start-up began, STATUS=
+        naming those still starting."""
+        host.set_delay(int(RequestType.HGCM_CONNECT), 200.0)
+        notifier = ReadyStatusNotifier()
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                began = trio.current_time()
+                await nursery.start(daemon.run)
+                ready_after = trio.current_time() - began
+                daemon.request_shutdown("test")
+        assert ready_after == pytest.approx(START_WAIT_S)
+        [waiting] = [e["services"] for e in logs if e["event"] == "services_still_starting"]
+        assert {"properties", "network", "users"} <= set(waiting)
+        events = [(e["event"], e.get("service")) for e in logs]
+        ready = events.index(("agent_ready", None))
+        started = {name for event, name in events[:ready] if event == "service_started"}
+        assert started == {"event-pump", *(s.name for s in SERVICES if s.name not in waiting)}
+        [ready_line] = notifier.sent[:1]
+        assert all(f"{name} starting" in ready_line for name in waiting)
 
 
 class TestEventPumpFailures:
@@ -939,18 +1053,21 @@ class TestDrain:
         [gadget] = BUILT
         assert gadget.drained.is_set()
 
-    async def test_a_failure_during_a_start_builds_no_further_service(
+    async def test_a_failure_during_a_start_ends_the_start_up(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
-        """A service that ends the agent before its start completed: the services after it
-        are not even built."""
+        """A service that ends the agent before its start completed: the services started
+        beside it (all start at once) drain, and neither READY=1 nor facility Active is
+        sent."""
         text = "[breaker]\nwhile_starting = true\n"
         daemon = _breaking(host, text, Notifier(None), tmp_path / "agent.toml")
         with _ends_on_protocol_error() as logs:
             await daemon.run()
         reported = [e["status"] for e in logs if e["event"] == "facility_status_reported"]
         assert reported == ["INIT", "FAILED"]
-        assert BUILT == []
+        assert not daemon.statistics().ready
+        [gadget] = BUILT
+        assert gadget.drained.is_set()
 
     async def test_a_failure_while_active_is_reported_is_never_ready(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
