@@ -10,7 +10,10 @@ when the call completes (and copies nothing for a call the guest cancelled).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, final
+from typing import TYPE_CHECKING, Protocol, final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 @final
@@ -80,8 +83,10 @@ class HgcmCallHandle(Protocol):
         ...
 
     @property
-    def params(self) -> list[HostParm]:
-        """The parameters, updated in place by the service."""
+    def params(self) -> Sequence[HostParm]:
+        """The parameters as parsed. A service changes their ``value`` and ``data`` in place;
+        which parameters there are is fixed, since completion writes back the ones parsed, at
+        the places their guest parameters have (as VMMDev does)."""
         ...
 
     @property

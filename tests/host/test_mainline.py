@@ -22,7 +22,7 @@ import trio.testing
 
 from agent.host import DriverLoadError, SimulatedHost
 from agent.host.driver import _hgcm
-from agent.host.driver._core import VBG_LOG_LINE_MAX
+from agent.host.driver._core import MAX_ROUTES, VBG_LOG_LINE_MAX
 from agent.host.driver.mainline import change_memballoon
 from agent.host.hgcm_service import HostU32
 from agent.protocol import (
@@ -254,6 +254,17 @@ class TestIoctlEntry:
         L.IoctlHeader.size_in.set(buf, len(buf))
         L.IoctlHeader.size_out.set(buf, len(buf))
         await expect_errno(errno.ENOTTY, client.raw(code, buf))
+
+    async def test_made_up_sizes_do_not_grow_the_driver(self, host: SimulatedHost) -> None:
+        """Sized numbers a client makes up (each refused) leave at most ``MAX_ROUTES``
+        remembered, and an ioctl the table has no room for still goes through."""
+        client = await open_client(host)
+        for size in range(64, 64 + 2 * MAX_ROUTES):
+            buf = ioctl_buffer(24, 24)
+            await expect_errno(errno.EINVAL, client.raw(Ioctl.vmmdev_request(size), buf))
+        assert len(model_driver(host)._routes) == MAX_ROUTES
+        await client.request(Log(b"a size not seen before"))
+        assert model_driver(host).log_messages[-1] == b"a size not seen before"
 
     async def test_closed_session(self, host: SimulatedHost) -> None:
         """A closed transport answers EBADF."""

@@ -63,6 +63,10 @@ LOG_HISTORY: Final = 64
 VBG_LOG_LINE_MAX: Final = 127
 """Bytes of a LOG message mainline records: it formats ``%.*s`` (which also stops at a NUL)
 into its 128-byte ``vbg_log_buf`` before printk."""
+MAX_ROUTES: Final = 256
+"""Ioctl numbers whose dispatch a driver remembers: every fixed one and many more sized ones
+than the agent's requests and calls use (a size per request type or parameter count), few
+enough that numbers a client makes up cannot grow the table; others are worked out each time."""
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
 NS_PER_S: Final = 1_000_000_000
@@ -336,7 +340,8 @@ class Driver:
 
     def _route(self, code: int) -> Route:
         """``vbg_core_ioctl``'s dispatch for ``code``, whose number carries its size (the
-        fixed-size ioctls are in :attr:`_routes` from the start): remembered, unless unknown."""
+        fixed-size ioctls are in :attr:`_routes` from the start): remembered, unless unknown
+        or :data:`MAX_ROUTES` are."""
         stripped = without_size(code)
         route: Route
         if stripped == _VMMDEV_REQUEST or code in _VMMDEV_REQUEST_BIG:
@@ -347,7 +352,8 @@ class Driver:
             route = (_misc.log, False, ioc_size(code))
         else:
             return (_unknown_ioctl(code), False, ioc_size(code))
-        self._routes[code] = route
+        if len(self._routes) < MAX_ROUTES:
+            self._routes[code] = route
         return route
 
     async def _check_balloon_ioctl(

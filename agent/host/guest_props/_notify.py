@@ -24,6 +24,8 @@ from ._params import buffer, u32, u64
 from ._patterns import patterns_match
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from agent.host.hgcm_service import HgcmCallHandle, HostParm
 
     from ._store import Property
@@ -38,7 +40,7 @@ class _Wait:
     status: int
 
 
-def write_out(params: list[HostParm], entry: Property, *, deleted: bool) -> int:
+def write_out(params: Sequence[HostParm], entry: Property, *, deleted: bool) -> int:
     """Write ``entry`` into GET_NOTIFICATION's parameters; return the call's status.
 
     The timestamp and the size are set even when the buffer is too small.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
 from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN_BYTES_RE
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _find_forbidden_byte: Final = NAME_FORBIDDEN_BYTES_RE.search
 """Bound once: a method call on an imported name is not specialised (see
@@ -25,17 +28,22 @@ CString = tuple[str, bytearray]
 """A string parameter: its text up to the first NUL, and the whole buffer (raw)."""
 
 
-def check_count(params: list[HostParm], *counts: int) -> None:
+def check_count(params: Sequence[HostParm], *counts: int) -> None:
     """Fail with VERR_INVALID_PARAMETER unless there are ``counts`` parameters."""
     if len(params) not in counts:
         raise GuestCallError(VERR_INVALID_PARAMETER)
 
 
-def get_prop_params(params: list[HostParm]) -> tuple[str, HostBuffer, HostU64, HostU32]:
+def get_prop_params(params: Sequence[HostParm]) -> tuple[str, HostBuffer, HostU64, HostU32]:
     """Return GET_PROP's name, value buffer, timestamp and size, checked as ``getProperty``
-    does: four parameters, the name as :func:`c_string` and :func:`check_name` read it, and
-    the others as :func:`buffer`, :func:`u64` and :func:`u32` check them. Every refusal is
-    VERR_INVALID_PARAMETER, so their order does not show.
+    does: four parameters, the name as :func:`c_string` and :func:`check_name` read it, the
+    value buffer as :func:`buffer` checks it. Every refusal is VERR_INVALID_PARAMETER, so
+    their order does not show.
+
+    Stricter than ``getProperty`` in one respect, deliberately: it also refuses a timestamp
+    that is not a 64-bit value or a size that is not a 32-bit one, which upstream sets
+    (``HGCMSvcSetU64``, ``HGCMSvcSetU32``) without checking their types. The agent sends
+    those types; code that sends others finds out here rather than on a real host.
 
     Those checks written out in one function: every guest-property read passes here.
     """

@@ -77,6 +77,8 @@ log = structlog.get_logger("agent.services.balloon")
 EVENTS: Final = Event.BALLOON_CHANGE_REQUEST | Event.RESTORED
 _WATCH_FIELDS: Final = frozenset({"psi_path", "psi_interval_s", "pressure_threshold_pct"})
 """Settings a reload applies by restarting the pressure watch alone (the chunks stay)."""
+DRAIN_READ_S: Final = 0.5
+"""Kernel mode: how long the drain waits for the kernel's balloon size (a diagnostic)."""
 MAX_HOLD_FACTOR: Final = 16
 """The longest pressure hold, in cooldowns, that repeated episodes double it to."""
 TRIGGERED_NOTE: Final = (
@@ -324,9 +326,16 @@ class BalloonService:
         await self._follow()
 
     async def drain(self) -> None:
-        """Give back every chunk the agent holds; say so where the driver keeps its own."""
+        """Give back every chunk the agent holds; say so where the driver keeps its own (in
+        kernel mode read afresh: nothing tells the agent that the kernel ballooned)."""
         walker = self._walker
         if walker is None:
+            if self._mode is BalloonMode.KERNEL:  # the reading may be old: a pure query
+                with trio.move_on_after(DRAIN_READ_S):  # else the last reading it is
+                    try:
+                        self._chunks = (await self._device.check_balloon()).chunks
+                    except VBoxStatusError as exc:
+                        log.debug("balloon_check_failed", operation=exc.operation, status=exc.name)
             self._leave_to_driver()
             self._gauge.chunks = None
             return
@@ -357,8 +366,8 @@ class BalloonService:
                 "balloon_left_to_driver",
                 mode=str(self._mode),
                 chunks=self._chunks,
-                reason="the in-tree driver keeps the chunks its kernel ballooned (as last"
-                " read), and with the service stopped 0x40 leaves the event filter: no later"
+                reason="the in-tree driver keeps the chunks its kernel ballooned, and with"
+                " the service stopped 0x40 leaves the event filter: no later"
                 " request of the host, a deflate neither, reaches the kernel until the service"
                 " runs again (nor does the driver deflate at unload)",
             )
