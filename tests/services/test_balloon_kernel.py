@@ -167,11 +167,14 @@ async def test_a_size_already_logged_is_read_at_debug(personality: str) -> None:
     assert {entry["chunks"] for entry in repeats[-REPEATED_READS:]} == {8}
 
 
-async def test_the_status_reads_nothing(autojump_clock: trio.abc.Clock) -> None:
+async def test_the_status_reads_nothing() -> None:
     """Computing the status reads nothing (no event tells the agent that the kernel's
     balloon moved), so a status recomputed on every change it reports, as the daemon does,
     starts no chain of reads: one read per gauge refresh. It shows the size last read, and
-    when it was read."""
+    when it was read.
+
+    On the real clock: a chain of reads keeps a task always runnable, which would stop the
+    autojump clock's time and hang the test instead of failing it at ``WAIT_S``."""
     host = SimulatedHost(personality="mainline", seed=1)
     gauge = BalloonGauge()
     services: list[BalloonService] = []
