@@ -89,6 +89,18 @@ async def do_call(
     await rig.ioctl(label, session, code, buf, user)
 
 
+def complete_held(rig: Rig) -> None:
+    """Complete the echo service's held ``(LINADDR_OUT, U32)`` call: 3 bytes out, 77."""
+    held = rig.echo.held.pop()
+    output, number = held.params
+    assert isinstance(output, HostBuffer)
+    assert isinstance(number, HostU32)
+    output.data[:3] = b"out"
+    output.size = 3
+    number.value = 77
+    held.complete(VINF_SUCCESS)
+
+
 async def connected(rig: Rig, session: DriverSession, label: str = "connect") -> int:
     """Connect ``session`` to the echo service; return the client id."""
     step = await rig.ioctl(label, session, Ioctl.HGCM_CONNECT, connect(ECHO))
@@ -261,14 +273,7 @@ async def test_a_call_the_host_completes_while_its_cancel_fails_returns_its_resu
             rig.host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_FOUND)
             interrupt.cancel()
             await rig.settle(lambda: not rig.host.vmmdev.faults.has_faults)  # CANCEL2 sent
-            held = rig.echo.held.pop()
-            output, number = held.params
-            assert isinstance(output, HostBuffer)
-            assert isinstance(number, HostU32)
-            output.data[:3] = b"out"
-            output.size = 3
-            number.value = 77
-            held.complete(VINF_SUCCESS)
+            complete_held(rig)
         rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
 
     results = await differ(script)
@@ -366,14 +371,7 @@ async def test_held_call_completes_later() -> None:
                 [(T.LINADDR_OUT, bytes(8)), (T.U32, 5)],
             )
             await rig.settle(lambda: len(rig.echo.held) == 1)
-            held = rig.echo.held.pop()
-            output, number = held.params
-            assert isinstance(output, HostBuffer)
-            assert isinstance(number, HostU32)
-            output.data[:3] = b"out"
-            output.size = 3
-            number.value = 77
-            held.complete(VINF_SUCCESS)
+            complete_held(rig)
 
     assert_agree(await differ(script))
 
