@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 
 from agent.protocol import (
+    HOST_ERRORS,
     Facility,
     FacilityStatus,
-    RemoteProtocolError,
     ReportGuestStatus,
-    VBoxStatusError,
 )
 
 if TYPE_CHECKING:
@@ -25,10 +24,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-REQUEST_ERRORS: Final = (VBoxStatusError, RemoteProtocolError, OSError)
-"""How a request the daemon makes for itself fails without harming the agent: the host or
-driver refuses it, answers with a malformed reply (as the services'
-:data:`agent.services._lasting.HOST_ERRORS`), or the transport fails it."""
+REQUEST_ERRORS: Final = (*HOST_ERRORS, OSError)
+"""How a request the daemon makes for itself fails without harming the agent: as a
+service's (:data:`agent.protocol.HOST_ERRORS`), or the transport fails it."""
 
 
 @final

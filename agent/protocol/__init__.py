@@ -22,6 +22,7 @@ from agent.protocol.constants import (
     StatCap as StatCap,
 )
 from agent.protocol.errors import (
+    HOST_ERRORS as HOST_ERRORS,
     AgentError as AgentError,
     DeviceLostError as DeviceLostError,
     DeviceUnavailableError as DeviceUnavailableError,

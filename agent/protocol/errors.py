@@ -101,3 +101,8 @@ def shown_text(text: str) -> str:
     if len(line) <= SHOWN_SIZE:
         return line
     return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"
+
+
+HOST_ERRORS: Final = (VBoxStatusError, RemoteProtocolError)
+"""How a host request fails without harming the agent: the host or driver refused it with a
+status, or answered with a malformed reply."""

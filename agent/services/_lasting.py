@@ -5,8 +5,9 @@ A timer-driven service whose every tick fails the same way (the host refusing ea
 day at the heartbeat's 2 s. The failure is logged when it begins and whenever its cause
 changes, and its end once, with how many ticks failed; every failure is still counted.
 
-A request to the host fails in one of two ways a service outlives (:data:`HOST_ERRORS`): the
-host or driver refuses it with a status, or answers with a reply that breaks the ABI.
+A request to the host fails in one of two ways a service outlives
+(:data:`agent.protocol.HOST_ERRORS`): the host or driver refuses it with a status, or
+answers with a reply that breaks the ABI.
 Restarting the service would meet the same host, and a supervisor that restarts it on every
 tick ends the daemon once the restart budget is spent, so the services count both kinds
 (:meth:`LastingFailure.host_failed`) and go on, as VBoxService's workers do.
@@ -22,8 +23,6 @@ from agent.protocol import RemoteProtocolError, VBoxStatusError
 
 log = structlog.get_logger(__name__)
 
-HOST_ERRORS: Final = (VBoxStatusError, RemoteProtocolError)
-"""How a host request fails without harming the agent: a status, or a malformed reply."""
 MALFORMED_REPLY: Final = "malformed reply"
 """The cause a malformed reply is counted under (its message changes with the reply)."""
 

@@ -48,6 +48,7 @@ import trio
 from pydantic import field_validator
 
 from agent.protocol import (
+    HOST_ERRORS,
     CpuEventType,
     CpuStatusType,
     Event,
@@ -59,7 +60,7 @@ from agent.protocol import (
 from agent.protocol.status import STATUS_CODES
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs
-from agent.services._lasting import HOST_ERRORS, MALFORMED_REPLY, LastingFailure
+from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable

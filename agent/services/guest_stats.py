@@ -35,10 +35,16 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import structlog
 import trio
 
-from agent.protocol import Event, GetStatisticsChangeRequest, ReportGuestStats, VBoxStatusError
+from agent.protocol import (
+    HOST_ERRORS,
+    Event,
+    GetStatisticsChangeRequest,
+    ReportGuestStats,
+    VBoxStatusError,
+)
 from agent.protocol.status import VERR_ACCESS_DENIED, VERR_PERMISSION_DENIED
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import HOST_ERRORS, LastingFailure
+from agent.services._lasting import LastingFailure
 from agent.services._paced import Metronome
 from agent.services._procstats import ProcStats, ProcStatsError
 

@@ -32,6 +32,7 @@ import trio
 from pydantic import Field
 
 from agent.protocol import (
+    HOST_ERRORS,
     Event,
     GuestHeartbeat,
     HeartbeatConfigure,
@@ -45,7 +46,7 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import HOST_ERRORS, MALFORMED_REPLY, LastingFailure
+from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services._paced import Metronome
 
 if TYPE_CHECKING:
