@@ -249,8 +249,8 @@ class HandoverWrapper:
     async def deflate(self, chunk: Chunk) -> None:
         await self._handover.deflate(chunk)
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        return self._handover.never_held(rc, balloon_empty=balloon_empty)
+    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
+        return await self._handover.not_held(chunk, rc, balloon_empty=balloon_empty)
 
 
 class ErrnoOnce(HandoverWrapper):

@@ -8,25 +8,39 @@ that clock, at most ``MAX_POLLS`` times.
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import pytest
 import structlog.testing
 import trio
+import trio.testing
 
 from agent.config import load_config
 from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
+from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host.driver.oracle import OracleDriver
+from agent.protocol import RequestType
+from agent.protocol.status import VERR_INVALID_PARAMETER
+from agent.services import BalloonGauge, EventPump
+from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.registry import section_models
+from tests.services.balloon_support import Quiet, SimChunks, hand_to_ring3, start_in_scope
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
+
+    from agent.services.balloon._walker import ChunkWalker
 
 LIMIT_S: Final = 120.0
 POLL_S: Final = 0.01
 MAX_POLLS: Final = 10_000
+HELD_S: Final = 10.0
+"""How long the host holds a change in the port write while the service stops."""
 PSI_TEXT: Final = (
     "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
     "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
@@ -102,3 +116,92 @@ class TestLeftToTheDriverByTheDaemon:
         assert [(e["log_level"], e["mode"]) for e in left] == [("warning", mode), ("info", mode)]
         assert "runs again" in left[0]["until"]
         assert then in left[1]["until"]
+
+
+@dataclass
+class _Stoppable:
+    """A balloon service on a simulated host, which the test stops (``stop``) and drains."""
+
+    host: SimulatedHost
+    service: BalloonService
+    walker: ChunkWalker
+    chunks: SimChunks
+    gauge: BalloonGauge
+    scope: trio.CancelScope
+    stopped: trio.Event
+
+    @property
+    def host_chunks(self) -> int:
+        return _host_chunks(self.host)
+
+    async def stop_while_the_host_holds_a_change(self) -> None:
+        """Stop the service while the host holds its next CHANGE_MEMBALLOON in the port
+        write (the driver has the call, the caller gives up on it), then let the host carry
+        it out."""
+        self.host.set_delay(RequestType.CHANGE_MEMBALLOON, HELD_S)
+        await trio.testing.wait_all_tasks_blocked()  # before the clock jumps: held
+        self.scope.cancel()
+        await self.stopped.wait()
+        before = trio.current_time()
+        await trio.sleep(HELD_S)  # the host carries the change out meanwhile
+        assert trio.current_time() - before == HELD_S
+        self.host.set_delay(RequestType.CHANGE_MEMBALLOON, 0)
+
+
+@asynccontextmanager
+async def _stoppable_balloon(kind: str) -> AsyncIterator[_Stoppable]:
+    """Oracle's driver without its allocator (allocated mode) or passthrough (owned mode),
+    and a balloon service on it that the test stops and drains."""
+    if kind == "oracle-r3":
+        host = SimulatedHost(personality="oracle", r3_balloon=True)
+    else:
+        host = SimulatedHost(personality=kind)
+    chunks, gauge = SimChunks(), BalloonGauge()
+    async with trio.open_nursery() as outer:
+        await outer.start(host.run)
+        await hand_to_ring3(host)
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+            pump = EventPump(device)
+            await inner.start(pump.run)
+            service = BalloonService(
+                device, pump, BalloonSection(), allocator=chunks, pressure=Quiet(), gauge=gauge
+            )
+            scope = trio.CancelScope()
+            stopped = await start_in_scope(inner, service, scope)
+            walker = service.walker
+            assert walker is not None
+            yield _Stoppable(host, service, walker, chunks, gauge, scope, stopped)
+            scope.cancel()
+            inner.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+class TestUnconfirmedInflate:
+    """An inflate cancelled once the driver had it leaves its chunk held, its outcome
+    unknown: the drain's deflate decides."""
+
+    async def test_a_host_refusal_of_a_chunk_the_driver_took_keeps_it(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Allocated mode. The service stops while the host holds the first chunk's inflate,
+        which the host then carries out: the driver holds the chunk, the agent holds it
+        unconfirmed (its only chunk). The host refuses the drain's deflate with
+        VERR_INVALID_PARAMETER, which Oracle's driver passes on keeping the chunk, and which
+        it also answers for an empty balloon. Asked, the driver's balloon is not empty: the
+        chunk stays held, mapped and counted, and the next drain gives it back. Forgotten, it
+        would stay in the driver's balloon with its memory unmapped."""
+        with trio.fail_after(LIMIT_S):
+            async with _stoppable_balloon("oracle-r3") as run:
+                run.host.set_balloon_target(1)
+                await run.stop_while_the_host_holds_a_change()
+                assert (len(run.walker.held), len(run.walker.unconfirmed)) == (1, 1)
+                assert run.host_chunks == 1
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_INVALID_PARAMETER)
+                await run.service.drain()
+                assert (len(run.walker.held), len(run.chunks.live)) == (1, 1)
+                assert (run.host_chunks, run.gauge.chunks) == (1, 1)
+                await run.service.drain()
+                assert (run.walker.held, run.chunks.live, run.host_chunks) == ([], {}, 0)
+                driver = run.host.driver
+                assert isinstance(driver, OracleDriver)
+                assert driver.failed_assertions == []  # no deflate of an empty balloon

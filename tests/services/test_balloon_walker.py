@@ -53,8 +53,9 @@ class BlockingHandover:
         del chunk
         await trio.lowlevel.checkpoint()
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        del rc, balloon_empty
+    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
+        del chunk, rc, balloon_empty
+        await trio.lowlevel.checkpoint()
         return False
 
 
@@ -287,7 +288,7 @@ async def test_an_unknown_memavailable_is_looked_for_before_every_chunk_of_a_gro
 
 class InvalidParameterDeflates(BlockingHandover):
     """BlockingHandover whose deflates fail with VERR_INVALID_PARAMETER, as Oracle's driver
-    answers for an empty balloon; ``never_held`` trusts it only for an empty balloon and
+    answers for an empty balloon; ``not_held`` trusts it only for an empty balloon and
     records what the walker told it."""
 
     def __init__(self, block_at: int) -> None:
@@ -299,8 +300,10 @@ class InvalidParameterDeflates(BlockingHandover):
         await trio.lowlevel.checkpoint()
         raise VBoxStatusError(VERR_INVALID_PARAMETER, "VBGL_IOCTL_CHANGE_BALLOON")
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
+        del chunk
         self.empty.append(balloon_empty)
+        await trio.lowlevel.checkpoint()
         return rc == VERR_INVALID_PARAMETER and balloon_empty
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from agent.protocol import ChangeBalloon, ChangeMemBalloon, GetMemBalloonChangeRequest
+import trio
+
+from agent.protocol import (
+    ChangeBalloon,
+    ChangeMemBalloon,
+    GetMemBalloonChangeRequest,
+    VBoxStatusError,
+)
+from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
 
 if TYPE_CHECKING:
@@ -51,10 +59,11 @@ class Handover(Protocol):
         """Take ``chunk`` back from the host."""
         ...
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        """Whether a failed deflate's status means the host never had the chunk;
-        ``balloon_empty``: whether the driver may hold none of the agent's chunks (every
-        chunk held is one whose inflate was cancelled with its outcome unknown)."""
+    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
+        """Whether a deflate of ``chunk`` that failed with ``rc`` found the chunk out of the
+        balloon (the agent then forgets it); ``balloon_empty``: whether the driver may hold
+        none of the agent's chunks (every chunk held is one whose inflate was cancelled with
+        its outcome unknown). May ask the driver."""
         ...
 
 
@@ -79,18 +88,40 @@ class OracleHandover:
         """``CHANGE_BALLOON`` with inflate clear."""
         await self._device.request(ChangeBalloon(chunk.address, inflate=False))
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
         """An address the driver does not know (VERR_NOT_FOUND), or VERR_INVALID_PARAMETER
-        while its balloon may be empty.
+        from a driver whose balloon is empty.
 
         ``vgdrvSetBalloonSizeFromUser`` refuses a deflate with VERR_INVALID_PARAMETER when
         its balloon holds no chunk, before it looks for this one; the same status from the
         host's CHANGE_MEMBALLOON (passed on by ``vgdrvBalloonDeflate``) leaves the chunk in
-        the driver. With any chunk known to be in the driver's balloon it is the host's.
+        the driver. With any chunk known to be in the driver's balloon it is the host's;
+        otherwise the driver is asked (:meth:`_driver_balloon_empty`).
         """
         if rc == VERR_NOT_FOUND:
             return True
-        return rc == VERR_INVALID_PARAMETER and balloon_empty
+        if rc != VERR_INVALID_PARAMETER or not balloon_empty:
+            return False
+        return await self._driver_balloon_empty(chunk)
+
+    async def _driver_balloon_empty(self, chunk: Chunk) -> bool:
+        """Ask the driver whether its balloon is empty, changing nothing: a deflate of an
+        address no chunk starts at (the second page of ``chunk``, inside the agent's own
+        mapping; 0 would name a free slot, ``NIL_RTR3PTR``).
+
+        ``vgdrvSetBalloonSizeFromUser`` answers it VERR_INVALID_PARAMETER while the balloon
+        holds no chunk (as it answered the deflate of ``chunk``), and VERR_NOT_FOUND, from its
+        search of the chunk array, once it holds one; neither reaches the host. A balloon
+        that holds a chunk holds ``chunk``: of this session's chunks it lacks, it would have
+        answered VERR_NOT_FOUND. Any other answer counts as not empty (the chunk is kept and
+        asked for again).
+        """
+        probe = ChangeBalloon(chunk.address + PAGE_SIZE, inflate=False)
+        try:
+            await self._device.request(probe)
+        except VBoxStatusError as exc:
+            return exc.rc == VERR_INVALID_PARAMETER
+        return False
 
 
 class PassthroughHandover:
@@ -114,9 +145,10 @@ class PassthroughHandover:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
         await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)))
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
         """The host does not know the pages."""
-        del balloon_empty  # the request goes to the host as it is
+        del chunk, balloon_empty  # the request goes to the host as it is
+        await trio.lowlevel.checkpoint()
         return rc == VERR_NOT_FOUND
 
 

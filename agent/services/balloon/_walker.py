@@ -284,6 +284,7 @@ class ChunkWalker:
                     if submission.issued:
                         self.held.append(ready.pop())
                         self.unconfirmed.add(chunk.address)
+                        self._on_resized(len(self.held))
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
@@ -353,7 +354,7 @@ class ChunkWalker:
         except VBoxStatusError as exc:  # a host status, or a driver errno as the status
             unconfirmed = self.unconfirmed
             empty = all(held.address in unconfirmed for held in self.held)
-            if not self.handover.never_held(exc.rc, balloon_empty=empty):
+            if not await self.handover.not_held(chunk, exc.rc, balloon_empty=empty):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
         self.unconfirmed.discard(chunk.address)
