@@ -22,9 +22,10 @@ from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host._faults import MAX_FAULT_COUNT
 from agent.host.driver.oracle import OracleDriver
 from agent.protocol import RequestType
-from agent.protocol.status import VERR_INVALID_PARAMETER
+from agent.protocol.status import VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, VERR_INVALID_PARAMETER
 from agent.services import BalloonGauge, EventPump
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.registry import section_models
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 LIMIT_S: Final = 120.0
 POLL_S: Final = 0.01
 MAX_POLLS: Final = 10_000
+DRAIN_S: Final = 5.0
+"""The drain time the tests allow (``daemon.shutdown_timeout_s``)."""
+TOO_MUCH: Final = VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
 HELD_S: Final = 10.0
 """How long the host holds a change in the port write while the service stops."""
 PSI_TEXT: Final = (
@@ -205,3 +209,36 @@ class TestUnconfirmedInflate:
                 driver = run.host.driver
                 assert isinstance(driver, OracleDriver)
                 assert driver.failed_assertions == []  # no deflate of an empty balloon
+
+
+class TestUnconfirmedDeflate:
+    """A deflate cancelled once the driver had it leaves its chunk held, its outcome unknown:
+    the next deflate's answer that the chunk is not in the balloon gives it up."""
+
+    @pytest.mark.parametrize(("kind", "status"), [("oracle-r3", None), ("passthrough", TOO_MUCH)])
+    async def test_a_deflate_that_went_through_is_not_asked_for_for_ever(
+        self, autojump_clock: trio.abc.Clock, kind: str, status: int | None
+    ) -> None:
+        """The balloon holds one chunk; the service stops while the host holds its deflate,
+        which the host then carries out. The drain deflates the chunk again, and the answer
+        says it is not in the balloon: Oracle's driver, whose balloon is now empty, answers
+        VERR_INVALID_PARAMETER (asked, it confirms the balloon is empty); a real one-CPU host
+        answers VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH (its count of ballooned pages is below
+        a chunk) to every deflate from now on, injected here (the simulated host would say
+        VERR_NOT_FOUND). The chunk is given up and unmapped: drained, nothing kept."""
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with _stoppable_balloon(kind) as run:
+                run.host.set_balloon_target(1)
+                await run.walker.wait_held(1)
+                run.host.set_balloon_target(0)
+                await run.stop_while_the_host_holds_a_change()
+                assert (len(run.walker.held), len(run.walker.unconfirmed)) == (1, 1)
+                assert run.host_chunks == 0
+                if status is not None:
+                    run.host.add_fault(RequestType.CHANGE_MEMBALLOON, status, MAX_FAULT_COUNT)
+                with trio.move_on_after(DRAIN_S):
+                    await run.service.drain()
+                assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, None)
+        [drained] = [e for e in logs if e["event"] == "balloon_drained"]
+        assert drained["returned"] == 1
+        assert "balloon_drain_incomplete" not in [e["event"] for e in logs]

@@ -49,12 +49,14 @@ class BlockingHandover:
             await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
 
-    async def deflate(self, chunk: Chunk) -> None:
-        del chunk
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk, submission
         await trio.lowlevel.checkpoint()
 
-    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
-        del chunk, rc, balloon_empty
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        del chunk, rc, unconfirmed, balloon_empty
         await trio.lowlevel.checkpoint()
         return False
 
@@ -295,13 +297,15 @@ class InvalidParameterDeflates(BlockingHandover):
         super().__init__(block_at)
         self.empty: list[bool] = []
 
-    async def deflate(self, chunk: Chunk) -> None:
-        del chunk
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk, submission
         await trio.lowlevel.checkpoint()
         raise VBoxStatusError(VERR_INVALID_PARAMETER, "VBGL_IOCTL_CHANGE_BALLOON")
 
-    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
-        del chunk
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        del chunk, unconfirmed
         self.empty.append(balloon_empty)
         await trio.lowlevel.checkpoint()
         return rc == VERR_INVALID_PARAMETER and balloon_empty

@@ -20,7 +20,11 @@ from agent.protocol import (
     VBoxStatusError,
 )
 from agent.protocol.constants import PAGE_SIZE
-from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
+from agent.protocol.status import (
+    VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+)
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -55,15 +59,18 @@ class Handover(Protocol):
         """
         ...
 
-    async def deflate(self, chunk: Chunk) -> None:
-        """Take ``chunk`` back from the host."""
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        """Take ``chunk`` back from the host; ``submission`` as for :meth:`inflate`."""
         ...
 
-    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
         """Whether a deflate of ``chunk`` that failed with ``rc`` found the chunk out of the
-        balloon (the agent then forgets it); ``balloon_empty``: whether the driver may hold
-        none of the agent's chunks (every chunk held is one whose inflate was cancelled with
-        its outcome unknown). May ask the driver."""
+        balloon (the agent then forgets it). ``unconfirmed``: whether the chunk's last
+        inflate or deflate was cancelled once issued, its outcome unknown;
+        ``balloon_empty``: whether the driver may hold none of the agent's chunks (every
+        chunk held is unconfirmed). May ask the driver."""
         ...
 
 
@@ -84,13 +91,19 @@ class OracleHandover:
         """``CHANGE_BALLOON`` with inflate set: the driver locks the chunk and tells the host."""
         await self._device.request(ChangeBalloon(chunk.address, inflate=True), submission)
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_BALLOON`` with inflate clear."""
-        await self._device.request(ChangeBalloon(chunk.address, inflate=False))
+        await self._device.request(ChangeBalloon(chunk.address, inflate=False), submission)
 
-    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
         """An address the driver does not know (VERR_NOT_FOUND), or VERR_INVALID_PARAMETER
         from a driver whose balloon is empty.
+
+        A deflate again of a chunk whose deflate went through (its outcome unknown) gets
+        the same answers: the driver forgot the address when it unlocked the chunk.
+        ``unconfirmed`` adds nothing: the driver's own answers are never the host's.
 
         ``vgdrvSetBalloonSizeFromUser`` refuses a deflate with VERR_INVALID_PARAMETER when
         its balloon holds no chunk, before it looks for this one; the same status from the
@@ -98,6 +111,7 @@ class OracleHandover:
         the driver. With any chunk known to be in the driver's balloon it is the host's;
         otherwise the driver is asked (:meth:`_driver_balloon_empty`).
         """
+        del unconfirmed
         if rc == VERR_NOT_FOUND:
             return True
         if rc != VERR_INVALID_PARAMETER or not balloon_empty:
@@ -141,15 +155,29 @@ class PassthroughHandover:
         """``CHANGE_MEMBALLOON`` with the chunk's pages."""
         await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)), submission)
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
-        await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)))
+        await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)), submission)
 
-    async def not_held(self, chunk: Chunk, rc: int, *, balloon_empty: bool) -> bool:
-        """The host does not know the pages."""
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        """The pages are not ballooned: the simulated host says so (VERR_NOT_FOUND, its
+        stricter per-page check), and of an unconfirmed chunk a real host's count does.
+
+        The real host (``PGMR3PhysChangeMemBalloon``) takes any page back without checking
+        that it was ballooned, then has GMM take the 256 pages off the VM's count of
+        ballooned pages, which fails when the count is lower
+        (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, ``GMMR0BalloonedPages``): the host holds
+        fewer pages than a chunk. Of a chunk whose inflate or deflate has an unknown outcome
+        that means it was never ballooned or is back already; of one the host took, a count
+        gone wrong, so the chunk is kept and asked for again.
+        """
         del chunk, balloon_empty  # the request goes to the host as it is
         await trio.lowlevel.checkpoint()
-        return rc == VERR_NOT_FOUND
+        if rc == VERR_NOT_FOUND:
+            return True
+        return unconfirmed and rc == VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
 
 
 def _pages(chunk: Chunk) -> ChunkPages:
