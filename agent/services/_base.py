@@ -94,7 +94,7 @@ class ServiceContext:
         agent_stopping: whether the whole agent is on its way out (a stop request, or a
             fatal error), as against this service alone stopping (a reload that disables
             it) or restarting while the agent runs on. A drain may ask it: what it leaves
-            behind is then the next start's of the agent, not a gap while the agent runs.
+            behind then waits for the agent's next start, not in a gap while it runs on.
     """
 
     device: Device

@@ -126,9 +126,9 @@ class OracleHandover:
         ``vgdrvSetBalloonSizeFromUser`` answers it VERR_INVALID_PARAMETER while the balloon
         holds no chunk (as it answered the deflate of ``chunk``), and VERR_NOT_FOUND, from its
         search of the chunk array, once it holds one; neither reaches the host. A balloon
-        that holds a chunk holds ``chunk``: of this session's chunks it lacks, it would have
-        answered VERR_NOT_FOUND. Any other answer counts as not empty (the chunk is kept and
-        asked for again).
+        that holds any chunk holds ``chunk``: lacking it, the driver would have answered the
+        deflate of ``chunk`` with VERR_NOT_FOUND. Any other answer counts as not empty (the
+        chunk is kept and asked for again).
         """
         probe = ChangeBalloon(chunk.address + PAGE_SIZE, inflate=False)
         try:
