@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import bisect
 import errno
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.protocol.constants import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 USER_BASE: Final = 0x7F00_0000_0000
 """Where synthetic user addresses start (a typical x86-64 mmap area)."""
@@ -203,6 +206,13 @@ class DictMemory:
         """Forget the region that starts at ``address`` (no-op if there is none)."""
         if self._by_start.pop(address, None) is not None:
             self._sorted = None
+
+    def unmap_all(self, addresses: Iterable[int]) -> None:
+        """:meth:`unmap` each of ``addresses``, in one call (a call's buffers go together)."""
+        by_start = self._by_start
+        for address in addresses:
+            by_start.pop(address, None)
+        self._sorted = None  # built again when needed, whether or not a region went
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""

@@ -211,9 +211,7 @@ class _TooBigError(Exception):
     """A user buffer exceeds VBG_MAX_HGCM_USER_PARM (-E2BIG inside the driver)."""
 
 
-async def call(  # noqa: PLR0912 - the submission inline, see below
-    drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
-) -> None:
+async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
     ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
     target, timeout_ms, parms = _checked_call(kbuf)
@@ -228,31 +226,27 @@ async def call(  # noqa: PLR0912 - the submission inline, see below
     buffers: list[tuple[int, bytearray | None]] = []
     """Per buffer parameter: its place in ``parms``, its bounce buffer to copy back."""
     placed: list[int] = []
-    """Where the bounce buffers sit in guest RAM, to free."""
+    """What sits in guest RAM, to free: the bounce buffers, then the request."""
     ram = drv.ram
     try:
         req = _prepare(drv, session, parms, memory, target=target, buffers=buffers, placed=placed)
         # vbg_hgcm_do_call's submission, inline (every call passes here): the host
         # completes most calls before the port write returns; only the others wait, in
-        # _wait_call, which frees the request itself.
+        # _wait_call, which then owns the request (it frees it unless it leaks it).
         phys = ram.map(req)
-        waits = False
-        try:
-            vmmdev = drv.vmmdev
-            if vmmdev.faults.has_delays:
-                await vmmdev.submit(phys)
-            else:  # vmmdev.submit, inline without a delay: a coroutine less per call
-                vmmdev.process(phys)
-            rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
-            if rc < 0:
-                H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
-            elif rc == VINF_HGCM_ASYNC_EXECUTE:
-                # _done(req), inline
-                waits = not H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE
-        finally:
-            if not waits:
-                ram.unmap(phys)
-        if waits:
+        placed.append(phys)
+        vmmdev = drv.vmmdev
+        if vmmdev.faults.has_delays:
+            await vmmdev.submit(phys)
+        else:  # vmmdev.submit, inline without a delay: a coroutine less per call
+            vmmdev.process(phys)
+        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
+        if rc < 0:  # the request failed: its rc goes as the call's result
+            H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
+        elif rc == VINF_HGCM_ASYNC_EXECUTE and not (
+            H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE  # _done, inline
+        ):
+            placed.pop()
             error = await _wait_call(drv, req, phys, timeout_ms)
             if error:
                 raise fail(error)
@@ -261,8 +255,8 @@ async def call(  # noqa: PLR0912 - the submission inline, see below
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     finally:
-        for address in placed:
-            ram.unmap(address)
+        # After the copy-back, as vbg_hgcm_call frees the request, then the bounce buffers.
+        ram.unmap_all(placed)
     H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, status)
 
 
