@@ -67,8 +67,7 @@ _BUFFER_TYPES: Final[dict[int, int]] = {
     int(HgcmParmType.LINADDR_IN): int(PageListDirection.TO_HOST),
     int(HgcmParmType.LINADDR_OUT): int(PageListDirection.FROM_HOST),
 }
-"""The buffer types and their page lists' directions, as plain ints: a parameter's type
-(an int) then finds its key by identity, where an enum key takes a comparison."""
+"""The buffer types and their page lists' directions, as plain ints."""
 _P = L.HgcmParameter64
 _LINADDR_IN: Final = int(HgcmParmType.LINADDR_IN)
 _LINADDR_OUT: Final = int(HgcmParmType.LINADDR_OUT)
@@ -214,7 +213,7 @@ class _TooBigError(Exception):
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
     ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
-    target, timeout_ms, parms = _checked_call(kbuf)
+    target, timeout_ms, parms, plan = _checked_call(kbuf)
     client_id = target[0]
     if drv.session_mutex.locked:
         async with drv.session_mutex:
@@ -229,7 +228,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     """What sits in guest RAM, to free: the bounce buffers, then the request."""
     ram = drv.ram
     try:
-        req = _prepare(drv, session, parms, memory, target=target, buffers=buffers, placed=placed)
+        req = _prepare(
+            drv, session, parms, memory, plan=plan, target=target, buffers=buffers, placed=placed
+        )
         # vbg_hgcm_do_call's submission, inline (every call passes here): the host
         # completes most calls before the port write returns; only the others wait, in
         # _wait_call, which then owns the request (it frees it unless it leaks it).
@@ -260,9 +261,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, status)
 
 
-def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...]]:
-    """The ioctl's own checks, in order; return the target (client, function), the timeout
-    and the parameters (each read as a buffer: type, size, address)."""
+def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...], _Plan]:
+    """The ioctl's own checks, in order; return the target (client, function), the timeout,
+    the parameters (each read as a buffer: type, size, address) and their plan."""
     if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
         raise fail(errno.EINVAL)
     size_in, _, _, _, size_out, _, client_id, function, timeout_ms, _, _, count = (
@@ -279,9 +280,37 @@ def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...
         raise fail(errno.EINVAL)
     H.IOCTL_SIZE_OUT.pack_into(kbuf, H.IOCTL_SIZE_OUT_AT, needed)
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
-    if not _USER_PARM_TYPES.issuperset(parms[0::3]):
-        raise fail(errno.EINVAL)
-    return (client_id, function), timeout_ms, parms
+    types = parms[0::3]
+    plan = _PLANS.get(types)  # only valid types have a plan
+    if plan is None:
+        if not _USER_PARM_TYPES.issuperset(types):
+            raise fail(errno.EINVAL)
+        plan = _plan(types)
+    return (client_id, function), timeout_ms, parms, plan
+
+
+_Plan = tuple[tuple[int, int, int], ...]
+"""Per buffer parameter of a call, in order: its place in the parameters' words (its type's),
+its type and its page list's direction."""
+MAX_PLANS: Final = 256
+"""Parameter-type signatures whose plan is remembered: far more than the agent's calls use,
+few enough that signatures a client makes up cannot grow the table; others are worked out
+each time."""
+_PLANS: Final[dict[tuple[int, ...], _Plan]] = {}
+"""The plans of the signatures seen, by their parameters' types (all valid)."""
+
+
+def _plan(types: tuple[int, ...]) -> _Plan:
+    """The plan of a call whose parameters have ``types`` (all valid), remembered while
+    :data:`MAX_PLANS` are not."""
+    plan = tuple(
+        (3 * index, kind, _BUFFER_TYPES[kind])
+        for index, kind in enumerate(types)
+        if kind in _BUFFER_TYPES
+    )
+    if len(_PLANS) < MAX_PLANS:
+        _PLANS[types] = plan
+    return plan
 
 
 def _prepare(
@@ -290,14 +319,15 @@ def _prepare(
     parms: tuple[int, ...],
     memory: GuestMemory,
     *,
+    plan: _Plan,
     target: tuple[int, int],
     buffers: list[tuple[int, bytearray | None]],
     placed: list[int],
 ) -> bytearray:
-    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the parameters
-    of the call to ``target`` (client id, function); ``buffers`` gets each buffer
-    parameter's place in ``parms`` and the bounce buffer to copy back (None for an empty
-    or LINADDR_IN buffer).
+    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the buffer
+    parameters (``plan``) of the call to ``target`` (client id, function); ``buffers``
+    gets each buffer parameter's place in ``parms`` and the bounce buffer to copy back
+    (None for an empty or LINADDR_IN buffer).
 
     Per buffer parameter, in parameter order as the driver does: E2BIG over
     ``VBG_MAX_HGCM_USER_PARM``, then the bounce buffer is allocated in guest RAM, then the
@@ -318,11 +348,7 @@ def _prepare(
     lists_at = _REQUEST_PARMS_AT + HGCM_PARM64_SIZE * count
     spare = 0
     ram = drv.ram
-    for at in range(0, len(words), 3):
-        kind = words[at]
-        direction = _BUFFER_TYPES.get(kind)
-        if direction is None:  # a value: it goes as the user gave it
-            continue
+    for at, kind, direction in plan:  # the buffers: a value goes as the user gave it
         size = words[at + 1]
         if not size:  # an empty buffer: a linear address, 0
             words[at + 2] = 0
