@@ -192,7 +192,11 @@ class Driver:
         """``vbg_req_perform``: place ``req`` in guest RAM, hit the port, return ``rc``."""
         phys = self.ram.map(req)
         try:
-            await self.vmmdev.submit(phys)
+            vmmdev = self.vmmdev
+            if vmmdev.faults.has_delays:
+                await vmmdev.submit(phys)
+            else:  # vmmdev.submit, inline without a delay: a coroutine less (the ISR's acks)
+                vmmdev.process(phys)
         finally:
             self.ram.unmap(phys)
         rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
@@ -359,11 +363,12 @@ class Driver:
         # copy_out, inline: size_out bytes of the kernel's copy go back (EFAULT if the
         # caller's buffer is shorter), in one copy.
         count = H.IOCTL_SIZE_OUT.unpack_from(kbuf, H.IOCTL_SIZE_OUT_AT)[0]
-        if count > len(kbuf):  # noqa: PLR1730 - min() parses its arguments
-            count = len(kbuf)
+        copied = len(kbuf)
+        if count > copied:  # noqa: PLR1730 - min() parses its arguments
+            count = copied
         if len(buf) < count:
             raise fail(errno.EFAULT)
-        buf[:count] = kbuf if count == len(kbuf) else memoryview(kbuf)[:count]
+        buf[:count] = kbuf if count == copied else memoryview(kbuf)[:count]
 
     def _route(self, code: int) -> Route:
         """``vbg_core_ioctl``'s dispatch for ``code``, whose number carries its size (the
