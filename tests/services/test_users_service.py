@@ -54,7 +54,7 @@ from agent.services.users import (
     users_list,
     users_service,
 )
-from tests.services.publishing_support import GuestSource
+from tests.services.publishing_support import GuestSource, HeldAnswers
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -389,6 +389,60 @@ async def test_follows_logins_with_transreset_and_deletes_them_at_stop(
             await service.drain()
     assert values(host) == dict.fromkeys((LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY))
     assert host.status()["hgcm_clients"] == 0
+
+
+async def test_a_first_write_a_stop_cut_off_is_deleted_at_the_drain(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A stop that cancels the first write once the host carried it out (its answer still
+    to come) leaves no user list behind: the name counts as held from the write, as
+    VBoxService's cache holds an entry from its first update and resets it at termination."""
+    service = HeldAnswers()
+    host = SimulatedHost(services=[service])
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            async with open_device(SimOpener(host)) as device:
+                service.holding = True
+                async with trio.open_nursery() as nursery:
+                    pump = EventPump(device)
+                    users_svc = users_service(
+                        ServiceContext(device, pump), UsersSection(), users.logins
+                    )
+                    await nursery.start(pump.run)
+                    nursery.start_soon(users_svc.run)  # its start waits for the answer
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert values(host)[LIST_PROPERTY] == ("alice", FLAGS)
+                    assert len(service.held) == 1
+                    nursery.cancel_scope.cancel()
+                service.holding = False
+                await users_svc.drain()
+            assert values(host) == dict.fromkeys((LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY))
+            vm.cancel_scope.cancel()
+    deleted = [line for line in logs if line["event"] == "published_deleted"]
+    assert deleted == [{"event": "published_deleted", "log_level": "info", "properties": 1}]
+
+
+async def test_a_first_write_the_host_refused_is_not_deleted_at_the_drain(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """A name the host refused from its first write was never ours: the drain leaves it
+    (here the host's own read-only list) and deletes the two it holds."""
+    host.prop_set(LIST_PROPERTY, "set by the host", "RDONLYGUEST")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device:
+            async with trio.open_nursery() as nursery:
+                service = await start_users(device, nursery, Users("alice").logins)
+                assert (
+                    service.status() == f"users: {LIST_PROPERTY} refused (VERR_PERMISSION_DENIED)"
+                )
+                nursery.cancel_scope.cancel()
+            await service.drain()
+    assert values(host)[LIST_PROPERTY] == ("set by the host", "RDONLYGUEST")
+    deleted = [line for line in logs if line["event"] in {"published_deleted", "property_refused"}]
+    assert [line["event"] for line in deleted] == ["property_refused", "published_deleted"]
+    assert deleted[1]["properties"] == 2
 
 
 async def test_a_failing_logind_leaves_utmp_s_users_published(
