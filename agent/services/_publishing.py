@@ -52,7 +52,7 @@ from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
     from agent.services._paced import EventSource
     from agent.services.guest_props import GuestProperties
@@ -111,7 +111,8 @@ class PublishingStatistics:
 class PublishingService:
     """Reads the guest every ``interval_s`` and after a restore; publishes what changed.
 
-    ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
+    ``read`` takes a reading (on the event loop, or where it says: blocking work runs on a
+    thread) and raises ``OSError`` when it cannot; ``always`` names the
     beacons written on every pass; ``owned`` are the patterns of the names the service owns
     (see the module).
     """
@@ -121,7 +122,7 @@ class PublishingService:
         name: str,
         context: ServiceContext,
         section: PublishingSection,
-        read: Callable[[], Reading],
+        read: Callable[[], Awaitable[Reading]],
         *,
         always: Collection[str] = (),
         owned: Sequence[str] = (),
@@ -234,7 +235,7 @@ class PublishingService:
 
     async def _pass(self, props: GuestProperties) -> None:
         try:
-            reading = self._read()
+            reading = await self._read()
         except OSError as exc:
             self._set_unreadable(str(exc))
             return
