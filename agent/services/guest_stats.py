@@ -106,7 +106,7 @@ class GuestStatsService:
         self._interval_read = False
         """An interval read went through: a refusal then no longer means an untrusted session."""
         self._read_answered = False
-        """An interval read returned (the metronome has then reported the start)."""
+        """An interval read of this run returned (the metronome has then reported the start)."""
         self._refused = False
 
     def statistics(self) -> GuestStatsStatistics:
@@ -136,6 +136,7 @@ class GuestStatsService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read the interval, report on it, and read it again at 0x80 and after restores."""
+        self._read_answered = False  # per run: the supervisor runs this instance again
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
                 await self._metronome.run(events, task_status=task_status)

@@ -425,6 +425,33 @@ class TestReports:
         refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
         assert [entry["status"] for entry in refused] == [refusal]
 
+    async def test_a_restarted_run_refused_at_its_first_read_starts(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The supervisor runs the same instance again: a run whose first read is refused
+        reports its start although the run before it had a read fail otherwise (its start
+        waited forever before)."""
+        host = SimulatedHost(personality="mainline", seed=1)
+        read = RequestType.GET_STATISTICS_CHANGE_REQ
+        with trio.fail_after(BOUND_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    service = GuestStatsService(ServiceContext(device, pump))
+                    await nursery.start(pump.run)
+                    host.add_fault(read, STATUS_CODES["VERR_GENERAL_FAILURE"])
+                    async with trio.open_nursery() as first:
+                        await first.start(service.run)
+                        assert service.status() == "statistics off (failing)"
+                        first.cancel_scope.cancel()
+                    host.add_fault(read, STATUS_CODES["VERR_PERMISSION_DENIED"])
+                    await nursery.start(service.run)
+                    assert service.status() == "statistics refused by the driver"
+                    nursery.cancel_scope.cancel()
+        refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
+        assert [entry["status"] for entry in refused] == ["VERR_PERMISSION_DENIED"]
+
     @pytest.mark.parametrize(
         ("failure", "logged"),
         [
