@@ -5,8 +5,9 @@ RESTORED after a restore. VBoxService polls the id; here the event pump wakes th
 which re-reads the id and logs the change. A read that fails (a refusal or a malformed
 reply) keeps the id last read, as VBoxService ignores a failed ``VbglR3GetSessionId``: it
 is counted, logged when such failures begin, change cause and end, shown in the status, and
-tried again every ``RETRY_S`` until a read goes through (and at every restore). Config
-section: ``[session_monitor]``.
+tried again every ``RETRY_S`` until a read goes through (and at every restore); a restore
+stays pending until then, so every restore is logged (``vm_restored``, from the id read
+before it). Config section: ``[session_monitor]``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class SessionMonitor:
         self._status_changed = context.status_changed
         self._session_id: int | None = None
         self._restores = 0
+        self._restored_from: int | None = None
+        """The id before a restore whose re-read has not gone through yet."""
+        self._restore_pending = False
         self._failures = LastingFailure("vm_session_read_again")
 
     def statistics(self) -> SessionMonitorStatistics:
@@ -101,23 +105,26 @@ class SessionMonitor:
                 await self._read(restored=restored)
 
     async def _read(self, *, restored: bool) -> None:
-        """Count the restore, if any; read the id and log it (``vm_restored`` after a
-        restore); a failure (a refusal, a malformed reply) keeps the id last read and is
-        counted, and logged when such failures begin, change cause and end. Tell the daemon
-        when the status changed."""
-        old, status = self._session_id, self.status()
+        """Count the restore, if any; read the id and log it (``vm_restored`` when a restore
+        is pending, from the id before it); a failure (a refusal, a malformed reply) keeps
+        the id last read and the restore pending, and is counted, and logged when such
+        failures begin, change cause and end. Tell the daemon when the status changed."""
+        status = self.status()
         if restored:
             self._restores += 1
+            if not self._restore_pending:
+                self._restore_pending, self._restored_from = True, self._session_id
         try:
             self._session_id = (await self._device.request(GetSessionId())).value
         except HOST_ERRORS as exc:
             self._failures.host_failed("vm_session_unreadable", exc)
         else:
             self._failures.succeeded()
-            if restored:
+            if self._restore_pending:
+                self._restore_pending = False
                 log.info(
                     "vm_restored",
-                    old_session_id=_shown(old),
+                    old_session_id=_shown(self._restored_from),
                     session_id=_shown(self._session_id),
                     restores=self._restores,
                 )

@@ -70,7 +70,8 @@ class TestSessionMonitor:
         """A read the host refuses is no reason to restart (VBoxService ignores a failed
         GetSessionId): the monitor starts, the status says why the id is unknown, one line
         is logged, and the read is tried again every ``RETRY_S`` until it goes through; a
-        restore whose read fails keeps the id last read."""
+        restore whose read fails keeps the id last read, and the read that goes through logs
+        the restore (``vm_restored``, from the id before it), not a plain read."""
         pump = EventPump(device)
         changes: list[str] = []
         monitor = SPEC.build(
@@ -107,15 +108,19 @@ class TestSessionMonitor:
                 assert monitor.status() == f"vm session {_session_id(host):#x}, 2 restores"
                 assert monitor.statistics() == SessionMonitorStatistics(_session_id(host), 2, 5)
                 nursery.cancel_scope.cancel()
-        events = [line["event"] for line in logs if line["event"].startswith("vm_session")]
+        events = [line["event"] for line in logs if line["event"].startswith("vm_")]
         assert events == [
             "vm_session_unreadable",
             "vm_session_read_again",
             "vm_session_read",
             "vm_session_unreadable",
             "vm_session_read_again",
-            "vm_session_read",
+            "vm_restored",
         ]
+        restored = next(line for line in logs if line["event"] == "vm_restored")
+        assert restored["old_session_id"] == f"{first:#x}"
+        assert restored["session_id"] == f"{_session_id(host):#x}"
+        assert restored["restores"] == 2
 
     async def test_reconfigure_and_drain(
         self, autojump_clock: trio.abc.Clock, device: Device
