@@ -29,9 +29,11 @@ answers slowly or not at all; on the event loop that would hold every service. S
 lookups, :mod:`agent.services._logins`) and moves a reading that must ask to a worker
 thread: at most one per process (:data:`READING_THREADS`, one of the threads
 ``agent.config.OTHER_THREADS`` leaves room for in the unit's ``TasksMax=``). A stop does not
-wait for it (it is abandoned: it ends its lookup on its own and gives the thread back then),
-and the next reading that must ask waits, cancellably, for the one still in a lookup, so
-restarts never add threads.
+wait for it, nor a pass longer than :data:`ACCOUNT_LOOKUP_TIMEOUT_S`: it is abandoned (it
+ends its lookup on its own, keeps what it found for the next reading and gives the thread
+back then), and the next reading that must ask waits as long for the one still in a lookup,
+so restarts never add threads. A pass that gave up is unreadable (``account lookup pending``),
+logged when that begins and ends, and the last values stay.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from agent.services._base import ServiceContext, ServiceSpec
 from agent.services._logins import (
     AccountLookupNeededError,
     Logins,
+    LoginsError,
     known_accounts_only,
     logged_in_users,
 )
@@ -64,6 +67,11 @@ MAX_LIST_BYTES: Final = MAX_VALUE_SIZE - 1
 SEPARATOR: Final = ","
 READING_THREADS: Final = 1
 """Worker threads that read the logins, per process, abandoned ones included."""
+ACCOUNT_LOOKUP_TIMEOUT_S: Final = 5.0
+"""How long a pass waits for a reading on the worker thread, half the default ``interval_s``:
+a network directory that does not answer may hold a lookup for minutes, and a pass that
+waited as long would leave the status and the log silent meanwhile."""
+LOOKUP_PENDING: Final = "account lookup pending"
 _READING_LIMITER: Final[trio.lowlevel.RunVar[trio.CapacityLimiter]] = trio.lowlevel.RunVar(
     "users_reading_limiter"
 )
@@ -91,8 +99,14 @@ def users_list(users: Sequence[str]) -> tuple[str, int]:
 
 async def read_logins_without_blocking(read: Callable[[], Logins] = logged_in_users) -> Logins:
     """``read()`` on the event loop if it needs no account lookup, else on a worker thread,
-    at most :data:`READING_THREADS` per process at once; cancelling abandons the thread to
-    its lookup (it keeps its place until it returns)."""
+    at most :data:`READING_THREADS` per process at once; cancelling, or
+    :data:`ACCOUNT_LOOKUP_TIMEOUT_S` without an answer, abandons the thread to its lookup
+    (it keeps its place until it returns).
+
+    Raises:
+        LoginsError: no answer within :data:`ACCOUNT_LOOKUP_TIMEOUT_S` (``account lookup
+            pending``), the thread's or the one before it still in its lookup.
+    """
     try:
         logins = known_accounts_only(read)
     except AccountLookupNeededError:
@@ -105,7 +119,9 @@ async def read_logins_without_blocking(read: Callable[[], Logins] = logged_in_us
     except LookupError:
         limiter = trio.CapacityLimiter(READING_THREADS)
         _READING_LIMITER.set(limiter)
-    return await trio.to_thread.run_sync(read, limiter=limiter, abandon_on_cancel=True)
+    with trio.move_on_after(ACCOUNT_LOOKUP_TIMEOUT_S):
+        return await trio.to_thread.run_sync(read, limiter=limiter, abandon_on_cancel=True)
+    raise LoginsError(LOOKUP_PENDING)
 
 
 @final

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import pwd
 import struct
@@ -47,8 +48,10 @@ from agent.services._logins import (
     utmp_users,
 )
 from agent.services.users import (
+    ACCOUNT_LOOKUP_TIMEOUT_S,
     COUNT_PROPERTY,
     LIST_PROPERTY,
+    LOOKUP_PENDING,
     MAX_LIST_BYTES,
     NONE_PROPERTY,
     UsersReader,
@@ -72,6 +75,8 @@ INTERVAL_S: Final = 5.0
 LOGIN_PROCESS: Final = 6
 UNNAMED_UIDS: Final = (4_000_000_001, 4_000_000_002)
 """uids no account database names (lookups in this process are kept: no other test asks)."""
+HUNG_UID: Final = 4_000_000_003
+"""A uid whose lookup the account database holds (asked by one test alone)."""
 DEAD_PROCESS: Final = 8
 FLAGS: Final = "TRANSIENT, TRANSRESET"
 """What the host keeps of a TRANSRESET write: the service always adds TRANSIENT to it."""
@@ -381,6 +386,82 @@ async def test_a_reading_that_must_ask_the_account_database_runs_on_one_worker_t
         assert threading.get_ident() not in askers
         known = await read_logins_without_blocking(reading(UNNAMED_UIDS[1]))  # a recent miss
         assert (known, len(askers)) == (Logins((str(UNNAMED_UIDS[1]),)), 2)
+
+
+async def test_a_hung_account_lookup_leaves_the_reading_unreadable_not_the_service_stuck(
+    autojump_clock: trio.testing.MockClock, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup the account database holds (a network directory not answering) makes each
+    pass give up after ``ACCOUNT_LOOKUP_TIMEOUT_S``: the service starts, its status says a
+    lookup is pending, one line is logged however many passes find it so, and no second
+    thread asks; once the lookup returns, the next pass publishes (it started before)."""
+    entered, release, left = threading.Event(), threading.Event(), threading.Event()
+    askers: list[int] = []
+
+    def directory(uid: int) -> pwd.struct_passwd:
+        askers.append(uid)
+        entered.set()
+        try:
+            release.wait(LIMIT_S)
+        finally:
+            left.set()
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", directory)
+
+    def reading() -> Logins:
+        return Logins((_logins._account_name(HUNG_UID) or str(HUNG_UID),))
+
+    async def read_logins() -> Logins:
+        return await read_logins_without_blocking(reading)
+
+    readable = trio.Event()
+
+    def changed() -> None:
+        if service.status() == "users 1 user":
+            readable.set()
+
+    async def advance(seconds: float) -> None:
+        """Move the clock by hand once every task waits (autojump would move it while a
+        worker thread starts or ends)."""
+        await trio.testing.wait_all_tasks_blocked()
+        autojump_clock.jump(seconds)
+        await trio.testing.wait_all_tasks_blocked()
+
+    autojump_clock.autojump_threshold = math.inf
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            section = UsersSection(interval_s=INTERVAL_S)
+            service = users_service(ServiceContext(device, pump, changed), section, read_logins)
+            await nursery.start(pump.run)
+            started = trio.Event()
+
+            async def start_users() -> None:
+                await nursery.start(service.run)
+                started.set()
+
+            nursery.start_soon(start_users)
+            await trio.to_thread.run_sync(entered.wait, abandon_on_cancel=True)
+            await advance(ACCOUNT_LOOKUP_TIMEOUT_S)
+            await started.wait()
+            assert service.status() == f"users: unreadable ({LOOKUP_PENDING})"
+            for _ in range(3):  # each pass waits for the thread still in its lookup
+                await advance(INTERVAL_S)
+                assert service.status() == f"users: unreadable ({LOOKUP_PENDING})"
+                await advance(ACCOUNT_LOOKUP_TIMEOUT_S)
+            assert (askers, service.statistics().passes) == ([HUNG_UID], 0)
+            release.set()
+            await trio.to_thread.run_sync(left.wait, abandon_on_cancel=True)
+            await advance(INTERVAL_S)
+            await readable.wait()
+            assert values(host)[LIST_PROPERTY] == (str(HUNG_UID), FLAGS)
+            nursery.cancel_scope.cancel()
+    lines = [line for line in logs if line["event"] in {"unreadable", "readable_again"}]
+    assert lines == [
+        {"event": "unreadable", "error": LOOKUP_PENDING, "log_level": "warning"},
+        {"event": "readable_again", "log_level": "info"},
+    ]
 
 
 def test_libsystemd_is_loaded_once_and_kept() -> None:
