@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,6 +50,10 @@ MIN_IOCTL_THREADS: Final = 4
 """What the character-device transport needs: the event pump's wait, the short HGCM calls
 beside it (the daemon's property calls and connects are short), the VMMDev requests (the
 heartbeat) that no HGCM call may hold up, and the interrupt that ends the wait."""
+OLD_MIN_IOCTL_THREADS: Final = 3
+"""The minimum before VMMDev requests kept a thread of their own: still accepted, with one
+warning, and read as :data:`MIN_IOCTL_THREADS`, so a config that followed the old
+documentation does not leave the guest without an agent after an upgrade."""
 MAX_IOCTL_THREADS: Final = 80
 """64 long HGCM waits (property notifications) beside the event pump take 68 threads, the
 four reserved ones included; 80 leaves room for more short calls beside them. Twice this
@@ -69,6 +74,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+class _Warnings(list[str]):
+    """The validation context that collects warnings, one line each without the file (see
+    :func:`load_config`)."""
+
+
 class DeviceConfig(_Model):
     """Where the agent finds the VirtualBox device."""
 
@@ -82,12 +92,28 @@ class DeviceConfig(_Model):
     one for the interrupt that ends a blocked wait; long HGCM calls (property notifications)
     leave one more for the event pump's wait, so N of them need N + 4. A blocking call
     beyond that fails with a message naming this setting, while a short call waits for a
-    free thread."""
+    free thread. 3, the minimum before VMMDev requests kept their thread, is deprecated: it
+    is read as 4, with a warning (:attr:`AgentConfig.warnings`)."""
 
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
         return check_device_spec(value)
+
+    @field_validator("ioctl_threads", mode="before")
+    @classmethod
+    def _raise_old_minimum(cls, value: object, info: ValidationInfo) -> object:
+        """The old minimum, 3, read as the new one (a warning in the context's list)."""
+        if type(value) is not int or value != OLD_MIN_IOCTL_THREADS:
+            return value
+        if isinstance(info.context, _Warnings):
+            info.context.append(
+                f"device.ioctl_threads = {value}: deprecated, {MIN_IOCTL_THREADS} used: the "
+                f"minimum is {MIN_IOCTL_THREADS} (was {OLD_MIN_IOCTL_THREADS}) since VMMDev "
+                "requests (the heartbeat, the balloon) keep a thread no HGCM call may take; "
+                f"set {MIN_IOCTL_THREADS} or more"
+            )
+        return MIN_IOCTL_THREADS
 
 
 class DaemonConfig(_Model):
@@ -140,6 +166,9 @@ class AgentConfig(_Model):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     services: Mapping[str, BaseModel] = Field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    """What :func:`load_config` read otherwise than the file says (a deprecated value), one
+    line each naming the file and the key, for the caller to report; not a table."""
 
     def service_section(self, name: str, model: type[M]) -> M:
         """Return service ``name``'s section, or ``model``'s defaults if it has none.
@@ -175,6 +204,9 @@ class ConfigError(AgentError):
 def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTIONS) -> AgentConfig:
     """Read and validate the TOML file at ``path``.
 
+    A value that is still accepted but deprecated is read as its replacement and named in
+    the config's ``warnings``.
+
     Args:
         path: the file.
         sections: the services' section models by name (``[name]`` tables); a section the
@@ -202,22 +234,31 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
         if name not in allowed
     ]
     core = {name: value for name, value in data.items() if name in CORE_SECTIONS}
-    config = _validate(path, AgentConfig, core, (), problems)
+    warnings = _Warnings()
+    config = _validate(path, AgentConfig, core, (), problems, warnings=warnings)
     services = {
-        name: _validate(path, model, data.get(name, {}), (name,), problems)
+        name: _validate(path, model, data.get(name, {}), (name,), problems, warnings=warnings)
         for name, model in sections.items()
     }
     if config is None or problems:
         raise ConfigError(problems)
-    return config.model_copy(update={"services": services})
+    shown = tuple(f"{path}: {warning}" for warning in warnings)
+    return config.model_copy(update={"services": services, "warnings": shown})
 
 
 def _validate(
-    path: Path, model: type[M], data: object, where: tuple[str, ...], problems: list[str]
+    path: Path,
+    model: type[M],
+    data: object,
+    where: tuple[str, ...],
+    problems: list[str],
+    *,
+    warnings: _Warnings,
 ) -> M | None:
-    """Validate ``data`` as ``model``; append its problems (keys prefixed with ``where``)."""
+    """Validate ``data`` as ``model``; append its problems (keys prefixed with ``where``) and
+    warnings."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=warnings)
     except ValidationError as exc:
         problems.extend(
             _problem(path, model, where, error) for error in exc.errors(include_url=False)

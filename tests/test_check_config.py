@@ -51,6 +51,22 @@ class TestCheckConfig:
             f'{path}: session_monitor.enable = "yes": must be a valid boolean',
         ]
 
+    def test_a_deprecated_value_is_a_warning(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``device.ioctl_threads = 3``, the old minimum, is valid: its warning on stderr,
+        FILE: ok, exit 0; 2 stays a problem (78)."""
+        path = tmp_path / "agent.toml"
+        path.write_text("[device]\nioctl_threads = 3\n")
+        assert check_config(str(path)) == 0
+        out, err = capsys.readouterr()
+        assert out == f"{path}: ok\n"
+        assert err.startswith(f"{path}: device.ioctl_threads = 3: deprecated, 4 used: ")
+        assert len(err.splitlines()) == 1
+        path.write_text("[device]\nioctl_threads = 2\n")
+        assert check_config(str(path)) == 78
+        assert capsys.readouterr().err == f"{path}: device.ioctl_threads = 2: must be >= 4\n"
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A missing file is a config problem (78), not a crash."""
         path = tmp_path / "absent.toml"

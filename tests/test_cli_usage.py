@@ -8,6 +8,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from agent import host as simulated_host
 from agent.cli import _host, _simulate, main
 from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
-from agent.cli._exit import EX_CONFIG, EX_USAGE
+from agent.cli._exit import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
 from agent.cli._run import _demo_scenario_path
 from agent.host import _faults as faults, _heartbeat as heartbeat
 from agent.host.scenario import load_scenario
@@ -321,6 +322,23 @@ def test_a_bad_device_in_the_config_is_a_config_error(
     assert out == ""
     assert err.startswith(f'{config}: device.path = "unix:{TOO_LONG}": socket path ')
     assert len(err.splitlines()) == 1
+
+
+def test_the_old_minimum_of_ioctl_threads_is_logged_and_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``device.ioctl_threads = 3`` (the old minimum) is no config error: run logs one
+    ``config_deprecated`` line naming the file, the key and both minimums, and goes on to
+    open the device (missing here: 69, not 78)."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\npath = "{tmp_path / "vboxguest"}"\nioctl_threads = 3\n')
+    assert main(["run", "--config", str(config)]) == EX_UNAVAILABLE
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    [deprecated] = [line for line in lines if line["event"] == "config_deprecated"]
+    assert (deprecated["level"], deprecated["path"]) == ("warning", str(config))
+    assert deprecated["warning"].startswith(
+        f"{config}: device.ioctl_threads = 3: deprecated, 4 used: the minimum is 4 (was 3) "
+    )
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from agent.config import (
     CORE_SECTIONS,
     MAX_IOCTL_THREADS,
     MAX_SHUTDOWN_TIMEOUT_S,
+    MIN_IOCTL_THREADS,
     OTHER_THREADS,
     AgentConfig,
     ConfigError,
@@ -179,6 +180,22 @@ class TestModels:
         config = load_config(write(tmp_path, "[daemon]\nshutdown_timeout_s = 3\n"))
         assert config.daemon.shutdown_timeout_s == 3.0
 
+    def test_the_old_minimum_of_ioctl_threads_is_read_as_the_new_one_with_a_warning(
+        self, tmp_path: Path
+    ) -> None:
+        """3, the documented minimum before VMMDev requests kept a thread of their own, still
+        loads (an upgrade must not leave the guest without an agent): read as 4, with one
+        warning naming the file, the key, both minimums and why; a file without it has none."""
+        path = write(tmp_path, "[device]\nioctl_threads = 3\n")
+        config = load_config(path)
+        assert config.device.ioctl_threads == MIN_IOCTL_THREADS == 4
+        assert config.warnings == (
+            f"{path}: device.ioctl_threads = 3: deprecated, 4 used: the minimum is 4 (was 3) "
+            "since VMMDev requests (the heartbeat, the balloon) keep a thread no HGCM call may "
+            "take; set 4 or more",
+        )
+        assert load_config(write(tmp_path, "[device]\nioctl_threads = 4\n")).warnings == ()
+
     def test_partial_file_keeps_other_defaults(self, tmp_path: Path) -> None:
         """Keys left out of the file keep their defaults."""
         config = load_config(write(tmp_path, '[log]\nlevel = "debug"\n'))
@@ -224,7 +241,7 @@ class TestProblems:
         ("text", "expected"),
         [
             ("[device]\nioctl_threads = 81\n", "device.ioctl_threads = 81: must be <= 80"),
-            ("[device]\nioctl_threads = 3\n", "device.ioctl_threads = 3: must be >= 4"),
+            ("[device]\nioctl_threads = 2\n", "device.ioctl_threads = 2: must be >= 4"),
             (
                 "[daemon]\nshutdown_timeout_s = 14\n",
                 "daemon.shutdown_timeout_s = 14: must be <= 13",

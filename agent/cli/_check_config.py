@@ -5,8 +5,10 @@ Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and ex
 ``config_reload_rejected`` on a reload. FILE is read as ``run`` reads it: a pipe is refused, as
 a FIFO is, since a daemon could not read it again on a reload.
 
-A valid file that the service could not read gets one warning line on stderr
-(``FILE: warning: ...``) and still exits 0: the exit status judges the content, while the
+A deprecated value that is still read (``device.ioctl_threads = 3``) gets the loader's
+warning line on stderr (``FILE: KEY = VALUE: deprecated, ...``) and still exits 0, as ``run``
+logs it and starts. A valid file that the service could not read gets one warning line on
+stderr (``FILE: warning: ...``) and still exits 0: the exit status judges the content, while the
 warning is about the file's permissions as the shipped unit meets them (root with every
 capability dropped but CAP_SYS_TIME, so no CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH: only the
 mode bits for uid 0, gid 0 or others count), which an install step (``install -m 0644``) or a
@@ -41,8 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Load FILE as the agent would and report every problem, one per line naming the "
         "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise. "
-        "A valid file the service could not read (it runs as root without CAP_DAC_OVERRIDE) "
-        "gets a warning on stderr; the exit status stays 0."
+        "A deprecated value, or a valid file the service could not read (it runs as root "
+        "without CAP_DAC_OVERRIDE), gets a warning on stderr; the exit status stays 0."
     )
     parser.add_argument(
         "file",
@@ -58,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     """Check ``args.file``; return the exit code."""
     path: Path = args.file
     try:
-        load_config(path, section_models())
+        config = load_config(path, section_models())
     except ConfigError as exc:
         sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
         return EX_CONFIG
+    sys.stderr.writelines(f"{warning}\n" for warning in config.warnings)
     why = unreadable_by_the_service(path)
     if why is not None:
         sys.stderr.write(

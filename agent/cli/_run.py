@@ -105,6 +105,8 @@ def run_command(args: argparse.Namespace) -> int:
         _say_why(exc.problems, "config_invalid", path=str(args.config), errors=exc.problems)
         return EX_CONFIG
     configure_logging(config.log)
+    for warning in config.warnings:
+        log.warning("config_deprecated", path=str(args.config), warning=warning)
     main: Callable[[], Awaitable[None]]
     if args.simulate:
         # The simulator is imported only here: a real agent loads none of it.
