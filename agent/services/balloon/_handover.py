@@ -132,6 +132,13 @@ class OracleHandover:
         that holds any chunk holds ``chunk``: lacking it, the driver would have answered the
         deflate of ``chunk`` with VERR_NOT_FOUND. Any other answer counts as not empty (the
         chunk is kept and asked for again).
+
+        A release build is what changes nothing: for an empty balloon the driver reaches
+        ``AssertMsgFailed`` before it returns VERR_INVALID_PARAMETER, which stops a
+        VBOX_STRICT build (why the mode probe no longer deflates an empty balloon). The
+        probe only follows a deflate of ``chunk`` that got VERR_INVALID_PARAMETER, which a
+        strict build would have stopped at already when it came from that empty-balloon
+        path: it adds no way to fail there.
         """
         probe = ChangeBalloon(chunk.address + PAGE_SIZE, inflate=False)
         try:
