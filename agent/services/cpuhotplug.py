@@ -25,7 +25,9 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
   clear line, and brings it back online if the eject write fails.
 
 Each action is one log line with the host's ids and the CPU; a request nobody can carry out
-(an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
+(an unknown core, a CPU that stays) is one warning line and the service goes on; events of
+a type the agent does not know are counted, and logged when a run of them begins and
+ends (VBoxService logs the first ten). A host or
 driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) or answers
 the Enable with a malformed reply is said once in the status; the service then waits for a
 restore without polling. A read of the host's request that fails (a status, a malformed
@@ -160,6 +162,8 @@ class CpuHotPlugService:
         self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
         self._reads = LastingFailure("cpu_hotplug_requests_read_again")
         """Failed reads of the host's requests (counted apart from ``_failures``)."""
+        self._unknown = LastingFailure("cpu_hotplug_events_known_again")
+        """Host events of an unknown type (counted apart from ``_failures``)."""
 
     def statistics(self) -> CpuHotPlugStatistics:
         """Return the counters."""
@@ -168,7 +172,7 @@ class CpuHotPlugService:
             self._events,
             self._plugged,
             self._unplugged,
-            self._failures + self._reads.total,
+            self._failed(),
             self._left_alone,
         )
 
@@ -183,9 +187,12 @@ class CpuHotPlugService:
             return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
         if (unreadable := self._sysfs.unreadable()) is not None:
             return f"cpuhotplug: CPUs unreadable ({unreadable})"
-        failures = self._failures + self._reads.total
+        failures = self._failed()
         failed = f", {failures} failed" if failures else ""
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
+
+    def _failed(self) -> int:
+        return self._failures + self._reads.total + self._unknown.total
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
         """Apply a new ``sysfs_root`` at once (from the next host event on), remembering its
@@ -304,8 +311,10 @@ class CpuHotPlugService:
                 **ids,
             )
         elif event.event_type == CpuEventType.PLUG:
+            self._unknown.succeeded()
             await self._plug(sysfs, event.core, event.package)
         elif event.event_type == CpuEventType.UNPLUG:
+            self._unknown.succeeded()
             change = await self._in_thread(
                 functools.partial(sysfs.take_offline, event.core, event.package)
             )
@@ -315,7 +324,12 @@ class CpuHotPlugService:
             else:
                 self._fail("cpu_unplug_failed", cpu=change.cpu, problem=change.problem, **ids)
         else:
-            self._fail("cpu_hotplug_event_unknown", event_type=event.event_type, **ids)
+            self._unknown.failed(
+                "cpu_hotplug_event_unknown",
+                str(event.event_type),
+                event_type=event.event_type,
+                **ids,
+            )
         self._status_changed()
 
     async def _plug(self, sysfs: CpuSysfs, core: int, package: int) -> None:

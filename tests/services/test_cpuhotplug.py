@@ -37,7 +37,10 @@ from pydantic import ValidationError
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host._cpu_hotplug import HostCpuHotPlug
-from agent.protocol import VBoxStatusError
+from agent.protocol import (
+    VBoxStatusError,
+    layouts as L,  # noqa: N812 - the layout table
+)
 from agent.protocol.constants import CpuEventType, RequestType
 from agent.protocol.status import STATUS_CODES
 from agent.services import EventPump, ServiceContext, _cpu_sysfs
@@ -501,6 +504,41 @@ class TestPlugAndUnplug:
         assert again["failed_in_a_row"] == 10
         [left_alone] = events_named(logs, "cpu_change_left_alone")
         assert left_alone["core"] == 11
+
+
+class TestUnknownEvents:
+    async def test_a_run_of_them_is_counted_and_said_when_it_begins_and_ends(
+        self, guest: Guest, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Twelve events of a type nobody knows (7) in a row, more than the ten VBoxService
+        logs: each counted (the status says it), one warning when they begin, one line with
+        their number when a known event (a plug, carried out) ends them."""
+        get_request = HostCpuHotPlug.get_request
+        garbling = [True]
+
+        def of_unknown_type(self: HostCpuHotPlug, req: bytearray, phys: int) -> int:
+            status = get_request(self, req, phys)
+            if garbling[0] and L.CpuHotPlugRequest.event_type.get(req) == CpuEventType.PLUG:
+                L.CpuHotPlugRequest.event_type.set(req, 7)
+            return status
+
+        monkeypatch.setattr(HostCpuHotPlug, "get_request", of_unknown_type)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                for n in range(1, 13):
+                    run.host.cpu_plug(2)
+                    await run.watch.until(lambda: run.stats().failures == n)  # noqa: B023
+                garbling[0] = False
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+                assert run.service.status() == "cpuhotplug: 1 plugged, 0 unplugged, 12 failed"
+        assert (run.stats().events, run.stats().failures) == (13, 12)
+        [unknown] = events_named(logs, "cpu_hotplug_event_unknown")
+        assert unknown["log_level"] == "warning"
+        assert (unknown["event_type"], unknown["core"], unknown["failures"]) == (7, 2, 1)
+        [again] = events_named(logs, "cpu_hotplug_events_known_again")
+        assert again["failed_in_a_row"] == 12
+        assert guest.online(2) == "1"
 
 
 class TestUnreadableSysfs:
