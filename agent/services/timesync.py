@@ -16,7 +16,9 @@ ms) between two readings of the guest's, and works out the drift:
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
 the kernel says a daemon keeps the clock synchronised (``defer_to_ntp``), slewing is left to
-it and the agent only steps (over the threshold, after a restore). A step makes the kernel
+it and the agent only steps (over the threshold, after a restore); a slew of the agent's
+the kernel may still be making up when the daemon takes over is cancelled (``adjtime`` 0),
+as it would go on moving the clock under the daemon for up to hours. A step makes the kernel
 say "unsynchronised" until the daemon's next update, so after one the daemon is given up to
 ``DAEMON_RESYNC_GRACE_S`` to come back before it is taken for gone. A restore that arrives
 during a pass makes the pass read again, as a restore.
@@ -54,7 +56,7 @@ from agent.protocol import (
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
 from agent.services._timesync_options import MAX_SET_THRESHOLD_MS, OPTION_PREFIX, host_options
-from agent.services._wallclock import AgentOwnClock, SystemClock
+from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
@@ -195,6 +197,9 @@ class TimesyncService:
         self._slewing = False
         self._discarding = False
         self._daemon_resync_by: float | None = None
+        self._slew_done_by: float | None = None
+        """When the kernel will have made up the agent's last slew (trio's clock), if a
+        step has not dropped it since."""
         self._passes = self._discarded = self._slews = self._steps = 0
         self._left = self._failures = 0
         self._last_drift_ms: float | None = None
@@ -384,6 +389,7 @@ class TimesyncService:
                     plan = Plan(Correction.STEP, "slewing refused")
                 else:
                     self._slews += 1
+                    self._slew_done_by = trio.current_time() + abs(drift_ns) / KERNEL_SLEW_NS_PER_S
                     self._clock_fixed()
                     if not self._slewing:
                         log.info("clock_slewing", drift_ms=drift_ms)
@@ -401,6 +407,7 @@ class TimesyncService:
             return
         self._steps += 1
         self._slewing = False
+        self._slew_done_by = None  # the kernel dropped it
         self._clock_fixed()
         if self._left_to_ntp:  # the kernel now says "unsynchronised" until the daemon's poll
             self._daemon_resync_by = trio.current_time() + DAEMON_RESYNC_GRACE_S
@@ -410,10 +417,29 @@ class TimesyncService:
 
     def _note_time_daemon(self, synchronised: bool, drift_ms: float) -> None:
         if synchronised and not self._left_to_ntp:
-            log.info("clock_left_to_time_daemon", drift_ms=drift_ms)
+            self._hand_over(drift_ms)
         elif self._left_to_ntp and not synchronised:
             log.info("time_daemon_gone", drift_ms=drift_ms)
         self._left_to_ntp = synchronised
+
+    def _hand_over(self, drift_ms: float) -> None:
+        """Leave the clock to the time daemon; cancel the agent's slew if the kernel may
+        still be making it up (one after that would be the daemon's own, if it slews with
+        ``adjtime``, and is left alone)."""
+        done_by, self._slew_done_by = self._slew_done_by, None
+        if done_by is None or trio.current_time() >= done_by:
+            log.info("clock_left_to_time_daemon", drift_ms=drift_ms)
+            return
+        try:
+            self._clock.slew(0)
+        except OSError as exc:
+            log.warning(
+                "clock_left_to_time_daemon",
+                drift_ms=drift_ms,
+                agent_slew=f"not cancelled ({exc.strerror or exc})",
+            )
+            return
+        log.info("clock_left_to_time_daemon", drift_ms=drift_ms, agent_slew="cancelled")
 
     def _host_failed(self, problem: str, event: str, **details: object) -> None:
         self._failures += 1
