@@ -229,12 +229,17 @@ class TimesyncService:
         """Apply the settings at once (a new interval also to the wait under way), the host's
         options still over them. Switching ``host_options`` needs a restart (it reads them),
         and so does ``set_on_start``: it is about a run's first reading, read once as the run
-        begins, so the rebuilt service is the one it applies to."""
+        begins, so the rebuilt service is the one it applies to. ``defer_to_ntp`` turned off
+        takes the clock back from a time daemon at once (one line)."""
         restart_only = ("host_options", "set_on_start")
         if any(getattr(section, key) != getattr(self._configured, key) for key in restart_only):
             return False
         self._configured = section
         self._apply_settings()
+        if self._left_to_ntp and not self._section.defer_to_ntp:
+            log.info("clock_taken_from_time_daemon", reason="defer_to_ntp off")
+            self._left_to_ntp = False
+            self._status_changed()
         return True
 
     async def drain(self) -> None:

@@ -476,6 +476,24 @@ async def test_a_slew_already_made_up_is_not_cancelled(
     assert "agent_slew" not in left
 
 
+async def test_a_reload_turning_defer_to_ntp_off_takes_the_clock_back(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The daemon still keeps the clock: the reload says the agent takes it back, at once
+    (status too), and never that the daemon is gone."""
+    clock = FakeClock(synchronised=True)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            assert running.service.reconfigure(TimesyncSection(defer_to_ntp=False))
+            assert running.service.status() == "timesync ok"
+            await running.wait_for(lambda s: s.passes == 3)
+    names = ("clock_left_to_time_daemon", "clock_taken_from_time_daemon", "time_daemon_gone")
+    assert _events(logs, *names) == ["clock_left_to_time_daemon", "clock_taken_from_time_daemon"]
+    [taken] = [entry for entry in logs if entry["event"] == "clock_taken_from_time_daemon"]
+    assert taken["reason"] == "defer_to_ntp off"
+
+
 async def test_defer_to_ntp_off_slews_under_a_time_daemon(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
