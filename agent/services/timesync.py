@@ -55,7 +55,13 @@ from agent.protocol import (
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
-from agent.services._timesync_options import MAX_SET_THRESHOLD_MS, OPTION_PREFIX, host_options
+from agent.services._timesync_options import (
+    MAX_INTERVAL_MS,
+    MAX_SET_THRESHOLD_MS,
+    MIN_INTERVAL_MS,
+    OPTION_PREFIX,
+    host_options,
+)
 from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
 from agent.services.guest_props import open_guest_properties
 
@@ -73,6 +79,9 @@ RETRY_AFTER_HIGH_LATENCY_S: Final = 1.0
 """The wait before another reading when one took too long, as VBoxService."""
 MAX_SET_THRESHOLD_S: Final = MAX_SET_THRESHOLD_MS // 1000
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
+MIN_INTERVAL_S: Final = MIN_INTERVAL_MS / 1000
+MAX_INTERVAL_S: Final = MAX_INTERVAL_MS / 1000
+"""VBoxService's bounds on ``--timesync-interval``: 0.05 s to 4294967.294 s (49.7 days)."""
 _NS_PER_MS: Final = 1_000_000
 NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
 MAX_HOST_TIME_MS: Final = 7_258_118_400_000
@@ -87,8 +96,10 @@ chrony's and ntpd's is 1024 s). Until then the daemon is not taken for gone."""
 class TimesyncSection(ServiceSection):
     """``[timesync]``: the guest's clock kept on the host's (VBoxService's defaults)."""
 
-    interval_s: float = Field(default=10.0, ge=1, le=3600)
-    """Seconds between two readings of the host's clock."""
+    interval_s: float = Field(default=10.0, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)
+    """Seconds between two readings of the host's clock, within VBoxService's bounds (50 ms
+    to UINT32_MAX - 1 ms), so the host's ``--timesync-interval`` is taken as VBoxService
+    takes it."""
     min_adjust_ms: int = Field(default=100, ge=0, le=3_600_000)
     """The smallest drift ever corrected."""
     latency_factor: int = Field(default=8, ge=1, le=1024)

@@ -260,7 +260,8 @@ class TestSection:
     @pytest.mark.parametrize(
         ("key", "value"),
         [
-            ("interval_s", 0.5),
+            ("interval_s", 0.049),
+            ("interval_s", 4294967.295),
             ("min_adjust_ms", -1),
             ("latency_factor", 0),
             ("latency_factor", 1025),
@@ -645,6 +646,19 @@ async def test_the_hosts_options_apply_at_start_and_after_a_restore(
     ]
     refused = [entry["problem"] for entry in logs if entry["event"] == "host_option_refused"]
     assert refused == [f"{OPTION_PREFIX}max-latency = 'many': not a whole number in 1..3600000"] * 2
+
+
+async def test_the_hosts_shortest_interval_reads_every_50_ms(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """``--timesync-interval 50``, VBoxService's least, is taken: 20 readings a second."""
+    host.prop_set(f"{OPTION_PREFIX}interval", "50")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.service.statistics().passes == 1
+            await trio.sleep(1.025)
+            assert running.service.statistics().passes == 21
 
 
 async def test_the_hosts_set_start_steps_the_first_reading(
