@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from agent.cli._exit import (
+    EX_CONFIG,
     EX_IOERR,
     EX_OK,
     EX_REFUSED,
@@ -329,6 +330,23 @@ class TestNoHost:
         done = self.prop("--device", f"unix:{path}", "get", "/x")
         assert done.returncode == EX_UNAVAILABLE
         assert one_line(done).endswith(f"{path}: it exists and is not a socket")
+
+    def test_a_path_that_cannot_be_the_device_exits_78_as_run_does(self, tmp_path: Path) -> None:
+        """A device path that exists and is not a vboxguest node (a regular file answers the
+        handshake with ENOTTY, a directory is EISDIR) is a config mistake: 78, as ``run``
+        exits for it (``prop`` said 69, no device); a missing node stays 69."""
+        regular = tmp_path / "passwd"
+        regular.write_text("root:x:0:0::/root:/bin/sh\n")
+        for path, code, reason in (
+            (regular, EX_CONFIG, "it did not answer the vboxguest version handshake (ENOTTY)"),
+            (tmp_path, EX_CONFIG, "cannot be the vboxguest device: Is a directory (EISDIR)"),
+            (tmp_path / "vboxguest", EX_UNAVAILABLE, "does not exist"),
+        ):
+            done = self.prop("--device", str(path), "get", "/x")
+            assert (done.returncode, done.stdout) == (code, "")
+            line = one_line(done)
+            assert line.startswith(f"vbox-agent prop get: {path} ")
+            assert reason in line
 
 
 class TestWait:

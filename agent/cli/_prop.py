@@ -5,7 +5,8 @@
 (``/dev/vboxguest``, ``unix:PATH`` for a simulated host). Exit codes: 0 done; 1 not found,
 wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
 a name, value, pattern or flags the service would refuse; 69 no device, or a host that does
-not answer (VERR_TIMEOUT); 70 anything else.
+not answer (VERR_TIMEOUT); 70 anything else; 78 a device path that cannot be the device (a
+directory, or a file that does not answer the vboxguest handshake), as ``run`` says it.
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
 line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
 property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
@@ -25,10 +26,16 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from agent.cli._arguments import device_spec, positive_seconds
-from agent.cli._exit import EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._exit import EX_CONFIG, EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.cli._output import write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
-from agent.device import DeviceLostError, DeviceUnavailableError, open_device, opener_for_spec
+from agent.device import (
+    DeviceLostError,
+    DeviceUnavailableError,
+    NotTheDeviceError,
+    open_device,
+    opener_for_spec,
+)
 from agent.logconfig import configure_logging
 from agent.protocol import AgentError, VBoxStatusError
 from agent.protocol.errors import shown
@@ -67,6 +74,13 @@ class _UsageError(Exception):
 def configure(parser: argparse.ArgumentParser) -> None:
     """Give the ``prop`` parser its description, arguments and handler."""
     parser.description = "Guest properties through the host's VBoxGuestPropSvc."
+    parser.epilog = (
+        "Exit status: 0 done; 1 not found, wait timed out or refused by the host; 64 bad "
+        "arguments, or a name, value, pattern or flags the service would refuse; 69 no "
+        "device, or a host that does not answer; 70 anything else; 78 a --device path that "
+        "cannot be the device (a directory, or a file that does not answer the vboxguest "
+        "handshake)."
+    )
     parser.add_argument(
         "--device",
         type=device_spec,
@@ -141,7 +155,8 @@ def _explain(args: argparse.Namespace, exc: Exception) -> tuple[str, int]:
         detail = f"{exc.name} ({exc.rc})" + (f": {hint}" if hint else "")
         return f"{_subject(args)}refused by the host: {detail}", EX_REFUSED
     if isinstance(exc, DeviceUnavailableError | DeviceLostError):
-        return str(exc), EX_UNAVAILABLE
+        # A path that cannot be the device is a mistake no retry mends: 78, as for `run`.
+        return str(exc), EX_CONFIG if isinstance(exc, NotTheDeviceError) else EX_UNAVAILABLE
     return f"failed: {exc}", EX_SOFTWARE
 
 

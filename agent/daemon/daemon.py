@@ -254,7 +254,9 @@ class Daemon:
     ) -> None:
         pump = EventPump(device)
         self._pump = pump
-        self._context = ServiceContext(device, pump, self._status_changed)
+        self._context = ServiceContext(
+            device, pump, self._status_changed, agent_stopping=self._leaving
+        )
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as pump_nursery:
                 with self._start_up_step():
@@ -371,6 +373,8 @@ class Daemon:
         return self._startup
 
     def _leaving(self) -> bool:
+        """Whether the agent exits once its services drained (a stop, or a fatal error); the
+        services ask it through ``ServiceContext.agent_stopping``."""
         return self._shutdown.is_set() or self._ending()
 
     def _ending(self) -> bool:

@@ -43,6 +43,11 @@ def _status_ignored() -> None:
     """The default :attr:`ServiceContext.status_changed`: nobody listens."""
 
 
+def _agent_runs_on() -> bool:
+    """The default :attr:`ServiceContext.agent_stopping`: only the service stops."""
+    return False
+
+
 @final
 class BalloonGauge:
     """The balloon's size as the balloon service last saw it, for services that report it.
@@ -86,12 +91,17 @@ class ServiceContext:
             blocks; repeated calls coalesce).
         balloon: the balloon's current size, shared by the balloon service (writer) and the
             guest statistics (reader).
+        agent_stopping: whether the whole agent is on its way out (a stop request, or a
+            fatal error), as against this service alone stopping (a reload that disables
+            it) or restarting while the agent runs on. A drain may ask it: what it leaves
+            behind then waits for the agent's next start, not in a gap while it runs on.
     """
 
     device: Device
     pump: EventPump
     status_changed: Callable[[], None] = field(default=_status_ignored)
     balloon: BalloonGauge = field(default_factory=BalloonGauge)
+    agent_stopping: Callable[[], bool] = field(default=_agent_runs_on)
 
 
 class Statistics(Protocol):
@@ -123,7 +133,8 @@ class Service(Protocol[S_contra]):
 
         Runs under the daemon's drain deadline (``daemon.shutdown_timeout_s``) and is not
         shielded: it is cancelled if the deadline passes. It must cope with any point
-        :meth:`run` may have reached, including not started at all.
+        :meth:`run` may have reached, including not started at all. Whether the whole agent
+        stops, or only this service, :attr:`ServiceContext.agent_stopping` tells.
         """
         ...
 

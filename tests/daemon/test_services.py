@@ -80,6 +80,8 @@ class Gadget:
         self.draining = trio.Event()
         self.drained = trio.Event()
         self.drain_cancelled = False
+        self.agent_stopping: bool | None = None
+        """What ``context.agent_stopping()`` answered as the drain began."""
         self.events = 0
         self.nursery: trio.Nursery | None = None
         BUILT.append(self)
@@ -103,6 +105,7 @@ class Gadget:
                     self.context.status_changed()
 
     async def drain(self) -> None:
+        self.agent_stopping = self.context.agent_stopping()
         self.draining.set()
         try:
             await trio.sleep(self.section.drain_s)  # the service's own clean-up work
@@ -516,6 +519,38 @@ class TestThrowAwayService:
                 assert daemon.statistics().reloads == 4
                 daemon.request_shutdown("test")
         assert third.drained.is_set()
+
+    async def test_a_drain_knows_whether_the_whole_agent_stops(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """``agent_stopping`` reads False in the drain of a gadget a reload disables (the
+        agent runs on), True in the drain of one the agent's stop ends."""
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "")
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text("[gadget]\nenable = false\n")
+                await daemon.reload()
+                [disabled] = BUILT
+                await disabled.drained.wait()
+                path.write_text("")
+                await daemon.reload()
+                [_, enabled] = BUILT
+                await enabled.started.wait()
+                daemon.request_shutdown("test")
+        assert (disabled.agent_stopping, enabled.agent_stopping) == (False, True)
+
+    async def test_a_drain_before_a_fatal_exit_knows_the_agent_stops(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A fatal error in another service ends the agent: the gadget's drain reads
+        ``agent_stopping`` True."""
+        daemon = _breaking(host, "", Notifier(None), tmp_path / "agent.toml")
+        with _ends_on_protocol_error():
+            await daemon.run()
+        [gadget] = BUILT
+        assert (gadget.drained.is_set(), gadget.agent_stopping) == (True, True)
 
     async def test_a_service_disabled_by_a_reload_leaves_the_status(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

@@ -246,11 +246,15 @@ class HandoverWrapper:
     async def inflate(self, chunk: Chunk, submission: Submission) -> None:
         await self._handover.inflate(chunk, submission)
 
-    async def deflate(self, chunk: Chunk) -> None:
-        await self._handover.deflate(chunk)
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        await self._handover.deflate(chunk, submission)
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        return self._handover.never_held(rc, balloon_empty=balloon_empty)
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        return await self._handover.not_held(
+            chunk, rc, unconfirmed=unconfirmed, balloon_empty=balloon_empty
+        )
 
 
 class ErrnoOnce(HandoverWrapper):
@@ -276,9 +280,9 @@ class ErrnoOnce(HandoverWrapper):
         self._fail("inflate")
         await super().inflate(chunk, submission)
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         self._fail("deflate")
-        await super().deflate(chunk)
+        await super().deflate(chunk, submission)
 
 
 class RefuseChunk(HandoverWrapper):
@@ -290,12 +294,12 @@ class RefuseChunk(HandoverWrapper):
         self.address = address
         self.refusals = 0
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         if chunk.address == self.address:
             self.refusals += 1
             await trio.lowlevel.checkpoint()
             raise VBoxStatusError(VERR_NO_MEMORY, "VMMDEVREQ_CHANGE_MEMBALLOON")
-        await super().deflate(chunk)
+        await super().deflate(chunk, submission)
 
 
 class RecordRefusals(HandoverWrapper):
@@ -305,9 +309,9 @@ class RecordRefusals(HandoverWrapper):
         super().__init__(handover)
         self.refusals = refusals
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         try:
-            await super().deflate(chunk)
+            await super().deflate(chunk, submission)
         except VBoxStatusError as exc:
             self.refusals.append(exc.rc)
             raise

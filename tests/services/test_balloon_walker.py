@@ -49,12 +49,15 @@ class BlockingHandover:
             await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
 
-    async def deflate(self, chunk: Chunk) -> None:
-        del chunk
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk, submission
         await trio.lowlevel.checkpoint()
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        del rc, balloon_empty
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        del chunk, rc, unconfirmed, balloon_empty
+        await trio.lowlevel.checkpoint()
         return False
 
 
@@ -287,20 +290,24 @@ async def test_an_unknown_memavailable_is_looked_for_before_every_chunk_of_a_gro
 
 class InvalidParameterDeflates(BlockingHandover):
     """BlockingHandover whose deflates fail with VERR_INVALID_PARAMETER, as Oracle's driver
-    answers for an empty balloon; ``never_held`` trusts it only for an empty balloon and
+    answers for an empty balloon; ``not_held`` trusts it only for an empty balloon and
     records what the walker told it."""
 
     def __init__(self, block_at: int) -> None:
         super().__init__(block_at)
         self.empty: list[bool] = []
 
-    async def deflate(self, chunk: Chunk) -> None:
-        del chunk
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk, submission
         await trio.lowlevel.checkpoint()
         raise VBoxStatusError(VERR_INVALID_PARAMETER, "VBGL_IOCTL_CHANGE_BALLOON")
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        del chunk, unconfirmed
         self.empty.append(balloon_empty)
+        await trio.lowlevel.checkpoint()
         return rc == VERR_INVALID_PARAMETER and balloon_empty
 
 

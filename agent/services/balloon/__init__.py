@@ -22,7 +22,12 @@ from agent.services.balloon._service import (
 
 def _build(ctx: ServiceContext, section: BalloonSection) -> BalloonService:
     return BalloonService(
-        ctx.device, ctx.pump, section, status_changed=ctx.status_changed, gauge=ctx.balloon
+        ctx.device,
+        ctx.pump,
+        section,
+        status_changed=ctx.status_changed,
+        gauge=ctx.balloon,
+        agent_stopping=ctx.agent_stopping,
     )
 
 

@@ -11,8 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from agent.protocol import ChangeBalloon, ChangeMemBalloon, GetMemBalloonChangeRequest
-from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NOT_FOUND
+import trio
+
+from agent.protocol import (
+    ChangeBalloon,
+    ChangeMemBalloon,
+    GetMemBalloonChangeRequest,
+    VBoxStatusError,
+)
+from agent.protocol.constants import PAGE_SIZE
+from agent.protocol.status import (
+    VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH,
+    VERR_INVALID_PARAMETER,
+    VERR_NOT_FOUND,
+)
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -47,14 +59,18 @@ class Handover(Protocol):
         """
         ...
 
-    async def deflate(self, chunk: Chunk) -> None:
-        """Take ``chunk`` back from the host."""
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        """Take ``chunk`` back from the host; ``submission`` as for :meth:`inflate`."""
         ...
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        """Whether a failed deflate's status means the host never had the chunk;
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        """Whether a deflate of ``chunk`` that failed with ``rc`` found the chunk out of the
+        balloon (the agent then forgets it). ``unconfirmed``: whether the chunk's last
+        inflate or deflate was cancelled once issued, its outcome unknown;
         ``balloon_empty``: whether the driver may hold none of the agent's chunks (every
-        chunk held is one whose inflate was cancelled with its outcome unknown)."""
+        chunk held is unconfirmed). May ask the driver."""
         ...
 
 
@@ -75,22 +91,51 @@ class OracleHandover:
         """``CHANGE_BALLOON`` with inflate set: the driver locks the chunk and tells the host."""
         await self._device.request(ChangeBalloon(chunk.address, inflate=True), submission)
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_BALLOON`` with inflate clear."""
-        await self._device.request(ChangeBalloon(chunk.address, inflate=False))
+        await self._device.request(ChangeBalloon(chunk.address, inflate=False), submission)
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
         """An address the driver does not know (VERR_NOT_FOUND), or VERR_INVALID_PARAMETER
-        while its balloon may be empty.
+        from a driver whose balloon is empty.
+
+        A deflate again of a chunk whose deflate went through (its outcome unknown) gets
+        the same answers: the driver forgot the address when it unlocked the chunk.
+        ``unconfirmed`` adds nothing: the driver's own answers are never the host's.
 
         ``vgdrvSetBalloonSizeFromUser`` refuses a deflate with VERR_INVALID_PARAMETER when
         its balloon holds no chunk, before it looks for this one; the same status from the
         host's CHANGE_MEMBALLOON (passed on by ``vgdrvBalloonDeflate``) leaves the chunk in
-        the driver. With any chunk known to be in the driver's balloon it is the host's.
+        the driver. With any chunk known to be in the driver's balloon it is the host's;
+        otherwise the driver is asked (:meth:`_driver_balloon_empty`).
         """
+        del unconfirmed
         if rc == VERR_NOT_FOUND:
             return True
-        return rc == VERR_INVALID_PARAMETER and balloon_empty
+        if rc != VERR_INVALID_PARAMETER or not balloon_empty:
+            return False
+        return await self._driver_balloon_empty(chunk)
+
+    async def _driver_balloon_empty(self, chunk: Chunk) -> bool:
+        """Ask the driver whether its balloon is empty, changing nothing: a deflate of an
+        address no chunk starts at (the second page of ``chunk``, inside the agent's own
+        mapping; 0 would name a free slot, ``NIL_RTR3PTR``).
+
+        ``vgdrvSetBalloonSizeFromUser`` answers it VERR_INVALID_PARAMETER while the balloon
+        holds no chunk (as it answered the deflate of ``chunk``), and VERR_NOT_FOUND, from its
+        search of the chunk array, once it holds one; neither reaches the host. A balloon
+        that holds any chunk holds ``chunk``: lacking it, the driver would have answered the
+        deflate of ``chunk`` with VERR_NOT_FOUND. Any other answer counts as not empty (the
+        chunk is kept and asked for again).
+        """
+        probe = ChangeBalloon(chunk.address + PAGE_SIZE, inflate=False)
+        try:
+            await self._device.request(probe)
+        except VBoxStatusError as exc:
+            return exc.rc == VERR_INVALID_PARAMETER
+        return False
 
 
 class PassthroughHandover:
@@ -110,14 +155,29 @@ class PassthroughHandover:
         """``CHANGE_MEMBALLOON`` with the chunk's pages."""
         await self._device.request(ChangeMemBalloon(inflate=True, pages=_pages(chunk)), submission)
 
-    async def deflate(self, chunk: Chunk) -> None:
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
-        await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)))
+        await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)), submission)
 
-    def never_held(self, rc: int, *, balloon_empty: bool) -> bool:
-        """The host does not know the pages."""
-        del balloon_empty  # the request goes to the host as it is
-        return rc == VERR_NOT_FOUND
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        """The pages are not ballooned: the simulated host says so (VERR_NOT_FOUND, its
+        stricter per-page check), and of an unconfirmed chunk a real host's count does.
+
+        The real host (``PGMR3PhysChangeMemBalloon``) takes any page back without checking
+        that it was ballooned, then has GMM take the 256 pages off the VM's count of
+        ballooned pages, which fails when the count is lower
+        (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, ``GMMR0BalloonedPages``): the host holds
+        fewer pages than a chunk. Of a chunk whose inflate or deflate has an unknown outcome
+        that means it was never ballooned or is back already; of one the host took, a count
+        gone wrong, so the chunk is kept and asked for again.
+        """
+        del chunk, balloon_empty  # the request goes to the host as it is
+        await trio.lowlevel.checkpoint()
+        if rc == VERR_NOT_FOUND:
+            return True
+        return unconfirmed and rc == VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
 
 
 def _pages(chunk: Chunk) -> ChunkPages:

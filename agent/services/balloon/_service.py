@@ -38,7 +38,10 @@ passed over for the others and retried until the drain time runs out. The chunks
 could not give back are taken over by the next instance on the same device in this
 process; in owned mode, what is left when the process exits stays ballooned at the host
 while the kernel reuses the pages (logged at critical). In kernel and triggered modes the
-driver holds the balloon and keeps it: one warning says so (``balloon_left_to_driver``).
+driver holds the balloon and keeps it: one line says so (``balloon_left_to_driver``), a
+warning where the agent runs on with nobody following the balloon (a reload disabled the
+service), an info line when the whole agent stops, the ordinary end of every run (Oracle's
+driver deflates at the close, the in-tree kernel's balloon waits for the next start).
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ class BalloonService:
         sysctl_root: where owned mode reads the settings that let Linux move locked pages
             (default: ``/proc/sys`` on a real device; none, so unchecked, on a simulated
             host).
+        agent_stopping: whether the whole agent stops, asked by the drain (default: never,
+            only the service stops; see :attr:`ServiceContext.agent_stopping`).
     """
 
     name: Final = "balloon"
@@ -156,8 +161,10 @@ class BalloonService:
         status_changed: Callable[[], None] = lambda: None,
         gauge: BalloonGauge | None = None,
         sysctl_root: Path | None = None,
+        agent_stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._device = device
+        self._agent_stopping = agent_stopping
         self._sysctl_root = sysctl_root
         self._frames_unchecked_logged = False
         self._gauge = gauge if gauge is not None else BalloonGauge()
@@ -357,12 +364,17 @@ class BalloonService:
             log.info("balloon_drained", returned=held)
 
     def _leave_to_driver(self) -> None:
-        """Kernel and triggered modes: one warning when the driver keeps a balloon that
-        nobody follows once the service stops (nothing the agent can give back)."""
+        """Kernel and triggered modes: one line when the driver keeps a balloon the agent
+        cannot give back: a warning where the agent runs on without anybody following it (a
+        reload disabled the service, or it restarts after a failure), an info line when the
+        whole agent stops (the driver then deflates at the close, or the next start follows
+        it on)."""
         if self._chunks == 0:
             return
+        stopping = self._agent_stopping()
+        emit = log.info if stopping else log.warning
         if self._mode is BalloonMode.KERNEL:
-            log.warning(
+            emit(
                 "balloon_left_to_driver",
                 mode=str(self._mode),
                 chunks=self._chunks,
@@ -370,15 +382,19 @@ class BalloonService:
                 " the service stopped 0x40 leaves the event filter: no later"
                 " request of the host, a deflate neither, reaches the kernel until the service"
                 " runs again (nor does the driver deflate at unload)",
+                until="the agent's next start" if stopping else "the service runs again",
             )
         elif self._mode is BalloonMode.TRIGGERED:
-            log.warning(
+            emit(
                 "balloon_left_to_driver",
                 mode=str(self._mode),
                 target=self._chunks,
                 reason="Oracle's driver keeps the chunks it allocated for this target until"
                 " this process closes the device, which deflates them; until then no"
                 " CHECK_BALLOON applies the host's later requests",
+                until="this process closes the device, as it exits"
+                if stopping
+                else "the service runs again or this process exits",
             )
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:

@@ -91,8 +91,8 @@ class ChunkWalker:
         """Whether the last reading found MemAvailable (the floor is checked only then)."""
         self.held: list[Chunk] = []
         self.unconfirmed: set[int] = set()
-        """Addresses of held chunks whose inflate was cancelled once issued: the driver may
-        or may not have them."""
+        """Addresses of held chunks whose last inflate or deflate was cancelled once issued:
+        the driver may or may not have them."""
         self.target = 0
         self.max_chunks: int | None = None
         self.cap: int | None = None
@@ -284,6 +284,7 @@ class ChunkWalker:
                     if submission.issued:
                         self.held.append(ready.pop())
                         self.unconfirmed.add(chunk.address)
+                        self._on_resized(len(self.held))
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
@@ -347,15 +348,27 @@ class ChunkWalker:
 
     async def _take_back(self, chunk: Chunk) -> bool:
         """Take ``chunk`` back from the host (it is no longer held, not yet unmapped); return
-        False, the chunk still held, if the host refused."""
+        False, the chunk still held, if the host refused.
+
+        Cancelled once issued, the deflate may have gone through: the chunk stays held
+        (mapped), unconfirmed, and the next deflate's answer tells (the handover's
+        ``not_held``).
+        """
+        submission = Submission()
+        unconfirmed = self.unconfirmed
         try:
-            await self.handover.deflate(chunk)
+            await self.handover.deflate(chunk, submission)
         except VBoxStatusError as exc:  # a host status, or a driver errno as the status
-            unconfirmed = self.unconfirmed
             empty = all(held.address in unconfirmed for held in self.held)
-            if not self.handover.never_held(exc.rc, balloon_empty=empty):
+            if not await self.handover.not_held(
+                chunk, exc.rc, unconfirmed=chunk.address in unconfirmed, balloon_empty=empty
+            ):
                 self.last_failure = f"{exc.operation}: {exc.name}"
                 return False
+        except BaseException:
+            if submission.issued:
+                unconfirmed.add(chunk.address)
+            raise
         self.unconfirmed.discard(chunk.address)
         if self.held[-1] is chunk:
             self.held.pop()

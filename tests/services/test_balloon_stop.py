@@ -1,0 +1,244 @@
+"""What a stop of the balloon leaves behind: the driver's own balloon (one line, whose level
+says whether anybody follows it on), and chunks whose handover's outcome is unknown.
+
+Virtual time (``autojump_clock``) drives every wait; each test is bounded by
+``trio.fail_after`` on that clock. Waits for the host's or the daemon's state poll it on
+that clock, at most ``MAX_POLLS`` times.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import structlog.testing
+import trio
+import trio.testing
+
+from agent.config import load_config
+from agent.daemon import Daemon
+from agent.daemon.notify import Notifier
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.host._faults import MAX_FAULT_COUNT
+from agent.host.driver.oracle import OracleDriver
+from agent.protocol import RequestType
+from agent.protocol.status import VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, VERR_INVALID_PARAMETER
+from agent.services import BalloonGauge, EventPump
+from agent.services.balloon import BalloonSection, BalloonService
+from agent.services.registry import section_models
+from tests.services.balloon_support import Quiet, SimChunks, hand_to_ring3, start_in_scope
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from agent.services.balloon._walker import ChunkWalker
+
+LIMIT_S: Final = 120.0
+POLL_S: Final = 0.01
+MAX_POLLS: Final = 10_000
+DRAIN_S: Final = 5.0
+"""The drain time the tests allow (``daemon.shutdown_timeout_s``)."""
+TOO_MUCH: Final = VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
+HELD_S: Final = 10.0
+"""How long the host holds a change in the port write while the service stops."""
+PSI_TEXT: Final = (
+    "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
+    for _ in range(MAX_POLLS):
+        if condition():
+            return
+        await trio.sleep(POLL_S)
+    msg = f"condition not met within {MAX_POLLS * POLL_S:g} s"
+    raise AssertionError(msg)
+
+
+def _host_chunks(host: SimulatedHost) -> int:
+    balloon = host.status()["balloon"]
+    assert isinstance(balloon, dict)
+    chunks = balloon["chunks"]
+    assert isinstance(chunks, int)
+    return chunks
+
+
+class TestLeftToTheDriverByTheDaemon:
+    """The daemon tells the balloon's drain whether the whole agent stops."""
+
+    @pytest.mark.parametrize(
+        ("kind", "mode", "then"),
+        [("mainline", "kernel", "next start"), ("oracle", "triggered", "closes the device")],
+    )
+    async def test_a_reload_that_disables_the_balloon_warns_a_stop_of_the_agent_does_not(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, kind: str, mode: str, then: str
+    ) -> None:
+        """The driver holds a 32 MB balloon. A reload that disables the balloon service
+        leaves it with nobody following the host while the agent runs on: a warning. Enabled
+        again, the service takes it on; the agent's stop then leaves it to the driver as
+        every ordinary stop does (Oracle's deflates it at the close, the in-tree kernel's
+        waits for the next start): an info line."""
+        psi = tmp_path / "memory.pressure"
+        psi.write_text(PSI_TEXT)
+        enabled = f'[balloon]\npsi_path = "{psi}"\nmin_available_mb = 0\n'
+        path = tmp_path / "agent.toml"
+        path.write_text(enabled)
+        host = SimulatedHost(personality=kind)
+        daemon = Daemon(
+            load_config(path, section_models()),
+            SimOpener(host),
+            config_path=path,
+            notifier=Notifier(None),
+        )
+
+        def balloon_mode() -> str | None:
+            statistics = daemon.statistics().services.get("balloon")
+            return getattr(statistics, "mode", None)
+
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(daemon.run)
+                    host.set_balloon_target(32)
+                    await _until(lambda: _host_chunks(host) == 32)
+                    path.write_text(enabled.replace("[balloon]\n", "[balloon]\nenable = false\n"))
+                    await daemon.reload()
+                    await _until(lambda: "balloon" not in daemon.statistics().services)
+                    path.write_text(enabled)
+                    await daemon.reload()
+                    await _until(lambda: balloon_mode() == mode)
+                    daemon.request_shutdown("test")
+                outer.cancel_scope.cancel()
+        left = [e for e in logs if e["event"] == "balloon_left_to_driver"]
+        assert [(e["log_level"], e["mode"]) for e in left] == [("warning", mode), ("info", mode)]
+        assert "runs again" in left[0]["until"]
+        assert then in left[1]["until"]
+
+
+@dataclass
+class _Stoppable:
+    """A balloon service on a simulated host, which the test stops (``stop``) and drains."""
+
+    host: SimulatedHost
+    service: BalloonService
+    walker: ChunkWalker
+    chunks: SimChunks
+    gauge: BalloonGauge
+    scope: trio.CancelScope
+    stopped: trio.Event
+
+    @property
+    def host_chunks(self) -> int:
+        return _host_chunks(self.host)
+
+    async def stop_while_the_host_holds_a_change(self) -> None:
+        """Stop the service while the host holds its next CHANGE_MEMBALLOON in the port
+        write (the driver has the call, the caller gives up on it), then let the host carry
+        it out."""
+        self.host.set_delay(RequestType.CHANGE_MEMBALLOON, HELD_S)
+        await trio.testing.wait_all_tasks_blocked()  # before the clock jumps: held
+        self.scope.cancel()
+        await self.stopped.wait()
+        before = trio.current_time()
+        await trio.sleep(HELD_S)  # the host carries the change out meanwhile
+        assert trio.current_time() - before == HELD_S
+        self.host.set_delay(RequestType.CHANGE_MEMBALLOON, 0)
+
+
+@asynccontextmanager
+async def _stoppable_balloon(kind: str) -> AsyncIterator[_Stoppable]:
+    """Oracle's driver without its allocator (allocated mode) or passthrough (owned mode),
+    and a balloon service on it that the test stops and drains."""
+    if kind == "oracle-r3":
+        host = SimulatedHost(personality="oracle", r3_balloon=True)
+    else:
+        host = SimulatedHost(personality=kind)
+    chunks, gauge = SimChunks(), BalloonGauge()
+    async with trio.open_nursery() as outer:
+        await outer.start(host.run)
+        await hand_to_ring3(host)
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+            pump = EventPump(device)
+            await inner.start(pump.run)
+            service = BalloonService(
+                device, pump, BalloonSection(), allocator=chunks, pressure=Quiet(), gauge=gauge
+            )
+            scope = trio.CancelScope()
+            stopped = await start_in_scope(inner, service, scope)
+            walker = service.walker
+            assert walker is not None
+            yield _Stoppable(host, service, walker, chunks, gauge, scope, stopped)
+            scope.cancel()
+            inner.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+class TestUnconfirmedInflate:
+    """An inflate cancelled once the driver had it leaves its chunk held, its outcome
+    unknown: the drain's deflate decides."""
+
+    async def test_a_host_refusal_of_a_chunk_the_driver_took_keeps_it(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Allocated mode. The service stops while the host holds the first chunk's inflate,
+        which the host then carries out: the driver holds the chunk, the agent holds it
+        unconfirmed (its only chunk). The host refuses the drain's deflate with
+        VERR_INVALID_PARAMETER, which Oracle's driver passes on keeping the chunk, and which
+        it also answers for an empty balloon. Asked, the driver's balloon is not empty: the
+        chunk stays held, mapped and counted, and the next drain gives it back. Forgotten, it
+        would stay in the driver's balloon with its memory unmapped."""
+        with trio.fail_after(LIMIT_S):
+            async with _stoppable_balloon("oracle-r3") as run:
+                run.host.set_balloon_target(1)
+                await run.stop_while_the_host_holds_a_change()
+                assert (len(run.walker.held), len(run.walker.unconfirmed)) == (1, 1)
+                assert run.host_chunks == 1
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_INVALID_PARAMETER)
+                await run.service.drain()
+                assert (len(run.walker.held), len(run.chunks.live)) == (1, 1)
+                assert (run.host_chunks, run.gauge.chunks) == (1, 1)
+                await run.service.drain()
+                assert (run.walker.held, run.chunks.live, run.host_chunks) == ([], {}, 0)
+                driver = run.host.driver
+                assert isinstance(driver, OracleDriver)
+                assert driver.failed_assertions == []  # no deflate of an empty balloon
+
+
+class TestUnconfirmedDeflate:
+    """A deflate cancelled once the driver had it leaves its chunk held, its outcome unknown:
+    the next deflate's answer that the chunk is not in the balloon gives it up."""
+
+    @pytest.mark.parametrize(("kind", "status"), [("oracle-r3", None), ("passthrough", TOO_MUCH)])
+    async def test_a_deflate_that_went_through_is_not_asked_for_for_ever(
+        self, autojump_clock: trio.abc.Clock, kind: str, status: int | None
+    ) -> None:
+        """The balloon holds one chunk; the service stops while the host holds its deflate,
+        which the host then carries out. The drain deflates the chunk again, and the answer
+        says it is not in the balloon: Oracle's driver, whose balloon is now empty, answers
+        VERR_INVALID_PARAMETER (asked, it confirms the balloon is empty); a real one-CPU host
+        answers VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH (its count of ballooned pages is below
+        a chunk) to every deflate from now on, injected here (the simulated host would say
+        VERR_NOT_FOUND). The chunk is given up and unmapped: drained, nothing kept."""
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with _stoppable_balloon(kind) as run:
+                run.host.set_balloon_target(1)
+                await run.walker.wait_held(1)
+                run.host.set_balloon_target(0)
+                await run.stop_while_the_host_holds_a_change()
+                assert (len(run.walker.held), len(run.walker.unconfirmed)) == (1, 1)
+                assert run.host_chunks == 0
+                if status is not None:
+                    run.host.add_fault(RequestType.CHANGE_MEMBALLOON, status, MAX_FAULT_COUNT)
+                with trio.move_on_after(DRAIN_S):
+                    await run.service.drain()
+                assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, None)
+        [drained] = [e for e in logs if e["event"] == "balloon_drained"]
+        assert drained["returned"] == 1
+        assert "balloon_drain_incomplete" not in [e["event"] for e in logs]
