@@ -155,7 +155,7 @@ class TestModels:
     def test_defaults(self) -> None:
         """The defaults are the documented values."""
         config = AgentConfig()
-        assert config.device == DeviceConfig(path="/dev/vboxguest", ioctl_threads=4)
+        assert config.device == DeviceConfig(path="/dev/vboxguest", ioctl_threads=5)
         assert config.daemon == DaemonConfig(
             shutdown_timeout_s=5.0,
             restart_backoff_initial_s=1.0,
@@ -225,7 +225,7 @@ class TestProblems:
         ("text", "expected"),
         [
             ("[device]\nioctl_threads = 81\n", "device.ioctl_threads = 81: must be <= 80"),
-            ("[device]\nioctl_threads = 2\n", "device.ioctl_threads = 2: must be >= 3"),
+            ("[device]\nioctl_threads = 3\n", "device.ioctl_threads = 3: must be >= 4"),
             (
                 "[daemon]\nshutdown_timeout_s = 14\n",
                 "daemon.shutdown_timeout_s = 14: must be <= 13",
