@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import bisect
 import errno
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.protocol.constants import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 USER_BASE: Final = 0x7F00_0000_0000
 """Where synthetic user addresses start (a typical x86-64 mmap area)."""
@@ -129,12 +132,14 @@ class DictMemory:
 
     Addresses are handed out from ``[base, limit)``; freed space is reused. A region starts
     ``offset`` bytes into a page when asked (HGCM's ``offset_first_page``). The regions are
-    kept by start address, in a dict (a request or a buffer is mostly reached from its
-    start) and in a sorted list of starts, so finding the region an address lies in is a
-    bisection, and mapping past every region (the usual case) appends.
+    kept by start address in a dict: a request or a buffer is mostly reached from its
+    start, and mapping past every region (the usual case) and unmapping are a dict store
+    and a dict removal. The sorted list of starts, which finds the region an address lies
+    in by bisection and the room between regions, is built when first needed after a
+    change (the requests and bounce buffers of every call come and go without one).
     """
 
-    __slots__ = ("_base", "_by_start", "_limit", "_next", "_starts", "_top")
+    __slots__ = ("_base", "_by_start", "_limit", "_next", "_sorted", "_top")
 
     def __init__(self, *, base: int = USER_BASE, limit: int = USER_LIMIT) -> None:
         if base % PAGE_SIZE or limit <= base:
@@ -144,12 +149,13 @@ class DictMemory:
         self._limit = limit
         self._next = base
         """Where the next region goes if it fits there (page-aligned)."""
-        self._starts: list[int] = []
-        """The regions' start addresses, sorted."""
         self._by_start: dict[int, bytearray] = {}
         """The regions by start address."""
+        self._sorted: list[int] | None = []
+        """The regions' start addresses, sorted; None once a map or unmap outdated it."""
         self._top = base
-        """Where the guard after the highest region ends (the base when nothing is mapped)."""
+        """At or above where the guard after the highest region ends: exact when set by a
+        map, left as it was by an unmap (see :meth:`_exact_top`)."""
 
     def map(self, data: bytearray, *, offset: int = 0) -> int:
         """Give ``data`` an address (``offset`` bytes into its first page) and return it.
@@ -164,7 +170,7 @@ class DictMemory:
         # The usual case, in few steps (every request and bounce buffer is mapped): a
         # non-empty region at a page's start, above every other one, with room.
         self._by_start[start] = data
-        self._starts.append(start)
+        self._sorted = None
         self._top = top
         self._next = (top + _IN_PAGE) & _PAGE_START
         return start
@@ -177,31 +183,36 @@ class DictMemory:
         size = len(data)
         need = offset + (size or 1) + GUARD_BYTES
         start = self._next
-        if start < self._top or start + need > self._limit:
+        if start < self._exact_top() or start + need > self._limit:
             start = self._find_room(need)
         address = start + offset
         self._by_start[address] = data
-        if start < self._top:  # in a gap between regions
-            bisect.insort(self._starts, address)
-        else:
-            self._starts.append(address)
-            self._top = address + size + GUARD_BYTES
+        self._sorted = None
+        self._top = max(self._top, address + size + GUARD_BYTES)
         self._next = _page_align(start + need)
         return address
 
+    def _exact_top(self) -> int:
+        """Where the guard after the highest region ends (the base when nothing is
+        mapped), stored as :attr:`_top` again: unmaps leave that too high."""
+        starts = self._starts()
+        top = self._base
+        if starts:
+            top = starts[-1] + len(self._by_start[starts[-1]]) + GUARD_BYTES
+        self._top = top
+        return top
+
     def unmap(self, address: int) -> None:
         """Forget the region that starts at ``address`` (no-op if there is none)."""
-        if self._by_start.pop(address, None) is None:
-            return
-        starts = self._starts
-        if starts[-1] != address:
-            del starts[bisect.bisect_left(starts, address)]
-            return
-        starts.pop()  # the highest region: a request freed right after it was sent
-        if starts:
-            self._top = starts[-1] + len(self._by_start[starts[-1]]) + GUARD_BYTES
-        else:
-            self._top = self._base
+        if self._by_start.pop(address, None) is not None:
+            self._sorted = None
+
+    def unmap_all(self, addresses: Iterable[int]) -> None:
+        """:meth:`unmap` each of ``addresses``, in one call (a call's buffers go together)."""
+        by_start = self._by_start
+        for address in addresses:
+            by_start.pop(address, None)
+        self._sorted = None  # built again when needed, whether or not a region went
 
     def read(self, address: int, size: int) -> bytes:
         """Return ``size`` bytes at ``address``; ``EFAULT`` outside a mapped region."""
@@ -242,15 +253,23 @@ class DictMemory:
             return None
 
     def __len__(self) -> int:
-        return len(self._starts)
+        return len(self._by_start)
+
+    def _starts(self) -> list[int]:
+        """The regions' start addresses, sorted (built again after a change)."""
+        starts = self._sorted
+        if starts is None:
+            starts = self._sorted = sorted(self._by_start)
+        return starts
 
     def _region_of(self, address: int, size: int) -> tuple[bytearray, int]:
         """The region holding ``size`` bytes at ``address`` and their offset in it; EFAULT
         when no region holds them all."""
-        index = bisect.bisect_right(self._starts, address) - 1
+        starts = self._starts()
+        index = bisect.bisect_right(starts, address) - 1
         if index < 0 or size < 0:
             raise _fault(address, size)
-        start = self._starts[index]
+        start = starts[index]
         data = self._by_start[start]
         if address - start + size > len(data):
             raise _fault(address, size)
@@ -273,7 +292,7 @@ class DictMemory:
 
     def _first_region_in(self, low: int, high: int) -> int | None:
         """The start of the first region (with its guard) overlapping ``[low, high)``."""
-        starts = self._starts
+        starts = self._starts()
         index = max(bisect.bisect_right(starts, low) - 1, 0)
         for at in range(index, len(starts)):
             start = starts[at]

@@ -47,6 +47,10 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
+# By name, as in agent.host.driver._core: trio's module __getattr__ keeps trio.lowlevel.X
+# from being specialised, and every ioctl passes this one.
+from trio.lowlevel import checkpoint_if_cancelled
+
 from agent.host.memory import USER_BASE, USER_WINDOW, IoctlMemory
 from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S
 from agent.protocol.errors import DeviceUnavailableError
@@ -168,7 +172,7 @@ class SimTransport:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         # The last moment the call may be dropped, as a cancelled caller never gets a worker
         # thread on the character device: past it the driver has the call.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await checkpoint_if_cancelled()
         if submission is not None:
             submission.issued = True
         memory = _NO_USER_MEMORY

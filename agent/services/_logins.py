@@ -17,23 +17,32 @@ cannot be read is left out and named with its error, the other's users still cou
 VBoxService 7.2.6 logs a failing logind and publishes what it has); only when every source
 that exists fails is that an error: on a guest without utmp a failing logind must not read
 as "no one is logged in".
+
+Naming a uid asks the account database, which NSS may send to a network directory (LDAP,
+SSSD) that answers slowly or not at all. Its answers are kept (names found; misses for the
+next reading), and :func:`known_accounts_only` reads without asking, so the caller reads on
+its event loop while every name is known and moves only a reading that must ask to a
+worker thread.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import functools
 import os
 import platform
 import pwd
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar, final
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+T = TypeVar("T")
 UTMP_PATH: Final = Path("/run/utmp")
 LIBSYSTEMD: Final = "libsystemd.so.0"
 UTMP_RECORD_SIZE_TIME32: Final = 384
@@ -51,6 +60,8 @@ USER_PROCESS: Final = 7
 UT_NAMESIZE: Final = 32
 USER_NAMES_CACHED: Final = 256
 """Account names remembered by uid (a name changed while the agent runs shows after a restart)."""
+MISSES_KEPT: Final = 1
+"""Readings after the one that missed for which a uid without a name is not asked again."""
 MAX_UTMP_BYTES: Final = 16 * 1024 * 1024
 """A larger utmp file is not a utmp file: it is refused rather than read into memory."""
 _UTMP_HEAD: Final = struct.Struct("=h2xi32s4s32s")
@@ -153,6 +164,7 @@ def logind_users() -> list[str] | None:
         sd_login = _sd_login()
     except OSError:
         return None
+    _ACCOUNTS.next_reading()
     listed = ctypes.POINTER(ctypes.c_void_p)()
     count = sd_login.sd_get_sessions(ctypes.byref(listed))
     if count < 0:
@@ -191,22 +203,85 @@ def _session_user(sd_login: ctypes.CDLL, session: bytes) -> str | None:
     return _account_name(uid.value) or str(uid.value)
 
 
-@functools.lru_cache(maxsize=USER_NAMES_CACHED)
-def _cached_account_name(uid: int) -> str:
-    return pwd.getpwuid(uid).pw_name
+class AccountLookupNeededError(Exception):
+    """A reading made with :func:`known_accounts_only` met a uid whose name is not known."""
+
+
+_LOOKUPS_ALLOWED: Final = contextvars.ContextVar("account_lookups_allowed", default=True)
+
+
+def known_accounts_only(read: Callable[[], T]) -> T:
+    """``read()`` without asking the account database, which may block (NSS: LDAP, SSSD):
+    names already found and recent misses are used, and a uid needing a lookup raises
+    :class:`AccountLookupNeededError` (the caller reads again where blocking is allowed)."""
+    token = _LOOKUPS_ALLOWED.set(False)
+    try:
+        return read()
+    finally:
+        _LOOKUPS_ALLOWED.reset(token)
+
+
+@final
+class _Accounts:
+    """What the account database answered, by uid: names found (up to
+    :data:`USER_NAMES_CACHED`, the oldest dropped first), and misses (no account, or the
+    lookup failed), each kept for the :data:`MISSES_KEPT` readings after the one that asked,
+    then asked again (a passing NSS failure does not stick). Locked: a reading abandoned in
+    a lookup on a worker thread may finish while the next one runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reading = 0
+        self.names: dict[int, str] = {}
+        self._missed: dict[int, int] = {}
+
+    def next_reading(self) -> None:
+        """A reading begins: forget the misses it asks again."""
+        with self._lock:
+            self._reading += 1
+            oldest = self._reading - MISSES_KEPT
+            self._missed = {uid: at for uid, at in self._missed.items() if at >= oldest}
+
+    def known(self, uid: int) -> tuple[bool, str | None]:
+        """Whether ``uid`` needs no lookup, and its name (None: a recent miss)."""
+        with self._lock:
+            if uid in self.names:
+                return True, self.names[uid]
+            return uid in self._missed, None
+
+    def found(self, uid: int, name: str | None) -> None:
+        """Keep what a lookup of ``uid`` answered (None: no name)."""
+        with self._lock:
+            if name is None:
+                self._missed[uid] = self._reading
+                return
+            if len(self.names) >= USER_NAMES_CACHED:
+                del self.names[next(iter(self.names))]
+            self.names[uid] = name
+
+
+_ACCOUNTS: Final = _Accounts()
 
 
 def _account_name(uid: int) -> str | None:
     """The account name of ``uid``, None where the account database has none (or the lookup
-    failed: the miss is not cached, so a passing NSS failure does not stick).
+    failed).
 
-    Names found are cached: the lookup may go to a network directory (NSS), and it runs on
-    the event loop at every pass, while a uid's name hardly ever changes.
+    The lookup may go to a network directory (NSS) and block, so it is kept (see
+    :class:`_Accounts`) and made only where lookups are allowed (not within
+    :func:`known_accounts_only`, which raises :class:`AccountLookupNeededError` instead).
     """
+    known, name = _ACCOUNTS.known(uid)
+    if known:
+        return name
+    if not _LOOKUPS_ALLOWED.get():
+        raise AccountLookupNeededError(uid)
     try:
-        return _cached_account_name(uid)
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
-        return None
+        name = None
+    _ACCOUNTS.found(uid, name)
+    return name
 
 
 @functools.cache

@@ -8,7 +8,11 @@ every name matching some patterns (``owned``, such as ``/VirtualBox/GuestInfo/Ne
 run's first pass and after a restore, the host's names among them that the reading does not
 want (a previous boot's) are deleted, and at a stop all of them are. Failing to
 read the guest is logged when it starts and ends, shown in the status, and publishes nothing
-meanwhile.
+meanwhile. A host request that fails (:data:`agent.protocol.HOST_ERRORS`: a refusal, or a
+reply that breaks the ABI) never ends :meth:`PublishingService.run`: a client the host will
+not connect (``VERR_HGCM_SERVICE_NOT_FOUND``, where VBoxService disables its VM-info service)
+or owned names it will not list are logged when the failure begins, changes and ends, shown in
+the status and tried again at the next pass.
 
 :class:`PropertyPublisher` keeps a set of properties as the service wants them, like
 VBoxService's property cache: a value is written only when it changed (names in ``always``,
@@ -19,14 +23,20 @@ on values are written ``TRANSIENT``, as VBoxService falls back to it), a propert
 absent is deleted once, a property no longer wanted at all is deleted, and after a restore
 (:meth:`PropertyPublisher.forget`) everything is written again.
 A property the host refuses, or one the client refuses to send (a value over the 1023-byte
-limit: ``PropertyArgumentError``), is logged once per status, shown in the status and
-retried on the next call; the refusal is forgotten once the property is neither
-wanted nor held. :class:`IntervalPause` is the wait between two passes, which a reload may
-shorten or lengthen while it runs and an event (a restore) ends early.
+limit: ``PropertyArgumentError``), or whose reply breaks the ABI, is logged once per status,
+shown in the status and retried on the next call; the refusal is forgotten once the property
+is neither wanted nor held. A name counts as held from the write that sends it, not from its
+answer, as VBoxService's cache keeps an entry from its first update, written or not, and
+resets its temporary entries at termination: a write cut off by a stop, or answered with a
+malformed reply or a driver's give-up (``VERR_INTERRUPTED``, ``VERR_TIMEOUT``), may have
+reached the host, so the drain deletes it; only a refusal takes the write back (a name not
+held before is then no longer held). :class:`IntervalPause` is the wait between two passes,
+which a reload may shorten or lengthen while it runs and an event (a restore) ends early.
 """
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -34,14 +44,15 @@ import structlog
 import trio
 from pydantic import Field
 
-from agent.protocol import Event, VBoxStatusError
+from agent.protocol import HOST_ERRORS, Event, RemoteProtocolError, VBoxStatusError
 from agent.protocol.guest_props import PropertyArgumentError
-from agent.protocol.status import VERR_PARSE_ERROR
+from agent.protocol.status import VERR_INTERRUPTED, VERR_PARSE_ERROR, VERR_TIMEOUT
 from agent.services._base import ServiceContext, ServiceSection
+from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
     from agent.services._paced import EventSource
     from agent.services.guest_props import GuestProperties
@@ -58,6 +69,8 @@ OLD_HOST_FLAGS: Final = "TRANSIENT"
 """The flags written instead where the host does not know :data:`FLAGS`."""
 NOT_SENT: Final = "not sent: over a limit of the property service"
 """The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
+GAVE_UP: Final = frozenset({VERR_INTERRUPTED, VERR_TIMEOUT})
+"""Statuses of a call the driver gave up waiting for: the host may have carried it out."""
 
 
 class PublishingSection(ServiceSection):
@@ -98,7 +111,8 @@ class PublishingStatistics:
 class PublishingService:
     """Reads the guest every ``interval_s`` and after a restore; publishes what changed.
 
-    ``read`` takes a reading and raises ``OSError`` when it cannot; ``always`` names the
+    ``read`` takes a reading (on the event loop, or where it says: blocking work runs on a
+    thread) and raises ``OSError`` when it cannot; ``always`` names the
     beacons written on every pass; ``owned`` are the patterns of the names the service owns
     (see the module).
     """
@@ -108,7 +122,7 @@ class PublishingService:
         name: str,
         context: ServiceContext,
         section: PublishingSection,
-        read: Callable[[], Reading],
+        read: Callable[[], Awaitable[Reading]],
         *,
         always: Collection[str] = (),
         owned: Sequence[str] = (),
@@ -124,6 +138,8 @@ class PublishingService:
         """Whether the next pass first deletes the owned names the reading does not want."""
         self._pause = IntervalPause(section.interval_s)
         self._publisher = PropertyPublisher()
+        self._connects = LastingFailure("property_service_connected_again")
+        self._listing = LastingFailure("owned_properties_listed_again")
         self._published = False
         self._unreadable: str | None = None
         self._summary: str | None = None
@@ -137,12 +153,17 @@ class PublishingService:
         )
 
     def status(self) -> str:
-        """``NAME SUMMARY``, ``NAME starting``, or what went wrong."""
+        """``NAME SUMMARY``, ``NAME starting``, or what went wrong (the first of: no client,
+        the guest unreadable, a property refused, the owned names unlisted)."""
+        if self._connects.cause is not None:
+            return f"{self.name}: property service unavailable ({self._connects.cause})"
         if self._unreadable is not None:
             return f"{self.name}: unreadable ({self._unreadable})"
         if self._publisher.refused:
             name, status = next(iter(self._publisher.refused.items()))
             return f"{self.name}: {name} refused ({status})"
+        if self._listing.cause is not None:
+            return f"{self.name}: owned names unlisted ({self._listing.cause})"
         return f"{self.name} {self._summary or 'starting'}"
 
     def reconfigure(self, section: PublishingSection) -> bool:
@@ -176,26 +197,45 @@ class PublishingService:
         self._publisher.forget()
         self._sweep_owned = True
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
-            async with open_guest_properties(self._device) as props:
-                await self._publish(props)
+            async with AsyncExitStack() as stack:
+                props = await self._publish(stack, None)
                 task_status.started()
                 while True:
                     if await self._pause.wait(events):
                         self._publisher.forget()
                         self._sweep_owned = True
                         log.info("republishing_after_restore")
-                    await self._publish(props)
+                    props = await self._publish(stack, props)
 
-    async def _publish(self, props: GuestProperties) -> None:
-        """One pass; tell the daemon when the status changed (not every pass: no wake-up)."""
+    async def _publish(
+        self, stack: AsyncExitStack, props: GuestProperties | None
+    ) -> GuestProperties | None:
+        """One pass, on ``props`` or a client connected now (kept on ``stack``); return the
+        client, None if the host would not connect one. Tell the daemon when the status
+        changed (not every pass: no wake-up)."""
         status = self.status()
-        await self._pass(props)
+        if props is None:
+            props = await self._connect(stack)
+        if props is not None:
+            await self._pass(props)
         if self.status() != status:
             self._status_changed()
+        return props
+
+    async def _connect(self, stack: AsyncExitStack) -> GuestProperties | None:
+        """A client of the property service, kept open on ``stack``; None (counted, logged
+        when the failure begins, changes and ends) if the host refused it."""
+        try:
+            props = await stack.enter_async_context(open_guest_properties(self._device))
+        except HOST_ERRORS as exc:
+            self._connects.host_failed("property_service_unavailable", exc)
+            return None
+        self._connects.succeeded()
+        return props
 
     async def _pass(self, props: GuestProperties) -> None:
         try:
-            reading = self._read()
+            reading = await self._read()
         except OSError as exc:
             self._set_unreadable(str(exc))
             return
@@ -218,14 +258,18 @@ class PublishingService:
         self._summary = reading.summary
 
     async def _list_owned(self, props: GuestProperties) -> list[str] | None:
-        """The host's names matching ``owned``; None (logged) if the host would not list them."""
+        """The host's names matching ``owned``; None (counted, logged when the failure begins,
+        changes and ends) if the host would not list them or its list broke the ABI (the
+        growing-buffer retries running out, ``HgcmSizeError``, included)."""
         if not self._owned:
             return []
         try:
-            return [prop.name for prop in await props.enumerate(self._owned)]
-        except VBoxStatusError as exc:
-            log.warning("owned_properties_unlisted", patterns=list(self._owned), status=exc.name)
+            found = [prop.name for prop in await props.enumerate(self._owned)]
+        except HOST_ERRORS as exc:
+            self._listing.host_failed("owned_properties_unlisted", exc, patterns=list(self._owned))
             return None
+        self._listing.succeeded()
+        return found
 
     def _set_unreadable(self, reason: str | None) -> None:
         """Log a failure to read the guest when it starts, changes and ends."""
@@ -236,6 +280,15 @@ class PublishingService:
         else:
             log.warning("unreadable", error=reason)
         self._unreadable = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Undo:
+    """What a name was before a write: held (and its value), deleted."""
+
+    held: bool
+    value: str | None
+    deleted: bool
 
 
 @final
@@ -252,7 +305,8 @@ class PropertyPublisher:
 
     def __init__(self) -> None:
         self._held: dict[str, str | None] = {}
-        """The values the host holds from us; None: unknown (after a restore)."""
+        """The values the host holds from us; None: unknown (after a restore, or a write
+        whose answer did not come)."""
         self._deleted: set[str] = set()
         self.refused: dict[str, str] = {}
         self.flags: str = FLAGS
@@ -260,7 +314,8 @@ class PropertyPublisher:
         self.deletes = 0
 
     def held(self) -> list[str]:
-        """The names the host holds from us (or may, after a restore)."""
+        """The names the host holds from us (or may: after a restore, or a write whose
+        answer did not come)."""
         return list(self._held)
 
     def adopt(self, names: Iterable[str]) -> None:
@@ -307,19 +362,38 @@ class PropertyPublisher:
             await self._delete(props, name)
 
     async def _write(self, props: GuestProperties, name: str, value: str, *, counted: bool) -> None:
+        # Held, value unknown, from the request: the host may act on a write whose answer a
+        # stop (or a malformed reply) keeps from us, and the drain must then delete it.
+        undo = _Undo(name in self._held, self._held.get(name), name in self._deleted)
+        self._held[name] = None
+        self._deleted.discard(name)
         try:
             await self._set(props, name, value)
         except VBoxStatusError as exc:
+            if exc.rc not in GAVE_UP:
+                self._undo_write(name, undo)
             self._refuse(name, exc.name)
             return
+        except RemoteProtocolError as exc:
+            self._refuse(name, MALFORMED_REPLY, str(exc))
+            return
         except PropertyArgumentError as exc:
+            self._undo_write(name, undo)
             self._refuse(name, NOT_SENT, str(exc))
             return
         self.refused.pop(name, None)
-        self._deleted.discard(name)
         self._held[name] = value
         if counted:
             self.writes += 1
+
+    def _undo_write(self, name: str, undo: _Undo) -> None:
+        """The write was refused: the host holds what it held before."""
+        if undo.held:
+            self._held[name] = undo.value
+        else:
+            del self._held[name]
+        if undo.deleted:
+            self._deleted.add(name)
 
     async def _set(self, props: GuestProperties, name: str, value: str) -> None:
         """Write with :attr:`flags`; where the host cannot parse TRANSRESET, fall back to
@@ -338,6 +412,9 @@ class PropertyPublisher:
             await props.delete(name)
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
+            return
+        except RemoteProtocolError as exc:
+            self._refuse(name, MALFORMED_REPLY, str(exc))
             return
         except PropertyArgumentError as exc:
             self._refuse(name, NOT_SENT, str(exc))

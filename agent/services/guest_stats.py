@@ -14,16 +14,17 @@ publishes one the reports leave it out (Main keeps its last figure) rather than 
 on Oracle's driver CHECK_BALLOON is no query, it makes the caller the balloon's owner and
 moves the balloon to the host's target. Mainline and Oracle's driver let trusted sessions
 (``/dev/vboxguest``) send both requests, so this works on every real guest; a session the
-driver does not trust (``/dev/vboxuser``) has its first interval read refused, which the
+driver does not trust (``/dev/vboxuser``) has its interval reads refused, which the
 service logs once (``statistics_refused_by_driver``) before it stays idle, rather than
-fail and be restarted until its restart budget ends the daemon. A report that fails (``/proc``
-unreadable, the host refusing it or answering with a malformed reply) is counted, and logged
-when such failures begin and change cause and when a report goes through again
-(``statistics_reported_again``), not at every tick. An interval read that fails the same ways
-(any other time) is counted and logged alike (``statistics_interval_unreadable``, then
-``statistics_interval_read_again``) and the interval in force stays, as VBoxService keeps
-its own when the query fails (off, before the first read succeeds). Config section:
-``[statistics]``.
+fail and be restarted until its restart budget ends the daemon; so does a refusal that
+follows a first read that failed otherwise, as long as no read went through. A report that
+fails (``/proc`` unreadable, the host refusing it or answering with a malformed reply) is
+counted, and logged when such failures begin and change cause and when a report goes
+through again (``statistics_reported_again``), not at every tick. An interval read that
+fails the same ways (any other time) is counted and logged alike
+(``statistics_interval_unreadable``, then ``statistics_interval_read_again``) and the
+interval in force stays, as VBoxService keeps its own when the query fails (off, before the
+first read succeeds). Config section: ``[statistics]``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ class GuestStatsService:
         self._read_failures = LastingFailure("statistics_interval_read_again")
         self._last: GuestStatistics | None = None
         self._interval_read = False
+        """An interval read went through: a refusal then no longer means an untrusted session."""
+        self._read_answered = False
+        """An interval read returned (the metronome has then reported the start)."""
         self._refused = False
 
     def statistics(self) -> GuestStatsStatistics:
@@ -135,7 +139,7 @@ class GuestStatsService:
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
                 await self._metronome.run(events, task_status=task_status)
-        except VBoxStatusError as exc:  # only a driver's refusal of the first interval read
+        except VBoxStatusError as exc:  # only a driver's refusal before any read went through
             self._refused = True  # this session is not trusted
             self._status_changed()
             log.warning(
@@ -144,7 +148,8 @@ class GuestStatsService:
                 device=self._device.description,
                 hint="only a trusted session (/dev/vboxguest, as root) may send statistics",
             )
-        task_status.started()
+        if not self._read_answered:  # refused at the first read: the metronome never started
+            task_status.started()
         await trio.sleep_forever()
 
     async def drain(self) -> None:
@@ -152,19 +157,21 @@ class GuestStatsService:
         await trio.lowlevel.checkpoint()
 
     async def _read_interval(self) -> float | None:
-        """The host's interval; the one in force if the read fails (a driver refusing the
-        first read is raised: the session is not trusted)."""
+        """The host's interval; the one in force if the read fails (a driver refusing a read
+        before any went through is raised: the session is not trusted, whether the first read
+        was refused or failed otherwise)."""
         try:
             seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
         except HOST_ERRORS as exc:
             refused = isinstance(exc, VBoxStatusError) and exc.rc in DRIVER_REFUSALS
             if refused and not self._interval_read:
                 raise
+            self._read_answered = True
             kept = self._metronome.interval_s
             if self._read_failures.host_failed("statistics_interval_unreadable", exc, kept_s=kept):
                 self._status_changed()
             return kept
-        self._interval_read = True
+        self._interval_read = self._read_answered = True
         self._read_failures.succeeded()
         log.info("statistics_interval_read", interval_s=seconds)
         self._proc.forget_cpu()

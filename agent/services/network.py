@@ -63,10 +63,14 @@ def network_properties(interfaces: Sequence[NetInterface]) -> dict[str, str | No
     return properties
 
 
-def network_reading(
+async def network_reading(
     read_interfaces: Callable[[], Sequence[NetInterface]] = read_ipv4_interfaces,
 ) -> Reading:
-    """The interfaces ``read_interfaces`` lists, as properties and ``N interfaces``."""
+    """The interfaces ``read_interfaces`` lists, as properties and ``N interfaces``.
+
+    Read on the event loop: the listing is a few ioctls on a datagram socket, which the
+    kernel answers from memory.
+    """
     interfaces = read_interfaces()
     count = len(interfaces)
     return Reading(network_properties(interfaces), f"{count} interface{'' if count == 1 else 's'}")

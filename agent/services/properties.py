@@ -5,12 +5,18 @@ As VBoxService's VM-info service does at start and after every restore, it write
 ``ServicePack`` (empty on Linux), plus the agent's own ``/VirtualBox/GuestAdd/VBoxAgent/Version``
 (not ``/VirtualBox/GuestAdd/Version``, which tools read as the Guest Additions' version). One
 HGCM client, kept across restores (the host restores its clients); a restore is the
-RESTORED event. Config section: ``[properties]``.
+RESTORED event. A client the host will not connect (``VERR_HGCM_SERVICE_NOT_FOUND``, where
+VBoxService disables its VM-info service, or any other refusal or malformed reply) is no
+reason to restart: it is counted, logged when such failures begin, change cause and end,
+shown in the status and tried again every ``RETRY_S`` and at every restore. Config section:
+``[properties]``.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -18,8 +24,9 @@ import structlog
 import trio
 
 from agent import __version__
-from agent.protocol import Event, VBoxStatusError
+from agent.protocol import HOST_ERRORS, Event, RemoteProtocolError, VBoxStatusError
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
@@ -32,6 +39,8 @@ log = structlog.get_logger(__name__)
 NAME: Final = "properties"
 AGENT_VERSION_PROPERTY: Final = "/VirtualBox/GuestAdd/VBoxAgent/Version"
 OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
+RETRY_S: Final = 10.0
+"""How soon a connect that failed is tried again (VBoxService's VM-info interval)."""
 
 
 class PropertiesSection(ServiceSection):
@@ -40,10 +49,12 @@ class PropertiesSection(ServiceSection):
 
 @dataclass(frozen=True, slots=True)
 class PropertiesStatistics:
-    """Publications done (one per start and restore), properties the host refused."""
+    """Publications done (one per start and restore), properties the host refused, connects
+    that failed."""
 
     publications: int
     refused: int
+    connect_failures: int = 0
 
 
 def published_properties() -> dict[str, str]:
@@ -70,13 +81,16 @@ class PropertiesService:
         self._status_changed = context.status_changed
         self._publications = 0
         self._refused: dict[str, str] = {}
+        self._connects = LastingFailure("property_service_connected_again")
 
     def statistics(self) -> PropertiesStatistics:
         """Return the counters."""
-        return PropertiesStatistics(self._publications, len(self._refused))
+        return PropertiesStatistics(self._publications, len(self._refused), self._connects.total)
 
     def status(self) -> str:
         """``properties ok``, ``properties starting``, or what the host refused."""
+        if self._connects.cause is not None:
+            return f"properties: property service unavailable ({self._connects.cause})"
         if self._refused:
             name, status = next(iter(self._refused.items()))
             return f"properties: {name} refused ({status})"
@@ -94,14 +108,34 @@ class PropertiesService:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Publish, then publish again at every RESTORED event, on one client."""
+        """Publish, then publish again at every RESTORED event, on one client (connected
+        again every ``RETRY_S`` and at every restore while the host refuses it)."""
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
-            async with open_guest_properties(self._device) as props:
-                await self._publish(props)
+            async with AsyncExitStack() as stack:
+                props = await self._connect(stack)
+                if props is not None:
+                    await self._publish(props)
                 task_status.started()
                 while True:
-                    await events.receive()
-                    await self._publish(props)
+                    with trio.move_on_after(RETRY_S if props is None else math.inf):
+                        await events.receive()
+                    if props is None:
+                        props = await self._connect(stack)
+                    if props is not None:
+                        await self._publish(props)
+
+    async def _connect(self, stack: AsyncExitStack) -> GuestProperties | None:
+        """A client kept open on ``stack``; None (counted, logged when the failure begins,
+        changes and ends, shown in the status) if the host refused it."""
+        try:
+            props = await stack.enter_async_context(open_guest_properties(self._device))
+        except HOST_ERRORS as exc:
+            if self._connects.host_failed("property_service_unavailable", exc):
+                self._status_changed()
+            return None
+        if self._connects.succeeded():
+            self._status_changed()
+        return props
 
     async def _publish(self, props: GuestProperties) -> None:
         refused: dict[str, str] = {}
@@ -111,6 +145,9 @@ class PropertiesService:
             except VBoxStatusError as exc:
                 refused[name] = exc.name
                 log.warning("property_refused", property=name, status=exc.name)
+            except RemoteProtocolError as exc:
+                refused[name] = MALFORMED_REPLY
+                log.warning("property_refused", property=name, malformed_reply=str(exc))
         self._refused = refused
         self._publications += 1
         self._status_changed()

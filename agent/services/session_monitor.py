@@ -2,19 +2,25 @@
 
 The host gives the VM a new session id at every start, restore and reset, and raises
 RESTORED after a restore. VBoxService polls the id; here the event pump wakes the monitor,
-which re-reads the id and logs the change. Config section: ``[session_monitor]``.
+which re-reads the id and logs the change. A read that fails (a refusal or a malformed
+reply) keeps the id last read, as VBoxService ignores a failed ``VbglR3GetSessionId``: it
+is counted, logged when such failures begin, change cause and end, shown in the status, and
+tried again every ``RETRY_S`` until a read goes through (and at every restore). Config
+section: ``[session_monitor]``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
 import trio
 
-from agent.protocol import Event, GetSessionId
+from agent.protocol import HOST_ERRORS, Event, GetSessionId
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._lasting import LastingFailure
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -23,6 +29,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 NAME: Final = "session_monitor"
+RETRY_S: Final = 10.0
+"""How soon a failed read is tried again: VBoxService's VM-info service reads the id at
+every pass, every 10 s. Only while reads fail: a monitor that read the id waits for events."""
 
 
 class SessionMonitorSection(ServiceSection):
@@ -31,10 +40,12 @@ class SessionMonitorSection(ServiceSection):
 
 @dataclass(frozen=True, slots=True)
 class SessionMonitorStatistics:
-    """The current session id (None before the first read) and the restores seen."""
+    """The current session id (None before the first read), the restores seen and the reads
+    that failed."""
 
     session_id: int | None
     restores: int
+    failures: int = 0
 
 
 @final
@@ -49,16 +60,21 @@ class SessionMonitor:
         self._status_changed = context.status_changed
         self._session_id: int | None = None
         self._restores = 0
+        self._failures = LastingFailure("vm_session_read_again")
 
     def statistics(self) -> SessionMonitorStatistics:
-        """Return the session id and restore count."""
-        return SessionMonitorStatistics(self._session_id, self._restores)
+        """Return the session id, restore count and failed reads."""
+        return SessionMonitorStatistics(self._session_id, self._restores, self._failures.total)
 
     def status(self) -> str:
-        """``vm session 0x1234, 2 restores`` (``vm session unknown`` before the first read)."""
+        """``vm session 0x1234, 2 restores`` (``vm session unknown`` before the first read),
+        then `` (read failing: STATUS)`` while reads fail."""
         if self._session_id is None:
-            return "vm session unknown"
-        return f"vm session {self._session_id:#x}, {self._restores} restores"
+            text = "vm session unknown"
+        else:
+            text = f"vm session {self._session_id:#x}, {self._restores} restores"
+        cause = self._failures.cause
+        return text if cause is None else f"{text} (read failing: {cause})"
 
     def reconfigure(self, section: SessionMonitorSection) -> bool:
         """Nothing to apply: the section has no settings besides ``enable``."""
@@ -72,28 +88,47 @@ class SessionMonitor:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Read the session id, then re-read it at every RESTORED event."""
+        """Read the session id, then re-read it at every RESTORED event (and every
+        ``RETRY_S`` while reads fail)."""
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
-            session_id = await self._read_session_id()
-            self._session_id = session_id
-            self._status_changed()
-            log.info("vm_session_read", session_id=f"{session_id:#x}")
+            await self._read(restored=False)
             task_status.started()
             while True:
-                await events.receive()  # restores while busy coalesce: one re-read covers them
-                old, session_id = session_id, await self._read_session_id()
-                self._session_id = session_id
-                self._restores += 1
-                self._status_changed()
+                restored = False
+                with trio.move_on_after(RETRY_S if self._failures.cause else math.inf):
+                    await events.receive()  # restores while busy coalesce: one re-read
+                    restored = True
+                await self._read(restored=restored)
+
+    async def _read(self, *, restored: bool) -> None:
+        """Count the restore, if any; read the id and log it (``vm_restored`` after a
+        restore); a failure (a refusal, a malformed reply) keeps the id last read and is
+        counted, and logged when such failures begin, change cause and end. Tell the daemon
+        when the status changed."""
+        old, status = self._session_id, self.status()
+        if restored:
+            self._restores += 1
+        try:
+            self._session_id = (await self._device.request(GetSessionId())).value
+        except HOST_ERRORS as exc:
+            self._failures.host_failed("vm_session_unreadable", exc)
+        else:
+            self._failures.succeeded()
+            if restored:
                 log.info(
                     "vm_restored",
-                    old_session_id=f"{old:#x}",
-                    session_id=f"{session_id:#x}",
+                    old_session_id=_shown(old),
+                    session_id=_shown(self._session_id),
                     restores=self._restores,
                 )
+            else:
+                log.info("vm_session_read", session_id=_shown(self._session_id))
+        if self.status() != status:
+            self._status_changed()
 
-    async def _read_session_id(self) -> int:
-        return (await self._device.request(GetSessionId())).value
+
+def _shown(session_id: int | None) -> str:
+    return "unknown" if session_id is None else f"{session_id:#x}"
 
 
 def _build(context: ServiceContext, section: SessionMonitorSection) -> SessionMonitor:

@@ -21,6 +21,17 @@ rather than claim no one is logged in. As in
 VBoxService 7.2.6, a name that would take the list over a property value's limit (1023
 bytes) is left out, which is logged when it starts and ends, and ``LoggedInUsers`` counts
 the names listed. Config section: ``[users]``.
+
+Naming a session's user may ask the account database (where libsystemd predates
+``sd_session_get_username``), which NSS may send to a network directory (LDAP, SSSD) that
+answers slowly or not at all; on the event loop that would hold every service. So
+:func:`read_logins_without_blocking` reads on the loop while every name is known (kept from earlier
+lookups, :mod:`agent.services._logins`) and moves a reading that must ask to a worker
+thread: at most one per process (:data:`READING_THREADS`, one of the threads
+``agent.config.OTHER_THREADS`` leaves room for in the unit's ``TasksMax=``). A stop does not
+wait for it (it is abandoned: it ends its lookup on its own and gives the thread back then),
+and the next reading that must ask waits, cancellably, for the one still in a lookup, so
+restarts never add threads.
 """
 
 from __future__ import annotations
@@ -28,14 +39,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
+import trio
 
 from agent.protocol.guest_props import MAX_VALUE_SIZE
 from agent.services._base import ServiceContext, ServiceSpec
-from agent.services._logins import Logins, logged_in_users
+from agent.services._logins import (
+    AccountLookupNeededError,
+    Logins,
+    known_accounts_only,
+    logged_in_users,
+)
 from agent.services._publishing import PublishingSection, PublishingService, Reading
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 NAME: Final = "users"
 OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
@@ -45,6 +62,11 @@ NONE_PROPERTY: Final = f"{OS_PREFIX}NoLoggedInUsers"
 MAX_LIST_BYTES: Final = MAX_VALUE_SIZE - 1
 """The longest list a property value holds (UTF-8, without the NUL)."""
 SEPARATOR: Final = ","
+READING_THREADS: Final = 1
+"""Worker threads that read the logins, per process, abandoned ones included."""
+_READING_LIMITER: Final[trio.lowlevel.RunVar[trio.CapacityLimiter]] = trio.lowlevel.RunVar(
+    "users_reading_limiter"
+)
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +89,25 @@ def users_list(users: Sequence[str]) -> tuple[str, int]:
     return SEPARATOR.join(listed), len(listed)
 
 
+async def read_logins_without_blocking(read: Callable[[], Logins] = logged_in_users) -> Logins:
+    """``read()`` on the event loop if it needs no account lookup, else on a worker thread,
+    at most :data:`READING_THREADS` per process at once; cancelling abandons the thread to
+    its lookup (it keeps its place until it returns)."""
+    try:
+        logins = known_accounts_only(read)
+    except AccountLookupNeededError:
+        pass
+    else:
+        await trio.lowlevel.checkpoint()
+        return logins
+    try:
+        limiter = _READING_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(READING_THREADS)
+        _READING_LIMITER.set(limiter)
+    return await trio.to_thread.run_sync(read, limiter=limiter, abandon_on_cancel=True)
+
+
 @final
 class UsersReader:
     """Reads the users as properties and ``N users``, then in parentheses ``K left out``
@@ -74,13 +115,15 @@ class UsersReader:
     list starts being cut and when it fits again, and when a source starts failing (or its
     error changes) and when it reads again, not at every pass."""
 
-    def __init__(self, read_logins: Callable[[], Logins] = logged_in_users) -> None:
+    def __init__(
+        self, read_logins: Callable[[], Awaitable[Logins]] = read_logins_without_blocking
+    ) -> None:
         self._read_logins = read_logins
         self._cut = False
         self._unread: Mapping[str, str] = {}
 
-    def __call__(self) -> Reading:
-        logins = self._read_logins()
+    async def __call__(self) -> Reading:
+        logins = await self._read_logins()
         self._note_unread(logins.unread)
         users = logins.users
         names, listed = users_list(users)
@@ -117,9 +160,10 @@ class UsersReader:
 def users_service(
     context: ServiceContext,
     section: UsersSection,
-    read_logins: Callable[[], Logins] = logged_in_users,
+    read_logins: Callable[[], Awaitable[Logins]] = read_logins_without_blocking,
 ) -> PublishingService:
-    """The service, reading the guest's logins (tests pass their own ``read_logins``)."""
+    """The service, reading the guest's logins off the event loop (tests pass their own
+    ``read_logins``)."""
     return PublishingService(
         NAME,
         context,

@@ -36,6 +36,7 @@ from agent.protocol import (
     HgcmConnect,
     HgcmDisconnect,
     HgcmU32,
+    HgcmU64,
     InterruptAllWaits,
     Log,
     VBoxStatusError,
@@ -73,6 +74,7 @@ from agent.protocol.status import (
 from tests.host.conftest import (
     ECHO,
     FN_ECHO,
+    FN_FAIL,
     FN_HOLD,
     Client,
     EchoService,
@@ -541,6 +543,25 @@ class TestHgcm:
         assert HgcmU32(5) == reply.params[2]
         await client.request(HgcmDisconnect(connected.client_id))
         assert host.status()["hgcm_clients"] == 0
+
+    async def test_made_up_signatures_do_not_grow_the_driver(
+        self, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Parameter-type signatures a client makes up leave at most ``MAX_PLANS`` plans
+        remembered, and a call whose signature the table has no room for still goes
+        through, its buffers too."""
+        monkeypatch.setattr(_hgcm, "_PLANS", {})
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        for signature in range(2 * _hgcm.MAX_PLANS):
+            made_up = tuple(HgcmU64(0) if signature >> bit & 1 else HgcmU32(0) for bit in range(9))
+            reply = await client.request(HgcmCall(client_id, FN_FAIL, (HgcmU32(0), *made_up)))
+            assert reply.status == VINF_SUCCESS
+        assert len(_hgcm._PLANS) == _hgcm.MAX_PLANS
+        params = (HgcmBufferIn(b"ping\0"), HgcmBufferOut(16), HgcmU32(0))
+        reply = await client.request(HgcmCall(client_id, FN_ECHO, params))
+        assert reply.params[1].data == b"ping\0" + bytes(11)  # type: ignore[union-attr]
+        assert HgcmU32(5) == reply.params[2]
 
     async def test_call_waits_for_a_held_session_mutex(self, host: SimulatedHost) -> None:
         """The client-id check runs under the session mutex: while another task holds it

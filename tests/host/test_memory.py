@@ -170,3 +170,13 @@ def test_reads_and_writes_anywhere_match_a_scan_of_the_regions() -> None:
                 memory.read(address, size)
         else:
             assert memory.read(address, size) == region[offset : offset + max(size, 0)]
+
+
+def test_unmap_all_forgets_each_region_and_ignores_unknown_addresses() -> None:
+    memory = DictMemory(base=BASE, limit=BASE + 64 * PAGE_SIZE)
+    first, second, kept = (memory.map(bytearray(10)) for _ in range(3))
+    memory.unmap_all([second, first, BASE + 1])
+    assert len(memory) == 1
+    assert memory.lock(first, 1) is None
+    assert memory.lock(second, 1) is None
+    assert memory.read(kept + 9, 1) == b"\0"  # found by bisection after the change

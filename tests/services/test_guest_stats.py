@@ -396,6 +396,35 @@ class TestReports:
         assert refused[0]["status"] == "VERR_PERMISSION_DENIED"
         assert "/dev/vboxuser" in refused[0]["device"]
 
+    @pytest.mark.parametrize("refusal", ["VERR_PERMISSION_DENIED", "VERR_ACCESS_DENIED"])
+    async def test_a_refusal_after_a_failed_first_read_settles_as_refused(
+        self, autojump_clock: trio.abc.Clock, refusal: str
+    ) -> None:
+        """A first interval read that fails otherwise starts the service on no interval; a
+        refusal before any read went through then means an untrusted session as it does at
+        the first read: one line, the status, and the service stays up (its start was
+        reported once: a second report would end the run and restart it)."""
+        host = SimulatedHost(personality="mainline", seed=1)
+        read = RequestType.GET_STATISTICS_CHANGE_REQ
+        with trio.fail_after(BOUND_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    service = GuestStatsService(ServiceContext(device, pump))
+                    await nursery.start(pump.run)
+                    host.add_fault(read, STATUS_CODES["VERR_GENERAL_FAILURE"])
+                    await nursery.start(service.run)
+                    assert service.status() == "statistics off (failing)"
+                    host.add_fault(read, STATUS_CODES[refusal])
+                    host.set_statistics_interval(1)
+                    await trio.sleep(3.0)
+                    assert service.status() == "statistics refused by the driver"
+                    assert guest_stats(host)["reports"] == 0
+                    nursery.cancel_scope.cancel()
+        refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
+        assert [entry["status"] for entry in refused] == [refusal]
+
     @pytest.mark.parametrize(
         ("failure", "logged"),
         [

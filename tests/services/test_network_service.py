@@ -28,6 +28,7 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
 from agent.services import EventPump, ServiceContext
 from agent.services._netifaces import NetInterface
 from agent.services._publishing import NOT_SENT
@@ -39,7 +40,7 @@ from agent.services.network import (
     network_service,
 )
 from agent.services.users import UsersSection
-from tests.services.publishing_support import GuestSource
+from tests.services.publishing_support import GuestSource, MalformedLists
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -331,6 +332,77 @@ async def test_a_stop_deletes_every_net_property(
             await service.drain()
             assert [name for name in names if host.prop_get(name) is not None] == []
             assert host.status()["hgcm_clients"] == 0
+
+
+@pytest.mark.parametrize("growing", [False, True], ids=["unended", "ever-growing"])
+async def test_a_malformed_list_of_owned_names_is_counted_not_fatal(
+    autojump_clock: trio.abc.Clock, interfaces: Interfaces, growing: bool
+) -> None:
+    """An ENUM_PROPS reply that breaks the ABI (a list never ended, or a host asking for a
+    larger buffer every time: ``HgcmSizeError``) is a host error like a refusal: logged when
+    it begins, shown in the status, tried again at the next pass; the interfaces are
+    published meanwhile, and the drain still deletes what the service wrote."""
+    host = SimulatedHost(services=[MalformedLists(growing=growing)])
+    names = network_properties(interfaces.now)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            async with open_device(SimOpener(host)) as device:
+                async with trio.open_nursery() as nursery:
+                    running = Running(host)
+                    context = ServiceContext(device, EventPump(device), running.status_changed)
+                    service = network_service(
+                        context, NetworkSection(interval_s=INTERVAL_S), interfaces
+                    )
+                    running.start(service)
+                    await nursery.start(context.pump.run)
+                    await nursery.start(service.run)
+                    await running.next_pass()
+                    assert all(running.value(name) == value for name, value in names.items())
+                    assert service.status() == "network: owned names unlisted (malformed reply)"
+                    nursery.cancel_scope.cancel()
+                await service.drain()
+            assert [name for name in names if host.prop_get(name) is not None] == []
+            vm.cancel_scope.cancel()
+    unlisted = [line for line in logs if line["event"] == "owned_properties_unlisted"]
+    assert len(unlisted) == 1
+    assert unlisted[0]["patterns"] == [f"{NET_PREFIX}*"]
+    assert ("larger buffer" if growing else "does not end") in unlisted[0]["malformed_reply"]
+
+
+async def test_a_host_without_the_property_service_is_tried_again_each_pass(
+    autojump_clock: trio.abc.Clock, interfaces: Interfaces
+) -> None:
+    """No property service on the host (where VBoxService disables its VM-info service): the
+    service starts all the same, says so in its status, logs it once and connects at the next
+    pass after the service appears; it is never a reason to restart."""
+    host = SimulatedHost(services=[])
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+                running = Running(host)
+                context = ServiceContext(device, EventPump(device), running.status_changed)
+                service = network_service(
+                    context, NetworkSection(interval_s=INTERVAL_S), interfaces
+                )
+                running.start(service)
+                await nursery.start(context.pump.run)
+                await nursery.start(service.run)
+                await trio.sleep(INTERVAL_S * 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert service.status() == (
+                    "network: property service unavailable (VERR_HGCM_SERVICE_NOT_FOUND)"
+                )
+                assert running.status_changes == 1
+                host.register_hgcm_service(GuestPropertyService())
+                await running.next_pass()
+                assert running.value(COUNT_PROPERTY) == "2"
+                assert service.status() == "network 2 interfaces"
+                nursery.cancel_scope.cancel()
+            vm.cancel_scope.cancel()
+    connects = [line["event"] for line in logs if "property_service" in line["event"]]
+    assert connects == ["property_service_unavailable", "property_service_connected_again"]
 
 
 async def publish_then_die(host: SimulatedHost, interfaces: Interfaces) -> list[str]:

@@ -13,17 +13,21 @@ from __future__ import annotations
 import os
 from typing import Final
 
+import structlog.testing
 import trio
 import trio.testing
 
 from agent import __version__
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestPropertyService
 from agent.services import EventPump, ServiceContext
 from agent.services.properties import (
     AGENT_VERSION_PROPERTY,
+    RETRY_S,
     PropertiesSection,
     PropertiesService,
+    PropertiesStatistics,
     published_properties,
 )
 
@@ -94,3 +98,33 @@ async def test_a_refused_property_shows_in_the_status(
                 if name != AGENT_VERSION_PROPERTY
             )
             nursery.cancel_scope.cancel()
+
+
+async def test_a_host_without_the_property_service_is_tried_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """No property service on the host (VBoxService then disables its VM-info service): the
+    service starts all the same, says why in its status, logs it once, connects again every
+    ``RETRY_S`` and publishes once the host has the service."""
+    host = SimulatedHost(services=[])
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                service = PropertiesService(ServiceContext(device, pump))
+                await nursery.start(pump.run)
+                await nursery.start(service.run)
+                assert service.status() == (
+                    "properties: property service unavailable (VERR_HGCM_SERVICE_NOT_FOUND)"
+                )
+                await trio.sleep(RETRY_S * 2.5)
+                assert service.statistics() == PropertiesStatistics(0, 0, 3)
+                host.register_hgcm_service(GuestPropertyService())
+                await trio.sleep(RETRY_S)
+                assert service.status() == "properties ok"
+                assert all(host.prop_get(name) is not None for name in published_properties())
+                nursery.cancel_scope.cancel()
+            vm.cancel_scope.cancel()
+    connects = [line["event"] for line in logs if "property_service" in line["event"]]
+    assert connects == ["property_service_unavailable", "property_service_connected_again"]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import structlog.testing
 import trio
 import trio.testing
 
+from agent.protocol import RequestType
+from agent.protocol.status import STATUS_CODES
 from agent.services import EventPump, ServiceContext, SessionMonitorStatistics
 from agent.services.registry import SERVICES
-from agent.services.session_monitor import SPEC, SessionMonitorSection
+from agent.services.session_monitor import RETRY_S, SPEC, SessionMonitorSection
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -60,6 +63,59 @@ class TestSessionMonitor:
                 assert changes[-1] == monitor.status()
                 assert monitor.statistics() == SessionMonitorStatistics(second, 1)
                 nursery.cancel_scope.cancel()
+
+    async def test_a_failing_read_is_counted_shown_and_tried_again(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A read the host refuses is no reason to restart (VBoxService ignores a failed
+        GetSessionId): the monitor starts, the status says why the id is unknown, one line
+        is logged, and the read is tried again every ``RETRY_S`` until it goes through; a
+        restore whose read fails keeps the id last read."""
+        pump = EventPump(device)
+        changes: list[str] = []
+        monitor = SPEC.build(
+            ServiceContext(device, pump, lambda: changes.append(monitor.status())),
+            SessionMonitorSection(),
+        )
+        general_failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                host.add_fault(RequestType.GET_SESSION_ID, general_failure, 3)
+                await nursery.start(monitor.run)
+                assert monitor.status() == (
+                    "vm session unknown (read failing: VERR_GENERAL_FAILURE)"
+                )
+                await trio.sleep(RETRY_S * 2.5)
+                assert monitor.statistics() == SessionMonitorStatistics(None, 0, 3)
+                await trio.sleep(RETRY_S)
+                first = _session_id(host)
+                assert monitor.status() == f"vm session {first:#x}, 0 restores"
+                host.add_fault(RequestType.GET_SESSION_ID, general_failure, 2)
+                for restores in (1, 2):
+                    host.restore()
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert (
+                        changes[-1]
+                        == monitor.status()
+                        == (
+                            f"vm session {first:#x}, {restores} restores"
+                            " (read failing: VERR_GENERAL_FAILURE)"
+                        )
+                    )
+                await trio.sleep(RETRY_S * 1.5)
+                assert monitor.status() == f"vm session {_session_id(host):#x}, 2 restores"
+                assert monitor.statistics() == SessionMonitorStatistics(_session_id(host), 2, 5)
+                nursery.cancel_scope.cancel()
+        events = [line["event"] for line in logs if line["event"].startswith("vm_session")]
+        assert events == [
+            "vm_session_unreadable",
+            "vm_session_read_again",
+            "vm_session_read",
+            "vm_session_unreadable",
+            "vm_session_read_again",
+            "vm_session_read",
+        ]
 
     async def test_reconfigure_and_drain(
         self, autojump_clock: trio.abc.Clock, device: Device

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pwd
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -30,7 +32,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer
 from agent.protocol.status import VERR_PARSE_ERROR
-from agent.services import EventPump, ServiceContext
+from agent.services import EventPump, ServiceContext, _logins
 from agent.services._logins import (
     LIBSYSTEMD,
     MAX_UTMP_BYTES,
@@ -51,13 +53,14 @@ from agent.services.users import (
     NONE_PROPERTY,
     UsersReader,
     UsersSection,
+    read_logins_without_blocking,
     users_list,
     users_service,
 )
-from tests.services.publishing_support import GuestSource
+from tests.services.publishing_support import GuestSource, HeldAnswers
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from agent.device import Device
@@ -67,6 +70,8 @@ if TYPE_CHECKING:
 LIMIT_S: Final = 60
 INTERVAL_S: Final = 5.0
 LOGIN_PROCESS: Final = 6
+UNNAMED_UIDS: Final = (4_000_000_001, 4_000_000_002)
+"""uids no account database names (lookups in this process are kept: no other test asks)."""
 DEAD_PROCESS: Final = 8
 FLAGS: Final = "TRANSIENT, TRANSRESET"
 """What the host keeps of a TRANSRESET write: the service always adds TRANSIENT to it."""
@@ -239,7 +244,7 @@ WITH_USERNAME: Final = textwrap.dedent(
 REPORT_CACHE: Final = textwrap.dedent(
     """
     from agent.services import _logins
-    print(_logins._cached_account_name.cache_info().currsize)
+    print(len(_logins._ACCOUNTS.names))
     """
 )
 
@@ -292,6 +297,92 @@ def test_before_systemd_254_the_uid_s_account_names_the_user() -> None:
     assert _logind_users(WITHOUT_USERNAME) == ["4242", "root", 1]
 
 
+COUNT_LOOKUPS: Final = textwrap.dedent(
+    """
+    import pwd
+
+    asked = []
+    account = pwd.getpwuid
+
+    def counted(uid):
+        asked.append(uid)
+        return account(uid)
+
+    pwd.getpwuid = counted
+    """
+)
+READ_TWICE_MORE: Final = textwrap.dedent(
+    """
+    for _ in range(2):
+        assert sorted(logind_users()) == ["4242", "root"]
+    print(json.dumps(sorted(asked)))
+    """
+)
+
+
+def test_an_account_lookup_that_misses_is_not_repeated_at_the_next_reading() -> None:
+    """Without ``sd_session_get_username`` each uid is looked up in the account database,
+    which may block on a network directory: a name found is kept, and a uid with none
+    (4242) is not asked again at the next reading, only at the one after (a passing NSS
+    failure does not stick): three readings, two lookups of 4242, one of root."""
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_USERNAME + COUNT_LOOKUPS + LOGIND_SCRIPT + READ_TWICE_MORE],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+        check=False,
+        env=dict(os.environ, SESSIONS=json.dumps(SESSIONS)),
+    )
+    assert done.returncode == 0, done.stderr
+    first, asked = done.stdout.splitlines()
+    assert sorted(json.loads(first)) == ["4242", "root"]
+    assert json.loads(asked) == [0, 4242, 4242]
+
+
+async def test_a_reading_that_must_ask_the_account_database_runs_on_one_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reading that must look an account up (which may block on a network directory) runs
+    on a worker thread; a stop does not wait for one stuck in its lookup, and the next such
+    reading waits for that thread rather than start a second; a reading whose names are all
+    known runs on the event loop (real clock and threads)."""
+    entered, release = threading.Event(), threading.Event()
+    askers: list[int] = []
+
+    def directory(uid: int) -> pwd.struct_passwd:
+        askers.append(threading.get_ident())
+        entered.set()
+        release.wait(LIMIT_S)
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", directory)
+
+    def reading(uid: int) -> Callable[[], Logins]:
+        return lambda: Logins((_logins._account_name(uid) or str(uid),))
+
+    read: list[Logins] = []
+
+    async def read_again() -> None:
+        read.append(await read_logins_without_blocking(reading(UNNAMED_UIDS[1])))
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as stopped:
+            stopped.start_soon(read_logins_without_blocking, reading(UNNAMED_UIDS[0]))
+            await trio.to_thread.run_sync(entered.wait, abandon_on_cancel=True)
+            stopped.cancel_scope.cancel()
+        assert not release.is_set()  # the stop came back with the thread still in its lookup
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_again)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (read, len(askers)) == ([], 1)
+            release.set()
+        assert read == [Logins((str(UNNAMED_UIDS[1]),))]
+        assert len(askers) == 2
+        assert threading.get_ident() not in askers
+        known = await read_logins_without_blocking(reading(UNNAMED_UIDS[1]))  # a recent miss
+        assert (known, len(askers)) == (Logins((str(UNNAMED_UIDS[1]),)), 2)
+
+
 def test_libsystemd_is_loaded_once_and_kept() -> None:
     """libsystemd is loaded at the first read and kept: since systemd 256 it cannot be
     unloaded (``-z nodelete``), and unloading it on older ones cost each read ~0.9 ms."""
@@ -317,12 +408,22 @@ class Users(GuestSource[str]):
         return Logins(self())
 
 
-def test_the_summary_stays_one_fragment_of_systemd_s_status_line(tmp_path: Path) -> None:
+def on_loop(read: Callable[[], Logins]) -> Callable[[], Awaitable[Logins]]:
+    """``read`` as the service calls it, but on the event loop: the virtual clock jumps while
+    a worker thread is busy, so the service tests keep off threads."""
+
+    async def read_on_loop() -> Logins:
+        return read()
+
+    return read_on_loop
+
+
+async def test_the_summary_stays_one_fragment_of_systemd_s_status_line(tmp_path: Path) -> None:
     """The daemon joins the services' statuses with ``STATUS_SEPARATOR`` into ``STATUS=``:
     a users status naming a cut list, a source not read or both sources' errors must not
     hold it, or the line could not be split back into the services' parts."""
     error = "sd_get_sessions: Input/output error"
-    reading = UsersReader(lambda: Logins(("é" * 512, "alice"), {"logind": error}))()
+    reading = await UsersReader(on_loop(lambda: Logins(("é" * 512, "alice"), {"logind": error})))()
     assert reading.summary == f"1 user (1 left out, logind not read: {error})"
     with pytest.raises(LoginsError) as both:
         logged_in_users(tmp_path, failing_logind)
@@ -336,7 +437,7 @@ async def start_users(
     """The event pump and the users service on ``device``, a pass every ``INTERVAL_S``."""
     pump = EventPump(device)
     section = UsersSection(interval_s=INTERVAL_S)
-    service = users_service(ServiceContext(device, pump), section, read_logins)
+    service = users_service(ServiceContext(device, pump), section, on_loop(read_logins))
     await nursery.start(pump.run)
     await nursery.start(service.run)
     return service
@@ -389,6 +490,60 @@ async def test_follows_logins_with_transreset_and_deletes_them_at_stop(
             await service.drain()
     assert values(host) == dict.fromkeys((LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY))
     assert host.status()["hgcm_clients"] == 0
+
+
+async def test_a_first_write_a_stop_cut_off_is_deleted_at_the_drain(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A stop that cancels the first write once the host carried it out (its answer still
+    to come) leaves no user list behind: the name counts as held from the write, as
+    VBoxService's cache holds an entry from its first update and resets it at termination."""
+    service = HeldAnswers()
+    host = SimulatedHost(services=[service])
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            async with open_device(SimOpener(host)) as device:
+                service.holding = True
+                async with trio.open_nursery() as nursery:
+                    pump = EventPump(device)
+                    users_svc = users_service(
+                        ServiceContext(device, pump), UsersSection(), on_loop(users.logins)
+                    )
+                    await nursery.start(pump.run)
+                    nursery.start_soon(users_svc.run)  # its start waits for the answer
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert values(host)[LIST_PROPERTY] == ("alice", FLAGS)
+                    assert len(service.held) == 1
+                    nursery.cancel_scope.cancel()
+                service.holding = False
+                await users_svc.drain()
+            assert values(host) == dict.fromkeys((LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY))
+            vm.cancel_scope.cancel()
+    deleted = [line for line in logs if line["event"] == "published_deleted"]
+    assert deleted == [{"event": "published_deleted", "log_level": "info", "properties": 1}]
+
+
+async def test_a_first_write_the_host_refused_is_not_deleted_at_the_drain(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """A name the host refused from its first write was never ours: the drain leaves it
+    (here the host's own read-only list) and deletes the two it holds."""
+    host.prop_set(LIST_PROPERTY, "set by the host", "RDONLYGUEST")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device:
+            async with trio.open_nursery() as nursery:
+                service = await start_users(device, nursery, Users("alice").logins)
+                assert (
+                    service.status() == f"users: {LIST_PROPERTY} refused (VERR_PERMISSION_DENIED)"
+                )
+                nursery.cancel_scope.cancel()
+            await service.drain()
+    assert values(host)[LIST_PROPERTY] == ("set by the host", "RDONLYGUEST")
+    deleted = [line for line in logs if line["event"] in {"published_deleted", "property_refused"}]
+    assert [line["event"] for line in deleted] == ["property_refused", "published_deleted"]
+    assert deleted[1]["properties"] == 2
 
 
 async def test_a_failing_logind_leaves_utmp_s_users_published(
@@ -603,7 +758,7 @@ async def test_a_restore_tries_transreset_again(autojump_clock: trio.abc.Clock) 
             nursery.cancel_scope.cancel()
 
 
-def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
+async def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
     """As in VBoxService 7.2.6, each name that would take the list over the 1023-byte value
     limit is left out, a later one that fits still listed; only the listed names count, and
     with none listed no one is logged in."""
@@ -615,7 +770,7 @@ def test_a_long_list_leaves_out_the_names_that_do_not_fit() -> None:
     exact = ["x" * 511, "y" * 511]  # 1023 bytes with the comma: fits exactly
     assert users_list(exact) == ("x" * 511 + "," + "y" * 511, 2)
     assert users_list(["x" * 1000, "y" * 100, "z" * 10]) == ("x" * 1000 + "," + "z" * 10, 2)
-    alone = UsersReader(lambda: Logins(("é" * 512,)))()  # 1024 bytes: the name never fits
+    alone = await UsersReader(on_loop(lambda: Logins(("é" * 512,))))()  # 1024 bytes: never fits
     assert alone.properties == {LIST_PROPERTY: "", NONE_PROPERTY: "true", COUNT_PROPERTY: "0"}
     assert alone.summary == "0 users (1 left out)"
 

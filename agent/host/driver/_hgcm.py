@@ -59,15 +59,15 @@ CANCEL_GRACE_OTHER_S: Final = 2.0
 VERR_SEM_DESTROYED: Final = STATUS_CODES["VERR_SEM_DESTROYED"]
 PAGE_LIST_HEADER_SIZE: Final = 8
 PAGE_ADDRESS_SIZE: Final = 8
-_EMPTY_BUFFER_LIST_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
+_ONE_PAGE_LIST_SIZE: Final = PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE
+_EMPTY_BUFFER_LIST_SIZE: Final = _ONE_PAGE_LIST_SIZE
 """What the driver reserves in the request for an empty buffer: a one-page list's size."""
 _BUFFER_TYPES: Final[dict[int, int]] = {
     int(HgcmParmType.LINADDR): int(PageListDirection.BOTH),
     int(HgcmParmType.LINADDR_IN): int(PageListDirection.TO_HOST),
     int(HgcmParmType.LINADDR_OUT): int(PageListDirection.FROM_HOST),
 }
-"""The buffer types and their page lists' directions, as plain ints: a parameter's type
-(an int) then finds its key by identity, where an enum key takes a comparison."""
+"""The buffer types and their page lists' directions, as plain ints."""
 _P = L.HgcmParameter64
 _LINADDR_IN: Final = int(HgcmParmType.LINADDR_IN)
 _LINADDR_OUT: Final = int(HgcmParmType.LINADDR_OUT)
@@ -103,18 +103,10 @@ fills the low half of the address word, and the union's last word, the high half
 as ``vbg_req_alloc`` filled it (four bytes 0xAA)."""
 
 
-def _items(codec: struct.Struct) -> int:
-    """How many values ``codec`` packs."""
-    return len(codec.unpack(bytes(codec.size)))
-
-
-_PARMS_AT_VALUE: Final = _items(H.REQUEST_HEADER) + _items(_CALL_REQUEST.codec)
-"""Where the parameters' words start in the values a request is packed from."""
 _IN_PAGE: Final = PAGE_SIZE - 1
 """The mask of an address's offset in its page."""
 _FILL: Final = bytearray((FILL_BYTE,))
 """What ``vbg_req_alloc`` fills a new request with, a byte to repeat (never changed)."""
-"""A parameter without a page list (a value, an empty buffer), in a call's shape."""
 
 
 class _Outcome(enum.Enum):
@@ -221,7 +213,7 @@ class _TooBigError(Exception):
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
     ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
-    target, timeout_ms, parms = _checked_call(kbuf)
+    target, timeout_ms, parms, plan = _checked_call(kbuf)
     client_id = target[0]
     if drv.session_mutex.locked:
         async with drv.session_mutex:
@@ -233,25 +225,45 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     buffers: list[tuple[int, bytearray | None]] = []
     """Per buffer parameter: its place in ``parms``, its bounce buffer to copy back."""
     placed: list[int] = []
-    """Where the bounce buffers sit in guest RAM, to free."""
+    """What sits in guest RAM, to free: the bounce buffers, then the request."""
+    ram = drv.ram
     try:
-        req = _prepare(drv, session, parms, memory, target=target, buffers=buffers, placed=placed)
-        error = await _do_call(drv, req, timeout_ms)
-        if error:
-            raise fail(error)
+        req = _prepare(
+            drv, session, parms, memory, plan=plan, target=target, buffers=buffers, placed=placed
+        )
+        # vbg_hgcm_do_call's submission, inline (every call passes here): the host
+        # completes most calls before the port write returns; only the others wait, in
+        # _wait_call, which then owns the request (it frees it unless it leaks it).
+        phys = ram.map(req)
+        placed.append(phys)
+        vmmdev = drv.vmmdev
+        if vmmdev.faults.has_delays:
+            await vmmdev.submit(phys)
+        else:  # vmmdev.submit, inline without a delay: a coroutine less per call
+            vmmdev.process(phys)
+        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
+        if rc < 0:  # the request failed: its rc goes as the call's result
+            H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
+        elif rc == VINF_HGCM_ASYNC_EXECUTE and not (
+            H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE  # _done, inline
+        ):
+            placed.pop()
+            error = await _wait_call(drv, req, phys, timeout_ms)
+            if error:
+                raise fail(error)
         _copy_back(kbuf, req, parms, buffers, memory)
         status: int = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     finally:
-        for address in placed:
-            drv.ram.unmap(address)
+        # After the copy-back, as vbg_hgcm_call frees the request, then the bounce buffers.
+        ram.unmap_all(placed)
     H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, status)
 
 
-def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...]]:
-    """The ioctl's own checks, in order; return the target (client, function), the timeout
-    and the parameters (each read as a buffer: type, size, address)."""
+def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...], _Plan]:
+    """The ioctl's own checks, in order; return the target (client, function), the timeout,
+    the parameters (each read as a buffer: type, size, address) and their plan."""
     if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
         raise fail(errno.EINVAL)
     size_in, _, _, _, size_out, _, client_id, function, timeout_ms, _, _, count = (
@@ -268,9 +280,37 @@ def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...
         raise fail(errno.EINVAL)
     H.IOCTL_SIZE_OUT.pack_into(kbuf, H.IOCTL_SIZE_OUT_AT, needed)
     parms = _PARM_ARRAYS[count].unpack_from(kbuf, HGCM_CALL_HEADER_SIZE)
-    if not _USER_PARM_TYPES.issuperset(parms[0::3]):
-        raise fail(errno.EINVAL)
-    return (client_id, function), timeout_ms, parms
+    types = parms[0::3]
+    plan = _PLANS.get(types)  # only valid types have a plan
+    if plan is None:
+        if not _USER_PARM_TYPES.issuperset(types):
+            raise fail(errno.EINVAL)
+        plan = _plan(types)
+    return (client_id, function), timeout_ms, parms, plan
+
+
+_Plan = tuple[tuple[int, int, int], ...]
+"""Per buffer parameter of a call, in order: its place in the parameters' words (its type's),
+its type and its page list's direction."""
+MAX_PLANS: Final = 256
+"""Parameter-type signatures whose plan is remembered: far more than the agent's calls use,
+few enough that signatures a client makes up cannot grow the table; others are worked out
+each time."""
+_PLANS: Final[dict[tuple[int, ...], _Plan]] = {}
+"""The plans of the signatures seen, by their parameters' types (all valid)."""
+
+
+def _plan(types: tuple[int, ...]) -> _Plan:
+    """The plan of a call whose parameters have ``types`` (all valid), remembered while
+    :data:`MAX_PLANS` are not."""
+    plan = tuple(
+        (3 * index, kind, _BUFFER_TYPES[kind])
+        for index, kind in enumerate(types)
+        if kind in _BUFFER_TYPES
+    )
+    if len(_PLANS) < MAX_PLANS:
+        _PLANS[types] = plan
+    return plan
 
 
 def _prepare(
@@ -279,14 +319,15 @@ def _prepare(
     parms: tuple[int, ...],
     memory: GuestMemory,
     *,
+    plan: _Plan,
     target: tuple[int, int],
     buffers: list[tuple[int, bytearray | None]],
     placed: list[int],
 ) -> bytearray:
-    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the parameters
-    of the call to ``target`` (client id, function); ``buffers`` gets each buffer
-    parameter's place in ``parms`` and the bounce buffer to copy back (None for an empty
-    or LINADDR_IN buffer).
+    """``hgcm_call_preprocess`` then ``hgcm_call_init_call``, in one pass over the buffer
+    parameters (``plan``) of the call to ``target`` (client id, function); ``buffers``
+    gets each buffer parameter's place in ``parms`` and the bounce buffer to copy back
+    (None for an empty or LINADDR_IN buffer).
 
     Per buffer parameter, in parameter order as the driver does: E2BIG over
     ``VBG_MAX_HGCM_USER_PARM``, then the bounce buffer is allocated in guest RAM, then the
@@ -300,21 +341,17 @@ def _prepare(
     ``hgcm_call_add_pagelist_size`` counts one page for it.
     """
     count = len(parms) // 3
-    values = [0, REQUEST_HEADER_VERSION, H.HGCM_CALL64, VERR_GENERAL_FAILURE, 0]
-    values += (session.requestor, 0, 0, *target, count, *parms)
+    words = list(parms)
+    """The parameters' words as the request gets them: a buffer's become a page list's."""
     shape = [count]
     lists: list[int] = []
     lists_at = _REQUEST_PARMS_AT + HGCM_PARM64_SIZE * count
     spare = 0
     ram = drv.ram
-    for at in range(0, len(parms), 3):
-        direction = _BUFFER_TYPES.get(parms[at])
-        if direction is None:  # a value: it goes as the user gave it
-            continue
-        kind = parms[at]
-        size = parms[at + 1]
+    for at, kind, direction in plan:  # the buffers: a value goes as the user gave it
+        size = words[at + 1]
         if not size:  # an empty buffer: a linear address, 0
-            values[_PARMS_AT_VALUE + at + 2] = 0
+            words[at + 2] = 0
             spare += _EMPTY_BUFFER_LIST_SIZE
             buffers.append((at, None))
             continue
@@ -326,29 +363,32 @@ def _prepare(
         if kind == _LINADDR_OUT:
             buffers.append((at, bounce))
         else:
-            bounce[:] = memory.read(parms[at + 2], size)
+            bounce[:] = memory.read(words[at + 2], size)
             buffers.append((at, None if kind == _LINADDR_IN else bounce))
+        words[at] = _PAGELIST
+        words[at + 2] = lists_at | _UNION_FILL
         in_page = phys & _IN_PAGE
-        first_page = phys - in_page
         pages = (size + in_page + _IN_PAGE) // PAGE_SIZE
         shape.append(pages)
-        values[_PARMS_AT_VALUE + at] = _PAGELIST
-        values[_PARMS_AT_VALUE + at + 2] = lists_at | _UNION_FILL
         if pages == 1:
-            lists += (direction, in_page, 1, first_page)
+            lists += (direction, in_page, 1, phys - in_page)
+            lists_at += _ONE_PAGE_LIST_SIZE
         else:
+            first_page = phys - in_page
             lists += (direction, in_page, pages)
             lists += range(first_page, first_page + pages * PAGE_SIZE, PAGE_SIZE)
-        lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
+            lists_at += PAGE_LIST_HEADER_SIZE + PAGE_ADDRESS_SIZE * pages
     # vbg_req_alloc, inline (a call less per call): filled with 0xAA, then packed.
-    values[0] = size = lists_at + spare
+    size = lists_at + spare
     req = _FILL * size
-    values += lists
     last = _LAST
     if shape != last.shape:
         last.codec = _request_codec(tuple(shape))
         last.shape = shape
-    last.codec.pack_into(req, 0, *values)
+    last.codec.pack_into(
+        req, 0, size, REQUEST_HEADER_VERSION, H.HGCM_CALL64, VERR_GENERAL_FAILURE, 0,
+        session.requestor, 0, 0, *target, count, *words, *lists,
+    )  # fmt: skip
     return req
 
 
@@ -417,11 +457,13 @@ async def _wait_done(drv: Driver, req: bytearray) -> None:
         await drv.hgcm_wq.park()
 
 
-async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
-    """``vbg_hgcm_do_call`` for a user caller: return 0 or an errno.
+async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) -> int:
+    """The rest of ``vbg_hgcm_do_call`` for a user caller's call at ``phys`` that the host
+    did not finish at once: wait for it, then free the request unless it is leaked; return
+    0 or an errno.
 
-    The timeout runs from the submission, as the driver's wait does; only a call the host
-    did not finish at once waits.
+    The timeout runs from the submission, as the driver's wait does (the caller submitted
+    just before).
 
     A trio cancellation plays the signal: a call already done returns (the wait checks its
     condition before the signal), any other is cancelled at the host, then the cancellation
@@ -431,19 +473,8 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
     that never completed is leaked, as the kernel does, because the host may still write
     to it.
     """
-    phys = drv.ram.map(req)
     leaked = False
     try:
-        await drv.vmmdev.submit(phys)
-        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
-        if rc < 0:
-            L.HgcmRequestHeader.result.set(req, rc)
-            return 0
-        # _done(req), inline: the host completes most calls before the port write returns.
-        if rc != VINF_HGCM_ASYNC_EXECUTE or (
-            H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE
-        ):
-            return 0
         deadline = (
             math.inf
             if timeout_ms == TIMEOUT_INFINITE
@@ -467,7 +498,7 @@ async def _do_call(drv: Driver, req: bytearray, timeout_ms: int) -> int:
         leaked = outcome is _Outcome.LEAKED
         return 0 if outcome is _Outcome.DONE else errno.ETIMEDOUT
     finally:
-        if not leaked:  # a bool, not the enum: no class attribute look-up for every call
+        if not leaked:
             drv.ram.unmap(phys)
 
 
