@@ -45,12 +45,13 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 DEFAULT_DEVICE: Final = "/dev/vboxguest"
-MIN_IOCTL_THREADS: Final = 3
-"""What the character-device transport needs: the event pump's wait, the short calls beside
-it (the daemon's property calls are short) and the interrupt that ends the wait."""
+MIN_IOCTL_THREADS: Final = 4
+"""What the character-device transport needs: the event pump's wait, the short HGCM calls
+beside it (the daemon's property calls and connects are short), the VMMDev requests (the
+heartbeat) that no HGCM call may hold up, and the interrupt that ends the wait."""
 MAX_IOCTL_THREADS: Final = 80
-"""64 long HGCM waits (property notifications) beside the event pump take 67 threads, the
-three reserved ones included; 80 leaves room for more short calls beside them. Twice this
+"""64 long HGCM waits (property notifications) beside the event pump take 68 threads, the
+four reserved ones included; 80 leaves room for more short calls beside them. Twice this
 (the workers and as many replacing abandoned calls) fits the unit's ``TasksMax=168`` with
 the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
@@ -73,13 +74,15 @@ class DeviceConfig(_Model):
 
     path: str = DEFAULT_DEVICE
     """A character device path, or ``unix:PATH`` for a simulated host's socket."""
-    ioctl_threads: int = Field(default=4, ge=MIN_IOCTL_THREADS, le=MAX_IOCTL_THREADS)
+    ioctl_threads: int = Field(default=5, ge=MIN_IOCTL_THREADS, le=MAX_IOCTL_THREADS)
     """Worker threads for ioctls, for the whole process. Blocking calls (the event pump's
-    wait, property notifications) may hold all of them but two: one stays for short calls
-    (property sets and every other request), one for the interrupt that ends a blocked
-    wait; long HGCM calls (property notifications) leave one more for the event pump's
-    wait, so N of them need N + 3. A blocking call beyond that fails with a message naming
-    this setting, while a short call waits for a free thread."""
+    wait, property notifications) may hold all of them but three: one stays for short calls
+    (property sets, HGCM connects and every other request), one for VMMDev requests (the
+    heartbeat, the balloon), which no HGCM call may take since the host may hold those, and
+    one for the interrupt that ends a blocked wait; long HGCM calls (property notifications)
+    leave one more for the event pump's wait, so N of them need N + 4. A blocking call
+    beyond that fails with a message naming this setting, while a short call waits for a
+    free thread."""
 
     @field_validator("path")
     @classmethod

@@ -137,8 +137,9 @@ def _stated_limits(field: FieldInfo) -> list[tuple[str, ...]]:
 
 
 def _number(value: object) -> str:
-    """A bound as the file states it: an integer in full (3600000), a float short (0.5)."""
-    return str(value) if isinstance(value, int) else f"{value:g}"
+    """A bound as the file states it: an integer in full (3600000), a float in its shortest
+    exact form (0.5, 4294967.294; 3600 for 3600.0)."""
+    return str(value) if isinstance(value, int) else repr(value).removesuffix(".0")
 
 
 def _comment_above(section: str, key: str) -> str:
@@ -154,7 +155,7 @@ class TestModels:
     def test_defaults(self) -> None:
         """The defaults are the documented values."""
         config = AgentConfig()
-        assert config.device == DeviceConfig(path="/dev/vboxguest", ioctl_threads=4)
+        assert config.device == DeviceConfig(path="/dev/vboxguest", ioctl_threads=5)
         assert config.daemon == DaemonConfig(
             shutdown_timeout_s=5.0,
             restart_backoff_initial_s=1.0,
@@ -224,7 +225,7 @@ class TestProblems:
         ("text", "expected"),
         [
             ("[device]\nioctl_threads = 81\n", "device.ioctl_threads = 81: must be <= 80"),
-            ("[device]\nioctl_threads = 2\n", "device.ioctl_threads = 2: must be >= 3"),
+            ("[device]\nioctl_threads = 3\n", "device.ioctl_threads = 3: must be >= 4"),
             (
                 "[daemon]\nshutdown_timeout_s = 14\n",
                 "daemon.shutdown_timeout_s = 14: must be <= 13",

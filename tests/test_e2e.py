@@ -357,7 +357,7 @@ class TestTwoProcesses:
                 {
                     "path": str(config),
                     "errors": [
-                        f"{config}: device.ioctl_threads = 1: must be >= 3",
+                        f"{config}: device.ioctl_threads = 1: must be >= 4",
                         f"{config}: log.level = \"loud\": must be one of 'debug', 'info', "
                         "'warning' or 'error'",
                     ],

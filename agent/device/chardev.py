@@ -11,20 +11,22 @@ session. Design points:
   timeout, such as the event pump's wait or a property notification) holds its thread for
   as long as the host keeps it, so the budget must cover all of them at once. Blocking
   calls in flight are counted: long HGCM calls may hold all threads but
-  :data:`RESERVED_THREADS`, a WAIT_FOR_EVENTS all but those kept for short calls and
-  interrupts, so the event pump's wait (the agent's only one) is never refused however
-  many property waits are open (it may wait, as any call, while short calls hold the other
-  threads; the host keeps its events latched meanwhile), and a full budget can never
-  deadlock: a blocking call
-  beyond that fails at once with :class:`IoctlThreadsExhaustedError`, naming the setting to
-  raise. Short calls (any other ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``,
-  such as a property set) never fail for want of a thread: they wait for one, which they
-  hold only briefly (at most about ``SHORT_CALL_TIMEOUT_MS``: an HGCM connect or
-  disconnect, which neither driver times out or lets a signal end, is given up after that
-  by ``Device.open_hgcm_client``, and its thread abandoned and replaced). They may take
-  every thread but :data:`INTERRUPT_THREADS`: those only INTERRUPT_ALL_WAIT_FOR_EVENTS takes
-  (the driver answers it at once), so ending a blocked wait never waits for short calls the
-  host holds.
+  :data:`RESERVED_THREADS`, a WAIT_FOR_EVENTS all but those kept for short calls, prompt
+  calls and interrupts, so the event pump's wait (the agent's only one) is never refused
+  however many property waits are open (it may wait, as any call, while short calls hold
+  the other threads; the host keeps its events latched meanwhile), and a full budget can
+  never deadlock: a blocking call beyond that fails at once with
+  :class:`IoctlThreadsExhaustedError`, naming the setting to raise. Short calls (any other
+  ioctl; an HGCM call with at most ``SHORT_CALL_TIMEOUT_MS``, such as a property set) never
+  fail for want of a thread: they wait for one. The host may hold those that wait for it
+  (:func:`waits_for_host`: an HGCM call for up to its timeout, an HGCM connect or
+  disconnect, which neither driver times out or lets a signal end, until
+  ``Device.open_hgcm_client`` gives it up after ``SHORT_CALL_TIMEOUT_MS`` and its thread is
+  abandoned and replaced), so they may not take the :data:`PROMPT_THREADS` either: those
+  stay for the *prompt* calls, VMMDev requests and the driver's own calls (the heartbeat,
+  the balloon, facility reports), which the host answers within the request. No call but
+  INTERRUPT_ALL_WAIT_FOR_EVENTS takes the :data:`INTERRUPT_THREADS` (the driver answers it
+  at once), so ending a blocked wait never waits for short calls the host holds.
 - **libc, not fcntl.** Every ioctl calls libc ``ioctl`` through ctypes, which releases the
   GIL for the call and raises EINTR to the caller. ``fcntl.ioctl`` would do neither for
   every buffer: on 3.11-3.13 it keeps the GIL for buffers over 1 KiB, and from 3.14 on it
@@ -141,17 +143,24 @@ DEFAULT_PATH: Final = "/dev/vboxguest"
 INTERRUPT_THREADS: Final = 1
 """Threads only INTERRUPT_ALL_WAIT_FOR_EVENTS may take: what ends a blocked wait finds one
 however many short calls the host holds (the driver answers it without the host)."""
+PROMPT_THREADS: Final = 1
+"""Threads no call that waits for the host (:func:`waits_for_host`) may take: VMMDev
+requests and the driver's own calls (the heartbeat, the balloon, facility reports) find one
+however many HGCM connects, disconnects and calls the host holds."""
 SHORT_CALL_THREADS: Final = 1
-"""Threads no blocking call may take: short calls always progress."""
+"""Threads no blocking call may take: short calls (HGCM connects and property sets
+included) always progress."""
 EVENT_WAIT_THREADS: Final = 1
 """Threads a long HGCM call may not take: the event pump's WAIT_FOR_EVENTS is never refused
 (short calls may still hold it up until one of them returns)."""
-RESERVED_THREADS: Final = INTERRUPT_THREADS + SHORT_CALL_THREADS + EVENT_WAIT_THREADS
+RESERVED_THREADS: Final = (
+    INTERRUPT_THREADS + PROMPT_THREADS + SHORT_CALL_THREADS + EVENT_WAIT_THREADS
+)
 """Threads a long HGCM call may never take: ``N`` long waits need ``N + RESERVED_THREADS``."""
 MIN_THREADS: Final = RESERVED_THREADS
-"""The smallest thread budget: the event pump's wait, a short call beside it and the
-interrupt that ends the wait (a long HGCM call needs one more)."""
-DEFAULT_THREADS: Final = 4
+"""The smallest thread budget: the event pump's wait, a short HGCM call and a prompt call
+beside it, and the interrupt that ends the wait (a long HGCM call needs one more)."""
+DEFAULT_THREADS: Final = 5
 """The reserved threads and one long HGCM call (a property wait)."""
 INTERRUPT_SIGNAL: Final = signal.SIGURG
 EINTR_RETRIES: Final = 3
@@ -252,7 +261,7 @@ class ThreadBudget:
         if threads < MIN_THREADS:
             msg = (
                 f"ioctl threads must be at least {MIN_THREADS} (the event pump's wait, a short "
-                f"call and the interrupt that ends the wait), not {threads}"
+                f"HGCM call, a VMMDev request and the interrupt that ends the wait), not {threads}"
             )
             raise ValueError(msg)
         self.threads = threads
@@ -261,6 +270,10 @@ class ThreadBudget:
         """Held, besides a ``limiter`` token, by every call but INTERRUPT_ALL while it has
         a thread, so :data:`INTERRUPT_THREADS` stay for the interrupts; an abandoned call
         gives its token back (its thread, still holding the ``limiter`` token, is replaced)."""
+        self.host_calls = trio.CapacityLimiter(threads - INTERRUPT_THREADS - PROMPT_THREADS)
+        """Held, besides a ``calls`` token, by every call that waits for the host
+        (:func:`waits_for_host`), so :data:`PROMPT_THREADS` stay for the prompt calls; an
+        abandoned call gives it back as it does its ``calls`` token."""
         self.blocking = 0
         self.long_hgcm_calls = 0
         """The blocking calls that are HGCM calls (not WAIT_FOR_EVENTS)."""
@@ -276,23 +289,33 @@ class ThreadBudget:
         Raises:
             IoctlThreadsExhaustedError: blocking calls already hold every thread it may take.
         """
-        kept = SHORT_CALL_THREADS + INTERRUPT_THREADS
+        kept = SHORT_CALL_THREADS + PROMPT_THREADS + INTERRUPT_THREADS
         if self.blocking >= self.threads - kept:
             msg = (
                 f"{self.blocking} blocking ioctls hold all {self.threads} ioctl threads but "
-                f"the {kept} kept for short calls and interrupts: a blocking call cannot "
-                "start; raise device.ioctl_threads"
+                f"the {kept} kept for short calls, VMMDev requests and interrupts: a blocking "
+                "call cannot start; raise device.ioctl_threads"
             )
             raise IoctlThreadsExhaustedError(msg)
         if hgcm and self.long_hgcm_calls >= self.threads - RESERVED_THREADS:
             msg = (
                 f"{self.long_hgcm_calls} long HGCM calls hold all {self.threads} ioctl threads "
-                f"but the {RESERVED_THREADS} kept for the event pump's wait, short calls and "
-                "interrupts: a long HGCM call cannot start; raise device.ioctl_threads"
+                f"but the {RESERVED_THREADS} kept for the event pump's wait, short calls, "
+                "VMMDev requests and interrupts: a long HGCM call cannot start; raise "
+                "device.ioctl_threads"
             )
             raise IoctlThreadsExhaustedError(msg)
         self.blocking += 1
         self.long_hgcm_calls += hgcm
+
+    def tokens_for(self, code: int) -> tuple[trio.CapacityLimiter, ...]:
+        """The limiters a call with ioctl ``code`` holds besides ``limiter``, in the order
+        it acquires them (the narrower first, so a call waiting for it holds no other)."""
+        if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
+            return ()
+        if waits_for_host(code):
+            return (self.host_calls, self.calls)
+        return (self.calls,)
 
     def end_blocking(self, *, hgcm: bool) -> None:
         """Count a blocking call that returned (or was abandoned) out."""
@@ -342,6 +365,27 @@ _TIMED_IOCTLS: Final[dict[int, type[L.WaitForEventsIoctl | L.HgcmCallIoctl]]] = 
     IoctlFunction.HGCM_CALL_64: L.HgcmCallIoctl,
 }
 """The ioctls that may block, by function: their layout holds the driver timeout."""
+
+
+_HOST_WAITS: Final = frozenset(
+    {
+        IoctlFunction.WAIT_FOR_EVENTS,
+        IoctlFunction.HGCM_CONNECT,
+        IoctlFunction.HGCM_DISCONNECT,
+        IoctlFunction.HGCM_CALL_32,
+        IoctlFunction.HGCM_CALL_64,
+    }
+)
+
+
+def waits_for_host(code: int) -> bool:
+    """Whether the driver may keep this call waiting for the host: a WAIT_FOR_EVENTS or an
+    HGCM connect, disconnect or call, whatever its timeout.
+
+    Every other ioctl is *prompt*: a VMMDev request, which the host answers within the
+    request, or a call the driver answers itself.
+    """
+    return ioc_nr(code) in _HOST_WAITS
 
 
 def is_blocking(code: int, buffer: bytearray) -> bool:
@@ -510,12 +554,13 @@ class CharDevTransport:
         raise call.outcome
 
     async def _run_in_thread(self, call: _Call) -> None:
-        """Run ``call`` on a worker thread; every call but an interrupt holds a ``calls``
-        token too (see :class:`ThreadBudget`)."""
-        calls = None if call.code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS else self._budget.calls
-        if calls is not None:
-            await calls.acquire_on_behalf_of(call)
+        """Run ``call`` on a worker thread, holding the tokens its kind takes besides the
+        thread's (:meth:`ThreadBudget.tokens_for`)."""
+        held: list[trio.CapacityLimiter] = []
         try:
+            for tokens in self._budget.tokens_for(call.code):
+                await tokens.acquire_on_behalf_of(call)
+                held.append(tokens)
             call.outcome = await trio.to_thread.run_sync(
                 self._perform,
                 call,
@@ -524,8 +569,8 @@ class CharDevTransport:
                 abandon_on_cancel=True,
             )
         finally:
-            if calls is not None:
-                calls.release_on_behalf_of(call)
+            for tokens in reversed(held):
+                tokens.release_on_behalf_of(call)
 
     async def aclose(self) -> None:
         """Interrupt pending ioctls, wait for their threads (bounded), close the fd.

@@ -330,7 +330,8 @@ class EventWaiter:
           were consumed first, which are then returned (nothing is lost);
         - cancellation interrupts the session and raises ``Cancelled``; events consumed in
           that same instant are dropped, so cancel only to tear down. A driver that does
-          not end the wait after the interrupt is given up on, as teardown is.
+          not end the wait after the interrupt is given up on, as teardown is, and so is
+          a wait whose interrupt failed (logged: ``event_wait_interrupt_failed``).
 
         Both drivers' interrupts count: mainline's EINTR, Oracle's VERR_INTERRUPTED, and
         Oracle's success with no events (an interrupt sent before the wait reached the
@@ -356,7 +357,13 @@ class EventWaiter:
             return received.mask
 
     async def _wait_once(self) -> EventsReceived:
-        """One shielded WAIT_FOR_EVENTS; cancellation sends the interrupt that ends it."""
+        """One shielded WAIT_FOR_EVENTS; cancellation sends the interrupt that ends it.
+
+        An interrupt that fails (the device lost, the session closing, the driver refusing
+        it) is logged, not raised: the caller is being cancelled and its cancellation is
+        what it sees, as with any teardown. Nothing else would end the wait, so it is then
+        given up at once.
+        """
         channel = self._channel
         finished = False
         wait_scope = trio.CancelScope(shield=True)
@@ -368,7 +375,16 @@ class EventWaiter:
                 if not finished:
                     # One teardown budget for the interrupt and the end of the wait.
                     wait_scope.deadline = self._device.teardown_deadline()
-                    await self.interrupt()
+                    try:
+                        await self.interrupt()
+                    except Exception as exc:  # noqa: BLE001 - teardown: logged, not raised
+                        log.warning(
+                            "event_wait_interrupt_failed",
+                            device=self._device.description,
+                            error=str(exc),
+                            reason="the wait is given up",
+                        )
+                        wait_scope.cancel()
 
         received: EventsReceived | None = None
         error: Exception | None = None

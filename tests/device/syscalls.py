@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import trio
 import trio.testing
 
-from agent.device.chardev import CharDevOpener
+from agent.device.chardev import DEFAULT_THREADS, CharDevOpener
 
 S = TypeVar("S")
 DEVICE_PATH = "/dev/vboxguest"
@@ -80,7 +80,7 @@ class Kernel(Generic[D]):
         self._moved.set()
         self._moved = trio.Event()
 
-    def opener(self, *, threads: int = 4) -> CharDevOpener:
+    def opener(self, *, threads: int = DEFAULT_THREADS) -> CharDevOpener:
         """Return an opener whose system calls lead here."""
         return CharDevOpener(
             DEVICE_PATH,

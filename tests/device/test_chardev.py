@@ -116,6 +116,8 @@ class FakeDriver:
         self.refuse_version = False
         self.hold_requests: trio.Event | None = None
         """While set to an unset event, VMMDev requests wait in the driver for it."""
+        self.hold_connects: trio.Event | None = None
+        """While set to an unset event, HGCM connects wait in the driver for it."""
         self.closed: list[FakeSession] = []
         self._changed = trio.Event()
         self._client_ids = itertools.count(1)
@@ -149,6 +151,8 @@ class FakeDriver:
             session.cancel_waiters = True
             self._wake()
         elif code == Ioctl.HGCM_CONNECT:
+            if self.hold_connects is not None:
+                await self.hold_connects.wait()
             client_id = next(self._client_ids)
             session.clients.add(client_id)
             L.HgcmConnectIoctl.client_id.set(work, client_id)
@@ -244,7 +248,7 @@ async def _host_version(transport: CharDevTransport) -> None:
 
 
 async def _open_connected(
-    kernel: Kernel[FakeDriver], *, threads: int = 4
+    kernel: Kernel[FakeDriver], *, threads: int = chardev.DEFAULT_THREADS
 ) -> tuple[CharDevTransport, Session, int]:
     transport = await kernel.opener(threads=threads).open_session()
     session = Session()
@@ -503,13 +507,13 @@ class TestOpen:
             await opener.open_session()
         assert not isinstance(caught.value, NotTheDeviceError)
 
-    def test_fewer_than_three_threads_is_refused(self) -> None:
-        """Two threads could not carry a blocked call, a short call and the interrupt that
-        ends the blocked call."""
-        with pytest.raises(ValueError, match="at least 3"):
-            CharDevOpener(threads=2)
-        with pytest.raises(ValueError, match="at least 3"):
-            chardev.ThreadBudget(2)
+    def test_fewer_than_four_threads_is_refused(self) -> None:
+        """Three threads could not carry a blocked call, a short HGCM call, a VMMDev request
+        and the interrupt that ends the blocked call."""
+        with pytest.raises(ValueError, match="at least 4"):
+            CharDevOpener(threads=3)
+        with pytest.raises(ValueError, match="at least 4"):
+            chardev.ThreadBudget(3)
 
     @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 1, chardev.MIN_THREADS])
     def test_config_accepts_what_the_transport_accepts(self, threads: int) -> None:
@@ -661,10 +665,10 @@ class TestWaits:
             await second.aclose()
 
     async def test_thread_budget_is_per_process(self, kernel: Kernel[FakeDriver]) -> None:
-        """Blocking calls of all sessions share the budget; the last two threads are for short
-        calls and interrupts."""
+        """Blocking calls of all sessions share the budget; the last three threads are for
+        short calls, VMMDev requests and interrupts."""
         with trio.fail_after(BOUND):
-            opener = kernel.opener(threads=4)
+            opener = kernel.opener(threads=5)
             first, second = await opener.open_session(), await opener.open_session()
             done: list[int] = []
 
@@ -688,8 +692,8 @@ class TestWaits:
     async def test_short_calls_in_flight_leave_blocking_calls_their_threads(
         self, kernel: Kernel[FakeDriver]
     ) -> None:
-        """With the default budget, a wait and a short call in the driver leave an HGCM call
-        its thread: only blocking calls count against the reserved ones."""
+        """With the default budget, a wait and a VMMDev request in the driver leave an HGCM
+        call its thread: only blocking calls count against the reserved ones."""
         kernel.driver.hold_requests = trio.Event()
         with trio.fail_after(BOUND):
             transport, session, client = await _open_connected(kernel)
@@ -706,7 +710,7 @@ class TestWaits:
                 kernel.driver.raise_events(0x10)
             await transport.aclose()
         assert events == [0x10]
-        assert kernel.peak == chardev.DEFAULT_THREADS - chardev.INTERRUPT_THREADS
+        assert kernel.peak == 3
 
     async def test_smallest_budget_waits_beside_a_short_call(
         self, kernel: Kernel[FakeDriver]
@@ -735,8 +739,8 @@ class TestWaits:
         self, kernel: Kernel[FakeDriver]
     ) -> None:
         """With the smallest budget and a wait in the driver, HGCM calls with a short driver
-        timeout take turns on the thread left to them beside the interrupt's; one with a
-        longer timeout is blocking and refused."""
+        timeout take turns on the thread left to them beside the VMMDev requests' and the
+        interrupt's; one with a longer timeout is blocking and refused."""
         with trio.fail_after(BOUND):
             transport, session, client = await _open_connected(kernel, threads=chardev.MIN_THREADS)
             events: list[int] = []
@@ -765,6 +769,38 @@ class TestWaits:
         ]
         assert events == [0x10]
         assert kernel.peak == 2
+
+    async def test_hgcm_calls_the_host_holds_leave_vmmdev_requests_a_thread(
+        self, kernel: Kernel[FakeDriver]
+    ) -> None:
+        """With the default budget, an event wait, every long HGCM call it allows and HGCM
+        connects the host holds (neither driver times a connect out or lets a signal end it)
+        leave a VMMDev request (a heartbeat) a thread: it completes while they are all held
+        (it waited behind the connect for as long as the host held it)."""
+        long_calls = chardev.DEFAULT_THREADS - chardev.RESERVED_THREADS
+        with trio.fail_after(BOUND):
+            transport, session, client = await _open_connected(
+                kernel, threads=chardev.DEFAULT_THREADS
+            )
+            kernel.driver.hold_connects = connects = trio.Event()
+            events: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_wait_for_events, transport, events)
+                for _ in range(long_calls):
+                    nursery.start_soon(_call, transport, session, HgcmCall(client, BLOCK_FUNCTION))
+                await kernel.wait_in_driver(1 + long_calls)
+                for _ in range(2):
+                    nursery.start_soon(_call, transport, Session(), HgcmConnect("VBoxGuestPropSvc"))
+                await kernel.wait_in_driver(2 + long_calls)
+                with trio.fail_after(PROMPT):
+                    await _host_version(transport)
+                assert kernel.in_driver == 2 + long_calls
+                connects.set()
+                kernel.driver.raise_events(0x10)
+                await kernel.wait_in_driver(long_calls)
+                nursery.cancel_scope.cancel()
+            await transport.aclose()
+        assert events == [0x10]
 
 
 class TestCancellation:
@@ -985,10 +1021,10 @@ class TestAbandonedCalls:
                     await stubborn.arrived.receive()
                     caller_scope.cancel()
                     nursery.start_soon(transport.aclose)
-                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 4)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 5)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
-                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 3)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 4)
         finally:
             stubborn.release.set()
         assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
@@ -1016,25 +1052,27 @@ class TestAbandonedCalls:
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
                 await abandon(2)
-                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 5)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 6)
                 with trio.fail_after(PROMPT):
                     await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
                 await abandon(2)
-                assert (budget.abandoned, budget.limiter.total_tokens) == (4, 6)
-                with pytest.raises(DeviceLostError, match="4 ioctls and 0 closes were abandoned"):
+                assert (budget.abandoned, budget.limiter.total_tokens) == (4, 8)
+                await abandon(1)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (5, 8)
+                with pytest.raises(DeviceLostError, match="5 ioctls and 0 closes were abandoned"):
                     await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
                 release.set()
                 await all_back.wait()
-                assert budget.limiter.total_tokens == 3
+                assert budget.limiter.total_tokens == 4
                 await transport.ioctl(Ioctl.DRIVER_VERSION_INFO, bytearray(44))
                 await transport.aclose()
         finally:
             release.set()
         abandoned = [entry for entry in logs if entry["event"] == "ioctl_abandoned"]
-        assert [entry["thread_replaced"] for entry in abandoned] == [True, True, True, False]
-        assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3, 4]
+        assert [entry["thread_replaced"] for entry in abandoned] == [True] * 4 + [False]
+        assert [entry["abandoned"] for entry in abandoned] == [1, 2, 3, 4, 5]
         returns = [entry for entry in logs if entry["event"] == "abandoned_ioctl_returned"]
-        assert len(returns) == 4
+        assert len(returns) == 5
 
 
 class HeldClose:
@@ -1071,12 +1109,12 @@ class TestCallersDeadline:
                     with trio.CancelScope(deadline=trio.current_time()):  # deadline passed
                         await transport.aclose()
                 assert budget.closes_held == chardev.MIN_THREADS + 1
-                with pytest.raises(DeviceLostError, match="0 ioctls and 4 closes"):
+                with pytest.raises(DeviceLostError, match="0 ioctls and 5 closes"):
                     budget.check_usable()
         finally:
             held.release.set()
         abandoned = [entry["closes_held"] for entry in logs if entry["event"] == "close_abandoned"]
-        assert abandoned == [1, 2, 3, 4]
+        assert abandoned == [1, 2, 3, 4, 5]
 
     async def test_a_call_its_deadline_cancels_is_abandoned_then(
         self, monkeypatch: pytest.MonkeyPatch
@@ -1094,7 +1132,7 @@ class TestCallersDeadline:
                     await stubborn.arrived.receive()
                     expired_at = scope.deadline = trio.current_time()
                 assert trio.current_time() - expired_at < ABANDON_AFTER_S
-                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 4)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (1, 5)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
         finally:
@@ -1331,14 +1369,14 @@ class TestDeferredClose:
                     with trio.CancelScope(deadline=expired_at):
                         await transport.aclose()
                     assert trio.current_time() - expired_at < ABANDON_AFTER_S
-                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 5)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (2, 6)
                 assert fds.closed == []
                 fds.release_disconnects.set()
                 assert await fds.back.receive() == 1
                 assert fds.closed == []
                 fds.release.set()
                 assert await fds.back.receive() == 0
-                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 3)
+                assert (budget.abandoned, budget.limiter.total_tokens) == (0, 4)
                 await transport.aclose()
         finally:
             fds.release_disconnects.set()

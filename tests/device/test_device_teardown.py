@@ -2,7 +2,8 @@
 
 Rules of this test module:
 - The host is a real ``SimulatedHost`` behind ``SimOpener``; ``DeafOpener`` wraps its
-  sessions so that INTERRUPT_ALL_WAIT_FOR_EVENTS never returns, as a wedged driver would.
+  sessions so that INTERRUPT_ALL_WAIT_FOR_EVENTS never returns, as a wedged driver would,
+  or fails with the error it is given.
 - Pure trio, so the virtual clock (``autojump_clock``) measures the bounds exactly; each test
   is bounded by ``trio.fail_after`` on that clock. Synchronisation uses
   ``wait_all_tasks_blocked``.
@@ -10,6 +11,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,6 +21,7 @@ import trio.testing
 
 from agent.device import open_device
 from agent.device.device import CLEANUP_TIMEOUT_S
+from agent.device.errors import DeviceLostError
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event, Ioctl
 
@@ -32,10 +35,12 @@ RESTORED = int(Event.RESTORED)
 
 
 class DeafTransport:
-    """A session whose driver never answers INTERRUPT_ALL_WAIT_FOR_EVENTS."""
+    """A session whose driver never answers INTERRUPT_ALL_WAIT_FOR_EVENTS, or fails it with
+    ``failure``."""
 
-    def __init__(self, inner: Transport) -> None:
+    def __init__(self, inner: Transport, failure: Exception | None) -> None:
         self._inner = inner
+        self._failure = failure
 
     async def ioctl(
         self,
@@ -46,6 +51,8 @@ class DeafTransport:
         submission: Submission | None = None,
     ) -> None:
         if code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
+            if self._failure is not None:
+                raise self._failure
             await trio.sleep_forever()
         await self._inner.ioctl(code, buffer, user_buffers, submission=submission)
 
@@ -54,18 +61,21 @@ class DeafTransport:
 
 
 class DeafOpener:
-    def __init__(self, host: SimulatedHost) -> None:
+    def __init__(self, host: SimulatedHost, failure: Exception | None = None) -> None:
         self._inner = SimOpener(host)
+        self._failure = failure
         self.description = "deaf simulated driver"
         self.simulated = True
 
     async def open_session(self) -> DeafTransport:
-        return DeafTransport(await self._inner.open_session())
+        return DeafTransport(await self._inner.open_session(), self._failure)
 
 
-async def _cancel_a_wait(host: SimulatedHost, cleanup_in_s: float | None) -> float:
+async def _cancel_a_wait(
+    host: SimulatedHost, cleanup_in_s: float | None, failure: Exception | None = None
+) -> float:
     """Cancel a blocked wait on a deaf session; return how long the cancellation took."""
-    async with open_device(DeafOpener(host)) as device:
+    async with open_device(DeafOpener(host, failure)) as device:
         if cleanup_in_s is not None:
             device.cleanup_deadline = trio.current_time() + cleanup_in_s
         async with device.open_event_waiter(RESTORED) as waiter:
@@ -96,3 +106,34 @@ class TestAbandonedTeardown:
         with trio.fail_after(60):
             took = await _cancel_a_wait(host, 0.3)
         assert took == pytest.approx(0.3)
+
+    @pytest.mark.parametrize(
+        ("failure", "logged"),
+        [
+            pytest.param(
+                DeviceLostError("the driver no longer gives calls back"),
+                "the driver no longer gives calls back",
+                id="lost",
+            ),
+            pytest.param(OSError(errno.EIO, "I/O error"), "VERR_DEV_IO_ERROR", id="errno"),
+            pytest.param(trio.ClosedResourceError("session closed"), "session closed", id="closed"),
+        ],
+    )
+    async def test_a_failed_interrupt_gives_the_wait_up_at_once(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        failure: Exception,
+        logged: str,
+    ) -> None:
+        """The interrupt a cancelled wait sends fails: nothing else would end the wait, so it
+        is given up at once and the caller sees its own cancellation, the failure logged (it
+        escaped as an ExceptionGroup, the wait left running)."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            took = await _cancel_a_wait(host, None, failure)
+        assert took == 0
+        failed = [e["error"] for e in logs if e["event"] == "event_wait_interrupt_failed"]
+        assert len(failed) == 1
+        assert logged in failed[0]
+        abandoned = [e["what"] for e in logs if e["event"] == "device_cleanup_abandoned"]
+        assert abandoned == ["event wait"]

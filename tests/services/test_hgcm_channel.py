@@ -68,8 +68,8 @@ if TYPE_CHECKING:
 ECHO_CALL_LIMIT = 16
 LONG_WAITS = 64
 CHARDEV_THREADS = LONG_WAITS + chardev.RESERVED_THREADS
-"""The 64 waits and the threads they leave: the event waiter's, one for short calls and one
-for interrupts (a setting the daemon accepts)."""
+"""The 64 waits and the threads they leave: the event waiter's, one for short calls, one for
+VMMDev requests and one for interrupts (a setting the daemon accepts)."""
 POLL_S = 0.005
 CANCEL_TAKES_EFFECT_S = 0.25
 """The issue's bound from a call's cancellation to its caller running again."""
