@@ -138,8 +138,9 @@ def _stated_limits(field: FieldInfo) -> list[tuple[str, ...]]:
 
 
 def _number(value: object) -> str:
-    """A bound as the file states it: an integer in full (3600000), a float short (0.5)."""
-    return str(value) if isinstance(value, int) else f"{value:g}"
+    """A bound as the file states it: an integer in full (3600000), a float in its shortest
+    exact form (0.5, 4294967.294; 3600 for 3600.0)."""
+    return str(value) if isinstance(value, int) else repr(value).removesuffix(".0")
 
 
 def _comment_above(section: str, key: str) -> str:

@@ -74,8 +74,10 @@ def test_the_unit_starts_and_stops_with_the_device() -> None:
 
 
 def test_the_rule_tags_the_node_both_drivers_create() -> None:
-    """One rule tags the misc device ``vboxguest`` for systemd, on every action: systemd hears
-    only tagged uevents, so a rule limited to "add" would never let it see the node go."""
+    """One rule tags the misc device ``vboxguest`` for systemd, on every action: systemd
+    checks the current tag on every uevent, so with a rule limited to "add" a "change" event
+    (a plain ``udevadm trigger``) would leave the device untagged, its unit dead, and the
+    agent, bound to it, stopped."""
     assert rules() == [
         {"SUBSYSTEM": ("==", "misc"), "KERNEL": ("==", NODE), "TAG": ("+=", "systemd")}
     ]

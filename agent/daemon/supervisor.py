@@ -15,11 +15,12 @@ one broken service never holds the others back.
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
 it. Any other failure of a service restarts that service after a backoff that doubles up
-to a ceiling; more failures than the budget within the window are fatal too. Before such an
-end every service drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService stops
-its services after a failed start: the host's heartbeat check is switched off, balloon
-chunks go back. Only a device that vanished skips that, having nobody left to give back to.
-An ``on_ending`` hook runs alongside those drains (the daemon's ends the other supervisor's
+to a ceiling; more failures than the budget within the window are fatal too (decided before
+the failed run's drain, which is then one of the ending's). Before such an end every service
+drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService stops its services
+after a failed start: the host's heartbeat check is switched off, balloon chunks go back.
+Only a device that vanished skips that, having nobody left to give back to. An
+``on_ending`` hook runs alongside those drains (the daemon's ends the other supervisor's
 services the same way, :meth:`Supervisor.end`), and the error propagates only after it.
 """
 
@@ -315,14 +316,20 @@ class Supervisor(Generic[T]):
             except* Exception as group:  # noqa: BLE001 - any other failure restarts the service
                 failure = group.exceptions[0] if len(group.exceptions) == 1 else group
             if fatal is not None:
-                await self._end(entry, fatal, drained=False)
+                await self._end(entry, fatal)
+            if entry.stop_deadline is not None or entry.next is not None:
+                failure = None  # it stops or is replaced: no failure to count
+            if failure is not None:
+                # Counted before the drain: past the budget, the run drains for the ending,
+                # so the service can tell (ServiceContext.agent_stopping) that the agent exits.
+                try:
+                    self._count_failure(entry, failure)
+                except ServiceFailedError as exc:
+                    await self._end(entry, exc)
             await self._drain(entry)
             if failure is not None and entry.stop_deadline is None and entry.next is None:
-                try:
-                    with entry.enter(_Phase.BACK_OFF):
-                        await self._back_off(entry, failure)
-                except ServiceFailedError as exc:
-                    await self._end(entry, exc, drained=True)
+                with entry.enter(_Phase.BACK_OFF):
+                    await self._back_off(entry, failure)
             if entry.stop_deadline is not None:
                 log.info("service_stopped", service=name)
                 return
@@ -333,8 +340,8 @@ class Supervisor(Generic[T]):
                 log.info("service_replaced", service=name)
             scope = entry.enter(_Phase.RUN)
 
-    async def _end(self, entry: _Entry[T], error: BaseException, *, drained: bool) -> NoReturn:
-        """Stop every service, let all drain (``entry`` too unless ``drained``), raise ``error``.
+    async def _end(self, entry: _Entry[T], error: BaseException) -> NoReturn:
+        """Stop every service, let all drain (``entry`` too), raise ``error``.
 
         The drains (and ``on_ending``) share one deadline, ``shutdown_timeout_s`` from the
         first fatal error; a service started meanwhile is drained without running.
@@ -348,8 +355,7 @@ class Supervisor(Generic[T]):
                 error=repr(error),
                 drain_s=round(deadline - now, 3),
             )
-            if not drained:
-                await self._drain(entry)
+            await self._drain(entry)
         # Counted as failed only once drained: the others raise (and so cancel every task
         # left) when all that remain are failed, which must not cut this drain short.
         self._failed.add(entry.service.name)
@@ -413,10 +419,11 @@ class Supervisor(Generic[T]):
         if self._on_change is not None:
             self._on_change()
 
-    async def _back_off(self, entry: _Entry[T], error: BaseException) -> None:
-        """Count the failure, give up past the budget, or wait before the next run.
+    def _count_failure(self, entry: _Entry[T], error: BaseException) -> None:
+        """Count the failure within the restart window; past the budget, give up.
 
-        Backing off, the service no longer holds up whoever waits for its start.
+        Raises:
+            ServiceFailedError: more failures than ``restart_budget`` within the window.
         """
         name, failures = entry.service.name, entry.failures
         now = trio.current_time()
@@ -430,8 +437,15 @@ class Supervisor(Generic[T]):
                 f"{self.config.restart_window_s:g} s: {error!r}"
             )
             raise ServiceFailedError(msg) from error
+
+    async def _back_off(self, entry: _Entry[T], error: BaseException) -> None:
+        """Wait before the next run, longer the more failures the window counts.
+
+        Backing off, the service no longer holds up whoever waits for its start.
+        """
+        name, failures = entry.service.name, len(entry.failures)
         delay = _backoff_delay(
-            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s, len(failures)
+            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s, failures
         )
         self._count_restart(name)
         log.warning(
@@ -439,7 +453,7 @@ class Supervisor(Generic[T]):
             service=name,
             error=repr(error),
             retry_in_s=delay,
-            failures=len(failures),
+            failures=failures,
         )
         entry.started.set()
         self._changed()

@@ -81,6 +81,14 @@ _LINADDR_TYPES: Final = {
 """Linear-address types and their (readable, writable) directions."""
 
 ParmLayout = type[L.HgcmParameter64] | type[L.HgcmParameter32]
+MAX_HGCM_PARMS: Final = 32
+"""``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
+_WORD_ARRAYS: Final = tuple(
+    struct.Struct(f"<{words}I")
+    for words in range(L.HgcmParameter64.size // WORD_SIZE * MAX_HGCM_PARMS + 1)
+)
+"""Codecs of parameter arrays by their words: any array the host parses has one here (an
+index costs less than a cache look-up)."""
 
 
 class ParmError(Exception):
@@ -123,7 +131,7 @@ def parse_parms(
     parm_size = layout.size
     per_parm = parm_size // WORD_SIZE
     extra = CALL_PARMS_OFFSET + parm_size * count  # where the array ends
-    words = _word_array(per_parm * count).unpack_from(req, CALL_PARMS_OFFSET)
+    words = _WORD_ARRAYS[per_parm * count].unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     values: list[ValueSlot] = []
     outputs: list[PageOutput] = []
@@ -175,11 +183,6 @@ def command_cost(count: int) -> int:
     return COMMAND_COST + PARM_COST * count
 
 
-@functools.lru_cache(maxsize=64)
-def _word_array(words: int) -> struct.Struct:
-    return struct.Struct(f"<{words}I")
-
-
 def _parse_page_list(
     req: bytes | bytearray,
     memory: GuestRam,
@@ -225,7 +228,18 @@ def _parse_page_list(
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
     readable = (flags & _TO_HOST) != 0
-    data = _gather(memory, pages, first, size) if readable else bytearray(size)
+    if not readable:
+        data = bytearray(size)
+    elif (
+        first + size <= PAGE_SIZE and (mapping := memory.lock(first_page + first, size)) is not None
+    ):
+        # Most strings lie within the first page: copied from its mapping, one copy where
+        # a read makes two (a bytearray's slice is a copy, a memoryview's is not).
+        view, at = mapping
+        piece = view[at : at + size]
+        data = piece if type(piece) is bytearray else bytearray(piece)
+    else:
+        data = _gather(memory, pages, first, size)
     return HostBuffer(data, readable, (flags & _FROM_HOST) != 0, size), pages, first
 
 
@@ -253,17 +267,9 @@ def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int
 
 
 def _gather(memory: GuestRam, pages: tuple[int, ...], first: int, size: int) -> bytearray:
-    """The ``size`` bytes a readable page list names (a copy, as VMMDev reads them)."""
-    if first + size <= PAGE_SIZE:  # within the first page, as most strings are
-        address = pages[0] + first
-        mapping = memory.lock(address, size)
-        if mapping is not None:  # copied from the mapping: one copy, where a read makes two
-            view, at = mapping
-            data = view[at : at + size]
-            return data if type(data) is bytearray else bytearray(data)
-        spans = [(address, 0, size)]
-    else:
-        spans = _spans(pages, first, size)
+    """The ``size`` bytes a readable page list names, read piece by piece (a copy, as VMMDev
+    reads them); :func:`_parse_page_list` copies those it finds mapped in one page itself."""
+    spans = _spans(pages, first, size)
     try:
         if len(spans) == 1:
             return bytearray(memory.read(spans[0][0], size))

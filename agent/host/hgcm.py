@@ -30,6 +30,7 @@ from agent.host._hgcm_clients import (
 )
 from agent.host._hgcm_parms import (
     CALL_PARMS_OFFSET,
+    MAX_HGCM_PARMS,
     ParmError,
     ParmLayout,
     parse_parms,
@@ -64,8 +65,6 @@ if TYPE_CHECKING:
 VERR_HGCM_INVALID_CMD_ADDRESS: Final = STATUS_CODES["VERR_HGCM_INVALID_CMD_ADDRESS"]
 NIL_PHYS32: Final = 0xFFFFFFFF
 """``NIL_RTGCPHYS32``: not an address CANCEL2 accepts."""
-MAX_HGCM_PARMS: Final = 32
-"""``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
 MAX_CLIENT_ID: Final = 0x7FFFFFFF
 """Client ids are 1 .. 0x7FFFFFFF, then 1 again: Main's handles at 0x80000000 and up are its
 own objects', and 0 is none (``hgcmObjGenerateHandle``)."""
@@ -350,7 +349,10 @@ class HgcmHost:
         command = _Command(
             self, phys, req, client, function, request_type, params, values, outputs, locked
         )
-        self._start(command)
+        # _start, inline (a call less per call):
+        self._commands[phys] = command
+        client.pending += 1
+        client.service.call(command)
         if locked is None and not command.completed:
             # One the service completed at once needs no such write: its completion wrote
             # the whole request, this rc included, and nothing could read guest memory in

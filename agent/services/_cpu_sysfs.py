@@ -14,9 +14,11 @@ What the kernel offers (and what VBoxService relies on):
   CPU the host has just plugged cannot be told by its ids before it is online: VBoxService
   brings the first offline CPU online; the agent brings one online, reads its ids and, if
   they are not the host's, takes it offline again (an admin's offline CPU stays offline) and
-  tries the next. CPUs that were not offline when monitoring started (a plugged CPU's
-  directory is new) are tried first; an online CPU that already has the ids is the plugged
-  one (the kernel or a udev rule was quicker);
+  tries the next. Only CPUs that were not offline when monitoring started (a plugged CPU's
+  directory is new) are tried at first; those that were (an admin's, say) only at the last
+  look, once no new one appeared, so that an admin's CPU is not brought online for a moment
+  at each plug while the kernel is still adding the new CPU's directory. An online CPU that
+  already has the ids is the plugged one (the kernel or a udev rule was quicker);
 - ``cpuN/firmware_node`` links to the CPU's ACPI device (``LNXCPU:nn`` in the processor
   container ``ACPI0004:nn`` VirtualBox's firmware declares for each CPU), whose ``eject``
   takes "1": the write returns once the kernel has queued the removal, which then offlines
@@ -39,6 +41,15 @@ CPU_DIR: Final = Path("devices/system/cpu")
 _CPU_NAME: Final = re.compile(r"cpu(\d+)")
 ATTRIBUTE_BYTES: Final = 64
 """The most read of one attribute: each holds one small number."""
+
+
+@dataclass(frozen=True, slots=True)
+class PassedOver:
+    """An offline CPU brought online for a plug that had other ids: what it had and what
+    became of it (one phrase), and whether it stayed online (its offline write refused)."""
+
+    text: str
+    online: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +98,17 @@ class CpuSysfs:
         self._settled = frozenset(name for name in self._names() if self._online(name) is False)
         return self._error
 
-    def bring_online(self, core: int, package: int, checked: dict[str, str]) -> CpuChange | None:
+    def bring_online(
+        self, core: int, package: int, checked: dict[str, PassedOver], *, settled: bool
+    ) -> CpuChange | None:
         """Make the host's newly plugged CPU online; None when no offline CPU is left to try
         (nor refused to come online), a change naming the directory if it cannot be read.
 
         An online CPU with the ids is reported as done; otherwise the offline CPUs not in
-        ``checked`` are brought online one by one (new ones first, then in number order)
-        until one has the ids. One that has others is taken offline again and added to
-        ``checked`` with what became of it (one phrase), so a later look passes it over.
+        ``checked`` are brought online one by one (in number order) until one has the ids:
+        those that were not offline when monitoring started, and with ``settled`` (the last
+        look) then those that were. One that has other ids is taken offline again and added
+        to ``checked``, so a later look passes it over.
         """
         offline: list[str] = []
         names = self._names()
@@ -104,7 +118,7 @@ class CpuSysfs:
             state = self._online(name)
             if state is True and self._ids(name) == (core, package):
                 return CpuChange(name)
-            if state is False and name not in checked:
+            if state is False and name not in checked and (settled or name not in self._settled):
                 offline.append(name)
         offline.sort(key=lambda name: name in self._settled)
         refused: CpuChange | None = None
@@ -158,15 +172,18 @@ class CpuSysfs:
             return f"{name}'s ACPI eject is read-only here: it stays online, the host keeps it"
         return None
 
-    def _put_back(self, name: str, ids: tuple[int, int] | None) -> str:
+    def _put_back(self, name: str, ids: tuple[int, int] | None) -> PassedOver:
         """Take an offline CPU brought online by mistake offline again; say what became of it."""
         found = "no topology" if ids is None else f"core {ids[0]} package {ids[1]}"
         try:
             self._write(name, "online", "0")
         except OSError as exc:
-            return f"{name} has {found}, stays online: offline refused: {_why(exc)}"
+            return PassedOver(
+                f"{name} has {found}, stays online: offline refused: {_why(exc)}",
+                online=True,
+            )
         self._settled |= {name}
-        return f"{name} has {found}, offline again"
+        return PassedOver(f"{name} has {found}, offline again", online=False)
 
     def _back(self, name: str) -> str:
         """Bring a CPU the host still owns back online; say whether it came."""

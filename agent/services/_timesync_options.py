@@ -37,6 +37,9 @@ MAX_SHOWN_CHARS: Final = 40
 _MS_PER_S: Final = 1000
 MAX_SET_THRESHOLD_MS: Final = 7 * 24 * 3600 * _MS_PER_S
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
+MIN_INTERVAL_MS: Final = 50
+MAX_INTERVAL_MS: Final = 0xFFFF_FFFE
+"""VBoxService's bounds on ``--timesync-interval`` (50 ms to UINT32_MAX - 1 ms, 49.7 days)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,7 @@ class _NumberOption:
 
 
 _NUMBER_OPTIONS: Final = {
-    "interval": _NumberOption("interval_s", 50, 0xFFFF_FFFE, to_seconds=True),
+    "interval": _NumberOption("interval_s", MIN_INTERVAL_MS, MAX_INTERVAL_MS, to_seconds=True),
     "min-adjust": _NumberOption("min_adjust_ms", 0, 3_600_000),
     "latency-factor": _NumberOption("latency_factor", 1, 1024),
     "max-latency": _NumberOption("max_latency_ms", 1, 3_600_000),

@@ -7,7 +7,8 @@ corrections must not move the machine's clock; tests inject their own.
 - ``step`` sets the clock at once (``clock_settime``). The kernel also drops a slew still
   under way (setting the time clears its NTP state).
 - ``slew`` has the kernel make up a small offset gradually (``adjtime``: at most 0.5 ms per
-  second, so time never runs backwards). glibc refuses offsets beyond about ±35 minutes.
+  second, so time never runs backwards). glibc refuses offsets beyond about ±35 minutes. A
+  slew replaces what is left of the last one, so a slew of 0 cancels a slew under way.
 - ``ntp_synchronised`` asks the kernel whether a time daemon (chronyd, ntpd,
   systemd-timesyncd) keeps the clock synchronised: ``adjtimex`` in read-only mode returns
   ``TIME_ERROR`` while the clock is unsynchronised. After a daemon stops, the kernel goes on
@@ -23,6 +24,8 @@ import os
 import time
 from typing import Final, Protocol
 
+KERNEL_SLEW_NS_PER_S: Final = 500_000
+"""How fast Linux makes up an ``adjtime`` offset: 0.5 ms a second (``MAX_TICKADJ``)."""
 TIME_ERROR: Final = 5
 """``adjtimex``'s answer while the clock is not synchronised (``linux/timex.h``)."""
 _TIMEX_BYTES: Final = 512

@@ -11,10 +11,12 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
 - **plug** (the host's core and package ids): an offline CPU has no topology to match, so an
   offline CPU is brought online (``cpuN/online`` = 1) and its ids read; one that is not the
   host's goes offline again (an admin's choice is kept; VBoxService onlines the first
-  offline CPU unchecked) and the next is tried, CPUs new since monitoring started first.
-  An online CPU that already has the ids is the plugged one. The kernel may add the CPU's
-  directory a little after the event, so, as VBoxService, the service looks ``PLUG_TRIES``
-  times, ``PLUG_RETRY_S`` apart, until a CPU comes online with the ids;
+  offline CPU unchecked) and the next is tried. An online CPU that already has the ids is
+  the plugged one. The kernel may add the CPU's directory a little after the event, so, as
+  VBoxService, the service looks ``PLUG_TRIES`` times, ``PLUG_RETRY_S`` apart, until a CPU
+  comes online with the ids; the CPUs that were offline when monitoring started (an
+  admin's) are tried only at the last look, when no new CPU appeared, and one of them that
+  refuses to go offline again is a warning of its own;
 - **unplug**: the online CPU whose topology has the ids goes offline (``online`` = 0), then
   is ejected through its ACPI device (``firmware_node/eject`` = 1), which lets the host take
   it away. VBoxService only writes the eject (the kernel offlines the CPU itself); the agent
@@ -23,7 +25,9 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
   clear line, and brings it back online if the eject write fails.
 
 Each action is one log line with the host's ids and the CPU; a request nobody can carry out
-(an unknown core, a CPU that stays) is one warning line and the service goes on. A host or
+(an unknown core, a CPU that stays) is one warning line and the service goes on; events of
+a type the agent does not know are counted, and logged when a run of them begins and
+ends (VBoxService logs the first ten). A host or
 driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) or answers
 the Enable with a malformed reply is said once in the status; the service then waits for a
 restore without polling. A read of the host's request that fails (a status, a malformed
@@ -59,7 +63,7 @@ from agent.protocol import (
 )
 from agent.protocol.status import STATUS_CODES
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs
+from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs, PassedOver
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 
 if TYPE_CHECKING:
@@ -158,6 +162,8 @@ class CpuHotPlugService:
         self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
         self._reads = LastingFailure("cpu_hotplug_requests_read_again")
         """Failed reads of the host's requests (counted apart from ``_failures``)."""
+        self._unknown = LastingFailure("cpu_hotplug_events_known_again")
+        """Host events of an unknown type (counted apart from ``_failures``)."""
 
     def statistics(self) -> CpuHotPlugStatistics:
         """Return the counters."""
@@ -166,7 +172,7 @@ class CpuHotPlugService:
             self._events,
             self._plugged,
             self._unplugged,
-            self._failures + self._reads.total,
+            self._failed(),
             self._left_alone,
         )
 
@@ -181,9 +187,12 @@ class CpuHotPlugService:
             return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
         if (unreadable := self._sysfs.unreadable()) is not None:
             return f"cpuhotplug: CPUs unreadable ({unreadable})"
-        failures = self._failures + self._reads.total
+        failures = self._failed()
         failed = f", {failures} failed" if failures else ""
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
+
+    def _failed(self) -> int:
+        return self._failures + self._reads.total + self._unknown.total
 
     def reconfigure(self, section: CpuHotPlugSection) -> bool:
         """Apply a new ``sysfs_root`` at once (from the next host event on), remembering its
@@ -302,17 +311,10 @@ class CpuHotPlugService:
                 **ids,
             )
         elif event.event_type == CpuEventType.PLUG:
-            checked: dict[str, str] = {}
-            change = await self._plug(sysfs, event.core, event.package, checked)
-            passed = {"passed_over": list(checked.values())} if checked else {}
-            if change.problem is None:
-                self._plugged += 1
-                log.info("cpu_plugged", cpu=change.cpu, **ids, **passed)
-            else:
-                self._fail(
-                    "cpu_plug_failed", cpu=change.cpu, problem=change.problem, **ids, **passed
-                )
+            self._unknown.succeeded()
+            await self._plug(sysfs, event.core, event.package)
         elif event.event_type == CpuEventType.UNPLUG:
+            self._unknown.succeeded()
             change = await self._in_thread(
                 functools.partial(sysfs.take_offline, event.core, event.package)
             )
@@ -322,25 +324,53 @@ class CpuHotPlugService:
             else:
                 self._fail("cpu_unplug_failed", cpu=change.cpu, problem=change.problem, **ids)
         else:
-            self._fail("cpu_hotplug_event_unknown", event_type=event.event_type, **ids)
+            self._unknown.failed(
+                "cpu_hotplug_event_unknown",
+                str(event.event_type),
+                event_type=event.event_type,
+                **ids,
+            )
         self._status_changed()
 
-    async def _plug(
-        self, sysfs: CpuSysfs, core: int, package: int, checked: dict[str, str]
+    async def _plug(self, sysfs: CpuSysfs, core: int, package: int) -> None:
+        """Bring the plugged CPU online and log the outcome (one line, and one warning per
+        CPU passed over that stays online)."""
+        ids = {"core": core, "package": package}
+        checked: dict[str, PassedOver] = {}
+        change = await self._look(sysfs, core, package, checked)
+        passed = {"passed_over": [p.text for p in checked.values()]} if checked else {}
+        if change.problem is None:
+            self._plugged += 1
+            log.info("cpu_plugged", cpu=change.cpu, **ids, **passed)
+        else:
+            self._fail("cpu_plug_failed", cpu=change.cpu, problem=change.problem, **ids, **passed)
+        for name, passed_over in checked.items():
+            if passed_over.online:
+                log.warning(
+                    "cpu_passed_over_stays_online", cpu=name, problem=passed_over.text, **ids
+                )
+
+    async def _look(
+        self, sysfs: CpuSysfs, core: int, package: int, checked: dict[str, PassedOver]
     ) -> CpuChange:
-        """Look ``PLUG_TRIES`` times until a CPU is online with the ids; ``checked`` gathers
-        the offline CPUs found to be others (each looked at once)."""
+        """Look ``PLUG_TRIES`` times until a CPU is online with the ids, the CPUs offline
+        since monitoring started only at the last look; ``checked`` gathers the offline
+        CPUs found to be others (each looked at once)."""
         change: CpuChange | None = None
         for attempt in range(PLUG_TRIES):
             if attempt:
                 await trio.sleep(PLUG_RETRY_S)
+            last = attempt == PLUG_TRIES - 1
             change = await self._in_thread(
-                functools.partial(sysfs.bring_online, core, package, checked)
+                functools.partial(sysfs.bring_online, core, package, checked, settled=last)
             )
             if change is not None and change.problem is None:
                 return change
         if change is not None:
             return change
+        if checked:
+            tried = f"{len(checked)} offline CPU{'s' if len(checked) > 1 else ''} tried"
+            return CpuChange(None, f"core {core} package {package} not found among {tried}")
         return CpuChange(None, f"no offline CPU appeared within {PLUG_TRIES} looks")
 
     async def _in_thread(self, work: Callable[[], _T]) -> _T:

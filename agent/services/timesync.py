@@ -16,7 +16,9 @@ ms) between two readings of the guest's, and works out the drift:
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
 the kernel says a daemon keeps the clock synchronised (``defer_to_ntp``), slewing is left to
-it and the agent only steps (over the threshold, after a restore). A step makes the kernel
+it and the agent only steps (over the threshold, after a restore); a slew of the agent's
+the kernel may still be making up when the daemon takes over is cancelled (``adjtime`` 0),
+as it would go on moving the clock under the daemon for up to hours. A step makes the kernel
 say "unsynchronised" until the daemon's next update, so after one the daemon is given up to
 ``DAEMON_RESYNC_GRACE_S`` to come back before it is taken for gone. A restore that arrives
 during a pass makes the pass read again, as a restore.
@@ -53,8 +55,14 @@ from agent.protocol import (
 )
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
-from agent.services._timesync_options import MAX_SET_THRESHOLD_MS, OPTION_PREFIX, host_options
-from agent.services._wallclock import AgentOwnClock, SystemClock
+from agent.services._timesync_options import (
+    MAX_INTERVAL_MS,
+    MAX_SET_THRESHOLD_MS,
+    MIN_INTERVAL_MS,
+    OPTION_PREFIX,
+    host_options,
+)
+from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
@@ -71,6 +79,9 @@ RETRY_AFTER_HIGH_LATENCY_S: Final = 1.0
 """The wait before another reading when one took too long, as VBoxService."""
 MAX_SET_THRESHOLD_S: Final = MAX_SET_THRESHOLD_MS // 1000
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
+MIN_INTERVAL_S: Final = MIN_INTERVAL_MS / 1000
+MAX_INTERVAL_S: Final = MAX_INTERVAL_MS / 1000
+"""VBoxService's bounds on ``--timesync-interval``: 0.05 s to 4294967.294 s (49.7 days)."""
 _NS_PER_MS: Final = 1_000_000
 NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
 MAX_HOST_TIME_MS: Final = 7_258_118_400_000
@@ -85,8 +96,10 @@ chrony's and ntpd's is 1024 s). Until then the daemon is not taken for gone."""
 class TimesyncSection(ServiceSection):
     """``[timesync]``: the guest's clock kept on the host's (VBoxService's defaults)."""
 
-    interval_s: float = Field(default=10.0, ge=1, le=3600)
-    """Seconds between two readings of the host's clock."""
+    interval_s: float = Field(default=10.0, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)
+    """Seconds between two readings of the host's clock, within VBoxService's bounds (50 ms
+    to UINT32_MAX - 1 ms), so the host's ``--timesync-interval`` is taken as VBoxService
+    takes it."""
     min_adjust_ms: int = Field(default=100, ge=0, le=3_600_000)
     """The smallest drift ever corrected."""
     latency_factor: int = Field(default=8, ge=1, le=1024)
@@ -195,6 +208,9 @@ class TimesyncService:
         self._slewing = False
         self._discarding = False
         self._daemon_resync_by: float | None = None
+        self._slew_done_by: float | None = None
+        """When the kernel will have made up the agent's last slew (trio's clock), if a
+        step has not dropped it since."""
         self._passes = self._discarded = self._slews = self._steps = 0
         self._left = self._failures = 0
         self._last_drift_ms: float | None = None
@@ -224,12 +240,17 @@ class TimesyncService:
         """Apply the settings at once (a new interval also to the wait under way), the host's
         options still over them. Switching ``host_options`` needs a restart (it reads them),
         and so does ``set_on_start``: it is about a run's first reading, read once as the run
-        begins, so the rebuilt service is the one it applies to."""
+        begins, so the rebuilt service is the one it applies to. ``defer_to_ntp`` turned off
+        takes the clock back from a time daemon at once (one line)."""
         restart_only = ("host_options", "set_on_start")
         if any(getattr(section, key) != getattr(self._configured, key) for key in restart_only):
             return False
         self._configured = section
         self._apply_settings()
+        if self._left_to_ntp and not self._section.defer_to_ntp:
+            log.info("clock_taken_from_time_daemon", reason="defer_to_ntp off")
+            self._left_to_ntp = False
+            self._status_changed()
         return True
 
     async def drain(self) -> None:
@@ -384,6 +405,7 @@ class TimesyncService:
                     plan = Plan(Correction.STEP, "slewing refused")
                 else:
                     self._slews += 1
+                    self._slew_done_by = trio.current_time() + abs(drift_ns) / KERNEL_SLEW_NS_PER_S
                     self._clock_fixed()
                     if not self._slewing:
                         log.info("clock_slewing", drift_ms=drift_ms)
@@ -401,6 +423,7 @@ class TimesyncService:
             return
         self._steps += 1
         self._slewing = False
+        self._slew_done_by = None  # the kernel dropped it
         self._clock_fixed()
         if self._left_to_ntp:  # the kernel now says "unsynchronised" until the daemon's poll
             self._daemon_resync_by = trio.current_time() + DAEMON_RESYNC_GRACE_S
@@ -410,10 +433,29 @@ class TimesyncService:
 
     def _note_time_daemon(self, synchronised: bool, drift_ms: float) -> None:
         if synchronised and not self._left_to_ntp:
-            log.info("clock_left_to_time_daemon", drift_ms=drift_ms)
+            self._hand_over(drift_ms)
         elif self._left_to_ntp and not synchronised:
             log.info("time_daemon_gone", drift_ms=drift_ms)
         self._left_to_ntp = synchronised
+
+    def _hand_over(self, drift_ms: float) -> None:
+        """Leave the clock to the time daemon; cancel the agent's slew if the kernel may
+        still be making it up (one after that would be the daemon's own, if it slews with
+        ``adjtime``, and is left alone)."""
+        done_by, self._slew_done_by = self._slew_done_by, None
+        if done_by is None or trio.current_time() >= done_by:
+            log.info("clock_left_to_time_daemon", drift_ms=drift_ms)
+            return
+        try:
+            self._clock.slew(0)
+        except OSError as exc:
+            log.warning(
+                "clock_left_to_time_daemon",
+                drift_ms=drift_ms,
+                agent_slew=f"not cancelled ({exc.strerror or exc})",
+            )
+            return
+        log.info("clock_left_to_time_daemon", drift_ms=drift_ms, agent_slew="cancelled")
 
     def _host_failed(self, problem: str, event: str, **details: object) -> None:
         self._failures += 1

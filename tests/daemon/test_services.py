@@ -81,7 +81,9 @@ class Gadget:
         self.drained = trio.Event()
         self.drain_cancelled = False
         self.agent_stopping: bool | None = None
-        """What ``context.agent_stopping()`` answered as the drain began."""
+        """What ``context.agent_stopping()`` answered as the last drain began."""
+        self.stopping_at_drains: list[bool] = []
+        """What it answered as each drain began (a failed run is drained before a restart)."""
         self.events = 0
         self.nursery: trio.Nursery | None = None
         BUILT.append(self)
@@ -106,6 +108,7 @@ class Gadget:
 
     async def drain(self) -> None:
         self.agent_stopping = self.context.agent_stopping()
+        self.stopping_at_drains.append(self.agent_stopping)
         self.draining.set()
         try:
             await trio.sleep(self.section.drain_s)  # the service's own clean-up work
@@ -551,6 +554,28 @@ class TestThrowAwayService:
             await daemon.run()
         [gadget] = BUILT
         assert (gadget.drained.is_set(), gadget.agent_stopping) == (True, True)
+
+    @pytest.mark.parametrize(("budget", "stopping"), [(0, [True]), (1, [False, True])])
+    async def test_a_drain_before_giving_up_knows_the_agent_stops(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        tmp_path: Path,
+        budget: int,
+        stopping: list[bool],
+    ) -> None:
+        """A gadget whose start fails past its restart budget ends the agent (exit 70): the
+        drain of that last failed run reads ``agent_stopping`` True, as the agent exits after
+        it; the drain of a failed run the budget restarts reads False (the agent runs on)."""
+        text = f"[daemon]\nrestart_budget = {budget}\n[gadget]\nstart_fails = true\n"
+        daemon = _daemon(host, tmp_path / "agent.toml", text)
+        with (
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(ServiceFailedError, flatten_subgroups=True),
+        ):
+            await daemon.run()
+        [gadget] = BUILT
+        assert gadget.stopping_at_drains == stopping
 
     async def test_a_service_disabled_by_a_reload_leaves_the_status(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path

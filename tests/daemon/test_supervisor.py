@@ -355,6 +355,32 @@ class TestSupervisor:
         assert steady.drains == [1.0]
         assert failing.drained_at == [0.0, 1.0]
 
+    async def test_giving_up_is_decided_before_the_failed_run_drains(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The failure past the budget ends the supervisor at once: its run drains (2 s) as
+        one of the ending's drains, beside the others, and not before the ending began (a
+        drain then could not tell that the agent exits)."""
+        steady = FlakyService(failures=0)
+        failing = FailsBeforeReady(failures=100, drain_s=2.0)
+        endings: list[float] = []
+
+        async def record(deadline: float) -> None:
+            del deadline
+            endings.append(trio.current_time())
+            await trio.lowlevel.checkpoint()
+
+        supervisor: Supervisor[FlakyService | FailsBeforeReady] = Supervisor(
+            _config(restart_budget=1), on_ending=record
+        )
+        with trio.fail_after(60), pytest.RaisesGroup(ServiceFailedError):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, steady)
+                nursery.start_soon(supervisor.start, nursery, failing)
+        # Fails at 0, drains until 2, backs off 1 s, fails again at 3: the ending begins.
+        assert endings == [3.0]
+        assert (failing.drained_at, steady.drains) == ([2.0, 5.0], [3.0])
+
     async def test_a_failed_first_start_holds_up_nobody(
         self, autojump_clock: trio.abc.Clock
     ) -> None:

@@ -34,7 +34,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from agent.config import DeviceConfig
+from agent.config import OLD_MIN_IOCTL_THREADS, DeviceConfig
 from agent.device import chardev
 from agent.device.chardev import CharDevOpener, CharDevTransport
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
@@ -515,9 +515,10 @@ class TestOpen:
         with pytest.raises(ValueError, match="at least 4"):
             chardev.ThreadBudget(3)
 
-    @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 1, chardev.MIN_THREADS])
+    @pytest.mark.parametrize("threads", [chardev.MIN_THREADS - 2, chardev.MIN_THREADS])
     def test_config_accepts_what_the_transport_accepts(self, threads: int) -> None:
-        """``device.ioctl_threads`` takes a thread count exactly when the transport does."""
+        """``device.ioctl_threads`` takes a thread count exactly when the transport does (the
+        deprecated old minimum aside, which it reads as the transport's minimum)."""
         try:
             chardev.ThreadBudget(threads)
         except ValueError:
@@ -525,6 +526,8 @@ class TestOpen:
                 DeviceConfig(ioctl_threads=threads)
         else:
             assert DeviceConfig(ioctl_threads=threads).ioctl_threads == threads
+        old = DeviceConfig(ioctl_threads=OLD_MIN_IOCTL_THREADS).ioctl_threads
+        assert old == chardev.MIN_THREADS == chardev.ThreadBudget(old).threads
 
     def test_config_default_is_the_transports(self) -> None:
         """Without ``device.ioctl_threads`` the agent gets the transport's own default."""

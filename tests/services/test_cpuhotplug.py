@@ -17,6 +17,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,10 +37,14 @@ from pydantic import ValidationError
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host._cpu_hotplug import HostCpuHotPlug
-from agent.protocol import VBoxStatusError
+from agent.protocol import (
+    VBoxStatusError,
+    layouts as L,  # noqa: N812 - the layout table
+)
 from agent.protocol.constants import CpuEventType, RequestType
 from agent.protocol.status import STATUS_CODES
-from agent.services import EventPump, ServiceContext
+from agent.services import EventPump, ServiceContext, _cpu_sysfs
+from agent.services._cpu_sysfs import CpuSysfs
 from agent.services.cpuhotplug import (
     MAX_REQUESTS_PER_WAKEUP,
     PLUG_TRIES,
@@ -203,6 +208,24 @@ def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
     return [entry for entry in logs if entry["event"] == name]
 
 
+def record_writes(
+    monkeypatch: pytest.MonkeyPatch, *, refuse: tuple[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """Record the service's sysfs writes as (directory, value), in order; the write
+    ``refuse`` names is recorded and refused with EBUSY, as the kernel may refuse one."""
+    writes: list[tuple[str, str]] = []
+    write = _cpu_sysfs._write
+
+    def recording(path: Path, value: str) -> None:
+        writes.append((path.parent.name, value))
+        if (path.parent.name, value) == refuse:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        write(path, value)
+
+    monkeypatch.setattr(_cpu_sysfs, "_write", recording)
+    return writes
+
+
 class TestSpec:
     def test_is_registered_with_its_section(self) -> None:
         """The registry lists it; ``[cpuhotplug]`` is on by default, as VBoxService, with
@@ -344,6 +367,51 @@ class TestPlugAndUnplug:
         assert plugged["cpu"] == "cpu4"
         assert "passed_over" not in plugged
 
+    async def test_an_admins_offline_cpu_waits_for_the_last_look(
+        self, guest: Guest, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The kernel adds the plugged CPU's directory (cpu4) only after the service's first
+        look: cpu2 and cpu3, offline before monitoring started, are not brought online in
+        the meantime; cpu4 is the only CPU written to."""
+        writes = record_writes(monkeypatch)
+        names = CpuSysfs._names
+        listings: list[list[str]] = []
+
+        def kernel_adds_cpu4_late(sysfs: CpuSysfs) -> list[str]:
+            listings.append(names(sysfs))
+            if len(listings) == 2:  # the plug's first look (the first: monitoring's start)
+                guest.cpu(4, online=False)
+            return listings[-1]
+
+        monkeypatch.setattr(CpuSysfs, "_names", kernel_adds_cpu4_late)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(4)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert "cpu4" not in listings[1]
+        assert writes == [("cpu4", "1")]
+        [plugged] = events_named(logs, "cpu_plugged")
+        assert "passed_over" not in plugged
+
+    async def test_a_passed_over_cpu_that_stays_online_is_a_warning(
+        self, guest: Guest, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """At the last look cpu2 comes online, has other ids and refuses to go offline
+        again: besides the failed plug, one warning names it (the admin's CPU is online)."""
+        writes = record_writes(monkeypatch, refuse=("cpu2", "0"))
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(9)
+                await run.watch.until(lambda: run.stats().failures == 1)
+        assert writes == [("cpu2", "1"), ("cpu2", "0"), ("cpu3", "1"), ("cpu3", "0")]
+        assert (guest.online(2), guest.online(3)) == ("1", "0")
+        stays = "cpu2 has core 2 package 0, stays online: offline refused: Device or resource busy"
+        [failed] = events_named(logs, "cpu_plug_failed")
+        assert failed["passed_over"] == [stays, "cpu3 has core 3 package 0, offline again"]
+        [warning] = events_named(logs, "cpu_passed_over_stays_online")
+        assert warning["log_level"] == "warning"
+        assert (warning["cpu"], warning["problem"], warning["core"]) == ("cpu2", stays, 9)
+
     async def test_a_cpu_passed_over_is_tried_last_at_the_next_plug(self, guest: Guest) -> None:
         """cpu4 appears, but the host plugs core 3: cpu4 (new) and cpu2 are passed over.
         When cpu5 appears for the next plug, cpu4 is an offline CPU like cpu2 (tried after
@@ -370,14 +438,14 @@ class TestPlugAndUnplug:
 
     async def test_plug_of_a_core_no_offline_cpu_has(self, guest: Guest) -> None:
         """Each offline CPU comes online once, shows other ids and goes offline again; the
-        plug fails after PLUG_TRIES looks with one line naming them."""
+        plug fails after PLUG_TRIES looks with one line naming them and the ids not found."""
         with trio.fail_after(10), structlog.testing.capture_logs() as logs:
             async with running(guest.root) as run:
                 run.host.cpu_plug(9)
                 await run.watch.until(lambda: run.stats().failures == 1)
         assert (guest.online(2), guest.online(3)) == ("0", "0")
         [failed] = events_named(logs, "cpu_plug_failed")
-        assert failed["problem"] == f"no offline CPU appeared within {PLUG_TRIES} looks"
+        assert failed["problem"] == "core 9 package 0 not found among 2 offline CPUs tried"
         assert failed["passed_over"] == [
             "cpu2 has core 2 package 0, offline again",
             "cpu3 has core 3 package 0, offline again",
@@ -436,6 +504,41 @@ class TestPlugAndUnplug:
         assert again["failed_in_a_row"] == 10
         [left_alone] = events_named(logs, "cpu_change_left_alone")
         assert left_alone["core"] == 11
+
+
+class TestUnknownEvents:
+    async def test_a_run_of_them_is_counted_and_said_when_it_begins_and_ends(
+        self, guest: Guest, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Twelve events of a type nobody knows (7) in a row, more than the ten VBoxService
+        logs: each counted (the status says it), one warning when they begin, one line with
+        their number when a known event (a plug, carried out) ends them."""
+        get_request = HostCpuHotPlug.get_request
+        garbling = [True]
+
+        def of_unknown_type(self: HostCpuHotPlug, req: bytearray, phys: int) -> int:
+            status = get_request(self, req, phys)
+            if garbling[0] and L.CpuHotPlugRequest.event_type.get(req) == CpuEventType.PLUG:
+                L.CpuHotPlugRequest.event_type.set(req, 7)
+            return status
+
+        monkeypatch.setattr(HostCpuHotPlug, "get_request", of_unknown_type)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                for n in range(1, 13):
+                    run.host.cpu_plug(2)
+                    await run.watch.until(lambda: run.stats().failures == n)  # noqa: B023
+                garbling[0] = False
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+                assert run.service.status() == "cpuhotplug: 1 plugged, 0 unplugged, 12 failed"
+        assert (run.stats().events, run.stats().failures) == (13, 12)
+        [unknown] = events_named(logs, "cpu_hotplug_event_unknown")
+        assert unknown["log_level"] == "warning"
+        assert (unknown["event_type"], unknown["core"], unknown["failures"]) == (7, 2, 1)
+        [again] = events_named(logs, "cpu_hotplug_events_known_again")
+        assert again["failed_in_a_row"] == 12
+        assert guest.online(2) == "1"
 
 
 class TestUnreadableSysfs:

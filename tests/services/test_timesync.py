@@ -260,7 +260,8 @@ class TestSection:
     @pytest.mark.parametrize(
         ("key", "value"),
         [
-            ("interval_s", 0.5),
+            ("interval_s", 0.049),
+            ("interval_s", 4294967.295),
             ("min_adjust_ms", -1),
             ("latency_factor", 0),
             ("latency_factor", 1025),
@@ -421,6 +422,79 @@ async def test_after_its_own_step_it_waits_for_the_time_daemon_to_update(
     ]
 
 
+@pytest.mark.usefixtures("wall_on_trio_time")
+@pytest.mark.parametrize("refused", [False, True])
+async def test_a_time_daemon_taking_over_cancels_the_agents_slew(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, refused: bool
+) -> None:
+    """A slew of 1 s under way (33 minutes at 0.5 ms/s) when a daemon synchronises the
+    clock: the agent hands over with ``adjtime`` 0, so the kernel stops moving the clock for
+    it under the daemon, and says so in the hand-over line; a refused cancel is a warning
+    there, and the kernel goes on."""
+    host.vmmdev.time_offset_ms = 1000
+    with trio.fail_after(3000), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            await running.wait_for(lambda s: s.slews == 1)
+            clock.synchronised = True
+            if refused:
+                clock.refusal = PermissionError(errno.EPERM, "Operation not permitted")
+            statistics = await running.wait_for(lambda s: s.left_to_ntp == 1)
+            assert statistics.slews == 1
+            handed_over_ns = clock.now_ns() - time.time_ns()
+            await trio.sleep(1000)
+            moved_ms = (clock.now_ns() - time.time_ns() - handed_over_ns) / MS
+    [slew] = clock.slews[:1]
+    assert _within(slew, 1000)
+    [left] = [entry for entry in logs if entry["event"] == "clock_left_to_time_daemon"]
+    if refused:
+        assert clock.slews == [slew]
+        assert moved_ms == 500  # 1000 s at 0.5 ms/s, the agent's slew going on
+        assert left["log_level"] == "warning"
+        assert left["agent_slew"] == "not cancelled (Operation not permitted)"
+    else:
+        assert clock.slews == [slew, 0]
+        assert moved_ms == 0
+        assert left["agent_slew"] == "cancelled"
+
+
+@pytest.mark.usefixtures("wall_on_trio_time")
+async def test_a_slew_already_made_up_is_not_cancelled(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A slew of 150 ms is made up in 300 s: a daemon that takes over later is handed the
+    clock without ``adjtime`` 0, which would cancel a slew of the daemon's own."""
+    host.vmmdev.time_offset_ms = 150
+    with trio.fail_after(LIMIT_S * 20), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=100)) as running:
+            await running.wait_for(lambda s: s.slews == 1)
+            await trio.sleep(350)
+            clock.synchronised = True
+            passes = running.service.statistics().passes
+            await running.wait_for(lambda s: s.passes > passes, passes=20)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+    assert len(clock.slews) == 1
+    [left] = [entry for entry in logs if entry["event"] == "clock_left_to_time_daemon"]
+    assert "agent_slew" not in left
+
+
+async def test_a_reload_turning_defer_to_ntp_off_takes_the_clock_back(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The daemon still keeps the clock: the reload says the agent takes it back, at once
+    (status too), and never that the daemon is gone."""
+    clock = FakeClock(synchronised=True)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            assert running.service.reconfigure(TimesyncSection(defer_to_ntp=False))
+            assert running.service.status() == "timesync ok"
+            await running.wait_for(lambda s: s.passes == 3)
+    names = ("clock_left_to_time_daemon", "clock_taken_from_time_daemon", "time_daemon_gone")
+    assert _events(logs, *names) == ["clock_left_to_time_daemon", "clock_taken_from_time_daemon"]
+    [taken] = [entry for entry in logs if entry["event"] == "clock_taken_from_time_daemon"]
+    assert taken["reason"] == "defer_to_ntp off"
+
+
 async def test_defer_to_ntp_off_slews_under_a_time_daemon(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
@@ -572,6 +646,19 @@ async def test_the_hosts_options_apply_at_start_and_after_a_restore(
     ]
     refused = [entry["problem"] for entry in logs if entry["event"] == "host_option_refused"]
     assert refused == [f"{OPTION_PREFIX}max-latency = 'many': not a whole number in 1..3600000"] * 2
+
+
+async def test_the_hosts_shortest_interval_reads_every_50_ms(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """``--timesync-interval 50``, VBoxService's least, is taken: 20 readings a second."""
+    host.prop_set(f"{OPTION_PREFIX}interval", "50")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.service.statistics().passes == 1
+            await trio.sleep(1.025)
+            assert running.service.statistics().passes == 21
 
 
 async def test_the_hosts_set_start_steps_the_first_reading(

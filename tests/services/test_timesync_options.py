@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import Field
 
 from agent.services._timesync_options import OPTION_PREFIX, host_options, iprt_number
 from agent.services.timesync import TimesyncSection
+
+
+class _StricterSection(TimesyncSection):
+    """A section whose interval is stricter than VBoxService's bounds."""
+
+    interval_s: float = Field(default=10.0, ge=1, le=3600)
 
 
 def test_every_option_in_vboxservices_units() -> None:
@@ -73,16 +80,38 @@ def test_anything_else_is_no_number(text: str) -> None:
         ("latency-factor", "1025", "not a whole number in 1..1024"),
         ("max-latency", "\u0661", "not a whole number in 1..3600000"),
         ("set-threshold", "604800001", "not a whole number in 0..604800000"),
-        ("interval", "500", "interval_s 0.5: input should be greater than or equal to 1"),
-        # the value exactly (it said 'interval_s 3600: ... less than or equal to 3600')
-        ("interval", "3600001", "interval_s 3600.001: input should be less than or equal to 3600"),
-        ("interval", "999", "interval_s 0.999: input should be greater than or equal to 1"),
+        ("interval", "49", "not a whole number in 50..4294967294"),
+        ("interval", "4294967295", "not a whole number in 50..4294967294"),
     ],
 )
 def test_a_bad_value_is_refused_with_the_reason(suffix: str, value: str, reason: str) -> None:
     options = host_options({f"{OPTION_PREFIX}{suffix}": value}, TimesyncSection)
     assert options.settings == {}
     assert options.refused == [f"{OPTION_PREFIX}{suffix} = {value!r}: {reason}"]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("50", 0.05), ("4294967294", 4294967.294)])
+def test_the_interval_takes_vboxservices_whole_range(value: str, seconds: float) -> None:
+    """``[timesync] interval_s`` has VBoxService's bounds: its least and greatest apply."""
+    options = host_options({f"{OPTION_PREFIX}interval": value}, TimesyncSection)
+    assert (options.refused, options.settings) == ([], {"interval_s": seconds})
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("500", "interval_s 0.5: input should be greater than or equal to 1"),
+        # the value exactly (it said 'interval_s 3600: ... less than or equal to 3600')
+        ("3600001", "interval_s 3600.001: input should be less than or equal to 3600"),
+        ("999", "interval_s 0.999: input should be greater than or equal to 1"),
+    ],
+)
+def test_the_sections_own_bounds_hold_too(value: str, reason: str) -> None:
+    """A value VBoxService takes but the section does not is refused with the section's
+    reason, naming the converted value exactly."""
+    options = host_options({f"{OPTION_PREFIX}interval": value}, _StricterSection)
+    assert options.settings == {}
+    assert options.refused == [f"{OPTION_PREFIX}interval = {value!r}: {reason}"]
 
 
 def test_a_long_value_is_shown_short() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import structlog
 import trio
 
 from agent.protocol import (
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from agent.device import Device
     from agent.protocol import ChunkPages, Submission
     from agent.services.balloon._chunks import Chunk
+
+log = structlog.get_logger("agent.services.balloon")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,13 @@ class OracleHandover:
         that holds any chunk holds ``chunk``: lacking it, the driver would have answered the
         deflate of ``chunk`` with VERR_NOT_FOUND. Any other answer counts as not empty (the
         chunk is kept and asked for again).
+
+        A release build is what changes nothing: for an empty balloon the driver reaches
+        ``AssertMsgFailed`` before it returns VERR_INVALID_PARAMETER, which stops a
+        VBOX_STRICT build (why the mode probe no longer deflates an empty balloon). The
+        probe only follows a deflate of ``chunk`` that got VERR_INVALID_PARAMETER, which a
+        strict build would have stopped at already when it came from that empty-balloon
+        path: it adds no way to fail there.
         """
         probe = ChangeBalloon(chunk.address + PAGE_SIZE, inflate=False)
         try:
@@ -145,6 +155,8 @@ class PassthroughHandover:
 
     def __init__(self, device: Device) -> None:
         self._device = device
+        self._count_short_logged = False
+        """Whether a short host count for a chunk the host took was logged as a warning."""
 
     async def read_target(self) -> HostTarget:
         """``GET_MEMBALLOON_CHANGE_REQ``, acknowledging 0x40."""
@@ -162,22 +174,33 @@ class PassthroughHandover:
     async def not_held(
         self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
     ) -> bool:
-        """The pages are not ballooned: the simulated host says so (VERR_NOT_FOUND, its
-        stricter per-page check), and of an unconfirmed chunk a real host's count does.
+        """The pages are out of the balloon: the simulated host says so (VERR_NOT_FOUND, its
+        stricter per-page check), and a real host's count falling short says they are back.
 
-        The real host (``PGMR3PhysChangeMemBalloon``) takes any page back without checking
-        that it was ballooned, then has GMM take the 256 pages off the VM's count of
-        ballooned pages, which fails when the count is lower
-        (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, ``GMMR0BalloonedPages``): the host holds
-        fewer pages than a chunk. Of a chunk whose inflate or deflate has an unknown outcome
-        that means it was never ballooned or is back already; of one the host took, a count
-        gone wrong, so the chunk is kept and asked for again.
+        The real host (``pgmR3PhysChangeMemBalloonRendezvous``) first sets every page of a
+        deflate back to a zero page, without checking that it was ballooned, and only then
+        has GMM take the 256 pages off the VM's count of ballooned pages, which fails when
+        the count is lower (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, ``GMMR0BalloonedPages``).
+        The pages are back either way, so no retry could succeed: the chunk is given up.
+        Of a chunk whose inflate or deflate has an unknown outcome that is the expected
+        answer (never ballooned, or back already); of one the host took, the host's count
+        was off, which is logged (a warning the first time, then at debug level).
         """
-        del chunk, balloon_empty  # the request goes to the host as it is
+        del balloon_empty  # the request goes to the host as it is
         await trio.lowlevel.checkpoint()
         if rc == VERR_NOT_FOUND:
             return True
-        return unconfirmed and rc == VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
+        if rc != VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH:
+            return False
+        if not unconfirmed:
+            (log.debug if self._count_short_logged else log.warning)(
+                "balloon_host_count_short",
+                chunk=f"{chunk.address:#x}",
+                note="the host took this chunk, yet counted fewer than its pages as "
+                "ballooned; they are back in the guest all the same, so the chunk is given up",
+            )
+            self._count_short_logged = True
+        return True
 
 
 def _pages(chunk: Chunk) -> ChunkPages:
