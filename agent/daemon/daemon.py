@@ -527,7 +527,7 @@ class Daemon:
             log.warning("config_reload_skipped", reason="the agent runs without a config file")
             return None
         try:
-            return load_config(self._config_path, section_models(self._registry))
+            config = load_config(self._config_path, section_models(self._registry))
         except ConfigError as exc:
             log.error(
                 "config_reload_rejected",
@@ -536,6 +536,9 @@ class Daemon:
                 outcome="the running config stays in effect",
             )
             return None
+        for warning in config.warnings:  # as `run` logs them at start
+            log.warning("config_deprecated", path=str(self._config_path), warning=warning)
+        return config
 
     def _apply(self, new: AgentConfig) -> None:
         old = self.config

@@ -357,6 +357,21 @@ class TestReload:
             assert daemon.statistics().reloads == 1
             assert daemon.statistics().restarts == {}
 
+    async def test_a_deprecated_value_is_applied_with_its_warning(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A reload reads ``device.ioctl_threads = 3`` as 4 and says so in one
+        ``config_deprecated`` line, as ``run`` does at start (the reload logged nothing)."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+                path.write_text("[device]\nioctl_threads = 3\n")
+                await daemon.reload()
+        [deprecated] = [entry for entry in logs if entry["event"] == "config_deprecated"]
+        assert deprecated["log_level"] == "warning"
+        assert deprecated["path"] == str(path)
+        assert deprecated["warning"].startswith(f"{path}: device.ioctl_threads = 3: deprecated")
+
     async def test_nesting_too_deep_is_rejected(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:
