@@ -132,16 +132,21 @@ class Running:
 
     async def until(self, condition: Callable[[], bool]) -> None:
         """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
-        for _ in range(MAX_POLLS):
-            if condition():
-                return
-            await trio.sleep(POLL_S)
-        msg = f"condition not met within {MAX_POLLS * POLL_S:g} s"
-        raise AssertionError(msg)
+        await until(condition)
 
     async def settle(self, chunks: int) -> None:
         """Wait until the host shows ``chunks``."""
         await self.until(lambda: self.host_chunks == chunks)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
+    for _ in range(MAX_POLLS):
+        if condition():
+            return
+        await trio.sleep(POLL_S)
+    msg = f"condition not met within {MAX_POLLS * POLL_S:g} s"
+    raise AssertionError(msg)
 
 
 async def hand_to_ring3(host: SimulatedHost) -> None:

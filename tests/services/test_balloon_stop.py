@@ -3,7 +3,7 @@ says whether anybody follows it on), and chunks whose handover's outcome is unkn
 
 Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 ``trio.fail_after`` on that clock. Waits for the host's or the daemon's state poll it on
-that clock, at most ``MAX_POLLS`` times.
+that clock (``balloon_support.until``).
 """
 
 from __future__ import annotations
@@ -29,17 +29,21 @@ from agent.protocol.status import VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, VERR_INV
 from agent.services import BalloonGauge, EventPump
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.registry import section_models
-from tests.services.balloon_support import Quiet, SimChunks, hand_to_ring3, start_in_scope
+from tests.services.balloon_support import (
+    Quiet,
+    SimChunks,
+    hand_to_ring3,
+    start_in_scope,
+    until,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from agent.services.balloon._walker import ChunkWalker
 
 LIMIT_S: Final = 120.0
-POLL_S: Final = 0.01
-MAX_POLLS: Final = 10_000
 DRAIN_S: Final = 5.0
 """The drain time the tests allow (``daemon.shutdown_timeout_s``)."""
 TOO_MUCH: Final = VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
@@ -49,16 +53,6 @@ PSI_TEXT: Final = (
     "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
     "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 )
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
-    for _ in range(MAX_POLLS):
-        if condition():
-            return
-        await trio.sleep(POLL_S)
-    msg = f"condition not met within {MAX_POLLS * POLL_S:g} s"
-    raise AssertionError(msg)
 
 
 def _host_chunks(host: SimulatedHost) -> int:
@@ -107,13 +101,13 @@ class TestLeftToTheDriverByTheDaemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(daemon.run)
                     host.set_balloon_target(32)
-                    await _until(lambda: _host_chunks(host) == 32)
+                    await until(lambda: _host_chunks(host) == 32)
                     path.write_text(enabled.replace("[balloon]\n", "[balloon]\nenable = false\n"))
                     await daemon.reload()
-                    await _until(lambda: "balloon" not in daemon.statistics().services)
+                    await until(lambda: "balloon" not in daemon.statistics().services)
                     path.write_text(enabled)
                     await daemon.reload()
-                    await _until(lambda: balloon_mode() == mode)
+                    await until(lambda: balloon_mode() == mode)
                     daemon.request_shutdown("test")
                 outer.cancel_scope.cancel()
         left = [e for e in logs if e["event"] == "balloon_left_to_driver"]
