@@ -254,6 +254,9 @@ class HandoverWrapper:
     async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         await self._handover.deflate(chunk, submission)
 
+    def refusal_ballooned(self, rc: int) -> bool:
+        return self._handover.refusal_ballooned(rc)
+
     async def not_held(
         self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
     ) -> bool:

@@ -274,6 +274,8 @@ class ChunkWalker:
                     await self.handover.inflate(chunk, submission)
                 except VBoxStatusError as exc:  # still ready: unmapped below
                     # The host's status, or the driver's errno as the status it stands for.
+                    if self.handover.refusal_ballooned(exc.rc):
+                        await self._take_back_refused(ready)
                     msg = f"{exc.operation}: {exc.name}"
                     raise WalkStoppedError(msg) from exc
                 except BaseException:
@@ -282,9 +284,7 @@ class ChunkWalker:
                     # cannot tell): held, the drain deflates it. Never issued, the host never
                     # saw it: still ready, unmapped below.
                     if submission.issued:
-                        self.held.append(ready.pop())
-                        self.unconfirmed.add(chunk.address)
-                        self._on_resized(len(self.held))
+                        self._hold_unconfirmed(ready)
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
@@ -293,6 +293,36 @@ class ChunkWalker:
             self._release([chunk.address for chunk in ready])
         if failure is not None and len(self.held) < self.goal:
             raise WalkStoppedError(failure)
+
+    def _hold_unconfirmed(self, ready: list[Chunk]) -> None:
+        """Hold the last of ``ready``, which the host may have ballooned: kept mapped until a
+        deflate takes it back."""
+        chunk = ready.pop()
+        self.held.append(chunk)
+        self.unconfirmed.add(chunk.address)
+        self._on_resized(len(self.held))
+
+    async def _take_back_refused(self, ready: list[Chunk]) -> None:
+        """Deflate the last of ``ready``, whose refused inflate left its pages ballooned at
+        the host, so that it may be unmapped with the rest of ``ready``.
+
+        The host's count never took the chunk, so this deflate takes a chunk off a count
+        that was already over the pages ballooned (why GMM refused the inflate), bringing
+        the two closer. A deflate that fails otherwise, or is cancelled, leaves the pages
+        ballooned as far as the agent can tell: the chunk is held, unconfirmed, and given
+        back like any other, never unmapped before.
+        """
+        chunk = ready[-1]
+        try:
+            await self.handover.deflate(chunk, Submission())
+        except VBoxStatusError as exc:
+            if not await self.handover.not_held(
+                chunk, exc.rc, unconfirmed=True, balloon_empty=False
+            ):
+                self._hold_unconfirmed(ready)
+        except BaseException:
+            self._hold_unconfirmed(ready)
+            raise
 
     def _allocate(self, count: int) -> tuple[list[Chunk], str | None]:
         """Map and lock up to ``count`` chunks (at most a group), each after the floor check;
