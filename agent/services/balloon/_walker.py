@@ -26,6 +26,17 @@ A group ends before a chunk that would read MemAvailable afresh, so a reading th
 is taken with every chunk of the walk handed over, as one chunk at a time took it. While
 MemAvailable is unknown (the floor unchecked) every chunk looks for it, the group's earlier
 chunks mapped but not yet handed over; the first reading that finds it serves from then on.
+
+A chunk whose handover was cancelled once issued is held, unconfirmed, until a deflate takes
+it back. Through a passthrough driver (owned mode) the agent cannot learn whether that
+handover reached the host: a real host marks the pages of any deflate not ballooned and of
+any inflate ballooned, checks only GMM's count of ballooned pages, and with more than one
+vCPU answers success before it does anything. Deflating the chunk is right when its inflate
+went through or its deflate did not; otherwise it takes off the host's count a chunk that
+another chunk put there, and the count stays below the pages ballooned until the VM is reset.
+The other choice, unmapping such a chunk, could hand the kernel pages the host keeps
+ballooned and refuses writes to. An inflate the host refused after it marked the pages
+(``Handover.refusal_ballooned``) is deflated before its chunk is unmapped, for that reason.
 """
 
 from __future__ import annotations
@@ -281,8 +292,10 @@ class ChunkWalker:
                 except BaseException:
                     # Cancelled mid-call. Once issued, the host may hold the chunk (a real host
                     # answers a deflate of pages it never took with no error, so the drain
-                    # cannot tell): held, the drain deflates it. Never issued, the host never
-                    # saw it: still ready, unmapped below.
+                    # cannot tell): held, the drain deflates it. If the inflate never reached
+                    # the host, that deflate takes a chunk off a count another chunk put there
+                    # (the module docstring). Never issued, the host never saw it: still
+                    # ready, unmapped below.
                     if submission.issued:
                         self._hold_unconfirmed(ready)
                     raise
@@ -381,8 +394,8 @@ class ChunkWalker:
         False, the chunk still held, if the host refused.
 
         Cancelled once issued, the deflate may have gone through: the chunk stays held
-        (mapped), unconfirmed, and the next deflate's answer tells (the handover's
-        ``not_held``).
+        (mapped), unconfirmed, and is deflated again; Oracle's driver's answer to that tells
+        (the handover's ``not_held``), a real host's does not (the module docstring).
         """
         submission = Submission()
         unconfirmed = self.unconfirmed
