@@ -40,7 +40,7 @@ async def test_a_refused_inflate_is_taken_back_before_its_chunk_is_unmapped(
             personality="", host=host, allocator=chunks, before=_count_two_chunks_over
         ) as run:
             host.set_balloon_target(4)
-            await run.settle(4)
+            await run.until(lambda: balloon.chunks == 4)
             held = 4 * BALLOON_CHUNK_PAGES
             assert (len(chunks.live), balloon.pages, balloon.counted_pages) == (4, held, held)
             host.set_balloon_target(0)
