@@ -89,10 +89,22 @@ class HostBalloon:
       fall in a MiB kept whole first moves that MiB's 256 frames here.
 
     At 1 GiB ``_frames`` may hold a quarter of a million frames, so a change of scattered
-    pages costs one pass of its 256 frames over that set, and nothing else does.
+    pages costs one pass of its 256 frames over that set. A guest deflates a chunk with the
+    very array it inflated it with, so the frames of each array inflated are kept
+    (``_arrays``) until that deflate, which then takes them from there instead of unpacking
+    the 256 addresses again.
     """
 
-    __slots__ = ("_frames", "_whole", "acked_mb", "counted_pages", "cpus", "ram_mb", "target_mb")
+    __slots__ = (
+        "_arrays",
+        "_frames",
+        "_whole",
+        "acked_mb",
+        "counted_pages",
+        "cpus",
+        "ram_mb",
+        "target_mb",
+    )
 
     def __init__(self, ram_mb: int, *, cpus: int) -> None:
         self.ram_mb = ram_mb
@@ -103,6 +115,7 @@ class HostBalloon:
         """GMM's count of the VM's ballooned pages."""
         self._whole: set[int] = set()
         self._frames: set[int] = set()
+        self._arrays: dict[bytes, tuple[int, ...]] = {}
 
     @property
     def max_mb(self) -> int:
@@ -149,7 +162,7 @@ class HostBalloon:
         if index is not None:
             self._mark_whole(inflate, index)
         else:
-            self._mark_frames(inflate, _frames(packed_pages))
+            self._mark_frames(inflate, self._frames_of_array(inflate, bytes(packed_pages)))
         rc = self._count(inflate)
         if rc == VINF_SUCCESS:
             return rc
@@ -180,6 +193,20 @@ class HostBalloon:
             self._whole.remove(index)
         elif frames:
             frames.difference_update(_frames_of(index))
+
+    def _frames_of_array(self, inflate: bool, array: bytes) -> tuple[int, ...]:
+        """The frames ``array`` names: kept from its inflate for its deflate, which sends
+        the same array (any other deflate forgets the kept ones, which a guest that deflates
+        other arrays than it inflated would otherwise pile up)."""
+        kept = self._arrays.pop(array, None) if not inflate else None
+        if kept is not None:
+            return kept
+        frames = _frames(array)
+        if inflate:
+            self._arrays[array] = frames
+        else:
+            self._arrays.clear()
+        return frames
 
     def _mark_frames(self, inflate: bool, frames: tuple[int, ...]) -> None:
         """Mark the pages ``frames`` (un)ballooned, page by page."""
@@ -231,4 +258,5 @@ class HostBalloon:
         self.acked_mb = 0
         self._whole.clear()
         self._frames.clear()
+        self._arrays.clear()
         self.counted_pages = 0
