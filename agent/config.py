@@ -63,6 +63,11 @@ OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
 """The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
+MAX_RESTART_BACKOFF_S: Final = 3600.0
+"""The longest restart delay: a failed service is tried again at least hourly (the balloon's
+retries have the same bound)."""
+MAX_RESTART_WINDOW_S: Final = 86400.0
+"""The longest window the restart budget counts in: a day."""
 MAX_RESTART_BUDGET: Final = 10_000
 """The supervisor keeps the time of each failure within the window, up to the budget and one
 more, for each service: at most about 320 KB each."""
@@ -121,13 +126,13 @@ class DaemonConfig(_Model):
 
     shutdown_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SHUTDOWN_TIMEOUT_S)
     """How long services may drain after STOPPING before they are cancelled."""
-    restart_backoff_initial_s: float = Field(default=1.0, gt=0)
+    restart_backoff_initial_s: float = Field(default=1.0, gt=0, le=MAX_RESTART_BACKOFF_S)
     """Delay before a failed service's first restart; it doubles on each further one."""
-    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, le=MAX_RESTART_BACKOFF_S)
     """Upper bound of the restart delay."""
     restart_budget: int = Field(default=5, ge=0, le=MAX_RESTART_BUDGET)
     """Restarts of one service allowed within ``restart_window_s``; one more is fatal."""
-    restart_window_s: float = Field(default=60.0, gt=0)
+    restart_window_s: float = Field(default=60.0, gt=0, le=MAX_RESTART_WINDOW_S)
     """The sliding window the restart budget counts in."""
 
     @model_validator(mode="wrap")
