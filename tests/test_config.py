@@ -331,7 +331,13 @@ class TestProblems:
             ),
             (
                 '[device]\npath = "/dev/vboxguest\\u0000"\n',
-                'device.path = "/dev/vboxguest\\u0000": must not contain a NUL character',
+                'device.path = "/dev/vboxguest\\u0000": must not contain a control character '
+                "(\\x00)",
+            ),
+            (
+                '[device]\npath = "/dev/vbox\\u001b[2Jguest"\n',
+                'device.path = "/dev/vbox\\u001b[2Jguest": must not contain a control character '
+                "(\\x1b)",
             ),
             (
                 f'[device]\npath = "unix:/{"s" * 107}"\n',

@@ -94,10 +94,16 @@ def shown(value: object) -> str:
     return shown_text(_bytes_shown(repr(value)))
 
 
+def escaped(text: str) -> str:
+    """``text`` on one printable line, whole: non-printable characters escaped as ``repr``
+    does, undecodable bytes (surrogate escapes) as ``\\xff``."""
+    return text if text.isprintable() else _bytes_shown(repr(text)[1:-1])
+
+
 def shown_text(text: str) -> str:
     """A peer's text for one line of a message: non-printable characters escaped, cut to
     ``SHOWN_SIZE`` characters with the full length said."""
-    line = text if text.isprintable() else _bytes_shown(repr(text)[1:-1])
+    line = escaped(text)
     if len(line) <= SHOWN_SIZE:
         return line
     return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"

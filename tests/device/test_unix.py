@@ -609,7 +609,12 @@ class TestLifecycle:
 
     @pytest.mark.parametrize(
         ("path", "problem"),
-        [("", "is empty"), ("/tmp/" + "x" * 103, "at most 107"), ("/tmp/a\0b", "NUL byte")],
+        [
+            ("", "is empty"),
+            ("/tmp/" + "x" * 103, "at most 107"),
+            ("/tmp/a\0b", r"'/tmp/a\\x00b' contains a control character \(\\x00\)"),
+            ("/tmp/a\nb", r"'/tmp/a\\nb' contains a control character \(\\n\)"),
+        ],
     )
     def test_unusable_path(self, path: str, problem: str) -> None:
         """A path no Unix socket can have is refused when the opener is made."""
