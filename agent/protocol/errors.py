@@ -8,7 +8,7 @@ import errno as errno_codes
 import re
 from typing import Final
 
-from agent.protocol.status import status_for_errno, status_name
+from agent.protocol.status import status_for_errno, status_name, status_text
 
 SHOWN_SIZE: Final = 120
 """Characters of a peer's value or message quoted in an error message; the rest is elided."""
@@ -50,7 +50,7 @@ class VBoxStatusError(AgentError):
         self.operation = operation
         self.errno = errno
         via = "" if errno is None else f" from errno {errno_codes.errorcode.get(errno, errno)}"
-        super().__init__(f"{operation} failed: {self.name} ({rc}){via}")
+        super().__init__(f"{operation} failed: {status_text(rc)}{via}")
 
     @classmethod
     def from_errno(cls, code: int, operation: str) -> VBoxStatusError:
