@@ -352,11 +352,12 @@ class TestNoHost:
         assert done.stdout == ""
 
     def test_path_that_is_not_a_socket(self, tmp_path: Path) -> None:
-        """A device path that exists and is not a socket exits 69 at once, with one line."""
+        """A device path that exists and is not a socket exits 78 at once, with one line, as
+        a character-device path that cannot be the device."""
         path = tmp_path / "plain-file"
         path.write_text("not a socket\n")
         done = self.prop("--device", f"unix:{path}", "get", "/x")
-        assert done.returncode == EX_UNAVAILABLE
+        assert done.returncode == EX_CONFIG
         assert one_line(done).endswith(f"{path}: it exists and is not a socket")
 
     def test_a_path_that_cannot_be_the_device_exits_78_as_run_does(self, tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import check_socket_path, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import LocalProtocolError
@@ -506,6 +506,8 @@ class UnixSocketOpener:
         A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
 
         Raises:
+            NotTheDeviceError: the path exists and is not a socket (a regular file, a
+                directory): a mistake no retry mends, as a path that cannot be the device.
             DeviceUnavailableError: nothing listens at the path, or the host refused or did
                 not answer.
             OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
@@ -534,9 +536,9 @@ class UnixSocketOpener:
             try:
                 stream = await trio.open_unix_socket(self._path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if _is_other_file(self._path):
+                if _is_other_file(self._path):  # no host can ever listen there: 78, no retry
                     msg = f"no simulated host at {self._shown}: it exists and is not a socket"
-                    raise DeviceUnavailableError(msg) from exc
+                    raise NotTheDeviceError(msg) from exc
                 if trio.current_time() - started >= wait_s:
                     waited = f"; waited {wait_s:g} s for it to start" if waiting else ""
                     raise self._unavailable(exc, waited) from exc
