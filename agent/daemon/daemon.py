@@ -167,6 +167,8 @@ class Daemon:
         open (``_device_open``); after that the stop is ``_serve``'s."""
         self._device_open = False
         self._watchdog_scope = trio.CancelScope()
+        self._probe_refused = False
+        """The last watchdog probe was refused (logged once, until one succeeds)."""
         self._status_dirty = trio.Event()
         self._status = ""
         self._pump: EventPump | None = None
@@ -457,17 +459,42 @@ class Daemon:
             await self._ping_watchdog(device, interval)
 
     async def _ping_watchdog(self, device: Device, interval: float) -> None:
+        """Every ``interval`` on a fixed schedule, probe the device and ping once it answers.
+
+        The probe of one interval may answer until the next one begins: consecutive pings
+        are then less than two intervals (``WATCHDOG_USEC``) apart. An interval whose probe
+        got no answer sends no ping; its probe is given up as the next interval begins. A
+        lost device ends the agent (``DeviceLostError`` goes up).
+        """
+        next_start = trio.current_time()
         while True:
-            with trio.move_on_after(interval) as probe:
-                try:
-                    await device.request(GetSessionId())
-                except REQUEST_ERRORS as exc:
-                    log.error("watchdog_probe_failed", error=str(exc))
-                else:
-                    await self._notifier.watchdog()
-            if probe.cancelled_caught:
-                log.error("watchdog_probe_timed_out", timeout_s=interval)
-            await trio.sleep(interval)
+            next_start += interval
+            window = next_start - trio.current_time()
+            answered = False
+            with trio.move_on_at(next_start):
+                await self._probe(device)
+                answered = True
+                await self._notifier.watchdog()
+            if not answered:
+                log.error("watchdog_probe_timed_out", timeout_s=round(window, 3))
+            await trio.sleep_until(next_start)
+
+    async def _probe(self, device: Device) -> None:
+        """Return once the device answered GET_SESSION_ID: a refusal (a status, a malformed
+        reply) came back through the device and the event loop too, so it counts, logged
+        once until a probe succeeds again (``watchdog_probe_answered``)."""
+        try:
+            await device.request(GetSessionId())
+        except REQUEST_ERRORS as exc:
+            if not self._probe_refused:
+                self._probe_refused = True
+                log.warning(
+                    "watchdog_probe_refused", error=str(exc), outcome="answered: the ping goes"
+                )
+            return
+        if self._probe_refused:
+            self._probe_refused = False
+            log.info("watchdog_probe_answered")
 
     async def reload(self) -> None:
         """Re-read the config file: apply what can change live, keep the old one if invalid.
