@@ -116,7 +116,8 @@ class BalloonStatistics:
     (Oracle's driver answers ``CHECK_BALLOON`` with the host's target, which it applies,
     never with what it holds). ``target`` is the host's last target (triggered: that
     answer); in kernel mode, where only the kernel reads it, the size last read.
-    ``cap`` is the pressure cap.
+    ``cap`` is the pressure cap. ``read_at``: in kernel mode, when the size was last read
+    (wall-clock seconds), else None.
     """
 
     mode: str | None
@@ -128,6 +129,7 @@ class BalloonStatistics:
     failures: int
     pressure_events: int
     postponed: bool
+    read_at: float | None
 
 
 @final
@@ -227,7 +229,10 @@ class BalloonService:
         return self._walker
 
     def status(self) -> str:
-        """``balloon 64/128 MB (allocated)``; in kernel mode the size last read, and when.
+        """``balloon 64/128 MB (allocated)``; in kernel mode the size last read.
+
+        It changes with the balloon's state only, as ``STATUS=`` should: not when a read finds
+        the same size again (the kernel mode's read time is in :meth:`statistics`).
 
         It reads nothing: no event tells the agent that the kernel's balloon moved, so a
         status that asked for a read would follow every change it found with another read.
@@ -236,7 +241,7 @@ class BalloonService:
         if mode is None:
             return "balloon starting"
         if mode is BalloonMode.KERNEL:
-            return f"balloon {self._chunks * CHUNK_MB} MB (kernel, {_read_at(self._read_at)})"
+            return f"balloon {self._chunks * CHUNK_MB} MB (kernel)"
         if mode is BalloonMode.TRIGGERED:
             # The driver's answer is the target it applied; what it holds it does not say.
             postponed = ", postponed" if self._postponed_since is not None else ""
@@ -261,6 +266,7 @@ class BalloonService:
             failures=self._read_failures + (walker.failures if walker is not None else 0),
             pressure_events=self._pressure_events,
             postponed=self._postponed_since is not None,
+            read_at=self._read_at if self._mode is BalloonMode.KERNEL else None,
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
@@ -605,9 +611,8 @@ class BalloonService:
         changed = status.chunks != self._chunks
         self._chunks = status.chunks
         if self._mode is BalloonMode.KERNEL:
-            self._read_at = time.time()  # the status shows when: it changes with every read
-            self._status_changed()
-        elif changed:
+            self._read_at = time.time()
+        if changed:
             self._status_changed()
         # A size the log already shows is no news: repeated reads stay at debug.
         (log.info if changed else log.debug)(
@@ -887,11 +892,6 @@ def _memlock_fields() -> dict[str, object]:
         "memlock_limit_mb": "unlimited" if limit is None else limit >> 20,
         "memlock_unlimited_by_capability": has_ipc_lock(),
     }
-
-
-def _read_at(seconds: float) -> str:
-    """When the kernel's balloon was last read, for the status (UTC, to the second)."""
-    return time.strftime("read %Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
