@@ -569,10 +569,11 @@ class Daemon:
 
     def _apply(self, new: AgentConfig) -> None:
         old = self.config
-        if new.device != old.device:
+        needs_restart = ["device"] if new.device != old.device else []
+        if needs_restart:
             # The device stays open as it is: the config keeps the [device] in use, so every
             # reload until the next start says again that the file's one waits.
-            log.warning("config_change_needs_restart", sections=["device"])
+            log.warning("config_change_needs_restart", sections=needs_restart)
             new = new.model_copy(update={"device": old.device})
         self.config = new
         changed = [name for name in ("daemon", "log") if getattr(old, name) != getattr(new, name)]
@@ -590,7 +591,8 @@ class Daemon:
                 self._reconfigure(spec, after)  # the last reload could not build it
         if changed:
             self._reloads += 1
-        log.info("config_reloaded", changed=changed)
+        # What applied, and what waits for the next start (logged just before).
+        log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
 
     def _reconfigure(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         """Give service ``spec`` its new section: start, stop, apply live or rebuild it.

@@ -410,7 +410,8 @@ class TestReload:
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:
         """A changed [device] is not applied: the running config keeps the device in use and
-        each reload says so again (the first one took the file's section as applied)."""
+        each reload says so again (the first one took the file's section as applied), and
+        its summary names it as waiting for a restart, not as applied."""
         path = short_dir / "agent.toml"
         text = "[device]\nioctl_threads = 6\n"
         with structlog.testing.capture_logs() as logs:
@@ -421,6 +422,11 @@ class TestReload:
                 assert daemon.statistics().reloads == 0
         warnings = [entry for entry in logs if entry["event"] == "config_change_needs_restart"]
         assert [entry["sections"] for entry in warnings] == [["device"], ["device"]]
+        reloaded = [entry for entry in logs if entry["event"] == "config_reloaded"]
+        assert [(entry["changed"], entry["needs_restart"]) for entry in reloaded] == [
+            ([], ["device"]),
+            ([], ["device"]),
+        ]
 
 
 class TestRestore:
