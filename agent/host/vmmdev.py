@@ -139,7 +139,7 @@ class VMMDev:
                 self.guest.additions_features & GUEST_INFO2_F_REQUESTOR_INFO
             ),
         )
-        self.balloon = HostBalloon(ram_mb)
+        self.balloon = HostBalloon(ram_mb, cpus=cpus)
         self.heartbeat = HeartbeatMonitor(
             heartbeat_interval_ns,
             2 * heartbeat_interval_ns if heartbeat_timeout_ns is None else heartbeat_timeout_ns,

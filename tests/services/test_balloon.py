@@ -28,7 +28,7 @@ from agent.protocol import (
     RequestType,
     VBoxStatusError,
 )
-from agent.protocol.constants import BALLOON_CHUNK_SIZE
+from agent.protocol.constants import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 from agent.protocol.status import (
     VERR_GENERAL_FAILURE,
     VERR_INVALID_PARAMETER,
@@ -404,18 +404,24 @@ class TestFollowsTarget:
                         await first.drain()  # refused at the first chunk: all 8 kept
                     # The gauge (which the guest statistics report) still counts them.
                     assert (host.vmmdev.balloon.chunks, len(chunks.live), gauge.chunks) == (8, 8, 8)
+                    assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
 
                     second = build()
                     stop = await inner.start(_run_until_stopped, second)
                     assert second.walker is not None
                     await second.walker.wait_held(8)
                     assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
+                    assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
                     assert second.statistics().chunks == 8
                     host.set_balloon_target(3)
                     await host_shows(3)
                     await stop()
                     await second.drain()
-                    assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
+                    assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages, chunks.live) == (
+                        0,
+                        0,
+                        {},
+                    )
                     assert gauge.chunks is None
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
@@ -530,7 +536,7 @@ class TestFollowsTarget:
                     host.set_balloon_target(1)
                     await stopped.wait()
                     assert (walker.held, chunks.live, walker.inflated) == ([], {}, 0)
-                    assert host.vmmdev.balloon.chunks == 0
+                    assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
                     walker.handover = RecordRefusals(walker.handover, refusals)
                     deflates = host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON]
                     await service.drain()
@@ -538,7 +544,7 @@ class TestFollowsTarget:
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
         assert (refusals, walker.deflated) == ([], 0)
-        assert host.vmmdev.balloon.chunks == 0
+        assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
         assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [0]
 
 

@@ -147,6 +147,7 @@ async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> No
                 "acked_mb": 0,
                 "max_mb": 1843,
                 "chunks": 0,
+                "pages": 0,
             }
             nursery.cancel_scope.cancel()
 
