@@ -54,7 +54,6 @@ supervisor, once told to stop every service, starts and replaces none anyway.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -69,6 +68,7 @@ from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
 from agent.logconfig import configure_logging
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
+from agent.records import record
 from agent.services import EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
@@ -102,7 +102,7 @@ STARTING_SUFFIX: Final = " starting"
 """A service's ``STATUS=`` fragment while its run has not started yet."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DaemonStatistics:
     """What the daemon is doing, for tests and benchmarks.
 

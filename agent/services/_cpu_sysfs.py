@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from agent.records import record
 
 DEFAULT_SYSFS_ROOT: Final = "/sys"
 CPU_DIR: Final = Path("devices/system/cpu")
@@ -43,7 +44,7 @@ ATTRIBUTE_BYTES: Final = 64
 """The most read of one attribute: each holds one small number."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PassedOver:
     """An offline CPU brought online for a plug that had other ids: what it had and what
     became of it (one phrase), and whether it stayed online (its offline write refused)."""
@@ -52,7 +53,7 @@ class PassedOver:
     online: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuChange:
     """What one plug or unplug did: the CPU it concerned (None if none matched) and, if it
     did not complete, why (one line)."""

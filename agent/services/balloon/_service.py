@@ -50,7 +50,6 @@ import math
 import time
 import weakref
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -58,6 +57,7 @@ import structlog
 import trio
 
 from agent.protocol import Event, VBoxStatusError
+from agent.records import record
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
@@ -90,7 +90,7 @@ TRIGGERED_NOTE: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Kept:
     """Chunks a drain could not give back (still mapped, and held by the host), the
     allocator they came from, and which of them the driver may not have
@@ -107,7 +107,7 @@ that rebuilds the service, or a stop and a new start) takes them over instead of
 the target on top of them."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BalloonStatistics:
     """The balloon as the agent sees it (sizes in 1 MiB chunks).
 
