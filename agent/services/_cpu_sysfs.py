@@ -37,11 +37,12 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import structlog
+
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,7 +58,7 @@ ATTRIBUTE_BYTES: Final = 64
 """The most read of one attribute: each holds one small number."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PassedOver:
     """An offline CPU brought online for a plug that had other ids: what it had and what
     became of it (one phrase), and whether it stayed online (its offline write refused)."""
@@ -66,7 +67,7 @@ class PassedOver:
     online: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuChange:
     """What one plug or unplug did: the CPU it concerned (None if none matched) and, if it
     did not complete, why (one line)."""

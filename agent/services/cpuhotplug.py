@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import errno
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, final
 
@@ -63,6 +62,7 @@ from agent.protocol import (
     VBoxStatusError,
 )
 from agent.protocol.status import STATUS_CODES
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs, PassedOver
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
@@ -118,7 +118,7 @@ class CpuHotPlugSection(ServiceSection):
         return value
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuHotPlugStatistics:
     """What the service did.
 

@@ -281,6 +281,24 @@ class TestPortHandler:
         assert trio.current_time() == start
         assert L.RequestHeader.rc.get(req) == VERR_GENERAL_FAILURE
 
+    async def test_no_write_is_held_once_the_vm_is_off(
+        self, device: Device, autojump_clock: object
+    ) -> None:
+        """Once the VM powered off, a port write a delay would hold ends at once, unhandled,
+        as the hold the power-off ended does."""
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 1e9)
+        req = vmmdev_request(T.GET_HOST_VERSION, 40)
+        L.RequestHeader.rc.set(req, VERR_GENERAL_FAILURE)
+        phys = device.ram.map(req)
+        async with trio.open_nursery() as vm:
+            vm.start_soon(device.vmmdev.run)
+            await trio.testing.wait_all_tasks_blocked()
+            vm.cancel_scope.cancel()
+        start = trio.current_time()
+        await device.vmmdev.submit(phys)
+        assert trio.current_time() == start
+        assert L.RequestHeader.rc.get(req) == VERR_GENERAL_FAILURE
+
     @given(st.binary(min_size=24, max_size=3000))
     def test_garbage_never_crashes(self, data: bytes) -> None:
         """Arbitrary bytes with a valid version never raise from the port handler."""

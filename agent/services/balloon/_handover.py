@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -27,6 +26,7 @@ from agent.protocol.status import (
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
 )
+from agent.records import record
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.services.balloon")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HostTarget:
     """What the host asks for, in chunks; ``max_chunks`` None where the driver keeps it."""
 
