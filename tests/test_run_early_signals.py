@@ -1,10 +1,12 @@
-"""A stop or reload signal that comes before the daemon handles signals waits for it.
+"""A stop or reload signal that comes before the daemon handles signals waits for it; one
+that comes after is discarded.
 
 Rules of this test module:
 - Real ``vbox-agent run --simulate`` processes, started through a wrapper that holds the
   start-up just before ``trio.run`` (config loaded, logging configured: the last step before
-  the daemon's signal handling) until the test writes a line to its stdin, after saying so on
-  stderr; the signal is sent in that window, on that event.
+  the daemon's signal handling), or the exit once ``main`` returned, until the test writes
+  a line to its stdin, after saying so on stderr; the signal is sent in that window, on that
+  event.
 - Every wait is bounded and waits on a condition (a line, an exit); every process is killed
   in teardown.
 """
@@ -50,6 +52,21 @@ sys.exit(main(sys.argv[1:]))
 """
 """``python -c WRAPPER run ...``: the agent, held where its start-up would meet a signal
 with the signal's default action."""
+
+
+ENDED: Final = b"holding the exit\n"
+AT_EXIT: Final = f"""
+import sys
+from agent.cli import main
+
+code = main()
+sys.stderr.buffer.write({ENDED!r})
+sys.stderr.flush()
+sys.stdin.readline()
+sys.exit(code)
+"""
+"""``python -c AT_EXIT run ...``: the agent as the console script runs it (``main()`` on the
+process's command line), held once ``main`` returned, where the interpreter exits."""
 
 
 @pytest.fixture(name="agent")
@@ -144,3 +161,26 @@ def test_run_holds_exactly_the_signals_the_daemon_handles() -> None:
     """``run`` holds what the daemon's signal task unblocks: a signal held and never
     unblocked would never reach the agent, one unblocked and not held is not protected."""
     assert set(HELD_SIGNALS["run"]) == set(SIGNALS)
+
+
+def test_a_signal_after_the_run_is_discarded(tmp_path: Path) -> None:
+    """SIGHUP, SIGTERM and SIGINT once the agent stopped and the interpreter exits (their
+    default actions would kill it) change nothing: exit 0."""
+    config = tmp_path / "agent.toml"
+    config.write_text('[log]\nformat = "json"\n')
+    command = ["run", "--simulate", "--duration", "0.5", "--config", str(config)]
+    with subprocess.Popen(
+        [sys.executable, "-c", AT_EXIT, *command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    ) as agent:
+        try:
+            assert agent.stderr is not None
+            _read_line(agent, agent.stderr.fileno(), ENDED.strip())
+            for signum in SIGNALS:
+                agent.send_signal(signum)
+            agent.communicate(b"\n", timeout=WAIT_S)
+        finally:
+            agent.kill()
+    assert agent.returncode == 0

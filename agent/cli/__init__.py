@@ -17,7 +17,9 @@ cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 ``run`` handles SIGTERM, SIGINT and SIGHUP itself, but only once the daemon runs, after its
 imports and the config (about 1.5 s): :data:`HELD_SIGNALS` are blocked from the moment
 ``main`` knows the command, so one that comes meanwhile waits for the daemon's handler
-instead of ending the process with its default action (killed, or a KeyboardInterrupt).
+instead of ending the process with its default action (killed, or a KeyboardInterrupt);
+one that comes once the daemon stopped handling them is discarded, so a stopped agent
+exits 0 however many signals follow.
 
 Third-party pydantic plugins are off for every command (:func:`_disable_pydantic_plugins`):
 how a config file validates must not depend on what else is installed.
@@ -40,6 +42,7 @@ from agent.cli._output import OutputError, flush
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+    from types import FrameType
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -105,7 +108,8 @@ class CommandParser(argparse.ArgumentParser):
 HELD_SIGNALS: Final = {"run": (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 """The signals a command handles itself, by command: blocked until its handler is in place
 (``agent.daemon.signals`` unblocks them; a signal that came meanwhile is delivered to it
-then), and as they were before once the command ended."""
+then), discarded once it is gone, and ignored until the process exits (or as they were
+before, for a caller of :func:`main` with ``argv``) once the command ended."""
 
 COMMANDS: Final = (
     ("run", "_run", "run the agent"),
@@ -267,10 +271,18 @@ def _missing_options(chain: list[CommandParser], args: argparse.Namespace) -> No
 
 
 @contextmanager
-def _signals_held(signals: Sequence[signal.Signals]) -> Iterator[None]:
-    """Block ``signals`` in the block (its code unblocks them where it handles them); after
-    it, discard those still pending, which came too late for a handler, and restore the
-    mask.
+def _signals_held(signals: Sequence[signal.Signals], *, until_exit: bool) -> Iterator[None]:
+    """Block ``signals`` in the block (its code handles them where it can: it installs its
+    own handler and unblocks them, and puts both back after); after it, the ones still
+    pending came too late for a handler and are discarded.
+
+    Meanwhile their handler discards them: once the command's handler is gone, a signal
+    may reach a thread that does not block it (an ioctl worker). It is a Python handler:
+    ``SIG_IGN`` would drop one that came, blocked, before the command's handler. With
+    ``until_exit`` (the process ends after the block) they are ignored from then on
+    (``SIG_IGN``, which the interpreter's exit keeps, where it resets Python handlers), so
+    one that comes while the interpreter exits cannot end the process by its default
+    action; otherwise the handlers and the mask are restored.
 
     Only the calling thread's mask changes: called before the command's imports, with no
     other thread yet (a thread started in the block inherits the blocked mask), it holds the
@@ -280,21 +292,34 @@ def _signals_held(signals: Sequence[signal.Signals]) -> Iterator[None]:
         yield
         return
     before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    handlers = [(signum, signal.signal(signum, _discard)) for signum in signals]
     try:
         yield
     finally:
+        for signum, handler in handlers:
+            signal.signal(signum, signal.SIG_IGN if until_exit else handler)
         for _ in signals:  # each pending signal is taken once
             if signal.sigtimedwait(signals, 0) is None:
                 break
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+def _discard(signum: int, frame: FrameType | None) -> None:
+    """A signal handler that does nothing: the signal came after the command's handler."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``vbox-agent`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    """Run ``vbox-agent`` with ``argv`` and return the exit code.
+
+    Without ``argv`` it runs the process's command line (``sys.argv[1:]``) as the process's
+    entry point (the console script, ``python -m agent``): the signals the command handled
+    then stay ignored until the process exits (see :func:`_signals_held`).
+    """
     _disable_pydantic_plugins()
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
-    with _signals_held(HELD_SIGNALS.get(_chosen_command(words) or "", ())):
+    held = HELD_SIGNALS.get(_chosen_command(words) or "", ())
+    with _signals_held(held, until_exit=argv is None):
         return _main(words)
 
 

@@ -54,7 +54,6 @@ supervisor, once told to stop every service, starts and replaces none anyway.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -69,6 +68,7 @@ from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
 from agent.logconfig import configure_logging
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
+from agent.records import record
 from agent.services import EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
@@ -102,7 +102,7 @@ STARTING_SUFFIX: Final = " starting"
 """A service's ``STATUS=`` fragment while its run has not started yet."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DaemonStatistics:
     """What the daemon is doing, for tests and benchmarks.
 
@@ -167,6 +167,8 @@ class Daemon:
         open (``_device_open``); after that the stop is ``_serve``'s."""
         self._device_open = False
         self._watchdog_scope = trio.CancelScope()
+        self._probe_refused = False
+        """The last watchdog probe was refused (logged once, until one succeeds)."""
         self._status_dirty = trio.Event()
         self._status = ""
         self._pump: EventPump | None = None
@@ -457,17 +459,42 @@ class Daemon:
             await self._ping_watchdog(device, interval)
 
     async def _ping_watchdog(self, device: Device, interval: float) -> None:
+        """Every ``interval`` on a fixed schedule, probe the device and ping once it answers.
+
+        The probe of one interval may answer until the next one begins: consecutive pings
+        are then less than two intervals (``WATCHDOG_USEC``) apart. An interval whose probe
+        got no answer sends no ping; its probe is given up as the next interval begins. A
+        lost device ends the agent (``DeviceLostError`` goes up).
+        """
+        next_start = trio.current_time()
         while True:
-            with trio.move_on_after(interval) as probe:
-                try:
-                    await device.request(GetSessionId())
-                except REQUEST_ERRORS as exc:
-                    log.error("watchdog_probe_failed", error=str(exc))
-                else:
-                    await self._notifier.watchdog()
-            if probe.cancelled_caught:
-                log.error("watchdog_probe_timed_out", timeout_s=interval)
-            await trio.sleep(interval)
+            next_start += interval
+            window = next_start - trio.current_time()
+            answered = False
+            with trio.move_on_at(next_start):
+                await self._probe(device)
+                answered = True
+                await self._notifier.watchdog()
+            if not answered:
+                log.error("watchdog_probe_timed_out", timeout_s=round(window, 3))
+            await trio.sleep_until(next_start)
+
+    async def _probe(self, device: Device) -> None:
+        """Return once the device answered GET_SESSION_ID: a refusal (a status, a malformed
+        reply) came back through the device and the event loop too, so it counts, logged
+        once until a probe succeeds again (``watchdog_probe_answered``)."""
+        try:
+            await device.request(GetSessionId())
+        except REQUEST_ERRORS as exc:
+            if not self._probe_refused:
+                self._probe_refused = True
+                log.warning(
+                    "watchdog_probe_refused", error=str(exc), outcome="answered: the ping goes"
+                )
+            return
+        if self._probe_refused:
+            self._probe_refused = False
+            log.info("watchdog_probe_answered")
 
     async def reload(self) -> None:
         """Re-read the config file: apply what can change live, keep the old one if invalid.
@@ -542,10 +569,11 @@ class Daemon:
 
     def _apply(self, new: AgentConfig) -> None:
         old = self.config
-        if new.device != old.device:
+        needs_restart = ["device"] if new.device != old.device else []
+        if needs_restart:
             # The device stays open as it is: the config keeps the [device] in use, so every
             # reload until the next start says again that the file's one waits.
-            log.warning("config_change_needs_restart", sections=["device"])
+            log.warning("config_change_needs_restart", sections=needs_restart)
             new = new.model_copy(update={"device": old.device})
         self.config = new
         changed = [name for name in ("daemon", "log") if getattr(old, name) != getattr(new, name)]
@@ -563,7 +591,8 @@ class Daemon:
                 self._reconfigure(spec, after)  # the last reload could not build it
         if changed:
             self._reloads += 1
-        log.info("config_reloaded", changed=changed)
+        # What applied, and what waits for the next start (logged just before).
+        log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
 
     def _reconfigure(self, spec: ServiceSpec[Any], section: ServiceSection) -> None:
         """Give service ``spec`` its new section: start, stop, apply live or rebuild it.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import structlog
@@ -55,6 +54,7 @@ from agent.protocol import (
 )
 from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, TIMEOUT_INFINITE
 from agent.protocol.status import VERR_HGCM_INVALID_CLIENT_ID, VERR_INTERRUPTED, VERR_TIMEOUT
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Coroutine
@@ -75,7 +75,7 @@ HGCM_CONNECT_TIMEOUT_S: Final = SHORT_CALL_TIMEOUT_MS / 1000
 """How long an HGCM connect, or the explicit disconnect, may wait for the host."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeviceStatistics:
     """Counters of one :class:`Device`."""
 

@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
-from agent.protocol.balloon_pages import aligned_chunk_index, chunk_frames
-from agent.protocol.constants import BALLOON_CHUNK_PAGES
+from agent.host._log import host_log
+from agent.protocol.balloon_pages import (
+    CHUNK_PAGES,
+    PAGE_SHIFT,
+    aligned_chunk_index,
+    every_page,
+)
+from agent.protocol.constants import BALLOON_CHUNK_PAGES, PAGE_SIZE
 from agent.protocol.status import (
-    VERR_ALREADY_EXISTS,
+    VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH,
+    VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH,
     VERR_INVALID_PARAMETER,
-    VERR_NOT_FOUND,
     VINF_SUCCESS,
+    status_name,
 )
 
 BALLOON_MAX_NUMERATOR: Final = 9
 BALLOON_MAX_DENOMINATOR: Final = 10
 """``VMMDEV_MAX_MEMORY_BALLOON``: the balloon may not reach 9/10 of guest RAM."""
+HANDY_PAGES: Final = 128
+"""``PGM_HANDY_PAGES``: what GMM reserves for a VM beyond its memory (``MMR3InitPaging``)."""
+_FIRST: Final = struct.Struct("<Q")
+"""The first page's address of a packed chunk."""
+_PAGE_BITS: Final = every_page(~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF)
+"""Every address's page bits, its offset bits clear (a packed chunk read as one integer)."""
 
 
 def _frames_of(index: int) -> range:
     """The page frame numbers of the chunk-aligned MiB number ``index``."""
     return range(index * BALLOON_CHUNK_PAGES, (index + 1) * BALLOON_CHUNK_PAGES)
+
+
+def _frames(packed: bytes | bytearray | memoryview) -> tuple[int, ...]:
+    """The frame of the page each address of a packed chunk falls in, in order (as
+    ``pgmPhysGetPage`` finds it: the offset bits are ignored)."""
+    whole = int.from_bytes(packed, "little") & _PAGE_BITS
+    return CHUNK_PAGES.unpack((whole >> PAGE_SHIFT).to_bytes(CHUNK_PAGES.size, "little"))
 
 
 class HostBalloon:
@@ -29,35 +50,69 @@ class HostBalloon:
     ``target_mb`` is what the host asks for, ``acked_mb`` what the guest last acknowledged
     with GET_MEMBALLOON_CHANGE_REQ (event_ack 0x40).
 
-    Every ballooned page is tracked, in one of two forms, never both:
+    What is ballooned is kept twice, as the real host keeps it, and the two can disagree:
+
+    - PGM's page states (:attr:`pages`): which guest pages are ballooned;
+    - GMM's count of the VM's ballooned pages (:attr:`counted_pages`; PGM's
+      ``cBalloonedPages`` moves with it), which every change GMM accepts moves by the
+      chunk's 256 pages, whatever happened to them.
+
+    CHANGE_MEMBALLOON (``PGMR3PhysChangeMemBalloon``, ``pgmR3PhysChangeMemBalloonRendezvous``)
+    checks only that the first address is page-aligned (VERR_INVALID_PARAMETER); every
+    address names the page it falls in. An inflate marks each page ballooned (one ballooned
+    already, or named twice, stays so: ``pgmPhysFreePage`` frees nothing and succeeds); a
+    deflate marks each one not ballooned, ballooned or not. Then GMM
+    (``GMMR0BalloonedPages``) takes the 256 pages into its count: an inflate fails with
+    VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH when the VM's allocated pages, its count and the 256
+    would exceed its reservation, a deflate with VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH when
+    the count is below 256. A failure leaves the count as it was, the page states changed.
+    The model takes every page not ballooned as allocated (a guest that has touched all its
+    memory) and the reservation as guest RAM plus :data:`HANDY_PAGES`, so GMM refuses an
+    inflate that would count more than 128 pages beyond those ballooned: inflating a chunk
+    twice is refused the second time, one half of whose pages are ballooned already is not.
+
+    With more than one vCPU (``cpus``) the host queues the change (``VMR3ReqCallNoWait``)
+    and answers the guest success before it runs: a failure then reaches only the host's log
+    (``balloon_change_failed``, which says whether the guest saw the status). The change is
+    applied here at once.
+
+    Not modelled: a real host ends its walk, silently, at the first page that is not guest
+    RAM. The simulator has no map of guest-physical memory (its kernels' balloon pages lie
+    above 4 GiB, whatever the RAM size): every page counts as RAM.
+
+    The page states take one of two forms, never both for a page:
 
     - ``_whole``: chunk-aligned MiBs of guest-physical memory ballooned whole by one chunk of
       consecutive pages (a kernel's freshly allocated chunk, which Oracle's driver hands over
       and mainline's often builds), kept as one number each instead of 256 integers;
     - ``_frames``: the page frame numbers of every other ballooned page. A chunk whose pages
-      fall in a MiB kept whole first moves that MiB's 256 frames here, so the per-page checks
-      below see each page.
+      fall in a MiB kept whole first moves that MiB's 256 frames here.
 
-    A guest deflates a chunk with the very page array it inflated it with, so each array kept
-    in ``_frames`` is remembered with its frames (``_arrays``) for as long as all of them stay
-    ballooned: a deflate that sends a known array takes its frames from there instead of
-    unpacking and checking the 256 addresses again. A deflate of any other array is checked
-    page by page and forgets the kept arrays, whose frames it may have taken.
-
-    An inflate builds no set of the array's own: it checks the frames against ``_frames``
-    (``isdisjoint``), adds them, and tells a repeated page by the count it added, taking them
-    all out again (none was ballooned before) when that falls short. At 1 GiB ``_frames``
-    holds a quarter of a million frames, in memory nothing else touches, so each pass over it
-    is what an inflate costs; a separate set was one more pass and 256 more insertions.
+    At 1 GiB ``_frames`` may hold a quarter of a million frames, so a change of scattered
+    pages costs one pass of its 256 frames over that set. A guest deflates a chunk with the
+    very array it inflated it with, so the frames of each array inflated are kept
+    (``_arrays``) until that deflate, which then takes them from there instead of unpacking
+    the 256 addresses again.
     """
 
-    __slots__ = ("_arrays", "_frames", "_whole", "acked_mb", "chunks", "ram_mb", "target_mb")
+    __slots__ = (
+        "_arrays",
+        "_frames",
+        "_whole",
+        "acked_mb",
+        "counted_pages",
+        "cpus",
+        "ram_mb",
+        "target_mb",
+    )
 
-    def __init__(self, ram_mb: int) -> None:
+    def __init__(self, ram_mb: int, *, cpus: int) -> None:
         self.ram_mb = ram_mb
+        self.cpus = cpus
         self.target_mb = 0
         self.acked_mb = 0
-        self.chunks = 0
+        self.counted_pages = 0
+        """GMM's count of the VM's ballooned pages."""
         self._whole: set[int] = set()
         self._frames: set[int] = set()
         self._arrays: dict[bytes, tuple[int, ...]] = {}
@@ -69,8 +124,13 @@ class HostBalloon:
 
     @property
     def pages(self) -> int:
-        """How many guest pages are ballooned."""
+        """How many guest pages are ballooned (PGM's page states)."""
         return len(self._whole) * BALLOON_CHUNK_PAGES + len(self._frames)
+
+    @property
+    def chunks(self) -> int:
+        """GMM's count, in chunks (every change moves it by one)."""
+        return self.counted_pages // BALLOON_CHUNK_PAGES
 
     def set_target(self, mb: int) -> bool:
         """Apply a management request; return whether the guest must be notified (0x40).
@@ -94,71 +154,80 @@ class HostBalloon:
         return True
 
     def change(self, inflate: bool, packed_pages: bytes | bytearray | memoryview) -> int:
-        """(De)balloon one chunk, its 256 page addresses packed; return the VBox status.
-
-        The addresses must be page-aligned and distinct (VERR_INVALID_PARAMETER); an inflated
-        page must not be ballooned yet (VERR_ALREADY_EXISTS), a deflated one must be
-        (VERR_NOT_FOUND). A refused chunk changes nothing.
-        """
-        array = bytes(packed_pages)
-        if not inflate:
-            kept = self._arrays.pop(array, None)
-            if kept is not None:
-                self._frames.difference_update(kept)
-                self.chunks -= 1
-                return VINF_SUCCESS
-        index = aligned_chunk_index(array)
-        if index is not None:
-            return self._change_whole(inflate, index)
-        return self._change_frames(inflate, array)
-
-    def _change_frames(self, inflate: bool, array: bytes) -> int:
-        """(De)balloon a chunk page by page: the checks of :meth:`change`, frame by frame."""
-        frames = chunk_frames(array)
-        if frames is None:
+        """(De)balloon one chunk, its 256 page addresses packed; return the status the guest
+        sees (see the class docstring)."""
+        if _FIRST.unpack_from(packed_pages)[0] % PAGE_SIZE:
             return VERR_INVALID_PARAMETER
-        self._split(frames)
-        ballooned = self._frames
-        if inflate:
-            if not ballooned.isdisjoint(frames):
-                return VERR_INVALID_PARAMETER if _repeats(frames) else VERR_ALREADY_EXISTS
-            before = len(ballooned)
-            ballooned.update(frames)
-            if len(ballooned) - before != BALLOON_CHUNK_PAGES:  # a page is repeated
-                ballooned.difference_update(frames)  # none of them was ballooned before
-                return VERR_INVALID_PARAMETER
-            self._arrays[array] = frames
-            self.chunks += 1
+        index = aligned_chunk_index(packed_pages)
+        if index is not None:
+            self._mark_whole(inflate, index)
         else:
-            if _repeats(frames):
-                return VERR_INVALID_PARAMETER
-            if not ballooned.issuperset(frames):
-                return VERR_NOT_FOUND
-            ballooned.difference_update(frames)
-            self._arrays.clear()  # some may have lost frames to this array
-            self.chunks -= 1
-        return VINF_SUCCESS
+            self._mark_frames(inflate, self._frames_of_array(inflate, bytes(packed_pages)))
+        rc = self._count(inflate)
+        if rc == VINF_SUCCESS:
+            return rc
+        seen = self.cpus == 1
+        host_log.warning(
+            "balloon_change_failed",
+            inflate=inflate,
+            rc=status_name(rc),
+            seen_by_guest=seen,
+            pages=self.pages,
+            counted_pages=self.counted_pages,
+        )
+        return rc if seen else VINF_SUCCESS
 
-    def _change_whole(self, inflate: bool, index: int) -> int:
-        """(De)balloon the chunk-aligned MiB number ``index``, whose pages a chunk names in
-        order: the same checks as :meth:`change`, on the MiB at once where it is kept whole."""
+    def _mark_whole(self, inflate: bool, index: int) -> None:
+        """Mark the pages of the chunk-aligned MiB number ``index`` (un)ballooned: at once
+        where it is kept whole or not at all."""
+        frames = self._frames
         if inflate:
+            if index in self._whole:
+                return
             # (isdisjoint would walk the 256 frames even with nothing kept page by page)
-            page_by_page = self._frames and not self._frames.isdisjoint(_frames_of(index))
-            if index in self._whole or page_by_page:
-                return VERR_ALREADY_EXISTS
-            self._whole.add(index)
-            self.chunks += 1
-            return VINF_SUCCESS
-        if index in self._whole:
+            if frames and not frames.isdisjoint(_frames_of(index)):
+                frames.update(_frames_of(index))  # partly ballooned already: kept by page
+            else:
+                self._whole.add(index)
+        elif index in self._whole:
             self._whole.remove(index)
-        else:  # ballooned page by page, if at all
-            frames = _frames_of(index)
-            if not self._frames.issuperset(frames):
-                return VERR_NOT_FOUND
+        elif frames:
+            frames.difference_update(_frames_of(index))
+
+    def _frames_of_array(self, inflate: bool, array: bytes) -> tuple[int, ...]:
+        """The frames ``array`` names: kept from its inflate for its deflate, which sends
+        the same array (any other deflate forgets the kept ones, which a guest that deflates
+        other arrays than it inflated would otherwise pile up)."""
+        kept = self._arrays.pop(array, None) if not inflate else None
+        if kept is not None:
+            return kept
+        frames = _frames(array)
+        if inflate:
+            self._arrays[array] = frames
+        else:
+            self._arrays.clear()
+        return frames
+
+    def _mark_frames(self, inflate: bool, frames: tuple[int, ...]) -> None:
+        """Mark the pages ``frames`` (un)ballooned, page by page."""
+        self._split(frames)
+        if inflate:
+            self._frames.update(frames)
+        else:
             self._frames.difference_update(frames)
-            self._arrays.clear()  # some may have lost frames to this chunk
-        self.chunks -= 1
+
+    def _count(self, inflate: bool) -> int:
+        """GMM's check and count of one chunk's pages (``GMMR0BalloonedPages``)."""
+        if inflate:
+            ram_pages = self.ram_mb * BALLOON_CHUNK_PAGES
+            allocated = max(ram_pages - self.pages, 0)
+            if allocated + self.counted_pages + BALLOON_CHUNK_PAGES > ram_pages + HANDY_PAGES:
+                return VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
+            self.counted_pages += BALLOON_CHUNK_PAGES
+        else:
+            if self.counted_pages < BALLOON_CHUNK_PAGES:
+                return VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
+            self.counted_pages -= BALLOON_CHUNK_PAGES
         return VINF_SUCCESS
 
     def _split(self, frames: tuple[int, ...]) -> None:
@@ -174,13 +243,14 @@ class HostBalloon:
         """A saved state was loaded: VMMDev does not save ``cMbMemoryBalloonLast``, so the new
         VM process's device has nothing acknowledged and the next setting notifies again.
 
-        The ballooned pages stay (PGM saves them) and so does the target (Main hands it to
-        the new device).
+        The ballooned pages stay (PGM's saved state records them), the count with them in
+        this model, and so does the target (Main hands it to the new device).
         """
         self.acked_mb = 0
 
     def reset(self) -> None:
-        """VM reset: guest memory is fresh, nothing is ballooned, nothing acknowledged.
+        """VM reset: guest memory is fresh, nothing is ballooned, GMM's count is reset
+        (``pgmR3PhysRamReset``), nothing is acknowledged.
 
         The target stays; forgetting the acknowledgement (VMMDev zeroes
         ``cMbMemoryBalloonLast``) makes the next setting notify the guest again.
@@ -189,9 +259,4 @@ class HostBalloon:
         self._whole.clear()
         self._frames.clear()
         self._arrays.clear()
-        self.chunks = 0
-
-
-def _repeats(frames: tuple[int, ...]) -> bool:
-    """Whether a page appears twice in a chunk."""
-    return len(set(frames)) != len(frames)
+        self.counted_pages = 0

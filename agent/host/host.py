@@ -322,6 +322,7 @@ class SimulatedHost:
                 "acked_mb": dev.balloon.acked_mb,
                 "max_mb": dev.balloon.max_mb,
                 "chunks": dev.balloon.chunks,
+                "pages": dev.balloon.pages,
             },
             "heartbeat": dev.heartbeat.snapshot(),
             "guest_stats": dev.guest_stats.snapshot(),

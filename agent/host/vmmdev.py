@@ -139,7 +139,7 @@ class VMMDev:
                 self.guest.additions_features & GUEST_INFO2_F_REQUESTOR_INFO
             ),
         )
-        self.balloon = HostBalloon(ram_mb)
+        self.balloon = HostBalloon(ram_mb, cpus=cpus)
         self.heartbeat = HeartbeatMonitor(
             heartbeat_interval_ns,
             2 * heartbeat_interval_ns if heartbeat_timeout_ns is None else heartbeat_timeout_ns,
@@ -160,6 +160,8 @@ class VMMDev:
         self._irq = trio.lowlevel.ParkingLot()
         self.faults = FaultInjector()
         self._held_writes: set[trio.CancelScope] = set()
+        self._powered_off = False
+        """:meth:`run` ended: a write a delay would hold ends at once, unhandled."""
         self.time_offset_ms = 0
         """How far the host's clock is ahead of this machine's (GET_HOST_TIME)."""
         self._handlers = self._handler_table()
@@ -171,9 +173,13 @@ class VMMDev:
 
         A configured delay holds the "vCPU" in the port write first: the guest cannot
         interrupt it, only powering the VM off (the end of :meth:`run`) does, and then the
-        request is not handled.
+        request is not handled; once the VM is off, such a write is not held at all (the
+        simulated host's teardown, closing the sessions left, must not wait for it).
         """
         delay = self._delay_for(phys) if self.faults.has_delays else 0.0
+        if delay > 0 and self._powered_off:
+            await trio.lowlevel.checkpoint()
+            return
         if delay > 0:
             with trio.CancelScope(shield=True) as hold:
                 self._held_writes.add(hold)
@@ -349,11 +355,14 @@ class VMMDev:
     async def run(self) -> NoReturn:
         """Run the device's timers (the heartbeat flat-line check) while the VM is on.
 
-        When it is cancelled (the VM powers off), port writes held by a delay end too.
+        When it is cancelled (the VM powers off), port writes held by a delay end too, and
+        later ones are not held (until it runs again).
         """
+        self._powered_off = False
         try:
             await self.heartbeat.run()
         finally:
+            self._powered_off = True
             for hold in self._held_writes:
                 hold.cancel()
 

@@ -12,11 +12,12 @@ neighbour are that neighbour's offset bits, all zero).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol.constants import BALLOON_CHUNK_PAGES, PAGE_SIZE
 from agent.protocol.errors import LocalProtocolError
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -78,7 +79,7 @@ def aligned_chunk_index(packed: bytes | bytearray | memoryview) -> int | None:
     return first // _CHUNK_BYTES
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChunkPages:
     """One chunk's 256 distinct, non-zero, page-aligned addresses, checked and packed once.
 

@@ -15,14 +15,15 @@ the value ``RTStrToUInt64`` returns and whether the text was one plain number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
+
+from agent.records import record
 
 U64_MASK: Final = (1 << 64) - 1
 _NOT_A_DIGIT: Final = 255
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IprtNumber:
     """What IPRT reads at the start of a text."""
 

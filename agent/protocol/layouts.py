@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 import itertools
 import struct
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Final, Literal
+
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 Source = Literal["uapi", "vmmdev", "oracle"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IntField:
     """An integer member at a fixed offset."""
 
@@ -50,7 +51,7 @@ class IntField:
         return self.offset + self.codec.size
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BytesField:
     """A fixed-size byte array (``char name[N]`` or ``u8 padding[N]``)."""
 
@@ -78,7 +79,7 @@ class BytesField:
 Field = IntField | BytesField
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FieldRun:
     """Adjacent integer members read or written with one ``struct`` call.
 

@@ -52,6 +52,7 @@ from agent.protocol.constants import (
 )
 from agent.protocol.errors import LocalProtocolError, RemoteProtocolError, VBoxStatusError
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERNAL_ERROR
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -249,7 +250,7 @@ class _FixedIoctl(Request[R_co]):
 # --- driver ioctls -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DriverVersion:
     """Reply to :class:`DriverVersionInfo`."""
 
@@ -259,7 +260,7 @@ class DriverVersion:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@record
 class DriverVersionInfo(_FixedIoctl[DriverVersion]):
     """``VBG_IOCTL_DRIVER_VERSION_INFO``: agree on the ioctl interface version."""
 
@@ -293,7 +294,7 @@ class DriverVersionInfo(_FixedIoctl[DriverVersion]):
         return reply
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EventsReceived:
     """Reply to :class:`WaitForEvents`: the events this waiter consumed (0: interrupted)."""
 
@@ -301,7 +302,7 @@ class EventsReceived:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@record
 class WaitForEvents(_FixedIoctl[EventsReceived]):
     """``VBG_IOCTL_WAIT_FOR_EVENTS``: block until one of ``mask``'s events is pending."""
 
@@ -335,7 +336,7 @@ class WaitForEvents(_FixedIoctl[EventsReceived]):
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@record
 class InterruptAllWaits(_FixedIoctl[None]):
     """``VBG_IOCTL_INTERRUPT_ALL_WAIT_FOR_EVENTS``: end the waits on this session.
 
@@ -359,7 +360,7 @@ class InterruptAllWaits(_FixedIoctl[None]):
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@record
 class ChangeFilterMask(_FixedIoctl[None]):
     """``VBG_IOCTL_CHANGE_FILTER_MASK``: add and remove events this session asks the host for."""
 
@@ -383,7 +384,7 @@ class ChangeFilterMask(_FixedIoctl[None]):
         self.check_reply(call)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AcquireGuestCapabilities(_FixedIoctl[None]):
     """``VBG_IOCTL_ACQUIRE_GUEST_CAPABILITIES``: take exclusive guest capabilities."""
 
@@ -410,7 +411,7 @@ class AcquireGuestCapabilities(_FixedIoctl[None]):
         self.check_reply(call)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GuestCapabilities:
     """Reply to :class:`ChangeGuestCapabilities`."""
 
@@ -418,7 +419,7 @@ class GuestCapabilities:
     global_caps: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChangeGuestCapabilities(_FixedIoctl[GuestCapabilities]):
     """``VBG_IOCTL_CHANGE_GUEST_CAPABILITIES``: set or clear capabilities for this session."""
 
@@ -447,7 +448,7 @@ class ChangeGuestCapabilities(_FixedIoctl[GuestCapabilities]):
         return GuestCapabilities(session, L.SetGuestCapsIoctl.global_caps.get(call.buffer))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BalloonStatus:
     """Reply to :class:`CheckBalloon`.
 
@@ -462,7 +463,7 @@ class BalloonStatus:
     handle_in_r3: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CheckBalloon(_FixedIoctl[BalloonStatus]):
     """``VBG_IOCTL_CHECK_BALLOON``: ask the driver about the balloon."""
 
@@ -491,7 +492,7 @@ _CHANGE_BALLOON_IN_AT: Final = L.ChangeBalloonIoctl.chunk_address.offset
 _CHANGE_BALLOON_CODE: Final = int(Ioctl.CHANGE_BALLOON)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChangeBalloon(_FixedIoctl[None]):
     """``VBGL_IOCTL_CHANGE_BALLOON`` (Oracle's driver): hand a 1 MiB user chunk to the host."""
 
@@ -515,7 +516,7 @@ class ChangeBalloon(_FixedIoctl[None]):
         self.check_reply(call)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChangeBalloonProbe(_FixedIoctl[None]):
     """``VBGL_IOCTL_CHANGE_BALLOON`` with a padding byte set: which driver answers?
 
@@ -539,7 +540,7 @@ class ChangeBalloonProbe(_FixedIoctl[None]):
         self.check_reply(call)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WriteCoreDump(_FixedIoctl[None]):
     """``VBG_IOCTL_WRITE_CORE_DUMP``: ask the host to write a guest core dump."""
 
@@ -558,7 +559,7 @@ class WriteCoreDump(_FixedIoctl[None]):
         self.check_reply(call)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Log(Request[None]):
     """``VBG_IOCTL_LOG``: write a message to the kernel log and the host's guest log."""
 
@@ -587,7 +588,7 @@ class Log(Request[None]):
 # --- HGCM --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HgcmConnected:
     """Reply to :class:`HgcmConnect`."""
 
@@ -608,7 +609,7 @@ def encode_service_name(service: str) -> bytes:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@record
 class HgcmConnect(_FixedIoctl[HgcmConnected]):
     """``VBG_IOCTL_HGCM_CONNECT``: connect to an existing host service by name."""
 
@@ -635,7 +636,7 @@ class HgcmConnect(_FixedIoctl[HgcmConnected]):
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@record
 class HgcmDisconnect(_FixedIoctl[None]):
     """``VBG_IOCTL_HGCM_DISCONNECT``: drop an HGCM client of this session."""
 
@@ -676,7 +677,7 @@ def slot_setters(cls: type, *names: str) -> tuple[SlotSetter, ...]:
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmU32:
     """A 32-bit HGCM parameter (``VMMDEV_HGCM_PARM_TYPE_32BIT``), in and out."""
 
@@ -690,7 +691,7 @@ class HgcmU32:
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmU64:
     """A 64-bit HGCM parameter (``VMMDEV_HGCM_PARM_TYPE_64BIT``), in and out."""
 
@@ -704,7 +705,7 @@ class HgcmU64:
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmBufferIn:
     """A buffer the host reads (``LINADDR_IN``), such as a property name with its NUL."""
 
@@ -718,7 +719,7 @@ class HgcmBufferIn:
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmBufferOut:
     """A buffer of ``size`` bytes the host writes (``LINADDR_OUT``)."""
 
@@ -732,7 +733,7 @@ class HgcmBufferOut:
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmBuffer:
     """A buffer the host reads and writes (``LINADDR``), starting as ``data``."""
 
@@ -750,7 +751,7 @@ HgcmParam = HgcmU32 | HgcmU64 | HgcmBufferIn | HgcmBufferOut | HgcmBuffer
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmData:
     """A buffer parameter after the call: the bytes the host reported (its ``size``)."""
 
@@ -767,7 +768,7 @@ HgcmValue = HgcmU32 | HgcmU64 | HgcmData
 """A parameter of an HGCM call as the host handed it back."""
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmReply:
     """Reply to :class:`HgcmCall`: the service's status and the parameters it returned."""
 
@@ -861,7 +862,7 @@ def _call_layout(count: int) -> _CallLayout:
 
 
 @final
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class HgcmCall(Request[HgcmReply]):
     """``VBG_IOCTL_HGCM_CALL_64``: call ``function`` of a connected host service.
 
@@ -1101,7 +1102,7 @@ class _VmmdevRequest(Request[R_co]):
         raise NotImplementedError
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HostVersion:
     """Reply to :class:`GetHostVersion`."""
 
@@ -1115,7 +1116,7 @@ class HostVersion:
         return f"{self.major}.{self.minor}.{self.build}r{self.revision}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetHostVersion(_VmmdevRequest[HostVersion]):
     """``VMMDEVREQ_GET_HOST_VERSION`` (40 bytes)."""
 
@@ -1128,14 +1129,14 @@ class GetHostVersion(_VmmdevRequest[HostVersion]):
         return HostVersion(*L.HOST_VERSION_BODY.get(buf))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HostTime:
     """Reply to :class:`GetHostTime`: host UTC in milliseconds since the Unix epoch."""
 
     ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetHostTime(_VmmdevRequest[HostTime]):
     """``VMMDEVREQ_GET_HOST_TIME`` (32 bytes)."""
 
@@ -1156,14 +1157,14 @@ class GetHostTime(_VmmdevRequest[HostTime]):
         return HostTime(ms)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SessionId:
     """Reply to :class:`GetSessionId`: changes at every VM start, restore and reset."""
 
     value: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetSessionId(_VmmdevRequest[SessionId]):
     """``VMMDEVREQ_GET_SESSION_ID`` (32 bytes)."""
 
@@ -1176,7 +1177,7 @@ class GetSessionId(_VmmdevRequest[SessionId]):
         return SessionId(L.SessionIdRequest.session_id.get(buf))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetCpuHotPlugStatus(_VmmdevRequest[None]):
     """``VMMDEVREQ_SET_CPU_HOTPLUG_STATUS`` (28 bytes): start or stop CPU hot-plug events.
 
@@ -1198,7 +1199,7 @@ class SetCpuHotPlugStatus(_VmmdevRequest[None]):
         """Nothing comes back."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuHotPlugEvent:
     """Reply to :class:`GetCpuHotPlugRequest`: the host's pending event and its CPU.
 
@@ -1215,7 +1216,7 @@ class CpuHotPlugEvent:
         return self.event_type not in (CpuEventType.INVALID, CpuEventType.NONE)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetCpuHotPlugRequest(_VmmdevRequest[CpuHotPlugEvent]):
     """``VMMDEVREQ_GET_CPU_HOTPLUG_REQ`` (36 bytes): take the host's pending event.
 
@@ -1241,7 +1242,7 @@ class GetCpuHotPlugRequest(_VmmdevRequest[CpuHotPlugEvent]):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReportGuestStatus(_VmmdevRequest[None]):
     """``VMMDEVREQ_REPORT_GUEST_STATUS`` (36 bytes): a facility's state for the host."""
 
@@ -1265,7 +1266,7 @@ class ReportGuestStatus(_VmmdevRequest[None]):
         """Nothing comes back."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BalloonTarget:
     """Reply to :class:`GetMemBalloonChangeRequest`: the host's target and guest RAM, in MiB."""
 
@@ -1273,7 +1274,7 @@ class BalloonTarget:
     phys_mem_chunks: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetMemBalloonChangeRequest(_VmmdevRequest[BalloonTarget]):
     """``VMMDEVREQ_GET_MEMBALLOON_CHANGE_REQ`` (36 bytes); acknowledges event 0x40."""
 
@@ -1302,7 +1303,7 @@ class GetMemBalloonChangeRequest(_VmmdevRequest[BalloonTarget]):
         return target
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChangeMemBalloon(_VmmdevRequest[None]):
     """``VMMDEVREQ_CHANGE_MEMBALLOON`` (2080 bytes): inflate or deflate one 256-page chunk."""
 
@@ -1322,14 +1323,14 @@ class ChangeMemBalloon(_VmmdevRequest[None]):
         """Nothing comes back."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HeartbeatSettings:
     """Reply to :class:`HeartbeatConfigure`: the interval the host expects beats at."""
 
     interval_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HeartbeatConfigure(_VmmdevRequest[HeartbeatSettings]):
     """``VMMDEVREQ_HEARTBEAT_CONFIGURE`` (36 bytes): switch the host's flat-line check."""
 
@@ -1356,7 +1357,7 @@ class HeartbeatConfigure(_VmmdevRequest[HeartbeatSettings]):
         return HeartbeatSettings(interval)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GuestHeartbeat(_VmmdevRequest[None]):
     """``VMMDEVREQ_GUEST_HEARTBEAT`` (24 bytes, header only)."""
 
@@ -1371,14 +1372,14 @@ class GuestHeartbeat(_VmmdevRequest[None]):
 # --- guest statistics ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StatisticsInterval:
     """Reply to :class:`GetStatisticsChangeRequest`: seconds between reports (0 = none)."""
 
     seconds: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetStatisticsChangeRequest(_VmmdevRequest[StatisticsInterval]):
     """``VMMDEVREQ_GET_STATISTICS_CHANGE_REQ`` (32 bytes); acknowledges event 0x80."""
 
@@ -1397,7 +1398,7 @@ class GetStatisticsChangeRequest(_VmmdevRequest[StatisticsInterval]):
         return StatisticsInterval(L.StatisticsChangeRequest.interval_s.get(buf))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GuestStatistics:
     """``VBoxGuestStatistics``: one report; memory figures in 4 KiB pages, loads in percent.
 
@@ -1430,7 +1431,7 @@ GUEST_STATISTICS_FIELDS: Final = tuple(GuestStatistics.__dataclass_fields__)
 """The report's fields in ``VBoxGuestStatistics`` order (the layout uses the same names)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReportGuestStats(_VmmdevRequest[None]):
     """``VMMDEVREQ_REPORT_GUEST_STATS`` (100 bytes): one statistics report."""
 

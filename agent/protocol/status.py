@@ -162,6 +162,7 @@ _STATUS: Final[dict[str, int]] = {
     "VERR_HGCM_SERVICE_EXISTS": -2907,  # VirtualBox err.h, not in the Linux uapi
     "VERR_HGCM_TOO_MANY_CLIENTS": -2908,  # VirtualBox err.h, not in the Linux uapi
     "VERR_HGCM_TOO_MANY_CLIENT_CALLS": -2909,  # VirtualBox err.h, not in the Linux uapi
+    "VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH": -3804,  # VirtualBox err.h, not in the Linux uapi
     "VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH": -3805,  # VirtualBox err.h, not in the Linux uapi
     # VirtualBox err.h, not in the Linux uapi
     "VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST": -4700,
@@ -200,6 +201,7 @@ VERR_HGCM_SERVICE_NOT_FOUND: Final = -2900
 VERR_HGCM_INVALID_CLIENT_ID: Final = -2905
 VERR_HGCM_TOO_MANY_CLIENTS: Final = -2908
 VERR_HGCM_TOO_MANY_CLIENT_CALLS: Final = -2909
+VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH: Final = -3804
 VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH: Final = -3805
 
 
@@ -216,6 +218,13 @@ def status_name(rc: int) -> str:
         return name
     kind = "VERR" if rc < 0 else "VINF"
     return f"{kind}_UNKNOWN({rc})"
+
+
+def status_text(rc: int) -> str:
+    """``VERR_NO_MEMORY (-8)`` for a known status; an unknown one's label, which holds the
+    number already (``VERR_UNKNOWN(-4242)``)."""
+    name = status_name(rc)
+    return f"{name} ({rc})" if rc in _NAMES else name
 
 
 def parse_status(text: str) -> int:

@@ -17,11 +17,11 @@ import enum
 import itertools
 import json
 import struct
-from dataclasses import dataclass
 from typing import Final, assert_never
 
 from agent.protocol.constants import HGCM_MAX_PARMS, HGCM_MAX_USER_PARM, MAX_IOCTL_SIZE
 from agent.protocol.errors import LocalProtocolError, RemoteProtocolError, shown
+from agent.records import record
 
 WIRE_VERSION: Final = 1
 """The ``wire`` value every HELLO carries; a peer speaking another version is refused."""
@@ -78,7 +78,7 @@ class Role(enum.StrEnum):
     HOST = "host"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Hello:
     """The first frame each side sends; ``user_device`` opens ``/dev/vboxuser`` instead."""
 
@@ -86,7 +86,7 @@ class Hello:
     user_device: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UserMemory:
     """One user buffer of an ioctl request: its synthetic address and its contents."""
 
@@ -94,7 +94,7 @@ class UserMemory:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IoctlRequest:
     """One ioctl: ``seq`` tags the reply, since several may be in flight on one session."""
 
@@ -104,7 +104,7 @@ class IoctlRequest:
     user_buffers: tuple[UserMemory, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IoctlReply:
     """The result of the ioctl ``seq``: ``errno`` 0 with the buffers written back, or an errno.
 
@@ -118,28 +118,28 @@ class IoctlReply:
     user_buffers: tuple[bytes, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Cancel:
     """The caller of ioctl ``seq`` was cancelled: the host abandons the call, sends no reply."""
 
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ControlRequest:
     """A control command (a JSON object) for the host, as ``vbox-agent host`` sends it."""
 
     payload: dict[str, object]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ControlReply:
     """The host's answer to one control command (a JSON object)."""
 
     payload: dict[str, object]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ErrorFrame:
     """The peer sent something malformed; the sender closes the connection after this."""
 

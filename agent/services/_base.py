@@ -9,11 +9,13 @@ runs it under its supervisor. See "Writing a service" in ``docs/architecture.md`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, final
 
 import trio
 from pydantic import BaseModel, ConfigDict
+
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -79,7 +81,7 @@ class BalloonGauge:
         return self.chunks
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServiceContext:
     """What the daemon hands a service when it builds it.
 
@@ -155,7 +157,7 @@ class Service(Protocol[S_contra]):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServiceSpec(Generic[S]):
     """How the daemon finds, configures and builds one service.
 

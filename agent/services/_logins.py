@@ -35,9 +35,11 @@ import platform
 import pwd
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar, final
+
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -85,7 +87,7 @@ class LoginsError(OSError):
     """A login source exists but could not be read; the message names it."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Logins:
     """Who is logged in, as far as the sources could be read.
 

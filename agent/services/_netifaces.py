@@ -19,8 +19,9 @@ import errno
 import fcntl
 import socket
 import struct
-from dataclasses import dataclass
 from typing import Final
+
+from agent.records import record
 
 SIOCGIFCONF: Final = 0x8912
 SIOCGIFFLAGS: Final = 0x8913
@@ -45,7 +46,7 @@ GONE_SINCE_LISTING: Final = frozenset({errno.ENODEV, errno.EADDRNOTAVAIL})
 """What the ioctls of an entry fail with when its interface or its address went away."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NetInterface:
     """One IPv4 address of a non-loopback interface, with what VBoxService reports of it.
 

@@ -25,11 +25,12 @@ off) is the owning service's ``drain``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, Protocol, final
 
 import structlog
 import trio
+
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -53,7 +54,7 @@ class EventSource(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MetronomeStatistics:
     """What the metronome did.
 

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol import GuestStatistics, StatCap
 from agent.protocol.constants import STAT_PAGE_SIZE, VMM_MAX_CPU_COUNT
+from agent.records import record
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -100,7 +100,7 @@ class ProcStatsError(Exception):
         self.problem = problem
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuTimes:
     """Cumulative jiffies of one CPU, grouped as the report needs them."""
 

@@ -37,7 +37,6 @@ which a reload may shorten or lengthen while it runs and an event (a restore) en
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
@@ -47,6 +46,7 @@ from pydantic import Field
 from agent.protocol import HOST_ERRORS, Event, RemoteProtocolError, VBoxStatusError
 from agent.protocol.guest_props import PropertyArgumentError
 from agent.protocol.status import VERR_INTERRUPTED, VERR_PARSE_ERROR, VERR_TIMEOUT
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services.guest_props import open_guest_properties
@@ -80,7 +80,7 @@ class PublishingSection(ServiceSection):
     """Seconds between two readings; a reload applies it at once."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reading:
     """One reading of the guest: the properties wanted (None: absent) and a short summary
     for the status and the log (``2 interfaces``)."""
@@ -89,7 +89,7 @@ class Reading:
     summary: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PublishingStatistics:
     """What a publishing service did.
 
@@ -282,7 +282,7 @@ class PublishingService:
         self._unreadable = reason
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Undo:
     """What a name was before a write: held (and its value), deleted."""
 

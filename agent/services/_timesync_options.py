@@ -18,12 +18,12 @@ VBoxService; ``[timesync] host_options = false`` makes the config the only autho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pydantic import ValidationError
 
 from agent.protocol.iprt_numbers import read_number
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -42,7 +42,7 @@ MAX_INTERVAL_MS: Final = 0xFFFF_FFFE
 """VBoxService's bounds on ``--timesync-interval`` (50 ms to UINT32_MAX - 1 ms, 49.7 days)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _NumberOption:
     """A numeric option: the section's key, VBoxService's bounds, and whether ms become s."""
 
@@ -69,7 +69,7 @@ _FLAG_OPTIONS: Final = (
 """Options that act by existing, in VBoxService's order (the later one wins)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HostOptions:
     """The settings the host's options give, and one line per option that was refused."""
 

@@ -36,14 +36,14 @@ on with the host's next event. A stop disables monitoring. Config section:
 ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root whose CPU directory cannot be
 read is one warning naming the setting at start and at a reload, and the status says it;
 each request then fails with a line naming the directory and the reason, and the service
-goes on.
+goes on. A file there that is no regular file (a FIFO, whose open would block the daemon)
+is one warning naming it, and counts as missing.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, final
 
@@ -62,6 +62,7 @@ from agent.protocol import (
     VBoxStatusError,
 )
 from agent.protocol.status import STATUS_CODES
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs, PassedOver
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
@@ -117,7 +118,7 @@ class CpuHotPlugSection(ServiceSection):
         return value
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuHotPlugStatistics:
     """What the service did.
 

@@ -18,7 +18,6 @@ raised in between stay pending at the host and the driver, so nothing is lost.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
@@ -26,6 +25,7 @@ import trio
 
 from agent.device import WaiterInterruptedError
 from agent.protocol import VALID_EVENT_MASK
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubscriberStatistics:
     """Counters of one subscription.
 
@@ -52,7 +52,7 @@ class SubscriberStatistics:
     coalesced: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EventPumpStatistics:
     """Counters of the pump; ``last_event_time`` is trio time, or None before any event."""
 

@@ -29,7 +29,6 @@ first read succeeds). Config section: ``[statistics]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -44,6 +43,7 @@ from agent.protocol import (
     VBoxStatusError,
 )
 from agent.protocol.status import VERR_ACCESS_DENIED, VERR_PERMISSION_DENIED
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import LastingFailure
 from agent.services._paced import Metronome
@@ -71,7 +71,7 @@ class StatisticsSection(ServiceSection):
     """``[statistics]``: guest statistics for the host; the host sets the interval."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GuestStatsStatistics:
     """What the statistics service sent.
 

@@ -23,7 +23,6 @@ Config section: ``[heartbeat]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -45,6 +44,7 @@ from agent.protocol.status import (
     VERR_NOT_SUPPORTED,
     VERR_PERMISSION_DENIED,
 )
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services._paced import Metronome
@@ -83,7 +83,7 @@ class Owner(Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HeartbeatStatistics:
     """The heartbeat as the service keeps it.
 

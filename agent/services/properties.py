@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
@@ -25,6 +24,7 @@ import trio
 
 from agent import __version__
 from agent.protocol import HOST_ERRORS, Event, RemoteProtocolError, VBoxStatusError
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
 from agent.services.guest_props import open_guest_properties
@@ -47,7 +47,7 @@ class PropertiesSection(ServiceSection):
     """``[properties]``: nothing to tune beyond ``enable``."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PropertiesStatistics:
     """Publications done (one per start and restore), properties the host refused, connects
     that failed."""

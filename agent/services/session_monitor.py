@@ -13,13 +13,13 @@ before it). Config section: ``[session_monitor]``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import structlog
 import trio
 
 from agent.protocol import HOST_ERRORS, Event, GetSessionId
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import LastingFailure
 
@@ -39,7 +39,7 @@ class SessionMonitorSection(ServiceSection):
     """``[session_monitor]``: nothing to tune beyond ``enable``."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SessionMonitorStatistics:
     """The current session id (None before the first read), the restores seen and the reads
     that failed."""

@@ -37,7 +37,6 @@ a stop gives nothing back. Config section: ``[timesync]``.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -53,6 +52,7 @@ from agent.protocol import (
     RemoteProtocolError,
     VBoxStatusError,
 )
+from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._publishing import IntervalPause
 from agent.services._timesync_options import (
@@ -126,7 +126,7 @@ class Correction(Enum):
     STEP = "step"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reading:
     """The host's clock against the guest's: drift (host - guest) and how long it took."""
 
@@ -134,7 +134,7 @@ class Reading:
     latency_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Plan:
     """The correction a reading calls for, and why (for the log line)."""
 
@@ -162,7 +162,7 @@ def plan_correction(
     return Plan(Correction.SLEW, "over the minimum")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TimesyncStatistics:
     """What the service did.
 

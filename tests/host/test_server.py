@@ -250,6 +250,27 @@ class TestDeviceSessions:
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
 
+    async def test_power_off_ends_a_close_held_by_delayed_disconnects(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A client that goes while the host holds HGCM_DISCONNECT (``host delay
+        HGCM_DISCONNECT 3``) leaves the server closing its session, one held disconnect after
+        the other; powering the host off ends the one held and holds none of the rest, so
+        the host stops at once."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                for _ in range(2):
+                    await request(session, transport, HgcmConnect(SERVICE_NAME))
+                host.set_delay(RequestType.HGCM_DISCONNECT, 3.0)
+                await transport.aclose()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                stopped_at = trio.current_time()
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() - stopped_at < 1.0
+
     async def test_reset_connection_does_not_stop_the_host(
         self, socket_path: str, host: SimulatedHost
     ) -> None:

@@ -124,11 +124,10 @@ class Running:
 
     @property
     def host_chunks(self) -> int:
-        balloon = self.host.status()["balloon"]
-        assert isinstance(balloon, dict)
-        chunks = balloon["chunks"]
-        assert isinstance(chunks, int)
-        return chunks
+        """The host's count of ballooned pages, in chunks, checked against its page states:
+        an agent that inflated a chunk twice, deflated one it never inflated or unmapped
+        one whose pages stayed ballooned leaves them apart, and fails here."""
+        return host_chunks(self.host)
 
     async def until(self, condition: Callable[[], bool]) -> None:
         """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""
@@ -137,6 +136,17 @@ class Running:
     async def settle(self, chunks: int) -> None:
         """Wait until the host shows ``chunks``."""
         await self.until(lambda: self.host_chunks == chunks)
+
+
+def host_chunks(host: SimulatedHost) -> int:
+    """The count of ballooned pages ``host`` shows, in chunks, once it is checked to match
+    the pages it shows ballooned."""
+    balloon = host.status()["balloon"]
+    assert isinstance(balloon, dict)
+    chunks, pages = balloon["chunks"], balloon["pages"]
+    assert isinstance(chunks, int)
+    assert pages == chunks * BALLOON_CHUNK_PAGES, balloon
+    return chunks
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -253,6 +263,9 @@ class HandoverWrapper:
 
     async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         await self._handover.deflate(chunk, submission)
+
+    def refusal_ballooned(self, rc: int) -> bool:
+        return self._handover.refusal_ballooned(rc)
 
     async def not_held(
         self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool

@@ -28,7 +28,7 @@ from agent.protocol import (
     RequestType,
     VBoxStatusError,
 )
-from agent.protocol.constants import BALLOON_CHUNK_SIZE
+from agent.protocol.constants import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 from agent.protocol.status import (
     VERR_GENERAL_FAILURE,
     VERR_INVALID_PARAMETER,
@@ -404,18 +404,24 @@ class TestFollowsTarget:
                         await first.drain()  # refused at the first chunk: all 8 kept
                     # The gauge (which the guest statistics report) still counts them.
                     assert (host.vmmdev.balloon.chunks, len(chunks.live), gauge.chunks) == (8, 8, 8)
+                    assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
 
                     second = build()
                     stop = await inner.start(_run_until_stopped, second)
                     assert second.walker is not None
                     await second.walker.wait_held(8)
                     assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
+                    assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
                     assert second.statistics().chunks == 8
                     host.set_balloon_target(3)
                     await host_shows(3)
                     await stop()
                     await second.drain()
-                    assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
+                    assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages, chunks.live) == (
+                        0,
+                        0,
+                        {},
+                    )
                     assert gauge.chunks is None
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
@@ -530,7 +536,7 @@ class TestFollowsTarget:
                     host.set_balloon_target(1)
                     await stopped.wait()
                     assert (walker.held, chunks.live, walker.inflated) == ([], {}, 0)
-                    assert host.vmmdev.balloon.chunks == 0
+                    assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
                     walker.handover = RecordRefusals(walker.handover, refusals)
                     deflates = host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON]
                     await service.drain()
@@ -538,7 +544,7 @@ class TestFollowsTarget:
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
         assert (refusals, walker.deflated) == ([], 0)
-        assert host.vmmdev.balloon.chunks == 0
+        assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
         assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [0]
 
 
@@ -597,6 +603,74 @@ class TestFailures:
                 # The reason as the allocator words it, without str(OSError)'s "[Errno 12]".
                 stopped = [entry for entry in logs if entry["event"] == "balloon_walk_stopped"]
                 assert stopped[0]["reason"] == "simulated allocation failure"
+
+
+class Published:
+    """``STATUS=`` as the daemon sends it: the service's status read again only after the
+    service said it changed (``status_changed``)."""
+
+    def __init__(self) -> None:
+        self._dirty = True
+
+    def changed(self) -> None:
+        """The service's ``status_changed``."""
+        self._dirty = True
+
+    def text(self, service: BalloonService) -> str:
+        """What ``STATUS=`` reads now."""
+        if self._dirty:
+            self._dirty, self._text = False, service.status()
+        return self._text
+
+
+class TestStatusFollowsFailures:
+    """STATUS= says when the target moves and a walk or a read fails, and when it recovers."""
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_a_failing_walk_is_in_the_status_until_it_goes_on(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        published = Published()
+        with trio.fail_after(120):
+            async with running_balloon(
+                personality="", host=_host(kind), status_changed=published.changed
+            ) as run:
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+                assert published.text(run.service) == f"balloon 20/20 MB ({mode})"
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY, 10**6)
+                run.host.set_balloon_target(60)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                # Oracle's driver answers the chunk's CHANGE_BALLOON with the host's status.
+                failing = f"{CHANGE_OPERATION[mode]}: VERR_NO_MEMORY"
+                assert published.text(run.service) == (
+                    f"balloon 20/60 MB ({mode}, failing: {failing})"
+                )
+                run.host.clear_faults()
+                await run.settle(60)
+                assert published.text(run.service) == f"balloon 60/60 MB ({mode})"
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_a_failing_target_read_is_in_the_status_until_one_goes_through(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        published = Published()
+        with trio.fail_after(120):
+            async with running_balloon(
+                personality="", host=_host(kind), status_changed=published.changed
+            ) as run:
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+                run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_NO_MEMORY, 10**6)
+                run.host.set_balloon_target(60)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                failing = f"{READ_OPERATION[mode]}: VERR_NO_MEMORY"
+                assert published.text(run.service) == (
+                    f"balloon 20/20 MB ({mode}, target read failing: {failing})"
+                )
+                run.host.clear_faults()
+                await run.settle(60)
+                assert published.text(run.service) == f"balloon 60/60 MB ({mode})"
 
 
 class TestBackoff:

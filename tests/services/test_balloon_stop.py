@@ -22,10 +22,9 @@ from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.host._faults import MAX_FAULT_COUNT
 from agent.host.driver.oracle import OracleDriver
 from agent.protocol import RequestType
-from agent.protocol.status import VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, VERR_INVALID_PARAMETER
+from agent.protocol.status import VERR_INVALID_PARAMETER
 from agent.services import BalloonGauge, EventPump
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.registry import section_models
@@ -33,6 +32,7 @@ from tests.services.balloon_support import (
     Quiet,
     SimChunks,
     hand_to_ring3,
+    host_chunks,
     start_in_scope,
     until,
 )
@@ -46,21 +46,12 @@ if TYPE_CHECKING:
 LIMIT_S: Final = 120.0
 DRAIN_S: Final = 5.0
 """The drain time the tests allow (``daemon.shutdown_timeout_s``)."""
-TOO_MUCH: Final = VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
 HELD_S: Final = 10.0
 """How long the host holds a change in the port write while the service stops."""
 PSI_TEXT: Final = (
     "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
     "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 )
-
-
-def _host_chunks(host: SimulatedHost) -> int:
-    balloon = host.status()["balloon"]
-    assert isinstance(balloon, dict)
-    chunks = balloon["chunks"]
-    assert isinstance(chunks, int)
-    return chunks
 
 
 class TestLeftToTheDriverByTheDaemon:
@@ -101,7 +92,7 @@ class TestLeftToTheDriverByTheDaemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(daemon.run)
                     host.set_balloon_target(32)
-                    await until(lambda: _host_chunks(host) == 32)
+                    await until(lambda: host_chunks(host) == 32)
                     path.write_text(enabled.replace("[balloon]\n", "[balloon]\nenable = false\n"))
                     await daemon.reload()
                     await until(lambda: "balloon" not in daemon.statistics().services)
@@ -130,7 +121,7 @@ class _Stoppable:
 
     @property
     def host_chunks(self) -> int:
-        return _host_chunks(self.host)
+        return host_chunks(self.host)
 
     async def stop_while_the_host_holds_a_change(self) -> None:
         """Stop the service while the host holds its next CHANGE_MEMBALLOON in the port
@@ -147,13 +138,14 @@ class _Stoppable:
 
 
 @asynccontextmanager
-async def _stoppable_balloon(kind: str) -> AsyncIterator[_Stoppable]:
-    """Oracle's driver without its allocator (allocated mode) or passthrough (owned mode),
-    and a balloon service on it that the test stops and drains."""
+async def _stoppable_balloon(kind: str, *, cpus: int = 1) -> AsyncIterator[_Stoppable]:
+    """Oracle's driver without its allocator (allocated mode) or passthrough (owned mode)
+    on a host with ``cpus`` vCPUs, and a balloon service on it that the test stops and
+    drains."""
     if kind == "oracle-r3":
-        host = SimulatedHost(personality="oracle", r3_balloon=True)
+        host = SimulatedHost(personality="oracle", r3_balloon=True, cpus=cpus)
     else:
-        host = SimulatedHost(personality=kind)
+        host = SimulatedHost(personality=kind, cpus=cpus)
     chunks, gauge = SimChunks(), BalloonGauge()
     async with trio.open_nursery() as outer:
         await outer.start(host.run)
@@ -209,39 +201,46 @@ class TestUnconfirmedDeflate:
     """A deflate cancelled once the driver had it leaves its chunk held, its outcome unknown:
     the next deflate's answer that the chunk is not in the balloon gives it up."""
 
-    @pytest.mark.parametrize(("kind", "status"), [("oracle-r3", None), ("passthrough", TOO_MUCH)])
+    @pytest.mark.parametrize(
+        ("kind", "cpus"), [("oracle-r3", 1), ("passthrough", 1), ("passthrough", 2)]
+    )
     async def test_a_deflate_that_went_through_is_not_asked_for_for_ever(
-        self, autojump_clock: trio.abc.Clock, kind: str, status: int | None
+        self, autojump_clock: trio.abc.Clock, kind: str, cpus: int
     ) -> None:
         """The balloon holds one chunk; the service stops while the host holds its deflate,
-        which the host then carries out. The drain deflates the chunk again, and the answer
-        says it is not in the balloon: Oracle's driver, whose balloon is now empty, answers
-        VERR_INVALID_PARAMETER (asked, it confirms the balloon is empty); a real one-CPU host
-        answers VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH (its count of ballooned pages is below
-        a chunk) to every deflate from now on, injected here (the simulated host would say
-        VERR_NOT_FOUND). The chunk is given up and unmapped: drained, nothing kept. Each
-        deflate of Oracle's empty balloon, the drain's and the probe's, reaches the driver's
-        assertion (a stop in a VBOX_STRICT build): two, no more."""
+        which the host then carries out. The drain deflates the chunk again, and the chunk
+        is given up and unmapped: drained, nothing kept, the host's pages and count back to
+        0. Oracle's driver, whose balloon is now empty, answers VERR_INVALID_PARAMETER (asked,
+        it confirms the balloon is empty); each deflate of its empty balloon, the drain's and
+        the probe's, reaches the driver's assertion (a stop in a VBOX_STRICT build): two, no
+        more. The host, passed through, marks the pages again (none was ballooned) and its
+        count, at 0, refuses the chunk: one vCPU answers VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
+        (the pages are back, expected of an unconfirmed chunk: no warning), two answer
+        success, the host logging the refusal."""
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with _stoppable_balloon(kind) as run:
+            async with _stoppable_balloon(kind, cpus=cpus) as run:
                 run.host.set_balloon_target(1)
                 await run.walker.wait_held(1)
                 run.host.set_balloon_target(0)
                 await run.stop_while_the_host_holds_a_change()
                 assert (len(run.walker.held), len(run.walker.unconfirmed)) == (1, 1)
                 assert run.host_chunks == 0
-                if status is not None:
-                    run.host.add_fault(RequestType.CHANGE_MEMBALLOON, status, MAX_FAULT_COUNT)
                 with trio.move_on_after(DRAIN_S):
                     await run.service.drain()
                 assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, None)
+                balloon = run.host.vmmdev.balloon
+                assert (balloon.pages, balloon.counted_pages) == (0, 0)
                 if kind == "oracle-r3":
                     driver = run.host.driver
                     assert isinstance(driver, OracleDriver)
                     assert len(driver.failed_assertions) == 2
         [drained] = [e for e in logs if e["event"] == "balloon_drained"]
         assert drained["returned"] == 1
-        assert "balloon_drain_incomplete" not in [e["event"] for e in logs]
+        events = [e["event"] for e in logs]
+        assert "balloon_drain_incomplete" not in events
+        assert "balloon_host_count_short" not in events
+        failed = [e["seen_by_guest"] for e in logs if e["event"] == "balloon_change_failed"]
+        assert failed == ([cpus == 1] if kind == "passthrough" else [])
 
 
 class TestShortHostCount:
@@ -252,11 +251,12 @@ class TestShortHostCount:
     async def test_a_chunk_the_host_took_is_given_up_with_one_warning(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """Owned mode; the host took both chunks (neither unconfirmed), but answers every
-        deflate with VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH (injected, unexecuted: the
-        simulated host's own count is not short). The drain gives both up and unmaps them,
-        in one pass and not retried to the drain's deadline, with one warning that the
-        host's count was off (the second chunk's line is at debug level)."""
+        """Owned mode, one vCPU; the host took both chunks (neither unconfirmed), but its
+        count has fallen to 0 (as a deflate of a chunk never inflated leaves it), so it
+        answers each deflate with VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH after setting the
+        pages back. The drain gives both up and unmaps them, in one pass and not retried to
+        the drain's deadline, with one warning that the host's count was off (the second
+        chunk's line is at debug level); no page stays ballooned."""
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
             async with _stoppable_balloon("passthrough") as run:
                 run.host.set_balloon_target(2)
@@ -264,12 +264,14 @@ class TestShortHostCount:
                 assert run.walker.unconfirmed == set()
                 run.scope.cancel()
                 await run.stopped.wait()
-                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, TOO_MUCH, MAX_FAULT_COUNT)
+                balloon = run.host.vmmdev.balloon
+                balloon.counted_pages = 0
                 began = trio.current_time()
                 with trio.move_on_after(DRAIN_S):
                     await run.service.drain()
                 assert trio.current_time() == began
                 assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, None)
+                assert (balloon.pages, balloon.counted_pages) == (0, 0)
         short = [e for e in logs if e["event"] == "balloon_host_count_short"]
         assert [e["log_level"] for e in short] == ["warning", "debug"]
         [drained] = [e for e in logs if e["event"] == "balloon_drained"]

@@ -53,6 +53,10 @@ class BlockingHandover:
         del chunk, submission
         await trio.lowlevel.checkpoint()
 
+    def refusal_ballooned(self, rc: int) -> bool:
+        del rc
+        return False
+
     async def not_held(
         self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
     ) -> bool:

@@ -28,12 +28,12 @@ import mmap
 import os
 import resource
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
 from agent.protocol import BALLOON_CHUNK_SIZE, ChunkPages, LocalProtocolError
 from agent.protocol.balloon_pages import CHUNK_PAGES, PAGE_SHIFT, every_page
+from agent.records import record
 
 PAGEMAP_PATH: Final = "/proc/self/pagemap"
 STATUS_PATH: Final = "/proc/self/status"
@@ -60,7 +60,7 @@ class ChunkError(OSError):
         return self.strerror or super().__str__()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Chunk:
     """One 1 MiB chunk: its address in this process and, where the driver needs them, its
     pages' guest-physical addresses (checked and packed once, sent to inflate and deflate)."""
@@ -228,7 +228,7 @@ def has_ipc_lock(status_path: str = STATUS_PATH) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PageMover:
     """A kernel setting under which Linux may move a locked page to another frame.
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -23,9 +22,11 @@ from agent.protocol import (
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.status import (
     VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH,
+    VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
 )
+from agent.records import record
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.services.balloon")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HostTarget:
     """What the host asks for, in chunks; ``max_chunks`` None where the driver keeps it."""
 
@@ -64,6 +65,11 @@ class Handover(Protocol):
 
     async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         """Take ``chunk`` back from the host; ``submission`` as for :meth:`inflate`."""
+        ...
+
+    def refusal_ballooned(self, rc: int) -> bool:
+        """Whether an inflate refused with ``rc`` may have left the chunk's pages ballooned
+        at the host (the agent then deflates it before it unmaps it)."""
         ...
 
     async def not_held(
@@ -97,6 +103,18 @@ class OracleHandover:
     async def deflate(self, chunk: Chunk, submission: Submission) -> None:
         """``CHANGE_BALLOON`` with inflate clear."""
         await self._device.request(ChangeBalloon(chunk.address, inflate=False), submission)
+
+    def refusal_ballooned(self, rc: int) -> bool:
+        """Never as far as the agent can act on it: the driver sent the host's request.
+
+        A real host marks the pages ballooned before GMM may refuse the inflate
+        (VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH, with one vCPU), and ``vgdrvBalloonInflate`` then
+        unlocks the chunk and forgets its address, so a deflate of the address would stop at
+        the driver (VERR_NOT_FOUND) and never reach the host: the agent unmaps a chunk
+        whose pages the host may keep ballooned, and cannot know it.
+        """
+        del rc
+        return False
 
     async def not_held(
         self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
@@ -171,25 +189,30 @@ class PassthroughHandover:
         """``CHANGE_MEMBALLOON`` with inflate clear."""
         await self._device.request(ChangeMemBalloon(inflate=False, pages=_pages(chunk)), submission)
 
+    def refusal_ballooned(self, rc: int) -> bool:
+        """VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH: the host marked every page ballooned before
+        GMM refused to count them (``pgmR3PhysChangeMemBalloonRendezvous``), so they stay
+        ballooned; the host's other refusals come before it touches a page."""
+        return rc == VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
+
     async def not_held(
         self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
     ) -> bool:
-        """The pages are out of the balloon: the simulated host says so (VERR_NOT_FOUND, its
-        stricter per-page check), and a real host's count falling short says they are back.
+        """The pages are out of the balloon when the host's count fell short
+        (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH).
 
-        The real host (``pgmR3PhysChangeMemBalloonRendezvous``) first sets every page of a
-        deflate back to a zero page, without checking that it was ballooned, and only then
-        has GMM take the 256 pages off the VM's count of ballooned pages, which fails when
-        the count is lower (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH, ``GMMR0BalloonedPages``).
-        The pages are back either way, so no retry could succeed: the chunk is given up.
-        Of a chunk whose inflate or deflate has an unknown outcome that is the expected
-        answer (never ballooned, or back already); of one the host took, the host's count
-        was off, which is logged (a warning the first time, then at debug level).
+        The host (``pgmR3PhysChangeMemBalloonRendezvous``) first sets every page of a deflate
+        back to a zero page, without checking that it was ballooned, and only then has GMM
+        take the 256 pages off the VM's count of ballooned pages, which fails when the count
+        is lower (``GMMR0BalloonedPages``). The pages are back either way, so no retry could
+        succeed: the chunk is given up. Of a chunk whose inflate or deflate has an unknown
+        outcome that is the expected answer (never ballooned, or back already); of one the
+        host took, the host's count was off, which is logged (a warning the first time, then
+        at debug level). The host answers this with one vCPU only: with more it queues the
+        change and answers success before it runs, so every deflate succeeds.
         """
         del balloon_empty  # the request goes to the host as it is
         await trio.lowlevel.checkpoint()
-        if rc == VERR_NOT_FOUND:
-            return True
         if rc != VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH:
             return False
         if not unconfirmed:

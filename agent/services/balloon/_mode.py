@@ -21,11 +21,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol import ChangeBalloonProbe, GetMemBalloonChangeRequest, VBoxStatusError
 from agent.protocol.constants import BALLOON_CHUNK_SIZE
+from agent.records import record
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -54,7 +54,7 @@ class BalloonMode(enum.StrEnum):
         return self in (BalloonMode.ALLOCATED, BalloonMode.OWNED)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Detected:
     """The mode, and the balloon size the probe saw (chunks; the target where the agent walks)."""
 

@@ -15,11 +15,12 @@ import re
 import select
 import stat
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, Self
 
 import structlog
 import trio
+
+from agent.records import record
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -46,7 +47,7 @@ class PressureFileError(OSError):
         return self.strerror or super().__str__()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PressureReading:
     """One look at memory pressure.
 

@@ -50,7 +50,6 @@ import math
 import time
 import weakref
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -58,6 +57,7 @@ import structlog
 import trio
 
 from agent.protocol import Event, VBoxStatusError
+from agent.records import record
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
@@ -90,7 +90,7 @@ TRIGGERED_NOTE: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Kept:
     """Chunks a drain could not give back (still mapped, and held by the host), the
     allocator they came from, and which of them the driver may not have
@@ -107,7 +107,7 @@ that rebuilds the service, or a stop and a new start) takes them over instead of
 the target on top of them."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BalloonStatistics:
     """The balloon as the agent sees it (sizes in 1 MiB chunks).
 
@@ -116,7 +116,8 @@ class BalloonStatistics:
     (Oracle's driver answers ``CHECK_BALLOON`` with the host's target, which it applies,
     never with what it holds). ``target`` is the host's last target (triggered: that
     answer); in kernel mode, where only the kernel reads it, the size last read.
-    ``cap`` is the pressure cap.
+    ``cap`` is the pressure cap. ``read_at``: in kernel mode, when the size was last read
+    (wall-clock seconds), else None.
     """
 
     mode: str | None
@@ -128,6 +129,7 @@ class BalloonStatistics:
     failures: int
     pressure_events: int
     postponed: bool
+    read_at: float | None
 
 
 @final
@@ -207,6 +209,8 @@ class BalloonService:
         """When the last pressure hold ended."""
         self._pressure_events = 0
         self._read_failures = 0
+        self._read_failure: str | None = None
+        """Why the last target read (or trigger) failed; None once one went through."""
         self._meminfo = MemInfo()
         self._meminfo_warned = False
         self.mode_known = trio.Event()
@@ -227,26 +231,35 @@ class BalloonService:
         return self._walker
 
     def status(self) -> str:
-        """``balloon 64/128 MB (allocated)``; in kernel mode the size last read, and when.
+        """``balloon 64/128 MB (allocated)``; in kernel mode the size last read.
+
+        It changes with the balloon's state only, as ``STATUS=`` should: not when a read finds
+        the same size again (the kernel mode's read time is in :meth:`statistics`).
 
         It reads nothing: no event tells the agent that the kernel's balloon moved, so a
         status that asked for a read would follow every change it found with another read.
+        A read of the target that fails, and a walk that fails, say why until one goes
+        through (``, target read failing: VBG_IOCTL_CHECK_BALLOON: VERR_NO_MEMORY``,
+        ``, failing: VBG_IOCTL_CHANGE_BALLOON: VERR_NO_MEMORY``).
         """
         mode = self._mode
         if mode is None:
             return "balloon starting"
+        failure = self._read_failure
+        unread = f", target read failing: {failure}" if failure is not None else ""
         if mode is BalloonMode.KERNEL:
-            return f"balloon {self._chunks * CHUNK_MB} MB (kernel, {_read_at(self._read_at)})"
+            return f"balloon {self._chunks * CHUNK_MB} MB (kernel{unread})"
         if mode is BalloonMode.TRIGGERED:
             # The driver's answer is the target it applied; what it holds it does not say.
             postponed = ", postponed" if self._postponed_since is not None else ""
-            return f"balloon target {self._chunks * CHUNK_MB} MB (triggered{postponed})"
+            return f"balloon target {self._chunks * CHUNK_MB} MB (triggered{postponed}{unread})"
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
         refused = f", refused: {walker.refusal}" if walker.refusal is not None else ""
+        failing = f", failing: {walker.last_failure}" if walker.last_failure is not None else ""
         held, target = len(walker.held) * CHUNK_MB, walker.target * CHUNK_MB
-        return f"balloon {held}/{target} MB ({mode}{capped}{refused})"
+        return f"balloon {held}/{target} MB ({mode}{capped}{refused}{unread}{failing})"
 
     def statistics(self) -> BalloonStatistics:
         """Return the sizes and counters."""
@@ -261,6 +274,7 @@ class BalloonService:
             failures=self._read_failures + (walker.failures if walker is not None else 0),
             pressure_events=self._pressure_events,
             postponed=self._postponed_since is not None,
+            read_at=self._read_at if self._mode is BalloonMode.KERNEL else None,
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
@@ -515,7 +529,7 @@ class BalloonService:
             backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
             mem_available_mb=self._mem_available,
             min_available_mb=self._section.min_available_mb,
-            settled=self._status_changed,
+            status_changed=self._status_changed,
             resized=self._publish,
         )
         if kept is not None:
@@ -564,10 +578,18 @@ class BalloonService:
             self._read_pending = True
             self._read_failures += 1
             _check_failed(exc, self._read_backoff)
+            self._read_failed(f"{exc.operation}: {exc.name}")
         else:
             self.reads += 1
             if self._read_backoff.succeeded():
                 log.info("balloon_check_recovered", **self._size_fields())
+            self._read_failed(None)
+
+    def _read_failed(self, failure: str | None) -> None:
+        """Note why the target read failed (None: it went through); the status says it."""
+        if failure != self._read_failure:
+            self._read_failure = failure
+            self._status_changed()
 
     async def _refresh_gauge(self) -> None:
         """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,
@@ -605,9 +627,8 @@ class BalloonService:
         changed = status.chunks != self._chunks
         self._chunks = status.chunks
         if self._mode is BalloonMode.KERNEL:
-            self._read_at = time.time()  # the status shows when: it changes with every read
-            self._status_changed()
-        elif changed:
+            self._read_at = time.time()
+        if changed:
             self._status_changed()
         # A size the log already shows is no news: repeated reads stay at debug.
         (log.info if changed else log.debug)(
@@ -887,11 +908,6 @@ def _memlock_fields() -> dict[str, object]:
         "memlock_limit_mb": "unlimited" if limit is None else limit >> 20,
         "memlock_unlimited_by_capability": has_ipc_lock(),
     }
-
-
-def _read_at(seconds: float) -> str:
-    """When the kernel's balloon was last read, for the status (UTC, to the second)."""
-    return time.strftime("read %Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:

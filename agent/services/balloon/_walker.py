@@ -26,6 +26,17 @@ A group ends before a chunk that would read MemAvailable afresh, so a reading th
 is taken with every chunk of the walk handed over, as one chunk at a time took it. While
 MemAvailable is unknown (the floor unchecked) every chunk looks for it, the group's earlier
 chunks mapped but not yet handed over; the first reading that finds it serves from then on.
+
+A chunk whose handover was cancelled once issued is held, unconfirmed, until a deflate takes
+it back. Through a passthrough driver (owned mode) the agent cannot learn whether that
+handover reached the host: a real host marks the pages of any deflate not ballooned and of
+any inflate ballooned, checks only GMM's count of ballooned pages, and with more than one
+vCPU answers success before it does anything. Deflating the chunk is right when its inflate
+went through or its deflate did not; otherwise it takes off the host's count a chunk that
+another chunk put there, and the count stays below the pages ballooned until the VM is reset.
+The other choice, unmapping such a chunk, could hand the kernel pages the host keeps
+ballooned and refuses writes to. An inflate the host refused after it marked the pages
+(``Handover.refusal_ballooned``) is deflated before its chunk is unmapped, for that reason.
 """
 
 from __future__ import annotations
@@ -73,10 +84,12 @@ class ChunkWalker:
         backoff: Backoff,
         mem_available_mb: Callable[[], int | None],
         min_available_mb: int,
-        settled: Callable[[], None] = lambda: None,
+        status_changed: Callable[[], None] = lambda: None,
         resized: Callable[[int], None] = lambda _chunks: None,
     ) -> None:
-        self._on_settled = settled
+        self._status_changed = status_changed
+        """Called when the walk settles, its goal's inputs change, or it fails or resumes
+        (not at every chunk: ``resized`` says those)."""
         self._on_resized = resized
         self.handover = handover
         self.allocator = allocator
@@ -130,12 +143,14 @@ class ChunkWalker:
             log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
         self.backoff.retry_now()
         self.wake()
+        self._status_changed()
 
     def refuse(self, reason: str | None) -> None:
         """Hold no chunks while ``reason`` stands, giving back any held; None: the target
         counts again. Walk at once."""
         self.refusal = reason
         self.wake()
+        self._status_changed()
 
     def lower_cap(self, cap: int) -> None:
         """Pressure: cap the goal at ``cap`` chunks and walk toward it at once.
@@ -150,6 +165,7 @@ class ChunkWalker:
         if self.goal < goal and self.backoff.failures and not self._failed_inflate:
             self.backoff.retry_now()
         self.wake()
+        self._status_changed()
 
     def wake(self) -> None:
         """Re-read the goal (the cap or target changed)."""
@@ -180,7 +196,7 @@ class ChunkWalker:
                     self.last_failure = None
                 self._settled.set()
                 self._settled = trio.Event()
-                self._on_settled()
+                self._status_changed()
             else:
                 deadline = self.backoff.retry_at
             self._changed = trio.Event()
@@ -218,6 +234,7 @@ class ChunkWalker:
         if inflate is self._failed_inflate and self.backoff.failures and self.backoff.succeeded():
             log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
             self.last_failure = None
+            self._status_changed()
 
     def _failed(self, reason: str, *, inflate: bool) -> None:
         self._reading_uses = 0
@@ -235,6 +252,7 @@ class ChunkWalker:
             goal=self.goal,
             retry_in_s=round(delay, 3),
         )
+        self._status_changed()
 
     def _reading_due(self) -> bool:
         """Whether the next chunk's floor check reads MemAvailable (module docstring)."""
@@ -274,17 +292,19 @@ class ChunkWalker:
                     await self.handover.inflate(chunk, submission)
                 except VBoxStatusError as exc:  # still ready: unmapped below
                     # The host's status, or the driver's errno as the status it stands for.
+                    if self.handover.refusal_ballooned(exc.rc):
+                        await self._take_back_refused(ready)
                     msg = f"{exc.operation}: {exc.name}"
                     raise WalkStoppedError(msg) from exc
                 except BaseException:
                     # Cancelled mid-call. Once issued, the host may hold the chunk (a real host
                     # answers a deflate of pages it never took with no error, so the drain
-                    # cannot tell): held, the drain deflates it. Never issued, the host never
-                    # saw it: still ready, unmapped below.
+                    # cannot tell): held, the drain deflates it. If the inflate never reached
+                    # the host, that deflate takes a chunk off a count another chunk put there
+                    # (the module docstring). Never issued, the host never saw it: still
+                    # ready, unmapped below.
                     if submission.issued:
-                        self.held.append(ready.pop())
-                        self.unconfirmed.add(chunk.address)
-                        self._on_resized(len(self.held))
+                        self._hold_unconfirmed(ready)
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
@@ -293,6 +313,36 @@ class ChunkWalker:
             self._release([chunk.address for chunk in ready])
         if failure is not None and len(self.held) < self.goal:
             raise WalkStoppedError(failure)
+
+    def _hold_unconfirmed(self, ready: list[Chunk]) -> None:
+        """Hold the last of ``ready``, which the host may have ballooned: kept mapped until a
+        deflate takes it back."""
+        chunk = ready.pop()
+        self.held.append(chunk)
+        self.unconfirmed.add(chunk.address)
+        self._on_resized(len(self.held))
+
+    async def _take_back_refused(self, ready: list[Chunk]) -> None:
+        """Deflate the last of ``ready``, whose refused inflate left its pages ballooned at
+        the host, so that it may be unmapped with the rest of ``ready``.
+
+        The host's count never took the chunk, so this deflate takes a chunk off a count
+        that was already over the pages ballooned (why GMM refused the inflate), bringing
+        the two closer. A deflate that fails otherwise, or is cancelled, leaves the pages
+        ballooned as far as the agent can tell: the chunk is held, unconfirmed, and given
+        back like any other, never unmapped before.
+        """
+        chunk = ready[-1]
+        try:
+            await self.handover.deflate(chunk, Submission())
+        except VBoxStatusError as exc:
+            if not await self.handover.not_held(
+                chunk, exc.rc, unconfirmed=True, balloon_empty=False
+            ):
+                self._hold_unconfirmed(ready)
+        except BaseException:
+            self._hold_unconfirmed(ready)
+            raise
 
     def _allocate(self, count: int) -> tuple[list[Chunk], str | None]:
         """Map and lock up to ``count`` chunks (at most a group), each after the floor check;
@@ -351,8 +401,8 @@ class ChunkWalker:
         False, the chunk still held, if the host refused.
 
         Cancelled once issued, the deflate may have gone through: the chunk stays held
-        (mapped), unconfirmed, and the next deflate's answer tells (the handover's
-        ``not_held``).
+        (mapped), unconfirmed, and is deflated again; Oracle's driver's answer to that tells
+        (the handover's ``not_held``), a real host's does not (the module docstring).
         """
         submission = Submission()
         unconfirmed = self.unconfirmed
