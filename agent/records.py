@@ -8,7 +8,8 @@ the generated ``__init__``, where the speed of building one lies, and uses one f
 each of the others, reading the class's fields: the same results as the dataclass's (the
 repr, equality of two instances of the same class on their compared fields, the hash of
 those, and :class:`dataclasses.FrozenInstanceError` on any assignment or deletion), a little
-slower.
+slower; the repr shows ``...`` for an instance within itself, and a class writing ``__eq__``
+without ``__hash__`` is hashed on its fields, as dataclasses decide.
 ``dataclasses.fields``, ``replace`` and ``asdict`` work on a record as on any dataclass.
 A leaf module (standard library only), used by every layer.
 """
@@ -16,6 +17,7 @@ A leaf module (standard library only), used by every layer.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, dataclass_transform, overload
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ def record(cls: C | None = None, /, *, init: bool = True) -> C | Callable[[C], C
 
     def make(cls: C) -> C:
         own = set(vars(cls))
+        if vars(cls).get("__hash__", 0) is None and "__eq__" in own:
+            # Python's None for a class that writes __eq__ alone: a dataclass hashes it.
+            own.discard("__hash__")
         made: Any = dataclasses.dataclass(frozen=True, slots=True, init=init, repr=False, eq=False)(
             cls
         )
@@ -68,6 +73,7 @@ def _values(instance: object, names: tuple[str, ...]) -> tuple[object, ...]:
     return tuple([getattr(instance, name) for name in names])
 
 
+@reprlib.recursive_repr()
 def _repr(self: Any) -> str:
     shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._record_repr)
     return f"{type(self).__qualname__}({shown})"
