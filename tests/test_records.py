@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, dataclass_transform, overload
 import pytest
 
 from agent.protocol.messages import DriverVersion, HgcmU32, HostTime
-from agent.records import record
+from agent.records import is_record, record
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -408,6 +408,17 @@ def test_what_differs_from_the_dataclass_differs_as_documented(
 ) -> None:
     assert outcome(case, as_record) == expected
     assert outcome(case, as_dataclass) != expected
+
+
+def test_is_record_tells_a_class_record_made() -> None:
+    class Plain(PickledRecord):
+        pass
+
+    assert is_record(PickledRecord)
+    assert is_record(HostTime)
+    assert not is_record(PickledDataclass)
+    assert not is_record(Plain)
+    assert not is_record(PickledRecord(1))
 
 
 def test_records_share_their_methods_other_than_init() -> None:
