@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.device.spec import check_device_spec
+from agent.device.spec import check_device_spec, shown_path
 from agent.ordered import check_order, exact_number
 from agent.protocol import AgentError
 from agent.protocol.errors import shown_text
@@ -63,6 +63,11 @@ OTHER_THREADS: Final = 8
 """Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
 """The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
+MAX_RESTART_BACKOFF_S: Final = 3600.0
+"""The longest restart delay: a failed service is tried again at least hourly (the balloon's
+retries have the same bound)."""
+MAX_RESTART_WINDOW_S: Final = 86400.0
+"""The longest window the restart budget counts in: a day."""
 MAX_RESTART_BUDGET: Final = 10_000
 """The supervisor keeps the time of each failure within the window, up to the budget and one
 more, for each service: at most about 320 KB each."""
@@ -121,13 +126,13 @@ class DaemonConfig(_Model):
 
     shutdown_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SHUTDOWN_TIMEOUT_S)
     """How long services may drain after STOPPING before they are cancelled."""
-    restart_backoff_initial_s: float = Field(default=1.0, gt=0)
+    restart_backoff_initial_s: float = Field(default=1.0, gt=0, le=MAX_RESTART_BACKOFF_S)
     """Delay before a failed service's first restart; it doubles on each further one."""
-    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, le=MAX_RESTART_BACKOFF_S)
     """Upper bound of the restart delay."""
     restart_budget: int = Field(default=5, ge=0, le=MAX_RESTART_BUDGET)
     """Restarts of one service allowed within ``restart_window_s``; one more is fatal."""
-    restart_window_s: float = Field(default=60.0, gt=0)
+    restart_window_s: float = Field(default=60.0, gt=0, le=MAX_RESTART_WINDOW_S)
     """The sliding window the restart budget counts in."""
 
     @model_validator(mode="wrap")
@@ -216,38 +221,39 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
         ConfigError: the file is unreadable, not a regular file, not TOML, or breaks the
             models' rules (every problem of the file, one line each).
     """
+    file = shown_path(path)  # as every problem names it: a file name may hold a newline
     try:
         data = read_toml_file(path)
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+        raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from exc
     except (NotARegularFileError, TomlFileTooLargeError) as exc:
-        raise ConfigError([f"{path}: {exc}"]) from exc
+        raise ConfigError([f"{file}: {exc}"]) from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
+        raise ConfigError([f"{file}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
     except TomlSyntaxError as exc:
-        raise ConfigError([_syntax_problem(path, exc)]) from exc
+        raise ConfigError([_syntax_problem(file, exc)]) from exc
     allowed = [*CORE_SECTIONS, *sections]
     problems = [
-        f"{path}: {_key((name,))} = {_show(data[name])}: unknown section; allowed sections: "
+        f"{file}: {_key((name,))} = {_show(data[name])}: unknown section; allowed sections: "
         + ", ".join(allowed)
         for name in data
         if name not in allowed
     ]
     core = {name: value for name, value in data.items() if name in CORE_SECTIONS}
     warnings = _Warnings()
-    config = _validate(path, AgentConfig, core, (), problems, warnings=warnings)
+    config = _validate(file, AgentConfig, core, (), problems, warnings=warnings)
     services = {
-        name: _validate(path, model, data.get(name, {}), (name,), problems, warnings=warnings)
+        name: _validate(file, model, data.get(name, {}), (name,), problems, warnings=warnings)
         for name, model in sections.items()
     }
     if config is None or problems:
         raise ConfigError(problems)
-    shown = tuple(f"{path}: {warning}" for warning in warnings)
+    shown = tuple(f"{file}: {warning}" for warning in warnings)
     return config.model_copy(update={"services": services, "warnings": shown})
 
 
 def _validate(
-    path: Path,
+    file: str,
     model: type[M],
     data: object,
     where: tuple[str, ...],
@@ -261,15 +267,15 @@ def _validate(
         return model.model_validate(data, context=warnings)
     except ValidationError as exc:
         problems.extend(
-            _problem(path, model, where, error) for error in exc.errors(include_url=False)
+            _problem(file, model, where, error) for error in exc.errors(include_url=False)
         )
         return None
 
 
-def _syntax_problem(path: Path, exc: TomlSyntaxError) -> str:
+def _syntax_problem(file: str, exc: TomlSyntaxError) -> str:
     """``FILE: line L, column C: invalid TOML: what``."""
     where = f"{exc.where}: " if exc.where else ""
-    return f"{path}: {where}invalid TOML: {exc.what}"
+    return f"{file}: {where}invalid TOML: {exc.what}"
 
 
 _BOUNDS: Final = {
@@ -280,12 +286,10 @@ _BOUNDS: Final = {
 }
 
 
-def _problem(
-    path: Path, model: type[BaseModel], where: tuple[str, ...], error: ErrorDetails
-) -> str:
+def _problem(file: str, model: type[BaseModel], where: tuple[str, ...], error: ErrorDetails) -> str:
     loc = error["loc"]
     key = _key((*where, *(str(part) for part in loc)))
-    return f"{path}: {key} = {_show(error['input'])}: {_reason(model, loc, error)}"
+    return f"{file}: {key} = {_show(error['input'])}: {_reason(model, loc, error)}"
 
 
 def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails) -> str:

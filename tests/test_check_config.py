@@ -39,6 +39,23 @@ class TestCheckConfig:
         assert check_config(str(SHIPPED)) == 0
         assert capsys.readouterr() == (f"{SHIPPED}: ok\n", "")
 
+    def test_a_file_name_is_shown_escaped(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file name with a newline and an escape reads as one printable line, on stdout
+        (ok) as on stderr (a problem)."""
+        good = tmp_path / "a\nfake: ok\x1b[2J.toml"
+        good.write_text("")
+        assert check_config(str(good)) == 0
+        assert capsys.readouterr() == (f"{tmp_path}/a\\nfake: ok\\x1b[2J.toml: ok\n", "")
+        bad = tmp_path / "b\n.toml"
+        bad.write_text("[log]\nlevel = 3\n")
+        assert check_config(str(bad)) == 78
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.startswith(f"{tmp_path}/b\\n.toml: log.level = 3: ")
+        assert len(err.splitlines()) == 1
+
     def test_invalid_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """An invalid file prints one line per problem to stderr and exits 78."""
         path = tmp_path / "agent.toml"

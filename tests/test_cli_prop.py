@@ -280,6 +280,34 @@ class TestErrors:
             assert "read-only for the guest" in line
         assert sim.prop("delete", "/Guest/ro").returncode == EX_REFUSED
 
+    def test_a_malformed_reply_names_the_property_and_exits_69(self, sim: PropHost) -> None:
+        """A GET whose reply holds none of its strings: one line naming the property and the
+        malformed reply, exit 69 as for a host that broke the socket protocol (it said
+        ``failed: the host returned 0 strings where 2 belong``, exit 70)."""
+        sim.prop("set", "/Guest/m", "x")
+        sim.host("fault", "HGCM_CALL64", "0")
+        done = sim.prop("get", "/Guest/m")
+        assert (done.returncode, done.stdout) == (EX_UNAVAILABLE, "")
+        assert one_line(done) == (
+            "vbox-agent prop get: /Guest/m: the host's reply was malformed: "
+            "the host returned 0 strings where 2 belong"
+        )
+
+    def test_an_unknown_status_is_named_once(self) -> None:
+        """A status without a name reads ``VERR_UNKNOWN(rc)``, the number once (it said
+        ``VERR_UNKNOWN(-4242) (-4242)``); a known one keeps its number."""
+        args = argparse.Namespace(prop_action="get", name="/Guest/x\n")
+        unknown = VBoxStatusError(-4242, "VBG_IOCTL_HGCM_CONNECT")
+        assert _explain(args, unknown) == (
+            "/Guest/x\\n: refused by the host: VERR_UNKNOWN(-4242)",
+            EX_REFUSED,
+        )
+        assert str(unknown) == "VBG_IOCTL_HGCM_CONNECT failed: VERR_UNKNOWN(-4242)"
+        denied = VBoxStatusError(-10, "VBG_IOCTL_HGCM_CONNECT")
+        assert _explain(args, denied)[0].startswith(
+            "/Guest/x\\n: refused by the host: VERR_PERMISSION_DENIED (-10): "
+        )
+
     @pytest.mark.parametrize(
         ("args", "message"),
         [
@@ -324,11 +352,12 @@ class TestNoHost:
         assert done.stdout == ""
 
     def test_path_that_is_not_a_socket(self, tmp_path: Path) -> None:
-        """A device path that exists and is not a socket exits 69 at once, with one line."""
+        """A device path that exists and is not a socket exits 78 at once, with one line, as
+        a character-device path that cannot be the device."""
         path = tmp_path / "plain-file"
         path.write_text("not a socket\n")
         done = self.prop("--device", f"unix:{path}", "get", "/x")
-        assert done.returncode == EX_UNAVAILABLE
+        assert done.returncode == EX_CONFIG
         assert one_line(done).endswith(f"{path}: it exists and is not a socket")
 
     def test_a_path_that_cannot_be_the_device_exits_78_as_run_does(self, tmp_path: Path) -> None:

@@ -15,7 +15,12 @@ import pytest
 
 from agent import host as simulated_host
 from agent.cli import _host, _simulate, main
-from agent.cli._arguments import ALL_PERSONALITIES, DEFAULT_PERSONALITY, PERSONALITIES
+from agent.cli._arguments import (
+    ALL_PERSONALITIES,
+    DEFAULT_PERSONALITY,
+    PERSONALITIES,
+    positive_seconds,
+)
 from agent.cli._exit import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
 from agent.cli._run import _demo_scenario_path
 from agent.host import _faults as faults, _heartbeat as heartbeat
@@ -210,6 +215,14 @@ def test_required_options_show_as_required(
         (["run", "--device", f"unix:{TOO_LONG}"], "a Unix socket path holds at most 107"),
         (["run", "--device", ""], f"argument --device: {ABSOLUTE_EXPECTED}"),
         (["run", "--config", ""], "argument --config: the file name is empty"),
+        (["run", "--device", "/dev/x\nfake line"], "--device: must not contain a control char"),
+        (["run", "--device", "/dev/vbox\x1b[2J"], "must not contain a control character (\\x1b)"),
+        (["prop", "--device", "/dev/x\nfake", "get", "/x"], "a control character (\\n)"),
+        (
+            ["host", "--socket", "/x\nFAKE", "status"],
+            "socket path '/x\\nFAKE' contains a control character (\\n)",
+        ),
+        (["run", "--device", "unix:/x\x9b2J"], "a control character (\\x9b)"),
         (["run", "--simulate", "--scenario", ""], "argument --scenario: the file name is empty"),
         (["check-config", ""], "argument FILE: the file name is empty"),
         (["run", "--device", "relative"], f"argument --device: {ABSOLUTE_EXPECTED}"),
@@ -230,6 +243,16 @@ def test_required_options_show_as_required(
         (["host", "--socket", "", "status"], "the socket path is empty"),
         (["host", "--socket", SOCKET, "balloon", "-1"], "'-1' is not an integer >= 0"),
         (["host", "--socket", SOCKET, "balloon", "lots"], "'lots' is not an integer >= 0"),
+        # plain ASCII decimal only: int() and float() also take these
+        (["host", "--socket", SOCKET, "balloon", "1_0"], "'1_0' is not an integer >= 0"),
+        (["host", "--socket", SOCKET, "balloon", "\u0663"], "'\u0663' is not an integer >= 0"),
+        (["host", "--socket", SOCKET, "balloon", " 3"], "' 3' is not an integer >= 0"),
+        (["host", "--socket", SOCKET, "cpu", "plug", "1\n"], "'1\\n' is not an integer in [0, "),
+        (["prop", "wait", "/x", "--timeout", "\uff11"], "'\uff11' is not a number of seconds"),
+        (["prop", "wait", "/x", "--timeout", "1_0"], "'1_0' is not a number of seconds"),
+        (["run", "--duration", " 1"], "' 1' is not a number of seconds"),
+        (["host", "--socket", SOCKET, "delay", "GUEST_HEARTBEAT", "1_0"], "'1_0' is not a non-n"),
+        (["host", "--socket", SOCKET, "fault", "\u0661\u0661\u0663", "-8"], "unknown VMMDev"),
         (["host", "--socket", SOCKET, "event", "NOPE"], "NOPE"),
         (["host", "--socket", SOCKET, "fault", "NOPE", "VERR_NO_MEMORY"], "NOPE"),
         (["host", "--socket", SOCKET, "fault", "CHANGE_MEMBALLOON", "VERR_NOPE"], "VERR_NOPE"),
@@ -283,6 +306,14 @@ def test_bad_values(argv: list[str], message: str, capsys: pytest.CaptureFixture
     assert lines[-1].startswith("vbox-agent ")
     assert ": error: argument " in lines[-1]
     assert message in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("1.5", 1.5), (".5", 0.5), ("2.", 2.0), ("1e3", 1000.0), ("+2", 2.0)]
+)
+def test_plain_decimal_seconds_are_taken(text: str, seconds: float) -> None:
+    """What a number of seconds may look like: ASCII decimals, with a fraction or exponent."""
+    assert positive_seconds(text) == seconds
 
 
 def test_personalities_are_the_simulators() -> None:

@@ -282,9 +282,20 @@ class TestProblems:
                 "timesync.min_adjust_ms = 3600001: must be <= 3600000",
             ),
             (
-                "[daemon]\nrestart_backoff_initial_s = 1234567.5\nrestart_backoff_max_s = 5\n",
-                "daemon.restart_backoff_max_s = 5: must be >= restart_backoff_initial_s "
-                "(1234567.5)",
+                "[daemon]\nrestart_backoff_initial_s = 1234.5\nrestart_backoff_max_s = 5\n",
+                "daemon.restart_backoff_max_s = 5: must be >= restart_backoff_initial_s (1234.5)",
+            ),
+            (
+                "[daemon]\nrestart_backoff_max_s = 1e308\n",
+                "daemon.restart_backoff_max_s = 1e+308: must be <= 3600",
+            ),
+            (
+                "[daemon]\nrestart_window_s = 86400.5\n",
+                "daemon.restart_window_s = 86400.5: must be <= 86400",
+            ),
+            (
+                "[balloon]\npressure_cooldown_s = 1e300\n",
+                "balloon.pressure_cooldown_s = 1e+300: must be <= 3600",
             ),
             (
                 "[timesync]\nset_threshold_s = -0.5\n",
@@ -320,7 +331,13 @@ class TestProblems:
             ),
             (
                 '[device]\npath = "/dev/vboxguest\\u0000"\n',
-                'device.path = "/dev/vboxguest\\u0000": must not contain a NUL character',
+                'device.path = "/dev/vboxguest\\u0000": must not contain a control character '
+                "(\\x00)",
+            ),
+            (
+                '[device]\npath = "/dev/vbox\\u001b[2Jguest"\n',
+                'device.path = "/dev/vbox\\u001b[2Jguest": must not contain a control character '
+                "(\\x1b)",
             ),
             (
                 f'[device]\npath = "unix:/{"s" * 107}"\n',

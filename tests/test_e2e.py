@@ -312,12 +312,13 @@ class TestTwoProcesses:
         finally:
             agent.finish()
 
-    def test_device_that_is_not_a_socket_exits_69(self, workdir: Path) -> None:
-        """A device path that exists and is not a socket: one line at once, no wait, 69."""
+    def test_device_that_is_not_a_socket_exits_78(self, workdir: Path) -> None:
+        """A device path that exists and is not a socket: one line at once, no wait, 78 as
+        for a character-device path that cannot be the device (69 had systemd restart it)."""
         not_a_socket = workdir / "file"
         not_a_socket.write_text("")
         result = _run("--device", f"unix:{not_a_socket}")
-        assert result.returncode == 69
+        assert result.returncode == 78
         assert result.stdout == ""
         assert result.stderr.strip().endswith(f"{not_a_socket}: it exists and is not a socket")
         assert len(result.stderr.splitlines()) == 1

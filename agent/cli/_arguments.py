@@ -8,6 +8,7 @@ building the parser imports no simulator code; a test checks them against ``agen
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -58,13 +59,46 @@ file_path = argument_type(_file_path)
 which ``Path`` would take as the current directory."""
 
 
+_INTEGER: Final = re.compile(r"[+-]?[0-9]+")
+"""An integer as the arguments take it: ASCII decimal digits only, so ``int()``'s
+underscores, surrounding spaces and other scripts' digits (``'1_0'``, ``' 3'``, ``'٣'``)
+are refused."""
+_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+"""A number of seconds, in ASCII as ``float()`` reads it, without underscores or spaces."""
+
+
+def parse_integer(text: str) -> int:
+    """``text`` as a plain ASCII decimal integer.
+
+    Raises:
+        ValueError: anything else (underscores, spaces, other digits, a fraction).
+    """
+    if _INTEGER.fullmatch(text) is None:
+        msg = f"{text!r} is not a decimal integer"
+        raise ValueError(msg)
+    return int(text)
+
+
+def parse_seconds(text: str) -> float:
+    """``text`` as a plain ASCII decimal number (``inf`` and ``nan`` as ``float()`` names
+    them, for the caller's range check to refuse).
+
+    Raises:
+        ValueError: anything else (underscores, spaces, other digits).
+    """
+    if _DECIMAL.fullmatch(text) is None and not (text.isascii() and text.isalpha()):
+        msg = f"{text!r} is not a decimal number"
+        raise ValueError(msg)
+    return float(text)
+
+
 def integer_at_least(minimum: int, *, at_most: int | None = None) -> Callable[[str], int]:
     """An argument type: an integer no smaller than ``minimum`` (nor larger than ``at_most``)."""
     bounds = f">= {minimum}" if at_most is None else f"in [{minimum}, {at_most}]"
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = parse_integer(text)
         except ValueError:
             value = minimum - 1
         if value < minimum or (at_most is not None and value > at_most):
@@ -78,7 +112,7 @@ def integer_at_least(minimum: int, *, at_most: int | None = None) -> Callable[[s
 def positive_seconds(text: str) -> float:
     """An argument type: a positive, finite number of seconds (``--duration``, ``--timeout``)."""
     try:
-        value = float(text)
+        value = parse_seconds(text)
     except ValueError:
         msg = f"{text!r} is not a number of seconds"
         raise argparse.ArgumentTypeError(msg) from None

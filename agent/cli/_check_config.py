@@ -28,6 +28,7 @@ from agent.cli._arguments import file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
 from agent.cli._output import write_line
 from agent.config import ConfigError, load_config
+from agent.device.spec import shown_path
 from agent.services.registry import section_models
 
 if TYPE_CHECKING:
@@ -66,12 +67,13 @@ def run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     sys.stderr.writelines(f"{warning}\n" for warning in config.warnings)
     why = unreadable_by_the_service(path)
+    file = shown_path(path)  # as the problems name it
     if why is not None:
         sys.stderr.write(
-            f"{path}: warning: the service could not read it ({why}): the unit leaves root "
+            f"{file}: warning: the service could not read it ({why}): the unit leaves root "
             "no CAP_DAC_OVERRIDE, so only the mode bits for uid 0, gid 0 or others count\n"
         )
-    write_line(f"{path}: ok")
+    write_line(f"{file}: ok")
     return EX_OK
 
 

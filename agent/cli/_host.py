@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.cli._arguments import argument_type, integer_at_least, socket_path
+from agent.cli._arguments import argument_type, integer_at_least, parse_seconds, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from agent.cli._output import write_line
 from agent.device.unix import HOST_START_WAIT_S
@@ -200,12 +200,15 @@ _property_flags = _checked(parse_flags)
 
 @argument_type
 def _request_type(text: str) -> int:
+    if not text.isascii() or text != text.strip():  # 113, not '١١٣' nor ' 113'
+        msg = f"unknown VMMDev request type {text!r}: expected a name such as CHANGE_MEMBALLOON"
+        raise ValueError(msg)
     return int(parse_request_type(text))
 
 
 def _seconds(text: str) -> float:
     try:
-        seconds = float(text)
+        seconds = parse_seconds(text)
     except ValueError:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):

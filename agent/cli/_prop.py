@@ -37,10 +37,10 @@ from agent.device import (
     opener_for_spec,
 )
 from agent.logconfig import configure_logging
-from agent.protocol import AgentError, VBoxStatusError
-from agent.protocol.errors import shown
+from agent.protocol import AgentError, RemoteProtocolError, VBoxStatusError
+from agent.protocol.errors import escaped, shown
 from agent.protocol.guest_props import PropertyArgumentError
-from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS, status_name
+from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS, status_name, status_text
 from agent.services.guest_props import (
     Property,
     PropertyChange,
@@ -145,24 +145,35 @@ def _explain(args: argparse.Namespace, exc: Exception) -> tuple[str, int]:
         return str(exc), EX_USAGE
     if isinstance(exc, _NotFoundError):
         return str(exc), EX_REFUSED
-    if isinstance(exc, VBoxStatusError) and exc.rc == VERR_TIMEOUT:
-        # the device gave up on the host (the connect after 30 s): no answer, no refusal
-        return f"{_subject(args)}the host did not answer {exc.operation} ({exc.name})", (
-            EX_UNAVAILABLE
-        )
-    if isinstance(exc, VBoxStatusError):
-        hint = _STATUS_HINTS.get(exc.name)
-        detail = f"{exc.name} ({exc.rc})" + (f": {hint}" if hint else "")
-        return f"{_subject(args)}refused by the host: {detail}", EX_REFUSED
+    if isinstance(exc, VBoxStatusError | RemoteProtocolError):
+        return _host_failure(args, exc)
     if isinstance(exc, DeviceUnavailableError | DeviceLostError):
         # A path that cannot be the device is a mistake no retry mends: 78, as for `run`.
         return str(exc), EX_CONFIG if isinstance(exc, NotTheDeviceError) else EX_UNAVAILABLE
     return f"failed: {exc}", EX_SOFTWARE
 
 
+def _host_failure(
+    args: argparse.Namespace, exc: VBoxStatusError | RemoteProtocolError
+) -> tuple[str, int]:
+    """A refusal (1), no answer or a malformed one (69), named after the property."""
+    subject = _subject(args)
+    if isinstance(exc, RemoteProtocolError):
+        # The host (or driver) answered against the ABI: a misbehaving host, as one that
+        # broke the socket protocol, not a fault of this command.
+        return f"{subject}the host's reply was malformed: {exc}", EX_UNAVAILABLE
+    if exc.rc == VERR_TIMEOUT:
+        # the device gave up on the host (the connect after 30 s): no answer, no refusal
+        return f"{subject}the host did not answer {exc.operation} ({exc.name})", EX_UNAVAILABLE
+    hint = _STATUS_HINTS.get(exc.name)
+    detail = status_text(exc.rc) + (f": {hint}" if hint else "")
+    return f"{subject}refused by the host: {detail}", EX_REFUSED
+
+
 def _subject(args: argparse.Namespace) -> str:
-    name = getattr(args, "name", None)
-    return f"{name}: " if name else ""
+    """``NAME: `` (or the wait's ``PATTERN: ``), escaped to one printable line."""
+    name = getattr(args, "name", None) or getattr(args, "pattern", None)
+    return f"{escaped(name)}: " if name else ""
 
 
 async def _run(args: argparse.Namespace, opener: DeviceOpener) -> None:

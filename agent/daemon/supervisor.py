@@ -15,7 +15,8 @@ one broken service never holds the others back.
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
 it. Any other failure of a service restarts that service after a backoff that doubles up
-to a ceiling; more failures than the budget within the window are fatal too (decided before
+to a ceiling (a reload's new ``[daemon]`` applies to a backoff under way, counted from its
+start); more failures than the budget within the window are fatal too (decided before
 the failed run's drain, which is then one of the ending's). Before such an end every service
 drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService stops its services
 after a failed start: the host's heartbeat check is switched off, balloon chunks go back.
@@ -140,7 +141,9 @@ class Supervisor(Generic[T]):
         on_change: Callable[[], None] | None = None,
         on_ending: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
-        self.config = config
+        self._config = config
+        self._reconfigured = trio.lowlevel.ParkingLot()
+        """Woken when the config is replaced: a back-off under way re-arms with it."""
         self._on_change = on_change
         self._on_ending = on_ending
         self._entries: dict[str, _Entry[T]] = {}
@@ -154,6 +157,18 @@ class Supervisor(Generic[T]):
         """Services whose fatal error waits for the others' drains."""
         self._left = trio.lowlevel.ParkingLot()
         """Woken whenever a service's supervision ends."""
+
+    @property
+    def config(self) -> DaemonConfig:
+        """The restart policy and drain time in force."""
+        return self._config
+
+    @config.setter
+    def config(self, config: DaemonConfig) -> None:
+        """Apply a new policy at once: a back-off under way waits out the new delay,
+        counted from its start (so a shorter one may restart the service now)."""
+        self._config = config
+        self._reconfigured.unpark_all()
 
     @property
     def ending(self) -> bool:
@@ -444,9 +459,7 @@ class Supervisor(Generic[T]):
         Backing off, the service no longer holds up whoever waits for its start.
         """
         name, failures = entry.service.name, len(entry.failures)
-        delay = _backoff_delay(
-            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s, failures
-        )
+        delay = self._backoff(failures)
         self._count_restart(name)
         log.warning(
             "service_failed",
@@ -457,7 +470,23 @@ class Supervisor(Generic[T]):
         )
         entry.started.set()
         self._changed()
-        await trio.sleep(delay)
+        began = trio.current_time()
+        while True:  # each turn follows one reload that replaced the policy
+            with trio.move_on_at(began + delay):
+                await self._reconfigured.park()
+                new_delay = self._backoff(failures)
+                if new_delay != delay:
+                    delay = new_delay
+                    left = max(began + delay - trio.current_time(), 0.0)
+                    log.info("service_retry_rescheduled", service=name, retry_in_s=left)
+                continue
+            return
+
+    def _backoff(self, failures: int) -> float:
+        config = self.config
+        return _backoff_delay(
+            config.restart_backoff_initial_s, config.restart_backoff_max_s, failures
+        )
 
 
 def _backoff_delay(initial: float, ceiling: float, failures: int) -> float:

@@ -107,6 +107,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
+from agent.device.spec import shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import (
     AgentError,
@@ -847,7 +848,7 @@ class CharDevOpener:
     @property
     def description(self) -> str:
         """The device path."""
-        return self._path
+        return shown_path(self._path)
 
     @property
     def simulated(self) -> bool:
@@ -893,7 +894,7 @@ class CharDevOpener:
     async def _handshake(self, transport: CharDevTransport) -> DriverVersion:
         request = DriverVersionInfo()
         call = request.encode()
-        path = self._path
+        path = shown_path(self._path)
         try:
             await transport.ioctl(call.code, call.buffer)
             return request.decode(call)
@@ -944,31 +945,32 @@ def _reason(exc: VBoxStatusError | OSError) -> str:
 
 def open_failure(path: str, exc: OSError) -> str:
     """Return the one-line reason ``os.open(path)`` failed with ``exc`` and what to do."""
+    shown = shown_path(path)
     if exc.errno == errno.ENOENT:
         return (
-            f"{path} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
+            f"{shown} does not exist: load the vboxguest kernel module (modprobe vboxguest), "
             "or name the right device node (--device, or run's [device] path)"
         )
     if exc.errno in NOT_THE_DEVICE_ERRNOS:
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         return (
-            f"{path} cannot be the vboxguest device: {exc.strerror or exc} ({name}); "
+            f"{shown} cannot be the vboxguest device: {exc.strerror or exc} ({name}); "
             f"{NAME_THE_NODE}"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
-            f"permission denied opening {path}{_node_owner(path)}: run as root or add the "
+            f"permission denied opening {shown}{_node_owner(path)}: run as root or add the "
             "user to the node's group (/dev/vboxuser is for unprivileged use)"
         )
     if exc.errno in (errno.ENXIO, errno.ENODEV):
-        return f"no VirtualBox device behind {path} (not running in VirtualBox?)"
+        return f"no VirtualBox device behind {shown} (not running in VirtualBox?)"
     if exc.errno not in NO_DEVICE_ERRNOS:
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         return (
-            f"cannot open a session on {path}: {exc.strerror or exc} ({name}), a shortage "
+            f"cannot open a session on {shown}: {exc.strerror or exc} ({name}), a shortage "
             "that may pass, not a missing device"
         )
-    return f"cannot open {path}: {exc.strerror or exc}"
+    return f"cannot open {shown}: {exc.strerror or exc}"
 
 
 def _node_owner(path: str) -> str:

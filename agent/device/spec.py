@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import TYPE_CHECKING, Final
+
+from agent.protocol.errors import escaped
 
 if TYPE_CHECKING:
     from agent.device.transport import DeviceOpener
@@ -42,7 +45,8 @@ def check_device_spec(spec: str) -> str:
     ``device.path`` and ``--device`` both check with this.
 
     Raises:
-        ValueError: the path is relative, holds a NUL byte, or cannot name a Unix socket.
+        ValueError: the path is relative, holds a control character (NUL, a newline, an
+            escape...), or cannot name a Unix socket.
     """
     target = spec.removeprefix(UNIX_PREFIX)
     if not target.startswith("/"):
@@ -50,8 +54,8 @@ def check_device_spec(spec: str) -> str:
         raise ValueError(msg)
     if spec.startswith(UNIX_PREFIX):
         check_socket_path(target)
-    elif "\0" in spec:
-        msg = "must not contain a NUL character"
+    elif (control := _control_character(spec)) is not None:
+        msg = f"must not contain a control character ({control})"
         raise ValueError(msg)
     return spec
 
@@ -60,19 +64,30 @@ def check_socket_path(path: str) -> str:
     """Return ``path`` if it can name a Unix socket.
 
     Raises:
-        ValueError: the path is empty, holds a NUL byte or is longer than
-            ``SOCKET_PATH_MAX_BYTES`` bytes.
+        ValueError: the path is empty, holds a control character (NUL, a newline, an
+            escape...) or is longer than ``SOCKET_PATH_MAX_BYTES`` bytes.
     """
     size = len(os.fsencode(path))
     if not path:
         msg = "the socket path is empty"
-    elif "\0" in path:
-        msg = f"socket path {path!r} contains a NUL byte"
+    elif (control := _control_character(path)) is not None:
+        msg = f"socket path '{escaped(path)}' contains a control character ({control})"
     elif size > SOCKET_PATH_MAX_BYTES:
         msg = (
-            f"socket path {path!r} is {size} bytes long; "
+            f"socket path '{escaped(path)}' is {size} bytes long; "
             f"a Unix socket path holds at most {SOCKET_PATH_MAX_BYTES}"
         )
     else:
         return path
     raise ValueError(msg)
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """``path`` for a message, on one printable line (see :func:`escaped`): a file name
+    may hold a newline or a terminal escape, and undecodable bytes."""
+    return escaped(os.fspath(path))
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character (C0, DEL, C1) in ``text``, escaped; None without one."""
+    return next((escaped(char) for char in text if unicodedata.category(char) == "Cc"), None)

@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
-from agent.device.spec import check_socket_path
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
+from agent.device.spec import check_socket_path, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
@@ -136,7 +136,8 @@ class UnixSocketTransport:
 
     def __init__(self, stream: trio.SocketStream, path: str) -> None:
         self._stream = stream
-        self._path = path
+        self._path = shown_path(path)
+        """The host's socket, as messages show it."""
         self._decoder = FrameDecoder()
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -477,6 +478,7 @@ class UnixSocketOpener:
         start_wait_s: float = HOST_START_WAIT_S,
     ) -> None:
         self._path = check_socket_path(os.fspath(path))
+        self._shown = shown_path(self._path)
         self._user_device = user_device
         self._start_wait_s = start_wait_s
         self._host_seen = False
@@ -484,7 +486,7 @@ class UnixSocketOpener:
     @property
     def description(self) -> str:
         """``unix:PATH``."""
-        return f"unix:{self._path}"
+        return f"unix:{self._shown}"
 
     @property
     def simulated(self) -> bool:
@@ -504,6 +506,8 @@ class UnixSocketOpener:
         A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
 
         Raises:
+            NotTheDeviceError: the path exists and is not a socket (a regular file, a
+                directory): a mistake no retry mends, as a path that cannot be the device.
             DeviceUnavailableError: nothing listens at the path, or the host refused or did
                 not answer.
             OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
@@ -519,7 +523,7 @@ class UnixSocketOpener:
             raise
         if hello_wait.cancelled_caught:
             await transport.aclose()
-            msg = f"simulated host at {self._path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+            msg = f"simulated host at {self._shown} did not answer HELLO within {HELLO_WAIT_S:g} s"
             raise DeviceUnavailableError(msg)
         self._host_seen = True
         return transport
@@ -532,9 +536,9 @@ class UnixSocketOpener:
             try:
                 stream = await trio.open_unix_socket(self._path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if _is_other_file(self._path):
-                    msg = f"no simulated host at {self._path}: it exists and is not a socket"
-                    raise DeviceUnavailableError(msg) from exc
+                if _is_other_file(self._path):  # no host can ever listen there: 78, no retry
+                    msg = f"no simulated host at {self._shown}: it exists and is not a socket"
+                    raise NotTheDeviceError(msg) from exc
                 if trio.current_time() - started >= wait_s:
                     waited = f"; waited {wait_s:g} s for it to start" if waiting else ""
                     raise self._unavailable(exc, waited) from exc
@@ -546,7 +550,7 @@ class UnixSocketOpener:
             except OSError as exc:
                 if exc.errno in SHORTAGE_ERRNOS:
                     msg = (
-                        f"cannot open a session on {self._path}: {exc.strerror or exc}, a "
+                        f"cannot open a session on {self._shown}: {exc.strerror or exc}, a "
                         "shortage that may pass, not a missing host"
                     )
                     raise OSError(exc.errno, msg) from exc
@@ -558,7 +562,7 @@ class UnixSocketOpener:
             await trio.aclose_forcefully(stream)
             if trio.current_time() - started >= max(wait_s, HOST_BUSY_WAIT_S):
                 msg = (
-                    f"simulated host at {self._path} is busy: it took no new connection "
+                    f"simulated host at {self._shown} is busy: it took no new connection "
                     f"for {max(wait_s, HOST_BUSY_WAIT_S):g} s (its listen backlog is full)"
                 )
                 raise DeviceUnavailableError(msg)
@@ -567,13 +571,13 @@ class UnixSocketOpener:
     def _unavailable(self, exc: OSError, waited: str) -> DeviceUnavailableError:
         if isinstance(exc, PermissionError):
             return DeviceUnavailableError(
-                f"permission denied connecting to {self._path} (a simulated host's socket "
+                f"permission denied connecting to {self._shown} (a simulated host's socket "
                 "is only for the user who started it)"
             )
         reason = exc.strerror or str(exc)
         return DeviceUnavailableError(
-            f"no simulated host at {self._path} ({reason}{waited}): "
-            f"start one with `vbox-agent simulate --socket {self._path}`"
+            f"no simulated host at {self._shown} ({reason}{waited}): "
+            f"start one with `vbox-agent simulate --socket {self._shown}`"
         )
 
 

@@ -8,7 +8,7 @@ import errno as errno_codes
 import re
 from typing import Final
 
-from agent.protocol.status import status_for_errno, status_name
+from agent.protocol.status import status_for_errno, status_name, status_text
 
 SHOWN_SIZE: Final = 120
 """Characters of a peer's value or message quoted in an error message; the rest is elided."""
@@ -50,7 +50,7 @@ class VBoxStatusError(AgentError):
         self.operation = operation
         self.errno = errno
         via = "" if errno is None else f" from errno {errno_codes.errorcode.get(errno, errno)}"
-        super().__init__(f"{operation} failed: {self.name} ({rc}){via}")
+        super().__init__(f"{operation} failed: {status_text(rc)}{via}")
 
     @classmethod
     def from_errno(cls, code: int, operation: str) -> VBoxStatusError:
@@ -94,10 +94,16 @@ def shown(value: object) -> str:
     return shown_text(_bytes_shown(repr(value)))
 
 
+def escaped(text: str) -> str:
+    """``text`` on one printable line, whole: non-printable characters escaped as ``repr``
+    does, undecodable bytes (surrogate escapes) as ``\\xff``."""
+    return text if text.isprintable() else _bytes_shown(repr(text)[1:-1])
+
+
 def shown_text(text: str) -> str:
     """A peer's text for one line of a message: non-printable characters escaped, cut to
     ``SHOWN_SIZE`` characters with the full length said."""
-    line = text if text.isprintable() else _bytes_shown(repr(text)[1:-1])
+    line = escaped(text)
     if len(line) <= SHOWN_SIZE:
         return line
     return f"{line[:SHOWN_SIZE]}... ({len(line)} characters)"

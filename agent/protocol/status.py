@@ -220,6 +220,13 @@ def status_name(rc: int) -> str:
     return f"{kind}_UNKNOWN({rc})"
 
 
+def status_text(rc: int) -> str:
+    """``VERR_NO_MEMORY (-8)`` for a known status; an unknown one's label, which holds the
+    number already (``VERR_UNKNOWN(-4242)``)."""
+    name = status_name(rc)
+    return f"{name} ({rc})" if rc in _NAMES else name
+
+
 def parse_status(text: str) -> int:
     """Return the status code named by ``text`` (a name such as ``VERR_NO_MEMORY`` or a number).
 

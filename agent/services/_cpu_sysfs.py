@@ -1,9 +1,13 @@
 """The guest's CPUs in sysfs: find one by the host's core and package ids, bring it online,
 take it offline and eject it.
 
-Everything here is blocking file I/O on ``ROOT/devices/system/cpu`` (``ROOT`` is ``/sys``
-in a guest, a tree of their own in tests); the service runs it on a worker thread, since a CPU going
-offline can keep the write busy for a while.
+Everything here is file I/O on ``ROOT/devices/system/cpu`` (``ROOT`` is ``/sys`` in a
+guest, a tree of their own in tests); the service runs plugs and unplugs on a worker thread,
+since a CPU going offline can keep the write busy for a while, and :meth:`CpuSysfs.remember`
+on the event loop. No open or read can block: every attribute is opened non-blocking and
+must be a regular file (as every sysfs attribute is); anything else under the root (a FIFO
+an admin left there, a device node) is refused with one warning naming it, and counts as
+missing.
 
 What the kernel offers (and what VBoxService relies on):
 
@@ -29,12 +33,22 @@ What the kernel offers (and what VBoxService relies on):
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import structlog
 
 from agent.records import record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_SYSFS_ROOT: Final = "/sys"
 CPU_DIR: Final = Path("devices/system/cpu")
@@ -62,6 +76,10 @@ class CpuChange:
     problem: str | None = None
 
 
+class NotAnAttributeError(OSError):
+    """A path under the root that is no regular file, so no sysfs attribute (a FIFO, say)."""
+
+
 class CpuSysfs:
     """The CPUs under ``root`` (``/sys`` in a guest).
 
@@ -74,6 +92,8 @@ class CpuSysfs:
         self._cpus = root / CPU_DIR
         self._settled: frozenset[str] = frozenset()
         self._error: OSError | None = None
+        self._warned: set[str] = set()
+        """The files refused as no attribute, each warned about once."""
 
     @property
     def root(self) -> Path:
@@ -157,7 +177,7 @@ class CpuSysfs:
         except OSError as exc:
             return CpuChange(name, f"{name} refused to go offline: {_why(exc)}")
         try:
-            _write(eject, "1")
+            self._refused_if_odd(_write, eject, "1")
         except OSError as exc:
             return CpuChange(name, f"{name}'s ACPI eject failed ({_why(exc)}): {self._back(name)}")
         return CpuChange(name)
@@ -209,7 +229,7 @@ class CpuSysfs:
     def _online(self, name: str) -> bool | None:
         """True or False from ``online``; None without one (or with neither 0 nor 1 in it)."""
         try:
-            text = _read(self._cpus / name / "online")
+            text = self._read(self._cpus / name / "online")
         except OSError:
             return None
         return {"0": False, "1": True}.get(text)
@@ -218,17 +238,40 @@ class CpuSysfs:
         """The CPU's (core_id, physical_package_id), or None when it has no topology."""
         topology = self._cpus / name / "topology"
         try:
-            return int(_read(topology / "core_id")), int(_read(topology / "physical_package_id"))
+            return (
+                int(self._read(topology / "core_id")),
+                int(self._read(topology / "physical_package_id")),
+            )
         except (OSError, ValueError):
             return None
 
     def _write(self, name: str, attribute: str, value: str) -> None:
-        _write(self._cpus / name / attribute, value)
+        self._refused_if_odd(_write, self._cpus / name / attribute, value)
+
+    def _read(self, path: Path) -> str:
+        return self._refused_if_odd(_read, path)
+
+    def _refused_if_odd(self, access: Callable[..., _T], path: Path, *args: str) -> _T:
+        """``access(path, *args)``; a path that is no attribute is one warning (the first
+        time) and then the OSError it is."""
+        try:
+            return access(path, *args)
+        except NotAnAttributeError as exc:
+            if exc.filename not in self._warned:
+                self._warned.add(exc.filename)
+                log.warning(
+                    "cpu_sysfs_not_an_attribute",
+                    setting="[cpuhotplug] sysfs_root",
+                    path=exc.filename,
+                    problem=exc.strerror,
+                    outcome="taken as missing",
+                )
+            raise
 
 
 def _read(path: Path) -> str:
     """An attribute's text, stripped (at most ``ATTRIBUTE_BYTES``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open(path, os.O_RDONLY)
     try:
         return os.read(fd, ATTRIBUTE_BYTES).decode("ascii", "replace").strip()
     finally:
@@ -237,11 +280,39 @@ def _read(path: Path) -> str:
 
 def _write(path: Path, value: str) -> None:
     """Write an attribute in one ``write`` (sysfs takes one per open), never creating it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = _open(path, os.O_WRONLY)
     try:
         os.write(fd, value.encode("ascii"))
     finally:
         os.close(fd)
+
+
+def _open(path: Path, flags: int) -> int:
+    """Open an attribute without blocking: a regular file (checked before and after the
+    open, which is non-blocking so that a FIFO put there meanwhile cannot hold it)."""
+    _check_attribute(path, os.stat(path).st_mode)
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _check_attribute(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_attribute(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((kind for is_kind, kind in _KINDS if is_kind(mode)), "no regular file")
+        raise NotAnAttributeError(errno.EINVAL, f"{kind}, not a sysfs attribute", str(path))
 
 
 def _why(exc: OSError) -> str:

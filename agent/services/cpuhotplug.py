@@ -36,7 +36,8 @@ on with the host's next event. A stop disables monitoring. Config section:
 ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root whose CPU directory cannot be
 read is one warning naming the setting at start and at a reload, and the status says it;
 each request then fails with a line naming the directory and the reason, and the service
-goes on.
+goes on. A file there that is no regular file (a FIFO, whose open would block the daemon)
+is one warning naming it, and counts as missing.
 """
 
 from __future__ import annotations

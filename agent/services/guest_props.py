@@ -230,8 +230,8 @@ class GuestProperties:
         else:
             await self._wait_for_slot()
         try:
-            return await self._channel.call(
-                function, *params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
+            return await self._channel.call_with(
+                function, params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
             )
         finally:
             # The slot goes to the first caller waiting, if any, else back to the free ones.
@@ -675,7 +675,7 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
         raise TypeError(msg)
     # Decoded at once: a NUL is never part of a UTF-8 sequence, so each string decodes as
     # it would on its own.
-    parts = data.data[: size.value].decode(errors="replace").split("\0", count)
+    parts = data.data[: size.value].decode("utf-8", "replace").split("\0", count)
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)

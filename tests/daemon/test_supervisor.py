@@ -506,6 +506,39 @@ class TestSupervisor:
         assert service.drain_context == {"service": "flaky"}
         assert structlog.contextvars.get_contextvars() == {}
 
+    @pytest.mark.parametrize(
+        ("initial_s", "restart_at", "rescheduled"),
+        [(2.0, 5.0, [0.0]), (60.0, 60.0, [55.0]), (30.0, 30.0, [])],
+    )
+    async def test_a_new_policy_re_arms_a_back_off_under_way(
+        self,
+        autojump_clock: trio.abc.Clock,
+        initial_s: float,
+        restart_at: float,
+        rescheduled: list[float],
+    ) -> None:
+        """A reload's ``[daemon]`` applies at once, counted from the back-off's start: 5 s
+        into a 30 s back-off, a 2 s delay (over already) restarts the service now and a
+        60 s one at 60 s, each with one line saying when; the same delay changes nothing."""
+        service = FlakyService(failures=1)
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_backoff_initial_s=30, restart_backoff_max_s=60)
+        )
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, service)
+                await trio.sleep(5)
+                supervisor.config = _config(
+                    restart_backoff_initial_s=initial_s, restart_backoff_max_s=60
+                )
+                await service.recovered.wait()
+                nursery.cancel_scope.cancel()
+        assert service.starts == [0.0, restart_at]
+        lines = [e for e in logs if e["event"] == "service_retry_rescheduled"]
+        assert [(e["service"], e["retry_in_s"]) for e in lines] == [
+            ("flaky", left) for left in rescheduled
+        ]
+
     async def test_stop_during_back_off_ends_at_once(self, autojump_clock: trio.abc.Clock) -> None:
         """A service waiting for its restart is stopped without running again."""
         service = FlakyService(failures=1)

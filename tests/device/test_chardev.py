@@ -386,6 +386,15 @@ class TestOpen:
         assert "(--device, or run's [device] path)" in message  # prop reads no config
         assert "\n" not in message
 
+    async def test_a_path_is_shown_on_one_printable_line(self, tmp_path: Path) -> None:
+        """A node whose name holds a newline, a terminal escape and an undecodable byte (an
+        opener made without the spec's checks) is named escaped, on one line."""
+        path = f"{tmp_path}/vbox\nfake line\x1b[2J\udcff"
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await CharDevOpener(path).open_session()
+        assert str(caught.value).startswith(f"{tmp_path}/vbox\\nfake line\\x1b[2J\\xff does not")
+        assert str(caught.value).isprintable()
+
     async def test_permission_denied_names_mode_owner_and_fix(self, tmp_path: Path) -> None:
         """EACCES names the node's mode and owner, root or the group, and /dev/vboxuser."""
         node = tmp_path / "vboxguest"

@@ -25,7 +25,7 @@ import structlog
 import trio
 import trio.testing
 
-from agent.device.errors import DeviceLostError, DeviceUnavailableError
+from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.unix import (
     HELLO_WAIT_S,
     HOST_BUSY_WAIT_S,
@@ -559,13 +559,18 @@ class TestLifecycle:
         assert f"cannot open a session on {path}: " in str(info.value)
         assert trio.current_time() == 0
 
+    @pytest.mark.parametrize("kind", ["directory", "file"])
     async def test_no_wait_for_a_file_that_is_not_a_socket(
-        self, socket_dir: str, autojump_clock: trio.abc.Clock
+        self, socket_dir: str, autojump_clock: trio.abc.Clock, kind: str
     ) -> None:
-        """A path that exists and is not a socket never becomes a host: it fails at once."""
-        path = os.path.join(socket_dir, "directory")
-        os.mkdir(path)
-        with pytest.raises(DeviceUnavailableError, match="it exists and is not a socket"):
+        """A path that exists and is not a socket never becomes a host: it fails at once,
+        as a path that cannot be the device (exit 78, which the unit does not restart)."""
+        path = os.path.join(socket_dir, kind)
+        if kind == "directory":
+            os.mkdir(path)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        with pytest.raises(NotTheDeviceError, match="it exists and is not a socket"):
             await UnixSocketOpener(path).open_session()
         assert trio.current_time() == 0
 
@@ -609,7 +614,12 @@ class TestLifecycle:
 
     @pytest.mark.parametrize(
         ("path", "problem"),
-        [("", "is empty"), ("/tmp/" + "x" * 103, "at most 107"), ("/tmp/a\0b", "NUL byte")],
+        [
+            ("", "is empty"),
+            ("/tmp/" + "x" * 103, "at most 107"),
+            ("/tmp/a\0b", r"'/tmp/a\\x00b' contains a control character \(\\x00\)"),
+            ("/tmp/a\nb", r"'/tmp/a\\nb' contains a control character \(\\n\)"),
+        ],
     )
     def test_unusable_path(self, path: str, problem: str) -> None:
         """A path no Unix socket can have is refused when the opener is made."""

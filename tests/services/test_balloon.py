@@ -605,6 +605,74 @@ class TestFailures:
                 assert stopped[0]["reason"] == "simulated allocation failure"
 
 
+class Published:
+    """``STATUS=`` as the daemon sends it: the service's status read again only after the
+    service said it changed (``status_changed``)."""
+
+    def __init__(self) -> None:
+        self._dirty = True
+
+    def changed(self) -> None:
+        """The service's ``status_changed``."""
+        self._dirty = True
+
+    def text(self, service: BalloonService) -> str:
+        """What ``STATUS=`` reads now."""
+        if self._dirty:
+            self._dirty, self._text = False, service.status()
+        return self._text
+
+
+class TestStatusFollowsFailures:
+    """STATUS= says when the target moves and a walk or a read fails, and when it recovers."""
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_a_failing_walk_is_in_the_status_until_it_goes_on(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        published = Published()
+        with trio.fail_after(120):
+            async with running_balloon(
+                personality="", host=_host(kind), status_changed=published.changed
+            ) as run:
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+                assert published.text(run.service) == f"balloon 20/20 MB ({mode})"
+                run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY, 10**6)
+                run.host.set_balloon_target(60)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                # Oracle's driver answers the chunk's CHANGE_BALLOON with the host's status.
+                failing = f"{CHANGE_OPERATION[mode]}: VERR_NO_MEMORY"
+                assert published.text(run.service) == (
+                    f"balloon 20/60 MB ({mode}, failing: {failing})"
+                )
+                run.host.clear_faults()
+                await run.settle(60)
+                assert published.text(run.service) == f"balloon 60/60 MB ({mode})"
+
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_a_failing_target_read_is_in_the_status_until_one_goes_through(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        published = Published()
+        with trio.fail_after(120):
+            async with running_balloon(
+                personality="", host=_host(kind), status_changed=published.changed
+            ) as run:
+                run.host.set_balloon_target(20)
+                await run.settle(20)
+                run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_NO_MEMORY, 10**6)
+                run.host.set_balloon_target(60)
+                await run.until(lambda: run.service.statistics().failures == 1)
+                failing = f"{READ_OPERATION[mode]}: VERR_NO_MEMORY"
+                assert published.text(run.service) == (
+                    f"balloon 20/20 MB ({mode}, target read failing: {failing})"
+                )
+                run.host.clear_faults()
+                await run.settle(60)
+                assert published.text(run.service) == f"balloon 60/60 MB ({mode})"
+
+
 class TestBackoff:
     """A failed step backs off in its own direction only, and only while it matters."""
 

@@ -21,9 +21,11 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
-from contextlib import asynccontextmanager
+import threading
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +62,7 @@ from testbed.unit_scheduling import UNIT
 from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
 
     from structlog.typing import EventDict
 
@@ -69,6 +71,8 @@ if TYPE_CHECKING:
 NOT_MONITORED = STATUS_CODES["VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"]
 ACPI_BUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00")
 """Where VirtualBox's CPU containers appear (VBoxService looks under the same path)."""
+RELEASE_S = 5.0
+"""How long a test may be blocked in a FIFO's open before :func:`released` ends it."""
 FIRMWARE_CPUS = 32
 """The CPUs VirtualBox's CPU hot-plug SSDT declares (0x00-0x1f), each in its own container."""
 
@@ -209,17 +213,20 @@ def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
 
 
 def record_writes(
-    monkeypatch: pytest.MonkeyPatch, *, refuse: tuple[str, str] | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    refuse: tuple[str, str] | None = None,
+    error: int = errno.EBUSY,
 ) -> list[tuple[str, str]]:
     """Record the service's sysfs writes as (directory, value), in order; the write
-    ``refuse`` names is recorded and refused with EBUSY, as the kernel may refuse one."""
+    ``refuse`` names is recorded and refused with ``error``, as the kernel may refuse one."""
     writes: list[tuple[str, str]] = []
     write = _cpu_sysfs._write
 
     def recording(path: Path, value: str) -> None:
         writes.append((path.parent.name, value))
         if (path.parent.name, value) == refuse:
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+            raise OSError(error, os.strerror(error))
         write(path, value)
 
     monkeypatch.setattr(_cpu_sysfs, "_write", recording)
@@ -307,7 +314,7 @@ class TestPlugAndUnplug:
                 "cpu5's ACPI eject failed (No space left on device): it is back online",
                 "1",
             ),
-            ("refuses", 5, "cpu5 refused to go offline: No space left on device", None),
+            ("refuses", 5, "cpu5 refused to go offline: No space left on device", "1"),
         ],
     )
     async def test_an_unplug_that_cannot_happen_is_one_line(
@@ -315,26 +322,28 @@ class TestPlugAndUnplug:
     ) -> None:
         """A core nobody has, cpu0, a CPU without ACPI eject, one whose eject cannot be
         written (a sysctl that is read-only even for root stands for a read-only /sys) or
-        fails (/dev/full's ENOSPC), a CPU whose online write fails: one warning line, a CPU
-        the host still owns is online, and the service goes on (a plug works)."""
-        if setup == "no_eject":
-            guest.cpu(5, online=True, eject=False)
-        elif setup in ("read_only_eject", "eject_fails"):
-            guest.cpu(5, online=True)
-            guest.eject(5).unlink()
-            target = "/proc/sys/kernel/osrelease" if setup == "read_only_eject" else "/dev/full"
-            guest.eject(5).symlink_to(target)
-        elif setup == "refuses":
-            cpu5 = guest.cpu(5, online=True)
-            (cpu5 / "online").unlink()
-            (cpu5 / "online").symlink_to("/dev/full")
-        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
-            async with running(guest.root) as run:
-                run.host.cpu_unplug(core)
-                await run.watch.until(lambda: run.stats().failures == 1)
-                assert run.service.status() == "cpuhotplug: 0 plugged, 0 unplugged, 1 failed"
-                run.host.cpu_plug(2)
-                await run.watch.until(lambda: run.stats().plugged == 1)
+        fails (ENOSPC), a CPU whose online write fails: one warning line, a CPU the host
+        still owns is online, and the service goes on (a plug works)."""
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            if setup == "no_eject":
+                guest.cpu(5, online=True, eject=False)
+            elif setup == "read_only_eject":
+                guest.cpu(5, online=True)
+                guest.eject(5).unlink()
+                guest.eject(5).symlink_to("/proc/sys/kernel/osrelease")
+            elif setup == "eject_fails":
+                guest.cpu(5, online=True)
+                record_writes(monkeypatch, refuse=("firmware_node", "1"), error=errno.ENOSPC)
+            elif setup == "refuses":
+                guest.cpu(5, online=True)
+                record_writes(monkeypatch, refuse=("cpu5", "0"), error=errno.ENOSPC)
+            with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+                async with running(guest.root) as run:
+                    run.host.cpu_unplug(core)
+                    await run.watch.until(lambda: run.stats().failures == 1)
+                    assert run.service.status() == "cpuhotplug: 0 plugged, 0 unplugged, 1 failed"
+                    run.host.cpu_plug(2)
+                    await run.watch.until(lambda: run.stats().plugged == 1)
         [failed] = events_named(logs, "cpu_unplug_failed")
         assert failed["log_level"] == "warning"
         assert (failed["problem"], failed["core"], failed["package"]) == (problem, core, 0)
@@ -603,6 +612,81 @@ class TestUnreadableSysfs:
                 await run.watch.until(lambda: run.stats().plugged == 1)
         assert len(events_named(logs, "cpu_sysfs_unreadable")) == 1
         assert guest.online(2) == "1"
+
+
+@contextmanager
+def released(fifo: Path) -> Iterator[None]:
+    """Bound a test that may block in ``open(fifo)``: if it is still running after
+    ``RELEASE_S``, a thread puts a regular file "1" in the FIFO's place and opens the FIFO's
+    other end (which ends an open in progress), so that a regression fails instead of
+    hanging the run."""
+    done = threading.Event()
+
+    def release() -> None:
+        if done.wait(RELEASE_S):
+            return
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody is in an open of it
+            return
+        try:
+            fifo.unlink()
+            fifo.write_text("1\n")
+            os.write(fd, b"1\n")
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+class TestNotAnAttribute:
+    """A FIFO (or another file that is no regular file) under ``sysfs_root``: an open of it
+    would block the event loop until someone writes to it, SIGTERM included."""
+
+    def test_remember_does_not_block_and_warns_once_naming_the_file(self, guest: Guest) -> None:
+        """``cpu1/online`` a FIFO: remember() returns at once, and the FIFO is one warning
+        naming it, however often it is read; the CPU counts as one without ``online``."""
+        fifo = guest.root / "devices/system/cpu/cpu1/online"
+        fifo.unlink()
+        os.mkfifo(fifo)
+        sysfs = CpuSysfs(guest.root)
+        with released(fifo), structlog.testing.capture_logs() as logs:
+            assert sysfs.remember() is None
+            assert sysfs.remember() is None
+        [warning] = events_named(logs, "cpu_sysfs_not_an_attribute")
+        assert warning["log_level"] == "warning"
+        assert (warning["setting"], warning["path"], warning["problem"]) == (
+            "[cpuhotplug] sysfs_root",
+            str(fifo),
+            "a FIFO, not a sysfs attribute",
+        )
+        assert stat.S_ISFIFO(fifo.stat().st_mode)  # never held: released() left it as it is
+
+    async def test_a_reload_onto_such_a_tree_keeps_the_service_going(
+        self, guest: Guest, tmp_path: Path
+    ) -> None:
+        """A reload to a tree whose cpu2's ``online`` is a FIFO returns at once with one
+        warning naming it, and the service goes on: a plug reaches cpu3."""
+        other = Guest(tmp_path / "other")
+        other.cpu(2, online=None)
+        other.cpu(3, online=False)
+        fifo = other.root / "devices/system/cpu/cpu2/online"
+        os.mkfifo(fifo)
+        with released(fifo), trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                assert run.service.reconfigure(CpuHotPlugSection(sysfs_root=str(other.root)))
+                [warning] = events_named(logs, "cpu_sysfs_not_an_attribute")
+                assert warning["path"] == str(fifo)
+                run.host.cpu_plug(3)
+                await run.watch.until(lambda: run.stats().plugged == 1)
+        assert other.online(3) == "1"
+        assert len(events_named(logs, "cpu_sysfs_not_an_attribute")) == 1
 
 
 class TestMonitoring:

@@ -14,6 +14,9 @@ MIN_PSI_INTERVAL_S: Final = 0.5
 MAX_PSI_INTERVAL_S: Final = 10.0
 """The window range the kernel accepts for PSI triggers (500 ms to 10 s)."""
 MAX_RETRY_S: Final = 3600.0
+MAX_PRESSURE_COOLDOWN_S: Final = 3600.0
+"""The longest cooldown: a hold lasts at most 16 of them, and triggered mode postpones a
+CHECK_BALLOON (which also applies the host's deflates) for at most one."""
 
 
 class BalloonSection(ServiceSection):
@@ -28,7 +31,7 @@ class BalloonSection(ServiceSection):
     """Stall share (``some``) within one interval at or over which memory is under pressure."""
     pressure_step_mb: int = Field(default=64, ge=1)
     """MiB the agent gives back at once when pressure is high (where it holds the chunks)."""
-    pressure_cooldown_s: float = Field(default=30.0, gt=0)
+    pressure_cooldown_s: float = Field(default=30.0, gt=0, le=MAX_PRESSURE_COOLDOWN_S)
     """How long pressure must stay low before the balloon grows toward the target again."""
     min_available_mb: int = Field(default=256, ge=0)
     """Never inflate when ``MemAvailable`` would drop below this many MiB."""

@@ -209,6 +209,8 @@ class BalloonService:
         """When the last pressure hold ended."""
         self._pressure_events = 0
         self._read_failures = 0
+        self._read_failure: str | None = None
+        """Why the last target read (or trigger) failed; None once one went through."""
         self._meminfo = MemInfo()
         self._meminfo_warned = False
         self.mode_known = trio.Event()
@@ -236,22 +238,28 @@ class BalloonService:
 
         It reads nothing: no event tells the agent that the kernel's balloon moved, so a
         status that asked for a read would follow every change it found with another read.
+        A read of the target that fails, and a walk that fails, say why until one goes
+        through (``, target read failing: VBG_IOCTL_CHECK_BALLOON: VERR_NO_MEMORY``,
+        ``, failing: VBG_IOCTL_CHANGE_BALLOON: VERR_NO_MEMORY``).
         """
         mode = self._mode
         if mode is None:
             return "balloon starting"
+        failure = self._read_failure
+        unread = f", target read failing: {failure}" if failure is not None else ""
         if mode is BalloonMode.KERNEL:
-            return f"balloon {self._chunks * CHUNK_MB} MB (kernel)"
+            return f"balloon {self._chunks * CHUNK_MB} MB (kernel{unread})"
         if mode is BalloonMode.TRIGGERED:
             # The driver's answer is the target it applied; what it holds it does not say.
             postponed = ", postponed" if self._postponed_since is not None else ""
-            return f"balloon target {self._chunks * CHUNK_MB} MB (triggered{postponed})"
+            return f"balloon target {self._chunks * CHUNK_MB} MB (triggered{postponed}{unread})"
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
         refused = f", refused: {walker.refusal}" if walker.refusal is not None else ""
+        failing = f", failing: {walker.last_failure}" if walker.last_failure is not None else ""
         held, target = len(walker.held) * CHUNK_MB, walker.target * CHUNK_MB
-        return f"balloon {held}/{target} MB ({mode}{capped}{refused})"
+        return f"balloon {held}/{target} MB ({mode}{capped}{refused}{unread}{failing})"
 
     def statistics(self) -> BalloonStatistics:
         """Return the sizes and counters."""
@@ -521,7 +529,7 @@ class BalloonService:
             backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
             mem_available_mb=self._mem_available,
             min_available_mb=self._section.min_available_mb,
-            settled=self._status_changed,
+            status_changed=self._status_changed,
             resized=self._publish,
         )
         if kept is not None:
@@ -570,10 +578,18 @@ class BalloonService:
             self._read_pending = True
             self._read_failures += 1
             _check_failed(exc, self._read_backoff)
+            self._read_failed(f"{exc.operation}: {exc.name}")
         else:
             self.reads += 1
             if self._read_backoff.succeeded():
                 log.info("balloon_check_recovered", **self._size_fields())
+            self._read_failed(None)
+
+    def _read_failed(self, failure: str | None) -> None:
+        """Note why the target read failed (None: it went through); the status says it."""
+        if failure != self._read_failure:
+            self._read_failure = failure
+            self._status_changed()
 
     async def _refresh_gauge(self) -> None:
         """Kernel mode: the gauge's refresh, awaited by its reader (the guest statistics,

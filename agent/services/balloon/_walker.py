@@ -84,10 +84,12 @@ class ChunkWalker:
         backoff: Backoff,
         mem_available_mb: Callable[[], int | None],
         min_available_mb: int,
-        settled: Callable[[], None] = lambda: None,
+        status_changed: Callable[[], None] = lambda: None,
         resized: Callable[[int], None] = lambda _chunks: None,
     ) -> None:
-        self._on_settled = settled
+        self._status_changed = status_changed
+        """Called when the walk settles, its goal's inputs change, or it fails or resumes
+        (not at every chunk: ``resized`` says those)."""
         self._on_resized = resized
         self.handover = handover
         self.allocator = allocator
@@ -141,12 +143,14 @@ class ChunkWalker:
             log.warning("balloon_target_capped", target=self.target, max_chunks=self.max_chunks)
         self.backoff.retry_now()
         self.wake()
+        self._status_changed()
 
     def refuse(self, reason: str | None) -> None:
         """Hold no chunks while ``reason`` stands, giving back any held; None: the target
         counts again. Walk at once."""
         self.refusal = reason
         self.wake()
+        self._status_changed()
 
     def lower_cap(self, cap: int) -> None:
         """Pressure: cap the goal at ``cap`` chunks and walk toward it at once.
@@ -161,6 +165,7 @@ class ChunkWalker:
         if self.goal < goal and self.backoff.failures and not self._failed_inflate:
             self.backoff.retry_now()
         self.wake()
+        self._status_changed()
 
     def wake(self) -> None:
         """Re-read the goal (the cap or target changed)."""
@@ -191,7 +196,7 @@ class ChunkWalker:
                     self.last_failure = None
                 self._settled.set()
                 self._settled = trio.Event()
-                self._on_settled()
+                self._status_changed()
             else:
                 deadline = self.backoff.retry_at
             self._changed = trio.Event()
@@ -229,6 +234,7 @@ class ChunkWalker:
         if inflate is self._failed_inflate and self.backoff.failures and self.backoff.succeeded():
             log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
             self.last_failure = None
+            self._status_changed()
 
     def _failed(self, reason: str, *, inflate: bool) -> None:
         self._reading_uses = 0
@@ -246,6 +252,7 @@ class ChunkWalker:
             goal=self.goal,
             retry_in_s=round(delay, 3),
         )
+        self._status_changed()
 
     def _reading_due(self) -> bool:
         """Whether the next chunk's floor check reads MemAvailable (module docstring)."""
