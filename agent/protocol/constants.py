@@ -8,6 +8,7 @@ Oracle's headers (``VBoxGuest.h``, ``VMMDev.h``).
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum, IntFlag
 from typing import Final
 
@@ -224,6 +225,24 @@ class RequestType(IntEnum):
     VIDEO_UPDATE_MONITOR_POSITIONS = 222
 
 
+_INTEGER_LITERAL: Final = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0|[1-9][0-9]*)")
+"""A number as the host's commands take it: ASCII decimal or ``0x`` hex, with a sign; what
+``int(text, 0)`` reads of that, without its underscores, octal and binary prefixes, or other
+scripts' digits (``'0x1_0'``, Arabic-Indic or full-width digits)."""
+
+
+def parse_integer_literal(text: str) -> int:
+    """``text`` as an ASCII decimal or ``0x`` hexadecimal integer.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if _INTEGER_LITERAL.fullmatch(text) is None:
+        msg = f"{text!r} is not a decimal or 0x hexadecimal integer"
+        raise ValueError(msg)
+    return int(text, 0)
+
+
 def parse_request_type(text: str) -> RequestType:
     """Return the request type named by ``text`` (``CHANGE_MEMBALLOON``, ``VMMDEVREQ_...`` or 113).
 
@@ -271,7 +290,7 @@ def parse_event_mask(text: str) -> int:
             mask |= Event[part]
             continue
         try:
-            mask |= int(part, 0)
+            mask |= parse_integer_literal(part)
         except ValueError:
             names = ", ".join(Event.__members__)
             msg = f"unknown event {raw.strip()!r}: expected one of {names} or a number"

@@ -11,6 +11,8 @@ import errno
 from types import MappingProxyType
 from typing import Final
 
+from agent.protocol.constants import parse_integer_literal
+
 _STATUS: Final[dict[str, int]] = {
     "VINF_SUCCESS": 0,
     "VINF_PERMISSION_DENIED": 10,  # VirtualBox err.h, not in the Linux uapi
@@ -239,7 +241,7 @@ def parse_status(text: str) -> int:
     if value is not None:
         return value
     try:
-        value = int(stripped, 0)
+        value = parse_integer_literal(stripped)
     except ValueError:
         msg = f"unknown VBox status {text!r}: expected a name such as VERR_NO_MEMORY or a number"
         raise ValueError(msg) from None

@@ -13,6 +13,7 @@ import errno
 
 import pytest
 
+from agent.protocol.constants import parse_event_mask
 from agent.protocol.errors import VBoxStatusError
 from agent.protocol.status import (
     STATUS_CODES,
@@ -192,3 +193,26 @@ class TestVBoxStatusError:
             "VMMDEVREQ_GET_HOST_TIME",
         )
         assert str(error) == "VMMDEVREQ_GET_HOST_TIME failed: VERR_NOT_SUPPORTED (-37)"
+
+
+class TestParseNumbersStrictly:
+    """``parse_status`` and ``parse_event_mask`` read ASCII decimal or ``0x`` hex numbers only."""
+
+    @pytest.mark.parametrize(
+        "text", ["-\u0668", "0x1_0", "1_0", "\u0660x10", "\uff11\uff16", "0o17", "0b1", "010"]
+    )
+    def test_a_status_in_other_digits_or_with_underscores_is_refused(self, text: str) -> None:
+        """``int(text, 0)`` took these; a status is a name or a plain number."""
+        with pytest.raises(ValueError, match="unknown VBox status"):
+            parse_status(text)
+
+    @pytest.mark.parametrize("text", ["0x1_0", "\u0660x10", "\uff11\uff16", "1_6", "0o20"])
+    def test_an_event_mask_in_other_digits_or_with_underscores_is_refused(self, text: str) -> None:
+        """The same for the numbers of an event mask."""
+        with pytest.raises(ValueError, match="unknown event"):
+            parse_event_mask(text)
+
+    @pytest.mark.parametrize(("text", "value"), [("-0x10", -16), ("0X1f", 31), ("0", 0)])
+    def test_plain_numbers_still_parse(self, text: str, value: int) -> None:
+        """Hex takes either case of its prefix and digits, and a sign."""
+        assert parse_status(text) == value
