@@ -9,6 +9,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING, NoReturn
 
 import trio
@@ -47,3 +48,15 @@ def test_an_unexpected_host_error_is_one_line(
         f"simulated host listening at {path}",
         "vbox-agent simulate: the simulated host failed: OSError: [Errno 5] the host broke",
     ]
+
+
+def test_the_listening_line_escapes_the_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A socket path with a byte that is not UTF-8 is named as every other message names it
+    (``\\x85``), not as Python's surrogate escape (``\\udc85``)."""
+    monkeypatch.setattr(server, "serve_simulated_host", _failing_server)
+    path = os.path.join(os.fsdecode(tmp_path), os.fsdecode(b"h\x85.sock"))
+    assert main(["simulate", "--socket", path]) == EX_SOFTWARE
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == f"simulated host listening at {os.fsdecode(tmp_path)}/h\\x85.sock"

@@ -26,6 +26,7 @@ from agent.cli._arguments import (
     socket_path,
 )
 from agent.cli._exit import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.device.spec import shown_path
 from agent.protocol.constants import MAX_GUEST_RAM_MB, MIN_GUEST_RAM_MB
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(serve_simulated_host, host, path)
-            print(f"simulated host listening at {path}", file=sys.stderr, flush=True)
+            print(f"simulated host listening at {shown_path(path)}", file=sys.stderr, flush=True)
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()
