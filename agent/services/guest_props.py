@@ -249,11 +249,14 @@ class GuestProperties:
 
 @final
 class PropertyWatch:
-    """The changes of the properties matching some patterns, oldest first, without gaps.
+    """The changes of the properties matching some patterns, oldest first.
 
     ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
     change once, as the host queued it: a set to the value a property already has is a
-    change too (a host poking a trigger property).
+    change too (a host poking a trigger property). The stream has no gap while the host's
+    queue holds the watch's place; where it does not (below), what the watch missed is
+    yielded as a snapshot's differences, which keep only the last value of each property
+    and cannot show a poke.
 
     The watch opens from a snapshot: a listing of every property, whose newest timestamp
     is the watch's place in the host's queue of changes (the *cursor*: it goes on after
@@ -291,7 +294,17 @@ class PropertyWatch:
       came (the oldest the host holds, or the first new one if the wait waited) is judged
       as any other, then a new snapshot is the truth: a set for each matching property
       that differs from what the watch knows, a delete for each it knows that is gone,
-      and new marks;
+      and new marks. They are yielded with that change by timestamp (the deletes, which
+      have none, last), so the stream's stamps rise unless the host's clock went back; a
+      change stamped after the snapshot's set of its name is dropped. The host answers
+      ``VWRN_NOT_FOUND`` only with a matching change: a wait whose place is gone *waits*
+      for one (the new service instance's queue after a restore holds none of the
+      changes before it, and Main's reload of the properties queues none), and the
+      protocol cannot tell that wait from one with nothing to report: until the next
+      matching change the watch does not see the gap. That holds after a restore and
+      after more than 256 changes of any names between two waits (eviction from the
+      host's queue, ``GUEST_PROP_MAX_GUEST_NOTIFICATIONS``), and for a change too large
+      for the buffer that was evicted before the retry;
     - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``, also during a snapshot: the
       host no longer knows the client, which a running guest should not see): a new
       channel is connected, the old one closed, then as for missed changes.
@@ -373,7 +386,7 @@ class PropertyWatch:
             raise trio.BusyResourceError(msg)
         self._reading = True
         try:
-            while not self._backlog:
+            while self._resync_due or not self._backlog:
                 await self._fetch()
             self._fruitless = 0
             return self._backlog.pop(0)
@@ -455,9 +468,10 @@ class PropertyWatch:
             if reply.status == VWRN_NOT_FOUND:
                 # The host did not know the place: it answered with the oldest change it
                 # holds (or the first after a restore). A snapshot, taken after it, shows
-                # what stands. If the place was a snapshot's (its property predates the
-                # queue, or the clock went back), go on from this change, which the queue
-                # holds; the marks skip what the snapshot showed.
+                # what stands; its differences and this change are yielded by timestamp.
+                # If the place was a snapshot's (its property predates the queue, or the
+                # clock went back), go on from this change, which the queue holds; the
+                # marks skip what the snapshot showed.
                 await self._resync(change.timestamp if unproven else None)
             return
         _still_too_small(GuestFunction.GET_NOTIFICATION)
@@ -554,16 +568,33 @@ class PropertyWatch:
         self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
+        changes: list[PropertyChange] = []
         for name, known in list(self._known.items()):
             if known is not None and name not in self._marks:
                 self._known[name] = None
-                self._backlog.append(PropertyChange(name, "", "", latest, deleted=True))
+                changes.append(PropertyChange(name, "", "", latest, deleted=True))
         for prop in current:
             if self._known.get(prop.name) != (prop.value, prop.flags):
                 self._known[prop.name] = (prop.value, prop.flags)
-                self._backlog.append(
+                changes.append(
                     PropertyChange(prop.name, prop.value, prop.flags, prop.timestamp, deleted=False)
                 )
+        # All are yielded oldest first (a delete, which has no stamp, as the newest), the
+        # snapshot's after the changes not yet yielded that came before it: one of those
+        # stamped after the snapshot's change of its name (the clock went back) is dropped.
+        stamps = {change.name: change.timestamp for change in changes}
+        backlog = [
+            change
+            for change in self._backlog
+            if change.timestamp <= stamps.get(change.name, change.timestamp)
+        ]
+        backlog.extend(changes)
+        backlog.sort(key=_timestamp)
+        self._backlog = backlog
+
+
+def _timestamp(change: PropertyChange) -> int:
+    return change.timestamp
 
 
 @asynccontextmanager
