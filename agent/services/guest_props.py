@@ -286,7 +286,8 @@ class PropertyWatch:
     It keeps following across what would otherwise lose changes:
 
     - a change too large for the buffer (``VERR_BUFFER_OVERFLOW``): asked again with the
-      size the host reported;
+      size the host reported; one stamped as the watch's place (a coarse clock), which
+      the host would skip when asked again, is shown by a snapshot instead;
     - the host completing the wait early (``VERR_INTERRUPTED``: an identical wait of the
       same client, or the client's disconnect at the host): asked again;
     - missed changes (``VWRN_NOT_FOUND``: the host no longer knows the place the watch
@@ -447,7 +448,10 @@ class PropertyWatch:
             try:
                 reply = await self._call(size)
             except HgcmCallError as exc:
-                if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor != 0:
+                if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor not in {
+                    0,
+                    _u64(exc.reply.params[1]),
+                }:
                     size = _needed_size(exc, 3)
                     continue
                 if exc.rc in _WAIT_ENDINGS:
@@ -479,8 +483,9 @@ class PropertyWatch:
     async def _recover(self, exc: HgcmCallError) -> None:
         """Continue after a failed wait, or re-raise what cannot be recovered from."""
         if exc.rc == VERR_BUFFER_OVERFLOW:
-            # A wait for the next new change (cursor 0) cannot ask for that change again:
-            # a retry would wait for the one after. The snapshot shows it if it stands.
+            # A wait for the next new change (cursor 0), or from a cursor stamped as this
+            # change (a coarse clock), cannot ask for it again: a retry would wait for the
+            # one after. The snapshot shows it if it stands.
             await self._resync(_u64(exc.reply.params[1]))
         elif exc.rc == VERR_INTERRUPTED:
             log.debug("property_wait_interrupted")

@@ -1264,6 +1264,30 @@ class TestWatchGaps:
         ]
         assert watch.resyncs == 1
 
+    async def test_an_overflow_stamped_as_the_cursor_is_not_skipped(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A change too large for the buffer, stamped as the watch's cursor (a coarse clock,
+        or one gone back), cannot be asked for again: the host would answer with the change
+        after it. The watch resyncs instead. (The retry waited for the next change.)"""
+        clock = _Clock()
+        got: list[PropertyChange] = []
+        service = GuestPropertyService(clock=clock, max_value_size=4096)
+        with trio.fail_after(3600):
+            async with _props_on(service) as (host, props):
+                clock.now += 10**9
+                host.prop_set("/Other/x", "1")  # the newest stamp: the watch's cursor
+                clock.now -= 1
+                host.prop_set("/Other/y", "1")
+                async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                    nursery.start_soon(_collect, watch, got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    clock.now += 1
+                    host.prop_set("/W/long", "L" * 2000)
+                    await _settle(2)
+                    nursery.cancel_scope.cancel()
+        assert _seen(got) == [("/W/long", "L" * 2000)]
+
 
 async def _collect(watch: PropertyWatch, got: list[PropertyChange]) -> None:
     while True:
