@@ -21,7 +21,7 @@ status's name.
 from __future__ import annotations
 
 import functools
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 
@@ -29,7 +29,7 @@ import structlog
 import trio
 
 from agent.protocol import RemoteProtocolError
-from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, Event
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from agent.device import Device
+    from agent.services.event_pump import EventPump, Subscription
     from agent.services.hgcm import HgcmChannel, HgcmParam, HgcmReply, HgcmValue
 
     _Caller = Callable[..., Awaitable[HgcmReply]]
@@ -215,11 +216,16 @@ class GuestProperties:
 
     @asynccontextmanager
     async def watch(
-        self, patterns: Sequence[str] = (), *, unseen_deletes: bool = True
+        self,
+        patterns: Sequence[str] = (),
+        *,
+        unseen_deletes: bool = True,
+        pump: EventPump | None = None,
     ) -> AsyncIterator[PropertyWatch]:
         """Follow the changes of matching properties; see :class:`PropertyWatch`."""
         raw = encode_patterns(patterns, nul_separated=False)
-        async with PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes) as watch:
+        watch = PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes, pump=pump)
+        async with watch:
             yield watch
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
@@ -301,11 +307,13 @@ class PropertyWatch:
       ``VWRN_NOT_FOUND`` only with a matching change: a wait whose place is gone *waits*
       for one (the new service instance's queue after a restore holds none of the
       changes before it, and Main's reload of the properties queues none), and the
-      protocol cannot tell that wait from one with nothing to report: until the next
-      matching change the watch does not see the gap. That holds after a restore and
-      after more than 256 changes of any names between two waits (eviction from the
-      host's queue, ``GUEST_PROP_MAX_GUEST_NOTIFICATIONS``), and for a change too large
-      for the buffer that was evicted before the retry;
+      protocol cannot tell that wait from one with nothing to report. Until the next
+      matching change the watch does not see the gap, unless it was given the event
+      ``pump``: a ``RESTORED`` event ends the wait and takes a snapshot at once. More
+      than 256 changes of any names between two waits (eviction from the host's queue,
+      ``GUEST_PROP_MAX_GUEST_NOTIFICATIONS``) send no event: that gap stays until the
+      next matching change, and so does a change too large for the buffer that was
+      evicted before the retry;
     - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``, also during a snapshot: the
       host no longer knows the client, which a running guest should not see): a new
       channel is connected, the old one closed, then as for missed changes.
@@ -324,12 +332,23 @@ class PropertyWatch:
     property's state when it answers, not when the change was made.
     """
 
-    def __init__(self, device: Device, patterns: bytes, *, unseen_deletes: bool = True) -> None:
+    def __init__(
+        self,
+        device: Device,
+        patterns: bytes,
+        *,
+        unseen_deletes: bool = True,
+        pump: EventPump | None = None,
+    ) -> None:
         self._device = device
         self._unseen_deletes = unseen_deletes
         self._patterns = patterns
+        self._pump = pump
         self._stack = AsyncExitStack()
         """The current channel's; closed (and replaced) when the host dropped the client."""
+        self._subscription = ExitStack()
+        self._restores: Subscription | None = None
+        """The pump's RESTORED events, from before the first snapshot on (None: no pump)."""
         self._channel: HgcmChannel
         self._cursor = 0
         """The timestamp of the change the next wait goes on from (0: the next new one)."""
@@ -350,11 +369,18 @@ class PropertyWatch:
         """Times the watch took a new snapshot because changes were missed."""
 
     async def __aenter__(self) -> Self:
-        await self._connect(self._stack)
+        if self._pump is not None:
+            subscription = self._pump.subscribe("property-watch", Event.RESTORED)
+            self._restores = self._subscription.enter_context(subscription)
         try:
-            await self._snapshot(first=True)
-        except BaseException as exc:
-            await self._stack.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._connect(self._stack)
+            try:
+                await self._snapshot(first=True)
+            except BaseException as exc:
+                await self._stack.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+        except BaseException:
+            self._subscription.close()
             raise
         return self
 
@@ -364,7 +390,10 @@ class PropertyWatch:
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
-        return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
+        try:
+            return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
+        finally:
+            self._subscription.close()
 
     def __aiter__(self) -> Self:
         return self
@@ -440,13 +469,13 @@ class PropertyWatch:
         await stack.aclose()
 
     async def _fetch(self) -> None:
-        if self._resync_due:  # a resync was cancelled
+        if self._restored() or self._resync_due:  # a restore, or a resync was cancelled
             await self._snapshot()
             return
         size = NOTIFICATION_BUFFER_SIZE
         for _ in range(SIZE_RETRIES):
             try:
-                reply = await self._call(size)
+                reply = await self._wait(size)
             except HgcmCallError as exc:
                 if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor not in {
                     0,
@@ -463,6 +492,9 @@ class PropertyWatch:
                         )
                         raise RemoteProtocolError(msg) from exc
                 await self._recover(exc)
+                return
+            if reply is None:  # a restore ended the wait
+                await self._snapshot()
                 return
             self._fruitless = 0
             change = _notification(reply)
@@ -508,6 +540,48 @@ class PropertyWatch:
         await self._snapshot()
         if cursor is not None:
             self._cursor, self._cursor_unproven = cursor, False
+
+    def _restored(self) -> bool:
+        """Take a RESTORED event that came meanwhile; True (and a resync due) if one did."""
+        if self._restores is None:
+            return False
+        try:
+            self._restores.receive_nowait()
+        except trio.WouldBlock:
+            return False
+        self._note_restore()
+        return True
+
+    def _note_restore(self) -> None:
+        log.info("property_watch_restored")
+        self._resync_due = True
+
+    async def _wait(self, size: int) -> HgcmReply | None:
+        """One wait (:meth:`_call`), ended by a RESTORED event: None if it ended so.
+
+        A reply that came with the event is returned, and the resync stays due: ``next()``
+        takes the snapshot before it yields anything.
+        """
+        restores = self._restores
+        if restores is None:
+            return await self._call(size)
+        reply: HgcmReply | None = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._end_wait_on_restore, restores, nursery.cancel_scope)
+            try:
+                reply = await self._call(size)
+            except Exception as exc:  # noqa: BLE001 - raised below, not in an exception group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return reply
+
+    async def _end_wait_on_restore(self, restores: Subscription, scope: trio.CancelScope) -> None:
+        await restores.receive()
+        self._note_restore()
+        scope.cancel()
 
     @property
     def channel(self) -> HgcmChannel:

@@ -42,6 +42,7 @@ from agent.protocol.status import (
     VINF_SUCCESS,
     status_name,
 )
+from agent.services.event_pump import EventPump
 from agent.services.guest_props import (
     FRUITLESS_WAITS,
     GuestProperties,
@@ -1206,6 +1207,36 @@ def _seen(got: list[PropertyChange]) -> list[tuple[str, str]]:
 
 
 class TestWatchGaps:
+    async def test_a_restore_is_reported_at_once_with_a_pump(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """With the event pump, the RESTORED event makes the watch resync at once: a change
+        queued before the restore, which the new service instance's queue lacks, is reported
+        without another change, in order, and once. (It came only after the next matching
+        change, and after it.)"""
+        got: list[PropertyChange] = []
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                await nursery.start(pump.run)
+                async with (
+                    open_guest_properties(device) as props,
+                    props.watch(["/W/*"], pump=pump) as watch,
+                ):
+                    nursery.start_soon(_collect, watch, got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.prop_set("/W/a", "1")  # completes the pending wait
+                    host.prop_set("/W/b", "2")  # queued, not yet asked for
+                    host.restore()  # a new instance: its queue is empty
+                    await _settle(3)
+                    assert _seen(got) == [("/W/a", "1"), ("/W/b", "2")]
+                    assert watch.resyncs == 1
+                    host.prop_set("/W/z", "later")
+                    await _settle(2)
+                nursery.cancel_scope.cancel()
+        assert _seen(got) == [("/W/a", "1"), ("/W/b", "2"), ("/W/z", "later")]
+        assert [change.timestamp for change in got] == sorted(change.timestamp for change in got)
+
     @pytest.mark.parametrize("gap", ["restore", "eviction"])
     async def test_missed_changes_come_before_the_change_that_shows_them(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties, gap: str
