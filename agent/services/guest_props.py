@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 
 import structlog
@@ -55,6 +54,7 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
     status_name,
 )
+from agent.records import record
 from agent.services.hgcm import (
     HgcmBufferIn,
     HgcmBufferOut,
@@ -111,7 +111,7 @@ _GET_PROP: Final = int(GuestFunction.GET_PROP)
 hot path of every get cost as much as encoding one of its parameters."""
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class Property:
     """A property as the host holds it; ``timestamp`` is the host's ns of its last change
     (from a clock that may go back: not an order)."""
@@ -133,7 +133,7 @@ class Property:
 _SET_PROPERTY: Final = slot_setters(Property, "name", "value", "flags", "timestamp")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PropertyChange:
     """One change: a set (``deleted`` False, with the new value and flags) or a delete."""
 
