@@ -9,7 +9,8 @@ and the methods ``dataclasses`` generated for it, without what the modules it im
 themselves. The totals follow, by origin (the agent, the standard library, other packages),
 with the number of classes the agent defines by kind (on Python 3.11 a frozen slotted
 dataclass of three fields keeps about 13 KiB: its six generated methods and its class; a
-record, ``agent.records.record``, which generates only ``__init__``, about 5 KiB).
+record, ``agent.records.record``, which generates only ``__init__``, about 5 KiB: the figures
+of ``agent/records.py``).
 The first model's own cost (pydantic's schema machinery and plugin lookup) is measured
 separately, the same way. tracemalloc sees Python's allocations, not pydantic-core's, nor
 the pages of shared libraries the process touches, nor what the daemon imports once it
@@ -96,6 +97,8 @@ start = tracemalloc.get_traced_memory()[0]
 run_path = tracemalloc.get_traced_memory()[0] - start
 tracemalloc.stop()
 
+from agent.records import is_record
+
 stdlib = sysconfig.get_paths()["stdlib"]
 
 
@@ -112,7 +115,7 @@ for name, module in list(sys.modules.items()):
         continue
     for value in vars(module).values():
         if isinstance(value, type) and value.__module__ == name:
-            if hasattr(value, "_record_repr"):
+            if is_record(value):
                 kind = "records"
             elif dataclasses.is_dataclass(value):
                 frozen = value.__dataclass_params__.frozen

@@ -25,7 +25,10 @@ BALLOON_MAX_NUMERATOR: Final = 9
 BALLOON_MAX_DENOMINATOR: Final = 10
 """``VMMDEV_MAX_MEMORY_BALLOON``: the balloon may not reach 9/10 of guest RAM."""
 HANDY_PAGES: Final = 128
-"""``PGM_HANDY_PAGES``: what GMM reserves for a VM beyond its memory (``MMR3InitPaging``)."""
+"""``PGM_HANDY_PAGES``: the pages PGM keeps allocated ahead from GMM's base account for the
+guest's next page faults, which GMM's reservation for the VM adds to its RAM
+(``MMR3ReserveHandyPages``, ``MMR3InitPaging``) and its allocated pages count
+(``GMMR0AllocateHandyPages``): the model takes the set as full, as PGM refills it."""
 _FIRST: Final = struct.Struct("<Q")
 """The first page's address of a packed chunk."""
 _PAGE_BITS: Final = every_page(~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -66,10 +69,19 @@ class HostBalloon:
     VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH when the VM's allocated pages, its count and the 256
     would exceed its reservation, a deflate with VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH when
     the count is below 256. A failure leaves the count as it was, the page states changed.
-    The model takes every page not ballooned as allocated (a guest that has touched all its
-    memory) and the reservation as guest RAM plus :data:`HANDY_PAGES`, so GMM refuses an
-    inflate that would count more than 128 pages beyond those ballooned: inflating a chunk
-    twice is refused the second time, one half of whose pages are ballooned already is not.
+    GMM's reservation for the VM's base memory is its RAM plus PGM's :data:`HANDY_PAGES`
+    (``MMR3InitPaging``, ``MMR3ReserveHandyPages``), and its allocated pages are the RAM
+    pages the guest touched (a ballooned page is freed) plus the handy pages PGM holds: PGM
+    takes those from GMM too (``GMMR0AllocateHandyPages``), refilling the set to all 128 once
+    it is down to 32. How many it holds at a given moment depends on the guest's page faults,
+    which the model does not have (nor ROM pages, taken from the same account), so it takes
+    the set as full: no spare page, the least GMM allows, as every
+    allocation checks the same bound (allocated and counted within the reservation). With
+    every page not ballooned taken as allocated (a guest that has touched all its memory),
+    GMM refuses an inflate that would count more pages than are ballooned: inflating a chunk
+    twice is refused the second time, and so is a chunk of which one page is ballooned
+    already, or that names a page twice; a real host with handy pages in use would count
+    such a chunk while it has the spare pages.
 
     With more than one vCPU (``cpus``) the host queues the change (``VMR3ReqCallNoWait``)
     and answers the guest success before it runs: a failure then reaches only the host's log
@@ -220,8 +232,9 @@ class HostBalloon:
         """GMM's check and count of one chunk's pages (``GMMR0BalloonedPages``)."""
         if inflate:
             ram_pages = self.ram_mb * BALLOON_CHUNK_PAGES
-            allocated = max(ram_pages - self.pages, 0)
-            if allocated + self.counted_pages + BALLOON_CHUNK_PAGES > ram_pages + HANDY_PAGES:
+            reserved = ram_pages + HANDY_PAGES
+            allocated = max(ram_pages - self.pages, 0) + HANDY_PAGES
+            if allocated + self.counted_pages + BALLOON_CHUNK_PAGES > reserved:
                 return VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
             self.counted_pages += BALLOON_CHUNK_PAGES
         else:

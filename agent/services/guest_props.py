@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 
 import structlog
@@ -55,6 +54,7 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
     status_name,
 )
+from agent.records import record
 from agent.services.hgcm import (
     HgcmBufferIn,
     HgcmBufferOut,
@@ -110,7 +110,7 @@ _GET_PROP: Final = int(GuestFunction.GET_PROP)
 hot path of every get cost as much as encoding one of its parameters."""
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@record(init=False)
 class Property:
     """A property as the host holds it; ``timestamp`` is the host's ns of its last change
     (from a clock that may go back: not an order)."""
@@ -132,7 +132,7 @@ class Property:
 _SET_PROPERTY: Final = slot_setters(Property, "name", "value", "flags", "timestamp")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PropertyChange:
     """One change: a set (``deleted`` False, with the new value and flags) or a delete."""
 
@@ -230,8 +230,8 @@ class GuestProperties:
         else:
             await self._wait_for_slot()
         try:
-            return await self._channel.call(
-                function, *params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
+            return await self._channel.call_with(
+                function, params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
             )
         finally:
             # The slot goes to the first caller waiting, if any, else back to the free ones.
@@ -675,7 +675,7 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
         raise TypeError(msg)
     # Decoded at once: a NUL is never part of a UTF-8 sequence, so each string decodes as
     # it would on its own.
-    parts = data.data[: size.value].decode(errors="replace").split("\0", count)
+    parts = data.data[: size.value].decode("utf-8", "replace").split("\0", count)
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)

@@ -41,9 +41,9 @@ class SetModel:
         chosen = {a // PAGE_SIZE for a in addresses}
         if inflate:
             self.frames |= chosen
-            allocated = RAM_MB * BALLOON_CHUNK_PAGES - len(self.frames)
-            limit = RAM_MB * BALLOON_CHUNK_PAGES + HANDY_PAGES
-            if allocated + self.counted + BALLOON_CHUNK_PAGES > limit:
+            allocated = RAM_MB * BALLOON_CHUNK_PAGES - len(self.frames) + HANDY_PAGES
+            reserved = RAM_MB * BALLOON_CHUNK_PAGES + HANDY_PAGES
+            if allocated + self.counted + BALLOON_CHUNK_PAGES > reserved:
                 return VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
             self.counted += BALLOON_CHUNK_PAGES
         else:
@@ -126,9 +126,11 @@ class TestWhatARealHostLetsThrough:
 
     @pytest.mark.parametrize("cpus", [1, 2])
     def test_a_chunk_inflated_twice_is_counted_once_more_than_its_pages(self, cpus: int) -> None:
-        """The second inflate of a chunk marks nothing new; GMM refuses to count it (its
-        256 pages would pass the reservation's 128 spare pages), which one vCPU answers and
-        several only log. Half a chunk again is counted: 128 pages over."""
+        """The second inflate of a chunk marks nothing new; GMM refuses to count it, which
+        one vCPU answers and several only log: its reservation adds PGM's 128 handy pages to
+        RAM, but they are allocated (a full set), so a guest that touched all its memory has
+        no spare page. Half a chunk again is refused too, the 128 new pages ballooned
+        uncounted; a fresh chunk then is counted."""
         balloon = HostBalloon(RAM_MB, cpus=cpus)
         chunk = consecutive_pages(BASE)
         assert balloon.change(True, chunk) == VINF_SUCCESS
@@ -141,8 +143,11 @@ class TestWhatARealHostLetsThrough:
         assert (balloon.pages, balloon.counted_pages) == (256, 256)
         half_over = [*CHUNK_PAGES.unpack(consecutive_pages(BASE + MIB))][:128]
         half_over += CHUNK_PAGES.unpack(chunk)[:128]
-        assert balloon.change(True, CHUNK_PAGES.pack(*half_over)) == VINF_SUCCESS
-        assert (balloon.pages, balloon.counted_pages) == (384, 512)
+        refused = balloon.change(True, CHUNK_PAGES.pack(*half_over))
+        assert refused == (VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH if cpus == 1 else VINF_SUCCESS)
+        assert (balloon.pages, balloon.counted_pages) == (384, 256)
+        assert balloon.change(True, consecutive_pages(BASE + 2 * MIB)) == VINF_SUCCESS
+        assert (balloon.pages, balloon.counted_pages) == (640, 512)
 
     @pytest.mark.parametrize("cpus", [1, 2])
     def test_a_chunk_never_inflated_is_deflated_from_the_count(self, cpus: int) -> None:
@@ -163,15 +168,17 @@ class TestWhatARealHostLetsThrough:
     @pytest.mark.parametrize("cpus", [1, 2])
     def test_only_the_first_page_must_be_aligned(self, cpus: int) -> None:
         """An unaligned first page is refused whatever the vCPUs (before the work is
-        queued); any other page names the page it falls in, and a page named twice is one."""
+        queued); any other page names the page it falls in, and a page named twice is one:
+        255 pages ballooned, which GMM refuses to count as 256 (no spare page)."""
         balloon = HostBalloon(RAM_MB, cpus=cpus)
         pages = [*CHUNK_PAGES.unpack(consecutive_pages(BASE))]
         unaligned = [pages[0] + 8, *pages[1:]]
         assert balloon.change(True, CHUNK_PAGES.pack(*unaligned)) == VERR_INVALID_PARAMETER
         assert (balloon.pages, balloon.counted_pages) == (0, 0)
         odd = [*pages[:-2], pages[-2] + 0x800, pages[0]]
-        assert balloon.change(True, CHUNK_PAGES.pack(*odd)) == VINF_SUCCESS
-        assert (balloon.pages, balloon.counted_pages) == (255, 256)
+        refused = balloon.change(True, CHUNK_PAGES.pack(*odd))
+        assert refused == (VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH if cpus == 1 else VINF_SUCCESS)
+        assert (balloon.pages, balloon.counted_pages) == (255, 0)
 
     def test_reset_empties_both(self) -> None:
         """A VM reset frees every page and resets GMM's count (``pgmR3PhysRamReset``)."""

@@ -648,27 +648,33 @@ class TestBalloon:
         assert again == (VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH if seen else VINF_SUCCESS)
         assert (balloon.chunks, balloon.pages) == (0, 0)
 
-    def test_page_states_and_count_part(self, device: Device) -> None:
-        """A chunk sharing one page with a ballooned one is counted whole though it adds
-        255 pages; a deflate naming one page never ballooned is counted whole too, leaving
-        that page's neighbour ballooned and counted as nothing."""
+    def test_page_states_and_count_part(self) -> None:
+        """A chunk sharing one page with a ballooned one adds 255 pages, and GMM refuses to
+        count 256 (a guest that touched all its memory leaves it no spare page), its pages
+        ballooned all the same; a deflate naming one page never ballooned is counted whole,
+        leaving that page's neighbour ballooned and counted as nothing (one vCPU, which sees
+        the statuses)."""
+        device = make_device(cpus=1)
         device.report_additions()
         balloon = device.vmmdev.balloon
         first = chunk(0x1000_0000)
         assert device.send(balloon_change(first)) == VINF_SUCCESS
         overlapping = [*chunk(0x3000_0000)[:-1], first[100]]
-        assert device.send(balloon_change(overlapping)) == VINF_SUCCESS
-        assert (balloon.chunks, balloon.pages) == (2, 511)
+        assert device.send(balloon_change(overlapping)) == VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
+        assert (balloon.chunks, balloon.pages) == (1, 511)
         straddling = [*first[:-1], 0x5000_0000]
         assert device.send(balloon_change(straddling, inflate=False)) == VINF_SUCCESS
-        assert (balloon.chunks, balloon.pages) == (1, 256)
-        assert device.send(balloon_change(overlapping, inflate=False)) == VINF_SUCCESS
+        assert (balloon.chunks, balloon.pages) == (0, 256)
+        refused = device.send(balloon_change(overlapping, inflate=False))
+        assert refused == VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH
         assert (balloon.chunks, balloon.pages) == (0, 1)
 
-    def test_bad_chunks(self, device: Device) -> None:
+    def test_bad_chunks(self) -> None:
         """A wrong page count or size, or a first page off its page boundary, is an invalid
         parameter; later pages off theirs name the page they fall in, and a page named
-        twice is ballooned once (``PGMR3PhysChangeMemBalloon`` checks the first only)."""
+        twice is ballooned once (``PGMR3PhysChangeMemBalloon`` checks the first only), which
+        leaves GMM 255 pages to count 256 by: refused, the pages ballooned all the same."""
+        device = make_device(cpus=1)
         device.report_additions()
         balloon = device.vmmdev.balloon
         pages = chunk(0x2000_0000)
@@ -684,8 +690,8 @@ class TestBalloon:
         assert device.send(short) == VERR_INVALID_PARAMETER
         assert (balloon.chunks, balloon.pages) == (0, 0)
         loose = [*pages[:128], pages[128] + 1, *pages[129:255], pages[0]]
-        assert device.send(balloon_change(loose)) == VINF_SUCCESS
-        assert (balloon.chunks, balloon.pages) == (1, 255)
+        assert device.send(balloon_change(loose)) == VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
+        assert (balloon.chunks, balloon.pages) == (0, 255)
 
 
 class TestGuestStats:

@@ -12,7 +12,11 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from agent.protocol import VBoxStatusError
-from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_NO_MEMORY
+from agent.protocol.status import (
+    VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH,
+    VERR_INVALID_PARAMETER,
+    VERR_NO_MEMORY,
+)
 from agent.services.balloon._backoff import Backoff
 from agent.services.balloon._chunks import ChunkError
 from agent.services.balloon._handover import HostTarget
@@ -337,4 +341,89 @@ async def test_the_driver_may_hold_none_only_while_every_chunk_is_unconfirmed(
         assert len(walker.held) == block_at
         assert kept == await walker.drain()
     assert (handover.empty, len(walker.held)) == ([empty], kept)
+    assert _mapped_is_held(walker, allocator)
+
+
+class BallooningRefusals(BlockingHandover):
+    """Every inflate is refused after the host marked its pages ballooned (GMM's
+    VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH) and every deflate with VERR_NO_MEMORY; the call
+    named ``block_in`` ("deflate" or "not_held") of the ``block_at``-th deflate sleeps until
+    cancelled."""
+
+    def __init__(self, block_in: str, block_at: int = 1) -> None:
+        super().__init__(0)
+        self.block_in = block_in
+        self.block_at = block_at
+        self.deflates = 0
+
+    async def _maybe_block(self, call: str) -> None:
+        if call == self.block_in and self.deflates == self.block_at:
+            self.blocked.set()
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk
+        submission.issued = True
+        await trio.lowlevel.checkpoint()
+        raise VBoxStatusError(VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH, "VMMDEVREQ_CHANGE_MEMBALLOON")
+
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk
+        self.deflates += 1
+        submission.issued = True
+        await self._maybe_block("deflate")
+        raise VBoxStatusError(VERR_NO_MEMORY, "VMMDEVREQ_CHANGE_MEMBALLOON")
+
+    def refusal_ballooned(self, rc: int) -> bool:
+        return rc == VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
+
+    async def not_held(
+        self, chunk: Chunk, rc: int, *, unconfirmed: bool, balloon_empty: bool
+    ) -> bool:
+        del chunk, rc, unconfirmed, balloon_empty
+        await self._maybe_block("not_held")
+        return False
+
+
+@pytest.mark.parametrize("block_in", ["deflate", "not_held"])
+async def test_a_refused_inflate_cancelled_while_taken_back_stays_held_and_mapped(
+    block_in: str,
+) -> None:
+    """An inflate refused with its pages left ballooned is deflated before its chunk is
+    unmapped; cancelled anywhere in that deflate (the handover's ``not_held`` included), the
+    chunk is held, unconfirmed and still mapped, never given to the kernel with its pages
+    ballooned."""
+    allocator = TrackingAllocator()
+    handover = BallooningRefusals(block_in)
+    walker = _walker(handover, allocator)
+    walker.set_target(HostTarget(chunks=1, max_chunks=None))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            await handover.blocked.wait()
+            nursery.cancel_scope.cancel()
+    assert len(walker.held) == 1
+    assert walker.unconfirmed == {walker.held[0].address}
+    assert _mapped_is_held(walker, allocator)
+
+
+async def test_a_deflate_cancelled_while_its_refusal_is_read_keeps_the_chunk() -> None:
+    """A refused deflate whose ``not_held`` is cancelled keeps its chunk held and mapped (the
+    next deflate asks again)."""
+    allocator = TrackingAllocator()
+    handover = BallooningRefusals("not_held", block_at=2)
+    walker = _walker(handover, allocator)
+    walker.set_target(HostTarget(chunks=1, max_chunks=None))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            await trio.testing.wait_all_tasks_blocked()  # the refused chunk held, unconfirmed
+            assert len(walker.held) == 1
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.drain)
+            await handover.blocked.wait()
+            nursery.cancel_scope.cancel()
+    assert len(walker.held) == 1
     assert _mapped_is_held(walker, allocator)

@@ -331,18 +331,25 @@ class ChunkWalker:
         the two closer. A deflate that fails otherwise, or is cancelled, leaves the pages
         ballooned as far as the agent can tell: the chunk is held, unconfirmed, and given
         back like any other, never unmapped before.
+
+        The chunk is held unless the host is known to have given it back: held in a
+        ``finally``, so that no exit (a failure, or a cancellation at any await, the
+        handover's ``not_held`` included) leaves it in ``ready`` to be unmapped.
         """
         chunk = ready[-1]
+        back = False
         try:
-            await self.handover.deflate(chunk, Submission())
-        except VBoxStatusError as exc:
-            if not await self.handover.not_held(
-                chunk, exc.rc, unconfirmed=True, balloon_empty=False
-            ):
+            try:
+                await self.handover.deflate(chunk, Submission())
+            except VBoxStatusError as exc:
+                back = await self.handover.not_held(
+                    chunk, exc.rc, unconfirmed=True, balloon_empty=False
+                )
+            else:
+                back = True
+        finally:
+            if not back:
                 self._hold_unconfirmed(ready)
-        except BaseException:
-            self._hold_unconfirmed(ready)
-            raise
 
     def _allocate(self, count: int) -> tuple[list[Chunk], str | None]:
         """Map and lock up to ``count`` chunks (at most a group), each after the floor check;
