@@ -12,8 +12,10 @@ at plain SCHED_OTHER nice 0, and beside each agent a bare Python process with th
 scheduling sleeping to the same absolute deadlines, whose wake-up lateness is the floor this
 machine allows. The host stands for the hypervisor, which guest load never delays: it runs
 above the agent (one real-time priority higher, or nice -10 beside a non-real-time agent)
-where allowed. Each agent is measured idle, then with one busy-looping process per CPU,
-each in a session of its own like a user's job. Even idle, the agent wakes up to 1 ms late:
+where allowed; the bench holds the machine's real-time slot (``testbed.unit_scheduling``),
+so other runs' real-time processes do not take the CPU from it. Each agent is measured idle,
+then with one busy-looping process per CPU, each in a session of its own like a user's job.
+Even idle, the agent wakes up to 1 ms late:
 trio waits in ``epoll``, whose timeout Python rounds up to whole milliseconds, while the
 baseline's ``time.sleep`` has nanosecond resolution.
 
@@ -49,6 +51,7 @@ from testbed.unit_scheduling import (
     UNIT,
     Scheduling,
     host_scheduling,
+    realtime_slot,
     unit_scheduling,
 )
 
@@ -250,7 +253,8 @@ def main() -> None:
         f"{UNIT.name} asks for {unit.describe()}"
     )
     try:
-        trio.run(heartbeat_phases, args.seconds, unit)
+        with realtime_slot():
+            trio.run(heartbeat_phases, args.seconds, unit)
     except* PermissionError:
         sys.exit(
             f"bench/heartbeat.py: giving the agent {unit.describe()} needs CAP_SYS_NICE"

@@ -11,14 +11,28 @@ thread (it starts none before its event loop runs).
 
 The simulated host stands for the hypervisor, which guest load never delays:
 :func:`host_scheduling` puts it above the agent, so what the host measures is the agent.
+
+The unit's real-time priority puts the agent ahead of every SCHED_OTHER task, not ahead of
+other real-time ones: an agent starting at the same priority (half a second of imports) or a
+host one above it takes the CPU from the agent being measured, and its beats come tens of ms
+late. Whoever runs processes at these priorities to time them (the end-to-end heartbeat
+tests, ``bench/heartbeat.py``) holds :func:`realtime_slot` while they run, so suites run side
+by side on one machine take turns instead of measuring each other.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 UNIT: Final = Path(__file__).parents[1] / "systemd" / "vbox-agent.service"
 POLICIES: Final = {
@@ -32,6 +46,12 @@ POLICIES: Final = {
 REALTIME: Final = frozenset({"fifo", "rr"})
 SCHED_RESET_ON_FORK: Final = 0x4000_0000
 """The flag ORed into the policy by ``CPUSchedulingResetOnFork=yes`` (``<sched.h>``)."""
+REALTIME_LOCK: Final = Path(tempfile.gettempdir()) / "vbox-agent-realtime.lock"
+"""The lock file of :func:`realtime_slot`, one per machine (every worktree's suite uses it)."""
+REALTIME_SLOT_WAIT_S: Final = 600.0
+"""How long :func:`realtime_slot` waits for the slot: a few other suites' heartbeat tests."""
+REALTIME_SLOT_POLL_S: Final = 0.05
+"""How often :func:`realtime_slot` tries the lock while another run holds it."""
 HOST_NICE: Final = -10
 """The host's nice when the agent is not real-time (a nice above any the unit may give)."""
 BOOLEANS: Final = dict.fromkeys(("yes", "true", "on", "1"), True) | dict.fromkeys(
@@ -130,3 +150,30 @@ def _threads(pid: int) -> list[int]:
     """The thread ids of ``pid`` (0: the calling process)."""
     task = Path(f"/proc/{pid or 'self'}/task")
     return [int(entry.name) for entry in task.iterdir()]
+
+
+@contextmanager
+def realtime_slot(
+    lock: Path = REALTIME_LOCK, wait_s: float = REALTIME_SLOT_WAIT_S
+) -> Iterator[None]:
+    """Hold the machine's one slot for timing real-time processes (an exclusive ``flock`` on
+    ``lock``, released on exit, or by the kernel when the holder dies).
+
+    Raises:
+        TimeoutError: another holder kept the slot for ``wait_s``.
+    """
+    deadline = time.monotonic() + wait_s
+    with lock.open("a") as file:
+        while True:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    msg = f"{lock}: another run held the real-time slot for {wait_s:g} s"
+                    raise TimeoutError(msg) from None
+                time.sleep(REALTIME_SLOT_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)

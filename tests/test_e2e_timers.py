@@ -11,6 +11,11 @@ Rules of this test module:
   its own and the unit's CPU scheduling, read from the unit (``testbed.unit_scheduling``;
   setting a real-time policy needs root, as CI runs). The host stands for the hypervisor,
   which guest load never delays, so it runs above the agent: what it measures is the agent.
+- The priorities put both ahead of every SCHED_OTHER task, not ahead of other real-time ones,
+  so each test holds the machine's real-time slot (``testbed.unit_scheduling.realtime_slot``,
+  an autouse fixture set up before any other): the suites of other worktrees running this
+  module at the same time (an agent starting at the same priority, a host one above it)
+  take turns with it instead of making its beats late.
 - While every CPU is busy: one looping process per CPU, each in a session of its own like a
   user's job, alive for at most ``LOOPER_LIFETIME_S`` and killed in teardown; the test
   starts measuring once each has said it spins, and checks they still spin at the end.
@@ -34,7 +39,7 @@ import pytest
 import trio
 
 from agent.host.control import call_control
-from testbed.unit_scheduling import host_scheduling, unit_scheduling
+from testbed.unit_scheduling import host_scheduling, realtime_slot, unit_scheduling
 from tests.cli_support import Simulator
 
 if TYPE_CHECKING:
@@ -158,6 +163,12 @@ class Processes:
                 self.agent.kill()
             self.agent.wait(timeout=WAIT_S)
         self.host.kill()
+
+
+@pytest.fixture(autouse=True)
+def _realtime_slot() -> Iterator[None]:
+    with realtime_slot():
+        yield
 
 
 @pytest.fixture(name="workdir")

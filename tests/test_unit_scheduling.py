@@ -13,6 +13,7 @@ from testbed.unit_scheduling import (
     PLAIN,
     Scheduling,
     host_scheduling,
+    realtime_slot,
     unit_scheduling,
 )
 
@@ -90,3 +91,51 @@ def test_apply_to_a_process() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=10)
+
+
+HOLD_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a") as file:
+    fcntl.flock(file, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+class TestRealtimeSlot:
+    """One run at a time times real-time processes on a machine."""
+
+    def test_taken_while_another_holds_it(self, tmp_path: Path) -> None:
+        """A second holder waits ``wait_s`` and says whose slot it could not take; once the
+        first gives it back, it is free at once."""
+        lock = tmp_path / "rt.lock"
+        with (
+            realtime_slot(lock),
+            pytest.raises(TimeoutError, match=f"^{lock}: another run"),
+            realtime_slot(lock, wait_s=0),
+        ):
+            pass
+        with realtime_slot(lock, wait_s=0):
+            pass
+
+    def test_a_holder_that_dies_gives_it_back(self, tmp_path: Path) -> None:
+        """The kernel releases the lock of a process that ends (a killed test run)."""
+        lock = tmp_path / "rt.lock"
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(lock)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"held\n"
+            with pytest.raises(TimeoutError), realtime_slot(lock, wait_s=0):
+                pass
+        finally:
+            child.kill()
+            child.wait(timeout=10)
+            for pipe in (child.stdin, child.stdout):
+                if pipe is not None:
+                    pipe.close()
+        with realtime_slot(lock, wait_s=0):
+            pass

@@ -21,14 +21,14 @@ status's name.
 from __future__ import annotations
 
 import functools
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 
 import structlog
 import trio
 
 from agent.protocol import RemoteProtocolError
-from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS
+from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, Event
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from agent.device import Device
+    from agent.services.event_pump import EventPump, Subscription
     from agent.services.hgcm import HgcmChannel, HgcmParam, HgcmReply, HgcmValue
 
     _Caller = Callable[..., Awaitable[HgcmReply]]
@@ -215,11 +216,16 @@ class GuestProperties:
 
     @asynccontextmanager
     async def watch(
-        self, patterns: Sequence[str] = (), *, unseen_deletes: bool = True
+        self,
+        patterns: Sequence[str] = (),
+        *,
+        unseen_deletes: bool = True,
+        pump: EventPump | None = None,
     ) -> AsyncIterator[PropertyWatch]:
         """Follow the changes of matching properties; see :class:`PropertyWatch`."""
         raw = encode_patterns(patterns, nul_separated=False)
-        async with PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes) as watch:
+        watch = PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes, pump=pump)
+        async with watch:
             yield watch
 
     async def _short_call(self, function: GuestFunction, *params: HgcmParam) -> HgcmReply:
@@ -249,11 +255,14 @@ class GuestProperties:
 
 @final
 class PropertyWatch:
-    """The changes of the properties matching some patterns, oldest first, without gaps.
+    """The changes of the properties matching some patterns, oldest first.
 
     ``async for change in watch`` (or :meth:`next`, from one task at a time) yields each
     change once, as the host queued it: a set to the value a property already has is a
-    change too (a host poking a trigger property).
+    change too (a host poking a trigger property). The stream has no gap while the host's
+    queue holds the watch's place; where it does not (below), what the watch missed is
+    yielded as a snapshot's differences, which keep only the last value of each property
+    and cannot show a poke.
 
     The watch opens from a snapshot: a listing of every property, whose newest timestamp
     is the watch's place in the host's queue of changes (the *cursor*: it goes on after
@@ -283,7 +292,8 @@ class PropertyWatch:
     It keeps following across what would otherwise lose changes:
 
     - a change too large for the buffer (``VERR_BUFFER_OVERFLOW``): asked again with the
-      size the host reported;
+      size the host reported; one stamped as the watch's place (a coarse clock), which
+      the host would skip when asked again, is shown by a snapshot instead;
     - the host completing the wait early (``VERR_INTERRUPTED``: an identical wait of the
       same client, or the client's disconnect at the host): asked again;
     - missed changes (``VWRN_NOT_FOUND``: the host no longer knows the place the watch
@@ -291,7 +301,19 @@ class PropertyWatch:
       came (the oldest the host holds, or the first new one if the wait waited) is judged
       as any other, then a new snapshot is the truth: a set for each matching property
       that differs from what the watch knows, a delete for each it knows that is gone,
-      and new marks;
+      and new marks. They are yielded with that change by timestamp (the deletes, which
+      have none, last), so the stream's stamps rise unless the host's clock went back; a
+      change stamped after the snapshot's set of its name is dropped. The host answers
+      ``VWRN_NOT_FOUND`` only with a matching change: a wait whose place is gone *waits*
+      for one (the new service instance's queue after a restore holds none of the
+      changes before it, and Main's reload of the properties queues none), and the
+      protocol cannot tell that wait from one with nothing to report. Until the next
+      matching change the watch does not see the gap, unless it was given the event
+      ``pump``: a ``RESTORED`` event ends the wait and takes a snapshot at once. More
+      than 256 changes of any names between two waits (eviction from the host's queue,
+      ``GUEST_PROP_MAX_GUEST_NOTIFICATIONS``) send no event: that gap stays until the
+      next matching change, and so does a change too large for the buffer that was
+      evicted before the retry;
     - the client vanishing (``VERR_HGCM_INVALID_CLIENT_ID``, also during a snapshot: the
       host no longer knows the client, which a running guest should not see): a new
       channel is connected, the old one closed, then as for missed changes.
@@ -310,12 +332,23 @@ class PropertyWatch:
     property's state when it answers, not when the change was made.
     """
 
-    def __init__(self, device: Device, patterns: bytes, *, unseen_deletes: bool = True) -> None:
+    def __init__(
+        self,
+        device: Device,
+        patterns: bytes,
+        *,
+        unseen_deletes: bool = True,
+        pump: EventPump | None = None,
+    ) -> None:
         self._device = device
         self._unseen_deletes = unseen_deletes
         self._patterns = patterns
+        self._pump = pump
         self._stack = AsyncExitStack()
         """The current channel's; closed (and replaced) when the host dropped the client."""
+        self._subscription = ExitStack()
+        self._restores: Subscription | None = None
+        """The pump's RESTORED events, from before the first snapshot on (None: no pump)."""
         self._channel: HgcmChannel
         self._cursor = 0
         """The timestamp of the change the next wait goes on from (0: the next new one)."""
@@ -336,11 +369,18 @@ class PropertyWatch:
         """Times the watch took a new snapshot because changes were missed."""
 
     async def __aenter__(self) -> Self:
-        await self._connect(self._stack)
+        if self._pump is not None:
+            subscription = self._pump.subscribe("property-watch", Event.RESTORED)
+            self._restores = self._subscription.enter_context(subscription)
         try:
-            await self._snapshot(first=True)
-        except BaseException as exc:
-            await self._stack.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._connect(self._stack)
+            try:
+                await self._snapshot(first=True)
+            except BaseException as exc:
+                await self._stack.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+        except BaseException:
+            self._subscription.close()
             raise
         return self
 
@@ -350,7 +390,10 @@ class PropertyWatch:
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
-        return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
+        try:
+            return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
+        finally:
+            self._subscription.close()
 
     def __aiter__(self) -> Self:
         return self
@@ -373,7 +416,7 @@ class PropertyWatch:
             raise trio.BusyResourceError(msg)
         self._reading = True
         try:
-            while not self._backlog:
+            while self._resync_due or not self._backlog:
                 await self._fetch()
             self._fruitless = 0
             return self._backlog.pop(0)
@@ -426,15 +469,18 @@ class PropertyWatch:
         await stack.aclose()
 
     async def _fetch(self) -> None:
-        if self._resync_due:  # a resync was cancelled
+        if self._restored() or self._resync_due:  # a restore, or a resync was cancelled
             await self._snapshot()
             return
         size = NOTIFICATION_BUFFER_SIZE
         for _ in range(SIZE_RETRIES):
             try:
-                reply = await self._call(size)
+                reply = await self._wait(size)
             except HgcmCallError as exc:
-                if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor != 0:
+                if exc.rc == VERR_BUFFER_OVERFLOW and self._cursor not in {
+                    0,
+                    _u64(exc.reply.params[1]),
+                }:
                     size = _needed_size(exc, 3)
                     continue
                 if exc.rc in _WAIT_ENDINGS:
@@ -447,6 +493,9 @@ class PropertyWatch:
                         raise RemoteProtocolError(msg) from exc
                 await self._recover(exc)
                 return
+            if reply is None:  # a restore ended the wait
+                await self._snapshot()
+                return
             self._fruitless = 0
             change = _notification(reply)
             unproven = self._cursor_unproven
@@ -455,9 +504,10 @@ class PropertyWatch:
             if reply.status == VWRN_NOT_FOUND:
                 # The host did not know the place: it answered with the oldest change it
                 # holds (or the first after a restore). A snapshot, taken after it, shows
-                # what stands. If the place was a snapshot's (its property predates the
-                # queue, or the clock went back), go on from this change, which the queue
-                # holds; the marks skip what the snapshot showed.
+                # what stands; its differences and this change are yielded by timestamp.
+                # If the place was a snapshot's (its property predates the queue, or the
+                # clock went back), go on from this change, which the queue holds; the
+                # marks skip what the snapshot showed.
                 await self._resync(change.timestamp if unproven else None)
             return
         _still_too_small(GuestFunction.GET_NOTIFICATION)
@@ -465,8 +515,9 @@ class PropertyWatch:
     async def _recover(self, exc: HgcmCallError) -> None:
         """Continue after a failed wait, or re-raise what cannot be recovered from."""
         if exc.rc == VERR_BUFFER_OVERFLOW:
-            # A wait for the next new change (cursor 0) cannot ask for that change again:
-            # a retry would wait for the one after. The snapshot shows it if it stands.
+            # A wait for the next new change (cursor 0), or from a cursor stamped as this
+            # change (a coarse clock), cannot ask for it again: a retry would wait for the
+            # one after. The snapshot shows it if it stands.
             await self._resync(_u64(exc.reply.params[1]))
         elif exc.rc == VERR_INTERRUPTED:
             log.debug("property_wait_interrupted")
@@ -489,6 +540,48 @@ class PropertyWatch:
         await self._snapshot()
         if cursor is not None:
             self._cursor, self._cursor_unproven = cursor, False
+
+    def _restored(self) -> bool:
+        """Take a RESTORED event that came meanwhile; True (and a resync due) if one did."""
+        if self._restores is None:
+            return False
+        try:
+            self._restores.receive_nowait()
+        except trio.WouldBlock:
+            return False
+        self._note_restore()
+        return True
+
+    def _note_restore(self) -> None:
+        log.info("property_watch_restored")
+        self._resync_due = True
+
+    async def _wait(self, size: int) -> HgcmReply | None:
+        """One wait (:meth:`_call`), ended by a RESTORED event: None if it ended so.
+
+        A reply that came with the event is returned, and the resync stays due: ``next()``
+        takes the snapshot before it yields anything.
+        """
+        restores = self._restores
+        if restores is None:
+            return await self._call(size)
+        reply: HgcmReply | None = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._end_wait_on_restore, restores, nursery.cancel_scope)
+            try:
+                reply = await self._call(size)
+            except Exception as exc:  # noqa: BLE001 - raised below, not in an exception group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return reply
+
+    async def _end_wait_on_restore(self, restores: Subscription, scope: trio.CancelScope) -> None:
+        await restores.receive()
+        self._note_restore()
+        scope.cancel()
 
     @property
     def channel(self) -> HgcmChannel:
@@ -554,16 +647,33 @@ class PropertyWatch:
         self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
+        changes: list[PropertyChange] = []
         for name, known in list(self._known.items()):
             if known is not None and name not in self._marks:
                 self._known[name] = None
-                self._backlog.append(PropertyChange(name, "", "", latest, deleted=True))
+                changes.append(PropertyChange(name, "", "", latest, deleted=True))
         for prop in current:
             if self._known.get(prop.name) != (prop.value, prop.flags):
                 self._known[prop.name] = (prop.value, prop.flags)
-                self._backlog.append(
+                changes.append(
                     PropertyChange(prop.name, prop.value, prop.flags, prop.timestamp, deleted=False)
                 )
+        # All are yielded oldest first (a delete, which has no stamp, as the newest), the
+        # snapshot's after the changes not yet yielded that came before it: one of those
+        # stamped after the snapshot's change of its name (the clock went back) is dropped.
+        stamps = {change.name: change.timestamp for change in changes}
+        backlog = [
+            change
+            for change in self._backlog
+            if change.timestamp <= stamps.get(change.name, change.timestamp)
+        ]
+        backlog.extend(changes)
+        backlog.sort(key=_timestamp)
+        self._backlog = backlog
+
+
+def _timestamp(change: PropertyChange) -> int:
+    return change.timestamp
 
 
 @asynccontextmanager

@@ -42,6 +42,7 @@ from agent.protocol.status import (
     VINF_SUCCESS,
     status_name,
 )
+from agent.services.event_pump import EventPump
 from agent.services.guest_props import (
     FRUITLESS_WAITS,
     GuestProperties,
@@ -1192,3 +1193,133 @@ class TestWatchChannel:
                     second = await watch.next()
                     assert watch.resyncs == 1
         assert [(c.name, c.value) for c in (first, second)] == [("/W/b", "x"), ("/W/a", "1")]
+
+
+async def _settle(rounds: int) -> None:
+    """Let the watch run ``rounds`` times until every task waits (a second on between)."""
+    for _ in range(rounds):
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1)
+
+
+def _seen(got: list[PropertyChange]) -> list[tuple[str, str]]:
+    return [(change.name, change.value) for change in got]
+
+
+class TestWatchGaps:
+    async def test_a_restore_is_reported_at_once_with_a_pump(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """With the event pump, the RESTORED event makes the watch resync at once: a change
+        queued before the restore, which the new service instance's queue lacks, is reported
+        without another change, in order, and once. (It came only after the next matching
+        change, and after it.)"""
+        got: list[PropertyChange] = []
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                await nursery.start(pump.run)
+                async with (
+                    open_guest_properties(device) as props,
+                    props.watch(["/W/*"], pump=pump) as watch,
+                ):
+                    nursery.start_soon(_collect, watch, got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.prop_set("/W/a", "1")  # completes the pending wait
+                    host.prop_set("/W/b", "2")  # queued, not yet asked for
+                    host.restore()  # a new instance: its queue is empty
+                    await _settle(3)
+                    assert _seen(got) == [("/W/a", "1"), ("/W/b", "2")]
+                    assert watch.resyncs == 1
+                    host.prop_set("/W/z", "later")
+                    await _settle(2)
+                nursery.cancel_scope.cancel()
+        assert _seen(got) == [("/W/a", "1"), ("/W/b", "2"), ("/W/z", "later")]
+        assert [change.timestamp for change in got] == sorted(change.timestamp for change in got)
+
+    @pytest.mark.parametrize("gap", ["restore", "eviction"])
+    async def test_missed_changes_come_before_the_change_that_shows_them(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties, gap: str
+    ) -> None:
+        """Without a pump the watch learns of a restore, or of a cursor evicted from the
+        host's queue, only from the next matching change (VWRN_NOT_FOUND): the snapshot's
+        differences are reported before it, by timestamp, and nothing twice. (``/W/b`` came
+        after ``/W/z``, with an older timestamp.)"""
+        got: list[PropertyChange] = []
+        with trio.fail_after(3600):
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(_collect, watch, got)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/W/a", "1")
+                host.prop_set("/W/b", "2")
+                if gap == "restore":
+                    host.restore()
+                else:
+                    for index in range(MAX_GUEST_NOTIFICATIONS + 44):
+                        host.prop_set("/X/noise", str(index))
+                await _settle(3)
+                assert _seen(got) == [("/W/a", "1")]  # the gap the protocol cannot see
+                host.prop_set("/W/z", "later")
+                await _settle(3)
+                nursery.cancel_scope.cancel()
+        assert _seen(got) == [("/W/a", "1"), ("/W/b", "2"), ("/W/z", "later")]
+        assert [change.timestamp for change in got] == sorted(change.timestamp for change in got)
+        assert watch.resyncs == 1
+
+    async def test_a_resync_reports_by_timestamp(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A resync's sets come oldest first, whatever the order of the listing, and its
+        deletes (which have no timestamp) after them. (Sets came in listing order.)"""
+        got: list[PropertyChange] = []
+        with trio.fail_after(3600):
+            host.prop_set("/W/gone", "x")
+            async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                nursery.start_soon(_collect, watch, got)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/W/a", "1")  # completes the pending wait
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/W/c", "3")
+                host.prop_set("/W/b", "2")
+                host.prop_delete("/W/gone")
+                host.restore()
+                host.prop_set("/W/z", "later")
+                await _settle(5)
+                nursery.cancel_scope.cancel()
+        assert [(change.name, change.deleted) for change in got] == [
+            ("/W/a", False),
+            ("/W/c", False),
+            ("/W/b", False),
+            ("/W/z", False),
+            ("/W/gone", True),
+        ]
+        assert watch.resyncs == 1
+
+    async def test_an_overflow_stamped_as_the_cursor_is_not_skipped(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A change too large for the buffer, stamped as the watch's cursor (a coarse clock,
+        or one gone back), cannot be asked for again: the host would answer with the change
+        after it. The watch resyncs instead. (The retry waited for the next change.)"""
+        clock = _Clock()
+        got: list[PropertyChange] = []
+        service = GuestPropertyService(clock=clock, max_value_size=4096)
+        with trio.fail_after(3600):
+            async with _props_on(service) as (host, props):
+                clock.now += 10**9
+                host.prop_set("/Other/x", "1")  # the newest stamp: the watch's cursor
+                clock.now -= 1
+                host.prop_set("/Other/y", "1")
+                async with props.watch(["/W/*"]) as watch, trio.open_nursery() as nursery:
+                    nursery.start_soon(_collect, watch, got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    clock.now += 1
+                    host.prop_set("/W/long", "L" * 2000)
+                    await _settle(2)
+                    nursery.cancel_scope.cancel()
+        assert _seen(got) == [("/W/long", "L" * 2000)]
+
+
+async def _collect(watch: PropertyWatch, got: list[PropertyChange]) -> None:
+    while True:
+        got.append(await watch.next())
