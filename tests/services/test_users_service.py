@@ -262,11 +262,11 @@ SESSIONS: Final = {
 """logind's session files: root's and ghost's (uid 4242, no account) active, nobody's not."""
 
 
-def _logind_users(library: str = "", sessions: dict[str, str] = SESSIONS) -> list[str | int]:
-    """The users ``logind_users`` finds in a namespace with ``sessions`` as logind's session
-    files, with ``library`` set up first, then the number of account names cached."""
+def _run_with_sessions(script: str, sessions: dict[str, str] = SESSIONS) -> list[str]:
+    """The lines ``script`` prints, run by a new interpreter with ``sessions`` as logind's
+    session files (``LOGIND_SCRIPT`` reads them from the environment)."""
     done = subprocess.run(
-        [sys.executable, "-c", library + LOGIND_SCRIPT + REPORT_CACHE],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=LIMIT_S,
@@ -274,7 +274,13 @@ def _logind_users(library: str = "", sessions: dict[str, str] = SESSIONS) -> lis
         env=dict(os.environ, SESSIONS=json.dumps(sessions)),
     )
     assert done.returncode == 0, done.stderr
-    users, cached = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+def _logind_users(library: str = "", sessions: dict[str, str] = SESSIONS) -> list[str | int]:
+    """The users ``logind_users`` finds in a namespace with ``sessions`` as logind's session
+    files, with ``library`` set up first, then the number of account names cached."""
+    users, cached = _run_with_sessions(library + LOGIND_SCRIPT + REPORT_CACHE, sessions)
     return [*sorted(json.loads(users)), int(cached)]
 
 
@@ -330,16 +336,9 @@ def test_an_account_lookup_that_misses_is_not_repeated_at_the_next_reading() -> 
     which may block on a network directory: a name found is kept, and a uid with none
     (4242) is not asked again at the next reading, only at the one after (a passing NSS
     failure does not stick): three readings, two lookups of 4242, one of root."""
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_USERNAME + COUNT_LOOKUPS + LOGIND_SCRIPT + READ_TWICE_MORE],
-        capture_output=True,
-        text=True,
-        timeout=LIMIT_S,
-        check=False,
-        env=dict(os.environ, SESSIONS=json.dumps(SESSIONS)),
+    first, asked = _run_with_sessions(
+        WITHOUT_USERNAME + COUNT_LOOKUPS + LOGIND_SCRIPT + READ_TWICE_MORE
     )
-    assert done.returncode == 0, done.stderr
-    first, asked = done.stdout.splitlines()
     assert sorted(json.loads(first)) == ["4242", "root"]
     assert json.loads(asked) == [0, 4242, 4242]
 
