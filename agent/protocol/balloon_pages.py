@@ -1,8 +1,8 @@
 """The page array of a balloon chunk: 256 guest-physical addresses, as CHANGE_MEMBALLOON carries.
 
 The agent checks a chunk once, when it builds its :class:`ChunkPages`, and sends the same
-bytes to inflate and to deflate it; the simulated host checks every array it receives.
-Both use :func:`chunk_frames`, which never walks the 256 addresses in Python: the packed
+bytes to inflate and to deflate it (a real host checks only the first address's alignment,
+as the simulated one does). :func:`chunk_frames` never walks the 256 addresses in Python: the packed
 array is read as one little-endian integer, where a single AND tests every address's
 in-page offset bits and, those bits being clear, a single right shift by ``PAGE_SHIFT``
 turns every 64-bit address into its page frame number (the bits a lane receives from its
