@@ -49,7 +49,7 @@ from agent.protocol.status import VERR_INTERRUPTED, VERR_PARSE_ERROR, VERR_TIMEO
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
-from agent.services.guest_props import open_guest_properties
+from agent.services.guest_props import keep_guest_properties, open_guest_properties
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -225,12 +225,7 @@ class PublishingService:
     async def _connect(self, stack: AsyncExitStack) -> GuestProperties | None:
         """A client of the property service, kept open on ``stack``; None (counted, logged
         when the failure begins, changes and ends) if the host refused it."""
-        try:
-            props = await stack.enter_async_context(open_guest_properties(self._device))
-        except HOST_ERRORS as exc:
-            self._connects.host_failed("property_service_unavailable", exc)
-            return None
-        self._connects.succeeded()
+        props, _ = await keep_guest_properties(self._device, stack, self._connects)
         return props
 
     async def _pass(self, props: GuestProperties) -> None:

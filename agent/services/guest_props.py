@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, Self, final
 import structlog
 import trio
 
-from agent.protocol import RemoteProtocolError
+from agent.protocol import HOST_ERRORS, RemoteProtocolError
 from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, Event
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from agent.device import Device
+    from agent.services._lasting import LastingFailure
     from agent.services.event_pump import EventPump, Subscription
     from agent.services.hgcm import HgcmChannel, HgcmParam, HgcmReply, HgcmValue
 
@@ -493,8 +494,7 @@ class PropertyWatch:
                         raise RemoteProtocolError(msg) from exc
                 await self._recover(exc)
                 return
-            if reply is None:  # a restore ended the wait
-                await self._snapshot()
+            if reply is None:  # a restore ended the wait: next() resyncs (_resync_due)
                 return
             self._fruitless = 0
             change = _notification(reply)
@@ -681,6 +681,19 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
     """Connect to the host's property service; yield the client; disconnect on exit."""
     async with open_hgcm_channel(device, SERVICE_NAME) as channel:
         yield GuestProperties(device, channel)
+
+
+async def keep_guest_properties(
+    device: Device, stack: AsyncExitStack, connects: LastingFailure
+) -> tuple[GuestProperties | None, bool]:
+    """A client of the property service kept open on ``stack``, or None if the host refused
+    it; ``connects`` counts and logs the refusal when it begins, changes and ends
+    (``property_service_unavailable``). Also whether that changed what ``connects`` shows."""
+    try:
+        props = await stack.enter_async_context(open_guest_properties(device))
+    except HOST_ERRORS as exc:
+        return None, connects.host_failed("property_service_unavailable", exc)
+    return props, connects.succeeded()
 
 
 @functools.lru_cache(maxsize=NAME_PARAMS_CACHED)

@@ -23,11 +23,11 @@ import structlog
 import trio
 
 from agent import __version__
-from agent.protocol import HOST_ERRORS, Event, RemoteProtocolError, VBoxStatusError
+from agent.protocol import Event, RemoteProtocolError, VBoxStatusError
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import MALFORMED_REPLY, LastingFailure
-from agent.services.guest_props import open_guest_properties
+from agent.services.guest_props import keep_guest_properties
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -127,13 +127,8 @@ class PropertiesService:
     async def _connect(self, stack: AsyncExitStack) -> GuestProperties | None:
         """A client kept open on ``stack``; None (counted, logged when the failure begins,
         changes and ends, shown in the status) if the host refused it."""
-        try:
-            props = await stack.enter_async_context(open_guest_properties(self._device))
-        except HOST_ERRORS as exc:
-            if self._connects.host_failed("property_service_unavailable", exc):
-                self._status_changed()
-            return None
-        if self._connects.succeeded():
+        props, changed = await keep_guest_properties(self._device, stack, self._connects)
+        if changed:
             self._status_changed()
         return props
 
