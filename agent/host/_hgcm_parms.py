@@ -72,6 +72,8 @@ _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
 """Enum members read once, as plain ints: an enum attribute lookup costs more than the
 comparison, and a comparison of two exact ints is the interpreter's fast one."""
 _DIRECTIONS: Final = frozenset({_TO_HOST, _FROM_HOST, _BOTH})
+_IN_PAGE: Final = PAGE_SIZE - 1
+"""The mask of an address's offset in its page."""
 """The valid direction flags of a page list (``VBOX_HGCM_F_PARM_ARE_VALID``)."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
@@ -80,7 +82,6 @@ _LINADDR_TYPES: Final = {
 }
 """Linear-address types and their (readable, writable) directions."""
 
-ParmLayout = type[L.HgcmParameter64] | type[L.HgcmParameter32]
 MAX_HGCM_PARMS: Final = 32
 """``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
 _WORD_ARRAYS: Final = tuple(
@@ -113,9 +114,10 @@ ParsedParms = tuple[list[HostParm], list[ValueSlot], list[PageOutput]]
 
 
 def parse_parms(
-    req: bytes | bytearray, memory: GuestRam, layout: ParmLayout, count: int
+    req: bytes | bytearray, memory: GuestRam, parm_size: int, count: int
 ) -> ParsedParms:
-    """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
+    """Read the ``count`` parameters of ``parm_size`` bytes each (16 in HGCM_CALL64, 12 in
+    HGCM_CALL32) of the call in ``req``, gathering page-list data.
 
     The caller has checked that the array lies within ``req`` (a call whose array ends past
     the request is refused before its parameters are read).
@@ -128,36 +130,30 @@ def parse_parms(
         ParmError: an unsupported type, a page list outside the request, bad page addresses,
             or buffers that cost the host more than it allows one call.
     """
-    parm_size = layout.size
     per_parm = parm_size // WORD_SIZE
+    end = per_parm * count
     extra = CALL_PARMS_OFFSET + parm_size * count  # where the array ends
-    words = _WORD_ARRAYS[per_parm * count].unpack_from(req, CALL_PARMS_OFFSET)
+    words = _WORD_ARRAYS[end].unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     values: list[ValueSlot] = []
     outputs: list[PageOutput] = []
     cost = CACHED_COMMAND_COST if count <= CACHED_COMMAND_PARMS else command_cost(count)
-    for at in range(0, per_parm * count, per_parm):
+    for at in range(0, end, per_parm):
         raw_type = words[at]
-        value = words[at + _VALUE_WORD]
         parm: HostParm
         if raw_type == _PAGELIST_TYPE:
             # Positional arguments: a call with keywords is not specialised.
-            buffer, pages, first = _parse_page_list(
-                req, memory, value, words[at + _HIGH_WORD], extra
+            parm, list_cost = _parse_page_list(
+                req, memory, words[at + _VALUE_WORD], words[at + _HIGH_WORD], extra, outputs
             )
-            if buffer.writable:
-                outputs.append((buffer, pages, first))
-            cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
-            parm = buffer
+            cost += list_cost
         elif raw_type == _U32_TYPE:
-            u32 = HostU32(value)
-            values.append((_VALUES_AT + at * WORD_SIZE, u32))
-            parm = u32
+            parm = HostU32(words[at + _VALUE_WORD])
+            values.append((_VALUES_AT + at * WORD_SIZE, parm))
         elif raw_type == _U64_TYPE:
-            u64 = HostU64(value | words[at + _HIGH_WORD] << 32)
-            values.append((_VALUES_AT + at * WORD_SIZE, u64))
-            parm = u64
-        elif raw_type in _LINADDR_TYPES and value == 0:
+            parm = HostU64(words[at + _VALUE_WORD] | words[at + _HIGH_WORD] << 32)
+            values.append((_VALUES_AT + at * WORD_SIZE, parm))
+        elif raw_type in _LINADDR_TYPES and words[at + _VALUE_WORD] == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
             parm = HostBuffer(bytearray(), readable, writable, 0)
         else:
@@ -189,11 +185,13 @@ def _parse_page_list(
     size: int,
     list_at: int,
     extra: int,
-) -> tuple[HostBuffer, tuple[int, ...], int]:
+    outputs: list[PageOutput],
+) -> tuple[HostBuffer, int]:
     """Check a page list as ``vmmdevR3HgcmCallFetchGuestParms`` does, in its order, then read it.
 
     ``list_at`` is where the list lies in ``req``, ``extra`` where the parameter array ends.
-    Returns the buffer, the list's pages and the offset into the first.
+    Returns the buffer and what the list costs the host (its bytes, and its page array
+    when it has more than one page); a list the host writes to is added to ``outputs``.
 
     The simulated host is stricter than VMMDev in one respect: it also refuses a list whose
     pages do not hold ``size`` bytes or name an unaligned page, where VMMDev would read past
@@ -219,20 +217,21 @@ def _parse_page_list(
         raise ParmError(msg)
     if count == 1:  # most buffers: the one page was read with the header
         pages: tuple[int, ...] = (first_page,)
-        unaligned = first_page % PAGE_SIZE
+        unaligned = first_page & _IN_PAGE
+        cost = size
     else:
         pages = L.page_list_codec(count).unpack_from(req, list_at)[3:]
         # An address with a bit below the page size makes the OR of them all unaligned too.
-        unaligned = functools.reduce(operator.or_, pages) % PAGE_SIZE
+        unaligned = functools.reduce(operator.or_, pages) & _IN_PAGE
+        cost = size + PAGE_ADDRESS_SIZE * count
     if count * PAGE_SIZE - first < size or unaligned:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
-    readable = (flags & _TO_HOST) != 0
-    if not readable:
-        data = bytearray(size)
-    elif (
-        first + size <= PAGE_SIZE and (mapping := memory.lock(first_page + first, size)) is not None
-    ):
+    if flags == _FROM_HOST:  # not readable: the host's buffer starts zeroed
+        buffer = HostBuffer(bytearray(size), False, True, size)
+        outputs.append((buffer, pages, first))
+        return buffer, cost
+    if first + size <= PAGE_SIZE and (mapping := memory.lock(first_page + first, size)) is not None:
         # Most strings lie within the first page: copied from its mapping, one copy where
         # a read makes two (a bytearray's slice is a copy, a memoryview's is not).
         view, at = mapping
@@ -240,7 +239,11 @@ def _parse_page_list(
         data = piece if type(piece) is bytearray else bytearray(piece)
     else:
         data = _gather(memory, pages, first, size)
-    return HostBuffer(data, readable, (flags & _FROM_HOST) != 0, size), pages, first
+    if flags == _TO_HOST:
+        return HostBuffer(data, True, False, size), cost
+    buffer = HostBuffer(data, True, True, size)
+    outputs.append((buffer, pages, first))
+    return buffer, cost
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:

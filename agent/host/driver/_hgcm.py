@@ -88,6 +88,12 @@ _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.parm_count,
 )
 """The HGCM call request after its request header: flags, result, client, function, count."""
+_RC_FLAGS_RESULT: Final = struct.Struct(
+    H.REQUEST_RC.format
+    + f"{H.HGCM_FLAGS_AT - H.REQUEST_RC_AT - H.REQUEST_RC.size}x"
+    + L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec.format.lstrip("<")
+)
+"""A request's ``rc``, then (past the header's last two members) its HGCM flags and result."""
 _BUFFER_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr).codec
 """A parameter (at offset 0 of its 16 bytes) as a buffer: type, size, address."""
 _PARM_ARRAYS: Final = tuple(
@@ -228,9 +234,8 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     """What sits in guest RAM, to free: the bounce buffers, then the request."""
     ram = drv.ram
     try:
-        req = _prepare(
-            drv, session, parms, memory, plan=plan, target=target, buffers=buffers, placed=placed
-        )
+        # Positional arguments: a call with keywords is not specialised.
+        req = _prepare(drv, session, parms, memory, plan, target, buffers, placed)
         # vbg_hgcm_do_call's submission, inline (every call passes here): the host
         # completes most calls before the port write returns; only the others wait, in
         # _wait_call, which then owns the request (it frees it unless it leaks it).
@@ -241,18 +246,18 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
             await vmmdev.submit(phys)
         else:  # vmmdev.submit, inline without a delay: a coroutine less per call
             vmmdev.process(phys)
-        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
+        # rc, then DONE (_done, inline) and the result the host wrote before it, in one read.
+        rc, flags, status = _RC_FLAGS_RESULT.unpack_from(req, H.REQUEST_RC_AT)
         if rc < 0:  # the request failed: its rc goes as the call's result
             H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
-        elif rc == VINF_HGCM_ASYNC_EXECUTE and not (
-            H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE  # _done, inline
-        ):
+            status = rc
+        elif rc == VINF_HGCM_ASYNC_EXECUTE and not flags & HGCM_REQ_DONE:
             placed.pop()
             error = await _wait_call(drv, req, phys, timeout_ms)
             if error:
                 raise fail(error)
+            status = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
         _copy_back(kbuf, req, parms, buffers, memory)
-        status: int = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     finally:
@@ -318,7 +323,6 @@ def _prepare(
     session: DriverSession,
     parms: tuple[int, ...],
     memory: GuestMemory,
-    *,
     plan: _Plan,
     target: tuple[int, int],
     buffers: list[tuple[int, bytearray | None]],
