@@ -143,10 +143,14 @@ def parse_parms(
         parm: HostParm
         if raw_type == _PAGELIST_TYPE:
             # Positional arguments: a call with keywords is not specialised.
-            parm, list_cost = _parse_page_list(
-                req, memory, words[at + _VALUE_WORD], words[at + _HIGH_WORD], extra, outputs
+            buffer, pages, first = _parse_page_list(
+                req, memory, words[at + _VALUE_WORD], words[at + _HIGH_WORD], extra
             )
-            cost += list_cost
+            if buffer.writable:
+                outputs.append((buffer, pages, first))
+            count_pages = len(pages)
+            cost += buffer.size + (PAGE_ADDRESS_SIZE * count_pages if count_pages > 1 else 0)
+            parm = buffer
         elif raw_type == _U32_TYPE:
             parm = HostU32(words[at + _VALUE_WORD])
             values.append((_VALUES_AT + at * WORD_SIZE, parm))
@@ -185,13 +189,11 @@ def _parse_page_list(
     size: int,
     list_at: int,
     extra: int,
-    outputs: list[PageOutput],
-) -> tuple[HostBuffer, int]:
+) -> tuple[HostBuffer, tuple[int, ...], int]:
     """Check a page list as ``vmmdevR3HgcmCallFetchGuestParms`` does, in its order, then read it.
 
     ``list_at`` is where the list lies in ``req``, ``extra`` where the parameter array ends.
-    Returns the buffer and what the list costs the host (its bytes, and its page array
-    when it has more than one page); a list the host writes to is added to ``outputs``.
+    Returns the buffer, the list's pages and the offset into the first.
 
     The simulated host is stricter than VMMDev in one respect: it also refuses a list whose
     pages do not hold ``size`` bytes or name an unaligned page, where VMMDev would read past
@@ -218,19 +220,15 @@ def _parse_page_list(
     if count == 1:  # most buffers: the one page was read with the header
         pages: tuple[int, ...] = (first_page,)
         unaligned = first_page & _IN_PAGE
-        cost = size
     else:
         pages = L.page_list_codec(count).unpack_from(req, list_at)[3:]
         # An address with a bit below the page size makes the OR of them all unaligned too.
         unaligned = functools.reduce(operator.or_, pages) & _IN_PAGE
-        cost = size + PAGE_ADDRESS_SIZE * count
     if count * PAGE_SIZE - first < size or unaligned:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
     if flags == _FROM_HOST:  # not readable: the host's buffer starts zeroed
-        buffer = HostBuffer(bytearray(size), False, True, size)
-        outputs.append((buffer, pages, first))
-        return buffer, cost
+        return HostBuffer(bytearray(size), False, True, size), pages, first
     if first + size <= PAGE_SIZE and (mapping := memory.lock(first_page + first, size)) is not None:
         # Most strings lie within the first page: copied from its mapping, one copy where
         # a read makes two (a bytearray's slice is a copy, a memoryview's is not).
@@ -239,11 +237,7 @@ def _parse_page_list(
         data = piece if type(piece) is bytearray else bytearray(piece)
     else:
         data = _gather(memory, pages, first, size)
-    if flags == _TO_HOST:
-        return HostBuffer(data, True, False, size), cost
-    buffer = HostBuffer(data, True, True, size)
-    outputs.append((buffer, pages, first))
-    return buffer, cost
+    return HostBuffer(data, True, flags != _TO_HOST, size), pages, first
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:

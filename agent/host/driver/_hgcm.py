@@ -234,8 +234,9 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
     """What sits in guest RAM, to free: the bounce buffers, then the request."""
     ram = drv.ram
     try:
-        # Positional arguments: a call with keywords is not specialised.
-        req = _prepare(drv, session, parms, memory, plan, target, buffers, placed)
+        req = _prepare(
+            drv, session, parms, memory, plan=plan, target=target, buffers=buffers, placed=placed
+        )
         # vbg_hgcm_do_call's submission, inline (every call passes here): the host
         # completes most calls before the port write returns; only the others wait, in
         # _wait_call, which then owns the request (it frees it unless it leaks it).
@@ -323,6 +324,7 @@ def _prepare(
     session: DriverSession,
     parms: tuple[int, ...],
     memory: GuestMemory,
+    *,
     plan: _Plan,
     target: tuple[int, int],
     buffers: list[tuple[int, bytearray | None]],
