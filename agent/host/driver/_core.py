@@ -340,7 +340,7 @@ class Driver:
         # vbg_core_ioctl's start: rc is VINF_SUCCESS and a size_out of 0 becomes size_in.
         if len(buf) < HEADER_SIZE:
             raise fail(errno.EFAULT)
-        size_in, version, ioctl_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(buf)
+        size_in, version, ioctl_type, size_out = H.IOCTL_CHECKED.unpack_from(buf)
         if version != IOCTL_HDR_VERSION:
             raise fail(errno.EINVAL)
         if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):

@@ -77,9 +77,16 @@ is used for, and a comparison of two exact ints is the interpreter's fast one.""
 _USER_PARM_TYPES: Final = frozenset(map(int, USER_HGCM_PARM_TYPES))
 """The parameter types a user call may pass, as plain ints and bound here, not imported: a
 method call on an imported name is not specialised (see :mod:`agent.host._header_fields`)."""
-_CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
-"""The ioctl header and the call's own members (client, function, timeout, interruptible,
-reserved, count), in one unpack once the buffer is known to hold them."""
+_CALL_HEADERS: Final = H.picked(
+    L.HgcmCallIoctl.hdr_size_in,
+    L.HgcmCallIoctl.hdr_size_out,
+    L.HgcmCallIoctl.client_id,
+    L.HgcmCallIoctl.function,
+    L.HgcmCallIoctl.timeout_ms,
+    L.HgcmCallIoctl.parm_count,
+)
+"""The members of the ioctl header and of the call the checks read (sizes, client, function,
+timeout, count), in one unpack once the buffer is known to hold them."""
 _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.flags,
     L.HgcmCallRequest.result,
@@ -272,9 +279,7 @@ def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...
     the parameters (each read as a buffer: type, size, address) and their plan."""
     if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
         raise fail(errno.EINVAL)
-    size_in, _, _, _, size_out, _, client_id, function, timeout_ms, _, _, count = (
-        _CALL_HEADERS.unpack_from(kbuf)
-    )
+    size_in, size_out, client_id, function, timeout_ms, count = _CALL_HEADERS.unpack_from(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
     if count > HGCM_MAX_PARMS:
