@@ -72,9 +72,9 @@ _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
 """Enum members read once, as plain ints: an enum attribute lookup costs more than the
 comparison, and a comparison of two exact ints is the interpreter's fast one."""
 _DIRECTIONS: Final = frozenset({_TO_HOST, _FROM_HOST, _BOTH})
+"""The valid direction flags of a page list (``VBOX_HGCM_F_PARM_ARE_VALID``)."""
 _IN_PAGE: Final = PAGE_SIZE - 1
 """The mask of an address's offset in its page."""
-"""The valid direction flags of a page list (``VBOX_HGCM_F_PARM_ARE_VALID``)."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -140,24 +140,24 @@ def parse_parms(
     cost = CACHED_COMMAND_COST if count <= CACHED_COMMAND_PARMS else command_cost(count)
     for at in range(0, end, per_parm):
         raw_type = words[at]
+        value = words[at + _VALUE_WORD]
         parm: HostParm
         if raw_type == _PAGELIST_TYPE:
             # Positional arguments: a call with keywords is not specialised.
             buffer, pages, first = _parse_page_list(
-                req, memory, words[at + _VALUE_WORD], words[at + _HIGH_WORD], extra
+                req, memory, value, words[at + _HIGH_WORD], extra
             )
             if buffer.writable:
                 outputs.append((buffer, pages, first))
-            count_pages = len(pages)
-            cost += buffer.size + (PAGE_ADDRESS_SIZE * count_pages if count_pages > 1 else 0)
+            cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
             parm = buffer
         elif raw_type == _U32_TYPE:
-            parm = HostU32(words[at + _VALUE_WORD])
+            parm = HostU32(value)
             values.append((_VALUES_AT + at * WORD_SIZE, parm))
         elif raw_type == _U64_TYPE:
-            parm = HostU64(words[at + _VALUE_WORD] | words[at + _HIGH_WORD] << 32)
+            parm = HostU64(value | words[at + _HIGH_WORD] << 32)
             values.append((_VALUES_AT + at * WORD_SIZE, parm))
-        elif raw_type in _LINADDR_TYPES and words[at + _VALUE_WORD] == 0:
+        elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
             parm = HostBuffer(bytearray(), readable, writable, 0)
         else:
