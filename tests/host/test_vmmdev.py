@@ -557,6 +557,46 @@ class TestHostRequests:
             assert rc == device.send(req), (start, size)
 
 
+HOST_MOUSE_BITS: Final = 0x120
+"""HOST_RECHECKS_NEEDS_HOST_CURSOR and HOST_SUPPORTS_FULL_STATE_PROTOCOL, set by the
+device's constructor."""
+
+
+def mouse_status(device: Device, request_type: int = T.GET_MOUSE_STATUS, features: int = 0) -> int:
+    """Send GET_MOUSE_STATUS (or SET_MOUSE_STATUS with ``features``); return the features."""
+    req = vmmdev_request(request_type, 36)
+    struct.pack_into("<I", req, 24, features)
+    assert device.send(req) == VINF_SUCCESS
+    return int(struct.unpack_from("<I", req, 24)[0])
+
+
+class TestMouseStatus:
+    """``vmmdevReqHandler_Get/SetMouseStatus``: one capability word, host and guest bits."""
+
+    def test_host_bits_are_always_reported(self, device: Device) -> None:
+        """Before the guest sets anything the word holds the constructor's host bits."""
+        device.report_additions()
+        assert mouse_status(device) == HOST_MOUSE_BITS
+
+    def test_set_replaces_only_the_guest_bits(self, device: Device) -> None:
+        """SET keeps the host's bits and drops what is outside VMMDEV_MOUSE_GUEST_MASK."""
+        device.report_additions()
+        mouse_status(device, T.SET_MOUSE_STATUS, 0xFFFF_FFFF)
+        assert mouse_status(device) == HOST_MOUSE_BITS | 0x95
+        mouse_status(device, T.SET_MOUSE_STATUS, 0x11)
+        assert mouse_status(device) == HOST_MOUSE_BITS | 0x11
+        mouse_status(device, T.SET_MOUSE_STATUS, 0)
+        assert mouse_status(device) == HOST_MOUSE_BITS
+
+    def test_reset_clears_only_the_guest_bits(self, device: Device) -> None:
+        """A VM reset forgets the guest's bits; the host's stay."""
+        device.report_additions()
+        mouse_status(device, T.SET_MOUSE_STATUS, 0x11)
+        device.vmmdev.reset()
+        device.report_additions()
+        assert mouse_status(device) == HOST_MOUSE_BITS
+
+
 def report_status(device: Device, facility: int, status: int) -> int:
     """Send REPORT_GUEST_STATUS."""
     req = vmmdev_request(T.REPORT_GUEST_STATUS, 36)
