@@ -37,6 +37,11 @@ PUBLISHER_TAG_CHARS: Final = frozenset(
 """The characters a publisher tag may have."""
 _MOUSE_STATUS: Final = struct.Struct("<Iii")
 """``vmmdev_mouse_status`` body at 24: features, pointer x, pointer y."""
+_MOUSE_STATUS_EX: Final = struct.Struct("<Iiiiii")
+"""``VMMDevReqMouseStatusEx`` body at 24: the above, then wheel dz, dw and the buttons."""
+GET_MOUSE_STATUS_EX: Final = 223
+"""``VMMDevReq_GetMouseStatusEx`` (VirtualBox 7), which :class:`RequestType` does not name
+(the Linux uapi enum stops before it)."""
 MOUSE_MASK: Final = 0x1FF
 """``VMMDEV_MOUSE_MASK``: every ``VMMDEV_MOUSE_*`` bit (up to HOST_USES_FULL_STATE_PROTOCOL)."""
 MOUSE_GUEST_MASK: Final = 0x95
@@ -108,6 +113,11 @@ class GuestInfo:
         """GET_MOUSE_STATUS: the capability word (the host's bits and the guest's, within
         MOUSE_MASK) and the pointer at 0, 0 (the host has no real mouse)."""
         _MOUSE_STATUS.pack_into(req, HEADER_SIZE, self.mouse_capabilities, 0, 0)
+        return VINF_SUCCESS
+
+    def get_mouse_status_ex(self, req: bytearray, _phys: int) -> int:
+        """GET_MOUSE_STATUS_EX: GET_MOUSE_STATUS's answer, no wheel movement, no buttons."""
+        _MOUSE_STATUS_EX.pack_into(req, HEADER_SIZE, self.mouse_capabilities, 0, 0, 0, 0, 0)
         return VINF_SUCCESS
 
     def set_mouse_status(self, req: bytearray, _phys: int) -> int:

@@ -80,6 +80,7 @@ from tests.host.conftest import (
     EchoService,
     model_driver,
     open_client,
+    user_state_request,
     vmmdev_request,
 )
 
@@ -331,6 +332,17 @@ class TestPassthroughPolicy:
         await passthrough(trusted, request_type)
         user = await open_client(host, user_device=True)
         await expect_errno(errno.EPERM, passthrough(user, request_type))
+
+    async def test_user_state_reaches_the_host(self, host: SimulatedHost) -> None:
+        """REPORT_GUEST_USER_STATE is trusted-only, and the host takes it."""
+        req = user_state_request()
+        L.RequestHeader.reserved1.set(req, len(req))
+        user = await open_client(host, user_device=True)
+        await expect_errno(errno.EPERM, user.raw(Ioctl.vmmdev_request(len(req)), bytearray(req)))
+        trusted = await open_client(host)
+        await trusted.raw(Ioctl.vmmdev_request(len(req)), req)
+        assert L.RequestHeader.rc.get(req) == VINF_SUCCESS
+        assert [state.user for state in host.vmmdev.user_states] == [b"alice"]
 
     @pytest.mark.parametrize("request_type", DENIED)
     async def test_denied(self, host: SimulatedHost, request_type: int) -> None:

@@ -44,7 +44,7 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
-from tests.host.conftest import Device, make_device, vmmdev_request
+from tests.host.conftest import Device, make_device, user_state_request, vmmdev_request
 
 T = RequestType
 EXACT_SIZES: Final = {
@@ -595,6 +595,117 @@ class TestMouseStatus:
         device.vmmdev.reset()
         device.report_additions()
         assert mouse_status(device) == HOST_MOUSE_BITS
+
+
+VERR_TOO_MUCH_DATA: Final = STATUS_CODES["VERR_TOO_MUCH_DATA"]
+VERR_INVALID_UTF8_ENCODING: Final = STATUS_CODES["VERR_INVALID_UTF8_ENCODING"]
+VERR_CODE_POINT_SURROGATE: Final = STATUS_CODES["VERR_CODE_POINT_SURROGATE"]
+VERR_CODE_POINT_ENDIAN_INDICATOR: Final = STATUS_CODES["VERR_CODE_POINT_ENDIAN_INDICATOR"]
+GET_MOUSE_STATUS_EX: Final = 223
+
+
+def shortened(req: bytearray, size: int) -> bytearray:
+    """``req`` cut to ``size`` bytes, its header saying so."""
+    short = req[:size]
+    L.RequestHeader.size_.set(short, size)
+    return short
+
+
+class TestOtherRequests:
+    """The dispatcher's remaining requests the agent can meet: REPORT_GUEST_USER_STATE,
+    NT_BUG_CHECK, GET_MOUSE_STATUS_EX."""
+
+    def test_user_state_is_taken(self, device: Device) -> None:
+        """A well-formed report reaches Main: user, domain, state and details."""
+        device.report_additions()
+        req = user_state_request(b"alice\0", b"corp\0", b"\x01\x02")
+        assert device.send(req) == VINF_SUCCESS
+        (report,) = device.vmmdev.user_states
+        assert (report.user, report.domain, report.state, report.details) == (
+            b"alice",
+            b"corp",
+            1,
+            b"\x01\x02",
+        )
+
+    @pytest.mark.parametrize(
+        ("req", "rc"),
+        [
+            (shortened(user_state_request(), 43), VERR_INVALID_PARAMETER),
+            (user_state_request(padding=2048), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(257, 0, 0), padding=300), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(6, 257, 0), padding=300), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(6, 0, 1025), padding=1100), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(0, 0, 0), padding=2048), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(0, 0, 0)), VERR_INVALID_PARAMETER),
+            (user_state_request(sizes=(7, 0, 0)), VERR_INVALID_PARAMETER),
+            (user_state_request(b"alice"), VERR_INVALID_PARAMETER),
+            (user_state_request(b"al\xffce\0"), VERR_INVALID_UTF8_ENCODING),
+            (user_state_request(b"\xc1\x81\0"), VERR_INVALID_UTF8_ENCODING),
+            (user_state_request(b"\xed\xa0\x80\0"), VERR_CODE_POINT_SURROGATE),
+            (user_state_request(b"\xef\xbf\xbe\0"), VERR_CODE_POINT_ENDIAN_INDICATOR),
+            (user_state_request(b"bob\0", b"c\xe0\0"), VERR_INVALID_UTF8_ENCODING),
+            (user_state_request(b"bob\0", sizes=(4, 1, 0)), VERR_INVALID_PARAMETER),
+            (user_state_request(b"bob\0", b"corp\0", sizes=(4, 5, 1)), VERR_INVALID_PARAMETER),
+        ],
+        ids=[
+            "short",
+            "over-2k",
+            "user-256",
+            "domain-256",
+            "details-1k",
+            "size-before-empty-user",
+            "empty-user",
+            "user-past-end",
+            "user-unterminated",
+            "bad-utf8",
+            "overlong",
+            "surrogate",
+            "endian-indicator",
+            "bad-domain",
+            "domain-past-end",
+            "details-past-end",
+        ],
+    )
+    def test_user_state_checks(self, device: Device, req: bytearray, rc: int) -> None:
+        """``vmmdevReqHandler_ReportGuestUserState``'s checks, in its order; nothing reaches
+        Main on a failure."""
+        device.report_additions()
+        assert device.send(req) == rc
+        assert device.vmmdev.user_states == []
+
+    def test_user_state_takes_what_iprt_takes(self, device: Device) -> None:
+        """IPRT's UTF-8 allows five-byte sequences (beyond Unicode); the domain may be
+        empty (its size 0)."""
+        device.report_additions()
+        assert device.send(user_state_request(b"\xf8\x88\x80\x80\x80\0")) == VINF_SUCCESS
+        assert device.vmmdev.user_states[0].domain is None
+
+    @pytest.mark.parametrize(("size", "rc"), [(24, VINF_SUCCESS), (64, VINF_SUCCESS), (32, -2)])
+    def test_nt_bug_check_sizes(self, device: Device, size: int, rc: int) -> None:
+        """A bare header or the whole report; any other size is VERR_INVALID_PARAMETER."""
+        device.report_additions()
+        req = vmmdev_request(T.NT_BUG_CHECK, size)
+        if size == 64:
+            struct.pack_into("<5Q", req, 24, 0xEF, 1, 2, 3, 4)
+        assert device.send(req) == rc
+        expected = {24: [(0, 0, 0, 0, 0)], 64: [(0xEF, 1, 2, 3, 4)], 32: []}[size]
+        assert device.vmmdev.bug_checks == expected
+
+    @pytest.mark.parametrize("size", [47, 49])
+    def test_mouse_status_ex_needs_its_size(self, device: Device, size: int) -> None:
+        """GET_MOUSE_STATUS_EX is exactly 48 bytes."""
+        device.report_additions()
+        assert device.send(vmmdev_request(GET_MOUSE_STATUS_EX, size)) == VERR_INVALID_PARAMETER
+
+    def test_mouse_status_ex(self, device: Device) -> None:
+        """GET_MOUSE_STATUS's answer, then no wheel movement and no buttons."""
+        device.report_additions()
+        mouse_status(device, T.SET_MOUSE_STATUS, 0x91)
+        req = vmmdev_request(GET_MOUSE_STATUS_EX, 48)
+        req[24:48] = b"\xff" * 24
+        assert device.send(req) == VINF_SUCCESS
+        assert struct.unpack_from("<Iiiiii", req, 24) == (HOST_MOUSE_BITS | 0x91, 0, 0, 0, 0, 0)
 
 
 def report_status(device: Device, facility: int, status: int) -> int:
