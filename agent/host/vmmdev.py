@@ -400,7 +400,6 @@ class VMMDev:
             t.SET_MOUSE_STATUS: (36, self.guest.set_mouse_status),
             GET_MOUSE_STATUS_EX: (48, self.guest.get_mouse_status_ex),
             t.GET_HOST_VERSION: (L.HostVersionRequest.size, _host_version),
-            t.IDLE: (HEADER_SIZE, _idle),
             t.GET_HOST_TIME: (L.HostTimeRequest.size, self._host_time),
             t.GET_HYPERVISOR_INFO: (32, _get_hypervisor_info),
             t.SET_HYPERVISOR_INFO: (32, _set_hypervisor_info),
@@ -425,6 +424,7 @@ class VMMDev:
         }
         at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None] | None]] = {
             t.GUEST_HEARTBEAT: (HEADER_SIZE, self._guest_heartbeat),
+            t.IDLE: (HEADER_SIZE, _idle),
             t.NT_BUG_CHECK: (HEADER_SIZE, self._nt_bug_check),
             t.REPORT_GUEST_USER_STATE: (USER_STATE_SIZE, self._guest_user_state),
             t.CHANGE_MEMBALLOON: (L.MemBalloonChangeRequest.phys_page.end, self._change_balloon),
@@ -540,7 +540,8 @@ def _host_version(req: bytearray, _phys: int) -> int:
 
 
 def _idle(_req: bytearray, _phys: int) -> None:
-    """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone."""
+    """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone, whatever the
+    request's size (the dispatcher's case checks none)."""
 
 
 _BUG_CHECK: Final = struct.Struct("<5Q")

@@ -186,10 +186,11 @@ class TestPortHandler:
         assert device.send(vmmdev_request(T.GUEST_HEARTBEAT, 24)) == VINF_SUCCESS
         assert device.send(vmmdev_request(T.GUEST_HEARTBEAT, 64)) == VINF_SUCCESS
 
-    def test_idle_leaves_rc_alone(self, device: Device) -> None:
-        """IDLE halts the vCPU and does not touch rc."""
+    @pytest.mark.parametrize("size", [24, 32, 4000])
+    def test_idle_leaves_rc_alone(self, device: Device, size: int) -> None:
+        """IDLE halts the vCPU and does not touch rc, whatever its size."""
         device.report_additions()
-        assert device.send(vmmdev_request(T.IDLE, 24)) == VERR_GENERAL_FAILURE
+        assert device.send(vmmdev_request(T.IDLE, size)) == VERR_GENERAL_FAILURE
 
     def test_host_version(self, device: Device) -> None:
         """GET_HOST_VERSION reports a 7.0 host with PHYS_PAGE_LIST."""
