@@ -55,6 +55,7 @@ from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
+    HOST_FEATURE_FAST_IRQ_ACK,
     HOST_FEATURE_HGCM_PHYS_PAGE_LIST,
     MAX_GUEST_RAM_MB,
     MAX_VMMDEV_REQUEST_SIZE,
@@ -81,7 +82,9 @@ if TYPE_CHECKING:
 
 HOST_VERSION: Final = RELEASE
 """The VirtualBox release the simulated host claims to be (major, minor, build, revision)."""
-HOST_FEATURES: Final = HOST_FEATURE_HGCM_PHYS_PAGE_LIST | 0x2 | 0x4 | 0x8 | 0x8000_0000
+HOST_FEATURES: Final = (
+    HOST_FEATURE_HGCM_PHYS_PAGE_LIST | 0x2 | 0x4 | 0x8 | HOST_FEATURE_FAST_IRQ_ACK
+)
 """PHYS_PAGE_LIST, EMBEDDED_BUFFERS, CONTIGUOUS_PAGE_LIST, NO_BOUNCE_PAGE_LIST, FAST_IRQ_ACK."""
 PRE_ADDITIONS_TYPES: Final = frozenset(
     {
@@ -96,6 +99,8 @@ RESET_KEPT_EVENTS: Final = Event.DISPLAY_CHANGE_REQUEST
 """A VM reset clears every pending event but this one."""
 VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
 _U32_MAX: Final = 0xFFFFFFFF
+LEGACY_INTERFACE: Final = 0x0001_0003
+"""Additions of interface 1.03 use the legacy event protocol, which the fast port refuses."""
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _NS_PER_MS: Final = 1_000_000
 _BALLOON_CHANGE: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.codec
@@ -318,13 +323,26 @@ class VMMDev:
             self._maybe_set_irq()
 
     def _acknowledge(self, req: bytearray, _phys: int) -> int:
+        L.EventsRequest.events.set(req, self._take_events())
+        return VINF_SUCCESS
+
+    def read_fast_ack_port(self) -> int:
+        """A 32-bit read of the fast request port (``vmmdevFastReqIrqAck``): what
+        ACKNOWLEDGE_EVENTS does, without a request (so no count, fault or delay of type 41);
+        ``U32_MAX``, acknowledging nothing, before the additions reported or for the
+        legacy 1.03 interface."""
+        if not self.guest.additions_ok or self.guest.interface_version == LEGACY_INTERFACE:
+            return _U32_MAX
+        return self._take_events()
+
+    def _take_events(self) -> int:
+        """Apply a deferred filter, hand over the deliverable events, lower the line."""
         if self._new_filter is not None:
             self.guest_filter, self._new_filter = self._new_filter & _U32_MAX, None
         events = self.pending_events & self.guest_filter
         self.pending_events &= ~self.guest_filter
         self.have_events = False
-        L.EventsRequest.events.set(req, events)
-        return VINF_SUCCESS
+        return events
 
     def _filter_mask(self, req: bytearray, _phys: int) -> int:
         not_mask = L.MaskRequest.not_mask.get(req) & ~int(Event.HGCM)

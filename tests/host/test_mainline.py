@@ -314,6 +314,25 @@ class TestIoctlEntry:
         assert info.value.rc == VERR_ACCESS_DENIED
 
 
+class TestInterrupts:
+    """``vbg_core_isr``."""
+
+    async def test_the_isr_sends_acknowledge_events(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """Mainline acknowledges with the request even though the host offers the fast
+        port; a refused acknowledgement is tried again while the line stays up."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        await client.request(ChangeFilterMask(mask, 0))
+        counts = host.vmmdev.request_counts
+        before = counts[RequestType.ACKNOWLEDGE_EVENTS]
+        host.add_fault(RequestType.ACKNOWLEDGE_EVENTS, VERR_NOT_SUPPORTED)
+        host.raise_events(mask)
+        assert (await client.request(WaitForEvents(mask, timeout_ms=10_000))).mask == mask
+        assert counts[RequestType.ACKNOWLEDGE_EVENTS] == before + 2
+
+
 class TestPassthroughPolicy:
     """``vbg_req_allowed`` for /dev/vboxguest and /dev/vboxuser sessions."""
 

@@ -539,6 +539,23 @@ class TestEvents:
         assert await wait_raw(client, mask, 1000) == (VINF_SUCCESS, mask)
         assert await wait_raw(client, mask, 0) == (VERR_TIMEOUT, 0)
 
+    async def test_the_isr_reads_the_fast_port(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """The host offers VMMDEV_HVF_FAST_IRQ_ACK, so ``VGDrvCommonISR`` reads the port:
+        no ACKNOWLEDGE_EVENTS is sent, and faults and delays on it change nothing."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        await client.request(ChangeFilterMask(mask, 0))
+        host.add_fault(RequestType.ACKNOWLEDGE_EVENTS, VERR_GENERAL_FAILURE, 3)
+        host.set_delay(RequestType.ACKNOWLEDGE_EVENTS, 60)
+        start = trio.current_time()
+        host.raise_events(mask)
+        assert await wait_raw(client, mask, 10_000) == (VINF_SUCCESS, mask)
+        assert trio.current_time() == start
+        assert host.vmmdev.request_counts[RequestType.ACKNOWLEDGE_EVENTS] == 0
+        assert host.clear_faults(RequestType.ACKNOWLEDGE_EVENTS) == 3
+
     async def test_cancel_ends_a_blocked_wait_only(
         self, host: SimulatedHost, autojump_clock: object
     ) -> None:

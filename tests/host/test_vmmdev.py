@@ -430,6 +430,29 @@ class TestEvents:
         device.vmmdev.raise_events(Event.VRDP)
         assert acknowledge(device) == Event.RESTORED | Event.VRDP
 
+    def test_fast_port_read_acknowledges(self, device: Device) -> None:
+        """Reading the fast port is ACKNOWLEDGE_EVENTS without a request: the events, the
+        line lowered, nothing counted as a request."""
+        device.report_additions()
+        filter_mask(device, Event.RESTORED, 0)
+        device.vmmdev.raise_events(Event.RESTORED | Event.VRDP)
+        assert device.vmmdev.read_fast_ack_port() == Event.RESTORED
+        assert not irq(device)
+        assert device.vmmdev.pending_events == Event.VRDP
+        assert device.vmmdev.request_counts[T.ACKNOWLEDGE_EVENTS] == 0
+
+    @pytest.mark.parametrize("interface", [None, 0x0001_0003])
+    def test_fast_port_needs_the_additions(self, device: Device, interface: int | None) -> None:
+        """Before the additions reported (or with the legacy 1.03 interface) the port reads
+        0xFFFFFFFF and acknowledges nothing."""
+        device.vmmdev.raise_events(Event.RESTORED)
+        if interface is not None:
+            req = vmmdev_request(T.REPORT_GUEST_INFO, 32)
+            L.GuestInfoRequest.interface_version.set(req, interface)
+            assert device.send(req) == VINF_SUCCESS
+        assert device.vmmdev.read_fast_ack_port() == 0xFFFF_FFFF
+        assert device.vmmdev.pending_events == Event.RESTORED
+
     def test_reset_keeps_only_display_change(self, device: Device) -> None:
         """A VM reset clears the filter and every pending event but DISPLAY_CHANGE_REQUEST."""
         device.report_additions()

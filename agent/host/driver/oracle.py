@@ -41,6 +41,7 @@ from agent.protocol.balloon_pages import CHUNK_PAGES
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
+    HOST_FEATURE_FAST_IRQ_ACK,
     REQUESTOR_KERNEL,
     Event,
     Requestor,
@@ -49,6 +50,7 @@ from agent.protocol.constants import (
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
+    VERR_INTERNAL_ERROR,
     VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
     VERR_NOT_FOUND,
@@ -145,6 +147,18 @@ class OracleDriver(Driver):
     ioctl = _oracle.ioctl
     """Oracle's ioctl entry (:mod:`agent.host.driver._oracle`), as the method itself: every
     ioctl passes here, and a method that only called it was one more frame each time."""
+
+    async def acknowledge_events(self, ack: bytearray) -> int | None:
+        """``VGDrvCommonISR``: on a host with the fast IRQ acknowledge (``fHostFeatures``),
+        read the fast port instead of sending ACKNOWLEDGE_EVENTS; its ``U32_MAX`` is a
+        failure (VERR_INTERNAL_ERROR). Mainline always sends the request."""
+        if not self.host_features & HOST_FEATURE_FAST_IRQ_ACK:
+            return await super().acknowledge_events(ack)
+        events = self.vmmdev.read_fast_ack_port()
+        if events == U32_MAX:
+            _log.warning("isr_ack_failed", rc=VERR_INTERNAL_ERROR)
+            return None
+        return events
 
     async def close_session(self, session: DriverSession) -> None:
         """Close as the common code does, then forget the session's wait state."""
