@@ -21,10 +21,11 @@ import trio
 import trio.testing
 
 from agent.host import DriverLoadError, SimulatedHost
-from agent.host.driver import _hgcm
+from agent.host.driver import _events, _hgcm
 from agent.host.driver._core import MAX_ROUTES, VBG_LOG_LINE_MAX
 from agent.host.driver.mainline import change_memballoon
 from agent.host.hgcm_service import HostU32
+from agent.host.memory import IoctlMemory
 from agent.protocol import (
     ChangeFilterMask,
     CheckBalloon,
@@ -331,6 +332,35 @@ class TestInterrupts:
         host.raise_events(mask)
         assert (await client.request(WaitForEvents(mask, timeout_ms=10_000))).mask == mask
         assert counts[RequestType.ACKNOWLEDGE_EVENTS] == before + 2
+
+
+class TestWaits:
+    """``vbg_ioctl_wait_for_events``."""
+
+    async def test_a_cancel_before_the_waiter_runs_wins(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """The waiter takes events only when it runs, and checks ``cancel_waiters`` first:
+        a cancel right after the ISR ends the wait with EINTR and leaves the events pending
+        for another session's wait (Oracle's driver hands them over in the ISR)."""
+        client, other = await open_client(host), await open_client(host)
+        driver = model_driver(host)
+        mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        errors: list[int | None] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                with pytest.raises(OSError, match=r".") as info:
+                    await client.request(WaitForEvents(mask, timeout_ms=10_000))
+                errors.append(info.value.errno)
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            driver.route_events(mask)
+            cancel = InterruptAllWaits().encode().buffer
+            await _events.interrupt_all(driver, client.transport.session, cancel, IoctlMemory())
+        assert errors == [errno.EINTR]
+        assert await poll(other, mask) == mask
 
 
 class TestPassthroughPolicy:

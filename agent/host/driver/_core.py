@@ -263,7 +263,13 @@ class Driver:
             self.balloon_event()
         user = events & ~self.kernel_events
         if user:
-            self.pending_events |= user
+            self.post_events(user)
+
+    def post_events(self, events: int) -> None:
+        """Make ``events`` pending for userspace waiters and wake them if any is pending
+        (``vbg_core_isr``); each waiter takes what matches when it runs."""
+        self.pending_events |= events
+        if self.pending_events:
             self.event_wq.unpark_all()
 
     async def _heartbeat_loop(self, interval_ns: int) -> NoReturn:
