@@ -33,7 +33,7 @@ from __future__ import annotations
 import random
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
@@ -98,6 +98,8 @@ PRE_ADDITIONS_TYPES: Final = frozenset(
 RESET_KEPT_EVENTS: Final = Event.DISPLAY_CHANGE_REQUEST
 """A VM reset clears every pending event but this one."""
 VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
+REPORT_HISTORY: Final = 64
+"""Bug-check and user-state reports kept for inspection (the latest; a guest may send many)."""
 _U32_MAX: Final = 0xFFFFFFFF
 LEGACY_INTERFACE: Final = 0x0001_0003
 """Additions of interface 1.03 use the legacy event protocol, which the fast port refuses."""
@@ -167,10 +169,10 @@ class VMMDev:
         self.guest = GuestInfo()
         self.request_counts: Counter[int] = Counter()
         self.core_dumps = 0
-        self.bug_checks: list[tuple[int, int, int, int, int]] = []
+        self.bug_checks: deque[tuple[int, int, int, int, int]] = deque(maxlen=REPORT_HISTORY)
         """NT_BUG_CHECK reports (code and four parameters; all 0 for a bare header), as
         the debugger would get them (``DBGFEVENT_BSOD_VMMDEV``)."""
-        self.user_states: list[UserState] = []
+        self.user_states: deque[UserState] = deque(maxlen=REPORT_HISTORY)
         """REPORT_GUEST_USER_STATE reports Main took, in order."""
         self._rng = random.Random(seed)  # noqa: S311 - session ids, not secrets
         self.session_id = self._rng.getrandbits(64)

@@ -696,7 +696,7 @@ class TestOtherRequests:
         Main on a failure."""
         device.report_additions()
         assert device.send(req) == rc
-        assert device.vmmdev.user_states == []
+        assert not device.vmmdev.user_states
 
     def test_user_state_takes_what_iprt_takes(self, device: Device) -> None:
         """IPRT's UTF-8 allows five-byte sequences (beyond Unicode); the domain may be
@@ -714,7 +714,15 @@ class TestOtherRequests:
             struct.pack_into("<5Q", req, 24, 0xEF, 1, 2, 3, 4)
         assert device.send(req) == rc
         expected = {24: [(0, 0, 0, 0, 0)], 64: [(0xEF, 1, 2, 3, 4)], 32: []}[size]
-        assert device.vmmdev.bug_checks == expected
+        assert list(device.vmmdev.bug_checks) == expected
+
+    def test_reports_kept_are_bounded(self, device: Device) -> None:
+        """Only the latest 64 reports of each kind are kept, however many the guest sends."""
+        device.report_additions()
+        for _ in range(65):
+            assert device.send(vmmdev_request(T.NT_BUG_CHECK, 24)) == VINF_SUCCESS
+            assert device.send(user_state_request()) == VINF_SUCCESS
+        assert (len(device.vmmdev.bug_checks), len(device.vmmdev.user_states)) == (64, 64)
 
     @pytest.mark.parametrize("size", [47, 49])
     def test_mouse_status_ex_needs_its_size(self, device: Device, size: int) -> None:
