@@ -66,7 +66,7 @@ from agent.daemon.notify import Notifier
 from agent.daemon.signals import handle_signals
 from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
-from agent.logconfig import configure_logging
+from agent.logconfig import LogOutputStatistics, configure_logging, log_output_statistics
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.records import record
 from agent.services import EventPump, ServiceContext
@@ -114,6 +114,7 @@ class DaemonStatistics:
         services: each supervised service's snapshot, by name.
         restarts: restarts (after failures, or replaced on reload) by service name, the
             event pump's (after failures) under ``event-pump``.
+        log: the log lines the stream refused (the agent runs on without them).
     """
 
     ready: bool
@@ -122,6 +123,7 @@ class DaemonStatistics:
     events: EventPumpStatistics | None
     services: Mapping[str, Statistics]
     restarts: Mapping[str, int]
+    log: LogOutputStatistics
 
 
 @final
@@ -197,6 +199,7 @@ class Daemon:
             events=None if self._pump is None else self._pump.statistics(),
             services={s.name: s.statistics() for s in self._supervisor.services()},
             restarts={**self._pump_supervisor.restarts(), **self._supervisor.restarts()},
+            log=log_output_statistics(),
         )
 
     @property
