@@ -50,6 +50,10 @@ _DICT_TRACEBACKS: Final = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
 )
 """``dict_tracebacks`` without local variables (they may hold secrets and big buffers)."""
+OWN_CONTEXT_KEY: Final = "component"
+"""A line whose logger binds this key is that component's own (the simulated host's, whose
+in-process driver runs in the agent's tasks): the calling task's context variables
+(``service=balloon``...) are not merged into it."""
 LINES_LOST_EVENT: Final = "log_lines_lost"
 """The line written once the stream takes lines again, with how many were lost (``lines``)."""
 
@@ -74,7 +78,7 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
     if _is_journal_stream(out):
         renderer = _JournalPriority(renderer)
     shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+        _merge_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -232,6 +236,14 @@ class _Notice:
             event = processor(None, "warning", cast("EventDict", event))
         # Both renderers used here (JSON with json.dumps, console) return str.
         return cast("str", event)
+
+
+def _merge_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Merge the task's context variables into the line, unless its logger names its own
+    component (:data:`OWN_CONTEXT_KEY`)."""
+    if OWN_CONTEXT_KEY in event_dict:
+        return event_dict
+    return structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
 
 
 def _reason(exc: Exception) -> str:

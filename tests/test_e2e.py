@@ -438,10 +438,15 @@ class TestSimulateDemo:
         assert "agent_ready" in events
         assert "scenario_step" in events
         assert events[-1] == "agent_stopped"
-        # The simulated driver runs in the calling service's task: its lines carry both.
+        # The simulated driver runs in the calling service's task, but its lines are its own:
+        # the host's component, none of the service's context (they read as the agent's).
         denied = [line for line in lines if line["event"] == "vmm_request_denied"]
-        assert {line["service"] for line in denied} >= {"heartbeat", "balloon"}
+        # GET_MEMBALLOON_CHANGE_REQ (the balloon's) and HEARTBEAT_CONFIGURE (the heartbeat's)
+        assert {line["request_type"] for line in denied} >= {111, 220}
         assert {line.get("component") for line in denied} == {"simulated-host"}
+        host_lines = [line for line in lines if line.get("component") == "simulated-host"]
+        assert not [line for line in host_lines if "service" in line]
+        assert "heartbeat" in {line.get("service") for line in lines}
         assert "component" not in next(line for line in lines if line["event"] == "agent_ready")
 
     def test_failing_host_exits_69(self, workdir: Path) -> None:

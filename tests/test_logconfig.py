@@ -22,6 +22,7 @@ import pytest
 import structlog
 
 from agent.config import LogConfig
+from agent.host._log import LOG_COMPONENT, host_log
 from agent.logconfig import (
     LogOutputStatistics,
     configure_logging,
@@ -327,3 +328,17 @@ class Recording(io.TextIOWrapper):
     def write(self, text: str) -> int:
         self.written.append(text)
         return len(text)
+
+
+class TestHostLines:
+    def test_carry_the_host_and_not_the_calling_service(self) -> None:
+        """The in-process simulated host runs in the agent's tasks: its lines name the host
+        and none of the task's context (they read as the balloon's own), the agent's do."""
+        out = io.StringIO()
+        configure_logging(LogConfig(), stream=out)
+        structlog.contextvars.bind_contextvars(service="balloon")
+        host_log.info("vmm_request_denied")
+        structlog.get_logger().info("balloon_resized")
+        host, agent = json_lines(out.getvalue())
+        assert (host["component"], host.get("service")) == (LOG_COMPONENT, None)
+        assert agent["service"] == "balloon"
