@@ -66,9 +66,6 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
     (``$JOURNAL_STREAM``), each line starts with its syslog priority (``<6>``).
     """
     out = sys.stdout if stream is None else stream
-    output = _OUTPUT.output
-    if output is None or output.stream is not out:  # a reload to the same stream keeps it
-        output = _OUTPUT.output = LogOutput(out)
     console = cfg.format == "console" or (cfg.format == "auto" and out.isatty())
     renderer: Processor
     if console:
@@ -77,21 +74,25 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
         renderer = structlog.processors.JSONRenderer()
     if _is_journal_stream(out):
         renderer = _JournalPriority(renderer)
-    shared: list[Processor] = [
-        _merge_context,
+    own: list[Processor] = [  # what a line says of itself, not of the task that wrote it
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
     if not console:
-        shared.append(_DICT_TRACEBACKS)
+        own.append(_DICT_TRACEBACKS)
+    shared: list[Processor] = [_merge_context, *own]
+    notice = _Notice([*own, renderer])
+    output = _OUTPUT.output
+    if output is None or output.stream is not out:  # a reload to the same stream keeps it
+        output = _OUTPUT.output = LogOutput(out, notice)
+    output.notice = notice
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[cfg.level]),
         logger_factory=output.logger,
         cache_logger_on_first_use=False,
     )
-    output.notice = _Notice([*shared[1:], renderer])
     third_party = max(THIRD_PARTY_LEVEL, _LEVELS[cfg.level])
     _route_stdlib(output, [structlog.stdlib.add_logger_name, *shared], renderer, third_party)
 
@@ -131,13 +132,14 @@ class LogOutput:
     preceded by ``notice`` saying how many were lost, after a newline if a line was cut.
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, notice: Callable[[int, str], str]) -> None:
         self.stream = stream
+        self.notice = notice
+        """Renders the line saying how many lines were lost, and why."""
         self.lost = 0
         """Lines dropped since the process started."""
         self.failing: str | None = None
         """Why the last write failed, until one succeeds."""
-        self.notice: Callable[[int, str], str] = _plain_notice
         self._unsaid = 0
         """Lines lost since the last line written."""
         self._torn = False
@@ -160,10 +162,9 @@ class LogOutput:
     def msg(self, message: str) -> None:
         """Write ``message`` as a line; drop and count it if the stream refuses it."""
         with self._lock:
-            if self._unsaid and not self._say_lost():
-                self._lose(self.failing or "")
-                return
             try:
+                if self._unsaid:
+                    self._say_lost()
                 self._write(f"{message}\n")
             except (OSError, ValueError) as exc:
                 self._lose(_reason(exc))
@@ -171,18 +172,12 @@ class LogOutput:
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
-    def _say_lost(self) -> bool:
-        """Write the notice of the lines lost; whether the stream took it."""
+    def _say_lost(self) -> None:
+        """Write the line saying how many lines were lost (ending a line a write cut)."""
         lead = "\n" if self._torn else ""
-        try:
-            self._write(f"{lead}{self.notice(self._unsaid, self.failing or '')}\n")
-        except (OSError, ValueError) as exc:
-            self.failing = _reason(exc)
-            return False
+        self._write(f"{lead}{self.notice(self._unsaid, self.failing or '')}\n")
         self._unsaid = 0
-        self._torn = False
         self.failing = None
-        return True
 
     def _lose(self, reason: str) -> None:
         self.lost += 1
@@ -216,10 +211,6 @@ class _Output:
 
 
 _OUTPUT: Final = _Output()
-
-
-def _plain_notice(lines: int, reason: str) -> str:
-    return f"{LINES_LOST_EVENT} lines={lines} error={reason}"
 
 
 @final

@@ -306,6 +306,34 @@ class TestRefusedLines:
             logging.getLogger("third_party").error("nor this one")
             assert LogOutputStatistics(lost=3, failing="Broken pipe") == log_output_statistics()
 
+    def test_a_line_cut_by_a_full_disk_is_ended(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A write that took part of a line and then failed leaves the line cut: the line
+        that says how many were lost starts on a line of its own."""
+        read_end, write_end = os.pipe()
+        real_write = os.write
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def half_then_full(fd: int, data: bytes) -> int:
+            monkeypatch.setattr(os, "write", refuse)
+            return real_write(fd, data[: len(data) // 2])
+
+        def refuse(fd: int, data: bytes) -> int:
+            raise full
+
+        with os.fdopen(read_end, "rb") as log, os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            monkeypatch.setattr(os, "write", half_then_full)
+            structlog.get_logger().info("cut")
+            monkeypatch.setattr(os, "write", real_write)
+            structlog.get_logger().info("after")
+            out.close()
+            cut, *whole = log.read().decode().splitlines()
+        assert cut.startswith('{"event": "cut"')
+        assert [line["event"] for line in json_lines("\n".join(whole))] == [
+            "log_lines_lost",
+            "after",
+        ]
+
     def test_stderr_on_the_same_stream_hears_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Where stderr is the log's stream (``2>&1``, the journal), nothing is said there:
         it would refuse the line too."""
