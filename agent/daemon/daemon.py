@@ -16,8 +16,9 @@ answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
    by the request (``STOPPING=1`` is sent once the drains began, within ``D``);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
-   running meanwhile), while facility Terminating is reported (abandoned if the host does
-   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled.
+   running meanwhile, but opens no new waiter), while facility Terminating is reported
+   (abandoned if the host does not answer within ``REPORT_TIMEOUT_S``); a drain still
+   running at ``D`` is cancelled.
    A service still starting is one of them: the stop ends the daemon's wait for the starts
    (no service starts after the stop request), then cancels the start and drains it under
    ``D`` too;
@@ -264,7 +265,7 @@ class Daemon:
     async def _serve(
         self, device: Device, facility: FacilityReporter, task_status: trio.TaskStatus[None]
     ) -> None:
-        pump = EventPump(device)
+        pump = EventPump(device, leaving=self._leaving)
         self._pump = pump
         self._context = ServiceContext(
             device, pump, self._status_changed, agent_stopping=self._leaving
