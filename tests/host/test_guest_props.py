@@ -22,6 +22,7 @@ from agent.host.guest_props import (
     GuestFunction,
     GuestPropertyService,
 )
+from agent.host.guest_props._params import MAX_NAMES
 from agent.host.hgcm_service import HgcmService, HostBuffer, HostParm, HostU32, HostU64
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
@@ -222,6 +223,19 @@ class TestGetProp:
         """A 63-character name (64 bytes with its NUL) is valid."""
         assert guest_set(svc, "n" * 63, "v") == VINF_SUCCESS
         assert run(svc, get_call("n" * 63)).status == VINF_SUCCESS
+
+    def test_names_are_checked_alike_every_time(self, svc: GuestPropertyService) -> None:
+        """A name's check does not change with reads before it: a refused buffer stays
+        refused, one that differs only past its NUL is checked on its own, and names read
+        after more than ``MAX_NAMES`` others are checked and found as the first were."""
+        svc.host_set("/Guest/a", "hello")
+        for _ in range(2):
+            assert run(svc, get_call(raw_in(b"/Guest/a\0*"))).status == VERR_INVALID_PARAMETER
+            assert run(svc, get_call(raw_in(b"/Guest/a\0x"))).status == VINF_SUCCESS
+        for index in range(MAX_NAMES + 2):
+            assert run(svc, get_call(f"/Guest/n{index}")).status == VERR_NOT_FOUND
+        assert run(svc, get_call("/Guest/a")).status == VINF_SUCCESS
+        assert run(svc, get_call("/Guest/a|")).status == VERR_INVALID_PARAMETER
 
 
 class TestSetProp:

@@ -59,7 +59,24 @@ def get_prop_params(params: Sequence[HostParm]) -> tuple[str, HostBuffer, HostU6
         or type(size) is not HostU32
     ):
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    raw = name.data
+    raw = bytes(name.data)
+    text = _NAMES.get(raw)
+    if text is None:
+        text = _checked_name(raw)
+    return text, out, timestamp, size
+
+
+MAX_NAMES: Final = 256
+"""Name buffers whose check :func:`get_prop_params` remembers: far more than an agent reads,
+few enough that names a guest makes up cannot grow the table; others are checked each time."""
+_NAMES: Final[dict[bytes, str]] = {}
+"""The name buffers that passed the check (each whole, past its NUL too) and the names they
+hold: the check depends on the bytes alone, so a buffer that passed once passes again."""
+
+
+def _checked_name(raw: bytes) -> str:
+    """The name in a GET_PROP name buffer, checked as :func:`c_string` and :func:`check_name`
+    do; remembered while :data:`MAX_NAMES` are not."""
     end = raw.find(0)
     if end < 0 or not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE or _find_forbidden_byte(raw):
         raise GuestCallError(VERR_INVALID_PARAMETER)
@@ -67,7 +84,9 @@ def get_prop_params(params: Sequence[HostParm]) -> tuple[str, HostBuffer, HostU6
         text = raw[:end].decode()
     except UnicodeDecodeError:
         raise GuestCallError(VERR_INVALID_PARAMETER) from None
-    return text, out, timestamp, size
+    if len(_NAMES) < MAX_NAMES:
+        _NAMES[raw] = text
+    return text
 
 
 def c_string(parm: HostParm) -> CString:
