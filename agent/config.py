@@ -205,6 +205,14 @@ class ConfigError(AgentError):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
 
+    @property
+    def summary(self) -> str:
+        """The first problem without its value and reason (``FILE: key``; a file that cannot
+        be read or parsed keeps its whole line), and how many more there are."""
+        first = self.problems[0].partition(" = ")[0] if self.problems else "no problem named"
+        more = len(self.problems) - 1
+        return first if more < 1 else f"{first} and {more} more problem{'s' * (more > 1)}"
+
 
 def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTIONS) -> AgentConfig:
     """Read and validate the TOML file at ``path``.

@@ -6,18 +6,30 @@ level but never below warning (their info and debug lines are not the agent's st
 Loggers are not cached on first use, so calling it again on a reload changes the level and
 format of every logger at once; the agent logs a few lines per event, where the cost of
 an uncached logger (about a microsecond) does not show.
+
+Logging never raises into the code that logs (:class:`LogOutput`): a line the stream refuses
+(a full disk, a journal or pipe reader gone) is dropped and counted, the first failure is
+said once on stderr when stderr is another stream, and the first line written again is
+preceded by one ``log_lines_lost`` line saying how many were lost. The agent runs on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Final, TextIO, cast
+import threading
+from functools import partial
+from typing import TYPE_CHECKING, Final, TextIO, cast, final
 
 import structlog
 
+from agent.records import record
+
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from structlog.typing import EventDict, Processor, WrappedLogger
 
     from agent.config import LogConfig
@@ -38,6 +50,12 @@ _DICT_TRACEBACKS: Final = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
 )
 """``dict_tracebacks`` without local variables (they may hold secrets and big buffers)."""
+OWN_CONTEXT_KEY: Final = "component"
+"""A line whose logger binds this key is that component's own (the simulated host's, whose
+in-process driver runs in the agent's tasks): the calling task's context variables
+(``service=balloon``...) are not merged into it."""
+LINES_LOST_EVENT: Final = "log_lines_lost"
+"""The line written once the stream takes lines again, with how many were lost (``lines``)."""
 
 
 def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
@@ -56,30 +74,215 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
         renderer = structlog.processors.JSONRenderer()
     if _is_journal_stream(out):
         renderer = _JournalPriority(renderer)
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+    own: list[Processor] = [  # what a line says of itself, not of the task that wrote it
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
     if not console:
-        shared.append(_DICT_TRACEBACKS)
+        own.append(_DICT_TRACEBACKS)
+    shared: list[Processor] = [_merge_context, *own]
+    notice = _Notice([*own, renderer])
+    output = _OUTPUT.output
+    if output is None or output.stream is not out:  # a reload to the same stream keeps it
+        output = _OUTPUT.output = LogOutput(out, notice)
+    output.notice = notice
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[cfg.level]),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=output.logger,
         cache_logger_on_first_use=False,
     )
     third_party = max(THIRD_PARTY_LEVEL, _LEVELS[cfg.level])
-    _route_stdlib(out, [structlog.stdlib.add_logger_name, *shared], renderer, third_party)
+    _route_stdlib(output, [structlog.stdlib.add_logger_name, *shared], renderer, third_party)
+
+
+@record
+class LogOutputStatistics:
+    """What became of the log lines written since the process started.
+
+    Attributes:
+        lost: lines the stream refused, dropped.
+        failing: why the stream refuses lines now (None once it took one again).
+    """
+
+    lost: int
+    failing: str | None
+
+
+def log_output_statistics() -> LogOutputStatistics:
+    """Return the lines lost so far and why the log stream fails now, if it does."""
+    output = _OUTPUT.output
+    if output is None:
+        return LogOutputStatistics(lost=0, failing=None)
+    return LogOutputStatistics(lost=output.lost, failing=output.failing)
+
+
+@final
+class LogOutput:
+    """The stream the log lines go to, as a structlog logger whose writes never raise.
+
+    A line is written with one ``write`` on the stream's descriptor (the rest of it again if
+    a full disk took part of it), not through the stream's buffer, which would keep refused
+    lines and write them, out of order, once it can. A stream without a descriptor (a test's
+    ``StringIO``) is written and flushed. A line refused (``OSError``, or ``ValueError`` for a
+    closed stream) is dropped and counted; the first of a run of failures is said once on
+    stderr when stderr is another stream than the log's and takes it (the journal takes
+    stdout and stderr on one stream: nothing is said there); the next line written is
+    preceded by ``notice`` saying how many were lost, after a newline if a line was cut.
+    """
+
+    def __init__(self, stream: TextIO, notice: Callable[[int, str], str]) -> None:
+        self.stream = stream
+        self.notice = notice
+        """Renders the line saying how many lines were lost, and why."""
+        self.lost = 0
+        """Lines dropped since the process started."""
+        self.failing: str | None = None
+        """Why the last write failed, until one succeeds."""
+        self._unsaid = 0
+        """Lines lost since the last line written."""
+        self._torn = False
+        """A write failed after it wrote part of its line."""
+        self._lock = threading.Lock()
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._stderr = None if _same_stream(stream, sys.stderr) else sys.stderr
+        fd = _descriptor(stream)
+        self._write: Callable[[str], None]
+        if fd is None:
+            self._write = self._write_stream
+        else:
+            self._write = partial(self._write_fd, fd)
+            _flush_quietly(stream)  # what was written through its buffer goes first
+
+    def logger(self, *_args: object) -> LogOutput:
+        """The structlog logger factory: every logger writes through this output."""
+        return self
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` as a line; drop and count it if the stream refuses it."""
+        with self._lock:
+            try:
+                if self._unsaid:
+                    self._say_lost()
+                self._write(f"{message}\n")
+            except (OSError, ValueError) as exc:
+                self._lose(_reason(exc))
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def _say_lost(self) -> None:
+        """Write the line saying how many lines were lost (ending a line a write cut)."""
+        lead = "\n" if self._torn else ""
+        self._write(f"{lead}{self.notice(self._unsaid, self.failing or '')}\n")
+        self._unsaid = 0
+        self.failing = None
+
+    def _lose(self, reason: str) -> None:
+        self.lost += 1
+        self._unsaid += 1
+        if self.failing is None:
+            self.failing = reason
+            if self._stderr is not None:
+                _say_on(self._stderr, f"vbox-agent: cannot write the output: {reason}")
+
+    def _write_fd(self, fd: int, text: str) -> None:
+        data = text.encode(self._encoding, "backslashreplace")
+        written = os.write(fd, data)
+        while written < len(data):  # a full disk took part of it: the rest, or its error
+            self._torn = True
+            step = os.write(fd, data[written:])
+            if not step:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            written += step
+        self._torn = False
+
+    def _write_stream(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+class _Output:
+    """The output ``configure_logging`` set up last: a reload to the same stream keeps it
+    (and its count)."""
+
+    output: LogOutput | None = None
+
+
+_OUTPUT: Final = _Output()
+
+
+@final
+class _Notice:
+    """Render the ``log_lines_lost`` line as any warning (without the context of the task
+    that happened to write next)."""
+
+    def __init__(self, processors: Sequence[Processor]) -> None:
+        self._processors = processors
+
+    def __call__(self, lines: int, reason: str) -> str:
+        event: object = {"event": LINES_LOST_EVENT, "lines": lines, "error": reason}
+        for processor in self._processors:
+            event = processor(None, "warning", cast("EventDict", event))
+        # Both renderers used here (JSON with json.dumps, console) return str.
+        return cast("str", event)
+
+
+def _merge_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Merge the task's context variables into the line, unless its logger names its own
+    component (:data:`OWN_CONTEXT_KEY`)."""
+    if OWN_CONTEXT_KEY in event_dict:
+        return event_dict
+    return structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _descriptor(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
+def _same_stream(one: TextIO, other: TextIO) -> bool:
+    """Whether ``one`` and ``other`` write to the same file, pipe, socket or terminal."""
+    if one is other:
+        return True
+    try:
+        first, second = os.fstat(one.fileno()), os.fstat(other.fileno())
+    except (OSError, ValueError):
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def _flush_quietly(stream: TextIO) -> None:
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        return
+
+
+def _say_on(stream: TextIO, line: str) -> None:
+    """Write ``line`` to ``stream`` if it takes it: there is nowhere else to say it."""
+    try:
+        stream.write(f"{line}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        return
 
 
 def print_error(line: str, *, stream: TextIO | None = None) -> None:
     """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``), for the
     person or script that ran it. Under systemd the agent says it as a log line instead
-    (:func:`logs_to_journal`)."""
-    out = sys.stderr if stream is None else stream
-    out.write(f"{line}\n")
+    (:func:`logs_to_journal`). A stream that refuses it is left alone: there is nowhere else
+    to say it."""
+    _say_on(sys.stderr if stream is None else stream, line)
 
 
 def logs_to_journal(stream: TextIO | None = None) -> bool:
@@ -111,14 +314,28 @@ def _is_journal_stream(stream: TextIO) -> bool:
         return False
 
 
-class _AgentHandler(logging.StreamHandler[TextIO]):
-    """The root handler ``configure_logging`` installs (and replaces when called again)."""
+class _AgentHandler(logging.Handler):
+    """The root handler ``configure_logging`` installs (and replaces when called again): it
+    writes through the agent's :class:`LogOutput`."""
+
+    def __init__(self, output: LogOutput) -> None:
+        super().__init__()
+        self._output = output
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` as a line (a line the stream refuses is counted, not raised)."""
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted, as logging does
+            self.handleError(record)
+            return
+        self._output.msg(line)
 
 
 def _route_stdlib(
-    stream: TextIO, pre_chain: list[Processor], renderer: Processor, level: int
+    output: LogOutput, pre_chain: list[Processor], renderer: Processor, level: int
 ) -> None:
-    handler = _AgentHandler(stream)
+    handler = _AgentHandler(output)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=pre_chain,

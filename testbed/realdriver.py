@@ -7,8 +7,10 @@ one :class:`RealDriver` per process and routes the two callbacks to whichever de
 current.
 
 Finding the library: ``$VBOX_AGENT_REALDRIVER`` names the ``.so``; without it the nearest
-``shared/realdriver/build.sh`` beside the checkout (or beside one of its parent
-directories) builds it, or reuses its cache, and prints its path.
+``shared/realdriver/build.sh`` builds it, or reuses its cache, and prints its path. That
+script is looked for as ``.ci/test`` looks: beside the checkout or one of its parent
+directories, else beside the local repository the checkout was cloned from (its
+``remote.origin.url``, when that is a path) or one of that one's parents.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ ENV_LIBRARY: Final = "VBOX_AGENT_REALDRIVER"
 BUILD_SCRIPT: Final = Path("shared/realdriver/build.sh")
 """Where the build script sits, relative to a directory beside the checkout."""
 BUILD_TIMEOUT_S: Final = 900.0
+GIT_TIMEOUT_S: Final = 10.0
+"""Bound of the ``git config`` that reads the checkout's origin."""
 """A cold build downloads the kernel source package (about 150 MB)."""
 CHECKOUT: Final = Path(__file__).resolve().parent.parent
 
@@ -56,16 +60,40 @@ UaccessCallback = ctypes.CFUNCTYPE(
 )
 
 
-def build_script() -> Path | None:
-    """Return the nearest ``shared/realdriver/build.sh`` beside the checkout or a parent."""
-    for directory in CHECKOUT.parents:
-        script = directory / BUILD_SCRIPT
-        if script.is_file():
-            return script
+def build_script(checkout: Path = CHECKOUT) -> Path | None:
+    """Return the nearest ``shared/realdriver/build.sh`` beside ``checkout`` or a parent,
+    else beside its origin (a local repository it was cloned from) or a parent of that."""
+    for start in (checkout, origin(checkout)):
+        if start is None:
+            continue
+        for directory in start.resolve().parents:
+            script = directory / BUILD_SCRIPT
+            if script.is_file():
+                return script
     return None
 
 
-def locate_library() -> Path:
+def origin(checkout: Path) -> Path | None:
+    """The local repository ``checkout`` was cloned from (``remote.origin.url`` naming a
+    directory, as a path or a ``file://`` URL), or None."""
+    try:
+        result = subprocess.run(  # noqa: S603 - fixed arguments
+            ["git", "-C", str(checkout), "config", "--get", "remote.origin.url"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    url = result.stdout.strip().removeprefix("file://")
+    if not url.startswith("/"):
+        return None
+    path = Path(url)
+    return path if path.is_dir() else None
+
+
+def locate_library(checkout: Path = CHECKOUT) -> Path:
     """Return the library's path: ``$VBOX_AGENT_REALDRIVER``, else what build.sh prints.
 
     Raises:
@@ -78,9 +106,15 @@ def locate_library() -> Path:
             msg = f"${ENV_LIBRARY} names {path}, which is no file"
             raise PersonalityUnavailableError(msg)
         return path
-    script = build_script()
+    script = build_script(checkout)
     if script is None:
-        msg = f"no {BUILD_SCRIPT} beside {CHECKOUT} or its parents, and ${ENV_LIBRARY} is unset"
+        found = origin(checkout)
+        where = checkout if found is None else f"{checkout}, its origin {found}"
+        msg = (
+            f"the real driver library is missing: set ${ENV_LIBRARY} to a built "
+            f"libvbgreal.so, or put {BUILD_SCRIPT} (which builds it) beside {where} or "
+            "a parent directory"
+        )
         raise PersonalityUnavailableError(msg)
     try:
         result = subprocess.run(  # noqa: S603 - our own build script

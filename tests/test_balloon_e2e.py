@@ -13,6 +13,8 @@ Rules of this test module:
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
 import signal
 import subprocess
@@ -53,9 +55,13 @@ def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S)
 class Vm:
     """A simulated host process and an agent process talking to it."""
 
-    def __init__(self, workdir: Path, kind: str, *, retry_s: float = 0.2) -> None:
-        """``retry_s``: the balloon's first retry after a failure (the retries end at 1 s or
-        at ``retry_s``, whichever is later)."""
+    def __init__(
+        self, workdir: Path, kind: str, *, retry_s: float = 0.2, agent_stdout: int | None = None
+    ) -> None:
+        """Start both; the agent logs to ``agent.log`` (stderr with it), or to descriptor
+        ``agent_stdout`` with its stderr kept apart (``agent.stderr``). ``retry_s``: the
+        balloon's first retry after a failure (the retries end at 1 s or at ``retry_s``,
+        whichever is later)."""
         self.workdir = workdir
         self.socket = workdir / "host.sock"
         self._host_log = (workdir / "host.log").open("wb")
@@ -88,8 +94,9 @@ class Vm:
                 "--config",
                 str(config),
             ],
-            stdout=self._agent_log,
-            stderr=subprocess.STDOUT,
+            stdout=self._agent_log if agent_stdout is None else agent_stdout,
+            stderr=subprocess.STDOUT if agent_stdout is None else subprocess.PIPE,
+            text=True,
         )
 
     def command(self, *args: str) -> None:
@@ -215,3 +222,47 @@ class TestBalloonEndToEnd:
             assert vm.stop_agent() < SHUTDOWN_TIMEOUT_S
             assert vm.chunks == 0
             assert [line["returned"] for line in vm.logged("balloon_drained")] == [32]
+
+
+class TestLogReaderGone:
+    """The agent's log is a pipe whose reader goes away while the balloon holds chunks."""
+
+    def test_runs_on_and_returns_every_chunk_at_its_stop(self, workdir: Path) -> None:
+        """The agent runs on without its log (the balloon still follows the host); SIGTERM
+        then drains as always: every chunk goes back to the host, and the agent exits 74 with
+        the one line it said when the log first failed (it exited 141 at once, silent,
+        leaving the host its 64 chunks)."""
+        read_end, write_end = os.pipe()
+        vm = Vm(workdir, "passthrough", agent_stdout=write_end)
+        os.close(write_end)
+        try:
+            _read_until(read_end, "agent_ready")
+            vm.command("balloon", "64")
+            vm.wait_chunks(64)
+            os.close(read_end)
+            vm.command("balloon", "32")  # logged: to a pipe nobody reads any more
+            vm.wait_chunks(32)
+            assert vm.agent.poll() is None
+            vm.agent.send_signal(signal.SIGTERM)
+            _, stderr = vm.agent.communicate(timeout=WAIT_S)
+            assert (vm.agent.returncode, stderr) == (
+                74,
+                "vbox-agent: cannot write the output: Broken pipe\n",
+            )
+            assert vm.chunks == 0
+        finally:
+            vm.close()
+
+
+def _read_until(fd: int, event: str) -> None:
+    """Read the agent's log lines from ``fd`` until one says ``event`` (``WAIT_S`` at most)."""
+    deadline = time.monotonic() + WAIT_S
+    pending = b""
+    while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        *lines, pending = (pending + data).split(b"\n")
+        if any(line.startswith(b"{") and json.loads(line).get("event") == event for line in lines):
+            return
+    pytest.fail(f"the agent did not log {event}")

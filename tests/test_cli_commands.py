@@ -111,12 +111,23 @@ def run_into_full_disk(*argv: str, env: dict[str, str] | None = None) -> tuple[i
 
 
 @pytest.mark.parametrize(
-    "argv", [["abi", "--json"], ["abi"], ["check-config", "config/agent.toml"]]
+    "argv",
+    [
+        ["abi", "--json"],
+        ["abi"],
+        ["check-config", "config/agent.toml"],
+        ["--help"],
+        ["--version"],
+        ["run", "--help"],
+        ["run", "--simulate", "--duration", "0.5"],
+    ],
 )
 def test_output_to_a_full_disk_is_one_line(argv: list[str]) -> None:
     """``> /dev/full``: one line and exit 74 (EX_IOERR), whether the answer is larger than
-    the buffer (abi: a traceback, exit 1) or written by the last flush (check-config: an
-    ignored exception at exit, 120)."""
+    the buffer (abi: a traceback, exit 1), written by the last flush (check-config: an
+    ignored exception at exit, 120) or argparse's (``--help``, ``--version``: nothing said,
+    exit 0). ``run`` ran on without its log and stopped cleanly at the end of its
+    ``--duration`` (it ended at its first line with a traceback, exit 1)."""
     assert run_into_full_disk(*argv) == (EX_IOERR, FULL_DISK_LINE)
 
 

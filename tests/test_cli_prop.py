@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -362,13 +363,22 @@ class TestNoHost:
 
     def test_a_path_that_cannot_be_the_device_exits_78_as_run_does(self, tmp_path: Path) -> None:
         """A device path that exists and is not a vboxguest node (a regular file answers the
-        handshake with ENOTTY, a directory is EISDIR) is a config mistake: 78, as ``run``
+        handshake with ENOTTY, a directory is EISDIR, a simulated host's socket named
+        without ``unix:`` fails the open with ENXIO) is a config mistake: 78, as ``run``
         exits for it (``prop`` said 69, no device); a missing node stays 69."""
         regular = tmp_path / "passwd"
         regular.write_text("root:x:0:0::/root:/bin/sh\n")
+        with socket.socket(socket.AF_UNIX) as listener:  # the socket file stays
+            listener.bind(str(tmp_path / "host.sock"))
         for path, code, reason in (
             (regular, EX_CONFIG, "it did not answer the vboxguest version handshake (ENOTTY)"),
             (tmp_path, EX_CONFIG, "cannot be the vboxguest device: Is a directory (EISDIR)"),
+            (
+                tmp_path / "host.sock",
+                EX_CONFIG,
+                f"is a Unix socket, not the vboxguest device: "
+                f"for a simulated host listening there write unix:{tmp_path / 'host.sock'} ",
+            ),
             (tmp_path / "vboxguest", EX_UNAVAILABLE, "does not exist"),
         ):
             done = self.prop("--device", str(path), "get", "/x")

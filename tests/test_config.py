@@ -692,6 +692,18 @@ def test_the_readme_installs_the_command_where_the_unit_runs_it() -> None:
     assert f"`{command.split()[0]}`" in section
 
 
+def test_a_reload_checks_the_agents_config_file_before_the_signal() -> None:
+    """``systemctl reload`` fails visibly on an invalid file: ``ExecReload=`` runs
+    ``check-config`` on the file ``ExecStart=`` names (a failed command ends the reload
+    before the next), then sends SIGHUP (alone, it reported success whatever the file held)."""
+    lines = UNIT.read_text().splitlines()
+    (start,) = [line.partition("=")[2] for line in lines if line.startswith("ExecStart=")]
+    reloads = [line.partition("=")[2] for line in lines if line.startswith("ExecReload=")]
+    command, _, arguments = start.partition(" ")
+    config = arguments.split("--config ", 1)[1].split()[0]
+    assert reloads == [f"{command} check-config {config}", "/bin/kill -HUP $MAINPID"]
+
+
 FAILED_START_S = 1.0
 """Upper bound of a start that fails at once (exit 69, no device): 0.34 s measured, with room
 for a slow guest."""

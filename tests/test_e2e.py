@@ -439,10 +439,15 @@ class TestSimulateDemo:
         assert "agent_ready" in events
         assert "scenario_step" in events
         assert events[-1] == "agent_stopped"
-        # The simulated driver runs in the calling service's task: its lines carry both.
+        # The simulated driver runs in the calling service's task, but its lines are its own:
+        # the host's component, none of the service's context (they read as the agent's).
         denied = [line for line in lines if line["event"] == "vmm_request_denied"]
-        assert {line["service"] for line in denied} >= {"heartbeat", "balloon"}
+        # GET_MEMBALLOON_CHANGE_REQ (the balloon's) and HEARTBEAT_CONFIGURE (the heartbeat's)
+        assert {line["request_type"] for line in denied} >= {111, 220}
         assert {line.get("component") for line in denied} == {"simulated-host"}
+        host_lines = [line for line in lines if line.get("component") == "simulated-host"]
+        assert not [line for line in host_lines if "service" in line]
+        assert "heartbeat" in {line.get("service") for line in lines}
         assert "component" not in next(line for line in lines if line["event"] == "agent_ready")
 
     def test_failing_host_exits_69(self, workdir: Path) -> None:
@@ -488,8 +493,40 @@ class TestReadme:
             assert "agent_stopped" in {line.get("event") for line in lines}
             assert not socket_path.exists()
 
+    def test_cpu_hotplug_scratch_tree(self, workdir: Path) -> None:
+        """The CPU hot-plug recipe, pasted as written (its paths moved to a private
+        directory): the agent takes cpu1 offline and ejects it, then brings it back."""
+        script = (
+            readme_block(CPU_INTRO)
+            .replace("/tmp/cpu.sock", str(workdir / "cpu.sock"))
+            .replace("/tmp/cpus", str(workdir / "cpus"))
+        )
+        environment = dict(os.environ, PATH=f"{Path(PYTHON).parent}:{os.environ['PATH']}")
+        bash = shutil.which("bash")
+        assert bash is not None
+        result = subprocess.run(
+            [bash, "-e", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=4 * WAIT_S,
+            check=False,
+            env=environment,
+        )
+        assert result.returncode == 0, (result.stdout[-3000:], result.stderr)
+        lines = result.stdout.splitlines()
+        assert [line for line in lines if line[:1] != "{"] == ["0", "1"]
+        events = [json.loads(line).get("event") for line in lines if line[:1] == "{"]
+        changes = {"cpu_unplugged", "cpu_plugged", "cpu_unplug_failed", "cpu_plug_failed"}
+        assert [event for event in events if event in changes] == [
+            "cpu_unplugged",
+            "cpu_plugged",
+        ]
+        cpu1 = workdir / "cpus/devices/system/cpu/cpu1"
+        assert (cpu1 / "firmware_node/eject").read_text().strip() == "1"
+
 
 TWO_PROCESS_INTRO = "A simulated host in its own process"
+CPU_INTRO = "`host cpu plug|unplug CORE"
 README_SOCKET = "/tmp/host.sock"
 README_PASTES = 3
 """How many times the test pastes the example (it once lost a race one time in seven)."""

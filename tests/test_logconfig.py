@@ -9,18 +9,27 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pytest
 import structlog
 
 from agent.config import LogConfig
-from agent.logconfig import configure_logging, logs_to_journal, print_error
+from agent.host._log import LOG_COMPONENT, host_log
+from agent.logconfig import (
+    LogOutputStatistics,
+    configure_logging,
+    log_output_statistics,
+    logs_to_journal,
+    print_error,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -236,3 +245,128 @@ class TestStdlib:
         logging.getLogger("third_party").error("failed")
         assert first.getvalue() == ""
         assert len(json_lines(second.getvalue())) == 1
+
+
+class Refusing(io.StringIO):
+    """A log stream that refuses every write while ``error`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.error is not None:
+            raise self.error
+        return super().write(text)
+
+
+class TestRefusedLines:
+    def test_dropped_counted_said_once_and_summed_up(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Lines a stream refuses raise nothing: they are counted, stderr hears of the first
+        refusal once, and the first line written again is preceded by one line with how
+        many were lost (not the context of the task that wrote it)."""
+        stderr = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        out = Refusing()
+        configure_logging(LogConfig(), stream=out)
+        log = structlog.get_logger()
+        log.info("before")
+        out.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        log.info("lost")
+        logging.getLogger("third_party").warning("lost too")
+        assert LogOutputStatistics(lost=2, failing="No space left on device") == (
+            log_output_statistics()
+        )
+        out.error = None
+        structlog.contextvars.bind_contextvars(service="heartbeat")
+        log.info("after")
+        lines = json_lines(out.getvalue())
+        assert [line["event"] for line in lines] == ["before", "log_lines_lost", "after"]
+        assert (
+            lines[1]["lines"],
+            lines[1]["error"],
+            lines[1]["level"],
+        ) == (2, "No space left on device", "warning")
+        assert "service" not in lines[1]
+        assert (
+            stderr.getvalue()
+        ) == "vbox-agent: cannot write the output: No space left on device\n"
+        assert LogOutputStatistics(lost=2, failing=None) == log_output_statistics()
+
+    def test_a_reader_gone_on_a_descriptor(self) -> None:
+        """A pipe whose reader closed (EPIPE) refuses each line, written on its descriptor,
+        without raising; a reload to the same stream keeps the count."""
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        with os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            structlog.get_logger().info("nobody reads this")
+            configure_logging(LogConfig(level="debug"), stream=out)
+            structlog.get_logger().debug("nor this")
+            logging.getLogger("third_party").error("nor this one")
+            assert LogOutputStatistics(lost=3, failing="Broken pipe") == log_output_statistics()
+
+    def test_a_line_cut_by_a_full_disk_is_ended(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A write that took part of a line and then failed leaves the line cut: the line
+        that says how many were lost starts on a line of its own."""
+        read_end, write_end = os.pipe()
+        real_write = os.write
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def half_then_full(fd: int, data: bytes) -> int:
+            monkeypatch.setattr(os, "write", refuse)
+            return real_write(fd, data[: len(data) // 2])
+
+        def refuse(fd: int, data: bytes) -> int:
+            raise full
+
+        with os.fdopen(read_end, "rb") as log, os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            monkeypatch.setattr(os, "write", half_then_full)
+            structlog.get_logger().info("cut")
+            monkeypatch.setattr(os, "write", real_write)
+            structlog.get_logger().info("after")
+            out.close()
+            cut, *whole = log.read().decode().splitlines()
+        assert cut.startswith('{"event": "cut"')
+        assert [line["event"] for line in json_lines("\n".join(whole))] == [
+            "log_lines_lost",
+            "after",
+        ]
+
+    def test_stderr_on_the_same_stream_hears_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where stderr is the log's stream (``2>&1``, the journal), nothing is said there:
+        it would refuse the line too."""
+        with open("/dev/full", "w") as out, Recording(open(os.dup(out.fileno()), "wb")) as err:
+            monkeypatch.setattr(sys, "stderr", err)
+            configure_logging(LogConfig(), stream=out)
+            structlog.get_logger().info("nobody reads this")
+            assert err.written == []
+        failing = os.strerror(errno.ENOSPC)
+        assert LogOutputStatistics(lost=1, failing=failing) == log_output_statistics()
+
+
+class Recording(io.TextIOWrapper):
+    """A stream on a descriptor that keeps what it is given instead of writing it."""
+
+    def __init__(self, buffer: BinaryIO) -> None:
+        super().__init__(buffer)
+        self.written: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        return len(text)
+
+
+class TestHostLines:
+    def test_carry_the_host_and_not_the_calling_service(self) -> None:
+        """The in-process simulated host runs in the agent's tasks: its lines name the host
+        and none of the task's context (they read as the balloon's own), the agent's do."""
+        out = io.StringIO()
+        configure_logging(LogConfig(), stream=out)
+        structlog.contextvars.bind_contextvars(service="balloon")
+        host_log.info("vmm_request_denied")
+        structlog.get_logger().info("balloon_resized")
+        host, agent = json_lines(out.getvalue())
+        assert (host["component"], host.get("service")) == (LOG_COMPONENT, None)
+        assert agent["service"] == "balloon"

@@ -38,11 +38,13 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
 from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_IOERR, EX_USAGE
-from agent.cli._output import OutputError, flush
+from agent.cli._output import OutputError, flush, write_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from types import FrameType
+
+    from _typeshed import SupportsWrite
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -62,6 +64,16 @@ class CommandParser(argparse.ArgumentParser):
         """Print this parser's usage and ``message``, then exit 64."""
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        """Write ``message`` (``--help``, ``--version``) as a command's answer when it goes
+        to stdout: a write refused ends the command as any answer's does (74 with one line,
+        141 for a reader gone), where argparse would drop the error and exit 0."""
+        if message and file is sys.stdout:
+            write_text(message)
+            flush()
+        else:
+            super()._print_message(message, file)
 
     def parse_known_args(  # type: ignore[override]  # one Namespace type, not the overloads
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -324,19 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(words: Sequence[str]) -> int:
-    """:func:`main` once the command's signals are held."""
-    parser = _build_parser(words)
-    leading, words = _leading_options(parser, words)
-    args, unrecognized = parser.parse_known_args(words)
-    usage_parser: CommandParser = args.usage_parser
-    chain = _command_chain(parser, usage_parser)
-    if leading or unrecognized:
-        usage_parser.error(_unrecognized(chain, unrecognized, leading))
-    _missing_options(chain, args)
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    """:func:`main` once the command's signals are held: the exit code of the command, or of
+    what ended it (Ctrl-C, output that cannot be written, ``--help`` included)."""
     try:
-        code = handler(args)
-        flush()
+        return _parse_and_run(words)
     except KeyboardInterrupt:  # Ctrl-C ending `prop wait` or a wait for a host is no failure
         return EX_INTERRUPTED
     except BrokenPipeError:
@@ -346,6 +349,20 @@ def _main(words: Sequence[str]) -> int:
         _discard_output()
         print(f"vbox-agent: cannot write the output: {exc}", file=sys.stderr)
         return EX_IOERR
+
+
+def _parse_and_run(words: Sequence[str]) -> int:
+    parser = _build_parser(words)
+    leading, words = _leading_options(parser, words)
+    args, unrecognized = parser.parse_known_args(words)
+    usage_parser: CommandParser = args.usage_parser
+    chain = _command_chain(parser, usage_parser)
+    if leading or unrecognized:
+        usage_parser.error(_unrecognized(chain, unrecognized, leading))
+    _missing_options(chain, args)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    code = handler(args)
+    flush()
     return code
 
 

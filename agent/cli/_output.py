@@ -23,8 +23,17 @@ def write_line(text: str) -> None:
     Raises:
         OutputError: the write failed, other than for a closed pipe.
     """
+    write_text(f"{text}\n")
+
+
+def write_text(text: str) -> None:
+    """Write ``text`` to stdout as it is.
+
+    Raises:
+        OutputError: the write failed, other than for a closed pipe.
+    """
     try:
-        sys.stdout.write(f"{text}\n")
+        sys.stdout.write(text)
     except BrokenPipeError:
         raise
     except OSError as exc:

@@ -4,6 +4,12 @@ Why it did not start (a bad config, no device) or why it ended is one plain line
 except under systemd: there every line goes to the journal, and it is one structured log
 line (``config_invalid``, ``device_unavailable``, ``device_not_vboxguest``, ``device_lost``,
 ``agent_failed``) at error priority or above, like everything else the agent logs there.
+
+A log stream that refuses lines (a full disk, a journal or pipe reader gone) does not stop
+the agent: it runs on and drops the lines, counted (:mod:`agent.logconfig`). A stop then
+drains as always; if the stream still refused the last line, the run exits 74 (``EX_IOERR``),
+the one line about it said on stderr when the stream first failed (nothing when stderr is
+the same stream).
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ import structlog
 import trio
 
 from agent.cli._arguments import PERSONALITIES, device_spec, file_path, positive_seconds
-from agent.cli._exit import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
+from agent.cli._exit import (
+    EX_CONFIG,
+    EX_INTERRUPTED,
+    EX_IOERR,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+)
 from agent.config import AgentConfig, ConfigError, LogConfig, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import (
@@ -27,7 +40,12 @@ from agent.device import (
     NotTheDeviceError,
     opener_for_spec,
 )
-from agent.logconfig import configure_logging, logs_to_journal, print_error
+from agent.logconfig import (
+    configure_logging,
+    log_output_statistics,
+    logs_to_journal,
+    print_error,
+)
 from agent.protocol import AgentError
 from agent.services.registry import section_models
 
@@ -90,7 +108,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the agent; return 0 after a clean shutdown, non-zero on failure."""
+    """Run the agent; return 0 after a clean shutdown, 74 after one with the log stream
+    still refusing lines, another code on failure."""
     usage: argparse.ArgumentParser = args.usage_parser
     if not args.simulate:
         for option, value in (("--personality", args.personality), ("--scenario", args.scenario)):
@@ -134,6 +153,8 @@ def run_command(args: argparse.Namespace) -> int:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code
         return _report_failure(exc)
+    if log_output_statistics().failing is not None:  # said on stderr when it began
+        return EX_IOERR
     return EX_OK
 
 

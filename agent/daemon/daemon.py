@@ -16,8 +16,9 @@ answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
    by the request (``STOPPING=1`` is sent once the drains began, within ``D``);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
-   running meanwhile), while facility Terminating is reported (abandoned if the host does
-   not answer within ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled.
+   running meanwhile, but opens no new waiter), while facility Terminating is reported
+   (abandoned if the host does not answer within ``REPORT_TIMEOUT_S``); a drain still
+   running at ``D`` is cancelled.
    A service still starting is one of them: the stop ends the daemon's wait for the starts
    (no service starts after the stop request), then cancels the start and drains it under
    ``D`` too;
@@ -45,8 +46,10 @@ Reload (SIGHUP): the daemon's own sections apply live where they can; each servi
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
 of ``enable`` starts or stops the service. A service that cannot be built is logged and
 left as it was (the old one runs on, or none starts), ``STATUS=`` says so, and the next
-reload tries it again. A reload that a stop or a fatal error overtakes
-(while ``RELOADING=1`` or its ``READY=1`` waits for room) gives that message up, applies
+reload tries it again. An invalid file leaves everything as it was, and ``STATUS=`` begins
+with :data:`REJECTED_PREFIX` until a reload reads a valid one. A reload that a stop or a
+fatal error overtakes (while ``RELOADING=1`` or its ``READY=1`` waits for room) gives that
+message up, applies
 nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last state sent; the
 supervisor, once told to stop every service, starts and replaces none anyway.
 """
@@ -66,8 +69,9 @@ from agent.daemon.notify import Notifier
 from agent.daemon.signals import handle_signals
 from agent.daemon.supervisor import Supervisor
 from agent.device import open_device
-from agent.logconfig import configure_logging
+from agent.logconfig import LogOutputStatistics, configure_logging, log_output_statistics
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
+from agent.protocol.errors import shown_text
 from agent.records import record
 from agent.services import EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
@@ -100,6 +104,10 @@ starting, and ``STATUS=`` reads ``<name> starting`` until it started. The unit's
 ``TimeoutStartSec=`` counts on this bound."""
 STARTING_SUFFIX: Final = " starting"
 """A service's ``STATUS=`` fragment while its run has not started yet."""
+REJECTED_PREFIX: Final = "last reload rejected: "
+"""The first ``STATUS=`` fragment after a reload found the file invalid, until one finds it
+valid: a SIGHUP sent by hand, or a file that changed after the unit's ``check-config``, ends
+in no failed ``systemctl reload``."""
 
 
 @record
@@ -114,6 +122,7 @@ class DaemonStatistics:
         services: each supervised service's snapshot, by name.
         restarts: restarts (after failures, or replaced on reload) by service name, the
             event pump's (after failures) under ``event-pump``.
+        log: the log lines the stream refused (the agent runs on without them).
     """
 
     ready: bool
@@ -122,6 +131,7 @@ class DaemonStatistics:
     events: EventPumpStatistics | None
     services: Mapping[str, Statistics]
     restarts: Mapping[str, int]
+    log: LogOutputStatistics
 
 
 @final
@@ -184,6 +194,9 @@ class Daemon:
         self._reload_notice = trio.CancelScope()
         """Around a reload's RELOADING=1 or READY=1 in flight: a stop or a fatal error gives
         it up, so neither follows STOPPING=1."""
+        self._reload_rejected: str | None = None
+        """Why the last reload's file was rejected (:attr:`ConfigError.summary`), shown first
+        in ``STATUS=`` until a reload reads a valid file."""
         self._build_failures: dict[str, str] = {}
         """Services a reload could not build, with the error: shown in ``STATUS=``, and the
         next reload tries them again."""
@@ -197,6 +210,7 @@ class Daemon:
             events=None if self._pump is None else self._pump.statistics(),
             services={s.name: s.statistics() for s in self._supervisor.services()},
             restarts={**self._pump_supervisor.restarts(), **self._supervisor.restarts()},
+            log=log_output_statistics(),
         )
 
     @property
@@ -254,7 +268,7 @@ class Daemon:
     async def _serve(
         self, device: Device, facility: FacilityReporter, task_status: trio.TaskStatus[None]
     ) -> None:
-        pump = EventPump(device)
+        pump = EventPump(device, leaving=self._leaving)
         self._pump = pump
         self._context = ServiceContext(
             device, pump, self._status_changed, agent_stopping=self._leaving
@@ -406,6 +420,10 @@ class Daemon:
         starting = set(self._supervisor.starting())
         unbuilt = dict(self._build_failures)
         fragments = []
+        if self._reload_rejected is not None:
+            fragments.append(
+                f"{REJECTED_PREFIX}{shown_text(self._reload_rejected)}: previous config in effect"
+            )
         pump_failures = self._pump_supervisor.retrying().get(EventPump.name)
         if pump_failures is not None:  # no service hears the host meanwhile
             fragments.append(f"event pump failed, retrying ({pump_failures}x)")
@@ -562,7 +580,12 @@ class Daemon:
                 errors=exc.problems,
                 outcome="the running config stays in effect",
             )
+            self._reload_rejected = exc.summary
+            self._status_changed()
             return None
+        if self._reload_rejected is not None:
+            self._reload_rejected = None
+            self._status_changed()
         for warning in config.warnings:  # as `run` logs them at start
             log.warning("config_deprecated", path=str(self._config_path), warning=warning)
         return config

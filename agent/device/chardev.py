@@ -125,6 +125,7 @@ from agent.protocol.constants import (
     SHORT_CALL_TIMEOUT_MS,
     IoctlFunction,
 )
+from agent.protocol.errors import escaped
 from agent.protocol.status import VERR_NO_MEMORY
 
 if TYPE_CHECKING:
@@ -193,6 +194,10 @@ device policy or a security module). Any other errno (EMFILE, ENFILE, ENOMEM: th
 open allocates the session) is a shortage that may pass, not a missing device."""
 NAME_THE_NODE: Final = "name the device node (--device, or run's [device] path)"
 """The fix for a path that is not the device, as the end of its one-line message."""
+VBOXGUEST_NODE_NAMES: Final = frozenset({"vboxguest", "vboxuser"})
+"""The misc devices both drivers register (the in-tree ``vboxguest_linux.c`` and Oracle's
+``VBoxGuest-linux.c``): ``/sys/dev/char/MAJ:MIN`` of their nodes ends in these names."""
+DEFAULT_SYSFS_ROOT: Final = "/sys"
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
 
@@ -826,6 +831,7 @@ class CharDevOpener:
         open_fn: Callable[[str, int], int] = os.open,
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
+        sysfs_root: str = DEFAULT_SYSFS_ROOT,
     ) -> None:
         """Create the opener; the ``*_fn`` arguments replace the system calls in tests.
 
@@ -838,8 +844,11 @@ class CharDevOpener:
             close_fn: ``close_fn(fd)``, as ``os.close``.
             interrupt_fn: makes the ioctl of the worker thread with that ident return
                 EINTR (default: :func:`signal_thread`).
+            sysfs_root: where sysfs is mounted: a failed open or handshake asks its
+                ``dev/char`` what the node is (:func:`foreign_node`).
         """
         self._path = path
+        self._sysfs_root = sysfs_root
         self._budget = ThreadBudget(threads)
         self._ioctl_fn = ioctl_fn
         self._open_fn = open_fn
@@ -862,8 +871,9 @@ class CharDevOpener:
         """Open the node, agree on the ioctl interface version and return the session.
 
         Raises:
-            NotTheDeviceError: the path cannot be the device: a directory, a bad path, or a
-                file that is no vboxguest node (the handshake's ioctl is unknown to it).
+            NotTheDeviceError: the path cannot be the device: a directory, a bad path, a
+                file that is no vboxguest node (the handshake's ioctl is unknown to it), or
+                what :func:`foreign_node` proves is not one (a socket, another device).
             DeviceUnavailableError: the node is missing, not accessible, not backed by a
                 VirtualBox device, or its driver refuses our interface version.
             OSError: ``open(2)`` failed for want of something that may come back (see
@@ -877,6 +887,10 @@ class CharDevOpener:
         except OSError as exc:
             if exc.errno in NOT_THE_DEVICE_ERRNOS:
                 raise NotTheDeviceError(open_failure(self._path, exc)) from exc
+            if exc.errno in (errno.ENXIO, errno.ENODEV) and (
+                foreign := foreign_node(self._path, self._sysfs_root)
+            ):
+                raise NotTheDeviceError(foreign) from exc
             if exc.errno in NO_DEVICE_ERRNOS:
                 raise DeviceUnavailableError(open_failure(self._path, exc)) from exc
             raise OSError(exc.errno, open_failure(self._path, exc)) from exc
@@ -916,6 +930,12 @@ class CharDevOpener:
                     f"version handshake (ENOTTY); {NAME_THE_NODE}"
                 )
                 raise NotTheDeviceError(msg) from exc
+            if not isinstance(exc, VBoxStatusError) and (
+                foreign := foreign_node(self._path, self._sysfs_root)
+            ):
+                # Another driver's node may answer an unknown ioctl with EINVAL (/dev/random)
+                # or anything else: that is no version the vboxguest driver refused.
+                raise NotTheDeviceError(foreign) from exc
             refused = isinstance(exc, VBoxStatusError) or exc.errno == errno.EINVAL
             if not refused:
                 msg = f"{path} did not answer the vboxguest version handshake ({_reason(exc)})"
@@ -944,6 +964,45 @@ def _reason(exc: VBoxStatusError | OSError) -> str:
     if isinstance(exc, VBoxStatusError):
         return exc.name
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def foreign_node(path: str, sysfs_root: str = DEFAULT_SYSFS_ROOT) -> str | None:
+    """Return why ``path`` cannot be the vboxguest device, in one line ending with the fix,
+    or None when it may be (or nothing tells).
+
+    A Unix socket cannot be (a simulated host's socket is named ``unix:PATH``), nor a block
+    device, nor a character device that sysfs names other than ``vboxguest`` or
+    ``vboxuser`` (``/sys/dev/char/MAJ:MIN`` links to the device's directory). Where
+    ``stat`` fails, or sysfs has no entry for the node (no ``/sys``), nothing is proven.
+    """
+    shown = shown_path(path)
+    try:
+        mode = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode.st_mode):
+        return (
+            f"{shown} is a Unix socket, not the vboxguest device: for a simulated host "
+            f"listening there write unix:{shown} (--device, or run's [device] path)"
+        )
+    if stat.S_ISBLK(mode.st_mode):
+        name: str | None = "a block device"
+    elif stat.S_ISCHR(mode.st_mode):
+        name = _sysfs_char_name(mode.st_rdev, sysfs_root)
+    else:
+        name = None
+    if name is None or name in VBOXGUEST_NODE_NAMES:
+        return None
+    return f"{shown} is not a vboxguest device (it is {escaped(name)}); {NAME_THE_NODE}"
+
+
+def _sysfs_char_name(rdev: int, sysfs_root: str) -> str | None:
+    """The name sysfs gives the character device ``rdev``, or None if it has no entry."""
+    entry = os.path.join(sysfs_root, "dev", "char", f"{os.major(rdev)}:{os.minor(rdev)}")
+    try:
+        return os.path.basename(os.readlink(entry)) or None
+    except OSError:
+        return None
 
 
 def open_failure(path: str, exc: OSError) -> str:

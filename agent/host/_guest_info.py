@@ -37,6 +37,19 @@ PUBLISHER_TAG_CHARS: Final = frozenset(
 """The characters a publisher tag may have."""
 _MOUSE_STATUS: Final = struct.Struct("<Iii")
 """``vmmdev_mouse_status`` body at 24: features, pointer x, pointer y."""
+_MOUSE_STATUS_EX: Final = struct.Struct("<Iiiiii")
+"""``VMMDevReqMouseStatusEx`` body at 24: the above, then wheel dz, dw and the buttons."""
+GET_MOUSE_STATUS_EX: Final = 223
+"""``VMMDevReq_GetMouseStatusEx`` (VirtualBox 7), which :class:`RequestType` does not name
+(the Linux uapi enum stops before it)."""
+MOUSE_MASK: Final = 0x1FF
+"""``VMMDEV_MOUSE_MASK``: every ``VMMDEV_MOUSE_*`` bit (up to HOST_USES_FULL_STATE_PROTOCOL)."""
+MOUSE_GUEST_MASK: Final = 0x95
+"""``VMMDEV_MOUSE_GUEST_MASK``: the bits the guest may change (can-absolute, needs-host-cursor,
+new protocol, uses-full-state)."""
+HOST_MOUSE_FEATURES: Final = 0x120
+"""What the device's constructor sets: HOST_RECHECKS_NEEDS_HOST_CURSOR (0x20) and
+HOST_SUPPORTS_FULL_STATE_PROTOCOL (0x100); no Main front-end changes them here."""
 
 
 @dataclass(slots=True)
@@ -51,6 +64,7 @@ class GuestInfo:
     additions_name: str = ""
     capabilities: int = 0
     mouse_features: int = 0
+    """The guest's bits of the device's mouse capability word (within MOUSE_GUEST_MASK)."""
 
     def report_info(self, req: bytearray, _phys: int) -> int:
         """REPORT_GUEST_INFO: a compatible interface version lets the additions in.
@@ -96,17 +110,30 @@ class GuestInfo:
         return VINF_SUCCESS
 
     def get_mouse_status(self, req: bytearray, _phys: int) -> int:
-        """GET_MOUSE_STATUS: features and a centred pointer (the host has no real mouse)."""
-        _MOUSE_STATUS.pack_into(req, HEADER_SIZE, self.mouse_features, 0, 0)
+        """GET_MOUSE_STATUS: the capability word (the host's bits and the guest's, within
+        MOUSE_MASK) and the pointer at 0, 0 (the host has no real mouse)."""
+        _MOUSE_STATUS.pack_into(req, HEADER_SIZE, self.mouse_capabilities, 0, 0)
+        return VINF_SUCCESS
+
+    def get_mouse_status_ex(self, req: bytearray, _phys: int) -> int:
+        """GET_MOUSE_STATUS_EX: GET_MOUSE_STATUS's answer, no wheel movement, no buttons."""
+        _MOUSE_STATUS_EX.pack_into(req, HEADER_SIZE, self.mouse_capabilities, 0, 0, 0, 0, 0)
         return VINF_SUCCESS
 
     def set_mouse_status(self, req: bytearray, _phys: int) -> int:
-        """SET_MOUSE_STATUS: remember the guest's mouse features."""
-        self.mouse_features = _MOUSE_STATUS.unpack_from(req, HEADER_SIZE)[0]
+        """SET_MOUSE_STATUS: replace the guest's bits of the capability word; the host's
+        bits and anything outside MOUSE_GUEST_MASK are not the guest's to set."""
+        self.mouse_features = _MOUSE_STATUS.unpack_from(req, HEADER_SIZE)[0] & MOUSE_GUEST_MASK
         return VINF_SUCCESS
 
+    @property
+    def mouse_capabilities(self) -> int:
+        """The capability word GET_MOUSE_STATUS reports (``fMouseCapabilities & MASK``)."""
+        return (HOST_MOUSE_FEATURES | self.mouse_features) & MOUSE_MASK
+
     def reset(self) -> None:
-        """VM reset: the additions must report again."""
+        """VM reset: the additions must report again; of the mouse capabilities only the
+        guest's bits are cleared."""
         self.additions_ok = False
         self.interface_version = 0
         self.os_type = 0

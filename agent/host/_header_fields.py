@@ -14,13 +14,39 @@ builds a bound method on every call.
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import RequestType
 
+
+def picked(*fields: L.IntField) -> struct.Struct:
+    """``fields``, in offset order, in one unpack from the first's offset: the members
+    between them are skipped as padding, so no value is built for them.
+
+    Raises:
+        ValueError: a member overlaps the one before it.
+    """
+    parts = []
+    end = fields[0].offset
+    for field in fields:
+        if field.offset < end:
+            msg = f"{field.c_path} at {field.offset} overlaps the member before it"
+            raise ValueError(msg)
+        gap = field.offset - end
+        parts.append(f"{gap}x" * bool(gap) + field.codec.format.lstrip("<"))
+        end = field.offset + field.codec.size
+    return struct.Struct("<" + "".join(parts))
+
+
 IOCTL_HEADER: Final = L.IoctlHeader.whole().codec
 """The whole ioctl header (at offset 0)."""
+IOCTL_CHECKED: Final = picked(
+    L.IoctlHeader.size_in, L.IoctlHeader.version, L.IoctlHeader.type, L.IoctlHeader.size_out
+)
+"""What the driver's entry checks in the ioctl header (at offset 0): ``size_in``, ``version``,
+``type`` and ``size_out``."""
 IOCTL_RC: Final = L.IoctlHeader.rc.codec
 IOCTL_RC_AT: Final = L.IoctlHeader.rc.offset
 IOCTL_SIZE_OUT: Final = L.IoctlHeader.size_out.codec

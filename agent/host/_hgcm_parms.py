@@ -73,6 +73,8 @@ _FROM_HOST: Final = int(PageListDirection.FROM_HOST)
 comparison, and a comparison of two exact ints is the interpreter's fast one."""
 _DIRECTIONS: Final = frozenset({_TO_HOST, _FROM_HOST, _BOTH})
 """The valid direction flags of a page list (``VBOX_HGCM_F_PARM_ARE_VALID``)."""
+_IN_PAGE: Final = PAGE_SIZE - 1
+"""The mask of an address's offset in its page."""
 _LINADDR_TYPES: Final = {
     HgcmParmType.LINADDR: (True, True),
     HgcmParmType.LINADDR_IN: (True, False),
@@ -80,7 +82,6 @@ _LINADDR_TYPES: Final = {
 }
 """Linear-address types and their (readable, writable) directions."""
 
-ParmLayout = type[L.HgcmParameter64] | type[L.HgcmParameter32]
 MAX_HGCM_PARMS: Final = 32
 """``VMMDEV_MAX_HGCM_PARMS`` of the host (older hosts allowed 1024): more is refused."""
 _WORD_ARRAYS: Final = tuple(
@@ -113,9 +114,10 @@ ParsedParms = tuple[list[HostParm], list[ValueSlot], list[PageOutput]]
 
 
 def parse_parms(
-    req: bytes | bytearray, memory: GuestRam, layout: ParmLayout, count: int
+    req: bytes | bytearray, memory: GuestRam, parm_size: int, count: int
 ) -> ParsedParms:
-    """Read the ``count`` parameters of the call in ``req``, gathering page-list data.
+    """Read the ``count`` parameters of ``parm_size`` bytes each (16 in HGCM_CALL64, 12 in
+    HGCM_CALL32) of the call in ``req``, gathering page-list data.
 
     The caller has checked that the array lies within ``req`` (a call whose array ends past
     the request is refused before its parameters are read).
@@ -128,15 +130,15 @@ def parse_parms(
         ParmError: an unsupported type, a page list outside the request, bad page addresses,
             or buffers that cost the host more than it allows one call.
     """
-    parm_size = layout.size
     per_parm = parm_size // WORD_SIZE
+    end = per_parm * count
     extra = CALL_PARMS_OFFSET + parm_size * count  # where the array ends
-    words = _WORD_ARRAYS[per_parm * count].unpack_from(req, CALL_PARMS_OFFSET)
+    words = _WORD_ARRAYS[end].unpack_from(req, CALL_PARMS_OFFSET)
     params: list[HostParm] = []
     values: list[ValueSlot] = []
     outputs: list[PageOutput] = []
     cost = CACHED_COMMAND_COST if count <= CACHED_COMMAND_PARMS else command_cost(count)
-    for at in range(0, per_parm * count, per_parm):
+    for at in range(0, end, per_parm):
         raw_type = words[at]
         value = words[at + _VALUE_WORD]
         parm: HostParm
@@ -150,13 +152,11 @@ def parse_parms(
             cost += value if len(pages) == 1 else value + PAGE_ADDRESS_SIZE * len(pages)
             parm = buffer
         elif raw_type == _U32_TYPE:
-            u32 = HostU32(value)
-            values.append((_VALUES_AT + at * WORD_SIZE, u32))
-            parm = u32
+            parm = HostU32(value)
+            values.append((_VALUES_AT + at * WORD_SIZE, parm))
         elif raw_type == _U64_TYPE:
-            u64 = HostU64(value | words[at + _HIGH_WORD] << 32)
-            values.append((_VALUES_AT + at * WORD_SIZE, u64))
-            parm = u64
+            parm = HostU64(value | words[at + _HIGH_WORD] << 32)
+            values.append((_VALUES_AT + at * WORD_SIZE, parm))
         elif raw_type in _LINADDR_TYPES and value == 0:
             readable, writable = _LINADDR_TYPES[raw_type]
             parm = HostBuffer(bytearray(), readable, writable, 0)
@@ -219,20 +219,17 @@ def _parse_page_list(
         raise ParmError(msg)
     if count == 1:  # most buffers: the one page was read with the header
         pages: tuple[int, ...] = (first_page,)
-        unaligned = first_page % PAGE_SIZE
+        unaligned = first_page & _IN_PAGE
     else:
         pages = L.page_list_codec(count).unpack_from(req, list_at)[3:]
         # An address with a bit below the page size makes the OR of them all unaligned too.
-        unaligned = functools.reduce(operator.or_, pages) % PAGE_SIZE
+        unaligned = functools.reduce(operator.or_, pages) & _IN_PAGE
     if count * PAGE_SIZE - first < size or unaligned:
         msg = f"page list at {list_at} does not describe {size} bytes in whole pages"
         raise ParmError(msg)
-    readable = (flags & _TO_HOST) != 0
-    if not readable:
-        data = bytearray(size)
-    elif (
-        first + size <= PAGE_SIZE and (mapping := memory.lock(first_page + first, size)) is not None
-    ):
+    if flags == _FROM_HOST:  # not readable: the host's buffer starts zeroed
+        return HostBuffer(bytearray(size), False, True, size), pages, first
+    if first + size <= PAGE_SIZE and (mapping := memory.lock(first_page + first, size)) is not None:
         # Most strings lie within the first page: copied from its mapping, one copy where
         # a read makes two (a bytearray's slice is a copy, a memoryview's is not).
         view, at = mapping
@@ -240,7 +237,7 @@ def _parse_page_list(
         data = piece if type(piece) is bytearray else bytearray(piece)
     else:
         data = _gather(memory, pages, first, size)
-    return HostBuffer(data, readable, (flags & _FROM_HOST) != 0, size), pages, first
+    return HostBuffer(data, True, flags != _TO_HOST, size), pages, first
 
 
 def _spans(pages: tuple[int, ...], first: int, size: int) -> list[tuple[int, int, int]]:

@@ -1,8 +1,10 @@
 """The simulated host's logger: each of its lines says ``component=simulated-host``.
 
 The in-process transport runs the driver model in a task started with the calling task's
-context, so the caller's context (``service=balloon``...) is merged in too; the component,
-bound on the logger, tells the simulated driver's and host's lines from the agent's own.
+context; the component, bound on the logger, makes each line the host's own: the agent's
+log chain merges no context variables into a line naming its component
+(``agent.logconfig.OWN_CONTEXT_KEY``), so the caller's ``service=balloon`` does not make a
+host line read as the balloon's.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from agent.host._hgcm_parms import (
     CALL_PARMS_OFFSET,
     MAX_HGCM_PARMS,
     ParmError,
-    ParmLayout,
     parse_parms,
     write_back as write_back_parms,
 )
@@ -83,9 +82,10 @@ _TYPE_AND_FLAGS_AT: Final = H.REQUEST_TYPE_AT
 """The request's type and its HGCM flags, which completion reads together (one unpack)."""
 _ASYNC_EXECUTE_RC: Final = H.REQUEST_RC.pack(VINF_HGCM_ASYNC_EXECUTE)
 """What accepting a request writes to the guest's ``rc``."""
-_PARM64: Final = L.HgcmParameter64
-_PARM32: Final = L.HgcmParameter32
-"""The parameter layouts of HGCM_CALL64 (16 bytes) and HGCM_CALL32 (12 bytes)."""
+_PARM64_SIZE: Final = L.HgcmParameter64.size
+_PARM32_SIZE: Final = L.HgcmParameter32.size
+"""The parameter sizes of HGCM_CALL64 (16 bytes) and HGCM_CALL32 (12 bytes), as plain ints
+(a class attribute's look-up is not specialised)."""
 
 
 @runtime_checkable
@@ -329,12 +329,12 @@ class HgcmHost:
         meanwhile differs: its completion goes to the simulated mapping's orphaned buffer,
         a real host's to the pinned page's new occupant (only buggy guests do that).
         """
-        layout: ParmLayout = _PARM64 if request_type == H.HGCM_CALL64 else _PARM32
+        parm_size = _PARM64_SIZE if request_type == H.HGCM_CALL64 else _PARM32_SIZE
         client_id, function, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
-        if count > MAX_HGCM_PARMS or CALL_PARMS_OFFSET + layout.size * count > len(req):
+        if count > MAX_HGCM_PARMS or CALL_PARMS_OFFSET + parm_size * count > len(req):
             return VERR_INVALID_PARAMETER  # too many, or the array ends past the request
         try:
-            params, values, outputs = parse_parms(req, self._memory, layout, count)
+            params, values, outputs = parse_parms(req, self._memory, parm_size, count)
         except ParmError as exc:
             _log.debug("hgcm_call_refused", reason=str(exc))
             return exc.rc
@@ -446,9 +446,9 @@ class HgcmHost:
         """
         req = old.req
         _, _, count = _CALL_TARGET.unpack_from(req, _CALL_TARGET_AT)
-        layout: ParmLayout = _PARM64 if old.request_type == H.HGCM_CALL64 else _PARM32
+        parm_size = _PARM64_SIZE if old.request_type == H.HGCM_CALL64 else _PARM32_SIZE
         try:
-            params, values, outputs = parse_parms(req, self._memory, layout, count)
+            params, values, outputs = parse_parms(req, self._memory, parm_size, count)
         except ParmError as exc:
             self._fail_resubmit(old.phys, exc.rc)
             return

@@ -11,6 +11,17 @@ device handles it exactly as the host's port handler does:
 5. unknown type: ``VERR_NOT_IMPLEMENTED``; wrong size: ``VERR_INVALID_PARAMETER``;
 6. the handler runs and the whole request is written back (HGCM requests answer later).
 
+The device has no display, pointer, seamless, VRDP, credentials, patch-memory, power or
+page-sharing model. So it answers ``VERR_NOT_IMPLEMENTED`` to these types, which a real
+host handles: SET_POINTER_SHAPE (3), REGISTER/DEREGISTER_PATCH_MEMORY (22, 23),
+SET_POWER_STATUS (30), GET_DISPLAY_CHANGE_REQ (51), VIDEMODE_SUPPORTED (52),
+GET_HEIGHT_REDUCTION (53), GET_DISPLAY_CHANGE_REQ2 (54), VIDEMODE_SUPPORTED2 (57),
+VIDEO_ACCEL_ENABLE/FLUSH (70, 71), VIDEO_SET_VISIBLE_REGION (72), GET_SEAMLESS_CHANGE_REQ
+(73), GET_DISPLAY_CHANGE_REQEX/MULTI (80, 81), QUERY_CREDENTIALS (100),
+REPORT_CREDENTIALS_JUDGEMENT (101), GET_VRDPCHANGE_REQ (150), the page-sharing requests
+(212-216) and VIDEO_UPDATE_MONITOR_POSITIONS (222). LOG_STRING (200) is handled only by
+debug builds: a release host answers ``VERR_NOT_IMPLEMENTED`` as this one does.
+
 Events follow VMMDevNotifyGuest: pending events outside the guest filter stay pending; the
 interrupt line (``have_events``) rises when ``pending & filter`` becomes non-zero and falls
 at ACKNOWLEDGE_EVENTS; a filter change while events are deliverable waits for the next ack;
@@ -22,9 +33,9 @@ from __future__ import annotations
 import random
 import struct
 import time
-from collections import Counter
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import trio
 
@@ -33,16 +44,18 @@ from agent.host._balloon import HostBalloon
 from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector
-from agent.host._guest_info import GuestInfo
+from agent.host._guest_info import GET_MOUSE_STATUS_EX, GuestInfo
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
 from agent.host._release import RELEASE
 from agent.host._stats import GUEST_CPUS, HostGuestStats
+from agent.host._user_state import USER_STATE_SIZE, UserState, parse_user_state
 from agent.host.hgcm import HgcmHost
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
+    HOST_FEATURE_FAST_IRQ_ACK,
     HOST_FEATURE_HGCM_PHYS_PAGE_LIST,
     MAX_GUEST_RAM_MB,
     MAX_VMMDEV_REQUEST_SIZE,
@@ -69,7 +82,9 @@ if TYPE_CHECKING:
 
 HOST_VERSION: Final = RELEASE
 """The VirtualBox release the simulated host claims to be (major, minor, build, revision)."""
-HOST_FEATURES: Final = HOST_FEATURE_HGCM_PHYS_PAGE_LIST | 0x2 | 0x4 | 0x8 | 0x8000_0000
+HOST_FEATURES: Final = (
+    HOST_FEATURE_HGCM_PHYS_PAGE_LIST | 0x2 | 0x4 | 0x8 | HOST_FEATURE_FAST_IRQ_ACK
+)
 """PHYS_PAGE_LIST, EMBEDDED_BUFFERS, CONTIGUOUS_PAGE_LIST, NO_BOUNCE_PAGE_LIST, FAST_IRQ_ACK."""
 PRE_ADDITIONS_TYPES: Final = frozenset(
     {
@@ -83,7 +98,11 @@ PRE_ADDITIONS_TYPES: Final = frozenset(
 RESET_KEPT_EVENTS: Final = Event.DISPLAY_CHANGE_REQUEST
 """A VM reset clears every pending event but this one."""
 VERR_TRY_AGAIN: Final = STATUS_CODES["VERR_TRY_AGAIN"]
+REPORT_HISTORY: Final = 64
+"""Bug-check and user-state reports kept for inspection (the latest; a guest may send many)."""
 _U32_MAX: Final = 0xFFFFFFFF
+LEGACY_INTERFACE: Final = 0x0001_0003
+"""Additions of interface 1.03 use the legacy event protocol, which the fast port refuses."""
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 _NS_PER_MS: Final = 1_000_000
 _BALLOON_CHANGE: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.codec
@@ -98,6 +117,22 @@ _HEADER_START: Final = L.run(
 
 _HGCM_CALLS: Final = frozenset({int(RequestType.HGCM_CALL32), int(RequestType.HGCM_CALL64)})
 """The requests the port handler maps in place when they lie within one page."""
+
+
+@final
+class RequestCounts(dict[int, int]):
+    """Requests the port handled (or refused) by type; a type not seen counts 0.
+
+    A dict with ``__missing__`` and no ``__dict__``, not a ``Counter``: the port counts every
+    request, and a ``Counter``'s item look-up and store cost twice as much.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, request_type: int) -> int:
+        """A type not seen: 0."""
+        del request_type
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +169,7 @@ class VMMDev:
         self.core_dump_enabled = core_dump_enabled
         self.hgcm = HgcmHost(
             memory,
-            self.raise_events,
+            self._raise_events,  # it raises a plain int, every HGCM completion
             requestor_info=lambda: bool(
                 self.guest.additions_features & GUEST_INFO2_F_REQUESTOR_INFO
             ),
@@ -148,8 +183,13 @@ class VMMDev:
         self.cpu_hotplug = HostCpuHotPlug(self.raise_events)
         self.facilities = FacilityTable()
         self.guest = GuestInfo()
-        self.request_counts: Counter[int] = Counter()
+        self.request_counts = RequestCounts()
         self.core_dumps = 0
+        self.bug_checks: deque[tuple[int, int, int, int, int]] = deque(maxlen=REPORT_HISTORY)
+        """NT_BUG_CHECK reports (code and four parameters; all 0 for a bare header), as
+        the debugger would get them (``DBGFEVENT_BSOD_VMMDEV``)."""
+        self.user_states: deque[UserState] = deque(maxlen=REPORT_HISTORY)
+        """REPORT_GUEST_USER_STATE reports Main took, in order."""
         self._rng = random.Random(seed)  # noqa: S311 - session ids, not secrets
         self.session_id = self._rng.getrandbits(64)
         self.pending_events = 0
@@ -273,7 +313,10 @@ class VMMDev:
 
     def raise_events(self, mask: int) -> None:
         """VMMDevNotifyGuest: add ``mask`` to the pending events and raise the line if due."""
-        mask = int(mask)
+        self._raise_events(int(mask))
+
+    def _raise_events(self, mask: int) -> None:
+        """:meth:`raise_events` of a plain int."""
         if not self.guest.additions_ok:
             self.pending_events |= mask
             return
@@ -301,13 +344,26 @@ class VMMDev:
             self._maybe_set_irq()
 
     def _acknowledge(self, req: bytearray, _phys: int) -> int:
+        L.EventsRequest.events.set(req, self._take_events())
+        return VINF_SUCCESS
+
+    def read_fast_ack_port(self) -> int:
+        """A 32-bit read of the fast request port (``vmmdevFastReqIrqAck``): what
+        ACKNOWLEDGE_EVENTS does, without a request (so no count, fault or delay of type 41);
+        ``U32_MAX``, acknowledging nothing, before the additions reported or for the
+        legacy 1.03 interface."""
+        if not self.guest.additions_ok or self.guest.interface_version == LEGACY_INTERFACE:
+            return _U32_MAX
+        return self._take_events()
+
+    def _take_events(self) -> int:
+        """Apply a deferred filter, hand over the deliverable events, lower the line."""
         if self._new_filter is not None:
             self.guest_filter, self._new_filter = self._new_filter & _U32_MAX, None
         events = self.pending_events & self.guest_filter
         self.pending_events &= ~self.guest_filter
         self.have_events = False
-        L.EventsRequest.events.set(req, events)
-        return VINF_SUCCESS
+        return events
 
     def _filter_mask(self, req: bytearray, _phys: int) -> int:
         not_mask = L.MaskRequest.not_mask.get(req) & ~int(Event.HGCM)
@@ -381,8 +437,8 @@ class VMMDev:
         exact: dict[int, tuple[int, Callable[[bytearray, int], int | None]]] = {
             t.GET_MOUSE_STATUS: (36, self.guest.get_mouse_status),
             t.SET_MOUSE_STATUS: (36, self.guest.set_mouse_status),
+            GET_MOUSE_STATUS_EX: (48, self.guest.get_mouse_status_ex),
             t.GET_HOST_VERSION: (L.HostVersionRequest.size, _host_version),
-            t.IDLE: (HEADER_SIZE, _idle),
             t.GET_HOST_TIME: (L.HostTimeRequest.size, self._host_time),
             t.GET_HYPERVISOR_INFO: (32, _get_hypervisor_info),
             t.SET_HYPERVISOR_INFO: (32, _set_hypervisor_info),
@@ -407,6 +463,9 @@ class VMMDev:
         }
         at_least: dict[int, tuple[int, Callable[[bytearray, int], int | None] | None]] = {
             t.GUEST_HEARTBEAT: (HEADER_SIZE, self._guest_heartbeat),
+            t.IDLE: (HEADER_SIZE, _idle),
+            t.NT_BUG_CHECK: (HEADER_SIZE, self._nt_bug_check),
+            t.REPORT_GUEST_USER_STATE: (USER_STATE_SIZE, self._guest_user_state),
             t.CHANGE_MEMBALLOON: (L.MemBalloonChangeRequest.phys_page.end, self._change_balloon),
             t.HGCM_CONNECT: (L.HgcmConnectRequest.size, self._hgcm(self.hgcm.connect)),
             t.HGCM_DISCONNECT: (L.HgcmDisconnectRequest.size, self._hgcm(self.hgcm.disconnect)),
@@ -474,6 +533,23 @@ class VMMDev:
         self.heartbeat.beat()
         return VINF_SUCCESS
 
+    def _nt_bug_check(self, req: bytearray, _phys: int) -> int:
+        """A bare header or the whole report (code and four u64 parameters); nothing else."""
+        if len(req) == HEADER_SIZE:
+            self.bug_checks.append((0, 0, 0, 0, 0))
+        elif len(req) == _BUG_CHECK.size + HEADER_SIZE:
+            self.bug_checks.append(_BUG_CHECK.unpack_from(req, HEADER_SIZE))
+        else:
+            return VERR_INVALID_PARAMETER
+        return VINF_SUCCESS
+
+    def _guest_user_state(self, req: bytearray, _phys: int) -> int:
+        report = parse_user_state(req)
+        if isinstance(report, int):
+            return report
+        self.user_states.append(report)
+        return VINF_SUCCESS
+
     def _hgcm(
         self, handler: Callable[[bytearray, int], int | None]
     ) -> Callable[[bytearray, int], int | None]:
@@ -503,9 +579,12 @@ def _host_version(req: bytearray, _phys: int) -> int:
 
 
 def _idle(_req: bytearray, _phys: int) -> None:
-    """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone."""
+    """IDLE halts the vCPU until the next interrupt and leaves ``rc`` alone, whatever the
+    request's size (the dispatcher's case checks none)."""
 
 
+_BUG_CHECK: Final = struct.Struct("<5Q")
+"""``VMMDevReqNtBugCheck`` after the header: the bug check code and its four parameters."""
 _HYPERVISOR_START: Final = struct.Struct("<II")
 """``VMMDevReqHypervisorInfo`` body at 24: ``hypervisorStart``, ``hypervisorSize``."""
 _HYPERVISOR_SIZE_AT: Final = HEADER_SIZE + 4

@@ -95,6 +95,8 @@ GUEST_CAPABILITIES_MASK: Final = 0x7
 
 HOST_FEATURE_HGCM_PHYS_PAGE_LIST: Final = 0x1
 """``VMMDEV_HVF_HGCM_PHYS_PAGE_LIST``: Linux refuses a host without it."""
+HOST_FEATURE_FAST_IRQ_ACK: Final = 0x8000_0000
+"""``VMMDEV_HVF_FAST_IRQ_ACK``: reading the fast request port acknowledges the events."""
 
 
 class IoctlFunction(IntEnum):

@@ -68,8 +68,8 @@ class DeviceUnavailableError(AgentError):
 
 class NotTheDeviceError(DeviceUnavailableError):
     """The device path names something that cannot be a VirtualBox guest device: a directory,
-    a regular file or another driver's node (the errno proves it), a configuration mistake
-    that no restart mends.
+    a regular file, a socket or another driver's node (the errno or sysfs proves it), a
+    configuration mistake that no restart mends.
 
     The message is one line naming the path and the fix; ``run`` exits 78 (``EX_CONFIG``).
     """

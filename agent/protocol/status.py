@@ -72,6 +72,8 @@ _STATUS: Final[dict[str, int]] = {
     "VERR_NO_DIGITS": -56,
     "VERR_NEGATIVE_UNSIGNED": -57,
     "VERR_NO_TRANSLATION": -58,
+    "VERR_CODE_POINT_ENDIAN_INDICATOR": -59,  # IPRT err.h, not in the Linux uapi
+    "VERR_CODE_POINT_SURROGATE": -60,  # IPRT err.h, not in the Linux uapi
     "VERR_INVALID_UTF8_ENCODING": -61,  # IPRT err.h, not in the Linux uapi
     "VERR_NO_PHYS_MEMORY": -73,  # VirtualBox err.h, not in the Linux uapi
     "VERR_NOT_FOUND": -78,

@@ -12,7 +12,11 @@ merge is counted as ``coalesced``; nothing is ever dropped and the mailbox never
 
 While the host is silent the pump sleeps in the driver (no timeout, no polling). When the
 mask changes it interrupts its waiter and opens a new session with the new mask; events
-raised in between stay pending at the host and the driver, so nothing is lost.
+raised in between stay pending at the host and the driver, so nothing is lost. Once the
+agent is leaving (a stop, or an exit on a fatal error: every service's run is cancelled),
+the pump opens no new session: a mask change still ends the waiter, and the pump then idles
+until it is stopped. The subscribers left then are runs being cancelled, which need no
+event, and a session opened while the agent stops would be work started during the stop.
 """
 
 from __future__ import annotations
@@ -127,8 +131,11 @@ class EventPump:
 
     name: Final = "event-pump"
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, *, leaving: Callable[[], bool] = lambda: False) -> None:
+        """Create the pump on ``device``; ``leaving()`` tells whether the agent is leaving,
+        after which no waiter is opened."""
         self._device = device
+        self._leaving = leaving
         self._subscribers: list[Subscription] = []
         self._mask_changed = trio.Event()
         self._waits = 0
@@ -189,7 +196,7 @@ class EventPump:
         while True:
             mask = self.mask
             self._mask_changed = trio.Event()
-            if not mask:
+            if not mask or self._leaving():
                 if not started:
                     task_status.started()
                     started = True

@@ -366,6 +366,32 @@ class TestReload:
             f"{path}: session_monitor.x",
         ]
 
+    async def test_a_rejected_reload_shows_in_the_status_until_a_valid_one(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """``systemctl reload`` only sends SIGHUP and reports success: ``STATUS=`` says the
+        last reload was rejected, naming the file and the first key, until a reload reads a
+        valid file."""
+        path = short_dir / "agent.toml"
+        async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, reader):
+            path.write_text("[daemon]\nshutdown_timeout_s = 0\n[session_monitor]\nx = 1\n")
+            await daemon.reload()
+            line = await reader.until_status("last reload rejected")
+            assert line.startswith(
+                f"STATUS=last reload rejected: {path}: daemon.shutdown_timeout_s and 1 more "
+                "problem: previous config in effect; "
+            )
+            path.write_text("[balloon\n")
+            await daemon.reload()
+            line = await reader.until_status("invalid TOML")
+            assert line.startswith(f"STATUS=last reload rejected: {path}: line 1, column 9: ")
+            path.write_text(FIVE_SECONDS)
+            await daemon.reload()
+            with trio.fail_after(LIMIT_S):
+                while "last reload rejected" in (line := await reader.until_status("")):
+                    pass
+            assert "last reload rejected" not in daemon.statistics().status
+
     async def test_daemon_section_is_applied(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:

@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import signal
+import socket
 import stat
 import termios
 import threading
@@ -491,6 +492,94 @@ class TestOpen:
             f"{path} is not a vboxguest device: it did not answer the vboxguest version "
             "handshake (ENOTTY); name the device node (--device, or run's [device] path)"
         )
+
+    async def test_a_unix_socket_is_not_the_device(self, tmp_path: Path) -> None:
+        """A Unix socket (a simulated host's, named without ``unix:``) fails ``open(2)`` with
+        ENXIO, which is no missing VirtualBox: a configuration mistake, with the spelling
+        that reaches the host."""
+        path = tmp_path / "host.sock"
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
+                await CharDevOpener(str(path)).open_session()
+        assert str(caught.value) == (
+            f"{path} is a Unix socket, not the vboxguest device: for a simulated host "
+            f"listening there write unix:{path} (--device, or run's [device] path)"
+        )
+
+    @staticmethod
+    def _sysfs(tmp_path: Path, node: str, target: str | None) -> str:
+        """A sysfs root whose ``dev/char`` entry for ``node`` links to ``target``."""
+        root = tmp_path / "sys"
+        (root / "dev" / "char").mkdir(parents=True)
+        if target is not None:
+            rdev = os.stat(node).st_rdev
+            entry = root / "dev" / "char" / f"{os.major(rdev)}:{os.minor(rdev)}"
+            entry.symlink_to(f"../../devices/virtual/{target}")
+        return str(root)
+
+    @pytest.mark.parametrize("code", [errno.EINVAL, errno.EIO])
+    async def test_another_drivers_node_is_not_the_device(self, tmp_path: Path, code: int) -> None:
+        """A character device sysfs names as another device (``--device /dev/random``,
+        whose driver answers the handshake with EINVAL) is not the device: no interface
+        version was refused. The fd is closed."""
+
+        def ioctl_fn(fd: int, ioctl: int, buffer: bytearray) -> None:
+            raise OSError(code, os.strerror(code))
+
+        closed: list[int] = []
+        opener = CharDevOpener(
+            "/dev/null",
+            ioctl_fn=ioctl_fn,
+            open_fn=lambda path, flags: 7,
+            close_fn=closed.append,
+            interrupt_fn=lambda thread: None,
+            sysfs_root=self._sysfs(tmp_path, "/dev/null", "mem/random"),
+        )
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
+            await opener.open_session()
+        assert str(caught.value) == (
+            "/dev/null is not a vboxguest device (it is random); name the device node "
+            "(--device, or run's [device] path)"
+        )
+        assert closed == [7]
+
+    async def test_another_drivers_node_without_a_device_is_not_the_device(
+        self, tmp_path: Path
+    ) -> None:
+        """ENXIO from another driver's node (a serial port without its hardware) is no
+        missing VirtualBox either."""
+
+        def open_fn(path: str, flags: int) -> int:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO), path)
+
+        sysfs = self._sysfs(tmp_path, "/dev/null", "tty/ttyS3")
+        opener = CharDevOpener("/dev/null", open_fn=open_fn, sysfs_root=sysfs)
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError, match=r"\(it is ttyS3\)"):
+            await opener.open_session()
+
+    @pytest.mark.parametrize("target", ["misc/vboxguest", "misc/vboxuser", None])
+    async def test_a_vboxguest_node_or_an_unknown_one_is_incompatible(
+        self, tmp_path: Path, target: str | None
+    ) -> None:
+        """Where sysfs names the node vboxguest or vboxuser (both drivers' misc devices), or
+        has no entry for it, an EINVAL handshake is still the driver refusing the version."""
+
+        def ioctl_fn(fd: int, ioctl: int, buffer: bytearray) -> None:
+            raise OSError(errno.EINVAL, "bad version")
+
+        opener = CharDevOpener(
+            "/dev/null",
+            ioctl_fn=ioctl_fn,
+            open_fn=lambda path, flags: 7,
+            close_fn=lambda fd: None,
+            interrupt_fn=lambda thread: None,
+            sysfs_root=self._sysfs(tmp_path, "/dev/null", target),
+        )
+        with trio.fail_after(BOUND), pytest.raises(DeviceUnavailableError) as caught:
+            await opener.open_session()
+        assert not isinstance(caught.value, NotTheDeviceError)
+        assert "refused ioctl interface version 0x00010000 (EINVAL)" in str(caught.value)
 
     async def test_a_directory_is_not_the_device(self, tmp_path: Path) -> None:
         """A directory (EISDIR) cannot be the device: named with the reason and the fix."""

@@ -3,6 +3,7 @@ running hosts and a typed request helper over ``SimTransport``."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -110,6 +111,24 @@ def vmmdev_request(request_type: int, size: int, *, header_size: int | None = No
     L.RequestHeader.version.set(req, REQUEST_HEADER_VERSION)
     L.RequestHeader.request_type.set(req, request_type)
     L.RequestHeader.rc.set(req, VERR_GENERAL_FAILURE)
+    return req
+
+
+def user_state_request(
+    user: bytes = b"alice\0",
+    domain: bytes = b"",
+    details: bytes = b"",
+    *,
+    sizes: tuple[int, int, int] | None = None,
+    padding: int = 0,
+) -> bytearray:
+    """A REPORT_GUEST_USER_STATE request (state 1) carrying ``user``, ``domain`` and
+    ``details`` one after the other; ``sizes`` overrides the three size fields."""
+    body = user + domain + details
+    req = vmmdev_request(RequestType.REPORT_GUEST_USER_STATE, max(44, 40 + len(body)) + padding)
+    cb_user, cb_domain, cb_details = sizes or (len(user), len(domain), len(details))
+    struct.pack_into("<IIII", req, 24, 1, cb_user, cb_domain, cb_details)
+    req[40 : 40 + len(body)] = body
     return req
 
 

@@ -21,10 +21,11 @@ import trio
 import trio.testing
 
 from agent.host import DriverLoadError, SimulatedHost
-from agent.host.driver import _hgcm
+from agent.host.driver import _events, _hgcm
 from agent.host.driver._core import MAX_ROUTES, VBG_LOG_LINE_MAX
 from agent.host.driver.mainline import change_memballoon
 from agent.host.hgcm_service import HostU32
+from agent.host.memory import IoctlMemory
 from agent.protocol import (
     ChangeFilterMask,
     CheckBalloon,
@@ -80,6 +81,7 @@ from tests.host.conftest import (
     EchoService,
     model_driver,
     open_client,
+    user_state_request,
     vmmdev_request,
 )
 
@@ -313,6 +315,54 @@ class TestIoctlEntry:
         assert info.value.rc == VERR_ACCESS_DENIED
 
 
+class TestInterrupts:
+    """``vbg_core_isr``."""
+
+    async def test_the_isr_sends_acknowledge_events(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """Mainline acknowledges with the request even though the host offers the fast
+        port; a refused acknowledgement is tried again while the line stays up."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        await client.request(ChangeFilterMask(mask, 0))
+        counts = host.vmmdev.request_counts
+        before = counts[RequestType.ACKNOWLEDGE_EVENTS]
+        host.add_fault(RequestType.ACKNOWLEDGE_EVENTS, VERR_NOT_SUPPORTED)
+        host.raise_events(mask)
+        assert (await client.request(WaitForEvents(mask, timeout_ms=10_000))).mask == mask
+        assert counts[RequestType.ACKNOWLEDGE_EVENTS] == before + 2
+
+
+class TestWaits:
+    """``vbg_ioctl_wait_for_events``."""
+
+    async def test_a_cancel_before_the_waiter_runs_wins(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """The waiter takes events only when it runs, and checks ``cancel_waiters`` first:
+        a cancel right after the ISR ends the wait with EINTR and leaves the events pending
+        for another session's wait (Oracle's driver hands them over in the ISR)."""
+        client, other = await open_client(host), await open_client(host)
+        driver = model_driver(host)
+        mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        errors: list[int | None] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                with pytest.raises(OSError, match=r".") as info:
+                    await client.request(WaitForEvents(mask, timeout_ms=10_000))
+                errors.append(info.value.errno)
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            driver.route_events(mask)
+            cancel = InterruptAllWaits().encode().buffer
+            await _events.interrupt_all(driver, client.transport.session, cancel, IoctlMemory())
+        assert errors == [errno.EINTR]
+        assert await poll(other, mask) == mask
+
+
 class TestPassthroughPolicy:
     """``vbg_req_allowed`` for /dev/vboxguest and /dev/vboxuser sessions."""
 
@@ -331,6 +381,17 @@ class TestPassthroughPolicy:
         await passthrough(trusted, request_type)
         user = await open_client(host, user_device=True)
         await expect_errno(errno.EPERM, passthrough(user, request_type))
+
+    async def test_user_state_reaches_the_host(self, host: SimulatedHost) -> None:
+        """REPORT_GUEST_USER_STATE is trusted-only, and the host takes it."""
+        req = user_state_request()
+        L.RequestHeader.reserved1.set(req, len(req))
+        user = await open_client(host, user_device=True)
+        await expect_errno(errno.EPERM, user.raw(Ioctl.vmmdev_request(len(req)), bytearray(req)))
+        trusted = await open_client(host)
+        await trusted.raw(Ioctl.vmmdev_request(len(req)), req)
+        assert L.RequestHeader.rc.get(req) == VINF_SUCCESS
+        assert [state.user for state in host.vmmdev.user_states] == [b"alice"]
 
     @pytest.mark.parametrize("request_type", DENIED)
     async def test_denied(self, host: SimulatedHost, request_type: int) -> None:

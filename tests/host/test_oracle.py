@@ -19,10 +19,12 @@ import trio
 import trio.testing
 
 from agent.host import SimulatedHost
+from agent.host.driver import _oracle
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import check_request_size
 from agent.host.driver._session import session_requestor
 from agent.host.driver.oracle import OracleDriver
+from agent.host.memory import IoctlMemory
 from agent.protocol import (
     AcquireGuestCapabilities,
     ChangeBalloon,
@@ -538,6 +540,76 @@ class TestEvents:
         await trio.testing.wait_all_tasks_blocked()
         assert await wait_raw(client, mask, 1000) == (VINF_SUCCESS, mask)
         assert await wait_raw(client, mask, 0) == (VERR_TIMEOUT, 0)
+
+    async def test_the_isr_reads_the_fast_port(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """The host offers VMMDEV_HVF_FAST_IRQ_ACK, so ``VGDrvCommonISR`` reads the port:
+        no ACKNOWLEDGE_EVENTS is sent, and faults and delays on it change nothing."""
+        client = await open_client(host)
+        mask = Event.MOUSE_CAPABILITIES_CHANGED
+        await client.request(ChangeFilterMask(mask, 0))
+        host.add_fault(RequestType.ACKNOWLEDGE_EVENTS, VERR_GENERAL_FAILURE, 3)
+        host.set_delay(RequestType.ACKNOWLEDGE_EVENTS, 60)
+        start = trio.current_time()
+        host.raise_events(mask)
+        assert await wait_raw(client, mask, 10_000) == (VINF_SUCCESS, mask)
+        assert trio.current_time() == start
+        assert host.vmmdev.request_counts[RequestType.ACKNOWLEDGE_EVENTS] == 0
+        assert host.clear_faults(RequestType.ACKNOWLEDGE_EVENTS) == 3
+
+    async def test_events_handed_over_win_over_a_later_cancel(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """The ISR's dispatch (``vgdrvDispatchEventsLocked``) gives a waiter its events and
+        takes it off the wait list at once, so a cancel before the waiter runs does not
+        reach it (``vgdrvIoCtl_CancelAllWaitEvents`` walks the list only): the wait returns
+        the events, and the cancel is left for the session's next wait."""
+        client = await open_client(host)
+        driver = model_driver(host)
+        assert isinstance(driver, OracleDriver)
+        mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        results: list[tuple[int, int]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                results.append(await wait_raw(client, mask, 10_000))
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            driver.route_events(mask)
+            cancel = InterruptAllWaits().encode().buffer
+            session = client.transport.session
+            await _oracle._interrupt_all(driver, session, cancel, IoctlMemory())
+        assert results == [(VINF_SUCCESS, mask)]
+        assert session in driver.pending_cancel
+        assert driver.pending_events == 0
+        assert await wait_raw(client, mask, 1000) == (VINF_SUCCESS, 0)
+
+    async def test_dispatch_serves_the_oldest_waiter_first(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """Each waiter, oldest first, takes what it waits for of what is left; the rest
+        stays pending for a later wait."""
+        first, second = await open_client(host), await open_client(host)
+        driver = model_driver(host)
+        both = Event.STATISTICS_INTERVAL_CHANGE_REQUEST | Event.VRDP
+        results: dict[str, tuple[int, int]] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def wait(name: str, client: Client, mask: int) -> None:
+                results[name] = await wait_raw(client, mask, 10_000)
+
+            nursery.start_soon(wait, "first", first, Event.STATISTICS_INTERVAL_CHANGE_REQUEST)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(wait, "second", second, both)
+            await trio.testing.wait_all_tasks_blocked()
+            driver.route_events(both | Event.RESTORED)
+        assert results == {
+            "first": (VINF_SUCCESS, Event.STATISTICS_INTERVAL_CHANGE_REQUEST),
+            "second": (VINF_SUCCESS, Event.VRDP),
+        }
+        assert driver.pending_events == Event.RESTORED
 
     async def test_cancel_ends_a_blocked_wait_only(
         self, host: SimulatedHost, autojump_clock: object

@@ -44,7 +44,7 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
-from tests.host.conftest import Device, make_device, vmmdev_request
+from tests.host.conftest import Device, make_device, user_state_request, vmmdev_request
 
 T = RequestType
 EXACT_SIZES: Final = {
@@ -186,10 +186,11 @@ class TestPortHandler:
         assert device.send(vmmdev_request(T.GUEST_HEARTBEAT, 24)) == VINF_SUCCESS
         assert device.send(vmmdev_request(T.GUEST_HEARTBEAT, 64)) == VINF_SUCCESS
 
-    def test_idle_leaves_rc_alone(self, device: Device) -> None:
-        """IDLE halts the vCPU and does not touch rc."""
+    @pytest.mark.parametrize("size", [24, 32, 4000])
+    def test_idle_leaves_rc_alone(self, device: Device, size: int) -> None:
+        """IDLE halts the vCPU and does not touch rc, whatever its size."""
         device.report_additions()
-        assert device.send(vmmdev_request(T.IDLE, 24)) == VERR_GENERAL_FAILURE
+        assert device.send(vmmdev_request(T.IDLE, size)) == VERR_GENERAL_FAILURE
 
     def test_host_version(self, device: Device) -> None:
         """GET_HOST_VERSION reports a 7.0 host with PHYS_PAGE_LIST."""
@@ -429,6 +430,29 @@ class TestEvents:
         device.vmmdev.raise_events(Event.VRDP)
         assert acknowledge(device) == Event.RESTORED | Event.VRDP
 
+    def test_fast_port_read_acknowledges(self, device: Device) -> None:
+        """Reading the fast port is ACKNOWLEDGE_EVENTS without a request: the events, the
+        line lowered, nothing counted as a request."""
+        device.report_additions()
+        filter_mask(device, Event.RESTORED, 0)
+        device.vmmdev.raise_events(Event.RESTORED | Event.VRDP)
+        assert device.vmmdev.read_fast_ack_port() == Event.RESTORED
+        assert not irq(device)
+        assert device.vmmdev.pending_events == Event.VRDP
+        assert device.vmmdev.request_counts[T.ACKNOWLEDGE_EVENTS] == 0
+
+    @pytest.mark.parametrize("interface", [None, 0x0001_0003])
+    def test_fast_port_needs_the_additions(self, device: Device, interface: int | None) -> None:
+        """Before the additions reported (or with the legacy 1.03 interface) the port reads
+        0xFFFFFFFF and acknowledges nothing."""
+        device.vmmdev.raise_events(Event.RESTORED)
+        if interface is not None:
+            req = vmmdev_request(T.REPORT_GUEST_INFO, 32)
+            L.GuestInfoRequest.interface_version.set(req, interface)
+            assert device.send(req) == VINF_SUCCESS
+        assert device.vmmdev.read_fast_ack_port() == 0xFFFF_FFFF
+        assert device.vmmdev.pending_events == Event.RESTORED
+
     def test_reset_keeps_only_display_change(self, device: Device) -> None:
         """A VM reset clears the filter and every pending event but DISPLAY_CHANGE_REQUEST."""
         device.report_additions()
@@ -555,6 +579,165 @@ class TestHostRequests:
             req = vmmdev_request(T.SET_HYPERVISOR_INFO, 32)
             struct.pack_into("<II", req, 24, start, size)
             assert rc == device.send(req), (start, size)
+
+
+HOST_MOUSE_BITS: Final = 0x120
+"""HOST_RECHECKS_NEEDS_HOST_CURSOR and HOST_SUPPORTS_FULL_STATE_PROTOCOL, set by the
+device's constructor."""
+
+
+def mouse_status(device: Device, request_type: int = T.GET_MOUSE_STATUS, features: int = 0) -> int:
+    """Send GET_MOUSE_STATUS (or SET_MOUSE_STATUS with ``features``); return the features."""
+    req = vmmdev_request(request_type, 36)
+    struct.pack_into("<I", req, 24, features)
+    assert device.send(req) == VINF_SUCCESS
+    return int(struct.unpack_from("<I", req, 24)[0])
+
+
+class TestMouseStatus:
+    """``vmmdevReqHandler_Get/SetMouseStatus``: one capability word, host and guest bits."""
+
+    def test_host_bits_are_always_reported(self, device: Device) -> None:
+        """Before the guest sets anything the word holds the constructor's host bits."""
+        device.report_additions()
+        assert mouse_status(device) == HOST_MOUSE_BITS
+
+    def test_set_replaces_only_the_guest_bits(self, device: Device) -> None:
+        """SET keeps the host's bits and drops what is outside VMMDEV_MOUSE_GUEST_MASK."""
+        device.report_additions()
+        mouse_status(device, T.SET_MOUSE_STATUS, 0xFFFF_FFFF)
+        assert mouse_status(device) == HOST_MOUSE_BITS | 0x95
+        mouse_status(device, T.SET_MOUSE_STATUS, 0x11)
+        assert mouse_status(device) == HOST_MOUSE_BITS | 0x11
+        mouse_status(device, T.SET_MOUSE_STATUS, 0)
+        assert mouse_status(device) == HOST_MOUSE_BITS
+
+    def test_reset_clears_only_the_guest_bits(self, device: Device) -> None:
+        """A VM reset forgets the guest's bits; the host's stay."""
+        device.report_additions()
+        mouse_status(device, T.SET_MOUSE_STATUS, 0x11)
+        device.vmmdev.reset()
+        device.report_additions()
+        assert mouse_status(device) == HOST_MOUSE_BITS
+
+
+VERR_TOO_MUCH_DATA: Final = STATUS_CODES["VERR_TOO_MUCH_DATA"]
+VERR_INVALID_UTF8_ENCODING: Final = STATUS_CODES["VERR_INVALID_UTF8_ENCODING"]
+VERR_CODE_POINT_SURROGATE: Final = STATUS_CODES["VERR_CODE_POINT_SURROGATE"]
+VERR_CODE_POINT_ENDIAN_INDICATOR: Final = STATUS_CODES["VERR_CODE_POINT_ENDIAN_INDICATOR"]
+GET_MOUSE_STATUS_EX: Final = 223
+
+
+def shortened(req: bytearray, size: int) -> bytearray:
+    """``req`` cut to ``size`` bytes, its header saying so."""
+    short = req[:size]
+    L.RequestHeader.size_.set(short, size)
+    return short
+
+
+class TestOtherRequests:
+    """The dispatcher's remaining requests the agent can meet: REPORT_GUEST_USER_STATE,
+    NT_BUG_CHECK, GET_MOUSE_STATUS_EX."""
+
+    def test_user_state_is_taken(self, device: Device) -> None:
+        """A well-formed report reaches Main: user, domain, state and details."""
+        device.report_additions()
+        req = user_state_request(b"alice\0", b"corp\0", b"\x01\x02")
+        assert device.send(req) == VINF_SUCCESS
+        (report,) = device.vmmdev.user_states
+        assert (report.user, report.domain, report.state, report.details) == (
+            b"alice",
+            b"corp",
+            1,
+            b"\x01\x02",
+        )
+
+    @pytest.mark.parametrize(
+        ("req", "rc"),
+        [
+            (shortened(user_state_request(), 43), VERR_INVALID_PARAMETER),
+            (user_state_request(padding=2048), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(257, 0, 0), padding=300), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(6, 257, 0), padding=300), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(6, 0, 1025), padding=1100), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(0, 0, 0), padding=2048), VERR_TOO_MUCH_DATA),
+            (user_state_request(sizes=(0, 0, 0)), VERR_INVALID_PARAMETER),
+            (user_state_request(sizes=(7, 0, 0)), VERR_INVALID_PARAMETER),
+            (user_state_request(b"alice"), VERR_INVALID_PARAMETER),
+            (user_state_request(b"al\xffce\0"), VERR_INVALID_UTF8_ENCODING),
+            (user_state_request(b"\xc1\x81\0"), VERR_INVALID_UTF8_ENCODING),
+            (user_state_request(b"\xed\xa0\x80\0"), VERR_CODE_POINT_SURROGATE),
+            (user_state_request(b"\xef\xbf\xbe\0"), VERR_CODE_POINT_ENDIAN_INDICATOR),
+            (user_state_request(b"bob\0", b"c\xe0\0"), VERR_INVALID_UTF8_ENCODING),
+            (user_state_request(b"bob\0", sizes=(4, 1, 0)), VERR_INVALID_PARAMETER),
+            (user_state_request(b"bob\0", b"corp\0", sizes=(4, 5, 1)), VERR_INVALID_PARAMETER),
+        ],
+        ids=[
+            "short",
+            "over-2k",
+            "user-256",
+            "domain-256",
+            "details-1k",
+            "size-before-empty-user",
+            "empty-user",
+            "user-past-end",
+            "user-unterminated",
+            "bad-utf8",
+            "overlong",
+            "surrogate",
+            "endian-indicator",
+            "bad-domain",
+            "domain-past-end",
+            "details-past-end",
+        ],
+    )
+    def test_user_state_checks(self, device: Device, req: bytearray, rc: int) -> None:
+        """``vmmdevReqHandler_ReportGuestUserState``'s checks, in its order; nothing reaches
+        Main on a failure."""
+        device.report_additions()
+        assert device.send(req) == rc
+        assert not device.vmmdev.user_states
+
+    def test_user_state_takes_what_iprt_takes(self, device: Device) -> None:
+        """IPRT's UTF-8 allows five-byte sequences (beyond Unicode); the domain may be
+        empty (its size 0)."""
+        device.report_additions()
+        assert device.send(user_state_request(b"\xf8\x88\x80\x80\x80\0")) == VINF_SUCCESS
+        assert device.vmmdev.user_states[0].domain is None
+
+    @pytest.mark.parametrize(("size", "rc"), [(24, VINF_SUCCESS), (64, VINF_SUCCESS), (32, -2)])
+    def test_nt_bug_check_sizes(self, device: Device, size: int, rc: int) -> None:
+        """A bare header or the whole report; any other size is VERR_INVALID_PARAMETER."""
+        device.report_additions()
+        req = vmmdev_request(T.NT_BUG_CHECK, size)
+        if size == 64:
+            struct.pack_into("<5Q", req, 24, 0xEF, 1, 2, 3, 4)
+        assert device.send(req) == rc
+        expected = {24: [(0, 0, 0, 0, 0)], 64: [(0xEF, 1, 2, 3, 4)], 32: []}[size]
+        assert list(device.vmmdev.bug_checks) == expected
+
+    def test_reports_kept_are_bounded(self, device: Device) -> None:
+        """Only the latest 64 reports of each kind are kept, however many the guest sends."""
+        device.report_additions()
+        for _ in range(65):
+            assert device.send(vmmdev_request(T.NT_BUG_CHECK, 24)) == VINF_SUCCESS
+            assert device.send(user_state_request()) == VINF_SUCCESS
+        assert (len(device.vmmdev.bug_checks), len(device.vmmdev.user_states)) == (64, 64)
+
+    @pytest.mark.parametrize("size", [47, 49])
+    def test_mouse_status_ex_needs_its_size(self, device: Device, size: int) -> None:
+        """GET_MOUSE_STATUS_EX is exactly 48 bytes."""
+        device.report_additions()
+        assert device.send(vmmdev_request(GET_MOUSE_STATUS_EX, size)) == VERR_INVALID_PARAMETER
+
+    def test_mouse_status_ex(self, device: Device) -> None:
+        """GET_MOUSE_STATUS's answer, then no wheel movement and no buttons."""
+        device.report_additions()
+        mouse_status(device, T.SET_MOUSE_STATUS, 0x91)
+        req = vmmdev_request(GET_MOUSE_STATUS_EX, 48)
+        req[24:48] = b"\xff" * 24
+        assert device.send(req) == VINF_SUCCESS
+        assert struct.unpack_from("<Iiiiii", req, 24) == (HOST_MOUSE_BITS | 0x91, 0, 0, 0, 0, 0)
 
 
 def report_status(device: Device, facility: int, status: int) -> int:

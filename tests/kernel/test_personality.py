@@ -17,11 +17,12 @@ import trio
 import trio.testing
 
 from agent.host import DriverLoadError, SimOpener, SimulatedHost
+from agent.host.driver import PersonalityUnavailableError
 from agent.protocol.constants import Event, RequestType
 from agent.protocol.messages import ChangeFilterMask, InterruptAllWaits, WaitForEvents
 from agent.protocol.status import VERR_NOT_SUPPORTED
 from testbed.kernel import KernelDriver
-from testbed.realdriver import ENV_LIBRARY
+from testbed.realdriver import BUILD_SCRIPT, ENV_LIBRARY, build_script, locate_library
 from tests.host.conftest import Client
 
 if TYPE_CHECKING:
@@ -180,6 +181,33 @@ def test_simulate_without_the_library_says_why(tmp_path: Path) -> None:
     assert result.returncode == 69
     assert result.stderr.count("\n") == 1
     assert str(missing) in result.stderr
+
+
+def _git(*args: str) -> None:
+    subprocess.run(["git", *args], capture_output=True, check=True, timeout=WAIT_S)  # noqa: S607
+
+
+def test_a_clone_made_elsewhere_finds_the_build_script_beside_its_origin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain clone outside the tree that holds ``shared/`` finds ``build.sh`` beside the
+    repository it was cloned from, as ``.ci/test`` does (it looked only above itself);
+    without one, the refusal says how to provide the library."""
+    script = tmp_path / "work" / BUILD_SCRIPT
+    script.parent.mkdir(parents=True)
+    script.write_text("echo /nowhere/libvbgreal.so\n")
+    _git("init", "-q", str(tmp_path / "work" / "main"))
+    _git("clone", "-q", str(tmp_path / "work" / "main"), str(tmp_path / "elsewhere" / "clone"))
+    assert build_script(tmp_path / "elsewhere" / "clone") == script.resolve()
+    _git("init", "-q", str(tmp_path / "alone"))
+    assert build_script(tmp_path / "alone") is None
+    monkeypatch.delenv(ENV_LIBRARY, raising=False)
+    with pytest.raises(PersonalityUnavailableError) as caught:
+        locate_library(tmp_path / "alone")
+    assert str(caught.value) == (
+        f"the real driver library is missing: set ${ENV_LIBRARY} to a built libvbgreal.so, or "
+        f"put {BUILD_SCRIPT} (which builds it) beside {tmp_path / 'alone'} or a parent directory"
+    )
 
 
 async def test_a_session_closed_while_the_device_unplugs_is_released_once(

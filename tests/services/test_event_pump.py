@@ -214,6 +214,27 @@ class TestEventPump:
                 assert device.statistics().open_sessions == 1
                 nursery.cancel_scope.cancel()
 
+    async def test_a_leaving_agent_opens_no_new_waiter(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """Once the agent is leaving, a subscriber that leaves ends the waiter and none is
+        opened for the subscribers left (runs being cancelled): the stop opened a session
+        and a wait for them (``event_waiter_opened {"mask": "0x10"}`` during the drains)."""
+        leaving = False
+        pump = EventPump(device, leaving=lambda: leaving)
+        with trio.fail_after(60), pump.subscribe("restore", RESTORED):
+            async with trio.open_nursery() as nursery:
+                with pump.subscribe("hotplug", CPU_HOTPLUG):
+                    await nursery.start(pump.run)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert device.statistics().open_sessions == 2
+                    leaving = True
+                await trio.testing.wait_all_tasks_blocked()
+                assert device.statistics().open_sessions == 1
+                assert pump.statistics().waits == 1
+                assert pump.mask == RESTORED
+                nursery.cancel_scope.cancel()
+
     async def test_rejects_invalid_masks(
         self, autojump_clock: trio.abc.Clock, device: Device
     ) -> None:

@@ -105,11 +105,10 @@ async def acquire_session_caps(
             if not termination:
                 drv.acquired_caps, session.acquired_guest_caps = saved
             raise
-    if or_mask & GuestCapability.SEAMLESS:
-        # The driver's "HACK ALERT": make the new owner resync its seamless state.
-        drv.pending_events |= Event.SEAMLESS_MODE_CHANGE_REQUEST
-    if drv.pending_events:
-        drv.event_wq.unpark_all()
+    # The driver's "HACK ALERT": make the new owner resync its seamless state.
+    drv.post_events(
+        int(Event.SEAMLESS_MODE_CHANGE_REQUEST) if or_mask & GuestCapability.SEAMLESS else 0
+    )
 
 
 async def _push_caps(drv: Driver, session: DriverSession, *, termination: bool) -> None:

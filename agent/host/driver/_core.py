@@ -227,17 +227,25 @@ class Driver:
         mouse = self.alloc_request(RequestType.GET_MOUSE_STATUS, MOUSE_STATUS_SIZE)
         while True:
             await self.vmmdev.wait_for_irq()
-            L.RequestHeader.rc.set(ack, VERR_INTERNAL_ERROR)
-            L.EventsRequest.events.set(ack, 0)
-            rc = await self.perform(ack)
-            if rc < 0:
-                _log.warning("isr_ack_failed", rc=rc)
+            events = await self.acknowledge_events(ack)
+            if events is None:
                 await trio.sleep(ISR_RETRY_S)
                 continue
-            events = L.EventsRequest.events.get(ack)
             self.route_events(events)
             if events & _MOUSE:
                 await self._mouse_event(mouse)
+
+    async def acknowledge_events(self, ack: bytearray) -> int | None:
+        """Acknowledge the host's events with the ISR's ACKNOWLEDGE_EVENTS request ``ack``:
+        the events, or None when the host refused."""
+        L.RequestHeader.rc.set(ack, VERR_INTERNAL_ERROR)
+        L.EventsRequest.events.set(ack, 0)
+        rc = await self.perform(ack)
+        if rc < 0:
+            _log.warning("isr_ack_failed", rc=rc)
+            return None
+        events: int = L.EventsRequest.events.get(ack)
+        return events
 
     async def _mouse_event(self, req: bytearray) -> None:
         """``vbg_linux_mouse_event``: fetch the pointer position for the input device."""
@@ -255,7 +263,13 @@ class Driver:
             self.balloon_event()
         user = events & ~self.kernel_events
         if user:
-            self.pending_events |= user
+            self.post_events(user)
+
+    def post_events(self, events: int) -> None:
+        """Make ``events`` pending for userspace waiters and wake them if any is pending
+        (``vbg_core_isr``); each waiter takes what matches when it runs."""
+        self.pending_events |= events
+        if self.pending_events:
             self.event_wq.unpark_all()
 
     async def _heartbeat_loop(self, interval_ns: int) -> NoReturn:
@@ -340,7 +354,7 @@ class Driver:
         # vbg_core_ioctl's start: rc is VINF_SUCCESS and a size_out of 0 becomes size_in.
         if len(buf) < HEADER_SIZE:
             raise fail(errno.EFAULT)
-        size_in, version, ioctl_type, _, size_out, _ = H.IOCTL_HEADER.unpack_from(buf)
+        size_in, version, ioctl_type, size_out = H.IOCTL_CHECKED.unpack_from(buf)
         if version != IOCTL_HDR_VERSION:
             raise fail(errno.EINVAL)
         if size_in < HEADER_SIZE or (size_out != 0 and size_out < HEADER_SIZE):

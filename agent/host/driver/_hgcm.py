@@ -77,9 +77,16 @@ is used for, and a comparison of two exact ints is the interpreter's fast one.""
 _USER_PARM_TYPES: Final = frozenset(map(int, USER_HGCM_PARM_TYPES))
 """The parameter types a user call may pass, as plain ints and bound here, not imported: a
 method call on an imported name is not specialised (see :mod:`agent.host._header_fields`)."""
-_CALL_HEADERS: Final = L.HgcmCallIoctl.whole().codec
-"""The ioctl header and the call's own members (client, function, timeout, interruptible,
-reserved, count), in one unpack once the buffer is known to hold them."""
+_CALL_HEADERS: Final = H.picked(
+    L.HgcmCallIoctl.hdr_size_in,
+    L.HgcmCallIoctl.hdr_size_out,
+    L.HgcmCallIoctl.client_id,
+    L.HgcmCallIoctl.function,
+    L.HgcmCallIoctl.timeout_ms,
+    L.HgcmCallIoctl.parm_count,
+)
+"""The members of the ioctl header and of the call the checks read (sizes, client, function,
+timeout, count), in one unpack once the buffer is known to hold them."""
 _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.flags,
     L.HgcmCallRequest.result,
@@ -88,6 +95,12 @@ _CALL_REQUEST: Final = L.run(
     L.HgcmCallRequest.parm_count,
 )
 """The HGCM call request after its request header: flags, result, client, function, count."""
+_RC_FLAGS_RESULT: Final = struct.Struct(
+    H.REQUEST_RC.format
+    + f"{H.HGCM_FLAGS_AT - H.REQUEST_RC_AT - H.REQUEST_RC.size}x"
+    + L.run(L.HgcmRequestHeader.flags, L.HgcmRequestHeader.result).codec.format.lstrip("<")
+)
+"""A request's ``rc``, then (past the header's last two members) its HGCM flags and result."""
 _BUFFER_PARM: Final = L.run(_P.type, _P.pointer_size, _P.pointer_linear_addr).codec
 """A parameter (at offset 0 of its 16 bytes) as a buffer: type, size, address."""
 _PARM_ARRAYS: Final = tuple(
@@ -241,18 +254,18 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
             await vmmdev.submit(phys)
         else:  # vmmdev.submit, inline without a delay: a coroutine less per call
             vmmdev.process(phys)
-        rc: int = H.REQUEST_RC.unpack_from(req, H.REQUEST_RC_AT)[0]
+        # rc, then DONE (_done, inline) and the result the host wrote before it, in one read.
+        rc, flags, status = _RC_FLAGS_RESULT.unpack_from(req, H.REQUEST_RC_AT)
         if rc < 0:  # the request failed: its rc goes as the call's result
             H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
-        elif rc == VINF_HGCM_ASYNC_EXECUTE and not (
-            H.HGCM_FLAGS.unpack_from(req, H.HGCM_FLAGS_AT)[0] & HGCM_REQ_DONE  # _done, inline
-        ):
+            status = rc
+        elif rc == VINF_HGCM_ASYNC_EXECUTE and not flags & HGCM_REQ_DONE:
             placed.pop()
             error = await _wait_call(drv, req, phys, timeout_ms)
             if error:
                 raise fail(error)
+            status = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
         _copy_back(kbuf, req, parms, buffers, memory)
-        status: int = H.HGCM_RESULT.unpack_from(req, H.HGCM_RESULT_AT)[0]
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
     finally:
@@ -266,9 +279,7 @@ def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...
     the parameters (each read as a buffer: type, size, address) and their plan."""
     if len(kbuf) < HGCM_CALL_HEADER_SIZE:  # then size_in is below it too
         raise fail(errno.EINVAL)
-    size_in, _, _, _, size_out, _, client_id, function, timeout_ms, _, _, count = (
-        _CALL_HEADERS.unpack_from(kbuf)
-    )
+    size_in, size_out, client_id, function, timeout_ms, count = _CALL_HEADERS.unpack_from(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != size_out:
         raise fail(errno.EINVAL)
     if count > HGCM_MAX_PARMS:

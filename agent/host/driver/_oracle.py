@@ -49,6 +49,7 @@ from agent.protocol.constants import (
     IOCTL_TYPE,
     MAX_IOCTL_SIZE,
     TIMEOUT_INFINITE,
+    Event,
     HgcmParmType,
     Ioctl,
     IoctlFunction,
@@ -83,6 +84,8 @@ SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
 SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
 """``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
 ``VMMDEV_MOUSE_*`` features after the header, nothing back."""
+ACQUIRE_STYLE_EVENTS: Final = int(Event.DISPLAY_CHANGE_REQUEST | Event.SEAMLESS_MODE_CHANGE_REQUEST)
+"""``VBOXGUEST_ACQUIRE_STYLE_EVENTS``: the events a session may be denied (acquire mode)."""
 MOUSE_GUEST_MASK: Final = 0x95
 """``VMMDEV_MOUSE_GUEST_MASK``: can-absolute, needs-host-cursor, new protocol, full state."""
 _U32: Final = struct.Struct("<I")
@@ -124,13 +127,15 @@ def status_for(exc: OSError) -> int:
 
 @dataclass(eq=False)
 class Wait:
-    """One WAIT_FOR_EVENTS in progress (``VBOXGUESTWAIT``).
+    """One WAIT_FOR_EVENTS in progress (``VBOXGUESTWAIT``) on the driver's ``wait_list``.
 
-    ``cancelled`` is the cancel's mark (``fResEvents = UINT32_MAX``): the wait ends with
-    VERR_INTERRUPTED.
+    ``result`` is ``fResEvents``: 0 while it waits, the events the ISR's dispatch handed it
+    (it then leaves the list), or ``U32_MAX``, the cancel's mark (VERR_INTERRUPTED).
     """
 
-    cancelled: bool = False
+    session: DriverSession
+    mask: int
+    result: int = 0
 
 
 # --- the Linux entry -----------------------------------------------------------------------------
@@ -301,10 +306,13 @@ async def _driver_version_info(
 async def _wait_for_events(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_WaitForEvents``: an empty mask is invalid; a pending cancel is consumed.
+    """``vgdrvIoCtl_WaitForEvents``: an empty mask is invalid; pending events that match,
+    or a pending cancel, end the wait at once (success, the cancel consumed); else it joins
+    the wait list for the ISR's dispatch (:meth:`OracleDriver.post_events`).
 
-    A cancel that found no waiter (:func:`_interrupt_all`) ends this wait at once with
-    success and whatever matching events are pending, possibly none.
+    A cancel that found no waiter (:func:`_interrupt_all`) thus ends this wait with success
+    and whatever matching events are pending, possibly none. Events handed to the wait win
+    over a cancel, a timeout or a close that comes after them.
     """
     del memory
     layout = L.WaitForEventsIoctl
@@ -312,41 +320,52 @@ async def _wait_for_events(
     layout.events_out.set(kbuf, 0)
     if mask == 0:
         return VERR_INVALID_PARAMETER
+    if session.lost:
+        raise fail(errno.ENODEV)
+    matches = drv.pending_events & mask
+    if matches & ACQUIRE_STYLE_EVENTS:
+        matches &= _events.allowed_events(drv, session)
+    if matches or session in drv.pending_cancel:
+        drv.pending_events &= ~matches
+        drv.pending_cancel.discard(session)
+        layout.events_out.set(kbuf, matches)
+        return VINF_SUCCESS
     deadline = (
         math.inf if timeout_ms == TIMEOUT_INFINITE else trio.current_time() + timeout_ms / MS_PER_S
     )
-    wait = Wait()
-    waits = drv.waits.setdefault(session, set())
-    waits.add(wait)
+    wait = Wait(session, mask)
+    drv.wait_list.append(wait)
     try:
-        while True:
+        while not wait.result:
             if session.lost:
                 raise fail(errno.ENODEV)
-            if wait.cancelled or session.cancel_waiters:
+            if session.cancel_waiters:
                 return VERR_INTERRUPTED
-            matches = drv.pending_events & mask & _events.allowed_events(drv, session)
-            if matches or session in drv.pending_cancel:
-                drv.pending_events &= ~matches
-                drv.pending_cancel.discard(session)
-                layout.events_out.set(kbuf, matches)
-                return VINF_SUCCESS
             if trio.current_time() >= deadline:
                 return VERR_TIMEOUT
             with trio.move_on_at(deadline):
                 await drv.event_wq.park()
     finally:
-        waits.discard(wait)
+        if wait in drv.wait_list:
+            drv.wait_list.remove(wait)
+    if wait.result == U32_MAX:
+        return VERR_INTERRUPTED
+    layout.events_out.set(kbuf, wait.result)
+    return VINF_SUCCESS
 
 
 async def _interrupt_all(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    """``vgdrvIoCtl_CancelAllWaitEvents``: end this session's waits, or the next one if none."""
+    """``vgdrvIoCtl_CancelAllWaitEvents``: end this session's waits still on the wait list,
+    or, with none there, the session's next wait. A wait the ISR already handed events is
+    off the list: it returns them, and the cancel is left pending."""
     del kbuf, memory
-    waits = drv.waits.get(session, set())
-    for wait in waits:
-        wait.cancelled = True
-    if waits:
+    cancelled = [wait for wait in drv.wait_list if wait.session is session]
+    for wait in cancelled:
+        wait.result = U32_MAX
+        drv.wait_list.remove(wait)
+    if cancelled:
         drv.event_wq.unpark_all()
     else:
         drv.pending_cancel.add(session)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from agent.host._guest_info import GET_MOUSE_STATUS_EX
 from agent.protocol.constants import MAX_VMMDEV_REQUEST_SIZE, RequestType
 from agent.protocol.status import (
     STATUS_CODES,
@@ -24,8 +25,6 @@ from agent.protocol.status import (
 )
 
 VERR_IO_BAD_LENGTH: Final = STATUS_CODES["VERR_IO_BAD_LENGTH"]
-GET_MOUSE_STATUS_EX: Final = 223
-"""``VMMDevReq_GetMouseStatusEx`` (VirtualBox 7), which :class:`RequestType` does not name."""
 
 _T = RequestType
 REQUEST_SIZES: Final[dict[int, int]] = {

@@ -2,8 +2,11 @@
 
 Its ioctl entry (:mod:`agent.host.driver._oracle`) reports a handler's failure as a VBox
 status in ``hdr.rc`` and returns 0; only malformed calls and unknown functions fail with
-EINVAL. INTERRUPT_ALL_WAIT_FOR_EVENTS is one-shot: it ends the session's waits in progress,
-or, when there are none, the session's next wait (which returns success with no events).
+EINVAL. The ISR hands events to the waits themselves, oldest first, taking each off the
+wait list (:meth:`OracleDriver.post_events`). INTERRUPT_ALL_WAIT_FOR_EVENTS is one-shot: it
+ends the session's waits still on that list, or, when there are none (a wait that was just
+handed events included), the session's next wait (which returns success with the matching
+pending events, possibly none).
 
 The first session to call CHECK_BALLOON (or CHANGE_BALLOON) owns the balloon until it
 closes; others get VERR_PERMISSION_DENIED in ``hdr.rc``. CHECK_BALLOON asks the host for
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from agent.host._log import host_log as _log
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
+from agent.host.driver._events import allowed_events
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._pages import PageAllocator
 from agent.host.driver._session import BitTracker, DriverSession
@@ -41,6 +45,7 @@ from agent.protocol.balloon_pages import CHUNK_PAGES
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
+    HOST_FEATURE_FAST_IRQ_ACK,
     REQUESTOR_KERNEL,
     Event,
     Requestor,
@@ -49,6 +54,7 @@ from agent.protocol.constants import (
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
+    VERR_INTERNAL_ERROR,
     VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
     VERR_NOT_FOUND,
@@ -117,8 +123,8 @@ class OracleDriver(Driver):
         self.failed_assertions: list[str] = []
         """Each ``AssertMsgFailed`` a VBOX_STRICT build would stop at, where it is reached
         (the model is a release build: it returns the status and goes on)."""
-        self.waits: dict[DriverSession, set[Wait]] = {}
-        """Each session's WAIT_FOR_EVENTS calls in progress."""
+        self.wait_list: list[Wait] = []
+        """``WaitList``: the WAIT_FOR_EVENTS calls waiting, of every session, oldest first."""
         self.pending_cancel: set[DriverSession] = set()
         """Sessions whose cancel found no waiter (``fPendingCancelWaitEvents``)."""
         self.mouse_tracker = BitTracker()
@@ -146,11 +152,44 @@ class OracleDriver(Driver):
     """Oracle's ioctl entry (:mod:`agent.host.driver._oracle`), as the method itself: every
     ioctl passes here, and a method that only called it was one more frame each time."""
 
+    async def acknowledge_events(self, ack: bytearray) -> int | None:
+        """``VGDrvCommonISR``: on a host with the fast IRQ acknowledge (``fHostFeatures``),
+        read the fast port instead of sending ACKNOWLEDGE_EVENTS; its ``U32_MAX`` is a
+        failure (VERR_INTERNAL_ERROR). Mainline always sends the request."""
+        if not self.host_features & HOST_FEATURE_FAST_IRQ_ACK:
+            return await super().acknowledge_events(ack)
+        events = self.vmmdev.read_fast_ack_port()
+        if events == U32_MAX:
+            _log.warning("isr_ack_failed", rc=VERR_INTERNAL_ERROR)
+            return None
+        return events
+
     async def close_session(self, session: DriverSession) -> None:
-        """Close as the common code does, then forget the session's wait state."""
+        """Close as the common code does, then forget the session's pending cancel."""
         await super().close_session(session)
-        self.waits.pop(session, None)
         self.pending_cancel.discard(session)
+
+    def post_events(self, events: int) -> None:
+        """``vgdrvDispatchEventsLocked``: with the events already pending, hand each waiter
+        on the wait list, oldest first, the events it waits for that are left (acquire-style
+        ones only if its session may have them); it leaves the list and wakes. What no
+        waiter took stays pending."""
+        events |= self.pending_events
+        woken = False
+        for wait in list(self.wait_list):
+            handled = wait.mask & events
+            if handled & _oracle.ACQUIRE_STYLE_EVENTS:
+                handled &= allowed_events(self, wait.session)
+            if handled:
+                wait.result = handled
+                events &= ~handled
+                self.wait_list.remove(wait)
+                woken = True
+                if not events:
+                    break
+        self.pending_events = events
+        if woken:
+            self.event_wq.unpark_all()
 
     async def set_session_mouse_status(
         self, session: DriverSession, or_mask: int, not_mask: int, *, termination: bool

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -257,7 +256,7 @@ class GuestPropertyService:
         prop = self._store.get(name)
         if prop is None:
             return VERR_NOT_FOUND
-        data = prop.value.encode() + _flags_field(prop.flags)
+        data = prop.answer
         size.value = len(data)
         if len(data) > len(out.data):
             return VERR_BUFFER_OVERFLOW
@@ -383,13 +382,6 @@ class GuestPropertyService:
         )
         self._store.bulk_load(saved)
         self._host_version_set = False
-
-
-@functools.cache
-def _flags_field(flags: int) -> bytes:
-    """What follows a value in GET_PROP's buffer: its terminator, the flags' text and theirs
-    (remembered per value: every property read writes it)."""
-    return b"\0%s\0" % format_flags(flags).encode()
 
 
 def _check_later_patterns(raw: bytes | bytearray) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol.guest_props import (
@@ -10,6 +11,7 @@ from agent.protocol.guest_props import (
     NILFLAG,
     RDONLYGUEST,
     RDONLYHOST,
+    format_flags,
     is_host_reserved,
 )
 from agent.protocol.status import (
@@ -35,6 +37,20 @@ class Property:
     value: str = ""
     flags: int = NILFLAG
     timestamp: int = 0
+    answer: bytes = field(init=False, repr=False, compare=False)
+    """What GET_PROP writes for it: the value, its terminator, the flags' text and theirs
+    (derived once: every read of the property writes it)."""
+
+    def __post_init__(self) -> None:
+        # The dataclass is frozen: a derived field is set as its own __init__ would.
+        object.__setattr__(self, "answer", self.value.encode() + _flags_field(self.flags))
+
+
+@functools.cache
+def _flags_field(flags: int) -> bytes:
+    """What follows a value in GET_PROP's answer: its terminator, the flags' text and theirs
+    (remembered per flags)."""
+    return b"\0%s\0" % format_flags(flags).encode()
 
 
 class Timestamps:
