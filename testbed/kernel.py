@@ -85,10 +85,15 @@ class KernelDriver:
         self._token: trio.lowlevel.TrioToken | None = None
         self._files: dict[DriverSession, int] = {}
         self._in_flight: dict[int, DriverSession] = {}
-        self._call_ended = trio.lowlevel.ParkingLot()
+        self._calls_moved = trio.lowlevel.ParkingLot()
+        """Unparked whenever an ioctl enters or leaves the driver."""
         self._limiter = trio.CapacityLimiter(MAX_DRIVER_THREADS)
         self.interrupts_served = 0
         """Runs of the real ISR so far (tests wait on it: the ISR runs on a worker thread)."""
+        self.signalled_returns: list[int] = []
+        """What each ioctl a cancellation signalled (``shim_task_interrupt``) returned, in
+        order: ``-EINTR`` for a WAIT_FOR_EVENTS the signal ended, 0 for a call the driver
+        completed all the same (tests check that the signal path ran)."""
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -116,6 +121,17 @@ class KernelDriver:
         text = ctypes.create_string_buffer(DMESG_SIZE)
         self._lib.shim_dmesg_take(text, len(text))
         return text.value.decode(errors="replace")
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Ioctls handed to the driver (on their worker threads, or about to be) that have not
+        returned; a signal sent to one ends its wait even before the thread reaches it."""
+        return len(self._in_flight)
+
+    async def wait_calls_in_flight(self, count: int) -> None:
+        """Return once exactly ``count`` ioctls are inside the driver (callers bound it)."""
+        while len(self._in_flight) != count:
+            await self._calls_moved.park()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -156,7 +172,7 @@ class KernelDriver:
         for task in self._in_flight:
             self._lib.shim_task_interrupt(task)
         while self._in_flight:
-            await self._call_ended.park()
+            await self._calls_moved.park()
         if self._dev is not None:
             await self._thread(self._lib.shim_unplug, self._dev)
         files, self._files = list(self._files.values()), {}  # a close from now on finds none
@@ -227,7 +243,7 @@ class KernelDriver:
                 if owner is session:
                     self._lib.shim_task_interrupt(task)
             while session in self._in_flight.values():
-                await self._call_ended.park()
+                await self._calls_moved.park()
             file = self._files.pop(session, None)
             if file is not None and not self.lost:
                 await self._thread(self._lib.shim_release, file)
@@ -252,12 +268,13 @@ class KernelDriver:
         self._lib.shim_task_set_ubuf(task, UBUF_ADDRESS, user, len(buf))
         self._real.task_memory[cookie] = memory
         self._in_flight[task] = session
+        self._calls_moved.unpark_all()
         try:
             rc = await self._interruptible(task, file, code)
         finally:
             del self._in_flight[task]
             del self._real.task_memory[cookie]
-            self._call_ended.unpark_all()
+            self._calls_moved.unpark_all()
             self._lib.shim_task_free(task)
         buf[:] = user.raw[: len(buf)]
         if session.lost:
@@ -292,6 +309,7 @@ class KernelDriver:
             self._lib.shim_task_interrupt(task)
             with trio.CancelScope(shield=True):
                 await finished.wait()
+            self.signalled_returns.extend(returned)
             if returned != [0]:
                 raise
             return 0

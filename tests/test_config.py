@@ -7,7 +7,6 @@ Rules of this test module:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import socket
@@ -43,7 +42,7 @@ from agent.services.registry import section_models
 from agent.tomltext import MAX_TOML_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     from pydantic.fields import FieldInfo
 
@@ -545,8 +544,9 @@ class TestProblems:
         daemon's reload stopped the event loop, heartbeats and SIGTERM included)."""
         path = tmp_path / "agent.toml"
         os.mkfifo(path)
-        with _unblocked_after(path, seconds=5.0):
-            assert problems_of(path) == [f"{path}: not a regular file but a FIFO: name a TOML file"]
+        assert _problems_without_blocking(path) == [
+            f"{path}: not a regular file but a FIFO: name a TOML file"
+        ]
 
     def test_size_limit(self, tmp_path: Path) -> None:
         """A file of MAX_TOML_BYTES is read; one byte more is refused."""
@@ -569,21 +569,35 @@ class TestProblems:
         assert problem.startswith(f"{path}: not UTF-8 text:")
 
 
-@contextlib.contextmanager
-def _unblocked_after(fifo: Path, *, seconds: float) -> Iterator[None]:
-    """Bound a test that may block opening ``fifo``: after ``seconds`` a writer opens and
-    closes it, which ends the reader's wait (with an empty file)."""
+FIFO_GRACE_S = 10.0
+"""How long a loader that does not block may take: it returns in well under a millisecond."""
 
-    def open_and_close() -> None:
-        with contextlib.suppress(OSError):  # ENXIO: no reader waits, nothing to end
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
-    timer = threading.Timer(seconds, open_and_close)
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+def _problems_without_blocking(fifo: Path) -> list[str]:
+    """:func:`problems_of` for ``fifo``, failing the test if the loader blocked opening it.
+
+    The loader runs in a thread. One still running after ``FIFO_GRACE_S`` is blocked: a
+    writer's non-blocking open then succeeds only because a reader waits in ``open`` (it
+    fails with ENXIO when none does), and it releases that reader so the thread ends.
+    """
+    outcome: list[BaseException | AgentConfig] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config(fifo, {}))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=FIFO_GRACE_S)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO unless a reader waits
+        thread.join()
+        pytest.fail(f"loading {fifo} blocked in open until a writer came")
+    [result] = outcome
+    assert isinstance(result, ConfigError), result
+    return result.problems
 
 
 class TestServiceSections:

@@ -211,12 +211,13 @@ class TestTwoProcesses:
         assert int(restored["session_id"], 16) == _status(host_socket)["session_id"]
 
     def test_sigterm_stops_the_agent_cleanly(self, agent: AgentProcess, host_socket: Path) -> None:
-        """SIGTERM ends the agent with exit 0 well within 5 s, facility Terminated."""
+        """SIGTERM ends the agent with exit 0, facility Terminated, before any deadline of
+        the stop: no drain, report or close is given up on (``*_abandoned``)."""
         agent.read_until("agent_ready")
-        started = time.monotonic()
         agent.process.send_signal(signal.SIGTERM)
+        agent.read_until("agent_stopped")
         assert agent.process.wait(timeout=WAIT_S) == 0
-        assert time.monotonic() - started < 5.0
+        assert [e["event"] for e in agent.events if e["event"].endswith("_abandoned")] == []
         status = _status(host_socket)
         assert status["facilities"]["100"]["status"] == 101
         assert status["hgcm_clients"] == 0

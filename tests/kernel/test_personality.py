@@ -87,12 +87,24 @@ async def test_event_reaches_a_waiter(host: SimulatedHost) -> None:
 
 
 async def test_cancelled_wait_is_interrupted(host: SimulatedHost) -> None:
-    """Cancelling a blocked WAIT_FOR_EVENTS signals its task; the session stays usable."""
+    """Cancelling a WAIT_FOR_EVENTS in the driver signals its task, and the signal ends the
+    wait (the driver returns -EINTR); the session stays usable."""
     client = await open_client(host)
     await client.request(ChangeFilterMask(Event.RESTORED, 0))
-    with trio.move_on_after(0.05) as scope:
-        await client.request(WaitForEvents(Event.RESTORED))
+    driver = kernel(host)
+    scope = trio.CancelScope()
+
+    async def wait() -> None:
+        with scope:
+            await client.request(WaitForEvents(Event.RESTORED))
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await driver.wait_calls_in_flight(1)
+            scope.cancel()
     assert scope.cancelled_caught
+    assert driver.signalled_returns == [-errno.EINTR]
     host.raise_events(Event.RESTORED)
     with trio.fail_after(WAIT_S):
         received = await client.request(WaitForEvents(Event.RESTORED))

@@ -196,8 +196,9 @@ LOGIND_SCRIPT: Final = textwrap.dedent(
             raise OSError(ctypes.get_errno(), what)
     check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
     check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")
-    os.makedirs("/run/systemd/sessions", exist_ok=True)
-    check(libc.mount(b"tmpfs", b"/run/systemd/sessions", b"tmpfs", 0, None), "mount tmpfs")
+    # An empty /run of this namespace's own first: what is made under it stays there.
+    check(libc.mount(b"tmpfs", b"/run", b"tmpfs", 0, None), "mount tmpfs on /run")
+    os.makedirs("/run/systemd/sessions")
     for name, text in json.loads(os.environ["SESSIONS"]).items():
         with open(f"/run/systemd/sessions/{name}", "w") as file:
             file.write(text)
