@@ -36,9 +36,9 @@ ENV_LIBRARY: Final = "VBOX_AGENT_REALDRIVER"
 BUILD_SCRIPT: Final = Path("shared/realdriver/build.sh")
 """Where the build script sits, relative to a directory beside the checkout."""
 BUILD_TIMEOUT_S: Final = 900.0
+"""A cold build downloads the kernel source package (about 150 MB)."""
 GIT_TIMEOUT_S: Final = 10.0
 """Bound of the ``git config`` that reads the checkout's origin."""
-"""A cold build downloads the kernel source package (about 150 MB)."""
 CHECKOUT: Final = Path(__file__).resolve().parent.parent
 
 ARENA_PHYS: Final = 0x0010_0000

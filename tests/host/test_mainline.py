@@ -362,6 +362,30 @@ class TestWaits:
         assert errors == [errno.EINTR]
         assert await poll(other, mask) == mask
 
+    async def test_the_callers_cancel_leaves_the_events_pending(
+        self, host: SimulatedHost, autojump_clock: object
+    ) -> None:
+        """A signal (the caller's cancel) ends the wait even if the ISR ran before the
+        waiter: nothing was consumed, so the events stay pending (Oracle's driver returns
+        them instead)."""
+        client = await open_client(host)
+        driver = model_driver(host)
+        mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        await client.request(ChangeFilterMask(mask, 0))
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                with scope:
+                    await client.request(WaitForEvents(mask, timeout_ms=10_000))
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()  # the signal: the waiter's park is aborted; it has not run yet
+            driver.route_events(mask)  # the ISR runs first
+        assert scope.cancelled_caught
+        assert await poll(client, mask) == mask
+
 
 class TestPassthroughPolicy:
     """``vbg_req_allowed`` for /dev/vboxguest and /dev/vboxuser sessions."""

@@ -89,7 +89,7 @@ from tests.host.conftest import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from agent.protocol import HgcmReply, IoctlCall
 
@@ -126,6 +126,39 @@ async def wait_raw(client: Client, mask: int, timeout_ms: int) -> tuple[int, int
     call = WaitForEvents(mask, timeout_ms=timeout_ms).encode()
     await client.raw(call.code, call.buffer)
     return L.IoctlHeader.rc.get(call.buffer), L.WaitForEventsIoctl.events_out.get(call.buffer)
+
+
+class _BeforeStep(trio.abc.Instrument):
+    """Run ``action`` once, just before ``task``'s next step (an ISR between a signal and
+    the thread it woke)."""
+
+    def __init__(self, task: trio.lowlevel.Task, action: Callable[[], object]) -> None:
+        self.task = task
+        self.action = action
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        """Act before ``task``'s step, then leave the run."""
+        if task is self.task:
+            trio.lowlevel.remove_instrument(self)
+            self.action()
+
+
+def _only_child(nursery: trio.Nursery) -> trio.lowlevel.Task:
+    (task,) = nursery.child_tasks
+    return task
+
+
+def _guest_call_task() -> trio.lowlevel.Task:
+    """The system task a slow host's call runs in (``SimTransport``, ``_GuestCall``)."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    (task,) = (
+        task
+        for nursery in root.child_nurseries
+        for task in nursery.child_tasks
+        if task.name.endswith("._GuestCall._run")
+    )
+    return task
 
 
 async def call_rc(client: Client, call: IoctlCall[HgcmReply]) -> int:
@@ -585,6 +618,69 @@ class TestEvents:
         assert session in driver.pending_cancel
         assert driver.pending_events == 0
         assert await wait_raw(client, mask, 1000) == (VINF_SUCCESS, 0)
+
+    @pytest.mark.parametrize("own_task", [False, True], ids=["in_caller", "own_task"])
+    async def test_events_handed_over_win_over_the_callers_cancel(
+        self, host: SimulatedHost, autojump_clock: object, *, own_task: bool
+    ) -> None:
+        """The caller's cancel is a signal: it ends the sleep (``RTSemEventMultiWaitNoResume``
+        returns VERR_INTERRUPTED), but if the ISR handed the wait events before the waiting
+        thread ran, ``vgdrvIoCtl_WaitForEvents`` returns them with VINF_SUCCESS: the call
+        completed, so it returns normally and the caller's next checkpoint raises. The same
+        whether the call runs in its caller's task or (a slow host) in one of its own."""
+        client = await open_client(host)
+        driver = model_driver(host)
+        mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        await client.request(ChangeFilterMask(mask, 0))
+        if own_task:
+            host.set_delay(RequestType.REPORT_GUEST_STATS, 1)
+        results: list[tuple[int, int]] = []
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                with scope:
+                    results.append(await wait_raw(client, mask, 10_000))
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            waiter = _guest_call_task() if own_task else _only_child(nursery)
+            trio.lowlevel.add_instrument(_BeforeStep(waiter, lambda: driver.route_events(mask)))
+            scope.cancel()  # the signal: the waiter's park is aborted; the ISR runs before it
+        assert results == [(VINF_SUCCESS, mask)]
+        assert scope.cancelled_caught
+        assert driver.pending_events == 0
+
+    @pytest.mark.parametrize("own_task", [False, True], ids=["in_caller", "own_task"])
+    async def test_a_cancel_before_the_isr_leaves_the_events_pending(
+        self, host: SimulatedHost, autojump_clock: object, *, own_task: bool
+    ) -> None:
+        """A wait its caller's cancel ended before the ISR ran is off the wait list: the
+        dispatch passes it by and the events stay pending for the next wait."""
+        client = await open_client(host)
+        driver = model_driver(host)
+        mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
+        await client.request(ChangeFilterMask(mask, 0))
+        if own_task:
+            host.set_delay(RequestType.REPORT_GUEST_STATS, 1)
+        results: list[tuple[int, int]] = []
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                with scope:
+                    results.append(await wait_raw(client, mask, 10_000))
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()  # the waiter ran: Cancelled
+            driver.route_events(mask)
+        assert results == []
+        assert scope.cancelled_caught
+        assert driver.pending_events == mask
+        assert await wait_raw(client, mask, 0) == (VINF_SUCCESS, mask)
 
     async def test_dispatch_serves_the_oldest_waiter_first(
         self, host: SimulatedHost, autojump_clock: object

@@ -312,7 +312,8 @@ async def _wait_for_events(
 
     A cancel that found no waiter (:func:`_interrupt_all`) thus ends this wait with success
     and whatever matching events are pending, possibly none. Events handed to the wait win
-    over a cancel, a timeout or a close that comes after them.
+    over a cancel, a timeout or a close that comes after them, and over the caller's cancel
+    (:func:`_sleep`): the call completes with them, and the caller's next checkpoint raises.
     """
     del memory
     layout = L.WaitForEventsIoctl
@@ -334,6 +335,21 @@ async def _wait_for_events(
         math.inf if timeout_ms == TIMEOUT_INFINITE else trio.current_time() + timeout_ms / MS_PER_S
     )
     wait = Wait(session, mask)
+    rc = await _sleep(drv, wait, deadline)
+    if rc == VINF_SUCCESS:
+        layout.events_out.set(kbuf, wait.result)
+    return rc
+
+
+async def _sleep(drv: OracleDriver, wait: Wait, deadline: float) -> int:
+    """Sleep on the wait list until the ISR hands ``wait`` events (in ``wait.result``), a
+    cancel, the deadline or the session's loss ends it; return the wait's status.
+
+    The caller's cancel is the signal that ends the sleep (``RTSemEventMultiWaitNoResume``
+    returns VERR_INTERRUPTED): it raises ``Cancelled``, unless the ISR handed the wait
+    events before this task ran, which are returned with success all the same.
+    """
+    session = wait.session
     drv.wait_list.append(wait)
     try:
         while not wait.result:
@@ -345,13 +361,13 @@ async def _wait_for_events(
                 return VERR_TIMEOUT
             with trio.move_on_at(deadline):
                 await drv.event_wq.park()
+    except trio.Cancelled:
+        if wait.result in (0, U32_MAX):
+            raise
     finally:
         if wait in drv.wait_list:
             drv.wait_list.remove(wait)
-    if wait.result == U32_MAX:
-        return VERR_INTERRUPTED
-    layout.events_out.set(kbuf, wait.result)
-    return VINF_SUCCESS
+    return VERR_INTERRUPTED if wait.result == U32_MAX else VINF_SUCCESS
 
 
 async def _interrupt_all(
