@@ -676,12 +676,6 @@ def slot_setters(cls: type, *names: str) -> tuple[SlotSetter, ...]:
     return tuple(fields[name].__set__ for name in names)
 
 
-_new: Final = object.__new__
-"""An instance of a slotted class with its fields unset, for the caller to set every one (a
-record's through its slot setters): the objects each HGCM call builds are made so, as a
-Python frame less than their ``__init__``. A field added to such a class is set there too."""
-
-
 @final
 @record(init=False)
 class HgcmU32:
@@ -782,11 +776,12 @@ class HgcmReply:
     params: tuple[HgcmValue, ...]
 
     def __init__(self, status: int, params: tuple[HgcmValue, ...]) -> None:
-        _SET_REPLY_STATUS(self, status)
-        _SET_REPLY_PARAMS(self, params)
+        set_status, set_params = _SET_REPLY
+        set_status(self, status)
+        set_params(self, params)
 
 
-_SET_REPLY_STATUS, _SET_REPLY_PARAMS = slot_setters(HgcmReply, "status", "params")
+_SET_REPLY: Final = slot_setters(HgcmReply, "status", "params")
 
 
 class HgcmCallError(VBoxStatusError):
@@ -809,7 +804,6 @@ _CALL_BODY: Final = L.run(
 )
 """The call's own header, written in one go with the parameters after it; the ioctl header
 before it comes from a template (:func:`_ioctl_template`)."""
-_CALL_BODY_AT: Final = _CALL_BODY.offset
 _P = L.HgcmParameter64
 _PARM_FORMAT: Final = L.run(_P.type, _P.value64).codec.format.lstrip("<") + "4x"
 """A parameter as two words: its type and the u64 at offset 4 (``value64``; ``value32`` and a
@@ -900,7 +894,7 @@ class HgcmCall(Request[HgcmReply]):
         """Size of the ioctl buffer: the call header and 16 bytes per parameter."""
         return HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * len(self.params)
 
-    def encode(self) -> IoctlCall[HgcmReply]:  # noqa: PLR0912, PLR0915 - one inline path
+    def encode(self) -> IoctlCall[HgcmReply]:
         """Encode the call; buffer parameters become user buffers the transport maps.
 
         The header is set as :func:`ioctl_buffer` sets it (``rc`` preset to
@@ -914,77 +908,21 @@ class HgcmCall(Request[HgcmReply]):
             _check_client_id(self.client_id)
             _check_u32("function", self.function)
             _check_u32("timeout_ms", self.timeout_ms)
-        params = self.params
-        count = len(params)
+        count = len(self.params)
         if count > HGCM_MAX_PARMS:
             msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
             raise LocalProtocolError(msg)
         layout = _call_layout(count)
         values = [self.client_id, self.function, self.timeout_ms, 1, 0, count]
-        # Each parameter's words (type, then value or size) follow, and each non-empty buffer
-        # becomes a user buffer. Inline rather than a helper's: this runs for every
-        # parameter of every call. ``type(param) is``, as in :meth:`decode`; two appends
-        # cost less than ``+=`` of a pair, which builds a tuple and extends the list with it.
-        user_buffers: list[UserBuffer] = []
-        address_at = _FIRST_ADDRESS_AT
-        for param in params:
-            if type(param) is HgcmU32:
-                if not 0 <= param.value <= _U32_MAX:
-                    msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
-                    raise LocalProtocolError(msg)
-                values.append(_U32_TYPE)
-                values.append(param.value)
-            elif type(param) is HgcmU64:
-                if not 0 <= param.value <= _U64_MAX:
-                    msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
-                    raise LocalProtocolError(msg)
-                values.append(_U64_TYPE)
-                values.append(param.value)
-            else:
-                if type(param) is HgcmBufferOut:
-                    if param.size < 0:
-                        msg = f"HGCM out buffer size {param.size} is negative"
-                        raise LocalProtocolError(msg)
-                    data = bytearray(param.size)
-                    values.append(_LINADDR_OUT_TYPE)
-                    values.append(param.size)
-                else:
-                    data = bytearray(param.data)
-                    values.append(_PARM_TYPES[type(param)])
-                    values.append(len(data))
-                if len(data) > HGCM_MAX_USER_PARM:
-                    msg = (
-                        f"parameter {_index(address_at)}: {len(data)} bytes exceed "
-                        f"{HGCM_MAX_USER_PARM}"
-                    )
-                    raise LocalProtocolError(msg)
-                if data:
-                    user = _new(UserBuffer)  # without its __init__'s frame, as in decode
-                    user.address_offset = address_at
-                    user.data = data
-                    user_buffers.append(user)
-            address_at += HGCM_PARM64_SIZE
+        user_buffers = _encode_params(self.params, values)
         buf = bytearray(layout.header)
-        layout.body.pack_into(buf, _CALL_BODY_AT, *values)
-        call: IoctlCall[HgcmReply] = _new(IoctlCall)
-        call.code = layout.code
-        call.buffer = buf
-        call.request = self
-        call.user_buffers = tuple(user_buffers)
-        return call
+        layout.body.pack_into(buf, _CALL_BODY.offset, *values)
+        return IoctlCall(layout.code, buf, self, user_buffers)
 
-    def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:  # noqa: PLR0912, PLR0915
-        """Decode the status, then each parameter back as its type: a buffer's reported size
-        must fit what was sent.
-
-        The parameters are decoded here rather than by a helper, and each value is built by
-        ``_new`` and its slot setter rather than its class's ``__init__`` (a Python frame
-        less): this runs for every parameter of every call.
-        """
+    def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
+        """Decode the status and the returned parameters."""
         buf = call.buffer
-        params = self.params
-        count = len(params)
-        layout = _call_layout(count)
+        layout = _call_layout(len(self.params))
         size = layout.size
         if len(buf) != size:
             _check_reply_length(self.operation, buf, size)
@@ -993,33 +931,41 @@ class HgcmCall(Request[HgcmReply]):
             rc = values[3]  # the usual header, checked in one pass
         else:
             rc = _reply_rc(self.operation, values, size, size)
-        if values[_CALL_HEADER_VALUES - 1] != count:
-            msg = f"{self.operation}: reply does not hold {count} parameters"
+        reply = HgcmReply(rc, self._decode_params(call, values))
+        if rc < 0:
+            raise HgcmCallError(reply, self.operation)
+        return reply
+
+    def _decode_params(
+        self, call: IoctlCall[HgcmReply], values: tuple[int, ...]
+    ) -> tuple[HgcmValue, ...]:
+        """Each parameter back as its type: a buffer's reported size must fit what was sent.
+
+        Buffers are decoded inline rather than by a helper: the loop runs for every
+        parameter of every call.
+        """
+        if values[_CALL_HEADER_VALUES - 1] != len(self.params):
+            msg = f"{self.operation}: reply does not hold {len(self.params)} parameters"
             raise RemoteProtocolError(msg)
-        user_buffers = call.user_buffers
-        taken = 0  # user buffers passed: those of the non-empty buffer parameters
+        user = iter(call.user_buffers)
         decoded: list[HgcmValue] = []
         at = _CALL_HEADER_VALUES
-        for param in params:
+        for param in self.params:
             kind = values[at]
             word = values[at + 1]
             # ``type(param) is``: the parameter classes are final, and the test is cheaper
-            # than ``isinstance``.
-            value: HgcmValue
+            # than ``isinstance``; this loop runs for every parameter of every call.
             if type(param) is HgcmU64:
                 if kind != _U64_TYPE:
                     raise self._wrong_type(at, kind)
-                value = _new(HgcmU64)
-                _SET_U64(value, word)
-                decoded.append(value)
+                decoded.append(HgcmU64(word))
                 at += 2
                 continue
             returned = word & _U32_MAX  # value32, or a buffer's size
             if type(param) is HgcmU32:
                 if kind != _U32_TYPE:
                     raise self._wrong_type(at, kind)
-                value = _new(HgcmU32)
-                _SET_U32(value, returned)
+                decoded.append(HgcmU32(returned))
             else:
                 if kind != _PARM_TYPES[type(param)]:
                     raise self._wrong_type(at, kind)
@@ -1030,24 +976,17 @@ class HgcmCall(Request[HgcmReply]):
                         f"bytes of {capacity}"
                     )
                     raise RemoteProtocolError(msg)
-                value = _new(HgcmData)
                 if not capacity:
-                    _SET_DATA(value, b"")
+                    decoded.append(HgcmData(b""))
                 elif type(param) is HgcmBufferIn:
-                    taken += 1
-                    _SET_DATA(value, param.data[:returned])
+                    next(user)
+                    decoded.append(HgcmData(param.data[:returned]))
                 else:
-                    data = user_buffers[taken].data
-                    taken += 1
-                    _SET_DATA(value, bytes(data if returned == capacity else data[:returned]))
-            decoded.append(value)
+                    data = next(user).data
+                    reported = data if returned == capacity else data[:returned]
+                    decoded.append(HgcmData(bytes(reported)))
             at += 2
-        reply = _new(HgcmReply)
-        _SET_REPLY_STATUS(reply, rc)
-        _SET_REPLY_PARAMS(reply, tuple(decoded))
-        if rc < 0:
-            raise HgcmCallError(reply, self.operation)
-        return reply
+        return tuple(decoded)
 
     def _wrong_type(self, at: int, kind: int) -> RemoteProtocolError:
         """The error for parameter type ``kind`` at value ``at`` of the reply."""
@@ -1057,6 +996,48 @@ class HgcmCall(Request[HgcmReply]):
 
 
 _SET_CALL: Final = slot_setters(HgcmCall, "client_id", "function", "params", "timeout_ms")
+
+
+def _encode_params(params: tuple[HgcmParam, ...], values: list[int]) -> tuple[UserBuffer, ...]:
+    """Append each parameter's words (type, then value or size) to ``values``; return the
+    user buffers of the non-empty buffer parameters."""
+    user_buffers: list[UserBuffer] = []
+    address_at = _FIRST_ADDRESS_AT
+    for param in params:
+        # ``type(param) is``, as in :meth:`HgcmCall._decode_params`; two appends cost less
+        # than ``+=`` of a pair, which builds a tuple and extends the list with it.
+        if type(param) is HgcmU32:
+            if not 0 <= param.value <= _U32_MAX:
+                msg = f"parameter {_index(address_at)} {param.value} does not fit in 32 bits"
+                raise LocalProtocolError(msg)
+            values.append(_U32_TYPE)
+            values.append(param.value)
+        elif type(param) is HgcmU64:
+            if not 0 <= param.value <= _U64_MAX:
+                msg = f"parameter {_index(address_at)}: {param.value} does not fit in 64 bits"
+                raise LocalProtocolError(msg)
+            values.append(_U64_TYPE)
+            values.append(param.value)
+        else:
+            if type(param) is HgcmBufferOut:
+                if param.size < 0:
+                    msg = f"HGCM out buffer size {param.size} is negative"
+                    raise LocalProtocolError(msg)
+                data = bytearray(param.size)
+                values.append(_LINADDR_OUT_TYPE)
+                values.append(param.size)
+            else:
+                data = bytearray(param.data)
+                values.append(_PARM_TYPES[type(param)])
+                values.append(len(data))
+            if len(data) > HGCM_MAX_USER_PARM:
+                size = len(data)
+                msg = f"parameter {_index(address_at)}: {size} bytes exceed {HGCM_MAX_USER_PARM}"
+                raise LocalProtocolError(msg)
+            if data:
+                user_buffers.append(UserBuffer(address_at, data))
+        address_at += HGCM_PARM64_SIZE
+    return tuple(user_buffers)
 
 
 def _index(address_at: int) -> int:
