@@ -30,6 +30,7 @@ from agent.logconfig import (
     logs_to_journal,
     print_error,
 )
+from tests.log_support import Refusing
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -245,19 +246,6 @@ class TestStdlib:
         logging.getLogger("third_party").error("failed")
         assert first.getvalue() == ""
         assert len(json_lines(second.getvalue())) == 1
-
-
-class Refusing(io.StringIO):
-    """A log stream that refuses every write while ``error`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.error: OSError | None = None
-
-    def write(self, text: str) -> int:
-        if self.error is not None:
-            raise self.error
-        return super().write(text)
 
 
 class TestRefusedLines:

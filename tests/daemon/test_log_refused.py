@@ -29,6 +29,7 @@ from agent.daemon.notify import Notifier
 from agent.host import SimOpener, SimulatedHost
 from agent.logconfig import LogOutputStatistics, configure_logging
 from agent.services.registry import section_models
+from tests.log_support import Refusing
 from tests.services.balloon_support import host_chunks, until
 
 if TYPE_CHECKING:
@@ -40,19 +41,6 @@ PSI_TEXT: Final = (
     "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
     "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 )
-
-
-class Refusing(io.StringIO):
-    """A log stream that refuses every write while ``error`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.error: OSError | None = None
-
-    def write(self, text: str) -> int:
-        if self.error is not None:
-            raise self.error
-        return super().write(text)
 
 
 def os_error(code: int) -> OSError:
