@@ -323,9 +323,7 @@ async def _wait_for_events(
         return VERR_INVALID_PARAMETER
     if session.lost:
         raise fail(errno.ENODEV)
-    matches = drv.pending_events & mask
-    if matches & ACQUIRE_STYLE_EVENTS:
-        matches &= _events.allowed_events(drv, session)
+    matches = deliverable(drv, session, drv.pending_events & mask)
     if matches or session in drv.pending_cancel:
         drv.pending_events &= ~matches
         drv.pending_cancel.discard(session)
@@ -339,6 +337,14 @@ async def _wait_for_events(
     if rc == VINF_SUCCESS:
         layout.events_out.set(kbuf, wait.result)
     return rc
+
+
+def deliverable(drv: OracleDriver, session: DriverSession, events: int) -> int:
+    """``events`` without the acquire-style ones ``session`` may not have: what the wait's
+    own check and the ISR's dispatch (:meth:`OracleDriver.post_events`) may hand it."""
+    if events & ACQUIRE_STYLE_EVENTS:
+        events &= _events.allowed_events(drv, session)
+    return events
 
 
 async def _sleep(drv: OracleDriver, wait: Wait, deadline: float) -> int:

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from agent.host._log import host_log as _log
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
-from agent.host.driver._events import allowed_events
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._pages import PageAllocator
 from agent.host.driver._session import BitTracker, DriverSession
@@ -177,9 +176,7 @@ class OracleDriver(Driver):
         events |= self.pending_events
         woken = False
         for wait in list(self.wait_list):
-            handled = wait.mask & events
-            if handled & _oracle.ACQUIRE_STYLE_EVENTS:
-                handled &= allowed_events(self, wait.session)
+            handled = _oracle.deliverable(self, wait.session, wait.mask & events)
             if handled:
                 wait.result = handled
                 events &= ~handled
