@@ -50,9 +50,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_INTERRUPTED,
     VERR_NOT_FOUND,
-    VINF_SUCCESS,
     VWRN_NOT_FOUND,
-    status_name,
 )
 from agent.records import record
 from agent.services.hgcm import (
@@ -188,16 +186,14 @@ class GuestProperties:
         if flags is not None:
             params.append(HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
             function = GuestFunction.SET_PROP
-        return _ignored_write((await self._short_call(function, *params)).status, name)
+        return (await self._short_call(function, *params)).status
 
     async def delete(self, name: str) -> int:
         """Delete ``name``; deleting a property that does not exist succeeds.
 
         Returns the service's status, as :meth:`set` does.
         """
-        return _ignored_write(
-            (await self._short_call(GuestFunction.DEL_PROP, _name_param(name))).status, name
-        )
+        return (await self._short_call(GuestFunction.DEL_PROP, _name_param(name))).status
 
     async def enumerate(self, patterns: Sequence[str] = ()) -> list[Property]:
         """Return the properties whose names match any of ``patterns`` (all when empty)."""
@@ -743,13 +739,6 @@ async def _enumerate(call: _Caller, patterns: Sequence[str] = ()) -> list[Proper
             continue
         return _parse_enumeration(reply.params[1], reply.params[2])
     return _still_too_small(GuestFunction.ENUM_PROPS)
-
-
-def _ignored_write(status: int, name: str) -> int:
-    """Log a write the service answered with an informational status; return the status."""
-    if status != VINF_SUCCESS:
-        log.info("property_write_ignored", name=name, status=status_name(status))
-    return status
 
 
 # --- arguments ----------------------------------------------------------------------------
