@@ -25,6 +25,12 @@ log = structlog.get_logger(__name__)
 
 MALFORMED_REPLY: Final = "malformed reply"
 """The cause a malformed reply is counted under (its message changes with the reply)."""
+WRITES_IGNORED: Final = "property_writes_ignored"
+"""The event of guest-property writes the host ignored: it answered them with a success
+(``VINF_PERMISSION_DENIED``) and changed nothing, having made every property read-only for
+the guest (its global RDONLYGUEST)."""
+WRITES_TAKEN_AGAIN: Final = "property_writes_taken_again"
+"""The event logged when the host takes a guest-property write again."""
 
 
 @final

@@ -28,7 +28,7 @@ import structlog
 import trio
 
 from agent.protocol import HOST_ERRORS, RemoteProtocolError
-from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, Event
+from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, Event
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
@@ -50,9 +50,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_INTERRUPTED,
     VERR_NOT_FOUND,
-    VINF_SUCCESS,
     VWRN_NOT_FOUND,
-    status_name,
 )
 from agent.records import record
 from agent.services.hgcm import (
@@ -194,9 +192,7 @@ class GuestProperties:
         if flags is not None:
             params.append(HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
             function = GuestFunction.SET_PROP
-        return _ignored_write(
-            (await self._short_call(self._prepare(function, *params))).status, name
-        )
+        return (await self._short_call(self._prepare(function, *params))).status
 
     async def delete(self, name: str) -> int:
         """Delete ``name``; deleting a property that does not exist succeeds.
@@ -204,7 +200,7 @@ class GuestProperties:
         Returns the service's status, as :meth:`set` does.
         """
         delete = self._prepare(GuestFunction.DEL_PROP, _name_param(name))
-        return _ignored_write((await self._short_call(delete)).status, name)
+        return (await self._short_call(delete)).status
 
     async def enumerate(self, patterns: Sequence[str] = ()) -> list[Property]:
         """Return the properties whose names match any of ``patterns`` (all when empty)."""
@@ -497,7 +493,7 @@ class PropertyWatch:
                     0,
                     _u64(exc.reply.params[1]),
                 }:
-                    size = _needed_size(exc, 3)
+                    size = _needed_size(exc, 3, GuestFunction.GET_NOTIFICATION, size)
                     continue
                 if exc.rc in _WAIT_ENDINGS:
                     self._fruitless += 1
@@ -729,16 +725,18 @@ def _name_param(name: str) -> HgcmBufferIn:
 async def _get(
     call: _Caller, prepare_get: Callable[[str], PreparedCall], name: str
 ) -> Property | None:
-    """GET_PROP of ``name``, as ``prepare_get`` prepares it, through ``call``; asked again
-    with a larger buffer when needed."""
+    """GET_PROP of ``name``, as ``prepare_get`` prepares it (with a buffer of
+    :data:`VALUE_BUFFER_SIZE`), through ``call``; asked again with a larger buffer when needed."""
     get_prop = prepare_get(name)
+    size = VALUE_BUFFER_SIZE
     for _ in range(SIZE_RETRIES):
         try:
             reply = await call(get_prop)
         except HgcmCallError as exc:
             if exc.rc == VERR_NOT_FOUND:
                 return None
-            get_prop = get_prop.with_param(1, HgcmBufferOut(_needed_size(exc, 3)))
+            size = _needed_size(exc, 3, GuestFunction.GET_PROP, size)
+            get_prop = get_prop.with_param(1, HgcmBufferOut(size))
             continue
         value, flags, _ = _strings(reply.params[1], reply.params[3], 2)
         return Property(name, value, flags, _u64(reply.params[2]))
@@ -750,27 +748,19 @@ async def _enumerate(
 ) -> list[Property]:
     """ENUM_PROPS through ``call``, asked again with a larger buffer when needed."""
     raw_patterns = encode_patterns(patterns, nul_separated=True)
+    size = ENUM_BUFFER_SIZE
     enum_props = prepare(
-        GuestFunction.ENUM_PROPS,
-        HgcmBufferIn(raw_patterns),
-        HgcmBufferOut(ENUM_BUFFER_SIZE),
-        HgcmU32(0),
+        GuestFunction.ENUM_PROPS, HgcmBufferIn(raw_patterns), HgcmBufferOut(size), HgcmU32(0)
     )
     for _ in range(SIZE_RETRIES):
         try:
             reply = await call(enum_props)
         except HgcmCallError as exc:
-            enum_props = enum_props.with_param(1, HgcmBufferOut(_needed_size(exc, 2)))
+            size = _needed_size(exc, 2, GuestFunction.ENUM_PROPS, size)
+            enum_props = enum_props.with_param(1, HgcmBufferOut(size))
             continue
         return _parse_enumeration(reply.params[1], reply.params[2])
     return _still_too_small(GuestFunction.ENUM_PROPS)
-
-
-def _ignored_write(status: int, name: str) -> int:
-    """Log a write the service answered with an informational status; return the status."""
-    if status != VINF_SUCCESS:
-        log.info("property_write_ignored", name=name, status=status_name(status))
-    return status
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -787,18 +777,40 @@ def canonical_flags(flags: str) -> str:
 # --- replies ------------------------------------------------------------------------------
 
 
-def _needed_size(exc: HgcmCallError, size_index: int) -> int:
-    """The size a VERR_BUFFER_OVERFLOW reply asks for; re-raise any other failure."""
+def _needed_size(exc: HgcmCallError, size_index: int, function: GuestFunction, sent: int) -> int:
+    """The size a VERR_BUFFER_OVERFLOW reply asks for, after a ``sent``-byte buffer; re-raise
+    any other failure.
+
+    Raises:
+        HgcmSizeError: a size the service cannot need. It answers VERR_BUFFER_OVERFLOW only
+            for a buffer smaller than the size it reports, and a size over what one HGCM
+            buffer carries (the drivers' 24 MiB) no guest can give. The property limits
+            bound nothing here: the properties the host loads from the VM's settings at
+            power-on (``setPropertyBlock``) are held to none of them.
+    """
     if exc.rc != VERR_BUFFER_OVERFLOW:
         raise exc
     needed = exc.reply.params[size_index]
-    if not isinstance(needed, HgcmU32) or needed.value == 0:
+    if not isinstance(needed, HgcmU32):  # pragma: no cover - HgcmCall checks the types
         raise exc
+    if needed.value <= sent:
+        msg = (
+            f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for "
+            f"{needed.value} bytes, no more than the {sent}-byte buffer it was given"
+        )
+        raise HgcmSizeError(msg)
+    if needed.value > HGCM_MAX_USER_PARM:
+        msg = (
+            f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for a "
+            f"{needed.value}-byte buffer, over the {HGCM_MAX_USER_PARM} bytes one HGCM "
+            "buffer carries"
+        )
+        raise HgcmSizeError(msg)
     return needed.value
 
 
 class HgcmSizeError(RemoteProtocolError):
-    """The host kept asking for larger buffers."""
+    """The host asked for a buffer size it cannot need, or for a larger one too often."""
 
 
 def _still_too_small(function: GuestFunction) -> NoReturn:
