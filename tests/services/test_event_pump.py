@@ -13,10 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
-from agent.protocol import Event
+from agent.protocol import Event, RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, Subscription
 
 if TYPE_CHECKING:
@@ -242,3 +244,41 @@ class TestEventPump:
         pump = EventPump(device)
         with pytest.raises(ValueError, match="must be within"), pump.subscribe("bad", 0x800):
             pass
+
+
+class TestFailures:
+    """What the host or driver fails never ends the pump: said once, retried on a back-off."""
+
+    async def test_a_refused_filter_is_retried_and_loses_no_event(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """The host refuses the filter three times (the pump re-raised it: six failures
+        within a minute ended the agent, exit 70): the pump is ready all the same, says so
+        once, in its status too, and opens the waiter again 1, 2 and 4 s later; a restore
+        the host raised meanwhile reaches the subscriber then."""
+        changes: list[str | None] = []
+        pump = EventPump(device, status_changed=lambda: changes.append(pump.failing()))
+        host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, 3)
+        with (
+            trio.fail_after(60),
+            structlog.testing.capture_logs() as logs,
+            pump.subscribe("restore", RESTORED) as restore,
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                began = trio.current_time()
+                refused = pump.failing()
+                host.raise_events(RESTORED)
+                assert await restore.receive() == RESTORED
+                recovered_after = trio.current_time() - began
+                assert pump.failing() is None
+                nursery.cancel_scope.cancel()
+        assert refused is not None
+        assert refused.startswith("event filter refused (VERR_")
+        assert recovered_after == pytest.approx(7.0)
+        assert changes == [refused, None]
+        assert pump.statistics().failures == 3
+        [said] = [entry for entry in logs if entry["event"] == "event_filter_refused"]
+        assert (said["failures"], said["log_level"]) == (1, "warning")
+        [again] = [entry for entry in logs if entry["event"] == "event_filter_accepted_again"]
+        assert again["failed_in_a_row"] == 3
