@@ -762,6 +762,62 @@ class TestEventPumpFailures:
         assert restarts == {"event-pump": 2}
 
 
+class TestHostRefusesAFeature:
+    """A host that keeps refusing one optional feature at start never ends the agent."""
+
+    @pytest.mark.parametrize(
+        ("request_type", "fragment"),
+        [
+            (
+                RequestType.SET_CPU_HOTPLUG_STATUS,
+                "cpuhotplug: not available (VERR_GENERAL_FAILURE)",
+            ),
+            (RequestType.HEARTBEAT_CONFIGURE, "heartbeat not armed (VERR_GENERAL_FAILURE)"),
+            (
+                RequestType.CTL_GUEST_FILTER_MASK,
+                "event pump: event filter refused (VERR_UNRESOLVED_ERROR), retrying",
+            ),
+        ],
+    )
+    async def test_the_agent_runs_on_and_the_other_services_work(
+        self, autojump_clock: trio.abc.Clock, request_type: RequestType, fragment: str
+    ) -> None:
+        """Every such request refused for two minutes (the repros' ``host fault ...
+        VERR_GENERAL_FAILURE --count 1000``: exit 70 after 31 s): the agent is still up,
+        nothing was restarted, ``STATUS=`` names the refusal, the other services work (the
+        properties are published, the heartbeat beats unless it is the one refused), and
+        once the host takes the request again the feature follows within a minute."""
+        host = SimulatedHost(personality="passthrough", seed=3)
+        notifier = StatusRecordingNotifier()
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(600):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)  # the driver loaded: as ``host fault`` then
+                host.add_fault(request_type, VERR_GENERAL_FAILURE, 1000)
+                async with trio.open_nursery() as agent:
+                    await agent.start(daemon.run)
+                    await trio.sleep(120.0)
+                    refused_status = daemon.statistics().status
+                    restarts = daemon.statistics().restarts
+                    beats = host.status()["heartbeat"]["beats"]  # type: ignore[index]
+                    published = host.prop_get("/VirtualBox/GuestAdd/VBoxAgent/Version")
+                    host.clear_faults(request_type)
+                    await notifier.wait_status(fragment, present=False)
+                    daemon.request_shutdown("test")
+                nursery.cancel_scope.cancel()
+        assert fragment in refused_status
+        assert restarts == {}
+        assert published is not None
+        assert (beats == 0) == (request_type == RequestType.HEARTBEAT_CONFIGURE)
+        refusals = {
+            "event_filter_refused",
+            "cpu_hotplug_unavailable",
+            "heartbeat_not_armed",
+        }
+        assert len([e for e in logs if e["event"] in refusals]) == 1
+        assert not [e for e in logs if e["event"] in {"service_failed", "service_gave_up"}]
+
+
 class TestBuildFails:
     """A service the start or a reload cannot build leaves the agent running: the old one
     runs on (or none, if it was being started or enabled), the status says why, and the
