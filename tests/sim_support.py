@@ -1,21 +1,25 @@
-"""An in-process simulated host whose sessions run a test's hooks around every ioctl, and a
-host that answers with malformed replies."""
+"""An in-process simulated host whose sessions run a test's hooks around every ioctl, a host
+that answers with malformed replies, and a property service that asks for sizes of its own."""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from agent.host import SimOpener
+from agent.host.guest_props import GuestFunction, GuestPropertyService
+from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol.status import VERR_BUFFER_OVERFLOW
 from agent.protocol.wire import Hello, Role, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from agent.host import SimulatedHost
+    from agent.host.hgcm_service import HgcmCallHandle
     from agent.host.transport import SimTransport
     from agent.protocol import Submission, UserBuffer
 
@@ -118,6 +122,53 @@ class ReplyGarbler:
         if len(buffer) >= header.size and header.request_type.get(buffer) in self.request_types:
             header.request_type.set(buffer, self.GARBLED_TYPE)
             self.garbled += 1
+
+
+_OVERFLOW_PARAMS: Final = {
+    GuestFunction.GET_PROP: (1, 3),
+    GuestFunction.ENUM_PROPS: (1, 2),
+    GuestFunction.GET_NOTIFICATION: (2, 3),
+}
+"""Where each function that answers VERR_BUFFER_OVERFLOW has its buffer and the size."""
+
+
+class OverflowAsking(GuestPropertyService):
+    """A property service that answers the next ``times`` calls of ``function`` at once with
+    VERR_BUFFER_OVERFLOW and ``asked(sent)`` as the size they need (``sent``: the buffer's
+    size), a GET_NOTIFICATION as a change stamped one past the place it asked from; the
+    calls after them as the service does.
+
+    Attributes:
+        sent: the buffer sizes of the calls of ``function``, in order.
+    """
+
+    def __init__(
+        self, function: GuestFunction, asked: Callable[[int], int], times: int = 1
+    ) -> None:
+        super().__init__()
+        self._function = function
+        self._asked = asked
+        self._times = times
+        self.sent: list[int] = []
+
+    def call(self, call: HgcmCallHandle) -> None:
+        if call.function != self._function:
+            super().call(call)
+            return
+        buffer_at, size_at = _OVERFLOW_PARAMS[self._function]
+        buffer, size = call.params[buffer_at], call.params[size_at]
+        assert isinstance(buffer, HostBuffer)
+        assert isinstance(size, HostU32)
+        self.sent.append(len(buffer.data))
+        if len(self.sent) > self._times:
+            super().call(call)
+            return
+        size.value = self._asked(len(buffer.data))
+        if self._function == GuestFunction.GET_NOTIFICATION:
+            stamp = call.params[1]
+            assert isinstance(stamp, HostU64)
+            stamp.value += 1
+        call.complete(VERR_BUFFER_OVERFLOW)
 
 
 @asynccontextmanager

@@ -29,6 +29,7 @@ import pytest
 import trio
 import trio.testing
 
+from agent.cli import _prop, main
 from agent.cli._exit import (
     EX_CONFIG,
     EX_IOERR,
@@ -40,7 +41,7 @@ from agent.cli._exit import (
 from agent.cli._prop import _delete, _explain, _set, _wait
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.host.guest_props import GuestPropertyService
+from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
 from agent.protocol.constants import Ioctl
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
@@ -49,12 +50,14 @@ from agent.services.guest_props import GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator
 from tests.conftest import KERNEL_PERSONALITY
-from tests.sim_support import HookedOpener
+from tests.sim_support import HookedOpener, OverflowAsking
 from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 from tests.test_e2e import readme_block
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+    from agent.device import DeviceOpener
 
 
 PYTHON: Final = sys.executable
@@ -160,6 +163,29 @@ async def _props_ignored_by(host: SimulatedHost) -> AsyncIterator[GuestPropertie
     service.set_global_flags(RDONLYGUEST)
     async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
         yield props
+
+
+def _beside(
+    host: SimulatedHost, run: Callable[[argparse.Namespace, DeviceOpener], Awaitable[None]]
+) -> Callable[[argparse.Namespace, DeviceOpener], Awaitable[None]]:
+    """``prop``'s ``_run`` on ``host``, which runs in-process meanwhile, whatever device the
+    command names; the command's failure is raised as ``_run`` raises it."""
+
+    async def run_beside(args: argparse.Namespace, opener: DeviceOpener) -> None:
+        del opener
+        failure: Exception | None = None
+        with trio.fail_after(WAIT_S):
+            async with trio.open_nursery() as vm:
+                await vm.start(host.run)
+                try:
+                    await run(args, SimOpener(host))
+                except Exception as exc:  # noqa: BLE001 - raised below, out of the nursery
+                    failure = exc
+                vm.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    return run_beside
 
 
 def one_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -521,6 +547,36 @@ class TestInProcess:
             {"name": "/Guest/kept", "deleted": False, "ignored": True}
         ]
         assert host.prop_get("/Guest/kept") is not None
+
+    @pytest.mark.parametrize(
+        ("function", "argv", "subject"),
+        [
+            (GuestFunction.GET_PROP, ["get", "/Guest/x"], "/Guest/x: "),
+            (GuestFunction.ENUM_PROPS, ["enum"], ""),
+        ],
+    )
+    def test_a_buffer_size_no_guest_can_give_is_a_malformed_reply(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        function: GuestFunction,
+        argv: list[str],
+        subject: str,
+    ) -> None:
+        """A VERR_BUFFER_OVERFLOW asking for 0x7FFFFFFF bytes is the host's malformed reply:
+        exit 69 and one line naming it (it said ``failed: ... the driver takes at most
+        25165824 bytes per buffer``, exit 70, as if the command had broken a limit)."""
+        host = SimulatedHost(services=[OverflowAsking(function, lambda _: 0x7FFF_FFFF)])
+        monkeypatch.setattr(_prop, "_run", _beside(host, _prop._run))
+        code = main(["prop", "--device", "unix:/nonexistent/host.sock", *argv])
+        assert (code, capsys.readouterr().err.splitlines()) == (
+            EX_UNAVAILABLE,
+            [
+                f"vbox-agent prop {argv[0]}: {subject}the host's reply was malformed: "
+                f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for a "
+                "2147483647-byte buffer, over the 25165824 bytes one HGCM buffer carries"
+            ],
+        )
 
     def test_a_host_that_does_not_answer_the_connect(self) -> None:
         """The device's VERR_TIMEOUT for a connect the host never answered (after 30 s):

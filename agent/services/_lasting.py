@@ -31,6 +31,12 @@ RETRY_INITIAL_S: Final = 1.0
 back-off, which such a refusal met when it ended the service)."""
 RETRY_MAX_S: Final = 60.0
 """The longest wait between two tries: a host that keeps refusing costs a request a minute."""
+WRITES_IGNORED: Final = "property_writes_ignored"
+"""The event of guest-property writes the host ignored: it answered them with a success
+(``VINF_PERMISSION_DENIED``) and changed nothing, having made every property read-only for
+the guest (its global RDONLYGUEST)."""
+WRITES_TAKEN_AGAIN: Final = "property_writes_taken_again"
+"""The event logged when the host takes a guest-property write again."""
 
 
 @final

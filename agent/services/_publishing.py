@@ -25,12 +25,17 @@ absent is deleted once, a property no longer wanted at all is deleted, and after
 A property the host refuses, or one the client refuses to send (a value over the 1023-byte
 limit: ``PropertyArgumentError``), or whose reply breaks the ABI, is logged once per status,
 shown in the status and retried on the next call; the refusal is forgotten once the property
-is neither wanted nor held. A name counts as held from the write that sends it, not from its
-answer, as VBoxService's cache keeps an entry from its first update, written or not, and
+is neither wanted nor held. A name counts as held from the write that sends it, not from
+its answer, as VBoxService's cache keeps an entry from its first update, written or not, and
 resets its temporary entries at termination: a write cut off by a stop, or answered with a
 malformed reply or a driver's give-up (``VERR_INTERRUPTED``, ``VERR_TIMEOUT``), may have
 reached the host, so the drain deletes it; only a refusal takes the write back (a name not
-held before is then no longer held). :class:`IntervalPause` is the wait between two passes,
+held before is then no longer held), and so does a write the host ignored: answered
+``VINF_PERMISSION_DENIED``, a success status, when the host made every property read-only
+for the guest, it changed nothing. The write (or delete) is made again at the next call,
+and the ignoring is logged once when it begins and once when a write is taken again.
+VBoxService's cache counts such a write as made (``RT_SUCCESS``), so it would not write that
+value again until it changes. :class:`IntervalPause` is the wait between two passes,
 which a reload may shorten or lengthen while it runs and an event (a restore) ends early.
 """
 
@@ -45,10 +50,21 @@ from pydantic import Field
 
 from agent.protocol import HOST_ERRORS, Event, RemoteProtocolError, VBoxStatusError
 from agent.protocol.guest_props import PropertyArgumentError
-from agent.protocol.status import VERR_INTERRUPTED, VERR_PARSE_ERROR, VERR_TIMEOUT
+from agent.protocol.status import (
+    VERR_INTERRUPTED,
+    VERR_PARSE_ERROR,
+    VERR_TIMEOUT,
+    VINF_SUCCESS,
+    status_name,
+)
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection
-from agent.services._lasting import MALFORMED_REPLY, LastingFailure
+from agent.services._lasting import (
+    MALFORMED_REPLY,
+    WRITES_IGNORED,
+    WRITES_TAKEN_AGAIN,
+    LastingFailure,
+)
 from agent.services.guest_props import keep_guest_properties, open_guest_properties
 
 if TYPE_CHECKING:
@@ -154,11 +170,13 @@ class PublishingService:
 
     def status(self) -> str:
         """``NAME SUMMARY``, ``NAME starting``, or what went wrong (the first of: no client,
-        the guest unreadable, a property refused, the owned names unlisted)."""
+        the guest unreadable, writes ignored, a property refused, the owned names unlisted)."""
         if self._connects.cause is not None:
             return f"{self.name}: property service unavailable ({self._connects.cause})"
         if self._unreadable is not None:
             return f"{self.name}: unreadable ({self._unreadable})"
+        if self._publisher.ignoring.cause is not None:
+            return f"{self.name}: writes ignored by the host ({self._publisher.ignoring.cause})"
         if self._publisher.refused:
             name, status = next(iter(self._publisher.refused.items()))
             return f"{self.name}: {name} refused ({status})"
@@ -181,7 +199,8 @@ class PublishingService:
             owned = set(self._publisher.held()) | set(await self._list_owned(props) or ())
             names = sorted(owned)
             await self._publisher.delete(props, names)
-        if any(name in self._publisher.refused for name in names):
+        publisher = self._publisher
+        if any(name in publisher.refused or name in publisher.ignored for name in names):
             return  # each refusal is logged; a next run publishes everything again
         self._published = False
         log.info("published_deleted", properties=len(names))
@@ -295,7 +314,8 @@ class PropertyPublisher:
     ``writes`` counts the values written, the ``always`` names' not included, ``deletes``
     the deletions; ``refused`` maps
     each property refused at its last attempt to the VBox status name the host answered, or
-    :data:`NOT_SENT`.
+    :data:`NOT_SENT`; ``ignored`` holds the names whose last write or delete the host
+    ignored, and ``ignoring`` counts those writes and deletes.
     """
 
     def __init__(self) -> None:
@@ -304,6 +324,10 @@ class PropertyPublisher:
         whose answer did not come)."""
         self._deleted: set[str] = set()
         self.refused: dict[str, str] = {}
+        self.ignored: set[str] = set()
+        self.ignoring = LastingFailure(WRITES_TAKEN_AGAIN)
+        """Logs when the host begins to ignore writes and deletes, and when it takes a write
+        again (a delete of a missing property succeeds while the host ignores the others)."""
         self.flags: str = FLAGS
         self.writes = 0
         self.deletes = 0
@@ -350,6 +374,7 @@ class PropertyPublisher:
             for name, status in self.refused.items()
             if name in wanted or name in self._held
         }
+        self.ignored = {name for name in self.ignored if name in wanted or name in self._held}
 
     async def delete(self, props: GuestProperties, names: Iterable[str]) -> None:
         """Delete each of ``names`` now, whatever the host holds."""
@@ -362,8 +387,9 @@ class PropertyPublisher:
         undo = _Undo(name in self._held, self._held.get(name), name in self._deleted)
         self._held[name] = None
         self._deleted.discard(name)
+        self.ignored.discard(name)
         try:
-            await self._set(props, name, value)
+            status = await self._set(props, name, value)
         except VBoxStatusError as exc:
             if exc.rc not in GAVE_UP:
                 self._undo_write(name, undo)
@@ -377,6 +403,11 @@ class PropertyPublisher:
             self._refuse(name, NOT_SENT, str(exc))
             return
         self.refused.pop(name, None)
+        if status != VINF_SUCCESS:
+            self._undo_write(name, undo)  # the host changed nothing
+            self._ignore(name, status)
+            return
+        self.ignoring.succeeded()
         self._held[name] = value
         if counted:
             self.writes += 1
@@ -390,21 +421,21 @@ class PropertyPublisher:
         if undo.deleted:
             self._deleted.add(name)
 
-    async def _set(self, props: GuestProperties, name: str, value: str) -> None:
+    async def _set(self, props: GuestProperties, name: str, value: str) -> int:
         """Write with :attr:`flags`; where the host cannot parse TRANSRESET, fall back to
-        TRANSIENT for this write and every later one."""
+        TRANSIENT for this write and every later one. Return the host's success status."""
         try:
-            await props.set(name, value, self.flags)
+            return await props.set(name, value, self.flags)
         except VBoxStatusError as exc:
             if exc.rc != VERR_PARSE_ERROR or self.flags == OLD_HOST_FLAGS:
                 raise
             log.warning("transreset_unsupported", property=name, flags=OLD_HOST_FLAGS)
             self.flags = OLD_HOST_FLAGS
-            await props.set(name, value, self.flags)
+            return await props.set(name, value, self.flags)
 
     async def _delete(self, props: GuestProperties, name: str) -> None:
         try:
-            await props.delete(name)
+            status = await props.delete(name)
         except VBoxStatusError as exc:
             self._refuse(name, exc.name)
             return
@@ -415,9 +446,21 @@ class PropertyPublisher:
             self._refuse(name, NOT_SENT, str(exc))
             return
         self.refused.pop(name, None)
+        if status != VINF_SUCCESS:
+            self._ignore(name, status)  # held (or not) as before, deleted again next time
+            return
+        self.ignored.discard(name)
+        if not self.ignored:
+            self.ignoring.succeeded()
         self._held.pop(name, None)
         self._deleted.add(name)
         self.deletes += 1
+
+    def _ignore(self, name: str, status: int) -> None:
+        """The host ignored a write or delete of ``name``: logged when the ignoring begins."""
+        self.ignored.add(name)
+        cause = status_name(status)
+        self.ignoring.failed(WRITES_IGNORED, cause, status=cause, property=name)
 
     def _refuse(self, name: str, status: str, error: str | None = None) -> None:
         """Log a refusal once per status, not at every pass that retries it."""

@@ -28,7 +28,7 @@ import structlog
 import trio
 
 from agent.protocol import HOST_ERRORS, RemoteProtocolError
-from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, Event
+from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, Event
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
@@ -50,9 +50,7 @@ from agent.protocol.status import (
     VERR_HGCM_INVALID_CLIENT_ID,
     VERR_INTERRUPTED,
     VERR_NOT_FOUND,
-    VINF_SUCCESS,
     VWRN_NOT_FOUND,
-    status_name,
 )
 from agent.records import record
 from agent.services.hgcm import (
@@ -188,16 +186,14 @@ class GuestProperties:
         if flags is not None:
             params.append(HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
             function = GuestFunction.SET_PROP
-        return _ignored_write((await self._short_call(function, *params)).status, name)
+        return (await self._short_call(function, *params)).status
 
     async def delete(self, name: str) -> int:
         """Delete ``name``; deleting a property that does not exist succeeds.
 
         Returns the service's status, as :meth:`set` does.
         """
-        return _ignored_write(
-            (await self._short_call(GuestFunction.DEL_PROP, _name_param(name))).status, name
-        )
+        return (await self._short_call(GuestFunction.DEL_PROP, _name_param(name))).status
 
     async def enumerate(self, patterns: Sequence[str] = ()) -> list[Property]:
         """Return the properties whose names match any of ``patterns`` (all when empty)."""
@@ -482,7 +478,7 @@ class PropertyWatch:
                     0,
                     _u64(exc.reply.params[1]),
                 }:
-                    size = _needed_size(exc, 3)
+                    size = _needed_size(exc, 3, GuestFunction.GET_NOTIFICATION, size)
                     continue
                 if exc.rc in _WAIT_ENDINGS:
                     self._fruitless += 1
@@ -717,7 +713,9 @@ async def _get(call: _Caller, name: str) -> Property | None:
         except HgcmCallError as exc:
             if exc.rc == VERR_NOT_FOUND:
                 return None
-            value_buffer = HgcmBufferOut(_needed_size(exc, 3))
+            value_buffer = HgcmBufferOut(
+                _needed_size(exc, 3, GuestFunction.GET_PROP, value_buffer.size)
+            )
             continue
         value, flags, _ = _strings(reply.params[1], reply.params[3], 2)
         return Property(name, value, flags, _u64(reply.params[2]))
@@ -737,17 +735,10 @@ async def _enumerate(call: _Caller, patterns: Sequence[str] = ()) -> list[Proper
                 HgcmU32(0),
             )
         except HgcmCallError as exc:
-            size = _needed_size(exc, 2)
+            size = _needed_size(exc, 2, GuestFunction.ENUM_PROPS, size)
             continue
         return _parse_enumeration(reply.params[1], reply.params[2])
     return _still_too_small(GuestFunction.ENUM_PROPS)
-
-
-def _ignored_write(status: int, name: str) -> int:
-    """Log a write the service answered with an informational status; return the status."""
-    if status != VINF_SUCCESS:
-        log.info("property_write_ignored", name=name, status=status_name(status))
-    return status
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -764,18 +755,40 @@ def canonical_flags(flags: str) -> str:
 # --- replies ------------------------------------------------------------------------------
 
 
-def _needed_size(exc: HgcmCallError, size_index: int) -> int:
-    """The size a VERR_BUFFER_OVERFLOW reply asks for; re-raise any other failure."""
+def _needed_size(exc: HgcmCallError, size_index: int, function: GuestFunction, sent: int) -> int:
+    """The size a VERR_BUFFER_OVERFLOW reply asks for, after a ``sent``-byte buffer; re-raise
+    any other failure.
+
+    Raises:
+        HgcmSizeError: a size the service cannot need. It answers VERR_BUFFER_OVERFLOW only
+            for a buffer smaller than the size it reports, and a size over what one HGCM
+            buffer carries (the drivers' 24 MiB) no guest can give. The property limits
+            bound nothing here: the properties the host loads from the VM's settings at
+            power-on (``setPropertyBlock``) are held to none of them.
+    """
     if exc.rc != VERR_BUFFER_OVERFLOW:
         raise exc
     needed = exc.reply.params[size_index]
-    if not isinstance(needed, HgcmU32) or needed.value == 0:
+    if not isinstance(needed, HgcmU32):  # pragma: no cover - HgcmCall checks the types
         raise exc
+    if needed.value <= sent:
+        msg = (
+            f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for "
+            f"{needed.value} bytes, no more than the {sent}-byte buffer it was given"
+        )
+        raise HgcmSizeError(msg)
+    if needed.value > HGCM_MAX_USER_PARM:
+        msg = (
+            f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for a "
+            f"{needed.value}-byte buffer, over the {HGCM_MAX_USER_PARM} bytes one HGCM "
+            "buffer carries"
+        )
+        raise HgcmSizeError(msg)
     return needed.value
 
 
 class HgcmSizeError(RemoteProtocolError):
-    """The host kept asking for larger buffers."""
+    """The host asked for a buffer size it cannot need, or for a larger one too often."""
 
 
 def _still_too_small(function: GuestFunction) -> NoReturn:

@@ -8,8 +8,10 @@ HGCM client, kept across restores (the host restores its clients); a restore is 
 RESTORED event. A client the host will not connect (``VERR_HGCM_SERVICE_NOT_FOUND``, where
 VBoxService disables its VM-info service, or any other refusal or malformed reply) is no
 reason to restart: it is counted, logged when such failures begin, change cause and end,
-shown in the status and tried again every ``RETRY_S`` and at every restore. Config section:
-``[properties]``.
+shown in the status and tried again every ``RETRY_S`` and at every restore. Writes the host
+ignored (``VINF_PERMISSION_DENIED``: it made every property read-only for the guest) are made
+again every ``RETRY_S`` until it takes them, logged once when the ignoring begins and once
+when it ends, and shown in the status meanwhile. Config section: ``[properties]``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,20 @@ import trio
 
 from agent import __version__
 from agent.protocol import Event, RemoteProtocolError, VBoxStatusError
+from agent.protocol.status import VINF_SUCCESS, status_name
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import MALFORMED_REPLY, LastingFailure
+from agent.services._lasting import (
+    MALFORMED_REPLY,
+    WRITES_IGNORED,
+    WRITES_TAKEN_AGAIN,
+    LastingFailure,
+)
 from agent.services.guest_props import keep_guest_properties
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from agent.device import Device
     from agent.services.event_pump import EventPump
     from agent.services.guest_props import GuestProperties
@@ -40,7 +50,8 @@ NAME: Final = "properties"
 AGENT_VERSION_PROPERTY: Final = "/VirtualBox/GuestAdd/VBoxAgent/Version"
 OS_PREFIX: Final = "/VirtualBox/GuestInfo/OS/"
 RETRY_S: Final = 10.0
-"""How soon a connect that failed is tried again (VBoxService's VM-info interval)."""
+"""How soon a connect that failed, or a write the host ignored, is tried again (VBoxService's
+VM-info interval)."""
 
 
 class PropertiesSection(ServiceSection):
@@ -49,8 +60,8 @@ class PropertiesSection(ServiceSection):
 
 @record
 class PropertiesStatistics:
-    """Publications done (one per start and restore), properties the host refused, connects
-    that failed."""
+    """Publications done (one per start and restore, once every property was written or
+    refused), properties the host refused, connects that failed."""
 
     publications: int
     refused: int
@@ -81,6 +92,9 @@ class PropertiesService:
         self._status_changed = context.status_changed
         self._publications = 0
         self._refused: dict[str, str] = {}
+        self._unwritten: dict[str, str] = {}
+        """The properties whose last write the host ignored, with their values."""
+        self._ignoring = LastingFailure(WRITES_TAKEN_AGAIN)
         self._connects = LastingFailure("property_service_connected_again")
 
     def statistics(self) -> PropertiesStatistics:
@@ -88,9 +102,11 @@ class PropertiesService:
         return PropertiesStatistics(self._publications, len(self._refused), self._connects.total)
 
     def status(self) -> str:
-        """``properties ok``, ``properties starting``, or what the host refused."""
+        """``properties ok``, ``properties starting``, or what the host refused or ignored."""
         if self._connects.cause is not None:
             return f"properties: property service unavailable ({self._connects.cause})"
+        if self._ignoring.cause is not None:
+            return f"properties: writes ignored by the host ({self._ignoring.cause})"
         if self._refused:
             name, status = next(iter(self._refused.items()))
             return f"properties: {name} refused ({status})"
@@ -109,20 +125,24 @@ class PropertiesService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Publish, then publish again at every RESTORED event, on one client (connected
-        again every ``RETRY_S`` and at every restore while the host refuses it)."""
+        again every ``RETRY_S`` and at every restore while the host refuses it); write again
+        every ``RETRY_S`` what the host ignored."""
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             async with AsyncExitStack() as stack:
                 props = await self._connect(stack)
                 if props is not None:
-                    await self._publish(props)
+                    await self._publish(props, published_properties())
                 task_status.started()
                 while True:
-                    with trio.move_on_after(RETRY_S if props is None else math.inf):
+                    retrying = props is None or bool(self._unwritten)
+                    with trio.move_on_after(RETRY_S if retrying else math.inf) as pause:
                         await events.receive()
+                    everything = props is None or not pause.cancelled_caught
                     if props is None:
                         props = await self._connect(stack)
                     if props is not None:
-                        await self._publish(props)
+                        wanted = published_properties() if everything else dict(self._unwritten)
+                        await self._publish(props, wanted)
 
     async def _connect(self, stack: AsyncExitStack) -> GuestProperties | None:
         """A client kept open on ``stack``; None (counted, logged when the failure begins,
@@ -132,21 +152,38 @@ class PropertiesService:
             self._status_changed()
         return props
 
-    async def _publish(self, props: GuestProperties) -> None:
-        refused: dict[str, str] = {}
-        for name, value in published_properties().items():
+    async def _publish(self, props: GuestProperties, wanted: Mapping[str, str]) -> None:
+        """Write ``wanted``; a publication is done once no write is left that the host
+        ignored. Tell the daemon when it is done or the status changed."""
+        status = self.status()
+        for name, value in wanted.items():
+            self._refused.pop(name, None)
+            self._unwritten.pop(name, None)
             try:
-                await props.set(name, value)
+                written = await props.set(name, value)
             except VBoxStatusError as exc:
-                refused[name] = exc.name
+                self._refused[name] = exc.name
                 log.warning("property_refused", property=name, status=exc.name)
+                continue
             except RemoteProtocolError as exc:
-                refused[name] = MALFORMED_REPLY
+                self._refused[name] = MALFORMED_REPLY
                 log.warning("property_refused", property=name, malformed_reply=str(exc))
-        self._refused = refused
+                continue
+            if written == VINF_SUCCESS:
+                self._ignoring.succeeded()
+            else:
+                self._unwritten[name] = value
+                cause = status_name(written)
+                self._ignoring.failed(WRITES_IGNORED, cause, status=cause, property=name)
+        if self._unwritten:
+            if self.status() != status:
+                self._status_changed()
+            return
         self._publications += 1
         self._status_changed()
-        log.info("properties_published", publications=self._publications, refused=len(refused))
+        log.info(
+            "properties_published", publications=self._publications, refused=len(self._refused)
+        )
 
 
 def _build(context: ServiceContext, section: PropertiesSection) -> PropertiesService:

@@ -28,11 +28,12 @@ from agent.daemon.daemon import STATUS_SEPARATOR
 from agent.daemon.notify import Notifier
 from agent.device import DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
+from agent.host.guest_props import GuestFunction
 from agent.protocol import Facility, FacilityStatus, RequestType
 from agent.protocol.constants import GIVE_BACK_S
 from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import SessionMonitorStatistics
-from tests.sim_support import HookedOpener, ReplyGarbler
+from tests.sim_support import HookedOpener, OverflowAsking, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -270,6 +271,32 @@ class TestDaemonLifecycle:
         assert garbler.garbled == 2
         probes = [e["event"] for e in logs if e["event"].startswith("watchdog_probe")]
         assert probes == ["watchdog_probe_refused", "watchdog_probe_answered"]
+
+    async def test_a_property_size_no_guest_can_give_ends_nothing(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An ENUM_PROPS answered VERR_BUFFER_OVERFLOW with a size of 0x7FFFFFFF is a
+        malformed reply: the services that list properties log it once and go on, and the
+        daemon runs until it is told to stop. (The size reached the channel's limit check,
+        whose local error ended the daemon at once.)"""
+        huge = OverflowAsking(GuestFunction.ENUM_PROPS, lambda _: 0x7FFF_FFFF, times=1000)
+        host = SimulatedHost(services=[huge])
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=Notifier(None))
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as vm:
+                await vm.start(host.run)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(daemon.run)
+                    await trio.sleep(60)
+                    daemon.request_shutdown("test")
+                vm.cancel_scope.cancel()
+        unlisted = [e for e in logs if e["event"] == "owned_properties_unlisted"]
+        assert [e["malformed_reply"] for e in unlisted] == [
+            "ENUM_PROPS: the host answered VERR_BUFFER_OVERFLOW asking for a 2147483647-byte "
+            "buffer, over the 25165824 bytes one HGCM buffer carries"
+        ]
+        assert "agent_stopped" in [e["event"] for e in logs]
+        assert len(huge.sent) > 1  # asked again at later passes
 
     async def test_a_malformed_facility_reply_cuts_no_stop_short(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost

@@ -11,7 +11,7 @@ Rules of this test module:
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
@@ -22,7 +22,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import RemoteProtocolError
-from agent.protocol.constants import SHORT_CALL_TIMEOUT_MS, RequestType
+from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, RequestType
 from agent.protocol.guest_props import (
     ENUM_TERMINATOR,
     MAX_GUEST_NOTIFICATIONS,
@@ -44,8 +44,11 @@ from agent.protocol.status import (
 )
 from agent.services.event_pump import EventPump
 from agent.services.guest_props import (
+    ENUM_BUFFER_SIZE,
     FRUITLESS_WAITS,
+    SIZE_RETRIES,
     GuestProperties,
+    HgcmSizeError,
     PropertyChange,
     PropertyWatch,
     open_guest_properties,
@@ -60,9 +63,10 @@ from agent.services.hgcm import (
     HgcmU64,
     open_hgcm_channel,
 )
+from tests.sim_support import OverflowAsking
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from agent.device import Device
     from agent.host.hgcm_service import HgcmCallHandle
@@ -423,6 +427,88 @@ class TestOddReplies:
             async with _props_on(service) as (_, props), props.watch(["/W/*"]) as watch:
                 change = await watch.next()
         assert (change.value, change.deleted) == (value, deleted)
+
+
+async def _wait_once(props: GuestProperties) -> None:
+    """A watch's first wait (a host that answers it at once)."""
+    async with props.watch(["/W/*"]) as watch:
+        await watch.next()
+
+
+_OVERFLOW_CALLS: Final[dict[GuestFunction, Callable[[GuestProperties], Awaitable[object]]]] = {
+    GuestFunction.GET_PROP: lambda props: props.get("/W/x"),
+    GuestFunction.ENUM_PROPS: lambda props: props.enumerate(),
+    GuestFunction.GET_NOTIFICATION: _wait_once,
+}
+"""A call of each function that may be answered VERR_BUFFER_OVERFLOW."""
+
+
+class TestSizesAskedFor:
+    """The size a VERR_BUFFER_OVERFLOW reply asks for is the host's to fill: one that no
+    service can need is a malformed reply, and no call is made with it."""
+
+    @pytest.mark.parametrize("function", list(_OVERFLOW_CALLS), ids=lambda f: f.name)
+    @pytest.mark.parametrize("asked", [0x7FFF_FFFF, HGCM_MAX_USER_PARM + 1])
+    async def test_a_size_no_hgcm_buffer_carries(
+        self, autojump_clock: trio.abc.Clock, function: GuestFunction, asked: int
+    ) -> None:
+        """A size over the 24 MiB one HGCM buffer carries through either driver raised the
+        channel's HgcmLimitError, a local error, which ends the daemon. (Found by review:
+        ENUM_PROPS answered with 0x7FFFFFFF ended the agent at once.)"""
+        service = OverflowAsking(function, lambda _: asked)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(HgcmSizeError) as info:
+                    await _OVERFLOW_CALLS[function](props)
+        assert str(info.value) == (
+            f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for a "
+            f"{asked}-byte buffer, over the {HGCM_MAX_USER_PARM} bytes one HGCM buffer carries"
+        )
+        assert len(service.sent) == 1
+
+    @pytest.mark.parametrize("function", list(_OVERFLOW_CALLS), ids=lambda f: f.name)
+    @pytest.mark.parametrize("shortfall", [0, 1, None], ids=["same", "smaller", "zero"])
+    async def test_a_size_the_buffer_already_had(
+        self, autojump_clock: trio.abc.Clock, function: GuestFunction, shortfall: int | None
+    ) -> None:
+        """The service reports an overflow only for a buffer smaller than the size it needs:
+        asking for no more than was sent is malformed at once. (The call was repeated with
+        it until the retries ran out, or a size of 0 read as the host's refusal.)"""
+        service = OverflowAsking(
+            function, lambda sent: 0 if shortfall is None else sent - shortfall
+        )
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(
+                    HgcmSizeError, match=r"no more than the \d+-byte buffer it was given"
+                ):
+                    await _OVERFLOW_CALLS[function](props)
+        assert len(service.sent) == 1
+
+    async def test_a_host_asking_for_more_every_time_is_given_up(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host asking for a larger buffer at every try is asked SIZE_RETRIES times."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(HgcmSizeError, match=f"{SIZE_RETRIES} times in a row"):
+                    await props.enumerate()
+        assert service.sent == [ENUM_BUFFER_SIZE + n for n in range(SIZE_RETRIES)]
+
+    async def test_a_size_past_the_property_limits_is_asked_for(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A size over what 256 properties at their limits take (about 286 KiB) is used:
+        the properties a host loads from the VM's settings at power-on are held to none of
+        the service's limits, so only what one HGCM buffer carries bounds the size."""
+        asked = 1 << 20
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda _: asked)
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props):
+                host.prop_set("/Big/a", "1")
+                assert [prop.name for prop in await props.enumerate(["/Big/*"])] == ["/Big/a"]
+        assert service.sent == [ENUM_BUFFER_SIZE, asked]
 
 
 class TestWatch:

@@ -29,6 +29,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
+from agent.protocol.guest_props import NILFLAG, RDONLYGUEST, SERVICE_NAME
 from agent.services import EventPump, ServiceContext
 from agent.services._netifaces import NetInterface
 from agent.services._publishing import NOT_SENT
@@ -625,3 +626,59 @@ def test_a_name_that_is_not_utf8_is_left_out() -> None:
     assert properties[f"{NET_PREFIX}0/Name"] is None  # deleted, if an earlier pass wrote one
     assert properties[f"{NET_PREFIX}0/V4/IP"] == "10.1.0.1"
     assert properties[f"{NET_PREFIX}1/Name"] == "br\u00e9"
+
+
+async def test_writes_the_host_ignored_are_made_again_once_it_takes_them(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """With the host's global RDONLYGUEST every write and delete is answered
+    VINF_PERMISSION_DENIED and changes nothing: the status says so, one warning while it
+    lasts, each pass writes and deletes again, and the first pass after the host lifts the
+    flag publishes everything, with one info line; a drain the host ignored leaves the
+    service published, and the next deletes. (Ignored writes counted as made: only the
+    beacon was written again, never the rest, and each pass logged it.)"""
+    stale = f"{NET_PREFIX}9/Name"  # a previous boot's
+    host.prop_set(stale, "gone")
+    names = network_properties(interfaces.now)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device:
+            async with trio.open_nursery() as nursery:
+                running = Running(host)
+                context = ServiceContext(device, EventPump(device), running.status_changed)
+                service = network_service(
+                    context, NetworkSection(interval_s=INTERVAL_S), interfaces
+                )
+                running.start(service)
+                _global_flags(host, RDONLYGUEST)
+                await nursery.start(context.pump.run)
+                await nursery.start(service.run)
+                await running.next_pass()
+                await running.next_pass()
+                assert service.status() == (
+                    "network: writes ignored by the host (VINF_PERMISSION_DENIED)"
+                )
+                assert [name for name in names if host.prop_get(name) is not None] == []
+                assert running.value(stale) == "gone"
+                _global_flags(host, NILFLAG)
+                await running.next_pass()
+                assert {name: running.value(name) for name in names} == names
+                assert host.prop_get(stale) is None
+                assert service.status() == "network 2 interfaces"
+                nursery.cancel_scope.cancel()
+            _global_flags(host, RDONLYGUEST)
+            await service.drain()
+            assert {name: running.value(name) for name in names} == names
+            _global_flags(host, NILFLAG)
+            await service.drain()
+            assert [name for name in names if host.prop_get(name) is not None] == []
+    events = [line["event"] for line in logs]
+    assert events.count("property_writes_ignored") == 2  # the passes, then the first drain
+    assert events.count("property_writes_taken_again") == 2
+    assert events.count("published_deleted") == 1
+
+
+def _global_flags(host: SimulatedHost, flags: int) -> None:
+    """Set the host's property service's global flags (RDONLYGUEST: guest writes ignored)."""
+    service = host.vmmdev.hgcm.service(SERVICE_NAME)
+    assert isinstance(service, GuestPropertyService)
+    service.set_global_flags(flags)

@@ -21,6 +21,7 @@ from agent import __version__
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
+from agent.protocol.guest_props import NILFLAG, RDONLYGUEST, SERVICE_NAME
 from agent.services import EventPump, ServiceContext
 from agent.services.properties import (
     AGENT_VERSION_PROPERTY,
@@ -128,3 +129,38 @@ async def test_a_host_without_the_property_service_is_tried_again(
             vm.cancel_scope.cancel()
     connects = [line["event"] for line in logs if "property_service" in line["event"]]
     assert connects == ["property_service_unavailable", "property_service_connected_again"]
+
+
+async def test_writes_the_host_ignored_are_made_again_once_it_takes_them(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """With the host's global RDONLYGUEST the writes are answered VINF_PERMISSION_DENIED
+    and change nothing: the status says so, one warning while it lasts, the writes are made
+    again every RETRY_S, and once the host takes them the publication is done, with one
+    info line. (They counted as written: nothing was published until a restore.)"""
+    service_of_host = host.vmmdev.hgcm.service(SERVICE_NAME)
+    assert isinstance(service_of_host, GuestPropertyService)
+    service_of_host.set_global_flags(RDONLYGUEST)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            service = PropertiesService(ServiceContext(device, pump))
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            await trio.sleep(3 * RETRY_S)
+            assert service.status() == (
+                "properties: writes ignored by the host (VINF_PERMISSION_DENIED)"
+            )
+            assert service.statistics().publications == 0
+            assert set(_values_and_flags(host).values()) == {None}
+            service_of_host.set_global_flags(NILFLAG)
+            await trio.sleep(RETRY_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.status() == "properties ok"
+            assert service.statistics().publications == 1
+            assert None not in _values_and_flags(host).values()
+            nursery.cancel_scope.cancel()
+    events = [line["event"] for line in logs]
+    assert events.count("property_writes_ignored") == 1
+    assert events.count("property_writes_taken_again") == 1
+    assert events.count("properties_published") == 1

@@ -1,8 +1,23 @@
-"""Capped exponential backoff for retried balloon steps."""
+"""Capped exponential backoff for retried balloon steps, and how a failed request is named."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+from agent.protocol import VBoxStatusError
+
+if TYPE_CHECKING:
+    from agent.protocol import RemoteProtocolError
+
+
+def failure_text(exc: VBoxStatusError | RemoteProtocolError) -> str:
+    """One line naming the request and what went wrong: ``VBG_IOCTL_CHECK_BALLOON:
+    VERR_NO_MEMORY``, or for a reply that breaks the ABI ``malformed reply:`` and the
+    decoder's message (which begins with the request's name)."""
+    if isinstance(exc, VBoxStatusError):
+        return f"{exc.operation}: {exc.name}"
+    return f"malformed reply: {exc}"
 
 
 class Backoff:

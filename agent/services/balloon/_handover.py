@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from agent.protocol import (
+    HOST_ERRORS,
     ChangeBalloon,
     ChangeMemBalloon,
     GetMemBalloonChangeRequest,
@@ -148,8 +149,8 @@ class OracleHandover:
         holds no chunk (as it answered the deflate of ``chunk``), and VERR_NOT_FOUND, from its
         search of the chunk array, once it holds one; neither reaches the host. A balloon
         that holds any chunk holds ``chunk``: lacking it, the driver would have answered the
-        deflate of ``chunk`` with VERR_NOT_FOUND. Any other answer counts as not empty (the
-        chunk is kept and asked for again).
+        deflate of ``chunk`` with VERR_NOT_FOUND. Any other answer, a malformed reply too,
+        counts as not empty (the chunk is kept and asked for again).
 
         A release build is what changes nothing: for an empty balloon the driver reaches
         ``AssertMsgFailed`` before it returns VERR_INVALID_PARAMETER, which stops a
@@ -161,8 +162,8 @@ class OracleHandover:
         probe = ChangeBalloon(chunk.address + PAGE_SIZE, inflate=False)
         try:
             await self._device.request(probe)
-        except VBoxStatusError as exc:
-            return exc.rc == VERR_INVALID_PARAMETER
+        except HOST_ERRORS as exc:  # a malformed reply says nothing: not empty
+            return isinstance(exc, VBoxStatusError) and exc.rc == VERR_INVALID_PARAMETER
         return False
 
 

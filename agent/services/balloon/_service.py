@@ -56,10 +56,10 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import structlog
 import trio
 
-from agent.protocol import Event, VBoxStatusError
+from agent.protocol import HOST_ERRORS, Event, VBoxStatusError
 from agent.records import record
 from agent.services._base import BalloonGauge
-from agent.services.balloon._backoff import Backoff
+from agent.services.balloon._backoff import Backoff, failure_text
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from agent.device import Device
+    from agent.protocol import RemoteProtocolError
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._mode import Detected
@@ -355,8 +356,8 @@ class BalloonService:
                 with trio.move_on_after(DRAIN_READ_S):  # else the last reading it is
                     try:
                         self._chunks = (await self._device.check_balloon()).chunks
-                    except VBoxStatusError as exc:
-                        log.debug("balloon_check_failed", operation=exc.operation, status=exc.name)
+                    except HOST_ERRORS as exc:
+                        log.debug("balloon_check_failed", **_failure_fields(exc))
             self._leave_to_driver()
             self._gauge.chunks = None
             return
@@ -417,6 +418,7 @@ class BalloonService:
         figures = {
             "returned": held - kept,
             "kept": kept,
+            "unconfirmed": len(walker.unconfirmed),  # of the kept: the host may not have them
             "reason": reason,
             "last_refusal": walker.last_failure,
         }
@@ -455,7 +457,7 @@ class BalloonService:
         while True:
             try:
                 detected = await detect_mode(self._device, partial(self._gate_probe, ready))
-            except VBoxStatusError as exc:  # e.g. another session owns Oracle's balloon
+            except HOST_ERRORS as exc:  # e.g. another session owns Oracle's balloon
                 _check_failed(exc, backoff)
                 ready()
                 while trio.current_time() < backoff.retry_at:
@@ -574,11 +576,11 @@ class BalloonService:
         self._read_pending = False
         try:
             await self._read_target()
-        except VBoxStatusError as exc:  # a host status, or a driver errno as one
+        except HOST_ERRORS as exc:  # a status (or a driver errno as one), a malformed reply
             self._read_pending = True
             self._read_failures += 1
             _check_failed(exc, self._read_backoff)
-            self._read_failed(f"{exc.operation}: {exc.name}")
+            self._read_failed(failure_text(exc))
         else:
             self.reads += 1
             if self._read_backoff.succeeded():
@@ -910,13 +912,23 @@ def _memlock_fields() -> dict[str, object]:
     }
 
 
-def _check_failed(exc: VBoxStatusError, backoff: Backoff) -> None:
-    """Back off after a failed balloon check: a warning the first time, then debug lines."""
+def _check_failed(exc: VBoxStatusError | RemoteProtocolError, backoff: Backoff) -> None:
+    """Back off after a failed balloon check: a warning the first time, then debug lines.
+
+    A malformed reply (a target above the guest's RAM, say) changes nothing: the target
+    stays as last read, as the in-tree driver and Oracle's leave their balloon on an illegal
+    size and VBoxService's balloon loop goes on.
+    """
     first = backoff.failures == 0
     delay = backoff.failed(trio.current_time())
     (log.warning if first else log.debug)(
-        "balloon_check_failed",
-        operation=exc.operation,
-        status=exc.name,
-        retry_in_s=round(delay, 3),
+        "balloon_check_failed", **_failure_fields(exc), retry_in_s=round(delay, 3)
     )
+
+
+def _failure_fields(exc: VBoxStatusError | RemoteProtocolError) -> dict[str, str]:
+    """A failed request for a log line: its ``operation`` and ``status``, or for a reply that
+    breaks the ABI the decoder's message, which names the request (``malformed_reply``)."""
+    if isinstance(exc, VBoxStatusError):
+        return {"operation": exc.operation, "status": exc.name}
+    return {"malformed_reply": str(exc)}

@@ -37,6 +37,15 @@ another chunk put there, and the count stays below the pages ballooned until the
 The other choice, unmapping such a chunk, could hand the kernel pages the host keeps
 ballooned and refuses writes to. An inflate the host refused after it marked the pages
 (``Handover.refusal_ballooned``) is deflated before its chunk is unmapped, for that reason.
+
+A reply that breaks the ABI (``RemoteProtocolError``: a header naming another request, say)
+came back from a request that reached the host, which may or may not have carried it out:
+a failure like a refusal, whose chunk is held, unconfirmed, never unmapped before a deflate
+takes it back. It goes to the bottom of the balloon, deflated after every other chunk: by
+then a host with one vCPU counts it only if it holds it, and answers a deflate of it that
+way (success, or ``VERR_GMM_ATTEMPT_TO_DEFLATE_TOO_MUCH``, the chunk given up), so no count
+is taken off that another chunk put there. Until then the balloon may hold one MiB less
+than the agent counts.
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import structlog
 import trio
 
-from agent.protocol import Submission, VBoxStatusError
+from agent.protocol import RemoteProtocolError, Submission, VBoxStatusError
+from agent.services.balloon._backoff import failure_text
 from agent.services.balloon._chunks import Chunk, ChunkError
 from agent.services.balloon._mode import CHUNK_MB
 
@@ -294,8 +304,11 @@ class ChunkWalker:
                     # The host's status, or the driver's errno as the status it stands for.
                     if self.handover.refusal_ballooned(exc.rc):
                         await self._take_back_refused(ready)
-                    msg = f"{exc.operation}: {exc.name}"
-                    raise WalkStoppedError(msg) from exc
+                    raise WalkStoppedError(failure_text(exc)) from exc
+                except RemoteProtocolError as exc:  # the host may hold it (module docstring)
+                    self._hold_unconfirmed(ready)
+                    self._deflate_last(chunk)
+                    raise WalkStoppedError(failure_text(exc)) from exc
                 except BaseException:
                     # Cancelled mid-call. Once issued, the host may hold the chunk (a real host
                     # answers a deflate of pages it never took with no error, so the drain
@@ -322,22 +335,30 @@ class ChunkWalker:
         self.unconfirmed.add(chunk.address)
         self._on_resized(len(self.held))
 
+    def _deflate_last(self, chunk: Chunk) -> None:
+        """Move held ``chunk``, whose last handover got a malformed reply, to the bottom of
+        the balloon, unconfirmed (the module docstring)."""
+        self.unconfirmed.add(chunk.address)
+        self.held.remove(chunk)
+        self.held.insert(0, chunk)
+
     async def _take_back_refused(self, ready: list[Chunk]) -> None:
         """Deflate the last of ``ready``, whose refused inflate left its pages ballooned at
         the host, so that it may be unmapped with the rest of ``ready``.
 
         The host's count never took the chunk, so this deflate takes a chunk off a count
         that was already over the pages ballooned (why GMM refused the inflate), bringing
-        the two closer. A deflate that fails otherwise, or is cancelled, leaves the pages
-        ballooned as far as the agent can tell: the chunk is held, unconfirmed, and given
-        back like any other, never unmapped before.
+        the two closer. A deflate that fails otherwise, is cancelled or gets a malformed
+        reply leaves the pages ballooned as far as the agent can tell: the chunk is held,
+        unconfirmed, and given back like any other (after every other one, for a malformed
+        reply), never unmapped before.
 
         The chunk is held unless the host is known to have given it back: held in a
         ``finally``, so that no exit (a failure, or a cancellation at any await, the
         handover's ``not_held`` included) leaves it in ``ready`` to be unmapped.
         """
         chunk = ready[-1]
-        back = False
+        back = malformed = False
         try:
             try:
                 await self.handover.deflate(chunk, Submission())
@@ -345,11 +366,15 @@ class ChunkWalker:
                 back = await self.handover.not_held(
                     chunk, exc.rc, unconfirmed=True, balloon_empty=False
                 )
+            except RemoteProtocolError:
+                malformed = True
             else:
                 back = True
         finally:
             if not back:
                 self._hold_unconfirmed(ready)
+                if malformed:
+                    self._deflate_last(chunk)
 
     def _allocate(self, count: int) -> tuple[list[Chunk], str | None]:
         """Map and lock up to ``count`` chunks (at most a group), each after the floor check;
@@ -409,7 +434,8 @@ class ChunkWalker:
 
         Cancelled once issued, the deflate may have gone through: the chunk stays held
         (mapped), unconfirmed, and is deflated again; Oracle's driver's answer to that tells
-        (the handover's ``not_held``), a real host's does not (the module docstring).
+        (the handover's ``not_held``), a real host's does not (the module docstring). A
+        malformed reply is a refusal (False) whose chunk is deflated last.
         """
         submission = Submission()
         unconfirmed = self.unconfirmed
@@ -420,8 +446,12 @@ class ChunkWalker:
             if not await self.handover.not_held(
                 chunk, exc.rc, unconfirmed=chunk.address in unconfirmed, balloon_empty=empty
             ):
-                self.last_failure = f"{exc.operation}: {exc.name}"
+                self.last_failure = failure_text(exc)
                 return False
+        except RemoteProtocolError as exc:
+            self._deflate_last(chunk)
+            self.last_failure = failure_text(exc)
+            return False
         except BaseException:
             if submission.issued:
                 unconfirmed.add(chunk.address)
