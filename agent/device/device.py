@@ -484,7 +484,7 @@ class HgcmClient:
         Raises:
             LocalProtocolError: the call breaks the ABI (see ``HgcmCall.encode``).
         """
-        return HgcmCall(self.client_id, function, params, timeout_ms).prepare()
+        return PreparedHgcmCall(HgcmCall(self.client_id, function, params, timeout_ms))
 
     def call_prepared(
         self, prepared: PreparedHgcmCall, submission: Submission | None = None

@@ -905,14 +905,73 @@ class HgcmCall(Request[HgcmReply]):
         """Encode the call; buffer parameters become user buffers the transport maps.
 
         The header is set as :func:`ioctl_buffer` sets it (``rc`` preset to
-        ``VERR_INTERNAL_ERROR``), with the call interruptible.
+        ``VERR_INTERNAL_ERROR``), with the call interruptible. (The call is prepared for
+        this one encoding, see :class:`PreparedHgcmCall`.)
         """
-        return PreparedHgcmCall(self).ioctl(self)
+        call = PreparedHgcmCall(self).encode()
+        return IoctlCall(call.code, call.buffer, self, call.user_buffers)
+
+    def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
+        """Decode the status and the returned parameters."""
+        return PreparedHgcmCall(self).decode(call)
+
+
+_SET_CALL: Final = slot_setters(HgcmCall, "client_id", "function", "params", "timeout_ms")
+
+
+@final
+class PreparedHgcmCall(Request[HgcmReply]):
+    """An :class:`HgcmCall` checked and laid out once, to be made any number of times.
+
+    Preparing makes every check :meth:`HgcmCall.encode` makes and builds the ioctl buffer,
+    every word of it set, as a template; encoding copies the template and gives each
+    non-empty buffer parameter memory of its own (a copy of an in buffer's bytes, zeros for
+    an out buffer), which is all that differs between two calls. A service that makes the
+    same call over and over (a property get of one name) encodes it in half the time.
+
+    Attributes:
+        call: the call prepared.
+        client_id: the client the call names (the call's).
+        code: the ioctl number.
+    """
+
+    __slots__ = ("_buffers", "_layout", "_template", "call", "client_id", "code")
+    operation: ClassVar[str] = HgcmCall.operation
+
+    def __init__(self, call: HgcmCall) -> None:
+        client_id, function, timeout_ms = call.client_id, call.function, call.timeout_ms
+        if not (
+            0 < client_id < _U32_MAX and 0 <= function <= _U32_MAX and 0 <= timeout_ms <= _U32_MAX
+        ):  # one of these raises, naming the value
+            _check_client_id(client_id)
+            _check_u32("function", function)
+            _check_u32("timeout_ms", timeout_ms)
+        count = len(call.params)
+        if count > HGCM_MAX_PARMS:
+            msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
+            raise LocalProtocolError(msg)
+        layout = _call_layout(count)
+        values = [client_id, function, timeout_ms, 1, 0, count]
+        self._buffers = _encode_params(call.params, values)
+        """Each non-empty buffer parameter's address offset and what its memory starts as:
+        the bytes of an in (or in/out) buffer, the size of an out buffer."""
+        buf = bytearray(layout.header)
+        layout.body.pack_into(buf, _CALL_BODY.offset, *values)
+        self._template = bytes(buf)
+        self._layout = layout
+        self.call = call
+        self.client_id = client_id
+        self.code = layout.code
+
+    def encode(self) -> IoctlCall[HgcmReply]:
+        """Encode the call from the template (see the class docstring)."""
+        user_buffers = tuple([UserBuffer(at, bytearray(start)) for at, start in self._buffers])
+        return IoctlCall(self.code, bytearray(self._template), self, user_buffers)
 
     def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
         """Decode the status and the returned parameters."""
         buf = call.buffer
-        layout = _call_layout(len(self.params))
+        layout = self._layout
         size = layout.size
         if len(buf) != size:
             _check_reply_length(self.operation, buf, size)
@@ -934,13 +993,14 @@ class HgcmCall(Request[HgcmReply]):
         Buffers are decoded inline rather than by a helper: the loop runs for every
         parameter of every call.
         """
-        if values[_CALL_HEADER_VALUES - 1] != len(self.params):
-            msg = f"{self.operation}: reply does not hold {len(self.params)} parameters"
+        params = self.call.params
+        if values[_CALL_HEADER_VALUES - 1] != len(params):
+            msg = f"{self.operation}: reply does not hold {len(params)} parameters"
             raise RemoteProtocolError(msg)
         user = iter(call.user_buffers)
         decoded: list[HgcmValue] = []
         at = _CALL_HEADER_VALUES
-        for param in self.params:
+        for param in params:
             kind = values[at]
             word = values[at + 1]
             # ``type(param) is``: the parameter classes are final, and the test is cheaper
@@ -985,66 +1045,6 @@ class HgcmCall(Request[HgcmReply]):
         )
 
 
-_SET_CALL: Final = slot_setters(HgcmCall, "client_id", "function", "params", "timeout_ms")
-
-
-@final
-class PreparedHgcmCall(Request[HgcmReply]):
-    """An :class:`HgcmCall` checked and laid out once, to be made any number of times.
-
-    Preparing makes every check :meth:`HgcmCall.encode` makes and builds the ioctl buffer,
-    every word of it set, as a template; encoding copies the template and gives each
-    non-empty buffer parameter memory of its own (a copy of an in buffer's bytes, zeros for
-    an out buffer), which is all that differs between two calls. A service that makes the
-    same call over and over (a property get of one name) encodes it in half the time.
-
-    Attributes:
-        call: the call prepared, which decodes the replies.
-        client_id: the client the call names (the call's).
-        code: the ioctl number.
-    """
-
-    __slots__ = ("_buffers", "_template", "call", "client_id", "code")
-    operation: ClassVar[str] = HgcmCall.operation
-
-    def __init__(self, call: HgcmCall) -> None:
-        client_id, function, timeout_ms = call.client_id, call.function, call.timeout_ms
-        if not (
-            0 < client_id < _U32_MAX and 0 <= function <= _U32_MAX and 0 <= timeout_ms <= _U32_MAX
-        ):  # one of these raises, naming the value
-            _check_client_id(client_id)
-            _check_u32("function", function)
-            _check_u32("timeout_ms", timeout_ms)
-        count = len(call.params)
-        if count > HGCM_MAX_PARMS:
-            msg = f"HGCM call with {count} parameters; the limit is {HGCM_MAX_PARMS}"
-            raise LocalProtocolError(msg)
-        layout = _call_layout(count)
-        values = [client_id, function, timeout_ms, 1, 0, count]
-        self._buffers = _encode_params(call.params, values)
-        """Each non-empty buffer parameter's address offset and what its memory starts as:
-        the bytes of an in (or in/out) buffer, the size of an out buffer."""
-        buf = bytearray(layout.header)
-        layout.body.pack_into(buf, _CALL_BODY.offset, *values)
-        self._template = bytes(buf)
-        self.call = call
-        self.client_id = client_id
-        self.code = layout.code
-
-    def encode(self) -> IoctlCall[HgcmReply]:
-        """Encode the call from the template (see the class docstring)."""
-        return self.ioctl(self)
-
-    def ioctl(self, request: Request[HgcmReply]) -> IoctlCall[HgcmReply]:
-        """The ioctl of one call, with ``request`` (this, or :attr:`call`) as its request."""
-        user_buffers = tuple([UserBuffer(at, bytearray(start)) for at, start in self._buffers])
-        return IoctlCall(self.code, bytearray(self._template), request, user_buffers)
-
-    def decode(self, call: IoctlCall[HgcmReply]) -> HgcmReply:
-        """Decode the reply as :attr:`call` does."""
-        return self.call.decode(call)
-
-
 def _encode_params(
     params: tuple[HgcmParam, ...], values: list[int]
 ) -> tuple[tuple[int, bytes | int], ...]:
@@ -1054,7 +1054,7 @@ def _encode_params(
     buffers: list[tuple[int, bytes | int]] = []
     address_at = _FIRST_ADDRESS_AT
     for param in params:
-        # ``type(param) is``, as in :meth:`HgcmCall._decode_params`; two appends cost less
+        # ``type(param) is``, as in :meth:`PreparedHgcmCall._decode_params`; two appends cost less
         # than ``+=`` of a pair, which builds a tuple and extends the list with it.
         if type(param) is HgcmU32:
             if not 0 <= param.value <= _U32_MAX:
