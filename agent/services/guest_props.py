@@ -107,6 +107,8 @@ _WAIT_ENDINGS: Final = frozenset(
 """The failures of a wait the watch recovers from (counted against :data:`FRUITLESS_WAITS`)."""
 GETS_PREPARED: Final = 256
 """Property names whose GET_PROP a client keeps prepared for the next get of them."""
+NAME_PARAMS_CACHED: Final = 256
+"""Property names whose checked, encoded parameter is kept for the next call with them."""
 _GET_PROP: Final = int(GuestFunction.GET_PROP)
 """Read once: an enum member costs a metaclass attribute look-up per access, which on the
 hot path of every get cost as much as encoding one of its parameters."""
@@ -717,8 +719,14 @@ async def keep_guest_properties(
     return props, connects.succeeded()
 
 
+@functools.lru_cache(maxsize=NAME_PARAMS_CACHED)
 def _name_param(name: str) -> HgcmBufferIn:
-    """``name`` as the calls send it (checked, NUL-terminated)."""
+    """``name`` as the calls send it (checked, NUL-terminated), kept for the next call.
+
+    Kept because an agent writes the same few properties over and over: checking and
+    encoding the name cost a quarter of encoding a SET_PROP. A name that is refused raises
+    PropertyArgumentError every time (exceptions are not kept).
+    """
     return HgcmBufferIn(encode_name(name))
 
 
