@@ -21,6 +21,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NOT_SUPPORTED
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services.heartbeat import HeartbeatSection, HeartbeatService
@@ -278,6 +279,34 @@ class TestAgentKeepsTheHeartbeat:
         assert 60 <= sent - DRIVER_LOAD <= 70
         assert asked == sent
         assert len([entry for entry in logs if entry["event"] == "heartbeat_not_armed"]) == 1
+
+    async def test_a_retry_refused_as_unsupported_gives_up_and_says_so(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The first configure is refused with VERR_GENERAL_FAILURE, its retry with
+        VERR_NOT_SUPPORTED: the host lacks the heartbeat, so the service stops retrying and
+        its status says so (it said ``not armed (VERR_GENERAL_FAILURE)`` for good)."""
+        with structlog.testing.capture_logs() as logs:
+            host = SimulatedHost(personality="passthrough", heartbeat_interval_ns=INTERVAL_NS)
+            with trio.fail_after(BOUND_S * 10):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(host.run)
+                    host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VERR_GENERAL_FAILURE, 1)
+                    host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VERR_NOT_SUPPORTED, 1000)
+                    sent = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                    async with open_device(SimOpener(host)) as device:
+                        pump = EventPump(device)
+                        service = HeartbeatService(ServiceContext(device, pump), HeartbeatSection())
+                        await nursery.start(pump.run)
+                        nursery.start_soon(service.run)
+                        await trio.sleep(3600)
+                        assert service.status() == "heartbeat unsupported by the host"
+                        assert service.statistics().owner == "none"
+                        asked = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                        assert asked == sent + 2  # the refused Disables, no retry after
+                    nursery.cancel_scope.cancel()
+        said = [entry["event"] for entry in logs if entry["event"].startswith("heartbeat_")]
+        assert said == ["heartbeat_not_armed", "heartbeat_not_supported_by_host"]
 
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock
