@@ -268,7 +268,7 @@ class Daemon:
     async def _serve(
         self, device: Device, facility: FacilityReporter, task_status: trio.TaskStatus[None]
     ) -> None:
-        pump = EventPump(device, leaving=self._leaving)
+        pump = EventPump(device, leaving=self._leaving, status_changed=self._status_changed)
         self._pump = pump
         self._context = ServiceContext(
             device, pump, self._status_changed, agent_stopping=self._leaving
@@ -427,6 +427,8 @@ class Daemon:
         pump_failures = self._pump_supervisor.retrying().get(EventPump.name)
         if pump_failures is not None:  # no service hears the host meanwhile
             fragments.append(f"event pump failed, retrying ({pump_failures}x)")
+        elif self._pump is not None and (failing := self._pump.failing()) is not None:
+            fragments.append(f"event pump: {failing}, retrying")
         for service in self._supervisor.services():
             if service.name in stopping:  # its status may say what it no longer does
                 text = f"{service.name} stopping"

@@ -17,12 +17,17 @@ broke the protocol) propagate and end the daemon with a non-zero exit, so system
 it. Any other failure of a service restarts that service after a backoff that doubles up
 to a ceiling (a reload's new ``[daemon]`` applies to a backoff under way, counted from its
 start); more failures than the budget within the window are fatal too (decided before
-the failed run's drain, which is then one of the ending's). Before such an end every service
-drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService stops its services
-after a failed start: the host's heartbeat check is switched off, balloon chunks go back.
-Only a device that vanished skips that, having nobody left to give back to. An
-``on_ending`` hook runs alongside those drains (the daemon's ends the other supervisor's
-services the same way, :meth:`Supervisor.end`), and the error propagates only after it.
+the failed run's drain, which is then one of the ending's). A host's refusal
+(``agent.protocol.HOST_ERRORS``: a status, a malformed reply) of an optional feature is no
+such failure: the services and the event pump count it, show it in their status and try
+again on their own (``agent.services._lasting``), so what spends the budget is a bug of the
+agent's own, which a restart may clear and which must not go on for ever. Before such an
+end every service drains, as at a stop (within ``shutdown_timeout_s``), as VBoxService
+stops its services after a failed start: the host's heartbeat check is switched off,
+balloon chunks go back. Only a device that vanished skips that, having nobody left to give
+back to. An ``on_ending`` hook runs alongside those drains (the daemon's ends the other
+supervisor's services the same way, :meth:`Supervisor.end`), and the error propagates only
+after it.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from agent.protocol import (
     HgcmParam,
     HgcmReply,
     InterruptAllWaits,
+    RemoteProtocolError,
     Request,
     Session,
     VBoxStatusError,
@@ -72,7 +73,8 @@ R = TypeVar("R")
 CLEANUP_TIMEOUT_S: Final = 2.0
 """How long one piece of teardown (an interrupt, a disconnect, a close) may take, shielded."""
 STRAY_INTERRUPTS: Final = 3
-"""Waits a waiter repeats after an interruption it did not ask for (a stray signal)."""
+"""Waits a waiter repeats after an interruption it did not ask for (a stray signal), or a
+success with no events it did not ask for (which neither driver gives)."""
 HGCM_CONNECT_TIMEOUT_S: Final = SHORT_CALL_TIMEOUT_MS / 1000
 """How long an HGCM connect, or the explicit disconnect, may wait for the host."""
 
@@ -357,9 +359,13 @@ class EventWaiter:
           a wait whose interrupt failed (logged: ``event_wait_interrupt_failed``).
 
         Both drivers' interrupts count: mainline's EINTR, Oracle's VERR_INTERRUPTED, and
-        Oracle's success with no events (an interrupt sent before the wait reached the
-        driver). An interruption nobody asked for (a stray signal) repeats the wait, at
-        most :data:`STRAY_INTERRUPTS` times.
+        Oracle's success with no events, which is how its wait consumes an interrupt sent
+        before the wait reached the driver, once (``fPendingCancelWaitEvents``; mainline's
+        wait never returns without events). So a success with no events is an interrupt
+        only when :meth:`interrupt` was called. An interruption nobody asked for (a stray
+        signal) or such a success nobody asked for repeats the wait, at most
+        :data:`STRAY_INTERRUPTS` times; past that the wait fails: the status, or a
+        :class:`~agent.protocol.RemoteProtocolError` for the successes.
         """
         strays = 0
         while True:
@@ -374,10 +380,17 @@ class EventWaiter:
                 if strays > STRAY_INTERRUPTS:
                     raise
                 continue
-            if not received.mask:
-                self._interrupt_requested = True
+            if received.mask:
+                return received.mask
+            if self._interrupt_requested:
                 raise WaiterInterruptedError(self.mask)
-            return received.mask
+            strays += 1
+            if strays > STRAY_INTERRUPTS:
+                msg = (
+                    f"WAIT_FOR_EVENTS: success with no events {strays} times in a row, "
+                    "though no interrupt was asked for"
+                )
+                raise RemoteProtocolError(msg)
 
     async def _wait_once(self) -> EventsReceived:
         """One shielded WAIT_FOR_EVENTS; cancellation sends the interrupt that ends it.

@@ -10,7 +10,8 @@ A request to the host fails in one of two ways a service outlives
 answers with a reply that breaks the ABI.
 Restarting the service would meet the same host, and a supervisor that restarts it on every
 tick ends the daemon once the restart budget is spent, so the services count both kinds
-(:meth:`LastingFailure.host_failed`) and go on, as VBoxService's workers do.
+(:meth:`LastingFailure.host_failed`) and go on, as VBoxService's workers do. One that must try
+again on its own (a feature the host refused at start) waits :meth:`LastingFailure.retry_in`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ log = structlog.get_logger(__name__)
 
 MALFORMED_REPLY: Final = "malformed reply"
 """The cause a malformed reply is counted under (its message changes with the reply)."""
+RETRY_INITIAL_S: Final = 1.0
+"""The first wait before trying a refused request again (the daemon's default restart
+back-off, which such a refusal met when it ended the service)."""
+RETRY_MAX_S: Final = 60.0
+"""The longest wait between two tries: a host that keeps refusing costs a request a minute."""
 WRITES_IGNORED: Final = "property_writes_ignored"
 """The event of guest-property writes the host ignored: it answered them with a success
 (``VINF_PERMISSION_DENIED``) and changed nothing, having made every property read-only for
@@ -65,6 +71,11 @@ class LastingFailure:
         log.warning(event, failures=self.total, **details)
         self._failing = (event, cause)
         return True
+
+    def retry_in(self, initial_s: float = RETRY_INITIAL_S, maximum_s: float = RETRY_MAX_S) -> float:
+        """The wait before trying again: ``initial_s``, doubled for each failure in a row
+        after the first, at most ``maximum_s``."""
+        return min(maximum_s, initial_s * 2.0 ** min(max(self._in_a_row - 1, 0), 60))
 
     def host_failed(
         self, event: str, error: VBoxStatusError | RemoteProtocolError, **details: object

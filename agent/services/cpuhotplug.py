@@ -27,12 +27,15 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
 Each action is one log line with the host's ids and the CPU; a request nobody can carry out
 (an unknown core, a CPU that stays) is one warning line and the service goes on; events of
 a type the agent does not know are counted, and logged when a run of them begins and
-ends (VBoxService logs the first ten). A host or
-driver that refuses monitoring (a host without the requests, ``/dev/vboxuser``) or answers
-the Enable with a malformed reply is said once in the status; the service then waits for a
-restore without polling. A read of the host's request that fails (a status, a malformed
-reply) is counted and logged when such failures begin or change cause, and the service goes
-on with the host's next event. A stop disables monitoring. Config section:
+ends (VBoxService logs the first ten). A host or driver that refuses monitoring (a host
+without the requests, ``/dev/vboxuser``) or answers the Enable with a malformed reply is one
+warning and said in the status; the service then waits for a restore without polling. Any
+other refusal of the Enable (VERR_GENERAL_FAILURE, say) is said the same way and tried again
+on a back-off (:meth:`LastingFailure.retry_in`) and at a restore: VBoxService's worker ends
+on a failed Enable while its other services run on, and the agent's run on too, whatever
+this one meets. A read of the host's request that fails (a status, a malformed reply) is
+counted and logged when such failures begin or change cause, and the service goes on with
+the host's next event. A stop disables monitoring. Config section:
 ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root whose CPU directory cannot be
 read is one warning naming the setting at start and at a reload, and the status says it;
 each request then fails with a line naming the directory and the reason, and the service
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, final
 
@@ -65,7 +69,7 @@ from agent.protocol.status import STATUS_CODES
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._cpu_sysfs import DEFAULT_SYSFS_ROOT, CpuChange, CpuSysfs, PassedOver
-from agent.services._lasting import MALFORMED_REPLY, LastingFailure
+from agent.services._lasting import RETRY_MAX_S, LastingFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -157,7 +161,10 @@ class CpuHotPlugService:
         self._monitoring = False
         self._host_may_monitor = False
         """An Enable was sent (answered or not) and no Disable went through since."""
-        self._refusal: str | None = None
+        self._refusals = LastingFailure("cpu_hotplug_available_again")
+        """Enables refused or answered with a malformed reply (not counted as failures)."""
+        self._retry_at = math.inf
+        """When a refused Enable is tried again (inf: at a restore only)."""
         self._unreadable: str | None = None
         """The sysfs problem last warned about (said once, not at every restore)."""
         self._events = self._plugged = self._unplugged = self._failures = self._left_alone = 0
@@ -180,8 +187,8 @@ class CpuHotPlugService:
     def status(self) -> str:
         """``cpuhotplug: 1 plugged, 0 unplugged``, why the host sends no events, or why the
         CPUs cannot be changed."""
-        if self._refusal is not None:
-            return f"cpuhotplug: not available ({self._refusal})"
+        if (refusal := self._refusals.cause) is not None:
+            return f"cpuhotplug: not available ({refusal})"
         if not self._monitoring:
             return "cpuhotplug starting"
         if self._sysfs is None:
@@ -225,19 +232,22 @@ class CpuHotPlugService:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Enable monitoring, then follow the host's events; enable again after a restore."""
+        """Enable monitoring, then follow the host's events; enable again after a restore,
+        and when a refused Enable's retry is due."""
         with self._pump.subscribe(self.name, Event.CPU_HOTPLUG | Event.RESTORED) as events:
             await self._enable(restored=False)
             task_status.started()
             await self._take_events()
             while True:
-                bits = await events.receive()
-                if bits & Event.RESTORED:
-                    await self._enable(restored=True)
+                bits = 0
+                with trio.move_on_at(self._retry_at):  # a cancelled receive keeps the bits
+                    bits = await events.receive()
+                if not bits or bits & Event.RESTORED:
+                    await self._enable(restored=bool(bits & Event.RESTORED))
                 await self._take_events()
 
     async def _enable(self, *, restored: bool) -> None:
-        """SET_CPU_HOTPLUG_STATUS Enable; a lasting refusal is noted once and waited out.
+        """SET_CPU_HOTPLUG_STATUS Enable; a refusal is said once and waited out.
 
         The CPUs offline before the host can plug any are remembered first (see
         :meth:`CpuSysfs.remember`: reads of small attributes, which do not block)."""
@@ -246,24 +256,26 @@ class CpuHotPlugService:
         had_enabled, self._host_may_monitor = self._host_may_monitor, True
         try:
             await self._device.request(SetCpuHotPlugStatus(CpuStatusType.ENABLE))
-        except VBoxStatusError as exc:
-            self._host_may_monitor = had_enabled  # this Enable switched nothing on
-            if exc.rc not in UNAVAILABLE:
-                raise
-            self._unavailable(exc.name, restored=restored, status=exc.name)
-        except RemoteProtocolError as exc:
-            self._unavailable(MALFORMED_REPLY, restored=restored, malformed_reply=str(exc))
+        except HOST_ERRORS as exc:
+            if isinstance(exc, VBoxStatusError):
+                self._host_may_monitor = had_enabled  # this Enable switched nothing on
+            self._unavailable(exc, restored=restored)
         else:
             cpus = "left alone (simulated host)" if self._sysfs is None else str(self._sysfs.cpus)
             log.info("cpu_hotplug_monitoring", restored=restored, cpus=cpus)
-            self._refusal, self._monitoring = None, True
+            self._refusals.succeeded()
+            self._monitoring, self._retry_at = True, math.inf
         self._status_changed()
 
-    def _unavailable(self, reason: str, **details: object) -> None:
-        """Monitoring is off until a restore: said once while ``reason`` stays the same."""
-        if reason != self._refusal:
-            log.warning("cpu_hotplug_unavailable", **details)
-        self._refusal, self._monitoring = reason, False
+    def _unavailable(self, error: VBoxStatusError | RemoteProtocolError, *, restored: bool) -> None:
+        """Monitoring is off: said once while the cause stays the same. A status of
+        :data:`UNAVAILABLE` or a malformed reply is waited out until a restore; any other
+        status is tried again on a back-off too."""
+        lasting = not isinstance(error, VBoxStatusError) or error.rc in UNAVAILABLE
+        until = "a restore" if lasting else f"a restore, or a retry within {RETRY_MAX_S:g} s"
+        self._refusals.host_failed("cpu_hotplug_unavailable", error, restored=restored, until=until)
+        self._monitoring = False
+        self._retry_at = math.inf if lasting else trio.current_time() + self._refusals.retry_in()
 
     def _remember(self, sysfs: CpuSysfs) -> None:
         """Remember the offline CPUs; one warning naming the setting when they cannot be

@@ -17,6 +17,16 @@ agent is leaving (a stop, or an exit on a fatal error: every service's run is ca
 the pump opens no new session: a mask change still ends the waiter, and the pump then idles
 until it is stopped. The subscribers left then are runs being cancelled, which need no
 event, and a session opened while the agent stops would be work started during the stop.
+
+A waiter the host or driver fails (the filter mask refused, a wait answered with a status or
+a malformed reply, or stray interrupts past :data:`agent.device.STRAY_INTERRUPTS`) never
+ends the pump: the failure is logged when it begins or changes cause, shown in ``STATUS=``
+(:meth:`EventPump.failing`), and the waiter is opened again after a back-off
+(:meth:`LastingFailure.retry_in`), or at once when the mask changes. Timers and property
+publishing go on meanwhile; subscribers keep their subscriptions and simply hear nothing.
+Nothing is lost: events the host raised stay pending at the host (outside the filter) or in
+the driver (not consumed) until a waiter takes them, and each subscriber then receives them
+merged, as any bits that came while it was busy.
 """
 
 from __future__ import annotations
@@ -28,13 +38,15 @@ import structlog
 import trio
 
 from agent.device import WaiterInterruptedError
-from agent.protocol import VALID_EVENT_MASK
+from agent.protocol import HOST_ERRORS, VALID_EVENT_MASK
 from agent.records import record
+from agent.services._lasting import LastingFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from agent.device import Device, EventWaiter
+    from agent.protocol import RemoteProtocolError, VBoxStatusError
 
 log = structlog.get_logger(__name__)
 
@@ -58,13 +70,15 @@ class SubscriberStatistics:
 
 @record
 class EventPumpStatistics:
-    """Counters of the pump; ``last_event_time`` is trio time, or None before any event."""
+    """Counters of the pump; ``last_event_time`` is trio time, or None before any event;
+    ``failures``: waiters that could not be opened and waits that failed (each retried)."""
 
     mask: int
     waits: int
     events_received: int
     last_event_time: float | None
     subscribers: tuple[SubscriberStatistics, ...]
+    failures: int = 0
 
 
 @final
@@ -131,16 +145,28 @@ class EventPump:
 
     name: Final = "event-pump"
 
-    def __init__(self, device: Device, *, leaving: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        device: Device,
+        *,
+        leaving: Callable[[], bool] = lambda: False,
+        status_changed: Callable[[], None] = lambda: None,
+    ) -> None:
         """Create the pump on ``device``; ``leaving()`` tells whether the agent is leaving,
-        after which no waiter is opened."""
+        after which no waiter is opened; ``status_changed()`` is called when
+        :meth:`failing` changes."""
         self._device = device
         self._leaving = leaving
+        self._status_changed = status_changed
         self._subscribers: list[Subscription] = []
         self._mask_changed = trio.Event()
         self._waits = 0
         self._events_received = 0
         self._last_event_time: float | None = None
+        self._opens = LastingFailure("event_filter_accepted_again")
+        """Waiters that could not be opened (the filter mask refused)."""
+        self._waits_failed = LastingFailure("event_waits_answered_again")
+        """Waits that failed; one that returns events ends such a run."""
 
     @property
     def mask(self) -> int:
@@ -182,7 +208,17 @@ class EventPump:
             events_received=self._events_received,
             last_event_time=self._last_event_time,
             subscribers=tuple(s.statistics() for s in self._subscribers),
+            failures=self._opens.total + self._waits_failed.total,
         )
+
+    def failing(self) -> str | None:
+        """What fails while the pump retries (``event filter refused (VERR_...)``, ``event
+        waits failing (malformed reply)``), or None."""
+        if (cause := self._opens.cause) is not None:
+            return f"event filter refused ({cause})"
+        if (cause := self._waits_failed.cause) is not None:
+            return f"event waits failing ({cause})"
+        return None
 
     async def drain(self) -> None:
         """Nothing to give back: the waiter's session closed when :meth:`run` ended."""
@@ -191,7 +227,8 @@ class EventPump:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Wait and dispatch until cancelled; ready once the first waiter (if any) is set up."""
+        """Wait and dispatch until cancelled; ready once the first waiter (if any) is set up
+        or failed (it is then opened again after a back-off)."""
         started = False
         while True:
             mask = self.mask
@@ -202,15 +239,44 @@ class EventPump:
                     started = True
                 await self._mask_changed.wait()
                 continue
-            async with self._device.open_event_waiter(mask) as waiter:
-                log.info("event_waiter_opened", mask=f"{mask:#x}")
-                if not started:
-                    task_status.started()
-                    started = True
-                await self._pump(waiter)
+            try:
+                async with self._device.open_event_waiter(mask) as waiter:
+                    self._opened(mask)
+                    if not started:
+                        task_status.started()
+                        started = True
+                    failure = await self._pump(waiter)
+            except HOST_ERRORS as exc:
+                failure = exc
+                if self._opens.host_failed("event_filter_refused", exc, mask=f"{mask:#x}"):
+                    self._status_changed()
+                retry_s = self._opens.retry_in()
+            else:
+                if failure is None:
+                    continue
+                if self._waits_failed.host_failed("event_wait_failed", failure, mask=f"{mask:#x}"):
+                    self._status_changed()
+                retry_s = self._waits_failed.retry_in()
+            if not started:
+                task_status.started()
+                started = True
+            with trio.move_on_after(retry_s):  # or at once for a new mask
+                await self._mask_changed.wait()
 
-    async def _pump(self, waiter: EventWaiter) -> None:
-        """Dispatch events from ``waiter`` until the mask changes."""
+    def _opened(self, mask: int) -> None:
+        """Log the new waiter (at debug while its waits fail: one per retry)."""
+        recovered = self._opens.succeeded()
+        if self._waits_failed.cause is None:
+            log.info("event_waiter_opened", mask=f"{mask:#x}")
+        else:
+            log.debug("event_waiter_opened", mask=f"{mask:#x}")
+        if recovered:
+            self._status_changed()
+
+    async def _pump(self, waiter: EventWaiter) -> VBoxStatusError | RemoteProtocolError | None:
+        """Dispatch events from ``waiter`` until the mask changes (None) or a wait fails
+        (its error)."""
+        failure: VBoxStatusError | RemoteProtocolError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._interrupt_on_mask_change, waiter)
             while True:
@@ -219,10 +285,16 @@ class EventPump:
                     events = await waiter.wait()
                 except WaiterInterruptedError:
                     break
+                except HOST_ERRORS as exc:
+                    failure = exc
+                    break
+                if self._waits_failed.succeeded():
+                    self._status_changed()
                 self._dispatch(events)
                 if waiter.interrupted:
                     break
             nursery.cancel_scope.cancel()
+        return failure
 
     async def _interrupt_on_mask_change(self, waiter: EventWaiter) -> None:
         await self._mask_changed.wait()

@@ -9,9 +9,15 @@ at stop (``drain``) it switches the check off, so a stopped agent is not mistake
 guest. A configure whose reply is malformed (an interval below the 50 ms a VirtualBox host
 allows, say: beating on it would be a busy loop) is one warning (``heartbeat_not_armed``);
 the service switches the check off again and leaves it so until the next restore, when it
-configures again. A beat the host refuses or answers with a malformed reply is counted;
-such failures are logged when they begin and change cause (``heartbeat_failed``) and when a
-beat goes through again (``heartbeat_recovered``), not at every beat, the status says so
+configures again. A configure the host refuses with any other status than the two below
+(VERR_GENERAL_FAILURE, say, or any status after the heartbeat was once armed) is the same
+warning, said once while its cause lasts; it is tried again on a back-off
+(:meth:`LastingFailure.retry_in`) and at the next restore, and ``heartbeat_armed_again`` says when
+one goes through. The service never ends on it: a restart would meet the same host, and the
+daemon's restart budget would end the agent and every other service with it. A beat the
+host refuses or answers with a malformed reply is counted; such failures are logged when
+they begin and change cause (``heartbeat_failed``) and when a beat goes through again
+(``heartbeat_recovered``), not at every beat, the status says so
 meanwhile, and the rhythm goes on.
 
 Where the driver keeps the heartbeat itself, the requests are refused (mainline: EPERM; Oracle's
@@ -23,6 +29,7 @@ Config section: ``[heartbeat]``.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -46,12 +53,14 @@ from agent.protocol.status import (
 )
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._lasting import MALFORMED_REPLY, LastingFailure
+from agent.services._lasting import LastingFailure
 from agent.services._paced import Metronome
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.device import Device
-    from agent.services._paced import MetronomeStatistics
+    from agent.services._paced import EventSource, MetronomeStatistics
     from agent.services.event_pump import EventPump
 
 log = structlog.get_logger(__name__)
@@ -95,6 +104,8 @@ class HeartbeatStatistics:
         rhythm: the metronome's counters (beats are its ticks).
         malformed_configures: configures whose reply was malformed, each leaving the
             heartbeat off until the next restore.
+        refused_configures: configures the host refused (with a status that does not mean
+            "not ours"), each tried again on a back-off and at the next restore.
     """
 
     owner: str
@@ -102,6 +113,27 @@ class HeartbeatStatistics:
     failures: int
     rhythm: MetronomeStatistics
     malformed_configures: int = 0
+    refused_configures: int = 0
+
+
+@final
+class _RetryWakeups:
+    """The service's subscription, which also returns (with no bits) once ``due()`` has
+    passed: the metronome then reads the interval again, that is, configures again."""
+
+    def __init__(self, events: EventSource, due: Callable[[], float]) -> None:
+        self._events = events
+        self._due = due
+
+    async def receive(self) -> int:
+        """The next event bits, or 0 at the retry's time (a cancelled receive keeps them)."""
+        with trio.move_on_at(self._due()):
+            return await self._events.receive()
+        return 0
+
+    def receive_nowait(self) -> int:
+        """The pending event bits (``trio.WouldBlock`` if none)."""
+        return self._events.receive_nowait()
 
 
 class _NotOursError(Exception):
@@ -128,8 +160,11 @@ class HeartbeatService:
         self._host_check_on = False
         self._configures = 0
         self._malformed_configures = 0
-        self._not_armed = False
-        """The last configure's reply was malformed: no beats until a restore."""
+        self._refused_configures = 0
+        self._not_armed = LastingFailure("heartbeat_armed_again")
+        """Configures refused or answered with a malformed reply: no beats meanwhile."""
+        self._retry_at = math.inf
+        """When a refused configure is tried again (inf: at the next restore only)."""
         self._failures = LastingFailure("heartbeat_recovered")
 
     def statistics(self) -> HeartbeatStatistics:
@@ -140,14 +175,15 @@ class HeartbeatService:
             self._failures.total,
             self._metronome.statistics(),
             self._malformed_configures,
+            self._refused_configures,
         )
 
     def status(self) -> str:
         """``heartbeat 2000 ms``, ``heartbeat 2000 ms (failing: VERR_...)``, ``heartbeat
         (kernel)``, ``heartbeat unsupported by the host``, ``heartbeat not armed (malformed
-        reply)``..."""
-        if self._not_armed:
-            return f"heartbeat not armed ({MALFORMED_REPLY})"
+        reply)``, ``heartbeat not armed (VERR_...)``..."""
+        if (cause := self._not_armed.cause) is not None:
+            return f"heartbeat not armed ({cause})"
         interval = self._metronome.interval_s
         if self._owner is Owner.AGENT and interval is not None:
             failing = self._failures.cause
@@ -169,7 +205,8 @@ class HeartbeatService:
         """Configure the host's check and beat; configure again after every restore."""
         try:
             with self._pump.subscribe(self.name, Event.RESTORED) as events:
-                await self._metronome.run(events, task_status=task_status)
+                wakeups = _RetryWakeups(events, lambda: self._retry_at)
+                await self._metronome.run(wakeups, task_status=task_status)
         except _NotOursError as exc:
             self._owner = exc.owner
             self._status_changed()
@@ -195,37 +232,50 @@ class HeartbeatService:
 
     async def _configure(self) -> float | None:
         """Switch the check off and on again; return the host's interval in seconds, or None
-        (no beats until the next restore) if a reply was malformed."""
+        (no beats) if the host refused (until a retry or the next restore) or a reply was
+        malformed (until the next restore)."""
         # Possibly on from the first request, not from the last answer: a stop during the
         # start cancels the wait for an answer the host may already have acted on.
-        self._host_check_on = True
+        was_on, self._host_check_on = self._host_check_on, True
+        switched_off = False
         try:
             await self._device.request(HeartbeatConfigure(enabled=False))
+            switched_off = True
             settings = await self._device.request(HeartbeatConfigure(enabled=True))
         except VBoxStatusError as exc:
-            if not self._configures:  # a refusal switched nothing on
-                self._host_check_on = False
+            self._host_check_on = was_on and not switched_off  # a refusal switched nothing on
             self._raise_if_not_ours(exc.rc, exc.name)
-            raise
+            self._refused(exc)
+            return None
         except RemoteProtocolError as exc:
             await self._leave_off(exc)
             return None
         self._owner = Owner.AGENT
-        self._not_armed = False
+        self._not_armed.succeeded()
+        self._retry_at = math.inf
         self._configures += 1
         interval_s = settings.interval_ns / NS_PER_S
         log.info("heartbeat_configured", interval_ms=settings.interval_ns / 1_000_000)
         self._status_changed()
         return interval_s
 
+    def _refused(self, error: VBoxStatusError) -> None:
+        """The host refused a configure: say so (once while the status lasts) and try again
+        after a back-off, or at the next restore if that comes first."""
+        self._owner = Owner.AGENT  # the driver let the request through
+        self._refused_configures += 1
+        if self._not_armed.host_failed("heartbeat_not_armed", error, until="a retry or a restore"):
+            self._status_changed()
+        self._retry_at = trio.current_time() + self._not_armed.retry_in()
+
     async def _leave_off(self, error: RemoteProtocolError) -> None:
         """A configure's reply was malformed: say so, and switch the check off again (the
         host may have switched it on) rather than beat on what the reply says."""
         self._owner = Owner.AGENT  # the driver let the request through
-        self._not_armed = True
         self._malformed_configures += 1
-        log.warning("heartbeat_not_armed", malformed_reply=str(error), until="the next restore")
-        self._status_changed()
+        self._retry_at = math.inf
+        if self._not_armed.host_failed("heartbeat_not_armed", error, until="the next restore"):
+            self._status_changed()
         try:
             await self._device.request(HeartbeatConfigure(enabled=False))
         except HOST_ERRORS as exc:  # the drain tries again

@@ -16,11 +16,13 @@ import pytest
 import trio
 import trio.testing
 
+from agent.device import open_device
 from agent.host import DriverLoadError, SimOpener, SimulatedHost
 from agent.host.driver import PersonalityUnavailableError
 from agent.protocol.constants import Event, RequestType
 from agent.protocol.messages import ChangeFilterMask, InterruptAllWaits, WaitForEvents
-from agent.protocol.status import VERR_NOT_SUPPORTED
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NOT_SUPPORTED
+from agent.services import EventPump
 from testbed.kernel import KernelDriver
 from testbed.realdriver import BUILD_SCRIPT, ENV_LIBRARY, build_script, locate_library
 from tests.host.conftest import Client
@@ -143,6 +145,26 @@ async def expect_eintr(client: Client) -> None:
     with pytest.raises(OSError, match="Interrupted") as failure:
         await client.request(WaitForEvents(Event.RESTORED))
     assert failure.value.errno == errno.EINTR
+
+
+async def test_an_event_raised_while_the_filter_is_refused_reaches_the_pump(
+    host: SimulatedHost,
+) -> None:
+    """The real driver rolls back a filter the host refused, so the host keeps the event
+    it raises meanwhile pending: the pump, which retries the filter after a second instead
+    of failing, hands it to its subscriber then."""
+    host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE)
+    with trio.fail_after(WAIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            pump = EventPump(device)
+            with pump.subscribe("restore", Event.RESTORED) as restore:
+                await nursery.start(pump.run)
+                refused = pump.failing()
+                host.raise_events(Event.RESTORED)
+                assert await restore.receive() == Event.RESTORED
+            assert pump.failing() is None
+            nursery.cancel_scope.cancel()
+    assert refused == "event filter refused (VERR_UNRESOLVED_ERROR)"
 
 
 async def test_reset_loses_sessions_and_reloads(host: SimulatedHost) -> None:

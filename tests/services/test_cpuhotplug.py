@@ -175,17 +175,18 @@ async def running(
     personality: str = "mainline",
     user_device: bool = False,
     fault: int = 0,
+    fault_count: int = 1,
     garbler: ReplyGarbler | None = None,
 ) -> AsyncIterator[Running]:
-    """Start a host (SET_CPU_HOTPLUG_STATUS answering ``fault`` once, if given), the pump
-    and the service on ``root`` (None: ``auto``, the section's default); drain the service
-    at the end, as the daemon does. ``garbler`` garbles the host's replies (as root, on
-    ``/dev/vboxguest``)."""
+    """Start a host (SET_CPU_HOTPLUG_STATUS answering ``fault`` ``fault_count`` times, if
+    given), the pump and the service on ``root`` (None: ``auto``, the section's default);
+    drain the service at the end, as the daemon does. ``garbler`` garbles the host's replies
+    (as root, on ``/dev/vboxguest``)."""
     host = SimulatedHost(personality=personality, seed=7)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         if fault:
-            host.add_fault(RequestType.SET_CPU_HOTPLUG_STATUS, fault)
+            host.add_fault(RequestType.SET_CPU_HOTPLUG_STATUS, fault, fault_count)
         opener: SimOpener | HookedOpener = (
             SimOpener(host, user_device=user_device, uid=1000 if user_device else 0)
             if garbler is None
@@ -820,6 +821,55 @@ class TestMonitoring:
                 await run.watch.until(lambda: run.stats().left_alone == 1)
         [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
         assert "reply header (size, version, type)" in unavailable["malformed_reply"]
+
+    async def test_any_other_refusal_is_said_once_and_retried_on_a_back_off(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host answering the Enable with VERR_GENERAL_FAILURE (the service re-raised it:
+        six restarts within a minute ended the agent, exit 70): one warning, the status says
+        so, the service stays up; it asks again 1, 2, 4 and 8 s later, and once the host
+        takes the Enable it follows the host, with one line saying so."""
+        general_failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
+        with trio.fail_after(600), structlog.testing.capture_logs() as logs:
+            async with running(None, fault=general_failure, fault_count=4) as run:
+                assert run.service.status() == "cpuhotplug: not available (VERR_GENERAL_FAILURE)"
+                began = trio.current_time()
+                asked_at = []
+                for count in range(2, 6):
+
+                    def asked(count: int = count) -> bool:
+                        return run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == count
+
+                    await run.watch.until(asked)
+                    asked_at.append(trio.current_time() - began)
+                assert asked_at == pytest.approx([1.0, 3.0, 7.0, 15.0])
+                assert run.stats().monitoring
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().left_alone == 1)
+                assert run.stats().failures == 0
+        [unavailable] = events_named(logs, "cpu_hotplug_unavailable")
+        assert (unavailable["status"], unavailable["failures"]) == ("VERR_GENERAL_FAILURE", 1)
+        [again] = events_named(logs, "cpu_hotplug_available_again")
+        assert again["failed_in_a_row"] == 4
+
+    async def test_a_refusal_is_tried_again_at_a_restore_and_the_back_off_is_capped(
+        self, autojump_clock: trio.abc.Clock, guest: Guest
+    ) -> None:
+        """A host that keeps refusing: a restore asks again at once; the waits double up to
+        a minute, so an hour costs about 65 requests and one log line; the drain sends no
+        Disable, since no Enable switched anything on."""
+        general_failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
+        with trio.fail_after(7200), structlog.testing.capture_logs() as logs:
+            async with running(guest.root, fault=general_failure, fault_count=1000) as run:
+                run.host.restore()
+                await run.watch.until(lambda: run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 2)
+                await trio.sleep(3600)
+                asked = run.requests(RequestType.SET_CPU_HOTPLUG_STATUS)
+                assert 60 <= asked <= 70
+                assert run.service.status() == "cpuhotplug: not available (VERR_GENERAL_FAILURE)"
+                assert run.requests(RequestType.GET_CPU_HOTPLUG_REQ) == 0
+            assert run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == asked
+        assert len(events_named(logs, "cpu_hotplug_unavailable")) == 1
 
 
 class TestUnendingHost:

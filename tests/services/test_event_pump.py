@@ -10,22 +10,88 @@ Rules of this test module:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
-from agent.protocol import Event
+from agent.device import open_device
+from agent.host import SimOpener
+from agent.protocol import (
+    Event,
+    Ioctl,
+    RequestType,
+    layouts as L,  # noqa: N812 - the layout table
+)
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, Subscription
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from agent.device import Device
     from agent.host import SimulatedHost
+    from agent.host.transport import SimTransport
+    from agent.protocol import Submission, UserBuffer
 
 RESTORED = int(Event.RESTORED)
 VRDP = int(Event.VRDP)
 CPU_HOTPLUG = int(Event.CPU_HOTPLUG)
+
+
+MAX_EMPTY_WAITS: Final = 2000
+"""Empty answers :class:`EmptyWaits` gives before it fails the test (a spinning pump)."""
+
+
+class EmptyWaits:
+    """Opens sessions on ``host``; while ``broken``, each WAIT_FOR_EVENTS is answered at
+    once with success and no events, as no driver does unasked (``waits`` counts them)."""
+
+    description = "driver answering waits with no events"
+    simulated = True
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self._opener = SimOpener(host)
+        self.broken = True
+        self.waits = 0
+        self.sessions = 0
+
+    async def open_session(self) -> EmptyWaitSession:
+        """A session whose waits go to :meth:`answer` first."""
+        self.sessions += 1
+        return EmptyWaitSession(await self._opener.open_session(), self)
+
+
+class EmptyWaitSession:
+    """One session of :class:`EmptyWaits`."""
+
+    def __init__(self, transport: SimTransport, driver: EmptyWaits) -> None:
+        self._transport = transport
+        self._driver = driver
+
+    async def ioctl(
+        self,
+        code: int,
+        buffer: bytearray,
+        user_buffers: Sequence[UserBuffer] = (),
+        *,
+        submission: Submission | None = None,
+    ) -> None:
+        """The empty answer while broken, else the host's."""
+        if code == Ioctl.WAIT_FOR_EVENTS and self._driver.broken:
+            self._driver.waits += 1
+            assert self._driver.waits < MAX_EMPTY_WAITS, "the pump spins"
+            await trio.lowlevel.checkpoint()
+            L.IoctlHeader.rc.set(buffer, 0)
+            L.WaitForEventsIoctl.events_out.set(buffer, 0)
+            return
+        await self._transport.ioctl(code, buffer, user_buffers, submission=submission)
+
+    async def aclose(self) -> None:
+        """Close the host's session."""
+        await self._transport.aclose()
 
 
 def _filter_mask(host: SimulatedHost) -> int:
@@ -242,3 +308,74 @@ class TestEventPump:
         pump = EventPump(device)
         with pytest.raises(ValueError, match="must be within"), pump.subscribe("bad", 0x800):
             pass
+
+
+class TestFailures:
+    """What the host or driver fails never ends the pump: said once, retried on a back-off."""
+
+    async def test_a_refused_filter_is_retried_and_loses_no_event(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """The host refuses the filter three times (the pump re-raised it: six failures
+        within a minute ended the agent, exit 70): the pump is ready all the same, says so
+        once, in its status too, and opens the waiter again 1, 2 and 4 s later; a restore
+        the host raised meanwhile reaches the subscriber then."""
+        changes: list[str | None] = []
+        pump = EventPump(device, status_changed=lambda: changes.append(pump.failing()))
+        host.add_fault(RequestType.CTL_GUEST_FILTER_MASK, VERR_GENERAL_FAILURE, 3)
+        with (
+            trio.fail_after(60),
+            structlog.testing.capture_logs() as logs,
+            pump.subscribe("restore", RESTORED) as restore,
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                began = trio.current_time()
+                refused = pump.failing()
+                host.raise_events(RESTORED)
+                assert await restore.receive() == RESTORED
+                recovered_after = trio.current_time() - began
+                assert pump.failing() is None
+                nursery.cancel_scope.cancel()
+        assert refused is not None
+        assert refused.startswith("event filter refused (VERR_")
+        assert recovered_after == pytest.approx(7.0)
+        assert changes == [refused, None]
+        assert pump.statistics().failures == 3
+        [said] = [entry for entry in logs if entry["event"] == "event_filter_refused"]
+        assert (said["failures"], said["log_level"]) == (1, "warning")
+        [again] = [entry for entry in logs if entry["event"] == "event_filter_accepted_again"]
+        assert again["failed_in_a_row"] == 3
+
+    async def test_waits_answered_with_no_events_are_bounded(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """A driver answering every wait at once with success and no events (the pump took
+        each for its own interrupt and opened a new session: 9,000 sessions and
+        ``event_waiter_opened`` lines in 3 s): the pump says so once and opens a new waiter
+        on a back-off, about 65 in an hour; once the driver waits again, the next event
+        reaches the subscriber and one line says so."""
+        driver = EmptyWaits(host)
+        with (
+            trio.fail_after(7200),
+            structlog.testing.capture_logs() as logs,
+        ):
+            async with open_device(driver) as device, trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                with pump.subscribe("restore", RESTORED) as restore:
+                    await nursery.start(pump.run)
+                    await trio.sleep(3600)
+                    assert pump.failing() == "event waits failing (malformed reply)"
+                    sessions = driver.sessions
+                    driver.broken = False
+                    host.raise_events(RESTORED)
+                    assert await restore.receive() == RESTORED
+                    assert pump.failing() is None
+                nursery.cancel_scope.cancel()
+        assert 60 <= sessions - 1 <= 70  # the device's main session is one
+        assert driver.waits == 4 * (sessions - 1)
+        opened = [entry for entry in logs if entry["event"] == "event_waiter_opened"]
+        assert [entry["log_level"] for entry in opened].count("info") == 1
+        [failed] = [entry for entry in logs if entry["event"] == "event_wait_failed"]
+        assert "no interrupt was asked for" in failed["malformed_reply"]
+        assert [entry["event"] for entry in logs].count("event_waits_answered_again") == 1

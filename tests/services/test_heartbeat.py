@@ -220,6 +220,65 @@ class TestAgentKeepsTheHeartbeat:
         assert said in not_armed["malformed_reply"]
         assert not [entry for entry in logs if entry["event"] == "heartbeat_disable_failed"]
 
+    async def test_a_refused_configure_is_said_once_and_retried_on_a_back_off(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host refusing HEARTBEAT_CONFIGURE with VERR_GENERAL_FAILURE (the service
+        re-raised it: six restarts within a minute ended the agent, exit 70): one warning,
+        the status says so, no beat and the service up; the configure is asked again 1, 2,
+        4 and 8 s later, and once the host takes it the beats go on, with one line saying
+        so."""
+        with structlog.testing.capture_logs() as logs:
+            async with running("passthrough") as (host, service, _):
+                host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -1, 1000)
+                host.restore()
+                await trio.sleep(0.5)
+                assert service.status() == "heartbeat not armed (VERR_GENERAL_FAILURE)"
+                beats = heartbeat(host)["beats"]
+                assert isinstance(beats, int)
+                configures = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                await trio.sleep(14.0)  # retries at 1, 3, 7 and 15 s after the restore
+                assert heartbeat(host)["beats"] == beats
+                asked = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                assert asked == configures + 3
+                host.clear_faults(RequestType.HEARTBEAT_CONFIGURE)
+                await trio.sleep(0.95)  # armed at 15 s: beats at 15.0 ... 15.4
+                assert service.status() == "heartbeat 100 ms"
+                assert heartbeat(host)["beats"] == beats + 5
+                statistics = service.statistics()
+                assert (statistics.configures, statistics.refused_configures) == (2, 4)
+        [not_armed] = [entry for entry in logs if entry["event"] == "heartbeat_not_armed"]
+        assert (not_armed["status"], not_armed["log_level"]) == ("VERR_GENERAL_FAILURE", "warning")
+        [armed] = [entry for entry in logs if entry["event"] == "heartbeat_armed_again"]
+        assert armed["failed_in_a_row"] == 4
+
+    async def test_a_host_refusing_the_first_configure_leaves_the_check_off(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Refused from the start (the repro: ``host fault HEARTBEAT_CONFIGURE``): the
+        service starts all the same, nothing was switched on, so the drain sends nothing;
+        an hour of refusals is about 65 requests and one warning."""
+        with structlog.testing.capture_logs() as logs:
+            host = SimulatedHost(personality="passthrough", heartbeat_interval_ns=INTERVAL_NS)
+            host.add_fault(RequestType.HEARTBEAT_CONFIGURE, -1, 1000)
+            with trio.fail_after(BOUND_S * 10):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(host.run)
+                    async with open_device(SimOpener(host)) as device:
+                        pump = EventPump(device)
+                        service = HeartbeatService(ServiceContext(device, pump), HeartbeatSection())
+                        await nursery.start(pump.run)
+                        with trio.move_on_after(3600):
+                            await service.run()
+                        assert service.status() == "heartbeat not armed (VERR_GENERAL_FAILURE)"
+                        sent = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                        await service.drain()
+                        asked = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                    nursery.cancel_scope.cancel()
+        assert 60 <= sent - DRIVER_LOAD <= 70
+        assert asked == sent
+        assert len([entry for entry in logs if entry["event"] == "heartbeat_not_armed"]) == 1
+
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
