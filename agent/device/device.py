@@ -49,6 +49,7 @@ from agent.protocol import (
     HgcmParam,
     HgcmReply,
     InterruptAllWaits,
+    PreparedHgcmCall,
     RemoteProtocolError,
     Request,
     Session,
@@ -495,14 +496,29 @@ class HgcmClient:
         ``timeout_ms`` is the driver's backstop: the host call is cancelled after it.
         ``submission`` is marked issued once the call may have reached the driver, so a
         caller that was cancelled can tell whether the host may still count the call.
+        """
+        return self.call_prepared(self.prepare(function, params, timeout_ms=timeout_ms), submission)
+
+    def prepare(
+        self, function: int, params: tuple[HgcmParam, ...], *, timeout_ms: int = TIMEOUT_INFINITE
+    ) -> PreparedHgcmCall:
+        """Check and lay out a call of ``function`` once, for :meth:`call_prepared`.
+
+        Raises:
+            LocalProtocolError: the call breaks the ABI (see ``HgcmCall.encode``).
+        """
+        return HgcmCall(self.client_id, function, params, timeout_ms).prepare()
+
+    def call_prepared(
+        self, prepared: PreparedHgcmCall, submission: Submission | None = None
+    ) -> Coroutine[Any, Any, HgcmReply]:
+        """Make a call :meth:`prepare` prepared, as :meth:`call` does.
 
         A plain function returning the session's ``perform`` coroutine, so that no frame of
         its own lies between the caller and the transport, whose checkpoint suspends and
         resumes every frame above it on every call.
         """
-        return self._channel.perform(
-            HgcmCall(self.client_id, function, params, timeout_ms), submission
-        )
+        return self._channel.perform(prepared, submission)
 
 
 @asynccontextmanager
