@@ -243,6 +243,7 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Request[Any]]] = {
     "HgcmConnect": hgcm_connects(),
     "HgcmDisconnect": hgcm_disconnects(),
     "HgcmCall": hgcm_calls(max_params=8),
+    "PreparedHgcmCall": hgcm_calls(max_params=8).map(HgcmCall.prepare),
     "GetHostVersion": st.just(GetHostVersion()),
     "GetHostTime": st.just(GetHostTime()),
     "GetSessionId": st.just(GetSessionId()),

@@ -75,6 +75,7 @@ from agent.protocol.messages import (
     InterruptAllWaits as InterruptAllWaits,
     IoctlCall as IoctlCall,
     Log as Log,
+    PreparedHgcmCall as PreparedHgcmCall,
     ReportGuestStats as ReportGuestStats,
     ReportGuestStatus as ReportGuestStatus,
     Request as Request,

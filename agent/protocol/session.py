@@ -30,12 +30,13 @@ from agent.protocol.messages import (
     HgcmDisconnect,
     InterruptAllWaits,
     IoctlCall,
+    PreparedHgcmCall,
     Request,
     WaitForEvents,
 )
 
 R = TypeVar("R")
-_NAMES_A_CLIENT: Final = (HgcmCall, HgcmDisconnect)
+_NAMES_A_CLIENT: Final = (PreparedHgcmCall, HgcmCall, HgcmDisconnect)
 """Requests that must name a client this session connected."""
 _CHECKED: Final[frozenset[type]] = frozenset({WaitForEvents, *_NAMES_A_CLIENT})
 """Requests a session rule applies to, besides connects (counted while in flight)."""
@@ -71,7 +72,7 @@ class Session:
 
     def encode(self, request: Request[R]) -> IoctlCall[R]:
         """Check ``request`` against the session's rules and encode it."""
-        if type(request) is HgcmCall:  # the most frequent: its rule here, not a call away
+        if type(request) is PreparedHgcmCall:  # the most frequent: its rule here, not a call away
             if request.client_id not in self._clients:
                 raise self._not_connected(request.client_id)
         elif type(request) in _CHECKED:  # one test for the other rules, which most skip
@@ -92,7 +93,7 @@ class Session:
         return call
 
     def _check(self, request: Request[Any]) -> None:
-        # One rule per request type (an HGCM call's is checked in ``encode``).
+        # One rule per request type (a prepared HGCM call's is checked in ``encode``).
         if isinstance(request, _NAMES_A_CLIENT):
             if request.client_id not in self._clients:
                 raise self._not_connected(request.client_id)

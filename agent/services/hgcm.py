@@ -67,6 +67,7 @@ from agent.protocol import (
     HgcmU64,
     HgcmValue,
     LocalProtocolError,
+    PreparedHgcmCall,
     Submission,
     VBoxStatusError,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "HgcmU32",
     "HgcmU64",
     "HgcmValue",
+    "PreparedCall",
     "open_hgcm_channel",
 ]
 
@@ -195,20 +197,71 @@ class HgcmChannel:
         """:meth:`call`, with the parameters in one tuple.
 
         For callers that hold them so: passing on ``*params`` together with keywords makes
-        the interpreter build a dict of the keywords and unpack it again, on every call
-        (about 1 % of a property get).
+        the interpreter build a dict of the keywords and unpack it again, on every call.
         """
         # A call cancelled before it starts is neither checked nor counted.
         await checkpoint_if_cancelled()
+        prepared = self.prepare_with(
+            function, params, lingers_when_cancelled=lingers_when_cancelled, timeout_ms=timeout_ms
+        )
+        return await self.call_prepared(prepared)
+
+    def prepare(
+        self,
+        function: int,
+        *params: HgcmParam,
+        lingers_when_cancelled: bool = True,
+        timeout_ms: int = TIMEOUT_INFINITE,
+    ) -> PreparedCall:
+        """Check a call as :meth:`call` does and encode it once, to make it any number of
+        times with :meth:`call_prepared`, each time as :meth:`call` would.
+
+        A caller that makes the same call over and over (the property client's get of one
+        name) saves the checks and most of the encoding. The host's limit of calls at once
+        is checked each time the call is made, not here.
+
+        Raises:
+            HgcmLimitError: a limit would be broken.
+            LocalProtocolError: a value does not fit its parameter.
+        """
+        return self.prepare_with(
+            function, params, lingers_when_cancelled=lingers_when_cancelled, timeout_ms=timeout_ms
+        )
+
+    def prepare_with(
+        self,
+        function: int,
+        params: tuple[HgcmParam, ...],
+        *,
+        lingers_when_cancelled: bool = True,
+        timeout_ms: int = TIMEOUT_INFINITE,
+    ) -> PreparedCall:
+        """:meth:`prepare`, with the parameters in one tuple."""
         self._check(function, params)
+        request = self._client.prepare(function, params, timeout_ms=timeout_ms)
+        return PreparedCall(self, request, lingers_when_cancelled=lingers_when_cancelled)
+
+    async def call_prepared(self, prepared: PreparedCall) -> HgcmReply:
+        """Make a call :meth:`prepare` prepared on this channel; see :meth:`call`.
+
+        Raises:
+            ValueError: another channel prepared it.
+            HgcmLimitError: the host's limit of calls at once would be broken.
+        """
+        # A call cancelled before it starts is neither checked nor counted.
+        await checkpoint_if_cancelled()
+        if prepared.channel is not self:
+            msg = f"{self.service}: a call prepared on another channel"
+            raise ValueError(msg)
+        if self._in_flight + self._lingering >= self.max_pending:  # self.pending, inline
+            raise self._too_many_pending(prepared.request.call.function)
         self._in_flight += 1
         self._calls += 1
+        lingers_when_cancelled = prepared.lingers_when_cancelled
         # Whether a cancelled call reached the driver matters only for one that may linger.
         submission = Submission() if lingers_when_cancelled else None
         try:
-            return await self._client.call(
-                function, params, timeout_ms=timeout_ms, submission=submission
-            )
+            return await self._client.call_prepared(prepared.request, submission)
         except trio.Cancelled:
             # One that never reached the driver must not linger: 15 of those would close
             # the channel to every later call.
@@ -221,7 +274,9 @@ class HgcmChannel:
                 lingers_when_cancelled
                 and self._give_ups_in_header
                 and exc.rc in _GIVEN_UP_BY_THE_DRIVER
-                and not (exc.rc == VERR_TIMEOUT and timeout_ms == TIMEOUT_INFINITE)
+                and not (
+                    exc.rc == VERR_TIMEOUT and prepared.request.call.timeout_ms == TIMEOUT_INFINITE
+                )
             ):
                 self._lingering += 1
             raise
@@ -237,6 +292,7 @@ class HgcmChannel:
                 self._lingering += submission.retried
 
     def _check(self, function: int, params: tuple[HgcmParam, ...]) -> None:
+        """The driver's limits of a call's parameters."""
         if len(params) > HGCM_MAX_PARMS:
             msg = (
                 f"{self.service} function {function}: {len(params)} parameters; "
@@ -268,14 +324,55 @@ class HgcmChannel:
                 f"driver takes at most {HGCM_MAX_LOCKED_BUFFERS} per call"
             )
             raise HgcmLimitError(msg)
-        if self._in_flight + self._lingering >= self.max_pending:  # self.pending, inline
-            msg = (
-                f"{self.service} function {function}: client {self.client_id} already has "
-                f"{self.pending} calls pending; "
-                f"the host accepts {self.max_pending} at once (a limit of {self.max_pending + 1}"
-                " per client counts the new call too)"
-            )
-            raise HgcmLimitError(msg)
+
+    def _too_many_pending(self, function: int) -> HgcmLimitError:
+        return HgcmLimitError(
+            f"{self.service} function {function}: client {self.client_id} already has "
+            f"{self.pending} calls pending; "
+            f"the host accepts {self.max_pending} at once (a limit of {self.max_pending + 1}"
+            " per client counts the new call too)"
+        )
+
+
+@final
+class PreparedCall:
+    """A call :meth:`HgcmChannel.prepare` checked and encoded, for its ``call_prepared``.
+
+    Attributes:
+        channel: the channel that prepared it, the only one that makes it.
+        request: the prepared ioctl.
+        lingers_when_cancelled: as for :meth:`HgcmChannel.call`.
+    """
+
+    __slots__ = ("channel", "lingers_when_cancelled", "request")
+
+    def __init__(
+        self, channel: HgcmChannel, request: PreparedHgcmCall, *, lingers_when_cancelled: bool
+    ) -> None:
+        self.channel = channel
+        self.request = request
+        self.lingers_when_cancelled = lingers_when_cancelled
+
+    @property
+    def function(self) -> int:
+        """The service's function number."""
+        return self.request.call.function
+
+    @property
+    def params(self) -> tuple[HgcmParam, ...]:
+        """The parameters as the caller gave them."""
+        return self.request.call.params
+
+    def with_param(self, index: int, param: HgcmParam) -> PreparedCall:
+        """The same call with parameter ``index`` replaced, prepared on the same channel."""
+        params = list(self.params)
+        params[index] = param
+        return self.channel.prepare_with(
+            self.function,
+            tuple(params),
+            lingers_when_cancelled=self.lingers_when_cancelled,
+            timeout_ms=self.request.call.timeout_ms,
+        )
 
 
 @asynccontextmanager

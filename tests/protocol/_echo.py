@@ -52,6 +52,7 @@ from agent.protocol.messages import (
     InterruptAllWaits,
     IoctlCall,
     Log,
+    PreparedHgcmCall,
     ReportGuestStats,
     ReportGuestStatus,
     SessionId,
@@ -123,6 +124,8 @@ def answer(call: IoctlCall[Any], *, status: int = 0) -> Any:  # noqa: PLR0911 - 
         client_id = len(request.service) + 1
         struct.pack_into("<I", buf, 24, client_id)
         return HgcmConnected(client_id)
+    if isinstance(request, PreparedHgcmCall):
+        request = request.call
     if isinstance(request, HgcmCall):
         return HgcmReply(status, _answer_hgcm_call(request, call))
     msg = f"the echo driver does not know {type(request).__name__}"

@@ -68,6 +68,7 @@ from agent.protocol.messages import (
     InterruptAllWaits,
     IoctlCall,
     Log,
+    PreparedHgcmCall,
     ReportGuestStats,
     ReportGuestStatus,
     Request,
@@ -183,6 +184,19 @@ GOLDEN: list[tuple[str, Request[Any], int, bytes]] = [
     (
         "hgcm_call",
         HGCM_CALL,
+        0xC0885607,
+        ioctl_header(136, 136)
+        + struct.pack("<IIIBBH", 5, 3, 500, 1, 0, 6)
+        + _parm(1, "I", 7)
+        + _parm(2, "Q", 1 << 40)
+        + _parm(5, "IQ", 3, 0)
+        + _parm(6, "IQ", 16, 0)
+        + _parm(4, "IQ", 3, 0)
+        + _parm(5, "IQ", 0, 0),
+    ),
+    (
+        "hgcm_call_prepared",
+        HGCM_CALL.prepare(),
         0xC0885607,
         ioctl_header(136, 136)
         + struct.pack("<IIIBBH", 5, 3, 500, 1, 0, 6)
@@ -316,13 +330,36 @@ class TestEncoding:
     def test_other_requests_have_no_user_buffers(self) -> None:
         """Only HGCM calls point at user memory."""
         for _, request, _, _ in GOLDEN:
-            if not isinstance(request, HgcmCall):
+            if not isinstance(request, HgcmCall | PreparedHgcmCall):
                 assert request.encode().user_buffers == ()
 
     def test_encode_returns_fresh_buffers(self) -> None:
         """Encoding twice gives two independent buffers."""
         request = WaitForEvents(mask=1)
         assert request.encode().buffer is not request.encode().buffer
+
+    def test_prepared_call_encodes_fresh_memory(self) -> None:
+        """Each encoding of a prepared call has a buffer and user memory of its own, as the
+        call's own encoding does, whatever the driver wrote into an earlier one's."""
+        prepared = HGCM_CALL.prepare()
+        first = prepared.encode()
+        first.buffer[:] = bytes(len(first.buffer))
+        for user in first.user_buffers:
+            user.data[:] = b"!" * len(user.data)
+        second = prepared.encode()
+        assert (bytes(second.buffer), second.user_buffers) == (
+            bytes(HGCM_CALL.encode().buffer),
+            HGCM_CALL.encode().user_buffers,
+        )
+        assert second.request is prepared
+        assert prepared.call is HGCM_CALL
+
+    def test_prepared_call_keeps_the_bytes_it_was_given(self) -> None:
+        """An in buffer's bytes are taken when the call is prepared, not when it is made."""
+        data = bytearray(b"ab\0")
+        prepared = HgcmCall(1, 2, (HgcmBufferIn(data),)).prepare()  # type: ignore[arg-type]
+        data[:] = b"xyz"
+        assert prepared.encode().user_buffers == (UserBuffer(48, bytearray(b"ab\0")),)
 
 
 class TestDecoding:

@@ -22,7 +22,12 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import RemoteProtocolError
-from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, RequestType
+from agent.protocol.constants import (
+    HGCM_MAX_USER_PARM,
+    SHORT_CALL_TIMEOUT_MS,
+    TIMEOUT_INFINITE,
+    RequestType,
+)
 from agent.protocol.guest_props import (
     ENUM_TERMINATOR,
     MAX_GUEST_NOTIFICATIONS,
@@ -70,6 +75,7 @@ if TYPE_CHECKING:
 
     from agent.device import Device
     from agent.host.hgcm_service import HgcmCallHandle
+    from agent.services.hgcm import HgcmReply, PreparedCall
 
 
 @pytest.fixture(name="props")
@@ -1220,16 +1226,14 @@ class TestWatchChannel:
     ) -> None:
         """The watch's ENUM_PROPS are short calls (a driver timeout), its waits are not:
         the device counts calls without one as blocking."""
-        timeouts: list[tuple[int, object]] = []
-        call = HgcmChannel.call
+        timeouts: list[tuple[int, int]] = []
+        call_prepared = HgcmChannel.call_prepared
 
-        async def recording(
-            self: HgcmChannel, function: int, *params: HgcmParam, **kwargs: object
-        ) -> object:
-            timeouts.append((function, kwargs.get("timeout_ms")))
-            return await call(self, function, *params, **kwargs)  # type: ignore[arg-type]
+        async def recording(self: HgcmChannel, prepared: PreparedCall) -> HgcmReply:
+            timeouts.append((prepared.function, prepared.request.call.timeout_ms))
+            return await call_prepared(self, prepared)
 
-        monkeypatch.setattr(HgcmChannel, "call", recording)
+        monkeypatch.setattr(HgcmChannel, "call_prepared", recording)
         with trio.fail_after(60):
             async with props.watch(["/W/*"]) as watch:
                 host.prop_set("/W/a", "1")
@@ -1237,7 +1241,7 @@ class TestWatchChannel:
         assert timeouts == [
             (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
             (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
-            (GuestFunction.GET_NOTIFICATION, None),
+            (GuestFunction.GET_NOTIFICATION, TIMEOUT_INFINITE),
         ]
 
     async def test_a_drop_during_a_resync_reconnects(self, autojump_clock: trio.abc.Clock) -> None:

@@ -61,6 +61,7 @@ from agent.services.hgcm import (
     HgcmBufferIn,
     HgcmBufferOut,
     HgcmCallError,
+    HgcmData,
     HgcmLimitError,
     HgcmReply,
     HgcmU32,
@@ -219,6 +220,77 @@ class TestLimits:
                     async with open_hgcm_channel(device, "NoSuchSvc", host_call_limit=4):
                         pass
                 assert info.value.rc == VERR_HGCM_SERVICE_NOT_FOUND
+
+
+class TestPreparedCalls:
+    async def test_a_prepared_call_is_made_again_and_again(self, setup: Setup) -> None:
+        """A call prepared once is made as often as wanted, each time as ``call`` makes it;
+        preparing sends nothing, and a larger buffer is prepared as ``with_param`` asks."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                prepared = channel.prepare(FN_FAIL, HgcmU32(VINF_SUCCESS), HgcmBufferOut(4))
+                assert channel.calls == 0
+                for _ in range(3):
+                    reply = await channel.call_prepared(prepared)
+                    assert reply == HgcmReply(VINF_SUCCESS, (HgcmU32(0), HgcmData(bytes(4))))
+                larger = prepared.with_param(1, HgcmBufferOut(8))
+                assert (larger.function, larger.params) == (
+                    FN_FAIL,
+                    (HgcmU32(VINF_SUCCESS), HgcmBufferOut(8)),
+                )
+                assert (await channel.call_prepared(larger)).status == VINF_SUCCESS
+                assert (channel.calls, channel.pending) == (4, 0)
+
+    async def test_limits_are_checked_when_prepared(self, setup: Setup) -> None:
+        """The limits of the parameters are checked as the call is prepared, as ``call``
+        checks them; nothing is sent."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                with pytest.raises(HgcmLimitError, match="at most 32"):
+                    channel.prepare(FN_HOLD, *[HgcmU32(0)] * 33)
+                with pytest.raises(HgcmLimitError, match="11 non-empty buffers"):
+                    channel.prepare(FN_HOLD, *[HgcmBufferIn(b"x")] * 11)
+                with pytest.raises(LocalProtocolError, match="does not fit in 32 bits"):
+                    channel.prepare(FN_HOLD, HgcmU32(1 << 32))
+                assert channel.calls == 0
+                assert setup.echo.held == []
+
+    async def test_the_pending_limit_is_checked_when_made(self, setup: Setup) -> None:
+        """A call prepared while the host holds 15 is refused when made, not when prepared."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                trio.open_nursery() as nursery,
+            ):
+                hold = channel.prepare(FN_HOLD)
+                for _ in range(channel.max_pending):
+                    nursery.start_soon(channel.call_prepared, hold)
+                await setup.until(lambda: len(setup.echo.held) == channel.max_pending)
+                held_too = channel.prepare(FN_HOLD)
+                with pytest.raises(HgcmLimitError, match="15 calls pending; the host accepts 15"):
+                    await channel.call_prepared(held_too)
+                for call in list(setup.echo.held):
+                    call.complete(VINF_SUCCESS)
+                await setup.until(lambda: channel.pending == 0)
+
+    async def test_a_call_prepared_on_another_channel_is_refused(self, setup: Setup) -> None:
+        """Only the channel that prepared a call makes it."""
+        with trio.fail_after(10):
+            async with (
+                open_device(setup.opener) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as one,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as other,
+            ):
+                with pytest.raises(ValueError, match="prepared on another channel"):
+                    await other.call_prepared(one.prepare(FN_FAIL, HgcmU32(VINF_SUCCESS)))
+                assert (one.calls, other.calls) == (0, 0)
 
 
 class TestCancellation:
