@@ -643,6 +643,7 @@ class Daemon:
             built = self._try_build(spec, section, outcome="the service stays stopped")
             if built is not None:
                 self._launch(built)
+                self._status_changed()  # "<name> starting" until it started
                 log.info("service_enabled", service=name)
             return
         try:

@@ -359,6 +359,7 @@ class Supervisor(Generic[T]):
                 self._count_restart(name)
                 log.info("service_replaced", service=name)
             scope = entry.enter(_Phase.RUN)
+            self._changed()  # starting again: no longer retrying, nor the run replaced
 
     async def _end(self, entry: _Entry[T], error: BaseException) -> NoReturn:
         """Stop every service, let all drain (``entry`` too), raise ``error``.

@@ -18,13 +18,15 @@ errno, if any, is kept in its ``errno``.
 
 Teardown (an interrupt, a disconnect, a close) must reach the driver even when its caller was
 cancelled, so it runs shielded, but never for longer than ``CLEANUP_TIMEOUT_S`` nor past
-:attr:`Device.cleanup_deadline`, which the daemon sets when it stops: a call the driver does
-not finish by then is abandoned with a ``device_cleanup_abandoned`` log line.
+:attr:`Device.cleanup_deadline`, which the daemon sets when it stops (lowering it reaches
+teardown already begun, say by a reload just before): a call the driver does not finish by
+then is abandoned with a ``device_cleanup_abandoned`` log line.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
@@ -144,8 +146,10 @@ class Device:
         self._failures = 0
         self._open_sessions = 1
         self.driver_version: DriverVersion | None = None
-        self.cleanup_deadline = math.inf
-        """Trio time after which shielded teardown is abandoned (the daemon's stop sets it)."""
+        self._cleanup_deadline = math.inf
+        self._teardowns: weakref.WeakSet[trio.CancelScope] = weakref.WeakSet()
+        """The shielded scopes of teardown begun (:meth:`bound_teardown`), which a lower
+        :attr:`cleanup_deadline` reaches too."""
 
     @property
     def oracle_driver(self) -> bool:
@@ -188,13 +192,32 @@ class Device:
         self._open_sessions += 1
         return _Channel(self, transport)
 
-    def teardown_deadline(self) -> float:
-        """When teardown begun now must be abandoned (see the module docstring)."""
-        return min(trio.current_time() + CLEANUP_TIMEOUT_S, self.cleanup_deadline)
+    @property
+    def cleanup_deadline(self) -> float:
+        """Trio time after which shielded teardown is abandoned (the daemon's stop sets it).
+
+        Lowering it lowers the deadline of every teardown already begun as well: a stop
+        bounds the teardown a reload or a restart began just before it.
+        """
+        return self._cleanup_deadline
+
+    @cleanup_deadline.setter
+    def cleanup_deadline(self, deadline: float) -> None:
+        self._cleanup_deadline = deadline
+        for scope in list(self._teardowns):
+            scope.deadline = min(scope.deadline, deadline)
+
+    def bound_teardown(self, scope: trio.CancelScope) -> None:
+        """Bound ``scope``, teardown begun now, by ``CLEANUP_TIMEOUT_S`` from now and by
+        :attr:`cleanup_deadline`, now and whenever it is lowered later."""
+        scope.deadline = min(trio.current_time() + CLEANUP_TIMEOUT_S, self._cleanup_deadline)
+        self._teardowns.add(scope)
 
     def cleanup_scope(self, what: str) -> _CleanupScope:
-        """A shielded scope for teardown ``what`` until :meth:`teardown_deadline`."""
-        return _CleanupScope(what, self.teardown_deadline(), self.description)
+        """A shielded scope for teardown ``what``, bound by :meth:`bound_teardown`."""
+        cleanup = _CleanupScope(what, self.description)
+        self.bound_teardown(cleanup.scope)
+        return cleanup
 
     async def _close_channel(self, channel: _Channel) -> None:
         with self.cleanup_scope("close session"):
@@ -282,15 +305,15 @@ class Device:
 class _CleanupScope:
     """``with`` a shielded cancel scope with a deadline; logs when teardown is abandoned."""
 
-    __slots__ = ("_description", "_scope", "_what")
+    __slots__ = ("_description", "_what", "scope")
 
-    def __init__(self, what: str, deadline: float, description: str) -> None:
+    def __init__(self, what: str, description: str) -> None:
         self._what = what
         self._description = description
-        self._scope = trio.CancelScope(shield=True, deadline=deadline)
+        self.scope = trio.CancelScope(shield=True)
 
     def __enter__(self) -> trio.CancelScope:
-        return self._scope.__enter__()
+        return self.scope.__enter__()
 
     def __exit__(
         self,
@@ -298,8 +321,8 @@ class _CleanupScope:
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
-        handled = self._scope.__exit__(exc_type, exc_value, traceback)
-        if self._scope.cancelled_caught:
+        handled = self.scope.__exit__(exc_type, exc_value, traceback)
+        if self.scope.cancelled_caught:
             log.warning("device_cleanup_abandoned", what=self._what, device=self._description)
         return handled
 
@@ -388,7 +411,7 @@ class EventWaiter:
             finally:
                 if not finished:
                     # One teardown budget for the interrupt and the end of the wait.
-                    wait_scope.deadline = self._device.teardown_deadline()
+                    self._device.bound_teardown(wait_scope)
                     try:
                         await self.interrupt()
                     except Exception as exc:  # noqa: BLE001 - teardown: logged, not raised

@@ -22,8 +22,12 @@ A waiter the host or driver fails (the filter mask refused, a wait answered with
 a malformed reply, or stray interrupts past :data:`agent.device.STRAY_INTERRUPTS`) never
 ends the pump: the failure is logged when it begins or changes cause, shown in ``STATUS=``
 (:meth:`EventPump.failing`), and the waiter is opened again after a back-off
-(:meth:`LastingFailure.retry_in`), or at once when the mask changes. Timers and property
-publishing go on meanwhile; subscribers keep their subscriptions and simply hear nothing.
+(:meth:`LastingFailure.retry_in`), or at once when the mask changes. The failure ends
+(logged, and gone from ``STATUS=``) when a wait returns events, or once the new waiter's
+wait is held :data:`WAIT_HELD_S` unanswered, as a healthy wait on a quiet host is (a failing
+wait is answered at once, and a quiet host may raise no event for hours). Timers and
+property publishing go on meanwhile; subscribers keep their subscriptions and simply hear
+nothing.
 Nothing is lost: events the host raised stay pending at the host (outside the filter) or in
 the driver (not consumed) until a waiter takes them, and each subscriber then receives them
 merged, as any bits that came while it was busy.
@@ -49,6 +53,10 @@ if TYPE_CHECKING:
     from agent.protocol import RemoteProtocolError, VBoxStatusError
 
 log = structlog.get_logger(__name__)
+
+WAIT_HELD_S: Final = 1.0
+"""How long a wait after failed waits must be held by the driver, unanswered, to count as
+blocked: the failure has ended (one wake-up per waiter opened while waits fail)."""
 
 
 @record
@@ -166,7 +174,8 @@ class EventPump:
         self._opens = LastingFailure("event_filter_accepted_again")
         """Waiters that could not be opened (the filter mask refused)."""
         self._waits_failed = LastingFailure("event_waits_answered_again")
-        """Waits that failed; one that returns events ends such a run."""
+        """Waits that failed; one that returns events, or is held :data:`WAIT_HELD_S`, ends
+        such a run."""
 
     @property
     def mask(self) -> int:
@@ -279,6 +288,8 @@ class EventPump:
         failure: VBoxStatusError | RemoteProtocolError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._interrupt_on_mask_change, waiter)
+            if self._waits_failed.cause is not None:
+                nursery.start_soon(self._waits_answered_when_held)
             while True:
                 self._waits += 1
                 try:
@@ -288,13 +299,22 @@ class EventPump:
                 except HOST_ERRORS as exc:
                     failure = exc
                     break
-                if self._waits_failed.succeeded():
-                    self._status_changed()
+                self._waits_answered()
                 self._dispatch(events)
                 if waiter.interrupted:
                     break
             nursery.cancel_scope.cancel()
         return failure
+
+    async def _waits_answered_when_held(self) -> None:
+        """End the run of failed waits once the wait under way is held :data:`WAIT_HELD_S`
+        (cancelled with the waiter, so a wait that fails first leaves the run going on)."""
+        await trio.sleep(WAIT_HELD_S)
+        self._waits_answered()
+
+    def _waits_answered(self) -> None:
+        if self._waits_failed.succeeded():
+            self._status_changed()
 
     async def _interrupt_on_mask_change(self, waiter: EventWaiter) -> None:
         await self._mask_changed.wait()

@@ -24,6 +24,8 @@ Where the driver keeps the heartbeat itself, the requests are refused (mainline:
 ``vgdrvCheckIfVmmReqIsAllowed``: VERR_PERMISSION_DENIED, as neither request is on its list).
 The service then logs once that the kernel owns the heartbeat and does nothing more. A host
 without the heartbeat (VERR_NOT_IMPLEMENTED / VERR_NOT_SUPPORTED) is logged the same way.
+A retry that meets one of these, the heartbeat never armed, gives up the same way, and the
+status then says who keeps the heartbeat, not the refusal that came before.
 Config section: ``[heartbeat]``.
 """
 
@@ -182,6 +184,10 @@ class HeartbeatService:
         """``heartbeat 2000 ms``, ``heartbeat 2000 ms (failing: VERR_...)``, ``heartbeat
         (kernel)``, ``heartbeat unsupported by the host``, ``heartbeat not armed (malformed
         reply)``, ``heartbeat not armed (VERR_...)``..."""
+        if self._owner is Owner.DRIVER:  # the service has given up, whatever was refused before
+            return "heartbeat (kernel)"
+        if self._owner is Owner.NONE:
+            return "heartbeat unsupported by the host"
         if (cause := self._not_armed.cause) is not None:
             return f"heartbeat not armed ({cause})"
         interval = self._metronome.interval_s
@@ -189,10 +195,7 @@ class HeartbeatService:
             failing = self._failures.cause
             rhythm = f"heartbeat {round(interval * MS_PER_S)} ms"
             return rhythm if failing is None else f"{rhythm} (failing: {failing})"
-        return {
-            Owner.DRIVER: "heartbeat (kernel)",
-            Owner.NONE: "heartbeat unsupported by the host",
-        }.get(self._owner, "heartbeat starting")
+        return "heartbeat starting"
 
     def reconfigure(self, section: HeartbeatSection) -> bool:
         """Apply a new late threshold at once."""

@@ -691,6 +691,45 @@ class TestStartUp:
         [ready_line] = notifier.sent[:1]
         assert all(f"{name} starting" in ready_line for name in waiting)
 
+    async def test_a_service_a_reload_enables_is_starting_until_it_started(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A reload enables a service whose start takes 100 s: STATUS= names it as starting
+        at once, as at start-up, and shows it running once it started."""
+        notifier = StatusRecordingNotifier()
+        daemon = _daemon(host, tmp_path / "agent.toml", "[gadget]\nenable = false\n", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                (tmp_path / "agent.toml").write_text("[gadget]\nstart_s = 100\n")
+                await daemon.reload()
+                starting = await notifier.wait_status("gadget")
+                began = trio.current_time()
+                running = await notifier.wait_status("gadget one")
+                daemon.request_shutdown("test")
+        assert starting.endswith("; gadget starting")
+        assert running.endswith("; gadget one 2 s, 0 events")
+        assert trio.current_time() - began >= 100
+
+    async def test_a_restart_after_its_back_off_is_starting_until_it_started(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A service that fails its 100 s start: once its back-off ends, STATUS= says it is
+        starting again, not failed and retrying, until its next start ends."""
+        notifier = StatusRecordingNotifier()
+        text = "[gadget]\nstart_s = 100\nstart_fails = true\n"
+        daemon = _daemon(host, tmp_path / "agent.toml", text, notifier)
+        with trio.fail_after(LIMIT_S * 4):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await notifier.wait_status("gadget failed, retrying (1x)")
+                failed = trio.current_time()
+                after = await notifier.wait_status("retrying (1x)", present=False)
+                retried = trio.current_time()
+                daemon.request_shutdown("test")
+        assert after.endswith("; gadget starting")
+        assert retried - failed < 100
+
 
 class TestEventPumpFailures:
     """The event pump's failures show in ``STATUS=``: the host's as the pump's own retries,

@@ -17,8 +17,9 @@ from agent.config import load_config
 from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import RequestType
+from agent.protocol import Ioctl, RequestType
 from agent.services.registry import section_models
+from tests.sim_support import HookedOpener
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -49,3 +50,37 @@ async def test_stop_ends_in_time_when_the_host_holds_the_facility_reports(
     assert took <= EXIT_BOUND_S
     abandoned = [entry for entry in logs if entry["event"] == "ioctl_abandoned"]
     assert len(abandoned) == 2  # facility Terminating and Terminated
+
+
+async def test_a_stop_bounds_the_teardown_a_reload_began(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+) -> None:
+    """A reload disables the balloon, so the event pump's wait ends with an interrupt that
+    the driver holds; the stop comes 0.05 s later. The teardown begun before the stop is
+    held to the stop's bound, not to the 2 s teardown budget it began with."""
+    held = False
+
+    async def before(code: int) -> None:
+        if held and code == Ioctl.INTERRUPT_ALL_WAIT_FOR_EVENTS:
+            await trio.sleep_forever()  # the driver holds the interrupt
+
+    path = tmp_path / "agent.toml"
+    quick = "[daemon]\nshutdown_timeout_s = 0.2\n[balloon]\nmin_available_mb = 0\n"
+    path.write_text(quick)
+    daemon = Daemon(
+        load_config(path, section_models()),
+        HookedOpener(host, before=before),
+        config_path=path,
+        notifier=Notifier(None),
+    )
+    with trio.fail_after(4 * HELD_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            held = True
+            path.write_text(quick.replace("[balloon]\n", "[balloon]\nenable = false\n"))
+            await daemon.reload()
+            await trio.sleep(0.05)
+            began = trio.current_time()
+            daemon.request_shutdown("SIGTERM")
+        took = trio.current_time() - began
+    assert took <= 0.2 + 1.0

@@ -107,6 +107,35 @@ class TestAbandonedTeardown:
             took = await _cancel_a_wait(host, 0.3)
         assert took == pytest.approx(0.3)
 
+    async def test_a_deadline_lowered_during_teardown_reaches_it(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """The wait's teardown began (its interrupt held by the driver) 0.1 s before a stop
+        set the cleanup deadline 0.2 s away: the interrupt and the wait are abandoned then,
+        not CLEANUP_TIMEOUT_S after they began."""
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with open_device(DeafOpener(host)) as device:
+
+                async def stop() -> None:
+                    await trio.sleep(0.1)
+                    device.cleanup_deadline = trio.current_time() + 0.2
+
+                async with (
+                    device.open_event_waiter(RESTORED) as waiter,
+                    trio.open_nursery() as outer,
+                ):
+                    with trio.CancelScope() as scope:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(waiter.wait)
+                            await trio.testing.wait_all_tasks_blocked()
+                            began = trio.current_time()
+                            scope.cancel()
+                            outer.start_soon(stop)
+                    took = trio.current_time() - began
+        assert took == pytest.approx(0.3)
+        abandoned = [e["what"] for e in logs if e["event"] == "device_cleanup_abandoned"]
+        assert sorted(abandoned) == ["event wait", "interrupt"]
+
     @pytest.mark.parametrize(
         ("failure", "logged"),
         [

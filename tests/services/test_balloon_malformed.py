@@ -19,19 +19,30 @@ from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.host import SimulatedHost
 from agent.protocol import (
+    RemoteProtocolError,
     RequestType,
+    VBoxStatusError,
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import Ioctl
-from agent.protocol.status import VERR_GENERAL_FAILURE
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
 from agent.services.balloon import BalloonMode
+from agent.services.balloon._handover import HostTarget
 from tests.services.balloon_support import SimChunks, host_chunks, running_balloon, until
+from tests.services.test_balloon_walker import (
+    BlockingHandover,
+    TrackingAllocator,
+    _mapped_is_held,
+    _walker,
+)
 from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from agent.device import DeviceOpener
+    from agent.protocol import Submission
+    from agent.services.balloon._chunks import Chunk
 
 LIMIT_S: Final = 600.0
 RAM_MB: Final = 2048
@@ -93,6 +104,37 @@ class BadReads:
 
     def opener(self, host: SimulatedHost) -> DeviceOpener:
         return HookedOpener(host, after=self.after, reply=self.reply)
+
+
+class MalformedTakeBack(BlockingHandover):
+    """The 4th inflate is refused with its pages ballooned (GMM's
+    VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH); the first deflate, the one taking that chunk back,
+    gets a malformed reply; every other handover goes through (``deflated`` lists them)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.deflated: list[int] = []
+        self.garbled = False
+
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        del chunk
+        self.inflates += 1
+        submission.issued = True
+        await trio.lowlevel.checkpoint()
+        if self.inflates == 4:
+            raise VBoxStatusError(VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH, "VMMDEVREQ_CHANGE_MEMBALLOON")
+
+    async def deflate(self, chunk: Chunk, submission: Submission) -> None:
+        submission.issued = True
+        await trio.lowlevel.checkpoint()
+        if not self.garbled:  # the take-back
+            self.garbled = True
+            msg = "VMMDEVREQ_CHANGE_MEMBALLOON: garbled"
+            raise RemoteProtocolError(msg)
+        self.deflated.append(chunk.address)
+
+    def refusal_ballooned(self, rc: int) -> bool:
+        return rc == VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
 
 
 def _passthrough(*, cpus: int = 2) -> SimulatedHost:
@@ -204,6 +246,28 @@ class TestMalformedDeflateReplies:
         assert GARBLED_HEADER in str(stopped["reason"])
         assert not _events(logs, "balloon_host_count_short")
         assert [entry["event"] for entry in logs].count("balloon_mode") == 1
+
+    async def test_taking_back_a_refused_inflate_holds_its_chunk_to_deflate_last(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An inflate refused with its pages ballooned is taken back with a deflate whose
+        reply is malformed: the host may still have the pages, so the chunk stays held and
+        mapped, unconfirmed, at the bottom of the balloon, and the drain deflates it last."""
+        allocator, handover = TrackingAllocator(), MalformedTakeBack()
+        walker = _walker(handover, allocator)
+        walker.set_target(HostTarget(chunks=4, max_chunks=None))
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(walker.run)
+                await walker.wait_held(4)
+                nursery.cancel_scope.cancel()
+            bottom = walker.held[0]
+            assert walker.unconfirmed == {bottom.address}
+            assert handover.inflates == 4
+            assert _mapped_is_held(walker, allocator)
+            assert await walker.drain() == 0
+        assert handover.deflated[-1] == bottom.address
+        assert (walker.held, allocator.mapped) == ([], set())
 
 
 class TestMalformedInflateReplies:

@@ -107,6 +107,65 @@ class TestLeftToTheDriverByTheDaemon:
         assert then in left[1]["until"]
 
 
+class TestUnansweredCheck:
+    """A CHECK_BALLOON on Oracle's driver that the stop cancels leaves a balloon whose size
+    no answer told the agent: the drain still says the driver keeps it."""
+
+    @pytest.mark.parametrize("stop", ["reload", "shutdown"])
+    @pytest.mark.parametrize("call", ["probe", "read"])
+    async def test_the_driver_keeps_what_a_cancelled_check_inflated(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, call: str, stop: str
+    ) -> None:
+        """The host holds each page handover of the driver's inflate to 100 MB (the mode
+        probe's CHECK_BALLOON at start, or a read after the host's request), and the stop
+        comes halfway: the driver keeps what it took, of a size the agent never learnt. A
+        reload that disables the balloon warns, a stop of the agent says it in an info
+        line."""
+        psi = tmp_path / "memory.pressure"
+        psi.write_text(PSI_TEXT)
+        enabled = f'[balloon]\npsi_path = "{psi}"\nmin_available_mb = 0\n'
+        path = tmp_path / "agent.toml"
+        path.write_text(enabled)
+        host = SimulatedHost(personality="oracle")
+        host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.1)
+        if call == "probe":
+            host.set_balloon_target(100)
+        daemon = Daemon(
+            load_config(path, section_models()),
+            SimOpener(host),
+            config_path=path,
+            notifier=Notifier(None),
+        )
+
+        def balloon_mode() -> str | None:
+            statistics = daemon.statistics().services.get("balloon")
+            return getattr(statistics, "mode", None)
+
+        with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as outer:
+                await outer.start(host.run)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(daemon.run)
+                    if call == "read":
+                        await until(lambda: balloon_mode() == "triggered")
+                        host.set_balloon_target(100)
+                    await until(lambda: host_chunks(host) >= 10)
+                    assert host_chunks(host) < 100
+                    if stop == "reload":
+                        path.write_text(
+                            enabled.replace("[balloon]\n", "[balloon]\nenable = false\n")
+                        )
+                        await daemon.reload()
+                        await until(lambda: "balloon" not in daemon.statistics().services)
+                    daemon.request_shutdown("test")
+                outer.cancel_scope.cancel()
+        [line] = [e for e in logs if e["event"] == "balloon_left_to_driver"]
+        level = "warning" if stop == "reload" else "info"
+        mode = "undecided" if call == "probe" else "triggered"
+        assert (level, mode, None) == (line["log_level"], line["mode"], line["target"])
+        assert "host's pending target" in line["size"]
+
+
 @dataclass
 class _Stoppable:
     """A balloon service on a simulated host, which the test stops (``stop``) and drains."""

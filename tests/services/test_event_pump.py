@@ -27,6 +27,8 @@ from agent.protocol import (
 )
 from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, Subscription
+from agent.services._lasting import RETRY_INITIAL_S
+from agent.services.event_pump import WAIT_HELD_S
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -379,3 +381,33 @@ class TestFailures:
         [failed] = [entry for entry in logs if entry["event"] == "event_wait_failed"]
         assert "no interrupt was asked for" in failed["malformed_reply"]
         assert [entry["event"] for entry in logs].count("event_waits_answered_again") == 1
+
+    async def test_a_wait_held_after_failed_waits_ends_the_failure(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """Waits fail (answered with no events), then the driver waits again and the host
+        stays silent: the waiter opened after the back-off is held, and ``WAIT_HELD_S`` later
+        the failure is over, with one line saying so; no further session is opened. (It read
+        ``event waits failing (malformed reply), retrying`` until the host raised an event:
+        hours on a quiet host.)"""
+        driver = EmptyWaits(host)
+        changes: list[tuple[float, str | None]] = []
+        with trio.fail_after(7200), structlog.testing.capture_logs() as logs:
+            async with open_device(driver) as device, trio.open_nursery() as nursery:
+                pump = EventPump(
+                    device,
+                    status_changed=lambda: changes.append((trio.current_time(), pump.failing())),
+                )
+                with pump.subscribe("restore", RESTORED):
+                    await nursery.start(pump.run)
+                    await trio.testing.wait_all_tasks_blocked()  # in the back-off
+                    driver.broken = False
+                    sessions = driver.sessions
+                    await trio.sleep(3600)
+                    assert driver.sessions == sessions + 1
+                nursery.cancel_scope.cancel()
+        (failed_at, failing), (ended_at, ended) = changes
+        assert (failing, ended) == ("event waits failing (malformed reply)", None)
+        assert ended_at - failed_at == pytest.approx(RETRY_INITIAL_S + WAIT_HELD_S)
+        [answered] = [entry for entry in logs if entry["event"] == "event_waits_answered_again"]
+        assert answered["failed_in_a_row"] == 1

@@ -20,7 +20,11 @@ import trio.testing
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import RequestType
+from agent.protocol import (
+    RequestType,
+    layouts as L,  # noqa: N812 - the layout table
+)
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NOT_SUPPORTED
 from agent.services import EventPump
 from agent.services._base import ServiceContext
 from agent.services.heartbeat import HeartbeatSection, HeartbeatService
@@ -40,15 +44,15 @@ async def running(
     personality: str,
     section: HeartbeatSection | None = None,
     status_changed: Callable[[], None] = lambda: None,
-    garbler: ReplyGarbler | None = None,
+    reply: Callable[[bytearray], None] | None = None,
     interval_ns: int = INTERVAL_NS,
 ) -> AsyncIterator[tuple[SimulatedHost, HeartbeatService, trio.CancelScope]]:
     """A host with a 100 ms interval (or ``interval_ns``, even one VMMDev would refuse to
     start with), the pump, and a started service with its cancel scope (``status_changed``
-    is the context's; ``garbler`` garbles the host's replies)."""
+    is the context's; ``reply`` may change the host's replies, as :class:`HookedOpener`'s)."""
     host = SimulatedHost(personality=personality, heartbeat_interval_ns=INTERVAL_NS, seed=1)
     host.vmmdev.heartbeat.interval_ns = interval_ns
-    opener = SimOpener(host) if garbler is None else HookedOpener(host, reply=garbler)
+    opener = SimOpener(host) if reply is None else HookedOpener(host, reply=reply)
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
@@ -70,6 +74,25 @@ async def _run_in_scope(
         async with trio.open_nursery() as inner:
             await inner.start(service.run)
             task_status.started(scope)
+
+
+class RefuseAfterDisable:
+    """A ``reply`` hook: once ``host`` is set, the host's answer to the next Disable queues a
+    refusal (VERR_GENERAL_FAILURE) of the configures after it, the Enable first."""
+
+    def __init__(self) -> None:
+        self.host: SimulatedHost | None = None
+
+    def __call__(self, buffer: bytearray) -> None:
+        request = L.HeartbeatRequest
+        if (
+            self.host is not None
+            and len(buffer) == request.size
+            and L.RequestHeader.request_type.get(buffer) == RequestType.HEARTBEAT_CONFIGURE
+            and not request.enabled.get(buffer)
+        ):
+            self.host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VERR_GENERAL_FAILURE, 1000)
+            self.host = None
 
 
 def heartbeat(host: SimulatedHost) -> dict[str, object]:
@@ -171,7 +194,7 @@ class TestAgentKeepsTheHeartbeat:
         logged once, the status says so, and the service goes on beating on time; one more
         line when replies are sound again."""
         garbler = ReplyGarbler()
-        async with running("passthrough", garbler=garbler) as (host, service, _):
+        async with running("passthrough", reply=garbler) as (host, service, _):
             await trio.sleep(0.05)
             garbler.request_types.add(RequestType.GUEST_HEARTBEAT)
             with structlog.testing.capture_logs() as logs:
@@ -278,6 +301,54 @@ class TestAgentKeepsTheHeartbeat:
         assert 60 <= sent - DRIVER_LOAD <= 70
         assert asked == sent
         assert len([entry for entry in logs if entry["event"] == "heartbeat_not_armed"]) == 1
+
+    async def test_a_restore_whose_enable_is_refused_leaves_the_drain_nothing_to_switch_off(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """After a restore the host takes the Disable and refuses the Enable: its check is
+        off, so the drain sends no Disable (one the host would refuse, logged as failed)."""
+        refuse = RefuseAfterDisable()
+        async with running("passthrough", reply=refuse) as (host, service, scope):
+            await trio.sleep(0.5)
+            refuse.host = host
+            host.restore()
+            await trio.sleep(0.5)
+            assert service.status() == "heartbeat not armed (VERR_GENERAL_FAILURE)"
+            assert heartbeat(host)["enabled"] is False
+            sent = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+            scope.cancel()
+            with structlog.testing.capture_logs() as logs:
+                await service.drain()
+            assert host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE] == sent
+        assert not [entry for entry in logs if entry["event"].startswith("heartbeat_")]
+
+    async def test_a_retry_refused_as_unsupported_gives_up_and_says_so(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The first configure is refused with VERR_GENERAL_FAILURE, its retry with
+        VERR_NOT_SUPPORTED: the host lacks the heartbeat, so the service stops retrying and
+        its status says so (it said ``not armed (VERR_GENERAL_FAILURE)`` for good)."""
+        with structlog.testing.capture_logs() as logs:
+            host = SimulatedHost(personality="passthrough", heartbeat_interval_ns=INTERVAL_NS)
+            with trio.fail_after(BOUND_S * 10):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(host.run)
+                    host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VERR_GENERAL_FAILURE, 1)
+                    host.add_fault(RequestType.HEARTBEAT_CONFIGURE, VERR_NOT_SUPPORTED, 1000)
+                    sent = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                    async with open_device(SimOpener(host)) as device:
+                        pump = EventPump(device)
+                        service = HeartbeatService(ServiceContext(device, pump), HeartbeatSection())
+                        await nursery.start(pump.run)
+                        nursery.start_soon(service.run)
+                        await trio.sleep(3600)
+                        assert service.status() == "heartbeat unsupported by the host"
+                        assert service.statistics().owner == "none"
+                        asked = host.vmmdev.request_counts[RequestType.HEARTBEAT_CONFIGURE]
+                        assert asked == sent + 2  # the refused Disables, no retry after
+                    nursery.cancel_scope.cancel()
+        said = [entry["event"] for entry in logs if entry["event"].startswith("heartbeat_")]
+        assert said == ["heartbeat_not_armed", "heartbeat_not_supported_by_host"]
 
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock

@@ -677,6 +677,33 @@ async def test_writes_the_host_ignored_are_made_again_once_it_takes_them(
     assert events.count("published_deleted") == 1
 
 
+async def test_a_delete_taken_while_writes_are_ignored_leaves_them_ignored(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """With the host's global RDONLYGUEST the writes of an interface are ignored while the
+    delete of its absent ``Name`` (not UTF-8) succeeds, as a delete of a missing property
+    does: the host still ignores the writes, so the status says so and no line says it
+    takes them again."""
+    interfaces = Interfaces(dataclasses.replace(ETH0, name=None))
+    _global_flags(host, RDONLYGUEST)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            running = Running(host)
+            context = ServiceContext(device, EventPump(device), running.status_changed)
+            service = network_service(context, NetworkSection(interval_s=INTERVAL_S), interfaces)
+            running.start(service)
+            await nursery.start(context.pump.run)
+            await nursery.start(service.run)
+            await running.next_pass()
+            assert service.status() == (
+                "network: writes ignored by the host (VINF_PERMISSION_DENIED)"
+            )
+            nursery.cancel_scope.cancel()
+    events = [line["event"] for line in logs]
+    assert events.count("property_writes_ignored") == 1
+    assert "property_writes_taken_again" not in events
+
+
 def _global_flags(host: SimulatedHost, flags: int) -> None:
     """Set the host's property service's global flags (RDONLYGUEST: guest writes ignored)."""
     service = host.vmmdev.hgcm.service(SERVICE_NAME)

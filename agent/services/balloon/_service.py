@@ -185,10 +185,14 @@ class BalloonService:
         self._read_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         self._floor_backoff = Backoff(section.retry_initial_s, section.retry_max_s)
         """Triggered mode: when to look at MemAvailable again while it is below the floor."""
-        self._chunks = 0
+        self._chunks = self._target = 0
         """The driver's last CHECK_BALLOON answer (kernel and triggered modes): the kernel's
         count on the in-tree driver, the host's target on Oracle's, which applies it."""
-        self._target = 0
+        self._unanswered = False
+        """A CHECK_BALLOON that may move Oracle's driver's balloon (triggered mode, or the
+        mode probe's where it may) went without an answer that names its target (cancelled,
+        or a triggered read failed): the driver may have applied the host's pending target,
+        or part of it."""
         self._read_at = 0.0
         """Kernel mode: when the size was last read (wall-clock seconds)."""
         self._read_pending = True
@@ -208,8 +212,7 @@ class BalloonService:
         """The current pressure hold, in cooldowns (doubled by episodes in quick succession)."""
         self._eased_at = -math.inf
         """When the last pressure hold ended."""
-        self._pressure_events = 0
-        self._read_failures = 0
+        self._pressure_events = self._read_failures = 0
         self._read_failure: str | None = None
         """Why the last target read (or trigger) failed; None once one went through."""
         self._meminfo = MemInfo()
@@ -383,8 +386,10 @@ class BalloonService:
         cannot give back: a warning where the agent runs on without anybody following it (a
         reload disabled the service, or it restarts after a failure), an info line when the
         whole agent stops (the driver then deflates at the close, or the next start follows
-        it on)."""
-        if self._chunks == 0:
+        it on). A CHECK_BALLOON that went unanswered on Oracle's driver (the mode probe's
+        too) leaves a balloon of unknown size, up to the host's pending target."""
+        unanswered = self._unanswered
+        if self._chunks == 0 and not unanswered:
             return
         stopping = self._agent_stopping()
         emit = log.info if stopping else log.warning
@@ -399,11 +404,18 @@ class BalloonService:
                 " runs again (nor does the driver deflate at unload)",
                 until="the agent's next start" if stopping else "the service runs again",
             )
-        elif self._mode is BalloonMode.TRIGGERED:
+        elif self._mode is BalloonMode.TRIGGERED or unanswered:
+            size: dict[str, object] = {"target": self._chunks}
+            if unanswered:
+                size = {
+                    "target": None,
+                    "size": "unknown: a CHECK_BALLOON got no answer naming its target, so"
+                    " the driver may hold up to the host's pending target",
+                }
             emit(
                 "balloon_left_to_driver",
-                mode=str(self._mode),
-                target=self._chunks,
+                mode="undecided" if self._mode is None else str(self._mode),
+                **size,
                 reason="Oracle's driver keeps the chunks it allocated for this target until"
                 " this process closes the device, which deflates them; until then no"
                 " CHECK_BALLOON applies the host's later requests",
@@ -458,6 +470,7 @@ class BalloonService:
             try:
                 detected = await detect_mode(self._device, partial(self._gate_probe, ready))
             except HOST_ERRORS as exc:  # e.g. another session owns Oracle's balloon
+                self._unanswered = False  # refused before it moved anything: not ours
                 _check_failed(exc, backoff)
                 ready()
                 while trio.current_time() < backoff.retry_at:
@@ -476,6 +489,7 @@ class BalloonService:
                 ready()
                 await self._wait_for_poke(look_again)
         self._read_pending = False
+        self._unanswered = may_allocate  # the call goes now; its answer (_adopt) clears it
 
     async def _wait_for_poke(self, deadline: float) -> None:
         """Wait until ``deadline`` or a poke (an event, a reload, pressure easing)."""
@@ -486,6 +500,7 @@ class BalloonService:
     def _adopt(self, detected: Detected) -> None:
         mode = detected.mode
         self._mode = mode
+        self._unanswered = False
         self._chunks = self._target = detected.chunks
         self._read_at = time.time()
         # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
@@ -620,7 +635,9 @@ class BalloonService:
                 chunks=len(self._walker.held),
             )
             return
+        self._unanswered = self._mode is BalloonMode.TRIGGERED
         status = await self._device.check_balloon()
+        self._unanswered = False
         if status.handle_in_r3 and self._mode is BalloonMode.TRIGGERED:
             self._hand_to_agent(status.chunks)
             return
