@@ -20,6 +20,7 @@ import os
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 import trio
 from hypothesis import settings
 
@@ -28,7 +29,7 @@ from agent.services import _cpu_sysfs
 from agent.services._wallclock import SystemClock
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
 
 settings.register_profile("ci", deadline=None, print_blob=True)
@@ -64,6 +65,17 @@ def _machine_cpus_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
         write(path, value)
 
     monkeypatch.setattr(_cpu_sysfs, "_write", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _logging_config_restored() -> Iterator[None]:
+    """Each test finds structlog as configured before it: a test that runs the CLI's
+    ``main()`` configures logging (a level filter among it), which would otherwise hide the
+    info lines of every later test from ``capture_logs``, so that a test's outcome depended
+    on which tests ran before it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")
