@@ -54,6 +54,29 @@ PSI_TEXT: Final = (
 )
 
 
+def _reloadable_daemon(tmp_path: Path, host: SimulatedHost) -> tuple[Daemon, Path, str]:
+    """A daemon on ``host`` with the balloon enabled by a config file the test may rewrite
+    and reload; returned with the file and its text."""
+    psi = tmp_path / "memory.pressure"
+    psi.write_text(PSI_TEXT)
+    enabled = f'[balloon]\npsi_path = "{psi}"\nmin_available_mb = 0\n'
+    path = tmp_path / "agent.toml"
+    path.write_text(enabled)
+    daemon = Daemon(
+        load_config(path, section_models()),
+        SimOpener(host),
+        config_path=path,
+        notifier=Notifier(None),
+    )
+    return daemon, path, enabled
+
+
+def _balloon_mode(daemon: Daemon) -> str | None:
+    """The balloon service's mode in the daemon's statistics (None while it has none)."""
+    statistics = daemon.statistics().services.get("balloon")
+    return getattr(statistics, "mode", None)
+
+
 class TestLeftToTheDriverByTheDaemon:
     """The daemon tells the balloon's drain whether the whole agent stops."""
 
@@ -69,23 +92,8 @@ class TestLeftToTheDriverByTheDaemon:
         again, the service takes it on; the agent's stop then leaves it to the driver as
         every ordinary stop does (Oracle's deflates it at the close, the in-tree kernel's
         waits for the next start): an info line."""
-        psi = tmp_path / "memory.pressure"
-        psi.write_text(PSI_TEXT)
-        enabled = f'[balloon]\npsi_path = "{psi}"\nmin_available_mb = 0\n'
-        path = tmp_path / "agent.toml"
-        path.write_text(enabled)
         host = SimulatedHost(personality=kind)
-        daemon = Daemon(
-            load_config(path, section_models()),
-            SimOpener(host),
-            config_path=path,
-            notifier=Notifier(None),
-        )
-
-        def balloon_mode() -> str | None:
-            statistics = daemon.statistics().services.get("balloon")
-            return getattr(statistics, "mode", None)
-
+        daemon, path, enabled = _reloadable_daemon(tmp_path, host)
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as outer:
                 await outer.start(host.run)
@@ -98,7 +106,7 @@ class TestLeftToTheDriverByTheDaemon:
                     await until(lambda: "balloon" not in daemon.statistics().services)
                     path.write_text(enabled)
                     await daemon.reload()
-                    await until(lambda: balloon_mode() == mode)
+                    await until(lambda: _balloon_mode(daemon) == mode)
                     daemon.request_shutdown("test")
                 outer.cancel_scope.cancel()
         left = [e for e in logs if e["event"] == "balloon_left_to_driver"]
@@ -121,33 +129,18 @@ class TestUnansweredCheck:
         comes halfway: the driver keeps what it took, of a size the agent never learnt. A
         reload that disables the balloon warns, a stop of the agent says it in an info
         line."""
-        psi = tmp_path / "memory.pressure"
-        psi.write_text(PSI_TEXT)
-        enabled = f'[balloon]\npsi_path = "{psi}"\nmin_available_mb = 0\n'
-        path = tmp_path / "agent.toml"
-        path.write_text(enabled)
         host = SimulatedHost(personality="oracle")
         host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.1)
         if call == "probe":
             host.set_balloon_target(100)
-        daemon = Daemon(
-            load_config(path, section_models()),
-            SimOpener(host),
-            config_path=path,
-            notifier=Notifier(None),
-        )
-
-        def balloon_mode() -> str | None:
-            statistics = daemon.statistics().services.get("balloon")
-            return getattr(statistics, "mode", None)
-
+        daemon, path, enabled = _reloadable_daemon(tmp_path, host)
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as outer:
                 await outer.start(host.run)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(daemon.run)
                     if call == "read":
-                        await until(lambda: balloon_mode() == "triggered")
+                        await until(lambda: _balloon_mode(daemon) == "triggered")
                         host.set_balloon_target(100)
                     await until(lambda: host_chunks(host) >= 10)
                     assert host_chunks(host) < 100
