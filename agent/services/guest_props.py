@@ -164,8 +164,12 @@ class GuestProperties:
         """Callers in :attr:`_queue`, or cancelled there and not yet gone (never fewer)."""
         # An agent reads the same few properties over and over: checking and encoding
         # each get anew was a fifth of the agent's work on it.
-        self._prepared_get = functools.lru_cache(maxsize=GETS_PREPARED)(self._prepare_get)
+        self._prepared_get = functools.lru_cache(maxsize=GETS_PREPARED)(
+            functools.partial(_prepare_get_on, channel)
+        )
         """GET_PROP of a name, prepared on first use and kept."""
+        self._prepare = functools.partial(_prepare_short_on, channel)
+        """A short call, prepared on the client's channel."""
 
     @property
     def channel(self) -> HgcmChannel:
@@ -233,16 +237,6 @@ class GuestProperties:
         watch = PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes, pump=pump)
         async with watch:
             yield watch
-
-    def _prepare(self, function: int, *params: HgcmParam) -> PreparedCall:
-        """A short call, prepared (checked and encoded) on the client's channel."""
-        return self._channel.prepare_with(
-            function, params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
-        )
-
-    def _prepare_get(self, name: str) -> PreparedCall:
-        """GET_PROP of ``name`` with the buffer that holds any value and flags."""
-        return self._prepare(_GET_PROP, _name_param(name), _VALUE_BUFFER, _ZERO_U64, _ZERO_U32)
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
         # A free slot is taken without yielding (the call itself checkpoints); only a
@@ -602,14 +596,12 @@ class PropertyWatch:
         return self._channel
 
     def _prepare(self, function: int, *params: HgcmParam) -> PreparedCall:
-        """A short call (ENUM_PROPS, GET_PROP) on the watch's channel, with the driver timeout."""
-        return self._channel.prepare_with(
-            function, params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
-        )
+        """A short call (ENUM_PROPS) on the watch's channel, which a reconnect replaces."""
+        return _prepare_short_on(self._channel, function, *params)
 
     def _prepare_get(self, name: str) -> PreparedCall:
-        """GET_PROP of ``name`` with the buffer that holds any value and flags."""
-        return self._prepare(_GET_PROP, _name_param(name), _VALUE_BUFFER, _ZERO_U64, _ZERO_U32)
+        """GET_PROP of ``name`` on the watch's channel."""
+        return _prepare_get_on(self._channel, name)
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
         """Make a short call the watch prepared on its channel."""
@@ -717,6 +709,21 @@ async def keep_guest_properties(
     except HOST_ERRORS as exc:
         return None, connects.host_failed("property_service_unavailable", exc)
     return props, connects.succeeded()
+
+
+def _prepare_short_on(channel: HgcmChannel, function: int, *params: HgcmParam) -> PreparedCall:
+    """A short call prepared (checked and encoded) on ``channel``: the driver's timeout, and
+    no lingering once cancelled."""
+    return channel.prepare_with(
+        function, params, lingers_when_cancelled=False, timeout_ms=SHORT_CALL_TIMEOUT_MS
+    )
+
+
+def _prepare_get_on(channel: HgcmChannel, name: str) -> PreparedCall:
+    """GET_PROP of ``name`` on ``channel``, with the buffer that holds any value and flags."""
+    return _prepare_short_on(
+        channel, _GET_PROP, _name_param(name), _VALUE_BUFFER, _ZERO_U64, _ZERO_U32
+    )
 
 
 @functools.lru_cache(maxsize=NAME_PARAMS_CACHED)
