@@ -294,7 +294,7 @@ def _show_cleared(args: argparse.Namespace, result: object) -> None:
         return
     if not isinstance(result, dict) or not isinstance(cleared := result.get("cleared"), int):
         raise _UnexpectedResultError
-    print(f"cleared {cleared} queued fault answer(s)")
+    write_line(f"cleared {cleared} queued fault answer(s)")
 
 
 def _show_status(args: argparse.Namespace, result: object) -> None:
