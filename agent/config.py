@@ -313,18 +313,44 @@ def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDeta
     if kind in _BOUNDS:
         ctx_key, symbol = _BOUNDS[kind]
         return f"must be {symbol} {exact_number(error['ctx'][ctx_key])}"
-    return error["msg"].replace("Input should be", "must be", 1)
+    return _pydantic_reason(model, loc, error)
+
+
+def _pydantic_reason(
+    model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails
+) -> str:
+    """pydantic's own reason, but for an integer too large for a float (``float_type``, past
+    about 1.8e308): the key's bound on that side, as for ``1e300``, else finiteness."""
+    value = error["input"]
+    if error["type"] != "float_type" or type(value) is not int:
+        return error["msg"].replace("Input should be", "must be", 1)
+    field = _table_model(model, loc[:-1]).model_fields.get(str(loc[-1])) if loc else None
+    sides = (
+        ("less_than_equal", "less_than") if value > 0 else ("greater_than_equal", "greater_than")
+    )
+    for constraint in field.metadata if field is not None else ():
+        for side in sides:
+            ctx_key, symbol = _BOUNDS[side]
+            bound: object = getattr(constraint, ctx_key, None)
+            if isinstance(bound, int | float):
+                return f"must be {symbol} {exact_number(bound)}"
+    return "must be a finite number"
 
 
 def _allowed_keys(model: type[BaseModel], table: tuple[str | int, ...]) -> list[str]:
     """The keys of the table at ``table`` inside ``model`` (the daemon's or a section)."""
+    return list(_table_model(model, table).model_fields)
+
+
+def _table_model(model: type[BaseModel], table: tuple[str | int, ...]) -> type[BaseModel]:
+    """The model of the table at ``table`` inside ``model`` (as far as the path names one)."""
     node = model
     for name in table:
         annotation = node.model_fields[str(name)].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
         node = annotation
-    return list(node.model_fields)
+    return node
 
 
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")

@@ -58,6 +58,8 @@ class GadgetSection(ServiceSection):
 
 
 GADGET = {"gadget": GadgetSection}
+HUGE = "1" + "0" * 400
+"""An integer past the largest float (about 1.8e308)."""
 LONG_RUN = "1" * 4400
 """Digits enough for an integer too long to read, in a comment or a string here."""
 
@@ -414,6 +416,27 @@ class TestProblems:
             f"{path}: log.level = {value}: must be one of 'debug', 'info', 'warning' or 'error'",
             f"{path}: {key} = 1: unknown key; allowed keys: level, format",
         ]
+
+    @pytest.mark.parametrize(
+        ("text", "key", "reason"),
+        [
+            (f"[daemon]\nshutdown_timeout_s = {HUGE}\n", "daemon.shutdown_timeout_s", "<= 13"),
+            (f"[daemon]\nshutdown_timeout_s = -{HUGE}\n", "daemon.shutdown_timeout_s", "> 0"),
+            (f"[timesync]\nset_threshold_s = -{HUGE}\n", "timesync.set_threshold_s", ">= 0"),
+            (f"[gadget]\ninterval_s = {HUGE}\n", "gadget.interval_s", "a finite number"),
+        ],
+    )
+    def test_an_integer_past_every_float_names_the_bound(
+        self, tmp_path: Path, text: str, key: str, reason: str
+    ) -> None:
+        """An integer too large for a float (pydantic's float_type, past about 1.8e308) is
+        past the key's bound, which the problem names as for 1e300; a key without that bound
+        takes finite numbers only, as for inf. It is a number: never "must be a valid
+        number"."""
+        path = write(tmp_path, text)
+        [problem] = problems_of(path, {**section_models(), **GADGET})
+        assert problem.startswith(f"{path}: {key} = ")
+        assert problem.endswith(f" characters): must be {reason}")
 
     def test_every_problem_is_reported(self, tmp_path: Path) -> None:
         """All problems of a file are reported at once, one line each."""
