@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from agent.device.spec import check_device_spec, shown_path
-from agent.ordered import check_order, exact_number
+from agent.ordered import exact_number, validate_ordered
 from agent.protocol import AgentError
 from agent.protocol.errors import shown_text
 from agent.tomltext import (
@@ -140,9 +140,9 @@ class DaemonConfig(_Model):
     def _check_backoff_order(
         cls, data: object, handler: ModelWrapValidatorHandler[DaemonConfig]
     ) -> DaemonConfig:
-        config = handler(data)
-        check_order(config, data, "restart_backoff_initial_s", "restart_backoff_max_s")
-        return config
+        return validate_ordered(
+            cls, data, handler, "restart_backoff_initial_s", "restart_backoff_max_s"
+        )
 
 
 class LogConfig(_Model):

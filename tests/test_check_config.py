@@ -69,6 +69,21 @@ class TestCheckConfig:
             f'{path}: session_monitor.enable = "yes": must be a valid boolean',
         ]
 
+    def test_every_problem_is_reported(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A broken ``initial <= max`` rule is reported beside another bad key of its
+        section, so one run names every problem."""
+        path = tmp_path / "agent.toml"
+        path.write_text(
+            "[balloon]\nretry_initial_s = 100\nretry_max_s = 10\npressure_step_mb = 0\n"
+        )
+        assert check_config(str(path)) == 78
+        assert capsys.readouterr().err.splitlines() == [
+            f"{path}: balloon.pressure_step_mb = 0: must be >= 1",
+            f"{path}: balloon.retry_max_s = 10: must be >= retry_initial_s (100)",
+        ]
+
     def test_a_deprecated_value_is_a_warning(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
