@@ -296,8 +296,14 @@ _BOUNDS: Final = {
 
 def _problem(file: str, model: type[BaseModel], where: tuple[str, ...], error: ErrorDetails) -> str:
     loc = error["loc"]
-    key = _key((*where, *(str(part) for part in loc)))
-    return f"{file}: {key} = {_show(error['input'])}: {_reason(model, loc, error)}"
+    keys = (*where, *(str(part) for part in loc))
+    return problem_line(file, keys, error["input"], _reason(model, loc, error))
+
+
+def problem_line(file: str, keys: tuple[str, ...], value: object, reason: str) -> str:
+    """One problem as the loader writes it: ``FILE: section.key = VALUE: reason``, the key
+    and the value as the file writes them."""
+    return f"{file}: {_key(keys)} = {_show(value)}: {reason}"
 
 
 def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails) -> str:
