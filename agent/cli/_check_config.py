@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.cli._arguments import file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
-from agent.cli._output import write_line
+from agent.cli._output import say, write_line
 from agent.config import ConfigError, load_config, problem_line
 from agent.device import cannot_be_the_device
 from agent.device.spec import shown_path
@@ -76,15 +75,17 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(path, section_models())
         _check_device(path, config)
     except ConfigError as exc:
-        sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
+        for problem in exc.problems:
+            say(problem)
         return EX_CONFIG
-    sys.stderr.writelines(f"{warning}\n" for warning in config.warnings)
+    for warning in config.warnings:
+        say(warning)
     why = unreadable_by_the_service(path)
     file = shown_path(path)  # as the problems name it
     if why is not None:
-        sys.stderr.write(
+        say(
             f"{file}: warning: the service could not read it ({why}): the unit leaves root "
-            "no CAP_DAC_OVERRIDE, so only the mode bits for uid 0, gid 0 or others count\n"
+            "no CAP_DAC_OVERRIDE, so only the mode bits for uid 0, gid 0 or others count"
         )
     write_line(f"{file}: ok")
     return EX_OK
