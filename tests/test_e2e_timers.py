@@ -50,10 +50,11 @@ POLL_S: Final = 0.05
 INTERVAL_S: Final = 0.1
 WINDOW_S: Final = 10.0
 GAP_MARGIN_NS: Final = 20_000_000
-MIN_CPU_SUM: Final = 75
-"""Main's idle + kernel + user (percent) with a report per CPU: 100 less steal and rounding;
-reporting all CPUs as CPU 0 gives at most 100 / CPUs, 50 on two."""
 """How much longer than the interval the longest gap between beats may be."""
+CPU_SUM_MARGIN: Final = 5
+"""Main's idle + kernel + user (percent) is 100 less steal and rounding with a report per
+CPU, and at most 100 / CPUs when every CPU is reported as CPU 0: the test asks for more than
+the latter by this margin, since steal on a loaded machine can reach 25 % and more."""
 PYTHON: Final = sys.executable
 AGENT_SCHEDULING: Final = unit_scheduling()
 """The CPU scheduling the unit gives the agent."""
@@ -304,7 +305,7 @@ class TestStatistics:
     @pytest.mark.parametrize("personality", ["mainline", "oracle", "passthrough"])
     def test_reports_once_a_second_until_zero(self, workdir: Path, personality: str) -> None:
         """Interval 1: each second a report per CPU with this machine's memory, so that
-        Main's averaged CPU loads add up to nearly 100 % (a single report of all CPUs as
+        Main's averaged CPU loads add up to 100 % less steal (a single report of all CPUs as
         CPU 0 would show at most 100 / CPUs); interval 0: none."""
         processes = start(workdir, personality)
         try:
@@ -333,7 +334,8 @@ class TestStatistics:
             assert (shortest - 1) * cpus <= reports <= (longest + 1) * cpus
             main = status(processes.socket)["guest_stats"]["main"]
             if cpus > 1:
-                assert main["cpu_idle"] + main["cpu_kernel"] + main["cpu_user"] >= MIN_CPU_SUM
+                cpu_sum = main["cpu_idle"] + main["cpu_kernel"] + main["cpu_user"]
+                assert cpu_sum > 100 // cpus + CPU_SUM_MARGIN
             last = status(processes.socket)["guest_stats"]["last"]
             meminfo = Path("/proc/meminfo").read_text().split()
             mem_total = int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024
