@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from agent.device.spec import check_device_spec, shown_path
-from agent.ordered import check_order, exact_number
+from agent.ordered import exact_number, validate_ordered
 from agent.protocol import AgentError
 from agent.protocol.errors import shown_text
 from agent.tomltext import (
@@ -140,9 +140,9 @@ class DaemonConfig(_Model):
     def _check_backoff_order(
         cls, data: object, handler: ModelWrapValidatorHandler[DaemonConfig]
     ) -> DaemonConfig:
-        config = handler(data)
-        check_order(config, data, "restart_backoff_initial_s", "restart_backoff_max_s")
-        return config
+        return validate_ordered(
+            cls, data, handler, "restart_backoff_initial_s", "restart_backoff_max_s"
+        )
 
 
 class LogConfig(_Model):
@@ -296,8 +296,14 @@ _BOUNDS: Final = {
 
 def _problem(file: str, model: type[BaseModel], where: tuple[str, ...], error: ErrorDetails) -> str:
     loc = error["loc"]
-    key = _key((*where, *(str(part) for part in loc)))
-    return f"{file}: {key} = {_show(error['input'])}: {_reason(model, loc, error)}"
+    keys = (*where, *(str(part) for part in loc))
+    return problem_line(file, keys, error["input"], _reason(model, loc, error))
+
+
+def problem_line(file: str, keys: tuple[str, ...], value: object, reason: str) -> str:
+    """One problem as the loader writes it: ``FILE: section.key = VALUE: reason``, the key
+    and the value as the file writes them."""
+    return f"{file}: {_key(keys)} = {_show(value)}: {reason}"
 
 
 def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails) -> str:
@@ -313,18 +319,44 @@ def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDeta
     if kind in _BOUNDS:
         ctx_key, symbol = _BOUNDS[kind]
         return f"must be {symbol} {exact_number(error['ctx'][ctx_key])}"
-    return error["msg"].replace("Input should be", "must be", 1)
+    return _pydantic_reason(model, loc, error)
+
+
+def _pydantic_reason(
+    model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails
+) -> str:
+    """pydantic's own reason, but for an integer too large for a float (``float_type``, past
+    about 1.8e308): the key's bound on that side, as for ``1e300``, else finiteness."""
+    value = error["input"]
+    if error["type"] != "float_type" or type(value) is not int:
+        return error["msg"].replace("Input should be", "must be", 1)
+    field = _table_model(model, loc[:-1]).model_fields.get(str(loc[-1])) if loc else None
+    sides = (
+        ("less_than_equal", "less_than") if value > 0 else ("greater_than_equal", "greater_than")
+    )
+    for constraint in field.metadata if field is not None else ():
+        for side in sides:
+            ctx_key, symbol = _BOUNDS[side]
+            bound: object = getattr(constraint, ctx_key, None)
+            if isinstance(bound, int | float):
+                return f"must be {symbol} {exact_number(bound)}"
+    return "must be a finite number"
 
 
 def _allowed_keys(model: type[BaseModel], table: tuple[str | int, ...]) -> list[str]:
     """The keys of the table at ``table`` inside ``model`` (the daemon's or a section)."""
+    return list(_table_model(model, table).model_fields)
+
+
+def _table_model(model: type[BaseModel], table: tuple[str | int, ...]) -> type[BaseModel]:
+    """The model of the table at ``table`` inside ``model`` (as far as the path names one)."""
     node = model
     for name in table:
         annotation = node.model_fields[str(name)].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
         node = annotation
-    return list(node.model_fields)
+    return node
 
 
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")

@@ -277,14 +277,6 @@ def _say_on(stream: TextIO, line: str) -> None:
         return
 
 
-def print_error(line: str, *, stream: TextIO | None = None) -> None:
-    """Write ``line``, why a command failed, to ``stream`` (default: ``sys.stderr``), for the
-    person or script that ran it. Under systemd the agent says it as a log line instead
-    (:func:`logs_to_journal`). A stream that refuses it is left alone: there is nowhere else
-    to say it."""
-    _say_on(sys.stderr if stream is None else stream, line)
-
-
 def logs_to_journal(stream: TextIO | None = None) -> bool:
     """Whether log lines written to ``stream`` (default: ``sys.stdout``) reach systemd's
     journal, which then files each at its ``<N>`` priority (stderr goes there too)."""

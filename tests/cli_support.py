@@ -10,19 +10,43 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any, Final
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 STARTUP_TIMEOUT_S: Final = 20.0
 COMMAND_TIMEOUT_S: Final = 30.0
 LISTENING: Final = "simulated host listening at"
+
+
+Refusal = Literal["full", "closed"]
+"""How a stream refuses writes: a full disk (``/dev/full``, ENOSPC) or a pipe whose reader
+went away (``| head``, EPIPE)."""
+REFUSALS: Final[tuple[Refusal, ...]] = ("full", "closed")
+
+
+@contextmanager
+def refusing_stream(refusal: Refusal) -> Iterator[int]:
+    """A descriptor for a child's stdout or stderr on which every write fails as ``refusal``
+    says; closed after the block."""
+    if refusal == "full":
+        descriptor = os.open("/dev/full", os.O_WRONLY)
+    else:
+        read_end, descriptor = os.pipe()
+        os.close(read_end)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def agent(*args: str) -> subprocess.CompletedProcess[str]:

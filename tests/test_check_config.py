@@ -3,7 +3,8 @@
 Rules of this test module:
 - The command is driven through a parser that registers only ``check-config``, so these tests
   do not depend on the other commands; one test runs the real console entry point in a child
-  process.
+  process, and TestDevicePath runs ``run`` (in-process, ``agent.cli.main``) on the same file,
+  which stops at the device, to show both refuse it alike.
 - Output is read with ``capsys``; files are written to ``tmp_path``.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import _check_config
+from agent.cli import _check_config, main
 from agent.cli._check_config import unreadable_by_the_service
 from tests.cli_support import COMMAND_TIMEOUT_S
 
@@ -69,6 +70,21 @@ class TestCheckConfig:
             f'{path}: session_monitor.enable = "yes": must be a valid boolean',
         ]
 
+    def test_every_problem_is_reported(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A broken ``initial <= max`` rule is reported beside another bad key of its
+        section, so one run names every problem."""
+        path = tmp_path / "agent.toml"
+        path.write_text(
+            "[balloon]\nretry_initial_s = 100\nretry_max_s = 10\npressure_step_mb = 0\n"
+        )
+        assert check_config(str(path)) == 78
+        assert capsys.readouterr().err.splitlines() == [
+            f"{path}: balloon.pressure_step_mb = 0: must be >= 1",
+            f"{path}: balloon.retry_max_s = 10: must be >= retry_initial_s (100)",
+        ]
+
     def test_a_deprecated_value_is_a_warning(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -114,6 +130,61 @@ class TestCheckConfig:
         )
         assert (result.returncode, result.stdout) == (78, "")
         assert result.stderr == f"{path}: daemon.shutdown_timeout_s = -1: must be > 0\n"
+
+
+class TestDevicePath:
+    @pytest.mark.parametrize(
+        ("kind", "reason"),
+        [
+            ("directory", "{path} cannot be the vboxguest device: Is a directory (EISDIR); "),
+            ("below a file", "{path} cannot be the vboxguest device: Not a directory (ENOTDIR); "),
+            ("file", "{path} is not a vboxguest device (it is a regular file); "),
+            ("fifo", "{path} is not a vboxguest device (it is a FIFO); "),
+            ("unix: file", "no simulated host at {path}: it exists and is not a socket"),
+        ],
+    )
+    def test_a_path_run_refuses_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, reason: str
+    ) -> None:
+        """A ``[device] path`` that ``run`` refuses with 78 (no restart under the unit) is
+        one problem naming it and exit 78, so the reload that checks the file first fails
+        instead of the next start. A directory or a bad path gets ``run``'s own reason; for
+        what only an open or the handshake would show, ``stat`` names what it is."""
+        target = tmp_path / "target"
+        if kind == "directory":
+            target.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(target)
+        else:
+            target.write_text("")
+        path = target / "x" if kind == "below a file" else target
+        spec = f"unix:{path}" if kind.startswith("unix:") else str(path)
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{spec}"\n')
+        assert main(["run", "--config", str(config)]) == 78
+        capsys.readouterr()
+        assert check_config(str(config)) == 78
+        fix = (
+            ""
+            if kind.startswith("unix:")
+            else "name the device node (--device, or run's [device] path)"
+        )
+        assert capsys.readouterr() == (
+            "",
+            f'{config}: device.path = "{spec}": {reason.format(path=path)}{fix}\n',
+        )
+
+    def test_a_missing_path_may_come(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A node that does not exist yet is no problem: ``run`` exits 69, which the unit
+        retries, and the module may load later."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path / "vboxguest"}"\n')
+        assert main(["run", "--config", str(config)]) == 69
+        capsys.readouterr()
+        assert check_config(str(config)) == 0
+        assert capsys.readouterr() == (f"{config}: ok\n", "")
 
 
 NOBODY = 65534

@@ -48,7 +48,7 @@ from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
 from agent.services.guest_props import GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
-from tests.cli_support import Simulator
+from tests.cli_support import REFUSALS, Refusal, Simulator, refusing_stream
 from tests.conftest import KERNEL_PERSONALITY
 from tests.sim_support import HookedOpener, OverflowAsking
 from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
@@ -273,6 +273,30 @@ class TestVerbs:
         assert sim.prop("set", "/Guest/p", "1").returncode == EX_OK
         done = run_into_full_disk("prop", "--device", sim.device, *argv, env=sim.env)
         assert done == (EX_IOERR, FULL_DISK_LINE)
+
+    @pytest.mark.parametrize("refusal", REFUSALS)
+    def test_a_stderr_that_refuses_lines_keeps_the_exit_code(
+        self, sim: PropHost, refusal: Refusal
+    ) -> None:
+        """``2>/dev/full`` or a stderr nobody reads: a property not set still exits 1, and a
+        value that cannot be written to a full disk 74, their lines lost (a full disk made
+        each exit 1 with an OSError, a reader gone 141)."""
+        assert sim.prop("set", "/Guest/p", "1").returncode == EX_OK
+
+        def get(name: str, stdout: int) -> int:
+            with refusing_stream(refusal) as stderr:
+                return subprocess.run(
+                    [PYTHON, "-m", "agent", "prop", "--device", sim.device, "get", name],
+                    stdout=stdout,
+                    stderr=stderr,
+                    timeout=WAIT_S,
+                    check=False,
+                    env=sim.env,
+                ).returncode
+
+        assert get("/Guest/none", subprocess.DEVNULL) == EX_REFUSED
+        with refusing_stream("full") as full:
+            assert get("/Guest/p", full) == EX_IOERR
 
     def test_a_failed_disconnect_after_the_write_is_no_failure(self, sim: PropHost) -> None:
         """The host fails the disconnect after the set: one warning, exit 0 (it said

@@ -58,6 +58,8 @@ class GadgetSection(ServiceSection):
 
 
 GADGET = {"gadget": GadgetSection}
+HUGE = "1" + "0" * 400
+"""An integer past the largest float (about 1.8e308)."""
 LONG_RUN = "1" * 4400
 """Digits enough for an integer too long to read, in a comment or a string here."""
 
@@ -414,6 +416,70 @@ class TestProblems:
             f"{path}: log.level = {value}: must be one of 'debug', 'info', 'warning' or 'error'",
             f"{path}: {key} = 1: unknown key; allowed keys: level, format",
         ]
+
+    @pytest.mark.parametrize(
+        ("text", "key", "reason"),
+        [
+            (f"[daemon]\nshutdown_timeout_s = {HUGE}\n", "daemon.shutdown_timeout_s", "<= 13"),
+            (f"[daemon]\nshutdown_timeout_s = -{HUGE}\n", "daemon.shutdown_timeout_s", "> 0"),
+            (f"[timesync]\nset_threshold_s = -{HUGE}\n", "timesync.set_threshold_s", ">= 0"),
+            (f"[gadget]\ninterval_s = {HUGE}\n", "gadget.interval_s", "a finite number"),
+        ],
+    )
+    def test_an_integer_past_every_float_names_the_bound(
+        self, tmp_path: Path, text: str, key: str, reason: str
+    ) -> None:
+        """An integer too large for a float (pydantic's float_type, past about 1.8e308) is
+        past the key's bound, which the problem names as for 1e300; a key without that bound
+        takes finite numbers only, as for inf. It is a number: never "must be a valid
+        number"."""
+        path = write(tmp_path, text)
+        [problem] = problems_of(path, {**section_models(), **GADGET})
+        assert problem.startswith(f"{path}: {key} = ")
+        assert problem.endswith(f" characters): must be {reason}")
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (
+                "[balloon]\nretry_initial_s = 100\nretry_max_s = 10\npressure_step_mb = 0\n",
+                [
+                    "balloon.pressure_step_mb = 0: must be >= 1",
+                    "balloon.retry_max_s = 10: must be >= retry_initial_s (100)",
+                ],
+            ),
+            # a default takes part, and the key the file set is named, as when all is valid
+            (
+                "[daemon]\nrestart_backoff_initial_s = 100\nshutdown_timeout_s = 0\nx = 1\n",
+                [
+                    "daemon.shutdown_timeout_s = 0: must be > 0",
+                    "daemon.x = 1: unknown key; allowed keys: shutdown_timeout_s, "
+                    "restart_backoff_initial_s, restart_backoff_max_s, restart_budget, "
+                    "restart_window_s",
+                    "daemon.restart_backoff_initial_s = 100: must be <= restart_backoff_max_s (30)",
+                ],
+            ),
+            # a setting of the pair that is itself invalid has no order to check
+            (
+                "[balloon]\nretry_initial_s = 100\nretry_max_s = 0\n",
+                ["balloon.retry_max_s = 0: must be > 0"],
+            ),
+            (
+                '[balloon]\nretry_initial_s = "100"\nretry_max_s = 10\nenable = 1\n',
+                [
+                    "balloon.enable = 1: must be a valid boolean",
+                    'balloon.retry_initial_s = "100": must be a valid number',
+                ],
+            ),
+        ],
+    )
+    def test_an_order_is_checked_beside_other_problems(
+        self, tmp_path: Path, text: str, expected: list[str]
+    ) -> None:
+        """An ``initial <= max`` rule whose two settings are valid is reported with the
+        section's other problems, not only once they are fixed."""
+        path = write(tmp_path, text)
+        assert problems_of(path, section_models()) == [f"{path}: {line}" for line in expected]
 
     def test_every_problem_is_reported(self, tmp_path: Path) -> None:
         """All problems of a file are reported at once, one line each."""

@@ -28,7 +28,6 @@ from agent.logconfig import (
     configure_logging,
     log_output_statistics,
     logs_to_journal,
-    print_error,
 )
 from tests.log_support import Refusing
 
@@ -159,13 +158,7 @@ class TestJournal:
         assert out.getvalue().startswith("{")
 
 
-class TestPrintError:
-    def test_plain_on_a_terminal_or_file(self) -> None:
-        """Outside the journal the line is written as it is."""
-        out = io.StringIO()
-        print_error("vbox-agent: no device", stream=out)
-        assert out.getvalue() == "vbox-agent: no device\n"
-
+class TestLogsToJournal:
     def test_the_journal_is_told_apart(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

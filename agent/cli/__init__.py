@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__
 from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_IOERR, EX_USAGE
-from agent.cli._output import OutputError, flush, write_text
+from agent.cli._output import OutputError, flush, say, write_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -347,7 +347,7 @@ def _main(words: Sequence[str]) -> int:
         return EX_BROKEN_PIPE
     except OutputError as exc:
         _discard_output()
-        print(f"vbox-agent: cannot write the output: {exc}", file=sys.stderr)
+        say(f"vbox-agent: cannot write the output: {exc}")
         return EX_IOERR
 
 

@@ -5,6 +5,12 @@ Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and ex
 ``config_reload_rejected`` on a reload. FILE is read as ``run`` reads it: a pipe is refused, as
 a FIFO is, since a daemon could not read it again on a reload.
 
+A ``[device] path`` that ``run`` would refuse with 78 at its next start is a problem too
+(``FILE: device.path = "...": why``), as far as ``stat`` shows it without opening the device:
+a directory or a bad path (with ``run``'s own reason), a regular file or a FIFO, a node sysfs
+names other than vboxguest or vboxuser, a ``unix:`` path that exists and is not a socket. A
+missing one is not: the module may load later (``run`` exits 69 and is restarted).
+
 A deprecated value that is still read (``device.ioctl_threads = 3``) gets the loader's
 warning line on stderr (``FILE: KEY = VALUE: deprecated, ...``) and still exits 0, as ``run``
 logs it and starts. A valid file that the service could not read gets one warning line on
@@ -20,20 +26,22 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.cli._arguments import file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
-from agent.cli._output import write_line
-from agent.config import ConfigError, load_config
+from agent.cli._output import say, write_line
+from agent.config import ConfigError, load_config, problem_line
+from agent.device import cannot_be_the_device
 from agent.device.spec import shown_path
 from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
+
+    from agent.config import AgentConfig
 
     StatFn = Callable[[Path], os.stat_result]
     """``os.stat``'s shape, for tests that describe a tree of their own."""
@@ -43,7 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Give the ``check-config`` parser its description, arguments and handler."""
     parser.description = (
         "Load FILE as the agent would and report every problem, one per line naming the "
-        "key, the bad value and what is allowed. Exit status 0 when valid, 78 otherwise. "
+        "key, the bad value and what is allowed, a [device] path that run would refuse "
+        "(a directory, a file or node that is no vboxguest device, a unix: path that is no "
+        "socket) included; a missing one may come later and is fine. "
+        "Exit status 0 when valid, 78 otherwise. "
         "A deprecated value, or a valid file the service could not read (it runs as root "
         "without CAP_DAC_OVERRIDE), gets a warning on stderr; the exit status stays 0."
     )
@@ -62,19 +73,37 @@ def run(args: argparse.Namespace) -> int:
     path: Path = args.file
     try:
         config = load_config(path, section_models())
+        _check_device(path, config)
     except ConfigError as exc:
-        sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
+        for problem in exc.problems:
+            say(problem)
         return EX_CONFIG
-    sys.stderr.writelines(f"{warning}\n" for warning in config.warnings)
+    for warning in config.warnings:
+        say(warning)
     why = unreadable_by_the_service(path)
     file = shown_path(path)  # as the problems name it
     if why is not None:
-        sys.stderr.write(
+        say(
             f"{file}: warning: the service could not read it ({why}): the unit leaves root "
-            "no CAP_DAC_OVERRIDE, so only the mode bits for uid 0, gid 0 or others count\n"
+            "no CAP_DAC_OVERRIDE, so only the mode bits for uid 0, gid 0 or others count"
         )
     write_line(f"{file}: ok")
     return EX_OK
+
+
+def _check_device(path: Path, config: AgentConfig) -> None:
+    """Refuse a ``[device] path`` that ``run`` would refuse with 78 at its next start, as far
+    as that shows without opening it (:func:`~agent.device.cannot_be_the_device`): a
+    directory, a regular file, a node sysfs names other than vboxguest or vboxuser, a
+    ``unix:`` path that exists and is not a socket. A missing one may come (the module loads
+    later, a simulated host starts): no problem.
+
+    Raises:
+        ConfigError: the one problem, in the loader's form.
+    """
+    spec = config.device.path
+    if (why := cannot_be_the_device(spec)) is not None:
+        raise ConfigError([problem_line(shown_path(path), ("device", "path"), spec, why)])
 
 
 def unreadable_by_the_service(path: Path, stat_fn: StatFn = os.stat) -> str | None:

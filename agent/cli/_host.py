@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from agent.cli._arguments import argument_type, integer_at_least, parse_seconds, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
-from agent.cli._output import write_line
+from agent.cli._output import say, write_line
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.errors import shown
@@ -150,20 +149,19 @@ def host_command(args: argparse.Namespace) -> int:
     try:
         result = trio.run(_call, args.socket, build(args))
     except HostUnreachableError as exc:
-        print(f"vbox-agent host: {exc}", file=sys.stderr)
+        say(f"vbox-agent host: {exc}")
         return EX_UNAVAILABLE
     except ControlCommandError as exc:
-        print(f"vbox-agent host: {exc}", file=sys.stderr)
+        say(f"vbox-agent host: {exc}")
         return EX_REFUSED
     show: Callable[[argparse.Namespace, object], None] | None = args.show
     if show is not None:
         try:
             show(args, result)
         except _UnexpectedResultError:
-            print(
+            say(
                 f"vbox-agent host: the simulated host at {args.socket} answered "
-                f"{args.host_command!r} with an unexpected result: {shown(result)}",
-                file=sys.stderr,
+                f"{args.host_command!r} with an unexpected result: {shown(result)}"
             )
             return EX_UNAVAILABLE
     return EX_OK
@@ -294,7 +292,7 @@ def _show_cleared(args: argparse.Namespace, result: object) -> None:
         return
     if not isinstance(result, dict) or not isinstance(cleared := result.get("cleared"), int):
         raise _UnexpectedResultError
-    print(f"cleared {cleared} queued fault answer(s)")
+    write_line(f"cleared {cleared} queued fault answer(s)")
 
 
 def _show_status(args: argparse.Namespace, result: object) -> None:

@@ -1,8 +1,11 @@
-"""The commands' answers on stdout, and the one error a failed write becomes.
+"""The commands' answers on stdout, their other lines on stderr, and what a failed write does.
 
 A command writes its answer with :func:`write_line`; a write the system refuses (a full disk:
 ``> /dev/full``) raises :class:`OutputError`, which ``main`` reports in one line with exit
 74. A reader that went away (``| head``) stays a ``BrokenPipeError``: exit 141, no message.
+Every other line (why a command failed, a warning, where the simulated host listens) goes to
+stderr with :func:`say`, which drops a line stderr refuses: the command goes on and exits
+with the code it decided.
 """
 
 from __future__ import annotations
@@ -52,3 +55,18 @@ def flush() -> None:
         raise
     except OSError as exc:
         raise OutputError(exc) from exc
+
+
+def say(line: str) -> None:
+    """Write ``line`` and a newline to stderr, for the person or script that ran the command.
+
+    A stream that refuses it (``OSError``: a full disk, a reader gone; ``ValueError``: a
+    closed stream or text it cannot encode) is left alone: there is nowhere else to say it.
+    ``agent.logconfig`` guards its own line on stderr the same way; it is not imported here,
+    which would load structlog into ``abi``, ``--help`` and ``--version`` (about 90 ms).
+    """
+    try:
+        sys.stderr.write(f"{line}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return

@@ -27,7 +27,7 @@ import trio
 
 from agent.cli._arguments import device_spec, positive_seconds
 from agent.cli._exit import EX_CONFIG, EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
-from agent.cli._output import write_line
+from agent.cli._output import say, write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import (
     DeviceLostError,
@@ -134,7 +134,7 @@ def prop_command(args: argparse.Namespace) -> int:
         raise  # the output's reader is gone: main's exit code, not a failure of the call
     except (ValueError, _NotFoundError, _UsageError, AgentError, OSError) as exc:
         message, code = _explain(args, exc)
-        print(f"{PROGRAM} {args.prop_action}: {message}", file=sys.stderr)
+        say(f"{PROGRAM} {args.prop_action}: {message}")
         return code
     return EX_OK
 
@@ -233,7 +233,7 @@ def _note_ignored(args: argparse.Namespace, status: int) -> None:
     """
     if status != VINF_SUCCESS:
         message = f"{_subject(args)}the host ignored the write ({status_name(status)})"
-        print(f"{PROGRAM} {args.prop_action}: {message}", file=sys.stderr)
+        say(f"{PROGRAM} {args.prop_action}: {message}")
 
 
 async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:

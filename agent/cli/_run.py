@@ -32,6 +32,7 @@ from agent.cli._exit import (
     EX_SOFTWARE,
     EX_UNAVAILABLE,
 )
+from agent.cli._output import say
 from agent.config import AgentConfig, ConfigError, LogConfig, load_config
 from agent.daemon import Daemon, ServiceFailedError
 from agent.device import (
@@ -44,7 +45,6 @@ from agent.logconfig import (
     configure_logging,
     log_output_statistics,
     logs_to_journal,
-    print_error,
 )
 from agent.protocol import AgentError
 from agent.services.registry import section_models
@@ -255,7 +255,7 @@ def _say_why(lines: list[str], event: str | None = None, **fields: object) -> No
     """
     if not logs_to_journal():
         for line in lines:
-            print_error(line)
+            say(line)
     elif event is not None:
         log.error(event, **fields)
 

@@ -14,7 +14,6 @@ way nobody expected (one line on stderr saying how, never a traceback).
 from __future__ import annotations
 
 import signal
-import sys
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -26,6 +25,7 @@ from agent.cli._arguments import (
     socket_path,
 )
 from agent.cli._exit import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._output import say
 from agent.device.spec import shown_path
 from agent.protocol.constants import MAX_GUEST_RAM_MB, MIN_GUEST_RAM_MB
 
@@ -102,10 +102,10 @@ def simulate_command(args: argparse.Namespace) -> int:
             heartbeat_interval_ns=args.heartbeat_interval_ms * NS_PER_MS,
         )
     except PersonalityUnavailableError as exc:
-        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        say(f"vbox-agent simulate: {exc}")
         return EX_UNAVAILABLE
     except ValueError as exc:
-        print(f"vbox-agent simulate: {exc}", file=sys.stderr)
+        say(f"vbox-agent simulate: {exc}")
         return EX_USAGE
     failures: list[str] = []
     crashes: list[str] = []
@@ -116,10 +116,10 @@ def simulate_command(args: argparse.Namespace) -> int:
     except* Exception as group:  # noqa: BLE001 - one line and 70, not a traceback
         crashes += [f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(group)]
     if failures:
-        print(f"vbox-agent simulate: {failures[0]}", file=sys.stderr)
+        say(f"vbox-agent simulate: {failures[0]}")
         return EX_UNAVAILABLE
     if crashes:
-        print(f"vbox-agent simulate: the simulated host failed: {crashes[0]}", file=sys.stderr)
+        say(f"vbox-agent simulate: the simulated host failed: {crashes[0]}")
         return EX_SOFTWARE
     return EX_OK
 
@@ -137,7 +137,7 @@ async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(serve_simulated_host, host, path)
-            print(f"simulated host listening at {shown_path(path)}", file=sys.stderr, flush=True)
+            say(f"simulated host listening at {shown_path(path)}")
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()

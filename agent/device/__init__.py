@@ -15,5 +15,8 @@ from agent.device.errors import (
     DeviceUnavailableError as DeviceUnavailableError,
     NotTheDeviceError as NotTheDeviceError,
 )
-from agent.device.spec import opener_for_spec as opener_for_spec
+from agent.device.spec import (
+    cannot_be_the_device as cannot_be_the_device,
+    opener_for_spec as opener_for_spec,
+)
 from agent.device.transport import DeviceOpener as DeviceOpener, Transport as Transport

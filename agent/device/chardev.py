@@ -966,12 +966,32 @@ def _reason(exc: VBoxStatusError | OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
+def cannot_be_the_node(path: str, sysfs_root: str = DEFAULT_SYSFS_ROOT) -> str | None:
+    """Return why :meth:`CharDevOpener.open_session` would raise :class:`NotTheDeviceError`
+    for ``path`` whatever loads later, as far as ``stat`` shows without opening it, or None
+    (a missing node included: the module may load later).
+
+    That is a path ``open(2)`` refuses as :data:`NOT_THE_DEVICE_ERRNOS` (``stat`` fails
+    alike, but for a directory: EISDIR), with the open's own line, or a
+    :func:`foreign_node`. ``vbox-agent check-config`` refuses such a ``[device] path``, as
+    ``run`` would at its next start.
+    """
+    try:
+        status = os.stat(path)
+    except OSError as exc:
+        return open_failure(path, exc) if exc.errno in NOT_THE_DEVICE_ERRNOS else None
+    if stat.S_ISDIR(status.st_mode):
+        return open_failure(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    return foreign_node(path, sysfs_root)
+
+
 def foreign_node(path: str, sysfs_root: str = DEFAULT_SYSFS_ROOT) -> str | None:
     """Return why ``path`` cannot be the vboxguest device, in one line ending with the fix,
     or None when it may be (or nothing tells).
 
-    A Unix socket cannot be (a simulated host's socket is named ``unix:PATH``), nor a block
-    device, nor a character device that sysfs names other than ``vboxguest`` or
+    A Unix socket cannot be (a simulated host's socket is named ``unix:PATH``), nor a
+    regular file or a FIFO (no driver behind it: the handshake's ioctl fails, with ENOTTY),
+    nor a block device, nor a character device that sysfs names other than ``vboxguest`` or
     ``vboxuser`` (``/sys/dev/char/MAJ:MIN`` links to the device's directory). Where
     ``stat`` fails, or sysfs has no entry for the node (no ``/sys``), nothing is proven.
     """
@@ -985,8 +1005,12 @@ def foreign_node(path: str, sysfs_root: str = DEFAULT_SYSFS_ROOT) -> str | None:
             f"{shown} is a Unix socket, not the vboxguest device: for a simulated host "
             f"listening there write unix:{shown} (--device, or run's [device] path)"
         )
-    if stat.S_ISBLK(mode.st_mode):
-        name: str | None = "a block device"
+    if stat.S_ISREG(mode.st_mode):
+        name: str | None = "a regular file"
+    elif stat.S_ISFIFO(mode.st_mode):
+        name = "a FIFO"
+    elif stat.S_ISBLK(mode.st_mode):
+        name = "a block device"
     elif stat.S_ISCHR(mode.st_mode):
         name = _sysfs_char_name(mode.st_rdev, sysfs_root)
     else:

@@ -39,6 +39,27 @@ def opener_for_spec(spec: str, *, ioctl_threads: int) -> DeviceOpener:
     return CharDevOpener(spec, threads=ioctl_threads)
 
 
+def cannot_be_the_device(spec: str) -> str | None:
+    """Return why ``spec`` can never reach the device, whatever loads or starts later, as
+    far as ``stat`` shows without an open (the
+    :class:`~agent.device.errors.NotTheDeviceError` its opener would raise, for which ``run``
+    exits 78), or None: for ``unix:PATH`` a path that exists and is not a socket
+    (:func:`agent.device.unix.cannot_be_a_host`), else a directory, a bad path, or a file
+    that is no vboxguest node (:func:`agent.device.chardev.cannot_be_the_node`).
+
+    Raises:
+        ValueError: the spec is not one :func:`check_device_spec` accepts.
+    """
+    check_device_spec(spec)
+    if spec.startswith(UNIX_PREFIX):
+        from agent.device.unix import cannot_be_a_host  # noqa: PLC0415
+
+        return cannot_be_a_host(spec.removeprefix(UNIX_PREFIX))
+    from agent.device.chardev import cannot_be_the_node  # noqa: PLC0415
+
+    return cannot_be_the_node(spec)
+
+
 def check_device_spec(spec: str) -> str:
     """Return ``spec`` if it names a device: an absolute path, or ``unix:`` and one.
 

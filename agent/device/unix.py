@@ -536,9 +536,8 @@ class UnixSocketOpener:
             try:
                 stream = await trio.open_unix_socket(self._path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if _is_other_file(self._path):  # no host can ever listen there: 78, no retry
-                    msg = f"no simulated host at {self._shown}: it exists and is not a socket"
-                    raise NotTheDeviceError(msg) from exc
+                if (refusal := cannot_be_a_host(self._path)) is not None:  # 78, no retry
+                    raise NotTheDeviceError(refusal) from exc
                 if trio.current_time() - started >= wait_s:
                     waited = f"; waited {wait_s:g} s for it to start" if waiting else ""
                     raise self._unavailable(exc, waited) from exc
@@ -600,9 +599,13 @@ def _is_connected(stream: trio.SocketStream) -> bool:
     return True
 
 
-def _is_other_file(path: str) -> bool:
-    """Whether ``path`` exists and is not a socket (a file no host can ever listen on)."""
+def cannot_be_a_host(path: str) -> str | None:
+    """Return why no simulated host can ever listen at ``path``: it exists and is not a
+    socket (``vbox-agent check-config`` refuses such a ``unix:`` path, as ``run`` does);
+    None when one may (a missing socket included: the host may start later)."""
     try:
-        return not stat.S_ISSOCK(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return False
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    return f"no simulated host at {shown_path(path)}: it exists and is not a socket"

@@ -590,6 +590,46 @@ class TestOpen:
             "device node (--device, or run's [device] path)"
         )
 
+    @pytest.mark.parametrize("kind", ["directory", "below a file", "loop", "file", "null"])
+    async def test_what_stat_shows_is_refused_without_an_open(
+        self, tmp_path: Path, kind: str
+    ) -> None:
+        """``cannot_be_the_node`` (check-config's check, no open) names each path the opener
+        refuses as not the device: the open's own line where open(2) refuses it (a directory,
+        a bad path), else what the node is (a regular file, another driver's node)."""
+        sysfs = self._sysfs(tmp_path, "/dev/null", "mem/null")
+        paths = {
+            "directory": str(tmp_path),
+            "below a file": f"{tmp_path / 'file'}/x",
+            "loop": str(tmp_path / "loop"),
+            "file": str(tmp_path / "file"),
+            "null": "/dev/null",
+        }
+        (tmp_path / "file").write_text("")
+        (tmp_path / "loop").symlink_to("loop")
+        path = paths[kind]
+        why = chardev.cannot_be_the_node(path, sysfs)
+        with trio.fail_after(BOUND), pytest.raises(NotTheDeviceError) as caught:
+            await CharDevOpener(path, sysfs_root=sysfs).open_session()
+        if kind in ("file", "null"):  # the handshake's ENOTTY refuses these
+            it_is = "a regular file" if kind == "file" else "null"
+            assert (
+                why == f"{path} is not a vboxguest device (it is {it_is}); {chardev.NAME_THE_NODE}"
+            )
+        else:
+            assert why == str(caught.value)
+
+    @pytest.mark.parametrize("target", ["misc/vboxguest", "misc/vboxuser", None])
+    def test_a_missing_path_or_a_vboxguest_node_is_not_refused_without_an_open(
+        self, tmp_path: Path, target: str | None
+    ) -> None:
+        """A node that does not exist yet (the module may load later), one sysfs names
+        vboxguest or vboxuser, or one sysfs does not know: nothing proves it is not the
+        device."""
+        assert chardev.cannot_be_the_node(str(tmp_path / "vboxguest")) is None
+        sysfs = self._sysfs(tmp_path, "/dev/null", target)
+        assert chardev.cannot_be_the_node("/dev/null", sysfs) is None
+
     @pytest.mark.parametrize(
         "code", [errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.EPERM]
     )

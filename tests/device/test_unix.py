@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from functools import partial
@@ -40,6 +41,7 @@ from agent.device.unix import (
     USER_ADDRESS_BASE,
     UnixSocketOpener,
     UnixSocketTransport,
+    cannot_be_a_host,
 )
 from agent.host.server import serve_simulated_host
 from agent.protocol import Submission, UserBuffer
@@ -580,6 +582,22 @@ class TestLifecycle:
         with pytest.raises(NotTheDeviceError, match="it exists and is not a socket"):
             await UnixSocketOpener(path).open_session()
         assert trio.current_time() == 0
+
+    def test_only_a_path_that_is_no_socket_cannot_be_a_host(self, socket_dir: str) -> None:
+        """``cannot_be_a_host`` (check-config's check, no connect) names a path that exists
+        and is not a socket, as the opener does above; a socket, a missing path or one below
+        a file may yet become one (the opener waits or says unavailable: 69)."""
+        file = os.path.join(socket_dir, "file")
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600))
+        assert (
+            cannot_be_a_host(file) == f"no simulated host at {file}: it exists and is not a socket"
+        )
+        listening = os.path.join(socket_dir, "h.sock")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(listening)
+            assert cannot_be_a_host(listening) is None
+        assert cannot_be_a_host(os.path.join(socket_dir, "missing")) is None
+        assert cannot_be_a_host(os.path.join(file, "x")) is None
 
     async def test_waits_for_a_starting_host(self, socket_dir: str, host: ScriptedHost) -> None:
         """A session asked for before the host listens opens once it does."""

@@ -45,7 +45,7 @@ from agent.protocol import (
     WaitForEvents,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol._ioc import iowr
+from agent.protocol._ioc import ioc, iowr
 from agent.protocol.constants import (
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
@@ -378,6 +378,17 @@ class TestLog:
         client = await open_client(host, user_device=True)
         await client.request(Log(b"hello"))
         assert list(model_driver(host).log_messages) == []
+
+    async def test_any_code_numbered_9_is_log(self, host: SimulatedHost) -> None:
+        """``VBGL_IOCTL_CODE_STRIPPED`` is ``_IOC_NR``: a LOG number's direction, type and size
+        (one that matches the buffer) do not matter."""
+        client = await open_client(host)
+        for code in (ioc(0, "V", 9, 30), ioc(2, "W", 9, 30), ioc(3, "V", 9, 0)):
+            buf = ioctl_buffer(30, HEADER_SIZE)
+            buf[HEADER_SIZE:] = b"hello\0"
+            await client.raw(code, buf)
+            assert L.IoctlHeader.rc.get(buf) == VINF_SUCCESS
+        assert list(model_driver(host).log_messages) == [b"hello"] * 3
 
 
 SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, 28)

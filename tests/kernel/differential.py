@@ -6,7 +6,8 @@ every step yields a :class:`Step`: the errno, the ioctl buffer afterwards, the u
 afterwards, the VMMDev requests the host saw during the step (normalised: guest-physical
 addresses and bounce-buffer placement differ by allocator, not by behaviour) and what the
 test HGCM service saw. :func:`differ` runs a script on both personalities in turn and
-:func:`assert_agree` compares the steps.
+:func:`assert_agree` compares the steps. A :class:`Fault` makes the host refuse one request
+of the load (or later): the script then runs whether the driver loaded or not.
 
 Heartbeats and the ISR's acknowledgements are left out of the request stream (``LEFT_OUT``).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 import trio.testing
 
-from agent.host import DictMemory, SimulatedHost
+from agent.host import DictMemory, DriverLoadError, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -72,6 +74,16 @@ class Step:
     service: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Fault:
+    """The host answers the ``nth`` request of ``request_type`` (from 1) with ``status``,
+    unexecuted (:meth:`SimulatedHost.add_fault`, queued as that request arrives)."""
+
+    request_type: RequestType
+    nth: int
+    status: int
+
+
 @dataclass
 class Mark:
     """Where a step started; ``errno`` is filled in when its call fails."""
@@ -114,11 +126,15 @@ def _parm(parm: HostU32 | HostU64 | HostBuffer) -> str:
 class Rig:
     """One running host of one personality, with the request recorder and the steps so far."""
 
-    def __init__(self, host: SimulatedHost, echo: RecordingEcho) -> None:
+    def __init__(
+        self, host: SimulatedHost, echo: RecordingEcho, faults: Sequence[Fault] = ()
+    ) -> None:
         self.host = host
         self.echo = echo
         self.steps: list[Step] = []
         self.requests: list[str] = []
+        self._processed = trio.lowlevel.ParkingLot()
+        arrived: Counter[int] = Counter()
         process = host.vmmdev.process
 
         def record(phys: int) -> None:
@@ -128,9 +144,16 @@ class Rig:
                 raw = host.vmmdev.memory.read(phys, min(size, 1 << 20))
             except OSError:
                 raw = b""
-            if len(raw) >= L.RequestHeader.size and not _left_out(raw):
-                self.requests.append(normalise(bytearray(raw)))
+            if len(raw) >= L.RequestHeader.size:
+                request_type = L.RequestHeader.request_type.get(raw)
+                arrived[request_type] += 1
+                for fault in faults:
+                    if (fault.request_type, fault.nth) == (request_type, arrived[request_type]):
+                        host.add_fault(request_type, fault.status)
+                if request_type not in LEFT_OUT:
+                    self.requests.append(normalise(bytearray(raw)))
             process(phys)
+            self._processed.unpark_all()
 
         host.vmmdev.process = record  # type: ignore[method-assign]
         host.vmmdev.host_time_ms = lambda: HOST_TIME_MS  # type: ignore[method-assign]
@@ -198,6 +221,12 @@ class Rig:
             while not condition():  # noqa: ASYNC110 - driver threads set no trio Event
                 await trio.sleep(POLL_S)
 
+    async def wait_for_host(self, condition: Callable[[], bool]) -> None:
+        """Wait (bounded) until ``condition`` holds after a request the host processed."""
+        with trio.fail_after(SETTLE_S):
+            while not condition():
+                await self._processed.park()
+
     def note(self, label: str, value: object) -> None:
         """Record a value both personalities must agree on (a state query)."""
         self.steps.append(Step(f"{label}: {value!r}"))
@@ -218,10 +247,6 @@ class Rig:
         )
         self.steps.append(done)
         return done
-
-
-def _left_out(raw: bytes) -> bool:
-    return L.RequestHeader.request_type.get(raw) in LEFT_OUT
 
 
 def normalise(req: bytearray) -> str:
@@ -270,26 +295,33 @@ def _blank_page_lists(req: bytearray) -> list[str]:
 
 
 @asynccontextmanager
-async def running(personality: str) -> AsyncIterator[Rig]:
-    """A host of ``personality`` with the recording echo service, loaded and recording."""
+async def running(personality: str, faults: Sequence[Fault] = ()) -> AsyncIterator[Rig]:
+    """A host of ``personality`` with the recording echo service, loaded and recording.
+
+    With ``faults`` the load may fail (``host.driver.loaded`` tells); without, it must not.
+    """
     echo = RecordingEcho()
     clock = itertools.count(PROPERTY_CLOCK_START_NS, PROPERTY_CLOCK_STEP_NS)
     properties = GuestPropertyService(clock=lambda: next(clock))
     host = SimulatedHost(personality=personality, seed=1, services=[properties, echo])
-    rig = Rig(host, echo)
+    rig = Rig(host, echo, faults)
     async with trio.open_nursery() as nursery:
         step = rig.begin("boot")
-        await nursery.start(host.run)
+        try:
+            await nursery.start(host.run)
+        except* DriverLoadError:
+            if not faults:
+                raise
         rig.finish(step)
         yield rig
         nursery.cancel_scope.cancel()
 
 
-async def differ(script: Script) -> dict[str, list[Step]]:
-    """Run ``script`` on each personality; return the steps of each."""
+async def differ(script: Script, faults: Sequence[Fault] = ()) -> dict[str, list[Step]]:
+    """Run ``script`` on each personality (the host refusing ``faults``); return the steps."""
     results = {}
     for personality in PERSONALITIES:
-        async with running(personality) as rig:
+        async with running(personality, faults) as rig:
             await script(rig)
             results[personality] = rig.steps
     return results

@@ -81,6 +81,23 @@ async def test_size_and_code_mismatches() -> None:
     assert_agree(await differ(script))
 
 
+async def test_log_number_with_a_size_and_no_direction() -> None:
+    """``_IOC(_IOC_NONE, 'V', 9, n)`` is LOG when ``n`` is the buffer's size: the driver
+    matches the variable-size ioctls on the number without its size field."""
+    codes = {
+        "log, size in the number": ioc(0, "V", 9, 30),
+        "log, another size": ioc(0, "V", 9, 40),
+        "read only, size in the number": ioc(2, "V", 9, 30),
+    }
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        for label, code in codes.items():
+            await rig.ioctl(label, session, code, ioctl(30, 24, total=30))
+
+    assert_agree(await differ(script))
+
+
 @pytest.mark.parametrize(
     ("req_version", "min_version"),
     [

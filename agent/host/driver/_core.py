@@ -394,7 +394,7 @@ class Driver:
             route = (Driver._vmmdev_request, True, ioc_size(code))
         elif stripped == _HGCM_CALL_64:
             route = (_hgcm.call, False, ioc_size(code))
-        elif code == Ioctl.LOG or stripped == _LOG_ALT:
+        elif stripped in (Ioctl.LOG, _LOG_ALT):  # LOG(s) is _IO('V', 9): a sized one is too
             route = (_misc.log, False, ioc_size(code))
         else:
             return (_unknown_ioctl(code), False, ioc_size(code))

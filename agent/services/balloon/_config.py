@@ -6,7 +6,7 @@ from typing import Final
 
 from pydantic import Field, ModelWrapValidatorHandler, field_validator, model_validator
 
-from agent.ordered import check_order
+from agent.ordered import validate_ordered
 from agent.services._base import ServiceSection
 
 DEFAULT_PSI_PATH: Final = "/proc/pressure/memory"
@@ -56,6 +56,4 @@ class BalloonSection(ServiceSection):
     def _check_retry_order(
         cls, data: object, handler: ModelWrapValidatorHandler[BalloonSection]
     ) -> BalloonSection:
-        section = handler(data)
-        check_order(section, data, "retry_initial_s", "retry_max_s")
-        return section
+        return validate_ordered(cls, data, handler, "retry_initial_s", "retry_max_s")
