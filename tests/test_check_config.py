@@ -174,6 +174,28 @@ class TestDevicePath:
             f'{config}: device.path = "{spec}": {reason.format(path=path)}{fix}\n',
         )
 
+    def test_a_path_run_refuses_is_named_beside_the_other_problems(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every problem of the file, the device path's among them, in file order (the path
+        was checked only once the rest was valid, so another problem hid it)."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path}"\n[daemon]\nshutdown_timeout_s = 99\n')
+        assert check_config(str(config)) == 78
+        assert [line.split(" = ")[0] for line in capsys.readouterr().err.splitlines()] == [
+            f"{config}: device.path",
+            f"{config}: daemon.shutdown_timeout_s",
+        ]
+
+    def test_an_invalid_device_table_is_not_stat_checked(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A ``[device]`` table with a problem of its own is reported by that problem alone."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path}"\nioctl_threads = 2\n')
+        assert check_config(str(config)) == 78
+        assert capsys.readouterr().err == f"{config}: device.ioctl_threads = 2: must be >= 4\n"
+
     def test_a_missing_path_may_come(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

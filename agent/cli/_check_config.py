@@ -32,16 +32,13 @@ from typing import TYPE_CHECKING
 from agent.cli._arguments import file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
 from agent.cli._output import say, write_line
-from agent.config import ConfigError, load_config, problem_line
-from agent.device import cannot_be_the_device
+from agent.config import ConfigError, load_config
 from agent.device.spec import shown_path
 from agent.services.registry import section_models
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
-
-    from agent.config import AgentConfig
 
     StatFn = Callable[[Path], os.stat_result]
     """``os.stat``'s shape, for tests that describe a tree of their own."""
@@ -72,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     """Check ``args.file``; return the exit code."""
     path: Path = args.file
     try:
-        config = load_config(path, section_models())
-        _check_device(path, config)
+        config = load_config(path, section_models(), check_device=True)
     except ConfigError as exc:
         for problem in exc.problems:
             say(problem)
@@ -89,21 +85,6 @@ def run(args: argparse.Namespace) -> int:
         )
     write_line(f"{file}: ok")
     return EX_OK
-
-
-def _check_device(path: Path, config: AgentConfig) -> None:
-    """Refuse a ``[device] path`` that ``run`` would refuse with 78 at its next start, as far
-    as that shows without opening it (:func:`~agent.device.cannot_be_the_device`): a
-    directory, a regular file, a node sysfs names other than vboxguest or vboxuser, a
-    ``unix:`` path that exists and is not a socket. A missing one may come (the module loads
-    later, a simulated host starts): no problem.
-
-    Raises:
-        ConfigError: the one problem, in the loader's form.
-    """
-    spec = config.device.path
-    if (why := cannot_be_the_device(spec)) is not None:
-        raise ConfigError([problem_line(shown_path(path), ("device", "path"), spec, why)])
 
 
 def unreadable_by_the_service(path: Path, stat_fn: StatFn = os.stat) -> str | None:

@@ -47,11 +47,12 @@ new section through ``reconfigure``; one that answers False is drained and rebui
 of ``enable`` starts or stops the service. A service that cannot be built is logged and
 left as it was (the old one runs on, or none starts), ``STATUS=`` says so, and the next
 reload tries it again. An invalid file leaves everything as it was, and ``STATUS=`` begins
-with :data:`REJECTED_PREFIX` until a reload reads a valid one. A reload that a stop or a
-fatal error overtakes (while ``RELOADING=1`` or its ``READY=1`` waits for room) gives that
-message up, applies
-nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last state sent; the
-supervisor, once told to stop every service, starts and replaces none anyway.
+with :data:`REJECTED_PREFIX` until a reload reads a valid one; a ``[device] path`` that the
+next start would refuse with 78 makes it invalid, as ``check-config`` finds it. A reload
+that a stop or a fatal error overtakes (while ``RELOADING=1`` or its ``READY=1`` waits for
+room) gives that message up, applies nothing and sends no ``READY=1``, so ``STOPPING=1``
+stays the last state sent; the supervisor, once told to stop every service, starts and
+replaces none anyway.
 """
 
 from __future__ import annotations
@@ -574,7 +575,9 @@ class Daemon:
             log.warning("config_reload_skipped", reason="the agent runs without a config file")
             return None
         try:
-            config = load_config(self._config_path, section_models(self._registry))
+            config = load_config(
+                self._config_path, section_models(self._registry), check_device=True
+            )
         except ConfigError as exc:
             log.error(
                 "config_reload_rejected",

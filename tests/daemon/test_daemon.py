@@ -419,6 +419,32 @@ class TestReload:
                     pass
             assert "last reload rejected" not in daemon.statistics().status
 
+    async def test_a_device_path_the_next_start_refuses_is_rejected(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A ``[device] path`` that ``run`` refuses with 78 (a directory) is rejected as
+        ``check-config`` rejects it, beside the file's other problems, and ``STATUS=`` says
+        so: applied, the reload said ``reloaded`` and the next start failed for good (the
+        unit does not restart after 78)."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, reader):
+                path.write_text(
+                    f'[device]\npath = "{short_dir}"\n[daemon]\nshutdown_timeout_s = 2\n'
+                )
+                await daemon.reload()
+                line = await reader.until_status("last reload rejected")
+                assert line.startswith(f"STATUS=last reload rejected: {path}: device.path: ")
+                assert daemon.config.daemon.shutdown_timeout_s == 5
+                assert daemon.statistics().reloads == 0
+        [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert rejected["errors"] == [
+            f'{path}: device.path = "{short_dir}": {short_dir} cannot be the vboxguest '
+            "device: Is a directory (EISDIR); name the device node (--device, or run's "
+            "[device] path)"
+        ]
+        assert "config_reloaded" not in [entry["event"] for entry in logs]
+
     async def test_daemon_section_is_applied(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:
