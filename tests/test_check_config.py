@@ -208,6 +208,31 @@ class TestDevicePath:
         assert check_config(str(config)) == 0
         assert capsys.readouterr() == (f"{config}: ok\n", "")
 
+    def test_a_device_given_apart_is_checked_in_place_of_the_path(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--device SPEC`` checks SPEC, as ``run --device`` opens it, and not the file's
+        path, which that run never reads (a drop-in's ``ExecStart=`` with ``--device`` made
+        every reload fail on a stale path); ``--simulate`` checks no device."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path}"\n')
+        missing = str(tmp_path / "vboxguest")
+        assert main(["run", "--device", missing, "--config", str(config)]) == 69
+        capsys.readouterr()
+        assert check_config("--device", missing, str(config)) == 0
+        assert check_config("--simulate", str(config)) == 0
+        assert capsys.readouterr() == (f"{config}: ok\n{config}: ok\n", "")
+        config.write_text(f'[device]\npath = "{missing}"\n')
+        assert main(["run", "--device", str(tmp_path), "--config", str(config)]) == 78
+        capsys.readouterr()
+        config.write_text(f'[device]\npath = "{missing}"\n[log]\nlevel = 3\n')
+        assert check_config("--device", str(tmp_path), str(config)) == 78
+        assert capsys.readouterr().err.splitlines() == [
+            f"{config}: log.level = 3: must be one of 'debug', 'info', 'warning' or 'error'",
+            f"vbox-agent check-config: --device: {tmp_path} cannot be the vboxguest device: "
+            "Is a directory (EISDIR); name the device node (--device, or run's [device] path)",
+        ]
+
 
 NOBODY = 65534
 

@@ -109,13 +109,24 @@ async def _notify(short_dir: Path) -> AsyncIterator[tuple[Notifier, NotifyReader
 
 @asynccontextmanager
 async def _ready_on_file(
-    host: SimulatedHost, notify: tuple[Notifier, NotifyReader], path: Path, text: str
+    host: SimulatedHost,
+    notify: tuple[Notifier, NotifyReader],
+    path: Path,
+    text: str,
+    *,
+    device_from_file: bool = True,
 ) -> AsyncIterator[tuple[Daemon, NotifyReader]]:
     """A daemon on the config file ``path`` (holding ``text``) once it is READY; stopped at the
     block's end."""
     notifier, reader = notify
     await trio.Path(path).write_text(text)
-    daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+    daemon = Daemon(
+        AgentConfig(),
+        SimOpener(host),
+        config_path=path,
+        device_from_file=device_from_file,
+        notifier=notifier,
+    )
     with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
@@ -444,6 +455,27 @@ class TestReload:
             "[device] path)"
         ]
         assert "config_reloaded" not in [entry["event"] for entry in logs]
+
+    async def test_a_device_path_no_start_reads_is_not_checked(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """On a device given apart from the file (``run --device``, ``--simulate``) the
+        file's ``device.path`` is never opened: a directory there is applied as any change
+        of ``[device]`` (waiting for a start that will not read it either), not rejected."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS, device_from_file=False) as (
+                daemon,
+                _,
+            ):
+                path.write_text(
+                    f'[device]\npath = "{short_dir}"\n[daemon]\nshutdown_timeout_s = 2\n'
+                )
+                await daemon.reload()
+                assert daemon.config.daemon.shutdown_timeout_s == 2
+        events = [entry["event"] for entry in logs]
+        assert "config_reload_rejected" not in events
+        assert "config_reloaded" in events
 
     async def test_daemon_section_is_applied(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
