@@ -6,9 +6,10 @@ deadline and prints reproduction blobs; ``dev`` keeps Hypothesis' defaults.
 No test may move this machine's clock or its CPUs: ``SystemClock`` and the CPU hot-plug
 service's sysfs writes fail the test that tries.
 
-``host`` is a running simulated host with the mainline driver (a module or package that needs
-another host defines its own). Tests that should hold for the real Linux driver too take the
-``personality`` fixture
+``host`` is a running simulated host, once with each simulated driver (``SIMULATED_DRIVERS``):
+the same service code must pass on both, so a test that expects a driver's own result looks
+it up by ``host.personality``. A module or package that needs another host defines its own.
+Tests that should hold for the real Linux driver too take the ``personality`` fixture
 (``mainline`` and ``kernel``); tests only for the real driver take ``kernel_library``. Where
 the library cannot be built, the ``kernel`` cases skip with the build error as the reason,
 except under ``CI=true``, where they fail.
@@ -39,6 +40,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 KERNEL_PERSONALITY = "kernel"
 PERSONALITIES_UNDER_TEST = ("mainline", KERNEL_PERSONALITY)
 """The simulated mainline driver and the real one it models."""
+SIMULATED_DRIVERS = ("mainline", "oracle")
+"""The Linux driver (errnos, sticky interrupt) and Oracle's (statuses in ``hdr.rc``, one-shot
+interrupt, an empty-mask wait invalid)."""
 
 
 @pytest.fixture(autouse=True)
@@ -100,9 +104,9 @@ def personality(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(name="host")
-async def _host() -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality="mainline")
+@pytest.fixture(name="host", params=SIMULATED_DRIVERS)
+async def _host(request: pytest.FixtureRequest) -> AsyncIterator[SimulatedHost]:
+    host = SimulatedHost(personality=request.param)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         yield host

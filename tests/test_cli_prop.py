@@ -507,8 +507,8 @@ class _SlowDisconnect:
 
 
 class TestInProcess:
-    """The actions run against an in-process simulated host (for what a separate host
-    process cannot be made to do)."""
+    """The actions run against an in-process simulated host, the shared ``host`` on each
+    simulated driver (for what a separate host process cannot be made to do)."""
 
     async def test_a_change_survives_a_timeout_during_the_disconnect(
         self,

@@ -1,7 +1,8 @@
-"""Fixtures shared by the service tests: a running simulated mainline host and a device on it.
+"""Fixtures shared by the service tests: a device on the shared ``host`` (``tests/conftest.py``),
+so once with each simulated driver.
 
-Test modules that need another personality define their own ``host`` fixture, which takes
-precedence over these.
+Test modules that need another host define their own ``host`` fixture, which takes precedence
+over the shared one.
 """
 
 from __future__ import annotations

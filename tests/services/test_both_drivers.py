@@ -3,7 +3,7 @@
 Rules of this test module:
 - Every test runs once per personality: ``mainline`` (errnos, sticky interrupt) and
   ``oracle`` (statuses in ``hdr.rc``, one-shot interrupt), a real ``SimulatedHost`` behind
-  ``SimOpener``.
+  ``SimOpener`` (the shared ``host`` fixture).
 - The virtual clock (``autojump_clock``) drives every wait; each test is bounded by
   ``trio.fail_after`` on that clock; ordering uses ``wait_all_tasks_blocked``; an hour of
   virtual silence shows the pump's wait never wakes on a timer.
@@ -11,9 +11,8 @@ Rules of this test module:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-import pytest
 import trio
 import trio.testing
 
@@ -22,24 +21,11 @@ from agent.host import SimOpener, SimulatedHost
 from agent.protocol import Event
 from agent.services import EventPump, ServiceContext, SessionMonitor
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-PERSONALITIES: Final = ("mainline", "oracle")
 LIMIT_S: Final = 60
 SILENCE_S: Final = 3600
 """An hour of virtual silence: a pump that polled on a timeout would wait again in it."""
 VRDP: Final = int(Event.VRDP)
 CPU_HOTPLUG: Final = int(Event.CPU_HOTPLUG)
-
-
-@pytest.fixture(name="host", params=PERSONALITIES)
-async def _host(request: pytest.FixtureRequest) -> AsyncIterator[SimulatedHost]:
-    host = SimulatedHost(personality=request.param)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
 
 
 async def test_pump_and_session_monitor(

@@ -1,8 +1,8 @@
 """The guest-property client against the in-process simulated host.
 
 Rules of this test module:
-- a real ``SimulatedHost`` (mainline driver) behind ``SimOpener``: pure trio, virtual clock
-  (``autojump_clock``, a parameter of every test that waits for the host: pytest-trio
+- a real ``SimulatedHost`` (each simulated driver) behind ``SimOpener``: pure trio, virtual
+  clock (``autojump_clock``, a parameter of every test that waits for the host: pytest-trio
   ignores a clock named in ``usefixtures``), each test bounded by ``trio.fail_after`` on it;
 - both sides are checked: what the client returns and what the host then holds;
 - waits synchronise on ``wait_all_tasks_blocked`` (the wait is parked at the host).

@@ -76,7 +76,7 @@ LOGIN_PROCESS: Final = 6
 UNNAMED_UIDS: Final = (4_000_000_001, 4_000_000_002)
 """uids no account database names (lookups in this process are kept: no other test asks)."""
 HUNG_UID: Final = 4_000_000_003
-"""A uid whose lookup the account database holds (asked by one test alone)."""
+"""A uid whose lookup the account database holds (asked on an account cache of its own)."""
 DEAD_PROCESS: Final = 8
 FLAGS: Final = "TRANSIENT, TRANSRESET"
 """What the host keeps of a TRANSRESET write: the service always adds TRANSIENT to it."""
@@ -394,9 +394,11 @@ async def test_a_hung_account_lookup_leaves_the_reading_unreadable_not_the_servi
     """A lookup the account database holds (a network directory not answering) makes each
     pass give up after ``ACCOUNT_LOOKUP_TIMEOUT_S``: the service starts, its status says a
     lookup is pending, one line is logged however many passes find it so, and no second
-    thread asks; once the lookup returns, the next pass publishes (it started before)."""
+    thread asks; once the lookup returns, the next pass publishes (it started before). The
+    account cache is the test's own: the miss an earlier run kept would spare the lookup."""
     entered, release, left = threading.Event(), threading.Event(), threading.Event()
     askers: list[int] = []
+    monkeypatch.setattr(_logins, "_ACCOUNTS", _logins._Accounts())
 
     def directory(uid: int) -> pwd.struct_passwd:
         askers.append(uid)
@@ -442,7 +444,7 @@ async def test_a_hung_account_lookup_leaves_the_reading_unreadable_not_the_servi
                 started.set()
 
             nursery.start_soon(start_users)
-            await trio.to_thread.run_sync(entered.wait, abandon_on_cancel=True)
+            assert await trio.to_thread.run_sync(entered.wait, LIMIT_S, abandon_on_cancel=True)
             await advance(ACCOUNT_LOOKUP_TIMEOUT_S)
             await started.wait()
             assert service.status() == f"users: unreadable ({LOOKUP_PENDING})"
@@ -452,7 +454,7 @@ async def test_a_hung_account_lookup_leaves_the_reading_unreadable_not_the_servi
                 await advance(ACCOUNT_LOOKUP_TIMEOUT_S)
             assert (askers, service.statistics().passes) == ([HUNG_UID], 0)
             release.set()
-            await trio.to_thread.run_sync(left.wait, abandon_on_cancel=True)
+            assert await trio.to_thread.run_sync(left.wait, LIMIT_S, abandon_on_cancel=True)
             await advance(INTERVAL_S)
             await readable.wait()
             assert values(host)[LIST_PROPERTY] == (str(HUNG_UID), FLAGS)
