@@ -18,6 +18,7 @@ except under ``CI=true``, where they fail.
 from __future__ import annotations
 
 import os
+import signal
 from typing import TYPE_CHECKING
 
 import pytest
@@ -36,6 +37,13 @@ if TYPE_CHECKING:
 settings.register_profile("ci", deadline=None, print_blob=True)
 settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # Started in the background by a script (`cmd &` without job control ignores SIGINT),
+    # the suite would hand that to every command it starts, and the tests that end one
+    # with SIGINT (Ctrl-C) would wait for it in vain: Python's own handler, reset to the
+    # default in a child, lets the child install its KeyboardInterrupt as usual.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 KERNEL_PERSONALITY = "kernel"
 PERSONALITIES_UNDER_TEST = ("mainline", KERNEL_PERSONALITY)
