@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.device.spec import check_device_spec, shown_path
+from agent.device.spec import cannot_be_the_device, check_device_spec, shown_path
 from agent.ordered import exact_number, validate_ordered
 from agent.protocol import AgentError
 from agent.protocol.errors import shown_text
@@ -214,7 +214,12 @@ class ConfigError(AgentError):
         return first if more < 1 else f"{first} and {more} more problem{'s' * (more > 1)}"
 
 
-def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTIONS) -> AgentConfig:
+def load_config(
+    path: Path,
+    sections: Mapping[str, type[BaseModel]] = NO_SECTIONS,
+    *,
+    check_device: bool = False,
+) -> AgentConfig:
     """Read and validate the TOML file at ``path``.
 
     A value that is still accepted but deprecated is read as its replacement and named in
@@ -224,6 +229,10 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
         path: the file.
         sections: the services' section models by name (``[name]`` tables); a section the
             file leaves out gets its model's defaults.
+        check_device: also refuse a ``device.path`` that ``run`` would refuse with 78 at
+            its next start, as far as ``stat`` shows (:func:`_device_problem`), beside the
+            file's other problems: ``check-config`` and a reload, where the agent's device
+            is the file's (not ``--device`` or a simulated host).
 
     Raises:
         ConfigError: the file is unreadable, not a regular file, not TOML, or breaks the
@@ -249,7 +258,10 @@ def load_config(path: Path, sections: Mapping[str, type[BaseModel]] = NO_SECTION
     ]
     core = {name: value for name, value in data.items() if name in CORE_SECTIONS}
     warnings = _Warnings()
+    first_core = len(problems)
     config = _validate(file, AgentConfig, core, (), problems, warnings=warnings)
+    if check_device and (device := _device_problem(file, core.get("device", {}))) is not None:
+        problems.insert(first_core, device)  # in file order: [device] comes first
     services = {
         name: _validate(file, model, data.get(name, {}), (name,), problems, warnings=warnings)
         for name, model in sections.items()
@@ -278,6 +290,21 @@ def _validate(
             _problem(file, model, where, error) for error in exc.errors(include_url=False)
         )
         return None
+
+
+def _device_problem(file: str, data: object) -> str | None:
+    """The problem of a valid ``[device]`` table (``data``) whose path ``run`` would refuse
+    with 78 at its next start, as far as ``stat`` shows it without an open
+    (:func:`~agent.device.spec.cannot_be_the_device`): a directory, a regular file, a node
+    sysfs names other than vboxguest or vboxuser, a ``unix:`` path that exists and is not a
+    socket. None for a path that may be the device (a missing one may come: the module loads
+    later, a simulated host starts), or for a table that is invalid (its problems say why)."""
+    try:
+        spec = DeviceConfig.model_validate(data).path
+    except ValidationError:
+        return None
+    why = cannot_be_the_device(spec)
+    return None if why is None else problem_line(file, ("device", "path"), spec, why)
 
 
 def _syntax_problem(file: str, exc: TomlSyntaxError) -> str:

@@ -174,6 +174,28 @@ class TestDevicePath:
             f'{config}: device.path = "{spec}": {reason.format(path=path)}{fix}\n',
         )
 
+    def test_a_path_run_refuses_is_named_beside_the_other_problems(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every problem of the file, the device path's among them, in file order (the path
+        was checked only once the rest was valid, so another problem hid it)."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path}"\n[daemon]\nshutdown_timeout_s = 99\n')
+        assert check_config(str(config)) == 78
+        assert [line.split(" = ")[0] for line in capsys.readouterr().err.splitlines()] == [
+            f"{config}: device.path",
+            f"{config}: daemon.shutdown_timeout_s",
+        ]
+
+    def test_an_invalid_device_table_is_not_stat_checked(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A ``[device]`` table with a problem of its own is reported by that problem alone."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path}"\nioctl_threads = 2\n')
+        assert check_config(str(config)) == 78
+        assert capsys.readouterr().err == f"{config}: device.ioctl_threads = 2: must be >= 4\n"
+
     def test_a_missing_path_may_come(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -185,6 +207,31 @@ class TestDevicePath:
         capsys.readouterr()
         assert check_config(str(config)) == 0
         assert capsys.readouterr() == (f"{config}: ok\n", "")
+
+    def test_a_device_given_apart_is_checked_in_place_of_the_path(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--device SPEC`` checks SPEC, as ``run --device`` opens it, and not the file's
+        path, which that run never reads (a drop-in's ``ExecStart=`` with ``--device`` made
+        every reload fail on a stale path); ``--simulate`` checks no device."""
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "{tmp_path}"\n')
+        missing = str(tmp_path / "vboxguest")
+        assert main(["run", "--device", missing, "--config", str(config)]) == 69
+        capsys.readouterr()
+        assert check_config("--device", missing, str(config)) == 0
+        assert check_config("--simulate", str(config)) == 0
+        assert capsys.readouterr() == (f"{config}: ok\n{config}: ok\n", "")
+        config.write_text(f'[device]\npath = "{missing}"\n')
+        assert main(["run", "--device", str(tmp_path), "--config", str(config)]) == 78
+        capsys.readouterr()
+        config.write_text(f'[device]\npath = "{missing}"\n[log]\nlevel = 3\n')
+        assert check_config("--device", str(tmp_path), str(config)) == 78
+        assert capsys.readouterr().err.splitlines() == [
+            f"{config}: log.level = 3: must be one of 'debug', 'info', 'warning' or 'error'",
+            f"vbox-agent check-config: --device: {tmp_path} cannot be the vboxguest device: "
+            "Is a directory (EISDIR); name the device node (--device, or run's [device] path)",
+        ]
 
 
 NOBODY = 65534

@@ -63,6 +63,15 @@ if TYPE_CHECKING:
 PYTHON: Final = sys.executable
 WAIT_S: Final = 30.0
 POLL_S: Final = 0.05
+EX_TRACEBACK: Final = 99
+AGENT_WITHOUT_TRACEBACK: Final = (
+    PYTHON,
+    "-c",
+    f"import os, sys; sys.excepthook = lambda *_: os._exit({EX_TRACEBACK}); "
+    "from agent.cli import main; sys.exit(main())",
+)
+"""``python -m agent``, but an exception that ends it exits :data:`EX_TRACEBACK`, not 1,
+which ``prop`` exits for a property not set."""
 
 
 class PropHost(Simulator):
@@ -280,13 +289,14 @@ class TestVerbs:
     ) -> None:
         """``2>/dev/full`` or a stderr nobody reads: a property not set still exits 1, and a
         value that cannot be written to a full disk 74, their lines lost (a full disk made
-        each exit 1 with an OSError, a reader gone 141)."""
+        each end with an OSError, a reader gone exit 141). The child's traceback exits
+        :data:`EX_TRACEBACK`: its usual 1 is the code a property not set has."""
         assert sim.prop("set", "/Guest/p", "1").returncode == EX_OK
 
         def get(name: str, stdout: int) -> int:
             with refusing_stream(refusal) as stderr:
                 return subprocess.run(
-                    [PYTHON, "-m", "agent", "prop", "--device", sim.device, "get", name],
+                    [*AGENT_WITHOUT_TRACEBACK, "prop", "--device", sim.device, "get", name],
                     stdout=stdout,
                     stderr=stderr,
                     timeout=WAIT_S,

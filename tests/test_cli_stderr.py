@@ -84,13 +84,20 @@ def test_the_exit_code_is_the_commands(
     assert run_refused(refusal, *(word.format(files=files) for word in argv)) == code
 
 
-@pytest.mark.parametrize(("refusal", "code"), [("full", EX_IOERR), ("closed", EX_BROKEN_PIPE)])
-def test_an_answer_nobody_can_read_keeps_its_code(refusal: Refusal, code: int) -> None:
+@pytest.mark.parametrize(
+    ("refusal", "stdout_refusal", "code"),
+    [("full", "full", EX_IOERR), ("closed", "full", EX_IOERR), ("full", "closed", EX_BROKEN_PIPE)],
+)
+def test_an_answer_nobody_can_read_keeps_its_code(
+    files: Path, refusal: Refusal, stdout_refusal: Refusal, code: int
+) -> None:
     """With stdout refused too, the answer's code stands (74 for a full disk, 141 for a reader
-    gone) though the line about the full disk cannot be said (that write ended it with an
-    OSError, 1)."""
-    with refusing_stream(refusal) as stdout:
-        assert run_refused(refusal, "abi", "--json", stdout=stdout) == code
+    gone) though neither the warning said before the answer nor the line about the full disk
+    can be said (the warning's write ended it: 1 for a full disk, 141 for a reader gone).
+    Each stream refuses differently where only that tells the two apart: with a reader gone
+    on both, the warning's write ended it with 141 too."""
+    with refusing_stream(stdout_refusal) as stdout:
+        assert run_refused(refusal, "check-config", f"{files}/warned.toml", stdout=stdout) == code
 
 
 @pytest.fixture(name="socket_path")

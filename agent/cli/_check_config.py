@@ -9,7 +9,9 @@ A ``[device] path`` that ``run`` would refuse with 78 at its next start is a pro
 (``FILE: device.path = "...": why``), as far as ``stat`` shows it without opening the device:
 a directory or a bad path (with ``run``'s own reason), a regular file or a FIFO, a node sysfs
 names other than vboxguest or vboxuser, a ``unix:`` path that exists and is not a socket. A
-missing one is not: the module may load later (``run`` exits 69 and is restarted).
+missing one is not: the module may load later (``run`` exits 69 and is restarted). As ``run``
+does, ``--device SPEC`` replaces the path (SPEC is checked, ``device.path`` is not: ``run
+--device`` never reads it), and ``--simulate`` checks no device (``run --simulate`` opens none).
 
 A deprecated value that is still read (``device.ioctl_threads = 3``) gets the loader's
 warning line on stderr (``FILE: KEY = VALUE: deprecated, ...``) and still exits 0, as ``run``
@@ -29,10 +31,10 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli._arguments import file_path
+from agent.cli._arguments import device_spec, file_path
 from agent.cli._exit import EX_CONFIG, EX_OK
 from agent.cli._output import say, write_line
-from agent.config import ConfigError, load_config, problem_line
+from agent.config import ConfigError, load_config
 from agent.device import cannot_be_the_device
 from agent.device.spec import shown_path
 from agent.services.registry import section_models
@@ -54,6 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "key, the bad value and what is allowed, a [device] path that run would refuse "
         "(a directory, a file or node that is no vboxguest device, a unix: path that is no "
         "socket) included; a missing one may come later and is fine. "
+        "With --device SPEC (or --simulate), as run is given it, SPEC is checked in place of "
+        "device.path (no device is): a unit whose ExecStart= passes --device passes it here "
+        "too. "
         "Exit status 0 when valid, 78 otherwise. "
         "A deprecated value, or a valid file the service could not read (it runs as root "
         "without CAP_DAC_OVERRIDE), gets a warning on stderr; the exit status stays 0."
@@ -65,17 +70,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the TOML file to check: a regular file, as run reads (a pipe such as /dev/stdin "
         "or <(...) is refused)",
     )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--device",
+        type=device_spec,
+        metavar="SPEC",
+        help="the device run is given (--device SPEC): checked in place of device.path",
+    )
+    target.add_argument(
+        "--simulate",
+        action="store_true",
+        help="the file is for run --simulate, which opens no device: no device is checked",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check ``args.file``; return the exit code."""
     path: Path = args.file
+    device: str | None = args.device
+    config: AgentConfig | None = None
+    problems: list[str] = []
     try:
-        config = load_config(path, section_models())
-        _check_device(path, config)
+        config = load_config(
+            path, section_models(), check_device=device is None and not args.simulate
+        )
     except ConfigError as exc:
-        for problem in exc.problems:
+        problems = exc.problems
+    if device is not None and (refused := cannot_be_the_device(device)) is not None:
+        problems.append(f"vbox-agent check-config: --device: {refused}")
+    if config is None or problems:
+        for problem in problems:
             say(problem)
         return EX_CONFIG
     for warning in config.warnings:
@@ -89,21 +114,6 @@ def run(args: argparse.Namespace) -> int:
         )
     write_line(f"{file}: ok")
     return EX_OK
-
-
-def _check_device(path: Path, config: AgentConfig) -> None:
-    """Refuse a ``[device] path`` that ``run`` would refuse with 78 at its next start, as far
-    as that shows without opening it (:func:`~agent.device.cannot_be_the_device`): a
-    directory, a regular file, a node sysfs names other than vboxguest or vboxuser, a
-    ``unix:`` path that exists and is not a socket. A missing one may come (the module loads
-    later, a simulated host starts): no problem.
-
-    Raises:
-        ConfigError: the one problem, in the loader's form.
-    """
-    spec = config.device.path
-    if (why := cannot_be_the_device(spec)) is not None:
-        raise ConfigError([problem_line(shown_path(path), ("device", "path"), spec, why)])
 
 
 def unreadable_by_the_service(path: Path, stat_fn: StatFn = os.stat) -> str | None:

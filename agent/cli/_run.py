@@ -216,7 +216,12 @@ async def _run_daemon(args: argparse.Namespace, config: AgentConfig, opener: Dev
     """
     elapsed = trio.Event()
     async with trio.open_nursery() as nursery:
-        daemon = Daemon(config, opener, config_path=args.config)
+        daemon = Daemon(
+            config,
+            opener,
+            config_path=args.config,
+            device_from_file=args.device is None and not args.simulate,
+        )
         if args.duration is not None:
             nursery.start_soon(_stop_after, daemon, args.duration, elapsed)
         await daemon.run()

@@ -47,11 +47,13 @@ new section through ``reconfigure``; one that answers False is drained and rebui
 of ``enable`` starts or stops the service. A service that cannot be built is logged and
 left as it was (the old one runs on, or none starts), ``STATUS=`` says so, and the next
 reload tries it again. An invalid file leaves everything as it was, and ``STATUS=`` begins
-with :data:`REJECTED_PREFIX` until a reload reads a valid one. A reload that a stop or a
-fatal error overtakes (while ``RELOADING=1`` or its ``READY=1`` waits for room) gives that
-message up, applies
-nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last state sent; the
-supervisor, once told to stop every service, starts and replaces none anyway.
+with :data:`REJECTED_PREFIX` until a reload reads a valid one; a ``[device] path`` that the
+next start would refuse with 78 makes it invalid, as ``check-config`` finds it (unless the
+agent runs on ``--device`` or a simulated host, which a start uses in its place). A reload
+that a stop or a fatal error overtakes (while ``RELOADING=1`` or its ``READY=1`` waits for
+room) gives that message up, applies nothing and sends no ``READY=1``, so ``STOPPING=1``
+stays the last state sent; the supervisor, once told to stop every service, starts and
+replaces none anyway.
 """
 
 from __future__ import annotations
@@ -142,6 +144,9 @@ class Daemon:
         config: the configuration to start with.
         opener: opens the device's sessions.
         config_path: the file SIGHUP re-reads (None: reloads are skipped).
+        device_from_file: the device is the file's ``device.path``, so a reload refuses a
+            path the next start would refuse with 78, as ``check-config`` does (False: it
+            came from ``--device``, or a simulated host, and no start reads the path).
         notifier: sd_notify (default: from the environment).
         registry: the services to build (default: :data:`agent.services.registry.SERVICES`).
     """
@@ -152,12 +157,14 @@ class Daemon:
         opener: DeviceOpener,
         *,
         config_path: Path | None = None,
+        device_from_file: bool = True,
         notifier: Notifier | None = None,
         registry: Sequence[ServiceSpec[Any]] = SERVICES,
     ) -> None:
         self.config = config
         self._opener = opener
         self._config_path = config_path
+        self._device_from_file = device_from_file
         self._notifier = notifier if notifier is not None else Notifier.from_environ()
         self._registry = tuple(registry)
         self._supervisor: Supervisor[Service[Any]] = Supervisor(
@@ -574,7 +581,11 @@ class Daemon:
             log.warning("config_reload_skipped", reason="the agent runs without a config file")
             return None
         try:
-            config = load_config(self._config_path, section_models(self._registry))
+            config = load_config(
+                self._config_path,
+                section_models(self._registry),
+                check_device=self._device_from_file,
+            )
         except ConfigError as exc:
             log.error(
                 "config_reload_rejected",

@@ -109,13 +109,24 @@ async def _notify(short_dir: Path) -> AsyncIterator[tuple[Notifier, NotifyReader
 
 @asynccontextmanager
 async def _ready_on_file(
-    host: SimulatedHost, notify: tuple[Notifier, NotifyReader], path: Path, text: str
+    host: SimulatedHost,
+    notify: tuple[Notifier, NotifyReader],
+    path: Path,
+    text: str,
+    *,
+    device_from_file: bool = True,
 ) -> AsyncIterator[tuple[Daemon, NotifyReader]]:
     """A daemon on the config file ``path`` (holding ``text``) once it is READY; stopped at the
     block's end."""
     notifier, reader = notify
     await trio.Path(path).write_text(text)
-    daemon = Daemon(AgentConfig(), SimOpener(host), config_path=path, notifier=notifier)
+    daemon = Daemon(
+        AgentConfig(),
+        SimOpener(host),
+        config_path=path,
+        device_from_file=device_from_file,
+        notifier=notifier,
+    )
     with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
@@ -418,6 +429,53 @@ class TestReload:
                 while "last reload rejected" in (line := await reader.until_status("")):
                     pass
             assert "last reload rejected" not in daemon.statistics().status
+
+    async def test_a_device_path_the_next_start_refuses_is_rejected(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A ``[device] path`` that ``run`` refuses with 78 (a directory) is rejected as
+        ``check-config`` rejects it, beside the file's other problems, and ``STATUS=`` says
+        so: applied, the reload said ``reloaded`` and the next start failed for good (the
+        unit does not restart after 78)."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, reader):
+                path.write_text(
+                    f'[device]\npath = "{short_dir}"\n[daemon]\nshutdown_timeout_s = 2\n'
+                )
+                await daemon.reload()
+                line = await reader.until_status("last reload rejected")
+                assert line.startswith(f"STATUS=last reload rejected: {path}: device.path: ")
+                assert daemon.config.daemon.shutdown_timeout_s == 5
+                assert daemon.statistics().reloads == 0
+        [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert rejected["errors"] == [
+            f'{path}: device.path = "{short_dir}": {short_dir} cannot be the vboxguest '
+            "device: Is a directory (EISDIR); name the device node (--device, or run's "
+            "[device] path)"
+        ]
+        assert "config_reloaded" not in [entry["event"] for entry in logs]
+
+    async def test_a_device_path_no_start_reads_is_not_checked(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """On a device given apart from the file (``run --device``, ``--simulate``) the
+        file's ``device.path`` is never opened: a directory there is applied as any change
+        of ``[device]`` (waiting for a start that will not read it either), not rejected."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS, device_from_file=False) as (
+                daemon,
+                _,
+            ):
+                path.write_text(
+                    f'[device]\npath = "{short_dir}"\n[daemon]\nshutdown_timeout_s = 2\n'
+                )
+                await daemon.reload()
+                assert daemon.config.daemon.shutdown_timeout_s == 2
+        events = [entry["event"] for entry in logs]
+        assert "config_reload_rejected" not in events
+        assert "config_reloaded" in events
 
     async def test_daemon_section_is_applied(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
