@@ -7,19 +7,26 @@ Loggers are not cached on first use, so calling it again on a reload changes the
 format of every logger at once; the agent logs a few lines per event, where the cost of
 an uncached logger (about a microsecond) does not show.
 
-Logging never raises into the code that logs (:class:`LogOutput`): a line the stream refuses
-(a full disk, a journal or pipe reader gone) is dropped and counted, the first failure is
-said once on stderr when stderr is another stream, and the first line written again is
-preceded by one ``log_lines_lost`` line saying how many were lost. The agent runs on.
+Logging never raises into the code that logs, nor waits for the stream (:class:`LogOutput`):
+a line the stream refuses (a full disk, a journal or pipe reader gone) is dropped and
+counted, and so is a line that finds :data:`QUEUE_LIMIT_CHARS` already waiting for a stream
+that is not reading (a journal busy on a slow disk, a full pipe, a terminal paused with
+Ctrl-S); the first failure is said once on stderr when stderr is another stream, and the
+first line written again is preceded by one ``log_lines_lost`` line saying how many were
+lost. The agent runs on.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
+import stat
 import sys
 import threading
+import time
+from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Final, TextIO, cast, final
 
@@ -56,6 +63,16 @@ in-process driver runs in the agent's tasks): the calling task's context variabl
 (``service=balloon``...) are not merged into it."""
 LINES_LOST_EVENT: Final = "log_lines_lost"
 """The line written once the stream takes lines again, with how many were lost (``lines``)."""
+QUEUE_LIMIT_CHARS: Final = 64 * 1024
+"""The most characters of lines (about as many bytes: the lines are ASCII JSON, mostly) that
+wait for a stream other than a regular file to take them; a line that does not fit is
+dropped and counted (:data:`NOT_READING`). As much again as a pipe holds."""
+EXIT_FLUSH_S: Final = 0.05
+"""How long the exit waits for the stream to take the lines still waiting (a stream that
+reads takes them at once); the lines it did not take are counted as lost. The second the
+stop promises past ``shutdown_timeout_s`` has room for it."""
+NOT_READING: Final = "the log stream is not reading"
+"""Why lines were dropped when :data:`QUEUE_LIMIT_CHARS` waited, or at the exit."""
 
 
 def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
@@ -102,12 +119,20 @@ class LogOutputStatistics:
     """What became of the log lines written since the process started.
 
     Attributes:
-        lost: lines the stream refused, dropped.
-        failing: why the stream refuses lines now (None once it took one again).
+        lost: lines the stream refused, or that found it not reading, dropped.
+        failing: why lines are lost now (None once the line saying so was written).
     """
 
     lost: int
     failing: str | None
+
+
+def flush_log_output(timeout: float = EXIT_FLUSH_S) -> None:
+    """Wait up to ``timeout`` seconds for the log stream to take the lines waiting for it;
+    count those it did not take as lost (see :meth:`LogOutput.flush`)."""
+    output = _OUTPUT.output
+    if output is not None:
+        output.flush(timeout)
 
 
 def log_output_statistics() -> LogOutputStatistics:
@@ -120,16 +145,24 @@ def log_output_statistics() -> LogOutputStatistics:
 
 @final
 class LogOutput:
-    """The stream the log lines go to, as a structlog logger whose writes never raise.
+    """The stream the log lines go to, as a structlog logger whose writes never raise and
+    never wait for the stream.
 
     A line is written with one ``write`` on the stream's descriptor (the rest of it again if
     a full disk took part of it), not through the stream's buffer, which would keep refused
-    lines and write them, out of order, once it can. A stream without a descriptor (a test's
-    ``StringIO``) is written and flushed. A line refused (``OSError``, or ``ValueError`` for a
-    closed stream) is dropped and counted; the first of a run of failures is said once on
-    stderr when stderr is another stream than the log's and takes it (the journal takes
-    stdout and stderr on one stream: nothing is said there); the next line written is
-    preceded by ``notice`` saying how many were lost, after a newline if a line was cut.
+    lines and write them, out of order, once it can. On a descriptor that may wait for its
+    reader (anything but a regular file) the lines are handed, in order, to one writer
+    thread, at most :data:`QUEUE_LIMIT_CHARS` of them waiting: a line that does not fit is
+    dropped and counted (:data:`NOT_READING`), so a reader that stops reading costs lines,
+    never the event loop. The thread waits without a timeout while nothing is logged. A
+    regular file, which has no reader to wait for, is written at once, and a stream without
+    a descriptor (a test's ``StringIO``) is written and flushed.
+
+    A line refused (``OSError``, or ``ValueError`` for a closed stream) is dropped and
+    counted; the first of a run of failures is said once on stderr when stderr is another
+    stream than the log's and takes it (the journal takes stdout and stderr on one stream:
+    nothing is said there); the next line written is preceded by ``notice`` saying how many
+    were lost, after a newline if a line was cut.
     """
 
     def __init__(self, stream: TextIO, notice: Callable[[int, str], str]) -> None:
@@ -139,12 +172,23 @@ class LogOutput:
         self.lost = 0
         """Lines dropped since the process started."""
         self.failing: str | None = None
-        """Why the last write failed, until one succeeds."""
+        """Why the last line was lost, until the line saying so is written."""
         self._unsaid = 0
-        """Lines lost since the last line written."""
+        """Lines lost before the next line to write."""
         self._torn = False
         """A write failed after it wrote part of its line."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        """Notified when a line is queued and when the writer is done with one."""
+        self._queue: deque[tuple[int, str]] | None = None
+        """Lines waiting for the writer thread, each with the lines dropped just before it
+        (None: lines are written at once)."""
+        self._queued_chars = 0
+        self._dropped = 0
+        """Lines dropped since the last line queued."""
+        self._busy = False
+        """The writer thread is writing a line."""
+        self._writer: threading.Thread | None = None
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._stderr = None if _same_stream(stream, sys.stderr) else sys.stderr
         fd = _descriptor(stream)
@@ -154,38 +198,103 @@ class LogOutput:
         else:
             self._write = partial(self._write_fd, fd)
             _flush_quietly(stream)  # what was written through its buffer goes first
+            if _waits_for_a_reader(fd):
+                self._queue = deque()
 
     def logger(self, *_args: object) -> LogOutput:
         """The structlog logger factory: every logger writes through this output."""
         return self
 
     def msg(self, message: str) -> None:
-        """Write ``message`` as a line; drop and count it if the stream refuses it."""
+        """Write ``message`` as a line, or queue it for the writer thread; drop and count it
+        if the stream refuses it or too much already waits."""
+        line = f"{message}\n"
         with self._lock:
-            try:
-                if self._unsaid:
-                    self._say_lost()
-                self._write(f"{message}\n")
-            except (OSError, ValueError) as exc:
-                self._lose(_reason(exc))
+            if self._queue is None:
+                self._emit(0, line)
+            elif self._queued_chars + len(line) > QUEUE_LIMIT_CHARS:
+                self.lost += 1
+                self._dropped += 1
+                self._fail(NOT_READING)
+            else:
+                self._queue.append((self._dropped, line))
+                self._queued_chars += len(line)
+                self._dropped = 0
+                self._start_writer()
+                self._changed.notify_all()
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
-    def _say_lost(self) -> None:
-        """Write the line saying how many lines were lost (ending a line a write cut)."""
-        lead = "\n" if self._torn else ""
-        self._write(f"{lead}{self.notice(self._unsaid, self.failing or '')}\n")
-        self._unsaid = 0
-        self.failing = None
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the writer thread to write every line queued.
 
-    def _lose(self, reason: str) -> None:
-        self.lost += 1
-        self._unsaid += 1
-        if self.failing is None:
-            self.failing = reason
-            if self._stderr is not None:
-                _say_on(self._stderr, f"vbox-agent: cannot write the output: {reason}")
+        Lines still queued then are dropped and counted as lost, and a stream still holding
+        the writer (its line neither written nor refused) is failing (:data:`NOT_READING`);
+        a later flush does not wait for that line again.
+        """
+        queue = self._queue
+        if queue is None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.lost += len(queue)
+                    self._dropped += len(queue)
+                    queue.clear()
+                    self._queued_chars = 0
+                    self._busy = False
+                    self._fail(NOT_READING)
+                    return
+                self._changed.wait(left)
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_queued, name="log", daemon=True)
+            self._writer.start()
+            atexit.register(self.flush, EXIT_FLUSH_S)
+
+    def _write_queued(self) -> None:
+        """The writer thread: write the queued lines in order, waiting for the next."""
+        while True:
+            with self._changed:
+                while not self._queue:
+                    self._changed.wait()
+                dropped, line = self._queue.popleft()
+                self._queued_chars -= len(line)
+                self._busy = True
+            self._emit(dropped, line)
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+    def _emit(self, dropped: int, line: str) -> None:
+        """Write ``line``, after the line saying how many were lost if some were (with
+        ``dropped``, those dropped just before it); drop and count it if refused."""
+        with self._lock:
+            self._unsaid += dropped
+            unsaid, failing, lead = self._unsaid, self.failing or "", "\n" if self._torn else ""
+        try:
+            if unsaid:
+                self._write(f"{lead}{self.notice(unsaid, failing)}\n")
+                with self._lock:
+                    self._unsaid -= unsaid
+                    if not (self._unsaid or self._dropped):
+                        self.failing = None
+            self._write(line)
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self.lost += 1
+                self._unsaid += 1
+                self._fail(_reason(exc))
+
+    def _fail(self, reason: str) -> None:
+        """Record why lines are lost; say it on stderr if it is the first of a run."""
+        if self.failing is None and self._stderr is not None:
+            _say_on(self._stderr, f"vbox-agent: cannot write the output: {reason}")
+        self.failing = reason
 
     def _write_fd(self, fd: int, text: str) -> None:
         data = text.encode(self._encoding, "backslashreplace")
@@ -259,6 +368,15 @@ def _same_stream(one: TextIO, other: TextIO) -> bool:
     except (OSError, ValueError):
         return False
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def _waits_for_a_reader(fd: int) -> bool:
+    """Whether a write on ``fd`` may wait for a reader (a pipe, a socket, a terminal): any
+    descriptor but a regular file's."""
+    try:
+        return not stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return True
 
 
 def _flush_quietly(stream: TextIO) -> None:

@@ -15,8 +15,11 @@ import json
 import logging
 import os
 import re
+import select
 import sys
-from typing import TYPE_CHECKING, Any, BinaryIO
+import threading
+import time
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import pytest
 import structlog
@@ -24,8 +27,11 @@ import structlog
 from agent.config import LogConfig
 from agent.host._log import LOG_COMPONENT, host_log
 from agent.logconfig import (
+    NOT_READING,
+    QUEUE_LIMIT_CHARS,
     LogOutputStatistics,
     configure_logging,
+    flush_log_output,
     log_output_statistics,
     logs_to_journal,
 )
@@ -37,6 +43,8 @@ if TYPE_CHECKING:
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LIMIT_S: Final = 30.0
+"""How long a test waits for the log's writer thread to write what it was given."""
 
 
 class FakeTTY(io.StringIO):
@@ -285,6 +293,7 @@ class TestRefusedLines:
             configure_logging(LogConfig(level="debug"), stream=out)
             structlog.get_logger().debug("nor this")
             logging.getLogger("third_party").error("nor this one")
+            flush_log_output(LIMIT_S)
             assert LogOutputStatistics(lost=3, failing="Broken pipe") == log_output_statistics()
 
     def test_a_line_cut_by_a_full_disk_is_ended(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,8 +314,10 @@ class TestRefusedLines:
             configure_logging(LogConfig(), stream=out)
             monkeypatch.setattr(os, "write", half_then_full)
             structlog.get_logger().info("cut")
+            flush_log_output(LIMIT_S)
             monkeypatch.setattr(os, "write", real_write)
             structlog.get_logger().info("after")
+            flush_log_output(LIMIT_S)
             out.close()
             cut, *whole = log.read().decode().splitlines()
         assert cut.startswith('{"event": "cut"')
@@ -322,9 +333,94 @@ class TestRefusedLines:
             monkeypatch.setattr(sys, "stderr", err)
             configure_logging(LogConfig(), stream=out)
             structlog.get_logger().info("nobody reads this")
+            flush_log_output(LIMIT_S)
             assert err.written == []
         failing = os.strerror(errno.ENOSPC)
         assert LogOutputStatistics(lost=1, failing=failing) == log_output_statistics()
+
+
+class TestAStreamNotReading:
+    def test_costs_lines_in_order_never_the_caller(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A pipe whose reader is alive but does not read: logging goes on at once, the lines
+        that find the queue full are dropped and counted (stderr hears it once); once the
+        reader reads, it gets the lines kept in their order, each run of lost lines said
+        where it was, and the line logged after."""
+        stderr = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        read_end, write_end = os.pipe()
+        sent = 4 * QUEUE_LIMIT_CHARS // 50  # more than the pipe and the queue hold
+        with os.fdopen(read_end, "rb") as reader, os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            log = structlog.get_logger()
+
+            def log_them() -> None:
+                for n in range(sent):
+                    log.info("line", n=n)
+
+            logging_thread = threading.Thread(target=log_them)
+            logging_thread.start()
+            logging_thread.join(LIMIT_S)
+            assert not logging_thread.is_alive(), "logging waited for the reader"
+            stalled = log_output_statistics()
+            assert (stalled.lost > 0, stalled.failing) == (True, NOT_READING)
+            read: list[str] = []
+            reading = threading.Thread(
+                target=lambda: read.append(read_until(reader, b'"event": "after"'))
+            )
+            reading.start()
+            flush_log_output(LIMIT_S)  # the reader reads: every line queued is written
+            log.info("after")
+            reading.join(LIMIT_S)
+            flush_log_output(LIMIT_S)
+        [text] = read
+        lines = json_lines(text)
+        assert lines[-1]["event"] == "after"
+        expected, lost = 0, 0
+        for line in lines[:-1]:
+            if line["event"] == "log_lines_lost":
+                assert line["error"] == NOT_READING
+                expected += line["lines"]
+                lost += line["lines"]
+            else:
+                assert expected == line["n"]
+                expected += 1
+        assert (sent, stalled.lost) == (expected, lost)
+        assert LogOutputStatistics(lost=lost, failing=None) == log_output_statistics()
+        assert stderr.getvalue() == f"vbox-agent: cannot write the output: {NOT_READING}\n"
+
+    def test_the_exit_waits_for_it_a_bounded_time(self) -> None:
+        """The lines still waiting when the exit's wait ends are counted lost, and the
+        stream is failing; a second wait does not wait for the stuck line again."""
+        read_end, write_end = os.pipe()
+        with os.fdopen(read_end, "rb") as reader, os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            sent = 2 * QUEUE_LIMIT_CHARS // 50
+            for n in range(sent):
+                structlog.get_logger().info("line", n=n)
+            before = log_output_statistics().lost
+            flush_log_output(0.0)
+            after = log_output_statistics()
+            assert after.lost > before
+            assert after.failing == NOT_READING
+            start = time.monotonic()
+            flush_log_output(LIMIT_S)
+            assert time.monotonic() - start < LIMIT_S
+            reader.close()  # the writer's stuck line ends (EPIPE), before its stream closes
+            flush_log_output(LIMIT_S)
+
+
+def read_until(reader: BinaryIO, wanted: bytes) -> str:
+    """Read the pipe ``reader`` until ``wanted`` is in what was read (for ``LIMIT_S`` at
+    most); return all of it."""
+    read = b""
+    deadline = time.monotonic() + LIMIT_S
+    while wanted not in read:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"never read {wanted!r}"
+        ready, _, _ = select.select([reader], [], [], remaining)
+        if ready:
+            read += os.read(reader.fileno(), 65536)
+    return read.decode()
 
 
 class Recording(io.TextIOWrapper):

@@ -5,11 +5,13 @@ except under systemd: there every line goes to the journal, and it is one struct
 line (``config_invalid``, ``device_unavailable``, ``device_not_vboxguest``, ``device_lost``,
 ``agent_failed``) at error priority or above, like everything else the agent logs there.
 
-A log stream that refuses lines (a full disk, a journal or pipe reader gone) does not stop
-the agent: it runs on and drops the lines, counted (:mod:`agent.logconfig`). A stop then
-drains as always; if the stream still refused the last line, the run exits 74 (``EX_IOERR``),
-the one line about it said on stderr when the stream first failed (nothing when stderr is
-the same stream).
+A log stream that refuses lines (a full disk, a journal or pipe reader gone) or does not
+read them (a journal busy on a slow disk, a full pipe, a paused terminal) does not stop the
+agent, nor hold it up: it runs on and drops the lines, counted (:mod:`agent.logconfig`). A
+stop then drains as always and the exit waits at most ``EXIT_FLUSH_S`` for the stream to
+take the lines still waiting; if the stream still refused or did not take the last line,
+the run exits 74 (``EX_IOERR``), the one line about it said on stderr when the stream first
+failed (nothing when stderr is the same stream).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from agent.device import (
 )
 from agent.logconfig import (
     configure_logging,
+    flush_log_output,
     log_output_statistics,
     logs_to_journal,
 )
@@ -153,6 +156,7 @@ def run_command(args: argparse.Namespace) -> int:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code
         return _report_failure(exc)
+    flush_log_output()
     if log_output_statistics().failing is not None:  # said on stderr when it began
         return EX_IOERR
     return EX_OK
