@@ -14,24 +14,39 @@ import os
 import select
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pytest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 STARTUP_TIMEOUT_S: Final = 20.0
 COMMAND_TIMEOUT_S: Final = 30.0
 LISTENING: Final = "simulated host listening at"
+WAIT_S: Final = 30.0
+"""How long a test of processes waits for what it expects before it fails."""
+POLL_S: Final = 0.05
+"""How often it looks again."""
 
 
 Refusal = Literal["full", "closed"]
 """How a stream refuses writes: a full disk (``/dev/full``, ENOSPC) or a pipe whose reader
 went away (``| head``, EPIPE)."""
 REFUSALS: Final[tuple[Refusal, ...]] = ("full", "closed")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    """Return once ``condition()`` holds, looking every :data:`POLL_S`; fail the test, naming
+    ``what``, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(POLL_S)
 
 
 @contextmanager

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
+from tests.cli_support import wait_until
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
 WAIT_S: Final = 30.0
 PYTHON: Final = sys.executable
@@ -42,14 +44,6 @@ KINDS: Final = {
 }
 AGENT_HOLDS: Final = {"oracle-r3", "passthrough"}
 """Where the chunks are the agent's own locked memory."""
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Vm:
@@ -70,7 +64,7 @@ class Vm:
             stdout=self._host_log,
             stderr=subprocess.STDOUT,
         )
-        _wait_for(self.socket.exists, "the host socket")
+        wait_until(self.socket.exists, "the host socket")
         (workdir / "memory.pressure").write_text(
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
             "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
@@ -121,7 +115,7 @@ class Vm:
         return chunks
 
     def wait_chunks(self, chunks: int) -> None:
-        _wait_for(lambda: self.chunks == chunks, f"{chunks} chunks at the host")
+        wait_until(lambda: self.chunks == chunks, f"{chunks} chunks at the host")
 
     def log_events(self) -> list[dict[str, Any]]:
         lines = (self.workdir / "agent.log").read_text().splitlines()
@@ -168,7 +162,7 @@ def running_vm(workdir: Path, kind: str, *, retry_s: float = 0.2) -> Iterator[Vm
     """A host of ``kind`` and a ready agent; both are killed at the end."""
     vm = Vm(workdir, kind, retry_s=retry_s)
     try:
-        _wait_for(lambda: bool(vm.logged("agent_ready")), "the agent to be ready")
+        wait_until(lambda: bool(vm.logged("agent_ready")), "the agent to be ready")
         yield vm
     finally:
         vm.close()
@@ -193,7 +187,7 @@ class TestBalloonEndToEnd:
             vm.command("balloon", "48")
             if kind == "mainline":
                 # The kernel stops at the failure and walks again only at the next 0x40.
-                _wait_for(lambda: vm.chunks == 16, "the kernel to stop")
+                wait_until(lambda: vm.chunks == 16, "the kernel to stop")
                 vm.command("balloon", "49")
                 vm.wait_chunks(49)
             else:
@@ -215,7 +209,7 @@ class TestBalloonEndToEnd:
             vm.wait_chunks(32)
             vm.command("fault", "CHANGE_MEMBALLOON", "VERR_GENERAL_FAILURE")
             vm.command("balloon", "512")
-            _wait_for(lambda: bool(vm.logged("balloon_walk_stopped")), "the walk to stop")
+            wait_until(lambda: bool(vm.logged("balloon_walk_stopped")), "the walk to stop")
             [stopped] = vm.logged("balloon_walk_stopped")
             assert (stopped["chunks"], stopped["goal"], stopped["retry_in_s"]) == (32, 512, 3600)
             assert vm.chunks == 32

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -48,7 +47,7 @@ from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
 from agent.services.guest_props import GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
-from tests.cli_support import REFUSALS, Refusal, Simulator, refusing_stream
+from tests.cli_support import REFUSALS, Refusal, Simulator, refusing_stream, wait_until
 from tests.conftest import KERNEL_PERSONALITY
 from tests.sim_support import HookedOpener, OverflowAsking
 from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
@@ -62,7 +61,6 @@ if TYPE_CHECKING:
 
 PYTHON: Final = sys.executable
 WAIT_S: Final = 30.0
-POLL_S: Final = 0.05
 EX_TRACEBACK: Final = 99
 AGENT_WITHOUT_TRACEBACK: Final = (
     PYTHON,
@@ -121,15 +119,6 @@ class PropHost(Simulator):
         assert not self.kill(), self.log_path.read_text()[-3000:]
 
 
-def until(condition: Callable[[], bool], what: str) -> None:
-    """Return once ``condition()`` holds; fail after ``WAIT_S``."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(POLL_S)
-
-
 @pytest.fixture(name="sim")
 def _sim(personality: str, request: pytest.FixtureRequest) -> Iterator[PropHost]:
     workdir = Path(tempfile.mkdtemp(prefix="vbx-prop-", dir="/tmp"))
@@ -156,7 +145,7 @@ def held_wait(sim: PropHost, *args: str) -> Iterator[subprocess.Popen[str]]:
         env=sim.env,
     )
     try:
-        until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
+        wait_until(lambda: sim.status()["hgcm_pending_calls"] == 1, "the wait at the host")
         yield waiter
     finally:
         waiter.kill()
@@ -483,7 +472,7 @@ class TestWait:
             waiter.send_signal(signal.SIGINT)
             stdout, stderr = waiter.communicate(timeout=WAIT_S)
         assert (waiter.returncode, stdout, stderr) == (130, "", "")  # as SIGINT would end it
-        until(lambda: sim.status()["hgcm_clients"] == 0, "the client's release")
+        wait_until(lambda: sim.status()["hgcm_clients"] == 0, "the client's release")
 
     def test_times_out(self, sim: PropHost) -> None:
         """Nothing matching changes: exit 1 after the timeout, the client released."""

@@ -27,7 +27,7 @@ import pytest
 from agent.cli._exit import EX_UNAVAILABLE
 from agent.device.unix import HOST_START_WAIT_S
 from testbed.realdriver import ENV_LIBRARY
-from tests.cli_support import Simulator
+from tests.cli_support import Simulator, wait_until
 from tests.conftest import KERNEL_PERSONALITY
 
 if TYPE_CHECKING:
@@ -74,14 +74,6 @@ def _loaded(modules: Sequence[str], argv: list[str]) -> tuple[int, list[str]]:
     )
     loaded: list[str] = json.loads(result.stderr.splitlines()[-1])
     return result.returncode, loaded
-
-
-def _wait_for(predicate: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class AgentProcess:
@@ -237,7 +229,7 @@ class TestTwoProcesses:
             status = _status(host_socket)
             return status["sessions"] == 0 and not status["filter_mask"] & 0x10
 
-        _wait_for(released, "the session and its filter bit released")
+        wait_until(released, "the session and its filter bit released")
 
     def test_vanished_host_ends_the_agent(self, workdir: Path) -> None:
         """Killing the host makes the agent exit promptly with EX_UNAVAILABLE (69), and its

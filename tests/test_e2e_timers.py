@@ -40,13 +40,12 @@ import trio
 
 from agent.host.control import call_control
 from testbed.unit_scheduling import host_scheduling, realtime_slot, unit_scheduling
-from tests.cli_support import Simulator
+from tests.cli_support import Simulator, wait_until
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
 WAIT_S: Final = 20.0
-POLL_S: Final = 0.05
 INTERVAL_S: Final = 0.1
 WINDOW_S: Final = 10.0
 GAP_MARGIN_NS: Final = 20_000_000
@@ -86,15 +85,6 @@ def proc_stat_cpus() -> int:
     """How many ``cpuN`` lines this machine's /proc/stat has (a report each per interval)."""
     lines = Path("/proc/stat").read_text().splitlines()
     return sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Poll ``predicate`` until it holds, for at most ``WAIT_S``."""
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(POLL_S)
 
 
 def counted_over(
@@ -234,7 +224,7 @@ def start(workdir: Path, personality: str) -> Processes:
     """Start both processes and wait until the agent is ready."""
     processes = Processes(workdir, personality)
     try:
-        wait_for(lambda: "agent_ready" in processes.events(), "the agent to be ready")
+        wait_until(lambda: "agent_ready" in processes.events(), "the agent to be ready")
     except BaseException:
         processes.close()
         raise
@@ -243,7 +233,7 @@ def start(workdir: Path, personality: str) -> Processes:
 
 def assert_beats_on_time(processes: Processes) -> None:
     """Over ``WINDOW_S`` the host counts a beat per interval (±1), none late or missing."""
-    wait_for(lambda: status(processes.socket)["heartbeat"]["enabled"], "the heartbeat")
+    wait_until(lambda: status(processes.socket)["heartbeat"]["enabled"], "the heartbeat")
     beats, shortest, longest = counted_over(processes.socket, "heartbeat", "beats", WINDOW_S)
     assert shortest / INTERVAL_S - 1 <= beats <= longest / INTERVAL_S + 1
     state = status(processes.socket)["heartbeat"]
@@ -261,7 +251,7 @@ class TestHeartbeat:
             assert_beats_on_time(processes)
 
             control(processes.socket, {"command": "restore"})
-            wait_for(
+            wait_until(
                 lambda: processes.events().count("heartbeat_configured") == 2, "re-configuring"
             )
             beats, _, _ = counted_over(processes.socket, "heartbeat", "beats", 1.0)
@@ -290,7 +280,7 @@ class TestHeartbeat:
         """``mainline``: the agent logs once that the kernel owns it; the kernel's beats go on."""
         processes = start(workdir, "mainline")
         try:
-            wait_for(lambda: "heartbeat_kept_by_driver" in processes.events(), "the log line")
+            wait_until(lambda: "heartbeat_kept_by_driver" in processes.events(), "the log line")
             beats, _, _ = counted_over(processes.socket, "heartbeat", "beats", 1.0)
             assert beats >= 1
             assert processes.events().count("heartbeat_kept_by_driver") == 1
@@ -326,7 +316,7 @@ class TestStatistics:
                 check=False,
             )
             assert result.returncode == 0, result.stderr
-            wait_for(lambda: status(processes.socket)["guest_stats"]["reports"] >= 1, "a report")
+            wait_until(lambda: status(processes.socket)["guest_stats"]["reports"] >= 1, "a report")
             reports, shortest, longest = counted_over(
                 processes.socket, "guest_stats", "reports", 3.0
             )
@@ -342,7 +332,7 @@ class TestStatistics:
             assert 0 <= mem_total - last["phys_mem_total"] * 4096 < 4096
 
             control(processes.socket, {"command": "stats_interval", "seconds": 0})
-            wait_for(
+            wait_until(
                 lambda: processes.events().count("statistics_interval_read") == 3,
                 "the agent to read interval 0 (after 0 at start and 1)",
             )

@@ -32,13 +32,12 @@ import trio
 from agent.cli._exit import EX_IOERR
 from agent.host.control import call_control
 from agent.logconfig import NOT_READING
-from tests.cli_support import Simulator
+from tests.cli_support import Simulator, wait_until
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
 WAIT_S: Final = 30.0
-POLL_S: Final = 0.05
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 HEARTBEAT_MS: Final = 200
 BEATS: Final = 10
@@ -53,15 +52,6 @@ def status(socket_path: Path) -> dict[str, Any]:
     result = trio.run(call_control, socket_path, payload)
     assert isinstance(result, dict)
     return result
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Poll ``predicate`` until it holds, for at most ``WAIT_S``."""
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(POLL_S)
 
 
 def wait_notified(notify: socket.socket, wanted: bytes) -> None:
@@ -131,11 +121,11 @@ def test_a_log_reader_that_does_not_read_holds_nothing_up(workdir: Path) -> None
                 break
         assert agent.stderr.readline().decode().rstrip("\n") == STALLED
         beats = status(sock)["heartbeat"]["beats"]
-        wait_for(lambda: status(sock)["heartbeat"]["beats"] >= beats + BEATS, "heartbeats")
+        wait_until(lambda: status(sock)["heartbeat"]["beats"] >= beats + BEATS, "heartbeats")
         assert status(sock)["heartbeat"]["flatlined"] is False
         balloon: dict[str, object] = {"command": "balloon", "mb": 16}
         trio.run(call_control, sock, balloon)
-        wait_for(lambda: status(sock)["balloon"]["acked_mb"] == 16, "the balloon acked")
+        wait_until(lambda: status(sock)["balloon"]["acked_mb"] == 16, "the balloon acked")
         stopped = time.monotonic()
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=WAIT_S)
