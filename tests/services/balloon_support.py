@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from agent.services.balloon import PressureSource
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._handover import Handover, HostTarget
+    from agent.services.balloon._walker import ChunkWalker
 
 USER_CHUNKS_BASE: Final = 0x7E00_0000_0000
 SIM_PAGES_BASE: Final = 1 << 40
@@ -128,6 +129,13 @@ class Running:
         an agent that inflated a chunk twice, deflated one it never inflated or unmapped
         one whose pages stayed ballooned leaves them apart, and fails here."""
         return host_chunks(self.host)
+
+    @property
+    def walker(self) -> ChunkWalker:
+        """The service's chunk walker: the modes where the agent moves chunks have one."""
+        walker = self.service.walker
+        assert walker is not None, "no chunk walker in this balloon mode"
+        return walker
 
     async def until(self, condition: Callable[[], bool]) -> None:
         """Poll ``condition`` on the (virtual) clock, at most ``MAX_POLLS`` times."""

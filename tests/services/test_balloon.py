@@ -224,8 +224,7 @@ class TestModes:
                 assert run.service.mode is BalloonMode.TRIGGERED
                 run.host.set_balloon_target(16)
                 await run.settle(16)
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 assert (run.service.mode, len(walker.held), gauge.chunks) == (
                     BalloonMode.ALLOCATED,
                     16,
@@ -316,8 +315,7 @@ class TestFollowsTarget:
             async with running_balloon(
                 personality="", host=_host(kind), before=hand_to_ring3
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.01)
                 run.host.set_balloon_target(200)
                 await run.until(lambda: run.host_chunks >= 10)
@@ -480,8 +478,7 @@ class TestFollowsTarget:
             ) as run:
                 run.host.set_balloon_target(50)
                 await run.settle(50)
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 newest = walker.held[-1].address
                 walker.handover = refusing = RefuseChunk(walker.handover, newest)
             assert (run.host_chunks, list(chunks.live)) == (1, [newest])
@@ -694,8 +691,7 @@ class TestBackoff:
                 pressure=pressure,
                 mem_available_mb=lambda: 300 - host.vmmdev.balloon.chunks,
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(100)
                 await run.until(lambda: walker.backoff.retry_at - trio.current_time() > 60)
                 assert run.host_chunks == 44  # 300 - 44 leaves the 256 MB floor
@@ -720,8 +716,7 @@ class TestBackoff:
                 section=section,
                 pressure=pressure,
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(64)
                 await run.settle(64)
                 run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 8)
@@ -758,8 +753,7 @@ class TestBackoff:
                 pressure=pressure,
                 drain_s=1.0,
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(64)
                 await run.settle(64)
                 run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 10**6)
@@ -784,8 +778,7 @@ class TestBackoff:
                 before=hand_to_ring3,
                 mem_available_mb=lambda: available["mb"] - host.vmmdev.balloon.chunks,
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(100)
                 await trio.sleep(300)  # the floor stops the walk at 44, again and again
                 assert walker.backoff.failures > 3
@@ -811,8 +804,7 @@ class TestBackoff:
             async with running_balloon(
                 personality="", host=_host(kind), before=hand_to_ring3, allocator=chunks
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 walker.handover = ErrnoOnce(
                     walker.handover,
                     VBoxStatusError.from_errno(errno.ENOMEM, CHANGE_OPERATION[mode]),
@@ -836,8 +828,7 @@ class TestBackoff:
             async with running_balloon(
                 personality="", host=_host(kind), before=hand_to_ring3
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 walker.handover = ErrnoOnce(
                     walker.handover,
                     VBoxStatusError.from_errno(errno.EIO, READ_OPERATION[mode]),
@@ -1021,8 +1012,7 @@ class TestPressure:
             async with running_balloon(
                 personality="passthrough", section=section, mem_available_mb=mem_available
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                assert run.service.walker is not None
                 run.host.set_balloon_target(64)
                 await run.until(lambda: run.service.statistics().failures >= 1)
                 assert run.host_chunks == 0
@@ -1393,8 +1383,7 @@ class TestReconfigure:
                 section=section,
                 psi_file=True,
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(32)
                 await run.settle(32)
                 moved = section.model_copy(
@@ -1580,8 +1569,7 @@ class TestOracleEmptyBalloon:
             async with running_balloon(
                 personality="", host=_host("oracle-r3"), allocator=chunks, before=hand_to_ring3
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(2)
                 await run.settle(2)
                 run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_INVALID_PARAMETER)

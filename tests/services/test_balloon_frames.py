@@ -115,8 +115,7 @@ class TestOwnedRefusal:
                 personality="passthrough", allocator=chunks, sysctl_root=root
             ) as run:
                 assert run.service.mode is BalloonMode.OWNED
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(64)
                 await trio.testing.wait_all_tasks_blocked()
                 assert (run.host_chunks, len(chunks.live), walker.inflated) == (0, 0, 0)
@@ -162,8 +161,7 @@ class TestOwnedRefusal:
         settings say (its frames reach no hypervisor), and a line says so once."""
         with trio.fail_after(BOUND_S), capture_logs() as logs:
             async with running_balloon(personality="passthrough") as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(16)
                 await walker.wait_held(16)
                 run.host.set_balloon_target(8)
@@ -187,8 +185,7 @@ class TestOwnedRefusal:
                 run.host.set_balloon_target(16)  # the first inflate hands the balloon over
                 await trio.testing.wait_all_tasks_blocked()
                 assert run.service.mode is BalloonMode.ALLOCATED
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 await walker.wait_held(16)
                 assert walker.refusal is None
                 assert run.host_chunks == 16

@@ -66,8 +66,7 @@ async def test_a_refused_inflate_whose_deflate_fails_stays_held(
         async with running_balloon(
             personality="", host=host, allocator=chunks, before=_count_two_chunks_over
         ) as run:
-            walker = run.service.walker
-            assert walker is not None
+            walker = run.walker
             eio = VBoxStatusError.from_errno(errno.EIO, "VMMDEVREQ_CHANGE_MEMBALLOON")
             walker.handover = ErrnoOnce(walker.handover, eio, deflate=1)
             host.set_balloon_target(1)

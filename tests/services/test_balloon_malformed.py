@@ -8,6 +8,7 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -28,7 +29,13 @@ from agent.protocol.constants import Ioctl
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_GMM_ATTEMPT_TO_FREE_TOO_MUCH
 from agent.services.balloon import BalloonMode
 from agent.services.balloon._handover import HostTarget
-from tests.services.balloon_support import SimChunks, host_chunks, running_balloon, until
+from tests.services.balloon_support import (
+    Running,
+    SimChunks,
+    host_chunks,
+    running_balloon,
+    until,
+)
 from tests.services.test_balloon_walker import (
     BlockingHandover,
     TrackingAllocator,
@@ -39,6 +46,7 @@ from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from contextlib import AbstractAsyncContextManager
 
     from agent.device import DeviceOpener
     from agent.protocol import Submission
@@ -141,6 +149,19 @@ def _passthrough(*, cpus: int = 2) -> SimulatedHost:
     return SimulatedHost(personality="passthrough", ram_mb=RAM_MB, cpus=cpus)
 
 
+def _garbled(
+    garbler: GarbleNext, chunks: SimChunks, host: SimulatedHost, drain_s: float = math.inf
+) -> AbstractAsyncContextManager[Running]:
+    """The balloon on ``host`` with ``chunks``, every reply through ``garbler`` first."""
+    return running_balloon(
+        personality="",
+        host=host,
+        allocator=chunks,
+        drain_s=drain_s,
+        opener_for=lambda host: HookedOpener(host, reply=garbler),
+    )
+
+
 def _events(logs: Sequence[Mapping[str, object]], name: str) -> list[Mapping[str, object]]:
     return [entry for entry in logs if entry["event"] == name]
 
@@ -158,13 +179,7 @@ class TestMalformedDeflateReplies:
         GMM says)."""
         chunks, garbler = SimChunks(), GarbleNext()
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with running_balloon(
-                personality="",
-                host=_passthrough(cpus=1),
-                allocator=chunks,
-                drain_s=5.0,
-                opener_for=lambda host: HookedOpener(host, reply=garbler),
-            ) as run:
+            async with _garbled(garbler, chunks, _passthrough(cpus=1), drain_s=5.0) as run:
                 run.host.set_balloon_target(64)
                 await run.settle(64)
                 garbler.left = 1
@@ -191,13 +206,7 @@ class TestMalformedDeflateReplies:
         kept, that the host may not have them, and why."""
         chunks, garbler = SimChunks(), GarbleNext()
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with running_balloon(
-                personality="",
-                host=_passthrough(),
-                allocator=chunks,
-                drain_s=3.0,
-                opener_for=lambda host: HookedOpener(host, reply=garbler),
-            ) as run:
+            async with _garbled(garbler, chunks, _passthrough(), drain_s=3.0) as run:
                 run.host.set_balloon_target(8)
                 await run.settle(8)
                 garbler.left = None
@@ -224,14 +233,8 @@ class TestMalformedDeflateReplies:
         the count twice, none is left mapped."""
         chunks, garbler = SimChunks(), GarbleNext()
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with running_balloon(
-                personality="",
-                host=_passthrough(cpus=1),
-                allocator=chunks,
-                opener_for=lambda host: HookedOpener(host, reply=garbler),
-            ) as run:
-                walker = run.service.walker
-                assert walker is not None
+            async with _garbled(garbler, chunks, _passthrough(cpus=1)) as run:
+                walker = run.walker
                 run.host.set_balloon_target(32)
                 await run.settle(32)
                 garbler.left = 1
@@ -280,14 +283,8 @@ class TestMalformedInflateReplies:
         walk reaches the target; the drain gives every chunk back."""
         chunks, garbler = SimChunks(), GarbleNext(None, inflates_only=True)
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with running_balloon(
-                personality="",
-                host=_passthrough(),
-                allocator=chunks,
-                opener_for=lambda host: HookedOpener(host, reply=garbler),
-            ) as run:
-                walker = run.service.walker
-                assert walker is not None
+            async with _garbled(garbler, chunks, _passthrough()) as run:
+                walker = run.walker
                 run.host.set_balloon_target(64)
                 await trio.sleep(120.0)
                 held = len(walker.held)
@@ -319,8 +316,7 @@ class TestMalformedTargetReads:
             async with running_balloon(
                 personality="", host=_passthrough(), opener_for=bad.opener
             ) as run:
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 run.host.set_balloon_target(32)
                 await run.settle(32)
                 bad.on = True

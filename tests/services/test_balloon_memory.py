@@ -215,8 +215,7 @@ class TestServiceWithRealChunks:
             async with running_balloon(personality="", host=host, allocator=allocator) as run:
                 run.host.set_balloon_target(CHUNKS)
                 await run.settle(CHUNKS)
-                walker = run.service.walker
-                assert walker is not None
+                walker = run.walker
                 addresses = [chunk.address for chunk in walker.held]
                 assert len(addresses) == CHUNKS
                 assert locked_kb() - before == CHUNKS * BALLOON_CHUNK_SIZE // 1024
