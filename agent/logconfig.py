@@ -242,7 +242,7 @@ class LogOutput:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.lost += len(queue)
-                    self._dropped += len(queue)
+                    self._dropped += len(queue) + sum(dropped for dropped, _ in queue)
                     queue.clear()
                     self._queued_chars = 0
                     self._busy = False
@@ -281,7 +281,7 @@ class LogOutput:
                 self._write(f"{lead}{self.notice(unsaid, failing)}\n")
                 with self._lock:
                     self._unsaid -= unsaid
-                    if not (self._unsaid or self._dropped):
+                    if self._all_said():
                         self.failing = None
             self._write(line)
         except (OSError, ValueError) as exc:
@@ -289,6 +289,12 @@ class LogOutput:
                 self.lost += 1
                 self._unsaid += 1
                 self._fail(_reason(exc))
+
+    def _all_said(self) -> bool:
+        """No lost line waits for its notice: none at the writer, none dropped since the
+        last line queued, none before a line still queued."""
+        queued = self._queue or ()
+        return not (self._unsaid or self._dropped or any(dropped for dropped, _ in queued))
 
     def _fail(self, reason: str) -> None:
         """Record why lines are lost; say it on stderr if it is the first of a run."""

@@ -9,6 +9,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import pytest
 import structlog
 
+from agent import logconfig
 from agent.config import LogConfig
 from agent.host._log import LOG_COMPONENT, host_log
 from agent.logconfig import (
@@ -38,7 +40,7 @@ from agent.logconfig import (
 from tests.log_support import Refusing
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
@@ -407,6 +409,118 @@ class TestAStreamNotReading:
             assert time.monotonic() - start < LIMIT_S
             reader.close()  # the writer's stuck line ends (EPIPE), before its stream closes
             flush_log_output(LIMIT_S)
+
+
+class TestLostLinesSaidWhereTheyWere:
+    """The writer thread is held in each write and let go by the test, so lines are queued
+    and dropped between two given writes: the order of drops and queued lines that a busy
+    logger and a slow reader make by chance."""
+
+    def test_each_notice_says_why_while_another_waits_in_the_queue(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two queued lines each follow lines dropped before them: each gets its notice with
+        the reason, and the stream stays failing until the second notice is written."""
+        with held_writes(monkeypatch) as (writes, log):
+            log(1, 2, 3)  # 3 finds the queue full
+            writes.step()  # 0 written; 1 held
+            log(4, 5)  # 4 follows the lost 3; 5 finds the queue full
+            writes.step()  # 1 written; 2 held
+            log(6)  # follows the lost 5
+            writes.step()  # 2 written; the notice before 4 held
+            writes.step()  # written; 4 held, 6 still waits behind its lost line
+            assert log_output_statistics() == LogOutputStatistics(lost=2, failing=NOT_READING)
+            writes.step()  # 4 written; the notice before 6 held
+            writes.step()  # written; 6 held
+        assert writes.events() == [0, 1, 2, (1, NOT_READING), 4, (1, NOT_READING), 6]
+        assert log_output_statistics() == LogOutputStatistics(lost=2, failing=None)
+
+    def test_an_exit_that_stops_waiting_counts_every_line_lost_in_one_notice(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The queue dropped by a wait that ran out holds a line that followed a lost one:
+        the next notice counts the queued lines and that lost one too."""
+        with held_writes(monkeypatch) as (writes, log):
+            log(1, 2, 3)  # 3 finds the queue full
+            writes.step()  # 0 written; 1 held
+            log(4)  # follows the lost 3
+            flush_log_output(0.0)  # 2 and 4 dropped with the queue
+            writes.let_go()  # 1 written
+            log(7)
+            writes.held()  # the notice before 7
+            writes.step()  # written; 7 held
+        assert writes.events() == [0, 1, (3, NOT_READING), 7]
+        assert log_output_statistics() == LogOutputStatistics(lost=3, failing=None)
+
+
+class HeldWrites:
+    """``os.write`` for the log's descriptor: each write waits until the test lets it go."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written: list[bytes] = []
+        self.arrived = b""
+        """What the write held (or last held) was given."""
+        self._real = os.write
+        self._arrived = threading.Semaphore(0)
+        self._go = threading.Semaphore(0)
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if fd != self.fd:
+            return self._real(fd, data)
+        self.arrived = bytes(data)
+        self._arrived.release()
+        if not self._go.acquire(timeout=LIMIT_S):
+            raise OSError(errno.ETIMEDOUT, "the test never let the write go")
+        self.written.append(bytes(data))
+        return len(data)
+
+    def held(self) -> None:
+        """Wait until the writer thread is in a write."""
+        assert self._arrived.acquire(timeout=LIMIT_S), "the writer never wrote"
+
+    def step(self) -> None:
+        """Let the write held go, and wait until the writer is in the next."""
+        self._go.release()
+        self.held()
+
+    def let_go(self) -> None:
+        self._go.release()
+
+    def events(self) -> list[int | tuple[int, str]]:
+        """Each line written: its ``n``, or a notice's lines and reason."""
+        lines = json_lines(b"".join(self.written).decode())
+        return [
+            (line["lines"], line["error"]) if line["event"] == "log_lines_lost" else line["n"]
+            for line in lines
+        ]
+
+
+@contextlib.contextmanager
+def held_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[HeldWrites, Callable[..., None]]]:
+    """Log to a pipe whose writes the test lets go: yield the writes and a function logging
+    the lines numbered by its arguments. Line 0 is logged and held first, and the queue
+    then holds two lines but not three. On leaving, the write held is let go and every line
+    queued is written."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb"), os.fdopen(write_end, "w") as out:
+        writes = HeldWrites(write_end)
+        monkeypatch.setattr(os, "write", writes)
+        configure_logging(LogConfig(), stream=out)
+        logger = structlog.get_logger()
+
+        def log(*lines: int) -> None:
+            for n in lines:
+                logger.info("line", n=n)
+
+        log(0)
+        writes.held()
+        monkeypatch.setattr(logconfig, "QUEUE_LIMIT_CHARS", 5 * len(writes.arrived) // 2)
+        yield writes, log
+        writes.let_go()
+        flush_log_output(LIMIT_S)
 
 
 def read_until(reader: BinaryIO, wanted: bytes) -> str:
