@@ -261,10 +261,13 @@ class UnixSocketTransport:
         return None if reply is None or reply.errno == errno.EINTR else reply
 
     async def _cancel_on_host(self, seq: int) -> None:
-        """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait."""
+        """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait.
+
+        A session lost or closed meanwhile (the CANCEL may wait for another call's frame)
+        has nothing left to cancel."""
         if self._closed or self._lost is not None:
             return
-        with contextlib.suppress(DeviceLostError):
+        with contextlib.suppress(DeviceLostError, trio.ClosedResourceError):
             await self._send(encode_frame(Cancel(seq)))
 
     def _check_usable(self) -> None:

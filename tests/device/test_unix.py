@@ -478,6 +478,48 @@ class TestCancellation:
                 nursery.cancel_scope.cancel()
         listener.close()
 
+    async def test_a_call_whose_session_closes_while_its_cancel_waits_is_cancelled(
+        self, socket_dir: str
+    ) -> None:
+        """A call waiting for its reply, cancelled while another call's large frame holds the
+        send lock, whose session is closed while its CANCEL waits for that lock, is cancelled:
+        a closed session has nothing left to cancel (the CANCEL's send raised
+        ClosedResourceError out of the caller's ioctl)."""
+        path = os.path.join(socket_dir, "deaf.sock")
+        listener = await _listening(path, backlog=1)
+        scope = trio.CancelScope()
+        outcome: list[BaseException | None] = []
+
+        async def blocked_call() -> None:
+            try:
+                await _call_in(scope, transport.ioctl, BLOCK)
+            except BaseException as exc:  # noqa: BLE001 (the outcome is the test's subject)
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        async def send_a_large_frame() -> None:
+            large = [UserBuffer(0, bytearray(LARGE_FRAME))]
+            with pytest.raises(DeviceLostError):
+                await transport.ioctl(FAIL, bytearray(16), large)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(_answering_host, listener, None, reading=trio.Event()))
+                transport = await UnixSocketOpener(path).open_session()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(blocked_call)
+                    await trio.testing.wait_all_tasks_blocked()  # its frame is in the socket
+                    callers.start_soon(send_a_large_frame)
+                    await trio.testing.wait_all_tasks_blocked()  # it holds the send lock
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()  # the CANCEL waits for the lock
+                    await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert outcome == [None]
+        assert scope.cancelled_caught
+
 
 def _refuse(request: IoctlRequest) -> IoctlReply:
     """Answer ``request`` with EINVAL."""
