@@ -62,7 +62,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import check_socket_path, shown_path
+from agent.device.spec import NOT_THE_DEVICE_ERRNOS, check_socket_path, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
@@ -503,14 +503,17 @@ class UnixSocketOpener:
         still starting (``vbox-agent simulate ... &`` a moment ago): the opener logs that it
         waits and tries again every ``HOST_START_POLL_S`` for up to ``start_wait_s``
         seconds. Once a host answered, a failure to connect means it is gone, and a path that
-        exists and is not a socket can never be a host: no wait. A host whose listen backlog
-        is full is busy, not gone: any session waits up to ``HOST_BUSY_WAIT_S`` for it.
+        exists and is not a socket, or where no socket can be, can never be a host: no wait.
+        A host whose listen backlog is full is busy, not gone: any session waits up to
+        ``HOST_BUSY_WAIT_S`` for it.
 
         A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
 
         Raises:
             NotTheDeviceError: the path exists and is not a socket (a regular file, a
-                directory): a mistake no retry mends, as a path that cannot be the device.
+                directory), or no socket can be there (:data:`NOT_THE_DEVICE_ERRNOS`: below
+                a regular file, a symbolic link loop): a mistake no retry mends, as a path
+                that cannot be the device.
             DeviceUnavailableError: nothing listens at the path, or the host refused or did
                 not answer.
             OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
@@ -556,6 +559,8 @@ class UnixSocketOpener:
                         "shortage that may pass, not a missing host"
                     )
                     raise OSError(exc.errno, msg) from exc
+                if exc.errno in NOT_THE_DEVICE_ERRNOS:  # 78, no retry
+                    raise NotTheDeviceError(_no_socket_there(self._path, exc)) from exc
                 raise self._unavailable(exc, "") from exc
             if _is_connected(stream):
                 if waiting:
@@ -604,11 +609,22 @@ def _is_connected(stream: trio.SocketStream) -> bool:
 
 def cannot_be_a_host(path: str) -> str | None:
     """Return why no simulated host can ever listen at ``path``: it exists and is not a
-    socket (``vbox-agent check-config`` refuses such a ``unix:`` path, as ``run`` does);
-    None when one may (a missing socket included: the host may start later)."""
+    socket, or ``stat`` fails as :data:`NOT_THE_DEVICE_ERRNOS` (no socket can be there;
+    ``vbox-agent check-config`` refuses such a ``unix:`` path, as ``run`` does); None when
+    one may (a missing socket included: the host may start later)."""
     try:
         if stat.S_ISSOCK(os.stat(path).st_mode):
             return None
-    except OSError:
-        return None
+    except OSError as exc:
+        return _no_socket_there(path, exc) if exc.errno in NOT_THE_DEVICE_ERRNOS else None
     return f"no simulated host at {shown_path(path)}: it exists and is not a socket"
+
+
+def _no_socket_there(path: str, exc: OSError) -> str:
+    """Why no socket can be at ``path``, whose ``stat`` or ``connect`` failed with ``exc``
+    (one of :data:`NOT_THE_DEVICE_ERRNOS`)."""
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return (
+        f"no simulated host at {shown_path(path)}: no socket can be there "
+        f"({exc.strerror or exc}, {name})"
+    )

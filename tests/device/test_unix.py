@@ -32,6 +32,7 @@ import trio
 import trio.testing
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
+from agent.device.spec import cannot_be_the_device, opener_for_spec
 from agent.device.unix import (
     HELLO_WAIT_S,
     HOST_BUSY_WAIT_S,
@@ -627,8 +628,8 @@ class TestLifecycle:
 
     def test_only_a_path_that_is_no_socket_cannot_be_a_host(self, socket_dir: str) -> None:
         """``cannot_be_a_host`` (check-config's check, no connect) names a path that exists
-        and is not a socket, as the opener does above; a socket, a missing path or one below
-        a file may yet become one (the opener waits or says unavailable: 69)."""
+        and is not a socket, as the opener does above; a socket or a missing path may yet
+        become one (the opener waits or says unavailable: 69)."""
         file = os.path.join(socket_dir, "file")
         os.close(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600))
         assert (
@@ -639,7 +640,33 @@ class TestLifecycle:
             listener.bind(listening)
             assert cannot_be_a_host(listening) is None
         assert cannot_be_a_host(os.path.join(socket_dir, "missing")) is None
-        assert cannot_be_a_host(os.path.join(file, "x")) is None
+
+    @pytest.mark.parametrize("error", [errno.ENOTDIR, errno.ELOOP], ids=errno.errorcode.get)
+    async def test_no_wait_where_no_socket_can_be(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock, error: int
+    ) -> None:
+        """A path below a regular file (ENOTDIR) or in a symbolic link loop (ELOOP) never
+        becomes a host: check-config's check names it, and the open fails at once as a path
+        that cannot be the device (78), as the character device's open does on the same
+        errnos. Both took it for a host that may come: the open said 'start one with
+        vbox-agent simulate' (69, which the unit restarts forever) and check-config passed."""
+        if error == errno.ENOTDIR:
+            file = os.path.join(socket_dir, "file")
+            os.close(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600))
+            path = os.path.join(file, "h.sock")
+        else:
+            path = os.path.join(socket_dir, "loop")
+            os.symlink(path, path)
+        spec = f"unix:{path}"
+        why = (
+            f"no simulated host at {path}: no socket can be there "
+            f"({os.strerror(error)}, {errno.errorcode[error]})"
+        )
+        assert cannot_be_the_device(spec) == why
+        with pytest.raises(NotTheDeviceError) as info:
+            await opener_for_spec(spec, ioctl_threads=5).open_session()
+        assert str(info.value) == why
+        assert trio.current_time() == 0
 
     async def test_waits_for_a_starting_host(self, socket_dir: str, host: ScriptedHost) -> None:
         """A session asked for before the host listens opens once it does."""
