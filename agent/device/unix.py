@@ -113,6 +113,8 @@ _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 """Errnos of a send or receive on a connection whose other end was closed."""
 _SEQ_MASK: Final = 0xFFFFFFFF
 _ADDRESS: Final = struct.Struct("<Q")
+_UCRED: Final = struct.Struct("iII")
+"""``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
 
 
 class _Pending:
@@ -507,15 +509,17 @@ class UnixSocketOpener:
         A host whose listen backlog is full is busy, not gone: any session waits up to
         ``HOST_BUSY_WAIT_S`` for it.
 
-        A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
+        A host that accepted the connection must be run by this process's effective uid or
+        by root (:func:`untrusted_host`; nothing is sent to another's), and answer HELLO
+        within ``HELLO_WAIT_S``.
 
         Raises:
             NotTheDeviceError: the path exists and is not a socket (a regular file, a
                 directory), or no socket can be there (:data:`NOT_THE_DEVICE_ERRNOS`: below
                 a regular file, a symbolic link loop): a mistake no retry mends, as a path
                 that cannot be the device.
-            DeviceUnavailableError: nothing listens at the path, or the host refused or did
-                not answer.
+            DeviceUnavailableError: nothing listens at the path, the host is run by another
+                user, or it refused or did not answer.
             OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
                 which may pass: the host is not gone.
         """
@@ -563,8 +567,12 @@ class UnixSocketOpener:
                     raise NotTheDeviceError(_no_socket_there(self._path, exc)) from exc
                 raise self._unavailable(exc, "") from exc
             if _is_connected(stream):
+                uid = peer_uid(stream)
+                if (refusal := untrusted_host(self._shown, uid, os.geteuid())) is not None:
+                    await trio.aclose_forcefully(stream)
+                    raise DeviceUnavailableError(refusal)
                 if waiting:
-                    _log.info("simulated_host_answered", path=self._path)
+                    _log.info("simulated_host_answered", path=self._path, uid=uid)
                 return stream
             await trio.aclose_forcefully(stream)
             if trio.current_time() - started >= max(wait_s, HOST_BUSY_WAIT_S):
@@ -605,6 +613,32 @@ def _is_connected(stream: trio.SocketStream) -> bool:
     except OSError:
         return False
     return True
+
+
+def peer_uid(stream: trio.SocketStream) -> int:
+    """The uid of the process listening at the other end of ``stream`` (``SO_PEERCRED``: its
+    credentials when it called ``listen(2)``)."""
+    ucred = stream.socket.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_PEERCRED, _UCRED.size)
+    _, uid, _ = _UCRED.unpack(ucred)
+    return int(uid)
+
+
+def untrusted_host(path: str, host_uid: int, own_uid: int) -> str | None:
+    """Return why a session must not trust the simulated host at ``path``, run by
+    ``host_uid``, as an agent running as ``own_uid``; None when it may.
+
+    A host feeds the agent properties, events and balloon requests (on ``oracle`` the agent
+    locks memory for them), and whoever creates the socket first is its host: only one
+    run by the agent's own user or by root is trusted.
+    """
+    if host_uid in (own_uid, 0):
+        return None
+    who = "root" if own_uid == 0 else f"uid {own_uid} or root"
+    return (
+        f"refusing the simulated host at {path}: it runs as uid {host_uid}, and an agent "
+        f"running as uid {own_uid} trusts only a host run by {who} (start "
+        f"`vbox-agent simulate --socket {path}` as {who})"
+    )
 
 
 def cannot_be_a_host(path: str) -> str | None:

@@ -31,6 +31,7 @@ import structlog
 import trio
 import trio.testing
 
+from agent.device import unix
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import cannot_be_the_device, opener_for_spec
 from agent.device.unix import (
@@ -43,6 +44,7 @@ from agent.device.unix import (
     UnixSocketOpener,
     UnixSocketTransport,
     cannot_be_a_host,
+    untrusted_host,
 )
 from agent.host.server import serve_simulated_host
 from agent.protocol import Submission, UserBuffer
@@ -687,8 +689,65 @@ class TestLifecycle:
                     await start_host(nursery, host, path)
                     await done.wait()
                 assert logs[-1]["event"] == "simulated_host_answered"
+                assert logs[-1]["uid"] == os.geteuid()  # SO_PEERCRED: this process runs it
                 await opened[0].aclose()
                 nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("host_uid", "own_uid", "refusal"),
+        [
+            (1000, 1000, None),
+            (0, 1000, None),
+            (0, 0, None),
+            (
+                1000,
+                0,
+                "refusing the simulated host at /tmp/h.sock: it runs as uid 1000, and an agent "
+                "running as uid 0 trusts only a host run by root (start `vbox-agent simulate "
+                "--socket /tmp/h.sock` as root)",
+            ),
+            (
+                1001,
+                1000,
+                "refusing the simulated host at /tmp/h.sock: it runs as uid 1001, and an agent "
+                "running as uid 1000 trusts only a host run by uid 1000 or root (start "
+                "`vbox-agent simulate --socket /tmp/h.sock` as uid 1000 or root)",
+            ),
+        ],
+    )
+    def test_only_the_own_user_or_root_may_host(
+        self, host_uid: int, own_uid: int, refusal: str | None
+    ) -> None:
+        """A host run by the agent's own user or by root is trusted; another user's is not,
+        and the refusal names its uid and who may run the host."""
+        assert refusal == untrusted_host("/tmp/h.sock", host_uid, own_uid)
+
+    async def test_a_host_run_by_another_user_is_refused(
+        self, socket_dir: str, host: ScriptedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A session whose host runs as neither the agent's user nor root (the uid it reads
+        is shifted: the real one is this process's, which may host) fails at once, before
+        its HELLO, with 69's DeviceUnavailableError: any local user who created the socket
+        first was the host of a root agent, feeding it events and balloon requests."""
+        path = os.path.join(socket_dir, "theirs.sock")
+        read: list[int] = []
+        read_peer_uid = unix.peer_uid
+
+        def another_user(stream: trio.SocketStream) -> int:
+            read.append(read_peer_uid(stream))
+            return os.geteuid() + 1
+
+        monkeypatch.setattr(unix, "peer_uid", another_user)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+                await trio.testing.wait_all_tasks_blocked()
+                assert host.sessions == []  # it said no HELLO
+                nursery.cancel_scope.cancel()
+        assert read == [os.geteuid()]
+        assert str(info.value) == untrusted_host(path, os.geteuid() + 1, os.geteuid())
 
     async def test_no_wait_once_a_host_answered(
         self, socket_dir: str, host: ScriptedHost, autojump_clock: trio.abc.Clock
