@@ -13,6 +13,8 @@ Rules of this test module:
   real clock and wait for the service's status changes (``Watch``), never for a time;
   tests that stay off sysfs run on ``autojump_clock``. Every test is bounded by
   ``trio.fail_after``.
+- A plug's looks for its CPU follow each other without the service's pause (an autouse
+  fixture): only a test's own steps change the tree.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from agent.protocol import (
 )
 from agent.protocol.constants import CpuEventType, RequestType
 from agent.protocol.status import STATUS_CODES
-from agent.services import EventPump, ServiceContext, _cpu_sysfs
+from agent.services import EventPump, ServiceContext, _cpu_sysfs, cpuhotplug
 from agent.services._cpu_sysfs import CpuSysfs
 from agent.services.cpuhotplug import (
     MAX_REQUESTS_PER_WAKEUP,
@@ -206,6 +208,15 @@ async def running(
                 inner.cancel_scope.cancel()
             await service.drain()
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(autouse=True)
+def _looks_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plug's looks follow each other at once: the tree is files that change only when a
+    test changes them (by its own steps, never by the time), so the pause between looks
+    (``PLUG_RETRY_S``, real time on the tests that reach sysfs) decided nothing and cost
+    every plug of a CPU offline before monitoring began half a second."""
+    monkeypatch.setattr(cpuhotplug, "PLUG_RETRY_S", 0.0)
 
 
 def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
