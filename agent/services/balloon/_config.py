@@ -34,7 +34,8 @@ class BalloonSection(ServiceSection):
     pressure_cooldown_s: float = Field(default=30.0, gt=0, le=MAX_PRESSURE_COOLDOWN_S)
     """How long pressure must stay low before the balloon grows toward the target again."""
     min_available_mb: int = Field(default=256, ge=0)
-    """Never inflate when ``MemAvailable`` would drop below this many MiB."""
+    """Never inflate when ``MemAvailable`` would drop below this many MiB; where the agent's
+    memory cgroups have a limit, the room left under it counts instead when it is less."""
     retry_initial_s: float = Field(default=1.0, gt=0, le=MAX_RETRY_S)
     """Delay before the first retry after a failed step; doubles on each further failure ..."""
     retry_max_s: float = Field(default=60.0, gt=0, le=MAX_RETRY_S)

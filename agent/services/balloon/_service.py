@@ -60,6 +60,7 @@ from agent.protocol import HOST_ERRORS, Event, VBoxStatusError
 from agent.records import record
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff, failure_text
+from agent.services.balloon._cgroup import Headroom, cgroup_room as read_cgroup_room
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
     from agent.device import Device
     from agent.protocol import RemoteProtocolError
+    from agent.services.balloon._cgroup import CgroupRoom
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._mode import Detected
@@ -141,6 +143,9 @@ class BalloonService:
         allocator: where the agent's chunks come from (default: locked anonymous mmaps).
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
+        cgroup_room: the room left in the agent's memory cgroups (default:
+            :func:`~._cgroup.cgroup_room`, unless ``mem_available_mb`` is given: then none,
+            that figure is all there is). The floor is checked against the less of the two.
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (None while stopped).
         sysctl_root: where owned mode reads the settings that let Linux move locked pages
@@ -161,6 +166,7 @@ class BalloonService:
         allocator: ChunkAllocator | None = None,
         pressure: PressureSource | None = None,
         mem_available_mb: Callable[[], int | None] | None = None,
+        cgroup_room: Callable[[], CgroupRoom | None] | None = None,
         status_changed: Callable[[], None] = lambda: None,
         gauge: BalloonGauge | None = None,
         sysctl_root: Path | None = None,
@@ -176,7 +182,10 @@ class BalloonService:
         self._section = section
         self._allocator = allocator
         self._pressure = pressure
-        self._mem_available = mem_available_mb or self._read_mem_available
+        self._headroom_mb = Headroom(
+            mem_available_mb or self._read_mem_available,
+            cgroup_room or (None if mem_available_mb else read_cgroup_room),
+        ).mb
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
@@ -544,7 +553,7 @@ class BalloonService:
             handover,
             allocator,
             backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
-            mem_available_mb=self._mem_available,
+            mem_available_mb=self._headroom_mb,
             min_available_mb=self._section.min_available_mb,
             status_changed=self._status_changed,
             resized=self._publish,
@@ -728,7 +737,7 @@ class BalloonService:
         keeps MemAvailable there: an unbounded wait could hold the memory for ever.
         """
         section = self._section
-        available = self._mem_available()
+        available = self._headroom_mb()
         pressure = self._release_at != math.inf
         at_floor = available is not None and available < section.min_available_mb
         now = trio.current_time()
@@ -816,7 +825,7 @@ class BalloonService:
     def _press(self, reading: PressureReading) -> None:
         section = self._section
         self._pressure_events += 1
-        available = self._mem_available()
+        available = self._headroom_mb()
         walker = self._walker
         now = trio.current_time()
         episode = self._release_at == math.inf

@@ -284,7 +284,7 @@ class ChunkWalker:
                 return
             self._available_mb, self._reading_uses = available, MEMINFO_REUSE_CHUNKS
         if self._available_mb - CHUNK_MB < floor:
-            msg = f"MemAvailable {self._available_mb} MB would fall below the floor of {floor} MB"
+            msg = f"{self._available_mb} MB available would fall below the floor of {floor} MB"
             raise WalkStoppedError(msg)
         self._available_mb -= CHUNK_MB
         self._reading_uses -= 1
