@@ -11,9 +11,12 @@ properties at start. :func:`host_options` turns them into ``[timesync]`` setting
 - ``set-start``, ``no-set-start``, ``set-on-restore`` and ``no-set-on-restore`` act by
   existing, a ``no-`` one winning over its pair, as VBoxService checks them.
 
-A value it cannot take is refused with one line saying why; the section's value stays. Any
-guest process that reaches the property service may write these properties, as with
-VBoxService; ``[timesync] host_options = false`` makes the config the only authority.
+A value it cannot take is refused with one line saying why; the section's value stays. Only
+the host (``VBoxManage``, Main) can set these properties: the property service keeps names
+under ``/VirtualBox/GuestAdd/VBoxService/`` for the host and refuses a guest's write there
+(``checkHostReserved`` in ``VBoxGuestPropSvc.cpp``;
+:data:`agent.protocol.guest_props.HOST_RESERVED_PREFIXES`). ``[timesync] host_options =
+false`` is for an admin who wants the guest's config to win over the host's options.
 """
 
 from __future__ import annotations
