@@ -103,6 +103,32 @@ class TestV2:
         unread = [(e["log_level"], e["cgroup"]) for e in logs]
         assert [("debug", str(leaf)), ("debug", str(slice_))] == unread
 
+    def test_reclaimable_cache_is_room(self, tmp_path: Path) -> None:
+        """File I/O fills ``memory.current`` up to the limit with page cache the kernel
+        reclaims inside the cgroup before any OOM kill: ``inactive_file`` is room."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(320 * MB),
+            memory_current=str(299 * MB),
+            memory_stat=f"anon {2 * MB}\nfile {279 * MB}\ninactive_file {222 * MB}",
+        )
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(21 + 222, str(leaf)) == cgroup_room(root, membership)
+
+    def test_no_memory_stat_counts_the_whole_usage(self, tmp_path: Path) -> None:
+        """``memory.stat`` missing, or without ``inactive_file``: limit less usage."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(320 * MB),
+            memory_current=str(299 * MB),
+            memory_stat=f"anon {2 * MB}\nfile {279 * MB}",
+        )
+        _cgroup(root / "system.slice", memory_max=str(330 * MB), memory_current=str(300 * MB))
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(21, str(leaf)) == cgroup_room(root, membership)
+
     def test_no_membership_file(self, tmp_path: Path) -> None:
         with capture_logs() as logs:
             assert cgroup_room(tmp_path, tmp_path / "missing") is None
@@ -129,6 +155,29 @@ class TestV1:
         _cgroup(root / "pids/system.slice/vbox-agent.service", memory_max=str(MB))
         membership = _membership(tmp_path, V1_MEMBERSHIP)
         assert CgroupRoom(256, str(leaf)) == cgroup_room(root, membership)
+
+    def test_reclaimable_cache_is_room(self, tmp_path: Path) -> None:
+        """``total_inactive_file`` (the hierarchy's, as the usage is) counts as room."""
+        root = tmp_path / "sys"
+        memory = _cgroup(
+            root / "memory",
+            memory_limit_in_bytes=str(1024 * MB),
+            memory_usage_in_bytes=str(1000 * MB),
+            memory_stat=f"inactive_file {MB}\ntotal_inactive_file {600 * MB}",
+        )
+        membership = _membership(tmp_path, V1_MEMBERSHIP)
+        assert CgroupRoom(24 + 600, str(memory)) == cgroup_room(root, membership)
+
+    def test_a_huge_limit_is_no_limit(self, tmp_path: Path) -> None:
+        """v1 writes "no limit" as the largest page-aligned value, which depends on the page
+        size: any limit of 2**62 bytes or more is none."""
+        root = tmp_path / "sys"
+        _cgroup(
+            root / "memory",
+            memory_limit_in_bytes="9223372036854710272",  # 64 KiB pages
+            memory_usage_in_bytes=str(3000 * MB),
+        )
+        assert cgroup_room(root, _membership(tmp_path, V1_MEMBERSHIP)) is None
 
     def test_a_container_sees_its_cgroup_as_the_root(self, tmp_path: Path) -> None:
         """Without a cgroup namespace a container's /proc/self/cgroup names the host's path,

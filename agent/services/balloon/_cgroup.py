@@ -4,12 +4,17 @@
 Every chunk the agent locks is charged to its memory cgroup. Where a cgroup on its path has
 a limit (a slice's ``MemoryMax=``, a container's ``--memory``), faulting in a chunk past it
 wakes that cgroup's OOM killer inside ``mlock``: a SIGKILL, with no error to report. The room
-is the least, over the agent's cgroup and each ancestor, of its limit less its usage:
-``memory.max - memory.current`` on cgroup v2 (``max``: no limit), ``memory.limit_in_bytes -
-memory.usage_in_bytes`` of the memory controller's hierarchy on cgroup v1. A directory that is
-not there (the root has no limit files; a container sees only its own cgroup, mounted as the
-root, under a path naming the host's) is passed over, and so is a value that cannot be read,
-with a debug line: the floor then rests on ``MemAvailable`` alone.
+is the least, over the agent's cgroup and each ancestor, of its limit less its usage not
+counting reclaimable cache: ``memory.max - memory.current`` on cgroup v2 (``max``: no limit),
+``memory.limit_in_bytes - memory.usage_in_bytes`` of the memory controller's hierarchy on
+cgroup v1 (a limit of :data:`NO_LIMIT` or more: none, as v1 writes "no limit" as its largest
+page-aligned number), plus the inactive file cache of ``memory.stat`` (``inactive_file``;
+v1's ``total_inactive_file``, the hierarchy's as its usage is). The usage counts page cache,
+which file I/O fills up to the limit, and the kernel reclaims it inside the cgroup before any
+OOM kill; where ``memory.stat`` or its line cannot be read, the whole usage counts. A
+directory that is not there (the root has no limit files; a container sees only its own
+cgroup, mounted as the root, under a path naming the host's) is passed over, and so is a
+value that cannot be read, with a debug line: the floor then rests on ``MemAvailable`` alone.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ MEMBERSHIP_PATH: Final = Path("/proc/self/cgroup")
 _V1_MEMORY: Final = "memory"
 """The v1 hierarchy's directory under the root, and its controller's name."""
 _LIMITS: Final = (
-    ("memory.max", "memory.current"),
-    ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+    ("memory.max", "memory.current", "inactive_file"),
+    ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
 )
-"""Each version's (limit, usage) files: v2, then v1."""
+"""Each version's (limit, usage) files and its reclaimable cache in ``memory.stat``: v2, then
+v1."""
+_STAT: Final = "memory.stat"
+NO_LIMIT: Final = 1 << 62
+"""Bytes at and above which a limit is none (v1's "no limit" is just under ``2**63``)."""
 _MB: Final = 1 << 20
 
 
@@ -66,9 +75,10 @@ def _memory_dirs(membership: str, root: Path) -> list[Path]:
 
 
 def _room(directory: Path) -> int | None:
-    """Limit less usage in ``directory`` in bytes, or None: no limit files (passed over
-    silently), no limit (``max``), or a value that cannot be read (a debug line)."""
-    for limit_name, usage_name in _LIMITS:
+    """Limit less usage not counting reclaimable cache in ``directory`` in bytes, or None: no
+    limit files (passed over silently), no limit (``max``, or :data:`NO_LIMIT` or more), or a
+    value that cannot be read (a debug line)."""
+    for limit_name, usage_name, cache_key in _LIMITS:
         try:
             limit = (directory / limit_name).read_text(encoding="ascii").strip()
         except FileNotFoundError:
@@ -79,11 +89,35 @@ def _room(directory: Path) -> int | None:
         if limit == "max":
             return None
         try:
-            return int(limit) - int((directory / usage_name).read_text(encoding="ascii"))
+            limit_bytes = int(limit)
+            usage = int((directory / usage_name).read_text(encoding="ascii"))
         except (OSError, ValueError) as exc:
             _unread(directory, exc)
             return None
+        room = limit_bytes - usage + _cache(directory, cache_key)
+        return None if limit_bytes >= NO_LIMIT else room
     return None
+
+
+def _cache(directory: Path, key: str) -> int:
+    """The bytes of ``key`` in ``directory``'s ``memory.stat``; 0 if the file is not there
+    (silently), or it or the line cannot be read (a debug line)."""
+    try:
+        lines = (directory / _STAT).read_text(encoding="ascii").splitlines()
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as exc:
+        _unread(directory / _STAT, exc)
+        return 0
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return max(0, int(value))
+            except ValueError as exc:
+                _unread(directory / _STAT, exc)
+                return 0
+    return 0
 
 
 def _unread(where: Path, exc: Exception) -> None:

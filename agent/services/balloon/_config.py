@@ -37,8 +37,8 @@ class BalloonSection(ServiceSection):
     min_available_mb: int = Field(default=256, ge=0)
     """Never inflate when ``MemAvailable`` would drop below this many MiB, and give back
     (where the agent holds the chunks) what it lacks below that, held as a pressure cap;
-    where the agent's memory cgroups have a limit, the room left under it counts instead
-    when it is less."""
+    where the agent's memory cgroups have a limit, the room left under it (limit less usage
+    not counting reclaimable cache) counts instead when it is less."""
     retry_initial_s: float = Field(default=1.0, gt=0, le=MAX_RETRY_S)
     """Delay before the first retry after a failed step; doubles on each further failure ..."""
     retry_max_s: float = Field(default=60.0, gt=0, le=MAX_RETRY_S)

@@ -31,7 +31,8 @@ Memory pressure (a PSI source) caps the walked balloon: each high reading gives 
 hold ended doubles the hold (up to :data:`MAX_HOLD_FACTOR` times the cooldown), so pressure
 and the host's target do not cycle every cooldown; a later episode starts at one cooldown
 again. The floor works both ways: a high reading gives back at least what the headroom
-(``MemAvailable``, or the memory cgroup's room if less) lacks below ``min_available_mb``, and
+(``MemAvailable``, or if less the memory cgroups' room: limit less usage not counting
+reclaimable cache) lacks below ``min_available_mb``, and
 while the agent holds chunks the headroom is looked at every ``psi_interval_s`` (PSI may
 report no stall, or be missing), a shortfall given back at once under the same hold. In
 kernel mode pressure is not watched at all (the kernel owns the balloon).
@@ -147,7 +148,8 @@ class BalloonService:
         allocator: where the agent's chunks come from (default: locked anonymous mmaps).
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
-        cgroup_room: the room left in the agent's memory cgroups (default:
+        cgroup_room: the room left in the agent's memory cgroups, limit less usage not
+            counting reclaimable cache (default:
             :func:`~._cgroup.cgroup_room`, unless ``mem_available_mb`` is given: then none,
             that figure is all there is). The floor is checked against the less of the two.
         status_changed: called whenever :meth:`status` would read differently.
