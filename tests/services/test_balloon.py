@@ -1111,6 +1111,34 @@ class TestPressure:
             "deflate to 268 and hold for 30 s",
         )
 
+    async def test_a_balloon_at_the_floor_rides_out_a_wobble(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The host asks for more than the floor allows: the walk stops just above it, and
+        MemAvailable wobbling 2 MB below it every 10 s (within FLOOR_BAND_MB) gives nothing
+        back, where each dip would give back, hold, and walk back to the floor again."""
+        chunks = SimChunks()
+        wobble = {"mb": 0}
+        section = BalloonSection(min_available_mb=256)
+        with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="passthrough",
+                section=section,
+                allocator=chunks,
+                mem_available_mb=lambda: 1000 - len(chunks.live) - wobble["mb"],
+            ) as run:
+                run.host.set_balloon_target(900)
+                await run.until(lambda: run.walker.failures >= 1)
+                assert run.host_chunks == 744  # 1000 - 744 leaves the 256 MB floor
+                for _ in range(60):  # ten minutes: 2 MB taken for 5 s every 10 s
+                    wobble["mb"] = 2
+                    await trio.sleep(5)
+                    wobble["mb"] = 0
+                    await trio.sleep(5)
+                held = run.host_chunks
+        below = [entry for entry in logs if entry["event"] == "balloon_below_floor"]
+        assert (held, len(below)) == (744, 0)
+
 
 class TestTriggeredAndKernel:
     """Where the driver allocates, the agent only decides when to trigger it."""

@@ -34,7 +34,8 @@ again. The floor works both ways: a high reading gives back at least what the he
 (``MemAvailable``, or if less the memory cgroups' room: limit less usage not counting
 reclaimable cache) lacks below ``min_available_mb``, and
 while the agent holds chunks the headroom is looked at every ``psi_interval_s`` (PSI may
-report no stall, or be missing), a shortfall given back at once under the same hold. In
+report no stall, or be missing), a shortfall given back at once under the same hold; either
+gives back only a shortfall of more than :data:`FLOOR_BAND_MB`, and then all of it. In
 kernel mode pressure is not watched at all (the kernel owns the balloon).
 
 ``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
@@ -92,6 +93,10 @@ DRAIN_READ_S: Final = 0.5
 """Kernel mode: how long the drain waits for the kernel's balloon size (a diagnostic)."""
 MAX_HOLD_FACTOR: Final = 16
 """The longest pressure hold, in cooldowns, that repeated episodes double it to."""
+FLOOR_BAND_MB: Final = 16
+"""MiB the headroom may lack below ``min_available_mb`` before the balloon gives back: the
+walk stops within a chunk above the floor, and an ordinary wobble of ``MemAvailable`` there
+would otherwise give back, hold and walk back to the floor again and again."""
 TRIGGERED_NOTE: Final = (
     "CHECK_BALLOON reads and applies the host's target; the driver allocates all of it in one "
     "go and stops by itself where allocation fails; postponed for at most pressure_cooldown_s"
@@ -870,10 +875,12 @@ class BalloonService:
         return hold_s
 
     def _shortfall(self, available: int | None) -> int:
-        """Chunks to give back for ``available`` MiB to reach ``min_available_mb`` again."""
-        if available is None:
+        """Chunks to give back for ``available`` MiB to reach ``min_available_mb`` again, none
+        while it lacks at most :data:`FLOOR_BAND_MB`."""
+        floor = self._section.min_available_mb
+        if available is None or available >= floor - FLOOR_BAND_MB:
             return 0
-        return max(0, -((available - self._section.min_available_mb) // CHUNK_MB))
+        return -((available - floor) // CHUNK_MB)
 
     def _lower_cap(self, walker: ChunkWalker, step: int, available: int | None) -> int | None:
         """Lower the walker's cap by ``step`` chunks, and at least as far as gives ``available``
@@ -889,9 +896,9 @@ class BalloonService:
 
     async def _keep_floor(self, walker: ChunkWalker) -> NoReturn:
         """While the agent holds chunks, look at the headroom every ``psi_interval_s`` and
-        give back what it lacks below ``min_available_mb`` at once, held as a pressure cap:
-        the rest of the guest may take that memory without a stall PSI reports, or where
-        there is no PSI at all."""
+        give back what it lacks below ``min_available_mb`` (more than :data:`FLOOR_BAND_MB`)
+        at once, held as a pressure cap: the rest of the guest may take that memory without
+        a stall PSI reports, or where there is no PSI at all."""
         while True:
             await walker.wait_holding()
             await trio.sleep(self._section.psi_interval_s)
