@@ -2,9 +2,10 @@
 
 Rules of this test module:
 - The command is driven through a parser that registers only ``check-config``, so these tests
-  do not depend on the other commands; one test runs the real console entry point in a child
-  process, and TestDevicePath runs ``run`` (in-process, ``agent.cli.main``) on the same file,
-  which stops at the device, to show both refuse it alike.
+  do not depend on the other commands; two tests run the real console entry point in a child
+  process (a bad value, a device path), and TestDevicePath runs ``run`` (in-process,
+  ``agent.cli.main``) on the same file, which stops at the device, to show both refuse it
+  alike.
 - Output is read with ``capsys``; files are written to ``tmp_path``.
 """
 
@@ -141,6 +142,15 @@ class TestDevicePath:
             ("file", "{path} is not a vboxguest device (it is a regular file); "),
             ("fifo", "{path} is not a vboxguest device (it is a FIFO); "),
             ("unix: file", "no simulated host at {path}: it exists and is not a socket"),
+            (
+                "unix: below a file",
+                "no simulated host at {path}: no socket can be there (Not a directory, ENOTDIR)",
+            ),
+            (
+                "unix: symlink loop",
+                "no simulated host at {path}: no socket can be there "
+                "(Too many levels of symbolic links, ELOOP)",
+            ),
         ],
     )
     def test_a_path_run_refuses_is_refused(
@@ -155,9 +165,11 @@ class TestDevicePath:
             target.mkdir()
         elif kind == "fifo":
             os.mkfifo(target)
+        elif kind == "unix: symlink loop":
+            target.symlink_to(target)
         else:
             target.write_text("")
-        path = target / "x" if kind == "below a file" else target
+        path = target / "x" if kind.endswith("below a file") else target
         spec = f"unix:{path}" if kind.startswith("unix:") else str(path)
         config = tmp_path / "agent.toml"
         config.write_text(f'[device]\npath = "{spec}"\n')
@@ -172,6 +184,27 @@ class TestDevicePath:
         assert capsys.readouterr() == (
             "",
             f'{config}: device.path = "{spec}": {reason.format(path=path)}{fix}\n',
+        )
+
+    def test_the_command_refuses_a_unix_path_where_no_socket_can_be(self, tmp_path: Path) -> None:
+        """``vbox-agent check-config`` exits 78 for a ``unix:`` path below a regular file (a
+        typo no host can ever listen at; it passed, and ``run`` exited 69, which the unit
+        restarts forever)."""
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "h.sock"
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[device]\npath = "unix:{path}"\n')
+        result = subprocess.run(
+            [sys.executable, "-m", "agent", "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        assert (result.returncode, result.stdout) == (78, "")
+        assert result.stderr == (
+            f'{config}: device.path = "unix:{path}": no simulated host at {path}: '
+            "no socket can be there (Not a directory, ENOTDIR)\n"
         )
 
     def test_a_path_run_refuses_is_named_beside_the_other_problems(

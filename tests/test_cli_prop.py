@@ -5,6 +5,8 @@ Rules of this test module:
   ``vbox-agent host``, never in-process;
 - the simulator runs each personality under test (``mainline`` and the real Linux driver,
   ``kernel``; see ``tests/conftest.py``), on a socket in a short private directory in /tmp;
+  a test of what the command does with its arguments or its own output streams runs on
+  ``mainline`` only (:data:`ONE_DRIVER`);
 - every wait is bounded: subprocess timeouts and deadlines on polled host state;
 - processes are always reaped (killed in teardown if still running).
 """
@@ -70,6 +72,10 @@ AGENT_WITHOUT_TRACEBACK: Final = (
 )
 """``python -m agent``, but an exception that ends it exits :data:`EX_TRACEBACK`, not 1,
 which ``prop`` exits for a property not set."""
+ONE_DRIVER: Final = pytest.mark.parametrize("personality", ["mainline"])
+"""For a test of the command's arguments or output streams: what it checks happens before
+the first call reaches the driver or after the last one returned, in the same code whatever
+the driver, whose own calls the other tests run on each personality."""
 
 
 class PropHost(Simulator):
@@ -231,6 +237,7 @@ class TestVerbs:
         host_missing = sim.run("host", "--socket", str(sim.socket), "prop", "get", "/Guest/a")
         assert host_missing.stderr == "vbox-agent host: guest property '/Guest/a' is not set\n"
 
+    @ONE_DRIVER
     def test_a_value_the_output_cannot_encode_prints_escaped(self, sim: PropHost) -> None:
         """Under an ASCII stdout a value still prints, backslash-escaped, and the command
         succeeds (the encoding error was a ValueError, reported as a usage error, exit 64)."""
@@ -245,6 +252,7 @@ class TestVerbs:
         )
         assert (done.returncode, done.stdout, done.stderr) == (EX_OK, "h\\xe9llo \\u2603\n", "")
 
+    @ONE_DRIVER
     def test_output_nobody_reads_ends_quietly(self, sim: PropHost) -> None:
         """``prop enum | true``: the reader is gone, so the command ends with 141 and nothing
         on stderr, as every command does (it said ``failed: [Errno 32] Broken pipe``, exit 70)."""
@@ -265,6 +273,7 @@ class TestVerbs:
             os.close(write_end)
         assert (done.returncode, done.stderr) == (141, "")  # as SIGPIPE would end it
 
+    @ONE_DRIVER
     @pytest.mark.parametrize("argv", [["get", "/Guest/p"], ["enum", "--json"]])
     def test_output_to_a_full_disk_is_one_line(self, sim: PropHost, argv: list[str]) -> None:
         """``> /dev/full``: one line and exit 74, as every command (it said ``failed:``, 70)."""
@@ -272,6 +281,7 @@ class TestVerbs:
         done = run_into_full_disk("prop", "--device", sim.device, *argv, env=sim.env)
         assert done == (EX_IOERR, FULL_DISK_LINE)
 
+    @ONE_DRIVER
     @pytest.mark.parametrize("refusal", REFUSALS)
     def test_a_stderr_that_refuses_lines_keeps_the_exit_code(
         self, sim: PropHost, refusal: Refusal
@@ -358,6 +368,7 @@ class TestErrors:
             "/Guest/x\\n: refused by the host: VERR_PERMISSION_DENIED (-10): "
         )
 
+    @ONE_DRIVER
     @pytest.mark.parametrize(
         ("args", "message"),
         [

@@ -741,11 +741,14 @@ def test_the_unit_waits_for_the_start_longer_than_the_start_up_takes() -> None:
 def test_the_unit_lets_the_agent_lock_the_largest_balloon() -> None:
     """Where the agent holds the balloon it mlock()s every chunk, up to most of the guest's
     RAM: the unit sets no memory cap that would refuse or OOM-kill that (``MemoryMax=128M``
-    and the default ``RLIMIT_MEMLOCK`` of 8 MiB did)."""
+    and the default ``RLIMIT_MEMLOCK`` of 8 MiB did), and keeps the OOM killer off the
+    agent, whose locked chunks made it the first pick and whose SIGKILL left them ballooned
+    at the host while the kernel reused their pages."""
     settings = [line.partition("=") for line in UNIT.read_text().splitlines()]
     values = {key: value for key, _, value in settings if not key.startswith("#")}
     assert values.get("LimitMEMLOCK") == "infinity"
     assert {"MemoryMax", "MemoryHigh", "MemoryLimit"}.isdisjoint(values)
+    assert values.get("OOMScoreAdjust") == "-1000"
 
 
 def test_the_readme_installs_the_command_where_the_unit_runs_it() -> None:

@@ -8,10 +8,11 @@ a FIFO is, since a daemon could not read it again on a reload.
 A ``[device] path`` that ``run`` would refuse with 78 at its next start is a problem too
 (``FILE: device.path = "...": why``), as far as ``stat`` shows it without opening the device:
 a directory or a bad path (with ``run``'s own reason), a regular file or a FIFO, a node sysfs
-names other than vboxguest or vboxuser, a ``unix:`` path that exists and is not a socket. A
-missing one is not: the module may load later (``run`` exits 69 and is restarted). As ``run``
-does, ``--device SPEC`` replaces the path (SPEC is checked, ``device.path`` is not: ``run
---device`` never reads it), and ``--simulate`` checks no device (``run --simulate`` opens none).
+names other than vboxguest or vboxuser, a ``unix:`` path that exists and is not a socket or
+where none can be (below a regular file, a symbolic link loop). A missing one is not: the
+module may load later (``run`` exits 69 and is restarted). As ``run`` does, ``--device SPEC``
+replaces the path (SPEC is checked, ``device.path`` is not: ``run --device`` never reads it),
+and ``--simulate`` checks no device (``run --simulate`` opens none).
 
 A deprecated value that is still read (``device.ioctl_threads = 3``) gets the loader's
 warning line on stderr (``FILE: KEY = VALUE: deprecated, ...``) and still exits 0, as ``run``

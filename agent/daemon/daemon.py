@@ -40,7 +40,9 @@ are not sent if not sent yet, SIGHUP is skipped, and systemd hears ``STOPPING=1`
 ``STATUS=`` saying why; facility Failed follows, in the final phase, and the close within
 ``CLOSE_S``: the device's teardown is bounded by the same ends as at a stop. A stop requested
 meanwhile sends and reports nothing more; a fatal error during a stop sends only the
-``STATUS=`` (the stop sent ``STOPPING=1``).
+``STATUS=`` (the stop sent ``STOPPING=1``). A lost device ends the run at once, with
+``STOPPING=1`` (or, if sent already, ``STATUS=`` alone) saying it was lost: systemd shows
+the last status until the next start.
 
 Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
@@ -70,7 +72,7 @@ from agent.daemon.facility import REQUEST_ERRORS, FacilityReporter
 from agent.daemon.notify import Notifier
 from agent.daemon.signals import handle_signals
 from agent.daemon.supervisor import Supervisor
-from agent.device import open_device
+from agent.device import DeviceLostError, open_device
 from agent.logconfig import LogOutputStatistics, configure_logging, log_output_statistics
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.protocol.errors import shown_text
@@ -97,6 +99,8 @@ REPORT_TIMEOUT_S: Final = 0.5
 STATUS_SEPARATOR: Final = "; "
 """Between the services' fragments in ``STATUS=``."""
 EXITING_STATUS: Final = "exiting on an error: services draining"
+DEVICE_LOST_PREFIX: Final = "device lost: "
+"""Begins the last ``STATUS=`` when the device is gone, followed by the transport's error."""
 """``STATUS=`` from the moment a fatal error's drain begins."""
 START_WAIT_S: Final = 5.0
 """How long the start-up waits for the services' first starts, all started at once, before
@@ -193,7 +197,8 @@ class Daemon:
         self._services_nursery: trio.Nursery | None = None
         self._ready = False
         self._stopping = False
-        """A stop's drains began and it sends, or sent, ``STOPPING=1``."""
+        """``STOPPING=1`` is sent, or was: by a stop once its drains began, by a fatal error's
+        drain, or as the device was lost."""
         self._reloads = 0
         self._reloading = trio.Lock()
         self._reload_waiting = False
@@ -251,8 +256,12 @@ class Daemon:
         """
         async with trio.open_nursery() as nursery:
             await nursery.start(handle_signals, self)
-            with self._opening:
-                await self._run_on_device(task_status)
+            try:
+                with self._opening:
+                    await self._run_on_device(task_status)
+            except* DeviceLostError as lost:
+                await self._device_lost(lost)
+                raise
             nursery.cancel_scope.cancel()
         log.info("agent_stopped")
 
@@ -382,9 +391,23 @@ class Daemon:
         self._watchdog_scope.cancel()
         self._reload_notice.cancel()
         self._status = self._status_text()
+        await self._say_stopping()
+
+    async def _device_lost(self, lost: BaseExceptionGroup[DeviceLostError]) -> None:
+        """The device is gone and the agent exits: ``STOPPING=1`` (unless sent already) and
+        why, the status systemd shows until the next start."""
+        error: BaseException = lost
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        self._status = f"{DEVICE_LOST_PREFIX}{error}"
+        await self._say_stopping()
+
+    async def _say_stopping(self) -> None:
+        """``STOPPING=1`` with the status, or the status alone once ``STOPPING=1`` was sent."""
         if self._stopping:
             await self._notifier.status(self._status)
         else:
+            self._stopping = True
             await self._notifier.stopping(self._status)
 
     def _start_up_step(self, seconds: float = math.inf) -> trio.CancelScope:

@@ -107,7 +107,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import shown_path
+from agent.device.spec import NOT_THE_DEVICE_ERRNOS, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import (
     AgentError,
@@ -169,13 +169,6 @@ EINTR_RETRIES: Final = 3
 CLOSE_TIMEOUT: Final = 1.0
 """Seconds ``aclose`` waits for ``close(2)`` (the driver disconnects HGCM clients there),
 never past its caller's deadline."""
-NOT_THE_DEVICE_ERRNOS: Final = frozenset(
-    {errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
-)
-"""The errnos of ``open(2)`` that prove the path can never be the device node, whatever
-loads later: a directory (EISDIR), a file where the path needs a directory (ENOTDIR, also a
-node named with a trailing ``/``), a symbolic link loop (ELOOP), a name too long: a
-configuration mistake (:class:`NotTheDeviceError`)."""
 NO_DEVICE_ERRNOS: Final = frozenset(
     {
         *NOT_THE_DEVICE_ERRNOS,

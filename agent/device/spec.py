@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import unicodedata
 from typing import TYPE_CHECKING, Final
@@ -19,6 +20,14 @@ if TYPE_CHECKING:
 UNIX_PREFIX: Final = "unix:"
 SOCKET_PATH_MAX_BYTES: Final = 107
 """Longest Unix socket path: ``sun_path`` holds 108 bytes, the terminating NUL included."""
+NOT_THE_DEVICE_ERRNOS: Final = frozenset(
+    {errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+)
+"""The errnos of ``open(2)``, ``connect(2)`` or ``stat(2)`` that prove a path can never be
+the device node or a simulated host's socket, whatever loads or starts later: a directory
+(EISDIR), a file where the path needs a directory (ENOTDIR, also a node named with a
+trailing ``/``), a symbolic link loop (ELOOP), a name too long: a configuration mistake
+(:class:`~agent.device.errors.NotTheDeviceError`)."""
 
 
 def opener_for_spec(spec: str, *, ioctl_threads: int) -> DeviceOpener:
@@ -43,9 +52,9 @@ def cannot_be_the_device(spec: str) -> str | None:
     """Return why ``spec`` can never reach the device, whatever loads or starts later, as
     far as ``stat`` shows without an open (the
     :class:`~agent.device.errors.NotTheDeviceError` its opener would raise, for which ``run``
-    exits 78), or None: for ``unix:PATH`` a path that exists and is not a socket
-    (:func:`agent.device.unix.cannot_be_a_host`), else a directory, a bad path, or a file
-    that is no vboxguest node (:func:`agent.device.chardev.cannot_be_the_node`).
+    exits 78), or None: for ``unix:PATH`` a path that exists and is not a socket, or where
+    none can be (:func:`agent.device.unix.cannot_be_a_host`), else a directory, a bad path,
+    or a file that is no vboxguest node (:func:`agent.device.chardev.cannot_be_the_node`).
 
     Raises:
         ValueError: the spec is not one :func:`check_device_spec` accepts.

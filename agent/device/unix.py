@@ -62,7 +62,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import check_socket_path, shown_path
+from agent.device.spec import NOT_THE_DEVICE_ERRNOS, check_socket_path, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
@@ -113,6 +113,8 @@ _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 """Errnos of a send or receive on a connection whose other end was closed."""
 _SEQ_MASK: Final = 0xFFFFFFFF
 _ADDRESS: Final = struct.Struct("<Q")
+_UCRED: Final = struct.Struct("iII")
+"""``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
 
 
 class _Pending:
@@ -261,10 +263,13 @@ class UnixSocketTransport:
         return None if reply is None or reply.errno == errno.EINTR else reply
 
     async def _cancel_on_host(self, seq: int) -> None:
-        """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait."""
+        """Tell the host to abandon ioctl ``seq``, as a signal makes the driver end a wait.
+
+        A session lost or closed meanwhile (the CANCEL may wait for another call's frame)
+        has nothing left to cancel."""
         if self._closed or self._lost is not None:
             return
-        with contextlib.suppress(DeviceLostError):
+        with contextlib.suppress(DeviceLostError, trio.ClosedResourceError):
             await self._send(encode_frame(Cancel(seq)))
 
     def _check_usable(self) -> None:
@@ -500,16 +505,21 @@ class UnixSocketOpener:
         still starting (``vbox-agent simulate ... &`` a moment ago): the opener logs that it
         waits and tries again every ``HOST_START_POLL_S`` for up to ``start_wait_s``
         seconds. Once a host answered, a failure to connect means it is gone, and a path that
-        exists and is not a socket can never be a host: no wait. A host whose listen backlog
-        is full is busy, not gone: any session waits up to ``HOST_BUSY_WAIT_S`` for it.
+        exists and is not a socket, or where no socket can be, can never be a host: no wait.
+        A host whose listen backlog is full is busy, not gone: any session waits up to
+        ``HOST_BUSY_WAIT_S`` for it.
 
-        A host that accepted the connection must answer HELLO within ``HELLO_WAIT_S``.
+        A host that accepted the connection must be run by this process's effective uid or
+        by root (:func:`untrusted_host`; nothing is sent to another's), and answer HELLO
+        within ``HELLO_WAIT_S``.
 
         Raises:
             NotTheDeviceError: the path exists and is not a socket (a regular file, a
-                directory): a mistake no retry mends, as a path that cannot be the device.
-            DeviceUnavailableError: nothing listens at the path, or the host refused or did
-                not answer.
+                directory), or no socket can be there (:data:`NOT_THE_DEVICE_ERRNOS`: below
+                a regular file, a symbolic link loop): a mistake no retry mends, as a path
+                that cannot be the device.
+            DeviceUnavailableError: nothing listens at the path, the host is run by another
+                user, or it refused or did not answer.
             OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
                 which may pass: the host is not gone.
         """
@@ -553,10 +563,16 @@ class UnixSocketOpener:
                         "shortage that may pass, not a missing host"
                     )
                     raise OSError(exc.errno, msg) from exc
+                if exc.errno in NOT_THE_DEVICE_ERRNOS:  # 78, no retry
+                    raise NotTheDeviceError(_no_socket_there(self._path, exc)) from exc
                 raise self._unavailable(exc, "") from exc
             if _is_connected(stream):
+                uid = peer_uid(stream)
+                if (refusal := untrusted_host(self._shown, uid, os.geteuid())) is not None:
+                    await trio.aclose_forcefully(stream)
+                    raise DeviceUnavailableError(refusal)
                 if waiting:
-                    _log.info("simulated_host_answered", path=self._path)
+                    _log.info("simulated_host_answered", path=self._path, uid=uid)
                 return stream
             await trio.aclose_forcefully(stream)
             if trio.current_time() - started >= max(wait_s, HOST_BUSY_WAIT_S):
@@ -599,13 +615,50 @@ def _is_connected(stream: trio.SocketStream) -> bool:
     return True
 
 
+def peer_uid(stream: trio.SocketStream) -> int:
+    """The uid of the process listening at the other end of ``stream`` (``SO_PEERCRED``: its
+    credentials when it called ``listen(2)``)."""
+    ucred = stream.socket.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_PEERCRED, _UCRED.size)
+    _, uid, _ = _UCRED.unpack(ucred)
+    return int(uid)
+
+
+def untrusted_host(path: str, host_uid: int, own_uid: int) -> str | None:
+    """Return why a session must not trust the simulated host at ``path``, run by
+    ``host_uid``, as an agent running as ``own_uid``; None when it may.
+
+    A host feeds the agent properties, events and balloon requests (on ``oracle`` the agent
+    locks memory for them), and whoever creates the socket first is its host: only one
+    run by the agent's own user or by root is trusted.
+    """
+    if host_uid in (own_uid, 0):
+        return None
+    who = "root" if own_uid == 0 else f"uid {own_uid} or root"
+    return (
+        f"refusing the simulated host at {path}: it runs as uid {host_uid}, and an agent "
+        f"running as uid {own_uid} trusts only a host run by {who} (start "
+        f"`vbox-agent simulate --socket {path}` as {who})"
+    )
+
+
 def cannot_be_a_host(path: str) -> str | None:
     """Return why no simulated host can ever listen at ``path``: it exists and is not a
-    socket (``vbox-agent check-config`` refuses such a ``unix:`` path, as ``run`` does);
-    None when one may (a missing socket included: the host may start later)."""
+    socket, or ``stat`` fails as :data:`NOT_THE_DEVICE_ERRNOS` (no socket can be there;
+    ``vbox-agent check-config`` refuses such a ``unix:`` path, as ``run`` does); None when
+    one may (a missing socket included: the host may start later)."""
     try:
         if stat.S_ISSOCK(os.stat(path).st_mode):
             return None
-    except OSError:
-        return None
+    except OSError as exc:
+        return _no_socket_there(path, exc) if exc.errno in NOT_THE_DEVICE_ERRNOS else None
     return f"no simulated host at {shown_path(path)}: it exists and is not a socket"
+
+
+def _no_socket_there(path: str, exc: OSError) -> str:
+    """Why no socket can be at ``path``, whose ``stat`` or ``connect`` failed with ``exc``
+    (one of :data:`NOT_THE_DEVICE_ERRNOS`)."""
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return (
+        f"no simulated host at {shown_path(path)}: no socket can be there "
+        f"({exc.strerror or exc}, {name})"
+    )

@@ -16,18 +16,19 @@ and Main would.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, runtime_checkable
 
 import trio
 
 from agent.host._heartbeat import NS_PER_S
+from agent.host._log import host_log as _log
 from agent.host._stats import GUEST_CPUS
 from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
 from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
 from agent.host.vmmdev import HOST_VERSION, VMMDev
 from agent.protocol.constants import VALID_EVENT_MASK, CpuEventType
 from agent.protocol.errors import VBoxStatusError
-from agent.protocol.status import VINF_SUCCESS
+from agent.protocol.status import STATUS_CODES, VINF_SUCCESS, status_name
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterable
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from agent.host.memory import GuestMemory
 
 __all__ = ["DriverSession", "GuestPropertyControl", "SimulatedHost"]
+
+VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 
 
 @runtime_checkable
@@ -222,29 +225,36 @@ class SimulatedHost:
         self.vmmdev.set_statistics_interval(seconds)
 
     def cpu_plug(self, core: int, package: int = 0) -> None:
-        """``controlvm plugcpu``: tell the guest the CPU with these ids was plugged.
+        """``controlvm plugcpu``: attach the CPU with these ids and tell the guest.
+
+        As Main's ``Console::i_doCPUAdd``, the plug succeeds whatever VMMDev answers: where
+        the guest does not monitor CPU hot-plug the notification is lost (logged here), and
+        the CPU stays offline in the guest.
 
         Raises:
             ValueError: an id is not a u32.
-            VBoxStatusError: the guest does not monitor CPU hot-plug
-                (VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST).
         """
-        self._cpu_event(CpuEventType.PLUG, core, package)
+        rc = self.vmmdev.cpu_hotplug.notify(CpuEventType.PLUG, core, package)
+        if rc != VINF_SUCCESS:
+            _log.info("cpu_plug_not_notified", core=core, package=package, status=status_name(rc))
 
     def cpu_unplug(self, core: int, package: int = 0) -> None:
         """``controlvm unplugcpu``: ask the guest to give up the CPU with these ids.
 
+        Where the guest does not monitor CPU hot-plug, Main's ``Console::i_doCPURemove``
+        looks once whether the guest ejected the CPU anyway and otherwise gives up with
+        VERR_RESOURCE_BUSY; the simulated host never sees an ejection (the guest's is in its
+        own sysfs), so it always gives up.
+
         Raises:
             ValueError: an id is not a u32.
-            VBoxStatusError: the guest does not monitor CPU hot-plug
-                (VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST).
+            VBoxStatusError: the guest does not monitor CPU hot-plug (VERR_RESOURCE_BUSY,
+                the CPU may still be in use).
         """
-        self._cpu_event(CpuEventType.UNPLUG, core, package)
-
-    def _cpu_event(self, event: CpuEventType, core: int, package: int) -> None:
-        rc = self.vmmdev.cpu_hotplug.notify(event, core, package)
+        rc = self.vmmdev.cpu_hotplug.notify(CpuEventType.UNPLUG, core, package)
         if rc != VINF_SUCCESS:
-            raise VBoxStatusError(rc, f"CPU {event.name.lower()} (core {core}, package {package})")
+            what = f"CPU unplug (core {core}, package {package}): the guest may still use it"
+            raise VBoxStatusError(VERR_RESOURCE_BUSY, what)
 
     def restore(self) -> None:
         """Restore from a saved state: new session id, HGCM calls re-sent, no balloon target

@@ -1,8 +1,11 @@
 """The engine of the services that publish guest state as guest properties.
 
-:class:`PublishingService` is the service: every ``interval_s`` (a section field) and at
-once after a restore it takes a :class:`Reading` of the guest (the properties it wants and a
-short summary) and publishes it on one HGCM client it keeps; at a stop it deletes what it
+:class:`PublishingService` is the service: every ``interval_s`` (a section field; the host's
+``--vminfo-interval`` or ``--interval`` over it, as VBoxService's VM-info service takes them,
+read at start and after every restore unless ``host_options`` is false: see
+:mod:`agent.services._host_options`) and at once after a restore it takes a :class:`Reading`
+of the guest (the properties it wants and a short summary) and publishes it on one HGCM
+client it keeps; at a stop it deletes what it
 published, as VBoxService 7.2.6 deletes its cache entries at termination. A service may own
 every name matching some patterns (``owned``, such as ``/VirtualBox/GuestInfo/Net/*``): on a
 run's first pass and after a restore, the host's names among them that the reading does not
@@ -59,6 +62,7 @@ from agent.protocol.status import (
 )
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection
+from agent.services._host_options import VMINFO_OPTIONS, read_host_options
 from agent.services._lasting import (
     MALFORMED_REPLY,
     WRITES_IGNORED,
@@ -94,6 +98,10 @@ class PublishingSection(ServiceSection):
 
     interval_s: float = Field(default=DEFAULT_INTERVAL_S, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)
     """Seconds between two readings; a reload applies it at once."""
+    host_options: bool = True
+    """Apply the VM-info interval the host sets for VBoxService as guest properties
+    (``--vminfo-interval`` in ms, else the global ``--interval`` in s) over ``interval_s``;
+    false: this section wins."""
 
 
 @record
@@ -152,6 +160,8 @@ class PublishingService:
         self._owned = owned
         self._sweep_owned = True
         """Whether the next pass first deletes the owned names the reading does not want."""
+        self._configured = section
+        self._host_settings: dict[str, float | bool] = {}
         self._pause = IntervalPause(section.interval_s)
         self._publisher = PropertyPublisher()
         self._connects = LastingFailure("property_service_connected_again")
@@ -185,8 +195,12 @@ class PublishingService:
         return f"{self.name} {self._summary or 'starting'}"
 
     def reconfigure(self, section: PublishingSection) -> bool:
-        """Apply the new interval at once: the current wait ends by the new one."""
-        self._pause.set_interval(section.interval_s)
+        """Apply the new interval at once (the current wait ends by the new one), the host's
+        options still over it. Switching ``host_options`` needs a restart (it reads them)."""
+        if section.host_options != self._configured.host_options:
+            return False
+        self._configured = section
+        self._apply_settings()
         return True
 
     async def drain(self) -> None:
@@ -219,12 +233,33 @@ class PublishingService:
             async with AsyncExitStack() as stack:
                 props = await self._publish(stack, None)
                 task_status.started()
+                await self._read_host_options()
                 while True:
                     if await self._pause.wait(events):
                         self._publisher.forget()
                         self._sweep_owned = True
                         log.info("republishing_after_restore")
+                        await self._read_host_options()
                     props = await self._publish(stack, props)
+
+    async def _read_host_options(self) -> None:
+        """Read VBoxService's VM-info options from the host (at start and after a restore)."""
+        configured = self._configured
+        if not configured.host_options:
+            return
+        settings = await read_host_options(self._device, type(configured), VMINFO_OPTIONS)
+        if settings is None:
+            return
+        if settings != self._host_settings:
+            log.info("host_options_applied", **settings)
+        self._host_settings = settings
+        self._apply_settings()
+
+    def _apply_settings(self) -> None:
+        """The interval in force: the section's, or the host's option over it."""
+        configured = self._configured
+        settings = self._host_settings if configured.host_options else {}
+        self._pause.set_interval(configured.model_copy(update=settings).interval_s)
 
     async def _publish(
         self, stack: AsyncExitStack, props: GuestProperties | None

@@ -2,8 +2,11 @@
 as VBoxService's cpuhotplug does.
 
 The host tells the guest about a CPU only while the guest monitors hot-plug
-(SET_CPU_HOTPLUG_STATUS Enable); until then ``VBoxManage controlvm plugcpu|unplugcpu``
-get VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST. The service enables monitoring at start
+(SET_CPU_HOTPLUG_STATUS Enable); until then VMMDev drops the notification
+(VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST): ``VBoxManage controlvm plugcpu`` still
+attaches the CPU, which stays offline in the guest, and ``unplugcpu`` fails with
+VERR_RESOURCE_BUSY, the CPU maybe still in use (Main's ``Console::i_doCPUAdd`` and
+``i_doCPURemove``). The service enables monitoring at start
 and again after every restore (the host forgets it: it is not in the saved state, which
 VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the host's events
 (GET_CPU_HOTPLUG_REQ) until it has none:

@@ -24,8 +24,9 @@ say "unsynchronised" until the daemon's next update, so after one the daemon is 
 during a pass makes the pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
-:mod:`agent.services._timesync_options`), read at start and after every restore, over the
-config's values.
+:mod:`agent.services._host_options`): its ``--timesync-*`` options and the global
+``--interval`` (seconds; the interval where no ``--timesync-interval`` is set), read at start
+and after every restore, over the config's values.
 
 Correcting needs ``CAP_SYS_TIME``; without it the service says so once and goes on
 measuring. A host without the clock request (``VERR_NOT_SUPPORTED``) or with a broken answer
@@ -45,8 +46,6 @@ import trio
 from pydantic import Field
 
 from agent.protocol import (
-    AgentError,
-    DeviceLostError,
     Event,
     GetHostTime,
     RemoteProtocolError,
@@ -54,16 +53,15 @@ from agent.protocol import (
 )
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
-from agent.services._publishing import IntervalPause
-from agent.services._timesync_options import (
+from agent.services._host_options import (
     MAX_INTERVAL_MS,
     MAX_SET_THRESHOLD_MS,
     MIN_INTERVAL_MS,
-    OPTION_PREFIX,
-    host_options,
+    TIMESYNC_OPTIONS,
+    read_host_options,
 )
+from agent.services._publishing import IntervalPause
 from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
-from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -115,7 +113,8 @@ class TimesyncSection(ServiceSection):
     defer_to_ntp: bool = True
     """Leave small drifts to a time daemon that keeps the clock synchronised."""
     host_options: bool = True
-    """Apply VBoxService's ``--timesync-*`` options the host sets as guest properties."""
+    """Apply VBoxService's ``--timesync-*`` and ``--interval`` options the host sets as
+    guest properties, over this section's values; false: this section wins."""
 
 
 class Correction(Enum):
@@ -277,20 +276,12 @@ class TimesyncService:
         """Read VBoxService's options from the host (at start and after a restore)."""
         if not self._configured.host_options:
             return
-        try:
-            async with open_guest_properties(self._device) as props:
-                found = await props.enumerate([f"{OPTION_PREFIX}*"])
-        except DeviceLostError:
-            raise
-        except AgentError as exc:  # a refusal, a broken reply, no thread free for the call
-            log.warning("host_options_unreadable", error=str(exc))
+        settings = await read_host_options(self._device, TimesyncSection, TIMESYNC_OPTIONS)
+        if settings is None:
             return
-        options = host_options({p.name: p.value for p in found}, TimesyncSection)
-        for problem in options.refused:
-            log.warning("host_option_refused", problem=problem)
-        if options.settings != self._host_settings:
-            log.info("host_options_applied", **options.settings)
-        self._host_settings = options.settings
+        if settings != self._host_settings:
+            log.info("host_options_applied", **settings)
+        self._host_settings = settings
         self._apply_settings()
 
     def _apply_settings(self) -> None:

@@ -24,9 +24,9 @@ import trio.testing
 
 from agent.config import AgentConfig
 from agent.daemon import Daemon
-from agent.daemon.daemon import STATUS_SEPARATOR
+from agent.daemon.daemon import DEVICE_LOST_PREFIX, STATUS_SEPARATOR
 from agent.daemon.notify import Notifier
-from agent.device import DeviceUnavailableError
+from agent.device import DeviceLostError, DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction
 from agent.protocol import Facility, FacilityStatus, RequestType
@@ -165,6 +165,30 @@ class TestDaemonLifecycle:
                 daemon.request_shutdown("test")
             assert "STOPPING=1" in await reader.next()
         assert _facility(host) == FacilityStatus.TERMINATED
+
+    async def test_a_lost_device_says_so_with_stopping(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]
+    ) -> None:
+        """The device lost while the agent runs ends it with ``STOPPING=1`` and a status
+        saying why, which systemd shows until the next start."""
+        notifier, reader = notify
+        lost = trio.Event()
+        why = "the host went away"
+
+        async def gone(code: int) -> None:
+            await trio.lowlevel.checkpoint()
+            if lost.is_set():
+                raise DeviceLostError(why)
+
+        daemon = Daemon(AgentConfig(), HookedOpener(host, before=gone), notifier=notifier)
+        with trio.fail_after(LIMIT_S), pytest.RaisesGroup(DeviceLostError, flatten_subgroups=True):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                lost.set()
+                host.restore()  # the event pump's next wait meets the lost device
+        stopping = await reader.until("STOPPING=1")
+        assert f"STATUS={DEVICE_LOST_PREFIX}{why}" in stopping
 
     async def test_sigterm_stops_cleanly(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]

@@ -31,7 +31,9 @@ import structlog
 import trio
 import trio.testing
 
+from agent.device import unix
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
+from agent.device.spec import cannot_be_the_device, opener_for_spec
 from agent.device.unix import (
     HELLO_WAIT_S,
     HOST_BUSY_WAIT_S,
@@ -42,6 +44,7 @@ from agent.device.unix import (
     UnixSocketOpener,
     UnixSocketTransport,
     cannot_be_a_host,
+    untrusted_host,
 )
 from agent.host.server import serve_simulated_host
 from agent.protocol import Submission, UserBuffer
@@ -478,6 +481,48 @@ class TestCancellation:
                 nursery.cancel_scope.cancel()
         listener.close()
 
+    async def test_a_call_whose_session_closes_while_its_cancel_waits_is_cancelled(
+        self, socket_dir: str
+    ) -> None:
+        """A call waiting for its reply, cancelled while another call's large frame holds the
+        send lock, whose session is closed while its CANCEL waits for that lock, is cancelled:
+        a closed session has nothing left to cancel (the CANCEL's send raised
+        ClosedResourceError out of the caller's ioctl)."""
+        path = os.path.join(socket_dir, "deaf.sock")
+        listener = await _listening(path, backlog=1)
+        scope = trio.CancelScope()
+        outcome: list[BaseException | None] = []
+
+        async def blocked_call() -> None:
+            try:
+                await _call_in(scope, transport.ioctl, BLOCK)
+            except BaseException as exc:  # noqa: BLE001 (the outcome is the test's subject)
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        async def send_a_large_frame() -> None:
+            large = [UserBuffer(0, bytearray(LARGE_FRAME))]
+            with pytest.raises(DeviceLostError):
+                await transport.ioctl(FAIL, bytearray(16), large)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(_answering_host, listener, None, reading=trio.Event()))
+                transport = await UnixSocketOpener(path).open_session()
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(blocked_call)
+                    await trio.testing.wait_all_tasks_blocked()  # its frame is in the socket
+                    callers.start_soon(send_a_large_frame)
+                    await trio.testing.wait_all_tasks_blocked()  # it holds the send lock
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()  # the CANCEL waits for the lock
+                    await transport.aclose()
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert outcome == [None]
+        assert scope.cancelled_caught
+
 
 def _refuse(request: IoctlRequest) -> IoctlReply:
     """Answer ``request`` with EINVAL."""
@@ -585,8 +630,8 @@ class TestLifecycle:
 
     def test_only_a_path_that_is_no_socket_cannot_be_a_host(self, socket_dir: str) -> None:
         """``cannot_be_a_host`` (check-config's check, no connect) names a path that exists
-        and is not a socket, as the opener does above; a socket, a missing path or one below
-        a file may yet become one (the opener waits or says unavailable: 69)."""
+        and is not a socket, as the opener does above; a socket or a missing path may yet
+        become one (the opener waits or says unavailable: 69)."""
         file = os.path.join(socket_dir, "file")
         os.close(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600))
         assert (
@@ -597,7 +642,33 @@ class TestLifecycle:
             listener.bind(listening)
             assert cannot_be_a_host(listening) is None
         assert cannot_be_a_host(os.path.join(socket_dir, "missing")) is None
-        assert cannot_be_a_host(os.path.join(file, "x")) is None
+
+    @pytest.mark.parametrize("error", [errno.ENOTDIR, errno.ELOOP], ids=errno.errorcode.get)
+    async def test_no_wait_where_no_socket_can_be(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock, error: int
+    ) -> None:
+        """A path below a regular file (ENOTDIR) or in a symbolic link loop (ELOOP) never
+        becomes a host: check-config's check names it, and the open fails at once as a path
+        that cannot be the device (78), as the character device's open does on the same
+        errnos. Both took it for a host that may come: the open said 'start one with
+        vbox-agent simulate' (69, which the unit restarts forever) and check-config passed."""
+        if error == errno.ENOTDIR:
+            file = os.path.join(socket_dir, "file")
+            os.close(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600))
+            path = os.path.join(file, "h.sock")
+        else:
+            path = os.path.join(socket_dir, "loop")
+            os.symlink(path, path)
+        spec = f"unix:{path}"
+        why = (
+            f"no simulated host at {path}: no socket can be there "
+            f"({os.strerror(error)}, {errno.errorcode[error]})"
+        )
+        assert cannot_be_the_device(spec) == why
+        with pytest.raises(NotTheDeviceError) as info:
+            await opener_for_spec(spec, ioctl_threads=5).open_session()
+        assert str(info.value) == why
+        assert trio.current_time() == 0
 
     async def test_waits_for_a_starting_host(self, socket_dir: str, host: ScriptedHost) -> None:
         """A session asked for before the host listens opens once it does."""
@@ -618,8 +689,65 @@ class TestLifecycle:
                     await start_host(nursery, host, path)
                     await done.wait()
                 assert logs[-1]["event"] == "simulated_host_answered"
+                assert logs[-1]["uid"] == os.geteuid()  # SO_PEERCRED: this process runs it
                 await opened[0].aclose()
                 nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("host_uid", "own_uid", "refusal"),
+        [
+            (1000, 1000, None),
+            (0, 1000, None),
+            (0, 0, None),
+            (
+                1000,
+                0,
+                "refusing the simulated host at /tmp/h.sock: it runs as uid 1000, and an agent "
+                "running as uid 0 trusts only a host run by root (start `vbox-agent simulate "
+                "--socket /tmp/h.sock` as root)",
+            ),
+            (
+                1001,
+                1000,
+                "refusing the simulated host at /tmp/h.sock: it runs as uid 1001, and an agent "
+                "running as uid 1000 trusts only a host run by uid 1000 or root (start "
+                "`vbox-agent simulate --socket /tmp/h.sock` as uid 1000 or root)",
+            ),
+        ],
+    )
+    def test_only_the_own_user_or_root_may_host(
+        self, host_uid: int, own_uid: int, refusal: str | None
+    ) -> None:
+        """A host run by the agent's own user or by root is trusted; another user's is not,
+        and the refusal names its uid and who may run the host."""
+        assert refusal == untrusted_host("/tmp/h.sock", host_uid, own_uid)
+
+    async def test_a_host_run_by_another_user_is_refused(
+        self, socket_dir: str, host: ScriptedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A session whose host runs as neither the agent's user nor root (the uid it reads
+        is shifted: the real one is this process's, which may host) fails at once, before
+        its HELLO, with 69's DeviceUnavailableError: any local user who created the socket
+        first was the host of a root agent, feeding it events and balloon requests."""
+        path = os.path.join(socket_dir, "theirs.sock")
+        read: list[int] = []
+        read_peer_uid = unix.peer_uid
+
+        def another_user(stream: trio.SocketStream) -> int:
+            read.append(read_peer_uid(stream))
+            return os.geteuid() + 1
+
+        monkeypatch.setattr(unix, "peer_uid", another_user)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start_host(nursery, host, path)
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+                await trio.testing.wait_all_tasks_blocked()
+                assert host.sessions == []  # it said no HELLO
+                nursery.cancel_scope.cancel()
+        assert read == [os.geteuid()]
+        assert str(info.value) == untrusted_host(path, os.geteuid() + 1, os.geteuid())
 
     async def test_no_wait_once_a_host_answered(
         self, socket_dir: str, host: ScriptedHost, autojump_clock: trio.abc.Clock

@@ -1,5 +1,5 @@
 """CPU hot-plug in the simulated host: VMMDev's flag and one event slot, Main's plug and unplug
-calls, and each driver personality's policy for the two requests.
+calls (Console's, over VMMDev's), and each driver personality's policy for the two requests.
 
 Rules of this test module:
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 import trio
 
 from agent.device import open_device
@@ -182,15 +183,30 @@ class TestPersonalities:
 class TestControl:
     """``cpu`` on the control socket, as VBoxManage controlvm plugcpu/unplugcpu."""
 
-    async def test_refused_while_the_guest_does_not_monitor(self, any_host: SimulatedHost) -> None:
-        """Exit 1 material: the host's status in one line."""
-        answer = await execute_control(
-            any_host,
-            {"command": "cpu", "action": "unplug", "core": 1, "package": 0},
-            drop=_no_drop,
-        )
-        assert answer["ok"] is False
-        assert "VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST" in str(answer["error"])
+    async def test_unmonitored_unplug_is_busy_and_plug_loses_its_notification(
+        self, any_host: SimulatedHost
+    ) -> None:
+        """As Main's Console: an unplug the guest was not told of gives up with
+        VERR_RESOURCE_BUSY (exit 1 material, one line); a plug attaches and succeeds, its
+        notification lost (logged, the slot untouched)."""
+        unplug = {"command": "cpu", "action": "unplug", "core": 1, "package": 0}
+        with structlog.testing.capture_logs() as logs:
+            answer = await execute_control(any_host, unplug, drop=_no_drop)
+            assert answer["ok"] is False
+            assert "VERR_RESOURCE_BUSY" in str(answer["error"])
+            plug = {**unplug, "action": "plug"}
+            answer = await execute_control(any_host, plug, drop=_no_drop)
+            assert answer == {"ok": True, "result": None}
+        assert any_host.status()["cpu_hotplug"] == {
+            "monitored": False,
+            "event": "INVALID",
+            "core": 0,
+            "package": 0,
+            "notified": 0,
+        }
+        [lost] = [entry for entry in logs if entry["event"] == "cpu_plug_not_notified"]
+        assert lost["core"] == 1
+        assert lost["status"] == "VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"
 
     async def test_plug_and_bad_arguments(self, any_host: SimulatedHost) -> None:
         """A good call fills the slot; a bad action or id is refused with what is wrong."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from agent.protocol import Submission
     from agent.services._base import BalloonGauge
     from agent.services.balloon import PressureSource
+    from agent.services.balloon._cgroup import CgroupRoom
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._handover import Handover, HostTarget
     from agent.services.balloon._walker import ChunkWalker
@@ -209,6 +210,7 @@ async def running_balloon(
     allocator: ChunkAllocator | None = None,
     pressure: PressureSource | None = None,
     mem_available_mb: Callable[[], int | None] = lambda: 1 << 20,
+    cgroup_room: Callable[[], CgroupRoom | None] | None = None,
     host: SimulatedHost | None = None,
     before: Callable[[SimulatedHost], Awaitable[None]] | None = None,
     gauge: BalloonGauge | None = None,
@@ -239,6 +241,7 @@ async def running_balloon(
                 allocator=allocator if allocator is not None else SimChunks(),
                 pressure=None if psi_file else pressure if pressure is not None else Quiet(),
                 mem_available_mb=mem_available_mb,
+                cgroup_room=cgroup_room,
                 gauge=gauge,
                 sysctl_root=sysctl_root,
                 status_changed=status_changed,

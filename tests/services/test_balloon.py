@@ -1044,6 +1044,73 @@ class TestPressure:
                 far = 144 // MEMINFO_REUSE_CHUNKS
                 assert reads <= far + MEMINFO_REUSE_CHUNKS + 2
 
+    @pytest.mark.parametrize(("kind", "mode"), WALKING)
+    async def test_pressure_below_the_floor_gives_back_to_the_floor(
+        self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
+    ) -> None:
+        """Pressure while the rest of the guest took MemAvailable 144 MB below the floor
+        gives back those 144 MB at once, not the 64 MB step; after the hold the balloon grows
+        back to the target as the memory comes free."""
+        host = _host(kind)
+        pressure = ScriptedPressure()
+        # A long interval: the reading, not the floor's own look, lowers the cap here.
+        section = BalloonSection(min_available_mb=256, pressure_step_mb=64, psi_interval_s=10)
+        other = {"mb": 0}
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="",
+                host=host,
+                before=hand_to_ring3,
+                section=section,
+                pressure=pressure,
+                mem_available_mb=lambda: 1024 - host.vmmdev.balloon.chunks - other["mb"],
+            ) as run:
+                run.host.set_balloon_target(512)
+                await run.settle(512)
+                other["mb"] = 400  # MemAvailable 112 MB
+                pressure.send(60.0, high=True)
+                await run.until(lambda: run.walker.cap is not None)
+                assert run.walker.cap == 512 - 144
+                await run.settle(368)
+                other["mb"] = 0
+                await run.settle(512)
+
+    @pytest.mark.parametrize("psi", ["off", "quiet"])
+    async def test_below_the_floor_the_balloon_gives_back_without_a_reading(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path, psi: str
+    ) -> None:
+        """No PSI (the file is missing), or PSI that reports no stall while the rest of the
+        guest takes MemAvailable below the floor: within an interval the balloon gives back
+        what the floor lacks, holds it for the cooldown, then grows back to the target as
+        the memory comes free."""
+        host = _host("passthrough")
+        section = BalloonSection(min_available_mb=256, psi_path=str(tmp_path / "none"))
+        other = {"mb": 0}
+        with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="",
+                host=host,
+                section=section,
+                pressure=Quiet(),
+                psi_file=psi == "off",
+                mem_available_mb=lambda: 1024 - host.vmmdev.balloon.chunks - other["mb"],
+            ) as run:
+                run.host.set_balloon_target(512)
+                await run.settle(512)
+                other["mb"] = 500  # MemAvailable 12 MB
+                taken = trio.current_time()
+                await run.settle(512 - 244)
+                gave_back = trio.current_time()
+                assert gave_back - taken <= section.psi_interval_s
+                other["mb"] = 0
+                await run.settle(512)
+                assert trio.current_time() - gave_back >= section.pressure_cooldown_s
+        [below] = [entry for entry in logs if entry["event"] == "balloon_below_floor"]
+        assert (below["mem_available_mb"], below["action"]) == (
+            12,
+            "deflate to 268 and hold for 30 s",
+        )
+
 
 class TestTriggeredAndKernel:
     """Where the driver allocates, the agent only decides when to trigger it."""

@@ -7,7 +7,10 @@ default 8 MiB ``RLIMIT_MEMLOCK``) and read ``/proc/self/smaps`` and ``VmLck`` to
 from __future__ import annotations
 
 import re
+import shutil
 import struct
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 CHUNKS: Final = 4
+MEMLOCK_LIMIT: Final = 4 * BALLOON_CHUNK_SIZE
 _RANGE: Final = re.compile(r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S+)")
 
 
@@ -197,6 +201,37 @@ class TestCapability:
         [line] = [line for line in logs if line["event"] == "balloon_mode"]
         assert "memlock_limit_mb" in line
         assert line["memlock_unlimited_by_capability"] is has_ipc_lock()
+
+
+LOCK_UNTIL_REFUSED: Final = f"""
+import resource
+from agent.services.balloon._chunks import ChunkError, MmapAllocator
+resource.setrlimit(resource.RLIMIT_MEMLOCK, ({MEMLOCK_LIMIT}, {MEMLOCK_LIMIT}))
+allocator = MmapAllocator()
+try:
+    for _ in range({MEMLOCK_LIMIT // BALLOON_CHUNK_SIZE + 1}):
+        allocator.allocate()
+except ChunkError as exc:
+    print(exc)
+"""
+"""Lock chunks past a lowered limit, in a child process (this one keeps its own limit)."""
+
+
+@pytest.mark.skipif(
+    has_ipc_lock() and shutil.which("setpriv") is None,
+    reason="CAP_IPC_LOCK lifts the limit, and setpriv, which drops it in the child, is missing",
+)
+def test_a_refusal_by_rlimit_memlock_names_the_limit() -> None:
+    """mlock past ``RLIMIT_MEMLOCK`` without ``CAP_IPC_LOCK``: the failure names the limit and
+    what lifts it (it read "Cannot allocate memory", like a guest out of memory)."""
+    command = [sys.executable, "-c", LOCK_UNTIL_REFUSED]
+    if has_ipc_lock():  # root, say: drop the capability in the child
+        command = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", *command]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout == (
+        "mlock of a 1 MiB chunk failed: RLIMIT_MEMLOCK of 4 MiB reached"
+        " (LimitMEMLOCK=infinity or CAP_IPC_LOCK lifts it)\n"
+    )
 
 
 class TestServiceWithRealChunks:

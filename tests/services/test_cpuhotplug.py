@@ -13,6 +13,8 @@ Rules of this test module:
   real clock and wait for the service's status changes (``Watch``), never for a time;
   tests that stay off sysfs run on ``autojump_clock``. Every test is bounded by
   ``trio.fail_after``.
+- A plug's looks for its CPU follow each other without the service's pause (an autouse
+  fixture): only a test's own steps change the tree.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from agent.protocol import (
 )
 from agent.protocol.constants import CpuEventType, RequestType
 from agent.protocol.status import STATUS_CODES
-from agent.services import EventPump, ServiceContext, _cpu_sysfs
+from agent.services import EventPump, ServiceContext, _cpu_sysfs, cpuhotplug
 from agent.services._cpu_sysfs import CpuSysfs
 from agent.services.cpuhotplug import (
     MAX_REQUESTS_PER_WAKEUP,
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
 
     from agent.host.transport import SimTransport
 
-NOT_MONITORED = STATUS_CODES["VERR_VMMDEV_CPU_HOTPLUG_NOT_MONITORED_BY_GUEST"]
+RESOURCE_BUSY = STATUS_CODES["VERR_RESOURCE_BUSY"]
 ACPI_BUS = Path("devices/LNXSYSTM:00/LNXSYBUS:00")
 """Where VirtualBox's CPU containers appear (VBoxService looks under the same path)."""
 RELEASE_S = 5.0
@@ -206,6 +208,15 @@ async def running(
                 inner.cancel_scope.cancel()
             await service.drain()
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(autouse=True)
+def _looks_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plug's looks follow each other at once: the tree is files that change only when a
+    test changes them (by its own steps, never by the time), so the pause between looks
+    (``PLUG_RETRY_S``, real time on the tests that reach sysfs) decided nothing and cost
+    every plug of a CPU offline before monitoring began half a second."""
+    monkeypatch.setattr(cpuhotplug, "PLUG_RETRY_S", 0.0)
 
 
 def events_named(logs: list[EventDict], name: str) -> list[EventDict]:
@@ -718,15 +729,15 @@ class TestMonitoring:
     async def test_stop_disables_monitoring(
         self, autojump_clock: trio.abc.Clock, guest: Guest
     ) -> None:
-        """After the drain the host refuses Main's plug again, as without an agent."""
+        """After the drain the host refuses Main's unplug again, as without an agent."""
         with trio.fail_after(60):
             async with running(guest.root) as run:
                 pass
             assert run.host.vmmdev.cpu_hotplug.monitored is False
             assert run.requests(RequestType.SET_CPU_HOTPLUG_STATUS) == 2
             with pytest.raises(VBoxStatusError) as refused:
-                run.host.cpu_plug(2)
-            assert refused.value.rc == NOT_MONITORED
+                run.host.cpu_unplug(2)
+            assert refused.value.rc == RESOURCE_BUSY
             assert run.stats().monitoring is False
 
     async def test_a_stop_during_the_enable_disables_monitoring(
@@ -786,8 +797,7 @@ class TestMonitoring:
                 assert run.service.status() == f"cpuhotplug: not available ({status})"
                 await trio.sleep(3600)
                 assert run.requests(RequestType.GET_CPU_HOTPLUG_REQ) == 0
-                with pytest.raises(VBoxStatusError):
-                    run.host.cpu_plug(2)
+                assert run.host.vmmdev.cpu_hotplug.monitored is False
                 run.host.restore()
                 await trio.testing.wait_all_tasks_blocked()
                 if user_device:  # the driver still refuses: not said again

@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -31,6 +32,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.protocol.guest_props import NILFLAG, RDONLYGUEST, SERVICE_NAME
 from agent.services import EventPump, ServiceContext
+from agent.services._host_options import OPTION_PREFIX
 from agent.services._netifaces import NetInterface
 from agent.services._publishing import NOT_SENT
 from agent.services.network import (
@@ -508,6 +510,87 @@ async def test_a_restore_while_the_run_is_down_is_not_missed(
             await nursery.start(service.run)
             assert host.prop_get(name) is not None
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _started(
+    host: SimulatedHost, interfaces: Interfaces, section: NetworkSection
+) -> AsyncIterator[Running]:
+    """The service on ``section``, started on ``host`` (whose properties the test set)."""
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        running = Running(host)
+        context = ServiceContext(device, EventPump(device), running.status_changed)
+        running.start(network_service(context, section, interfaces))
+        await nursery.start(context.pump.run)
+        await nursery.start(running.service.run)
+        await trio.testing.wait_all_tasks_blocked()
+        yield running
+        nursery.cancel_scope.cancel()
+
+
+async def _passes_after(running: Running, seconds: float) -> int:
+    """The passes made ``seconds`` from now (the clock jumps there)."""
+    await trio.sleep(seconds)
+    await trio.testing.wait_all_tasks_blocked()
+    return running.service.statistics().passes
+
+
+async def test_the_hosts_vminfo_interval_applies_at_start_and_after_a_restore(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """``--vminfo-interval 30000`` (ms) over the section's 5 s; set while the VM was saved,
+    the global ``--interval 20`` (s) is the one after the restore, as VBoxService reads them
+    at start (``vbsvcVMInfoInit``)."""
+    host.prop_set(f"{OPTION_PREFIX}vminfo-interval", "30000")
+    section = NetworkSection(interval_s=INTERVAL_S)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _started(host, interfaces, section) as running:
+            assert running.service.statistics().passes == 1
+            assert await _passes_after(running, 29) == 1
+            assert await _passes_after(running, 1) == 2
+            host.prop_delete(f"{OPTION_PREFIX}vminfo-interval")
+            host.prop_set(f"{OPTION_PREFIX}interval", "20")
+            host.restore()
+            assert await _passes_after(running, 0) == 3
+            assert await _passes_after(running, 19) == 3
+            assert await _passes_after(running, 1) == 4
+    applied = [entry["interval_s"] for entry in logs if entry["event"] == "host_options_applied"]
+    assert applied == [30.0, 20]
+
+
+async def test_a_host_interval_out_of_the_sections_bounds_is_refused_in_one_line(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """``--vminfo-interval 500`` is within VBoxService's bounds but under the section's 1 s:
+    one warning names the property and the bound, and the interval falls back to the global
+    ``--interval 15``, as VBoxService falls back where its own option is refused."""
+    host.prop_set(f"{OPTION_PREFIX}vminfo-interval", "500")
+    host.prop_set(f"{OPTION_PREFIX}interval", "15")
+    section = NetworkSection(interval_s=INTERVAL_S)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _started(host, interfaces, section) as running:
+            assert await _passes_after(running, 14) == 1
+            assert await _passes_after(running, 1) == 2
+    refused = [entry["problem"] for entry in logs if entry["event"] == "host_option_refused"]
+    assert refused == [
+        f"{OPTION_PREFIX}vminfo-interval = '500': "
+        "interval_s 0.5: input should be greater than or equal to 1"
+    ]
+
+
+async def test_host_options_off_keeps_the_sections_interval(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, interfaces: Interfaces
+) -> None:
+    """``host_options = false``: the section's 5 s, whatever the host sets; a reload that
+    switches it needs a restart (the options are read at start), one that keeps it does
+    not."""
+    host.prop_set(f"{OPTION_PREFIX}vminfo-interval", "30000")
+    section = NetworkSection(interval_s=INTERVAL_S, host_options=False)
+    with trio.fail_after(LIMIT_S):
+        async with _started(host, interfaces, section) as running:
+            assert await _passes_after(running, INTERVAL_S) == 2
+            assert running.service.reconfigure(NetworkSection(interval_s=INTERVAL_S)) is False
+            assert running.service.reconfigure(section.model_copy(update={"interval_s": 6.0}))
 
 
 def test_the_interval_has_named_bounds() -> None:

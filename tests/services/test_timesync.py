@@ -33,7 +33,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.protocol import RequestType
 from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND
 from agent.services import EventPump, ServiceContext
-from agent.services._timesync_options import OPTION_PREFIX
+from agent.services._host_options import OPTION_PREFIX as VBOXSERVICE_OPTION
 from agent.services._wallclock import AgentOwnClock, SystemClock
 from agent.services.timesync import (
     DAEMON_RESYNC_GRACE_S,
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 LIMIT_S: Final = 60
+TIMESYNC_OPTION: Final = f"{VBOXSERVICE_OPTION}timesync-"
 MS: Final = 1_000_000
 """Nanoseconds per millisecond."""
 INTERVAL_S: Final = 10.0
@@ -627,14 +628,14 @@ async def test_the_hosts_options_apply_at_start_and_after_a_restore(
     """The host's set-threshold makes a 2 s drift a step; removed while the VM was saved,
     the config's 20 minutes apply again after the restore. A refused option is logged at
     each reading of the options (start, restore)."""
-    host.prop_set(f"{OPTION_PREFIX}set-threshold", "1000")
-    host.prop_set(f"{OPTION_PREFIX}max-latency", "many")
+    host.prop_set(f"{TIMESYNC_OPTION}set-threshold", "1000")
+    host.prop_set(f"{TIMESYNC_OPTION}max-latency", "many")
     host.vmmdev.time_offset_ms = 2000
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with _running(host, clock, TimesyncSection(set_on_restore=False)) as running:
             statistics = await running.wait_for(lambda s: s.passes == 1)
             assert (statistics.steps, statistics.slews) == (1, 0)
-            host.prop_delete(f"{OPTION_PREFIX}set-threshold")
+            host.prop_delete(f"{TIMESYNC_OPTION}set-threshold")
             host.vmmdev.time_offset_ms = 4000
             host.restore()
             statistics = await running.wait_for(lambda s: s.passes == 2)
@@ -645,14 +646,16 @@ async def test_the_hosts_options_apply_at_start_and_after_a_restore(
         {},
     ]
     refused = [entry["problem"] for entry in logs if entry["event"] == "host_option_refused"]
-    assert refused == [f"{OPTION_PREFIX}max-latency = 'many': not a whole number in 1..3600000"] * 2
+    assert (
+        refused == [f"{TIMESYNC_OPTION}max-latency = 'many': not a whole number in 1..3600000"] * 2
+    )
 
 
 async def test_the_hosts_shortest_interval_reads_every_50_ms(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
     """``--timesync-interval 50``, VBoxService's least, is taken: 20 readings a second."""
-    host.prop_set(f"{OPTION_PREFIX}interval", "50")
+    host.prop_set(f"{TIMESYNC_OPTION}interval", "50")
     with trio.fail_after(LIMIT_S):
         async with _running(host, clock, TimesyncSection()) as running:
             await trio.testing.wait_all_tasks_blocked()
@@ -661,10 +664,39 @@ async def test_the_hosts_shortest_interval_reads_every_50_ms(
             assert running.service.statistics().passes == 21
 
 
+async def test_host_global_interval_sets_the_timesync_interval(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """The host's ``--interval 30`` (s) is the interval where no ``--timesync-interval``
+    is set, as in ``vgsvcTimeSyncInit``."""
+    host.prop_set(f"{VBOXSERVICE_OPTION}interval", "30")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.service.statistics().passes == 1
+            await trio.sleep(25)
+            assert running.service.statistics().passes == 1  # main: 3 (every 10 s)
+            await trio.sleep(10)
+            assert running.service.statistics().passes == 2
+
+
+async def test_the_hosts_timesync_interval_wins_over_its_global_one(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """``--timesync-interval 5000`` (ms) over ``--interval 30``: a reading every 5 s."""
+    host.prop_set(f"{VBOXSERVICE_OPTION}interval", "30")
+    host.prop_set(f"{TIMESYNC_OPTION}interval", "5000")
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(10.5)
+            assert running.service.statistics().passes == 3
+
+
 async def test_the_hosts_set_start_steps_the_first_reading(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    host.prop_set(f"{OPTION_PREFIX}set-start", "")
+    host.prop_set(f"{TIMESYNC_OPTION}set-start", "")
     with trio.fail_after(LIMIT_S):
         async with _running(host, clock, TimesyncSection()) as running:
             statistics = await running.wait_for(lambda s: s.passes == 2)
@@ -674,7 +706,7 @@ async def test_the_hosts_set_start_steps_the_first_reading(
 async def test_the_hosts_no_set_start_overrides_the_config(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    host.prop_set(f"{OPTION_PREFIX}no-set-start", "")
+    host.prop_set(f"{TIMESYNC_OPTION}no-set-start", "")
     with trio.fail_after(LIMIT_S):
         async with _running(host, clock, TimesyncSection(set_on_start=True)) as running:
             statistics = await running.wait_for(lambda s: s.passes == 2)
@@ -684,7 +716,7 @@ async def test_the_hosts_no_set_start_overrides_the_config(
 async def test_host_options_off_ignores_them(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    host.prop_set(f"{OPTION_PREFIX}set-threshold", "1000")
+    host.prop_set(f"{TIMESYNC_OPTION}set-threshold", "1000")
     host.vmmdev.time_offset_ms = 2000
     with trio.fail_after(LIMIT_S):
         async with _running(host, clock, TimesyncSection(host_options=False)) as running:
@@ -710,7 +742,7 @@ async def test_a_reload_of_set_on_start_needs_a_restart(
 async def test_a_reload_applies_the_new_interval_to_the_wait_under_way(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    host.prop_set(f"{OPTION_PREFIX}min-adjust", "5000")
+    host.prop_set(f"{TIMESYNC_OPTION}min-adjust", "5000")
     with trio.fail_after(LIMIT_S):
         async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
             await running.wait_for(lambda s: s.passes == 1)

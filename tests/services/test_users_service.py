@@ -575,6 +575,25 @@ async def test_follows_logins_with_transreset_and_deletes_them_at_stop(
     assert host.status()["hgcm_clients"] == 0
 
 
+async def test_the_hosts_global_interval_paces_the_users(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The host's ``--interval 30`` (s) over the section's 5 s, as for ``network``: both are
+    VBoxService's VM-info service."""
+    host.prop_set("/VirtualBox/GuestAdd/VBoxService/--interval", "30")
+    users = Users("alice")
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            service = await start_users(device, nursery, users.logins)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(29)
+            assert service.statistics().passes == 1
+            await trio.sleep(1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 2
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_first_write_a_stop_cut_off_is_deleted_at_the_drain(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -120,6 +120,20 @@ def _error(call: str) -> ChunkError:
     )
 
 
+def _mlock_error() -> ChunkError:
+    """``mlock``'s failure, naming ``RLIMIT_MEMLOCK`` where that is what refused it (ENOMEM
+    past the limit, EPERM with a limit of 0): it read as the guest out of memory."""
+    code = ctypes.get_errno()
+    limit = memlock_limit()
+    if code not in (errno.ENOMEM, errno.EPERM) or limit is None or has_ipc_lock():
+        return _error("mlock")
+    return ChunkError(
+        code,
+        f"mlock of a {BALLOON_CHUNK_SIZE >> 20} MiB chunk failed: RLIMIT_MEMLOCK of"
+        f" {limit / (1 << 20):g} MiB reached (LimitMEMLOCK=infinity or CAP_IPC_LOCK lifts it)",
+    )
+
+
 class MmapAllocator:
     """Real chunks: ``mmap`` + ``MADV_DONTFORK`` + ``MADV_NOHUGEPAGE`` + ``mlock``; page
     frames from pagemap."""
@@ -159,7 +173,7 @@ class MmapAllocator:
             libc.munmap(address, BALLOON_CHUNK_SIZE)
             raise error
         if libc.mlock(address, BALLOON_CHUNK_SIZE) != 0:
-            error = _error("mlock")
+            error = _mlock_error()
             libc.munmap(address, BALLOON_CHUNK_SIZE)
             raise error
         return int(address)

@@ -26,7 +26,8 @@ class BalloonSection(ServiceSection):
     """PSI file to watch (``/proc/pressure/memory`` or a cgroup v2 ``memory.pressure``); it
     must be a regular file, as those are (a FIFO or device switches pressure handling off)."""
     psi_interval_s: float = Field(default=2.0, ge=MIN_PSI_INTERVAL_S, le=MAX_PSI_INTERVAL_S)
-    """The PSI trigger window, and the polling interval where triggers are unsupported."""
+    """The PSI trigger window, the polling interval where triggers are unsupported, and how
+    often the floor (``min_available_mb``) is looked at while the agent holds chunks."""
     pressure_threshold_pct: float = Field(default=10.0, gt=0, le=100)
     """Stall share (``some``) within one interval at or over which memory is under pressure."""
     pressure_step_mb: int = Field(default=64, ge=1)
@@ -34,7 +35,10 @@ class BalloonSection(ServiceSection):
     pressure_cooldown_s: float = Field(default=30.0, gt=0, le=MAX_PRESSURE_COOLDOWN_S)
     """How long pressure must stay low before the balloon grows toward the target again."""
     min_available_mb: int = Field(default=256, ge=0)
-    """Never inflate when ``MemAvailable`` would drop below this many MiB."""
+    """Never inflate when ``MemAvailable`` would drop below this many MiB, and give back
+    (where the agent holds the chunks) what it lacks below that, held as a pressure cap;
+    where the agent's memory cgroups have a limit, the room left under it counts instead
+    when it is less."""
     retry_initial_s: float = Field(default=1.0, gt=0, le=MAX_RETRY_S)
     """Delay before the first retry after a failed step; doubles on each further failure ..."""
     retry_max_s: float = Field(default=60.0, gt=0, le=MAX_RETRY_S)

@@ -30,7 +30,11 @@ Memory pressure (a PSI source) caps the walked balloon: each high reading gives 
 ``pressure_cooldown_s`` at first. An episode starting within one cooldown after the last
 hold ended doubles the hold (up to :data:`MAX_HOLD_FACTOR` times the cooldown), so pressure
 and the host's target do not cycle every cooldown; a later episode starts at one cooldown
-again. In kernel mode pressure is not watched at all (the kernel owns the balloon).
+again. The floor works both ways: a high reading gives back at least what the headroom
+(``MemAvailable``, or the memory cgroup's room if less) lacks below ``min_available_mb``, and
+while the agent holds chunks the headroom is looked at every ``psi_interval_s`` (PSI may
+report no stall, or be missing), a shortfall given back at once under the same hold. In
+kernel mode pressure is not watched at all (the kernel owns the balloon).
 
 ``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
 deflates whatever the driver holds. In owned mode nothing does, so a refused chunk is
@@ -60,6 +64,7 @@ from agent.protocol import HOST_ERRORS, Event, VBoxStatusError
 from agent.records import record
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff, failure_text
+from agent.services.balloon._cgroup import Headroom, cgroup_room as read_cgroup_room
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
@@ -69,6 +74,7 @@ if TYPE_CHECKING:
 
     from agent.device import Device
     from agent.protocol import RemoteProtocolError
+    from agent.services.balloon._cgroup import CgroupRoom
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._mode import Detected
@@ -141,6 +147,9 @@ class BalloonService:
         allocator: where the agent's chunks come from (default: locked anonymous mmaps).
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
+        cgroup_room: the room left in the agent's memory cgroups (default:
+            :func:`~._cgroup.cgroup_room`, unless ``mem_available_mb`` is given: then none,
+            that figure is all there is). The floor is checked against the less of the two.
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (None while stopped).
         sysctl_root: where owned mode reads the settings that let Linux move locked pages
@@ -161,6 +170,7 @@ class BalloonService:
         allocator: ChunkAllocator | None = None,
         pressure: PressureSource | None = None,
         mem_available_mb: Callable[[], int | None] | None = None,
+        cgroup_room: Callable[[], CgroupRoom | None] | None = None,
         status_changed: Callable[[], None] = lambda: None,
         gauge: BalloonGauge | None = None,
         sysctl_root: Path | None = None,
@@ -176,7 +186,10 @@ class BalloonService:
         self._section = section
         self._allocator = allocator
         self._pressure = pressure
-        self._mem_available = mem_available_mb or self._read_mem_available
+        self._headroom_mb = Headroom(
+            mem_available_mb or self._read_mem_available,
+            cgroup_room or (None if mem_available_mb else read_cgroup_room),
+        ).mb
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
@@ -347,7 +360,7 @@ class BalloonService:
             self._nursery = nursery
             self._start_watch()
         if self._walker is not None:
-            nursery.start_soon(self._walker.run)
+            self._start_walker(nursery, self._walker)
         await self._follow()
 
     async def drain(self) -> None:
@@ -544,7 +557,7 @@ class BalloonService:
             handover,
             allocator,
             backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
-            mem_available_mb=self._mem_available,
+            mem_available_mb=self._headroom_mb,
             min_available_mb=self._section.min_available_mb,
             status_changed=self._status_changed,
             resized=self._publish,
@@ -715,7 +728,7 @@ class BalloonService:
             **_memlock_fields(),
         )
         assert self._nursery is not None  # noqa: S101 - set in triggered mode
-        self._nursery.start_soon(walker.run)
+        self._start_walker(self._nursery, walker)
         self._publish(0)
         self._status_changed()
 
@@ -728,7 +741,7 @@ class BalloonService:
         keeps MemAvailable there: an unbounded wait could hold the memory for ever.
         """
         section = self._section
-        available = self._mem_available()
+        available = self._headroom_mb()
         pressure = self._release_at != math.inf
         at_floor = available is not None and available < section.min_available_mb
         now = trio.current_time()
@@ -793,10 +806,11 @@ class BalloonService:
                     self._ease()
                 elif reading.high:
                     self._press(reading)
-        # No more readings: a hold in place still ends after its cooldown.
-        with trio.move_on_at(self._release_at) as self._hold:
-            await trio.sleep_forever()
-        self._ease()
+        # No more readings: a hold in place (or one the floor starts) ends after its cooldown.
+        while True:
+            with trio.move_on_at(self._release_at) as self._hold:
+                await trio.sleep_forever()
+            self._ease()
 
     def _open_psi(self, stack: AsyncExitStack) -> PsiMonitor | None:
         """Open the PSI file the section names, closed with ``stack``; None (one line) if it
@@ -816,14 +830,10 @@ class BalloonService:
     def _press(self, reading: PressureReading) -> None:
         section = self._section
         self._pressure_events += 1
-        available = self._mem_available()
+        available = self._headroom_mb()
         walker = self._walker
-        now = trio.current_time()
         episode = self._release_at == math.inf
-        if episode:
-            self._damp(now)
-        hold_s = section.pressure_cooldown_s * self._hold_factor
-        self._release_at = now + hold_s  # a hold the cooldown ends (with one line)
+        hold_s = self._hold_on()
         figures = {
             "stall_pct": reading.stall_pct,
             "threshold_pct": section.pressure_threshold_pct,
@@ -837,18 +847,66 @@ class BalloonService:
                 action=f"postpone CHECK_BALLOON for at most {section.pressure_cooldown_s:g} s",
             )
             return
-        held = len(walker.held)
-        cap = walker.cap
-        base = held if cap is None else min(cap, held)
-        walker.lower_cap(max(0, base - section.pressure_step_mb // CHUNK_MB))
+        cap = self._lower_cap(walker, section.pressure_step_mb // CHUNK_MB, available)
         # Sustained pressure at the same cap is no news: repeats stay at debug.
         (log.info if walker.cap != cap else log.debug)(
             "balloon_pressure",
             **figures,
-            chunks=held,
+            chunks=len(walker.held),
             target=walker.target,
             action=f"deflate to {walker.cap} and hold for {hold_s:g} s",
         )
+
+    def _hold_on(self) -> float:
+        """Hold the cap (or a postponement) for the current hold from now on, a new episode
+        damped (:meth:`_damp`); return the hold's length. The cooldown ends it (one line)."""
+        now = trio.current_time()
+        if self._release_at == math.inf:
+            self._damp(now)
+        hold_s = self._section.pressure_cooldown_s * self._hold_factor
+        self._release_at = self._hold.deadline = now + hold_s
+        return hold_s
+
+    def _shortfall(self, available: int | None) -> int:
+        """Chunks to give back for ``available`` MiB to reach ``min_available_mb`` again."""
+        if available is None:
+            return 0
+        return max(0, -((available - self._section.min_available_mb) // CHUNK_MB))
+
+    def _lower_cap(self, walker: ChunkWalker, step: int, available: int | None) -> int | None:
+        """Lower the walker's cap by ``step`` chunks, and at least as far as gives ``available``
+        MiB back up to ``min_available_mb``; return the cap before."""
+        held, cap = len(walker.held), walker.cap
+        base = held if cap is None else min(cap, held)
+        walker.lower_cap(max(0, min(base - step, held - self._shortfall(available))))
+        return cap
+
+    def _start_walker(self, nursery: trio.Nursery, walker: ChunkWalker) -> None:
+        nursery.start_soon(walker.run)
+        nursery.start_soon(self._keep_floor, walker)
+
+    async def _keep_floor(self, walker: ChunkWalker) -> NoReturn:
+        """While the agent holds chunks, look at the headroom every ``psi_interval_s`` and
+        give back what it lacks below ``min_available_mb`` at once, held as a pressure cap:
+        the rest of the guest may take that memory without a stall PSI reports, or where
+        there is no PSI at all."""
+        while True:
+            await walker.wait_holding()
+            await trio.sleep(self._section.psi_interval_s)
+            available = self._headroom_mb()
+            if not self._shortfall(available):
+                continue
+            hold_s = self._hold_on()
+            cap = self._lower_cap(walker, 0, available)
+            # A deflate on its way (or refused) at the same cap is no news: debug.
+            (log.info if walker.cap != cap else log.debug)(
+                "balloon_below_floor",
+                mem_available_mb=available,
+                min_available_mb=self._section.min_available_mb,
+                chunks=len(walker.held),
+                target=walker.target,
+                action=f"deflate to {walker.cap} and hold for {hold_s:g} s",
+            )
 
     def _damp(self, now: float) -> None:
         """A new episode: double the hold if it starts within a cooldown of the last one's

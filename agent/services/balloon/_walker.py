@@ -127,6 +127,8 @@ class ChunkWalker:
         self.last_failure: str | None = None
         self._changed = trio.Event()
         self._settled = trio.Event()
+        self._holding = trio.Event()
+        """Set when the walker comes to hold a chunk (a waiter makes a new one)."""
         self._walk_from: int | None = None
         """Chunks held when the current walk took its first step (None: no walk under way)."""
         self._failed_inflate = True
@@ -185,6 +187,17 @@ class ChunkWalker:
         """Wait until the walk settles holding ``chunks`` (for tests and benchmarks)."""
         while len(self.held) != chunks:
             await self._settled.wait()
+
+    async def wait_holding(self) -> None:
+        """Wait until the walker holds a chunk (at once if it does)."""
+        while not self.held:
+            self._holding = trio.Event()
+            await self._holding.wait()
+
+    def _resized(self) -> None:
+        if self.held:
+            self._holding.set()
+        self._on_resized(len(self.held))
 
     async def run(self) -> NoReturn:
         """Walk toward the goal forever; sleep while there or while backing off."""
@@ -284,7 +297,7 @@ class ChunkWalker:
                 return
             self._available_mb, self._reading_uses = available, MEMINFO_REUSE_CHUNKS
         if self._available_mb - CHUNK_MB < floor:
-            msg = f"MemAvailable {self._available_mb} MB would fall below the floor of {floor} MB"
+            msg = f"{self._available_mb} MB available would fall below the floor of {floor} MB"
             raise WalkStoppedError(msg)
         self._available_mb -= CHUNK_MB
         self._reading_uses -= 1
@@ -321,7 +334,7 @@ class ChunkWalker:
                     raise
                 self.held.append(ready.pop())
                 self.inflated += 1
-                self._on_resized(len(self.held))
+                self._resized()
         finally:
             self._release([chunk.address for chunk in ready])
         if failure is not None and len(self.held) < self.goal:
@@ -333,7 +346,7 @@ class ChunkWalker:
         chunk = ready.pop()
         self.held.append(chunk)
         self.unconfirmed.add(chunk.address)
-        self._on_resized(len(self.held))
+        self._resized()
 
     def _deflate_last(self, chunk: Chunk) -> None:
         """Move held ``chunk``, whose last handover got a malformed reply, to the bottom of
@@ -462,7 +475,7 @@ class ChunkWalker:
         else:
             self.held.remove(chunk)
         self.deflated += 1
-        self._on_resized(len(self.held))
+        self._resized()
         return True
 
     def _release(self, addresses: list[int]) -> None:

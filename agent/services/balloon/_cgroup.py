@@ -1,0 +1,140 @@
+"""The room left in the agent's memory cgroup, which the balloon's floor checks with
+``MemAvailable``.
+
+Every chunk the agent locks is charged to its memory cgroup. Where a cgroup on its path has
+a limit (a slice's ``MemoryMax=``, a container's ``--memory``), faulting in a chunk past it
+wakes that cgroup's OOM killer inside ``mlock``: a SIGKILL, with no error to report. The room
+is the least, over the agent's cgroup and each ancestor, of its limit less its usage:
+``memory.max - memory.current`` on cgroup v2 (``max``: no limit), ``memory.limit_in_bytes -
+memory.usage_in_bytes`` of the memory controller's hierarchy on cgroup v1. A directory that is
+not there (the root has no limit files; a container sees only its own cgroup, mounted as the
+root, under a path naming the host's) is passed over, and so is a value that cannot be read,
+with a debug line: the floor then rests on ``MemAvailable`` alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from agent.records import record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = structlog.get_logger("agent.services.balloon")
+
+CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
+MEMBERSHIP_PATH: Final = Path("/proc/self/cgroup")
+_V1_MEMORY: Final = "memory"
+"""The v1 hierarchy's directory under the root, and its controller's name."""
+_LIMITS: Final = (
+    ("memory.max", "memory.current"),
+    ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+)
+"""Each version's (limit, usage) files: v2, then v1."""
+_MB: Final = 1 << 20
+
+
+@record
+class CgroupRoom:
+    """The least room over the agent's memory cgroups: ``mb`` MiB, in the ``cgroup``
+    directory whose limit leaves it."""
+
+    mb: int
+    cgroup: str
+
+
+def _memory_dirs(membership: str, root: Path) -> list[Path]:
+    """The directories of the agent's memory cgroup and its ancestors, leaf first, from the
+    text of ``/proc/self/cgroup`` (``0::/path`` on v2, ``N:memory:/path`` on v1)."""
+    dirs: list[Path] = []
+    for line in membership.splitlines():
+        _hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers == "":
+            base = root
+        elif _V1_MEMORY in controllers.split(","):
+            base = root / _V1_MEMORY
+        else:
+            continue
+        cgroup = PurePosixPath(path)
+        dirs += [base / ancestor.relative_to("/") for ancestor in (cgroup, *cgroup.parents)]
+    return dirs
+
+
+def _room(directory: Path) -> int | None:
+    """Limit less usage in ``directory`` in bytes, or None: no limit files (passed over
+    silently), no limit (``max``), or a value that cannot be read (a debug line)."""
+    for limit_name, usage_name in _LIMITS:
+        try:
+            limit = (directory / limit_name).read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            _unread(directory, exc)
+            return None
+        if limit == "max":
+            return None
+        try:
+            return int(limit) - int((directory / usage_name).read_text(encoding="ascii"))
+        except (OSError, ValueError) as exc:
+            _unread(directory, exc)
+            return None
+    return None
+
+
+def _unread(where: Path, exc: Exception) -> None:
+    log.debug("balloon_cgroup_unread", cgroup=str(where), reason=str(exc))
+
+
+def cgroup_room(
+    root: Path = CGROUP_ROOT, membership_path: Path = MEMBERSHIP_PATH
+) -> CgroupRoom | None:
+    """The least room over the memory cgroups of this process, or None where none has a
+    limit it can read (the module docstring)."""
+    try:
+        membership = membership_path.read_text(encoding="ascii")
+    except (OSError, ValueError) as exc:
+        _unread(membership_path, exc)
+        return None
+    least: CgroupRoom | None = None
+    for directory in _memory_dirs(membership, root):
+        room = _room(directory)
+        if room is not None and (least is None or max(0, room) // _MB < least.mb):
+            least = CgroupRoom(max(0, room) // _MB, str(directory))
+    return least
+
+
+class Headroom:
+    """What the balloon's floor is checked against: ``MemAvailable``, or the room left in the
+    agent's memory cgroups where that is less (one line the first time it is)."""
+
+    def __init__(
+        self,
+        mem_available_mb: Callable[[], int | None],
+        room: Callable[[], CgroupRoom | None] | None,
+    ) -> None:
+        self._mem_available_mb = mem_available_mb
+        self._room = room
+        self._logged = False
+
+    def mb(self) -> int | None:
+        """The headroom in MiB, None if neither figure is known."""
+        available = self._mem_available_mb()
+        room = self._room() if self._room is not None else None
+        if room is None or (available is not None and available <= room.mb):
+            return available
+        if not self._logged:
+            self._logged = True
+            log.info(
+                "balloon_floor_cgroup",
+                cgroup=room.cgroup,
+                room_mb=room.mb,
+                mem_available_mb=available,
+                reason="the memory cgroup's limit leaves less room than MemAvailable; past"
+                " it, the cgroup's OOM killer would end the agent inside mlock",
+            )
+        return room.mb

@@ -1,0 +1,192 @@
+"""The room left in the agent's memory cgroups, read from fake cgroup trees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import trio
+from structlog.testing import capture_logs
+
+from agent.services.balloon import BalloonSection
+from agent.services.balloon._cgroup import CgroupRoom, cgroup_room
+
+from .balloon_support import SimChunks, running_balloon
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+MB: Final = 1 << 20
+V2_MEMBERSHIP: Final = "0::/system.slice/vbox-agent.service\n"
+V1_MEMBERSHIP: Final = (
+    "12:pids:/system.slice/vbox-agent.service\n"
+    "4:memory:/docker/abc\n"
+    "1:name=systemd:/system.slice/vbox-agent.service\n"
+    "0::/\n"
+)
+
+
+def _cgroup(directory: Path, **files: str) -> Path:
+    """Make ``directory`` with ``files`` (``memory_max`` for ``memory.max``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name.replace("_", ".", 1)).write_text(text + "\n")
+    return directory
+
+
+def _membership(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cgroup"
+    path.write_text(text)
+    return path
+
+
+class TestV2:
+    """``memory.max - memory.current`` over the leaf and each ancestor."""
+
+    def test_a_limit_at_the_leaf(self, tmp_path: Path) -> None:
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(512 * MB),
+            memory_current=str(100 * MB),
+        )
+        _cgroup(root / "system.slice", memory_max="max", memory_current=str(900 * MB))
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(412, str(leaf)) == cgroup_room(root, membership)
+
+    def test_a_limit_at_an_ancestor_leaves_less(self, tmp_path: Path) -> None:
+        """A slice's limit counts everything under it, the agent's usage included."""
+        root = tmp_path / "sys"
+        _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(2048 * MB),
+            memory_current=str(100 * MB),
+        )
+        slice_ = _cgroup(
+            root / "system.slice", memory_max=str(1024 * MB), memory_current=str(800 * MB)
+        )
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(224, str(slice_)) == cgroup_room(root, membership)
+
+    def test_no_limit_anywhere(self, tmp_path: Path) -> None:
+        """``max`` everywhere, and the root without limit files: no room to respect."""
+        root = tmp_path / "sys"
+        _cgroup(root / "system.slice/vbox-agent.service", memory_max="max", memory_current="4096")
+        _cgroup(root / "system.slice", memory_max="max", memory_current="8192")
+        assert cgroup_room(root, _membership(tmp_path, V2_MEMBERSHIP)) is None
+
+    def test_over_the_limit_is_no_room(self, tmp_path: Path) -> None:
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(100 * MB),
+            memory_current=str(101 * MB),
+        )
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(0, str(leaf)) == cgroup_room(root, membership)
+
+    def test_unreadable_values_are_passed_over(self, tmp_path: Path) -> None:
+        """A value that is no number, or a usage file missing beside its limit, is passed
+        over with a debug line; the other cgroups still count."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max="lots",
+            memory_current=str(MB),
+        )
+        slice_ = _cgroup(root / "system.slice", memory_max=str(512 * MB))
+        _cgroup(root, memory_max=str(256 * MB), memory_current=str(56 * MB))
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        with capture_logs() as logs:
+            assert CgroupRoom(200, str(root)) == cgroup_room(root, membership)
+        unread = [(e["log_level"], e["cgroup"]) for e in logs]
+        assert [("debug", str(leaf)), ("debug", str(slice_))] == unread
+
+    def test_no_membership_file(self, tmp_path: Path) -> None:
+        with capture_logs() as logs:
+            assert cgroup_room(tmp_path, tmp_path / "missing") is None
+        assert [entry["event"] for entry in logs] == ["balloon_cgroup_unread"]
+
+
+class TestV1:
+    """``memory.limit_in_bytes - memory.usage_in_bytes`` in the memory hierarchy."""
+
+    def test_the_memory_controllers_path(self, tmp_path: Path) -> None:
+        """Only the memory line counts: the pids hierarchy's path and the empty v2 one
+        (a hybrid system) name no memory limits."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "memory/docker/abc",
+            memory_limit_in_bytes=str(300 * MB),
+            memory_usage_in_bytes=str(44 * MB),
+        )
+        _cgroup(
+            root / "memory",
+            memory_limit_in_bytes="9223372036854771712",  # v1's "no limit"
+            memory_usage_in_bytes=str(3000 * MB),
+        )
+        _cgroup(root / "pids/system.slice/vbox-agent.service", memory_max=str(MB))
+        membership = _membership(tmp_path, V1_MEMBERSHIP)
+        assert CgroupRoom(256, str(leaf)) == cgroup_room(root, membership)
+
+    def test_a_container_sees_its_cgroup_as_the_root(self, tmp_path: Path) -> None:
+        """Without a cgroup namespace a container's /proc/self/cgroup names the host's path,
+        which its own mount does not have: its root is the container's cgroup."""
+        root = tmp_path / "sys"
+        memory = _cgroup(
+            root / "memory",
+            memory_limit_in_bytes=str(1024 * MB),
+            memory_usage_in_bytes=str(24 * MB),
+        )
+        membership = _membership(tmp_path, V1_MEMBERSHIP)
+        assert CgroupRoom(1000, str(memory)) == cgroup_room(root, membership)
+
+
+@dataclass
+class ChargedChunks(SimChunks):
+    """Simulated chunks charged to a fake cgroup's ``memory.current``, as the kernel charges
+    each chunk the agent locks."""
+
+    usage: Path | None = None
+    base_mb: int = 0
+
+    def allocate(self) -> int:
+        address = super().allocate()
+        self._charge()
+        return address
+
+    def release(self, address: int) -> None:
+        super().release(address)
+        self._charge()
+
+    def _charge(self) -> None:
+        assert self.usage is not None
+        self.usage.write_text(f"{(self.base_mb + len(self.live)) * MB}\n")
+
+
+async def test_the_cgroup_limit_stops_the_walk_before_the_target(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """MemAvailable leaves room for the whole target, the agent's cgroup does not: the walk
+    stops where one more chunk would leave less than the floor under the cgroup's limit
+    (past it, the cgroup's OOM killer would end the agent inside mlock), with one line."""
+    root = tmp_path / "sys"
+    leaf = _cgroup(root / "system.slice/vbox-agent.service", memory_max=str(600 * MB))
+    chunks = ChargedChunks(usage=leaf / "memory.current", base_mb=40)
+    chunks.release(chunks.allocate())  # 40 MB in use before the balloon
+    membership = _membership(tmp_path, V2_MEMBERSHIP)
+    with trio.fail_after(600), capture_logs() as logs:
+        async with running_balloon(
+            personality="passthrough",
+            section=BalloonSection(min_available_mb=256),
+            allocator=chunks,
+            mem_available_mb=lambda: 4096,
+            cgroup_room=partial(cgroup_room, root, membership),
+        ) as run:
+            run.host.set_balloon_target(1024)
+            await run.until(lambda: run.walker.failures >= 1)
+            # 600 - 40 - 304 leaves 256 MB under the limit: the 305th chunk would not.
+            assert run.host_chunks == 304
+    [bounded] = [entry for entry in logs if entry["event"] == "balloon_floor_cgroup"]
+    assert (bounded["cgroup"], bounded["mem_available_mb"]) == (str(leaf), 4096)
