@@ -9,7 +9,10 @@ Rules of this test module:
 - The real signal path (``SIGURG`` into a thread blocked in a real system call) and the
   ``fcntl``/libc split run against pipes, since CI has no ``/dev/vboxguest``; the real
   device gets one smoke test, skipped without the node.
-- Real clock, never ``autojump_clock`` (threads); every test is bounded by ``fail_after``.
+- Real clock, never ``autojump_clock`` (threads); every test is bounded by ``fail_after``. A
+  test that times what the transport does while the test holds every worker thread in the
+  "driver" takes ``clock`` (the real pace) and stills it there (:func:`_still`): virtual time
+  that jumps to the next deadline, so the bound is the transport's alone, not the load's.
 """
 
 from __future__ import annotations
@@ -280,6 +283,24 @@ def _version_then_read(fd: int, code: int, buffer: bytearray) -> None:
 def raises_errno(code: int) -> pytest.RaisesExc[OSError]:
     """Expect an ``OSError`` carrying ``code``."""
     return pytest.raises(OSError, match=rf"^\[Errno {code}\] ")
+
+
+@pytest.fixture(name="clock")
+def _clock() -> trio.testing.MockClock:
+    """The real clock's pace, until a test stills it."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+@contextlib.contextmanager
+def _still(clock: trio.testing.MockClock, *, jumping: bool = True) -> Iterator[None]:
+    """Within the block, time stands still; ``jumping``, it jumps to the next deadline once
+    every task waits (``autojump_clock``), which a test allows only while it holds every
+    worker thread (one running would see time jump)."""
+    clock.rate, clock.autojump_threshold = 0.0, 0.0 if jumping else math.inf
+    try:
+        yield
+    finally:
+        clock.rate, clock.autojump_threshold = 1.0, math.inf
 
 
 def _ioctl_threads() -> list[threading.Thread]:
@@ -1258,7 +1279,7 @@ class TestCallersDeadline:
         assert abandoned == [1, 2, 3, 4, 5]
 
     async def test_a_call_its_deadline_cancels_is_abandoned_then(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, monkeypatch: pytest.MonkeyPatch, clock: trio.testing.MockClock
     ) -> None:
         """A call the driver keeps is abandoned when its caller's deadline cancels it, not
         ABANDON_AFTER_S later, with the usual log line and a replacement thread."""
@@ -1267,12 +1288,14 @@ class TestCallersDeadline:
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
                 scope = trio.CancelScope()
-                async with trio.open_nursery() as nursery:
-                    call = transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
-                    nursery.start_soon(_run_in, scope, call)
-                    await stubborn.arrived.receive()
-                    expired_at = scope.deadline = trio.current_time()
-                assert trio.current_time() - expired_at < ABANDON_AFTER_S
+                with contextlib.ExitStack() as still:
+                    async with trio.open_nursery() as nursery:
+                        call = transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+                        nursery.start_soon(_run_in, scope, call)
+                        await stubborn.arrived.receive()
+                        still.enter_context(_still(clock))
+                        expired_at = scope.deadline = trio.current_time()
+                    assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 assert (budget.abandoned, budget.limiter.total_tokens) == (1, 5)
                 stubborn.release.set()
                 await stubborn.all_back.wait()
@@ -1281,22 +1304,26 @@ class TestCallersDeadline:
         assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
 
     async def test_a_cancelled_call_is_abandoned_by_the_deadline_it_began_with(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, monkeypatch: pytest.MonkeyPatch, clock: trio.testing.MockClock
     ) -> None:
         """Cancelled explicitly, a call the driver keeps is abandoned ABANDON_AFTER_S later
-        at most, and never past the deadline its caller had when it began."""
+        at most, and never past the deadline its caller had when it began. (The call has
+        PROMPT to enter the driver; the still clock then moves to ABANDON_AFTER_S / 4 before
+        that deadline.)"""
         stubborn = StubbornConnects(monkeypatch)
-        within_s = ABANDON_AFTER_S / 4
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
-                deadline = trio.current_time() + within_s
+                deadline = trio.current_time() + PROMPT
                 scope = trio.CancelScope(deadline=deadline)
-                async with trio.open_nursery() as nursery:
-                    call = stubborn.transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
-                    nursery.start_soon(_run_in, scope, call)
-                    await stubborn.arrived.receive()
-                    scope.cancel()
-                assert trio.current_time() - deadline < ABANDON_AFTER_S / 2
+                with contextlib.ExitStack() as still:
+                    async with trio.open_nursery() as nursery:
+                        call = stubborn.transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
+                        nursery.start_soon(_run_in, scope, call)
+                        await stubborn.arrived.receive()
+                        still.enter_context(_still(clock))
+                        clock.jump(deadline - ABANDON_AFTER_S / 4 - trio.current_time())
+                        scope.cancel()
+                    assert trio.current_time() - deadline < ABANDON_AFTER_S / 2
                 stubborn.release.set()
                 await stubborn.all_back.wait()
         finally:
@@ -1304,7 +1331,7 @@ class TestCallersDeadline:
         assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
 
     async def test_aclose_abandons_calls_at_the_callers_deadline(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, monkeypatch: pytest.MonkeyPatch, clock: trio.testing.MockClock
     ) -> None:
         """Closing under a deadline gives up a call the driver keeps at that deadline."""
         stubborn = StubbornConnects(monkeypatch)
@@ -1319,28 +1346,35 @@ class TestCallersDeadline:
 
                     nursery.start_soon(blocked)
                     await stubborn.arrived.receive()
-                    expired_at = trio.current_time()
-                    with trio.CancelScope(deadline=expired_at):
-                        await transport.aclose()
-                    assert trio.current_time() - expired_at < ABANDON_AFTER_S
+                    with _still(clock):
+                        expired_at = trio.current_time()
+                        with trio.CancelScope(deadline=expired_at):
+                            await transport.aclose()
+                        assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 stubborn.release.set()
                 await stubborn.all_back.wait()
         finally:
             stubborn.release.set()
         assert [entry["event"] for entry in logs].count("ioctl_abandoned") == 1
 
-    async def test_a_held_close_ends_at_the_callers_deadline(self) -> None:
+    async def test_a_held_close_ends_at_the_callers_deadline(
+        self, clock: trio.testing.MockClock
+    ) -> None:
         """A close(2) the driver holds is given up at the caller's deadline, well before
-        CLOSE_TIMEOUT, with a ``close_abandoned`` line; it still completes later."""
+        CLOSE_TIMEOUT, with a ``close_abandoned`` line; it still completes later. (Time
+        stands still until the close is held, then jumps.)"""
         held = HeldClose()
         transport = CharDevTransport(3, ioctl_fn=lambda fd, code, buffer: None, close_fn=held)
         try:
             with trio.fail_after(BOUND), capture_logs() as logs:
-                deadline = trio.current_time() + chardev.CLOSE_TIMEOUT / 10
-                with trio.CancelScope(deadline=deadline):
-                    await transport.aclose()
-                assert trio.current_time() - deadline < chardev.CLOSE_TIMEOUT / 2
-                assert held.entered.is_set()
+                with _still(clock, jumping=False):
+                    deadline = trio.current_time() + chardev.CLOSE_TIMEOUT / 10
+                    async with trio.open_nursery() as nursery:
+                        scope = trio.CancelScope(deadline=deadline)
+                        nursery.start_soon(_run_in, scope, transport.aclose())
+                        assert await trio.to_thread.run_sync(held.entered.wait, PROMPT)
+                        clock.autojump_threshold = 0.0
+                    assert trio.current_time() - deadline < chardev.CLOSE_TIMEOUT / 2
                 assert not held.finished.is_set()
                 held.release.set()
                 assert await trio.to_thread.run_sync(held.finished.wait, PROMPT)
@@ -1487,7 +1521,7 @@ class TestDeferredClose:
         ]
 
     async def test_the_last_abandoned_call_back_closes_the_fd_once(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, monkeypatch: pytest.MonkeyPatch, clock: trio.testing.MockClock
     ) -> None:
         """``aclose`` at its caller's deadline abandons a connect and a disconnect the driver
         keeps and returns at once without closing; the first call back leaves the fd open,
@@ -1506,10 +1540,11 @@ class TestDeferredClose:
                     nursery.start_soon(kept, Ioctl.HGCM_DISCONNECT, 28)
                     for _ in range(2):
                         await fds.arrived.receive()
-                    expired_at = trio.current_time()
-                    with trio.CancelScope(deadline=expired_at):
-                        await transport.aclose()
-                    assert trio.current_time() - expired_at < ABANDON_AFTER_S
+                    with _still(clock):
+                        expired_at = trio.current_time()
+                        with trio.CancelScope(deadline=expired_at):
+                            await transport.aclose()
+                        assert trio.current_time() - expired_at < ABANDON_AFTER_S
                 assert (budget.abandoned, budget.limiter.total_tokens) == (2, 6)
                 assert fds.closed == []
                 fds.release_disconnects.set()
