@@ -28,7 +28,7 @@ false`` is for an admin who wants the guest's config to win over the host's opti
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import structlog
 from pydantic import ValidationError
@@ -36,13 +36,13 @@ from pydantic import ValidationError
 from agent.protocol import AgentError, DeviceLostError
 from agent.protocol.iprt_numbers import read_number
 from agent.records import record
+from agent.services._base import ServiceSection
 from agent.services.guest_props import open_guest_properties
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from agent.device import Device
-    from agent.services._base import ServiceSection
 
 log = structlog.get_logger(__name__)
 
@@ -177,6 +177,41 @@ async def read_host_options(
     for problem in options.refused:
         log.warning("host_option_refused", problem=problem)
     return options.settings
+
+
+class HostTunedSection(ServiceSection):
+    """A section the host's VBoxService options may tune (its subclass says which)."""
+
+    host_options: bool = True
+
+
+S = TypeVar("S", bound=HostTunedSection)
+
+
+class HostSettings(Generic[S]):
+    """The settings a service's ``table`` of host options gave at their last read, and its
+    section with them over it."""
+
+    def __init__(self, table: HostOptionTable) -> None:
+        self._table = table
+        self._settings: dict[str, float | bool] = {}
+
+    async def read(self, device: Device, configured: S) -> bool:
+        """Read the host's options again, unless ``configured`` turns them off; True if they
+        were read (one line when what they give changed), False if not."""
+        if not configured.host_options:
+            return False
+        settings = await read_host_options(device, type(configured), self._table)
+        if settings is None:
+            return False
+        if settings != self._settings:
+            log.info("host_options_applied", **settings)
+        self._settings = settings
+        return True
+
+    def over(self, configured: S) -> S:
+        """``configured`` with the host's settings over it, if it takes them."""
+        return configured.model_copy(update=self._settings if configured.host_options else {})
 
 
 def iprt_number(text: str) -> int | None:

@@ -61,8 +61,7 @@ from agent.protocol.status import (
     status_name,
 )
 from agent.records import record
-from agent.services._base import ServiceContext, ServiceSection
-from agent.services._host_options import VMINFO_OPTIONS, read_host_options
+from agent.services._host_options import VMINFO_OPTIONS, HostSettings, HostTunedSection
 from agent.services._lasting import (
     MALFORMED_REPLY,
     WRITES_IGNORED,
@@ -74,6 +73,7 @@ from agent.services.guest_props import keep_guest_properties, open_guest_propert
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
+    from agent.services._base import ServiceContext
     from agent.services._paced import EventSource
     from agent.services.guest_props import GuestProperties
 
@@ -93,7 +93,7 @@ GAVE_UP: Final = frozenset({VERR_INTERRUPTED, VERR_TIMEOUT})
 """Statuses of a call the driver gave up waiting for: the host may have carried it out."""
 
 
-class PublishingSection(ServiceSection):
+class PublishingSection(HostTunedSection):
     """A publishing service's section: how often it reads the guest again."""
 
     interval_s: float = Field(default=DEFAULT_INTERVAL_S, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)
@@ -161,7 +161,7 @@ class PublishingService:
         self._sweep_owned = True
         """Whether the next pass first deletes the owned names the reading does not want."""
         self._configured = section
-        self._host_settings: dict[str, float | bool] = {}
+        self._host_settings: HostSettings[PublishingSection] = HostSettings(VMINFO_OPTIONS)
         self._pause = IntervalPause(section.interval_s)
         self._publisher = PropertyPublisher()
         self._connects = LastingFailure("property_service_connected_again")
@@ -244,22 +244,12 @@ class PublishingService:
 
     async def _read_host_options(self) -> None:
         """Read VBoxService's VM-info options from the host (at start and after a restore)."""
-        configured = self._configured
-        if not configured.host_options:
-            return
-        settings = await read_host_options(self._device, type(configured), VMINFO_OPTIONS)
-        if settings is None:
-            return
-        if settings != self._host_settings:
-            log.info("host_options_applied", **settings)
-        self._host_settings = settings
-        self._apply_settings()
+        if await self._host_settings.read(self._device, self._configured):
+            self._apply_settings()
 
     def _apply_settings(self) -> None:
         """The interval in force: the section's, or the host's option over it."""
-        configured = self._configured
-        settings = self._host_settings if configured.host_options else {}
-        self._pause.set_interval(configured.model_copy(update=settings).interval_s)
+        self._pause.set_interval(self._host_settings.over(self._configured).interval_s)
 
     async def _publish(
         self, stack: AsyncExitStack, props: GuestProperties | None

@@ -52,13 +52,14 @@ from agent.protocol import (
     VBoxStatusError,
 )
 from agent.records import record
-from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
+from agent.services._base import ServiceContext, ServiceSpec
 from agent.services._host_options import (
     MAX_INTERVAL_MS,
     MAX_SET_THRESHOLD_MS,
     MIN_INTERVAL_MS,
     TIMESYNC_OPTIONS,
-    read_host_options,
+    HostSettings,
+    HostTunedSection,
 )
 from agent.services._publishing import IntervalPause
 from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
@@ -91,7 +92,7 @@ updates it again, at the daemon's next poll: at most 2048 s (systemd-timesyncd's
 chrony's and ntpd's is 1024 s). Until then the daemon is not taken for gone."""
 
 
-class TimesyncSection(ServiceSection):
+class TimesyncSection(HostTunedSection):
     """``[timesync]``: the guest's clock kept on the host's (VBoxService's defaults)."""
 
     interval_s: float = Field(default=10.0, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)
@@ -196,7 +197,7 @@ class TimesyncService:
         self._status_changed = context.status_changed
         self._configured = section
         self._section = section
-        self._host_settings: dict[str, float | bool] = {}
+        self._host_settings: HostSettings[TimesyncSection] = HostSettings(TIMESYNC_OPTIONS)
         self._clock = clock
         self._pause = IntervalPause(section.interval_s)
         self._set_pending = False
@@ -274,21 +275,12 @@ class TimesyncService:
 
     async def _read_host_options(self) -> None:
         """Read VBoxService's options from the host (at start and after a restore)."""
-        if not self._configured.host_options:
-            return
-        settings = await read_host_options(self._device, TimesyncSection, TIMESYNC_OPTIONS)
-        if settings is None:
-            return
-        if settings != self._host_settings:
-            log.info("host_options_applied", **settings)
-        self._host_settings = settings
-        self._apply_settings()
+        if await self._host_settings.read(self._device, self._configured):
+            self._apply_settings()
 
     def _apply_settings(self) -> None:
         """The section in force: the config's, with the host's options over it."""
-        configured = self._configured
-        settings = self._host_settings if configured.host_options else {}
-        self._section = configured.model_copy(update=settings)
+        self._section = self._host_settings.over(self._configured)
         self._pause.set_interval(self._section.interval_s)
 
     # --- a pass ------------------------------------------------------------------------------
