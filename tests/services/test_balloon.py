@@ -1139,6 +1139,27 @@ class TestPressure:
         below = [entry for entry in logs if entry["event"] == "balloon_below_floor"]
         assert (held, len(below)) == (744, 0)
 
+    async def test_a_small_floor_still_gives_back_before_nothing_is_left(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A floor of 16 MiB, no more than FLOOR_BAND_MB: the band shrinks to half the floor,
+        so MemAvailable at 0 (the rest of the guest took everything) gives the floor back,
+        where a band as wide as the floor could never be crossed."""
+        chunks = SimChunks()
+        other = {"mb": 0}
+        section = BalloonSection(min_available_mb=16)
+        with trio.fail_after(3600):
+            async with running_balloon(
+                personality="passthrough",
+                section=section,
+                allocator=chunks,
+                mem_available_mb=lambda: max(0, 1024 - len(chunks.live) - other["mb"]),
+            ) as run:
+                run.host.set_balloon_target(512)
+                await run.until(lambda: run.host_chunks == 512)
+                other["mb"] = 600  # MemAvailable 0 (it would be -88)
+                await run.until(lambda: run.host_chunks <= 512 - 16)
+
 
 class TestTriggeredAndKernel:
     """Where the driver allocates, the agent only decides when to trigger it."""

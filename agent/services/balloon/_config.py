@@ -37,8 +37,8 @@ class BalloonSection(ServiceSection):
     min_available_mb: int = Field(default=256, ge=0)
     """Never inflate when ``MemAvailable`` would drop below this many MiB, and give back
     (where the agent holds the chunks) what it lacks below that, held as a pressure cap,
-    once it lacks more than ``FLOOR_BAND_MB`` (16 MiB: a wobble at the floor gives nothing
-    back);
+    once it lacks more than ``FLOOR_BAND_MB`` (16 MiB, or half the floor if less: a wobble
+    at the floor gives nothing back);
     where the agent's memory cgroups have a limit, the room left under it (limit less usage
     not counting reclaimable cache) counts instead when it is less."""
     retry_initial_s: float = Field(default=1.0, gt=0, le=MAX_RETRY_S)

@@ -94,7 +94,8 @@ DRAIN_READ_S: Final = 0.5
 MAX_HOLD_FACTOR: Final = 16
 """The longest pressure hold, in cooldowns, that repeated episodes double it to."""
 FLOOR_BAND_MB: Final = 16
-"""MiB the headroom may lack below ``min_available_mb`` before the balloon gives back: the
+"""MiB the headroom may lack below ``min_available_mb`` before the balloon gives back (half
+the floor where that is less, so a small floor still gives back before nothing is left): the
 walk stops within a chunk above the floor, and an ordinary wobble of ``MemAvailable`` there
 would otherwise give back, hold and walk back to the floor again and again."""
 TRIGGERED_NOTE: Final = (
@@ -876,9 +877,9 @@ class BalloonService:
 
     def _shortfall(self, available: int | None) -> int:
         """Chunks to give back for ``available`` MiB to reach ``min_available_mb`` again, none
-        while it lacks at most :data:`FLOOR_BAND_MB`."""
+        while it lacks at most :data:`FLOOR_BAND_MB` (or half the floor, if less)."""
         floor = self._section.min_available_mb
-        if available is None or available >= floor - FLOOR_BAND_MB:
+        if available is None or available >= floor - min(FLOOR_BAND_MB, floor // 2):
             return 0
         return -((available - floor) // CHUNK_MB)
 
