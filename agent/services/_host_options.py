@@ -130,9 +130,14 @@ class HostOptions:
 def host_options(
     properties: Mapping[str, str], section: type[ServiceSection], table: HostOptionTable
 ) -> HostOptions:
-    """The ``section`` settings the ``table`` options in ``properties`` (name -> value) give."""
+    """The ``section`` settings the ``table`` options in ``properties`` (name -> value) give.
+
+    An option outside the section's bounds is refused only if no later option sets its key:
+    a global ``--interval`` over ``[network]``'s bound is moot beside ``--vminfo-interval``.
+    """
     settings: dict[str, float | bool] = {}
     refused: list[str] = []
+    out_of_bounds: dict[str, str] = {}
     for suffix, option in table.numbers.items():
         name = OPTION_PREFIX + suffix
         text = properties.get(name)
@@ -151,9 +156,11 @@ def host_options(
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"].lower()
             exact = repr(value).removesuffix(".0")  # 3600.001, not :g's 3600
-            refused.append(f"{name} = {shown}: {option.key} {exact}: {reason}")
+            out_of_bounds[option.key] = f"{name} = {shown}: {option.key} {exact}: {reason}"
             continue
         settings[option.key] = value
+        out_of_bounds.pop(option.key, None)
+    refused += out_of_bounds.values()
     settings |= {
         key: value for suffix, key, value in table.flags if OPTION_PREFIX + suffix in properties
     }

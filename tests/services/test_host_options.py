@@ -183,6 +183,15 @@ def test_the_global_interval_has_vboxservices_bounds(value: str) -> None:
             {},
             ["--interval = '7200': interval_s 7200: input should be less than or equal to 3600"],
         ),
+        ({"interval": "7200", "vminfo-interval": "2000"}, {"interval_s": 2.0}, []),
+        (
+            {"interval": "30", "vminfo-interval": "7200000"},
+            {"interval_s": 30},
+            [
+                "--vminfo-interval = '7200000': interval_s 7200: input should be less than or"
+                " equal to 3600"
+            ],
+        ),
         ({"timesync-interval": "2000", "timesync-set-start": ""}, {}, []),
     ],
 )
@@ -190,8 +199,9 @@ def test_the_vminfo_interval_and_its_default(
     properties: dict[str, str], settings: dict[str, float], refused: list[str]
 ) -> None:
     """``--vminfo-interval`` (ms, VBoxService's 50 ms..UINT32_MAX - 1 ms) wins over
-    ``--interval`` (s); either is held to ``[network]``'s 1..3600 s, and the other services'
-    options are not the VM-info service's."""
+    ``--interval`` (s); either is held to ``[network]``'s 1..3600 s (a global one out of them
+    refused only where it would apply), and the other services' options are not the VM-info
+    service's."""
     options = host_options(
         {OPTION_PREFIX + name: value for name, value in properties.items()},
         NetworkSection,
