@@ -10,7 +10,7 @@ import trio
 from structlog.testing import capture_logs
 
 from agent.services.balloon import BalloonSection
-from agent.services.balloon._cgroup import CgroupRoom, cgroup_room
+from agent.services.balloon._cgroup import CgroupRoom, least_room, memory_cgroups
 
 from .balloon_support import SimChunks, running_balloon
 
@@ -33,6 +33,11 @@ def _cgroup(directory: Path, **files: str) -> Path:
     for name, text in files.items():
         (directory / name.replace("_", ".", 1)).write_text(text + "\n")
     return directory
+
+
+def cgroup_room(root: Path, membership: Path) -> CgroupRoom | None:
+    """The room the service reads: the least over the cgroups ``membership`` names."""
+    return least_room(memory_cgroups(root, membership))
 
 
 def _membership(tmp_path: Path, text: str) -> Path:
@@ -231,7 +236,7 @@ async def test_the_cgroup_limit_stops_the_walk_before_the_target(
             section=BalloonSection(min_available_mb=256),
             allocator=chunks,
             mem_available_mb=lambda: 4096,
-            cgroup_room=partial(cgroup_room, root, membership),
+            cgroup_room=partial(least_room, memory_cgroups(root, membership)),
         ) as run:
             run.host.set_balloon_target(1024)
             await run.until(lambda: run.walker.failures >= 1)

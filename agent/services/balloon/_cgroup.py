@@ -27,7 +27,7 @@ import structlog
 from agent.records import record
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 log = structlog.get_logger("agent.services.balloon")
 
@@ -94,8 +94,9 @@ def _room(directory: Path) -> int | None:
         except (OSError, ValueError) as exc:
             _unread(directory, exc)
             return None
-        room = limit_bytes - usage + _cache(directory, cache_key)
-        return None if limit_bytes >= NO_LIMIT else room
+        if limit_bytes >= NO_LIMIT:
+            return None
+        return limit_bytes - usage + _cache(directory, cache_key)
     return None
 
 
@@ -124,18 +125,23 @@ def _unread(where: Path, exc: Exception) -> None:
     log.debug("balloon_cgroup_unread", cgroup=str(where), reason=str(exc))
 
 
-def cgroup_room(
-    root: Path = CGROUP_ROOT, membership_path: Path = MEMBERSHIP_PATH
-) -> CgroupRoom | None:
-    """The least room over the memory cgroups of this process, or None where none has a
-    limit it can read (the module docstring)."""
+def memory_cgroups(root: Path = CGROUP_ROOT, membership_path: Path = MEMBERSHIP_PATH) -> list[Path]:
+    """The directories of this process's memory cgroup and its ancestors, leaf first (none,
+    with a debug line, if ``membership_path`` cannot be read). Read once: the room is read
+    before every chunk, and systemd does not move a running service to another cgroup."""
     try:
         membership = membership_path.read_text(encoding="ascii")
     except (OSError, ValueError) as exc:
         _unread(membership_path, exc)
-        return None
+        return []
+    return _memory_dirs(membership, root)
+
+
+def least_room(directories: Sequence[Path]) -> CgroupRoom | None:
+    """The least room over ``directories`` (:func:`memory_cgroups`), or None where none has
+    a limit it can read (the module docstring)."""
     least: CgroupRoom | None = None
-    for directory in _memory_dirs(membership, root):
+    for directory in directories:
         room = _room(directory)
         if room is not None and (least is None or max(0, room) // _MB < least.mb):
             least = CgroupRoom(max(0, room) // _MB, str(directory))

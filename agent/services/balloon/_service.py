@@ -66,7 +66,7 @@ from agent.protocol import HOST_ERRORS, Event, VBoxStatusError
 from agent.records import record
 from agent.services._base import BalloonGauge
 from agent.services.balloon._backoff import Backoff, failure_text
-from agent.services.balloon._cgroup import Headroom, cgroup_room as read_cgroup_room
+from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
@@ -155,9 +155,10 @@ class BalloonService:
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
         cgroup_room: the room left in the agent's memory cgroups, limit less usage not
-            counting reclaimable cache (default:
-            :func:`~._cgroup.cgroup_room`, unless ``mem_available_mb`` is given: then none,
-            that figure is all there is). The floor is checked against the less of the two.
+            counting reclaimable cache (default: :func:`~._cgroup.least_room` over the
+            cgroups :func:`~._cgroup.memory_cgroups` names now, unless ``mem_available_mb``
+            is given: then none, that figure is all there is). The floor is checked against
+            the less of the two.
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (None while stopped).
         sysctl_root: where owned mode reads the settings that let Linux move locked pages
@@ -196,7 +197,7 @@ class BalloonService:
         self._pressure = pressure
         self._headroom_mb = Headroom(
             mem_available_mb or self._read_mem_available,
-            cgroup_room or (None if mem_available_mb else read_cgroup_room),
+            cgroup_room or (None if mem_available_mb else partial(least_room, memory_cgroups())),
         ).mb
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
