@@ -36,6 +36,7 @@ from agent.cli._exit import (
     EX_IOERR,
     EX_OK,
     EX_REFUSED,
+    EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
 )
@@ -47,7 +48,7 @@ from agent.protocol import VBoxStatusError
 from agent.protocol.constants import Ioctl
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
-from agent.services.guest_props import GuestProperties, open_guest_properties
+from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import REFUSALS, Refusal, Simulator, refusing_stream, wait_until
 from tests.conftest import KERNEL_PERSONALITY
@@ -609,6 +610,24 @@ class TestInProcess:
                 f"vbox-agent prop {argv[0]}: {subject}the host's reply was malformed: "
                 f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for a "
                 "2147483647-byte buffer, over the 25165824 bytes one HGCM buffer carries"
+            ],
+        )
+
+    def test_a_list_that_keeps_growing_is_worth_another_try(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``enum`` on a host whose properties outgrow every buffer it is given: exit 75
+        (``EX_TEMPFAIL``), one line saying they kept growing (it said the host's reply was
+        malformed, exit 69)."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        monkeypatch.setattr(_prop, "_run", _beside(SimulatedHost(services=[service]), _prop._run))
+        code = main(["prop", "--device", "unix:/nonexistent/host.sock", "enum"])
+        assert (code, capsys.readouterr().err.splitlines()) == (
+            EX_TEMPFAIL,
+            [
+                "vbox-agent prop enum: ENUM_PROPS: the host's properties kept growing while "
+                f"they were listed: {ENUM_TRIES} tries in a row outgrew the buffer (the last "
+                f"asked for {service.sent[-1] + 1} bytes); try again"
             ],
         )
 

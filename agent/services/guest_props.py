@@ -85,8 +85,18 @@ NOTIFICATION_BUFFER_SIZE: Final = MAX_NAME_SIZE + VALUE_BUFFER_SIZE + 2
 """GET_NOTIFICATION's buffer: name, value, flags and the deleted flag."""
 ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
+ENUM_SPARE_ROOM: Final = 4096
+"""Bytes ENUM_PROPS' next buffer holds beyond the size the host asked for, as upstream's
+``VbglR3GuestPropEnum`` adds them: properties the host (or another guest process) adds
+before that call still fit."""
+ENUM_TRIES: Final = 10
+"""ENUM_PROPS calls one listing makes at most while the properties outgrow each buffer
+(``VbglR3GuestPropEnum`` makes as many)."""
 SIZE_RETRIES: Final = 4
-"""Times a call is repeated with the size the host asked for (properties may keep growing)."""
+"""Times GET_PROP or GET_NOTIFICATION is repeated with the size the host asked for. Their
+first buffers hold any value and flags a host takes in a set; only a property the host
+loaded past those limits (``setPropertyBlock``) needs more, and nothing keeps growing one
+value as added properties keep growing a listing (:data:`ENUM_TRIES`)."""
 SNAPSHOT_TRIES: Final = 4
 """Times a watch connects again and repeats a snapshot the host dropped its client during."""
 FRUITLESS_WAITS: Final = 16
@@ -761,21 +771,33 @@ async def _get(
 async def _enumerate(
     call: _Caller, prepare: _Preparer, patterns: Sequence[str] = ()
 ) -> list[Property]:
-    """ENUM_PROPS through ``call``, asked again with a larger buffer when needed."""
+    """ENUM_PROPS through ``call``, asked again when needed with a buffer
+    :data:`ENUM_SPARE_ROOM` larger than the size the host asked for, :data:`ENUM_TRIES`
+    calls at most.
+
+    Raises:
+        PropertiesGrowingError: every call's buffer was too small.
+    """
     raw_patterns = encode_patterns(patterns, nul_separated=True)
     size = ENUM_BUFFER_SIZE
     enum_props = prepare(
         GuestFunction.ENUM_PROPS, HgcmBufferIn(raw_patterns), HgcmBufferOut(size), HgcmU32(0)
     )
-    for _ in range(SIZE_RETRIES):
+    needed = size
+    for _ in range(ENUM_TRIES):
         try:
             reply = await call(enum_props)
         except HgcmCallError as exc:
-            size = _needed_size(exc, 2, GuestFunction.ENUM_PROPS, size)
+            needed = _needed_size(exc, 2, GuestFunction.ENUM_PROPS, size)
+            size = min(needed + ENUM_SPARE_ROOM, HGCM_MAX_USER_PARM)
             enum_props = enum_props.with_param(1, HgcmBufferOut(size))
             continue
         return _parse_enumeration(reply.params[1], reply.params[2])
-    return _still_too_small(GuestFunction.ENUM_PROPS)
+    msg = (
+        "ENUM_PROPS: the host's properties kept growing while they were listed: "
+        f"{ENUM_TRIES} tries in a row outgrew the buffer (the last asked for {needed} bytes)"
+    )
+    raise PropertiesGrowingError(msg)
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -826,6 +848,16 @@ def _needed_size(exc: HgcmCallError, size_index: int, function: GuestFunction, s
 
 class HgcmSizeError(RemoteProtocolError):
     """The host asked for a buffer size it cannot need, or for a larger one too often."""
+
+
+class PropertiesGrowingError(RemoteProtocolError):
+    """ENUM_PROPS' tries ran out while the host's properties outgrew every buffer: the host,
+    or another guest process, added them faster than the listing could follow.
+
+    No reply was malformed and a later listing may succeed; it is a RemoteProtocolError so
+    that whatever outlives a failed host request (:data:`agent.protocol.HOST_ERRORS`)
+    outlives this one too.
+    """
 
 
 def _still_too_small(function: GuestFunction) -> NoReturn:

@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -21,7 +22,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
-from agent.protocol import RemoteProtocolError
+from agent.protocol import HOST_ERRORS, RemoteProtocolError
 from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     SHORT_CALL_TIMEOUT_MS,
@@ -50,10 +51,13 @@ from agent.protocol.status import (
 from agent.services.event_pump import EventPump
 from agent.services.guest_props import (
     ENUM_BUFFER_SIZE,
+    ENUM_SPARE_ROOM,
+    ENUM_TRIES,
     FRUITLESS_WAITS,
     SIZE_RETRIES,
     GuestProperties,
     HgcmSizeError,
+    PropertiesGrowingError,
     PropertyChange,
     PropertyWatch,
     open_guest_properties,
@@ -307,6 +311,33 @@ class _ListingService(GuestPropertyService):
         return VINF_SUCCESS
 
 
+class _GrowingByOne(GuestPropertyService):
+    """Has the host add a property before it answers each ENUM_PROPS: the race upstream's
+    ``VbglR3GuestPropEnum`` leaves spare room for (the host, or another guest process,
+    adding properties while the guest lists them).
+
+    Attributes:
+        sent: the buffer size of each ENUM_PROPS, in order.
+        asked: the size each VERR_BUFFER_OVERFLOW asked for, in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[int] = []
+        self.asked: list[int] = []
+
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        out, size = call.params[1], call.params[2]
+        assert isinstance(out, HostBuffer)
+        assert isinstance(size, HostU32)
+        self.sent.append(len(out.data))
+        self.host_set(f"/Busy/{len(self.sent)}", "v" * 100)
+        status = super()._enum_props(call)
+        if status == VERR_BUFFER_OVERFLOW:
+            self.asked.append(size.value)
+        return status
+
+
 class _NotificationService(GuestPropertyService):
     """Answers every GET_NOTIFICATION at once with ``data`` for a change stamped 12345."""
 
@@ -491,16 +522,51 @@ class TestSizesAskedFor:
                     await _OVERFLOW_CALLS[function](props)
         assert len(service.sent) == 1
 
-    async def test_a_host_asking_for_more_every_time_is_given_up(
+    async def test_a_get_asking_for_more_every_time_is_given_up(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A host asking for a larger buffer at every try is asked SIZE_RETRIES times."""
-        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        """A host asking for a larger GET_PROP buffer at every try is asked SIZE_RETRIES
+        times: no race grows one value."""
+        service = OverflowAsking(GuestFunction.GET_PROP, lambda sent: sent + 1, times=100)
         with trio.fail_after(60):
             async with _props_on(service) as (_, props):
                 with pytest.raises(HgcmSizeError, match=f"{SIZE_RETRIES} times in a row"):
+                    await props.get("/W/x")
+        assert len(service.sent) == SIZE_RETRIES
+
+    async def test_a_list_that_grows_while_it_is_listed(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Properties added between two ENUM_PROPS fit the next call's spare room (it asked
+        exactly the size the host reported, four times, then failed as a malformed reply)."""
+        service = _GrowingByOne()
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props):
+                for index in range(40):  # about 5 KiB: more than the first buffer holds
+                    host.prop_set(f"/Pre/{index}", "x" * 100)
+                listed = await props.enumerate()
+        assert service.sent[1:] == [service.asked[0] + ENUM_SPARE_ROOM]
+        assert [prop.name for prop in listed] == [name for name, *_ in service.host_enumerate()]
+        assert "/Busy/2" in {prop.name for prop in listed}
+
+    async def test_properties_outgrowing_every_buffer_are_given_up(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A list that outgrows even the spare room at every try is asked ENUM_TRIES times,
+        then said to have kept growing: no malformed reply."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(PropertiesGrowingError) as info:
                     await props.enumerate()
-        assert service.sent == [ENUM_BUFFER_SIZE + n for n in range(SIZE_RETRIES)]
+        assert service.sent == [
+            ENUM_BUFFER_SIZE + n * (1 + ENUM_SPARE_ROOM) for n in range(ENUM_TRIES)
+        ]
+        assert str(info.value) == (
+            "ENUM_PROPS: the host's properties kept growing while they were listed: "
+            f"{ENUM_TRIES} tries in a row outgrew the buffer (the last asked for "
+            f"{service.sent[-1] + 1} bytes)"
+        )
 
     async def test_a_size_past_the_property_limits_is_asked_for(
         self, autojump_clock: trio.abc.Clock
@@ -514,7 +580,20 @@ class TestSizesAskedFor:
             async with _props_on(service) as (host, props):
                 host.prop_set("/Big/a", "1")
                 assert [prop.name for prop in await props.enumerate(["/Big/*"])] == ["/Big/a"]
-        assert service.sent == [ENUM_BUFFER_SIZE, asked]
+        assert service.sent == [ENUM_BUFFER_SIZE, asked + ENUM_SPARE_ROOM]
+
+    async def test_the_spare_room_stops_at_what_one_hgcm_buffer_carries(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A size within the spare room of the 24 MiB one HGCM buffer carries is asked for
+        with that buffer, not a larger one (the channel refuses that as a local error, which
+        ends the daemon), whatever the host answers then."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda _: HGCM_MAX_USER_PARM - 1)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with contextlib.suppress(*HOST_ERRORS):
+                    await props.enumerate()
+        assert service.sent == [ENUM_BUFFER_SIZE, HGCM_MAX_USER_PARM]
 
 
 class TestWatch:
