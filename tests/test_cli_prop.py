@@ -45,7 +45,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
-from agent.protocol.constants import Ioctl
+from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
 from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
@@ -507,6 +507,13 @@ class _SlowDisconnect:
             await trio.sleep_forever()
 
 
+def _wait_args(pattern: str, *, timeout: float) -> argparse.Namespace:
+    """The arguments of ``prop wait PATTERN --timeout TIMEOUT``, as the parser gives them."""
+    return argparse.Namespace(
+        prop_action="wait", pattern=pattern, timeout=timeout, json=False, action=_wait
+    )
+
+
 class TestInProcess:
     """The actions run against an in-process simulated host, the shared ``host`` on each
     simulated driver (for what a separate host process cannot be made to do)."""
@@ -523,9 +530,9 @@ class TestInProcess:
         opener = HookedOpener(host, before=slow.before)
         args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout=5.0, json=False)
         with trio.fail_after(60):
-            async with open_device(opener) as device, open_guest_properties(device) as props:
+            async with open_device(opener) as device:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_wait, args, props)
+                    nursery.start_soon(_wait, args, device)
                     await trio.testing.wait_all_tasks_blocked()
                     slow.blocking = True
                     host.prop_set("/W/a", "1")
@@ -535,6 +542,41 @@ class TestInProcess:
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
         assert [line for line in printed if line.startswith("Name: ")] == [
             f"Name: /W/a, value: 1, timestamp: {stored[2]}, flags: "
+        ]
+
+    async def test_the_timeout_bounds_the_connect(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """``wait --timeout 1`` on a host slow to answer HGCM connects gives up after 1 s (it
+        first connected a client for short calls, which it never makes, outside the timeout:
+        up to the device's 30 s for a connect)."""
+        host.set_delay(RequestType.HGCM_CONNECT, 10)
+        args = _wait_args("/W/*", timeout=1.0)
+        started = trio.current_time()
+        with trio.fail_after(60), pytest.raises(_prop._NotFoundError, match="within 1 s"):
+            await _prop._run(args, SimOpener(host))
+        assert trio.current_time() - started < 1.5
+
+    async def test_a_wait_holds_one_client(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A parked ``wait`` holds its watch's client alone at the host (it held a second
+        one, for short calls it never makes)."""
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_prop._run, _wait_args("/W/*", timeout=30.0), SimOpener(host))
+                await trio.testing.wait_all_tasks_blocked()
+                assert (host.status()["hgcm_clients"], host.status()["hgcm_pending_calls"]) == (
+                    1,
+                    1,
+                )
+                host.prop_set("/W/a", "1")
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        assert [line for line in printed if line.startswith("Name: ")] == [
+            f"Name: /W/a, value: 1, timestamp: {host.prop_get('/W/a')[2]}, flags: "  # type: ignore[index]
         ]
 
     async def test_an_ignored_write_is_said_on_stderr(

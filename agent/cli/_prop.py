@@ -55,12 +55,13 @@ from agent.services.guest_props import (
     Property,
     PropertyChange,
     open_guest_properties,
+    open_property_watch,
 )
 
 if TYPE_CHECKING:
     import argparse
 
-    from agent.device import DeviceOpener
+    from agent.device import Device, DeviceOpener
     from agent.services.guest_props import GuestProperties
 
 PROGRAM: Final = "vbox-agent prop"
@@ -191,8 +192,12 @@ def _subject(args: argparse.Namespace) -> str:
 
 
 async def _run(args: argparse.Namespace, opener: DeviceOpener) -> None:
-    async with open_device(opener) as device, open_guest_properties(device) as props:
-        await args.action(args, props)
+    async with open_device(opener) as device:
+        if args.action is _wait:  # the watch's own client: none for short calls
+            await _wait(args, device)
+            return
+        async with open_guest_properties(device) as props:
+            await args.action(args, props)
 
 
 async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
@@ -250,13 +255,15 @@ def _note_ignored(args: argparse.Namespace, status: int) -> None:
         say(f"{PROGRAM} {args.prop_action}: {message}")
 
 
-async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
+async def _wait(args: argparse.Namespace, device: Device) -> None:
+    """The next change of a property matching the pattern, within the timeout: the watch's
+    connect and snapshot count, as the device's opening, a failure of its own, does not."""
     timeout: float = args.timeout
     change: PropertyChange | None = None
     with trio.move_on_after(timeout):
         # Read inside the block: a deadline that expires while the channel closes must
         # not lose a change already received.
-        async with props.watch([args.pattern], unseen_deletes=False) as watch:
+        async with open_property_watch(device, [args.pattern], unseen_deletes=False) as watch:
             change = await watch.next()
     if change is None:
         msg = f"no property matching {shown(args.pattern)} changed within {timeout:g} s"

@@ -242,10 +242,10 @@ class GuestProperties:
         unseen_deletes: bool = True,
         pump: EventPump | None = None,
     ) -> AsyncIterator[PropertyWatch]:
-        """Follow the changes of matching properties; see :class:`PropertyWatch`."""
-        raw = encode_patterns(patterns, nul_separated=False)
-        watch = PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes, pump=pump)
-        async with watch:
+        """Follow the changes of matching properties; see :func:`open_property_watch`."""
+        async with open_property_watch(
+            self._device, patterns, unseen_deletes=unseen_deletes, pump=pump
+        ) as watch:
             yield watch
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
@@ -706,6 +706,22 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
     """Connect to the host's property service; yield the client; disconnect on exit."""
     async with open_hgcm_channel(device, SERVICE_NAME) as channel:
         yield GuestProperties(device, channel)
+
+
+@asynccontextmanager
+async def open_property_watch(
+    device: Device,
+    patterns: Sequence[str] = (),
+    *,
+    unseen_deletes: bool = True,
+    pump: EventPump | None = None,
+) -> AsyncIterator[PropertyWatch]:
+    """Follow the changes of the properties matching ``patterns`` (all when empty) on a
+    channel of the watch's own; see :class:`PropertyWatch`. No other client is connected,
+    so a deadline around the block bounds the watch's connect too."""
+    raw = encode_patterns(patterns, nul_separated=False)
+    async with PropertyWatch(device, raw, unseen_deletes=unseen_deletes, pump=pump) as watch:
+        yield watch
 
 
 async def keep_guest_properties(
