@@ -477,6 +477,16 @@ class TestWait:
         change = json.loads(stdout)
         assert (change["name"], change["value"], change["deleted"]) == ("/W/trigger", "go", False)
 
+    def test_takes_alternatives_over_1023_bytes(self, sim: PropHost) -> None:
+        """A PATTERN of alternatives over 1023 bytes waits as a shorter one does: the service
+        checks no length of a wait's patterns (it exited 64, with ENUM_PROPS' limit)."""
+        names = [f"/W/{index:02}/{'x' * 40}" for index in range(30)]
+        with held_wait(sim, "|".join(names), "--timeout", str(WAIT_S), "--json") as waiter:
+            sim.host("prop", "set", names[7], "yes")
+            stdout, stderr = waiter.communicate(timeout=WAIT_S)
+        assert waiter.returncode == EX_OK, stderr
+        assert json.loads(stdout)["name"] == names[7]
+
     def test_ctrl_c_ends_it_quietly(self, sim: PropHost) -> None:
         """SIGINT ends a wait with 130, nothing on stderr (it printed a traceback), and the
         client released at the host."""

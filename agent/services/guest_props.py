@@ -11,7 +11,8 @@ Everything the service would refuse for its size or shape is refused here first 
 :class:`PropertyArgumentError` (a ``ValueError``; the checks are the wire contract's, shared
 with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
 ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
-``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. Methods that
+``VERR_TOO_MUCH_DATA``), an enumeration's pattern list up to 1023 bytes (a wait's has no
+limit at the service: only what one HGCM buffer carries), known flag names. Methods that
 take patterns take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises
 ``TypeError``, as it would otherwise be one pattern per character. What the host refuses
 (read-only properties, the 256-property cap) raises ``HgcmCallError`` with the VBox
@@ -34,6 +35,7 @@ from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
     MAX_NAME_SIZE,
     MAX_VALUE_SIZE,
+    MAX_WAIT_PATTERN_SIZE,
     SERVICE_NAME,
     FlagsParseError,
     GuestFunction,
@@ -45,6 +47,7 @@ from agent.protocol.guest_props import (
     parse_flags,
 )
 from agent.protocol.messages import slot_setters
+from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_HGCM_INVALID_CLIENT_ID,
@@ -284,7 +287,8 @@ class PropertyWatch:
 
     The watch opens from a snapshot: a listing of every property, whose newest timestamp
     is the watch's place in the host's queue of changes (the *cursor*: it goes on after
-    the change stamped so), then a listing of the matching ones. The queue is in the order
+    the change stamped so), and whose properties matching the watch's patterns (matched
+    here, as the service matches them) are what stands. The queue is in the order
     the changes were made, but its stamps are neither unique nor in order: a clock may go
     back, upstream stamps its start-up properties T, T+1, T+2 and then counts from its
     clock again, and a change stamped as the one queued before it is queued one later (the
@@ -301,8 +305,8 @@ class PropertyWatch:
     - stamped otherwise: news.
 
     The reader never sees the first snapshot, so what it shows of a change made after the
-    watch began is news: a mark is the stamp the first listing found, and a property that
-    listing did not hold has none (a set made while a wait starts is the wait's change). A
+    watch began is news: a mark is the stamp the first snapshot found, and a property that
+    snapshot did not hold has none (a set made while a wait starts is the wait's change). A
     later snapshot (a resync, below) is reported, so its marks are the stamps it shows.
     With a clock going back an older value may be yielded again; no change is lost and
     the last one yielded per name is what the host holds.
@@ -647,27 +651,25 @@ class PropertyWatch:
         return await self._take_snapshot(first=first)
 
     async def _take_snapshot(self, *, first: bool) -> None:
-        """Take the host's newest timestamp as the cursor, then the matching properties.
+        """List every property: the newest timestamp is the cursor, and the properties
+        matching the watch's patterns, matched here as the service matches them, are what
+        stands (ENUM_PROPS would refuse a pattern list over 1023 bytes, which a wait takes).
 
-        The first snapshot makes the watch know them as the first listing found them, each
-        marked with its timestamp there. A later one (a resync) queues a set for each that
+        The first snapshot makes the watch know them as the listing found them, each marked
+        with its timestamp there. A later one (a resync) queues a set for each that
         differs from what the watch knows and a delete for each property the watch knows
         that is gone, and marks each with its timestamp.
         """
         everything = await _enumerate(self._short_call, self._prepare)
         latest = max((prop.timestamp for prop in everything), default=0)
-        patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
-        current = await _enumerate(
-            self._short_call, self._prepare, [pattern.decode() for pattern in patterns]
-        )
+        patterns = self._patterns[:-1]
+        current = [prop for prop in everything if patterns_match(patterns, prop.name.encode())]
         self._cursor, self._cursor_unproven = latest, latest != 0
         self._resync_due = False
         if first:
-            # Unreported: a change made since the first listing is news.
-            before = {prop.name: prop for prop in everything}
-            shown = [before[prop.name] for prop in current if prop.name in before]
-            self._marks = {prop.name: prop.timestamp for prop in shown}
-            self._known = {prop.name: (prop.value, prop.flags) for prop in shown}
+            # Unreported: a change made since the listing is news.
+            self._marks = {prop.name: prop.timestamp for prop in current}
+            self._known = {prop.name: (prop.value, prop.flags) for prop in current}
             return
         self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
@@ -719,7 +721,7 @@ async def open_property_watch(
     """Follow the changes of the properties matching ``patterns`` (all when empty) on a
     channel of the watch's own; see :class:`PropertyWatch`. No other client is connected,
     so a deadline around the block bounds the watch's connect too."""
-    raw = encode_patterns(patterns, nul_separated=False)
+    raw = encode_patterns(patterns, nul_separated=False, max_size=MAX_WAIT_PATTERN_SIZE)
     async with PropertyWatch(device, raw, unseen_deletes=unseen_deletes, pump=pump) as watch:
         yield watch
 

@@ -268,9 +268,15 @@ class TestShortCalls:
         assert "characters)" in str(info.value)
 
     async def test_pattern_limit(self, props: GuestProperties) -> None:
-        """A pattern list over 1023 bytes is refused locally."""
+        """An enumeration's pattern list over 1023 bytes is refused locally, and a watch's
+        over what one HGCM buffer carries (the service checks no length of those)."""
+        before = props.channel.calls
         with pytest.raises(PropertyArgumentError, match="limit is 1023"):
             await props.enumerate(["x" * 600, "y" * 600])
+        with pytest.raises(PropertyArgumentError, match=f"limit is {HGCM_MAX_USER_PARM - 1}"):
+            async with props.watch(["x" * HGCM_MAX_USER_PARM]):
+                pass
+        assert props.channel.calls == before
 
     @pytest.mark.parametrize("method", ["enumerate", "wait", "watch"])
     async def test_a_str_for_patterns_is_refused(
@@ -619,6 +625,31 @@ class TestWatch:
         assert got == [PropertyChange("/Guest/wanted", "yes", "TRANSIENT", stored[2], False)]
         assert host.status()["hgcm_clients"] == 1  # the wait's channel is gone
 
+    async def test_a_wait_takes_a_pattern_list_enum_props_would_not(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A wait's ``|``-separated list over 1023 bytes is sent and matched: the service
+        checks no length of GET_NOTIFICATION's patterns, only of ENUM_PROPS', and the
+        snapshot matches its listing here. (It was refused, as the snapshot sent the same
+        list through ENUM_PROPS.)"""
+        names = [f"/VirtualBox/GuestInfo/Net/{index}/V4/IP/waiting" for index in range(30)]
+        patterns = ["|".join(names)]  # one ``prop wait`` PATTERN of alternatives
+        assert len(patterns[0].encode()) > 1023
+        host.prop_set(names[3], "before")
+        host.prop_set("/Other", "x")
+        got: list[PropertyChange] = []
+
+        async def wait() -> None:
+            got.append(await props.wait(patterns))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/Other", "y")
+                host.prop_set(names[7], "10.0.2.15")
+        assert [(change.name, change.value) for change in got] == [(names[7], "10.0.2.15")]
+
     async def test_watch_reports_in_order_with_deletes(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:
@@ -913,7 +944,7 @@ class TestWaitEndings:
 
 class _ChangesDuringTheSnapshot(GuestPropertyService):
     """Sets ``/W/x`` right after answering the first ENUM_PROPS: a change made while a
-    watch takes its snapshot, between its two enumerations."""
+    watch starts, after its snapshot's listing and before its first wait."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -946,26 +977,26 @@ class TestWatchRobustness:
     async def test_a_set_while_a_wait_starts_is_its_change(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A property set between the wait's two listings, after the wait began, is the
-        change it returns, as a VBoxControl wait returns every set made after it. (The
-        second listing's mark skipped the set, and the wait hung.)"""
+        """A property set after the wait's listing, before its first GET_NOTIFICATION, is
+        the change it returns, as a VBoxControl wait returns every set made after it.
+        (Its snapshot listed twice, and a set between the two was skipped: the wait hung.)"""
         service = _ChangesDuringTheSnapshot()
         with trio.fail_after(60):
             async with _props_on(service) as (_, props):
                 change = await props.wait(["/W/*"])
-        assert service.enumerations == 2
+        assert service.enumerations == 1
         assert (change.name, change.value, change.deleted) == ("/W/x", "new", False)
 
     async def test_a_change_during_the_snapshot_is_known(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A property set between the watch's two listings is reported, then its delete.
-        (The matching listing ran first and the newest timestamp after the set: the set
-        was in neither, and a wait for the delete hung.)"""
+        """A property set while the watch starts, after its listing, is reported, then its
+        delete. (Its snapshot listed twice, the matching names before the newest timestamp,
+        and a set between the two was in neither: a wait for the delete hung.)"""
         service = _ChangesDuringTheSnapshot()
         with trio.fail_after(60):
             async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
-                assert service.enumerations == 2
+                assert service.enumerations == 1
                 first = await watch.next()
                 host.prop_delete("/W/x")
                 second = await watch.next()
@@ -1303,8 +1334,8 @@ class TestWatchChannel:
         props: GuestProperties,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """The watch's ENUM_PROPS are short calls (a driver timeout), its waits are not:
-        the device counts calls without one as blocking."""
+        """The watch's ENUM_PROPS (one a snapshot) are short calls (a driver timeout), its
+        waits are not: the device counts calls without one as blocking."""
         timeouts: list[tuple[int, int]] = []
         call_prepared = HgcmChannel.call_prepared
 
@@ -1318,7 +1349,6 @@ class TestWatchChannel:
                 host.prop_set("/W/a", "1")
                 await watch.next()
         assert timeouts == [
-            (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
             (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
             (GuestFunction.GET_NOTIFICATION, TIMEOUT_INFINITE),
         ]
@@ -1405,6 +1435,33 @@ class TestWatchGaps:
                 nursery.cancel_scope.cancel()
         assert _seen(got) == [("/W/a", "1"), ("/W/b", "2"), ("/W/z", "later")]
         assert [change.timestamp for change in got] == sorted(change.timestamp for change in got)
+
+    async def test_a_resync_of_a_long_pattern_list_reports_its_names_alone(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A watch whose pattern list is over ENUM_PROPS' 1023 bytes resyncs after a restore
+        and reports what its patterns match, nothing else: the snapshot matches its listing
+        here. (It sent the list through ENUM_PROPS, so the watch was refused.)"""
+        names = [f"/W/{index:02}/{'x' * 40}" for index in range(30)]
+        got: list[PropertyChange] = []
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                await nursery.start(pump.run)
+                async with (
+                    open_guest_properties(device) as props,
+                    props.watch(["|".join(names)], pump=pump) as watch,
+                ):
+                    nursery.start_soon(_collect, watch, got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.prop_set(names[0], "1")  # completes the pending wait
+                    host.prop_set(names[1], "2")  # queued, not yet asked for
+                    host.prop_set("/W/other", "3")  # queued, matched by no pattern
+                    host.restore()  # a new instance: its queue is empty
+                    await _settle(3)
+                    assert watch.resyncs == 1
+                nursery.cancel_scope.cancel()
+        assert _seen(got) == [(names[0], "1"), (names[1], "2")]
 
     @pytest.mark.parametrize("gap", ["restore", "eviction"])
     async def test_missed_changes_come_before_the_change_that_shows_them(
