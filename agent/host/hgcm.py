@@ -341,9 +341,13 @@ class HgcmHost:
         client = self._caller(client_id, phys)
         if not isinstance(client, _Client):
             return client
-        # The guest sees the call accepted: VINF_HGCM_ASYNC_EXECUTE in its header (the host's
-        # copy keeps the guest's rc: it is never written back).
-        if locked is not None:
+        # The guest sees the call accepted: VINF_HGCM_ASYNC_EXECUTE in its header before the
+        # service runs (vmmdevReqHdrSetHgcmAsyncExecute), so a completion, which keeps the
+        # header as guest memory holds it, leaves it there (the host's copy keeps the
+        # guest's rc: it is never written back).
+        if locked is None:
+            self._write(phys + H.REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
+        else:
             view, at = locked
             H.REQUEST_RC.pack_into(view, at + H.REQUEST_RC_AT, VINF_HGCM_ASYNC_EXECUTE)
         command = _Command(
@@ -353,11 +357,6 @@ class HgcmHost:
         self._commands[phys] = command
         client.pending += 1
         client.service.call(command)
-        if locked is None and not command.completed:
-            # One the service completed at once needs no such write: its completion wrote
-            # the whole request, this rc included, and nothing could read guest memory in
-            # between.
-            self._write(phys + H.REQUEST_RC_AT, _ASYNC_EXECUTE_RC)
         return None
 
     def cancel(self, phys: int) -> int:

@@ -602,6 +602,27 @@ class TestCall:
         assert P.value32.get(memoryview(req)[44:]) == 9
         assert L.RequestHeader.requestor.get(req) == 0x1234
 
+    @pytest.mark.parametrize("offset", [0, PAGE_SIZE - 8], ids=["locked", "unlocked"])
+    def test_call_completed_at_once_reads_async_execute(self, hgcm: Device, offset: int) -> None:
+        """VMMDev writes VINF_HGCM_ASYNC_EXECUTE to the guest's ``rc`` before the service
+        runs, and completion keeps the header as guest memory holds it: a call the service
+        completes at once reads 2903 with DONE, its result, values and output, whether it
+        was mapped in place or (across a page boundary) read back. The ``rc`` the guest sent
+        (the drivers preset VERR_GENERAL_FAILURE) never stays."""
+        src, dst = bytearray(b"hello"), bytearray(8)
+        req = page_list_call(
+            hgcm,
+            client(hgcm),
+            FN_ECHO,
+            [(src, PageListDirection.TO_HOST), (dst, PageListDirection.FROM_HOST)],
+            0,
+        )
+        hgcm.vmmdev.process(hgcm.ram.map(req, offset=offset))
+        assert L.RequestHeader.rc.get(req) == VINF_HGCM_ASYNC_EXECUTE
+        assert (done(req), L.HgcmCallRequest.result.get(req)) == (True, VINF_SUCCESS)
+        assert P.value32.get(memoryview(req)[76:]) == 5
+        assert dst == b"hello\0\0\0"
+
     def test_cancel2(self, hgcm: Device, echo: EchoService) -> None:
         """CANCEL2 finds the call by address; its later completion writes nothing."""
         req = page_list_call(hgcm, client(hgcm), FN_HOLD, [])

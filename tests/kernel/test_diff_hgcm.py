@@ -159,6 +159,11 @@ CALLS: Final[list[tuple[str, int, list[Parm]]]] = [
         FN_ECHO,
         [(T.LINADDR_IN, bytes(range(256)) * 40), (T.LINADDR_OUT, bytes(10240)), (T.U32, 0)],
     ),
+    (
+        "request past a page",
+        FN_ECHO,
+        [(T.LINADDR_IN, b"0123456789"), (T.LINADDR_OUT, bytes(2 << 20)), (T.U32, 0)],
+    ),
     ("empty in", FN_ECHO, [(T.LINADDR_IN, b""), (T.LINADDR_OUT, bytes(8)), (T.U32, 0)]),
     ("fail status", FN_FAIL, [(T.U32, (-42) & 0xFFFFFFFF)]),
     ("fail success", FN_FAIL, [(T.U32, 0), (T.U64, 5)]),

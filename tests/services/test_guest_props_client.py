@@ -588,6 +588,21 @@ class TestSizesAskedFor:
                 assert [prop.name for prop in await props.enumerate(["/Big/*"])] == ["/Big/a"]
         assert service.sent == [ENUM_BUFFER_SIZE, asked + ENUM_SPARE_ROOM]
 
+    @pytest.mark.parametrize("personality", ["mainline", "oracle", "passthrough"])
+    async def test_a_size_whose_request_spans_pages(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """A 2 MiB size is asked for and listed: its buffer's page list (513 pages) makes
+        the VMMDev request longer than a page, which VMMDev reads back rather than maps,
+        and whose header keeps VMMDev's VINF_HGCM_ASYNC_EXECUTE as on the mapped path."""
+        asked = 2 << 20
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda _: asked)
+        with trio.fail_after(60):
+            async with _props_on(service, personality) as (host, props):
+                host.prop_set("/Big/a", "1")
+                assert [prop.name for prop in await props.enumerate(["/Big/*"])] == ["/Big/a"]
+        assert service.sent == [ENUM_BUFFER_SIZE, asked + ENUM_SPARE_ROOM]
+
     async def test_the_spare_room_stops_at_what_one_hgcm_buffer_carries(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
@@ -1102,10 +1117,10 @@ class TestWatchRobustness:
 
 @asynccontextmanager
 async def _props_on(
-    service: GuestPropertyService,
+    service: GuestPropertyService, personality: str = "mainline"
 ) -> AsyncIterator[tuple[SimulatedHost, GuestProperties]]:
-    """A simulated host with ``service``, and a property client of it."""
-    host = SimulatedHost(services=[service])
+    """A simulated host (driver ``personality``) with ``service``, and a property client of it."""
+    host = SimulatedHost(services=[service], personality=personality)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
