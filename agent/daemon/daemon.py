@@ -2,7 +2,9 @@
 
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
-device (version handshake) → report the facility as Init → start the event pump, then every
+device (version handshake) and claim it (``Device.claim``: a second agent on the device
+leaves here, before it changes anything) → report the facility as Init → start the event
+pump, then every
 enabled service of the registry at once, each with ``Supervisor.start_soon`` (services do not
 depend on each other), and wait for their first starts together, ``START_WAIT_S`` at most (a
 service started or failed and backs off, retried under its restart budget while the others
@@ -267,6 +269,7 @@ class Daemon:
 
     async def _run_on_device(self, task_status: trio.TaskStatus[None]) -> None:
         async with open_device(self._opener) as device:
+            device.claim()  # a second agent leaves before it changes anything
             self._device_open = True
             with self._start_up_step():
                 await self._log_device(device)
