@@ -245,8 +245,6 @@ def load_config(
         raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from exc
     except (NotARegularFileError, TomlFileTooLargeError) as exc:
         raise ConfigError([f"{file}: {exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{file}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
     except TomlSyntaxError as exc:
         raise ConfigError([_syntax_problem(file, exc)]) from exc
     allowed = [*CORE_SECTIONS, *sections]

@@ -627,12 +627,32 @@ class TestProblems:
         """A directory given as the file names the OS's reason."""
         assert problems_of(tmp_path) == [f"{tmp_path}: cannot read: Is a directory"]
 
-    def test_not_utf8(self, tmp_path: Path) -> None:
-        """A file that is not UTF-8 text is reported, not raised as a decode error."""
+    @pytest.mark.parametrize(
+        ("data", "where", "what"),
+        [
+            (b'[log]\nlevel = "\xff"\n', "line 2, column 10", "0xff (invalid start byte)"),
+            (
+                b"[log]\r\n"
+                + b"# x\r\n" * 38
+                + 'level = "info" # café ≠ caf'.encode()
+                + b"\xe9\r\n",
+                "line 40, column 28",
+                "0xe9 (invalid continuation byte)",
+            ),
+            (b"# caf" + "é".encode()[:1], "line 1, column 6", "0xc3 (unexpected end of data)"),
+        ],
+    )
+    def test_not_utf8_names_line_and_column(
+        self, tmp_path: Path, data: bytes, where: str, what: str
+    ) -> None:
+        """A byte that is not UTF-8 (an editor's Latin-1 'é' in a comment) is named by its line
+        and column, counted in characters as every other syntax problem is, not by its
+        offset in the file."""
         path = tmp_path / "agent.toml"
-        path.write_bytes(b'[log]\nlevel = "\xff"\n')
-        [problem] = problems_of(path)
-        assert problem.startswith(f"{path}: not UTF-8 text:")
+        path.write_bytes(data)
+        assert problems_of(path) == [
+            f"{path}: {where}: invalid TOML: not UTF-8 text: byte {what}: save as UTF-8"
+        ]
 
 
 FIFO_GRACE_S = 10.0
