@@ -193,6 +193,14 @@ class AgentConfig(_Model):
 NO_SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType({})
 
 
+LISTED_PROBLEMS: Final = 20
+"""The most problems one log line lists (:attr:`ConfigError.listed`), then how many more: a
+file can hold thousands (about 190 characters each), and journald cuts a line of them all
+into several entries (``LineMax=``, 48 KiB by default). Twenty stay well under that even
+where every key and value is cut at its longest (about 700 characters a problem as JSON);
+``check-config`` prints every problem, one line each."""
+
+
 class ConfigError(AgentError):
     """A configuration file cannot be used.
 
@@ -212,6 +220,16 @@ class ConfigError(AgentError):
         first = self.problems[0].partition(" = ")[0] if self.problems else "no problem named"
         more = len(self.problems) - 1
         return first if more < 1 else f"{first} and {more} more problem{'s' * (more > 1)}"
+
+    @property
+    def listed(self) -> list[str]:
+        """The problems one log line lists: the first :data:`LISTED_PROBLEMS`, then one
+        ``and N more problems`` naming how many it leaves out."""
+        more = len(self.problems) - LISTED_PROBLEMS
+        if more < 1:
+            return list(self.problems)
+        left_out = f"and {more} more problem{'s' * (more > 1)} (check-config lists them all)"
+        return [*self.problems[:LISTED_PROBLEMS], left_out]
 
 
 def load_config(

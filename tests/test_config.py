@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from agent.cli._exit import EX_CONFIG, EX_USAGE
 from agent.config import (
     CORE_SECTIONS,
+    LISTED_PROBLEMS,
     MAX_IOCTL_THREADS,
     MAX_SHUTDOWN_TIMEOUT_S,
     MIN_IOCTL_THREADS,
@@ -495,6 +496,24 @@ class TestProblems:
             f"{path}: log.format",
             f"{path}: gadget.label",
         ]
+
+    def test_a_log_line_lists_the_first_problems_and_how_many_more(self, tmp_path: Path) -> None:
+        """The problems a log line lists (``config_reload_rejected``, ``config_invalid``) are
+        the first ``LISTED_PROBLEMS`` and a count of the others: hundreds made one line over
+        the log's limits, which never reached the journal."""
+        path = write(tmp_path, "".join(f"[section_{n}]\n" for n in range(LISTED_PROBLEMS + 5)))
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        problems = info.value.problems
+        assert len(problems) == LISTED_PROBLEMS + 5
+        assert info.value.listed == [
+            *problems[:LISTED_PROBLEMS],
+            "and 5 more problems (check-config lists them all)",
+        ]
+        assert ConfigError(problems[:LISTED_PROBLEMS]).listed == problems[:LISTED_PROBLEMS]
+        assert ConfigError(problems[: LISTED_PROBLEMS + 1]).listed[-1] == (
+            "and 1 more problem (check-config lists them all)"
+        )
 
     def test_syntax_error_names_line_and_column(self, tmp_path: Path) -> None:
         """A TOML syntax error names its line and column."""

@@ -613,7 +613,7 @@ class Daemon:
             log.error(
                 "config_reload_rejected",
                 path=str(self._config_path),
-                errors=exc.problems,
+                errors=exc.listed,
                 outcome="the running config stays in effect",
             )
             self._reload_rejected = exc.summary

@@ -22,7 +22,7 @@ import structlog.testing
 import trio
 import trio.testing
 
-from agent.config import AgentConfig
+from agent.config import LISTED_PROBLEMS, AgentConfig
 from agent.daemon import Daemon
 from agent.daemon.daemon import DEVICE_LOST_PREFIX, STATUS_SEPARATOR
 from agent.daemon.notify import Notifier
@@ -427,6 +427,25 @@ class TestReload:
             f"{path}: daemon.shutdown_timeout_s",
             f"{path}: session_monitor.x",
         ]
+
+    async def test_a_rejection_of_hundreds_of_problems_lists_the_first(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A file of hundreds of problems is rejected with the first ``LISTED_PROBLEMS`` and
+        how many more: one line of them all (about 190 characters each) was longer than the
+        log stream takes, and never reached the journal."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+                path.write_text("".join(f"[section_{n}]\nkey = 1\n" for n in range(400)))
+                await daemon.reload()
+                assert daemon.config.daemon.shutdown_timeout_s == 5
+        [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        *listed, more = rejected["errors"]
+        assert [line.split(" = ")[0] for line in listed] == [
+            f"{path}: section_{n}" for n in range(LISTED_PROBLEMS)
+        ]
+        assert more == f"and {400 - LISTED_PROBLEMS} more problems (check-config lists them all)"
 
     async def test_a_rejected_reload_shows_in_the_status_until_a_valid_one(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
