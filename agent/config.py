@@ -60,7 +60,8 @@ four reserved ones included; 80 leaves room for more short calls beside them. Tw
 (the workers and as many replacing abandoned calls) fits the unit's ``TasksMax=168`` with
 the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
-"""Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
+"""Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's,
+the log's writer, the few services' own workers and a reload's reading of the file)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
 """The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
 MAX_RESTART_BACKOFF_S: Final = 3600.0
