@@ -6,7 +6,8 @@ new interval. The service reads the interval with GET_STATISTICS_CHANGE_REQ, ack
 event, at start, at every 0x80 and after every restore; while the interval is not zero it
 sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`: each tick reads one
 ``/proc`` sample (:mod:`agent.services._procstats`) and sends one report per CPU, as
-VBoxService does (Main averages the loads over the VM's CPUs). The balloon figure is the
+VBoxService does (Main averages the loads over the VM's CPUs), and one idle report for a CPU
+gone offline (Main would keep its last load). The balloon figure is the
 balloon service's count (``ServiceContext.balloon``), read before each sample: where the
 in-tree driver balloons in the kernel (which keeps event 0x40 from userspace) the balloon
 service refreshes it then with CHECK_BALLOON, a pure query there. While no balloon service
@@ -193,6 +194,7 @@ class GuestStatsService:
                 if self._failures.host_failed("statistics_report_failed", exc, cpu_id=stats.cpu_id):
                     self._status_changed()
                 return
+            self._proc.sent(stats)
             self._last = stats
         if self._failures.succeeded():
             self._status_changed()

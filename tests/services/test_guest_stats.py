@@ -98,6 +98,13 @@ def last_report(host: SimulatedHost) -> dict[str, int]:
     return last
 
 
+def cpu_figures(host: SimulatedHost) -> tuple[object, object, object]:
+    """Main's CPU figures: user, kernel, idle (percent of the VM's CPUs)."""
+    main = guest_stats(host)["main"]
+    assert isinstance(main, dict)
+    return main["cpu_user"], main["cpu_kernel"], main["cpu_idle"]
+
+
 def mem_total_kib() -> int:
     """This machine's MemTotal in KiB."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -265,6 +272,32 @@ class TestReports:
         assert StatCap(report["stat_caps"]) & CPU_CAPS == CPU_CAPS
         loads = (report["cpu_load_idle"], report["cpu_load_kernel"], report["cpu_load_user"])
         assert loads == (100, 0, 0)
+
+    async def test_a_cpu_gone_offline_is_reported_idle_once(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """CPU 1 busy, then offline (its line leaves /proc/stat, as after the cpuhotplug
+        service ejected it): Main keeps each CPU id's last load and averages over the VM's
+        CPUs, so one idle report for CPU 1 makes the idle VM read idle, and no more follow."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU), processes=1)
+        async with running("mainline", proc=proc, cpus=2) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            write_proc(proc, cpus=(IDLER_CPU, (210, 0, 10, 900, 0, 0, 0, 0)), processes=1)
+            await trio.sleep(1.0)
+            assert cpu_figures(host) == (50, 0, 50)
+            reports = guest_stats(host)["reports"]
+            assert isinstance(reports, int)
+            write_proc(proc, cpus=((10, 0, 10, 1300, 0, 0, 0, 0),), processes=1)
+            await trio.sleep(1.0)
+            last = last_report(host)
+            assert (last["cpu_id"], last["cpu_load_idle"], last["cpu_load_user"]) == (1, 100, 0)
+            for idle in range(1500, 2500, 200):  # CPU 0 idles on, alone
+                write_proc(proc, cpus=((10, 0, 10, idle, 0, 0, 0, 0),), processes=1)
+                await trio.sleep(1.0)
+            assert cpu_figures(host) == (0, 0, 100)
+            assert guest_stats(host)["reports"] == reports + 2 + 5
 
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_without_a_balloon_service_the_balloon_is_left_alone(
@@ -601,6 +634,34 @@ class TestProcSample:
         reports = stats.sample(balloon_chunks=None)
         assert [r.cpu_id for r in reports] == list(range(VMM_MAX_CPU_COUNT))
         assert {r.cpu_load_idle for r in reports} == {100}
+
+    def test_an_offline_cpu_is_reported_idle_until_the_host_took_it(self, tmp_path: Path) -> None:
+        """A CPU whose load the host took and whose line then leaves /proc/stat is reported
+        idle at every sample until the host takes that report too (a failed send repeats
+        it); one whose load never reached the host is not reported at all."""
+        proc = tmp_path / "proc"
+        stats = ProcStats(proc)
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU, IDLE_CPU), processes=1)
+        stats.sample(balloon_chunks=None)
+        write_proc(proc, cpus=(IDLER_CPU, BUSY_CPU, BUSY_CPU), processes=1)
+        for report in stats.sample(balloon_chunks=None)[:2]:  # CPU 2's send failed
+            stats.sent(report)
+
+        def loads() -> list[tuple[int, int, int, int]]:
+            return [
+                (r.cpu_id, r.cpu_load_idle, r.cpu_load_kernel, r.cpu_load_user)
+                for r in stats.sample(balloon_chunks=None)
+            ]
+
+        write_proc(proc, cpus=((10, 0, 10, 1300, 0, 0, 0, 0),), processes=1)
+        assert loads() == [(0, 100, 0, 0), (1, 100, 0, 0)]  # none of them sent
+        write_proc(proc, cpus=((10, 0, 10, 1500, 0, 0, 0, 0),), processes=1)
+        reports = stats.sample(balloon_chunks=None)
+        assert [r.cpu_id for r in reports] == [0, 1]
+        for report in reports:
+            stats.sent(report)
+        write_proc(proc, cpus=((10, 0, 10, 1700, 0, 0, 0, 0),), processes=1)
+        assert loads() == [(0, 100, 0, 0)]
 
     def test_short_cpu_line_is_an_error(self, tmp_path: Path) -> None:
         """A ``cpuN`` line with fewer than four counters names itself in the error."""
