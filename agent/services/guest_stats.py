@@ -11,12 +11,14 @@ offline CPU (Main would keep its last load, or count one never reported as 0 % i
 balloon figure is the balloon service's count (``ServiceContext.balloon``), read before
 each sample: where the in-tree driver balloons in the kernel (which keeps event 0x40 from
 userspace) the balloon service refreshes it then with CHECK_BALLOON, a pure query there.
-While no balloon service publishes one the reports leave it out (Main keeps its last figure)
-rather than ask the driver: on Oracle's driver CHECK_BALLOON is no query, it makes the caller
-the balloon's owner and moves the balloon to the host's target. Mainline and Oracle's driver
-let trusted sessions (``/dev/vboxguest``) send both requests, so this works on every real
-guest; a session the driver does not trust (``/dev/vboxuser``) has its interval reads
-refused, which the service logs once (``statistics_refused_by_driver``) before it stays
+Once the balloon service stopped the count is what its drain left (0 once every chunk is
+back), so the host does not go on showing a balloon that is gone. While nobody knows one (no
+balloon service ran, or the size it left is unknown) the reports leave it out (Main keeps its
+last figure) rather than ask the driver: on Oracle's driver CHECK_BALLOON is no query, it
+makes the caller the balloon's owner and moves the balloon to the host's target. Mainline and
+Oracle's driver let trusted sessions (``/dev/vboxguest``) send both requests, so this works
+on every real guest; a session the driver does not trust (``/dev/vboxuser``) has its interval
+reads refused, which the service logs once (``statistics_refused_by_driver``) before it stays
 idle, rather than fail and be restarted until its restart budget ends the daemon; so does a
 refusal that follows a first read that failed otherwise, as long as no read went through. A
 report that fails (``/proc`` unreadable, the host refusing it or answering with a malformed

@@ -31,7 +31,7 @@ from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.guest_stats import GuestStatsService
-from tests.services.balloon_support import Quiet
+from tests.services.balloon_support import Quiet, SimChunks, start_in_scope
 from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
@@ -99,10 +99,16 @@ def last_report(host: SimulatedHost) -> dict[str, int]:
     return last
 
 
-def cpu_figures(host: SimulatedHost) -> tuple[object, object, object]:
-    """Main's CPU figures: user, kernel, idle (percent of the VM's CPUs)."""
+def main_figures(host: SimulatedHost) -> dict[str, object]:
+    """What Main keeps of the reports (``guest_stats``'s ``main``)."""
     main = guest_stats(host)["main"]
     assert isinstance(main, dict)
+    return main
+
+
+def cpu_figures(host: SimulatedHost) -> tuple[object, object, object]:
+    """Main's CPU figures: user, kernel, idle (percent of the VM's CPUs)."""
+    main = main_figures(host)
     return main["cpu_user"], main["cpu_kernel"], main["cpu_idle"]
 
 
@@ -342,6 +348,49 @@ class TestReports:
             main = guest_stats(host)["main"]
             assert isinstance(main, dict)
             assert "mem_balloon" not in main
+
+    @pytest.mark.parametrize(
+        ("personality", "left_mb"), [("passthrough", 0), ("oracle", 64), ("mainline", 64)]
+    )
+    async def test_a_stopped_balloon_service_leaves_its_last_size(
+        self, autojump_clock: trio.abc.Clock, personality: str, left_mb: int
+    ) -> None:
+        """A reload disables [balloon] while [statistics] runs on: the reports carry the size
+        the drain left, so Main shows the balloon the VM has, not the one it had: none where
+        the agent gave its chunks back (owned mode), the 64 MB the driver keeps (Oracle's
+        until the process closes the device, the in-tree kernel's until the service runs
+        again)."""
+        host = SimulatedHost(personality=personality, seed=1)
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    context = ServiceContext(device, pump)
+                    balloon = BalloonService(
+                        device,
+                        pump,
+                        BalloonSection(),
+                        allocator=SimChunks(),
+                        pressure=Quiet(),
+                        mem_available_mb=lambda: 1 << 20,
+                        gauge=context.balloon,
+                    )
+                    await nursery.start(pump.run)
+                    scope = trio.CancelScope()
+                    stopped = await start_in_scope(nursery, balloon, scope)
+                    await nursery.start(GuestStatsService(context).run)
+                    host.set_statistics_interval(1)
+                    host.set_balloon_target(64)
+                    await trio.sleep(30.0)
+                    assert main_figures(host)["mem_balloon"] == 64 * 1024
+                    scope.cancel()  # the reload stops the service, then drains it
+                    await stopped.wait()
+                    await balloon.drain()
+                    await trio.sleep(2.0)
+                    shown = (main_figures(host)["mem_balloon"], host.vmmdev.balloon.chunks * 1024)
+                    nursery.cancel_scope.cancel()
+        assert shown == (left_mb * 1024, left_mb * 1024)
 
     async def test_balloon_service_count_wins(self, autojump_clock: trio.abc.Clock) -> None:
         """With a count on the balloon gauge, the report carries it and asks no driver."""
