@@ -36,6 +36,7 @@ from agent.cli._exit import (
     EX_IOERR,
     EX_OK,
     EX_REFUSED,
+    EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
 )
@@ -44,10 +45,10 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
-from agent.protocol.constants import Ioctl
+from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
-from agent.services.guest_props import GuestProperties, open_guest_properties
+from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import REFUSALS, Refusal, Simulator, refusing_stream, wait_until
 from tests.conftest import KERNEL_PERSONALITY
@@ -476,6 +477,16 @@ class TestWait:
         change = json.loads(stdout)
         assert (change["name"], change["value"], change["deleted"]) == ("/W/trigger", "go", False)
 
+    def test_takes_alternatives_over_1023_bytes(self, sim: PropHost) -> None:
+        """A PATTERN of alternatives over 1023 bytes waits as a shorter one does: the service
+        checks no length of a wait's patterns (it exited 64, with ENUM_PROPS' limit)."""
+        names = [f"/W/{index:02}/{'x' * 40}" for index in range(30)]
+        with held_wait(sim, "|".join(names), "--timeout", str(WAIT_S), "--json") as waiter:
+            sim.host("prop", "set", names[7], "yes")
+            stdout, stderr = waiter.communicate(timeout=WAIT_S)
+        assert waiter.returncode == EX_OK, stderr
+        assert json.loads(stdout)["name"] == names[7]
+
     def test_ctrl_c_ends_it_quietly(self, sim: PropHost) -> None:
         """SIGINT ends a wait with 130, nothing on stderr (it printed a traceback), and the
         client released at the host."""
@@ -506,6 +517,13 @@ class _SlowDisconnect:
             await trio.sleep_forever()
 
 
+def _wait_args(pattern: str, *, timeout: float) -> argparse.Namespace:
+    """The arguments of ``prop wait PATTERN --timeout TIMEOUT``, as the parser gives them."""
+    return argparse.Namespace(
+        prop_action="wait", pattern=pattern, timeout=timeout, json=False, action=_wait
+    )
+
+
 class TestInProcess:
     """The actions run against an in-process simulated host, the shared ``host`` on each
     simulated driver (for what a separate host process cannot be made to do)."""
@@ -522,9 +540,9 @@ class TestInProcess:
         opener = HookedOpener(host, before=slow.before)
         args = argparse.Namespace(prop_action="wait", pattern="/W/*", timeout=5.0, json=False)
         with trio.fail_after(60):
-            async with open_device(opener) as device, open_guest_properties(device) as props:
+            async with open_device(opener) as device:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_wait, args, props)
+                    nursery.start_soon(_wait, args, device)
                     await trio.testing.wait_all_tasks_blocked()
                     slow.blocking = True
                     host.prop_set("/W/a", "1")
@@ -534,6 +552,41 @@ class TestInProcess:
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
         assert [line for line in printed if line.startswith("Name: ")] == [
             f"Name: /W/a, value: 1, timestamp: {stored[2]}, flags: "
+        ]
+
+    async def test_the_timeout_bounds_the_connect(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """``wait --timeout 1`` on a host slow to answer HGCM connects gives up after 1 s (it
+        first connected a client for short calls, which it never makes, outside the timeout:
+        up to the device's 30 s for a connect)."""
+        host.set_delay(RequestType.HGCM_CONNECT, 10)
+        args = _wait_args("/W/*", timeout=1.0)
+        started = trio.current_time()
+        with trio.fail_after(60), pytest.raises(_prop._NotFoundError, match="within 1 s"):
+            await _prop._run(args, SimOpener(host))
+        assert trio.current_time() - started < 1.5
+
+    async def test_a_wait_holds_one_client(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A parked ``wait`` holds its watch's client alone at the host (it held a second
+        one, for short calls it never makes)."""
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_prop._run, _wait_args("/W/*", timeout=30.0), SimOpener(host))
+                await trio.testing.wait_all_tasks_blocked()
+                assert (host.status()["hgcm_clients"], host.status()["hgcm_pending_calls"]) == (
+                    1,
+                    1,
+                )
+                host.prop_set("/W/a", "1")
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        assert [line for line in printed if line.startswith("Name: ")] == [
+            f"Name: /W/a, value: 1, timestamp: {host.prop_get('/W/a')[2]}, flags: "  # type: ignore[index]
         ]
 
     async def test_an_ignored_write_is_said_on_stderr(
@@ -609,6 +662,24 @@ class TestInProcess:
                 f"vbox-agent prop {argv[0]}: {subject}the host's reply was malformed: "
                 f"{function.name}: the host answered VERR_BUFFER_OVERFLOW asking for a "
                 "2147483647-byte buffer, over the 25165824 bytes one HGCM buffer carries"
+            ],
+        )
+
+    def test_a_list_that_keeps_growing_is_worth_another_try(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``enum`` on a host whose properties outgrow every buffer it is given: exit 75
+        (``EX_TEMPFAIL``), one line saying they kept growing (it said the host's reply was
+        malformed, exit 69)."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        monkeypatch.setattr(_prop, "_run", _beside(SimulatedHost(services=[service]), _prop._run))
+        code = main(["prop", "--device", "unix:/nonexistent/host.sock", "enum"])
+        assert (code, capsys.readouterr().err.splitlines()) == (
+            EX_TEMPFAIL,
+            [
+                "vbox-agent prop enum: ENUM_PROPS: the host's properties kept growing while "
+                f"they were listed: {ENUM_TRIES} tries in a row outgrew the buffer (the last "
+                f"asked for {service.sent[-1] + 1} bytes); try again"
             ],
         )
 

@@ -14,6 +14,9 @@ EX_SOFTWARE: Final = 70
 """A fatal error inside the agent."""
 EX_IOERR: Final = 74
 """The output cannot be written (a full disk), other than to a reader that went away."""
+EX_TEMPFAIL: Final = 75
+"""A failure that may pass: trying again later may succeed (the host's properties grew
+faster than ``prop`` could list them)."""
 EX_CONFIG: Final = 78
 """The config file is invalid, or the device path names what cannot be the device."""
 EX_INTERRUPTED: Final = 130

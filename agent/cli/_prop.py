@@ -5,8 +5,9 @@
 (``/dev/vboxguest``, ``unix:PATH`` for a simulated host). Exit codes: 0 done; 1 not found,
 wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
 a name, value, pattern or flags the service would refuse; 69 no device, or a host that does
-not answer (VERR_TIMEOUT); 70 anything else; 78 a device path that cannot be the device (a
-directory, or a file that does not answer the vboxguest handshake), as ``run`` says it.
+not answer (VERR_TIMEOUT); 70 anything else; 75 properties the host added faster than they
+could be listed (try again); 78 a device path that cannot be the device (a directory, or a
+file that does not answer the vboxguest handshake), as ``run`` says it.
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
 line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
 property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
@@ -26,7 +27,15 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from agent.cli._arguments import device_spec, positive_seconds
-from agent.cli._exit import EX_CONFIG, EX_OK, EX_REFUSED, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from agent.cli._exit import (
+    EX_CONFIG,
+    EX_OK,
+    EX_REFUSED,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+)
 from agent.cli._output import say, write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import (
@@ -42,15 +51,17 @@ from agent.protocol.errors import escaped, shown
 from agent.protocol.guest_props import PropertyArgumentError
 from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS, status_name, status_text
 from agent.services.guest_props import (
+    PropertiesGrowingError,
     Property,
     PropertyChange,
     open_guest_properties,
+    open_property_watch,
 )
 
 if TYPE_CHECKING:
     import argparse
 
-    from agent.device import DeviceOpener
+    from agent.device import Device, DeviceOpener
     from agent.services.guest_props import GuestProperties
 
 PROGRAM: Final = "vbox-agent prop"
@@ -77,9 +88,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Exit status: 0 done; 1 not found, wait timed out or refused by the host; 64 bad "
         "arguments, or a name, value, pattern or flags the service would refuse; 69 no "
-        "device, or a host that does not answer; 70 anything else; 78 a --device path that "
-        "cannot be the device (a directory, or a file that does not answer the vboxguest "
-        "handshake)."
+        "device, or a host that does not answer; 70 anything else; 75 properties the host "
+        "added faster than they could be listed (try again); 78 a --device path that cannot "
+        "be the device (a directory, or a file that does not answer the vboxguest handshake)."
     )
     parser.add_argument(
         "--device",
@@ -145,6 +156,10 @@ def _explain(args: argparse.Namespace, exc: Exception) -> tuple[str, int]:
         return str(exc), EX_USAGE
     if isinstance(exc, _NotFoundError):
         return str(exc), EX_REFUSED
+    if isinstance(exc, PropertiesGrowingError):
+        # No malformed reply: the host (or another guest process) added properties faster
+        # than the listing's tries could follow, which a later try may outrun.
+        return f"{_subject(args)}{exc}; try again", EX_TEMPFAIL
     if isinstance(exc, VBoxStatusError | RemoteProtocolError):
         return _host_failure(args, exc)
     if isinstance(exc, DeviceUnavailableError | DeviceLostError):
@@ -177,8 +192,12 @@ def _subject(args: argparse.Namespace) -> str:
 
 
 async def _run(args: argparse.Namespace, opener: DeviceOpener) -> None:
-    async with open_device(opener) as device, open_guest_properties(device) as props:
-        await args.action(args, props)
+    async with open_device(opener) as device:
+        if args.action is _wait:  # the watch's own client: none for short calls
+            await _wait(args, device)
+            return
+        async with open_guest_properties(device) as props:
+            await args.action(args, props)
 
 
 async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
@@ -236,13 +255,15 @@ def _note_ignored(args: argparse.Namespace, status: int) -> None:
         say(f"{PROGRAM} {args.prop_action}: {message}")
 
 
-async def _wait(args: argparse.Namespace, props: GuestProperties) -> None:
+async def _wait(args: argparse.Namespace, device: Device) -> None:
+    """The next change of a property matching the pattern, within the timeout: the watch's
+    connect and snapshot count, as the device's opening, a failure of its own, does not."""
     timeout: float = args.timeout
     change: PropertyChange | None = None
     with trio.move_on_after(timeout):
         # Read inside the block: a deadline that expires while the channel closes must
         # not lose a change already received.
-        async with props.watch([args.pattern], unseen_deletes=False) as watch:
+        async with open_property_watch(device, [args.pattern], unseen_deletes=False) as watch:
             change = await watch.next()
     if change is None:
         msg = f"no property matching {shown(args.pattern)} changed within {timeout:g} s"

@@ -17,6 +17,7 @@ import re
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
+from agent.protocol.constants import HGCM_MAX_USER_PARM
 from agent.protocol.errors import shown
 from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
 
@@ -36,6 +37,9 @@ MAX_PROPS: Final = 256
 """``GUEST_PROP_MAX_PROPS``: properties the service holds at most."""
 MAX_PATTERN_SIZE: Final = 1024
 """``GUEST_PROP_MAX_PATTERN_LEN``: the largest ENUM_PROPS pattern buffer."""
+MAX_WAIT_PATTERN_SIZE: Final = HGCM_MAX_USER_PARM
+"""The largest GET_NOTIFICATION pattern buffer: ``getNotification`` checks no length (only
+``enumProps`` checks :data:`MAX_PATTERN_SIZE`), so what one HGCM buffer carries bounds it."""
 MAX_GUEST_NOTIFICATIONS: Final = 256
 """``GUEST_PROP_MAX_GUEST_NOTIFICATIONS``: changes the notification queue remembers."""
 MAX_CONCURRENT_WAITS: Final = 16
@@ -193,12 +197,16 @@ def encode_value(value: str, max_size: int = MAX_VALUE_SIZE) -> bytes:
     return raw + b"\0"
 
 
-def encode_patterns(patterns: Sequence[str], *, nul_separated: bool) -> bytes:
-    """Return a pattern list: NUL-separated for ENUM_PROPS, ``|``-separated for waits.
+def encode_patterns(
+    patterns: Sequence[str], *, nul_separated: bool, max_size: int = MAX_PATTERN_SIZE
+) -> bytes:
+    """Return a pattern list, NUL-terminated: NUL-separated for ENUM_PROPS, ``|``-separated
+    for waits (whose buffer may take up to :data:`MAX_WAIT_PATTERN_SIZE`).
 
     Raises:
         TypeError: ``patterns`` is a ``str`` (a sequence of one-character patterns).
-        PropertyArgumentError: a pattern holds NUL, or the list exceeds 1023 bytes.
+        PropertyArgumentError: a pattern holds NUL, or the list and its NUL exceed
+            ``max_size`` bytes (by default ENUM_PROPS' limit: 1023 bytes and the NUL).
     """
     if isinstance(patterns, str):
         msg = (
@@ -208,10 +216,9 @@ def encode_patterns(patterns: Sequence[str], *, nul_separated: bool) -> bytes:
         raise TypeError(msg)
     raws = [_encode_text(pattern, "pattern") for pattern in patterns]
     joined = (b"\0" if nul_separated else b"|").join(raws)
-    if len(joined) + 1 > MAX_PATTERN_SIZE:
+    if len(joined) + 1 > max_size:
         msg = (
-            f"pattern list is {len(joined)} bytes long; "
-            f"the limit is {MAX_PATTERN_SIZE - 1} bytes of UTF-8"
+            f"pattern list is {len(joined)} bytes long; the limit is {max_size - 1} bytes of UTF-8"
         )
         raise PropertyArgumentError(msg)
     return joined + b"\0"

@@ -68,7 +68,11 @@ from agent.services._lasting import (
     WRITES_TAKEN_AGAIN,
     LastingFailure,
 )
-from agent.services.guest_props import keep_guest_properties, open_guest_properties
+from agent.services.guest_props import (
+    PropertiesGrowingError,
+    keep_guest_properties,
+    open_guest_properties,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -91,6 +95,9 @@ NOT_SENT: Final = "not sent: over a limit of the property service"
 """The refusal of a name or value the client would not send (``PropertyArgumentError``)."""
 GAVE_UP: Final = frozenset({VERR_INTERRUPTED, VERR_TIMEOUT})
 """Statuses of a call the driver gave up waiting for: the host may have carried it out."""
+PROPERTIES_GROWING: Final = "properties kept growing"
+"""The cause of a listing of the owned names whose every buffer the host's properties
+outgrew (``PropertiesGrowingError``)."""
 
 
 class PublishingSection(HostTunedSection):
@@ -298,12 +305,20 @@ class PublishingService:
 
     async def _list_owned(self, props: GuestProperties) -> list[str] | None:
         """The host's names matching ``owned``; None (counted, logged when the failure begins,
-        changes and ends) if the host would not list them or its list broke the ABI (the
-        growing-buffer retries running out, ``HgcmSizeError``, included)."""
+        changes and ends) if the host would not list them, its list broke the ABI
+        (``HgcmSizeError`` included) or outgrew every buffer (:data:`PROPERTIES_GROWING`)."""
         if not self._owned:
             return []
         try:
             found = [prop.name for prop in await props.enumerate(self._owned)]
+        except PropertiesGrowingError as exc:  # no malformed reply: one a later pass may get
+            self._listing.failed(
+                "owned_properties_unlisted",
+                PROPERTIES_GROWING,
+                error=str(exc),
+                patterns=list(self._owned),
+            )
+            return None
         except HOST_ERRORS as exc:
             self._listing.host_failed("owned_properties_unlisted", exc, patterns=list(self._owned))
             return None

@@ -11,7 +11,8 @@ Everything the service would refuse for its size or shape is refused here first 
 :class:`PropertyArgumentError` (a ``ValueError``; the checks are the wire contract's, shared
 with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
 ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
-``VERR_TOO_MUCH_DATA``), pattern lists up to 1023 bytes, known flag names. Methods that
+``VERR_TOO_MUCH_DATA``), an enumeration's pattern list up to 1023 bytes (a wait's has no
+limit at the service: only what one HGCM buffer carries), known flag names. Methods that
 take patterns take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises
 ``TypeError``, as it would otherwise be one pattern per character. What the host refuses
 (read-only properties, the 256-property cap) raises ``HgcmCallError`` with the VBox
@@ -34,6 +35,7 @@ from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
     MAX_NAME_SIZE,
     MAX_VALUE_SIZE,
+    MAX_WAIT_PATTERN_SIZE,
     SERVICE_NAME,
     FlagsParseError,
     GuestFunction,
@@ -45,6 +47,7 @@ from agent.protocol.guest_props import (
     parse_flags,
 )
 from agent.protocol.messages import slot_setters
+from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_HGCM_INVALID_CLIENT_ID,
@@ -85,8 +88,18 @@ NOTIFICATION_BUFFER_SIZE: Final = MAX_NAME_SIZE + VALUE_BUFFER_SIZE + 2
 """GET_NOTIFICATION's buffer: name, value, flags and the deleted flag."""
 ENUM_BUFFER_SIZE: Final = 4096
 """ENUM_PROPS' first buffer; a larger one is asked for with the size the host reports."""
+ENUM_SPARE_ROOM: Final = 4096
+"""Bytes ENUM_PROPS' next buffer holds beyond the size the host asked for, as upstream's
+``VbglR3GuestPropEnum`` adds them: properties the host (or another guest process) adds
+before that call still fit."""
+ENUM_TRIES: Final = 10
+"""ENUM_PROPS calls one listing makes at most while the properties outgrow each buffer
+(``VbglR3GuestPropEnum`` makes as many)."""
 SIZE_RETRIES: Final = 4
-"""Times a call is repeated with the size the host asked for (properties may keep growing)."""
+"""Times GET_PROP or GET_NOTIFICATION is repeated with the size the host asked for. Their
+first buffers hold any value and flags a host takes in a set; only a property the host
+loaded past those limits (``setPropertyBlock``) needs more, and nothing keeps growing one
+value as added properties keep growing a listing (:data:`ENUM_TRIES`)."""
 SNAPSHOT_TRIES: Final = 4
 """Times a watch connects again and repeats a snapshot the host dropped its client during."""
 FRUITLESS_WAITS: Final = 16
@@ -232,10 +245,10 @@ class GuestProperties:
         unseen_deletes: bool = True,
         pump: EventPump | None = None,
     ) -> AsyncIterator[PropertyWatch]:
-        """Follow the changes of matching properties; see :class:`PropertyWatch`."""
-        raw = encode_patterns(patterns, nul_separated=False)
-        watch = PropertyWatch(self._device, raw, unseen_deletes=unseen_deletes, pump=pump)
-        async with watch:
+        """Follow the changes of matching properties; see :func:`open_property_watch`."""
+        async with open_property_watch(
+            self._device, patterns, unseen_deletes=unseen_deletes, pump=pump
+        ) as watch:
             yield watch
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
@@ -274,7 +287,8 @@ class PropertyWatch:
 
     The watch opens from a snapshot: a listing of every property, whose newest timestamp
     is the watch's place in the host's queue of changes (the *cursor*: it goes on after
-    the change stamped so), then a listing of the matching ones. The queue is in the order
+    the change stamped so), and whose properties matching the watch's patterns (matched
+    here, as the service matches them) are what stands. The queue is in the order
     the changes were made, but its stamps are neither unique nor in order: a clock may go
     back, upstream stamps its start-up properties T, T+1, T+2 and then counts from its
     clock again, and a change stamped as the one queued before it is queued one later (the
@@ -291,8 +305,8 @@ class PropertyWatch:
     - stamped otherwise: news.
 
     The reader never sees the first snapshot, so what it shows of a change made after the
-    watch began is news: a mark is the stamp the first listing found, and a property that
-    listing did not hold has none (a set made while a wait starts is the wait's change). A
+    watch began is news: a mark is the stamp the first snapshot found, and a property that
+    snapshot did not hold has none (a set made while a wait starts is the wait's change). A
     later snapshot (a resync, below) is reported, so its marks are the stamps it shows.
     With a clock going back an older value may be yielded again; no change is lost and
     the last one yielded per name is what the host holds.
@@ -637,27 +651,25 @@ class PropertyWatch:
         return await self._take_snapshot(first=first)
 
     async def _take_snapshot(self, *, first: bool) -> None:
-        """Take the host's newest timestamp as the cursor, then the matching properties.
+        """List every property: the newest timestamp is the cursor, and the properties
+        matching the watch's patterns, matched here as the service matches them, are what
+        stands (ENUM_PROPS would refuse a pattern list over 1023 bytes, which a wait takes).
 
-        The first snapshot makes the watch know them as the first listing found them, each
-        marked with its timestamp there. A later one (a resync) queues a set for each that
+        The first snapshot makes the watch know them as the listing found them, each marked
+        with its timestamp there. A later one (a resync) queues a set for each that
         differs from what the watch knows and a delete for each property the watch knows
         that is gone, and marks each with its timestamp.
         """
         everything = await _enumerate(self._short_call, self._prepare)
         latest = max((prop.timestamp for prop in everything), default=0)
-        patterns = self._patterns[:-1].split(b"|") if len(self._patterns) > 1 else []
-        current = await _enumerate(
-            self._short_call, self._prepare, [pattern.decode() for pattern in patterns]
-        )
+        patterns = self._patterns[:-1]
+        current = [prop for prop in everything if patterns_match(patterns, prop.name.encode())]
         self._cursor, self._cursor_unproven = latest, latest != 0
         self._resync_due = False
         if first:
-            # Unreported: a change made since the first listing is news.
-            before = {prop.name: prop for prop in everything}
-            shown = [before[prop.name] for prop in current if prop.name in before]
-            self._marks = {prop.name: prop.timestamp for prop in shown}
-            self._known = {prop.name: (prop.value, prop.flags) for prop in shown}
+            # Unreported: a change made since the listing is news.
+            self._marks = {prop.name: prop.timestamp for prop in current}
+            self._known = {prop.name: (prop.value, prop.flags) for prop in current}
             return
         self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
@@ -696,6 +708,22 @@ async def open_guest_properties(device: Device) -> AsyncIterator[GuestProperties
     """Connect to the host's property service; yield the client; disconnect on exit."""
     async with open_hgcm_channel(device, SERVICE_NAME) as channel:
         yield GuestProperties(device, channel)
+
+
+@asynccontextmanager
+async def open_property_watch(
+    device: Device,
+    patterns: Sequence[str] = (),
+    *,
+    unseen_deletes: bool = True,
+    pump: EventPump | None = None,
+) -> AsyncIterator[PropertyWatch]:
+    """Follow the changes of the properties matching ``patterns`` (all when empty) on a
+    channel of the watch's own; see :class:`PropertyWatch`. No other client is connected,
+    so a deadline around the block bounds the watch's connect too."""
+    raw = encode_patterns(patterns, nul_separated=False, max_size=MAX_WAIT_PATTERN_SIZE)
+    async with PropertyWatch(device, raw, unseen_deletes=unseen_deletes, pump=pump) as watch:
+        yield watch
 
 
 async def keep_guest_properties(
@@ -761,21 +789,33 @@ async def _get(
 async def _enumerate(
     call: _Caller, prepare: _Preparer, patterns: Sequence[str] = ()
 ) -> list[Property]:
-    """ENUM_PROPS through ``call``, asked again with a larger buffer when needed."""
+    """ENUM_PROPS through ``call``, asked again when needed with a buffer
+    :data:`ENUM_SPARE_ROOM` larger than the size the host asked for, :data:`ENUM_TRIES`
+    calls at most.
+
+    Raises:
+        PropertiesGrowingError: every call's buffer was too small.
+    """
     raw_patterns = encode_patterns(patterns, nul_separated=True)
     size = ENUM_BUFFER_SIZE
     enum_props = prepare(
         GuestFunction.ENUM_PROPS, HgcmBufferIn(raw_patterns), HgcmBufferOut(size), HgcmU32(0)
     )
-    for _ in range(SIZE_RETRIES):
+    needed = size
+    for _ in range(ENUM_TRIES):
         try:
             reply = await call(enum_props)
         except HgcmCallError as exc:
-            size = _needed_size(exc, 2, GuestFunction.ENUM_PROPS, size)
+            needed = _needed_size(exc, 2, GuestFunction.ENUM_PROPS, size)
+            size = min(needed + ENUM_SPARE_ROOM, HGCM_MAX_USER_PARM)
             enum_props = enum_props.with_param(1, HgcmBufferOut(size))
             continue
         return _parse_enumeration(reply.params[1], reply.params[2])
-    return _still_too_small(GuestFunction.ENUM_PROPS)
+    msg = (
+        "ENUM_PROPS: the host's properties kept growing while they were listed: "
+        f"{ENUM_TRIES} tries in a row outgrew the buffer (the last asked for {needed} bytes)"
+    )
+    raise PropertiesGrowingError(msg)
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -826,6 +866,16 @@ def _needed_size(exc: HgcmCallError, size_index: int, function: GuestFunction, s
 
 class HgcmSizeError(RemoteProtocolError):
     """The host asked for a buffer size it cannot need, or for a larger one too often."""
+
+
+class PropertiesGrowingError(RemoteProtocolError):
+    """ENUM_PROPS' tries ran out while the host's properties outgrew every buffer: the host,
+    or another guest process, added them faster than the listing could follow.
+
+    No reply was malformed and a later listing may succeed; it is a RemoteProtocolError so
+    that whatever outlives a failed host request (:data:`agent.protocol.HOST_ERRORS`)
+    outlives this one too.
+    """
 
 
 def _still_too_small(function: GuestFunction) -> NoReturn:

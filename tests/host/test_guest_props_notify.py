@@ -13,12 +13,14 @@ import pytest
 from agent.host.guest_props import (
     MAX_CONCURRENT_WAITS,
     MAX_GUEST_NOTIFICATIONS,
+    MAX_PATTERN_SIZE,
     GuestPropertyService,
 )
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
     VERR_OUT_OF_RESOURCES,
+    VERR_TOO_MUCH_DATA,
     VINF_SUCCESS,
     VWRN_NOT_FOUND,
 )
@@ -27,6 +29,7 @@ from .guest_props_support import (
     START_NS,
     FakeClock,
     del_call,
+    enum_call,
     guest_set,
     notification,
     notify_call,
@@ -79,6 +82,20 @@ class TestWaitForNext:
         assert wait.pending
         guest_set(svc, "/Guest/a", "v")
         assert wait.status == VINF_SUCCESS
+
+    def test_patterns_over_the_enumeration_limit(self, svc: GuestPropertyService) -> None:
+        """GET_NOTIFICATION takes a pattern list of any length (``getNotification`` checks
+        none), where ENUM_PROPS refuses the same list over 1024 bytes."""
+        names = [f"/Guest/{index:02}/{'x' * 40}" for index in range(30)]
+        patterns = "|".join(names)
+        assert len(patterns) + 1 > MAX_PATTERN_SIZE
+        assert run(svc, enum_call(patterns.encode() + b"\0")).status == VERR_TOO_MUCH_DATA
+        wait = run(svc, notify_call(patterns))
+        guest_set(svc, "/Guest/other", "v")
+        assert wait.pending
+        guest_set(svc, names[7], "v")
+        assert wait.status == VINF_SUCCESS
+        assert notification(wait) == (names[7], "v", "", "0")
 
     def test_overflow_on_wake_up(self, svc: GuestPropertyService) -> None:
         """A short buffer ends the wait with VERR_BUFFER_OVERFLOW, timestamp and size set."""

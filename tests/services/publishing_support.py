@@ -47,8 +47,9 @@ class HeldAnswers(GuestPropertyService):
 
 
 class MalformedLists(GuestPropertyService):
-    """A property service whose ENUM_PROPS breaks the ABI: a list without its empty entry at
-    the end, or (``growing``) a buffer always asked one byte larger than the one sent."""
+    """A property service whose ENUM_PROPS never lists: a list without its empty entry at
+    the end (a malformed reply), or (``growing``) a buffer always asked one byte larger than
+    the one sent (a list outgrowing every buffer)."""
 
     def __init__(self, *, growing: bool = False) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -21,7 +22,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer, HostU32, HostU64
-from agent.protocol import RemoteProtocolError
+from agent.protocol import HOST_ERRORS, RemoteProtocolError
 from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     SHORT_CALL_TIMEOUT_MS,
@@ -50,10 +51,13 @@ from agent.protocol.status import (
 from agent.services.event_pump import EventPump
 from agent.services.guest_props import (
     ENUM_BUFFER_SIZE,
+    ENUM_SPARE_ROOM,
+    ENUM_TRIES,
     FRUITLESS_WAITS,
     SIZE_RETRIES,
     GuestProperties,
     HgcmSizeError,
+    PropertiesGrowingError,
     PropertyChange,
     PropertyWatch,
     open_guest_properties,
@@ -264,9 +268,15 @@ class TestShortCalls:
         assert "characters)" in str(info.value)
 
     async def test_pattern_limit(self, props: GuestProperties) -> None:
-        """A pattern list over 1023 bytes is refused locally."""
+        """An enumeration's pattern list over 1023 bytes is refused locally, and a watch's
+        over what one HGCM buffer carries (the service checks no length of those)."""
+        before = props.channel.calls
         with pytest.raises(PropertyArgumentError, match="limit is 1023"):
             await props.enumerate(["x" * 600, "y" * 600])
+        with pytest.raises(PropertyArgumentError, match=f"limit is {HGCM_MAX_USER_PARM - 1}"):
+            async with props.watch(["x" * HGCM_MAX_USER_PARM]):
+                pass
+        assert props.channel.calls == before
 
     @pytest.mark.parametrize("method", ["enumerate", "wait", "watch"])
     async def test_a_str_for_patterns_is_refused(
@@ -305,6 +315,33 @@ class _ListingService(GuestPropertyService):
             return VERR_BUFFER_OVERFLOW
         out.data[: len(self._listing)] = self._listing
         return VINF_SUCCESS
+
+
+class _GrowingByOne(GuestPropertyService):
+    """Has the host add a property before it answers each ENUM_PROPS: the race upstream's
+    ``VbglR3GuestPropEnum`` leaves spare room for (the host, or another guest process,
+    adding properties while the guest lists them).
+
+    Attributes:
+        sent: the buffer size of each ENUM_PROPS, in order.
+        asked: the size each VERR_BUFFER_OVERFLOW asked for, in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[int] = []
+        self.asked: list[int] = []
+
+    def _enum_props(self, call: HgcmCallHandle) -> int:
+        out, size = call.params[1], call.params[2]
+        assert isinstance(out, HostBuffer)
+        assert isinstance(size, HostU32)
+        self.sent.append(len(out.data))
+        self.host_set(f"/Busy/{len(self.sent)}", "v" * 100)
+        status = super()._enum_props(call)
+        if status == VERR_BUFFER_OVERFLOW:
+            self.asked.append(size.value)
+        return status
 
 
 class _NotificationService(GuestPropertyService):
@@ -491,16 +528,51 @@ class TestSizesAskedFor:
                     await _OVERFLOW_CALLS[function](props)
         assert len(service.sent) == 1
 
-    async def test_a_host_asking_for_more_every_time_is_given_up(
+    async def test_a_get_asking_for_more_every_time_is_given_up(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A host asking for a larger buffer at every try is asked SIZE_RETRIES times."""
-        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        """A host asking for a larger GET_PROP buffer at every try is asked SIZE_RETRIES
+        times: no race grows one value."""
+        service = OverflowAsking(GuestFunction.GET_PROP, lambda sent: sent + 1, times=100)
         with trio.fail_after(60):
             async with _props_on(service) as (_, props):
                 with pytest.raises(HgcmSizeError, match=f"{SIZE_RETRIES} times in a row"):
+                    await props.get("/W/x")
+        assert len(service.sent) == SIZE_RETRIES
+
+    async def test_a_list_that_grows_while_it_is_listed(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Properties added between two ENUM_PROPS fit the next call's spare room (it asked
+        exactly the size the host reported, four times, then failed as a malformed reply)."""
+        service = _GrowingByOne()
+        with trio.fail_after(60):
+            async with _props_on(service) as (host, props):
+                for index in range(40):  # about 5 KiB: more than the first buffer holds
+                    host.prop_set(f"/Pre/{index}", "x" * 100)
+                listed = await props.enumerate()
+        assert service.sent[1:] == [service.asked[0] + ENUM_SPARE_ROOM]
+        assert [prop.name for prop in listed] == [name for name, *_ in service.host_enumerate()]
+        assert "/Busy/2" in {prop.name for prop in listed}
+
+    async def test_properties_outgrowing_every_buffer_are_given_up(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A list that outgrows even the spare room at every try is asked ENUM_TRIES times,
+        then said to have kept growing: no malformed reply."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda sent: sent + 1, times=100)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with pytest.raises(PropertiesGrowingError) as info:
                     await props.enumerate()
-        assert service.sent == [ENUM_BUFFER_SIZE + n for n in range(SIZE_RETRIES)]
+        assert service.sent == [
+            ENUM_BUFFER_SIZE + n * (1 + ENUM_SPARE_ROOM) for n in range(ENUM_TRIES)
+        ]
+        assert str(info.value) == (
+            "ENUM_PROPS: the host's properties kept growing while they were listed: "
+            f"{ENUM_TRIES} tries in a row outgrew the buffer (the last asked for "
+            f"{service.sent[-1] + 1} bytes)"
+        )
 
     async def test_a_size_past_the_property_limits_is_asked_for(
         self, autojump_clock: trio.abc.Clock
@@ -514,7 +586,20 @@ class TestSizesAskedFor:
             async with _props_on(service) as (host, props):
                 host.prop_set("/Big/a", "1")
                 assert [prop.name for prop in await props.enumerate(["/Big/*"])] == ["/Big/a"]
-        assert service.sent == [ENUM_BUFFER_SIZE, asked]
+        assert service.sent == [ENUM_BUFFER_SIZE, asked + ENUM_SPARE_ROOM]
+
+    async def test_the_spare_room_stops_at_what_one_hgcm_buffer_carries(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A size within the spare room of the 24 MiB one HGCM buffer carries is asked for
+        with that buffer, not a larger one (the channel refuses that as a local error, which
+        ends the daemon), whatever the host answers then."""
+        service = OverflowAsking(GuestFunction.ENUM_PROPS, lambda _: HGCM_MAX_USER_PARM - 1)
+        with trio.fail_after(60):
+            async with _props_on(service) as (_, props):
+                with contextlib.suppress(*HOST_ERRORS):
+                    await props.enumerate()
+        assert service.sent == [ENUM_BUFFER_SIZE, HGCM_MAX_USER_PARM]
 
 
 class TestWatch:
@@ -539,6 +624,31 @@ class TestWatch:
         assert stored is not None
         assert got == [PropertyChange("/Guest/wanted", "yes", "TRANSIENT", stored[2], False)]
         assert host.status()["hgcm_clients"] == 1  # the wait's channel is gone
+
+    async def test_a_wait_takes_a_pattern_list_enum_props_would_not(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
+    ) -> None:
+        """A wait's ``|``-separated list over 1023 bytes is sent and matched: the service
+        checks no length of GET_NOTIFICATION's patterns, only of ENUM_PROPS', and the
+        snapshot matches its listing here. (It was refused, as the snapshot sent the same
+        list through ENUM_PROPS.)"""
+        names = [f"/VirtualBox/GuestInfo/Net/{index}/V4/IP/waiting" for index in range(30)]
+        patterns = ["|".join(names)]  # one ``prop wait`` PATTERN of alternatives
+        assert len(patterns[0].encode()) > 1023
+        host.prop_set(names[3], "before")
+        host.prop_set("/Other", "x")
+        got: list[PropertyChange] = []
+
+        async def wait() -> None:
+            got.append(await props.wait(patterns))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/Other", "y")
+                host.prop_set(names[7], "10.0.2.15")
+        assert [(change.name, change.value) for change in got] == [(names[7], "10.0.2.15")]
 
     async def test_watch_reports_in_order_with_deletes(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
@@ -834,7 +944,7 @@ class TestWaitEndings:
 
 class _ChangesDuringTheSnapshot(GuestPropertyService):
     """Sets ``/W/x`` right after answering the first ENUM_PROPS: a change made while a
-    watch takes its snapshot, between its two enumerations."""
+    watch starts, after its snapshot's listing and before its first wait."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -867,26 +977,26 @@ class TestWatchRobustness:
     async def test_a_set_while_a_wait_starts_is_its_change(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A property set between the wait's two listings, after the wait began, is the
-        change it returns, as a VBoxControl wait returns every set made after it. (The
-        second listing's mark skipped the set, and the wait hung.)"""
+        """A property set after the wait's listing, before its first GET_NOTIFICATION, is
+        the change it returns, as a VBoxControl wait returns every set made after it.
+        (Its snapshot listed twice, and a set between the two was skipped: the wait hung.)"""
         service = _ChangesDuringTheSnapshot()
         with trio.fail_after(60):
             async with _props_on(service) as (_, props):
                 change = await props.wait(["/W/*"])
-        assert service.enumerations == 2
+        assert service.enumerations == 1
         assert (change.name, change.value, change.deleted) == ("/W/x", "new", False)
 
     async def test_a_change_during_the_snapshot_is_known(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A property set between the watch's two listings is reported, then its delete.
-        (The matching listing ran first and the newest timestamp after the set: the set
-        was in neither, and a wait for the delete hung.)"""
+        """A property set while the watch starts, after its listing, is reported, then its
+        delete. (Its snapshot listed twice, the matching names before the newest timestamp,
+        and a set between the two was in neither: a wait for the delete hung.)"""
         service = _ChangesDuringTheSnapshot()
         with trio.fail_after(60):
             async with _props_on(service) as (host, props), props.watch(["/W/*"]) as watch:
-                assert service.enumerations == 2
+                assert service.enumerations == 1
                 first = await watch.next()
                 host.prop_delete("/W/x")
                 second = await watch.next()
@@ -1224,8 +1334,8 @@ class TestWatchChannel:
         props: GuestProperties,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """The watch's ENUM_PROPS are short calls (a driver timeout), its waits are not:
-        the device counts calls without one as blocking."""
+        """The watch's ENUM_PROPS (one a snapshot) are short calls (a driver timeout), its
+        waits are not: the device counts calls without one as blocking."""
         timeouts: list[tuple[int, int]] = []
         call_prepared = HgcmChannel.call_prepared
 
@@ -1239,7 +1349,6 @@ class TestWatchChannel:
                 host.prop_set("/W/a", "1")
                 await watch.next()
         assert timeouts == [
-            (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
             (GuestFunction.ENUM_PROPS, SHORT_CALL_TIMEOUT_MS),
             (GuestFunction.GET_NOTIFICATION, TIMEOUT_INFINITE),
         ]
@@ -1326,6 +1435,33 @@ class TestWatchGaps:
                 nursery.cancel_scope.cancel()
         assert _seen(got) == [("/W/a", "1"), ("/W/b", "2"), ("/W/z", "later")]
         assert [change.timestamp for change in got] == sorted(change.timestamp for change in got)
+
+    async def test_a_resync_of_a_long_pattern_list_reports_its_names_alone(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A watch whose pattern list is over ENUM_PROPS' 1023 bytes resyncs after a restore
+        and reports what its patterns match, nothing else: the snapshot matches its listing
+        here. (It sent the list through ENUM_PROPS, so the watch was refused.)"""
+        names = [f"/W/{index:02}/{'x' * 40}" for index in range(30)]
+        got: list[PropertyChange] = []
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                pump = EventPump(device)
+                await nursery.start(pump.run)
+                async with (
+                    open_guest_properties(device) as props,
+                    props.watch(["|".join(names)], pump=pump) as watch,
+                ):
+                    nursery.start_soon(_collect, watch, got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.prop_set(names[0], "1")  # completes the pending wait
+                    host.prop_set(names[1], "2")  # queued, not yet asked for
+                    host.prop_set("/W/other", "3")  # queued, matched by no pattern
+                    host.restore()  # a new instance: its queue is empty
+                    await _settle(3)
+                    assert watch.resyncs == 1
+                nursery.cancel_scope.cancel()
+        assert _seen(got) == [(names[0], "1"), (names[1], "2")]
 
     @pytest.mark.parametrize("gap", ["restore", "eviction"])
     async def test_missed_changes_come_before_the_change_that_shows_them(

@@ -341,10 +341,16 @@ async def test_a_stop_deletes_every_net_property(
 async def test_a_malformed_list_of_owned_names_is_counted_not_fatal(
     autojump_clock: trio.abc.Clock, interfaces: Interfaces, growing: bool
 ) -> None:
-    """An ENUM_PROPS reply that breaks the ABI (a list never ended, or a host asking for a
-    larger buffer every time: ``HgcmSizeError``) is a host error like a refusal: logged when
-    it begins, shown in the status, tried again at the next pass; the interfaces are
-    published meanwhile, and the drain still deletes what the service wrote."""
+    """An ENUM_PROPS reply that breaks the ABI (a list never ended), or a list that outgrows
+    every buffer (``PropertiesGrowingError``, named as such: it read as a malformed reply),
+    is a host error like a refusal: logged when it begins, shown in the status, tried again
+    at the next pass; the interfaces are published meanwhile, and the drain still deletes
+    what the service wrote."""
+    cause, detail, text = (
+        ("properties kept growing", "error", "kept growing while they were listed")
+        if growing
+        else ("malformed reply", "malformed_reply", "does not end")
+    )
     host = SimulatedHost(services=[MalformedLists(growing=growing)])
     names = network_properties(interfaces.now)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
@@ -362,7 +368,7 @@ async def test_a_malformed_list_of_owned_names_is_counted_not_fatal(
                     await nursery.start(service.run)
                     await running.next_pass()
                     assert all(running.value(name) == value for name, value in names.items())
-                    assert service.status() == "network: owned names unlisted (malformed reply)"
+                    assert service.status() == f"network: owned names unlisted ({cause})"
                     nursery.cancel_scope.cancel()
                 await service.drain()
             assert [name for name in names if host.prop_get(name) is not None] == []
@@ -370,7 +376,7 @@ async def test_a_malformed_list_of_owned_names_is_counted_not_fatal(
     unlisted = [line for line in logs if line["event"] == "owned_properties_unlisted"]
     assert len(unlisted) == 1
     assert unlisted[0]["patterns"] == [f"{NET_PREFIX}*"]
-    assert ("larger buffer" if growing else "does not end") in unlisted[0]["malformed_reply"]
+    assert text in unlisted[0][detail]
 
 
 async def test_a_host_without_the_property_service_is_tried_again_each_pass(

@@ -25,8 +25,8 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
+from agent.protocol.prop_patterns import pattern_matches, patterns_match
 
-from ._patterns import pattern_matches, patterns_match
 from ._service import GuestPropertyService, HostVersion
 
 __all__ = [

@@ -12,6 +12,7 @@ from agent.protocol.guest_props import (
     MAX_GUEST_NOTIFICATIONS,
     format_flags,
 )
+from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
@@ -21,7 +22,6 @@ from agent.protocol.status import (
 )
 
 from ._params import buffer, u32, u64
-from ._patterns import patterns_match
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -25,6 +25,7 @@ from agent.protocol.guest_props import (
     parse_flags,
 )
 from agent.protocol.iprt_numbers import U64_MASK, read_number
+from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INVALID_UTF8_ENCODING,
@@ -49,7 +50,6 @@ from ._limits import (
 )
 from ._notify import write_out
 from ._params import GuestCallError
-from ._patterns import patterns_match
 from ._store import PropertyStore
 
 if TYPE_CHECKING:

@@ -1,4 +1,6 @@
-"""Name patterns as the service matches them (IPRT's ``RTStrSimplePatternMultiMatch``).
+"""Name patterns as the property service matches them (IPRT's
+``RTStrSimplePatternMultiMatch``): the simulated service's matching, and the guest's where it
+filters a listing itself (a watch's snapshot).
 
 A pattern is a byte string where ``*`` matches any run of bytes, ``?`` exactly one byte,
 and everything else itself, case-sensitively; there is no escape and no ``[...]``. One IPRT
