@@ -60,7 +60,8 @@ four reserved ones included; 80 leaves room for more short calls beside them. Tw
 (the workers and as many replacing abandoned calls) fits the unit's ``TasksMax=168`` with
 the main thread and trio's own threads."""
 OTHER_THREADS: Final = 8
-"""Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's)."""
+"""Threads besides the ioctl workers that ``TasksMax=`` must leave room for (main, trio's,
+the log's writer, the few services' own workers and a reload's reading of the file)."""
 MAX_SHUTDOWN_TIMEOUT_S: Final = 13.0
 """The unit's ``TimeoutStopSec=15s`` must cover the drain plus the last second of the stop."""
 MAX_RESTART_BACKOFF_S: Final = 3600.0
@@ -193,6 +194,14 @@ class AgentConfig(_Model):
 NO_SECTIONS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType({})
 
 
+LISTED_PROBLEMS: Final = 20
+"""The most problems one log line lists (:attr:`ConfigError.listed`), then how many more: a
+file can hold thousands (about 190 characters each), and journald cuts a line of them all
+into several entries (``LineMax=``, 48 KiB by default). Twenty stay well under that even
+where every key and value is cut at its longest (about 700 characters a problem as JSON);
+``check-config`` prints every problem, one line each."""
+
+
 class ConfigError(AgentError):
     """A configuration file cannot be used.
 
@@ -212,6 +221,16 @@ class ConfigError(AgentError):
         first = self.problems[0].partition(" = ")[0] if self.problems else "no problem named"
         more = len(self.problems) - 1
         return first if more < 1 else f"{first} and {more} more problem{'s' * (more > 1)}"
+
+    @property
+    def listed(self) -> list[str]:
+        """The problems one log line lists: the first :data:`LISTED_PROBLEMS`, then one
+        ``and N more problems`` naming how many it leaves out."""
+        more = len(self.problems) - LISTED_PROBLEMS
+        if more < 1:
+            return list(self.problems)
+        left_out = f"and {more} more problem{'s' * (more > 1)} (check-config lists them all)"
+        return [*self.problems[:LISTED_PROBLEMS], left_out]
 
 
 def load_config(
@@ -245,8 +264,6 @@ def load_config(
         raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from exc
     except (NotARegularFileError, TomlFileTooLargeError) as exc:
         raise ConfigError([f"{file}: {exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{file}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from exc
     except TomlSyntaxError as exc:
         raise ConfigError([_syntax_problem(file, exc)]) from exc
     allowed = [*CORE_SECTIONS, *sections]

@@ -9,11 +9,12 @@ an uncached logger (about a microsecond) does not show.
 
 Logging never raises into the code that logs, nor waits for the stream (:class:`LogOutput`):
 a line the stream refuses (a full disk, a journal or pipe reader gone) is dropped and
-counted, and so is a line that finds :data:`QUEUE_LIMIT_CHARS` already waiting for a stream
-that is not reading (a journal busy on a slow disk, a full pipe, a terminal paused with
-Ctrl-S); the first failure is said once on stderr when stderr is another stream, and the
-first line written again is preceded by one ``log_lines_lost`` line saying how many were
-lost. The agent runs on.
+counted, and so is a line that does not fit beside what already waits for a stream that is
+not reading (a journal busy on a slow disk, a full pipe, a terminal paused with Ctrl-S), at
+most :data:`QUEUE_LIMIT_CHARS`, or one longer than :data:`LINE_LIMIT_CHARS`; the first
+failure is said once on stderr when stderr is another stream, and the first line written
+again is preceded by one ``log_lines_lost`` line saying how many were lost, and why. The
+agent runs on.
 """
 
 from __future__ import annotations
@@ -65,14 +66,26 @@ LINES_LOST_EVENT: Final = "log_lines_lost"
 """The line written once the stream takes lines again, with how many were lost (``lines``)."""
 QUEUE_LIMIT_CHARS: Final = 64 * 1024
 """The most characters of lines (about as many bytes: the lines are ASCII JSON, mostly) that
-wait for a stream other than a regular file to take them; a line that does not fit is
-dropped and counted (:data:`NOT_READING`). As much again as a pipe holds."""
+wait for a stream other than a regular file to take them; a line that does not fit beside
+those already waiting is dropped and counted (:data:`NOT_READING`). As much again as a pipe
+holds. It bounds what a stream that does not read may cost, not a line's length: the line
+being written does not count, nor does one the idle writer takes at once, however long
+(:data:`LINE_LIMIT_CHARS` at most)."""
+LINE_LIMIT_CHARS: Final = 1024 * 1024
+"""The longest line queued for a stream other than a regular file; a longer one is dropped
+and counted (:data:`TOO_LONG`). The agent's longest lines are a few KiB (a config rejection
+lists at most ``agent.config.LISTED_PROBLEMS`` problems) or tens of KiB (a traceback), and
+journald cuts a line over its ``LineMax=`` (48 KiB by default) into several entries: this
+only bounds the line a stream that does not read may hold the writer thread in, beside
+:data:`QUEUE_LIMIT_CHARS` waiting."""
 EXIT_FLUSH_S: Final = 0.05
 """How long the exit waits for the stream to take the lines still waiting (a stream that
 reads takes them at once); the lines it did not take are counted as lost. The second the
 stop promises past ``shutdown_timeout_s`` has room for it."""
 NOT_READING: Final = "the log stream is not reading"
 """Why lines were dropped when :data:`QUEUE_LIMIT_CHARS` waited, or at the exit."""
+TOO_LONG: Final = f"a line longer than {LINE_LIMIT_CHARS} characters"
+"""Why a line longer than :data:`LINE_LIMIT_CHARS` was dropped."""
 
 
 def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
@@ -152,11 +165,12 @@ class LogOutput:
     a full disk took part of it), not through the stream's buffer, which would keep refused
     lines and write them, out of order, once it can. On a descriptor that may wait for its
     reader (anything but a regular file) the lines are handed, in order, to one writer
-    thread, at most :data:`QUEUE_LIMIT_CHARS` of them waiting: a line that does not fit is
-    dropped and counted (:data:`NOT_READING`), so a reader that stops reading costs lines,
-    never the event loop. The thread waits without a timeout while nothing is logged. A
-    regular file, which has no reader to wait for, is written at once, and a stream without
-    a descriptor (a test's ``StringIO``) is written and flushed.
+    thread, at most :data:`QUEUE_LIMIT_CHARS` of them waiting besides the line the writer
+    has (or takes at once, up to :data:`LINE_LIMIT_CHARS`): a line that does not fit is
+    dropped and counted (:data:`NOT_READING`, or :data:`TOO_LONG`), so a reader that stops
+    reading costs lines, never the event loop. The thread waits without a timeout while
+    nothing is logged. A regular file, which has no reader to wait for, is written at once,
+    and a stream without a descriptor (a test's ``StringIO``) is written and flushed.
 
     A line refused (``OSError``, or ``ValueError`` for a closed stream) is dropped and
     counted; the first of a run of failures is said once on stderr when stderr is another
@@ -180,14 +194,18 @@ class LogOutput:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         """Notified when a line is queued and when the writer is done with one."""
-        self._queue: deque[tuple[int, str]] | None = None
+        self._queue: deque[tuple[int, str, int]] | None = None
         """Lines waiting for the writer thread, each with the lines dropped just before it
-        (None: lines are written at once)."""
+        and the characters it counts for in ``_queued_chars`` (None: lines are written at
+        once)."""
         self._queued_chars = 0
+        """What the lines waiting count for: all but one handed to an idle writer."""
         self._dropped = 0
         """Lines dropped since the last line queued."""
         self._busy = False
         """The writer thread is writing a line."""
+        self._idle = True
+        """The writer thread waits for a line (or is not started yet)."""
         self._writer: threading.Thread | None = None
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._stderr = None if _same_stream(stream, sys.stderr) else sys.stderr
@@ -207,21 +225,16 @@ class LogOutput:
 
     def msg(self, message: str) -> None:
         """Write ``message`` as a line, or queue it for the writer thread; drop and count it
-        if the stream refuses it or too much already waits."""
+        if the stream refuses it, if it is too long to queue, or if it does not fit beside
+        the lines already waiting."""
         line = f"{message}\n"
         with self._lock:
             if self._queue is None:
                 self._emit(0, line)
-            elif self._queued_chars + len(line) > QUEUE_LIMIT_CHARS:
-                self.lost += 1
-                self._dropped += 1
-                self._fail(NOT_READING)
+            elif len(line) > LINE_LIMIT_CHARS:
+                self._drop(TOO_LONG)
             else:
-                self._queue.append((self._dropped, line))
-                self._queued_chars += len(line)
-                self._dropped = 0
-                self._start_writer()
-                self._changed.notify_all()
+                self._enqueue(self._queue, line)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -242,13 +255,37 @@ class LogOutput:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.lost += len(queue)
-                    self._dropped += len(queue) + sum(dropped for dropped, _ in queue)
+                    self._dropped += len(queue) + sum(dropped for dropped, _, _ in queue)
                     queue.clear()
                     self._queued_chars = 0
                     self._busy = False
                     self._fail(NOT_READING)
                     return
                 self._changed.wait(left)
+
+    def _drop(self, reason: str) -> None:
+        """Count a line dropped before it was queued, for the notice before the next one."""
+        self.lost += 1
+        self._dropped += 1
+        self._fail(reason)
+
+    def _enqueue(self, queue: deque[tuple[int, str, int]], line: str) -> None:
+        """Queue ``line`` if it fits, else drop and count it (:data:`NOT_READING`).
+
+        A line handed to an idle writer counts for nothing, as the line the writer writes
+        does not: it becomes that line at once, however long (:data:`LINE_LIMIT_CHARS` at
+        most), and the lines after it still have :data:`QUEUE_LIMIT_CHARS`. So a stream that
+        does not read holds at most the line the writer is stuck in and that many characters.
+        """
+        counted = 0 if self._idle and not queue else len(line)
+        if self._queued_chars + counted > QUEUE_LIMIT_CHARS:
+            self._drop(NOT_READING)
+        else:
+            queue.append((self._dropped, line, counted))
+            self._queued_chars += counted
+            self._dropped = 0
+            self._start_writer()
+            self._changed.notify_all()
 
     def _start_writer(self) -> None:
         if self._writer is None:
@@ -261,10 +298,12 @@ class LogOutput:
         while True:
             with self._changed:
                 while not self._queue:
+                    self._idle = True
                     self._changed.wait()
-                dropped, line = self._queue.popleft()
-                self._queued_chars -= len(line)
+                dropped, line, counted = self._queue.popleft()
+                self._queued_chars -= counted
                 self._busy = True
+                self._idle = False
             self._emit(dropped, line)
             with self._changed:
                 self._busy = False
@@ -294,7 +333,7 @@ class LogOutput:
         """No lost line waits for its notice: none at the writer, none dropped since the
         last line queued, none before a line still queued."""
         queued = self._queue or ()
-        return not (self._unsaid or self._dropped or any(dropped for dropped, _ in queued))
+        return not (self._unsaid or self._dropped or any(dropped for dropped, _, _ in queued))
 
     def _fail(self, reason: str) -> None:
         """Record why lines are lost; say it on stderr if it is the first of a run."""

@@ -2,7 +2,8 @@
 
 Python 3.11's ``tomllib`` puts the position in the message (``Invalid value (at line 3,
 column 7)``), except where the text ends too early: then it says ``(at end of document)``.
-:func:`parse_toml` names that position as a line and column too, so every syntax error of a
+:func:`parse_toml` names that position as a line and column too, and :func:`read_toml_file`
+so names the first byte that is not UTF-8 (TOML is UTF-8 text), so every syntax error of a
 config file or a scenario points at a place in the file. A leaf module (stdlib only), used by
 ``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads only a
 regular file, and at most ``MAX_TOML_BYTES`` of it: a path naming a FIFO, a socket or a device
@@ -70,8 +71,8 @@ def read_toml_file(path: Path) -> dict[str, Any]:
         OSError: the file cannot be read (``IsADirectoryError`` for a directory).
         NotARegularFileError: the path names a FIFO, a socket or a device.
         TomlFileTooLargeError: it is larger than ``MAX_TOML_BYTES``.
-        UnicodeDecodeError: it is not UTF-8.
-        TomlSyntaxError: it is not TOML.
+        TomlSyntaxError: it is not TOML, or not UTF-8 (named by the line and column of its
+            first byte that is not).
     """
     # Refused before it is opened: opening a device can act (a watchdog starts counting) and
     # opening a socket fails (ENXIO) without saying what it is.
@@ -85,7 +86,20 @@ def read_toml_file(path: Path) -> dict[str, Any]:
     if len(data) > MAX_TOML_BYTES:
         msg = f"larger than {MAX_TOML_BYTES >> 20} MiB: not a TOML file this program reads"
         raise TomlFileTooLargeError(msg)
-    return parse_toml(data.decode())
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(data, exc) from None
+    return parse_toml(text)
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> TomlSyntaxError:
+    """The error for the first byte of ``data`` that is not UTF-8 (an editor's Latin-1
+    ``\\xe9``), at its line and column as tomllib counts them: in characters, from the text
+    before it, which is UTF-8."""
+    before = data[: exc.start].decode().replace("\r\n", "\n")
+    what = f"not UTF-8 text: byte {data[exc.start]:#04x} ({exc.reason}): save as UTF-8"
+    return TomlSyntaxError(_position(before, len(before)), what)
 
 
 def _check_regular(mode: int, path: Path) -> None:

@@ -222,7 +222,7 @@ async def heartbeat_phases(seconds: float, unit: Scheduling) -> None:
 def report_cost(reports: int) -> None:
     """Print the CPU time of one statistics sample (its per-CPU reports encoded) next to a bare
     /proc/meminfo read."""
-    stats = ProcStats(Path("/proc"))
+    stats = ProcStats(Path("/proc"), Path("/sys"))
     started = time.process_time()
     for _ in range(reports):
         for report in stats.sample(balloon_chunks=0):

@@ -26,13 +26,16 @@ import structlog
 import trio
 from hypothesis import settings
 
+from agent.daemon import daemon as daemon_module
 from agent.host import PersonalityUnavailableError, SimulatedHost
 from agent.services import _cpu_sysfs
 from agent.services._wallclock import SystemClock
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
     from pathlib import Path
+
+    from agent.config import AgentConfig
 
 settings.register_profile("ci", deadline=None, print_blob=True)
 settings.register_profile("dev")
@@ -89,6 +92,27 @@ def _machine_cpus_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
         write(path, value)
 
     monkeypatch.setattr(_cpu_sysfs, "_write", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _config_read_on_the_loop_under_autojump(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``autojump_clock`` the daemon's reload reads the file on the event loop: the
+    clock jumps virtual time whenever every task waits, a task waiting for a worker thread
+    too, so a reading on a thread would let a test's virtual time run ahead to its next
+    deadline, its own ``fail_after`` among them. The reading's thread is tested on the real
+    clock (``tests/daemon/test_daemon.py``)."""
+    if "autojump_clock" not in request.fixturenames:
+        return
+
+    async def on_the_loop(
+        load: Callable[[], AgentConfig], _limiter: trio.CapacityLimiter
+    ) -> AgentConfig:
+        await trio.lowlevel.checkpoint()
+        return load()
+
+    monkeypatch.setattr(daemon_module, "_load_off_the_loop", on_the_loop)
 
 
 @pytest.fixture(autouse=True)

@@ -96,6 +96,10 @@ class HookedSession:
         """Close the host's session."""
         await self._transport.aclose()
 
+    def claim(self) -> bool:
+        """The host's session's claim."""
+        return self._transport.claim()
+
 
 class ReplyGarbler:
     """A ``reply`` hook for :class:`HookedOpener`: the host's answers to the VMMDev request

@@ -1,8 +1,10 @@
-"""``vbox-agent simulate`` ending on a failure of the simulated host nobody expected.
+"""``vbox-agent simulate`` ending on a failure: of the simulated host, nobody expected, or a
+socket path it refuses.
 
 Rules of this test module:
 - the command runs in-process (``agent.cli.main``) so that the failure can be injected: the
-  socket server is replaced by one that fails once it listens; output is read with ``capsys``;
+  socket server is replaced by one that fails once it listens; output is read with ``capsys``
+  (``capfd`` where the host's log lines on stdout count);
 - the failure ends the run by itself, so nothing waits for a signal.
 """
 
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from agent.cli import main
-from agent.cli._exit import EX_SOFTWARE
+from agent.cli._exit import EX_SOFTWARE, EX_UNAVAILABLE
 from agent.host import server
 
 if TYPE_CHECKING:
@@ -60,3 +62,18 @@ def test_the_listening_line_escapes_the_path(
     assert main(["simulate", "--socket", path]) == EX_SOFTWARE
     first = capsys.readouterr().err.splitlines()[0]
     assert first == f"simulated host listening at {os.fsdecode(tmp_path)}/h\\x85.sock"
+
+
+def test_a_path_taken_by_a_file_is_refused_before_the_host_logs(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A socket path that a regular file holds is the run's one line, and the host logs
+    nothing before it (it logged its start on stdout, then the refusal came)."""
+    path = tmp_path / "plain"
+    path.write_text("not a socket\n")
+    assert main(["simulate", "--socket", str(path)]) == EX_UNAVAILABLE
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"vbox-agent simulate: {path} exists and is not a socket; refusing to replace it"
+    ]

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from agent.cli._exit import EX_CONFIG, EX_USAGE
 from agent.config import (
     CORE_SECTIONS,
+    LISTED_PROBLEMS,
     MAX_IOCTL_THREADS,
     MAX_SHUTDOWN_TIMEOUT_S,
     MIN_IOCTL_THREADS,
@@ -496,6 +497,24 @@ class TestProblems:
             f"{path}: gadget.label",
         ]
 
+    def test_a_log_line_lists_the_first_problems_and_how_many_more(self, tmp_path: Path) -> None:
+        """The problems a log line lists (``config_reload_rejected``, ``config_invalid``) are
+        the first ``LISTED_PROBLEMS`` and a count of the others: hundreds made one line over
+        the log's limits, which never reached the journal."""
+        path = write(tmp_path, "".join(f"[section_{n}]\n" for n in range(LISTED_PROBLEMS + 5)))
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        problems = info.value.problems
+        assert len(problems) == LISTED_PROBLEMS + 5
+        assert info.value.listed == [
+            *problems[:LISTED_PROBLEMS],
+            "and 5 more problems (check-config lists them all)",
+        ]
+        assert ConfigError(problems[:LISTED_PROBLEMS]).listed == problems[:LISTED_PROBLEMS]
+        assert ConfigError(problems[: LISTED_PROBLEMS + 1]).listed[-1] == (
+            "and 1 more problem (check-config lists them all)"
+        )
+
     def test_syntax_error_names_line_and_column(self, tmp_path: Path) -> None:
         """A TOML syntax error names its line and column."""
         path = write(tmp_path, "[log]\nlevel = debug\n")
@@ -627,12 +646,32 @@ class TestProblems:
         """A directory given as the file names the OS's reason."""
         assert problems_of(tmp_path) == [f"{tmp_path}: cannot read: Is a directory"]
 
-    def test_not_utf8(self, tmp_path: Path) -> None:
-        """A file that is not UTF-8 text is reported, not raised as a decode error."""
+    @pytest.mark.parametrize(
+        ("data", "where", "what"),
+        [
+            (b'[log]\nlevel = "\xff"\n', "line 2, column 10", "0xff (invalid start byte)"),
+            (
+                b"[log]\r\n"
+                + b"# x\r\n" * 38
+                + 'level = "info" # café ≠ caf'.encode()
+                + b"\xe9\r\n",
+                "line 40, column 28",
+                "0xe9 (invalid continuation byte)",
+            ),
+            (b"# caf" + "é".encode()[:1], "line 1, column 6", "0xc3 (unexpected end of data)"),
+        ],
+    )
+    def test_not_utf8_names_line_and_column(
+        self, tmp_path: Path, data: bytes, where: str, what: str
+    ) -> None:
+        """A byte that is not UTF-8 (an editor's Latin-1 'é' in a comment) is named by its line
+        and column, counted in characters as every other syntax problem is, not by its
+        offset in the file."""
         path = tmp_path / "agent.toml"
-        path.write_bytes(b'[log]\nlevel = "\xff"\n')
-        [problem] = problems_of(path)
-        assert problem.startswith(f"{path}: not UTF-8 text:")
+        path.write_bytes(data)
+        assert problems_of(path) == [
+            f"{path}: {where}: invalid TOML: not UTF-8 text: byte {what}: save as UTF-8"
+        ]
 
 
 FIFO_GRACE_S = 10.0

@@ -15,6 +15,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from agent.cli._exit import EX_UNAVAILABLE
+from agent.cli._exit import EX_CONFIG, EX_UNAVAILABLE
+from agent.config import LISTED_PROBLEMS
 from agent.device.unix import HOST_START_WAIT_S
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import Simulator, wait_until
@@ -399,6 +401,39 @@ class TestTwoProcesses:
             logged = json.loads(line.removeprefix("<3>"))
             assert (logged["event"], logged["level"]) == (event, "error")
             assert said.items() <= logged.items()
+
+    def test_a_file_of_hundreds_of_problems_reaches_the_journals_socket(
+        self, workdir: Path
+    ) -> None:
+        """Under systemd stdout is a stream socket to journald: a file of 400 problems is one
+        ``config_invalid`` line listing the first ``LISTED_PROBLEMS`` and how many more. The
+        line of them all was longer than the log stream queues, and the agent exited 78
+        writing nothing, a unit left down with an empty journal."""
+        config = workdir / "agent.toml"
+        config.write_text("".join(f"[section_{n}]\nkey = 1\n" for n in range(400)))
+        journal, agent_end = socket.socketpair()
+        with journal, agent_end:
+            status = os.fstat(agent_end.fileno())
+            process = subprocess.Popen(
+                [PYTHON, "-m", "agent", "run", "--config", str(config)],
+                stdout=agent_end.fileno(),
+                stderr=agent_end.fileno(),
+                env={**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+            )
+            try:
+                agent_end.close()
+                journal.settimeout(WAIT_S)
+                received = b""
+                while chunk := journal.recv(65536):  # until the agent's end closes at its exit
+                    received += chunk
+                assert process.wait(WAIT_S) == EX_CONFIG
+            finally:
+                process.kill()
+                process.wait()
+        [line] = received.decode().splitlines()
+        logged = json.loads(line.removeprefix("<3>"))
+        assert (logged["event"], len(logged["errors"])) == ("config_invalid", LISTED_PROBLEMS + 1)
+        assert logged["errors"][-1].startswith(f"and {400 - LISTED_PROBLEMS} more problems")
 
     def test_a_real_agent_loads_no_simulator(self, host_socket: Path) -> None:
         """``run --device`` imports nothing from agent.host (the control, ``run --simulate``,

@@ -29,8 +29,10 @@ from agent import logconfig
 from agent.config import LogConfig
 from agent.host._log import LOG_COMPONENT, host_log
 from agent.logconfig import (
+    LINE_LIMIT_CHARS,
     NOT_READING,
     QUEUE_LIMIT_CHARS,
+    TOO_LONG,
     LogOutputStatistics,
     configure_logging,
     flush_log_output,
@@ -409,6 +411,75 @@ class TestAStreamNotReading:
             assert time.monotonic() - start < LIMIT_S
             reader.close()  # the writer's stuck line ends (EPIPE), before its stream closes
             flush_log_output(LIMIT_S)
+
+
+class TestLongLines:
+    """The queue's limit is what a stream that does not read may cost, not a line's length."""
+
+    def test_a_line_longer_than_the_queue_reaches_a_stream_that_reads(self) -> None:
+        """A line longer than the queue holds (a config rejection of hundreds of problems)
+        goes to an idle stream that reads, as does the line after it: the line alone was
+        dropped, with a ``log_lines_lost`` saying the stream was not reading."""
+        read_end, write_end = os.pipe()
+        long = "x" * 2 * QUEUE_LIMIT_CHARS
+        with os.fdopen(read_end, "rb") as reader, os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            read: list[str] = []
+            reading = threading.Thread(
+                target=lambda: read.append(read_until(reader, b'"event": "after"'))
+            )
+            reading.start()
+            structlog.get_logger().error("config_reload_rejected", errors=[long])
+            structlog.get_logger().info("after")
+            reading.join(LIMIT_S)
+            flush_log_output(LIMIT_S)
+        [text] = read
+        rejected, after = json_lines(text)
+        assert (rejected["errors"], after["event"]) == ([long], "after")
+        assert LogOutputStatistics(lost=0, failing=None) == log_output_statistics()
+
+    def test_a_line_too_long_to_queue_is_said_to_be(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A line longer than ``LINE_LIMIT_CHARS`` is dropped and counted, and the notice and
+        stderr say it was too long, not that the stream does not read."""
+        stderr = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        read_end, write_end = os.pipe()
+        with os.fdopen(read_end, "rb") as reader, os.fdopen(write_end, "w") as out:
+            configure_logging(LogConfig(), stream=out)
+            read: list[str] = []
+            reading = threading.Thread(
+                target=lambda: read.append(read_until(reader, b'"event": "after"'))
+            )
+            reading.start()
+            structlog.get_logger().info("huge", text="x" * LINE_LIMIT_CHARS)
+            assert LogOutputStatistics(lost=1, failing=TOO_LONG) == log_output_statistics()
+            structlog.get_logger().info("after")
+            reading.join(LIMIT_S)
+            flush_log_output(LIMIT_S)
+        [text] = read
+        notice, after = json_lines(text)
+        assert (notice["event"], notice["lines"], notice["error"]) == (
+            "log_lines_lost",
+            1,
+            TOO_LONG,
+        )
+        assert after["event"] == "after"
+        assert LogOutputStatistics(lost=1, failing=None) == log_output_statistics()
+        assert stderr.getvalue() == f"vbox-agent: cannot write the output: {TOO_LONG}\n"
+
+    def test_a_stream_not_reading_still_costs_at_most_the_queue(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While the writer is held in a line, a long line counts as any other: one that
+        does not fit in the queue, empty or not, is dropped (only a line an idle writer
+        takes at once is not counted)."""
+        with held_writes(monkeypatch) as (writes, log):
+            structlog.get_logger().info("line", n=1, text="x" * QUEUE_LIMIT_CHARS)
+            log(2)
+            writes.step()  # 0 written; the notice before 2 held
+            writes.step()  # written; 2 held
+        assert writes.events() == [0, (1, NOT_READING), 2]
+        assert log_output_statistics() == LogOutputStatistics(lost=1, failing=None)
 
 
 class TestLostLinesSaidWhereTheyWere:

@@ -28,6 +28,10 @@ NODE: Final = Path(DEFAULT_DEVICE).name
 DEVICE_UNIT: Final = f"{DEFAULT_DEVICE.removeprefix('/').replace('/', '-')}.device"
 """systemd's unit for the node (``systemd-escape --path --suffix=device``: the path has no
 character that needs escaping)."""
+VBOXSERVICE_UNITS: Final = (
+    "vboxadd-service.service virtualbox-guest-utils.service vboxservice.service"
+)
+"""Oracle's VBoxService: the Guest Additions' installer's unit, Debian's and Ubuntu's, Arch's."""
 
 
 def unit_settings(path: Path = UNIT) -> dict[str, dict[str, list[str]]]:
@@ -67,9 +71,21 @@ def test_the_unit_starts_and_stops_with_the_device() -> None:
     settings = unit_settings()
     assert settings["Install"] == {"WantedBy": [DEVICE_UNIT]}
     assert settings["Unit"]["BindsTo"] == [DEVICE_UNIT]
-    assert settings["Unit"]["After"] == [DEVICE_UNIT]
+    assert settings["Unit"]["After"] == [DEVICE_UNIT, VBOXSERVICE_UNITS]
     assert settings["Unit"]["ConditionVirtualization"] == ["oracle"]
     assert settings["Service"]["DeviceAllow"] == [f"{DEFAULT_DEVICE} rw"]
+
+
+def test_the_unit_never_runs_beside_vboxservice() -> None:
+    """Two guest agents on one VM undo each other's work: starting the agent stops Oracle's
+    VBoxService under each of its unit names and starting one of those stops the agent
+    (``Conflicts=``), the stop done first (``After=``); the install steps disable them."""
+    settings = unit_settings()
+    assert settings["Unit"]["Conflicts"] == [VBOXSERVICE_UNITS]
+    assert VBOXSERVICE_UNITS in settings["Unit"]["After"]
+    header = UNIT.read_text().partition("\n[Unit]")[0]
+    names = " ".join(name.removesuffix(".service") for name in VBOXSERVICE_UNITS.split())
+    assert f"#   systemctl disable --now {names} 2>/dev/null || true" in header.splitlines()
 
 
 def test_the_rule_tags_the_node_both_drivers_create() -> None:

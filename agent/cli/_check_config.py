@@ -1,9 +1,11 @@
 """``vbox-agent check-config FILE``: validate a configuration file without starting anything.
 
 Prints ``FILE: ok`` and exits 0, or prints one line per problem to stderr and exits 78
-(``EX_CONFIG``), the same lines ``run`` prints for a bad file at start and logs in
-``config_reload_rejected`` on a reload. FILE is read as ``run`` reads it: a pipe is refused, as
-a FIFO is, since a daemon could not read it again on a reload.
+(``EX_CONFIG``), every one of them: the same lines ``run`` prints for a bad file at start,
+whose log lines (``config_invalid`` under systemd, ``config_reload_rejected`` on a reload)
+list the first ``agent.config.LISTED_PROBLEMS`` and how many more. FILE is read as ``run``
+reads it: a pipe is refused, as a FIFO is, since a daemon could not read it again on a
+reload.
 
 A ``[device] path`` that ``run`` would refuse with 78 at its next start is a problem too
 (``FILE: device.path = "...": why``), as far as ``stat`` shows it without opening the device:

@@ -9,7 +9,7 @@ EX_REFUSED: Final = 1
 """The simulated host refused a control command (``vbox-agent host``)."""
 EX_USAGE: Final = 64
 EX_UNAVAILABLE: Final = 69
-"""The device (or simulated host) cannot be reached."""
+"""The device (or simulated host) cannot be reached, or another agent holds the device."""
 EX_SOFTWARE: Final = 70
 """A fatal error inside the agent."""
 EX_IOERR: Final = 74

@@ -124,7 +124,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         configure_logging(LogConfig())  # the file's [log] is not to be trusted
-        _say_why(exc.problems, "config_invalid", path=str(args.config), errors=exc.problems)
+        _say_why(exc.problems, "config_invalid", path=str(args.config), errors=exc.listed)
         return EX_CONFIG
     configure_logging(config.log)
     for warning in config.warnings:

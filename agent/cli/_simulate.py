@@ -131,9 +131,10 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 
 async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
-    from agent.host.server import serve_simulated_host  # noqa: PLC0415
+    from agent.host.server import clear_socket_path, serve_simulated_host  # noqa: PLC0415
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await clear_socket_path(path)  # a path it refuses is its only line: the host logs none
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(serve_simulated_host, host, path)

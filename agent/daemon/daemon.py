@@ -2,7 +2,9 @@
 
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
-device (version handshake) → report the facility as Init → start the event pump, then every
+device (version handshake) and claim it (``Device.claim``: a second agent on the device
+leaves here, before it changes anything) → report the facility as Init → start the event
+pump, then every
 enabled service of the registry at once, each with ``Supervisor.start_soon`` (services do not
 depend on each other), and wait for their first starts together, ``START_WAIT_S`` at most (a
 service started or failed and backs off, retried under its restart budget while the others
@@ -44,7 +46,10 @@ meanwhile sends and reports nothing more; a fatal error during a stop sends only
 ``STOPPING=1`` (or, if sent already, ``STATUS=`` alone) saying it was lost: systemd shows
 the last status until the next start.
 
-Reload (SIGHUP): the daemon's own sections apply live where they can; each service gets its
+Reload (SIGHUP): the file is read, parsed and checked on a worker thread, one per process,
+while the event loop runs on (a file of 1 MiB takes about a second; a ``[device] path`` on
+a mount that does not answer holds its ``stat`` for as long), and what it read is applied
+on the loop. The daemon's own sections apply live where they can; each service gets its
 new section through ``reconfigure``; one that answers False is drained and rebuilt; a change
 of ``enable`` starts or stops the service. A service that cannot be built is logged and
 left as it was (the old one runs on, or none starts), ``STATUS=`` says so, and the next
@@ -53,16 +58,17 @@ with :data:`REJECTED_PREFIX` until a reload reads a valid one; a ``[device] path
 next start would refuse with 78 makes it invalid, as ``check-config`` finds it (unless the
 agent runs on ``--device`` or a simulated host, which a start uses in its place). A reload
 that a stop or a fatal error overtakes (while ``RELOADING=1`` or its ``READY=1`` waits for
-room) gives that message up, applies nothing and sends no ``READY=1``, so ``STOPPING=1``
-stays the last state sent; the supervisor, once told to stop every service, starts and
-replaces none anyway.
+room, or while the file is read) gives that step up, the reading's thread abandoned to its
+file system, applies nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last
+state sent and the stop waits for no file system; the supervisor, once told to stop every
+service, starts and replaces none anyway.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import structlog
 import trio
@@ -89,6 +95,8 @@ if TYPE_CHECKING:
     from agent.services import EventPumpStatistics, Service, ServiceSection, ServiceSpec, Statistics
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 FINAL_PHASE_S: Final = 0.5
 """Time the stop allows after the drains for the pump, facility Terminated and the close."""
@@ -203,9 +211,13 @@ class Daemon:
         self._reloading = trio.Lock()
         self._reload_waiting = False
         """A reload waits for the one running: a further one is merged into it."""
-        self._reload_notice = trio.CancelScope()
-        """Around a reload's RELOADING=1 or READY=1 in flight: a stop or a fatal error gives
-        it up, so neither follows STOPPING=1."""
+        self._reload_step = trio.CancelScope()
+        """Around a reload's step in flight (:meth:`_in_reload_step`): RELOADING=1 or
+        READY=1, or the file's reading on its thread. A stop or a fatal error gives it up,
+        so neither notice follows STOPPING=1 and nothing read is applied."""
+        self._config_reader = trio.CapacityLimiter(1)
+        """The thread a reload reads the file on: one per process, which a reading a stop
+        abandoned keeps until it returns."""
         self._reload_rejected: str | None = None
         """Why the last reload's file was rejected (:attr:`ConfigError.summary`), shown first
         in ``STATUS=`` until a reload reads a valid file."""
@@ -243,7 +255,7 @@ class Daemon:
             self._shutdown.set()
             self._drain_deadline = trio.current_time() + self.config.daemon.shutdown_timeout_s
             self._startup.cancel()
-            self._reload_notice.cancel()
+            self._reload_step.cancel()
             if not self._device_open:
                 self._opening.cancel()
 
@@ -267,6 +279,7 @@ class Daemon:
 
     async def _run_on_device(self, task_status: trio.TaskStatus[None]) -> None:
         async with open_device(self._opener) as device:
+            device.claim()  # a second agent leaves before it changes anything
             self._device_open = True
             with self._start_up_step():
                 await self._log_device(device)
@@ -389,7 +402,7 @@ class Daemon:
             device = self._context.device
             device.cleanup_deadline = min(device.cleanup_deadline, deadline + FINAL_PHASE_S)
         self._watchdog_scope.cancel()
-        self._reload_notice.cancel()
+        self._reload_step.cancel()
         self._status = self._status_text()
         await self._say_stopping()
 
@@ -571,23 +584,25 @@ class Daemon:
     async def _reload(self) -> None:
         if self._reload_skipped():
             return
-        await self._notify_reload(self._notifier.reloading)
+        await self._in_reload_step(self._notifier.reloading)
         try:
             if not self._reload_skipped():
-                new = self._read_config()
-                if new is not None:
+                new = await self._in_reload_step(self._read_config)
+                if not self._reload_skipped() and new is not None:  # no stop while it read
                     self._apply(new)
         finally:
-            await self._notify_reload(partial(self._notifier.ready, None))
+            await self._in_reload_step(partial(self._notifier.ready, None))
 
-    async def _notify_reload(self, send: Callable[[], Awaitable[None]]) -> None:
-        """Send one of a reload's notices unless the agent is leaving; a stop or a fatal
-        error that begins while it waits for room gives it up."""
+    async def _in_reload_step(self, step: Callable[[], Awaitable[_T]]) -> _T | None:
+        """Run one step of a reload (a notice, the file's reading) unless the agent is
+        leaving; a stop or a fatal error that begins meanwhile gives it up (None): a notice
+        waiting for room, or the reading's thread, abandoned to a file system that holds it."""
         if self._leaving():
-            return
-        self._reload_notice = trio.CancelScope()
-        with self._reload_notice:
-            await send()
+            return None
+        self._reload_step = trio.CancelScope()
+        with self._reload_step:
+            return await step()
+        return None
 
     def _reload_skipped(self) -> bool:
         """Whether a reload must not apply now (logged): not ready yet, or leaving."""
@@ -599,21 +614,30 @@ class Daemon:
             return True
         return False
 
-    def _read_config(self) -> AgentConfig | None:
+    async def _read_config(self) -> AgentConfig | None:
+        """The file's config, or None if it is rejected (logged, and shown in ``STATUS=``).
+
+        It is read, parsed and checked on a worker thread (:attr:`_config_reader`), so the
+        event loop runs on meanwhile: a file of 1 MiB takes about a second, and a
+        ``[device] path`` on a mount that does not answer holds its ``stat`` for as long.
+        """
         if self._config_path is None:
             log.warning("config_reload_skipped", reason="the agent runs without a config file")
+            await trio.lowlevel.checkpoint()
             return None
+        load = partial(
+            load_config,
+            self._config_path,
+            section_models(self._registry),
+            check_device=self._device_from_file,
+        )
         try:
-            config = load_config(
-                self._config_path,
-                section_models(self._registry),
-                check_device=self._device_from_file,
-            )
+            config = await _load_off_the_loop(load, self._config_reader)
         except ConfigError as exc:
             log.error(
                 "config_reload_rejected",
                 path=str(self._config_path),
-                errors=exc.problems,
+                errors=exc.listed,
                 outcome="the running config stays in effect",
             )
             self._reload_rejected = exc.summary
@@ -722,6 +746,16 @@ class Daemon:
             and self._services_nursery is not None
         ):
             self._supervisor.start_soon(self._services_nursery, service)
+
+
+async def _load_off_the_loop(
+    load: Callable[[], AgentConfig], limiter: trio.CapacityLimiter
+) -> AgentConfig:
+    """``load()`` on a worker thread under ``limiter``, the event loop running on meanwhile; a
+    cancel abandons the thread to its file system (it keeps its token until it returns)."""
+    return await trio.to_thread.run_sync(
+        load, limiter=limiter, thread_name="config-reload", abandon_on_cancel=True
+    )
 
 
 def _begin_final_phase(device: Device) -> float:

@@ -11,6 +11,7 @@ from agent.device.device import (
     open_device as open_device,
 )
 from agent.device.errors import (
+    DeviceInUseError as DeviceInUseError,
     DeviceLostError as DeviceLostError,
     DeviceUnavailableError as DeviceUnavailableError,
     NotTheDeviceError as NotTheDeviceError,

@@ -87,12 +87,18 @@ session. Design points:
   :class:`DeviceUnavailableError` naming the path. The query changes no driver state, so
   the ``Device`` may repeat it on its own session. :meth:`CharDevTransport.ioctl` itself
   stays a pure byte mover.
+- **One agent per device.** :meth:`CharDevTransport.claim` takes an exclusive ``flock(2)``
+  on its descriptor without waiting (:func:`flock_exclusive`). The lock is advisory and
+  belongs to the node's inode: every other open of the node (VBoxControl, ``vbox-agent
+  prop``) works as before, and only a second claim fails, until the claiming session's fd
+  is closed (the process's exit closes it too, however it ends).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import grp
 import os
 import pwd
@@ -226,6 +232,15 @@ def native_ioctl(fd: int, code: int, buffer: bytearray) -> None:
     """Perform one ioctl on ``buffer`` in place: libc ``ioctl`` through :func:`foreign_call`."""
     view = _pin(buffer)
     foreign_call(_libc_ioctl, fd, code, ctypes.addressof(view))
+
+
+def flock_exclusive(fd: int) -> None:
+    """Take an exclusive ``flock(2)`` on ``fd``'s file, without waiting.
+
+    Raises:
+        BlockingIOError: another open file of it holds the lock.
+    """
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def signal_thread(thread_id: int) -> None:
@@ -464,12 +479,14 @@ class CharDevTransport:
         ioctl_fn: IoctlFn = native_ioctl,
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
+        lock_fn: Callable[[int], None] = flock_exclusive,
     ) -> None:
         """Wrap ``fd``; ``budget`` is the process's (its opener's) thread budget."""
         self.driver_version: DriverVersion | None = None
         self._fd = fd
         self._ioctl_fn = ioctl_fn
         self._close_fn = close_fn
+        self._lock_fn = lock_fn
         self._interrupt_fn = interrupt_fn
         self._budget = budget if budget is not None else ThreadBudget(DEFAULT_THREADS)
         self._lock = threading.Lock()
@@ -573,6 +590,22 @@ class CharDevTransport:
         finally:
             for tokens in reversed(held):
                 tokens.release_on_behalf_of(call)
+
+    def claim(self) -> bool:
+        """Hold the device for this process alone until the fd is closed: an exclusive
+        ``flock(2)``, not waited for. False if another open file of the node holds it.
+
+        Raises:
+            trio.ClosedResourceError: the transport is closed or closing.
+        """
+        if self._closing:
+            msg = "the vboxguest session is closed"
+            raise trio.ClosedResourceError(msg)
+        try:
+            self._lock_fn(self._fd)
+        except BlockingIOError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Interrupt pending ioctls, wait for their threads (bounded), close the fd.
@@ -824,6 +857,7 @@ class CharDevOpener:
         open_fn: Callable[[str, int], int] = os.open,
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
+        lock_fn: Callable[[int], None] = flock_exclusive,
         sysfs_root: str = DEFAULT_SYSFS_ROOT,
     ) -> None:
         """Create the opener; the ``*_fn`` arguments replace the system calls in tests.
@@ -837,6 +871,8 @@ class CharDevOpener:
             close_fn: ``close_fn(fd)``, as ``os.close``.
             interrupt_fn: makes the ioctl of the worker thread with that ident return
                 EINTR (default: :func:`signal_thread`).
+            lock_fn: ``lock_fn(fd)``, an exclusive lock not waited for, raising
+                ``BlockingIOError`` when held elsewhere (default: :func:`flock_exclusive`).
             sysfs_root: where sysfs is mounted: a failed open or handshake asks its
                 ``dev/char`` what the node is (:func:`foreign_node`).
         """
@@ -847,6 +883,7 @@ class CharDevOpener:
         self._open_fn = open_fn
         self._close_fn = close_fn
         self._interrupt_fn = interrupt_fn
+        self._lock_fn = lock_fn
         if interrupt_fn is signal_thread:
             install_interrupt_handler()
 
@@ -893,6 +930,7 @@ class CharDevOpener:
             ioctl_fn=self._ioctl_fn,
             close_fn=self._close_fn,
             interrupt_fn=self._interrupt_fn,
+            lock_fn=self._lock_fn,
         )
         try:
             transport.driver_version = await self._handshake(transport)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import structlog
 import trio
 
+from agent.device.errors import DeviceInUseError
 from agent.protocol import (
     VALID_EVENT_MASK,
     AgentError,
@@ -178,6 +179,21 @@ class Device:
         caller that was cancelled can tell whether the host may have acted on it.
         """
         return await self._main.perform(request, submission)
+
+    def claim(self) -> None:
+        """Hold the device for this process alone while it is open (its main session's
+        :meth:`~agent.device.transport.Transport.claim`: an exclusive ``flock(2)`` on a
+        character device); the daemon claims it before it changes anything.
+
+        Raises:
+            DeviceInUseError: another process holds it: another vbox-agent runs on it.
+        """
+        if not self._main.transport.claim():
+            msg = (
+                f"{self.description} is in use by another vbox-agent (it holds the device's "
+                "lock): one agent per device, stop the other first"
+            )
+            raise DeviceInUseError(msg)
 
     async def check_balloon(self) -> BalloonStatus:
         """Ask the driver about the balloon (``VBG_IOCTL_CHECK_BALLOON``)."""

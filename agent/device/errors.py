@@ -3,6 +3,11 @@ host may import too)."""
 
 from __future__ import annotations
 
-from agent.protocol.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
+from agent.protocol.errors import (
+    DeviceInUseError,
+    DeviceLostError,
+    DeviceUnavailableError,
+    NotTheDeviceError,
+)
 
-__all__ = ["DeviceLostError", "DeviceUnavailableError", "NotTheDeviceError"]
+__all__ = ["DeviceInUseError", "DeviceLostError", "DeviceUnavailableError", "NotTheDeviceError"]

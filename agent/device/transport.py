@@ -31,6 +31,10 @@ connection to a simulated host). Its contract:
   daemon's stop stays within ``shutdown_timeout_s + 1 s``.
 - A session whose other side vanished raises :class:`~agent.device.errors.DeviceLostError`.
 - ``aclose()`` ends the session: the driver releases its HGCM clients and event filter.
+- ``claim()`` holds the device for this process alone for as long as the session stays
+  open, without waiting: False when another process holds it (on a character device, an
+  exclusive ``flock(2)``). The daemon claims its main session, so a second agent on the same
+  device is refused before it changes anything.
 
 A :class:`DeviceOpener` opens new sessions, so the ``Device`` can give each blocking waiter
 a session of its own.
@@ -82,6 +86,11 @@ class Transport(Protocol):
 
     async def aclose(self) -> None:
         """Close the session. Idempotent."""
+        ...
+
+    def claim(self) -> bool:
+        """Hold the device for this process alone while the session is open; False if
+        another process holds it. See the module docstring."""
         ...
 
 

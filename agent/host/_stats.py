@@ -12,7 +12,11 @@ REPORT_GUEST_STATS hands the ``VBoxGuestStatistics`` to Main (``vmmdevReportStat
 ``stat_caps`` has its bit: the three CPU loads per CPU id, each one published as the sum
 over the VM's CPUs divided by their count (so a guest must report every CPU), and total,
 available, ballooned and cache memory and the page file, in 4 KiB pages that
-``IGuest::InternalGetStatistics`` hands out as KiB. A figure never reported stays out.
+``IGuest::InternalGetStatistics`` hands out as KiB. A figure never reported stays out. The
+CPU count is ``IMachine::CPUCount`` (with CPU hot-plug, the most the VM may have), fixed
+while the VM runs, and a CPU id's loads stay until that id reports again: a CPU the guest
+took offline keeps its last load in the average unless the guest reports it otherwise, and
+one never reported counts 0 in all three (the three then add up to less than 100).
 """
 
 from __future__ import annotations

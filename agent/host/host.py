@@ -253,7 +253,11 @@ class SimulatedHost:
         """
         rc = self.vmmdev.cpu_hotplug.notify(CpuEventType.UNPLUG, core, package)
         if rc != VINF_SUCCESS:
-            what = f"CPU unplug (core {core}, package {package}): the guest may still use it"
+            # VBoxStatusError says "OPERATION failed: STATUS": the why goes inside OPERATION.
+            what = (
+                f"CPU unplug (core {core}, package {package}; not monitored by the guest, "
+                "which may still use the CPU)"
+            )
             raise VBoxStatusError(VERR_RESOURCE_BUSY, what)
 
     def restore(self) -> None:

@@ -266,9 +266,6 @@ def load_scenario(path: Path) -> Scenario:
     except (NotARegularFileError, TomlFileTooLargeError) as exc:
         msg = f"{path}: the scenario is {exc}"
         raise ScenarioError(msg) from None
-    except UnicodeDecodeError as exc:
-        msg = f"{path}: the scenario is not UTF-8 text: {exc.reason} at byte {exc.start}"
-        raise ScenarioError(msg) from None
     except TomlSyntaxError as exc:
         raise _syntax_error(str(path), exc) from None
     return _scenario(data, str(path))

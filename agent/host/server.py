@@ -111,7 +111,7 @@ async def serve_simulated_host(
 
 
 async def _bind(path: str) -> trio.socket.SocketType:
-    await _remove_stale_socket(path)
+    await clear_socket_path(path)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~SOCKET_MODE)
     try:
@@ -125,7 +125,14 @@ async def _bind(path: str) -> trio.socket.SocketType:
     return listener
 
 
-async def _remove_stale_socket(path: str) -> None:
+async def clear_socket_path(path: str) -> None:
+    """Make ``path`` free for a new host: nothing is there, or a stale socket (its host gone)
+    was removed.
+
+    Raises:
+        HostSocketError: a live host listens there, something that is no socket is there, or
+            the path cannot be checked or cleared.
+    """
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

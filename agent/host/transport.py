@@ -148,6 +148,11 @@ class SimTransport:
         """The driver session behind this transport."""
         return self._session
 
+    def claim(self) -> bool:
+        """True: nothing is locked. An in-process host is its process's own (``run
+        --simulate`` builds one per run), so no other agent can reach it."""
+        return True
+
     async def ioctl(
         self,
         code: int,

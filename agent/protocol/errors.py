@@ -75,6 +75,11 @@ class NotTheDeviceError(DeviceUnavailableError):
     """
 
 
+class DeviceInUseError(DeviceUnavailableError):
+    """Another process holds the device for itself (another vbox-agent runs on it): two
+    agents on one VM undo each other's work. ``run`` exits 69 (``EX_UNAVAILABLE``)."""
+
+
 class DeviceLostError(AgentError):
     """An open session's other side went away (the simulated host exited, the fd was revoked)."""
 

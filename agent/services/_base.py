@@ -55,10 +55,11 @@ class BalloonGauge:
     """The balloon's size as the balloon service last saw it, for services that report it.
 
     The balloon service sets ``chunks`` (1 MiB chunks in the balloon, counting the driver's
-    or its own) whenever it learns the size, and back to None when it stops; the guest
-    statistics :meth:`read` it. None means "nobody knows": the statistics then leave the
-    balloon out rather than ask the driver themselves (Oracle's CHECK_BALLOON is no query:
-    it moves the balloon).
+    or its own) whenever it learns the size, and at its drain to the size it leaves behind
+    (0 once it gave every chunk back); the guest statistics :meth:`read` it. None means
+    "nobody knows": the statistics then leave the balloon out (Main keeps its last figure)
+    rather than ask the driver themselves (Oracle's CHECK_BALLOON is no query: it moves the
+    balloon).
 
     Where the size changes without the balloon service hearing of it (the in-tree driver
     balloons in the kernel and keeps event 0x40 from userspace), the service installs

@@ -1,17 +1,30 @@
 """Guest statistics from ``/proc``: what a Linux guest can put in ``VBoxGuestStatistics``.
 
-One sample reads ``/proc/stat``, ``/proc/meminfo`` and ``/proc/loadavg`` once and counts the
-process directories of ``/proc``; no subprocess, no per-process file. It makes one report per
-CPU (``cpuN`` lines, N below ``VMM_MAX_CPU_COUNT``), as VBoxService does: Main keeps the loads
-per CPU id and publishes their sum over the VM's CPUs divided by the CPU count, so a single
-report of all CPUs' load would show a fraction of it. Figures:
+One sample reads ``/proc/stat``, ``/proc/meminfo``, ``/proc/loadavg`` and sysfs's list of
+possible CPUs once and counts the process directories of ``/proc``; no subprocess, no
+per-process file. It makes one report per CPU (``cpuN`` lines, N below ``VMM_MAX_CPU_COUNT``),
+as VBoxService does: Main keeps the loads per CPU id and publishes their sum over the VM's
+CPUs divided by the CPU count, so a single report of all CPUs' load would show a fraction of
+it. Main keeps a CPU id's load until that id reports again, so a CPU that had a load report
+and has left ``/proc/stat`` since (offline: ejected after the host's unplug, which the
+``cpuhotplug`` service carries out, or taken offline by an admin) gets one more report, as
+idle (100/0/0: a halted vCPU is idle to the host), instead of keeping its last load in the
+VM's average for good; it is forgotten once the host took that report
+(:meth:`ProcStats.sent`). So is every CPU below ``VMM_MAX_CPU_COUNT`` that sysfs lists as
+possible (``devices/system/cpu/possible``) and that is not online, once per interval read:
+VirtualBox's ACPI tables list all the VM's CPUs (``CPUCount``, with CPU hot-plug the most it
+may have; those not plugged disabled), which Linux counts as possible, and Main divides by
+that count, so an idle VM with CPUs unplugged from boot would otherwise read only the online
+share idle. Where sysfs has no such list (a container's), only CPUs that had a load report
+are reported when gone. Figures:
 
 - CPU load (idle, kernel, user) of that CPU in percent of its jiffies between two samples:
   idle = idle + iowait, kernel = system + irq + softirq, user = user + nice, over the sum of
   those and steal. The first sample has no "last interval": it makes one report, CPU 0's,
-  with no CPU bits, and so does a sample in which no CPU's jiffies moved. A CPU whose
-  counters went back (offline and online again, a container's made-up ``/proc/stat``) or
-  whose line came or went gets no report from that sample: it starts its next interval.
+  with no CPU bits (unless an offline CPU's idle report goes), and so does a sample in
+  which no CPU's jiffies moved. A CPU whose counters went back (offline and online again,
+  a container's made-up ``/proc/stat``) or whose line came gets no report from that
+  sample: it starts its next interval.
 - processes: the numeric directories of ``/proc``; threads: ``nr_threads`` of ``/proc/loadavg``.
 - memory, in 4 KiB pages whatever the guest's page size: total (MemTotal), available
   (MemAvailable, or MemFree + Buffers + Cached on kernels before 3.14), commit
@@ -80,6 +93,10 @@ MEMORY_CAPS: Final = (
 )
 """Every memory bit, as a full ``/proc/meminfo`` gives them."""
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
+IDLE: Final = (PERCENT, 0, 0)
+"""The loads (idle, kernel, user) reported for an offline CPU."""
+POSSIBLE_CPUS: Final = "devices/system/cpu/possible"
+"""The kernel's list of the CPUs that may ever be online, under the sysfs root."""
 _U32_MAX: Final = 0xFFFF_FFFF
 _CPU_LINE_PREFIX: Final = "cpu"
 MAX_COUNTER_DIGITS: Final = 20
@@ -120,19 +137,41 @@ class ProcStats:
 
     Args:
         proc: the proc file system's mount point (a fake tree in tests).
+        sysfs: the sysfs mount point (a fake tree in tests).
     """
 
-    def __init__(self, proc: Path) -> None:
+    def __init__(self, proc: Path, sysfs: Path) -> None:
         self._proc = proc
+        self._possible_file = sysfs / POSSIBLE_CPUS
         self._last_cpus: dict[int, CpuTimes] = {}
+        self._loaded: set[int] = set()
+        """The CPU ids whose load the host holds (a load report of theirs went through)."""
+        self._idle: set[int] = set()
+        """The offline CPU ids the host holds as idle, since the last :meth:`forget_cpu`."""
         self._page_size = os.sysconf("SC_PAGE_SIZE")
 
     def forget_cpu(self) -> None:
-        """Start a new CPU interval: the next sample has no CPU load."""
+        """Start a new CPU interval: the next sample measures no CPU's load, and reports
+        the offline CPUs idle again (a restored VM's Main starts with every CPU at 0)."""
         self._last_cpus = {}
+        self._idle = set()
+
+    def sent(self, stats: GuestStatistics) -> None:
+        """Note a report of the last sample that the host took: an online CPU's load it now
+        holds, an offline CPU's idle report it holds instead of that CPU's last load."""
+        if not stats.stat_caps & CPU_CAPS:
+            return
+        if stats.cpu_id in self._last_cpus:
+            self._loaded.add(stats.cpu_id)
+            self._idle.discard(stats.cpu_id)
+        else:
+            self._loaded.discard(stats.cpu_id)
+            self._idle.add(stats.cpu_id)
 
     def sample(self, *, balloon_chunks: int | None) -> tuple[GuestStatistics, ...]:
-        """Read ``/proc`` once; return its reports, one per CPU with a load (or one without).
+        """Read ``/proc`` once; return its reports in CPU id order, one per CPU with a load
+        and one (idle) per offline CPU the host does not hold as idle yet, or one without
+        CPU figures where there are none.
 
         ``balloon_chunks`` is in 1 MiB chunks.
 
@@ -173,15 +212,39 @@ class ProcStats:
             **figures,
         )
         last, self._last_cpus = self._last_cpus, cpus
-        reports = tuple(
-            _with_loads(common, cpu_id, _loads(last[cpu_id], now))
+        loads = {
+            cpu_id: _loads(last[cpu_id], now)
             for cpu_id, now in cpus.items()
             if cpu_id in last and _advanced(last[cpu_id], now)
-        )
+        }
+        offline = (self._possible() | self._loaded) - cpus.keys() - self._idle
+        loads.update(dict.fromkeys(offline, IDLE))
+        reports = tuple(_with_loads(common, cpu_id, loads[cpu_id]) for cpu_id in sorted(loads))
         return reports or (common,)
 
     def _read(self, name: str) -> str:
         return (self._proc / name).read_text(encoding="ascii", errors="replace")
+
+    def _possible(self) -> frozenset[int]:
+        """The possible CPUs below ``VMM_MAX_CPU_COUNT``; none where sysfs has no list."""
+        try:
+            text = self._possible_file.read_text(encoding="ascii", errors="replace")
+        except OSError:
+            return frozenset()
+        return _cpu_list(text)
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    """The ids below ``VMM_MAX_CPU_COUNT`` of a kernel CPU list (``0-3,6``); none if it is
+    malformed."""
+    ids: set[int] = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        start, end = _counter(first), _counter(last or first)
+        if start is None or end is None:
+            return frozenset()
+        ids.update(range(start, min(end + 1, VMM_MAX_CPU_COUNT)))
+    return frozenset(ids)
 
 
 def _cpu_times(text: str) -> dict[int, CpuTimes]:

@@ -6,21 +6,24 @@ new interval. The service reads the interval with GET_STATISTICS_CHANGE_REQ, ack
 event, at start, at every 0x80 and after every restore; while the interval is not zero it
 sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`: each tick reads one
 ``/proc`` sample (:mod:`agent.services._procstats`) and sends one report per CPU, as
-VBoxService does (Main averages the loads over the VM's CPUs). The balloon figure is the
-balloon service's count (``ServiceContext.balloon``), read before each sample: where the
-in-tree driver balloons in the kernel (which keeps event 0x40 from userspace) the balloon
-service refreshes it then with CHECK_BALLOON, a pure query there. While no balloon service
-publishes one the reports leave it out (Main keeps its last figure) rather than ask the driver:
-on Oracle's driver CHECK_BALLOON is no query, it makes the caller the balloon's owner and
-moves the balloon to the host's target. Mainline and Oracle's driver let trusted sessions
-(``/dev/vboxguest``) send both requests, so this works on every real guest; a session the
-driver does not trust (``/dev/vboxuser``) has its interval reads refused, which the
-service logs once (``statistics_refused_by_driver``) before it stays idle, rather than
-fail and be restarted until its restart budget ends the daemon; so does a refusal that
-follows a first read that failed otherwise, as long as no read went through. A report that
-fails (``/proc`` unreadable, the host refusing it or answering with a malformed reply) is
-counted, and logged when such failures begin and change cause and when a report goes
-through again (``statistics_reported_again``), not at every tick. An interval read that
+VBoxService does (Main averages the loads over the VM's CPUs), and one idle report for an
+offline CPU (Main would keep its last load, or count one never reported as 0 % idle). The
+balloon figure is the balloon service's count (``ServiceContext.balloon``), read before
+each sample: where the in-tree driver balloons in the kernel (which keeps event 0x40 from
+userspace) the balloon service refreshes it then with CHECK_BALLOON, a pure query there.
+Once the balloon service stopped the count is what its drain left (0 once every chunk is
+back), so the host does not go on showing a balloon that is gone. While nobody knows one (no
+balloon service ran, or the size it left is unknown) the reports leave it out (Main keeps its
+last figure) rather than ask the driver: on Oracle's driver CHECK_BALLOON is no query, it
+makes the caller the balloon's owner and moves the balloon to the host's target. Mainline and
+Oracle's driver let trusted sessions (``/dev/vboxguest``) send both requests, so this works
+on every real guest; a session the driver does not trust (``/dev/vboxuser``) has its interval
+reads refused, which the service logs once (``statistics_refused_by_driver``) before it stays
+idle, rather than fail and be restarted until its restart budget ends the daemon; so does a
+refusal that follows a first read that failed otherwise, as long as no read went through. A
+report that fails (``/proc`` unreadable, the host refusing it or answering with a malformed
+reply) is counted, and logged when such failures begin and change cause and when a report
+goes through again (``statistics_reported_again``), not at every tick. An interval read that
 fails the same ways (any other time) is counted and logged alike
 (``statistics_interval_unreadable``, then ``statistics_interval_read_again``) and the
 interval in force stays, as VBoxService keeps its own when the query fails (off, before the
@@ -59,6 +62,7 @@ log = structlog.get_logger(__name__)
 
 NAME: Final = "statistics"
 PROC: Final = Path("/proc")
+SYSFS: Final = Path("/sys")
 LATE_AFTER_S: Final = 1.0
 """A report sent more than a second after its deadline is late (counted; the first of a run
 of late reports is logged)."""
@@ -93,12 +97,12 @@ class GuestStatsService:
 
     name: Final = NAME
 
-    def __init__(self, context: ServiceContext, *, proc: Path = PROC) -> None:
+    def __init__(self, context: ServiceContext, *, proc: Path = PROC, sysfs: Path = SYSFS) -> None:
         self._device: Device = context.device
         self._pump: EventPump = context.pump
         self._status_changed = context.status_changed
         self._balloon = context.balloon
-        self._proc = ProcStats(proc)
+        self._proc = ProcStats(proc, sysfs)
         self._metronome = Metronome(self._read_interval, self._report, late_after_s=LATE_AFTER_S)
         self._failures = LastingFailure("statistics_reported_again")
         self._read_failures = LastingFailure("statistics_interval_read_again")
@@ -193,6 +197,7 @@ class GuestStatsService:
                 if self._failures.host_failed("statistics_report_failed", exc, cpu_id=stats.cpu_id):
                     self._status_changed()
                 return
+            self._proc.sent(stats)
             self._last = stats
         if self._failures.succeeded():
             self._status_changed()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -22,8 +23,8 @@ import structlog.testing
 import trio
 import trio.testing
 
-from agent.config import AgentConfig
-from agent.daemon import Daemon
+from agent.config import LISTED_PROBLEMS, AgentConfig, load_config
+from agent.daemon import Daemon, daemon as daemon_module
 from agent.daemon.daemon import DEVICE_LOST_PREFIX, STATUS_SEPARATOR
 from agent.daemon.notify import Notifier
 from agent.device import DeviceLostError, DeviceUnavailableError
@@ -36,7 +37,9 @@ from agent.services import SessionMonitorStatistics
 from tests.sim_support import HookedOpener, OverflowAsking, ReplyGarbler
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Iterator, Mapping
+
+    from pydantic import BaseModel
 
 LIMIT_S = 10.0
 SERVICE = str(int(Facility.VBOX_SERVICE))
@@ -133,6 +136,29 @@ async def _ready_on_file(
             await reader.until("READY=1")
             yield daemon, reader
             daemon.request_shutdown("test")
+
+
+class HeldReading:
+    """The daemon's ``load_config``, held on the thread it runs on until the test lets it go:
+    a file system that does not answer (a ``[device] path`` on a hung mount)."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.go_on = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def __call__(
+        self, path: Path, sections: Mapping[str, type[BaseModel]], *, check_device: bool
+    ) -> AgentConfig:
+        self.threads.append(threading.current_thread())
+        self.reading.set()
+        if not self.go_on.wait(LIMIT_S):
+            msg = "the reading was never let go: the event loop waited for it"
+            raise TimeoutError(msg)
+        return load_config(path, sections, check_device=check_device)
+
+    async def wait_reading(self) -> None:
+        assert await trio.to_thread.run_sync(self.reading.wait, LIMIT_S), "never read"
 
 
 def _facility(host: SimulatedHost) -> int:
@@ -427,6 +453,80 @@ class TestReload:
             f"{path}: daemon.shutdown_timeout_s",
             f"{path}: session_monitor.x",
         ]
+
+    async def test_a_rejection_of_hundreds_of_problems_lists_the_first(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """A file of hundreds of problems is rejected with the first ``LISTED_PROBLEMS`` and
+        how many more: one line of them all (about 190 characters each) was longer than the
+        log stream takes, and never reached the journal."""
+        path = short_dir / "agent.toml"
+        with structlog.testing.capture_logs() as logs:
+            async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+                path.write_text("".join(f"[section_{n}]\nkey = 1\n" for n in range(400)))
+                await daemon.reload()
+                assert daemon.config.daemon.shutdown_timeout_s == 5
+        [rejected] = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        *listed, more = rejected["errors"]
+        assert [line.split(" = ")[0] for line in listed] == [
+            f"{path}: section_{n}" for n in range(LISTED_PROBLEMS)
+        ]
+        assert more == f"and {400 - LISTED_PROBLEMS} more problems (check-config lists them all)"
+
+    async def test_the_file_is_read_off_the_event_loop(
+        self,
+        host: SimulatedHost,
+        notify: tuple[Notifier, NotifyReader],
+        short_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A reload reads, parses and checks the file on a worker thread while the event loop
+        runs on (here: the test lets the reading go from the loop), and applies it on the
+        loop once read. On the loop, 1 MiB of tables held it over a second (no heartbeat, no
+        ``WATCHDOG=1``), and a ``[device] path`` on a hung mount for ever."""
+        held = HeldReading()
+        monkeypatch.setattr(daemon_module, "load_config", held)
+        path = short_dir / "agent.toml"
+        async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+            path.write_text("[daemon]\nshutdown_timeout_s = 2\n")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.reload)
+                await held.wait_reading()
+                assert daemon.config.daemon.shutdown_timeout_s == 5
+                held.go_on.set()
+            assert daemon.config.daemon.shutdown_timeout_s == 2
+        [thread] = held.threads
+        assert thread is not threading.main_thread()
+
+    async def test_a_stop_gives_up_a_reading_the_file_system_holds(
+        self,
+        host: SimulatedHost,
+        notify: tuple[Notifier, NotifyReader],
+        short_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A stop while a reload's reading is held (a hung mount) gives it up at once: the
+        thread is abandoned to it, the agent stops within its budget (the thread would have
+        held it ``LIMIT_S``) and nothing is applied."""
+        held = HeldReading()
+        monkeypatch.setattr(daemon_module, "load_config", held)
+        path = short_dir / "agent.toml"
+        try:
+            with structlog.testing.capture_logs() as logs:
+                async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+                    path.write_text("[daemon]\nshutdown_timeout_s = 2\n")
+                    signal.raise_signal(signal.SIGHUP)  # the reload is the signal task's
+                    await held.wait_reading()
+                    stop = trio.current_time()
+                # The block's end requested the stop and waited for the run to end.
+                assert trio.current_time() - stop < daemon.config.daemon.shutdown_timeout_s
+                assert not held.go_on.is_set()
+        finally:
+            held.go_on.set()
+        assert daemon.config.daemon.shutdown_timeout_s == 5
+        events = [entry["event"] for entry in logs]
+        assert "config_reloaded" not in events
+        assert events.index("shutdown_requested") < events.index("config_reload_skipped")
 
     async def test_a_rejected_reload_shows_in_the_status_until_a_valid_one(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path

@@ -1,10 +1,11 @@
 """The character-device transport's system calls, injected: a kernel made of a driver model.
 
 :class:`Kernel` gives :class:`~agent.device.chardev.CharDevOpener` its ``open_fn``,
-``close_fn``, ``ioctl_fn`` and ``interrupt_fn``. Each ioctl, issued by a real worker thread,
-runs the driver on the trio thread (``trio.from_thread.run`` with the token, so the driver runs
-outside the caller's cancel scopes, as a kernel does); an interrupt of a worker thread ends the
-call that thread is blocked in with EINTR, as a signal does. User buffers travel as real
+``close_fn``, ``ioctl_fn``, ``interrupt_fn`` and ``lock_fn`` (``flock(2)`` on its one node).
+Each ioctl, issued by a real worker thread, runs the driver on the trio thread
+(``trio.from_thread.run`` with the token, so the driver runs outside the caller's cancel
+scopes, as a kernel does); an interrupt of a worker thread ends the call that thread is
+blocked in with EINTR, as a signal does. User buffers travel as real
 addresses, read and written through :class:`CtypesMemory` as ``copy_*_user`` would. The driver
 is any object with ``SimulatedHost``'s entry points, the simulated host itself included.
 """
@@ -67,6 +68,8 @@ class Kernel(Generic[D]):
         self._fds = itertools.count(100)
         self._blocked: dict[int, trio.CancelScope] = {}
         self._moved = trio.Event()
+        self.locked_by: int | None = None
+        """The fd holding the node's ``flock(2)``, as the kernel keeps it on the inode."""
 
     async def wait_in_driver(self, count: int) -> None:
         """Wait until exactly ``count`` ioctls are inside the driver, and it is idle."""
@@ -89,6 +92,7 @@ class Kernel(Generic[D]):
             open_fn=self.open,
             close_fn=self.close,
             interrupt_fn=self.interrupt,
+            lock_fn=self.lock,
         )
 
     def open(self, path: str, flags: int) -> int:
@@ -102,7 +106,18 @@ class Kernel(Generic[D]):
     def close(self, fd: int) -> None:
         """``close(2)``, from a worker thread: the driver releases the session."""
         session = self.sessions.pop(fd)
+        if self.locked_by == fd:  # the last close of the open file drops its lock
+            self.locked_by = None
         trio.from_thread.run(self.driver.close_session, session, trio_token=self._token)
+
+    def lock(self, fd: int) -> None:
+        """``flock(fd, LOCK_EX | LOCK_NB)``: every fd opened here is one open file of one node,
+        so one of them holds the lock until it is closed."""
+        if fd not in self.sessions:
+            raise OSError(errno.EBADF, "bad fd")
+        if self.locked_by not in (None, fd):
+            raise BlockingIOError(errno.EWOULDBLOCK, "locked by another open file")
+        self.locked_by = fd
 
     def ioctl(self, fd: int, code: int, buffer: bytearray) -> None:
         """``ioctl(2)``, from a worker thread: blocks until the driver answers."""

@@ -1564,6 +1564,39 @@ class TestDeferredClose:
         assert events.count("deferred_close_done") == 1
 
 
+class TestClaim:
+    """``claim``: the default lock, a real exclusive ``flock(2)``, on a file standing for the
+    node (every open of a node shares its inode, as every open of a file does)."""
+
+    async def test_one_open_file_holds_the_node_until_it_is_closed(self, tmp_path: Path) -> None:
+        """The first claim holds; a claim through another open file fails without waiting
+        until the first is closed; an open without a claim (VBoxControl, ``prop``) works."""
+        node = tmp_path / "vboxguest"
+        node.touch()
+        first, second = (
+            CharDevTransport(os.open(node, os.O_RDWR | os.O_CLOEXEC)) for _ in range(2)
+        )
+        with trio.fail_after(BOUND):
+            try:
+                assert first.claim()
+                assert first.claim()  # again on the same open file: still its own
+                assert not second.claim()
+                await first.aclose()
+                assert second.claim()
+            finally:
+                await first.aclose()
+                await second.aclose()
+
+    async def test_a_closed_session_claims_nothing(self, tmp_path: Path) -> None:
+        """A claim after the close is a mistake of the caller's, not a lock held elsewhere."""
+        node = tmp_path / "vboxguest"
+        node.touch()
+        transport = CharDevTransport(os.open(node, os.O_RDWR | os.O_CLOEXEC))
+        await transport.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            transport.claim()
+
+
 class TestRealSignals:
     """The default interrupt: SIGURG into a thread blocked in a real system call."""
 

@@ -170,6 +170,9 @@ class OracleScript:
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
+    def claim(self) -> bool:
+        return True
+
 
 class ScriptOpener:
     """Opens :class:`OracleScript` sessions; the waiter's is the second."""

@@ -59,6 +59,9 @@ class DeafTransport:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
+    def claim(self) -> bool:
+        return self._inner.claim()
+
 
 class DeafOpener:
     def __init__(self, host: SimulatedHost, failure: Exception | None = None) -> None:

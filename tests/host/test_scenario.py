@@ -198,14 +198,14 @@ class TestParse:
         )
 
     def test_not_utf8(self, tmp_path: Path) -> None:
-        """A file that is not UTF-8 says where it stops being text."""
+        """A file that is not UTF-8 says where it stops being text, by line and column."""
         path = tmp_path / "binary.toml"
-        path.write_bytes(b"\xff")
+        path.write_bytes(b"[host]\n\xff")
         with pytest.raises(ScenarioError) as info:
             load_scenario(path)
-        assert (
-            str(info.value)
-            == f"{path}: the scenario is not UTF-8 text: invalid start byte at byte 0"
+        assert str(info.value) == (
+            f"{path}: line 2, column 1: invalid TOML: not UTF-8 text: byte 0xff (invalid start "
+            "byte): save as UTF-8"
         )
 
 

@@ -33,6 +33,7 @@ from tests.services.balloon_support import (
     SimChunks,
     hand_to_ring3,
     host_chunks,
+    running_balloon,
     start_in_scope,
     until,
 )
@@ -158,6 +159,24 @@ class TestUnansweredCheck:
         assert (level, mode, None) == (line["log_level"], line["mode"], line["target"])
         assert "host's pending target" in line["size"]
 
+    async def test_the_gauge_leaves_a_size_no_answer_told_out(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The service stops while the driver inflates to the host's 100 MB (triggered
+        mode): what the driver keeps is unknown, so the gauge, which the guest statistics
+        report, says nothing rather than the 0 answered before."""
+        gauge = BalloonGauge()
+        host = SimulatedHost(personality="oracle")
+        host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.1)
+        with trio.fail_after(LIMIT_S):
+            async with running_balloon(personality="", host=host, gauge=gauge) as run:
+                await run.service.mode_known.wait()
+                assert (run.service.statistics().mode, gauge.chunks) == ("triggered", 0)
+                host.set_balloon_target(100)
+                await until(lambda: host_chunks(host) >= 10)
+                assert host_chunks(host) < 100
+        assert gauge.chunks is None
+
 
 @dataclass
 class _Stoppable:
@@ -279,7 +298,7 @@ class TestUnconfirmedDeflate:
                 assert run.host_chunks == 0
                 with trio.move_on_after(DRAIN_S):
                     await run.service.drain()
-                assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, None)
+                assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, 0)
                 balloon = run.host.vmmdev.balloon
                 assert (balloon.pages, balloon.counted_pages) == (0, 0)
                 if kind == "oracle-r3":
@@ -322,7 +341,7 @@ class TestShortHostCount:
                 with trio.move_on_after(DRAIN_S):
                     await run.service.drain()
                 assert trio.current_time() == began
-                assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, None)
+                assert (run.walker.held, run.chunks.live, run.gauge.chunks) == ([], {}, 0)
                 assert (balloon.pages, balloon.counted_pages) == (0, 0)
         short = [e for e in logs if e["event"] == "balloon_host_count_short"]
         assert [e["log_level"] for e in short] == ["warning", "debug"]

@@ -95,6 +95,10 @@ class EmptyWaitSession:
         """Close the host's session."""
         await self._transport.aclose()
 
+    def claim(self) -> bool:
+        """The host's session's claim."""
+        return self._transport.claim()
+
 
 def _filter_mask(host: SimulatedHost) -> int:
     mask = host.status()["filter_mask"]

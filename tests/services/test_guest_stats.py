@@ -31,7 +31,7 @@ from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.guest_stats import GuestStatsService
-from tests.services.balloon_support import Quiet
+from tests.services.balloon_support import Quiet, SimChunks, start_in_scope
 from tests.sim_support import HookedOpener, ReplyGarbler
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ async def running(
     garbler: ReplyGarbler | None = None,
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
     """A host (with ``cpus`` CPUs, else this machine's), the pump and a started statistics
-    service (``balloon_chunks`` on the gauge) on ``/dev/vboxguest`` (or ``/dev/vboxuser``;
-    ``garbler`` garbles the host's replies on the former)."""
+    service (``balloon_chunks`` on the gauge; its sysfs the ``sys`` beside ``proc``, ``/sys``
+    for ``/proc``) on ``/dev/vboxguest`` (or ``/dev/vboxuser``; ``garbler`` garbles the host's
+    replies on the former)."""
     host = (
         SimulatedHost(personality=personality, seed=1)
         if cpus is None
@@ -77,7 +78,7 @@ async def running(
                 pump = EventPump(device)
                 context = ServiceContext(device, pump)
                 context.balloon.chunks = balloon_chunks
-                service = GuestStatsService(context, proc=proc)
+                service = GuestStatsService(context, proc=proc, sysfs=proc.parent / "sys")
                 await nursery.start(pump.run)
                 await nursery.start(service.run)
                 yield host, service
@@ -96,6 +97,19 @@ def last_report(host: SimulatedHost) -> dict[str, int]:
     last = guest_stats(host)["last"]
     assert isinstance(last, dict)
     return last
+
+
+def main_figures(host: SimulatedHost) -> dict[str, object]:
+    """What Main keeps of the reports (``guest_stats``'s ``main``)."""
+    main = guest_stats(host)["main"]
+    assert isinstance(main, dict)
+    return main
+
+
+def cpu_figures(host: SimulatedHost) -> tuple[object, object, object]:
+    """Main's CPU figures: user, kernel, idle (percent of the VM's CPUs)."""
+    main = main_figures(host)
+    return main["cpu_user"], main["cpu_kernel"], main["cpu_idle"]
 
 
 def mem_total_kib() -> int:
@@ -123,6 +137,13 @@ def write_proc(root: Path, *, cpus: tuple[tuple[int, ...], ...], processes: int)
     for pid in range(1, processes + 1):
         (root / str(pid)).mkdir(exist_ok=True)
     (root / "self").mkdir(exist_ok=True)
+
+
+def write_possible(sysfs: Path, cpus: str) -> None:
+    """A fake sysfs whose list of possible CPUs is ``cpus`` (``0-3``)."""
+    directory = sysfs / "devices" / "system" / "cpu"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "possible").write_text(f"{cpus}\n")
 
 
 class StatusLine:
@@ -266,6 +287,49 @@ class TestReports:
         loads = (report["cpu_load_idle"], report["cpu_load_kernel"], report["cpu_load_user"])
         assert loads == (100, 0, 0)
 
+    async def test_a_cpu_gone_offline_is_reported_idle_once(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """CPU 1 busy, then offline (its line leaves /proc/stat, as after the cpuhotplug
+        service ejected it): Main keeps each CPU id's last load and averages over the VM's
+        CPUs, so one idle report for CPU 1 makes the idle VM read idle, and no more follow."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU), processes=1)
+        async with running("mainline", proc=proc, cpus=2) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            write_proc(proc, cpus=(IDLER_CPU, (210, 0, 10, 900, 0, 0, 0, 0)), processes=1)
+            await trio.sleep(1.0)
+            assert cpu_figures(host) == (50, 0, 50)
+            reports = guest_stats(host)["reports"]
+            assert isinstance(reports, int)
+            write_proc(proc, cpus=((10, 0, 10, 1300, 0, 0, 0, 0),), processes=1)
+            await trio.sleep(1.0)
+            last = last_report(host)
+            assert (last["cpu_id"], last["cpu_load_idle"], last["cpu_load_user"]) == (1, 100, 0)
+            for idle in range(1500, 2500, 200):  # CPU 0 idles on, alone
+                write_proc(proc, cpus=((10, 0, 10, idle, 0, 0, 0, 0),), processes=1)
+                await trio.sleep(1.0)
+            assert cpu_figures(host) == (0, 0, 100)
+            assert guest_stats(host)["reports"] == reports + 2 + 5
+
+    async def test_cpus_not_plugged_read_idle(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """A hot-plug VM of 4 CPUs with 2 plugged, idle: Main divides by 4, so the 2 CPUs
+        sysfs lists as possible but not online are reported idle and the VM reads 100 %
+        idle, not 50."""
+        proc = tmp_path / "proc"
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU), processes=1)
+        write_possible(tmp_path / "sys", "0-3")
+        async with running("mainline", proc=proc, cpus=4) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            write_proc(proc, cpus=(IDLER_CPU, IDLER_CPU), processes=1)
+            await trio.sleep(1.0)
+            assert cpu_figures(host) == (0, 0, 100)
+            assert guest_stats(host)["reports"] == 2 + 2
+
     @pytest.mark.parametrize("personality", PERSONALITIES)
     async def test_without_a_balloon_service_the_balloon_is_left_alone(
         self, autojump_clock: trio.abc.Clock, personality: str
@@ -284,6 +348,49 @@ class TestReports:
             main = guest_stats(host)["main"]
             assert isinstance(main, dict)
             assert "mem_balloon" not in main
+
+    @pytest.mark.parametrize(
+        ("personality", "left_mb"), [("passthrough", 0), ("oracle", 64), ("mainline", 64)]
+    )
+    async def test_a_stopped_balloon_service_leaves_its_last_size(
+        self, autojump_clock: trio.abc.Clock, personality: str, left_mb: int
+    ) -> None:
+        """A reload disables [balloon] while [statistics] runs on: the reports carry the size
+        the drain left, so Main shows the balloon the VM has, not the one it had: none where
+        the agent gave its chunks back (owned mode), the 64 MB the driver keeps (Oracle's
+        until the process closes the device, the in-tree kernel's until the service runs
+        again)."""
+        host = SimulatedHost(personality=personality, seed=1)
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(SimOpener(host)) as device:
+                    pump = EventPump(device)
+                    context = ServiceContext(device, pump)
+                    balloon = BalloonService(
+                        device,
+                        pump,
+                        BalloonSection(),
+                        allocator=SimChunks(),
+                        pressure=Quiet(),
+                        mem_available_mb=lambda: 1 << 20,
+                        gauge=context.balloon,
+                    )
+                    await nursery.start(pump.run)
+                    scope = trio.CancelScope()
+                    stopped = await start_in_scope(nursery, balloon, scope)
+                    await nursery.start(GuestStatsService(context).run)
+                    host.set_statistics_interval(1)
+                    host.set_balloon_target(64)
+                    await trio.sleep(30.0)
+                    assert main_figures(host)["mem_balloon"] == 64 * 1024
+                    scope.cancel()  # the reload stops the service, then drains it
+                    await stopped.wait()
+                    await balloon.drain()
+                    await trio.sleep(2.0)
+                    shown = (main_figures(host)["mem_balloon"], host.vmmdev.balloon.chunks * 1024)
+                    nursery.cancel_scope.cancel()
+        assert shown == (left_mb * 1024, left_mb * 1024)
 
     async def test_balloon_service_count_wins(self, autojump_clock: trio.abc.Clock) -> None:
         """With a count on the balloon gauge, the report carries it and asks no driver."""
@@ -595,25 +702,82 @@ class TestProcSample:
         proc = tmp_path / "proc"
         cpus = tuple(IDLE_CPU for _ in range(VMM_MAX_CPU_COUNT + 1))
         write_proc(proc, cpus=cpus, processes=1)
-        stats = ProcStats(proc)
+        stats = ProcStats(proc, tmp_path / "sys")
         assert [r.cpu_id for r in stats.sample(balloon_chunks=None)] == [0]
         write_proc(proc, cpus=tuple(IDLER_CPU for _ in cpus), processes=1)
         reports = stats.sample(balloon_chunks=None)
         assert [r.cpu_id for r in reports] == list(range(VMM_MAX_CPU_COUNT))
         assert {r.cpu_load_idle for r in reports} == {100}
 
+    def test_an_offline_cpu_is_reported_idle_until_the_host_took_it(self, tmp_path: Path) -> None:
+        """A CPU whose load the host took and whose line then leaves /proc/stat is reported
+        idle at every sample until the host takes that report too (a failed send repeats
+        it); one whose load never reached the host is not reported at all."""
+        proc = tmp_path / "proc"
+        stats = ProcStats(proc, tmp_path / "sys")
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU, IDLE_CPU), processes=1)
+        stats.sample(balloon_chunks=None)
+        write_proc(proc, cpus=(IDLER_CPU, BUSY_CPU, BUSY_CPU), processes=1)
+        for report in stats.sample(balloon_chunks=None)[:2]:  # CPU 2's send failed
+            stats.sent(report)
+
+        def loads() -> list[tuple[int, int, int, int]]:
+            return [
+                (r.cpu_id, r.cpu_load_idle, r.cpu_load_kernel, r.cpu_load_user)
+                for r in stats.sample(balloon_chunks=None)
+            ]
+
+        write_proc(proc, cpus=((10, 0, 10, 1300, 0, 0, 0, 0),), processes=1)
+        assert loads() == [(0, 100, 0, 0), (1, 100, 0, 0)]  # none of them sent
+        write_proc(proc, cpus=((10, 0, 10, 1500, 0, 0, 0, 0),), processes=1)
+        reports = stats.sample(balloon_chunks=None)
+        assert [r.cpu_id for r in reports] == [0, 1]
+        for report in reports:
+            stats.sent(report)
+        write_proc(proc, cpus=((10, 0, 10, 1700, 0, 0, 0, 0),), processes=1)
+        assert loads() == [(0, 100, 0, 0)]
+
+    def test_possible_cpus_offline_are_reported_idle_once_per_interval(
+        self, tmp_path: Path
+    ) -> None:
+        """The CPUs below 64 that sysfs lists as possible and /proc/stat does not are
+        reported idle until the host took that, and again after a new interval starts; one
+        that comes online and leaves again after a load report is reported idle again."""
+        proc, sysfs = tmp_path / "proc", tmp_path / "sys"
+        write_possible(sysfs, "0-1,3,62-65")
+        stats = ProcStats(proc, sysfs)
+
+        def sample(*cpus: tuple[int, ...]) -> list[tuple[int, int, int]]:
+            write_proc(proc, cpus=cpus, processes=1)
+            reports = stats.sample(balloon_chunks=None)
+            for report in reports:
+                stats.sent(report)
+            return [(r.cpu_id, r.cpu_load_idle, r.stat_caps & CPU_CAPS) for r in reports]
+
+        idle = (100, CPU_CAPS)
+        assert sample(IDLE_CPU) == [(cpu, *idle) for cpu in (1, 3, 62, 63)]
+        assert sample(IDLER_CPU) == [(0, *idle)]
+        assert sample(IDLER_CPU, IDLE_CPU) == [(0, 0, 0)]  # CPU 1 online, no interval yet
+        assert sample(IDLER_CPU, IDLER_CPU) == [(1, *idle)]  # ... its load, then offline:
+        assert sample(IDLER_CPU) == [(1, *idle)]
+        stats.forget_cpu()
+        assert sample(IDLER_CPU) == [(cpu, *idle) for cpu in (1, 3, 62, 63)]
+        write_possible(sysfs, "0-x")  # malformed: none known
+        stats.forget_cpu()
+        assert sample(IDLER_CPU) == [(0, 0, 0)]
+
     def test_short_cpu_line_is_an_error(self, tmp_path: Path) -> None:
         """A ``cpuN`` line with fewer than four counters names itself in the error."""
         proc = tmp_path / "proc"
         write_proc(proc, cpus=((1, 2, 3),), processes=1)
         with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
-            ProcStats(proc).sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
 
     def test_a_counter_going_back_starts_a_new_interval(self, tmp_path: Path) -> None:
         """CPU 0's idle time goes back while its total moves on (it went offline and online
         again): that sample has no load for it, and the next one measures from it."""
         proc = tmp_path / "proc"
-        stats = ProcStats(proc)
+        stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=((10, 0, 10, 900, 500, 0, 0, 0),), processes=1)
         stats.sample(balloon_chunks=None)
         write_proc(proc, cpus=((2000, 0, 10, 300, 0, 0, 0, 0),), processes=1)
@@ -629,7 +793,7 @@ class TestProcSample:
         """A CPU with no idle time between two samples (its idle counter stands still) is
         measured: 0 % idle, not left out as a counter that did not move."""
         proc = tmp_path / "proc"
-        stats = ProcStats(proc)
+        stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=((10, 0, 10, 900, 0, 0, 0, 0),), processes=1)
         stats.sample(balloon_chunks=None)
         write_proc(proc, cpus=((110, 0, 110, 900, 0, 0, 0, 0),), processes=1)
@@ -647,7 +811,7 @@ class TestProcSample:
         meminfo.write_text(
             meminfo.read_text().replace("MemAvailable:    2000000", "MemAvailable:    9000000")
         )
-        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
         assert report.memory_load == 0
         ReportGuestStats(report).encode()
 
@@ -672,7 +836,7 @@ class TestProcSample:
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
         with pytest.raises(ProcStatsError, match=name):
-            ProcStats(proc).sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
 
     def test_loadavg_without_its_running_total_is_an_error(self, tmp_path: Path) -> None:
         """Three load averages and nothing after them: the missing field is malformed
@@ -681,7 +845,7 @@ class TestProcSample:
         write_proc(proc, cpus=(IDLE_CPU,), processes=1)
         (proc / "loadavg").write_text("0.10 0.20 0.30\n")
         with pytest.raises(ProcStatsError, match="no running/total field"):
-            ProcStats(proc).sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
 
     def test_the_largest_counters_are_taken_and_clamped(self, tmp_path: Path) -> None:
         """A u64's 20 digits are a counter; a figure beyond the report's u32 is sent as the
@@ -691,17 +855,17 @@ class TestProcSample:
         meminfo = proc / "meminfo"
         text = meminfo.read_text()
         meminfo.write_text(text.replace("MemTotal:        8000000", f"MemTotal: {2**64 - 1}"))
-        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
         assert report.phys_mem_total == 0xFFFF_FFFF
         ReportGuestStats(report).encode()
         meminfo.write_text(text.replace("MemTotal:        8000000", "MemTotal: 0"))
-        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
         assert (report.phys_mem_total, report.memory_load) == (0, 0)
 
     def test_a_cpu_line_of_four_counters_is_enough(self, tmp_path: Path) -> None:
         """user, nice, system and idle (what kernels before 2.6 print) give a load."""
         proc = tmp_path / "proc"
-        stats = ProcStats(proc)
+        stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=((10, 0, 10, 900),), processes=1)
         stats.sample(balloon_chunks=None)
         write_proc(proc, cpus=((10, 0, 10, 1100),), processes=1)
@@ -717,7 +881,7 @@ class TestProcSample:
         stat = proc / "stat"
         stat.write_text(stat.read_text().replace("cpu0 1 2 3 4", "cpu0 1 x 3 4 5"))
         with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
-            ProcStats(proc).sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
 
     def test_a_kernel_without_memavailable_estimates_it(self, tmp_path: Path) -> None:
         """Before Linux 3.14 meminfo has no MemAvailable: available memory is MemFree +
@@ -726,7 +890,7 @@ class TestProcSample:
         write_proc(proc, cpus=(IDLE_CPU,), processes=1)
         meminfo = proc / "meminfo"
         meminfo.write_text(meminfo.read_text().replace("MemAvailable:    2000000 kB\n", ""))
-        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
         assert report.stat_caps & MEMORY_CAPS == MEMORY_CAPS
         assert report.phys_mem_avail == (100 + 4000 + 40000) // 4
         assert report.memory_load == 99
@@ -743,7 +907,7 @@ class TestProcSample:
             if line.split(":")[0] not in {"SReclaimable", "KernelStack", "PageTables"}
         ]
         meminfo.write_text("\n".join(kept) + "\n")
-        (report,) = ProcStats(proc).sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
         kernel = StatCap.MEM_KERNEL_TOTAL | StatCap.MEM_KERNEL_PAGED | StatCap.MEM_KERNEL_NONPAGED
         assert report.stat_caps & MEMORY_CAPS == MEMORY_CAPS & ~kernel
         assert (report.phys_mem_total, report.phys_mem_avail) == (2_000_000, 500_000)
@@ -756,4 +920,4 @@ class TestProcSample:
         meminfo = proc / "meminfo"
         meminfo.write_text(meminfo.read_text().replace("MemTotal:", "MemTotl:"))
         with pytest.raises(ProcStatsError, match="lacks MemTotal"):
-            ProcStats(proc).sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)

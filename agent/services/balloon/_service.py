@@ -160,7 +160,8 @@ class BalloonService:
             is given: then none, that figure is all there is). The floor is checked against
             the less of the two.
         status_changed: called whenever :meth:`status` would read differently.
-        gauge: where the balloon's size is published for other services (None while stopped).
+        gauge: where the balloon's size is published for other services (once drained, the
+            size left behind; None where unknown).
         sysctl_root: where owned mode reads the settings that let Linux move locked pages
             (default: ``/proc/sys`` on a real device; none, so unchecked, on a simulated
             host).
@@ -350,7 +351,7 @@ class BalloonService:
                     self._nursery = self._watch = None
                     if self._gauge.refresh == self._refresh_gauge:
                         self._gauge.refresh = None
-                    self._read_done.set()  # a waiting refresh returns (drain clears the gauge)
+                    self._read_done.set()  # a waiting refresh returns (the drain reads again)
 
     async def _run_in(
         self, nursery: trio.Nursery, events: Subscription, task_status: trio.TaskStatus[None]
@@ -374,17 +375,26 @@ class BalloonService:
 
     async def drain(self) -> None:
         """Give back every chunk the agent holds; say so where the driver keeps its own (in
-        kernel mode read afresh: nothing tells the agent that the kernel ballooned)."""
+        kernel mode read afresh: nothing tells the agent that the kernel ballooned).
+
+        The gauge keeps the size left behind, which the guest statistics go on reporting
+        (Main would keep showing the last one reported): 0 after a complete drain, the chunks
+        still held after a partial one, the kernel's fresh count, the target Oracle's driver
+        last applied; None where that is unknown (a read that failed, a CHECK_BALLOON that
+        went without an answer naming its target)."""
         walker = self._walker
         if walker is None:
+            left: int | None = None
             if self._mode is BalloonMode.KERNEL:  # the reading may be old: a pure query
-                with trio.move_on_after(DRAIN_READ_S):  # else the last reading it is
+                with trio.move_on_after(DRAIN_READ_S):  # else unknown (logged: the last reading)
                     try:
-                        self._chunks = (await self._device.check_balloon()).chunks
+                        left = self._chunks = (await self._device.check_balloon()).chunks
                     except HOST_ERRORS as exc:
                         log.debug("balloon_check_failed", **_failure_fields(exc))
+            elif self._mode is BalloonMode.TRIGGERED and not self._unanswered:
+                left = self._chunks  # kept until this process closes the device
             self._leave_to_driver()
-            self._gauge.chunks = None
+            self._gauge.chunks = left
             return
         held = len(walker.held)
         try:
@@ -400,7 +410,7 @@ class BalloonService:
         if kept:  # still in the balloon: the gauge keeps counting them
             self._drain_incomplete(walker, held, walker.last_failure)
         else:
-            self._gauge.chunks = None
+            self._publish(0)
             log.info("balloon_drained", returned=held)
 
     def _leave_to_driver(self) -> None:
@@ -636,8 +646,8 @@ class BalloonService:
         after this call has ended, or the service stopped.
 
         The read runs in the service's task, not the reader's: an answer still on its way
-        when the service stops arrives before its drain (which clears the gauge), never
-        after it.
+        when the service stops arrives before its drain (which sets the gauge to the size it
+        leaves behind), never after it.
         """
         done = self._read_done
         self._request_read()
