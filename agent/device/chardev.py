@@ -87,11 +87,19 @@ session. Design points:
   :class:`DeviceUnavailableError` naming the path. The query changes no driver state, so
   the ``Device`` may repeat it on its own session. :meth:`CharDevTransport.ioctl` itself
   stays a pure byte mover.
-- **One agent per device.** :meth:`CharDevTransport.claim` takes an exclusive ``flock(2)``
-  on its descriptor without waiting (:func:`flock_exclusive`). The lock is advisory and
-  belongs to the node's inode: every other open of the node (VBoxControl, ``vbox-agent
-  prop``) works as before, and only a second claim fails, until the claiming session's fd
-  is closed (the process's exit closes it too, however it ends).
+- **One agent per driver.** :meth:`CharDevTransport.claim` holds two things, neither
+  waited for, until the session closes (the process's exit releases both, however it
+  ends). An exclusive ``flock(2)`` on its descriptor (:func:`flock_exclusive`), which
+  belongs to the node's inode, so it also covers the node bind-mounted into a container
+  with a network namespace of its own. And the abstract Unix socket name
+  :data:`CLAIM_NAME` (:func:`bind_claim_name`), which stands for the driver itself: the
+  driver registers two nodes, ``vboxguest`` and ``vboxuser``, and a copy made with
+  ``mknod`` is a third inode, each with a lock of its own, while a ``vboxuser`` session
+  may still report facility status and make HGCM calls. An abstract name needs no file,
+  lives in the network namespace and goes with its socket (close-on-exec, bound and never
+  listening). Both are advisory: every other open of a node (VBoxControl, ``vbox-agent
+  prop``) works as before, and any process of the network namespace may bind the name; a
+  copy of the node in a container with its own network namespace escapes both.
 """
 
 from __future__ import annotations
@@ -103,6 +111,7 @@ import grp
 import os
 import pwd
 import signal
+import socket
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -241,6 +250,27 @@ def flock_exclusive(fd: int) -> None:
         BlockingIOError: another open file of it holds the lock.
     """
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+CLAIM_NAME: Final = b"\0vbox-agent/vboxguest"
+"""The abstract Unix socket name a claim binds: the vboxguest driver of this guest (shown as
+``@vbox-agent/vboxguest`` by ``ss -x``)."""
+
+
+def bind_claim_name(name: bytes = CLAIM_NAME) -> Callable[[], None]:
+    """Bind the abstract ``name`` to a new socket (close-on-exec, never listening) and
+    return what releases it.
+
+    Raises:
+        OSError: EADDRINUSE when another socket holds the name.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+    except OSError:
+        sock.close()
+        raise
+    return sock.close
 
 
 def signal_thread(thread_id: int) -> None:
@@ -480,6 +510,7 @@ class CharDevTransport:
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
         lock_fn: Callable[[int], None] = flock_exclusive,
+        claim_name_fn: Callable[[], Callable[[], None]] = bind_claim_name,
     ) -> None:
         """Wrap ``fd``; ``budget`` is the process's (its opener's) thread budget."""
         self.driver_version: DriverVersion | None = None
@@ -487,6 +518,9 @@ class CharDevTransport:
         self._ioctl_fn = ioctl_fn
         self._close_fn = close_fn
         self._lock_fn = lock_fn
+        self._claim_name_fn = claim_name_fn
+        self._release_name: Callable[[], None] | None = None
+        """Releases :data:`CLAIM_NAME` once :meth:`claim` bound it."""
         self._interrupt_fn = interrupt_fn
         self._budget = budget if budget is not None else ThreadBudget(DEFAULT_THREADS)
         self._lock = threading.Lock()
@@ -592,11 +626,13 @@ class CharDevTransport:
                 tokens.release_on_behalf_of(call)
 
     def claim(self) -> bool:
-        """Hold the device for this process alone until the fd is closed: an exclusive
-        ``flock(2)``, not waited for. False if another open file of the node holds it.
+        """Hold the driver for this process alone until the session closes: an exclusive
+        ``flock(2)`` on the node and the name :data:`CLAIM_NAME`, neither waited for. False
+        if another open file of the node holds the lock or another socket the name.
 
         Raises:
             trio.ClosedResourceError: the transport is closed or closing.
+            DeviceUnavailableError: the name cannot be bound for another reason.
         """
         if self._closing:
             msg = "the vboxguest session is closed"
@@ -605,6 +641,14 @@ class CharDevTransport:
             self._lock_fn(self._fd)
         except BlockingIOError:
             return False
+        if self._release_name is None:
+            try:
+                self._release_name = self._claim_name_fn()
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+                msg = f"cannot claim the vboxguest driver: binding its Unix socket name: {exc}"
+                raise DeviceUnavailableError(msg) from exc
         return True
 
     async def aclose(self) -> None:
@@ -641,6 +685,8 @@ class CharDevTransport:
                 finally:  # interrupting may fail (a signal refused): the fd still goes
                     await self._close_or_defer(deadline)
             finally:
+                if self._release_name is not None:
+                    self._release_name()
                 self._closed.set()
 
     async def _close_or_defer(self, deadline: float) -> None:
@@ -858,6 +904,7 @@ class CharDevOpener:
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
         lock_fn: Callable[[int], None] = flock_exclusive,
+        claim_name_fn: Callable[[], Callable[[], None]] = bind_claim_name,
         sysfs_root: str = DEFAULT_SYSFS_ROOT,
     ) -> None:
         """Create the opener; the ``*_fn`` arguments replace the system calls in tests.
@@ -873,6 +920,9 @@ class CharDevOpener:
                 EINTR (default: :func:`signal_thread`).
             lock_fn: ``lock_fn(fd)``, an exclusive lock not waited for, raising
                 ``BlockingIOError`` when held elsewhere (default: :func:`flock_exclusive`).
+            claim_name_fn: binds the driver's claim name and returns what releases it,
+                raising ``OSError`` EADDRINUSE when held elsewhere (default:
+                :func:`bind_claim_name`).
             sysfs_root: where sysfs is mounted: a failed open or handshake asks its
                 ``dev/char`` what the node is (:func:`foreign_node`).
         """
@@ -884,6 +934,7 @@ class CharDevOpener:
         self._close_fn = close_fn
         self._interrupt_fn = interrupt_fn
         self._lock_fn = lock_fn
+        self._claim_name_fn = claim_name_fn
         if interrupt_fn is signal_thread:
             install_interrupt_handler()
 
@@ -931,6 +982,7 @@ class CharDevOpener:
             close_fn=self._close_fn,
             interrupt_fn=self._interrupt_fn,
             lock_fn=self._lock_fn,
+            claim_name_fn=self._claim_name_fn,
         )
         try:
             transport.driver_version = await self._handshake(transport)

@@ -182,8 +182,10 @@ class Device:
 
     def claim(self) -> None:
         """Hold the device for this process alone while it is open (its main session's
-        :meth:`~agent.device.transport.Transport.claim`: an exclusive ``flock(2)`` on a
-        character device); the daemon claims it before it changes anything.
+        :meth:`~agent.device.transport.Transport.claim`: on a character device, an
+        exclusive ``flock(2)`` on the node and a Unix socket name that stands for the
+        driver, whichever node it was opened by); the daemon claims it before it changes
+        anything.
 
         Raises:
             DeviceInUseError: another process holds it: another vbox-agent runs on it.

@@ -33,8 +33,9 @@ connection to a simulated host). Its contract:
 - ``aclose()`` ends the session: the driver releases its HGCM clients and event filter.
 - ``claim()`` holds the device for this process alone for as long as the session stays
   open, without waiting: False when another process holds it (on a character device, an
-  exclusive ``flock(2)``). The daemon claims its main session, so a second agent on the same
-  device is refused before it changes anything.
+  exclusive ``flock(2)`` on the node and an abstract Unix socket name for the driver, so
+  ``/dev/vboxuser`` or a copy of the node is the same device). The daemon claims its main
+  session, so a second agent on the same device is refused before it changes anything.
 
 A :class:`DeviceOpener` opens new sessions, so the ``Device`` can give each blocking waiter
 a session of its own.

@@ -6,14 +6,16 @@ Rules of this test module:
 - Both agents are real ``Daemon`` runs over the real ``CharDevOpener``/``CharDevTransport``
   (worker threads and all); only the system calls are injected
   (``tests.device.syscalls.Kernel``: one node, whose ``flock(2)`` one open file holds, with
-  a running ``SimulatedHost`` as the driver behind it). The real ``flock(2)`` is tested on
-  a file (tests/device/test_chardev.py, ``TestClaim``).
+  a running ``SimulatedHost`` as the driver behind it; kernels of two nodes of one driver
+  share their ``AbstractNames``, the claim name's namespace, so no test binds the real
+  name). The real ``flock(2)`` and ``bind(2)`` are tested on files and a name of the
+  test's own (tests/device/test_chardev.py, ``TestClaim``).
 - Real clock (threads); every test is bounded by ``fail_after``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import pytest
 import trio
@@ -23,12 +25,19 @@ from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.device import DeviceInUseError
 from agent.protocol import Facility, FacilityStatus
-from tests.device.syscalls import DEVICE_PATH, Kernel
+from tests.device.syscalls import DEVICE_PATH, AbstractNames, Kernel
 
 if TYPE_CHECKING:
-    from agent.host import SimulatedHost
+    from collections.abc import Callable
+
+    from agent.host import DriverSession, SimulatedHost
+
+    NodeKernel: TypeAlias = Callable[[SimulatedHost, AbstractNames], Kernel[SimulatedHost]]
 
 BOUND: Final = 20.0
+USER_PATH: Final = "/dev/vboxuser"
+COPY_PATH: Final = "/run/container/dev/vboxguest"
+"""A node made with ``mknod`` with the driver's major:minor: an inode of its own."""
 SERVICE: Final = str(int(Facility.VBOX_SERVICE))
 OS_PRODUCT: Final = "/VirtualBox/GuestInfo/OS/Product"
 """A property the first agent publishes as it starts."""
@@ -69,14 +78,65 @@ async def test_a_second_agent_is_refused_and_the_first_runs_on(host: SimulatedHo
     )
 
 
+class UserNodeKernel(Kernel["SimulatedHost"]):
+    """The driver's other node, ``/dev/vboxuser``: another inode, so a lock of its own, and a
+    user session, which may still report facility status and make HGCM calls."""
+
+    def new_session(self) -> DriverSession:
+        """A session opened through ``/dev/vboxuser``."""
+        return self.driver.open_session(user_device=True)
+
+
+def _user_node(host: SimulatedHost, names: AbstractNames) -> Kernel[SimulatedHost]:
+    return UserNodeKernel(host, path=USER_PATH, names=names)
+
+
+def _copied_node(host: SimulatedHost, names: AbstractNames) -> Kernel[SimulatedHost]:
+    return Kernel(host, path=COPY_PATH, names=names)
+
+
+@pytest.mark.parametrize("other_node", [_user_node, _copied_node], ids=["vboxuser", "mknod"])
+async def test_a_second_agent_on_another_node_of_the_driver_is_refused(
+    host: SimulatedHost, other_node: NodeKernel
+) -> None:
+    """Another node of the driver has a ``flock(2)`` of its own, but not a claim name of its
+    own: the second agent is refused with the same line, and the first runs on."""
+    names = AbstractNames()
+    kernel, other = Kernel(host, names=names), other_node(host, names)
+    first = Daemon(AgentConfig(), kernel.opener(), notifier=Notifier(None))
+    second = Daemon(AgentConfig(), other.opener(), notifier=Notifier(None))
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            product = host.prop_get(OS_PRODUCT)
+            assert product is not None
+            with pytest.RaisesGroup(DeviceInUseError, flatten_subgroups=True) as refused:
+                await second.run()
+            assert not second.device_opened
+            assert other.locked_by is None  # its flock was taken, and went with its fd
+            assert _facility(host) == FacilityStatus.ACTIVE
+            assert host.prop_get(OS_PRODUCT) == product
+            assert names.bound()
+            first.request_shutdown("test")
+    assert not names.bound()
+    (error,) = refused.value.exceptions
+    assert str(error) == (
+        f"{other.path} is in use by another vbox-agent (it holds the device's lock): one "
+        "agent per device, stop the other first"
+    )
+
+
 async def test_the_device_is_free_again_once_its_agent_stopped(host: SimulatedHost) -> None:
-    """The lock goes with the first agent's session: an agent started after it stopped runs."""
+    """The lock and the name go with the first agent's session: an agent started after it
+    stopped runs."""
     kernel = Kernel(host)
     with trio.fail_after(BOUND):
         for _ in range(2):
             daemon = Daemon(AgentConfig(), kernel.opener(), notifier=Notifier(None))
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
+                assert kernel.names.bound()
                 assert kernel.locked_by is not None
                 daemon.request_shutdown("test")
+            assert not kernel.names.bound()
             assert kernel.locked_by is None

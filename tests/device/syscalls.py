@@ -1,7 +1,9 @@
 """The character-device transport's system calls, injected: a kernel made of a driver model.
 
 :class:`Kernel` gives :class:`~agent.device.chardev.CharDevOpener` its ``open_fn``,
-``close_fn``, ``ioctl_fn``, ``interrupt_fn`` and ``lock_fn`` (``flock(2)`` on its one node).
+``close_fn``, ``ioctl_fn``, ``interrupt_fn``, ``lock_fn`` (``flock(2)`` on its one node) and
+``claim_name_fn`` (``bind(2)`` of the claim name in :class:`AbstractNames`, which kernels of
+nodes of one driver share, so no test binds the real name).
 Each ioctl, issued by a real worker thread, runs the driver on the trio thread
 (``trio.from_thread.run`` with the token, so the driver runs outside the caller's cancel
 scopes, as a kernel does); an interrupt of a worker thread ends the call that thread is
@@ -17,12 +19,15 @@ import errno
 import itertools
 import os
 import threading
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import trio
 import trio.testing
 
 from agent.device.chardev import DEFAULT_THREADS, CharDevOpener
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 S = TypeVar("S")
 DEVICE_PATH = "/dev/vboxguest"
@@ -55,11 +60,39 @@ class Driver(Protocol[S]):
 D = TypeVar("D", bound="Driver[Any]")
 
 
+class AbstractNames:
+    """The abstract Unix socket names of one network namespace, as far as a claim uses
+    them: the claim name, bound by at most one socket."""
+
+    def __init__(self) -> None:
+        self._bound = False
+
+    def bound(self) -> bool:
+        """Whether a socket holds the claim name."""
+        return self._bound
+
+    def bind(self) -> Callable[[], None]:
+        """``bind(2)`` of the claim name; returns what releases it."""
+        if self._bound:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        self._bound = True
+        return self._release
+
+    def _release(self) -> None:
+        self._bound = False
+
+
 class Kernel(Generic[D]):
     """The injected system calls: fds lead to driver sessions, interrupts become EINTR."""
 
-    def __init__(self, driver: D) -> None:
+    def __init__(
+        self, driver: D, *, path: str = DEVICE_PATH, names: AbstractNames | None = None
+    ) -> None:
+        """A kernel with one node, ``path``, of ``driver``; kernels of one guest share
+        ``names`` (by default a network namespace of its own)."""
         self.driver = driver
+        self.path = path
+        self.names = names if names is not None else AbstractNames()
         self.sessions: dict[int, Any] = {}
         self.in_driver = 0
         self.peak = 0
@@ -86,22 +119,27 @@ class Kernel(Generic[D]):
     def opener(self, *, threads: int = DEFAULT_THREADS) -> CharDevOpener:
         """Return an opener whose system calls lead here."""
         return CharDevOpener(
-            DEVICE_PATH,
+            self.path,
             threads=threads,
             ioctl_fn=self.ioctl,
             open_fn=self.open,
             close_fn=self.close,
             interrupt_fn=self.interrupt,
             lock_fn=self.lock,
+            claim_name_fn=self.names.bind,
         )
 
     def open(self, path: str, flags: int) -> int:
         """``open(2)``: a new session."""
-        assert path == DEVICE_PATH
+        assert path == self.path
         assert flags == os.O_RDWR | os.O_CLOEXEC
         fd = next(self._fds)
-        self.sessions[fd] = self.driver.open_session()
+        self.sessions[fd] = self.new_session()
         return fd
+
+    def new_session(self) -> object:
+        """The driver's session for an ``open(2)`` of the node."""
+        return self.driver.open_session()
 
     def close(self, fd: int) -> None:
         """``close(2)``, from a worker thread: the driver releases the session."""

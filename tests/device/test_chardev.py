@@ -29,6 +29,7 @@ import stat
 import termios
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -1564,18 +1565,32 @@ class TestDeferredClose:
         assert events.count("deferred_close_done") == 1
 
 
+def _claim_name(tmp_path: Path) -> bytes:
+    """An abstract name of the test's own, so no test binds :data:`chardev.CLAIM_NAME` (a
+    run on a VirtualBox guest whose agent holds it would fail, and the agent with it)."""
+    return b"\0vbox-agent-test/%d/%s" % (os.getpid(), tmp_path.name.encode())
+
+
+def _claiming(path: Path, name: bytes) -> CharDevTransport:
+    """A session of ``path`` whose claim binds ``name`` with the real ``bind(2)``."""
+    return CharDevTransport(
+        os.open(path, os.O_RDWR | os.O_CLOEXEC),
+        claim_name_fn=partial(chardev.bind_claim_name, name),
+    )
+
+
 class TestClaim:
     """``claim``: the default lock, a real exclusive ``flock(2)``, on a file standing for the
-    node (every open of a node shares its inode, as every open of a file does)."""
+    node (every open of a node shares its inode, as every open of a file does), and the real
+    ``bind(2)`` of an abstract name of the test's own standing for the driver's."""
 
     async def test_one_open_file_holds_the_node_until_it_is_closed(self, tmp_path: Path) -> None:
         """The first claim holds; a claim through another open file fails without waiting
         until the first is closed; an open without a claim (VBoxControl, ``prop``) works."""
         node = tmp_path / "vboxguest"
         node.touch()
-        first, second = (
-            CharDevTransport(os.open(node, os.O_RDWR | os.O_CLOEXEC)) for _ in range(2)
-        )
+        name = _claim_name(tmp_path)
+        first, second = (_claiming(node, name) for _ in range(2))
         with trio.fail_after(BOUND):
             try:
                 assert first.claim()
@@ -1587,11 +1602,79 @@ class TestClaim:
                 await first.aclose()
                 await second.aclose()
 
+    async def test_another_node_of_the_driver_is_refused_by_the_name(self, tmp_path: Path) -> None:
+        """Two nodes of one device (``mknod`` with its major:minor, as ``/dev/vboxuser`` is
+        another node of the driver) are two inodes, whose ``flock(2)`` locks are separate:
+        the claim name refuses the second until the first session closes."""
+        rdev = os.stat("/dev/null").st_rdev
+        nodes = (tmp_path / "vboxguest", tmp_path / "copy")
+        try:
+            for node in nodes:
+                os.mknod(node, 0o600 | stat.S_IFCHR, rdev)
+        except PermissionError:
+            pytest.skip("mknod needs CAP_MKNOD")
+        name = _claim_name(tmp_path)
+        first, second = (_claiming(node, name) for node in nodes)
+        with trio.fail_after(BOUND):
+            try:
+                assert first.claim()
+                assert not second.claim()
+                await first.aclose()
+                assert second.claim()
+            finally:
+                await first.aclose()
+                await second.aclose()
+
+    async def test_the_name_held_by_another_socket_refuses_the_claim(self, tmp_path: Path) -> None:
+        """Whoever binds the name holds the driver: the claim fails, though the node's lock
+        was free; that lock goes with the session, and the name with its socket."""
+        node = tmp_path / "vboxguest"
+        node.touch()
+        name = _claim_name(tmp_path)
+        refused, later = _claiming(node, name), _claiming(node, name)
+        with trio.fail_after(BOUND):
+            try:
+                with socket.socket(socket.AF_UNIX) as holder:
+                    holder.bind(name)
+                    assert not refused.claim()
+                await refused.aclose()
+                assert later.claim()
+            finally:
+                await refused.aclose()
+                await later.aclose()
+
+    def test_the_bound_name_accepts_no_connection(self, tmp_path: Path) -> None:
+        """The claim's socket is bound and never listens: nothing can connect to it."""
+        name = _claim_name(tmp_path)
+        release = chardev.bind_claim_name(name)
+        try:
+            with socket.socket(socket.AF_UNIX) as client, pytest.raises(ConnectionRefusedError):
+                client.connect(name)
+        finally:
+            release()
+
+    async def test_a_name_that_cannot_be_bound_fails_the_claim(self, tmp_path: Path) -> None:
+        """Another failure of ``bind(2)`` (a sandbox without ``AF_UNIX``) is no other agent:
+        the device is unavailable, with the reason."""
+        node = tmp_path / "vboxguest"
+        node.touch()
+
+        def refused() -> Callable[[], None]:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+
+        transport = CharDevTransport(os.open(node, os.O_RDWR | os.O_CLOEXEC), claim_name_fn=refused)
+        with trio.fail_after(BOUND):
+            try:
+                with pytest.raises(DeviceUnavailableError, match="Address family not supported"):
+                    transport.claim()
+            finally:
+                await transport.aclose()
+
     async def test_a_closed_session_claims_nothing(self, tmp_path: Path) -> None:
         """A claim after the close is a mistake of the caller's, not a lock held elsewhere."""
         node = tmp_path / "vboxguest"
         node.touch()
-        transport = CharDevTransport(os.open(node, os.O_RDWR | os.O_CLOEXEC))
+        transport = _claiming(node, _claim_name(tmp_path))
         await transport.aclose()
         with pytest.raises(trio.ClosedResourceError):
             transport.claim()
