@@ -710,15 +710,16 @@ class TestProcSample:
         assert {r.cpu_load_idle for r in reports} == {100}
 
     def test_an_offline_cpu_is_reported_idle_until_the_host_took_it(self, tmp_path: Path) -> None:
-        """A CPU whose load the host took and whose line then leaves /proc/stat is reported
-        idle at every sample until the host takes that report too (a failed send repeats
-        it); one whose load never reached the host is not reported at all."""
+        """A CPU that had a load report and whose line then leaves /proc/stat is reported
+        idle at every sample until the host takes that report (a failed send repeats it),
+        whether or not its load report had an answer (one without may have reached the
+        host); one that left before a load report of its own is not reported at all."""
         proc = tmp_path / "proc"
         stats = ProcStats(proc, tmp_path / "sys")
-        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU, IDLE_CPU), processes=1)
+        write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU, IDLE_CPU, IDLE_CPU), processes=1)
         stats.sample(balloon_chunks=None)
-        write_proc(proc, cpus=(IDLER_CPU, BUSY_CPU, BUSY_CPU), processes=1)
-        for report in stats.sample(balloon_chunks=None)[:2]:  # CPU 2's send failed
+        write_proc(proc, cpus=(IDLER_CPU, BUSY_CPU, BUSY_CPU), processes=1)  # CPU 3 left
+        for report in stats.sample(balloon_chunks=None)[:2]:  # CPU 2's send: no answer
             stats.sent(report)
 
         def loads() -> list[tuple[int, int, int, int]]:
@@ -728,14 +729,36 @@ class TestProcSample:
             ]
 
         write_proc(proc, cpus=((10, 0, 10, 1300, 0, 0, 0, 0),), processes=1)
-        assert loads() == [(0, 100, 0, 0), (1, 100, 0, 0)]  # none of them sent
+        assert loads() == [(0, 100, 0, 0), (1, 100, 0, 0), (2, 100, 0, 0)]  # none of them sent
         write_proc(proc, cpus=((10, 0, 10, 1500, 0, 0, 0, 0),), processes=1)
         reports = stats.sample(balloon_chunks=None)
-        assert [r.cpu_id for r in reports] == [0, 1]
+        assert [r.cpu_id for r in reports] == [0, 1, 2]
         for report in reports:
             stats.sent(report)
         write_proc(proc, cpus=((10, 0, 10, 1700, 0, 0, 0, 0),), processes=1)
         assert loads() == [(0, 100, 0, 0)]
+
+    def test_a_cpu_reported_idle_whose_load_report_got_no_answer(self, tmp_path: Path) -> None:
+        """CPU 1 was reported idle (offline), came online, and its first load report went
+        without an answer (VERR_TIMEOUT or VERR_INTERRUPTED: the host may have taken it);
+        once it goes offline again it is reported idle, not left at that load."""
+        proc, sysfs = tmp_path / "proc", tmp_path / "sys"
+        write_possible(sysfs, "0-1")
+        stats = ProcStats(proc, sysfs)
+
+        def sample(*cpus: tuple[int, ...], answered: bool = True) -> list[tuple[int, int]]:
+            write_proc(proc, cpus=cpus, processes=1)
+            reports = stats.sample(balloon_chunks=None)
+            for report in reports if answered else ():
+                stats.sent(report)
+            return [(r.cpu_id, r.cpu_load_idle) for r in reports if r.stat_caps & CPU_CAPS]
+
+        assert sample(IDLE_CPU) == [(1, 100)]  # offline, taken as idle
+        assert sample(IDLER_CPU, IDLE_CPU) == [(0, 100)]  # CPU 1 online, no interval yet
+        busy = (160, 20, 60, 1200, 50, 5, 5, 10)  # past both IDLE_CPU and IDLER_CPU
+        assert sample(busy, busy, answered=False) == [(0, 38), (1, 59)]
+        assert sample(busy) == [(1, 100)]
+        assert sample(busy) == []
 
     def test_possible_cpus_offline_are_reported_idle_once_per_interval(
         self, tmp_path: Path
