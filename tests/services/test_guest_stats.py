@@ -106,6 +106,52 @@ def main_figures(host: SimulatedHost) -> dict[str, object]:
     return main
 
 
+async def balloon_shown_around_a_stop(
+    personality: str, *, stop_after_s: float
+) -> tuple[tuple[object, int], tuple[object, int]]:
+    """Run the balloon service and the statistics (every second) on ``personality``'s host,
+    which takes 50 ms a chunk, to the host's 64 MB; after ``stop_after_s`` stop and drain
+    the balloon service, as a reload that disables [balloon] does, and let the statistics
+    run on for 30 s. Return Main's balloon figure (None: none yet) and the VM's balloon,
+    both in KiB, at the stop and at the end."""
+    host = SimulatedHost(personality=personality, seed=1)
+    host.set_delay(RequestType.CHANGE_MEMBALLOON, 0.05)
+
+    def figures() -> tuple[object, int]:
+        return main_figures(host).get("mem_balloon"), host.vmmdev.balloon.chunks * 1024
+
+    with trio.fail_after(BOUND_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(SimOpener(host)) as device:
+                pump = EventPump(device)
+                context = ServiceContext(device, pump)
+                balloon = BalloonService(
+                    device,
+                    pump,
+                    BalloonSection(),
+                    allocator=SimChunks(),
+                    pressure=Quiet(),
+                    mem_available_mb=lambda: 1 << 20,
+                    gauge=context.balloon,
+                )
+                await nursery.start(pump.run)
+                scope = trio.CancelScope()
+                stopped = await start_in_scope(nursery, balloon, scope)
+                await nursery.start(GuestStatsService(context).run)
+                host.set_statistics_interval(1)
+                host.set_balloon_target(64)
+                await trio.sleep(stop_after_s)
+                at_stop = figures()
+                scope.cancel()
+                await stopped.wait()
+                await balloon.drain()
+                await trio.sleep(30.0)
+                at_end = figures()
+                nursery.cancel_scope.cancel()
+    return at_stop, at_end
+
+
 def cpu_figures(host: SimulatedHost) -> tuple[object, object, object]:
     """Main's CPU figures: user, kernel, idle (percent of the VM's CPUs)."""
     main = main_figures(host)
@@ -360,37 +406,20 @@ class TestReports:
         the agent gave its chunks back (owned mode), the 64 MB the driver keeps (Oracle's
         until the process closes the device, the in-tree kernel's until the service runs
         again)."""
-        host = SimulatedHost(personality=personality, seed=1)
-        with trio.fail_after(BOUND_S):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                async with open_device(SimOpener(host)) as device:
-                    pump = EventPump(device)
-                    context = ServiceContext(device, pump)
-                    balloon = BalloonService(
-                        device,
-                        pump,
-                        BalloonSection(),
-                        allocator=SimChunks(),
-                        pressure=Quiet(),
-                        mem_available_mb=lambda: 1 << 20,
-                        gauge=context.balloon,
-                    )
-                    await nursery.start(pump.run)
-                    scope = trio.CancelScope()
-                    stopped = await start_in_scope(nursery, balloon, scope)
-                    await nursery.start(GuestStatsService(context).run)
-                    host.set_statistics_interval(1)
-                    host.set_balloon_target(64)
-                    await trio.sleep(30.0)
-                    assert main_figures(host)["mem_balloon"] == 64 * 1024
-                    scope.cancel()  # the reload stops the service, then drains it
-                    await stopped.wait()
-                    await balloon.drain()
-                    await trio.sleep(2.0)
-                    shown = (main_figures(host)["mem_balloon"], host.vmmdev.balloon.chunks * 1024)
-                    nursery.cancel_scope.cancel()
-        assert shown == (left_mb * 1024, left_mb * 1024)
+        at_stop, at_end = await balloon_shown_around_a_stop(personality, stop_after_s=30.0)
+        assert at_stop == (64 * 1024, 64 * 1024)
+        assert at_end == (left_mb * 1024, left_mb * 1024)
+
+    async def test_a_kernel_balloon_inflating_at_the_stop_is_followed(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The same reload while the in-tree kernel still inflates to the 64 MB: its work
+        item goes on to the target once 0x40 left the filter, so the size the drain read is
+        part-way; every later report reads the kernel's count, and Main comes to show the
+        64 MB the VM holds, not the part-way size for good."""
+        (_, held), at_end = await balloon_shown_around_a_stop("mainline", stop_after_s=1.0)
+        assert 0 < held < 64 * 1024
+        assert at_end == (64 * 1024, 64 * 1024)
 
     async def test_balloon_service_count_wins(self, autojump_clock: trio.abc.Clock) -> None:
         """With a count on the balloon gauge, the report carries it and asks no driver."""
