@@ -13,8 +13,8 @@ counted, and so is a line that does not fit beside what already waits for a stre
 not reading (a journal busy on a slow disk, a full pipe, a terminal paused with Ctrl-S), at
 most :data:`QUEUE_LIMIT_CHARS`, or one longer than :data:`LINE_LIMIT_CHARS`; the first
 failure is said once on stderr when stderr is another stream, and the first line written
-again is preceded by one ``log_lines_lost`` line saying how many were lost, and why. The
-agent runs on.
+again is preceded by one ``log_lines_lost`` line saying how many were lost, and why (each
+reason with its count when there were several). The agent runs on.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import stat
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from functools import partial
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, TextIO, cast, final
 
 import structlog
@@ -36,7 +37,7 @@ import structlog
 from agent.records import record
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -63,7 +64,9 @@ OWN_CONTEXT_KEY: Final = "component"
 in-process driver runs in the agent's tasks): the calling task's context variables
 (``service=balloon``...) are not merged into it."""
 LINES_LOST_EVENT: Final = "log_lines_lost"
-"""The line written once the stream takes lines again, with how many were lost (``lines``)."""
+"""The line written once the stream takes lines again, with how many were lost (``lines``),
+why (``error``: the reason, or each reason with its count, most lines first) and how many
+for each reason (``reasons``, reason to count)."""
 QUEUE_LIMIT_CHARS: Final = 64 * 1024
 """The most characters of lines (about as many bytes: the lines are ASCII JSON, mostly) that
 wait for a stream other than a regular file to take them; a line that does not fit beside
@@ -86,6 +89,8 @@ NOT_READING: Final = "the log stream is not reading"
 """Why lines were dropped when :data:`QUEUE_LIMIT_CHARS` waited, or at the exit."""
 TOO_LONG: Final = f"a line longer than {LINE_LIMIT_CHARS} characters"
 """Why a line longer than :data:`LINE_LIMIT_CHARS` was dropped."""
+_NONE_LOST: Final[Mapping[str, int]] = MappingProxyType({})
+"""What a queued line that follows no lost line carries (shared, so read-only)."""
 
 
 def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
@@ -176,32 +181,34 @@ class LogOutput:
     counted; the first of a run of failures is said once on stderr when stderr is another
     stream than the log's and takes it (the journal takes stdout and stderr on one stream:
     nothing is said there); the next line written is preceded by ``notice`` saying how many
-    were lost, after a newline if a line was cut.
+    were lost and why, after a newline if a line was cut. Each lost line is counted under
+    its reason from its drop to that notice (carried in the queue with the line after it),
+    so the notice counts each reason exactly, however drops and writes interleave.
     """
 
-    def __init__(self, stream: TextIO, notice: Callable[[int, str], str]) -> None:
+    def __init__(self, stream: TextIO, notice: Callable[[Mapping[str, int]], str]) -> None:
         self.stream = stream
         self.notice = notice
-        """Renders the line saying how many lines were lost, and why."""
+        """Renders the line saying how many lines were lost for each reason."""
         self.lost = 0
         """Lines dropped since the process started."""
         self.failing: str | None = None
         """Why the last line was lost, until the line saying so is written."""
-        self._unsaid = 0
-        """Lines lost before the next line to write."""
+        self._unsaid: Counter[str] = Counter()
+        """Lines lost before the next line to write, by reason."""
         self._torn = False
         """A write failed after it wrote part of its line."""
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         """Notified when a line is queued and when the writer is done with one."""
-        self._queue: deque[tuple[int, str, int]] | None = None
+        self._queue: deque[tuple[Mapping[str, int], str, int]] | None = None
         """Lines waiting for the writer thread, each with the lines dropped just before it
-        and the characters it counts for in ``_queued_chars`` (None: lines are written at
-        once)."""
+        (by reason) and the characters it counts for in ``_queued_chars`` (None: lines are
+        written at once)."""
         self._queued_chars = 0
         """What the lines waiting count for: all but one handed to an idle writer."""
-        self._dropped = 0
-        """Lines dropped since the last line queued."""
+        self._dropped: Counter[str] = Counter()
+        """Lines dropped since the last line queued, by reason."""
         self._busy = False
         """The writer thread is writing a line."""
         self._idle = True
@@ -230,7 +237,7 @@ class LogOutput:
         line = f"{message}\n"
         with self._lock:
             if self._queue is None:
-                self._emit(0, line)
+                self._emit(_NONE_LOST, line)
             elif len(line) > LINE_LIMIT_CHARS:
                 self._drop(TOO_LONG)
             else:
@@ -255,7 +262,9 @@ class LogOutput:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.lost += len(queue)
-                    self._dropped += len(queue) + sum(dropped for dropped, _, _ in queue)
+                    for dropped, _, _ in queue:
+                        self._dropped.update(dropped)
+                    self._dropped[NOT_READING] += len(queue)
                     queue.clear()
                     self._queued_chars = 0
                     self._busy = False
@@ -266,10 +275,10 @@ class LogOutput:
     def _drop(self, reason: str) -> None:
         """Count a line dropped before it was queued, for the notice before the next one."""
         self.lost += 1
-        self._dropped += 1
+        self._dropped[reason] += 1
         self._fail(reason)
 
-    def _enqueue(self, queue: deque[tuple[int, str, int]], line: str) -> None:
+    def _enqueue(self, queue: deque[tuple[Mapping[str, int], str, int]], line: str) -> None:
         """Queue ``line`` if it fits, else drop and count it (:data:`NOT_READING`).
 
         A line handed to an idle writer counts for nothing, as the line the writer writes
@@ -281,9 +290,10 @@ class LogOutput:
         if self._queued_chars + counted > QUEUE_LIMIT_CHARS:
             self._drop(NOT_READING)
         else:
-            queue.append((self._dropped, line, counted))
+            queue.append((self._dropped or _NONE_LOST, line, counted))
             self._queued_chars += counted
-            self._dropped = 0
+            if self._dropped:
+                self._dropped = Counter()
             self._start_writer()
             self._changed.notify_all()
 
@@ -309,25 +319,28 @@ class LogOutput:
                 self._busy = False
                 self._changed.notify_all()
 
-    def _emit(self, dropped: int, line: str) -> None:
-        """Write ``line``, after the line saying how many were lost if some were (with
-        ``dropped``, those dropped just before it); drop and count it if refused."""
+    def _emit(self, dropped: Mapping[str, int], line: str) -> None:
+        """Write ``line``, after the line saying how many were lost, and why, if some were
+        (with ``dropped``, those dropped just before it); drop and count it if refused."""
         with self._lock:
-            self._unsaid += dropped
-            unsaid, failing, lead = self._unsaid, self.failing or "", "\n" if self._torn else ""
+            if dropped:  # most lines follow none: no Counter work on the hot path
+                self._unsaid.update(dropped)
+            unsaid = Counter(self._unsaid) if self._unsaid else None
+            lead = "\n" if self._torn else ""
         try:
-            if unsaid:
-                self._write(f"{lead}{self.notice(unsaid, failing)}\n")
+            if unsaid is not None:
+                self._write(f"{lead}{self.notice(unsaid)}\n")
                 with self._lock:
-                    self._unsaid -= unsaid
+                    self._unsaid -= unsaid  # keeps only the counts still unsaid
                     if self._all_said():
                         self.failing = None
             self._write(line)
         except (OSError, ValueError) as exc:
             with self._lock:
                 self.lost += 1
-                self._unsaid += 1
-                self._fail(_reason(exc))
+                reason = _reason(exc)
+                self._unsaid[reason] += 1
+                self._fail(reason)
 
     def _all_said(self) -> bool:
         """No lost line waits for its notice: none at the writer, none dropped since the
@@ -375,12 +388,28 @@ class _Notice:
     def __init__(self, processors: Sequence[Processor]) -> None:
         self._processors = processors
 
-    def __call__(self, lines: int, reason: str) -> str:
-        event: object = {"event": LINES_LOST_EVENT, "lines": lines, "error": reason}
+    def __call__(self, lost: Mapping[str, int]) -> str:
+        event: object = {
+            "event": LINES_LOST_EVENT,
+            "lines": sum(lost.values()),
+            "error": _lost_reasons(lost),
+            "reasons": dict(lost),
+        }
         for processor in self._processors:
             event = processor(None, "warning", cast("EventDict", event))
         # Both renderers used here (JSON with json.dumps, console) return str.
         return cast("str", event)
+
+
+def _lost_reasons(lost: Mapping[str, int]) -> str:
+    """Why the lines counted in ``lost`` (by reason) were lost: the reason, or each reason
+    with its count, most lines first (the ``error`` of :data:`LINES_LOST_EVENT`)."""
+    if len(lost) == 1:
+        return next(iter(lost))
+    ranked = Counter(lost).most_common()  # a tie keeps the order the reasons came in
+    return "; ".join(
+        f"{reason} ({count} {'line' if count == 1 else 'lines'})" for reason, count in ranked
+    )
 
 
 def _merge_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:

@@ -280,6 +280,7 @@ class TestRefusedLines:
             lines[1]["error"],
             lines[1]["level"],
         ) == (2, "No space left on device", "warning")
+        assert lines[1]["reasons"] == {"No space left on device": 2}
         assert "service" not in lines[1]
         assert (
             stderr.getvalue()
@@ -523,6 +524,46 @@ class TestLostLinesSaidWhereTheyWere:
         assert writes.events() == [0, 1, (3, NOT_READING), 7]
         assert log_output_statistics() == LogOutputStatistics(lost=3, failing=None)
 
+    def test_a_notice_names_each_reason_with_its_count(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Lines dropped for the stream not reading, then one too long: the notice counts
+        them all and says each reason with its count, most lines first (it put all three
+        down to the long line)."""
+        with held_writes(monkeypatch) as (writes, log):
+            log(1, 2, 3, 4)  # 3 and 4 find the queue full
+            structlog.get_logger().info("line", n=5, text="x" * LINE_LIMIT_CHARS)
+            assert log_output_statistics() == LogOutputStatistics(lost=3, failing=TOO_LONG)
+            writes.step()  # 0 written; 1 held
+            log(6)  # follows the lost 3, 4 and 5
+            writes.step()  # 1 written; 2 held
+            writes.step()  # 2 written; the notice before 6 held
+            writes.step()  # written; 6 held
+        mixed = f"{NOT_READING} (2 lines); {TOO_LONG} (1 line)"
+        assert writes.events() == [0, 1, 2, (3, mixed), 6]
+        assert writes.notices() == [{NOT_READING: 2, TOO_LONG: 1}]
+        assert log_output_statistics() == LogOutputStatistics(lost=3, failing=None)
+
+    def test_an_exit_that_stops_waiting_keeps_the_reasons_the_queue_carried(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A queued line follows a line too long; the exit's wait runs out and drops the
+        queue: the next notice counts the queued lines as not read and the long line as
+        too long."""
+        with held_writes(monkeypatch) as (writes, log):
+            log(1)
+            structlog.get_logger().info("line", n=2, text="x" * LINE_LIMIT_CHARS)
+            log(3)  # follows the lost 2
+            flush_log_output(0.0)  # 1 and 3 dropped with the queue
+            writes.let_go()  # 0 written
+            log(7)
+            writes.held()  # the notice before 7
+            writes.step()  # written; 7 held
+        mixed = f"{NOT_READING} (2 lines); {TOO_LONG} (1 line)"
+        assert writes.events() == [0, (3, mixed), 7]
+        assert writes.notices() == [{NOT_READING: 2, TOO_LONG: 1}]
+        assert log_output_statistics() == LogOutputStatistics(lost=3, failing=None)
+
 
 class HeldWrites:
     """``os.write`` for the log's descriptor: each write waits until the test lets it go."""
@@ -565,6 +606,11 @@ class HeldWrites:
             (line["lines"], line["error"]) if line["event"] == "log_lines_lost" else line["n"]
             for line in lines
         ]
+
+    def notices(self) -> list[dict[str, int]]:
+        """Each notice's lines lost by reason."""
+        lines = json_lines(b"".join(self.written).decode())
+        return [line["reasons"] for line in lines if line["event"] == "log_lines_lost"]
 
 
 @contextlib.contextmanager

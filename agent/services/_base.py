@@ -64,7 +64,9 @@ class BalloonGauge:
     Where the size changes without the balloon service hearing of it (the in-tree driver
     balloons in the kernel and keeps event 0x40 from userspace), the service installs
     ``refresh``, which reads the size afresh; :meth:`read` awaits it first, so a reader's
-    own rhythm keeps the figure current without a poll of its own.
+    own rhythm keeps the figure current without a poll of its own. Its drain leaves one
+    there that only asks the driver (CHECK_BALLOON, a pure query on that driver): the
+    kernel finishes a change already under way after 0x40 left the filter.
     """
 
     __slots__ = ("chunks", "refresh")

@@ -10,13 +10,16 @@ and has left ``/proc/stat`` since (offline: ejected after the host's unplug, whi
 ``cpuhotplug`` service carries out, or taken offline by an admin) gets one more report, as
 idle (100/0/0: a halted vCPU is idle to the host), instead of keeping its last load in the
 VM's average for good; it is forgotten once the host took that report
-(:meth:`ProcStats.sent`). So is every CPU below ``VMM_MAX_CPU_COUNT`` that sysfs lists as
-possible (``devices/system/cpu/possible``) and that is not online, once per interval read:
-VirtualBox's ACPI tables list all the VM's CPUs (``CPUCount``, with CPU hot-plug the most it
-may have; those not plugged disabled), which Linux counts as possible, and Main divides by
-that count, so an idle VM with CPUs unplugged from boot would otherwise read only the online
-share idle. Where sysfs has no such list (a container's), only CPUs that had a load report
-are reported when gone. Figures:
+(:meth:`ProcStats.sent`). A CPU has had a load report once a sample made one, answered or
+not: a report that ends without an answer (VERR_TIMEOUT, VERR_INTERRUPTED) may still have
+reached the host, and an idle report too many only says what an offline CPU is. Every
+CPU below ``VMM_MAX_CPU_COUNT`` that sysfs lists as possible
+(``devices/system/cpu/possible``) and that is not online is reported idle too, once per
+interval read: VirtualBox's ACPI tables list all the VM's CPUs (``CPUCount``, with CPU
+hot-plug the most it may have; those not plugged disabled), which Linux counts as possible,
+and Main divides by that count, so an idle VM with CPUs unplugged from boot would otherwise
+read only the online share idle. Where sysfs has no such list (a container's), only CPUs
+that had a load report are reported when gone. Figures:
 
 - CPU load (idle, kernel, user) of that CPU in percent of its jiffies between two samples:
   idle = idle + iowait, kernel = system + irq + softirq, user = user + nice, over the sum of
@@ -145,7 +148,7 @@ class ProcStats:
         self._possible_file = sysfs / POSSIBLE_CPUS
         self._last_cpus: dict[int, CpuTimes] = {}
         self._loaded: set[int] = set()
-        """The CPU ids whose load the host holds (a load report of theirs went through)."""
+        """The CPU ids whose load the host may hold (a sample made a load report of theirs)."""
         self._idle: set[int] = set()
         """The offline CPU ids the host holds as idle, since the last :meth:`forget_cpu`."""
         self._page_size = os.sysconf("SC_PAGE_SIZE")
@@ -157,14 +160,10 @@ class ProcStats:
         self._idle = set()
 
     def sent(self, stats: GuestStatistics) -> None:
-        """Note a report of the last sample that the host took: an online CPU's load it now
-        holds, an offline CPU's idle report it holds instead of that CPU's last load."""
-        if not stats.stat_caps & CPU_CAPS:
-            return
-        if stats.cpu_id in self._last_cpus:
-            self._loaded.add(stats.cpu_id)
-            self._idle.discard(stats.cpu_id)
-        else:
+        """Note a report of the last sample that the host took: an offline CPU's idle report,
+        which it holds instead of that CPU's last load (a load report counts from its sample
+        on, answered or not)."""
+        if stats.stat_caps & CPU_CAPS and stats.cpu_id not in self._last_cpus:
             self._loaded.discard(stats.cpu_id)
             self._idle.add(stats.cpu_id)
 
@@ -217,6 +216,8 @@ class ProcStats:
             for cpu_id, now in cpus.items()
             if cpu_id in last and _advanced(last[cpu_id], now)
         }
+        self._loaded |= loads.keys()  # the host may take a report that gets no answer
+        self._idle -= loads.keys()
         offline = (self._possible() | self._loaded) - cpus.keys() - self._idle
         loads.update(dict.fromkeys(offline, IDLE))
         reports = tuple(_with_loads(common, cpu_id, loads[cpu_id]) for cpu_id in sorted(loads))

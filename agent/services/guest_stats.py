@@ -12,7 +12,9 @@ balloon figure is the balloon service's count (``ServiceContext.balloon``), read
 each sample: where the in-tree driver balloons in the kernel (which keeps event 0x40 from
 userspace) the balloon service refreshes it then with CHECK_BALLOON, a pure query there.
 Once the balloon service stopped the count is what its drain left (0 once every chunk is
-back), so the host does not go on showing a balloon that is gone. While nobody knows one (no
+back; the in-tree kernel's count, still read before each sample, as the kernel finishes a
+change begun before the stop), so the host does not go on showing a balloon that is gone,
+or a size the kernel moved on from. While nobody knows one (no
 balloon service ran, or the size it left is unknown) the reports leave it out (Main keeps its
 last figure) rather than ask the driver: on Oracle's driver CHECK_BALLOON is no query, it
 makes the caller the balloon's owner and moves the balloon to the host's target. Mainline and

@@ -17,17 +17,20 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from agent.host import SimulatedHost
-from agent.protocol import Event
-from agent.services import BalloonGauge
-from agent.services.balloon import BalloonMode, BalloonService
-from tests.services.balloon_support import running_balloon
+from agent.device import open_device
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import Event, RequestType
+from agent.services import BalloonGauge, EventPump
+from agent.services.balloon import BalloonMode, BalloonSection, BalloonService
+from tests.services.balloon_support import Quiet, running_balloon, start_in_scope, until
 
 if TYPE_CHECKING:
     from agent.device import Device
     from agent.protocol import BalloonStatus
 
 WAIT_S: Final = 30.0
+SLOW_CHUNK_S: Final = 0.05
+"""How long the host takes over each chunk where a test needs the kernel mid-inflate."""
 REPEATED_READS: Final = 3
 
 
@@ -67,7 +70,6 @@ async def test_the_gauge_reads_the_kernel_balloon(personality: str) -> None:
             assert await gauge.read() == 48
             assert re.fullmatch(kernel_status(48), run.service.status())
             assert run.host_chunks == 48  # the query moved nothing
-        assert gauge.refresh is None  # a stopped service reads no more
 
 
 class SlowCheck:
@@ -102,7 +104,8 @@ async def test_a_refresh_in_flight_at_stop_leaves_the_drains_size_behind(
     """The guest statistics' refresh waits on a CHECK_BALLOON when the service stops: the
     gauge ends at what the drain's own read found, the kernel's 48 MB where the answer
     still arrives (a blocking ioctl), None (nobody knows) where the drain time cancels
-    that call too, and stays there once the reader has its answer."""
+    that call too, and stays there once the reader has its answer; the refresh left is
+    the drain's, the running service's gone."""
     host = SimulatedHost(personality=personality, seed=1)
     gauge = BalloonGauge()
     read_done = trio.Event()
@@ -122,10 +125,48 @@ async def test_a_refresh_in_flight_at_stop_leaves_the_drains_size_behind(
                 outer.start_soon(statistics_report)
                 await slow.entered.wait()
             left = 48 if answers_late else None
-            assert (gauge.refresh, gauge.chunks) == (None, left)
+            assert (gauge.refresh, gauge.chunks) == (run.service._read_left, left)
             slow.release.set()  # a late answer, if nothing took it yet
             await read_done.wait()
         assert gauge.chunks == left  # a stopped service published nothing more
+
+
+async def test_the_gauge_follows_the_kernel_past_the_drain(personality: str) -> None:
+    """The service stops while the kernel inflates to the host's 64 MB: 0x40 leaves the
+    filter, but the work item already running goes on to the target (``vbg_balloon_work``),
+    so the drain reads a size part-way. The drain leaves a refresh that asks the driver
+    again (a pure query: it moves nothing), so later reads follow the kernel to 64."""
+    host = SimulatedHost(personality=personality, seed=1)
+    host.set_delay(RequestType.CHANGE_MEMBALLOON, SLOW_CHUNK_S)
+    gauge = BalloonGauge()
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(SimOpener(host)) as device:
+                pump = EventPump(device)
+                service = BalloonService(
+                    device,
+                    pump,
+                    BalloonSection(),
+                    pressure=Quiet(),
+                    mem_available_mb=lambda: 1 << 20,
+                    gauge=gauge,
+                )
+                await nursery.start(pump.run)
+                scope = trio.CancelScope()
+                stopped = await start_in_scope(nursery, service, scope)
+                host.set_balloon_target(64)
+                await until(lambda: host.driver.balloon_chunks > 0)
+                scope.cancel()
+                await stopped.wait()
+                await service.drain()
+                left = gauge.chunks
+                await until(lambda: host.driver.balloon_chunks == 64)
+                assert await gauge.read() == 64
+                assert host.vmmdev.balloon.chunks == 64  # the reads moved nothing
+                nursery.cancel_scope.cancel()
+    assert left is not None
+    assert left < 64
 
 
 async def test_kernel_does_not_balloon_without_the_agent(personality: str) -> None:

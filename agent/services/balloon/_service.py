@@ -5,9 +5,10 @@ device's answers (:mod:`._mode`, logged once) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
   ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore and,
-  through the gauge's refresh, before every guest statistics report (the kernel keeps 0x40
-  to itself, so nothing else tells the agent the size changed, and nothing polls it); the
-  status shows the size with the time it was read;
+  through the gauge's refresh, before every guest statistics report, after the drain too
+  (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed, and
+  nothing polls it; its work item finishes a change under way once 0x40 left the filter);
+  the status shows the size with the time it was read;
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor the call is
   postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
@@ -379,13 +380,16 @@ class BalloonService:
 
         The gauge keeps the size left behind, which the guest statistics go on reporting
         (Main would keep showing the last one reported): 0 after a complete drain, the chunks
-        still held after a partial one, the kernel's fresh count, the target Oracle's driver
-        last applied; None where that is unknown (a read that failed, a CHECK_BALLOON that
-        went without an answer naming its target)."""
+        still held after a partial one, the target Oracle's driver last applied; in kernel
+        mode the kernel's count, read afresh here and, through a refresh left on the gauge,
+        before every later report (the kernel's work item finishes a change already under
+        way after 0x40 left the filter); None where that is unknown (a read that failed, a
+        CHECK_BALLOON that went without an answer naming its target)."""
         walker = self._walker
         if walker is None:
             left: int | None = None
             if self._mode is BalloonMode.KERNEL:  # the reading may be old: a pure query
+                self._gauge.refresh = self._read_left
                 with trio.move_on_after(DRAIN_READ_S):  # else unknown (logged: the last reading)
                     try:
                         left = self._chunks = (await self._device.check_balloon()).chunks
@@ -652,6 +656,16 @@ class BalloonService:
         done = self._read_done
         self._request_read()
         await done.wait()
+
+    async def _read_left(self) -> None:
+        """Kernel mode, once drained: the gauge's refresh, a CHECK_BALLOON (a pure query on
+        the in-tree driver) in the reader's own task, the service being gone; a read that
+        fails leaves the gauge as it was. Only the drain installs it: on Oracle's driver the
+        call would make this session the balloon's owner and move the balloon."""
+        try:
+            self._gauge.chunks = (await self._device.check_balloon()).chunks
+        except HOST_ERRORS as exc:
+            log.debug("balloon_check_failed", **_failure_fields(exc))
 
     async def _read_target(self) -> None:
         if self._walker is not None:
