@@ -96,10 +96,13 @@ session. Design points:
   driver registers two nodes, ``vboxguest`` and ``vboxuser``, and a copy made with
   ``mknod`` is a third inode, each with a lock of its own, while a ``vboxuser`` session
   may still report facility status and make HGCM calls. An abstract name needs no file,
-  lives in the network namespace and goes with its socket (close-on-exec, bound and never
-  listening). Both are advisory: every other open of a node (VBoxControl, ``vbox-agent
-  prop``) works as before, and any process of the network namespace may bind the name; a
-  copy of the node in a container with its own network namespace escapes both.
+  lives in the network namespace and goes with its socket (close-on-exec, listening and
+  never accepting). Both are advisory: every other open of a node (VBoxControl,
+  ``vbox-agent prop``) works as before. Any process of the network namespace may bind the
+  name, so it refuses a claim only when its holder listens as root or as this process's
+  user (``SO_PEERCRED``); otherwise the claim rests on the node's lock alone, logged, and no
+  user can keep the agent from starting by binding the name first. A copy of the node in a
+  container with its own network namespace escapes both.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ import pwd
 import signal
 import socket
 import stat
+import struct
 import threading
 from dataclasses import dataclass, field
 from functools import partial
@@ -255,22 +259,65 @@ def flock_exclusive(fd: int) -> None:
 CLAIM_NAME: Final = b"\0vbox-agent/vboxguest"
 """The abstract Unix socket name a claim binds: the vboxguest driver of this guest (shown as
 ``@vbox-agent/vboxguest`` by ``ss -x``)."""
+CLAIM_BACKLOG: Final = 64
+"""Connections the claim's socket queues and never accepts: each is an agent that asked who
+holds the name. When they are this many, later agents cannot ask and are not refused by
+the name (the node's lock still is)."""
+_UCRED: Final = struct.Struct("iII")
+"""``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
 
 
 def bind_claim_name(name: bytes = CLAIM_NAME) -> Callable[[], None]:
-    """Bind the abstract ``name`` to a new socket (close-on-exec, never listening) and
-    return what releases it.
+    """Bind the abstract ``name`` to a new socket (close-on-exec, listening, never
+    accepting) and return what releases it.
+
+    A name held by a socket listening as root or as this process's user is another agent's:
+    ``EADDRINUSE``. Any process may bind an abstract name, so one held otherwise (by another
+    user, or not listening, as no agent holds it) refuses nothing: that is logged
+    (``claim_name_untrusted``) and the claim rests on the node's lock alone, so no user can
+    keep the agent from starting by binding the name first.
 
     Raises:
-        OSError: EADDRINUSE when another socket holds the name.
+        OSError: ``EADDRINUSE`` when another agent holds the name; another ``bind(2)`` or
+            ``listen(2)`` failure.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(name)
-    except OSError:
+        sock.listen(CLAIM_BACKLOG)
+    except OSError as exc:
         sock.close()
-        raise
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        holder = _name_holder_uid(name)
+        if holder in (0, os.geteuid()):
+            raise
+        _log.warning(
+            "claim_name_untrusted",
+            name="@" + escaped(name[1:].decode(errors="surrogateescape")),
+            holder_uid=holder,
+            reason="held by another user" if holder is not None else "its holder does not answer",
+            consequence="the node's lock alone keeps a second agent off",
+        )
+        return _release_nothing
     return sock.close
+
+
+def _name_holder_uid(name: bytes) -> int | None:
+    """The uid the socket holding the abstract ``name`` listened as (``SO_PEERCRED``);
+    None when it does not listen or its queue is full."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as asking:
+        asking.setblocking(False)
+        try:
+            asking.connect(name)
+        except OSError:
+            return None
+        ucred = asking.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return int(_UCRED.unpack(ucred)[1])
+
+
+def _release_nothing() -> None:
+    """What releases a claim name this process could not hold."""
 
 
 def signal_thread(thread_id: int) -> None:

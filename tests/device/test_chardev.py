@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import termios
 import threading
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 BOUND = 5.0
 """Seconds any test may take."""
+NOBODY = 65534
+"""The uid of ``nobody``: the other user a test runs a holder of the claim name as."""
 PROMPT = 1.0
 """Seconds within which a cancellation or close must take effect."""
 POLL_S = 0.001
@@ -1579,6 +1582,37 @@ def _claiming(path: Path, name: bytes) -> CharDevTransport:
     )
 
 
+@contextlib.contextmanager
+def _listening_as(uid: int, name: bytes) -> Iterator[None]:
+    """A child process of ``uid`` (and that gid) listening on the abstract ``name`` while the
+    block runs (forked: the interpreter may live where ``uid`` cannot read it)."""
+    ready_read, ready_write = os.pipe()
+    stop_read, stop_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(ready_read)
+            os.close(stop_write)
+            os.setgid(uid)
+            os.setuid(uid)
+            holder = socket.socket(socket.AF_UNIX)
+            holder.bind(name)
+            holder.listen()
+            os.write(ready_write, b"r")
+            os.read(stop_read, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_write)
+    os.close(stop_read)
+    try:
+        with os.fdopen(ready_read, "rb") as ready:
+            assert ready.read(1) == b"r", "the holder did not start"
+        yield
+    finally:
+        os.close(stop_write)
+        os.waitpid(pid, 0)
+
+
 class TestClaim:
     """``claim``: the default lock, a real exclusive ``flock(2)``, on a file standing for the
     node (every open of a node shares its inode, as every open of a file does), and the real
@@ -1625,9 +1659,10 @@ class TestClaim:
                 await first.aclose()
                 await second.aclose()
 
-    async def test_the_name_held_by_another_socket_refuses_the_claim(self, tmp_path: Path) -> None:
-        """Whoever binds the name holds the driver: the claim fails, though the node's lock
-        was free; that lock goes with the session, and the name with its socket."""
+    async def test_the_name_held_by_another_agent_refuses_the_claim(self, tmp_path: Path) -> None:
+        """A socket listening on the name as this user (or root) is another agent's: the
+        claim fails, though the node's lock was free; that lock goes with the session, and
+        the name with its socket."""
         node = tmp_path / "vboxguest"
         node.touch()
         name = _claim_name(tmp_path)
@@ -1636,6 +1671,7 @@ class TestClaim:
             try:
                 with socket.socket(socket.AF_UNIX) as holder:
                     holder.bind(name)
+                    holder.listen()
                     assert not refused.claim()
                 await refused.aclose()
                 assert later.claim()
@@ -1643,13 +1679,53 @@ class TestClaim:
                 await refused.aclose()
                 await later.aclose()
 
-    def test_the_bound_name_accepts_no_connection(self, tmp_path: Path) -> None:
-        """The claim's socket is bound and never listens: nothing can connect to it."""
+    async def test_a_name_held_without_listening_refuses_nothing(self, tmp_path: Path) -> None:
+        """No agent holds the name without listening, and any process may bind it: the
+        claim holds by the node's lock alone, and says so."""
+        node = tmp_path / "vboxguest"
+        node.touch()
+        name = _claim_name(tmp_path)
+        claiming, second = _claiming(node, name), _claiming(node, name)
+        with trio.fail_after(BOUND), socket.socket(socket.AF_UNIX) as squatter:
+            squatter.bind(name)
+            try:
+                with capture_logs() as logs:
+                    assert claiming.claim()
+                assert not second.claim()  # the node's lock
+            finally:
+                await claiming.aclose()
+                await second.aclose()
+        assert [(log["event"], log["holder_uid"], log["reason"]) for log in logs] == [
+            ("claim_name_untrusted", None, "its holder does not answer")
+        ]
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="a holder of another uid needs root to start")
+    async def test_a_name_held_by_another_user_refuses_nothing(self, tmp_path: Path) -> None:
+        """Another user listening on the name (any local user could, to keep the agent from
+        starting) is no agent: the claim holds by the node's lock, naming the holder's uid."""
+        node = tmp_path / "vboxguest"
+        node.touch()
+        name = _claim_name(tmp_path)
+        claiming = _claiming(node, name)
+        try:
+            with _listening_as(NOBODY, name), capture_logs() as logs:
+                assert claiming.claim()
+        finally:
+            await claiming.aclose()
+        assert [(log["event"], log["holder_uid"], log["reason"]) for log in logs] == [
+            ("claim_name_untrusted", NOBODY, "held by another user")
+        ]
+
+    def test_the_claims_socket_names_its_user(self, tmp_path: Path) -> None:
+        """The claim's socket listens and never accepts: an agent that asks who holds the
+        name is queued and reads the holder's uid (``SO_PEERCRED``)."""
         name = _claim_name(tmp_path)
         release = chardev.bind_claim_name(name)
         try:
-            with socket.socket(socket.AF_UNIX) as client, pytest.raises(ConnectionRefusedError):
-                client.connect(name)
+            with socket.socket(socket.AF_UNIX) as asking:
+                asking.connect(name)
+                ucred = asking.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            assert int.from_bytes(ucred[4:8], sys.byteorder) == os.geteuid()
         finally:
             release()
 
