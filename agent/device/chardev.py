@@ -260,9 +260,11 @@ CLAIM_NAME: Final = b"\0vbox-agent/vboxguest"
 """The abstract Unix socket name a claim binds: the vboxguest driver of this guest (shown as
 ``@vbox-agent/vboxguest`` by ``ss -x``)."""
 CLAIM_BACKLOG: Final = 64
-"""Connections the claim's socket queues and never accepts: each is an agent that asked who
-holds the name. When they are this many, later agents cannot ask and are not refused by
-the name (the node's lock still is)."""
+"""Connections the claim's socket queues and never accepts: each is a process that asked
+who holds the name (a refused agent, or any local process: connecting needs no right), and
+each stays queued until the claim ends. Once they are this many, a later agent cannot ask,
+and the name no longer refuses it: it rests on the node's lock, which covers only its own
+node (accepting and closing them would need a task serving the socket)."""
 _UCRED: Final = struct.Struct("iII")
 """``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
 
