@@ -116,7 +116,6 @@ import pwd
 import signal
 import socket
 import stat
-import struct
 import threading
 from dataclasses import dataclass, field
 from functools import partial
@@ -126,7 +125,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import NOT_THE_DEVICE_ERRNOS, shown_path
+from agent.device.spec import NOT_THE_DEVICE_ERRNOS, peer_uid, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import (
     AgentError,
@@ -265,8 +264,6 @@ who holds the name (a refused agent, or any local process: connecting needs no r
 each stays queued until the claim ends. Once they are this many, a later agent cannot ask,
 and the name no longer refuses it: it rests on the node's lock, which covers only its own
 node (accepting and closing them would need a task serving the socket)."""
-_UCRED: Final = struct.Struct("iII")
-"""``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
 
 
 def bind_claim_name(name: bytes = CLAIM_NAME) -> Callable[[], None]:
@@ -314,8 +311,7 @@ def _name_holder_uid(name: bytes) -> int | None:
             asking.connect(name)
         except OSError:
             return None
-        ucred = asking.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return int(_UCRED.unpack(ucred)[1])
+        return peer_uid(asking)
 
 
 def _release_nothing() -> None:

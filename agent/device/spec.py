@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import struct
 import unicodedata
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.protocol.errors import escaped
 
@@ -121,3 +123,22 @@ def shown_path(path: str | os.PathLike[str]) -> str:
 def _control_character(text: str) -> str | None:
     """The first control character (C0, DEL, C1) in ``text``, escaped; None without one."""
     return next((escaped(char) for char in text if unicodedata.category(char) == "Cc"), None)
+
+
+_UCRED: Final = struct.Struct("iII")
+"""``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
+
+
+class SocketOptions(Protocol):
+    """A socket's ``getsockopt`` (the standard library's, or trio's)."""
+
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes:
+        """The option's raw value."""
+        ...
+
+
+def peer_uid(sock: SocketOptions) -> int:
+    """The uid of the process at the other end of the connected Unix socket ``sock``
+    (``SO_PEERCRED``: for a listener, its credentials when it called ``listen(2)``)."""
+    ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return int(_UCRED.unpack(ucred)[1])

@@ -62,7 +62,7 @@ import structlog
 import trio
 
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import NOT_THE_DEVICE_ERRNOS, check_socket_path, shown_path
+from agent.device.spec import NOT_THE_DEVICE_ERRNOS, check_socket_path, peer_uid, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import LocalProtocolError
 from agent.protocol.constants import PAGE_SIZE
@@ -113,8 +113,6 @@ _PEER_CLOSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 """Errnos of a send or receive on a connection whose other end was closed."""
 _SEQ_MASK: Final = 0xFFFFFFFF
 _ADDRESS: Final = struct.Struct("<Q")
-_UCRED: Final = struct.Struct("iII")
-"""``struct ucred`` (``SO_PEERCRED``): ``pid_t pid``, ``uid_t uid``, ``gid_t gid``."""
 
 
 class _Pending:
@@ -573,7 +571,7 @@ class UnixSocketOpener:
                     raise NotTheDeviceError(_no_socket_there(self._path, exc)) from exc
                 raise self._unavailable(exc, "") from exc
             if _is_connected(stream):
-                uid = peer_uid(stream)
+                uid = peer_uid(stream.socket)
                 if (refusal := untrusted_host(self._shown, uid, os.geteuid())) is not None:
                     await trio.aclose_forcefully(stream)
                     raise DeviceUnavailableError(refusal)
@@ -619,14 +617,6 @@ def _is_connected(stream: trio.SocketStream) -> bool:
     except OSError:
         return False
     return True
-
-
-def peer_uid(stream: trio.SocketStream) -> int:
-    """The uid of the process listening at the other end of ``stream`` (``SO_PEERCRED``: its
-    credentials when it called ``listen(2)``)."""
-    ucred = stream.socket.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_PEERCRED, _UCRED.size)
-    _, uid, _ = _UCRED.unpack(ucred)
-    return int(uid)
 
 
 def untrusted_host(path: str, host_uid: int, own_uid: int) -> str | None:

@@ -33,7 +33,7 @@ import trio.testing
 
 from agent.device import unix
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import cannot_be_the_device, opener_for_spec
+from agent.device.spec import SocketOptions, cannot_be_the_device, opener_for_spec, peer_uid
 from agent.device.unix import (
     HELLO_WAIT_S,
     HOST_BUSY_WAIT_S,
@@ -731,10 +731,9 @@ class TestLifecycle:
         first was the host of a root agent, feeding it events and balloon requests."""
         path = os.path.join(socket_dir, "theirs.sock")
         read: list[int] = []
-        read_peer_uid = unix.peer_uid
 
-        def another_user(stream: trio.SocketStream) -> int:
-            read.append(read_peer_uid(stream))
+        def another_user(sock: SocketOptions) -> int:
+            read.append(peer_uid(sock))
             return os.geteuid() + 1
 
         monkeypatch.setattr(unix, "peer_uid", another_user)
