@@ -25,8 +25,11 @@ during a pass makes the pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
 :mod:`agent.services._host_options`): its ``--timesync-*`` options and the global
-``--interval`` (seconds; the interval where no ``--timesync-interval`` is set), read at start
-and after every restore, over the config's values.
+``--interval`` (seconds; the interval where no ``--timesync-interval`` is set), over the
+config's values. They are read at start, before the first pass, and again after every
+restore's pass, which steps with the options in force: the property service may be slow to
+answer (an HGCM connect the host holds), and a clock hours behind does not wait for it
+(VBoxService reads them once, at start).
 
 Correcting needs ``CAP_SYS_TIME``; without it the service says so once and goes on
 measuring. A host without the clock request (``VERR_NOT_SUPPORTED``) or with a broken answer
@@ -202,6 +205,8 @@ class TimesyncService:
         self._pause = IntervalPause(section.interval_s)
         self._set_pending = False
         self._restore_pending = False
+        self._options_due = False
+        """Whether a restore's pass left the host's options to read."""
         self._host_problem: str | None = None
         self._clock_problem: str | None = None
         self._left_to_ntp = False
@@ -267,14 +272,22 @@ class TimesyncService:
             self._set_pending = self._section.set_on_start
             while True:
                 await self._pass(events)
-                if await self._pause.wait(events):
-                    self._restore_pending = True
+                if self._options_due:
                     await self._read_host_options()
+                if await self._pause.wait(events):
+                    self._restore_came()
+
+    def _restore_came(self) -> None:
+        """The next pass steps as after a restore, with the options in force; the host's
+        options are read after it (the property service may be slow to answer an HGCM
+        connect, and a clock hours behind should not wait for it)."""
+        self._restore_pending = self._options_due = True
 
     # --- settings ----------------------------------------------------------------------------
 
     async def _read_host_options(self) -> None:
-        """Read VBoxService's options from the host (at start and after a restore)."""
+        """Read VBoxService's options from the host (at start and after a restore's pass)."""
+        self._options_due = False
         if await self._host_settings.read(self._device, self._configured):
             self._apply_settings()
 
@@ -289,8 +302,7 @@ class TimesyncService:
         status = self.status()
         reading = await self._read()
         if reading is not None and self._restored_meanwhile(events):
-            await self._read_host_options()  # a restore during the pass: read it all again
-            reading = await self._read()
+            reading = await self._read()  # a restore during the pass: read again, as one
         if reading is not None:
             self._correct(reading)
         if self.status() != status:
@@ -301,7 +313,7 @@ class TimesyncService:
             events.receive_nowait()
         except trio.WouldBlock:
             return False
-        self._restore_pending = True
+        self._restore_came()
         return True
 
     async def _read(self) -> Reading | None:

@@ -315,6 +315,31 @@ async def test_a_restore_steps_at_once(
     assert [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"] == ["restored"]
 
 
+async def test_a_restores_step_does_not_wait_for_the_hosts_options(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A property service that holds HGCM connects 20 s: the restore's pass steps at once
+    with the options in force, and the host's options are read after it (their 5 s interval
+    then paces the passes)."""
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            host.set_delay(RequestType.HGCM_CONNECT, 20.0)
+            host.prop_set(f"{TIMESYNC_OPTION}interval", "5000")
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            restored_at = trio.current_time()
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert trio.current_time() == restored_at
+            assert (statistics.steps, statistics.slews) == (1, 0)
+            await trio.sleep(20 + 5 - 0.1)  # the options' read, then their interval
+            assert running.service.statistics().passes == 2
+            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.service.statistics().passes == 3
+    assert _within(clock.steps[0], 3600 * 1000)
+
+
 async def test_a_restore_with_set_on_restore_off_slews(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
@@ -622,12 +647,13 @@ async def test_a_broken_host_clock_is_reported_and_ignored(
     assert _events(logs, "host_time_invalid") == ["host_time_invalid"]
 
 
-async def test_the_hosts_options_apply_at_start_and_after_a_restore(
+async def test_the_hosts_options_apply_at_start_and_after_a_restores_pass(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    """The host's set-threshold makes a 2 s drift a step; removed while the VM was saved,
-    the config's 20 minutes apply again after the restore. A refused option is logged at
-    each reading of the options (start, restore)."""
+    """The host's set-threshold makes a 2 s drift a step; removed while the VM was saved, it
+    still applies to the restore's pass (made with the options in force), and the config's
+    20 minutes from the next pass on. A refused option is logged at each reading of the
+    options (start, restore)."""
     host.prop_set(f"{TIMESYNC_OPTION}set-threshold", "1000")
     host.prop_set(f"{TIMESYNC_OPTION}max-latency", "many")
     host.vmmdev.time_offset_ms = 2000
@@ -639,7 +665,10 @@ async def test_the_hosts_options_apply_at_start_and_after_a_restore(
             host.vmmdev.time_offset_ms = 4000
             host.restore()
             statistics = await running.wait_for(lambda s: s.passes == 2)
-            assert (statistics.steps, statistics.slews) == (1, 1)
+            assert (statistics.steps, statistics.slews) == (2, 0)
+            host.vmmdev.time_offset_ms = 6000
+            statistics = await running.wait_for(lambda s: s.passes == 3)
+            assert (statistics.steps, statistics.slews) == (2, 1)
     applied = [entry for entry in logs if entry["event"] == "host_options_applied"]
     assert [{k: v for k, v in entry.items() if k.endswith("_s")} for entry in applied] == [
         {"set_threshold_s": 1.0},
