@@ -11,7 +11,11 @@ ms) between two readings of the guest's, and works out the drift:
   backwards; every pass hands the kernel the drift then left) or, over ``set_threshold_s``
   or when the kernel refuses the slew, stepped (``clock_settime``);
 - after a restore (the RESTORED event, at once, where VBoxService waits for its next pass)
-  the threshold is 0: a saved VM comes back hours behind, and is stepped;
+  the threshold is 0: a saved VM comes back hours behind, and is stepped. VBoxService tells
+  a restore by the VM session id (a new one at every restore); a run that (re)starts reads
+  it too, so a restore while no run listened for the event (a restart's back-off, a reload
+  that rebuilt the service) is stepped all the same (``ServiceContext.sessions`` keeps the
+  id each service last acted on);
 - ``set_on_start`` steps at the first reading, whatever the drift.
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
@@ -49,8 +53,10 @@ import trio
 from pydantic import Field
 
 from agent.protocol import (
+    HOST_ERRORS,
     Event,
     GetHostTime,
+    GetSessionId,
     RemoteProtocolError,
     VBoxStatusError,
 )
@@ -64,6 +70,7 @@ from agent.services._host_options import (
     HostSettings,
     HostTunedSection,
 )
+from agent.services._lasting import LastingFailure
 from agent.services._publishing import IntervalPause
 from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
 
@@ -198,6 +205,10 @@ class TimesyncService:
         self._device: Device = context.device
         self._pump: EventPump = context.pump
         self._status_changed = context.status_changed
+        self._sessions = context.sessions
+        self._session_id: int | None = None
+        """The VM session id last read; noted in ``sessions`` by the pass that follows."""
+        self._session_reads = LastingFailure("vm_session_read_again")
         self._configured = section
         self._section = section
         self._host_settings: HostSettings[TimesyncSection] = HostSettings(TIMESYNC_OPTIONS)
@@ -207,6 +218,7 @@ class TimesyncService:
         self._restore_pending = False
         self._options_due = False
         """Whether a restore's pass left the host's options to read."""
+        self._options_read = False
         self._host_problem: str | None = None
         self._clock_problem: str | None = None
         self._left_to_ntp = False
@@ -228,7 +240,7 @@ class TimesyncService:
             self._slews,
             self._steps,
             self._left,
-            self._failures,
+            self._failures + self._session_reads.total,
             self._last_drift_ms,
         )
 
@@ -265,29 +277,62 @@ class TimesyncService:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Read and correct, then again every ``interval_s`` and at once after a restore."""
+        """Read and correct, then again every ``interval_s`` and at once after a restore.
+
+        A (re)started run first reads the VM session id: another than the one the service
+        last acted on means a restore came while no run of it was subscribed to RESTORED (a
+        supervisor's restart back-off, a reload that rebuilt or re-enabled it), and the
+        first pass is a restore's, before the options are read again if a run read them.
+        """
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             task_status.started()
-            await self._read_host_options()
+            await self._read_session()
+            if self._restore_pending and self._options_read:
+                self._options_due = True
+            else:
+                await self._read_host_options()
             self._set_pending = self._section.set_on_start
             while True:
                 await self._pass(events)
                 if self._options_due:
                     await self._read_host_options()
                 if await self._pause.wait(events):
-                    self._restore_came()
+                    await self._restore_came()
 
-    def _restore_came(self) -> None:
+    async def _restore_came(self) -> None:
         """The next pass steps as after a restore, with the options in force; the host's
         options are read after it (the property service may be slow to answer an HGCM
-        connect, and a clock hours behind should not wait for it)."""
+        connect, and a clock hours behind should not wait for it). The new session id is
+        read first: a VMMDev request, which no HGCM service holds up."""
         self._restore_pending = self._options_due = True
+        await self._read_session()
+
+    async def _read_session(self) -> None:
+        """Read the VM session id; another than the one the service last acted on means a
+        restore came since, its event heard or not. A failed read keeps the id last read,
+        as VBoxService ignores one."""
+        try:
+            session_id = (await self._device.request(GetSessionId())).value
+        except HOST_ERRORS as exc:
+            self._session_reads.host_failed("vm_session_unreadable", exc)
+            return
+        self._session_reads.succeeded()
+        last = self._sessions.last(self.name)
+        if last is not None and last != session_id and not self._restore_pending:
+            log.info(
+                "restored_while_not_listening",
+                old_session_id=f"{last:#x}",
+                session_id=f"{session_id:#x}",
+            )
+            self._restore_pending = True
+        self._session_id = session_id
 
     # --- settings ----------------------------------------------------------------------------
 
     async def _read_host_options(self) -> None:
         """Read VBoxService's options from the host (at start and after a restore's pass)."""
         self._options_due = False
+        self._options_read = True
         if await self._host_settings.read(self._device, self._configured):
             self._apply_settings()
 
@@ -301,20 +346,13 @@ class TimesyncService:
     async def _pass(self, events: Subscription) -> None:
         status = self.status()
         reading = await self._read()
-        if reading is not None and self._restored_meanwhile(events):
+        if reading is not None and _event_waiting(events):
+            await self._restore_came()
             reading = await self._read()  # a restore during the pass: read again, as one
         if reading is not None:
             self._correct(reading)
         if self.status() != status:
             self._status_changed()
-
-    def _restored_meanwhile(self, events: Subscription) -> bool:
-        try:
-            events.receive_nowait()
-        except trio.WouldBlock:
-            return False
-        self._restore_came()
-        return True
 
     async def _read(self) -> Reading | None:
         """A reading taken fast enough, or None (discarded, or the host failed)."""
@@ -360,6 +398,8 @@ class TimesyncService:
             reading, section, set_now=self._set_pending, restored=self._restore_pending
         )
         self._set_pending = self._restore_pending = False
+        if self._session_id is not None:
+            self._sessions.note(self.name, self._session_id)
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms
@@ -473,6 +513,15 @@ class TimesyncService:
         if self._clock_problem is not None:
             log.info("clock_corrected_again")
         self._clock_problem = None
+
+
+def _event_waiting(events: Subscription) -> bool:
+    """Take an event already delivered, if any (a restore during a pass)."""
+    try:
+        events.receive_nowait()
+    except trio.WouldBlock:
+        return False
+    return True
 
 
 def timesync_service(

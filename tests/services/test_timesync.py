@@ -30,8 +30,8 @@ from pydantic import ValidationError
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import RequestType
-from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND
+from agent.protocol import Event, RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_HGCM_SERVICE_NOT_FOUND
 from agent.services import EventPump, ServiceContext
 from agent.services._host_options import OPTION_PREFIX as VBOXSERVICE_OPTION
 from agent.services._wallclock import AgentOwnClock, SystemClock
@@ -313,6 +313,89 @@ async def test_a_restore_steps_at_once(
     assert len(clock.steps) == 1
     assert _within(clock.steps[0], 3 * 3600 * 1000)
     assert [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"] == ["restored"]
+
+
+@asynccontextmanager
+async def _another_service_listening(host: SimulatedHost) -> AsyncIterator[ServiceContext]:
+    """The device and the event pump, with another service subscribed to RESTORED (as the
+    session monitor is in the daemon), so the pump takes a restore while timesync is down."""
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        await nursery.start(pump.run)
+        with pump.subscribe("session_monitor", Event.RESTORED):
+            yield ServiceContext(device, pump)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
+@pytest.mark.parametrize("restored", [True, False], ids=["restored", "not-restored"])
+async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
+    autojump_clock: trio.abc.Clock,
+    host: SimulatedHost,
+    clock: FakeClock,
+    rebuilt: bool,
+    restored: bool,
+) -> None:
+    """The run ends (a failure the supervisor restarts after a back-off, or a reload that
+    rebuilds the service on the daemon's context) and the VM is saved ten minutes and
+    restored meanwhile: the next run reads a session id other than the one the service last
+    acted on and steps at once, as VBoxService compares the id; without a restore the same
+    drift is slewed."""
+    section = TimesyncSection(interval_s=3600)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.vmmdev.time_offset_ms = 10 * 60 * 1000
+            if restored:
+                host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            if rebuilt:
+                service = TimesyncService(context, section, clock)
+            runs_again_at = trio.current_time()
+            await nursery.start(service.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == runs_again_at
+            statistics = service.statistics()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    noticed = _events(logs, "restored_while_not_listening")
+    if restored:
+        assert (stepped, noticed) == (["restored"], ["restored_while_not_listening"])
+        assert _within(clock.steps[0], 10 * 60 * 1000)
+    else:
+        assert (stepped, noticed, statistics.slews) == ([], [], 1)
+
+
+async def test_a_session_id_the_host_refuses_leaves_the_run_going(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A refused session read at start is counted and logged, and the service reads the
+    host's clock all the same; a restore's read that goes through ends it (one line)."""
+    host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 1)
+            assert statistics.failures == 1
+            assert running.service.status() == "timesync ok"
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert (statistics.steps, statistics.failures) == (1, 1)
+    assert _events(logs, "vm_session_unreadable", "vm_session_read_again") == [
+        "vm_session_unreadable",
+        "vm_session_read_again",
+    ]
 
 
 async def test_a_restores_step_does_not_wait_for_the_hosts_options(
