@@ -20,12 +20,18 @@ ms) between two readings of the guest's, and works out the drift:
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
 the kernel says a daemon keeps the clock synchronised (``defer_to_ntp``), slewing is left to
-it and the agent only steps (over the threshold, after a restore); a slew of the agent's
-the kernel may still be making up when the daemon takes over is cancelled (``adjtime`` 0),
-as it would go on moving the clock under the daemon for up to hours. A step makes the kernel
-say "unsynchronised" until the daemon's next update, so after one the daemon is given up to
-``DAEMON_RESYNC_GRACE_S`` to come back before it is taken for gone. A restore that arrives
-during a pass makes the pass read again, as a restore.
+it and the agent only steps (after a restore, at ``set_on_start``'s first reading, and once
+over the threshold); a slew of the agent's the kernel may still be making up when the
+daemon takes over is cancelled (``adjtime`` 0), as it would go on moving the clock under the
+daemon for up to hours. A step makes the kernel say "unsynchronised" until the daemon's next
+update, so after one the daemon is given up to ``DAEMON_RESYNC_GRACE_S`` to come back before
+it is taken for gone. A drift back over the threshold once the daemon updated after the
+agent's step over it means the host's clock and the daemon's time source disagree (a host
+whose own clock is off NTP time, say): the agent would step at every pass after each of the
+daemon's corrections, so it says so once (``host_clock_disagrees_with_time_daemon``, with
+the drift) and leaves the clock to the daemon until a reading within the threshold after
+the daemon's update shows them agreeing (one line), or the daemon is gone. A restore that
+arrives during a pass makes the pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
 :mod:`agent.services._host_options`): its ``--timesync-*`` options and the global
@@ -92,6 +98,8 @@ MIN_INTERVAL_S: Final = MIN_INTERVAL_MS / 1000
 MAX_INTERVAL_S: Final = MAX_INTERVAL_MS / 1000
 """VBoxService's bounds on ``--timesync-interval``: 0.05 s to 4294967.294 s (49.7 days)."""
 _NS_PER_MS: Final = 1_000_000
+OVER_THRESHOLD: Final = "over set_threshold_s"
+"""The reason of a step for a drift over ``set_threshold_s``."""
 NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
 MAX_HOST_TIME_MS: Final = 7_258_118_400_000
 """2200-01-01: later than any real host, earlier than the kernel's limit for the clock
@@ -122,7 +130,9 @@ class TimesyncSection(HostTunedSection):
     set_on_restore: bool = True
     """After a restore, step any drift over the minimum at once."""
     defer_to_ntp: bool = True
-    """Leave small drifts to a time daemon that keeps the clock synchronised."""
+    """Leave small drifts to a time daemon that keeps the clock synchronised, and a drift
+    over ``set_threshold_s`` that comes back after the agent's step and the daemon's update
+    (the host's clock disagreeing with the daemon's time source)."""
     host_options: bool = True
     """Apply VBoxService's ``--timesync-*`` and ``--interval`` options the host sets as
     guest properties, over this section's values; false: this section wins."""
@@ -168,7 +178,7 @@ def plan_correction(
     if restored and section.set_on_restore:
         return Plan(Correction.STEP, "restored")
     if drift > section.set_threshold_s * 1e9:
-        return Plan(Correction.STEP, "over set_threshold_s")
+        return Plan(Correction.STEP, OVER_THRESHOLD)
     return Plan(Correction.SLEW, "over the minimum")
 
 
@@ -225,6 +235,10 @@ class TimesyncService:
         self._slewing = False
         self._discarding = False
         self._daemon_resync_by: float | None = None
+        self._threshold_stepped = False
+        """The agent stepped over the threshold while a time daemon kept the clock, and the
+        two have not agreed since: the next such drift is the daemon's to keep."""
+        self._disagreeing = False
         self._slew_done_by: float | None = None
         """When the kernel will have made up the agent's last slew (trio's clock), if a
         step has not dropped it since."""
@@ -249,6 +263,8 @@ class TimesyncService:
         problem = self._host_problem or self._clock_problem
         if problem is not None:
             return f"timesync: {problem}"
+        if self._disagreeing:
+            return "timesync: a time daemon keeps the clock; the host's disagrees"
         if self._left_to_ntp:
             return "timesync: a time daemon keeps the clock"
         return "timesync ok" if self._passes else "timesync starting"
@@ -267,6 +283,7 @@ class TimesyncService:
         if self._left_to_ntp and not self._section.defer_to_ntp:
             log.info("clock_taken_from_time_daemon", reason="defer_to_ntp off")
             self._left_to_ntp = False
+            self._forget_disagreement()
             self._status_changed()
         return True
 
@@ -404,7 +421,9 @@ class TimesyncService:
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms
         self._note_time_daemon(self._time_daemon_keeps_clock(), drift_ms)
-        if plan.correction is Correction.SLEW and self._left_to_ntp:
+        if self._left_to_ntp and self._disagrees(plan, reading):
+            self._left += 1
+        elif plan.correction is Correction.SLEW and self._left_to_ntp:
             self._left += 1
             self._slewing = False  # the time daemon's now (logged as such)
         elif plan.correction is Correction.NONE:
@@ -425,6 +444,33 @@ class TimesyncService:
             return True
         resync_by = self._daemon_resync_by
         return resync_by is not None and trio.current_time() < resync_by
+
+    def _disagrees(self, plan: Plan, reading: Reading) -> bool:
+        """Whether to leave a step over the threshold to the time daemon: the agent made one
+        since the two last agreed. Logged once the daemon updated after that step; a reading
+        within the threshold after such an update is their agreement."""
+        resynced = self._daemon_resync_by is None
+        drift_ms = reading.drift_ns / _NS_PER_MS
+        if plan.reason != OVER_THRESHOLD:
+            within = abs(reading.drift_ns) <= self._section.set_threshold_s * 1e9
+            if resynced and (within or plan.correction is Correction.NONE):
+                if self._disagreeing:
+                    log.info("host_clock_agrees_with_time_daemon", drift_ms=drift_ms)
+                self._forget_disagreement()
+            return False
+        if not self._threshold_stepped:
+            return False
+        if resynced and not self._disagreeing:
+            log.warning(
+                "host_clock_disagrees_with_time_daemon",
+                drift_ms=drift_ms,
+                set_threshold_s=self._section.set_threshold_s,
+            )
+            self._disagreeing = True
+        return True
+
+    def _forget_disagreement(self) -> None:
+        self._threshold_stepped = self._disagreeing = False
 
     def _apply(self, plan: Plan, drift_ns: int) -> None:
         """Slew or step; a slew the kernel refuses (too large) becomes a step."""
@@ -462,6 +508,7 @@ class TimesyncService:
         self._clock_fixed()
         if self._left_to_ntp:  # the kernel now says "unsynchronised" until the daemon's poll
             self._daemon_resync_by = trio.current_time() + DAEMON_RESYNC_GRACE_S
+            self._threshold_stepped |= plan.reason == OVER_THRESHOLD
         log.info("clock_stepped", drift_ms=drift_ms, reason=plan.reason)
 
     # --- states, logged when they begin and end ----------------------------------------------
@@ -471,6 +518,7 @@ class TimesyncService:
             self._hand_over(drift_ms)
         elif self._left_to_ntp and not synchronised:
             log.info("time_daemon_gone", drift_ms=drift_ms)
+            self._forget_disagreement()
         self._left_to_ntp = synchronised
 
     def _hand_over(self, drift_ms: float) -> None:

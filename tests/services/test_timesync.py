@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import pytest
 import structlog.testing
@@ -59,6 +59,7 @@ MS: Final = 1_000_000
 INTERVAL_S: Final = 10.0
 SLEW_NS_PER_S: Final = 500_000
 """How fast the kernel slews: 0.5 ms a second."""
+MINUTE_MS: Final = 60 * 1000
 
 
 class FakeClock:
@@ -527,6 +528,107 @@ async def test_after_its_own_step_it_waits_for_the_time_daemon_to_update(
             assert running.service.status() == "timesync ok"
     assert _events(logs, "clock_left_to_time_daemon", "time_daemon_gone") == [
         "clock_left_to_time_daemon",
+        "time_daemon_gone",
+    ]
+
+
+async def _time_daemon(clock: FakeClock, poll_s: float = 64.0) -> NoReturn:
+    """A daemon on NTP time (this machine's), as systemd-timesyncd keeps it: at each poll it
+    steps the clock back to it, and the kernel says "synchronised" again."""
+    while True:
+        await trio.sleep(poll_s)
+        clock.offset_ns = 0
+        clock.synchronised = True
+
+
+async def test_a_host_clock_off_the_time_daemons_is_stepped_once_then_left_to_it(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The host's clock is 30 minutes off the NTP time a daemon keeps: the agent steps once,
+    finds the drift back over the threshold after the daemon's next update, says so once
+    (with the drift) and leaves the clock to the daemon through its next ten polls, where it
+    stepped 30 minutes at every pass after each of them."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(640)
+            statistics = running.service.statistics()
+            status = running.service.status()
+            nursery.cancel_scope.cancel()
+    assert len(clock.steps) == 1
+    assert _within(clock.steps[0], 30 * MINUTE_MS)
+    assert statistics.left_to_ntp >= 55  # every pass from the daemon's first update on
+    assert status == "timesync: a time daemon keeps the clock; the host's disagrees"
+    [disagrees] = [e for e in logs if e["event"] == "host_clock_disagrees_with_time_daemon"]
+    assert disagrees["log_level"] == "warning"
+    assert _within(round(disagrees["drift_ms"] * MS), 30 * MINUTE_MS)
+    assert disagrees["set_threshold_s"] == 1200
+
+
+async def test_restores_are_stepped_while_the_host_disagrees_with_the_time_daemon(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """While the host's clock disagrees with the daemon's, a restore is still stepped (the
+    daemon corrects it at its next poll); the host back on NTP time, a reading within the
+    threshold after the daemon's update is their agreement (one line), and the next
+    disagreement gets its one step again."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    disagreeing = "timesync: a time daemon keeps the clock; the host's disagrees"
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            host.restore()
+            await running.wait_for(lambda s: s.steps == 2)
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            host.vmmdev.time_offset_ms = 0  # the host's clock on NTP time again
+            await trio.sleep(100)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+            host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert stepped == ["over set_threshold_s", "restored", "over set_threshold_s"]
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == [
+        "host_clock_disagrees_with_time_daemon",
+        "host_clock_agrees_with_time_daemon",
+        "host_clock_disagrees_with_time_daemon",
+    ]
+
+
+async def test_the_time_daemons_end_ends_the_disagreement(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The daemon the host's clock disagreed with stops and the kernel says unsynchronised:
+    the agent keeps the clock again and steps it to the host's."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_time_daemon, clock)
+                await trio.sleep(100)
+                nursery.cancel_scope.cancel()
+            assert running.service.statistics().steps == 1
+            clock.synchronised = False
+            await running.wait_for(lambda s: s.steps == 2)
+            assert running.service.status() == "timesync ok"
+    assert _events(logs, "host_clock_disagrees_with_time_daemon", "time_daemon_gone") == [
+        "host_clock_disagrees_with_time_daemon",
         "time_daemon_gone",
     ]
 
