@@ -43,7 +43,8 @@ answer (an HGCM connect the host holds), and a clock hours behind does not wait 
 
 Correcting needs ``CAP_SYS_TIME``; without it the service says so once and goes on
 measuring. A host without the clock request (``VERR_NOT_SUPPORTED``) or with a broken answer
-is reported the same way and asked again every interval. Each state (slewing, left to a time
+(a time before 1980 or after 2200 included: ``MIN_HOST_TIME_MS``, ``MAX_HOST_TIME_MS``) is
+reported the same way and asked again every interval. Each state (slewing, left to a time
 daemon, a problem) is logged when it begins and ends, not at every pass. Nothing is held, so
 a stop gives nothing back. Config section: ``[timesync]``.
 """
@@ -104,6 +105,15 @@ NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
 MAX_HOST_TIME_MS: Final = 7_258_118_400_000
 """2200-01-01: later than any real host, earlier than the kernel's limit for the clock
 (about 2232 on 64-bit Linux); a later answer is a bad reply."""
+MIN_HOST_TIME_MS: Final = 315_532_800_000
+"""1980-01-01, where DOS and FAT time begins: earlier than any date a PC guest is set to,
+and above the answers of a broken host (0, a count of seconds read as ms, ten years of
+uptime in ms); an earlier answer is a bad reply. A VM its host dates back
+(``--biossystemtimeoffset``, which moves the UTC the host answers with) stays well above it.
+It is a fixed floor, not the guest's boot time (``CLOCK_REALTIME`` - ``CLOCK_BOOTTIME``):
+that moves with the very clock being corrected, so a guest set years ahead would take the
+host's right time for one before its boot and keep its wrong one. (Linux itself refuses a
+wall time below ``CLOCK_MONOTONIC``'s reading, ``EINVAL``.)"""
 DAEMON_RESYNC_GRACE_S: Final = 2048.0
 """After the agent steps the clock, the kernel says "unsynchronised" until the time daemon
 updates it again, at the daemon's next poll: at most 2048 s (systemd-timesyncd's longest;
@@ -387,7 +397,7 @@ class TimesyncService:
                 return None
             guest_ns = clock.now_ns()
             latency_ns = clock.monotonic_ns() - started
-            if host.ms > MAX_HOST_TIME_MS:
+            if not MIN_HOST_TIME_MS <= host.ms <= MAX_HOST_TIME_MS:
                 self._host_failed("host clock out of range", "host_time_invalid", host_ms=host.ms)
                 return None
             self._host_recovered()

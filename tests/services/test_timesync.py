@@ -38,6 +38,7 @@ from agent.services._wallclock import AgentOwnClock, SystemClock
 from agent.services.timesync import (
     DAEMON_RESYNC_GRACE_S,
     MAX_HOST_TIME_MS,
+    MIN_HOST_TIME_MS,
     RETRY_AFTER_HIGH_LATENCY_S,
     Correction,
     Reading,
@@ -809,9 +810,11 @@ async def test_a_host_without_the_clock_request_is_reported_once(
     ("host_ms", "problem"),
     [
         (MAX_HOST_TIME_MS + 1, "host clock out of range"),
+        (MIN_HOST_TIME_MS - 1, "host clock out of range"),
+        (0, "host clock out of range"),
         ((1 << 64) - 1, "host clock reply broken"),
     ],
-    ids=["beyond-2262", "left-unfilled"],
+    ids=["after-2200", "before-1980", "1970", "left-unfilled"],
 )
 async def test_a_broken_host_clock_is_reported_and_ignored(
     autojump_clock: trio.abc.Clock,
@@ -820,8 +823,9 @@ async def test_a_broken_host_clock_is_reported_and_ignored(
     host_ms: int,
     problem: str,
 ) -> None:
-    """A reply the guest's clock cannot take (beyond 2262), or the preset UINT64_MAX left
-    as it was (the protocol layer refuses it), moves nothing and stops nothing."""
+    """A reply no host gives (after 2200, before 1980: 1970, where the guest's clock would be
+    stepped 56 years back), or the preset UINT64_MAX left as it was (the protocol layer
+    refuses it), moves nothing and stops nothing."""
     host.vmmdev.host_time_ms = lambda: host_ms  # type: ignore[method-assign]
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with _running(host, clock, TimesyncSection()) as running:
@@ -830,6 +834,19 @@ async def test_a_broken_host_clock_is_reported_and_ignored(
             assert running.service.status() == f"timesync: {problem}"
     assert clock.steps == clock.slews == []
     assert _events(logs, "host_time_invalid") == ["host_time_invalid"]
+
+
+async def test_a_host_dated_back_to_1980_is_followed(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A VM its host dates back (``--biossystemtimeoffset``) as far as the floor: the guest's
+    clock is stepped there, as on any host."""
+    host.vmmdev.host_time_ms = lambda: MIN_HOST_TIME_MS  # type: ignore[method-assign]
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.steps == 1)
+            assert (statistics.failures, running.service.status()) == (0, "timesync ok")
+    assert _within(clock.steps[0], MIN_HOST_TIME_MS - time.time_ns() / MS, slack_ms=1000)
 
 
 async def test_the_hosts_options_apply_at_start_and_after_a_restores_pass(
