@@ -186,8 +186,9 @@ class PublishingService:
         )
 
     def status(self) -> str:
-        """``NAME SUMMARY``, ``NAME setting up`` (before its first pass), or what went wrong (the first of: no client,
-        the guest unreadable, writes ignored, a property refused, the owned names unlisted)."""
+        """``NAME SUMMARY``, ``NAME setting up`` (before its first pass), or what went wrong
+        (the first of: no client, the guest unreadable, writes ignored, a property refused,
+        the owned names unlisted)."""
         if self._connects.cause is not None:
             return f"{self.name}: property service unavailable ({self._connects.cause})"
         if self._unreadable is not None:

@@ -102,7 +102,8 @@ class PropertiesService:
         return PropertiesStatistics(self._publications, len(self._refused), self._connects.total)
 
     def status(self) -> str:
-        """``properties ok``, ``properties setting up`` (before its first publication), or what the host refused or ignored."""
+        """``properties ok``, ``properties setting up`` (before its first publication), or what
+        the host refused or ignored."""
         if self._connects.cause is not None:
             return f"properties: property service unavailable ({self._connects.cause})"
         if self._ignoring.cause is not None:

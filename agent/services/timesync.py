@@ -228,7 +228,8 @@ class TimesyncService:
         )
 
     def status(self) -> str:
-        """``timesync ok``, ``timesync setting up`` (before its first reading), who keeps the clock, or what is wrong."""
+        """``timesync ok``, ``timesync setting up`` (before its first reading), who keeps the
+        clock, or what is wrong."""
         problem = self._host_problem or self._clock_problem
         if problem is not None:
             return f"timesync: {problem}"
