@@ -81,6 +81,7 @@ from tests.host.conftest import (
     EchoService,
     model_driver,
     open_client,
+    signal_in_the_grace_after_a_timeout,
     user_state_request,
     vmmdev_request,
 )
@@ -818,6 +819,19 @@ class TestHgcm:
             buf = ioctl_buffer(28, 24)
             L.HgcmDisconnectIoctl.client_id.set(buf, bad)
             await expect_errno(errno.EINVAL, other.raw(Ioctl.HGCM_DISCONNECT, buf))
+
+    async def test_a_signal_in_the_grace_after_a_timeout_does_not_end_it(
+        self, personality: str
+    ) -> None:
+        """After a call's timeout, a cancel the host cannot find (VERR_NOT_FOUND) is followed
+        by a grace wait for DONE that no signal ends (``vbg_hgcm_do_call``:
+        ``wait_event_timeout``, 500 ms): a call the host completes in it returns its reply,
+        a signal meanwhile notwithstanding. The real driver (``kernel``) is the reference."""
+        echo = EchoService(max_calls=16)
+        host = SimulatedHost(personality=personality, services=[echo])
+        reply = await signal_in_the_grace_after_a_timeout(host, echo)
+        assert reply is not None, "the signal ended the grace wait"
+        assert (reply.status, reply.params) == (VINF_SUCCESS, (HgcmU32(77),))
 
 
 class TestKernelBalloon:

@@ -85,6 +85,7 @@ from tests.host.conftest import (
     EchoService,
     model_driver,
     open_client,
+    signal_in_the_grace_after_a_timeout,
     vmmdev_request,
 )
 
@@ -362,6 +363,20 @@ class TestHeaderRc:
         oversized(after_a_bad_type, 1, HgcmParmType.PAGELIST)
         oversized(after_a_bad_type, 2)
         assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
+
+
+class TestHgcmAndSignals:
+    """What a signal (the caller's cancellation) does to HGCM ioctls."""
+
+    async def test_a_signal_in_the_grace_after_a_timeout_does_not_end_it(self) -> None:
+        """After a call's timeout, a cancel the host cannot find (VERR_NOT_FOUND) is followed
+        by ``vbglR0HGCMInternalDoCall``'s grace, a poll with ``RTThreadSleep`` that no signal
+        ends: a call the host completes in it returns its reply."""
+        echo = EchoService(max_calls=16)
+        host = SimulatedHost(personality=PERSONALITY, services=[echo])
+        reply = await signal_in_the_grace_after_a_timeout(host, echo)
+        assert reply is not None, "the signal ended the grace wait"
+        assert (reply.status, reply.params) == (VINF_SUCCESS, (HgcmU32(77),))
 
 
 class TestLog:

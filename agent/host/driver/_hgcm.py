@@ -483,6 +483,12 @@ async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) ->
     caller's next checkpoint raises the cancellation). A request whose cancel failed and
     that never completed is leaked, as the kernel does, because the host may still write
     to it.
+
+    The cancel and its grace wait are shielded after a timeout as after a signal: no signal
+    ends them (``vbg_hgcm_do_call``'s grace is ``wait_event_timeout``, Oracle's
+    ``vbglR0HGCMInternalDoCall`` polls with ``RTThreadSleep``), so a call the host completes
+    in the grace returns 0 with its results, and a signal that came meanwhile is the
+    caller's next checkpoint's.
     """
     leaked = False
     try:
@@ -505,7 +511,8 @@ async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) ->
             return 0  # the host finished it in the grace: a completed call
         if _done(req):
             return 0
-        outcome = await _cancel(drv, req, phys)
+        with trio.CancelScope(shield=True):
+            outcome = await _cancel(drv, req, phys)
         leaked = outcome is _Outcome.LEAKED
         return 0 if outcome is _Outcome.DONE else errno.ETIMEDOUT
     finally:
