@@ -17,17 +17,23 @@ from agent.host.hgcm_service import HgcmCallHandle, HostBuffer, HostU32
 from agent.host.memory import DictMemory
 from agent.host.vmmdev import VMMDev
 from agent.protocol import (
+    ChangeFilterMask,
     HgcmCall,
     HgcmConnect,
     HgcmU32,
     layouts as L,  # noqa: N812 - the layout table
 )
-from agent.protocol.constants import REQUEST_HEADER_VERSION, VMMDEV_VERSION, RequestType
+from agent.protocol.constants import (
+    REQUEST_HEADER_VERSION,
+    VMMDEV_VERSION,
+    Event,
+    RequestType,
+)
 from agent.protocol.session import Session
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NOT_FOUND, VINF_SUCCESS
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from agent.protocol.messages import HgcmReply, Request
 
@@ -266,3 +272,32 @@ async def signal_in_the_grace_after_a_timeout(
             await client.transport.aclose()
             nursery.cancel_scope.cancel()
     return replies[0] if replies else None
+
+
+async def cancel_while_the_table_is_locked(
+    host: SimulatedHost, request_type: int, call: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``call`` (a connect or disconnect, whose request of ``request_type`` the host
+    holds 1 s) and, from just after its start, a filter change of another session that
+    holds the driver's session mutex 2 s (its request held that long); cancel ``call`` at
+    1.5 s, when the host has answered it and the driver waits for the mutex to update the
+    session's table. Return once the driver is done with it (autojump clock)."""
+    other = await open_client(host)
+    host.set_delay(request_type, 1)
+    host.set_delay(RequestType.CTL_GUEST_FILTER_MASK, 2)
+    scope = trio.CancelScope()
+
+    async def cancelled() -> None:
+        with scope:
+            await call()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled)
+        await trio.testing.wait_all_tasks_blocked()  # held at the host
+        nursery.start_soon(other.request, ChangeFilterMask(Event.VRDP, 0))
+        await trio.sleep(1.5)
+        scope.cancel()
+    host.set_delay(request_type, 0)
+    host.set_delay(RequestType.CTL_GUEST_FILTER_MASK, 0)
+    await trio.testing.wait_all_tasks_blocked()  # the driver finished the call in its task
+    assert scope.cancelled_caught

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from functools import partial
 from typing import Final
 
 import pytest
@@ -65,6 +66,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.status import (
     VERR_ACCESS_DENIED,
+    VERR_GENERAL_FAILURE,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_NOT_SUPPORTED,
@@ -79,6 +81,7 @@ from tests.host.conftest import (
     FN_HOLD,
     Client,
     EchoService,
+    cancel_while_the_table_is_locked,
     model_driver,
     open_client,
     signal_in_the_grace_after_a_timeout,
@@ -832,6 +835,42 @@ class TestHgcm:
         reply = await signal_in_the_grace_after_a_timeout(host, echo)
         assert reply is not None, "the signal ended the grace wait"
         assert (reply.status, reply.params) == (VINF_SUCCESS, (HgcmU32(77),))
+
+    async def test_a_connect_cancelled_while_the_table_is_locked_is_the_sessions(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A client the host connected goes into the session's table under ``mutex_lock``,
+        which no signal interrupts: a connect cancelled while another task holds the mutex
+        is the session's all the same, and the session's close disconnects it."""
+        client = await open_client(host)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host, RequestType.HGCM_CONNECT, partial(client.request, HgcmConnect(ECHO))
+            )
+            [client_id] = echo.connected
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
+
+    async def test_a_refused_disconnect_cancelled_while_the_table_is_locked_keeps_its_client(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A disconnect the host refused gives the client its slot back under ``mutex_lock``,
+        which no signal interrupts: cancelled while another task holds the mutex, the client
+        is still the session's, and the session's close disconnects it."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        host.add_fault(RequestType.HGCM_DISCONNECT, VERR_GENERAL_FAILURE)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host,
+                RequestType.HGCM_DISCONNECT,
+                partial(client.request, HgcmDisconnect(client_id)),
+            )
+            assert echo.disconnected == []
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
 
 
 class TestKernelBalloon:

@@ -12,6 +12,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -83,6 +84,7 @@ from tests.host.conftest import (
     FN_FAIL,
     Client,
     EchoService,
+    cancel_while_the_table_is_locked,
     model_driver,
     open_client,
     signal_in_the_grace_after_a_timeout,
@@ -377,6 +379,43 @@ class TestHgcmAndSignals:
         reply = await signal_in_the_grace_after_a_timeout(host, echo)
         assert reply is not None, "the signal ended the grace wait"
         assert (reply.status, reply.params) == (VINF_SUCCESS, (HgcmU32(77),))
+
+    async def test_a_connect_cancelled_while_the_table_is_locked_is_the_sessions(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """``vgdrvIoCtl_HGCMConnect`` stores the client the host connected in the session's
+        table under a spinlock, which no signal interrupts: a connect cancelled while
+        another task holds the table is the session's all the same, and the session's
+        close disconnects it."""
+        client = await open_client(host)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host, RequestType.HGCM_CONNECT, partial(client.request, HgcmConnect(ECHO))
+            )
+            [client_id] = echo.connected
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
+
+    async def test_a_refused_disconnect_cancelled_while_the_table_is_locked_keeps_its_client(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """``vgdrvIoCtl_HGCMDisconnect`` gives a client the host did not disconnect its slot
+        back under the spinlock: cancelled while another task holds the table, the client is
+        still the session's, and the session's close disconnects it."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        host.add_fault(RequestType.HGCM_DISCONNECT, VERR_GENERAL_FAILURE)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host,
+                RequestType.HGCM_DISCONNECT,
+                partial(client.request, HgcmDisconnect(client_id)),
+            )
+            assert echo.disconnected == []
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
 
 
 class TestLog:

@@ -176,7 +176,13 @@ async def host_connect(drv: Driver, kbuf: bytearray, requestor: int) -> tuple[in
 async def disconnect(
     drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> None:
-    """Disconnect one of this session's clients."""
+    """Disconnect one of this session's clients.
+
+    Its slot holds ``CLIENT_SLOT_BUSY`` while the host is asked, then is freed, or given the
+    client back if the host refused, under an uninterruptible lock (``mutex_lock``; Oracle's
+    ``vgdrvIoCtl_HGCMDisconnect`` under its spinlock): a signal meanwhile never leaves the
+    slot busy, which would hide a client still connected from the session's close.
+    """
     del memory
     check_sizes(kbuf, L.HgcmDisconnectIoctl.size, L.HgcmDisconnectIoctl.client_id.offset)
     client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
@@ -189,8 +195,9 @@ async def disconnect(
             raise fail(errno.EINVAL) from None
         session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
     status = await host_disconnect(drv, client_id, session.requestor)
-    async with drv.session_mutex:
-        session.hgcm_client_ids[slot] = 0 if status >= 0 else client_id
+    with trio.CancelScope(shield=True):
+        async with drv.session_mutex:
+            session.hgcm_client_ids[slot] = 0 if status >= 0 else client_id
     L.IoctlHeader.rc.set(kbuf, status)
 
 

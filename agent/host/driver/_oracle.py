@@ -400,15 +400,20 @@ async def _hgcm_connect(
 ) -> int:
     """``vgdrvIoCtl_HGCMConnect``: connect at the host first, then take a free slot of the
     session's table; with none left, disconnect the new client again and answer
-    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host)."""
+    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host).
+
+    The table is updated under the session's spinlock, which no signal interrupts: a client
+    the host connected is the session's (its close disconnects it) whatever its caller does.
+    """
     del memory
     status, client_id = await _hgcm.host_connect(drv, kbuf, session.requestor)
     if status >= 0:
-        async with drv.session_mutex:
-            slots = session.hgcm_client_ids
-            free = slots.index(0) if 0 in slots else None
-            if free is not None:
-                slots[free] = client_id
+        with trio.CancelScope(shield=True):
+            async with drv.session_mutex:
+                slots = session.hgcm_client_ids
+                free = slots.index(0) if 0 in slots else None
+                if free is not None:
+                    slots[free] = client_id
         if free is None:
             await _hgcm.host_disconnect(drv, client_id, session.requestor)
             status, client_id = VERR_TOO_MANY_OPEN_FILES, 0
