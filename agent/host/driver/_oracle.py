@@ -144,7 +144,15 @@ class Wait:
 async def ioctl(
     drv: OracleDriver, session: DriverSession, code: int, buf: bytearray, memory: GuestMemory
 ) -> None:
-    """``vgdrvLinuxIOCtlSlow``: errno for the entry's own checks, EINVAL for common failures."""
+    """``vgdrvLinuxIOCtlSlow``: errno for the entry's own checks, EINVAL for common failures.
+
+    A signal (the caller's cancellation) that ends an interruptible wait, a WAIT_FOR_EVENTS
+    or an HGCM call (which is first cancelled at the host), is no failure of the ioctl:
+    the handler returns VERR_INTERRUPTED, ``VGDrvCommonIoCtl`` stores it in ``hdr.rc`` and
+    the header is copied back with 0 returned. The call so returns normally and its caller's
+    next checkpoint raises the cancellation, in-process, over the socket server and through
+    a character device alike.
+    """
     await trio.lowlevel.cancel_shielded_checkpoint()  # a signal does not keep the call out
     if session.lost:
         raise fail(errno.ENODEV)
@@ -352,7 +360,7 @@ async def _sleep(drv: OracleDriver, wait: Wait, deadline: float) -> int:
     cancel, the deadline or the session's loss ends it; return the wait's status.
 
     The caller's cancel is the signal that ends the sleep (``RTSemEventMultiWaitNoResume``
-    returns VERR_INTERRUPTED): it raises ``Cancelled``, unless the ISR handed the wait
+    returns VERR_INTERRUPTED): VERR_INTERRUPTED is returned, unless the ISR handed the wait
     events before this task ran, which are returned with success all the same.
     """
     session = wait.session
@@ -369,7 +377,7 @@ async def _sleep(drv: OracleDriver, wait: Wait, deadline: float) -> int:
                 await drv.event_wq.park()
     except trio.Cancelled:
         if wait.result in (0, U32_MAX):
-            raise
+            return VERR_INTERRUPTED
     finally:
         if wait in drv.wait_list:
             drv.wait_list.remove(wait)
@@ -455,7 +463,10 @@ async def _hgcm_call(
     status = _preprocess(kbuf, count)
     if status < 0:
         return status
-    return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
+    try:
+        return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
+    except trio.Cancelled:
+        return VERR_INTERRUPTED  # the signal: see ioctl()
 
 
 def _preprocess(kbuf: bytearray, count: int) -> int:
