@@ -96,9 +96,13 @@ class HookedSession:
         """Close the host's session."""
         await self._transport.aclose()
 
-    def claim(self) -> bool:
+    async def claim(self) -> bool:
         """The host's session's claim."""
-        return self._transport.claim()
+        return await self._transport.claim()
+
+    async def serve_claim(self) -> None:
+        """The host's session's claim server."""
+        await self._transport.serve_claim()
 
 
 class ReplyGarbler:

@@ -3,14 +3,15 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
 device (version handshake) and claim it (``Device.claim``: a second agent on the device
-leaves here, before it changes anything) → report the facility as Init → start the event
-pump, then every
-enabled service of the registry at once, each with ``Supervisor.start_soon`` (services do not
-depend on each other), and wait for their first starts together, ``START_WAIT_S`` at most (a
-service started or failed and backs off, retried under its restart budget while the others
-run; one still starting at the bound goes on starting, named in ``STATUS=``) → facility
-Active, ``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the
-stop. A
+leaves here, before it changes anything; ``Device.serve_claim`` then runs beside the rest
+until the device closes, accepting and closing whatever asks who holds the claim, so no
+queue of such connections keeps a later agent from asking) → report the facility as Init →
+start the event pump, then every enabled service of the registry at once, each with
+``Supervisor.start_soon`` (services do not depend on each other), and wait for their first
+starts together, ``START_WAIT_S`` at most (a service started or failed and backs off,
+retried under its restart budget while the others run; one still starting at the bound goes
+on starting, named in ``STATUS=``) → facility Active, ``READY=1`` with the combined
+``STATUS=`` line → wait for a shutdown request → the stop. A
 stop requested during the start-up gives up the step in progress (a host that does not
 answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
 
@@ -279,20 +280,26 @@ class Daemon:
 
     async def _run_on_device(self, task_status: trio.TaskStatus[None]) -> None:
         async with open_device(self._opener) as device:
-            device.claim()  # a second agent leaves before it changes anything
+            await device.claim()  # a second agent leaves before it changes anything
             self._device_open = True
-            with self._start_up_step():
-                await self._log_device(device)
-            facility = FacilityReporter(device)
-            await _report(facility, FacilityStatus.INIT, self._start_up_step(REPORT_TIMEOUT_S))
-            try:
-                await self._serve(device, facility, task_status)
-            except Exception:
-                final = _begin_final_phase(device)
-                with device.cleanup_scope("facility Failed report"):
-                    await facility.report(FacilityStatus.FAILED)
-                device.cleanup_deadline = final + CLOSE_S
-                raise
+            async with trio.open_nursery() as claimed:
+                claimed.start_soon(device.serve_claim)  # so later agents can ask who holds it
+                await self._run_claimed(device, task_status)
+                claimed.cancel_scope.cancel()
+
+    async def _run_claimed(self, device: Device, task_status: trio.TaskStatus[None]) -> None:
+        with self._start_up_step():
+            await self._log_device(device)
+        facility = FacilityReporter(device)
+        await _report(facility, FacilityStatus.INIT, self._start_up_step(REPORT_TIMEOUT_S))
+        try:
+            await self._serve(device, facility, task_status)
+        except Exception:
+            final = _begin_final_phase(device)
+            with device.cleanup_scope("facility Failed report"):
+                await facility.report(FacilityStatus.FAILED)
+            device.cleanup_deadline = final + CLOSE_S
+            raise
 
     async def _serve(
         self, device: Device, facility: FacilityReporter, task_status: trio.TaskStatus[None]

@@ -92,12 +92,14 @@ session. Design points:
   ends). An exclusive ``flock(2)`` on its descriptor (:func:`flock_exclusive`), which
   belongs to the node's inode, so it also covers the node bind-mounted into a container
   with a network namespace of its own. And the abstract Unix socket name
-  :data:`CLAIM_NAME` (:func:`bind_claim_name`), which stands for the driver itself: the
-  driver registers two nodes, ``vboxguest`` and ``vboxuser``, and a copy made with
-  ``mknod`` is a third inode, each with a lock of its own, while a ``vboxuser`` session
-  may still report facility status and make HGCM calls. An abstract name needs no file,
-  lives in the network namespace and goes with its socket (close-on-exec, listening and
-  never accepting). Both are advisory: every other open of a node (VBoxControl,
+  :data:`~agent.device.claimname.CLAIM_NAME` (:mod:`agent.device.claimname`), which stands
+  for the driver itself: the driver registers two nodes, ``vboxguest`` and ``vboxuser``,
+  and a copy made with ``mknod`` is a third inode, each with a lock of its own, while a
+  ``vboxuser`` session may still report facility status and make HGCM calls. An abstract
+  name needs no file, lives in the network namespace and goes with its socket
+  (close-on-exec, listening; :meth:`CharDevTransport.serve_claim` accepts and closes
+  whatever connects to it, so its queue fills only while processes connect faster than
+  it is served). Both are advisory: every other open of a node (VBoxControl,
   ``vbox-agent prop``) works as before. Any process of the network namespace may bind the
   name, so it refuses a claim only when its holder listens as root or as this process's
   user (``SO_PEERCRED``); otherwise the claim rests on the node's lock alone, logged, and no
@@ -114,7 +116,6 @@ import grp
 import os
 import pwd
 import signal
-import socket
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -124,8 +125,9 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
+from agent.device.claimname import bind_claim_name
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import NOT_THE_DEVICE_ERRNOS, peer_uid, shown_path
+from agent.device.spec import NOT_THE_DEVICE_ERRNOS, shown_path
 from agent.device.transport import abandon_at, given_back_by
 from agent.protocol import (
     AgentError,
@@ -147,11 +149,12 @@ from agent.protocol.errors import escaped
 from agent.protocol.status import VERR_NO_MEMORY
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
     from types import FrameType
 
     import outcome
 
+    from agent.device.claimname import ClaimedName
     from agent.protocol import Submission, UserBuffer
 
     IoctlFn = Callable[[int, int, bytearray], None]
@@ -253,69 +256,6 @@ def flock_exclusive(fd: int) -> None:
         BlockingIOError: another open file of it holds the lock.
     """
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-CLAIM_NAME: Final = b"\0vbox-agent/vboxguest"
-"""The abstract Unix socket name a claim binds: the vboxguest driver of this guest (shown as
-``@vbox-agent/vboxguest`` by ``ss -x``)."""
-CLAIM_BACKLOG: Final = 64
-"""Connections the claim's socket queues and never accepts: each is a process that asked
-who holds the name (a refused agent, or any local process: connecting needs no right), and
-each stays queued until the claim ends. Once they are this many, a later agent cannot ask,
-and the name no longer refuses it: it rests on the node's lock, which covers only its own
-node (accepting and closing them would need a task serving the socket)."""
-
-
-def bind_claim_name(name: bytes = CLAIM_NAME) -> Callable[[], None]:
-    """Bind the abstract ``name`` to a new socket (close-on-exec, listening, never
-    accepting) and return what releases it.
-
-    A name held by a socket listening as root or as this process's user is another agent's:
-    ``EADDRINUSE``. Any process may bind an abstract name, so one held otherwise (by another
-    user, or not listening, as no agent holds it) refuses nothing: that is logged
-    (``claim_name_untrusted``) and the claim rests on the node's lock alone, so no user can
-    keep the agent from starting by binding the name first.
-
-    Raises:
-        OSError: ``EADDRINUSE`` when another agent holds the name; another ``bind(2)`` or
-            ``listen(2)`` failure.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(name)
-        sock.listen(CLAIM_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        holder = _name_holder_uid(name)
-        if holder in (0, os.geteuid()):
-            raise
-        _log.warning(
-            "claim_name_untrusted",
-            name="@" + escaped(name[1:].decode(errors="surrogateescape")),
-            holder_uid=holder,
-            reason="held by another user" if holder is not None else "its holder does not answer",
-            consequence="the node's lock alone keeps a second agent off",
-        )
-        return _release_nothing
-    return sock.close
-
-
-def _name_holder_uid(name: bytes) -> int | None:
-    """The uid the socket holding the abstract ``name`` listened as (``SO_PEERCRED``);
-    None when it does not listen or its queue is full."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as asking:
-        asking.setblocking(False)
-        try:
-            asking.connect(name)
-        except OSError:
-            return None
-        return peer_uid(asking)
-
-
-def _release_nothing() -> None:
-    """What releases a claim name this process could not hold."""
 
 
 def signal_thread(thread_id: int) -> None:
@@ -555,7 +495,7 @@ class CharDevTransport:
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
         lock_fn: Callable[[int], None] = flock_exclusive,
-        claim_name_fn: Callable[[], Callable[[], None]] = bind_claim_name,
+        claim_name_fn: Callable[[], Awaitable[ClaimedName]] = bind_claim_name,
     ) -> None:
         """Wrap ``fd``; ``budget`` is the process's (its opener's) thread budget."""
         self.driver_version: DriverVersion | None = None
@@ -564,8 +504,8 @@ class CharDevTransport:
         self._close_fn = close_fn
         self._lock_fn = lock_fn
         self._claim_name_fn = claim_name_fn
-        self._release_name: Callable[[], None] | None = None
-        """Releases :data:`CLAIM_NAME` once :meth:`claim` bound it."""
+        self._claimed_name: ClaimedName | None = None
+        """The claim name once :meth:`claim` bound it."""
         self._interrupt_fn = interrupt_fn
         self._budget = budget if budget is not None else ThreadBudget(DEFAULT_THREADS)
         self._lock = threading.Lock()
@@ -670,10 +610,12 @@ class CharDevTransport:
             for tokens in reversed(held):
                 tokens.release_on_behalf_of(call)
 
-    def claim(self) -> bool:
+    async def claim(self) -> bool:
         """Hold the driver for this process alone until the session closes: an exclusive
-        ``flock(2)`` on the node and the name :data:`CLAIM_NAME`, neither waited for. False
-        if another open file of the node holds the lock or another socket the name.
+        ``flock(2)`` on the node and the name :data:`~agent.device.claimname.CLAIM_NAME`,
+        neither waited for (asking who holds the name may take a second, see
+        :mod:`agent.device.claimname`). False if another open file of the node holds the
+        lock or another agent the name.
 
         Raises:
             trio.ClosedResourceError: the transport is closed or closing.
@@ -685,16 +627,33 @@ class CharDevTransport:
         try:
             self._lock_fn(self._fd)
         except BlockingIOError:
+            await trio.lowlevel.checkpoint()
             return False
-        if self._release_name is None:
+        if self._claimed_name is None:
             try:
-                self._release_name = self._claim_name_fn()
+                claimed = await self._claim_name_fn()
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     return False
                 msg = f"cannot claim the vboxguest driver: binding its Unix socket name: {exc}"
                 raise DeviceUnavailableError(msg) from exc
+            self._claimed_name = claimed  # a close now under way releases it
+            if self._closed.is_set():  # closed while it asked who held the name
+                claimed.release()
+                msg = "the vboxguest session is closed"
+                raise trio.ClosedResourceError(msg)
+        else:
+            await trio.lowlevel.checkpoint()
         return True
+
+    async def serve_claim(self) -> None:
+        """Accept and close the connections of whoever asks who holds the claim name, until
+        cancelled or the session closes (:meth:`HeldName.serve
+        <agent.device.claimname.HeldName.serve>`); returns at once without a claim."""
+        if self._claimed_name is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._claimed_name.serve()
 
     async def aclose(self) -> None:
         """Interrupt pending ioctls, wait for their threads (bounded), close the fd.
@@ -730,8 +689,8 @@ class CharDevTransport:
                 finally:  # interrupting may fail (a signal refused): the fd still goes
                     await self._close_or_defer(deadline)
             finally:
-                if self._release_name is not None:
-                    self._release_name()
+                if self._claimed_name is not None:
+                    self._claimed_name.release()
                 self._closed.set()
 
     async def _close_or_defer(self, deadline: float) -> None:
@@ -949,7 +908,7 @@ class CharDevOpener:
         close_fn: Callable[[int], None] = os.close,
         interrupt_fn: Callable[[int], None] = signal_thread,
         lock_fn: Callable[[int], None] = flock_exclusive,
-        claim_name_fn: Callable[[], Callable[[], None]] = bind_claim_name,
+        claim_name_fn: Callable[[], Awaitable[ClaimedName]] = bind_claim_name,
         sysfs_root: str = DEFAULT_SYSFS_ROOT,
     ) -> None:
         """Create the opener; the ``*_fn`` arguments replace the system calls in tests.
@@ -965,9 +924,9 @@ class CharDevOpener:
                 EINTR (default: :func:`signal_thread`).
             lock_fn: ``lock_fn(fd)``, an exclusive lock not waited for, raising
                 ``BlockingIOError`` when held elsewhere (default: :func:`flock_exclusive`).
-            claim_name_fn: binds the driver's claim name and returns what releases it,
-                raising ``OSError`` EADDRINUSE when held elsewhere (default:
-                :func:`bind_claim_name`).
+            claim_name_fn: binds the driver's claim name and returns it, to serve and
+                release, raising ``OSError`` EADDRINUSE when another agent holds it
+                (default: :func:`~agent.device.claimname.bind_claim_name`).
             sysfs_root: where sysfs is mounted: a failed open or handshake asks its
                 ``dev/char`` what the node is (:func:`foreign_node`).
         """

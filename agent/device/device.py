@@ -180,22 +180,30 @@ class Device:
         """
         return await self._main.perform(request, submission)
 
-    def claim(self) -> None:
+    async def claim(self) -> None:
         """Hold the device for this process alone while it is open (its main session's
         :meth:`~agent.device.transport.Transport.claim`: on a character device, an
         exclusive ``flock(2)`` on the node and a Unix socket name that stands for the
         driver, whichever node it was opened by); the daemon claims it before it changes
-        anything.
+        anything, and runs :meth:`serve_claim` while it holds it.
 
         Raises:
             DeviceInUseError: another process holds it: another vbox-agent runs on it.
         """
-        if not self._main.transport.claim():
+        if not await self._main.transport.claim():
             msg = (
                 f"{self.description} is in use by another vbox-agent (it holds the device's "
                 "lock): one agent per device, stop the other first"
             )
             raise DeviceInUseError(msg)
+
+    async def serve_claim(self) -> None:
+        """Keep the claim answerable until cancelled: whatever connects to the name that
+        stands for the driver is accepted and closed, so no queue of connections keeps a
+        later agent from asking who holds it
+        (:meth:`~agent.device.transport.Transport.serve_claim`). Returns at once without a
+        claim to answer for (a simulated host)."""
+        await self._main.transport.serve_claim()
 
     async def check_balloon(self) -> BalloonStatus:
         """Ask the driver about the balloon (``VBG_IOCTL_CHECK_BALLOON``)."""

@@ -37,6 +37,9 @@ connection to a simulated host). Its contract:
   exclusive ``flock(2)`` on the node and an abstract Unix socket name for the driver, so
   ``/dev/vboxuser`` or a copy of the node is the same device). The daemon claims its main
   session, so a second agent on the same device is refused before it changes anything.
+- ``serve_claim()`` keeps the claim answerable while it is held, until cancelled: the name
+  refuses a later agent only if that agent can connect and ask who holds it, so the holder
+  accepts and closes whatever connects. It returns at once on a session that holds no name.
 
 A :class:`DeviceOpener` opens new sessions, so the ``Device`` can give each blocking waiter
 a session of its own.
@@ -90,9 +93,14 @@ class Transport(Protocol):
         """Close the session. Idempotent."""
         ...
 
-    def claim(self) -> bool:
+    async def claim(self) -> bool:
         """Hold the device for this process alone while the session is open; False if
         another process holds it. See the module docstring."""
+        ...
+
+    async def serve_claim(self) -> None:
+        """Answer whoever asks who holds the claim until cancelled. See the module
+        docstring."""
         ...
 
 

@@ -194,11 +194,16 @@ class UnixSocketTransport:
         for user_buffer, data in zip(user_buffers, reply.user_buffers, strict=True):
             user_buffer.data[:] = data
 
-    def claim(self) -> bool:
+    async def claim(self) -> bool:
         """True: nothing is locked. The socket protocol carries no lock: a simulated host is a
         test bed, and which agents run against it is for its user to arrange (two of them
         undo each other's work there as on a VM)."""
+        await trio.lowlevel.checkpoint()
         return True
+
+    async def serve_claim(self) -> None:
+        """Return: no claim to answer for."""
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         """Close the session; the host releases its HGCM clients and filter. Idempotent."""

@@ -148,10 +148,15 @@ class SimTransport:
         """The driver session behind this transport."""
         return self._session
 
-    def claim(self) -> bool:
+    async def claim(self) -> bool:
         """True: nothing is locked. An in-process host is its process's own (``run
         --simulate`` builds one per run), so no other agent can reach it."""
+        await trio.lowlevel.checkpoint()
         return True
+
+    async def serve_claim(self) -> None:
+        """Return: no claim to answer for."""
+        await trio.lowlevel.checkpoint()
 
     async def ioctl(
         self,

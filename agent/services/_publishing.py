@@ -186,8 +186,9 @@ class PublishingService:
         )
 
     def status(self) -> str:
-        """``NAME SUMMARY``, ``NAME starting``, or what went wrong (the first of: no client,
-        the guest unreadable, writes ignored, a property refused, the owned names unlisted)."""
+        """``NAME SUMMARY``, ``NAME setting up`` (before its first pass), or what went wrong
+        (the first of: no client, the guest unreadable, writes ignored, a property refused,
+        the owned names unlisted)."""
         if self._connects.cause is not None:
             return f"{self.name}: property service unavailable ({self._connects.cause})"
         if self._unreadable is not None:
@@ -199,7 +200,7 @@ class PublishingService:
             return f"{self.name}: {name} refused ({status})"
         if self._listing.cause is not None:
             return f"{self.name}: owned names unlisted ({self._listing.cause})"
-        return f"{self.name} {self._summary or 'starting'}"
+        return f"{self.name} {self._summary or 'setting up'}"
 
     def reconfigure(self, section: PublishingSection) -> bool:
         """Apply the new interval at once (the current wait ends by the new one), the host's

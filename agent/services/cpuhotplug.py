@@ -193,7 +193,7 @@ class CpuHotPlugService:
         if (refusal := self._refusals.cause) is not None:
             return f"cpuhotplug: not available ({refusal})"
         if not self._monitoring:
-            return "cpuhotplug starting"
+            return "cpuhotplug setting up"
         if self._sysfs is None:
             return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
         if (unreadable := self._sysfs.unreadable()) is not None:

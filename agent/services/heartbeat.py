@@ -195,7 +195,7 @@ class HeartbeatService:
             failing = self._failures.cause
             rhythm = f"heartbeat {round(interval * MS_PER_S)} ms"
             return rhythm if failing is None else f"{rhythm} (failing: {failing})"
-        return "heartbeat starting"
+        return "heartbeat setting up"
 
     def reconfigure(self, section: HeartbeatSection) -> bool:
         """Apply a new late threshold at once."""

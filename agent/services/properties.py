@@ -102,7 +102,8 @@ class PropertiesService:
         return PropertiesStatistics(self._publications, len(self._refused), self._connects.total)
 
     def status(self) -> str:
-        """``properties ok``, ``properties starting``, or what the host refused or ignored."""
+        """``properties ok``, ``properties setting up`` (before its first publication), or what
+        the host refused or ignored."""
         if self._connects.cause is not None:
             return f"properties: property service unavailable ({self._connects.cause})"
         if self._ignoring.cause is not None:
@@ -110,7 +111,7 @@ class PropertiesService:
         if self._refused:
             name, status = next(iter(self._refused.items()))
             return f"properties: {name} refused ({status})"
-        return "properties ok" if self._publications else "properties starting"
+        return "properties ok" if self._publications else "properties setting up"
 
     def reconfigure(self, section: PropertiesSection) -> bool:
         """Nothing to apply: the section has no settings besides ``enable``."""

@@ -1,4 +1,4 @@
-"""Every service the daemon knows: adding a service is one line here (its module's ``SPEC``)."""
+"""Every service the daemon knows: adding one is its module's import and ``SPEC`` here."""
 
 from __future__ import annotations
 

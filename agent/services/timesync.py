@@ -228,13 +228,14 @@ class TimesyncService:
         )
 
     def status(self) -> str:
-        """``timesync ok``, ``timesync starting``, who keeps the clock, or what is wrong."""
+        """``timesync ok``, ``timesync setting up`` (before its first reading), who keeps the
+        clock, or what is wrong."""
         problem = self._host_problem or self._clock_problem
         if problem is not None:
             return f"timesync: {problem}"
         if self._left_to_ntp:
             return "timesync: a time daemon keeps the clock"
-        return "timesync ok" if self._passes else "timesync starting"
+        return "timesync ok" if self._passes else "timesync setting up"
 
     def reconfigure(self, section: TimesyncSection) -> bool:
         """Apply the settings at once (a new interval also to the wait under way), the host's

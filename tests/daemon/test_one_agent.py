@@ -9,26 +9,41 @@ Rules of this test module:
   a running ``SimulatedHost`` as the driver behind it; kernels of two nodes of one driver
   share their ``AbstractNames``, the claim name's namespace, so no test binds the real
   name). The real ``flock(2)`` and ``bind(2)`` are tested on files and a name of the
-  test's own (tests/device/test_chardev.py, ``TestClaim``).
+  test's own (tests/device/test_chardev.py, ``TestClaim``); the tests of a flood of
+  connections to the name bind a name of the test's own for real (``bind_claim_name``), to
+  which the test connects.
 - Real clock (threads); every test is bounded by ``fail_after``.
 """
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 import pytest
 import trio
+import trio.testing
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, DaemonConfig
 from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.device import DeviceInUseError
+from agent.device.claimname import CLAIM_BACKLOG, bind_claim_name
 from agent.protocol import Facility, FacilityStatus
 from tests.device.syscalls import DEVICE_PATH, AbstractNames, Kernel
+from tests.device.test_claimname import (
+    closing_all,
+    connect,
+    fill_queue,
+    flood,
+    open_sockets,
+    served,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from agent.host import DriverSession, SimulatedHost
 
@@ -140,3 +155,82 @@ async def test_the_device_is_free_again_once_its_agent_stopped(host: SimulatedHo
                 daemon.request_shutdown("test")
             assert not kernel.names.bound()
             assert kernel.locked_by is None
+
+
+def _named_kernels(host: SimulatedHost, tmp_path: Path) -> tuple[bytes, Kernel[SimulatedHost]]:
+    """A test's own claim name, bound for real, and a kernel of the driver's first node."""
+    name = b"\0vbox-agent-test/%d/%s" % (os.getpid(), tmp_path.name.encode())
+    return name, Kernel(host, claim_name_fn=partial(bind_claim_name, name))
+
+
+async def test_a_flood_of_connections_to_the_name_refuses_no_later_agent(
+    host: SimulatedHost, tmp_path: Path
+) -> None:
+    """Any local process may connect to the claim name, as often as it likes: the first
+    agent accepts and closes every connection while it runs, so a second agent on another
+    node (a lock of its own) that asks with the name's queue full at that instant is still
+    refused (``run`` exits 69), and no descriptor is left open."""
+    name, kernel = _named_kernels(host, tmp_path)
+    other = Kernel(host, path=COPY_PATH, claim_name_fn=partial(bind_claim_name, name))
+    first = Daemon(AgentConfig(), kernel.opener(), notifier=Notifier(None))
+    second = Daemon(AgentConfig(), other.opener(), notifier=Notifier(None))
+    before = open_sockets()
+    with trio.fail_after(BOUND), closing_all([]) as connections:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            await flood(name, connections)
+            fill_queue(name, connections)
+            try:
+                with pytest.RaisesGroup(DeviceInUseError, flatten_subgroups=True):
+                    await nursery.start(second.run)
+                assert not second.device_opened
+                assert _facility(host) == FacilityStatus.ACTIVE
+                await trio.testing.wait_all_tasks_blocked()
+                assert all(served(connection) for connection in connections)
+            finally:
+                second.request_shutdown("test")
+                first.request_shutdown("test")
+    assert _facility(host) == FacilityStatus.TERMINATED
+    assert open_sockets() == before
+
+
+async def test_a_stop_while_the_name_is_flooded_is_prompt(
+    host: SimulatedHost, tmp_path: Path
+) -> None:
+    """The task serving the name runs until the device closes and delays no stop: one
+    requested while processes keep connecting ends the run at once, and the name goes."""
+    name, kernel = _named_kernels(host, tmp_path)
+    config = AgentConfig(daemon=DaemonConfig(shutdown_timeout_s=1.0))
+    daemon = Daemon(config, kernel.opener(), notifier=Notifier(None))
+    asked = 0
+
+    async def keep_connecting() -> None:
+        nonlocal asked
+        for _ in range(10_000_000):  # until the name is gone
+            try:
+                connection = connect(name)
+            except ConnectionRefusedError:
+                return
+            if connection is not None:
+                asked += 1
+                connection.close()
+            await trio.lowlevel.checkpoint()
+
+    before = open_sockets()
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as flooding:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                flooding.start_soon(keep_connecting)
+                for _ in range(10_000_000):  # until more than two queues' worth asked
+                    if asked > 2 * (CLAIM_BACKLOG + 1):
+                        break
+                    await trio.lowlevel.checkpoint()
+                requested = trio.current_time()
+                daemon.request_shutdown("test")
+            took = trio.current_time() - requested
+    assert took < config.daemon.shutdown_timeout_s
+    assert asked > 2 * (CLAIM_BACKLOG + 1)
+    with pytest.raises(ConnectionRefusedError):
+        connect(name)
+    assert open_sockets() == before

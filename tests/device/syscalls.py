@@ -3,7 +3,8 @@
 :class:`Kernel` gives :class:`~agent.device.chardev.CharDevOpener` its ``open_fn``,
 ``close_fn``, ``ioctl_fn``, ``interrupt_fn``, ``lock_fn`` (``flock(2)`` on its one node) and
 ``claim_name_fn`` (``bind(2)`` of the claim name in :class:`AbstractNames`, which kernels of
-nodes of one driver share, so no test binds the real name).
+nodes of one driver share, or the real one of a name of the test's own, so no test binds the
+real name).
 Each ioctl, issued by a real worker thread, runs the driver on the trio thread
 (``trio.from_thread.run`` with the token, so the driver runs outside the caller's cancel
 scopes, as a kernel does); an interrupt of a worker thread cancels the call that thread is
@@ -29,7 +30,9 @@ import trio.testing
 from agent.device.chardev import DEFAULT_THREADS, CharDevOpener
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
+
+    from agent.device.claimname import ClaimedName
 
 S = TypeVar("S")
 DEVICE_PATH = "/dev/vboxguest"
@@ -73,28 +76,53 @@ class AbstractNames:
         """Whether a socket holds the claim name."""
         return self._bound
 
-    def bind(self) -> Callable[[], None]:
-        """``bind(2)`` of the claim name; returns what releases it."""
+    async def bind(self) -> ClaimedName:
+        """``bind(2)`` of the claim name; returns it, served by nobody (no socket)."""
+        await trio.lowlevel.checkpoint()
         if self._bound:
             raise OSError(errno.EADDRINUSE, "Address already in use")
         self._bound = True
-        return self._release
+        return _BoundName(self._release)
 
     def _release(self) -> None:
         self._bound = False
+
+
+class _BoundName:
+    """The claim name as :meth:`AbstractNames.bind` bound it."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    async def serve(self) -> None:
+        """Nobody can connect to it: wait until cancelled."""
+        await trio.sleep_forever()
+
+    def release(self) -> None:
+        """Unbind the name. Idempotent."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class Kernel(Generic[D]):
     """The injected system calls: fds lead to driver sessions, interrupts become signals."""
 
     def __init__(
-        self, driver: D, *, path: str = DEVICE_PATH, names: AbstractNames | None = None
+        self,
+        driver: D,
+        *,
+        path: str = DEVICE_PATH,
+        names: AbstractNames | None = None,
+        claim_name_fn: Callable[[], Awaitable[ClaimedName]] | None = None,
     ) -> None:
         """A kernel with one node, ``path``, of ``driver``; kernels of one guest share
-        ``names`` (by default a network namespace of its own)."""
+        ``names`` (by default a network namespace of its own). ``claim_name_fn``, if given,
+        binds the claim name instead of ``names`` (a real ``bind(2)`` of a test's own name)."""
         self.driver = driver
         self.path = path
         self.names = names if names is not None else AbstractNames()
+        self._claim_name_fn = claim_name_fn if claim_name_fn is not None else self.names.bind
         self.sessions: dict[int, Any] = {}
         self.in_driver = 0
         self.peak = 0
@@ -128,7 +156,7 @@ class Kernel(Generic[D]):
             close_fn=self.close,
             interrupt_fn=self.interrupt,
             lock_fn=self.lock,
-            claim_name_fn=self.names.bind,
+            claim_name_fn=self._claim_name_fn,
         )
 
     def open(self, path: str, flags: int) -> int:

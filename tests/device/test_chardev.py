@@ -41,7 +41,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from agent.config import OLD_MIN_IOCTL_THREADS, DeviceConfig
-from agent.device import chardev
+from agent.device import chardev, claimname
 from agent.device.chardev import CharDevOpener, CharDevTransport
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.protocol import (
@@ -1569,7 +1569,7 @@ class TestDeferredClose:
 
 
 def _claim_name(tmp_path: Path) -> bytes:
-    """An abstract name of the test's own, so no test binds :data:`chardev.CLAIM_NAME` (a
+    """An abstract name of the test's own, so no test binds :data:`claimname.CLAIM_NAME` (a
     run on a VirtualBox guest whose agent holds it would fail, and the agent with it)."""
     return b"\0vbox-agent-test/%d/%s" % (os.getpid(), tmp_path.name.encode())
 
@@ -1578,7 +1578,7 @@ def _claiming(path: Path, name: bytes) -> CharDevTransport:
     """A session of ``path`` whose claim binds ``name`` with the real ``bind(2)``."""
     return CharDevTransport(
         os.open(path, os.O_RDWR | os.O_CLOEXEC),
-        claim_name_fn=partial(chardev.bind_claim_name, name),
+        claim_name_fn=partial(claimname.bind_claim_name, name),
     )
 
 
@@ -1627,11 +1627,11 @@ class TestClaim:
         first, second = (_claiming(node, name) for _ in range(2))
         with trio.fail_after(BOUND):
             try:
-                assert first.claim()
-                assert first.claim()  # again on the same open file: still its own
-                assert not second.claim()
+                assert await first.claim()
+                assert await first.claim()  # again on the same open file: still its own
+                assert not await second.claim()
                 await first.aclose()
-                assert second.claim()
+                assert await second.claim()
             finally:
                 await first.aclose()
                 await second.aclose()
@@ -1651,10 +1651,10 @@ class TestClaim:
         first, second = (_claiming(node, name) for node in nodes)
         with trio.fail_after(BOUND):
             try:
-                assert first.claim()
-                assert not second.claim()
+                assert await first.claim()
+                assert not await second.claim()
                 await first.aclose()
-                assert second.claim()
+                assert await second.claim()
             finally:
                 await first.aclose()
                 await second.aclose()
@@ -1672,9 +1672,9 @@ class TestClaim:
                 with socket.socket(socket.AF_UNIX) as holder:
                     holder.bind(name)
                     holder.listen()
-                    assert not refused.claim()
+                    assert not await refused.claim()
                 await refused.aclose()
-                assert later.claim()
+                assert await later.claim()
             finally:
                 await refused.aclose()
                 await later.aclose()
@@ -1690,8 +1690,8 @@ class TestClaim:
             squatter.bind(name)
             try:
                 with capture_logs() as logs:
-                    assert claiming.claim()
-                assert not second.claim()  # the node's lock
+                    assert await claiming.claim()
+                assert not await second.claim()  # the node's lock
             finally:
                 await claiming.aclose()
                 await second.aclose()
@@ -1709,25 +1709,30 @@ class TestClaim:
         claiming = _claiming(node, name)
         try:
             with _listening_as(NOBODY, name), capture_logs() as logs:
-                assert claiming.claim()
+                assert await claiming.claim()
         finally:
             await claiming.aclose()
         assert [(log["event"], log["holder_uid"], log["reason"]) for log in logs] == [
             ("claim_name_untrusted", NOBODY, "held by another user")
         ]
 
-    def test_the_claims_socket_names_its_user(self, tmp_path: Path) -> None:
-        """The claim's socket listens and never accepts: an agent that asks who holds the
-        name is queued and reads the holder's uid (``SO_PEERCRED``)."""
+    async def test_the_claims_socket_names_its_user(self, tmp_path: Path) -> None:
+        """An agent that asks who holds the name reads the holder's uid (``SO_PEERCRED``)
+        from its connection, still after the holder accepted and closed it."""
         name = _claim_name(tmp_path)
-        release = chardev.bind_claim_name(name)
+        held = await claimname.bind_claim_name(name)
         try:
-            with socket.socket(socket.AF_UNIX) as asking:
+            with socket.socket(socket.AF_UNIX) as asking, trio.fail_after(BOUND):
                 asking.connect(name)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(held.serve)
+                    await trio.lowlevel.wait_readable(asking)
+                    assert asking.recv(1) == b""  # accepted and closed
+                    nursery.cancel_scope.cancel()
                 ucred = asking.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             assert int.from_bytes(ucred[4:8], sys.byteorder) == os.geteuid()
         finally:
-            release()
+            held.release()
 
     async def test_a_name_that_cannot_be_bound_fails_the_claim(self, tmp_path: Path) -> None:
         """Another failure of ``bind(2)`` (a sandbox without ``AF_UNIX``) is no other agent:
@@ -1735,14 +1740,15 @@ class TestClaim:
         node = tmp_path / "vboxguest"
         node.touch()
 
-        def refused() -> Callable[[], None]:
+        async def refused() -> claimname.ClaimedName:
+            await trio.lowlevel.checkpoint()
             raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
 
         transport = CharDevTransport(os.open(node, os.O_RDWR | os.O_CLOEXEC), claim_name_fn=refused)
         with trio.fail_after(BOUND):
             try:
                 with pytest.raises(DeviceUnavailableError, match="Address family not supported"):
-                    transport.claim()
+                    await transport.claim()
             finally:
                 await transport.aclose()
 
@@ -1753,7 +1759,7 @@ class TestClaim:
         transport = _claiming(node, _claim_name(tmp_path))
         await transport.aclose()
         with pytest.raises(trio.ClosedResourceError):
-            transport.claim()
+            await transport.claim()
 
 
 class TestRealSignals:

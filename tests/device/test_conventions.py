@@ -170,8 +170,12 @@ class OracleScript:
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    def claim(self) -> bool:
+    async def claim(self) -> bool:
+        await trio.lowlevel.checkpoint()
         return True
+
+    async def serve_claim(self) -> None:
+        await trio.lowlevel.checkpoint()
 
 
 class ScriptOpener:

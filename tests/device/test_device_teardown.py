@@ -59,8 +59,11 @@ class DeafTransport:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    def claim(self) -> bool:
-        return self._inner.claim()
+    async def claim(self) -> bool:
+        return await self._inner.claim()
+
+    async def serve_claim(self) -> None:
+        await self._inner.serve_claim()
 
 
 class DeafOpener:

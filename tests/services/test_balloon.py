@@ -1381,7 +1381,7 @@ class TestTriggeredAndKernel:
         with trio.fail_after(120):
             async with running_balloon(personality="oracle", before=claim_the_balloon) as run:
                 assert run.service.statistics().mode is None
-                assert run.service.status() == "balloon starting"
+                assert run.service.status() == "balloon setting up"
                 await others[0].aclose()
                 await run.service.mode_known.wait()
                 assert run.service.mode is BalloonMode.TRIGGERED

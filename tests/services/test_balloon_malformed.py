@@ -347,7 +347,7 @@ class TestMalformedTargetReads:
                 personality="", host=_passthrough(), opener_for=bad.opener
             ) as run:
                 await trio.sleep(10.0)
-                assert (run.service.mode, run.service.status()) == (None, "balloon starting")
+                assert (run.service.mode, run.service.status()) == (None, "balloon setting up")
                 bad.on = False
                 await run.service.mode_known.wait()
                 assert run.service.mode is BalloonMode.OWNED

@@ -106,7 +106,7 @@ async def _running(host: SimulatedHost, interfaces: Interfaces) -> AsyncIterator
         running = Running(host)
         context = ServiceContext(device, pump, running.status_changed)
         service = network_service(context, NetworkSection(interval_s=INTERVAL_S), interfaces)
-        assert service.status() == "network starting"
+        assert service.status() == "network setting up"
         running.start(service)
         with trio.fail_after(LIMIT_S):
             await nursery.start(pump.run)
@@ -179,7 +179,7 @@ async def test_the_daemon_hears_of_status_changes_only(
     """Passes that change nothing do not ask for a new STATUS= line (an idle agent stays
     quiet); a changed count does."""
     with trio.fail_after(LIMIT_S):
-        assert running.status_changes == 1  # "network starting" became "network 2 interfaces"
+        assert running.status_changes == 1  # "network setting up" became "network 2 interfaces"
         await running.next_pass()
         await running.next_pass()
         assert running.status_changes == 1

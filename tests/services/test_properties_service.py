@@ -53,7 +53,7 @@ async def test_publishes_and_republishes_after_a_restore(
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
             pump = EventPump(device)
             service = PropertiesService(ServiceContext(device, pump))
-            assert service.status() == "properties starting"
+            assert service.status() == "properties setting up"
             await nursery.start(pump.run)
             await nursery.start(service.run)
             assert service.status() == "properties ok"

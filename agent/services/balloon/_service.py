@@ -272,7 +272,7 @@ class BalloonService:
         """
         mode = self._mode
         if mode is None:
-            return "balloon starting"
+            return "balloon setting up"
         failure = self._read_failure
         unread = f", target read failing: {failure}" if failure is not None else ""
         if mode is BalloonMode.KERNEL:
