@@ -17,8 +17,9 @@ connection to a simulated host). Its contract:
   character device signals its worker thread, so the driver cancels the call at the host
   and returns EINTR; the simulated transports cancel natively) and raises ``Cancelled``; a
   call that completed first returns normally, as does one the driver completed all the
-  same (an HGCM call the host finished while its cancel failed): the caller's next
-  checkpoint raises the cancellation.
+  same (an HGCM call the host finished while its cancel failed) and one Oracle's driver
+  answers with VERR_INTERRUPTED in ``rc`` (its answer to the signal): the caller's next
+  checkpoint raises the cancellation (the ``Device`` checks for it on VERR_INTERRUPTED).
 - ``submission``, if given, is marked ``issued`` once the call may have reached the driver
   (:class:`~agent.protocol.Submission`): a call cancelled before that, while it waited for
   a worker thread or for its turn to send, never reached the host, and the caller can tell.

@@ -16,15 +16,15 @@ Cancellation:
 
 - while waiting for a reply: the transport sends a CANCEL frame and the host interrupts the
   call (a blocked wait ends, an HGCM call is cancelled at the host), as the driver does when
-  a signal interrupts the calling thread, then answers it: EINTR, or the reply of a call
-  that completed all the same (an HGCM call the host finished while its cancel failed),
-  which is returned as the other transports return it (the caller's next checkpoint raises
-  the cancellation). The answer is waited for by the character device's rule
-  (:func:`~agent.device.transport.abandon_at`): a call not answered by then is abandoned
-  (``ioctl_abandoned``) and its reply dropped when it comes (a reply tagged with a
-  sequence number not handed out yet is a broken host, which is lost). Nothing of the
-  stream is torn (trio's ``receive_some`` never loses received bytes to a cancellation),
-  so the connection stays usable.
+  a signal interrupts the calling thread, then answers it as that driver returns: EINTR, or
+  a reply (Oracle's driver puts VERR_INTERRUPTED in ``rc``; an HGCM call the host finished
+  while its cancel failed completed), which is returned as the other transports return it
+  (the caller's next checkpoint raises the cancellation). The answer is waited for by the
+  character device's rule (:func:`~agent.device.transport.abandon_at`): a call not
+  answered by then is abandoned (``ioctl_abandoned``) and its reply dropped when it comes
+  (a reply tagged with a sequence number not handed out yet is a broken host, which is
+  lost). Nothing of the stream is torn (trio's ``receive_some`` never loses received
+  bytes to a cancellation), so the connection stays usable.
 - while waiting for the send lock (another call's frame is being sent): nothing was sent
   and the call's :class:`~agent.protocol.Submission` stays unissued; it is issued as the
   frame's sending begins.

@@ -5,13 +5,14 @@ Protocol and framing: ``docs/simulator-socket.md`` and :mod:`agent.protocol.wire
 Each connection starts with a HELLO. A ``device`` connection is one open device session:
 its ioctls run concurrently, each in a task of its own, and replies go back tagged with the
 request's sequence number, under a send lock. A CANCEL frame cancels that ioctl's task (the
-host model ends the call as the driver does for a signal), which is answered EINTR, or with
-its reply if the driver completed it all the same (an HGCM call the host finished while its
-cancel failed). When the connection ends, for whatever reason, its tasks are cancelled and
-the session is closed, so a vanished client releases its HGCM clients, filter bits and
-capabilities. A ``control`` connection runs control commands (:mod:`agent.host.control`)
-one after the other, and logs each one it served (``control_command``, or
-``control_command_refused`` with the host's reason).
+host model ends the call as the driver does for a signal), which is answered as the driver
+returns: EINTR where the signal ended the ioctl (mainline's interruptible waits), else its
+reply (Oracle's driver answers VERR_INTERRUPTED in ``hdr.rc``, and a call the host finished
+while its cancel failed completed). When the connection ends, for whatever reason, its tasks
+are cancelled and the session is closed, so a vanished client releases its HGCM clients,
+filter bits and capabilities. A ``control`` connection runs control commands
+(:mod:`agent.host.control`) one after the other, and logs each one it served
+(``control_command``, or ``control_command_refused`` with the host's reason).
 
 A malformed frame gets an ERROR frame and its connection is closed; the server goes on.
 An exception raised by the host model itself is a bug of the simulator and ends the server.
@@ -262,7 +263,7 @@ class _Server:
             reply = IoctlReply(request.seq, 0, bytes(buffer), memory.contents())
         finally:
             interrupted = calls.pop(request.seq).cancelled_caught
-        if interrupted:  # the CANCEL ended it, as a signal does
+        if interrupted:  # the CANCEL ended the ioctl, as a signal does (the driver decides)
             reply = IoctlReply(request.seq, errno.EINTR)
         try:
             await connection.send(reply)

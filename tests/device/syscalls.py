@@ -7,10 +7,12 @@ nodes of one driver share, or the real one of a name of the test's own, so no te
 real name).
 Each ioctl, issued by a real worker thread, runs the driver on the trio thread
 (``trio.from_thread.run`` with the token, so the driver runs outside the caller's cancel
-scopes, as a kernel does); an interrupt of a worker thread ends the call that thread is
-blocked in with EINTR, as a signal does. User buffers travel as real
-addresses, read and written through :class:`CtypesMemory` as ``copy_*_user`` would. The driver
-is any object with ``SimulatedHost``'s entry points, the simulated host itself included.
+scopes, as a kernel does); an interrupt of a worker thread cancels the call that thread is
+blocked in, which the driver answers as it answers a signal: mainline's interruptible waits
+end with EINTR, Oracle's driver returns 0 with VERR_INTERRUPTED in ``hdr.rc``. User buffers
+travel as real addresses, read and written through :class:`CtypesMemory` as
+``copy_*_user`` would. The driver is any object with ``SimulatedHost``'s entry points, the
+simulated host itself included.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class _BoundName:
 
 
 class Kernel(Generic[D]):
-    """The injected system calls: fds lead to driver sessions, interrupts become EINTR."""
+    """The injected system calls: fds lead to driver sessions, interrupts become signals."""
 
     def __init__(
         self,
@@ -195,7 +197,7 @@ class Kernel(Generic[D]):
         trio.from_thread.run(self._in_driver, thread, session, code, buffer, trio_token=self._token)
 
     def interrupt(self, thread: int) -> None:
-        """A signal to ``thread``: the call it is blocked in ends with EINTR."""
+        """A signal to ``thread``: the call it is blocked in ends as the driver ends it."""
         scope = self._blocked.get(thread)
         if scope is not None:
             scope.cancel()

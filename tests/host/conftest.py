@@ -9,21 +9,33 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 from agent.host import SimOpener, SimTransport, SimulatedHost
 from agent.host.driver import Driver
 from agent.host.hgcm_service import HgcmCallHandle, HostBuffer, HostU32
 from agent.host.memory import DictMemory
 from agent.host.vmmdev import VMMDev
-from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.constants import REQUEST_HEADER_VERSION, VMMDEV_VERSION, RequestType
+from agent.protocol import (
+    ChangeFilterMask,
+    HgcmCall,
+    HgcmConnect,
+    HgcmU32,
+    layouts as L,  # noqa: N812 - the layout table
+)
+from agent.protocol.constants import (
+    REQUEST_HEADER_VERSION,
+    VMMDEV_VERSION,
+    Event,
+    RequestType,
+)
 from agent.protocol.session import Session
-from agent.protocol.status import VERR_GENERAL_FAILURE, VINF_SUCCESS
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_NOT_FOUND, VINF_SUCCESS
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from agent.protocol.messages import Request
+    from agent.protocol.messages import HgcmReply, Request
 
 R = TypeVar("R")
 
@@ -34,6 +46,8 @@ FN_HOLD: Final = 2
 """Keep the call pending until the test completes it."""
 FN_FAIL: Final = 3
 """Complete at once with the status in parameter 0."""
+POLL_S: Final = 0.005
+"""How often :func:`until` looks at the host again."""
 
 
 @dataclass(eq=False)
@@ -214,3 +228,76 @@ class Client:
 async def open_client(host: SimulatedHost, *, user_device: bool = False, uid: int = 0) -> Client:
     """Open a session on ``host``."""
     return Client(await SimOpener(host, user_device=user_device, uid=uid).open_session())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds (the caller bounds it): host state the real
+    driver's worker threads change has no event to wait on."""
+    while not condition():  # noqa: ASYNC110 - polling host state, bounded by the caller
+        await trio.sleep(POLL_S)
+
+
+async def signal_in_the_grace_after_a_timeout(
+    host: SimulatedHost, echo: EchoService
+) -> HgcmReply | None:
+    """Run ``host`` and make a call with a 100 ms timeout that the service holds; once the
+    driver timed it out and the host refused its cancel (VERR_NOT_FOUND: the driver then
+    waits up to 0.5 s for DONE), cancel its caller (the signal) and complete the call with
+    77 in its parameter. Return the reply the caller got (None: it got the cancellation)."""
+    replies: list[HgcmReply] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            client = await open_client(host)
+            client_id = (await client.request(HgcmConnect(ECHO))).client_id
+            scope = trio.CancelScope()
+
+            async def timed_call() -> None:
+                with scope:
+                    call = HgcmCall(client_id, FN_HOLD, (HgcmU32(5),), timeout_ms=100)
+                    replies.append(await client.request(call))
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(timed_call)
+                await until(lambda: bool(echo.held))
+                host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_FOUND)
+                await until(lambda: not host.vmmdev.faults.has_faults)  # timed out: the grace
+                scope.cancel()  # the signal
+                await trio.testing.wait_all_tasks_blocked()  # it reached the driver
+                held = echo.held.pop()
+                (number,) = held.params
+                assert isinstance(number, HostU32)
+                number.value = 77
+                held.complete(VINF_SUCCESS)
+            await client.transport.aclose()
+            nursery.cancel_scope.cancel()
+    return replies[0] if replies else None
+
+
+async def cancel_while_the_table_is_locked(
+    host: SimulatedHost, request_type: int, call: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``call`` (a connect or disconnect, whose request of ``request_type`` the host
+    holds 1 s) and, from just after its start, a filter change of another session that
+    holds the driver's session mutex 2 s (its request held that long); cancel ``call`` at
+    1.5 s, when the host has answered it and the driver waits for the mutex to update the
+    session's table. Return once the driver is done with it (autojump clock)."""
+    other = await open_client(host)
+    host.set_delay(request_type, 1)
+    host.set_delay(RequestType.CTL_GUEST_FILTER_MASK, 2)
+    scope = trio.CancelScope()
+
+    async def cancelled() -> None:
+        with scope:
+            await call()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled)
+        await trio.testing.wait_all_tasks_blocked()  # held at the host
+        nursery.start_soon(other.request, ChangeFilterMask(Event.VRDP, 0))
+        await trio.sleep(1.5)
+        scope.cancel()
+    host.set_delay(request_type, 0)
+    host.set_delay(RequestType.CTL_GUEST_FILTER_MASK, 0)
+    await trio.testing.wait_all_tasks_blocked()  # the driver finished the call in its task
+    assert scope.cancelled_caught

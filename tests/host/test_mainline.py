@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from functools import partial
 from typing import Final
 
 import pytest
@@ -65,6 +66,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.status import (
     VERR_ACCESS_DENIED,
+    VERR_GENERAL_FAILURE,
     VERR_HGCM_SERVICE_NOT_FOUND,
     VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_NOT_SUPPORTED,
@@ -79,8 +81,10 @@ from tests.host.conftest import (
     FN_HOLD,
     Client,
     EchoService,
+    cancel_while_the_table_is_locked,
     model_driver,
     open_client,
+    signal_in_the_grace_after_a_timeout,
     user_state_request,
     vmmdev_request,
 )
@@ -818,6 +822,55 @@ class TestHgcm:
             buf = ioctl_buffer(28, 24)
             L.HgcmDisconnectIoctl.client_id.set(buf, bad)
             await expect_errno(errno.EINVAL, other.raw(Ioctl.HGCM_DISCONNECT, buf))
+
+    async def test_a_signal_in_the_grace_after_a_timeout_does_not_end_it(
+        self, personality: str
+    ) -> None:
+        """After a call's timeout, a cancel the host cannot find (VERR_NOT_FOUND) is followed
+        by a grace wait for DONE that no signal ends (``vbg_hgcm_do_call``:
+        ``wait_event_timeout``, 500 ms): a call the host completes in it returns its reply,
+        a signal meanwhile notwithstanding. The real driver (``kernel``) is the reference."""
+        echo = EchoService(max_calls=16)
+        host = SimulatedHost(personality=personality, services=[echo])
+        reply = await signal_in_the_grace_after_a_timeout(host, echo)
+        assert reply is not None, "the signal ended the grace wait"
+        assert (reply.status, reply.params) == (VINF_SUCCESS, (HgcmU32(77),))
+
+    async def test_a_connect_cancelled_while_the_table_is_locked_is_the_sessions(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A client the host connected goes into the session's table under ``mutex_lock``,
+        which no signal interrupts: a connect cancelled while another task holds the mutex
+        is the session's all the same, and the session's close disconnects it."""
+        client = await open_client(host)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host, RequestType.HGCM_CONNECT, partial(client.request, HgcmConnect(ECHO))
+            )
+            [client_id] = echo.connected
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
+
+    async def test_a_refused_disconnect_cancelled_while_the_table_is_locked_keeps_its_client(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A disconnect the host refused gives the client its slot back under ``mutex_lock``,
+        which no signal interrupts: cancelled while another task holds the mutex, the client
+        is still the session's, and the session's close disconnects it."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        host.add_fault(RequestType.HGCM_DISCONNECT, VERR_GENERAL_FAILURE)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host,
+                RequestType.HGCM_DISCONNECT,
+                partial(client.request, HgcmDisconnect(client_id)),
+            )
+            assert echo.disconnected == []
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
 
 
 class TestKernelBalloon:

@@ -12,6 +12,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -81,10 +82,13 @@ from tests.host.conftest import (
     ECHO,
     FN_ECHO,
     FN_FAIL,
+    FN_HOLD,
     Client,
     EchoService,
+    cancel_while_the_table_is_locked,
     model_driver,
     open_client,
+    signal_in_the_grace_after_a_timeout,
     vmmdev_request,
 )
 
@@ -362,6 +366,82 @@ class TestHeaderRc:
         oversized(after_a_bad_type, 1, HgcmParmType.PAGELIST)
         oversized(after_a_bad_type, 2)
         assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
+
+
+class TestHgcmAndSignals:
+    """What a signal (the caller's cancellation) does to HGCM ioctls."""
+
+    async def test_a_signal_ends_a_held_call_with_verr_interrupted_in_the_header(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """The signal ends a held call's wait: the driver cancels the call at the host and
+        ``vbglR0HGCMInternalDoCall`` returns VERR_INTERRUPTED, which ``VGDrvCommonIoCtl``
+        stores in ``hdr.rc``: the ioctl returns 0, the header copied back, and the caller's
+        next checkpoint raises."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        call = HgcmCall(client_id, FN_HOLD, (HgcmU32(1),)).encode()
+        statuses: list[int] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def held() -> None:
+                    statuses.append(await call_rc(client, call))
+                    await trio.lowlevel.checkpoint()
+                    pytest.fail("the cancellation did not surface at the next checkpoint")
+
+                nursery.start_soon(held)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        assert statuses == [VERR_INTERRUPTED]
+        assert (len(echo.cancelled), echo.held) == (1, [])
+
+    async def test_a_signal_in_the_grace_after_a_timeout_does_not_end_it(self) -> None:
+        """After a call's timeout, a cancel the host cannot find (VERR_NOT_FOUND) is followed
+        by ``vbglR0HGCMInternalDoCall``'s grace, a poll with ``RTThreadSleep`` that no signal
+        ends: a call the host completes in it returns its reply."""
+        echo = EchoService(max_calls=16)
+        host = SimulatedHost(personality=PERSONALITY, services=[echo])
+        reply = await signal_in_the_grace_after_a_timeout(host, echo)
+        assert reply is not None, "the signal ended the grace wait"
+        assert (reply.status, reply.params) == (VINF_SUCCESS, (HgcmU32(77),))
+
+    async def test_a_connect_cancelled_while_the_table_is_locked_is_the_sessions(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """``vgdrvIoCtl_HGCMConnect`` stores the client the host connected in the session's
+        table under a spinlock, which no signal interrupts: a connect cancelled while
+        another task holds the table is the session's all the same, and the session's
+        close disconnects it."""
+        client = await open_client(host)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host, RequestType.HGCM_CONNECT, partial(client.request, HgcmConnect(ECHO))
+            )
+            [client_id] = echo.connected
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
+
+    async def test_a_refused_disconnect_cancelled_while_the_table_is_locked_keeps_its_client(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """``vgdrvIoCtl_HGCMDisconnect`` gives a client the host did not disconnect its slot
+        back under the spinlock: cancelled while another task holds the table, the client is
+        still the session's, and the session's close disconnects it."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        host.add_fault(RequestType.HGCM_DISCONNECT, VERR_GENERAL_FAILURE)
+        with trio.fail_after(60):
+            await cancel_while_the_table_is_locked(
+                host,
+                RequestType.HGCM_DISCONNECT,
+                partial(client.request, HgcmDisconnect(client_id)),
+            )
+            assert echo.disconnected == []
+            assert client_id in client.transport.session.hgcm_client_ids
+            await client.transport.aclose()
+        assert echo.disconnected == [client_id]
 
 
 class TestLog:
@@ -667,8 +747,9 @@ class TestEvents:
     async def test_a_cancel_before_the_isr_leaves_the_events_pending(
         self, host: SimulatedHost, autojump_clock: object, *, own_task: bool
     ) -> None:
-        """A wait its caller's cancel ended before the ISR ran is off the wait list: the
-        dispatch passes it by and the events stay pending for the next wait."""
+        """A wait its caller's cancel ended before the ISR ran returns VERR_INTERRUPTED in
+        ``hdr.rc`` (the ioctl succeeds; the caller's next checkpoint raises) and is off the
+        wait list: the dispatch passes it by and the events stay pending for the next wait."""
         client = await open_client(host)
         driver = model_driver(host)
         mask = Event.STATISTICS_INTERVAL_CHANGE_REQUEST
@@ -682,13 +763,14 @@ class TestEvents:
             async def wait() -> None:
                 with scope:
                     results.append(await wait_raw(client, mask, 10_000))
+                    await trio.lowlevel.checkpoint()
 
             nursery.start_soon(wait)
             await trio.testing.wait_all_tasks_blocked()
             scope.cancel()
-            await trio.testing.wait_all_tasks_blocked()  # the waiter ran: Cancelled
+            await trio.testing.wait_all_tasks_blocked()  # the waiter ran: VERR_INTERRUPTED
             driver.route_events(mask)
-        assert results == []
+        assert results == [(VERR_INTERRUPTED, 0)]
         assert scope.cancelled_caught
         assert driver.pending_events == mask
         assert await wait_raw(client, mask, 0) == (VINF_SUCCESS, mask)

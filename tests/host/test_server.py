@@ -46,9 +46,10 @@ from agent.protocol import (
     Request,
     Session,
     WaitForEvents,
+    layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import RequestType
-from agent.protocol.status import VERR_GENERAL_FAILURE
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED
 from agent.protocol.wire import (
     MAX_JSON_SIZE,
     ControlReply,
@@ -61,6 +62,7 @@ from agent.protocol.wire import (
     Role,
     encode_frame,
 )
+from tests.host.conftest import ECHO, FN_HOLD, EchoService
 from tests.sim_support import garbage_host
 
 if TYPE_CHECKING:
@@ -170,6 +172,40 @@ class TestDeviceSessions:
                 host.raise_events(Event.RESTORED)
                 received = await request(session, transport, WaitForEvents(Event.RESTORED))
                 assert received.mask & Event.RESTORED
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize("personality", ["mainline", "oracle"])
+    async def test_an_interrupted_call_is_answered_as_its_driver_returns(
+        self, socket_path: str, personality: str
+    ) -> None:
+        """A CANCEL ends a held HGCM call as a signal does in the driver (which cancels it at
+        the host), and the reply is what that driver's ioctl returns: mainline's EINTR (the
+        client raises the cancellation), Oracle's 0 with VERR_INTERRUPTED in ``hdr.rc``
+        and the header copied back (``VGDrvCommonIoCtl``; the client returns it)."""
+        echo = EchoService()
+        host = SimulatedHost(personality=personality, services=[echo])
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                client_id = (await request(session, transport, HgcmConnect(ECHO))).client_id
+                call = session.encode(HgcmCall(client_id, FN_HOLD, (HgcmU32(1),)))
+                returned: list[int] = []
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as calls:
+
+                        async def held() -> None:
+                            await transport.ioctl(call.code, call.buffer, call.user_buffers)
+                            returned.append(L.IoctlHeader.rc.get(call.buffer))
+
+                        calls.start_soon(held)
+                        await trio.testing.wait_all_tasks_blocked()  # the call is at the host
+                        assert len(echo.held) == 1
+                        scope.cancel()
+                assert returned == ([VERR_INTERRUPTED] if personality == "oracle" else [])
+                assert (len(echo.cancelled), echo.held) == (1, [])
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
 

@@ -114,10 +114,12 @@ the autojump clock; the others show by their log that no call was given up on.""
 
 
 @asynccontextmanager
-async def _running(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
-    """The setup ``kind`` (one of ``SETUPS``), running until the block ends."""
+async def _running(
+    kind: str, request: pytest.FixtureRequest, *, personality: str = "mainline"
+) -> AsyncIterator[Setup]:
+    """The setup ``kind`` (one of ``SETUPS``), running until the block ends; a kind but the
+    real driver's runs the simulated driver ``personality``."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    personality = "mainline"
     if kind.endswith(KERNEL_PERSONALITY):
         request.getfixturevalue("kernel_library")
         personality = KERNEL_PERSONALITY
@@ -565,6 +567,20 @@ async def test_a_call_oracles_driver_completes_while_its_cancel_fails_returns_it
         await nursery.start(host.run)
         await _complete_a_call_while_its_cancel_fails(Setup(host, echo, SimOpener(host)))
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["in-process", "socket", "chardev"])
+async def test_a_call_oracles_driver_ends_with_verr_interrupted_raises_the_cancellation(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Oracle's driver answers the signal that ends a held call with VERR_INTERRUPTED in the
+    header and ioctl() == 0, in-process, over the socket and through the character device
+    alike: the device turns it into the caller's cancellation (never an HgcmCallError), the
+    host has cancelled the call, and the channel keeps its slot until the block ends."""
+    async with _running(kind, request, personality="oracle") as setup:
+        with structlog.testing.capture_logs() as logs:
+            await _cancel_a_held_call(setup)
+    assert _given_up(logs) == []
 
 
 async def test_a_timeout_oracles_driver_reports_in_the_header_keeps_its_slot_too() -> None:

@@ -176,7 +176,13 @@ async def host_connect(drv: Driver, kbuf: bytearray, requestor: int) -> tuple[in
 async def disconnect(
     drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> None:
-    """Disconnect one of this session's clients."""
+    """Disconnect one of this session's clients.
+
+    Its slot holds ``CLIENT_SLOT_BUSY`` while the host is asked, then is freed, or given the
+    client back if the host refused, under an uninterruptible lock (``mutex_lock``; Oracle's
+    ``vgdrvIoCtl_HGCMDisconnect`` under its spinlock): a signal meanwhile never leaves the
+    slot busy, which would hide a client still connected from the session's close.
+    """
     del memory
     check_sizes(kbuf, L.HgcmDisconnectIoctl.size, L.HgcmDisconnectIoctl.client_id.offset)
     client_id = L.HgcmDisconnectIoctl.client_id.get(kbuf)
@@ -189,8 +195,9 @@ async def disconnect(
             raise fail(errno.EINVAL) from None
         session.hgcm_client_ids[slot] = CLIENT_SLOT_BUSY
     status = await host_disconnect(drv, client_id, session.requestor)
-    async with drv.session_mutex:
-        session.hgcm_client_ids[slot] = 0 if status >= 0 else client_id
+    with trio.CancelScope(shield=True):
+        async with drv.session_mutex:
+            session.hgcm_client_ids[slot] = 0 if status >= 0 else client_id
     L.IoctlHeader.rc.set(kbuf, status)
 
 
@@ -483,6 +490,12 @@ async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) ->
     caller's next checkpoint raises the cancellation). A request whose cancel failed and
     that never completed is leaked, as the kernel does, because the host may still write
     to it.
+
+    The cancel and its grace wait are shielded after a timeout as after a signal: no signal
+    ends them (``vbg_hgcm_do_call``'s grace is ``wait_event_timeout``, Oracle's
+    ``vbglR0HGCMInternalDoCall`` polls with ``RTThreadSleep``), so a call the host completes
+    in the grace returns 0 with its results, and a signal that came meanwhile is the
+    caller's next checkpoint's.
     """
     leaked = False
     try:
@@ -505,7 +518,8 @@ async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) ->
             return 0  # the host finished it in the grace: a completed call
         if _done(req):
             return 0
-        outcome = await _cancel(drv, req, phys)
+        with trio.CancelScope(shield=True):
+            outcome = await _cancel(drv, req, phys)
         leaked = outcome is _Outcome.LEAKED
         return 0 if outcome is _Outcome.DONE else errno.ETIMEDOUT
     finally:

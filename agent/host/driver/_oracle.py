@@ -144,7 +144,15 @@ class Wait:
 async def ioctl(
     drv: OracleDriver, session: DriverSession, code: int, buf: bytearray, memory: GuestMemory
 ) -> None:
-    """``vgdrvLinuxIOCtlSlow``: errno for the entry's own checks, EINVAL for common failures."""
+    """``vgdrvLinuxIOCtlSlow``: errno for the entry's own checks, EINVAL for common failures.
+
+    A signal (the caller's cancellation) that ends an interruptible wait, a WAIT_FOR_EVENTS
+    or an HGCM call (which is first cancelled at the host), is no failure of the ioctl:
+    the handler returns VERR_INTERRUPTED, ``VGDrvCommonIoCtl`` stores it in ``hdr.rc`` and
+    the header is copied back with 0 returned. The call so returns normally and its caller's
+    next checkpoint raises the cancellation, in-process, over the socket server and through
+    a character device alike.
+    """
     await trio.lowlevel.cancel_shielded_checkpoint()  # a signal does not keep the call out
     if session.lost:
         raise fail(errno.ENODEV)
@@ -352,7 +360,7 @@ async def _sleep(drv: OracleDriver, wait: Wait, deadline: float) -> int:
     cancel, the deadline or the session's loss ends it; return the wait's status.
 
     The caller's cancel is the signal that ends the sleep (``RTSemEventMultiWaitNoResume``
-    returns VERR_INTERRUPTED): it raises ``Cancelled``, unless the ISR handed the wait
+    returns VERR_INTERRUPTED): VERR_INTERRUPTED is returned, unless the ISR handed the wait
     events before this task ran, which are returned with success all the same.
     """
     session = wait.session
@@ -369,7 +377,7 @@ async def _sleep(drv: OracleDriver, wait: Wait, deadline: float) -> int:
                 await drv.event_wq.park()
     except trio.Cancelled:
         if wait.result in (0, U32_MAX):
-            raise
+            return VERR_INTERRUPTED
     finally:
         if wait in drv.wait_list:
             drv.wait_list.remove(wait)
@@ -400,15 +408,20 @@ async def _hgcm_connect(
 ) -> int:
     """``vgdrvIoCtl_HGCMConnect``: connect at the host first, then take a free slot of the
     session's table; with none left, disconnect the new client again and answer
-    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host)."""
+    VERR_TOO_MANY_OPEN_FILES with client id 0 (mainline refuses before asking the host).
+
+    The table is updated under the session's spinlock, which no signal interrupts: a client
+    the host connected is the session's (its close disconnects it) whatever its caller does.
+    """
     del memory
     status, client_id = await _hgcm.host_connect(drv, kbuf, session.requestor)
     if status >= 0:
-        async with drv.session_mutex:
-            slots = session.hgcm_client_ids
-            free = slots.index(0) if 0 in slots else None
-            if free is not None:
-                slots[free] = client_id
+        with trio.CancelScope(shield=True):
+            async with drv.session_mutex:
+                slots = session.hgcm_client_ids
+                free = slots.index(0) if 0 in slots else None
+                if free is not None:
+                    slots[free] = client_id
         if free is None:
             await _hgcm.host_disconnect(drv, client_id, session.requestor)
             status, client_id = VERR_TOO_MANY_OPEN_FILES, 0
@@ -450,7 +463,10 @@ async def _hgcm_call(
     status = _preprocess(kbuf, count)
     if status < 0:
         return status
-    return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
+    try:
+        return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
+    except trio.Cancelled:
+        return VERR_INTERRUPTED  # the signal: see ioctl()
 
 
 def _preprocess(kbuf: bytearray, count: int) -> int:
