@@ -25,14 +25,17 @@ last of them returned (in its task), so what they did (an HGCM client a connect 
 released too.
 
 A call already running in its caller's task when a fault or delay is configured stays
-there: the fault reaches what the driver sends for it later (a CANCEL2 the host then
-refuses), but the call is not abandoned, and its cancelled caller waits as long as the
-driver does (up to the 2 s the drivers wait after a refused cancel). Abandoning it would
-take each driver (the mainline and Oracle models, the real driver's thread) handing what it
-does after the signal, and its own cleanup of the call, to a task of its own, and this
-transport deferring the session's release to that task; deciding per call instead would
-cost the fault-free path its speed. Configure a fault or delay before the calls it is meant
-to hold start.
+there: the fault or delay reaches what the driver sends for it later, but the call is not
+abandoned, and its cancelled caller waits as long as the driver does: up to the 2 s the
+drivers wait after a refused cancel, and the whole of a delay on what the driver sends
+after the signal (``set_delay(HGCM_CANCEL2, 30)`` while a call is held holds its cancelled
+caller 30 s, where the socket transport and the character device give the call up after
+``ABANDON_AFTER_S``). Abandoning it would take each driver (the mainline and Oracle models,
+the real driver's thread) handing what it does after the signal, and its own cleanup of the
+call, to a task of its own, and this transport deferring the session's release to that
+task; running every call in a task of its own instead costs each ioctl a scheduling step
+(several times an inline call's cost). Configure a fault or delay before the calls it is
+meant to hold start.
 """
 
 from __future__ import annotations
