@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from agent.config import AgentConfig, DaemonConfig
 from agent.daemon import Daemon
@@ -32,6 +33,7 @@ from agent.daemon.notify import Notifier
 from agent.device import DeviceInUseError
 from agent.device.claimname import CLAIM_BACKLOG, HeldName, bind_claim_name
 from agent.protocol import Facility, FacilityStatus
+from tests.daemon.test_services import RecordingNotifier
 from tests.device.syscalls import DEVICE_PATH, AbstractNames, Kernel
 from tests.device.test_claimname import (
     asking,
@@ -263,3 +265,53 @@ async def test_a_failed_accept_on_the_name_leaves_the_agent_running(
             assert _facility(host) == FacilityStatus.ACTIVE
             daemon.request_shutdown("test")
     assert _facility(host) == FacilityStatus.TERMINATED
+
+
+class FailingName:
+    """A held claim name whose serving fails once :attr:`fail` is set; it counts its
+    releases."""
+
+    def __init__(self) -> None:
+        self.fail = trio.Event()
+        self.releases = 0
+
+    async def serve(self) -> None:
+        """Fail once told to."""
+        await self.fail.wait()
+        msg = "claim name serving failed"
+        raise RuntimeError(msg)
+
+    def release(self) -> None:
+        """Count the release."""
+        self.releases += 1
+
+
+async def test_a_failing_claim_task_leaves_the_agent_running(host: SimulatedHost) -> None:
+    """The task serving the claim name failing is logged (``claim_name_serve_failed``) and
+    ends that task alone: the claim stays held, the agent runs on (facility Active, no
+    ``STOPPING=1``), and its stop drains and reports as usual."""
+    name = FailingName()
+
+    async def claim_name() -> FailingName:
+        await trio.lowlevel.checkpoint()
+        return name
+
+    kernel = Kernel(host, claim_name_fn=claim_name)
+    notifier = RecordingNotifier()
+    daemon = Daemon(AgentConfig(), kernel.opener(), notifier=notifier)
+    with trio.fail_after(BOUND), capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            name.fail.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert [log["error"] for log in logs if log["event"] == "claim_name_serve_failed"] == [
+                "RuntimeError('claim name serving failed')"
+            ]
+            assert _facility(host) == FacilityStatus.ACTIVE
+            assert name.releases == 0
+            assert kernel.locked_by is not None
+            assert notifier.sent == ["READY=1"]
+            daemon.request_shutdown("test")
+    assert _facility(host) == FacilityStatus.TERMINATED
+    assert name.releases == 1
+    assert [message.split(" ")[0] for message in notifier.sent] == ["READY=1", "STOPPING=1"]
