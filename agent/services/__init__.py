@@ -8,6 +8,7 @@ from agent.services._base import (
     ServiceContext as ServiceContext,
     ServiceSection as ServiceSection,
     ServiceSpec as ServiceSpec,
+    SessionLedger as SessionLedger,
     Statistics as Statistics,
 )
 from agent.services.event_pump import (

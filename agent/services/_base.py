@@ -84,6 +84,31 @@ class BalloonGauge:
         return self.chunks
 
 
+@final
+class SessionLedger:
+    """The VM session id each service last acted on, by the service's name.
+
+    The host gives the VM a new session id at every restore. A service hears RESTORED only
+    while its run is subscribed, so a restore during a restart's back-off, or while a reload
+    rebuilds or re-enables the service, reaches other services alone. The daemon keeps one
+    ledger for all its services' lives: a run that reads another id than the one its name
+    last noted knows a restore came meanwhile (VBoxService's timesync compares the id so).
+    """
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+
+    def last(self, name: str) -> int | None:
+        """The id ``name`` last noted, None before it noted one."""
+        return self._ids.get(name)
+
+    def note(self, name: str, session_id: int) -> None:
+        """``name`` acted on the VM's session ``session_id``."""
+        self._ids[name] = session_id
+
+
 @record
 class ServiceContext:
     """What the daemon hands a service when it builds it.
@@ -100,6 +125,8 @@ class ServiceContext:
             fatal error), as against this service alone stopping (a reload that disables
             it) or restarting while the agent runs on. A drain may ask it: what it leaves
             behind then waits for the agent's next start, not in a gap while it runs on.
+        sessions: the VM session id each service last acted on, to tell a restore that
+            came while its run was down.
     """
 
     device: Device
@@ -107,6 +134,7 @@ class ServiceContext:
     status_changed: Callable[[], None] = field(default=_status_ignored)
     balloon: BalloonGauge = field(default_factory=BalloonGauge)
     agent_stopping: Callable[[], bool] = field(default=_agent_runs_on)
+    sessions: SessionLedger = field(default_factory=SessionLedger)
 
 
 class Statistics(Protocol):

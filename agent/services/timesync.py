@@ -11,26 +11,40 @@ ms) between two readings of the guest's, and works out the drift:
   backwards; every pass hands the kernel the drift then left) or, over ``set_threshold_s``
   or when the kernel refuses the slew, stepped (``clock_settime``);
 - after a restore (the RESTORED event, at once, where VBoxService waits for its next pass)
-  the threshold is 0: a saved VM comes back hours behind, and is stepped;
+  the threshold is 0: a saved VM comes back hours behind, and is stepped. VBoxService tells
+  a restore by the VM session id (a new one at every restore); a run that (re)starts reads
+  it too, so a restore while no run listened for the event (a restart's back-off, a reload
+  that rebuilt the service) is stepped all the same (``ServiceContext.sessions`` keeps the
+  id each service last acted on);
 - ``set_on_start`` steps at the first reading, whatever the drift.
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
 the kernel says a daemon keeps the clock synchronised (``defer_to_ntp``), slewing is left to
-it and the agent only steps (over the threshold, after a restore); a slew of the agent's
-the kernel may still be making up when the daemon takes over is cancelled (``adjtime`` 0),
-as it would go on moving the clock under the daemon for up to hours. A step makes the kernel
-say "unsynchronised" until the daemon's next update, so after one the daemon is given up to
-``DAEMON_RESYNC_GRACE_S`` to come back before it is taken for gone. A restore that arrives
-during a pass makes the pass read again, as a restore.
+it and the agent only steps (after a restore, at ``set_on_start``'s first reading, and once
+over the threshold); a slew of the agent's the kernel may still be making up when the
+daemon takes over is cancelled (``adjtime`` 0), as it would go on moving the clock under the
+daemon for up to hours. A step makes the kernel say "unsynchronised" until the daemon's next
+update, so after one the daemon is given up to ``DAEMON_RESYNC_GRACE_S`` to come back before
+it is taken for gone. A drift back over the threshold once the daemon updated after the
+agent's step over it means the host's clock and the daemon's time source disagree (a host
+whose own clock is off NTP time, say): the agent would step at every pass after each of the
+daemon's corrections, so it says so once (``host_clock_disagrees_with_time_daemon``, with
+the drift) and leaves the clock to the daemon until a reading within the threshold after
+the daemon's update shows them agreeing (one line), or the daemon is gone. A restore that
+arrives during a pass makes the pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
 :mod:`agent.services._host_options`): its ``--timesync-*`` options and the global
-``--interval`` (seconds; the interval where no ``--timesync-interval`` is set), read at start
-and after every restore, over the config's values.
+``--interval`` (seconds; the interval where no ``--timesync-interval`` is set), over the
+config's values. They are read at start, before the first pass, and again after every
+restore's pass, which steps with the options in force: the property service may be slow to
+answer (an HGCM connect the host holds), and a clock hours behind does not wait for it
+(VBoxService reads them once, at start).
 
 Correcting needs ``CAP_SYS_TIME``; without it the service says so once and goes on
 measuring. A host without the clock request (``VERR_NOT_SUPPORTED``) or with a broken answer
-is reported the same way and asked again every interval. Each state (slewing, left to a time
+(a time before 1980 or after 2200 included: ``MIN_HOST_TIME_MS``, ``MAX_HOST_TIME_MS``) is
+reported the same way and asked again every interval. Each state (slewing, left to a time
 daemon, a problem) is logged when it begins and ends, not at every pass. Nothing is held, so
 a stop gives nothing back. Config section: ``[timesync]``.
 """
@@ -46,8 +60,10 @@ import trio
 from pydantic import Field
 
 from agent.protocol import (
+    HOST_ERRORS,
     Event,
     GetHostTime,
+    GetSessionId,
     RemoteProtocolError,
     VBoxStatusError,
 )
@@ -61,6 +77,7 @@ from agent.services._host_options import (
     HostSettings,
     HostTunedSection,
 )
+from agent.services._lasting import LastingFailure
 from agent.services._publishing import IntervalPause
 from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
 
@@ -82,10 +99,21 @@ MIN_INTERVAL_S: Final = MIN_INTERVAL_MS / 1000
 MAX_INTERVAL_S: Final = MAX_INTERVAL_MS / 1000
 """VBoxService's bounds on ``--timesync-interval``: 0.05 s to 4294967.294 s (49.7 days)."""
 _NS_PER_MS: Final = 1_000_000
+OVER_THRESHOLD: Final = "over set_threshold_s"
+"""The reason of a step for a drift over ``set_threshold_s``."""
 NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
 MAX_HOST_TIME_MS: Final = 7_258_118_400_000
 """2200-01-01: later than any real host, earlier than the kernel's limit for the clock
 (about 2232 on 64-bit Linux); a later answer is a bad reply."""
+MIN_HOST_TIME_MS: Final = 315_532_800_000
+"""1980-01-01, where DOS and FAT time begins: earlier than any date a PC guest is set to,
+and above the answers of a broken host (0, a count of seconds read as ms, ten years of
+uptime in ms); an earlier answer is a bad reply. A VM its host dates back
+(``--biossystemtimeoffset``, which moves the UTC the host answers with) stays well above it.
+It is a fixed floor, not the guest's boot time (``CLOCK_REALTIME`` - ``CLOCK_BOOTTIME``):
+that moves with the very clock being corrected, so a guest set years ahead would take the
+host's right time for one before its boot and keep its wrong one. (Linux itself refuses a
+wall time below ``CLOCK_MONOTONIC``'s reading, ``EINVAL``.)"""
 DAEMON_RESYNC_GRACE_S: Final = 2048.0
 """After the agent steps the clock, the kernel says "unsynchronised" until the time daemon
 updates it again, at the daemon's next poll: at most 2048 s (systemd-timesyncd's longest;
@@ -112,7 +140,9 @@ class TimesyncSection(HostTunedSection):
     set_on_restore: bool = True
     """After a restore, step any drift over the minimum at once."""
     defer_to_ntp: bool = True
-    """Leave small drifts to a time daemon that keeps the clock synchronised."""
+    """Leave small drifts to a time daemon that keeps the clock synchronised, and a drift
+    over ``set_threshold_s`` that comes back after the agent's step and the daemon's update
+    (the host's clock disagreeing with the daemon's time source)."""
     host_options: bool = True
     """Apply VBoxService's ``--timesync-*`` and ``--interval`` options the host sets as
     guest properties, over this section's values; false: this section wins."""
@@ -158,7 +188,7 @@ def plan_correction(
     if restored and section.set_on_restore:
         return Plan(Correction.STEP, "restored")
     if drift > section.set_threshold_s * 1e9:
-        return Plan(Correction.STEP, "over set_threshold_s")
+        return Plan(Correction.STEP, OVER_THRESHOLD)
     return Plan(Correction.SLEW, "over the minimum")
 
 
@@ -195,6 +225,10 @@ class TimesyncService:
         self._device: Device = context.device
         self._pump: EventPump = context.pump
         self._status_changed = context.status_changed
+        self._sessions = context.sessions
+        self._session_id: int | None = None
+        """The VM session id last read; noted in ``sessions`` by the pass that follows."""
+        self._session_reads = LastingFailure("vm_session_read_again")
         self._configured = section
         self._section = section
         self._host_settings: HostSettings[TimesyncSection] = HostSettings(TIMESYNC_OPTIONS)
@@ -202,12 +236,19 @@ class TimesyncService:
         self._pause = IntervalPause(section.interval_s)
         self._set_pending = False
         self._restore_pending = False
+        self._options_due = False
+        """Whether a restore's pass left the host's options to read."""
+        self._options_read = False
         self._host_problem: str | None = None
         self._clock_problem: str | None = None
         self._left_to_ntp = False
         self._slewing = False
         self._discarding = False
         self._daemon_resync_by: float | None = None
+        self._threshold_stepped = False
+        """The agent stepped over the threshold while a time daemon kept the clock, and the
+        two have not agreed since: the next such drift is the daemon's to keep."""
+        self._disagreeing = False
         self._slew_done_by: float | None = None
         """When the kernel will have made up the agent's last slew (trio's clock), if a
         step has not dropped it since."""
@@ -223,7 +264,7 @@ class TimesyncService:
             self._slews,
             self._steps,
             self._left,
-            self._failures,
+            self._failures + self._session_reads.total,
             self._last_drift_ms,
         )
 
@@ -233,6 +274,8 @@ class TimesyncService:
         problem = self._host_problem or self._clock_problem
         if problem is not None:
             return f"timesync: {problem}"
+        if self._disagreeing:
+            return "timesync: a time daemon keeps the clock; the host's disagrees"
         if self._left_to_ntp:
             return "timesync: a time daemon keeps the clock"
         return "timesync ok" if self._passes else "timesync setting up"
@@ -251,6 +294,7 @@ class TimesyncService:
         if self._left_to_ntp and not self._section.defer_to_ntp:
             log.info("clock_taken_from_time_daemon", reason="defer_to_ntp off")
             self._left_to_ntp = False
+            self._forget_disagreement()
             self._status_changed()
         return True
 
@@ -261,21 +305,62 @@ class TimesyncService:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Read and correct, then again every ``interval_s`` and at once after a restore."""
+        """Read and correct, then again every ``interval_s`` and at once after a restore.
+
+        A (re)started run first reads the VM session id: another than the one the service
+        last acted on means a restore came while no run of it was subscribed to RESTORED (a
+        supervisor's restart back-off, a reload that rebuilt or re-enabled it), and the
+        first pass is a restore's, before the options are read again if a run read them.
+        """
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             task_status.started()
-            await self._read_host_options()
+            await self._read_session()
+            if self._restore_pending and self._options_read:
+                self._options_due = True
+            else:
+                await self._read_host_options()
             self._set_pending = self._section.set_on_start
             while True:
                 await self._pass(events)
-                if await self._pause.wait(events):
-                    self._restore_pending = True
+                if self._options_due:
                     await self._read_host_options()
+                if await self._pause.wait(events):
+                    await self._restore_came()
+
+    async def _restore_came(self) -> None:
+        """The next pass steps as after a restore, with the options in force; the host's
+        options are read after it (the property service may be slow to answer an HGCM
+        connect, and a clock hours behind should not wait for it). The new session id is
+        read first: a VMMDev request, which no HGCM service holds up."""
+        self._restore_pending = self._options_due = True
+        await self._read_session()
+
+    async def _read_session(self) -> None:
+        """Read the VM session id; another than the one the service last acted on means a
+        restore came since, its event heard or not. A failed read keeps the id last read,
+        as VBoxService ignores one."""
+        try:
+            session_id = (await self._device.request(GetSessionId())).value
+        except HOST_ERRORS as exc:
+            self._session_reads.host_failed("vm_session_unreadable", exc)
+            return
+        self._session_reads.succeeded()
+        last = self._sessions.last(self.name)
+        if last is not None and last != session_id and not self._restore_pending:
+            log.info(
+                "restored_while_not_listening",
+                old_session_id=f"{last:#x}",
+                session_id=f"{session_id:#x}",
+            )
+            self._restore_pending = True
+        self._session_id = session_id
 
     # --- settings ----------------------------------------------------------------------------
 
     async def _read_host_options(self) -> None:
-        """Read VBoxService's options from the host (at start and after a restore)."""
+        """Read VBoxService's options from the host (at start and after a restore's pass)."""
+        self._options_due = False
+        self._options_read = True
         if await self._host_settings.read(self._device, self._configured):
             self._apply_settings()
 
@@ -289,21 +374,13 @@ class TimesyncService:
     async def _pass(self, events: Subscription) -> None:
         status = self.status()
         reading = await self._read()
-        if reading is not None and self._restored_meanwhile(events):
-            await self._read_host_options()  # a restore during the pass: read it all again
-            reading = await self._read()
+        if reading is not None and _event_waiting(events):
+            await self._restore_came()
+            reading = await self._read()  # a restore during the pass: read again, as one
         if reading is not None:
             self._correct(reading)
         if self.status() != status:
             self._status_changed()
-
-    def _restored_meanwhile(self, events: Subscription) -> bool:
-        try:
-            events.receive_nowait()
-        except trio.WouldBlock:
-            return False
-        self._restore_pending = True
-        return True
 
     async def _read(self) -> Reading | None:
         """A reading taken fast enough, or None (discarded, or the host failed)."""
@@ -321,7 +398,7 @@ class TimesyncService:
                 return None
             guest_ns = clock.now_ns()
             latency_ns = clock.monotonic_ns() - started
-            if host.ms > MAX_HOST_TIME_MS:
+            if not MIN_HOST_TIME_MS <= host.ms <= MAX_HOST_TIME_MS:
                 self._host_failed("host clock out of range", "host_time_invalid", host_ms=host.ms)
                 return None
             self._host_recovered()
@@ -349,11 +426,15 @@ class TimesyncService:
             reading, section, set_now=self._set_pending, restored=self._restore_pending
         )
         self._set_pending = self._restore_pending = False
+        if self._session_id is not None:
+            self._sessions.note(self.name, self._session_id)
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms
         self._note_time_daemon(self._time_daemon_keeps_clock(), drift_ms)
-        if plan.correction is Correction.SLEW and self._left_to_ntp:
+        if self._left_to_ntp and self._disagrees(plan, reading):
+            self._left += 1
+        elif plan.correction is Correction.SLEW and self._left_to_ntp:
             self._left += 1
             self._slewing = False  # the time daemon's now (logged as such)
         elif plan.correction is Correction.NONE:
@@ -374,6 +455,33 @@ class TimesyncService:
             return True
         resync_by = self._daemon_resync_by
         return resync_by is not None and trio.current_time() < resync_by
+
+    def _disagrees(self, plan: Plan, reading: Reading) -> bool:
+        """Whether to leave a step over the threshold to the time daemon: the agent made one
+        since the two last agreed. Logged once the daemon updated after that step; a reading
+        within the threshold after such an update is their agreement."""
+        resynced = self._daemon_resync_by is None
+        drift_ms = reading.drift_ns / _NS_PER_MS
+        if plan.reason != OVER_THRESHOLD:
+            within = abs(reading.drift_ns) <= self._section.set_threshold_s * 1e9
+            if resynced and (within or plan.correction is Correction.NONE):
+                if self._disagreeing:
+                    log.info("host_clock_agrees_with_time_daemon", drift_ms=drift_ms)
+                self._forget_disagreement()
+            return False
+        if not self._threshold_stepped:
+            return False
+        if resynced and not self._disagreeing:
+            log.warning(
+                "host_clock_disagrees_with_time_daemon",
+                drift_ms=drift_ms,
+                set_threshold_s=self._section.set_threshold_s,
+            )
+            self._disagreeing = True
+        return True
+
+    def _forget_disagreement(self) -> None:
+        self._threshold_stepped = self._disagreeing = False
 
     def _apply(self, plan: Plan, drift_ns: int) -> None:
         """Slew or step; a slew the kernel refuses (too large) becomes a step."""
@@ -411,6 +519,7 @@ class TimesyncService:
         self._clock_fixed()
         if self._left_to_ntp:  # the kernel now says "unsynchronised" until the daemon's poll
             self._daemon_resync_by = trio.current_time() + DAEMON_RESYNC_GRACE_S
+            self._threshold_stepped |= plan.reason == OVER_THRESHOLD
         log.info("clock_stepped", drift_ms=drift_ms, reason=plan.reason)
 
     # --- states, logged when they begin and end ----------------------------------------------
@@ -420,6 +529,7 @@ class TimesyncService:
             self._hand_over(drift_ms)
         elif self._left_to_ntp and not synchronised:
             log.info("time_daemon_gone", drift_ms=drift_ms)
+            self._forget_disagreement()
         self._left_to_ntp = synchronised
 
     def _hand_over(self, drift_ms: float) -> None:
@@ -462,6 +572,15 @@ class TimesyncService:
         if self._clock_problem is not None:
             log.info("clock_corrected_again")
         self._clock_problem = None
+
+
+def _event_waiting(events: Subscription) -> bool:
+    """Take an event already delivered, if any (a restore during a pass)."""
+    try:
+        events.receive_nowait()
+    except trio.WouldBlock:
+        return False
+    return True
 
 
 def timesync_service(

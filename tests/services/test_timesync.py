@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import pytest
 import structlog.testing
@@ -30,14 +30,15 @@ from pydantic import ValidationError
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.protocol import RequestType
-from agent.protocol.status import VERR_HGCM_SERVICE_NOT_FOUND
+from agent.protocol import Event, RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_HGCM_SERVICE_NOT_FOUND
 from agent.services import EventPump, ServiceContext
 from agent.services._host_options import OPTION_PREFIX as VBOXSERVICE_OPTION
 from agent.services._wallclock import AgentOwnClock, SystemClock
 from agent.services.timesync import (
     DAEMON_RESYNC_GRACE_S,
     MAX_HOST_TIME_MS,
+    MIN_HOST_TIME_MS,
     RETRY_AFTER_HIGH_LATENCY_S,
     Correction,
     Reading,
@@ -59,6 +60,7 @@ MS: Final = 1_000_000
 INTERVAL_S: Final = 10.0
 SLEW_NS_PER_S: Final = 500_000
 """How fast the kernel slews: 0.5 ms a second."""
+MINUTE_MS: Final = 60 * 1000
 
 
 class FakeClock:
@@ -315,6 +317,114 @@ async def test_a_restore_steps_at_once(
     assert [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"] == ["restored"]
 
 
+@asynccontextmanager
+async def _another_service_listening(host: SimulatedHost) -> AsyncIterator[ServiceContext]:
+    """The device and the event pump, with another service subscribed to RESTORED (as the
+    session monitor is in the daemon), so the pump takes a restore while timesync is down."""
+    async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+        pump = EventPump(device)
+        await nursery.start(pump.run)
+        with pump.subscribe("session_monitor", Event.RESTORED):
+            yield ServiceContext(device, pump)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
+@pytest.mark.parametrize("restored", [True, False], ids=["restored", "not-restored"])
+async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
+    autojump_clock: trio.abc.Clock,
+    host: SimulatedHost,
+    clock: FakeClock,
+    rebuilt: bool,
+    restored: bool,
+) -> None:
+    """The run ends (a failure the supervisor restarts after a back-off, or a reload that
+    rebuilds the service on the daemon's context) and the VM is saved ten minutes and
+    restored meanwhile: the next run reads a session id other than the one the service last
+    acted on and steps at once, as VBoxService compares the id; without a restore the same
+    drift is slewed."""
+    section = TimesyncSection(interval_s=3600)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.vmmdev.time_offset_ms = 10 * 60 * 1000
+            if restored:
+                host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            if rebuilt:
+                service = TimesyncService(context, section, clock)
+            runs_again_at = trio.current_time()
+            await nursery.start(service.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == runs_again_at
+            statistics = service.statistics()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    noticed = _events(logs, "restored_while_not_listening")
+    if restored:
+        assert (stepped, noticed) == (["restored"], ["restored_while_not_listening"])
+        assert _within(clock.steps[0], 10 * 60 * 1000)
+    else:
+        assert (stepped, noticed, statistics.slews) == ([], [], 1)
+
+
+async def test_a_session_id_the_host_refuses_leaves_the_run_going(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A refused session read at start is counted and logged, and the service reads the
+    host's clock all the same; a restore's read that goes through ends it (one line)."""
+    host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            statistics = await running.wait_for(lambda s: s.passes == 1)
+            assert statistics.failures == 1
+            assert running.service.status() == "timesync ok"
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert (statistics.steps, statistics.failures) == (1, 1)
+    assert _events(logs, "vm_session_unreadable", "vm_session_read_again") == [
+        "vm_session_unreadable",
+        "vm_session_read_again",
+    ]
+
+
+async def test_a_restores_step_does_not_wait_for_the_hosts_options(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A property service that holds HGCM connects 20 s: the restore's pass steps at once
+    with the options in force, and the host's options are read after it (their 5 s interval
+    then paces the passes)."""
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection(interval_s=3600)) as running:
+            await running.wait_for(lambda s: s.passes == 1)
+            host.set_delay(RequestType.HGCM_CONNECT, 20.0)
+            host.prop_set(f"{TIMESYNC_OPTION}interval", "5000")
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            restored_at = trio.current_time()
+            host.restore()
+            statistics = await running.wait_for(lambda s: s.passes == 2)
+            assert trio.current_time() == restored_at
+            assert (statistics.steps, statistics.slews) == (1, 0)
+            await trio.sleep(20 + 5 - 0.1)  # the options' read, then their interval
+            assert running.service.statistics().passes == 2
+            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.service.statistics().passes == 3
+    assert _within(clock.steps[0], 3600 * 1000)
+
+
 async def test_a_restore_with_set_on_restore_off_slews(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
@@ -419,6 +529,107 @@ async def test_after_its_own_step_it_waits_for_the_time_daemon_to_update(
             assert running.service.status() == "timesync ok"
     assert _events(logs, "clock_left_to_time_daemon", "time_daemon_gone") == [
         "clock_left_to_time_daemon",
+        "time_daemon_gone",
+    ]
+
+
+async def _time_daemon(clock: FakeClock, poll_s: float = 64.0) -> NoReturn:
+    """A daemon on NTP time (this machine's), as systemd-timesyncd keeps it: at each poll it
+    steps the clock back to it, and the kernel says "synchronised" again."""
+    while True:
+        await trio.sleep(poll_s)
+        clock.offset_ns = 0
+        clock.synchronised = True
+
+
+async def test_a_host_clock_off_the_time_daemons_is_stepped_once_then_left_to_it(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The host's clock is 30 minutes off the NTP time a daemon keeps: the agent steps once,
+    finds the drift back over the threshold after the daemon's next update, says so once
+    (with the drift) and leaves the clock to the daemon through its next ten polls, where it
+    stepped 30 minutes at every pass after each of them."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(640)
+            statistics = running.service.statistics()
+            status = running.service.status()
+            nursery.cancel_scope.cancel()
+    assert len(clock.steps) == 1
+    assert _within(clock.steps[0], 30 * MINUTE_MS)
+    assert statistics.left_to_ntp >= 55  # every pass from the daemon's first update on
+    assert status == "timesync: a time daemon keeps the clock; the host's disagrees"
+    [disagrees] = [e for e in logs if e["event"] == "host_clock_disagrees_with_time_daemon"]
+    assert disagrees["log_level"] == "warning"
+    assert _within(round(disagrees["drift_ms"] * MS), 30 * MINUTE_MS)
+    assert disagrees["set_threshold_s"] == 1200
+
+
+async def test_restores_are_stepped_while_the_host_disagrees_with_the_time_daemon(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """While the host's clock disagrees with the daemon's, a restore is still stepped (the
+    daemon corrects it at its next poll); the host back on NTP time, a reading within the
+    threshold after the daemon's update is their agreement (one line), and the next
+    disagreement gets its one step again."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    disagreeing = "timesync: a time daemon keeps the clock; the host's disagrees"
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            host.restore()
+            await running.wait_for(lambda s: s.steps == 2)
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            host.vmmdev.time_offset_ms = 0  # the host's clock on NTP time again
+            await trio.sleep(100)
+            assert running.service.status() == "timesync: a time daemon keeps the clock"
+            host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert stepped == ["over set_threshold_s", "restored", "over set_threshold_s"]
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == [
+        "host_clock_disagrees_with_time_daemon",
+        "host_clock_agrees_with_time_daemon",
+        "host_clock_disagrees_with_time_daemon",
+    ]
+
+
+async def test_the_time_daemons_end_ends_the_disagreement(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The daemon the host's clock disagreed with stops and the kernel says unsynchronised:
+    the agent keeps the clock again and steps it to the host's."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with _running(host, clock, TimesyncSection()) as running:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_time_daemon, clock)
+                await trio.sleep(100)
+                nursery.cancel_scope.cancel()
+            assert running.service.statistics().steps == 1
+            clock.synchronised = False
+            await running.wait_for(lambda s: s.steps == 2)
+            assert running.service.status() == "timesync ok"
+    assert _events(logs, "host_clock_disagrees_with_time_daemon", "time_daemon_gone") == [
+        "host_clock_disagrees_with_time_daemon",
         "time_daemon_gone",
     ]
 
@@ -599,9 +810,11 @@ async def test_a_host_without_the_clock_request_is_reported_once(
     ("host_ms", "problem"),
     [
         (MAX_HOST_TIME_MS + 1, "host clock out of range"),
+        (MIN_HOST_TIME_MS - 1, "host clock out of range"),
+        (0, "host clock out of range"),
         ((1 << 64) - 1, "host clock reply broken"),
     ],
-    ids=["beyond-2262", "left-unfilled"],
+    ids=["after-2200", "before-1980", "1970", "left-unfilled"],
 )
 async def test_a_broken_host_clock_is_reported_and_ignored(
     autojump_clock: trio.abc.Clock,
@@ -610,8 +823,9 @@ async def test_a_broken_host_clock_is_reported_and_ignored(
     host_ms: int,
     problem: str,
 ) -> None:
-    """A reply the guest's clock cannot take (beyond 2262), or the preset UINT64_MAX left
-    as it was (the protocol layer refuses it), moves nothing and stops nothing."""
+    """A reply no host gives (after 2200, before 1980: 1970, where the guest's clock would be
+    stepped 56 years back), or the preset UINT64_MAX left as it was (the protocol layer
+    refuses it), moves nothing and stops nothing."""
     host.vmmdev.host_time_ms = lambda: host_ms  # type: ignore[method-assign]
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with _running(host, clock, TimesyncSection()) as running:
@@ -622,12 +836,26 @@ async def test_a_broken_host_clock_is_reported_and_ignored(
     assert _events(logs, "host_time_invalid") == ["host_time_invalid"]
 
 
-async def test_the_hosts_options_apply_at_start_and_after_a_restore(
+async def test_a_host_dated_back_to_1980_is_followed(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
-    """The host's set-threshold makes a 2 s drift a step; removed while the VM was saved,
-    the config's 20 minutes apply again after the restore. A refused option is logged at
-    each reading of the options (start, restore)."""
+    """A VM its host dates back (``--biossystemtimeoffset``) as far as the floor: the guest's
+    clock is stepped there, as on any host."""
+    host.vmmdev.host_time_ms = lambda: MIN_HOST_TIME_MS  # type: ignore[method-assign]
+    with trio.fail_after(LIMIT_S):
+        async with _running(host, clock, TimesyncSection()) as running:
+            statistics = await running.wait_for(lambda s: s.steps == 1)
+            assert (statistics.failures, running.service.status()) == (0, "timesync ok")
+    assert _within(clock.steps[0], MIN_HOST_TIME_MS - time.time_ns() / MS, slack_ms=1000)
+
+
+async def test_the_hosts_options_apply_at_start_and_after_a_restores_pass(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """The host's set-threshold makes a 2 s drift a step; removed while the VM was saved, it
+    still applies to the restore's pass (made with the options in force), and the config's
+    20 minutes from the next pass on. A refused option is logged at each reading of the
+    options (start, restore)."""
     host.prop_set(f"{TIMESYNC_OPTION}set-threshold", "1000")
     host.prop_set(f"{TIMESYNC_OPTION}max-latency", "many")
     host.vmmdev.time_offset_ms = 2000
@@ -639,7 +867,10 @@ async def test_the_hosts_options_apply_at_start_and_after_a_restore(
             host.vmmdev.time_offset_ms = 4000
             host.restore()
             statistics = await running.wait_for(lambda s: s.passes == 2)
-            assert (statistics.steps, statistics.slews) == (1, 1)
+            assert (statistics.steps, statistics.slews) == (2, 0)
+            host.vmmdev.time_offset_ms = 6000
+            statistics = await running.wait_for(lambda s: s.passes == 3)
+            assert (statistics.steps, statistics.slews) == (2, 1)
     applied = [entry for entry in logs if entry["event"] == "host_options_applied"]
     assert [{k: v for k, v in entry.items() if k.endswith("_s")} for entry in applied] == [
         {"set_threshold_s": 1.0},
