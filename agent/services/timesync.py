@@ -29,9 +29,11 @@ it is taken for gone. A drift back over the threshold once the daemon updated af
 agent's step over it means the host's clock and the daemon's time source disagree (a host
 whose own clock is off NTP time, say): the agent would step at every pass after each of the
 daemon's corrections, so it says so once (``host_clock_disagrees_with_time_daemon``, with
-the drift) and leaves the clock to the daemon until a reading within the threshold after
-the daemon's update shows them agreeing (one line), or the daemon is gone. A restore that
-arrives during a pass makes the pass read again, as a restore.
+the drift) and leaves the clock to the daemon until a drift within the minimum, on a pass
+after the one that found the daemon's update, shows them agreeing (one line), or the daemon
+is gone. A drift only within the threshold is no agreement: chronyd slews the agent's step
+back (83 ms a second at most), for hours. A restore that arrives during a pass makes the
+pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
 :mod:`agent.services._host_options`): its ``--timesync-*`` options and the global
@@ -142,7 +144,8 @@ class TimesyncSection(HostTunedSection):
     defer_to_ntp: bool = True
     """Leave small drifts to a time daemon that keeps the clock synchronised, and a drift
     over ``set_threshold_s`` that comes back after the agent's step and the daemon's update
-    (the host's clock disagreeing with the daemon's time source)."""
+    (the host's clock disagreeing with the daemon's time source), until a drift within the
+    minimum after the daemon's update shows them agreeing."""
     host_options: bool = True
     """Apply VBoxService's ``--timesync-*`` and ``--interval`` options the host sets as
     guest properties, over this section's values; false: this section wins."""
@@ -431,8 +434,9 @@ class TimesyncService:
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms
+        settled = self._daemon_resync_by is None  # the daemon updated before this pass
         self._note_time_daemon(self._time_daemon_keeps_clock(), drift_ms)
-        if self._left_to_ntp and self._disagrees(plan, reading):
+        if self._left_to_ntp and self._disagrees(plan, reading, settled=settled):
             self._left += 1
         elif plan.correction is Correction.SLEW and self._left_to_ntp:
             self._left += 1
@@ -456,15 +460,17 @@ class TimesyncService:
         resync_by = self._daemon_resync_by
         return resync_by is not None and trio.current_time() < resync_by
 
-    def _disagrees(self, plan: Plan, reading: Reading) -> bool:
+    def _disagrees(self, plan: Plan, reading: Reading, *, settled: bool) -> bool:
         """Whether to leave a step over the threshold to the time daemon: the agent made one
-        since the two last agreed. Logged once the daemon updated after that step; a reading
-        within the threshold after such an update is their agreement."""
+        since the two last agreed. Logged once the daemon updated after that step. They
+        agree at a drift within the minimum on a pass after the one that found the daemon's
+        update (``settled``): one within the threshold may be the daemon slewing the agent's
+        step back (chronyd, at up to 83 ms a second), and one read just after the update,
+        that slew's start."""
         resynced = self._daemon_resync_by is None
         drift_ms = reading.drift_ns / _NS_PER_MS
         if plan.reason != OVER_THRESHOLD:
-            within = abs(reading.drift_ns) <= self._section.set_threshold_s * 1e9
-            if resynced and (within or plan.correction is Correction.NONE):
+            if settled and plan.correction is Correction.NONE:
                 if self._disagreeing:
                     log.info("host_clock_agrees_with_time_daemon", drift_ms=drift_ms)
                 self._forget_disagreement()

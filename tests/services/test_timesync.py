@@ -61,6 +61,9 @@ INTERVAL_S: Final = 10.0
 SLEW_NS_PER_S: Final = 500_000
 """How fast the kernel slews: 0.5 ms a second."""
 MINUTE_MS: Final = 60 * 1000
+CHRONYD_SLEW_NS_PER_S: Final = 83_333_333
+"""How fast chronyd slews at most (its maxslewrate, 83333.333 ppm): 83 ms a second."""
+CHRONYD_POLL_S: Final = 64
 
 
 class FakeClock:
@@ -576,7 +579,7 @@ async def test_restores_are_stepped_while_the_host_disagrees_with_the_time_daemo
 ) -> None:
     """While the host's clock disagrees with the daemon's, a restore is still stepped (the
     daemon corrects it at its next poll); the host back on NTP time, a reading within the
-    threshold after the daemon's update is their agreement (one line), and the next
+    minimum after the daemon's update is their agreement (one line), and the next
     disagreement gets its one step again."""
     clock = FakeClock(synchronised=True)
     host.vmmdev.time_offset_ms = 30 * MINUTE_MS
@@ -632,6 +635,119 @@ async def test_the_time_daemons_end_ends_the_disagreement(
         "host_clock_disagrees_with_time_daemon",
         "time_daemon_gone",
     ]
+
+
+async def _slewing_time_daemon(clock: FakeClock, first_update_s: float) -> NoReturn:
+    """A daemon on NTP time (this machine's), as chronyd keeps it once its makestep updates
+    are spent: every ``CHRONYD_POLL_S`` from ``first_update_s`` on the kernel says
+    "synchronised" again, and from then on the daemon slews toward NTP time at its fastest,
+    a second at a time, until a step (the agent's) unsynchronises the clock."""
+    await trio.sleep(first_update_s)
+    seconds = 0
+    while True:
+        if clock.synchronised:
+            offset = clock.offset_ns
+            clock.offset_ns -= max(-CHRONYD_SLEW_NS_PER_S, min(CHRONYD_SLEW_NS_PER_S, offset))
+        if seconds % CHRONYD_POLL_S == 0:
+            clock.synchronised = True
+        await trio.sleep(1)
+        seconds += 1
+
+
+@pytest.mark.parametrize(
+    "first_update_s", [64.0, 69.5], ids=["update-between-passes", "update-just-before-a-pass"]
+)
+async def test_a_time_daemon_slewing_the_agents_step_back_is_not_fought(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, first_update_s: float
+) -> None:
+    """The host's clock is 30 minutes off the NTP time chronyd keeps, and the daemon slews
+    the agent's one step back at 83 ms a second: no reading of that slew is the two
+    agreeing, not even the one just after the daemon's update (within the minimum, when the
+    update came half a second before a pass), so the agent says they disagree once the drift
+    is back over the threshold (four hours on) and leaves the clock to the daemon, where it
+    stepped again every four hours and never said so."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    with trio.fail_after(6 * 3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_slewing_time_daemon, clock, first_update_s)
+            await trio.sleep(71)
+            first_drift_ms = running.service.statistics().last_drift_ms
+            await trio.sleep(5 * 3600)
+            statistics = running.service.statistics()
+            nursery.cancel_scope.cancel()
+    assert first_drift_ms is not None
+    assert (abs(first_drift_ms) < 100) is (first_update_s == 69.5)
+    assert _events(logs, "clock_stepped") == ["clock_stepped"]
+    assert statistics.last_drift_ms is not None
+    assert statistics.last_drift_ms > 20 * MINUTE_MS
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == ["host_clock_disagrees_with_time_daemon"]
+
+
+async def test_a_reload_raising_the_threshold_leaves_the_disagreement(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """A reload raises set_threshold_s over the 30 minutes the host's clock and the daemon's
+    disagree by: that does not make them agree (no line, the status stays), and the old
+    threshold back, the drift is still the daemon's, not stepped again."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    disagreeing = "timesync: a time daemon keeps the clock; the host's disagrees"
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            assert running.service.reconfigure(TimesyncSection(set_threshold_s=3600))
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            assert running.service.reconfigure(TimesyncSection())
+            await trio.sleep(100)
+            statistics = running.service.statistics()
+            nursery.cancel_scope.cancel()
+    assert statistics.steps == 1
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == ["host_clock_disagrees_with_time_daemon"]
+
+
+async def test_a_restore_within_the_threshold_leaves_the_disagreement(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The host's clock is 30 minutes behind the daemon's, and the VM comes back from 15
+    minutes saved: the restore is stepped (15 minutes, within the threshold), which is not
+    the two agreeing, so the 30 minutes back after the daemon's next update are left to it,
+    not stepped again."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = -30 * MINUTE_MS
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(100)
+            clock.offset_ns -= 15 * MINUTE_MS * MS  # saved 15 minutes
+            host.restore()
+            await running.wait_for(lambda s: s.steps == 2)
+            await trio.sleep(200)
+            status = running.service.status()
+            nursery.cancel_scope.cancel()
+    assert _within(clock.steps[1], -15 * MINUTE_MS)
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert stepped == ["over set_threshold_s", "restored"]
+    assert status == "timesync: a time daemon keeps the clock; the host's disagrees"
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == ["host_clock_disagrees_with_time_daemon"]
 
 
 @pytest.mark.usefixtures("wall_on_trio_time")
