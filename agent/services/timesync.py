@@ -230,7 +230,8 @@ class TimesyncService:
         self._status_changed = context.status_changed
         self._sessions = context.sessions
         self._session_id: int | None = None
-        """The VM session id last read; noted in ``sessions`` by the pass that follows."""
+        """The VM session id last read, None if that read failed; noted in ``sessions`` by the
+        pass that follows."""
         self._session_reads = LastingFailure("vm_session_read_again")
         self._configured = section
         self._section = section
@@ -340,12 +341,17 @@ class TimesyncService:
 
     async def _read_session(self) -> None:
         """Read the VM session id; another than the one the service last acted on means a
-        restore came since, its event heard or not. A failed read keeps the id last read,
-        as VBoxService ignores one."""
+        restore came since, its event heard or not. A failed read leaves the id unknown, so
+        no pass notes one (VBoxService adopts only an id it read); one for a restore the
+        next pass steps anyway also drops the id noted before it, so the next id read is
+        adopted, not taken for another restore."""
         try:
             session_id = (await self._device.request(GetSessionId())).value
         except HOST_ERRORS as exc:
             self._session_reads.host_failed("vm_session_unreadable", exc)
+            self._session_id = None
+            if self._restore_pending:
+                self._sessions.forget(self.name)
             return
         self._session_reads.succeeded()
         last = self._sessions.last(self.name)

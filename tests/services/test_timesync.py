@@ -382,6 +382,48 @@ async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
         assert (stepped, noticed, statistics.slews) == ([], [], 1)
 
 
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
+async def test_a_session_id_unread_at_a_restore_is_not_taken_for_another_restore_later(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, rebuilt: bool
+) -> None:
+    """The session read after a restore's event fails, and the event's pass steps; the run
+    ends later with no restore since, and the next run adopts the id it reads: a drift
+    over the minimum is slewed, where the pre-restore id the ledger kept made it step as
+    after a restore (even backwards)."""
+    section = TimesyncSection(interval_s=3600)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().steps == 1
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.vmmdev.time_offset_ms += 500
+            if rebuilt:
+                service = TimesyncService(context, section, clock)
+            await nursery.start(service.run)
+            await trio.testing.wait_all_tasks_blocked()
+            statistics = service.statistics()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert (stepped, _events(logs, "restored_while_not_listening")) == (["restored"], [])
+    assert statistics.slews == 1
+    [slewed] = clock.slews
+    assert _within(slewed, 500)
+
+
 async def test_a_session_id_the_host_refuses_leaves_the_run_going(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
