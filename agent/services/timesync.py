@@ -13,9 +13,9 @@ ms) between two readings of the guest's, and works out the drift:
 - after a restore (the RESTORED event, at once, where VBoxService waits for its next pass)
   the threshold is 0: a saved VM comes back hours behind, and is stepped. VBoxService tells
   a restore by the VM session id (a new one at every restore); a run that (re)starts reads
-  it too, so a restore while no run listened for the event (a restart's back-off, a reload
-  that rebuilt the service) is stepped all the same (``ServiceContext.sessions`` keeps the
-  id each service last acted on);
+  it too (before each pass until a read goes through), so a restore while no run listened
+  for the event (a restart's back-off, a reload that rebuilt the service) is stepped all
+  the same (``ServiceContext.sessions`` keeps the id each service last acted on);
 - ``set_on_start`` steps at the first reading, whatever the drift.
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
@@ -315,6 +315,8 @@ class TimesyncService:
         last acted on means a restore came while no run of it was subscribed to RESTORED (a
         supervisor's restart back-off, a reload that rebuilt or re-enabled it), and the
         first pass is a restore's, before the options are read again if a run read them.
+        While the last read failed, the id is read again before each pass until a read goes
+        through, and compared the same way (VBoxService reads it at every pass).
         """
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             task_status.started()
@@ -330,6 +332,8 @@ class TimesyncService:
                     await self._read_host_options()
                 if await self._pause.wait(events):
                     await self._restore_came()
+                elif self._session_id is None:
+                    await self._read_session()
 
     async def _restore_came(self) -> None:
         """The next pass steps as after a restore, with the options in force; the host's
@@ -361,7 +365,7 @@ class TimesyncService:
                 old_session_id=f"{last:#x}",
                 session_id=f"{session_id:#x}",
             )
-            self._restore_pending = True
+            self._restore_pending = self._options_due = True
         self._session_id = session_id
 
     # --- settings ----------------------------------------------------------------------------

@@ -383,6 +383,60 @@ async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
 
 
 @pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
+async def test_a_session_id_unread_at_start_is_read_again_at_the_next_pass(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, rebuilt: bool
+) -> None:
+    """The VM is saved ten minutes and restored while no run listened, and the next run's
+    session read fails: its first pass slews, and the next one reads the id again, finds
+    the restore and steps, as VBoxService, which reads the id at every pass; the run never
+    read it again and left the ten minutes to adjtime (about 14 days). As after any
+    restore's pass, the host's options are read again (a 30 s interval)."""
+    section = TimesyncSection(interval_s=INTERVAL_S)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.vmmdev.time_offset_ms = 10 * MINUTE_MS
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+            if rebuilt:
+                service = TimesyncService(context, section, clock)
+            await nursery.start(service.run)
+            passes_before = service.statistics().passes
+            await trio.sleep(INTERVAL_S / 2)
+            assert service.statistics().slews == 1
+            host.prop_set(f"{TIMESYNC_OPTION}interval", "30000")
+            await trio.sleep(5 * INTERVAL_S)
+            statistics = service.statistics()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert (stepped, _events(logs, "restored_while_not_listening")) == (
+        ["restored"],
+        ["restored_while_not_listening"],
+    )
+    assert _within(clock.steps[0], 10 * MINUTE_MS)
+    assert (statistics.slews, statistics.steps) == (1, 1)
+    assert statistics.passes - passes_before == 3  # at 0 s, 10 s (the step), then 40 s
+    applied = [entry for entry in logs if entry["event"] == "host_options_applied"]
+    assert [entry["interval_s"] for entry in applied] == [30.0]
+    assert _events(logs, "vm_session_unreadable", "vm_session_read_again") == [
+        "vm_session_unreadable",
+        "vm_session_read_again",
+    ]
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
 async def test_a_session_id_unread_at_a_restore_is_not_taken_for_another_restore_later(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, rebuilt: bool
 ) -> None:
