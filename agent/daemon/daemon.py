@@ -3,15 +3,19 @@
 Order of a run: handle signals (from here on SIGTERM/SIGINT stop and SIGHUP reloads, each
 reload a task of its own, one at a time, a reload before READY being skipped) → open the
 device (version handshake) and claim it (``Device.claim``: a second agent on the device
-leaves here, before it changes anything; ``Device.serve_claim`` then runs beside the rest
-until the device closes, accepting and closing whatever asks who holds the claim, so no
-queue of such connections keeps a later agent from asking) → report the facility as Init →
-start the event pump, then every enabled service of the registry at once, each with
-``Supervisor.start_soon`` (services do not depend on each other), and wait for their first
-starts together, ``START_WAIT_S`` at most (a service started or failed and backs off,
-retried under its restart budget while the others run; one still starting at the bound goes
-on starting, named in ``STATUS=``) → facility Active, ``READY=1`` with the combined
-``STATUS=`` line → wait for a shutdown request → the stop. A
+leaves here, before it changes anything) → serve the claim in a task beside the rest
+(``Device.serve_claim``: whatever asks who holds the claim is accepted and closed, so no
+queue of such connections keeps a later agent from asking), cancelled as the run ends, just
+before the device closes. A failure of that task is logged (``claim_name_serve_failed``)
+and ends it alone: the claim stays held, only no longer answered, which degrades it (a later
+agent on another node may then rest on its node's lock) but is none of the errors after
+which the agent cannot go on (crash-only, :mod:`agent.daemon.supervisor`), so the agent runs
+on → report the facility as Init → start the event pump, then every enabled service of the
+registry at once, each with ``Supervisor.start_soon`` (services do not depend on each
+other), and wait for their first starts together, ``START_WAIT_S`` at most (a service
+started or failed and backs off, retried under its restart budget while the others run; one
+still starting at the bound goes on starting, named in ``STATUS=``) → facility Active,
+``READY=1`` with the combined ``STATUS=`` line → wait for a shutdown request → the stop. A
 stop requested during the start-up gives up the step in progress (a host that does not
 answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
 
@@ -283,7 +287,7 @@ class Daemon:
             await device.claim()  # a second agent leaves before it changes anything
             self._device_open = True
             async with trio.open_nursery() as claimed:
-                claimed.start_soon(device.serve_claim)  # so later agents can ask who holds it
+                claimed.start_soon(_serve_claim, device)  # so later agents can ask who holds it
                 await self._run_claimed(device, task_status)
                 claimed.cancel_scope.cancel()
 
@@ -763,6 +767,27 @@ async def _load_off_the_loop(
     return await trio.to_thread.run_sync(
         load, limiter=limiter, thread_name="config-reload", abandon_on_cancel=True
     )
+
+
+async def _serve_claim(device: Device) -> None:
+    """Run :meth:`Device.serve_claim <agent.device.Device.serve_claim>` until cancelled; its
+    failure is logged (``claim_name_serve_failed``) and ends this task alone.
+
+    The claim is still held (the node's lock and the bound name go with the device's close),
+    only no longer answered: a later agent is refused as long as the name's queue has room,
+    and, once it is full, rests on its node's lock (``claim_name_untrusted``). That is a
+    degraded claim, not an agent that cannot go on, so no fatal error is made of it.
+    """
+    try:
+        await device.serve_claim()
+    except Exception as exc:  # the claim stays held: the agent runs on
+        log.error(
+            "claim_name_serve_failed",
+            error=repr(exc),
+            exc_info=exc,
+            outcome="the claim stays held; a flood of connections to its name may now hide "
+            "it from a later agent on another node",
+        )
 
 
 def _begin_final_phase(device: Device) -> float:

@@ -29,6 +29,11 @@ SEND_TIMEOUT_S: Final = 1.0
 """How long a message may wait for room in the socket's queue before it is dropped."""
 SEND_RETRY_S: Final = 0.05
 """How often a message waiting for room is tried again."""
+STATUS_LIMIT_BYTES: Final = 2048
+"""The most a ``STATUS=`` value may take (UTF-8), cut at a character and ended with ``…``:
+systemd drops a whole notify datagram of ``PIPE_BUF`` (4096) bytes or more, READY=1 or
+STOPPING=1 with it (``manager_dispatch_notify_fd``); a status is about 1 KiB, but a plug-in's
+build error or a long path in a fragment has no bound of its own."""
 _USEC_PER_S: Final = 1_000_000
 
 
@@ -137,5 +142,12 @@ def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
 
 
 def _status(text: str) -> str:
-    """One ``STATUS=`` line: a newline would start a new (bogus) assignment."""
-    return "STATUS=" + " ".join(text.splitlines())
+    """One ``STATUS=`` line systemd takes: a newline would start a new (bogus) assignment,
+    and a NUL (shown as ``?``) or an overlong text (cut to :data:`STATUS_LIMIT_BYTES`) would
+    make it drop the whole message."""
+    line = " ".join(text.replace("\0", "?").splitlines())
+    data = line.encode(errors="replace")
+    if len(data) > STATUS_LIMIT_BYTES:
+        kept = data[: STATUS_LIMIT_BYTES - len("…".encode())]
+        line = kept.decode(errors="ignore") + "…"
+    return "STATUS=" + line

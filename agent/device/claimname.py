@@ -46,9 +46,29 @@ cannot tell, and its claim rests on its node's lock."""
 CLAIM_ASK_PAUSE_S: Final = 0.02
 """The pause between two tries to ask (:data:`CLAIM_ASK_TRIES`)."""
 ACCEPT_PAUSE_S: Final = 1.0
-"""How long the holder waits after ``accept(2)`` failed for want of descriptors or kernel
-memory before it tries again (the connection stays queued meanwhile)."""
-_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""How long the holder waits after ``accept(2)`` failed and may have left the connection
+queued (descriptors or kernel memory short, a security policy that refuses the accept)
+before it tries again."""
+_DROPPED_ERRNOS: Final = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
+"""``accept(2)`` failures that took the connection off the queue (``ECONNABORTED``: the
+kernel could not name the peer; the rest are a network's errors, as trio's listener counts
+them): the holder goes on to the next one. ``EPERM``, which trio skips alike, is not one:
+Linux asks the security module (``security_socket_accept``) before it takes a connection,
+so a refusal leaves it queued, and trying again at once would spin."""
+_GONE_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+"""``accept(2)`` failures that mean the socket itself is gone: nothing is left to serve."""
 
 
 class ClaimedName(Protocol):
@@ -68,20 +88,26 @@ class HeldName:
     """The listening socket that holds the claim name, or none when the name is held by a
     process that is no agent (the claim then rests on the node's lock)."""
 
-    __slots__ = ("_sock",)
+    __slots__ = ("_logged", "_sock")
 
     def __init__(self, sock: socket.socket | None) -> None:
         self._sock = sock
+        self._logged: set[int] = set()
+        """The ``accept(2)`` errnos logged already (each is logged once)."""
 
     async def serve(self) -> None:
         """Accept and close every connection queued on the name, until cancelled or
-        released (then it returns), a queue's worth per wake-up so other tasks run between:
-        each asker read the holder's credentials at ``connect(2)``, and nothing is sent.
-        ``accept(2)`` failing for want of descriptors or memory is logged
-        (``claim_name_accept_failed``) and tried again after :data:`ACCEPT_PAUSE_S`.
+        released (then it returns), up to a full queue (:data:`CLAIM_BACKLOG` + 1) per
+        wake-up so other tasks run between: each asker read the holder's credentials at
+        ``connect(2)``, and nothing is sent.
 
-        Raises:
-            OSError: another failure of ``accept(2)``.
+        No failure of ``accept(2)`` ends the agent (any local user may connect, so it would
+        be anyone's to cause): one that dropped the connection (:data:`_DROPPED_ERRNOS`) is
+        passed over; one that means the socket is gone (``EBADF``, ``ENOTSOCK``) ends the
+        service; any other (descriptors or memory short, a security policy refusing the
+        accept) is tried again after :data:`ACCEPT_PAUSE_S`, the connection left queued
+        meanwhile. Each errno is logged once, the first time (``claim_name_accept_failed``),
+        so a user who keeps connecting floods no log.
         """
         while (sock := self._sock) is not None:  # as long as the claim lasts: one turn a wake-up
             try:
@@ -94,17 +120,29 @@ class HeldName:
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    if exc.errno not in _SHORTAGE_ERRNOS:
-                        raise
-                    _log.warning(
-                        "claim_name_accept_failed",
-                        error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                        retry_in_s=ACCEPT_PAUSE_S,
-                    )
+                    code = exc.errno or 0
+                    if code in _DROPPED_ERRNOS:
+                        self._log_failure(code, outcome="the connection is dropped")
+                        continue
+                    if code in _GONE_ERRNOS:
+                        self._log_failure(code, outcome="the name is no longer served")
+                        return
+                    self._log_failure(code, outcome=f"tried again in {ACCEPT_PAUSE_S} s")
                     await trio.sleep(ACCEPT_PAUSE_S)
                     break
                 connection.close()
         await trio.lowlevel.checkpoint()
+
+    def _log_failure(self, code: int, *, outcome: str) -> None:
+        """Log ``accept(2)`` failing with ``code``, the first time it does."""
+        if code not in self._logged:
+            self._logged.add(code)
+            _log.warning(
+                "claim_name_accept_failed",
+                error=errno.errorcode.get(code, str(code)),
+                outcome=outcome,
+                repeats="not logged",
+            )
 
     def release(self) -> None:
         """Close the socket (a task serving it returns). Idempotent."""

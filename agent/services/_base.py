@@ -108,6 +108,11 @@ class SessionLedger:
         """``name`` acted on the VM's session ``session_id``."""
         self._ids[name] = session_id
 
+    def forget(self, name: str) -> None:
+        """``name`` acted on a session whose id it could not read: the next id it reads is
+        the one it acted on, not a restore's."""
+        self._ids.pop(name, None)
+
 
 @record
 class ServiceContext:

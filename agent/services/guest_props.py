@@ -33,6 +33,7 @@ from agent.protocol.constants import HGCM_MAX_USER_PARM, SHORT_CALL_TIMEOUT_MS, 
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import (
     MAX_FLAGS_SIZE,
+    MAX_GUEST_NOTIFICATIONS,
     MAX_NAME_SIZE,
     MAX_VALUE_SIZE,
     MAX_WAIT_PATTERN_SIZE,
@@ -347,6 +348,10 @@ class PropertyWatch:
     Every call goes through the watch's own channel. A property set and deleted before the
     watch reads its changes comes as a delete (the host marks a set as one when the
     property is gone by then), and a delete of a name the watch knows is gone is skipped.
+    It knows the last :data:`MAX_GUEST_NOTIFICATIONS` names gone, as deep as the host's
+    queue, which could still hold a delete of them; an older one's second delete, should
+    the host still send it, is yielded again (a watch over names that come and go kept
+    every name ever deleted).
     Of a property the watch never knew, that delete is yielded unless ``unseen_deletes``
     is false: the host's queue after the snapshot's place may hold deletes of properties
     gone before the watch opened. A queued delete read after the name was set again comes
@@ -378,6 +383,8 @@ class PropertyWatch:
         """Whether the cursor came from a snapshot and no answer has shown the host has it."""
         self._known: dict[str, tuple[str, str] | None] = {}
         """Per name, the value and flags last yielded or seen, or None once gone."""
+        self._gone: dict[str, None] = {}
+        """The names known gone, oldest first (at most MAX_GUEST_NOTIFICATIONS)."""
         self._marks: dict[str, int] = {}
         """Per name, the timestamp of the last change a snapshot showed, until it is passed."""
         self._backlog: list[PropertyChange] = []
@@ -461,8 +468,27 @@ class PropertyWatch:
             self._known[name] is None if name in self._known else not self._unseen_deletes
         ):
             return
-        self._known[name] = None if change.deleted else (change.value, change.flags)
+        self._know(name, None if change.deleted else (change.value, change.flags))
         self._backlog.append(change)
+
+    def _know(self, name: str, state: tuple[str, str] | None) -> None:
+        """Know ``name`` as ``state``; a gone name is remembered only while the host's queue
+        could still hold a delete of it (its last MAX_GUEST_NOTIFICATIONS tombstones)."""
+        if state is not None or not self._unseen_deletes:
+            self._gone.pop(name, None)
+            if state is None:
+                self._known.pop(name, None)
+                return
+            self._known[name] = state
+            return
+        self._known[name] = None
+        self._gone.pop(name, None)
+        self._gone[name] = None
+        while len(self._gone) > MAX_GUEST_NOTIFICATIONS:
+            old = next(iter(self._gone))
+            del self._gone[old]
+            if self._known.get(old, ()) is None:
+                del self._known[old]
 
     async def _stamp(self, name: str) -> int | None:
         """``name``'s timestamp now (a GET_PROP); None when it is gone, or the client is."""
@@ -670,6 +696,7 @@ class PropertyWatch:
             # Unreported: a change made since the listing is news.
             self._marks = {prop.name: prop.timestamp for prop in current}
             self._known = {prop.name: (prop.value, prop.flags) for prop in current}
+            self._gone = {}
             return
         self._marks = {prop.name: prop.timestamp for prop in current}
         self.resyncs += 1
@@ -677,11 +704,11 @@ class PropertyWatch:
         changes: list[PropertyChange] = []
         for name, known in list(self._known.items()):
             if known is not None and name not in self._marks:
-                self._known[name] = None
+                self._know(name, None)
                 changes.append(PropertyChange(name, "", "", latest, deleted=True))
         for prop in current:
             if self._known.get(prop.name) != (prop.value, prop.flags):
-                self._known[prop.name] = (prop.value, prop.flags)
+                self._know(prop.name, (prop.value, prop.flags))
                 changes.append(
                     PropertyChange(prop.name, prop.value, prop.flags, prop.timestamp, deleted=False)
                 )

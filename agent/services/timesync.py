@@ -13,9 +13,9 @@ ms) between two readings of the guest's, and works out the drift:
 - after a restore (the RESTORED event, at once, where VBoxService waits for its next pass)
   the threshold is 0: a saved VM comes back hours behind, and is stepped. VBoxService tells
   a restore by the VM session id (a new one at every restore); a run that (re)starts reads
-  it too, so a restore while no run listened for the event (a restart's back-off, a reload
-  that rebuilt the service) is stepped all the same (``ServiceContext.sessions`` keeps the
-  id each service last acted on);
+  it too (before each pass until a read goes through), so a restore while no run listened
+  for the event (a restart's back-off, a reload that rebuilt the service) is stepped all
+  the same (``ServiceContext.sessions`` keeps the id each service last acted on);
 - ``set_on_start`` steps at the first reading, whatever the drift.
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
@@ -29,9 +29,11 @@ it is taken for gone. A drift back over the threshold once the daemon updated af
 agent's step over it means the host's clock and the daemon's time source disagree (a host
 whose own clock is off NTP time, say): the agent would step at every pass after each of the
 daemon's corrections, so it says so once (``host_clock_disagrees_with_time_daemon``, with
-the drift) and leaves the clock to the daemon until a reading within the threshold after
-the daemon's update shows them agreeing (one line), or the daemon is gone. A restore that
-arrives during a pass makes the pass read again, as a restore.
+the drift) and leaves the clock to the daemon until a drift within the minimum, on a pass
+after the one that found the daemon's update, shows them agreeing (one line), or the daemon
+is gone. A drift only within the threshold is no agreement: chronyd slews the agent's step
+back (83 ms a second at most), for hours. A restore that arrives during a pass makes the
+pass read again, as a restore.
 
 The host's tuning of VBoxService applies too (``host_options``, see
 :mod:`agent.services._host_options`): its ``--timesync-*`` options and the global
@@ -142,7 +144,8 @@ class TimesyncSection(HostTunedSection):
     defer_to_ntp: bool = True
     """Leave small drifts to a time daemon that keeps the clock synchronised, and a drift
     over ``set_threshold_s`` that comes back after the agent's step and the daemon's update
-    (the host's clock disagreeing with the daemon's time source)."""
+    (the host's clock disagreeing with the daemon's time source), until a drift within the
+    minimum after the daemon's update shows them agreeing."""
     host_options: bool = True
     """Apply VBoxService's ``--timesync-*`` and ``--interval`` options the host sets as
     guest properties, over this section's values; false: this section wins."""
@@ -227,7 +230,8 @@ class TimesyncService:
         self._status_changed = context.status_changed
         self._sessions = context.sessions
         self._session_id: int | None = None
-        """The VM session id last read; noted in ``sessions`` by the pass that follows."""
+        """The VM session id last read, None if that read failed; noted in ``sessions`` by the
+        pass that follows."""
         self._session_reads = LastingFailure("vm_session_read_again")
         self._configured = section
         self._section = section
@@ -311,6 +315,8 @@ class TimesyncService:
         last acted on means a restore came while no run of it was subscribed to RESTORED (a
         supervisor's restart back-off, a reload that rebuilt or re-enabled it), and the
         first pass is a restore's, before the options are read again if a run read them.
+        While the last read failed, the id is read again before each pass until a read goes
+        through, and compared the same way (VBoxService reads it at every pass).
         """
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
             task_status.started()
@@ -326,6 +332,8 @@ class TimesyncService:
                     await self._read_host_options()
                 if await self._pause.wait(events):
                     await self._restore_came()
+                elif self._session_id is None:
+                    await self._read_session()
 
     async def _restore_came(self) -> None:
         """The next pass steps as after a restore, with the options in force; the host's
@@ -337,12 +345,17 @@ class TimesyncService:
 
     async def _read_session(self) -> None:
         """Read the VM session id; another than the one the service last acted on means a
-        restore came since, its event heard or not. A failed read keeps the id last read,
-        as VBoxService ignores one."""
+        restore came since, its event heard or not. A failed read leaves the id unknown, so
+        no pass notes one (VBoxService adopts only an id it read); one for a restore the
+        next pass steps anyway also drops the id noted before it, so the next id read is
+        adopted, not taken for another restore."""
         try:
             session_id = (await self._device.request(GetSessionId())).value
         except HOST_ERRORS as exc:
             self._session_reads.host_failed("vm_session_unreadable", exc)
+            self._session_id = None
+            if self._restore_pending:
+                self._sessions.forget(self.name)
             return
         self._session_reads.succeeded()
         last = self._sessions.last(self.name)
@@ -352,7 +365,7 @@ class TimesyncService:
                 old_session_id=f"{last:#x}",
                 session_id=f"{session_id:#x}",
             )
-            self._restore_pending = True
+            self._restore_pending = self._options_due = True
         self._session_id = session_id
 
     # --- settings ----------------------------------------------------------------------------
@@ -431,8 +444,9 @@ class TimesyncService:
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms
+        settled = self._daemon_resync_by is None  # the daemon updated before this pass
         self._note_time_daemon(self._time_daemon_keeps_clock(), drift_ms)
-        if self._left_to_ntp and self._disagrees(plan, reading):
+        if self._left_to_ntp and self._disagrees(plan, reading, settled=settled):
             self._left += 1
         elif plan.correction is Correction.SLEW and self._left_to_ntp:
             self._left += 1
@@ -456,15 +470,17 @@ class TimesyncService:
         resync_by = self._daemon_resync_by
         return resync_by is not None and trio.current_time() < resync_by
 
-    def _disagrees(self, plan: Plan, reading: Reading) -> bool:
+    def _disagrees(self, plan: Plan, reading: Reading, *, settled: bool) -> bool:
         """Whether to leave a step over the threshold to the time daemon: the agent made one
-        since the two last agreed. Logged once the daemon updated after that step; a reading
-        within the threshold after such an update is their agreement."""
+        since the two last agreed. Logged once the daemon updated after that step. They
+        agree at a drift within the minimum on a pass after the one that found the daemon's
+        update (``settled``): one within the threshold may be the daemon slewing the agent's
+        step back (chronyd, at up to 83 ms a second), and one read just after the update,
+        that slew's start."""
         resynced = self._daemon_resync_by is None
         drift_ms = reading.drift_ns / _NS_PER_MS
         if plan.reason != OVER_THRESHOLD:
-            within = abs(reading.drift_ns) <= self._section.set_threshold_s * 1e9
-            if resynced and (within or plan.correction is Correction.NONE):
+            if settled and plan.correction is Correction.NONE:
                 if self._disagreeing:
                     log.info("host_clock_agrees_with_time_daemon", drift_ms=drift_ms)
                 self._forget_disagreement()

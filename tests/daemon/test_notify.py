@@ -15,13 +15,14 @@ import os
 import socket
 import time
 import uuid
+from select import PIPE_BUF
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 from structlog.testing import capture_logs
 
-from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
+from agent.daemon.notify import SEND_TIMEOUT_S, STATUS_LIMIT_BYTES, Notifier
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -98,6 +99,32 @@ class TestMessages:
         await notifier.status("balloon\nREADY=1")
         await notifier.aclose()
         assert await manager.receive(1) == ["STATUS=balloon READY=1"]
+
+    async def test_a_nul_does_not_cost_the_message(self, manager: Manager) -> None:
+        """systemd drops a datagram with a NUL inside, READY=1 with it: a NUL is sent as
+        ``?``. (It went as it was, and cut the status short.)"""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        await notifier.ready("cpuhotplug: a\0b")
+        await notifier.aclose()
+        assert await manager.receive(1) == ["READY=1\nSTATUS=cpuhotplug: a?b"]
+
+    @pytest.mark.parametrize("filler", ["x", "é", "\U0001f600"])
+    async def test_a_long_status_does_not_cost_the_message(
+        self, manager: Manager, filler: str
+    ) -> None:
+        """systemd drops a datagram of PIPE_BUF (4096) bytes or more, READY=1 with it: the
+        status is cut at a character to STATUS_LIMIT_BYTES and ends with an ellipsis. (A
+        5 000-character status went whole.)"""
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        await notifier.ready(filler * 5000)
+        await notifier.aclose()
+        [message] = await manager.receive(1)
+        ready, status = message.split("\n")
+        value = status.removeprefix("STATUS=")
+        assert (ready, value[-1]) == ("READY=1", "…")
+        assert set(value[:-1]) == {filler}
+        assert STATUS_LIMIT_BYTES - 4 < len(value.encode()) <= STATUS_LIMIT_BYTES
+        assert len(message.encode()) < PIPE_BUF
 
     async def test_undecodable_text_is_sent_replaced(self, manager: Manager) -> None:
         """A status holding a lone surrogate (a file name read with surrogateescape) is sent

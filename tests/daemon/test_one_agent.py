@@ -10,13 +10,14 @@ Rules of this test module:
   share their ``AbstractNames``, the claim name's namespace, so no test binds the real
   name). The real ``flock(2)`` and ``bind(2)`` are tested on files and a name of the
   test's own (tests/device/test_chardev.py, ``TestClaim``); the tests of a flood of
-  connections to the name bind a name of the test's own for real (``bind_claim_name``), to
-  which the test connects.
+  connections to the name, or of a failing ``accept(2)`` on it, bind a name of the test's
+  own for real (``bind_claim_name``, ``failing_accept``), to which the test connects.
 - Real clock (threads); every test is bounded by ``fail_after``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from functools import partial
 from typing import TYPE_CHECKING, Final, TypeAlias
@@ -24,17 +25,21 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from agent.config import AgentConfig, DaemonConfig
 from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.device import DeviceInUseError
-from agent.device.claimname import CLAIM_BACKLOG, bind_claim_name
+from agent.device.claimname import CLAIM_BACKLOG, HeldName, bind_claim_name
 from agent.protocol import Facility, FacilityStatus
+from tests.daemon.test_services import RecordingNotifier
 from tests.device.syscalls import DEVICE_PATH, AbstractNames, Kernel
 from tests.device.test_claimname import (
+    asking,
     closing_all,
     connect,
+    failing_accept,
     fill_queue,
     flood,
     open_sockets,
@@ -234,3 +239,79 @@ async def test_a_stop_while_the_name_is_flooded_is_prompt(
     with pytest.raises(ConnectionRefusedError):
         connect(name)
     assert open_sockets() == before
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.ECONNABORTED], ids=errno.errorcode.get)
+async def test_a_failed_accept_on_the_name_leaves_the_agent_running(
+    host: SimulatedHost, tmp_path: Path, code: int
+) -> None:
+    """Any local process may connect to the claim name: ``accept(2)`` failing for it (a
+    security policy that allows ``listen(2)`` but refuses the accept, a connection aborted)
+    leaves the agent running, the name served, and the stop as usual."""
+    name = b"\0vbox-agent-test/%d/%s" % (os.getpid(), tmp_path.name.encode())
+
+    async def claim_name() -> HeldName:
+        await trio.lowlevel.checkpoint()
+        return HeldName(failing_accept(name, code))
+
+    kernel = Kernel(host, claim_name_fn=claim_name)
+    daemon = Daemon(AgentConfig(), kernel.opener(), notifier=Notifier(None))
+    with trio.fail_after(BOUND), closing_all([]) as connections:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            connection = asking(name, connections)
+            await trio.lowlevel.wait_readable(connection)
+            assert served(connection)
+            assert _facility(host) == FacilityStatus.ACTIVE
+            daemon.request_shutdown("test")
+    assert _facility(host) == FacilityStatus.TERMINATED
+
+
+class FailingName:
+    """A held claim name whose serving fails once :attr:`fail` is set; it counts its
+    releases."""
+
+    def __init__(self) -> None:
+        self.fail = trio.Event()
+        self.releases = 0
+
+    async def serve(self) -> None:
+        """Fail once told to."""
+        await self.fail.wait()
+        msg = "claim name serving failed"
+        raise RuntimeError(msg)
+
+    def release(self) -> None:
+        """Count the release."""
+        self.releases += 1
+
+
+async def test_a_failing_claim_task_leaves_the_agent_running(host: SimulatedHost) -> None:
+    """The task serving the claim name failing is logged (``claim_name_serve_failed``) and
+    ends that task alone: the claim stays held, the agent runs on (facility Active, no
+    ``STOPPING=1``), and its stop drains and reports as usual."""
+    name = FailingName()
+
+    async def claim_name() -> FailingName:
+        await trio.lowlevel.checkpoint()
+        return name
+
+    kernel = Kernel(host, claim_name_fn=claim_name)
+    notifier = RecordingNotifier()
+    daemon = Daemon(AgentConfig(), kernel.opener(), notifier=notifier)
+    with trio.fail_after(BOUND), capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            name.fail.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert [log["error"] for log in logs if log["event"] == "claim_name_serve_failed"] == [
+                "RuntimeError('claim name serving failed')"
+            ]
+            assert _facility(host) == FacilityStatus.ACTIVE
+            assert name.releases == 0
+            assert kernel.locked_by is not None
+            assert notifier.sent == ["READY=1"]
+            daemon.request_shutdown("test")
+    assert _facility(host) == FacilityStatus.TERMINATED
+    assert name.releases == 1
+    assert [message.split(" ")[0] for message in notifier.sent] == ["READY=1", "STOPPING=1"]

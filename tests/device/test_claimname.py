@@ -178,47 +178,145 @@ async def test_release_ends_the_service(tmp_path: Path) -> None:
         later.release()
 
 
-class ShortOfDescriptors(socket.socket):
-    """A listening socket whose first ``accept(2)`` fails with EMFILE."""
+class FailingAccept(socket.socket):
+    """A listening socket whose ``accept(2)`` fails with :attr:`code` :attr:`failures` times
+    (without taking the connection off the queue), then is the real one."""
 
-    failed = False
+    code = errno.EMFILE
+    failures = 1
+    calls = 0
 
     def accept(self) -> tuple[socket.socket, object]:
-        """EMFILE the first time, then the real ``accept(2)``."""
-        if not self.failed:
-            self.failed = True
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        """``code`` the first ``failures`` times, then the real ``accept(2)``."""
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(self.code, os.strerror(self.code))
         return super().accept()
 
 
-async def test_a_shortage_in_accept_pauses_the_service(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+def failing_accept(name: bytes, code: int, failures: int = 1) -> FailingAccept:
+    """A socket listening on ``name`` whose ``accept(2)`` fails ``failures`` times with
+    ``code``."""
+    sock = FailingAccept(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.code, sock.failures = code, failures
+    sock.bind(name)
+    sock.listen(CLAIM_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def asking(name: bytes, connections: list[socket.socket]) -> socket.socket:
+    """A connection to ``name`` (kept in ``connections``), non-blocking."""
+    connection = socket.socket(socket.AF_UNIX)
+    connections.append(connection)
+    connection.connect(name)
+    connection.setblocking(False)
+    return connection
+
+
+@pytest.mark.parametrize(
+    "code",
+    [errno.EMFILE, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.EINVAL],
+    ids=errno.errorcode.get,
+)
+async def test_a_failed_accept_pauses_the_service(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, code: int
 ) -> None:
-    """``accept(2)`` failing for want of descriptors is logged and tried again after
-    :data:`~claimname.ACCEPT_PAUSE_S`, the connection left queued meanwhile."""
+    """``accept(2)`` failing in a way that may leave the connection queued (descriptors or
+    memory short, a security policy refusing it, any errno not known to drop it) is logged
+    and tried again after :data:`~claimname.ACCEPT_PAUSE_S`; the service goes on."""
     name = _test_name(tmp_path)
     with trio.fail_after(BOUND), closing_all([]) as connections:
-        sock = ShortOfDescriptors(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(name)
-        sock.listen(CLAIM_BACKLOG)
-        sock.setblocking(False)
+        held = HeldName(failing_accept(name, code))
+        try:
+            with capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(held.serve)
+                    connection = asking(name, connections)
+                    await trio.testing.wait_all_tasks_blocked()
+                    started = trio.current_time()
+                    assert not served(connection)
+                    await trio.lowlevel.wait_readable(connection)
+                    assert served(connection)
+                    assert trio.current_time() - started == pytest.approx(claimname.ACCEPT_PAUSE_S)
+                    assert served(asking(name, connections)) is False
+                    await trio.lowlevel.wait_readable(connections[-1])
+                    assert served(connections[-1])
+                    nursery.cancel_scope.cancel()
+        finally:
+            held.release()
+    assert [(log["event"], log["error"]) for log in logs] == [
+        ("claim_name_accept_failed", errno.errorcode[code])
+    ]
+
+
+@pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO], ids=errno.errorcode.get)
+async def test_an_accept_that_dropped_the_connection_is_passed_over(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, code: int
+) -> None:
+    """``accept(2)`` failing after it took the connection off the queue (``ECONNABORTED``,
+    or a network's errno as trio counts them) is logged and the next connection is served
+    at once, no pause."""
+    name = _test_name(tmp_path)
+    with trio.fail_after(BOUND), closing_all([]) as connections:
+        held = HeldName(failing_accept(name, code))
+        try:
+            with capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(held.serve)
+                    connection = asking(name, connections)
+                    started = trio.current_time()
+                    await trio.lowlevel.wait_readable(connection)
+                    assert served(connection)
+                    assert trio.current_time() == started
+                    nursery.cancel_scope.cancel()
+        finally:
+            held.release()
+    assert [(log["event"], log["error"]) for log in logs] == [
+        ("claim_name_accept_failed", errno.errorcode[code])
+    ]
+
+
+async def test_a_lasting_accept_failure_is_logged_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A policy that refuses every ``accept(2)`` while a user keeps connecting costs one try
+    per :data:`~claimname.ACCEPT_PAUSE_S` and one log line in all, and the service runs on
+    until cancelled."""
+    name = _test_name(tmp_path)
+    tries = 4
+    with trio.fail_after(BOUND), closing_all([]) as connections:
+        sock = failing_accept(name, errno.EACCES, failures=10**9)
         held = HeldName(sock)
         try:
             with capture_logs() as logs:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(held.serve)
-                    connections.append(socket.socket(socket.AF_UNIX))
-                    connections[0].connect(name)
-                    connections[0].setblocking(False)
-                    await trio.testing.wait_all_tasks_blocked()
-                    started = trio.current_time()
-                    assert not served(connections[0])
-                    await trio.lowlevel.wait_readable(connections[0])
-                    assert served(connections[0])
-                    assert trio.current_time() - started == pytest.approx(claimname.ACCEPT_PAUSE_S)
+                    asking(name, connections)
+                    await trio.sleep((tries - 0.5) * claimname.ACCEPT_PAUSE_S)
                     nursery.cancel_scope.cancel()
         finally:
             held.release()
+    assert sock.calls == tries
     assert [(log["event"], log["error"]) for log in logs] == [
-        ("claim_name_accept_failed", "EMFILE")
+        ("claim_name_accept_failed", "EACCES")
+    ]
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOTSOCK], ids=errno.errorcode.get)
+async def test_a_socket_gone_ends_the_service(tmp_path: Path, code: int) -> None:
+    """``accept(2)`` saying the socket is gone ends the service (logged): it returns, and
+    raises nothing."""
+    name = _test_name(tmp_path)
+    with trio.fail_after(BOUND), closing_all([]) as connections:
+        held = HeldName(failing_accept(name, code))
+        try:
+            with capture_logs() as logs:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(held.serve)
+                    asking(name, connections)
+        finally:
+            held.release()
+    assert [(log["event"], log["error"]) for log in logs] == [
+        ("claim_name_accept_failed", errno.errorcode[code])
     ]

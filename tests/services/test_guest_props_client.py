@@ -665,6 +665,40 @@ class TestWatch:
                 host.prop_set(names[7], "10.0.2.15")
         assert [(change.name, change.value) for change in got] == [(names[7], "10.0.2.15")]
 
+    @pytest.mark.parametrize("unseen_deletes", [True, False])
+    async def test_names_that_came_and_went_are_not_kept_for_ever(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        props: GuestProperties,
+        unseen_deletes: bool,
+    ) -> None:
+        """A watch that follows properties coming and going under ever new names (a host
+        tool's per-session names) keeps what it knows of gone names to the host queue's
+        depth: 3 000 names set and deleted leave it knowing as little as 1 000 did. (It
+        kept one entry per name ever deleted.)"""
+        known_after: list[int] = []
+
+        async def churn(watch: PropertyWatch, names: range) -> None:
+            for index in names:
+                name = f"/VirtualBox/HostInfo/Session/{index}"
+                host.prop_set(name, "up")
+                assert (await watch.next()).name == name
+                host.prop_delete(name)
+                change = await watch.next()
+                assert (change.name, change.deleted) == (name, True)
+
+        with trio.fail_after(600):
+            async with props.watch(
+                ["/VirtualBox/HostInfo/*"], unseen_deletes=unseen_deletes
+            ) as watch:
+                for start in (0, 1000, 2000):
+                    await churn(watch, range(start, start + 1000))
+                    known_after.append(len(watch._known))
+        # the properties the host has under the pattern, and the names gone of late
+        assert known_after[0] < 1000
+        assert known_after == [known_after[0]] * 3
+
     async def test_watch_reports_in_order_with_deletes(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
     ) -> None:

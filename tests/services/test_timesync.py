@@ -61,6 +61,9 @@ INTERVAL_S: Final = 10.0
 SLEW_NS_PER_S: Final = 500_000
 """How fast the kernel slews: 0.5 ms a second."""
 MINUTE_MS: Final = 60 * 1000
+CHRONYD_SLEW_NS_PER_S: Final = 83_333_333
+"""How fast chronyd slews at most (its maxslewrate, 83333.333 ppm): 83 ms a second."""
+CHRONYD_POLL_S: Final = 64
 
 
 class FakeClock:
@@ -379,6 +382,102 @@ async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
         assert (stepped, noticed, statistics.slews) == ([], [], 1)
 
 
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
+async def test_a_session_id_unread_at_start_is_read_again_at_the_next_pass(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, rebuilt: bool
+) -> None:
+    """The VM is saved ten minutes and restored while no run listened, and the next run's
+    session read fails: its first pass slews, and the next one reads the id again, finds
+    the restore and steps, as VBoxService, which reads the id at every pass; the run never
+    read it again and left the ten minutes to adjtime (about 14 days). As after any
+    restore's pass, the host's options are read again (a 30 s interval)."""
+    section = TimesyncSection(interval_s=INTERVAL_S)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.vmmdev.time_offset_ms = 10 * MINUTE_MS
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+            if rebuilt:
+                service = TimesyncService(context, section, clock)
+            await nursery.start(service.run)
+            passes_before = service.statistics().passes
+            await trio.sleep(INTERVAL_S / 2)
+            assert service.statistics().slews == 1
+            host.prop_set(f"{TIMESYNC_OPTION}interval", "30000")
+            await trio.sleep(5 * INTERVAL_S)
+            statistics = service.statistics()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert (stepped, _events(logs, "restored_while_not_listening")) == (
+        ["restored"],
+        ["restored_while_not_listening"],
+    )
+    assert _within(clock.steps[0], 10 * MINUTE_MS)
+    assert (statistics.slews, statistics.steps) == (1, 1)
+    assert statistics.passes - passes_before == 3  # at 0 s, 10 s (the step), then 40 s
+    applied = [entry for entry in logs if entry["event"] == "host_options_applied"]
+    assert [entry["interval_s"] for entry in applied] == [30.0]
+    assert _events(logs, "vm_session_unreadable", "vm_session_read_again") == [
+        "vm_session_unreadable",
+        "vm_session_read_again",
+    ]
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
+async def test_a_session_id_unread_at_a_restore_is_not_taken_for_another_restore_later(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock, rebuilt: bool
+) -> None:
+    """The session read after a restore's event fails, and the event's pass steps; the run
+    ends later with no restore since, and the next run adopts the id it reads: a drift
+    over the minimum is slewed, where the pre-restore id the ledger kept made it step as
+    after a restore (even backwards)."""
+    section = TimesyncSection(interval_s=3600)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+            host.vmmdev.time_offset_ms = 3600 * 1000
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().steps == 1
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.vmmdev.time_offset_ms += 500
+            if rebuilt:
+                service = TimesyncService(context, section, clock)
+            await nursery.start(service.run)
+            await trio.testing.wait_all_tasks_blocked()
+            statistics = service.statistics()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert (stepped, _events(logs, "restored_while_not_listening")) == (["restored"], [])
+    assert statistics.slews == 1
+    [slewed] = clock.slews
+    assert _within(slewed, 500)
+
+
 async def test_a_session_id_the_host_refuses_leaves_the_run_going(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
@@ -576,7 +675,7 @@ async def test_restores_are_stepped_while_the_host_disagrees_with_the_time_daemo
 ) -> None:
     """While the host's clock disagrees with the daemon's, a restore is still stepped (the
     daemon corrects it at its next poll); the host back on NTP time, a reading within the
-    threshold after the daemon's update is their agreement (one line), and the next
+    minimum after the daemon's update is their agreement (one line), and the next
     disagreement gets its one step again."""
     clock = FakeClock(synchronised=True)
     host.vmmdev.time_offset_ms = 30 * MINUTE_MS
@@ -632,6 +731,119 @@ async def test_the_time_daemons_end_ends_the_disagreement(
         "host_clock_disagrees_with_time_daemon",
         "time_daemon_gone",
     ]
+
+
+async def _slewing_time_daemon(clock: FakeClock, first_update_s: float) -> NoReturn:
+    """A daemon on NTP time (this machine's), as chronyd keeps it once its makestep updates
+    are spent: every ``CHRONYD_POLL_S`` from ``first_update_s`` on the kernel says
+    "synchronised" again, and from then on the daemon slews toward NTP time at its fastest,
+    a second at a time, until a step (the agent's) unsynchronises the clock."""
+    await trio.sleep(first_update_s)
+    seconds = 0
+    while True:
+        if clock.synchronised:
+            offset = clock.offset_ns
+            clock.offset_ns -= max(-CHRONYD_SLEW_NS_PER_S, min(CHRONYD_SLEW_NS_PER_S, offset))
+        if seconds % CHRONYD_POLL_S == 0:
+            clock.synchronised = True
+        await trio.sleep(1)
+        seconds += 1
+
+
+@pytest.mark.parametrize(
+    "first_update_s", [64.0, 69.5], ids=["update-between-passes", "update-just-before-a-pass"]
+)
+async def test_a_time_daemon_slewing_the_agents_step_back_is_not_fought(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, first_update_s: float
+) -> None:
+    """The host's clock is 30 minutes off the NTP time chronyd keeps, and the daemon slews
+    the agent's one step back at 83 ms a second: no reading of that slew is the two
+    agreeing, not even the one just after the daemon's update (within the minimum, when the
+    update came half a second before a pass), so the agent says they disagree once the drift
+    is back over the threshold (four hours on) and leaves the clock to the daemon, where it
+    stepped again every four hours and never said so."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    with trio.fail_after(6 * 3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_slewing_time_daemon, clock, first_update_s)
+            await trio.sleep(71)
+            first_drift_ms = running.service.statistics().last_drift_ms
+            await trio.sleep(5 * 3600)
+            statistics = running.service.statistics()
+            nursery.cancel_scope.cancel()
+    assert first_drift_ms is not None
+    assert (abs(first_drift_ms) < 100) is (first_update_s == 69.5)
+    assert _events(logs, "clock_stepped") == ["clock_stepped"]
+    assert statistics.last_drift_ms is not None
+    assert statistics.last_drift_ms > 20 * MINUTE_MS
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == ["host_clock_disagrees_with_time_daemon"]
+
+
+async def test_a_reload_raising_the_threshold_leaves_the_disagreement(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """A reload raises set_threshold_s over the 30 minutes the host's clock and the daemon's
+    disagree by: that does not make them agree (no line, the status stays), and the old
+    threshold back, the drift is still the daemon's, not stepped again."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = 30 * MINUTE_MS
+    disagreeing = "timesync: a time daemon keeps the clock; the host's disagrees"
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            assert running.service.reconfigure(TimesyncSection(set_threshold_s=3600))
+            await trio.sleep(100)
+            assert running.service.status() == disagreeing
+            assert running.service.reconfigure(TimesyncSection())
+            await trio.sleep(100)
+            statistics = running.service.statistics()
+            nursery.cancel_scope.cancel()
+    assert statistics.steps == 1
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == ["host_clock_disagrees_with_time_daemon"]
+
+
+async def test_a_restore_within_the_threshold_leaves_the_disagreement(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """The host's clock is 30 minutes behind the daemon's, and the VM comes back from 15
+    minutes saved: the restore is stepped (15 minutes, within the threshold), which is not
+    the two agreeing, so the 30 minutes back after the daemon's next update are left to it,
+    not stepped again."""
+    clock = FakeClock(synchronised=True)
+    host.vmmdev.time_offset_ms = -30 * MINUTE_MS
+    with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+        async with (
+            _running(host, clock, TimesyncSection()) as running,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_time_daemon, clock)
+            await trio.sleep(100)
+            clock.offset_ns -= 15 * MINUTE_MS * MS  # saved 15 minutes
+            host.restore()
+            await running.wait_for(lambda s: s.steps == 2)
+            await trio.sleep(200)
+            status = running.service.status()
+            nursery.cancel_scope.cancel()
+    assert _within(clock.steps[1], -15 * MINUTE_MS)
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert stepped == ["over set_threshold_s", "restored"]
+    assert status == "timesync: a time daemon keeps the clock; the host's disagrees"
+    assert _events(
+        logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
+    ) == ["host_clock_disagrees_with_time_daemon"]
 
 
 @pytest.mark.usefixtures("wall_on_trio_time")
