@@ -345,6 +345,11 @@ class PropertyWatch:
     above but a large change) makes ``next()`` raise ``RemoteProtocolError`` naming the
     status, rather than ask again at full speed for ever.
 
+    Closing the watch (leaving its block) while another task waits in ``next()`` ends that
+    wait with ``trio.ClosedResourceError``, as a later ``next()`` does: the close's
+    disconnect ends the wait at the host, and the watch asks nothing more on the channel
+    being closed.
+
     Every call goes through the watch's own channel. A property set and deleted before the
     watch reads its changes comes as a delete (the host marks a set as one when the
     property is gone by then), and a delete of a name the watch knows is gone is skipped.
@@ -394,6 +399,8 @@ class PropertyWatch:
         self._fruitless = 0
         """Waits the host ended in a row without a change, none yielded since."""
         self._reading = False
+        self._closed = False
+        """Whether the block began to exit: the watch sends nothing more from then on."""
         self.resyncs = 0
         """Times the watch took a new snapshot because changes were missed."""
 
@@ -419,6 +426,7 @@ class PropertyWatch:
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
+        self._closed = True
         try:
             return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
         finally:
@@ -436,10 +444,12 @@ class PropertyWatch:
         Raises:
             RemoteProtocolError: the host ended :data:`FRUITLESS_WAITS` waits in a row
                 without a change, or sent a malformed reply.
+            trio.ClosedResourceError: the watch was closed, before or during the call.
             trio.BusyResourceError: another task is in ``next()``. A watch has one reader:
                 a second one's wait would end the first's (an identical wait of the same
                 client), and each reader's next wait the other's, endlessly.
         """
+        self._check_open()
         if self._reading:
             msg = "another task is already reading this property watch"
             raise trio.BusyResourceError(msg)
@@ -509,10 +519,15 @@ class PropertyWatch:
         """Connect a new channel, then close the one whose client the host dropped.
 
         Cancelled while connecting, the watch keeps the old channel, whose next call fails
-        the same way and reconnects again.
+        the same way and reconnects again. Closed while connecting, it closes the new one
+        (the block's exit closes only the channel it found).
         """
+        self._check_open()
         stack = AsyncExitStack()
         await self._connect(stack)
+        if self._closed:
+            await stack.aclose()
+            self._check_open()
         stack, self._stack = self._stack, stack
         await stack.aclose()
 
@@ -645,7 +660,12 @@ class PropertyWatch:
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
         """Make a short call the watch prepared on its channel."""
-        return await self._channel.call_prepared(prepared)
+        self._check_open()
+        try:
+            return await self._channel.call_prepared(prepared)
+        except HOST_ERRORS as exc:
+            self._check_open(exc)
+            raise
 
     async def _call(self, size: int) -> HgcmReply:
         """One GET_NOTIFICATION on the watch's channel.
@@ -654,15 +674,33 @@ class PropertyWatch:
         client's next wait with the same patterns, which ends it, or the next matching
         change; every wait of the watch has the same patterns, so at most one lingers and
         the channel need not keep counting it (it would refuse the 16th ``next()``).
+
+        A wait that fails once the watch is closed was ended by the close (its disconnect
+        or its session's), which another task began meanwhile.
         """
-        return await self._channel.call(
-            GuestFunction.GET_NOTIFICATION,
-            HgcmBufferIn(self._patterns),
-            HgcmU64(self._cursor),
-            HgcmBufferOut(size),
-            HgcmU32(0),
-            lingers_when_cancelled=False,
-        )
+        self._check_open()
+        try:
+            return await self._channel.call(
+                GuestFunction.GET_NOTIFICATION,
+                HgcmBufferIn(self._patterns),
+                HgcmU64(self._cursor),
+                HgcmBufferOut(size),
+                HgcmU32(0),
+                lingers_when_cancelled=False,
+            )
+        except HOST_ERRORS as exc:
+            self._check_open(exc)
+            raise
+
+    def _check_open(self, cause: BaseException | None = None) -> None:
+        """Raise trio.ClosedResourceError (from ``cause``) if the watch was closed.
+
+        Checked before each call, in the step that sends it: a call sent once the close
+        began would name a client the close disconnects, or already did.
+        """
+        if self._closed:
+            msg = "the property watch was closed"
+            raise trio.ClosedResourceError(msg) from cause
 
     async def _snapshot(self, *, first: bool = False) -> None:
         """Take a snapshot, connecting again if the host drops the client meanwhile."""

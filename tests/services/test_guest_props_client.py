@@ -914,6 +914,31 @@ class TestWatch:
                 nursery.cancel_scope.cancel()
         assert outcome == ["another task is already reading this property watch"]
 
+    async def test_closing_the_watch_ends_a_read_in_another_task(
+        self, autojump_clock: trio.abc.Clock, props: GuestProperties
+    ) -> None:
+        """A watch closed while another task waits in ``next()`` ends that wait with
+        trio.ClosedResourceError, and a later ``next()`` raises it too: the close's disconnect
+        ends the wait at the host (VERR_INTERRUPTED), which the watch does not ask again on the
+        channel being closed. (It asked again on the client it had just disconnected, and
+        the session refused: "HGCM client 2 is not connected in this session".)"""
+        ended: list[str] = []
+
+        async def read(watch: PropertyWatch) -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await watch.next()
+            ended.append("closed")
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery, props.watch(["/W/*"]) as watch:
+                nursery.start_soon(read, watch)
+                await trio.testing.wait_all_tasks_blocked()
+                waits = watch.channel.calls
+            assert ended == ["closed"]
+            assert waits == watch.channel.calls  # nothing sent after the close
+            with pytest.raises(trio.ClosedResourceError):
+                await watch.next()
+
     async def test_long_value_overflows_then_fits(self, autojump_clock: trio.abc.Clock) -> None:
         """A change larger than the buffer is fetched again with the size the host asks."""
         service = GuestPropertyService(max_value_size=4096)
@@ -1122,6 +1147,33 @@ class TestWatchRobustness:
                 assert host.status()["hgcm_clients"] == 1
         assert (change.name, change.value) == ("/W/a", "1")
         assert device.statistics().open_sessions == 1
+
+    async def test_a_watch_closed_while_it_reconnects_leaves_no_channel(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """A watch closed while its reader connects a new channel (the host dropped the
+        client, and is slow to connect) closes that channel once it is connected, and the
+        read ends with trio.ClosedResourceError. (The reader swapped it in after the close
+        and went on reading through it: a session nobody closed, a reader that never ended.)"""
+        ended: list[str] = []
+
+        async def read(watch: PropertyWatch) -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await watch.next()
+            ended.append("closed")
+
+        with trio.fail_after(60):
+            async with open_guest_properties(device) as props:
+                sessions = device.statistics().open_sessions
+                async with trio.open_nursery() as nursery, props.watch(["/W/*"]) as watch:
+                    nursery.start_soon(read, watch)
+                    await trio.testing.wait_all_tasks_blocked()
+                    host.set_delay(RequestType.HGCM_CONNECT, 5.0)
+                    host.vmmdev.hgcm.drop_client(watch.channel.client_id)
+                    await trio.testing.wait_all_tasks_blocked()  # the reader is connecting
+                assert ended == ["closed"]
+                assert device.statistics().open_sessions == sessions
+                assert host.status()["hgcm_clients"] == 1
 
     async def test_a_wait_goes_on_when_the_host_drops_every_client(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
@@ -1470,8 +1522,9 @@ class TestWatchGaps:
                 async with (
                     open_guest_properties(device) as props,
                     props.watch(["/W/*"], pump=pump) as watch,
+                    trio.open_nursery() as reading,
                 ):
-                    nursery.start_soon(_collect, watch, got)
+                    reading.start_soon(_collect, watch, got)
                     await trio.testing.wait_all_tasks_blocked()
                     host.prop_set("/W/a", "1")  # completes the pending wait
                     host.prop_set("/W/b", "2")  # queued, not yet asked for
@@ -1481,6 +1534,7 @@ class TestWatchGaps:
                     assert watch.resyncs == 1
                     host.prop_set("/W/z", "later")
                     await _settle(2)
+                    reading.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
         assert _seen(got) == [("/W/a", "1"), ("/W/b", "2"), ("/W/z", "later")]
         assert [change.timestamp for change in got] == sorted(change.timestamp for change in got)
@@ -1500,8 +1554,9 @@ class TestWatchGaps:
                 async with (
                     open_guest_properties(device) as props,
                     props.watch(["|".join(names)], pump=pump) as watch,
+                    trio.open_nursery() as reading,
                 ):
-                    nursery.start_soon(_collect, watch, got)
+                    reading.start_soon(_collect, watch, got)
                     await trio.testing.wait_all_tasks_blocked()
                     host.prop_set(names[0], "1")  # completes the pending wait
                     host.prop_set(names[1], "2")  # queued, not yet asked for
@@ -1509,6 +1564,7 @@ class TestWatchGaps:
                     host.restore()  # a new instance: its queue is empty
                     await _settle(3)
                     assert watch.resyncs == 1
+                    reading.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
         assert _seen(got) == [(names[0], "1"), (names[1], "2")]
 
