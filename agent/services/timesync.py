@@ -354,8 +354,6 @@ class TimesyncService:
         except HOST_ERRORS as exc:
             self._session_reads.host_failed("vm_session_unreadable", exc)
             self._session_id = None
-            if self._restore_pending:
-                self._sessions.forget(self.name)
             return
         self._session_reads.succeeded()
         last = self._sessions.last(self.name)
@@ -438,9 +436,12 @@ class TimesyncService:
         plan = plan_correction(
             reading, section, set_now=self._set_pending, restored=self._restore_pending
         )
+        restored = self._restore_pending
         self._set_pending = self._restore_pending = False
         if self._session_id is not None:
             self._sessions.note(self.name, self._session_id)
+        elif restored:  # the restore is stepped now: its id, unread, is adopted when read
+            self._sessions.forget(self.name)
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
         self._last_drift_ms = drift_ms

@@ -478,6 +478,43 @@ async def test_a_session_id_unread_at_a_restore_is_not_taken_for_another_restore
     assert _within(slewed, 500)
 
 
+async def test_a_restore_unread_and_unstepped_is_stepped_by_a_rebuilt_service(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
+) -> None:
+    """A restore's session read fails and so does its pass's reading of the host's clock;
+    a reload rebuilds the service before any pass stepped. The ledger still holds the id
+    from before the restore, so the rebuilt run steps the restore it finds. (The entry was
+    dropped at the failed read, and the rebuilt run adopted the new id and slewed 10 min.)"""
+    section = TimesyncSection(interval_s=3600)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+            service = TimesyncService(context, section, clock)
+            first_run = trio.CancelScope()
+
+            async def run_once() -> None:
+                with first_run:
+                    await service.run()
+
+            nursery.start_soon(run_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes == 1
+            host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
+            host.add_fault(RequestType.GET_HOST_TIME, VERR_GENERAL_FAILURE)
+            host.vmmdev.time_offset_ms = 10 * MINUTE_MS
+            host.restore()
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().steps == 0  # the restore's pass could not read
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            service = TimesyncService(context, section, clock)  # a reload rebuilt it
+            await nursery.start(service.run)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
+    assert stepped == ["restored"]
+    assert _within(clock.steps[0], 10 * MINUTE_MS)
+
+
 async def test_a_session_id_the_host_refuses_leaves_the_run_going(
     autojump_clock: trio.abc.Clock, host: SimulatedHost, clock: FakeClock
 ) -> None:
