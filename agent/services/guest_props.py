@@ -520,11 +520,16 @@ class PropertyWatch:
 
         Cancelled while connecting, the watch keeps the old channel, whose next call fails
         the same way and reconnects again. Closed while connecting, it closes the new one
-        (the block's exit closes only the channel it found).
+        (the block's exit closes only the channel it found), and a connect that fails then
+        ends the read as closed, like a call.
         """
         self._check_open()
         stack = AsyncExitStack()
-        await self._connect(stack)
+        try:
+            await self._connect(stack)
+        except HOST_ERRORS as exc:
+            self._check_open(exc)
+            raise
         if self._closed:
             await stack.aclose()
             self._check_open()

@@ -1148,13 +1148,21 @@ class TestWatchRobustness:
         assert (change.name, change.value) == ("/W/a", "1")
         assert device.statistics().open_sessions == 1
 
+    @pytest.mark.parametrize("connect_delay_s", [5.0, 60.0], ids=["connects", "times-out"])
     async def test_a_watch_closed_while_it_reconnects_leaves_no_channel(
-        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        device: Device,
+        connect_delay_s: float,
     ) -> None:
         """A watch closed while its reader connects a new channel (the host dropped the
         client, and is slow to connect) closes that channel once it is connected, and the
-        read ends with trio.ClosedResourceError. (The reader swapped it in after the close
-        and went on reading through it: a session nobody closed, a reader that never ended.)"""
+        read ends with trio.ClosedResourceError; so does a connect that fails after the
+        close (the host answers it after HGCM_CONNECT_TIMEOUT_S). (The reader swapped the
+        channel in after the close and went on reading through it: a session nobody
+        closed, a reader that never ended; a failed connect ended it with the host's
+        VERR_TIMEOUT.)"""
         ended: list[str] = []
 
         async def read(watch: PropertyWatch) -> None:
@@ -1168,7 +1176,7 @@ class TestWatchRobustness:
                 async with trio.open_nursery() as nursery, props.watch(["/W/*"]) as watch:
                     nursery.start_soon(read, watch)
                     await trio.testing.wait_all_tasks_blocked()
-                    host.set_delay(RequestType.HGCM_CONNECT, 5.0)
+                    host.set_delay(RequestType.HGCM_CONNECT, connect_delay_s)
                     host.vmmdev.hgcm.drop_client(watch.channel.client_id)
                     await trio.testing.wait_all_tasks_blocked()  # the reader is connecting
                 assert ended == ["closed"]
