@@ -386,10 +386,11 @@ class PropertyWatch:
         """The timestamp of the change the next wait goes on from (0: the next new one)."""
         self._cursor_unproven = False
         """Whether the cursor came from a snapshot and no answer has shown the host has it."""
-        self._known: dict[str, tuple[str, str] | None] = {}
-        """Per name, the value and flags last yielded or seen, or None once gone."""
+        self._known: dict[str, tuple[str, str]] = {}
+        """Per name that exists, the value and flags last yielded or seen."""
         self._gone: dict[str, None] = {}
-        """The names known gone, oldest first (at most MAX_GUEST_NOTIFICATIONS)."""
+        """The names known gone, oldest first, the last MAX_GUEST_NOTIFICATIONS (kept only
+        where ``unseen_deletes``: without it a delete of a name not known is skipped anyway)."""
         self._marks: dict[str, int] = {}
         """Per name, the timestamp of the last change a snapshot showed, until it is passed."""
         self._backlog: list[PropertyChange] = []
@@ -475,30 +476,24 @@ class PropertyWatch:
                 return
             del self._marks[name]
         elif change.deleted and (
-            self._known[name] is None if name in self._known else not self._unseen_deletes
+            name in self._gone or (name not in self._known and not self._unseen_deletes)
         ):
             return
         self._know(name, None if change.deleted else (change.value, change.flags))
         self._backlog.append(change)
 
     def _know(self, name: str, state: tuple[str, str] | None) -> None:
-        """Know ``name`` as ``state``; a gone name is remembered only while the host's queue
-        could still hold a delete of it (its last MAX_GUEST_NOTIFICATIONS tombstones)."""
-        if state is not None or not self._unseen_deletes:
-            self._gone.pop(name, None)
-            if state is None:
-                self._known.pop(name, None)
-                return
+        """Know ``name`` as ``state`` (None: gone); a gone name is remembered only while the
+        host's queue could still hold a delete of it (the last MAX_GUEST_NOTIFICATIONS)."""
+        self._gone.pop(name, None)
+        if state is not None:
             self._known[name] = state
             return
-        self._known[name] = None
-        self._gone.pop(name, None)
-        self._gone[name] = None
-        while len(self._gone) > MAX_GUEST_NOTIFICATIONS:
-            old = next(iter(self._gone))
-            del self._gone[old]
-            if self._known.get(old, ()) is None:
-                del self._known[old]
+        self._known.pop(name, None)
+        if self._unseen_deletes:
+            self._gone[name] = None
+            if len(self._gone) > MAX_GUEST_NOTIFICATIONS:
+                del self._gone[next(iter(self._gone))]
 
     async def _stamp(self, name: str) -> int | None:
         """``name``'s timestamp now (a GET_PROP); None when it is gone, or the client is."""
@@ -745,8 +740,8 @@ class PropertyWatch:
         self.resyncs += 1
         log.info("property_watch_resync", resyncs=self.resyncs)
         changes: list[PropertyChange] = []
-        for name, known in list(self._known.items()):
-            if known is not None and name not in self._marks:
+        for name in list(self._known):
+            if name not in self._marks:
                 self._know(name, None)
                 changes.append(PropertyChange(name, "", "", latest, deleted=True))
         for prop in current:
