@@ -346,9 +346,9 @@ class TimesyncService:
     async def _read_session(self) -> None:
         """Read the VM session id; another than the one the service last acted on means a
         restore came since, its event heard or not. A failed read leaves the id unknown, so
-        no pass notes one (VBoxService adopts only an id it read); one for a restore the
-        next pass steps anyway also drops the id noted before it, so the next id read is
-        adopted, not taken for another restore."""
+        no pass notes one (VBoxService adopts only an id it read); the pass that handles a
+        restore without its id then drops the id noted before it (:meth:`_correct`), so the
+        next id read is adopted, not taken for another restore."""
         try:
             session_id = (await self._device.request(GetSessionId())).value
         except HOST_ERRORS as exc:
@@ -440,7 +440,7 @@ class TimesyncService:
         self._set_pending = self._restore_pending = False
         if self._session_id is not None:
             self._sessions.note(self.name, self._session_id)
-        elif restored:  # the restore is stepped now: its id, unread, is adopted when read
+        elif restored:  # the restore is handled now: its id, unread, is adopted when read
             self._sessions.forget(self.name)
         self._passes += 1
         drift_ms = reading.drift_ns / _NS_PER_MS
