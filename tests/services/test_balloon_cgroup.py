@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Final
 import trio
 from structlog.testing import capture_logs
 
-from agent.services.balloon import BalloonSection
+from agent.services.balloon import BalloonMode, BalloonSection
 from agent.services.balloon._cgroup import CgroupRoom, least_room, memory_cgroups
 
-from .balloon_support import SimChunks, running_balloon
+from .balloon_support import ScriptedPressure, SimChunks, running_balloon
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from agent.host import SimulatedHost
 
 MB: Final = 1 << 20
 V2_MEMBERSHIP: Final = "0::/system.slice/vbox-agent.service\n"
@@ -244,3 +246,48 @@ async def test_the_cgroup_limit_stops_the_walk_before_the_target(
             assert run.host_chunks == 304
     [bounded] = [entry for entry in logs if entry["event"] == "balloon_floor_cgroup"]
     assert (bounded["cgroup"], bounded["mem_available_mb"]) == (str(leaf), 4096)
+
+
+async def test_triggered_mode_checks_mem_available_alone(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """Oracle's driver allocates the chunks itself, kernel pages charged to no cgroup of the
+    agent's: a limit on the agent's unit that leaves less room than the floor holds back
+    neither the start's CHECK_BALLOON, nor an inflate, nor the host asking for its memory
+    back, and the pressure line names MemAvailable."""
+    root = tmp_path / "sys"
+    _cgroup(
+        root / "system.slice/vbox-agent.service",
+        memory_max=str(128 * MB),
+        memory_current=str(64 * MB),
+    )
+    membership = _membership(tmp_path, V2_MEMBERSHIP)
+    pressure = ScriptedPressure()
+
+    async def target_before_start(host: SimulatedHost) -> None:
+        host.set_balloon_target(16)
+
+    with trio.fail_after(120), capture_logs() as logs:
+        async with running_balloon(
+            personality="oracle",
+            section=BalloonSection(min_available_mb=256),
+            pressure=pressure,
+            mem_available_mb=lambda: 4096,
+            cgroup_room=partial(cgroup_room, root, membership),
+            before=target_before_start,
+        ) as run:
+            start = trio.current_time()
+            assert run.service.mode is BalloonMode.TRIGGERED
+            await run.settle(16)
+            run.host.set_balloon_target(32)
+            await run.settle(32)
+            run.host.set_balloon_target(0)
+            await run.settle(0)
+            assert trio.current_time() - start < 1.0
+            pressure.send(50.0, high=True)
+            await run.until(lambda: run.service.statistics().pressure_events == 1)
+    events = [entry["event"] for entry in logs]
+    assert "balloon_check_postponed" not in events
+    assert "balloon_floor_cgroup" not in events
+    [pressed] = [entry for entry in logs if entry["event"] == "balloon_pressure"]
+    assert pressed["mem_available_mb"] == 4096

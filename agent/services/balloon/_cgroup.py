@@ -149,21 +149,24 @@ def least_room(directories: Sequence[Path]) -> CgroupRoom | None:
 
 
 class Headroom:
-    """What the balloon's floor is checked against: ``MemAvailable``, or the room left in the
-    agent's memory cgroups where that is less (one line the first time it is)."""
+    """What the balloon's floor is checked against where the agent locks the chunks:
+    ``MemAvailable``, or the room left in the agent's memory cgroups where that is less (one
+    line the first time it is). Where the driver allocates them (kernel pages, charged to no
+    cgroup of the agent's), :attr:`mem_available_mb` alone."""
 
     def __init__(
         self,
         mem_available_mb: Callable[[], int | None],
         room: Callable[[], CgroupRoom | None] | None,
     ) -> None:
-        self._mem_available_mb = mem_available_mb
+        self.mem_available_mb = mem_available_mb
+        """``MemAvailable`` in MiB, None if unknown."""
         self._room = room
         self._logged = False
 
     def mb(self) -> int | None:
         """The headroom in MiB, None if neither figure is known."""
-        available = self._mem_available_mb()
+        available = self.mem_available_mb()
         room = self._room() if self._room is not None else None
         if room is None or (available is not None and available <= room.mb):
             return available

@@ -10,11 +10,13 @@ device's answers (:mod:`._mode`, logged once) and then:
   nothing polls it; its work item finishes a change under way once 0x40 left the filter);
   the status shows the size with the time it was read;
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
-  is retried with capped backoff; under memory pressure or below the floor the call is
-  postponed, for at most ``pressure_cooldown_s`` (the same call reads and applies the host's
-  target, a deflate as well as an inflate; the driver allocates the whole target in one go
-  and stops by itself where allocation fails). The mode probe's own call at start is one of
-  them: on Oracle's driver it waits at the same gate, the service ready meanwhile. A build
+  is retried with capped backoff; under memory pressure or below the floor (``MemAvailable``
+  alone: the driver's pages are charged to no cgroup of the agent's) the call is postponed,
+  for at most ``pressure_cooldown_s`` (the same call reads and applies the host's target, a
+  deflate as well as an inflate, which nothing tells apart before it; the driver allocates
+  the whole target in one go and stops by itself where allocation fails). The mode probe's
+  own call at start is one of them: on Oracle's driver it waits at the same gate, the service
+  ready meanwhile. A build
   without the allocator answers ``handle_in_r3`` from its first inflate on: the first such
   answer switches the service to *allocated*;
 - *allocated* / *owned*: reads the target on the same occasions and lets a
@@ -32,8 +34,9 @@ Memory pressure (a PSI source) caps the walked balloon: each high reading gives 
 hold ended doubles the hold (up to :data:`MAX_HOLD_FACTOR` times the cooldown), so pressure
 and the host's target do not cycle every cooldown; a later episode starts at one cooldown
 again. The floor works both ways: a high reading gives back at least what the headroom
-(``MemAvailable``, or if less the memory cgroups' room: limit less usage not counting
-reclaimable cache) lacks below ``min_available_mb``, and
+(``MemAvailable``, or if less the room left in the memory cgroups the agent's locked chunks
+are charged to: limit less usage not counting reclaimable cache) lacks below
+``min_available_mb``, and
 while the agent holds chunks the headroom is looked at every ``psi_interval_s`` (PSI may
 report no stall, or be missing), a shortfall given back at once under the same hold; either
 gives back only a shortfall of more than :data:`FLOOR_BAND_MB`, and then all of it. In
@@ -158,8 +161,10 @@ class BalloonService:
         cgroup_room: the room left in the agent's memory cgroups, limit less usage not
             counting reclaimable cache (default: :func:`~._cgroup.least_room` over the
             cgroups :func:`~._cgroup.memory_cgroups` names now, unless ``mem_available_mb``
-            is given: then none, that figure is all there is). The floor is checked against
-            the less of the two.
+            is given: then none, that figure is all there is). Where the agent locks the
+            chunks (allocated, owned), the floor is checked against the less of the two;
+            where the driver allocates them (triggered mode, the mode probe) against
+            ``MemAvailable`` alone: those are kernel pages, charged to no cgroup of the agent's.
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (once drained, the
             size left behind; None where unknown).
@@ -197,10 +202,10 @@ class BalloonService:
         self._section = section
         self._allocator = allocator
         self._pressure = pressure
-        self._headroom_mb = Headroom(
+        self._headroom = Headroom(
             mem_available_mb or self._read_mem_available,
             cgroup_room or (None if mem_available_mb else partial(least_room, memory_cgroups())),
-        ).mb
+        )
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
         self._mode_of_walker: BalloonMode | None = None
@@ -580,7 +585,7 @@ class BalloonService:
             handover,
             allocator,
             backoff=Backoff(self._section.retry_initial_s, self._section.retry_max_s),
-            mem_available_mb=self._headroom_mb,
+            mem_available_mb=self._headroom.mb,
             min_available_mb=self._section.min_available_mb,
             status_changed=self._status_changed,
             resized=self._publish,
@@ -771,10 +776,14 @@ class BalloonService:
         at most ``pressure_cooldown_s``; return when to look again, or None to call it now.
 
         The same call applies a deflate the host asks for, and a balloon below the floor
-        keeps MemAvailable there: an unbounded wait could hold the memory for ever.
+        keeps MemAvailable there: an unbounded wait could hold the memory for ever. Nothing
+        tells a deflate from an inflate before the call (Oracle's driver keeps the query that
+        only reads the target, GET_MEMBALLOON_CHANGE_REQ, to kernel sessions), so both wait.
+        The floor is ``MemAvailable``'s alone: the driver allocates kernel pages, which the
+        agent's memory cgroups are not charged for.
         """
         section = self._section
-        available = self._headroom_mb()
+        available = self._headroom.mem_available_mb()
         pressure = self._release_at != math.inf
         at_floor = available is not None and available < section.min_available_mb
         now = trio.current_time()
@@ -863,8 +872,8 @@ class BalloonService:
     def _press(self, reading: PressureReading) -> None:
         section = self._section
         self._pressure_events += 1
-        available = self._headroom_mb()
         walker = self._walker
+        available = self._headroom.mem_available_mb() if walker is None else self._headroom.mb()
         episode = self._release_at == math.inf
         hold_s = self._hold_on()
         figures = {
@@ -928,7 +937,7 @@ class BalloonService:
         while True:
             await walker.wait_holding()
             await trio.sleep(self._section.psi_interval_s)
-            available = self._headroom_mb()
+            available = self._headroom.mb()
             if not self._shortfall(available):
                 continue
             hold_s = self._hold_on()
