@@ -22,7 +22,7 @@ import trio.testing
 from agent.host import SimulatedHost
 from agent.host.driver import _oracle
 from agent.host.driver._load import MOUSE_STATUS_SIZE
-from agent.host.driver._request_sizes import check_request_size
+from agent.host.driver._request_sizes import REQUEST_SIZES, check_request_size
 from agent.host.driver._session import session_requestor
 from agent.host.driver.oracle import OracleDriver
 from agent.host.memory import IoctlMemory
@@ -55,6 +55,7 @@ from agent.protocol.constants import (
     IOCTL_TYPE,
     REQUESTOR_KERNEL,
     Event,
+    Facility,
     GuestCapability,
     HgcmParmType,
     Ioctl,
@@ -822,6 +823,67 @@ class TestEvents:
         assert await wait_raw(client, mask, 1000) == (VERR_TIMEOUT, 0)
 
 
+_T = RequestType
+ALL_USERS: Final = frozenset(
+    {
+        _T.GET_MOUSE_STATUS,
+        _T.SET_MOUSE_STATUS,
+        _T.SET_POINTER_SHAPE,
+        _T.GET_HOST_VERSION,
+        _T.IDLE,
+        _T.GET_HOST_TIME,
+        _T.SET_POWER_STATUS,
+        _T.ACKNOWLEDGE_EVENTS,
+        _T.CTL_GUEST_FILTER_MASK,
+        _T.REPORT_GUEST_STATUS,
+        _T.GET_DISPLAY_CHANGE_REQ,
+        _T.VIDEMODE_SUPPORTED,
+        _T.GET_HEIGHT_REDUCTION,
+        _T.GET_DISPLAY_CHANGE_REQ2,
+        _T.VIDEMODE_SUPPORTED2,
+        _T.VIDEO_ACCEL_ENABLE,
+        _T.VIDEO_ACCEL_FLUSH,
+        _T.VIDEO_SET_VISIBLE_REGION,
+        _T.VIDEO_UPDATE_MONITOR_POSITIONS,
+        _T.GET_DISPLAY_CHANGE_REQEX,
+        _T.GET_DISPLAY_CHANGE_REQ_MULTI,
+        _T.GET_SEAMLESS_CHANGE_REQ,
+        _T.GET_VRDPCHANGE_REQ,
+        _T.LOG_STRING,
+        _T.GET_SESSION_ID,
+    }
+)
+"""Upstream's ``kLevel_AllUsers`` (``VBoxGuest.cpp`` of VirtualBox 7.1), written out here
+apart from the model's table: any session, through either node."""
+TRUSTED_USERS: Final = frozenset(
+    {
+        _T.QUERY_CREDENTIALS,
+        _T.REPORT_CREDENTIALS_JUDGEMENT,
+        _T.REGISTER_SHARED_MODULE,
+        _T.UNREGISTER_SHARED_MODULE,
+        _T.WRITE_COREDUMP,
+        _T.GET_CPU_HOTPLUG_REQ,
+        _T.SET_CPU_HOTPLUG_STATUS,
+        _T.CHECK_SHARED_MODULES,
+        _T.GET_PAGE_SHARING_STATUS,
+        _T.DEBUG_IS_PAGE_SHARED,
+        _T.REPORT_GUEST_STATS,
+        _T.REPORT_GUEST_USER_STATE,
+        _T.GET_STATISTICS_CHANGE_REQ,
+    }
+)
+"""Upstream's ``kLevel_TrustedUsers``: sessions without ``fUserSession`` (on Linux, all but
+``/dev/vboxuser``'s). Every other type is for kernel sessions (``kLevel_OnlyVBoxGuest``:
+the balloon's two requests among them) or for none (``kLevel_NoOne``, the default)."""
+_SIZED: Final = sorted(
+    (request_type, size)
+    for request_type, size in REQUEST_SIZES.items()
+    if request_type != RequestType.REPORT_GUEST_CAPABILITIES
+)
+"""Each type with a structure size, which reaches the policy (the others fail the size check
+first), but REPORT_GUEST_CAPABILITIES, whose level depends on the request."""
+
+
 class TestVmmdevRequestPolicy:
     """``vgdrvCheckIfVmmReqIsAllowed``: refusals are VERR_PERMISSION_DENIED in hdr.rc."""
 
@@ -864,6 +926,55 @@ class TestVmmdevRequestPolicy:
         client = await open_client(host, user_device=user_device)
         buf = await passthrough(client, request_type, size)
         assert L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED
+
+    @pytest.mark.parametrize(
+        ("request_type", "size"), _SIZED, ids=[getattr(t, "name", str(t)) for t, _ in _SIZED]
+    )
+    async def test_each_type_at_upstreams_level(
+        self, host: SimulatedHost, request_type: int, size: int
+    ) -> None:
+        """Request by request, who reaches the host (answering with its fault) and who is
+        refused, through /dev/vboxguest and /dev/vboxuser."""
+        host.add_fault(request_type, VERR_NOT_SUPPORTED, count=2)
+        outcomes = []
+        for user_device in (False, True):
+            client = await open_client(host, user_device=user_device)
+            buf = await passthrough(client, request_type, size)
+            outcomes.append(L.RequestHeader.rc.get(buf))
+        reached, refused = VERR_NOT_SUPPORTED, VERR_PERMISSION_DENIED
+        if request_type in ALL_USERS:
+            assert outcomes == [reached, reached]
+        elif request_type in TRUSTED_USERS:
+            assert outcomes == [reached, refused]
+        else:
+            assert outcomes == [refused, refused]
+
+    @pytest.mark.parametrize(
+        ("facility", "refused"),
+        [
+            (Facility.ALL, [True, True]),
+            (Facility.VBOXGUEST_DRIVER, [True, True]),
+            (Facility.VBOX_SERVICE, [False, True]),
+            (Facility.SEAMLESS, [False, False]),
+            (0x1, [False, False]),
+        ],
+    )
+    async def test_report_capabilities_level(
+        self, host: SimulatedHost, facility: int, refused: list[bool]
+    ) -> None:
+        """REPORT_GUEST_CAPABILITIES is judged by the u32 at offset 24 read as a facility:
+        the driver's own two kernel-only, VBoxService's trusted, any other anyone's."""
+        size = REQUEST_SIZES[RequestType.REPORT_GUEST_CAPABILITIES]
+        host.add_fault(RequestType.REPORT_GUEST_CAPABILITIES, VERR_NOT_SUPPORTED, count=2)
+        outcomes = []
+        for user_device in (False, True):
+            client = await open_client(host, user_device=user_device)
+            buf = vmmdev_request(RequestType.REPORT_GUEST_CAPABILITIES, size)
+            L.RequestHeader.reserved1.set(buf, size)
+            L.GuestStatusRequest.facility.set(buf, facility)
+            await client.raw(Ioctl.vmmdev_request(size), buf)
+            outcomes.append(L.RequestHeader.rc.get(buf) == VERR_PERMISSION_DENIED)
+        assert outcomes == refused
 
     @pytest.mark.parametrize("user_device", [False, True])
     async def test_short_request_is_invalid_before_the_policy(

@@ -499,6 +499,11 @@ async def _vmmdev_request(drv: OracleDriver, session: DriverSession, kbuf: bytea
     """``vgdrvIoCtl_VMMDevRequest``: check the sizes (:mod:`~agent.host.driver._request_sizes`),
     then the policy; copy, stamp the requestor, perform, copy back.
 
+    The policy is mainline's (:func:`~agent.host.driver._policy.req_allowed`, no extra
+    types): ``vgdrvCheckIfVmmReqIsAllowed`` puts each request at the level mainline's
+    ``vbg_req_allowed`` does for a user session (all users, trusted users only, or none:
+    its kernel-only level, which takes in both balloon requests, passes no user session).
+
     The reply is copied back only when the host succeeded; otherwise the caller's request
     stays as sent, with the failure in ``rc``.
     """

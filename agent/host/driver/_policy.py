@@ -1,4 +1,8 @@
-"""``vbg_req_allowed``: which VMMDev requests userspace may pass through the driver."""
+"""``vbg_req_allowed``: which VMMDev requests userspace may pass through the driver.
+
+Oracle's ``vgdrvCheckIfVmmReqIsAllowed`` gives every request the same level for a user
+session, so its personality checks against these tables too.
+"""
 
 from __future__ import annotations
 
