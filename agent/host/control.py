@@ -128,7 +128,7 @@ def _dispatch(host: SimulatedHost, payload: dict[str, object]) -> object:
         case "status":
             return host.status()
         case _:
-            msg = f"unknown control command {command!r}"
+            msg = f"unknown control command {shown(command)}"
             raise _BadCommandError(msg)
     return None
 
@@ -155,7 +155,7 @@ def _fault(host: SimulatedHost, payload: dict[str, object]) -> dict[str, object]
 def _cpu(host: SimulatedHost, payload: dict[str, object]) -> None:
     action = _arg(payload, "action", str)
     if action not in ("plug", "unplug"):
-        msg = f"control command 'cpu' needs action as 'plug' or 'unplug', not {action!r}"
+        msg = f"control command 'cpu' needs action as 'plug' or 'unplug', not {shown(action)}"
         raise _BadCommandError(msg)
     change = host.cpu_plug if action == "plug" else host.cpu_unplug
     change(_arg(payload, "core", int), _arg(payload, "package", int))

@@ -14,8 +14,10 @@ filter bits and capabilities. A ``control`` connection runs control commands
 (:mod:`agent.host.control`) one after the other, and logs each one it served
 (``control_command``, or ``control_command_refused`` with the host's reason).
 
-A malformed frame gets an ERROR frame and its connection is closed; the server goes on.
-An exception raised by the host model itself is a bug of the simulator and ends the server.
+A malformed frame gets an ERROR frame and its connection is closed; the server goes on. So
+does a reply the host cannot encode (it breaks a wire limit): that is logged as the host's
+bug, but it costs only that connection. Any other exception raised by the host model itself
+is a bug of the simulator and ends the server.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from agent.protocol.wire import (
     IoctlRequest,
     Role,
     WireError,
+    WireLimitError,
     describe_frame,
     encode_frame,
 )
@@ -180,27 +183,38 @@ class _Server:
         self._devices: dict[trio.CancelScope, trio.Event] = {}
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one client until it leaves or breaks the protocol; nothing it sends ends
+        the server. A reply the host cannot encode (a host bug) is logged
+        (``host_reply_unencodable``) and ends that connection alone, with an ERROR."""
         async with stream:
             connection = _Connection(stream)
             try:
-                hello = await connection.receive()
-                if hello is None:
-                    return
-                if not isinstance(hello, Hello) or hello.role is Role.HOST:
-                    await connection.send_error(
-                        f"expected a device or control HELLO, got {describe_frame(hello)}"
-                    )
-                    return
-                if hello.role is Role.DEVICE:
-                    await self._serve_device(connection, user_device=hello.user_device)
-                else:
-                    await self._serve_control(connection)
-            # Errors raised in the per-call tasks arrive wrapped in groups, hence except*.
-            except* WireError as group:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await connection.send_error(str(group.exceptions[0]))
-            except* (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client vanished; its session is closed below
+                await self._serve(connection)
+            except* WireLimitError as group:
+                error = str(group.exceptions[0])
+                _log.error("host_reply_unencodable", error=error)
+                await connection.send_error(f"the host cannot encode its reply: {error}")
+
+    async def _serve(self, connection: _Connection) -> None:
+        try:
+            hello = await connection.receive()
+            if hello is None:
+                return
+            if not isinstance(hello, Hello) or hello.role is Role.HOST:
+                await connection.send_error(
+                    f"expected a device or control HELLO, got {describe_frame(hello)}"
+                )
+                return
+            if hello.role is Role.DEVICE:
+                await self._serve_device(connection, user_device=hello.user_device)
+            else:
+                await self._serve_control(connection)
+        # Errors raised in the per-call tasks arrive wrapped in groups, hence except*.
+        except* WireError as group:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await connection.send_error(str(group.exceptions[0]))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client vanished; its session is closed below
 
     async def drop(self) -> int:
         """Close every device connection, wait until their sessions closed, return how many."""

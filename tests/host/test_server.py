@@ -511,6 +511,81 @@ class TestRobustness:
                 )
                 nursery.cancel_scope.cancel()
 
+    @pytest.mark.parametrize(
+        "payload",
+        [
+            {"command": "x" * (MAX_JSON_SIZE - 30)},
+            {"command": "cpu", "action": "p" * (MAX_JSON_SIZE - 60), "core": 1, "package": 0},
+        ],
+        ids=["unknown-command", "cpu-action"],
+    )
+    async def test_a_huge_refused_command_is_not_echoed(
+        self, socket_path: str, host: SimulatedHost, payload: dict[str, object]
+    ) -> None:
+        """A refused command whose name or action fills a CONTROL body gets a short error;
+        the server serves on (echoed whole, the answer broke MAX_JSON_SIZE and ended it)."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with pytest.raises(ControlCommandError) as refused:
+                    await call_control(socket_path, payload)
+                assert len(str(refused.value)) < 300
+                await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        "payload",
+        [
+            {"command": "balloon", "mb": 1},
+            {"command": "prop_set", "name": "/a", "value": "v", "flags": ""},
+            {"command": "prop_get", "name": "/a"},
+            {"command": "prop_delete", "name": "/a"},
+            {"command": "event", "mask": 1},
+            {"command": "cpu", "action": "plug", "core": 1, "package": 0},
+            {"command": "stats_interval", "seconds": 1},
+            {"command": "fault", "request": 219, "status": -1, "count": 1},
+            {"command": "fault_clear", "request": 219},
+            {"command": "delay", "request": 219, "seconds": 0.0},
+        ],
+        ids=lambda payload: str(payload["command"]),
+    )
+    async def test_no_refusal_echoes_a_huge_argument(
+        self, socket_path: str, host: SimulatedHost, payload: dict[str, object]
+    ) -> None:
+        """Each argument of each command, given as a string that fills a CONTROL body, is
+        refused in one short line."""
+        huge = "x" * (MAX_JSON_SIZE - 200)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                for name in payload.keys() - {"command"}:
+                    with pytest.raises(ControlCommandError) as refused:
+                        await call_control(socket_path, {**payload, name: huge})
+                    assert len(str(refused.value)) < 400, name
+                nursery.cancel_scope.cancel()
+
+    async def test_an_answer_too_large_to_send_ends_only_its_connection(
+        self, socket_path: str, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An answer over the wire's limits (a host bug) is logged and gets that client an
+        ERROR; the server serves the next one (the encoder's error ended it)."""
+        huge = {"x": "y" * MAX_JSON_SIZE}
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with monkeypatch.context() as patched:
+                    patched.setattr(host, "status", lambda: huge)
+                    with (
+                        structlog.testing.capture_logs() as logs,
+                        pytest.raises(HostUnreachableError, match="cannot encode its reply"),
+                    ):
+                        await call_control(socket_path, {"command": "status"})
+                [logged] = [log for log in logs if log["event"] == "host_reply_unencodable"]
+                assert "MAX_JSON_SIZE" in logged["error"]
+                status = await call_control(socket_path, {"command": "status"})
+                assert isinstance(status, dict)
+                nursery.cancel_scope.cancel()
+
     async def test_control_errors(self, socket_path: str, host: SimulatedHost) -> None:
         """Refused and unknown control commands answer with one-line errors."""
         with trio.fail_after(10):
