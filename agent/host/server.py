@@ -14,10 +14,12 @@ filter bits and capabilities. A ``control`` connection runs control commands
 (:mod:`agent.host.control`) one after the other, and logs each one it served
 (``control_command``, or ``control_command_refused`` with the host's reason).
 
-A malformed frame gets an ERROR frame and its connection is closed; the server goes on. So
-does a reply the host cannot encode (it breaks a wire limit): that is logged as the host's
-bug, but it costs only that connection. Any other exception raised by the host model itself
-is a bug of the simulator and ends the server.
+Nothing a client does ends the server. A failed ``accept(2)`` (descriptors short) is tried
+again after :data:`ACCEPT_PAUSE_S`. A client that has not sent its whole HELLO
+:data:`HELLO_GRACE_S` after connecting gets an ERROR frame and is closed, and so does one
+that sends a malformed frame. A reply the host cannot encode (it breaks a wire limit) is
+logged as the host's bug and ends only that connection. Any other exception raised by the
+host model itself is a bug of the simulator and ends the server.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ LISTEN_BACKLOG: Final = socket.SOMAXCONN
 agents and ``prop`` commands may connect at once."""
 SEND_GRACE_S: Final = 10.0
 """How long a frame may take to send before the client counts as gone."""
+HELLO_GRACE_S: Final = 10.0
+"""How long a client may take from its connect to its whole HELLO before the host sends
+ERROR and closes the connection, so clients that never say HELLO cannot pin descriptors."""
+ACCEPT_PAUSE_S: Final = 0.1
+"""How long the server waits after ``accept(2)`` failed (descriptors or kernel memory short,
+a security policy refusing it) before it tries again; the connection stays queued."""
 RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of a connection's socket per receive."""
 UNSENT_LIMIT: Final = MAX_FRAME_SIZE
@@ -101,7 +109,7 @@ async def serve_simulated_host(
     listener_socket = await _bind(path)
     identity = _identity(path)
     try:
-        listener = trio.SocketListener(listener_socket)
+        listener = _Listener(trio.SocketListener(listener_socket))
         server = _Server(host)
         async with trio.open_nursery() as nursery:
             task_status.started()
@@ -175,6 +183,36 @@ def _identity(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+class _Listener:
+    """Accepts connections; no failure of ``accept(2)`` ends the server (any process of the
+    user may connect, so it would be anyone's to cause)."""
+
+    def __init__(self, listener: trio.SocketListener) -> None:
+        self._listener = listener
+        self._logged: set[int] = set()
+        """The ``accept(2)`` errnos logged already (each is logged once)."""
+
+    async def accept(self) -> trio.SocketStream:
+        """Return the next connection. ``accept(2)`` failing (``EMFILE``, ``ENFILE``,
+        ``ENOMEM``: trio passes over the errnos that dropped the connection) is tried again
+        after :data:`ACCEPT_PAUSE_S`, each errno logged the first time
+        (``host_accept_failed``), so a client that keeps connecting floods no log."""
+        while True:
+            try:
+                return await self._listener.accept()
+            except OSError as exc:
+                code = exc.errno or 0
+                if code not in self._logged:
+                    self._logged.add(code)
+                    _log.warning(
+                        "host_accept_failed",
+                        error=errno.errorcode.get(code, str(code)),
+                        retry_in_s=ACCEPT_PAUSE_S,
+                        repeats="not logged",
+                    )
+                await trio.sleep(ACCEPT_PAUSE_S)
+
+
 class _Server:
     """The connections of one host, and the device connections ``drop`` may close."""
 
@@ -197,7 +235,11 @@ class _Server:
 
     async def _serve(self, connection: _Connection) -> None:
         try:
-            hello = await connection.receive()
+            with trio.move_on_after(HELLO_GRACE_S) as waiting:
+                hello = await connection.receive()
+            if waiting.cancelled_caught:
+                await connection.send_error(f"no HELLO within {HELLO_GRACE_S} s")
+                return
             if hello is None:
                 return
             if not isinstance(hello, Hello) or hello.role is Role.HOST:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import shutil
+import socket
 import stat
 import struct
 import tempfile
@@ -53,6 +55,7 @@ from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED
 from agent.protocol.wire import (
     MAX_JSON_SIZE,
     ControlReply,
+    ControlRequest,
     ErrorFrame,
     FrameDecoder,
     FrameKind,
@@ -113,6 +116,19 @@ async def raw_exchange(path: str, data: bytes) -> list[Frame]:
             decoder.feed(chunk)
             while (frame := decoder.next_frame()) is not None:
                 frames.append(frame)
+    return frames
+
+
+async def receive_frames(stream: trio.SocketStream, count: int) -> list[Frame]:
+    """Read frames from ``stream`` until ``count`` arrived."""
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    while len(frames) < count:
+        data = await stream.receive_some(4096)
+        assert data, f"EOF after {frames}"
+        decoder.feed(data)
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
     return frames
 
 
@@ -422,6 +438,55 @@ class TestRobustness:
                 transport = await UnixSocketOpener(socket_path).open_session()
                 await request(Session(), transport, GetHostVersion())
                 await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def test_a_failed_accept_is_tried_again(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """``accept(2)`` failing for want of descriptors (a real EMFILE) is logged once and
+        tried again after ``ACCEPT_PAUSE_S``; the connection it left queued is then served
+        (the error ended the simulator)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                client = socket.socket(socket.AF_UNIX)
+                client.connect(socket_path)
+                lowest_free = os.dup(client.fileno())
+                os.close(lowest_free)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+                try:
+                    await trio.testing.wait_all_tasks_blocked()
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                failed = [log for log in logs if log["event"] == "host_accept_failed"]
+                assert [log["error"] for log in failed] == ["EMFILE"]
+                async with trio.SocketStream(trio.socket.from_stdlib_socket(client)) as stream:
+                    hello = encode_frame(Hello(Role.CONTROL))
+                    await stream.send_all(hello + encode_frame(ControlRequest({"command": "x"})))
+                    frames = await receive_frames(stream, 2)
+                assert frames[0] == Hello(Role.HOST)
+                assert isinstance(frames[1], ControlReply)
+                assert frames[1].payload["ok"] is False
+                nursery.cancel_scope.cancel()
+
+    async def test_a_client_without_a_hello_is_closed(
+        self, socket_path: str, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A client that sends nothing, or only part of its HELLO, gets an ERROR and is
+        closed ``HELLO_GRACE_S`` after it connected (such clients held their descriptors
+        until the host ran out of them)."""
+        monkeypatch.setattr(server, "HELLO_GRACE_S", 0.2)
+        part = encode_frame(Hello(Role.CONTROL))[:-3]
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                for sent in (b"", part):
+                    started = trio.current_time()
+                    [error] = await raw_exchange(socket_path, sent)
+                    assert error == ErrorFrame("no HELLO within 0.2 s")
+                    assert trio.current_time() - started >= 0.2
+                await call_control(socket_path, {"command": "status"})
                 nursery.cancel_scope.cancel()
 
     @pytest.mark.parametrize(
