@@ -15,11 +15,14 @@ filter bits and capabilities. A ``control`` connection runs control commands
 (``control_command``, or ``control_command_refused`` with the host's reason).
 
 Nothing a client does ends the server. A failed ``accept(2)`` (descriptors short) is tried
-again after :data:`ACCEPT_PAUSE_S`. A client that has not sent its whole HELLO
-:data:`HELLO_GRACE_S` after connecting gets an ERROR frame and is closed, and so does one
-that sends a malformed frame. A reply the host cannot encode (it breaks a wire limit) is
-logged as the host's bug and ends only that connection. Any other exception raised by the
-host model itself is a bug of the simulator and ends the server.
+again after :data:`ACCEPT_PAUSE_S`. A client gets an ERROR frame and is closed when it sends
+a malformed frame, when its whole HELLO has not come :data:`HELLO_GRACE_S` after it
+connected, or when a length prefix is longer than its connection's state admits (a HELLO's,
+:data:`~agent.protocol.wire.MAX_HELLO_FRAME_SIZE`, until the HELLO; a CONTROL request's on
+a control connection): that is refused as it arrives, before the body is buffered. A reply
+the host cannot encode (it breaks a wire limit) is logged as the host's bug and ends only
+that connection. Any other exception raised by the host model itself is a bug of the
+simulator and ends the server.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from agent.host._log import LOG_COMPONENT
 from agent.host.control import execute_control
 from agent.protocol import AgentError
 from agent.protocol.wire import (
+    MAX_CONTROL_FRAME_SIZE,
     MAX_FRAME_SIZE,
+    MAX_HELLO_FRAME_SIZE,
     Cancel,
     ControlReply,
     ControlRequest,
@@ -248,8 +253,10 @@ class _Server:
                 )
                 return
             if hello.role is Role.DEVICE:
+                connection.admit_frames_up_to(MAX_FRAME_SIZE)
                 await self._serve_device(connection, user_device=hello.user_device)
             else:
+                connection.admit_frames_up_to(MAX_CONTROL_FRAME_SIZE)
                 await self._serve_control(connection)
         # Errors raised in the per-call tasks arrive wrapped in groups, hence except*.
         except* WireError as group:
@@ -355,10 +362,15 @@ class _Connection:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(MAX_HELLO_FRAME_SIZE)
         self._send_lock = trio.Lock()
         self._unsent = 0
         self._sent_some = trio.Event()
+
+    def admit_frames_up_to(self, max_frame_size: int) -> None:
+        """Refuse a frame longer than ``max_frame_size`` from the next one on, as soon as
+        its length prefix arrives (a connection starts at :data:`MAX_HELLO_FRAME_SIZE`)."""
+        self._decoder.max_frame_size = max_frame_size
 
     async def receive_within(self, unsent_limit: int) -> Frame | None:
         """Like :meth:`receive`, once no more than ``unsent_limit`` bytes wait to be sent."""

@@ -35,7 +35,15 @@ refuses such a call with ``E2BIG``.
 MAX_USER_BUFFERS: Final = HGCM_MAX_PARMS
 """User buffers per ioctl: one per HGCM parameter at most."""
 MAX_JSON_SIZE: Final = 1 << 20
-"""Largest HELLO, CONTROL or ERROR body (1 MiB)."""
+"""Largest CONTROL or ERROR body (1 MiB)."""
+MAX_HELLO_SIZE: Final = 1 << 10
+"""Largest HELLO body (1 KiB): its three JSON fields take under 60 bytes."""
+MAX_HELLO_FRAME_SIZE: Final = 1 + MAX_HELLO_SIZE
+"""Largest frame length (kind byte and body) of a HELLO: all a receiver awaiting the peer's
+HELLO admits, so a connection that has not said who it is cannot make it buffer more."""
+MAX_CONTROL_FRAME_SIZE: Final = 1 + MAX_JSON_SIZE
+"""Largest frame length of a CONTROL request or reply, or an ERROR: all a control
+connection carries."""
 MAX_ERRNO: Final = 4095
 """Largest errno Linux returns from a system call (``MAX_ERRNO``)."""
 
@@ -295,14 +303,17 @@ def _check_user_buffer_ranges(
 class FrameDecoder:
     """Turns received bytes into frames: ``feed`` what arrived, then ``next_frame`` until None.
 
-    Memory is bounded by ``max_frame_size``: a length prefix above it is refused at once,
+    Memory is bounded by :attr:`max_frame_size`: a length prefix above it is refused at once,
     before its body arrives. After a :class:`WireError` the decoder stays broken and every
     later ``next_frame`` raises the same error.
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buffer = bytearray()
-        self._max_frame_size = max_frame_size
+        self.max_frame_size = max_frame_size
+        """The largest frame length taken. A receiver sets it as its connection's state
+        narrows the frames that may come (:data:`MAX_HELLO_FRAME_SIZE` until the peer's
+        HELLO); it applies to every frame not yet returned."""
         self._error: WireError | None = None
 
     @property
@@ -325,8 +336,8 @@ class FrameDecoder:
         if len(self._buffer) < _LENGTH.size:
             return None
         (size,) = _LENGTH.unpack_from(self._buffer)
-        if size > self._max_frame_size or size == 0:
-            self._error = WireError(f"frame length {size} is outside 1..{self._max_frame_size}")
+        if size > self.max_frame_size or size == 0:
+            self._error = WireError(f"frame length {size} is outside 1..{self.max_frame_size}")
             raise self._error
         end = _LENGTH.size + size
         if len(self._buffer) < end:
@@ -344,6 +355,9 @@ def _decode_body(body: bytes) -> Frame:
     kind_byte = body[0]
     reader = _Reader(body, 1)
     match kind_byte:
+        case FrameKind.HELLO if len(body) > MAX_HELLO_FRAME_SIZE:
+            msg = f"HELLO body of {len(body) - 1} bytes exceeds MAX_HELLO_SIZE ({MAX_HELLO_SIZE})"
+            raise WireError(msg)
         case FrameKind.HELLO:
             frame: Frame = _decode_hello(reader.json_object())
         case FrameKind.IOCTL_REQUEST:

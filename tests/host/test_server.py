@@ -53,6 +53,9 @@ from agent.protocol import (
 from agent.protocol.constants import RequestType
 from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED
 from agent.protocol.wire import (
+    MAX_CONTROL_FRAME_SIZE,
+    MAX_HELLO_FRAME_SIZE,
+    MAX_HELLO_SIZE,
     MAX_JSON_SIZE,
     ControlReply,
     ControlRequest,
@@ -516,8 +519,8 @@ class TestRobustness:
     async def test_a_huge_hello_field_is_not_echoed(
         self, socket_path: str, host: SimulatedHost
     ) -> None:
-        """A HELLO whose role is a huge string gets a short ERROR; the server serves on."""
-        body = json.dumps({"wire": 1, "role": "r" * (MAX_JSON_SIZE - 100)}).encode()
+        """A HELLO whose role is a long string gets a short ERROR; the server serves on."""
+        body = json.dumps({"wire": 1, "role": "r" * (MAX_HELLO_SIZE - 100)}).encode()
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await start(nursery, host, socket_path)
@@ -527,6 +530,43 @@ class TestRobustness:
                 assert "HELLO role" in error.message
                 assert len(error.message) < 300
                 await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("hello", "kind", "limit"),
+        [
+            (None, FrameKind.HELLO, MAX_HELLO_FRAME_SIZE),
+            (Role.CONTROL, FrameKind.CONTROL_REQUEST, MAX_CONTROL_FRAME_SIZE),
+        ],
+        ids=["before-hello", "control"],
+    )
+    async def test_a_length_over_the_connection_s_limit_is_refused_at_once(
+        self, socket_path: str, host: SimulatedHost, hello: Role | None, kind: int, limit: int
+    ) -> None:
+        """A length prefix longer than the connection's state admits (a HELLO's before the
+        HELLO, a CONTROL frame's on a control connection) gets an ERROR before any of its
+        body comes (the host buffered up to 64 MiB of it first)."""
+        sent = b"" if hello is None else encode_frame(Hello(hello))
+        sent += struct.pack("<IB", limit + 1, kind)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                frames = await raw_exchange(socket_path, sent)
+                assert frames[-1] == ErrorFrame(f"frame length {limit + 1} is outside 1..{limit}")
+                await call_control(socket_path, {"command": "status"})
+                nursery.cancel_scope.cancel()
+
+    async def test_a_device_connection_takes_frames_over_the_control_limit(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """An ioctl frame longer than a CONTROL frame may be reaches the driver model on a
+        device connection (a 2 MiB LOG request is answered)."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                await request(Session(), transport, Log(b"x" * (2 << 20)))
+                await transport.aclose()
                 nursery.cancel_scope.cancel()
 
     @pytest.mark.parametrize(

@@ -16,8 +16,11 @@ from hypothesis import given, strategies as st
 
 from agent.protocol import LocalProtocolError, RemoteProtocolError
 from agent.protocol.wire import (
+    MAX_CONTROL_FRAME_SIZE,
     MAX_ERRNO,
     MAX_FRAME_SIZE,
+    MAX_HELLO_FRAME_SIZE,
+    MAX_HELLO_SIZE,
     MAX_JSON_SIZE,
     MAX_USER_BUFFERS,
     Cancel,
@@ -229,6 +232,27 @@ class TestLimits:
         decoder = FrameDecoder(max_frame_size=100)
         decoder.feed(encode_frame(frame))
         assert decoder.next_frame() == frame
+
+    def test_a_lowered_limit_applies_to_the_next_frame(self) -> None:
+        """A receiver narrowing ``max_frame_size`` after a frame (a HELLO) refuses a longer
+        frame that follows by its length prefix alone, even one buffered already."""
+        decoder = FrameDecoder(MAX_HELLO_FRAME_SIZE)
+        decoder.feed(encode_frame(Hello(Role.CONTROL)))
+        decoder.feed(struct.pack("<IB", MAX_CONTROL_FRAME_SIZE + 1, 4))
+        assert decoder.next_frame() == Hello(Role.CONTROL)
+        decoder.max_frame_size = MAX_CONTROL_FRAME_SIZE
+        with pytest.raises(WireError, match=rf"outside 1\.\.{MAX_CONTROL_FRAME_SIZE}$"):
+            decoder.next_frame()
+
+    def test_hello_size(self) -> None:
+        """A HELLO body of MAX_HELLO_SIZE (JSON padded with spaces) is taken; one byte more
+        is refused whatever the decoder's frame limit."""
+        text = b'{"wire":1,"role":"device"}'
+        body = text.ljust(MAX_HELLO_SIZE)
+        assert decode_all(struct.pack("<IB", 1 + len(body), 1) + body) == [Hello(Role.DEVICE)]
+        body += b" "
+        with pytest.raises(WireError, match=r"HELLO body of 1025 bytes exceeds MAX_HELLO_SIZE"):
+            decode_all(struct.pack("<IB", 1 + len(body), 1) + body)
 
     def test_error_classes(self) -> None:
         """Decoding errors blame the peer, encoding errors blame the caller."""
