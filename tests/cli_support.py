@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pytest
+
+from agent.protocol.wire import Hello, Role, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -78,6 +82,42 @@ def agent(*args: str) -> subprocess.CompletedProcess[str]:
 def host(path: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``vbox-agent host --socket PATH ARGS``."""
     return agent("host", "--socket", path, *args)
+
+
+@contextmanager
+def hung_host(path: str) -> Iterator[None]:
+    """While the block runs, a host listening at ``path`` that answers every client's HELLO
+    and then nothing: what it is sent is read and dropped, as by a host that hangs."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        stop, stopped = socket.socketpair()
+        clients: list[socket.socket] = []
+
+        def serve() -> None:
+            while True:
+                ready, _, _ = select.select([stopped, listener, *clients], [], [])
+                if stopped in ready:
+                    return
+                for source in ready:
+                    if source is listener:
+                        client, _ = listener.accept()
+                        client.recv(4096)  # its HELLO
+                        client.sendall(encode_frame(Hello(Role.HOST)))
+                        clients.append(client)
+                    elif not source.recv(65536):
+                        clients.remove(source)
+                        source.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            yield
+        finally:
+            stop.send(b"x")
+            server.join(WAIT_S)
+            for client in (*clients, stop, stopped):
+                client.close()
 
 
 class Simulator:

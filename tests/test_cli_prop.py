@@ -42,6 +42,7 @@ from agent.cli._exit import (
 )
 from agent.cli._prop import _delete, _explain, _set, _wait
 from agent.device import open_device
+from agent.device.unix import VERSION_WAIT_S
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
@@ -50,7 +51,14 @@ from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
 from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
 from testbed.realdriver import ENV_LIBRARY
-from tests.cli_support import REFUSALS, Refusal, Simulator, refusing_stream, wait_until
+from tests.cli_support import (
+    REFUSALS,
+    Refusal,
+    Simulator,
+    hung_host,
+    refusing_stream,
+    wait_until,
+)
 from tests.conftest import KERNEL_PERSONALITY
 from tests.sim_support import HookedOpener, OverflowAsking
 from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
@@ -412,6 +420,23 @@ class TestNoHost:
         assert done.returncode == EX_UNAVAILABLE
         assert "no simulated host" in one_line(done)
         assert done.stdout == ""
+
+    def test_a_host_that_answers_no_ioctl(self, tmp_path: Path) -> None:
+        """A host that answers HELLO and then nothing (hung) is unavailable once the version
+        query went unanswered for ``VERSION_WAIT_S``: 69 and the line saying so, besides the
+        device's warning that it abandoned the query (``prop`` waited for it forever)."""
+        path = str(tmp_path / "hung.sock")
+        with hung_host(path):
+            done = self.prop("--device", f"unix:{path}", "get", "/x")
+        assert (done.returncode, done.stdout) == (EX_UNAVAILABLE, "")
+        line = (
+            f"vbox-agent prop get: unix:{path} did not answer the driver version query "
+            f"within {VERSION_WAIT_S:g} s"
+        )
+        lines = done.stderr.splitlines()
+        assert line in lines
+        lines.remove(line)
+        assert [json.loads(warning)["event"] for warning in lines] == ["ioctl_abandoned"]
 
     def test_path_that_is_not_a_socket(self, tmp_path: Path) -> None:
         """A device path that exists and is not a socket exits 78 at once, with one line, as

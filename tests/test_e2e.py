@@ -27,9 +27,9 @@ import pytest
 
 from agent.cli._exit import EX_CONFIG, EX_UNAVAILABLE
 from agent.config import LISTED_PROBLEMS
-from agent.device.unix import HOST_START_WAIT_S
+from agent.device.unix import HOST_START_WAIT_S, VERSION_WAIT_S
 from testbed.realdriver import ENV_LIBRARY
-from tests.cli_support import Simulator, wait_until
+from tests.cli_support import Simulator, hung_host, wait_until
 from tests.conftest import KERNEL_PERSONALITY
 
 if TYPE_CHECKING:
@@ -295,6 +295,21 @@ class TestTwoProcesses:
         assert "none.sock" in result.stderr
         assert f"waited {HOST_START_WAIT_S:g} s for it" in result.stderr
         assert len(result.stderr.splitlines()) == 1
+
+    def test_a_host_that_answers_no_ioctl_exits_69(self, workdir: Path) -> None:
+        """A host that answers HELLO and then nothing (hung): the version query is abandoned
+        after ``VERSION_WAIT_S`` and one line says so, 69 (the agent waited for it forever)."""
+        path = workdir / "hung.sock"
+        with hung_host(str(path)):
+            result = _run("--device", f"unix:{path}")
+        assert result.returncode == EX_UNAVAILABLE
+        assert [json.loads(line)["event"] for line in result.stdout.splitlines()] == [
+            "ioctl_abandoned"
+        ]
+        assert result.stderr == (
+            f"vbox-agent: unix:{path} did not answer the driver version query within "
+            f"{VERSION_WAIT_S:g} s\n"
+        )
 
     def test_duration_over_before_the_device_opened_exits_69(self, workdir: Path) -> None:
         """--duration elapsing while the agent still waits for its host: a warning and one

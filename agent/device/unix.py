@@ -102,6 +102,9 @@ HOST_START_WAIT_S: Final = 5.0
 """How long the first session waits for a host whose socket is missing or refuses."""
 HELLO_WAIT_S: Final = 5.0
 """How long a new session waits for the host's HELLO (a live host answers at once)."""
+VERSION_WAIT_S: Final = 5.0
+"""How long opening the device waits for the host's answer to the driver version query, the
+first ioctl (a live host answers at once; one that answered HELLO may still be hung)."""
 HOST_BUSY_WAIT_S: Final = 5.0
 """How long a session waits for a host whose listen backlog is full (connections pile up)."""
 HOST_START_POLL_S: Final = 0.05
@@ -506,6 +509,11 @@ class UnixSocketOpener:
     def simulated(self) -> bool:
         """True: a socket leads to a simulated host (``vbox-agent simulate``)."""
         return True
+
+    @property
+    def version_wait_s(self) -> float:
+        """:data:`VERSION_WAIT_S`."""
+        return VERSION_WAIT_S
 
     async def open_session(self) -> UnixSocketTransport:
         """Connect, say HELLO and return the new session.

@@ -31,7 +31,7 @@ import structlog
 import trio
 import trio.testing
 
-from agent.device import unix
+from agent.device import open_device, unix
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import SocketOptions, cannot_be_the_device, opener_for_spec, peer_uid
 from agent.device.unix import (
@@ -41,6 +41,7 @@ from agent.device.unix import (
     RECEIVE_SIZE,
     SEND_GRACE_S,
     USER_ADDRESS_BASE,
+    VERSION_WAIT_S,
     UnixSocketOpener,
     UnixSocketTransport,
     cannot_be_a_host,
@@ -934,6 +935,37 @@ class TestBrokenHost:
         listener.close()
         assert str(info.value) == (
             f"simulated host at {path} did not answer HELLO within {HELLO_WAIT_S:g} s"
+        )
+
+    async def test_a_host_that_answers_hello_and_no_ioctl(
+        self, socket_dir: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A host that answers HELLO and then nothing (hung) is unavailable once the device's
+        version query went unanswered for VERSION_WAIT_S (and the abandoned query's give-back
+        time): ``prop`` and ``run`` waited for it forever."""
+        path = os.path.join(socket_dir, "hung.sock")
+        listener = await _listening(path, backlog=1)
+
+        async def hung_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.recv(RECEIVE_SIZE)  # the client's HELLO
+                await trio.SocketStream(connection).send_all(encode_frame(Hello(Role.HOST)))
+                await trio.sleep_forever()
+
+        with trio.fail_after(VERSION_WAIT_S + 60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hung_host)
+                started = trio.current_time()
+                with pytest.raises(DeviceUnavailableError) as info:
+                    async with open_device(UnixSocketOpener(path)):
+                        pytest.fail("the device opened")
+                took = trio.current_time() - started
+                nursery.cancel_scope.cancel()
+        listener.close()
+        assert took == pytest.approx(VERSION_WAIT_S + GIVE_BACK_S)
+        assert str(info.value) == (
+            f"unix:{path} did not answer the driver version query within {VERSION_WAIT_S:g} s"
         )
 
     @pytest.mark.parametrize(

@@ -84,6 +84,9 @@ VMMDev requests and one for interrupts (a setting the daemon accepts)."""
 POLL_S = 0.005
 CANCEL_TAKES_EFFECT_S = 0.25
 """The issue's bound from a call's cancellation to its caller running again."""
+SCHEDULING_ROOM_S = 0.025
+"""What the bound leaves, past a given-up call's ABANDON_AFTER_S, for the scheduling that
+follows before its caller runs again."""
 
 
 class Setup:
@@ -332,7 +335,12 @@ class TestCancellation:
         async with _running(kind, request) as setup:
             took = await _refuse_the_cancel_of_a_held_call(setup)
         assert took == pytest.approx(ABANDON_AFTER_S, abs=1e-9)  # virtual time: to the ns
-        assert took <= CANCEL_TAKES_EFFECT_S
+
+    def test_the_abandon_wait_leaves_the_scheduling_room_within_250_ms(self) -> None:
+        """What the call above takes, ABANDON_AFTER_S, and the scheduling that follows it
+        (milliseconds, which virtual time does not show) stay within issue 10's bound: a
+        relation of constants, stated here once."""
+        assert ABANDON_AFTER_S + SCHEDULING_ROOM_S <= CANCEL_TAKES_EFFECT_S
 
     async def test_a_call_completed_while_its_cancel_failed_returns_its_reply(
         self, setup: Setup

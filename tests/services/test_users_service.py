@@ -33,7 +33,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer
 from agent.protocol.status import VERR_PARSE_ERROR
-from agent.services import EventPump, ServiceContext, _logins
+from agent.services import EventPump, ServiceContext, _logins, users
 from agent.services._logins import (
     LIBSYSTEMD,
     MAX_UTMP_BYTES,
@@ -379,6 +379,10 @@ async def test_a_reading_that_must_ask_the_account_database_runs_on_one_worker_t
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_again)
             await trio.testing.wait_all_tasks_blocked()
+            # It waits for the abandoned thread's token: a thread of its own would have
+            # borrowed a second one.
+            waiting = users._READING_LIMITER.get().statistics()
+            assert (waiting.borrowed_tokens, waiting.tasks_waiting) == (1, 1)
             assert (read, len(askers)) == ([], 1)
             release.set()
         assert read == [Logins((str(UNNAMED_UIDS[1]),))]
