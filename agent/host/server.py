@@ -40,6 +40,7 @@ import trio
 from agent.host._log import LOG_COMPONENT
 from agent.host.control import execute_control
 from agent.protocol import AgentError
+from agent.protocol.errors import SHOWN_SIZE, shown, shown_text
 from agent.protocol.wire import (
     MAX_CONTROL_FRAME_SIZE,
     MAX_FRAME_SIZE,
@@ -70,6 +71,9 @@ SOCKET_MODE: Final = 0o600
 LISTEN_BACKLOG: Final = socket.SOMAXCONN
 """Connections waiting to be accepted (the kernel caps it at ``net.core.somaxconn``): many
 agents and ``prop`` commands may connect at once."""
+LOGGED_ARGUMENTS: Final = 8
+"""How many of a control command's arguments its log line shows (more than any command
+takes); how many more there were is said."""
 SEND_GRACE_S: Final = 10.0
 """How long a frame may take to send before the client counts as gone."""
 HELLO_GRACE_S: Final = 10.0
@@ -347,14 +351,29 @@ class _Server:
 
 
 def _log_control(payload: dict[str, object], answer: dict[str, object]) -> None:
-    """Log one control command served: its name, its arguments and what came of it."""
-    command = payload.get("command")
-    arguments = {name: value for name, value in payload.items() if name != "command"}
+    """Log one control command served: its name, its arguments and what came of it, each
+    as short as a reply quotes it (a client chooses them)."""
+    command = _logged(payload.get("command"))
+    given = [(name, value) for name, value in payload.items() if name != "command"]
+    arguments = {shown_text(name): _logged(value) for name, value in given[:LOGGED_ARGUMENTS]}
+    more = {"arguments_left_off": len(given) - LOGGED_ARGUMENTS} if given[LOGGED_ARGUMENTS:] else {}
     if answer.get("ok") is True:
-        _log.info("control_command", command=command, arguments=arguments)
+        _log.info("control_command", command=command, arguments=arguments, **more)
     else:
         error = answer.get("error")
-        _log.warning("control_command_refused", command=command, arguments=arguments, error=error)
+        _log.warning(
+            "control_command_refused", command=command, arguments=arguments, error=error, **more
+        )
+
+
+def _logged(value: object) -> object:
+    """A client's value for a log line: a short number as it is, text cut as
+    :func:`shown_text` does, anything else (or a long number) as :func:`shown` quotes it."""
+    if isinstance(value, str):
+        return shown_text(value)
+    if isinstance(value, int | float) and len(repr(value)) <= SHOWN_SIZE:
+        return value
+    return shown(value)
 
 
 class _Connection:

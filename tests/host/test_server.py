@@ -11,6 +11,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -637,6 +638,41 @@ class TestRobustness:
                 assert len(str(refused.value)) < 300
                 await call_control(socket_path, {"command": "status"})
                 nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        ("payload", "event"),
+        [
+            ({"command": "x" * (MAX_JSON_SIZE - 30)}, "control_command_refused"),
+            (
+                {"command": "prop_set", "name": "/a", "value": "v" * (MAX_JSON_SIZE - 100)},
+                "control_command_refused",
+            ),
+            ({"command": "status", "junk": "j" * (MAX_JSON_SIZE - 100)}, "control_command"),
+            ({"command": "status", "k" * (MAX_JSON_SIZE - 100): 0}, "control_command"),
+            ({"command": "status", "n": [0] * (MAX_JSON_SIZE // 4)}, "control_command"),
+            ({"command": "status", **{f"k{i}": i for i in range(10_000)}}, "control_command"),
+        ],
+        ids=["unknown-command", "prop_set-value", "extra-argument", "key", "list", "many-keys"],
+    )
+    async def test_a_huge_command_is_logged_short(
+        self, socket_path: str, host: SimulatedHost, payload: dict[str, object], event: str
+    ) -> None:
+        """The log line of a command whose name, an argument, its key or their number fills
+        a CONTROL body is as short as a reply quotes it, and says how many arguments it
+        left off (logged whole, it was up to MAX_JSON_SIZE; just over the log's line limit,
+        none at all)."""
+        with trio.fail_after(20), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                with contextlib.suppress(ControlCommandError):
+                    await call_control(socket_path, payload)
+                nursery.cancel_scope.cancel()
+        [line] = [log for log in logs if log["event"].startswith("control_command")]
+        assert line["event"] == event
+        assert len(json.dumps(line)) < 2000
+        given = len(payload) - 1
+        assert len(line["arguments"]) == min(given, server.LOGGED_ARGUMENTS)
+        assert line.get("arguments_left_off", 0) == max(given - server.LOGGED_ARGUMENTS, 0)
 
     @pytest.mark.parametrize(
         "payload",
