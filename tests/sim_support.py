@@ -53,11 +53,6 @@ class HookedOpener:
         """True."""
         return self._opener.simulated
 
-    @property
-    def version_wait_s(self) -> float:
-        """The simulated host's."""
-        return self._opener.version_wait_s
-
     async def open_session(self) -> HookedSession:
         """Open a session on the host, with the hooks."""
         return HookedSession(

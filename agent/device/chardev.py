@@ -113,7 +113,6 @@ import ctypes
 import errno
 import fcntl
 import grp
-import math
 import os
 import pwd
 import signal
@@ -952,12 +951,6 @@ class CharDevOpener:
     def simulated(self) -> bool:
         """False: a device node leads to this machine's driver."""
         return False
-
-    @property
-    def version_wait_s(self) -> float:
-        """``math.inf``: the driver answers the version ioctl without waiting for the host
-        (:meth:`open_session` asked it already)."""
-        return math.inf
 
     async def open_session(self) -> CharDevTransport:
         """Open the node, agree on the ioctl interface version and return the session.

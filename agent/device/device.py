@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import structlog
 import trio
 
-from agent.device.errors import DeviceInUseError, DeviceUnavailableError
+from agent.device.errors import DeviceInUseError
 from agent.protocol import (
     VALID_EVENT_MASK,
     AgentError,
@@ -551,24 +551,14 @@ class HgcmClient:
 async def open_device(opener: DeviceOpener) -> AsyncIterator[Device]:
     """Open the device's main session, agree on the ioctl version and yield the Device.
 
-    The version query is waited for ``opener.version_wait_s`` at most.
-
     Raises:
-        DeviceUnavailableError: the device cannot be opened, or did not answer the version
-            query in time.
+        DeviceUnavailableError: the device cannot be opened.
         VBoxStatusError: the driver refused our interface version.
     """
     transport = await opener.open_session()
     device = Device(opener, transport)
     try:
-        wait_s = opener.version_wait_s
-        with trio.move_on_after(wait_s) as waiting:
-            device.driver_version = await device.request(DriverVersionInfo())
-        if waiting.cancelled_caught:
-            msg = (
-                f"{opener.description} did not answer the driver version query within {wait_s:g} s"
-            )
-            raise DeviceUnavailableError(msg)
+        device.driver_version = await device.request(DriverVersionInfo())
         yield device
     finally:
         await device.aclose()

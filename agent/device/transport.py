@@ -118,15 +118,6 @@ class DeviceOpener(Protocol):
         services then leave the machine itself (its CPUs, its clock) alone."""
         ...
 
-    @property
-    def version_wait_s(self) -> float:
-        """How long :func:`~agent.device.open_device` waits for the answer to its driver
-        version query before the device counts as unavailable: ``math.inf`` where the
-        answer cannot fail to come (a driver answers that ioctl without waiting for the
-        host), a bound where the other side may be hung (a simulated host in another
-        process that answered HELLO)."""
-        ...
-
     async def open_session(self) -> Transport:
         """Open a new session.
 

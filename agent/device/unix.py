@@ -64,7 +64,7 @@ import trio
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import NOT_THE_DEVICE_ERRNOS, check_socket_path, peer_uid, shown_path
 from agent.device.transport import abandon_at, given_back_by
-from agent.protocol import LocalProtocolError
+from agent.protocol import DriverVersionInfo, LocalProtocolError, RemoteProtocolError
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.errors import shown_text
 from agent.protocol.wire import (
@@ -85,7 +85,7 @@ from agent.protocol.wire import (
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from agent.protocol import Submission, UserBuffer
+    from agent.protocol import DriverVersion, Submission, UserBuffer
     from agent.protocol.wire import Frame
 
 _log = structlog.get_logger(__name__)
@@ -103,8 +103,8 @@ HOST_START_WAIT_S: Final = 5.0
 HELLO_WAIT_S: Final = 5.0
 """How long a new session waits for the host's HELLO (a live host answers at once)."""
 VERSION_WAIT_S: Final = 5.0
-"""How long opening the device waits for the host's answer to the driver version query, the
-first ioctl (a live host answers at once; one that answered HELLO may still be hung)."""
+"""How long a new session waits for the host's answer to the driver version query, its first
+ioctl (a live host answers at once; one that answered HELLO may still be hung)."""
 HOST_BUSY_WAIT_S: Final = 5.0
 """How long a session waits for a host whose listen backlog is full (connections pile up)."""
 HOST_START_POLL_S: Final = 0.05
@@ -148,6 +148,8 @@ class UnixSocketTransport:
         self._reading = False
         self._lost: str | None = None
         self._closed = False
+        self.driver_version: DriverVersion | None = None
+        """The host's answer to the version query, set by the opener."""
 
     async def ioctl(
         self,
@@ -235,6 +237,43 @@ class UnixSocketTransport:
             )
             msg = f"simulated host at {self._path} refused the session: {why}"
             raise DeviceUnavailableError(msg)
+
+    async def _ask_version(self) -> DriverVersion:
+        """Ask the driver version as the session's first ioctl and return the answer.
+
+        A caller that stops waiting closes the session: nothing is cancelled on the host
+        (no CANCEL frame, no give-back time), as a session the opener throws away needs none.
+
+        Raises:
+            DeviceUnavailableError: the host went away, refused the query or broke it.
+            VBoxStatusError: the driver refused our interface version.
+        """
+        request = DriverVersionInfo()
+        call = request.encode()
+        seq = self._next_seq()
+        try:
+            await self._send(encode_frame(IoctlRequest(seq, call.code, bytes(call.buffer), ())))
+            frame = await self._receive_frame()
+        except DeviceLostError as exc:
+            raise DeviceUnavailableError(str(exc)) from exc
+        problem = f"simulated host at {self._path} refused the driver version query"
+        if not isinstance(frame, IoctlReply) or frame.seq != seq:
+            why = (
+                shown_text(frame.message)
+                if isinstance(frame, ErrorFrame)
+                else f"it answered {describe_frame(frame)}"
+            )
+            msg = f"{problem}: {why}"
+            raise DeviceUnavailableError(msg)
+        if frame.errno:
+            msg = f"{problem}: {errno.errorcode.get(frame.errno, frame.errno)}"
+            raise DeviceUnavailableError(msg)
+        call.buffer[:] = frame.buffer
+        try:
+            return request.decode(call)
+        except RemoteProtocolError as exc:
+            msg = f"{problem}: {exc}"
+            raise DeviceUnavailableError(msg) from exc
 
     async def _answer_after_cancel(
         self,
@@ -510,13 +549,8 @@ class UnixSocketOpener:
         """True: a socket leads to a simulated host (``vbox-agent simulate``)."""
         return True
 
-    @property
-    def version_wait_s(self) -> float:
-        """:data:`VERSION_WAIT_S`."""
-        return VERSION_WAIT_S
-
     async def open_session(self) -> UnixSocketTransport:
-        """Connect, say HELLO and return the new session.
+        """Connect, say HELLO, ask the driver version and return the new session.
 
         Until a first session is opened, a missing or refusing socket may be a host that is
         still starting (``vbox-agent simulate ... &`` a moment ago): the opener logs that it
@@ -527,8 +561,10 @@ class UnixSocketOpener:
         ``HOST_BUSY_WAIT_S`` for it.
 
         A host that accepted the connection must be run by this process's effective uid or
-        by root (:func:`untrusted_host`; nothing is sent to another's), and answer HELLO
-        within ``HELLO_WAIT_S``.
+        by root (:func:`untrusted_host`; nothing is sent to another's), answer HELLO
+        within ``HELLO_WAIT_S`` and the driver version query within ``VERSION_WAIT_S``
+        (one that answered HELLO may still be hung); a session not answered in time is
+        closed, nothing is cancelled on the host.
 
         Raises:
             NotTheDeviceError: the path exists and is not a socket (a regular file, a
@@ -537,23 +573,35 @@ class UnixSocketOpener:
                 that cannot be the device.
             DeviceUnavailableError: nothing listens at the path, the host is run by another
                 user, or it refused or did not answer.
+            VBoxStatusError: the driver refused our interface version.
             OSError: no socket for want of descriptors or memory (:data:`SHORTAGE_ERRNOS`),
                 which may pass: the host is not gone.
         """
         stream = await self._connect()
         transport = UnixSocketTransport(stream, self._path)
         try:
-            with trio.move_on_after(HELLO_WAIT_S) as hello_wait:
-                await transport._handshake(user_device=self._user_device)
+            await self._greet(transport)
         except BaseException:
             await transport.aclose()
             raise
-        if hello_wait.cancelled_caught:
-            await transport.aclose()
-            msg = f"simulated host at {self._shown} did not answer HELLO within {HELLO_WAIT_S:g} s"
-            raise DeviceUnavailableError(msg)
         self._host_seen = True
         return transport
+
+    async def _greet(self, transport: UnixSocketTransport) -> None:
+        """Say HELLO on the new session and ask the driver version, each within its wait."""
+        with trio.move_on_after(HELLO_WAIT_S) as hello_wait:
+            await transport._handshake(user_device=self._user_device)
+        if hello_wait.cancelled_caught:
+            msg = f"simulated host at {self._shown} did not answer HELLO within {HELLO_WAIT_S:g} s"
+            raise DeviceUnavailableError(msg)
+        with trio.move_on_after(VERSION_WAIT_S) as version_wait:
+            transport.driver_version = await transport._ask_version()
+        if version_wait.cancelled_caught:
+            msg = (
+                f"{self.description} did not answer the driver version query within "
+                f"{VERSION_WAIT_S:g} s"
+            )
+            raise DeviceUnavailableError(msg)
 
     async def _connect(self) -> trio.SocketStream:
         wait_s = 0.0 if self._host_seen else self._start_wait_s

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextvars
 import errno
-import math
 import os
 import struct
 from functools import partial
@@ -313,11 +312,6 @@ class SimOpener:
     def simulated(self) -> bool:
         """True."""
         return True
-
-    @property
-    def version_wait_s(self) -> float:
-        """``math.inf``: the host runs in this process and answers the version query at once."""
-        return math.inf
 
     async def open_session(self) -> SimTransport:
         """Open a new session.

@@ -12,7 +12,6 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
-import math
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -184,7 +183,6 @@ class ScriptOpener:
 
     description = "scripted Oracle driver"
     simulated = True
-    version_wait_s = math.inf
 
     def __init__(self, waits: Sequence[tuple[int, int]]) -> None:
         self.waiter = OracleScript(waits)

@@ -12,7 +12,6 @@ Rules of this test module:
 from __future__ import annotations
 
 import errno
-import math
 from typing import TYPE_CHECKING
 
 import pytest
@@ -73,7 +72,6 @@ class DeafOpener:
         self._failure = failure
         self.description = "deaf simulated driver"
         self.simulated = True
-        self.version_wait_s = math.inf
 
     async def open_session(self) -> DeafTransport:
         return DeafTransport(await self._inner.open_session(), self._failure)

@@ -48,8 +48,13 @@ from agent.device.unix import (
     untrusted_host,
 )
 from agent.host.server import serve_simulated_host
-from agent.protocol import Submission, UserBuffer
-from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S, PAGE_SIZE
+from agent.protocol import (
+    Ioctl,
+    Submission,
+    UserBuffer,
+    layouts as L,  # noqa: N812 - the layout table
+)
+from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S, IOC_VERSION, PAGE_SIZE
 from agent.protocol.wire import (
     ErrorFrame,
     FrameDecoder,
@@ -105,7 +110,9 @@ class ScriptedHost:
     async def ioctl(
         self, session: ScriptedSession, code: int, buffer: bytearray, memory: GuestMemory
     ) -> None:
-        if code == ECHO:
+        if code == Ioctl.DRIVER_VERSION_INFO:  # every session's first ioctl
+            _answer_version(buffer)
+        elif code == ECHO:
             for offset in range(0, len(buffer), _SLOT.size):
                 address, size = _SLOT.unpack_from(buffer, offset)
                 memory.write(address, memory.read(address, size).upper())
@@ -820,14 +827,13 @@ class TestLifecycle:
             await transport.aclose()
 
     async def test_host_sends_garbage(self, socket_dir: str) -> None:
-        """A malformed frame from the host counts as losing it."""
+        """A malformed frame from the host counts as losing it (after HELLO: the session
+        does not open)."""
         path = os.path.join(socket_dir, "raw.sock")
         with trio.fail_after(10):
             async with garbage_host(path):
-                transport = await UnixSocketOpener(path).open_session()
-                with pytest.raises(DeviceLostError) as info:
-                    await transport.ioctl(ECHO, bytearray(16))
-                await transport.aclose()
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
         # what it did, not that it is gone (it said 'is gone: it sent a malformed frame')
         assert str(info.value).startswith(f"simulated host at {path} sent a malformed frame: ")
 
@@ -840,8 +846,7 @@ class TestLifecycle:
         async def closing_host() -> None:
             connection, _ = await listener.accept()
             with connection:
-                await connection.recv(RECEIVE_SIZE)  # the client's HELLO
-                await connection.send(encode_frame(Hello(Role.HOST)))
+                await _greet(connection)
             closed.set()
 
         with trio.fail_after(10):
@@ -940,20 +945,28 @@ class TestBrokenHost:
     async def test_a_host_that_answers_hello_and_no_ioctl(
         self, socket_dir: str, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A host that answers HELLO and then nothing (hung) is unavailable once the device's
-        version query went unanswered for VERSION_WAIT_S (and the abandoned query's give-back
-        time): ``prop`` and ``run`` waited for it forever."""
+        """A host that answers HELLO and then nothing (hung) is unavailable once the new
+        session's version query went unanswered for VERSION_WAIT_S, to the tick: the session
+        is closed, the query not cancelled (no CANCEL, no give-back time, no
+        ``ioctl_abandoned`` line after the error). ``prop`` and ``run`` waited for it
+        forever."""
         path = os.path.join(socket_dir, "hung.sock")
         listener = await _listening(path, backlog=1)
 
+        received: list[Frame] = []
+
         async def hung_host() -> None:
             connection, _ = await listener.accept()
+            decoder = FrameDecoder()
             with connection:
-                await connection.recv(RECEIVE_SIZE)  # the client's HELLO
-                await trio.SocketStream(connection).send_all(encode_frame(Hello(Role.HOST)))
-                await trio.sleep_forever()
+                while data := await connection.recv(RECEIVE_SIZE):  # until the session closes
+                    decoder.feed(data)
+                    while (frame := decoder.next_frame()) is not None:
+                        received.append(frame)
+                        if isinstance(frame, Hello):
+                            await connection.send(encode_frame(Hello(Role.HOST)))
 
-        with trio.fail_after(VERSION_WAIT_S + 60):
+        with trio.fail_after(VERSION_WAIT_S + 60), structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hung_host)
                 started = trio.current_time()
@@ -961,11 +974,47 @@ class TestBrokenHost:
                     async with open_device(UnixSocketOpener(path)):
                         pytest.fail("the device opened")
                 took = trio.current_time() - started
-                nursery.cancel_scope.cancel()
         listener.close()
-        assert took == pytest.approx(VERSION_WAIT_S + GIVE_BACK_S)
+        assert took == VERSION_WAIT_S
+        assert [type(frame) for frame in received] == [Hello, IoctlRequest]  # no CANCEL
+        assert logs == []
         assert str(info.value) == (
             f"unix:{path} did not answer the driver version query within {VERSION_WAIT_S:g} s"
+        )
+
+    @pytest.mark.parametrize(
+        ("answer", "why"),
+        [
+            (lambda request: IoctlReply(request.seq, errno.EINVAL), "EINVAL"),
+            (lambda request: ErrorFrame("not now"), "not now"),
+            (
+                lambda request: IoctlReply(request.seq + 1, 0),
+                "it answered an IOCTL_REPLY frame (seq 2)",
+            ),
+        ],
+        ids=["errno", "error", "another seq"],
+    )
+    async def test_a_refused_version_query_opens_no_session(
+        self, socket_dir: str, answer: Callable[[IoctlRequest], Frame], why: str
+    ) -> None:
+        """A host that answers the new session's version query with an errno, an ERROR or
+        a reply to another call refused it: no session, one line saying so."""
+        path = os.path.join(socket_dir, "refusing.sock")
+        listener = await _listening(path, backlog=1)
+
+        async def refusing_host() -> None:
+            connection, _ = await listener.accept()
+            with connection:
+                await _greet(connection, answer)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refusing_host)
+                with pytest.raises(DeviceUnavailableError) as info:
+                    await UnixSocketOpener(path).open_session()
+        listener.close()
+        assert str(info.value) == (
+            f"simulated host at {path} refused the driver version query: {why}"
         )
 
     @pytest.mark.parametrize(
@@ -977,7 +1026,7 @@ class TestBrokenHost:
             ),
             (
                 lambda frame: IoctlReply(frame.seq + 5, 0, frame.buffer),
-                "it replied to ioctl seq 6, which was never sent",
+                "it replied to ioctl seq 7, which was never sent",  # 1: the version query
             ),
         ],
         ids=["wrong size", "seq never sent"],
@@ -1050,8 +1099,7 @@ class TestBrokenHost:
                 first, _ = await listener.accept()  # the queued one leaves the backlog
                 connection, _ = await listener.accept()  # the session's next attempt
                 with first, connection:
-                    await connection.recv(RECEIVE_SIZE)  # its HELLO
-                    await connection.send(encode_frame(Hello(Role.HOST)))
+                    await _greet(connection)
                     await trio.testing.wait_all_tasks_blocked()
             assert len(opened) == 1
             await opened[0].aclose()
@@ -1065,9 +1113,9 @@ async def _answering_host(
     *,
     reading: trio.Event | None = None,
 ) -> None:
-    """A host on ``listener`` that greets one session, then answers each ioctl with
-    ``answer(request)`` (never, without ``answer``) until the session closes; with
-    ``reading``, it reads nothing after HELLO until that is set."""
+    """A host on ``listener`` that greets one session (HELLO and the driver version query),
+    then answers each ioctl with ``answer(request)`` (never, without ``answer``) until the
+    session closes; with ``reading``, it reads nothing after the greeting until that is set."""
     connection, _ = await listener.accept()
     stream = trio.SocketStream(connection)
     decoder = FrameDecoder()
@@ -1080,10 +1128,42 @@ async def _answering_host(
                 decoder.feed(data)
             if isinstance(frame, Hello):
                 await stream.send_all(encode_frame(Hello(Role.HOST)))
+            elif isinstance(frame, IoctlRequest) and frame.code == Ioctl.DRIVER_VERSION_INFO:
+                await stream.send_all(encode_frame(_version_reply(frame)))
                 if reading is not None:
                     await reading.wait()
             elif isinstance(frame, IoctlRequest) and answer is not None:
                 await stream.send_all(encode_frame(answer(frame)))
+
+
+def _version_reply(request: IoctlRequest) -> IoctlReply:
+    """Answer the driver version query ``request`` as a host speaking version 1.0 does."""
+    buffer = bytearray(request.buffer)
+    _answer_version(buffer)
+    return IoctlReply(request.seq, 0, bytes(buffer))
+
+
+def _answer_version(buffer: bytearray) -> None:
+    """Write a version 1.0 driver's answer into the version query's ``buffer``."""
+    L.DriverVersionInfo.session_version.set(buffer, IOC_VERSION)
+    L.IoctlHeader.rc.set(buffer, 0)
+
+
+async def _greet(
+    connection: trio.socket.SocketType,
+    answer: Callable[[IoctlRequest], Frame] = _version_reply,
+) -> None:
+    """Answer a new session's HELLO and its driver version query (with ``answer``, by
+    default as a version 1.0 driver) on ``connection``."""
+    decoder = FrameDecoder()
+    for _ in range(2):
+        while (frame := decoder.next_frame()) is None:
+            data = await connection.recv(RECEIVE_SIZE)
+            assert data, "the session closed before its greeting"
+            decoder.feed(data)
+        assert isinstance(frame, Hello | IoctlRequest)
+        reply = Hello(Role.HOST) if isinstance(frame, Hello) else answer(frame)
+        await connection.send(encode_frame(reply))
 
 
 async def _listening(path: str, *, backlog: int) -> trio.socket.SocketType:

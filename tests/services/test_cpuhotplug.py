@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import stat
@@ -1009,7 +1008,6 @@ class MachineOpener:
         self._inner = SimOpener(host)
         self.description = "this machine's driver (a simulated host underneath)"
         self.simulated = False
-        self.version_wait_s = math.inf
 
     async def open_session(self) -> SimTransport:
         return await self._inner.open_session()

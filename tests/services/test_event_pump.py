@@ -10,7 +10,6 @@ Rules of this test module:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -54,7 +53,6 @@ class EmptyWaits:
 
     description = "driver answering waits with no events"
     simulated = True
-    version_wait_s = math.inf
 
     def __init__(self, host: SimulatedHost) -> None:
         self._opener = SimOpener(host)
