@@ -48,8 +48,11 @@ if TYPE_CHECKING:
 WAIT_S: Final = 20.0
 INTERVAL_S: Final = 0.1
 WINDOW_S: Final = 10.0
-GAP_MARGIN_NS: Final = 20_000_000
-"""How much longer than the interval the longest gap between beats may be."""
+GAP_MARGIN_NS: Final = 50_000_000
+"""How much longer than the interval the longest gap between beats may be: half of it. The
+host flatlines at twice the interval (its default timeout), so a beat within 1.5 intervals is
+on time with room to spare; 20 ms failed twice on a loaded 2-core machine (a 120.09 ms gap),
+though no beat came near the flatline."""
 CPU_SUM_MARGIN: Final = 5
 """Main's idle + kernel + user (percent) is 100 less steal and rounding with a report per
 CPU, and at most 100 / CPUs when every CPU is reported as CPU 0: the test asks for more than
