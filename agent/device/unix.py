@@ -230,12 +230,7 @@ class UnixSocketTransport:
         except DeviceLostError as exc:
             raise DeviceUnavailableError(str(exc)) from exc
         if frame != Hello(Role.HOST):
-            why = (
-                shown_text(frame.message)
-                if isinstance(frame, ErrorFrame)
-                else f"it answered {describe_frame(frame)}"
-            )
-            msg = f"simulated host at {self._path} refused the session: {why}"
+            msg = f"simulated host at {self._path} refused the session: {_refusal(frame)}"
             raise DeviceUnavailableError(msg)
 
     async def _ask_version(self) -> DriverVersion:
@@ -258,12 +253,7 @@ class UnixSocketTransport:
             raise DeviceUnavailableError(str(exc)) from exc
         problem = f"simulated host at {self._path} refused the driver version query"
         if not isinstance(frame, IoctlReply) or frame.seq != seq:
-            why = (
-                shown_text(frame.message)
-                if isinstance(frame, ErrorFrame)
-                else f"it answered {describe_frame(frame)}"
-            )
-            msg = f"{problem}: {why}"
+            msg = f"{problem}: {_refusal(frame)}"
             raise DeviceUnavailableError(msg)
         if frame.errno:
             msg = f"{problem}: {errno.errorcode.get(frame.errno, frame.errno)}"
@@ -719,3 +709,11 @@ def _no_socket_there(path: str, exc: OSError) -> str:
         f"no simulated host at {shown_path(path)}: no socket can be there "
         f"({exc.strerror or exc}, {name})"
     )
+
+
+def _refusal(frame: Frame) -> str:
+    """Why the host's answer to a session's opening step is a refusal: the message of its
+    ERROR frame (cut short), or what it sent instead of the expected answer."""
+    if isinstance(frame, ErrorFrame):
+        return shown_text(frame.message)
+    return f"it answered {describe_frame(frame)}"
