@@ -387,6 +387,7 @@ class TestErrors:
             (("set", "/Guest/x", "v", "--flags", "PERMANENT"), "unknown flag"),
             (("enum", "p" * 600, "q" * 600), "the limit is 1023"),
             (("get", ""), "empty"),
+            (("set", "/Guest/x", "x\uffff"), "holds U+FFFF at character 2, which the host"),
             (("wait", "/x", "--timeout", "-1"), "positive number"),
         ],
     )

@@ -12,11 +12,11 @@ Everything the service would refuse for its size or shape is refused here first 
 with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
 ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
 ``VERR_TOO_MUCH_DATA``), an enumeration's pattern list up to 1023 bytes (a wait's has no
-limit at the service: only what one HGCM buffer carries), known flag names. Methods that
-take patterns take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises
-``TypeError``, as it would otherwise be one pattern per character. What the host refuses
-(read-only properties, the 256-property cap) raises ``HgcmCallError`` with the VBox
-status's name.
+limit at the service: only what one HGCM buffer carries), known flag names, and text the
+host's UTF-8 check (IPRT's) takes: neither U+FFFE nor U+FFFF. Methods that take patterns
+take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises ``TypeError``, as it
+would otherwise be one pattern per character. What the host refuses (read-only properties,
+the 256-property cap) raises ``HgcmCallError`` with the VBox status's name.
 """
 
 from __future__ import annotations

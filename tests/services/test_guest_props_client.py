@@ -237,6 +237,8 @@ class TestShortCalls:
             ("/a", "v" * 1024, None, "limit is 1023"),
             ("/a", "v", "TRANSIENT,BOGUS", "unknown flag"),
             ("/a\0b", "v", None, "NUL"),
+            ("/a", "x\uffff", None, "U\\+FFFF at character 2, .*\\(VERR_CODE_POINT_ENDIAN"),
+            ("/a\ufffe", "v", None, "U\\+FFFE at character 3, which the host refuses"),
         ],
     )
     async def test_local_limits(
@@ -266,6 +268,17 @@ class TestShortCalls:
             await props.set(name, "v", flags)
         assert len(str(info.value)) < 400
         assert "characters)" in str(info.value)
+
+    async def test_a_pattern_the_host_refuses_is_refused_here(self, props: GuestProperties) -> None:
+        """A pattern holding U+FFFF, which IPRT's UTF-8 check refuses, never reaches the host
+        (it was sent: VERR_INVALID_PARAMETER from ENUM_PROPS, a wait's the same)."""
+        before = props.channel.calls
+        with pytest.raises(PropertyArgumentError, match="U\\+FFFF at character 4"):
+            await props.enumerate(["/W/\uffff*"])
+        with pytest.raises(PropertyArgumentError, match="U\\+FFFF at character 4"):
+            async with props.watch(["/W/\uffff*"]):
+                pass
+        assert props.channel.calls == before
 
     async def test_pattern_limit(self, props: GuestProperties) -> None:
         """An enumeration's pattern list over 1023 bytes is refused locally, and a watch's
