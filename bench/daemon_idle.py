@@ -7,7 +7,9 @@ of ours, then:
 - start-to-READY: from spawning the agent to its ``READY=1``;
 - wake-ups: context switches of all the agent's threads (voluntary + involuntary, from
   /proc/PID/task/*/status) over ``--idle`` seconds while the host is silent;
-- idle RSS: VmRSS of the agent after that period, next to, measured in the same run:
+- idle RSS: VmRSS of the agent after that period (and how much of the difference is pages
+  of files, RssFile: shared libraries' code, which is shared and can be dropped), next to,
+  measured in the same run:
   - the baseline: a bare Python process that imports trio, structlog and pydantic (with
     ``pydantic.BaseModel`` loaded: ``import pydantic`` alone defers loading the library);
   - where the difference goes, each step a process of its own that does the previous
@@ -82,12 +84,24 @@ def _context_switches(pid: int) -> int:
     return total
 
 
-def _rss_kib(pid: int) -> int:
+@dataclass(frozen=True)
+class Resident:
+    """A process's resident set (KiB): all of it, and the pages that map files."""
+
+    total_kib: int
+    file_kib: int
+
+
+def _resident(pid: int) -> Resident:
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    msg = f"no VmRSS for pid {pid}"
-    raise RuntimeError(msg)
+        name, _, value = line.partition(":")
+        fields[name] = value
+    try:
+        return Resident(int(fields["VmRSS"].split()[0]), int(fields["RssFile"].split()[0]))
+    except KeyError as missing:
+        msg = f"no {missing} in /proc/{pid}/status"
+        raise RuntimeError(msg) from None
 
 
 def _wait_for_path(path: Path) -> None:
@@ -117,8 +131,8 @@ def _compiled_copy(workdir: Path) -> Path:
     return root
 
 
-def _idle_rss_of(code: str, root: Path) -> int:
-    """VmRSS (KiB) of a Python process (run in ``root``) that ran ``code`` and waits on stdin.
+def _idle_resident_of(code: str, root: Path) -> Resident:
+    """The resident set of a Python process (run in ``root``) that ran ``code`` and waits on stdin.
 
     Pydantic's plugins are off in it, as ``vbox-agent`` turns them off for itself: its
     first model then costs what the agent's does (the import of ``importlib.metadata``
@@ -140,25 +154,29 @@ def _idle_rss_of(code: str, root: Path) -> int:
             msg = f"baseline process failed: {code}"
             raise RuntimeError(msg)
         time.sleep(SETTLE_S)
-        return _rss_kib(child.pid)
+        return _resident(child.pid)
     finally:
         child.stdin.close()
         child.wait(timeout=WAIT_LIMIT_S)
 
 
-def _mib(kib: int) -> str:
-    return f"{kib / 1024:6.1f} MiB"
+def _mib(resident: Resident) -> str:
+    return f"{resident.total_kib / 1024:6.1f} MiB"
 
 
-def _step(kib: int, before_kib: int) -> str:
-    return f"{(kib - before_kib) / 1024:+5.1f} MiB"
+def _step(after: Resident, before: Resident) -> str:
+    return f"{(after.total_kib - before.total_kib) / 1024:+5.1f} MiB"
+
+
+def _file_step(after: Resident, before: Resident) -> str:
+    return f"{(after.file_kib - before.file_kib) / 1024:+5.1f} MiB"
 
 
 @dataclass(frozen=True)
 class AgentFigures:
     ready_s: float
     wakeups: int
-    rss_kib: int
+    resident: Resident
     stop_s: float
     exit_code: int
 
@@ -212,7 +230,7 @@ def _measure_agent(workdir: Path, root: Path, idle_s: float, personality: str) -
             before = _context_switches(agent.pid)
             time.sleep(idle_s)
             wakeups = _context_switches(agent.pid) - before
-            rss = _rss_kib(agent.pid)
+            resident = _resident(agent.pid)
             stop_started = time.perf_counter()
             agent.send_signal(signal.SIGTERM)
             code = agent.wait(timeout=WAIT_LIMIT_S)
@@ -220,7 +238,7 @@ def _measure_agent(workdir: Path, root: Path, idle_s: float, personality: str) -
         finally:
             host.send_signal(signal.SIGTERM)
             host.wait(timeout=WAIT_LIMIT_S)
-    return AgentFigures(ready_s, wakeups, rss, stop_s, code)
+    return AgentFigures(ready_s, wakeups, resident, stop_s, code)
 
 
 def _expected_wakeups(args: argparse.Namespace) -> str:
@@ -255,32 +273,38 @@ def main() -> None:
     try:
         root = _compiled_copy(workdir)
         figures = _measure_agent(workdir, root, args.idle, args.personality)
-        baseline = _idle_rss_of(BASELINE, root)
-        plugin_lookup = _idle_rss_of(PLUGIN_LOOKUP, root)
-        one_model = _idle_rss_of(ONE_MODEL, root)
-        protocol = _idle_rss_of(PROTOCOL, root)
-        modules = _idle_rss_of(AGENT_MODULES, root)
-        logind = _idle_rss_of(LOGIND, root)
-        cli_stdlib = _idle_rss_of(CLI_STDLIB, root)
-        empty = _idle_rss_of(EMPTY, root)
+        baseline = _idle_resident_of(BASELINE, root)
+        plugin_lookup = _idle_resident_of(PLUGIN_LOOKUP, root)
+        one_model = _idle_resident_of(ONE_MODEL, root)
+        protocol = _idle_resident_of(PROTOCOL, root)
+        modules = _idle_resident_of(AGENT_MODULES, root)
+        logind = _idle_resident_of(LOGIND, root)
+        cli_stdlib = _idle_resident_of(CLI_STDLIB, root)
+        empty = _idle_resident_of(EMPTY, root)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    over = (figures.rss_kib - baseline) / 1024
+    agent_rss = figures.resident
+    over = (agent_rss.total_kib - baseline.total_kib) / 1024
     verdict = "met" if over <= TARGET_MIB else "MISSED"
     print(f"daemon idle benchmark ({args.personality} host over unix socket):")
     print(f"  start-to-READY     {figures.ready_s * 1000:.0f} ms")
     print(f"  wake-ups in {args.idle:g} s  {figures.wakeups}  ({_expected_wakeups(args)})")
-    print(f"  idle RSS, agent    {_mib(figures.rss_kib)}")
+    print(f"  idle RSS, agent    {_mib(agent_rss)}")
     print(f"  baseline           {_mib(baseline)}  (python: {BASELINE})")
     print(f"  agent - baseline   {over:6.1f} MiB  (target <= {TARGET_MIB:g} MiB: {verdict})")
+    print(
+        f"    of which files' pages     {_file_step(agent_rss, baseline)}  (RssFile: the code"
+        " of shared libraries, pydantic-core's and libsystemd's above all; clean, shared with"
+        " other processes, dropped under memory pressure)"
+    )
     print("  where the difference goes:")
     print(f"    pydantic's first model    {_step(one_model, baseline)}  (its schema machinery)")
     print(f"      of which its plugins    {_step(plugin_lookup, baseline)}  (importlib.metadata)")
-    print(f"    the agent's own           {_step(figures.rss_kib, one_model)}  (code and state)")
+    print(f"    the agent's own           {_step(agent_rss, one_model)}  (code and state)")
     print(f"      agent.protocol          {_step(protocol, one_model)}")
     print(f"      the rest of the modules {_step(modules, protocol)}  ({AGENT_MODULES})")
     print(f"        of which the stdlib's {_step(cli_stdlib, one_model)}  (argparse, tomllib)")
-    print(f"      running                 {_step(figures.rss_kib, modules)}")
+    print(f"      running                 {_step(agent_rss, modules)}")
     print(f"        of which libsystemd   {_step(logind, modules)}  (the users service's sd-login)")
     print(f"  empty interpreter  {_mib(empty)}")
     print(f"  SIGTERM to exit    {figures.stop_s * 1000:.0f} ms, exit code {figures.exit_code}")

@@ -20,8 +20,9 @@ What the kernel offers (and what VBoxService relies on):
   they are not the host's, takes it offline again (an admin's offline CPU stays offline) and
   tries the next. Only CPUs that were not offline when monitoring started (a plugged CPU's
   directory is new) are tried at first; those that were (an admin's, say) only at the last
-  look, once no new one appeared, so that an admin's CPU is not brought online for a moment
-  at each plug while the kernel is still adding the new CPU's directory. An online CPU that
+  look, once no new one appeared (nor refused to come online), so that an admin's CPU is
+  not brought online for a moment at each plug while the kernel is still adding the new
+  CPU's directory, or when the kernel will not bring the new CPU up. An online CPU that
   already has the ids is the plugged one (the kernel or a udev rule was quicker);
 - ``cpuN/firmware_node`` links to the CPU's ACPI device (``LNXCPU:nn`` in the processor
   container ``ACPI0004:nn`` VirtualBox's firmware declares for each CPU), whose ``eject``

@@ -18,8 +18,8 @@ VBoxService never accounts for), then sleeps until CPU_HOTPLUG, and takes the ho
   the plugged one. The kernel may add the CPU's directory a little after the event, so, as
   VBoxService, the service looks ``PLUG_TRIES`` times, ``PLUG_RETRY_S`` apart, until a CPU
   comes online with the ids; the CPUs that were offline when monitoring started (an
-  admin's) are tried only at the last look, when no new CPU appeared, and one of them that
-  refuses to go offline again is a warning of its own;
+  admin's) are tried only at the last look, when no new CPU appeared (none refused to come
+  online), and one of them that refuses to go offline again is a warning of its own;
 - **unplug**: the online CPU whose topology has the ids goes offline (``online`` = 0), then
   is ejected through its ACPI device (``firmware_node/eject`` = 1), which lets the host take
   it away. VBoxService only writes the eject (the kernel offlines the CPU itself); the agent
@@ -369,19 +369,23 @@ class CpuHotPlugService:
     async def _look(
         self, sysfs: CpuSysfs, core: int, package: int, checked: dict[str, PassedOver]
     ) -> CpuChange:
-        """Look ``PLUG_TRIES`` times until a CPU is online with the ids, the CPUs offline
-        since monitoring started only at the last look; ``checked`` gathers the offline
-        CPUs found to be others (each looked at once)."""
+        """Look ``PLUG_TRIES`` times until a CPU is online with the ids; ``checked`` gathers
+        the offline CPUs found to be others (each looked at once). The CPUs offline since
+        monitoring started are tried at the last look only, and only if no new CPU appeared
+        (one that refused to come online is the new one: they would be brought online for
+        nothing)."""
         change: CpuChange | None = None
+        refused = False
         for attempt in range(PLUG_TRIES):
             if attempt:
                 await trio.sleep(PLUG_RETRY_S)
-            last = attempt == PLUG_TRIES - 1
+            settled = attempt == PLUG_TRIES - 1 and not refused
             change = await self._in_thread(
-                functools.partial(sysfs.bring_online, core, package, checked, settled=last)
+                functools.partial(sysfs.bring_online, core, package, checked, settled=settled)
             )
             if change is not None and change.problem is None:
                 return change
+            refused = refused or change is not None
         if change is not None:
             return change
         if checked:

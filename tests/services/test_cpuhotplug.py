@@ -414,6 +414,24 @@ class TestPlugAndUnplug:
         [plugged] = events_named(logs, "cpu_plugged")
         assert "passed_over" not in plugged
 
+    async def test_an_admins_offline_cpu_stays_off_when_the_new_one_is_refused(
+        self, guest: Guest, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The plugged CPU's directory (cpu4) is there but the kernel refuses to bring it
+        online (EBUSY, as with hot-plug disabled): every look tries cpu4 alone, and cpu2 and
+        cpu3, offline before monitoring started, are never brought online; the failure
+        names cpu4's refusal."""
+        writes = record_writes(monkeypatch, refuse=("cpu4", "1"))
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                guest.cpu(4, online=False)
+                run.host.cpu_plug(4)
+                await run.watch.until(lambda: run.stats().failures == 1)
+        assert writes == [("cpu4", "1")] * PLUG_TRIES
+        assert (guest.online(2), guest.online(3), guest.online(4)) == ("0", "0", "0")
+        [failed] = events_named(logs, "cpu_plug_failed")
+        assert failed["problem"] == "cpu4 refused to come online: Device or resource busy"
+
     async def test_a_passed_over_cpu_that_stays_online_is_a_warning(
         self, guest: Guest, monkeypatch: pytest.MonkeyPatch
     ) -> None:
