@@ -472,7 +472,6 @@ class Daemon:
         retrying = self._supervisor.retrying()
         stopping = self._supervisor.stopping()
         starting = set(self._supervisor.starting())
-        unbuilt = dict(self._build_failures)
         fragments = []
         if self._reload_rejected is not None:
             fragments.append(
@@ -483,7 +482,14 @@ class Daemon:
             fragments.append(f"event pump failed, retrying ({pump_failures}x)")
         elif self._pump is not None and (failing := self._pump.failing()) is not None:
             fragments.append(f"event pump: {failing}, retrying")
-        for service in self._supervisor.services():
+        supervised = {service.name: service for service in self._supervisor.services()}
+        for spec in self._registry:  # whatever order the start and the reloads ran them in
+            service = supervised.get(spec.name)
+            error = self._build_failures.get(spec.name)
+            if service is None:
+                if error is not None:
+                    fragments.append(f"{spec.name} not started: {error}")
+                continue
             if service.name in stopping:  # its status may say what it no longer does
                 text = f"{service.name} stopping"
             elif service.name in retrying:
@@ -492,11 +498,9 @@ class Daemon:
                 text = f"{service.name}{STARTING_SUFFIX}"
             else:
                 text = service.status()
-            error = unbuilt.pop(service.name, None)
             fragments.append(
                 text if error is None else f"{text} (new settings not applied: {error})"
             )
-        fragments.extend(f"{name} not started: {error}" for name, error in unbuilt.items())
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
     async def _publish_status(self) -> None:

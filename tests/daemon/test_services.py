@@ -606,6 +606,24 @@ class TestThrowAwayService:
         assert after.startswith("STATUS=vm session ")
         assert "gadget" not in after
 
+    async def test_a_service_a_reload_enables_keeps_its_registry_place_in_the_status(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A service a reload enables has its STATUS= fragment where the registry puts it,
+        before the gadget's (last in the registry), whatever order the runs began in. (It
+        went last: the fragments followed the supervisor's start order.)"""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[network]\nenable = false\n", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text("")
+                await daemon.reload()
+                enabled = await notifier.wait_status("network starting")
+                daemon.request_shutdown("test")
+        assert enabled.index("network starting") < enabled.index("; gadget one")
+
     async def test_reload_during_a_restart_drain_reaches_the_replacement(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
