@@ -27,7 +27,8 @@ stops its services after a failed start: the host's heartbeat check is switched 
 balloon chunks go back. Only a device that vanished skips that, having nobody left to give
 back to. An ``on_ending`` hook runs alongside those drains (the daemon's ends the other
 supervisor's services the same way, :meth:`Supervisor.end`), and the error propagates only
-after it.
+after it. A restart is counted when the service runs again (the same one after a failure,
+or its replacement), not when its backoff begins.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ class Supervisor(Generic[T]):
         return self._ending is not None
 
     def restarts(self) -> dict[str, int]:
-        """Return how often each service was restarted (after failures or replaced)."""
+        """Return how often each service ran again (after failures or replaced); a
+        back-off that a stop ended is no restart."""
         return dict(self._restarts)
 
     def services(self) -> list[T]:
@@ -356,8 +358,9 @@ class Supervisor(Generic[T]):
             if entry.next is not None:
                 entry.service, entry.next = entry.next, None
                 entry.failures.clear()
-                self._count_restart(name)
                 log.info("service_replaced", service=name)
+            # Runs again now (no checkpoint before its run is called): that is the restart.
+            self._restarts[name] = self._restarts.get(name, 0) + 1
             scope = entry.enter(_Phase.RUN)
             self._changed()  # starting again: no longer retrying, nor the run replaced
 
@@ -433,9 +436,6 @@ class Supervisor(Generic[T]):
         else:
             log.info("service_drained", service=name, took_ms=took_ms)
 
-    def _count_restart(self, name: str) -> None:
-        self._restarts[name] = self._restarts.get(name, 0) + 1
-
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
@@ -466,7 +466,6 @@ class Supervisor(Generic[T]):
         """
         name, failures = entry.service.name, len(entry.failures)
         delay = self._backoff(failures)
-        self._count_restart(name)
         log.warning(
             "service_failed",
             service=name,

@@ -539,8 +539,46 @@ class TestSupervisor:
             ("flaky", left) for left in rescheduled
         ]
 
+    async def test_a_restart_is_counted_when_the_service_runs_again(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A back-off is no restart yet: the count grows when the service runs again, so a
+        stop during its second back-off leaves one restart, for the one run after a
+        failure."""
+        service = FlakyService(failures=2)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, service)
+                await trio.testing.wait_all_tasks_blocked()
+                backing_off = (supervisor.retrying(), supervisor.restarts())
+                await trio.sleep_until(2.0)  # ran again at 1 s, failed, backs off until 3 s
+                supervisor.stop("flaky", trio.current_time() + 5)
+        assert (backing_off, service.starts) == (({"flaky": 1}, {}), [0.0, 1.0])
+        assert supervisor.restarts() == {"flaky": 1}
+
+    async def test_a_replacement_during_a_back_off_is_one_restart(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service replaced while it backs off runs again once, as its replacement: one
+        restart, not one for the back-off and one for the replacement."""
+        first, second = FlakyService(failures=1), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_backoff_initial_s=30, restart_backoff_max_s=30)
+        )
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, first)
+                await trio.testing.wait_all_tasks_blocked()
+                assert supervisor.retrying() == {"flaky": 1}
+                assert supervisor.replace("flaky", second)
+                await second.recovered.wait()
+                nursery.cancel_scope.cancel()
+        assert (first.starts, second.starts) == ([0.0], [0.0])
+        assert supervisor.restarts() == {"flaky": 1}
+
     async def test_stop_during_back_off_ends_at_once(self, autojump_clock: trio.abc.Clock) -> None:
-        """A service waiting for its restart is stopped without running again."""
+        """A service waiting for its restart is stopped without running again: no restart."""
         service = FlakyService(failures=1)
         supervisor: Supervisor[FlakyService] = Supervisor(
             _config(restart_backoff_initial_s=30, restart_backoff_max_s=30)
@@ -552,6 +590,7 @@ class TestSupervisor:
                 supervisor.stop("flaky", trio.current_time() + 5)
             stopped_at = trio.current_time()
         assert (service.starts, service.drains, stopped_at) == ([0.0], [0.0], 0.0)
+        assert supervisor.restarts() == {}
 
     async def test_a_replacement_after_stop_all_never_runs(
         self, autojump_clock: trio.abc.Clock
