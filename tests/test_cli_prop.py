@@ -40,7 +40,7 @@ from agent.cli._exit import (
     EX_UNAVAILABLE,
     EX_USAGE,
 )
-from agent.cli._prop import _delete, _explain, _set, _wait
+from agent.cli._prop import _delete, _enum, _explain, _set, _wait
 from agent.device import open_device
 from agent.device.unix import VERSION_WAIT_S
 from agent.host import SimOpener, SimulatedHost
@@ -50,6 +50,7 @@ from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
 from agent.protocol.status import VERR_TIMEOUT
 from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
+from agent.services.hgcm import HgcmBufferIn
 from testbed.realdriver import ENV_LIBRARY
 from tests.cli_support import (
     REFUSALS,
@@ -387,6 +388,7 @@ class TestErrors:
             (("set", "/Guest/x", "v", "--flags", "PERMANENT"), "unknown flag"),
             (("enum", "p" * 600, "q" * 600), "the limit is 1023"),
             (("get", ""), "empty"),
+            (("set", "/Guest/x", "x\uffff"), "holds U+FFFF at character 2, which the host"),
             (("wait", "/x", "--timeout", "-1"), "positive number"),
         ],
     )
@@ -609,6 +611,32 @@ class TestInProcess:
         printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
         assert [line for line in printed if line.startswith("Name: ")] == [
             f"Name: /W/a, value: 1, timestamp: {host.prop_get('/W/a')[2]}, flags: "  # type: ignore[index]
+        ]
+
+    async def test_a_property_named_empty_is_listed_and_passed_over(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``enum`` lists a property named "" (any guest process may set one with a two-byte
+        name buffer) and ``wait`` for other names is not troubled by it. (Its listing entry
+        was read as a malformed end of the list: both exited 69 while it stood.)"""
+        enum_args = argparse.Namespace(prop_action="enum", patterns=[], json=True, action=_enum)
+        with trio.fail_after(60):
+            async with open_device(SimOpener(host)) as device, open_guest_properties(device) as p:
+                empty_name, value = HgcmBufferIn(b"\0\0"), HgcmBufferIn(b"boom\0")
+                await p.channel.call(GuestFunction.SET_PROP_VALUE, empty_name, value)
+            await _prop._run(enum_args, SimOpener(host))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_prop._run, _wait_args("/x*", timeout=30.0), SimOpener(host))
+                await trio.testing.wait_all_tasks_blocked()
+                host.prop_set("/x1", "1")
+        printed = capsys.readouterr().out.splitlines()  # the simulated host logs there too
+        (listed,) = [json.loads(line) for line in printed if line.startswith("[")]
+        assert [prop["value"] for prop in listed if prop["name"] == ""] == ["boom"]
+        assert [line for line in printed if line.startswith("Name: ")] == [
+            f"Name: /x1, value: 1, timestamp: {host.prop_get('/x1')[2]}, flags: "  # type: ignore[index]
         ]
 
     async def test_an_ignored_write_is_said_on_stderr(

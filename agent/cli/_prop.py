@@ -14,6 +14,11 @@ property read-only for the guest) exits 0, as VBoxControl does, with one line on
 ``set --json`` prints the property as it stands after the write (null fields when none
 does) and ``"ignored"``; ``delete --json`` ``"deleted"`` (a property was removed) and
 ``"ignored"``.
+A property named "" (any guest process may set one with a two-byte name buffer, which the
+host takes) is listed by ``enum`` (``Name: , value: ...``; VBoxControl fails to list while
+one stands) and is a change for ``wait`` only where the pattern matches "" as the host
+matches it (``*``); ``get``, ``set`` and ``delete`` refuse the empty name (exit 64), as
+the host refuses the one-byte buffer VBoxControl would send for it.
 """
 
 from __future__ import annotations

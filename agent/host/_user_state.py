@@ -12,13 +12,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.protocol.constants import HEADER_SIZE
-from agent.protocol.status import (
-    STATUS_CODES,
-    VERR_INVALID_PARAMETER,
-    VERR_INVALID_UTF8_ENCODING,
-    VERR_TOO_MUCH_DATA,
-    VINF_SUCCESS,
-)
+from agent.protocol.iprt_utf8 import validate_utf8
+from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA, VINF_SUCCESS
 
 USER_STATE_SIZE: Final = 44
 """``sizeof(VMMDevReportGuestUserState)``: the dispatcher's minimum."""
@@ -30,24 +25,6 @@ MAX_DETAILS: Final = 1024
 _STATUS: Final = struct.Struct("<IIII")
 """State, user size, domain size, details size, after the header."""
 _DYNAMIC_AT: Final = HEADER_SIZE + _STATUS.size
-VERR_CODE_POINT_ENDIAN_INDICATOR: Final = STATUS_CODES["VERR_CODE_POINT_ENDIAN_INDICATOR"]
-VERR_CODE_POINT_SURROGATE: Final = STATUS_CODES["VERR_CODE_POINT_SURROGATE"]
-_SEQUENCES: Final = (
-    (0xE0, 0xC0, 2),
-    (0xF0, 0xE0, 3),
-    (0xF8, 0xF0, 4),
-    (0xFC, 0xF8, 5),
-    (0xFE, 0xFC, 6),
-)
-"""(mask, value, length) of the lead bytes IPRT takes: up to six-byte sequences."""
-_RANGES: Final = {
-    2: (0x80, 0x7FF),
-    3: (0x800, 0xFFFD),
-    4: (0x1_0000, 0x1F_FFFF),
-    5: (0x20_0000, 0x3FF_FFFF),
-    6: (0x400_0000, 0x7FFF_FFFF),
-}
-"""The code points a sequence of each length may carry (shorter forms are overlong)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,30 +77,3 @@ def _string(req: bytes | bytearray, at: int, size: int) -> bytes | int:
     raw = bytes(req[at:end])
     rc = validate_utf8(raw)
     return raw if rc == VINF_SUCCESS else rc
-
-
-def validate_utf8(raw: bytes) -> int:
-    """IPRT's ``rtUtf8Length`` on a string without its NUL: sequences of up to six bytes,
-    code points up to 0x7FFFFFFF, no overlong forms; U+FFFE and U+FFFF are
-    VERR_CODE_POINT_ENDIAN_INDICATOR, surrogates VERR_CODE_POINT_SURROGATE."""
-    index = 0
-    while index < len(raw):
-        lead = raw[index]
-        if lead < 0x80:
-            index += 1
-            continue
-        length = next((n for mask, value, n in _SEQUENCES if lead & mask == value), 0)
-        tail = raw[index + 1 : index + length]
-        if not length or len(tail) < length - 1 or any(b & 0xC0 != 0x80 for b in tail):
-            return VERR_INVALID_UTF8_ENCODING
-        point = lead & (0x7F >> length)
-        for byte in tail:
-            point = point << 6 | byte & 0x3F
-        low, high = _RANGES[length]
-        if not low <= point <= high:
-            endian = point in (0xFFFE, 0xFFFF)
-            return VERR_CODE_POINT_ENDIAN_INDICATOR if endian else VERR_INVALID_UTF8_ENCODING
-        if 0xD800 <= point <= 0xDFFF:
-            return VERR_CODE_POINT_SURROGATE
-        index += length
-    return VINF_SUCCESS

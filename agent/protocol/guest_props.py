@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 from agent.protocol.constants import HGCM_MAX_USER_PARM
 from agent.protocol.errors import shown
+from agent.protocol.iprt_utf8 import utf8_fault
 from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
 
 if TYPE_CHECKING:
@@ -225,11 +226,22 @@ def encode_patterns(
 
 
 def _encode_text(text: str, what: str) -> bytes:
+    """``text`` in UTF-8, refused unless the host takes it as IPRT does (no NUL, no
+    surrogates, neither U+FFFE nor U+FFFF)."""
     if "\0" in text:
         msg = f"{what} {shown(text)} contains a NUL character"
         raise PropertyArgumentError(msg)
     try:
-        return text.encode()
+        raw = text.encode()
     except UnicodeEncodeError:
         msg = f"{what} {shown(text)} is not valid Unicode text"
         raise PropertyArgumentError(msg) from None
+    fault = utf8_fault(raw)
+    if fault is not None:
+        at = len(raw[: fault.offset].decode())
+        msg = (
+            f"{what} {shown(text)} holds U+{ord(text[at]):04X} at character {at + 1}, "
+            f"which the host refuses ({status_name(fault.status)})"
+        )
+        raise PropertyArgumentError(msg)
+    return raw

@@ -12,11 +12,11 @@ Everything the service would refuse for its size or shape is refused here first 
 with the simulated host) naming the limit: names of 1..63 bytes of UTF-8 without ``*``,
 ``?`` or ``|``, values up to 1023 bytes (a 6.1 host allows 127 and answers
 ``VERR_TOO_MUCH_DATA``), an enumeration's pattern list up to 1023 bytes (a wait's has no
-limit at the service: only what one HGCM buffer carries), known flag names. Methods that
-take patterns take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises
-``TypeError``, as it would otherwise be one pattern per character. What the host refuses
-(read-only properties, the 256-property cap) raises ``HgcmCallError`` with the VBox
-status's name.
+limit at the service: only what one HGCM buffer carries), known flag names, and text the
+host's UTF-8 check (IPRT's) takes: neither U+FFFE nor U+FFFF. Methods that take patterns
+take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises ``TypeError``, as it
+would otherwise be one pattern per character. What the host refuses (read-only properties,
+the 256-property cap) raises ``HgcmCallError`` with the VBox status's name.
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ GETS_PREPARED: Final = 256
 """Property names whose GET_PROP a client keeps prepared for the next get of them."""
 NAME_PARAMS_CACHED: Final = 256
 """Property names whose checked, encoded parameter is kept for the next call with them."""
+_EMPTY_NAME: Final = HgcmBufferIn(b"\0\0")
+"""The name "" as a guest sets it and a watch reads it back: a two-byte buffer, which
+``GuestPropValidateName`` takes (it checks the buffer's size, 2..64, not the name's).
+:func:`encode_name` refuses the name: VbglR3 would send it as one byte, which the host
+refuses, so the agent sets, reads and deletes no such property of its own accord."""
 _GET_PROP: Final = int(GuestFunction.GET_PROP)
 """Read once: an enum member costs a metaclass attribute look-up per access, which on the
 hot path of every get cost as much as encoding one of its parameters."""
@@ -362,6 +367,11 @@ class PropertyWatch:
     gone before the watch opened. A queued delete read after the name was set again comes
     as a set with an empty value and flags: the host computes the deleted flag from the
     property's state when it answers, not when the change was made.
+
+    A property named "" (any guest process may set one with a two-byte name buffer, which
+    the host takes) is followed as any other where the watch's patterns match "" as the
+    host matches them (no patterns, ``*``, an empty alternative in ``a||b``); other
+    patterns never see it, in a snapshot or from the host.
     """
 
     def __init__(
@@ -655,8 +665,9 @@ class PropertyWatch:
         return _prepare_short_on(self._channel, function, *params)
 
     def _prepare_get(self, name: str) -> PreparedCall:
-        """GET_PROP of ``name`` on the watch's channel."""
-        return _prepare_get_on(self._channel, name)
+        """GET_PROP of ``name`` on the watch's channel; of the name "" too, which the watch
+        may have listed (:data:`_EMPTY_NAME`)."""
+        return _prepare_get_with(self._channel, _name_param(name) if name else _EMPTY_NAME)
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
         """Make a short call the watch prepared on its channel."""
@@ -814,9 +825,12 @@ def _prepare_short_on(channel: HgcmChannel, function: int, *params: HgcmParam) -
 
 def _prepare_get_on(channel: HgcmChannel, name: str) -> PreparedCall:
     """GET_PROP of ``name`` on ``channel``, with the buffer that holds any value and flags."""
-    return _prepare_short_on(
-        channel, _GET_PROP, _name_param(name), _VALUE_BUFFER, _ZERO_U64, _ZERO_U32
-    )
+    return _prepare_get_with(channel, _name_param(name))
+
+
+def _prepare_get_with(channel: HgcmChannel, name_param: HgcmBufferIn) -> PreparedCall:
+    """GET_PROP of the name in ``name_param`` on ``channel``, as :func:`_prepare_get_on`."""
+    return _prepare_short_on(channel, _GET_PROP, name_param, _VALUE_BUFFER, _ZERO_U64, _ZERO_U32)
 
 
 @functools.lru_cache(maxsize=NAME_PARAMS_CACHED)
@@ -991,7 +1005,15 @@ def _notification(reply: HgcmReply) -> PropertyChange:
 
 
 def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
-    """ENUM_PROPS' buffer: name, value, decimal timestamp, flags, ..., four empty strings."""
+    """ENUM_PROPS' buffer: name, value, decimal timestamp, flags, ..., four empty strings.
+
+    The entry whose timestamp is empty ends the list: the service writes every property's
+    in decimal, so it is never empty, while a name may be: a guest may set one named ""
+    with a two-byte name buffer (``GuestPropValidateName`` checks the buffer's size, not
+    the name's), which is listed as ``\\0value\\0timestamp\\0flags\\0``. Upstream's
+    ``VbglR3GuestPropEnumNext`` takes an empty name for the end, so VBoxControl fails to
+    list while such a property stands; here it is a property named "".
+    """
     if not isinstance(data, HgcmData) or not isinstance(size, HgcmU32):  # pragma: no cover
         msg = "expected a buffer and its size"
         raise TypeError(msg)
@@ -999,11 +1021,12 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
     props: list[Property] = []
     for index in range(0, len(parts) - 3, 4):
         name, value, timestamp, flags = parts[index : index + 4]
-        if not name:
-            if value or timestamp or flags:  # VbglR3GuestPropEnumNext: VERR_PARSE_ERROR
+        if not timestamp:
+            if name or value or flags:  # VbglR3GuestPropEnumNext: VERR_PARSE_ERROR
                 msg = (
-                    f"ENUM_PROPS: the entry ending the list has value {shown(value)}, "
-                    f"timestamp {shown(timestamp)} and flags {shown(flags)}, not empty ones"
+                    f"ENUM_PROPS: the entry without a timestamp, which ends the list, has "
+                    f"name {shown(name)}, value {shown(value)} and flags {shown(flags)}, "
+                    "not empty ones"
                 )
                 raise RemoteProtocolError(msg)
             return props
@@ -1018,5 +1041,5 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
                 int(timestamp),
             )
         )
-    msg = "ENUM_PROPS: the list does not end with an empty name"
+    msg = "ENUM_PROPS: the list does not end with four empty strings"
     raise RemoteProtocolError(msg)

@@ -24,6 +24,7 @@ from agent.host.guest_props import (
 )
 from agent.host.guest_props._params import MAX_NAMES
 from agent.host.hgcm_service import HgcmService, HostBuffer, HostParm, HostU32, HostU64
+from agent.protocol.iprt_utf8 import VERR_CODE_POINT_ENDIAN_INDICATOR
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INVALID_PARAMETER,
@@ -148,6 +149,51 @@ class TestInterface:
         """Only the bytes before the first NUL of a string must be UTF-8."""
         assert run(svc, set_call("a", raw_in(b"v\0\xff\xff"))).status == VINF_SUCCESS
         assert svc.host_get("a") == ("v", "", START_NS)
+
+    @pytest.mark.parametrize("char", ["\ufffe", "\uffff"])
+    def test_the_endian_indicators_are_refused(self, svc: GuestPropertyService, char: str) -> None:
+        """IPRT's UTF-8 check refuses U+FFFE and U+FFFF (VERR_CODE_POINT_ENDIAN_INDICATOR):
+        every string parameter holding one is VERR_INVALID_PARAMETER, a later ENUM_PROPS
+        pattern that status itself. (Python's decoder takes them: they were stored, found
+        and waited for.)"""
+        name = f"/Guest/a{char}"
+        assert run(svc, set_call(name, "v")).status == VERR_INVALID_PARAMETER
+        assert run(svc, set_call("/Guest/a", f"x{char}")).status == VERR_INVALID_PARAMETER
+        assert run(svc, set_call("/Guest/a", "x", f"TRANSIENT{char}")).status == (
+            VERR_INVALID_PARAMETER
+        )
+        assert svc.host_enumerate("/Guest/*") == []
+        assert run(svc, get_call(name)).status == VERR_INVALID_PARAMETER
+        assert run(svc, del_call(name)).status == VERR_INVALID_PARAMETER
+        assert run(svc, notify_call(f"/Guest/*{char}")).status == VERR_INVALID_PARAMETER
+        assert run(svc, enum_call(f"{char}\0".encode())).status == VERR_INVALID_PARAMETER
+        later = run(svc, enum_call(f"/Guest/*\0{char}\0\0".encode()))
+        assert later.status == VERR_CODE_POINT_ENDIAN_INDICATOR
+
+    @pytest.mark.parametrize(
+        "text",
+        [b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xfd\xbf\xbf\xbf\xbf\xbf"],
+        ids=["0x110000", "five-bytes", "six-bytes"],
+    )
+    def test_what_iprt_takes_is_kept_as_sent(self, svc: GuestPropertyService, text: bytes) -> None:
+        """IPRT takes code points up to 0x7FFFFFFF (past U+10FFFF in four bytes, five- and
+        six-byte sequences), which Python's decoder refuses: a name and value holding one
+        are stored, matched by a pattern holding it, and given back byte for byte by
+        GET_NOTIFICATION, GET_PROP and ENUM_PROPS. (They were VERR_INVALID_PARAMETER.)"""
+        name, value = b"/Guest/" + text, b"v" + text
+        wait_params: list[HostParm] = [raw_in(name + b"*\0"), HostU64(0), out(1024), HostU32(0)]
+        wait = run(svc, FakeCall(2, GuestFunction.GET_NOTIFICATION, wait_params))
+        assert wait.pending
+        assert run(svc, set_call(raw_in(name + b"\0"), raw_in(value + b"\0"))).status == (
+            VINF_SUCCESS
+        )
+        assert wait.status == VINF_SUCCESS
+        assert strings(wait, 2) == [name, value, b"", b"0"]
+        assert strings(run(svc, get_call(raw_in(name + b"\0"))), 1) == [value, b""]
+        listed = run(svc, enum_call(b"/Guest/x\0" + name + b"\0\0"))
+        assert strings(listed, 1)[:4] == [name, value, str(START_NS).encode(), b""]
+        assert run(svc, del_call(raw_in(name + b"\0"))).status == VINF_SUCCESS
+        assert svc.host_enumerate("/Guest/*") == []
 
 
 class TestGetProp:

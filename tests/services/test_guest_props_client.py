@@ -237,6 +237,8 @@ class TestShortCalls:
             ("/a", "v" * 1024, None, "limit is 1023"),
             ("/a", "v", "TRANSIENT,BOGUS", "unknown flag"),
             ("/a\0b", "v", None, "NUL"),
+            ("/a", "x\uffff", None, "U\\+FFFF at character 2, .*\\(VERR_CODE_POINT_ENDIAN"),
+            ("/a\ufffe", "v", None, "U\\+FFFE at character 3, which the host refuses"),
         ],
     )
     async def test_local_limits(
@@ -266,6 +268,17 @@ class TestShortCalls:
             await props.set(name, "v", flags)
         assert len(str(info.value)) < 400
         assert "characters)" in str(info.value)
+
+    async def test_a_pattern_the_host_refuses_is_refused_here(self, props: GuestProperties) -> None:
+        """A pattern holding U+FFFF, which IPRT's UTF-8 check refuses, never reaches the host
+        (it was sent: VERR_INVALID_PARAMETER from ENUM_PROPS, a wait's the same)."""
+        before = props.channel.calls
+        with pytest.raises(PropertyArgumentError, match="U\\+FFFF at character 4"):
+            await props.enumerate(["/W/\uffff*"])
+        with pytest.raises(PropertyArgumentError, match="U\\+FFFF at character 4"):
+            async with props.watch(["/W/\uffff*"]):
+                pass
+        assert props.channel.calls == before
 
     async def test_pattern_limit(self, props: GuestProperties) -> None:
         """An enumeration's pattern list over 1023 bytes is refused locally, and a watch's
@@ -398,14 +411,29 @@ class TestOddReplies:
                 with pytest.raises(RemoteProtocolError, match="is not a decimal u64"):
                     await props.enumerate()
 
-    @pytest.mark.parametrize("end", [b"\0garbage\0\0\0", b"\0\x0077\0\0", b"\0\0\0RDONLYGUEST\0"])
+    @pytest.mark.parametrize("end", [b"\0garbage\0\0\0", b"\0\0\0RDONLYGUEST\0", b"/T/y\0\0\0\0"])
     async def test_a_list_end_with_fields(self, autojump_clock: trio.abc.Clock, end: bytes) -> None:
-        """The entry with an empty name that ends the list must have empty fields, as
+        """The entry without a timestamp that ends the list must have empty fields, as
         upstream's VbglR3GuestPropEnumNext checks (VERR_PARSE_ERROR). (It was accepted.)"""
         with trio.fail_after(60):
             async with _props_on(_ListingService(b"/T/x\0v\x005\0\0" + end)) as (_, props):
-                with pytest.raises(RemoteProtocolError, match="the entry ending the list has"):
+                with pytest.raises(RemoteProtocolError, match="without a timestamp, which ends"):
                     await props.enumerate()
+
+    async def test_an_entry_with_an_empty_name_is_a_property(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """An entry with an empty name and a timestamp is a property named "" (a guest may
+        set one), not the end of the list, which alone has no timestamp. (It was read as an
+        end with fields: every listing failed while such a property stood.)"""
+        listing = b"\0boom\x0077\0RDONLYGUEST\0/T/x\0v\x005\0\0" + ENUM_TERMINATOR
+        with trio.fail_after(60):
+            async with _props_on(_ListingService(listing)) as (_, props):
+                listed = await props.enumerate()
+        assert [(p.name, p.value, p.flags, p.timestamp) for p in listed] == [
+            ("", "boom", "RDONLYGUEST", 77),
+            ("/T/x", "v", "", 5),
+        ]
 
     @pytest.mark.parametrize("status", [VERR_INTERRUPTED, VERR_BUFFER_OVERFLOW])
     async def test_a_host_ending_every_wait(
@@ -617,6 +645,15 @@ class TestSizesAskedFor:
         assert service.sent == [ENUM_BUFFER_SIZE, HGCM_MAX_USER_PARM]
 
 
+async def _set_empty_name(props: GuestProperties, value: bytes) -> None:
+    """Set the property named "" as any guest process may: with a two-byte name buffer,
+    which the service takes (``GuestPropValidateName`` checks the buffer's size, 2..64)."""
+    reply = await props.channel.call(
+        GuestFunction.SET_PROP_VALUE, HgcmBufferIn(b"\0\0"), HgcmBufferIn(value + b"\0")
+    )
+    assert reply.status == VINF_SUCCESS
+
+
 class TestWatch:
     async def test_wait_returns_the_next_matching_change(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, props: GuestProperties
@@ -664,6 +701,22 @@ class TestWatch:
                 host.prop_set("/Other", "y")
                 host.prop_set(names[7], "10.0.2.15")
         assert [(change.name, change.value) for change in got] == [(names[7], "10.0.2.15")]
+
+    async def test_a_property_named_empty_is_no_other_patterns_concern(
+        self, autojump_clock: trio.abc.Clock, props: GuestProperties
+    ) -> None:
+        """A property named "" is listed, and a watch whose patterns do not match "" (as the
+        host matches them) follows its own names. (Its listing entry was read as a malformed
+        end of the list: every snapshot, and so every wait, failed while it stood.)"""
+        with trio.fail_after(60):
+            await _set_empty_name(props, b"boom")
+            listed = await props.enumerate()
+            assert [prop.value for prop in listed if not prop.name] == ["boom"]
+            assert await props.enumerate(["/w/*"]) == []
+            async with props.watch(["/w/*"]) as watch:
+                await props.set("/w/a", "1")
+                change = await watch.next()
+        assert (change.name, change.value) == ("/w/a", "1")
 
     @pytest.mark.parametrize("unseen_deletes", [True, False])
     async def test_names_that_came_and_went_are_not_kept_for_ever(
@@ -1367,6 +1420,24 @@ class TestWatchMarks:
         assert (first.value, first.deleted) == ("1", False)
         assert (second.value, second.deleted) == (("", True) if delete else ("2", False))
         assert second.timestamp == first.timestamp + 1
+
+    async def test_a_property_named_empty_is_followed_where_the_patterns_match_it(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A watch whose patterns match "" (``*``) follows the property named "" as any
+        other, its change stamped one past the mark too, whose stamp it reads with the
+        two-byte name buffer. (The read was refused here as an empty name.)"""
+        clock = _Clock()  # moved by the test only: else every stamp is the last one + 1
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (_, props):
+                clock.now += 10**9  # past the start-up stamps, then still
+                await _set_empty_name(props, b"1")
+                (marked,) = [prop for prop in await props.enumerate() if not prop.name]
+                async with props.watch(["*"]) as watch:  # the snapshot marks ""
+                    await _set_empty_name(props, b"2")
+                    change = await watch.next()
+        assert (change.name, change.value, change.deleted) == ("", "2", False)
+        assert change.timestamp == marked.timestamp + 1
 
 
 class TestWatchOpening:

@@ -21,7 +21,7 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
 )
 
-from ._params import buffer, u32, u64
+from ._params import buffer, u32, u64, wire_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,8 +47,8 @@ def write_out(params: Sequence[HostParm], entry: Property, *, deleted: bool) -> 
     """
     u64(params[1]).value = entry.timestamp
     data = b"%s\0%s\0%s\0%s\0" % (
-        entry.name.encode(),
-        entry.value.encode(),
+        wire_bytes(entry.name),
+        wire_bytes(entry.value),
         format_flags(entry.flags).encode(),
         b"1" if deleted else b"0",
     )
@@ -79,7 +79,7 @@ class Notifier:
                 status, start = VINF_SUCCESS, index + 1
                 break
         for entry in islice(self._queue, start, None):
-            if patterns_match(patterns, entry.name.encode()):
+            if patterns_match(patterns, wire_bytes(entry.name)):
                 return status, entry
         return status, None
 
@@ -111,7 +111,7 @@ class Notifier:
         """
         if self._queue and self._queue[-1].timestamp == entry.timestamp:
             entry = replace(entry, timestamp=entry.timestamp + 1)
-        name = entry.name.encode()
+        name = wire_bytes(entry.name)
         for wait in list(self._waits):
             if patterns_match(wait.patterns, name):
                 status = write_out(wait.call.params, entry, deleted=deleted)

@@ -1,4 +1,11 @@
-"""Reading guest call parameters the way ``HGCMSvcGet*`` does, and the name and value checks."""
+"""Reading guest call parameters the way ``HGCMSvcGet*`` does, and the name and value checks.
+
+Strings are checked as IPRT checks UTF-8 (:mod:`agent.protocol.iprt_utf8`), which takes
+more than Python's decoder (code points past U+10FFFF, five- and six-byte sequences) and
+refuses U+FFFE and U+FFFF. The service holds the text a guest sent as a ``str`` whose bytes
+Python cannot decode are escaped (``surrogateescape``: the host refuses real surrogates, so
+none is ambiguous); :func:`wire_bytes` gives them back as the guest sent them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
 from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN_BYTES_RE
+from agent.protocol.iprt_utf8 import utf8_fault
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
 
 if TYPE_CHECKING:
@@ -80,28 +88,35 @@ def _checked_name(raw: bytes) -> str:
     end = raw.find(0)
     if end < 0 or not MIN_NAME_SIZE <= len(raw) <= MAX_NAME_SIZE or _find_forbidden_byte(raw):
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    try:
-        text = raw[:end].decode()
-    except UnicodeDecodeError:
-        raise GuestCallError(VERR_INVALID_PARAMETER) from None
+    text = _text(raw[:end])
     if len(_NAMES) < MAX_NAMES:
         _NAMES[raw] = text
     return text
 
 
 def c_string(parm: HostParm) -> CString:
-    """Return a string parameter: a non-empty buffer, a NUL inside, UTF-8 up to the NUL."""
+    """Return a string parameter: a non-empty buffer, a NUL inside, UTF-8 as IPRT takes it
+    up to the NUL."""
     if not isinstance(parm, HostBuffer):
         raise GuestCallError(VERR_INVALID_PARAMETER)
     raw = parm.data  # not copied: the callers only read it, and keep what they decode
     end = raw.find(0)
     if end < 0:
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    try:
-        text = raw[:end].decode()
-    except UnicodeDecodeError:
-        raise GuestCallError(VERR_INVALID_PARAMETER) from None
-    return text, raw
+    return _text(raw[:end]), raw
+
+
+def _text(raw: bytes | bytearray) -> str:
+    """The text of a string (its bytes before the NUL) IPRT takes, as the service holds it:
+    what IPRT refuses is VERR_INVALID_PARAMETER, as ``HGCMSvcGetCStr``'s callers answer."""
+    if utf8_fault(raw) is not None:
+        raise GuestCallError(VERR_INVALID_PARAMETER)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def wire_bytes(text: str) -> bytes:
+    """``text`` (held by the service) as the guest sent it, or as it is sent to the guest."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def buffer(parm: HostParm) -> HostBuffer:

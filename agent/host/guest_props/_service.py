@@ -25,10 +25,10 @@ from agent.protocol.guest_props import (
     parse_flags,
 )
 from agent.protocol.iprt_numbers import U64_MASK, read_number
+from agent.protocol.iprt_utf8 import validate_utf8
 from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
-    VERR_INVALID_UTF8_ENCODING,
     VERR_NOT_FOUND,
     VERR_NOT_IMPLEMENTED,
     VERR_PARSE_ERROR,
@@ -49,7 +49,7 @@ from ._limits import (
     VBOX_VER_EXT,
 )
 from ._notify import write_out
-from ._params import GuestCallError
+from ._params import GuestCallError, wire_bytes
 from ._store import PropertyStore
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class GuestPropertyService:
         return [
             (prop.name, prop.value, prop.timestamp, format_flags(prop.flags))
             for prop in self._store.in_order()
-            if patterns_match(raw, prop.name.encode())
+            if patterns_match(raw, wire_bytes(prop.name))
         ]
 
     def set_global_flags(self, flags: int) -> None:
@@ -296,11 +296,12 @@ class GuestPropertyService:
         needed = offset = 0
         room = len(out.data)
         for prop in self._store.in_order():
-            if not patterns_match(packed, prop.name.encode()):
+            name = wire_bytes(prop.name)
+            if not patterns_match(packed, name):
                 continue
             entry = b"%s\0%s\0%d\0%s\0" % (
-                prop.name.encode(),
-                prop.value.encode(),
+                name,
+                wire_bytes(prop.value),
                 prop.timestamp,
                 format_flags(prop.flags).encode(),
             )
@@ -320,7 +321,7 @@ class GuestPropertyService:
     def _get_notification(self, call: HgcmCallHandle) -> int | None:
         params = call.params
         _params.check_count(params, 4)
-        patterns = _params.c_string(params[0])[0].encode()
+        patterns = wire_bytes(_params.c_string(params[0])[0])
         timestamp = _params.u64(params[1])
         _params.buffer(params[2])
         _params.u32(params[3])
@@ -387,19 +388,19 @@ class GuestPropertyService:
 def _check_later_patterns(raw: bytes | bytearray) -> int:
     """ENUM_PROPS' check of the patterns after the first (``HGCMSvcGetCStr`` checked that).
 
-    After each inner NUL the rest of the buffer must hold a NUL-terminated UTF-8 string:
-    VERR_INVALID_UTF8_ENCODING for bad UTF-8 before a NUL, VERR_BUFFER_OVERFLOW when no
-    NUL follows (``RTStrValidateEncodingEx`` with ``ZERO_TERMINATED``). So a buffer with
-    inner NULs must end with one.
+    After each inner NUL the rest of the buffer must hold a NUL-terminated string IPRT
+    takes (``RTStrValidateEncodingEx`` with ``ZERO_TERMINATED``), and the call fails with
+    that function's own status: IPRT's for bad UTF-8 before a NUL
+    (:func:`~agent.protocol.iprt_utf8.validate_utf8`), VERR_BUFFER_OVERFLOW when no NUL
+    follows. So a buffer with inner NULs must end with one.
     """
     start = raw.find(0)
     while 0 <= start < len(raw) - 1:
         rest = raw[start + 1 :]
         end = rest.find(0)
-        try:
-            (rest if end < 0 else rest[:end]).decode()
-        except UnicodeDecodeError:
-            return VERR_INVALID_UTF8_ENCODING
+        status = validate_utf8(rest if end < 0 else rest[:end])
+        if status != VINF_SUCCESS:
+            return status
         if end < 0:
             return VERR_BUFFER_OVERFLOW
         start += 1 + end
