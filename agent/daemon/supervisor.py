@@ -93,6 +93,7 @@ class _Entry(Generic[T]):
     """One supervised service: what runs, what comes next, and the current phase's scope."""
 
     __slots__ = (
+        "failed",
         "failures",
         "next",
         "phase",
@@ -109,6 +110,9 @@ class _Entry(Generic[T]):
         self.stop_deadline: float | None = None
         self.failures: deque[float] = deque()
         """When the service failed, within the restart window."""
+        self.failed = False
+        """The last run failed and the service will run again: true from the failure,
+        through its drain and back-off, until the restart."""
         self.started = trio.Event()
         """Set once the service first started or backs off after a failure, or when its
         supervision ended."""
@@ -196,12 +200,9 @@ class Supervisor(Generic[T]):
         return {name for name, entry in self._entries.items() if entry.stop_deadline is not None}
 
     def retrying(self) -> dict[str, int]:
-        """The services backing off after a failure, with their failures in the window."""
-        return {
-            name: len(entry.failures)
-            for name, entry in self._entries.items()
-            if entry.phase is _Phase.BACK_OFF
-        }
+        """The services that failed and will run again (the failed run draining, then the
+        back-off), with their failures in the window."""
+        return {name: len(entry.failures) for name, entry in self._entries.items() if entry.failed}
 
     def starting(self) -> list[str]:
         """The services whose run has not started yet (first start or a restart), in
@@ -350,6 +351,8 @@ class Supervisor(Generic[T]):
                     self._count_failure(entry, failure, failed_at)
                 except ServiceFailedError as exc:
                     await self._end(entry, exc)
+                entry.failed = True
+                self._changed()  # retrying from the failure on: the drain is part of the wait
             await self._drain(entry)
             if failure is not None and entry.stop_deadline is None and entry.next is None:
                 with entry.enter(_Phase.BACK_OFF):
@@ -363,6 +366,7 @@ class Supervisor(Generic[T]):
                 log.info("service_replaced", service=name)
             # Runs again now (no checkpoint before its run is called): that is the restart.
             self._restarts[name] = self._restarts.get(name, 0) + 1
+            entry.failed = False
             scope = entry.enter(_Phase.RUN)
             self._changed()  # starting again: no longer retrying, nor the run replaced
 

@@ -574,6 +574,32 @@ class TestSupervisor:
         moved = [e["retry_in_s"] for e in logs if e["event"] == "service_retry_rescheduled"]
         assert (failed, moved) == ([7.0], rescheduled)
 
+    async def test_a_failed_service_is_retrying_from_its_failure(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The failed run's drain is part of the back-off, so the service reads as retrying
+        from the failure (0 s), through its drain (until 3 s) and the rest of the back-off,
+        until it runs again (10 s); the change is told at the failure, not after the drain."""
+        service = FailsBeforeReady(failures=1, drain_s=3.0)
+        told: list[tuple[float, dict[str, int]]] = []
+        supervisor: Supervisor[FailsBeforeReady] = Supervisor(
+            _config(restart_backoff_initial_s=10, restart_backoff_max_s=10),
+            on_change=lambda: told.append((trio.current_time(), supervisor.retrying())),
+        )
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(supervisor.start, nursery, service)
+                await trio.sleep_until(1.5)
+                draining = (supervisor.retrying(), supervisor.starting(), supervisor.stopping())
+                await trio.sleep_until(4.0)
+                backing_off = supervisor.retrying()
+                await service.running.wait()
+                restarted = (trio.current_time(), supervisor.retrying())
+                nursery.cancel_scope.cancel()
+        assert draining == ({"late": 1}, [], set())
+        assert (backing_off, restarted) == ({"late": 1}, (10.0, {}))
+        assert (0.0, {"late": 1}) in told
+
     async def test_a_restart_is_counted_when_the_service_runs_again(
         self, autojump_clock: trio.abc.Clock
     ) -> None:
