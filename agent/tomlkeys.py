@@ -40,13 +40,17 @@ _SCAN: Final = re.compile(
     | \#[^\n]*+
     | \"\"\"(?:[^"\\]++|\\[\s\S]|"(?!""))*+\"\"\"\"{{0,2}}+
     | '''(?:[^']++|'(?!''))*+''''{{0,2}}+
+    | (?P<unended>\"\"\"|''')
     | {_QUOTED}
-    | (?P<unended>["'])
+    | (?P<stray>["'])
     """,
     re.VERBOSE,
 )
 """Left to right, the first of: a run of more than ``MAX_KEY_PARTS`` parts, a comment, a
-string (skipped whole: nothing in it is counted), or a quote that begins no string. A run is
+string (skipped whole: nothing in it is counted), a multi-line string's opening that nothing
+closes (``tomllib`` reads three quotes as one, never as an empty string and a quote: going
+on from there would look for the end again at each later opening, in time quadratic in
+them), or a quote that begins no string. A run is
 not begun after a bare key character or a dot (and a space): ``finditer`` tries every
 position, and a key's first part follows neither, while any other part does."""
 
@@ -58,7 +62,7 @@ def find_long_key(text: str) -> tuple[int, int] | None:
     ``text`` has its "\\r\\n" line ends as "\\n", as ``tomllib`` parses it.
     """
     for match in _SCAN.finditer(text):
-        if match.lastgroup == "unended":
+        if match.lastgroup in ("unended", "stray"):
             return None
         if match.lastgroup == "long_key":
             return match.start(), len(_KEY_PART.findall(match["long_key"]))

@@ -646,13 +646,30 @@ class TestProblems:
         reads them."""
         assert parse_toml(text) == tomllib.loads(text)
 
-    def test_a_string_that_does_not_end_is_named_not_a_key_after_it(self, tmp_path: Path) -> None:
-        """tomllib stops at a string that does not end (on its line here): that is the
-        problem named, not a key of too many parts after it."""
-        path = write(tmp_path, 'x = "a\nb.c.d.e.f = 1\n')
-        assert problems_of(path) == [
-            f"{path}: line 1, column 7: invalid TOML: Illegal character '\\n'"
-        ]
+    @pytest.mark.parametrize(
+        ("text", "problem"),
+        [
+            ('x = "a\nb.c.d.e.f = 1\n', "line 1, column 7: invalid TOML: Illegal character '\\n'"),
+            (
+                'x = """a"\nb.c.d.e.f = 1\n',
+                "line 3, column 1 (the end of the file): invalid TOML: Unterminated string",
+            ),
+            (
+                "x = '''a'\nb.c.d.e.f = 1\n",
+                "line 3, column 1 (the end of the file): invalid TOML: Expected \"'''\"",
+            ),
+        ],
+        ids=["basic, on its line", "multi-line basic", "multi-line literal"],
+    )
+    def test_a_string_that_does_not_end_is_named_not_a_key_after_it(
+        self, tmp_path: Path, text: str, problem: str
+    ) -> None:
+        """tomllib stops at a string that does not end: that is the problem named, not a key
+        of too many parts after it. Three quotes that nothing closes open a multi-line
+        string, never an empty string and a quote (then the scan would go on, looking for
+        the end again at each later opening: quadratic time)."""
+        path = write(tmp_path, text)
+        assert problems_of(path) == [f"{path}: {problem}"]
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the path and the OS's reason."""
