@@ -128,7 +128,8 @@ class DaemonConfig(_Model):
     shutdown_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SHUTDOWN_TIMEOUT_S)
     """How long services may drain after STOPPING before they are cancelled."""
     restart_backoff_initial_s: float = Field(default=1.0, gt=0, le=MAX_RESTART_BACKOFF_S)
-    """Delay before a failed service's first restart; it doubles on each further one."""
+    """Delay before a failed service's first restart, counted from its failure (the failed
+    run's drain is part of it); it doubles on each further one."""
     restart_backoff_max_s: float = Field(default=30.0, gt=0, le=MAX_RESTART_BACKOFF_S)
     """Upper bound of the restart delay."""
     restart_budget: int = Field(default=5, ge=0, le=MAX_RESTART_BUDGET)

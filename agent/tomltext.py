@@ -8,7 +8,9 @@ config file or a scenario points at a place in the file. A leaf module (stdlib o
 ``agent.config`` and the simulator's scenario loader. :func:`read_toml_file` reads only a
 regular file, and at most ``MAX_TOML_BYTES`` of it: a path naming a FIFO, a socket or a device
 fails at once, before it is opened, instead of blocking the reader (a daemon's reload) or
-filling memory, and so does a log file.
+filling memory, and so does a log file. :func:`parse_toml` refuses a key or a table header of
+more than ``MAX_KEY_PARTS`` dotted parts before ``tomllib`` reads the text, which would take
+time quadratic in them (``agent.tomlkeys``): the size alone does not bound the time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import stat
 import sys
 import tomllib
 from typing import TYPE_CHECKING, Any, Final
+
+from agent.tomlkeys import MAX_KEY_PARTS, find_long_key
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -113,15 +117,21 @@ def _check_regular(mode: int, path: Path) -> None:
 
 
 def parse_toml(text: str) -> dict[str, Any]:
-    """Parse ``text`` as ``tomllib.loads`` does.
+    """Parse ``text`` as ``tomllib.loads`` does, but for a key of too many parts.
 
     Raises:
         TomlSyntaxError: a syntax error, with its line and column (those just past the last
-            character when the text ends too early).
+            character when the text ends too early), or a key or table header of more than
+            ``MAX_KEY_PARTS`` dotted parts, at its first part.
     """
     if text.startswith(_BYTE_ORDER_MARK):  # what Windows editors put first; TOML has none
         where, what = "line 1, column 1", "a byte order mark (U+FEFF): save as UTF-8 without BOM"
         raise TomlSyntaxError(where, what)
+    parsed = text.replace("\r\n", "\n")  # as tomllib parses it
+    if (long_key := find_long_key(parsed)) is not None:
+        start, parts = long_key
+        what = f"a key of {parts} dotted parts, more than the {MAX_KEY_PARTS} this program reads"
+        raise TomlSyntaxError(_position(text, start), what)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

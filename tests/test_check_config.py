@@ -118,6 +118,20 @@ class TestCheckConfig:
             f"{path}: line 1, column 5: invalid TOML: arrays or tables nested too deeply\n",
         )
 
+    def test_a_key_of_too_many_parts(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A key of 20 000 dotted parts (40 KB, which tomllib took 8 s to read) is one line
+        and 78 at once: ExecReload= runs check-config."""
+        path = tmp_path / "agent.toml"
+        path.write_text("[daemon]\n" + ".".join(["a"] * 20_000) + " = 1\n")
+        assert check_config(str(path)) == 78
+        assert capsys.readouterr() == (
+            "",
+            f"{path}: line 2, column 1: invalid TOML: a key of 20000 dotted parts, more than "
+            "the 4 this program reads\n",
+        )
+
     def test_console_entry_point(self, tmp_path: Path) -> None:
         """``python -m agent check-config`` exits 78 with the problem on stderr."""
         path = tmp_path / "agent.toml"

@@ -35,13 +35,13 @@ from agent.config import (
     load_config,
 )
 from agent.daemon.daemon import REPORT_TIMEOUT_S, START_WAIT_S
-from agent.daemon.notify import SEND_TIMEOUT_S
+from agent.daemon.notify import STATE_SEND_TIMEOUT_S
 from agent.device.claimname import CLAIM_ASK_PAUSE_S, CLAIM_ASK_TRIES
 from agent.protocol import AgentError
 from agent.protocol.errors import SHOWN_SIZE
 from agent.services import ServiceSection
 from agent.services.registry import section_models
-from agent.tomltext import MAX_TOML_BYTES
+from agent.tomltext import MAX_TOML_BYTES, parse_toml
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -64,6 +64,19 @@ HUGE = "1" + "0" * 400
 """An integer past the largest float (about 1.8e308)."""
 LONG_RUN = "1" * 4400
 """Digits enough for an integer too long to read, in a comment or a string here."""
+KEY_OF_20_000 = ".".join(["a"] * 20_000) + " = 1"
+"""One key of 20 000 dotted parts: 40 KB that tomllib took 8 s to read."""
+STRINGS_AND_COMMENTS = '''\
+s = "a.b.c.d.e \\" # 'f.g.h.i.j" # k.l.m.n.o's
+t = 'a.b.c.d.e "f.g.h.i.j'
+u = """a.b.c.d.e \\""" "f.g.h.i.j" \'\'\' \\
+k.l.m.n.o""""
+v = \'\'\'a.b.c.d.e """ f.g.h.i.j\'\' """
+k.l.m.n.o\'\'\'\'\'
+# a.b.c.d.e "f.g.h.i.j 'k.l.m.n.o
+w = ["a.b.c.d.e", 'f.g.h.i.j', {x = "k.l.m.n.o"}]
+'''
+"""Dots and quotes in strings of every kind and in comments: none of them is a key's."""
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -593,6 +606,54 @@ class TestProblems:
             f"{path}: line 2, column {column}: invalid TOML: arrays or tables nested too deeply"
         ]
 
+    @pytest.mark.parametrize(
+        ("text", "where", "parts"),
+        [
+            (f"[daemon]\r\n{KEY_OF_20_000}\r\n", "line 2, column 1", 20_000),
+            ("[a.b.c.d.e]\n", "line 1, column 2", 5),
+            ("[[ a . b\t. c .d. e ]]\n", "line 1, column 4", 5),
+            ("x = {y = 1, 'a.b'.\"c.d\".e.f.g = 2}\n", "line 1, column 13", 5),
+            (f"{STRINGS_AND_COMMENTS}a.b.c.d.e = 1\n", "line 9, column 1", 5),
+        ],
+    )
+    def test_a_key_of_too_many_parts_is_refused_unread(
+        self, tmp_path: Path, text: str, where: str, parts: int
+    ) -> None:
+        """A key or a table header of more than 4 dotted parts is a syntax problem named at
+        its first part, found before tomllib reads the file: tomllib takes time quadratic in
+        the parts (8 s for 20 000, a 40 KB file, while a reload holds the next one back). A
+        quoted part is one part; the strings and comments before it are no key."""
+        path = tmp_path / "agent.toml"
+        path.write_bytes(text.encode())
+        assert problems_of(path) == [
+            f"{path}: {where}: invalid TOML: a key of {parts} dotted parts, more than the 4 "
+            "this program reads"
+        ]
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "[a.b.c.d]\ne.f.g.h = 1\n[[i . j . k . l]]\nm = {n.o.p.q = 2}\n",
+            '"a.b.c.d.e.f" = 1\n\'g.h.i.j.k\'."l.m.n.o.p".q.r = 2\n',
+            STRINGS_AND_COMMENTS,
+            "x = [1.5, 2.5e3, 1979-05-27T07:32:00.999, 07:32:00.5]\n",
+        ],
+        ids=["four parts", "quoted parts with dots", "strings and comments", "floats and times"],
+    )
+    def test_keys_within_the_limit_and_dots_elsewhere_are_read(self, text: str) -> None:
+        """Keys and headers of 4 parts, quoted parts full of dots, strings and comments full
+        of dots (and of quotes that do not end them), floats and times read as tomllib
+        reads them."""
+        assert parse_toml(text) == tomllib.loads(text)
+
+    def test_a_string_that_does_not_end_is_named_not_a_key_after_it(self, tmp_path: Path) -> None:
+        """tomllib stops at a string that does not end (on its line here): that is the
+        problem named, not a key of too many parts after it."""
+        path = write(tmp_path, 'x = "a\nb.c.d.e.f = 1\n')
+        assert problems_of(path) == [
+            f"{path}: line 1, column 7: invalid TOML: Illegal character '\\n'"
+        ]
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the path and the OS's reason."""
         path = tmp_path / "absent.toml"
@@ -769,14 +830,16 @@ def test_the_unit_waits_longer_than_the_longest_drain() -> None:
 def test_the_unit_waits_for_the_start_longer_than_the_start_up_takes() -> None:
     """``TimeoutStartSec=`` is set (systemd's default, 90 s, is no choice of ours) and leaves
     the interpreter's start at least 10 s beyond what the start-up may take once the device
-    answered: the claim's asks of a full queue, the version query, facility Init and Active,
-    the services' starts and READY=1's room in the notify queue."""
+    answered, up to READY=1: the claim's asks of a full queue, the version query, facility
+    Init and Active, the services' starts. READY=1 then waits for room in the notify queue
+    for as long as systemd waits for it (it was dropped after a second)."""
     lines = UNIT.read_text().splitlines()
     (timeout,) = [line.partition("=")[2] for line in lines if line.startswith("TimeoutStartSec=")]
     assert timeout.endswith("s")
     asks = (CLAIM_ASK_TRIES - 1) * CLAIM_ASK_PAUSE_S
-    start_up = asks + 3 * REPORT_TIMEOUT_S + START_WAIT_S + SEND_TIMEOUT_S
+    start_up = asks + 3 * REPORT_TIMEOUT_S + START_WAIT_S
     assert float(timeout.removesuffix("s")) >= start_up + 10
+    assert float(timeout.removesuffix("s")) <= STATE_SEND_TIMEOUT_S
 
 
 def test_the_unit_lets_the_agent_lock_the_largest_balloon() -> None:

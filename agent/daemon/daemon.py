@@ -112,9 +112,12 @@ REPORT_TIMEOUT_S: Final = 0.5
 STATUS_SEPARATOR: Final = "; "
 """Between the services' fragments in ``STATUS=``."""
 EXITING_STATUS: Final = "exiting on an error: services draining"
+"""``STATUS=`` from the moment a fatal error's drain begins."""
 DEVICE_LOST_PREFIX: Final = "device lost: "
 """Begins the last ``STATUS=`` when the device is gone, followed by the transport's error."""
-"""``STATUS=`` from the moment a fatal error's drain begins."""
+DEVICE_LOST_NOTICE_S: Final = 1.0
+"""How long the ``STOPPING=1`` (or ``STATUS=``) saying the device is gone may wait for room in
+the notify queue: the agent exits at once, which systemd sees anyway."""
 START_WAIT_S: Final = 5.0
 """How long the start-up waits for the services' first starts, all started at once, before
 facility Active and ``READY=1`` go out anyway. A service starts in milliseconds unless the
@@ -419,12 +422,13 @@ class Daemon:
 
     async def _device_lost(self, lost: BaseExceptionGroup[DeviceLostError]) -> None:
         """The device is gone and the agent exits: ``STOPPING=1`` (unless sent already) and
-        why, the status systemd shows until the next start."""
+        why, the status systemd shows until the next start, ``DEVICE_LOST_NOTICE_S`` at most."""
         error: BaseException = lost
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
         self._status = f"{DEVICE_LOST_PREFIX}{error}"
-        await self._say_stopping()
+        with trio.move_on_after(DEVICE_LOST_NOTICE_S):
+            await self._say_stopping()
 
     async def _say_stopping(self) -> None:
         """``STOPPING=1`` with the status, or the status alone once ``STOPPING=1`` was sent."""
@@ -472,7 +476,6 @@ class Daemon:
         retrying = self._supervisor.retrying()
         stopping = self._supervisor.stopping()
         starting = set(self._supervisor.starting())
-        unbuilt = dict(self._build_failures)
         fragments = []
         if self._reload_rejected is not None:
             fragments.append(
@@ -483,7 +486,14 @@ class Daemon:
             fragments.append(f"event pump failed, retrying ({pump_failures}x)")
         elif self._pump is not None and (failing := self._pump.failing()) is not None:
             fragments.append(f"event pump: {failing}, retrying")
-        for service in self._supervisor.services():
+        supervised = {service.name: service for service in self._supervisor.services()}
+        for spec in self._registry:  # whatever order the start and the reloads ran them in
+            service = supervised.get(spec.name)
+            error = self._build_failures.get(spec.name)
+            if service is None:
+                if error is not None:
+                    fragments.append(f"{spec.name} not started: {error}")
+                continue
             if service.name in stopping:  # its status may say what it no longer does
                 text = f"{service.name} stopping"
             elif service.name in retrying:
@@ -492,22 +502,28 @@ class Daemon:
                 text = f"{service.name}{STARTING_SUFFIX}"
             else:
                 text = service.status()
-            error = unbuilt.pop(service.name, None)
             fragments.append(
                 text if error is None else f"{text} (new settings not applied: {error})"
             )
-        fragments.extend(f"{name} not started: {error}" for name, error in unbuilt.items())
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
     async def _publish_status(self) -> None:
-        """Send ``STATUS=`` whenever a service reports a change (no change, no wake-up)."""
+        """Send ``STATUS=`` whenever a service reports a change (no change, no wake-up).
+
+        A text the notify queue had no room for is tried again, at once and as the latest
+        text then, until one finds room: systemd shows the services' state as it is, never
+        an older one sent late.
+        """
+        unsent = False
         while True:
             await self._status_dirty.wait()
             self._status_dirty = trio.Event()
             text = self._status_text()
-            if text != self._status:
+            if text != self._status or unsent:
                 self._status = text
-                await self._notifier.status(text)
+                unsent = not await self._notifier.status(text)
+                if unsent:
+                    self._status_dirty.set()
 
     async def _log_device(self, device: Device) -> None:
         try:

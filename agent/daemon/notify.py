@@ -3,9 +3,13 @@
 The protocol (``sd_notify(3)``): one ``AF_UNIX``/``SOCK_DGRAM`` datagram of newline-separated
 ``KEY=VALUE`` lines to the socket named by ``$NOTIFY_SOCKET``; a leading ``@`` there means the
 abstract namespace. Without the variable every method does nothing, so the daemon runs the same
-outside systemd. Sending never fails nor holds up the daemon: a datagram the socket has no room
-for within ``SEND_TIMEOUT_S`` (nobody reads it) is dropped like one that fails, with a debug
-line.
+outside systemd. Sending never raises. A datagram the socket has no room for (nobody reads it)
+is tried again until its budget ends: a state systemd acts on (``READY=1``, ``STOPPING=1``)
+for :data:`STATE_SEND_TIMEOUT_S`, as long as systemd waits for ``READY=1`` (``sd_notify(3)``
+blocks until there is room), the rest for :data:`SEND_TIMEOUT_S`. A state that cannot go (no
+room for its whole budget, or until the caller gives it up; no socket at the path, an address
+too long, a refused or a stream socket) gets one warning line naming the socket and why, the
+rest a debug line.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ logger = structlog.get_logger(__name__)
 WATCHDOG_FRACTION: Final = 0.5
 """Ping at this fraction of ``WATCHDOG_USEC``, as ``sd_watchdog_enabled(3)`` recommends."""
 SEND_TIMEOUT_S: Final = 1.0
-"""How long a message may wait for room in the socket's queue before it is dropped."""
+"""How long ``STATUS=``, ``WATCHDOG=1`` or ``RELOADING=1`` may wait for room in the socket's
+queue before it is dropped: a later status or ping takes the place of one, and systemd loses
+nothing when it never hears ``RELOADING=1`` (the ``READY=1`` after it then changes nothing)."""
+STATE_SEND_TIMEOUT_S: Final = 30.0
+"""How long ``READY=1`` (a start's or a reload's) or ``STOPPING=1`` may wait for room in the
+socket's queue: the unit's ``TimeoutStartSec=``, for which systemd waits for the start's
+``READY=1`` before it stops the agent. The daemon gives up sooner what a stop must not wait
+for."""
 SEND_RETRY_S: Final = 0.05
 """How often a message waiting for room is tried again."""
 STATUS_LIMIT_BYTES: Final = 2048
@@ -41,12 +52,15 @@ class Notifier:
     """Sends sd_notify messages to one socket (or nowhere).
 
     Build it with ``from_environ``; the socket is opened on the first message and closed by
-    ``aclose``, after which messages are dropped.
+    ``aclose``, after which messages are dropped. A cancel while a message waits for room
+    gives it up (logged as undelivered).
     """
 
     def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
         """``address``: a socket path, or ``\\0name`` (abstract); ``None`` disables sending."""
         self._address = address
+        self._shown_address = None if address is None else address.replace("\0", "@", 1)
+        """The address as ``NOTIFY_SOCKET`` gives it, for log lines."""
         self._watchdog_usec = watchdog_usec
         self._socket: socket.socket | None = None
 
@@ -63,7 +77,7 @@ class Notifier:
 
     async def ready(self, status: str | None = None) -> None:
         """Startup (or a reload) is complete: ``READY=1``, with an optional status line."""
-        await self._send("READY=1", *([] if status is None else [_status(status)]))
+        await self._send("READY=1", *([] if status is None else [_status(status)]), state=True)
 
     async def reloading(self) -> None:
         """A reload begins: ``RELOADING=1`` with the ``CLOCK_MONOTONIC`` time in µs."""
@@ -72,11 +86,17 @@ class Notifier:
 
     async def stopping(self, status: str | None = None) -> None:
         """Shutdown begins: ``STOPPING=1``, with an optional status line."""
-        await self._send("STOPPING=1", *([] if status is None else [_status(status)]))
+        await self._send("STOPPING=1", *([] if status is None else [_status(status)]), state=True)
 
-    async def status(self, text: str) -> None:
-        """Set the line ``systemctl status`` shows: ``STATUS=text``."""
-        await self._send(_status(text))
+    async def status(self, text: str) -> bool:
+        """Set the line ``systemctl status`` shows: ``STATUS=text``.
+
+        Return False when the socket's queue had no room for it within
+        :data:`SEND_TIMEOUT_S`, so a later try may find some (the caller's latest text, then);
+        True when it is done with: sent, failed for a reason no wait mends (logged), or there
+        is no socket.
+        """
+        return await self._send(_status(text))
 
     async def watchdog(self) -> None:
         """Tell the service manager we are alive: ``WATCHDOG=1``."""
@@ -90,33 +110,56 @@ class Notifier:
             self._socket = None
         await trio.lowlevel.checkpoint()
 
-    async def _send(self, *lines: str) -> None:
+    async def _send(self, *lines: str, state: bool = False) -> bool:
+        """Send one datagram of ``lines``; False if it found no room within its budget
+        (:data:`STATE_SEND_TIMEOUT_S` for a ``state`` systemd acts on, else
+        :data:`SEND_TIMEOUT_S`). A failure is logged once, at warning for a state."""
         if self._address is None:
             await trio.lowlevel.checkpoint()
-            return
+            return True
         message = "\n".join(lines)
         data = message.encode(errors="replace")  # a lone surrogate must not end the daemon
-        give_up_at = trio.current_time() + SEND_TIMEOUT_S
+        budget_s = STATE_SEND_TIMEOUT_S if state else SEND_TIMEOUT_S
+        began = trio.current_time()
+        found_room = True
         try:
-            if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._socket.setblocking(False)
-            # poll() says an unconnected datagram socket is always writable, whatever the
-            # receiver's queue holds: trio's sendto would spin, so retry on a timer instead.
-            while True:
-                try:
-                    self._socket.sendto(data, self._address)
-                    break
-                except BlockingIOError:
-                    if trio.current_time() >= give_up_at:
-                        raise
-                    await trio.sleep(SEND_RETRY_S)
+            await self._send_waiting(data, self._address, began + budget_s)
         except BlockingIOError:
-            error = f"no room in the socket's queue within {SEND_TIMEOUT_S:g} s"
-            logger.debug("sd_notify_failed", message=message, error=error)
-        except OSError as exc:
-            logger.debug("sd_notify_failed", message=message, error=str(exc))
+            found_room = False
+            error = f"no room in the socket's queue for {budget_s:g} s"
+            self._log_failed(message, error, state=state)
+        except OSError as exc:  # no socket there, address too long, refused, stream socket
+            self._log_failed(message, str(exc), state=state)
+        except trio.Cancelled:  # the caller gave it up while it waited for room
+            waited_s = trio.current_time() - began
+            error = f"no room in the socket's queue for {waited_s:.1f} s, given up"
+            self._log_failed(message, error, state=state)
+            raise
         await trio.lowlevel.checkpoint()
+        return found_room
+
+    async def _send_waiting(self, data: bytes, address: str, give_up_at: float) -> None:
+        """Send ``data``, trying again while the socket's queue is full, until ``give_up_at``
+        (``BlockingIOError`` then)."""
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
+        sock = self._socket
+        # poll() says an unconnected datagram socket is always writable, whatever the
+        # receiver's queue holds: trio's sendto would spin, so retry on a timer instead.
+        while True:
+            try:
+                sock.sendto(data, address)
+            except BlockingIOError:
+                if trio.current_time() >= give_up_at:
+                    raise
+                await trio.sleep(SEND_RETRY_S)
+            else:
+                return
+
+    def _log_failed(self, message: str, error: str, *, state: bool) -> None:
+        log = logger.warning if state else logger.debug
+        log("sd_notify_failed", message=message, socket=self._shown_address, error=error)
 
 
 def _socket_address(environ: Mapping[str, str]) -> str | None:

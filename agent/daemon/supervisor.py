@@ -15,9 +15,10 @@ one broken service never holds the others back.
 Crash-only at the top: errors that mean the agent cannot go on (the device vanished, or we
 broke the protocol) propagate and end the daemon with a non-zero exit, so systemd restarts
 it. Any other failure of a service restarts that service after a backoff that doubles up
-to a ceiling (a reload's new ``[daemon]`` applies to a backoff under way, counted from its
-start); more failures than the budget within the window are fatal too (decided before
-the failed run's drain, which is then one of the ending's). A host's refusal
+to a ceiling, counted from the failure: the failed run's drain is part of it (a reload's
+new ``[daemon]`` applies to a backoff under way, counted from the failure too); more
+failures than the budget within the window are fatal too (decided before the failed run's
+drain, which is then one of the ending's). A host's refusal
 (``agent.protocol.HOST_ERRORS``: a status, a malformed reply) of an optional feature is no
 such failure: the services and the event pump count it, show it in their status and try
 again on their own (``agent.services._lasting``), so what spends the budget is a bug of the
@@ -27,7 +28,8 @@ stops its services after a failed start: the host's heartbeat check is switched 
 balloon chunks go back. Only a device that vanished skips that, having nobody left to give
 back to. An ``on_ending`` hook runs alongside those drains (the daemon's ends the other
 supervisor's services the same way, :meth:`Supervisor.end`), and the error propagates only
-after it.
+after it. A restart is counted when the service runs again (the same one after a failure,
+or its replacement), not when its backoff begins.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ class Supervisor(Generic[T]):
     @config.setter
     def config(self, config: DaemonConfig) -> None:
         """Apply a new policy at once: a back-off under way waits out the new delay,
-        counted from its start (so a shorter one may restart the service now)."""
+        counted from the failure (so a shorter one may restart the service now)."""
         self._config = config
         self._reconfigured.unpark_all()
 
@@ -181,7 +183,8 @@ class Supervisor(Generic[T]):
         return self._ending is not None
 
     def restarts(self) -> dict[str, int]:
-        """Return how often each service was restarted (after failures or replaced)."""
+        """Return how often each service ran again (after failures or replaced); a
+        back-off that a stop ended is no restart."""
         return dict(self._restarts)
 
     def services(self) -> list[T]:
@@ -335,6 +338,7 @@ class Supervisor(Generic[T]):
                 fatal = group
             except* Exception as group:  # noqa: BLE001 - any other failure restarts the service
                 failure = group.exceptions[0] if len(group.exceptions) == 1 else group
+            failed_at = trio.current_time()
             if fatal is not None:
                 await self._end(entry, fatal)
             if entry.stop_deadline is not None or entry.next is not None:
@@ -343,21 +347,22 @@ class Supervisor(Generic[T]):
                 # Counted before the drain: past the budget, the run drains for the ending,
                 # so the service can tell (ServiceContext.agent_stopping) that the agent exits.
                 try:
-                    self._count_failure(entry, failure)
+                    self._count_failure(entry, failure, failed_at)
                 except ServiceFailedError as exc:
                     await self._end(entry, exc)
             await self._drain(entry)
             if failure is not None and entry.stop_deadline is None and entry.next is None:
                 with entry.enter(_Phase.BACK_OFF):
-                    await self._back_off(entry, failure)
+                    await self._back_off(entry, failure, failed_at)
             if entry.stop_deadline is not None:
                 log.info("service_stopped", service=name)
                 return
             if entry.next is not None:
                 entry.service, entry.next = entry.next, None
                 entry.failures.clear()
-                self._count_restart(name)
                 log.info("service_replaced", service=name)
+            # Runs again now (no checkpoint before its run is called): that is the restart.
+            self._restarts[name] = self._restarts.get(name, 0) + 1
             scope = entry.enter(_Phase.RUN)
             self._changed()  # starting again: no longer retrying, nor the run replaced
 
@@ -433,21 +438,17 @@ class Supervisor(Generic[T]):
         else:
             log.info("service_drained", service=name, took_ms=took_ms)
 
-    def _count_restart(self, name: str) -> None:
-        self._restarts[name] = self._restarts.get(name, 0) + 1
-
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
 
-    def _count_failure(self, entry: _Entry[T], error: BaseException) -> None:
-        """Count the failure within the restart window; past the budget, give up.
+    def _count_failure(self, entry: _Entry[T], error: BaseException, now: float) -> None:
+        """Count the failure (at ``now``) within the restart window; past the budget, give up.
 
         Raises:
             ServiceFailedError: more failures than ``restart_budget`` within the window.
         """
         name, failures = entry.service.name, entry.failures
-        now = trio.current_time()
         failures.append(now)
         while failures and failures[0] < now - self.config.restart_window_s:
             failures.popleft()
@@ -459,31 +460,30 @@ class Supervisor(Generic[T]):
             )
             raise ServiceFailedError(msg) from error
 
-    async def _back_off(self, entry: _Entry[T], error: BaseException) -> None:
-        """Wait before the next run, longer the more failures the window counts.
+    async def _back_off(self, entry: _Entry[T], error: BaseException, failed_at: float) -> None:
+        """Wait until the delay, counted from ``failed_at``, is over (the failed run's drain
+        was part of it); longer the more failures the window counts.
 
         Backing off, the service no longer holds up whoever waits for its start.
         """
         name, failures = entry.service.name, len(entry.failures)
         delay = self._backoff(failures)
-        self._count_restart(name)
         log.warning(
             "service_failed",
             service=name,
             error=repr(error),
-            retry_in_s=delay,
+            retry_in_s=max(failed_at + delay - trio.current_time(), 0.0),
             failures=failures,
         )
         entry.started.set()
         self._changed()
-        began = trio.current_time()
         while True:  # each turn follows one reload that replaced the policy
-            with trio.move_on_at(began + delay):
+            with trio.move_on_at(failed_at + delay):
                 await self._reconfigured.park()
                 new_delay = self._backoff(failures)
                 if new_delay != delay:
                     delay = new_delay
-                    left = max(began + delay - trio.current_time(), 0.0)
+                    left = max(failed_at + delay - trio.current_time(), 0.0)
                     log.info("service_retry_rescheduled", service=name, retry_in_s=left)
                 continue
             return

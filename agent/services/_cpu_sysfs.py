@@ -129,8 +129,9 @@ class CpuSysfs:
         An online CPU with the ids is reported as done; otherwise the offline CPUs not in
         ``checked`` are brought online one by one (in number order) until one has the ids:
         those that were not offline when monitoring started, and with ``settled`` (the last
-        look) then those that were. One that has other ids is taken offline again and added
-        to ``checked``, so a later look passes it over.
+        look) then those that were, unless a new one refused to come online (the plugged
+        CPU, most likely: the others would come online for nothing). One that has other ids
+        is taken offline again and added to ``checked``, so a later look passes it over.
         """
         offline: list[str] = []
         names = self._names()
@@ -145,6 +146,8 @@ class CpuSysfs:
         offline.sort(key=lambda name: name in self._settled)
         refused: CpuChange | None = None
         for name in offline:
+            if refused is not None and name in self._settled:
+                break
             try:
                 self._write(name, "online", "1")
             except OSError as exc:

@@ -369,23 +369,19 @@ class CpuHotPlugService:
     async def _look(
         self, sysfs: CpuSysfs, core: int, package: int, checked: dict[str, PassedOver]
     ) -> CpuChange:
-        """Look ``PLUG_TRIES`` times until a CPU is online with the ids; ``checked`` gathers
-        the offline CPUs found to be others (each looked at once). The CPUs offline since
-        monitoring started are tried at the last look only, and only if no new CPU appeared
-        (one that refused to come online is the new one: they would be brought online for
-        nothing)."""
+        """Look ``PLUG_TRIES`` times until a CPU is online with the ids, the CPUs offline
+        since monitoring started only at the last look; ``checked`` gathers the offline
+        CPUs found to be others (each looked at once)."""
         change: CpuChange | None = None
-        refused = False
         for attempt in range(PLUG_TRIES):
             if attempt:
                 await trio.sleep(PLUG_RETRY_S)
-            settled = attempt == PLUG_TRIES - 1 and not refused
+            last = attempt == PLUG_TRIES - 1
             change = await self._in_thread(
-                functools.partial(sysfs.bring_online, core, package, checked, settled=settled)
+                functools.partial(sysfs.bring_online, core, package, checked, settled=last)
             )
             if change is not None and change.problem is None:
                 return change
-            refused = refused or change is not None
         if change is not None:
             return change
         if checked:

@@ -26,7 +26,7 @@ import trio.testing
 from agent.config import LISTED_PROBLEMS, AgentConfig, load_config
 from agent.daemon import Daemon, daemon as daemon_module
 from agent.daemon.daemon import DEVICE_LOST_PREFIX, STATUS_SEPARATOR
-from agent.daemon.notify import Notifier
+from agent.daemon.notify import SEND_TIMEOUT_S, STATE_SEND_TIMEOUT_S, Notifier
 from agent.device import DeviceLostError, DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction
@@ -34,6 +34,7 @@ from agent.protocol import Facility, FacilityStatus, RequestType
 from agent.protocol.constants import GIVE_BACK_S
 from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import SessionMonitorStatistics
+from tests.daemon.test_notify import fill_queue
 from tests.sim_support import HookedOpener, OverflowAsking, ReplyGarbler
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ LIMIT_S = 10.0
 SERVICE = str(int(Facility.VBOX_SERVICE))
 FIVE_SECONDS: Final = "[daemon]\nshutdown_timeout_s = 5\n"
 """A config file that sets a value other than the default."""
+BUSY_S: Final = 3 * SEND_TIMEOUT_S
+"""How long systemd reads nothing from a full notify queue: longer than a STATUS= waits."""
 
 
 @pytest.fixture(name="short_dir")
@@ -426,6 +429,100 @@ class TestDaemonLifecycle:
             ("shutdown_requested", None),
             ("agent_stopped", None),
         ]
+
+
+class TestFullNotifyQueue:
+    """systemd does not read its notify socket for a while (PID 1 busy on a boot), so its
+    queue is full. On the virtual clock, as the notifier's wait for room is on trio's."""
+
+    async def test_ready_waits_for_room(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        notify: tuple[Notifier, NotifyReader],
+        short_dir: Path,
+    ) -> None:
+        """READY=1 that finds the queue full goes once systemd reads again, seconds later,
+        and the start-up ends then, with nothing to warn of. (It was dropped after a second
+        with a debug line while ``agent_ready`` was logged: under Type=notify, systemd
+        stopped the agent at TimeoutStartSec= and restarted it, again and again.)"""
+        notifier, reader = notify
+        filled = fill_queue(str(short_dir / "notify.sock"))
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        caught_up = trio.Event()
+
+        async def catch_up() -> None:
+            await trio.sleep(BUSY_S)  # systemd reads nothing meanwhile
+            for _ in range(filled):
+                await reader.next()
+            caught_up.set()
+
+        with structlog.testing.capture_logs() as logs, trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(catch_up)
+                began = trio.current_time()
+                await nursery.start(daemon.run)
+                assert trio.current_time() - began >= BUSY_S
+                await caught_up.wait()
+                await reader.until("READY=1")
+                daemon.request_shutdown("test")
+        assert "sd_notify_failed" not in [line["event"] for line in logs]
+
+    async def test_a_ready_systemd_never_takes_is_a_warning_before_agent_ready(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        notify: tuple[Notifier, NotifyReader],
+        short_dir: Path,
+    ) -> None:
+        """READY=1 that finds no room for its whole budget is a warning naming the socket
+        and why, before ``agent_ready``: the journal does not read as if systemd had been
+        told. (Only a debug line said so.)"""
+        notifier, _ = notify
+        address = str(short_dir / "notify.sock")
+        fill_queue(address)
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(STATE_SEND_TIMEOUT_S + LIMIT_S),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                daemon.request_shutdown("test")
+        events = [line["event"] for line in logs]
+        failed = logs[events.index("sd_notify_failed")]
+        assert events.index("sd_notify_failed") < events.index("agent_ready")
+        assert failed["message"].startswith("READY=1\nSTATUS=")
+        assert (failed["log_level"], failed["socket"], failed["error"]) == (
+            "warning",
+            address,
+            f"no room in the socket's queue for {STATE_SEND_TIMEOUT_S:g} s",
+        )
+
+    async def test_the_latest_status_goes_once_there_is_room(
+        self,
+        autojump_clock: trio.abc.Clock,
+        host: SimulatedHost,
+        notify: tuple[Notifier, NotifyReader],
+        short_dir: Path,
+    ) -> None:
+        """A STATUS= that found the queue full for its whole budget is not taken as sent:
+        the latest text goes once systemd reads again. (It was recorded as sent before the
+        send, so systemd showed the one before it until the services' state changed.)"""
+        notifier, reader = notify
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                fill_queue(str(short_dir / "notify.sock"))
+                host.restore()
+                new_id = host.status()["session_id"]
+                assert isinstance(new_id, int)
+                await trio.sleep(BUSY_S)  # systemd reads nothing meanwhile
+                status = await reader.until_status(f"vm session {new_id:#x}, 1 restores")
+                assert status == "STATUS=" + daemon.statistics().status
+                daemon.request_shutdown("test")
 
 
 class TestReload:

@@ -4,13 +4,15 @@ Rules of this test module:
 - The "service manager" is a ``trio.socket`` ``AF_UNIX`` datagram socket bound in
   ``tmp_path`` (or under a random abstract name); nothing else is contacted.
 - Every receive runs under ``fail_after(RECEIVE_TIMEOUT_S)`` on the real clock, so a missing
-  message fails fast instead of hanging; the full-queue test alone runs on the virtual clock
+  message fails fast instead of hanging; the full-queue tests alone run on the virtual clock
   (autojump_clock), as the notifier's wait for room is on trio's clock.
 - "Nothing more was sent" is shown by a sentinel datagram from another socket arriving next.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import time
@@ -22,7 +24,12 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from agent.daemon.notify import SEND_TIMEOUT_S, STATUS_LIMIT_BYTES, Notifier
+from agent.daemon.notify import (
+    SEND_TIMEOUT_S,
+    STATE_SEND_TIMEOUT_S,
+    STATUS_LIMIT_BYTES,
+    Notifier,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -185,44 +192,167 @@ class TestWithoutSocket:
         ]
 
     async def test_vanished_socket_is_logged_and_ignored(self, tmp_path: Path) -> None:
-        """When the socket is gone, sending logs at debug and does not raise."""
-        notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+        """When the socket is gone, sending does not raise: a change of state is a warning
+        naming the socket, the rest a debug line."""
+        address = str(tmp_path / "gone")
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
         with capture_logs() as logs:
             await notifier.ready()
             await notifier.watchdog()
         await notifier.aclose()
-        assert [(log["event"], log["log_level"], log["message"]) for log in logs] == [
-            ("sd_notify_failed", "debug", "READY=1"),
-            ("sd_notify_failed", "debug", "WATCHDOG=1"),
+        assert [(log["message"], log["log_level"], log["socket"]) for log in logs] == [
+            ("READY=1", "warning", address),
+            ("WATCHDOG=1", "debug", address),
         ]
 
-    async def test_a_full_queue_drops_the_message(
+    async def test_a_full_queue_drops_a_status(
         self, manager: Manager, autojump_clock: trio.abc.Clock
     ) -> None:
-        """A socket nobody reads (its queue full) costs a message at most SEND_TIMEOUT_S,
-        then the message is dropped with a debug line; once there is room again, sending
-        goes on."""
+        """A socket nobody reads (its queue full) costs a ``STATUS=`` SEND_TIMEOUT_S at most,
+        then it is dropped with a debug line and the caller hears it found no room; once
+        there is room again, sending goes on."""
         filled = fill_queue(manager.address)
         notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
         with capture_logs() as logs, trio.fail_after(SEND_TIMEOUT_S * 2):
-            await notifier.stopping()
-        assert [(log["event"], log["message"]) for log in logs] == [
-            ("sd_notify_failed", "STOPPING=1")
+            sent = await notifier.status("balloon 512 MiB")
+        assert not sent
+        assert [(log["event"], log["log_level"], log["error"]) for log in logs] == [
+            ("sd_notify_failed", "debug", f"no room in the socket's queue for {SEND_TIMEOUT_S:g} s")
         ]
         assert await manager.receive(filled) == ["x"] * filled
-        await notifier.watchdog()
-        assert await manager.receive(1) == ["WATCHDOG=1"]
+        assert await notifier.status("balloon 256 MiB")
+        assert await manager.receive(1) == ["STATUS=balloon 256 MiB"]
         await notifier.aclose()
+
+    @pytest.mark.parametrize("kind", ["missing", "refused", "stream", "too long"])
+    async def test_a_socket_that_cannot_take_a_change_of_state_is_one_warning(
+        self, tmp_path: Path, kind: str
+    ) -> None:
+        """A change of state that no wait would deliver (no socket at the path, a socket
+        nobody has open, a stream socket, a path too long for ``sun_path``) is one warning
+        naming the socket and why, at once; a ``STATUS=`` one debug line. (Both were debug
+        lines, so the journal said nothing of a READY=1 systemd never got.)"""
+        address = str(tmp_path / "notify")
+        with contextlib.ExitStack() as sockets:
+            if kind == "refused":
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as gone:
+                    gone.bind(address)  # its file stays, with nobody behind it
+                error = str(
+                    ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
+                )
+            elif kind == "stream":
+                stream = sockets.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                stream.bind(address)
+                stream.listen()
+                error = str(OSError(errno.EPROTOTYPE, os.strerror(errno.EPROTOTYPE)))
+            elif kind == "missing":
+                error = str(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
+            else:
+                address = "/" + "n" * 200
+                error = "AF_UNIX path too long"
+            notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+            with capture_logs() as logs, trio.fail_after(RECEIVE_TIMEOUT_S):
+                await notifier.ready("up")
+                assert await notifier.status("up")
+            await notifier.aclose()
+        assert logs == [
+            {
+                "event": "sd_notify_failed",
+                "log_level": "warning",
+                "message": "READY=1\nSTATUS=up",
+                "socket": address,
+                "error": error,
+            },
+            {
+                "event": "sd_notify_failed",
+                "log_level": "debug",
+                "message": "STATUS=up",
+                "socket": address,
+                "error": error,
+            },
+        ]
 
     @pytest.mark.parametrize("address", ["/" + "n" * 200, "@", "@" + "n" * 200])
     async def test_unusable_address_is_logged_and_ignored(self, address: str) -> None:
-        """A path too long for ``sun_path``, an empty or too long abstract name: one debug
-        line per message, nothing raised."""
+        """A path too long for ``sun_path``, an empty or too long abstract name: one line per
+        message, nothing raised."""
         notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
         with capture_logs() as logs:
             await notifier.ready()
         await notifier.aclose()
-        assert [(log["event"], log["message"]) for log in logs] == [("sd_notify_failed", "READY=1")]
+        assert [(log["event"], log["message"], log["socket"]) for log in logs] == [
+            ("sd_notify_failed", "READY=1", address)
+        ]
+
+
+class TestChangeOfState:
+    """READY=1 and STOPPING=1 wait for room as long as systemd waits for READY=1.
+
+    These run on the virtual clock (autojump_clock): the wait for room is on trio's clock.
+    """
+
+    async def test_waits_for_room_past_a_status_budget(
+        self, manager: Manager, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A READY=1 that finds the queue full for several seconds (PID 1 busy on a boot)
+        goes once systemd reads again, and nothing is logged. (It was dropped after
+        SEND_TIMEOUT_S: under Type=notify, systemd stopped the agent at TimeoutStartSec= and
+        restarted it, again and again.)"""
+        filled = fill_queue(manager.address)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        with capture_logs() as logs, trio.fail_after(STATE_SEND_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(notifier.ready, "up")
+                await trio.sleep(SEND_TIMEOUT_S * 5)  # systemd does not read meanwhile
+                assert await manager.receive(filled) == ["x"] * filled
+                assert await manager.receive(1) == ["READY=1\nSTATUS=up"]
+        assert logs == []
+        await notifier.aclose()
+
+    async def test_a_queue_full_for_the_whole_budget_is_one_warning(
+        self, manager: Manager, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """STOPPING=1 that never finds room is tried for STATE_SEND_TIMEOUT_S, then dropped
+        with one warning naming the socket and why."""
+        fill_queue(manager.address)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        began = trio.current_time()
+        with capture_logs() as logs, trio.fail_after(STATE_SEND_TIMEOUT_S * 2):
+            await notifier.stopping()
+        assert trio.current_time() - began >= STATE_SEND_TIMEOUT_S
+        assert logs == [
+            {
+                "event": "sd_notify_failed",
+                "log_level": "warning",
+                "message": "STOPPING=1",
+                "socket": manager.address,
+                "error": f"no room in the socket's queue for {STATE_SEND_TIMEOUT_S:g} s",
+            }
+        ]
+        await notifier.aclose()
+
+    async def test_given_up_by_the_caller_is_one_warning(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A change of state the caller gives up while it waits for room (a stop cuts a
+        READY=1 short) is one warning saying how long it waited; the cancel goes on up."""
+        name = f"vbox-agent-test-{uuid.uuid4().hex}"
+        manager = await open_manager("\0" + name)
+        with manager.sock:
+            fill_queue(manager.address)
+            notifier = Notifier.from_environ({"NOTIFY_SOCKET": "@" + name})
+            with capture_logs() as logs, trio.move_on_after(2.5) as waited:
+                await notifier.ready()
+            await notifier.aclose()
+        assert waited.cancelled_caught
+        [line] = logs
+        assert line == {
+            "event": "sd_notify_failed",
+            "log_level": "warning",
+            "message": "READY=1",
+            "socket": "@" + name,
+            "error": "no room in the socket's queue for 2.5 s, given up",
+        }
 
 
 def fill_queue(address: str) -> int:

@@ -26,7 +26,7 @@ from agent.config import AgentConfig, load_config
 from agent.daemon import Daemon, ServiceFailedError, Supervisor
 from agent.daemon.daemon import FINAL_PHASE_S, START_WAIT_S
 from agent.daemon.facility import FacilityReporter
-from agent.daemon.notify import SEND_TIMEOUT_S, Notifier
+from agent.daemon.notify import SEND_TIMEOUT_S, STATE_SEND_TIMEOUT_S, Notifier
 from agent.device import Device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import (
@@ -306,7 +306,7 @@ class FullQueueNotifier(Notifier):
 
     async def stopping(self, status: str | None = None) -> None:
         del status
-        await trio.sleep(SEND_TIMEOUT_S)
+        await trio.sleep(STATE_SEND_TIMEOUT_S)
 
 
 class RecordingNotifier(Notifier):
@@ -327,9 +327,9 @@ class RecordingNotifier(Notifier):
 
 
 class SlowQueueNotifier(RecordingNotifier):
-    """:class:`RecordingNotifier` whose ``RELOADING=1`` and ``READY=1`` each wait
-    ``SEND_TIMEOUT_S`` for room in a full notify queue, the most a send may; set events say
-    when each began."""
+    """:class:`RecordingNotifier` whose ``RELOADING=1`` and ``READY=1`` each wait for room
+    in a full notify queue as long as such a send may (``SEND_TIMEOUT_S``,
+    ``STATE_SEND_TIMEOUT_S``); set events say when each began."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -338,7 +338,7 @@ class SlowQueueNotifier(RecordingNotifier):
 
     async def ready(self, status: str | None = None) -> None:
         self.ready_began.set()
-        await trio.sleep(SEND_TIMEOUT_S)
+        await trio.sleep(STATE_SEND_TIMEOUT_S)
         await super().ready(status)
 
     async def reloading(self) -> None:
@@ -392,9 +392,10 @@ class StatusRecordingNotifier(RecordingNotifier):
         self.status_sent = trio.lowlevel.ParkingLot()
         """Woken by each ``STATUS=``."""
 
-    async def status(self, text: str) -> None:
+    async def status(self, text: str) -> bool:
         self.sent.append(f"STATUS={text}")
         self.status_sent.unpark_all()
+        return True
 
     async def wait_status(self, fragment: str, *, present: bool = True) -> str:
         """The first ``STATUS=`` from now on with ``fragment`` (or, ``present`` False,
@@ -411,8 +412,9 @@ class StatusRecordingNotifier(RecordingNotifier):
 class ReadyAndStatusNotifier(ReadyStatusNotifier):
     """:class:`ReadyStatusNotifier` that records each ``STATUS=`` update too."""
 
-    async def status(self, text: str) -> None:
+    async def status(self, text: str) -> bool:
         self.sent.append(f"STATUS={text}")
+        return True
 
 
 async def _breaking_pump_run(
@@ -605,6 +607,24 @@ class TestThrowAwayService:
         assert stopping.endswith("; gadget stopping")
         assert after.startswith("STATUS=vm session ")
         assert "gadget" not in after
+
+    async def test_a_service_a_reload_enables_keeps_its_registry_place_in_the_status(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A service a reload enables has its STATUS= fragment where the registry puts it,
+        before the gadget's (last in the registry), whatever order the runs began in. (It
+        went last: the fragments followed the supervisor's start order.)"""
+        notifier = StatusRecordingNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "[network]\nenable = false\n", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text("")
+                await daemon.reload()
+                enabled = await notifier.wait_status("network starting")
+                daemon.request_shutdown("test")
+        assert enabled.index("network starting") < enabled.index("; gadget one")
 
     async def test_reload_during_a_restart_drain_reaches_the_replacement(
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
@@ -1227,7 +1247,7 @@ class TestDrain:
         self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
     ) -> None:
         """The drain deadline counts from the stop request, not from STOPPING=1's send,
-        which a full notify queue can hold for a second."""
+        which a full notify queue can hold for longer than the drains may take."""
         path = tmp_path / "agent.toml"
         text = "[daemon]\nshutdown_timeout_s = 2\n[gadget]\ndrain_s = 30\n"
         daemon = _daemon(host, path, text, FullQueueNotifier())

@@ -377,9 +377,10 @@ class TestSupervisor:
             async with trio.open_nursery() as nursery:
                 await supervisor.start(nursery, steady)
                 nursery.start_soon(supervisor.start, nursery, failing)
-        # Fails at 0, drains until 2, backs off 1 s, fails again at 3: the ending begins.
-        assert endings == [3.0]
-        assert (failing.drained_at, steady.drains) == ([2.0, 5.0], [3.0])
+        # Fails at 0, drains until 2, past its 1 s back-off (counted from the failure), so it
+        # runs again at once and fails at 2: the ending begins.
+        assert endings == [2.0]
+        assert (failing.drained_at, steady.drains) == ([2.0, 4.0], [2.0])
 
     async def test_a_failed_first_start_holds_up_nobody(
         self, autojump_clock: trio.abc.Clock
@@ -517,7 +518,7 @@ class TestSupervisor:
         restart_at: float,
         rescheduled: list[float],
     ) -> None:
-        """A reload's ``[daemon]`` applies at once, counted from the back-off's start: 5 s
+        """A reload's ``[daemon]`` applies at once, counted from the failure: 5 s
         into a 30 s back-off, a 2 s delay (over already) restarts the service now and a
         60 s one at 60 s, each with one line saying when; the same delay changes nothing."""
         service = FlakyService(failures=1)
@@ -539,8 +540,80 @@ class TestSupervisor:
             ("flaky", left) for left in rescheduled
         ]
 
+    @pytest.mark.parametrize(
+        ("initial_s", "restart_at", "rescheduled"),
+        [(10.0, 10.0, []), (6.0, 6.0, [2.0]), (2.0, 4.0, [0.0])],
+    )
+    async def test_a_back_off_counts_from_the_failure_not_from_the_drain(
+        self,
+        autojump_clock: trio.abc.Clock,
+        initial_s: float,
+        restart_at: float,
+        rescheduled: list[float],
+    ) -> None:
+        """The failed run's drain (3 s) is part of its back-off, which counts from the
+        failure (at 0 s): a 10 s delay restarts it at 10 s, 7 s after the drain. A reload at
+        4 s counts its delay from the failure too: 6 s restarts it at 6 s, and 2 s (over
+        already) at once."""
+        service = FailsBeforeReady(failures=1, drain_s=3.0)
+        supervisor: Supervisor[FailsBeforeReady] = Supervisor(
+            _config(restart_backoff_initial_s=10, restart_backoff_max_s=10)
+        )
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, service)
+                await trio.sleep_until(4.0)
+                supervisor.config = _config(
+                    restart_backoff_initial_s=initial_s, restart_backoff_max_s=10
+                )
+                await service.running.wait()
+                restarted_at = trio.current_time()
+                nursery.cancel_scope.cancel()
+        assert (service.drained_at[0], restarted_at) == (3.0, restart_at)
+        failed = [e["retry_in_s"] for e in logs if e["event"] == "service_failed"]
+        moved = [e["retry_in_s"] for e in logs if e["event"] == "service_retry_rescheduled"]
+        assert (failed, moved) == ([7.0], rescheduled)
+
+    async def test_a_restart_is_counted_when_the_service_runs_again(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A back-off is no restart yet: the count grows when the service runs again, so a
+        stop during its second back-off leaves one restart, for the one run after a
+        failure."""
+        service = FlakyService(failures=2)
+        supervisor: Supervisor[FlakyService] = Supervisor(_config())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, service)
+                await trio.testing.wait_all_tasks_blocked()
+                backing_off = (supervisor.retrying(), supervisor.restarts())
+                await trio.sleep_until(2.0)  # ran again at 1 s, failed, backs off until 3 s
+                supervisor.stop("flaky", trio.current_time() + 5)
+        assert (backing_off, service.starts) == (({"flaky": 1}, {}), [0.0, 1.0])
+        assert supervisor.restarts() == {"flaky": 1}
+
+    async def test_a_replacement_during_a_back_off_is_one_restart(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A service replaced while it backs off runs again once, as its replacement: one
+        restart, not one for the back-off and one for the replacement."""
+        first, second = FlakyService(failures=1), FlakyService(failures=0)
+        supervisor: Supervisor[FlakyService] = Supervisor(
+            _config(restart_backoff_initial_s=30, restart_backoff_max_s=30)
+        )
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await supervisor.start(nursery, first)
+                await trio.testing.wait_all_tasks_blocked()
+                assert supervisor.retrying() == {"flaky": 1}
+                assert supervisor.replace("flaky", second)
+                await second.recovered.wait()
+                nursery.cancel_scope.cancel()
+        assert (first.starts, second.starts) == ([0.0], [0.0])
+        assert supervisor.restarts() == {"flaky": 1}
+
     async def test_stop_during_back_off_ends_at_once(self, autojump_clock: trio.abc.Clock) -> None:
-        """A service waiting for its restart is stopped without running again."""
+        """A service waiting for its restart is stopped without running again: no restart."""
         service = FlakyService(failures=1)
         supervisor: Supervisor[FlakyService] = Supervisor(
             _config(restart_backoff_initial_s=30, restart_backoff_max_s=30)
@@ -552,6 +625,7 @@ class TestSupervisor:
                 supervisor.stop("flaky", trio.current_time() + 5)
             stopped_at = trio.current_time()
         assert (service.starts, service.drains, stopped_at) == ([0.0], [0.0], 0.0)
+        assert supervisor.restarts() == {}
 
     async def test_a_replacement_after_stop_all_never_runs(
         self, autojump_clock: trio.abc.Clock

@@ -432,6 +432,32 @@ class TestPlugAndUnplug:
         [failed] = events_named(logs, "cpu_plug_failed")
         assert failed["problem"] == "cpu4 refused to come online: Device or resource busy"
 
+    async def test_an_admins_offline_cpu_stays_off_when_the_new_one_refuses_late(
+        self, guest: Guest, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The kernel adds the plugged CPU's directory (cpu4) only at the last look, and
+        refuses to bring it online there: cpu2 and cpu3, offline before monitoring started,
+        are still not tried (the new CPU was there, they would come online for nothing)."""
+        writes = record_writes(monkeypatch, refuse=("cpu4", "1"))
+        names = CpuSysfs._names
+        listings: list[list[str]] = []
+
+        def kernel_adds_cpu4_at_the_last_look(sysfs: CpuSysfs) -> list[str]:
+            if len(listings) == PLUG_TRIES:  # the first listing: monitoring's start
+                guest.cpu(4, online=False)
+            listings.append(names(sysfs))
+            return listings[-1]
+
+        monkeypatch.setattr(CpuSysfs, "_names", kernel_adds_cpu4_at_the_last_look)
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(guest.root) as run:
+                run.host.cpu_plug(4)
+                await run.watch.until(lambda: run.stats().failures == 1)
+        assert "cpu4" in listings[-1]
+        assert writes == [("cpu4", "1")]
+        [failed] = events_named(logs, "cpu_plug_failed")
+        assert failed["problem"] == "cpu4 refused to come online: Device or resource busy"
+
     async def test_a_passed_over_cpu_that_stays_online_is_a_warning(
         self, guest: Guest, monkeypatch: pytest.MonkeyPatch
     ) -> None:
