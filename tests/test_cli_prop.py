@@ -42,13 +42,13 @@ from agent.cli._exit import (
 )
 from agent.cli._prop import _delete, _enum, _explain, _set, _wait
 from agent.device import open_device
-from agent.device.unix import VERSION_WAIT_S
+from agent.device.unix import VERSION_WAIT_S, UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
 from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
-from agent.protocol.status import VERR_TIMEOUT
+from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS
 from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
 from agent.services.hgcm import HgcmBufferIn
 from testbed.realdriver import ENV_LIBRARY
@@ -329,6 +329,60 @@ class TestVerbs:
             "VERR_INTERNAL_ERROR",
         )
         assert sim.prop("get", "/dc/x").stdout == "applied\n"
+
+    @ONE_DRIVER
+    def test_text_that_is_not_unicode_prints_as_byte_escapes(self, sim: PropHost) -> None:
+        """A name and a value a guest set with bytes IPRT takes and Python cannot decode
+        print with each such byte as ``\\xNN``, the same from ``prop`` as from ``host prop``,
+        text and JSON, under a strict UTF-8 stdout. (``host prop get`` died with a
+        UnicodeEncodeError traceback, its ``--json`` printed lone surrogates, ``\\udcf4``,
+        and ``prop`` printed U+FFFD, which merged names.)"""
+        value = b"v\xf4\x90\x80\x80"  # U+110000 in four bytes
+
+        async def guest_sets() -> None:
+            async with (
+                open_device(UnixSocketOpener(str(sim.socket))) as device,
+                open_guest_properties(device) as props,
+            ):
+                for name in (b"/Guest/x", b"/Guest/\xf5\x80\x80\x80"):
+                    reply = await props.channel.call(
+                        GuestFunction.SET_PROP_VALUE,
+                        HgcmBufferIn(name + b"\0"),
+                        HgcmBufferIn(value + b"\0"),
+                    )
+                    assert reply.status == VINF_SUCCESS
+
+        trio.run(guest_sets)
+        shown = "v\\xf4\\x90\\x80\\x80"
+
+        def strict(*args: str) -> str:
+            done = subprocess.run(
+                [*AGENT_WITHOUT_TRACEBACK, *args],
+                capture_output=True,
+                text=True,
+                timeout=WAIT_S,
+                check=False,
+                env=dict(sim.env, PYTHONIOENCODING="utf-8"),
+            )
+            assert (done.returncode, done.stderr) == (EX_OK, ""), done.stderr
+            return done.stdout
+
+        guest = ("prop", "--device", sim.device)
+        host = ("host", "--socket", str(sim.socket), "prop")
+        assert strict(*guest, "get", "/Guest/x") == strict(*host, "get", "/Guest/x") == f"{shown}\n"
+        as_json = strict(*guest, "get", "/Guest/x", "--json")
+        assert strict(*host, "get", "/Guest/x", "--json") == as_json
+        assert json.loads(as_json)["value"] == shown
+        listed = json.loads(strict(*guest, "enum", "/Guest/*", "--json"))
+        assert sorted((prop["name"], prop["value"]) for prop in listed) == [
+            ("/Guest/\\xf5\\x80\\x80\\x80", shown),
+            ("/Guest/x", shown),
+        ]
+        lines = strict(*guest, "enum", "/Guest/*").splitlines()
+        assert any(
+            line.startswith(f"Name: /Guest/\\xf5\\x80\\x80\\x80, value: {shown}, ")
+            for line in lines
+        )
 
     def test_set_replaces_the_flags(self, sim: PropHost) -> None:
         """A set without --flags leaves the property without flags."""

@@ -6,7 +6,9 @@ snapshot) plus test hooks (faults, delays, dropping the device connections) and 
 Each invocation sends one control command (``docs/simulator-socket.md``), waiting as the agent
 does (up to ``HOST_START_WAIT_S``) for a host that is still starting. Exit codes: 0 done, 1 the
 host refused (the reason is printed on one line), 64 bad arguments, 69 no host answers at the path
-(or its answer is not one a simulated host gives).
+(or its answer is not one a simulated host gives). ``prop get`` prints a value as the guest's
+``prop get`` does: text that is not valid Unicode (a guest may set bytes IPRT takes and
+Python cannot decode) with each such byte as ``\\xNN`` (:mod:`agent.protocol.host_text`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import trio
 
 from agent.cli._arguments import argument_type, integer_at_least, parse_seconds, socket_path
 from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
-from agent.cli._output import say, write_line
+from agent.cli._output import escape_unencodable, say, write_line
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
 from agent.protocol.errors import shown
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
+from agent.protocol.host_text import displayed
 from agent.protocol.status import parse_status
 
 if TYPE_CHECKING:
@@ -59,7 +62,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--flags", type=_property_flags, default="", help="e.g. TRANSIENT,RDONLYGUEST"
     )
     prop_set.set_defaults(build=_prop_set)
-    prop_get = prop_commands.add_parser("get", help="print a property's value")
+    prop_get = prop_commands.add_parser(
+        "get", help="print a property's value (each byte that is not UTF-8 as \\xNN)"
+    )
     prop_get.add_argument("name", type=_property_name, metavar="NAME")
     prop_get.add_argument("--json", action="store_true", help="print name, value, flags, timestamp")
     prop_get.set_defaults(build=_prop_get, show=_show_value)
@@ -156,6 +161,7 @@ def host_command(args: argparse.Namespace) -> int:
         return EX_REFUSED
     show: Callable[[argparse.Namespace, object], None] | None = args.show
     if show is not None:
+        escape_unencodable()
         try:
             show(args, result)
         except _UnexpectedResultError:
@@ -274,11 +280,14 @@ class _UnexpectedResultError(Exception):
 def _show_value(args: argparse.Namespace, result: object) -> None:
     if not isinstance(result, dict) or not isinstance(result.get("value"), str):
         raise _UnexpectedResultError
+    # As the guest's `prop get` prints it: the host holds bytes a guest set that Python cannot
+    # decode as surrogate escapes.
+    value, flags = displayed(result["value"]), result.get("flags")
     if args.json:  # the shape and order of `prop get --json`
-        fields = ("value", "flags", "timestamp")
-        write_line(json.dumps({"name": args.name} | {key: result.get(key) for key in fields}))
+        shown = {"value": value, "flags": displayed(flags) if isinstance(flags, str) else flags}
+        write_line(json.dumps({"name": args.name, **shown, "timestamp": result.get("timestamp")}))
     else:
-        write_line(result["value"])
+        write_line(value)
 
 
 def _show_dropped(_: argparse.Namespace, result: object) -> None:

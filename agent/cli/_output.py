@@ -10,6 +10,7 @@ with the code it decided.
 
 from __future__ import annotations
 
+import io
 import sys
 
 
@@ -18,6 +19,13 @@ class OutputError(Exception):
 
     def __init__(self, error: OSError) -> None:
         super().__init__(error.strerror or str(error))
+
+
+def escape_unencodable() -> None:
+    """Make stdout print what its encoding cannot hold backslash-escaped, not fail on it
+    (a valid value under an ASCII locale)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def write_line(text: str) -> None:

@@ -19,11 +19,14 @@ host takes) is listed by ``enum`` (``Name: , value: ...``; VBoxControl fails to 
 one stands) and is a change for ``wait`` only where the pattern matches "" as the host
 matches it (``*``); ``get``, ``set`` and ``delete`` refuse the empty name (exit 64), as
 the host refuses the one-byte buffer VBoxControl would send for it.
+Text the host holds that is not valid Unicode (IPRT's UTF-8 takes code points past U+10FFFF
+and five- and six-byte sequences) prints, in text and JSON, with each byte Python cannot
+decode as ``\\xNN`` (:func:`agent.protocol.host_text.displayed`), as ``host prop get`` prints
+it; a value the output's encoding cannot hold prints backslash-escaped.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
@@ -41,7 +44,7 @@ from agent.cli._exit import (
     EX_UNAVAILABLE,
     EX_USAGE,
 )
-from agent.cli._output import say, write_line
+from agent.cli._output import escape_unencodable, say, write_line
 from agent.config import DEFAULT_DEVICE, DeviceConfig, LogConfig
 from agent.device import (
     DeviceLostError,
@@ -54,6 +57,7 @@ from agent.logconfig import configure_logging
 from agent.protocol import AgentError, RemoteProtocolError, VBoxStatusError
 from agent.protocol.errors import escaped, shown
 from agent.protocol.guest_props import PropertyArgumentError
+from agent.protocol.host_text import displayed
 from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS, status_name, status_text
 from agent.services.guest_props import (
     PropertiesGrowingError,
@@ -89,7 +93,10 @@ class _UsageError(Exception):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Give the ``prop`` parser its description, arguments and handler."""
-    parser.description = "Guest properties through the host's VBoxGuestPropSvc."
+    parser.description = (
+        "Guest properties through the host's VBoxGuestPropSvc. Text that is not valid "
+        "Unicode prints (text and JSON) with each undecodable byte as \\xNN."
+    )
     parser.epilog = (
         "Exit status: 0 done; 1 not found, wait timed out or refused by the host; 64 bad "
         "arguments, or a name, value, pattern or flags the service would refuse; 69 no "
@@ -137,9 +144,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def prop_command(args: argparse.Namespace) -> int:
     """Run one ``prop`` action; return its exit code."""
     configure_logging(LogConfig(level="warning"), stream=sys.stderr)
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        # A value the output's encoding cannot hold still prints, escaped.
-        sys.stdout.reconfigure(errors="backslashreplace")
+    escape_unencodable()
     try:
         try:
             opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
@@ -210,7 +215,7 @@ async def _get(args: argparse.Namespace, props: GuestProperties) -> None:
     if prop is None:
         msg = f"guest property {shown(args.name)} is not set"  # as `host prop get` says
         raise _NotFoundError(msg)
-    write_line(json.dumps(_property_json(prop)) if args.json else prop.value)
+    write_line(json.dumps(_property_json(prop)) if args.json else displayed(prop.value))
 
 
 async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
@@ -243,10 +248,7 @@ async def _enum(args: argparse.Namespace, props: GuestProperties) -> None:
         write_line(json.dumps([_property_json(prop) for prop in listed]))
         return
     for prop in listed:
-        write_line(
-            f"Name: {prop.name}, value: {prop.value}, timestamp: {prop.timestamp}, "
-            f"flags: {prop.flags}"
-        )
+        write_line(_property_line(prop))
 
 
 def _note_ignored(args: argparse.Namespace, status: int) -> None:
@@ -276,22 +278,25 @@ async def _wait(args: argparse.Namespace, device: Device) -> None:
     if args.json:
         write_line(json.dumps(_change_json(change)))
     elif change.deleted:
-        write_line(f"Name: {change.name}, deleted, timestamp: {change.timestamp}")
+        write_line(f"Name: {displayed(change.name)}, deleted, timestamp: {change.timestamp}")
     else:
-        write_line(
-            f"Name: {change.name}, value: {change.value}, timestamp: {change.timestamp}, "
-            f"flags: {change.flags}"
-        )
+        write_line(_property_line(change))
 
 
 _PROPERTY_FIELDS: Final = ("name", "value", "flags", "timestamp")
 """The keys of a property in ``--json``, in their order."""
 
 
-def _property_json(prop: Property | PropertyChange) -> dict[str, object]:
-    return dict(
-        zip(_PROPERTY_FIELDS, (prop.name, prop.value, prop.flags, prop.timestamp), strict=True)
+def _property_line(prop: Property | PropertyChange) -> str:
+    return (
+        f"Name: {displayed(prop.name)}, value: {displayed(prop.value)}, "
+        f"timestamp: {prop.timestamp}, flags: {displayed(prop.flags)}"
     )
+
+
+def _property_json(prop: Property | PropertyChange) -> dict[str, object]:
+    texts = (displayed(prop.name), displayed(prop.value), displayed(prop.flags))
+    return dict(zip(_PROPERTY_FIELDS, (*texts, prop.timestamp), strict=True))
 
 
 def _change_json(change: PropertyChange) -> dict[str, object]:

@@ -22,7 +22,10 @@ command             arguments                                       result
 ==================  ==============================================  =============================
 
 ``count`` is 1 to ``MAX_FAULT_COUNT``; ``cleared`` is how many answers the dropped faults
-still held. ``status`` lists the queued ``faults`` and the active ``delays``.
+still held. ``status`` lists the queued ``faults`` and the active ``delays``. ``prop_get``
+answers the value and flags as the service holds them: bytes a guest set that Python cannot
+decode are surrogate escapes (``\\udcf4`` in the JSON), which ``vbox-agent host prop get``
+prints as ``\\xf4`` (:mod:`agent.protocol.host_text`).
 
 :func:`execute_control` runs one command on the host (server side); :func:`call_control`
 sends one from another process (client side). ``cpu`` plugs (``action`` "plug") or unplugs

@@ -47,6 +47,7 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
+from agent.protocol.host_text import host_bytes
 from agent.protocol.messages import slot_setters
 from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
@@ -136,7 +137,9 @@ hot path of every get cost as much as encoding one of its parameters."""
 @record(init=False)
 class Property:
     """A property as the host holds it; ``timestamp`` is the host's ns of its last change
-    (from a clock that may go back: not an order)."""
+    (from a clock that may go back: not an order). Bytes of the host's text that Python
+    cannot decode (IPRT's UTF-8 reaches past Unicode) are surrogate escapes
+    (:mod:`agent.protocol.host_text`)."""
 
     name: str
     value: str
@@ -371,7 +374,9 @@ class PropertyWatch:
     A property named "" (any guest process may set one with a two-byte name buffer, which
     the host takes) is followed as any other where the watch's patterns match "" as the
     host matches them (no patterns, ``*``, an empty alternative in ``a||b``); other
-    patterns never see it, in a snapshot or from the host.
+    patterns never see it, in a snapshot or from the host. That name, and a name holding
+    bytes Python cannot decode (kept as surrogate escapes), are read back byte for byte
+    when the watch asks a property's stamp.
     """
 
     def __init__(
@@ -665,9 +670,9 @@ class PropertyWatch:
         return _prepare_short_on(self._channel, function, *params)
 
     def _prepare_get(self, name: str) -> PreparedCall:
-        """GET_PROP of ``name`` on the watch's channel; of the name "" too, which the watch
-        may have listed (:data:`_EMPTY_NAME`)."""
-        return _prepare_get_with(self._channel, _name_param(name) if name else _EMPTY_NAME)
+        """GET_PROP of ``name``, a name the watch listed, on the watch's channel, sent as
+        the host holds it (:func:`_held_name_param`)."""
+        return _prepare_get_with(self._channel, _held_name_param(name))
 
     async def _short_call(self, prepared: PreparedCall) -> HgcmReply:
         """Make a short call the watch prepared on its channel."""
@@ -738,7 +743,7 @@ class PropertyWatch:
         everything = await _enumerate(self._short_call, self._prepare)
         latest = max((prop.timestamp for prop in everything), default=0)
         patterns = self._patterns[:-1]
-        current = [prop for prop in everything if patterns_match(patterns, prop.name.encode())]
+        current = [prop for prop in everything if patterns_match(patterns, host_bytes(prop.name))]
         self._cursor, self._cursor_unproven = latest, latest != 0
         self._resync_due = False
         if first:
@@ -842,6 +847,13 @@ def _name_param(name: str) -> HgcmBufferIn:
     PropertyArgumentError every time (exceptions are not kept).
     """
     return HgcmBufferIn(encode_name(name))
+
+
+def _held_name_param(name: str) -> HgcmBufferIn:
+    """``name``, which the host listed, as the host holds it: byte for byte, unchecked, so
+    names the client would not send of its own accord are read back as they are: ""
+    (:data:`_EMPTY_NAME`) and bytes Python could not decode (:func:`host_bytes`)."""
+    return HgcmBufferIn(host_bytes(name) + b"\0") if name else _EMPTY_NAME
 
 
 async def _get(
@@ -976,8 +988,9 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
         msg = "expected a buffer and its size"
         raise TypeError(msg)
     # Decoded at once: a NUL is never part of a UTF-8 sequence, so each string decodes as
-    # it would on its own.
-    parts = data.data[: size.value].decode("utf-8", "replace").split("\0", count)
+    # it would on its own. Bytes IPRT takes and Python does not are kept as surrogate
+    # escapes (which cost valid text nothing), so a name is never merged or changed.
+    parts = data.data[: size.value].decode("utf-8", "surrogateescape").split("\0", count)
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)
@@ -1035,9 +1048,9 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
             raise RemoteProtocolError(msg)
         props.append(
             Property(
-                name.decode(errors="replace"),
-                value.decode(errors="replace"),
-                flags.decode(errors="replace"),
+                name.decode("utf-8", "surrogateescape"),
+                value.decode("utf-8", "surrogateescape"),
+                flags.decode("utf-8", "surrogateescape"),
                 int(timestamp),
             )
         )

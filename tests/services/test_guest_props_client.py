@@ -39,6 +39,7 @@ from agent.protocol.guest_props import (
     GuestFunction,
     PropertyArgumentError,
 )
+from agent.protocol.host_text import host_bytes
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_INTERRUPTED,
@@ -648,10 +649,20 @@ class TestSizesAskedFor:
 async def _set_empty_name(props: GuestProperties, value: bytes) -> None:
     """Set the property named "" as any guest process may: with a two-byte name buffer,
     which the service takes (``GuestPropValidateName`` checks the buffer's size, 2..64)."""
+    await _set_raw(props, b"\0", value)
+
+
+async def _set_raw(props: GuestProperties, name: bytes, value: bytes) -> None:
+    """Set ``name`` to ``value`` as any guest process may, with bytes the client would
+    not send of its own accord."""
     reply = await props.channel.call(
-        GuestFunction.SET_PROP_VALUE, HgcmBufferIn(b"\0\0"), HgcmBufferIn(value + b"\0")
+        GuestFunction.SET_PROP_VALUE, HgcmBufferIn(name + b"\0"), HgcmBufferIn(value + b"\0")
     )
     assert reply.status == VINF_SUCCESS
+
+
+BEYOND_UNICODE: Final = (b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80")
+"""U+110000 and U+140000 in four bytes: IPRT takes them, Python's decoder does not."""
 
 
 class TestWatch:
@@ -701,6 +712,25 @@ class TestWatch:
                 host.prop_set("/Other", "y")
                 host.prop_set(names[7], "10.0.2.15")
         assert [(change.name, change.value) for change in got] == [(names[7], "10.0.2.15")]
+
+    async def test_text_python_cannot_decode_is_kept_byte_for_byte(
+        self, autojump_clock: trio.abc.Clock, props: GuestProperties
+    ) -> None:
+        """Names and values the host holds with bytes Python cannot decode come back with
+        those bytes (surrogate escapes), so two names the host holds apart stay apart. (They
+        were decoded with U+FFFD for each: both names became '/w/\\ufffd\\ufffd\\ufffd\\ufffd'.)"""
+        names = [b"/w/" + raw for raw in BEYOND_UNICODE]
+        with trio.fail_after(60):
+            for index, name in enumerate(names):
+                await _set_raw(props, name, b"v" + BEYOND_UNICODE[index])
+            listed = await props.enumerate(["/w/*"])
+            await _set_raw(props, b"/w/value", b"v" + BEYOND_UNICODE[0])
+            value = await props.get("/w/value")
+        assert [(host_bytes(prop.name), host_bytes(prop.value)) for prop in listed] == [
+            (name, b"v" + raw) for name, raw in zip(names, BEYOND_UNICODE, strict=True)
+        ]
+        assert value is not None
+        assert host_bytes(value.value) == b"v" + BEYOND_UNICODE[0]
 
     async def test_a_property_named_empty_is_no_other_patterns_concern(
         self, autojump_clock: trio.abc.Clock, props: GuestProperties
@@ -1438,6 +1468,27 @@ class TestWatchMarks:
                     change = await watch.next()
         assert (change.name, change.value, change.deleted) == ("", "2", False)
         assert change.timestamp == marked.timestamp + 1
+
+    @pytest.mark.parametrize("length", [57, 8], ids=["over-63-once-replaced", "short"])
+    async def test_a_name_python_cannot_decode_is_read_back_as_the_host_holds_it(
+        self, autojump_clock: trio.abc.Clock, length: int
+    ) -> None:
+        """A marked property whose name holds bytes Python cannot decode has its stamp read
+        with the name's bytes as the host holds them, and its change is reported under that
+        name. (The name was decoded with a U+FFFD for each byte and read back so: 57 bytes
+        became 65, over the limit, and ``next()`` raised PropertyArgumentError, so ``prop
+        wait`` exited 64; a shorter one was looked up under a name the host does not hold.)"""
+        name = b"/w/" + b"a" * (length - 7) + BEYOND_UNICODE[0]
+        assert len(name) == length
+        clock = _Clock()  # moved by the test only: else every stamp is the last one + 1
+        with trio.fail_after(60):
+            async with _props_on(GuestPropertyService(clock=clock)) as (_, props):
+                clock.now += 10**9  # past the start-up stamps, then still
+                await _set_raw(props, name, b"1")
+                async with props.watch(["/w/*"]) as watch:  # the snapshot marks the name
+                    await _set_raw(props, name, b"2")  # stamped one past: the stamp is read
+                    change = await watch.next()
+        assert (host_bytes(change.name), change.value, change.deleted) == (name, "2", False)
 
 
 class TestWatchOpening:
