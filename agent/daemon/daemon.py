@@ -66,7 +66,8 @@ that a stop or a fatal error overtakes (while ``RELOADING=1`` or its ``READY=1``
 room, or while the file is read) gives that step up, the reading's thread abandoned to its
 file system, applies nothing and sends no ``READY=1``, so ``STOPPING=1`` stays the last
 state sent and the stop waits for no file system; the supervisor, once told to stop every
-service, starts and replaces none anyway.
+service, starts and replaces none anyway. A reload's ``READY=1`` waits for room outside the
+one-at-a-time turn: the next reload gives it up rather than wait for it.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ class Daemon:
         """``D``: ``shutdown_timeout_s`` from the stop request."""
         self._startup = trio.CancelScope()
         """The start-up step in progress (:meth:`_start_up_step`), which a stop cuts short."""
+        self._start_ready = trio.CancelScope()
+        """Around the start's READY=1 waiting for room, which a fatal error gives up too."""
         self._opening = trio.CancelScope()
         """Around the device's opening and the run: a shutdown cancels it until the device is
         open (``_device_open``); after that the stop is ``_serve``'s."""
@@ -371,9 +374,9 @@ class Daemon:
         if self._leaving():
             return
         self._status = self._status_text()
-        with self._start_up_step():
+        with self._start_up_step(), self._start_ready:
             await self._notifier.ready(self._status)
-        if self._shutdown.is_set():
+        if self._leaving():
             return
         self._ready = True
         log.info("agent_ready", services=[s.name for s in self._supervisor.services()])
@@ -416,6 +419,7 @@ class Daemon:
             device = self._context.device
             device.cleanup_deadline = min(device.cleanup_deadline, deadline + FINAL_PHASE_S)
         self._watchdog_scope.cancel()
+        self._start_ready.cancel()
         self._reload_step.cancel()
         self._status = self._status_text()
         await self._say_stopping()
@@ -510,20 +514,16 @@ class Daemon:
     async def _publish_status(self) -> None:
         """Send ``STATUS=`` whenever a service reports a change (no change, no wake-up).
 
-        A text the notify queue had no room for is tried again, at once and as the latest
-        text then, until one finds room: systemd shows the services' state as it is, never
-        an older one sent late.
+        A text the notify queue had no room for goes with the notifier's next message (the
+        next watchdog ping, or the next change in its place), with no retry of its own.
         """
-        unsent = False
         while True:
             await self._status_dirty.wait()
             self._status_dirty = trio.Event()
             text = self._status_text()
-            if text != self._status or unsent:
+            if text != self._status:
                 self._status = text
-                unsent = not await self._notifier.status(text)
-                if unsent:
-                    self._status_dirty.set()
+                await self._notifier.status(text)
 
     async def _log_device(self, device: Device) -> None:
         try:
@@ -592,7 +592,9 @@ class Daemon:
         One reload at a time: a call while another runs waits for it, and a call while one
         already waits returns at once (that one reads the file after this call). A stop or a
         fatal error that begins while ``RELOADING=1`` is sent applies nothing, and no
-        ``READY=1`` follows.
+        ``READY=1`` follows. The ``READY=1`` ending a reload waits for room outside the turn:
+        the next reload gives it up (its own ``RELOADING=1`` and ``READY=1`` follow) rather
+        than wait for it.
         """
         if self._reload_waiting:
             log.info("config_reload_merged", reason="a reload waiting to run reads the file")
@@ -603,22 +605,22 @@ class Daemon:
             await self._reloading.acquire()
         finally:
             self._reload_waiting = False
+        began = False
         try:
-            await self._reload()
+            self._reload_step.cancel()  # the last reload's READY=1, if it still waits for room
+            if began := not self._reload_skipped():
+                await self._reload()
         finally:
             self._reloading.release()
+            if began:
+                await self._in_reload_step(partial(self._notifier.ready, None))
 
     async def _reload(self) -> None:
-        if self._reload_skipped():
-            return
         await self._in_reload_step(self._notifier.reloading)
-        try:
-            if not self._reload_skipped():
-                new = await self._in_reload_step(self._read_config)
-                if not self._reload_skipped() and new is not None:  # no stop while it read
-                    self._apply(new)
-        finally:
-            await self._in_reload_step(partial(self._notifier.ready, None))
+        if not self._reload_skipped():
+            new = await self._in_reload_step(self._read_config)
+            if not self._reload_skipped() and new is not None:  # no stop while it read
+                self._apply(new)
 
     async def _in_reload_step(self, step: Callable[[], Awaitable[_T]]) -> _T | None:
         """Run one step of a reload (a notice, the file's reading) unless the agent is

@@ -6,10 +6,12 @@ abstract namespace. Without the variable every method does nothing, so the daemo
 outside systemd. Sending never raises. A datagram the socket has no room for (nobody reads it)
 is tried again until its budget ends: a state systemd acts on (``READY=1``, ``STOPPING=1``)
 for :data:`STATE_SEND_TIMEOUT_S`, as long as systemd waits for ``READY=1`` (``sd_notify(3)``
-blocks until there is room), the rest for :data:`SEND_TIMEOUT_S`. A state that cannot go (no
-room for its whole budget, or until the caller gives it up; no socket at the path, an address
-too long, a refused or a stream socket) gets one warning line naming the socket and why, the
-rest a debug line.
+blocks until there is room), the rest for :data:`SEND_TIMEOUT_S`. A ``STATUS=`` that found no
+room is not tried again on its own (an idle agent does not wake up for it): it goes with the
+next message sent, a watchdog ping or a later status taking its place. A state that cannot go
+(no room for its whole budget, or until the caller gives it up; no socket at the path, an
+address too long, a refused or a stream socket) gets one warning line naming the socket and
+why, the rest a debug line.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class Notifier:
         """The address as ``NOTIFY_SOCKET`` gives it, for log lines."""
         self._watchdog_usec = watchdog_usec
         self._socket: socket.socket | None = None
+        self._unsent_status: str | None = None
+        """The latest ``STATUS=`` line, until it went: one that found no room goes with the
+        next message that has none of its own."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
@@ -88,15 +93,14 @@ class Notifier:
         """Shutdown begins: ``STOPPING=1``, with an optional status line."""
         await self._send("STOPPING=1", *([] if status is None else [_status(status)]), state=True)
 
-    async def status(self, text: str) -> bool:
+    async def status(self, text: str) -> None:
         """Set the line ``systemctl status`` shows: ``STATUS=text``.
 
-        Return False when the socket's queue had no room for it within
-        :data:`SEND_TIMEOUT_S`, so a later try may find some (the caller's latest text, then);
-        True when it is done with: sent, failed for a reason no wait mends (logged), or there
-        is no socket.
+        A text the socket's queue had no room for within :data:`SEND_TIMEOUT_S` is kept, not
+        tried again: it goes with the next message sent (a ``WATCHDOG=1``, a notice), unless a
+        later text takes its place first.
         """
-        return await self._send(_status(text))
+        await self._send(_status(text))
 
     async def watchdog(self) -> None:
         """Tell the service manager we are alive: ``WATCHDOG=1``."""
@@ -110,33 +114,46 @@ class Notifier:
             self._socket = None
         await trio.lowlevel.checkpoint()
 
-    async def _send(self, *lines: str, state: bool = False) -> bool:
-        """Send one datagram of ``lines``; False if it found no room within its budget
-        (:data:`STATE_SEND_TIMEOUT_S` for a ``state`` systemd acts on, else
-        :data:`SEND_TIMEOUT_S`). A failure is logged once, at warning for a state."""
+    async def _send(self, *lines: str, state: bool = False) -> None:
+        """Send one datagram of ``lines`` (with the unsent ``STATUS=`` if it has none), trying
+        again while there is no room, for :data:`STATE_SEND_TIMEOUT_S` for a ``state`` systemd
+        acts on, else :data:`SEND_TIMEOUT_S`. A failure is logged once, at warning for a state;
+        a status that found no room is kept for the next message."""
         if self._address is None:
             await trio.lowlevel.checkpoint()
-            return True
+            return
+        status = next((line for line in lines if line.startswith("STATUS=")), None)
+        if status is not None:
+            self._unsent_status = status  # the latest text, until it went
+        elif self._unsent_status is not None:
+            status = self._unsent_status
+            lines = (*lines, status)
         message = "\n".join(lines)
         data = message.encode(errors="replace")  # a lone surrogate must not end the daemon
         budget_s = STATE_SEND_TIMEOUT_S if state else SEND_TIMEOUT_S
         began = trio.current_time()
-        found_room = True
         try:
             await self._send_waiting(data, self._address, began + budget_s)
         except BlockingIOError:
-            found_room = False
             error = f"no room in the socket's queue for {budget_s:g} s"
             self._log_failed(message, error, state=state)
         except OSError as exc:  # no socket there, address too long, refused, stream socket
             self._log_failed(message, str(exc), state=state)
+            self._status_done(status)
         except trio.Cancelled:  # the caller gave it up while it waited for room
             waited_s = trio.current_time() - began
             error = f"no room in the socket's queue for {waited_s:.1f} s, given up"
             self._log_failed(message, error, state=state)
             raise
+        else:
+            self._status_done(status)
         await trio.lowlevel.checkpoint()
-        return found_room
+
+    def _status_done(self, status: str | None) -> None:
+        """``status`` went (or failed for a reason no wait mends): it is kept no longer,
+        unless a later one was handed in meanwhile."""
+        if self._unsent_status == status:
+            self._unsent_status = None
 
     async def _send_waiting(self, data: bytes, address: str, give_up_at: float) -> None:
         """Send ``data``, trying again while the socket's queue is full, until ``give_up_at``

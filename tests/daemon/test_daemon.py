@@ -17,6 +17,7 @@ import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
+from unittest import mock
 
 import pytest
 import structlog.testing
@@ -26,7 +27,7 @@ import trio.testing
 from agent.config import LISTED_PROBLEMS, AgentConfig, load_config
 from agent.daemon import Daemon, daemon as daemon_module
 from agent.daemon.daemon import DEVICE_LOST_PREFIX, STATUS_SEPARATOR
-from agent.daemon.notify import SEND_TIMEOUT_S, STATE_SEND_TIMEOUT_S, Notifier
+from agent.daemon.notify import SEND_RETRY_S, SEND_TIMEOUT_S, STATE_SEND_TIMEOUT_S, Notifier
 from agent.device import DeviceLostError, DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction
@@ -499,30 +500,72 @@ class TestFullNotifyQueue:
             f"no room in the socket's queue for {STATE_SEND_TIMEOUT_S:g} s",
         )
 
-    async def test_the_latest_status_goes_once_there_is_room(
+    async def test_an_unsent_status_goes_with_the_next_ping(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, short_dir: Path
+    ) -> None:
+        """A STATUS= that found the queue full for its whole budget is not taken as sent:
+        the latest text goes with the next WATCHDOG=1 once systemd reads again. (It was
+        recorded as sent before the send, so systemd showed the one before it until the
+        services' state changed.)"""
+        path = short_dir / "watchdog.sock"
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+        await sock.bind(str(path))
+        notifier = Notifier(str(path), watchdog_usec=4 * 1_000_000 * int(BUSY_S))
+        reader = NotifyReader(sock)
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+        try:
+            with trio.fail_after(LIMIT_S):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(daemon.run)
+                    ready_at = trio.current_time()
+                    fill_queue(str(path))
+                    host.restore()
+                    new_id = host.status()["session_id"]
+                    assert isinstance(new_id, int)
+                    await trio.sleep(BUSY_S)  # systemd reads nothing meanwhile
+                    status = await reader.until_status(f"vm session {new_id:#x}, 1 restores")
+                    got_at = trio.current_time() - ready_at
+                    assert status == "STATUS=" + daemon.statistics().status
+                    daemon.request_shutdown("test")
+        finally:
+            await notifier.aclose()
+            sock.close()
+        assert got_at == pytest.approx(notifier.watchdog_interval())
+
+    async def test_an_unsent_status_does_not_poll(
         self,
         autojump_clock: trio.abc.Clock,
         host: SimulatedHost,
         notify: tuple[Notifier, NotifyReader],
         short_dir: Path,
     ) -> None:
-        """A STATUS= that found the queue full for its whole budget is not taken as sent:
-        the latest text goes once systemd reads again. (It was recorded as sent before the
-        send, so systemd showed the one before it until the services' state changed.)"""
+        """After a STATUS= found the queue full, an idle agent tries the socket no more
+        while systemd reads nothing: the tries of that one send's budget, then none. (It
+        tried every SEND_RETRY_S for as long as the queue stayed full.)"""
         notifier, reader = notify
         daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
-        with trio.fail_after(LIMIT_S):
+        tries = 0
+        with trio.fail_after(LIMIT_S * 10):
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 await reader.until("READY=1")
+                sock = notifier._socket  # the socket the notifier sends on
+                assert sock is not None
+
+                def counted(data: bytes, address: str) -> int:
+                    nonlocal tries
+                    tries += 1
+                    return sock.sendto(data, address)
+
+                notifier._socket = mock.Mock(wraps=sock, sendto=counted)
                 fill_queue(str(short_dir / "notify.sock"))
-                host.restore()
-                new_id = host.status()["session_id"]
-                assert isinstance(new_id, int)
-                await trio.sleep(BUSY_S)  # systemd reads nothing meanwhile
-                status = await reader.until_status(f"vm session {new_id:#x}, 1 restores")
-                assert status == "STATUS=" + daemon.statistics().status
+                host.restore()  # one change of the services' state
+                await trio.sleep(SEND_TIMEOUT_S * 2)
+                after_the_budget = tries
+                await trio.sleep(60)  # idle, and systemd reads nothing
+                assert tries == after_the_budget
                 daemon.request_shutdown("test")
+        assert 1 <= after_the_budget <= SEND_TIMEOUT_S / SEND_RETRY_S + 1
 
 
 class TestReload:

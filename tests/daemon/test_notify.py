@@ -205,23 +205,40 @@ class TestWithoutSocket:
             ("WATCHDOG=1", "debug", address),
         ]
 
-    async def test_a_full_queue_drops_a_status(
+    async def test_a_status_without_room_goes_with_the_next_message(
         self, manager: Manager, autojump_clock: trio.abc.Clock
     ) -> None:
         """A socket nobody reads (its queue full) costs a ``STATUS=`` SEND_TIMEOUT_S at most,
-        then it is dropped with a debug line and the caller hears it found no room; once
-        there is room again, sending goes on."""
+        with a debug line; the text is kept, not tried again on its own, and goes with the
+        next message once there is room, the latest text in the place of an older one."""
         filled = fill_queue(manager.address)
         notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
-        with capture_logs() as logs, trio.fail_after(SEND_TIMEOUT_S * 2):
-            sent = await notifier.status("balloon 512 MiB")
-        assert not sent
+        with capture_logs() as logs, trio.fail_after(SEND_TIMEOUT_S * 3):
+            await notifier.status("balloon 512 MiB")
+            await notifier.status("balloon 256 MiB")
         assert [(log["event"], log["log_level"], log["error"]) for log in logs] == [
             ("sd_notify_failed", "debug", f"no room in the socket's queue for {SEND_TIMEOUT_S:g} s")
-        ]
+        ] * 2
         assert await manager.receive(filled) == ["x"] * filled
-        assert await notifier.status("balloon 256 MiB")
-        assert await manager.receive(1) == ["STATUS=balloon 256 MiB"]
+        await manager.assert_nothing_more()
+        await notifier.watchdog()
+        await notifier.watchdog()
+        assert await manager.receive(2) == ["WATCHDOG=1\nSTATUS=balloon 256 MiB", "WATCHDOG=1"]
+        await notifier.aclose()
+
+    async def test_a_message_with_a_status_of_its_own_replaces_the_unsent_one(
+        self, manager: Manager, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A status that found no room is not sent after a later one: READY=1 with its own
+        ``STATUS=`` (the newer text) takes its place."""
+        filled = fill_queue(manager.address)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        with trio.fail_after(SEND_TIMEOUT_S * 2):
+            await notifier.status("old")
+        assert await manager.receive(filled) == ["x"] * filled
+        await notifier.ready("new")
+        await notifier.watchdog()
+        assert await manager.receive(2) == ["READY=1\nSTATUS=new", "WATCHDOG=1"]
         await notifier.aclose()
 
     @pytest.mark.parametrize("kind", ["missing", "refused", "stream", "too long"])
@@ -253,7 +270,7 @@ class TestWithoutSocket:
             notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
             with capture_logs() as logs, trio.fail_after(RECEIVE_TIMEOUT_S):
                 await notifier.ready("up")
-                assert await notifier.status("up")
+                await notifier.status("up")
             await notifier.aclose()
         assert logs == [
             {

@@ -329,16 +329,18 @@ class RecordingNotifier(Notifier):
 class SlowQueueNotifier(RecordingNotifier):
     """:class:`RecordingNotifier` whose ``RELOADING=1`` and ``READY=1`` each wait for room
     in a full notify queue as long as such a send may (``SEND_TIMEOUT_S``,
-    ``STATE_SEND_TIMEOUT_S``); set events say when each began."""
+    ``STATE_SEND_TIMEOUT_S``), or ``READY=1`` until systemd reads again ``ready_room_s``
+    later; set events say when each began."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ready_room_s: float = STATE_SEND_TIMEOUT_S) -> None:
         super().__init__()
         self.reloading_began = trio.Event()
         self.ready_began = trio.Event()
+        self._ready_room_s = ready_room_s
 
     async def ready(self, status: str | None = None) -> None:
         self.ready_began.set()
-        await trio.sleep(STATE_SEND_TIMEOUT_S)
+        await trio.sleep(self._ready_room_s)
         await super().ready(status)
 
     async def reloading(self) -> None:
@@ -364,7 +366,8 @@ class HeldReloadingNotifier(RecordingNotifier):
 
 class HeldReloadReadyNotifier(RecordingNotifier):
     """:class:`RecordingNotifier` whose ``READY=1`` after a ``RELOADING=1`` waits for room
-    that never comes (systemd's queue stays full)."""
+    that never comes (systemd's queue stays full); ``reload_ready_began`` is set as the
+    first such wait begins (a test may replace it to hear of the next)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -392,10 +395,9 @@ class StatusRecordingNotifier(RecordingNotifier):
         self.status_sent = trio.lowlevel.ParkingLot()
         """Woken by each ``STATUS=``."""
 
-    async def status(self, text: str) -> bool:
+    async def status(self, text: str) -> None:
         self.sent.append(f"STATUS={text}")
         self.status_sent.unpark_all()
-        return True
 
     async def wait_status(self, fragment: str, *, present: bool = True) -> str:
         """The first ``STATUS=`` from now on with ``fragment`` (or, ``present`` False,
@@ -412,9 +414,8 @@ class StatusRecordingNotifier(RecordingNotifier):
 class ReadyAndStatusNotifier(ReadyStatusNotifier):
     """:class:`ReadyStatusNotifier` that records each ``STATUS=`` update too."""
 
-    async def status(self, text: str) -> bool:
+    async def status(self, text: str) -> None:
         self.sent.append(f"STATUS={text}")
-        return True
 
 
 async def _breaking_pump_run(
@@ -1181,6 +1182,29 @@ class TestStopComesFirst:
         assert [gadget.section.label for gadget in BUILT] == ["one", "two"]
         assert [e["event"] for e in logs].count("config_reload_merged") == 1
 
+    async def test_a_reload_does_not_wait_for_the_last_ones_ready(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A reload while the last one's READY=1 waits for room applies its file at once and
+        gives that READY=1 up: its own RELOADING=1 and READY=1 follow. (It waited for the
+        READY=1, up to STATE_SEND_TIMEOUT_S, so its file applied 30 s late.)"""
+        notifier = HeldReloadReadyNotifier()
+        path = tmp_path / "agent.toml"
+        daemon = _daemon(host, path, "", notifier)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                path.write_text('[gadget]\nlabel = "two"\n')
+                nursery.start_soon(daemon.reload)
+                await notifier.reload_ready_began.wait()
+                notifier.reload_ready_began = trio.Event()
+                path.write_text('[gadget]\nlabel = "three"\n')
+                nursery.start_soon(daemon.reload)
+                await notifier.reload_ready_began.wait()  # once the second one applied
+                daemon.request_shutdown("test")
+        assert [gadget.section.label for gadget in BUILT] == ["one", "two", "three"]
+        assert notifier.sent == ["READY=1", "RELOADING=1", "RELOADING=1", "STOPPING=1 STATUS=None"]
+
 
 class TestDrain:
     """The stop: one drain deadline, then cancellation."""
@@ -1412,6 +1436,23 @@ class TestDrain:
         assert skipped in logs
         assert "config_reloaded" not in [e["event"] for e in logs]
         assert (BUILT, gadget.drained.is_set()) == ([gadget], True)
+
+    async def test_a_fatal_error_gives_up_a_ready_waiting_for_room(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+    ) -> None:
+        """A fatal error (at 0.1 s) while the start's READY=1 waits for room (systemd reads
+        again at 3 s, within the drain): READY=1 is given up, never sent after STOPPING=1,
+        and the agent is not logged ready. (It went once systemd read, and systemd took the
+        exiting agent for started.)"""
+        notifier = SlowQueueNotifier(ready_room_s=3.0)
+        text = "[daemon]\nshutdown_timeout_s = 5\n[breaker]\nbreak_after_s = 0.1\n"
+        text += "[gadget]\ndrain_s = 4\n"
+        daemon = _breaking(host, text, notifier, tmp_path / "agent.toml")
+        with _ends_on_protocol_error() as logs:
+            await daemon.run()
+        assert notifier.sent == ["STOPPING=1 STATUS=exiting on an error: services draining"]
+        assert "agent_ready" not in [e["event"] for e in logs]
+        assert not daemon.statistics().ready
 
     async def test_a_fatal_error_in_the_event_pump_drains_every_service(
         self,
