@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 from agent.protocol.constants import HGCM_MAX_USER_PARM
 from agent.protocol.errors import shown
+from agent.protocol.host_text import host_bytes
 from agent.protocol.iprt_utf8 import utf8_fault
 from agent.protocol.status import VERR_TOO_MUCH_DATA, status_name
 
@@ -227,16 +228,20 @@ def encode_patterns(
 
 def _encode_text(text: str, what: str) -> bytes:
     """``text`` in UTF-8, refused unless the host takes it as IPRT does (no NUL, no
-    surrogates, neither U+FFFE nor U+FFFF)."""
+    surrogates, neither U+FFFE nor U+FFFF). Bytes Python could not decode, kept as surrogate
+    escapes (:func:`agent.protocol.host_text.host_bytes`: text the host gave), are sent as
+    they are where IPRT takes them, so a name the host listed can be deleted or set."""
     if "\0" in text:
         msg = f"{what} {shown(text)} contains a NUL character"
         raise PropertyArgumentError(msg)
     try:
-        raw = text.encode()
-    except UnicodeEncodeError:
+        raw = host_bytes(text)
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raw = None
+    fault = None if raw is None else utf8_fault(raw)
+    if raw is None or (fault is not None and not _is_unicode(text)):
         msg = f"{what} {shown(text)} is not valid Unicode text"
-        raise PropertyArgumentError(msg) from None
-    fault = utf8_fault(raw)
+        raise PropertyArgumentError(msg)
     if fault is not None:
         at = len(raw[: fault.offset].decode())
         msg = (
@@ -245,3 +250,11 @@ def _encode_text(text: str, what: str) -> bytes:
         )
         raise PropertyArgumentError(msg)
     return raw
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -30,11 +30,14 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
-from agent.protocol.guest_props import NILFLAG, RDONLYGUEST, SERVICE_NAME
+from agent.protocol.guest_props import NILFLAG, RDONLYGUEST, SERVICE_NAME, GuestFunction
+from agent.protocol.status import VINF_SUCCESS
 from agent.services import EventPump, ServiceContext
 from agent.services._host_options import OPTION_PREFIX
 from agent.services._netifaces import NetInterface
 from agent.services._publishing import NOT_SENT
+from agent.services.guest_props import open_guest_properties
+from agent.services.hgcm import HgcmBufferIn
 from agent.services.network import (
     COUNT_PROPERTY,
     NET_PREFIX,
@@ -292,6 +295,41 @@ async def test_a_refusal_of_a_name_no_longer_wanted_is_forgotten(
         await running.next_pass()
         assert running.service.statistics().refused == 0
         assert running.service.status() == "network 1 interface"
+
+
+async def test_a_stale_name_python_cannot_decode_is_deleted(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost
+) -> None:
+    """A name under the service's prefix that a guest process set with bytes IPRT takes and
+    Python cannot decode (U+110000 here) is listed by the service and deleted as the host
+    holds it, like any stale name of its own: no refusal, no warning, the status as usual."""
+    raw = f"{NET_PREFIX}3/V4/IP".encode() + b"\xf4\x90\x80\x80"
+    stale = raw.decode("utf-8", "surrogateescape")
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with (
+            open_device(SimOpener(host)) as device,
+            trio.open_nursery() as nursery,
+            open_guest_properties(device) as other,  # a guest process
+        ):
+            reply = await other.channel.call(
+                GuestFunction.SET_PROP_VALUE, HgcmBufferIn(raw + b"\0"), HgcmBufferIn(b"x\0")
+            )
+            assert reply.status == VINF_SUCCESS
+            assert stale in {found.name for found in await other.enumerate([f"{NET_PREFIX}*"])}
+            pump = EventPump(device)
+            section = NetworkSection(interval_s=INTERVAL_S)
+            service = network_service(ServiceContext(device, pump), section, Interfaces(ETH0))
+            await nursery.start(pump.run)
+            await nursery.start(service.run)
+            await trio.sleep(INTERVAL_S * 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.statistics().passes >= 2
+            names = {found.name for found in await other.enumerate([f"{NET_PREFIX}*"])}
+            status = service.status()
+            nursery.cancel_scope.cancel()
+    assert stale not in names
+    assert [line for line in logs if line["event"] == "property_refused"] == []
+    assert status == "network 1 interface"
 
 
 async def test_unreadable_interfaces_hold_the_beacon(
