@@ -8,7 +8,9 @@ is tried again until its budget ends: a state systemd acts on (``READY=1``, ``ST
 for :data:`STATE_SEND_TIMEOUT_S`, as long as systemd waits for ``READY=1`` (``sd_notify(3)``
 blocks until there is room), the rest for :data:`SEND_TIMEOUT_S`. A ``STATUS=`` that found no
 room is not tried again on its own (an idle agent does not wake up for it): it goes with the
-next message sent, a watchdog ping or a later status taking its place. A state that cannot go
+next message sent, a watchdog ping or a later status taking its place. Every try of a
+message is built anew with the latest status, so no older text lands after a newer one (a
+message waiting for room meanwhile carries the newer). A state that cannot go
 (no room for its whole budget, or until the caller gives it up; no socket at the path, an
 address too long, a refused or a stream socket) gets one warning line naming the socket and
 why, the rest a debug line.
@@ -65,9 +67,10 @@ class Notifier:
         """The address as ``NOTIFY_SOCKET`` gives it, for log lines."""
         self._watchdog_usec = watchdog_usec
         self._socket: socket.socket | None = None
-        self._unsent_status: str | None = None
-        """The latest ``STATUS=`` line, until it went: one that found no room goes with the
-        next message that has none of its own."""
+        self._status: str | None = None
+        """The latest ``STATUS=`` line handed in."""
+        self._status_sent = True
+        """Whether ``_status`` went: until then every message carries it."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
@@ -115,64 +118,67 @@ class Notifier:
         await trio.lowlevel.checkpoint()
 
     async def _send(self, *lines: str, state: bool = False) -> None:
-        """Send one datagram of ``lines`` (with the unsent ``STATUS=`` if it has none), trying
-        again while there is no room, for :data:`STATE_SEND_TIMEOUT_S` for a ``state`` systemd
-        acts on, else :data:`SEND_TIMEOUT_S`. A failure is logged once, at warning for a state;
-        a status that found no room is kept for the next message."""
+        """Send one datagram of ``lines``, trying again while there is no room, for
+        :data:`STATE_SEND_TIMEOUT_S` for a ``state`` systemd acts on, else
+        :data:`SEND_TIMEOUT_S`; each try carries the latest ``STATUS=`` in place of the one
+        ``lines`` may hold, and, when they hold none, the latest that has not gone yet. A
+        failure is logged once, at warning for a state; a status that found no room is kept
+        for the next message."""
         if self._address is None:
             await trio.lowlevel.checkpoint()
             return
-        status = next((line for line in lines if line.startswith("STATUS=")), None)
-        if status is not None:
-            self._unsent_status = status  # the latest text, until it went
-        elif self._unsent_status is not None:
-            status = self._unsent_status
-            lines = (*lines, status)
-        message = "\n".join(lines)
-        data = message.encode(errors="replace")  # a lone surrogate must not end the daemon
+        own = tuple(line for line in lines if not line.startswith("STATUS="))
+        sets_status = len(own) < len(lines)
+        if sets_status:
+            self._status = next(line for line in lines if line.startswith("STATUS="))
+            self._status_sent = False
+        address = self._address
         budget_s = STATE_SEND_TIMEOUT_S if state else SEND_TIMEOUT_S
         began = trio.current_time()
+        sock = self._open_socket()
+        while True:
+            status = self._status if sets_status or not self._status_sent else None
+            message = "\n".join(own if status is None else (*own, status))
+            try:
+                # A lone surrogate must not end the daemon: errors="replace".
+                sock.sendto(message.encode(errors="replace"), address)
+            except BlockingIOError:
+                if trio.current_time() < began + budget_s:
+                    await self._wait_for_room(message, began, state=state)
+                    continue
+                error = f"no room in the socket's queue for {budget_s:g} s"
+                self._log_failed(message, error, state=state)
+            except OSError as exc:  # no socket there, address too long, refused, stream socket
+                self._log_failed(message, str(exc), state=state)
+                self._status_done(status)
+            else:
+                self._status_done(status)
+            break
+        await trio.lowlevel.checkpoint()
+
+    async def _wait_for_room(self, message: str, began: float, *, state: bool) -> None:
+        """Sleep before the next try (poll() says an unconnected datagram socket is always
+        writable, whatever the receiver's queue holds: a wait on it would spin); a cancel
+        meanwhile gives the message up, logged."""
         try:
-            await self._send_waiting(data, self._address, began + budget_s)
-        except BlockingIOError:
-            error = f"no room in the socket's queue for {budget_s:g} s"
-            self._log_failed(message, error, state=state)
-        except OSError as exc:  # no socket there, address too long, refused, stream socket
-            self._log_failed(message, str(exc), state=state)
-            self._status_done(status)
-        except trio.Cancelled:  # the caller gave it up while it waited for room
+            await trio.sleep(SEND_RETRY_S)
+        except trio.Cancelled:
             waited_s = trio.current_time() - began
             error = f"no room in the socket's queue for {waited_s:.1f} s, given up"
             self._log_failed(message, error, state=state)
             raise
-        else:
-            self._status_done(status)
-        await trio.lowlevel.checkpoint()
 
     def _status_done(self, status: str | None) -> None:
-        """``status`` went (or failed for a reason no wait mends): it is kept no longer,
+        """``status`` went (or failed for a reason no wait mends): it is carried no longer,
         unless a later one was handed in meanwhile."""
-        if self._unsent_status == status:
-            self._unsent_status = None
+        if status is not None and status == self._status:
+            self._status_sent = True
 
-    async def _send_waiting(self, data: bytes, address: str, give_up_at: float) -> None:
-        """Send ``data``, trying again while the socket's queue is full, until ``give_up_at``
-        (``BlockingIOError`` then)."""
+    def _open_socket(self) -> socket.socket:
         if self._socket is None:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._socket.setblocking(False)
-        sock = self._socket
-        # poll() says an unconnected datagram socket is always writable, whatever the
-        # receiver's queue holds: trio's sendto would spin, so retry on a timer instead.
-        while True:
-            try:
-                sock.sendto(data, address)
-            except BlockingIOError:
-                if trio.current_time() >= give_up_at:
-                    raise
-                await trio.sleep(SEND_RETRY_S)
-            else:
-                return
+        return self._socket
 
     def _log_failed(self, message: str, error: str, *, state: bool) -> None:
         log = logger.warning if state else logger.debug

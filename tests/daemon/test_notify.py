@@ -25,6 +25,7 @@ import trio
 from structlog.testing import capture_logs
 
 from agent.daemon.notify import (
+    SEND_RETRY_S,
     SEND_TIMEOUT_S,
     STATE_SEND_TIMEOUT_S,
     STATUS_LIMIT_BYTES,
@@ -239,6 +240,44 @@ class TestWithoutSocket:
         await notifier.ready("new")
         await notifier.watchdog()
         assert await manager.receive(2) == ["READY=1\nSTATUS=new", "WATCHDOG=1"]
+        await notifier.aclose()
+
+    async def test_a_message_waiting_for_room_carries_the_latest_status(
+        self, manager: Manager, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A ping carrying an unsent status waits for room while a newer status is handed
+        in: the newer finds room first, and the ping, tried again after it, no longer carries
+        the older text (it did, and systemd showed it last)."""
+        filled = fill_queue(manager.address)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        with trio.fail_after(SEND_TIMEOUT_S * 3):
+            await notifier.status("balloon 512 MiB")  # no room: kept
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(notifier.watchdog)  # carries it, waits for room
+                await trio.sleep(SEND_RETRY_S / 2)
+                nursery.start_soon(notifier.status, "balloon 256 MiB")  # waits too
+                await trio.sleep(SEND_RETRY_S * 0.8)
+                assert await manager.receive(filled) == ["x"] * filled  # systemd reads again
+        assert await manager.receive(2) == ["STATUS=balloon 256 MiB", "WATCHDOG=1"]
+        await notifier.aclose()
+
+    async def test_a_stopping_waiting_for_room_carries_the_status_given_meanwhile(
+        self, manager: Manager, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A bare STOPPING=1 (the daemon's stop) waits for room with the unsent status of
+        before the stop; the services' "stopping" status, which finds no room either, is
+        the one it delivers, and nothing follows it."""
+        filled = fill_queue(manager.address)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": manager.address})
+        with trio.fail_after(SEND_TIMEOUT_S * 4):
+            await notifier.status("network 2 interfaces")  # no room: kept
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(notifier.stopping)
+                await trio.sleep(SEND_RETRY_S / 2)
+                await notifier.status("network stopping")  # no room for its whole budget
+                assert await manager.receive(filled) == ["x"] * filled
+        assert await manager.receive(1) == ["STOPPING=1\nSTATUS=network stopping"]
+        await manager.assert_nothing_more()
         await notifier.aclose()
 
     @pytest.mark.parametrize("kind", ["missing", "refused", "stream", "too long"])
