@@ -3,9 +3,10 @@
 The host's services take any string IPRT takes as UTF-8 (:mod:`agent.protocol.iprt_utf8`):
 code points past U+10FFFF, five- and six-byte sequences. Python's decoder refuses those
 bytes, so a ``str`` keeps each as a surrogate escape (``surrogateescape``: U+DC80..U+DCFF,
-one per byte; IPRT refuses real surrogates, so none is ambiguous). :func:`host_bytes` gives
-the bytes back as the host holds them: two names the host holds apart stay apart, and a
-name is sent back as it came.
+one per byte; IPRT refuses real surrogates, so none is ambiguous): :func:`host_str` reads
+them so, and :func:`host_bytes` gives the bytes back as the host holds them. Two names the
+host holds apart stay apart, and a name is sent back as it came. The client and the
+simulated service both hold text this way.
 
 Shown to a person or in JSON (``prop get``, ``enum``, ``wait`` and ``host prop get``, text
 and ``--json``), such text follows one rule, :func:`displayed`: each byte Python could not
@@ -22,6 +23,12 @@ from typing import Final
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _BYTE_ESCAPES: Final = range(0xDC80, 0xDD00)
 """The surrogates ``surrogateescape`` stands undecodable bytes with (0x80..0xFF)."""
+
+
+def host_str(raw: bytes | bytearray) -> str:
+    """Host text (UTF-8 as IPRT takes it) as a ``str``: each byte Python cannot decode a
+    surrogate escape; valid text costs nothing more."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def host_bytes(text: str) -> bytes:

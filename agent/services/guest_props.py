@@ -47,7 +47,7 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
-from agent.protocol.host_text import host_bytes
+from agent.protocol.host_text import host_bytes, host_str
 from agent.protocol.messages import slot_setters
 from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
@@ -990,7 +990,7 @@ def _strings(data: HgcmValue, size: HgcmValue, count: int) -> list[str]:
     # Decoded at once: a NUL is never part of a UTF-8 sequence, so each string decodes as
     # it would on its own. Bytes IPRT takes and Python does not are kept as surrogate
     # escapes (which cost valid text nothing), so a name is never merged or changed.
-    parts = data.data[: size.value].decode("utf-8", "surrogateescape").split("\0", count)
+    parts = host_str(data.data[: size.value]).split("\0", count)
     if len(parts) < count + 1:
         msg = f"the host returned {len(parts) - 1} strings where {count} belong"
         raise RemoteProtocolError(msg)
@@ -1048,9 +1048,9 @@ def _parse_enumeration(data: HgcmValue, size: HgcmValue) -> list[Property]:
             raise RemoteProtocolError(msg)
         props.append(
             Property(
-                name.decode("utf-8", "surrogateescape"),
-                value.decode("utf-8", "surrogateescape"),
-                flags.decode("utf-8", "surrogateescape"),
+                host_str(name),
+                host_str(value),
+                host_str(flags),
                 int(timestamp),
             )
         )

@@ -12,6 +12,7 @@ from agent.protocol.guest_props import (
     MAX_GUEST_NOTIFICATIONS,
     format_flags,
 )
+from agent.protocol.host_text import host_bytes
 from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
@@ -21,7 +22,7 @@ from agent.protocol.status import (
     VWRN_NOT_FOUND,
 )
 
-from ._params import buffer, u32, u64, wire_bytes
+from ._params import buffer, u32, u64
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,8 +48,8 @@ def write_out(params: Sequence[HostParm], entry: Property, *, deleted: bool) -> 
     """
     u64(params[1]).value = entry.timestamp
     data = b"%s\0%s\0%s\0%s\0" % (
-        wire_bytes(entry.name),
-        wire_bytes(entry.value),
+        host_bytes(entry.name),
+        host_bytes(entry.value),
         format_flags(entry.flags).encode(),
         b"1" if deleted else b"0",
     )
@@ -79,7 +80,7 @@ class Notifier:
                 status, start = VINF_SUCCESS, index + 1
                 break
         for entry in islice(self._queue, start, None):
-            if patterns_match(patterns, wire_bytes(entry.name)):
+            if patterns_match(patterns, host_bytes(entry.name)):
                 return status, entry
         return status, None
 
@@ -111,7 +112,7 @@ class Notifier:
         """
         if self._queue and self._queue[-1].timestamp == entry.timestamp:
             entry = replace(entry, timestamp=entry.timestamp + 1)
-        name = wire_bytes(entry.name)
+        name = host_bytes(entry.name)
         for wait in list(self._waits):
             if patterns_match(wait.patterns, name):
                 status = write_out(wait.call.params, entry, deleted=deleted)

@@ -4,7 +4,7 @@ Strings are checked as IPRT checks UTF-8 (:mod:`agent.protocol.iprt_utf8`), whic
 more than Python's decoder (code points past U+10FFFF, five- and six-byte sequences) and
 refuses U+FFFE and U+FFFF. The service holds the text a guest sent as a ``str`` whose bytes
 Python cannot decode are escaped (``surrogateescape``: the host refuses real surrogates, so
-none is ambiguous); :func:`wire_bytes` gives them back as the guest sent them.
+none is ambiguous: :mod:`agent.protocol.host_text`, as the client holds it).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 from agent.host.hgcm_service import HostBuffer, HostParm, HostU32, HostU64
 from agent.protocol.guest_props import MAX_NAME_SIZE, MIN_NAME_SIZE, NAME_FORBIDDEN_BYTES_RE
+from agent.protocol.host_text import host_str
 from agent.protocol.iprt_utf8 import utf8_fault
 from agent.protocol.status import VERR_INVALID_PARAMETER, VERR_TOO_MUCH_DATA
 
@@ -111,12 +112,7 @@ def _text(raw: bytes | bytearray) -> str:
     what IPRT refuses is VERR_INVALID_PARAMETER, as ``HGCMSvcGetCStr``'s callers answer."""
     if utf8_fault(raw) is not None:
         raise GuestCallError(VERR_INVALID_PARAMETER)
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def wire_bytes(text: str) -> bytes:
-    """``text`` (held by the service) as the guest sent it, or as it is sent to the guest."""
-    return text.encode("utf-8", "surrogateescape")
+    return host_str(raw)
 
 
 def buffer(parm: HostParm) -> HostBuffer:

@@ -24,6 +24,7 @@ from agent.protocol.guest_props import (
     format_flags,
     parse_flags,
 )
+from agent.protocol.host_text import host_bytes
 from agent.protocol.iprt_numbers import U64_MASK, read_number
 from agent.protocol.iprt_utf8 import validate_utf8
 from agent.protocol.prop_patterns import patterns_match
@@ -49,7 +50,7 @@ from ._limits import (
     VBOX_VER_EXT,
 )
 from ._notify import write_out
-from ._params import GuestCallError, wire_bytes
+from ._params import GuestCallError
 from ._store import PropertyStore
 
 if TYPE_CHECKING:
@@ -228,7 +229,7 @@ class GuestPropertyService:
         return [
             (prop.name, prop.value, prop.timestamp, format_flags(prop.flags))
             for prop in self._store.in_order()
-            if patterns_match(raw, wire_bytes(prop.name))
+            if patterns_match(raw, host_bytes(prop.name))
         ]
 
     def set_global_flags(self, flags: int) -> None:
@@ -296,12 +297,12 @@ class GuestPropertyService:
         needed = offset = 0
         room = len(out.data)
         for prop in self._store.in_order():
-            name = wire_bytes(prop.name)
+            name = host_bytes(prop.name)
             if not patterns_match(packed, name):
                 continue
             entry = b"%s\0%s\0%d\0%s\0" % (
                 name,
-                wire_bytes(prop.value),
+                host_bytes(prop.value),
                 prop.timestamp,
                 format_flags(prop.flags).encode(),
             )
@@ -321,7 +322,7 @@ class GuestPropertyService:
     def _get_notification(self, call: HgcmCallHandle) -> int | None:
         params = call.params
         _params.check_count(params, 4)
-        patterns = wire_bytes(_params.c_string(params[0])[0])
+        patterns = host_bytes(_params.c_string(params[0])[0])
         timestamp = _params.u64(params[1])
         _params.buffer(params[2])
         _params.u32(params[3])

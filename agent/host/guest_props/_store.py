@@ -14,6 +14,7 @@ from agent.protocol.guest_props import (
     format_flags,
     is_host_reserved,
 )
+from agent.protocol.host_text import host_bytes
 from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
@@ -22,7 +23,6 @@ from agent.protocol.status import (
 )
 
 from ._notify import Notifier
-from ._params import wire_bytes
 
 _U64_RANGE: Final = 1 << 64
 
@@ -44,7 +44,7 @@ class Property:
 
     def __post_init__(self) -> None:
         # The dataclass is frozen: a derived field is set as its own __init__ would.
-        object.__setattr__(self, "answer", wire_bytes(self.value) + _flags_field(self.flags))
+        object.__setattr__(self, "answer", host_bytes(self.value) + _flags_field(self.flags))
 
 
 @functools.cache
