@@ -852,7 +852,7 @@ def _name_param(name: str) -> HgcmBufferIn:
 def _held_name_param(name: str) -> HgcmBufferIn:
     """``name``, which the host listed, as the host holds it: byte for byte, unchecked, so
     names the client would not send of its own accord are read back as they are: ""
-    (:data:`_EMPTY_NAME`) and bytes Python could not decode (:func:`host_bytes`)."""
+    (:data:`_EMPTY_NAME`), and one the host loaded at power-on past a guest's limits."""
     return HgcmBufferIn(host_bytes(name) + b"\0") if name else _EMPTY_NAME
 
 
