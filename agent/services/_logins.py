@@ -9,9 +9,15 @@
    the uid), the documented library interface to the same state, so it needs no D-Bus.
    Distributions that no longer write utmp still have these.
 
-Names are kept in order of first appearance, once each, compared on their first 32 bytes,
-utmp's field size, as VBoxService did before 7.2 (7.2.6 compares whole names, so it would
-list a logind name over 32 bytes next to utmp's cut copy of it). A source that does not
+Names are kept in order of first appearance, once each, compared as the sources give their
+bytes (decoded as host text, :func:`agent.protocol.host_text.host_str`, so nothing is lost),
+as VBoxService 7.2.6 compares whole names: two accounts whose names share their first 32
+bytes (one short name in two SSSD domains) are two users. One exception: utmp's ``ut_user``
+holds 32 bytes, so a utmp name of exactly 32 bytes may be the cut of a longer one, maybe
+mid-character; it counts as the same user as the first longer logind name that begins
+with those bytes (unless logind lists it whole), and logind's full name is published in its
+place. A name IPRT does not take as UTF-8 would make the host refuse the whole list: it is
+published with each such sequence (and U+FFFE, U+FFFF) as U+FFFD. A source that does not
 exist (no utmp file, no libsystemd) adds no one and is not one read. One that exists and
 cannot be read is left out and named with its error, the other's users still count (as
 VBoxService 7.2.6 logs a failing logind and publishes what it has); only when every source
@@ -39,10 +45,12 @@ from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
+from agent.protocol.host_text import host_bytes, host_str
+from agent.protocol.iprt_utf8 import utf8_fault
 from agent.records import record
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
 T = TypeVar("T")
 UTMP_PATH: Final = Path("/run/utmp")
@@ -66,6 +74,7 @@ MISSES_KEPT: Final = 1
 """Readings after the one that missed for which a uid without a name is not asked again."""
 MAX_UTMP_BYTES: Final = 16 * 1024 * 1024
 """A larger utmp file is not a utmp file: it is refused rather than read into memory."""
+_ENDIAN_INDICATORS_REPLACED: Final = {0xFFFE: 0xFFFD, 0xFFFF: 0xFFFD}
 _UTMP_HEAD: Final = struct.Struct("=h2xi32s4s32s")
 """``ut_type``, ``ut_pid``, ``ut_line``, ``ut_id``, ``ut_user``: the fields before ``ut_host``."""
 
@@ -92,7 +101,7 @@ class Logins:
     """Who is logged in, as far as the sources could be read.
 
     Attributes:
-        users: the names, in order of first appearance.
+        users: the names, in order of first appearance, as the host takes them.
         unread: the error of each source that could not be read, by source
             (``utmp``, ``logind``).
     """
@@ -104,10 +113,11 @@ class Logins:
 def logged_in_users(
     utmp_path: Path = UTMP_PATH, logind: Callable[[], list[str] | None] | None = None
 ) -> Logins:
-    """The logged-in users' names, utmp's first, then logind's active sessions'.
+    """The logged-in users' names, utmp's first, then logind's active sessions', each once
+    (see the module's docstring) and as the host takes it (:func:`published_name`).
 
-    ``logind`` lists the latter, None where there is no logind (:func:`logind_users` by
-    default; tests pass their own).
+    ``logind`` lists the latter as host text (:func:`agent.protocol.host_text.host_str`),
+    None where there is no logind (:func:`logind_users` by default; tests pass their own).
 
     Raises:
         LoginsError: every source that exists failed (the message names each).
@@ -116,28 +126,57 @@ def logged_in_users(
         "utmp": lambda: utmp_users(utmp_path),
         "logind": logind or logind_users,
     }
-    users: dict[bytes, str] = {}
+    found: dict[str, list[bytes]] = {}
     unread: dict[str, str] = {}
-    read_any = False
     for source, read in sources.items():
         try:
             names = read()
         except LoginsError as exc:
             unread[source] = str(exc)
             continue
-        if names is None:
-            continue
-        read_any = True
-        for name in names:
-            users.setdefault(name.encode()[:UT_NAMESIZE], name)
-    if unread and not read_any:
+        if names is not None:
+            found[source] = [host_bytes(name) for name in names]
+    if unread and not found:
         raise LoginsError(", ".join(unread.values()))
-    return Logins(tuple(users.values()), unread)
+    users = distinct_users(found.get("utmp", []), found.get("logind", []))
+    return Logins(tuple(published_name(user) for user in users), unread)
+
+
+def distinct_users(utmp: Sequence[bytes], logind: Sequence[bytes]) -> list[bytes]:
+    """Each name once, in order of first appearance, utmp's before logind's; a utmp name of
+    exactly :data:`UT_NAMESIZE` bytes that logind does not list whole is taken for the cut
+    of the first longer logind name beginning with it, which takes its place."""
+    users = list(dict.fromkeys(utmp))
+    listed = set(users)
+    listed_whole = set(logind)
+    cuts = {
+        name: at
+        for at, name in enumerate(users)
+        if len(name) == UT_NAMESIZE and name not in listed_whole
+    }
+    for name in dict.fromkeys(logind):
+        if name in listed:
+            continue
+        at = cuts.pop(name[:UT_NAMESIZE], None) if len(name) > UT_NAMESIZE else None
+        if at is None:
+            users.append(name)
+        else:
+            users[at] = name
+    return users
+
+
+def published_name(raw: bytes) -> str:
+    """The login name ``raw`` as the host takes it: as it is (:func:`host_str`) where IPRT
+    takes it as UTF-8, else with each sequence Python cannot decode, and U+FFFE and U+FFFF,
+    as U+FFFD (the host would refuse the list that held it)."""
+    if utf8_fault(raw) is None:
+        return host_str(raw)
+    return raw.decode(errors="replace").translate(_ENDIAN_INDICATORS_REPLACED)
 
 
 def utmp_users(path: Path = UTMP_PATH) -> list[str] | None:
-    """The user names of the ``USER_PROCESS`` records of ``path``, in file order; None
-    where there is no such file."""
+    """The user names of the ``USER_PROCESS`` records of ``path`` as host text, in file
+    order; None where there is no such file."""
     try:
         with path.open("rb") as file:
             data = file.read(MAX_UTMP_BYTES + 1)
@@ -152,16 +191,16 @@ def utmp_users(path: Path = UTMP_PATH) -> list[str] | None:
     names = []
     for at in range(0, len(data) - UTMP_RECORD_SIZE + 1, UTMP_RECORD_SIZE):
         kind, _pid, _line, _id, user = _UTMP_HEAD.unpack_from(data, at)
-        name = user.split(b"\0", 1)[0].decode(errors="replace")
+        name = host_str(user.split(b"\0", 1)[0])
         if kind == USER_PROCESS and name:
             names.append(name)
     return names
 
 
 def logind_users() -> list[str] | None:
-    """The users of logind's active sessions, through libsystemd's ``sd-login``; None on a
-    guest without libsystemd (with libsystemd but no logind running, ``sd_get_sessions``
-    lists no session: none)."""
+    """The users of logind's active sessions as host text, through libsystemd's
+    ``sd-login``; None on a guest without libsystemd (with libsystemd but no logind running,
+    ``sd_get_sessions`` lists no session: none)."""
     try:
         sd_login = _sd_login()
     except OSError:
@@ -196,7 +235,7 @@ def _session_user(sd_login: ctypes.CDLL, session: bytes) -> str | None:
         name = ctypes.c_void_p()
         if get_username(session, ctypes.byref(name)) >= 0 and name.value:
             try:
-                return ctypes.string_at(name.value).decode(errors="replace")
+                return host_str(ctypes.string_at(name.value))
             finally:
                 _free(name)
     uid = ctypes.c_uint32()
@@ -279,7 +318,7 @@ def _account_name(uid: int) -> str | None:
     if not _LOOKUPS_ALLOWED.get():
         raise AccountLookupNeededError(uid)
     try:
-        name = pwd.getpwuid(uid).pw_name
+        name = host_str(os.fsencode(pwd.getpwuid(uid).pw_name))
     except KeyError:
         name = None
     _ACCOUNTS.found(uid, name)

@@ -21,6 +21,8 @@ import socket
 import struct
 from typing import Final
 
+from agent.protocol.host_text import host_str
+from agent.protocol.iprt_utf8 import utf8_fault
 from agent.records import record
 
 SIOCGIFCONF: Final = 0x8912
@@ -51,9 +53,10 @@ class NetInterface:
     """One IPv4 address of a non-loopback interface, with what VBoxService reports of it.
 
     Attributes:
-        name: the interface name, or the address's label (``eth0:1``); None where it is not
-            UTF-8 (Linux takes any bytes but ``/``, ``:``, white space and NUL), which
-            VBoxService does not publish either.
+        name: the interface name, or the address's label (``eth0:1``), as host text
+            (bytes Python cannot decode kept as surrogate escapes); None where IPRT would not
+            take it as UTF-8 (Linux takes any bytes but ``/``, ``:``, white space and NUL),
+            which VBoxService does not publish either.
         address, broadcast, netmask: dotted quads (``0.0.0.0`` where there is none).
         mac: the hardware address as 12 upper-case hex digits (zeros where there is none).
         up: whether the interface is up (``IFF_UP``).
@@ -120,7 +123,7 @@ def _describe(sock: socket.socket, entry: bytes) -> NetInterface | None:
         return None
     hwaddr = _ioctl(sock, SIOCGIFHWADDR, entry)[_HWADDR]
     return NetInterface(
-        name=_utf8(entry[:IFNAMSIZ].split(b"\0", 1)[0]),
+        name=_host_name(entry[:IFNAMSIZ].split(b"\0", 1)[0]),
         address=socket.inet_ntoa(entry[_SOCKADDR_IN_ADDRESS]),
         broadcast=socket.inet_ntoa(_ioctl(sock, SIOCGIFBRDADDR, entry)[_SOCKADDR_IN_ADDRESS]),
         netmask=socket.inet_ntoa(_ioctl(sock, SIOCGIFNETMASK, entry)[_SOCKADDR_IN_ADDRESS]),
@@ -129,12 +132,11 @@ def _describe(sock: socket.socket, entry: bytes) -> NetInterface | None:
     )
 
 
-def _utf8(raw: bytes) -> str | None:
-    """``raw`` decoded, or None if it is not UTF-8."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return None
+def _host_name(raw: bytes) -> str | None:
+    """``raw`` as host text (:func:`~agent.protocol.host_text.host_str`) if IPRT takes it as
+    UTF-8, as VBoxService checks a name before it publishes it; else None. IPRT and Python
+    differ both ways: U+FFFE and U+FFFF are refused, code points past U+10FFFF taken."""
+    return None if utf8_fault(raw) is not None else host_str(raw)
 
 
 def _ioctl(sock: socket.socket, code: int, request: bytes) -> bytes:

@@ -5,8 +5,8 @@ guestproperty get VM /VirtualBox/GuestInfo/Net/0/V4/IP``; Vagrant finds a DHCP g
 address there). For the N-th IPv4 address of a non-loopback interface
 (:mod:`agent.services._netifaces`), under ``/VirtualBox/GuestInfo/Net/N/``: ``V4/IP``,
 ``V4/Broadcast``, ``V4/Netmask``, ``MAC`` (12 upper-case hex digits), ``Status`` (``Up`` or
-``Down``) and ``Name`` (left out where the name is not UTF-8, as VBoxService does); then
-``/VirtualBox/GuestInfo/Net/Count``.
+``Down``) and ``Name`` (left out where IPRT would refuse the name as UTF-8, as VBoxService
+does); then ``/VirtualBox/GuestInfo/Net/Count``.
 
 The engine is :class:`~agent.services._publishing.PublishingService`: every ``[network]
 interval_s`` (10 s, VBoxService 7.2.6's default) and after a restore. A value is written
@@ -47,7 +47,7 @@ class NetworkSection(PublishingSection):
 
 def network_properties(interfaces: Sequence[NetInterface]) -> dict[str, str | None]:
     """The properties of ``interfaces``, by name, ``Count`` included (None: absent, the
-    ``Name`` of an interface whose name is not UTF-8)."""
+    ``Name`` of an interface whose name IPRT would refuse)."""
     properties: dict[str, str | None] = {}
     for index, interface in enumerate(interfaces):
         prefix = f"{NET_PREFIX}{index}/"

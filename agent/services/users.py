@@ -44,6 +44,7 @@ import structlog
 import trio
 
 from agent.protocol.guest_props import MAX_VALUE_SIZE
+from agent.protocol.host_text import host_bytes
 from agent.services._base import ServiceContext, ServiceSpec
 from agent.services._logins import (
     AccountLookupNeededError,
@@ -90,7 +91,7 @@ def users_list(users: Sequence[str]) -> tuple[str, int]:
     listed: list[str] = []
     size = -len(SEPARATOR)
     for user in users:
-        grown = size + len(SEPARATOR) + len(user.encode())
+        grown = size + len(SEPARATOR) + len(host_bytes(user))
         if grown <= MAX_LIST_BYTES:
             listed.append(user)
             size = grown

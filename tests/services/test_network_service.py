@@ -31,6 +31,7 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.protocol.guest_props import NILFLAG, RDONLYGUEST, SERVICE_NAME, GuestFunction
+from agent.protocol.host_text import host_bytes, host_str
 from agent.protocol.status import VINF_SUCCESS
 from agent.services import EventPump, ServiceContext
 from agent.services._host_options import OPTION_PREFIX
@@ -62,6 +63,9 @@ ETH1: Final = NetInterface(
     "eth1", "192.168.56.10", "192.168.56.255", "255.255.255.0", "08002700FF01", False
 )
 
+
+PAST_UNICODE: Final = b"br\xf4\x90\x80\x80"
+"""A device name with U+110000: IPRT takes it as UTF-8, Python's decoder does not."""
 
 Interfaces = GuestSource[NetInterface]
 """What the service reads (see ``GuestSource``)."""
@@ -731,7 +735,12 @@ ODD_NAME_SCRIPT: Final = textwrap.dedent(
     )
 
     sock = enter_new_network_namespace()
-    for raw, address in ((b"br\\xff", "10.1.0.1"), ("br\\u00e9".encode(), "10.2.0.1")):
+    for raw, address in (
+        (b"br\\xff", "10.1.0.1"),
+        ("br\\u00e9".encode(), "10.2.0.1"),
+        ("br\\uffff".encode(), "10.3.0.1"),
+        (b"br\\xf4\\x90\\x80\\x80", "10.4.0.1"),  # PAST_UNICODE
+    ):
         fcntl.ioctl(sock, SIOCBRADDBR, raw + b"\\0")
         fcntl.ioctl(sock, SIOCSIFADDR, raw.ljust(16, b"\\0") + inet(address).ljust(24, b"\\0"))
     found = _netifaces.read_ipv4_interfaces()
@@ -740,19 +749,41 @@ ODD_NAME_SCRIPT: Final = textwrap.dedent(
 )
 
 
-def test_a_name_that_is_not_utf8_is_left_out() -> None:
-    """Linux takes any bytes but '/', ':', whitespace and NUL in a device name; one that is
-    not UTF-8 has no ``Name`` (VBoxService checks the encoding and leaves ``Name`` out),
-    rather than a mangled one. A UTF-8 name beyond ASCII is published as it is."""
+def test_a_name_iprt_refuses_is_left_out() -> None:
+    """Linux takes any bytes but '/', ':', whitespace and NUL in a device name. VBoxService
+    publishes ``Name`` only where IPRT takes it as UTF-8, which is not where Python does: a
+    name that is not UTF-8 at all, or holds U+FFFF, has no ``Name`` (rather than a mangled
+    one, or a write the host refuses); one beyond ASCII is published as it is, and one with
+    a code point past U+10FFFF (which IPRT takes and Python cannot decode) as its bytes."""
     found = _in_namespace(ODD_NAME_SCRIPT)
     assert [(interface.name, interface.address) for interface in found] == [
         (None, "10.1.0.1"),
         ("br\u00e9", "10.2.0.1"),
+        (None, "10.3.0.1"),
+        (host_str(PAST_UNICODE), "10.4.0.1"),
     ]
     properties = network_properties(found)
     assert properties[f"{NET_PREFIX}0/Name"] is None  # deleted, if an earlier pass wrote one
     assert properties[f"{NET_PREFIX}0/V4/IP"] == "10.1.0.1"
     assert properties[f"{NET_PREFIX}1/Name"] == "br\u00e9"
+    assert properties[f"{NET_PREFIX}2/Name"] is None
+
+
+async def test_a_name_python_cannot_decode_reaches_the_host_as_its_bytes(
+    autojump_clock: trio.abc.Clock, running: Running, interfaces: Interfaces
+) -> None:
+    """An interface whose name IPRT takes but Python cannot decode replaces one with a plain
+    name: the host holds the new name's very bytes, and the status is a plain count."""
+    odd = NetInterface(host_str(PAST_UNICODE), "10.4.0.1", "10.255.255.255", "255.0.0.0", MAC, True)
+    with trio.fail_after(LIMIT_S):
+        assert running.value(f"{NET_PREFIX}0/Name") == "eth0"
+        interfaces.now = (odd,)
+        await running.next_pass()
+        assert running.value(f"{NET_PREFIX}0/V4/IP") == "10.4.0.1"
+        name = running.value(f"{NET_PREFIX}0/Name")
+        assert name is not None
+        assert host_bytes(name) == PAST_UNICODE
+        assert running.service.status() == "network 1 interface"
 
 
 async def test_writes_the_host_ignored_are_made_again_once_it_takes_them(

@@ -32,12 +32,14 @@ from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostBuffer
+from agent.protocol.host_text import host_bytes, host_str
 from agent.protocol.status import VERR_PARSE_ERROR
 from agent.services import EventPump, ServiceContext, _logins, users
 from agent.services._logins import (
     LIBSYSTEMD,
     MAX_UTMP_BYTES,
     USER_PROCESS,
+    UT_NAMESIZE,
     UTMP_RECORD_SIZE,
     UTMP_RECORD_SIZE_TIME32,
     UTMP_RECORD_SIZE_TIME64,
@@ -82,10 +84,11 @@ FLAGS: Final = "TRANSIENT, TRANSRESET"
 """What the host keeps of a TRANSRESET write: the service always adds TRANSIENT to it."""
 
 
-def utmp_record(kind: int, user: str, pid: int = 100) -> bytes:
-    """One glibc ``struct utmp`` of the running architecture: type, pid, line, id, user,
-    host, the rest 0."""
-    head = struct.pack("=h2xi32s4s32s256s", kind, pid, b"pts/0", b"ts/0", user.encode(), b"")
+def utmp_record(kind: int, user: str | bytes, pid: int = 100) -> bytes:
+    """One glibc ``struct utmp`` of the running architecture: type, pid, line, id, user
+    (its first 32 bytes, with no NUL if it fills them, as login writes it), host, the rest 0."""
+    raw = user if isinstance(user, bytes) else user.encode()
+    head = struct.pack("=h2xi32s4s32s256s", kind, pid, b"pts/0", b"ts/0", raw, b"")
     return head.ljust(UTMP_RECORD_SIZE, b"\0")
 
 
@@ -130,6 +133,44 @@ def test_utmp_gives_user_processes_once_each_then_logind(tmp_path: Path) -> None
     assert logged_in_users(tmp_path / "absent", lambda: ["dave"]) == Logins(("dave",))
     utmp.write_bytes(utmp_record(LOGIN_PROCESS, "LOGIN") + utmp_record(USER_PROCESS, "erin"))
     assert utmp_users(utmp) == ["erin"]  # the file's last record, whole, counts
+
+
+LONG_NAMES: Final = (
+    "administrator.longname@corp.example.com",
+    "a" + "é" * 16 + "@corp.example.com",
+)
+"""Names longer than utmp's 32 bytes: ASCII, and one whose 32nd byte begins an "é"."""
+
+
+@pytest.mark.parametrize("name", LONG_NAMES)
+def test_utmp_s_cut_of_a_long_name_is_logind_s_whole_name(tmp_path: Path, name: str) -> None:
+    """utmp keeps a name's first 32 bytes (a character may be split): that cut counts as the
+    same user as logind's whole name, which is published in its place; without logind the
+    cut is all there is, a split character shown as U+FFFD."""
+    cut = name.encode()[:UT_NAMESIZE]
+    utmp = tmp_path / "utmp"
+    utmp.write_bytes(
+        utmp_record(USER_PROCESS, "alice")
+        + utmp_record(USER_PROCESS, cut)
+        + utmp_record(USER_PROCESS, "bob")
+    )
+    assert logged_in_users(utmp, lambda: ["bob", name]) == Logins(("alice", name, "bob"))
+    shown_cut = cut.decode(errors="replace")
+    assert logged_in_users(utmp, no_logind) == Logins(("alice", shown_cut, "bob"))
+
+
+def test_names_sharing_their_first_32_bytes_are_different_users(tmp_path: Path) -> None:
+    """As VBoxService 7.2.6 compares whole names: one short name in two SSSD domains is two
+    users, from logind alone (no utmp) or with utmp's cut of both; a 32-byte utmp name that
+    logind lists whole is that user, not the cut of a longer name."""
+    com = "firstname.lastname@engineering.example.com"
+    org = "firstname.lastname@engineering.example.org"
+    assert logged_in_users(tmp_path / "absent", lambda: [com, org]) == Logins((com, org))
+    cut = com.encode()[:UT_NAMESIZE]
+    utmp = tmp_path / "utmp"
+    utmp.write_bytes(utmp_record(USER_PROCESS, cut) * 2)
+    assert logged_in_users(utmp, lambda: [com, org, com]) == Logins((com, org))
+    assert logged_in_users(utmp, lambda: [com, cut.decode()]) == Logins((cut.decode(), com))
 
 
 def failing_logind() -> list[str]:
@@ -577,6 +618,36 @@ async def test_follows_logins_with_transreset_and_deletes_them_at_stop(
             await service.drain()
     assert values(host) == dict.fromkeys((LIST_PROPERTY, COUNT_PROPERTY, NONE_PROPERTY))
     assert host.status()["hgcm_clients"] == 0
+
+
+async def test_names_are_published_as_the_host_takes_them(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, tmp_path: Path
+) -> None:
+    """A name's bytes reach the host as they are where IPRT takes them as UTF-8 (which
+    reaches past U+10FFFF, where Python's decoder stops); in a name IPRT refuses, what it
+    refuses (bytes that are not UTF-8, U+FFFF) is published as U+FFFD, rather than have the
+    host refuse the whole list. logind's name as ``pwd`` gives it, a Latin-1 byte kept as a
+    surrogate escape, is one."""
+    utmp = tmp_path / "utmp"
+    utmp.write_bytes(
+        utmp_record(USER_PROCESS, b"past\xf8\x88\x80\x80\x80")  # U+200000, 5 bytes
+        + utmp_record(USER_PROCESS, b"bad\xff")
+        + utmp_record(USER_PROCESS, "odd\uffff")
+    )
+    pwd_name = host_str(b"caf\xe9")
+    with trio.fail_after(LIMIT_S):
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as nursery:
+            service = await start_users(
+                device, nursery, lambda: logged_in_users(utmp, lambda: [pwd_name])
+            )
+            listed = host.prop_get(LIST_PROPERTY)
+            assert listed is not None
+            assert host_bytes(listed[0]) == (
+                b"past\xf8\x88\x80\x80\x80,bad\xef\xbf\xbd,odd\xef\xbf\xbd,caf\xef\xbf\xbd"
+            )
+            assert values(host)[COUNT_PROPERTY] == ("4", FLAGS)
+            assert service.status() == "users 4 users"
+            nursery.cancel_scope.cancel()
 
 
 async def test_the_hosts_global_interval_paces_the_users(
