@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from agent.services.balloon import BalloonSection, PsiMonitor
 from agent.services.balloon._pressure import MemInfo, PressureFileError
+from tests.services.thrash_support import scratch_parent, thrashing
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,6 +31,7 @@ PSI_TEXT: Final = (
 TRIGGER_STALL_US: Final = 200_000
 TRIGGER_WINDOW_US: Final = 2_000_000
 """The trigger for a 10 % threshold over a 2 s interval: 200 ms of stall within 2 s."""
+THRASH_WAIT_S: Final = 10
 
 
 def _write_psi(path: Path, total_us: int) -> None:
@@ -174,6 +176,29 @@ class TestPsiMonitor:
             ]
         else:
             assert [e["event"] for e in set_up] == ["psi_trigger_unavailable"]
+
+    async def test_real_pressure_fires_the_trigger(self, tmp_path: Path) -> None:
+        """Memory stall on this kernel wakes a monitor sleeping on its trigger: a process
+        thrashing file pages in a scratch memory cgroup stalls for far more than the trigger's
+        1 % of 2 s within a second or two. The monitor registers its descriptor for POLLPRI
+        after writing the trigger: registered before, the kernel's poll found no trigger to wait
+        on, and the monitor slept through any pressure."""
+        parent = scratch_parent()
+        if isinstance(parent, str):
+            pytest.skip(parent)
+        if not _kernel_takes_a_trigger(REAL_PSI):
+            pytest.skip(f"this kernel takes no trigger on {REAL_PSI}")
+        with PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=1.0) as mon:
+            assert mon.uses_trigger
+            with thrashing(tmp_path, *parent) as thrasher:
+                with trio.move_on_after(THRASH_WAIT_S) as waited:
+                    reading = await mon.next_reading()
+                thrasher_ended = thrasher.poll()
+        assert not waited.cancelled_caught, (
+            f"no trigger within {THRASH_WAIT_S} s of thrashing (thrasher's exit status:"
+            f" {thrasher_ended}); {REAL_PSI}: {await trio.Path(REAL_PSI).read_text()}"
+        )
+        assert (reading.high, reading.via) == (True, "trigger")
 
     async def test_trigger_wakes_the_monitor(
         self, autojump_clock: trio.abc.Clock, tmp_path: Path

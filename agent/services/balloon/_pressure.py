@@ -2,9 +2,11 @@
 
 A :class:`PsiMonitor` reads a PSI file (``/proc/pressure/memory`` or a cgroup v2
 ``memory.pressure``). Where the kernel accepts a trigger on the file (``some STALL WINDOW``)
-it sleeps until the trigger fires (``POLLPRI``), so an idle guest costs no wake-ups;
-otherwise it reads the file every interval and computes the stall share from the ``total``
-counter. Either way :meth:`PsiMonitor.next_reading` returns one :class:`PressureReading`.
+it sleeps until the trigger fires (``POLLPRI``, waited for on the descriptor after the trigger
+is written to it: the kernel's poll waits only on a trigger that exists), so an idle guest
+costs no wake-ups; otherwise it reads the file every interval and computes the stall share
+from the ``total`` counter. Either way :meth:`PsiMonitor.next_reading` returns one
+:class:`PressureReading`.
 """
 
 from __future__ import annotations
@@ -193,9 +195,13 @@ class PsiMonitor:
             self._log_polling(exc)
             return
         try:
-            # Regular files refuse epoll (EPERM): only PSI files get a trigger written.
+            # A regular file refuses epoll (EPERM): it stays polled, never written to.
             epoll.register(fd, select.EPOLLPRI)
+            epoll.unregister(fd)
+            # Registered for good after the write: the kernel's poll waits on the trigger only
+            # once there is one, so a registration made before it would never be woken.
             os.write(fd, f"some {stall_us} {window_us}".encode() + b"\0")
+            epoll.register(fd, select.EPOLLPRI)
         except OSError as exc:
             epoll.close()
             os.close(fd)

@@ -1,0 +1,81 @@
+"""Real memory pressure for a test: a process thrashing file pages in a scratch memory cgroup.
+
+The cgroup's limit is far below the file the process reads over and over, so every page it
+faults in is charged past the limit and the kernel reclaims inside the cgroup: memory stall
+(PSI ``some``) for the whole system's ``/proc/pressure/memory`` within a second. The file is
+sparse (its holes read as zero pages, no disk I/O) on the test's ``tmp_path``, and the process
+ends by itself after :data:`THRASH_S` however the test goes. Needs root and a memory
+cgroup the test may make a child of (a cgroup v1 memory hierarchy, or a v2 cgroup whose
+``cgroup.subtree_control`` enables memory); :func:`scratch_parent` says why not otherwise.
+On a ``tmp_path`` in tmpfs the file's pages cannot be reclaimed (no swap): the cgroup's OOM
+killer ends the process instead (``SIGKILL``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Final
+
+from agent.services.balloon._cgroup import memory_cgroups
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+LIMIT_BYTES: Final = 32 << 20
+FILE_BYTES: Final = 128 << 20
+THRASH_S: Final = 30
+_THRASH: Final = """
+import mmap, os, sys, time
+with open(sys.argv[2], "w") as procs:  # into the scratch cgroup before the first page
+    procs.write(str(os.getpid()))
+pages = mmap.mmap(os.open(sys.argv[1], os.O_RDONLY), 0, prot=mmap.PROT_READ)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    for offset in range(0, len(pages), mmap.PAGESIZE):
+        pages[offset]
+"""
+
+
+def scratch_parent() -> tuple[Path, str] | str:
+    """This process's memory cgroup, to make a scratch child in, and the child's limit file;
+    or why there is none."""
+    if os.geteuid() != 0:
+        return "making a memory cgroup needs root"
+    dirs = memory_cgroups()
+    if not dirs or not dirs[0].is_dir():
+        return "this process is in no memory cgroup it can see"
+    leaf = dirs[0]
+    if (leaf / "memory.limit_in_bytes").exists():
+        return leaf, "memory.limit_in_bytes"
+    try:
+        controllers = (leaf / "cgroup.subtree_control").read_text().split()
+    except OSError as exc:
+        return f"cannot read {leaf}/cgroup.subtree_control: {exc.strerror}"
+    if "memory" not in controllers:
+        return f"{leaf} does not enable the memory controller for its children"
+    return leaf, "memory.max"
+
+
+@contextmanager
+def thrashing(tmp_path: Path, parent: Path, limit_name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Thrash file pages in a scratch child of ``parent`` for the block (or :data:`THRASH_S`);
+    the process is killed and the cgroup removed when it ends."""
+    pages = tmp_path / "thrash.bin"
+    with pages.open("wb") as file:
+        file.truncate(FILE_BYTES)
+    scratch = parent / f"vbox-agent-test-thrash-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        (scratch / limit_name).write_text(str(LIMIT_BYTES))
+        args = [sys.executable, "-c", _THRASH, str(pages), str(scratch / "cgroup.procs")]
+        with subprocess.Popen([*args, str(THRASH_S)]) as process:
+            try:
+                yield process
+            finally:
+                process.kill()
+    finally:
+        scratch.rmdir()  # empty: the process was reaped when its block ended
