@@ -148,6 +148,79 @@ async def test_a_walk_that_reaches_its_goal_is_logged_once() -> None:
     assert done == [(3, 3), (1, -2)]
 
 
+async def test_a_walk_turned_back_logs_what_the_walk_back_moved(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The floor stops an inflate at 144 chunks; the target drops to 50: the walk back logs
+    the 94 chunks it gave back, not the 50 between the goal and where the stopped walk began
+    (the stopped walk, which reached no goal, logs no ``balloon_walk_done``)."""
+    walker = ChunkWalker(
+        BlockingHandover(block_at=0),
+        CountingAllocator(),
+        backoff=Backoff(1.0, 60.0),
+        mem_available_mb=lambda: 400 - len(walker.held),
+        min_available_mb=256,
+    )
+    with capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            walker.set_target(HostTarget(chunks=1000, max_chunks=None))
+            while not walker.failures:
+                await trio.testing.wait_all_tasks_blocked()
+            assert len(walker.held) == 144
+            walker.set_target(HostTarget(chunks=50, max_chunks=None))
+            await walker.wait_held(50)
+            nursery.cancel_scope.cancel()
+    done = [(e["chunks"], e["moved"]) for e in logs if e["event"] == "balloon_walk_done"]
+    assert done == [(50, -94)]
+
+
+async def test_retries_that_move_some_chunks_are_one_run_of_failures(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """At the floor with a MiB freed every second, each retry inflates a few chunks and stops
+    again: the chunks are kept, the backoff keeps growing, one warning for ten minutes; the run
+    ends (one line, the status told) only once the walk reaches its goal."""
+    freed = {"mb": 0}
+    status_changes = [0]
+
+    def available() -> int:
+        return 400 + freed["mb"] + int(trio.current_time()) - len(walker.held)
+
+    def status_changed() -> None:
+        status_changes[0] += 1
+
+    walker = ChunkWalker(
+        BlockingHandover(block_at=0),
+        CountingAllocator(),
+        backoff=Backoff(1.0, 60.0),
+        mem_available_mb=available,
+        min_available_mb=256,
+        status_changed=status_changed,
+    )
+    with capture_logs() as logs, trio.fail_after(3600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walker.run)
+            walker.set_target(HostTarget(chunks=1800, max_chunks=None))
+            await trio.sleep(600)
+            assert 144 + 500 < len(walker.held) < 1800  # every retry kept what it moved
+            stopped = [e for e in logs if e["event"] == "balloon_walk_stopped"]
+            assert walker.last_failure == stopped[-1]["reason"]
+            levels = [e["log_level"] for e in stopped]
+            assert (levels[0], levels.count("warning")) == ("warning", 1)
+            delays = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0] + [60.0] * (len(stopped) - 6)
+            assert [e["retry_in_s"] for e in stopped] == delays
+            assert not [e for e in logs if e["event"] == "balloon_walk_recovered"]
+            changes = status_changes[0]
+            freed["mb"] = 10_000
+            await walker.wait_held(1800)
+            nursery.cancel_scope.cancel()
+    [recovered] = [e for e in logs if e["event"] == "balloon_walk_recovered"]
+    assert (recovered["chunks"], recovered["failures"]) == (1800, len(stopped))
+    assert walker.last_failure is None
+    assert status_changes[0] > changes
+
+
 class TrackingAllocator:
     """Hands out addresses and keeps the mapped ones; the ``fail_at``-th allocation fails."""
 

@@ -9,12 +9,16 @@ one by one, then unmaps them. Locking a chunk faults in (zeroes) a MiB, which le
 CPU caches holding nothing of the agent's nor the driver's code and data; in groups, the
 handovers between two such passes run on warm caches. No chunk waits longer than its step.
 A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floor) stops
-the walk in its direction after the chunks before it; it is logged once per run of
-failures and retried after a capped exponential backoff, or at once when a new event
+the walk in its direction after the chunks before it, which are kept; it is logged once per
+run of failures and retried after a capped exponential backoff, or at once when a new event
 arrives. The backoff holds back only the direction that failed: a goal below the chunks
 held after a refused inflate (pressure) is walked at once, and pressure that lowers the
-goal after a refused deflate retries it at once. Reaching the goal by any way clears the
-backoff. A walk that reaches its goal is logged once, with the chunks it moved.
+goal after a refused deflate retries it at once. A run of failures ends only at the goal
+(walked to, or moved to the chunks held; one line, ``balloon_walk_recovered``), or with a
+failure the other way: a retry that moves some chunks and stops again (memory trickling in
+at the floor) goes on the same run, its backoff growing, so it logs no new warning. A walk
+goes one way; one that reaches its goal is logged once, with the chunks it moved (negative:
+given back). One that turns back first is not, and the walk back counts from there.
 
 The floor is checked before every chunk, but ``MemAvailable`` is not read for every chunk:
 a reading serves the next chunks of the same walk, less the MiB each of them takes, for at
@@ -206,17 +210,16 @@ class ChunkWalker:
             goal = self.goal
             held = len(self.held)
             if held != goal and not self._backing_off(inflate=held < goal):
-                if self._walk_from is None:
-                    self._walk_from = held
-                await self._step(inflate=held < goal)
+                inflate = held < goal
+                if self._walk_from is None or (held > self._walk_from) is not inflate:
+                    self._walk_from = held  # a walk goes one way: turning back starts another
+                await self._step(inflate=inflate)
                 continue
             self._reading_uses = 0  # a pause: the next walk starts from a fresh reading
             deadline = math.inf
             if held == goal:
                 self._walk_done()
-                if self.backoff.failures:  # the goal moved to the chunks held: nothing to retry
-                    self.backoff.succeeded()
-                    self.last_failure = None
+                self._failures_over()
                 self._settled.set()
                 self._settled = trio.Event()
                 self._status_changed()
@@ -239,25 +242,24 @@ class ChunkWalker:
         if walked_from is not None and walked_from != len(self.held):
             log.info("balloon_walk_done", chunks=len(self.held), moved=len(self.held) - walked_from)
 
+    def _failures_over(self) -> None:
+        """End a run of failures at the goal (walked to, or moved to the chunks held)."""
+        failures = self.backoff.failures
+        if failures:
+            self.backoff.succeeded()
+            self.last_failure = None
+            log.info("balloon_walk_recovered", chunks=len(self.held), failures=failures)
+
     async def _step(self, *, inflate: bool) -> None:
-        moved = self.inflated + self.deflated
+        """One group of chunks toward the goal; a failure stops the walk after the chunks
+        before it, which are kept, and goes on the run of failures (module docstring)."""
         try:
             if inflate:
                 await self._inflate()
             else:
                 await self._deflate()
         except WalkStoppedError as failure:
-            if self.inflated + self.deflated != moved:  # the chunks before it went through
-                self._succeeded(inflate=inflate)
             self._failed(str(failure), inflate=inflate)
-            return
-        self._succeeded(inflate=inflate)
-
-    def _succeeded(self, *, inflate: bool) -> None:
-        if inflate is self._failed_inflate and self.backoff.failures and self.backoff.succeeded():
-            log.info("balloon_walk_resumed", chunks=len(self.held), goal=self.goal)
-            self.last_failure = None
-            self._status_changed()
 
     def _failed(self, reason: str, *, inflate: bool) -> None:
         self._reading_uses = 0
