@@ -76,10 +76,54 @@ class TestV2:
         membership = _membership(tmp_path, V2_MEMBERSHIP)
         assert CgroupRoom(224, str(slice_)) == cgroup_room(root, membership)
 
+    def test_memory_high_below_memory_max_is_the_limit(self, tmp_path: Path) -> None:
+        """``MemoryHigh=`` on the unit, no ``MemoryMax=``: past ``memory.high`` the kernel
+        throttles the cgroup's tasks and cannot reclaim the locked chunks, so it is the limit;
+        on the slice, ``memory.max`` below its ``memory.high`` is."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max="max",
+            memory_high=str(512 * MB),
+            memory_current=str(100 * MB),
+        )
+        _cgroup(
+            root / "system.slice",
+            memory_max=str(1024 * MB),
+            memory_high=str(2048 * MB),
+            memory_current=str(600 * MB),
+        )
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(412, str(leaf)) == cgroup_room(root, membership)
+        (root / "system.slice/memory.current").write_text(f"{700 * MB}\n")
+        assert CgroupRoom(324, str(root / "system.slice")) == cgroup_room(root, membership)
+
+    def test_memory_high_at_an_ancestor(self, tmp_path: Path) -> None:
+        root = tmp_path / "sys"
+        _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(2048 * MB),
+            memory_high="max",
+            memory_current=str(100 * MB),
+        )
+        slice_ = _cgroup(
+            root / "system.slice",
+            memory_max="max",
+            memory_high=str(1024 * MB),
+            memory_current=str(800 * MB),
+        )
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        assert CgroupRoom(224, str(slice_)) == cgroup_room(root, membership)
+
     def test_no_limit_anywhere(self, tmp_path: Path) -> None:
         """``max`` everywhere, and the root without limit files: no room to respect."""
         root = tmp_path / "sys"
-        _cgroup(root / "system.slice/vbox-agent.service", memory_max="max", memory_current="4096")
+        _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max="max",
+            memory_high="max",
+            memory_current="4096",
+        )
         _cgroup(root / "system.slice", memory_max="max", memory_current="8192")
         assert cgroup_room(root, _membership(tmp_path, V2_MEMBERSHIP)) is None
 

@@ -1,20 +1,23 @@
 """The room left in the agent's memory cgroup, which the balloon's floor checks with
 ``MemAvailable``.
 
-Every chunk the agent locks is charged to its memory cgroup. Where a cgroup on its path has
-a limit (a slice's ``MemoryMax=``, a container's ``--memory``), faulting in a chunk past it
-wakes that cgroup's OOM killer inside ``mlock``: a SIGKILL, with no error to report. The room
-is the least, over the agent's cgroup and each ancestor, of its limit less its usage not
-counting reclaimable cache: ``memory.max - memory.current`` on cgroup v2 (``max``: no limit),
-``memory.limit_in_bytes - memory.usage_in_bytes`` of the memory controller's hierarchy on
+Every chunk the agent locks is charged to its memory cgroup. Where a cgroup on its path has a
+limit (a slice's ``MemoryMax=``, a container's ``--memory``), faulting in a chunk past it wakes
+that cgroup's OOM killer inside ``mlock``: a SIGKILL, with no error to report. Past a v2
+cgroup's ``memory.high`` (``MemoryHigh=``) the kernel reclaims hard and throttles every task of
+the cgroup that allocates (the agent's event loop and heartbeat too), and cannot reclaim the
+locked chunks. The room is the least, over the agent's cgroup and each ancestor, of its limit
+less its usage not counting reclaimable cache: the lower of ``memory.max`` and ``memory.high``
+less ``memory.current`` on cgroup v2 (``max``: no limit; a ``memory.high`` that is not there:
+none), ``memory.limit_in_bytes - memory.usage_in_bytes`` of the memory controller's hierarchy on
 cgroup v1 (a limit of :data:`NO_LIMIT` or more: none, as v1 writes "no limit" as its largest
-page-aligned number), plus the inactive file cache of ``memory.stat`` (``inactive_file``;
-v1's ``total_inactive_file``, the hierarchy's as its usage is). The usage counts page cache,
-which file I/O fills up to the limit, and the kernel reclaims it inside the cgroup before any
-OOM kill; where ``memory.stat`` or its line cannot be read, the whole usage counts. A
-directory that is not there (the root has no limit files; a container sees only its own
-cgroup, mounted as the root, under a path naming the host's) is passed over, and so is a
-value that cannot be read, with a debug line: the floor then rests on ``MemAvailable`` alone.
+page-aligned number), plus the inactive file cache of ``memory.stat`` (``inactive_file``; v1's
+``total_inactive_file``, the hierarchy's as its usage is). The usage counts page cache, which
+file I/O fills up to the limit, and the kernel reclaims it inside the cgroup before any OOM
+kill; where ``memory.stat`` or its line cannot be read, the whole usage counts. A directory that
+is not there (the root has no limit files; a container sees only its own cgroup, mounted as the
+root, under a path naming the host's) is passed over, and so is a value that cannot be read,
+with a debug line: the floor then rests on ``MemAvailable`` alone.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ MEMBERSHIP_PATH: Final = Path("/proc/self/cgroup")
 _V1_MEMORY: Final = "memory"
 """The v1 hierarchy's directory under the root, and its controller's name."""
 _LIMITS: Final = (
-    ("memory.max", "memory.current", "inactive_file"),
-    ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    (("memory.max", "memory.high"), "memory.current", "inactive_file"),
+    (("memory.limit_in_bytes",), "memory.usage_in_bytes", "total_inactive_file"),
 )
-"""Each version's (limit, usage) files and its reclaimable cache in ``memory.stat``: v2, then
-v1."""
+"""Each version's limit files (the first one there tells the version; the lowest limit counts),
+its usage file and its reclaimable cache in ``memory.stat``: v2, then v1."""
 _STAT: Final = "memory.stat"
 NO_LIMIT: Final = 1 << 62
 """Bytes at and above which a limit is none (v1's "no limit" is just under ``2**63``)."""
@@ -75,29 +78,45 @@ def _memory_dirs(membership: str, root: Path) -> list[Path]:
 
 
 def _room(directory: Path) -> int | None:
-    """Limit less usage not counting reclaimable cache in ``directory`` in bytes, or None: no
-    limit files (passed over silently), no limit (``max``, or :data:`NO_LIMIT` or more), or a
-    value that cannot be read (a debug line)."""
-    for limit_name, usage_name, cache_key in _LIMITS:
+    """The lowest limit less usage not counting reclaimable cache in ``directory`` in bytes,
+    or None: no limit files (passed over silently), no limit, or a value that cannot be read
+    (a debug line)."""
+    for limit_names, usage_name, cache_key in _LIMITS:
         try:
-            limit = (directory / limit_name).read_text(encoding="ascii").strip()
+            limit = _lowest_limit(directory, limit_names)
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as exc:
             _unread(directory, exc)
             return None
-        if limit == "max":
+        if limit is None:
             return None
         try:
-            limit_bytes = int(limit)
             usage = int((directory / usage_name).read_text(encoding="ascii"))
         except (OSError, ValueError) as exc:
             _unread(directory, exc)
             return None
-        if limit_bytes >= NO_LIMIT:
-            return None
-        return limit_bytes - usage + _cache(directory, cache_key)
+        return limit - usage + _cache(directory, cache_key)
     return None
+
+
+def _lowest_limit(directory: Path, names: Sequence[str]) -> int | None:
+    """The lowest limit the files ``names`` in ``directory`` set, in bytes; None if none sets
+    one (``max``, :data:`NO_LIMIT` or more, or a file after the first that is not there).
+
+    Raises:
+        FileNotFoundError: the first file is not there.
+        OSError, ValueError: a file cannot be read or holds no number.
+    """
+    first, *others = names
+    texts = [(directory / first).read_text(encoding="ascii")]
+    for name in others:
+        try:
+            texts.append((directory / name).read_text(encoding="ascii"))
+        except FileNotFoundError:
+            continue
+    limits = [int(text) for text in texts if text.strip() != "max"]
+    return min((limit for limit in limits if limit < NO_LIMIT), default=None)
 
 
 def _cache(directory: Path, key: str) -> int:
@@ -178,6 +197,7 @@ class Headroom:
                 room_mb=room.mb,
                 mem_available_mb=available,
                 reason="the memory cgroup's limit leaves less room than MemAvailable; past"
-                " it, the cgroup's OOM killer would end the agent inside mlock",
+                " it, the cgroup's OOM killer would end the agent inside mlock (memory.max),"
+                " or the kernel throttle its tasks (memory.high)",
             )
         return room.mb
