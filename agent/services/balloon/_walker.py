@@ -102,8 +102,8 @@ class ChunkWalker:
         resized: Callable[[int], None] = lambda _chunks: None,
     ) -> None:
         self._status_changed = status_changed
-        """Called when the walk settles, its goal's inputs change, or it fails or resumes
-        (not at every chunk: ``resized`` says those)."""
+        """Called when the walk settles (a run of failures ends only there), its goal's inputs
+        change, or it fails (not at every chunk: ``resized`` says those)."""
         self._on_resized = resized
         self.handover = handover
         self.allocator = allocator
