@@ -13,6 +13,9 @@ mind; the metronome keeps that rhythm:
   the next tick, also when ticks take longer than the interval and no deadline is ever
   ahead to wait for (VBoxService checks for its event at the top of every loop);
 - an interval of ``None`` means "off": the metronome then sleeps until the next event;
+- a service that must read again on its own (the host refused or failed the read) wraps its
+  subscription in :class:`RetryWakeups`, which also wakes the metronome at the retry time
+  the service sets (none, and no wake-up, while nothing failed);
 - a tick later than the threshold is counted; the first of a run of late ticks is logged
   (``tick_late``), and once ticks have kept time for ``LATE_RUN_ENDS_AFTER_S`` one line
   (``ticks_on_time_again``) says how many were late and by how much at most: a host that
@@ -54,6 +57,27 @@ class EventSource(Protocol):
         ...
 
 
+@final
+class RetryWakeups:
+    """A subscription that also returns (with no bits) once ``due()`` has passed: the
+    metronome then reads the interval again. ``due()`` is ``math.inf`` while no retry is
+    wanted, so nothing wakes up meanwhile; events pass through as they arrive."""
+
+    def __init__(self, events: EventSource, due: Callable[[], float]) -> None:
+        self._events = events
+        self._due = due
+
+    async def receive(self) -> int:
+        """The next event bits, or 0 at the retry's time (a cancelled receive keeps them)."""
+        with trio.move_on_at(self._due()):
+            return await self._events.receive()
+        return 0
+
+    def receive_nowait(self) -> int:
+        """The pending event bits (``trio.WouldBlock`` if none)."""
+        return self._events.receive_nowait()
+
+
 @record
 class MetronomeStatistics:
     """What the metronome did.
@@ -64,7 +88,7 @@ class MetronomeStatistics:
         late: ticks sent more than the late threshold after their deadline.
         skipped: deadlines overrun by a whole interval, and therefore not sent.
         max_lateness_s: the latest a tick was sent after its deadline.
-        rereads: how often the interval was read again after an event.
+        rereads: how often the interval was read again after an event or a retry.
     """
 
     interval_s: float | None

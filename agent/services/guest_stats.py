@@ -28,12 +28,18 @@ reply) is counted, and logged when such failures begin and change cause and when
 goes through again (``statistics_reported_again``), not at every tick. An interval read that
 fails the same ways (any other time) is counted and logged alike
 (``statistics_interval_unreadable``, then ``statistics_interval_read_again``) and the
-interval in force stays, as VBoxService keeps its own when the query fails (off, before the
-first read succeeds). Config section: ``[statistics]``.
+interval in force stays, as VBoxService keeps its own when the query fails. Where that leaves
+the service off (before the first read succeeds, or after the host asked for none) the read
+is also tried again on a back-off (:meth:`LastingFailure.retry_in`, 1 s doubling to 60 s):
+a restarted agent finds no 0x80 pending, as the agent before it acknowledged the interval,
+and would otherwise report nothing until the host changed it (VBoxService's weakness). While
+an interval is in force reports go on, and the next 0x80 or restore reads it again. Config
+section: ``[statistics]``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -51,7 +57,7 @@ from agent.protocol.status import VERR_ACCESS_DENIED, VERR_PERMISSION_DENIED
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import LastingFailure
-from agent.services._paced import Metronome
+from agent.services._paced import Metronome, RetryWakeups
 from agent.services._procstats import ProcStats, ProcStatsError
 
 if TYPE_CHECKING:
@@ -114,6 +120,8 @@ class GuestStatsService:
         self._read_answered = False
         """An interval read of this run returned (the metronome has then reported the start)."""
         self._refused = False
+        self._retry_at = math.inf
+        """When a failed read that left the service off is tried again (inf: none is)."""
 
     def statistics(self) -> GuestStatsStatistics:
         """Return the report counters and the latest report."""
@@ -145,7 +153,8 @@ class GuestStatsService:
         self._read_answered = False  # per run: the supervisor runs this instance again
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
-                await self._metronome.run(events, task_status=task_status)
+                wakeups = RetryWakeups(events, lambda: self._retry_at)
+                await self._metronome.run(wakeups, task_status=task_status)
         except VBoxStatusError as exc:  # only a driver's refusal before any read went through
             self._refused = True  # this session is not trusted
             self._status_changed()
@@ -164,9 +173,9 @@ class GuestStatsService:
         await trio.lowlevel.checkpoint()
 
     async def _read_interval(self) -> float | None:
-        """The host's interval; the one in force if the read fails (a driver refusing a read
-        before any went through is raised: the session is not trusted, whether the first read
-        was refused or failed otherwise)."""
+        """The host's interval; the one in force if the read fails, tried again on a back-off
+        if that is off (a driver refusing a read before any went through is raised: the
+        session is not trusted, whether the first read was refused or failed otherwise)."""
         try:
             seconds = (await self._device.request(GetStatisticsChangeRequest())).seconds
         except HOST_ERRORS as exc:
@@ -177,7 +186,11 @@ class GuestStatsService:
             kept = self._metronome.interval_s
             if self._read_failures.host_failed("statistics_interval_unreadable", exc, kept_s=kept):
                 self._status_changed()
+            # Off, nothing but the host's next change (if any) would read it again.
+            retry_in = math.inf if kept is not None else self._read_failures.retry_in()
+            self._retry_at = trio.current_time() + retry_in
             return kept
+        self._retry_at = math.inf
         self._interval_read = self._read_answered = True
         self._read_failures.succeeded()
         log.info("statistics_interval_read", interval_s=seconds)

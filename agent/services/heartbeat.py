@@ -56,13 +56,11 @@ from agent.protocol.status import (
 from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import LastingFailure
-from agent.services._paced import Metronome
+from agent.services._paced import Metronome, RetryWakeups
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from agent.device import Device
-    from agent.services._paced import EventSource, MetronomeStatistics
+    from agent.services._paced import MetronomeStatistics
     from agent.services.event_pump import EventPump
 
 log = structlog.get_logger(__name__)
@@ -116,26 +114,6 @@ class HeartbeatStatistics:
     rhythm: MetronomeStatistics
     malformed_configures: int = 0
     refused_configures: int = 0
-
-
-@final
-class _RetryWakeups:
-    """The service's subscription, which also returns (with no bits) once ``due()`` has
-    passed: the metronome then reads the interval again, that is, configures again."""
-
-    def __init__(self, events: EventSource, due: Callable[[], float]) -> None:
-        self._events = events
-        self._due = due
-
-    async def receive(self) -> int:
-        """The next event bits, or 0 at the retry's time (a cancelled receive keeps them)."""
-        with trio.move_on_at(self._due()):
-            return await self._events.receive()
-        return 0
-
-    def receive_nowait(self) -> int:
-        """The pending event bits (``trio.WouldBlock`` if none)."""
-        return self._events.receive_nowait()
 
 
 class _NotOursError(Exception):
@@ -208,7 +186,7 @@ class HeartbeatService:
         """Configure the host's check and beat; configure again after every restore."""
         try:
             with self._pump.subscribe(self.name, Event.RESTORED) as events:
-                wakeups = _RetryWakeups(events, lambda: self._retry_at)
+                wakeups = RetryWakeups(events, lambda: self._retry_at)
                 await self._metronome.run(wakeups, task_status=task_status)
         except _NotOursError as exc:
             self._owner = exc.owner

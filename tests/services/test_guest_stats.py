@@ -85,6 +85,19 @@ async def running(
                 nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def agent_on(host: SimulatedHost) -> AsyncIterator[GuestStatsService]:
+    """The pump and a started statistics service on ``host`` (already running), as an agent
+    started on a VM that may have run one before; leaving stops them."""
+    async with trio.open_nursery() as nursery, open_device(SimOpener(host)) as device:
+        pump = EventPump(device)
+        service = GuestStatsService(ServiceContext(device, pump))
+        await nursery.start(pump.run)
+        await nursery.start(service.run)
+        yield service
+        nursery.cancel_scope.cancel()
+
+
 def guest_stats(host: SimulatedHost) -> dict[str, object]:
     """The host's ``guest_stats`` (``host status``)."""
     state = host.status()["guest_stats"]
@@ -585,6 +598,92 @@ class TestReports:
                     await nursery.start(service.run)
                     assert service.status() == "statistics refused by the driver"
                     nursery.cancel_scope.cancel()
+        refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
+        assert [entry["status"] for entry in refused] == ["VERR_PERMISSION_DENIED"]
+
+    async def test_a_restarted_agent_whose_first_read_fails_reads_again(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The host asked for a report every 5 s long ago and the agent before acknowledged it,
+        so no 0x80 is pending for a restarted agent. Its first interval read fails once
+        (VERR_NO_MEMORY: both drivers copy the request into memory they allocate, which the
+        balloon's pressure can fail); the read is tried again a second later and reports
+        resume, with one warning and one line when it goes through."""
+        host = SimulatedHost(personality="mainline", seed=1)
+        read = RequestType.GET_STATISTICS_CHANGE_REQ
+        with trio.fail_after(BOUND_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                host.set_statistics_interval(5)
+                async with agent_on(host):  # the agent before: reads (acknowledges) 5 s
+                    await trio.sleep(1.0)
+                before = guest_stats(host)["reports"]
+                assert isinstance(before, int)
+                host.add_fault(read, STATUS_CODES["VERR_NO_MEMORY"])
+                async with agent_on(host) as service:
+                    assert service.status() == "statistics off (failing)"
+                    await trio.sleep(1.5)
+                    assert service.status() == "statistics every 5 s"
+                    assert guest_stats(host)["reports"] == before + 1
+                nursery.cancel_scope.cancel()
+        unreadable = [entry for entry in logs if entry["event"] == "statistics_interval_unreadable"]
+        assert [(entry["status"], entry["kept_s"]) for entry in unreadable] == [
+            ("VERR_NO_MEMORY", None)
+        ]
+        again = [entry for entry in logs if entry["event"] == "statistics_interval_read_again"]
+        assert [entry["failed_in_a_row"] for entry in again] == [1]
+
+    async def test_a_read_failing_from_the_start_is_retried_on_a_back_off(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Interval reads that keep failing from the start are tried again after 1 s, then
+        twice as long each time up to a minute (reads at 0, 1, 3, 7, 15, 31, 63, 123 and
+        183 s); the host's change request during the back-off is read at once and ends the
+        failure with one line. Once a read went through (0: no reports) nothing is read
+        again until the host asks."""
+        host = SimulatedHost(personality="mainline", seed=1)
+        read = RequestType.GET_STATISTICS_CHANGE_REQ
+        reads = host.vmmdev.request_counts
+        with trio.fail_after(BOUND_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                host.add_fault(read, STATUS_CODES["VERR_NO_MEMORY"], 20)
+                async with agent_on(host) as service:
+                    await trio.sleep(200.0)
+                    assert reads[read] == 9
+                    assert service.status() == "statistics off (failing)"
+                    host.clear_faults(read)
+                    host.set_statistics_interval(5)
+                    await trio.sleep(0.5)
+                    assert reads[read] == 10
+                    assert service.status() == "statistics every 5 s"
+                    assert guest_stats(host)["reports"] == 1
+                    host.set_statistics_interval(0)
+                    await trio.sleep(300.0)
+                    assert (reads[read], service.status()) == (11, "statistics off")
+                nursery.cancel_scope.cancel()
+        unreadable = [entry for entry in logs if entry["event"] == "statistics_interval_unreadable"]
+        assert len(unreadable) == 1
+        again = [entry for entry in logs if entry["event"] == "statistics_interval_read_again"]
+        assert [entry["failed_in_a_row"] for entry in again] == [9]
+
+    async def test_a_refusal_at_a_retry_settles_as_refused(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The retry of a first read that failed otherwise meets the driver's refusal, with no
+        read gone through: an untrusted session, said once, and never tried again."""
+        host = SimulatedHost(personality="mainline", seed=1)
+        read = RequestType.GET_STATISTICS_CHANGE_REQ
+        with trio.fail_after(BOUND_S), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                host.add_fault(read, STATUS_CODES["VERR_NO_MEMORY"])
+                host.add_fault(read, STATUS_CODES["VERR_PERMISSION_DENIED"])
+                async with agent_on(host) as service:
+                    await trio.sleep(300.0)
+                    assert service.status() == "statistics refused by the driver"
+                    assert host.vmmdev.request_counts[read] == 2
+                nursery.cancel_scope.cancel()
         refused = [entry for entry in logs if entry["event"] == "statistics_refused_by_driver"]
         assert [entry["status"] for entry in refused] == ["VERR_PERMISSION_DENIED"]
 
