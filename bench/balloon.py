@@ -23,6 +23,12 @@ disturb far less; on a quiet machine the two agree.
 (the timers' own cost lands in the figures) and prints microseconds per chunk, inflate
 plus deflate.
 
+The balloon service stops a walk where ``MemAvailable`` (or the room left in this
+process's memory cgroups, where less) would fall below its floor, ``min_available_mb``
+(256 MiB by default). A walk this guest cannot give is refused before anything runs, with
+the ``--mb`` it can; a walk that stops all the same, or takes longer than
+:func:`walk_limit_s`, ends the bench with one line saying where it stopped and why.
+
     python bench/balloon.py [--mb N] [--mode allocated|owned] [--rounds N] [--phases]
 """
 
@@ -32,9 +38,11 @@ import argparse
 import ctypes
 import mmap
 import statistics
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -48,14 +56,92 @@ from agent.protocol import BALLOON_CHUNK_SIZE, CheckBalloon
 from agent.protocol.constants import Ioctl
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, PressureReading
+from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
 from agent.services.balloon._chunks import MmapAllocator, _libc
-from agent.services.balloon._pressure import MemInfo
+from agent.services.balloon._pressure import MemInfo, PressureFileError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from agent.services.balloon._walker import ChunkWalker
+
 TARGET_RATIO: Final = 1.15
 RAM_MB: Final = 4096
+SPARE_MB: Final = 64
+"""MiB a walk leaves above the balloon's floor for what the rest of the guest (and this
+process) may take meanwhile."""
+LIMIT_S_PER_CHUNK: Final = 0.05
+"""A walk's time limit per chunk, some forty times what a chunk takes on a 2-core test
+machine (about 1.2 ms up and down), on top of :data:`LIMIT_BASE_S`."""
+LIMIT_BASE_S: Final = 10.0
+
+
+class WalkFailedError(Exception):
+    """The walk stopped short of its goal, or took longer than its limit."""
+
+
+def walk_limit_s(chunks: int) -> float:
+    """How long a walk to or from ``chunks`` may take before the bench gives up."""
+    return LIMIT_BASE_S + chunks * LIMIT_S_PER_CHUNK
+
+
+def headroom_mb() -> int | None:
+    """What the service checks its floor against: ``MemAvailable``, or the room left in this
+    process's memory cgroups where less (None: unknown, so unchecked)."""
+
+    def mem_available_mb() -> int | None:
+        try:
+            return MemInfo().available_mb()
+        except PressureFileError:
+            return None
+
+    return Headroom(mem_available_mb, partial(least_room, memory_cgroups())).mb()
+
+
+def walk_refusal(mb: int, headroom: int | None, floor: int) -> str | None:
+    """Why a walk of ``mb`` MiB cannot be made with ``headroom`` MiB and the balloon's
+    ``floor``, or None if it can."""
+    if headroom is None or mb + floor + SPARE_MB <= headroom:
+        return None
+    most = headroom - floor - SPARE_MB
+    advice = f"pass --mb {most} or less" if most >= 1 else "too little for any walk"
+    return (
+        f"a {mb} MiB walk needs {mb + floor + SPARE_MB} MiB available (the balloon's floor,"
+        f" min_available_mb, is {floor} and {SPARE_MB} are kept spare), this guest has"
+        f" {headroom}: {advice}"
+    )
+
+
+class WalkWatch:
+    """Given to the service as its ``status_changed``: ends a wait for a walk (its cancel
+    scope) as soon as the walker reports a failure."""
+
+    def __init__(self) -> None:
+        self.walker: ChunkWalker | None = None
+        self.scope: trio.CancelScope | None = None
+
+    def __call__(self) -> None:
+        """The service's status changed: look for a failure."""
+        failed = self.walker is not None and self.walker.last_failure is not None
+        if failed and self.scope is not None:
+            self.scope.cancel()
+
+    async def wait_held(self, chunks: int) -> None:
+        """Wait until the walker holds ``chunks``.
+
+        Raises:
+            WalkFailedError: the walk stopped, or took longer than :func:`walk_limit_s`.
+        """
+        walker = self.walker
+        assert walker is not None
+        limit = walk_limit_s(abs(chunks - len(walker.held)))
+        with trio.move_on_after(limit) as self.scope:
+            await walker.wait_held(chunks)
+            return
+        where = f"the walk to {chunks} chunks stopped at {len(walker.held)}"
+        reason = walker.last_failure or f"not there after {limit:.0f} s"
+        msg = f"{where}: {reason}"
+        raise WalkFailedError(msg)
 
 
 class _Quiet:
@@ -138,18 +224,21 @@ async def engine(
             await _hand_to_ring3(host)
         async with open_device(SimOpener(host)) as device:
             pump = EventPump(device)
-            service = BalloonService(device, pump, BalloonSection(), pressure=_Quiet())
+            watch = WalkWatch()
+            service = BalloonService(
+                device, pump, BalloonSection(), pressure=_Quiet(), status_changed=watch
+            )
             await nursery.start(pump.run)
             await nursery.start(service.run)
-            walker = service.walker
-            assert walker is not None, f"mode {service.mode} does not walk"
+            watch.walker = service.walker
+            assert watch.walker is not None, f"mode {service.mode} does not walk"
             in_host.wall = in_host.cpu = 0.0
             walk_starts()
             started = Spent.now()
             host.set_balloon_target(chunks)
-            await walker.wait_held(chunks)
+            await watch.wait_held(chunks)
             host.set_balloon_target(0)
-            await walker.wait_held(0)
+            await watch.wait_held(0)
             elapsed = Spent.since(started)
         nursery.cancel_scope.cancel()
     return elapsed, in_host
@@ -247,22 +336,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def main() -> None:
+def measure(chunks: int, mode: str, rounds: int, *, phases: bool) -> None:
     """Run both measurements, round after round, and print them."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=1024)
-    parser.add_argument("--mode", choices=("allocated", "owned"), default="allocated")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--phases", action="store_true", help="time each phase of a chunk")
-    args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    chunks = args.mb * (1 << 20) // BALLOON_CHUNK_SIZE
-    print(f"balloon walk, {args.mb} MiB up and down ({chunks} chunks), mode {args.mode}:")
     print(f"  untimed warm-up (bare): {_ms(bare(chunks).wall)}")
     ratios: dict[str, list[float]] = {"wall": [], "cpu": [], "agent wall": [], "agent cpu": []}
-    for number in range(1, args.rounds + 1):
+    for number in range(1, rounds + 1):
         base = bare(chunks)
-        spent, host = trio.run(engine, chunks, args.mode)
+        spent, host = trio.run(engine, chunks, mode)
         ratios["wall"].append(spent.wall / base.wall)
         ratios["cpu"].append(spent.cpu / base.cpu)
         ratios["agent wall"].append((spent.wall - host.wall) / base.wall)
@@ -283,8 +363,35 @@ def main() -> None:
         f"  agent's side alone / bare (median): {median['agent wall']:.2f}x "
         f"(CPU time: {median['agent cpu']:.2f}x)"
     )
-    if args.phases:
-        phase_breakdown(chunks, args.mode)
+    if phases:
+        phase_breakdown(chunks, mode)
+
+
+def main() -> None:
+    """Check the arguments and that the guest can give the walk, then measure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=1024)
+    parser.add_argument("--mode", choices=("allocated", "owned"), default="allocated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--phases", action="store_true", help="time each phase of a chunk")
+    args = parser.parse_args()
+    if args.mb < 1:
+        parser.error(f"--mb must be 1 or more, not {args.mb}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be 1 or more, not {args.rounds}")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    refusal = walk_refusal(args.mb, headroom_mb(), BalloonSection().min_available_mb)
+    if refusal is not None:
+        sys.exit(f"bench/balloon.py: {refusal}")
+    chunks = args.mb * (1 << 20) // BALLOON_CHUNK_SIZE
+    print(f"balloon walk, {args.mb} MiB up and down ({chunks} chunks), mode {args.mode}:")
+    try:
+        measure(chunks, args.mode, args.rounds, phases=args.phases)
+    except* WalkFailedError as failed:
+        error: BaseException = failed
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        sys.exit(f"bench/balloon.py: {error}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 A simulated host (``passthrough``, 100 ms heartbeat interval) runs in this process and
 serves a real ``vbox-agent run`` process over a Unix socket; the host stamps every
 GUEST_HEARTBEAT when its port handler sees it. A beat's lateness is how far it arrives after
-its slot on the 100 ms grid, counted from the earliest-arriving beat (so the fixed cost of
-the trip through the socket is not counted as lateness).
+the slot it was sent for, slots counted from the first beat on the 100 ms grid the agent's
+metronome keeps (:func:`grid_lateness`), less the least late beat's (so the fixed cost of the
+trip through the socket is not counted as lateness).
 
 The agent runs as ``systemd/vbox-agent.service`` runs it: in a session of its own, with the
 unit's CPU scheduling (read from the unit file). For comparison, in the same run: the agent
@@ -23,6 +24,10 @@ The statistics cost is the CPU time of one interval's work (one ``/proc`` sample
 encoding its report for each CPU), next to a bare read of ``/proc/meminfo`` measured in the
 same run.
 
+The simulated host's log (warnings: ``guest_unresponsive`` while no agent runs, say) and each
+agent's output go to files in a directory of their own, named on the last line, never into
+the figures.
+
     python bench/heartbeat.py [--seconds S] [--reports N]
 """
 
@@ -31,12 +36,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import trio
 
@@ -57,6 +64,8 @@ from testbed.unit_scheduling import (
 
 INTERVAL_NS: Final = 100_000_000
 INTERVAL_S: Final = INTERVAL_NS / 1e9
+MIN_SECONDS: Final = 1.0
+"""The shortest phase: 10 beats."""
 SETTLE_S: Final = 2.0
 """Time the agent gets to start and configure before beats are counted."""
 TARGET_P99_MS: Final = 5.0
@@ -86,11 +95,22 @@ def percentile(ordered: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
-def grid_lateness(stamps: list[float]) -> list[float]:
-    """Each beat's lateness behind its 100 ms slot, relative to the earliest beat."""
-    first = stamps[0]
-    offsets = [(t - first) - round((t - first) / INTERVAL_S) * INTERVAL_S for t in stamps]
-    floor = min(offsets)
+def grid_lateness(stamps: list[float], interval: float = INTERVAL_S) -> list[float]:
+    """Each beat's lateness behind the slot it was sent for, relative to the least late beat.
+
+    Slots are counted from the first beat, on the grid the agent's metronome keeps: each beat
+    is for the slot after the previous beat's, except for the slots the metronome skips (it
+    sends a late beat once and skips the deadlines that beat overran by a whole interval or
+    more). A beat is never taken for another slot's, however late it is; subtracting the
+    least late beat's lateness leaves out the fixed cost of the trip to the host.
+    """
+    offsets: list[float] = []
+    slot = 0
+    for stamp in stamps:
+        offset = stamp - stamps[0] - slot * interval
+        offsets.append(offset)
+        slot += 1 + max(0, math.floor(offset / interval) - 1)
+    floor = min(offsets, default=0.0)
     return [offset - floor for offset in offsets]
 
 
@@ -104,9 +124,14 @@ def summary(name: str, lateness: list[float]) -> str:
     )
 
 
-async def start_as_service(argv: list[str], scheduling: Scheduling) -> trio.Process:
-    """Start ``argv`` in a session of its own with ``scheduling``, as systemd starts a unit."""
-    process = await trio.lowlevel.open_process(argv, start_new_session=True)
+async def start_as_service(
+    argv: list[str], scheduling: Scheduling, log: IO[str] | None = None
+) -> trio.Process:
+    """Start ``argv`` in a session of its own with ``scheduling``, as systemd starts a unit;
+    its output goes to ``log`` if given."""
+    process = await trio.lowlevel.open_process(
+        argv, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None
+    )
     try:
         scheduling.apply(process.pid)
     except BaseException:
@@ -166,9 +191,16 @@ async def phase(
 
 
 async def measure_agent(
-    host: SimulatedHost, stamps: list[float], seconds: float, scheduling: Scheduling, label: str
+    host: SimulatedHost,
+    stamps: list[float],
+    seconds: float,
+    scheduling: Scheduling,
+    *,
+    label: str,
+    log: IO[str],
 ) -> None:
-    """Run one agent with ``scheduling``; measure it idle, then under a hog."""
+    """Run one agent with ``scheduling``, its output to ``log``; measure it idle, then under
+    a hog."""
     print(f"agent ({label}): {scheduling.describe()}, a session of its own")
     with tempfile.TemporaryDirectory(prefix="vbhb-") as workdir:
         socket = f"{workdir}/host.sock"
@@ -177,7 +209,7 @@ async def measure_agent(
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_simulated_host, host, socket)
             argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
-            agent = await start_as_service([*argv, "--device", f"unix:{socket}"], scheduling)
+            agent = await start_as_service([*argv, "--device", f"unix:{socket}"], scheduling, log)
             try:
                 await trio.sleep(SETTLE_S)
                 out = Path(workdir) / "baseline.json"
@@ -193,8 +225,9 @@ async def measure_agent(
             nursery.cancel_scope.cancel()
 
 
-async def heartbeat_phases(seconds: float, unit: Scheduling) -> None:
-    """Run the host; measure the agent as the unit runs it, then at plain nice 0."""
+async def heartbeat_phases(seconds: float, unit: Scheduling, logs: Path) -> None:
+    """Run the host; measure the agent as the unit runs it, then at plain nice 0, each
+    agent's output to a log file of its own in ``logs``."""
     host_sched = host_scheduling(unit)
     try:
         host_sched.apply(0)
@@ -214,8 +247,12 @@ async def heartbeat_phases(seconds: float, unit: Scheduling) -> None:
     host.vmmdev.process = stamped  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
-        await measure_agent(host, stamps, seconds, unit, f"as {UNIT.name} runs it")
-        await measure_agent(host, stamps, seconds, PLAIN, "plain, for comparison")
+        for scheduling, label, name in (
+            (unit, f"as {UNIT.name} runs it", "agent-unit.log"),
+            (PLAIN, "plain, for comparison", "agent-plain.log"),
+        ):
+            with (logs / name).open("w") as log:
+                await measure_agent(host, stamps, seconds, scheduling, label=label, log=log)
         nursery.cancel_scope.cancel()
 
 
@@ -245,22 +282,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
     parser.add_argument("--reports", type=int, default=500, help="samples timed (default 500)")
     args = parser.parse_args()
-    configure_logging(LogConfig(level="warning"), stream=sys.stderr)
+    if args.seconds < MIN_SECONDS:
+        parser.error(f"--seconds must be {MIN_SECONDS:g} or more (10 beats), not {args.seconds:g}")
+    if args.reports < 1:
+        parser.error(f"--reports must be 1 or more, not {args.reports}")
+    logs = Path(tempfile.mkdtemp(prefix="vbox-bench-heartbeat-"))
     unit = unit_scheduling()
     print(
         f"heartbeat: passthrough host, interval {INTERVAL_S * 1e3:.0f} ms, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
         f"{UNIT.name} asks for {unit.describe()}"
     )
-    try:
-        with realtime_slot():
-            trio.run(heartbeat_phases, args.seconds, unit)
-    except* PermissionError:
-        sys.exit(
-            f"bench/heartbeat.py: giving the agent {unit.describe()} needs CAP_SYS_NICE"
-            " (root) and a real-time budget (not a CONFIG_RT_GROUP_SCHED cgroup without one)"
-        )
-    report_cost(args.reports)
+    with (logs / "host.log").open("w") as host_log:
+        configure_logging(LogConfig(level="warning"), stream=host_log)
+        try:
+            with realtime_slot():
+                trio.run(heartbeat_phases, args.seconds, unit, logs)
+        except* PermissionError:
+            sys.exit(
+                f"bench/heartbeat.py: giving the agent {unit.describe()} needs CAP_SYS_NICE"
+                " (root) and a real-time budget (not a CONFIG_RT_GROUP_SCHED cgroup without one)"
+            )
+        report_cost(args.reports)
+    print(f"logs (the simulated host's warnings, each agent's output): {logs}")
 
 
 if __name__ == "__main__":

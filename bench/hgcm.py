@@ -6,14 +6,14 @@ in-process (``SimOpener``: host and agent in one trio loop) and over the Unix so
 ``vbox-agent simulate`` process). In the same run, with the same callers and device, it
 measures the same GET_PROP sent raw through the device layer's ``HgcmClient`` and a bare
 VMMDev request (GET_HOST_VERSION), and prints the ratios: client/raw is the cost of the
-channel and client layers, client/host-version that of the whole HGCM path. Target: at
-least 20 000 gets/s with 8 callers in-process.
+channel and client layers, client/host-version that of the whole HGCM path. The raw GET_PROP
+does what the client's get does below those layers: it is prepared once, as the client keeps
+a property's GET_PROP prepared, and takes one of the host's call slots without a checkpoint,
+waiting only when all are taken, as the client does. Target: at least 20 000 gets/s with 8
+callers in-process.
 
-It also prints the agent's side alone: of the CPU time one in-process get takes with 8
-callers, the part spent outside ``agent.host`` (the simulated driver, VMMDev and HGCM
-services, which a real guest's kernel and host pay), as the gets/s that part alone could
-sustain. The host's part is timed per task step by a trio instrument, in a pass of its own;
-the total comes from an untimed pass.
+How a get's CPU time splits between the agent's layers and the simulated host's:
+``bench/hgcm_layers.py``.
 
     python bench/hgcm.py [--seconds S] [--personality P] [--callers 1,8,32]
 """
@@ -29,10 +29,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import trio
-import trio.abc
 
 from agent.config import LogConfig
 from agent.device import open_device
@@ -41,7 +40,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.logconfig import configure_logging
 from agent.protocol import GetHostVersion
 from agent.protocol.guest_props import MAX_CALLS_PER_CLIENT, SERVICE_NAME, GuestFunction
-from agent.services.guest_props import VALUE_BUFFER_SIZE, GuestProperties, open_guest_properties
+from agent.services.guest_props import VALUE_BUFFER_SIZE, open_guest_properties
 from agent.services.hgcm import HgcmBufferIn, HgcmBufferOut, HgcmU32, HgcmU64
 
 if TYPE_CHECKING:
@@ -56,10 +55,6 @@ BENCH_LOG_LEVEL: Final = "warning"
 TARGET_GETS_PER_S: Final = 20_000
 TARGET_CALLERS: Final = 8
 SOCKET_WAIT_S: Final = 20.0
-AGENT_SIDE_CALLS: Final = 8000
-"""Gets of each pass of the agent's-side figure."""
-HOST_MODULES: Final = "agent.host."
-"""Tasks whose function lives here are the simulated host's (its ISR, timers)."""
 
 
 @dataclass(frozen=True)
@@ -74,60 +69,6 @@ class Figures:
 
 Rows = list[tuple[int, Figures, Figures, Figures]]
 """Per caller count: client get, raw HGCM GET_PROP, GET_HOST_VERSION."""
-
-
-@dataclass(frozen=True)
-class AgentSide:
-    """CPU µs per get: the whole in-process get and the simulated host's part of it."""
-
-    total_us: float
-    host_us: float
-
-    @property
-    def agent_us(self) -> float:
-        """The agent's side: everything outside ``agent.host``."""
-        return self.total_us - self.host_us
-
-
-class HostClock(trio.abc.Instrument):
-    """Sums the CPU time tasks spend inside the simulated host.
-
-    A task is inside while it awaits ``SimulatedHost.ioctl`` (see :meth:`wrap`); the host's
-    own tasks are inside always. Each stretch is timed from the call or the task step that
-    starts it to the step or the return that ends it, so suspensions are not counted.
-    """
-
-    def __init__(self) -> None:
-        self.cpu = 0.0
-        self._inside: set[trio.lowlevel.Task] = set()
-        self._since: dict[trio.lowlevel.Task, float] = {}
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        """A task runs: start its stretch if it is inside the host."""
-        if task in self._inside or task.name.startswith(HOST_MODULES):
-            self._since[task] = time.process_time()
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        """A task stops: end its stretch."""
-        started = self._since.pop(task, None)
-        if started is not None:
-            self.cpu += time.process_time() - started
-
-    def wrap(self, host: SimulatedHost) -> None:
-        """Time ``host.ioctl`` from now on."""
-        ioctl = host.ioctl
-
-        async def timed_ioctl(*args: Any) -> None:
-            task = trio.lowlevel.current_task()
-            self._inside.add(task)
-            self._since[task] = time.process_time()
-            try:
-                await ioctl(*args)
-            finally:
-                self.cpu += time.process_time() - self._since.pop(task)
-                self._inside.discard(task)
-
-        setattr(host, "ioctl", timed_ioctl)  # noqa: B010 - instance attribute over the method
 
 
 async def _drive(call: Callable[[], Awaitable[object]], callers: int, seconds: float) -> Figures:
@@ -170,13 +111,20 @@ async def _measure(device: Device, callers: list[int], seconds: float) -> Rows:
     ):
         await props.set(PROPERTY, "x" * 32)
         raw_slots = trio.Semaphore(MAX_CALLS_PER_CLIENT - 1)
+        raw_call = raw_client.prepare(GuestFunction.GET_PROP, raw_params)
 
         async def get() -> object:
             return await props.get(PROPERTY)
 
         async def raw_get() -> object:
-            async with raw_slots:
-                return await raw_client.call(GuestFunction.GET_PROP, raw_params)
+            try:  # a free slot is taken without a checkpoint, as the client takes one
+                raw_slots.acquire_nowait()
+            except trio.WouldBlock:
+                await raw_slots.acquire()
+            try:
+                return await raw_client.call_prepared(raw_call)
+            finally:
+                raw_slots.release()
 
         async def host_version() -> object:
             return await device.request(GetHostVersion())
@@ -197,40 +145,6 @@ async def _in_process(personality: str, callers: list[int], seconds: float) -> R
             rows = await _measure(device, callers, seconds)
         nursery.cancel_scope.cancel()
     return rows
-
-
-async def _cpu_per_get(props: GuestProperties, callers: int, calls: int) -> float:
-    """CPU seconds per get of ``calls`` gets made by ``callers`` tasks."""
-
-    async def caller(count: int) -> None:
-        for _ in range(count):
-            await props.get(PROPERTY)
-
-    start = time.process_time()
-    async with trio.open_nursery() as nursery:
-        for _ in range(callers):
-            nursery.start_soon(caller, calls // callers)
-    return (time.process_time() - start) / (calls // callers * callers)
-
-
-async def _agent_side(personality: str, callers: int, calls: int) -> AgentSide:
-    """An untimed pass for the total, then a pass with the host's part timed."""
-    host = SimulatedHost(personality=personality)
-    clock = HostClock()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        async with open_device(SimOpener(host)) as device, open_guest_properties(device) as props:
-            await props.set(PROPERTY, "x" * 32)
-            total = await _cpu_per_get(props, callers, calls)
-            clock.wrap(host)
-            trio.lowlevel.add_instrument(clock)
-            try:
-                await _cpu_per_get(props, callers, calls)
-            finally:
-                trio.lowlevel.remove_instrument(clock)
-            host_part = clock.cpu / (calls // callers * callers)
-        nursery.cancel_scope.cancel()
-    return AgentSide(total * 1e6, host_part * 1e6)
 
 
 async def _over_socket(opener: DeviceOpener, callers: list[int], seconds: float) -> Rows:
@@ -285,20 +199,18 @@ def main() -> None:
     parser.add_argument("--personality", default="mainline")
     parser.add_argument("--callers", default="1,8,32")
     args = parser.parse_args()
+    callers = [int(part) for part in args.callers.split(",") if part.strip().isdigit()]
+    if len(callers) != len(args.callers.split(",")) or min(callers) < 1:
+        parser.error(f"--callers takes counts of 1 or more split by commas, not {args.callers!r}")
+    if args.seconds <= 0:
+        parser.error(f"--seconds must be more than 0, not {args.seconds:g}")
     configure_logging(LogConfig(level=BENCH_LOG_LEVEL), stream=sys.stderr)
-    callers = [int(part) for part in args.callers.split(",")]
     print(
         f"guest-property GET_PROP vs GET_HOST_VERSION, {args.seconds:g} s each, "
         f"{args.personality} driver, pid {os.getpid()}"
     )
     in_process = trio.run(_in_process, args.personality, callers, args.seconds)
     _print("in-process (SimOpener):", in_process)
-    side = trio.run(_agent_side, args.personality, TARGET_CALLERS, AGENT_SIDE_CALLS)
-    print(
-        f"  agent's side alone ({TARGET_CALLERS} callers in-process, CPU us per get): "
-        f"{side.agent_us:.1f} of {side.total_us:.1f} (simulated host {side.host_us:.1f}): "
-        f"{1e6 / side.agent_us:.0f} gets/s"
-    )
     directory = Path(tempfile.mkdtemp(prefix="vbx-bench-", dir="/tmp"))
     process, path = _start_simulator(directory, args.personality)
     try:

@@ -88,7 +88,8 @@ def self_time_by_layer(stats: dict[Key, Stat]) -> dict[str, float]:
 
 
 async def _drive(call: Callable[[], Awaitable[object]], calls: int, callers: int) -> float:
-    """Make ``calls`` calls from ``callers`` tasks; return the CPU seconds they took."""
+    """Make ``calls`` calls from ``callers`` tasks (a multiple of ``callers``); return the CPU
+    seconds they took."""
 
     async def caller(count: int) -> None:
         for _ in range(count):
@@ -134,6 +135,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=8000)
     parser.add_argument("--callers", type=int, default=8)
     args = parser.parse_args()
+    if args.callers < 1:
+        parser.error(f"--callers must be 1 or more, not {args.callers}")
+    if args.calls < 1 or args.calls % args.callers:
+        parser.error(
+            f"--calls must be a multiple of --callers ({args.callers}), each making as many,"
+            f" not {args.calls}"
+        )
     configure_logging(LogConfig(level=BENCH_LOG_LEVEL), stream=sys.stderr)
     results = trio.run(_measure, args.calls, args.callers)
     get_cpu, get_layers = results["GET_PROP"]

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 REFUSED_PARTS: Final = 20_000
+MIN_PARTS: Final = 2
+"""The fewest parts of the shapes' keys: each is dotted."""
 
 
 def _dotted(parts: int, name: str = "a") -> str:
@@ -84,6 +86,10 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=MAX_KEY_PARTS)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.parts < MIN_PARTS:
+        parser.error(f"--parts must be {MIN_PARTS} or more (a dotted key), not {args.parts}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be 1 or more, not {args.rounds}")
     print(f"keys of {args.parts} parts, {MAX_TOML_BYTES} bytes, CPU s (least of {args.rounds})")
     print(f"{'shape':42} {'tomllib':>8} {'check':>8}")
     for name, text in _shapes(args.parts).items():

@@ -42,6 +42,7 @@ _CODE_POINTS: Final = {
 three-byte range stops short of the two endian indicators (an overlong four-byte form of
 one is plain bad UTF-8)."""
 _ENDIAN_INDICATORS: Final = (0xFFFE, 0xFFFF)
+_REPLACEMENT: Final = "\ufffd".encode()
 _SURROGATES: Final = range(0xD800, 0xE000)
 _ENDIAN_INDICATOR_BYTES: Final = re.compile(b"\xef\xbf[\xbe\xbf]")
 """U+FFFE or U+FFFF in UTF-8 that Python's decoder took: no other code point's bytes hold
@@ -78,6 +79,19 @@ def validate_utf8(raw: bytes | bytearray) -> int:
     the status IPRT refuses it with."""
     fault = utf8_fault(raw)
     return VINF_SUCCESS if fault is None else fault.status
+
+
+def replace_refused(raw: bytes) -> bytes:
+    """``raw`` (a string without its NUL) with each sequence IPRT refuses as U+FFFD, the rest
+    byte for byte: a refused code point (U+FFFE, U+FFFF, a surrogate: three bytes) whole, a
+    byte that starts no sequence IPRT takes alone. For short strings such as names: each
+    refusal walks the rest again."""
+    kept = bytearray()
+    while (fault := utf8_fault(raw)) is not None:
+        refused = 1 if fault.status == VERR_INVALID_UTF8_ENCODING else 3
+        kept += raw[: fault.offset] + _REPLACEMENT
+        raw = raw[fault.offset + refused :]
+    return bytes(kept + raw)
 
 
 def _walk(raw: bytes | bytearray) -> Utf8Fault | None:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
 from agent.protocol.host_text import host_bytes, host_str
-from agent.protocol.iprt_utf8 import utf8_fault
+from agent.protocol.iprt_utf8 import replace_refused
 from agent.records import record
 
 if TYPE_CHECKING:
@@ -74,7 +74,6 @@ MISSES_KEPT: Final = 1
 """Readings after the one that missed for which a uid without a name is not asked again."""
 MAX_UTMP_BYTES: Final = 16 * 1024 * 1024
 """A larger utmp file is not a utmp file: it is refused rather than read into memory."""
-_ENDIAN_INDICATORS_REPLACED: Final = {0xFFFE: 0xFFFD, 0xFFFF: 0xFFFD}
 _UTMP_HEAD: Final = struct.Struct("=h2xi32s4s32s")
 """``ut_type``, ``ut_pid``, ``ut_line``, ``ut_id``, ``ut_user``: the fields before ``ut_host``."""
 
@@ -166,12 +165,10 @@ def distinct_users(utmp: Sequence[bytes], logind: Sequence[bytes]) -> list[bytes
 
 
 def published_name(raw: bytes) -> str:
-    """The login name ``raw`` as the host takes it: as it is (:func:`host_str`) where IPRT
-    takes it as UTF-8, else with each sequence Python cannot decode, and U+FFFE and U+FFFF,
-    as U+FFFD (the host would refuse the list that held it)."""
-    if utf8_fault(raw) is None:
-        return host_str(raw)
-    return raw.decode(errors="replace").translate(_ENDIAN_INDICATORS_REPLACED)
+    """The login name ``raw`` as the host takes it (:func:`host_str`): each sequence IPRT
+    refuses (bytes that are not UTF-8 to it, U+FFFE, U+FFFF) as U+FFFD, as the host would
+    refuse the list that held it; the rest, code points past U+10FFFF included, as it is."""
+    return host_str(replace_refused(raw))
 
 
 def utmp_users(path: Path = UTMP_PATH) -> list[str] | None:

@@ -15,6 +15,7 @@ from agent.protocol.iprt_utf8 import (
     VERR_CODE_POINT_ENDIAN_INDICATOR,
     VERR_CODE_POINT_SURROGATE,
     Utf8Fault,
+    replace_refused,
     utf8_fault,
     validate_utf8,
 )
@@ -94,3 +95,32 @@ def test_python_text_is_taken_but_the_endian_indicators(text: str) -> None:
         offset = len(text[: firsts[0]].encode())
         expected = Utf8Fault(VERR_CODE_POINT_ENDIAN_INDICATOR, offset)
     assert utf8_fault(raw) == expected
+
+
+REPLACEMENT = "\ufffd".encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "published"),
+    [
+        (b"plain", b"plain"),
+        (b"past\xf8\x88\x80\x80\x80\xff", b"past\xf8\x88\x80\x80\x80" + REPLACEMENT),
+        (b"\xf4\x90\x80\x80" + "\uffff".encode() + b"x", b"\xf4\x90\x80\x80" + REPLACEMENT + b"x"),
+        (b"a\xed\xa0\x80b", b"a" + REPLACEMENT + b"b"),  # a surrogate, whole
+        (b"\xc0\x80", REPLACEMENT * 2),  # overlong: its lead, then a stray continuation
+        (b"cut\xe2\x82", b"cut" + REPLACEMENT * 2),
+    ],
+    ids=["valid", "five-then-ff", "past-unicode-then-ffff", "surrogate", "overlong", "cut-short"],
+)
+def test_only_what_iprt_refuses_is_replaced(raw: bytes, published: bytes) -> None:
+    """Each refused sequence becomes U+FFFD; what IPRT takes, even where Python's decoder
+    would not, stays byte for byte."""
+    assert replace_refused(raw) == published
+
+
+@given(st.binary(max_size=64))
+def test_a_replaced_string_is_one_iprt_takes(raw: bytes) -> None:
+    """Whatever the bytes, the result is taken whole, and a string IPRT takes is unchanged."""
+    replaced = replace_refused(raw)
+    assert utf8_fault(replaced) is None
+    assert (replaced == raw) == (utf8_fault(raw) is None)
