@@ -4,7 +4,8 @@ The cgroup's limit is far below the file the process reads over and over, so eve
 faults in is charged past the limit and the kernel reclaims inside the cgroup: memory stall
 (PSI ``some``) for the whole system's ``/proc/pressure/memory`` within a second. The file is
 sparse (its holes read as zero pages, no disk I/O) on the test's ``tmp_path``, and the process
-ends by itself after :data:`THRASH_S` however the test goes. Needs root and a memory
+ends by itself after :data:`THRASH_S`, or with the test process, however the test goes (a
+scratch cgroup a killed run left is removed by the next). Needs root and a memory
 cgroup the test may make a child of (a cgroup v1 memory hierarchy, or a v2 cgroup whose
 ``cgroup.subtree_control`` enables memory); :func:`scratch_parent` says why not otherwise.
 On a ``tmp_path`` in tmpfs the file's pages cannot be reclaimed (no swap): the cgroup's OOM
@@ -13,23 +14,29 @@ killer ends the process instead (``SIGKILL``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from agent.services.balloon._cgroup import memory_cgroups
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 LIMIT_BYTES: Final = 32 << 20
 FILE_BYTES: Final = 128 << 20
 THRASH_S: Final = 30
+SCRATCH_PREFIX: Final = "vbox-agent-test-thrash-"
+"""The scratch cgroup's name, before the pid of the test process that made it."""
 _THRASH: Final = """
-import mmap, os, sys, time
+import ctypes, mmap, os, signal, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: ends with pytest
+if os.getppid() != int(sys.argv[4]):
+    sys.exit("the test ended before the thrasher started")
 with open(sys.argv[2], "w") as procs:  # into the scratch cgroup before the first page
     procs.write(str(os.getpid()))
 pages = mmap.mmap(os.open(sys.argv[1], os.O_RDONLY), 0, prot=mmap.PROT_READ)
@@ -43,12 +50,12 @@ while time.monotonic() < end:
 def scratch_parent() -> tuple[Path, str] | str:
     """This process's memory cgroup, to make a scratch child in, and the child's limit file;
     or why there is none."""
-    if os.geteuid() != 0:
-        return "making a memory cgroup needs root"
     dirs = memory_cgroups()
     if not dirs or not dirs[0].is_dir():
         return "this process is in no memory cgroup it can see"
     leaf = dirs[0]
+    if not os.access(leaf, os.W_OK):  # not root, or a read-only mount (ProtectControlGroups=)
+        return f"cannot make a cgroup in {leaf}: not writable by this process"
     if (leaf / "memory.limit_in_bytes").exists():
         return leaf, "memory.limit_in_bytes"
     try:
@@ -67,15 +74,27 @@ def thrashing(tmp_path: Path, parent: Path, limit_name: str) -> Iterator[subproc
     pages = tmp_path / "thrash.bin"
     with pages.open("wb") as file:
         file.truncate(FILE_BYTES)
-    scratch = parent / f"vbox-agent-test-thrash-{os.getpid()}"
+    _remove_stale(parent)
+    scratch = parent / f"{SCRATCH_PREFIX}{os.getpid()}"
     scratch.mkdir()
     try:
         (scratch / limit_name).write_text(str(LIMIT_BYTES))
         args = [sys.executable, "-c", _THRASH, str(pages), str(scratch / "cgroup.procs")]
-        with subprocess.Popen([*args, str(THRASH_S)]) as process:
+        with subprocess.Popen([*args, str(THRASH_S), str(os.getpid())]) as process:
             try:
                 yield process
             finally:
                 process.kill()
     finally:
         scratch.rmdir()  # empty: the process was reaped when its block ended
+
+
+def _remove_stale(parent: Path) -> None:
+    """Remove the scratch cgroups of test processes that are gone: a run ended by a signal
+    (SIGTERM from a job's time limit) skips the block's cleanup; its thrasher died with it
+    (``PR_SET_PDEATHSIG``), so the cgroup is empty and can go."""
+    for stale in parent.glob(f"{SCRATCH_PREFIX}*"):
+        pid = stale.name.removeprefix(SCRATCH_PREFIX)
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                stale.rmdir()
