@@ -133,6 +133,14 @@ class Metronome:
         """Late ticks since the run of late ticks began (0: ticks keep time)."""
         self._late_run_worst = 0.0
         self._last_late_at = 0.0
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether this run reported ready (its first interval read returned): a service
+        whose run ends in a refusal reports ready itself only if the metronome did not, as a
+        task may report it once."""
+        return self._ready
 
     @property
     def interval_s(self) -> float | None:
@@ -157,8 +165,10 @@ class Metronome:
 
         Each event from ``events`` makes the metronome read the interval again.
         """
+        self._ready = False  # per run: a supervisor runs the service again
         self._interval = await self._checked_interval()
         task_status.started()
+        self._ready = True
         while True:
             if self._interval is None:
                 await events.receive()

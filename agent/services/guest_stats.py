@@ -117,8 +117,6 @@ class GuestStatsService:
         self._last: GuestStatistics | None = None
         self._interval_read = False
         """An interval read went through: a refusal then no longer means an untrusted session."""
-        self._read_answered = False
-        """An interval read of this run returned (the metronome has then reported the start)."""
         self._refused = False
         self._retry_at = math.inf
         """When a failed read that left the service off is tried again (inf: none is)."""
@@ -150,7 +148,6 @@ class GuestStatsService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Read the interval, report on it, and read it again at 0x80 and after restores."""
-        self._read_answered = False  # per run: the supervisor runs this instance again
         try:
             with self._pump.subscribe(self.name, EVENTS) as events:
                 wakeups = RetryWakeups(events, lambda: self._retry_at)
@@ -164,7 +161,7 @@ class GuestStatsService:
                 device=self._device.description,
                 hint="only a trusted session (/dev/vboxguest, as root) may send statistics",
             )
-        if not self._read_answered:  # refused at the first read: the metronome never started
+        if not self._metronome.ready:  # refused at the first read, not at a retry
             task_status.started()
         await trio.sleep_forever()
 
@@ -182,7 +179,6 @@ class GuestStatsService:
             refused = isinstance(exc, VBoxStatusError) and exc.rc in DRIVER_REFUSALS
             if refused and not self._interval_read:
                 raise
-            self._read_answered = True
             kept = self._metronome.interval_s
             if self._read_failures.host_failed("statistics_interval_unreadable", exc, kept_s=kept):
                 self._status_changed()
@@ -191,7 +187,7 @@ class GuestStatsService:
             self._retry_at = trio.current_time() + retry_in
             return kept
         self._retry_at = math.inf
-        self._interval_read = self._read_answered = True
+        self._interval_read = True
         self._read_failures.succeeded()
         log.info("statistics_interval_read", interval_s=seconds)
         self._proc.forget_cpu()

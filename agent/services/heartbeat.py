@@ -195,7 +195,8 @@ class HeartbeatService:
                 log.info("heartbeat_kept_by_driver", refused_with=exc.status)
             else:
                 log.warning("heartbeat_not_supported_by_host", status=exc.status)
-        task_status.started()
+        if not self._metronome.ready:  # refused at the first configure, not at a retry
+            task_status.started()
         await trio.sleep_forever()
 
     async def drain(self) -> None:

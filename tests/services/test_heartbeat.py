@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import errno
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -21,6 +22,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import (
+    HeartbeatConfigure,
     RequestType,
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -327,7 +329,9 @@ class TestAgentKeepsTheHeartbeat:
     ) -> None:
         """The first configure is refused with VERR_GENERAL_FAILURE, its retry with
         VERR_NOT_SUPPORTED: the host lacks the heartbeat, so the service stops retrying and
-        its status says so (it said ``not armed (VERR_GENERAL_FAILURE)`` for good)."""
+        its status says so (it said ``not armed (VERR_GENERAL_FAILURE)`` for good). Started as
+        the supervisor starts it: the metronome reported ready at the first configure, so the
+        refusal at the retry does not again (a second ``started()`` ended the service)."""
         with structlog.testing.capture_logs() as logs:
             host = SimulatedHost(personality="passthrough", heartbeat_interval_ns=INTERVAL_NS)
             with trio.fail_after(BOUND_S * 10):
@@ -340,7 +344,7 @@ class TestAgentKeepsTheHeartbeat:
                         pump = EventPump(device)
                         service = HeartbeatService(ServiceContext(device, pump), HeartbeatSection())
                         await nursery.start(pump.run)
-                        nursery.start_soon(service.run)
+                        await nursery.start(service.run)
                         await trio.sleep(3600)
                         assert service.status() == "heartbeat unsupported by the host"
                         assert service.statistics().owner == "none"
@@ -349,6 +353,37 @@ class TestAgentKeepsTheHeartbeat:
                     nursery.cancel_scope.cancel()
         said = [entry["event"] for entry in logs if entry["event"].startswith("heartbeat_")]
         assert said == ["heartbeat_not_armed", "heartbeat_not_supported_by_host"]
+
+    async def test_a_failed_first_configure_then_the_kernel_s_refusal_idles(
+        self, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """Mainline allocates an ioctl's buffer before it checks who may send the request: the
+        first configure may fail with ENOMEM, and its retry meets the kernel's EPERM. The
+        service, started as the supervisor starts it, then says the kernel keeps the
+        heartbeat and idles, once."""
+        code = HeartbeatConfigure(enabled=False).encode().code
+        failures_left = [1]
+
+        async def enomem_once(ioctl_code: int) -> None:
+            if ioctl_code == code and failures_left[0]:
+                failures_left[0] -= 1
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        host = SimulatedHost(personality="mainline", heartbeat_interval_ns=INTERVAL_NS)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(BOUND_S * 10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                async with open_device(HookedOpener(host, before=enomem_once)) as device:
+                    pump = EventPump(device)
+                    service = HeartbeatService(ServiceContext(device, pump), HeartbeatSection())
+                    await nursery.start(pump.run)
+                    await nursery.start(service.run)
+                    await trio.sleep(3600)
+                    assert service.status() == "heartbeat (kernel)"
+                nursery.cancel_scope.cancel()
+        assert failures_left == [0]
+        said = [entry["event"] for entry in logs if entry["event"] == "heartbeat_kept_by_driver"]
+        assert said == ["heartbeat_kept_by_driver"]
 
     async def test_failing_and_recovering_beats_change_the_status(
         self, autojump_clock: trio.abc.Clock
