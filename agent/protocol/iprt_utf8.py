@@ -31,6 +31,7 @@ _LEAD_BYTES: Final = (
     (0xFE, 0xFC, 6),
 )
 """(mask, value, sequence length) of each lead byte IPRT takes."""
+MAX_SEQUENCE_BYTES: Final = 6
 _CODE_POINTS: Final = {
     2: (0x80, 0x7FF),
     3: (0x800, 0xFFFD),
@@ -92,6 +93,20 @@ def replace_refused(raw: bytes) -> bytes:
         kept += raw[: fault.offset] + _REPLACEMENT
         raw = raw[fault.offset + refused :]
     return bytes(kept + raw)
+
+
+def without_cut_sequence(raw: bytes) -> bytes:
+    """``raw`` less a sequence cut short at its end (a lead byte followed by fewer
+    continuation bytes than it announces), as a fixed-size field's cut leaves one; else
+    ``raw`` as it is."""
+    tail = len(raw)
+    while tail > 0 and len(raw) - tail < MAX_SEQUENCE_BYTES and raw[tail - 1] & 0xC0 == 0x80:
+        tail -= 1
+    if tail == 0:
+        return raw
+    lead = raw[tail - 1]
+    length = next((n for mask, value, n in _LEAD_BYTES if lead & mask == value), 0)
+    return raw[: tail - 1] if length > len(raw) - tail + 1 else raw
 
 
 def _walk(raw: bytes | bytearray) -> Utf8Fault | None:

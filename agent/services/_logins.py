@@ -16,8 +16,9 @@ bytes (one short name in two SSSD domains) are two users. One exception: utmp's 
 holds 32 bytes, so a utmp name of exactly 32 bytes may be the cut of a longer one, maybe
 mid-character; it counts as the same user as the first longer logind name that begins
 with those bytes (unless logind lists it whole), and logind's full name is published in its
-place. A name IPRT does not take as UTF-8 would make the host refuse the whole list: it is
-published with each such sequence (and U+FFFE, U+FFFF) as U+FFFD. A source that does not
+place; where no name completes it, a character the cut split is left out. A name IPRT does
+not take as UTF-8 would make the host refuse the whole list: it is published with each such
+sequence (and U+FFFE, U+FFFF) as U+FFFD. A source that does not
 exist (no utmp file, no libsystemd) adds no one and is not one read. One that exists and
 cannot be read is left out and named with its error, the other's users still count (as
 VBoxService 7.2.6 logs a failing logind and publishes what it has); only when every source
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
 from agent.protocol.host_text import host_bytes, host_str
-from agent.protocol.iprt_utf8 import replace_refused
+from agent.protocol.iprt_utf8 import replace_refused, without_cut_sequence
 from agent.records import record
 
 if TYPE_CHECKING:
@@ -144,7 +145,8 @@ def logged_in_users(
 def distinct_users(utmp: Sequence[bytes], logind: Sequence[bytes]) -> list[bytes]:
     """Each name once, in order of first appearance, utmp's before logind's; a utmp name of
     exactly :data:`UT_NAMESIZE` bytes that logind does not list whole is taken for the cut
-    of the first longer logind name beginning with it, which takes its place."""
+    of the first longer logind name beginning with it, which takes its place; one that no
+    name completes loses a character its cut split."""
     users = list(dict.fromkeys(utmp))
     listed = set(users)
     listed_whole = set(logind)
@@ -161,7 +163,9 @@ def distinct_users(utmp: Sequence[bytes], logind: Sequence[bytes]) -> list[bytes
             users.append(name)
         else:
             users[at] = name
-    return users
+    for at in cuts.values():  # no longer name to complete it: a split character goes
+        users[at] = without_cut_sequence(users[at])
+    return list(dict.fromkeys(users))
 
 
 def published_name(raw: bytes) -> str:

@@ -18,6 +18,7 @@ from agent.protocol.iprt_utf8 import (
     replace_refused,
     utf8_fault,
     validate_utf8,
+    without_cut_sequence,
 )
 from agent.protocol.status import VERR_INVALID_UTF8_ENCODING, VINF_SUCCESS
 
@@ -124,3 +125,23 @@ def test_a_replaced_string_is_one_iprt_takes(raw: bytes) -> None:
     replaced = replace_refused(raw)
     assert utf8_fault(replaced) is None
     assert (replaced == raw) == (utf8_fault(raw) is None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "whole"),
+    [
+        (b"", b""),
+        (b"ascii", b"ascii"),
+        ("caf\u00e9".encode(), "caf\u00e9".encode()),
+        ("caf\u00e9".encode()[:-1], b"caf"),
+        ("x\u20ac".encode()[:-1], b"x"),
+        ("x\U0001f600".encode()[:-1], b"x"),
+        (b"x\xf8\x88\x80\x80", b"x"),  # five bytes announced, four there
+        (b"x\xf8\x88\x80\x80\x80", b"x\xf8\x88\x80\x80\x80"),
+        (b"x\x80", b"x\x80"),  # a stray continuation is no cut: left for IPRT's check
+    ],
+)
+def test_a_sequence_cut_short_at_the_end_is_left_out(raw: bytes, whole: bytes) -> None:
+    """What a fixed-size field's cut leaves of the last character goes; whole characters,
+    and faults that are not a cut, stay."""
+    assert without_cut_sequence(raw) == whole
