@@ -16,22 +16,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from agent.services.balloon._cgroup import memory_cgroups
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 LIMIT_BYTES: Final = 32 << 20
 FILE_BYTES: Final = 128 << 20
 THRASH_S: Final = 30
 SCRATCH_PREFIX: Final = "vbox-agent-test-thrash-"
-"""The scratch cgroup's name, before the pid of the test process that made it."""
+"""The scratch cgroup's name, before the pid of the test process that made it and a random
+part (pids repeat across PID namespaces and runs)."""
+STALE_AFTER_S: Final = 600
+"""Age past which a scratch cgroup is a killed run's: a run removes its own within
+:data:`THRASH_S` of making it."""
 _THRASH: Final = """
 import ctypes, mmap, os, signal, sys, time
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: ends with pytest
@@ -75,7 +81,7 @@ def thrashing(tmp_path: Path, parent: Path, limit_name: str) -> Iterator[subproc
     with pages.open("wb") as file:
         file.truncate(FILE_BYTES)
     _remove_stale(parent)
-    scratch = parent / f"{SCRATCH_PREFIX}{os.getpid()}"
+    scratch = parent / f"{SCRATCH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     scratch.mkdir()
     try:
         (scratch / limit_name).write_text(str(LIMIT_BYTES))
@@ -86,15 +92,18 @@ def thrashing(tmp_path: Path, parent: Path, limit_name: str) -> Iterator[subproc
             finally:
                 process.kill()
     finally:
-        scratch.rmdir()  # empty: the process was reaped when its block ended
+        with contextlib.suppress(FileNotFoundError):
+            scratch.rmdir()  # empty: the process was reaped when its block ended
 
 
 def _remove_stale(parent: Path) -> None:
-    """Remove the scratch cgroups of test processes that are gone: a run ended by a signal
-    (SIGTERM from a job's time limit) skips the block's cleanup; its thrasher died with it
-    (``PR_SET_PDEATHSIG``), so the cgroup is empty and can go."""
+    """Remove the scratch cgroups runs ended by a signal left (SIGTERM from a job's time limit
+    skips the block's cleanup; the thrasher died with its test process, ``PR_SET_PDEATHSIG``):
+    those made over :data:`STALE_AFTER_S` ago, which no run still holds (a pid would not say,
+    as runs in other PID namespaces share the cgroup tree). One with a process left in it
+    refuses to go (EBUSY) and stays."""
+    too_old = time.time() - STALE_AFTER_S
     for stale in parent.glob(f"{SCRATCH_PREFIX}*"):
-        pid = stale.name.removeprefix(SCRATCH_PREFIX)
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < too_old:
                 stale.rmdir()
