@@ -21,7 +21,7 @@ instead of ending the process with its default action (killed, or a KeyboardInte
 one that comes once the daemon stopped handling them is discarded, so a stopped agent
 exits 0 however many signals follow.
 
-Third-party pydantic plugins are off for every command (:func:`_disable_pydantic_plugins`):
+Third-party pydantic plugins are off for every command (:func:`agent.pydantic_plugins.disable`):
 how a config file validates must not depend on what else is installed.
 """
 
@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from agent import __version__
+from agent import __version__, pydantic_plugins
 from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_IOERR, EX_USAGE
 from agent.cli._output import OutputError, flush, say, write_text
 
@@ -202,19 +202,6 @@ def _build_parser(argv: Sequence[str]) -> CommandParser:
     return parser
 
 
-PYDANTIC_DISABLE_PLUGINS: Final = "PYDANTIC_DISABLE_PLUGINS"
-
-
-def _disable_pydantic_plugins() -> None:
-    """Keep pydantic from loading the plugins installed packages register (its ``pydantic``
-    entry points, such as logfire's): they may wrap every validator, so the config would
-    validate differently with whatever site-packages holds, and pydantic would import
-    each one (and scan every installed distribution for them) when it builds the first
-    model. Set before any command's module, and with it the first model, is imported.
-    """
-    os.environ[PYDANTIC_DISABLE_PLUGINS] = "__all__"
-
-
 def _give_closed_streams_devnull() -> None:
     """A process started with stdout or stderr closed (``>&-``) has ``sys.stdout`` or
     ``sys.stderr`` None, and its first print or log line would end it with a traceback:
@@ -327,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry point (the console script, ``python -m agent``): the signals the command handled
     then stay ignored until the process exits (see :func:`_signals_held`).
     """
-    _disable_pydantic_plugins()
+    pydantic_plugins.disable()
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
     held = HELD_SIGNALS.get(_chosen_command(words) or "", ())
