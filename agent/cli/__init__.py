@@ -15,11 +15,12 @@ output nobody reads any more (``| head``) with 141, without a traceback, and out
 cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 
 ``run`` handles SIGTERM, SIGINT and SIGHUP itself, but only once the daemon runs, after its
-imports and the config (about 1.5 s): :data:`HELD_SIGNALS` are blocked from the moment
-``main`` knows the command, so one that comes meanwhile waits for the daemon's handler
-instead of ending the process with its default action (killed, or a KeyboardInterrupt);
-one that comes once the daemon stopped handling them is discarded, so a stopped agent
-exits 0 however many signals follow.
+imports and the config (about 1.5 s), and ``simulate`` SIGTERM and SIGINT once its host
+runs: :data:`HELD_SIGNALS` are blocked from the moment ``main`` knows the command, so one
+that comes meanwhile waits for the command's handler instead of ending the process with
+its default action (killed, or a KeyboardInterrupt); one that comes once the command
+stopped handling them is discarded, so a stopped agent or host exits 0 however many
+signals follow (``timeout`` sends its SIGTERM twice: to the command, then to its group).
 
 Third-party pydantic plugins are off for every command (:func:`agent.pydantic_plugins.disable`):
 how a config file validates must not depend on what else is installed.
@@ -117,7 +118,10 @@ class CommandParser(argparse.ArgumentParser):
             self._required(shown=False)
 
 
-HELD_SIGNALS: Final = {"run": (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+HELD_SIGNALS: Final = {
+    "run": (signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
+    "simulate": (signal.SIGTERM, signal.SIGINT),
+}
 """The signals a command handles itself, by command: blocked until its handler is in place
 (``agent.daemon.signals`` unblocks them; a signal that came meanwhile is delivered to it
 then), discarded once it is gone, and ignored until the process exits (or as they were
