@@ -13,9 +13,11 @@ of ours, then:
   - the baseline: a bare Python process that imports trio, structlog and pydantic (with
     ``pydantic.BaseModel`` loaded: ``import pydantic`` alone defers loading the library);
   - where the difference goes, each step a process of its own that does the previous
-    step's work and more: one pydantic model defined (the first model loads pydantic's
-    schema machinery and, through its plugin lookup, ``importlib.metadata``, shown
-    alone on top of the baseline), then ``agent.protocol`` imported, then every module of
+    step's work and more: one pydantic model defined as the agent defines its first one,
+    its plugins off (``agent.pydantic_plugins.disable()``: the first model loads pydantic's
+    schema machinery, and not the ``importlib.metadata`` of pydantic's plugin lookup, which
+    a bare process would load, shown alone on top of the baseline as what the agent
+    spares), then ``agent.protocol`` imported, then every module of
     the run path (the command line, the daemon, the services, the ``unix:`` transport; of
     which the standard library modules the command line and the config file need,
     ``argparse`` and ``tomllib``, shown alone on top of the first model); the agent's RSS
@@ -64,13 +66,16 @@ PUBLISHING_INTERVAL_S = DEFAULT_INTERVAL_S
 TIMESYNC_INTERVAL_S = TimesyncSection().interval_s
 BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
 PLUGIN_LOOKUP = BASELINE + "\nimport importlib.metadata"
-ONE_MODEL = BASELINE + "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
+PLUGINS_OFF = "from agent import pydantic_plugins; pydantic_plugins.disable()"
+"""What ``vbox-agent`` does before its first model (``main``)."""
+ONE_MODEL = BASELINE + "\n" + PLUGINS_OFF + "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
 PROTOCOL = ONE_MODEL + "\nimport agent.protocol"
 CLI_STDLIB = ONE_MODEL + "\nimport argparse, tomllib"
 AGENT_MODULES = "import agent.cli, agent.cli._run, agent.device.unix"
 """What ``vbox-agent run --device unix:...`` imports before it runs (``_run`` brings the
 daemon, the services and the config; the device spec imports the chosen transport)."""
-LOGIND = AGENT_MODULES + "\nfrom agent.services._logins import logind_users\nlogind_users()"
+RUN_PATH = PLUGINS_OFF + "\n" + AGENT_MODULES
+LOGIND = RUN_PATH + "\nfrom agent.services._logins import logind_users\nlogind_users()"
 """The modules, and one read of logind's sessions as the users service makes at every pass."""
 EMPTY = "pass"
 
@@ -134,9 +139,10 @@ def _compiled_copy(workdir: Path) -> Path:
 def _idle_resident_of(code: str, root: Path) -> Resident:
     """The resident set of a Python process (run in ``root``) that ran ``code`` and waits on stdin.
 
-    Pydantic's plugins are off in it, as ``vbox-agent`` turns them off for itself: its
-    first model then costs what the agent's does (the import of ``importlib.metadata``
-    included, which pydantic's plugin loader makes whatever the setting).
+    Pydantic's plugins are off in it (``PYDANTIC_DISABLE_PLUGINS``), as ``vbox-agent``
+    turns them off for itself; the code that builds a model also spares the plugin lookup
+    as the agent does (``agent.pydantic_plugins.disable()``), so its first model costs what
+    the agent's does.
     """
     script = f"import sys\n{code}\nprint('ready', flush=True)\nsys.stdin.read()\n"
     child = subprocess.Popen(
@@ -277,7 +283,7 @@ def main() -> None:
         plugin_lookup = _idle_resident_of(PLUGIN_LOOKUP, root)
         one_model = _idle_resident_of(ONE_MODEL, root)
         protocol = _idle_resident_of(PROTOCOL, root)
-        modules = _idle_resident_of(AGENT_MODULES, root)
+        modules = _idle_resident_of(RUN_PATH, root)
         logind = _idle_resident_of(LOGIND, root)
         cli_stdlib = _idle_resident_of(CLI_STDLIB, root)
         empty = _idle_resident_of(EMPTY, root)
@@ -299,7 +305,10 @@ def main() -> None:
     )
     print("  where the difference goes:")
     print(f"    pydantic's first model    {_step(one_model, baseline)}  (its schema machinery)")
-    print(f"      of which its plugins    {_step(plugin_lookup, baseline)}  (importlib.metadata)")
+    print(
+        f"      spared: plugin lookup   {_step(plugin_lookup, baseline)}  (importlib.metadata,"
+        " which pydantic's plugin loader would import: agent.pydantic_plugins)"
+    )
     print(f"    the agent's own           {_step(agent_rss, one_model)}  (code and state)")
     print(f"      agent.protocol          {_step(protocol, one_model)}")
     print(f"      the rest of the modules {_step(modules, protocol)}  ({AGENT_MODULES})")

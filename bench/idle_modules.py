@@ -11,7 +11,8 @@ with the number of classes the agent defines by kind (on Python 3.11 a frozen sl
 dataclass of three fields keeps about 13 KiB: its six generated methods and its class; a
 record, ``agent.records.record``, which generates only ``__init__``, about 5 KiB: the figures
 of ``agent/records.py``).
-The first model's own cost (pydantic's schema machinery and plugin lookup) is measured
+The first model's own cost (pydantic's schema machinery; the agent spares its plugin
+lookup, ``agent.pydantic_plugins``, and so does the model built here) is measured
 separately, the same way. tracemalloc sees Python's allocations, not pydantic-core's, nor
 the pages of shared libraries the process touches, nor what the daemon imports once it
 runs (the balloon's chunk walker, in the modes where the agent holds chunks):
@@ -38,7 +39,11 @@ from pathlib import Path
 import agent
 
 BASELINE = "import trio, structlog, pydantic; pydantic.BaseModel"
-ONE_MODEL = "class Probe(pydantic.BaseModel):\n    x: int = 0"
+ONE_MODEL = (
+    "from agent import pydantic_plugins; pydantic_plugins.disable()"
+    "\nclass Probe(pydantic.BaseModel):\n    x: int = 0"
+)
+"""The first model, built as the agent builds its own: plugins off, their lookup spared."""
 RUN_PATH = "import agent.cli, agent.cli._run, agent.device.unix"
 """What ``vbox-agent run --device unix:...`` imports before it runs (as in daemon_idle.py)."""
 

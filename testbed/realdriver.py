@@ -20,6 +20,7 @@ import errno
 import itertools
 import mmap
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -123,6 +124,7 @@ def locate_library(checkout: Path = CHECKOUT) -> Path:
             text=True,
             timeout=BUILD_TIMEOUT_S,
             check=False,
+            preexec_fn=_unblock_all_signals,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         msg = f"building the real driver with {script} failed: {exc}"
@@ -133,6 +135,16 @@ def locate_library(checkout: Path = CHECKOUT) -> Path:
         msg = f"building the real driver with {script} failed: {errors[-1]}"
         raise PersonalityUnavailableError(msg)
     return Path(lines[-1])
+
+
+def _unblock_all_signals() -> None:
+    """In the build's process, before it execs: take no blocked signal from the caller.
+
+    ``vbox-agent simulate`` holds SIGTERM and SIGINT blocked until its host runs
+    (``agent.cli.HELD_SIGNALS``), and a mask passes through ``exec``: the build would not
+    stop on Ctrl-C or on the SIGTERM ``timeout`` sends to the group.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 class ArenaMemory:

@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ import pytest
 
 from agent.cli._exit import EX_IOERR, EX_UNAVAILABLE
 from agent.protocol.wire import ControlReply, FrameDecoder, Hello, Role, encode_frame
-from tests.cli_support import COMMAND_TIMEOUT_S, Simulator, agent, host
+from tests.cli_support import COMMAND_TIMEOUT_S, LISTENING, Simulator, agent, host
 from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 
 if TYPE_CHECKING:
@@ -211,6 +213,59 @@ class TestSimulatorLifecycle:
         """SIGINT ends the simulator with exit 0 too."""
         assert simulator.stop(signal.SIGINT) == 0
         assert not os.path.exists(simulator.path)
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    def test_a_second_signal_while_it_stops_is_discarded(
+        self, simulator: Simulator, signum: signal.Signals
+    ) -> None:
+        """Two stop signals back to back (``timeout`` sends SIGTERM to the command, then to
+        its group) still end it with exit 0 and no socket: the second, left in trio's
+        receiver, was delivered again to the default action once it closed (143, 130)."""
+        simulator.process.send_signal(signum)
+        assert simulator.stop(signum) == 0
+        assert not os.path.exists(simulator.path)
+
+    def test_a_sigterm_while_it_starts_stops_it_once_it_serves(
+        self, socket_path: str, tmp_path: Path
+    ) -> None:
+        """SIGTERM before the host runs waits for it (held since ``main``): the host starts,
+        says where it listens, and stops cleanly, exit 0 (the signal's default action ended
+        it, 143, with its socket path cleared but nothing said)."""
+        holding = "holding before the host is built"
+        wrapper = (
+            "import sys\n"
+            "import agent.host\n"
+            "built = agent.host.SimulatedHost\n"
+            "def held(**settings):\n"
+            f"    print({holding!r}, file=sys.stderr, flush=True)\n"
+            "    sys.stdin.readline()\n"
+            "    return built(**settings)\n"
+            "agent.host.SimulatedHost = held\n"
+            "from agent.cli import main\n"
+            "sys.exit(main())\n"
+        )
+        with (tmp_path / "host.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-c", wrapper, "simulate", "--socket", socket_path],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        try:
+            assert process.stderr is not None
+            assert process.stdin is not None
+            assert process.stderr.readline().strip() == holding
+            process.send_signal(signal.SIGTERM)
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            _, stderr = process.communicate(timeout=COMMAND_TIMEOUT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=COMMAND_TIMEOUT_S)
+        assert (process.returncode, stderr.startswith(LISTENING)) == (0, True)
+        assert not os.path.exists(socket_path)
 
     def test_killed_simulator(self, simulator: Simulator) -> None:
         """After kill -9, a client call waits for a restart, then fails with one line, 69."""

@@ -15,13 +15,14 @@ output nobody reads any more (``| head``) with 141, without a traceback, and out
 cannot be written (a full disk) with 74 (``EX_IOERR``) and one line saying why.
 
 ``run`` handles SIGTERM, SIGINT and SIGHUP itself, but only once the daemon runs, after its
-imports and the config (about 1.5 s): :data:`HELD_SIGNALS` are blocked from the moment
-``main`` knows the command, so one that comes meanwhile waits for the daemon's handler
-instead of ending the process with its default action (killed, or a KeyboardInterrupt);
-one that comes once the daemon stopped handling them is discarded, so a stopped agent
-exits 0 however many signals follow.
+imports and the config (about 1.5 s), and ``simulate`` SIGTERM and SIGINT once its host
+runs: :data:`HELD_SIGNALS` are blocked from the moment ``main`` knows the command, so one
+that comes meanwhile waits for the command's handler instead of ending the process with
+its default action (killed, or a KeyboardInterrupt); one that comes once the command
+stopped handling them is discarded, so a stopped agent or host exits 0 however many
+signals follow (``timeout`` sends its SIGTERM twice: to the command, then to its group).
 
-Third-party pydantic plugins are off for every command (:func:`_disable_pydantic_plugins`):
+Third-party pydantic plugins are off for every command (:func:`agent.pydantic_plugins.disable`):
 how a config file validates must not depend on what else is installed.
 """
 
@@ -36,7 +37,7 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from agent import __version__
+from agent import __version__, pydantic_plugins
 from agent.cli._exit import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_IOERR, EX_USAGE
 from agent.cli._output import OutputError, flush, say, write_text
 
@@ -117,7 +118,10 @@ class CommandParser(argparse.ArgumentParser):
             self._required(shown=False)
 
 
-HELD_SIGNALS: Final = {"run": (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+HELD_SIGNALS: Final = {
+    "run": (signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
+    "simulate": (signal.SIGTERM, signal.SIGINT),
+}
 """The signals a command handles itself, by command: blocked until its handler is in place
 (``agent.daemon.signals`` unblocks them; a signal that came meanwhile is delivered to it
 then), discarded once it is gone, and ignored until the process exits (or as they were
@@ -200,19 +204,6 @@ def _build_parser(argv: Sequence[str]) -> CommandParser:
             configure: Callable[[argparse.ArgumentParser], None] = module.configure
             configure(command_parser)
     return parser
-
-
-PYDANTIC_DISABLE_PLUGINS: Final = "PYDANTIC_DISABLE_PLUGINS"
-
-
-def _disable_pydantic_plugins() -> None:
-    """Keep pydantic from loading the plugins installed packages register (its ``pydantic``
-    entry points, such as logfire's): they may wrap every validator, so the config would
-    validate differently with whatever site-packages holds, and pydantic would import
-    each one (and scan every installed distribution for them) when it builds the first
-    model. Set before any command's module, and with it the first model, is imported.
-    """
-    os.environ[PYDANTIC_DISABLE_PLUGINS] = "__all__"
 
 
 def _give_closed_streams_devnull() -> None:
@@ -327,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry point (the console script, ``python -m agent``): the signals the command handled
     then stay ignored until the process exits (see :func:`_signals_held`).
     """
-    _disable_pydantic_plugins()
+    pydantic_plugins.disable()
     _give_closed_streams_devnull()
     words = sys.argv[1:] if argv is None else argv
     held = HELD_SIGNALS.get(_chosen_command(words) or "", ())

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 DEFAULT_RAM_MB: Final = 2048
 NS_PER_MS: Final = 1_000_000
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+"""What stops the host (``agent.cli.HELD_SIGNALS`` holds them until it runs)."""
 MIN_HEARTBEAT_INTERVAL_MS: Final = 50
 """The host's own minimum heartbeat interval (``HEARTBEAT_DEFAULT_INTERVAL`` floor)."""
 MAX_HEARTBEAT_INTERVAL_MS: Final = (2**64 - 1) // 2 // NS_PER_MS
@@ -131,14 +133,26 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 
 async def _serve_until_signalled(host: SimulatedHost, path: str) -> None:
+    """Serve the host at ``path`` until SIGINT or SIGTERM.
+
+    ``main`` holds both blocked from the start (``HELD_SIGNALS``): they are unblocked once
+    the receiver is in place, so one that came during the start stops the host now, and
+    the mask is put back after. A signal left in the receiver when it closes is delivered
+    again, to ``main``'s handler, which discards it: a second SIGTERM (``timeout`` sends
+    two) does not end the stopping host with its default action (143).
+    """
     from agent.host.server import clear_socket_path, serve_simulated_host  # noqa: PLC0415
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await clear_socket_path(path)  # a path it refuses is its only line: the host logs none
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            await nursery.start(serve_simulated_host, host, path)
-            say(f"simulated host listening at {shown_path(path)}")
-            async for _ in signals:
-                break
-            nursery.cancel_scope.cancel()
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        before = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            await clear_socket_path(path)  # a path it refuses is its only line: the host logs none
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                await nursery.start(serve_simulated_host, host, path)
+                say(f"simulated host listening at {shown_path(path)}")
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Final
@@ -260,3 +261,23 @@ async def test_a_session_closed_while_the_device_unplugs_is_released_once(
             monkeypatch.setattr(driver, "_thread", counted)
             nursery.cancel_scope.cancel()
     assert len(released) == len(set(released)) == 2
+
+
+def test_the_build_takes_no_blocked_signal_from_its_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build script runs with no signal blocked, whatever its caller holds blocked
+    (``simulate`` holds SIGTERM and SIGINT until its host runs): it inherited them, so
+    Ctrl-C could not stop a build."""
+    script = tmp_path / "work" / BUILD_SCRIPT
+    script.parent.mkdir(parents=True)
+    script.write_text("echo \"/$(awk '/^SigBlk:/ {print $2}' /proc/self/status)\"\n")
+    _git("init", "-q", str(tmp_path / "work" / "main"))
+    monkeypatch.delenv(ENV_LIBRARY, raising=False)
+    held = (signal.SIGTERM, signal.SIGINT)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        library = locate_library(tmp_path / "work" / "main")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert int(library.name, 16) == 0
