@@ -168,21 +168,32 @@ class KernelDriver:
         self.loaded = True
 
     async def _unplug(self) -> None:
-        """Stop every call, the timer and the work item; release the files; drop the port."""
-        for task in self._in_flight:
-            self._lib.shim_task_interrupt(task)
-        while self._in_flight:
-            await self._calls_moved.park()
+        """At a power-off, stop every call, the timer and the work item, release the files
+        and drop the port; after a VM reset (:meth:`shutdown`), only the timer, the work
+        item and the port.
+
+        A reset ends the old boot without unloading it: its files are never released, and
+        its calls still in the driver (ENODEV when the driver lets them go) are not waited
+        for, so the next boot's probe does not wait for them either.
+        """
+        if not self.lost:
+            for task in self._in_flight:
+                self._lib.shim_task_interrupt(task)
+            while self._in_flight:
+                await self._calls_moved.park()
         if self._dev is not None:
             await self._thread(self._lib.shim_unplug, self._dev)
         files, self._files = list(self._files.values()), {}  # a close from now on finds none
-        for file in files:
-            await self._thread(self._lib.shim_release, file)
+        if not self.lost:
+            for file in files:
+                await self._thread(self._lib.shim_release, file)
         if self._real.port_handler == self._port_write:
             self._real.port_handler = None
 
     def shutdown(self) -> None:
-        """The VM was reset: every session is lost (ENODEV) and blocked calls return."""
+        """The VM was reset: every session is lost (ENODEV), blocked calls return, and the
+        old boot's port writes reach no device from now on (its threads still in the driver
+        write to a device the reset removed)."""
         self.lost = True
         for session in self.sessions:
             session.lost = True
@@ -193,8 +204,8 @@ class KernelDriver:
 
     def _port_write(self, port: int, value: int) -> None:
         """A driver thread wrote ``value`` (a request's address) to ``port``: a vCPU exit."""
-        if port != self._port or self._token is None:
-            return  # a leftover thread of an unplugged device
+        if port != self._port or self._token is None or self.lost:
+            return  # a leftover thread of an unplugged device, or of the boot a reset ended
         try:
             trio.from_thread.run(self.vmmdev.submit, value, trio_token=self._token)
         except (trio.RunFinishedError, trio.Cancelled):

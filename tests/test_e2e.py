@@ -510,6 +510,19 @@ class TestSimulateDemo:
         assert result.returncode == 69, result.stderr
         assert "GET_HOST_VERSION VERR_NOT_SUPPORTED" in result.stderr
 
+    def test_a_vm_reset_ends_the_agent_with_69(self, workdir: Path) -> None:
+        """A reset of the simulated VM under ``run --simulate`` loses the agent's device: it
+        exits 69 with a ``device_lost`` line, as systemd expects to restart it on the new
+        boot, instead of running on, to exit 0, on sessions that only fail."""
+        scenario = workdir / "reset.toml"
+        scenario.write_text("[[steps]]\nat = 1.0\naction = 'reset'\n")
+        result = _run("--simulate", "--scenario", str(scenario), "--duration", "15")
+        assert result.returncode == EX_UNAVAILABLE, result.stderr
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line]
+        lost = [line for line in lines if line["event"] == "device_lost"]
+        assert [line["level"] for line in lost] == ["critical"]
+        assert "the device is gone (ENODEV)" in result.stderr
+
 
 class TestReadme:
     """The README's two-process example, pasted as written."""

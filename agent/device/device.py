@@ -25,6 +25,7 @@ then is abandoned with a ``device_cleanup_abandoned`` log line.
 
 from __future__ import annotations
 
+import errno
 import math
 import weakref
 from contextlib import asynccontextmanager
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import structlog
 import trio
 
-from agent.device.errors import DeviceInUseError
+from agent.device.errors import DeviceInUseError, DeviceLostError
 from agent.protocol import (
     VALID_EVENT_MASK,
     AgentError,
@@ -101,10 +102,14 @@ class _Channel:
         self.session = Session()
 
     async def perform(self, request: Request[R], submission: Submission | None = None) -> R:
-        """Encode, move and decode ``request``; every driver failure is a VBoxStatusError.
+        """Encode, move and decode ``request``; a driver failure is a VBoxStatusError, but
+        ENODEV, the device gone under an open session, is a DeviceLostError.
 
-        An interruption (VERR_INTERRUPTED in ``rc``, Oracle's answer to the signal that
-        cancels a call) raises ``Cancelled`` when the caller is being cancelled.
+        Neither vboxguest driver fails an ioctl with ENODEV (mainline's status table has no
+        status for it); a simulated host fails every session of the boot a VM reset ended
+        with it, over any transport, and such a session never works again. An interruption
+        (VERR_INTERRUPTED in ``rc``, Oracle's answer to the signal that cancels a call)
+        raises ``Cancelled`` when the caller is being cancelled.
         ``submission`` goes to the transport, which marks it once the driver may have the call.
         """
         call = self.session.encode(request)
@@ -116,6 +121,9 @@ class _Channel:
         except OSError as exc:
             self._device._failures += 1
             self.session.call_failed(call)
+            if exc.errno == errno.ENODEV:
+                msg = f"{request.operation} failed: the device is gone (ENODEV)"
+                raise DeviceLostError(msg) from exc
             raise VBoxStatusError.from_errno(exc.errno or 0, request.operation) from exc
         except BaseException:
             self._device._failures += 1

@@ -121,6 +121,7 @@ class SimulatedHost:
             self.register_hgcm_service(service)
         self._nursery: trio.Nursery | None = None
         self._driver_scope = trio.CancelScope()
+        self._resetting = trio.Lock()
 
     # --- set-up and running ----------------------------------------------------------------
 
@@ -270,6 +271,10 @@ class SimulatedHost:
         """Reset the VM: the guest reboots, so every open session is lost (ENODEV) and a fresh
         driver loads; HGCM clients are disconnected and facilities go inactive.
 
+        A request the old boot's driver is writing to the port (one a delay holds) is handled
+        first, as a real reset waits for every vCPU to leave its port write: so the reset
+        takes as long as that write, and no request of the old boot reaches the reset device.
+
         Raises:
             RuntimeError: the host is not running.
         """
@@ -277,11 +282,13 @@ class SimulatedHost:
         if nursery is None:
             msg = "the simulated host is not running"
             raise RuntimeError(msg)
-        self._driver_scope.cancel()
-        self.driver.shutdown()
-        self.vmmdev.reset()
-        self.driver = self._spec.make_driver(self.vmmdev, self.ram)
-        self._driver_scope = await nursery.start(self._run_driver, self.driver)
+        async with self._resetting:  # one reset at a time: each ends the boot it began on
+            self._driver_scope.cancel()
+            self.driver.shutdown()
+            await self.vmmdev.finish_port_writes()
+            self.vmmdev.reset()
+            self.driver = self._spec.make_driver(self.vmmdev, self.ram)
+            self._driver_scope = await nursery.start(self._run_driver, self.driver)
 
     def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
         """Answer the next ``count`` VMMDev requests of ``request_type`` with ``status``."""

@@ -17,6 +17,10 @@ action         keys                                                   host call
 ``delay``      ``request``, ``seconds`` (float)                       ``set_delay``
 =============  =====================================================  ===================
 
+A ``reset`` reboots the guest: every session open on the VM fails with ENODEV from then on,
+so an agent playing the scenario in-process (``run --simulate``) loses its device and exits
+69 (``device_lost``), as on any lost device.
+
 Errors name the step (counting from 1), the key and the bad value; property names, values
 and flags are checked as the guest-property service checks them. A step the host refuses
 while playing (a property the guest made read-only for the host) is logged and the

@@ -200,6 +200,8 @@ class VMMDev:
         self._irq = trio.lowlevel.ParkingLot()
         self.faults = FaultInjector()
         self._held_writes: set[trio.CancelScope] = set()
+        self._write_released = trio.lowlevel.ParkingLot()
+        """Unparked whenever a held port write ends."""
         self._powered_off = False
         """:meth:`run` ended: a write a delay would hold ends at once, unhandled."""
         self.time_offset_ms = 0
@@ -214,7 +216,8 @@ class VMMDev:
         A configured delay holds the "vCPU" in the port write first: the guest cannot
         interrupt it, only powering the VM off (the end of :meth:`run`) does, and then the
         request is not handled; once the VM is off, such a write is not held at all (the
-        simulated host's teardown, closing the sessions left, must not wait for it).
+        simulated host's teardown, closing the sessions left, must not wait for it). A VM
+        reset waits for it instead (:meth:`finish_port_writes`).
         """
         delay = self._delay_for(phys) if self.faults.has_delays else 0.0
         if delay > 0 and self._powered_off:
@@ -227,6 +230,7 @@ class VMMDev:
                     await trio.sleep(delay)
                 finally:
                     self._held_writes.discard(hold)
+                    self._write_released.unpark_all()
             if hold.cancelled_caught:
                 return
         self.process(phys)
@@ -393,8 +397,28 @@ class VMMDev:
         self.cpu_hotplug.restore()
         self.raise_events(Event.RESTORED)
 
+    @property
+    def port_writes_held(self) -> int:
+        """Port writes a delay holds now (tests wait on it: the kernel personality's writes
+        come from driver threads)."""
+        return len(self._held_writes)
+
+    async def finish_port_writes(self) -> None:
+        """Return once no port write is held, each handled (or ended by a power-off).
+
+        A VM reset rendezvouses with every vCPU first, and a vCPU in a port write leaves it
+        only once the host handled the request: a request written before the reset acts on
+        the device before :meth:`reset`, never on the reset device. Call this, then
+        :meth:`reset` with no checkpoint between.
+        """
+        while self._held_writes:
+            await self._write_released.park()
+
     def reset(self) -> None:
-        """VM reset: the additions must report again; host state goes back to power-on."""
+        """VM reset: the additions must report again; host state goes back to power-on.
+
+        Port writes still held by a delay must have finished (:meth:`finish_port_writes`).
+        """
         self.hgcm.reset()
         self.session_id = self._rng.getrandbits(64)
         self.pending_events &= int(RESET_KEPT_EVENTS)

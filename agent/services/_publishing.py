@@ -535,6 +535,11 @@ class IntervalPause:
     async def wait(self, events: EventSource) -> bool:
         """Wait the interval or for the next event; True if an event ended the wait."""
         self._since = trio.current_time()
+        return await self.resume(events)
+
+    async def resume(self, events: EventSource) -> bool:
+        """Go on with the last wait an event ended, to the same end (an event that called
+        for nothing); True if another event ended it."""
         with trio.CancelScope(deadline=self._since + self.interval_s) as scope:
             self._scope = scope
             try:

@@ -189,7 +189,10 @@ class EventPump:
     def subscribe(self, name: str, mask: int) -> Iterator[Subscription]:
         """Receive every event bit of ``mask`` inside the block (see :class:`Subscription`).
 
-        Leaving the block ends the subscription and shrinks the pump's mask.
+        Bits the host kept from before (raised while no filter admitted them) come too, so
+        a subscriber that reads the host's state at its start tells such an event by that
+        state (a RESTORED by the VM session id). Leaving the block ends the subscription and
+        shrinks the pump's mask.
         """
         if mask <= 0 or mask & ~VALID_EVENT_MASK:
             msg = f"subscriber {name!r}: event mask {mask:#x} must be within {VALID_EVENT_MASK:#x}"

@@ -2,12 +2,17 @@
 
 The host gives the VM a new session id at every start, restore and reset, and raises
 RESTORED after a restore. VBoxService polls the id; here the event pump wakes the monitor,
-which re-reads the id and logs the change. A read that fails (a refusal or a malformed
-reply) keeps the id last read, as VBoxService ignores a failed ``VbglR3GetSessionId``: it
-is counted, logged when such failures begin, change cause and end, shown in the status, and
-tried again every ``RETRY_S`` until a read goes through (and at every restore); a restore
-stays pending until then, so every restore is logged (``vm_restored``, from the id read
-before it). Config section: ``[session_monitor]``.
+which re-reads the id and logs the change. As VBoxService, the monitor tells a restore by
+the id: the host keeps a RESTORED no session's filter admits pending and hands it over once
+one does, so the event of a restore from before the monitor's first read (the VM restored
+before the agent started) comes after that read; a read that finds the id unchanged shows
+the event was for that earlier restore, which is then not counted (one debug line). A read
+that fails (a refusal or a malformed reply) keeps the id last read, as VBoxService ignores a
+failed ``VbglR3GetSessionId``: it is counted, logged when such failures begin, change cause
+and end, shown in the status, and tried again every ``RETRY_S`` until a read goes through
+(and at every restore); a restore stays pending, and counted, until then, so every restore
+is logged (``vm_restored``, from the id read before it). Config section:
+``[session_monitor]``.
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ class SessionMonitor:
         self._session_id: int | None = None
         self._restores = 0
         self._restored_from: int | None = None
-        """The id before a restore whose re-read has not gone through yet."""
-        self._restore_pending = False
+        """The id before the restores whose re-read has not gone through yet."""
+        self._unconfirmed = 0
+        """RESTORED events since the last read that went through (counted in ``_restores``
+        until a read tells whether the id changed)."""
         self._failures = LastingFailure("vm_session_read_again")
 
     def statistics(self) -> SessionMonitorStatistics:
@@ -105,33 +112,43 @@ class SessionMonitor:
                 await self._read(restored=restored)
 
     async def _read(self, *, restored: bool) -> None:
-        """Count the restore, if any; read the id and log it (``vm_restored`` when a restore
-        is pending, from the id before it); a failure (a refusal, a malformed reply) keeps
-        the id last read and the restore pending, and is counted, and logged when such
-        failures begin, change cause and end. Tell the daemon when the status changed."""
+        """Count the restore, if any; read the id and log it (see :meth:`_settle`); a
+        failure (a refusal, a malformed reply) keeps the id last read and the restore
+        pending, and is counted, and logged when such failures begin, change cause and end.
+        Tell the daemon when the status changed."""
         status = self.status()
         if restored:
             self._restores += 1
-            if not self._restore_pending:
-                self._restore_pending, self._restored_from = True, self._session_id
+            if not self._unconfirmed:
+                self._restored_from = self._session_id
+            self._unconfirmed += 1
         try:
             self._session_id = (await self._device.request(GetSessionId())).value
         except HOST_ERRORS as exc:
             self._failures.host_failed("vm_session_unreadable", exc)
         else:
             self._failures.succeeded()
-            if self._restore_pending:
-                self._restore_pending = False
-                log.info(
-                    "vm_restored",
-                    old_session_id=_shown(self._restored_from),
-                    session_id=_shown(self._session_id),
-                    restores=self._restores,
-                )
-            else:
-                log.info("vm_session_read", session_id=_shown(self._session_id))
+            self._settle()
         if self.status() != status:
             self._status_changed()
+
+    def _settle(self) -> None:
+        """Log the id just read: ``vm_restored`` (from the id before) after RESTORED events,
+        unless the id is the one read before them (both known): the events were then for a
+        restore that read already saw, and are not counted."""
+        events, self._unconfirmed = self._unconfirmed, 0
+        if not events:
+            log.info("vm_session_read", session_id=_shown(self._session_id))
+        elif self._session_id == self._restored_from:
+            self._restores -= events
+            log.debug("vm_restore_seen_before", session_id=_shown(self._session_id))
+        else:
+            log.info(
+                "vm_restored",
+                old_session_id=_shown(self._restored_from),
+                session_id=_shown(self._session_id),
+                restores=self._restores,
+            )
 
 
 def _shown(session_id: int | None) -> str:

@@ -12,10 +12,14 @@ ms) between two readings of the guest's, and works out the drift:
   or when the kernel refuses the slew, stepped (``clock_settime``);
 - after a restore (the RESTORED event, at once, where VBoxService waits for its next pass)
   the threshold is 0: a saved VM comes back hours behind, and is stepped. VBoxService tells
-  a restore by the VM session id (a new one at every restore); a run that (re)starts reads
-  it too (before each pass until a read goes through), so a restore while no run listened
-  for the event (a restart's back-off, a reload that rebuilt the service) is stepped all
-  the same (``ServiceContext.sessions`` keeps the id each service last acted on);
+  a restore by the VM session id (a new one at every restore), and so does the service: a
+  RESTORED whose read finds the id the run read last is no restore since (the host keeps
+  the event of a restore while no session's filter admits it, so one from before the
+  agent's start comes after the run's first read, which already took that id); a run that
+  (re)starts reads the id too (before each pass until a read goes through), so a restore
+  while no run listened for the event (a restart's back-off, a reload that rebuilt the
+  service) is stepped all the same (``ServiceContext.sessions`` keeps the id each service
+  last acted on);
 - ``set_on_start`` steps at the first reading, whatever the drift.
 
 Where VBoxService knows nothing of other time daemons, the agent does not fight one: while
@@ -330,18 +334,29 @@ class TimesyncService:
                 await self._pass(events)
                 if self._options_due:
                     await self._read_host_options()
-                if await self._pause.wait(events):
-                    await self._restore_came()
-                elif self._session_id is None:
+                heard = await self._pause.wait(events)
+                while heard and not await self._restore_came():  # a restore already seen
+                    heard = await self._pause.resume(events)
+                if not heard and self._session_id is None:
                     await self._read_session()
 
-    async def _restore_came(self) -> None:
-        """The next pass steps as after a restore, with the options in force; the host's
-        options are read after it (the property service may be slow to answer an HGCM
-        connect, and a clock hours behind should not wait for it). The new session id is
-        read first: a VMMDev request, which no HGCM service holds up."""
-        self._restore_pending = self._options_due = True
+    async def _restore_came(self) -> bool:
+        """A RESTORED event: read the new session id (a VMMDev request, which no HGCM
+        service holds up). The same id as the run's last read means no restore since that
+        read (the event was for one before it) and changes nothing; otherwise (the id read
+        before or now unknown included) the next pass steps as after a restore, with the
+        options in force, and the host's options are read after it (the property service
+        may be slow to answer an HGCM connect, and a clock hours behind should not wait for
+        it). Return whether it was a restore."""
+        before, pending = self._session_id, self._restore_pending
+        self._restore_pending = True  # heard: the read does not take it for one unheard
         await self._read_session()
+        if before is not None and self._session_id == before:
+            self._restore_pending = pending
+            log.debug("restore_seen_before", session_id=f"{before:#x}")
+            return False
+        self._options_due = True
+        return True
 
     async def _read_session(self) -> None:
         """Read the VM session id; another than the one the service last acted on means a
@@ -385,8 +400,7 @@ class TimesyncService:
     async def _pass(self, events: Subscription) -> None:
         status = self.status()
         reading = await self._read()
-        if reading is not None and _event_waiting(events):
-            await self._restore_came()
+        if reading is not None and _event_waiting(events) and await self._restore_came():
             reading = await self._read()  # a restore during the pass: read again, as one
         if reading is not None:
             self._correct(reading)

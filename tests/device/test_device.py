@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from agent.device import WaiterInterruptedError, open_device
+from agent.device import DeviceLostError, WaiterInterruptedError, open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import (
     Event,
@@ -81,6 +81,36 @@ class TestOpenDevice:
             refused = (info.value.name, info.value.errno, str(info.value))
             assert refused == REFUSED_CHANGE_BALLOON[host.personality]
             assert device.statistics().failures == 1
+
+    async def test_a_vm_reset_loses_the_device(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """After a VM reset every session of the old boot fails with ENODEV: a request and
+        a wait in flight raise DeviceLostError, which ends the agent, not a status that a
+        service would count and try again on a session that never works again."""
+        async with (
+            open_device(SimOpener(host)) as device,
+            device.open_event_waiter(RESTORED) as waiter,
+        ):
+            lost: list[BaseException] = []
+
+            async def wait() -> None:
+                with pytest.raises(DeviceLostError) as info:
+                    await waiter.wait()
+                lost.append(info.value)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await host.reset()
+                with pytest.raises(DeviceLostError) as info:
+                    await device.request(GetHostVersion())
+                lost.append(info.value)
+        assert [str(error) for error in lost] == [
+            "VBG_IOCTL_WAIT_FOR_EVENTS failed: the device is gone (ENODEV)",
+            "VMMDEVREQ_GET_HOST_VERSION failed: the device is gone (ENODEV)",
+        ]
 
 
 class TestEventWaiter:

@@ -28,6 +28,7 @@ import structlog
 import trio
 import trio.testing
 
+from agent.device import open_device
 from agent.device.errors import DeviceLostError
 from agent.device.unix import UnixSocketOpener, UnixSocketTransport
 from agent.host import SimulatedHost, server
@@ -149,6 +150,19 @@ class TestDeviceSessions:
                 assert version.major >= 6
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
+
+    async def test_a_vm_reset_loses_the_device(self, socket_path: str, host: SimulatedHost) -> None:
+        """After a VM reset the old boot's sessions get ENODEV over the socket too, which the
+        device layer raises as DeviceLostError (the connection itself stays up)."""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                async with open_device(UnixSocketOpener(socket_path)) as device:
+                    await host.reset()
+                    with pytest.raises(DeviceLostError) as info:
+                        await device.request(GetHostVersion())
+                nursery.cancel_scope.cancel()
+        assert str(info.value) == "VMMDEVREQ_GET_HOST_VERSION failed: the device is gone (ENODEV)"
 
     async def test_wait_ended_by_interrupt_all(self, socket_path: str, host: SimulatedHost) -> None:
         """A blocked WAIT_FOR_EVENTS ends with EINTR when INTERRUPT_ALL arrives on its session."""

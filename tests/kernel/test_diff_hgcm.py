@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Final
 
 import pytest
@@ -19,7 +20,7 @@ from agent.protocol.status import (
 )
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
 from tests.kernel.builders import ioctl, sessions
-from tests.kernel.differential import FN_SUCCEED, assert_agree, differ
+from tests.kernel.differential import FN_SUCCEED, assert_agree, differ, running
 
 if TYPE_CHECKING:
     from agent.host import DriverSession
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.usefixtures("kernel_library")
 
 LOC_LOCALHOST_EXISTING: Final = 2
+RESET_S: Final = 1.5
+"""Bound on a reset with a call in flight: the new boot's load, not the driver's 2 s wait."""
 FN_FAIL: Final = 3
 T = HgcmParmType
 Parm = tuple[int, int | bytes]
@@ -255,6 +258,25 @@ async def test_timeouts_and_cancellation() -> None:
 
 async def _cancelled_call(rig: Rig, session: DriverSession, client: int) -> None:
     await do_call(rig, "interrupted", session, client, FN_HOLD, [(T.LINADDR_OUT, bytes(8))])
+
+
+async def test_a_reset_leaves_nothing_of_the_old_boot_at_the_host(personality: str) -> None:
+    """A VM reset with a call in flight is over at once: the host then sees the new boot's
+    load, as at boot, and nothing of the old boot (a real reset leaves no driver thread to
+    send a CANCEL2, whose refusal the real driver would wait 2 s for); the call fails ENODEV."""
+    async with running(personality) as rig:
+        boot = rig.steps[0].requests
+        session = rig.open()
+        c = await connected(rig, session)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(do_call, rig, "held", session, c, FN_HOLD, [])
+            await rig.settle(lambda: len(rig.echo.held) == 1)
+            step = rig.begin("reset")
+            with trio.fail_after(RESET_S):
+                await rig.host.reset()
+            reset = rig.finish(step)
+        held = next(step for step in rig.steps if step.label == "held")
+    assert (reset.requests, held.errno) == (boot, errno.ENODEV)
 
 
 async def test_a_call_the_host_completes_while_its_cancel_fails_returns_its_results() -> None:

@@ -122,6 +122,45 @@ class TestSessionMonitor:
         assert restored["session_id"] == f"{_session_id(host):#x}"
         assert restored["restores"] == 2
 
+    async def test_an_event_from_before_the_start_counts_only_until_a_read_tells(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+    ) -> None:
+        """The event the host kept for a restore before the monitor's start arrives after
+        its first read; the read it calls for fails, so a restore may have come and it is
+        counted (shown in the status) until a read goes through: that one finds the id the
+        start read, so there was none (no ``vm_restored``)."""
+        pump = EventPump(device)
+        changes: list[str] = []
+        general_failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
+
+        def status_changed() -> None:
+            if not changes:  # the start's read went through: fail the next one
+                host.add_fault(RequestType.GET_SESSION_ID, general_failure)
+            changes.append(monitor.status())
+
+        monitor = SPEC.build(ServiceContext(device, pump, status_changed), SessionMonitorSection())
+        host.restore()  # no filter admits RESTORED yet: the host keeps the event
+        restored = _session_id(host)
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                await nursery.start(monitor.run)
+                await trio.sleep(RETRY_S * 1.5)
+                nursery.cancel_scope.cancel()
+        assert [
+            f"vm session {restored:#x}, 0 restores",
+            f"vm session {restored:#x}, 1 restores (read failing: VERR_GENERAL_FAILURE)",
+            f"vm session {restored:#x}, 0 restores",
+        ] == changes
+        assert SessionMonitorStatistics(restored, 0, 1) == monitor.statistics()
+        events = [line["event"] for line in logs if line["event"].startswith("vm_")]
+        assert events == [
+            "vm_session_read",
+            "vm_session_unreadable",
+            "vm_session_read_again",
+            "vm_restore_seen_before",
+        ]
+
     async def test_reconfigure_and_drain(
         self, autojump_clock: trio.abc.Clock, device: Device
     ) -> None:
