@@ -71,7 +71,7 @@ def test_an_unknown_name_is_answered_by_the_real_loader() -> None:
         "pydantic_plugins.disable()\n"
         "from pydantic.plugin._loader import PYDANTIC_ENTRY_POINT_GROUP\n"
         "real = sys.modules['pydantic.plugin._loader']\n"
-        "print(PYDANTIC_ENTRY_POINT_GROUP, real is not pydantic_plugins,"
+        "print(PYDANTIC_ENTRY_POINT_GROUP, real.get_plugins is not pydantic_plugins.get_plugins,"
         " list(real.get_plugins()))\n"
     )
     assert _python(code) == "pydantic True []"
@@ -84,10 +84,26 @@ def test_import_probes_do_not_load_the_real_loader() -> None:
         "from agent import pydantic_plugins\n"
         "pydantic_plugins.disable()\n"
         "from pydantic.plugin._loader import get_plugins\n"
-        "print(hasattr(pydantic_plugins, '__path__'), get_plugins is pydantic_plugins.get_plugins,"
+        "stand_in = sys.modules['pydantic.plugin._loader']\n"
+        "print(hasattr(stand_in, '__path__'), get_plugins is pydantic_plugins.get_plugins,"
         " 'importlib.metadata' in sys.modules)\n"
     )
     assert _python(code) == "False True False"
+
+
+def test_the_stand_in_is_bound_on_its_package() -> None:
+    """``pydantic.plugin._loader`` reached through its package is the stand-in, and a name
+    it lacks reached that way comes from the real loader (bound only in ``sys.modules``,
+    the package had no ``_loader`` attribute: AttributeError both times)."""
+    code = (
+        "from agent import pydantic_plugins\n"
+        "pydantic_plugins.disable()\n"
+        "import pydantic.plugin._loader\n"
+        "print(list(pydantic.plugin._loader.get_plugins()), 'importlib.metadata' in sys.modules,"
+        " pydantic.plugin._loader.PYDANTIC_ENTRY_POINT_GROUP,"
+        " pydantic.plugin._loader is sys.modules['pydantic.plugin._loader'])\n"
+    )
+    assert _python(code) == "[] False pydantic True"
 
 
 def test_an_already_imported_loader_is_kept() -> None:
@@ -103,9 +119,24 @@ def test_an_already_imported_loader_is_kept() -> None:
 
 @pytest.mark.parametrize("name", ["__path__", "__wrapped__"])
 def test_dunder_names_are_missing(name: str) -> None:
-    """Dunder names are missing, as on a plain module, without loading the real loader."""
+    """Dunder names are missing from the stand-in, as on a plain module, without loading
+    the real loader."""
     code = (
         "from agent import pydantic_plugins\n"
-        f"print(hasattr(pydantic_plugins, {name!r}), 'pydantic.plugin._loader' in sys.modules)\n"
+        "pydantic_plugins.disable()\n"
+        "import pydantic.plugin._loader as stand_in\n"
+        f"print(hasattr(stand_in, {name!r}), 'importlib.metadata' in sys.modules)\n"
     )
     assert _python(code) == "False False"
+
+
+def test_disable_twice_adds_one_finder() -> None:
+    """``main`` may run more than once in a process (the tests run it): one finder."""
+    code = (
+        "from agent import pydantic_plugins\n"
+        "before = len(sys.meta_path)\n"
+        "pydantic_plugins.disable()\n"
+        "pydantic_plugins.disable()\n"
+        "print(len(sys.meta_path) - before)\n"
+    )
+    assert _python(code) == "1"

@@ -37,13 +37,13 @@ other refusal of the Enable (VERR_GENERAL_FAILURE, say) is said the same way and
 on a back-off (:meth:`LastingFailure.retry_in`) and at a restore: VBoxService's worker ends
 on a failed Enable while its other services run on, and the agent's run on too, whatever
 this one meets. A read of the host's request that fails (a status, a malformed reply) is
-counted and logged when such failures begin or change cause, and the service goes on with
-the host's next event. A stop disables monitoring. Config section:
-``[cpuhotplug]`` (``sysfs_root``: where the CPUs are). A root whose CPU directory cannot be
-read is one warning naming the setting at start and at a reload, and the status says it;
-each request then fails with a line naming the directory and the reason, and the service
-goes on. A file there that is no regular file (a FIFO, whose open would block the daemon)
-is one warning naming it, and counts as missing.
+counted (the status says how many failed, a simulated host's too) and logged when such
+failures begin or change cause, and the service goes on with the host's next event. A stop
+disables monitoring. Config section: ``[cpuhotplug]`` (``sysfs_root``: where the CPUs are).
+A root whose CPU directory cannot be read is one warning naming the setting at start and at
+a reload, and the status says it; each request then fails with a line naming the directory
+and the reason, and the service goes on. A file there that is no regular file (a FIFO,
+whose open would block the daemon) is one warning naming it, and counts as missing.
 """
 
 from __future__ import annotations
@@ -189,17 +189,19 @@ class CpuHotPlugService:
 
     def status(self) -> str:
         """``cpuhotplug: 1 plugged, 0 unplugged``, why the host sends no events, or why the
-        CPUs cannot be changed."""
+        CPUs cannot be changed; ``, 2 failed`` once anything failed (a read of the host's
+        request, an event not carried out), a simulated host's too."""
         if (refusal := self._refusals.cause) is not None:
             return f"cpuhotplug: not available ({refusal})"
         if not self._monitoring:
             return "cpuhotplug setting up"
-        if self._sysfs is None:
-            return f"cpuhotplug: simulated host, {self._left_alone} requests, CPUs left alone"
-        if (unreadable := self._sysfs.unreadable()) is not None:
-            return f"cpuhotplug: CPUs unreadable ({unreadable})"
         failures = self._failed()
         failed = f", {failures} failed" if failures else ""
+        if self._sysfs is None:
+            left_alone = f"{self._left_alone} requests, CPUs left alone"
+            return f"cpuhotplug: simulated host, {left_alone}{failed}"
+        if (unreadable := self._sysfs.unreadable()) is not None:
+            return f"cpuhotplug: CPUs unreadable ({unreadable})"
         return f"cpuhotplug: {self._plugged} plugged, {self._unplugged} unplugged{failed}"
 
     def _failed(self) -> int:

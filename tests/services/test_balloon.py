@@ -30,6 +30,7 @@ from agent.protocol import (
 )
 from agent.protocol.constants import BALLOON_CHUNK_PAGES, BALLOON_CHUNK_SIZE
 from agent.protocol.status import (
+    STATUS_CODES,
     VERR_GENERAL_FAILURE,
     VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
@@ -61,7 +62,7 @@ from tests.services.balloon_support import (
 from tests.services.test_balloon_pressure import PSI_TEXT
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from agent.device import Device
@@ -265,6 +266,86 @@ class TestModes:
                 assert run.host_chunks == 0
                 await run.settle(16)
                 assert run.service.statistics().pressure_events == 30
+
+
+PROBE_FAULTS = [
+    ("passthrough", BalloonMode.OWNED, GetMemBalloonChangeRequest.operation),
+    ("oracle", BalloonMode.TRIGGERED, CheckBalloon.operation),
+]
+"""Drivers whose mode probe reaches the host's GET_MEMBALLOON_CHANGE_REQ, the mode it
+decides, and the request it names when the host fails: passthrough's own, and the
+CHECK_BALLOON for which Oracle's driver asks the host."""
+
+
+def _fail_first_reads(status: str, count: int) -> Callable[[SimulatedHost], Awaitable[None]]:
+    """A ``before`` hook: the host fails the next ``count`` GET_MEMBALLOON_CHANGE_REQ."""
+
+    async def fail(host: SimulatedHost) -> None:
+        host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, STATUS_CODES[status], count)
+        await trio.lowlevel.checkpoint()
+
+    return fail
+
+
+def _events(logs: Sequence[Mapping[str, object]], name: str) -> list[Mapping[str, object]]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+class TestModeProbeFailures:
+    """A mode probe the host fails is retried: one warning, the status says why until one
+    goes through, and one line says when it did. Only the driver's own refusal of
+    GET_MEMBALLOON_CHANGE_REQ (in-tree: EPERM; Oracle's: VERR_PERMISSION_DENIED in the
+    reply) rules the owned mode out."""
+
+    @pytest.mark.parametrize(("kind", "mode", "operation"), PROBE_FAULTS)
+    @pytest.mark.parametrize("status", ["VERR_GENERAL_FAILURE", "VERR_PERMISSION_DENIED"])
+    async def test_a_host_failure_at_start_is_retried(
+        self,
+        autojump_clock: trio.abc.Clock,
+        kind: str,
+        mode: BalloonMode,
+        operation: str,
+        status: str,
+    ) -> None:
+        """The host fails the first three reads of the balloon request (passthrough: the
+        agent's own, which its driver passed on, whatever the status; Oracle's: the
+        driver's, for the probe's CHECK_BALLOON): the mode is decided at the fourth probe,
+        7 s in, and the balloon follows the host's target."""
+        published = Published()
+        with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality=kind,
+                before=_fail_first_reads(status, 3),
+                status_changed=published.changed,
+            ) as run:
+                started = trio.current_time()
+                failing = f"balloon mode undecided (probe failing: {operation}: {status})"
+                assert published.text(run.service) == failing
+                await run.service.mode_known.wait()
+                assert run.service.mode is mode
+                assert trio.current_time() - started == 1.0 + 2.0 + 4.0
+                assert "failing" not in published.text(run.service)
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                assert run.service.statistics().failures == 3
+        failed = _events(logs, "balloon_check_failed")
+        assert [entry["log_level"] for entry in failed] == ["warning", "debug", "debug"]
+        assert (failed[0]["operation"], failed[0]["status"]) == (operation, status)
+        [recovered] = _events(logs, "balloon_check_recovered")
+        assert recovered["log_level"] == "info"
+        assert [entry["mode"] for entry in _events(logs, "balloon_mode")] == [str(mode)]
+
+    async def test_the_in_tree_drivers_refusal_decides_at_once(self, personality: str) -> None:
+        """The in-tree driver, the real one too, refuses the agent's GET_MEMBALLOON_CHANGE_REQ
+        itself (EPERM) before the host could fail it: kernel mode at the first probe, with
+        no failure (real time: the real driver's threads keep a virtual clock from jumping)."""
+        with trio.fail_after(30), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality=personality, before=_fail_first_reads("VERR_GENERAL_FAILURE", 3)
+            ) as run:
+                assert run.service.mode is BalloonMode.KERNEL
+                assert run.service.status() == "balloon 0 MB (kernel)"
+        assert not _events(logs, "balloon_check_failed")
 
 
 class TestFollowsTarget:
@@ -1374,19 +1455,32 @@ class TestTriggeredAndKernel:
                 await run.until(lambda: run.service.reads == initial_reads + 1)
 
     async def test_owner_elsewhere_is_retried(self, autojump_clock: trio.abc.Clock) -> None:
-        """Another session owns Oracle's balloon: the probe is retried until it lets go."""
+        """Another session owns Oracle's balloon: the probe is retried until it lets go, the
+        status saying why all along; one warning, and one line once it went through."""
         others: list[SimTransport] = []
         claim_the_balloon = partial(_claim_the_balloon, sessions=others)
+        published = Published()
+        refused = "VBG_IOCTL_CHECK_BALLOON: VERR_PERMISSION_DENIED"
 
-        with trio.fail_after(120):
-            async with running_balloon(personality="oracle", before=claim_the_balloon) as run:
+        with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+            async with running_balloon(
+                personality="oracle", before=claim_the_balloon, status_changed=published.changed
+            ) as run:
                 assert run.service.statistics().mode is None
-                assert run.service.status() == "balloon setting up"
+                failing = f"balloon mode undecided (probe failing: {refused})"
+                assert published.text(run.service) == failing
+                await trio.sleep(1800)
+                assert published.text(run.service) == failing
                 await others[0].aclose()
                 await run.service.mode_known.wait()
                 assert run.service.mode is BalloonMode.TRIGGERED
+                assert published.text(run.service) == "balloon target 0 MB (triggered)"
                 run.host.set_balloon_target(8)
                 await run.settle(8)
+        failed = _events(logs, "balloon_check_failed")
+        assert [entry["log_level"] for entry in failed].count("warning") == 1
+        assert len(failed) > 3
+        assert len(_events(logs, "balloon_check_recovered")) == 1
 
 
 class TestReconfigure:

@@ -338,8 +338,8 @@ class TestMalformedTargetReads:
 
     async def test_a_malformed_probe_reply_is_retried(self, autojump_clock: trio.abc.Clock) -> None:
         """The mode probe's GET_MEMBALLOON_CHANGE_REQ names a target above the guest's RAM:
-        one warning, the probe is retried after its backoff, and decides once the answer is
-        sound."""
+        one warning, the status says why, the probe is retried after its backoff, and
+        decides once the answer is sound (one line)."""
         bad = BadReads()
         bad.on = True
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
@@ -347,13 +347,16 @@ class TestMalformedTargetReads:
                 personality="", host=_passthrough(), opener_for=bad.opener
             ) as run:
                 await trio.sleep(10.0)
-                assert (run.service.mode, run.service.status()) == (None, "balloon setting up")
+                failing = f"balloon mode undecided (probe failing: {OVER_RAM})"
+                assert (run.service.mode, run.service.status()) == (None, failing)
                 bad.on = False
                 await run.service.mode_known.wait()
                 assert run.service.mode is BalloonMode.OWNED
+                assert run.service.status() == "balloon 0/0 MB (owned)"
         failed = _events(logs, "balloon_check_failed")
         assert failed[0]["log_level"] == "warning"
         assert failed[0]["malformed_reply"] == OVER_RAM.removeprefix("malformed reply: ")
+        assert len(_events(logs, "balloon_check_recovered")) == 1
 
     @pytest.mark.parametrize(("kind", "mode"), [("mainline", "kernel"), ("oracle", "triggered")])
     async def test_a_check_balloon_flag_out_of_range_is_a_failed_read(

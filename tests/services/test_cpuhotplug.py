@@ -1078,6 +1078,24 @@ class TestSimulatedHostDefault:
         [monitoring] = events_named(logs, "cpu_hotplug_monitoring")
         assert monitoring["cpus"] == "left alone (simulated host)"
 
+    async def test_a_failing_host_request_is_in_the_status(self, personality: str) -> None:
+        """GET_CPU_HOTPLUG_REQ failing: one warning, and the status counts the failure beside
+        the requests left alone, as it does on a tree of CPUs; the next plug is taken."""
+        failure = STATUS_CODES["VERR_GENERAL_FAILURE"]
+        with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+            async with running(None, personality=personality) as run:
+                run.host.add_fault(RequestType.GET_CPU_HOTPLUG_REQ, failure)
+                run.host.cpu_plug(2)
+                await run.watch.until(lambda: run.stats().failures == 1)
+                failed_once = run.service.status()
+                run.host.cpu_plug(3)
+                await run.watch.until(lambda: run.stats().left_alone == 1)
+                taken = run.service.status()
+        assert failed_once == "cpuhotplug: simulated host, 0 requests, CPUs left alone, 1 failed"
+        assert taken == "cpuhotplug: simulated host, 1 requests, CPUs left alone, 1 failed"
+        [failed] = events_named(logs, "cpu_hotplug_request_failed")
+        assert (failed["log_level"], failed["status"]) == ("warning", "VERR_GENERAL_FAILURE")
+
     async def test_a_real_device_gets_the_machines_cpus(self) -> None:
         """The same section on this machine's driver names /sys; a root set on purpose wins
         on a simulated host too."""

@@ -1,7 +1,9 @@
 """Which balloon the driver lets the agent run, decided from what the device answers.
 
 1. ``GET_MEMBALLOON_CHANGE_REQ`` passes through (without acknowledging): the driver leaves
-   the balloon to trusted userspace, the agent owns it (*owned*).
+   the balloon to trusted userspace, the agent owns it (*owned*). Only the driver's own
+   refusal (:func:`_driver_refused`) rules this out; a failure the host answered proves the
+   request passed, so the probe fails and is retried.
 2. ``CHANGE_BALLOON`` with a padding byte set (:class:`~agent.protocol.ChangeBalloonProbe`):
    Oracle's driver refuses it with VERR_INVALID_PARAMETER in the reply before it looks at
    the balloon (no owner claimed, no ``fUseKernelAPI`` test, no deflate of an empty
@@ -21,10 +23,12 @@
 from __future__ import annotations
 
 import enum
+import errno
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol import ChangeBalloonProbe, GetMemBalloonChangeRequest, VBoxStatusError
 from agent.protocol.constants import BALLOON_CHUNK_SIZE
+from agent.protocol.status import VERR_PERMISSION_DENIED
 from agent.records import record
 
 if TYPE_CHECKING:
@@ -62,6 +66,17 @@ class Detected:
     chunks: int
 
 
+def _driver_refused(device: Device, exc: VBoxStatusError) -> bool:
+    """Whether the driver itself kept a VMMDev request from the host, as it does one it
+    leaves to the kernel: the in-tree driver's ``vbg_req_allowed`` fails the ioctl with
+    EPERM; Oracle's ``vgdrvCheckIfVmmReqIsAllowed`` answers VERR_PERMISSION_DENIED in the
+    reply. Any other failure (a status the host answered, which reaches the agent in the
+    reply on both drivers) says nothing about who owns the balloon."""
+    if device.oracle_driver:
+        return exc.errno is None and exc.rc == VERR_PERMISSION_DENIED
+    return exc.errno == errno.EPERM
+
+
 async def detect_mode(device: Device, before_check: Callable[[bool], Awaitable[None]]) -> Detected:
     """Probe the driver (see the module docstring).
 
@@ -71,13 +86,16 @@ async def detect_mode(device: Device, before_check: Callable[[bool], Awaitable[N
             uses its own allocator).
 
     Raises:
-        VBoxStatusError: ``CHECK_BALLOON`` failed (for example another session owns the
-            balloon on Oracle's driver).
+        VBoxStatusError: ``GET_MEMBALLOON_CHANGE_REQ`` failed otherwise than by the
+            driver's refusal (the host failed it), or ``CHECK_BALLOON`` failed (for example
+            another session owns the balloon on Oracle's driver).
+        RemoteProtocolError: a reply broke the ABI.
     """
     try:
         target = await device.request(GetMemBalloonChangeRequest(acknowledge=False))
-    except VBoxStatusError:  # refused (a driver's errno arrives as the status it stands for)
-        pass
+    except VBoxStatusError as exc:
+        if not _driver_refused(device, exc):
+            raise
     else:
         return Detected(BalloonMode.OWNED, target.chunks)
     try:

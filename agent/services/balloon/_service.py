@@ -1,7 +1,8 @@
 """``BalloonService``: the memory balloon on every driver, yielding to memory pressure.
 
 ``run`` subscribes to BALLOON_CHANGE_REQUEST (0x40) and RESTORED, decides the mode from the
-device's answers (:mod:`._mode`, logged once) and then:
+device's answers (:mod:`._mode`, logged once; a probe that fails is retried with capped
+backoff, one warning, the status saying why, one line once it goes through) and then:
 
 - *kernel*: holds 0x40 in the filter so the kernel's balloon works; reads the size with
   ``CHECK_BALLOON`` (a pure query on the in-tree driver) at start, after a restore and,
@@ -273,12 +274,16 @@ class BalloonService:
         status that asked for a read would follow every change it found with another read.
         A read of the target that fails, and a walk that fails, say why until one goes
         through (``, target read failing: VBG_IOCTL_CHECK_BALLOON: VERR_NO_MEMORY``,
-        ``, failing: VBG_IOCTL_CHANGE_BALLOON: VERR_NO_MEMORY``).
+        ``, failing: VBG_IOCTL_CHANGE_BALLOON: VERR_NO_MEMORY``); so does a mode probe that
+        fails (``balloon mode undecided (probe failing: VBG_IOCTL_CHECK_BALLOON:
+        VERR_PERMISSION_DENIED)``), where ``balloon setting up`` is a first probe under way.
         """
         mode = self._mode
-        if mode is None:
-            return "balloon setting up"
         failure = self._read_failure
+        if mode is None:
+            if failure is None:
+                return "balloon setting up"
+            return f"balloon mode undecided (probe failing: {failure})"
         unread = f", target read failing: {failure}" if failure is not None else ""
         if mode is BalloonMode.KERNEL:
             return f"balloon {self._chunks * CHUNK_MB} MB (kernel{unread})"
@@ -512,13 +517,18 @@ class BalloonService:
                 detected = await detect_mode(self._device, partial(self._gate_probe, ready))
             except HOST_ERRORS as exc:  # e.g. another session owns Oracle's balloon
                 self._unanswered = False  # refused before it moved anything: not ours
+                self._read_failures += 1
                 _check_failed(exc, backoff)
+                self._read_failed(failure_text(exc))
                 ready()
                 while trio.current_time() < backoff.retry_at:
                     await self._wait_for_poke(backoff.retry_at)
             else:
-                backoff.succeeded()
+                recovered = backoff.succeeded()
+                self._read_failure = None  # the mode's status follows (_adopt)
                 self._adopt(detected)
+                if recovered:
+                    log.info("balloon_check_recovered", **self._size_fields())
                 ready()
                 return
 
