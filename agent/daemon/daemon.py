@@ -307,7 +307,7 @@ class Daemon:
         except Exception:
             final = _begin_final_phase(device)
             with device.cleanup_scope("facility Failed report"):
-                await facility.report(FacilityStatus.FAILED)
+                await facility.report_failed()
             device.cleanup_deadline = final + CLOSE_S
             raise
 

@@ -3,7 +3,9 @@
 The host shows it as the guest's run level ("Userland" once the service is Active). A
 failed report (refused, or answered with a malformed reply) is logged and ignored: the
 status is informational. Once Failed has been
-reported nothing else is sent (the host keeps Failed, as VBoxService does).
+reported nothing else is sent (the host keeps Failed, as VBoxService does). The Failed
+report of an agent ending on an error does not raise even when the device is gone: the
+error the agent ends with, and its exit status, stay that error's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import structlog
 
 from agent.protocol import (
     HOST_ERRORS,
+    DeviceLostError,
     Facility,
     FacilityStatus,
     ReportGuestStatus,
@@ -49,3 +52,12 @@ class FacilityReporter:
             return
         self.last = status
         log.debug("facility_status_reported", status=status.name)
+
+    async def report_failed(self) -> None:
+        """Report Failed as the agent ends on an error; a lost device is logged, not raised
+        (it would replace that error)."""
+        try:
+            await self.report(FacilityStatus.FAILED)
+        except DeviceLostError as exc:
+            status = FacilityStatus.FAILED.name
+            log.warning("facility_status_not_reported", status=status, error=str(exc))

@@ -275,8 +275,12 @@ class SimulatedHost:
         first, as a real reset waits for every vCPU to leave its port write: so the reset
         takes as long as that write, and no request of the old boot reaches the reset device.
 
+        The old boot's driver sends nothing more: a request of it still on its way (waiting
+        for a lock, say) fails with ENODEV instead of reaching the reset device.
+
         Raises:
-            RuntimeError: the host is not running.
+            RuntimeError: the host is not running, or it powered off while the reset waited
+                (the device is then left as the power-off left it, the old boot lost).
         """
         nursery = self._nursery
         if nursery is None:
@@ -286,6 +290,9 @@ class SimulatedHost:
             self._driver_scope.cancel()
             self.driver.shutdown()
             await self.vmmdev.finish_port_writes()
+            if self._nursery is not nursery or self.vmmdev.powered_off:
+                msg = "the simulated host is not running"
+                raise RuntimeError(msg)
             self.vmmdev.reset()
             self.driver = self._spec.make_driver(self.vmmdev, self.ram)
             self._driver_scope = await nursery.start(self._run_driver, self.driver)

@@ -398,6 +398,11 @@ class VMMDev:
         self.raise_events(Event.RESTORED)
 
     @property
+    def powered_off(self) -> bool:
+        """Whether :meth:`run` ran and ended (the VM powered off), and runs no more."""
+        return self._powered_off
+
+    @property
     def port_writes_held(self) -> int:
         """Port writes a delay holds now (tests wait on it: the kernel personality's writes
         come from driver threads)."""

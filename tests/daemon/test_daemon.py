@@ -10,13 +10,14 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 import tempfile
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 from unittest import mock
 
 import pytest
@@ -31,10 +32,17 @@ from agent.daemon.notify import SEND_RETRY_S, SEND_TIMEOUT_S, STATE_SEND_TIMEOUT
 from agent.device import DeviceLostError, DeviceUnavailableError
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction
-from agent.protocol import Facility, FacilityStatus, RequestType
+from agent.protocol import (
+    Facility,
+    FacilityStatus,
+    LocalProtocolError,
+    ReportGuestStatus,
+    RequestType,
+)
 from agent.protocol.constants import GIVE_BACK_S
+from agent.protocol.session import Session
 from agent.protocol.status import VERR_GENERAL_FAILURE
-from agent.services import SessionMonitorStatistics
+from agent.services import EventPump, SessionMonitorStatistics
 from tests.daemon.test_notify import fill_queue
 from tests.sim_support import HookedOpener, OverflowAsking, ReplyGarbler
 
@@ -165,6 +173,15 @@ class HeldReading:
         assert await trio.to_thread.run_sync(self.reading.wait, LIMIT_S), "never read"
 
 
+def _leaves(exc: BaseException | None) -> Iterator[BaseException]:
+    """The exceptions in ``exc`` and the groups inside it."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    elif exc is not None:
+        yield exc
+
+
 def _facility(host: SimulatedHost) -> int:
     facilities = host.status()["facilities"]
     assert isinstance(facilities, dict)
@@ -211,14 +228,83 @@ class TestDaemonLifecycle:
                 raise DeviceLostError(why)
 
         daemon = Daemon(AgentConfig(), HookedOpener(host, before=gone), notifier=notifier)
-        with trio.fail_after(LIMIT_S), pytest.RaisesGroup(DeviceLostError, flatten_subgroups=True):
+
+        async def lose_the_device() -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 await reader.until("READY=1")
                 lost.set()
                 host.restore()  # the event pump's next wait meets the lost device
+
+        with trio.fail_after(LIMIT_S), pytest.raises(BaseExceptionGroup) as raised:
+            await lose_the_device()  # every request made meanwhile meets it: one error each
+        assert raised.value.split(DeviceLostError)[1] is None
         stopping = await reader.until("STOPPING=1")
         assert f"STATUS={DEVICE_LOST_PREFIX}{why}" in stopping
+
+    async def test_a_reset_names_the_request_that_found_the_device_gone(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]
+    ) -> None:
+        """A VM reset ends the agent with the DeviceLostError of the request that met it (the
+        event pump's wait), not that of the Failed report the exit then sends, which is a
+        warning."""
+        notifier, reader = notify
+        daemon = Daemon(AgentConfig(), SimOpener(host), notifier=notifier)
+
+        async def reset_while_running() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await reader.until("READY=1")
+                await host.reset()
+
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.raises(BaseExceptionGroup) as raised,
+        ):
+            await reset_while_running()
+        matched, others = raised.value.split(DeviceLostError)
+        causes = [str(leaf) for leaf in _leaves(matched)]
+        assert (others, any("WAIT_FOR_EVENTS" in cause for cause in causes)) == (None, True)
+        assert not [cause for cause in causes if "REPORT_GUEST_STATUS" in cause]
+        not_reported = [e["status"] for e in logs if e["event"] == "facility_status_not_reported"]
+        assert not_reported == ["FAILED"]
+
+    async def test_an_error_stays_the_cause_when_its_failed_report_finds_no_device(
+        self, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A fatal error that is not the device's (exit 70) stays the cause when the Failed
+        report then meets a lost device: a DeviceLostError would make it exit 69."""
+        go, broken = trio.Event(), trio.Event()
+        failed = Session().encode(ReportGuestStatus(Facility.VBOX_SERVICE, FacilityStatus.FAILED))
+
+        async def breaking_run(
+            pump: EventPump, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> NoReturn:
+            del pump
+            task_status.started()
+            await go.wait()
+            broken.set()
+            msg = "the event waiter's answer broke the protocol"
+            raise LocalProtocolError(msg)
+
+        async def gone(code: int) -> None:
+            await trio.lowlevel.checkpoint()
+            if broken.is_set() and code == failed.code:
+                raise OSError(errno.ENODEV, "No such device")
+
+        monkeypatch.setattr(EventPump, "run", breaking_run)
+        daemon = Daemon(AgentConfig(), HookedOpener(host, before=gone), notifier=Notifier(None))
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(LIMIT_S),
+            pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                go.set()
+        not_reported = [e["status"] for e in logs if e["event"] == "facility_status_not_reported"]
+        assert not_reported == ["FAILED"]
 
     async def test_sigterm_stops_cleanly(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader]

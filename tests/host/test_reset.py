@@ -11,15 +11,17 @@ Rules of this test module:
 from __future__ import annotations
 
 import contextlib
+import errno
 from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
+import trio.testing
 
 from agent.host import SimulatedHost
-from agent.protocol import ReportGuestStatus
+from agent.protocol import ChangeFilterMask, ChangeGuestCapabilities, ReportGuestStatus
 from agent.protocol.constants import Facility, FacilityStatus, RequestType
-from tests.host.conftest import Client, open_client, until
+from tests.host.conftest import Client, model_driver, open_client, until
 
 if TYPE_CHECKING:
     from agent.host.driver import DriverModel
@@ -81,3 +83,86 @@ async def test_resets_follow_one_another() -> None:
             lost = [driver.lost for driver in booted]
             vm.cancel_scope.cancel()
     assert lost == [True, False]
+
+
+IN_PROCESS: Final = ("mainline", "oracle", "passthrough")
+SEAMLESS: Final = 0x1
+VRDP_EVENT: Final = 0x20
+
+
+@pytest.mark.parametrize("personality", IN_PROCESS)
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        (ChangeGuestCapabilities(or_mask=SEAMLESS, not_mask=0), "guest_capabilities"),
+        (ChangeFilterMask(or_mask=VRDP_EVENT, not_mask=0), "filter_mask"),
+    ],
+    ids=["capabilities", "filter"],
+)
+async def test_a_request_of_the_old_boot_still_on_its_way_reaches_no_device(
+    personality: str, change: ChangeGuestCapabilities | ChangeFilterMask, shown: str
+) -> None:
+    """A session's change that entered the old boot's driver before the reset and waits
+    for the session mutex another session holds fails with ENODEV once it has it: the
+    reset device, which the new boot loaded on, never sees it."""
+    host = SimulatedHost(personality=personality)
+    outcome: list[int | None] = []
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            client = await open_client(host)
+            done = trio.Event()
+
+            async def send() -> None:
+                try:
+                    await client.request(change)
+                    outcome.append(None)
+                except OSError as exc:
+                    outcome.append(exc.errno)
+                done.set()
+
+            async with model_driver(host).session_mutex:  # another session of the old boot
+                vm.start_soon(send)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for the mutex
+                await host.reset()
+            await done.wait()
+            bits = host.status()[shown]
+            vm.cancel_scope.cancel()
+    assert isinstance(bits, int)
+    assert (outcome, bits & change.or_mask) == ([errno.ENODEV], 0)
+
+
+async def test_a_power_off_while_a_reset_waits_leaves_the_device_alone() -> None:
+    """A VM powered off while the reset waits for a held port write ends the reset with
+    "not running": the device is not reset and no new driver loads."""
+    host = SimulatedHost(personality="mainline")
+    old = host.driver
+    refused: list[str] = []
+    ended = trio.Event()
+
+    async def reset() -> None:
+        try:
+            await host.reset()
+        except RuntimeError as exc:
+            refused.append(str(exc))
+        ended.set()
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as test:
+            async with trio.open_nursery() as vm:
+                await vm.start(host.run)
+                client = await open_client(host)
+                session_id = host.vmmdev.session_id
+                host.set_delay(RequestType.REPORT_GUEST_STATUS, 2 * WAIT_S)  # until the power-off
+                test.start_soon(_report_active, client)
+                await until(lambda: host.vmmdev.port_writes_held == 1)
+                test.start_soon(reset)
+                await trio.testing.wait_all_tasks_blocked()  # the reset waits for the write
+                vm.cancel_scope.cancel()  # the power-off
+            await ended.wait()
+    assert (refused, host.driver, old.lost, host.vmmdev.session_id) == (
+        ["the simulated host is not running"],
+        old,
+        True,
+        session_id,
+    )

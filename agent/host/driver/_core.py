@@ -25,7 +25,14 @@ from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
 from agent.host.driver._policy import req_allowed
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import FILL_BYTE, U32_MAX, KernelMutex, check_sizes, fail
+from agent.host.driver._util import (
+    FILL_BYTE,
+    U32_MAX,
+    KernelMutex,
+    check_sizes,
+    fail,
+    lost_port_write,
+)
 from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
@@ -189,7 +196,14 @@ class Driver:
         return req
 
     async def perform(self, req: bytearray) -> int:
-        """``vbg_req_perform``: place ``req`` in guest RAM, hit the port, return ``rc``."""
+        """``vbg_req_perform``: place ``req`` in guest RAM, hit the port, return ``rc``.
+
+        Raises:
+            OSError: ENODEV, a VM reset ended this driver's boot (the request reaches no
+                device).
+        """
+        if self.lost:
+            await lost_port_write()
         phys = self.ram.map(req)
         try:
             vmmdev = self.vmmdev
@@ -321,11 +335,15 @@ class Driver:
                 await _caps.set_session_caps(self, session, 0, U32_MAX, termination=True)
             with suppress(OSError):
                 await _events.set_session_event_filter(self, session, 0, U32_MAX, termination=True)
-            await self.release_mouse_status(session)
-            for client_id in session.hgcm_client_ids:
-                if client_id not in (0, U32_MAX):
-                    await _hgcm.host_disconnect(self, client_id, REQUESTOR_KERNEL)
-            await self.session_closed(session)
+            try:
+                await self.release_mouse_status(session)
+                for client_id in session.hgcm_client_ids:
+                    if client_id not in (0, U32_MAX):
+                        await _hgcm.host_disconnect(self, client_id, REQUESTOR_KERNEL)
+                await self.session_closed(session)
+            except OSError:  # ENODEV: a reset ended the boot meanwhile, and all it held
+                if not self.lost:
+                    raise
 
     # --- the ioctl entry -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
-from agent.host.driver._util import FILL_BYTE, U32_MAX, check_sizes, fail
+from agent.host.driver._util import FILL_BYTE, U32_MAX, check_sizes, fail, lost_port_write
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     HGCM_CALL_HEADER_SIZE,
@@ -210,7 +210,10 @@ async def host_disconnect(drv: Driver, client_id: int, requestor: int) -> int:
 
 
 async def _perform_uninterruptible(drv: Driver, req: bytearray) -> int:
-    """Submit an HGCM request and wait, untimed and uninterruptible, for DONE."""
+    """Submit an HGCM request and wait, untimed and uninterruptible, for DONE (ENODEV once
+    a VM reset ended the driver's boot)."""
+    if drv.lost:
+        await lost_port_write()
     phys = drv.ram.map(req)
     try:
         with trio.CancelScope(shield=True):
@@ -254,6 +257,8 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         # vbg_hgcm_do_call's submission, inline (every call passes here): the host
         # completes most calls before the port write returns; only the others wait, in
         # _wait_call, which then owns the request (it frees it unless it leaks it).
+        if drv.lost:  # a reset ended the boot while the call waited for the session mutex
+            await lost_port_write()
         phys = ram.map(req)
         placed.append(phys)
         vmmdev = drv.vmmdev
@@ -537,6 +542,8 @@ async def _cancel(drv: Driver, req: bytearray, phys: int) -> _Outcome:
             flags = L.HgcmRequestHeader.flags.get(req) | HGCM_REQ_CANCELLED
             L.HgcmRequestHeader.flags.set(req, flags)
             L.RequestHeader.request_type.set(req, RequestType.HGCM_CANCEL)
+            if drv.lost:
+                await lost_port_write()
             await drv.vmmdev.submit(phys)
             rc = L.RequestHeader.rc.get(req)
             rc = VERR_NOT_FOUND if rc == VERR_INVALID_PARAMETER else rc

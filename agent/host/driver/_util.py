@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 
@@ -33,6 +33,17 @@ class DriverError(OSError):
 def fail(code: int) -> OSError:
     """Return the ``OSError`` an ioctl raises for ``code`` (a positive errno)."""
     return DriverError(code)
+
+
+async def lost_port_write() -> NoReturn:
+    """A port write of a driver whose boot a VM reset ended: it reaches no device.
+
+    The reset cancelled the driver's own work (ISR, timers), which ends at the checkpoint;
+    a session's request fails with ENODEV, as every call of a lost boot does. Check the
+    driver's ``lost`` right before the write, with no checkpoint between.
+    """
+    await trio.lowlevel.checkpoint()
+    raise fail(errno.ENODEV)
 
 
 def fail_status(rc: int) -> OSError:

@@ -37,7 +37,7 @@ from agent.host.driver._core import Driver
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._pages import PageAllocator
 from agent.host.driver._session import BitTracker, DriverSession
-from agent.host.driver._util import U32_MAX, KernelMutex
+from agent.host.driver._util import U32_MAX, KernelMutex, lost_port_write
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.balloon_pages import CHUNK_PAGES
@@ -157,6 +157,8 @@ class OracleDriver(Driver):
         failure (VERR_INTERNAL_ERROR). Mainline always sends the request."""
         if not self.host_features & HOST_FEATURE_FAST_IRQ_ACK:
             return await super().acknowledge_events(ack)
+        if self.lost:  # a reset ended the boot: the old ISR acknowledges nothing of the new
+            await lost_port_write()
         events = self.vmmdev.read_fast_ack_port()
         if events == U32_MAX:
             _log.warning("isr_ack_failed", rc=VERR_INTERNAL_ERROR)
