@@ -46,7 +46,8 @@ session. Design points:
   waits for a thread never runs: its :class:`~agent.protocol.Submission` stays unissued,
   which it becomes only as its thread makes the system call. A call the driver does not
   give back (an uninterruptible HGCM connect or disconnect on a host that never answers)
-  is abandoned with an ``ioctl_abandoned`` log line: :data:`ABANDON_AFTER_S` after an
+  is abandoned with an ``ioctl_abandoned`` log line (a warning for the first of a run of
+  one code, :mod:`agent.abandons`): :data:`ABANDON_AFTER_S` after an
   explicit cancel, never past the deadline in effect when the call began, and at once
   when that deadline is what cancelled it, so no caller is held past its deadline but for
   :data:`GIVE_BACK_S`, which lets an interruptible call come back from its signal. Its
@@ -55,7 +56,10 @@ session. Design points:
   so the budget gets one more in its place, for up to ``threads`` abandoned calls at once
   (each ``ioctl_abandoned`` line counts them); past that, every ioctl of the process fails
   at once with :class:`DeviceLostError` rather than waiting for a thread that may never
-  come, and the daemon exits for systemd to restart it. An abandoned thread that comes back
+  come, and the daemon exits for systemd to restart it. So that a retried connect the host
+  never answers cannot spend the budget, no HGCM connect starts while
+  :data:`HELD_CONNECTS_MAX` abandoned connects are in the driver: it fails at once with
+  ``ETIMEDOUT``. An abandoned thread that comes back
   takes its replacement away again (``abandoned_ioctl_returned``). An abandoned thread
   may not have entered the kernel yet (the lost signal above), so it still uses the fd
   number: the fd stays open for it, as the kernel keeps a file an ioctl is in (see Close).
@@ -125,6 +129,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
+from agent.abandons import AbandonedCalls
 from agent.device.claimname import bind_claim_name
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import NOT_THE_DEVICE_ERRNOS, shown_path
@@ -214,6 +219,14 @@ VBOXGUEST_NODE_NAMES: Final = frozenset({"vboxguest", "vboxuser"})
 DEFAULT_SYSFS_ROOT: Final = "/sys"
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
+HELD_CONNECTS_MAX: Final = 2
+"""Abandoned HGCM connects in the driver at which no other connect starts: it fails at once
+with ``ETIMEDOUT`` (VERR_TIMEOUT, as a connect the host does not answer in time). A host
+that answers no connect would otherwise cost a thread at every retry until the budget is
+spent and the agent exits; one connect the host lost still lets the next one try."""
+_CONNECT_HELD_BACK: Final = (
+    "not sent: HGCM connects abandoned earlier are still in the driver, holding threads"
+)
 
 
 # --- the system calls, typed ---------------------------------------------------------------
@@ -308,6 +321,10 @@ class ThreadBudget:
         """The blocking calls that are HGCM calls (not WAIT_FOR_EVENTS)."""
         self.abandoned = 0
         """Abandoned calls whose threads are still in the driver, each holding its token."""
+        self.connects_held = 0
+        """The HGCM connects among them (see :data:`HELD_CONNECTS_MAX`)."""
+        self.abandons = AbandonedCalls()
+        """Logs abandoned calls: a warning for the first of a run (see :mod:`agent.abandons`)."""
         self.closes_held = 0
         """``close(2)`` calls abandoned in the driver, each keeping a thread of its own."""
 
@@ -517,6 +534,9 @@ class CharDevTransport:
         """Issued calls whose threads have not returned; guarded by the lock."""
         self._close_deferred = False
         """``aclose`` left ``close(2)`` to the last of those threads; guarded by the lock."""
+        self._abandons_warned = False
+        """An abandoned call of this session was logged at warning: so is the close it
+        defers."""
 
     async def ioctl(
         self,
@@ -539,6 +559,10 @@ class CharDevTransport:
             msg = "the vboxguest session is closed"
             raise trio.ClosedResourceError(msg)
         self._budget.check_usable()
+        if self._budget.connects_held >= HELD_CONNECTS_MAX and _is_connect(code):
+            await trio.lowlevel.checkpoint()
+            _log.debug("hgcm_connect_held_back", connects_held=self._budget.connects_held)
+            raise OSError(errno.ETIMEDOUT, _CONNECT_HELD_BACK)
         if not is_blocking(code, buffer):
             await self._ioctl(code, buffer, user_buffers, submission)
             return
@@ -580,6 +604,8 @@ class CharDevTransport:
                 submission.retried = call.retried
             if not call.abandoned:
                 call.pins.clear()  # a traceback holding this frame must not keep them exported
+        if call.issued and not call.abandoned:
+            self._budget.abandons.given_back(code)
         if call.outcome is None:
             return
         for offset, original in saved:
@@ -699,7 +725,7 @@ class CharDevTransport:
             in_driver = self._in_driver
             self._close_deferred = in_driver > 0
         if in_driver:
-            _log.warning(
+            (_log.warning if self._abandons_warned else _log.debug)(
                 "close_deferred",
                 in_driver=in_driver,
                 reason="abandoned ioctls are still in the driver: the last to return "
@@ -789,9 +815,9 @@ class CharDevTransport:
                 call.abandoned = call.abandoned or newly_abandoned
             if newly_abandoned:
                 replaced = self._budget.abandon()
-                _log.warning(
-                    "ioctl_abandoned",
-                    code=f"{call.code:#x}",
+                self._budget.connects_held += _is_connect(call.code)
+                self._abandons_warned |= self._budget.abandons.abandoned(
+                    call.code,
                     after_s=round(trio.current_time() - began, 3),
                     reason="the driver did not give the call back after interrupts",
                     abandoned=self._budget.abandoned,
@@ -838,7 +864,12 @@ class CharDevTransport:
             if last:
                 self._close_last(call)
             if call.abandoned:
-                self._report_return(call, self._budget.abandoned_returned)
+                self._report_return(call, partial(self._abandoned_returned, call))
+
+    def _abandoned_returned(self, call: _Call) -> None:
+        """An abandoned call's thread came back: count it out of the budget."""
+        self._budget.connects_held -= _is_connect(call.code)
+        self._budget.abandoned_returned()
 
     def _close_last(self, call: _Call) -> None:
         """In the worker thread of the last call ``aclose`` left in the driver: ``close(2)``,
@@ -861,6 +892,11 @@ class CharDevTransport:
     def _may_retry(self, call: _Call) -> bool:
         """Whether an EINTR of ``call`` came from a stray signal, not from this transport."""
         return not (call.interrupted or self._closing or self._waits_interrupted)
+
+
+def _is_connect(code: int) -> bool:
+    """Whether ioctl ``code`` is an HGCM connect."""
+    return ioc_nr(code) == IoctlFunction.HGCM_CONNECT
 
 
 def _log_deferred_close(error: OSError | None) -> None:

@@ -286,7 +286,9 @@ class Device:
         Both drivers wait for a connect or a disconnect without a timeout and let no signal
         end it, so each is given :data:`HGCM_CONNECT_TIMEOUT_S`: a connect the host does not
         answer by then fails with VERR_TIMEOUT, a disconnect is left to the session's close
-        (on ``/dev/vboxguest`` the call's thread is abandoned and replaced, not held for good).
+        (on ``/dev/vboxguest`` the call's thread is abandoned and replaced, not held for good,
+        and while ``HELD_CONNECTS_MAX`` connects are held so, a connect fails at once with
+        VERR_TIMEOUT: see :mod:`agent.device.chardev`).
 
         Raises:
             VBoxStatusError: the host refused the connect, or did not answer it in time.

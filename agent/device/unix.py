@@ -21,10 +21,10 @@ Cancellation:
   while its cancel failed completed), which is returned as the other transports return it
   (the caller's next checkpoint raises the cancellation). The answer is waited for by the
   character device's rule (:func:`~agent.device.transport.abandon_at`): a call not
-  answered by then is abandoned (``ioctl_abandoned``) and its reply dropped when it comes
-  (a reply tagged with a sequence number not handed out yet is a broken host, which is
-  lost). Nothing of the stream is torn (trio's ``receive_some`` never loses received
-  bytes to a cancellation), so the connection stays usable.
+  answered by then is abandoned (``ioctl_abandoned``, :mod:`agent.abandons`) and its reply
+  dropped when it comes (a reply tagged with a sequence number not handed out yet is a
+  broken host, which is lost). Nothing of the stream is torn (trio's ``receive_some`` never
+  loses received bytes to a cancellation), so the connection stays usable.
 - while waiting for the send lock (another call's frame is being sent): nothing was sent
   and the call's :class:`~agent.protocol.Submission` stays unissued; it is issued as the
   frame's sending begins.
@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
+from agent.abandons import AbandonedCalls
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import NOT_THE_DEVICE_ERRNOS, check_socket_path, peer_uid, shown_path
 from agent.device.transport import abandon_at, given_back_by
@@ -137,8 +138,13 @@ class _Pending:
 class UnixSocketTransport:
     """One device session on a simulated host. Open it with :class:`UnixSocketOpener`."""
 
-    def __init__(self, stream: trio.SocketStream, path: str) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, path: str, abandons: AbandonedCalls | None = None
+    ) -> None:
+        """Wrap ``stream``, a session of the host at ``path``; ``abandons`` logs abandoned
+        calls for every session of the opener (:class:`~agent.abandons.AbandonedCalls`)."""
         self._stream = stream
+        self._abandons = abandons if abandons is not None else AbandonedCalls()
         self._path = shown_path(path)
         """The host's socket, as messages show it."""
         self._decoder = FrameDecoder()
@@ -189,6 +195,7 @@ class UnixSocketTransport:
                 reply = answer
         finally:
             del self._pending[seq]
+        self._abandons.given_back(code)
         if reply.errno:
             raise OSError(reply.errno, os.strerror(reply.errno))
         mismatch = _size_mismatch(reply, buffer, user_buffers)
@@ -294,9 +301,8 @@ class UnixSocketTransport:
             except (DeviceLostError, trio.ClosedResourceError):  # gone, or closed meanwhile
                 return None
         if waiting.cancelled_caught:
-            _log.warning(
-                "ioctl_abandoned",
-                code=f"{code:#x}",
+            self._abandons.abandoned(
+                code,
                 after_s=round(trio.current_time() - began, 3),
                 reason="the simulated host did not answer the cancelled call; its reply is dropped",
             )
@@ -528,6 +534,7 @@ class UnixSocketOpener:
         self._user_device = user_device
         self._start_wait_s = start_wait_s
         self._host_seen = False
+        self._abandons = AbandonedCalls()
 
     @property
     def description(self) -> str:
@@ -568,7 +575,7 @@ class UnixSocketOpener:
                 which may pass: the host is not gone.
         """
         stream = await self._connect()
-        transport = UnixSocketTransport(stream, self._path)
+        transport = UnixSocketTransport(stream, self._path, self._abandons)
         try:
             await self._greet(transport)
         except BaseException:

@@ -16,7 +16,8 @@ a thread in the kernel does, and what ends the call ends it), which the caller w
 A cancelled call that task does not give back is given up on as the character device gives
 up on its thread, by the same rule (``ABANDON_AFTER_S`` after an explicit cancel, never
 past the caller's deadline, at once when that deadline cancelled it, ``GIVE_BACK_S`` at
-least; see :mod:`agent.protocol.constants`), with an ``ioctl_abandoned`` line: the caller
+least; see :mod:`agent.protocol.constants`), with an ``ioctl_abandoned`` line (a warning
+for the first of a run of one code, :mod:`agent.abandons`): the caller
 leaves, and the task finishes the call host-side as a real host would. A close is waited
 for until the caller's deadline, then left to its task too (``close_abandoned``). A close
 while abandoned calls still run returns at once (``close_deferred``): as the kernel keeps
@@ -54,6 +55,7 @@ import trio
 # from being specialised, and every ioctl passes this one.
 from trio.lowlevel import checkpoint_if_cancelled
 
+from agent.abandons import AbandonedCalls
 from agent.host.memory import USER_BASE, USER_WINDOW, IoctlMemory
 from agent.protocol.constants import ABANDON_AFTER_S, GIVE_BACK_S
 from agent.protocol.errors import DeviceUnavailableError
@@ -135,14 +137,32 @@ def _abandon_at(cancelled: trio.Cancelled, deadline: float) -> float:
 class SimTransport:
     """One open session (file descriptor) on a simulated host."""
 
-    __slots__ = ("_abandoned", "_closed", "_host", "_release_deferred", "_session")
+    __slots__ = (
+        "_abandoned",
+        "_abandons",
+        "_abandons_warned",
+        "_closed",
+        "_host",
+        "_release_deferred",
+        "_session",
+    )
 
-    def __init__(self, host: SimulatedHost, session: DriverSession) -> None:
+    def __init__(
+        self,
+        host: SimulatedHost,
+        session: DriverSession,
+        abandons: AbandonedCalls | None = None,
+    ) -> None:
+        """Wrap ``session``; ``abandons`` logs abandoned calls for every session of the
+        opener (:class:`~agent.abandons.AbandonedCalls`)."""
         self._host = host
         self._session = session
         self._closed = False
+        self._abandons = abandons if abandons is not None else AbandonedCalls()
         self._abandoned = 0
         """Abandoned calls still running: each holds the session open, as a file reference."""
+        self._abandons_warned = False
+        """One of them was logged at warning: so is the close they defer."""
         self._release_deferred = False
         """Closed while calls were abandoned: the last of them releases the session."""
 
@@ -212,6 +232,7 @@ class SimTransport:
             if original is not None:
                 buffer[:] = original  # the driver copies nothing back on failure
             raise
+        self._abandons.given_back(code)
 
     async def _in_task(self, work: Callable[[], Awaitable[None]], code: int) -> None:
         """Run ``work`` in a task of its own and wait for it; abandon it if cancelled and
@@ -229,9 +250,8 @@ class SimTransport:
             if not call.done.is_set():
                 self._abandoned += 1
                 call.then = self._abandoned_call_returned
-                _log.warning(
-                    "ioctl_abandoned",
-                    code=f"{code:#x}",
+                self._abandons_warned |= self._abandons.abandoned(
+                    code,
                     after_s=round(trio.current_time() - began, 3),
                     reason="the simulated driver did not give the call back; its task finishes it",
                 )
@@ -255,8 +275,8 @@ class SimTransport:
         Shielded, but not past the caller's deadline: a close the driver does not finish by
         then (it disconnects the session's HGCM clients, waiting for the host) is left to
         its task, with a ``close_abandoned`` line. While abandoned calls still run it
-        returns at once, with a ``close_deferred`` line: the last of them releases the
-        session when it returns.
+        returns at once, with a ``close_deferred`` line (at warning if one of them was
+        logged at warning): the last of them releases the session when it returns.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -264,7 +284,7 @@ class SimTransport:
         self._closed = True
         if self._abandoned:
             self._release_deferred = True
-            _log.warning(
+            (_log.warning if self._abandons_warned else _log.debug)(
                 "close_deferred",
                 abandoned=self._abandoned,
                 reason="abandoned calls still hold the session; the last to return releases it",
@@ -295,10 +315,11 @@ class SimTransport:
 class SimOpener:
     """Opens sessions on a simulated host, as ``/dev/vboxguest`` (or ``/dev/vboxuser``)."""
 
-    __slots__ = ("_host", "_uid", "_user_device")
+    __slots__ = ("_abandons", "_host", "_uid", "_user_device")
 
     def __init__(self, host: SimulatedHost, *, user_device: bool = False, uid: int = 0) -> None:
         self._host = host
+        self._abandons = AbandonedCalls()
         self._user_device = user_device
         self._uid = uid
 
@@ -325,4 +346,4 @@ class SimOpener:
         except FileNotFoundError as exc:
             msg = f"cannot open {self.description}: {exc.strerror}"
             raise DeviceUnavailableError(msg) from exc
-        return SimTransport(self._host, session)
+        return SimTransport(self._host, session, self._abandons)

@@ -1133,9 +1133,10 @@ class TestCancellation:
 
 
 class StubbornConnects:
-    """A transport on the smallest budget whose HGCM connects stay in the "driver" until
-    ``release`` (uninterruptible, the host never answering); ``arrived`` gets one item per
-    connect that entered it, and ``all_back`` is set once no abandoned call is left."""
+    """A transport on the smallest budget whose HGCM connects and disconnects stay in the
+    "driver" until ``release`` (uninterruptible, the host never answering); ``arrived`` gets
+    one item per call that entered it, and ``all_back`` is set once no abandoned call is
+    left."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
@@ -1159,7 +1160,7 @@ class StubbornConnects:
         )
 
     def _keep(self, fd: int, code: int, buffer: bytearray) -> None:
-        if code == Ioctl.HGCM_CONNECT:
+        if code in (Ioctl.HGCM_CONNECT, Ioctl.HGCM_DISCONNECT):
             trio.from_thread.run_sync(self._arrived_in.send_nowait, None)
             self.release.wait()
 
@@ -1200,7 +1201,8 @@ class TestAbandonedCalls:
     ) -> None:
         """Each abandoned call's thread is replaced (up to the budget again), so later calls
         still run; past that every ioctl fails at once with DeviceLostError; threads that come
-        back give their replacements back and the transport works again."""
+        back give their replacements back and the transport works again. (Disconnects: no
+        connect starts while HELD_CONNECTS_MAX abandoned ones are in the driver.)"""
         stubborn = StubbornConnects(monkeypatch)
         budget, transport, arrived = stubborn.budget, stubborn.transport, stubborn.arrived
         release, all_back = stubborn.release, stubborn.all_back
@@ -1209,7 +1211,7 @@ class TestAbandonedCalls:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
                     for _ in range(calls):
-                        nursery.start_soon(transport.ioctl, Ioctl.HGCM_CONNECT, bytearray(156))
+                        nursery.start_soon(transport.ioctl, Ioctl.HGCM_DISCONNECT, bytearray(28))
                     for _ in range(calls):
                         await arrived.receive()
                     scope.cancel()

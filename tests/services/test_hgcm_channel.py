@@ -26,7 +26,7 @@ import tempfile
 import threading
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 import structlog.testing
@@ -40,7 +40,13 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestPropertyService
 from agent.host.hgcm_service import HostU32
 from agent.host.server import serve_simulated_host
-from agent.protocol import Event, LocalProtocolError, RequestType, VBoxStatusError
+from agent.protocol import (
+    Event,
+    GetHostVersion,
+    LocalProtocolError,
+    RequestType,
+    VBoxStatusError,
+)
 from agent.protocol.constants import (
     ABANDON_AFTER_S,
     HGCM_MAX_USER_PARM,
@@ -841,3 +847,63 @@ async def test_a_connect_the_host_never_answers_times_out(monkeypatch: pytest.Mo
                 async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
                     assert client.client_id > 0
             nursery.cancel_scope.cancel()
+
+
+CONNECT_RETRIES: Final = 2 * chardev.MIN_THREADS + 2
+"""More tries of a connect the host never answers than the smallest budget's abandoned calls."""
+
+
+async def test_a_connect_retried_while_the_host_answers_none_keeps_the_thread_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connect the host never answers leaves its thread in the driver; a retry loop used
+    to leave one more at every try until the budget was spent and every ioctl failed with
+    DeviceLostError, ending the agent. Now no connect starts while HELD_CONNECTS_MAX are
+    held: each later try fails at once with VERR_TIMEOUT, as a timed-out connect does, and
+    the device works on."""
+    monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
+    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
+                host.set_delay(RequestType.HGCM_CONNECT, 3600)
+                for _ in range(CONNECT_RETRIES):
+                    with pytest.raises(VBoxStatusError) as failed:
+                        async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                            pass
+                    assert failed.value.rc == VERR_TIMEOUT
+                assert len(_ioctl_threads_in_use()) == chardev.HELD_CONNECTS_MAX
+                assert (await device.request(GetHostVersion())).major > 0
+                assert device.statistics().failures == CONNECT_RETRIES
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ON_TRIOS_LOOP)
+async def test_connects_the_host_never_answers_warn_once(
+    autojump_clock: trio.abc.Clock, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Retried connects the host holds are abandoned one after another: the first logs
+    ``ioctl_abandoned`` (and the close it defers) at warning, the others at debug; the first
+    connect the host answers again logs one ``ioctl_answered_again`` line, and a connect
+    abandoned after that is a warning again."""
+    async with _running(kind, request) as setup, open_device(setup.opener) as device:
+        with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
+            setup.host.set_delay(RequestType.HGCM_CONNECT, 3 * 3600)
+            for _ in range(4):
+                with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):
+                    async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                        pass
+            setup.host.set_delay(RequestType.HGCM_CONNECT, 0)
+            async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                pass
+            setup.host.set_delay(RequestType.HGCM_CONNECT, 3 * 3600)
+            with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):
+                async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                    pass
+    levels = ["warning", "debug", "debug", "debug", "warning"]
+    assert [e["log_level"] for e in logs if e["event"] == "ioctl_abandoned"] == levels
+    deferred = [e["log_level"] for e in logs if e["event"] == "close_deferred"]
+    assert deferred == (levels if kind == "in-process" else [])
+    answered = [e for e in logs if e["event"] == "ioctl_answered_again"]
+    assert [(e["log_level"], e["abandoned_in_a_row"]) for e in answered] == [("info", 4)]
