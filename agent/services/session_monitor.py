@@ -14,7 +14,9 @@ through, never before (so nothing is counted and taken back):
   so a run's first event may be for a restore from before its first read (the VM restored
   before the agent started, or during a restart's back-off), which that read already saw
   (one debug line). A later event is a restore after it, one whose id the read before
-  happened to find already.
+  happened to find already. So is a run's first event when the last run left a later event
+  no read went through for: the first read's change counts for that one, and an event the
+  host kept during the back-off is one more restore.
 
 A read that fails (a refusal or a malformed reply) keeps the id last read, as VBoxService
 ignores a failed ``VbglR3GetSessionId``: it is counted, logged when such failures begin,
@@ -113,7 +115,9 @@ class SessionMonitor:
         """Read the session id, then re-read it at every RESTORED event (and every
         ``RETRY_S`` while reads fail)."""
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
-            self._first_event_due = True
+            # With a later event (a restore for certain) left unread by the last run, the
+            # first read's change is its: a RESTORED the host kept meanwhile is another.
+            self._first_event_due = not self._pending_later
             await self._read()
             task_status.started()
             while True:

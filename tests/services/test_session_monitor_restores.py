@@ -24,6 +24,7 @@ import trio.testing
 from agent.device import open_device
 from agent.host import PERSONALITIES, SimulatedHost
 from agent.protocol import Event, RequestType
+from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, ServiceContext, SessionMonitorStatistics
 from agent.services.session_monitor import SessionMonitor
 from tests.sim_support import HookedOpener
@@ -202,3 +203,33 @@ async def test_no_count_is_shown_before_a_read_tells(
         ("vm_session_read", None, f"{restored:#x}", None),
         ("vm_restore_seen_before", None, f"{restored:#x}", None),
     ]
+
+
+async def test_a_back_off_restore_after_a_run_left_an_event_unread_is_counted(
+    autojump_clock: trio.abc.Clock, host: SimulatedHost, device: Device
+) -> None:
+    """A run ends while a restore's read fails (its event pending), and the VM is restored
+    again during the back-off (the host keeps that RESTORED): the next run's first read
+    counts the id's change for the pending event, and the kept event, its first, is the
+    third restore (it was taken for one that read saw: two counted)."""
+    subject = _Monitor(device)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subject.pump.run)
+            first_run = trio.CancelScope()
+            await nursery.start(run_in, subject.monitor, first_run)
+            host.restore()  # 1: the run's first event, its read goes through
+            await trio.testing.wait_all_tasks_blocked()
+            host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE, 1)
+            host.restore()  # 2: a later event, whose read fails
+            await trio.testing.wait_all_tasks_blocked()
+            first_run.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            host.restore()  # 3: during the back-off, no run subscribed
+            await trio.testing.wait_all_tasks_blocked()
+            await nursery.start(subject.monitor.run)
+            await trio.testing.wait_all_tasks_blocked()
+            statistics = subject.monitor.statistics()
+            nursery.cancel_scope.cancel()
+    assert statistics == SessionMonitorStatistics(_session_id(host), 3, 1)
+    assert [line[0] for line in _settled(logs)] == ["vm_session_read"] + ["vm_restored"] * 3
