@@ -2,17 +2,26 @@
 
 The host gives the VM a new session id at every start, restore and reset, and raises
 RESTORED after a restore. VBoxService polls the id; here the event pump wakes the monitor,
-which re-reads the id and logs the change. As VBoxService, the monitor tells a restore by
-the id: the host keeps a RESTORED no session's filter admits pending and hands it over once
-one does, so the event of a restore from before the monitor's first read (the VM restored
-before the agent started) comes after that read; a read that finds the id unchanged shows
-the event was for that earlier restore, which is then not counted (one debug line). A read
-that fails (a refusal or a malformed reply) keeps the id last read, as VBoxService ignores a
-failed ``VbglR3GetSessionId``: it is counted, logged when such failures begin, change cause
-and end, shown in the status, and tried again every ``RETRY_S`` until a read goes through
-(and at every restore); a restore stays pending, and counted, until then, so every restore
-is logged (``vm_restored``, from the id read before it). Config section:
-``[session_monitor]``.
+which re-reads the id and logs the change. As VBoxService, the monitor takes the id of its
+first read that goes through as its baseline and decides restores only at a read that goes
+through, never before (so nothing is counted and taken back):
+
+- a read finding another id than the last one read (kept across runs of the object, so a
+  restart's first read counts a restore during the back-off, heard by no run of it) counts
+  a restore, and every RESTORED the read was called for beyond the first;
+- a read finding the same id counts every RESTORED it was called for except a run's first:
+  the host keeps a RESTORED no session's filter admits and hands it to the first that does,
+  so a run's first event may be for a restore from before its first read (the VM restored
+  before the agent started, or during a restart's back-off), which that read already saw
+  (one debug line). A later event is a restore after it, one whose id the read before
+  happened to find already.
+
+A read that fails (a refusal or a malformed reply) keeps the id last read, as VBoxService
+ignores a failed ``VbglR3GetSessionId``: it is counted, logged when such failures begin,
+change cause and end, shown in the status, and tried again every ``RETRY_S`` until a read
+goes through (and at every restore); the events stay pending until then. Every counted
+restore is logged (``vm_restored``: the id read before it, ``unknown`` when no read saw it).
+Config section: ``[session_monitor]``.
 """
 
 from __future__ import annotations
@@ -65,12 +74,14 @@ class SessionMonitor:
         self._pump: EventPump = context.pump
         self._status_changed = context.status_changed
         self._session_id: int | None = None
+        """The id the last read that went through found, kept across runs."""
         self._restores = 0
-        self._restored_from: int | None = None
-        """The id before the restores whose re-read has not gone through yet."""
-        self._unconfirmed = 0
-        """RESTORED events since the last read that went through (counted in ``_restores``
-        until a read tells whether the id changed)."""
+        self._first_event_due = True
+        """Whether the run has not had a RESTORED yet: its first may be one the host kept."""
+        self._pending_first = 0
+        """Runs' first RESTORED events no read went through for yet."""
+        self._pending_later = 0
+        """Later RESTORED events no read went through for yet: restores all."""
         self._failures = LastingFailure("vm_session_read_again")
 
     def statistics(self) -> SessionMonitorStatistics:
@@ -102,53 +113,58 @@ class SessionMonitor:
         """Read the session id, then re-read it at every RESTORED event (and every
         ``RETRY_S`` while reads fail)."""
         with self._pump.subscribe(self.name, Event.RESTORED) as events:
-            await self._read(restored=False)
+            self._first_event_due = True
+            await self._read()
             task_status.started()
             while True:
-                restored = False
                 with trio.move_on_after(RETRY_S if self._failures.cause else math.inf):
                     await events.receive()  # restores while busy coalesce: one re-read
-                    restored = True
-                await self._read(restored=restored)
+                    self._note_event()
+                await self._read()
 
-    async def _read(self, *, restored: bool) -> None:
-        """Count the restore, if any; read the id and log it (see :meth:`_settle`); a
-        failure (a refusal, a malformed reply) keeps the id last read and the restore
-        pending, and is counted, and logged when such failures begin, change cause and end.
-        Tell the daemon when the status changed."""
+    def _note_event(self) -> None:
+        if self._first_event_due:
+            self._first_event_due = False
+            self._pending_first += 1
+        else:
+            self._pending_later += 1
+
+    async def _read(self) -> None:
+        """Read the id and settle the pending events by it (:meth:`_settle`); a failure (a
+        refusal, a malformed reply) keeps the id last read and the events pending, and is
+        counted, and logged when such failures begin, change cause and end. Tell the daemon
+        when the status changed."""
         status = self.status()
-        if restored:
-            self._restores += 1
-            if not self._unconfirmed:
-                self._restored_from = self._session_id
-            self._unconfirmed += 1
         try:
-            self._session_id = (await self._device.request(GetSessionId())).value
+            session_id = (await self._device.request(GetSessionId())).value
         except HOST_ERRORS as exc:
             self._failures.host_failed("vm_session_unreadable", exc)
         else:
             self._failures.succeeded()
-            self._settle()
+            self._settle(session_id)
         if self.status() != status:
             self._status_changed()
 
-    def _settle(self) -> None:
-        """Log the id just read: ``vm_restored`` (from the id before) after RESTORED events,
-        unless the id is the one read before them (both known): the events were then for a
-        restore that read already saw, and are not counted."""
-        events, self._unconfirmed = self._unconfirmed, 0
-        if not events:
-            log.info("vm_session_read", session_id=_shown(self._session_id))
-        elif self._session_id == self._restored_from:
-            self._restores -= events
-            log.debug("vm_restore_seen_before", session_id=_shown(self._session_id))
-        else:
+    def _settle(self, session_id: int) -> None:
+        """Count and log the restores the id just read tells of (see the module's doc)."""
+        before = self._session_id
+        changed = before is not None and session_id != before
+        kept, later = self._pending_first, self._pending_later
+        restores = max(1, kept + later) if changed else later
+        self._session_id = session_id
+        self._pending_first = self._pending_later = 0
+        self._restores += restores
+        if restores:
             log.info(
                 "vm_restored",
-                old_session_id=_shown(self._restored_from),
-                session_id=_shown(self._session_id),
+                old_session_id=_shown(before if changed else None),
+                session_id=_shown(session_id),
                 restores=self._restores,
             )
+        elif kept:
+            log.debug("vm_restore_seen_before", session_id=_shown(session_id))
+        else:
+            log.info("vm_session_read", session_id=_shown(session_id))
 
 
 def _shown(session_id: int | None) -> str:

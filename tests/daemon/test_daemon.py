@@ -43,6 +43,7 @@ from agent.protocol.constants import GIVE_BACK_S
 from agent.protocol.session import Session
 from agent.protocol.status import VERR_GENERAL_FAILURE
 from agent.services import EventPump, SessionMonitorStatistics
+from agent.services.timesync import TimesyncSection
 from tests.daemon.test_notify import fill_queue
 from tests.sim_support import HookedOpener, OverflowAsking, ReplyGarbler
 
@@ -108,6 +109,22 @@ class WatchdogRecorder(Notifier):
 
     async def watchdog(self) -> None:
         self.pings.append(trio.current_time())  # sent at once, then a checkpoint, as Notifier
+        await trio.lowlevel.checkpoint()
+
+
+class StatusRecorder(Notifier):
+    """sd_notify that sends nothing and records each status line, READY=1's included."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.statuses: list[str] = []
+
+    async def ready(self, status: str | None = None) -> None:
+        self.statuses.extend([] if status is None else [status])
+        await trio.lowlevel.checkpoint()
+
+    async def status(self, text: str) -> None:
+        self.statuses.append(text)
         await trio.lowlevel.checkpoint()
 
 
@@ -914,3 +931,37 @@ class TestRestore:
                 assert isinstance(stats, SessionMonitorStatistics)
                 assert (stats.restores, stats.session_id) == (1, new_id)
                 daemon.request_shutdown("test")
+
+    async def test_status_never_shows_a_restore_from_before_the_start(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost
+    ) -> None:
+        """The host keeps the RESTORED of a restore before the agent's start and hands it to
+        the monitor after its first read; while the read it calls for is slow (1 s), the
+        daemon publishes the services' start (``READY=1``), and no status shows a restore:
+        that read finds the start's id, so none is counted, shown and taken back."""
+        counts = host.vmmdev.request_counts
+        slow_reads = [1]
+
+        async def after(code: int) -> None:
+            del code
+            if counts[RequestType.GET_SESSION_ID] > slow_reads[-1]:
+                slow_reads.append(counts[RequestType.GET_SESSION_ID])
+                await trio.sleep(1.0)
+
+        notifier = StatusRecorder()
+        config = AgentConfig(services={"timesync": TimesyncSection(enable=False)})
+        host.restore()  # before the agent: no filter admits RESTORED, the host keeps it
+        restored = host.status()["session_id"]
+        assert isinstance(restored, int)
+        daemon = Daemon(config, HookedOpener(host, after=after), notifier=notifier)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await trio.sleep(8)  # the kept event's read and every start-up change done
+                stats = daemon.statistics().services["session_monitor"]
+                daemon.request_shutdown("test")
+        assert slow_reads == [1, 2]  # the kept event's read was held
+        assert stats == SessionMonitorStatistics(restored, 0)
+        shown = [text for text in notifier.statuses if "vm session 0x" in text]
+        assert shown
+        assert all(f"vm session {restored:#x}, 0 restores" in text for text in shown), shown

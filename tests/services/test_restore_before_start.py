@@ -29,6 +29,7 @@ from agent.services import EventPump, ServiceContext, SessionMonitorStatistics
 from agent.services.session_monitor import SessionMonitor
 from agent.services.timesync import TimesyncSection, TimesyncService
 from tests.conftest import KERNEL_PERSONALITY
+from tests.services.test_session_monitor_restores import run_in as _run_in
 from tests.services.test_timesync import FakeClock
 
 if TYPE_CHECKING:
@@ -157,6 +158,51 @@ async def test_the_monitor_counts_only_the_restore_after_its_start(driver: str) 
     assert [
         ("vm_session_read", None, f"{first:#x}"),
         ("vm_restored", f"{first:#x}", f"{second:#x}"),
+    ] == lines
+
+
+async def test_the_monitor_counts_a_restore_during_its_restart_back_off(driver: str) -> None:
+    """A restore while the monitor's run is down (the supervisor backing off) is heard by no
+    run of it, and the host keeps its event for the next run: that run's first read finds
+    another id than the last read, one restore, and the kept event is none; a restore after
+    it is the second."""
+    restored = trio.Event()
+
+    def status_changed() -> None:
+        if monitor.statistics().restores == 2:
+            restored.set()
+
+    with trio.fail_after(WAIT_S), structlog.testing.capture_logs() as logs:
+        async with _restored_before_start(driver) as (host, device):
+            pump = EventPump(device)
+            monitor = SessionMonitor(ServiceContext(device, pump, status_changed))
+            first = _session_id(host)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pump.run)
+                first_run = trio.CancelScope()
+                await nursery.start(_run_in, monitor, first_run)
+                await _handled(host, RequestType.GET_SESSION_ID, 2)  # the kept event's read
+                first_run.cancel()  # the run ended: the supervisor backs off
+                host.restore()
+                second = _session_id(host)
+                await nursery.start(monitor.run)  # the same monitor runs again
+                assert SessionMonitorStatistics(second, 1) == monitor.statistics()
+                await _handled(host, RequestType.GET_SESSION_ID, 4)  # the kept event's read
+                host.restore()
+                third = _session_id(host)
+                await restored.wait()
+                statistics = monitor.statistics()
+                nursery.cancel_scope.cancel()
+    assert SessionMonitorStatistics(third, 2) == statistics
+    lines = [
+        (line["event"], line.get("old_session_id"), line["session_id"])
+        for line in logs
+        if line["event"] in {"vm_session_read", "vm_restored"}
+    ]
+    assert [
+        ("vm_session_read", None, f"{first:#x}"),
+        ("vm_restored", f"{first:#x}", f"{second:#x}"),
+        ("vm_restored", f"{second:#x}", f"{third:#x}"),
     ] == lines
 
 
