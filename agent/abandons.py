@@ -10,40 +10,70 @@ warning; the next ones, until the driver gives a call of that code back again, l
 debug with how many were abandoned in a row; the first call of that code given back then
 logs ``ioctl_answered_again`` (info) with the count. A one-off abandoned call is one
 warning, as before. How calls are abandoned, counted and bounded is the transport's and
-does not change. A leaf module (structlog only), used by the device and host layers.
+does not change. Calls are told apart by what they ask for (:func:`call_kind`), not by
+their ioctl code alone: every VMMDev request of one size shares a code (``GetHostTime``
+and ``GetSessionId`` both), and one answered must not end, nor one abandoned hide, the
+other's run. Used by the device and host layers; it reads buffers with the protocol's
+layouts.
 """
 
 from __future__ import annotations
 
-from typing import final
+from typing import Final, final
 
 import structlog
 
+from agent.protocol import layouts as L  # noqa: N812 - the layout table
+from agent.protocol._ioc import ioc_nr
+from agent.protocol.constants import IoctlFunction
+
 _log = structlog.get_logger(__name__)
+_BY_REQUEST_TYPE: Final = frozenset(
+    {IoctlFunction.VMMDEV_REQUEST, IoctlFunction.VMMDEV_REQUEST_BIG}
+)
+_BY_FUNCTION: Final = frozenset({IoctlFunction.HGCM_CALL_32, IoctlFunction.HGCM_CALL_64})
+_HGCM_CALL_HEAD: Final = L.HgcmCallIoctl.function.offset + 4
+
+
+def call_kind(code: int, buffer: bytes | bytearray) -> tuple[int, int]:
+    """What a call asks for: its ioctl code and, where one code serves many requests, the
+    VMMDev request type or the HGCM function in its buffer (else 0)."""
+    function = ioc_nr(code)
+    if function in _BY_REQUEST_TYPE and len(buffer) >= L.RequestHeader.size:
+        return code, L.RequestHeader.request_type.get(buffer)
+    if function in _BY_FUNCTION and len(buffer) >= _HGCM_CALL_HEAD:
+        return code, L.HgcmCallIoctl.function.get(buffer)
+    return code, 0
 
 
 @final
 class AbandonedCalls:
-    """Abandoned calls in a row, by ioctl code; logs their start and their end."""
+    """Abandoned calls in a row, by what they ask for; logs their start and their end."""
 
     __slots__ = ("_in_a_row",)
 
     def __init__(self) -> None:
-        self._in_a_row: dict[int, int] = {}
+        self._in_a_row: dict[tuple[int, int], int] = {}
 
-    def abandoned(self, code: int, **details: object) -> bool:
-        """Log a call of ``code`` abandoned (``details`` go with the line): at warning, and
-        return True, if it is the first since one of that code was given back."""
-        in_a_row = self._in_a_row.get(code, 0) + 1
-        self._in_a_row[code] = in_a_row
+    def abandoned(self, code: int, buffer: bytes | bytearray, **details: object) -> bool:
+        """Log a call (``code`` with ``buffer``) abandoned, ``details`` with the line: at
+        warning, and return True, if it is the first since one of its kind was given back."""
+        kind = call_kind(code, buffer)
+        in_a_row = self._in_a_row.get(kind, 0) + 1
+        self._in_a_row[kind] = in_a_row
         first = in_a_row == 1
         (_log.warning if first else _log.debug)(
-            "ioctl_abandoned", code=f"{code:#x}", in_a_row=in_a_row, **details
+            "ioctl_abandoned", code=f"{code:#x}", kind=kind[1], in_a_row=in_a_row, **details
         )
         return first
 
-    def given_back(self, code: int) -> None:
-        """A call of ``code`` came back from the driver (not abandoned): end its run of
-        abandoned calls, if any, with one line."""
-        if self._in_a_row and (in_a_row := self._in_a_row.pop(code, 0)):
-            _log.info("ioctl_answered_again", code=f"{code:#x}", abandoned_in_a_row=in_a_row)
+    def given_back(self, code: int, buffer: bytes | bytearray) -> None:
+        """A call (``code`` with ``buffer``) came back from the driver (not abandoned): end
+        the run of abandoned calls of its kind, if any, with one line."""
+        if self._in_a_row and (in_a_row := self._in_a_row.pop(call_kind(code, buffer), 0)):
+            _log.info(
+                "ioctl_answered_again",
+                code=f"{code:#x}",
+                kind=call_kind(code, buffer)[1],
+                abandoned_in_a_row=in_a_row,
+            )

@@ -323,10 +323,31 @@ class ThreadBudget:
         """Abandoned calls whose threads are still in the driver, each holding its token."""
         self.connects_held = 0
         """The HGCM connects among them (see :data:`HELD_CONNECTS_MAX`)."""
+        self.connects_held_back = 0
+        """Connects not sent since the held ones reached :data:`HELD_CONNECTS_MAX`."""
         self.abandons = AbandonedCalls()
         """Logs abandoned calls: a warning for the first of a run (see :mod:`agent.abandons`)."""
         self.closes_held = 0
         """``close(2)`` calls abandoned in the driver, each keeping a thread of its own."""
+
+    def hold_back_connect(self) -> None:
+        """Count a connect not sent for the abandoned connects in the driver: the first of a
+        run is a warning (the connects' failure reads as the host's VERR_TIMEOUT)."""
+        self.connects_held_back += 1
+        (_log.warning if self.connects_held_back == 1 else _log.debug)(
+            "hgcm_connect_held_back",
+            connects_held=self.connects_held,
+            held_back=self.connects_held_back,
+            reason=_CONNECT_HELD_BACK,
+        )
+
+    def connect_returned(self) -> None:
+        """An abandoned connect's thread came back: connects are sent again if they were
+        held back (one line saying how many were not sent)."""
+        self.connects_held -= 1
+        if self.connects_held_back and self.connects_held < HELD_CONNECTS_MAX:
+            _log.info("hgcm_connects_sent_again", held_back=self.connects_held_back)
+            self.connects_held_back = 0
 
     def start_blocking(self, *, hgcm: bool) -> None:
         """Count one more blocking call in flight (a long HGCM call if ``hgcm``, else a
@@ -561,7 +582,7 @@ class CharDevTransport:
         self._budget.check_usable()
         if self._budget.connects_held >= HELD_CONNECTS_MAX and _is_connect(code):
             await trio.lowlevel.checkpoint()
-            _log.debug("hgcm_connect_held_back", connects_held=self._budget.connects_held)
+            self._budget.hold_back_connect()
             raise OSError(errno.ETIMEDOUT, _CONNECT_HELD_BACK)
         if not is_blocking(code, buffer):
             await self._ioctl(code, buffer, user_buffers, submission)
@@ -605,7 +626,7 @@ class CharDevTransport:
             if not call.abandoned:
                 call.pins.clear()  # a traceback holding this frame must not keep them exported
         if call.issued and not call.abandoned:
-            self._budget.abandons.given_back(code)
+            self._budget.abandons.given_back(code, buffer)
         if call.outcome is None:
             return
         for offset, original in saved:
@@ -818,6 +839,7 @@ class CharDevTransport:
                 self._budget.connects_held += _is_connect(call.code)
                 self._abandons_warned |= self._budget.abandons.abandoned(
                     call.code,
+                    call.buffer,
                     after_s=round(trio.current_time() - began, 3),
                     reason="the driver did not give the call back after interrupts",
                     abandoned=self._budget.abandoned,
@@ -868,7 +890,8 @@ class CharDevTransport:
 
     def _abandoned_returned(self, call: _Call) -> None:
         """An abandoned call's thread came back: count it out of the budget."""
-        self._budget.connects_held -= _is_connect(call.code)
+        if _is_connect(call.code):
+            self._budget.connect_returned()
         self._budget.abandoned_returned()
 
     def _close_last(self, call: _Call) -> None:

@@ -189,13 +189,15 @@ class UnixSocketTransport:
             except trio.Cancelled as cancelled:
                 if not pending.sent:  # the host has nothing of the call to cancel
                     raise
-                answer = await self._answer_after_cancel(code, seq, pending, cancelled, deadline)
+                answer = await self._answer_after_cancel(
+                    (code, buffer), seq, pending, cancelled, deadline
+                )
                 if answer is None:
                     raise
                 reply = answer
         finally:
             del self._pending[seq]
-        self._abandons.given_back(code)
+        self._abandons.given_back(code, buffer)
         if reply.errno:
             raise OSError(reply.errno, os.strerror(reply.errno))
         mismatch = _size_mismatch(reply, buffer, user_buffers)
@@ -274,15 +276,16 @@ class UnixSocketTransport:
 
     async def _answer_after_cancel(
         self,
-        code: int,
+        call: tuple[int, bytearray],
         seq: int,
         pending: _Pending,
         cancelled: trio.Cancelled,
         deadline: float,
     ) -> IoctlReply | None:
-        """Send CANCEL for ``seq``, then wait for the host's answer to it until
-        :func:`~agent.device.transport.abandon_at`; return the answer unless it is EINTR (the
-        call was interrupted) or did not come (abandoned; the host is gone, or slow)."""
+        """Send CANCEL for ``seq`` (``call``: its ioctl code and buffer), then wait for the
+        host's answer to it until :func:`~agent.device.transport.abandon_at`; return the
+        answer unless it is EINTR (the call was interrupted) or did not come (abandoned; the
+        host is gone, or slow)."""
         give_up = (
             abandon_at(cancelled, deadline)
             if pending.give_up_at is None
@@ -302,7 +305,7 @@ class UnixSocketTransport:
                 return None
         if waiting.cancelled_caught:
             self._abandons.abandoned(
-                code,
+                *call,
                 after_s=round(trio.current_time() - began, 3),
                 reason="the simulated host did not answer the cancelled call; its reply is dropped",
             )

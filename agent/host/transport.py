@@ -225,16 +225,20 @@ class SimTransport:
             # (_slow, inline: this runs for every ioctl).
             faults = host.vmmdev.faults
             if faults.has_delays or faults.has_faults:
-                await self._in_task(partial(host.ioctl, self._session, code, buffer, memory), code)
+                await self._in_task(
+                    partial(host.ioctl, self._session, code, buffer, memory), code, buffer
+                )
             else:
                 await host.ioctl(self._session, code, buffer, memory)
         except BaseException:
             if original is not None:
                 buffer[:] = original  # the driver copies nothing back on failure
             raise
-        self._abandons.given_back(code)
+        self._abandons.given_back(code, buffer)
 
-    async def _in_task(self, work: Callable[[], Awaitable[None]], code: int) -> None:
+    async def _in_task(
+        self, work: Callable[[], Awaitable[None]], code: int, buffer: bytearray
+    ) -> None:
         """Run ``work`` in a task of its own and wait for it; abandon it if cancelled and
         held (see the module docstring)."""
         deadline = trio.current_effective_deadline()
@@ -252,6 +256,7 @@ class SimTransport:
                 call.then = self._abandoned_call_returned
                 self._abandons_warned |= self._abandons.abandoned(
                     code,
+                    buffer,
                     after_s=round(trio.current_time() - began, 3),
                     reason="the simulated driver did not give the call back; its task finishes it",
                 )

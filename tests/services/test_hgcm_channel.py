@@ -863,7 +863,7 @@ async def test_a_connect_retried_while_the_host_answers_none_keeps_the_thread_bu
     the device works on."""
     monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
     host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
-    with trio.fail_after(30):
+    with trio.fail_after(30), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
@@ -877,6 +877,42 @@ async def test_a_connect_retried_while_the_host_answers_none_keeps_the_thread_bu
                 assert (await device.request(GetHostVersion())).major > 0
                 assert device.statistics().failures == CONNECT_RETRIES
             nursery.cancel_scope.cancel()
+    held_back = [e["log_level"] for e in logs if e["event"] == "hgcm_connect_held_back"]
+    assert held_back == ["warning"] + ["debug"] * (CONNECT_RETRIES - chardev.HELD_CONNECTS_MAX - 1)
+
+
+async def test_connects_held_back_are_sent_again_once_a_held_one_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connects held back for the abandoned connects in the driver are sent again once one
+    of those comes back, with one ``hgcm_connects_sent_again`` line saying how many were not
+    sent (the run was a debug line each, nothing said at its end)."""
+    monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
+    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
+    with trio.fail_after(30), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
+                host.set_delay(RequestType.HGCM_CONNECT, 2)  # the held connects end in 2 s
+                for _ in range(chardev.HELD_CONNECTS_MAX + 2):
+                    with pytest.raises(VBoxStatusError):
+                        async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                            pass
+                host.set_delay(RequestType.HGCM_CONNECT, 0)
+                # The driver's threads have no event to wait on; the 2 s delay ends them.
+                while _ioctl_threads_in_use():  # noqa: ASYNC110 - bounded by fail_after
+                    await trio.sleep(POLL_S)
+                async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
+                    assert client.client_id > 0
+            nursery.cancel_scope.cancel()
+    run = {"hgcm_connect_held_back", "hgcm_connects_sent_again"}
+    lines = [e for e in logs if e["event"] in run]
+    assert [(e["event"], e["log_level"]) for e in lines] == [
+        ("hgcm_connect_held_back", "warning"),
+        ("hgcm_connect_held_back", "debug"),
+        ("hgcm_connects_sent_again", "info"),
+    ]
+    assert lines[-1]["held_back"] == 2
 
 
 @pytest.mark.parametrize("kind", ON_TRIOS_LOOP)
