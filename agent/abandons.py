@@ -70,10 +70,13 @@ class AbandonedCalls:
     def given_back(self, code: int, buffer: bytes | bytearray) -> None:
         """A call (``code`` with ``buffer``) came back from the driver (not abandoned): end
         the run of abandoned calls of its kind, if any, with one line."""
-        if self._in_a_row and (in_a_row := self._in_a_row.pop(call_kind(code, buffer), 0)):
+        if not self._in_a_row:  # no run: every call that completes passes here
+            return
+        kind = call_kind(code, buffer)
+        if in_a_row := self._in_a_row.pop(kind, 0):
             _log.info(
                 "ioctl_answered_again",
                 code=f"{code:#x}",
-                kind=call_kind(code, buffer)[1],
+                kind=kind[1],
                 abandoned_in_a_row=in_a_row,
             )
