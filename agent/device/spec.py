@@ -11,7 +11,6 @@ import errno
 import os
 import socket
 import struct
-import unicodedata
 from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.protocol.errors import escaped
@@ -122,7 +121,15 @@ def shown_path(path: str | os.PathLike[str]) -> str:
 
 def _control_character(text: str) -> str | None:
     """The first control character (C0, DEL, C1) in ``text``, escaped; None without one."""
-    return next((escaped(char) for char in text if unicodedata.category(char) == "Cc"), None)
+    return next((escaped(char) for char in text if _is_control(char)), None)
+
+
+def _is_control(char: str) -> bool:
+    """Whether ``char`` is a control character: Unicode's category Cc, which is exactly C0
+    (U+0000 to U+001F), DEL and C1 (U+007F to U+009F); a range test spares the Unicode
+    database's pages."""
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code <= 0x9F
 
 
 _UCRED: Final = struct.Struct("iII")

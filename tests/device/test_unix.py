@@ -33,7 +33,13 @@ import trio.testing
 
 from agent.device import open_device, unix
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
-from agent.device.spec import SocketOptions, cannot_be_the_device, opener_for_spec, peer_uid
+from agent.device.spec import (
+    SocketOptions,
+    cannot_be_the_device,
+    check_socket_path,
+    opener_for_spec,
+    peer_uid,
+)
 from agent.device.unix import (
     HELLO_WAIT_S,
     HOST_BUSY_WAIT_S,
@@ -779,12 +785,21 @@ class TestLifecycle:
             ("/tmp/" + "x" * 103, "at most 107"),
             ("/tmp/a\0b", r"'/tmp/a\\x00b' contains a control character \(\\x00\)"),
             ("/tmp/a\nb", r"'/tmp/a\\nb' contains a control character \(\\n\)"),
+            ("/tmp/a\x1fb", r"control character \(\\x1f\)"),
+            ("/tmp/a\x7fb", r"control character \(\\x7f\)"),
+            ("/tmp/a\x80b", r"control character \(\\x80\)"),
+            ("/tmp/a\x9fb", r"control character \(\\x9f\)"),
         ],
     )
     def test_unusable_path(self, path: str, problem: str) -> None:
         """A path no Unix socket can have is refused when the opener is made."""
         with pytest.raises(ValueError, match=problem):
             UnixSocketOpener(path)
+
+    @pytest.mark.parametrize("path", ["/tmp/a b", "/tmp/a~b", "/tmp/a\xa0b", "/tmp/\u00e9t\u00e9"])
+    def test_printable_path(self, path: str) -> None:
+        """Only C0, DEL and C1 are control characters: the characters around them pass."""
+        assert check_socket_path(path) == path
 
     async def test_user_device_and_close(self, socket_dir: str, host: ScriptedHost) -> None:
         """The HELLO carries user_device; aclose closes the host session and is idempotent."""
