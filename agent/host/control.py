@@ -90,8 +90,9 @@ async def execute_control(
     """Run one control command on ``host`` and return the answer object.
 
     ``drop`` closes every device connection and returns how many it closed. Errors the
-    host raises for a bad value (``ValueError``, ``LookupError``, :class:`AgentError`)
-    become ``{"ok": false}`` answers; anything else is a host bug and propagates.
+    host raises for a bad value (``ValueError``, ``LookupError``) or a refusal
+    (:class:`AgentError`, such as a VBox status a host service answered) become
+    ``{"ok": false}`` answers; anything else is a host bug and propagates.
     """
     try:
         if payload.get("command") == "drop":

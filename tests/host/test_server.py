@@ -43,6 +43,8 @@ from agent.protocol import (
     HgcmBufferOut,
     HgcmCall,
     HgcmConnect,
+    HgcmParam,
+    HgcmReply,
     HgcmU32,
     HgcmU64,
     InterruptAllWaits,
@@ -53,7 +55,7 @@ from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import RequestType
-from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED, VINF_SUCCESS
 from agent.protocol.wire import (
     MAX_CONTROL_FRAME_SIZE,
     MAX_HELLO_FRAME_SIZE,
@@ -757,6 +759,59 @@ class TestRobustness:
                 await call_control(socket_path, {"command": "balloon", "mb": 128})
                 status = await call_control(socket_path, {"command": "status"})
                 assert isinstance(status, dict)
+                nursery.cancel_scope.cancel()
+
+    async def test_a_property_read_only_for_the_host_is_refused(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A host delete or set of a property the guest made read-only for the host
+        (RDONLYHOST, READONLY) is refused on one line with the service's status, as
+        VBoxGuestPropSvc answers the host; the host serves on and the guest's session, HGCM
+        client and properties stay (the refusal escaped as a PermissionError: ``simulate``
+        exited 70 and every agent lost its device)."""
+        refusals: list[tuple[dict[str, object], str]] = [
+            (
+                {"command": "prop_delete", "name": "/Guest/ro"},
+                "deleting guest property /Guest/ro (read-only for the host) failed: "
+                "VERR_PERMISSION_DENIED (-10)",
+            ),
+            (
+                {"command": "prop_set", "name": "/Guest/d", "value": "w"},
+                "setting guest property /Guest/d (read-only for the host) failed: "
+                "VERR_PERMISSION_DENIED (-10)",
+            ),
+        ]
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                client = (await request(session, transport, HgcmConnect(SERVICE_NAME))).client_id
+
+                async def guest_call(function: int, *params: HgcmParam) -> HgcmReply:
+                    call = HgcmCall(client, function, params)
+                    return await request(session, transport, call)
+
+                for name, flags in ((b"/Guest/ro", b"RDONLYHOST"), (b"/Guest/d", b"READONLY")):
+                    texts = (name, b"v", flags)
+                    reply = await guest_call(
+                        GuestFunction.SET_PROP, *(HgcmBufferIn(text + b"\0") for text in texts)
+                    )
+                    assert reply.status == VINF_SUCCESS
+                for payload, line in refusals:
+                    with pytest.raises(ControlCommandError) as info:
+                        await call_control(socket_path, payload)
+                    assert str(info.value) == line
+                reply = await guest_call(
+                    GuestFunction.GET_PROP,
+                    HgcmBufferIn(b"/Guest/d\0"),
+                    HgcmBufferOut(64),
+                    HgcmU64(0),
+                    HgcmU32(0),
+                )
+                assert reply.params[1].data.startswith(b"v\0READONLY\0")  # type: ignore[union-attr]
+                assert host.prop_get("/Guest/ro") is not None
+                await transport.aclose()
                 nursery.cancel_scope.cancel()
 
 
