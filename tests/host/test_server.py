@@ -939,6 +939,26 @@ class TestControlClient:
             f"to start): start one with `vbox-agent simulate --socket {socket_path}`"
         )
 
+    async def test_a_path_not_utf8_is_named_as_every_command_names_it(
+        self, socket_path: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A path byte that is not UTF-8 is named ``\\x85``, as ``prop``, ``run`` and
+        ``simulate`` name it (tests/device/test_unix.py), not as Python's surrogate escape
+        ``\\udc85``: the command it suggests names the same path."""
+        directory = os.path.dirname(socket_path)
+        path = os.path.join(directory, os.fsdecode(b"h\x85.sock"))
+        shown = f"{directory}/h\\x85.sock"
+        with pytest.raises(HostUnreachableError) as missing:
+            await call_control(path, {"command": "status"}, start_wait_s=5)
+        assert str(missing.value) == (
+            f"no simulated host at {shown} (No such file or directory; waited 5 s for it "
+            f"to start): start one with `vbox-agent simulate --socket {shown}`"
+        )
+        os.mkdir(path)
+        with pytest.raises(HostUnreachableError) as taken:
+            await call_control(path, {"command": "status"})
+        assert str(taken.value) == f"no simulated host at {shown}: it exists and is not a socket"
+
     async def test_a_malformed_frame_is_said(self, socket_path: str) -> None:
         """A host whose answer is no frame sent a malformed frame (it 'dropped the control
         connection')."""
