@@ -170,14 +170,34 @@ def test_unknown_commands_and_options(
             "vbox-agent prop get: error: --device is an option of 'prop': give it before 'get'; "
             "unrecognized arguments: --bogus --nope",
         ),
+        (
+            ["host", "balloon", "--socket", SOCKET, "10"],
+            "vbox-agent host balloon: error: --socket is an option of 'host': give it before "
+            "'balloon'",
+        ),
+        (
+            ["host", "stats-interval", "--socket", SOCKET, "5"],
+            "vbox-agent host stats-interval: error: --socket is an option of 'host': give it "
+            "before 'stats-interval'",
+        ),
+        (
+            ["host", "--socket", SOCKET, "cpu", "plug", "--socket", SOCKET, "1"],
+            "vbox-agent host cpu: error: --socket is an option of 'host': give it before 'cpu'",
+        ),
+        (
+            ["host", "--socket", SOCKET, "delay", "--bogus", "--socket", SOCKET, "IDLE", "1"],
+            "vbox-agent host delay: error: --socket is an option of 'host': give it before "
+            "'delay'; unrecognized arguments: --bogus",
+        ),
     ],
 )
 def test_misplaced_and_missing_options(
     argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A required option given after a later command's name is misplaced, not missing; the
-    message names the option, not the word (its value too); an unknown option beside a
-    misplaced one is reported as well."""
+    message names the option, not the word (its value too, never taken for the next
+    positional argument, whose type would refuse it); an unknown option beside a misplaced
+    one is reported as well."""
     assert usage_error(argv, capsys)[-1] == error
 
 
