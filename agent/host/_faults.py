@@ -79,7 +79,7 @@ class FaultInjector:
         ``request`` and ``status`` names and the ``remaining`` answers."""
         return [
             {
-                "request": _request_name(request_type),
+                "request": request_name(request_type),
                 "status": status_name(fault.status),
                 "remaining": fault.remaining,
             }
@@ -89,7 +89,7 @@ class FaultInjector:
 
     def active_delays(self) -> dict[str, float]:
         """The delayed request types' names and their delays in seconds."""
-        return {_request_name(t): seconds for t, seconds in sorted(self._delays.items())}
+        return {request_name(t): seconds for t, seconds in sorted(self._delays.items())}
 
     def set_delay(self, request_type: int, seconds: float) -> None:
         """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
@@ -107,7 +107,7 @@ class FaultInjector:
         return self._delays.get(request_type, 0.0)
 
 
-def _request_name(request_type: int) -> str:
+def request_name(request_type: int) -> str:
     """``CHANGE_MEMBALLOON``, or the number of a type the codec does not know."""
     try:
         return RequestType(request_type).name
