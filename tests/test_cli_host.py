@@ -129,6 +129,19 @@ class TestHostCommands:
         assert "/VM/x" in missing.stderr
         assert len(missing.stderr.strip().splitlines()) == 1
 
+    def test_a_property_read_only_for_the_host_is_refused(self, simulator: Simulator) -> None:
+        """Deleting or setting a property read-only for the host exits 1 with the service's
+        status on one line, and the simulator runs on (it used to exit 70)."""
+        locked = host(simulator.path, "prop", "set", "/VM/ro", "v", "--flags", "RDONLYHOST")
+        assert locked.returncode == 0, locked.stderr
+        for args in (("prop", "delete", "/VM/ro"), ("prop", "set", "/VM/ro", "w")):
+            refused = host(simulator.path, *args)
+            assert refused.returncode == 1, refused.stderr
+            assert len(refused.stderr.splitlines()) == 1
+            assert "failed: VERR_PERMISSION_DENIED (-10)" in refused.stderr
+        assert host(simulator.path, "prop", "get", "/VM/ro").stdout == "v\n"
+        assert simulator.process.poll() is None
+
     def test_events_faults_delays(self, simulator: Simulator) -> None:
         """Events, faults, delays, restore and drop are accepted."""
         for args in (

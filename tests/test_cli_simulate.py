@@ -77,3 +77,17 @@ def test_a_path_taken_by_a_file_is_refused_before_the_host_logs(
     assert err.splitlines() == [
         f"vbox-agent simulate: {path} exists and is not a socket; refusing to replace it"
     ]
+
+
+def test_a_refused_path_not_utf8_is_named_as_every_command_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A socket path that is refused names a byte that is not UTF-8 ``\\x85``, as the
+    listening line does, not as Python's surrogate escape ``\\udc85``."""
+    path = os.path.join(os.fsdecode(tmp_path), os.fsdecode(b"h\x85"))
+    os.mkdir(path)
+    assert main(["simulate", "--socket", path]) == EX_UNAVAILABLE
+    assert capsys.readouterr().err.splitlines() == [
+        f"vbox-agent simulate: {os.fsdecode(tmp_path)}/h\\x85 exists and is not a socket; "
+        "refusing to replace it"
+    ]

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import trio
 
 from agent.protocol import AgentError, RequestType
-from agent.protocol.errors import shown
+from agent.protocol.errors import escaped, shown
 from agent.protocol.wire import (
     ControlReply,
     ControlRequest,
@@ -94,8 +94,9 @@ async def execute_control(
     """Run one control command on ``host`` and return the answer object.
 
     ``drop`` closes every device connection and returns the ``drop`` result. Errors the
-    host raises for a bad value (``ValueError``, ``LookupError``, :class:`AgentError`)
-    become ``{"ok": false}`` answers; anything else is a host bug and propagates.
+    host raises for a bad value (``ValueError``, ``LookupError``) or a refusal
+    (:class:`AgentError`, such as a VBox status a host service answered) become
+    ``{"ok": false}`` answers; anything else is a host bug and propagates.
     """
     try:
         if payload.get("command") == "drop":
@@ -195,58 +196,60 @@ async def call_control(
         ControlCommandError: the host refused the command.
     """
     where = os.fspath(path)
+    shown_where = escaped(where)  # as `prop` and `run` name a path: undecodable bytes as \xff
     stream = await _connect(where, start_wait_s)
     async with stream:
         try:
             await stream.send_all(encode_frame(Hello(Role.CONTROL)))
             decoder = FrameDecoder()
             if await _receive(stream, decoder) != Hello(Role.HOST):
-                msg = f"{where} is not a simulated host"
+                msg = f"{shown_where} is not a simulated host"
                 raise HostUnreachableError(msg)
             await stream.send_all(encode_frame(ControlRequest(payload)))
             reply = await _receive(stream, decoder)
         except trio.BrokenResourceError as exc:
-            msg = f"simulated host at {where} dropped the control connection: {exc}"
+            msg = f"simulated host at {shown_where} dropped the control connection: {exc}"
             raise HostUnreachableError(msg) from exc
         except WireError as exc:
-            msg = f"simulated host at {where} sent a malformed frame: {exc}"
+            msg = f"simulated host at {shown_where} sent a malformed frame: {exc}"
             raise HostUnreachableError(msg) from exc
     if not isinstance(reply, ControlReply):
-        msg = f"simulated host at {where} answered {describe_frame(reply)}"
+        msg = f"simulated host at {shown_where} answered {describe_frame(reply)}"
         raise HostUnreachableError(msg)
     ok, error = reply.payload.get("ok"), reply.payload.get("error")
     if ok is True:
         return reply.payload.get("result")
     if ok is False and isinstance(error, str):
         raise ControlCommandError(error)
-    msg = f"simulated host at {where} answered a malformed reply: {shown(reply.payload)}"
+    msg = f"simulated host at {shown_where} answered a malformed reply: {shown(reply.payload)}"
     raise HostUnreachableError(msg)
 
 
 async def _connect(path: str, start_wait_s: float) -> trio.SocketStream:
     deadline = trio.current_time() + start_wait_s
+    shown_path = escaped(path)
     while True:
         try:
             return await trio.open_unix_socket(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if _is_other_file(path):
-                msg = f"no simulated host at {path}: it exists and is not a socket"
+                msg = f"no simulated host at {shown_path}: it exists and is not a socket"
                 raise HostUnreachableError(msg) from exc
             if trio.current_time() >= deadline:
                 waited = f"; waited {start_wait_s:g} s for it to start" if start_wait_s else ""
                 msg = (
-                    f"no simulated host at {path} ({exc.strerror or exc}{waited}): "
-                    f"start one with `vbox-agent simulate --socket {path}`"
+                    f"no simulated host at {shown_path} ({exc.strerror or exc}{waited}): "
+                    f"start one with `vbox-agent simulate --socket {shown_path}`"
                 )
                 raise HostUnreachableError(msg) from exc
         except PermissionError as exc:
             msg = (
-                f"permission denied connecting to {path} (a simulated host's socket is only "
+                f"permission denied connecting to {shown_path} (a simulated host's socket is only "
                 "for the user who started it)"
             )
             raise HostUnreachableError(msg) from exc
         except OSError as exc:
-            msg = f"no simulated host at {path} ({exc.strerror or exc})"
+            msg = f"no simulated host at {shown_path} ({exc.strerror or exc})"
             raise HostUnreachableError(msg) from exc
         await trio.sleep(START_POLL_S)
 

@@ -316,7 +316,14 @@ class SimulatedHost:
     """The name the control socket's ``delay`` command uses."""
 
     def prop_set(self, name: str, value: str, flags: str = "") -> None:
-        """Set a guest property as the host (``guestproperty set``)."""
+        """Set a guest property as the host (``guestproperty set``).
+
+        Raises:
+            ValueError: invalid name, value or flags.
+            VBoxStatusError: the service refused it (a property read-only for the host, a
+                full service).
+            LookupError: no guest property service is registered.
+        """
         self._properties().host_set(name, value, flags)
 
     def prop_get(self, name: str) -> tuple[str, str, int] | None:
@@ -324,7 +331,13 @@ class SimulatedHost:
         return self._properties().host_get(name)
 
     def prop_delete(self, name: str) -> None:
-        """Delete a guest property as the host (``guestproperty delete``)."""
+        """Delete a guest property as the host (``guestproperty delete``).
+
+        Raises:
+            ValueError: invalid name.
+            VBoxStatusError: the service refused it (a property read-only for the host).
+            LookupError: no guest property service is registered.
+        """
         self._properties().host_delete(name)
 
     def _properties(self) -> GuestPropertyControl:

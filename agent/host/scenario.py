@@ -45,6 +45,7 @@ from agent.protocol.constants import (
     parse_event_mask,
     parse_request_type,
 )
+from agent.protocol.errors import VBoxStatusError
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.status import parse_status
 from agent.tomltext import (
@@ -352,15 +353,16 @@ def _checked(check: Callable[[object], T], value: object, where: str) -> T:
 async def play_scenario(host: SimulatedHost, scenario: Scenario) -> None:
     """Run the steps of ``scenario`` on ``host`` at their times (from now, on trio's clock).
 
-    A step the host refuses is logged (``scenario_step_refused``, with its number) and the
-    next one runs at its time.
+    A step the host refuses (a bad value, no such service, a VBox status such as
+    VERR_PERMISSION_DENIED for a property the guest made read-only for the host) is logged
+    (``scenario_step_refused``, with its number) and the next one runs at its time.
     """
     start = trio.current_time()
     for number, step in enumerate(scenario.steps, start=1):
         await trio.sleep_until(start + step.at)
         try:
             await _apply(host, step)
-        except (ValueError, LookupError) as exc:
+        except (ValueError, LookupError, VBoxStatusError) as exc:
             _log.warning("scenario_step_refused", step=number, action=step.action, error=str(exc))
             continue
         _log.info("scenario_step", step=number, action=step.action, **dict(step.args))

@@ -43,7 +43,7 @@ from agent.host._log import LOG_COMPONENT
 from agent.host.control import execute_control
 from agent.host.vmmdev import PORT_WRITER, PortWriter
 from agent.protocol import AgentError
-from agent.protocol.errors import SHOWN_SIZE, shown, shown_text
+from agent.protocol.errors import SHOWN_SIZE, escaped, shown, shown_text
 from agent.protocol.wire import (
     MAX_CONTROL_FRAME_SIZE,
     MAX_FRAME_SIZE,
@@ -166,7 +166,7 @@ async def clear_socket_path(path: str) -> None:
     except OSError as exc:  # a file on the way (ENOTDIR), a symlink loop, no search permission
         raise _cannot_listen(path, exc) from exc
     if not stat.S_ISSOCK(mode):
-        msg = f"{path} exists and is not a socket; refusing to replace it"
+        msg = f"{escaped(path)} exists and is not a socket; refusing to replace it"
         raise HostSocketError(msg)
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
@@ -178,14 +178,14 @@ async def clear_socket_path(path: str) -> None:
                 raise _cannot_listen(path, exc) from exc
             return
         except OSError as exc:
-            msg = f"cannot check the existing socket {path}: {exc.strerror or exc}"
+            msg = f"cannot check the existing socket {escaped(path)}: {exc.strerror or exc}"
             raise HostSocketError(msg) from exc
-    msg = f"a simulated host is already listening at {path}"
+    msg = f"a simulated host is already listening at {escaped(path)}"
     raise HostSocketError(msg)
 
 
 def _cannot_listen(path: str, exc: OSError) -> HostSocketError:
-    return HostSocketError(f"cannot listen at {path}: {exc.strerror or exc}")
+    return HostSocketError(f"cannot listen at {escaped(path)}: {exc.strerror or exc}")
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ from agent.host.guest_props import (
 )
 from agent.host.guest_props._params import MAX_NAMES
 from agent.host.hgcm_service import HgcmService, HostBuffer, HostParm, HostU32, HostU64
+from agent.protocol.errors import VBoxStatusError
 from agent.protocol.iprt_utf8 import VERR_CODE_POINT_ENDIAN_INDICATOR
 from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
@@ -430,7 +431,7 @@ class TestPermissions:
     def test_guest_may_set_rdonlyhost(self, svc: GuestPropertyService) -> None:
         """The guest can lock a property against the host."""
         guest_set(svc, "/Guest/a", "v", "RDONLYHOST")
-        with pytest.raises(PermissionError, match="VERR_PERMISSION_DENIED"):
+        with pytest.raises(VBoxStatusError, match="VERR_PERMISSION_DENIED"):
             svc.host_set("/Guest/a", "w")
         assert guest_set(svc, "/Guest/a", "w") == VINF_SUCCESS
 

@@ -17,7 +17,14 @@ from agent.host.guest_props import (
     GuestPropertyService,
     HostVersion,
 )
-from agent.protocol.status import VERR_INTERRUPTED, VINF_SUCCESS, VWRN_NOT_FOUND
+from agent.protocol.errors import VBoxStatusError
+from agent.protocol.status import (
+    VERR_INTERRUPTED,
+    VERR_PERMISSION_DENIED,
+    VERR_TOO_MUCH_DATA,
+    VINF_SUCCESS,
+    VWRN_NOT_FOUND,
+)
 
 from .guest_props_support import (
     START_NS,
@@ -144,33 +151,47 @@ class TestHostApi:
             ("/Guest/a*", "v", "", ValueError),
             ("/Guest/a", "x" * MAX_VALUE_SIZE, "", ValueError),
             ("/Guest/a", "v", "NOPE", ValueError),
-            ("/Guest/ro", "w", "", PermissionError),
+            ("/Guest/ro", "w", "", VBoxStatusError),
         ]
         for name, value, flags, error in refused:
             with pytest.raises(error):
                 svc.host_set(name, value, flags)
         with pytest.raises(ValueError, match="empty"):
             svc.host_set("", "v")
-        with pytest.raises(PermissionError):
+        with pytest.raises(VBoxStatusError):
             svc.host_delete("/Guest/ro")
         svc.host_set("/Guest/a", "v")
         assert _stamp(svc, "/Guest/a") == START_NS + 1 + len(refused)
 
     def test_rdonlyhost(self, svc: GuestPropertyService) -> None:
-        """An RDONLYHOST property refuses host writes and deletes with PermissionError."""
+        """An RDONLYHOST property refuses host writes and deletes with the service's status,
+        VERR_PERMISSION_DENIED, named with its number in the one line."""
         svc.host_set("/Guest/a", "v", "RDONLYHOST")
-        with pytest.raises(PermissionError, match=r"VERR_PERMISSION_DENIED \(-10\)"):
+        with pytest.raises(VBoxStatusError) as refused_set:
             svc.host_set("/Guest/a", "w")
-        with pytest.raises(PermissionError, match="VERR_PERMISSION_DENIED"):
+        assert refused_set.value.rc == VERR_PERMISSION_DENIED
+        assert str(refused_set.value) == (
+            "setting guest property /Guest/a (read-only for the host) failed: "
+            "VERR_PERMISSION_DENIED (-10)"
+        )
+        with pytest.raises(VBoxStatusError) as refused_delete:
             svc.host_delete("/Guest/a")
+        assert str(refused_delete.value) == (
+            "deleting guest property /Guest/a (read-only for the host) failed: "
+            "VERR_PERMISSION_DENIED (-10)"
+        )
         assert svc.host_get("/Guest/a") == ("v", "RDONLYHOST", START_NS)
 
     def test_property_limit(self, svc: GuestPropertyService) -> None:
-        """A 257th property from the host raises ValueError."""
+        """A 257th property from the host is refused with VERR_TOO_MUCH_DATA."""
         for index in range(MAX_PROPS):
             svc.host_set(f"/Guest/{index}", "v")
-        with pytest.raises(ValueError, match="VERR_TOO_MUCH_DATA"):
+        with pytest.raises(
+            VBoxStatusError, match=f"the service holds {MAX_PROPS} properties"
+        ) as info:
             svc.host_set("/Guest/more", "v")
+        assert info.value.rc == VERR_TOO_MUCH_DATA
+        assert svc.host_get("/Guest/more") is None
 
     def test_enumerate_pattern_limit(self, svc: GuestPropertyService) -> None:
         """A pattern list over 1023 bytes raises ValueError."""

@@ -18,6 +18,7 @@ import structlog.testing
 import trio
 
 from agent.host import SimulatedHost
+from agent.host.guest_props import SERVICE_NAME, GuestPropertyService
 from agent.host.scenario import (
     HostSettings,
     ScenarioError,
@@ -27,6 +28,8 @@ from agent.host.scenario import (
     play_scenario,
 )
 from agent.protocol.constants import Event, RequestType
+from agent.protocol.status import VINF_SUCCESS
+from tests.host.guest_props_support import guest_set
 
 DEMO: Final = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
 GREETING: Final = "/VirtualBox/GuestAdd/Demo/Greeting"
@@ -254,6 +257,54 @@ class TestPlay:
         refused = [entry for entry in logs if entry["event"] == "scenario_step_refused"]
         assert [(entry["step"], entry["action"]) for entry in refused] == [(1, "prop_delete")]
         assert "no guest property service" in refused[0]["error"]
+        assert host.vmmdev.balloon.target_mb == 64
+
+    async def test_a_property_the_guest_made_read_only_is_refused(
+        self, autojump_clock: object
+    ) -> None:
+        """The module's example: steps that set and delete a property the guest made
+        read-only for the host are refused with VERR_PERMISSION_DENIED and logged, the
+        property stays, and the balloon step after them runs at its time (the refusal used to
+        end ``run --simulate`` with 70)."""
+        scenario = parse_scenario(
+            '[[steps]]\nat = 1\naction = "prop_set"\nname = "/Guest/ro"\nvalue = "w"\n'
+            '[[steps]]\nat = 2\naction = "prop_delete"\nname = "/Guest/ro"\n'
+            '[[steps]]\nat = 3\naction = "balloon"\nmb = 64'
+        )
+        host = SimulatedHost()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                service = host.vmmdev.hgcm.service(SERVICE_NAME)
+                assert isinstance(service, GuestPropertyService)
+                assert guest_set(service, "/Guest/ro", "v", "RDONLYHOST") == VINF_SUCCESS
+                start = trio.current_time()
+                await play_scenario(host, scenario)
+                assert trio.current_time() - start == 3
+                nursery.cancel_scope.cancel()
+        played = [
+            (entry["event"], entry["step"], entry.get("error"))
+            for entry in logs
+            if entry["event"] in ("scenario_step", "scenario_step_refused")
+        ]
+        assert played == [
+            (
+                "scenario_step_refused",
+                1,
+                "setting guest property /Guest/ro (read-only for the host) failed: "
+                "VERR_PERMISSION_DENIED (-10)",
+            ),
+            (
+                "scenario_step_refused",
+                2,
+                "deleting guest property /Guest/ro (read-only for the host) failed: "
+                "VERR_PERMISSION_DENIED (-10)",
+            ),
+            ("scenario_step", 3, None),
+        ]
+        found = host.prop_get("/Guest/ro")
+        assert found is not None
+        assert found[:2] == ("v", "RDONLYHOST")
         assert host.vmmdev.balloon.target_mb == 64
 
     async def test_reset_and_faults(self, autojump_clock: object) -> None:

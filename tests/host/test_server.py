@@ -43,6 +43,8 @@ from agent.protocol import (
     HgcmBufferOut,
     HgcmCall,
     HgcmConnect,
+    HgcmParam,
+    HgcmReply,
     HgcmU32,
     HgcmU64,
     InterruptAllWaits,
@@ -53,7 +55,7 @@ from agent.protocol import (
     layouts as L,  # noqa: N812 - the layout table
 )
 from agent.protocol.constants import RequestType
-from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED
+from agent.protocol.status import VERR_GENERAL_FAILURE, VERR_INTERRUPTED, VINF_SUCCESS
 from agent.protocol.wire import (
     MAX_CONTROL_FRAME_SIZE,
     MAX_HELLO_FRAME_SIZE,
@@ -809,6 +811,59 @@ class TestRobustness:
                 assert isinstance(status, dict)
                 nursery.cancel_scope.cancel()
 
+    async def test_a_property_read_only_for_the_host_is_refused(
+        self, socket_path: str, host: SimulatedHost
+    ) -> None:
+        """A host delete or set of a property the guest made read-only for the host
+        (RDONLYHOST, READONLY) is refused on one line with the service's status, as
+        VBoxGuestPropSvc answers the host; the host serves on and the guest's session, HGCM
+        client and properties stay (the refusal escaped as a PermissionError: ``simulate``
+        exited 70 and every agent lost its device)."""
+        refusals: list[tuple[dict[str, object], str]] = [
+            (
+                {"command": "prop_delete", "name": "/Guest/ro"},
+                "deleting guest property /Guest/ro (read-only for the host) failed: "
+                "VERR_PERMISSION_DENIED (-10)",
+            ),
+            (
+                {"command": "prop_set", "name": "/Guest/d", "value": "w"},
+                "setting guest property /Guest/d (read-only for the host) failed: "
+                "VERR_PERMISSION_DENIED (-10)",
+            ),
+        ]
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                session = Session()
+                client = (await request(session, transport, HgcmConnect(SERVICE_NAME))).client_id
+
+                async def guest_call(function: int, *params: HgcmParam) -> HgcmReply:
+                    call = HgcmCall(client, function, params)
+                    return await request(session, transport, call)
+
+                for name, flags in ((b"/Guest/ro", b"RDONLYHOST"), (b"/Guest/d", b"READONLY")):
+                    texts = (name, b"v", flags)
+                    reply = await guest_call(
+                        GuestFunction.SET_PROP, *(HgcmBufferIn(text + b"\0") for text in texts)
+                    )
+                    assert reply.status == VINF_SUCCESS
+                for payload, line in refusals:
+                    with pytest.raises(ControlCommandError) as info:
+                        await call_control(socket_path, payload)
+                    assert str(info.value) == line
+                reply = await guest_call(
+                    GuestFunction.GET_PROP,
+                    HgcmBufferIn(b"/Guest/d\0"),
+                    HgcmBufferOut(64),
+                    HgcmU64(0),
+                    HgcmU32(0),
+                )
+                assert reply.params[1].data.startswith(b"v\0READONLY\0")  # type: ignore[union-attr]
+                assert host.prop_get("/Guest/ro") is not None
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
 
 class TestFaultCommands:
     """Faults and delays over the control socket: queued, shown in ``status``, cleared."""
@@ -933,6 +988,26 @@ class TestControlClient:
             f"no simulated host at {socket_path} (No such file or directory; waited 5 s for it "
             f"to start): start one with `vbox-agent simulate --socket {socket_path}`"
         )
+
+    async def test_a_path_not_utf8_is_named_as_every_command_names_it(
+        self, socket_path: str, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """A path byte that is not UTF-8 is named ``\\x85``, as ``prop``, ``run`` and
+        ``simulate`` name it (tests/device/test_unix.py), not as Python's surrogate escape
+        ``\\udc85``: the command it suggests names the same path."""
+        directory = os.path.dirname(socket_path)
+        path = os.path.join(directory, os.fsdecode(b"h\x85.sock"))
+        shown = f"{directory}/h\\x85.sock"
+        with pytest.raises(HostUnreachableError) as missing:
+            await call_control(path, {"command": "status"}, start_wait_s=5)
+        assert str(missing.value) == (
+            f"no simulated host at {shown} (No such file or directory; waited 5 s for it "
+            f"to start): start one with `vbox-agent simulate --socket {shown}`"
+        )
+        os.mkdir(path)
+        with pytest.raises(HostUnreachableError) as taken:
+            await call_control(path, {"command": "status"})
+        assert str(taken.value) == f"no simulated host at {shown}: it exists and is not a socket"
 
     async def test_a_malformed_frame_is_said(self, socket_path: str) -> None:
         """A host whose answer is no frame sent a malformed frame (it 'dropped the control

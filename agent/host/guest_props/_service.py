@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from agent.host._release import RELEASE_REVISION, RELEASE_VERSION
+from agent.protocol.errors import VBoxStatusError, escaped
 from agent.protocol.guest_props import (
     ALLFLAGS,
     ENUM_TERMINATOR,
@@ -36,7 +37,6 @@ from agent.protocol.status import (
     VERR_PERMISSION_DENIED,
     VERR_TOO_MUCH_DATA,
     VINF_SUCCESS,
-    status_name,
 )
 
 from . import _host, _params
@@ -184,8 +184,9 @@ class GuestPropertyService:
         """Set a property as the host; its flags are replaced by ``flags``.
 
         Raises:
-            ValueError: invalid name, value or flags, or the service is full.
-            PermissionError: the property is RDONLYHOST.
+            ValueError: invalid name, value or flags.
+            VBoxStatusError: the service refused it: VERR_PERMISSION_DENIED (the property
+                is RDONLYHOST) or VERR_TOO_MUCH_DATA (the service is full).
         """
         if not name:
             _host.check_name(name)  # Main's session refuses it: the service never sees it
@@ -193,7 +194,8 @@ class GuestPropertyService:
         _host.check_name(name)
         _host.check_value(value, self._max_value_size)
         bits = parse_flags(flags)
-        _raise_for_host(name, self._store.set(name, value, bits, timestamp, is_guest=False))
+        status = self._store.set(name, value, bits, timestamp, is_guest=False)
+        _raise_for_host("setting", name, status)
 
     def host_get(self, name: str) -> tuple[str, str, int] | None:
         """Return ``(value, flags, timestamp)`` of a property, or None when it does not exist.
@@ -212,10 +214,11 @@ class GuestPropertyService:
 
         Raises:
             ValueError: invalid name.
-            PermissionError: the property is RDONLYHOST.
+            VBoxStatusError: the service refused it: VERR_PERMISSION_DENIED (the property
+                is RDONLYHOST).
         """
         _host.check_name(name)
-        _raise_for_host(name, self._store.delete(name, is_guest=False))
+        _raise_for_host("deleting", name, self._store.delete(name, is_guest=False))
 
     def host_enumerate(self, patterns: str = "") -> list[tuple[str, str, int, str]]:
         """Return ``(name, value, timestamp, flags)`` of the properties matching ``patterns``.
@@ -408,10 +411,13 @@ def _check_later_patterns(raw: bytes | bytearray) -> int:
     return VINF_SUCCESS
 
 
-def _raise_for_host(name: str, status: int) -> None:
+def _raise_for_host(action: str, name: str, status: int) -> None:
+    """Raise the failure status the service answered a host ``action`` on ``name`` with, as
+    VBoxGuestPropSvc returns it to the host's caller (the VM runs on); a success returns."""
     if status == VERR_PERMISSION_DENIED:
-        msg = f"{name}: {status_name(status)} ({status}): the property is read-only for the host"
-        raise PermissionError(msg)
-    if status == VERR_TOO_MUCH_DATA:
-        msg = f"{name}: {status_name(status)} ({status}): the service holds {MAX_PROPS} properties"
-        raise ValueError(msg)
+        why = "read-only for the host"
+    elif status == VERR_TOO_MUCH_DATA:
+        why = f"the service holds {MAX_PROPS} properties"
+    else:
+        return
+    raise VBoxStatusError(status, f"{action} guest property {escaped(name)} ({why})")
