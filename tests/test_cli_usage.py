@@ -423,4 +423,6 @@ def test_every_argument_of_host_delay_is_explained(capsys: pytest.CaptureFixture
     assert exited.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "REQUEST e.g. GUEST_HEARTBEAT or 219" in help_text
-    assert "SECONDS how long each waits (0: no delay)" in help_text
+    assert "SECONDS how long each waits from when it was written, held ones too (0: no delay)" in (
+        help_text
+    )
