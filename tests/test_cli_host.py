@@ -372,12 +372,24 @@ def answering_host(path: str, answer: dict[str, object]) -> Iterator[None]:
 class TestOddHost:
     """A host whose answers do not fit the command gets one line and exit 69."""
 
+    def test_a_drop_says_how_many_sessions_a_delay_holds(self, socket_path: str) -> None:
+        """Connections whose session a delay holds are named as still closing."""
+        answer = {"ok": True, "result": {"dropped": 2, "closing": 1}}
+        with answering_host(socket_path, answer):
+            result = host(socket_path, "drop")
+        assert (result.returncode, result.stdout) == (
+            0,
+            "dropped 2 device connection(s); 1 still closing, held in a port write by a delay "
+            "(`host status` shows held_requests; `host delay REQUEST 0` releases them)\n",
+        )
+
     @pytest.mark.parametrize(
         ("command", "answer", "told"),
         [
             (("prop", "get", "x"), {"ok": True, "result": {}}, "'prop' with an unexpected result"),
             (("prop", "get", "x"), {"ok": True, "result": [1]}, "unexpected result: [1]"),
             (("drop",), {"ok": True, "result": {"n": 1}}, "'drop' with an unexpected result"),
+            (("drop",), {"ok": True, "result": {"dropped": 1}}, "unexpected result"),
             (("balloon", "5"), {"ok": False}, "malformed reply: {'ok': False}"),
             (("balloon", "5"), {"ok": 1, "error": "e"}, "malformed reply"),
         ],

@@ -170,14 +170,34 @@ def test_unknown_commands_and_options(
             "vbox-agent prop get: error: --device is an option of 'prop': give it before 'get'; "
             "unrecognized arguments: --bogus --nope",
         ),
+        (
+            ["host", "balloon", "--socket", SOCKET, "10"],
+            "vbox-agent host balloon: error: --socket is an option of 'host': give it before "
+            "'balloon'",
+        ),
+        (
+            ["host", "stats-interval", "--socket", SOCKET, "5"],
+            "vbox-agent host stats-interval: error: --socket is an option of 'host': give it "
+            "before 'stats-interval'",
+        ),
+        (
+            ["host", "--socket", SOCKET, "cpu", "plug", "--socket", SOCKET, "1"],
+            "vbox-agent host cpu: error: --socket is an option of 'host': give it before 'cpu'",
+        ),
+        (
+            ["host", "--socket", SOCKET, "delay", "--bogus", "--socket", SOCKET, "IDLE", "1"],
+            "vbox-agent host delay: error: --socket is an option of 'host': give it before "
+            "'delay'; unrecognized arguments: --bogus",
+        ),
     ],
 )
 def test_misplaced_and_missing_options(
     argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A required option given after a later command's name is misplaced, not missing; the
-    message names the option, not the word (its value too); an unknown option beside a
-    misplaced one is reported as well."""
+    message names the option, not the word (its value too, never taken for the next
+    positional argument, whose type would refuse it); an unknown option beside a misplaced
+    one is reported as well."""
     assert usage_error(argv, capsys)[-1] == error
 
 
@@ -426,4 +446,6 @@ def test_every_argument_of_host_delay_is_explained(capsys: pytest.CaptureFixture
     assert exited.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "REQUEST e.g. GUEST_HEARTBEAT or 219" in help_text
-    assert "SECONDS how long each waits (0: no delay)" in help_text
+    assert "SECONDS how long each waits from when it was written, held ones too (0: no delay)" in (
+        help_text
+    )

@@ -188,6 +188,47 @@ def _leading_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[str
     return leading, [*rest, *argv[position:]]
 
 
+def _misplaced_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into the options given after a command's name that only an outer
+    command knows (with the value each takes, per that command's parser), and the rest.
+
+    Left in, argparse would take such an option for an unknown one and its value for the
+    next positional argument, and report that value as a bad one (``host balloon --socket
+    PATH 10``: PATH is no MB).
+    """
+    chain = [root]
+    misplaced: list[str] = []
+    rest: list[str] = []
+    words = iter(argv)
+    for word in words:
+        rest.append(word)
+        if word == "--":
+            rest.extend(words)
+            break
+        option, equals, _ = word.partition("=")
+        if not option.startswith("-") or option == "-":
+            chain.extend(_subcommand(chain[-1], word))
+            continue
+        owner = next((p for p in reversed(chain) if option in p._option_string_actions), None)
+        if owner is None:
+            continue
+        takes_value = not equals and owner._option_string_actions[option].nargs != 0
+        if owner is not chain[-1]:
+            misplaced.append(rest.pop())
+            misplaced.extend(islice(words, 1) if takes_value else ())
+        elif takes_value:
+            rest.extend(islice(words, 1))
+    return misplaced, rest
+
+
+def _subcommand(parser: CommandParser, word: str) -> list[CommandParser]:
+    """The subcommand of ``parser`` that ``word`` names, as a list of one (else empty)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+            return [action.choices[word]]
+    return []
+
+
 def _build_parser(argv: Sequence[str]) -> CommandParser:
     """The parser of ``vbox-agent``: every command listed, the chosen one's module loaded."""
     parser = CommandParser(
@@ -345,11 +386,12 @@ def _main(words: Sequence[str]) -> int:
 def _parse_and_run(words: Sequence[str]) -> int:
     parser = _build_parser(words)
     leading, words = _leading_options(parser, words)
+    misplaced, words = _misplaced_options(parser, words)
     args, unrecognized = parser.parse_known_args(words)
     usage_parser: CommandParser = args.usage_parser
     chain = _command_chain(parser, usage_parser)
-    if leading or unrecognized:
-        usage_parser.error(_unrecognized(chain, unrecognized, leading))
+    if leading or misplaced or unrecognized:
+        usage_parser.error(_unrecognized(chain, misplaced + unrecognized, leading))
     _missing_options(chain, args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     code = handler(args)

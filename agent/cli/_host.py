@@ -134,10 +134,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "request", type=_request_type, metavar="REQUEST", help="e.g. GUEST_HEARTBEAT or 219"
     )
     delay.add_argument(
-        "seconds", type=_seconds, metavar="SECONDS", help="how long each waits (0: no delay)"
+        "seconds",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long each waits from when it was written, held ones too (0: no delay)",
     )
     delay.set_defaults(build=_delay)
-    commands.add_parser("drop", help="drop every device connection").set_defaults(
+    drop_help = "drop every device connection (a session a delay holds closes once released)"
+    commands.add_parser("drop", help=drop_help).set_defaults(
         build=lambda _: {"command": "drop"}, show=_show_dropped
     )
     status = commands.add_parser("status", help="print the host's state")
@@ -291,9 +295,18 @@ def _show_value(args: argparse.Namespace, result: object) -> None:
 
 
 def _show_dropped(_: argparse.Namespace, result: object) -> None:
-    if not isinstance(result, dict) or not isinstance(dropped := result.get("dropped"), int):
+    if not isinstance(result, dict):
         raise _UnexpectedResultError
-    write_line(f"dropped {dropped} device connection(s)")
+    dropped, closing = result.get("dropped"), result.get("closing")
+    if not isinstance(dropped, int) or not isinstance(closing, int):
+        raise _UnexpectedResultError
+    held = (
+        f"; {closing} still closing, held in a port write by a delay (`host status` shows "
+        "held_requests; `host delay REQUEST 0` releases them)"
+        if closing
+        else ""
+    )
+    write_line(f"dropped {dropped} device connection(s){held}")
 
 
 def _show_cleared(args: argparse.Namespace, result: object) -> None:

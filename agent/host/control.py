@@ -17,12 +17,13 @@ command             arguments                                       result
 ``fault``           ``request`` (int), ``status`` (int), ``count``  null
 ``fault_clear``     ``request`` (int; absent: every type)           ``{cleared: int}``
 ``delay``           ``request`` (int), ``seconds`` (float)          null
-``drop``            (none)                                          ``{dropped: int}``
+``drop``            (none)                                          ``{dropped, closing: int}``
 ``status``          (none)                                          ``host.status()``
 ==================  ==============================================  =============================
 
 ``count`` is 1 to ``MAX_FAULT_COUNT``; ``cleared`` is how many answers the dropped faults
-still held. ``status`` lists the queued ``faults`` and the active ``delays``. ``prop_get``
+still held. ``status`` lists the queued ``faults``, the active ``delays`` and the
+``held_requests``. ``drop``'s ``closing`` counts the sessions a delay still holds. ``prop_get``
 answers the value and flags as the service holds them: bytes a guest set that Python cannot
 decode are surrogate escapes (``\\udcf4`` in the JSON), which ``vbox-agent host prop get``
 prints as ``\\xf4`` (:mod:`agent.protocol.host_text`).
@@ -85,18 +86,21 @@ class _BadCommandError(AgentError):
 
 
 async def execute_control(
-    host: SimulatedHost, payload: dict[str, object], *, drop: Callable[[], Awaitable[int]]
+    host: SimulatedHost,
+    payload: dict[str, object],
+    *,
+    drop: Callable[[], Awaitable[dict[str, int]]],
 ) -> dict[str, object]:
     """Run one control command on ``host`` and return the answer object.
 
-    ``drop`` closes every device connection and returns how many it closed. Errors the
+    ``drop`` closes every device connection and returns the ``drop`` result. Errors the
     host raises for a bad value (``ValueError``, ``LookupError``) or a refusal
     (:class:`AgentError`, such as a VBox status a host service answered) become
     ``{"ok": false}`` answers; anything else is a host bug and propagates.
     """
     try:
         if payload.get("command") == "drop":
-            return {"ok": True, "result": {"dropped": await drop()}}
+            return {"ok": True, "result": await drop()}
         result = _dispatch(host, payload)
     except (ValueError, LookupError, AgentError) as exc:
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

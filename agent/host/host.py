@@ -307,7 +307,9 @@ class SimulatedHost:
         return self.vmmdev.clear_faults(request_type)
 
     def set_delay(self, request_type: int, seconds: float) -> None:
-        """Hold every request of ``request_type`` for ``seconds`` (0 clears): a slow host."""
+        """Hold every request of ``request_type`` for ``seconds`` (0 clears): a slow host.
+        The requests of that type held already end ``seconds`` after each was written (at
+        once with 0)."""
         self.vmmdev.set_delay(request_type, seconds)
 
     add_delay = set_delay
@@ -375,4 +377,5 @@ class SimulatedHost:
             "core_dumps": dev.core_dumps,
             "faults": dev.faults.queued_faults(),
             "delays": dev.faults.active_delays(),
+            "held_requests": dev.held_requests(),
         }

@@ -10,7 +10,9 @@ returns: EINTR where the signal ended the ioctl (mainline's interruptible waits)
 reply (Oracle's driver answers VERR_INTERRUPTED in ``hdr.rc``, and a call the host finished
 while its cancel failed completed). When the connection ends, for whatever reason, its tasks
 are cancelled and the session is closed, so a vanished client releases its HGCM clients,
-filter bits and capabilities. A ``control`` connection runs control commands
+filter bits and capabilities; a request a delay holds in the port write is not cancelled, and
+the session closes once it is released (``drop`` answers meanwhile, counting the session as
+still closing). A ``control`` connection runs control commands
 (:mod:`agent.host.control`) one after the other, and logs each one it served
 (``control_command``, or ``control_command_refused`` with the host's reason).
 
@@ -39,6 +41,7 @@ import trio
 
 from agent.host._log import LOG_COMPONENT
 from agent.host.control import execute_control
+from agent.host.vmmdev import PORT_WRITER, PortWriter
 from agent.protocol import AgentError
 from agent.protocol.errors import SHOWN_SIZE, escaped, shown, shown_text
 from agent.protocol.wire import (
@@ -61,6 +64,8 @@ from agent.protocol.wire import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.host.host import DriverSession, SimulatedHost
     from agent.protocol.wire import Frame, UserMemory
 
@@ -222,12 +227,26 @@ class _Listener:
                 await trio.sleep(ACCEPT_PAUSE_S)
 
 
+class _Device:
+    """One device connection as ``drop`` sees it: whether its session closed, and how many
+    of its port writes a delay holds."""
+
+    __slots__ = ("closed", "writer")
+
+    def __init__(self, changed: Callable[[], object]) -> None:
+        self.closed = False
+        self.writer = PortWriter(changed)
+
+
 class _Server:
     """The connections of one host, and the device connections ``drop`` may close."""
 
     def __init__(self, host: SimulatedHost) -> None:
         self._host = host
-        self._devices: dict[trio.CancelScope, trio.Event] = {}
+        self._devices: dict[trio.CancelScope, _Device] = {}
+        self._devices_changed = trio.lowlevel.ParkingLot()
+        """Unparked when a device session closes or a delay holds or releases a port write
+        of a device connection."""
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client until it leaves or breaks the protocol; nothing it sends ends
@@ -269,14 +288,22 @@ class _Server:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client vanished; its session is closed below
 
-    async def drop(self) -> int:
-        """Close every device connection, wait until their sessions closed, return how many."""
+    async def drop(self) -> dict[str, int]:
+        """Close every device connection and wait until each one's session closed, or a
+        delay holds a port write of it (a vCPU in a port write cannot leave it: that session
+        closes once the host handled the write). Return how many connections were closed
+        (``dropped``) and how many of their sessions a delay still holds (``closing``)."""
         dropped = list(self._devices.items())
         for scope, _ in dropped:
             scope.cancel()
-        for _, closed in dropped:
-            await closed.wait()
-        return len(dropped)
+        devices = [device for _, device in dropped]
+        # Bounded: each pass follows a session closing or a write held or released.
+        while not all(device.closed or device.writer.held for device in devices):
+            await self._devices_changed.park()
+        return {
+            "dropped": len(devices),
+            "closing": sum(not device.closed for device in devices),
+        }
 
     async def _serve_device(self, connection: _Connection, *, user_device: bool) -> None:
         try:
@@ -285,7 +312,8 @@ class _Server:
             await connection.send_error(f"cannot open the device: {exc.strerror or exc}")
             return
         scope = trio.CancelScope()
-        closed = self._devices[scope] = trio.Event()
+        device = self._devices[scope] = _Device(self._devices_changed.unpark_all)
+        PORT_WRITER.set(device.writer)  # for the writes of this task and the calls it starts
         try:
             with scope:
                 await connection.send(Hello(Role.HOST))
@@ -309,7 +337,8 @@ class _Server:
             del self._devices[scope]
             with trio.CancelScope(shield=True):
                 await self._host.close_session(session)
-            closed.set()
+            device.closed = True
+            self._devices_changed.unpark_all()
 
     async def _ioctl(
         self,

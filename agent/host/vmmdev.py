@@ -33,7 +33,8 @@ from __future__ import annotations
 import random
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -43,7 +44,7 @@ from agent.host import _header_fields as H  # noqa: N812 - see the module
 from agent.host._balloon import HostBalloon
 from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.host._facilities import FacilityTable
-from agent.host._faults import FaultInjector
+from agent.host._faults import FaultInjector, request_name
 from agent.host._guest_info import GET_MOUSE_STATUS_EX, GuestInfo
 from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
 from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
@@ -135,6 +136,33 @@ class RequestCounts(dict[int, int]):
         return 0
 
 
+class PortWriter:
+    """Who writes to the port (one device connection of the host's server): how many of
+    its port writes a delay holds now, and what to call whenever that changes."""
+
+    __slots__ = ("changed", "held")
+
+    def __init__(self, changed: Callable[[], object]) -> None:
+        self.held = 0
+        self.changed = changed
+
+
+PORT_WRITER: Final = ContextVar[PortWriter | None]("port_writer", default=None)
+"""The writer the port writes of a task count for (the tasks it starts inherit it)."""
+
+
+@dataclass(eq=False, slots=True)
+class _HeldWrite:
+    """A port write a delay holds: its scope's deadline is when the host handles it."""
+
+    request_type: int
+    started: float
+    scope: trio.CancelScope
+    writer: PortWriter | None
+    powered_off: bool = False
+    """The VM powered off while it was held: it ends unhandled."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     size: int
@@ -199,7 +227,7 @@ class VMMDev:
         self._hgcm_filter_enabled = False
         self._irq = trio.lowlevel.ParkingLot()
         self.faults = FaultInjector()
-        self._held_writes: set[trio.CancelScope] = set()
+        self._held_writes: set[_HeldWrite] = set()
         self._write_released = trio.lowlevel.ParkingLot()
         """Unparked whenever a held port write ends."""
         self._powered_off = False
@@ -213,27 +241,43 @@ class VMMDev:
     async def submit(self, phys: int) -> None:
         """The guest wrote ``phys`` to the request port; handle the request it points to.
 
-        A configured delay holds the "vCPU" in the port write first: the guest cannot
-        interrupt it, only powering the VM off (the end of :meth:`run`) does, and then the
-        request is not handled; once the VM is off, such a write is not held at all (the
-        simulated host's teardown, closing the sessions left, must not wait for it). A VM
-        reset waits for it instead (:meth:`finish_port_writes`).
+        A configured delay holds the "vCPU" in the port write first, for the delay of its
+        request type from the moment the write started: changing that delay
+        (:meth:`set_delay`) moves the end of the writes it holds already, 0 ends them at
+        once. The guest cannot interrupt it, only powering the VM off (the end of
+        :meth:`run`) does, and then the request is not handled; once the VM is off, such a
+        write is not held at all (the simulated host's teardown, closing the sessions left,
+        must not wait for it). A VM reset waits for it instead (:meth:`finish_port_writes`).
         """
-        delay = self._delay_for(phys) if self.faults.has_delays else 0.0
+        request_type = self._request_type_at(phys) if self.faults.has_delays else None
+        delay = 0.0 if request_type is None else self.faults.delay(request_type)
         if delay > 0 and self._powered_off:
             await trio.lowlevel.checkpoint()
             return
-        if delay > 0:
-            with trio.CancelScope(shield=True) as hold:
-                self._held_writes.add(hold)
-                try:
-                    await trio.sleep(delay)
-                finally:
-                    self._held_writes.discard(hold)
-                    self._write_released.unpark_all()
-            if hold.cancelled_caught:
-                return
+        if request_type is not None and delay > 0 and not await self._hold(request_type, delay):
+            return
         self.process(phys)
+
+    async def _hold(self, request_type: int, delay: float) -> bool:
+        """Hold a port write of ``request_type`` until its delay ends; return whether it is
+        to be handled (False: the VM powered off meanwhile)."""
+        started = trio.current_time()
+        writer = PORT_WRITER.get()
+        with trio.CancelScope(shield=True, deadline=started + delay) as scope:
+            held = _HeldWrite(request_type, started, scope, writer)
+            self._held_writes.add(held)
+            if writer is not None:
+                writer.held += 1
+                writer.changed()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._held_writes.discard(held)
+                self._write_released.unpark_all()
+                if writer is not None:
+                    writer.held -= 1
+                    writer.changed()
+        return not held.powered_off
 
     def process(self, phys: int) -> None:  # noqa: PLR0912 - one inline path, see below
         """Handle the request at ``phys`` synchronously (the port handler proper)."""
@@ -303,15 +347,28 @@ class VMMDev:
         return self.faults.clear_faults(request_type)
 
     def set_delay(self, request_type: int, seconds: float) -> None:
-        """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
-        self.faults.set_delay(request_type, seconds)
+        """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears).
 
-    def _delay_for(self, phys: int) -> float:
+        The writes of that type held already end ``seconds`` after each started: at once
+        with 0 (or a delay they have waited out), later with a longer delay.
+        """
+        self.faults.set_delay(request_type, seconds)
+        for held in self._held_writes:
+            if held.request_type == request_type:
+                held.scope.deadline = held.started + seconds
+
+    def held_requests(self) -> dict[str, int]:
+        """How many port writes a delay holds now, by request type name."""
+        counts = Counter(held.request_type for held in self._held_writes)
+        return {request_name(t): n for t, n in sorted(counts.items())}
+
+    def _request_type_at(self, phys: int) -> int | None:
+        """The type of the request at ``phys`` (None if its header is unreadable)."""
         try:
             header = self.memory.read(phys, HEADER_SIZE)
         except OSError:
-            return 0.0
-        return self.faults.delay(L.RequestHeader.request_type.get(header))
+            return None
+        return L.RequestHeader.request_type.get(header)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -448,8 +505,9 @@ class VMMDev:
             await self.heartbeat.run()
         finally:
             self._powered_off = True
-            for hold in self._held_writes:
-                hold.cancel()
+            for held in self._held_writes:
+                held.powered_off = True
+                held.scope.cancel()
 
     def host_time_ms(self) -> int:
         """Host UTC in ms since the epoch: this machine's clock moved by ``time_offset_ms``.

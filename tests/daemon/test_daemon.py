@@ -405,13 +405,13 @@ class TestDaemonLifecycle:
                 host.set_delay(RequestType.GET_SESSION_ID, 0.5)
                 await trio.sleep(2.25)  # the probes at 1 s and 2 s answer after 0.5 s
                 host.set_delay(RequestType.GET_SESSION_ID, 5.0)
-                await trio.sleep(1.75)  # the probes at 3 s and 4 s are held
-                host.set_delay(RequestType.GET_SESSION_ID, 0)
-                await trio.sleep(2.0)
+                await trio.sleep(2.75)  # the probes at 3 s, 4 s and 5 s are held
+                host.set_delay(RequestType.GET_SESSION_ID, 0)  # which answers them
+                await trio.sleep(1.0)
                 daemon.request_shutdown("test")
-        # the probe given up at 4 s takes GIVE_BACK_S to come back, the next one answers
-        resumed = 5.0 + GIVE_BACK_S
-        assert notifier.pings == pytest.approx([0.0, 1.5, 2.5, resumed, 6.0])
+        # the probe given up at 4 s takes GIVE_BACK_S to come back, so the next one starts
+        # then; it is given up at 5 s, and the one after it is answered when the delay ends
+        assert notifier.pings == pytest.approx([0.0, 1.5, 2.5, 5.5, 6.0])
         probes = [e for e in logs if e["event"].startswith("watchdog_probe")]
         assert [(e["event"], e["log_level"], e.get("timeout_s")) for e in probes] == [
             ("watchdog_probe_timed_out", "error", 1.0),

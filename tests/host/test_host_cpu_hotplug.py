@@ -227,5 +227,5 @@ class TestControl:
             assert expected in str(answer["error"])
 
 
-async def _no_drop() -> int:
-    return 0
+async def _no_drop() -> dict[str, int]:
+    return {"dropped": 0, "closing": 0}

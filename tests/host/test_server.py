@@ -72,11 +72,11 @@ from agent.protocol.wire import (
     Role,
     encode_frame,
 )
-from tests.host.conftest import ECHO, FN_HOLD, EchoService
+from tests.host.conftest import ECHO, FN_HOLD, EchoService, until
 from tests.sim_support import garbage_host
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Iterator
 
     from agent.protocol.wire import Frame
 
@@ -93,6 +93,14 @@ def _socket_path() -> Iterator[str]:
 @pytest.fixture(name="host")
 def _host() -> SimulatedHost:
     return SimulatedHost(personality="mainline")
+
+
+@pytest.fixture(name="threaded_host", params=["mainline", "kernel"])
+def _threaded_host(request: pytest.FixtureRequest) -> SimulatedHost:
+    """A mainline host, and a kernel one (its port writes come from the real driver's threads)."""
+    if request.param == "kernel":
+        request.getfixturevalue("kernel_library")
+    return SimulatedHost(personality=request.param)
 
 
 async def start(nursery: trio.Nursery, host: SimulatedHost, path: str) -> None:
@@ -428,10 +436,52 @@ class TestDeviceSessions:
                     waiters.start_soon(wait)
                     await trio.testing.wait_all_tasks_blocked()
                     result = await call_control(socket_path, {"command": "drop"})
-                assert result == {"dropped": 1}
+                assert result == {"dropped": 1, "closing": 0}
                 assert len(lost) == 1
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
+
+    async def test_drop_answers_while_a_delay_holds_a_session(
+        self, socket_path: str, threaded_host: SimulatedHost
+    ) -> None:
+        """A drop answers at once when a delay holds a request of a connection in the
+        port write, counting that connection as still closing (``status`` shows the held
+        request); ending the delay releases the write, then the session closes and the
+        client's connection ends."""
+        host = threaded_host
+        version = RequestType.GET_HOST_VERSION
+
+        async def control(**payload: object) -> object:
+            return await call_control(socket_path, payload)
+
+        async def status() -> dict[str, Any]:
+            result = await control(command="status")
+            assert isinstance(result, dict)
+            return result
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                transport = await UnixSocketOpener(socket_path).open_session()
+                await control(command="delay", request=version, seconds=1000.0)
+                async with trio.open_nursery() as guest:
+                    guest.start_soon(_lose, request(Session(), transport, GetHostVersion()))
+                    await until(lambda: host.vmmdev.port_writes_held == 1)  # driver threads
+                    dropped = await control(command="drop")
+                    held = await status()
+                    await control(command="delay", request=version, seconds=0)
+                released = await status()  # the connection ended once the session closed
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+        assert dropped == {"dropped": 1, "closing": 1}
+        assert (held["held_requests"], held["sessions"]) == ({"GET_HOST_VERSION": 1}, 1)
+        assert (released["held_requests"], released["sessions"]) == ({}, 0)
+
+
+async def _lose(call: Awaitable[object]) -> None:
+    """Await ``call``, which the drop ends with DeviceLostError."""
+    with pytest.raises(DeviceLostError):
+        await call
 
 
 class TestRobustness:

@@ -265,6 +265,56 @@ class TestPortHandler:
         assert trio.current_time() - start == 1.5
         assert L.RequestHeader.rc.get(req) == VINF_SUCCESS
 
+    @pytest.mark.parametrize(
+        ("waited", "new_delay", "answered_after"),
+        [(0.0, 0.0, 0.0), (3.0, 5.0, 5.0), (3.0, 2.0, 3.0), (3.0, 20.0, 20.0)],
+        ids=["ended", "shortened", "already-waited-out", "lengthened"],
+    )
+    async def test_a_new_delay_moves_the_end_of_held_writes(
+        self,
+        device: Device,
+        autojump_clock: trio.testing.MockClock,
+        waited: float,
+        new_delay: float,
+        answered_after: float,
+    ) -> None:
+        """A delay changed while a write of its type is held applies to that write, from
+        when it was written: 0 (or one it has waited out) answers it at once, another one
+        moves its answer; ``held_requests`` counts it while it is held."""
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 1000)
+        req = vmmdev_request(T.GET_HOST_VERSION, 40)
+        phys = device.ram.map(req)
+        start = trio.current_time()
+        answered: list[float] = []
+
+        async def write() -> None:
+            await device.vmmdev.submit(phys)
+            answered.append(trio.current_time() - start)
+
+        async with trio.open_nursery() as guest:
+            guest.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            held = device.vmmdev.held_requests()
+            autojump_clock.jump(waited)
+            device.vmmdev.set_delay(T.GET_HOST_VERSION, new_delay)
+        assert (held, answered) == ({"GET_HOST_VERSION": 1}, [answered_after])
+        assert (L.RequestHeader.rc.get(req), device.vmmdev.held_requests()) == (VINF_SUCCESS, {})
+
+    async def test_a_new_delay_of_another_type_leaves_held_writes_alone(
+        self, device: Device, autojump_clock: object
+    ) -> None:
+        """Only the writes of the type whose delay changed move."""
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 2)
+        device.vmmdev.set_delay(T.GET_SESSION_ID, 2)
+        version = device.ram.map(vmmdev_request(T.GET_HOST_VERSION, 40))
+        start = trio.current_time()
+        async with trio.open_nursery() as guest:
+            guest.start_soon(device.vmmdev.submit, version)
+            await trio.testing.wait_all_tasks_blocked()
+            device.vmmdev.set_delay(T.GET_SESSION_ID, 0)
+            assert device.vmmdev.held_requests() == {"GET_HOST_VERSION": 1}
+        assert trio.current_time() - start == 2
+
     async def test_power_off_ends_a_held_write(
         self, device: Device, autojump_clock: object
     ) -> None:
