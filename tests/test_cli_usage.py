@@ -395,8 +395,14 @@ def test_the_old_minimum_of_ioctl_threads_is_logged_and_run_goes_on(
 @pytest.mark.parametrize(
     ("host_table", "message"),
     [
-        ("heartbeat_interval_ms = 10", "heartbeat interval 10000000 ns is below 50000000 ns"),
-        ("heartbeat_interval_ms = 99999999999999", "does not fit in 64 bits"),
+        (
+            "heartbeat_interval_ms = 10",
+            "key 'heartbeat_interval_ms': 10 ms is below the host's shortest interval, 50 ms",
+        ),
+        (
+            "heartbeat_interval_ms = 99999999999999",
+            "key 'heartbeat_interval_ms': 99999999999999 ms is above 9223372036854 ms, ",
+        ),
         ("ram_mb = 99999999999", "key 'ram_mb': 99999999999 is not an integer in [4, 2097152]"),
         ("ram_mb = 3", "key 'ram_mb': 3 is not an integer in [4, 2097152]"),
     ],
@@ -414,6 +420,23 @@ def test_a_scenario_host_the_model_refuses_is_a_config_error(
     assert err.startswith(f"vbox-agent run: {scenario}: host: ")
     assert message in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("personality", ["mainline", "passthrough"])
+def test_a_personality_without_the_scenarios_r3_balloon_is_refused(
+    personality: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run --simulate --personality P`` over a scenario whose ``[host]`` sets r3_balloon
+    (an oracle option) is refused with 64, as ``simulate --personality P --r3-balloon`` is;
+    it used to drop r3_balloon silently and run."""
+    scenario = tmp_path / "r3.toml"
+    scenario.write_text('[host]\npersonality = "oracle"\nr3_balloon = true\n')
+    args = ["run", "--simulate", "--personality", personality, "--scenario", str(scenario)]
+    # --duration bounds the run should the personality be accepted after all
+    assert usage_error([*args, "--duration", "1"], capsys)[-1] == (
+        f"vbox-agent run: error: --personality {personality}: {scenario} sets r3_balloon, "
+        "an option of the oracle personality only"
+    )
 
 
 def test_every_argument_of_host_delay_is_explained(capsys: pytest.CaptureFixture[str]) -> None:

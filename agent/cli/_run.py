@@ -140,6 +140,11 @@ def run_command(args: argparse.Namespace) -> int:
         except ScenarioError as exc:
             _say_why([f"vbox-agent run: {exc}"], "scenario_invalid", error=str(exc))
             return EX_CONFIG
+        if scenario.host.r3_balloon and args.personality not in (None, "oracle"):
+            usage.error(
+                f"--personality {args.personality}: {source} sets r3_balloon, an option of "
+                "the oracle personality only"
+            )
         try:
             host = _simulated_host(scenario.host, args.personality)
         except ValueError as exc:  # a value the host model refuses (its own limits)
@@ -175,17 +180,17 @@ def _freeze_start_up_objects() -> None:
 
 
 def _simulated_host(settings: HostSettings, personality: str | None) -> SimulatedHost:
-    """Build the host the scenario's ``[host]`` table describes (``personality`` overrides).
+    """Build the host the scenario's ``[host]`` table describes (``personality`` overrides;
+    the caller refused one that contradicts ``r3_balloon``).
 
     Raises:
         ValueError: a setting the host model refuses (below or above its limits).
     """
     from agent.host import SimulatedHost  # noqa: PLC0415
 
-    chosen = personality or settings.personality
     return SimulatedHost(
-        personality=chosen,
-        r3_balloon=settings.r3_balloon and chosen == "oracle",
+        personality=personality or settings.personality,
+        r3_balloon=settings.r3_balloon,
         ram_mb=settings.ram_mb,
         heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
         host_time_enabled=settings.host_time,

@@ -21,14 +21,20 @@ A ``reset`` reboots the guest: every session open on the VM fails with ENODEV fr
 so an agent playing the scenario in-process (``run --simulate``) loses its device and exits
 69 (``device_lost``), as on any lost device.
 
-Errors name the step (counting from 1), the key and the bad value; property names, values
-and flags are checked as the guest-property service checks them. A step the host refuses
-while playing (a property the guest made read-only for the host) is logged and the
-scenario goes on, as a failed ``VBoxManage`` command leaves the VM running.
+Errors name the step (counting from 1), the key and the bad value (with its TOML type when
+the type is wrong); property names, values and flags are checked as the guest-property
+service checks them, and the ``[host]`` table's limits are the host model's, said in the
+table's units. Each step is logged as it starts. A step the host refuses while playing (a
+property the guest made read-only for the host) is logged and the scenario goes on, as a
+failed ``VBoxManage`` command leaves the VM running.
+
+For users, ``docs/scenarios.md`` describes the format: every key, default and limit, and
+what each step shows in the log.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -37,17 +43,20 @@ import trio
 
 from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
 from agent.host._faults import MAX_FAULT_COUNT
+from agent.host._heartbeat import MAX_NS, MIN_INTERVAL_NS
 from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
 from agent.protocol.constants import (
     MAX_GUEST_RAM_MB,
     MIN_GUEST_RAM_MB,
+    Event,
+    RequestType,
     parse_event_mask,
     parse_request_type,
 )
-from agent.protocol.errors import VBoxStatusError
+from agent.protocol.errors import VBoxStatusError, shown_text
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
-from agent.protocol.status import parse_status
+from agent.protocol.status import parse_status, status_name
 from agent.tomltext import (
     NotARegularFileError,
     TomlFileTooLargeError,
@@ -63,6 +72,11 @@ if TYPE_CHECKING:
     from agent.host.host import SimulatedHost
 
 NS_PER_MS: Final = 1_000_000
+MIN_HEARTBEAT_INTERVAL_MS: Final = -(-MIN_INTERVAL_NS // NS_PER_MS)
+"""The host's shortest heartbeat interval, in the ``[host]`` table's unit."""
+MAX_HEARTBEAT_INTERVAL_MS: Final = MAX_NS // 2 // NS_PER_MS
+"""The longest interval whose heartbeat timeout (twice the interval, which a scenario cannot
+set) fits the host's u64 nanoseconds."""
 Value = int | float | str
 T = TypeVar("T")
 
@@ -131,6 +145,20 @@ def _ram_mb(value: object) -> int:
     return mb
 
 
+def _heartbeat_interval_ms(value: object) -> int:
+    interval = _int(value)
+    if interval < MIN_HEARTBEAT_INTERVAL_MS:
+        msg = f"{interval} ms is below the host's shortest interval, {MIN_HEARTBEAT_INTERVAL_MS} ms"
+        raise ValueError(msg)
+    if interval > MAX_HEARTBEAT_INTERVAL_MS:
+        msg = (
+            f"{interval} ms is above {MAX_HEARTBEAT_INTERVAL_MS} ms, the longest interval whose "
+            "heartbeat timeout (twice the interval) fits the host's 64-bit nanoseconds"
+        )
+        raise ValueError(msg)
+    return interval
+
+
 def _number(value: object) -> float:
     if (
         isinstance(value, bool)
@@ -189,6 +217,16 @@ _prop_value = _str_checked_by(encode_value)
 _prop_flags = _str_checked_by(parse_flags)
 
 
+def _action(value: object) -> str:
+    if not isinstance(value, str):
+        expected = f"one of {', '.join(ACTIONS)}"
+        raise TypeError(expected)
+    if value not in ACTIONS:
+        msg = f"{value!r} is not one of {', '.join(ACTIONS)}"
+        raise ValueError(msg)
+    return value
+
+
 def _count(value: object) -> int:
     count = _int(value)
     if not 1 <= count <= MAX_FAULT_COUNT:
@@ -211,7 +249,7 @@ ACTIONS: Final[dict[str, tuple[dict[str, Callable[[object], Value]], dict[str, V
 _HOST_KEYS: Final[dict[str, Callable[[object], object]]] = {
     "personality": _str,
     "ram_mb": _ram_mb,
-    "heartbeat_interval_ms": _int,
+    "heartbeat_interval_ms": _heartbeat_interval_ms,
     "host_time": _bool,
     "core_dumps": _bool,
     "seed": _int,
@@ -297,9 +335,6 @@ def _host_settings(raw: object, source: str) -> HostSettings:
     if settings.r3_balloon and settings.personality != "oracle":
         msg = f"{source}: host: key 'r3_balloon': only the oracle personality has it"
         raise ScenarioError(msg)
-    if settings.heartbeat_interval_ms <= 0:
-        msg = f"{source}: host: heartbeat_interval_ms must be positive"
-        raise ScenarioError(msg)
     return settings
 
 
@@ -307,11 +342,12 @@ def _step(raw: object, where: str, host: HostSettings) -> Step:
     if not isinstance(raw, dict):
         msg = f"{where}: must be a table"
         raise ScenarioError(msg)
-    at = _checked(_number, raw.get("at"), f"{where}: key 'at'")
-    action = raw.get("action")
-    if action not in ACTIONS:
-        msg = f"{where}: key 'action': {action!r} is not one of {', '.join(ACTIONS)}"
-        raise ScenarioError(msg)
+    for key in ("at", "action"):
+        if key not in raw:
+            msg = f"{where}: missing key {key!r}"
+            raise ScenarioError(msg)
+    at = _checked(_number, raw["at"], f"{where}: key 'at'")
+    action = _checked(_action, raw["action"], f"{where}: key 'action'")
     checks, defaults = ACTIONS[action]
     where = f"{where} ({action})"
     args: dict[str, Value] = dict(defaults)
@@ -340,11 +376,38 @@ def _checked(check: Callable[[object], T], value: object, where: str) -> T:
     try:
         return check(value)
     except TypeError as exc:
-        msg = f"{where}: expected {exc}, got {value!r}"
+        msg = f"{where}: expected {exc}, got {_described(value)}"
         raise ScenarioError(msg) from None
     except ValueError as exc:
         msg = f"{where}: {exc}"
         raise ScenarioError(msg) from None
+
+
+_TOML_TYPES: Final = (
+    (bool, "boolean"),  # before int: a bool is an int too
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (dt.datetime, "date-time"),  # before date: a datetime is a date too
+    (dt.date, "date"),
+    (dt.time, "time"),
+)
+
+
+def _described(value: object) -> str:
+    """A TOML value as its type's name in TOML and its text: ``boolean true``, ``time 00:00:05``."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    kind = next(name for cls, name in _TOML_TYPES if isinstance(value, cls))
+    if isinstance(value, bool):
+        return f"{kind} {str(value).lower()}"
+    if isinstance(value, str):
+        return f"{kind} {shown_text(repr(value))}"
+    if isinstance(value, dt.date | dt.time):
+        return f"{kind} {value.isoformat()}"
+    return f"{kind} {value}"
 
 
 # --- playing ---------------------------------------------------------------------------------
@@ -353,19 +416,37 @@ def _checked(check: Callable[[object], T], value: object, where: str) -> T:
 async def play_scenario(host: SimulatedHost, scenario: Scenario) -> None:
     """Run the steps of ``scenario`` on ``host`` at their times (from now, on trio's clock).
 
-    A step the host refuses (a bad value, no such service, a VBox status such as
-    VERR_PERMISSION_DENIED for a property the guest made read-only for the host) is logged
+    Each step is logged (``scenario_step``, with its number and keys) as it starts. A step the
+    host refuses (a bad value, no such service, a VBox status such as VERR_PERMISSION_DENIED
+    for a property the guest made read-only for the host) is logged after it
     (``scenario_step_refused``, with its number) and the next one runs at its time.
     """
     start = trio.current_time()
     for number, step in enumerate(scenario.steps, start=1):
         await trio.sleep_until(start + step.at)
+        # Logged first: a reset's new boot logs its own lines before the reset returns.
+        _log.info("scenario_step", step=number, action=step.action, **step_fields(step))
         try:
             await _apply(host, step)
         except (ValueError, LookupError, VBoxStatusError) as exc:
             _log.warning("scenario_step_refused", step=number, action=step.action, error=str(exc))
-            continue
-        _log.info("scenario_step", step=number, action=step.action, **dict(step.args))
+
+
+def step_fields(step: Step) -> dict[str, Value]:
+    """A step's keys for its log line, by name as a scenario writes them (``events = "VRDP"``,
+    ``request = "GET_HOST_TIME"``, ``status = "VERR_NO_MEMORY"``); an event mask also as the
+    number the agent's ``event_waiter_opened`` line shows its filter in."""
+    keys, _ = ACTIONS[step.action]
+    fields = {key: step.args[key] for key in keys}  # in the table's order, defaults included
+    if "events" in fields:
+        mask = int(fields["events"])
+        fields["events"] = "|".join(str(event.name) for event in Event if mask & event)
+        fields["mask"] = f"{mask:#x}"
+    if "request" in fields:
+        fields["request"] = RequestType(int(fields["request"])).name
+    if "status" in fields:
+        fields["status"] = status_name(int(fields["status"]))
+    return fields
 
 
 async def _apply(host: SimulatedHost, step: Step) -> None:

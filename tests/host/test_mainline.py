@@ -18,6 +18,7 @@ from functools import partial
 from typing import Final
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -426,6 +427,23 @@ class TestPassthroughPolicy:
         """Kernel-only and unknown requests are EPERM even for root on /dev/vboxguest."""
         client = await open_client(host)
         await expect_errno(errno.EPERM, passthrough(client, request_type))
+
+    async def test_a_denial_is_logged_readably(self, host: SimulatedHost) -> None:
+        """The host's line names the request and says which session asked, in words (it
+        gave the request's number and the session's Python repr)."""
+        client = await open_client(host, user_device=True, uid=1000)
+        with structlog.testing.capture_logs() as logs:
+            await expect_errno(
+                errno.EPERM, passthrough(client, RequestType.GET_STATISTICS_CHANGE_REQ)
+            )
+            await expect_errno(errno.EPERM, passthrough(client, 1234))
+        denied = [
+            (entry["request"], entry["session"])
+            for entry in logs
+            if entry["event"] == "vmm_request_denied"
+        ]
+        session = "/dev/vboxuser opened by uid 1000 (requestor 0x800e)"
+        assert denied == [("GET_STATISTICS_CHANGE_REQ", session), ("1234", session)]
 
     @pytest.mark.parametrize(
         ("facility", "trusted", "user"),

@@ -9,6 +9,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Final
 
@@ -20,6 +21,9 @@ import trio
 from agent.host import SimulatedHost
 from agent.host.guest_props import SERVICE_NAME, GuestPropertyService
 from agent.host.scenario import (
+    ACTIONS,
+    MAX_HEARTBEAT_INTERVAL_MS,
+    MIN_HEARTBEAT_INTERVAL_MS,
     HostSettings,
     ScenarioError,
     Step,
@@ -29,6 +33,7 @@ from agent.host.scenario import (
 )
 from agent.protocol.constants import Event, RequestType
 from agent.protocol.status import VINF_SUCCESS
+from agent.services import guest_stats
 from tests.host.guest_props_support import guest_set
 
 DEMO: Final = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
@@ -50,7 +55,24 @@ class TestParse:
             "restore",
             "prop_delete",
         ]
-        assert Step(20.0, "event", {"events": Event.VRDP}) == scenario.steps[3]
+        assert (
+            Step(20.0, "event", {"events": Event.STATISTICS_INTERVAL_CHANGE_REQUEST})
+            == scenario.steps[3]
+        )
+
+    def test_the_demos_event_shows_in_the_agents_log(self) -> None:
+        """The demo's event step raises an event a service of the agent waits for (the
+        statistics service, which logs ``statistics_interval_read``), not one outside the
+        agent's filter that nothing follows (it raised VRDP)."""
+        [event] = [step for step in load_scenario(DEMO).steps if step.action == "event"]
+        assert int(event.args["events"]) & ~guest_stats.EVENTS == 0
+
+    def test_the_user_docs_name_every_key_and_action(self) -> None:
+        """``docs/scenarios.md`` describes every ``[host]`` key, every action and its keys."""
+        doc = (Path(__file__).resolve().parents[2] / "docs" / "scenarios.md").read_text()
+        keys = [setting.name for setting in fields(HostSettings)]
+        keys += [*ACTIONS, *(key for checks, _ in ACTIONS.values() for key in checks)]
+        assert [key for key in keys if f"`{key}`" not in doc] == []
 
     def test_names_and_numbers(self) -> None:
         """Requests, statuses and events accept names or numbers; optional keys default."""
@@ -89,10 +111,47 @@ class TestParse:
             ("colour = 1", "unknown top-level key 'colour'"),
             ("[host]\nram = 1", "host: unknown key 'ram'"),
             ('[host]\npersonality = "windows"', "'windows' is not one of"),
-            ('[host]\nram_mb = "big"', "host: key 'ram_mb': expected an integer, got 'big'"),
+            ('[host]\nram_mb = "big"', "host: key 'ram_mb': expected an integer, got string 'big'"),
             ("[host]\nram_mb = 1", r"host: key 'ram_mb': 1 is not an integer in \[4, 2097152\]"),
-            ("[[steps]]\nat = 1", "step 1: key 'action': None is not one of"),
-            ('[[steps]]\naction = "restore"', "step 1: key 'at': expected a non-negative number"),
+            ("[[steps]]\nat = 1", r"^demo: step 1: missing key 'action'$"),
+            ('[[steps]]\naction = "restore"', r"^demo: step 1: missing key 'at'$"),
+            (
+                '[[steps]]\nat = true\naction = "restore"',
+                r"^demo: step 1: key 'at': expected a non-negative number, got boolean true$",
+            ),
+            (
+                '[[steps]]\nat = 00:00:05\naction = "restore"',
+                r"^demo: step 1: key 'at': expected a non-negative number, got time 00:00:05$",
+            ),
+            (
+                '[[steps]]\nat = 1979-05-27T07:32:00Z\naction = "restore"',
+                r"got date-time 1979-05-27T07:32:00\+00:00$",
+            ),
+            ('[[steps]]\nat = "1"\naction = "restore"', r"got string '1'$"),
+            ('[[steps]]\nat = [1]\naction = "restore"', r"got an array$"),
+            (
+                "[[steps]]\nat = 1\naction = 5",
+                r"^demo: step 1: key 'action': expected one of balloon, .*, delay, got integer 5$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "poweroff"',
+                r"^demo: step 1: key 'action': 'poweroff' is not one of balloon, ",
+            ),
+            (
+                "[host]\nheartbeat_interval_ms = 10",
+                r"^demo: host: key 'heartbeat_interval_ms': 10 ms is below the host's shortest "
+                r"interval, 50 ms$",
+            ),
+            (
+                "[host]\nheartbeat_interval_ms = -5",
+                r"^demo: host: key 'heartbeat_interval_ms': -5 ms is below",
+            ),
+            (
+                "[host]\nheartbeat_interval_ms = 99999999999999",
+                r"^demo: host: key 'heartbeat_interval_ms': 99999999999999 ms is above "
+                r"9223372036854 ms, the longest interval whose heartbeat timeout \(twice the "
+                r"interval\) fits",
+            ),
             ('[[steps]]\nat = -1\naction = "restore"', "step 1: key 'at'"),
             ('[[steps]]\nat = inf\naction = "restore"', "step 1: key 'at'"),
             (
@@ -102,7 +161,7 @@ class TestParse:
             ('[[steps]]\nat = 1\naction = "balloon"', r"step 1 \(balloon\): missing key 'mb'"),
             (
                 '[[steps]]\nat = 1\naction = "balloon"\nmb = "abc"',
-                r"step 1 \(balloon\): key 'mb': expected an integer, got 'abc'",
+                r"step 1 \(balloon\): key 'mb': expected an integer, got string 'abc'",
             ),
             (
                 '[[steps]]\nat = 1\naction = "balloon"\nmb = 1900',
@@ -162,6 +221,19 @@ class TestParse:
         scenario = parse_scenario(f'[host]\npersonality = "oracle"\n{option}')
         host = SimulatedHost(**scenario.host.options())  # type: ignore[arg-type]
         assert host.driver.kernel_allocator is allocator  # type: ignore[attr-defined]
+
+    def test_heartbeat_interval_bounds_are_the_hosts(self) -> None:
+        """The ``[host]`` table takes exactly the intervals the host model takes (a value past
+        them used to reach the host, whose error named neither the key nor the unit)."""
+        for interval_ms in (MIN_HEARTBEAT_INTERVAL_MS, MAX_HEARTBEAT_INTERVAL_MS):
+            scenario = parse_scenario(f"[host]\nheartbeat_interval_ms = {interval_ms}")
+            host = SimulatedHost(**scenario.host.options())  # type: ignore[arg-type]
+            assert interval_ms * 1_000_000 == host.vmmdev.heartbeat.interval_ns
+        for interval_ms in (MIN_HEARTBEAT_INTERVAL_MS - 1, MAX_HEARTBEAT_INTERVAL_MS + 1):
+            with pytest.raises(ValueError, match="heartbeat"):
+                SimulatedHost(heartbeat_interval_ns=interval_ms * 1_000_000)
+            with pytest.raises(ScenarioError, match="'heartbeat_interval_ms'"):
+                parse_scenario(f"[host]\nheartbeat_interval_ms = {interval_ms}")
 
     def test_r3_balloon_is_oracle_only(self) -> None:
         with pytest.raises(ValueError, match="option of the oracle personality"):
@@ -234,7 +306,7 @@ class TestPlay:
                 await trio.sleep_until(start + 15.5)
                 assert host.vmmdev.balloon.target_mb == 64
                 await trio.sleep_until(start + 20.5)
-                assert host.vmmdev.pending_events & Event.VRDP
+                assert host.vmmdev.pending_events & Event.STATISTICS_INTERVAL_CHANGE_REQUEST
                 await trio.sleep_until(start + 25.5)
                 assert session_id != host.vmmdev.session_id
                 await trio.sleep_until(start + 30.5)
@@ -288,12 +360,14 @@ class TestPlay:
             if entry["event"] in ("scenario_step", "scenario_step_refused")
         ]
         assert played == [
+            ("scenario_step", 1, None),
             (
                 "scenario_step_refused",
                 1,
                 "setting guest property /Guest/ro (read-only for the host) failed: "
                 "VERR_PERMISSION_DENIED (-10)",
             ),
+            ("scenario_step", 2, None),
             (
                 "scenario_step_refused",
                 2,
@@ -337,3 +411,69 @@ class TestPlay:
                 assert host.vmmdev.guest.additions_ok
                 assert host.vmmdev.request_counts[RequestType.GET_HOST_VERSION] == 2
                 nursery.cancel_scope.cancel()
+
+    async def test_steps_are_logged_by_name_before_they_run(self, autojump_clock: object) -> None:
+        """Each step's line names what the scenario wrote (events, request and status by
+        name, written as numbers here; the event mask beside the names) and comes before the
+        step's effects: the lines of the boot a reset starts follow it (they used to come
+        first, and the line gave only numbers)."""
+        scenario = parse_scenario(
+            """
+            [[steps]]
+            at = 1
+            action = "event"
+            events = 0x110
+            [[steps]]
+            at = 1
+            action = "fault"
+            request = 10
+            status = -8
+            [[steps]]
+            at = 1
+            action = "delay"
+            request = "get_host_time"
+            seconds = 0.5
+            [[steps]]
+            at = 2
+            action = "reset"
+            """
+        )
+        host = SimulatedHost()
+        with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                await play_scenario(host, scenario)
+                nursery.cancel_scope.cancel()
+        events = [entry["event"] for entry in logs]
+        steps = [
+            {key: value for key, value in entry.items() if key not in ("component", "log_level")}
+            for entry in logs
+            if entry["event"] == "scenario_step"
+        ]
+        assert steps == [
+            {
+                "event": "scenario_step",
+                "step": 1,
+                "action": "event",
+                "events": "RESTORED|VRDP",
+                "mask": "0x110",
+            },
+            {
+                "event": "scenario_step",
+                "step": 2,
+                "action": "fault",
+                "request": "GET_HOST_TIME",
+                "status": "VERR_NO_MEMORY",
+                "count": 1,
+            },
+            {
+                "event": "scenario_step",
+                "step": 3,
+                "action": "delay",
+                "request": "GET_HOST_TIME",
+                "seconds": 0.5,
+            },
+            {"event": "scenario_step", "step": 4, "action": "reset"},
+        ]
+        reset_at = len(events) - 1 - events[::-1].index("scenario_step")
+        assert "heartbeat_armed" in events[reset_at:]

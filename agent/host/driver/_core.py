@@ -20,6 +20,7 @@ import trio
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint
 
 from agent.host import _header_fields as H  # noqa: N812 - see the module
+from agent.host._faults import request_name
 from agent.host._log import host_log as _log
 from agent.host.driver import _caps, _events, _hgcm, _misc
 from agent.host.driver._load import FIXED_EVENTS, MOUSE_STATUS_SIZE, load
@@ -438,7 +439,11 @@ class Driver:
         if request_type == 0:
             raise fail(errno.EINVAL)
         if not req_allowed(session, request_type, kbuf, self.trusted_requests):
-            _log.info("vmm_request_denied", request_type=request_type, session=repr(session))
+            _log.info(
+                "vmm_request_denied",
+                request=request_name(request_type),
+                session=session.described(),
+            )
             raise fail(errno.EPERM)
         await self.perform(kbuf)
 

@@ -57,9 +57,13 @@ class DriverSession:
         self.lost = False
         self.hgcm_client_ids = [CLIENT_SLOT_FREE] * HGCM_CLIENTS_PER_SESSION
 
-    def __repr__(self) -> str:
+    def described(self) -> str:
+        """The session for a log line: ``/dev/vboxguest opened by uid 0 (requestor 0x8b)``."""
         node = "vboxuser" if self.user_device else "vboxguest"
-        return f"<DriverSession /dev/{node} uid={self.uid} requestor={self.requestor:#x}>"
+        return f"/dev/{node} opened by uid {self.uid} (requestor {self.requestor:#x})"
+
+    def __repr__(self) -> str:
+        return f"<DriverSession {self.described()}>"
 
 
 class BitTracker:
