@@ -175,15 +175,18 @@ class SimulatedHost:
         An open while a reset runs (from the old boot's end until the new driver has
         loaded) reaches the old boot's driver, which the caller belongs to: its open sends
         the host nothing (``vbg_core_open_session``, ``VGDrvCommonCreateUserSession``), so
-        it succeeds with a session lost at once, whose first ioctl fails with ENODEV.
+        it succeeds with a session lost at once, whose first ioctl fails with ENODEV. Once
+        a reset has ended without loading the new driver (it failed, or the VM powered off
+        meanwhile), no driver is left to open.
 
         Raises:
-            FileNotFoundError: the driver is not loaded (the host is not running).
+            FileNotFoundError: no driver is loaded (the host is not running).
         """
-        if not self.driver.loaded:
+        driver = self.driver
+        if not driver.loaded or (driver.lost and not self._resetting.locked()):
             node = "vboxuser" if user_device else "vboxguest"
             raise FileNotFoundError(errno.ENOENT, "the simulated host is not running", node)
-        return self.driver.open_session(user_device=user_device, uid=uid)
+        return driver.open_session(user_device=user_device, uid=uid)
 
     def ioctl(
         self, session: DriverSession, code: int, buffer: bytearray, memory: GuestMemory
@@ -286,6 +289,8 @@ class SimulatedHost:
         Raises:
             RuntimeError: the host is not running, or it powered off while the reset waited
                 (the device is then left as the power-off left it, the old boot lost).
+            DriverLoadError: the new boot's driver refused to load (in an exception group);
+                the old boot is lost all the same, so opens are refused as "not running".
         """
         nursery = self._nursery
         if nursery is None:

@@ -18,9 +18,10 @@ import pytest
 import trio
 import trio.testing
 
-from agent.host import SimulatedHost
+from agent.host import DriverLoadError, SimulatedHost
 from agent.protocol import ChangeFilterMask, ChangeGuestCapabilities, ReportGuestStatus
 from agent.protocol.constants import Facility, FacilityStatus, RequestType
+from agent.protocol.status import VERR_INTERNAL_ERROR
 from tests.host.conftest import Client, model_driver, open_client, until
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ async def test_a_request_of_the_old_boot_still_on_its_way_reaches_no_device(
 
 async def test_a_power_off_while_a_reset_waits_leaves_the_device_alone() -> None:
     """A VM powered off while the reset waits for a held port write ends the reset with
-    "not running": the device is not reset and no new driver loads."""
+    "not running": the device is not reset, no new driver loads, and an open afterwards
+    is refused as "not running" (the old boot's lost driver answers no more)."""
     host = SimulatedHost(personality="mainline")
     old = host.driver
     refused: list[str] = []
@@ -160,12 +162,36 @@ async def test_a_power_off_while_a_reset_waits_leaves_the_device_alone() -> None
                 await trio.testing.wait_all_tasks_blocked()  # the reset waits for the write
                 vm.cancel_scope.cancel()  # the power-off
             await ended.wait()
-    assert (refused, host.driver, old.lost, host.vmmdev.session_id) == (
+    with pytest.raises(FileNotFoundError) as opened:
+        host.open_session()
+    assert (refused, opened.value.strerror, host.driver, old.lost, host.vmmdev.session_id) == (
         ["the simulated host is not running"],
+        "the simulated host is not running",
         old,
         True,
         session_id,
     )
+
+
+@pytest.mark.parametrize("personality", PERSONALITIES)
+async def test_an_open_after_a_reset_whose_driver_failed_to_load_is_refused(
+    personality: str, request: pytest.FixtureRequest
+) -> None:
+    """The new boot's driver refuses to load (GET_HOST_VERSION fails): the reset raises,
+    and a later open finds no driver ("not running"), not the old boot's lost one."""
+    if personality == "kernel":
+        request.getfixturevalue("kernel_library")
+    host = SimulatedHost(personality=personality)
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            host.add_fault(RequestType.GET_HOST_VERSION, VERR_INTERNAL_ERROR)
+            with pytest.RaisesGroup(DriverLoadError, flatten_subgroups=True):
+                await host.reset()
+            with pytest.raises(FileNotFoundError) as opened:
+                host.open_session()
+            vm.cancel_scope.cancel()
+    assert opened.value.strerror == "the simulated host is not running"
 
 
 @pytest.mark.parametrize("personality", ["mainline", "oracle", "passthrough"])

@@ -55,6 +55,7 @@ from agent.protocol.constants import (
 from agent.protocol.status import (
     STATUS_CODES,
     VERR_ALREADY_EXISTS,
+    VERR_GENERAL_FAILURE,
     VERR_INTERNAL_ERROR,
     VERR_INVALID_PARAMETER,
     VERR_NO_MEMORY,
@@ -72,6 +73,9 @@ OUT_OF_MEMORY: Final = frozenset(
     {VERR_NO_MEMORY, STATUS_CODES["VERR_NO_PHYS_MEMORY"], STATUS_CODES["VERR_NO_CONT_MEMORY"]}
 )
 """What CHECK_BALLOON reports as success after the kernel walk stopped on it."""
+HALTED: Final = VERR_GENERAL_FAILURE
+"""What a walk the VM's power-off ended returns: the ``rc`` its next request, never
+handled, still holds (:meth:`Driver.alloc_request`'s), as a held write the power-off ends."""
 _NIL_CHUNK: Final = b"\xff" * CHUNK_PAGES.size
 """The pages of a NIL memory object (``NIL_RTHCPHYS`` each), as a freed slot sends them."""
 _MOUSE_STATUS_BODY: Final = struct.Struct("<Iii")
@@ -282,8 +286,9 @@ class OracleDriver(Driver):
         return rc
 
     async def _walk_kernel(self, target: int) -> int:
-        """Inflate or deflate the driver's own chunks, stopping at the first failure; an
-        inflate without the allocator hands the balloon to ring 3 instead (a success)."""
+        """Inflate or deflate the driver's own chunks, stopping at the first failure or when
+        the VM powers off (:data:`HALTED`); an inflate without the allocator hands the
+        balloon to ring 3 instead (a success)."""
         while len(self.kernel_chunks) < target:
             if not self.kernel_allocator:
                 self.use_kernel_api = False
@@ -292,13 +297,15 @@ class OracleDriver(Driver):
             if first is None:
                 return rc
             self.kernel_chunks.append(first)
-            await _between_chunks()
+            if not await _between_chunks(self.vmmdev):
+                return HALTED
         while len(self.kernel_chunks) > target:
             rc = await self._change(consecutive_pages(self.kernel_chunks[-1]), inflate=False)
             if rc < 0:
                 return rc
             self.pages.free_chunk(self.kernel_chunks.pop())
-            await _between_chunks()
+            if not await _between_chunks(self.vmmdev):
+                return HALTED
         return VINF_SUCCESS
 
     async def _balloon_new_chunk(self, requestor: int = REQUESTOR_KERNEL) -> tuple[int, int | None]:
@@ -410,12 +417,15 @@ class OracleDriver(Driver):
                 if await self._change(consecutive_pages(self.kernel_chunks[-1]), inflate=False) < 0:
                     break  # upstream leaks the rest
                 self.pages.free_chunk(self.kernel_chunks.pop())
-                await _between_chunks()
+                if not await _between_chunks(self.vmmdev):
+                    break
             self.owner = None
 
 
-async def _between_chunks() -> None:
+async def _between_chunks(vmmdev: VMMDev) -> bool:
     """A schedule point between two chunks of a walk in an ioctl: the rest of the guest
-    runs meanwhile (a long walk would otherwise stop it), and the walk goes on, as
-    upstream's loops check for no signal."""
+    runs meanwhile (a long walk would otherwise stop it). Return whether the walk goes on:
+    a signal does not stop it, as upstream's loops check for none, but a power-off does,
+    as it ends the port writes a delay holds (the vCPUs halt)."""
     await cancel_shielded_checkpoint()
+    return not vmmdev.powered_off
