@@ -24,7 +24,7 @@ from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from agent.cli._output import escape_unencodable, say, write_line
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
-from agent.protocol.errors import shown
+from agent.protocol.errors import escaped, shown
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.host_text import displayed
 from agent.protocol.status import parse_status
@@ -173,7 +173,7 @@ def host_command(args: argparse.Namespace) -> int:
             show(args, result)
         except _UnexpectedResultError:
             say(
-                f"vbox-agent host: the simulated host at {args.socket} answered "
+                f"vbox-agent host: the simulated host at {escaped(args.socket)} answered "
                 f"{args.host_command!r} with an unexpected result: {shown(result)}"
             )
             return EX_UNAVAILABLE
@@ -187,7 +187,7 @@ async def _call(path: str, payload: dict[str, object]) -> object:
         with trio.fail_after(CONTROL_TIMEOUT_S):
             return await call_control(path, payload, start_wait_s=HOST_START_WAIT_S)
     except trio.TooSlowError:
-        msg = f"the simulated host at {path} did not answer within {CONTROL_TIMEOUT_S:g} s"
+        msg = f"the simulated host at {escaped(path)} did not answer within {CONTROL_TIMEOUT_S:g} s"
         raise HostUnreachableError(msg) from None
 
 

@@ -177,3 +177,48 @@ async def test_a_power_off_while_a_reset_waits_leaves_the_device_alone() -> None
         True,
         session_id,
     )
+
+
+@pytest.mark.parametrize("personality", ["mainline", "oracle", "passthrough"])
+@pytest.mark.parametrize(
+    "held",
+    [RequestType.REPORT_GUEST_STATUS, RequestType.GET_HOST_VERSION],
+    ids=["old-boot-write", "new-boot-load"],
+)
+async def test_an_open_while_a_reset_runs_gets_a_lost_session(
+    personality: str, held: RequestType
+) -> None:
+    """An open while the reset waits for the old boot's held port write, or while the new
+    driver loads (its first request held), reaches the old boot's driver: it succeeds and
+    the session's first ioctl fails with ENODEV, never "not running" (which the agent
+    showed at random for a reset at 0 s). Once the new driver is up, opens reach it."""
+    host = SimulatedHost(personality=personality)
+    outcome: list[int | None] = []
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as vm:
+            await vm.start(host.run)
+            client = await open_client(host)
+            host.set_delay(held, HOLD_S)
+            if held == RequestType.REPORT_GUEST_STATUS:
+                vm.start_soon(_report_active, client)
+                await trio.testing.wait_all_tasks_blocked()  # the write is held
+            resetting = trio.Event()
+
+            async def reset() -> None:
+                await host.reset()
+                resetting.set()
+
+            vm.start_soon(reset)
+            await trio.testing.wait_all_tasks_blocked()  # the reset waits on the held request
+            during = await open_client(host)
+            try:
+                await during.request(ChangeFilterMask(or_mask=0, not_mask=0))
+                outcome.append(None)
+            except OSError as exc:
+                outcome.append(exc.errno)
+            host.set_delay(held, 0)
+            await resetting.wait()
+            after = await open_client(host)
+            await after.request(ChangeFilterMask(or_mask=0, not_mask=0))
+            vm.cancel_scope.cancel()
+    assert outcome == [errno.ENODEV]
