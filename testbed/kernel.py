@@ -228,11 +228,19 @@ class KernelDriver:
     def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
         """``open()`` of ``/dev/vboxguest`` (or ``/dev/vboxuser``) as ``uid`` (group: ``uid``).
 
+        After a reset ended the driver's boot the session is lost at once (its ioctls fail
+        with ENODEV), as on the in-package drivers.
+
         Raises:
             OSError: the driver refused the open (ENOMEM), or it is not loaded (ENODEV).
         """
-        if self._dev is None or self.lost:
+        if self._dev is None:
             raise fail(errno.ENODEV)
+        if self.lost:
+            session = DriverSession(user_device=user_device, uid=uid)
+            session.lost = True
+            self.sessions.add(session)
+            return session
         ret = ctypes.c_int(0)
         file = self._lib.shim_open(self._dev, int(user_device), uid, uid, ctypes.byref(ret))
         if not file:

@@ -25,12 +25,16 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agent.cli._exit import EX_IOERR, EX_UNAVAILABLE
+from agent.cli._host import CONTROL_TIMEOUT_S, _call as host_call
+from agent.host.control import HostUnreachableError
 from agent.protocol.wire import ControlReply, FrameDecoder, Hello, Role, encode_frame
 from tests.cli_support import COMMAND_TIMEOUT_S, LISTENING, Simulator, agent, host
 from tests.test_cli_commands import FULL_DISK_LINE, run_into_full_disk
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    import trio
 
 RAM_MB = 1024
 """The simulator's RAM: the balloon may reach 921 MB (90 %) exclusive."""
@@ -372,6 +376,29 @@ def answering_host(path: str, answer: dict[str, object]) -> Iterator[None]:
 class TestOddHost:
     """A host whose answers do not fit the command gets one line and exit 69."""
 
+    def test_a_path_not_utf8_is_named_as_every_command_names_it(self, socket_dir: Path) -> None:
+        """The unexpected-result line showed an undecodable byte as ``\\udcff``."""
+        path = os.fsdecode(bytes(socket_dir) + b"/\xff.sock")
+        with answering_host(path, {"ok": True, "result": [1]}):
+            result = host(path, "prop", "get", "x")
+        assert result.returncode == EX_UNAVAILABLE
+        assert f"host at {socket_dir}/\\xff.sock answered 'prop'" in result.stderr
+
+    async def test_a_silent_host_at_a_path_not_utf8(
+        self, socket_dir: Path, autojump_clock: trio.abc.Clock
+    ) -> None:
+        """The line for a host that never answers showed an undecodable byte as ``\\udcff``."""
+        path = os.fsdecode(bytes(socket_dir) + b"/\xff.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            listener.listen(1)
+            with pytest.raises(HostUnreachableError) as raised:
+                await host_call(path, {"command": "status"})
+        assert str(raised.value) == (
+            f"the simulated host at {socket_dir}/\\xff.sock did not answer within "
+            f"{CONTROL_TIMEOUT_S:g} s"
+        )
+
     def test_a_drop_says_how_many_sessions_a_delay_holds(self, socket_path: str) -> None:
         """Connections whose session a delay holds are named as still closing."""
         answer = {"ok": True, "result": {"dropped": 2, "closing": 1}}
@@ -379,7 +406,7 @@ class TestOddHost:
             result = host(socket_path, "drop")
         assert (result.returncode, result.stdout) == (
             0,
-            "dropped 2 device connection(s); 1 still closing, held in a port write by a delay "
+            "dropped 2 device connection(s); 1 still closing, behind a port write a delay holds "
             "(`host status` shows held_requests; `host delay REQUEST 0` releases them)\n",
         )
 

@@ -24,7 +24,7 @@ from agent.cli._exit import EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from agent.cli._output import escape_unencodable, say, write_line
 from agent.device.unix import HOST_START_WAIT_S
 from agent.protocol.constants import parse_event_mask, parse_request_type
-from agent.protocol.errors import shown
+from agent.protocol.errors import escaped, shown
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
 from agent.protocol.host_text import displayed
 from agent.protocol.status import parse_status
@@ -140,7 +140,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how long each waits from when it was written, held ones too (0: no delay)",
     )
     delay.set_defaults(build=_delay)
-    drop_help = "drop every device connection (a session a delay holds closes once released)"
+    drop_help = (
+        "drop every device connection; answers within 1 s (a session a delay holds, or whose"
+        " close waits behind a held request, closes once released)"
+    )
     commands.add_parser("drop", help=drop_help).set_defaults(
         build=lambda _: {"command": "drop"}, show=_show_dropped
     )
@@ -170,7 +173,7 @@ def host_command(args: argparse.Namespace) -> int:
             show(args, result)
         except _UnexpectedResultError:
             say(
-                f"vbox-agent host: the simulated host at {args.socket} answered "
+                f"vbox-agent host: the simulated host at {escaped(args.socket)} answered "
                 f"{args.host_command!r} with an unexpected result: {shown(result)}"
             )
             return EX_UNAVAILABLE
@@ -184,7 +187,7 @@ async def _call(path: str, payload: dict[str, object]) -> object:
         with trio.fail_after(CONTROL_TIMEOUT_S):
             return await call_control(path, payload, start_wait_s=HOST_START_WAIT_S)
     except trio.TooSlowError:
-        msg = f"the simulated host at {path} did not answer within {CONTROL_TIMEOUT_S:g} s"
+        msg = f"the simulated host at {escaped(path)} did not answer within {CONTROL_TIMEOUT_S:g} s"
         raise HostUnreachableError(msg) from None
 
 
@@ -301,7 +304,7 @@ def _show_dropped(_: argparse.Namespace, result: object) -> None:
     if not isinstance(dropped, int) or not isinstance(closing, int):
         raise _UnexpectedResultError
     held = (
-        f"; {closing} still closing, held in a port write by a delay (`host status` shows "
+        f"; {closing} still closing, behind a port write a delay holds (`host status` shows "
         "held_requests; `host delay REQUEST 0` releases them)"
         if closing
         else ""

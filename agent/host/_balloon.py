@@ -6,6 +6,7 @@ import struct
 from typing import Final
 
 from agent.host._log import host_log
+from agent.host._mib_set import MiBSet
 from agent.protocol.balloon_pages import (
     CHUNK_PAGES,
     PAGE_SHIFT,
@@ -95,8 +96,9 @@ class HostBalloon:
     The page states take one of two forms, never both for a page:
 
     - ``_whole``: chunk-aligned MiBs of guest-physical memory ballooned whole by one chunk of
-      consecutive pages (a kernel's freshly allocated chunk, which Oracle's driver hands over
-      and mainline's often builds), kept as one number each instead of 256 integers;
+      consecutive pages (every chunk the simulated kernels allocate), kept as one byte each
+      (:class:`~agent.host._mib_set.MiBSet`) instead of 256 integers, so the largest balloon
+      takes a few MiB of the simulator's memory;
     - ``_frames``: the page frame numbers of every other ballooned page. A chunk whose pages
       fall in a MiB kept whole first moves that MiB's 256 frames here.
 
@@ -125,7 +127,7 @@ class HostBalloon:
         self.acked_mb = 0
         self.counted_pages = 0
         """GMM's count of the VM's ballooned pages."""
-        self._whole: set[int] = set()
+        self._whole = MiBSet()
         self._frames: set[int] = set()
         self._arrays: dict[bytes, tuple[int, ...]] = {}
 
@@ -247,7 +249,8 @@ class HostBalloon:
         """Move the MiBs kept whole that ``frames`` touch into ``_frames``, page by page."""
         if not self._whole:
             return
-        touched = {frame // BALLOON_CHUNK_PAGES for frame in frames} & self._whole
+        whole = self._whole
+        touched = [i for i in {frame // BALLOON_CHUNK_PAGES for frame in frames} if i in whole]
         for index in touched:
             self._whole.remove(index)
             self._frames.update(_frames_of(index))

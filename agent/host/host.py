@@ -172,10 +172,15 @@ class SimulatedHost:
     def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
         """Open ``/dev/vboxguest`` (or ``/dev/vboxuser`` with ``user_device``) as ``uid``.
 
+        An open while a reset runs (from the old boot's end until the new driver has
+        loaded) reaches the old boot's driver, which the caller belongs to: its open sends
+        the host nothing (``vbg_core_open_session``, ``VGDrvCommonCreateUserSession``), so
+        it succeeds with a session lost at once, whose first ioctl fails with ENODEV.
+
         Raises:
             FileNotFoundError: the driver is not loaded (the host is not running).
         """
-        if not self.driver.loaded or self.driver.lost:
+        if not self.driver.loaded:
             node = "vboxuser" if user_device else "vboxguest"
             raise FileNotFoundError(errno.ENOENT, "the simulated host is not running", node)
         return self.driver.open_session(user_device=user_device, uid=uid)
@@ -294,8 +299,10 @@ class SimulatedHost:
                 msg = "the simulated host is not running"
                 raise RuntimeError(msg)
             self.vmmdev.reset()
-            self.driver = self._spec.make_driver(self.vmmdev, self.ram)
-            self._driver_scope = await nursery.start(self._run_driver, self.driver)
+            booting = self._spec.make_driver(self.vmmdev, self.ram)
+            # The old boot's driver answers opens until the new one has loaded.
+            self._driver_scope = await nursery.start(self._run_driver, booting)
+            self.driver = booting
 
     def add_fault(self, request_type: int, status: int, count: int = 1) -> None:
         """Answer the next ``count`` VMMDev requests of ``request_type`` with ``status``."""

@@ -212,9 +212,7 @@ def _first_pages_by_chunk(host: SimulatedHost) -> dict[int, int]:
     """Each user chunk the oracle driver holds: its address -> its first page."""
     driver = model_driver(host)
     assert isinstance(driver, OracleDriver)
-    return {
-        address: int.from_bytes(pages[:8], "little") for address, pages in driver.chunks.items()
-    }
+    return dict(driver.chunks)
 
 
 def _record_first_pages(host: SimulatedHost) -> list[int]:

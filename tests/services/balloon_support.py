@@ -11,7 +11,6 @@ import trio
 
 from agent.device import open_device
 from agent.host import SimOpener, SimulatedHost
-from agent.host.driver._pages import PageAllocator
 from agent.host.driver.oracle import OracleDriver
 from agent.protocol import (
     BALLOON_CHUNK_PAGES,
@@ -21,6 +20,7 @@ from agent.protocol import (
     LocalProtocolError,
     VBoxStatusError,
 )
+from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.status import VERR_NO_MEMORY
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, PressureReading
@@ -53,12 +53,12 @@ class SimChunks:
     ``fail_next`` makes the next allocations fail (ENOMEM); ``live`` are chunks not released.
     """
 
-    pages: PageAllocator = field(
-        default_factory=lambda: PageAllocator(1 << 24, base=SIM_PAGES_BASE)
-    )
+    free_pages: list[int] = field(default_factory=list)
+    """Pages released, handed out again first (the last released first)."""
     live: dict[int, list[int]] = field(default_factory=dict)
     fail_next: int = 0
     _next: int = USER_CHUNKS_BASE
+    _next_page: int = SIM_PAGES_BASE
 
     def allocate(self) -> int:
         if self.fail_next:
@@ -68,14 +68,16 @@ class SimChunks:
         self._next += 2 * BALLOON_CHUNK_SIZE
         pages = []
         for _ in range(BALLOON_CHUNK_PAGES):
-            page = self.pages.alloc()
-            assert page is not None
-            pages.append(page)
+            if self.free_pages:
+                pages.append(self.free_pages.pop())
+            else:
+                pages.append(self._next_page)
+                self._next_page += PAGE_SIZE
         self.live[address] = pages
         return address
 
     def release(self, address: int) -> None:
-        self.pages.free(self.live.pop(address))
+        self.free_pages.extend(self.live.pop(address))
 
     def physical_pages(self, address: int) -> ChunkPages:
         try:

@@ -305,8 +305,10 @@ class Driver:
     # --- sessions ------------------------------------------------------------------------------
 
     def open_session(self, *, user_device: bool = False, uid: int = 0) -> DriverSession:
-        """Open ``/dev/vboxguest`` (or ``/dev/vboxuser``) as ``uid``."""
+        """Open ``/dev/vboxguest`` (or ``/dev/vboxuser``) as ``uid``: after a reset ended the
+        driver's boot the session is lost at once (its ioctls fail with ENODEV)."""
         session = DriverSession(user_device=user_device, uid=uid)
+        session.lost = session.cancel_waiters = self.lost
         self.sessions.add(session)
         return session
 

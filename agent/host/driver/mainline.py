@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 import trio
+from trio.lowlevel import checkpoint
 
 from agent.host._log import host_log as _log
 from agent.host.driver._core import Driver
-from agent.host.driver._pages import PageAllocator
+from agent.host.driver._pages import PageAllocator, chunk_stack
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.balloon_pages import CHUNK_PAGES
+from agent.protocol.balloon_pages import CHUNK_PAGES, consecutive_pages
 from agent.protocol.constants import BALLOON_CHUNK_PAGES, Event, RequestType
 from agent.protocol.status import status_name
 
@@ -33,7 +34,8 @@ class MainlineDriver(Driver):
     def __init__(self, vmmdev: VMMDev, ram: DictMemory) -> None:
         super().__init__(vmmdev, ram)
         self.pages = PageAllocator(vmmdev.ram_mb * BALLOON_CHUNK_PAGES)
-        self.chunks: list[list[int]] = []
+        self.chunks = chunk_stack()
+        """The chunks in the balloon, in inflate order (each its first page's address)."""
         self.max_chunks = 0
         self._balloon_kick = trio.Event()
         self._info = self.alloc_request(
@@ -75,28 +77,31 @@ class MainlineDriver(Driver):
         if target > self.max_chunks:
             _log.warning("balloon_size_illegal", chunks=target, max_chunks=self.max_chunks)
             return
+        # A work item runs as long as it needs, the kernel scheduling others between its
+        # chunks: a checkpoint each, so that a stop ends a long walk at once.
         while len(self.chunks) < target:
             if not await self._inflate():
                 return
+            await checkpoint()
         while len(self.chunks) > target:
             if not await self._deflate():
                 return
+            await checkpoint()
 
     async def _inflate(self) -> bool:
-        pages: list[int] = []
-        for _ in range(BALLOON_CHUNK_PAGES):
-            page = self.pages.alloc()
-            if page is None:
-                self.pages.free(pages)
-                _log.warning("balloon_inflate_no_memory", chunks=len(self.chunks))
-                return False
-            pages.append(page)
-        rc = await self._change_chunk(pages, inflate=True)
+        """``vbg_balloon_inflate``: take a chunk's pages (the kernel takes them one by one,
+        the pool hands them out in one step: the same pages, and a shortfall gives back
+        what was taken) and hand them to the host."""
+        first = self.pages.alloc_chunk()
+        if first is None:
+            _log.warning("balloon_inflate_no_memory", chunks=len(self.chunks))
+            return False
+        rc = await self._change_chunk(first, inflate=True)
         if rc < 0:
-            self.pages.free(pages)
+            self.pages.free_chunk(first)
             _log.warning("balloon_inflate_failed", rc=status_name(rc))
             return False
-        self.chunks.append(pages)
+        self.chunks.append(first)
         return True
 
     async def _deflate(self) -> bool:
@@ -104,12 +109,12 @@ class MainlineDriver(Driver):
         if rc < 0:
             _log.warning("balloon_deflate_failed", rc=status_name(rc))
             return False
-        self.pages.free(self.chunks.pop())
+        self.pages.free_chunk(self.chunks.pop())
         return True
 
-    async def _change_chunk(self, pages: list[int], *, inflate: bool) -> int:
+    async def _change_chunk(self, first: int, *, inflate: bool) -> int:
         return await change_memballoon(
-            self, self._change, CHUNK_PAGES.pack(*pages), inflate=inflate
+            self, self._change, consecutive_pages(first), inflate=inflate
         )
 
 

@@ -31,16 +31,18 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, ClassVar, Final
 
+from trio.lowlevel import cancel_shielded_checkpoint
+
 from agent.host._log import host_log as _log
 from agent.host.driver import _oracle
 from agent.host.driver._core import Driver
 from agent.host.driver._load import MOUSE_STATUS_SIZE
-from agent.host.driver._pages import PageAllocator
+from agent.host.driver._pages import PageAllocator, chunk_stack
 from agent.host.driver._session import BitTracker, DriverSession
 from agent.host.driver._util import U32_MAX, KernelMutex, lost_port_write
 from agent.host.driver.mainline import change_memballoon
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
-from agent.protocol.balloon_pages import CHUNK_PAGES
+from agent.protocol.balloon_pages import CHUNK_PAGES, consecutive_pages
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
     HEADER_SIZE,
@@ -111,13 +113,14 @@ class OracleDriver(Driver):
         allocator."""
         self.owner: DriverSession | None = None
         self.max_chunks = 0
-        self.chunks: dict[int, bytes] = {}
-        """User chunk address -> the guest pages locked for it (packed)."""
+        self.chunks: dict[int, int] = {}
+        """User chunk address -> the guest pages locked for it (the first of 256 in a row)."""
         self.slots: list[int | None] = []
         """``paMemObj``: the user chunk in each slot by address (None: NIL, free). An inflate
         takes the lowest free slot, a deflate frees its chunk's."""
-        self.kernel_chunks: list[bytes] = []
-        """Chunks the driver allocated itself (kernel API, pages packed), in inflate order."""
+        self.kernel_chunks = chunk_stack()
+        """Chunks the driver allocated itself (kernel API, each its first page's address),
+        in inflate order."""
         self._balloon_mutex = KernelMutex()
         self.failed_assertions: list[str] = []
         """Each ``AssertMsgFailed`` a VBOX_STRICT build would stop at, where it is reached
@@ -285,27 +288,30 @@ class OracleDriver(Driver):
             if not self.kernel_allocator:
                 self.use_kernel_api = False
                 return VINF_SUCCESS
-            pages = await self._balloon_new_chunk()
-            if isinstance(pages, int):
-                return pages
-            self.kernel_chunks.append(pages)
+            rc, first = await self._balloon_new_chunk()
+            if first is None:
+                return rc
+            self.kernel_chunks.append(first)
+            await _between_chunks()
         while len(self.kernel_chunks) > target:
-            rc = await self._change(self.kernel_chunks[-1], inflate=False)
+            rc = await self._change(consecutive_pages(self.kernel_chunks[-1]), inflate=False)
             if rc < 0:
                 return rc
             self.pages.free_chunk(self.kernel_chunks.pop())
+            await _between_chunks()
         return VINF_SUCCESS
 
-    async def _balloon_new_chunk(self, requestor: int = REQUESTOR_KERNEL) -> bytes | int:
-        """Allocate a chunk's pages and hand them to the host: the pages, or the failure."""
-        pages = self.pages.alloc_chunk()
-        if pages is None:
-            return VERR_NO_MEMORY
-        rc = await self._change(pages, inflate=True, requestor=requestor)
+    async def _balloon_new_chunk(self, requestor: int = REQUESTOR_KERNEL) -> tuple[int, int | None]:
+        """Allocate a chunk's pages and hand them to the host: the status and the chunk's
+        first page (None on a failure)."""
+        first = self.pages.alloc_chunk()
+        if first is None:
+            return VERR_NO_MEMORY, None
+        rc = await self._change(consecutive_pages(first), inflate=True, requestor=requestor)
         if rc < 0:
-            self.pages.free_chunk(pages)
-            return rc
-        return pages
+            self.pages.free_chunk(first)
+            return rc, None
+        return rc, first
 
     async def change_balloon_ioctl(
         self, session: DriverSession, kbuf: bytearray, memory: GuestMemory
@@ -331,10 +337,10 @@ class OracleDriver(Driver):
             return VERR_INVALID_PARAMETER
         if address in self.chunks:
             return VERR_ALREADY_EXISTS
-        pages = await self._balloon_new_chunk(requestor)
-        if isinstance(pages, int):
-            return pages
-        self.chunks[address] = pages
+        rc, first = await self._balloon_new_chunk(requestor)
+        if first is None:
+            return rc
+        self.chunks[address] = first
         if None in self.slots:
             self.slots[self.slots.index(None)] = address
         else:
@@ -348,10 +354,10 @@ class OracleDriver(Driver):
         if not self.chunks:
             self._assertion_failed("vgdrvSetBalloonSizeFromUser: a deflate of an empty balloon")
             return VERR_INVALID_PARAMETER
-        pages = self.chunks.get(address)
-        if pages is None:
+        first = self.chunks.get(address)
+        if first is None:
             return VERR_NOT_FOUND
-        rc = await self._change(pages, inflate=False, requestor=requestor)
+        rc = await self._change(consecutive_pages(first), inflate=False, requestor=requestor)
         if rc >= 0:
             self.pages.free_chunk(self.chunks.pop(address))
             self.slots[self.slots.index(address)] = None
@@ -401,7 +407,15 @@ class OracleDriver(Driver):
             self.chunks.clear()
             self.slots.clear()
             while self.kernel_chunks:
-                if await self._change(self.kernel_chunks[-1], inflate=False) < 0:
+                if await self._change(consecutive_pages(self.kernel_chunks[-1]), inflate=False) < 0:
                     break  # upstream leaks the rest
                 self.pages.free_chunk(self.kernel_chunks.pop())
+                await _between_chunks()
             self.owner = None
+
+
+async def _between_chunks() -> None:
+    """A schedule point between two chunks of a walk in an ioctl: the rest of the guest
+    runs meanwhile (a long walk would otherwise stop it), and the walk goes on, as
+    upstream's loops check for no signal."""
+    await cancel_shielded_checkpoint()
