@@ -406,7 +406,7 @@ class TestOddHost:
             result = host(socket_path, "drop")
         assert (result.returncode, result.stdout) == (
             0,
-            "dropped 2 device connection(s); 1 still closing, held in a port write by a delay "
+            "dropped 2 device connection(s); 1 still closing, behind a port write a delay holds "
             "(`host status` shows held_requests; `host delay REQUEST 0` releases them)\n",
         )
 

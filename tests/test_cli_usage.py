@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agent import host as simulated_host
-from agent.cli import _host, _simulate, main
+from agent.cli import _host, _prop, _simulate, main
 from agent.cli._arguments import (
     ALL_PERSONALITIES,
     DEFAULT_PERSONALITY,
@@ -27,6 +27,7 @@ from agent.host import _faults as faults, _heartbeat as heartbeat
 from agent.host.scenario import load_scenario
 
 if TYPE_CHECKING:
+    import argparse
     from pathlib import Path
 
 SOCKET = "/tmp/vbx-usage/host.sock"
@@ -199,6 +200,81 @@ def test_misplaced_and_missing_options(
     positional argument, whose type would refuse it); an unknown option beside a misplaced
     one is reported as well."""
     assert usage_error(argv, capsys)[-1] == error
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["host", "balloon", "--sock", SOCKET, "10"],
+            "vbox-agent host balloon: error: --socket is an option of 'host': give it before "
+            "'balloon'",
+        ),
+        (
+            ["prop", "get", "/a", "--dev", "unix:/x.sock"],
+            "vbox-agent prop get: error: --device is an option of 'prop': give it before 'get'",
+        ),
+        (
+            ["host", "balloon", "10", "--bogus", "--socket"],
+            "vbox-agent host balloon: error: --socket is an option of 'host': give it before "
+            "'balloon'; unrecognized arguments: --bogus",
+        ),
+        (
+            ["host", "balloon", "10", "extra", "--socket"],
+            "vbox-agent host balloon: error: --socket is an option of 'host': give it before "
+            "'balloon'; unrecognized arguments: extra",
+        ),
+        (
+            ["--sock", SOCKET, "host", "status"],
+            "vbox-agent host status: error: --socket is an option of 'host': give it after 'host'",
+        ),
+        (
+            ["host", "prop", "set", "/x", "--socket=a b"],
+            "vbox-agent host: error: the following arguments are required: --socket",
+        ),
+        (
+            ["host", "balloon", "--socket", SOCKET],
+            "vbox-agent host balloon: error: the following arguments are required: MB",
+        ),
+    ],
+)
+def test_options_are_read_as_argparse_reads_them(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An outer command's option is found where argparse would take it: by a unique
+    abbreviation too (and named in full); not in a word argparse takes for a positional (one
+    with a space); never taking an option-looking word as its value, which is reported."""
+    assert usage_error(argv, capsys)[-1] == error
+
+
+@pytest.mark.parametrize(
+    ("argv", "name", "value"),
+    [
+        (["prop", "set", "/x", "--device=foo bar"], "value", "--device=foo bar"),
+        (["prop", "enum", "--device=a b"], "patterns", ["--device=a b"]),
+        (["prop", "wait", "--device=a b"], "pattern", "--device=a b"),
+        (["prop", "--dev", "unix:/x.sock", "get", "/x"], "device", "unix:/x.sock"),
+        (["host", "--sock", SOCKET, "status"], "socket", SOCKET),
+        (["host", "--sock", "status", "status"], "socket", "status"),
+        (["host", "--socket", SOCKET, "fault", "113", "-8"], "status", -8),
+    ],
+)
+def test_correct_command_lines_keep_their_meaning(
+    argv: list[str], name: str, value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command line argparse takes runs its handler with what argparse made of it: a
+    positional that looks like an outer option with its value (``'--device=a b'``, a word
+    with a space), an abbreviated option before its command's subcommand."""
+    given: list[argparse.Namespace] = []
+
+    def handler(args: argparse.Namespace) -> int:
+        given.append(args)
+        return 0
+
+    monkeypatch.setattr(_prop, "prop_command", handler)
+    monkeypatch.setattr(_host, "host_command", handler)
+    assert main(argv) == 0
+    assert getattr(given[0], name) == value
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,6 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent import __version__, pydantic_plugins
@@ -161,9 +160,56 @@ def _command_tree(parser: CommandParser) -> Iterator[CommandParser]:
                 yield from _command_tree(subparser)
 
 
-def _leading_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def _reading(parser: CommandParser, word: str) -> tuple[argparse.Action | None, str, bool] | None:
+    """How ``parser`` reads ``word``, by argparse's own rules (prefix characters, a unique
+    abbreviation, ``--opt=value``; a word with a space or like a negative number is a
+    positional): None for a positional, else the option's action (None for one it does not
+    know), its full name and whether the word holds its value (``--opt=value``).
+
+    argparse has no public view of this: its reading (a tuple, in later Pythons a list
+    of them) is reduced to its first two items and whether its last, the value, is given.
+    An abbreviation of two options is argparse's own error. ``--`` (which ends the options,
+    before argparse reads any) is read as an option nobody knows.
+    """
+    if word == "--":
+        return None, word, False
+    found: Any = parser._parse_optional(word)
+    if isinstance(found, list):
+        found = found[0]
+    if found is None:
+        return None
+    return found[0], found[1], found[-1] is not None
+
+
+def _known_option(parser: CommandParser, word: str) -> str | None:
+    """The full name of the option of ``parser`` that ``word`` gives, if it gives one."""
+    reading = _reading(parser, word)
+    return None if reading is None or reading[0] is None else reading[1]
+
+
+def _takes_value(parser: CommandParser, word: str) -> bool:
+    """Whether ``word``, an option of ``parser``, is followed by its value."""
+    reading = _reading(parser, word)
+    if reading is None:
+        return False
+    action, _, value_given = reading
+    return action is not None and not value_given and action.nargs != 0
+
+
+def _value_of(
+    option: str, owner: CommandParser, reader: CommandParser, following: str | None
+) -> list[str]:
+    """The value that ``option`` (of ``owner``) takes from the ``following`` word, where
+    ``reader`` parses them, as a list of one (else empty): argparse gives an option no word
+    that looks like one (nor ``--``)."""
+    if following is None or not _takes_value(owner, option):
+        return []
+    return [following] if _reading(reader, following) is None else []
+
+
+def _leading_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[list[str]], list[str]]:
     """Split ``argv`` into the options given before the command's name that are not the
-    top level's (with the value each takes, per the command's own parsers), and the rest.
+    top level's (each with the value it takes, per the command's own parsers), and the rest.
 
     The top-level parser would take such an option's value as the command's name.
     """
@@ -173,51 +219,57 @@ def _leading_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[str
         return [], list(argv)
     position = list(argv).index(chosen)
     tree = list(_command_tree(command.choices[chosen]))
-    leading: list[str] = []
+    leading: list[list[str]] = []
     rest: list[str] = []
-    words = iter(argv[:position])
-    for word in words:
-        option, equals, _ = word.partition("=")
-        if not option.startswith("-") or option in root._option_string_actions:
-            rest.append(word)
+    index = 0
+    while index < position:
+        word = argv[index]
+        index += 1
+        owner = next((p for p in tree if _known_option(p, word) is not None), None)
+        if _known_option(root, word) is not None or (owner is None and not _reading(root, word)):
+            rest.append(word)  # the top level's, or a positional
             continue
-        leading.append(word)
-        owner = next((p for p in tree if option in p._option_string_actions), None)
-        if owner is not None and not equals and owner._option_string_actions[option].nargs != 0:
-            leading.extend(islice(words, 1))  # its value
+        owner = owner or root
+        following = argv[index] if index < position else None
+        leading.append([word, *_value_of(word, owner, root, following)])
+        index += len(leading[-1]) - 1
     return leading, [*rest, *argv[position:]]
 
 
-def _misplaced_options(root: CommandParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def _misplaced_options(
+    root: CommandParser, argv: Sequence[str]
+) -> tuple[list[list[str]], list[str]]:
     """Split ``argv`` into the options given after a command's name that only an outer
-    command knows (with the value each takes, per that command's parser), and the rest.
+    command knows (each with the value it takes), and the rest.
 
     Left in, argparse would take such an option for an unknown one and its value for the
     next positional argument, and report that value as a bad one (``host balloon --socket
-    PATH 10``: PATH is no MB).
+    PATH 10``: PATH is no MB). Each word is read as the parser that gets it reads it
+    (:func:`_reading`): a word it takes for a positional (``'--device=a b'``) stays one.
     """
     chain = [root]
-    misplaced: list[str] = []
+    misplaced: list[list[str]] = []
     rest: list[str] = []
-    words = iter(argv)
-    for word in words:
-        rest.append(word)
+    position = 0
+    while position < len(argv):
+        word = argv[position]
+        position += 1
         if word == "--":
-            rest.extend(words)
+            rest.extend(argv[position - 1 :])
             break
-        option, equals, _ = word.partition("=")
-        if not option.startswith("-") or option == "-":
-            chain.extend(_subcommand(chain[-1], word))
+        parser = chain[-1]
+        if _reading(parser, word) is None:
+            rest.append(word)
+            chain.extend(_subcommand(parser, word))
             continue
-        owner = next((p for p in reversed(chain) if option in p._option_string_actions), None)
-        if owner is None:
-            continue
-        takes_value = not equals and owner._option_string_actions[option].nargs != 0
-        if owner is not chain[-1]:
-            misplaced.append(rest.pop())
-            misplaced.extend(islice(words, 1) if takes_value else ())
-        elif takes_value:
-            rest.extend(islice(words, 1))
+        owner = next((p for p in reversed(chain) if _known_option(p, word) is not None), parser)
+        following = argv[position] if position < len(argv) else None
+        taken = [word, *_value_of(word, owner, parser, following)]
+        position += len(taken) - 1
+        if owner is parser:
+            rest.extend(taken)
+        else:
+            misplaced.append(taken)
     return misplaced, rest
 
 
@@ -265,28 +317,32 @@ def _command_chain(root: CommandParser, innermost: CommandParser) -> list[Comman
     return chain
 
 
-def _unrecognized(chain: list[CommandParser], words: list[str], leading: list[str]) -> str:
-    """The error for ``words`` no parser took and the ``leading`` options given before the
-    command, ``chain`` being the commands given (outermost first; each parser takes only its
-    own options, after its name and before the next one's).
+def _unrecognized(
+    chain: list[CommandParser], groups: list[list[str]], leading: list[list[str]]
+) -> str:
+    """The error for the words no parser took, in ``groups`` (an option with its value, if
+    it took one, or a word), and the ``leading`` options given before the command, ``chain``
+    being the commands given (outermost first; each parser takes only its own options, after
+    its name and before the next one's).
 
-    An option that one of them knows was given in the wrong place, which is said (with its
-    value, the next word, taken as its own); the words left are unrecognized.
+    An option that one of them knows was given in the wrong place, which is said (by its
+    full name); the words left are unrecognized.
     """
     names = [parser.prog.rpartition(" ")[2] for parser in chain]
     problems: list[str] = []
     unknown: list[str] = []
-    remaining = iter([(True, word) for word in leading] + [(False, word) for word in words])
-    for before_command, word in remaining:
-        option, equals, _ = word.partition("=")
-        # the innermost command first; argparse has no public view of a parser's options
+    for before_command, group in [(True, g) for g in leading] + [(False, g) for g in groups]:
+        # the innermost command first
         owners = (
-            d for d in reversed(range(len(chain))) if option in chain[d]._option_string_actions
+            (depth, option)
+            for depth in reversed(range(len(chain)))
+            if (option := _known_option(chain[depth], group[0])) is not None
         )
-        depth = next(owners, None)
-        if depth is None:
-            unknown.append(word)
+        owner = next(owners, None)
+        if owner is None:
+            unknown.extend(group)
             continue
+        depth, option = owner
         if depth == len(chain) - 1 or before_command:
             problems.append(
                 f"{option} is an option of '{names[depth]}': give it after '{names[depth]}'"
@@ -295,8 +351,6 @@ def _unrecognized(chain: list[CommandParser], words: list[str], leading: list[st
             problems.append(
                 f"{option} is an option of '{names[depth]}': give it before '{names[depth + 1]}'"
             )
-        if not equals and chain[depth]._option_string_actions[option].nargs != 0:
-            next(remaining, None)  # its value
     if unknown:
         problems.append(f"unrecognized arguments: {' '.join(unknown)}")
     return "; ".join(problems)
@@ -391,7 +445,8 @@ def _parse_and_run(words: Sequence[str]) -> int:
     usage_parser: CommandParser = args.usage_parser
     chain = _command_chain(parser, usage_parser)
     if leading or misplaced or unrecognized:
-        usage_parser.error(_unrecognized(chain, misplaced + unrecognized, leading))
+        groups = misplaced + [[word] for word in unrecognized]
+        usage_parser.error(_unrecognized(chain, groups, leading))
     _missing_options(chain, args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     code = handler(args)

@@ -140,7 +140,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how long each waits from when it was written, held ones too (0: no delay)",
     )
     delay.set_defaults(build=_delay)
-    drop_help = "drop every device connection (a session a delay holds closes once released)"
+    drop_help = (
+        "drop every device connection; answers within 1 s (a session a delay holds, or whose"
+        " close waits behind a held request, closes once released)"
+    )
     commands.add_parser("drop", help=drop_help).set_defaults(
         build=lambda _: {"command": "drop"}, show=_show_dropped
     )
@@ -301,7 +304,7 @@ def _show_dropped(_: argparse.Namespace, result: object) -> None:
     if not isinstance(dropped, int) or not isinstance(closing, int):
         raise _UnexpectedResultError
     held = (
-        f"; {closing} still closing, held in a port write by a delay (`host status` shows "
+        f"; {closing} still closing, behind a port write a delay holds (`host status` shows "
         "held_requests; `host delay REQUEST 0` releases them)"
         if closing
         else ""

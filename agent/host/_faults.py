@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
@@ -92,9 +93,13 @@ class FaultInjector:
         return {request_name(t): seconds for t, seconds in sorted(self._delays.items())}
 
     def set_delay(self, request_type: int, seconds: float) -> None:
-        """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears)."""
-        if seconds < 0:
-            msg = f"delay must not be negative, got {seconds}"
+        """Hold every request of ``request_type`` for ``seconds`` before answering (0 clears).
+
+        Raises:
+            ValueError: ``seconds`` is negative or NaN; nothing changed.
+        """
+        if math.isnan(seconds) or seconds < 0:
+            msg = f"delay must be a number of seconds, not negative or NaN, got {seconds}"
             raise ValueError(msg)
         if seconds:
             self._delays[request_type] = seconds

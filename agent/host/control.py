@@ -23,10 +23,11 @@ command             arguments                                       result
 
 ``count`` is 1 to ``MAX_FAULT_COUNT``; ``cleared`` is how many answers the dropped faults
 still held. ``status`` lists the queued ``faults``, the active ``delays`` and the
-``held_requests``. ``drop``'s ``closing`` counts the sessions a delay still holds. ``prop_get``
-answers the value and flags as the service holds them: bytes a guest set that Python cannot
-decode are surrogate escapes (``\\udcf4`` in the JSON), which ``vbox-agent host prop get``
-prints as ``\\xf4`` (:mod:`agent.protocol.host_text`).
+``held_requests``. ``drop``'s ``closing`` counts the sessions not closed yet (a delay holds
+them, or their close waits behind a held write). ``prop_get`` answers the value and flags as
+the service holds them: bytes a guest set that Python cannot decode are surrogate escapes
+(``\\udcf4`` in the JSON), which ``vbox-agent host prop get`` prints as ``\\xf4``
+(:mod:`agent.protocol.host_text`).
 
 :func:`execute_control` runs one command on the host (server side); :func:`call_control`
 sends one from another process (client side). ``cpu`` plugs (``action`` "plug") or unplugs

@@ -49,6 +49,7 @@ from agent.host.driver import PERSONALITIES
 from agent.protocol.constants import (
     MAX_GUEST_RAM_MB,
     MIN_GUEST_RAM_MB,
+    VALID_EVENT_MASK,
     Event,
     RequestType,
     parse_event_mask,
@@ -56,7 +57,13 @@ from agent.protocol.constants import (
 )
 from agent.protocol.errors import VBoxStatusError, shown_text
 from agent.protocol.guest_props import encode_name, encode_value, parse_flags
-from agent.protocol.status import parse_status, status_name
+from agent.protocol.status import (
+    STATUS_CODES,
+    STATUS_MAX,
+    STATUS_MIN,
+    parse_status,
+    status_name,
+)
 from agent.tomltext import (
     NotARegularFileError,
     TomlFileTooLargeError,
@@ -160,6 +167,7 @@ def _heartbeat_interval_ms(value: object) -> int:
 
 
 def _number(value: object) -> float:
+    """A non-negative number, kept as written (``at = 1`` stays 1 in messages and the log)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -167,7 +175,7 @@ def _number(value: object) -> float:
     ):
         expected = "a non-negative number"
         raise TypeError(expected)
-    return float(value)
+    return value
 
 
 def _str(value: object) -> str:
@@ -184,21 +192,43 @@ def _bool(value: object) -> bool:
     return value
 
 
-def _text(value: object) -> str:
-    """Names stay text; numbers become their decimal text for the parsers."""
-    return value if isinstance(value, str) else str(_int(value))
+def _name_or_integer(value: object) -> str | int:
+    """A key that takes a name or its number (``request``, ``status``, ``events``)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    expected = "a name or an integer"
+    raise TypeError(expected)
 
 
 def _events(value: object) -> int:
-    return int(parse_event_mask(_text(value)))
+    given = _name_or_integer(value)
+    if isinstance(given, str):
+        return parse_event_mask(given)
+    if not 0 < given <= VALID_EVENT_MASK:
+        msg = f"event mask {given} must be non-zero and within {VALID_EVENT_MASK:#x}"
+        raise ValueError(msg)
+    return parse_event_mask(f"{given:#x}")
 
 
 def _request(value: object) -> int:
-    return int(parse_request_type(_text(value)))
+    given = _name_or_integer(value)
+    if isinstance(given, str):
+        return int(parse_request_type(given))
+    try:
+        return int(RequestType(given))
+    except ValueError:
+        msg = f"no VMMDev request type has the number {given}"
+        raise ValueError(msg) from None
 
 
 def _status(value: object) -> int:
-    return parse_status(_text(value))
+    given = _name_or_integer(value)
+    if isinstance(given, str):
+        return parse_status(given)
+    if not STATUS_MIN <= given <= STATUS_MAX:
+        msg = f"VBox status {given} is outside {STATUS_MIN}..{STATUS_MAX} (a 32-bit int)"
+        raise ValueError(msg)
+    return given
 
 
 def _str_checked_by(check: Callable[[str], object]) -> Callable[[object], str]:
@@ -289,7 +319,10 @@ def _scenario(data: dict[str, Any], source: str) -> Scenario:
     for number, raw in enumerate(raw_steps, start=1):
         step = _step(raw, f"{source}: step {number}", host)
         if steps and step.at < steps[-1].at:
-            msg = f"{source}: step {number}: key 'at': {step.at} is before the previous step"
+            msg = (
+                f"{source}: step {number}: key 'at': {step.at} is before the previous "
+                f"step's {steps[-1].at}"
+            )
             raise ScenarioError(msg)
         steps.append(step)
     return Scenario(host, tuple(steps))
@@ -333,7 +366,10 @@ def _host_settings(raw: object, source: str) -> HostSettings:
         )
         raise ScenarioError(msg)
     if settings.r3_balloon and settings.personality != "oracle":
-        msg = f"{source}: host: key 'r3_balloon': only the oracle personality has it"
+        msg = (
+            f"{source}: host: key 'r3_balloon': only the oracle personality has it, and the "
+            f"file's personality is {settings.personality!r}"
+        )
         raise ScenarioError(msg)
     return settings
 
@@ -368,7 +404,7 @@ def _step(raw: object, where: str, host: HostSettings) -> Step:
     if action == "balloon" and not 0 <= int(args["mb"]) < limit:
         msg = f"{where}: key 'mb': {args['mb']} is not in [0, {limit}) for {host.ram_mb} MB RAM"
         raise ScenarioError(msg)
-    return Step(float(at), action, args)
+    return Step(at, action, args)
 
 
 def _checked(check: Callable[[object], T], value: object, where: str) -> T:
@@ -445,7 +481,9 @@ def step_fields(step: Step) -> dict[str, Value]:
     if "request" in fields:
         fields["request"] = RequestType(int(fields["request"])).name
     if "status" in fields:
-        fields["status"] = status_name(int(fields["status"]))
+        rc = int(fields["status"])
+        name = status_name(rc)
+        fields["status"] = name if STATUS_CODES.get(name) == rc else rc
     return fields
 
 

@@ -12,7 +12,8 @@ while its cancel failed completed). When the connection ends, for whatever reaso
 are cancelled and the session is closed, so a vanished client releases its HGCM clients,
 filter bits and capabilities; a request a delay holds in the port write is not cancelled, and
 the session closes once it is released (``drop`` answers meanwhile, counting the session as
-still closing). A ``control`` connection runs control commands
+still closing, as it does a session whose close waits behind another session's held write:
+it answers within :data:`DROP_GRACE_S`). A ``control`` connection runs control commands
 (:mod:`agent.host.control`) one after the other, and logs each one it served
 (``control_command``, or ``control_command_refused`` with the host's reason).
 
@@ -87,6 +88,10 @@ ERROR and closes the connection, so clients that never say HELLO cannot pin desc
 ACCEPT_PAUSE_S: Final = 0.1
 """How long the server waits after ``accept(2)`` failed (descriptors or kernel memory short,
 a security policy refusing it) before it tries again; the connection stays queued."""
+DROP_GRACE_S: Final = 1.0
+"""How long ``drop`` waits at most for the dropped sessions to close: one whose close waits
+behind another session's write a delay holds (for the driver's session mutex) closes only
+once that write is released, and ``drop`` counts it as still closing."""
 RECEIVE_SIZE: Final = 256 << 10
 """Bytes asked of a connection's socket per receive."""
 UNSENT_LIMIT: Final = MAX_FRAME_SIZE
@@ -291,15 +296,18 @@ class _Server:
     async def drop(self) -> dict[str, int]:
         """Close every device connection and wait until each one's session closed, or a
         delay holds a port write of it (a vCPU in a port write cannot leave it: that session
-        closes once the host handled the write). Return how many connections were closed
-        (``dropped``) and how many of their sessions a delay still holds (``closing``)."""
+        closes once the host handled the write), or :data:`DROP_GRACE_S` passed (a close may
+        wait behind another session's held write, for the driver's session mutex). Return
+        how many connections were closed (``dropped``) and how many of their sessions had
+        not finished closing (``closing``)."""
         dropped = list(self._devices.items())
         for scope, _ in dropped:
             scope.cancel()
         devices = [device for _, device in dropped]
-        # Bounded: each pass follows a session closing or a write held or released.
-        while not all(device.closed or device.writer.held for device in devices):
-            await self._devices_changed.park()
+        with trio.move_on_after(DROP_GRACE_S):
+            # Bounded: each pass follows a session closing or a write held or released.
+            while not all(device.closed or device.writer.held for device in devices):
+                await self._devices_changed.park()
         return {
             "dropped": len(devices),
             "closing": sum(not device.closed for device in devices),

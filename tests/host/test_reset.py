@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from agent.host.driver import DriverModel
 
 PERSONALITIES: Final = ("mainline", "oracle", "passthrough", "kernel")
-HOLD_S: Final = 0.5
-"""How long the host holds the old boot's facility report in the port."""
+HOLD_S: Final = 1000.0
+"""How long the host holds the old boot's facility report in the port: until the test
+ends the delay, once the reset waits for it."""
 WAIT_S: Final = 10.0
 
 
@@ -44,11 +45,18 @@ async def test_a_request_written_before_a_reset_acts_before_it(
     personality: str, request: pytest.FixtureRequest
 ) -> None:
     """A facility report the host holds in the port when the VM resets is handled first,
-    as a real reset waits for every vCPU to leave its port write: the new boot finds the
-    facility inactive, as the reset left it, not active from the boot before."""
+    as a real reset waits for every vCPU to leave its port write: the reset waits until the
+    delay ends (ended once the reset waits), and the new boot finds the facility inactive,
+    as the reset left it, not active from the boot before."""
     if personality == "kernel":
         request.getfixturevalue("kernel_library")
     host = SimulatedHost(personality=personality)
+    reset_done = trio.Event()
+
+    async def reset() -> None:
+        await host.reset()
+        reset_done.set()
+
     with trio.fail_after(WAIT_S):
         async with trio.open_nursery() as vm:
             await vm.start(host.run)
@@ -56,13 +64,16 @@ async def test_a_request_written_before_a_reset_acts_before_it(
             host.set_delay(RequestType.REPORT_GUEST_STATUS, HOLD_S)
             vm.start_soon(_report_active, client)
             await until(lambda: host.vmmdev.port_writes_held == 1)
+            old_boot = host.driver
+            vm.start_soon(reset)
+            await until(lambda: old_boot.lost)  # the reset now waits for the held write
+            waited = host.driver is old_boot and not reset_done.is_set()
             host.set_delay(RequestType.REPORT_GUEST_STATUS, 0)  # the new boot's load is not held
-            await host.reset()
-            held_after_reset = host.vmmdev.port_writes_held
-            await until(lambda: host.vmmdev.port_writes_held == 0)
+            await reset_done.wait()
+            held = host.vmmdev.port_writes_held, host.vmmdev.held_requests()
             service = host.vmmdev.facilities.entries[Facility.VBOX_SERVICE].status
             vm.cancel_scope.cancel()
-    assert (held_after_reset, service) == (0, FacilityStatus.INACTIVE)
+    assert (waited, held, service) == (True, (0, {}), FacilityStatus.INACTIVE)
 
 
 async def test_resets_follow_one_another() -> None:

@@ -204,7 +204,36 @@ class TestParse:
             ),
             (
                 '[[steps]]\nat = 2\naction = "restore"\n[[steps]]\nat = 1\naction = "restore"',
-                "step 2: key 'at': 1.0 is before the previous step",
+                "step 2: key 'at': 1 is before the previous step's 2$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = true\nstatus = 0',
+                r"key 'request': expected a name or an integer, got boolean true$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = 4\nstatus = -8.0',
+                r"key 'status': expected a name or an integer, got float -8.0$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "event"\nevents = ["VRDP"]',
+                r"key 'events': expected a name or an integer, got an array$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = 9999\nstatus = 0',
+                r"key 'request': no VMMDev request type has the number 9999$",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "fault"\nrequest = 4\nstatus = 4294967296',
+                r"key 'status': VBox status 4294967296 is outside -2147483648\.\.2147483647",
+            ),
+            (
+                '[[steps]]\nat = 1\naction = "event"\nevents = -1',
+                r"key 'events': event mask -1 must be non-zero and within 0x7ff$",
+            ),
+            (
+                "[host]\nr3_balloon = true",
+                "'r3_balloon': only the oracle personality has it, and the file's personality "
+                "is 'mainline'$",
             ),
         ],
     )
@@ -430,6 +459,11 @@ class TestPlay:
             status = -8
             [[steps]]
             at = 1
+            action = "fault"
+            request = 10
+            status = -4242
+            [[steps]]
+            at = 1
             action = "delay"
             request = "get_host_time"
             seconds = 0.5
@@ -469,11 +503,19 @@ class TestPlay:
             {
                 "event": "scenario_step",
                 "step": 3,
+                "action": "fault",
+                "request": "GET_HOST_TIME",
+                "status": -4242,
+                "count": 1,
+            },
+            {
+                "event": "scenario_step",
+                "step": 4,
                 "action": "delay",
                 "request": "GET_HOST_TIME",
                 "seconds": 0.5,
             },
-            {"event": "scenario_step", "step": 4, "action": "reset"},
+            {"event": "scenario_step", "step": 5, "action": "reset"},
         ]
         reset_at = len(events) - 1 - events[::-1].index("scenario_step")
         assert "heartbeat_armed" in events[reset_at:]

@@ -477,6 +477,43 @@ class TestDeviceSessions:
         assert (held["held_requests"], held["sessions"]) == ({"GET_HOST_VERSION": 1}, 1)
         assert (released["held_requests"], released["sessions"]) == ({}, 0)
 
+    async def test_drop_answers_while_a_close_waits_behind_a_held_write(
+        self, socket_path: str, host: SimulatedHost, mock_clock: trio.testing.MockClock
+    ) -> None:
+        """A session whose close waits for the driver's session mutex, which another
+        session's held filter change keeps, does not hold up a drop: it answers after
+        ``DROP_GRACE_S``, counting both sessions as closing, and both close once the
+        delay ends. The clock autojumps once the server listens (trio binds the socket in
+        a thread, which the jumps would not wait for)."""
+        mask = RequestType.CTL_GUEST_FILTER_MASK
+
+        async def control(**payload: object) -> object:
+            return await call_control(socket_path, payload)
+
+        change = ChangeFilterMask(or_mask=int(Event.DISPLAY_CHANGE_REQUEST), not_mask=0)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await start(nursery, host, socket_path)
+                mock_clock.autojump_threshold = 0
+                holder = await UnixSocketOpener(socket_path).open_session()
+                waiter = await UnixSocketOpener(socket_path).open_session()
+                await control(command="delay", request=mask, seconds=1000.0)
+                async with trio.open_nursery() as guest:
+                    guest.start_soon(_lose, request(Session(), holder, change))  # holds the mutex
+                    await until(lambda: host.vmmdev.port_writes_held == 1)
+                    asked = trio.current_time()
+                    dropped = await control(command="drop")
+                    waited = trio.current_time() - asked
+                    await control(command="delay", request=mask, seconds=0)
+                released = await control(command="status")
+                await holder.aclose()
+                await waiter.aclose()
+                nursery.cancel_scope.cancel()
+        assert dropped == {"dropped": 2, "closing": 2}
+        assert waited == pytest.approx(server.DROP_GRACE_S)
+        assert isinstance(released, dict)
+        assert released["sessions"] == 0
+
 
 async def _lose(call: Awaitable[object]) -> None:
     """Await ``call``, which the drop ends with DeviceLostError."""

@@ -10,6 +10,7 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Final
 
@@ -299,6 +300,24 @@ class TestPortHandler:
             device.vmmdev.set_delay(T.GET_HOST_VERSION, new_delay)
         assert (held, answered) == ({"GET_HOST_VERSION": 1}, [answered_after])
         assert (L.RequestHeader.rc.get(req), device.vmmdev.held_requests()) == (VINF_SUCCESS, {})
+
+    @pytest.mark.parametrize("bad", [math.nan, -1.0])
+    async def test_a_bad_delay_changes_nothing(
+        self, device: Device, autojump_clock: object, bad: float
+    ) -> None:
+        """A NaN or negative delay is refused before anything changed: the delay stays, and
+        so does the end of the write it holds."""
+        device.vmmdev.set_delay(T.GET_HOST_VERSION, 2)
+        version = device.ram.map(vmmdev_request(T.GET_HOST_VERSION, 40))
+        start = trio.current_time()
+        async with trio.open_nursery() as guest:
+            guest.start_soon(device.vmmdev.submit, version)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ValueError, match=f"not negative or NaN, got {bad}$"):
+                device.vmmdev.set_delay(T.GET_HOST_VERSION, bad)
+            delays = device.vmmdev.faults.active_delays()
+        assert delays == {"GET_HOST_VERSION": 2}
+        assert trio.current_time() - start == 2
 
     async def test_a_new_delay_of_another_type_leaves_held_writes_alone(
         self, device: Device, autojump_clock: object
