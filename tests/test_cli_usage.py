@@ -8,8 +8,9 @@ Rules of this test module:
 
 from __future__ import annotations
 
+import argparse
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import pytest
 
@@ -27,7 +28,6 @@ from agent.host import _faults as faults, _heartbeat as heartbeat
 from agent.host.scenario import load_scenario
 
 if TYPE_CHECKING:
-    import argparse
     from pathlib import Path
 
 SOCKET = "/tmp/vbx-usage/host.sock"
@@ -244,6 +244,51 @@ def test_options_are_read_as_argparse_reads_them(
     """An outer command's option is found where argparse would take it: by a unique
     abbreviation too (and named in full); not in a word argparse takes for a positional (one
     with a space); never taking an option-looking word as its value, which is reported."""
+    assert usage_error(argv, capsys)[-1] == error
+
+
+AMBIGUOUS: Final = [
+    (
+        ["run", "--d", "1"],
+        "vbox-agent run: error: ambiguous option: --d could match --device, --duration",
+    ),
+    (
+        ["host", "--socket", SOCKET, "fault", "--c", "3"],
+        "vbox-agent host fault: error: ambiguous option: --c could match --count, --clear",
+    ),
+    (
+        ["--c", "host", "--socket", SOCKET, "status"],
+        "vbox-agent host status: error: unrecognized arguments: --c",
+    ),
+]
+"""Abbreviations of two options: the parser the word goes to reports them, no other."""
+
+
+@pytest.mark.parametrize(("argv", "error"), AMBIGUOUS)
+def test_an_ambiguous_abbreviation_is_reported_by_its_reader(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--c`` before ``host ... status`` was reported by ``host fault``, a parser in the
+    command's tree that was only asked how it reads the word."""
+    assert usage_error(argv, capsys)[-1] == error
+
+
+@pytest.mark.parametrize(("argv", "error"), AMBIGUOUS)
+def test_an_ambiguous_abbreviation_as_python_3_13_reads_it(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.13's argparse raises ``ArgumentError`` for an ambiguous abbreviation where
+    earlier ones call ``error``: that ended the command with a traceback, not exit 64."""
+    reading = argparse.ArgumentParser._parse_optional
+
+    def raising(parser: argparse.ArgumentParser, word: str) -> object:
+        matches = parser._get_option_tuples(word) if word.startswith("-") else []
+        if len(matches) > 1 and word not in parser._option_string_actions:
+            names = ", ".join(match[1] for match in matches)
+            raise argparse.ArgumentError(None, f"ambiguous option: {word} could match {names}")
+        return reading(parser, word)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "_parse_optional", raising)
     assert usage_error(argv, capsys)[-1] == error
 
 

@@ -58,10 +58,16 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deferred: list[argparse.Action] = []
+        self.consulted = False
+        """Set while the parser is only asked how it reads a word (:func:`_reading`)."""
         self.set_defaults(usage_parser=self)
 
     def error(self, message: str) -> NoReturn:
-        """Print this parser's usage and ``message``, then exit 64."""
+        """Print this parser's usage and ``message``, then exit 64; while it is
+        :attr:`consulted`, raise ``ArgumentError`` instead (as Python 3.13's reading of an
+        ambiguous abbreviation does): the word may go to another parser, which reports it."""
+        if self.consulted:
+            raise argparse.ArgumentError(None, message)
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
@@ -173,7 +179,13 @@ def _reading(parser: CommandParser, word: str) -> tuple[argparse.Action | None, 
     """
     if word == "--":
         return None, word, False
-    found: Any = parser._parse_optional(word)
+    parser.consulted = True
+    try:
+        found: Any = parser._parse_optional(word)
+    except argparse.ArgumentError:  # an abbreviation of two options: the reader reports it
+        return None, word, False
+    finally:
+        parser.consulted = False
     if isinstance(found, list):
         found = found[0]
     if found is None:
