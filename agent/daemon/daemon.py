@@ -89,7 +89,7 @@ from agent.logconfig import LogOutputStatistics, configure_logging, log_output_s
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.protocol.errors import shown_text
 from agent.records import record
-from agent.services import EventPump, ServiceContext
+from agent.services import DrainTime, EventPump, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ class Daemon:
         self._pump_supervisor: Supervisor[EventPump] = Supervisor(
             config.daemon, on_change=self._status_changed, on_ending=self._supervisor.end
         )
+        self._drain_time = DrainTime(config.daemon.shutdown_timeout_s)
         self._shutdown = trio.Event()
         self._drain_deadline = float("inf")
         """``D``: ``shutdown_timeout_s`` from the stop request."""
@@ -317,7 +318,11 @@ class Daemon:
         pump = EventPump(device, leaving=self._leaving, status_changed=self._status_changed)
         self._pump = pump
         self._context = ServiceContext(
-            device, pump, self._status_changed, agent_stopping=self._leaving
+            device,
+            pump,
+            self._status_changed,
+            agent_stopping=self._leaving,
+            drain_time=self._drain_time,
         )
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as pump_nursery:
@@ -694,6 +699,7 @@ class Daemon:
         if "daemon" in changed:
             self._supervisor.config = new.daemon
             self._pump_supervisor.config = new.daemon
+            self._drain_time.set(new.daemon.shutdown_timeout_s)
         for spec in self._registry:
             before, after = self._section(old, spec), self._section(new, spec)
             if before != after:
