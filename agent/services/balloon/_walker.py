@@ -350,11 +350,11 @@ class ChunkWalker:
         self.unconfirmed.add(chunk.address)
         self._resized()
 
-    def _deflate_last(self, chunk: Chunk) -> None:
+    def _deflate_last(self, chunk: Chunk, *, above: int = 0) -> None:
         """Move held ``chunk``, whose last handover got a malformed reply, to the bottom of
-        the balloon, unconfirmed (the module docstring)."""
+        the balloon, unconfirmed (the module docstring). ``above``: the held chunks above it."""
         self.unconfirmed.add(chunk.address)
-        self.held.remove(chunk)
+        del self.held[-1 - above]
         self.held.insert(0, chunk)
 
     async def _take_back_refused(self, ready: list[Chunk]) -> None:
@@ -433,19 +433,23 @@ class ChunkWalker:
         finally:
             self._release(taken)
 
-    async def give_back(self, chunk: Chunk) -> bool:
+    async def give_back(self, chunk: Chunk, *, above: int = 0) -> bool:
         """Take ``chunk`` back from the host and unmap it; return False if the host refused.
 
-        The chunk stays held (and mapped) when the host refused.
+        The chunk stays held (and mapped) when the host refused. ``above``: as for
+        :meth:`_take_back`.
         """
-        if not await self._take_back(chunk):
+        if not await self._take_back(chunk, above=above):
             return False
         self._release([chunk.address])
         return True
 
-    async def _take_back(self, chunk: Chunk) -> bool:
+    async def _take_back(self, chunk: Chunk, *, above: int = 0) -> bool:
         """Take ``chunk`` back from the host (it is no longer held, not yet unmapped); return
         False, the chunk still held, if the host refused.
+
+        ``above`` is the number of held chunks above ``chunk`` (the drain's refused ones): it
+        is found and removed by its position, never by comparing it with the others.
 
         Cancelled once issued, the deflate may have gone through: the chunk stays held
         (mapped), unconfirmed, and is deflated again; Oracle's driver's answer to that tells
@@ -457,14 +461,15 @@ class ChunkWalker:
         try:
             await self.handover.deflate(chunk, submission)
         except VBoxStatusError as exc:  # a host status, or a driver errno as the status
-            empty = all(held.address in unconfirmed for held in self.held)
+            # Every held chunk unconfirmed: ``unconfirmed`` names held chunks only.
+            empty = len(unconfirmed) == len(self.held)
             if not await self.handover.not_held(
                 chunk, exc.rc, unconfirmed=chunk.address in unconfirmed, balloon_empty=empty
             ):
                 self.last_failure = failure_text(exc)
                 return False
         except RemoteProtocolError as exc:
-            self._deflate_last(chunk)
+            self._deflate_last(chunk, above=above)
             self.last_failure = failure_text(exc)
             return False
         except BaseException:
@@ -472,10 +477,7 @@ class ChunkWalker:
                 unconfirmed.add(chunk.address)
             raise
         self.unconfirmed.discard(chunk.address)
-        if self.held[-1] is chunk:
-            self.held.pop()
-        else:
-            self.held.remove(chunk)
+        del self.held[-1 - above]
         self.deflated += 1
         self._resized()
         return True
@@ -499,14 +501,26 @@ class ChunkWalker:
         them, after a short capped backoff (:data:`DRAIN_RETRY_INITIAL_S` doubling up to
         :data:`DRAIN_RETRY_MAX_S`) until all are back or the caller's deadline cancels the
         drain. ``last_failure`` is the drain's last refusal (None if there was none).
+
+        A round tries each chunk held at its start once. The chunks refused in it stay on
+        top of those still to try, which are taken from just below them by position, so a
+        refusal costs its retry and nothing more (a malformed reply moves its chunk to the
+        bottom instead, where this round does not reach it again).
         """
         self.last_failure = None
         delay = DRAIN_RETRY_INITIAL_S
+        held = self.held
         while True:
-            for chunk in reversed(list(self.held)):
-                if not await self.give_back(chunk) and not persist:
-                    return len(self.held)
-            if not self.held:
+            passed = 0
+            for _ in range(len(held)):
+                chunk = held[-1 - passed]
+                if await self.give_back(chunk, above=passed):
+                    continue
+                if not persist:
+                    return len(held)
+                if held[-1 - passed] is chunk:  # still in place: not moved to the bottom
+                    passed += 1
+            if not held:
                 return 0
             (log.warning if delay == DRAIN_RETRY_INITIAL_S else log.debug)(
                 "balloon_drain_refused",
