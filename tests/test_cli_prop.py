@@ -48,8 +48,8 @@ from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
 from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
+from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS
-from agent.services import guest_props as guest_props_service
 from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
 from agent.services.hgcm import HgcmBufferIn
 from testbed.realdriver import ENV_LIBRARY
@@ -667,14 +667,13 @@ class TestInProcess:
             host.prop_set(f"/P/{index}", "v")
         matched: list[bytes] = []
         scope = trio.CancelScope()
-        real_match = guest_props_service.patterns_match
 
         def match_then_cancel(patterns: bytes, name: bytes) -> bool:
             matched.append(name)
             scope.cancel()  # as the wait's deadline passing while it matches
-            return real_match(patterns, name)
+            return patterns_match(patterns, name)
 
-        monkeypatch.setattr(guest_props_service, "patterns_match", match_then_cancel)
+        monkeypatch.setattr("agent.services.guest_props.patterns_match", match_then_cancel)
         with trio.fail_after(60), scope:
             await _prop._run(_wait_args("/W/*", timeout=30.0), SimOpener(host))
         assert scope.cancelled_caught
