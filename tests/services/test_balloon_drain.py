@@ -23,8 +23,11 @@ from agent.services.balloon._chunks import Chunk
 from tests.services.balloon_support import HandoverWrapper, SimChunks, running_balloon
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.protocol import Submission
     from agent.services.balloon._handover import Handover
+    from tests.services.balloon_support import Running
 
 CHUNKS = 200
 
@@ -177,3 +180,129 @@ async def test_a_longer_drain_time_raises_the_cap_and_a_lower_target_lifts_it(
         "balloon_drain_cap",
         "balloon_drain_cap_lifted",
     ]
+
+
+class SlowInflatesAfter(HandoverWrapper):
+    """Inflates after the first ``fast`` ones take ``extra_s`` longer (a host that slows
+    down, or a loaded guest: an inflate step measured slower than the ones before)."""
+
+    def __init__(self, handover: Handover, *, fast: int, extra_s: float) -> None:
+        super().__init__(handover)
+        self.fast = fast
+        self.extra_s = extra_s
+
+    async def inflate(self, chunk: Chunk, submission: Submission) -> None:
+        if self.fast:
+            self.fast -= 1
+        else:
+            await trio.sleep(self.extra_s)
+        await super().inflate(chunk, submission)
+
+
+async def test_a_slower_inflate_at_the_cap_gives_nothing_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first time the cap binds, the inflates still stand in for the rate: the last
+    step before the cap, twice as slow, pulls the cap below the chunks the walk took. They
+    still fit the whole drain time, so none goes back (the old walk turned back, gave 16
+    back, then took them again once the deflates measured the rate); the warning and the
+    status name the cap, the chunks held above it."""
+    with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+        async with running_balloon(personality="passthrough", drain_s=10.0) as run:
+            await run.service.mode_known.wait()
+            walker = run.walker
+            walker.handover = SlowInflatesAfter(walker.handover, fast=144, extra_s=CHUNK_S)
+            run.host.set_delay(RequestType.CHANGE_MEMBALLOON, CHUNK_S)
+            run.host.set_balloon_target(1000)
+            await run.until(lambda: walker.drain_capped)
+            held = len(walker.held)
+            assert held in (159, 160)  # what the fast steps' cap let the walk take
+            assert (walker.deflated, run.host_chunks) == (0, held)
+            budget = walker.budget
+            assert budget is not None
+            cap, kept = budget.chunks, budget.kept
+            assert budget.measured_by == "inflate"
+            assert cap is not None
+            assert kept is not None
+            assert cap < held <= kept
+            assert f"balloon {held}/1000 MB (owned, drain cap {cap} MB)" in run.service.status()
+            assert run.service.statistics().drain_cap == cap
+    [capped] = [e for e in logs if e["event"] == "balloon_drain_cap"]
+    assert (capped["cap"], capped["chunks"]) == (cap, held)
+
+
+async def _measured_by_hand(run: Running, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """The walker's budget measures none of the walk's steps (a host without delay takes no
+    time on the virtual clock): return its ``record``, through which the test measures."""
+    await run.service.mode_known.wait()
+    budget = run.walker.budget
+    assert budget is not None
+    record = budget.record
+
+    def unmeasured(chunks: int, seconds: float, *, deflate: bool) -> None:
+        del chunks, seconds, deflate
+
+    monkeypatch.setattr(budget, "record", unmeasured)
+    return record
+
+
+def _figures(run: Running) -> tuple[int, int | None, int | None]:
+    """The chunks held, the cap and the top of the band."""
+    budget = run.walker.budget
+    assert budget is not None
+    return len(run.walker.held), budget.chunks, budget.kept
+
+
+async def test_a_rate_that_falls_by_less_than_half_gives_nothing_back(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """At the cap, 320 chunks at 128 a second (5 s): deflates measured at two thirds of that
+    lower the cap to 213 but the 320 still fit the whole 5 s (426): nothing goes back (the
+    old cap gave back 107). At a quarter (32 a second) they no longer fit (160): they go
+    back to the cap, 80, not to the band's top; a warning only the first time."""
+    with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+        async with running_balloon(personality="passthrough", drain_time=DrainTime(5.0)) as run:
+            record = await _measured_by_hand(run, monkeypatch)
+            record(64, 64 / 128, deflate=False)
+            run.host.set_balloon_target(1000)
+            await run.until(lambda: run.walker.drain_capped)
+            assert run.host_chunks == len(run.walker.held) == 320
+            record(16, 16 * 3 / 256, deflate=True)  # 85.3 chunks a second
+            run.walker.wake()
+            await trio.sleep(1)
+            assert (run.walker.deflated, run.host_chunks) == (0, 320)
+            assert _figures(run) == (320, 213, 426)
+            assert ", drain cap 213 MB" in run.service.status()
+            record(64, 64 / 32, deflate=True)  # a full-weight step: 32 chunks a second
+            run.walker.wake()
+            await run.until(lambda: run.host_chunks == 80)
+            await trio.sleep(1)
+            assert (run.host_chunks, *_figures(run)) == (80, 80, 80, 160)
+            assert run.walker.drain_capped
+    assert [e["event"] for e in logs if e["event"].startswith("balloon_drain_cap")] == [
+        "balloon_drain_cap"
+    ]
+
+
+async def test_a_reload_gives_back_only_what_the_whole_drain_time_cannot(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """At the cap, 320 chunks at 128 a second (5 s): a reload to 4 s lowers the cap to 256,
+    and the 320 still fit 4 s (512): none goes back (the old cap gave back 64). Halving it
+    to 2 s (256 fit) gives back down to the cap, 128, at once."""
+    drain_time = DrainTime(5.0)
+    with trio.fail_after(60):
+        async with running_balloon(personality="passthrough", drain_time=drain_time) as run:
+            record = await _measured_by_hand(run, monkeypatch)
+            record(64, 64 / 128, deflate=False)
+            run.host.set_balloon_target(1000)
+            await run.until(lambda: run.walker.drain_capped)
+            drain_time.set(4.0)
+            await trio.sleep(1)
+            assert (run.walker.deflated, run.host_chunks) == (0, 320)
+            assert _figures(run) == (320, 256, 512)
+            drain_time.set(2.0)
+            await run.until(lambda: run.host_chunks == 128)
+            await trio.sleep(1)
+            assert (run.host_chunks, *_figures(run)) == (128, 128, 128, 256)
+            assert ", drain cap 128 MB" in run.service.status()

@@ -4,10 +4,15 @@ every one back within the drain time.
 In owned mode nothing gives the chunks back but the agent's own drain (no driver deflates
 them when the device closes), and the drain has ``daemon.shutdown_timeout_s``: whatever it
 has not given back by then stays ballooned at the host once the process exits, while the
-kernel reuses the pages. So the balloon holds at most what :data:`DRAIN_SHARE` of the drain
-time gives back at the rate measured in this run. The cap moves with the drain time (a
-reload that changes it) and with the rate; one that falls below the chunks held gives the
-difference back at once.
+kernel reuses the pages. So the balloon grows to at most what :data:`DRAIN_SHARE` of the drain
+time gives back at the rate measured in this run, the cap (:attr:`DrainBudget.chunks`).
+The cap moves with the drain time (a reload that changes it) and with the rate, and it
+limits growth only: chunks held above it stay while the whole drain time still gives them
+back (the band: above the cap, up to :attr:`DrainBudget.kept`), since the rest of the
+drain time is there for a slower drain. So a rate estimate that wobbles, or the slower
+inflates standing in for the rate until deflates measure it, gives nothing back and takes
+nothing again. Chunks above the band (the rate fell below half the one that let them in,
+or a reload shortened the drain time under them) go back down to the cap, at once.
 
 The rate is kept as seconds per chunk, measured over the walker's steps (a step of up to
 16 chunks, its unmapping included) and smoothed: a step weighs its chunks against
@@ -30,8 +35,9 @@ if TYPE_CHECKING:
 
 DRAIN_SHARE: Final = 0.5
 """The safety margin: the share of the drain time the balloon's drain is planned to take at
-the measured rate. The rest covers a host slower at the stop than before, the other
-services draining at the same time and a refused chunk's retry."""
+the measured rate when it grows. The rest covers a host slower at the stop than before,
+the other services draining at the same time and a refused chunk's retry, and absorbs
+the estimate's noise for chunks already held (the band, the module docstring)."""
 DEFAULT_RATE: Final = 200.0
 """Chunks a second assumed before any step measured the rate: a fifth of the slowest drain
 seen (about 1000 a second through the simulator's socket on a loaded 2-core machine), so
@@ -44,8 +50,9 @@ in proportion (the first step sets it whatever its size)."""
 
 
 class DrainBudget:
-    """The chunks the owned balloon may hold: those its drain gives back in its share of the
-    drain time at the measured rate (the module docstring)."""
+    """The chunks the owned balloon may hold: it grows to what its drain gives back in its
+    share of the drain time at the measured rate, and keeps what the whole drain time gives
+    back (the module docstring)."""
 
     def __init__(self, drain_time: DrainTime) -> None:
         self.drain_time = drain_time
@@ -55,6 +62,8 @@ class DrainBudget:
         default)."""
         self._early_deflates = (0, 0.0)
         """Chunks given back and their seconds, while fewer than :data:`MIN_DEFLATE_CHUNKS`."""
+        self._giving_back = False
+        """Whether the chunks held left the band above: they go back down to the cap."""
 
     @property
     def rate(self) -> float:
@@ -64,12 +73,39 @@ class DrainBudget:
 
     @property
     def chunks(self) -> int | None:
-        """The most chunks the balloon may hold now (None: no bound, the steps took no
-        measurable time, as on a virtual clock)."""
+        """The cap: the most chunks the balloon may grow to now (None: no bound, the steps
+        took no measurable time, as on a virtual clock)."""
+        return self._given_back_in(self.drain_time.seconds * DRAIN_SHARE)
+
+    @property
+    def kept(self) -> int | None:
+        """The top of the band: the most chunks held may stay, what the whole drain time
+        gives back at the measured rate (None: no bound)."""
+        return self._given_back_in(self.drain_time.seconds)
+
+    def bound(self, held: int) -> int | None:
+        """The most chunks the balloon may hold, holding ``held`` now (None: no bound).
+
+        The cap, or ``held`` while it is in the band (above the cap, at most :attr:`kept`).
+        Chunks above the band go back down to the cap: from then on the cap, until the
+        balloon is back within it, however the band moves meanwhile.
+        """
+        cap, kept = self.chunks, self.kept
+        if cap is None or kept is None:
+            return None
+        if held <= cap:
+            self._giving_back = False
+            return cap
+        if held > kept:
+            self._giving_back = True
+        return cap if self._giving_back else held
+
+    def _given_back_in(self, seconds: float) -> int | None:
+        """The chunks the drain gives back in ``seconds`` at the measured rate."""
         spent = self._seconds_per_chunk
         if spent == 0:
             return None
-        return math.floor(self.drain_time.seconds * DRAIN_SHARE / spent)
+        return math.floor(seconds / spent)
 
     def record(self, chunks: int, seconds: float, *, deflate: bool) -> None:
         """A step moved ``chunks`` (given back if ``deflate``, else inflated) in ``seconds``;

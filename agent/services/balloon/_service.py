@@ -27,9 +27,10 @@ backoff, one warning, the status saying why, one line once it goes through) and 
   (:func:`~._chunks.pages_may_move`: ``vm.compact_unevictable_allowed``,
   ``kernel.numa_balancing`` not 0) makes the goal 0, with one line naming the setting and the
   status saying why, until a later read finds it 0. A simulated host is not checked: the
-  frames reach no hypervisor, so nothing can be corrupted. Owned mode also holds no more than
-  the drain gives back in half of ``daemon.shutdown_timeout_s`` (:mod:`._budget`), which the
-  service follows across reloads (:class:`~agent.services.DrainTime`).
+  frames reach no hypervisor, so nothing can be corrupted. Owned mode also grows no further
+  than the drain gives back in half of ``daemon.shutdown_timeout_s``, keeping what it holds
+  while the whole time gives it back (:mod:`._budget`), which the service follows across
+  reloads (:class:`~agent.services.DrainTime`).
 
 Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
 ``pressure_step_mb`` at once, and the cap holds until pressure stayed low for the hold time,
@@ -138,10 +139,12 @@ class BalloonStatistics:
     never with what it holds). ``target`` is the host's last target (triggered: that
     answer); in kernel mode, where only the kernel reads it, the size last read.
     ``cap`` is the pressure cap. ``read_at``: in kernel mode, when the size was last read
-    (wall-clock seconds), else None. ``drain_cap``: in owned mode, the most chunks the drain
-    can give back in its share of ``daemon.shutdown_timeout_s`` at ``drain_rate``, the rate
-    (chunks a second) measured in this run (None: not owned mode, or no bound: too fast to
-    measure); ``drain_capped``: whether it holds the balloon below the target now.
+    (wall-clock seconds), else None. ``drain_cap``: in owned mode, the most chunks the balloon
+    grows to, what the drain gives back in its share of ``daemon.shutdown_timeout_s`` at
+    ``drain_rate``, the rate (chunks a second) measured in this run (None: not owned mode, or
+    no bound: too fast to measure); chunks held above it stay while the whole drain time
+    gives them back (:mod:`._budget`); ``drain_capped``: whether the drain budget holds the
+    balloon below the target now.
     """
 
     mode: str | None
@@ -305,8 +308,9 @@ class BalloonService:
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
-        if walker.drain_capped:
-            capped += f", drain cap {walker.goal * CHUNK_MB} MB"
+        drain_cap = walker.drain_cap
+        if walker.drain_capped and drain_cap is not None:
+            capped += f", drain cap {drain_cap * CHUNK_MB} MB"
         refused = f", refused: {walker.refusal}" if walker.refusal is not None else ""
         failing = f", failing: {walker.last_failure}" if walker.last_failure is not None else ""
         held, target = len(walker.held) * CHUNK_MB, walker.target * CHUNK_MB

@@ -153,8 +153,10 @@ class ChunkWalker:
     def goal(self) -> int:
         """Chunks the balloon should hold now."""
         goal = self.wanted
-        drain_cap = self.drain_cap
-        return goal if drain_cap is None else min(goal, drain_cap)
+        if self.budget is None:
+            return goal
+        bound = self.budget.bound(len(self.held))
+        return goal if bound is None else min(goal, bound)
 
     @property
     def wanted(self) -> int:
@@ -171,7 +173,7 @@ class ChunkWalker:
 
     @property
     def drain_cap(self) -> int | None:
-        """The most chunks the drain can give back in time (owned mode), or None."""
+        """The most chunks the balloon may grow to for the drain (owned mode), or None."""
         return None if self.budget is None else self.budget.chunks
 
     def set_target(self, target: HostTarget) -> None:
@@ -265,7 +267,7 @@ class ChunkWalker:
         self.drain_capped = capped
         figures = {
             "target": self.target,
-            "cap": goal if capped else budget.chunks,
+            "cap": budget.chunks,
             "rate_chunks_s": None if math.isinf(budget.rate) else round(budget.rate, 1),
             "measured_by": budget.measured_by or "the default",
             "drain_s": budget.drain_time.seconds,
@@ -276,11 +278,13 @@ class ChunkWalker:
         log.warning(
             "balloon_drain_cap",
             **figures,
+            chunks=goal,
             share=DRAIN_SHARE,
             reason="in owned mode only the agent's drain gives the chunks back, within"
             " daemon.shutdown_timeout_s; a chunk it cannot give back in time stays ballooned"
             " at the host while the kernel reuses its pages after the exit, so the balloon"
-            f" holds what {DRAIN_SHARE:.0%} of that time gives back at the measured rate",
+            f" grows to what {DRAIN_SHARE:.0%} of that time gives back at the measured rate"
+            " and keeps what it holds while the whole time gives it back",
             fix="raising daemon.shutdown_timeout_s raises the cap",
         )
 
