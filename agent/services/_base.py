@@ -16,6 +16,7 @@ import trio
 from pydantic import BaseModel, ConfigDict
 
 from agent.records import record
+from agent.services._leftovers import Leftovers
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -132,6 +133,10 @@ class ServiceContext:
             behind then waits for the agent's next start, not in a gap while it runs on.
         sessions: the VM session id each service last acted on, to tell a restore that
             came while its run was down.
+        leftovers: what a service's drain could not give back while the agent runs on (a
+            reload disabled or rebuilt it, a restart): the daemon gives it back in the
+            background and at its stop, a new start takes it over, ``STATUS=`` shows it
+            while the service is off (:mod:`agent.services._leftovers`).
     """
 
     device: Device
@@ -140,6 +145,7 @@ class ServiceContext:
     balloon: BalloonGauge = field(default_factory=BalloonGauge)
     agent_stopping: Callable[[], bool] = field(default=_agent_runs_on)
     sessions: SessionLedger = field(default_factory=SessionLedger)
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
 
 class Statistics(Protocol):
