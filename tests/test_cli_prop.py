@@ -48,6 +48,7 @@ from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
 from agent.protocol.constants import Ioctl, RequestType
 from agent.protocol.guest_props import RDONLYGUEST, SERVICE_NAME
+from agent.protocol.prop_patterns import patterns_match
 from agent.protocol.status import VERR_TIMEOUT, VINF_SUCCESS
 from agent.services.guest_props import ENUM_TRIES, GuestProperties, open_guest_properties
 from agent.services.hgcm import HgcmBufferIn
@@ -378,6 +379,17 @@ class TestVerbs:
             ("/Guest/\\xf5\\x80\\x80\\x80", shown),
             ("/Guest/x", shown),
         ]
+        # set and delete --json name it the same way (they printed lone surrogates).
+        name, name_shown = (
+            "/Guest/\udcf8\udc88\udc80\udc80\udc80",
+            "/Guest/\\xf8\\x88\\x80\\x80\\x80",
+        )
+        assert json.loads(strict(*guest, "set", name, "v", "--json"))["name"] == name_shown
+        assert json.loads(strict(*guest, "delete", name, "--json")) == {
+            "name": name_shown,
+            "deleted": True,
+            "ignored": False,
+        }
         lines = strict(*guest, "enum", "/Guest/*").splitlines()
         assert any(
             line.startswith(f"Name: /Guest/\\xf5\\x80\\x80\\x80, value: {shown}, ")
@@ -644,6 +656,28 @@ class TestInProcess:
         with trio.fail_after(60), pytest.raises(_prop._NotFoundError, match="within 1 s"):
             await _prop._run(args, SimOpener(host))
         assert trio.current_time() - started < 1.5
+
+    async def test_the_timeout_ends_the_matching_of_the_first_listing(
+        self, autojump_clock: trio.abc.Clock, host: SimulatedHost, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A wait cancelled while it matches the properties it listed against its patterns
+        stops at the next property. (The matching ran in one step: with thousands of
+        alternatives and the host's 256 properties, ``--timeout 1`` exited after 7.8 s.)"""
+        for index in range(20):
+            host.prop_set(f"/P/{index}", "v")
+        matched: list[bytes] = []
+        scope = trio.CancelScope()
+
+        def match_then_cancel(patterns: bytes, name: bytes) -> bool:
+            matched.append(name)
+            scope.cancel()  # as the wait's deadline passing while it matches
+            return patterns_match(patterns, name)
+
+        monkeypatch.setattr("agent.services.guest_props.patterns_match", match_then_cancel)
+        with trio.fail_after(60), scope:
+            await _prop._run(_wait_args("/W/*", timeout=30.0), SimOpener(host))
+        assert scope.cancelled_caught
+        assert len(matched) == 1
 
     async def test_a_wait_holds_one_client(
         self,

@@ -226,7 +226,9 @@ async def _set(args: argparse.Namespace, props: GuestProperties) -> None:
         # old value, or none.
         stored = await props.get(args.name)
         shown = _property_json(stored) if stored else dict.fromkeys(_PROPERTY_FIELDS)
-        write_line(json.dumps({**shown, "name": args.name, "ignored": status != VINF_SUCCESS}))
+        write_line(
+            json.dumps({**shown, "name": displayed(args.name), "ignored": status != VINF_SUCCESS})
+        )
 
 
 async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
@@ -237,8 +239,9 @@ async def _delete(args: argparse.Namespace, props: GuestProperties) -> None:
     if args.json:
         # An ignored delete (VINF_PERMISSION_DENIED) left the property standing.
         ignored = status != VINF_SUCCESS
+        deleted = existed and not ignored
         write_line(
-            json.dumps({"name": args.name, "deleted": existed and not ignored, "ignored": ignored})
+            json.dumps({"name": displayed(args.name), "deleted": deleted, "ignored": ignored})
         )
 
 

@@ -91,7 +91,7 @@ from agent.logconfig import LogOutputStatistics, configure_logging, log_output_s
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.protocol.errors import shown_text
 from agent.records import record
-from agent.services import EventPump, Leftovers, ServiceContext
+from agent.services import DrainTime, EventPump, Leftovers, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
@@ -197,6 +197,7 @@ class Daemon:
         self._pump_supervisor: Supervisor[EventPump] = Supervisor(
             config.daemon, on_change=self._status_changed, on_ending=self._supervisor.end
         )
+        self._drain_time = DrainTime(config.daemon.shutdown_timeout_s)
         self._shutdown = trio.Event()
         self._drain_deadline = float("inf")
         """``D``: ``shutdown_timeout_s`` from the stop request."""
@@ -326,6 +327,7 @@ class Daemon:
             pump,
             self._status_changed,
             agent_stopping=self._leaving,
+            drain_time=self._drain_time,
             leftovers=self._leftovers,
         )
         async with trio.open_nursery() as nursery:
@@ -709,6 +711,7 @@ class Daemon:
         if "daemon" in changed:
             self._supervisor.config = new.daemon
             self._pump_supervisor.config = new.daemon
+            self._drain_time.set(new.daemon.shutdown_timeout_s)
         for spec in self._registry:
             before, after = self._section(old, spec), self._section(new, spec)
             if before != after:

@@ -52,7 +52,14 @@ session. Design points:
   when that deadline is what cancelled it, so no caller is held past its deadline but for
   :data:`GIVE_BACK_S`, which lets an interruptible call come back from its signal. Its
   thread stays in the kernel, keeping the buffer and its user memory alive, and the caller
-  is cancelled at once. It is never re-signalled after that. Its thread keeps its token,
+  is cancelled at once. A signal lost in the gap between taking the call and entering the
+  kernel may have been every one it got (a thread kept off the GIL or a CPU that long), and
+  once in the driver nothing else would end an interruptible wait there (a GET_NOTIFICATION
+  without timeout: until the host answers, holding its thread): so the abandoned call is
+  still signalled, with the same backoff, by a trio system task, until it returns or for
+  :data:`LATE_INTERRUPTS_S` at most (``late_interrupts_ended``, debug, when it is left to
+  the driver after that). The end of the run cancels that task, so no stop or exit waits for
+  it (trio's worker threads are daemon threads). Its thread keeps its token,
   so the budget gets one more in its place, for up to ``threads`` abandoned calls at once
   (each ``ioctl_abandoned`` line counts them); past that, every ioctl of the process fails
   at once with :class:`DeviceLostError` rather than waiting for a thread that may never
@@ -129,7 +136,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from agent.abandons import AbandonedCalls
+from agent.abandons import AbandonedCalls, call_kind
 from agent.device.claimname import bind_claim_name
 from agent.device.errors import DeviceLostError, DeviceUnavailableError, NotTheDeviceError
 from agent.device.spec import NOT_THE_DEVICE_ERRNOS, shown_path
@@ -219,6 +226,15 @@ VBOXGUEST_NODE_NAMES: Final = frozenset({"vboxguest", "vboxuser"})
 DEFAULT_SYSFS_ROOT: Final = "/sys"
 _RESIGNAL_FIRST: Final = 0.01
 _RESIGNAL_MAX: Final = 1.0
+LATE_INTERRUPTS_S: Final = 30.0
+"""Seconds an abandoned call is still signalled after it was abandoned, with the backoff
+before it (at most every ``_RESIGNAL_MAX`` s: about 30 signals), until its thread returns.
+A thread kept off the GIL or a CPU between taking the call and entering the kernel loses
+every signal sent meanwhile; the first one after it entered ends an interruptible wait.
+This covers any delay the agent outlives: the watchdog's pings need a GET_SESSION_ID
+through an ioctl thread every 15 s, so ioctl threads kept from running for the unit's
+``WatchdogSec=`` (30 s) get the agent restarted anyway. A call still out then is one the
+driver does not let a signal end (an HGCM connect or disconnect): it is left to the host."""
 HELD_CONNECTS_MAX: Final = 2
 """Abandoned HGCM connects in the driver at which no other connect starts: it fails at once
 with ``ETIMEDOUT`` (VERR_TIMEOUT, as a connect the host does not answer in time). A host
@@ -514,6 +530,8 @@ class _Call:
     """Attempts a stray signal ended (EINTR) that were made again."""
     cancelled: bool = False
     """The awaiting task was cancelled."""
+    back: trio.Event = field(default_factory=trio.Event)
+    """Set once an abandoned call's thread came back (ends its late interrupts)."""
     outcome: Exception | None = None
 
 
@@ -708,9 +726,10 @@ class CharDevTransport:
         Idempotent and shielded, but never past the caller's deadline (in a
         :meth:`Device.cleanup_scope <agent.device.Device.cleanup_scope>`, the device's
         cleanup deadline) but for :data:`GIVE_BACK_S` per phase. A call still in the driver
-        after :data:`ABANDON_AFTER_S`, or at that deadline, is abandoned; while one is, the
-        fd stays open (``close_deferred``) and the last such call's thread closes it when
-        the call returns, so none reaches a session that reuses the fd number. Otherwise
+        after :data:`ABANDON_AFTER_S`, or at that deadline, is abandoned (and signalled on
+        for :data:`LATE_INTERRUPTS_S`, as a cancelled one); while one is, the fd stays open
+        (``close_deferred``) and the last such call's thread closes it when the call returns,
+        so none reaches a session that reuses the fd number. Otherwise
         ``close(2)`` runs at once, on a thread of its own, since the driver disconnects the
         session's HGCM clients there, waiting for the host; it is abandoned with a
         ``close_abandoned`` log line after :data:`CLOSE_TIMEOUT` seconds, or at the
@@ -845,8 +864,39 @@ class CharDevTransport:
                     abandoned=self._budget.abandoned,
                     thread_replaced=replaced,
                 )
+                trio.lowlevel.spawn_system_task(
+                    self._interrupt_late, call, delay, name="vbox-ioctl-late-interrupts"
+                )
                 call.scope.cancel()
             await call.done.wait()
+
+    async def _interrupt_late(self, call: _Call, delay: float) -> None:
+        """Signal the abandoned ``call`` again, ``delay`` first and with backoff, until it
+        returns or for :data:`LATE_INTERRUPTS_S`; a system task, which the run's end cancels.
+
+        Its thread may have lost every earlier signal before it entered the kernel.
+        """
+        began = trio.current_time()
+        signals = 0
+        with trio.move_on_after(LATE_INTERRUPTS_S):
+            while True:
+                with trio.move_on_after(delay):
+                    await call.back.wait()
+                    return
+                with self._lock:
+                    if call.thread is not None:  # else it returned: its report is on its way
+                        self._interrupt_fn(call.thread)
+                        signals += 1
+                delay = min(2 * delay, _RESIGNAL_MAX)
+        _log.debug(
+            "late_interrupts_ended",
+            code=f"{call.code:#x}",
+            kind=call_kind(call.code, call.buffer)[1],
+            signals=signals,
+            after_s=round(trio.current_time() - began, 3),
+            reason="the driver did not give the abandoned call back after interrupts: it is "
+            "left to the host",
+        )
 
     def _perform(self, call: _Call) -> Exception | None:
         """Run in the worker thread: the ioctl with the EINTR policy; return its error."""
@@ -890,6 +940,7 @@ class CharDevTransport:
 
     def _abandoned_returned(self, call: _Call) -> None:
         """An abandoned call's thread came back: count it out of the budget."""
+        call.back.set()
         if _is_connect(call.code):
             self._budget.connect_returned()
         self._budget.abandoned_returned()

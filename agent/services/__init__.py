@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent.services._base import (
     BalloonGauge as BalloonGauge,
+    DrainTime as DrainTime,
     Service as Service,
     ServiceContext as ServiceContext,
     ServiceSection as ServiceSection,

@@ -10,7 +10,7 @@ runs it under its supervisor. See "Writing a service" in ``docs/architecture.md`
 from __future__ import annotations
 
 from dataclasses import field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, TypeVar, final
 
 import trio
 from pydantic import BaseModel, ConfigDict
@@ -49,6 +49,38 @@ def _status_ignored() -> None:
 def _agent_runs_on() -> bool:
     """The default :attr:`ServiceContext.agent_stopping`: only the service stops."""
     return False
+
+
+DEFAULT_DRAIN_S: Final = 5.0
+"""The drain time where nobody set one: ``daemon.shutdown_timeout_s``'s default."""
+
+
+@final
+class DrainTime:
+    """How long a service's drain may take: ``daemon.shutdown_timeout_s``, kept current by
+    the daemon across reloads (the same object for every service).
+
+    A service that sizes what it holds by what its drain can give back (the owned balloon)
+    reads :attr:`seconds` and learns of a change through :meth:`wait_changed`.
+    """
+
+    __slots__ = ("_changed", "seconds")
+
+    def __init__(self, seconds: float = DEFAULT_DRAIN_S) -> None:
+        self.seconds = seconds
+        self._changed = trio.Event()
+
+    def set(self, seconds: float) -> None:
+        """A reload set the drain time to ``seconds``: wake whoever waits for a change."""
+        if seconds == self.seconds:
+            return
+        self.seconds = seconds
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Wait until the drain time changes."""
+        await self._changed.wait()
 
 
 @final
@@ -133,6 +165,8 @@ class ServiceContext:
             behind then waits for the agent's next start, not in a gap while it runs on.
         sessions: the VM session id each service last acted on, to tell a restore that
             came while its run was down.
+        drain_time: how long a drain may take (``daemon.shutdown_timeout_s``), kept current
+            across reloads.
         leftovers: what a service's drain could not give back while the agent runs on (a
             reload disabled or rebuilt it, a restart): the daemon gives it back in the
             background and at its stop, a new start takes it over, ``STATUS=`` shows it
@@ -145,6 +179,7 @@ class ServiceContext:
     balloon: BalloonGauge = field(default_factory=BalloonGauge)
     agent_stopping: Callable[[], bool] = field(default=_agent_runs_on)
     sessions: SessionLedger = field(default_factory=SessionLedger)
+    drain_time: DrainTime = field(default_factory=DrainTime)
     leftovers: Leftovers = field(default_factory=Leftovers)
 
 

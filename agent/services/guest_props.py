@@ -743,7 +743,13 @@ class PropertyWatch:
         everything = await _enumerate(self._short_call, self._prepare)
         latest = max((prop.timestamp for prop in everything), default=0)
         patterns = self._patterns[:-1]
-        current = [prop for prop in everything if patterns_match(patterns, host_bytes(prop.name))]
+        current = []
+        for prop in everything:
+            # A wait's pattern list may hold thousands of alternatives: matching every
+            # property against them takes seconds, and the caller's deadline must end it.
+            await trio.lowlevel.checkpoint()
+            if patterns_match(patterns, host_bytes(prop.name)):
+                current.append(prop)
         self._cursor, self._cursor_unproven = latest, latest != 0
         self._resync_due = False
         if first:

@@ -697,6 +697,31 @@ class TestReload:
             f"{path}: session_monitor.x",
         ]
 
+    async def test_a_reload_gives_the_services_the_new_drain_time(
+        self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
+    ) -> None:
+        """The services' drain time (which bounds the owned balloon) follows a reload of
+        ``daemon.shutdown_timeout_s``, and wakes whoever waits for a change."""
+        path = short_dir / "agent.toml"
+        async with _ready_on_file(host, notify, path, FIVE_SECONDS) as (daemon, _):
+            context = daemon._context  # what every service is built with
+            assert context is not None
+            drain_time = context.drain_time
+            assert drain_time.seconds == 5
+            changed = False
+
+            async def wait_changed() -> None:
+                nonlocal changed
+                await drain_time.wait_changed()
+                changed = True
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_changed)
+                await trio.testing.wait_all_tasks_blocked()
+                path.write_text("[daemon]\nshutdown_timeout_s = 9\n")
+                await daemon.reload()
+            assert (drain_time.seconds, changed) == (9, True)
+
     async def test_a_rejection_of_hundreds_of_problems_lists_the_first(
         self, host: SimulatedHost, notify: tuple[Notifier, NotifyReader], short_dir: Path
     ) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from agent.device import Device, DeviceOpener
     from agent.protocol import Submission
-    from agent.services._base import BalloonGauge
+    from agent.services._base import BalloonGauge, DrainTime
     from agent.services.balloon import PressureSource
     from agent.services.balloon._cgroup import CgroupRoom
     from agent.services.balloon._chunks import Chunk, ChunkAllocator
@@ -221,6 +221,7 @@ async def running_balloon(
     sysctl_root: Path | None = None,
     opener_for: Callable[[SimulatedHost], DeviceOpener] = SimOpener,
     status_changed: Callable[[], None] = lambda: None,
+    drain_time: DrainTime | None = None,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
     (within ``drain_s``, as the daemon's drain time). The agent opens its device through
@@ -247,6 +248,7 @@ async def running_balloon(
                 gauge=gauge,
                 sysctl_root=sysctl_root,
                 status_changed=status_changed,
+                drain_time=drain_time,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)

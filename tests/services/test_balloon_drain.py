@@ -1,4 +1,5 @@
-"""The owned balloon's drain: what a refusal costs it.
+"""The owned balloon's drain: what a refusal costs it, and the cap that keeps the balloon
+within what the drain can give back in time.
 
 Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 ``trio.fail_after`` on that clock.
@@ -6,18 +7,22 @@ Virtual time (``autojump_clock``) drives every wait; each test is bounded by
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
+import pytest
+import structlog.testing
 import trio
 
+from agent.config import DaemonConfig
 from agent.protocol import RequestType
 from agent.protocol.status import VERR_NO_MEMORY
+from agent.services import DrainTime
+from agent.services.balloon._budget import DEFAULT_RATE, DRAIN_SHARE, DrainBudget
 from agent.services.balloon._chunks import Chunk
 from tests.services.balloon_support import HandoverWrapper, SimChunks, running_balloon
 
 if TYPE_CHECKING:
-    import pytest
-
     from agent.protocol import Submission
     from agent.services.balloon._handover import Handover
 
@@ -67,3 +72,108 @@ async def test_one_refusal_costs_one_retry_and_nothing_more(
         assert (run.host_chunks, chunks.live) == (0, {})
     assert recorder.deflates == [*newest_first, newest_first[0]]
     assert compared == 0
+
+
+CHUNK_S = 1 / 64
+"""What the slow simulated host takes for each CHANGE_MEMBALLOON: 64 chunks a second."""
+
+
+def test_the_default_drain_time_is_the_daemons() -> None:
+    assert DrainTime().seconds == DaemonConfig().shutdown_timeout_s
+
+
+def test_the_budget_follows_the_measured_rate_and_the_drain_time() -> None:
+    """The default rate before any step; the first step sets the rate, later ones move it by
+    their weight; inflates stand in until 16 deflated chunks were timed, whose average
+    then sets it; the cap follows the drain time."""
+    drain_time = DrainTime(4.0)
+    budget = DrainBudget(drain_time)
+    expected = math.floor(4.0 * DRAIN_SHARE * DEFAULT_RATE)
+    assert (budget.chunks, budget.measured_by) == (expected, None)
+    budget.record(4, 0.0625, deflate=False)  # 64 chunks a second, however few
+    assert (budget.rate, budget.chunks, budget.measured_by) == (64, 128, "inflate")
+    budget.record(16, 0.125, deflate=False)  # 128 a second, at a quarter's weight
+    seconds_per_chunk = 1 / 64 + (1 / 128 - 1 / 64) / 4
+    assert budget.rate == pytest.approx(1 / seconds_per_chunk)
+    budget.record(8, 1.0, deflate=True)  # fewer than 16 deflated: the inflates' figure
+    assert budget.rate == pytest.approx(1 / seconds_per_chunk)
+    assert budget.measured_by == "inflate"
+    budget.record(8, 0.0, deflate=True)  # 16 in 1 s: their average sets it
+    assert (budget.rate, budget.chunks, budget.measured_by) == (16, 32, "deflate")
+    budget.record(16, 16.0, deflate=False)  # inflates no longer count
+    assert budget.rate == 16
+    budget.record(64, 0.5, deflate=True)  # a full-weight step sets it
+    assert (budget.rate, budget.chunks) == (128, 256)
+    drain_time.set(8.0)
+    assert budget.chunks == 512
+    budget.record(0, 1.0, deflate=True)  # nothing moved: nothing measured
+    assert budget.chunks == 512
+
+
+async def test_the_owned_balloon_holds_what_the_drain_gives_back_in_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A host that takes 1/64 s a chunk asks for 1000 chunks, which a drain of 5 s could not
+    give back: the balloon stops at what half the drain time gives back at the measured
+    rate (160), says so once (target, cap, rate, the setting that raises it) and in its
+    status and statistics, and a stop gives every chunk back within the drain time."""
+    drain_time = DrainTime(5.0)
+    chunks = SimChunks()
+    with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+        async with running_balloon(
+            personality="passthrough",
+            allocator=chunks,
+            drain_s=drain_time.seconds,
+            drain_time=drain_time,
+        ) as run:
+            run.host.set_delay(RequestType.CHANGE_MEMBALLOON, CHUNK_S)
+            run.host.set_balloon_target(1000)
+            await run.until(lambda: run.walker.drain_capped or run.host_chunks == 1000)
+            statistics = run.service.statistics()
+            rate = statistics.drain_rate
+            assert rate == pytest.approx(64)
+            assert rate is not None
+            cap = math.floor(5.0 * DRAIN_SHARE * rate)
+            assert cap in (159, 160)
+            assert (run.host_chunks, len(run.walker.held), statistics.drain_cap) == (cap, cap, cap)
+            assert f", drain cap {cap} MB" in run.service.status()
+            stopping = trio.current_time()
+        assert (run.host_chunks, chunks.live) == (0, {})
+        assert trio.current_time() - stopping <= drain_time.seconds
+    [capped] = [e for e in logs if e["event"] == "balloon_drain_cap"]
+    assert capped["log_level"] == "warning"
+    assert (capped["target"], capped["cap"], capped["drain_s"]) == (1000, cap, 5.0)
+    assert capped["rate_chunks_s"] == pytest.approx(64, abs=0.1)
+    assert "daemon.shutdown_timeout_s" in capped["fix"]
+    assert not [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+
+
+async def test_a_longer_drain_time_raises_the_cap_and_a_lower_target_lifts_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A reload that doubles the drain time doubles the cap at once (no new warning); one
+    that halves it gives back what no longer fits; a target under the cap ends it (one
+    line)."""
+    drain_time = DrainTime(5.0)
+    with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+        async with running_balloon(
+            personality="passthrough", drain_s=20.0, drain_time=drain_time
+        ) as run:
+            run.host.set_delay(RequestType.CHANGE_MEMBALLOON, CHUNK_S)
+            run.host.set_balloon_target(1000)
+            await run.until(lambda: run.walker.drain_capped)
+            first = len(run.walker.held)
+            drain_time.set(10.0)
+            await run.until(lambda: len(run.walker.held) >= 2 * first - 1)
+            assert run.walker.drain_capped
+            drain_time.set(2.5)
+            await run.until(lambda: len(run.walker.held) <= first // 2 + 1)
+            assert run.walker.drain_capped
+            run.host.set_balloon_target(10)
+            await run.until(lambda: run.host_chunks == 10 and not run.walker.drain_capped)
+            assert ", drain cap" not in run.service.status()
+            assert not run.service.statistics().drain_capped
+    assert [e["event"] for e in logs if e["event"].startswith("balloon_drain_cap")] == [
+        "balloon_drain_cap",
+        "balloon_drain_cap_lifted",
+    ]

@@ -26,7 +26,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.protocol import ReportGuestStats, RequestType, StatCap
 from agent.protocol.constants import VMM_MAX_CPU_COUNT
 from agent.protocol.status import STATUS_CODES
-from agent.services import EventPump
+from agent.services import DrainTime, EventPump
 from agent.services._base import ServiceContext
 from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
 from agent.services.balloon import BalloonSection, BalloonService
@@ -147,6 +147,7 @@ async def balloon_shown_around_a_stop(
                     pressure=Quiet(),
                     mem_available_mb=lambda: 1 << 20,
                     gauge=context.balloon,
+                    drain_time=DrainTime(8.0),  # owned: half of it gives 64 chunks back
                 )
                 await nursery.start(pump.run)
                 scope = trio.CancelScope()

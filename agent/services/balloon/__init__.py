@@ -28,6 +28,7 @@ def _build(ctx: ServiceContext, section: BalloonSection) -> BalloonService:
         status_changed=ctx.status_changed,
         gauge=ctx.balloon,
         agent_stopping=ctx.agent_stopping,
+        drain_time=ctx.drain_time,
         leftovers=ctx.leftovers,
     )
 

@@ -27,7 +27,9 @@ backoff, one warning, the status saying why, one line once it goes through) and 
   (:func:`~._chunks.pages_may_move`: ``vm.compact_unevictable_allowed``,
   ``kernel.numa_balancing`` not 0) makes the goal 0, with one line naming the setting and the
   status saying why, until a later read finds it 0. A simulated host is not checked: the
-  frames reach no hypervisor, so nothing can be corrupted.
+  frames reach no hypervisor, so nothing can be corrupted. Owned mode also holds no more than
+  the drain gives back in half of ``daemon.shutdown_timeout_s`` (:mod:`._budget`), which the
+  service follows across reloads (:class:`~agent.services.DrainTime`).
 
 Memory pressure (a PSI source) caps the walked balloon: each high reading gives back
 ``pressure_step_mb`` at once, and the cap holds until pressure stayed low for the hold time,
@@ -70,7 +72,7 @@ import trio
 
 from agent.protocol import HOST_ERRORS, Event, VBoxStatusError
 from agent.records import record
-from agent.services._base import BalloonGauge
+from agent.services._base import BalloonGauge, DrainTime
 from agent.services._leftovers import Leftovers
 from agent.services.balloon._backoff import Backoff, failure_text
 from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
@@ -122,7 +124,10 @@ class BalloonStatistics:
     never with what it holds). ``target`` is the host's last target (triggered: that
     answer); in kernel mode, where only the kernel reads it, the size last read.
     ``cap`` is the pressure cap. ``read_at``: in kernel mode, when the size was last read
-    (wall-clock seconds), else None.
+    (wall-clock seconds), else None. ``drain_cap``: in owned mode, the most chunks the drain
+    can give back in its share of ``daemon.shutdown_timeout_s`` at ``drain_rate``, the rate
+    (chunks a second) measured in this run (None: not owned mode, or no bound: too fast to
+    measure); ``drain_capped``: whether it holds the balloon below the target now.
     """
 
     mode: str | None
@@ -135,6 +140,9 @@ class BalloonStatistics:
     pressure_events: int
     postponed: bool
     read_at: float | None
+    drain_cap: int | None
+    drain_rate: float | None
+    drain_capped: bool
 
 
 @final
@@ -160,6 +168,8 @@ class BalloonService:
             host).
         agent_stopping: whether the whole agent stops, asked by the drain (default: never,
             only the service stops; see :attr:`ServiceContext.agent_stopping`).
+        drain_time: how long the drain may take (``daemon.shutdown_timeout_s``, kept current
+            across reloads), which bounds the owned balloon (:mod:`._budget`).
         leftovers: where a drain cut short while the agent runs on leaves the chunks it
             kept, and where a new start takes them over (default: this instance's own; see
             :attr:`ServiceContext.leftovers`).
@@ -181,12 +191,14 @@ class BalloonService:
         gauge: BalloonGauge | None = None,
         sysctl_root: Path | None = None,
         agent_stopping: Callable[[], bool] = lambda: False,
+        drain_time: DrainTime | None = None,
         leftovers: Leftovers | None = None,
     ) -> None:
         self._device, self._leftovers = device, leftovers or Leftovers()
+        self._drain_time = drain_time if drain_time is not None else DrainTime()
         self._agent_stopping = agent_stopping
         self._sysctl_root = sysctl_root
-        self._frames_unchecked_logged = False
+        self._frames_unchecked_logged = self._meminfo_warned = False  # said once each
         self._gauge = gauge if gauge is not None else BalloonGauge()
         self._status_changed = status_changed
         self._pump = pump
@@ -236,7 +248,6 @@ class BalloonService:
         self._read_failure: str | None = None
         """Why the last target read (or trigger) failed; None once one went through."""
         self._meminfo = MemInfo()
-        self._meminfo_warned = False
         self.mode_known = trio.Event()
         """Set once the mode is decided (for tests)."""
         self.reads = 0
@@ -284,6 +295,8 @@ class BalloonService:
         walker = self._walker
         assert walker is not None  # noqa: S101 - set together with the mode
         capped = f", capped at {walker.cap * CHUNK_MB} MB" if walker.cap is not None else ""
+        if walker.drain_capped:
+            capped += f", drain cap {walker.goal * CHUNK_MB} MB"
         refused = f", refused: {walker.refusal}" if walker.refusal is not None else ""
         failing = f", failing: {walker.last_failure}" if walker.last_failure is not None else ""
         held, target = len(walker.held) * CHUNK_MB, walker.target * CHUNK_MB
@@ -292,6 +305,7 @@ class BalloonService:
     def statistics(self) -> BalloonStatistics:
         """Return the sizes and counters."""
         walker = self._walker
+        budget = walker.budget if walker is not None else None
         return BalloonStatistics(
             mode=None if self._mode is None else str(self._mode),
             target=walker.target if walker is not None else self._target,
@@ -303,6 +317,9 @@ class BalloonService:
             pressure_events=self._pressure_events,
             postponed=self._postponed_since is not None,
             read_at=self._read_at if self._mode is BalloonMode.KERNEL else None,
+            drain_cap=budget.chunks if budget is not None else None,
+            drain_rate=budget.rate if budget is not None else None,
+            drain_capped=walker.drain_capped if walker is not None else False,
         )
 
     def reconfigure(self, section: BalloonSection) -> bool:
@@ -572,6 +589,7 @@ class BalloonService:
     def _new_walker(self, mode: BalloonMode, kept: KeptChunks | None) -> ChunkWalker:
         # Imported only here: in the kernel and triggered modes (the driver holds the
         # chunks) the agent loads none of the chunk code.
+        from agent.services.balloon._budget import DrainBudget  # noqa: PLC0415
         from agent.services.balloon._chunks import MmapAllocator  # noqa: PLC0415
         from agent.services.balloon._handover import (  # noqa: PLC0415
             OracleHandover,
@@ -596,6 +614,7 @@ class BalloonService:
             min_available_mb=self._section.min_available_mb,
             status_changed=self._status_changed,
             resized=self._publish,
+            budget=DrainBudget(self._drain_time) if mode is BalloonMode.OWNED else None,
         )
         if kept is not None:
             walker.held, walker.unconfirmed = kept.walker.held, kept.walker.unconfirmed
@@ -935,6 +954,14 @@ class BalloonService:
     def _start_walker(self, nursery: trio.Nursery, walker: ChunkWalker) -> None:
         nursery.start_soon(walker.run)
         nursery.start_soon(self._keep_floor, walker)
+        if walker.budget is not None:
+            nursery.start_soon(self._follow_drain_time, walker)
+
+    async def _follow_drain_time(self, walker: ChunkWalker) -> NoReturn:
+        """Owned mode: a reload that changes the drain time moves the drain cap at once."""
+        while True:
+            await self._drain_time.wait_changed()
+            walker.wake()
 
     async def _keep_floor(self, walker: ChunkWalker) -> NoReturn:
         """While the agent holds chunks, look at the headroom every ``psi_interval_s`` and

@@ -1,13 +1,16 @@
 """``ChunkWalker``: moves the agent's own balloon one 1 MiB chunk at a time.
 
-The goal is the host's target, capped by the host's maximum and, under memory pressure, by
-the pressure cap. Every chunk is handed to (or taken from) the host on its own, and the goal
-is read again before each, so a new target redirects a walk at once. The memory work goes
-in groups of up to :data:`BATCH_CHUNKS`: a step maps and locks that many chunks, then hands
-them over one by one (unmapping those a new goal no longer wants), or takes that many back
-one by one, then unmaps them. Locking a chunk faults in (zeroes) a MiB, which leaves the
-CPU caches holding nothing of the agent's nor the driver's code and data; in groups, the
-handovers between two such passes run on warm caches. No chunk waits longer than its step.
+The goal is the host's target, capped by the host's maximum, under memory pressure by the
+pressure cap, and in owned mode by what the drain can give back in time (the drain budget,
+:mod:`._budget`: each step is timed for it; a walk that settles below the target by it says
+so once, ``balloon_drain_cap``). Every chunk is handed to (or taken from) the host on its
+own, and the goal is read again before each, so a new target redirects a walk at once.
+The memory work goes in groups of up to :data:`BATCH_CHUNKS`: a step maps and locks that
+many chunks, then hands them over one by one (unmapping those a new goal no longer wants),
+or takes that many back one by one, then unmaps them. Locking a chunk faults in (zeroes) a
+MiB, which leaves the CPU caches holding nothing of the agent's nor the driver's code and
+data; in groups, the handovers between two such passes run on warm caches. No chunk waits
+longer than its step.
 A failed chunk (host status, driver error, allocation, the ``MemAvailable`` floor) stops
 the walk in its direction after the chunks before it, which are kept; it is logged once per
 run of failures and retried after a capped exponential backoff, or at once when a new event
@@ -62,6 +65,7 @@ import trio
 
 from agent.protocol import RemoteProtocolError, Submission, VBoxStatusError
 from agent.services.balloon._backoff import failure_text
+from agent.services.balloon._budget import DRAIN_SHARE
 from agent.services.balloon._chunks import Chunk, ChunkError
 from agent.services.balloon._mode import CHUNK_MB
 
@@ -69,6 +73,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from agent.services.balloon._backoff import Backoff
+    from agent.services.balloon._budget import DrainBudget
     from agent.services.balloon._chunks import ChunkAllocator
     from agent.services.balloon._handover import Handover, HostTarget
 
@@ -100,6 +105,7 @@ class ChunkWalker:
         min_available_mb: int,
         status_changed: Callable[[], None] = lambda: None,
         resized: Callable[[int], None] = lambda _chunks: None,
+        budget: DrainBudget | None = None,
     ) -> None:
         self._status_changed = status_changed
         """Called when the walk settles (a run of failures ends only there), its goal's inputs
@@ -137,10 +143,23 @@ class ChunkWalker:
         """Chunks held when the current walk took its first step (None: no walk under way)."""
         self._failed_inflate = True
         """The direction the backoff holds back (meaningful while it counts failures)."""
+        self.budget = budget
+        """Owned mode: the most chunks the drain can give back in time (None: no bound)."""
+        self.drain_capped = False
+        """Whether the walk last settled where the budget held it, below what the host (and
+        pressure) want."""
 
     @property
     def goal(self) -> int:
         """Chunks the balloon should hold now."""
+        goal = self.wanted
+        drain_cap = self.drain_cap
+        return goal if drain_cap is None else min(goal, drain_cap)
+
+    @property
+    def wanted(self) -> int:
+        """The goal but for the drain budget: the host's target, capped by its maximum and
+        by pressure (0 while refused)."""
         if self.refusal is not None:
             return 0
         goal = self.target
@@ -149,6 +168,11 @@ class ChunkWalker:
         if self.cap is not None:
             goal = min(goal, self.cap)
         return goal
+
+    @property
+    def drain_cap(self) -> int | None:
+        """The most chunks the drain can give back in time (owned mode), or None."""
+        return None if self.budget is None else self.budget.chunks
 
     def set_target(self, target: HostTarget) -> None:
         """A new target from the host: walk toward it at once (even after failures)."""
@@ -220,6 +244,8 @@ class ChunkWalker:
             if held == goal:
                 self._walk_done()
                 self._failures_over()
+                if self.budget is not None:
+                    self._note_drain_cap(self.budget, goal)
                 self._settled.set()
                 self._settled = trio.Event()
                 self._status_changed()
@@ -228,6 +254,35 @@ class ChunkWalker:
             self._changed = trio.Event()
             with trio.move_on_at(deadline):
                 await self._changed.wait()
+
+    def _note_drain_cap(self, budget: DrainBudget, goal: int) -> None:
+        """At the goal: one warning when the drain budget came to hold it below what the
+        host (and pressure) want, one line when it no longer does."""
+        wanted = self.wanted
+        capped = goal < wanted
+        if capped is self.drain_capped:
+            return
+        self.drain_capped = capped
+        figures = {
+            "target": self.target,
+            "cap": goal if capped else budget.chunks,
+            "rate_chunks_s": None if math.isinf(budget.rate) else round(budget.rate, 1),
+            "measured_by": budget.measured_by or "the default",
+            "drain_s": budget.drain_time.seconds,
+        }
+        if not capped:
+            log.info("balloon_drain_cap_lifted", **figures, chunks=wanted)
+            return
+        log.warning(
+            "balloon_drain_cap",
+            **figures,
+            share=DRAIN_SHARE,
+            reason="in owned mode only the agent's drain gives the chunks back, within"
+            " daemon.shutdown_timeout_s; a chunk it cannot give back in time stays ballooned"
+            " at the host while the kernel reuses its pages after the exit, so the balloon"
+            f" holds what {DRAIN_SHARE:.0%} of that time gives back at the measured rate",
+            fix="raising daemon.shutdown_timeout_s raises the cap",
+        )
 
     def _backing_off(self, *, inflate: bool) -> bool:
         """Whether the backoff holds a step in this direction back (only the failed one)."""
@@ -253,6 +308,9 @@ class ChunkWalker:
     async def _step(self, *, inflate: bool) -> None:
         """One group of chunks toward the goal; a failure stops the walk after the chunks
         before it, which are kept, and goes on the run of failures (module docstring)."""
+        budget = self.budget
+        held = len(self.held)
+        started = trio.current_time() if budget is not None else 0.0
         try:
             if inflate:
                 await self._inflate()
@@ -260,6 +318,9 @@ class ChunkWalker:
                 await self._deflate()
         except WalkStoppedError as failure:
             self._failed(str(failure), inflate=inflate)
+        if budget is not None:
+            moved = abs(len(self.held) - held)
+            budget.record(moved, trio.current_time() - started, deflate=not inflate)
 
     def _failed(self, reason: str, *, inflate: bool) -> None:
         self._reading_uses = 0
