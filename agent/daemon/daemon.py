@@ -23,9 +23,11 @@ answer, a notify queue with no room) and skips the rest, ``READY=1`` included:
    by the request (``STOPPING=1`` is sent once the drains began, within ``D``);
 2. every service's ``run`` is cancelled and all their ``drain()`` calls run at once, under
    the one deadline ``D`` (services do not depend on each other; the event pump keeps
-   running meanwhile, but opens no new waiter), while facility Terminating is reported
-   (abandoned if the host does not answer within ``REPORT_TIMEOUT_S``); a drain still
-   running at ``D`` is cancelled.
+   running meanwhile, but opens no new waiter), and so does the last give-back of what
+   services stopped earlier left behind (``ServiceContext.leftovers``: a drain a reload's
+   disable cut short, given back in the background until now), while facility
+   Terminating is reported (abandoned if the host does not answer within
+   ``REPORT_TIMEOUT_S``); a drain still running at ``D`` is cancelled.
    A service still starting is one of them: the stop ends the daemon's wait for the starts
    (no service starts after the stop request), then cancels the start and drains it under
    ``D`` too;
@@ -89,7 +91,7 @@ from agent.logconfig import LogOutputStatistics, configure_logging, log_output_s
 from agent.protocol import FacilityStatus, GetHostVersion, GetSessionId
 from agent.protocol.errors import shown_text
 from agent.records import record
-from agent.services import DrainTime, EventPump, ServiceContext
+from agent.services import DrainTime, EventPump, Leftovers, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
@@ -214,6 +216,9 @@ class Daemon:
         self._status = ""
         self._pump: EventPump | None = None
         self._context: ServiceContext | None = None
+        self._leftovers = Leftovers(self._status_changed)
+        """What services stopped while the agent runs on left at the host: given back in
+        the background, and at the stop under ``D`` as the drains are."""
         self._services_nursery: trio.Nursery | None = None
         self._ready = False
         self._stopping = False
@@ -323,6 +328,7 @@ class Daemon:
             self._status_changed,
             agent_stopping=self._leaving,
             drain_time=self._drain_time,
+            leftovers=self._leftovers,
         )
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as pump_nursery:
@@ -330,6 +336,7 @@ class Daemon:
                     await self._pump_supervisor.start(pump_nursery, pump)
                 async with trio.open_nursery() as services:
                     self._services_nursery = services
+                    services.start_soon(self._leftovers.serve)
                     with self._start_up_step():
                         await self._start_services(services)
                     await self._announce_ready(device, facility, nursery)
@@ -405,6 +412,7 @@ class Daemon:
         now = trio.current_time()
         deadline = self._drain_deadline
         self._supervisor.stop_all(deadline)
+        self._leftovers.stop(deadline)
         if self._ending():
             return
         self._stopping = True
@@ -427,7 +435,9 @@ class Daemon:
         self._start_ready.cancel()
         self._reload_step.cancel()
         self._status = self._status_text()
+        self._leftovers.stop(deadline)
         await self._say_stopping()
+        await self._leftovers.wait_given_back()  # the error propagates only after this
 
     async def _device_lost(self, lost: BaseExceptionGroup[DeviceLostError]) -> None:
         """The device is gone and the agent exits: ``STOPPING=1`` (unless sent already) and
@@ -502,6 +512,8 @@ class Daemon:
             if service is None:
                 if error is not None:
                     fragments.append(f"{spec.name} not started: {error}")
+                elif (left := self._leftovers.status(spec.name)) is not None:
+                    fragments.append(left)  # e.g. balloon chunks a disabled balloon kept
                 continue
             if service.name in stopping:  # its status may say what it no longer does
                 text = f"{service.name} stopping"

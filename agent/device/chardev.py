@@ -120,6 +120,7 @@ session. Design points:
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import errno
 import fcntl
@@ -865,7 +866,11 @@ class CharDevTransport:
                     thread_replaced=replaced,
                 )
                 trio.lowlevel.spawn_system_task(
-                    self._interrupt_late, call, delay, name="vbox-ioctl-late-interrupts"
+                    self._interrupt_late,
+                    call,
+                    delay,
+                    name="vbox-ioctl-late-interrupts",
+                    context=contextvars.copy_context(),  # the caller's log fields (its service)
                 )
                 call.scope.cancel()
             await call.done.wait()

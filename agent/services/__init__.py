@@ -12,6 +12,7 @@ from agent.services._base import (
     SessionLedger as SessionLedger,
     Statistics as Statistics,
 )
+from agent.services._leftovers import Leftovers as Leftovers, Remnant as Remnant
 from agent.services.event_pump import (
     EventPump as EventPump,
     EventPumpStatistics as EventPumpStatistics,

@@ -16,6 +16,7 @@ import trio
 from pydantic import BaseModel, ConfigDict
 
 from agent.records import record
+from agent.services._leftovers import Leftovers
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -166,6 +167,10 @@ class ServiceContext:
             came while its run was down.
         drain_time: how long a drain may take (``daemon.shutdown_timeout_s``), kept current
             across reloads.
+        leftovers: what a service's drain could not give back while the agent runs on (a
+            reload disabled or rebuilt it, a restart): the daemon gives it back in the
+            background and at its stop, a new start takes it over, ``STATUS=`` shows it
+            while the service is off (:mod:`agent.services._leftovers`).
     """
 
     device: Device
@@ -175,6 +180,7 @@ class ServiceContext:
     agent_stopping: Callable[[], bool] = field(default=_agent_runs_on)
     sessions: SessionLedger = field(default_factory=SessionLedger)
     drain_time: DrainTime = field(default_factory=DrainTime)
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
 
 class Statistics(Protocol):

@@ -18,6 +18,7 @@ Rules of this test module:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import itertools
@@ -318,6 +319,16 @@ def _still(clock: trio.testing.MockClock, *, jumping: bool = True) -> Iterator[N
 
 def _ioctl_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "vbox-ioctl"]
+
+
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+"""A context variable the caller of an ioctl sets, as the daemon binds a service's name."""
+
+
+async def _run_as(caller: str, scope: trio.CancelScope, call: Awaitable[object]) -> None:
+    """Await ``call`` inside ``scope`` with :data:`CALLER` set to ``caller``."""
+    CALLER.set(caller)
+    await _run_in(scope, call)
 
 
 async def _run_in(scope: trio.CancelScope, call: Awaitable[object]) -> None:
@@ -1313,13 +1324,21 @@ class TestLateInterrupts:
         only worker thread.)"""
         stubborn = StubbornConnects(monkeypatch)
         budget, transport, sent = stubborn.budget, stubborn.transport, stubborn.signalled
+        callers: list[str | None] = []
+        signal_fn = transport._interrupt_fn
+
+        def signal_noting_caller(thread: int) -> None:
+            callers.append(CALLER.get())
+            signal_fn(thread)
+
+        transport._interrupt_fn = signal_noting_caller
         try:
             with trio.fail_after(BOUND + 2 * chardev.LATE_INTERRUPTS_S), capture_logs() as logs:
                 scope = trio.CancelScope()
                 with contextlib.ExitStack() as still:
                     async with trio.open_nursery() as nursery:
                         call = transport.ioctl(Ioctl.HGCM_CONNECT, bytearray(156))
-                        nursery.start_soon(_run_in, scope, call)
+                        nursery.start_soon(_run_as, "svc", scope, call)
                         await stubborn.arrived.receive()
                         still.enter_context(_still(clock))
                         scope.cancel()
@@ -1339,6 +1358,8 @@ class TestLateInterrupts:
         assert chardev.LATE_INTERRUPTS_S / 2 < late[-1] <= chardev.LATE_INTERRUPTS_S
         [ended] = [entry for entry in logs if entry["event"] == "late_interrupts_ended"]
         assert ended["signals"] == len(late)
+        # Every signal, the late ones too, is sent in the caller's context (its log fields).
+        assert callers == ["svc"] * len(sent)
 
 
 class HeldClose:

@@ -36,7 +36,7 @@ from agent.protocol.status import (
     VERR_NO_MEMORY,
     VERR_PERMISSION_DENIED,
 )
-from agent.services import EventPump
+from agent.services import EventPump, Leftovers
 from agent.services._base import BalloonGauge
 from agent.services.balloon import BalloonMode, BalloonSection, BalloonService, PressureReading
 from agent.services.balloon._mode import detect_mode
@@ -455,6 +455,7 @@ class TestFollowsTarget:
                     pump = EventPump(device)
                     await inner.start(pump.run)
                     gauge = BalloonGauge()
+                    leftovers = Leftovers()  # the daemon's: one for every instance
 
                     def build() -> BalloonService:
                         return BalloonService(
@@ -465,6 +466,7 @@ class TestFollowsTarget:
                             pressure=Quiet(),
                             mem_available_mb=lambda: 1 << 20,
                             gauge=gauge,
+                            leftovers=leftovers,
                         )
 
                     async def host_shows(count: int) -> None:
@@ -946,10 +948,16 @@ class TestBackoff:
                 async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
                     pump = EventPump(device)
                     await inner.start(pump.run)
+                    leftovers = Leftovers()
 
                     def build() -> BalloonService:
                         return BalloonService(
-                            device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
+                            device,
+                            pump,
+                            BalloonSection(),
+                            allocator=chunks,
+                            pressure=Quiet(),
+                            leftovers=leftovers,
                         )
 
                     first = build()

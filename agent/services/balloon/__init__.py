@@ -29,6 +29,7 @@ def _build(ctx: ServiceContext, section: BalloonSection) -> BalloonService:
         gauge=ctx.balloon,
         agent_stopping=ctx.agent_stopping,
         drain_time=ctx.drain_time,
+        leftovers=ctx.leftovers,
     )
 
 

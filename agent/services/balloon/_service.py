@@ -49,8 +49,10 @@ kernel mode pressure is not watched at all (the kernel owns the balloon).
 ``drain`` gives back every chunk the agent holds; on Oracle's driver closing the session
 deflates whatever the driver holds. In owned mode nothing does, so a refused chunk is
 passed over for the others and retried until the drain time runs out. The chunks a drain
-could not give back are taken over by the next instance on the same device in this
-process; in owned mode, what is left when the process exits stays ballooned at the host
+could not give back while the agent runs on (a reload disabled or rebuilt the service, a
+restart) go to the context's leftovers (:mod:`._kept`): given back in the background, and
+again at the agent's stop within its drain time, unless a new start of the service takes
+them over; in owned mode, what is left when the process exits stays ballooned at the host
 while the kernel reuses the pages (logged at critical). In kernel and triggered modes the
 driver holds the balloon and keeps it: one line says so (``balloon_left_to_driver``), a
 warning where the agent runs on with nobody following the balloon (a reload disabled the
@@ -62,7 +64,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn, final
@@ -73,8 +74,10 @@ import trio
 from agent.protocol import HOST_ERRORS, Event, VBoxStatusError
 from agent.records import record
 from agent.services._base import BalloonGauge, DrainTime
+from agent.services._leftovers import Leftovers
 from agent.services.balloon._backoff import Backoff, failure_text
 from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
+from agent.services.balloon._kept import KeptChunks
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
 
@@ -85,7 +88,7 @@ if TYPE_CHECKING:
     from agent.device import Device
     from agent.protocol import RemoteProtocolError
     from agent.services.balloon._cgroup import CgroupRoom
-    from agent.services.balloon._chunks import Chunk, ChunkAllocator
+    from agent.services.balloon._chunks import ChunkAllocator
     from agent.services.balloon._config import BalloonSection
     from agent.services.balloon._mode import Detected
     from agent.services.balloon._pressure import PressureReading, PressureSource
@@ -110,23 +113,6 @@ TRIGGERED_NOTE: Final = (
     "CHECK_BALLOON reads and applies the host's target; the driver allocates all of it in one "
     "go and stops by itself where allocation fails; postponed for at most pressure_cooldown_s"
 )
-
-
-@record
-class _Kept:
-    """Chunks a drain could not give back (still mapped, and held by the host), the
-    allocator they came from, and which of them the driver may not have
-    (``ChunkWalker.unconfirmed``)."""
-
-    allocator: ChunkAllocator
-    chunks: list[Chunk]
-    unconfirmed: set[int]
-
-
-_KEPT: Final[weakref.WeakKeyDictionary[Device, _Kept]] = weakref.WeakKeyDictionary()
-"""Per device, the chunks a stopped instance kept: the next instance on that device (a reload
-that rebuilds the service, or a stop and a new start) takes them over instead of walking to
-the target on top of them."""
 
 
 @record
@@ -187,6 +173,9 @@ class BalloonService:
             only the service stops; see :attr:`ServiceContext.agent_stopping`).
         drain_time: how long the drain may take (``daemon.shutdown_timeout_s``, kept current
             across reloads), which bounds the owned balloon (:mod:`._budget`).
+        leftovers: where a drain cut short while the agent runs on leaves the chunks it
+            kept, and where a new start takes them over (default: this instance's own; see
+            :attr:`ServiceContext.leftovers`).
     """
 
     name: Final = "balloon"
@@ -206,8 +195,9 @@ class BalloonService:
         sysctl_root: Path | None = None,
         agent_stopping: Callable[[], bool] = lambda: False,
         drain_time: DrainTime | None = None,
+        leftovers: Leftovers | None = None,
     ) -> None:
-        self._device = device
+        self._device, self._leftovers = device, leftovers or Leftovers()
         self._drain_time = drain_time if drain_time is not None else DrainTime()
         self._agent_stopping = agent_stopping
         self._sysctl_root = sysctl_root
@@ -493,7 +483,11 @@ class BalloonService:
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
-        _KEPT[self._device] = _Kept(walker.allocator, walker.held, walker.unconfirmed)
+        if not self._agent_stopping():  # given back in the background, and at the stop
+            assert self._mode is not None  # noqa: S101 - set together with the walker
+            backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
+            kept_chunks = KeptChunks(walker, self._mode, backoff, self._status_changed)
+            self._leftovers.leave(self.name, kept_chunks)
         figures = {
             "returned": held - kept,
             "kept": kept,
@@ -505,16 +499,18 @@ class BalloonService:
             log.critical(
                 "balloon_drain_incomplete",
                 **figures,
-                note=f"the host still holds {kept} chunks ballooned: a new start of the service"
-                " in this process takes them over, but once this process exits the kernel"
-                " reuses their pages, and the host refuses writes to ballooned pages",
+                note=f"the host still holds {kept} chunks ballooned: while this process runs on"
+                " they are given back in the background and at its stop, or a new start of the"
+                " service takes them over; once this process exits the kernel reuses their"
+                " pages, and the host refuses writes to ballooned pages",
             )
             return
         log.error(
             "balloon_drain_incomplete",
             **figures,
-            note="left to the next start of the service in this process, or to the driver,"
-            " which deflates them when this process closes the device",
+            note="given back in the background while this process runs on, or taken over by"
+            " the next start of the service in it, or left to the driver, which deflates them"
+            " when this process closes the device",
         )
 
     # --- mode and target --------------------------------------------------------------------
@@ -577,7 +573,8 @@ class BalloonService:
         self._read_at = time.time()
         # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
         self._read_pending = self._read_pending or mode.agent_holds_chunks
-        kept = _KEPT.pop(self._device, None)
+        kept = self._leftovers.take(self.name) if mode.agent_holds_chunks else None
+        kept = kept if isinstance(kept, KeptChunks) else None
         if self._walker is not None and self._mode_of_walker is mode:
             self._walker.cap = None  # a restart after a failure: keep the chunks still held
         elif mode.agent_holds_chunks:
@@ -593,7 +590,7 @@ class BalloonService:
         self._publish(len(self._walker.held) if self._walker is not None else detected.chunks)
         self._status_changed()
 
-    def _new_walker(self, mode: BalloonMode, kept: _Kept | None) -> ChunkWalker:
+    def _new_walker(self, mode: BalloonMode, kept: KeptChunks | None) -> ChunkWalker:
         # Imported only here: in the kernel and triggered modes (the driver holds the
         # chunks) the agent loads none of the chunk code.
         from agent.services.balloon._budget import DrainBudget  # noqa: PLC0415
@@ -605,7 +602,7 @@ class BalloonService:
         from agent.services.balloon._walker import ChunkWalker  # noqa: PLC0415
 
         if kept is not None:  # released only by the allocator that mapped them
-            allocator = kept.allocator
+            allocator = kept.walker.allocator
         else:
             allocator = self._allocator if self._allocator is not None else MmapAllocator()
         handover = (
@@ -624,8 +621,8 @@ class BalloonService:
             budget=DrainBudget(self._drain_time) if mode is BalloonMode.OWNED else None,
         )
         if kept is not None:
-            walker.held, walker.unconfirmed = kept.chunks, kept.unconfirmed
-            log.info("balloon_chunks_taken_over", chunks=len(kept.chunks))
+            walker.held, walker.unconfirmed = kept.walker.held, kept.walker.unconfirmed
+            log.info("balloon_chunks_taken_over", chunks=len(walker.held))
         return walker
 
     async def _forward_events(self, events: Subscription) -> NoReturn:

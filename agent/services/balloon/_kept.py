@@ -1,0 +1,100 @@
+"""``KeptChunks``: the chunks a balloon's drain could not give back, while the service is off.
+
+A drain cut short while the agent runs on (a reload disabled the balloon or rebuilds it, a
+restart after a failure) leaves its walker's chunks here, a
+:class:`~agent.services.Remnant`: they are given back in the background (a deflate from
+the top; a refusal retried after the section's capped backoff), and once the agent stops
+by a drain that passes over refused chunks until the stop's deadline (a deflate in flight
+as the stop comes goes on). A new start of the service takes them over instead. What is
+left at that deadline outlives the process: in owned mode nothing deflates the chunks once
+it exits, so that is logged at critical.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, final
+
+import structlog
+import trio
+
+from agent.services.balloon._mode import CHUNK_MB, BalloonMode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.services.balloon._backoff import Backoff
+    from agent.services.balloon._walker import ChunkWalker
+
+log = structlog.get_logger("agent.services.balloon")
+
+
+@final
+class KeptChunks:
+    """The chunks ``walker`` still holds in ``mode``, retried after ``backoff`` while the
+    agent runs on; ``status_changed`` is called whenever an attempt ends with fewer kept
+    (not at every chunk, as the walk's status)."""
+
+    def __init__(
+        self,
+        walker: ChunkWalker,
+        mode: BalloonMode,
+        backoff: Backoff,
+        status_changed: Callable[[], None],
+    ) -> None:
+        self.walker = walker
+        self.mode = mode
+        self._backoff = backoff
+        self._status_changed = status_changed
+        self._left = len(walker.held)
+        """The chunks kept when the service left them."""
+
+    def status(self) -> str:
+        """``balloon off, 61 MB kept``."""
+        return f"balloon off, {len(self.walker.held) * CHUNK_MB} MB kept"
+
+    async def give_back(self, stopping: trio.Event) -> None:
+        """Give every chunk back, one line once all are (:class:`~agent.services.Remnant`)."""
+        walker, backoff = self.walker, self._backoff
+        try:
+            while await walker.drain(persist=stopping.is_set()):
+                self._status_changed()
+                first = backoff.failures == 0
+                delay = backoff.failed(trio.current_time())
+                (log.warning if first else log.debug)(
+                    "balloon_kept_refused",
+                    reason=walker.last_failure,
+                    chunks=len(walker.held),
+                    retry_in_s=round(delay, 3),
+                )
+                with trio.move_on_at(backoff.retry_at):
+                    await stopping.wait()  # the stop's drain retries at its own pace
+        except trio.Cancelled:
+            if stopping.is_set():  # the stop's deadline: what is left outlives the process
+                self._incomplete()
+            raise
+        log.info("balloon_kept_returned", returned=self._left, mode=str(self.mode))
+
+    def _incomplete(self) -> None:
+        walker = self.walker
+        kept = len(walker.held)
+        figures = {
+            "returned": self._left - kept,
+            "kept": kept,
+            "unconfirmed": len(walker.unconfirmed),
+            "reason": "the drain time ran out",
+            "last_refusal": walker.last_failure,
+        }
+        if self.mode is BalloonMode.OWNED:
+            log.critical(
+                "balloon_drain_incomplete",
+                **figures,
+                note=f"the host still holds {kept} chunks ballooned that the stopped service"
+                " kept: once this process exits the kernel reuses their pages, and the host"
+                " refuses writes to ballooned pages",
+            )
+        else:
+            log.error(
+                "balloon_drain_incomplete",
+                **figures,
+                note="the driver deflates them when this process closes the device",
+            )

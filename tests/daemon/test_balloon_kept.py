@@ -1,0 +1,250 @@
+"""Chunks an owned balloon kept when a reload disabled it go back to the host.
+
+Rules of this test module:
+- A real ``SimulatedHost`` (passthrough: the agent owns the balloon's chunks) behind
+  ``SimOpener``, and the whole daemon; the host holds ``CHANGE_MEMBALLOON`` (``set_delay``,
+  as ``host delay`` does) while the reload's drain runs, so the drain time runs out with
+  chunks kept, and lets it go (``set_delay(..., 0)`` ends the held requests at once).
+- Pure trio: ``autojump_clock``; bounded by ``fail_after``; waits poll the host or the
+  daemon on that clock (``balloon_support.until``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import pytest
+import structlog.testing
+import trio
+
+from agent.config import load_config
+from agent.daemon import Daemon
+from agent.daemon.notify import Notifier
+from agent.host import SimOpener, SimulatedHost
+from agent.protocol import LocalProtocolError, RequestType
+from agent.records import record
+from agent.services import ServiceContext, ServiceSection, ServiceSpec
+from agent.services.registry import SERVICES, section_models
+from tests.services.balloon_support import host_chunks, until
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+LIMIT_S: Final = 120.0
+SHUTDOWN_TIMEOUT_S: Final = 1.0
+HELD_S: Final = 60.0
+"""How long the host holds each CHANGE_MEMBALLOON: longer than any drain here."""
+CHUNKS: Final = 8
+PSI_TEXT: Final = (
+    "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+)
+
+
+class StatusNotifier(Notifier):
+    """sd_notify that keeps every ``STATUS=`` text."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.texts: list[str] = []
+
+    async def status(self, text: str) -> None:
+        self.texts.append(text)
+
+
+BREAK_AFTER_S: Final = 30.0
+"""When the breaker ends the agent: well after the reload's drain, within the host's hold."""
+
+
+@record
+class BreakerStatistics:
+    broken: bool
+
+
+class Breaker:
+    """Breaks the protocol ``BREAK_AFTER_S`` after its start: an error that ends the agent."""
+
+    name: Final = "breaker"
+
+    def __init__(self, context: ServiceContext, section: ServiceSection) -> None:
+        del context, section
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        task_status.started()
+        await trio.sleep(BREAK_AFTER_S)
+        msg = "the breaker broke the protocol"
+        raise LocalProtocolError(msg)
+
+    async def drain(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def reconfigure(self, section: ServiceSection) -> bool:
+        del section
+        return True
+
+    def status(self) -> str:
+        return "breaker"
+
+    def statistics(self) -> BreakerStatistics:
+        return BreakerStatistics(broken=False)
+
+
+BREAKING: Final = (*SERVICES, ServiceSpec("breaker", ServiceSection, Breaker))
+
+
+def _write_config(path: Path, *, enable: bool) -> None:
+    psi = path.parent / "memory.pressure"
+    psi.write_text(PSI_TEXT)
+    path.write_text(
+        f"[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S}\n"
+        f'[balloon]\nenable = {str(enable).lower()}\npsi_path = "{psi}"\nmin_available_mb = 0\n'
+    )
+
+
+async def _disable_while_held(daemon: Daemon, host: SimulatedHost, path: Path) -> None:
+    """Inflate to ``CHUNKS``, then a reload disables the balloon while the host holds every
+    deflate: the drain time runs out with every chunk kept."""
+    host.set_balloon_target(CHUNKS)
+    await until(lambda: host_chunks(host) == CHUNKS)
+    host.set_delay(RequestType.CHANGE_MEMBALLOON, HELD_S)
+    _write_config(path, enable=False)
+    await daemon.reload()
+    await until(lambda: "balloon" not in daemon.statistics().services)
+    assert host_chunks(host) == CHUNKS
+
+
+async def test_the_stop_gives_back_what_a_disabled_balloon_kept(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """The host lets the deflates go only once the stop began: the stop gives every kept
+    chunk back within the drain time (one line says how many), and the agent exits in time.
+    ``STATUS=`` shows the kept chunks while the balloon is off."""
+    path = tmp_path / "agent.toml"
+    _write_config(path, enable=True)
+    host = SimulatedHost(personality="passthrough")
+    notifier = StatusNotifier()
+    daemon = Daemon(
+        load_config(path, section_models()), SimOpener(host), config_path=path, notifier=notifier
+    )
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as outer:
+            await outer.start(host.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await _disable_while_held(daemon, host, path)
+                await until(lambda: "balloon stopping" not in daemon.statistics().status)
+                status_while_kept = notifier.texts[-1]
+                began = trio.current_time()
+                daemon.request_shutdown("SIGTERM")
+                await until(lambda: "services_draining" in [e["event"] for e in logs])
+                host.set_delay(RequestType.CHANGE_MEMBALLOON, 0)  # the stop's drain began
+            took = trio.current_time() - began
+            assert host_chunks(host) == 0
+            outer.cancel_scope.cancel()
+    assert took <= SHUTDOWN_TIMEOUT_S + 1.0
+    assert status_while_kept.endswith(f"; balloon off, {CHUNKS} MB kept")
+    [returned] = [entry for entry in logs if entry["event"] == "balloon_kept_returned"]
+    assert (returned["returned"], returned["mode"]) == (CHUNKS, "owned")
+    [incomplete] = [entry for entry in logs if entry["event"] == "balloon_drain_incomplete"]
+    assert incomplete["kept"] == CHUNKS  # the reload's drain; none at the stop
+
+
+async def test_chunks_a_disabled_balloon_kept_go_back_while_the_agent_runs_on(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """The host answers again while the agent runs on: the kept chunks go back without a
+    stop, one line says so, and ``STATUS=`` no longer names the balloon; the stop then has
+    nothing left to give back."""
+    path = tmp_path / "agent.toml"
+    _write_config(path, enable=True)
+    host = SimulatedHost(personality="passthrough")
+    notifier = StatusNotifier()
+    daemon = Daemon(
+        load_config(path, section_models()), SimOpener(host), config_path=path, notifier=notifier
+    )
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as outer:
+            await outer.start(host.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await _disable_while_held(daemon, host, path)
+                host.set_delay(RequestType.CHANGE_MEMBALLOON, 0)
+                await until(lambda: host_chunks(host) == 0)
+                await until(lambda: "balloon" not in daemon.statistics().status)
+                returned = [e for e in logs if e["event"] == "balloon_kept_returned"]
+                assert [e["returned"] for e in returned] == [CHUNKS]
+                daemon.request_shutdown("SIGTERM")
+            outer.cancel_scope.cancel()
+    assert [e["event"] for e in logs].count("balloon_kept_returned") == 1
+
+
+async def test_chunks_the_host_still_holds_at_the_stop_are_critical(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """The host holds the deflates past the stop's drain time: the agent exits in time
+    all the same, and one critical line names the chunks it could not give back."""
+    path = tmp_path / "agent.toml"
+    _write_config(path, enable=True)
+    host = SimulatedHost(personality="passthrough")
+    daemon = Daemon(
+        load_config(path, section_models()),
+        SimOpener(host),
+        config_path=path,
+        notifier=Notifier(None),
+    )
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as outer:
+            await outer.start(host.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await _disable_while_held(daemon, host, path)
+                began = trio.current_time()
+                daemon.request_shutdown("SIGTERM")
+            took = trio.current_time() - began
+            outer.cancel_scope.cancel()
+    assert took <= SHUTDOWN_TIMEOUT_S + 1.0
+    reload_drain, stop = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
+    assert (reload_drain["kept"], stop["kept"], stop["log_level"]) == (CHUNKS, CHUNKS, "critical")
+    assert stop["reason"] == "the drain time ran out"
+    assert "balloon_kept_returned" not in [e["event"] for e in logs]
+
+
+async def test_a_fatal_error_gives_back_what_a_disabled_balloon_kept(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """An exit on a fatal error gives the kept chunks back as a stop does, before the error
+    ends the agent: the host lets the deflates go once the services drain for the exit."""
+    path = tmp_path / "agent.toml"
+    _write_config(path, enable=True)
+    host = SimulatedHost(personality="passthrough")
+    daemon = Daemon(
+        load_config(path, section_models(BREAKING)),
+        SimOpener(host),
+        config_path=path,
+        notifier=Notifier(None),
+        registry=BREAKING,
+    )
+
+    async def release_on_exit() -> None:
+        await until(lambda: "services_draining_before_exit" in [e["event"] for e in logs])
+        host.set_delay(RequestType.CHANGE_MEMBALLOON, 0)
+
+    with (
+        trio.fail_after(LIMIT_S),
+        structlog.testing.capture_logs() as logs,
+        pytest.RaisesGroup(LocalProtocolError, flatten_subgroups=True),
+    ):
+        async with trio.open_nursery() as outer:
+            await outer.start(host.run)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(daemon.run)
+                    await _disable_while_held(daemon, host, path)
+                    nursery.start_soon(release_on_exit)
+            finally:
+                outer.cancel_scope.cancel()
+    assert host_chunks(host) == 0
+    [returned] = [entry for entry in logs if entry["event"] == "balloon_kept_returned"]
+    assert returned["returned"] == CHUNKS
