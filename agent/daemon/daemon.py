@@ -334,15 +334,19 @@ class Daemon:
             async with trio.open_nursery() as pump_nursery:
                 with self._start_up_step():
                     await self._pump_supervisor.start(pump_nursery, pump)
-                async with trio.open_nursery() as services:
-                    self._services_nursery = services
-                    services.start_soon(self._leftovers.serve)
-                    with self._start_up_step():
-                        await self._start_services(services)
-                    await self._announce_ready(device, facility, nursery)
-                    task_status.started()
-                    await self._shutdown.wait()
-                    await self._stop_services(device, facility, services)
+                async with trio.open_nursery() as leftovers:
+                    leftovers.start_soon(self._leftovers.serve)
+                    try:  # a drain cut short during the stop still leaves its remnant
+                        async with trio.open_nursery() as services:
+                            self._services_nursery = services
+                            with self._start_up_step():
+                                await self._start_services(services)
+                            await self._announce_ready(device, facility, nursery)
+                            task_status.started()
+                            await self._shutdown.wait()
+                            await self._stop_services(device, facility, services)
+                    finally:
+                        self._leftovers.close()
                 self._services_nursery = None
                 final = _begin_final_phase(device)
                 self._pump_supervisor.stop_all(final)

@@ -53,11 +53,19 @@ def _nobody_listens() -> None:
 class _Held:
     """A remnant, and the scope of its give-back (a take-over cancels it, the stop bounds it)."""
 
-    __slots__ = ("remnant", "scope")
+    __slots__ = ("ended", "interrupted", "remnant", "running", "scope", "taking")
 
     def __init__(self, remnant: Remnant, deadline: float) -> None:
         self.remnant = remnant
         self.scope = trio.CancelScope(deadline=deadline)
+        self.running = False
+        """Its give-back task was started (:meth:`Leftovers.serve` runs)."""
+        self.ended = trio.Event()
+        """Set once that task ended: nothing of it touches the remnant any more."""
+        self.interrupted = False
+        """A take-over cancelled the give-back."""
+        self.taking = False
+        """A take-over waits for the give-back's end."""
 
 
 @final
@@ -69,7 +77,15 @@ class Leftovers:
             whatever changes what :meth:`status` reads (the remnant's give-back calls it too).
     """
 
-    __slots__ = ("_emptied", "_held", "_nursery", "_status_changed", "_stop_at", "_stopping")
+    __slots__ = (
+        "_closed",
+        "_emptied",
+        "_held",
+        "_nursery",
+        "_status_changed",
+        "_stop_at",
+        "_stopping",
+    )
 
     def __init__(self, status_changed: Callable[[], None] = _nobody_listens) -> None:
         self._status_changed = status_changed
@@ -80,22 +96,47 @@ class Leftovers:
         self._stopping = trio.Event()
         self._emptied = trio.Event()
         """Set once the stop came and nothing is held any more."""
+        self._closed = trio.Event()
+        """Set once no service runs any more: nothing is left from then on."""
 
-    def leave(self, name: str, remnant: Remnant) -> None:
-        """Service ``name`` stopped with ``remnant`` still held: give it back from now on."""
-        self.take(name)
+    def leave(self, name: str, remnant: Remnant) -> bool:
+        """Service ``name`` stopped with ``remnant`` still held: give it back from now on.
+
+        Return False, nothing held, once the stop's deadline passed (what is left then
+        outlives the process: the caller says so). A service leaves at most one remnant: a
+        new start takes it over before it can leave another.
+        """
+        if trio.current_time() >= self._stop_at:
+            return False
+        assert name not in self._held  # noqa: S101 - one owner per remnant at all times
         held = self._held[name] = _Held(remnant, self._stop_at)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._give_back, name, held)
+        self._start(name, held)
         self._status_changed()
+        return True
 
-    def take(self, name: str) -> Remnant | None:
-        """A new start of service ``name`` takes its remnant over (None: there is none); its
-        give-back is cancelled."""
-        held = self._held.pop(name, None)
+    async def take(self, name: str) -> Remnant | None:
+        """A new start of service ``name`` takes its remnant over (None: there is none).
+
+        Its give-back is cancelled, and this returns once that task ended (a request in
+        flight answered or given up), so only one owner ever touches the remnant. Cancelled
+        meanwhile, the remnant stays here and is given back again once that task ended.
+        """
+        held = self._held.get(name)
         if held is None:
+            await trio.lowlevel.checkpoint()
             return None
+        held.interrupted = True
         held.scope.cancel()
+        if held.running:
+            held.taking = True
+            try:
+                await held.ended.wait()
+            except trio.Cancelled:
+                held.taking = False
+                if held.ended.is_set():
+                    self._resume(name, held)
+                raise
+        del self._held[name]
         self._status_changed()
         return held.remnant
 
@@ -106,14 +147,19 @@ class Leftovers:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Give every remnant back, in the background until :meth:`stop`, then as a drain
-        until the stop's deadline; return once that is over."""
+        until the stop's deadline; return once :meth:`close` was called and that is over."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for name, held in self._held.items():
-                nursery.start_soon(self._give_back, name, held)
+            for name, held in list(self._held.items()):
+                self._start(name, held)
             task_status.started()
-            await self._stopping.wait()
+            await self._closed.wait()
         self._nursery = None
+
+    def close(self) -> None:
+        """No service runs any more (each drained and ended): :meth:`serve` returns once
+        every give-back ended."""
+        self._closed.set()
 
     def stop(self, deadline: float) -> None:
         """The agent stops: every remnant is given back as at a drain, until ``deadline``."""
@@ -127,18 +173,36 @@ class Leftovers:
         """After :meth:`stop`: wait until every remnant's give-back ended."""
         await self._emptied.wait()
 
+    def _start(self, name: str, held: _Held) -> None:
+        if self._nursery is not None:
+            held.running = True
+            self._nursery.start_soon(self._give_back, name, held)
+
+    def _resume(self, name: str, held: _Held) -> None:
+        """A take-over of ``held`` gave up: give its remnant back again."""
+        fresh = self._held[name] = _Held(held.remnant, self._stop_at)
+        self._start(name, fresh)
+
     async def _give_back(self, name: str, held: _Held) -> None:
         """Give ``held`` back; an error it raises is logged, never raised (the remnant is
         kept, and tried once more when the agent stops)."""
-        with structlog.contextvars.bound_contextvars(service=name), held.scope:
-            stopping = self._stopping
-            if not await _given_back(held.remnant, stopping) and not stopping.is_set():
-                await stopping.wait()  # kept, shown in the status, until the stop
-                await _given_back(held.remnant, stopping)
-        if self._held.get(name) is held:
-            del self._held[name]
-            self._status_changed()
-            self._note_emptied()
+        with structlog.contextvars.bound_contextvars(service=name):
+            try:
+                with held.scope:
+                    stopping = self._stopping
+                    if not await _given_back(held.remnant, stopping) and not stopping.is_set():
+                        await stopping.wait()  # kept, shown in the status, until the stop
+                        await _given_back(held.remnant, stopping)
+            finally:
+                held.ended.set()
+        if held.taking:  # the take-over has it now
+            return
+        if held.interrupted:  # a take-over that gave up: it is still to give back
+            self._resume(name, held)
+            return
+        del self._held[name]
+        self._status_changed()
+        self._note_emptied()
 
     def _note_emptied(self) -> None:
         if self._stopping.is_set() and not self._held:

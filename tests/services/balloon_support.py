@@ -22,7 +22,7 @@ from agent.protocol import (
 )
 from agent.protocol.constants import PAGE_SIZE
 from agent.protocol.status import VERR_NO_MEMORY
-from agent.services import EventPump
+from agent.services import EventPump, Leftovers
 from agent.services.balloon import BalloonSection, BalloonService, PressureReading
 from agent.services.balloon._chunks import ChunkError
 
@@ -222,14 +222,18 @@ async def running_balloon(
     opener_for: Callable[[SimulatedHost], DeviceOpener] = SimOpener,
     status_changed: Callable[[], None] = lambda: None,
     drain_time: DrainTime | None = None,
+    agent_stops: bool = False,
 ) -> AsyncIterator[Running]:
     """Run host, pump and service; on exit cancel the service and drain it, as the daemon does
     (within ``drain_s``, as the daemon's drain time). The agent opens its device through
     ``opener_for(host)``.
 
     ``before`` runs once the host runs, before the agent opens its device. With ``psi_file``
-    the service watches ``section.psi_path`` itself (``pressure`` is not used).
+    the service watches ``section.psi_path`` itself (``pressure`` is not used). With
+    ``agent_stops`` the drain is the whole agent's stop (its leftovers stopped with it); else
+    only the service stops, the agent running on.
     """
+    leftovers = Leftovers()
     host = host if host is not None else SimulatedHost(personality=personality)
     async with trio.open_nursery() as outer:
         await outer.start(host.run)
@@ -249,6 +253,8 @@ async def running_balloon(
                 sysctl_root=sysctl_root,
                 status_changed=status_changed,
                 drain_time=drain_time,
+                agent_stopping=lambda: agent_stops,
+                leftovers=leftovers,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)
@@ -257,6 +263,8 @@ async def running_balloon(
                 yield Running(host, device, service, nursery)
                 service_scope.cancel()
                 await stopped.wait()
+                if agent_stops:
+                    leftovers.stop(trio.current_time() + drain_s)
                 with trio.move_on_after(drain_s):
                     await service.drain()
                 nursery.cancel_scope.cancel()

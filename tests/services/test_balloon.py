@@ -433,8 +433,8 @@ class TestFollowsTarget:
                 await run.settle(8)
                 run.host.set_delay(RequestType.CHANGE_MEMBALLOON, 1.0)
         [incomplete] = [entry for entry in logs if entry["event"] == "balloon_drain_incomplete"]
-        # Owned: nothing deflates the chunks when the process exits, and the kernel reuses them.
-        assert incomplete["log_level"] == ("critical" if mode is BalloonMode.OWNED else "error")
+        # The agent runs on here: the leftovers give the chunks back in the background.
+        assert incomplete["log_level"] == "warning"
         assert incomplete["returned"] + incomplete["kept"] == 8
         assert incomplete["kept"] > 0
         assert incomplete["reason"] == "the drain time ran out"
@@ -539,7 +539,9 @@ class TestFollowsTarget:
         """The host refuses every deflate: the drain retries until its time runs out, then
         one critical line names the chunks left and why they matter after the exit."""
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
-            async with running_balloon(personality="passthrough", drain_s=3.0) as run:
+            async with running_balloon(
+                personality="passthrough", drain_s=3.0, agent_stops=True
+            ) as run:
                 run.host.set_balloon_target(8)
                 await run.settle(8)
                 run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_GENERAL_FAILURE, 10**6)
@@ -563,7 +565,7 @@ class TestFollowsTarget:
         chunks = SimChunks()
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
             async with running_balloon(
-                personality="passthrough", allocator=chunks, drain_s=3.0
+                personality="passthrough", allocator=chunks, drain_s=3.0, agent_stops=True
             ) as run:
                 run.host.set_balloon_target(50)
                 await run.settle(50)

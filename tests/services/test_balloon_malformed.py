@@ -150,7 +150,12 @@ def _passthrough(*, cpus: int = 2) -> SimulatedHost:
 
 
 def _garbled(
-    garbler: GarbleNext, chunks: SimChunks, host: SimulatedHost, drain_s: float = math.inf
+    garbler: GarbleNext,
+    chunks: SimChunks,
+    host: SimulatedHost,
+    drain_s: float = math.inf,
+    *,
+    agent_stops: bool = False,
 ) -> AbstractAsyncContextManager[Running]:
     """The balloon on ``host`` with ``chunks``, every reply through ``garbler`` first."""
     return running_balloon(
@@ -158,6 +163,7 @@ def _garbled(
         host=host,
         allocator=chunks,
         drain_s=drain_s,
+        agent_stops=agent_stops,
         opener_for=lambda host: HookedOpener(host, reply=garbler),
     )
 
@@ -206,7 +212,9 @@ class TestMalformedDeflateReplies:
         kept, that the host may not have them, and why."""
         chunks, garbler = SimChunks(), GarbleNext()
         with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-            async with _garbled(garbler, chunks, _passthrough(), drain_s=3.0) as run:
+            async with _garbled(
+                garbler, chunks, _passthrough(), drain_s=3.0, agent_stops=True
+            ) as run:
                 run.host.set_balloon_target(8)
                 await run.settle(8)
                 garbler.left = None

@@ -25,7 +25,7 @@ from agent.host import SimOpener, SimulatedHost
 from agent.host.driver.oracle import OracleDriver
 from agent.protocol import RequestType
 from agent.protocol.status import VERR_INVALID_PARAMETER
-from agent.services import BalloonGauge, EventPump
+from agent.services import BalloonGauge, EventPump, Leftovers
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.registry import section_models
 from tests.services.balloon_support import (
@@ -189,6 +189,7 @@ class _Stoppable:
     gauge: BalloonGauge
     scope: trio.CancelScope
     stopped: trio.Event
+    leftovers: Leftovers
 
     @property
     def host_chunks(self) -> int:
@@ -224,14 +225,21 @@ async def _stoppable_balloon(kind: str, *, cpus: int = 1) -> AsyncIterator[_Stop
         async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
             pump = EventPump(device)
             await inner.start(pump.run)
+            leftovers = Leftovers()
             service = BalloonService(
-                device, pump, BalloonSection(), allocator=chunks, pressure=Quiet(), gauge=gauge
+                device,
+                pump,
+                BalloonSection(),
+                allocator=chunks,
+                pressure=Quiet(),
+                gauge=gauge,
+                leftovers=leftovers,
             )
             scope = trio.CancelScope()
             stopped = await start_in_scope(inner, service, scope)
             walker = service.walker
             assert walker is not None
-            yield _Stoppable(host, service, walker, chunks, gauge, scope, stopped)
+            yield _Stoppable(host, service, walker, chunks, gauge, scope, stopped, leftovers)
             scope.cancel()
             inner.cancel_scope.cancel()
         outer.cancel_scope.cancel()
@@ -261,7 +269,10 @@ class TestUnconfirmedInflate:
                 await run.service.drain()
                 assert (len(run.walker.held), len(run.chunks.live)) == (1, 1)
                 assert (run.host_chunks, run.gauge.chunks) == (1, 1)
-                await run.service.drain()
+                kept = await run.leftovers.take("balloon")  # what a new start takes over
+                assert run.service.walker is None
+                assert kept is not None
+                await kept.give_back(trio.Event())
                 assert (run.walker.held, run.chunks.live, run.host_chunks) == ([], {}, 0)
                 driver = run.host.driver
                 assert isinstance(driver, OracleDriver)

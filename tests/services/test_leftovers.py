@@ -63,6 +63,7 @@ async def test_a_remnant_goes_back_in_the_background(autojump_clock: trio.abc.Cl
             remnant.answer.set()
             await gone.wait()
             leftovers.stop(trio.current_time() + 1.0)
+            leftovers.close()
     assert remnant.calls == [(False, "returned")]
     assert changes == ["gadget off, 3 kept", None]
 
@@ -79,10 +80,11 @@ async def test_a_take_over_cancels_the_background_give_back(
             await nursery.start(leftovers.serve)
             leftovers.leave("gadget", remnant)
             await remnant.began.park()
-            assert leftovers.take("gadget") is remnant
-            assert (leftovers.take("gadget"), leftovers.status("gadget")) == (None, None)
+            assert await leftovers.take("gadget") is remnant
+            assert (await leftovers.take("gadget"), leftovers.status("gadget")) == (None, None)
             await trio.testing.wait_all_tasks_blocked()
             leftovers.stop(trio.current_time() + 1.0)
+            leftovers.close()
     assert remnant.calls == [(False, "cancelled")]
 
 
@@ -98,6 +100,7 @@ async def test_the_stop_gives_back_until_its_deadline(autojump_clock: trio.abc.C
             await remnant.began.park()
             stopped = trio.current_time()
             leftovers.stop(stopped + 1.0)
+            leftovers.close()
             await leftovers.wait_given_back()
             assert trio.current_time() == stopped + 1.0
     assert remnant.calls == [(True, "cancelled")]
@@ -121,6 +124,96 @@ async def test_a_give_back_that_raises_is_tried_again_at_the_stop(
             assert leftovers.status("gadget") == "gadget off, 3 kept"
             remnant.answer.set()
             leftovers.stop(trio.current_time() + 1.0)
+            leftovers.close()
     assert remnant.calls == [(False, "raised"), (True, "returned")]
     [failed] = [entry for entry in logs if entry["event"] == "leftovers_give_back_failed"]
     assert (failed["service"], failed["error"]) == ("gadget", "OSError('boom')")
+
+
+class InFlight(Scripted):
+    """A remnant whose request in flight goes on after a cancel until ``answer`` (a deflate
+    whose late reply counts), then ends."""
+
+    async def give_back(self, stopping: trio.Event) -> None:
+        self.began.unpark_all()
+        with trio.CancelScope(shield=True):
+            await self.answer.wait()
+        self.calls.append((stopping.is_set(), "answered"))
+        await trio.lowlevel.checkpoint()  # a take-over's cancel ends it here
+
+
+async def test_a_take_over_waits_until_the_give_back_ended(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The take-over returns only once the cancelled give-back's request in flight ended:
+    never two owners of one remnant."""
+    leftovers = Leftovers()
+    remnant = InFlight()
+    taken = trio.Event()
+
+    async def take() -> None:
+        assert await leftovers.take("gadget") is remnant
+        taken.set()
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leftovers.serve)
+            leftovers.leave("gadget", remnant)
+            await remnant.began.park()
+            nursery.start_soon(take)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not taken.is_set()  # the request in flight still runs
+            remnant.answer.set()
+            await taken.wait()
+            assert leftovers.status("gadget") is None
+            leftovers.stop(trio.current_time() + 1.0)
+            leftovers.close()
+    assert remnant.calls == [(False, "answered")]
+
+
+async def test_a_take_over_cancelled_leaves_the_remnant_to_give_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A take-over cancelled while the give-back ends: the remnant stays, and is given back
+    again once that give-back ended."""
+    leftovers = Leftovers()
+    remnant = InFlight()
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leftovers.serve)
+            leftovers.leave("gadget", remnant)
+            await remnant.began.park()
+            with trio.move_on_after(1.0) as gave_up:
+                await leftovers.take("gadget")
+            assert gave_up.cancelled_caught
+            assert leftovers.status("gadget") == "gadget off, 3 kept"
+            remnant.answer.set()  # the first ends; the second goes through at once
+            await trio.testing.wait_all_tasks_blocked()
+            assert leftovers.status("gadget") is None
+            leftovers.stop(trio.current_time() + 1.0)
+            leftovers.close()
+    assert remnant.calls == [(False, "answered"), (False, "answered")]
+
+
+async def test_a_remnant_left_during_the_stop_goes_back_until_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A drain that ends after the stop came (a reload's, with its own deadline) still
+    leaves its remnant, given back until the stop's deadline; past it, nothing is held."""
+    leftovers = Leftovers()
+    remnant = Scripted()
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leftovers.serve)
+            stopped = trio.current_time()
+            leftovers.stop(stopped + 2.0)
+            await trio.sleep(1.0)
+            assert leftovers.leave("gadget", remnant)
+            await remnant.began.park()
+            remnant.answer.set()
+            await leftovers.wait_given_back()
+            await trio.sleep(1.0)
+            assert not leftovers.leave("late", Scripted())
+            leftovers.close()
+    assert remnant.calls == [(True, "returned")]
+    assert leftovers.status("late") is None

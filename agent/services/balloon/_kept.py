@@ -4,8 +4,9 @@ A drain cut short while the agent runs on (a reload disabled the balloon or rebu
 restart after a failure) leaves its walker's chunks here, a
 :class:`~agent.services.Remnant`: they are given back in the background (a deflate from
 the top; a refusal retried after the section's capped backoff), and once the agent stops
-by a drain that passes over refused chunks until the stop's deadline (a deflate in flight
-as the stop comes goes on). A new start of the service takes them over instead. What is
+as the service's drain: in owned mode one that passes over refused chunks until the stop's
+deadline (a deflate in flight as the stop comes goes on), in allocated mode one try, the
+rest left to the driver, which deflates at the close. A new start of the service takes them over instead. What is
 left at that deadline outlives the process: in owned mode nothing deflates the chunks once
 it exits, so that is logged at critical.
 """
@@ -55,9 +56,13 @@ class KeptChunks:
     async def give_back(self, stopping: trio.Event) -> None:
         """Give every chunk back, one line once all are (:class:`~agent.services.Remnant`)."""
         walker, backoff = self.walker, self._backoff
+        owned = self.mode is BalloonMode.OWNED  # else the driver deflates at the close
         try:
-            while await walker.drain(persist=stopping.is_set()):
+            while await walker.drain(persist=owned and stopping.is_set()):
                 self._status_changed()
+                if stopping.is_set():  # allocated mode: one try at the stop, as its drain
+                    self._incomplete("refused")
+                    return
                 first = backoff.failures == 0
                 delay = backoff.failed(trio.current_time())
                 (log.warning if first else log.debug)(
@@ -70,18 +75,18 @@ class KeptChunks:
                     await stopping.wait()  # the stop's drain retries at its own pace
         except trio.Cancelled:
             if stopping.is_set():  # the stop's deadline: what is left outlives the process
-                self._incomplete()
+                self._incomplete("the drain time ran out")
             raise
         log.info("balloon_kept_returned", returned=self._left, mode=str(self.mode))
 
-    def _incomplete(self) -> None:
+    def _incomplete(self, reason: str) -> None:
         walker = self.walker
         kept = len(walker.held)
         figures = {
             "returned": self._left - kept,
             "kept": kept,
             "unconfirmed": len(walker.unconfirmed),
-            "reason": "the drain time ran out",
+            "reason": reason,
             "last_refusal": walker.last_failure,
         }
         if self.mode is BalloonMode.OWNED:

@@ -483,11 +483,6 @@ class BalloonService:
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
         kept = len(walker.held)
-        if not self._agent_stopping():  # given back in the background, and at the stop
-            assert self._mode is not None  # noqa: S101 - set together with the walker
-            backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
-            kept_chunks = KeptChunks(walker, self._mode, backoff, self._status_changed)
-            self._leftovers.leave(self.name, kept_chunks)
         figures = {
             "returned": held - kept,
             "kept": kept,
@@ -495,23 +490,41 @@ class BalloonService:
             "reason": reason,
             "last_refusal": walker.last_failure,
         }
-        if self._mode is BalloonMode.OWNED:
+        assert self._mode is not None  # noqa: S101 - set together with the walker
+        # Handed over, the leftovers alone own the chunks until a new start takes them over.
+        # At the stop only in owned mode, where they persist: Oracle's driver deflates at
+        # the close.
+        if (self._mode is BalloonMode.OWNED or not self._agent_stopping()) and self._leave(walker):
+            # Undecided as at a first start: a restart probes again, then takes them over.
+            self._walker, self._mode, self._mode_of_walker = None, None, None
+            log.warning(
+                "balloon_drain_incomplete",
+                **figures,
+                note="given back in the background while this process runs on (at its stop"
+                " until the stop's deadline), unless a new start of the service takes them"
+                " over",
+            )
+        elif self._mode is BalloonMode.OWNED:
             log.critical(
                 "balloon_drain_incomplete",
                 **figures,
-                note=f"the host still holds {kept} chunks ballooned: while this process runs on"
-                " they are given back in the background and at its stop, or a new start of the"
-                " service takes them over; once this process exits the kernel reuses their"
-                " pages, and the host refuses writes to ballooned pages",
+                note=f"the host still holds {kept} chunks ballooned: once this process exits"
+                " the kernel reuses their pages, and the host refuses writes to ballooned"
+                " pages",
             )
-            return
-        log.error(
-            "balloon_drain_incomplete",
-            **figures,
-            note="given back in the background while this process runs on, or taken over by"
-            " the next start of the service in it, or left to the driver, which deflates them"
-            " when this process closes the device",
-        )
+        else:
+            log.error(
+                "balloon_drain_incomplete",
+                **figures,
+                note="the driver deflates them when this process closes the device",
+            )
+
+    def _leave(self, walker: ChunkWalker) -> bool:
+        """Hand ``walker``'s chunks to the leftovers; False if the stop's deadline passed."""
+        assert self._mode is not None  # noqa: S101 - set together with the walker
+        backoff = Backoff(self._section.retry_initial_s, self._section.retry_max_s)
+        kept = KeptChunks(walker, self._mode, backoff, self._status_changed)
+        return self._leftovers.leave(self.name, kept)
 
     # --- mode and target --------------------------------------------------------------------
 
@@ -541,9 +554,12 @@ class BalloonService:
                 while trio.current_time() < backoff.retry_at:
                     await self._wait_for_poke(backoff.retry_at)
             else:
+                # The chunks a stopped run left: taken over once their give-back ended.
+                left = self._leftovers
+                kept = await left.take(self.name) if detected.mode.agent_holds_chunks else None
                 recovered = backoff.succeeded()
                 self._read_failure = None  # the mode's status follows (_adopt)
-                self._adopt(detected)
+                self._adopt(detected, kept if isinstance(kept, KeptChunks) else None)
                 if recovered:
                     log.info("balloon_check_recovered", **self._size_fields())
                 ready()
@@ -565,7 +581,7 @@ class BalloonService:
         with trio.move_on_at(deadline):
             await self._poke.wait()
 
-    def _adopt(self, detected: Detected) -> None:
+    def _adopt(self, detected: Detected, kept: KeptChunks | None) -> None:
         mode = detected.mode
         self._mode = mode
         self._unanswered = False
@@ -573,8 +589,6 @@ class BalloonService:
         self._read_at = time.time()
         # Events during the probe (after its CHECK_BALLOON went) still ask for a read.
         self._read_pending = self._read_pending or mode.agent_holds_chunks
-        kept = self._leftovers.take(self.name) if mode.agent_holds_chunks else None
-        kept = kept if isinstance(kept, KeptChunks) else None
         if self._walker is not None and self._mode_of_walker is mode:
             self._walker.cap = None  # a restart after a failure: keep the chunks still held
         elif mode.agent_holds_chunks:
