@@ -6,9 +6,9 @@ restart after a failure) leaves its walker's chunks here, a
 the top; a refusal retried after the section's capped backoff), and once the agent stops
 as the service's drain: in owned mode one that passes over refused chunks until the stop's
 deadline (a deflate in flight as the stop comes goes on), in allocated mode one try, the
-rest left to the driver, which deflates at the close. A new start of the service takes them over instead. What is
-left at that deadline outlives the process: in owned mode nothing deflates the chunks once
-it exits, so that is logged at critical.
+rest left to the driver, which deflates at the close. A new start of the service takes
+them over instead. What is left at that deadline outlives the process: in owned mode
+nothing deflates the chunks once it exits, so that is logged at critical.
 """
 
 from __future__ import annotations
