@@ -156,7 +156,8 @@ async def test_a_longer_drain_time_raises_the_cap_and_a_lower_target_lifts_it(
 ) -> None:
     """A reload that doubles the drain time doubles the cap at once (no new warning); one
     that halves it gives back what no longer fits; a target under the cap ends it (one
-    line)."""
+    line); a target crossing the cap again logs at debug only (each crossing was a new
+    warning)."""
     drain_time = DrainTime(5.0)
     with trio.fail_after(120), structlog.testing.capture_logs() as logs:
         async with running_balloon(
@@ -176,9 +177,19 @@ async def test_a_longer_drain_time_raises_the_cap_and_a_lower_target_lifts_it(
             await run.until(lambda: run.host_chunks == 10 and not run.walker.drain_capped)
             assert ", drain cap" not in run.service.status()
             assert not run.service.statistics().drain_capped
-    assert [e["event"] for e in logs if e["event"].startswith("balloon_drain_cap")] == [
-        "balloon_drain_cap",
-        "balloon_drain_cap_lifted",
+            # A host moving its target across the cap again: debug lines, no new warning.
+            for _ in range(3):
+                run.host.set_balloon_target(1000)
+                await run.until(lambda: run.walker.drain_capped)
+                run.host.set_balloon_target(10)
+                await run.until(lambda: run.host_chunks == 10 and not run.walker.drain_capped)
+    capping = [
+        (e["event"], e["log_level"]) for e in logs if e["event"].startswith("balloon_drain_cap")
+    ]
+    assert capping == [
+        ("balloon_drain_cap", "warning"),
+        ("balloon_drain_cap_lifted", "info"),
+        *[("balloon_drain_cap", "debug"), ("balloon_drain_cap_lifted", "debug")] * 3,
     ]
 
 

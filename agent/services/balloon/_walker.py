@@ -148,6 +148,9 @@ class ChunkWalker:
         self.drain_capped = False
         """Whether the walk last settled where the budget held it, below what the host (and
         pressure) want."""
+        self._drain_cap_episodes = 0
+        """How often the drain budget came to hold the balloon below what is wanted: the
+        first time is a warning, later ones debug lines."""
 
     @property
     def goal(self) -> int:
@@ -258,13 +261,17 @@ class ChunkWalker:
                 await self._changed.wait()
 
     def _note_drain_cap(self, budget: DrainBudget, goal: int) -> None:
-        """At the goal: one warning when the drain budget came to hold it below what the
-        host (and pressure) want, one line when it no longer does."""
+        """At the goal: a warning when the drain budget came to hold it below what the host
+        (and pressure) want, a line when it no longer does; after the walker's first warning
+        both are debug lines (a host moving its target across the cap would repeat them;
+        the status and statistics show the cap)."""
         wanted = self.wanted
         capped = goal < wanted
         if capped is self.drain_capped:
             return
         self.drain_capped = capped
+        self._drain_cap_episodes += capped
+        repeat = self._drain_cap_episodes > 1
         figures = {
             "target": self.target,
             "cap": budget.chunks,
@@ -273,9 +280,11 @@ class ChunkWalker:
             "drain_s": budget.drain_time.seconds,
         }
         if not capped:
-            log.info("balloon_drain_cap_lifted", **figures, chunks=wanted)
+            (log.debug if repeat else log.info)(
+                "balloon_drain_cap_lifted", **figures, chunks=wanted
+            )
             return
-        log.warning(
+        (log.debug if repeat else log.warning)(
             "balloon_drain_cap",
             **figures,
             chunks=goal,
