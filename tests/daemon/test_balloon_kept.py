@@ -22,7 +22,7 @@ from agent.daemon import Daemon
 from agent.daemon.notify import Notifier
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import LocalProtocolError, RequestType
-from agent.protocol.status import VERR_NOT_SUPPORTED
+from agent.protocol.status import VERR_NO_MEMORY, VERR_NOT_SUPPORTED
 from agent.records import record
 from agent.services import ServiceContext, ServiceSection, ServiceSpec
 from agent.services.balloon import _service
@@ -373,3 +373,35 @@ async def test_a_stop_during_a_reload_s_drain_gives_its_kept_chunks_back(
     assert incomplete["log_level"] == "warning"
     [returned] = [e for e in logs if e["event"] == "balloon_kept_returned"]
     assert returned["returned"] == CHUNKS
+
+
+async def test_a_refusal_after_the_stop_came_is_retried_until_its_deadline(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """The stop comes while the background give-back of kept chunks runs, then the host
+    refuses one deflate: in owned mode the give-back passes over it and gives every chunk
+    back before the stop's deadline (it gave up at the refusal, leaving the chunks
+    ballooned once the process exited, as only Oracle's driver, which deflates at close,
+    may)."""
+    path = tmp_path / "agent.toml"
+    _write_config(path, enable=True)
+    host = SimulatedHost(personality="passthrough")
+    daemon = _daemon(path, host)
+    with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as outer:
+            await outer.start(host.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                await _disable_while_held(daemon, host, path)
+                host.set_delay(RequestType.CHANGE_MEMBALLOON, SHUTDOWN_TIMEOUT_S / (4 * CHUNKS))
+                await until(lambda: host_chunks(host) < CHUNKS)  # the give-back is under way
+                began = trio.current_time()
+                daemon.request_shutdown("SIGTERM")
+                host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY, 1)
+            took = trio.current_time() - began
+            assert host_chunks(host) == 0
+            outer.cancel_scope.cancel()
+    assert took <= SHUTDOWN_TIMEOUT_S + 1.0
+    assert [
+        entry["log_level"] for entry in logs if entry["event"] == "balloon_drain_incomplete"
+    ] == ["warning"]  # the reload's drain, whose chunks were then given back

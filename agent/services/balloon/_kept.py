@@ -60,7 +60,7 @@ class KeptChunks:
         try:
             while await walker.drain(persist=owned and stopping.is_set()):
                 self._status_changed()
-                if stopping.is_set():  # allocated mode: one try at the stop, as its drain
+                if stopping.is_set() and not owned:  # one try at the stop, as its drain
                     self._incomplete("refused")
                     return
                 first = backoff.failures == 0
