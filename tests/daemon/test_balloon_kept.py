@@ -106,6 +106,26 @@ def _write_config(path: Path, *, enable: bool) -> None:
     )
 
 
+def _agent(
+    tmp_path: Path,
+    *,
+    notifier: Notifier | None = None,
+    registry: Sequence[ServiceSpec[Any]] = SERVICES,
+) -> tuple[Path, SimulatedHost, Daemon]:
+    """The config file (balloon enabled), a passthrough host and a daemon on it."""
+    path = tmp_path / "agent.toml"
+    _write_config(path, enable=True)
+    host = SimulatedHost(personality="passthrough")
+    daemon = Daemon(
+        load_config(path, section_models(registry)),
+        SimOpener(host),
+        config_path=path,
+        notifier=notifier or Notifier(None),
+        registry=registry,
+    )
+    return path, host, daemon
+
+
 async def _disable_while_held(daemon: Daemon, host: SimulatedHost, path: Path) -> None:
     """Inflate to ``CHUNKS``, then a reload disables the balloon while the host holds every
     deflate: the drain time runs out with every chunk kept."""
@@ -124,13 +144,8 @@ async def test_the_stop_gives_back_what_a_disabled_balloon_kept(
     """The host lets the deflates go only once the stop began: the stop gives every kept
     chunk back within the drain time (one line says how many), and the agent exits in time.
     ``STATUS=`` shows the kept chunks while the balloon is off."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
     notifier = StatusNotifier()
-    daemon = Daemon(
-        load_config(path, section_models()), SimOpener(host), config_path=path, notifier=notifier
-    )
+    path, host, daemon = _agent(tmp_path, notifier=notifier)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
@@ -161,13 +176,8 @@ async def test_chunks_a_disabled_balloon_kept_go_back_while_the_agent_runs_on(
     """The host answers again while the agent runs on: the kept chunks go back without a
     stop, one line says so, and ``STATUS=`` no longer names the balloon; the stop then has
     nothing left to give back."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
     notifier = StatusNotifier()
-    daemon = Daemon(
-        load_config(path, section_models()), SimOpener(host), config_path=path, notifier=notifier
-    )
+    path, host, daemon = _agent(tmp_path, notifier=notifier)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
@@ -189,15 +199,7 @@ async def test_chunks_the_host_still_holds_at_the_stop_are_critical(
 ) -> None:
     """The host holds the deflates past the stop's drain time: the agent exits in time
     all the same, and one critical line names the chunks it could not give back."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
-    daemon = Daemon(
-        load_config(path, section_models()),
-        SimOpener(host),
-        config_path=path,
-        notifier=Notifier(None),
-    )
+    path, host, daemon = _agent(tmp_path)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
@@ -221,16 +223,7 @@ async def test_a_fatal_error_gives_back_what_a_disabled_balloon_kept(
 ) -> None:
     """An exit on a fatal error gives the kept chunks back as a stop does, before the error
     ends the agent: the host lets the deflates go once the services drain for the exit."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
-    daemon = Daemon(
-        load_config(path, section_models(BREAKING)),
-        SimOpener(host),
-        config_path=path,
-        notifier=Notifier(None),
-        registry=BREAKING,
-    )
+    path, host, daemon = _agent(tmp_path, registry=BREAKING)
 
     async def release_on_exit() -> None:
         await until(lambda: "services_draining_before_exit" in [e["event"] for e in logs])
@@ -259,25 +252,13 @@ def _names(logs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [entry["event"] for entry in logs]
 
 
-def _daemon(path: Path, host: SimulatedHost) -> Daemon:
-    return Daemon(
-        load_config(path, section_models()),
-        SimOpener(host),
-        config_path=path,
-        notifier=Notifier(None),
-    )
-
-
 async def test_a_re_enable_takes_the_chunks_over_once_their_give_back_ended(
     autojump_clock: trio.abc.Clock, tmp_path: Path
 ) -> None:
     """A reload enables the balloon again while the background give-back's deflate is in
     flight: the new start takes the chunks over only once that deflate's fate is settled,
     so no chunk is deflated twice and the host's count matches its ballooned pages."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
-    daemon = _daemon(path, host)
+    path, host, daemon = _agent(tmp_path)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
@@ -313,10 +294,7 @@ async def test_a_stop_while_a_failed_balloon_restarts_drains_each_chunk_once(
             raise RuntimeError(msg)
 
     monkeypatch.setattr(_service.BalloonService, "_follow", failing_follow)
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
-    daemon = _daemon(path, host)
+    _, host, daemon = _agent(tmp_path)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
@@ -346,10 +324,7 @@ async def test_a_stop_during_a_reload_s_drain_gives_its_kept_chunks_back(
     """The stop comes while a reload's drain (with its own, earlier deadline) still runs:
     the chunks it keeps go to the stop's give-back, which hands them to the host once it
     answers again, before the stop's deadline."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
-    daemon = _daemon(path, host)
+    path, host, daemon = _agent(tmp_path)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
@@ -383,10 +358,7 @@ async def test_a_refusal_after_the_stop_came_is_retried_until_its_deadline(
     back before the stop's deadline (it gave up at the refusal, leaving the chunks
     ballooned once the process exited, as only Oracle's driver, which deflates at close,
     may)."""
-    path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
-    host = SimulatedHost(personality="passthrough")
-    daemon = _daemon(path, host)
+    path, host, daemon = _agent(tmp_path)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
             await outer.start(host.run)
