@@ -54,6 +54,7 @@ from agent.protocol.constants import (
     HGCM_PARM64_SIZE,
     IOCTL_TYPE,
     REQUESTOR_KERNEL,
+    TIMEOUT_INFINITE,
     Event,
     Facility,
     GuestCapability,
@@ -72,6 +73,7 @@ from agent.protocol.status import (
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
     VERR_NOT_SUPPORTED,
     VERR_OUT_OF_RANGE,
     VERR_PERMISSION_DENIED,
@@ -441,6 +443,53 @@ class TestHgcmAndSignals:
             assert client_id in client.transport.session.hgcm_client_ids
             await client.transport.aclose()
         assert echo.disconnected == [client_id]
+
+    @pytest.mark.parametrize(
+        ("timeout_ms", "waited", "status"),
+        [(100, 0.1, VERR_TIMEOUT), (TIMEOUT_INFINITE, 0.0, VERR_INTERRUPTED)],
+        ids=["timeout", "signal"],
+    )
+    async def test_a_cancel2_the_host_does_not_implement_leaks_the_call(
+        self,
+        host: SimulatedHost,
+        echo: EchoService,
+        autojump_clock: object,
+        *,
+        timeout_ms: int,
+        waited: float,
+        status: int,
+    ) -> None:
+        """``vbglR0HGCMInternalDoCall`` sends CANCEL2 only (mainline sends a legacy
+        HGCM_CANCEL after VERR_NOT_IMPLEMENTED): that refusal is followed by its 2 s poll for
+        DONE, then the request is leaked and the wait's status returned, VERR_TIMEOUT after
+        the timeout, VERR_INTERRUPTED after a signal. The host still holds the call, and its
+        completion later lands in the leaked request."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        cancels = _record_requestors(host, RequestType.HGCM_CANCEL2, RequestType.HGCM_CANCEL)
+        call = HgcmCall(client_id, FN_HOLD, (HgcmU32(1),), timeout_ms=timeout_ms).encode()
+        statuses: list[int] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def held() -> None:
+                    statuses.append(await call_rc(client, call))
+                    nursery.cancel_scope.cancel()
+
+                start = trio.current_time()
+                nursery.start_soon(held)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(echo.held) == 1
+                host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
+                if timeout_ms == TIMEOUT_INFINITE:
+                    nursery.cancel_scope.cancel()  # the signal
+            took = trio.current_time() - start
+        assert statuses == [status]
+        assert took == pytest.approx(waited + 2.0, abs=1e-9)
+        assert [request_type for request_type, _ in cancels] == [RequestType.HGCM_CANCEL2]
+        assert (echo.cancelled, len(echo.held), host.vmmdev.hgcm.pending_calls) == ([], 1, 1)
+        echo.held.pop().complete(VINF_SUCCESS)
+        assert host.vmmdev.hgcm.pending_calls == 0
 
 
 class TestLog:

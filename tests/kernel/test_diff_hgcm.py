@@ -16,6 +16,7 @@ from agent.protocol.status import (
     VERR_ACCESS_DENIED,
     VERR_GENERAL_FAILURE,
     VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
     VINF_SUCCESS,
 )
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
@@ -254,6 +255,29 @@ async def test_timeouts_and_cancellation() -> None:
         rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
 
     assert_agree(await differ(script))
+
+
+async def test_a_cancel2_the_host_does_not_implement_is_sent_again_as_the_legacy_cancel() -> None:
+    """``hgcm_cancel_call``: a CANCEL2 the host answers VERR_NOT_IMPLEMENTED is followed by
+    the legacy HGCM_CANCEL of the call's own request, which cancels it at the host at once
+    (Oracle's driver has no such fallback: ``tests/host/test_oracle.py``)."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        c = await connected(rig, session)
+        rig.host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
+        await do_call(rig, "timeout", session, c, FN_HOLD, [(T.U32, 1)], timeout_ms=20)
+        rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
+
+    results = await differ(script)
+    assert_agree(results)
+    (timeout,) = (step for step in results["kernel"] if step.label == "timeout")
+    sent = [request.split()[0] for request in timeout.requests]
+    assert (timeout.errno, sent) == (
+        errno.ETIMEDOUT,
+        ["HGCM_CALL64", "HGCM_CANCEL2", "HGCM_CANCEL"],
+    )
+    assert timeout.service == ("call fn=2 ['u32:0x1']", "cancel fn=2")
 
 
 async def _cancelled_call(rig: Rig, session: DriverSession, client: int) -> None:

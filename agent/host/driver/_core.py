@@ -106,6 +106,9 @@ class Driver:
     kernel's, as at a close)."""
     acquire_refuses_set_caps: ClassVar[bool] = True
     """Whether acquiring a capability some session set is refused (mainline: EINVAL)."""
+    legacy_cancel: ClassVar[bool] = True
+    """Whether a CANCEL2 the host answers VERR_NOT_IMPLEMENTED is sent again as the legacy
+    HGCM_CANCEL of the call's own request (``hgcm_cancel_call``)."""
     trusted_requests: ClassVar[frozenset[int]] = frozenset()
     """Extra VMMDev request types trusted (non-vboxuser) sessions may pass through."""
 

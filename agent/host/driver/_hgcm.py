@@ -533,12 +533,18 @@ async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) ->
 
 
 async def _cancel(drv: Driver, req: bytearray, phys: int) -> _Outcome:
-    """``hgcm_cancel_call`` plus the grace wait for a call the host could not cancel."""
+    """``hgcm_cancel_call`` plus the grace wait for a call the host could not cancel.
+
+    Mainline sends a CANCEL2 the host does not implement again as the legacy HGCM_CANCEL;
+    Oracle's ``vbglR0HGCMInternalDoCall`` sends CANCEL2 only (``Driver.legacy_cancel``), so
+    there that refusal, like any but VERR_NOT_FOUND and VERR_SEM_DESTROYED, means the 2 s
+    grace, then the leak: the host goes on holding the call.
+    """
     async with drv.cancel_req_mutex:
         cancel = drv.cancel_req
         L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys)
         rc = await drv.perform(cancel)
-        if rc == VERR_NOT_IMPLEMENTED:
+        if rc == VERR_NOT_IMPLEMENTED and drv.legacy_cancel:
             flags = L.HgcmRequestHeader.flags.get(req) | HGCM_REQ_CANCELLED
             L.HgcmRequestHeader.flags.set(req, flags)
             L.RequestHeader.request_type.set(req, RequestType.HGCM_CANCEL)

@@ -106,6 +106,9 @@ class OracleDriver(Driver):
     """``vgdrvSetSessionEventFilter`` keeps VbglR0GRAlloc's kernel requestor."""
     acquire_refuses_set_caps: ClassVar[bool] = False
     """``vgdrvAcquireSessionCapabilities`` checks ``fSetModeGuestCaps``, which nothing sets."""
+    legacy_cancel: ClassVar[bool] = False
+    """``vbglR0HGCMInternalDoCall`` sends CANCEL2 only: any refusal but VERR_NOT_FOUND and
+    VERR_SEM_DESTROYED is followed by its 2 s poll for DONE, then the request is leaked."""
 
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)
