@@ -34,6 +34,7 @@ from agent.protocol import (
     ChangeGuestCapabilities,
     CheckBalloon,
     DriverVersionInfo,
+    HgcmBuffer,
     HgcmBufferIn,
     HgcmBufferOut,
     HgcmCall,
@@ -70,6 +71,7 @@ from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_GENERAL_FAILURE,
     VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
@@ -92,6 +94,7 @@ from tests.host.conftest import (
     model_driver,
     open_client,
     signal_in_the_grace_after_a_timeout,
+    until,
     vmmdev_request,
 )
 
@@ -367,6 +370,29 @@ class TestHeaderRc:
         oversized(after_a_bad_type, 1, HgcmParmType.PAGELIST)
         oversized(after_a_bad_type, 2)
         assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
+
+    async def test_a_call_vmmdev_refuses_leaves_the_callers_buffers(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A call VMMDev refuses in the request's ``rc`` (the service's pending-call limit;
+        the result stays VINF_SUCCESS): ``vbglR0HGCMInternalDoCall`` returns that ``rc``, so
+        ``VbglR0HGCMInternalCall`` copies nothing back; it is ``hdr.rc``, and the caller's
+        buffers are as it left them (mainline copies the bounce buffers back, zeros for an
+        out buffer)."""
+        echo.max_calls = 2  # room for one pending call
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.request, HgcmCall(client_id, FN_HOLD, ()))
+                await until(lambda: bool(echo.held))
+                parms = (HgcmBufferIn(b"abc"), HgcmBufferOut(8), HgcmU32(7), HgcmBuffer(b"both"))
+                call = HgcmCall(client_id, FN_ECHO, parms).encode()
+                out, both = call.user_buffers[1].data, call.user_buffers[2].data
+                out[:] = bytes([UNTOUCHED]) * len(out)
+                assert await call_rc(client, call) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+                assert (bytes(out), bytes(both)) == (bytes([UNTOUCHED]) * 8, b"both")
+                echo.held.pop().complete(VINF_SUCCESS)
 
 
 class TestHgcmAndSignals:

@@ -15,6 +15,7 @@ from agent.protocol.constants import HGCM_MAX_USER_PARM, Event, HgcmParmType, Io
 from agent.protocol.status import (
     VERR_ACCESS_DENIED,
     VERR_GENERAL_FAILURE,
+    VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_NOT_FOUND,
     VERR_NOT_IMPLEMENTED,
     VINF_SUCCESS,
@@ -278,6 +279,33 @@ async def test_a_cancel2_the_host_does_not_implement_is_sent_again_as_the_legacy
         ["HGCM_CALL64", "HGCM_CANCEL2", "HGCM_CANCEL"],
     )
     assert timeout.service == ("call fn=2 ['u32:0x1']", "cancel fn=2")
+
+
+async def test_a_call_the_host_refuses_in_its_rc_is_copied_back() -> None:
+    """A call VMMDev refuses in the request's ``rc`` (the service's pending-call limit):
+    ``vbg_hgcm_do_call`` makes that ``rc`` the call's result and the call is copied back, so
+    an out buffer gets its bounce buffer's zeros (Oracle's driver copies nothing back:
+    ``tests/host/test_oracle.py``)."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        client = await connected(rig, session)
+        async with trio.open_nursery() as nursery:
+            for index in range(rig.echo.max_calls - 1):
+                nursery.start_soon(
+                    do_call, rig, f"held {index}", session, client, FN_HOLD, [(T.U32, index)]
+                )
+            await rig.settle(lambda: len(rig.echo.held) == rig.echo.max_calls - 1)
+            parms = [(T.LINADDR_IN, b"abc"), (T.LINADDR_OUT, b"\x5a" * 8), (T.U32, 7)]
+            await do_call(rig, "refused", session, client, FN_ECHO, parms)
+            nursery.cancel_scope.cancel()
+
+    results = await differ(script)
+    for steps in results.values():
+        (refused,) = (step for step in steps if step.label == "refused")
+        assert L.IoctlHeader.rc.get(refused.buffer) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+        assert refused.user == (b"abc", bytes(8))
+    assert_agree(results)
 
 
 async def _cancelled_call(rig: Rig, session: DriverSession, client: int) -> None:
