@@ -52,7 +52,9 @@ from agent.protocol.constants import (
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
     HGCM_MAX_USER_PARM,
+    HGCM_PARM32_SIZE,
     HGCM_PARM64_SIZE,
+    IOCTL_HDR_VERSION,
     IOCTL_TYPE,
     REQUESTOR_KERNEL,
     TIMEOUT_INFINITE,
@@ -111,6 +113,7 @@ MIB: Final = 1 << 20
 VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
 VERR_IO_BAD_LENGTH: Final = STATUS_CODES["VERR_IO_BAD_LENGTH"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
+VERR_WRONG_ORDER: Final = STATUS_CODES["VERR_WRONG_ORDER"]
 UNTOUCHED: Final = 0x5A
 """Filler of buffers whose bytes must come back unchanged."""
 
@@ -257,7 +260,7 @@ class TestHeaderRc:
         L.IoctlHeader.size_out.set(change.buffer, 32)
         await expect_einval(client, change.code, change.buffer)
 
-    @pytest.mark.parametrize("code", [Ioctl.hgcm_call_32(HEADER_SIZE), 0xC018_5699, 0xC018_5614])
+    @pytest.mark.parametrize("code", [0xC018_5699, 0xC018_5614])
     async def test_unknown_ioctls_are_einval(self, host: SimulatedHost, code: int) -> None:
         """Unknown functions (VERR_NOT_SUPPORTED inside) fail with EINVAL, not ENOTTY."""
         client = await open_client(host)
@@ -370,6 +373,39 @@ class TestHeaderRc:
         oversized(after_a_bad_type, 1, HgcmParmType.PAGELIST)
         oversized(after_a_bad_type, 2)
         assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
+
+    async def test_a_32_bit_call_is_refused_to_user_callers(
+        self, host: SimulatedHost, echo: EchoService
+    ) -> None:
+        """A 64-bit build dispatches HGCM_CALL_32 (``_IOC_NR`` 6) as HGCM_CALL with 12-byte
+        parameters (``vgdrvIoCtl_HGCMCallInner`` with ``f32bit``): the count, the buffer's
+        room for them (``size_out`` becomes their size) and the client are checked, then
+        ``VbglR0HGCMInternalCall32`` refuses a user caller (VERR_WRONG_ORDER), all in
+        ``hdr.rc`` with the ioctl returning 0; nothing reaches the host. A header too short
+        for a call is EINVAL."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        seen = _record_requestors(host, RequestType.HGCM_CALL32, RequestType.HGCM_CALL64)
+
+        async def call32(target: int, count: int, size: int) -> tuple[int, int]:
+            buf = bytearray([UNTOUCHED]) * size
+            L.IoctlHeader.size_in.set(buf, size)
+            L.IoctlHeader.version.set(buf, IOCTL_HDR_VERSION)
+            L.IoctlHeader.type.set(buf, 0)
+            L.IoctlHeader.size_out.set(buf, size)
+            L.HgcmCallIoctl.client_id.set(buf, target)
+            L.HgcmCallIoctl.parm_count.set(buf, count)
+            await client.raw(Ioctl.hgcm_call_32(size), buf)
+            return L.IoctlHeader.rc.get(buf), L.IoctlHeader.size_out.get(buf)
+
+        two = HGCM_CALL_HEADER_SIZE + 2 * HGCM_PARM32_SIZE  # too short for two of 16 bytes
+        assert await call32(client_id, 2, two) == (VERR_WRONG_ORDER, two)
+        assert await call32(0x7777, 2, two) == (VERR_INVALID_HANDLE, two)
+        assert await call32(client_id, 3, two) == (VERR_INVALID_PARAMETER, two)
+        assert (await call32(client_id, 33, two))[0] == VERR_INVALID_PARAMETER
+        assert (seen, echo.held, echo.cancelled) == ([], [], [])
+        header_only = ioctl_buffer(HEADER_SIZE, HEADER_SIZE)
+        await expect_einval(client, Ioctl.hgcm_call_32(HEADER_SIZE), header_only)
 
     async def test_a_call_vmmdev_refuses_leaves_the_callers_buffers(
         self, host: SimulatedHost, echo: EchoService, autojump_clock: object
