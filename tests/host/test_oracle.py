@@ -24,6 +24,7 @@ from agent.host.driver import _oracle
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import REQUEST_SIZES, check_request_size
 from agent.host.driver._session import session_requestor
+from agent.host.driver._util import U32_MAX
 from agent.host.driver.oracle import OracleDriver
 from agent.host.memory import IoctlMemory
 from agent.protocol import (
@@ -708,6 +709,29 @@ class TestCapabilities:
         assert await change_caps(setter, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
         assert await acquire_caps(taker, SEAMLESS, 0) == VINF_SUCCESS
         assert await change_caps(setter, SEAMLESS, 0) == (VERR_RESOURCE_BUSY, SEAMLESS, SEAMLESS)
+
+    async def test_an_acquire_that_changes_nothing_reports_caps_the_host_lost(
+        self, host: SimulatedHost
+    ) -> None:
+        """A refused report leaves the host's capabilities unknown (``fGuestCapsHost`` is
+        UINT32_MAX): ``vgdrvAcquireSessionCapabilities`` then reports them even when it
+        adds and removes nothing, and once the host took them, such an acquire sends
+        nothing (mainline returns before it either way)."""
+        client = await open_client(host)
+        assert await change_caps(client, GRAPHICS, 0) == (VINF_SUCCESS, GRAPHICS, GRAPHICS)
+        reports = _record_requestors(host, RequestType.SET_GUEST_CAPABILITIES)
+        host.add_fault(RequestType.SET_GUEST_CAPABILITIES, VERR_GENERAL_FAILURE)
+        assert await change_caps(client, SEAMLESS, 0) == (
+            VERR_GENERAL_FAILURE,
+            GRAPHICS,
+            GRAPHICS,
+        )
+        assert model_driver(host).guest_caps_host == U32_MAX
+        assert await acquire_caps(client, 0, 0) == VINF_SUCCESS
+        assert await acquire_caps(client, 0, 0) == VINF_SUCCESS
+        assert len(reports) == 2  # the refused one and the acquire's
+        assert host.vmmdev.guest.capabilities == GRAPHICS
+        assert model_driver(host).guest_caps_host == GRAPHICS
 
     async def test_change_reports_the_caps_even_when_refused(self, host: SimulatedHost) -> None:
         """The session's and all sessions' capabilities come back with a refusal too; the

@@ -106,6 +106,9 @@ class Driver:
     kernel's, as at a close)."""
     acquire_refuses_set_caps: ClassVar[bool] = True
     """Whether acquiring a capability some session set is refused (mainline: EINVAL)."""
+    acquire_reports_unknown_caps: ClassVar[bool] = False
+    """Whether an ACQUIRE that changes nothing reports the capabilities again while the
+    host's are unknown (mainline returns before it)."""
     legacy_cancel: ClassVar[bool] = True
     """Whether a CANCEL2 the host answers VERR_NOT_IMPLEMENTED is sent again as the legacy
     HGCM_CANCEL of the call's own request (``hgcm_cancel_call``)."""
