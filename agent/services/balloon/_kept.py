@@ -50,8 +50,8 @@ class KeptChunks:
         """The chunks kept when the service left them."""
 
     def status(self) -> str:
-        """``balloon off, 61 MB kept``."""
-        return f"balloon off, {len(self.walker.held) * CHUNK_MB} MB kept"
+        """``61 MB kept``."""
+        return f"{len(self.walker.held) * CHUNK_MB} MB kept"
 
     async def give_back(self, stopping: trio.Event) -> None:
         """Give every chunk back, one line once all are (:class:`~agent.services.Remnant`)."""
