@@ -9,7 +9,7 @@ backoff, one warning, the status saying why, one line once it goes through) and 
   through the gauge's refresh, before every guest statistics report, after the drain too
   (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed, and
   nothing polls it; its work item finishes a change under way once 0x40 left the filter);
-  the status shows the size with the time it was read;
+  the status shows the size last read, without its time (``statistics().read_at``);
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor (``MemAvailable``
   alone: the driver's pages are charged to no cgroup of the agent's) the call is postponed,
