@@ -116,10 +116,6 @@ _HEADER_START: Final = L.run(
 """What the port handler checks first: size, version and type (from offset 0)."""
 
 
-_HGCM_CALLS: Final = frozenset({int(RequestType.HGCM_CALL32), int(RequestType.HGCM_CALL64)})
-"""The requests the port handler maps in place when they lie within one page."""
-
-
 @final
 class RequestCounts(dict[int, int]):
     """Requests the port handled (or refused) by type; a type not seen counts 0.

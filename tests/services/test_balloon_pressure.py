@@ -63,8 +63,12 @@ class TestPsiMonitor:
         """A regular file refuses the trigger; the stall share comes from ``total``."""
         psi = tmp_path / "memory.pressure"
         _write_psi(psi, 1_000)
-        with trio.fail_after(60), PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10) as mon:
-            assert not mon.uses_trigger
+        with (
+            capture_logs() as logs,
+            trio.fail_after(60),
+            PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10) as mon,
+        ):
+            assert [e["event"] for e in logs] == ["psi_trigger_unavailable"]
             _write_psi(psi, 1_000 + 500_000)  # 0.5 s of stall within the 1 s interval
             high = await mon.next_reading()
             assert high == type(high)(50.0, high=True, via="poll")
@@ -154,7 +158,6 @@ class TestPsiMonitor:
             trio.fail_after(60),
             PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon,
         ):
-            assert mon.uses_trigger is takes_a_trigger
             if takes_a_trigger:
                 # The kernel keeps one trigger per descriptor: a second one is EBUSY.
                 [psi_fd] = [
@@ -188,8 +191,11 @@ class TestPsiMonitor:
             pytest.skip(parent)
         if not _kernel_takes_a_trigger(REAL_PSI):
             pytest.skip(f"this kernel takes no trigger on {REAL_PSI}")
-        with PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=1.0) as mon:
-            assert mon.uses_trigger
+        with (
+            capture_logs() as logs,
+            PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=1.0) as mon,
+        ):
+            assert [e["event"] for e in logs] == ["psi_trigger_set"]
             with thrashing(tmp_path, *parent) as thrasher:
                 with trio.move_on_after(THRASH_WAIT_S) as waited:
                     reading = await mon.next_reading()

@@ -40,6 +40,7 @@ from agent.protocol import (
 from agent.protocol._ioc import ioc_size, without_size
 from agent.protocol.constants import (
     HEADER_SIZE,
+    IOCTL_HDR_TYPE_DEFAULT,
     IOCTL_HDR_VERSION,
     MAX_IOCTL_SIZE,
     MAX_VMMDEV_REQUEST_SIZE,
@@ -391,8 +392,8 @@ class Driver:
         if size > size_in:
             kbuf += bytes(size - size_in)
         _RC_SIZE_OUT.pack_into(kbuf, H.IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
-        # vbg_core_ioctl: only a VMMDev request may have a header type other than 0.
-        if ioctl_type != 0 and not any_type:
+        # vbg_core_ioctl: only a VMMDev request may have a header type other than the default.
+        if ioctl_type != IOCTL_HDR_TYPE_DEFAULT and not any_type:
             raise fail(errno.EINVAL)
         await handler(self, session, kbuf, memory)
         # copy_out, inline: size_out bytes of the kernel's copy go back (EFAULT if the

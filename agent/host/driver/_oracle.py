@@ -45,6 +45,7 @@ from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     HGCM_PARM64_SIZE,
     IOC_VERSION,
+    IOCTL_HDR_TYPE_DEFAULT,
     IOCTL_HDR_VERSION,
     IOCTL_TYPE,
     MAX_IOCTL_SIZE,
@@ -227,7 +228,7 @@ async def _log_ioctl(
 ) -> int:
     """``vgdrvIoCtl_Log``: a trusted session's message goes to the release log (the kernel
     log); a /dev/vboxuser session's to ``Log``, which release builds compile out."""
-    if L.IoctlHeader.type.get(kbuf) != 0:
+    if L.IoctlHeader.type.get(kbuf) != IOCTL_HDR_TYPE_DEFAULT:
         return VERR_INVALID_PARAMETER
     if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
         return _refuse(kbuf)

@@ -138,11 +138,6 @@ class PsiMonitor:
         self._last_total = 0
         self._last_time = 0.0
 
-    @property
-    def uses_trigger(self) -> bool:
-        """Whether the kernel accepted the trigger (else the file is polled)."""
-        return self._epoll is not None
-
     def __enter__(self) -> Self:
         """Open the file, read a first figure and try to register the trigger.
 
