@@ -55,6 +55,7 @@ from agent.protocol.status import (
     VERR_INTERNAL_ERROR,
     VINF_SUCCESS,
 )
+from agent.units import NS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -78,7 +79,6 @@ than the agent's requests and calls use (a size per request type or parameter co
 enough that numbers a client makes up cannot grow the table; others are worked out each time."""
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
-NS_PER_S: Final = 1_000_000_000
 _HGCM: Final = int(Event.HGCM)
 _MOUSE: Final = int(Event.MOUSE_POSITION_CHANGED)
 _BALLOON: Final = int(Event.BALLOON_CHANGE_REQUEST)
