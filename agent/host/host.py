@@ -112,16 +112,19 @@ class SimulatedHost:
             core_dump_enabled=core_dump_enabled,
             seed=seed,
         )
-        self.driver: DriverModel = (
-            OracleDriver(self.vmmdev, self.ram, r3_balloon=True)
-            if r3_balloon
-            else self._spec.make_driver(self.vmmdev, self.ram)
-        )
+        self._r3_balloon = r3_balloon
+        self.driver = self._load_driver()
         for service in (GuestPropertyService(),) if services is None else services:
             self.register_hgcm_service(service)
         self._nursery: trio.Nursery | None = None
         self._driver_scope = trio.CancelScope()
         self._resetting = trio.Lock()
+
+    def _load_driver(self) -> DriverModel:
+        """The guest's driver as this host's guest builds it (at power-on and every reboot)."""
+        if self._r3_balloon:
+            return OracleDriver(self.vmmdev, self.ram, r3_balloon=True)
+        return self._spec.make_driver(self.vmmdev, self.ram)
 
     # --- set-up and running ----------------------------------------------------------------
 
@@ -304,7 +307,7 @@ class SimulatedHost:
                 msg = "the simulated host is not running"
                 raise RuntimeError(msg)
             self.vmmdev.reset()
-            booting = self._spec.make_driver(self.vmmdev, self.ram)
+            booting = self._load_driver()
             # The old boot's driver answers opens until the new one has loaded.
             self._driver_scope = await nursery.start(self._run_driver, booting)
             self.driver = booting

@@ -1210,6 +1210,24 @@ class TestOracleWithoutAllocator:
                 assert (await other.request(CheckBalloon())).handle_in_r3
                 nursery.cancel_scope.cancel()
 
+    async def test_a_reset_boots_the_same_build(self) -> None:
+        """A reset reboots the same guest: its driver again lacks the allocator, and starts
+        on the kernel API until its own first inflate hands the balloon to ring 3."""
+        host = SimulatedHost(personality=PERSONALITY, r3_balloon=True)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                await hand_to_ring3(host)
+                await host.reset()
+                assert not host.driver.kernel_allocator  # type: ignore[attr-defined]
+                assert host.driver.use_kernel_api  # type: ignore[attr-defined]
+                owner = await open_client(host)
+                host.set_balloon_target(2)
+                status = await owner.request(CheckBalloon())
+                assert (status.chunks, status.handle_in_r3) == (2, True)
+                assert host.vmmdev.balloon.chunks == 0
+                nursery.cancel_scope.cancel()
+
     async def test_a_deflate_keeps_the_kernel_api(self) -> None:
         """Only an inflate finds the allocator missing: a target below the balloon (an
         empty one: none) answers 0 and CHANGE_BALLOON stays refused."""

@@ -76,7 +76,7 @@ from agent.records import record
 from agent.services._base import BalloonGauge, DrainTime
 from agent.services._leftovers import Leftovers
 from agent.services.balloon._backoff import Backoff, failure_text
-from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
+from agent.services.balloon._cgroup import CgroupLimits, Headroom, memory_cgroups
 from agent.services.balloon._incomplete import log_drain_incomplete
 from agent.services.balloon._kept import KeptChunks
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
@@ -158,11 +158,11 @@ class BalloonService:
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
         cgroup_room: the room left in the agent's memory cgroups, limit less usage not
-            counting reclaimable cache (default: :func:`~._cgroup.least_room` over the
-            cgroups :func:`~._cgroup.memory_cgroups` names now, unless ``mem_available_mb``
-            is given: then none, that figure is all there is). Where the agent locks the
-            chunks (allocated, owned), the floor is checked against the less of the two;
-            where the driver allocates them (triggered mode, the mode probe) against
+            counting reclaimable cache (default: :meth:`~._cgroup.CgroupLimits.least_room`
+            of the cgroups :func:`~._cgroup.memory_cgroups` names now, unless
+            ``mem_available_mb`` is given: then none, that figure is all there is). Where the
+            agent locks the chunks (allocated, owned), the floor is checked against the less of
+            the two; where the driver allocates them (triggered mode, the mode probe) against
             ``MemAvailable`` alone: those are kernel pages, charged to no cgroup of the agent's.
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (once drained, the
@@ -211,7 +211,8 @@ class BalloonService:
         self._pressure = pressure
         self._headroom = Headroom(
             mem_available_mb or self._read_mem_available,
-            cgroup_room or (None if mem_available_mb else partial(least_room, memory_cgroups())),
+            cgroup_room
+            or (None if mem_available_mb else CgroupLimits(memory_cgroups()).least_room),
         )
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
