@@ -217,6 +217,8 @@ async def test_chunks_the_host_still_holds_at_the_stop_are_critical(
     assert (reload_drain["kept"], reload_drain["log_level"]) == (CHUNKS, "warning")
     assert (stop["kept"], stop["log_level"]) == (CHUNKS, "critical")
     assert stop["reason"] == "the drain time ran out"
+    # The same line as the service's own drain cut short at the stop.
+    assert stop["note"].startswith(f"the host still holds {CHUNKS} chunks ballooned: once")
     assert "balloon_kept_returned" not in [e["event"] for e in logs]
 
 

@@ -45,6 +45,7 @@ from agent.protocol.constants import (
     HGCM_MAX_USER_PARM,
     HGCM_PARM64_SIZE,
     IOC_VERSION,
+    IOCTL_HDR_TYPE_DEFAULT,
     IOCTL_HDR_VERSION,
     IOCTL_TYPE,
     MAX_IOCTL_SIZE,
@@ -65,6 +66,7 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
+from agent.units import MS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -79,7 +81,6 @@ VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
 VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
-MS_PER_S: Final = 1000
 SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
 SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
 """``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
@@ -227,7 +228,7 @@ async def _log_ioctl(
 ) -> int:
     """``vgdrvIoCtl_Log``: a trusted session's message goes to the release log (the kernel
     log); a /dev/vboxuser session's to ``Log``, which release builds compile out."""
-    if L.IoctlHeader.type.get(kbuf) != 0:
+    if L.IoctlHeader.type.get(kbuf) != IOCTL_HDR_TYPE_DEFAULT:
         return VERR_INVALID_PARAMETER
     if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
         return _refuse(kbuf)
