@@ -42,7 +42,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -56,7 +55,7 @@ from agent.protocol import BALLOON_CHUNK_SIZE, CheckBalloon
 from agent.protocol.constants import Ioctl
 from agent.services import EventPump
 from agent.services.balloon import BalloonSection, BalloonService, PressureReading
-from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
+from agent.services.balloon._cgroup import CgroupLimits, Headroom, memory_cgroups
 from agent.services.balloon._chunks import MmapAllocator, _libc
 from agent.services.balloon._pressure import MemInfo, PressureFileError
 
@@ -95,7 +94,7 @@ def headroom_mb() -> int | None:
         except PressureFileError:
             return None
 
-    return Headroom(mem_available_mb, partial(least_room, memory_cgroups())).mb()
+    return Headroom(mem_available_mb, CgroupLimits(memory_cgroups()).least_room).mb()
 
 
 def walk_refusal(mb: int, headroom: int | None, floor: int) -> str | None:

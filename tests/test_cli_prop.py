@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -42,7 +43,7 @@ from agent.cli._exit import (
 )
 from agent.cli._prop import _delete, _enum, _explain, _set, _wait
 from agent.device import open_device
-from agent.device.unix import VERSION_WAIT_S, UnixSocketOpener
+from agent.device.unix import HOST_START_WAIT_S, VERSION_WAIT_S, UnixSocketOpener
 from agent.host import SimOpener, SimulatedHost
 from agent.host.guest_props import GuestFunction, GuestPropertyService
 from agent.protocol import VBoxStatusError
@@ -467,8 +468,83 @@ class TestErrors:
         assert message in done.stderr
 
 
+REFUSED_ARGUMENTS: Final = [
+    (("get", ""), "get: property name is empty"),
+    (("get", "/a\udcff"), "get: property name '/a\\xff' is not valid Unicode text"),
+    (
+        ("delete", "/a?"),
+        "delete: property name '/a?' contains '*', '?' or '|', which names may not",
+    ),
+    (
+        ("set", "/a|b", "v"),
+        "set: property name '/a|b' contains '*', '?' or '|', which names may not",
+    ),
+    (
+        ("set", "/a", "v" * 1024),
+        "set: property value is 1024 bytes long; the limit is 1023 bytes of UTF-8 "
+        "(VERR_TOO_MUCH_DATA)",
+    ),
+    (
+        ("set", "/a", "x\uffff"),
+        "set: property value 'x\\uffff' holds U+FFFF at character 2, which the host refuses "
+        "(VERR_CODE_POINT_ENDIAN_INDICATOR)",
+    ),
+    (("set", "/a", "v", "--flags", "BOGUS"), "set: invalid flags 'BOGUS': unknown flag at 'BOGUS'"),
+    (
+        ("set", "/a", "v", "--json", "--flags", "TRANSIENT;"),
+        "set: invalid flags 'TRANSIENT;': expected ',' before ';'",
+    ),
+    (
+        ("enum", "p" * 600, "q" * 600),
+        "enum: pattern list is 1201 bytes long; the limit is 1023 bytes of UTF-8",
+    ),
+    (
+        ("enum", "/ok", "a\ufffe"),
+        "enum: pattern 'a\\ufffe' holds U+FFFE at character 2, which the host refuses "
+        "(VERR_CODE_POINT_ENDIAN_INDICATOR)",
+    ),
+    (
+        ("wait", "x\uffff", "--timeout", "1"),
+        "wait: pattern 'x\\uffff' holds U+FFFF at character 2, which the host refuses "
+        "(VERR_CODE_POINT_ENDIAN_INDICATOR)",
+    ),
+    (("wait", "x\udcff"), "wait: pattern 'x\\xff' is not valid Unicode text"),
+]
+"""Arguments of each action the service would refuse (the undecodable byte 0xFF arrives in
+argv as U+DCFF), and the line after ``vbox-agent prop `` that says so."""
+
+
 class TestNoHost:
     """Device specs that lead to no host: no simulator runs, so no personality is involved."""
+
+    @pytest.mark.parametrize("device", ["no-node", "not-the-device", "no-host", "stale-socket"])
+    @pytest.mark.parametrize(("args", "line"), REFUSED_ARGUMENTS)
+    def test_what_the_service_refuses_exits_64_whatever_the_device(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        device: str,
+        args: tuple[str, ...],
+        line: str,
+    ) -> None:
+        """A name, value, pattern or flags the service would refuse exits 64 with its line
+        before the device opens, at once: with no device node (it exited 69), a path that
+        is not the device (78), and a ``unix:`` path no host listens on (it waited
+        ``HOST_START_WAIT_S`` for one, then exited 69)."""
+        stale = tmp_path / "stale.sock"
+        with socket.socket(socket.AF_UNIX) as gone:  # its file stays, with no listener
+            gone.bind(str(stale))
+        spec = {
+            "no-node": str(tmp_path / "vboxguest"),
+            "not-the-device": os.devnull,
+            "no-host": f"unix:{tmp_path / 'none.sock'}",
+            "stale-socket": f"unix:{stale}",
+        }[device]
+        began = time.monotonic()
+        code = main(["prop", "--device", spec, *args])
+        took = time.monotonic() - began
+        assert (code, *capsys.readouterr()) == (EX_USAGE, "", f"vbox-agent prop {line}\n")
+        assert took < HOST_START_WAIT_S
 
     @staticmethod
     def prop(*args: str) -> subprocess.CompletedProcess[str]:

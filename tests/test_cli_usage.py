@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 import pytest
 
 from agent import host as simulated_host
-from agent.cli import _host, _prop, _simulate, main
+from agent.cli import _host, _prop, main
 from agent.cli._arguments import (
     ALL_PERSONALITIES,
     DEFAULT_PERSONALITY,
@@ -24,7 +24,7 @@ from agent.cli._arguments import (
 )
 from agent.cli._exit import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
 from agent.cli._run import _demo_scenario_path
-from agent.host import _faults as faults, _heartbeat as heartbeat
+from agent.host import _faults as faults
 from agent.host.scenario import load_scenario
 
 if TYPE_CHECKING:
@@ -466,14 +466,6 @@ def test_personalities_are_the_simulators() -> None:
 def test_host_fault_checks_the_hosts_own_limit() -> None:
     """``host fault --count`` stops where the simulated host does."""
     assert _host.MAX_FAULT_COUNT == faults.MAX_FAULT_COUNT
-
-
-def test_simulate_checks_the_hosts_own_limits() -> None:
-    """``simulate``'s longest interval is the last one whose default timeout (twice it) fits
-    the host's u64 nanoseconds."""
-    longest_ns = _simulate.MAX_HEARTBEAT_INTERVAL_MS * _simulate.NS_PER_MS
-    assert 2 * longest_ns <= heartbeat.MAX_NS < 2 * (longest_ns + _simulate.NS_PER_MS)
-    assert _simulate.MIN_HEARTBEAT_INTERVAL_MS * _simulate.NS_PER_MS == heartbeat.MIN_INTERVAL_NS
 
 
 def test_simulate_and_the_demo_default_to_the_same_personality() -> None:

@@ -4,10 +4,11 @@
 | wait PATTERN [--timeout S]``, each with ``--json``. ``--device`` takes what ``run`` takes
 (``/dev/vboxguest``, ``unix:PATH`` for a simulated host). Exit codes: 0 done; 1 not found,
 wait timed out, or the host refused (one line naming the VBox status); 64 bad arguments or
-a name, value, pattern or flags the service would refuse; 69 no device, or a host that does
-not answer (VERR_TIMEOUT); 70 anything else; 75 properties the host added faster than they
-could be listed (try again); 78 a device path that cannot be the device (a directory, or a
-file that does not answer the vboxguest handshake), as ``run`` says it.
+a name, value, pattern or flags the service would refuse (checked before the device is
+opened, so whatever the device); 69 no device, or a host that does not answer
+(VERR_TIMEOUT); 70 anything else; 75 properties the host added faster than they could be
+listed (try again); 78 a device path that cannot be the device (a directory, or a file
+that does not answer the vboxguest handshake), as ``run`` says it.
 Only warnings are logged, on stderr: stdout holds the answer alone, and a failure is one
 line on stderr. A set or delete the host ignored (``VINF_PERMISSION_DENIED``: it made every
 property read-only for the guest) exits 0, as VBoxControl does, with one line on stderr.
@@ -63,8 +64,12 @@ from agent.services.guest_props import (
     PropertiesGrowingError,
     Property,
     PropertyChange,
+    enum_patterns,
+    name_param,
     open_guest_properties,
     open_property_watch,
+    set_params,
+    wait_patterns,
 )
 
 if TYPE_CHECKING:
@@ -99,7 +104,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Exit status: 0 done; 1 not found, wait timed out or refused by the host; 64 bad "
-        "arguments, or a name, value, pattern or flags the service would refuse; 69 no "
+        "arguments, or a name, value, pattern or flags the service would refuse (whatever "
+        "the device: checked before it opens); 69 no "
         "device, or a host that does not answer; 70 anything else; 75 properties the host "
         "added faster than they could be listed (try again); 78 a --device path that cannot "
         "be the device (a directory, or a file that does not answer the vboxguest handshake)."
@@ -114,18 +120,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="prop_action", required=True, metavar="ACTION")
     get = actions.add_parser("get", help="print a property's value")
     get.add_argument("name", metavar="NAME")
-    get.set_defaults(action=_get)
+    get.set_defaults(action=_get, check=_check_name)
     set_ = actions.add_parser("set", help="set a property (its flags are replaced)")
     set_.add_argument("name", metavar="NAME")
     set_.add_argument("value", metavar="VALUE")
     set_.add_argument("--flags", help="e.g. TRANSIENT,RDONLYHOST (default: none)")
-    set_.set_defaults(action=_set)
+    set_.set_defaults(action=_set, check=_check_set)
     delete = actions.add_parser("delete", help="delete a property")
     delete.add_argument("name", metavar="NAME")
-    delete.set_defaults(action=_delete)
+    delete.set_defaults(action=_delete, check=_check_name)
     enum = actions.add_parser("enum", help="list properties matching patterns (all by default)")
     enum.add_argument("patterns", nargs="*", metavar="PATTERN", help="'*' and '?' wildcards")
-    enum.set_defaults(action=_enum)
+    enum.set_defaults(action=_enum, check=_check_enum)
     wait = actions.add_parser("wait", help="wait for the next change of a matching property")
     wait.add_argument("pattern", metavar="PATTERN", help="'*', '?', '|' between alternatives")
     wait.add_argument(
@@ -135,7 +141,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="give up after S seconds (default: wait until a change)",
     )
-    wait.set_defaults(action=_wait)
+    wait.set_defaults(action=_wait, check=_check_wait)
     for action in (get, set_, delete, enum, wait):
         action.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=prop_command)
@@ -146,6 +152,9 @@ def prop_command(args: argparse.Namespace) -> int:
     configure_logging(LogConfig(level="warning"), stream=sys.stderr)
     escape_unencodable()
     try:
+        # What the service would refuse exits 64 before the device opens: a missing device
+        # (69), a path that is none (78) or a wait for a host must not hide it.
+        args.check(args)
         try:
             opener = opener_for_spec(args.device, ioctl_threads=DeviceConfig().ioctl_threads)
         except ValueError as exc:
@@ -199,6 +208,25 @@ def _subject(args: argparse.Namespace) -> str:
     """``NAME: `` (or the wait's ``PATTERN: ``), escaped to one printable line."""
     name = getattr(args, "name", None) or getattr(args, "pattern", None)
     return f"{escaped(name)}: " if name else ""
+
+
+# The checks the client makes before a call sends anything (PropertyArgumentError).
+
+
+def _check_name(args: argparse.Namespace) -> None:
+    name_param(args.name)
+
+
+def _check_set(args: argparse.Namespace) -> None:
+    set_params(args.name, args.value, args.flags)
+
+
+def _check_enum(args: argparse.Namespace) -> None:
+    enum_patterns(args.patterns)
+
+
+def _check_wait(args: argparse.Namespace) -> None:
+    wait_patterns([args.pattern])
 
 
 async def _run(args: argparse.Namespace, opener: DeviceOpener) -> None:

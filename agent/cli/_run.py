@@ -192,7 +192,7 @@ def _simulated_host(settings: HostSettings, personality: str | None) -> Simulate
         personality=personality or settings.personality,
         r3_balloon=settings.r3_balloon,
         ram_mb=settings.ram_mb,
-        heartbeat_interval_ns=settings.heartbeat_interval_ms * 1_000_000,
+        heartbeat_interval_ns=settings.heartbeat_interval_ns,
         host_time_enabled=settings.host_time,
         core_dump_enabled=settings.core_dumps,
         seed=settings.seed,

@@ -27,22 +27,21 @@ from agent.cli._arguments import (
 from agent.cli._exit import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from agent.cli._output import say
 from agent.device.spec import shown_path
+from agent.host import PersonalityUnavailableError, SimulatedHost
+from agent.host.scenario import (
+    DEFAULT_HEARTBEAT_INTERVAL_MS,
+    MAX_HEARTBEAT_INTERVAL_MS,
+    MIN_HEARTBEAT_INTERVAL_MS,
+)
 from agent.protocol.constants import MAX_GUEST_RAM_MB, MIN_GUEST_RAM_MB
+from agent.units import NS_PER_MS
 
 if TYPE_CHECKING:
     import argparse
 
-    from agent.host import SimulatedHost
-
 DEFAULT_RAM_MB: Final = 2048
-NS_PER_MS: Final = 1_000_000
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 """What stops the host (``agent.cli.HELD_SIGNALS`` holds them until it runs)."""
-MIN_HEARTBEAT_INTERVAL_MS: Final = 50
-"""The host's own minimum heartbeat interval (``HEARTBEAT_DEFAULT_INTERVAL`` floor)."""
-MAX_HEARTBEAT_INTERVAL_MS: Final = (2**64 - 1) // 2 // NS_PER_MS
-"""VMMDev keeps the interval and its default timeout (twice it) as u64 nanoseconds."""
-DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 2000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def simulate_command(args: argparse.Namespace) -> int:
     """Run the host until signalled; return the exit code."""
-    from agent.config import LogConfig  # noqa: PLC0415 - the simulator's imports stay lazy
-    from agent.host import PersonalityUnavailableError, SimulatedHost  # noqa: PLC0415
+    from agent.config import LogConfig  # noqa: PLC0415 - loaded only to run the host
     from agent.host.server import HostSocketError  # noqa: PLC0415
     from agent.logconfig import configure_logging  # noqa: PLC0415
 

@@ -95,7 +95,7 @@ from agent.services import DrainTime, EventPump, Leftovers, ServiceContext
 from agent.services.registry import SERVICES, section_models
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
     from pathlib import Path
 
     from agent.config import AgentConfig
@@ -129,6 +129,9 @@ starting, and ``STATUS=`` reads ``<name> starting`` until it started. The unit's
 ``TimeoutStartSec=`` counts on this bound."""
 STARTING_SUFFIX: Final = " starting"
 """A service's ``STATUS=`` fragment while its run has not started yet."""
+OFF_SUFFIX: Final = " off"
+"""After the name of a service that does not run, while what a stopped run of it left is
+given back (``balloon off, 61 MB kept``)."""
 REJECTED_PREFIX: Final = "last reload rejected: "
 """The first ``STATUS=`` fragment after a reload found the file invalid, until one finds it
 valid: a SIGHUP sent by hand, or a file that changed after the unit's ``check-config``, ends
@@ -513,23 +516,20 @@ class Daemon:
         for spec in self._registry:  # whatever order the start and the reloads ran them in
             service = supervised.get(spec.name)
             error = self._build_failures.get(spec.name)
+            # What a stopped run left (e.g. balloon chunks its drain kept) follows whatever
+            # the service's fragment reads, until it is given back or a new run takes it.
+            left = self._leftovers.status(spec.name)
             if service is None:
-                if error is not None:
-                    fragments.append(f"{spec.name} not started: {error}")
-                elif (left := self._leftovers.status(spec.name)) is not None:
-                    fragments.append(left)  # e.g. balloon chunks a disabled balloon kept
-                continue
-            if service.name in stopping:  # its status may say what it no longer does
-                text = f"{service.name} stopping"
-            elif service.name in retrying:
-                text = f"{service.name} failed, retrying ({retrying[service.name]}x)"
-            elif service.name in starting:
-                text = f"{service.name}{STARTING_SUFFIX}"
+                if error is None and left is None:
+                    continue
+                off = f"{spec.name}{OFF_SUFFIX}"
+                text = off if error is None else f"{spec.name} not started: {error}"
+                unapplied = ""
             else:
-                text = service.status()
-            fragments.append(
-                text if error is None else f"{text} (new settings not applied: {error})"
-            )
+                text = _run_status(service, retrying, stopping, starting)
+                unapplied = "" if error is None else f" (new settings not applied: {error})"
+            kept = f", {left}" if left is not None else ""
+            fragments.append(f"{text}{kept}{unapplied}")
         return STATUS_SEPARATOR.join(fragments) if fragments else "no services running"
 
     async def _publish_status(self) -> None:
@@ -846,3 +846,20 @@ async def _report(
         await facility.report(status)
     if scope.cancelled_caught:
         log.warning("facility_report_abandoned", status=status.name)
+
+
+def _run_status(
+    service: Service[Any],
+    retrying: Mapping[str, int],
+    stopping: Container[str],
+    starting: Container[str],
+) -> str:
+    """The ``STATUS=`` fragment of a supervised service, as far as its runs go."""
+    name = service.name
+    if name in stopping:  # its status may say what it no longer does
+        return f"{name} stopping"
+    if name in retrying:
+        return f"{name} failed, retrying ({retrying[name]}x)"
+    if name in starting:
+        return f"{name}{STARTING_SUFFIX}"
+    return service.status()

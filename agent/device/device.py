@@ -39,7 +39,6 @@ from agent.protocol import (
     VALID_EVENT_MASK,
     AgentError,
     BalloonStatus,
-    ChangeBalloon,
     ChangeFilterMask,
     CheckBalloon,
     DriverVersion,
@@ -216,10 +215,6 @@ class Device:
     async def check_balloon(self) -> BalloonStatus:
         """Ask the driver about the balloon (``VBG_IOCTL_CHECK_BALLOON``)."""
         return await self.request(CheckBalloon())
-
-    async def change_balloon(self, chunk_address: int, *, inflate: bool) -> None:
-        """Hand a 1 MiB user chunk to the host or take it back (Oracle's driver only)."""
-        await self.request(ChangeBalloon(chunk_address, inflate))
 
     async def _open_channel(self) -> _Channel:
         transport = await self._opener.open_session()

@@ -15,13 +15,15 @@ import trio
 
 from agent.host._log import host_log as _log
 from agent.protocol.constants import MIN_HEARTBEAT_INTERVAL_NS
+from agent.units import NS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-NS_PER_S: Final = 1_000_000_000
 MIN_INTERVAL_NS: Final = MIN_HEARTBEAT_INTERVAL_NS
 """``HeartbeatInterval`` below 50 ms is a configuration error."""
+DEFAULT_INTERVAL_NS: Final = 2 * NS_PER_S
+"""The simulated host's ``HeartbeatInterval`` unless it is given one."""
 MIN_TIMEOUT_NS: Final = 100_000_000
 """``HeartbeatTimeout`` below 100 ms is a configuration error."""
 TIMEOUT_MARGIN_NS: Final = 10_000_000

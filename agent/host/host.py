@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, runtime_checka
 
 import trio
 
-from agent.host._heartbeat import NS_PER_S
+from agent.host._heartbeat import DEFAULT_INTERVAL_NS
 from agent.host._log import host_log as _log
 from agent.host._stats import GUEST_CPUS
 from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
@@ -88,7 +88,7 @@ class SimulatedHost:
         personality: str = "mainline",
         ram_mb: int = 2048,
         cpus: int = GUEST_CPUS,
-        heartbeat_interval_ns: int = 2 * NS_PER_S,
+        heartbeat_interval_ns: int = DEFAULT_INTERVAL_NS,
         heartbeat_timeout_ns: int | None = None,
         host_time_enabled: bool = True,
         core_dump_enabled: bool = False,

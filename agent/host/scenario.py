@@ -43,7 +43,7 @@ import trio
 
 from agent.host._balloon import BALLOON_MAX_DENOMINATOR, BALLOON_MAX_NUMERATOR
 from agent.host._faults import MAX_FAULT_COUNT
-from agent.host._heartbeat import MAX_NS, MIN_INTERVAL_NS
+from agent.host._heartbeat import DEFAULT_INTERVAL_NS, MAX_NS, MIN_INTERVAL_NS
 from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
 from agent.protocol.constants import (
@@ -71,6 +71,7 @@ from agent.tomltext import (
     parse_toml,
     read_toml_file,
 )
+from agent.units import NS_PER_MS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -78,12 +79,14 @@ if TYPE_CHECKING:
 
     from agent.host.host import SimulatedHost
 
-NS_PER_MS: Final = 1_000_000
 MIN_HEARTBEAT_INTERVAL_MS: Final = -(-MIN_INTERVAL_NS // NS_PER_MS)
-"""The host's shortest heartbeat interval, in the ``[host]`` table's unit."""
+"""The host's shortest heartbeat interval, in the unit of the ``[host]`` table and of
+``vbox-agent simulate``."""
 MAX_HEARTBEAT_INTERVAL_MS: Final = MAX_NS // 2 // NS_PER_MS
 """The longest interval whose heartbeat timeout (twice the interval, which a scenario cannot
 set) fits the host's u64 nanoseconds."""
+DEFAULT_HEARTBEAT_INTERVAL_MS: Final = DEFAULT_INTERVAL_NS // NS_PER_MS
+"""The interval when neither the ``[host]`` table nor ``simulate`` sets one."""
 Value = int | float | str
 T = TypeVar("T")
 
@@ -98,18 +101,23 @@ class HostSettings:
 
     personality: str = "mainline"
     ram_mb: int = 2048
-    heartbeat_interval_ms: int = 2000
+    heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     host_time: bool = True
     core_dumps: bool = False
     seed: int | None = None
     r3_balloon: bool = False
+
+    @property
+    def heartbeat_interval_ns(self) -> int:
+        """The host's ``HeartbeatInterval``."""
+        return self.heartbeat_interval_ms * NS_PER_MS
 
     def options(self) -> dict[str, object]:
         """Keyword arguments for :class:`~agent.host.host.SimulatedHost`."""
         return {
             "personality": self.personality,
             "ram_mb": self.ram_mb,
-            "heartbeat_interval_ns": self.heartbeat_interval_ms * NS_PER_MS,
+            "heartbeat_interval_ns": self.heartbeat_interval_ns,
             "host_time_enabled": self.host_time,
             "core_dump_enabled": self.core_dumps,
             "seed": self.seed,

@@ -46,7 +46,7 @@ from agent.host._cpu_hotplug import HostCpuHotPlug
 from agent.host._facilities import FacilityTable
 from agent.host._faults import FaultInjector, request_name
 from agent.host._guest_info import GET_MOUSE_STATUS_EX, GuestInfo
-from agent.host._heartbeat import NS_PER_S, HeartbeatMonitor
+from agent.host._heartbeat import DEFAULT_INTERVAL_NS, HeartbeatMonitor
 from agent.host._hgcm_clients import GUEST_INFO2_F_REQUESTOR_INFO
 from agent.host._release import RELEASE
 from agent.host._stats import GUEST_CPUS, HostGuestStats
@@ -75,6 +75,7 @@ from agent.protocol.status import (
     VERR_NOT_SUPPORTED,
     VINF_SUCCESS,
 )
+from agent.units import NS_PER_MS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -105,7 +106,6 @@ _U32_MAX: Final = 0xFFFFFFFF
 LEGACY_INTERFACE: Final = 0x0001_0003
 """Additions of interface 1.03 use the legacy event protocol, which the fast port refuses."""
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-_NS_PER_MS: Final = 1_000_000
 _BALLOON_CHANGE: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.codec
 _BALLOON_CHANGE_AT: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.offset
 _BALLOON_PAGES_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
@@ -114,10 +114,6 @@ _HEADER_START: Final = L.run(
     L.RequestHeader.size_, L.RequestHeader.version, L.RequestHeader.request_type
 ).codec
 """What the port handler checks first: size, version and type (from offset 0)."""
-
-
-_HGCM_CALLS: Final = frozenset({int(RequestType.HGCM_CALL32), int(RequestType.HGCM_CALL64)})
-"""The requests the port handler maps in place when they lie within one page."""
 
 
 @final
@@ -180,7 +176,7 @@ class VMMDev:
         *,
         ram_mb: int = 2048,
         cpus: int = GUEST_CPUS,
-        heartbeat_interval_ns: int = 2 * NS_PER_S,
+        heartbeat_interval_ns: int = DEFAULT_INTERVAL_NS,
         heartbeat_timeout_ns: int | None = None,
         host_time_enabled: bool = True,
         core_dump_enabled: bool = False,
@@ -515,7 +511,7 @@ class VMMDev:
         The machine's clock, not trio's: a guest clock synchronised to it is the machine's
         own, so an agent under test never finds a drift to correct on the machine it runs on.
         """
-        return time.time_ns() // _NS_PER_MS + self.time_offset_ms
+        return time.time_ns() // NS_PER_MS + self.time_offset_ms
 
     # --- handlers ----------------------------------------------------------------------------
 

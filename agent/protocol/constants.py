@@ -18,6 +18,8 @@ IOCTL_TYPE: Final = "V"
 IOCTL_HDR_VERSION: Final = 0x10001
 """``VBG_IOCTL_HDR_VERSION``: the ``version`` of every ioctl header."""
 IOCTL_HDR_TYPE_DEFAULT: Final = 0
+"""``VBG_IOCTL_HDR_TYPE_DEFAULT``: the header ``type`` of every ioctl but a VMMDev request's
+(which the drivers let carry another)."""
 IOC_VERSION: Final = 0x00010000
 """``VBG_IOC_VERSION``: the ioctl interface version the agent asks for."""
 REQUEST_HEADER_VERSION: Final = 0x10001
@@ -52,7 +54,6 @@ HGCM_REQ_CANCELLED: Final = 0x2
 HGCM_CALL_HEADER_SIZE: Final = 40
 """Size of ``struct vbg_ioctl_hgcm_call`` (the header before the parameters)."""
 HGCM_PARM64_SIZE: Final = 16
-HGCM_PARM32_SIZE: Final = 12
 TIMEOUT_INFINITE: Final = 0xFFFFFFFF
 """A ``timeout_ms`` meaning "wait forever"."""
 SHORT_CALL_TIMEOUT_MS: Final = 30_000

@@ -32,6 +32,7 @@ from agent.protocol.constants import (
     HGCM_PARM64_SIZE,
     HGCM_SERVICE_NAME_SIZE,
     IOC_VERSION,
+    IOCTL_HDR_TYPE_DEFAULT,
     IOCTL_HDR_VERSION,
     MAX_IOCTL_SIZE,
     MIN_HEARTBEAT_INTERVAL_NS,
@@ -151,7 +152,9 @@ def ioctl_buffer(size_in: int, size_out: int) -> bytearray:
 def _ioctl_template(size_in: int, size_out: int) -> bytes:
     """The bytes :func:`ioctl_buffer` copies: built once per pair of sizes."""
     buf = bytearray(max(size_in, size_out))
-    _IOCTL_HEADER.set(buf, size_in, IOCTL_HDR_VERSION, 0, VERR_INTERNAL_ERROR, size_out, 0)
+    _IOCTL_HEADER.set(
+        buf, size_in, IOCTL_HDR_VERSION, IOCTL_HDR_TYPE_DEFAULT, VERR_INTERNAL_ERROR, size_out, 0
+    )
     return bytes(buf)
 
 

@@ -169,8 +169,8 @@ class ServiceContext:
             across reloads.
         leftovers: what a service's drain could not give back while the agent runs on (a
             reload disabled or rebuilt it, a restart): the daemon gives it back in the
-            background and at its stop, a new start takes it over, ``STATUS=`` shows it
-            while the service is off (:mod:`agent.services._leftovers`).
+            background and at its stop, a new start takes it over, ``STATUS=`` adds what it
+            still holds to the service's fragment until then (:mod:`agent.services._leftovers`).
     """
 
     device: Device

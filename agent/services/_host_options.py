@@ -38,6 +38,7 @@ from agent.protocol.iprt_numbers import read_number
 from agent.records import record
 from agent.services._base import ServiceSection
 from agent.services.guest_props import open_guest_properties
+from agent.units import MS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -50,14 +51,13 @@ OPTION_PREFIX: Final = "/VirtualBox/GuestAdd/VBoxService/--"
 """Where the host sets VBoxService's options (the option's name without ``--`` follows)."""
 MAX_SHOWN_CHARS: Final = 40
 """How much of a refused value a log line shows."""
-_MS_PER_S: Final = 1000
-MAX_SET_THRESHOLD_MS: Final = 7 * 24 * 3600 * _MS_PER_S
+MAX_SET_THRESHOLD_MS: Final = 7 * 24 * 3600 * MS_PER_S
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
 MIN_INTERVAL_MS: Final = 50
 MAX_INTERVAL_MS: Final = 0xFFFF_FFFE
 """VBoxService's bounds on ``--timesync-interval`` and ``--vminfo-interval`` (50 ms to
 UINT32_MAX - 1 ms, 49.7 days)."""
-MAX_GLOBAL_INTERVAL_S: Final = 0xFFFF_FFFF // _MS_PER_S - 1
+MAX_GLOBAL_INTERVAL_S: Final = 0xFFFF_FFFF // MS_PER_S - 1
 """VBoxService's bound on the global ``--interval`` (1 s to UINT32_MAX / 1000 - 1 s)."""
 
 
@@ -150,7 +150,7 @@ def host_options(
                 f"{name} = {shown}: not a whole number in {option.minimum}..{option.maximum}"
             )
             continue
-        value = number / _MS_PER_S if option.to_seconds else number
+        value = number / MS_PER_S if option.to_seconds else number
         try:
             section.model_validate({option.key: value})
         except ValidationError as exc:

@@ -8,7 +8,9 @@ such a :class:`Remnant` to the context's ``leftovers``. The daemon serves them (
 :meth:`Leftovers.serve`): each is given back in the background at the service's own pace
 while the agent runs on and, once the agent stops, as a drain would, under the services'
 drain deadline. A new start of the service takes its remnant over (:meth:`Leftovers.take`),
-and ``STATUS=`` shows it while the service is off. No daemon code names a service: a
+and ``STATUS=`` shows it after the service's fragment until then, whatever that reads
+(``balloon off, 61 MB kept`` while it is disabled, ``balloon failed, retrying (1x), 61 MB
+kept`` while it backs off before a restart). No daemon code names a service: a
 plug-in that leaves something behind needs nothing but this.
 """
 
@@ -30,7 +32,9 @@ class Remnant(Protocol):
     """What a stopped service still holds at the host, and how to give it back."""
 
     def status(self) -> str:
-        """The service's ``STATUS=`` fragment while it is off, e.g. ``balloon off, 61 MB kept``."""
+        """What is still held, e.g. ``61 MB kept``: ``STATUS=`` puts it after the service's
+        own fragment (``balloon off, 61 MB kept``; ``balloon failed, retrying (1x), 61 MB
+        kept`` before a restart)."""
         ...
 
     async def give_back(self, stopping: trio.Event) -> None:

@@ -34,13 +34,13 @@ import structlog
 import trio
 
 from agent.records import record
+from agent.units import MS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 log = structlog.get_logger(__name__)
 
-_MS_PER_S = 1000
 LATE_RUN_ENDS_AFTER_S: Final = 60.0
 """Ticks on time for this long after the last late one end a run of late ticks."""
 
@@ -219,7 +219,7 @@ class Metronome:
             if not self._late_run:
                 log.warning(
                     "tick_late",
-                    lateness_ms=round(lateness * _MS_PER_S, 1),
+                    lateness_ms=round(lateness * MS_PER_S, 1),
                     skipped=skipped,
                     interval_s=interval,
                 )
@@ -230,7 +230,7 @@ class Metronome:
             log.info(
                 "ticks_on_time_again",
                 late_ticks=self._late_run,
-                max_lateness_ms=round(self._late_run_worst * _MS_PER_S, 1),
+                max_lateness_ms=round(self._late_run_worst * MS_PER_S, 1),
             )
             self._late_run = 0
             self._late_run_worst = 0.0

@@ -83,18 +83,6 @@ MEMINFO_KEYS: Final = frozenset(key for _, _, keys in MEMINFO_FIGURES for key in
     AVAILABLE + AVAILABLE_ESTIMATE
 )
 """The ``/proc/meminfo`` lines a report uses."""
-MEMORY_CAPS: Final = (
-    StatCap.MEMORY_LOAD
-    | StatCap.PHYS_MEM_TOTAL
-    | StatCap.PHYS_MEM_AVAIL
-    | StatCap.MEM_COMMIT_TOTAL
-    | StatCap.MEM_KERNEL_TOTAL
-    | StatCap.MEM_KERNEL_PAGED
-    | StatCap.MEM_KERNEL_NONPAGED
-    | StatCap.MEM_SYSTEM_CACHE
-    | StatCap.PAGE_FILE_SIZE
-)
-"""Every memory bit, as a full ``/proc/meminfo`` gives them."""
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
 IDLE: Final = (PERCENT, 0, 0)
 """The loads (idle, kernel, user) reported for an offline CPU."""

@@ -24,13 +24,14 @@ import os
 import time
 from typing import Final, Protocol
 
+from agent.units import NS_PER_S
+
 KERNEL_SLEW_NS_PER_S: Final = 500_000
 """How fast Linux makes up an ``adjtime`` offset: 0.5 ms a second (``MAX_TICKADJ``)."""
 TIME_ERROR: Final = 5
 """``adjtimex``'s answer while the clock is not synchronised (``linux/timex.h``)."""
 _TIMEX_BYTES: Final = 512
 """Room for ``struct timex`` (208 bytes on 64-bit Linux); zeroed ``modes`` reads only."""
-_NS_PER_S: Final = 1_000_000_000
 _NS_PER_US: Final = 1000
 _Timeval: Final = ctypes.c_long * 2
 """``struct timeval``: seconds, then microseconds."""
@@ -95,7 +96,7 @@ class SystemClock:
             OSError: refused (``PermissionError`` without ``CAP_SYS_TIME``; ``EINVAL`` for
                 an offset beyond glibc's bound).
         """
-        seconds, rest_ns = divmod(offset_ns, _NS_PER_S)  # tv_usec in 0..999999, as required
+        seconds, rest_ns = divmod(offset_ns, NS_PER_S)  # tv_usec in 0..999999, as required
         delta = _Timeval(seconds, rest_ns // _NS_PER_US)
         if self._libc.adjtime(delta, None) != 0:
             code = ctypes.get_errno()

@@ -17,6 +17,8 @@ host's UTF-8 check (IPRT's) takes: neither U+FFFE nor U+FFFF. Methods that take 
 take a sequence of them (``["/VirtualBox/*"]``); a lone ``str`` raises ``TypeError``, as it
 would otherwise be one pattern per character. What the host refuses (read-only properties,
 the 256-property cap) raises ``HgcmCallError`` with the VBox status's name.
+:func:`name_param`, :func:`set_params`, :func:`enum_patterns` and :func:`wait_patterns`
+make a call's checks without a device (``vbox-agent prop`` makes them before it opens one).
 """
 
 from __future__ import annotations
@@ -215,11 +217,7 @@ class GuestProperties:
         but ``VINF_PERMISSION_DENIED`` when the host made every property read-only for the
         guest and ignored the write (VBoxControl reports that as success too).
         """
-        params: list[HgcmParam] = [_name_param(name), HgcmBufferIn(encode_value(value))]
-        function = GuestFunction.SET_PROP_VALUE
-        if flags is not None:
-            params.append(HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
-            function = GuestFunction.SET_PROP
+        function, params = set_params(name, value, flags)
         return (await self._short_call(self._prepare(function, *params))).status
 
     async def delete(self, name: str) -> int:
@@ -227,7 +225,7 @@ class GuestProperties:
 
         Returns the service's status, as :meth:`set` does.
         """
-        delete = self._prepare(GuestFunction.DEL_PROP, _name_param(name))
+        delete = self._prepare(GuestFunction.DEL_PROP, name_param(name))
         return (await self._short_call(delete)).status
 
     async def enumerate(self, patterns: Sequence[str] = ()) -> list[Property]:
@@ -808,7 +806,7 @@ async def open_property_watch(
     """Follow the changes of the properties matching ``patterns`` (all when empty) on a
     channel of the watch's own; see :class:`PropertyWatch`. No other client is connected,
     so a deadline around the block bounds the watch's connect too."""
-    raw = encode_patterns(patterns, nul_separated=False, max_size=MAX_WAIT_PATTERN_SIZE)
+    raw = wait_patterns(patterns)
     async with PropertyWatch(device, raw, unseen_deletes=unseen_deletes, pump=pump) as watch:
         yield watch
 
@@ -836,23 +834,12 @@ def _prepare_short_on(channel: HgcmChannel, function: int, *params: HgcmParam) -
 
 def _prepare_get_on(channel: HgcmChannel, name: str) -> PreparedCall:
     """GET_PROP of ``name`` on ``channel``, with the buffer that holds any value and flags."""
-    return _prepare_get_with(channel, _name_param(name))
+    return _prepare_get_with(channel, name_param(name))
 
 
-def _prepare_get_with(channel: HgcmChannel, name_param: HgcmBufferIn) -> PreparedCall:
-    """GET_PROP of the name in ``name_param`` on ``channel``, as :func:`_prepare_get_on`."""
-    return _prepare_short_on(channel, _GET_PROP, name_param, _VALUE_BUFFER, _ZERO_U64, _ZERO_U32)
-
-
-@functools.lru_cache(maxsize=NAME_PARAMS_CACHED)
-def _name_param(name: str) -> HgcmBufferIn:
-    """``name`` as the calls send it (checked, NUL-terminated), kept for the next call.
-
-    Kept because an agent writes the same few properties over and over: checking and
-    encoding the name cost a quarter of encoding a SET_PROP. A name that is refused raises
-    PropertyArgumentError every time (exceptions are not kept).
-    """
-    return HgcmBufferIn(encode_name(name))
+def _prepare_get_with(channel: HgcmChannel, name_buffer: HgcmBufferIn) -> PreparedCall:
+    """GET_PROP of the name in ``name_buffer`` on ``channel``, as :func:`_prepare_get_on`."""
+    return _prepare_short_on(channel, _GET_PROP, name_buffer, _VALUE_BUFFER, _ZERO_U64, _ZERO_U32)
 
 
 def _held_name_param(name: str) -> HgcmBufferIn:
@@ -893,7 +880,7 @@ async def _enumerate(
     Raises:
         PropertiesGrowingError: every call's buffer was too small.
     """
-    raw_patterns = encode_patterns(patterns, nul_separated=True)
+    raw_patterns = enum_patterns(patterns)
     size = ENUM_BUFFER_SIZE
     enum_props = prepare(
         GuestFunction.ENUM_PROPS, HgcmBufferIn(raw_patterns), HgcmBufferOut(size), HgcmU32(0)
@@ -916,6 +903,38 @@ async def _enumerate(
 
 
 # --- arguments ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=NAME_PARAMS_CACHED)
+def name_param(name: str) -> HgcmBufferIn:
+    """``name`` as the calls send it (checked, NUL-terminated), kept for the next call.
+
+    Kept because an agent writes the same few properties over and over: checking and
+    encoding the name cost a quarter of encoding a SET_PROP. A name that is refused raises
+    PropertyArgumentError every time (exceptions are not kept).
+    """
+    return HgcmBufferIn(encode_name(name))
+
+
+def set_params(
+    name: str, value: str, flags: str | None = None
+) -> tuple[GuestFunction, tuple[HgcmParam, ...]]:
+    """The function and parameters :meth:`GuestProperties.set` sends: SET_PROP_VALUE, or
+    SET_PROP with ``flags``; raise PropertyArgumentError as that set would."""
+    params = (name_param(name), HgcmBufferIn(encode_value(value)))
+    if flags is None:
+        return GuestFunction.SET_PROP_VALUE, params
+    return GuestFunction.SET_PROP, (*params, HgcmBufferIn(canonical_flags(flags).encode() + b"\0"))
+
+
+def enum_patterns(patterns: Sequence[str]) -> bytes:
+    """The pattern list ENUM_PROPS sends; raise PropertyArgumentError as a listing would."""
+    return encode_patterns(patterns, nul_separated=True)
+
+
+def wait_patterns(patterns: Sequence[str]) -> bytes:
+    """The pattern list a watch's waits send; raise PropertyArgumentError as a watch would."""
+    return encode_patterns(patterns, nul_separated=False, max_size=MAX_WAIT_PATTERN_SIZE)
 
 
 def canonical_flags(flags: str) -> str:

@@ -57,6 +57,7 @@ from agent.records import record
 from agent.services._base import ServiceContext, ServiceSection, ServiceSpec
 from agent.services._lasting import LastingFailure
 from agent.services._paced import Metronome, RetryWakeups
+from agent.units import MS_PER_S, NS_PER_MS, NS_PER_S
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -66,8 +67,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 NAME: Final = "heartbeat"
-NS_PER_S: Final = 1_000_000_000
-MS_PER_S: Final = 1000
 MAX_LATE_AFTER_S: Final = 60.0
 DRIVER_REFUSALS: Final = frozenset({VERR_PERMISSION_DENIED, VERR_ACCESS_DENIED})
 """Statuses meaning "the driver keeps the heartbeat" (mainline's EPERM arrives as the first)."""
@@ -237,7 +236,7 @@ class HeartbeatService:
         self._retry_at = math.inf
         self._configures += 1
         interval_s = settings.interval_ns / NS_PER_S
-        log.info("heartbeat_configured", interval_ms=settings.interval_ns / 1_000_000)
+        log.info("heartbeat_configured", interval_ms=settings.interval_ns / NS_PER_MS)
         self._status_changed()
         return interval_s
 

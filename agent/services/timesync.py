@@ -86,6 +86,7 @@ from agent.services._host_options import (
 from agent.services._lasting import LastingFailure
 from agent.services._publishing import IntervalPause
 from agent.services._wallclock import KERNEL_SLEW_NS_PER_S, AgentOwnClock, SystemClock
+from agent.units import MS_PER_S, NS_PER_MS, NS_PER_S
 
 if TYPE_CHECKING:
     from agent.device import Device
@@ -99,12 +100,11 @@ READING_TRIES: Final = 3
 """Readings of one pass before it is given up for latency, as VBoxService."""
 RETRY_AFTER_HIGH_LATENCY_S: Final = 1.0
 """The wait before another reading when one took too long, as VBoxService."""
-MAX_SET_THRESHOLD_S: Final = MAX_SET_THRESHOLD_MS // 1000
+MAX_SET_THRESHOLD_S: Final = MAX_SET_THRESHOLD_MS // MS_PER_S
 """VBoxService's bound on ``--timesync-set-threshold``: a week."""
-MIN_INTERVAL_S: Final = MIN_INTERVAL_MS / 1000
-MAX_INTERVAL_S: Final = MAX_INTERVAL_MS / 1000
+MIN_INTERVAL_S: Final = MIN_INTERVAL_MS / MS_PER_S
+MAX_INTERVAL_S: Final = MAX_INTERVAL_MS / MS_PER_S
 """VBoxService's bounds on ``--timesync-interval``: 0.05 s to 4294967.294 s (49.7 days)."""
-_NS_PER_MS: Final = 1_000_000
 OVER_THRESHOLD: Final = "over set_threshold_s"
 """The reason of a step for a drift over ``set_threshold_s``."""
 NOT_PERMITTED: Final = "not permitted to set the clock (needs CAP_SYS_TIME)"
@@ -183,7 +183,7 @@ def plan_correction(
     reading: Reading, section: TimesyncSection, *, set_now: bool, restored: bool
 ) -> Plan:
     """Decide as VBoxService's timesync does (``set_now``: set-on-start's first reading)."""
-    min_adjust_ns = section.min_adjust_ms * _NS_PER_MS
+    min_adjust_ns = section.min_adjust_ms * NS_PER_MS
     threshold_ns = max(reading.latency_ns * section.latency_factor, min_adjust_ns)
     if reading.drift_ns < 0:  # the guest is ahead: a correction would move time backwards
         threshold_ns += min_adjust_ns
@@ -194,7 +194,7 @@ def plan_correction(
         return Plan(Correction.NONE, "within the minimum")
     if restored and section.set_on_restore:
         return Plan(Correction.STEP, "restored")
-    if drift > section.set_threshold_s * 1e9:
+    if drift > section.set_threshold_s * NS_PER_S:
         return Plan(Correction.STEP, OVER_THRESHOLD)
     return Plan(Correction.SLEW, "over the minimum")
 
@@ -409,7 +409,7 @@ class TimesyncService:
 
     async def _read(self) -> Reading | None:
         """A reading taken fast enough, or None (discarded, or the host failed)."""
-        max_latency_ns = self._section.max_latency_ms * _NS_PER_MS
+        max_latency_ns = self._section.max_latency_ms * NS_PER_MS
         clock = self._clock
         for attempt in range(1, READING_TRIES + 1):
             started = clock.monotonic_ns()
@@ -429,10 +429,10 @@ class TimesyncService:
             self._host_recovered()
             if latency_ns < max_latency_ns:
                 if self._discarding:
-                    log.info("host_time_readings_fast_again", latency_ms=latency_ns / _NS_PER_MS)
+                    log.info("host_time_readings_fast_again", latency_ms=latency_ns / NS_PER_MS)
                 self._discarding = False
-                return Reading(host.ms * _NS_PER_MS - guest_ns, latency_ns)
-            log.debug("host_time_too_slow", latency_ms=latency_ns / _NS_PER_MS, attempt=attempt)
+                return Reading(host.ms * NS_PER_MS - guest_ns, latency_ns)
+            log.debug("host_time_too_slow", latency_ms=latency_ns / NS_PER_MS, attempt=attempt)
             if attempt < READING_TRIES:
                 await trio.sleep(RETRY_AFTER_HIGH_LATENCY_S)
         self._discarded += 1
@@ -457,7 +457,7 @@ class TimesyncService:
         elif restored:  # the restore is handled now: its id, unread, is adopted when read
             self._sessions.forget(self.name)
         self._passes += 1
-        drift_ms = reading.drift_ns / _NS_PER_MS
+        drift_ms = reading.drift_ns / NS_PER_MS
         self._last_drift_ms = drift_ms
         settled = self._daemon_resync_by is None  # the daemon updated before this pass
         self._note_time_daemon(self._time_daemon_keeps_clock(), drift_ms)
@@ -493,7 +493,7 @@ class TimesyncService:
         step back (chronyd, at up to 83 ms a second), and one read just after the update,
         that slew's start."""
         resynced = self._daemon_resync_by is None
-        drift_ms = reading.drift_ns / _NS_PER_MS
+        drift_ms = reading.drift_ns / NS_PER_MS
         if plan.reason != OVER_THRESHOLD:
             if settled and plan.correction is Correction.NONE:
                 if self._disagreeing:
@@ -516,7 +516,7 @@ class TimesyncService:
 
     def _apply(self, plan: Plan, drift_ns: int) -> None:
         """Slew or step; a slew the kernel refuses (too large) becomes a step."""
-        drift_ms = drift_ns / _NS_PER_MS
+        drift_ms = drift_ns / NS_PER_MS
         try:
             if plan.correction is Correction.SLEW:
                 try:

@@ -97,11 +97,11 @@ class Breaker:
 BREAKING: Final = (*SERVICES, ServiceSpec("breaker", ServiceSection, Breaker))
 
 
-def _write_config(path: Path, *, enable: bool) -> None:
+def _write_config(path: Path, *, enable: bool, daemon_lines: str = "") -> None:
     psi = path.parent / "memory.pressure"
     psi.write_text(PSI_TEXT)
     path.write_text(
-        f"[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S}\n"
+        f"[daemon]\nshutdown_timeout_s = {SHUTDOWN_TIMEOUT_S}\n{daemon_lines}"
         f'[balloon]\nenable = {str(enable).lower()}\npsi_path = "{psi}"\nmin_available_mb = 0\n'
     )
 
@@ -111,10 +111,12 @@ def _agent(
     *,
     notifier: Notifier | None = None,
     registry: Sequence[ServiceSpec[Any]] = SERVICES,
+    daemon_lines: str = "",
 ) -> tuple[Path, SimulatedHost, Daemon]:
-    """The config file (balloon enabled), a passthrough host and a daemon on it."""
+    """The config file (balloon enabled, ``daemon_lines`` added to its daemon section), a
+    passthrough host and a daemon on it."""
     path = tmp_path / "agent.toml"
-    _write_config(path, enable=True)
+    _write_config(path, enable=True, daemon_lines=daemon_lines)
     host = SimulatedHost(personality="passthrough")
     daemon = Daemon(
         load_config(path, section_models(registry)),
@@ -215,6 +217,8 @@ async def test_chunks_the_host_still_holds_at_the_stop_are_critical(
     assert (reload_drain["kept"], reload_drain["log_level"]) == (CHUNKS, "warning")
     assert (stop["kept"], stop["log_level"]) == (CHUNKS, "critical")
     assert stop["reason"] == "the drain time ran out"
+    # The same line as the service's own drain cut short at the stop.
+    assert stop["note"].startswith(f"the host still holds {CHUNKS} chunks ballooned: once")
     assert "balloon_kept_returned" not in [e["event"] for e in logs]
 
 
@@ -252,6 +256,32 @@ def _names(logs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [entry["event"] for entry in logs]
 
 
+def _fail_the_run_on(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """An event that, once set, makes the balloon's run fail (an injected bug)."""
+    fail = trio.Event()
+    follow = _service.BalloonService._follow
+
+    async def failing_follow(self: _service.BalloonService) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, self)
+            await fail.wait()
+            msg = "injected bug"
+            raise RuntimeError(msg)
+
+    monkeypatch.setattr(_service.BalloonService, "_follow", failing_follow)
+    return fail
+
+
+def _balloon_fragments(texts: Sequence[str]) -> list[str]:
+    """The balloon's fragments of the ``STATUS=`` texts, in order, each once in a row."""
+    fragments: list[str] = []
+    for text in texts:
+        for fragment in text.split("; "):
+            if fragment.startswith("balloon") and fragments[-1:] != [fragment]:
+                fragments.append(fragment)
+    return fragments
+
+
 async def test_a_re_enable_takes_the_chunks_over_once_their_give_back_ended(
     autojump_clock: trio.abc.Clock, tmp_path: Path
 ) -> None:
@@ -283,17 +313,7 @@ async def test_a_stop_while_a_failed_balloon_restarts_drains_each_chunk_once(
     """The balloon's run fails and its drain keeps the chunks; the stop comes while the
     restarted run's probe is refused: the leftovers alone give the chunks back (the
     restarted run owns none), so every chunk is deflated once and nothing fails."""
-    fail = trio.Event()
-    follow = _service.BalloonService._follow
-
-    async def failing_follow(self: _service.BalloonService) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow, self)
-            await fail.wait()
-            msg = "injected bug"
-            raise RuntimeError(msg)
-
-    monkeypatch.setattr(_service.BalloonService, "_follow", failing_follow)
+    fail = _fail_the_run_on(monkeypatch)
     _, host, daemon = _agent(tmp_path)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as outer:
@@ -316,6 +336,41 @@ async def test_a_stop_while_a_failed_balloon_restarts_drains_each_chunk_once(
     assert "leftovers_give_back_failed" not in _names(logs)
     [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
     assert incomplete["log_level"] == "warning"  # the failed run's; none at the stop
+
+
+async def test_the_status_shows_what_a_failed_run_kept_while_it_backs_off(
+    autojump_clock: trio.abc.Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The balloon's run fails and its drain keeps the chunks: while the service backs off
+    before its restart and they go back in the background, ``STATUS=`` shows them after the
+    retry (it said ``balloon failed, retrying (1x)`` alone), and no more once all are back."""
+    fail = _fail_the_run_on(monkeypatch)
+    notifier = StatusNotifier()
+    _, host, daemon = _agent(
+        tmp_path, notifier=notifier, daemon_lines="restart_backoff_initial_s = 30\n"
+    )
+    retrying = "balloon failed, retrying (1x)"
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as outer:
+            await outer.start(host.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                host.set_balloon_target(CHUNKS)
+                await until(lambda: host_chunks(host) == CHUNKS)
+                host.set_delay(RequestType.CHANGE_MEMBALLOON, HELD_S)
+                fail.set()  # the run fails; its drain runs out of time
+                await until(lambda: f"{retrying}, {CHUNKS} MB kept" in notifier.texts[-1])
+                host.set_delay(RequestType.CHANGE_MEMBALLOON, 0)  # the give-back goes through
+                await until(lambda: host_chunks(host) == 0)
+                await until(lambda: _balloon_fragments(notifier.texts)[-1] == retrying)
+                daemon.request_shutdown("SIGTERM")
+            outer.cancel_scope.cancel()
+    fragments = _balloon_fragments(notifier.texts)
+    assert fragments[fragments.index(retrying) :] == [
+        retrying,  # while the drain runs
+        f"{retrying}, {CHUNKS} MB kept",
+        retrying,
+    ]
 
 
 async def test_a_stop_during_a_reload_s_drain_gives_its_kept_chunks_back(

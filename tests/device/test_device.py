@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from agent.device import DeviceLostError, WaiterInterruptedError, open_device
 from agent.host import SimOpener, SimulatedHost
 from agent.protocol import (
+    ChangeBalloon,
     Event,
     GetHostVersion,
     HgcmBufferIn,
@@ -77,7 +78,7 @@ class TestOpenDevice:
         """A request the driver refuses raises, in its own convention, and is counted."""
         async with open_device(SimOpener(host)) as device:
             with pytest.raises(VBoxStatusError) as info:
-                await device.change_balloon(0x10000, inflate=True)
+                await device.request(ChangeBalloon(0x10000, inflate=True))
             refused = (info.value.name, info.value.errno, str(info.value))
             assert refused == REFUSED_CHANGE_BALLOON[host.personality]
             assert device.statistics().failures == 1

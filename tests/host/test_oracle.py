@@ -53,7 +53,6 @@ from agent.protocol.constants import (
     HEADER_SIZE,
     HGCM_CALL_HEADER_SIZE,
     HGCM_MAX_USER_PARM,
-    HGCM_PARM32_SIZE,
     HGCM_PARM64_SIZE,
     IOCTL_HDR_VERSION,
     IOCTL_TYPE,
@@ -399,7 +398,7 @@ class TestHeaderRc:
             await client.raw(Ioctl.hgcm_call_32(size), buf)
             return L.IoctlHeader.rc.get(buf), L.IoctlHeader.size_out.get(buf)
 
-        two = HGCM_CALL_HEADER_SIZE + 2 * HGCM_PARM32_SIZE  # too short for two of 16 bytes
+        two = HGCM_CALL_HEADER_SIZE + 2 * L.HgcmParameter32.size  # too short for two of 16 bytes
         assert await call32(client_id, 2, two) == (VERR_WRONG_ORDER, two)
         assert await call32(0x7777, 2, two) == (VERR_INVALID_HANDLE, two)
         assert await call32(client_id, 3, two) == (VERR_INVALID_PARAMETER, two)

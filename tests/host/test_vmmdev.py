@@ -20,7 +20,6 @@ import trio
 from hypothesis import given, strategies as st
 
 from agent.host._faults import MAX_FAULT_COUNT
-from agent.host._heartbeat import NS_PER_S
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
 from agent.protocol.constants import (
     BALLOON_CHUNK_PAGES,
@@ -45,6 +44,7 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
+from agent.units import NS_PER_S
 from tests.host.conftest import Device, make_device, user_state_request, vmmdev_request
 
 T = RequestType

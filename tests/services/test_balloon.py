@@ -106,7 +106,7 @@ async def _inflate_two(host: SimulatedHost, device: Device) -> None:
     host.set_balloon_target(2)
     assert (await device.check_balloon()).handle_in_r3
     for index in range(2):
-        await device.change_balloon((index + 1) * BALLOON_CHUNK_SIZE, inflate=True)
+        await device.request(ChangeBalloon((index + 1) * BALLOON_CHUNK_SIZE, inflate=True))
 
 
 PROBED = {

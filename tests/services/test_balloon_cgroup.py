@@ -6,11 +6,17 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
+import pytest
 import trio
 from structlog.testing import capture_logs
 
 from agent.services.balloon import BalloonMode, BalloonSection
-from agent.services.balloon._cgroup import CgroupRoom, least_room, memory_cgroups
+from agent.services.balloon._cgroup import (
+    UNREAD_WARNINGS,
+    CgroupLimits,
+    CgroupRoom,
+    memory_cgroups,
+)
 
 from .balloon_support import ScriptedPressure, SimChunks, running_balloon
 
@@ -39,7 +45,7 @@ def _cgroup(directory: Path, **files: str) -> Path:
 
 def cgroup_room(root: Path, membership: Path) -> CgroupRoom | None:
     """The room the service reads: the least over the cgroups ``membership`` names."""
-    return least_room(memory_cgroups(root, membership))
+    return CgroupLimits(memory_cgroups(root, membership)).least_room()
 
 
 def _membership(tmp_path: Path, text: str) -> Path:
@@ -139,7 +145,7 @@ class TestV2:
 
     def test_unreadable_values_are_passed_over(self, tmp_path: Path) -> None:
         """A value that is no number, or a usage file missing beside its limit, is passed
-        over with a debug line; the other cgroups still count."""
+        over with a warning naming the file; the other cgroups still count."""
         root = tmp_path / "sys"
         leaf = _cgroup(
             root / "system.slice/vbox-agent.service",
@@ -151,8 +157,79 @@ class TestV2:
         membership = _membership(tmp_path, V2_MEMBERSHIP)
         with capture_logs() as logs:
             assert CgroupRoom(200, str(root)) == cgroup_room(root, membership)
-        unread = [(e["log_level"], e["cgroup"]) for e in logs]
-        assert [("debug", str(leaf)), ("debug", str(slice_))] == unread
+        unread = [(e["log_level"], e["file"], e["reason"]) for e in logs]
+        assert [
+            ("warning", str(leaf / "memory.max"), "'lots' is no number of bytes"),
+            ("warning", str(slice_ / "memory.current"), "not there"),
+        ] == unread
+
+    @pytest.mark.parametrize(("bad", "good_mb"), [("memory.high", 300), ("memory.max", 200)])
+    @pytest.mark.parametrize(
+        ("how", "reason"),
+        [("text", "'bogus' is no number of bytes"), ("directory", "Is a directory")],
+    )
+    def test_an_unreadable_limit_leaves_the_other(
+        self, tmp_path: Path, bad: str, good_mb: int, how: str, reason: str
+    ) -> None:
+        """A limit that cannot be read is passed over, not its directory: the other limit
+        beside it still counts (else the balloon walked past ``memory.max`` into the OOM
+        killer), with one warning naming the file and what is wrong."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(200 * MB),
+            memory_high=str(300 * MB),
+            memory_current="0",
+        )
+        leaf.joinpath("memory.max" if bad == "memory.high" else "memory.high").write_text(
+            f"{good_mb * MB}\n"
+        )
+        (leaf / bad).unlink()
+        if how == "text":
+            (leaf / bad).write_text("bogus\n")
+        else:
+            (leaf / bad).mkdir()
+        membership = _membership(tmp_path, V2_MEMBERSHIP)
+        with capture_logs() as logs:
+            assert CgroupRoom(good_mb, str(leaf)) == cgroup_room(root, membership)
+        [unread] = logs
+        assert (unread["event"], unread["log_level"]) == ("balloon_cgroup_unread", "warning")
+        assert (unread["file"], unread["reason"]) == (str(leaf / bad), reason)
+
+    def test_an_unreadable_file_is_said_once_until_it_reads_again(self, tmp_path: Path) -> None:
+        """Looks at a file that keeps failing say so once, one line says when it reads again;
+        a file that keeps failing and reading again is warned about at most
+        ``UNREAD_WARNINGS`` times, then at debug."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(512 * MB),
+            memory_high="bogus",
+            memory_current="0",
+        )
+        limits = CgroupLimits(memory_cgroups(root, _membership(tmp_path, V2_MEMBERSHIP)))
+        with capture_logs() as logs:
+            for _ in range(10):
+                assert limits.least_room() == CgroupRoom(512, str(leaf))
+            assert [(e["event"], e["log_level"]) for e in logs] == [
+                ("balloon_cgroup_unread", "warning")
+            ]
+            logs.clear()
+            (leaf / "memory.high").write_text(f"{256 * MB}\n")
+            for _ in range(10):
+                assert limits.least_room() == CgroupRoom(256, str(leaf))
+            assert [(e["event"], e["log_level"], e["file"]) for e in logs] == [
+                ("balloon_cgroup_read", "info", str(leaf / "memory.high"))
+            ]
+            logs.clear()
+            for _ in range(2 * UNREAD_WARNINGS):
+                for text in ("bogus", str(256 * MB)):
+                    (leaf / "memory.high").write_text(text)
+                    limits.least_room()
+        levels = [(e["event"], e["log_level"]) for e in logs]
+        assert levels.count(("balloon_cgroup_unread", "warning")) == UNREAD_WARNINGS - 1
+        assert levels.count(("balloon_cgroup_read", "info")) == UNREAD_WARNINGS - 1
+        assert len(levels) == 4 * UNREAD_WARNINGS
 
     def test_reclaimable_cache_is_room(self, tmp_path: Path) -> None:
         """File I/O fills ``memory.current`` up to the limit with page cache the kernel
@@ -265,14 +342,19 @@ class ChargedChunks(SimChunks):
         self.usage.write_text(f"{(self.base_mb + len(self.live)) * MB}\n")
 
 
+@pytest.mark.parametrize("memory_high", [None, "max", "bogus"])
 async def test_the_cgroup_limit_stops_the_walk_before_the_target(
-    autojump_clock: trio.abc.Clock, tmp_path: Path
+    autojump_clock: trio.abc.Clock, tmp_path: Path, memory_high: str | None
 ) -> None:
     """MemAvailable leaves room for the whole target, the agent's cgroup does not: the walk
     stops where one more chunk would leave less than the floor under the cgroup's limit
-    (past it, the cgroup's OOM killer would end the agent inside mlock), with one line."""
+    (past it, the cgroup's OOM killer would end the agent inside mlock), with one line. A
+    ``memory.high`` beside it that cannot be read leaves that limit in force, said once in
+    the whole walk (not at every chunk)."""
     root = tmp_path / "sys"
     leaf = _cgroup(root / "system.slice/vbox-agent.service", memory_max=str(600 * MB))
+    if memory_high is not None:
+        (leaf / "memory.high").write_text(f"{memory_high}\n")
     chunks = ChargedChunks(usage=leaf / "memory.current", base_mb=40)
     chunks.release(chunks.allocate())  # 40 MB in use before the balloon
     membership = _membership(tmp_path, V2_MEMBERSHIP)
@@ -282,7 +364,7 @@ async def test_the_cgroup_limit_stops_the_walk_before_the_target(
             section=BalloonSection(min_available_mb=256),
             allocator=chunks,
             mem_available_mb=lambda: 4096,
-            cgroup_room=partial(least_room, memory_cgroups(root, membership)),
+            cgroup_room=CgroupLimits(memory_cgroups(root, membership)).least_room,
         ) as run:
             run.host.set_balloon_target(1024)
             await run.until(lambda: run.walker.failures >= 1)
@@ -290,6 +372,8 @@ async def test_the_cgroup_limit_stops_the_walk_before_the_target(
             assert run.host_chunks == 304
     [bounded] = [entry for entry in logs if entry["event"] == "balloon_floor_cgroup"]
     assert (bounded["cgroup"], bounded["mem_available_mb"]) == (str(leaf), 4096)
+    unread = [(e["log_level"], e["file"]) for e in logs if e["event"] == "balloon_cgroup_unread"]
+    assert unread == ([("warning", str(leaf / "memory.high"))] if memory_high == "bogus" else [])
 
 
 async def test_triggered_mode_checks_mem_available_alone(

@@ -15,7 +15,8 @@ import trio
 from structlog.testing import capture_logs
 
 from agent.services.balloon import BalloonSection, PsiMonitor
-from agent.services.balloon._pressure import MemInfo, PressureFileError
+from agent.services.balloon._pressure import U64_MAX, MemInfo, PressureFileError
+from tests.services.balloon_support import running_balloon
 from tests.services.thrash_support import scratch_parent, thrashing
 
 if TYPE_CHECKING:
@@ -63,8 +64,12 @@ class TestPsiMonitor:
         """A regular file refuses the trigger; the stall share comes from ``total``."""
         psi = tmp_path / "memory.pressure"
         _write_psi(psi, 1_000)
-        with trio.fail_after(60), PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10) as mon:
-            assert not mon.uses_trigger
+        with (
+            capture_logs() as logs,
+            trio.fail_after(60),
+            PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10) as mon,
+        ):
+            assert [e["event"] for e in logs] == ["psi_trigger_unavailable"]
             _write_psi(psi, 1_000 + 500_000)  # 0.5 s of stall within the 1 s interval
             high = await mon.next_reading()
             assert high == type(high)(50.0, high=True, via="poll")
@@ -154,7 +159,6 @@ class TestPsiMonitor:
             trio.fail_after(60),
             PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=10) as mon,
         ):
-            assert mon.uses_trigger is takes_a_trigger
             if takes_a_trigger:
                 # The kernel keeps one trigger per descriptor: a second one is EBUSY.
                 [psi_fd] = [
@@ -188,8 +192,11 @@ class TestPsiMonitor:
             pytest.skip(parent)
         if not _kernel_takes_a_trigger(REAL_PSI):
             pytest.skip(f"this kernel takes no trigger on {REAL_PSI}")
-        with PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=1.0) as mon:
-            assert mon.uses_trigger
+        with (
+            capture_logs() as logs,
+            PsiMonitor(REAL_PSI, interval_s=2.0, threshold_pct=1.0) as mon,
+        ):
+            assert [e["event"] for e in logs] == ["psi_trigger_set"]
             with thrashing(tmp_path, *parent) as thrasher:
                 with trio.move_on_after(THRASH_WAIT_S) as waited:
                     reading = await mon.next_reading()
@@ -219,6 +226,88 @@ class TestPsiMonitor:
             with trio.fail_after(10):
                 reading = await mon.next_reading()
             assert reading == type(reading)(1.5, high=True, via="trigger")
+
+
+class TestFiguresTheKernelDoesNotWrite:
+    """A ``some`` line whose figures the kernel would not write (``avg10`` as ``%lu.%02lu`` up
+    to 100.00, ``total`` a u64) is a :class:`PressureFileError`, at open and mid-run, so the
+    balloon switches pressure off with one line instead of failing."""
+
+    @pytest.mark.parametrize(
+        ("figures", "wrong"),
+        [
+            ("avg10=. avg60=0.00 avg300=0.00 total=5", "avg10=."),
+            ("avg10=1.2.3 avg60=0.00 avg300=0.00 total=5", "avg10=1.2.3"),
+            ("avg10=1.5 avg60=0.00 avg300=0.00 total=5", "avg10=1.5"),
+            ("avg10=100.01 avg60=0.00 avg300=0.00 total=5", "avg10=100.01"),
+            (f"avg10=0.00 avg60=0.00 avg300=0.00 total={U64_MAX + 1}", f"total={U64_MAX + 1}"),
+            (f"avg10=0.00 avg60=0.00 avg300=0.00 total={'9' * 400}", f"total={'9' * 24}..."),
+        ],
+    )
+    async def test_refused_at_open(self, tmp_path: Path, figures: str, wrong: str) -> None:
+        psi = tmp_path / "memory.pressure"
+        psi.write_text(f"some {figures}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+        with (
+            pytest.raises(PressureFileError) as info,
+            PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10),
+        ):
+            pass
+        assert info.value.errno == errno.EINVAL
+        assert str(info.value).startswith(f"{psi} has {wrong}, not a ")
+
+    async def test_a_total_past_a_u64_mid_run(
+        self, autojump_clock: trio.abc.Clock, tmp_path: Path
+    ) -> None:
+        """The largest figures the kernel writes are read; one past them is an error (a total
+        of hundreds of digits made the stall share overflow a float)."""
+        psi = tmp_path / "memory.pressure"
+        psi.write_text("some avg10=100.00 avg60=0.00 avg300=0.00 total=0\n")
+        with trio.fail_after(60), PsiMonitor(str(psi), interval_s=1.0, threshold_pct=10) as mon:
+            psi.write_text(f"some avg10=100.00 avg60=0.00 avg300=0.00 total={U64_MAX}\n")
+            reading = await mon.next_reading()
+            assert reading == type(reading)(100.0, high=True, via="poll")
+            psi.write_text(f"some avg10=100.00 avg60=0.00 avg300=0.00 total={10**400}\n")
+            with pytest.raises(PressureFileError, match="not a count of microseconds"):
+                await mon.next_reading()
+
+    @pytest.mark.parametrize("kind", ["oracle", "passthrough"])
+    @pytest.mark.parametrize("when", ["start", "mid-run"])
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            ("some avg10=. avg60=0.00 avg300=0.00 total=5", "avg10=."),
+            ("some avg10=1.2.3 avg60=0.00 avg300=0.00 total=5", "avg10=1.2.3"),
+            (f"some avg10=0.00 avg60=0.00 avg300=0.00 total={'1' * 400}", f"total={'1' * 24}..."),
+        ],
+    )
+    async def test_the_balloon_works_on_without_pressure(
+        self,
+        autojump_clock: trio.abc.Clock,
+        tmp_path: Path,
+        kind: str,
+        when: str,
+        bad: tuple[str, str],
+    ) -> None:
+        """Such a file at the balloon's start, or later, is one ``balloon_pressure_off``
+        warning naming what is wrong; the balloon keeps its chunks and follows the host (it
+        failed at every start, and after six failures the daemon exited)."""
+        some, wrong = bad
+        psi = tmp_path / "memory.pressure"
+        psi.write_text(some if when == "start" else PSI_TEXT.format(total=0))
+        section = BalloonSection(psi_path=str(psi), psi_interval_s=1.0)
+        with trio.fail_after(600), capture_logs() as logs:
+            async with running_balloon(personality=kind, section=section, psi_file=True) as run:
+                run.host.set_balloon_target(16)
+                await run.settle(16)
+                psi.write_text(some)
+                await run.until(lambda: any(e["event"] == "balloon_pressure_off" for e in logs))
+                assert run.host_chunks == 16
+                run.host.set_balloon_target(32)
+                await run.settle(32)
+                assert "failed" not in run.service.status()
+        [off] = [entry for entry in logs if entry["event"] == "balloon_pressure_off"]
+        assert off["log_level"] == "warning"
+        assert off["reason"].startswith(f"{psi} has {wrong}, not a ")
 
 
 class TestMemAvailable:

@@ -28,7 +28,7 @@ from agent.protocol.constants import VMM_MAX_CPU_COUNT
 from agent.protocol.status import STATUS_CODES
 from agent.services import DrainTime, EventPump
 from agent.services._base import ServiceContext
-from agent.services._procstats import CPU_CAPS, MEMORY_CAPS, ProcStats, ProcStatsError
+from agent.services._procstats import CPU_CAPS, ProcStats, ProcStatsError
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.guest_stats import GuestStatsService
 from tests.services.balloon_support import Quiet, SimChunks, start_in_scope
@@ -45,6 +45,18 @@ IDLER_CPU: Final = (10, 0, 10, 1100, 0, 0, 0, 0)
 """... the same CPU 200 idle jiffies later ..."""
 BUSY_CPU: Final = (160, 20, 60, 890, 50, 5, 5, 10)
 """... and (100, 0, 50, 800, 50, 0, 0, 0) 200 jiffies later: 45 % idle, 10 kernel, 40 user."""
+MEMORY_CAPS: Final = (
+    StatCap.MEMORY_LOAD
+    | StatCap.PHYS_MEM_TOTAL
+    | StatCap.PHYS_MEM_AVAIL
+    | StatCap.MEM_COMMIT_TOTAL
+    | StatCap.MEM_KERNEL_TOTAL
+    | StatCap.MEM_KERNEL_PAGED
+    | StatCap.MEM_KERNEL_NONPAGED
+    | StatCap.MEM_SYSTEM_CACHE
+    | StatCap.PAGE_FILE_SIZE
+)
+"""Every memory bit, as a full ``/proc/meminfo`` gives them."""
 
 
 @asynccontextmanager

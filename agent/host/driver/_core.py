@@ -40,6 +40,7 @@ from agent.protocol import (
 from agent.protocol._ioc import ioc_size, without_size
 from agent.protocol.constants import (
     HEADER_SIZE,
+    IOCTL_HDR_TYPE_DEFAULT,
     IOCTL_HDR_VERSION,
     MAX_IOCTL_SIZE,
     MAX_VMMDEV_REQUEST_SIZE,
@@ -54,6 +55,7 @@ from agent.protocol.status import (
     VERR_INTERNAL_ERROR,
     VINF_SUCCESS,
 )
+from agent.units import NS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -77,7 +79,6 @@ than the agent's requests and calls use (a size per request type or parameter co
 enough that numbers a client makes up cannot grow the table; others are worked out each time."""
 ISR_RETRY_S: Final = 0.01
 """After a failed ACKNOWLEDGE_EVENTS the (level-triggered) line fires again this much later."""
-NS_PER_S: Final = 1_000_000_000
 _HGCM: Final = int(Event.HGCM)
 _MOUSE: Final = int(Event.MOUSE_POSITION_CHANGED)
 _BALLOON: Final = int(Event.BALLOON_CHANGE_REQUEST)
@@ -400,8 +401,8 @@ class Driver:
         if size > size_in:
             kbuf += bytes(size - size_in)
         _RC_SIZE_OUT.pack_into(kbuf, H.IOCTL_RC_AT, VINF_SUCCESS, size_out or size_in)
-        # vbg_core_ioctl: only a VMMDev request may have a header type other than 0.
-        if ioctl_type != 0 and not any_type:
+        # vbg_core_ioctl: only a VMMDev request may have a header type other than the default.
+        if ioctl_type != IOCTL_HDR_TYPE_DEFAULT and not any_type:
             raise fail(errno.EINVAL)
         await handler(self, session, kbuf, memory)
         # copy_out, inline: size_out bytes of the kernel's copy go back (EFAULT if the

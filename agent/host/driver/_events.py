@@ -23,13 +23,13 @@ from agent.protocol.constants import (
     GuestCapability,
     RequestType,
 )
+from agent.units import MS_PER_S
 
 if TYPE_CHECKING:
     from agent.host.driver._core import Driver
     from agent.host.driver._session import DriverSession
     from agent.host.memory import GuestMemory
 
-MS_PER_S: Final = 1000
 _ACQUIRE_GATED: Final = (
     (GuestCapability.GRAPHICS, Event.DISPLAY_CHANGE_REQUEST),
     (GuestCapability.SEAMLESS, Event.SEAMLESS_MODE_CHANGE_REQUEST),

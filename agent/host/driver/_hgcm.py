@@ -44,6 +44,7 @@ from agent.protocol.status import (
     VERR_OUT_OF_RANGE,
     VINF_HGCM_ASYNC_EXECUTE,
 )
+from agent.units import MS_PER_S
 
 if TYPE_CHECKING:
     from agent.host.driver._core import Driver
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
     from agent.host.memory import GuestMemory
 
 CLIENT_SLOT_BUSY: Final = U32_MAX
-MS_PER_S: Final = 1000
 CANCEL_GRACE_NOT_FOUND_S: Final = 0.5
 """How long to wait for DONE after a cancel the host could not find (VERR_NOT_FOUND)."""
 CANCEL_GRACE_OTHER_S: Final = 2.0

@@ -43,9 +43,9 @@ from agent.protocol.constants import (
     HGCM_MAX_LOCKED_BUFFERS,
     HGCM_MAX_PARMS,
     HGCM_MAX_USER_PARM,
-    HGCM_PARM32_SIZE,
     HGCM_PARM64_SIZE,
     IOC_VERSION,
+    IOCTL_HDR_TYPE_DEFAULT,
     IOCTL_HDR_VERSION,
     IOCTL_TYPE,
     MAX_IOCTL_SIZE,
@@ -66,6 +66,7 @@ from agent.protocol.status import (
     VERR_VERSION_MISMATCH,
     VINF_SUCCESS,
 )
+from agent.units import MS_PER_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -81,7 +82,6 @@ VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
 VERR_WRONG_ORDER: Final = STATUS_CODES["VERR_WRONG_ORDER"]
-MS_PER_S: Final = 1000
 SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
 SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
 """``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
@@ -229,7 +229,7 @@ async def _log_ioctl(
 ) -> int:
     """``vgdrvIoCtl_Log``: a trusted session's message goes to the release log (the kernel
     log); a /dev/vboxuser session's to ``Log``, which release builds compile out."""
-    if L.IoctlHeader.type.get(kbuf) != 0:
+    if L.IoctlHeader.type.get(kbuf) != IOCTL_HDR_TYPE_DEFAULT:
         return VERR_INVALID_PARAMETER
     if L.IoctlHeader.size_out.get(kbuf) != HEADER_SIZE:
         return _refuse(kbuf)
@@ -259,7 +259,7 @@ async def _hgcm_call_32_ioctl(
     del drv, memory
     if not _hgcm_call_header(kbuf):
         return VERR_INVALID_PARAMETER
-    status = _hgcm_call_target(session, kbuf, HGCM_PARM32_SIZE)
+    status = _hgcm_call_target(session, kbuf, L.HgcmParameter32.size)
     L.IoctlHeader.rc.set(kbuf, VERR_WRONG_ORDER if status == VINF_SUCCESS else status)
     return VINF_SUCCESS
 
@@ -269,7 +269,7 @@ def _hgcm_call_header(kbuf: bytearray) -> bool:
     VERR_INVALID_PARAMETER, rc untouched), room for the call's own members and equal sizes
     (else ``REQ_CHECK_EXPR``'s refusal)."""
     hdr = L.IoctlHeader
-    if hdr.type.get(kbuf) != 0:
+    if hdr.type.get(kbuf) != IOCTL_HDR_TYPE_DEFAULT:
         return False
     size_in = hdr.size_in.get(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != hdr.size_out.get(kbuf):

@@ -16,14 +16,18 @@ page-aligned number), plus the inactive file cache of ``memory.stat`` (``inactiv
 file I/O fills up to the limit, and the kernel reclaims it inside the cgroup before any OOM
 kill; where ``memory.stat`` or its line cannot be read, the whole usage counts. A directory that
 is not there (the root has no limit files; a container sees only its own cgroup, mounted as the
-root, under a path naming the host's) is passed over, and so is a value that cannot be read,
-with a debug line: the floor then rests on ``MemAvailable`` alone.
+root, under a path naming the host's) is passed over, and so is a value that cannot be read
+(:class:`CgroupLimits`: a limit, any other of its directory still counting; a usage, its
+directory's limits), said once as a warning: where no limit is left, the floor rests on
+``MemAvailable`` alone.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import suppress
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import structlog
 
@@ -48,6 +52,15 @@ _STAT: Final = "memory.stat"
 NO_LIMIT: Final = 1 << 62
 """Bytes at and above which a limit is none (v1's "no limit" is just under ``2**63``)."""
 _MB: Final = 1 << 20
+_SHOWN_CHARS: Final = 24
+"""How much of a value that is no number a warning quotes."""
+UNREAD_WARNINGS: Final = 5
+"""Warnings (and lines when it reads again) at most for one file that cannot be read: each time
+it starts failing; after that, debug lines. A file failing at every look is said once."""
+_LIMIT_PASSED_OVER: Final = "this limit (any other limit of its cgroup still counts)"
+_USAGE_PASSED_OVER: Final = "this cgroup's limits"
+_CACHE_PASSED_OVER: Final = "the reclaimable cache (the whole usage counts)"
+_Value = TypeVar("_Value")
 
 
 @record
@@ -77,71 +90,43 @@ def _memory_dirs(membership: str, root: Path) -> list[Path]:
     return dirs
 
 
-def _room(directory: Path) -> int | None:
-    """The lowest limit less usage not counting reclaimable cache in ``directory`` in bytes,
-    or None: no limit files (passed over silently), no limit, or a value that cannot be read
-    (a debug line)."""
-    for limit_names, usage_name, cache_key in _LIMITS:
-        try:
-            limit = _lowest_limit(directory, limit_names)
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as exc:
-            _unread(directory, exc)
-            return None
-        if limit is None:
-            return None
-        try:
-            usage = int((directory / usage_name).read_text(encoding="ascii"))
-        except (OSError, ValueError) as exc:
-            _unread(directory, exc)
-            return None
-        return limit - usage + _cache(directory, cache_key)
-    return None
-
-
-def _lowest_limit(directory: Path, names: Sequence[str]) -> int | None:
-    """The lowest limit the files ``names`` in ``directory`` set, in bytes; None if none sets
-    one (``max``, :data:`NO_LIMIT` or more, or a file after the first that is not there).
+def _bytes(text: str) -> int:
+    """The number of bytes ``text`` holds, as the kernel writes it (digits).
 
     Raises:
-        FileNotFoundError: the first file is not there.
-        OSError, ValueError: a file cannot be read or holds no number.
+        ValueError: ``text`` holds no such number.
     """
-    first, *others = names
-    texts = [(directory / first).read_text(encoding="ascii")]
-    for name in others:
-        try:
-            texts.append((directory / name).read_text(encoding="ascii"))
-        except FileNotFoundError:
-            continue
-    limits = [int(text) for text in texts if text.strip() != "max"]
-    return min((limit for limit in limits if limit < NO_LIMIT), default=None)
+    figure = text.strip()
+    if not (figure.isascii() and figure.isdigit()):
+        shown = figure[:_SHOWN_CHARS] + ("..." if len(figure) > _SHOWN_CHARS else "")
+        msg = f"{shown!r} is no number of bytes"
+        raise ValueError(msg)
+    return int(figure)
 
 
-def _cache(directory: Path, key: str) -> int:
-    """The bytes of ``key`` in ``directory``'s ``memory.stat``; 0 if the file is not there
-    (silently), or it or the line cannot be read (a debug line)."""
-    try:
-        lines = (directory / _STAT).read_text(encoding="ascii").splitlines()
-    except FileNotFoundError:
+def _limit(text: str) -> int | None:
+    """The limit ``text`` sets, in bytes; None for none (``max``, :data:`NO_LIMIT` or more).
+
+    Raises:
+        ValueError: ``text`` holds neither.
+    """
+    if text.strip() == "max":
+        return None
+    limit = _bytes(text)
+    return limit if limit < NO_LIMIT else None
+
+
+def _cache(key: str) -> Callable[[str], int]:
+    """What reads the bytes of ``key`` from a ``memory.stat`` text: 0 without the line."""
+
+    def parse(text: str) -> int:
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return _bytes(value)
         return 0
-    except (OSError, ValueError) as exc:
-        _unread(directory / _STAT, exc)
-        return 0
-    for line in lines:
-        name, _, value = line.partition(" ")
-        if name == key:
-            try:
-                return max(0, int(value))
-            except ValueError as exc:
-                _unread(directory / _STAT, exc)
-                return 0
-    return 0
 
-
-def _unread(where: Path, exc: Exception) -> None:
-    log.debug("balloon_cgroup_unread", cgroup=str(where), reason=str(exc))
+    return parse
 
 
 def memory_cgroups(root: Path = CGROUP_ROOT, membership_path: Path = MEMBERSHIP_PATH) -> list[Path]:
@@ -151,20 +136,103 @@ def memory_cgroups(root: Path = CGROUP_ROOT, membership_path: Path = MEMBERSHIP_
     try:
         membership = membership_path.read_text(encoding="ascii")
     except (OSError, ValueError) as exc:
-        _unread(membership_path, exc)
+        log.debug("balloon_cgroup_unread", file=str(membership_path), reason=str(exc))
         return []
     return _memory_dirs(membership, root)
 
 
-def least_room(directories: Sequence[Path]) -> CgroupRoom | None:
-    """The least room over ``directories`` (:func:`memory_cgroups`), or None where none has
-    a limit it can read (the module docstring)."""
-    least: CgroupRoom | None = None
-    for directory in directories:
-        room = _room(directory)
-        if room is not None and (least is None or max(0, room) // _MB < least.mb):
-            least = CgroupRoom(max(0, room) // _MB, str(directory))
-    return least
+class CgroupLimits:
+    """The room left under the limits of the agent's memory cgroups (:func:`memory_cgroups`),
+    read afresh at every look (:meth:`least_room`).
+
+    A file that cannot be read or holds no number is passed over: a limit file's limit (any
+    other limit of its directory still counts), a usage file's directory, ``memory.stat``'s
+    cache (the whole usage counts). It is said once as a warning (``balloon_cgroup_unread``, naming
+    the file, what is wrong and what is passed over), and once when it reads again
+    (``balloon_cgroup_read``), not at every look; a file that keeps failing and reading again
+    is said so at most :data:`UNREAD_WARNINGS` times, then at debug.
+    """
+
+    def __init__(self, directories: Sequence[Path]) -> None:
+        self.directories = directories
+        self._failing: set[Path] = set()
+        """The files that failed at their last read."""
+        self._warnings: Counter[Path] = Counter()
+
+    def least_room(self) -> CgroupRoom | None:
+        """The least room over :attr:`directories`, or None where none has a limit it can read
+        (the module docstring)."""
+        least: CgroupRoom | None = None
+        for directory in self.directories:
+            room = self._room(directory)
+            if room is not None and (least is None or max(0, room) // _MB < least.mb):
+                least = CgroupRoom(max(0, room) // _MB, str(directory))
+        return least
+
+    def _room(self, directory: Path) -> int | None:
+        """The lowest limit less usage not counting reclaimable cache in ``directory`` in
+        bytes, or None: no limit files (passed over silently), no limit it can read, or a
+        usage it cannot read."""
+        for (first, *others), usage_name, cache_key in _LIMITS:
+            try:
+                limits = [self._read(directory / first, _limit, _LIMIT_PASSED_OVER)]
+            except FileNotFoundError:
+                continue
+            for name in others:
+                with suppress(FileNotFoundError):
+                    limits.append(self._read(directory / name, _limit, _LIMIT_PASSED_OVER))
+            lowest = min((limit for limit in limits if limit is not None), default=None)
+            if lowest is None:
+                return None
+            usage = self._read(directory / usage_name, _bytes, _USAGE_PASSED_OVER, needed=True)
+            if usage is None:
+                return None
+            try:
+                cache = self._read(directory / _STAT, _cache(cache_key), _CACHE_PASSED_OVER)
+            except FileNotFoundError:
+                cache = None
+            return lowest - usage + (cache or 0)
+        return None
+
+    def _read(
+        self, path: Path, parse: Callable[[str], _Value], passed_over: str, *, needed: bool = False
+    ) -> _Value | None:
+        """What ``parse`` makes of ``path``'s text; None if that fails (said as the class
+        docstring tells, with ``passed_over``), or ``parse`` sees no limit.
+
+        Raises:
+            FileNotFoundError: ``path`` is not there (a directory without it), unless
+                ``needed``: then that is a failure too.
+        """
+        try:
+            value = parse(path.read_text(encoding="ascii"))
+        except FileNotFoundError:
+            if not needed:
+                raise
+            self._unread(path, "not there", passed_over)
+            return None
+        except OSError as exc:
+            self._unread(path, exc.strerror or str(exc), passed_over)
+            return None
+        except ValueError as exc:  # no number, or no ASCII
+            self._unread(path, str(exc), passed_over)
+            return None
+        if path in self._failing:
+            self._failing.remove(path)
+            (log.info if self._warnings[path] <= UNREAD_WARNINGS else log.debug)(
+                "balloon_cgroup_read", file=str(path)
+            )
+        return value
+
+    def _unread(self, path: Path, reason: str, passed_over: str) -> None:
+        """Say that ``path`` cannot be read, unless it already failed at its last read."""
+        if path in self._failing:
+            return
+        self._failing.add(path)
+        self._warnings[path] += 1
+        (log.warning if self._warnings[path] <= UNREAD_WARNINGS else log.debug)(
+            "balloon_cgroup_unread", file=str(path), reason=reason, passed_over=passed_over
+        )
 
 
 class Headroom:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, final
 import structlog
 import trio
 
+from agent.services.balloon._incomplete import log_drain_incomplete
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode
 
 if TYPE_CHECKING:
@@ -50,8 +51,8 @@ class KeptChunks:
         """The chunks kept when the service left them."""
 
     def status(self) -> str:
-        """``balloon off, 61 MB kept``."""
-        return f"balloon off, {len(self.walker.held) * CHUNK_MB} MB kept"
+        """``61 MB kept``."""
+        return f"{len(self.walker.held) * CHUNK_MB} MB kept"
 
     async def give_back(self, stopping: trio.Event) -> None:
         """Give every chunk back, one line once all are (:class:`~agent.services.Remnant`)."""
@@ -80,26 +81,6 @@ class KeptChunks:
         log.info("balloon_kept_returned", returned=self._left, mode=str(self.mode))
 
     def _incomplete(self, reason: str) -> None:
-        walker = self.walker
-        kept = len(walker.held)
-        figures = {
-            "returned": self._left - kept,
-            "kept": kept,
-            "unconfirmed": len(walker.unconfirmed),
-            "reason": reason,
-            "last_refusal": walker.last_failure,
-        }
-        if self.mode is BalloonMode.OWNED:
-            log.critical(
-                "balloon_drain_incomplete",
-                **figures,
-                note=f"the host still holds {kept} chunks ballooned that the stopped service"
-                " kept: once this process exits the kernel reuses their pages, and the host"
-                " refuses writes to ballooned pages",
-            )
-        else:
-            log.error(
-                "balloon_drain_incomplete",
-                **figures,
-                note="the driver deflates them when this process closes the device",
-            )
+        log_drain_incomplete(
+            self.walker, self.mode, began_with=self._left, reason=reason, handed_over=False
+        )

@@ -32,9 +32,16 @@ log = structlog.get_logger(__name__)
 MEMINFO_PATH: Final = "/proc/meminfo"
 US_PER_S: Final = 1_000_000
 PERCENT: Final = 100.0
-_SOME_LINE: Final = re.compile(
-    rb"^some avg10=(?P<avg10>[\d.]+) .*total=(?P<total>\d+)$", re.MULTILINE
-)
+_SOME_LINE: Final = re.compile(rb"^some avg10=(?P<avg10>\S*) .*total=(?P<total>\S*)$", re.MULTILINE)
+"""The line with the figures; each is then read as the kernel writes it (:func:`_parse_some`)."""
+_AVG: Final = re.compile(rb"\d{1,3}\.\d\d")
+"""A share of time as the kernel writes it (``%lu.%02lu``)."""
+_TOTAL: Final = re.compile(rb"\d{1,20}")
+"""Microseconds of stall as the kernel writes them (``%llu``; a u64 has at most 20 digits)."""
+U64_MAX: Final = (1 << 64) - 1
+"""The largest ``total`` there is: the kernel keeps it in a u64."""
+_SHOWN_CHARS: Final = 24
+"""How much of a figure that is no number an error message quotes."""
 _MEM_AVAILABLE: Final = re.compile(rb"^MemAvailable:\s+(?P<kb>\d+) kB$", re.MULTILINE)
 _KB_PER_MB: Final = 1024
 _MEMINFO_READ_BYTES: Final = 16384
@@ -114,12 +121,30 @@ def _require_regular_file(fd: int, path: str) -> None:
 
 
 def _parse_some(path: str, text: bytes) -> tuple[float, int]:
+    """``avg10`` (0 to 100 %) and ``total`` (µs, a u64) of the ``some`` line of ``text``.
+
+    Raises:
+        PressureFileError: no such line, or a figure the kernel would not write.
+    """
     match = _SOME_LINE.search(text)
     if match is None:
         raise PressureFileError(
             errno.EINVAL, f"{path} has no 'some avg10=... total=N' line (not a PSI file?)"
         )
-    return float(match["avg10"]), int(match["total"])
+    avg10, total = match["avg10"], match["total"]
+    if _AVG.fullmatch(avg10) is None or float(avg10) > PERCENT:
+        msg = f"{path} has avg10={_shown(avg10)}, not a share of time from 0.00 to 100.00"
+        raise PressureFileError(errno.EINVAL, msg)
+    if _TOTAL.fullmatch(total) is None or int(total) > U64_MAX:
+        msg = f"{path} has total={_shown(total)}, not a count of microseconds (a u64)"
+        raise PressureFileError(errno.EINVAL, msg)
+    return float(avg10), int(total)
+
+
+def _shown(figure: bytes) -> str:
+    """``figure`` for a message: its first :data:`_SHOWN_CHARS` characters, escaped."""
+    text = figure[:_SHOWN_CHARS].decode("ascii", "backslashreplace")
+    return text + "..." if len(figure) > _SHOWN_CHARS else text
 
 
 class PsiMonitor:
@@ -137,11 +162,6 @@ class PsiMonitor:
         self._epoll: select.epoll | None = None
         self._last_total = 0
         self._last_time = 0.0
-
-    @property
-    def uses_trigger(self) -> bool:
-        """Whether the kernel accepted the trigger (else the file is polled)."""
-        return self._epoll is not None
 
     def __enter__(self) -> Self:
         """Open the file, read a first figure and try to register the trigger.

@@ -9,7 +9,7 @@ backoff, one warning, the status saying why, one line once it goes through) and 
   through the gauge's refresh, before every guest statistics report, after the drain too
   (the kernel keeps 0x40 to itself, so nothing else tells the agent the size changed, and
   nothing polls it; its work item finishes a change under way once 0x40 left the filter);
-  the status shows the size with the time it was read;
+  the status shows the size last read, without its time (``statistics().read_at``);
 - *triggered*: calls ``CHECK_BALLOON`` at start, on every 0x40 and after a restore; a failure
   is retried with capped backoff; under memory pressure or below the floor (``MemAvailable``
   alone: the driver's pages are charged to no cgroup of the agent's) the call is postponed,
@@ -76,7 +76,8 @@ from agent.records import record
 from agent.services._base import BalloonGauge, DrainTime
 from agent.services._leftovers import Leftovers
 from agent.services.balloon._backoff import Backoff, failure_text
-from agent.services.balloon._cgroup import Headroom, least_room, memory_cgroups
+from agent.services.balloon._cgroup import CgroupLimits, Headroom, memory_cgroups
+from agent.services.balloon._incomplete import log_drain_incomplete
 from agent.services.balloon._kept import KeptChunks
 from agent.services.balloon._mode import CHUNK_MB, BalloonMode, detect_mode
 from agent.services.balloon._pressure import MemInfo, PressureFileError, PsiMonitor
@@ -157,11 +158,11 @@ class BalloonService:
         pressure: PSI readings (default: a :class:`PsiMonitor` on ``section.psi_path``).
         mem_available_mb: ``MemAvailable`` in MiB, None if unknown (default: /proc/meminfo).
         cgroup_room: the room left in the agent's memory cgroups, limit less usage not
-            counting reclaimable cache (default: :func:`~._cgroup.least_room` over the
-            cgroups :func:`~._cgroup.memory_cgroups` names now, unless ``mem_available_mb``
-            is given: then none, that figure is all there is). Where the agent locks the
-            chunks (allocated, owned), the floor is checked against the less of the two;
-            where the driver allocates them (triggered mode, the mode probe) against
+            counting reclaimable cache (default: :meth:`~._cgroup.CgroupLimits.least_room`
+            of the cgroups :func:`~._cgroup.memory_cgroups` names now, unless
+            ``mem_available_mb`` is given: then none, that figure is all there is). Where the
+            agent locks the chunks (allocated, owned), the floor is checked against the less of
+            the two; where the driver allocates them (triggered mode, the mode probe) against
             ``MemAvailable`` alone: those are kernel pages, charged to no cgroup of the agent's.
         status_changed: called whenever :meth:`status` would read differently.
         gauge: where the balloon's size is published for other services (once drained, the
@@ -210,7 +211,8 @@ class BalloonService:
         self._pressure = pressure
         self._headroom = Headroom(
             mem_available_mb or self._read_mem_available,
-            cgroup_room or (None if mem_available_mb else partial(least_room, memory_cgroups())),
+            cgroup_room
+            or (None if mem_available_mb else CgroupLimits(memory_cgroups()).least_room),
         )
         self._mode: BalloonMode | None = None
         self._walker: ChunkWalker | None = None
@@ -482,42 +484,18 @@ class BalloonService:
             )
 
     def _drain_incomplete(self, walker: ChunkWalker, held: int, reason: str | None) -> None:
-        kept = len(walker.held)
-        figures = {
-            "returned": held - kept,
-            "kept": kept,
-            "unconfirmed": len(walker.unconfirmed),  # of the kept: the host may not have them
-            "reason": reason,
-            "last_refusal": walker.last_failure,
-        }
-        assert self._mode is not None  # noqa: S101 - set together with the walker
+        mode = self._mode
+        assert mode is not None  # noqa: S101 - set together with the walker
         # Handed over, the leftovers alone own the chunks until a new start takes them over.
         # At the stop only in owned mode, where they persist: Oracle's driver deflates at
         # the close.
-        if (self._mode is BalloonMode.OWNED or not self._agent_stopping()) and self._leave(walker):
+        handed_over = (mode is BalloonMode.OWNED or not self._agent_stopping()) and self._leave(
+            walker
+        )
+        if handed_over:
             # Undecided as at a first start: a restart probes again, then takes them over.
             self._walker, self._mode, self._mode_of_walker = None, None, None
-            log.warning(
-                "balloon_drain_incomplete",
-                **figures,
-                note="given back in the background while this process runs on (at its stop"
-                " until the stop's deadline), unless a new start of the service takes them"
-                " over",
-            )
-        elif self._mode is BalloonMode.OWNED:
-            log.critical(
-                "balloon_drain_incomplete",
-                **figures,
-                note=f"the host still holds {kept} chunks ballooned: once this process exits"
-                " the kernel reuses their pages, and the host refuses writes to ballooned"
-                " pages",
-            )
-        else:
-            log.error(
-                "balloon_drain_incomplete",
-                **figures,
-                note="the driver deflates them when this process closes the device",
-            )
+        log_drain_incomplete(walker, mode, began_with=held, reason=reason, handed_over=handed_over)
 
     def _leave(self, walker: ChunkWalker) -> bool:
         """Hand ``walker``'s chunks to the leftovers; False if the stop's deadline passed."""

@@ -144,7 +144,9 @@ class ChunkWalker:
         self._failed_inflate = True
         """The direction the backoff holds back (meaningful while it counts failures)."""
         self.budget = budget
-        """Owned mode: the most chunks the drain can give back in time (None: no bound)."""
+        """The drain budget, in owned mode only (None: another mode): it bounds the chunks held
+        so that the drain gives every one back in time, but sets no bound while its
+        :attr:`DrainBudget.chunks` is None."""
         self.drain_capped = False
         """Whether the walk last settled where the budget held it, below what the host (and
         pressure) want."""
