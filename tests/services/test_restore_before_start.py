@@ -29,7 +29,6 @@ from agent.services import EventPump, ServiceContext, SessionMonitorStatistics
 from agent.services.session_monitor import SessionMonitor
 from agent.services.timesync import TimesyncSection, TimesyncService
 from tests.conftest import KERNEL_PERSONALITY
-from tests.services.test_session_monitor_restores import run_in as _run_in
 from tests.services.test_timesync import FakeClock
 
 if TYPE_CHECKING:
@@ -179,11 +178,15 @@ async def test_the_monitor_counts_a_restore_during_its_restart_back_off(driver: 
             first = _session_id(host)
             async with trio.open_nursery() as nursery:
                 await nursery.start(pump.run)
-                first_run = trio.CancelScope()
-                await nursery.start(_run_in, monitor, first_run)
-                await _handled(host, RequestType.GET_SESSION_ID, 2)  # the kept event's read
-                first_run.cancel()  # the run ended: the supervisor backs off
-                host.restore()
+                # Wait for the run to end, as the supervisor does, not only for its cancel: a
+                # read the host answered before the cancel still returns (the driver completes
+                # it) and the run settles it, which a next run started meanwhile would see as
+                # the older id landing after its own read.
+                async with trio.open_nursery() as first_run:
+                    await first_run.start(monitor.run)
+                    await _handled(host, RequestType.GET_SESSION_ID, 2)  # the kept event's read
+                    first_run.cancel_scope.cancel()
+                host.restore()  # the run ended: the supervisor backs off
                 second = _session_id(host)
                 await nursery.start(monitor.run)  # the same monitor runs again
                 assert SessionMonitorStatistics(second, 1) == monitor.statistics()
