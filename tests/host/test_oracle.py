@@ -24,6 +24,7 @@ from agent.host.driver import _oracle
 from agent.host.driver._load import MOUSE_STATUS_SIZE
 from agent.host.driver._request_sizes import REQUEST_SIZES, check_request_size
 from agent.host.driver._session import session_requestor
+from agent.host.driver._util import U32_MAX
 from agent.host.driver.oracle import OracleDriver
 from agent.host.memory import IoctlMemory
 from agent.protocol import (
@@ -34,6 +35,7 @@ from agent.protocol import (
     ChangeGuestCapabilities,
     CheckBalloon,
     DriverVersionInfo,
+    HgcmBuffer,
     HgcmBufferIn,
     HgcmBufferOut,
     HgcmCall,
@@ -52,8 +54,10 @@ from agent.protocol.constants import (
     HGCM_CALL_HEADER_SIZE,
     HGCM_MAX_USER_PARM,
     HGCM_PARM64_SIZE,
+    IOCTL_HDR_VERSION,
     IOCTL_TYPE,
     REQUESTOR_KERNEL,
+    TIMEOUT_INFINITE,
     Event,
     Facility,
     GuestCapability,
@@ -69,9 +73,11 @@ from agent.protocol.status import (
     VERR_BUFFER_OVERFLOW,
     VERR_GENERAL_FAILURE,
     VERR_HGCM_SERVICE_NOT_FOUND,
+    VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
     VERR_NOT_SUPPORTED,
     VERR_OUT_OF_RANGE,
     VERR_PERMISSION_DENIED,
@@ -90,6 +96,7 @@ from tests.host.conftest import (
     model_driver,
     open_client,
     signal_in_the_grace_after_a_timeout,
+    until,
     vmmdev_request,
 )
 
@@ -106,6 +113,7 @@ MIB: Final = 1 << 20
 VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
 VERR_IO_BAD_LENGTH: Final = STATUS_CODES["VERR_IO_BAD_LENGTH"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
+VERR_WRONG_ORDER: Final = STATUS_CODES["VERR_WRONG_ORDER"]
 UNTOUCHED: Final = 0x5A
 """Filler of buffers whose bytes must come back unchanged."""
 
@@ -252,7 +260,7 @@ class TestHeaderRc:
         L.IoctlHeader.size_out.set(change.buffer, 32)
         await expect_einval(client, change.code, change.buffer)
 
-    @pytest.mark.parametrize("code", [Ioctl.hgcm_call_32(HEADER_SIZE), 0xC018_5699, 0xC018_5614])
+    @pytest.mark.parametrize("code", [0xC018_5699, 0xC018_5614])
     async def test_unknown_ioctls_are_einval(self, host: SimulatedHost, code: int) -> None:
         """Unknown functions (VERR_NOT_SUPPORTED inside) fail with EINVAL, not ENOTTY."""
         client = await open_client(host)
@@ -366,6 +374,62 @@ class TestHeaderRc:
         oversized(after_a_bad_type, 2)
         assert await call_rc(client, after_a_bad_type) == VERR_INVALID_PARAMETER
 
+    async def test_a_32_bit_call_is_refused_to_user_callers(
+        self, host: SimulatedHost, echo: EchoService
+    ) -> None:
+        """A 64-bit build dispatches HGCM_CALL_32 (``_IOC_NR`` 6) as HGCM_CALL with 12-byte
+        parameters (``vgdrvIoCtl_HGCMCallInner`` with ``f32bit``): the count, the buffer's
+        room for them (``size_out`` becomes their size) and the client are checked, then
+        ``VbglR0HGCMInternalCall32`` refuses a user caller (VERR_WRONG_ORDER), all in
+        ``hdr.rc`` with the ioctl returning 0; nothing reaches the host. A header too short
+        for a call is EINVAL."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        seen = _record_requestors(host, RequestType.HGCM_CALL32, RequestType.HGCM_CALL64)
+
+        async def call32(target: int, count: int, size: int) -> tuple[int, int]:
+            buf = bytearray([UNTOUCHED]) * size
+            L.IoctlHeader.size_in.set(buf, size)
+            L.IoctlHeader.version.set(buf, IOCTL_HDR_VERSION)
+            L.IoctlHeader.type.set(buf, 0)
+            L.IoctlHeader.size_out.set(buf, size)
+            L.HgcmCallIoctl.client_id.set(buf, target)
+            L.HgcmCallIoctl.parm_count.set(buf, count)
+            await client.raw(Ioctl.hgcm_call_32(size), buf)
+            return L.IoctlHeader.rc.get(buf), L.IoctlHeader.size_out.get(buf)
+
+        two = HGCM_CALL_HEADER_SIZE + 2 * L.HgcmParameter32.size  # too short for two of 16 bytes
+        assert await call32(client_id, 2, two) == (VERR_WRONG_ORDER, two)
+        assert await call32(0x7777, 2, two) == (VERR_INVALID_HANDLE, two)
+        assert await call32(client_id, 3, two) == (VERR_INVALID_PARAMETER, two)
+        assert (await call32(client_id, 33, two))[0] == VERR_INVALID_PARAMETER
+        assert (seen, echo.held, echo.cancelled) == ([], [], [])
+        header_only = ioctl_buffer(HEADER_SIZE, HEADER_SIZE)
+        await expect_einval(client, Ioctl.hgcm_call_32(HEADER_SIZE), header_only)
+
+    async def test_a_call_vmmdev_refuses_leaves_the_callers_buffers(
+        self, host: SimulatedHost, echo: EchoService, autojump_clock: object
+    ) -> None:
+        """A call VMMDev refuses in the request's ``rc`` (the service's pending-call limit;
+        the result stays VINF_SUCCESS): ``vbglR0HGCMInternalDoCall`` returns that ``rc``, so
+        ``VbglR0HGCMInternalCall`` copies nothing back; it is ``hdr.rc``, and the caller's
+        buffers are as it left them (mainline copies the bounce buffers back, zeros for an
+        out buffer)."""
+        echo.max_calls = 2  # room for one pending call
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.request, HgcmCall(client_id, FN_HOLD, ()))
+                await until(lambda: bool(echo.held))
+                parms = (HgcmBufferIn(b"abc"), HgcmBufferOut(8), HgcmU32(7), HgcmBuffer(b"both"))
+                call = HgcmCall(client_id, FN_ECHO, parms).encode()
+                out, both = call.user_buffers[1].data, call.user_buffers[2].data
+                out[:] = bytes([UNTOUCHED]) * len(out)
+                assert await call_rc(client, call) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+                assert (bytes(out), bytes(both)) == (bytes([UNTOUCHED]) * 8, b"both")
+                echo.held.pop().complete(VINF_SUCCESS)
+
 
 class TestHgcmAndSignals:
     """What a signal (the caller's cancellation) does to HGCM ioctls."""
@@ -441,6 +505,53 @@ class TestHgcmAndSignals:
             assert client_id in client.transport.session.hgcm_client_ids
             await client.transport.aclose()
         assert echo.disconnected == [client_id]
+
+    @pytest.mark.parametrize(
+        ("timeout_ms", "waited", "status"),
+        [(100, 0.1, VERR_TIMEOUT), (TIMEOUT_INFINITE, 0.0, VERR_INTERRUPTED)],
+        ids=["timeout", "signal"],
+    )
+    async def test_a_cancel2_the_host_does_not_implement_leaks_the_call(
+        self,
+        host: SimulatedHost,
+        echo: EchoService,
+        autojump_clock: object,
+        *,
+        timeout_ms: int,
+        waited: float,
+        status: int,
+    ) -> None:
+        """``vbglR0HGCMInternalDoCall`` sends CANCEL2 only (mainline sends a legacy
+        HGCM_CANCEL after VERR_NOT_IMPLEMENTED): that refusal is followed by its 2 s poll for
+        DONE, then the request is leaked and the wait's status returned, VERR_TIMEOUT after
+        the timeout, VERR_INTERRUPTED after a signal. The host still holds the call, and its
+        completion later lands in the leaked request."""
+        client = await open_client(host)
+        client_id = (await client.request(HgcmConnect(ECHO))).client_id
+        cancels = _record_requestors(host, RequestType.HGCM_CANCEL2, RequestType.HGCM_CANCEL)
+        call = HgcmCall(client_id, FN_HOLD, (HgcmU32(1),), timeout_ms=timeout_ms).encode()
+        statuses: list[int] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def held() -> None:
+                    statuses.append(await call_rc(client, call))
+                    nursery.cancel_scope.cancel()
+
+                start = trio.current_time()
+                nursery.start_soon(held)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(echo.held) == 1
+                host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
+                if timeout_ms == TIMEOUT_INFINITE:
+                    nursery.cancel_scope.cancel()  # the signal
+            took = trio.current_time() - start
+        assert statuses == [status]
+        assert took == pytest.approx(waited + 2.0, abs=1e-9)
+        assert [request_type for request_type, _ in cancels] == [RequestType.HGCM_CANCEL2]
+        assert (echo.cancelled, len(echo.held), host.vmmdev.hgcm.pending_calls) == ([], 1, 1)
+        echo.held.pop().complete(VINF_SUCCESS)
+        assert host.vmmdev.hgcm.pending_calls == 0
 
 
 class TestLog:
@@ -597,6 +708,29 @@ class TestCapabilities:
         assert await change_caps(setter, SEAMLESS, 0) == (VINF_SUCCESS, SEAMLESS, SEAMLESS)
         assert await acquire_caps(taker, SEAMLESS, 0) == VINF_SUCCESS
         assert await change_caps(setter, SEAMLESS, 0) == (VERR_RESOURCE_BUSY, SEAMLESS, SEAMLESS)
+
+    async def test_an_acquire_that_changes_nothing_reports_caps_the_host_lost(
+        self, host: SimulatedHost
+    ) -> None:
+        """A refused report leaves the host's capabilities unknown (``fGuestCapsHost`` is
+        UINT32_MAX): ``vgdrvAcquireSessionCapabilities`` then reports them even when it
+        adds and removes nothing, and once the host took them, such an acquire sends
+        nothing (mainline returns before it either way)."""
+        client = await open_client(host)
+        assert await change_caps(client, GRAPHICS, 0) == (VINF_SUCCESS, GRAPHICS, GRAPHICS)
+        reports = _record_requestors(host, RequestType.SET_GUEST_CAPABILITIES)
+        host.add_fault(RequestType.SET_GUEST_CAPABILITIES, VERR_GENERAL_FAILURE)
+        assert await change_caps(client, SEAMLESS, 0) == (
+            VERR_GENERAL_FAILURE,
+            GRAPHICS,
+            GRAPHICS,
+        )
+        assert model_driver(host).guest_caps_host == U32_MAX
+        assert await acquire_caps(client, 0, 0) == VINF_SUCCESS
+        assert await acquire_caps(client, 0, 0) == VINF_SUCCESS
+        assert len(reports) == 2  # the refused one and the acquire's
+        assert host.vmmdev.guest.capabilities == GRAPHICS
+        assert model_driver(host).guest_caps_host == GRAPHICS
 
     async def test_change_reports_the_caps_even_when_refused(self, host: SimulatedHost) -> None:
         """The session's and all sessions' capabilities come back with a refusal too; the

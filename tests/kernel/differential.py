@@ -256,7 +256,8 @@ def normalise(req: bytearray) -> str:
         name = RequestType(request_type).name
     except ValueError:
         name = str(request_type)
-    if request_type in (RequestType.HGCM_CALL64, RequestType.HGCM_CALL32):
+    if request_type in (RequestType.HGCM_CALL64, RequestType.HGCM_CALL32, RequestType.HGCM_CANCEL):
+        # The legacy cancel is the call's own request under another type.
         lists = _blank_page_lists(req)
         return f"{name} {req.hex()} lists={lists}"
     if request_type == RequestType.HGCM_CANCEL2:

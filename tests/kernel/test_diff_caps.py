@@ -94,6 +94,31 @@ async def test_acquire_mode() -> None:
     assert_agree(await differ(script))
 
 
+async def test_changes_of_nothing_after_a_refused_report() -> None:
+    """A refused report leaves the host's capabilities unknown; an ACQUIRE or a
+    CHANGE_GUEST_CAPABILITIES that adds and removes nothing reports nothing all the same
+    (``vbg_acquire_session_capabilities`` and ``vbg_set_session_capabilities`` return
+    before ``vbg_set_host_capabilities``): the next real change reports them (Oracle's
+    acquire reports them at once: ``tests/host/test_oracle.py``)."""
+
+    async def script(rig: Rig) -> None:
+        (_, a), (_, b), *_ = sessions(rig)
+        await change(rig, "a graphics", a, GRAPHICS, 0)
+        rig.host.add_fault(RequestType.SET_GUEST_CAPABILITIES, VERR_NOT_SUPPORTED)
+        await change(rig, "a refused", a, SEAMLESS, 0)
+        await acquire(rig, "b acquires nothing", b, 0, 0)
+        await acquire(rig, "b drops what it lacks", b, 0, WINDOWS)
+        await change(rig, "a changes nothing", a, GRAPHICS, 0)
+        rig.note("host caps", rig.host.vmmdev.guest.capabilities)
+        await change(rig, "b windows", b, WINDOWS, 0)
+        rig.note("host caps", rig.host.vmmdev.guest.capabilities)
+
+    results = await differ(script)
+    assert_agree(results)
+    quiet = ("b acquires nothing", "b drops what it lacks", "a changes nothing")
+    assert [step.requests for step in results["kernel"] if step.label in quiet] == [()] * 3
+
+
 def _wait(events: int) -> bytearray:
     buf = ioctl(32, 28)
     L.WaitForEventsIoctl.events_in.set(buf, events)

@@ -15,7 +15,9 @@ from agent.protocol.constants import HGCM_MAX_USER_PARM, Event, HgcmParmType, Io
 from agent.protocol.status import (
     VERR_ACCESS_DENIED,
     VERR_GENERAL_FAILURE,
+    VERR_HGCM_TOO_MANY_CLIENT_CALLS,
     VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
     VINF_SUCCESS,
 )
 from tests.host.conftest import ECHO, FN_ECHO, FN_HOLD
@@ -254,6 +256,56 @@ async def test_timeouts_and_cancellation() -> None:
         rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
 
     assert_agree(await differ(script))
+
+
+async def test_a_cancel2_the_host_does_not_implement_is_sent_again_as_the_legacy_cancel() -> None:
+    """``hgcm_cancel_call``: a CANCEL2 the host answers VERR_NOT_IMPLEMENTED is followed by
+    the legacy HGCM_CANCEL of the call's own request, which cancels it at the host at once
+    (Oracle's driver has no such fallback: ``tests/host/test_oracle.py``)."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        c = await connected(rig, session)
+        rig.host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
+        await do_call(rig, "timeout", session, c, FN_HOLD, [(T.U32, 1)], timeout_ms=20)
+        rig.note("pending at host", rig.host.status()["hgcm_pending_calls"])
+
+    results = await differ(script)
+    assert_agree(results)
+    (timeout,) = (step for step in results["kernel"] if step.label == "timeout")
+    sent = [request.split()[0] for request in timeout.requests]
+    assert (timeout.errno, sent) == (
+        errno.ETIMEDOUT,
+        ["HGCM_CALL64", "HGCM_CANCEL2", "HGCM_CANCEL"],
+    )
+    assert timeout.service == ("call fn=2 ['u32:0x1']", "cancel fn=2")
+
+
+async def test_a_call_the_host_refuses_in_its_rc_is_copied_back() -> None:
+    """A call VMMDev refuses in the request's ``rc`` (the service's pending-call limit):
+    ``vbg_hgcm_do_call`` makes that ``rc`` the call's result and the call is copied back, so
+    an out buffer gets its bounce buffer's zeros (Oracle's driver copies nothing back:
+    ``tests/host/test_oracle.py``)."""
+
+    async def script(rig: Rig) -> None:
+        session = rig.open()
+        client = await connected(rig, session)
+        async with trio.open_nursery() as nursery:
+            for index in range(rig.echo.max_calls - 1):
+                nursery.start_soon(
+                    do_call, rig, f"held {index}", session, client, FN_HOLD, [(T.U32, index)]
+                )
+            await rig.settle(lambda: len(rig.echo.held) == rig.echo.max_calls - 1)
+            parms = [(T.LINADDR_IN, b"abc"), (T.LINADDR_OUT, b"\x5a" * 8), (T.U32, 7)]
+            await do_call(rig, "refused", session, client, FN_ECHO, parms)
+            nursery.cancel_scope.cancel()
+
+    results = await differ(script)
+    for steps in results.values():
+        (refused,) = (step for step in steps if step.label == "refused")
+        assert L.IoctlHeader.rc.get(refused.buffer) == VERR_HGCM_TOO_MANY_CLIENT_CALLS
+        assert refused.user == (b"abc", bytes(8))
+    assert_agree(results)
 
 
 async def _cancelled_call(rig: Rig, session: DriverSession, client: int) -> None:

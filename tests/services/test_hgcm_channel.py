@@ -58,6 +58,7 @@ from agent.protocol.status import (
     VERR_INTERRUPTED,
     VERR_INVALID_PARAMETER,
     VERR_NOT_FOUND,
+    VERR_NOT_IMPLEMENTED,
     VERR_TIMEOUT,
     VINF_SUCCESS,
 )
@@ -506,16 +507,18 @@ async def _cancel_a_held_call(setup: Setup) -> float:
     return took
 
 
-async def _refuse_the_cancel_of_a_held_call(setup: Setup) -> float:
-    """Cancel a call the host holds, refusing its CANCEL2; return how long its caller took
-    to run again, which it does while the host still holds the call (the host completes it
-    afterwards)."""
+async def _refuse_the_cancel_of_a_held_call(
+    setup: Setup, status: int = VERR_INVALID_PARAMETER
+) -> float:
+    """Cancel a call the host holds, refusing its CANCEL2 with ``status``; return how long
+    its caller took to run again, which it does while the host still holds the call (the
+    host completes it afterwards)."""
     with trio.fail_after(10):
         async with (
             open_device(setup.opener) as device,
             open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
         ):
-            setup.host.add_fault(RequestType.HGCM_CANCEL2, VERR_INVALID_PARAMETER)
+            setup.host.add_fault(RequestType.HGCM_CANCEL2, status)
             scope = trio.CancelScope()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_call_in, scope, partial(channel.call, FN_HOLD))
@@ -613,6 +616,49 @@ async def test_a_timeout_oracles_driver_reports_in_the_header_keeps_its_slot_too
                     await channel.call(FN_HOLD, timeout_ms=1)
                 assert info.value.rc == VERR_TIMEOUT
                 assert len(echo.cancelled) == 1
+                assert channel.pending == 1
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ON_TRIOS_LOOP)
+async def test_on_oracles_driver_a_cancel2_not_implemented_leaves_the_call_held(
+    autojump_clock: trio.abc.Clock, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Oracle's driver sends no legacy cancel after a CANCEL2 the host does not implement:
+    it waits 2 s for the call, then leaks it, the host holding it still. The cancelled
+    caller is given up on as after any refused cancel (``ioctl_abandoned``), running again
+    ABANDON_AFTER_S later, and the call keeps its slot."""
+    async with _running(kind, request, personality="oracle") as setup:
+        with structlog.testing.capture_logs() as logs:
+            took = await _refuse_the_cancel_of_a_held_call(setup, VERR_NOT_IMPLEMENTED)
+    assert took == pytest.approx(ABANDON_AFTER_S, abs=1e-9)
+    assert _given_up(logs) == ["ioctl_abandoned"]
+
+
+async def test_on_oracles_driver_a_timeout_whose_cancel2_is_not_implemented_keeps_its_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A call Oracle's driver times out while the host does not implement CANCEL2 comes
+    back 2 s after its timeout (the driver's poll for DONE), VERR_TIMEOUT in the header
+    (HgcmCallError), with the request leaked and the call still held at the host: it keeps
+    its slot, also once the host completes it, until the channel closes."""
+    echo = EchoService(max_calls=ECHO_CALL_LIMIT)
+    host = SimulatedHost(personality="oracle", services=[echo])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            async with (
+                open_device(SimOpener(host)) as device,
+                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+            ):
+                host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
+                start = trio.current_time()
+                with pytest.raises(HgcmCallError) as info:
+                    await channel.call(FN_HOLD, timeout_ms=100)
+                assert trio.current_time() - start == pytest.approx(2.1, abs=1e-9)
+                assert info.value.rc == VERR_TIMEOUT
+                assert (echo.cancelled, len(echo.held), channel.pending) == ([], 1, 1)
+                echo.held.pop().complete(VINF_SUCCESS)
                 assert channel.pending == 1
             nursery.cancel_scope.cancel()
 

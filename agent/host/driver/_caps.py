@@ -83,7 +83,9 @@ async def acquire_session_caps(
     *,
     termination: bool,
 ) -> None:
-    """``vbg_acquire_session_capabilities``."""
+    """``vbg_acquire_session_capabilities``: nothing to add or drop reports nothing, but on
+    Oracle's driver (``Driver.acquire_reports_unknown_caps``) while the host's capabilities
+    are unknown (a refused report left them so), as ``vgdrvAcquireSessionCapabilities``."""
     async with drv.session_mutex:
         if drv.acquire_refuses_set_caps and drv.set_caps_tracker.mask & or_mask:
             raise fail(errno.EINVAL)
@@ -92,7 +94,8 @@ async def acquire_session_caps(
             return
         not_mask &= ~or_mask & session.acquired_guest_caps
         or_mask &= ~session.acquired_guest_caps
-        if not or_mask and not not_mask:
+        unknown = drv.acquire_reports_unknown_caps and drv.guest_caps_host == U32_MAX
+        if not or_mask and not not_mask and not unknown:
             return
         if drv.acquired_caps & or_mask:
             raise fail(errno.EBUSY)

@@ -107,6 +107,15 @@ class Driver:
     kernel's, as at a close)."""
     acquire_refuses_set_caps: ClassVar[bool] = True
     """Whether acquiring a capability some session set is refused (mainline: EINVAL)."""
+    acquire_reports_unknown_caps: ClassVar[bool] = False
+    """Whether an ACQUIRE that changes nothing reports the capabilities again while the
+    host's are unknown (mainline returns before it)."""
+    legacy_cancel: ClassVar[bool] = True
+    """Whether a CANCEL2 the host answers VERR_NOT_IMPLEMENTED is sent again as the legacy
+    HGCM_CANCEL of the call's own request (``hgcm_cancel_call``)."""
+    refused_call_copied_back: ClassVar[bool] = True
+    """Whether a call VMMDev refused in its ``rc`` is copied back with that ``rc`` as its
+    result (``vbg_hgcm_do_call``); else it returns that ``rc`` and copies nothing back."""
     trusted_requests: ClassVar[frozenset[int]] = frozenset()
     """Extra VMMDev request types trusted (non-vboxuser) sessions may pass through."""
 

@@ -233,9 +233,25 @@ class _TooBigError(Exception):
     """A user buffer exceeds VBG_MAX_HGCM_USER_PARM (-E2BIG inside the driver)."""
 
 
+class _RefusedError(Exception):
+    """VMMDev refused the call in its ``rc`` (its result another status), and the driver
+    returns that ``rc`` without copying back (Oracle's: ``Driver.refused_call_copied_back``)."""
+
+    def __init__(self, rc: int) -> None:
+        super().__init__(rc)
+        self.rc = rc
+
+
 async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: GuestMemory) -> None:
     """``vbg_ioctl_hgcm_call`` (native 64-bit parameters), checks in the driver's order, then
-    ``vbg_hgcm_call``: bounce, build, perform and copy back the call."""
+    ``vbg_hgcm_call``: bounce, build, perform and copy back the call.
+
+    A call VMMDev refuses in the request's ``rc`` is copied back with that ``rc`` as its
+    result; on Oracle's driver (``Driver.refused_call_copied_back``) its ``rc`` is the
+    status and the caller's parameters and buffers stay as they were, unless the host put
+    the same status in the result too (``vbglR0HGCMInternalDoCall`` then takes it as the
+    call's own).
+    """
     target, timeout_ms, parms, plan = _checked_call(kbuf)
     client_id = target[0]
     if drv.session_mutex.locked:
@@ -268,9 +284,8 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
             vmmdev.process(phys)
         # rc, then DONE (_done, inline) and the result the host wrote before it, in one read.
         rc, flags, status = _RC_FLAGS_RESULT.unpack_from(req, H.REQUEST_RC_AT)
-        if rc < 0:  # the request failed: its rc goes as the call's result
-            H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
-            status = rc
+        if rc < 0:  # the request failed
+            status = _refused(drv, req, rc, status)
         elif rc == VINF_HGCM_ASYNC_EXECUTE and not flags & HGCM_REQ_DONE:
             placed.pop()
             error = await _wait_call(drv, req, phys, timeout_ms)
@@ -280,10 +295,25 @@ async def call(drv: Driver, session: DriverSession, kbuf: bytearray, memory: Gue
         _copy_back(kbuf, req, parms, buffers, memory)
     except _TooBigError:
         status = VERR_OUT_OF_RANGE
+    except _RefusedError as refused:
+        status = refused.rc
     finally:
         # After the copy-back, as vbg_hgcm_call frees the request, then the bounce buffers.
         ram.unmap_all(placed)
     H.IOCTL_RC.pack_into(kbuf, H.IOCTL_RC_AT, status)
+
+
+def _refused(drv: Driver, req: bytearray, rc: int, result: int) -> int:
+    """The status of a call VMMDev refused with ``rc``, its result then ``result``: ``rc``,
+    put in the result to be copied back.
+
+    Raises:
+        _RefusedError: on Oracle's driver, unless ``result`` is ``rc`` too.
+    """
+    if result != rc and not drv.refused_call_copied_back:
+        raise _RefusedError(rc)
+    H.HGCM_RESULT.pack_into(req, H.HGCM_RESULT_AT, rc)
+    return rc
 
 
 def _checked_call(kbuf: bytearray) -> tuple[tuple[int, int], int, tuple[int, ...], _Plan]:
@@ -533,12 +563,18 @@ async def _wait_call(drv: Driver, req: bytearray, phys: int, timeout_ms: int) ->
 
 
 async def _cancel(drv: Driver, req: bytearray, phys: int) -> _Outcome:
-    """``hgcm_cancel_call`` plus the grace wait for a call the host could not cancel."""
+    """``hgcm_cancel_call`` plus the grace wait for a call the host could not cancel.
+
+    Mainline sends a CANCEL2 the host does not implement again as the legacy HGCM_CANCEL;
+    Oracle's ``vbglR0HGCMInternalDoCall`` sends CANCEL2 only (``Driver.legacy_cancel``), so
+    there that refusal, like any but VERR_NOT_FOUND and VERR_SEM_DESTROYED, means the 2 s
+    grace, then the leak: the host goes on holding the call.
+    """
     async with drv.cancel_req_mutex:
         cancel = drv.cancel_req
         L.HgcmCancel2Request.phys_req_to_cancel.set(cancel, phys)
         rc = await drv.perform(cancel)
-        if rc == VERR_NOT_IMPLEMENTED:
+        if rc == VERR_NOT_IMPLEMENTED and drv.legacy_cancel:
             flags = L.HgcmRequestHeader.flags.get(req) | HGCM_REQ_CANCELLED
             L.HgcmRequestHeader.flags.set(req, flags)
             L.RequestHeader.request_type.set(req, RequestType.HGCM_CANCEL)

@@ -11,7 +11,7 @@ Oracle's convention differs from mainline's in where a failure goes:
   ``VERR_PERMISSION_DENIED``, ``VERR_INTERRUPTED``, ``VERR_TIMEOUT``) goes into ``hdr.rc``;
   the ioctl returns 0 and ``size_out`` bytes are copied back.
 - Variable-size ioctls are recognised by ``_IOC_NR`` alone (``VBGL_IOCTL_CODE_STRIPPED`` is
-  ``_IOC_NR`` on Linux): VMMDev requests (2, 3), HGCM calls (7) and LOG (9).
+  ``_IOC_NR`` on Linux): VMMDev requests (2, 3), HGCM calls (6, 7) and LOG (9).
 
 Handlers shared with mainline raise the errno mainline would return; this entry reports the
 status Oracle's handler returns for the same failure instead (:func:`status_for`).
@@ -81,6 +81,7 @@ VERR_INVALID_HANDLE: Final = STATUS_CODES["VERR_INVALID_HANDLE"]
 VERR_INVALID_POINTER: Final = STATUS_CODES["VERR_INVALID_POINTER"]
 VERR_RESOURCE_BUSY: Final = STATUS_CODES["VERR_RESOURCE_BUSY"]
 VERR_TOO_MANY_OPEN_FILES: Final = STATUS_CODES["VERR_TOO_MANY_OPEN_FILES"]
+VERR_WRONG_ORDER: Final = STATUS_CODES["VERR_WRONG_ORDER"]
 SET_MOUSE_STATUS_SIZE: Final = HEADER_SIZE + 4
 SET_MOUSE_STATUS: Final = iowr(IOCTL_TYPE, 15, SET_MOUSE_STATUS_SIZE)
 """``VBGL_IOCTL_SET_MOUSE_STATUS`` (Oracle's only; the agent has no use for it): a u32 of
@@ -242,14 +243,39 @@ async def _log_ioctl(
 async def _hgcm_call_ioctl(
     drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
 ) -> int:
-    hdr = L.IoctlHeader
-    if hdr.type.get(kbuf) != 0:
+    if not _hgcm_call_header(kbuf):
         return VERR_INVALID_PARAMETER
+    L.IoctlHeader.rc.set(kbuf, await _hgcm_call(drv, session, kbuf, memory))
+    return VINF_SUCCESS
+
+
+async def _hgcm_call_32_ioctl(
+    drv: OracleDriver, session: DriverSession, kbuf: bytearray, memory: GuestMemory
+) -> int:
+    """HGCM_CALL_32, which a 64-bit build dispatches as HGCM_CALL with 12-byte parameters
+    (``vgdrvIoCtl_HGCMCallInner`` with ``f32bit``): the count, the size and the client are
+    checked as there, then ``VbglR0HGCMInternalCall32`` refuses every user caller
+    (``AssertReturn`` on kernel mode, VERR_WRONG_ORDER) before it reads a parameter."""
+    del drv, memory
+    if not _hgcm_call_header(kbuf):
+        return VERR_INVALID_PARAMETER
+    status = _hgcm_call_target(session, kbuf, L.HgcmParameter32.size)
+    L.IoctlHeader.rc.set(kbuf, VERR_WRONG_ORDER if status == VINF_SUCCESS else status)
+    return VINF_SUCCESS
+
+
+def _hgcm_call_header(kbuf: bytearray) -> bool:
+    """``VGDrvCommonIoCtl``'s checks of an HGCM call's header: the default type (else
+    VERR_INVALID_PARAMETER, rc untouched), room for the call's own members and equal sizes
+    (else ``REQ_CHECK_EXPR``'s refusal)."""
+    hdr = L.IoctlHeader
+    if hdr.type.get(kbuf) != IOCTL_HDR_TYPE_DEFAULT:
+        return False
     size_in = hdr.size_in.get(kbuf)
     if size_in < HGCM_CALL_HEADER_SIZE or size_in != hdr.size_out.get(kbuf):
-        return _refuse(kbuf)
-    hdr.rc.set(kbuf, await _hgcm_call(drv, session, kbuf, memory))
-    return VINF_SUCCESS
+        _refuse(kbuf)
+        return False
+    return True
 
 
 def _refuse(kbuf: bytearray) -> int:
@@ -451,23 +477,33 @@ async def _hgcm_call(
 ) -> int:
     """``vgdrvIoCtl_HGCMCallInner``: parameter count, size and client id, then
     ``VbglR0HGCMInternalCall``: the parameters' checks (:func:`_preprocess`), then the call."""
-    count = L.HgcmCallIoctl.parm_count.get(kbuf)
-    if count > HGCM_MAX_PARMS:
-        return VERR_INVALID_PARAMETER
-    needed = HGCM_CALL_HEADER_SIZE + HGCM_PARM64_SIZE * count
-    if len(kbuf) < needed:
-        return VERR_INVALID_PARAMETER
-    L.IoctlHeader.size_out.set(kbuf, needed)
-    client_id = L.HgcmCallIoctl.client_id.get(kbuf)
-    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
-        return VERR_INVALID_HANDLE  # client 0 passes while a slot is free; the host refuses it
-    status = _preprocess(kbuf, count)
+    status = _hgcm_call_target(session, kbuf, HGCM_PARM64_SIZE)
+    if status < 0:
+        return status
+    status = _preprocess(kbuf, L.HgcmCallIoctl.parm_count.get(kbuf))
     if status < 0:
         return status
     try:
         return await _adapt(_hgcm.call)(drv, session, kbuf, memory)
     except trio.Cancelled:
         return VERR_INTERRUPTED  # the signal: see ioctl()
+
+
+def _hgcm_call_target(session: DriverSession, kbuf: bytearray, parm_size: int) -> int:
+    """``vgdrvIoCtl_HGCMCallInner``'s own checks for parameters of ``parm_size`` bytes: the
+    count, the buffer's room for them (``size_out`` becomes what they take), then the
+    client among the session's; return VINF_SUCCESS or the status."""
+    count = L.HgcmCallIoctl.parm_count.get(kbuf)
+    if count > HGCM_MAX_PARMS:
+        return VERR_INVALID_PARAMETER
+    needed = HGCM_CALL_HEADER_SIZE + parm_size * count
+    if len(kbuf) < needed:
+        return VERR_INVALID_PARAMETER
+    L.IoctlHeader.size_out.set(kbuf, needed)
+    client_id = L.HgcmCallIoctl.client_id.get(kbuf)
+    if client_id == U32_MAX or client_id not in session.hgcm_client_ids:
+        return VERR_INVALID_HANDLE  # client 0 passes while a slot is free; the host refuses it
+    return VINF_SUCCESS
 
 
 def _preprocess(kbuf: bytearray, count: int) -> int:
@@ -626,6 +662,7 @@ _FIXED: Final[dict[int, tuple[int, int, Handler]]] = {
 _VARIABLE: Final[dict[int, Handler]] = {
     IoctlFunction.VMMDEV_REQUEST: _vmmdev_request_ioctl,
     IoctlFunction.VMMDEV_REQUEST_BIG: _vmmdev_request_ioctl,
+    IoctlFunction.HGCM_CALL_32: _hgcm_call_32_ioctl,
     IoctlFunction.HGCM_CALL_64: _hgcm_call_ioctl,
     IoctlFunction.LOG: _log_ioctl,
 }

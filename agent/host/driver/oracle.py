@@ -106,6 +106,15 @@ class OracleDriver(Driver):
     """``vgdrvSetSessionEventFilter`` keeps VbglR0GRAlloc's kernel requestor."""
     acquire_refuses_set_caps: ClassVar[bool] = False
     """``vgdrvAcquireSessionCapabilities`` checks ``fSetModeGuestCaps``, which nothing sets."""
+    acquire_reports_unknown_caps: ClassVar[bool] = True
+    """``vgdrvAcquireSessionCapabilities`` tells the host when caps were added or removed
+    or ``fGuestCapsHost`` is UINT32_MAX."""
+    legacy_cancel: ClassVar[bool] = False
+    """``vbglR0HGCMInternalDoCall`` sends CANCEL2 only: any refusal but VERR_NOT_FOUND and
+    VERR_SEM_DESTROYED is followed by its 2 s poll for DONE, then the request is leaked."""
+    refused_call_copied_back: ClassVar[bool] = False
+    """``vbglR0HGCMInternalDoCall`` returns VMMDev's ``rc`` unless the call's result says
+    the same, and ``VbglR0HGCMInternalCall`` then skips the copy-back."""
 
     def __init__(self, vmmdev: VMMDev, ram: DictMemory, *, r3_balloon: bool = False) -> None:
         super().__init__(vmmdev, ram)
