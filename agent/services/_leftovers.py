@@ -145,7 +145,8 @@ class Leftovers:
         return held.remnant
 
     def status(self, name: str) -> str | None:
-        """Service ``name``'s remnant's ``STATUS=`` fragment, None if it left none."""
+        """What service ``name``'s remnant still holds (e.g. ``61 MB kept``), which the
+        daemon adds to the service's ``STATUS=`` fragment; None if it left none."""
         held = self._held.get(name)
         return None if held is None else held.remnant.status()
 
