@@ -34,11 +34,16 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-IO_BASE_FIRST: Final = 0xD000
-"""I/O base of the first probed device; each later probe moves on by ``IO_BASE_STRIDE``, so a
-port write from an unplugged device's leftover thread is recognised and dropped."""
-IO_BASE_STRIDE: Final = 0x20
-IO_BASE_SLOTS: Final = 0x700
+IO_BASE_FIRST: Final = 0x1000
+"""I/O base of the first probed device (above the legacy ISA ports); each later probe moves
+on by ``IO_BASE_STRIDE`` and never goes back: ``shim_unplug`` makes the library ignore its
+port for good, and a port write from an unplugged device's leftover thread is dropped."""
+IO_BASE_STRIDE: Final = 4
+"""One 32-bit port: the driver writes only its request port (``io_base + 0``)."""
+IO_PORT_LIMIT: Final = 0x1_0000
+"""x86 I/O ports are 16-bit, and the driver keeps its port in a ``u16``."""
+IO_BASE_SLOTS: Final = (IO_PORT_LIMIT - IO_BASE_FIRST) // IO_BASE_STRIDE
+"""Devices one process can probe."""
 IRQ: Final = 20
 UBUF_ADDRESS: Final = 0x10_0000_0000
 """The user address of every ioctl's argument buffer (away from the simulated user mappings)."""
@@ -141,12 +146,15 @@ class KernelDriver:
         """Probe the device (the load sequence reaches the VMMDev), then serve its interrupts.
 
         Raises:
-            DriverLoadError: ``vbg_pci_probe`` failed.
+            DriverLoadError: ``vbg_pci_probe`` failed, or this process has no unused port.
         """
         async with _device_slot():
             self._token = trio.lowlevel.current_trio_token()
+            if KernelDriver._probes == IO_BASE_SLOTS:
+                msg = f"no unused I/O port left: one process probes at most {IO_BASE_SLOTS}"
+                raise DriverLoadError(msg)
+            self._port = IO_BASE_FIRST + IO_BASE_STRIDE * KernelDriver._probes
             KernelDriver._probes += 1
-            self._port = IO_BASE_FIRST + IO_BASE_STRIDE * (KernelDriver._probes % IO_BASE_SLOTS)
             self._real.port_handler = self._port_write
             try:
                 await self._probe()
