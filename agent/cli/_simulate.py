@@ -33,13 +33,13 @@ from agent.host.scenario import (
     MAX_HEARTBEAT_INTERVAL_MS,
     MIN_HEARTBEAT_INTERVAL_MS,
 )
+from agent.host.vmmdev import DEFAULT_RAM_MB
 from agent.protocol.constants import MAX_GUEST_RAM_MB, MIN_GUEST_RAM_MB
 from agent.units import NS_PER_MS
 
 if TYPE_CHECKING:
     import argparse
 
-DEFAULT_RAM_MB: Final = 2048
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 """What stops the host (``agent.cli.HELD_SIGNALS`` holds them until it runs)."""
 

@@ -25,7 +25,7 @@ from agent.host._log import host_log as _log
 from agent.host._stats import GUEST_CPUS
 from agent.host.driver import DriverModel, DriverSession, OracleDriver, personality_spec
 from agent.host.guest_props import SERVICE_NAME as GUEST_PROP_SERVICE, GuestPropertyService
-from agent.host.vmmdev import HOST_VERSION, VMMDev
+from agent.host.vmmdev import DEFAULT_RAM_MB, HOST_VERSION, VMMDev
 from agent.protocol.constants import VALID_EVENT_MASK, CpuEventType
 from agent.protocol.errors import VBoxStatusError
 from agent.protocol.status import STATUS_CODES, VINF_SUCCESS, status_name
@@ -86,7 +86,7 @@ class SimulatedHost:
         self,
         *,
         personality: str = "mainline",
-        ram_mb: int = 2048,
+        ram_mb: int = DEFAULT_RAM_MB,
         cpus: int = GUEST_CPUS,
         heartbeat_interval_ns: int = DEFAULT_INTERVAL_NS,
         heartbeat_timeout_ns: int | None = None,

@@ -46,6 +46,7 @@ from agent.host._faults import MAX_FAULT_COUNT
 from agent.host._heartbeat import DEFAULT_INTERVAL_NS, MAX_NS, MIN_INTERVAL_NS
 from agent.host._log import host_log as _log
 from agent.host.driver import PERSONALITIES
+from agent.host.vmmdev import DEFAULT_RAM_MB
 from agent.protocol.constants import (
     MAX_GUEST_RAM_MB,
     MIN_GUEST_RAM_MB,
@@ -100,7 +101,7 @@ class HostSettings:
     """How to build the host a scenario runs against (the ``[host]`` table)."""
 
     personality: str = "mainline"
-    ram_mb: int = 2048
+    ram_mb: int = DEFAULT_RAM_MB
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     host_time: bool = True
     core_dumps: bool = False

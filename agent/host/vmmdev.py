@@ -106,6 +106,9 @@ _U32_MAX: Final = 0xFFFFFFFF
 LEGACY_INTERFACE: Final = 0x0001_0003
 """Additions of interface 1.03 use the legacy event protocol, which the fast port refuses."""
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+DEFAULT_RAM_MB: Final = 2048
+"""The guest's RAM in MiB unless its maker sets it (also the default of a scenario's ``[host]``
+table and of ``vbox-agent simulate --ram-mb``)."""
 _BALLOON_CHANGE: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.codec
 _BALLOON_CHANGE_AT: Final = L.BALLOON_CHANGE_COUNT_AND_FLAG.offset
 _BALLOON_PAGES_AT: Final = L.MemBalloonChangeRequest.phys_page.offset
@@ -174,7 +177,7 @@ class VMMDev:
         self,
         memory: GuestRam,
         *,
-        ram_mb: int = 2048,
+        ram_mb: int = DEFAULT_RAM_MB,
         cpus: int = GUEST_CPUS,
         heartbeat_interval_ns: int = DEFAULT_INTERVAL_NS,
         heartbeat_timeout_ns: int | None = None,

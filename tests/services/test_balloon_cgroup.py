@@ -257,6 +257,34 @@ class TestV2:
         membership = _membership(tmp_path, V2_MEMBERSHIP)
         assert CgroupRoom(21, str(leaf)) == cgroup_room(root, membership)
 
+    @pytest.mark.parametrize("figure", ["lots", "-4096", ""])
+    def test_a_cache_figure_that_is_no_number_counts_the_whole_usage(
+        self, tmp_path: Path, figure: str
+    ) -> None:
+        """An ``inactive_file`` line whose figure is no number is no cache of 0 bytes: the
+        whole usage counts, with one warning naming ``memory.stat``, however often it looks."""
+        root = tmp_path / "sys"
+        leaf = _cgroup(
+            root / "system.slice/vbox-agent.service",
+            memory_max=str(320 * MB),
+            memory_current=str(299 * MB),
+            memory_stat=f"anon {2 * MB}\ninactive_file {figure}\nfile {279 * MB}",
+        )
+        limits = CgroupLimits(memory_cgroups(root, _membership(tmp_path, V2_MEMBERSHIP)))
+        with capture_logs() as logs:
+            for _ in range(3):
+                assert limits.least_room() == CgroupRoom(21, str(leaf))
+        unread = [(e["event"], e["log_level"], e["file"], e["reason"]) for e in logs]
+        assert unread == [
+            (
+                "balloon_cgroup_unread",
+                "warning",
+                str(leaf / "memory.stat"),
+                f"{figure!r} is no number of bytes",
+            )
+        ]
+        assert logs[0]["passed_over"] == "the reclaimable cache (the whole usage counts)"
+
     def test_no_membership_file(self, tmp_path: Path) -> None:
         with capture_logs() as logs:
             assert cgroup_room(tmp_path, tmp_path / "missing") is None
