@@ -78,7 +78,13 @@ class TestHostCommands:
         """The statistics interval set from the command line shows in ``guest_stats``."""
         assert host(simulator.path, "stats-interval", "7").returncode == 0
         status = json.loads(host(simulator.path, "status", "--json").stdout)
-        expected: dict[str, object] = {"interval_s": 7, "reports": 0, "last": None, "main": {}}
+        expected: dict[str, object] = {
+            "interval_s": 7,
+            "reports": 0,
+            "last": None,
+            "main": {},
+            "metrics": {},
+        }
         assert status["guest_stats"] == expected
         for bad in ("-1", "4294967296", "soon"):
             result = host(simulator.path, "stats-interval", bad)

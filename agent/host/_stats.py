@@ -17,12 +17,23 @@ CPU count is ``IMachine::CPUCount`` (with CPU hot-plug, the most the VM may have
 while the VM runs, and a CPU id's loads stay until that id reports again: a CPU the guest
 took offline keeps its last load in the average unless the guest reports it otherwise, and
 one never reported counts 0 in all three (the three then add up to less than 100).
+
+The performance collector (``VBoxManage metrics``, VBoxBalloonCtrl) reads none of that
+directly. Main's statistics timer (``Guest::i_updateStats``), which runs at the interval, ticks
+at once when an interval is set and then every interval; at each tick it hands the figures to
+``CollectorGuest::updateStats`` with the bits set since the last tick, and clears them. The
+collector takes the CPU loads only if all three CPU bits came in that window
+(``VMSTATS_GUEST_CPULOAD``), and the memory figures only if all five memory bits did
+(``VMSTATS_GUEST_RAMUSAGE``; its shared-memory bit Main sets itself), so a guest that leaves
+one out (the balloon, say) has no ``Guest/RAM/Usage/*`` metrics at all.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import trio
 
 from agent.host._log import host_log as _log
 from agent.protocol import layouts as L  # noqa: N812 - the layout table
@@ -55,6 +66,17 @@ MEMORY_FIGURES: Final = (
     ("page_total", StatCap.PAGE_FILE_SIZE, "page_file_size"),
 )
 """Main's memory figures (KiB): name, bit, report field (4 KiB pages)."""
+CPU_GROUP: Final = StatCap.CPU_LOAD_USER | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_IDLE
+"""``VMSTATS_GUEST_CPULOAD``: the bits one window must carry for the collector's CPU loads."""
+RAM_GROUP: Final = (
+    StatCap.PHYS_MEM_TOTAL
+    | StatCap.PHYS_MEM_AVAIL
+    | StatCap.PHYS_MEM_BALLOON
+    | StatCap.MEM_SYSTEM_CACHE
+    | StatCap.PAGE_FILE_SIZE
+)
+"""``VMSTATS_GUEST_RAMUSAGE`` less the shared memory Main adds itself: the bits one window
+must carry for the collector's memory figures."""
 
 
 class HostGuestStats:
@@ -67,12 +89,16 @@ class HostGuestStats:
 
     __slots__ = (
         "_cpu_loads",
+        "_period_s",
         "_raise_events",
+        "_timer_set",
+        "_window_caps",
         "acked_interval_s",
         "cpus",
         "interval_s",
         "last",
         "main",
+        "metrics",
         "reports",
     )
 
@@ -88,7 +114,14 @@ class HostGuestStats:
         self.last: dict[str, int] | None = None
         self.main: dict[str, int] = {}
         """Main's figures by name, each present once a report carried its bit."""
+        self.metrics: dict[str, int] = {}
+        """The collector's figures by name, each group present once a window carried it."""
         self._cpu_loads = {name: [0] * VMM_MAX_CPU_COUNT for name, _, _ in CPU_FIGURES}
+        self._period_s = 0
+        """Main's timer interval (``mStatUpdateInterval``), 0 while it is stopped."""
+        self._window_caps = 0
+        """The bits reported since the timer's last tick (``mVmValidStats``)."""
+        self._timer_set = trio.lowlevel.ParkingLot()
 
     def set_interval(self, seconds: int) -> None:
         """Main asks for a report every ``seconds`` (0: none); notify if the guest has not seen it.
@@ -99,6 +132,9 @@ class HostGuestStats:
         if not 0 <= seconds <= MAX_INTERVAL_S:
             msg = f"statistics interval must be in range [0, {MAX_INTERVAL_S}] s, got {seconds}"
             raise ValueError(msg)
+        if seconds != self._period_s:  # Main's timer, which VMMDev's check below leaves alone
+            self._period_s = seconds
+            self._timer_set.unpark_all()
         if seconds == self.acked_interval_s:
             return
         self.interval_s = seconds
@@ -120,6 +156,7 @@ class HostGuestStats:
             values[name] = member.get(req)
         self.last = values
         self.reports += 1
+        self._window_caps |= values["stat_caps"]
         self._update_main(values)
         return VINF_SUCCESS
 
@@ -131,8 +168,10 @@ class HostGuestStats:
         """A saved state was loaded: neither interval is in VMMDev's saved state and the new
         VM process's Main starts with none and no figures, so the host asks for no reports
         until told again (which then notifies: nothing is acknowledged)."""
-        self.interval_s = self.acked_interval_s = 0
+        self.interval_s = self.acked_interval_s = self._period_s = self._window_caps = 0
+        self._timer_set.unpark_all()
         self.main.clear()
+        self.metrics.clear()
         for loads in self._cpu_loads.values():
             loads[:] = [0] * VMM_MAX_CPU_COUNT
 
@@ -144,7 +183,25 @@ class HostGuestStats:
             "reports": self.reports,
             "last": last,
             "main": dict(self.main),
+            "metrics": dict(self.metrics),
         }
+
+    async def run(self) -> NoReturn:
+        """Main's statistics timer: while an interval is set, a tick at once and then one
+        every interval; a new interval starts it again at once (``RTTimerLRStart`` with no
+        delay, ``RTTimerLRChangeInterval`` on a running timer)."""
+        while True:
+            if not self._period_s:
+                await self._timer_set.park()
+                continue
+            tick_at = trio.current_time()
+            interval_kept = True
+            while interval_kept:
+                self._tick()
+                tick_at += self._period_s
+                with trio.move_on_at(tick_at) as timer:
+                    await self._timer_set.park()
+                interval_kept = timer.cancelled_caught
 
     def _update_main(self, report: dict[str, int]) -> None:
         """``Guest::i_setStatistic`` for each figure with its bit (a CPU id of 64 or more
@@ -161,3 +218,14 @@ class HostGuestStats:
         for name, bit, field in MEMORY_FIGURES:
             if caps & bit:
                 self.main[name] = report[field] * KIB_PER_PAGE & U32_MAX
+
+    def _tick(self) -> None:
+        """``Guest::i_updateStats`` into ``CollectorGuest::updateStats``: each group whose
+        bits all came since the last tick replaces the collector's figures of it (the shared
+        memory 0: the simulated host has no page fusion); the window starts afresh."""
+        caps, self._window_caps = self._window_caps, 0
+        if caps & CPU_GROUP == CPU_GROUP:
+            self.metrics.update({name: self.main[name] for name, _, _ in CPU_FIGURES})
+        if caps & RAM_GROUP == RAM_GROUP:
+            self.metrics.update({name: self.main[name] for name, _, _ in MEMORY_FIGURES})
+            self.metrics["mem_shared"] = 0

@@ -494,14 +494,17 @@ class VMMDev:
         self.guest_stats.reset()
 
     async def run(self) -> NoReturn:
-        """Run the device's timers (the heartbeat flat-line check) while the VM is on.
+        """Run the VM's timers (the heartbeat flat-line check, Main's statistics timer)
+        while the VM is on.
 
         When it is cancelled (the VM powers off), port writes held by a delay end too, and
         later ones are not held (until it runs again).
         """
         self._powered_off = False
         try:
-            await self.heartbeat.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.guest_stats.run)
+                await self.heartbeat.run()
         finally:
             self._powered_off = True
             for held in self._held_writes:

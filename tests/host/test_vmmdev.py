@@ -73,6 +73,14 @@ EXACT_SIZES: Final = {
 }
 """The checklist's exact sizes (linux-vboxguest.md §14)."""
 CPU_CAPS: Final = StatCap.CPU_LOAD_IDLE | StatCap.CPU_LOAD_KERNEL | StatCap.CPU_LOAD_USER
+RAM_CAPS: Final = (
+    StatCap.PHYS_MEM_TOTAL
+    | StatCap.PHYS_MEM_AVAIL
+    | StatCap.PHYS_MEM_BALLOON
+    | StatCap.MEM_SYSTEM_CACHE
+    | StatCap.PAGE_FILE_SIZE
+)
+"""The memory figures Main's performance collector takes together."""
 
 
 def irq(device: Device) -> bool:
@@ -1009,6 +1017,7 @@ class TestGuestStats:
             "reports": 0,
             "last": None,
             "main": {},
+            "metrics": {},
         }
         req = vmmdev_request(T.REPORT_GUEST_STATS, 100)
         struct.pack_into("<19I", req, 24, *range(100, 119))
@@ -1118,6 +1127,78 @@ class TestGuestStats:
             "mem_cache": 120,
             "page_total": 0xFFFF_FFFC,
         }
+
+    async def test_metrics_take_a_group_only_from_one_window_with_all_its_bits(
+        self, autojump_clock: object
+    ) -> None:
+        """Main's timer ticks as the interval is set and every interval after; each tick
+        hands the collector the bits of the reports since the last one, and it takes the
+        CPU loads only with all three bits, the memory figures only with all five (the
+        balloon's too), whatever ``main`` holds meanwhile."""
+        device = make_device(cpus=1)
+        device.report_additions()
+        loads = {"cpu_load_idle": 20, "cpu_load_kernel": 30, "cpu_load_user": 50}
+        memory = {
+            "phys_mem_total": 1000,
+            "phys_mem_avail": 500,
+            "phys_mem_balloon": 256,
+            "mem_system_cache": 30,
+            "page_file_size": 7,
+        }
+        stats = device.vmmdev.guest_stats
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            await trio.testing.wait_all_tasks_blocked()
+            stats.set_interval(1)  # ticks at 0, 1, 2, ...
+            no_balloon = RAM_CAPS & ~StatCap.PHYS_MEM_BALLOON
+            self.report(device, 0, CPU_CAPS | no_balloon, **loads, **memory)
+            await trio.sleep(1.5)
+            assert stats.metrics == {"cpu_user": 50, "cpu_kernel": 30, "cpu_idle": 20}
+            assert stats.main["mem_total"] == 4000
+            self.report(device, 0, StatCap.PHYS_MEM_BALLOON, phys_mem_balloon=256)
+            await trio.sleep(1.0)  # the tick at 2 s: the rest came in the window before
+            assert "mem_total" not in stats.metrics
+            self.report(device, 0, no_balloon, **memory)
+            await trio.sleep(0.25)
+            self.report(device, 0, StatCap.PHYS_MEM_BALLOON, phys_mem_balloon=256)
+            await trio.sleep(0.5)  # the tick at 3 s: one window with all five bits
+            assert stats.metrics == {
+                "cpu_user": 50,
+                "cpu_kernel": 30,
+                "cpu_idle": 20,
+                "mem_total": 4000,
+                "mem_free": 2000,
+                "mem_balloon": 1024,
+                "mem_cache": 120,
+                "page_total": 28,
+                "mem_shared": 0,
+            }
+            assert stats.snapshot()["metrics"] == stats.metrics
+            nursery.cancel_scope.cancel()
+
+    async def test_metrics_follow_the_timer(self, autojump_clock: object) -> None:
+        """No tick without an interval; a new one ticks at once; a restore empties the
+        collector's figures and stops the timer."""
+        device = make_device(cpus=1)
+        device.report_additions()
+        stats = device.vmmdev.guest_stats
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device.vmmdev.run)
+            self.report(device, 0, RAM_CAPS, phys_mem_total=1)
+            await trio.sleep(100)
+            assert stats.metrics == {}
+            stats.set_interval(100)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stats.metrics["mem_total"] == 4
+            self.report(device, 0, RAM_CAPS, phys_mem_total=2)
+            stats.set_interval(50)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stats.metrics["mem_total"] == 8
+            device.vmmdev.restore()
+            self.report(device, 0, RAM_CAPS, phys_mem_total=3)
+            await trio.sleep(100)
+            assert stats.metrics == {}
+            nursery.cancel_scope.cancel()
 
     @pytest.mark.parametrize("cpus", [0, 65])
     def test_cpu_count_is_checked(self, cpus: int) -> None:
