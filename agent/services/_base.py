@@ -90,9 +90,9 @@ class BalloonGauge:
     The balloon service sets ``chunks`` (1 MiB chunks in the balloon, counting the driver's
     or its own) whenever it learns the size, and at its drain to the size it leaves behind
     (0 once it gave every chunk back); the guest statistics :meth:`read` it. None means
-    "nobody knows": the statistics then leave the balloon out (Main keeps its last figure)
-    rather than ask the driver themselves (Oracle's CHECK_BALLOON is no query: it moves the
-    balloon).
+    "nobody knows": the statistics then report the last figure they reported (0 before any),
+    which Main would keep, rather than ask the driver themselves (Oracle's CHECK_BALLOON is
+    no query: it moves the balloon).
 
     Where the size changes without the balloon service hearing of it (the in-tree driver
     balloons in the kernel and keeps event 0x40 from userspace), the service installs

@@ -155,12 +155,13 @@ class ProcStats:
             self._loaded.discard(stats.cpu_id)
             self._idle.add(stats.cpu_id)
 
-    def sample(self, *, balloon_chunks: int | None) -> tuple[GuestStatistics, ...]:
+    def sample(self, *, balloon_chunks: int) -> tuple[GuestStatistics, ...]:
         """Read ``/proc`` once; return its reports in CPU id order, one per CPU with a load
         and one (idle) per offline CPU the host does not hold as idle yet, or one without
         CPU figures where there are none.
 
-        ``balloon_chunks`` is in 1 MiB chunks.
+        ``balloon_chunks`` is in 1 MiB chunks, always reported: Main's performance
+        collector takes none of the memory figures from a report without it.
 
         Raises:
             ProcStatsError: a file is missing or malformed.
@@ -173,8 +174,8 @@ class ProcStats:
         except OSError as exc:
             msg = f"cannot read {exc.filename or self._proc}: {exc.strerror or exc}"
             raise ProcStatsError(msg) from exc
-        caps = StatCap.THREADS | StatCap.PROCESSES
-        figures: dict[str, int] = {}
+        caps = StatCap.THREADS | StatCap.PROCESSES | StatCap.PHYS_MEM_BALLOON
+        figures = {"phys_mem_balloon": _u32(balloon_chunks * (1 << 20) // STAT_PAGE_SIZE)}
         for field, bit, keys in MEMINFO_FIGURES:
             kib = _sum(memory, keys)
             if kib is not None:
@@ -188,9 +189,6 @@ class ProcStats:
             figures["phys_mem_avail"] = _pages(available)
             figures["memory_load"] = _percent(total - available, total)
             caps |= StatCap.PHYS_MEM_AVAIL | StatCap.MEMORY_LOAD
-        if balloon_chunks is not None:
-            figures["phys_mem_balloon"] = _u32(balloon_chunks * (1 << 20) // STAT_PAGE_SIZE)
-            caps |= StatCap.PHYS_MEM_BALLOON
         common = GuestStatistics(
             stat_caps=int(caps),
             threads=_u32(threads),

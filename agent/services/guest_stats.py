@@ -7,18 +7,25 @@ event, at start, at every 0x80 and after every restore; while the interval is no
 sends REPORT_GUEST_STATS on that rhythm through the :class:`Metronome`: each tick reads one
 ``/proc`` sample (:mod:`agent.services._procstats`) and sends one report per CPU, as
 VBoxService does (Main averages the loads over the VM's CPUs), and one idle report for an
-offline CPU (Main would keep its last load, or count one never reported as 0 % idle). The
-balloon figure is the balloon service's count (``ServiceContext.balloon``), read before
+offline CPU (Main would keep its last load, or count one never reported as 0 % idle). Every
+report carries a balloon figure: Main's performance collector publishes the guest's memory
+figures (``Guest/RAM/Usage/*``, which ``VBoxManage metrics`` and VBoxBalloonCtrl read) only
+from an interval whose reports carried all of them, the balloon's included, as VBoxService's
+always do. The figure is the balloon service's count (``ServiceContext.balloon``), read before
 each sample: where the in-tree driver balloons in the kernel (which keeps event 0x40 from
 userspace) the balloon service refreshes it then with CHECK_BALLOON, a pure query there.
 Once the balloon service stopped the count is what its drain left (0 once every chunk is
-back; the in-tree kernel's count, still read before each sample, as the kernel finishes a
-change begun before the stop), so the host does not go on showing a balloon that is gone,
-or a size the kernel moved on from. While nobody knows one (no
-balloon service ran, or the size it left is unknown) the reports leave it out (Main keeps its
-last figure) rather than ask the driver: on Oracle's driver CHECK_BALLOON is no query, it
-makes the caller the balloon's owner and moves the balloon to the host's target. Mainline and
-Oracle's driver let trusted sessions (``/dev/vboxguest``) send both requests, so this works
+back; the chunks a cut-short drain left to be given back in the background, which the gauge
+follows down to 0, as ``STATUS=`` reads ``balloon off, 61 MB kept``; the in-tree kernel's
+count, still read before each sample, as the kernel finishes a change begun before the
+stop), so the host does not go on showing a balloon that is gone, or a size the kernel moved
+on from. While nobody knows one (no balloon service has run yet, disabled or still
+starting, or the size it left is unknown) the reports carry the last figure this service reported, 0
+before any, which is what Main would keep (with no balloon service since the agent started,
+the agent ballooned nothing; an in-tree kernel's balloon an earlier agent left is not seen),
+rather than ask the driver: on Oracle's driver CHECK_BALLOON is no query, it makes the caller
+the balloon's owner and moves the balloon to the host's target. Mainline and Oracle's
+driver let trusted sessions (``/dev/vboxguest``) send both requests, so this works
 on every real guest; a session the driver does not trust (``/dev/vboxuser``) has its interval
 reads refused, which the service logs once (``statistics_refused_by_driver``) before it stays
 idle, rather than fail and be restarted until its restart budget ends the daemon; so does a
@@ -115,6 +122,8 @@ class GuestStatsService:
         self._failures = LastingFailure("statistics_reported_again")
         self._read_failures = LastingFailure("statistics_interval_read_again")
         self._last: GuestStatistics | None = None
+        self._balloon_reported = 0
+        """The balloon (chunks) of the last report the host took, for a gauge reading None."""
         self._interval_read = False
         """An interval read went through: a refusal then no longer means an untrusted session."""
         self._refused = False
@@ -196,6 +205,8 @@ class GuestStatsService:
 
     async def _report(self) -> None:
         balloon_chunks = await self._balloon.read()  # refreshed first in kernel mode
+        if balloon_chunks is None:  # unknown: what Main holds from this service stays
+            balloon_chunks = self._balloon_reported
         try:
             reports = self._proc.sample(balloon_chunks=balloon_chunks)
         except ProcStatsError as exc:
@@ -210,6 +221,7 @@ class GuestStatsService:
                 return
             self._proc.sent(stats)
             self._last = stats
+            self._balloon_reported = balloon_chunks
         if self._failures.succeeded():
             self._status_changed()
 

@@ -27,7 +27,7 @@ from agent.protocol import ReportGuestStats, RequestType, StatCap
 from agent.protocol.constants import VMM_MAX_CPU_COUNT
 from agent.protocol.status import STATUS_CODES
 from agent.services import DrainTime, EventPump
-from agent.services._base import ServiceContext
+from agent.services._base import BalloonGauge, ServiceContext
 from agent.services._procstats import CPU_CAPS, ProcStats, ProcStatsError
 from agent.services.balloon import BalloonSection, BalloonService
 from agent.services.guest_stats import GuestStatsService
@@ -57,6 +57,15 @@ MEMORY_CAPS: Final = (
     | StatCap.PAGE_FILE_SIZE
 )
 """Every memory bit, as a full ``/proc/meminfo`` gives them."""
+RAM_GROUP: Final = (
+    StatCap.PHYS_MEM_TOTAL
+    | StatCap.PHYS_MEM_AVAIL
+    | StatCap.PHYS_MEM_BALLOON
+    | StatCap.MEM_SYSTEM_CACHE
+    | StatCap.PAGE_FILE_SIZE
+)
+"""The memory bits one interval's reports must all carry for Main's performance collector
+(``VMSTATS_GUEST_RAMUSAGE``, less the shared memory Main adds itself)."""
 
 
 @asynccontextmanager
@@ -64,15 +73,15 @@ async def running(
     personality: str,
     *,
     proc: Path = Path("/proc"),
-    balloon_chunks: int | None = None,
+    gauge: BalloonGauge | None = None,
     cpus: int | None = None,
     user_device: bool = False,
     garbler: ReplyGarbler | None = None,
 ) -> AsyncIterator[tuple[SimulatedHost, GuestStatsService]]:
     """A host (with ``cpus`` CPUs, else this machine's), the pump and a started statistics
-    service (``balloon_chunks`` on the gauge; its sysfs the ``sys`` beside ``proc``, ``/sys``
-    for ``/proc``) on ``/dev/vboxguest`` (or ``/dev/vboxuser``; ``garbler`` garbles the host's
-    replies on the former)."""
+    service (reading ``gauge``, else one nobody writes; its sysfs the ``sys`` beside
+    ``proc``, ``/sys`` for ``/proc``) on ``/dev/vboxguest`` (or ``/dev/vboxuser``;
+    ``garbler`` garbles the host's replies on the former)."""
     host = (
         SimulatedHost(personality=personality, seed=1)
         if cpus is None
@@ -88,8 +97,7 @@ async def running(
             await nursery.start(host.run)
             async with open_device(opener) as device:
                 pump = EventPump(device)
-                context = ServiceContext(device, pump)
-                context.balloon.chunks = balloon_chunks
+                context = ServiceContext(device, pump, balloon=gauge or BalloonGauge())
                 service = GuestStatsService(context, proc=proc, sysfs=proc.parent / "sys")
                 await nursery.start(pump.run)
                 await nursery.start(service.run)
@@ -289,8 +297,9 @@ class TestReports:
             assert guest_stats(host)["reports"] == 1
             assert not StatCap(first["stat_caps"]) & CPU_CAPS
             write_proc(proc, cpus=(BUSY_CPU, IDLER_CPU), processes=3)
+            reports = guest_stats(host)["reports"]
             await trio.sleep(2.0)
-            assert guest_stats(host)["reports"] == 3
+            assert guest_stats(host)["reports"] != reports  # sampled since
             report = last_report(host)
             main = guest_stats(host)["main"]
             sent = service.statistics().last
@@ -302,6 +311,7 @@ class TestReports:
             "cpu_idle": 72,
             "mem_total": 8_000_000,
             "mem_free": 2_000_000,
+            "mem_balloon": 0,
             "mem_cache": 44_000,
             "page_total": 1_000_000,
         }
@@ -403,12 +413,13 @@ class TestReports:
             assert guest_stats(host)["reports"] == 2 + 2
 
     @pytest.mark.parametrize("personality", PERSONALITIES)
-    async def test_without_a_balloon_service_the_balloon_is_left_alone(
+    async def test_without_a_balloon_service_the_balloon_reads_0_and_is_left_alone(
         self, autojump_clock: trio.abc.Clock, personality: str
     ) -> None:
-        """No count on the gauge: the reports leave the balloon out and ask no driver. On
-        Oracle's driver CHECK_BALLOON would make the statistics the balloon's owner and
-        inflate it to the host's target with the balloon service switched off."""
+        """No count on the gauge (``[balloon] enable = false``): the reports carry a balloon
+        of 0, all this agent ballooned, and ask no driver. On Oracle's driver CHECK_BALLOON
+        would make the statistics the balloon's owner and inflate it to the host's target
+        with the balloon service switched off."""
         async with running(personality) as (host, _):
             host.set_balloon_target(64)
             host.set_statistics_interval(1)
@@ -416,10 +427,51 @@ class TestReports:
             balloon = host.status()["balloon"]
             assert isinstance(balloon, dict)
             assert balloon["chunks"] == 0
-            assert StatCap.PHYS_MEM_BALLOON not in StatCap(last_report(host)["stat_caps"])
-            main = guest_stats(host)["main"]
-            assert isinstance(main, dict)
-            assert "mem_balloon" not in main
+            assert StatCap.PHYS_MEM_BALLOON in StatCap(last_report(host)["stat_caps"])
+            assert last_report(host)["phys_mem_balloon"] == 0
+            assert main_figures(host)["mem_balloon"] == 0
+            assert host.vmmdev.request_counts[RequestType.GET_MEMBALLOON_CHANGE_REQ] == 0
+
+    @pytest.mark.parametrize("personality", PERSONALITIES)
+    async def test_every_report_completes_mains_ram_group(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """Main's performance collector takes the guest's memory figures only from an
+        interval whose reports carried all five memory bits: with no balloon service, from
+        the first report on, each carries them all, so ``VBoxManage metrics`` and
+        VBoxBalloonCtrl see the guest's memory (``Guest/RAM/Usage/*``)."""
+        async with running(personality) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            assert guest_stats(host)["reports"] == 1
+            caps = StatCap(last_report(host)["stat_caps"])
+            assert caps & RAM_GROUP == RAM_GROUP, f"missing {RAM_GROUP & ~caps!r}"
+            await trio.sleep(1.0)  # Main's timer ticked (at 1 s) since
+            metrics = guest_stats(host)["metrics"]
+            assert isinstance(metrics, dict)
+            assert metrics["mem_balloon"] == 0
+            assert metrics["mem_total"] == main_figures(host)["mem_total"]
+
+    @pytest.mark.parametrize("personality", PERSONALITIES)
+    async def test_an_unknown_balloon_reads_as_last_reported(
+        self, autojump_clock: trio.abc.Clock, personality: str
+    ) -> None:
+        """A gauge that comes to read None (a drain that could not tell what it left) leaves
+        the figure the reports carried last, which Main would have kept, rather than ask the
+        driver; the reports keep carrying it."""
+        gauge = BalloonGauge()
+        gauge.chunks = 10
+        async with running(personality, gauge=gauge) as (host, _):
+            host.set_statistics_interval(1)
+            await trio.sleep(0.5)
+            assert last_report(host)["phys_mem_balloon"] == 10 * 256
+            gauge.chunks = None
+            reports = guest_stats(host)["reports"]
+            await trio.sleep(2.0)
+            assert guest_stats(host)["reports"] != reports  # sampled since
+            assert StatCap.PHYS_MEM_BALLOON in StatCap(last_report(host)["stat_caps"])
+            assert last_report(host)["phys_mem_balloon"] == 10 * 256
+            assert host.vmmdev.request_counts[RequestType.GET_MEMBALLOON_CHANGE_REQ] == 0
 
     @pytest.mark.parametrize(
         ("personality", "left_mb"), [("passthrough", 0), ("oracle", 64), ("mainline", 64)]
@@ -449,7 +501,9 @@ class TestReports:
 
     async def test_balloon_service_count_wins(self, autojump_clock: trio.abc.Clock) -> None:
         """With a count on the balloon gauge, the report carries it and asks no driver."""
-        async with running("oracle", balloon_chunks=10) as (host, _):
+        gauge = BalloonGauge()
+        gauge.chunks = 10
+        async with running("oracle", gauge=gauge) as (host, _):
             host.set_statistics_interval(1)
             await trio.sleep(0.5)
             assert last_report(host)["phys_mem_balloon"] == 10 * 256
@@ -844,9 +898,9 @@ class TestProcSample:
         cpus = tuple(IDLE_CPU for _ in range(VMM_MAX_CPU_COUNT + 1))
         write_proc(proc, cpus=cpus, processes=1)
         stats = ProcStats(proc, tmp_path / "sys")
-        assert [r.cpu_id for r in stats.sample(balloon_chunks=None)] == [0]
+        assert [r.cpu_id for r in stats.sample(balloon_chunks=0)] == [0]
         write_proc(proc, cpus=tuple(IDLER_CPU for _ in cpus), processes=1)
-        reports = stats.sample(balloon_chunks=None)
+        reports = stats.sample(balloon_chunks=0)
         assert [r.cpu_id for r in reports] == list(range(VMM_MAX_CPU_COUNT))
         assert {r.cpu_load_idle for r in reports} == {100}
 
@@ -858,21 +912,21 @@ class TestProcSample:
         proc = tmp_path / "proc"
         stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=(IDLE_CPU, IDLE_CPU, IDLE_CPU, IDLE_CPU), processes=1)
-        stats.sample(balloon_chunks=None)
+        stats.sample(balloon_chunks=0)
         write_proc(proc, cpus=(IDLER_CPU, BUSY_CPU, BUSY_CPU), processes=1)  # CPU 3 left
-        for report in stats.sample(balloon_chunks=None)[:2]:  # CPU 2's send: no answer
+        for report in stats.sample(balloon_chunks=0)[:2]:  # CPU 2's send: no answer
             stats.sent(report)
 
         def loads() -> list[tuple[int, int, int, int]]:
             return [
                 (r.cpu_id, r.cpu_load_idle, r.cpu_load_kernel, r.cpu_load_user)
-                for r in stats.sample(balloon_chunks=None)
+                for r in stats.sample(balloon_chunks=0)
             ]
 
         write_proc(proc, cpus=((10, 0, 10, 1300, 0, 0, 0, 0),), processes=1)
         assert loads() == [(0, 100, 0, 0), (1, 100, 0, 0), (2, 100, 0, 0)]  # none of them sent
         write_proc(proc, cpus=((10, 0, 10, 1500, 0, 0, 0, 0),), processes=1)
-        reports = stats.sample(balloon_chunks=None)
+        reports = stats.sample(balloon_chunks=0)
         assert [r.cpu_id for r in reports] == [0, 1, 2]
         for report in reports:
             stats.sent(report)
@@ -889,7 +943,7 @@ class TestProcSample:
 
         def sample(*cpus: tuple[int, ...], answered: bool = True) -> list[tuple[int, int]]:
             write_proc(proc, cpus=cpus, processes=1)
-            reports = stats.sample(balloon_chunks=None)
+            reports = stats.sample(balloon_chunks=0)
             for report in reports if answered else ():
                 stats.sent(report)
             return [(r.cpu_id, r.cpu_load_idle) for r in reports if r.stat_caps & CPU_CAPS]
@@ -913,7 +967,7 @@ class TestProcSample:
 
         def sample(*cpus: tuple[int, ...]) -> list[tuple[int, int, int]]:
             write_proc(proc, cpus=cpus, processes=1)
-            reports = stats.sample(balloon_chunks=None)
+            reports = stats.sample(balloon_chunks=0)
             for report in reports:
                 stats.sent(report)
             return [(r.cpu_id, r.cpu_load_idle, r.stat_caps & CPU_CAPS) for r in reports]
@@ -935,7 +989,7 @@ class TestProcSample:
         proc = tmp_path / "proc"
         write_proc(proc, cpus=((1, 2, 3),), processes=1)
         with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
-            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
 
     def test_a_counter_going_back_starts_a_new_interval(self, tmp_path: Path) -> None:
         """CPU 0's idle time goes back while its total moves on (it went offline and online
@@ -943,12 +997,12 @@ class TestProcSample:
         proc = tmp_path / "proc"
         stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=((10, 0, 10, 900, 500, 0, 0, 0),), processes=1)
-        stats.sample(balloon_chunks=None)
+        stats.sample(balloon_chunks=0)
         write_proc(proc, cpus=((2000, 0, 10, 300, 0, 0, 0, 0),), processes=1)
-        (report,) = stats.sample(balloon_chunks=None)
+        (report,) = stats.sample(balloon_chunks=0)
         assert report.stat_caps & CPU_CAPS == 0
         write_proc(proc, cpus=((2050, 0, 60, 400, 0, 0, 0, 0),), processes=1)
-        (report,) = stats.sample(balloon_chunks=None)
+        (report,) = stats.sample(balloon_chunks=0)
         assert report.stat_caps & CPU_CAPS == CPU_CAPS
         loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
         assert loads == (50, 25, 25)
@@ -959,9 +1013,9 @@ class TestProcSample:
         proc = tmp_path / "proc"
         stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=((10, 0, 10, 900, 0, 0, 0, 0),), processes=1)
-        stats.sample(balloon_chunks=None)
+        stats.sample(balloon_chunks=0)
         write_proc(proc, cpus=((110, 0, 110, 900, 0, 0, 0, 0),), processes=1)
-        (report,) = stats.sample(balloon_chunks=None)
+        (report,) = stats.sample(balloon_chunks=0)
         assert report.stat_caps & CPU_CAPS == CPU_CAPS
         loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
         assert loads == (0, 50, 50)
@@ -975,7 +1029,7 @@ class TestProcSample:
         meminfo.write_text(
             meminfo.read_text().replace("MemAvailable:    2000000", "MemAvailable:    9000000")
         )
-        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
         assert report.memory_load == 0
         ReportGuestStats(report).encode()
 
@@ -1000,7 +1054,7 @@ class TestProcSample:
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
         with pytest.raises(ProcStatsError, match=name):
-            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
 
     def test_loadavg_without_its_running_total_is_an_error(self, tmp_path: Path) -> None:
         """Three load averages and nothing after them: the missing field is malformed
@@ -1009,7 +1063,7 @@ class TestProcSample:
         write_proc(proc, cpus=(IDLE_CPU,), processes=1)
         (proc / "loadavg").write_text("0.10 0.20 0.30\n")
         with pytest.raises(ProcStatsError, match="no running/total field"):
-            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
 
     def test_the_largest_counters_are_taken_and_clamped(self, tmp_path: Path) -> None:
         """A u64's 20 digits are a counter; a figure beyond the report's u32 is sent as the
@@ -1019,11 +1073,11 @@ class TestProcSample:
         meminfo = proc / "meminfo"
         text = meminfo.read_text()
         meminfo.write_text(text.replace("MemTotal:        8000000", f"MemTotal: {2**64 - 1}"))
-        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
         assert report.phys_mem_total == 0xFFFF_FFFF
         ReportGuestStats(report).encode()
         meminfo.write_text(text.replace("MemTotal:        8000000", "MemTotal: 0"))
-        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
         assert (report.phys_mem_total, report.memory_load) == (0, 0)
 
     def test_a_cpu_line_of_four_counters_is_enough(self, tmp_path: Path) -> None:
@@ -1031,9 +1085,9 @@ class TestProcSample:
         proc = tmp_path / "proc"
         stats = ProcStats(proc, tmp_path / "sys")
         write_proc(proc, cpus=((10, 0, 10, 900),), processes=1)
-        stats.sample(balloon_chunks=None)
+        stats.sample(balloon_chunks=0)
         write_proc(proc, cpus=((10, 0, 10, 1100),), processes=1)
-        (report,) = stats.sample(balloon_chunks=None)
+        (report,) = stats.sample(balloon_chunks=0)
         loads = (report.cpu_load_idle, report.cpu_load_kernel, report.cpu_load_user)
         assert loads == (100, 0, 0)
 
@@ -1045,7 +1099,7 @@ class TestProcSample:
         stat = proc / "stat"
         stat.write_text(stat.read_text().replace("cpu0 1 2 3 4", "cpu0 1 x 3 4 5"))
         with pytest.raises(ProcStatsError, match=r"'cpu0' has fewer than 4 counters"):
-            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
 
     def test_a_kernel_without_memavailable_estimates_it(self, tmp_path: Path) -> None:
         """Before Linux 3.14 meminfo has no MemAvailable: available memory is MemFree +
@@ -1054,7 +1108,7 @@ class TestProcSample:
         write_proc(proc, cpus=(IDLE_CPU,), processes=1)
         meminfo = proc / "meminfo"
         meminfo.write_text(meminfo.read_text().replace("MemAvailable:    2000000 kB\n", ""))
-        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
         assert report.stat_caps & MEMORY_CAPS == MEMORY_CAPS
         assert report.phys_mem_avail == (100 + 4000 + 40000) // 4
         assert report.memory_load == 99
@@ -1071,7 +1125,7 @@ class TestProcSample:
             if line.split(":")[0] not in {"SReclaimable", "KernelStack", "PageTables"}
         ]
         meminfo.write_text("\n".join(kept) + "\n")
-        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+        (report,) = ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
         kernel = StatCap.MEM_KERNEL_TOTAL | StatCap.MEM_KERNEL_PAGED | StatCap.MEM_KERNEL_NONPAGED
         assert report.stat_caps & MEMORY_CAPS == MEMORY_CAPS & ~kernel
         assert (report.phys_mem_total, report.phys_mem_avail) == (2_000_000, 500_000)
@@ -1084,4 +1138,4 @@ class TestProcSample:
         meminfo = proc / "meminfo"
         meminfo.write_text(meminfo.read_text().replace("MemTotal:", "MemTotl:"))
         with pytest.raises(ProcStatsError, match="lacks MemTotal"):
-            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=None)
+            ProcStats(proc, tmp_path / "sys").sample(balloon_chunks=0)
