@@ -269,8 +269,7 @@ def load_config(
         raise ConfigError([_syntax_problem(file, exc)]) from exc
     allowed = [*CORE_SECTIONS, *sections]
     problems = [
-        f"{file}: {_key((name,))} = {_show(data[name])}: unknown section; allowed sections: "
-        + ", ".join(allowed)
+        f"{file}: {_key((name,))} = {_show(data[name])}: " + _unknown("section", name, allowed)
         for name in data
         if name not in allowed
     ]
@@ -354,7 +353,7 @@ def problem_line(file: str, keys: tuple[str, ...], value: object, reason: str) -
 def _reason(model: type[BaseModel], loc: tuple[str | int, ...], error: ErrorDetails) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"unknown key; allowed keys: {', '.join(_allowed_keys(model, loc[:-1]))}"
+        return _unknown("key", str(loc[-1]), _allowed_keys(model, loc[:-1]))
     if kind == "value_error":
         return str(error["ctx"]["error"])
     if kind == "model_type":
@@ -386,6 +385,23 @@ def _pydantic_reason(
             if isinstance(bound, int | float):
                 return f"must be {symbol} {exact_number(bound)}"
     return "must be a finite number"
+
+
+SUGGESTION_CUTOFF: Final = 0.7
+"""How alike (``difflib``'s ratio, 0 to 1) an unknown name must be to an allowed one for the
+problem line to suggest it: ``enabled`` for ``enable`` (0.92), ``lvl`` for ``level`` (0.75)."""
+
+
+def _unknown(kind: str, name: str, allowed: Sequence[str]) -> str:
+    """``unknown KIND; allowed KINDs: ...``, naming first the allowed name closest to ``name``
+    (a typo, ``enabled`` for ``enable``; case aside, ``Log`` for ``log``) where one is close
+    enough."""
+    from difflib import get_close_matches  # noqa: PLC0415 (only a bad file pays for it)
+
+    folded = {candidate.casefold(): candidate for candidate in allowed}
+    close = get_close_matches(name.casefold(), folded, n=1, cutoff=SUGGESTION_CUTOFF)
+    hint = f" (did you mean {folded[close[0]]}?)" if close else ""
+    return f"unknown {kind}{hint}; allowed {kind}s: {', '.join(allowed)}"
 
 
 def _allowed_keys(model: type[BaseModel], table: tuple[str | int, ...]) -> list[str]:

@@ -229,10 +229,28 @@ class TestProblems:
         """An unknown key names the allowed keys of its section."""
         path = write(tmp_path, "[daemon]\nshutdown_timeout = 5\n")
         assert problems_of(path) == [
-            f"{path}: daemon.shutdown_timeout = 5: unknown key; allowed keys: "
-            "shutdown_timeout_s, restart_backoff_initial_s, restart_backoff_max_s, "
+            f"{path}: daemon.shutdown_timeout = 5: unknown key (did you mean shutdown_timeout_s?); "
+            "allowed keys: shutdown_timeout_s, restart_backoff_initial_s, restart_backoff_max_s, "
             "restart_budget, restart_window_s"
         ]
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("[log]\nlvl = 1\n", "log.lvl = 1: unknown key (did you mean level?)"),
+            ("[log]\nLevel = 1\n", "log.Level = 1: unknown key (did you mean level?)"),
+            ("[Log]\nlevel = 1\n", "Log = {...}: unknown section (did you mean log?)"),
+            ("[daemon]\nx = 1\n", "daemon.x = 1: unknown key; allowed keys: shutdown_timeout_s,"),
+            ("[heartbeat]\n", "heartbeat = {}: unknown section; allowed sections: device,"),
+        ],
+    )
+    def test_unknown_name_suggests_the_closest_allowed_one(
+        self, tmp_path: Path, text: str, expected: str
+    ) -> None:
+        """A typo of an allowed key or section names it first; a name like none has no hint."""
+        path = write(tmp_path, text)
+        (problem,) = problems_of(path)
+        assert problem.startswith(f"{path}: {expected}")
 
     def test_unknown_section(self, tmp_path: Path) -> None:
         """An unknown section names the allowed sections."""
@@ -814,7 +832,8 @@ class TestServiceSections:
         [
             (
                 "[gadget]\ninterval = 1\n",
-                "gadget.interval = 1: unknown key; allowed keys: enable, interval_s, label",
+                "gadget.interval = 1: unknown key (did you mean interval_s?); "
+                "allowed keys: enable, interval_s, label",
             ),
             ("[gadget]\ninterval_s = 0\n", "gadget.interval_s = 0: must be > 0"),
             ("[gadget]\nenable = 1\n", "gadget.enable = 1: must be a valid boolean"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -62,7 +62,7 @@ from tests.services.balloon_support import (
 from tests.services.test_balloon_pressure import PSI_TEXT
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from agent.device import Device
@@ -98,6 +98,25 @@ def _balloon_state(host: SimulatedHost) -> dict[str, object]:
             "assertions": list(driver.failed_assertions),
         }
     return state
+
+
+@asynccontextmanager
+async def _device_with_pump(
+    host: SimulatedHost, *, before: Callable[[SimulatedHost], Awaitable[None]] | None = None
+) -> AsyncIterator[tuple[Device, EventPump, trio.Nursery]]:
+    """``host`` running, a device on it and the device's event pump, with the nursery the
+    pump runs in, for the services a test builds itself; all stop when the block ends.
+    ``before`` runs once the host runs, before the device opens."""
+    async with trio.open_nursery() as outer:
+        await outer.start(host.run)
+        if before is not None:
+            await before(host)
+        async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
+            pump = EventPump(device)
+            await inner.start(pump.run)
+            yield device, pump, inner
+            inner.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
 
 
 async def _inflate_two(host: SimulatedHost, device: Device) -> None:
@@ -449,69 +468,63 @@ class TestFollowsTarget:
         host = _host(kind)
         chunks = SimChunks()
         with trio.fail_after(600):
-            async with trio.open_nursery() as outer:
-                await outer.start(host.run)
-                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
-                    pump = EventPump(device)
-                    await inner.start(pump.run)
-                    gauge = BalloonGauge()
-                    leftovers = Leftovers()  # the daemon's: one for every instance
+            async with _device_with_pump(host) as (device, pump, inner):
+                gauge = BalloonGauge()
+                leftovers = Leftovers()  # the daemon's: one for every instance
 
-                    def build() -> BalloonService:
-                        return BalloonService(
-                            device,
-                            pump,
-                            BalloonSection(),
-                            allocator=chunks,
-                            pressure=Quiet(),
-                            mem_available_mb=lambda: 1 << 20,
-                            gauge=gauge,
-                            leftovers=leftovers,
-                        )
-
-                    async def host_shows(count: int) -> None:
-                        for _ in range(10_000):
-                            if host.vmmdev.balloon.chunks == count:
-                                return
-                            await trio.sleep(0.01)
-                        raise AssertionError(host.vmmdev.balloon.chunks)
-
-                    first = build()
-                    stop = await inner.start(_run_until_stopped, first)
-                    host.set_balloon_target(8)
-                    await host_shows(8)
-                    assert first.walker is not None  # every deflate refused until the drain time
-                    first.walker.handover = ErrnoOnce(
-                        first.walker.handover,
-                        VBoxStatusError.from_errno(errno.EIO, CHANGE_OPERATION[mode]),
-                        deflate=10**6,
+                def build() -> BalloonService:
+                    return BalloonService(
+                        device,
+                        pump,
+                        BalloonSection(),
+                        allocator=chunks,
+                        pressure=Quiet(),
+                        mem_available_mb=lambda: 1 << 20,
+                        gauge=gauge,
+                        leftovers=leftovers,
                     )
-                    await stop()
-                    with trio.move_on_after(5.0):
-                        await first.drain()  # refused at the first chunk: all 8 kept
-                    # The gauge (which the guest statistics report) still counts them.
-                    assert (host.vmmdev.balloon.chunks, len(chunks.live), gauge.chunks) == (8, 8, 8)
-                    assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
 
-                    second = build()
-                    stop = await inner.start(_run_until_stopped, second)
-                    assert second.walker is not None
-                    await second.walker.wait_held(8)
-                    assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
-                    assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
-                    assert second.statistics().chunks == 8
-                    host.set_balloon_target(3)
-                    await host_shows(3)
-                    await stop()
-                    await second.drain()
-                    assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages, chunks.live) == (
-                        0,
-                        0,
-                        {},
-                    )
-                    assert gauge.chunks == 0
-                    inner.cancel_scope.cancel()
-                outer.cancel_scope.cancel()
+                async def host_shows(count: int) -> None:
+                    for _ in range(10_000):
+                        if host.vmmdev.balloon.chunks == count:
+                            return
+                        await trio.sleep(0.01)
+                    raise AssertionError(host.vmmdev.balloon.chunks)
+
+                first = build()
+                stop = await inner.start(_run_until_stopped, first)
+                host.set_balloon_target(8)
+                await host_shows(8)
+                assert first.walker is not None  # every deflate refused until the drain time
+                first.walker.handover = ErrnoOnce(
+                    first.walker.handover,
+                    VBoxStatusError.from_errno(errno.EIO, CHANGE_OPERATION[mode]),
+                    deflate=10**6,
+                )
+                await stop()
+                with trio.move_on_after(5.0):
+                    await first.drain()  # refused at the first chunk: all 8 kept
+                # The gauge (which the guest statistics report) still counts them.
+                assert (host.vmmdev.balloon.chunks, len(chunks.live), gauge.chunks) == (8, 8, 8)
+                assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
+
+                second = build()
+                stop = await inner.start(_run_until_stopped, second)
+                assert second.walker is not None
+                await second.walker.wait_held(8)
+                assert (host.vmmdev.balloon.chunks, len(chunks.live)) == (8, 8)
+                assert host.vmmdev.balloon.pages == 8 * BALLOON_CHUNK_PAGES
+                assert second.statistics().chunks == 8
+                host.set_balloon_target(3)
+                await host_shows(3)
+                await stop()
+                await second.drain()
+                assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages, chunks.live) == (
+                    0,
+                    0,
+                    {},
+                )
+                assert gauge.chunks == 0
 
     async def test_owned_drain_retries_a_refused_chunk(
         self, autojump_clock: trio.abc.Clock
@@ -609,28 +622,21 @@ class TestFollowsTarget:
         chunks = _StopOnAllocate(service_scope)
         refusals: list[int] = []
         with trio.fail_after(60), structlog.testing.capture_logs() as logs:
-            async with trio.open_nursery() as outer:
-                await outer.start(host.run)
-                await hand_to_ring3(host)
-                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
-                    pump = EventPump(device)
-                    await inner.start(pump.run)
-                    service = BalloonService(
-                        device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
-                    )
-                    stopped = await start_in_scope(inner, service, service_scope)
-                    walker = service.walker
-                    assert walker is not None
-                    host.set_balloon_target(1)
-                    await stopped.wait()
-                    assert (walker.held, chunks.live, walker.inflated) == ([], {}, 0)
-                    assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
-                    walker.handover = RecordRefusals(walker.handover, refusals)
-                    deflates = host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON]
-                    await service.drain()
-                    assert host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON] == deflates
-                    inner.cancel_scope.cancel()
-                outer.cancel_scope.cancel()
+            async with _device_with_pump(host, before=hand_to_ring3) as (device, pump, inner):
+                service = BalloonService(
+                    device, pump, BalloonSection(), allocator=chunks, pressure=Quiet()
+                )
+                stopped = await start_in_scope(inner, service, service_scope)
+                walker = service.walker
+                assert walker is not None
+                host.set_balloon_target(1)
+                await stopped.wait()
+                assert (walker.held, chunks.live, walker.inflated) == ([], {}, 0)
+                assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
+                walker.handover = RecordRefusals(walker.handover, refusals)
+                deflates = host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON]
+                await service.drain()
+                assert host.vmmdev.request_counts[RequestType.CHANGE_MEMBALLOON] == deflates
         assert (refusals, walker.deflated) == ([], 0)
         assert (host.vmmdev.balloon.chunks, host.vmmdev.balloon.pages) == (0, 0)
         assert [e["returned"] for e in logs if e["event"] == "balloon_drained"] == [0]
@@ -711,6 +717,19 @@ class Published:
         return self._text
 
 
+@asynccontextmanager
+async def _published_at_20_mb(kind: str) -> AsyncIterator[tuple[Running, Published]]:
+    """The service on ``kind``'s host with its ``STATUS=`` published, once the balloon holds
+    the host's 20 MB."""
+    published = Published()
+    async with running_balloon(
+        personality="", host=_host(kind), status_changed=published.changed
+    ) as run:
+        run.host.set_balloon_target(20)
+        await run.settle(20)
+        yield run, published
+
+
 class TestStatusFollowsFailures:
     """STATUS= says when the target moves and a walk or a read fails, and when it recovers."""
 
@@ -718,13 +737,8 @@ class TestStatusFollowsFailures:
     async def test_a_failing_walk_is_in_the_status_until_it_goes_on(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
     ) -> None:
-        published = Published()
         with trio.fail_after(120):
-            async with running_balloon(
-                personality="", host=_host(kind), status_changed=published.changed
-            ) as run:
-                run.host.set_balloon_target(20)
-                await run.settle(20)
+            async with _published_at_20_mb(kind) as (run, published):
                 assert published.text(run.service) == f"balloon 20/20 MB ({mode})"
                 run.host.add_fault(RequestType.CHANGE_MEMBALLOON, VERR_NO_MEMORY, 10**6)
                 run.host.set_balloon_target(60)
@@ -742,13 +756,8 @@ class TestStatusFollowsFailures:
     async def test_a_failing_target_read_is_in_the_status_until_one_goes_through(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
     ) -> None:
-        published = Published()
         with trio.fail_after(120):
-            async with running_balloon(
-                personality="", host=_host(kind), status_changed=published.changed
-            ) as run:
-                run.host.set_balloon_target(20)
-                await run.settle(20)
+            async with _published_at_20_mb(kind) as (run, published):
                 run.host.add_fault(RequestType.GET_MEMBALLOON_CHANGE_REQ, VERR_NO_MEMORY, 10**6)
                 run.host.set_balloon_target(60)
                 await run.until(lambda: run.service.statistics().failures == 1)
@@ -944,46 +953,59 @@ class TestBackoff:
         host = _host(kind)
         chunks = SimChunks()
         with trio.fail_after(600), structlog.testing.capture_logs() as logs:
-            async with trio.open_nursery() as outer:
-                await outer.start(host.run)
-                await hand_to_ring3(host)
-                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
-                    pump = EventPump(device)
-                    await inner.start(pump.run)
-                    leftovers = Leftovers()
+            async with _device_with_pump(host, before=hand_to_ring3) as (device, pump, inner):
+                leftovers = Leftovers()
 
-                    def build() -> BalloonService:
-                        return BalloonService(
-                            device,
-                            pump,
-                            BalloonSection(),
-                            allocator=chunks,
-                            pressure=Quiet(),
-                            leftovers=leftovers,
-                        )
-
-                    first = build()
-                    stop = await inner.start(_run_until_stopped, first)
-                    assert first.walker is not None
-                    host.set_balloon_target(8)
-                    await first.walker.wait_held(8)
-                    first.walker.handover = ErrnoOnce(
-                        first.walker.handover, RuntimeError("boom"), deflate=1
+                def build() -> BalloonService:
+                    return BalloonService(
+                        device,
+                        pump,
+                        BalloonSection(),
+                        allocator=chunks,
+                        pressure=Quiet(),
+                        leftovers=leftovers,
                     )
-                    await stop()
-                    with pytest.RaisesGroup(RuntimeError, allow_unwrapped=True):
-                        await first.drain()
-                    second = build()
-                    stop = await inner.start(_run_until_stopped, second)
-                    assert second.walker is not None
-                    await second.walker.wait_held(8)
-                    await stop()
-                    await second.drain()
-                    assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
-                    inner.cancel_scope.cancel()
-                outer.cancel_scope.cancel()
+
+                first = build()
+                stop = await inner.start(_run_until_stopped, first)
+                assert first.walker is not None
+                host.set_balloon_target(8)
+                await first.walker.wait_held(8)
+                first.walker.handover = ErrnoOnce(
+                    first.walker.handover, RuntimeError("boom"), deflate=1
+                )
+                await stop()
+                with pytest.RaisesGroup(RuntimeError, allow_unwrapped=True):
+                    await first.drain()
+                second = build()
+                stop = await inner.start(_run_until_stopped, second)
+                assert second.walker is not None
+                await second.walker.wait_held(8)
+                await stop()
+                await second.drain()
+                assert (host.vmmdev.balloon.chunks, chunks.live) == (0, {})
         [incomplete] = [e for e in logs if e["event"] == "balloon_drain_incomplete"]
         assert (incomplete["kept"], incomplete["reason"]) == (8, "RuntimeError: boom")
+
+
+@asynccontextmanager
+async def _held_by_pressure(
+    kind: str, *, cooldown_s: float
+) -> AsyncIterator[tuple[Running, ScriptedPressure, float]]:
+    """The service on ``kind``'s host holding the host's 64 MB when pressure reads high: it
+    gives a 16 MB step back and holds for ``cooldown_s``. Yields the run, its pressure and
+    when the reading came."""
+    pressure = ScriptedPressure()
+    section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=cooldown_s)
+    async with running_balloon(
+        personality="", host=_host(kind), section=section, pressure=pressure
+    ) as run:
+        run.host.set_balloon_target(64)
+        await run.settle(64)
+        pressed = trio.current_time()
+        pressure.send(40.0, high=True)
+        await run.settle(48)
+        yield run, pressure, pressed
 
 
 class TestPressure:
@@ -993,22 +1015,13 @@ class TestPressure:
     async def test_deflate_hold_reinflate(
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
     ) -> None:
-        pressure = ScriptedPressure()
-        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
         with trio.fail_after(600):
-            async with running_balloon(
-                personality="", host=_host(kind), section=section, pressure=pressure
-            ) as run:
-                run.host.set_balloon_target(64)
-                await run.settle(64)
-                pressed = trio.current_time()
-                pressure.send(40.0, high=True)
-                await run.settle(48)
+            async with _held_by_pressure(kind, cooldown_s=30.0) as (run, pressure, pressed):
                 pressure.send(0.5, high=False)
                 await trio.sleep(20)
                 assert run.host_chunks == 48
                 await run.settle(64)
-                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+                assert trio.current_time() - pressed >= 30.0
 
     @pytest.mark.parametrize("kind", ["oracle", "oracle-r3", "passthrough"])
     async def test_sustained_pressure_logs_only_changes(
@@ -1077,22 +1090,13 @@ class TestPressure:
         """The PSI file becomes unreadable (its cgroup went away): one line says pressure is
         no longer watched, the balloon keeps its chunks, and the hold in place ends after
         its cooldown."""
-        pressure = ScriptedPressure()
-        section = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
         with trio.fail_after(600), structlog.testing.capture_logs() as logs:
-            async with running_balloon(
-                personality="", host=_host(kind), section=section, pressure=pressure
-            ) as run:
-                run.host.set_balloon_target(64)
-                await run.settle(64)
-                pressed = trio.current_time()
-                pressure.send(40.0, high=True)
-                await run.settle(48)
+            async with _held_by_pressure(kind, cooldown_s=30.0) as (run, pressure, pressed):
                 pressure.fail(PressureFileError(errno.ENODEV, "cannot read x: No such device"))
                 await run.until(lambda: any(e["event"] == "balloon_pressure_off" for e in logs))
                 assert run.host_chunks == 48
                 await run.settle(64)
-                assert trio.current_time() - pressed >= section.pressure_cooldown_s
+                assert trio.current_time() - pressed >= 30.0
                 run.host.set_balloon_target(70)
                 await run.settle(70)
         [off] = [entry for entry in logs if entry["event"] == "balloon_pressure_off"]
@@ -1406,31 +1410,25 @@ class TestTriggeredAndKernel:
         host = _host(kind)
         target = 32 if event == "new target" else 0
         with trio.fail_after(60):
-            async with trio.open_nursery() as outer:
-                await outer.start(host.run)
-                async with open_device(SimOpener(host)) as device, trio.open_nursery() as inner:
-                    pump = EventPump(device)
-                    await inner.start(pump.run)
-                    probe_check = device.check_balloon
+            async with _device_with_pump(host) as (device, pump, inner):
+                probe_check = device.check_balloon
 
-                    async def check_then_event() -> BalloonStatus:
-                        status = await probe_check()
-                        device.check_balloon = probe_check  # type: ignore[method-assign]
-                        if target:
-                            host.set_balloon_target(target)
-                        else:
-                            host.restore()
-                        await trio.testing.wait_all_tasks_blocked()  # the service has it
-                        return status
+                async def check_then_event() -> BalloonStatus:
+                    status = await probe_check()
+                    device.check_balloon = probe_check  # type: ignore[method-assign]
+                    if target:
+                        host.set_balloon_target(target)
+                    else:
+                        host.restore()
+                    await trio.testing.wait_all_tasks_blocked()  # the service has it
+                    return status
 
-                    device.check_balloon = check_then_event  # type: ignore[method-assign]
-                    service = BalloonService(device, pump, BalloonSection(), pressure=Quiet())
-                    run = Running(host, device, service, inner)
-                    await start_in_scope(inner, service, trio.CancelScope())
-                    await run.until(lambda: service.reads == 1)
-                    assert service.statistics().target == run.host_chunks == target
-                    inner.cancel_scope.cancel()
-                outer.cancel_scope.cancel()
+                device.check_balloon = check_then_event  # type: ignore[method-assign]
+                service = BalloonService(device, pump, BalloonSection(), pressure=Quiet())
+                run = Running(host, device, service, inner)
+                await start_in_scope(inner, service, trio.CancelScope())
+                await run.until(lambda: service.reads == 1)
+                assert service.statistics().target == run.host_chunks == target
 
     async def test_kernel_mode_leaves_pressure_to_the_kernel(
         self, autojump_clock: trio.abc.Clock
@@ -1573,19 +1571,8 @@ class TestReconfigure:
         self, autojump_clock: trio.abc.Clock, kind: str, mode: BalloonMode
     ) -> None:
         """A reload that shortens the cooldown ends a pressure hold already in place sooner."""
-        pressure = ScriptedPressure()
         with trio.fail_after(900):
-            async with running_balloon(
-                personality="",
-                host=_host(kind),
-                section=BalloonSection(pressure_step_mb=16, pressure_cooldown_s=600.0),
-                pressure=pressure,
-            ) as run:
-                run.host.set_balloon_target(64)
-                await run.settle(64)
-                pressed = trio.current_time()
-                pressure.send(40.0, high=True)
-                await run.settle(48)
+            async with _held_by_pressure(kind, cooldown_s=600.0) as (run, _, pressed):
                 shorter = BalloonSection(pressure_step_mb=16, pressure_cooldown_s=30.0)
                 assert run.service.reconfigure(shorter)
                 await run.settle(64)

@@ -81,7 +81,9 @@ from tests.host.conftest import ECHO, FN_FAIL, FN_HOLD, EchoService
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 
-    from agent.device import DeviceOpener
+    from agent.device import Device, DeviceOpener
+    from agent.host.hgcm_service import HgcmService
+    from agent.services.hgcm import HgcmChannel
 
 ECHO_CALL_LIMIT = 16
 LONG_WAITS = 64
@@ -111,6 +113,12 @@ class Setup:
         """
         while not condition():  # noqa: ASYNC110 - polling host state, bounded by fail_after
             await trio.sleep(POLL_S)
+
+    async def complete_held(self, channel: HgcmChannel) -> None:
+        """Complete every call the echo service holds; return once ``channel`` counts none."""
+        for call in list(self.echo.held):
+            call.complete(VINF_SUCCESS)
+        await self.until(lambda: channel.pending == 0)
 
 
 def _ioctl_threads_in_use() -> list[threading.Thread]:
@@ -159,14 +167,34 @@ async def _setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
         yield setup
 
 
+@asynccontextmanager
+async def _host_running(
+    *services: HgcmService, personality: str = "mainline"
+) -> AsyncIterator[SimulatedHost]:
+    """A host of ``personality`` with only ``services``, running until the block ends."""
+    host = SimulatedHost(personality=personality, services=services)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        yield host
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _echo_channel(opener: DeviceOpener) -> AsyncIterator[tuple[Device, HgcmChannel]]:
+    """A device opened through ``opener`` and a channel on it to the echo service (within
+    its call limit); both closed when the block ends."""
+    async with (
+        open_device(opener) as device,
+        open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+    ):
+        yield device, channel
+
+
 class TestLimits:
     async def test_parameters_and_buffers(self, setup: Setup) -> None:
         """33 parameters or a buffer over 24 MiB are refused before anything is sent."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 with pytest.raises(HgcmLimitError, match="at most 32"):
                     await channel.call(FN_HOLD, *[HgcmU32(0)] * 33)
                 with pytest.raises(HgcmLimitError, match=r"parameter 1 .* at most 25165824"):
@@ -178,10 +206,7 @@ class TestLimits:
         """Ten non-empty buffers pass (empty ones do not count); an eleventh, which Oracle's
         driver refuses, is refused here on every driver, before anything is sent."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 ten = [HgcmBufferIn(b"x")] * 10
                 reply = await channel.call(FN_FAIL, HgcmU32(0), *ten, HgcmBufferOut(0))
                 assert reply.status == VINF_SUCCESS
@@ -194,10 +219,7 @@ class TestLimits:
         """An out buffer of negative size next to ten non-empty ones is refused for its size
         (the codec's error), not counted as an eleventh buffer; nothing is sent."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 ten = [HgcmBufferIn(b"x")] * 10
                 with pytest.raises(LocalProtocolError, match="out buffer size -1 is negative"):
                     await channel.call(FN_HOLD, *ten, HgcmBufferOut(-1))
@@ -207,8 +229,7 @@ class TestLimits:
         """A limit of 16 admits 15 pending calls; the 16th is refused here, not by the host."""
         with trio.fail_after(10):
             async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                _echo_channel(setup.opener) as (_, channel),
                 trio.open_nursery() as nursery,
             ):
                 assert channel.max_pending == ECHO_CALL_LIMIT - 1
@@ -217,9 +238,7 @@ class TestLimits:
                 await setup.until(lambda: len(setup.echo.held) == channel.max_pending)
                 with pytest.raises(HgcmLimitError, match="15 calls pending; the host accepts 15"):
                     await channel.call(FN_HOLD)
-                for call in list(setup.echo.held):
-                    call.complete(VINF_SUCCESS)
-                await setup.until(lambda: channel.pending == 0)
+                await setup.complete_held(channel)
 
     async def test_unknown_limit_and_service(self, setup: Setup) -> None:
         """A service of unknown limit needs one; an unknown service is the host's refusal."""
@@ -239,10 +258,7 @@ class TestPreparedCalls:
         """A call prepared once is made as often as wanted, each time as ``call`` makes it;
         preparing sends nothing, and a larger buffer is prepared as ``with_param`` asks."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 prepared = channel.prepare(FN_FAIL, HgcmU32(VINF_SUCCESS), HgcmBufferOut(4))
                 assert channel.calls == 0
                 for _ in range(3):
@@ -260,10 +276,7 @@ class TestPreparedCalls:
         """The limits of the parameters are checked as the call is prepared, as ``call``
         checks them; nothing is sent."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 with pytest.raises(HgcmLimitError, match="at most 32"):
                     channel.prepare(FN_HOLD, *[HgcmU32(0)] * 33)
                 with pytest.raises(HgcmLimitError, match="11 non-empty buffers"):
@@ -277,8 +290,7 @@ class TestPreparedCalls:
         """A call prepared while the host holds 15 is refused when made, not when prepared."""
         with trio.fail_after(10):
             async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                _echo_channel(setup.opener) as (_, channel),
                 trio.open_nursery() as nursery,
             ):
                 hold = channel.prepare(FN_HOLD)
@@ -288,9 +300,7 @@ class TestPreparedCalls:
                 held_too = channel.prepare(FN_HOLD)
                 with pytest.raises(HgcmLimitError, match="15 calls pending; the host accepts 15"):
                     await channel.call_prepared(held_too)
-                for call in list(setup.echo.held):
-                    call.complete(VINF_SUCCESS)
-                await setup.until(lambda: channel.pending == 0)
+                await setup.complete_held(channel)
 
     async def test_a_call_prepared_on_another_channel_is_refused(self, setup: Setup) -> None:
         """Only the channel that prepared a call makes it."""
@@ -363,10 +373,7 @@ class TestCancellation:
         until the service completes it: after 15 of them the 16th call is refused here
         (HgcmLimitError), not sent for the host to refuse."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 for _ in range(channel.max_pending):
                     with pytest.raises(VBoxStatusError) as info:
                         await channel.call(FN_HOLD, timeout_ms=1)
@@ -384,10 +391,7 @@ class TestCancellation:
         HgcmCallError: the call's status, not the driver's errno) is over at the host:
         after more of them than the host's limit, calls still go through."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (_, channel):
                 for _ in range(ECHO_CALL_LIMIT):
                     with pytest.raises(HgcmCallError) as info:
                         await channel.call(FN_FAIL, HgcmU32(status & 0xFFFFFFFF))
@@ -401,10 +405,7 @@ class TestCancellation:
         lingering slot: after more of them than the host's limit, calls still go through
         (the 16th such call was refused with HgcmLimitError)."""
         with trio.fail_after(10):
-            async with (
-                open_device(setup.opener) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(setup.opener) as (device, channel):
                 requests = device.statistics().requests
                 for _ in range(ECHO_CALL_LIMIT + 1):
                     with trio.CancelScope() as scope:
@@ -492,14 +493,7 @@ async def _cancel_a_held_call(setup: Setup) -> float:
     with trio.fail_after(10):
         async with open_device(setup.opener) as device:
             async with open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel:
-                scope = trio.CancelScope()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_call_in, scope, partial(channel.call, FN_HOLD))
-                    await setup.until(lambda: len(setup.echo.held) == 1)
-                    scope.cancel()
-                    cancelled_at = trio.current_time()
-                took = trio.current_time() - cancelled_at
-                assert scope.cancelled_caught
+                took = await _cancel_once_held(setup, channel)
                 await setup.until(lambda: len(setup.echo.cancelled) == 1)
                 assert channel.pending == 1
                 assert setup.host.status()["hgcm_clients"] == 1
@@ -514,19 +508,9 @@ async def _refuse_the_cancel_of_a_held_call(
     its caller took to run again, which it does while the host still holds the call (the
     host completes it afterwards)."""
     with trio.fail_after(10):
-        async with (
-            open_device(setup.opener) as device,
-            open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-        ):
+        async with _echo_channel(setup.opener) as (_, channel):
             setup.host.add_fault(RequestType.HGCM_CANCEL2, status)
-            scope = trio.CancelScope()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_call_in, scope, partial(channel.call, FN_HOLD))
-                await setup.until(lambda: len(setup.echo.held) == 1)
-                scope.cancel()
-                cancelled_at = trio.current_time()
-            took = trio.current_time() - cancelled_at
-            assert scope.cancelled_caught
+            took = await _cancel_once_held(setup, channel)
             [held] = setup.echo.held
             assert setup.echo.cancelled == []  # the host holds it still
             held.complete(VINF_SUCCESS)
@@ -534,6 +518,20 @@ async def _refuse_the_cancel_of_a_held_call(
             # needs the host running: the fixture's check for threads left in the driver
             # comes after the host stops (it raced the completion under load).
             await setup.until(lambda: not _ioctl_threads_in_use())
+    return took
+
+
+async def _cancel_once_held(setup: Setup, channel: HgcmChannel) -> float:
+    """Make a call on ``channel`` that the echo service holds and cancel it once held; return
+    how long its caller took to run again."""
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_call_in, scope, partial(channel.call, FN_HOLD))
+        await setup.until(lambda: len(setup.echo.held) == 1)
+        scope.cancel()
+        cancelled_at = trio.current_time()
+    took = trio.current_time() - cancelled_at
+    assert scope.cancelled_caught
     return took
 
 
@@ -547,10 +545,7 @@ async def _complete_a_call_while_its_cancel_fails(setup: Setup) -> None:
     driver's grace wait; check that its caller got the reply and that nothing lingers."""
     replies: list[HgcmReply] = []
     with trio.fail_after(10):
-        async with (
-            open_device(setup.opener) as device,
-            open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-        ):
+        async with _echo_channel(setup.opener) as (_, channel):
             scope = trio.CancelScope()
 
             async def raced_call() -> None:
@@ -579,11 +574,8 @@ async def _complete_a_call_while_its_cancel_fails(setup: Setup) -> None:
 async def test_a_call_oracles_driver_completes_while_its_cancel_fails_returns_its_reply() -> None:
     """Oracle's driver, too, returns a call the host completed while its cancel failed."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(personality="oracle", services=[echo])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
+    async with _host_running(echo, personality="oracle") as host:
         await _complete_a_call_while_its_cancel_fails(Setup(host, echo, SimOpener(host)))
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("kind", ["in-process", "socket", "chardev"])
@@ -604,20 +596,16 @@ async def test_a_timeout_oracles_driver_reports_in_the_header_keeps_its_slot_too
     """Oracle's driver reports its timeout in the header, as a service status would come
     (HgcmCallError): the call was cancelled at the host all the same and keeps its slot."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(personality="oracle", services=[echo])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with (
-                open_device(SimOpener(host)) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
-                with pytest.raises(HgcmCallError) as info:
-                    await channel.call(FN_HOLD, timeout_ms=1)
-                assert info.value.rc == VERR_TIMEOUT
-                assert len(echo.cancelled) == 1
-                assert channel.pending == 1
-            nursery.cancel_scope.cancel()
+        async with (
+            _host_running(echo, personality="oracle") as host,
+            _echo_channel(SimOpener(host)) as (_, channel),
+        ):
+            with pytest.raises(HgcmCallError) as info:
+                await channel.call(FN_HOLD, timeout_ms=1)
+            assert info.value.rc == VERR_TIMEOUT
+            assert len(echo.cancelled) == 1
+            assert channel.pending == 1
 
 
 @pytest.mark.parametrize("kind", ON_TRIOS_LOOP)
@@ -643,24 +631,20 @@ async def test_on_oracles_driver_a_timeout_whose_cancel2_is_not_implemented_keep
     (HgcmCallError), with the request leaked and the call still held at the host: it keeps
     its slot, also once the host completes it, until the channel closes."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(personality="oracle", services=[echo])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with (
-                open_device(SimOpener(host)) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
-                host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
-                start = trio.current_time()
-                with pytest.raises(HgcmCallError) as info:
-                    await channel.call(FN_HOLD, timeout_ms=100)
-                assert trio.current_time() - start == pytest.approx(2.1, abs=1e-9)
-                assert info.value.rc == VERR_TIMEOUT
-                assert (echo.cancelled, len(echo.held), channel.pending) == ([], 1, 1)
-                echo.held.pop().complete(VINF_SUCCESS)
-                assert channel.pending == 1
-            nursery.cancel_scope.cancel()
+        async with (
+            _host_running(echo, personality="oracle") as host,
+            _echo_channel(SimOpener(host)) as (_, channel),
+        ):
+            host.add_fault(RequestType.HGCM_CANCEL2, VERR_NOT_IMPLEMENTED)
+            start = trio.current_time()
+            with pytest.raises(HgcmCallError) as info:
+                await channel.call(FN_HOLD, timeout_ms=100)
+            assert trio.current_time() - start == pytest.approx(2.1, abs=1e-9)
+            assert info.value.rc == VERR_TIMEOUT
+            assert (echo.cancelled, len(echo.held), channel.pending) == ([], 1, 1)
+            echo.held.pop().complete(VINF_SUCCESS)
+            assert channel.pending == 1
 
 
 def test_64_long_waits_fit_a_budget_the_daemon_accepts() -> None:
@@ -673,38 +657,35 @@ async def test_property_waits_never_take_the_event_waits_thread() -> None:
     """Over the character device with the default budget, property waits beyond their share
     are refused, naming the setting, and the event wait still gets its thread (with three
     property waits open, it was refused at once)."""
-    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     threads = DeviceConfig().ioctl_threads
     refused: list[chardev.IoctlThreadsExhaustedError] = []
     mouse = int(Event.MOUSE_CAPABILITIES_CHANGED)
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with (
-                open_device(Kernel(host).opener(threads=threads)) as device,
-                open_guest_properties(device) as props,
-                device.open_event_waiter(mouse) as waiter,
-                trio.open_nursery() as waits,
-            ):
+        async with (
+            _host_running(GuestPropertyService()) as host,
+            open_device(Kernel(host).opener(threads=threads)) as device,
+            open_guest_properties(device) as props,
+            device.open_event_waiter(mouse) as waiter,
+            trio.open_nursery() as waits,
+        ):
 
-                async def wait(index: int) -> None:
-                    try:
-                        await props.wait([f"/W/{index}"])
-                    except chardev.IoctlThreadsExhaustedError as exc:
-                        refused.append(exc)
+            async def wait(index: int) -> None:
+                try:
+                    await props.wait([f"/W/{index}"])
+                except chardev.IoctlThreadsExhaustedError as exc:
+                    refused.append(exc)
 
-                for index in range(threads):
-                    waits.start_soon(wait, index)
-                hgcm = host.vmmdev.hgcm
-                # Worker threads: no event to wait on (bounded by fail_after).
-                while hgcm.pending_calls + len(refused) < threads:  # noqa: ASYNC110
-                    await trio.sleep(POLL_S)
-                host.raise_events(mouse)
-                assert await waiter.wait() == mouse
-                assert hgcm.pending_calls == threads - chardev.RESERVED_THREADS
-                assert "raise device.ioctl_threads" in str(refused[0])
-                waits.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
+            for index in range(threads):
+                waits.start_soon(wait, index)
+            hgcm = host.vmmdev.hgcm
+            # Worker threads: no event to wait on (bounded by fail_after).
+            while hgcm.pending_calls + len(refused) < threads:  # noqa: ASYNC110
+                await trio.sleep(POLL_S)
+            host.raise_events(mouse)
+            assert await waiter.wait() == mouse
+            assert hgcm.pending_calls == threads - chardev.RESERVED_THREADS
+            assert "raise device.ioctl_threads" in str(refused[0])
+            waits.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(
@@ -718,20 +699,16 @@ async def test_on_oracles_driver_a_service_status_lingers_only_if_the_driver_cou
     service's VERR_INTERRUPTED cannot be told from the driver's after a signal, so it keeps
     its slot; its VERR_TIMEOUT on a call without a timeout can, and does not."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(personality="oracle", services=[echo])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with (
-                open_device(SimOpener(host)) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
-                assert device.oracle_driver
-                with pytest.raises(HgcmCallError) as info:
-                    await channel.call(FN_FAIL, HgcmU32(status & 0xFFFFFFFF), timeout_ms=timeout_ms)
-                assert info.value.rc == status
-                assert channel.pending == int(lingers)
-            nursery.cancel_scope.cancel()
+        async with (
+            _host_running(echo, personality="oracle") as host,
+            _echo_channel(SimOpener(host)) as (device, channel),
+        ):
+            assert device.oracle_driver
+            with pytest.raises(HgcmCallError) as info:
+                await channel.call(FN_FAIL, HgcmU32(status & 0xFFFFFFFF), timeout_ms=timeout_ms)
+            assert info.value.rc == status
+            assert channel.pending == int(lingers)
 
 
 async def test_an_attempt_a_stray_signal_ended_keeps_its_slot() -> None:
@@ -739,14 +716,11 @@ async def test_an_attempt_a_stray_signal_ended_keeps_its_slot() -> None:
     driver cancelled it at the host; the transport makes the call again, and the ended
     attempt keeps its slot after the call itself completes."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(services=[echo])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
+        async with _host_running(echo) as host:
             kernel = Kernel(host)
             async with (
-                open_device(kernel.opener(threads=CHARDEV_THREADS)) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                _echo_channel(kernel.opener(threads=CHARDEV_THREADS)) as (_, channel),
                 trio.open_nursery() as calls,
             ):
                 calls.start_soon(channel.call, FN_HOLD)
@@ -759,17 +733,14 @@ async def test_an_attempt_a_stray_signal_ended_keeps_its_slot() -> None:
                 echo.held[0].complete(VINF_SUCCESS)
                 await kernel.wait_in_driver(0)
             assert (len(echo.cancelled), channel.pending, channel.calls) == (1, 1, 1)
-            nursery.cancel_scope.cancel()
 
 
 async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> None:
     """Over the character device with the smallest budget, three property sets at once beside
     a blocked event wait all succeed: the client's calls are short and wait for a thread."""
-    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     names = [f"/VirtualBox/GuestInfo/Test/{index}" for index in range(3)]
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
+        async with _host_running(GuestPropertyService()) as host:
             kernel = Kernel(host)
             async with (
                 open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
@@ -784,7 +755,6 @@ async def test_property_calls_share_the_smallest_budget_with_an_event_wait() -> 
                             writers.start_soon(props.set, name, "v")
                     waiting.cancel_scope.cancel()
                 values = [await props.get(name) for name in names]
-            nursery.cancel_scope.cancel()
     assert [value.value if value else None for value in values] == ["v", "v", "v"]
     assert kernel.peak == 2
 
@@ -796,15 +766,10 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
     more such cancellations than the host's limit a call still goes through (pending was 3
     where the host held 2, and the 14th queued call was refused with HgcmLimitError)."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(personality="mainline", services=[echo])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
+        async with _host_running(echo) as host:
             kernel = Kernel(host)
-            async with (
-                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
-            ):
+            async with _echo_channel(kernel.opener(threads=chardev.MIN_THREADS)) as (_, channel):
                 short_hold = partial(channel.call, FN_HOLD, timeout_ms=SHORT_CALL_TIMEOUT_MS)
                 async with trio.open_nursery() as holders:
                     holders.start_soon(short_hold)
@@ -827,7 +792,6 @@ async def test_calls_cancelled_while_waiting_for_a_thread_take_no_slot() -> None
                 )
                 assert reply.status == VINF_SUCCESS
                 assert echo.cancelled == []
-            nursery.cancel_scope.cancel()
 
 
 async def test_an_event_wait_is_cancelled_promptly_beside_held_short_calls() -> None:
@@ -837,14 +801,11 @@ async def test_an_event_wait_is_cancelled_promptly_beside_held_short_calls() -> 
     nothing is given up on (it was, at the 2 s teardown deadline, its INTERRUPT_ALL queued
     behind the short calls)."""
     echo = EchoService(max_calls=ECHO_CALL_LIMIT)
-    host = SimulatedHost(personality="mainline", services=[echo])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
+        async with _host_running(echo) as host:
             kernel = Kernel(host)
             async with (
-                open_device(kernel.opener(threads=chardev.MIN_THREADS)) as device,
-                open_hgcm_channel(device, ECHO, host_call_limit=ECHO_CALL_LIMIT) as channel,
+                _echo_channel(kernel.opener(threads=chardev.MIN_THREADS)) as (device, channel),
                 device.open_event_waiter(int(Event.MOUSE_CAPABILITIES_CHANGED)) as waiter,
                 trio.open_nursery() as holders,
             ):
@@ -864,7 +825,6 @@ async def test_an_event_wait_is_cancelled_promptly_beside_held_short_calls() -> 
                 assert echo.cancelled == []
                 assert _given_up(logs) == []
                 holders.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
 
 
 async def _call_in(scope: trio.CancelScope, call: Callable[[], Awaitable[object]]) -> None:
@@ -878,21 +838,20 @@ async def test_a_connect_the_host_never_answers_times_out(monkeypatch: pytest.Mo
     host holds fails with VERR_TIMEOUT after HGCM_CONNECT_TIMEOUT_S, and a later connect
     (the host answering again) still gets a thread."""
     monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
-    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
-                host.set_delay(RequestType.HGCM_CONNECT, 3600)
-                began = trio.current_time()
-                with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):
-                    async with device.open_hgcm_client("VBoxGuestPropSvc"):
-                        pass
-                assert trio.current_time() - began < 2
-                host.set_delay(RequestType.HGCM_CONNECT, 0)
-                async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
-                    assert client.client_id > 0
-            nursery.cancel_scope.cancel()
+        async with (
+            _host_running(GuestPropertyService()) as host,
+            open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device,
+        ):
+            host.set_delay(RequestType.HGCM_CONNECT, 3600)
+            began = trio.current_time()
+            with pytest.raises(VBoxStatusError, match="HGCM_CONNECT to VBoxGuestPropSvc"):
+                async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                    pass
+            assert trio.current_time() - began < 2
+            host.set_delay(RequestType.HGCM_CONNECT, 0)
+            async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
+                assert client.client_id > 0
 
 
 CONNECT_RETRIES: Final = 2 * chardev.MIN_THREADS + 2
@@ -908,21 +867,20 @@ async def test_a_connect_retried_while_the_host_answers_none_keeps_the_thread_bu
     held: each later try fails at once with VERR_TIMEOUT, as a timed-out connect does, and
     the device works on."""
     monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
-    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
-                host.set_delay(RequestType.HGCM_CONNECT, 3600)
-                for _ in range(CONNECT_RETRIES):
-                    with pytest.raises(VBoxStatusError) as failed:
-                        async with device.open_hgcm_client("VBoxGuestPropSvc"):
-                            pass
-                    assert failed.value.rc == VERR_TIMEOUT
-                assert len(_ioctl_threads_in_use()) == chardev.HELD_CONNECTS_MAX
-                assert (await device.request(GetHostVersion())).major > 0
-                assert device.statistics().failures == CONNECT_RETRIES
-            nursery.cancel_scope.cancel()
+        async with (
+            _host_running(GuestPropertyService()) as host,
+            open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device,
+        ):
+            host.set_delay(RequestType.HGCM_CONNECT, 3600)
+            for _ in range(CONNECT_RETRIES):
+                with pytest.raises(VBoxStatusError) as failed:
+                    async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                        pass
+                assert failed.value.rc == VERR_TIMEOUT
+            assert len(_ioctl_threads_in_use()) == chardev.HELD_CONNECTS_MAX
+            assert (await device.request(GetHostVersion())).major > 0
+            assert device.statistics().failures == CONNECT_RETRIES
     held_back = [e["log_level"] for e in logs if e["event"] == "hgcm_connect_held_back"]
     assert held_back == ["warning"] + ["debug"] * (CONNECT_RETRIES - chardev.HELD_CONNECTS_MAX - 1)
 
@@ -934,23 +892,22 @@ async def test_connects_held_back_are_sent_again_once_a_held_one_returns(
     of those comes back, with one ``hgcm_connects_sent_again`` line saying how many were not
     sent (the run was a debug line each, nothing said at its end)."""
     monkeypatch.setattr(device_module, "HGCM_CONNECT_TIMEOUT_S", 0.2)
-    host = SimulatedHost(personality="mainline", services=[GuestPropertyService()])
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            async with open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device:
-                host.set_delay(RequestType.HGCM_CONNECT, 2)  # the held connects end in 2 s
-                for _ in range(chardev.HELD_CONNECTS_MAX + 2):
-                    with pytest.raises(VBoxStatusError):
-                        async with device.open_hgcm_client("VBoxGuestPropSvc"):
-                            pass
-                host.set_delay(RequestType.HGCM_CONNECT, 0)
-                # The driver's threads have no event to wait on; the 2 s delay ends them.
-                while _ioctl_threads_in_use():  # noqa: ASYNC110 - bounded by fail_after
-                    await trio.sleep(POLL_S)
-                async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
-                    assert client.client_id > 0
-            nursery.cancel_scope.cancel()
+        async with (
+            _host_running(GuestPropertyService()) as host,
+            open_device(Kernel(host).opener(threads=chardev.MIN_THREADS)) as device,
+        ):
+            host.set_delay(RequestType.HGCM_CONNECT, 2)  # the held connects end in 2 s
+            for _ in range(chardev.HELD_CONNECTS_MAX + 2):
+                with pytest.raises(VBoxStatusError):
+                    async with device.open_hgcm_client("VBoxGuestPropSvc"):
+                        pass
+            host.set_delay(RequestType.HGCM_CONNECT, 0)
+            # The driver's threads have no event to wait on; the 2 s delay ends them.
+            while _ioctl_threads_in_use():  # noqa: ASYNC110 - bounded by fail_after
+                await trio.sleep(POLL_S)
+            async with device.open_hgcm_client("VBoxGuestPropSvc") as client:
+                assert client.client_id > 0
     run = {"hgcm_connect_held_back", "hgcm_connects_sent_again"}
     lines = [e for e in logs if e["event"] in run]
     assert [(e["event"], e["log_level"]) for e in lines] == [

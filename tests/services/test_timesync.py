@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import pytest
@@ -50,7 +51,7 @@ from agent.services.timesync import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
     from typing import Any
 
 LIMIT_S: Final = 60
@@ -332,6 +333,61 @@ async def _another_service_listening(host: SimulatedHost) -> AsyncIterator[Servi
         nursery.cancel_scope.cancel()
 
 
+class Runs:
+    """A service's first run, ended when the test says, and the run that follows it, on one
+    context (as the supervisor restarts a service, or a reload rebuilds it)."""
+
+    def __init__(
+        self,
+        context: ServiceContext,
+        section: TimesyncSection,
+        clock: FakeClock,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._context = context
+        self._section = section
+        self._clock = clock
+        self._nursery = nursery
+        self._first_run = trio.CancelScope()
+        self.service = TimesyncService(context, section, clock)
+
+    async def start_first(self) -> None:
+        """Start the first run; return once it made its first pass."""
+
+        async def run_once() -> None:
+            with self._first_run:
+                await self.service.run()
+
+        self._nursery.start_soon(run_once)
+        await trio.testing.wait_all_tasks_blocked()
+        assert self.service.statistics().passes == 1
+
+    async def end_first(self) -> None:
+        """End the first run; return once every task is blocked again."""
+        self._first_run.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def start_next(self, *, rebuilt: bool) -> TimesyncService:
+        """Start the next run, on the same service or (``rebuilt``) on a new one; return it."""
+        if rebuilt:
+            self.service = TimesyncService(self._context, self._section, self._clock)
+        await self._nursery.start(self.service.run)
+        return self.service
+
+
+@asynccontextmanager
+async def _a_first_run(
+    host: SimulatedHost, clock: FakeClock, section: TimesyncSection
+) -> AsyncIterator[Runs]:
+    """A first run of the service that has made its first pass, with another service
+    listening for RESTORED while no run does; every run ends with the block."""
+    async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
+        runs = Runs(context, section, clock, nursery)
+        await runs.start_first()
+        yield runs
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("rebuilt", [False, True], ids=["restarted", "rebuilt"])
 @pytest.mark.parametrize("restored", [True, False], ids=["restored", "not-restored"])
 async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
@@ -348,31 +404,17 @@ async def test_a_restore_while_no_run_listened_is_stepped_by_the_next_run(
     drift is slewed."""
     section = TimesyncSection(interval_s=3600)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
-            service = TimesyncService(context, section, clock)
-            first_run = trio.CancelScope()
-
-            async def run_once() -> None:
-                with first_run:
-                    await service.run()
-
-            nursery.start_soon(run_once)
-            await trio.testing.wait_all_tasks_blocked()
-            assert service.statistics().passes == 1
-            first_run.cancel()
-            await trio.testing.wait_all_tasks_blocked()
+        async with _a_first_run(host, clock, section) as runs:
+            await runs.end_first()
             host.vmmdev.time_offset_ms = 10 * 60 * 1000
             if restored:
                 host.restore()
             await trio.testing.wait_all_tasks_blocked()
-            if rebuilt:
-                service = TimesyncService(context, section, clock)
             runs_again_at = trio.current_time()
-            await nursery.start(service.run)
+            service = await runs.start_next(rebuilt=rebuilt)
             await trio.testing.wait_all_tasks_blocked()
             assert trio.current_time() == runs_again_at
             statistics = service.statistics()
-            nursery.cancel_scope.cancel()
     stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
     noticed = _events(logs, "restored_while_not_listening")
     if restored:
@@ -393,33 +435,19 @@ async def test_a_session_id_unread_at_start_is_read_again_at_the_next_pass(
     restore's pass, the host's options are read again (a 30 s interval)."""
     section = TimesyncSection(interval_s=INTERVAL_S)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
-            service = TimesyncService(context, section, clock)
-            first_run = trio.CancelScope()
-
-            async def run_once() -> None:
-                with first_run:
-                    await service.run()
-
-            nursery.start_soon(run_once)
-            await trio.testing.wait_all_tasks_blocked()
-            assert service.statistics().passes == 1
-            first_run.cancel()
-            await trio.testing.wait_all_tasks_blocked()
+        async with _a_first_run(host, clock, section) as runs:
+            await runs.end_first()
             host.vmmdev.time_offset_ms = 10 * MINUTE_MS
             host.restore()
             await trio.testing.wait_all_tasks_blocked()
             host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
-            if rebuilt:
-                service = TimesyncService(context, section, clock)
-            await nursery.start(service.run)
+            service = await runs.start_next(rebuilt=rebuilt)
             passes_before = service.statistics().passes
             await trio.sleep(INTERVAL_S / 2)
             assert service.statistics().slews == 1
             host.prop_set(f"{TIMESYNC_OPTION}interval", "30000")
             await trio.sleep(5 * INTERVAL_S)
             statistics = service.statistics()
-            nursery.cancel_scope.cancel()
     stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
     assert (stepped, _events(logs, "restored_while_not_listening")) == (
         ["restored"],
@@ -446,31 +474,17 @@ async def test_a_session_id_unread_at_a_restore_is_not_taken_for_another_restore
     after a restore (even backwards)."""
     section = TimesyncSection(interval_s=3600)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
-            service = TimesyncService(context, section, clock)
-            first_run = trio.CancelScope()
-
-            async def run_once() -> None:
-                with first_run:
-                    await service.run()
-
-            nursery.start_soon(run_once)
-            await trio.testing.wait_all_tasks_blocked()
-            assert service.statistics().passes == 1
+        async with _a_first_run(host, clock, section) as runs:
             host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
             host.vmmdev.time_offset_ms = 3600 * 1000
             host.restore()
             await trio.testing.wait_all_tasks_blocked()
-            assert service.statistics().steps == 1
-            first_run.cancel()
-            await trio.testing.wait_all_tasks_blocked()
+            assert runs.service.statistics().steps == 1
+            await runs.end_first()
             host.vmmdev.time_offset_ms += 500
-            if rebuilt:
-                service = TimesyncService(context, section, clock)
-            await nursery.start(service.run)
+            service = await runs.start_next(rebuilt=rebuilt)
             await trio.testing.wait_all_tasks_blocked()
             statistics = service.statistics()
-            nursery.cancel_scope.cancel()
     stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
     assert (stepped, _events(logs, "restored_while_not_listening")) == (["restored"], [])
     assert statistics.slews == 1
@@ -487,29 +501,16 @@ async def test_a_restore_unread_and_unstepped_is_stepped_by_a_rebuilt_service(
     dropped at the failed read, and the rebuilt run adopted the new id and slewed 10 min.)"""
     section = TimesyncSection(interval_s=3600)
     with trio.fail_after(LIMIT_S), structlog.testing.capture_logs() as logs:
-        async with _another_service_listening(host) as context, trio.open_nursery() as nursery:
-            service = TimesyncService(context, section, clock)
-            first_run = trio.CancelScope()
-
-            async def run_once() -> None:
-                with first_run:
-                    await service.run()
-
-            nursery.start_soon(run_once)
-            await trio.testing.wait_all_tasks_blocked()
-            assert service.statistics().passes == 1
+        async with _a_first_run(host, clock, section) as runs:
             host.add_fault(RequestType.GET_SESSION_ID, VERR_GENERAL_FAILURE)
             host.add_fault(RequestType.GET_HOST_TIME, VERR_GENERAL_FAILURE)
             host.vmmdev.time_offset_ms = 10 * MINUTE_MS
             host.restore()
             await trio.testing.wait_all_tasks_blocked()
-            assert service.statistics().steps == 0  # the restore's pass could not read
-            first_run.cancel()
+            assert runs.service.statistics().steps == 0  # the restore's pass could not read
+            await runs.end_first()
+            await runs.start_next(rebuilt=True)  # a reload rebuilt it
             await trio.testing.wait_all_tasks_blocked()
-            service = TimesyncService(context, section, clock)  # a reload rebuilt it
-            await nursery.start(service.run)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
     stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
     assert stepped == ["restored"]
     assert _within(clock.steps[0], 10 * MINUTE_MS)
@@ -678,6 +679,20 @@ async def _time_daemon(clock: FakeClock, poll_s: float = 64.0) -> NoReturn:
         clock.synchronised = True
 
 
+@asynccontextmanager
+async def _beside_a_time_daemon(
+    host: SimulatedHost,
+    clock: FakeClock,
+    daemon: Callable[[FakeClock], Awaitable[object]] = _time_daemon,
+) -> AsyncIterator[Running]:
+    """The service with the default section, and ``daemon`` keeping ``clock``, both running
+    until the block ends."""
+    async with _running(host, clock, TimesyncSection()) as running, trio.open_nursery() as nursery:
+        nursery.start_soon(daemon, clock)
+        yield running
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_host_clock_off_the_time_daemons_is_stepped_once_then_left_to_it(
     autojump_clock: trio.abc.Clock, host: SimulatedHost
 ) -> None:
@@ -688,15 +703,10 @@ async def test_a_host_clock_off_the_time_daemons_is_stepped_once_then_left_to_it
     clock = FakeClock(synchronised=True)
     host.vmmdev.time_offset_ms = 30 * MINUTE_MS
     with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
-        async with (
-            _running(host, clock, TimesyncSection()) as running,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(_time_daemon, clock)
+        async with _beside_a_time_daemon(host, clock) as running:
             await trio.sleep(640)
             statistics = running.service.statistics()
             status = running.service.status()
-            nursery.cancel_scope.cancel()
     assert len(clock.steps) == 1
     assert _within(clock.steps[0], 30 * MINUTE_MS)
     assert statistics.left_to_ntp >= 55  # every pass from the daemon's first update on
@@ -718,11 +728,7 @@ async def test_restores_are_stepped_while_the_host_disagrees_with_the_time_daemo
     host.vmmdev.time_offset_ms = 30 * MINUTE_MS
     disagreeing = "timesync: a time daemon keeps the clock; the host's disagrees"
     with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
-        async with (
-            _running(host, clock, TimesyncSection()) as running,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(_time_daemon, clock)
+        async with _beside_a_time_daemon(host, clock) as running:
             await trio.sleep(100)
             assert running.service.status() == disagreeing
             host.restore()
@@ -735,7 +741,6 @@ async def test_restores_are_stepped_while_the_host_disagrees_with_the_time_daemo
             host.vmmdev.time_offset_ms = 30 * MINUTE_MS
             await trio.sleep(100)
             assert running.service.status() == disagreeing
-            nursery.cancel_scope.cancel()
     stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
     assert stepped == ["over set_threshold_s", "restored", "over set_threshold_s"]
     assert _events(
@@ -802,16 +807,12 @@ async def test_a_time_daemon_slewing_the_agents_step_back_is_not_fought(
     clock = FakeClock(synchronised=True)
     host.vmmdev.time_offset_ms = 30 * MINUTE_MS
     with trio.fail_after(6 * 3600), structlog.testing.capture_logs() as logs:
-        async with (
-            _running(host, clock, TimesyncSection()) as running,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(_slewing_time_daemon, clock, first_update_s)
+        daemon = partial(_slewing_time_daemon, first_update_s=first_update_s)
+        async with _beside_a_time_daemon(host, clock, daemon) as running:
             await trio.sleep(71)
             first_drift_ms = running.service.statistics().last_drift_ms
             await trio.sleep(5 * 3600)
             statistics = running.service.statistics()
-            nursery.cancel_scope.cancel()
     assert first_drift_ms is not None
     assert (abs(first_drift_ms) < 100) is (first_update_s == 69.5)
     assert _events(logs, "clock_stepped") == ["clock_stepped"]
@@ -832,11 +833,7 @@ async def test_a_reload_raising_the_threshold_leaves_the_disagreement(
     host.vmmdev.time_offset_ms = 30 * MINUTE_MS
     disagreeing = "timesync: a time daemon keeps the clock; the host's disagrees"
     with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
-        async with (
-            _running(host, clock, TimesyncSection()) as running,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(_time_daemon, clock)
+        async with _beside_a_time_daemon(host, clock) as running:
             await trio.sleep(100)
             assert running.service.status() == disagreeing
             assert running.service.reconfigure(TimesyncSection(set_threshold_s=3600))
@@ -845,7 +842,6 @@ async def test_a_reload_raising_the_threshold_leaves_the_disagreement(
             assert running.service.reconfigure(TimesyncSection())
             await trio.sleep(100)
             statistics = running.service.statistics()
-            nursery.cancel_scope.cancel()
     assert statistics.steps == 1
     assert _events(
         logs, "host_clock_disagrees_with_time_daemon", "host_clock_agrees_with_time_daemon"
@@ -862,18 +858,13 @@ async def test_a_restore_within_the_threshold_leaves_the_disagreement(
     clock = FakeClock(synchronised=True)
     host.vmmdev.time_offset_ms = -30 * MINUTE_MS
     with trio.fail_after(3600), structlog.testing.capture_logs() as logs:
-        async with (
-            _running(host, clock, TimesyncSection()) as running,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(_time_daemon, clock)
+        async with _beside_a_time_daemon(host, clock) as running:
             await trio.sleep(100)
             clock.offset_ns -= 15 * MINUTE_MS * MS  # saved 15 minutes
             host.restore()
             await running.wait_for(lambda s: s.steps == 2)
             await trio.sleep(200)
             status = running.service.status()
-            nursery.cancel_scope.cancel()
     assert _within(clock.steps[1], -15 * MINUTE_MS)
     stepped = [entry["reason"] for entry in logs if entry["event"] == "clock_stepped"]
     assert stepped == ["over set_threshold_s", "restored"]
